@@ -1,0 +1,133 @@
+"""Billing units and USD for a job, computed from the registry's pricing data.
+
+All money is :class:`~decimal.Decimal`: a batch of thousands of $0.20 jobs must add up to the
+cent, which binary floats do not promise. Inputs the user left out are priced at the
+endpoint's documented default, because that is what the provider will apply and bill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from jobs.endpoints import EndpointSpec, get_endpoint
+from jobs.settings import Settings, get_settings
+
+CENT = Decimal("0.01")
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What one job is expected to cost."""
+
+    endpoint: str
+    billing_units: Decimal
+    usd: Decimal
+    assumption: bool = False
+
+
+def _value(spec: EndpointSpec, resolved: Mapping[str, Any], name: str) -> Any:
+    if name in resolved and resolved[name] is not None:
+        return resolved[name]
+    fld = spec.field(name)
+    return None if fld is None else fld.default
+
+
+def estimate_job(
+    endpoint_id: str, resolved_input: Mapping[str, Any], settings: Settings | None = None
+) -> Estimate:
+    """Billing units and USD for one job of ``endpoint_id`` with ``resolved_input``.
+
+    Raises ``ValueError`` when a pricing field has a value the price table does not cover —
+    validation has already rejected such inputs, so that means the registry itself is wrong.
+    """
+    spec = get_endpoint(endpoint_id)
+    pricing = spec.pricing
+    units = Decimal(1)
+    for factor in pricing.factors:
+        value = _value(spec, resolved_input, factor.field)
+        if factor.kind == "table":
+            assert factor.table is not None
+            try:
+                units *= factor.table[str(value)]
+            except KeyError:
+                raise ValueError(f"{endpoint_id}: no price for {factor.field}={value!r}") from None
+        elif factor.kind == "value":
+            units *= Decimal(str(value)) / factor.divide_by
+        else:
+            assert factor.above is not None and factor.factor is not None
+            if Decimal(str(value)) > factor.above:
+                units *= factor.factor
+
+    overrides = (settings or get_settings()).usd_override(endpoint_id)
+    if pricing.usd_per_unit is not None:
+        rate = overrides.get("", pricing.usd_per_unit) if overrides else pricing.usd_per_unit
+    else:
+        assert pricing.usd_per_unit_field is not None and pricing.usd_per_unit_by is not None
+        key = str(_value(spec, resolved_input, pricing.usd_per_unit_field))
+        table = {**pricing.usd_per_unit_by, **(overrides or {})}
+        if "" in table and key not in (overrides or {}):
+            table[key] = table[""]
+        try:
+            rate = table[key]
+        except KeyError:
+            raise ValueError(f"{endpoint_id}: no price for {pricing.usd_per_unit_field}={key!r}") from None
+    return Estimate(
+        endpoint=endpoint_id,
+        billing_units=units,
+        usd=units * rate,
+        assumption=pricing.assumption and not overrides,
+    )
+
+
+@dataclass(slots=True)
+class Totals:
+    """Jobs, units and USD summed, overall and per endpoint (the shape ``estimate --json`` prints)."""
+
+    jobs: int = 0
+    billing_units: Decimal = Decimal(0)
+    usd: Decimal = Decimal(0)
+    assumptions: set[str] = field(default_factory=set)
+    by_endpoint: dict[str, Totals] = field(default_factory=dict)
+
+    def add(self, est: Estimate) -> None:
+        """Count one job's estimate in the total and in its endpoint's line."""
+        self.jobs += 1
+        self.billing_units += est.billing_units
+        self.usd += est.usd
+        if est.assumption:
+            self.assumptions.add(est.endpoint)
+        line = self.by_endpoint.setdefault(est.endpoint, Totals())
+        line.jobs += 1
+        line.billing_units += est.billing_units
+        line.usd += est.usd
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: USD rounded to the cent only at the end, units as exact numbers."""
+        return {
+            "jobs": self.jobs,
+            "billing_units": _num(self.billing_units),
+            "usd": _num(self.usd),
+            "by_endpoint": {
+                ep: {"jobs": t.jobs, "billing_units": _num(t.billing_units), "usd": _num(t.usd)}
+                for ep, t in sorted(self.by_endpoint.items())
+            },
+            "price_assumptions": sorted(self.assumptions),
+        }
+
+
+def _num(value: Decimal) -> float | int:
+    """A Decimal as the plainest JSON number (4.5 stays 4.5, 2.00 becomes 2)."""
+    if value == value.to_integral():
+        return int(value)
+    return float(value)
+
+
+def total(estimates: Iterable[Estimate]) -> Totals:
+    """Sum many estimates."""
+    out = Totals()
+    for est in estimates:
+        out.add(est)
+    return out

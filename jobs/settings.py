@@ -1,0 +1,98 @@
+"""Typed settings, read once from ``WANBATCH_*`` variables (and ``FAL_KEY``).
+
+One object holds every knob so that configuration never comes from ``os.environ`` scattered
+through the code. ``FAL_KEY`` is a :class:`pydantic.SecretStr`: its ``repr``/``str`` print
+``**********``, so a settings object can be logged without leaking the key.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jobs.errors import ConfigError
+
+DEFAULT_STATE_DIR = Path(".wanbatch")
+
+#: fal lets a new account run 2 requests at once and raises that to 40 with its tiers; 10 is a
+#: middle ground that keeps cancel, budget and result expiry under control (see README).
+DEFAULT_MAX_OUTSTANDING = 10
+#: Submits per second across every worker; well under any limit fal has been seen to enforce.
+DEFAULT_SUBMIT_RATE = 5.0
+
+
+class Settings(BaseSettings):
+    """Everything wanbatch can be told from the environment. Names are the contract's."""
+
+    model_config = SettingsConfigDict(env_prefix="WANBATCH_", extra="ignore", frozen=True)
+
+    fal_key: SecretStr | None = Field(default=None, validation_alias="FAL_KEY")
+    database_url: str = Field(default_factory=lambda: f"sqlite:///{DEFAULT_STATE_DIR / 'wanbatch.db'}")
+    broker_url: str | None = None
+    fal_queue_url: str = "https://queue.fal.run"
+    fal_rest_url: str = "https://rest.fal.ai"
+    output_dir: Path = Path("outputs")
+    submit_rate: float = Field(default=DEFAULT_SUBMIT_RATE, gt=0)
+    max_outstanding: int = Field(default=DEFAULT_MAX_OUTSTANDING, ge=1)
+
+    # Beyond the contract: tuning a demanding user may want, all documented in the README.
+    connect_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=60.0, gt=0)
+    #: Local images up to this many bytes are sent inline as data URIs; larger ones are uploaded.
+    inline_max_bytes: int = Field(default=256 * 1024, ge=0)
+    #: How many times a job may be submitted (transient and model errors) before it fails.
+    max_attempts: int = Field(default=3, ge=1)
+    #: JSON object: endpoint id -> {"usd_per_unit": number} or {"usd_per_unit_by": {value: number}},
+    #: to correct a price the registry marks as an assumption (e.g. fal-ai/wan-22).
+    pricing_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("fal_queue_url", "fal_rest_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("pricing_overrides", mode="before")
+    @classmethod
+    def _parse_overrides(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else {}
+        return value
+
+    def require_fal_key(self) -> str:
+        """The key itself, for the one place that sends it; a clear error when it is unset."""
+        if self.fal_key is None or not self.fal_key.get_secret_value():
+            raise ConfigError(
+                "FAL_KEY is not set: export FAL_KEY=<your fal API key>, or use the bundled simulator "
+                "(wanbatch run --simulate …), which needs no key"
+            )
+        return self.fal_key.get_secret_value()
+
+    def usd_override(self, endpoint_id: str) -> dict[str, Decimal] | None:
+        """Price overrides for one endpoint as Decimals, or None."""
+        raw = self.pricing_overrides.get(endpoint_id)
+        if raw is None:
+            return None
+        out: dict[str, Decimal] = {}
+        if "usd_per_unit" in raw:
+            out[""] = Decimal(str(raw["usd_per_unit"]))
+        for key, val in dict(raw.get("usd_per_unit_by", {})).items():
+            out[str(key)] = Decimal(str(val))
+        return out
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once. Tests call ``get_settings.cache_clear()``."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"WANBATCH_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None

@@ -1,0 +1,110 @@
+"""Job states and the transitions allowed between them.
+
+The whole lifecycle is designed here, once, so that every later piece (dispatcher, poller,
+reconciler, cancel, webhooks) moves jobs along edges this table allows. ``jobs.store.transition``
+refuses any other edge, and does each move as a compare-and-set so two workers can never both
+win the same step.
+
+::
+
+    pending ──► submitting ──► queued ──► running ──► downloading ──► succeeded
+       │            │  │  │       │          │             │
+       │            │  │  └──────►│◄─────────┘ (completed) │
+       │            │  ▼                                    ▼
+       │            │ submit_unknown ── (proved/resubmit/fail)   failed
+       │            ▼
+       │        retry_wait ──► submitting   (backoff after a transient or model error)
+       ▼
+    cancelled ◄── (cancel or budget, from any state not yet paid for)
+    cancelling ──► cancelled | downloading (it finished anyway: we paid, so we keep it)
+
+Terminal states are ``succeeded``, ``failed`` and ``cancelled``: nothing leaves them (a rerun
+makes a new batch).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    """Where a job is. Values are stored in the database and printed by ``status``."""
+
+    PENDING = "pending"
+    """Validated and stored; not yet claimed for submission (may wait for limits or budget)."""
+    SUBMITTING = "submitting"
+    """Claimed under a lease; the submit POST is about to be, or is being, sent."""
+    SUBMIT_UNKNOWN = "submit_unknown"
+    """The POST may have been accepted but no answer came back: may be billed; never resent blindly."""
+    RETRY_WAIT = "retry_wait"
+    """A transient or retryable failure; waiting until ``next_attempt_at`` to submit again."""
+    QUEUED = "queued"
+    """Accepted by fal (we hold its request_id), IN_QUEUE there."""
+    RUNNING = "running"
+    """IN_PROGRESS at fal."""
+    DOWNLOADING = "downloading"
+    """COMPLETED at fal; fetching the result and the media file."""
+    CANCELLING = "cancelling"
+    """Cancel was requested at fal for a request that may already be running."""
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True when nothing can move the job any further."""
+        return self in TERMINAL_STATES
+
+    @property
+    def at_provider(self) -> bool:
+        """True when fal holds (or may hold) a request of this job right now."""
+        return self in AT_PROVIDER_STATES
+
+
+TERMINAL_STATES: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+#: States in which a request counts against the outstanding cap: it was (or may have been) sent
+#: and fal has not finished it.
+AT_PROVIDER_STATES: frozenset[JobState] = frozenset(
+    {JobState.SUBMITTING, JobState.SUBMIT_UNKNOWN, JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING}
+)
+
+S = JobState
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    S.PENDING: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED}),
+    S.SUBMITTING: frozenset(
+        {
+            S.QUEUED,  # accepted, IN_QUEUE
+            S.RUNNING,  # accepted, already IN_PROGRESS
+            S.SUBMIT_UNKNOWN,  # read timeout / reset / worker died after the POST may have gone out
+            S.RETRY_WAIT,  # transient error before anything was accepted
+            S.PENDING,  # released before the POST was sent (e.g. limits, shutdown)
+            S.FAILED,  # final provider error (422 at submit, bad key, …)
+            S.CANCELLED,  # budget or cancel noticed before the POST
+        }
+    ),
+    S.SUBMIT_UNKNOWN: frozenset(
+        {
+            S.QUEUED,  # a webhook or lookup proved the request exists
+            S.RUNNING,
+            S.DOWNLOADING,
+            S.RETRY_WAIT,  # policy: resubmit as a new attempt, counted as a possible duplicate charge
+            S.FAILED,  # policy: "submission outcome unknown"
+            S.CANCELLED,
+        }
+    ),
+    S.RETRY_WAIT: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED}),
+    S.QUEUED: frozenset({S.RUNNING, S.DOWNLOADING, S.RETRY_WAIT, S.FAILED, S.CANCELLING, S.CANCELLED}),
+    S.RUNNING: frozenset({S.DOWNLOADING, S.RETRY_WAIT, S.FAILED, S.CANCELLING, S.CANCELLED}),
+    S.DOWNLOADING: frozenset({S.SUCCEEDED, S.FAILED, S.RETRY_WAIT}),
+    S.CANCELLING: frozenset({S.CANCELLED, S.DOWNLOADING, S.FAILED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+del S
+
+
+def can_transition(current: JobState, new: JobState) -> bool:
+    """Whether the lifecycle allows moving a job from ``current`` to ``new``."""
+    return new in ALLOWED_TRANSITIONS[current]
