@@ -1,0 +1,50 @@
+"""fal's queue API over httpx: submit, status, result, cancel; uploads and safe downloads.
+
+Knows nothing of the database. Every failure is one of the provider errors of
+:mod:`jobs.errors` (the specific subclasses are in :mod:`worker.fal.errors`).
+"""
+
+from worker.fal.client import FalClient
+from worker.fal.errors import (
+    RequestCancelledError,
+    ResultExpiredError,
+    ResultNotReadyError,
+    StartTimeoutError,
+)
+from worker.fal.http import FalKeyAuth, RetryPolicy
+from worker.fal.models import CancelOutcome, DownloadResult, RequestHandle, Status, Submitted
+from worker.fal.redact import KeyRedactionFilter, install_redaction, redact_text
+from worker.fal.storage import (
+    FalStorage,
+    MediaPreparer,
+    confined_path,
+    download,
+    prepare_input,
+    safe_output_name,
+    to_data_uri,
+)
+
+__all__ = [
+    "CancelOutcome",
+    "DownloadResult",
+    "FalClient",
+    "FalKeyAuth",
+    "FalStorage",
+    "KeyRedactionFilter",
+    "MediaPreparer",
+    "RequestCancelledError",
+    "RequestHandle",
+    "ResultExpiredError",
+    "ResultNotReadyError",
+    "RetryPolicy",
+    "StartTimeoutError",
+    "Status",
+    "Submitted",
+    "confined_path",
+    "download",
+    "install_redaction",
+    "prepare_input",
+    "redact_text",
+    "safe_output_name",
+    "to_data_uri",
+]

@@ -1,0 +1,683 @@
+"""The fal queue client against httpx.MockTransport: every status code and error shape fal uses."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from jobs.endpoints import all_endpoints
+from jobs.errors import (
+    AccountLockedError,
+    AmbiguousSubmitError,
+    ConfigError,
+    FinalProviderError,
+    ProviderError,
+    RetryableProviderError,
+    UsageError,
+)
+from jobs.settings import Settings
+from worker.fal import (
+    CancelOutcome,
+    FalClient,
+    RequestCancelledError,
+    RequestHandle,
+    ResultExpiredError,
+    ResultNotReadyError,
+    RetryPolicy,
+    StartTimeoutError,
+)
+
+QUEUE = "https://queue.test"
+REST = "https://rest.test"
+KEY = "0b5c2d4e-1111-2222-3333-444455556666:abcdef0123456789abcdef0123456789"
+EP = "fal-ai/wan-25-preview/image-to-video"
+RID = "80e732af-0000-4000-8000-000000000001"
+BASE = f"{QUEUE}/fal-ai/wan-25-preview/requests/{RID}"
+HANDLE = RequestHandle(EP, RID, f"{BASE}/status", BASE, f"{BASE}/cancel")
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class Recorder:
+    """A MockTransport handler that records every request and answers from a script."""
+
+    def __init__(self, *answers: httpx.Response | Exception | Handler) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        if callable(answer) and not isinstance(answer, httpx.Response):
+            return answer(request)
+        return answer
+
+    def count(self, method: str) -> int:
+        return sum(1 for r in self.requests if r.method == method)
+
+
+def make_client(recorder: Recorder, *, attempts: int = 3) -> FalClient:
+    return FalClient(
+        queue_url=QUEUE,
+        rest_url=REST,
+        key=KEY,
+        timeout=httpx.Timeout(5.0),
+        transport=httpx.MockTransport(recorder),
+        retry=RetryPolicy(attempts=attempts, base_delay=0.0),
+        sleep=lambda _s: None,
+    )
+
+
+def submitted_body(status: str = "IN_QUEUE", position: int | None = 3) -> dict[str, object]:
+    body: dict[str, object] = {
+        "request_id": RID,
+        "gateway_request_id": "gw-" + RID,
+        "status": status,
+        "response_url": BASE,
+        "status_url": f"{BASE}/status",
+        "cancel_url": f"{BASE}/cancel",
+    }
+    if position is not None:
+        body["queue_position"] = position
+    return body
+
+
+# ------------------------------------------------------------------------------------ submit
+
+
+def test_submit_in_queue_sends_raw_input_key_headers_and_webhook() -> None:
+    rec = Recorder(httpx.Response(200, json=submitted_body()))
+    with make_client(rec) as client:
+        sub = client.submit(
+            EP,
+            {"prompt": "a cat", "image_url": "https://x/y.png"},
+            webhook_url="https://hooks.example/cb?job=1&x=2",
+            priority="low",
+            start_timeout=30,
+            store_io=False,
+            object_lifecycle={"expiration_duration_seconds": 3600},
+            extra_headers={"X-Fal-No-Retry": "1", "Authorization": "Key stolen"},
+        )
+    req = rec.requests[0]
+    assert req.method == "POST"
+    assert req.url.path == "/fal-ai/wan-25-preview/image-to-video"
+    assert req.url.params["fal_webhook"] == "https://hooks.example/cb?job=1&x=2"
+    assert b"fal_webhook=https%3A%2F%2Fhooks.example%2Fcb%3Fjob%3D1%26x%3D2" in req.url.query
+    assert json.loads(req.content) == {"prompt": "a cat", "image_url": "https://x/y.png"}
+    assert req.headers["authorization"] == f"Key {KEY}"
+    assert req.headers["x-fal-queue-priority"] == "low"
+    assert req.headers["x-fal-request-start-timeout"] == "30"
+    assert req.headers["x-fal-store-io"] == "0"
+    assert json.loads(req.headers["x-fal-object-lifecycle-preference"]) == {
+        "expiration_duration_seconds": 3600
+    }
+    assert req.headers["x-fal-no-retry"] == "1"
+    assert sub.request_id == RID
+    assert sub.gateway_request_id == "gw-" + RID
+    assert sub.status == "IN_QUEUE"
+    assert sub.queue_position == 3
+    assert sub.handle == HANDLE
+    assert (sub.status_url, sub.response_url, sub.cancel_url) == (f"{BASE}/status", BASE, f"{BASE}/cancel")
+
+
+def test_submit_in_progress_without_queue_position() -> None:
+    rec = Recorder(httpx.Response(200, json=submitted_body("IN_PROGRESS", None)))
+    with make_client(rec) as client:
+        sub = client.submit(EP, {"prompt": "x"})
+    assert sub.status == "IN_PROGRESS"
+    assert sub.queue_position is None
+    assert "x-fal-queue-priority" not in rec.requests[0].headers
+    assert rec.requests[0].url.query == b""
+
+
+def test_submit_uses_the_server_urls_as_returned() -> None:
+    body = submitted_body()
+    body["status_url"] = "http://127.0.0.1:9999/fal-ai/wan-25-preview/requests/r/status"
+    rec = Recorder(httpx.Response(200, json=body), httpx.Response(202, json={"status": "IN_PROGRESS"}))
+    with make_client(rec) as client:
+        sub = client.submit(EP, {})
+        client.status(sub)
+    assert sub.status_url == "http://127.0.0.1:9999/fal-ai/wan-25-preview/requests/r/status"
+    assert str(rec.requests[1].url).startswith(
+        "http://127.0.0.1:9999/fal-ai/wan-25-preview/requests/r/status"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"priority": "high"}, "priority"), ({"start_timeout": 0.1}, "0.1"), ({"start_timeout": 0}, "0.1")],
+)
+def test_submit_rejects_bad_options_before_sending(kwargs: dict[str, object], match: str) -> None:
+    rec = Recorder(httpx.Response(200, json=submitted_body()))
+    with make_client(rec) as client, pytest.raises(UsageError, match=match):
+        client.submit(EP, {}, **kwargs)  # type: ignore[arg-type]
+    assert rec.requests == []
+
+
+def test_submit_422_keeps_the_detail_list() -> None:
+    detail = [{"loc": ["body", "duration"], "msg": "must be 5 or 10", "type": "value_error"}]
+    rec = Recorder(httpx.Response(422, json={"detail": detail}))
+    with make_client(rec) as client, pytest.raises(FinalProviderError) as info:
+        client.submit(EP, {"duration": 7})
+    err = info.value
+    assert not isinstance(err, AccountLockedError)
+    assert err.status_code == 422
+    assert err.detail == detail
+    assert "duration: must be 5 or 10" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("code", "body"),
+    [
+        (401, {"detail": "Invalid API key"}),
+        (402, {"detail": "Payment required"}),
+        (403, {"detail": "User is locked. Reason: Exhausted balance. Add funds to continue."}),
+    ],
+)
+def test_submit_account_errors(code: int, body: dict[str, object]) -> None:
+    rec = Recorder(httpx.Response(code, json=body))
+    with make_client(rec) as client, pytest.raises(AccountLockedError) as info:
+        client.submit(EP, {})
+    assert info.value.status_code == code
+    assert info.value.detail == body["detail"]
+    assert KEY not in str(info.value)
+    assert KEY not in repr(info.value)
+    assert rec.count("POST") == 1
+
+
+@pytest.mark.parametrize("code", [408, 409, 429])
+def test_submit_transient_codes_are_retryable_and_not_resent(code: int) -> None:
+    rec = Recorder(httpx.Response(code, json={"detail": "slow down"}))
+    with make_client(rec) as client, pytest.raises(RetryableProviderError) as info:
+        client.submit(EP, {})
+    assert info.value.status_code == code
+    assert rec.count("POST") == 1
+
+
+def test_submit_502_nginx_html_without_request_id_is_retryable() -> None:
+    html = "<html><head><title>502 Bad Gateway</title></head><body><center>nginx</center></body></html>"
+    rec = Recorder(httpx.Response(502, text=html, headers={"content-type": "text/html"}))
+    with make_client(rec) as client, pytest.raises(RetryableProviderError) as info:
+        client.submit(EP, {})
+    assert info.value.status_code == 502
+    assert info.value.request_id is None
+    assert "gateway" in str(info.value)
+    assert rec.count("POST") == 1
+
+
+def test_submit_503_with_request_id_is_retryable_with_the_id() -> None:
+    rec = Recorder(
+        httpx.Response(
+            503,
+            json={"detail": "Runner unavailable", "error_type": "runner_scheduling_failure"},
+            headers={"x-fal-request-id": "fal-req-9"},
+        )
+    )
+    with make_client(rec) as client, pytest.raises(RetryableProviderError) as info:
+        client.submit(EP, {})
+    assert info.value.request_id == "fal-req-9"
+    assert info.value.error_type == "runner_scheduling_failure"
+    assert rec.count("POST") == 1
+
+
+def test_submit_504_user_start_timeout_is_final() -> None:
+    rec = Recorder(
+        httpx.Response(
+            504, json={"detail": "Request timed out"}, headers={"X-Fal-Request-Timeout-Type": "user"}
+        )
+    )
+    with make_client(rec) as client, pytest.raises(StartTimeoutError) as info:
+        client.submit(EP, {}, start_timeout=5)
+    assert isinstance(info.value, FinalProviderError)
+    assert info.value.status_code == 504
+
+
+def test_submit_plain_504_is_retryable() -> None:
+    rec = Recorder(httpx.Response(504, text="gateway timeout"))
+    with make_client(rec) as client, pytest.raises(RetryableProviderError):
+        client.submit(EP, {})
+
+
+def test_submit_other_4xx_is_final() -> None:
+    rec = Recorder(httpx.Response(404, json={"detail": "Application 'nope' not found"}))
+    with make_client(rec) as client, pytest.raises(FinalProviderError) as info:
+        client.submit("fal-ai/nope", {})
+    assert info.value.status_code == 404
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx.ConnectError("connection refused"),
+        httpx.ConnectTimeout("connect timed out"),
+        httpx.PoolTimeout("pool exhausted"),
+    ],
+)
+def test_submit_never_sent_is_retryable(exc: Exception) -> None:
+    rec = Recorder(exc)
+    with make_client(rec) as client, pytest.raises(RetryableProviderError) as info:
+        client.submit(EP, {})
+    assert isinstance(info.value.__cause__, httpx.TransportError)
+    assert rec.count("POST") == 1
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx.ReadTimeout("read timed out"),
+        httpx.WriteTimeout("write timed out"),
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx.ReadError("[Errno 104] Connection reset by peer"),
+        httpx.WriteError("broken pipe"),
+    ],
+)
+def test_submit_possibly_sent_is_ambiguous_and_posted_exactly_once(exc: Exception) -> None:
+    rec = Recorder(exc, httpx.Response(200, json=submitted_body()))
+    with make_client(rec) as client, pytest.raises(AmbiguousSubmitError) as info:
+        client.submit(EP, {"prompt": "x"})
+    assert not isinstance(info.value, RetryableProviderError | FinalProviderError)
+    assert rec.count("POST") == 1
+    assert len(rec.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(200, json={"status": "IN_QUEUE"}),
+        httpx.Response(200, json={"request_id": ""}),
+        httpx.Response(200, text="<html>ok</html>"),
+        httpx.Response(200, json=["not", "an", "object"]),
+    ],
+)
+def test_submit_success_without_request_id_is_ambiguous(response: httpx.Response) -> None:
+    rec = Recorder(response)
+    with make_client(rec) as client, pytest.raises(AmbiguousSubmitError):
+        client.submit(EP, {})
+    assert rec.count("POST") == 1
+
+
+def test_submit_missing_urls_are_derived_from_the_request_id() -> None:
+    rec = Recorder(httpx.Response(200, json={"request_id": RID, "status": "IN_QUEUE", "queue_position": 0}))
+    with make_client(rec) as client:
+        sub = client.submit(EP, {})
+    assert sub.handle == HANDLE
+    assert sub.queue_position == 0
+
+
+# ------------------------------------------------------------------------------------ status
+
+
+def test_status_in_queue_202_and_logs_param() -> None:
+    rec = Recorder(
+        httpx.Response(202, json={"status": "IN_QUEUE", "queue_position": 4, "response_url": BASE})
+    )
+    with make_client(rec) as client:
+        status = client.status(HANDLE)
+    assert status.state == "IN_QUEUE"
+    assert status.queue_position == 4
+    assert status.logs is None
+    assert not status.completed
+    req = rec.requests[0]
+    assert req.method == "GET"
+    assert req.url.path == f"/fal-ai/wan-25-preview/requests/{RID}/status"
+    assert req.url.params["logs"] == "0"
+    assert req.headers["authorization"] == f"Key {KEY}"
+
+
+def test_status_in_progress_with_logs_list() -> None:
+    logs = [{"message": "step 1", "level": "INFO", "timestamp": "2026-01-01T00:00:00Z"}]
+    rec = Recorder(httpx.Response(202, json={"status": "IN_PROGRESS", "logs": logs}))
+    with make_client(rec) as client:
+        status = client.status(HANDLE, logs=True)
+    assert rec.requests[0].url.params["logs"] == "1"
+    assert status.state == "IN_PROGRESS"
+    assert status.logs == logs
+
+
+def test_status_in_progress_with_null_logs() -> None:
+    rec = Recorder(httpx.Response(202, json={"status": "IN_PROGRESS", "logs": None}))
+    with make_client(rec) as client:
+        assert client.status(HANDLE).logs is None
+
+
+def test_status_completed_ok_and_failed() -> None:
+    ok = {"status": "COMPLETED", "logs": None, "metrics": {"inference_time": 41.5}}
+    failed = {
+        "status": "COMPLETED",
+        "logs": [],
+        "metrics": {},
+        "error": "Request timed out",
+        "error_type": "request_timeout",
+    }
+    rec = Recorder(httpx.Response(200, json=ok), httpx.Response(200, json=failed))
+    with make_client(rec) as client:
+        first = client.status(HANDLE)
+        second = client.status(HANDLE)
+    assert first.completed
+    assert not first.failed
+    assert first.metrics == {"inference_time": 41.5}
+    assert second.completed
+    assert second.failed
+    assert (second.error, second.error_type) == ("Request timed out", "request_timeout")
+    assert second.logs == []
+
+
+def test_status_unknown_state_is_a_plain_provider_error() -> None:
+    rec = Recorder(httpx.Response(200, json={"status": "FAILED"}))
+    with make_client(rec) as client, pytest.raises(ProviderError) as info:
+        client.status(HANDLE)
+    assert type(info.value) is ProviderError
+    assert "FAILED" in str(info.value)
+
+
+def test_status_retries_transient_failures_then_succeeds() -> None:
+    rec = Recorder(
+        httpx.ConnectError("refused"),
+        httpx.Response(502, text="<center>nginx</center>"),
+        httpx.Response(202, json={"status": "IN_QUEUE", "queue_position": 1}),
+    )
+    with make_client(rec, attempts=3) as client:
+        status = client.status(HANDLE)
+    assert status.queue_position == 1
+    assert rec.count("GET") == 3
+
+
+def test_status_gives_up_after_the_bounded_retries() -> None:
+    rec = Recorder(httpx.Response(429, json={"detail": "rate limited"}))
+    sleeps: list[float] = []
+    client = FalClient(
+        queue_url=QUEUE,
+        rest_url=REST,
+        key=KEY,
+        timeout=httpx.Timeout(5.0),
+        transport=httpx.MockTransport(rec),
+        retry=RetryPolicy(attempts=4, base_delay=0.1, max_delay=0.3),
+        sleep=sleeps.append,
+    )
+    with client, pytest.raises(RetryableProviderError) as info:
+        client.status(HANDLE)
+    assert info.value.status_code == 429
+    assert rec.count("GET") == 4
+    assert len(sleeps) == 3
+    assert all(0.05 <= s <= 0.45 for s in sleeps)
+
+
+def test_status_404_is_final_and_not_retried() -> None:
+    rec = Recorder(httpx.Response(404, json={"detail": "Request not found"}))
+    with make_client(rec) as client, pytest.raises(FinalProviderError):
+        client.status(HANDLE)
+    assert rec.count("GET") == 1
+
+
+# ------------------------------------------------------------------------------- stream status
+
+
+def sse(*chunks: str) -> httpx.Response:
+    return httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, content="".join(chunks).encode()
+    )
+
+
+def test_stream_status_parses_events_and_skips_comments() -> None:
+    body = (
+        ": keep-alive\n\n",
+        'data: {"status": "IN_QUEUE", "queue_position": 2}\n\n',
+        ": ping\n\n",
+        'data: {"status": "IN_PROGRESS", "logs": [{"message": "hi"}]}\n\n',
+        'data: {"status": "COMPLETED", "logs": null, "metrics": {"inference_time": 1.0}}\n\n',
+        'data: {"status": "IN_QUEUE", "queue_position": 9}\n\n',
+    )
+    rec = Recorder(sse(*body))
+    with make_client(rec) as client:
+        states = list(client.stream_status(HANDLE, logs=True))
+    assert [s.state for s in states] == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    assert states[0].queue_position == 2
+    assert states[1].logs == [{"message": "hi"}]
+    req = rec.requests[0]
+    assert req.url.path == f"/fal-ai/wan-25-preview/requests/{RID}/status/stream"
+    assert req.url.params["logs"] == "1"
+    assert req.headers["accept"] == "text/event-stream"
+
+
+def test_stream_status_ending_early_is_retryable() -> None:
+    rec = Recorder(sse('data: {"status": "IN_PROGRESS"}\n\n'))
+    with make_client(rec) as client:
+        stream = client.stream_status(HANDLE)
+        assert next(stream).state == "IN_PROGRESS"
+        with pytest.raises(RetryableProviderError, match="ended before COMPLETED"):
+            next(stream)
+
+
+def test_stream_status_http_error_is_classified() -> None:
+    rec = Recorder(httpx.Response(403, json={"detail": "User is locked."}))
+    with make_client(rec) as client, pytest.raises(AccountLockedError):
+        list(client.stream_status(HANDLE))
+
+
+# ------------------------------------------------------------------------------------ result
+
+
+def test_result_200_keeps_big_integer_seeds_exact() -> None:
+    seed = 17454220438242315174
+    raw = (
+        f'{{"seed": {seed}, "actual_prompt": "a cat", "video": {{"url": "https://v3.fal.media/files/x.mp4",'
+        ' "content_type": "video/mp4", "file_name": "x.mp4", "file_size": 1234}}'
+    )
+    rec = Recorder(httpx.Response(200, content=raw.encode(), headers={"x-fal-request-id": RID}))
+    with make_client(rec) as client:
+        out = client.result(HANDLE)
+    assert out["seed"] == seed
+    assert isinstance(out["seed"], int)
+    assert out["video"]["file_size"] == 1234
+    assert rec.requests[0].url.path == f"/fal-ai/wan-25-preview/requests/{RID}"
+
+
+def test_result_before_completion_is_not_ready() -> None:
+    rec = Recorder(httpx.Response(400, json={"detail": "Request is still in progress"}))
+    with make_client(rec) as client, pytest.raises(ResultNotReadyError) as info:
+        client.result(HANDLE)
+    assert isinstance(info.value, RetryableProviderError)
+    assert rec.count("GET") == 1
+
+
+def test_result_422_replay_is_final_with_the_list() -> None:
+    detail = [{"loc": ["body", "image_url"], "msg": "could not load image", "type": "image_load_error"}]
+    rec = Recorder(httpx.Response(422, json={"detail": detail}))
+    with make_client(rec) as client, pytest.raises(FinalProviderError) as info:
+        client.result(HANDLE)
+    assert info.value.detail == detail
+    assert info.value.status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("code", "error_type", "expected"),
+    [
+        (504, "request_timeout", RetryableProviderError),
+        (504, "startup_timeout", RetryableProviderError),
+        (503, "runner_scheduling_failure", RetryableProviderError),
+        (503, "runner_disconnected", RetryableProviderError),
+        (502, "runner_incomplete_response", RetryableProviderError),
+        (500, "runner_server_error", RetryableProviderError),
+        (500, "internal_error", RetryableProviderError),
+        (499, "client_cancelled", RequestCancelledError),
+        (499, "client_disconnected", RequestCancelledError),
+        (400, "bad_request", FinalProviderError),
+    ],
+)
+def test_result_flat_error_is_classified_by_error_type(
+    code: int, error_type: str, expected: type[ProviderError]
+) -> None:
+    rec = Recorder(
+        httpx.Response(
+            code,
+            json={"detail": "something happened", "error_type": error_type},
+            headers={"X-Fal-Error-Type": error_type, "x-fal-request-id": RID},
+        )
+    )
+    with make_client(rec) as client, pytest.raises(ProviderError) as info:
+        client.result(HANDLE)
+    assert type(info.value) is expected
+    assert info.value.error_type == error_type
+    assert info.value.status_code == code
+    assert info.value.request_id == RID
+    assert rec.count("GET") == 1  # a replayed failure is an answer, not a hiccup
+
+
+def test_result_error_type_from_header_only() -> None:
+    rec = Recorder(
+        httpx.Response(
+            504, json={"detail": "Request timed out"}, headers={"X-Fal-Error-Type": "request_timeout"}
+        )
+    )
+    with make_client(rec) as client, pytest.raises(RetryableProviderError) as info:
+        client.result(HANDLE)
+    assert info.value.error_type == "request_timeout"
+
+
+@pytest.mark.parametrize(
+    ("code", "error_type", "header", "expected"),
+    [
+        (500, "internal_error", "false", FinalProviderError),
+        (422, None, "true", RetryableProviderError),
+        (400, "bad_request", "true", RetryableProviderError),
+    ],
+)
+def test_result_x_fal_retryable_overrides(
+    code: int, error_type: str | None, header: str, expected: type[ProviderError]
+) -> None:
+    body: dict[str, object] = {"detail": [{"loc": ["body"], "msg": "nsfw", "type": "content_policy"}]}
+    headers = {"X-Fal-Retryable": header, "x-fal-request-id": RID}
+    if error_type:
+        body = {"detail": "boom", "error_type": error_type}
+        headers["X-Fal-Error-Type"] = error_type
+    rec = Recorder(httpx.Response(code, json=body, headers=headers))
+    with make_client(rec) as client, pytest.raises(ProviderError) as info:
+        client.result(HANDLE)
+    assert type(info.value) is expected
+
+
+def test_result_404_is_expired_and_final() -> None:
+    rec = Recorder(httpx.Response(404, json={"detail": "Request not found"}))
+    with make_client(rec) as client, pytest.raises(ResultExpiredError) as info:
+        client.result(HANDLE)
+    assert isinstance(info.value, FinalProviderError)
+    assert "expired" in str(info.value)
+
+
+def test_result_retries_gateway_errors() -> None:
+    rec = Recorder(
+        httpx.Response(503, text="<center>nginx</center>"),
+        httpx.ReadTimeout("slow"),
+        httpx.Response(200, json={"seed": 1}),
+    )
+    with make_client(rec) as client:
+        assert client.result(HANDLE) == {"seed": 1}
+    assert rec.count("GET") == 3
+
+
+# ------------------------------------------------------------------------------------ cancel
+
+
+@pytest.mark.parametrize(
+    ("response", "outcome"),
+    [
+        (httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}), CancelOutcome.REQUESTED),
+        (httpx.Response(200, json={"status": "CANCELLATION_REQUESTED"}), CancelOutcome.REQUESTED),
+        (httpx.Response(400, json={"status": "ALREADY_COMPLETED"}), CancelOutcome.ALREADY_COMPLETED),
+        (
+            httpx.Response(400, json={"detail": f"Request {RID} is already completed."}),
+            CancelOutcome.ALREADY_COMPLETED,
+        ),
+        (httpx.Response(404, json={"status": "NOT_FOUND"}), CancelOutcome.NOT_FOUND),
+    ],
+)
+def test_cancel_outcomes(response: httpx.Response, outcome: CancelOutcome) -> None:
+    rec = Recorder(response)
+    with make_client(rec) as client:
+        assert client.cancel(HANDLE) is outcome
+    req = rec.requests[0]
+    assert req.method == "PUT"
+    assert req.url.path == f"/fal-ai/wan-25-preview/requests/{RID}/cancel"
+    assert req.content == b""
+
+
+def test_cancel_is_not_retried() -> None:
+    rec = Recorder(httpx.Response(503, text="<center>nginx</center>"))
+    with make_client(rec) as client, pytest.raises(RetryableProviderError):
+        client.cancel(HANDLE)
+    assert rec.count("PUT") == 1
+
+
+# ----------------------------------------------------------------------------------- handles
+
+EXPECTED_BASES = {
+    "fal-ai/wan-i2v": "fal-ai/wan-i2v",
+    "fal-ai/wan-flf2v": "fal-ai/wan-flf2v",
+    "fal-ai/wan-22": "fal-ai/wan-22",
+    "fal-ai/wan-25-preview/image-to-video": "fal-ai/wan-25-preview",
+    "wan/v2.6/image-to-video": "wan/v2.6",
+}
+
+
+def test_from_request_id_covers_every_registry_endpoint() -> None:
+    assert {e.id for e in all_endpoints()} == set(EXPECTED_BASES)
+
+
+@pytest.mark.parametrize(("endpoint_id", "base"), sorted(EXPECTED_BASES.items()))
+def test_from_request_id_drops_the_sub_path(endpoint_id: str, base: str) -> None:
+    handle = RequestHandle.from_request_id(QUEUE + "/", endpoint_id, "rid-1")
+    root = f"{QUEUE}/{base}/requests/rid-1"
+    assert handle == RequestHandle(endpoint_id, "rid-1", f"{root}/status", root, f"{root}/cancel")
+    rec = Recorder(httpx.Response(200, json={"status": "COMPLETED"}))
+    with make_client(rec) as client:
+        assert client.handle(endpoint_id, "rid-1") == handle
+
+
+# ---------------------------------------------------------------------------------- settings
+
+
+def test_from_settings_uses_key_urls_and_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FAL_KEY", raising=False)
+    settings = Settings(
+        FAL_KEY=KEY,
+        fal_queue_url="http://sim.local:8000/",
+        fal_rest_url="http://sim.local:8000",
+        read_timeout=7,
+    )
+    rec = Recorder(httpx.Response(200, json={"request_id": "r1"}))
+    with FalClient.from_settings(settings, transport=httpx.MockTransport(rec)) as client:
+        sub = client.submit("wan/v2.6/image-to-video", {})
+        assert client.http.timeout.read == 7
+        assert client.http.timeout.connect == settings.connect_timeout
+        assert KEY not in repr(client)
+    assert str(rec.requests[0].url) == "http://sim.local:8000/wan/v2.6/image-to-video"
+    assert rec.requests[0].headers["authorization"] == f"Key {KEY}"
+    assert sub.status_url == "http://sim.local:8000/wan/v2.6/requests/r1/status"
+
+
+def test_from_settings_without_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FAL_KEY", raising=False)
+    settings = Settings()
+    with pytest.raises(ConfigError, match="FAL_KEY"):
+        FalClient.from_settings(settings)
+    rec = Recorder(httpx.Response(202, json={"status": "IN_QUEUE", "queue_position": 0}))
+    with FalClient.from_settings(
+        settings, transport=httpx.MockTransport(rec), allow_missing_key=True
+    ) as client:
+        client.status(HANDLE)
+    assert "authorization" not in rec.requests[0].headers
+
+
+def test_key_is_only_sent_to_fal_origins() -> None:
+    rec = Recorder(httpx.Response(200, json={"seed": 1}))
+    other = RequestHandle(
+        EP, RID, "https://elsewhere.test/s", "https://elsewhere.test/r", "https://elsewhere.test/c"
+    )
+    with make_client(rec) as client:
+        client.result(other)
+    assert "authorization" not in rec.requests[0].headers

@@ -1,0 +1,427 @@
+"""fal's queue protocol over httpx: submit, status (poll or SSE), result, cancel.
+
+Retry policy, in one place:
+
+* ``submit`` is **never** retried here. fal documents no idempotency key, and a POST resent
+  after a read timeout can queue (and bill) the same job twice — which fal_client does. Its
+  errors tell the caller exactly what happened (see :mod:`worker.fal.errors`).
+* ``status`` and ``result`` are idempotent GETs: they retry transport errors, 408/409/429 and
+  gateway 5xx a few times with jittered backoff (:class:`RetryPolicy`) and then raise
+  :class:`RetryableProviderError`; the caller's own polling loop is the outer retry.
+* ``stream_status`` and ``cancel`` are not retried: a broken stream falls back to polling, and a
+  cancel is a one-off decision the caller may repeat.
+
+The client knows nothing of the database; it takes and returns plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Literal
+
+import httpx
+import httpx_sse
+
+from jobs.errors import (
+    AmbiguousSubmitError,
+    FinalProviderError,
+    ProviderError,
+    RetryableProviderError,
+    UsageError,
+)
+from jobs.settings import Settings, get_settings
+from worker.fal.errors import (
+    classify_poll,
+    classify_result,
+    classify_submit,
+    parse_body,
+    poll_should_retry,
+    result_should_retry,
+    translate_submit_transport,
+    translate_transport,
+)
+from worker.fal.http import (
+    DEFAULT_SLEEP,
+    FalKeyAuth,
+    RetryPolicy,
+    Sleep,
+    build_http_client,
+    timeout_from,
+)
+from worker.fal.models import (
+    QUEUE_STATES,
+    CancelOutcome,
+    QueueState,
+    RequestHandle,
+    Status,
+    Submitted,
+)
+from worker.fal.redact import redact_text
+
+log = logging.getLogger(__name__)
+
+Priority = Literal["normal", "low"]
+HandleLike = RequestHandle | Submitted
+
+
+def _handle(value: HandleLike) -> RequestHandle:
+    return value.handle if isinstance(value, Submitted) else value
+
+
+class FalClient:
+    """A sync client for fal's queue API. Use as a context manager, or call :meth:`close`.
+
+    ``key`` is sent as ``Authorization: Key …`` to the queue and REST origins only. The
+    simulator needs none (``allow_missing_key=True`` in :meth:`from_settings`).
+    """
+
+    def __init__(
+        self,
+        *,
+        queue_url: str,
+        rest_url: str,
+        key: str | None,
+        timeout: httpx.Timeout,
+        transport: httpx.BaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+        sleep: Sleep = DEFAULT_SLEEP,
+    ) -> None:
+        self.queue_url = queue_url.rstrip("/")
+        self.rest_url = rest_url.rstrip("/")
+        self._key = key
+        self._auth = FalKeyAuth(key, [self.queue_url, self.rest_url])
+        self.http = build_http_client(timeout=timeout, auth=self._auth, transport=transport)
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings | None = None,
+        *,
+        key: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        allow_missing_key: bool = False,
+        retry: RetryPolicy | None = None,
+        sleep: Sleep = DEFAULT_SLEEP,
+    ) -> FalClient:
+        """A client configured from :class:`Settings`; a missing FAL_KEY is a ConfigError unless
+        ``allow_missing_key`` (the simulator), in which case any configured key is still sent."""
+        settings = settings or get_settings()
+        if key is None:
+            if allow_missing_key:
+                key = settings.fal_key.get_secret_value() if settings.fal_key else None
+            else:
+                key = settings.require_fal_key()
+        return cls(
+            queue_url=settings.fal_queue_url,
+            rest_url=settings.fal_rest_url,
+            key=key or None,
+            timeout=timeout_from(settings),
+            transport=transport,
+            retry=retry,
+            sleep=sleep,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(queue_url={self.queue_url!r}, rest_url={self.rest_url!r}, "
+            f"key={'set' if self._key else 'unset'})"
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> FalClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _scrubbed(self) -> Iterator[None]:
+        """Belt and braces: no error leaving the client may carry the key, whatever fal echoed."""
+        try:
+            yield
+        except ProviderError as err:
+            keys = [self._key] if self._key else []
+            err.args = tuple(redact_text(a, keys) if isinstance(a, str) else a for a in err.args)
+            if isinstance(err.detail, str):
+                err.detail = redact_text(err.detail, keys)
+            raise
+
+    def handle(self, endpoint_id: str, request_id: str) -> RequestHandle:
+        """The handle of a request submitted earlier (e.g. before a worker restart)."""
+        return RequestHandle.from_request_id(self.queue_url, endpoint_id, request_id)
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(
+        self,
+        endpoint_id: str,
+        input: Mapping[str, Any],
+        *,
+        webhook_url: str | None = None,
+        priority: Priority | None = None,
+        start_timeout: float | None = None,
+        store_io: bool | None = None,
+        object_lifecycle: Mapping[str, Any] | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Submitted:
+        """Queue one request. Sent exactly once: see the module docstring.
+
+        Raises :class:`RetryableProviderError` (not queued; try later),
+        :class:`FinalProviderError`/:class:`AccountLockedError` (refused) or
+        :class:`AmbiguousSubmitError` (may be queued; do not resend blindly).
+        """
+        headers = self._submit_headers(priority, start_timeout, store_io, object_lifecycle, extra_headers)
+        url = f"{self.queue_url}/{endpoint_id.strip('/')}"
+        params = {"fal_webhook": webhook_url} if webhook_url else None
+        with self._scrubbed():
+            try:
+                response = self.http.post(url, json=dict(input), params=params, headers=headers)
+            except httpx.TransportError as exc:
+                raise translate_submit_transport(exc) from exc
+            if not response.is_success:
+                raise classify_submit(response)
+            return self._parse_submitted(endpoint_id, response)
+
+    @staticmethod
+    def _submit_headers(
+        priority: Priority | None,
+        start_timeout: float | None,
+        store_io: bool | None,
+        object_lifecycle: Mapping[str, Any] | None,
+        extra_headers: Mapping[str, str] | None,
+    ) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if priority is not None:
+            if priority not in ("normal", "low"):
+                raise UsageError(f"fal queue priority must be 'normal' or 'low', not {priority!r}")
+            headers["X-Fal-Queue-Priority"] = priority
+        if start_timeout is not None:
+            if not start_timeout > 0.1:
+                raise UsageError(f"fal start timeout must be greater than 0.1 s, not {start_timeout!r}")
+            headers["X-Fal-Request-Start-Timeout"] = f"{start_timeout:g}"
+        if store_io is not None:
+            headers["X-Fal-Store-IO"] = "1" if store_io else "0"
+        if object_lifecycle is not None:
+            headers["X-Fal-Object-Lifecycle-Preference"] = json.dumps(dict(object_lifecycle))
+        for name, value in (extra_headers or {}).items():
+            if name.lower() != "authorization":  # the key is added by FalKeyAuth, nowhere else
+                headers[name] = value
+        return headers
+
+    def _parse_submitted(self, endpoint_id: str, response: httpx.Response) -> Submitted:
+        body = parse_body(response)
+        request_id = body.get("request_id") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or not isinstance(request_id, str) or not request_id:
+            # fal said yes, to something we cannot identify: it may be queued and billed.
+            raise AmbiguousSubmitError(
+                f"fal submit: HTTP {response.status_code} without a request id; the request may be queued",
+                status_code=response.status_code,
+                request_id=response.headers.get("x-fal-request-id"),
+            )
+        derived = RequestHandle.from_request_id(self.queue_url, endpoint_id, request_id)
+        urls = {}
+        for name in ("status_url", "response_url", "cancel_url"):
+            value = body.get(name)
+            if isinstance(value, str) and value.startswith(("http://", "https://")):
+                self._auth.allow(value)  # fal told us where to poll: authenticate there
+                urls[name] = value
+            else:
+                urls[name] = getattr(derived, name)
+        state = body.get("status", "IN_QUEUE")
+        position = body.get("queue_position")
+        gateway = body.get("gateway_request_id")
+        return Submitted(
+            handle=RequestHandle(endpoint_id=endpoint_id, request_id=request_id, **urls),
+            status=state if state in QUEUE_STATES else "IN_QUEUE",
+            queue_position=position if isinstance(position, int) else None,
+            gateway_request_id=gateway if isinstance(gateway, str) else None,
+        )
+
+    # ------------------------------------------------------------------ status
+
+    def status(self, handle: HandleLike, *, logs: bool = False) -> Status:
+        """One status poll (202 while queued/running, 200 when COMPLETED; parsed from the body)."""
+        h = _handle(handle)
+        with self._scrubbed():
+            response = self.send_idempotent(
+                "GET",
+                "status",
+                h.status_url,
+                params={"logs": "1" if logs else "0"},
+                should_retry=poll_should_retry,
+                classify=lambda r: classify_poll("status", r),
+            )
+            return _parse_status(parse_body(response), h.request_id)
+
+    def stream_status(self, handle: HandleLike, *, logs: bool = False) -> Iterator[Status]:
+        """Statuses as fal pushes them over SSE, ending with (and including) COMPLETED.
+
+        A stream that breaks or ends early raises :class:`RetryableProviderError`: poll instead.
+        """
+        h = _handle(handle)
+        url = f"{h.status_url.rstrip('/')}/stream"
+        with self._scrubbed():
+            try:
+                with httpx_sse.connect_sse(
+                    self.http, "GET", url, params={"logs": "1" if logs else "0"}
+                ) as source:
+                    response = source.response
+                    if not response.is_success:
+                        response.read()
+                        raise classify_poll("status stream", response)
+                    for event in source.iter_sse():
+                        if not event.data.strip():
+                            continue
+                        try:
+                            body = json.loads(event.data)
+                        except ValueError as exc:
+                            raise RetryableProviderError(
+                                "fal status stream: an event was not JSON", request_id=h.request_id
+                            ) from exc
+                        status = _parse_status(body, h.request_id)
+                        yield status
+                        if status.completed:
+                            return
+            except httpx.TransportError as exc:
+                raise translate_transport("status stream", exc) from exc
+            except httpx_sse.SSEError as exc:
+                raise RetryableProviderError(
+                    f"fal status stream: not an event stream ({exc})", request_id=h.request_id
+                ) from exc
+            raise RetryableProviderError(
+                "fal status stream ended before COMPLETED; poll the status instead", request_id=h.request_id
+            )
+
+    # ------------------------------------------------------------------ result
+
+    def result(self, handle: HandleLike) -> dict[str, Any]:
+        """The model's output JSON (integers parsed exactly: seeds may exceed 2**53).
+
+        Raises :class:`~worker.fal.errors.ResultNotReadyError` before completion,
+        :class:`~worker.fal.errors.ResultExpiredError` when fal no longer has it, and the
+        model's replayed failure classified by ``error_type`` otherwise.
+        """
+        h = _handle(handle)
+        with self._scrubbed():
+            response = self.send_idempotent(
+                "GET",
+                "result",
+                h.response_url,
+                params=None,
+                should_retry=result_should_retry,
+                classify=classify_result,
+            )
+            body = parse_body(response)
+            if not isinstance(body, dict):
+                raise RetryableProviderError(
+                    f"fal result: HTTP {response.status_code} with a body that is not a JSON object",
+                    status_code=response.status_code,
+                    request_id=h.request_id,
+                )
+            return body
+
+    # ------------------------------------------------------------------ cancel
+
+    def cancel(self, handle: HandleLike) -> CancelOutcome:
+        """Ask fal to cancel. Free while IN_QUEUE; best effort once running. Not retried."""
+        h = _handle(handle)
+        with self._scrubbed():
+            try:
+                response = self.http.put(h.cancel_url)
+            except httpx.TransportError as exc:
+                raise translate_transport("cancel", exc) from exc
+            body = parse_body(response)
+            said = body.get("status") if isinstance(body, dict) else None
+            if response.is_success:
+                if said == "ALREADY_COMPLETED":
+                    return CancelOutcome.ALREADY_COMPLETED
+                if said == "NOT_FOUND":
+                    return CancelOutcome.NOT_FOUND
+                return CancelOutcome.REQUESTED
+            if response.status_code == 404:
+                return CancelOutcome.NOT_FOUND
+            detail = body.get("detail") if isinstance(body, dict) else None
+            if response.status_code == 400 and (said == "ALREADY_COMPLETED" or isinstance(detail, str)):
+                return CancelOutcome.ALREADY_COMPLETED
+            raise classify_poll("cancel", response)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def send_idempotent(
+        self,
+        method: str,
+        what: str,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        should_retry: Callable[[httpx.Response], bool] = poll_should_retry,
+        classify: Callable[[httpx.Response], ProviderError] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Send a request that is safe to repeat, with the bounded retry of :class:`RetryPolicy`.
+
+        Returns a 2xx response or raises the classified error of the last try. Only for calls
+        whose repetition cannot queue or bill anything twice (never the submit POST).
+        """
+        classify = classify or (lambda r: classify_poll(what, r))
+        attempts = max(1, self.retry.attempts)
+        last: ProviderError | None = None
+        for attempt in range(attempts):
+            try:
+                response = self.http.request(method, url, params=params, follow_redirects=True, **kwargs)
+            except httpx.TransportError as exc:
+                failure = translate_transport(what, exc)
+                failure.__cause__ = exc
+                if isinstance(failure, FinalProviderError):
+                    raise failure from exc
+                last = failure
+            else:
+                if response.is_success:
+                    return response
+                error = classify(response)
+                if not should_retry(response):
+                    raise error
+                last = error
+            if attempt + 1 < attempts:
+                delay = self.retry.delay(attempt)
+                log.debug(
+                    "fal %s: transient failure (%s), retrying in %.2fs", what, type(last).__name__, delay
+                )
+                self._sleep(delay)
+        assert last is not None
+        raise last
+
+
+def _parse_status(body: object, request_id: str) -> Status:
+    """A status body as a :class:`Status`. An unknown state is a plain :class:`ProviderError`:
+    neither "try again" nor "give up" is safe for a request that may be running and billed."""
+    if not isinstance(body, dict):
+        raise RetryableProviderError("fal status: the body is not a JSON object", request_id=request_id)
+    state = body.get("status")
+    if state not in QUEUE_STATES:
+        raise ProviderError(f"fal status: unknown status {state!r}", detail=body, request_id=request_id)
+    known: QueueState = state
+    position = body.get("queue_position")
+    logs = body.get("logs")
+    metrics = body.get("metrics")
+    error = body.get("error")
+    error_type = body.get("error_type")
+    return Status(
+        state=known,
+        queue_position=position if isinstance(position, int) else None,
+        logs=logs if isinstance(logs, list) else None,
+        metrics=metrics if isinstance(metrics, dict) else {},
+        error=error if isinstance(error, str) else (None if error is None else json.dumps(error)),
+        error_type=error_type if isinstance(error_type, str) else None,
+        raw=body,
+    )

@@ -1,0 +1,308 @@
+"""Translate fal's HTTP answers and httpx's transport errors into the jobs.errors provider tree.
+
+This is the one edge where third-party failures become wanbatch errors. The classification is
+per operation because the same symptom means different things: a read timeout on a status GET
+is harmless (ask again), on the submit POST it means the request may be queued and billed.
+
+Decisions (documented here because the worker's state machine depends on them):
+
+* Submit 5xx **with** ``x-fal-request-id``: fal's own server answered, and a queue submit that
+  was accepted answers 200 with a request id — so a 5xx is a definite "not queued". fal never
+  bills 5xx ("Server errors (HTTP 500+) are never charged"), and the queue already retried
+  server-side. It is :class:`RetryableProviderError` (the *caller* resubmits later within its
+  attempt budget; the client itself never resends a submit). Without that header (nginx, the
+  gateway) it is retryable for the same reason.
+* Submit 504 with ``X-Fal-Request-Timeout-Type: user``: our own start timeout expired — final.
+* Submit 200 without a usable ``request_id`` (or not JSON): fal said yes but we cannot tell to
+  what. The request may be queued and billed, so it is :class:`AmbiguousSubmitError`.
+* Result 404: the worker only asks for a result after COMPLETED, so a 404 means the result has
+  expired (1 h, or 6 min for results ≥ 10 KB): :class:`ResultExpiredError`, final.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import httpx
+
+from jobs.errors import (
+    AccountLockedError,
+    AmbiguousSubmitError,
+    FinalProviderError,
+    ProviderError,
+    RetryableProviderError,
+)
+
+#: fal's request-error types that are infrastructure failures: a new attempt may succeed, and
+#: fal does not bill them (https://fal.ai/docs/documentation/model-apis/request-errors).
+RETRYABLE_ERROR_TYPES = frozenset(
+    {
+        "request_timeout",
+        "startup_timeout",
+        "runner_scheduling_failure",
+        "runner_connection_timeout",
+        "runner_disconnected",
+        "runner_connection_refused",
+        "runner_connection_error",
+        "runner_incomplete_response",
+        "runner_server_error",
+        "internal_error",
+    }
+)
+CANCELLED_ERROR_TYPES = frozenset({"client_cancelled", "client_disconnected"})
+
+#: Status codes fal's own clients retry (fal_client RETRY_CODES + ingress codes).
+TRANSIENT_CODES = frozenset({408, 409, 429})
+INGRESS_CODES = frozenset({502, 503, 504})
+
+_NOT_READY = re.compile(
+    r"in progress|in queue|in_queue|in_progress|not (yet )?(completed|complete|ready|finished|done)|still",
+    re.IGNORECASE,
+)
+_MAX_TEXT = 300
+
+
+class ResultNotReadyError(RetryableProviderError):
+    """The result endpoint answered "not finished yet": poll status again before asking."""
+
+
+class ResultExpiredError(FinalProviderError):
+    """The result is gone (fal keeps results 1 h, or 6 min when ≥ 10 KB): it cannot be fetched."""
+
+
+class RequestCancelledError(FinalProviderError):
+    """The request ended because it was cancelled (``client_cancelled``/``client_disconnected``)."""
+
+
+class StartTimeoutError(FinalProviderError):
+    """Our ``X-Fal-Request-Start-Timeout`` expired before a runner picked the request up."""
+
+
+def parse_body(response: httpx.Response) -> Any:
+    """The JSON body, or ``None`` when it is not JSON (an nginx HTML page, an empty body).
+
+    Python's json parses integers exactly, so seeds above 2**53 survive.
+    """
+    try:
+        return json.loads(response.content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "…"
+
+
+def _describe(detail: object, response: httpx.Response) -> str:
+    if isinstance(detail, str):
+        return _short(detail)
+    if isinstance(detail, list):
+        parts = []
+        for item in detail[:5]:
+            if isinstance(item, dict):
+                loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                parts.append(f"{loc}: {item.get('msg', item)}" if loc else str(item.get("msg", item)))
+            else:
+                parts.append(str(item))
+        more = f" (+{len(detail) - 5} more)" if len(detail) > 5 else ""
+        return _short("; ".join(parts)) + more
+    if detail is not None:
+        return _short(json.dumps(detail, default=str))
+    return _short(response.text) if response.content else response.reason_phrase
+
+
+def _fields(response: httpx.Response) -> dict[str, Any]:
+    """status_code, error_type, detail and request_id as fal gave them."""
+    body = parse_body(response)
+    detail: object = None
+    error_type = response.headers.get("x-fal-error-type")
+    if isinstance(body, dict):
+        detail = body.get("detail", body)
+        body_type = body.get("error_type")
+        if isinstance(body_type, str) and body_type:
+            error_type = body_type
+    elif body is not None:
+        detail = body
+    elif response.content:
+        detail = _short(response.text)
+    return {
+        "status_code": response.status_code,
+        "error_type": error_type,
+        "detail": detail,
+        "request_id": response.headers.get("x-fal-request-id"),
+    }
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _retryable_header(response: httpx.Response) -> bool | None:
+    value = response.headers.get("x-fal-retryable")
+    if value is None:
+        return None
+    value = value.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    return None
+
+
+def is_user_start_timeout(response: httpx.Response) -> bool:
+    """fal's answer when our start timeout expired: 504 + ``X-Fal-Request-Timeout-Type: user``."""
+    return (
+        response.status_code == 504
+        and response.headers.get("x-fal-request-timeout-type", "").strip().lower() == "user"
+    )
+
+
+def is_ingress_error(response: httpx.Response) -> bool:
+    """A 502/503/504 from the gateway or nginx (no ``x-fal-request-id``): it never reached fal's app."""
+    return response.status_code in INGRESS_CODES and "x-fal-request-id" not in response.headers
+
+
+def _account_error(what: str, response: httpx.Response, fields: dict[str, Any]) -> AccountLockedError:
+    reason = {401: "the API key was rejected", 402: "payment required", 403: "the account is refused"}
+    text = reason.get(response.status_code, "the account is refused")
+    return AccountLockedError(
+        f"fal {what}: {text} (HTTP {response.status_code}): {_describe(fields['detail'], response)}",
+        **fields,
+    )
+
+
+def classify_submit(response: httpx.Response) -> ProviderError:
+    """The error for a non-2xx answer to the submit POST (the client never resends it)."""
+    fields = _fields(response)
+    code = response.status_code
+    text = _describe(fields["detail"], response)
+    if code in (401, 402, 403):
+        return _account_error("submit", response, fields)
+    if is_user_start_timeout(response):
+        fields["error_type"] = fields["error_type"] or "start_timeout"
+        return StartTimeoutError(f"fal submit: the start timeout expired (HTTP 504): {text}", **fields)
+    if code in TRANSIENT_CODES or code >= 500:
+        where = "gateway" if is_ingress_error(response) else "fal"
+        return RetryableProviderError(
+            f"fal submit: not queued, {where} answered HTTP {code}: {text}",
+            retry_after=_retry_after(response),
+            **fields,
+        )
+    if code == 422:
+        return FinalProviderError(f"fal submit: input rejected (HTTP 422): {text}", **fields)
+    return FinalProviderError(f"fal submit: refused (HTTP {code}): {text}", **fields)
+
+
+def classify_poll(what: str, response: httpx.Response) -> ProviderError:
+    """The error for a non-2xx answer to a status GET (safe to repeat)."""
+    fields = _fields(response)
+    code = response.status_code
+    text = _describe(fields["detail"], response)
+    if code in (401, 402, 403):
+        return _account_error(what, response, fields)
+    if code in TRANSIENT_CODES or code >= 500:
+        return RetryableProviderError(
+            f"fal {what}: HTTP {code}: {text}", retry_after=_retry_after(response), **fields
+        )
+    if code == 404:
+        return FinalProviderError(f"fal {what}: request not found (HTTP 404): {text}", **fields)
+    return FinalProviderError(f"fal {what}: HTTP {code}: {text}", **fields)
+
+
+def poll_should_retry(response: httpx.Response) -> bool:
+    """Whether a status GET answer is a transient infrastructure hiccup worth asking again."""
+    return response.status_code in TRANSIENT_CODES or response.status_code >= 500
+
+
+def result_should_retry(response: httpx.Response) -> bool:
+    """Whether a result GET answer is transient. A 5xx that carries fal's error type (or comes
+    from fal's app, with ``x-fal-request-id``) is the model's replayed failure, not a hiccup."""
+    if response.status_code in TRANSIENT_CODES:
+        return True
+    return is_ingress_error(response) and "x-fal-error-type" not in response.headers
+
+
+def classify_result(response: httpx.Response) -> ProviderError:
+    """The error for a non-2xx answer to the result GET: not ready, expired, or the replayed failure."""
+    fields = _fields(response)
+    code = response.status_code
+    detail = fields["detail"]
+    error_type = fields["error_type"]
+    text = _describe(detail, response)
+    if code in (401, 402, 403) and error_type is None:
+        return _account_error("result", response, fields)
+    if code == 404 and error_type is None:
+        return ResultExpiredError(f"fal result expired or unknown (HTTP 404): {text}", **fields)
+    if (
+        400 <= code < 500
+        and code != 422
+        and error_type is None
+        and isinstance(detail, str)
+        and _NOT_READY.search(detail)
+    ):
+        return ResultNotReadyError(f"fal result not ready (HTTP {code}): {text}", **fields)
+    if code in TRANSIENT_CODES and error_type is None:
+        return RetryableProviderError(
+            f"fal result: HTTP {code}: {text}", retry_after=_retry_after(response), **fields
+        )
+
+    override = _retryable_header(response)
+    if error_type in CANCELLED_ERROR_TYPES:
+        cls: type[ProviderError] = RequestCancelledError
+        message = f"fal request cancelled ({error_type}, HTTP {code}): {text}"
+    elif error_type in RETRYABLE_ERROR_TYPES or (error_type or "").startswith("runner_"):
+        cls = RetryableProviderError
+        message = f"fal infrastructure failure ({error_type}, HTTP {code}), a new attempt may succeed: {text}"
+    elif error_type is None and code >= 500:
+        cls = RetryableProviderError
+        message = f"fal model failed (HTTP {code}), server errors are not billed: {text}"
+    elif code == 422:
+        cls = FinalProviderError
+        message = f"fal model rejected the input (HTTP 422): {text}"
+    else:
+        kind = f"{error_type}, " if error_type else ""
+        cls = FinalProviderError
+        message = f"fal request failed ({kind}HTTP {code}): {text}"
+    if override is True and not issubclass(cls, RetryableProviderError):
+        cls = RetryableProviderError
+        message += " [X-Fal-Retryable: true]"
+    elif override is False and issubclass(cls, RetryableProviderError):
+        cls = FinalProviderError
+        message += " [X-Fal-Retryable: false]"
+    return cls(message, **fields)
+
+
+def translate_transport(what: str, exc: httpx.TransportError) -> RetryableProviderError | FinalProviderError:
+    """A transport failure on an idempotent call (status, result, cancel, storage): try again later.
+
+    An unsupported URL scheme is a configuration error and final.
+    """
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return FinalProviderError(f"fal {what}: unsupported URL ({type(exc).__name__})")
+    return RetryableProviderError(f"fal {what}: network error ({type(exc).__name__}): {_short(str(exc))}")
+
+
+def translate_submit_transport(exc: httpx.TransportError) -> ProviderError:
+    """A transport failure on the submit POST: was the request possibly sent?
+
+    Connect errors and pool timeouts happen before a byte of the request leaves: retryable. Once
+    the request may have been written (write/read timeouts, resets, protocol errors), fal may
+    have queued it: ambiguous, never resent blindly.
+    """
+    name = type(exc).__name__
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout | httpx.ProxyError):
+        return RetryableProviderError(f"fal submit: not sent, could not connect ({name}): {_short(str(exc))}")
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return FinalProviderError(f"fal submit: unsupported URL ({name})")
+    return AmbiguousSubmitError(
+        f"fal submit: the request may have been accepted but no answer came back ({name}): {_short(str(exc))}"
+    )

@@ -1,0 +1,93 @@
+"""The shared httpx plumbing of the fal client and storage: auth scoped to fal's origins,
+explicit timeouts, and the bounded, jittered retry used for idempotent calls only.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+
+import httpx
+
+from jobs.settings import Settings
+
+USER_AGENT = "wanbatch (httpx)"
+
+
+def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
+    """``(scheme, host, port)`` with default ports made explicit, for same-origin checks."""
+    parsed = httpx.URL(url)
+    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
+    return (parsed.scheme, parsed.host, port)
+
+
+class FalKeyAuth(httpx.Auth):
+    """Adds ``Authorization: Key …`` only to requests for fal's own origins.
+
+    Signed upload URLs and CDN downloads live on other hosts; they must never see the key. The
+    repr never shows the key.
+    """
+
+    def __init__(self, key: str | None, origins: Iterable[str]) -> None:
+        self._key = key
+        self._origins = {origin(u) for u in origins}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(key={'set' if self._key else 'unset'}, origins={len(self._origins)})"
+
+    def allow(self, url: str) -> None:
+        """Also authenticate to ``url``'s origin (a status URL fal itself returned)."""
+        self._origins.add(origin(url))
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if self._key and origin(request.url) in self._origins:
+            request.headers["Authorization"] = f"Key {self._key}"
+        yield request
+
+
+def timeout_from(settings: Settings) -> httpx.Timeout:
+    """Explicit per-phase timeouts: a stalled TLS read must never hang a worker forever."""
+    return httpx.Timeout(
+        connect=settings.connect_timeout,
+        read=settings.read_timeout,
+        write=settings.read_timeout,
+        pool=settings.connect_timeout,
+    )
+
+
+def build_http_client(
+    *,
+    timeout: httpx.Timeout,
+    auth: httpx.Auth | None = None,
+    transport: httpx.BaseTransport | None = None,
+) -> httpx.Client:
+    """A sync client (Celery tasks are sync) that never follows redirects unless asked per call."""
+    return httpx.Client(
+        auth=auth,
+        timeout=timeout,
+        transport=transport,
+        follow_redirects=False,
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded exponential backoff with ±50 % jitter, as fal's clients do, for idempotent calls.
+
+    ``attempts`` counts the first try; 1 disables retrying.
+    """
+
+    attempts: int = 3
+    base_delay: float = 0.25
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed try number ``attempt`` (0-based)."""
+        return float(min(self.base_delay * 2.0**attempt, self.max_delay) * random.uniform(0.5, 1.5))
+
+
+Sleep = Callable[[float], None]
+DEFAULT_SLEEP: Sleep = time.sleep

@@ -1,0 +1,111 @@
+"""Keep FAL_KEY out of every log line and error message (CWE-532).
+
+Two layers, because each one alone has a gap:
+
+* :class:`KeyRedactionFilter` is a :class:`logging.Filter` that rewrites a record's message,
+  arguments and formatted traceback. It is attached to the root logger *and its handlers*:
+  a filter on a logger only sees records logged on that very logger, not those propagated
+  from ``httpx``/``celery`` children, while handler filters see everything they emit.
+* A log-record factory wrapper applies the same filter when any record is created, so handlers
+  added later (pytest's caplog, Celery's own) also receive redacted records.
+
+Besides the literal key, ``Authorization: Key …``/``Bearer …`` values are masked by shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import traceback
+from collections.abc import Iterable
+from typing import Any
+
+MASK = "***"
+
+#: An Authorization header value in any common rendering (``Authorization: Key x``,
+#: ``'authorization': 'Key x'``, ``(b'Authorization', b'Key x')``).
+_AUTH_VALUE = re.compile(
+    r"(?P<head>authorization['\"]?\s*[:=,]\s*b?['\"]?\s*)(?P<scheme>key|bearer)\s+[^\s'\",)]+",
+    re.IGNORECASE,
+)
+#: fal keys look like ``<uuid>:<hex secret>``; mask ``Key <that>`` wherever it appears.
+_KEY_SHAPE = re.compile(r"\b(?P<scheme>Key|Bearer)\s+[0-9A-Za-z_-]{8,}:[0-9A-Za-z_-]{8,}")
+
+_lock = threading.Lock()
+_keys: set[str] = set()
+_factory_installed = False
+
+
+def redact_text(text: str, keys: Iterable[str] = ()) -> str:
+    """``text`` with every given key and every Authorization value replaced by ``***``."""
+    for key in sorted({k for k in (*keys, *_keys) if k}, key=len, reverse=True):
+        text = text.replace(key, MASK)
+    text = _AUTH_VALUE.sub(lambda m: f"{m.group('head')}{m.group('scheme')} {MASK}", text)
+    return _KEY_SHAPE.sub(lambda m: f"{m.group('scheme')} {MASK}", text)
+
+
+class KeyRedactionFilter(logging.Filter):
+    """Rewrites records so the key never reaches a handler; never drops a record."""
+
+    def __init__(self, keys: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._own = frozenset(k for k in keys if k)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(keys={len(self._own)})"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redact_record(record, self._own)
+        return True
+
+
+def redact_record(record: logging.LogRecord, keys: Iterable[str] = ()) -> None:
+    """Render the record's message once (dropping the args that fed it), then redact it.
+
+    Safe to call repeatedly: each call applies its own keys to the already-rendered text.
+    """
+    if not getattr(record, "_wanbatch_rendered", False):
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: keep what can be shown, redacted below
+            message = f"{record.msg!r} % {record.args!r}"
+        record.msg = message
+        record.args = None
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+        record._wanbatch_rendered = True
+    record.msg = redact_text(str(record.msg), keys)
+    if record.exc_text:
+        record.exc_text = redact_text(record.exc_text, keys)
+    if record.stack_info:
+        record.stack_info = redact_text(record.stack_info, keys)
+
+
+def install_redaction(key: str | None) -> KeyRedactionFilter:
+    """Redact ``key`` (and Authorization values) from every log record of this process.
+
+    Idempotent: calling it again with another key adds that key too.
+    """
+    global _factory_installed
+    with _lock:
+        if key:
+            _keys.add(key)
+        flt = KeyRedactionFilter([key] if key else [])
+        root = logging.getLogger()
+        if not any(isinstance(f, KeyRedactionFilter) for f in root.filters):
+            root.addFilter(flt)
+        for handler in root.handlers:
+            if not any(isinstance(f, KeyRedactionFilter) for f in handler.filters):
+                handler.addFilter(flt)
+        if not _factory_installed:
+            previous = logging.getLogRecordFactory()
+
+            def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+                record = previous(*args, **kwargs)
+                redact_record(record)
+                return record
+
+            logging.setLogRecordFactory(factory)
+            _factory_installed = True
+    return flt
