@@ -1,0 +1,245 @@
+"""YAML with ``safe_load`` semantics that remembers the line of every key and value.
+
+Manifests are written by people, so every error must point at a line. ``yaml.safe_load`` throws
+the marks away, so this module composes the node graph (libyaml's fast C parser feeding PyYAML's
+Python composer) and builds plain values itself, keeping ``start_mark.line + 1`` beside them in
+:class:`LMap` and :class:`LList`.
+
+Building the values ourselves is also where hostile input is refused, with a located message
+instead of a traceback or an exhausted machine:
+
+- tags other than the standard scalar/collection ones (``!!python/object`` and friends);
+- alias bombs ("billion laughs"): nodes reached through an alias are counted and refused beyond
+  :data:`MAX_ALIAS_NODES`; self-referencing anchors are stopped by the depth limit;
+- nesting deeper than :data:`MAX_DEPTH` (the C composer would overflow the C stack, so the
+  composer used here is PyYAML's Python one with a depth counter);
+- scalars longer than :data:`MAX_SCALAR_CHARS`;
+- duplicate keys in one mapping (``safe_load`` silently keeps the last; we name both lines).
+
+Timestamps stay the text the user wrote (JSON has no date type, and a provider input is JSON), and
+so do YAML 1.1's base-60 numbers: ``aspect_ratio: 16:9`` means the text "16:9", not 969 (YAML 1.2
+dropped base 60 for exactly this reason).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
+
+try:  # libyaml's scanner/parser is ~20x faster on big scalars; fall back when it is missing
+    from yaml._yaml import CParser as _Parser
+except ImportError:  # pragma: no cover - depends on how PyYAML was built
+    from yaml.parser import Parser
+    from yaml.reader import Reader
+    from yaml.scanner import Scanner
+
+    class _Parser(Reader, Scanner, Parser):  # type: ignore[no-redef]
+        def __init__(self, text: str) -> None:
+            Reader.__init__(self, text)
+            Scanner.__init__(self)
+            Parser.__init__(self)
+
+
+#: Longest scalar accepted: room for an inline data-URI thumbnail, far from hurting anything.
+MAX_SCALAR_CHARS = 1024 * 1024
+#: Most nodes that may be reached through aliases (the anchors' copies), in total.
+MAX_ALIAS_NODES = 100_000
+#: Deepest nesting of mappings and sequences (a manifest needs about 4).
+MAX_DEPTH = 64
+
+_TAG = "tag:yaml.org,2002:"
+_SCALAR_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "bool", "null"))
+_TIMESTAMP = _TAG + "timestamp"
+_MERGE = _TAG + "merge"
+_NUMBER_TAGS = frozenset((_TAG + "int", _TAG + "float"))
+
+
+class YamlProblem(Exception):
+    """The text is not acceptable YAML; ``line`` is 1-based when known."""
+
+    def __init__(self, message: str, line: int | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line
+
+
+class LMap(dict[str, Any]):
+    """A mapping that knows its own line, the line of each key and of each key's value."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__()
+        self.line = line
+        self.lines: dict[str, int] = {}
+        self.key_lines: dict[str, int] = {}
+
+
+class LList(list[Any]):
+    """A sequence that knows its own line and the line of each element."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__()
+        self.line = line
+        self.lines: list[int] = []
+
+
+def line_of(node: Node) -> int:
+    """1-based line of a node's start."""
+    return int(node.start_mark.line) + 1
+
+
+class _DepthLimitedComposer(Composer):
+    """PyYAML's composer with a nesting limit (recursion is Python's, so it cannot crash)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[attr-defined]
+                raise YamlProblem(f"nesting deeper than {MAX_DEPTH} levels is refused", int(mark.line) + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _Loader(_DepthLimitedComposer, _Parser, Resolver):
+    def __init__(self, text: str) -> None:
+        _Parser.__init__(self, text)
+        _DepthLimitedComposer.__init__(self)
+        Resolver.__init__(self)
+
+
+_SCALARS = SafeConstructor()
+_SCALAR_BUILDERS: dict[str, Callable[[SafeConstructor, ScalarNode], Any]] = {
+    tag: SafeConstructor.yaml_constructors[tag] for tag in _SCALAR_TAGS
+}
+
+
+class _Builder:
+    """Turns a node graph into plain values with lines, counting alias expansions."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.alias_nodes = 0
+        self.duplicates: list[tuple[str, int, int]] = []  # (key, first line, second line)
+
+    def build(self, node: Node, depth: int = 0, via_alias: bool = False) -> Any:
+        if depth > MAX_DEPTH:
+            raise YamlProblem(
+                f"nesting deeper than {MAX_DEPTH} levels (or a self-referencing anchor) is refused",
+                line_of(node),
+            )
+        if id(node) in self.seen:
+            via_alias = True
+        else:
+            self.seen.add(id(node))
+        if via_alias:
+            self.alias_nodes += 1
+            if self.alias_nodes > MAX_ALIAS_NODES:
+                raise YamlProblem(
+                    f"aliases expand to more than {MAX_ALIAS_NODES} nodes (an alias bomb?); refused",
+                    line_of(node),
+                )
+        if isinstance(node, ScalarNode):
+            return self._scalar(node)
+        if isinstance(node, SequenceNode):
+            self._check_tag(node, _TAG + "seq")
+            seq = LList(line_of(node))
+            for child in node.value:
+                seq.append(self.build(child, depth + 1, via_alias))
+                seq.lines.append(line_of(child))
+            return seq
+        if isinstance(node, MappingNode):
+            self._check_tag(node, _TAG + "map")
+            return self._mapping(node, depth, via_alias)
+        raise YamlProblem(f"unsupported YAML node {type(node).__name__}", line_of(node))  # pragma: no cover
+
+    def _scalar(self, node: ScalarNode) -> Any:
+        if len(node.value) > MAX_SCALAR_CHARS:
+            raise YamlProblem(
+                f"a value of {len(node.value):,} characters is refused "
+                f"(at most {MAX_SCALAR_CHARS:,}; put large data in a file)",
+                line_of(node),
+            )
+        if node.tag == _TIMESTAMP or (node.tag in _NUMBER_TAGS and ":" in node.value):
+            return node.value  # dates and YAML 1.1 base-60 numbers (16:9 → 969!) stay as written
+        builder = _SCALAR_BUILDERS.get(node.tag)
+        if builder is None:
+            raise _tag_problem(node)
+        return builder(_SCALARS, node)
+
+    def _check_tag(self, node: Node, expected: str) -> None:
+        if node.tag != expected:
+            raise _tag_problem(node)
+
+    def _mapping(self, node: MappingNode, depth: int, via_alias: bool) -> LMap:
+        out = LMap(line_of(node))
+        merges: list[Node] = []
+        key_lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:
+                merges.append(value_node)
+                continue
+            key = self.build(key_node, depth + 1, via_alias)
+            if not isinstance(key, str):
+                raise YamlProblem(f"mapping keys must be text, got {key!r} (quote it)", line_of(key_node))
+            if key in key_lines:
+                self.duplicates.append((key, key_lines[key], line_of(key_node)))
+            key_lines[key] = line_of(key_node)
+            out[key] = self.build(value_node, depth + 1, via_alias)
+            out.lines[key] = line_of(value_node)
+            out.key_lines[key] = line_of(key_node)
+        for merge in merges:  # explicit keys win over merged ones, as in YAML's merge spec
+            sources = merge.value if isinstance(merge, SequenceNode) else [merge]
+            for source in sources:
+                value = self.build(source, depth + 1, True)
+                if not isinstance(value, LMap):
+                    raise YamlProblem("'<<' merges mappings only", line_of(source))
+                for key, item in value.items():
+                    if key not in out:
+                        out[key] = item
+                        out.lines[key] = value.lines.get(key, value.line)
+                        out.key_lines[key] = value.key_lines.get(key, value.line)
+        return out
+
+
+def _tag_problem(node: Node) -> YamlProblem:
+    return YamlProblem(
+        f"the YAML tag {node.tag!r} is refused (only plain values, lists and mappings are allowed)",
+        line_of(node),
+    )
+
+
+def load_located(text: str) -> tuple[Any, list[tuple[str, int, int]]]:
+    """Parse one YAML document into plain values with lines (:class:`LMap`/:class:`LList`).
+
+    Returns the value (``None`` for an empty document) and the duplicate keys found, as
+    ``(key, first line, second line)``. Raises :class:`YamlProblem` for anything else wrong.
+    """
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+    except YamlProblem:
+        raise
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = None if mark is None else int(mark.line) + 1
+        what = " ".join(p for p in (exc.context, exc.problem) if p)
+        raise YamlProblem(f"not valid YAML: {what}", line) from None
+    except yaml.YAMLError as exc:
+        raise YamlProblem(f"not valid YAML: {exc}", None) from None
+    except RecursionError:
+        raise YamlProblem(f"nesting deeper than {MAX_DEPTH} levels is refused", None) from None
+    finally:
+        loader.dispose()
+    if node is None:
+        return None, []
+    builder = _Builder()
+    return builder.build(node), builder.duplicates
