@@ -1,0 +1,158 @@
+"""Connecting to the system of record: engines, sessions and schema migrations.
+
+This module owns how wanbatch talks to a database *at all*; :mod:`jobs.store` owns *what* it
+says. Two dialects are supported and tested:
+
+* **SQLite** (the default, one host): WAL journal so readers never block the writer, a 30 s busy
+  timeout so concurrent processes wait instead of failing, foreign keys on, and every
+  transaction opened with ``BEGIN IMMEDIATE``. The last point is what makes compare-and-set and
+  claiming safe there: a transaction that read first and wrote later could otherwise fail with
+  ``SQLITE_BUSY_SNAPSHOT`` (or, worse, act on a stale read), whereas an immediate transaction
+  holds the single write lock from its first statement, so transactions simply take turns.
+* **PostgreSQL** (distributed workers): the psycopg 3 driver, ``pool_pre_ping`` so a database
+  restart costs one failed checkout rather than a crashed worker, and row locks with
+  ``SKIP LOCKED`` for claiming (in the store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+#: How long a SQLite connection waits for the write lock before giving up.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: Key of the PostgreSQL advisory lock that serialises concurrent ``migrate`` calls
+#: (an arbitrary constant that fits PostgreSQL's signed 64-bit lock key).
+_MIGRATE_LOCK_KEY = 0x5B9E1D0C2A7F4E31
+
+
+def normalize_url(url: str | URL) -> URL:
+    """The URL SQLAlchemy should use: plain ``postgresql://`` means psycopg 3 here."""
+    parsed = make_url(url)
+    if parsed.drivername in {"postgresql", "postgres"}:
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def make_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """An engine configured for wanbatch's access patterns (see the module docstring).
+
+    Extra keyword arguments go to :func:`sqlalchemy.create_engine` (tests use ``poolclass``).
+    """
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(parsed, **kwargs)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event, not the sqlite3 module, decide when transactions start.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            # FULL: a committed transition survives power loss, not only a killed process.
+            cursor.execute("PRAGMA synchronous = FULL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded objects usable after commit (the CLI prints them afterwards)."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@contextlib.contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """One unit of work: commit if the block succeeds, roll back if it raises."""
+    session = session_factory(engine)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def _migrations_dir() -> Path:
+    # Not importlib.resources: an editable install may expose the package as a namespace,
+    # whose __path__ also lists a path-hook entry that is not a folder.
+    import migrations
+
+    for entry in migrations.__path__:
+        if (Path(entry) / "env.py").is_file():
+            return Path(entry)
+    raise RuntimeError(f"migrations package has no env.py in {list(migrations.__path__)}")
+
+
+def alembic_config() -> Config:
+    """Alembic's configuration for the migrations shipped inside the installed package."""
+    location = _migrations_dir()
+    cfg = Config(str(location / "alembic.ini"))
+    cfg.set_main_option("script_location", str(location))
+    return cfg
+
+
+def _current_heads(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(MigrationContext.configure(conn).get_current_heads())
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` (default: the newest). Safe on every CLI start.
+
+    When the schema is already current this costs one small query. Otherwise the upgrade runs in
+    a single transaction that first takes a lock — a PostgreSQL advisory lock, or SQLite's
+    write lock — so processes starting together migrate one after the other, and the later ones
+    find nothing left to do.
+    """
+    cfg = alembic_config()
+    if revision == "head" and _current_heads(engine) == set(ScriptDirectory.from_config(cfg).get_heads()):
+        return
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATE_LOCK_KEY})
+        else:
+            conn.execute(text("SELECT 1"))  # opens the transaction: BEGIN IMMEDIATE on SQLite
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+        conn.commit()
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Move the schema down to ``revision`` (``"base"`` drops everything); for tests and operators."""
+    cfg = alembic_config()
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATE_LOCK_KEY})
+        else:
+            conn.execute(text("SELECT 1"))
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+        conn.commit()

@@ -1,0 +1,306 @@
+"""The database schema: batches, their jobs, each job's history, and uploaded files.
+
+The job row is the system of record (see ``reliability-notes.md`` §2.8): Celery messages only
+carry a job id, and every change of state goes through :func:`jobs.store.transition`, a
+compare-and-set on ``state`` (and optionally ``version``, the fencing token).
+
+Three column types exist because PostgreSQL and SQLite differ where it matters here:
+
+* :class:`Money` — money and billing units must be exact. PostgreSQL stores ``NUMERIC(24, 9)``;
+  SQLite has no decimal type (it would store a REAL), so there the value is an integer count of
+  nano-units in a ``BIGINT``. Both come back as :class:`~decimal.Decimal`, and so does ``SUM()``
+  over the column, because SQLAlchemy gives ``sum`` the column's own type.
+* :class:`BigIntText` — fal's seeds are unsigned 64-bit and can exceed ``2**63 - 1``, the
+  largest ``BIGINT``; they are stored as decimal text and come back as ``int``.
+* :class:`UTCDateTime` — SQLite forgets time zones, so naive values are refused on the way in
+  and every value comes back as an aware UTC datetime.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from jobs.states import JobState
+
+#: Digits kept after the decimal point for money and billing units (nano-dollars): exact for every
+#: price times every unit count the registry can produce, with room for user price overrides.
+MONEY_SCALE = 9
+_QUANTUM = Decimal(1).scaleb(-MONEY_SCALE)
+
+
+def utcnow() -> datetime:
+    """The current time, aware and in UTC: the only clock the schema uses."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A random 32-hex-digit id for batches and jobs (uuid4): unguessable and globally unique."""
+    return uuid.uuid4().hex
+
+
+def _plain(value: Decimal) -> Decimal:
+    """``0.450000000`` → ``0.45`` and ``100.000000000`` → ``100`` (never ``1E+2``)."""
+    value = value.normalize()
+    if value.as_tuple().exponent > 0:  # type: ignore[operator]
+        value = value.quantize(Decimal(1))
+    return value
+
+
+class Money(TypeDecorator[Decimal]):
+    """An exact decimal (USD or billing units) on both PostgreSQL and SQLite.
+
+    Values are rounded half-even to :data:`MONEY_SCALE` places before they are stored, so both
+    dialects hold the very same number. Floats are refused: they are how cents go missing.
+    """
+
+    impl = BigInteger
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(BigInteger())
+        return dialect.type_descriptor(Numeric(24, MONEY_SCALE))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, float) or not isinstance(value, Decimal | int):
+            raise TypeError(f"money must be a Decimal or an int, not {type(value).__name__}")
+        exact = Decimal(value).quantize(_QUANTUM, rounding=ROUND_HALF_EVEN)
+        if dialect.name == "sqlite":
+            return int(exact.scaleb(MONEY_SCALE))
+        return exact
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            if isinstance(value, float):  # only if someone wrote a REAL behind our back
+                raise TypeError("a money column holds a float; refusing to guess its exact value")
+            return _plain(Decimal(int(value)).scaleb(-MONEY_SCALE))
+        return _plain(Decimal(value))
+
+
+class BigIntText(TypeDecorator[int]):
+    """An integer of any size (fal seeds reach ``2**64 - 1``), stored as its decimal text."""
+
+    impl = String(40)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an int, not {type(value).__name__}")
+        return str(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        return None if value is None else int(value)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A point in time, always aware and in UTC when read back, on every dialect."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise ValueError(f"timestamps must be timezone-aware datetimes, got {value!r}")
+        utc: datetime = value.astimezone(UTC)
+        # SQLite stores text without an offset; all values are UTC so text order is time order.
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        moment: datetime = value
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+#: JSON documents; JSONB on PostgreSQL (compact, comparable), JSON text on SQLite.
+#: Python ``None`` is SQL NULL (not JSON ``null``), so ``IS NULL`` means "not set" everywhere.
+JSONDoc = JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
+
+
+def _str_enum(enum_cls: type[StrEnum]) -> Enum:
+    """Store a StrEnum by its value in a VARCHAR (no native enum: adding a state needs no DDL)."""
+    return Enum(
+        enum_cls,
+        native_enum=False,
+        create_constraint=False,
+        length=32,
+        values_callable=lambda cls: [member.value for member in cls],
+        validate_strings=True,
+    )
+
+
+class BatchState(StrEnum):
+    """Whether a batch's jobs may be submitted. Jobs have their own states (:class:`JobState`)."""
+
+    ACTIVE = "active"
+    PAUSED = "paused"
+    """Submission stopped (e.g. the account was refused, or the budget is reached); resumable."""
+    CANCELLED = "cancelled"
+    """The user cancelled the batch: nothing more is submitted, queued requests are cancelled."""
+
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_N_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base; the naming convention gives every constraint a stable name for Alembic."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Batch(Base):
+    """One submitted manifest. Totals are computed from its jobs, never stored twice."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    manifest_path: Mapped[str] = mapped_column(Text)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: The batch this one re-runs (``wanbatch rerun``), if any.
+    parent_batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"))
+    budget_max_usd: Mapped[Decimal | None] = mapped_column(Money())
+    state: Mapped[BatchState] = mapped_column(_str_enum(BatchState), default=BatchState.ACTIVE)
+    pause_reason: Mapped[str | None] = mapped_column(Text)
+
+    def __repr__(self) -> str:
+        return f"<Batch {self.id[:8]} {self.name!r} {self.state.value}>"
+
+
+class Job(Base):
+    """One request to one endpoint; the unit that is submitted, tracked, paid for and downloaded."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        # Submitting the same manifest twice adds nothing: the key is a hash of the resolved job.
+        UniqueConstraint("batch_id", "job_key"),
+        Index("ix_jobs_batch_id_state", "batch_id", "state"),
+        Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),
+        Index("ix_jobs_request_id", "request_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"))
+    job_key: Mapped[str] = mapped_column(String(64))
+    item_index: Mapped[int] = mapped_column(Integer)
+    endpoint: Mapped[str] = mapped_column(String(255))
+    #: The resolved input as validated (local image paths still local).
+    input: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    #: The exact JSON sent to fal, image references as sent (data URI or upload URL).
+    submitted_input: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+
+    state: Mapped[JobState] = mapped_column(_str_enum(JobState), default=JobState.PENDING)
+    #: Fencing token: +1 on every transition and every claim; a stale writer's UPDATE matches 0 rows.
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: When the job is next due (retry backoff, next status poll); NULL means "now".
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    request_id: Mapped[str | None] = mapped_column(String(255))
+    gateway_request_id: Mapped[str | None] = mapped_column(String(255))
+    status_url: Mapped[str | None] = mapped_column(Text)
+    response_url: Mapped[str | None] = mapped_column(Text)
+    cancel_url: Mapped[str | None] = mapped_column(Text)
+
+    seed: Mapped[int | None] = mapped_column(BigIntText())
+    actual_prompt: Mapped[str | None] = mapped_column(Text)
+    output_path: Mapped[str | None] = mapped_column(Text)
+    output_sha256: Mapped[str | None] = mapped_column(String(64))
+    output_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    provider_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+    provider_output: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+
+    est_billing_units: Mapped[Decimal] = mapped_column(Money())
+    est_usd: Mapped[Decimal] = mapped_column(Money())
+    actual_billing_units: Mapped[Decimal | None] = mapped_column(Money())
+    actual_usd: Mapped[Decimal | None] = mapped_column(Money())
+    #: Submissions resent after an ambiguous outcome: the provider may have billed each twice.
+    possible_duplicate_charges: Mapped[int] = mapped_column(Integer, default=0)
+
+    error: Mapped[str | None] = mapped_column(Text)
+    error_type: Mapped[str | None] = mapped_column(String(255))
+
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: When fal reported the request completed.
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: When the job reached a terminal state here.
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id[:8]} #{self.item_index} {self.state.value} v{self.version}>"
+
+
+class JobEvent(Base):
+    """One transition of one job, appended in the same transaction as the change it records."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    from_state: Mapped[JobState | None] = mapped_column(_str_enum(JobState))
+    to_state: Mapped[JobState] = mapped_column(_str_enum(JobState))
+    #: The job's version after the transition.
+    version: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+    worker: Mapped[str | None] = mapped_column(String(255))
+
+
+class Upload(Base):
+    """A local file already uploaded to fal's storage: each distinct content is uploaded once."""
+
+    __tablename__ = "uploads"
+
+    content_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    provider_url: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    content_type: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: When the provider may delete the file; a later job re-uploads after this.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

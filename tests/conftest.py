@@ -1,0 +1,154 @@
+"""Shared fixtures: real PostgreSQL, real SQLite, real Redis. Never mocks, never skips.
+
+* ``pg_url`` — a fresh, uniquely named PostgreSQL database for this test run (created on the
+  shared server at 127.0.0.1:5432 and dropped at the end), so parallel runs never collide.
+* ``sqlite_url`` — a SQLite file in the test's ``tmp_path``.
+* ``db_url`` — parametrized: each test using it runs once on SQLite and once on PostgreSQL.
+* ``engine`` — migrated to head for ``db_url``. On PostgreSQL the run's database is migrated
+  once and every table is truncated after each test; on SQLite each test gets a copy of a
+  migrated template file. Both are far cheaper than migrating per test.
+* ``session`` — a session on ``engine`` (the test commits what it wants kept).
+* ``new_pg_database`` — a factory for extra empty databases (migration tests up/downgrade them).
+* ``redis_url`` / ``redis_namespace`` — the shared Redis, and a unique key prefix per test.
+
+A missing service is a failure with the reason, never a skip: a green run must mean the
+real databases were exercised.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from jobs.db import make_engine, migrate, session_factory
+
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+PG_SERVER_URL = "postgresql://postgres@127.0.0.1:5432"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+TABLES = ("job_events", "jobs", "uploads", "batches")
+
+
+def _admin_execute(sql: str) -> None:
+    try:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sql)  # type: ignore[arg-type]
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"PostgreSQL is required at {PG_ADMIN_DSN} (trust auth, user postgres) and is not "
+            f"reachable: {exc}",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def new_pg_database() -> Iterator[Callable[[], str]]:
+    """Create empty, uniquely named databases on demand; all are dropped when the run ends."""
+    created: list[str] = []
+
+    def create() -> str:
+        name = f"wanbatch_t_{uuid.uuid4().hex[:12]}"
+        _admin_execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return f"{PG_SERVER_URL}/{name}"
+
+    yield create
+    for name in created:
+        _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url(new_pg_database: Callable[[], str]) -> str:
+    """This run's own PostgreSQL database (empty until ``engine`` migrates it)."""
+    return new_pg_database()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite database file of this test's own."""
+    return f"sqlite:///{tmp_path / 'wanbatch.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Runs the test on both dialects."""
+    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    url: str = request.getfixturevalue(name)
+    return url
+
+
+@pytest.fixture(scope="session")
+def _pg_engine(pg_url: str) -> Iterator[Engine]:
+    engine = make_engine(pg_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    engine = make_engine(f"sqlite:///{path}")
+    migrate(engine)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    engine.dispose()
+    return path
+
+
+@pytest.fixture
+def engine(db_url: str, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """A migrated engine for ``db_url``, emptied after the test."""
+    if db_url.startswith("sqlite"):
+        template: Path = request.getfixturevalue("_sqlite_template")
+        shutil.copyfile(template, db_url.removeprefix("sqlite:///"))
+        sqlite_engine = make_engine(db_url)
+        yield sqlite_engine
+        sqlite_engine.dispose()
+        return
+    pg_engine: Engine = request.getfixturevalue("_pg_engine")
+    yield pg_engine
+    with pg_engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    """A session on ``engine``; rolled back and closed after the test."""
+    with session_factory(engine)() as sess:
+        yield sess
+        sess.rollback()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The shared Redis; fails the test (with the reason) when it does not answer PING."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is required at {REDIS_URL} and is not reachable: {exc}", pytrace=False)
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_namespace(redis_url: str) -> Iterator[str]:
+    """A unique key prefix for this test; its keys are deleted afterwards."""
+    prefix = f"wanbatch-test:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
