@@ -1,0 +1,354 @@
+"""Uploads (fal's initiate flow), input preparation, and atomic, checked downloads."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from jobs.errors import AccountLockedError, FinalProviderError, RetryableProviderError, UsageError
+from worker.fal import (
+    FalClient,
+    FalStorage,
+    MediaPreparer,
+    RetryPolicy,
+    confined_path,
+    download,
+    prepare_input,
+    safe_output_name,
+    to_data_uri,
+)
+
+QUEUE = "https://queue.test"
+REST = "https://rest.test"
+KEY = "0b5c2d4e-1111-2222-3333-444455556666:abcdef0123456789abcdef0123456789"
+UPLOAD_URL = "https://upload.storage.test/signed/abc?X-Goog-Signature=sig"
+FILE_URL = "https://v3.fal.media/files/rabbit/abc.png"
+
+
+class FakeStorage:
+    """fal's REST storage initiate flow plus the signed-URL host, recording what it saw."""
+
+    def __init__(self, initiate_failures: list[httpx.Response] | None = None) -> None:
+        self.requests: list[httpx.Request] = []
+        self.stored: dict[str, bytes] = {}
+        self.failures = list(initiate_failures or [])
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.url.path == "/storage/upload/initiate":
+            if self.failures:
+                return self.failures.pop(0)
+            return httpx.Response(200, json={"upload_url": UPLOAD_URL, "file_url": FILE_URL})
+        if str(request.url) == UPLOAD_URL and request.method == "PUT":
+            self.stored[FILE_URL] = request.content
+            return httpx.Response(200)
+        return httpx.Response(404)
+
+
+def make_storage(fake: FakeStorage) -> FalStorage:
+    client = FalClient(
+        queue_url=QUEUE,
+        rest_url=REST,
+        key=KEY,
+        timeout=httpx.Timeout(5.0),
+        transport=httpx.MockTransport(fake),
+        retry=RetryPolicy(attempts=3, base_delay=0.0),
+        sleep=lambda _s: None,
+    )
+    return FalStorage(client)
+
+
+# ------------------------------------------------------------------------------------ upload
+
+
+def test_upload_initiate_flow() -> None:
+    fake = FakeStorage()
+    url = make_storage(fake).upload_file(b"\x89PNG data", "image/png", "frame.png")
+    assert url == FILE_URL
+    assert fake.stored[FILE_URL] == b"\x89PNG data"
+    initiate, put = fake.requests
+    assert initiate.method == "POST"
+    assert str(initiate.url) == f"{REST}/storage/upload/initiate?storage_type=fal-cdn-v3"
+    assert json.loads(initiate.content) == {"file_name": "frame.png", "content_type": "image/png"}
+    assert initiate.headers["authorization"] == f"Key {KEY}"
+    assert put.headers["content-type"] == "image/png"
+    assert "authorization" not in put.headers  # the signed upload host never sees the key
+
+
+def test_upload_from_path(tmp_path: Path) -> None:
+    src = tmp_path / "in.jpg"
+    src.write_bytes(b"jpeg bytes")
+    fake = FakeStorage()
+    make_storage(fake).upload_file(src, "image/jpeg")
+    assert fake.stored[FILE_URL] == b"jpeg bytes"
+    assert json.loads(fake.requests[0].content)["file_name"] == "in.jpg"
+
+
+def test_upload_retries_transient_initiate_errors() -> None:
+    fake = FakeStorage([httpx.Response(503, text="<center>nginx</center>")])
+    assert make_storage(fake).upload_file(b"x", "image/png", "a.png") == FILE_URL
+    assert [r.url.path for r in fake.requests].count("/storage/upload/initiate") == 2
+
+
+def test_upload_locked_account() -> None:
+    fake = FakeStorage([httpx.Response(403, json={"detail": "User is locked."})])
+    with pytest.raises(AccountLockedError):
+        make_storage(fake).upload_file(b"x", "image/png", "a.png")
+
+
+def test_upload_initiate_answer_without_urls_is_an_error() -> None:
+    fake = FakeStorage([httpx.Response(200, json={"file_url": FILE_URL})])
+    with pytest.raises(RetryableProviderError, match="upload_url"):
+        make_storage(fake).upload_file(b"x", "image/png", "a.png")
+
+
+# ------------------------------------------------------------------------------- preparation
+
+
+def test_to_data_uri() -> None:
+    uri = to_data_uri(b"\x00\x01abc", "image/png")
+    assert uri.startswith("data:image/png;base64,")
+    assert base64.b64decode(uri.split(",", 1)[1]) == b"\x00\x01abc"
+
+
+def test_prepare_input_inlines_small_uploads_large_once_and_keeps_urls(tmp_path: Path) -> None:
+    small = tmp_path / "small.png"
+    small.write_bytes(b"s" * 10)
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"b" * 100)
+    cache: dict[str, str] = {}
+    uploads: list[tuple[bytes, str, str]] = []
+
+    def uploader(data: bytes, mime: str, name: str) -> str:
+        uploads.append((data, mime, name))
+        return f"https://v3.fal.media/files/{len(uploads)}.jpg"
+
+    preparer = MediaPreparer(
+        uploader=uploader,
+        inline_max_bytes=50,
+        lookup=cache.get,
+        record=cache.__setitem__,
+        root=tmp_path,
+    )
+    data_uri = "data:image/png;base64,AAAA"
+    source = {
+        "prompt": str(big),  # not a media field: untouched
+        "image_url": str(small),
+        "end_image_url": str(big),
+        "start_image_url": "https://example.com/a.png",
+        "mask": data_uri,
+    }
+    fields = ["image_url", "end_image_url", "start_image_url", "mask", "absent"]
+    first = prepare_input(source, fields, preparer=preparer)
+    second = prepare_input({"image_url": str(big)}, ["image_url"], preparer=preparer)
+
+    assert source["image_url"] == str(small)  # the input itself is not mutated
+    assert first["prompt"] == str(big)
+    assert first["image_url"] == to_data_uri(b"s" * 10, "image/png")
+    assert first["end_image_url"] == "https://v3.fal.media/files/1.jpg"
+    assert first["start_image_url"] == "https://example.com/a.png"
+    assert first["mask"] == data_uri
+    assert "absent" not in first
+    assert second["image_url"] == "https://v3.fal.media/files/1.jpg"
+    assert len(uploads) == 1  # once per content hash
+    digest = hashlib.sha256(b"b" * 100).hexdigest()
+    assert cache == {digest: "https://v3.fal.media/files/1.jpg"}
+    data, mime, name = uploads[0]
+    assert (data, mime) == (b"b" * 100, "image/jpeg")
+    assert name == f"{digest[:16]}.jpg"  # never the user's file name
+
+
+def test_prepare_refuses_files_outside_root_and_relative_paths(tmp_path: Path) -> None:
+    inside = tmp_path / "m"
+    inside.mkdir()
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"x")
+    preparer = MediaPreparer(uploader=lambda d, m, n: "u", inline_max_bytes=10, root=inside)
+    with pytest.raises(UsageError, match="outside"):
+        preparer.prepare(str(outside))
+    with pytest.raises(UsageError, match="outside"):
+        preparer.prepare(str(inside / ".." / "secret.png"))
+    with pytest.raises(UsageError, match="absolute"):
+        preparer.prepare("relative.png")
+    with pytest.raises(UsageError, match="does not exist"):
+        preparer.prepare(str(inside / "missing.png"))
+
+
+def test_media_preparer_for_storage_uploads_through_fal(tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    big.write_bytes(b"p" * 64)
+    fake = FakeStorage()
+    preparer = MediaPreparer.for_storage(make_storage(fake), inline_max_bytes=8)
+    assert preparer.prepare(str(big)) == FILE_URL
+    assert fake.stored[FILE_URL] == b"p" * 64
+
+
+# ---------------------------------------------------------------------------------- download
+
+VIDEO = bytes(range(256)) * 40  # 10240 bytes
+
+
+def cdn(handler_body: bytes = VIDEO, **headers: str) -> httpx.Client:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/redirect":
+            return httpx.Response(302, headers={"location": "/files/out.mp4"})
+        if request.url.path == "/evil-redirect":
+            return httpx.Response(302, headers={"location": "file:///etc/passwd"})
+        if request.url.path == "/gone":
+            return httpx.Response(404)
+        if request.url.path == "/busy":
+            return httpx.Response(503)
+        return httpx.Response(200, content=handler_body, headers=headers)
+
+    return httpx.Client(transport=httpx.MockTransport(handler))
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_download_writes_atomically_with_sha256(tmp_path: Path) -> None:
+    dest = tmp_path / "out" / "b1-j1-a1.mp4"
+    result = download(
+        "https://v3.fal.media/files/out.mp4",
+        dest,
+        expected_size=len(VIDEO),
+        max_bytes=1 << 20,
+        client=cdn(),
+        allowed_hosts=["*.fal.media"],
+    )
+    assert result.path == dest
+    assert result.size == len(VIDEO)
+    assert result.sha256 == hashlib.sha256(VIDEO).hexdigest()
+    assert dest.read_bytes() == VIDEO
+    assert leftovers(dest.parent) == ["b1-j1-a1.mp4"]  # no temp file left behind
+
+
+def test_download_follows_checked_redirects(tmp_path: Path) -> None:
+    result = download("https://v3.fal.media/redirect", tmp_path / "o.mp4", max_bytes=1 << 20, client=cdn())
+    assert result.size == len(VIDEO)
+
+
+def test_download_content_length_mismatch_is_final_and_leaves_nothing(tmp_path: Path) -> None:
+    dest = tmp_path / "o.mp4"
+    with pytest.raises(FinalProviderError, match="size mismatch"):
+        download("https://cdn.test/f.mp4", dest, expected_size=999, max_bytes=1 << 20, client=cdn())
+    assert leftovers(tmp_path) == []
+
+
+def test_download_short_body_without_length_is_retryable(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=iter([VIDEO[:100]]))  # streamed: no Content-Length
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    with pytest.raises(RetryableProviderError, match="truncated"):
+        download(
+            "https://cdn.test/f.mp4",
+            tmp_path / "o.mp4",
+            expected_size=len(VIDEO),
+            max_bytes=1 << 20,
+            client=client,
+        )
+    assert leftovers(tmp_path) == []
+
+
+def test_download_cut_connection_is_retryable_and_cleans_up(tmp_path: Path) -> None:
+    def body() -> Iterator[bytes]:
+        yield VIDEO[:4096]
+        raise httpx.ReadError("connection reset by peer")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body())
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    dest = tmp_path / "o.mp4"
+    with pytest.raises(RetryableProviderError):
+        download("https://cdn.test/f.mp4", dest, max_bytes=1 << 20, client=client)
+    assert not dest.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_download_over_cap_is_final(tmp_path: Path) -> None:
+    with pytest.raises(FinalProviderError, match="cap"):
+        download("https://cdn.test/f.mp4", tmp_path / "o.mp4", max_bytes=100, client=cdn())
+    assert leftovers(tmp_path) == []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=iter([VIDEO, VIDEO]))
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    with pytest.raises(FinalProviderError, match="cap"):
+        download("https://cdn.test/f.mp4", tmp_path / "o.mp4", max_bytes=len(VIDEO), client=client)
+    assert leftovers(tmp_path) == []
+
+
+def test_download_keeps_an_existing_final_file_on_failure(tmp_path: Path) -> None:
+    dest = tmp_path / "o.mp4"
+    dest.write_bytes(b"previous good copy")
+    with pytest.raises(FinalProviderError):
+        download("https://cdn.test/f.mp4", dest, expected_size=1, max_bytes=1 << 20, client=cdn())
+    assert dest.read_bytes() == b"previous good copy"
+    assert leftovers(tmp_path) == ["o.mp4"]
+
+
+@pytest.mark.parametrize(
+    ("path", "error"), [("/gone", FinalProviderError), ("/busy", RetryableProviderError)]
+)
+def test_download_http_errors(tmp_path: Path, path: str, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        download(f"https://cdn.test{path}", tmp_path / "o.mp4", max_bytes=1 << 20, client=cdn())
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "ftp://cdn.test/x",
+        "gopher://x",
+        "https://user:pw@cdn.test/x",
+        "https://evil.test/x",
+    ],
+)
+def test_download_ssrf_guard(tmp_path: Path, url: str) -> None:
+    with pytest.raises(FinalProviderError, match="refusing"):
+        download(
+            url,
+            tmp_path / "o.mp4",
+            max_bytes=1 << 20,
+            client=cdn(),
+            allowed_hosts=["*.fal.media", "cdn.test"],
+        )
+    assert leftovers(tmp_path) == []
+
+
+def test_download_refuses_redirect_to_another_scheme(tmp_path: Path) -> None:
+    with pytest.raises(FinalProviderError, match="refusing"):
+        download("https://cdn.test/evil-redirect", tmp_path / "o.mp4", max_bytes=1 << 20, client=cdn())
+    assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------ naming
+
+
+def test_safe_output_name_uses_only_our_ids() -> None:
+    assert safe_output_name("b1", 42, 2, content_type="video/mp4") == "b1-42-a2.mp4"
+    assert safe_output_name("b1", "j1", content_type="video/webm; codecs=vp9") == "b1-j1.webm"
+    assert safe_output_name("b1", "j1", content_type="application/x-sh") == "b1-j1.bin"
+    nasty = safe_output_name("../../etc", "/abs/path\\x", 1, content_type="video/mp4")
+    assert "/" not in nasty
+    assert "\\" not in nasty
+    assert ".." not in nasty
+
+
+def test_confined_path(tmp_path: Path) -> None:
+    assert confined_path(tmp_path, "b1-j1.mp4") == tmp_path.resolve() / "b1-j1.mp4"
+    for bad in ["../x.mp4", "/etc/passwd", "..", "", "a/b.mp4"]:
+        with pytest.raises(UsageError):
+            confined_path(tmp_path, bad)
