@@ -53,7 +53,7 @@ from typing import Any
 from jobs.endpoints import EndpointSpec, FieldType, get_endpoint, known_endpoint_ids
 from jobs.errors import Issue, ManifestError
 from jobs.media import MediaKind, classify, file_sha256
-from jobs.validation import did_you_mean, fields_of, validate_job
+from jobs.validation import MediaCache, did_you_mean, fields_of, validate_job
 from jobs.yaml_lines import LList, LMap, YamlProblem, load_located
 
 #: Manifest files above this size are refused before parsing.
@@ -149,9 +149,10 @@ class Manifest:
         sink: list[Issue] = [] if issues is None else issues
         seen: dict[str, tuple[int, str, int | None]] = {}
         combos = self._combos()
+        digests: dict[str, str | None] = {}
         for raw in self._raw_items(sink):
             errors_before = _error_count(sink) if issues is None else 0
-            for job in self._expand(raw, combos, sink):
+            for job in self._expand(raw, combos, sink, digests):
                 first = seen.get(job.key)
                 if first is not None:
                     sink.append(
@@ -212,7 +213,11 @@ class Manifest:
             yield from _jsonl_items(self.items_from, display, index, sink)
 
     def _expand(
-        self, raw: _RawItem, combos: list[tuple[tuple[str, Any, int], ...]], sink: list[Issue]
+        self,
+        raw: _RawItem,
+        combos: list[tuple[tuple[str, Any, int], ...]],
+        sink: list[Issue],
+        digests: dict[str, str | None],
     ) -> Iterator[JobSpec]:
         spec = self._endpoint_for(raw, sink)
         if spec is None:
@@ -262,7 +267,7 @@ class Manifest:
                 line=raw.line,
                 endpoint=spec.id,
                 input=resolved,
-                key=job_key(spec, resolved),
+                key=job_key(spec, resolved, digests),
                 matrix={key: value for key, value, _ in combo},
                 origins=job_origins,
             )
@@ -360,13 +365,23 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def job_key(spec: EndpointSpec, resolved: Mapping[str, Any]) -> str:
-    """sha256 hex of the endpoint and the input, local files standing in by their content hash."""
+def job_key(
+    spec: EndpointSpec, resolved: Mapping[str, Any], digests: dict[str, str | None] | None = None
+) -> str:
+    """sha256 hex of the endpoint and the input, local files standing in by their content hash.
+
+    ``digests`` caches file hashes by path for one pass (a batch reuses a few images many times).
+    """
     keyed = dict(resolved)
     for name in _media_or_enum(spec.id):
         value = keyed.get(name)
-        if isinstance(value, str) and classify(value) is MediaKind.PATH and Path(value).is_absolute():
-            digest = file_sha256(Path(value))
+        if isinstance(value, str) and classify(value) is MediaKind.PATH:
+            if digests is None or value not in digests:
+                digest = file_sha256(Path(value))
+                if digests is not None:
+                    digests[value] = digest
+            else:
+                digest = digests[value]
             keyed[name] = f"sha256:{digest}" if digest else f"missing:{value}"
     text = spec.id + "\n" + canonical_json(keyed)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -832,12 +847,13 @@ def validate_manifest(path: str | Path) -> ValidationReport:
             return
         collected.append(issue)
 
+    media_cache: MediaCache = {}
     for job in manifest.jobs(expansion):
         count += 1
         for issue in expansion:
             add(issue)
         expansion.clear()
-        for issue in validate_job(job):
+        for issue in validate_job(job, media_cache):
             add(issue)
         if count > MAX_JOBS:
             add(

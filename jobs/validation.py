@@ -51,8 +51,17 @@ def fields_of(endpoint_id: str) -> dict[str, FieldSpec]:
     return {f.name: f for f in get_endpoint(endpoint_id).fields}
 
 
-def check_input(spec: EndpointSpec, values: Mapping[str, Any]) -> list[FieldProblem]:
-    """Every problem of ``values`` (a resolved input) against ``spec``, in a stable order."""
+MediaCache = dict[tuple[str, str, str], list[FieldProblem]]
+
+
+def check_input(
+    spec: EndpointSpec, values: Mapping[str, Any], media_cache: MediaCache | None = None
+) -> list[FieldProblem]:
+    """Every problem of ``values`` (a resolved input) against ``spec``, in a stable order.
+
+    ``media_cache`` remembers media verdicts by (endpoint, field, value) for one pass, so a
+    batch that reuses one image checks (and stats) it once.
+    """
     fields = fields_of(spec.id)
     problems: list[FieldProblem] = []
     for name, value in values.items():
@@ -67,7 +76,14 @@ def check_input(spec: EndpointSpec, values: Mapping[str, Any]) -> list[FieldProb
                 )
             )
             continue
-        problems.extend(check_value(fld, value))
+        if media_cache is not None and fld.media is not None and isinstance(value, str):
+            mark = (spec.id, name, value)
+            found = media_cache.get(mark)
+            if found is None:
+                found = media_cache[mark] = check_value(fld, value)
+            problems.extend(found)
+        else:
+            problems.extend(check_value(fld, value))
     for fld in fields.values():
         if fld.required and fld.name not in values:
             problems.append(
@@ -147,11 +163,11 @@ def _wrong_type(fld: FieldSpec, value: Any, expected: str) -> FieldProblem:
     return FieldProblem(fld.name, f"expected {expected}, got {got} {value!r}", value, fld.allowed())
 
 
-def validate_job(job: JobSpec) -> list[Issue]:
+def validate_job(job: JobSpec, media_cache: MediaCache | None = None) -> list[Issue]:
     """The located issues of one expanded job: each at the line its offending value came from."""
     spec = get_endpoint(job.endpoint)
     issues: list[Issue] = []
-    for problem in check_input(spec, job.input):
+    for problem in check_input(spec, job.input, media_cache):
         file, line = job.origins.get(problem.field, (job.source, job.line))
         issues.append(
             Issue(
