@@ -1,0 +1,128 @@
+"""Fault injection: named faults that fire by probability or for the next N eligible events.
+
+Each kind is checked at exactly one place in the server, so a test can say "the next 3
+submits get a 429" (``{"submit_429": {"next": 3}}``) or "5 % of downloads fail"
+(``{"download_error": {"probability": 0.05, "status": 500}}``). Extra keys of a rule are
+parameters of that fault (a status code, a delay, an error type).
+
+Kinds (where they fire → what the client sees):
+
+- ``submit_429``: submit → 429 ``{"detail": "Too many requests"}``, no Retry-After; nothing queued.
+- ``submit_502``: submit → 502 nginx HTML, no ``x-fal-request-id`` (fal_client retries it).
+- ``submit_503``: submit → 503 JSON with ``x-fal-request-id`` (fal_client does not retry); nothing queued.
+- ``submit_504_user``: submit → 504 with ``X-Fal-Request-Timeout-Type: user``; nothing queued.
+- ``submit_drop``: the request IS queued (and billed when it runs), then the connection is reset
+  before any response byte: the client sees a transport error.
+- ``submit_slow``: the request IS queued, the response is held for ``delay`` seconds (default 30).
+- ``status_502``: status poll → 502 nginx HTML.
+- ``status_slow``: status poll is held for ``delay`` seconds.
+- ``model_error``: the request completes with ``error_type`` (default ``runner_disconnected``)
+  and the result replays ``{"detail", "error_type"}`` with fal's status for that type.
+- ``result_expired``: the request's result is gone the moment it completes (404 on result).
+- ``download_error``: an output-file GET answers ``status`` (default 500).
+- ``download_truncated``: an output-file GET sends half the body, then resets the connection
+  (``mode: "short"`` instead sends a well-formed response with only half the bytes).
+- ``webhook_drop``: the webhook is never sent. ``webhook_duplicate``: it is sent twice.
+- ``bad_file_name``: the output's ``file_name`` is ``name`` (default ``../../escape.mp4``).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+FAULT_KINDS: frozenset[str] = frozenset(
+    {
+        "submit_429",
+        "submit_502",
+        "submit_503",
+        "submit_504_user",
+        "submit_drop",
+        "submit_slow",
+        "status_502",
+        "status_slow",
+        "model_error",
+        "result_expired",
+        "download_error",
+        "download_truncated",
+        "webhook_drop",
+        "webhook_duplicate",
+        "bad_file_name",
+    }
+)
+
+
+@dataclass
+class FaultRule:
+    """When one fault fires: first for the ``next`` N events, then with ``probability``."""
+
+    probability: float = 0.0
+    next: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any] | FaultRule) -> FaultRule:
+        """From the JSON form ``{"probability": p, "next": n, ...params}``."""
+        if isinstance(raw, FaultRule):
+            return raw
+        data = dict(raw)
+        prob = float(data.pop("probability", 0.0))
+        nxt = int(data.pop("next", 0))
+        if not 0.0 <= prob <= 1.0 or nxt < 0:
+            raise ValueError("a fault needs 0 <= probability <= 1 and next >= 0")
+        return cls(probability=prob, next=nxt, params=data)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form, as accepted by :meth:`parse`."""
+        return {"probability": self.probability, "next": self.next, **self.params}
+
+
+class FaultPlan:
+    """The active faults; thread-safe because tests change them while the server runs."""
+
+    def __init__(self, rules: dict[str, FaultRule] | None = None, rng: random.Random | None = None) -> None:
+        self._lock = threading.Lock()
+        self._rng = rng or random.Random()
+        self._rules: dict[str, FaultRule] = {}
+        self.fired: dict[str, int] = {}
+        self.set(rules or {})
+
+    def set(self, rules: dict[str, Any], *, replace: bool = False) -> None:
+        """Add or replace rules by kind (``replace`` drops every other rule first)."""
+        parsed = {}
+        for kind, raw in rules.items():
+            if kind not in FAULT_KINDS:
+                raise ValueError(f"unknown fault {kind!r} (known: {', '.join(sorted(FAULT_KINDS))})")
+            parsed[kind] = FaultRule.parse(raw)
+        with self._lock:
+            if replace:
+                self._rules.clear()
+            self._rules.update(parsed)
+
+    def clear(self) -> None:
+        """No faults any more (the counts of fired faults are kept)."""
+        with self._lock:
+            self._rules.clear()
+
+    def fire(self, kind: str) -> dict[str, Any] | None:
+        """The fault's parameters when ``kind`` fires for this event, else None."""
+        with self._lock:
+            rule = self._rules.get(kind)
+            if rule is None:
+                return None
+            if rule.next > 0:
+                rule.next -= 1
+            elif not (rule.probability > 0 and self._rng.random() < rule.probability):
+                return None
+            self.fired[kind] = self.fired.get(kind, 0) + 1
+            return dict(rule.params)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Rules and how often each kind fired, JSON-ready."""
+        with self._lock:
+            return {
+                "rules": {k: r.as_dict() for k, r in self._rules.items()},
+                "fired": dict(self.fired),
+            }

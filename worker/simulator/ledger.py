@@ -1,0 +1,140 @@
+"""The simulator's books: what fal would know (and bill) that the client may not.
+
+Tests check wanbatch's invariants against this ledger rather than against wanbatch's own
+records: every accepted submit (even one whose response the client never saw), what was
+billed, which inputs were accepted twice (a paid duplicate), the most requests ever
+outstanding at once, and the submit rate per second.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from typing import Any
+
+
+@dataclass
+class LedgerEntry:
+    """One accepted submit and what became of it."""
+
+    request_id: str
+    endpoint: str
+    input_sha256: str
+    accepted_at: float
+    priority: str = "normal"
+    webhook_url: str | None = None
+    #: False when a fault kept the submit response from the client (dropped or stalled).
+    client_saw_response: bool = True
+    started_at: float | None = None
+    completed_at: float | None = None
+    #: ``ok``, ``error`` (model/infra error), ``invalid`` (422), ``cancelled``, ``timeout`` (start timeout).
+    outcome: str | None = None
+    status_code: int | None = None
+    error_type: str | None = None
+    seed: int | None = None
+    billed: bool = False
+    billing_units: Decimal = Decimal(0)
+    usd: Decimal = Decimal(0)
+    output_sha256: str | None = None
+    encode_seconds: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (Decimals as strings, to keep cents exact)."""
+        out = asdict(self)
+        out["billing_units"] = str(self.billing_units)
+        out["usd"] = str(self.usd)
+        return out
+
+
+@dataclass
+class Rejection:
+    """A submit that was refused (nothing queued, nothing billed)."""
+
+    at: float
+    endpoint: str
+    status_code: int
+    reason: str
+
+
+@dataclass
+class Ledger:
+    """All entries plus the running counters. Guarded by one lock: tests read it from other threads."""
+
+    entries: dict[str, LedgerEntry] = field(default_factory=dict)
+    rejections: list[Rejection] = field(default_factory=list)
+    submit_times: list[float] = field(default_factory=list)
+    outstanding: int = 0
+    max_outstanding: int = 0
+    in_progress: int = 0
+    max_in_progress: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def accept(self, entry: LedgerEntry) -> None:
+        """Record an accepted submit: it is outstanding until it completes."""
+        with self._lock:
+            self.entries[entry.request_id] = entry
+            self.submit_times.append(entry.accepted_at)
+            self.outstanding += 1
+            self.max_outstanding = max(self.max_outstanding, self.outstanding)
+
+    def reject(self, endpoint: str, status_code: int, reason: str) -> None:
+        """Record a refused submit."""
+        with self._lock:
+            self.rejections.append(Rejection(time.time(), endpoint, status_code, reason))
+
+    def started(self, request_id: str) -> None:
+        """The request left the queue for a runner."""
+        with self._lock:
+            self.entries[request_id].started_at = time.time()
+            self.in_progress += 1
+            self.max_in_progress = max(self.max_in_progress, self.in_progress)
+
+    def completed(self, request_id: str, was_running: bool, **result: Any) -> None:
+        """The request reached COMPLETED (successfully or not); ``result`` sets entry fields."""
+        with self._lock:
+            entry = self.entries[request_id]
+            entry.completed_at = time.time()
+            for name, value in result.items():
+                setattr(entry, name, value)
+            self.outstanding -= 1
+            if was_running:
+                self.in_progress -= 1
+
+    def mark_unseen(self, request_id: str) -> None:
+        """The client never got the submit response (a dropped or stalled connection)."""
+        with self._lock:
+            self.entries[request_id].client_saw_response = False
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything, JSON-ready; see the module docstring for what each key is for."""
+        with self._lock:
+            entries = [e.as_dict() for e in self.entries.values()]
+            groups: dict[tuple[str, str], list[str]] = {}
+            for e in self.entries.values():
+                groups.setdefault((e.endpoint, e.input_sha256), []).append(e.request_id)
+            per_second = Counter(int(t) for t in self.submit_times)
+            billed = [e for e in self.entries.values() if e.billed]
+            return {
+                "entries": entries,
+                "accepted": len(self.entries),
+                "completed": sum(1 for e in self.entries.values() if e.completed_at is not None),
+                "billed_count": len(billed),
+                "billed_usd": str(sum((e.usd for e in billed), Decimal(0))),
+                "billed_units": str(sum((e.billing_units for e in billed), Decimal(0))),
+                "duplicates": [
+                    {"endpoint": ep, "input_sha256": h, "request_ids": ids}
+                    for (ep, h), ids in groups.items()
+                    if len(ids) > 1
+                ],
+                "outstanding": self.outstanding,
+                "max_outstanding": self.max_outstanding,
+                "in_progress": self.in_progress,
+                "max_in_progress": self.max_in_progress,
+                "submit_times": list(self.submit_times),
+                "submits_per_second": {str(k): v for k, v in sorted(per_second.items())},
+                "max_submits_per_second": max(per_second.values(), default=0),
+                "rejections": [asdict(r) for r in self.rejections],
+            }

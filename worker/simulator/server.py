@@ -1,0 +1,196 @@
+"""Running the simulator: blocking (``wanbatch simulator``) or in a background thread (tests, ``--simulate``).
+
+- :func:`serve` blocks until interrupted; the CLI maps its flags onto :class:`SimulatorOptions`.
+- :func:`running_simulator` starts it on a free loopback port in a daemon thread and yields a
+  :class:`SimulatorHandle` (``.url``, ``.ledger()``, ``.set_faults(...)``, ``.reset()``,
+  ``.update_options(...)``, ``.stop()``). Point ``WANBATCH_FAL_QUEUE_URL`` and
+  ``WANBATCH_FAL_REST_URL`` at ``handle.url``: one server plays both.
+
+The socket is bound before uvicorn starts, so the URL (and the URLs the simulator writes into
+its answers) is known up front even for port 0. With ``tls=True`` a throw-away self-signed
+certificate is made; ``handle.ca_file`` is what a client must trust (fal's own client only
+speaks https).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from worker.simulator.app import SimulatorApp
+from worker.simulator.engine import Engine
+from worker.simulator.options import SimulatorOptions
+from worker.simulator.tls import make_self_signed
+
+T = TypeVar("T")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def _base_url(sock: socket.socket, host: str, tls: bool) -> str:
+    port = sock.getsockname()[1]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 - we only display it
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
+
+
+def build_app(engine: Engine, base_url: str) -> ASGIApp:
+    """The ASGI app, whose lifespan binds ``engine`` to the serving loop and URL."""
+    sim = SimulatorApp(engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        engine.start(base_url)
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    sim.starlette.router.lifespan_context = lifespan
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await sim(scope, receive, send)
+
+    return app
+
+
+def _server(
+    engine: Engine, sock: socket.socket, base_url: str, certfile: Path | None, keyfile: Path | None
+) -> uvicorn.Server:
+    config = uvicorn.Config(
+        build_app(engine, base_url),
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        ssl_certfile=str(certfile) if certfile else None,
+        ssl_keyfile=str(keyfile) if keyfile else None,
+        timeout_graceful_shutdown=1,
+    )
+    return uvicorn.Server(config)
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    options: SimulatorOptions | None = None,
+    *,
+    certfile: Path | None = None,
+    keyfile: Path | None = None,
+) -> None:
+    """Serve the simulator until interrupted (Ctrl-C). HTTPS when a certificate is given."""
+    sock = _bind(host, port)
+    base_url = _base_url(sock, host, certfile is not None)
+    engine = Engine(options)
+    server = _server(engine, sock, base_url, certfile, keyfile)
+    print(f"fal simulator listening on {engine.options.public_url or base_url}", flush=True)
+    server.run(sockets=[sock])
+
+
+class SimulatorHandle:
+    """A simulator running in this process; every method is safe to call from any thread."""
+
+    def __init__(self, engine: Engine, server: uvicorn.Server, thread: threading.Thread, url: str) -> None:
+        self.engine = engine
+        self.url = url
+        self.ca_file: Path | None = None
+        self._server = server
+        self._thread = thread
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.engine.loop).result(timeout)
+
+    def ledger(self) -> dict[str, Any]:
+        """The ledger snapshot (same JSON as ``GET /_sim/ledger``)."""
+
+        async def snap() -> dict[str, Any]:
+            out = self.engine.ledger.snapshot()
+            out["webhooks"] = [d.as_dict() for d in self.engine.deliveries]
+            out["faults"] = self.engine.faults.snapshot()
+            out["encode_seconds"] = list(self.engine.videos.encode_seconds)
+            return out
+
+        return self._call(snap())
+
+    def set_faults(
+        self, faults: dict[str, Any] | None = None, *, replace: bool = False, **kinds: Any
+    ) -> None:
+        """Add fault rules: ``set_faults(submit_429={"next": 2})`` or ``set_faults({...})``."""
+        self.engine.faults.set({**(faults or {}), **kinds}, replace=replace)
+
+    def clear_faults(self) -> None:
+        """Remove every fault rule."""
+        self.engine.faults.clear()
+
+    def update_options(self, **changes: Any) -> None:
+        """Change options at runtime, e.g. ``update_options(concurrency_limit=5)``."""
+
+        async def apply() -> None:
+            self.engine.update_options(changes)
+
+        self._call(apply())
+
+    def reset(self) -> None:
+        """Forget all requests, files, deliveries and faults; start a fresh ledger."""
+        self._call(self.engine.reset())
+
+    def jwks(self) -> dict[str, Any]:
+        """The webhook-signing JWKS."""
+        return self.engine.signer.jwks()
+
+    def stop(self) -> None:
+        """Shut the server down and wait for its thread."""
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def running_simulator(
+    options: SimulatorOptions | None = None,
+    port: int = 0,
+    *,
+    host: str = "127.0.0.1",
+    tls: bool = False,
+) -> Iterator[SimulatorHandle]:
+    """Run the simulator in a background thread for the duration of the ``with`` block."""
+    with tempfile.TemporaryDirectory(prefix="wanbatch-sim-tls-") as tmp:
+        certfile = keyfile = None
+        if tls:
+            certfile, keyfile = make_self_signed(Path(tmp), host)
+        sock = _bind(host, port)
+        url = _base_url(sock, host, tls)
+        engine = Engine(options)
+        server = _server(engine, sock, url, certfile, keyfile)
+        thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="fal-simulator", daemon=True
+        )
+        thread.start()
+        deadline = time.monotonic() + 15
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                sock.close()
+                raise RuntimeError("the fal simulator did not start")
+            time.sleep(0.01)
+        handle = SimulatorHandle(engine, server, thread, engine.options.public_url or url)
+        handle.ca_file = certfile
+        try:
+            yield handle
+        finally:
+            handle.stop()
+            sock.close()

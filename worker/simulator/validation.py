@@ -1,0 +1,159 @@
+"""The simulated model's input validation: the registry's schema, judged by pydantic as fal's apps do.
+
+fal apps declare their input as pydantic models behind FastAPI, so an invalid input comes back
+as FastAPI's 422 body: ``{"detail": [{"loc": ["body", field], "msg", "type", "input", "ctx"?,
+"url"}]}``. Building a real pydantic model from the registry's :class:`FieldSpec` list gives
+exactly those messages and types ("Field required", "Input should be less than or equal to
+100", "Input should be '480p' or '720p'", …) instead of a hand-written imitation.
+
+Media fields get one more check the model would do while downloading: a data URI must decode,
+and a URL on the simulator's own host must name a stored file. Other http(s) URLs are accepted
+without fetching (there is no internet here).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, Literal, cast
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from jobs.endpoints import EndpointSpec, FieldSpec, FieldType, get_endpoint
+
+_DATA_URI = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.S
+)
+
+
+def _annotation(spec: FieldSpec) -> Any:
+    if spec.enum is not None:
+        return Literal[tuple(spec.enum)]
+    return {
+        FieldType.STRING: str,
+        FieldType.INTEGER: int,
+        FieldType.NUMBER: float,
+        FieldType.BOOLEAN: bool,
+        FieldType.IMAGE: str,
+        FieldType.AUDIO: str,
+    }[spec.type]
+
+
+@lru_cache(maxsize=32)
+def input_model(endpoint_id: str, extra: str = "ignore") -> type[BaseModel]:
+    """A pydantic model of ``endpoint_id``'s input, as the fal app would declare it."""
+    spec = get_endpoint(endpoint_id)
+    definitions: dict[str, Any] = {}
+    for fld in spec.fields:
+        constraints: dict[str, Any] = {}
+        if fld.minimum is not None:
+            constraints["ge"] = fld.minimum
+        if fld.maximum is not None:
+            constraints["le"] = fld.maximum
+        if fld.max_length is not None:
+            constraints["max_length"] = fld.max_length
+        annotation = _annotation(fld)
+        if fld.required:
+            definitions[fld.name] = (annotation, Field(..., **constraints))
+        else:
+            definitions[fld.name] = (annotation | None, Field(fld.default, **constraints))
+    config = ConfigDict(extra=cast(Literal["ignore", "forbid"], extra))
+    name = "Input_" + re.sub(r"\W", "_", endpoint_id)
+    return create_model(name, __config__=config, **definitions)
+
+
+def _error(loc: list[str | int], msg: str, type_: str, value: Any) -> dict[str, Any]:
+    return {"loc": ["body", *loc], "msg": msg, "type": type_, "input": value}
+
+
+def validate_input(
+    spec: EndpointSpec,
+    payload: Any,
+    *,
+    extra: str = "ignore",
+    local_file_exists: Callable[[str], bool | None] | None = None,
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """``(resolved input with defaults, [])`` when valid, else ``(None, FastAPI detail list)``.
+
+    ``local_file_exists(url)`` answers True/False for a URL the simulator itself serves and None
+    for any other URL (accepted unfetched); pass no callable to skip the check.
+    """
+    if not isinstance(payload, dict):
+        return None, [
+            {
+                "loc": ["body"],
+                "msg": "Input should be a valid dictionary or object to extract fields from",
+                "type": "model_attributes_type",
+                "input": payload,
+            }
+        ]
+    model = input_model(spec.id, extra)
+    try:
+        resolved = model.model_validate(payload).model_dump()
+    except ValidationError as exc:
+        detail = []
+        for err in exc.errors(include_url=True):
+            item: dict[str, Any] = {
+                "loc": ["body", *err["loc"]],
+                "msg": err["msg"],
+                "type": err["type"],
+                "input": err.get("input"),
+            }
+            if "ctx" in err:
+                item["ctx"] = {k: _jsonable(v) for k, v in err["ctx"].items()}
+            if "url" in err:
+                item["url"] = err["url"]
+            detail.append(item)
+        return None, detail
+    media_errors = []
+    for fld in spec.media_fields:
+        value = resolved.get(fld.name)
+        if value is None:
+            continue
+        problem = _media_problem(str(value), local_file_exists)
+        if problem is not None:
+            media_errors.append(_error([fld.name], problem[0], problem[1], value))
+    if media_errors:
+        return None, media_errors
+    return resolved, []
+
+
+def _media_problem(
+    url: str, local_file_exists: Callable[[str], bool | None] | None
+) -> tuple[str, str] | None:
+    if url.startswith("data:"):
+        match = _DATA_URI.match(url)
+        if match is None:
+            return "Failed to decode the data URI: expected data:<mime>;base64,<data>", "file_download_error"
+        try:
+            base64.b64decode(match.group("data"), validate=True)
+        except (binascii.Error, ValueError):
+            return "Failed to decode the data URI: invalid base64", "file_download_error"
+        return None
+    if url.startswith(("http://", "https://")):
+        if local_file_exists is not None and local_file_exists(url) is False:
+            return f"Failed to download the file from {url}: 404 Not Found", "file_download_error"
+        return None
+    return f"Failed to download the file from {url!r}: not an http(s) URL or data URI", "file_download_error"
+
+
+def decode_data_uri(url: str) -> bytes | None:
+    """The bytes of a base64 data URI, or None when ``url`` is not one."""
+    match = _DATA_URI.match(url)
+    if match is None:
+        return None
+    try:
+        return base64.b64decode(match.group("data"), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, str | int | float | bool | type(None)):
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return str(value)
