@@ -13,6 +13,7 @@ import pytest
 
 from jobs.errors import AccountLockedError, FinalProviderError, RetryableProviderError, UsageError
 from worker.fal import (
+    DownloadIntegrityError,
     FalClient,
     FalStorage,
     MediaPreparer,
@@ -235,9 +236,9 @@ def test_download_follows_checked_redirects(tmp_path: Path) -> None:
     assert result.size == len(VIDEO)
 
 
-def test_download_content_length_mismatch_is_final_and_leaves_nothing(tmp_path: Path) -> None:
+def test_download_content_length_mismatch_is_retryable_and_leaves_nothing(tmp_path: Path) -> None:
     dest = tmp_path / "o.mp4"
-    with pytest.raises(FinalProviderError, match="size mismatch"):
+    with pytest.raises(DownloadIntegrityError, match="size mismatch"):
         download("https://cdn.test/f.mp4", dest, expected_size=999, max_bytes=1 << 20, client=cdn())
     assert leftovers(tmp_path) == []
 
@@ -247,7 +248,7 @@ def test_download_short_body_without_length_is_retryable(tmp_path: Path) -> None
         return httpx.Response(200, content=iter([VIDEO[:100]]))  # streamed: no Content-Length
 
     client = httpx.Client(transport=httpx.MockTransport(handler))
-    with pytest.raises(RetryableProviderError, match="truncated"):
+    with pytest.raises(DownloadIntegrityError, match="truncated"):
         download(
             "https://cdn.test/f.mp4",
             tmp_path / "o.mp4",
@@ -291,7 +292,7 @@ def test_download_over_cap_is_final(tmp_path: Path) -> None:
 def test_download_keeps_an_existing_final_file_on_failure(tmp_path: Path) -> None:
     dest = tmp_path / "o.mp4"
     dest.write_bytes(b"previous good copy")
-    with pytest.raises(FinalProviderError):
+    with pytest.raises(DownloadIntegrityError):
         download("https://cdn.test/f.mp4", dest, expected_size=1, max_bytes=1 << 20, client=cdn())
     assert dest.read_bytes() == b"previous good copy"
     assert leftovers(tmp_path) == ["o.mp4"]

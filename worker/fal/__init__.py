@@ -6,6 +6,7 @@ Knows nothing of the database. Every failure is one of the provider errors of
 
 from worker.fal.client import FalClient
 from worker.fal.errors import (
+    DownloadIntegrityError,
     RequestCancelledError,
     ResultExpiredError,
     ResultNotReadyError,
@@ -26,6 +27,7 @@ from worker.fal.storage import (
 
 __all__ = [
     "CancelOutcome",
+    "DownloadIntegrityError",
     "DownloadResult",
     "FalClient",
     "FalKeyAuth",

@@ -76,6 +76,12 @@ class RequestCancelledError(FinalProviderError):
     """The request ended because it was cancelled (``client_cancelled``/``client_disconnected``)."""
 
 
+class DownloadIntegrityError(RetryableProviderError):
+    """The downloaded bytes are not what fal described (size). Retryable: a CDN object still
+    propagating or a cut response heals; the caller's download-attempt budget decides when the
+    (already paid) output is given up on."""
+
+
 class StartTimeoutError(FinalProviderError):
     """Our ``X-Fal-Request-Start-Timeout`` expired before a runner picked the request up."""
 

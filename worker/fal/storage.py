@@ -13,10 +13,11 @@ temp file beside the destination, hash while streaming, fsync, ``os.replace``. O
 are fetched, redirects are followed by hand with every hop re-checked, and an optional host
 allow-list (``*.fal.media``) narrows it further (SSRF, reliability-notes §5.3).
 
-Size-mismatch policy: if the server's own ``Content-Length`` disagrees with the provider's
-``file_size`` the file is complete but not the one described — downloading again would fetch the
-same bytes, so that is :class:`FinalProviderError`. A body shorter or longer than announced while
-streaming (a cut connection) is :class:`RetryableProviderError`. Going over ``max_bytes`` is final.
+Size-mismatch policy: the output was already paid for, so a size that differs from fal's
+``file_size`` (announced by ``Content-Length`` or counted while streaming) raises
+:class:`~worker.fal.errors.DownloadIntegrityError`, which is *retryable* — a CDN object that is
+still propagating or a cut response heals on a later try, and the caller's bounded download
+attempts decide when to give up. Only going over ``max_bytes`` (or a refused URL) is final.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import httpx
 
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
 from worker.fal.client import FalClient
-from worker.fal.errors import classify_poll, translate_transport
+from worker.fal.errors import DownloadIntegrityError, classify_poll, translate_transport
 from worker.fal.models import DownloadResult
 
 STORAGE_TYPE = "fal-cdn-v3"
@@ -252,7 +253,7 @@ def download(
             fh.flush()
             os.fsync(fh.fileno())
         if expected_size is not None and size != expected_size:
-            raise RetryableProviderError(
+            raise DownloadIntegrityError(
                 f"download truncated or padded: got {size} bytes, expected {expected_size}"
             )
         tmp.replace(dest)
@@ -293,7 +294,7 @@ def _stream_into(
                             f"download refused: {announced} bytes is over the {max_bytes} cap"
                         )
                     if expected_size is not None and announced != expected_size:
-                        raise FinalProviderError(
+                        raise DownloadIntegrityError(
                             f"download size mismatch: the server has {announced} bytes, "
                             f"fal described {expected_size}"
                         )
