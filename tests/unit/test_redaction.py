@@ -21,6 +21,7 @@ from worker.fal import (
     RetryPolicy,
     install_redaction,
     redact_text,
+    uninstall_redaction,
 )
 
 KEY = "7d3f9a10-aaaa-bbbb-cccc-ddddeeeeffff:5e1f2a3b4c5d6e7f8091a2b3c4d5e6f7"
@@ -79,6 +80,15 @@ def server() -> Iterator[str]:
         httpd.server_close()
 
 
+@pytest.fixture
+def redaction() -> Iterator[None]:
+    install_redaction(KEY)
+    try:
+        yield
+    finally:
+        uninstall_redaction()
+
+
 def all_text(err: BaseException) -> str:
     """Every rendering of an exception and its chain a log or a user could ever see."""
     parts = ["".join(traceback.format_exception(err))]
@@ -92,8 +102,8 @@ def all_text(err: BaseException) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.usefixtures("redaction")
 def test_no_key_in_logs_errors_or_reprs(server: str, caplog: pytest.LogCaptureFixture) -> None:
-    install_redaction(KEY)
     caplog.set_level(logging.DEBUG)
     for name in ("httpx", "httpcore", "worker", "hpack"):
         logging.getLogger(name).setLevel(logging.DEBUG)
@@ -160,3 +170,15 @@ def test_auth_repr_hides_key() -> None:
     auth = FalKeyAuth(KEY, ["https://queue.fal.run"])
     assert KEY not in repr(auth)
     assert SECRET_PART not in repr(auth)
+
+
+def test_uninstall_restores_plain_records() -> None:
+    before = logging.getLogRecordFactory()
+    install_redaction("temporary-secret-value")
+    assert logging.getLogRecordFactory() is not before
+    uninstall_redaction()
+    assert logging.getLogRecordFactory() is before
+    record = logging.getLogger("x").makeRecord(
+        "x", logging.INFO, __file__, 1, "v=%s", ("temporary-secret-value",), None
+    )
+    assert record.args == ("temporary-secret-value",)

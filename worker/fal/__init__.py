@@ -14,7 +14,7 @@ from worker.fal.errors import (
 )
 from worker.fal.http import FalKeyAuth, RetryPolicy
 from worker.fal.models import CancelOutcome, DownloadResult, RequestHandle, Status, Submitted
-from worker.fal.redact import KeyRedactionFilter, install_redaction, redact_text
+from worker.fal.redact import KeyRedactionFilter, install_redaction, redact_text, uninstall_redaction
 from worker.fal.storage import (
     FalStorage,
     MediaPreparer,
@@ -49,4 +49,5 @@ __all__ = [
     "redact_text",
     "safe_output_name",
     "to_data_uri",
+    "uninstall_redaction",
 ]

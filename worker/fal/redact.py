@@ -18,7 +18,7 @@ import logging
 import re
 import threading
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 MASK = "***"
@@ -34,7 +34,7 @@ _KEY_SHAPE = re.compile(r"\b(?P<scheme>Key|Bearer)\s+[0-9A-Za-z_-]{8,}:[0-9A-Za-
 
 _lock = threading.Lock()
 _keys: set[str] = set()
-_factory_installed = False
+_previous_factory: Callable[..., logging.LogRecord] | None = None
 
 
 def redact_text(text: str, keys: Iterable[str] = ()) -> str:
@@ -87,7 +87,7 @@ def install_redaction(key: str | None) -> KeyRedactionFilter:
 
     Idempotent: calling it again with another key adds that key too.
     """
-    global _factory_installed
+    global _previous_factory
     with _lock:
         if key:
             _keys.add(key)
@@ -98,8 +98,8 @@ def install_redaction(key: str | None) -> KeyRedactionFilter:
         for handler in root.handlers:
             if not any(isinstance(f, KeyRedactionFilter) for f in handler.filters):
                 handler.addFilter(flt)
-        if not _factory_installed:
-            previous = logging.getLogRecordFactory()
+        if _previous_factory is None:
+            previous = _previous_factory = logging.getLogRecordFactory()
 
             def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
                 record = previous(*args, **kwargs)
@@ -107,5 +107,18 @@ def install_redaction(key: str | None) -> KeyRedactionFilter:
                 return record
 
             logging.setLogRecordFactory(factory)
-            _factory_installed = True
     return flt
+
+
+def uninstall_redaction() -> None:
+    """Undo :func:`install_redaction` (for tests that must leave logging as they found it)."""
+    global _previous_factory
+    with _lock:
+        _keys.clear()
+        root = logging.getLogger()
+        for holder in (root, *root.handlers):
+            for flt in [f for f in holder.filters if isinstance(f, KeyRedactionFilter)]:
+                holder.removeFilter(flt)
+        if _previous_factory is not None:
+            logging.setLogRecordFactory(_previous_factory)
+            _previous_factory = None
