@@ -151,7 +151,6 @@ class Manifest:
         combos = self._combos()
         digests: dict[str, str | None] = {}
         for raw in self._raw_items(sink):
-            errors_before = _error_count(sink) if issues is None else 0
             for job in self._expand(raw, combos, sink, digests):
                 first = seen.get(job.key)
                 if first is not None:
@@ -171,8 +170,10 @@ class Manifest:
                     continue
                 seen[job.key] = (job.item_index, job.source, job.line)
                 yield job
-            if issues is None and _error_count(sink) > errors_before:
+            if issues is None and _error_count(sink):
                 raise ManifestError(sink)
+        if issues is None and _error_count(sink):
+            raise ManifestError(sink)
 
     # -- expansion -------------------------------------------------------------------------
 
@@ -686,7 +687,7 @@ def _parse_matrix(root: LMap, manifest: Manifest, top: Any) -> None:
 
 def _parse_items(root: LMap, manifest: Manifest, top: Any) -> None:
     items = root.get("items")
-    if isinstance(items, LList):
+    if isinstance(items, LList) and items:
         manifest.items = items
     elif items is not None:
         top(
@@ -722,7 +723,7 @@ def _parse_items(root: LMap, manifest: Manifest, top: Any) -> None:
             else:
                 manifest.items_from = resolved
                 manifest.items_from_display = str(Path(manifest.display).parent / source)
-    if not manifest.items and manifest.items_from is None and "items_from" not in root:
+    if not manifest.items and source is None and (items is None or isinstance(items, LList)):
         top(
             "the manifest has no items: add 'items:' (a list) or 'items_from:' (a JSONL/CSV file)",
             root.lines.get("items", root.line),

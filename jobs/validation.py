@@ -120,6 +120,10 @@ def check_value(fld: FieldSpec, value: Any) -> list[FieldProblem]:
 
 def _check_string(fld: FieldSpec, value: Any) -> list[FieldProblem]:
     if not isinstance(value, str):
+        if fld.enum is not None and isinstance(value, int | float) and not isinstance(value, bool):
+            return [
+                FieldProblem(fld.name, f"{value!r} is not one of the allowed values", value, fld.allowed())
+            ]
         return [_wrong_type(fld, value, "text")]
     if fld.enum is not None:
         if value not in fld.enum:

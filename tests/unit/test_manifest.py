@@ -1,0 +1,461 @@
+"""The manifest loader: line-aware safe YAML, resolution order, matrix, items_from, job keys."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from jobs.errors import ManifestError
+from jobs.manifest import (
+    JobSpec,
+    iter_valid_jobs,
+    load_manifest,
+    validate_manifest,
+)
+from jobs.pricing import estimate_job
+from jobs.yaml_lines import YamlProblem, load_located
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    Image.new("RGB", (480, 480), (100, 150, 200)).save(tmp_path / "a.png")
+    Image.new("RGB", (640, 360), (200, 150, 100)).save(tmp_path / "b.jpg")
+    return tmp_path
+
+
+def write(folder: Path, text: str, name: str = "m.yaml") -> Path:
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def jobs_of(path: Path) -> list[JobSpec]:
+    return list(load_manifest(path).jobs())
+
+
+# -- examples ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_example_validates_cleanly(path: Path) -> None:
+    report = validate_manifest(path)
+    assert report.ok, [str(i) for i in report.issues]
+    assert report.issues == []
+    assert report.job_count > 0
+
+
+def test_there_is_an_example_per_endpoint() -> None:
+    from jobs.endpoints import known_endpoint_ids
+
+    used = {job.endpoint for path in EXAMPLES.glob("*.yaml") for job in jobs_of(path)}
+    assert used == set(known_endpoint_ids())
+
+
+def test_seed_resolution_sweep_is_six_jobs_for_180_dollars() -> None:
+    jobs = jobs_of(EXAMPLES / "seed-resolution-sweep.yaml")
+    assert len(jobs) == 6
+    assert {(j.input["seed"], j.input["resolution"]) for j in jobs} == {
+        (s, r) for s in (1, 2, 3) for r in ("480p", "720p")
+    }
+    estimates = [estimate_job(j.endpoint, j.input) for j in jobs]
+    assert sum(e.billing_units for e in estimates) == Decimal("4.5")
+    assert sum(e.usd for e in estimates) == Decimal("1.80")
+
+
+def test_quickstart_is_three_cheap_jobs() -> None:
+    jobs = jobs_of(EXAMPLES / "quickstart.yaml")
+    assert len(jobs) == 3
+    assert all(j.input.get("resolution") == "480p" for j in jobs)
+
+
+def test_dataset_streams_1000_prompts_from_jsonl() -> None:
+    jobs = jobs_of(EXAMPLES / "dataset.yaml")
+    assert len(jobs) == 1000
+    assert len({j.input["prompt"] + str(j.input["seed"]) for j in jobs}) == 1000
+    assert jobs[0].source.endswith("prompts.jsonl")
+    assert jobs[0].line == 1
+    assert jobs[999].item_index == 999
+    assert jobs[999].line == 1000
+
+
+# -- top level -------------------------------------------------------------------------------------
+
+
+def test_top_level_fields_are_parsed(folder: Path) -> None:
+    path = write(
+        folder,
+        "name: demo\ndescription: d\nendpoint: fal-ai/wan-22\n"
+        "items:\n  - prompt: hi\nbudget:\n  max_usd: 12.5\n",
+    )
+    manifest = load_manifest(path)
+    assert manifest.name == "demo"
+    assert manifest.description == "d"
+    assert manifest.endpoint == "fal-ai/wan-22"
+    assert manifest.budget_max_usd == Decimal("12.5")
+    assert len(manifest.sha256) == 64
+    assert manifest.path.is_absolute()
+
+
+def test_load_manifest_raises_manifest_error_with_located_issues(folder: Path) -> None:
+    path = write(folder, "endpoint: fal-ai/wan-22\nitems:\n  - prompt: hi\nbudgett: {}\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    texts = [str(i) for i in caught.value.issues]
+    assert any("'name'" in t and "m.yaml:1" in t for t in texts)
+    assert any("did you mean 'budget'" in t and "m.yaml:4" in t for t in texts)
+    assert caught.value.exit_code == 2
+
+
+def test_missing_file_is_an_issue_not_a_traceback(tmp_path: Path) -> None:
+    report = validate_manifest(tmp_path / "nope.yaml")
+    assert not report.ok
+    assert report.manifest is None
+    assert "not found" in str(report.issues[0])
+
+
+def test_empty_file_is_refused(folder: Path) -> None:
+    report = validate_manifest(write(folder, "# only a comment\n"))
+    assert not report.ok
+    assert "must be a mapping" in str(report.errors[0])
+
+
+def test_non_utf8_is_refused_with_a_line(folder: Path) -> None:
+    path = folder / "m.yaml"
+    path.write_bytes(b"name: x\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: caf\xe9\n")
+    report = validate_manifest(path)
+    assert "m.yaml:4" in str(report.errors[0])
+    assert "UTF-8" in str(report.errors[0])
+
+
+def test_all_issues_are_collected_in_one_pass(folder: Path) -> None:
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-i2v\nitems:\n"
+        "  - prompt: a\n    image_url: a.png\n    num_frames: 5\n"
+        "  - prompt: b\n    image_url: missing.png\n"
+        "  - promt: c\n    image_url: a.png\n",
+    )
+    report = validate_manifest(path)
+    items = sorted({i.item for i in report.errors})
+    assert items == [0, 1, 2]
+    assert [i.line for i in report.issues] == sorted(i.line or 0 for i in report.issues)
+    assert report.job_count == 3
+
+
+# -- resolution ------------------------------------------------------------------------------------
+
+
+def test_defaults_then_item_then_matrix(folder: Path) -> None:
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-i2v\n"
+        "defaults: {resolution: 720p, num_frames: 90, seed: 1}\n"
+        "matrix:\n  seed: [7, 8]\n"
+        "items:\n  - prompt: p\n    image_url: a.png\n    num_frames: 81\n    seed: 5\n",
+    )
+    report = validate_manifest(path)
+    assert report.ok
+    warnings = report.warnings
+    assert len(warnings) == 1
+    assert "matrix" in warnings[0].message
+    assert warnings[0].field == "seed"
+    jobs = jobs_of(path)
+    assert [j.input["seed"] for j in jobs] == [7, 8]
+    assert all(j.input["num_frames"] == 81 and j.input["resolution"] == "720p" for j in jobs)
+    assert [j.matrix for j in jobs] == [{"seed": 7}, {"seed": 8}]
+
+
+def test_endpoint_defaults_are_not_injected(folder: Path) -> None:
+    path = write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: hi\n")
+    (job,) = jobs_of(path)
+    assert job.input == {"prompt": "hi"}
+
+
+def test_null_unsets_a_default(folder: Path) -> None:
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-22\ndefaults: {seed: 3}\nitems:\n  - prompt: hi\n    seed: null\n",
+    )
+    (job,) = jobs_of(path)
+    assert "seed" not in job.input
+
+
+def test_matrix_is_a_cartesian_product_over_every_item(folder: Path) -> None:
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-i2v\nmatrix:\n  seed: [1, 2, 3]\n  resolution: [480p, 720p]\n"
+        "items:\n  - {prompt: a, image_url: a.png}\n  - {prompt: b, image_url: b.jpg}\n",
+    )
+    jobs = jobs_of(path)
+    assert len(jobs) == 12
+    assert [j.item_index for j in jobs] == [0] * 6 + [1] * 6
+    assert len({j.key for j in jobs}) == 12
+
+
+def test_int_is_accepted_for_numeric_text_enum(folder: Path) -> None:
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-25-preview/image-to-video\n"
+        "items:\n  - {prompt: a, image_url: a.png, duration: 10}\n",
+    )
+    assert validate_manifest(path).ok
+    (job,) = jobs_of(path)
+    assert job.input["duration"] == "10"
+
+
+def test_base60_looking_values_stay_text(folder: Path) -> None:
+    path = write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: a\n    aspect_ratio: 16:9\n")
+    assert validate_manifest(path).ok
+    assert jobs_of(path)[0].input["aspect_ratio"] == "16:9"
+
+
+def test_local_media_becomes_absolute(folder: Path) -> None:
+    (folder / "sub").mkdir()
+    shutil.copy(folder / "a.png", folder / "sub" / "c.png")
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-i2v\nitems:\n"
+        "  - {prompt: a, image_url: sub/c.png}\n  - {prompt: b, image_url: 'https://example.com/x.png'}\n",
+    )
+    jobs = jobs_of(path)
+    assert jobs[0].input["image_url"] == str((folder / "sub" / "c.png").resolve())
+    assert jobs[1].input["image_url"] == "https://example.com/x.png"
+
+
+def test_per_item_endpoint_override(folder: Path) -> None:
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: a\n"
+        "  - endpoint: fal-ai/wan-flf2v\n    prompt: b\n"
+        "    start_image_url: a.png\n    end_image_url: b.jpg\n",
+    )
+    assert validate_manifest(path).ok
+    assert [j.endpoint for j in jobs_of(path)] == ["fal-ai/wan-22", "fal-ai/wan-flf2v"]
+    assert "endpoint" not in jobs_of(path)[1].input
+
+
+def test_items_need_no_top_level_endpoint_when_each_names_one(folder: Path) -> None:
+    path = write(folder, "name: x\nitems:\n  - {endpoint: fal-ai/wan-22, prompt: a}\n")
+    assert validate_manifest(path).ok
+
+
+def test_merge_keys_work(folder: Path) -> None:
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-22\nbase: &b {resolution: 480p, seed: 1}\n"
+        "items:\n  - {<<: *b, prompt: a, seed: 2}\n",
+    )
+    report = validate_manifest(path)
+    assert any("unknown top-level key 'base'" in str(i) for i in report.errors)
+    (job,) = load_manifest(write(folder, path.read_text().replace("base:", "defaults:"), "n.yaml")).jobs()
+    assert job.input == {"resolution": "480p", "seed": 2, "prompt": "a"}
+
+
+# -- job keys ------------------------------------------------------------------------------------
+
+
+def test_keys_are_deterministic_and_content_addressed(folder: Path) -> None:
+    text = "name: x\nendpoint: fal-ai/wan-i2v\nitems:\n  - {prompt: a, image_url: a.png, seed: 1}\n"
+    first = jobs_of(write(folder, text))[0].key
+    assert jobs_of(write(folder, text, "again.yaml"))[0].key == first
+
+    moved = folder / "moved"
+    moved.mkdir()
+    shutil.copy(folder / "a.png", moved / "a.png")
+    assert jobs_of(write(moved, text))[0].key == first  # same bytes elsewhere: same key
+
+    Image.new("RGB", (480, 480), (1, 2, 3)).save(moved / "a.png")
+    assert jobs_of(write(moved, text, "changed.yaml"))[0].key != first  # new bytes: new key
+
+    other = text.replace("seed: 1", "seed: 2")
+    assert jobs_of(write(folder, other, "other.yaml"))[0].key != first
+
+
+def test_key_ignores_key_order(folder: Path) -> None:
+    a = jobs_of(write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems:\n  - {prompt: a, seed: 1}\n"))[0]
+    b = jobs_of(
+        write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems:\n  - {seed: 1, prompt: a}\n", "b.yaml")
+    )[0]
+    assert a.key == b.key
+    assert len(a.key) == 64
+
+
+def test_identical_jobs_collapse_with_a_warning(folder: Path) -> None:
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-22\nitems:\n"
+        "  - {prompt: a, seed: 1}\n  - {prompt: b}\n  - {seed: 1, prompt: a}\n",
+    )
+    report = validate_manifest(path)
+    assert report.ok
+    assert report.job_count == 2
+    (warning,) = report.warnings
+    assert warning.item == 2
+    assert "item 0" in warning.message
+    assert "m.yaml:6" in str(warning)
+    assert [j.item_index for j in jobs_of(path)] == [0, 1]
+
+
+# -- items_from ----------------------------------------------------------------------------------
+
+
+def test_items_from_jsonl_continues_indices_and_reports_its_own_lines(folder: Path) -> None:
+    (folder / "data").mkdir()
+    shutil.copy(folder / "a.png", folder / "data" / "local.png")
+    (folder / "data" / "rows.jsonl").write_text(
+        json.dumps({"prompt": "r1", "image_url": "local.png"})
+        + "\n\n"
+        + json.dumps({"prompt": "r2", "image_url": "local.png", "num_frames": 500})
+        + "\n"
+    )
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-i2v\nitems:\n"
+        "  - {prompt: a, image_url: a.png}\nitems_from: data/rows.jsonl\n",
+    )
+    jobs = jobs_of(path)
+    assert [j.item_index for j in jobs] == [0, 1, 2]
+    assert [j.line for j in jobs] == [4, 1, 3]
+    assert jobs[1].input["image_url"] == str(
+        (folder / "data" / "local.png").resolve()
+    )  # relative to the JSONL
+    (error,) = validate_manifest(path).errors
+    assert error.item == 2
+    assert error.line == 3
+    assert error.field == "num_frames"
+    assert "rows.jsonl:3" in str(error)
+
+
+def test_items_from_is_read_lazily_and_streamed(folder: Path) -> None:
+    rows = folder / "rows.jsonl"
+    rows.write_text("this is not JSON\n")
+    manifest = load_manifest(write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.jsonl\n"))
+    rows.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(3)))  # loading read nothing
+    stream = manifest.jobs()
+    assert not isinstance(stream, list)
+    assert next(stream).input == {"prompt": "p0"}
+    assert [j.input["prompt"] for j in stream] == ["p1", "p2"]
+
+
+def test_jsonl_duplicate_keys_are_refused(folder: Path) -> None:
+    (folder / "rows.jsonl").write_text('{"prompt": "a", "prompt": "b"}\n')
+    report = validate_manifest(write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.jsonl\n"))
+    assert "duplicate key 'prompt'" in str(report.errors[0])
+    assert "rows.jsonl:1" in str(report.errors[0])
+
+
+def test_csv_cells_are_coerced_by_field_type(folder: Path) -> None:
+    (folder / "rows.csv").write_text(
+        "prompt,num_frames,guidance_scale,enable_prompt_expansion,seed,aspect_ratio\n"
+        "a,81,4.5,true,,16:9\n"
+        '"multi\nline",100,5,no,7,\n'
+    )
+    path = write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.csv\n")
+    assert validate_manifest(path).ok
+    first, second = jobs_of(path)
+    assert first.input == {
+        "prompt": "a",
+        "num_frames": 81,
+        "guidance_scale": 4.5,
+        "enable_prompt_expansion": True,
+        "aspect_ratio": "16:9",
+    }
+    assert second.input["enable_prompt_expansion"] is False
+    assert second.input["seed"] == 7
+    assert (first.line, second.line) == (2, 3)
+
+
+def test_csv_extra_cells_are_refused(folder: Path) -> None:
+    (folder / "rows.csv").write_text("prompt\na,b\n")
+    report = validate_manifest(write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.csv\n"))
+    assert "rows.csv:2" in str(report.errors[0])
+    assert "item 0" in str(report.errors[0])
+
+
+# -- hostile YAML --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "phrase"),
+    [
+        ("a: !!python/object/apply:os.system ['true']\n", "python/object"),
+        ("a: !!binary aGk=\n", "binary"),
+        ("a: &x [*x]\n", "self-referencing"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nesting"),
+        ("- " * 300 + "x\n", "nesting"),
+        ("a: 1\n---\nb: 2\n", "single document"),
+        ("{1: x}\n", "keys must be text"),
+    ],
+)
+def test_hostile_yaml_is_refused_with_a_message(text: str, phrase: str) -> None:
+    with pytest.raises(YamlProblem) as caught:
+        load_located(text)
+    assert phrase in caught.value.message
+
+
+def test_billion_laughs_is_refused_fast() -> None:
+    levels = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, cur in zip("abcdefgh", "bcdefghi", strict=True):
+        levels.append(f"{cur}: &{cur} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    started = time.monotonic()
+    with pytest.raises(YamlProblem, match="alias"):
+        load_located("\n".join(levels) + "\n")
+    assert time.monotonic() - started < 2
+
+
+def test_modest_alias_use_is_fine() -> None:
+    value, duplicates = load_located("d: &d {x: 1}\nitems: [*d, *d, *d]\n")
+    assert value["items"] == [{"x": 1}] * 3
+    assert duplicates == []
+
+
+def test_lines_are_kept() -> None:
+    value, _ = load_located("a: 1\nb:\n  - x\n  - y\nc:\n  k: v\n")
+    assert value.lines == {"a": 1, "b": 3, "c": 6}
+    assert value.key_lines == {"a": 1, "b": 2, "c": 5}
+    assert value["b"].lines == [3, 4]
+
+
+def test_duplicate_keys_name_both_lines(folder: Path) -> None:
+    report = validate_manifest(
+        write(folder, "name: x\nendpoint: fal-ai/wan-22\nname: y\nitems: [{prompt: a}]\n")
+    )
+    (error,) = report.errors
+    assert "first at line 1, again at line 3" in error.message
+    assert error.line == 3
+
+
+# -- performance -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_100k_items_from_validates_quickly(folder: Path) -> None:
+    with (folder / "rows.jsonl").open("w") as fh:
+        for i in range(100_000):
+            fh.write(json.dumps({"prompt": f"prompt {i}", "seed": i, "image_url": "b.jpg"}) + "\n")
+    path = write(
+        folder, "name: big\nendpoint: fal-ai/wan-i2v\ndefaults: {resolution: 480p}\nitems_from: rows.jsonl\n"
+    )
+    started = time.monotonic()
+    report = validate_manifest(path)
+    count = sum(1 for _ in iter_valid_jobs(path))
+    elapsed = time.monotonic() - started
+    assert report.ok
+    assert report.job_count == 100_000
+    assert count == 100_000
+    assert elapsed < 15, f"validate + expand took {elapsed:.1f}s"
+
+
+def test_iter_valid_jobs_refuses_an_invalid_manifest(folder: Path) -> None:
+    path = write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems: [{prompt: a}, {prompt: b, seed: x}]\n")
+    with pytest.raises(ManifestError) as caught:
+        list(iter_valid_jobs(path))
+    assert any("item 1" in str(i) and "'seed'" in str(i) for i in caught.value.issues)
