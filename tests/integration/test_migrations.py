@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -15,12 +15,14 @@ from jobs.models import Base
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def empty_engine(request: pytest.FixtureRequest, tmp_path: Any, new_pg_database: Callable[[], str]) -> Engine:
+def empty_engine(
+    request: pytest.FixtureRequest, tmp_path: Any, new_pg_database: Callable[[], str]
+) -> Iterator[Engine]:
     """An engine on a brand-new, empty database (migration tests must not share one)."""
     url = f"sqlite:///{tmp_path / 'm.db'}" if request.param == "sqlite" else new_pg_database()
     engine = make_engine(url)
-    request.addfinalizer(engine.dispose)
-    return engine
+    yield engine
+    engine.dispose()
 
 
 def drift(engine: Engine, metadata: MetaData = Base.metadata) -> list[Any]:

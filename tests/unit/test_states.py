@@ -34,7 +34,7 @@ def test_table_covers_every_state() -> None:
 
 
 def test_terminal_states_are_exactly_those_without_exits() -> None:
-    assert TERMINAL_STATES == {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+    assert {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED} == TERMINAL_STATES
     assert {s for s, targets in ALLOWED_TRANSITIONS.items() if not targets} == TERMINAL_STATES
     for state in JobState:
         assert state.terminal == (state in TERMINAL_STATES)

@@ -1,0 +1,624 @@
+"""Every query wanbatch makes: batches, jobs, claims, transitions, money, uploads.
+
+This is the only module that builds SQL (connection plumbing lives in :mod:`jobs.db`, whose
+``make_engine``, ``migrate`` and ``session_scope`` are re-exported here so callers need one
+import). Nothing here commits: the caller's unit of work (``session_scope``) does, so a step's
+state change, its event row and any claim land together or not at all.
+
+Three rules make concurrent workers safe (``reliability-notes.md`` §2.4, §2.5):
+
+* :func:`transition` is the only way a job changes state. It is a compare-and-set on the
+  expected state (and, when given, the expected ``version``): a late, duplicate or zombie worker
+  matches 0 rows and gets ``False`` instead of overwriting newer progress.
+* ``version`` is the fencing token. It grows on every transition and every claim, so a worker
+  whose lease was taken over cannot write anything fenced with its old token.
+* :func:`claim_jobs` hands each due job to exactly one claimer: ``FOR UPDATE SKIP LOCKED`` on
+  PostgreSQL, and SQLite's single writer (every transaction is ``BEGIN IMMEDIATE``) there.
+
+Job creation writes no event row: the job row itself (``created_at``, ``version`` 0, state
+``pending``) records it. That keeps :func:`add_jobs` at one row per job, which is what lets a
+100,000-job manifest be stored in seconds; the history starts with the first transition.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, cast
+
+import psycopg
+from psycopg.types.json import Jsonb
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Table,
+    case,
+    column,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    table,
+    type_coerce,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from jobs.db import make_engine, migrate, session_scope
+from jobs.errors import NotFoundError
+from jobs.models import Batch, BatchState, Job, JobEvent, Money, Upload, new_id, utcnow
+from jobs.states import AT_PROVIDER_STATES, JobState, can_transition
+
+__all__ = [
+    "BatchMoney",
+    "NewJob",
+    "add_jobs",
+    "batch_money",
+    "claim_jobs",
+    "count_in_states",
+    "counts_by_state",
+    "extend_lease",
+    "find_job_by_request_id",
+    "find_upload",
+    "get_batch",
+    "get_job",
+    "get_or_create_batch",
+    "incremented",
+    "job_events",
+    "jobs_of_batch",
+    "list_batches",
+    "make_engine",
+    "migrate",
+    "record_upload",
+    "release_lease",
+    "session_scope",
+    "set_batch_state",
+    "transition",
+    "update_job_fields",
+]
+
+#: A batch id prefix must be at least this long to be accepted as a reference.
+MIN_ID_PREFIX = 6
+
+#: Columns a caller may set through :func:`transition` / :func:`update_job_fields`. Identity,
+#: state and the fencing token are managed here and nowhere else.
+_PROTECTED = frozenset({"id", "batch_id", "job_key", "state", "version", "created_at", "updated_at"})
+_SETTABLE = frozenset(Job.__table__.columns.keys()) - _PROTECTED
+
+#: States in which fal has finished the work, so the job is billed (actual cost, else estimate).
+_BILLED_STATES = frozenset({JobState.DOWNLOADING, JobState.SUCCEEDED})
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def get_or_create_batch(
+    session: Session,
+    *,
+    name: str,
+    manifest_path: str,
+    manifest_sha256: str,
+    budget_max_usd: Decimal | None,
+    parent_batch_id: str | None = None,
+) -> tuple[Batch, bool]:
+    """The batch called ``name``, creating it if needed; ``True`` when it was created now.
+
+    Race-safe: two processes submitting the same manifest at once both end up with the one row
+    the unique constraint on ``name`` lets through. An existing batch is returned unchanged.
+    """
+    existing = session.scalar(select(Batch).where(Batch.name == name))
+    if existing is not None:
+        return existing, False
+    batch = Batch(
+        id=new_id(),
+        name=name,
+        manifest_path=manifest_path,
+        manifest_sha256=manifest_sha256,
+        budget_max_usd=budget_max_usd,
+        parent_batch_id=parent_batch_id,
+        state=BatchState.ACTIVE,
+        pause_reason=None,  # set, not defaulted: bulk UPDATEs only refresh attributes already loaded
+        created_at=utcnow(),
+    )
+    try:
+        with session.begin_nested():
+            session.add(batch)
+    except IntegrityError:  # the savepoint's rollback already dropped ``batch`` from the session
+        winner = session.scalar(select(Batch).where(Batch.name == name))
+        if winner is None:  # the conflict was not on the name (e.g. a bad parent id)
+            raise
+        return winner, False
+    return batch, True
+
+
+def get_batch(session: Session, ref: str) -> Batch:
+    """A batch by full id, by name, or by a unique id prefix of at least 6 characters."""
+    ref = ref.strip()
+    found = session.get(Batch, ref) or session.scalar(select(Batch).where(Batch.name == ref))
+    if found is not None:
+        return found
+    if len(ref) >= MIN_ID_PREFIX:
+        matches = session.scalars(
+            select(Batch).where(Batch.id.startswith(ref.lower(), autoescape=True)).limit(2)
+        ).all()
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise NotFoundError(f"batch id prefix {ref!r} is ambiguous: give more characters or the name")
+    raise NotFoundError(
+        f"no batch {ref!r}: give a batch name, its id, or an id prefix of at least {MIN_ID_PREFIX} "
+        "characters (`wanbatch status` lists batches)"
+    )
+
+
+def list_batches(session: Session) -> list[Batch]:
+    """Every batch, oldest first."""
+    return list(session.scalars(select(Batch).order_by(Batch.created_at, Batch.id)))
+
+
+def set_batch_state(session: Session, batch_id: str, state: BatchState, reason: str | None = None) -> None:
+    """Pause, resume or cancel a batch. A cancelled batch stays cancelled (returns silently)."""
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state != BatchState.CANCELLED)
+        .values(state=state, pause_reason=reason)
+        .execution_options(synchronize_session="fetch")
+    )
+
+
+# --------------------------------------------------------------------------- creating jobs
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A validated, priced job ready to be stored. ``key`` identifies it within its batch."""
+
+    key: str
+    item_index: int
+    endpoint: str
+    input: dict[str, Any]
+    est_billing_units: Decimal
+    est_usd: Decimal
+
+
+def add_jobs(
+    session: Session, batch_id: str, jobs: Iterable[NewJob], *, chunk: int = 5000
+) -> tuple[int, int]:
+    """Store jobs, skipping those whose key the batch already has: ``(added, already_present)``.
+
+    ``INSERT … ON CONFLICT (batch_id, job_key) DO NOTHING`` makes resubmitting a manifest (or
+    two submitters racing) add nothing twice. Jobs are consumed ``chunk`` at a time, so memory
+    stays bounded whatever the manifest's size. On PostgreSQL each chunk is streamed with
+    ``COPY`` into a temporary table and moved over with one ``INSERT … SELECT``: several times
+    faster than multi-row INSERTs, which is what keeps a 100,000-job manifest to seconds.
+    """
+    conn = session.connection()
+    insert_chunk = _insert_chunk_pg if conn.dialect.name == "postgresql" else _insert_chunk_sqlite
+    added = present = 0
+    source = iter(jobs)
+    while block := list(itertools.islice(source, chunk)):
+        now = utcnow()
+        rows = [
+            {
+                "id": new_id(),
+                "batch_id": batch_id,
+                "job_key": job.key,
+                "item_index": job.item_index,
+                "endpoint": job.endpoint,
+                "input": job.input,
+                "state": JobState.PENDING,
+                "version": 0,
+                "attempts": 0,
+                "possible_duplicate_charges": 0,
+                "est_billing_units": job.est_billing_units,
+                "est_usd": job.est_usd,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for job in block
+        ]
+        inserted = insert_chunk(conn, rows)
+        added += inserted
+        present += len(rows) - inserted
+    return added, present
+
+
+_JOBS = cast(Table, Job.__table__)
+_NEW_JOB_COLUMNS = (
+    "id",
+    "batch_id",
+    "job_key",
+    "item_index",
+    "endpoint",
+    "input",
+    "state",
+    "version",
+    "attempts",
+    "possible_duplicate_charges",
+    "est_billing_units",
+    "est_usd",
+    "created_at",
+    "updated_at",
+)
+_STAGING = "wanbatch_new_jobs"
+
+
+def _insert_chunk_sqlite(conn: Connection, rows: list[dict[str, Any]]) -> int:
+    stmt = (
+        sqlite.insert(_JOBS)
+        .on_conflict_do_nothing(index_elements=["batch_id", "job_key"])
+        .returning(_JOBS.c.id)
+    )
+    return len(conn.execute(stmt, rows).all())
+
+
+def _insert_chunk_pg(conn: Connection, rows: list[dict[str, Any]]) -> int:
+    conn.exec_driver_sql(
+        f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE jobs INCLUDING DEFAULTS) ON COMMIT DROP"
+    )
+    conn.exec_driver_sql(f"TRUNCATE {_STAGING}")
+    money = Money()
+    dialect = conn.dialect
+    columns = ", ".join(_NEW_JOB_COLUMNS)
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, psycopg.Connection)
+    with raw.cursor() as cursor, cursor.copy(f"COPY {_STAGING} ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(
+                (
+                    row["id"],
+                    row["batch_id"],
+                    row["job_key"],
+                    row["item_index"],
+                    row["endpoint"],
+                    Jsonb(row["input"]),
+                    row["state"].value,
+                    row["version"],
+                    row["attempts"],
+                    row["possible_duplicate_charges"],
+                    money.process_bind_param(row["est_billing_units"], dialect),
+                    money.process_bind_param(row["est_usd"], dialect),
+                    row["created_at"],
+                    row["updated_at"],
+                )
+            )
+    staged = table(_STAGING, *(column(name) for name in _NEW_JOB_COLUMNS))
+    moved = conn.execute(
+        postgresql.insert(_JOBS)
+        .from_select(list(_NEW_JOB_COLUMNS), select(*staged.c))
+        .on_conflict_do_nothing(index_elements=["batch_id", "job_key"])
+        .execution_options(preserve_rowcount=True)
+    )
+    return int(moved.rowcount)
+
+
+# --------------------------------------------------------------------------- state changes
+
+
+def incremented(column: str, by: int = 1) -> ColumnElement[int]:
+    """A field value meaning "the column plus ``by``".
+
+    E.g. ``transition(…, attempts=incremented("attempts"))``.
+    The increment happens in the UPDATE itself, so it is never lost to a concurrent read.
+    """
+    if column not in _SETTABLE:
+        raise ValueError(f"cannot increment jobs.{column}")
+    return getattr(Job, column) + by  # type: ignore[no-any-return]
+
+
+def _check_fields(fields: dict[str, Any]) -> None:
+    bad = set(fields) - _SETTABLE
+    if bad:
+        raise ValueError(f"not settable job fields: {sorted(bad)}")
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    expected: JobState,
+    new: JobState,
+    *,
+    reason: str | None = None,
+    expected_version: int | None = None,
+    worker: str | None = None,
+    details: dict[str, Any] | None = None,
+    **fields: Any,
+) -> bool:
+    """Move a job from ``expected`` to ``new`` if (and only if) it is still there.
+
+    Returns ``False`` when the job is no longer in ``expected`` (or no longer at
+    ``expected_version``): someone else moved it, and the caller must re-read rather than act.
+    On success the version grows by one, ``fields`` are written in the same UPDATE, a
+    :class:`JobEvent` is added, and a job reaching a terminal state gets ``finished_at`` and
+    loses its lease. ``next_attempt_at`` is cleared (the job is due at once in its new state)
+    unless given in ``fields``; the lease is kept for non-terminal states.
+
+    Raises ``ValueError`` for an edge the lifecycle forbids or a field that may not be set:
+    both are programming errors, not races. Never commits.
+    """
+    if not can_transition(expected, new):
+        raise ValueError(f"illegal job transition {expected.value} -> {new.value}")
+    _check_fields(fields)
+    now = utcnow()
+    values: dict[str, Any] = {"next_attempt_at": None, **fields}
+    if new.terminal:
+        values = {"finished_at": now, "lease_owner": None, "lease_expires_at": None, **values}
+    values.update(state=new, version=Job.version + 1, updated_at=now)
+    conditions = [Job.id == job_id, Job.state == expected]
+    if expected_version is not None:
+        conditions.append(Job.version == expected_version)
+    row = session.execute(
+        update(Job)
+        .where(*conditions)
+        .values(values)
+        .returning(Job.version)
+        .execution_options(synchronize_session="fetch")
+    ).first()
+    if row is None:
+        return False
+    session.execute(
+        insert(JobEvent).values(
+            job_id=job_id,
+            at=now,
+            from_state=expected,
+            to_state=new,
+            version=row.version,
+            reason=reason,
+            details=details,
+            worker=worker,
+        )
+    )
+    return True
+
+
+def update_job_fields(session: Session, job_id: str, *, expected_version: int, **fields: Any) -> bool:
+    """Write non-state fields (request id, URLs, progress) fenced by ``version``; no bump.
+
+    Returns ``False`` when the job moved on (its version changed), i.e. the caller's lease or
+    view is stale and it must not act further.
+    """
+    _check_fields(fields)
+    if not fields:
+        raise ValueError("update_job_fields needs at least one field")
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.version == expected_version)
+        .values(**fields, updated_at=utcnow())
+        .execution_options(synchronize_session="fetch")
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- leases
+
+
+def claim_jobs(
+    session: Session,
+    *,
+    states: Sequence[JobState],
+    limit: int,
+    now: datetime,
+    owner: str,
+    lease_seconds: float,
+    batch_id: str | None = None,
+    active_batches_only: bool = False,
+) -> list[Job]:
+    """Lease up to ``limit`` due jobs in ``states`` to ``owner``; no two claimers get the same job.
+
+    Due means ``next_attempt_at`` is unset or not after ``now``, and any previous lease has
+    expired (so a crashed worker's jobs come back after ``lease_seconds``). Claiming bumps each
+    job's ``version``: the returned objects carry the new one, to fence later writes with.
+    ``active_batches_only`` skips jobs of paused or cancelled batches (for submitting; polling
+    must go on regardless). Oldest jobs first.
+    """
+    if limit <= 0 or not states:
+        return []
+    conditions: list[ColumnElement[bool]] = [
+        Job.state.in_(list(states)),
+        or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
+        or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now),
+    ]
+    if batch_id is not None:
+        conditions.append(Job.batch_id == batch_id)
+    if active_batches_only:
+        conditions.append(exists().where(Batch.id == Job.batch_id, Batch.state == BatchState.ACTIVE))
+    candidates = (
+        select(Job.id)
+        .where(*conditions)
+        .order_by(Job.created_at, Job.item_index, Job.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=Job)  # ignored by SQLite, whose writer is already alone
+    )
+    ids = list(session.scalars(candidates))
+    if not ids:
+        return []
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(ids))
+        .values(
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            version=Job.version + 1,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    claimed = session.scalars(
+        select(Job)
+        .where(Job.id.in_(ids))
+        .order_by(Job.created_at, Job.item_index, Job.id)
+        .execution_options(populate_existing=True)
+    )
+    return list(claimed)
+
+
+def extend_lease(
+    session: Session, job_id: str, *, owner: str, expected_version: int, now: datetime, lease_seconds: float
+) -> bool:
+    """Heartbeat: push the lease out if ``owner`` still holds it at ``expected_version``."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.version == expected_version)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session="fetch")
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release_lease(
+    session: Session, job_id: str, *, expected_version: int, next_attempt_at: datetime | None = None
+) -> bool:
+    """Give a claimed job back (e.g. a limit was reached) so that it is due again at ``next_attempt_at``."""
+    return update_job_fields(
+        session,
+        job_id,
+        expected_version=expected_version,
+        lease_owner=None,
+        lease_expires_at=None,
+        next_attempt_at=next_attempt_at,
+    )
+
+
+# --------------------------------------------------------------------------- reading jobs
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    """One job by id, freshly read (never a stale copy from the session)."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise NotFoundError(f"no job {job_id!r}")
+    return job
+
+
+def find_job_by_request_id(session: Session, request_id: str) -> Job | None:
+    """The job fal knows as ``request_id`` (webhooks, lookups), if any."""
+    return session.scalar(select(Job).where(Job.request_id == request_id).limit(1))
+
+
+def jobs_of_batch(
+    session: Session, batch_id: str, *, states: Sequence[JobState] | None = None
+) -> Iterator[Job]:
+    """A batch's jobs in item order, streamed (server-side cursor on PostgreSQL)."""
+    query = select(Job).where(Job.batch_id == batch_id)
+    if states is not None:
+        query = query.where(Job.state.in_(list(states)))
+    query = query.order_by(Job.item_index, Job.created_at, Job.id).execution_options(yield_per=500)
+    yield from session.scalars(query)
+
+
+def job_events(session: Session, job_id: str) -> list[JobEvent]:
+    """A job's history, oldest first."""
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def counts_by_state(session: Session, batch_id: str | None = None) -> dict[str, int]:
+    """Jobs per state (every state present, 0 when none), for one batch or all."""
+    query = select(Job.state, func.count()).group_by(Job.state)
+    if batch_id is not None:
+        query = query.where(Job.batch_id == batch_id)
+    counts = {state.value: 0 for state in JobState}
+    for state, count in session.execute(query):
+        counts[JobState(state).value] = int(count)
+    return counts
+
+
+def count_in_states(session: Session, states: Iterable[JobState], *, batch_id: str | None = None) -> int:
+    """How many jobs are in ``states`` (e.g. ``AT_PROVIDER_STATES`` for the outstanding cap)."""
+    query = select(func.count()).select_from(Job).where(Job.state.in_(list(states)))
+    if batch_id is not None:
+        query = query.where(Job.batch_id == batch_id)
+    return int(session.scalar(query) or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchMoney:
+    """A batch's money, all exact Decimals in USD.
+
+    * ``estimated_usd``: the sum of every job's estimate (what the whole batch should cost).
+    * ``spent_usd``: what fal has billed or will bill for work it finished: for jobs in
+      ``downloading``/``succeeded`` the actual cost when fal reported one, else the estimate;
+      for any other job, its actual cost if one was recorded.
+    * ``reserved_usd``: estimates of jobs fal holds or may hold right now (submitting,
+      submit_unknown, queued, running, cancelling): money that may still be charged.
+    * ``committed_usd`` (= spent + reserved) is what a budget cap is checked against.
+    * ``possible_duplicate_charges``: resubmissions after an ambiguous submit (maybe billed twice).
+    """
+
+    estimated_usd: Decimal
+    spent_usd: Decimal
+    reserved_usd: Decimal
+    possible_duplicate_charges: int
+
+    @property
+    def committed_usd(self) -> Decimal:
+        return self.spent_usd + self.reserved_usd
+
+
+def batch_money(session: Session, batch_id: str) -> BatchMoney:
+    """Estimated, spent and reserved USD for a batch (see :class:`BatchMoney` for definitions)."""
+    zero = type_coerce(0, Money())
+    billed = case(
+        (Job.state.in_(list(_BILLED_STATES)), func.coalesce(Job.actual_usd, Job.est_usd)),
+        else_=func.coalesce(Job.actual_usd, zero),
+    )
+    reserved = case((Job.state.in_(list(AT_PROVIDER_STATES)), Job.est_usd), else_=zero)
+    row = session.execute(
+        select(
+            func.coalesce(func.sum(type_coerce(Job.est_usd, Money())), zero),
+            func.coalesce(func.sum(type_coerce(billed, Money())), zero),
+            func.coalesce(func.sum(type_coerce(reserved, Money())), zero),
+            func.coalesce(func.sum(Job.possible_duplicate_charges), 0),
+        ).where(Job.batch_id == batch_id)
+    ).one()
+    return BatchMoney(
+        estimated_usd=row[0],
+        spent_usd=row[1],
+        reserved_usd=row[2],
+        possible_duplicate_charges=int(row[3]),
+    )
+
+
+# --------------------------------------------------------------------------- uploads
+
+
+def record_upload(
+    session: Session,
+    *,
+    content_sha256: str,
+    provider_url: str,
+    size_bytes: int,
+    content_type: str,
+    expires_at: datetime | None = None,
+) -> None:
+    """Remember that content with this hash now lives at ``provider_url`` (replaces an older upload)."""
+    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    values = {
+        "content_sha256": content_sha256,
+        "provider_url": provider_url,
+        "size_bytes": size_bytes,
+        "content_type": content_type,
+        "created_at": utcnow(),
+        "expires_at": expires_at,
+    }
+    stmt = dialect_insert(Upload).values(values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["content_sha256"],
+        set_={key: stmt.excluded[key] for key in values if key != "content_sha256"},
+    )
+    session.execute(stmt)
+
+
+def find_upload(session: Session, content_sha256: str, *, now: datetime | None = None) -> Upload | None:
+    """The still-valid upload of this content, or ``None`` (never uploaded, or expired by ``now``)."""
+    now = now or utcnow()
+    return session.scalar(
+        select(Upload)
+        .where(Upload.content_sha256 == content_sha256)
+        .where(or_(Upload.expires_at.is_(None), Upload.expires_at > now))
+        .execution_options(populate_existing=True)
+    )
