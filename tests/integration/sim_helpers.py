@@ -1,0 +1,127 @@
+"""Shared helpers for the simulator's integration tests (real sockets, real httpx)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from PIL import Image
+
+AUTH = {"Authorization": "Key sim-test-key"}
+
+#: One valid, cheap input per registered endpoint.
+INPUTS: dict[str, dict[str, Any]] = {
+    "fal-ai/wan-i2v": {"prompt": "a cat", "image_url": "https://example.com/cat.png", "resolution": "480p"},
+    "fal-ai/wan-flf2v": {
+        "prompt": "a cat",
+        "start_image_url": "https://example.com/a.png",
+        "end_image_url": "https://example.com/b.png",
+        "resolution": "480p",
+    },
+    "fal-ai/wan-22": {"prompt": "a cat", "resolution": "480p"},
+    "fal-ai/wan-25-preview/image-to-video": {
+        "prompt": "a cat",
+        "image_url": "https://example.com/cat.png",
+        "resolution": "480p",
+    },
+    "wan/v2.6/image-to-video": {
+        "prompt": "a cat",
+        "image_url": "https://example.com/cat.png",
+        "resolution": "720p",
+    },
+}
+
+
+def png_data_uri(width: int = 400, height: int = 400) -> str:
+    """A small real PNG as a data URI."""
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 120, 200)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def wait_completed(client: httpx.Client, status_url: str, timeout: float = 15.0) -> dict[str, Any]:
+    """Poll a status URL until COMPLETED; every intermediate answer must be a 202."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        resp = client.get(status_url, params={"logs": 1})
+        body = resp.json()
+        if body["status"] == "COMPLETED":
+            assert resp.status_code == 200
+            return dict(body)
+        assert resp.status_code == 202, resp.text
+        assert body["status"] in ("IN_QUEUE", "IN_PROGRESS")
+        time.sleep(0.02)
+    raise AssertionError(f"{status_url} did not complete in {timeout}s")
+
+
+def verify_webhook(jwks: dict[str, Any], headers: httpx.Headers | dict[str, str], body: bytes) -> bool:
+    """fal's scheme: Ed25519 over rid\\nuid\\nts\\nsha256hex(body), any key of the JWKS."""
+    h = {k.lower(): v for k, v in dict(headers).items()}
+    message = "\n".join(
+        [
+            h["x-fal-webhook-request-id"],
+            h["x-fal-webhook-user-id"],
+            h["x-fal-webhook-timestamp"],
+            hashlib.sha256(body).hexdigest(),
+        ]
+    ).encode()
+    signature = bytes.fromhex(h["x-fal-webhook-signature"])
+    for key in jwks["keys"]:
+        raw = base64.urlsafe_b64decode(key["x"] + "=" * (-len(key["x"]) % 4))
+        try:
+            Ed25519PublicKey.from_public_bytes(raw).verify(signature, message)
+            return True
+        except Exception:
+            continue
+    return False
+
+
+@dataclass
+class Receiver:
+    """What a webhook receiver got; answers ``statuses`` in turn (then 200)."""
+
+    url: str = ""
+    statuses: list[int] = field(default_factory=list)
+    calls: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    event: threading.Event = field(default_factory=threading.Event)
+
+
+@contextmanager
+def webhook_receiver(statuses: list[int] | None = None) -> Iterator[Receiver]:
+    """A real HTTP server on loopback that records webhook deliveries."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    rec = Receiver(statuses=list(statuses or []))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            rec.calls.append((dict(self.headers.items()), body))
+            code = rec.statuses.pop(0) if rec.statuses else 200
+            self.send_response(code)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            if code == 200:
+                rec.event.set()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    rec.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield rec
+    finally:
+        server.shutdown()
+        server.server_close()
