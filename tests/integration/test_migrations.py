@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, Engine, Integer, MetaData, inspect
 
-from jobs.db import downgrade, make_engine, migrate
+from jobs.db import alembic_config, downgrade, make_engine, migrate
 from jobs.models import Base
 
 
@@ -71,11 +76,10 @@ def test_migrate_is_a_repeatable_no_op(empty_engine: Engine) -> None:
     assert len(heads) == 1
 
 
-def test_concurrent_migrate_on_postgresql(new_pg_database: Callable[[], str]) -> None:
-    """Several processes starting at once must not trip over each other (advisory lock)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    url = new_pg_database()
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_concurrent_migrate(dialect: str, tmp_path: Any, new_pg_database: Callable[[], str]) -> None:
+    """Several processes starting at once must not trip over each other (advisory/write lock)."""
+    url = f"sqlite:///{tmp_path / 'c.db'}" if dialect == "sqlite" else new_pg_database()
     engines = [make_engine(url) for _ in range(4)]
     try:
         with ThreadPoolExecutor(len(engines)) as pool:
@@ -84,3 +88,26 @@ def test_concurrent_migrate_on_postgresql(new_pg_database: Callable[[], str]) ->
     finally:
         for engine in engines:
             engine.dispose()
+
+
+def test_alembic_command_line_uses_the_configured_database(tmp_path: Any) -> None:
+    """Operators can run ``alembic -c migrations/alembic.ini upgrade head``; it reads the settings."""
+    db = tmp_path / "cli.db"
+    ini = alembic_config().config_file_name
+    assert ini is not None
+    assert Path(ini).is_file()
+    env = {**os.environ, "WANBATCH_DATABASE_URL": f"sqlite:///{db}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "head"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    engine = make_engine(f"sqlite:///{db}")
+    try:
+        assert drift(engine) == []
+    finally:
+        engine.dispose()
