@@ -6,6 +6,7 @@ functions, so "what `submit` does" has exactly one definition.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -17,8 +18,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from jobs import store
+from jobs.endpoints import get_endpoint
 from jobs.errors import ManifestError
-from jobs.manifest import JobSpec, ValidationReport, load_manifest, validate_manifest
+from jobs.manifest import JobSpec, ValidationReport, job_key, load_manifest, validate_manifest
 from jobs.pricing import Totals, estimate_job
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
@@ -114,7 +116,7 @@ def submit_manifest(path: str | Path, settings: Settings | None = None) -> Submi
         )
         added, existing = store.add_jobs(session, batch.id, _new_jobs(manifest.jobs(), settings))
         counts = store.counts_by_state(session, batch.id)
-        result = SubmitResult(
+        return SubmitResult(
             batch_id=batch.id,
             name=batch.name,
             created=created,
@@ -124,7 +126,6 @@ def submit_manifest(path: str | Path, settings: Settings | None = None) -> Submi
             counts=counts,
             warnings=[str(i) for i in report.issues if i.severity != "error"],
         )
-    return result
 
 
 def _money(value: Decimal | None) -> float | None:
@@ -166,3 +167,60 @@ def status(ref: str | None, settings: Settings | None = None) -> list[dict[str, 
 def manifest_name(path: str | Path) -> str:
     """The batch name a manifest declares (cheap: does not expand items)."""
     return load_manifest(path).name
+
+
+def rerun_batch(
+    ref: str, *, failed_only: bool = False, new_seeds: bool = False, settings: Settings | None = None
+) -> SubmitResult:
+    """A new batch from a stored one, linked to it as its parent.
+
+    By default every job is repeated with its exact resolved input and the seed the provider
+    returned (so a rerun reproduces the outputs); ``failed_only`` keeps only jobs that ended
+    failed or cancelled; ``new_seeds`` draws a fresh seed per job instead, recorded before
+    submission so the rerun is itself reproducible.
+    """
+    engine = open_engine(settings)
+    with store.session_scope(engine) as session:
+        parent = store.get_batch(session, ref)
+        siblings = sum(1 for b in store.list_batches(session) if b.parent_batch_id == parent.id)
+        name = f"{parent.name}-rerun-{siblings + 1}"
+        batch, created = store.get_or_create_batch(
+            session,
+            name=name,
+            manifest_path=parent.manifest_path,
+            manifest_sha256=parent.manifest_sha256,
+            budget_max_usd=parent.budget_max_usd,
+            parent_batch_id=parent.id,
+        )
+        wanted = [JobState.FAILED, JobState.CANCELLED] if failed_only else None
+        digests: dict[str, str | None] = {}
+
+        def new_jobs() -> Iterator[store.NewJob]:
+            for job in store.jobs_of_batch(session, parent.id, states=wanted):
+                spec = get_endpoint(job.endpoint)
+                resolved = dict(job.input)
+                if new_seeds:
+                    resolved["seed"] = secrets.randbelow(2**31)
+                elif job.seed is not None:
+                    resolved["seed"] = int(job.seed)
+                est = estimate_job(job.endpoint, resolved, settings)
+                yield store.NewJob(
+                    key=job_key(spec, resolved, digests),
+                    item_index=job.item_index,
+                    endpoint=job.endpoint,
+                    input=resolved,
+                    est_billing_units=est.billing_units,
+                    est_usd=est.usd,
+                )
+
+        added, existing = store.add_jobs(session, batch.id, list(new_jobs()))
+        counts = store.counts_by_state(session, batch.id)
+        return SubmitResult(
+            batch_id=batch.id,
+            name=batch.name,
+            created=created,
+            added=added,
+            existing=existing,
+            total=sum(counts.values()),
+            counts=counts,
+        )

@@ -21,7 +21,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from jobs import batches
+from jobs import batches, store
+from jobs.manifest import validate_manifest
 from jobs.errors import Issue, ManifestError, WanbatchError
 from jobs.states import JobState
 
@@ -91,7 +92,7 @@ def validate(manifest: Path, as_json: bool) -> None:
     """Check MANIFEST and every expanded job; submits nothing."""
 
     def action() -> int:
-        report = batches.validate_manifest(manifest)
+        report = validate_manifest(manifest)
         if not report.ok:
             raise ManifestError(report.issues)
         if as_json:
@@ -132,7 +133,9 @@ def estimate(manifest: Path, as_json: bool) -> None:
         table.add_column("USD", justify="right")
         for endpoint, line in data["by_endpoint"].items():
             mark = " *" if endpoint in data["price_assumptions"] else ""
-            table.add_row(endpoint + mark, str(line["jobs"]), f"{line['billing_units']:g}", f"${line['usd']:.2f}")
+            table.add_row(
+                endpoint + mark, str(line["jobs"]), f"{line['billing_units']:g}", f"${line['usd']:.2f}"
+            )
         table.add_section()
         table.add_row("total", str(data["jobs"]), f"{data['billing_units']:g}", f"${data['usd']:.2f}")
         out.print(table)
@@ -214,7 +217,17 @@ def status(batch: str | None, as_json: bool) -> None:
             out.print(money_line(reports[0]))
             return EXIT_OK
         table = Table(title="batches")
-        for col in ("batch", "name", "total", "succeeded", "failed", "cancelled", "in flight", "spent", "estimated"):
+        for col in (
+            "batch",
+            "name",
+            "total",
+            "succeeded",
+            "failed",
+            "cancelled",
+            "in flight",
+            "spent",
+            "estimated",
+        ):
             table.add_column(col, justify="right" if col not in ("batch", "name") else "left")
         for r in reports:
             c = r["counts"]
@@ -234,6 +247,34 @@ def status(batch: str | None, as_json: bool) -> None:
         return EXIT_OK
 
     guarded(as_json, action)
+
+
+@cli.command()
+@click.argument("batch")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), default=None, help="File to write (default: stdout)."
+)
+def export(batch: str, fmt: str, output: Path | None) -> None:
+    """One record per job of BATCH (id, id prefix or name), as JSONL or CSV."""
+    from jobs import export as exporting
+    from jobs.settings import get_settings
+
+    def action() -> int:
+        settings = get_settings()
+        engine = batches.open_engine(settings)
+        with store.session_scope(engine) as session:
+            rows = exporting.records(session, batch, settings.output_dir)
+            if output is None:
+                n = exporting.write(rows, fmt, sys.stdout)
+            else:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                with output.open("w", encoding="utf-8", newline="") as fh:
+                    n = exporting.write(rows, fmt, fh)
+        err.print(f"exported {n} record(s)" + (f" to {output}" if output else ""))
+        return EXIT_OK
+
+    guarded(False, action)
 
 
 def main() -> None:

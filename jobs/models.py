@@ -231,6 +231,9 @@ class Job(Base):
     #: Fencing token: +1 on every transition and every claim; a stale writer's UPDATE matches 0 rows.
     version: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Failed downloads of this job's output so far; the output is paid for, so a failed
+    #: download is retried (never regenerated) until ``WANBATCH_DOWNLOAD_ATTEMPTS``.
+    download_attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When the job is next due (retry backoff, next status poll); NULL means "now".

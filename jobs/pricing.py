@@ -57,7 +57,8 @@ def estimate_job(
         elif factor.kind == "value":
             units *= Decimal(str(value)) / factor.divide_by
         else:
-            assert factor.above is not None and factor.factor is not None
+            assert factor.above is not None
+            assert factor.factor is not None
             if Decimal(str(value)) > factor.above:
                 units *= factor.factor
 
@@ -65,7 +66,8 @@ def estimate_job(
     if pricing.usd_per_unit is not None:
         rate = overrides.get("", pricing.usd_per_unit) if overrides else pricing.usd_per_unit
     else:
-        assert pricing.usd_per_unit_field is not None and pricing.usd_per_unit_by is not None
+        assert pricing.usd_per_unit_field is not None
+        assert pricing.usd_per_unit_by is not None
         key = str(_value(spec, resolved_input, pricing.usd_per_unit_field))
         table = {**pricing.usd_per_unit_by, **(overrides or {})}
         if "" in table and key not in (overrides or {}):

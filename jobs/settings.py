@@ -52,6 +52,28 @@ class Settings(BaseSettings):
     #: to correct a price the registry marks as an assumption (e.g. fal-ai/wan-22).
     pricing_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    # Execution timing. Seconds throughout.
+    #: How often the dispatcher/poller/reconciler tick runs.
+    tick_interval: float = Field(default=1.0, gt=0)
+    #: Status polls start this often and back off with elapsed time up to poll_max_interval.
+    poll_min_interval: float = Field(default=2.0, gt=0)
+    poll_max_interval: float = Field(default=30.0, gt=0)
+    #: A claimed job's lease; a worker that dies holding one gives the job back after this long.
+    lease_seconds: float = Field(default=120.0, gt=0)
+    #: Backoff before a retryable failure is submitted again: base × 2^(attempt-1), capped.
+    retry_base_delay: float = Field(default=5.0, ge=0)
+    retry_max_delay: float = Field(default=300.0, ge=0)
+    #: What to do with a submission whose outcome is unknown after ``submit_unknown_deadline``:
+    #: "fail" (default: never risk paying twice) or "resubmit" (counted as a possible duplicate charge).
+    submit_unknown_policy: str = Field(default="fail", pattern="^(fail|resubmit)$")
+    submit_unknown_deadline: float = Field(default=600.0, ge=0)
+    #: Largest output file we accept from the provider.
+    download_max_bytes: int = Field(default=2 * 1024**3, gt=0)
+    #: How many times a failed download is retried before the job fails (never regenerated).
+    download_attempts: int = Field(default=5, ge=1)
+    #: Worker threads of the embedded (no broker) mode.
+    embedded_concurrency: int = Field(default=4, ge=1)
+
     @field_validator("fal_queue_url", "fal_rest_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:

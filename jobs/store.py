@@ -79,6 +79,7 @@ __all__ = [
     "release_lease",
     "session_scope",
     "set_batch_state",
+    "take_lease",
     "transition",
     "update_job_fields",
 ]
@@ -215,6 +216,7 @@ def add_jobs(
                 "state": JobState.PENDING,
                 "version": 0,
                 "attempts": 0,
+                "download_attempts": 0,
                 "possible_duplicate_charges": 0,
                 "est_billing_units": job.est_billing_units,
                 "est_usd": job.est_usd,
@@ -240,6 +242,7 @@ _NEW_JOB_COLUMNS = (
     "state",
     "version",
     "attempts",
+    "download_attempts",
     "possible_duplicate_charges",
     "est_billing_units",
     "est_usd",
@@ -281,6 +284,7 @@ def _insert_chunk_pg(conn: Connection, rows: list[dict[str, Any]]) -> int:
                     row["state"].value,
                     row["version"],
                     row["attempts"],
+                    row["download_attempts"],
                     row["possible_duplicate_charges"],
                     money.process_bind_param(row["est_billing_units"], dialect),
                     money.process_bind_param(row["est_usd"], dialect),
@@ -455,6 +459,40 @@ def claim_jobs(
         .execution_options(populate_existing=True)
     )
     return list(claimed)
+
+
+def take_lease(
+    session: Session,
+    job_id: str,
+    *,
+    owner: str,
+    expected_version: int,
+    now: datetime,
+    lease_seconds: float,
+    **fields: Any,
+) -> int | None:
+    """Take a job's lease for one step, bumping ``version``; the new version, or None if lost.
+
+    Unlike :func:`update_job_fields` this *bumps* the fencing token, so of two workers that read
+    the same version (a message delivered twice) exactly one wins: the other's write matches 0
+    rows. The step then fences everything it writes with the returned version. ``fields`` are
+    written in the same UPDATE (e.g. the exact input about to be submitted).
+    """
+    _check_fields(fields)
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.version == expected_version)
+        .values(
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            version=Job.version + 1,
+            updated_at=utcnow(),
+            **fields,
+        )
+        .returning(Job.version)
+        .execution_options(synchronize_session="fetch")
+    ).first()
+    return None if row is None else int(row.version)
 
 
 def extend_lease(

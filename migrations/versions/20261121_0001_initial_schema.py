@@ -84,6 +84,7 @@ def upgrade() -> None:
         sa.Column("state", _state(), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("download_attempts", sa.Integer(), nullable=False),
         sa.Column("lease_owner", sa.String(255), nullable=True),
         sa.Column("lease_expires_at", _ts(), nullable=True),
         sa.Column("next_attempt_at", _ts(), nullable=True),

@@ -1,0 +1,64 @@
+"""The Celery app: transport only. The database is the system of record.
+
+Messages carry a job id and nothing else, so a message that is lost, delayed or delivered
+twice does no harm: every task re-reads its job and moves it with a fenced compare-and-set,
+and the periodic tick (``worker.ticker``) finds any due work a lost message left behind.
+
+Settings, and why (reliability-notes.md §1):
+
+* ``task_serializer``/``accept_content`` = JSON only: pickle would let anyone who can write to
+  the broker run code in the worker (§5.6).
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: a task's message is acknowledged after
+  it ran, so a worker killed mid-task (kill -9, OOM) leaves the message to be redelivered
+  rather than lost. Redelivery is safe because steps are idempotent under the job's version.
+* ``worker_prefetch_multiplier = 1``: a worker reserves one message per process, so a slow
+  download does not hold other jobs' messages hostage (§1.5).
+* ``visibility_timeout`` (Redis): how long an unacknowledged message stays invisible before
+  Redis hands it to another worker. It must exceed the longest task (a large download at the
+  read timeout) or tasks would run twice concurrently; 2 h is far above any step here, and a
+  redelivery in between is harmless anyway.
+* ``task_ignore_result``: results live in the database; no result backend is needed.
+* ``broker_connection_retry_on_startup`` and unlimited ``broker_connection_max_retries``:
+  a worker outlives a broker restart instead of exiting.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from jobs.settings import get_settings
+
+VISIBILITY_TIMEOUT_SECONDS = 2 * 60 * 60
+QUEUE = "wanbatch"
+
+
+def make_app(broker_url: str | None) -> Celery:
+    """A configured app. Without a broker URL it uses kombu's in-memory transport (embedded)."""
+    app = Celery(
+        "wanbatch", broker=broker_url or "memory://localhost/", include=["worker.tasks"], set_as_current=False
+    )
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=QUEUE,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_transport_options={
+            "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
+            "polling_interval": 0.05 if broker_url is None else 1.0,
+        },
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+app = make_app(get_settings().broker_url)

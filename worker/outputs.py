@@ -1,0 +1,71 @@
+"""Where a job's video and its sidecar JSON go, and how the sidecar is written.
+
+File names are derived only from things we made (the batch name, slugified, and the job's item
+index and id), never from a name the provider supplied, so no response can steer a write outside
+``WANBATCH_OUTPUT_DIR`` (path traversal, reliability-notes §5.4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def slug(name: str) -> str:
+    """A file-system-safe, non-empty form of a batch name (no separators, no leading dots)."""
+    cleaned = _UNSAFE.sub("-", name).strip(".-")[:100]
+    return cleaned or "batch"
+
+
+def batch_dir(output_dir: Path, batch_name: str) -> Path:
+    """``<output_dir>/<batch name>/``, guaranteed to be inside ``output_dir``."""
+    root = output_dir.resolve()
+    path = (root / slug(batch_name)).resolve()
+    if root not in path.parents:
+        raise ValueError(f"refusing output folder outside {root}: {path}")
+    return path
+
+
+def job_stem(item_index: int, job_id: str) -> str:
+    """The file stem of a job's outputs: sortable by item, unique by job."""
+    return f"{item_index:06d}-{job_id[:12]}"
+
+
+def video_path(output_dir: Path, batch_name: str, item_index: int, job_id: str) -> Path:
+    """Where the job's video is stored."""
+    return batch_dir(output_dir, batch_name) / f"{job_stem(item_index, job_id)}.mp4"
+
+
+def sidecar_path(video: Path) -> Path:
+    """The JSON sidecar beside a video."""
+    return video.with_suffix(".json")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON so that readers see the old file or the complete new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def relative_to_output(path: Path, output_dir: Path) -> str:
+    """A video path relative to ``WANBATCH_OUTPUT_DIR`` when inside it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(output_dir.resolve()))
+    except ValueError:
+        return str(path.resolve())

@@ -1,0 +1,56 @@
+"""Builds a :class:`worker.steps.Runtime` from settings: engine, fal client, media preparer.
+
+One place wires the pieces together, so the embedded loop, Celery tasks and tests all get
+the same runtime for the same settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from jobs import store
+from jobs.batches import open_engine
+from jobs.settings import Settings, get_settings
+from worker.fal.client import FalClient
+from worker.fal.storage import FalStorage, MediaPreparer
+from worker.steps import Runtime
+
+
+def build_runtime(
+    *,
+    enqueue_submit: Callable[[str], None],
+    enqueue_download: Callable[[str], None],
+    settings: Settings | None = None,
+    allow_missing_key: bool = False,
+) -> Runtime:
+    """A runtime for this process. ``allow_missing_key`` is for the bundled simulator only."""
+    settings = settings or get_settings()
+    engine = open_engine(settings)
+    client = FalClient.from_settings(settings, allow_missing_key=allow_missing_key)
+
+    def lookup(sha256: str) -> str | None:
+        with store.session_scope(engine) as session:
+            upload = store.find_upload(session, sha256)
+            return upload.provider_url if upload else None
+
+    def record(sha256: str, url: str) -> None:
+        with store.session_scope(engine) as session:
+            store.record_upload(
+                session,
+                content_sha256=sha256,
+                provider_url=url,
+                size_bytes=0,
+                content_type="application/octet-stream",
+            )
+
+    media = MediaPreparer.for_storage(
+        FalStorage(client), inline_max_bytes=settings.inline_max_bytes, lookup=lookup, record=record
+    )
+    return Runtime(
+        engine=engine,
+        client=client,
+        settings=settings,
+        enqueue_submit=enqueue_submit,
+        enqueue_download=enqueue_download,
+        media=media,
+    )

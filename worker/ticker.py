@@ -1,0 +1,94 @@
+"""The periodic tick of the distributed deployment, run by exactly one worker at a time.
+
+Every ``wanbatch worker`` process runs a :class:`Ticker` thread, but only the one holding the
+leader lock ticks (reconcile, poll, dispatch, schedule downloads). On PostgreSQL the lock is a
+session-level advisory lock held on a dedicated connection: when the leader dies (even by
+``kill -9``) its connection closes, the server releases the lock, and another worker's ticker
+takes over within one interval — no TTL to tune, no clock to trust. On SQLite (one host by
+definition) every ticker leads.
+
+Ticking in one place is also what makes the submit-rate bucket and the outstanding cap global
+across workers and hosts (``worker.steps.RateBucket``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from sqlalchemy import Connection, Engine, text
+
+from worker import steps
+
+log = logging.getLogger(__name__)
+
+#: An arbitrary, fixed 64-bit key for ``pg_try_advisory_lock``: "wanbatch" in ASCII.
+LEADER_LOCK_KEY = 0x77616E6261746368
+
+
+class LeaderLock:
+    """Holds (or tries to take) the cluster-wide tick leadership."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conn: Connection | None = None
+
+    def acquire(self) -> bool:
+        """True while this process is the leader; re-tries after a lost connection."""
+        if self.engine.dialect.name != "postgresql":
+            return True
+        try:
+            if self._conn is not None:
+                self._conn.execute(text("SELECT 1"))  # still alive, still ours
+                return True
+            conn = self.engine.connect()
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": LEADER_LOCK_KEY}).scalar())
+            conn.commit()
+            if got:
+                self._conn = conn
+                log.info("this worker now leads the periodic tick")
+                return True
+            conn.close()
+            return False
+        except Exception:  # the database went away: we are not the leader until it is back
+            log.warning("leader lock connection lost; will retry", exc_info=True)
+            self.release()
+            return False
+
+    def release(self) -> None:
+        """Give up leadership (closing the connection releases the advisory lock)."""
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                log.debug("closing the leader connection failed", exc_info=True)
+            self._conn = None
+
+
+class Ticker(threading.Thread):
+    """Calls :func:`worker.steps.tick` every interval while this process leads."""
+
+    def __init__(self, runtime_factory: Callable[[], steps.Runtime], interval: float) -> None:
+        super().__init__(name="wanbatch-ticker", daemon=True)
+        self.runtime_factory = runtime_factory
+        self.interval = interval
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        rt = self.runtime_factory()
+        lock = LeaderLock(rt.engine)
+        try:
+            while not self.stopping.is_set():
+                if lock.acquire():
+                    try:
+                        steps.tick(rt)
+                    except Exception:  # keep ticking: the next round re-reads everything
+                        log.exception("tick failed; retrying next interval")
+                self.stopping.wait(self.interval)
+        finally:
+            lock.release()
+
+    def stop(self) -> None:
+        """Ask the thread to finish after its current tick."""
+        self.stopping.set()
