@@ -438,3 +438,55 @@ def test_two_hundred_jobs_complete_quickly(make_sim: Callable[..., SimulatorHand
     assert ledger["completed"] == 200
     assert ledger["max_in_progress"] <= 40
     assert elapsed < 40, f"200 jobs took {elapsed:.1f}s"
+
+
+def test_module_entry_point_serves_until_terminated() -> None:
+    """``python -m worker.simulator`` (what ``wanbatch simulator`` wraps) serves real requests."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker.simulator",
+            "--port",
+            "0",
+            "--latency-seconds",
+            "0.05",
+            "--locked-keys",
+            "broke,empty",
+            "--cancel-stops-running",
+            "false",
+            "--faults",
+            '{"submit_429": {"next": 1}}',
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("fal simulator listening on http://127.0.0.1:"), line
+        url = line.rsplit(" ", 1)[1].strip()
+        with httpx.Client(headers=AUTH, timeout=10) as c:
+            assert c.post(f"{url}/fal-ai/wan-22", json=INPUTS["fal-ai/wan-22"]).status_code == 429
+            sub = c.post(f"{url}/fal-ai/wan-22", json=INPUTS["fal-ai/wan-22"]).json()
+            wait_completed(c, sub["status_url"])
+            locked = c.post(f"{url}/fal-ai/wan-22", json={}, headers={"Authorization": "Key empty"})
+            assert locked.status_code == 403
+            opts = c.get(f"{url}/_sim/options").json()
+        assert opts["cancel_stops_running"] is False
+        assert opts["locked_keys"] == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+
+
+def test_bad_cli_faults_are_refused() -> None:
+    from worker.simulator.__main__ import main
+
+    assert main(["--faults", '{"no_such_fault": {}}']) == 2

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -328,14 +329,15 @@ class SimulatorApp:
         fault = self.engine.faults.fire("download_error")
         if fault is not None:
             return Response(b"simulated download failure", status_code=int(fault.get("status", 500)))
+        if request.method == "HEAD":
+            return Response(b"", media_type=stored.content_type, headers={"content-length": str(stored.size)})
+        data = await run_in_threadpool(stored.read)  # a cache miss re-encodes: keep the loop free
         truncated = self.engine.faults.fire("download_truncated")
-        if truncated is not None and request.method == "GET":
+        if truncated is not None:
             if truncated.get("mode") == "short":
-                return Response(stored.data[: len(stored.data) // 2], media_type=stored.content_type)
-            return _TruncatedResponse(stored.data, stored.content_type, request)
-        body = b"" if request.method == "HEAD" else stored.data
-        headers = {"content-length": str(len(stored.data))} if request.method == "HEAD" else None
-        return Response(body, media_type=stored.content_type, headers=headers)
+                return Response(data[: len(data) // 2], media_type=stored.content_type)
+            return _TruncatedResponse(data, stored.content_type, request)
+        return Response(data, media_type=stored.content_type)
 
     async def jwks(self, request: Request) -> Response:
         return _json(200, self.engine.signer.jwks())

@@ -375,7 +375,10 @@ class Engine:
         name = (
             str(bad_name.get("name", "../../escape.mp4")) if bad_name is not None else f"wan_{tag[:16]}.mp4"
         )
-        stored = self.store.put(data, name, "video/mp4", expires_in=req.file_ttl)
+        videos = self.videos
+        stored = self.store.put(
+            lambda: videos.render(geo, tag, seed), name, "video/mp4", size=len(data), expires_in=req.file_ttl
+        )
         video: dict[str, Any] = {
             "url": self.store.file_url(stored.key, name),
             "content_type": "video/mp4",

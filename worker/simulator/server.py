@@ -43,6 +43,7 @@ def _bind(host: str, port: int) -> socket.socket:
     )
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # connections made before uvicorn takes over wait in the backlog
     sock.set_inheritable(True)
     return sock
 

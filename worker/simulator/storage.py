@@ -10,19 +10,30 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
 
 @dataclass(frozen=True, slots=True)
 class StoredFile:
-    """One file's bytes and how to serve them."""
+    """One file's bytes (or how to make them again) and how to serve them.
+
+    Generated videos are stored as a ``source`` callable rather than bytes: the bytes are a
+    pure function of the output's tag, so a long simulator session keeps a tag per video
+    instead of megabytes.
+    """
 
     key: str
     name: str
     content_type: str
-    data: bytes
+    source: bytes | Callable[[], bytes]
+    size: int
     expires_at: float | None = None  # time.time() seconds; None never expires
+
+    def read(self) -> bytes:
+        """The file's bytes (may render them: call off the event loop for big files)."""
+        return self.source if isinstance(self.source, bytes) else self.source()
 
     def expired(self, now: float | None = None) -> bool:
         """Whether the file's lifecycle has ended."""
@@ -44,19 +55,25 @@ class FileStore:
 
     def put(
         self,
-        data: bytes,
+        data: bytes | Callable[[], bytes],
         name: str,
         content_type: str,
         *,
+        size: int | None = None,
         expires_in: float | None = None,
         key: str | None = None,
     ) -> StoredFile:
-        """Store ``data`` and return its record (a fresh key unless one is given)."""
+        """Store ``data`` (bytes, or a callable with the file's ``size``); a fresh key unless given."""
+        if size is None:
+            if not isinstance(data, bytes):
+                raise ValueError("a lazily made file needs its size")
+            size = len(data)
         stored = StoredFile(
             key=key or uuid.uuid4().hex,
             name=name,
             content_type=content_type,
-            data=data,
+            source=data,
+            size=size,
             expires_at=None if expires_in is None else time.time() + expires_in,
         )
         with self._lock:
@@ -97,7 +114,7 @@ class FileStore:
         if self.lookup_url(url) is not True:
             return None
         stored = self.get(unquote(urlsplit(url).path.split("/")[2]))
-        return None if stored is None else stored.data
+        return None if stored is None else stored.read()
 
     def clear(self) -> None:
         """Forget every file and pending upload."""
