@@ -21,6 +21,7 @@ from jobs import store
 from jobs.endpoints import get_endpoint
 from jobs.errors import ManifestError
 from jobs.manifest import JobSpec, ValidationReport, job_key, load_manifest, validate_manifest
+from jobs.models import BatchState
 from jobs.pricing import Totals, estimate_job
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
@@ -115,6 +116,9 @@ def submit_manifest(path: str | Path, settings: Settings | None = None) -> Submi
             budget_max_usd=manifest.budget_max_usd,
         )
         added, existing = store.add_jobs(session, batch.id, _new_jobs(manifest.jobs(), settings))
+        if batch.state == BatchState.PAUSED:
+            # Paused because fal refused the account; submitting again is the user saying "go on".
+            store.set_batch_state(session, batch.id, BatchState.ACTIVE)
         counts = store.counts_by_state(session, batch.id)
         return SubmitResult(
             batch_id=batch.id,
@@ -141,7 +145,8 @@ def batch_report(session: Session, batch_id: str) -> dict[str, Any]:
     return {
         "batch": batch.id,
         "name": batch.name,
-        "state": batch.state,
+        "state": batch.state.value if hasattr(batch.state, "value") else batch.state,
+        "pause_reason": batch.pause_reason,
         "total": sum(counts.values()),
         "finished": terminal,
         "counts": counts,

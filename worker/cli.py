@@ -33,7 +33,10 @@ from jobs.settings import Settings, get_settings
 
 def _final_code(report: dict[str, Any]) -> int:
     counts = report["counts"]
-    return EXIT_SOME_FAILED if counts.get("failed", 0) or counts.get("cancelled", 0) else EXIT_OK
+    unfinished = report["total"] - report["finished"]
+    return (
+        EXIT_SOME_FAILED if counts.get("failed", 0) or counts.get("cancelled", 0) or unfinished else EXIT_OK
+    )
 
 
 def _run_and_report(batch_id: str, settings: Settings, as_json: bool, progress: bool) -> int:

@@ -150,4 +150,11 @@ def _watch(
             )
             if done >= current["total"]:
                 break
+            at_provider = sum(current["counts"].get(s.value, 0) for s in JobState if s.at_provider)
+            if current["state"] == "paused" and at_provider == 0:
+                progress.console.print(
+                    f"[yellow]batch paused: {current.get('pause_reason') or 'see status'}; "
+                    "fix it, then run the same command again to resume[/yellow]"
+                )
+                break
             time.sleep(settings.tick_interval)
