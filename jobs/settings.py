@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     download_max_bytes: int = Field(default=2 * 1024**3, gt=0)
     #: How many times a failed download is retried before the job fails (never regenerated).
     download_attempts: int = Field(default=5, ge=1)
+    #: Public URL of a webhook receiver. When set, every submit asks fal to call it on completion
+    #: with ``job_id`` and ``attempt`` in the query, so a webhook can prove what happened to a
+    #: submission whose answer was lost (``submit_unknown``) — fal signs it, we can verify it.
+    webhook_url: str | None = None
     #: Worker threads of the embedded (no broker) mode.
     embedded_concurrency: int = Field(default=4, ge=1)
 

@@ -225,6 +225,15 @@ def JobState_at_provider() -> list[JobState]:
 # --------------------------------------------------------------------------- submit
 
 
+def webhook_for(settings: Settings, job_id: str, attempt: int) -> str | None:
+    """The ``fal_webhook`` URL for one attempt: the receiver learns which job and attempt a
+    completion belongs to even when the submit's answer never reached us."""
+    if not settings.webhook_url:
+        return None
+    parts = httpx.URL(settings.webhook_url)
+    return str(parts.copy_merge_params({"job_id": job_id, "attempt": str(attempt)}))
+
+
 def _retry_or_fail(
     session: Any, rt: Runtime, job: Job, expected: JobState, version: int, exc: ProviderError, now: datetime
 ) -> None:
@@ -267,7 +276,7 @@ def submit(rt: Runtime, job_id: str) -> str:
         job = store.get_job(session, job_id)
         if job.state != S.SUBMITTING or job.submitted_input is not None:
             return "skipped"  # a duplicate message, or another worker already began this POST
-        endpoint, raw_input, version = job.endpoint, dict(job.input), job.version
+        endpoint, raw_input, version, attempt = job.endpoint, dict(job.input), job.version, job.attempts
 
     spec = get_endpoint(endpoint)
     try:
@@ -309,7 +318,7 @@ def submit(rt: Runtime, job_id: str) -> str:
     version = taken
 
     try:
-        submitted = rt.client.submit(endpoint, to_send)
+        submitted = rt.client.submit(endpoint, to_send, webhook_url=webhook_for(rt.settings, job_id, attempt))
     except AmbiguousSubmitError as exc:
         with store.session_scope(rt.engine) as session:
             store.transition(
