@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs import batches, store
-from jobs.manifest import validate_manifest
 from jobs.errors import Issue, ManifestError, WanbatchError
+from jobs.manifest import validate_manifest
 from jobs.states import JobState
 
 out = Console(soft_wrap=True, highlight=False)

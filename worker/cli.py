@@ -221,15 +221,27 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
 @click.option(
     "--fault", "faults", multiple=True, metavar="KIND=VALUE", help="Fault injection, e.g. submit_429=0.1."
 )
+@click.option(
+    "--public-url",
+    default=None,
+    help="Base URL written into the URLs it hands out (e.g. http://simulator:8787 in docker compose).",
+)
 def simulator(
-    host: str, port: int, latency: float | None, concurrency_limit: int, faults: tuple[str, ...]
+    host: str,
+    port: int,
+    latency: float | None,
+    concurrency_limit: int,
+    faults: tuple[str, ...],
+    public_url: str | None,
 ) -> None:
     """Run the bundled simulator of fal's queue API (for the offline demo and tests)."""
     from worker.simulator.options import SimulatorOptions
     from worker.simulator.server import serve
 
     def action() -> int:
-        options = SimulatorOptions(concurrency_limit=concurrency_limit, latency_seconds=latency)
+        options = SimulatorOptions(
+            concurrency_limit=concurrency_limit, latency_seconds=latency, public_url=public_url
+        )
         if faults:
             options = _with_faults(options, faults)
         serve(host, port, options)
