@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import av
 from av.video.stream import VideoStream
@@ -144,34 +144,38 @@ def _tag_box(tag: str, seed: int) -> bytes:
 
 
 class VideoFactory:
-    """Makes output clips; caches encoded streams per (geometry, colour). Thread-safe."""
+    """Makes output clips. Encoded streams are cached per (geometry, colour) *per process*:
+    they are deterministic, so every simulator in a test session shares them. Thread-safe.
+    """
 
-    def __init__(self, variants: int = 8, cache_size: int = 64) -> None:
+    _cache: ClassVar[OrderedDict[tuple[Geometry, int], bytes]] = OrderedDict()
+    _cache_size: ClassVar[int] = 64
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _key_locks: ClassVar[dict[tuple[Geometry, int], threading.Lock]] = {}
+
+    def __init__(self, variants: int = 8) -> None:
         self._variants = max(1, min(variants, len(_PALETTE)))
-        self._cache: OrderedDict[tuple[Geometry, int], bytes] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
-        self._key_locks: dict[tuple[Geometry, int], threading.Lock] = {}
-        #: Seconds spent in each real encode, for reports (a cache hit costs nothing).
+        #: Seconds spent in each real encode by this factory (a cache hit costs nothing).
         self.encode_seconds: list[float] = []
 
     def render(self, geo: Geometry, tag: str, seed: int) -> bytes:
         """The MP4 for one output: the cached stream for its look, plus its own tag box."""
         variant = int(tag[:8], 16) % self._variants
         key = (geo, variant)
-        with self._lock:
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        cls = type(self)
+        with cls._lock:
+            key_lock = cls._key_locks.setdefault(key, threading.Lock())
         with key_lock:  # concurrent jobs with the same look encode it once
-            with self._lock:
-                body = self._cache.get(key)
+            with cls._lock:
+                body = cls._cache.get(key)
                 if body is not None:
-                    self._cache.move_to_end(key)
+                    cls._cache.move_to_end(key)
             if body is None:
                 started = time.perf_counter()
                 body = _encode(geo, _PALETTE[variant])
-                with self._lock:
+                with cls._lock:
                     self.encode_seconds.append(time.perf_counter() - started)
-                    self._cache[key] = body
-                    while len(self._cache) > self._cache_size:
-                        self._cache.popitem(last=False)
+                    cls._cache[key] = body
+                    while len(cls._cache) > cls._cache_size:
+                        cls._cache.popitem(last=False)
         return body + _tag_box(tag, seed)
