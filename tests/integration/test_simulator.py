@@ -87,6 +87,9 @@ def test_full_lifecycle_per_endpoint(sim: SimulatorHandle, client: httpx.Client,
     assert isinstance(out["seed"], int)
     data = httpx.get(video["url"]).content
     assert len(data) == video["file_size"]
+    head = httpx.head(video["url"])
+    assert head.status_code == 200
+    assert int(head.headers["content-length"]) == video["file_size"]
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         frames = sum(1 for _ in container.decode(stream))
