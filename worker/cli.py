@@ -255,6 +255,7 @@ def _with_faults(options: Any, faults: tuple[str, ...]) -> Any:
     import dataclasses
 
     from jobs.errors import UsageError
+    from worker.simulator import FAULT_KINDS
     from worker.simulator.faults import FaultRule
 
     rules: dict[str, FaultRule] = {}
@@ -266,6 +267,8 @@ def _with_faults(options: Any, faults: tuple[str, ...]) -> Any:
             number = -1.0
         if not sep or number < 0:
             raise UsageError(f"--fault takes KIND=PROBABILITY or KIND=COUNT, got {item!r}")
+        if key.strip() not in FAULT_KINDS:
+            raise UsageError(f"unknown fault {key.strip()!r} (known: {', '.join(sorted(FAULT_KINDS))})")
         raw = {"probability": number} if number < 1 else {"next": int(number)}
         rules[key.strip()] = FaultRule.parse(raw)
     return dataclasses.replace(options, faults=rules)
