@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
+from e2e_helpers import MakeManifest, Wb, export_jsonl
 
-from tests.e2e.conftest import MakeManifest, Run, export_jsonl
 from worker.simulator.server import SimulatorHandle
-
-Wb = Callable[..., Run]
 
 ONE_JOB = """\
 name: {name}

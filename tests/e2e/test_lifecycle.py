@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
+from e2e_helpers import MakeManifest, Wb, counts, export_jsonl
 
-from tests.e2e.conftest import MakeManifest, Run, counts, export_jsonl
 from worker.simulator.server import SimulatorHandle
-
-Wb = Callable[..., Run]
 
 # No seeds: the provider picks them, so reproducing the outputs needs the seeds it returned.
 TWO_JOBS = """\
@@ -29,7 +27,7 @@ items:
 """
 
 
-def _by_item(records: list[dict[str, object]]) -> dict[object, dict[str, object]]:
+def _by_item(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return {r["item_index"]: r for r in records}
 
 

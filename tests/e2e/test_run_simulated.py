@@ -13,18 +13,15 @@ import io
 import json
 import logging
 import shutil
-from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_helpers import EXAMPLES, FAL_KEY, Wb, export_jsonl
 from sqlalchemy import create_engine, inspect, text
 
-from tests.e2e.conftest import EXAMPLES, FAL_KEY, Run, export_jsonl
 from worker.simulator.server import SimulatorHandle
-
-Wb = Callable[..., Run]
 
 CONTRACT_COLUMNS = {
     "job_id",

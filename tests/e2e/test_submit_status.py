@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from tests.e2e.conftest import Run, counts
-
-Wb = Callable[..., Run]
+from e2e_helpers import Wb, counts
 
 STATUS_KEYS = {"batch", "name", "total", "counts", "estimated_usd", "spent_usd", "possible_duplicate_charges"}
 

@@ -11,11 +11,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from e2e_helpers import EXAMPLES, MakeManifest, Run, Wb, bad_manifest_corpus, counts
 
-from tests.e2e.conftest import EXAMPLES, MakeManifest, Run, counts
-from tests.unit.test_bad_manifest_corpus import CORPUS_FILES, _expectations, generated_bad_manifests
-
-Wb = Callable[..., Run]
+CORPUS = bad_manifest_corpus()
+CORPUS_FILES: list[Path] = CORPUS.CORPUS_FILES
+_expectations = CORPUS._expectations
+generated_bad_manifests = CORPUS.generated_bad_manifests
 
 
 def _wanted(path: Path, expect: dict[str, str]) -> list[str]:
@@ -43,7 +44,10 @@ def _assert_refused(run: Run, path: Path, expect: dict[str, str]) -> None:
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, dict[str, str]]]:
-    return generated_bad_manifests(tmp_path_factory.mktemp("generated-bad"))
+    cases: list[tuple[Path, dict[str, str]]] = generated_bad_manifests(
+        tmp_path_factory.mktemp("generated-bad")
+    )
+    return cases
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,115 @@
+"""Helpers shared by the end-to-end tests: run the CLI in process, read the database, write manifests.
+
+Imported by basename (pytest puts this folder on ``sys.path``, as for ``tests/integration``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import create_engine, text
+
+from jobs.cli import cli
+from jobs.settings import get_settings
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "manifests" / "examples"
+FAL_KEY = "test-key-e2e-5f0c1d9a"  # distinctive, so a leak is found by a plain substring search
+
+#: Timing that keeps a simulated run well under a second per job.
+FAST_ENV = {
+    "WANBATCH_POLL_MIN_INTERVAL": "0.05",
+    "WANBATCH_POLL_MAX_INTERVAL": "0.2",
+    "WANBATCH_TICK_INTERVAL": "0.05",
+    "WANBATCH_RETRY_BASE_DELAY": "0",
+    "WANBATCH_SUBMIT_RATE": "200",
+    "WANBATCH_MAX_OUTSTANDING": "40",
+}
+
+
+def bad_manifest_corpus() -> ModuleType:
+    """``tests/unit/test_bad_manifest_corpus.py``, loaded by path (its folder is no package)."""
+    path = REPO / "tests" / "unit" / "test_bad_manifest_corpus.py"
+    spec = importlib.util.spec_from_file_location("e2e_bad_manifest_corpus", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class Run:
+    """One CLI invocation's outcome."""
+
+    code: int
+    stdout: str
+    stderr: str
+    result: Result
+
+    def json(self) -> Any:
+        """The single JSON object the contract promises on stdout with ``--json``."""
+        lines = [line for line in self.stdout.splitlines() if line.strip()]
+        assert len(lines) == 1, f"expected exactly one JSON line on stdout, got:\n{self.stdout}"
+        return json.loads(lines[0])
+
+
+Wb = Callable[..., Run]
+MakeManifest = Callable[[str, str], Path]
+
+
+def invoke(*args: str | Path) -> Run:
+    """Run ``wanbatch ARGS`` in process; an unexpected exception fails the test with its trace."""
+    import worker.cli  # noqa: F401  (adds run, rerun, cancel, … to the group)
+
+    get_settings.cache_clear()  # env changes inside a test take effect, as for a new process
+    result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="wanbatch")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        trace = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else ""
+        pytest.fail(f"wanbatch {' '.join(map(str, args))} raised:\n{trace}\nstderr:\n{result.stderr}")
+    return Run(result.exit_code, result.stdout, result.stderr, result)
+
+
+def write_manifest(folder: Path, name: str, body: str) -> Path:
+    """Write a manifest beside a copy of the example images; returns its path."""
+    images = folder / "images"
+    if not images.exists():
+        shutil.copytree(EXAMPLES / "images", images)
+    path = folder / f"{name}.yaml"
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+def db_rows(url: str, sql: str) -> list[Any]:
+    """Rows of a query against the database at ``url`` (a separate, short-lived engine)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(sql)))
+    finally:
+        engine.dispose()
+
+
+def counts(url: str) -> tuple[int, int]:
+    """(batches, jobs) stored at ``url``."""
+    return (
+        db_rows(url, "SELECT count(*) FROM batches")[0][0],
+        db_rows(url, "SELECT count(*) FROM jobs")[0][0],
+    )
+
+
+def export_jsonl(wb: Wb, batch: str) -> list[dict[str, Any]]:
+    """The batch's export records."""
+    run = wb("export", batch, "--format", "jsonl")
+    assert run.code == 0, run.stderr
+    return [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
