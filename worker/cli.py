@@ -173,13 +173,21 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
             )
         settings.require_fal_key()
         batches.open_engine(settings)  # migrate before any worker process starts
-        from celery.signals import worker_ready, worker_shutdown
+        from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
         from worker import tasks
         from worker.app import QUEUE, app
         from worker.ticker import Ticker
 
         ticker: list[Ticker] = []
+
+        @worker_process_init.connect(weak=False)
+        def _after_fork(**_: object) -> None:
+            # A prefork child inherits this process's engine pool (the migration's connection)
+            # and maybe its runtime: two processes on one socket corrupt each other's
+            # transactions. Abandon (not close) what was inherited; the child opens its own.
+            batches.open_engine(settings).dispose(close=False)
+            tasks.set_runtime(None)
 
         @worker_ready.connect(weak=False)
         def _start_ticker(**_: object) -> None:
