@@ -82,7 +82,9 @@ def test_persistent_model_error_fails_after_max_attempts(
     (rec,) = export_jsonl(wb, report["batch"])
     assert rec["status"] == "failed"
     assert rec["attempts"] == 3
-    assert "runner_disconnected" in rec["error"] or "503" in rec["error"]
+    assert "runner_disconnected" in rec["error"]
+    assert "503" in rec["error"]
+    assert rec["error_type"] == "runner_disconnected"
     assert "3 attempt" in rec["error"]
     ledger = sim.ledger()
     assert ledger["accepted"] == 3  # each attempt is a new request at fal
