@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     webhook_url: str | None = None
     #: Worker threads of the embedded (no broker) mode.
     embedded_concurrency: int = Field(default=4, ge=1)
+    #: Fault injection for the chaos suite only (``worker.chaos``): ``point:probability,…`` at
+    #: which a worker kills itself (exit 137, like ``kill -9``) or stops itself (SIGSTOP).
+    chaos_crash_points: str | None = None
+    chaos_stop_points: str | None = None
 
     @field_validator("fal_queue_url", "fal_rest_url")
     @classmethod

@@ -48,7 +48,7 @@ from jobs.errors import (
 from jobs.models import BatchState, Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
-from worker import outputs
+from worker import chaos, outputs
 from worker.fal.client import FalClient
 from worker.fal.errors import ResultNotReadyError
 from worker.fal.models import RequestHandle, Status
@@ -317,6 +317,7 @@ def submit(rt: Runtime, job_id: str) -> str:
         return "lost-lease"
     version = taken
 
+    chaos.crash_point("before_post")
     try:
         submitted = rt.client.submit(endpoint, to_send, webhook_url=webhook_for(rt.settings, job_id, attempt))
     except AmbiguousSubmitError as exc:
@@ -359,6 +360,7 @@ def submit(rt: Runtime, job_id: str) -> str:
             )  # fmt: skip
         return "failed"
 
+    chaos.crash_point("after_post")
     now = utcnow()
     fields: dict[str, Any] = {
         "request_id": submitted.request_id,
@@ -375,11 +377,14 @@ def submit(rt: Runtime, job_id: str) -> str:
     }
     new_state = S.RUNNING if submitted.status == "IN_PROGRESS" else S.QUEUED
     with store.session_scope(rt.engine) as session:
-        if store.transition(
+        accepted = store.transition(
             session, job_id, S.SUBMITTING, new_state, expected_version=version,
             reason=f"accepted as {submitted.request_id}", worker=rt.owner, **fields,
-        ):  # fmt: skip
-            return "submitted"
+        )  # fmt: skip
+    if accepted:
+        chaos.crash_point("after_commit")
+        return "submitted"
+    with store.session_scope(rt.engine) as session:
         # Our lease ran out while the POST was in flight and the reconciler declared the
         # outcome unknown. We hold the proof: the request exists. Record it.
         job = store.get_job(session, job_id)
@@ -587,6 +592,7 @@ def download(rt: Runtime, job_id: str) -> str:
             expected_size=video.get("file_size") if isinstance(video.get("file_size"), int) else None,
             max_bytes=rt.settings.download_max_bytes,
             timeout=httpx.Timeout(rt.settings.read_timeout, connect=rt.settings.connect_timeout),
+            client=chaos.download_client(httpx.Timeout(rt.settings.read_timeout)),
         )
     except ProviderError as exc:
         failures = download_failures + 1
@@ -610,6 +616,7 @@ def download(rt: Runtime, job_id: str) -> str:
             )
         return "download-retry"
 
+    chaos.crash_point("after_download")
     with store.session_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
         sidecar = sidecar_record(

@@ -1,0 +1,208 @@
+"""The invariants every chaos scenario must leave intact, checked over the recorded history.
+
+Three independent records are compared: the project database (``jobs`` and ``job_events``),
+the simulator's ledger (what "fal" accepted and billed, including submits whose answer never
+reached a worker) and the output folder. Ledger entries are matched to jobs by the hash of the
+input sent; every job of a chaos manifest has its own seed, so no two jobs share an input.
+
+* **I1** every job is terminal, with a reason (``error``) when it failed or was cancelled, and
+  its output when it succeeded; the job count equals the manifest's (0 lost).
+* **I2** per job, accepted submits minus the attempts the worker *knew* had failed at fal
+  (their request id is in the job's history and the request ended in error) is at most 1 —
+  unless the job recorded an ambiguous outcome (an event into ``submit_unknown``). Every extra
+  accepted submit is reported on the job (``possible_duplicate_charges``). Paid duplicates
+  (two billed requests for one job) are counted and must also be covered by those reports.
+* **I3** no partial file is visible: every ``.mp4`` in the output folder is the output of a
+  succeeded job with the recorded size and SHA-256 (temporary files are hidden ``.*.part``).
+* **I5** fal never held more outstanding requests than ``WANBATCH_MAX_OUTSTANDING`` (plus, under
+  the ``resubmit`` policy, the orphans of ambiguous submits, which we cannot see by definition).
+* **History** each job's events chain: ``from_state`` of each equals ``to_state`` of the one
+  before (the first starts at ``pending``), versions strictly increase, and the last event's
+  state is the job's state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from worker.simulator.engine import canonical_sha256
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+KNOWN_FAILURE_OUTCOMES = {"error", "invalid", "cancelled", "timeout"}
+
+
+@dataclass
+class Findings:
+    """Figures of one scenario and every invariant violation found (empty = all hold)."""
+
+    figures: dict[str, Any] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+
+    def fail(self, message: str) -> None:
+        if len(self.violations) < 200:
+            self.violations.append(message)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check(
+    db_url: str,
+    ledger: dict[str, Any],
+    output_dir: Path,
+    *,
+    expected_jobs: int,
+    max_outstanding: int,
+    policy: str,
+) -> Findings:
+    """Evaluate I1, I2, I3, I5 and the history rule; return figures and violations."""
+    found = Findings()
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        jobs = conn.execute(
+            "SELECT id, state, error, error_type, input, submitted_input, attempts, request_id, "
+            "possible_duplicate_charges, output_path, output_sha256, output_bytes FROM jobs"
+        ).fetchall()
+        events = conn.execute(
+            "SELECT job_id, from_state, to_state, version, reason FROM job_events ORDER BY id"
+        ).fetchall()
+
+    history: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for ev in events:
+        history[ev["job_id"]].append(ev)
+
+    # ------------------------------------------------------------------ I1
+    states: dict[str, int] = defaultdict(int)
+    for job in jobs:
+        states[job["state"]] += 1
+        if job["state"] not in TERMINAL:
+            found.fail(f"job {job['id']} is not terminal: {job['state']}")
+        elif job["state"] in ("failed", "cancelled") and not job["error"]:
+            found.fail(f"job {job['id']} ended {job['state']} without a reason")
+        elif job["state"] == "succeeded" and not (job["output_path"] and job["output_sha256"]):
+            found.fail(f"job {job['id']} succeeded without a recorded output")
+    lost = expected_jobs - sum(n for s, n in states.items() if s in TERMINAL)
+    if len(jobs) != expected_jobs:
+        found.fail(f"{len(jobs)} jobs stored, manifest has {expected_jobs}")
+
+    # ------------------------------------------------------------------ history
+    for job in jobs:
+        chain = history.get(job["id"], [])
+        previous_state, previous_version = "pending", -1
+        for ev in chain:
+            if ev["from_state"] != previous_state:
+                found.fail(
+                    f"job {job['id']}: event {ev['from_state']}->{ev['to_state']} after {previous_state}"
+                )
+            if ev["version"] <= previous_version:
+                found.fail(f"job {job['id']}: version {ev['version']} after {previous_version}")
+            previous_state, previous_version = ev["to_state"], ev["version"]
+        if previous_state != job["state"]:
+            found.fail(f"job {job['id']}: history ends in {previous_state}, the job is {job['state']}")
+
+    # ------------------------------------------------------------------ I2
+    by_hash: dict[str, dict[str, Any]] = {}
+    for job in jobs:
+        sent = job["submitted_input"] if job["submitted_input"] is not None else job["input"]
+        by_hash[canonical_sha256(sent)] = job
+    entries: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    unmatched = 0
+    for entry in ledger["entries"]:
+        job = by_hash.get(entry["input_sha256"])
+        if job is None:
+            unmatched += 1
+            continue
+        entries[job["id"]].append(entry)
+    if unmatched:
+        found.fail(f"{unmatched} accepted submit(s) match no job's input")
+
+    ambiguous_jobs = 0
+    ambiguous_events = 0
+    extra_accepted = 0
+    duplicate_paid = 0
+    reported = 0
+    for job in jobs:
+        chain = history.get(job["id"], [])
+        unknown = sum(1 for ev in chain if ev["to_state"] == "submit_unknown")
+        ambiguous_events += unknown
+        ambiguous_jobs += bool(unknown)
+        reported += job["possible_duplicate_charges"]
+        reasons = " ".join(ev["reason"] or "" for ev in chain)
+        mine = entries.get(job["id"], [])
+        known_failed = sum(
+            1 for e in mine if e["request_id"] in reasons and e["outcome"] in KNOWN_FAILURE_OUTCOMES
+        )
+        extra = max(0, len(mine) - known_failed - 1)
+        paid = sum(1 for e in mine if e["billed"])
+        extra_accepted += extra
+        duplicate_paid += max(0, paid - 1)
+        if extra and not unknown:
+            found.fail(
+                f"job {job['id']}: {len(mine)} accepted submits ({known_failed} known failures) "
+                "and no ambiguous outcome recorded"
+            )
+        if extra > job["possible_duplicate_charges"]:
+            found.fail(
+                f"job {job['id']}: {extra} extra accepted submit(s) but only "
+                f"{job['possible_duplicate_charges']} reported as possible duplicate charges"
+            )
+        if paid > 1 and paid - 1 > job["possible_duplicate_charges"]:
+            found.fail(f"job {job['id']}: paid {paid} times, reported {job['possible_duplicate_charges']}")
+        if job["state"] == "succeeded" and not mine:
+            found.fail(f"job {job['id']} succeeded but fal never accepted its input")
+
+    # ------------------------------------------------------------------ I3
+    outputs = {
+        Path(j["output_path"]).resolve(): j for j in jobs if j["state"] == "succeeded" and j["output_path"]
+    }
+    for path, job in outputs.items():
+        if not path.is_file():
+            found.fail(f"job {job['id']}: output {path} is missing")
+        elif path.stat().st_size != job["output_bytes"] or _sha256(path) != job["output_sha256"]:
+            found.fail(f"job {job['id']}: output {path} differs from its recorded size/sha256")
+        sidecar = path.with_suffix(".json")
+        if path.is_file() and (
+            not sidecar.is_file() or json.loads(sidecar.read_text())["job_id"] != job["id"]
+        ):
+            found.fail(f"job {job['id']}: sidecar {sidecar} missing or wrong")
+    visible = [p for p in output_dir.rglob("*.mp4") if not p.name.startswith(".")]
+    for path in visible:
+        if path.resolve() not in outputs:
+            found.fail(f"{path} is visible but is no succeeded job's output")
+    leftovers = [p for p in output_dir.rglob(".*") if p.is_file()]
+
+    # ------------------------------------------------------------------ I5
+    allowed = max_outstanding + (ambiguous_events if policy == "resubmit" else 0)
+    if ledger["max_outstanding"] > allowed:
+        found.fail(f"fal held {ledger['max_outstanding']} requests at once; the cap allows {allowed}")
+
+    found.figures.update(
+        jobs=expected_jobs,
+        stored=len(jobs),
+        states=dict(sorted(states.items())),
+        lost=lost,
+        accepted_submits=ledger["accepted"],
+        billed=ledger["billed_count"],
+        ambiguous_outcomes=ambiguous_events,
+        jobs_with_ambiguous_outcome=ambiguous_jobs,
+        extra_accepted_submits=extra_accepted,
+        duplicate_paid_submissions=duplicate_paid,
+        reported_possible_duplicates=reported,
+        max_outstanding_at_fal=ledger["max_outstanding"],
+        outstanding_cap=max_outstanding,
+        hidden_temp_files_left=len(leftovers),
+        events=len(events),
+    )
+    return found
