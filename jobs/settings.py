@@ -82,17 +82,46 @@ class Settings(BaseSettings):
     chaos_crash_points: str | None = None
     chaos_stop_points: str | None = None
 
+    # Global limits and budgets (README "Limits, budgets and cost").
+    #: Redis holding the global submit-rate limiter; defaults to the broker when it is Redis.
+    #: Without one (embedded mode) the limiter lives in this process, which is then the only one.
+    limits_url: str | None = None
+    #: JSON object: endpoint id -> submits/second for that endpoint (on top of ``submit_rate``).
+    submit_rate_per_endpoint: dict[str, float] = Field(default_factory=dict)
+    #: JSON object: endpoint id -> most outstanding requests of that endpoint (within ``max_outstanding``).
+    max_outstanding_per_endpoint: dict[str, int] = Field(default_factory=dict)
+    #: Network jitter between a granted submit and fal receiving it, in seconds: submits are
+    #: spaced (1 + this) / rate apart so that no 1-second window *as fal sees it* holds more than
+    #: ``submit_rate`` submits.
+    submit_jitter_allowance: float = Field(default=0.05, ge=0, le=1)
+    #: Longest a submit task waits for a rate token before giving the job back to ``pending``.
+    submit_wait_max: float = Field(default=2.0, ge=0)
+    #: Cap on USD committed (spent + reserved) per UTC day across all batches; unset = no cap.
+    daily_budget_usd: Decimal | None = Field(default=None, ge=0)
+    #: Lower the outstanding cap while requests wait IN_QUEUE at fal (account tier below our cap).
+    adaptive_outstanding: bool = False
+
     @field_validator("fal_queue_url", "fal_rest_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
-    @field_validator("pricing_overrides", mode="before")
+    @field_validator(
+        "pricing_overrides", "submit_rate_per_endpoint", "max_outstanding_per_endpoint", mode="before"
+    )
     @classmethod
     def _parse_overrides(cls, value: object) -> object:
         if isinstance(value, str):
             return json.loads(value) if value.strip() else {}
         return value
+
+    def limits_backend_url(self) -> str | None:
+        """The Redis URL of the global limiter: ``limits_url``, else the broker when it is Redis."""
+        if self.limits_url:
+            return self.limits_url
+        if self.broker_url and self.broker_url.split(":", 1)[0] in ("redis", "rediss", "unix"):
+            return self.broker_url
+        return None
 
     def require_fal_key(self) -> str:
         """The key itself, for the one place that sends it; a clear error when it is unset."""

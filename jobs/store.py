@@ -61,9 +61,12 @@ __all__ = [
     "add_jobs",
     "batch_money",
     "claim_jobs",
+    "committed_usd_since",
     "count_in_states",
+    "count_in_states_by_endpoint",
     "counts_by_state",
     "extend_lease",
+    "failure_reasons",
     "find_job_by_request_id",
     "find_upload",
     "get_batch",
@@ -412,6 +415,7 @@ def claim_jobs(
     lease_seconds: float,
     batch_id: str | None = None,
     active_batches_only: bool = False,
+    endpoints: Sequence[str] | None = None,
 ) -> list[Job]:
     """Lease up to ``limit`` due jobs in ``states`` to ``owner``; no two claimers get the same job.
 
@@ -419,7 +423,8 @@ def claim_jobs(
     expired (so a crashed worker's jobs come back after ``lease_seconds``). Claiming bumps each
     job's ``version``: the returned objects carry the new one, to fence later writes with.
     ``active_batches_only`` skips jobs of paused or cancelled batches (for submitting; polling
-    must go on regardless). Oldest jobs first.
+    must go on regardless); ``endpoints`` keeps only jobs of those endpoints (per-endpoint
+    caps). Oldest jobs first.
     """
     if limit <= 0 or not states:
         return []
@@ -430,6 +435,8 @@ def claim_jobs(
     ]
     if batch_id is not None:
         conditions.append(Job.batch_id == batch_id)
+    if endpoints is not None:
+        conditions.append(Job.endpoint.in_(list(endpoints)))
     if active_batches_only:
         conditions.append(exists().where(Batch.id == Job.batch_id, Batch.state == BatchState.ACTIVE))
     candidates = (
@@ -565,12 +572,53 @@ def counts_by_state(session: Session, batch_id: str | None = None) -> dict[str, 
     return counts
 
 
+def failure_reasons(
+    session: Session, batch_id: str, *, limit: int = 5
+) -> list[tuple[str, str | None, str, int]]:
+    """The commonest reasons jobs ended failed or cancelled: ``(state, error_type, example, count)``."""
+    query = (
+        select(Job.state, Job.error_type, func.min(Job.error), func.count())
+        .where(Job.batch_id == batch_id, Job.state.in_([JobState.FAILED, JobState.CANCELLED]))
+        .group_by(Job.state, Job.error_type)
+        .order_by(func.count().desc())
+        .limit(limit)
+    )
+    return [(JobState(st).value, et, ex or "", int(n)) for st, et, ex, n in session.execute(query)]
+
+
 def count_in_states(session: Session, states: Iterable[JobState], *, batch_id: str | None = None) -> int:
     """How many jobs are in ``states`` (e.g. ``AT_PROVIDER_STATES`` for the outstanding cap)."""
     query = select(func.count()).select_from(Job).where(Job.state.in_(list(states)))
     if batch_id is not None:
         query = query.where(Job.batch_id == batch_id)
     return int(session.scalar(query) or 0)
+
+
+def count_in_states_by_endpoint(session: Session, states: Iterable[JobState]) -> dict[str, int]:
+    """How many jobs are in ``states`` per endpoint (per-endpoint outstanding caps)."""
+    query = select(Job.endpoint, func.count()).where(Job.state.in_(list(states))).group_by(Job.endpoint)
+    return {str(endpoint): int(n) for endpoint, n in session.execute(query)}
+
+
+def committed_usd_since(session: Session, since: datetime) -> Decimal:
+    """USD committed across every batch since ``since`` (the daily budget): the estimates of all
+    jobs fal holds or may hold now, plus what jobs submitted since then were billed."""
+    zero = type_coerce(0, Money())
+    billed = case(
+        (Job.state.in_(list(_BILLED_STATES)), func.coalesce(Job.actual_usd, Job.est_usd)),
+        else_=func.coalesce(Job.actual_usd, zero),
+    )
+    reserved = session.scalar(
+        select(func.coalesce(func.sum(type_coerce(Job.est_usd, Money())), zero)).where(
+            Job.state.in_(list(AT_PROVIDER_STATES))
+        )
+    )
+    spent = session.scalar(
+        select(func.coalesce(func.sum(type_coerce(billed, Money())), zero)).where(
+            Job.submitted_at >= since, Job.state.not_in(list(AT_PROVIDER_STATES))
+        )
+    )
+    return Decimal(reserved or 0) + Decimal(spent or 0)
 
 
 @dataclass(frozen=True, slots=True)

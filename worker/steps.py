@@ -28,15 +28,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 from sqlalchemy import Engine
 
-from jobs import store
-from jobs.endpoints import get_endpoint
+from jobs import billing, store
+from jobs.endpoints import all_endpoints, get_endpoint
 from jobs.errors import (
     AccountLockedError,
     AmbiguousSubmitError,
@@ -54,6 +53,7 @@ from worker.fal.errors import ResultNotReadyError
 from worker.fal.models import RequestHandle, Status
 from worker.fal.storage import MediaPreparer, prepare_input
 from worker.fal.storage import download as download_file
+from worker.limits import LimiterUnavailableError, SubmitLimiter, limiter_for, wait_for_token
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,12 @@ def worker_identity() -> str:
 
 
 class RateBucket:
-    """A token bucket for the submit rate.
+    """A token bucket that paces *dispatch* to the submit rate.
 
-    Submits are only ever dispatched by the single tick leader (see ``worker.ticker``), so one
-    bucket in that process is a global limit across every worker and host.
+    It is not the limit itself: the POST happens later, in a task on any worker, so the hard
+    limit is the shared GCRA taken right before each POST (:mod:`worker.limits`). This bucket,
+    in the single tick leader, only keeps dispatch from claiming far more jobs than can be sent
+    soon, so submit tasks rarely wait for a token and almost never give a job back.
     """
 
     def __init__(self, rate: float, burst: float | None = None) -> None:
@@ -104,10 +106,13 @@ class Runtime:
     media: MediaPreparer
     owner: str = field(default_factory=worker_identity)
     bucket: RateBucket | None = None
+    limiter: SubmitLimiter | None = None
 
     def __post_init__(self) -> None:
         if self.bucket is None:
-            self.bucket = RateBucket(self.settings.submit_rate)
+            self.bucket = RateBucket(self.settings.submit_rate / (1 + self.settings.submit_jitter_allowance))
+        if self.limiter is None:
+            self.limiter = limiter_for(self.settings)
 
     def lease_until(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.settings.lease_seconds)
@@ -164,36 +169,23 @@ def dispatch(rt: Runtime) -> list[str]:
         free = rt.bucket.take(free)
         if free <= 0:
             return []
-        jobs = store.claim_jobs(
-            session,
-            states=[S.PENDING, S.RETRY_WAIT],
-            limit=free,
-            now=now,
-            owner=rt.owner,
-            lease_seconds=rt.settings.lease_seconds,
-            active_batches_only=True,
-        )
+        jobs = _claim_within_caps(session, rt, free, now)
         unused = free
         for job in jobs:
-            batch = store.get_batch(session, job.batch_id)
-            if batch.budget_max_usd is not None:
-                money = store.batch_money(session, batch.id)
-                if money.committed_usd + job.est_usd > batch.budget_max_usd:
-                    store.transition(
-                        session,
-                        job.id,
-                        job.state,
-                        S.CANCELLED,
-                        expected_version=job.version,
-                        reason="budget",
-                        worker=rt.owner,
-                        error=(
-                            f"budget: submitting would commit ${money.committed_usd + job.est_usd:.2f} "
-                            f"of the batch's ${batch.budget_max_usd:.2f} cap"
-                        ),
-                        error_type="budget",
-                    )
-                    continue
+            refusal = _budget_refusal(session, rt, job, now)
+            if refusal is not None:
+                store.transition(
+                    session,
+                    job.id,
+                    job.state,
+                    S.CANCELLED,
+                    expected_version=job.version,
+                    reason="budget",
+                    worker=rt.owner,
+                    error=refusal,
+                    error_type="budget",
+                )
+                continue
             moved = store.transition(
                 session,
                 job.id,
@@ -217,12 +209,84 @@ def dispatch(rt: Runtime) -> list[str]:
     return sent
 
 
+def _claim_within_caps(session: Any, rt: Runtime, free: int, now: datetime) -> list[Job]:
+    """Claim up to ``free`` due jobs, no endpoint beyond its own cap (``max_outstanding_per_endpoint``)."""
+    claim: dict[str, Any] = {
+        "states": [S.PENDING, S.RETRY_WAIT],
+        "now": now,
+        "owner": rt.owner,
+        "lease_seconds": rt.settings.lease_seconds,
+        "active_batches_only": True,
+    }
+    caps = rt.settings.max_outstanding_per_endpoint
+    if not caps:
+        return store.claim_jobs(session, limit=free, **claim)
+    outstanding = store.count_in_states_by_endpoint(session, JobState_at_provider())
+    jobs: list[Job] = []
+    for endpoint, cap in sorted(caps.items()):
+        room = min(free - len(jobs), cap - outstanding.get(endpoint, 0))
+        if room > 0:
+            jobs += store.claim_jobs(session, limit=room, endpoints=[endpoint], **claim)
+    uncapped = [e.id for e in all_endpoints() if e.id not in caps]
+    if free - len(jobs) > 0 and uncapped:
+        jobs += store.claim_jobs(session, limit=free - len(jobs), endpoints=uncapped, **claim)
+    return jobs
+
+
+def _budget_refusal(session: Any, rt: Runtime, job: Job, now: datetime) -> str | None:
+    """Why submitting ``job`` would cross a budget cap (its batch's, or the day's), else None.
+
+    Checked in the claim's transaction, by the single dispatcher: what is committed (spent +
+    the estimates of everything in flight) plus this job's estimate must stay within the cap.
+    """
+    batch = store.get_batch(session, job.batch_id)
+    if batch.budget_max_usd is not None:
+        money = store.batch_money(session, batch.id)
+        if money.committed_usd + job.est_usd > batch.budget_max_usd:
+            return (
+                f"budget: submitting would commit ${money.committed_usd + job.est_usd:.2f} "
+                f"of the batch's ${batch.budget_max_usd:.2f} cap"
+            )
+    cap = rt.settings.daily_budget_usd
+    if cap is not None:
+        since = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        committed = store.committed_usd_since(session, since)
+        if committed + job.est_usd > cap:
+            return (
+                f"budget: submitting would commit ${committed + job.est_usd:.2f} of today's "
+                f"${cap:.2f} cap (WANBATCH_DAILY_BUDGET_USD)"
+            )
+    return None
+
+
 def JobState_at_provider() -> list[JobState]:
     """States that count against the outstanding cap."""
     return [s for s in JobState if s.at_provider]
 
 
 # --------------------------------------------------------------------------- submit
+
+
+#: How long a job given back for lack of a limiter waits before it is dispatched again.
+LIMITER_DOWN_RETRY_SECONDS = 5.0
+
+
+def _take_submit_token(rt: Runtime, endpoint: str) -> tuple[str, float] | None:
+    """None when the submit may go now; else why not and how long until the job is due again.
+
+    Waits in place for a token up to ``submit_wait_max`` (dispatch paces itself to the same
+    rate, so waits are short); beyond that the job goes back to ``pending`` rather than hold a
+    worker slot. An unreachable limiter fails closed: nothing is sent until it is back.
+    """
+    assert rt.limiter is not None
+    try:
+        wait = wait_for_token(rt.limiter, endpoint, rt.settings.submit_wait_max)
+    except LimiterUnavailableError as exc:
+        log.warning("not submitting: %s", exc)
+        return f"held back: {exc}", LIMITER_DOWN_RETRY_SECONDS
+    if wait > 0:
+        return f"held back by the submit rate for {wait:.2f}s", wait
+    return None
 
 
 def webhook_for(settings: Settings, job_id: str, attempt: int) -> str | None:
@@ -235,8 +299,16 @@ def webhook_for(settings: Settings, job_id: str, attempt: int) -> str | None:
 
 
 def _retry_or_fail(
-    session: Any, rt: Runtime, job: Job, expected: JobState, version: int, exc: ProviderError, now: datetime
+    session: Any,
+    rt: Runtime,
+    job: Job,
+    expected: JobState,
+    version: int,
+    exc: ProviderError,
+    now: datetime,
+    **fields: Any,
 ) -> None:
+    """Back off and try again, or fail after the last attempt; ``fields`` are written either way."""
     reason = describe(exc)
     if job.attempts < rt.settings.max_attempts:
         delay = _backoff(rt.settings, job.attempts)
@@ -255,6 +327,7 @@ def _retry_or_fail(
             next_attempt_at=now + timedelta(seconds=delay),
             lease_owner=None,
             lease_expires_at=None,
+            **fields,
         )
     else:
         store.transition(
@@ -267,6 +340,7 @@ def _retry_or_fail(
             worker=rt.owner,
             error=f"after {job.attempts} attempt(s): {reason}",
             error_type=exc.error_type,
+            **fields,
         )
 
 
@@ -299,6 +373,21 @@ def submit(rt: Runtime, job_id: str) -> str:
                     reason=describe(exc), worker=rt.owner, error=describe(exc), error_type=exc.error_type,
                 )  # fmt: skip
         return "media-failed"
+
+    # The global submit rate, taken right before the POST (every worker shares it). Before
+    # take_lease on purpose: a worker that dies while waiting leaves a job that is plainly
+    # "not sent" (no recorded input), not one whose submission looks ambiguous.
+    held_back = _take_submit_token(rt, endpoint)
+    if held_back is not None:
+        reason, delay = held_back
+        with store.session_scope(rt.engine) as session:
+            job = store.get_job(session, job_id)
+            store.transition(
+                session, job_id, S.SUBMITTING, S.PENDING, expected_version=version,
+                reason=reason, worker=rt.owner, attempts=max(0, job.attempts - 1),
+                lease_owner=None, lease_expires_at=None, next_attempt_at=utcnow() + timedelta(seconds=delay),
+            )  # fmt: skip
+        return "rate-limited"
 
     # Record what we are about to send, and that the POST may go out, before it does: if this
     # process dies from here on, the reconciler knows the submit's outcome is unknown.
@@ -448,6 +537,13 @@ def poll(rt: Runtime, limit: int = 200) -> int:
     return calls
 
 
+def _cancel_outcome(status: Status) -> billing.Outcome:
+    """How a request we asked to cancel ended, for billing: cancelled (queued or running) or an error."""
+    if status.error_type in (None, "client_cancelled"):
+        return billing.classify_cancel(status.metrics)
+    return billing.classify_failure(None, status.error_type, status.metrics)
+
+
 def _apply_status(
     rt: Runtime, job_id: str, version: int, state: JobState, status: Status, submitted_at: datetime | None
 ) -> None:
@@ -455,11 +551,13 @@ def _apply_status(
     with store.session_scope(rt.engine) as session:
         if status.completed:
             if state == S.CANCELLING and status.failed:
+                job = store.get_job(session, job_id)
                 store.transition(
                     session, job_id, state, S.CANCELLED, expected_version=version,
                     reason=f"cancelled at fal ({status.error_type or status.error})", worker=rt.owner,
                     error="cancelled by user", error_type=status.error_type, completed_at=now,
                     provider_metrics=status.metrics or None,
+                    **_billed(job, _cancel_outcome(status)),
                 )  # fmt: skip
                 return
             moved = store.transition(
@@ -560,7 +658,16 @@ def download(rt: Runtime, job_id: str) -> str:
                     )  # fmt: skip
                     return "not-ready"
                 # The model failed in a way fal calls transient: a new attempt is a new request.
-                _retry_or_fail(session, rt, job, S.DOWNLOADING, version, exc, utcnow())
+                _retry_or_fail(
+                    session,
+                    rt,
+                    job,
+                    S.DOWNLOADING,
+                    version,
+                    exc,
+                    utcnow(),
+                    **_actual_cost_for_failure(job, exc),
+                )
             return "retry"
         with store.session_scope(rt.engine) as session:
             seed = output.get("seed")
@@ -627,21 +734,26 @@ def download(rt: Runtime, job_id: str) -> str:
             session, job_id, S.DOWNLOADING, S.SUCCEEDED, expected_version=version,
             reason="downloaded", worker=rt.owner,
             output_path=str(result.path), output_sha256=result.sha256, output_bytes=result.size,
-            actual_billing_units=job.est_billing_units, actual_usd=job.est_usd, error=None, error_type=None,
+            error=None, error_type=None, **_billed(job, billing.Outcome.SUCCEEDED),
         )  # fmt: skip
     return "succeeded"
 
 
+def _billed(job: Job, outcome: billing.Outcome) -> dict[str, Any]:
+    """The job's actual cost after this attempt ended as ``outcome`` (earlier attempts included)."""
+    return billing.billed(
+        outcome,
+        job.est_billing_units,
+        job.est_usd,
+        prior_units=job.actual_billing_units,
+        prior_usd=job.actual_usd,
+    )
+
+
 def _actual_cost_for_failure(job: Job, exc: ProviderError) -> dict[str, Any]:
-    """fal never bills 5xx; a 422 may be billed if a runner spent time — we count it as billed
-    when fal reported inference time, else as free (the conservative reading of fal's FAQ)."""
-    metrics = job.provider_metrics or {}
-    billed = exc.status_code is not None and exc.status_code < 500 and bool(metrics.get("inference_time"))
-    zero = Decimal(0)
-    return {
-        "actual_billing_units": job.est_billing_units if billed else zero,
-        "actual_usd": job.est_usd if billed else zero,
-    }
+    """What fal bills for an attempt that ended in ``exc``: the rule for its outcome class
+    (``jobs/billing_rules.yaml``: 5xx never, a 422 only when a runner spent inference time)."""
+    return _billed(job, billing.classify_failure(exc.status_code, exc.error_type, job.provider_metrics))
 
 
 def sidecar_record(

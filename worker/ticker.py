@@ -7,8 +7,9 @@ session-level advisory lock held on a dedicated connection: when the leader dies
 takes over within one interval — no TTL to tune, no clock to trust. On SQLite (one host by
 definition) every ticker leads.
 
-Ticking in one place is also what makes the submit-rate bucket and the outstanding cap global
-across workers and hosts (``worker.steps.RateBucket``).
+Ticking in one place is also what makes the outstanding cap and the budget checks global
+across workers and hosts (each is checked in the claim's transaction); the submit *rate* is
+enforced right before each POST by the shared limiter of :mod:`worker.limits`.
 """
 
 from __future__ import annotations

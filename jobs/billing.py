@@ -1,0 +1,110 @@
+"""What the provider bills for a finished request: an outcome class, then a rule from data.
+
+fal's billing depends on how a request ended (success, 5xx, 422 after GPU time, cancel while
+queued or while running). The *classification* is code — it reads what the provider told us —
+but the *fraction billed* per class lives in ``billing_rules.yaml`` beside this module, so a
+change in fal's billing (or a correction found by auditing fal's billing events) is a data edit.
+
+Money stays :class:`~decimal.Decimal`; a job's actual cost accumulates over its attempts (a
+retried job may have paid for an earlier attempt too).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jobs.errors import ConfigError
+
+RULES_PATH = Path(__file__).with_name("billing_rules.yaml")
+
+
+class Outcome(StrEnum):
+    """How one provider request ended, as far as billing is concerned."""
+
+    SUCCEEDED = "succeeded"
+    SERVER_ERROR = "server_error"
+    MODEL_ERROR = "model_error"
+    VALIDATION_ERROR_AFTER_INFERENCE = "validation_error_after_inference"
+    VALIDATION_ERROR = "validation_error"
+    CLIENT_ERROR_AFTER_INFERENCE = "client_error_after_inference"
+    CLIENT_ERROR = "client_error"
+    CANCELLED_IN_QUEUE = "cancelled_in_queue"
+    CANCELLED_RUNNING = "cancelled_running"
+
+
+@lru_cache(maxsize=4)
+def load_rules(path: Path = RULES_PATH) -> dict[Outcome, Decimal]:
+    """The billed fraction per outcome; every :class:`Outcome` must be given, each in [0, 1]."""
+    with path.open(encoding="utf-8") as fh:
+        raw: Any = yaml.safe_load(fh)
+    table = raw.get("outcomes") if isinstance(raw, dict) else None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: expected a mapping 'outcomes: {{class: fraction}}'")
+    rules: dict[Outcome, Decimal] = {}
+    for outcome in Outcome:
+        if outcome.value not in table:
+            raise ConfigError(f"{path}: no billing rule for outcome {outcome.value!r}")
+        fraction = Decimal(str(table[outcome.value]))
+        if not Decimal(0) <= fraction <= Decimal(1):
+            raise ConfigError(f"{path}: {outcome.value} must be a fraction between 0 and 1")
+        rules[outcome] = fraction
+    unknown = set(table) - {o.value for o in Outcome}
+    if unknown:
+        raise ConfigError(f"{path}: unknown outcome(s) {sorted(unknown)}")
+    return rules
+
+
+def ran(metrics: dict[str, Any] | None) -> bool:
+    """Whether fal reported inference time for the request (a runner worked on it)."""
+    value = (metrics or {}).get("inference_time")
+    return isinstance(value, int | float) and value > 0
+
+
+def classify_failure(
+    status_code: int | None, error_type: str | None, metrics: dict[str, Any] | None
+) -> Outcome:
+    """The billing class of a request that ended without an output.
+
+    ``status_code`` is the HTTP status fal replayed for the result, ``error_type`` fal's own
+    error type (set for model/infrastructure errors, unset for a plain 422 validation error),
+    ``metrics`` the status's metrics (``inference_time``).
+    """
+    if status_code is not None and status_code >= 500:
+        return Outcome.SERVER_ERROR
+    if error_type in ("client_cancelled",):
+        return Outcome.CANCELLED_RUNNING if ran(metrics) else Outcome.CANCELLED_IN_QUEUE
+    if status_code == 422 and not error_type:
+        return Outcome.VALIDATION_ERROR_AFTER_INFERENCE if ran(metrics) else Outcome.VALIDATION_ERROR
+    if error_type:
+        return Outcome.MODEL_ERROR
+    return Outcome.CLIENT_ERROR_AFTER_INFERENCE if ran(metrics) else Outcome.CLIENT_ERROR
+
+
+def classify_cancel(metrics: dict[str, Any] | None) -> Outcome:
+    """A request fal reports cancelled: billed only if it had started running."""
+    return Outcome.CANCELLED_RUNNING if ran(metrics) else Outcome.CANCELLED_IN_QUEUE
+
+
+def billed(
+    outcome: Outcome,
+    est_units: Decimal,
+    est_usd: Decimal,
+    *,
+    prior_units: Decimal | None = None,
+    prior_usd: Decimal | None = None,
+) -> dict[str, Decimal]:
+    """The job's ``actual_billing_units``/``actual_usd`` after one more attempt ended as ``outcome``.
+
+    Adds this attempt's bill (its fraction of the estimate) to what earlier attempts cost.
+    """
+    fraction = load_rules()[outcome]
+    return {
+        "actual_billing_units": (prior_units or Decimal(0)) + est_units * fraction,
+        "actual_usd": (prior_usd or Decimal(0)) + est_usd * fraction,
+    }

@@ -1,0 +1,197 @@
+"""Global limits: the Redis GCRA submit limiter, alone and under many threads and processes.
+
+The multi-worker run (4 ``wanbatch worker`` processes against one Redis and one PostgreSQL,
+checked against the simulator's ledger) is in ``test_limits_distributed.py``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from pydantic import SecretStr
+
+from jobs.settings import Settings
+from worker.limits import (
+    LimiterUnavailableError,
+    LocalGCRA,
+    RedisGCRA,
+    api_key_id,
+    limiter_for,
+    rate_keys,
+    wait_for_token,
+)
+
+ENDPOINT = "fal-ai/wan-i2v"
+
+
+def _settings(rate: float, **extra: object) -> Settings:
+    return Settings(fal_key=SecretStr("limits-test-key-3f9a"), submit_rate=rate, **extra)  # type: ignore[arg-type]
+
+
+def _max_in_window(times: list[float], window: float = 1.0) -> int:
+    """Most events in any half-open window [t, t + window) (sliding, not calendar seconds)."""
+    times = sorted(times)
+    best = j = 0
+    for i, start in enumerate(times):
+        while j < len(times) and times[j] < start + window:
+            j += 1
+        best = max(best, j - i)
+    return best
+
+
+def _redis_now(client: redis.Redis[bytes]) -> float:
+    seconds, micros = client.time()
+    return float(seconds) + float(micros) / 1_000_000
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis[bytes]]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def _hammer(
+    url: str, prefix: str, rate: float, start: float, until: float, out: list[float], lock: threading.Lock
+) -> None:
+    """Take tokens as fast as possible from ``start`` to ``until`` (Redis time); record grant times."""
+    limiter = RedisGCRA.from_url(_settings(rate, submit_jitter_allowance=0.0), url, prefix=prefix)
+    client = limiter.client
+    try:
+        while _redis_now(client) < start:
+            time.sleep(0.01)
+        while _redis_now(client) < until:
+            wait, granted_at = limiter.acquire_at(ENDPOINT)  # Redis' own clock at the grant
+            if wait == 0:
+                with lock:
+                    out.append(granted_at)
+            else:
+                time.sleep(min(wait, 0.05))
+    finally:
+        limiter.close()
+
+
+def _process_hammer(
+    url: str, prefix: str, rate: float, start: float, until: float, queue: multiprocessing.Queue[list[float]]
+) -> None:
+    grants: list[float] = []
+    _hammer(url, prefix, rate, start, until, grants, threading.Lock())
+    queue.put(grants)
+
+
+def test_key_names_hide_the_api_key() -> None:
+    settings = _settings(5, submit_rate_per_endpoint={ENDPOINT: 2})
+    keys = rate_keys(settings, ENDPOINT)
+    assert len(keys) == 2
+    assert all("limits-test-key" not in k.key for k in keys)
+    assert all(api_key_id(settings) in k.key for k in keys)
+    assert keys[0].interval == pytest.approx(1.05 / 5)
+    assert keys[1].interval == pytest.approx(1.05 / 2)
+    assert len(rate_keys(settings, "fal-ai/wan-22")) == 1  # no endpoint limit configured there
+
+
+def test_limiter_choice_follows_settings(redis_url: str) -> None:
+    assert isinstance(limiter_for(_settings(5)), LocalGCRA)
+    assert isinstance(limiter_for(_settings(5, broker_url=redis_url)), RedisGCRA)
+    assert isinstance(limiter_for(_settings(5, broker_url="amqp://x", limits_url=redis_url)), RedisGCRA)
+    assert isinstance(limiter_for(_settings(5, broker_url="amqp://x")), LocalGCRA)
+
+
+def test_one_token_per_interval_and_the_wait_is_exact(redis_url: str, redis_namespace: str) -> None:
+    limiter = RedisGCRA.from_url(_settings(4, submit_jitter_allowance=0.0), redis_url, prefix=redis_namespace)
+    assert limiter.acquire(ENDPOINT) == 0
+    # The state lives in Redis under the hashed API key, with a TTL (no immortal keys).
+    (key,) = list(limiter.client.scan_iter(match=redis_namespace + "*"))
+    assert api_key_id(limiter.settings).encode() in key
+    assert 0 < limiter.client.pttl(key) <= 1250
+    wait = limiter.acquire(ENDPOINT)
+    assert 0.2 < wait <= 0.25  # 1/4 s minus the round trip
+    time.sleep(wait)
+    assert limiter.acquire(ENDPOINT) == 0
+    limiter.close()
+
+
+def test_all_keys_or_none(redis_url: str, redis_namespace: str) -> None:
+    """An endpoint's own limit holds, and a refused submit takes no token from the key's limit."""
+    settings = _settings(100, submit_rate_per_endpoint={ENDPOINT: 1}, submit_jitter_allowance=0.0)
+    limiter = RedisGCRA.from_url(settings, redis_url, prefix=redis_namespace)
+    assert limiter.acquire(ENDPOINT) == 0
+    assert limiter.acquire(ENDPOINT) > 0.5  # the endpoint allows 1/s
+    time.sleep(0.02)  # the key's next token (1/100 s after the first grant)
+    assert limiter.acquire("fal-ai/wan-22") == 0  # the key's own 100/s was not consumed by the refusal
+    limiter.close()
+
+
+def test_threads_never_exceed_the_rate_in_any_second(
+    redis_url: str, redis_namespace: str, client: redis.Redis[bytes]
+) -> None:
+    rate = 10.0
+    start = _redis_now(client)
+    until = start + 3.0
+    grants: list[float] = []
+    lock = threading.Lock()
+    threads = [
+        threading.Thread(target=_hammer, args=(redis_url, redis_namespace, rate, start, until, grants, lock))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert _max_in_window(grants) <= rate
+    assert len(grants) >= 3 * rate - 2  # and the rate is actually achieved
+
+
+def test_processes_share_one_limit_clocked_by_redis(
+    redis_url: str, redis_namespace: str, client: redis.Redis[bytes]
+) -> None:
+    rate = 8.0
+    start = _redis_now(client) + 6.0  # every process is up and hammering by then
+    until = start + 3.0
+    ctx = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue[list[float]] = ctx.Queue()
+    procs = [
+        ctx.Process(target=_process_hammer, args=(redis_url, redis_namespace, rate, start, until, queue))
+        for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    grants: list[float] = []
+    for _ in procs:
+        grants += queue.get(timeout=60)
+    for p in procs:
+        p.join(30)
+    assert _max_in_window(grants) <= rate
+    assert len(grants) >= 3 * rate - 2
+
+
+def test_redis_down_fails_closed() -> None:
+    limiter = RedisGCRA.from_url(_settings(5), "redis://127.0.0.1:1/0")
+    with pytest.raises(LimiterUnavailableError):
+        limiter.acquire(ENDPOINT)
+    with pytest.raises(LimiterUnavailableError):
+        wait_for_token(limiter, ENDPOINT, 1.0)
+
+
+def test_local_gcra_same_contract() -> None:
+    limiter = LocalGCRA(_settings(20, submit_jitter_allowance=0.0))
+    grants: list[float] = []
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        if wait_for_token(limiter, ENDPOINT, 0.5) == 0:
+            grants.append(time.monotonic())
+    assert _max_in_window(grants) <= 20
+    assert len(grants) >= 29
+
+
+def test_wait_for_token_gives_up_beyond_max_wait() -> None:
+    limiter = LocalGCRA(_settings(0.5))
+    assert wait_for_token(limiter, ENDPOINT, 0.1) == 0
+    started = time.monotonic()
+    assert wait_for_token(limiter, ENDPOINT, 0.1) > 1.0  # 2.1 s to the next token: give the job back
+    assert time.monotonic() - started < 0.05
