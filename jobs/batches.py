@@ -155,6 +155,10 @@ def batch_report(session: Session, batch_id: str) -> dict[str, Any]:
         "reserved_usd": _money(money.reserved_usd),
         "budget_max_usd": _money(batch.budget_max_usd),
         "possible_duplicate_charges": money.possible_duplicate_charges,
+        "failures": [
+            {"state": st, "error_type": et, "count": n, "example": ex}
+            for st, et, ex, n in store.failure_reasons(session, batch.id)
+        ],
         "parent_batch": batch.parent_batch_id,
         "created_at": batch.created_at.isoformat(),
     }

@@ -199,6 +199,13 @@ def money_line(report: dict[str, Any]) -> str:
     return line
 
 
+def print_failures(report: dict[str, Any]) -> None:
+    """Why jobs failed or were cancelled, commonest first (the full list is in `export`)."""
+    for f in report.get("failures", []):
+        kind = f["error_type"] or "error"
+        out.print(f"[red]{f['count']} {f['state']}[/red] ({kind}): {_escape(f['example'][:200])}")
+
+
 @cli.command()
 @click.argument("batch", required=False)
 @json_option
@@ -215,6 +222,7 @@ def status(batch: str | None, as_json: bool) -> None:
         if batch is not None:
             out.print(status_table(reports[0]))
             out.print(money_line(reports[0]))
+            print_failures(reports[0])
             return EXIT_OK
         table = Table(title="batches")
         for col in (

@@ -25,6 +25,7 @@ from jobs.cli import (
     json_option,
     money_line,
     out,
+    print_failures,
     status_table,
 )
 from jobs.errors import ConfigError
@@ -50,6 +51,7 @@ def _run_and_report(batch_id: str, settings: Settings, as_json: bool, progress: 
     else:
         out.print(status_table(report))
         out.print(money_line(report))
+        print_failures(report)
         out.print(f"outputs in {settings.output_dir.resolve()}; finished in {stats.wall_seconds:.1f}s")
     return _final_code(report)
 

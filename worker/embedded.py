@@ -61,6 +61,13 @@ class EmbeddedWorker:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         worker_state.should_terminate = 0  # the documented way Celery's own embedded worker stops
+        # Celery's synchronous consume loop waits up to 2 s for a message before it looks at
+        # should_terminate (twice, around its finally). Two no-op messages wake it at once:
+        # this turns a 4 s stop into ~0.1 s for every `wanbatch run`.
+        from worker.app import QUEUE
+
+        for _ in range(2):
+            self.app.send_task("celery.accumulate", queue=QUEUE)
         if self._thread is not None:
             self._thread.join(30)
             if self._thread.is_alive():
