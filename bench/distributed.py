@@ -35,6 +35,7 @@ import os
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,9 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 IMAGES = ROOT / "manifests" / "examples" / "images"
 TERMINAL = ("succeeded", "failed", "cancelled")
+#: The events that show who did what: the leader's tick dispatches (submitting) and notices
+#: completion (downloading); submit tasks record ``queued``, download tasks ``succeeded``.
+STEP_NAMES = ("submitting", "queued", "downloading", "succeeded")
 #: Marks a Redis DB as taken by one run (so two runs never pick the same broker DB).
 CLAIM_KEY = "wanbatch-bench:claim"
 
@@ -98,6 +102,8 @@ class Outcome:
     requests: Counter[str]
     wall_seconds: float
     busy_seconds: float
+    #: Median seconds of each step of a job's life (see ``STEPS``).
+    step_seconds: dict[str, float]
     worker_logs: list[Path]
     #: pid of the process behind each JobEvent (from ``host:pid:thread``) -> events by state.
     events_by_pid: dict[str, Counter[str]] = field(default_factory=dict)
@@ -428,8 +434,11 @@ def wait_terminal(
     raise TimeoutError(f"jobs not terminal after {timeout:.0f}s: {report.get('counts')}")
 
 
-def events_by_pid(database_url: str, batch_id: str) -> tuple[dict[str, Counter[str]], float]:
-    """JobEvent counts per worker pid and state, and the busy span (first submit to last terminal)."""
+def events_by_pid(
+    database_url: str, batch_id: str
+) -> tuple[dict[str, Counter[str]], float, dict[str, float]]:
+    """JobEvent counts per worker pid and state, the busy span (first submit to last terminal),
+    and the median seconds of each step of a job's life (where the time goes)."""
     from jobs import store
     from jobs.batches import open_engine
     from jobs.models import Job, JobEvent
@@ -441,11 +450,14 @@ def events_by_pid(database_url: str, batch_id: str) -> tuple[dict[str, Counter[s
     last: Any = None
     with store.session_scope(engine) as session:
         rows = session.execute(
-            select(JobEvent.worker, JobEvent.to_state, JobEvent.at)
+            select(JobEvent.job_id, JobEvent.worker, JobEvent.to_state, JobEvent.at)
+            .order_by(JobEvent.id)
             .join(Job, Job.id == JobEvent.job_id)
             .where(Job.batch_id == batch_id)
         ).all()
-    for worker, state, at in rows:
+    stamps: dict[str, dict[str, Any]] = {}
+    for job_id, worker, state, at in rows:
+        stamps.setdefault(job_id, {}).setdefault(str(getattr(state, "value", state)), at)
         pid = worker.split(":")[1] if worker and worker.count(":") >= 2 else str(worker)
         by_pid.setdefault(pid, Counter())[str(getattr(state, "value", state))] += 1
         if str(getattr(state, "value", state)) == "submitting" and (first is None or at < first):
@@ -453,7 +465,25 @@ def events_by_pid(database_url: str, batch_id: str) -> tuple[dict[str, Counter[s
         if str(getattr(state, "value", state)) in TERMINAL and (last is None or at > last):
             last = at
     busy = (last - first).total_seconds() if first is not None and last is not None else float("nan")
-    return by_pid, busy
+    return by_pid, busy, step_medians(stamps)
+
+
+#: (label, from state, to state): the steps of a job's life; "queued" is fal's acceptance.
+STEPS = (
+    ("dispatched → accepted by fal (Celery hop + POST)", "submitting", "queued"),
+    ("accepted → completion noticed (model + poll lag)", "queued", "downloading"),
+    ("completion noticed → downloaded", "downloading", "succeeded"),
+)
+
+
+def step_medians(stamps: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Median seconds per step over the jobs that went through it (first time each state was hit)."""
+    out: dict[str, float] = {}
+    for label, a, b in STEPS:
+        spans = [(t[b] - t[a]).total_seconds() for t in stamps.values() if a in t and b in t]
+        if spans:
+            out[label] = statistics.median(spans)
+    return out
 
 
 def run_scenario(scenario: Scenario, workdir: Path, database_url: str, broker_url: str) -> Outcome:
@@ -478,7 +508,7 @@ def run_scenario(scenario: Scenario, workdir: Path, database_url: str, broker_ur
         report = run_cli(["status", batch_id, "--json"], env, workdir)
         ledger = sim.ledger()
         requests = counter.snapshot()
-    by_pid, busy = events_by_pid(database_url, batch_id)
+    by_pid, busy, steps = events_by_pid(database_url, batch_id)
     return Outcome(
         scenario=scenario,
         batch_id=batch_id,
@@ -489,6 +519,7 @@ def run_scenario(scenario: Scenario, workdir: Path, database_url: str, broker_ur
         requests=requests,
         wall_seconds=wall,
         busy_seconds=busy,
+        step_seconds=steps,
         worker_logs=log_paths,
         events_by_pid=by_pid,
         worker_exit_codes=codes,
@@ -503,7 +534,6 @@ def figures(o: Outcome) -> list[tuple[str, str]]:
     """The table's rows, as (figure, value) strings."""
     s = o.scenario
     counts = {k: v for k, v in o.report["counts"].items() if v}
-    per_worker = {f"worker {i}": dict(c) for i, c in sorted(o.work_by_worker().items())}
     return [
         ("jobs", str(s.jobs)),
         ("workers × concurrency", f"{s.workers} × {s.concurrency}"),
@@ -514,6 +544,7 @@ def figures(o: Outcome) -> list[tuple[str, str]]:
         ("ideal ceil(N / cap) × model time (s)", f"{o.ideal_seconds:.2f}"),
         ("ratio wall / ideal", f"{o.wall_seconds / o.ideal_seconds:.2f}"),
         ("ratio busy / ideal", f"{o.busy_seconds / o.ideal_seconds:.2f}"),
+        *((f"median {label} (s)", f"{v:.3f}") for label, v in o.step_seconds.items()),
         ("status calls (GET …/status)", str(o.status_calls)),
         ("status calls per job", f"{o.status_calls / s.jobs:.2f}"),
         ("result calls / file downloads", f"{o.requests['result']} / {o.requests['file']}"),
@@ -521,7 +552,10 @@ def figures(o: Outcome) -> list[tuple[str, str]]:
         ("duplicates (ledger)", str(len(o.ledger["duplicates"]))),
         ("max outstanding observed (ledger)", str(o.ledger["max_outstanding"])),
         ("final states", ", ".join(f"{k}={v}" for k, v in counts.items())),
-        ("job events per worker", json.dumps(per_worker)),
+        *(
+            (f"worker {i}: {', '.join(STEP_NAMES)}", " / ".join(str(c[k]) for k in STEP_NAMES))
+            for i, c in sorted(o.work_by_worker().items())
+        ),
         ("worker exit codes", ", ".join(str(c) for c in o.worker_exit_codes)),
     ]
 
