@@ -43,9 +43,10 @@ class LeaderLock:
             if self._conn is not None:
                 self._conn.execute(text("SELECT 1"))  # still alive, still ours
                 return True
-            conn = self.engine.connect()
+            # Autocommit: the lock is session-level, and the connection must not sit "idle in
+            # transaction" for as long as it leads (a server's idle timeout would end leadership).
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
             got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": LEADER_LOCK_KEY}).scalar())
-            conn.commit()
             if got:
                 self._conn = conn
                 log.info("this worker now leads the periodic tick")
