@@ -141,6 +141,7 @@ def batch_report(session: Session, batch_id: str) -> dict[str, Any]:
     batch = store.get_batch(session, batch_id)
     counts = store.counts_by_state(session, batch.id)
     money = store.batch_money(session, batch.id)
+    cost = store.batch_cost(session, batch.id)
     terminal = sum(counts[s.value] for s in JobState if s.terminal)
     return {
         "batch": batch.id,
@@ -155,6 +156,9 @@ def batch_report(session: Session, batch_id: str) -> dict[str, Any]:
         "reserved_usd": _money(money.reserved_usd),
         "budget_max_usd": _money(batch.budget_max_usd),
         "possible_duplicate_charges": money.possible_duplicate_charges,
+        "actual_usd": _money(cost.actual_usd),
+        "wasted_usd": _money(cost.wasted_usd),
+        "cancelled_for_budget": cost.cancelled_for_budget,
         "failures": [
             {"state": st, "error_type": et, "count": n, "example": ex}
             for st, et, ex, n in store.failure_reasons(session, batch.id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -196,6 +197,13 @@ def money_line(report: dict[str, Any]) -> str:
         line += f" · budget ${report['budget_max_usd']:.2f}"
     if report.get("possible_duplicate_charges"):
         line += f" · [yellow]{report['possible_duplicate_charges']} possible duplicate charge(s)[/yellow]"
+    if report.get("wasted_usd"):
+        line += f" · wasted ${report['wasted_usd']:.2f}"
+    if report.get("cancelled_for_budget"):
+        line += (
+            f" · [yellow]{report['cancelled_for_budget']} job(s) cancelled: budget cap reached[/yellow]"
+            " (raise budget.max_usd, then `wanbatch rerun BATCH --failed-only`)"
+        )
     return line
 
 
@@ -252,6 +260,77 @@ def status(batch: str | None, as_json: bool) -> None:
                 f"${r['estimated_usd'] or 0:.2f}",
             )
         out.print(table)
+        return EXIT_OK
+
+    guarded(as_json, action)
+
+
+def _usd(value: str) -> str:
+    return f"${Decimal(value):.2f}"
+
+
+def cost_table(data: dict[str, Any]) -> Table:
+    """A human table of a batch's cost report (``wanbatch cost``)."""
+    table = Table(title=f"cost of {data['name']}  ({data['batch']})")
+    for col in ("endpoint", "resolution", "jobs", "estimated", "actual", "wasted", "possible dup."):
+        table.add_column(col, justify="left" if col in ("endpoint", "resolution") else "right")
+    for line in data["by_endpoint"]:
+        table.add_row(
+            line["endpoint"],
+            line["resolution"],
+            str(line["jobs"]),
+            _usd(line["estimated_usd"]),
+            _usd(line["actual_usd"]),
+            _usd(line["wasted_usd"]),
+            str(line["possible_duplicate_charges"]),
+        )
+    total = data["total"]
+    table.add_section()
+    table.add_row(
+        "total",
+        "",
+        str(total["jobs"]),
+        _usd(total["estimated_usd"]),
+        _usd(total["actual_usd"]),
+        _usd(total["wasted_usd"]),
+        str(total["possible_duplicate_charges"]),
+    )
+    return table
+
+
+@cli.command()
+@click.argument("batch")
+@json_option
+def cost(batch: str, as_json: bool) -> None:
+    """Estimated vs actual (billed) vs wasted USD of BATCH, by endpoint and resolution.
+
+    Actual follows the billing rules (jobs/billing_rules.yaml: 5xx never billed, a 422 billed
+    when a runner spent time, a cancel billed once running). Wasted is billed money that bought
+    no output. Possible duplicates (resubmits after an unknown outcome) are shown apart.
+    """
+    from jobs.cost import cost_report
+    from jobs.settings import get_settings
+
+    def action() -> int:
+        engine = batches.open_engine(get_settings())
+        with store.session_scope(engine) as session:
+            data = cost_report(session, batch).as_dict()
+        if as_json:
+            emit_json(data)
+            return EXIT_OK
+        out.print(cost_table(data))
+        total = data["total"]
+        if total["in_flight"]:
+            out.print(f"{total['in_flight']} job(s) still in flight: actual is not final yet")
+        if total["cancelled_for_budget"]:
+            out.print(
+                f"[yellow]{total['cancelled_for_budget']} job(s) cancelled: budget cap reached[/yellow]"
+            )
+        if total["possible_duplicate_charges"]:
+            out.print(
+                f"[yellow]possible duplicate charges: {total['possible_duplicate_charges']} "
+                f"(up to {_usd(total['possible_duplicate_usd'])} more than actual)[/yellow]"
+            )
         return EXIT_OK
 
     guarded(as_json, action)

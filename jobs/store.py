@@ -56,9 +56,11 @@ from jobs.models import Batch, BatchState, Job, JobEvent, Money, Upload, new_id,
 from jobs.states import AT_PROVIDER_STATES, JobState, can_transition
 
 __all__ = [
+    "BatchCost",
     "BatchMoney",
     "NewJob",
     "add_jobs",
+    "batch_cost",
     "batch_money",
     "claim_jobs",
     "committed_usd_since",
@@ -667,6 +669,43 @@ def batch_money(session: Session, batch_id: str) -> BatchMoney:
         reserved_usd=row[2],
         possible_duplicate_charges=int(row[3]),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCost:
+    """The short form of the cost report (``jobs.cost``) that ``status`` shows.
+
+    ``actual_usd``: what the provider billed, per the billing rules, over every attempt.
+    ``wasted_usd``: billed money that bought no output (failed or cancelled jobs, and earlier
+    attempts of jobs that succeeded). ``cancelled_for_budget``: jobs a budget cap stopped.
+    """
+
+    actual_usd: Decimal
+    wasted_usd: Decimal
+    cancelled_for_budget: int
+
+
+def batch_cost(session: Session, batch_id: str) -> BatchCost:
+    """Actual and wasted USD and budget cancellations of a batch, in one query."""
+    zero = type_coerce(0, Money())
+    actual = func.coalesce(Job.actual_usd, zero)
+    wasted = case(
+        (Job.state.in_([JobState.FAILED, JobState.CANCELLED]), actual),
+        (
+            (Job.state == JobState.SUCCEEDED) & (actual > Job.est_usd),
+            type_coerce(actual - Job.est_usd, Money()),
+        ),
+        else_=zero,
+    )
+    budget = case(((Job.state == JobState.CANCELLED) & (Job.error_type == "budget"), 1), else_=0)
+    row = session.execute(
+        select(
+            func.coalesce(func.sum(type_coerce(actual, Money())), zero),
+            func.coalesce(func.sum(type_coerce(wasted, Money())), zero),
+            func.coalesce(func.sum(budget), 0),
+        ).where(Job.batch_id == batch_id)
+    ).one()
+    return BatchCost(actual_usd=row[0], wasted_usd=row[1], cancelled_for_budget=int(row[2]))
 
 
 # --------------------------------------------------------------------------- uploads

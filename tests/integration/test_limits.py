@@ -30,7 +30,7 @@ ENDPOINT = "fal-ai/wan-i2v"
 
 
 def _settings(rate: float, **extra: object) -> Settings:
-    return Settings(fal_key=SecretStr("limits-test-key-3f9a"), submit_rate=rate, **extra)  # type: ignore[arg-type]
+    return Settings(FAL_KEY=SecretStr("limits-test-key-3f9a"), submit_rate=rate, **extra)  # type: ignore[arg-type]
 
 
 def _max_in_window(times: list[float], window: float = 1.0) -> int:
@@ -90,6 +90,7 @@ def test_key_names_hide_the_api_key() -> None:
     assert len(keys) == 2
     assert all("limits-test-key" not in k.key for k in keys)
     assert all(api_key_id(settings) in k.key for k in keys)
+    assert api_key_id(settings) != api_key_id(Settings(FAL_KEY=SecretStr("another-key")))
     assert keys[0].interval == pytest.approx(1.05 / 5)
     assert keys[1].interval == pytest.approx(1.05 / 2)
     assert len(rate_keys(settings, "fal-ai/wan-22")) == 1  # no endpoint limit configured there

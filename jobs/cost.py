@@ -1,0 +1,171 @@
+"""The cost report of a batch: estimated vs actual vs wasted, by endpoint and resolution.
+
+*Actual* is what the provider bills, as recorded per job by the worker from the billing rules
+(``jobs/billing_rules.yaml``): every attempt's bill, not just the last. *Wasted* is money that
+bought no output: the actual cost of jobs that ended failed or cancelled (a billed 422, a
+request cancelled after it started), plus what a job that finally succeeded paid for earlier
+attempts. *Possible duplicates* are resubmissions after an ambiguous submit: fal may have billed
+each one again; we cannot know, so they are shown apart, at the estimate, never hidden.
+
+All sums are exact :class:`~decimal.Decimal`; rounding happens only when printed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from jobs import store
+from jobs.endpoints import get_endpoint
+from jobs.models import Job
+from jobs.states import JobState
+
+ZERO = Decimal(0)
+
+
+@dataclass(slots=True)
+class CostLine:
+    """Money of one group of jobs (an endpoint at a resolution, or the whole batch)."""
+
+    jobs: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    cancelled_for_budget: int = 0
+    in_flight: int = 0
+    estimated_usd: Decimal = ZERO
+    estimated_units: Decimal = ZERO
+    actual_usd: Decimal = ZERO
+    actual_units: Decimal = ZERO
+    wasted_usd: Decimal = ZERO
+    possible_duplicate_charges: int = 0
+    possible_duplicate_usd: Decimal = ZERO
+
+    def add(self, job: _JobMoney) -> None:
+        """Count one job in this line."""
+        actual = job.actual_usd or ZERO
+        self.jobs += 1
+        self.estimated_usd += job.est_usd
+        self.estimated_units += job.est_units
+        self.actual_usd += actual
+        self.actual_units += job.actual_units or ZERO
+        if job.state == JobState.SUCCEEDED:
+            self.succeeded += 1
+            self.wasted_usd += max(ZERO, actual - job.est_usd)  # earlier attempts that were billed
+        elif job.state in (JobState.FAILED, JobState.CANCELLED):
+            self.wasted_usd += actual
+            if job.state == JobState.FAILED:
+                self.failed += 1
+            else:
+                self.cancelled += 1
+                self.cancelled_for_budget += job.error_type == "budget"
+        else:
+            self.in_flight += 1
+        self.possible_duplicate_charges += job.duplicates
+        self.possible_duplicate_usd += job.est_usd * job.duplicates
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready; USD and units as exact decimal strings (cents are never lost to floats)."""
+        return {
+            "jobs": self.jobs,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "cancelled": self.cancelled,
+            "cancelled_for_budget": self.cancelled_for_budget,
+            "in_flight": self.in_flight,
+            "estimated_usd": str(self.estimated_usd.normalize()),
+            "estimated_units": str(self.estimated_units.normalize()),
+            "actual_usd": str(self.actual_usd.normalize()),
+            "actual_units": str(self.actual_units.normalize()),
+            "wasted_usd": str(self.wasted_usd.normalize()),
+            "possible_duplicate_charges": self.possible_duplicate_charges,
+            "possible_duplicate_usd": str(self.possible_duplicate_usd.normalize()),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _JobMoney:
+    endpoint: str
+    resolution: str
+    state: JobState
+    error_type: str | None
+    est_usd: Decimal
+    est_units: Decimal
+    actual_usd: Decimal | None
+    actual_units: Decimal | None
+    duplicates: int
+
+
+@dataclass(slots=True)
+class CostReport:
+    """A batch's cost: the total and one line per (endpoint, resolution)."""
+
+    batch_id: str
+    name: str
+    budget_max_usd: Decimal | None
+    total: CostLine = field(default_factory=CostLine)
+    lines: dict[tuple[str, str], CostLine] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``wanbatch cost --json`` object."""
+        return {
+            "batch": self.batch_id,
+            "name": self.name,
+            "budget_max_usd": None if self.budget_max_usd is None else str(self.budget_max_usd.normalize()),
+            "total": self.total.as_dict(),
+            "by_endpoint": [
+                {"endpoint": endpoint, "resolution": resolution, **line.as_dict()}
+                for (endpoint, resolution), line in sorted(self.lines.items())
+            ],
+        }
+
+
+def _resolution(endpoint: str, resolved: dict[str, Any]) -> str:
+    value = resolved.get("resolution")
+    if value is None:
+        try:
+            fld = get_endpoint(endpoint).field("resolution")
+        except Exception:  # an endpoint no longer registered: still report its money
+            fld = None
+        value = None if fld is None else fld.default
+    return "-" if value is None else str(value)
+
+
+def cost_report(session: Session, ref: str) -> CostReport:
+    """The cost report of one batch (id, id prefix or name)."""
+    batch = store.get_batch(session, ref)
+    report = CostReport(batch.id, batch.name, batch.budget_max_usd)
+    rows = session.execute(
+        select(
+            Job.endpoint,
+            Job.input,
+            Job.state,
+            Job.error_type,
+            Job.est_usd,
+            Job.est_billing_units,
+            Job.actual_usd,
+            Job.actual_billing_units,
+            Job.possible_duplicate_charges,
+        )
+        .where(Job.batch_id == batch.id)
+        .execution_options(yield_per=1000)
+    )
+    for row in rows:
+        job = _JobMoney(
+            endpoint=row.endpoint,
+            resolution=_resolution(row.endpoint, row.input or {}),
+            state=JobState(row.state),
+            error_type=row.error_type,
+            est_usd=row.est_usd,
+            est_units=row.est_billing_units,
+            actual_usd=row.actual_usd,
+            actual_units=row.actual_billing_units,
+            duplicates=int(row.possible_duplicate_charges or 0),
+        )
+        report.total.add(job)
+        report.lines.setdefault((job.endpoint, job.resolution), CostLine()).add(job)
+    return report

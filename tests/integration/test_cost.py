@@ -1,0 +1,241 @@
+"""Cost truth and budget caps, checked against the simulator's billing ledger (not our own books).
+
+* A mixed 5-endpoint batch with billed 422s and unbilled model errors: ``wanbatch cost`` equals
+  the simulator's billed ledger to the cent, in total and per endpoint.
+* A batch whose ``budget.max_usd`` is below its estimate spends no more than the cap (per the
+  ledger), ends with the rest ``cancelled`` for budget, and ``status`` says so.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from pydantic import SecretStr
+
+from jobs import batches, store
+from jobs.billing import Outcome, classify_failure, load_rules
+from jobs.cli import cli, money_line
+from jobs.cost import cost_report
+from jobs.pricing import estimate_job
+from jobs.settings import Settings, get_settings
+from jobs.states import JobState
+from worker.cli import main as _main  # noqa: F401  (registers the execution commands)
+from worker.running import process_batch
+from worker.simulator.options import SimulatorOptions
+from worker.simulator.server import SimulatorHandle, running_simulator
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
+CENT = Decimal("0.01")
+
+MIXED = """
+name: {name}
+defaults:
+  resolution: 480p
+items:
+  - {{endpoint: fal-ai/wan-i2v, prompt: a lake at dawn, image_url: images/landscape.jpg}}
+  - {{endpoint: fal-ai/wan-i2v, prompt: a lake at dusk, image_url: images/landscape.jpg, resolution: 720p}}
+  - {{endpoint: fal-ai/wan-i2v, prompt: a lake at noon, image_url: images/landscape.jpg, num_frames: 100}}
+  - {{endpoint: fal-ai/wan-flf2v, prompt: day to night, start_image_url: images/landscape.jpg,
+      end_image_url: images/night.jpg}}
+  - {{endpoint: fal-ai/wan-flf2v, prompt: night to day, start_image_url: images/night.jpg,
+      end_image_url: images/landscape.jpg, resolution: 720p}}
+  - {{endpoint: fal-ai/wan-22, prompt: a paper boat in the rain}}
+  - {{endpoint: fal-ai/wan-22, prompt: a paper boat in the sun, resolution: 720p}}
+  - {{endpoint: fal-ai/wan-25-preview/image-to-video, prompt: clouds, image_url: images/landscape.jpg}}
+  - {{endpoint: fal-ai/wan-25-preview/image-to-video, prompt: stars, image_url: images/night.jpg,
+      resolution: 1080p, duration: "10"}}
+  - {{endpoint: wan/v2.6/image-to-video, prompt: a slow pan, image_url: images/landscape.jpg,
+      resolution: 720p}}
+  - {{endpoint: wan/v2.6/image-to-video, prompt: a fast pan, image_url: images/night.jpg, resolution: 1080p}}
+  - {{endpoint: fal-ai/wan-i2v, prompt: one more, image_url: images/square.png}}
+"""
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimulatorHandle]:
+    with running_simulator(
+        SimulatorOptions(latency_seconds=0.1, latency_jitter=0.0, concurrency_limit=40, rng_seed=7)
+    ) as handle:
+        yield handle
+
+
+@pytest.fixture
+def settings(
+    sim: SimulatorHandle, new_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    sim.reset()
+    db = new_pg_database()
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", db)  # for the CLI commands run in this process
+    get_settings.cache_clear()
+    yield Settings(
+        database_url=db,
+        FAL_KEY=SecretStr("cost-test-key-9b1e"),
+        fal_queue_url=sim.url,
+        fal_rest_url=sim.url,
+        output_dir=tmp_path / "outputs",
+        poll_min_interval=0.05,
+        poll_max_interval=0.2,
+        tick_interval=0.05,
+        retry_base_delay=0,
+        submit_rate=100,
+        max_outstanding=20,
+        max_attempts=5,
+    )
+    get_settings.cache_clear()
+
+
+def _manifest(folder: Path, body: str) -> Path:
+    shutil.copytree(EXAMPLES / "images", folder / "images", dirs_exist_ok=True)
+    path = folder / "batch.yaml"
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+def _billed_by_endpoint(ledger: dict[str, Any]) -> dict[str, Decimal]:
+    out: dict[str, Decimal] = {}
+    for entry in ledger["entries"]:
+        if entry["billed"]:
+            out[entry["endpoint"]] = out.get(entry["endpoint"], Decimal(0)) + Decimal(entry["usd"])
+    return out
+
+
+def _cli_json(*args: str) -> dict[str, Any]:
+    result = CliRunner().invoke(cli, list(args), prog_name="wanbatch")
+    assert result.exit_code == 0, result.output
+    parsed: dict[str, Any] = json.loads(result.stdout)
+    return parsed
+
+
+def test_billing_rules_are_data_and_cover_every_outcome() -> None:
+    rules = load_rules()
+    assert set(rules) == set(Outcome)
+    assert rules[Outcome.SERVER_ERROR] == 0
+    assert rules[Outcome.SUCCEEDED] == 1
+    assert classify_failure(503, "runner_disconnected", {"inference_time": 2.0}) == Outcome.SERVER_ERROR
+    assert classify_failure(422, None, {"inference_time": 0.3}) == Outcome.VALIDATION_ERROR_AFTER_INFERENCE
+    assert classify_failure(422, None, {"inference_time": None}) == Outcome.VALIDATION_ERROR
+    assert classify_failure(499, "client_cancelled", {"inference_time": None}) == Outcome.CANCELLED_IN_QUEUE
+
+
+def test_cost_report_equals_the_simulators_billed_ledger(
+    sim: SimulatorHandle, settings: Settings, tmp_path: Path
+) -> None:
+    path = _manifest(tmp_path, MIXED.format(name="cost-truth"))
+    submitted = batches.submit_manifest(path, settings)
+    # Two jobs whose input the runner rejects (422 after GPU time: billed), stored directly as
+    # if validation had missed it — the case fal warns "may still be charged".
+    engine = batches.open_engine(settings)
+    with store.session_scope(engine) as session:
+        bad: list[store.NewJob] = []
+        for i, (endpoint, resolved) in enumerate(
+            [
+                ("fal-ai/wan-i2v", {"image_url": "https://example.com/a.png", "resolution": "720p"}),
+                ("fal-ai/wan-22", {"resolution": "480p"}),
+            ]
+        ):
+            est = estimate_job(endpoint, resolved, settings)
+            bad.append(store.NewJob(f"bad-{i}", 100 + i, endpoint, resolved, est.billing_units, est.usd))
+        store.add_jobs(session, submitted.batch_id, bad)
+    # Model errors: 3 runs die with a 503 (never billed; retried as new requests) and 1 ends in
+    # a 400 from the model (final; not billed by the simulator, nor by our rules).
+    sim.set_faults(model_error={"next": 3, "error_type": "runner_disconnected"})
+
+    report, _stats = process_batch(submitted.batch_id, settings, show_progress=False)
+    assert report["finished"] == report["total"] == 14
+
+    ledger = sim.ledger()
+    assert ledger["accepted"] >= 14 + 3  # the retried attempts are separate, unbilled requests
+    assert sum(1 for e in ledger["entries"] if e["outcome"] == "invalid" and e["billed"]) == 2
+    assert sum(1 for e in ledger["entries"] if e["outcome"] == "error" and not e["billed"]) == 3
+
+    data = _cli_json("cost", submitted.batch_id, "--json")
+    total = data["total"]
+    billed = Decimal(ledger["billed_usd"])
+    assert billed > 0
+    assert Decimal(total["actual_usd"]).quantize(CENT) == billed.quantize(CENT)
+    assert Decimal(total["actual_usd"]) == billed  # exact, not just to the cent
+    assert Decimal(total["actual_units"]) == Decimal(ledger["billed_units"])
+    by_endpoint: dict[str, Decimal] = {}
+    for line in data["by_endpoint"]:
+        by_endpoint[line["endpoint"]] = by_endpoint.get(line["endpoint"], Decimal(0)) + Decimal(
+            line["actual_usd"]
+        )
+    assert by_endpoint == _billed_by_endpoint(ledger)
+    assert len(by_endpoint) == 5
+    resolutions = {(line["endpoint"], line["resolution"]) for line in data["by_endpoint"]}
+    assert ("fal-ai/wan-i2v", "720p") in resolutions
+    assert ("wan/v2.6/image-to-video", "1080p") in resolutions
+    # The billed 422s are waste: paid for, no output.
+    invalid_usd = sum((Decimal(e["usd"]) for e in ledger["entries"] if e["outcome"] == "invalid"), Decimal(0))
+    assert Decimal(total["wasted_usd"]) == invalid_usd > 0
+    assert total["failed"] == 2
+    assert total["succeeded"] == 12
+    # status carries the same truth, and the human table prints.
+    status = _cli_json("status", submitted.batch_id, "--json")
+    assert Decimal(str(status["actual_usd"])).quantize(CENT) == billed.quantize(CENT)
+    assert Decimal(str(status["wasted_usd"])).quantize(CENT) == invalid_usd.quantize(CENT)
+    table = CliRunner().invoke(cli, ["cost", "cost-truth"], prog_name="wanbatch")
+    assert table.exit_code == 0
+    assert "total" in table.stdout
+    assert f"${billed:.2f}" in table.stdout
+
+
+BUDGET = """
+name: {name}
+endpoint: fal-ai/wan-i2v
+defaults:
+  resolution: 480p
+  image_url: images/landscape.jpg
+matrix:
+  seed: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+items:
+  - prompt: a budget test
+budget:
+  max_usd: {cap}
+"""
+
+
+def test_budget_cap_holds_per_the_ledger_and_status_says_so(
+    sim: SimulatorHandle, settings: Settings, tmp_path: Path
+) -> None:
+    # 10 jobs × $0.20 = $2.00 estimated; the cap allows 7.
+    path = _manifest(tmp_path, BUDGET.format(name="budget-cap", cap="1.50"))
+    _report, totals = batches.estimate_manifest(path, settings)
+    assert totals.usd == Decimal("2.0")
+    submitted = batches.submit_manifest(path, settings)
+    report, _stats = process_batch(submitted.batch_id, settings, show_progress=False)
+
+    ledger = sim.ledger()
+    assert Decimal(ledger["billed_usd"]) <= Decimal("1.50")
+    assert ledger["accepted"] == 7
+    assert report["counts"]["succeeded"] == 7
+    assert report["counts"]["cancelled"] == 3
+    assert report["cancelled_for_budget"] == 3
+    assert "3 job(s) cancelled: budget cap reached" in money_line(report)
+    assert Decimal(str(report["spent_usd"])) == Decimal(ledger["billed_usd"])
+    with store.session_scope(batches.open_engine(settings)) as session:
+        cancelled = list(store.jobs_of_batch(session, submitted.batch_id, states=[JobState.CANCELLED]))
+        assert {j.error_type for j in cancelled} == {"budget"}
+        assert all("cap" in (j.error or "") for j in cancelled)
+        assert cost_report(session, submitted.batch_id).total.cancelled_for_budget == 3
+    status = _cli_json("status", "budget-cap", "--json")
+    assert status["cancelled_for_budget"] == 3
+
+
+def test_daily_budget_spans_batches(sim: SimulatorHandle, settings: Settings, tmp_path: Path) -> None:
+    daily = settings.model_copy(update={"daily_budget_usd": Decimal("1.00")})
+    first = batches.submit_manifest(_manifest(tmp_path / "a", BUDGET.format(name="day-a", cap="10")), daily)
+    process_batch(first.batch_id, daily, show_progress=False)
+    second = batches.submit_manifest(_manifest(tmp_path / "b", BUDGET.format(name="day-b", cap="10")), daily)
+    report, _ = process_batch(second.batch_id, daily, show_progress=False)
+    ledger = sim.ledger()
+    assert Decimal(ledger["billed_usd"]) <= Decimal("1.00")
+    assert ledger["accepted"] == 5
+    assert report["cancelled_for_budget"] == 10
