@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from jobs import billing, store
 from jobs.endpoints import all_endpoints, get_endpoint
@@ -465,25 +466,59 @@ def submit(rt: Runtime, job_id: str) -> str:
         "error_type": None,
     }
     new_state = S.RUNNING if submitted.status == "IN_PROGRESS" else S.QUEUED
+    outcome = _while_database_down(
+        rt, lambda: _record_submission(rt, job_id, version, new_state, submitted.request_id, fields)
+    )
+    if outcome == "submitted":
+        chaos.crash_point("after_commit")
+    return outcome
+
+
+def _while_database_down(rt: Runtime, action: Callable[[], str]) -> str:
+    """Retry ``action`` while the database is unreachable, for a bounded time.
+
+    Used where this process alone knows something fal has already acted on (the request id
+    of an accepted, paid submit): giving up at the first dropped connection would turn a
+    paid request into "submission outcome unknown". Retries back off to 1 s so the write
+    lands within a second of the database returning — before the reconciler's deadline.
+    """
+    patience = time.monotonic() + max(60.0, rt.settings.lease_seconds + rt.settings.submit_unknown_deadline)
+    delay = 0.1
+    while True:
+        try:
+            return action()
+        except OperationalError:
+            if time.monotonic() > patience:
+                raise
+            log.warning("database unreachable while recording a submission; retrying in %.1fs", delay)
+            time.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+
+def _record_submission(
+    rt: Runtime, job_id: str, version: int, new_state: JobState, request_id: str, fields: dict[str, Any]
+) -> str:
+    """Store the request id fal gave us; ``submitted``, ``submitted-late`` or ``orphaned``."""
     with store.session_scope(rt.engine) as session:
         accepted = store.transition(
             session, job_id, S.SUBMITTING, new_state, expected_version=version,
-            reason=f"accepted as {submitted.request_id}", worker=rt.owner, **fields,
+            reason=f"accepted as {request_id}", worker=rt.owner, **fields,
         )  # fmt: skip
     if accepted:
-        chaos.crash_point("after_commit")
         return "submitted"
     with store.session_scope(rt.engine) as session:
+        job = store.get_job(session, job_id)
+        if job.request_id == request_id:  # our commit landed though we saw an error (a retry)
+            return "submitted"
         # Our lease ran out while the POST was in flight and the reconciler declared the
         # outcome unknown. We hold the proof: the request exists. Record it.
-        job = store.get_job(session, job_id)
         if job.state == S.SUBMIT_UNKNOWN and job.request_id is None:
             store.transition(
                 session, job_id, S.SUBMIT_UNKNOWN, new_state, expected_version=job.version,
-                reason=f"late answer: accepted as {submitted.request_id}", worker=rt.owner, **fields,
+                reason=f"late answer: accepted as {request_id}", worker=rt.owner, **fields,
             )  # fmt: skip
             return "submitted-late"
-    log.warning("job %s: fal accepted %s but the job moved on", job_id, submitted.request_id)
+    log.warning("job %s: fal accepted %s but the job moved on", job_id, request_id)
     return "orphaned"
 
 

@@ -360,6 +360,12 @@ class WorkerFleet:
                     os.killpg(slot.proc.pid, signal.SIGKILL)
                 slot.proc.wait(10)
 
+    def log_count(self, needle: str) -> int:
+        """How many worker log lines (over every incarnation) contain ``needle``."""
+        return sum(
+            path.read_text(errors="replace").count(needle) for path in self.log_dir.glob("worker-*.log")
+        )
+
     def log_tail(self, lines: int = 40) -> str:
         out = []
         for path in sorted(self.log_dir.glob("worker-*.log")):

@@ -102,6 +102,8 @@ def check(
         chain = history.get(job["id"], [])
         previous_state, previous_version = "pending", -1
         for ev in chain:
+            if previous_state in TERMINAL:
+                found.fail(f"job {job['id']}: event {ev['from_state']}->{ev['to_state']} after terminal")
             if ev["from_state"] != previous_state:
                 found.fail(
                     f"job {job['id']}: event {ev['from_state']}->{ev['to_state']} after {previous_state}"
@@ -133,6 +135,7 @@ def check(
     extra_accepted = 0
     duplicate_paid = 0
     reported = 0
+    failures: list[dict[str, Any]] = []
     for job in jobs:
         chain = history.get(job["id"], [])
         unknown = sum(1 for ev in chain if ev["to_state"] == "submit_unknown")
@@ -160,6 +163,15 @@ def check(
             )
         if paid > 1 and paid - 1 > job["possible_duplicate_charges"]:
             found.fail(f"job {job['id']}: paid {paid} times, reported {job['possible_duplicate_charges']}")
+        if job["state"] != "succeeded" and len(failures) < 10:
+            failures.append(
+                {
+                    "job": job["id"][:12],
+                    "error": job["error"],
+                    "accepted_at_fal": len(mine),
+                    "history": [f"{ev['to_state']}: {ev['reason']}" for ev in chain],
+                }
+            )
         if job["state"] == "succeeded" and not mine:
             found.fail(f"job {job['id']} succeeded but fal never accepted its input")
 
@@ -202,7 +214,9 @@ def check(
         reported_possible_duplicates=reported,
         max_outstanding_at_fal=ledger["max_outstanding"],
         outstanding_cap=max_outstanding,
+        late_answers_recorded=sum(1 for ev in events if (ev["reason"] or "").startswith("late answer")),
         hidden_temp_files_left=len(leftovers),
         events=len(events),
+        unsuccessful_examples=failures,
     )
     return found

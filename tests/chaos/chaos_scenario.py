@@ -24,6 +24,7 @@ from typing import Any
 
 import chaos_invariants as invariants
 import psycopg
+import redis
 import yaml
 from chaos_harness import REPO, PostgresServer, RedisServer, WorkerFleet
 
@@ -69,6 +70,32 @@ class Context:
     def sleep(self, seconds: float) -> bool:
         """Sleep unless the batch finished first; True when it did (stop doing damage)."""
         return self.done.wait(seconds)
+
+    def wait_for_progress(self, fraction: float, timeout: float = 90.0) -> bool:
+        """Wait until ``fraction`` of the jobs are terminal; False when the batch ended or time ran out.
+
+        Damage is timed by progress rather than by the clock, so it lands mid-run on a fast
+        machine and on a slow CI runner alike.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.done.wait(0.2):
+            counts = _terminal_count(self.postgres.url)
+            if counts and counts[1] and counts[0] >= fraction * counts[1]:
+                self.notes.append(f"{counts[0]}/{counts[1]} terminal")
+                return True
+            if time.monotonic() > deadline:
+                return False
+        return False
+
+    def broker_backlog(self) -> int:
+        """Messages in Redis right now: queued plus delivered-but-unacknowledged."""
+        client = redis.Redis(port=self.redis.port, socket_connect_timeout=1)
+        try:
+            return int(client.llen("wanbatch")) + int(client.hlen("unacked"))
+        except redis.RedisError:
+            return 0
+        finally:
+            client.close()
 
 
 Chaos = Callable[[Context], None]
@@ -213,6 +240,7 @@ def run(
                 "worker_restarts": stats.restarts,
                 "redis_restarts": redis_server.restarts,
                 "postgres_crashes": postgres.crashes,
+                "orphaned_late_answers": fleet.log_count("but the job moved on"),
                 "notes": ctx.notes,
                 "seconds": round(time.monotonic() - started, 1),
             }
@@ -262,6 +290,8 @@ def report(tmp_path: Path, findings: invariants.Findings) -> None:
         json.dumps({"figures": figures, "violations": findings.violations}, indent=2, default=str)
     )
     print("\n" + HEADER + "\n" + _row(figures))
+    if figures.get("notes"):
+        print("notes: " + "; ".join(figures["notes"]))
     if findings.violations:
         print("VIOLATIONS:\n  " + "\n  ".join(findings.violations[:50]))
     if os.environ.get("WANBATCH_CHAOS_REPORT"):
@@ -273,5 +303,7 @@ def report(tmp_path: Path, findings: invariants.Findings) -> None:
                 )
             stamp = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
             fh.write(f"\n## {figures['scenario']} — {stamp}\n\n{HEADER}\n{_row(figures)}\n")
+            if figures.get("notes"):
+                fh.write("\nNotes: " + "; ".join(figures["notes"]) + "\n")
             if findings.violations:
                 fh.write("\nViolations:\n" + "".join(f"- {v}\n" for v in findings.violations[:50]))

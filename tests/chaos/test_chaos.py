@@ -62,10 +62,11 @@ def test_redis_restarted_mid_run_loses_messages(tmp_path: Path) -> None:
     unacknowledged message is gone; the tick must find the work again from the database."""
 
     def restart_redis(ctx: Context) -> None:
-        for delay in (3.0, 6.0):
-            if ctx.sleep(delay):
+        for fraction in (0.2, 0.55):
+            if not ctx.wait_for_progress(fraction):
                 ctx.notes.append("batch finished before a planned Redis restart")
                 return
+            ctx.notes.append(f"{ctx.broker_backlog()} messages in Redis when it was killed")
             ctx.redis.restart(down_seconds=1.5)
 
     findings = run(tmp_path, "redis-restart", jobs=150, chaos=restart_redis, seed=12)
@@ -80,8 +81,8 @@ def test_postgres_crashed_mid_run(tmp_path: Path) -> None:
     mid-flight aborted, crash recovery on restart) twice mid-run."""
 
     def crash_postgres(ctx: Context) -> None:
-        for delay in (3.0, 6.0):
-            if ctx.sleep(delay):
+        for fraction in (0.2, 0.55):
+            if not ctx.wait_for_progress(fraction):
                 ctx.notes.append("batch finished before a planned PostgreSQL crash")
                 return
             ctx.postgres.restart(down_seconds=2.0)
