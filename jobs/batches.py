@@ -21,7 +21,7 @@ from jobs import store
 from jobs.endpoints import get_endpoint
 from jobs.errors import ManifestError
 from jobs.manifest import JobSpec, ValidationReport, job_key, load_manifest, validate_manifest
-from jobs.models import BatchState
+from jobs.models import Batch, BatchState
 from jobs.pricing import Totals, estimate_job
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
@@ -83,17 +83,40 @@ class SubmitResult:
         }
 
 
+def _new_job(
+    endpoint: str, item_index: int, key: str, resolved: dict[str, Any], settings: Settings | None
+) -> store.NewJob:
+    """A job row to store, with its cost estimate."""
+    est = estimate_job(endpoint, resolved, settings)
+    return store.NewJob(
+        key=key,
+        item_index=item_index,
+        endpoint=endpoint,
+        input=resolved,
+        est_billing_units=est.billing_units,
+        est_usd=est.usd,
+    )
+
+
 def _new_jobs(specs: Iterator[JobSpec], settings: Settings | None) -> Iterator[store.NewJob]:
     for spec in specs:
-        est = estimate_job(spec.endpoint, spec.input, settings)
-        yield store.NewJob(
-            key=spec.key,
-            item_index=spec.item_index,
-            endpoint=spec.endpoint,
-            input=spec.input,
-            est_billing_units=est.billing_units,
-            est_usd=est.usd,
-        )
+        yield _new_job(spec.endpoint, spec.item_index, spec.key, spec.input, settings)
+
+
+def _submitted(
+    session: Session, batch: Batch, created: bool, added: int, existing: int, warnings: list[str] | None = None
+) -> SubmitResult:
+    counts = store.counts_by_state(session, batch.id)
+    return SubmitResult(
+        batch_id=batch.id,
+        name=batch.name,
+        created=created,
+        added=added,
+        existing=existing,
+        total=sum(counts.values()),
+        counts=counts,
+        warnings=warnings or [],
+    )
 
 
 def submit_manifest(path: str | Path, settings: Settings | None = None) -> SubmitResult:
@@ -119,17 +142,8 @@ def submit_manifest(path: str | Path, settings: Settings | None = None) -> Submi
         if batch.state == BatchState.PAUSED:
             # Paused because fal refused the account; submitting again is the user saying "go on".
             store.set_batch_state(session, batch.id, BatchState.ACTIVE)
-        counts = store.counts_by_state(session, batch.id)
-        return SubmitResult(
-            batch_id=batch.id,
-            name=batch.name,
-            created=created,
-            added=added,
-            existing=existing,
-            total=sum(counts.values()),
-            counts=counts,
-            warnings=[str(i) for i in report.issues if i.severity != "error"],
-        )
+        warnings = [str(i) for i in report.issues if i.severity != "error"]
+        return _submitted(session, batch, created, added, existing, warnings)
 
 
 def _money(value: Decimal | None) -> float | None:
@@ -216,24 +230,9 @@ def rerun_batch(
                     resolved["seed"] = secrets.randbelow(2**31)
                 elif job.seed is not None:
                     resolved["seed"] = int(job.seed)
-                est = estimate_job(job.endpoint, resolved, settings)
-                yield store.NewJob(
-                    key=job_key(spec, resolved, digests),
-                    item_index=job.item_index,
-                    endpoint=job.endpoint,
-                    input=resolved,
-                    est_billing_units=est.billing_units,
-                    est_usd=est.usd,
+                yield _new_job(
+                    job.endpoint, job.item_index, job_key(spec, resolved, digests), resolved, settings
                 )
 
         added, existing = store.add_jobs(session, batch.id, list(new_jobs()))
-        counts = store.counts_by_state(session, batch.id)
-        return SubmitResult(
-            batch_id=batch.id,
-            name=batch.name,
-            created=created,
-            added=added,
-            existing=existing,
-            total=sum(counts.values()),
-            counts=counts,
-        )
+        return _submitted(session, batch, created, added, existing)
