@@ -33,14 +33,14 @@ def build_runtime(
             upload = store.find_upload(session, sha256)
             return upload.provider_url if upload else None
 
-    def record(sha256: str, url: str) -> None:
+    def record(sha256: str, url: str, size_bytes: int, content_type: str) -> None:
         with store.session_scope(engine) as session:
             store.record_upload(
                 session,
                 content_sha256=sha256,
                 provider_url=url,
-                size_bytes=0,
-                content_type="application/octet-stream",
+                size_bytes=size_bytes,
+                content_type=content_type,
             )
 
     media = MediaPreparer.for_storage(

@@ -134,7 +134,7 @@ def test_prepare_input_inlines_small_uploads_large_once_and_keeps_urls(tmp_path:
         uploader=uploader,
         inline_max_bytes=50,
         lookup=cache.get,
-        record=cache.__setitem__,
+        record=lambda sha, url, size, mime: cache.__setitem__(sha, url),
         root=tmp_path,
     )
     data_uri = "data:image/png;base64,AAAA"

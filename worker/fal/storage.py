@@ -109,7 +109,8 @@ def guess_mime(path: Path) -> str:
 
 
 Lookup = Callable[[str], str | None]
-Record = Callable[[str, str], None]
+#: ``record(sha256, url, size_bytes, content_type)``: remember an upload.
+Record = Callable[[str, str, int, str], None]
 Uploader = Callable[[bytes, str, str], str]
 
 
@@ -164,7 +165,7 @@ class MediaPreparer:
         # The public CDN gets a content-derived name, never the user's local file name.
         url = self.uploader(data, mime, f"{digest[:16]}{resolved.suffix.lower()}")
         if self.record is not None:
-            self.record(digest, url)
+            self.record(digest, url, len(data), mime)
         return url
 
 
