@@ -29,8 +29,9 @@ import mimetypes
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -118,9 +119,14 @@ Uploader = Callable[[bytes, str, str], str]
 class MediaPreparer:
     """Turns local media paths into something fal can fetch, uploading each distinct file once.
 
-    ``lookup(sha256) -> url | None`` and ``record(sha256, url)`` are the cache (the worker plugs
-    in the ``Upload`` table). ``root``, when given, confines local files to that folder so a
-    manifest cannot publish ``~/.ssh/id_rsa`` to a public CDN.
+    ``lookup(sha256) -> url | None`` and ``record(sha256, url, size, type)`` are the cache (the
+    worker plugs in the ``Upload`` table). ``root``, when given, confines local files to that
+    folder so a manifest cannot publish ``~/.ssh/id_rsa`` to a public CDN.
+
+    Concurrent submits of jobs sharing an image (threads of one worker) wait for one upload
+    per content hash instead of racing to upload it twice. Across hosts two workers may still
+    both upload the same new file at the same instant: uploads are free, and the later record
+    simply wins, so that case is tolerated rather than locked against.
     """
 
     uploader: Uploader
@@ -128,6 +134,12 @@ class MediaPreparer:
     lookup: Lookup | None = None
     record: Record | None = None
     root: Path | None = None
+    _locks: dict[str, threading.Lock] = field(default_factory=dict, init=False, repr=False)
+    _locks_guard: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def _lock_for(self, digest: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(digest, threading.Lock())
 
     @classmethod
     def for_storage(
@@ -158,15 +170,16 @@ class MediaPreparer:
         if len(data) <= self.inline_max_bytes:
             return to_data_uri(data, mime)
         digest = hashlib.sha256(data).hexdigest()
-        if self.lookup is not None:
-            known = self.lookup(digest)
-            if known:
-                return known
-        # The public CDN gets a content-derived name, never the user's local file name.
-        url = self.uploader(data, mime, f"{digest[:16]}{resolved.suffix.lower()}")
-        if self.record is not None:
-            self.record(digest, url, len(data), mime)
-        return url
+        with self._lock_for(digest):
+            if self.lookup is not None:
+                known = self.lookup(digest)
+                if known:
+                    return known
+            # The public CDN gets a content-derived name, never the user's local file name.
+            url = self.uploader(data, mime, f"{digest[:16]}{resolved.suffix.lower()}")
+            if self.record is not None:
+                self.record(digest, url, len(data), mime)
+            return url
 
 
 def prepare_input(
