@@ -98,8 +98,6 @@ class Settings(BaseSettings):
     submit_wait_max: float = Field(default=2.0, ge=0)
     #: Cap on USD committed (spent + reserved) per UTC day across all batches; unset = no cap.
     daily_budget_usd: Decimal | None = Field(default=None, ge=0)
-    #: Lower the outstanding cap while requests wait IN_QUEUE at fal (account tier below our cap).
-    adaptive_outstanding: bool = False
 
     @field_validator("fal_queue_url", "fal_rest_url")
     @classmethod
