@@ -7,7 +7,9 @@ the dependency direction: ``worker`` imports ``jobs``, never the other way round
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +177,7 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
             )
         settings.require_fal_key()
         batches.open_engine(settings)  # migrate before any worker process starts
-        from celery.signals import worker_process_init, worker_ready, worker_shutdown
+        from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
         from worker import tasks
         from worker.app import QUEUE, app
@@ -213,7 +215,22 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
         ]
         if concurrency:
             argv.append(f"--concurrency={concurrency}")
+        asked_to_stop: list[str] = []
+
+        @worker_shutting_down.connect(weak=False)
+        def _by_signal(sig: str = "", **_: object) -> None:
+            asked_to_stop.append(sig)
+
         app.worker_main(argv=argv)
+        if not asked_to_stop:
+            # Celery ends its worker cleanly after some broker-connection losses (kombu's redis
+            # transport raising on a closed channel, logged as "Unrecoverable error"), though
+            # nobody asked it to stop. A worker must outlive a broker restart: start afresh.
+            logging.getLogger(__name__).error("the Celery worker stopped on its own; restarting it")
+            time.sleep(1.0)
+            os.execv(  # noqa: S606 - re-exec ourselves with the same arguments
+                sys.executable, [sys.executable, "-c", "from worker.cli import main; main()", *sys.argv[1:]]
+            )
         return EXIT_OK
 
     guarded(False, action)

@@ -47,6 +47,19 @@ def sidecar_path(video: Path) -> Path:
     return video.with_suffix(".json")
 
 
+def remove_stale_partials(dest: Path) -> int:
+    """Delete temporary ``.<name>.*.part`` files a killed download left beside ``dest``.
+
+    Only the job's lease holder calls this, so no live download of the same file is running.
+    """
+    removed = 0
+    if dest.parent.is_dir():
+        for stale in dest.parent.glob(f".{dest.name}.*.part"):
+            stale.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON so that readers see the old file or the complete new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)

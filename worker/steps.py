@@ -727,6 +727,7 @@ def download(rt: Runtime, job_id: str) -> str:
             )  # fmt: skip
         return "failed"
     dest = outputs.video_path(rt.settings.output_dir, batch_name, item_index, job_id)
+    outputs.remove_stale_partials(dest)  # left by a worker killed mid-download; we hold the lease now
     try:
         result = download_file(
             url,

@@ -1,0 +1,51 @@
+"""Output paths stay inside the output folder; stale partial downloads are cleaned up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker import outputs
+
+
+def test_batch_names_cannot_escape_the_output_dir(tmp_path: Path) -> None:
+    for hostile in ("../../etc", "/etc/passwd", "..", "a/../../b", ""):
+        folder = outputs.batch_dir(tmp_path, hostile)
+        assert tmp_path.resolve() in folder.parents
+
+
+def test_video_names_come_from_our_ids_only(tmp_path: Path) -> None:
+    path = outputs.video_path(tmp_path, "sweep", 7, "0123456789abcdef0123")
+    assert path.name == "000007-0123456789ab.mp4"
+    assert outputs.sidecar_path(path).name == "000007-0123456789ab.json"
+
+
+def test_remove_stale_partials_removes_only_this_files_temporaries(tmp_path: Path) -> None:
+    dest = tmp_path / "000001-abc.mp4"
+    mine = [tmp_path / ".000001-abc.mp4.x1y2.part", tmp_path / ".000001-abc.mp4.zz.part"]
+    other = tmp_path / ".000002-def.mp4.q.part"
+    for p in [*mine, other]:
+        p.write_bytes(b"partial")
+    assert outputs.remove_stale_partials(dest) == 2
+    assert not any(p.exists() for p in mine)
+    assert other.exists()
+    assert outputs.remove_stale_partials(tmp_path / "missing" / "x.mp4") == 0
+
+
+def test_write_json_atomic_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "a.json"
+    outputs.write_json_atomic(target, {"seed": 2**64 - 1})
+    assert target.read_text().strip().startswith("{")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_write_json_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    target = tmp_path / "a.json"
+    outputs.write_json_atomic(target, {"v": 1})
+    loop: dict[str, object] = {}
+    loop["self"] = loop
+    with pytest.raises(ValueError, match="Circular"):
+        outputs.write_json_atomic(target, loop)
+    assert target.read_text().strip() == '{\n  "v": 1\n}'
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
