@@ -104,7 +104,12 @@ def _new_jobs(specs: Iterator[JobSpec], settings: Settings | None) -> Iterator[s
 
 
 def _submitted(
-    session: Session, batch: Batch, created: bool, added: int, existing: int, warnings: list[str] | None = None
+    session: Session,
+    batch: Batch,
+    created: bool,
+    added: int,
+    existing: int,
+    warnings: list[str] | None = None,
 ) -> SubmitResult:
     counts = store.counts_by_state(session, batch.id)
     return SubmitResult(
