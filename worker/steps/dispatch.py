@@ -1,0 +1,127 @@
+"""Dispatch: claim due jobs within the outstanding caps, the submit rate and the budgets,
+mark them ``submitting`` and hand them to the submit task. Run by the tick leader only."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from jobs import store
+from jobs.endpoints import all_endpoints
+from jobs.models import Job, utcnow
+from jobs.states import JobState
+from worker.steps.context import Runtime, S
+
+log = logging.getLogger(__name__)
+
+
+def dispatch(rt: Runtime) -> list[str]:
+    """Claim due jobs within the caps and budget, mark them ``submitting``; returns their ids.
+
+    The budget is checked in the same transaction that claims: a job's estimate counts as
+    reserved from the moment it is ``submitting``, so the cap holds even with many in flight.
+    """
+    now = utcnow()
+    sent: list[str] = []
+    with store.session_scope(rt.engine) as session:
+        free = rt.settings.max_outstanding - store.count_in_states(session, states_at_provider())
+        if free <= 0:
+            return []
+        assert rt.bucket is not None
+        free = rt.bucket.take(free)
+        if free <= 0:
+            return []
+        jobs = _claim_within_caps(session, rt, free, now)
+        unused = free
+        for job in jobs:
+            refusal = _budget_refusal(session, rt, job, now)
+            if refusal is not None:
+                store.transition(
+                    session,
+                    job.id,
+                    job.state,
+                    S.CANCELLED,
+                    expected_version=job.version,
+                    reason="budget",
+                    worker=rt.owner,
+                    error=refusal,
+                    error_type="budget",
+                )
+                continue
+            moved = store.transition(
+                session,
+                job.id,
+                job.state,
+                S.SUBMITTING,
+                expected_version=job.version,
+                reason=f"attempt {job.attempts + 1}",
+                worker=rt.owner,
+                attempts=job.attempts + 1,
+                submitted_input=None,
+                lease_owner=rt.owner,
+                lease_expires_at=rt.lease_until(now),
+            )
+            if moved:
+                sent.append(job.id)
+                unused -= 1
+    if unused > 0 and rt.bucket is not None:
+        rt.bucket.tokens += unused  # claimed fewer than granted: give the rate back
+    for job_id in sent:
+        rt.enqueue_submit(job_id)
+    return sent
+
+
+def _claim_within_caps(session: Any, rt: Runtime, free: int, now: datetime) -> list[Job]:
+    """Claim up to ``free`` due jobs, no endpoint beyond its own cap (``max_outstanding_per_endpoint``)."""
+    claim: dict[str, Any] = {
+        "states": [S.PENDING, S.RETRY_WAIT],
+        "now": now,
+        "owner": rt.owner,
+        "lease_seconds": rt.settings.lease_seconds,
+        "active_batches_only": True,
+    }
+    caps = rt.settings.max_outstanding_per_endpoint
+    if not caps:
+        return store.claim_jobs(session, limit=free, **claim)
+    outstanding = store.count_in_states_by_endpoint(session, states_at_provider())
+    jobs: list[Job] = []
+    for endpoint, cap in sorted(caps.items()):
+        room = min(free - len(jobs), cap - outstanding.get(endpoint, 0))
+        if room > 0:
+            jobs += store.claim_jobs(session, limit=room, endpoints=[endpoint], **claim)
+    uncapped = [e.id for e in all_endpoints() if e.id not in caps]
+    if free - len(jobs) > 0 and uncapped:
+        jobs += store.claim_jobs(session, limit=free - len(jobs), endpoints=uncapped, **claim)
+    return jobs
+
+
+def _budget_refusal(session: Any, rt: Runtime, job: Job, now: datetime) -> str | None:
+    """Why submitting ``job`` would cross a budget cap (its batch's, or the day's), else None.
+
+    Checked in the claim's transaction, by the single dispatcher: what is committed (spent +
+    the estimates of everything in flight) plus this job's estimate must stay within the cap.
+    """
+    batch = store.get_batch(session, job.batch_id)
+    if batch.budget_max_usd is not None:
+        money = store.batch_money(session, batch.id)
+        if money.committed_usd + job.est_usd > batch.budget_max_usd:
+            return (
+                f"budget: submitting would commit ${money.committed_usd + job.est_usd:.2f} "
+                f"of the batch's ${batch.budget_max_usd:.2f} cap"
+            )
+    cap = rt.settings.daily_budget_usd
+    if cap is not None:
+        since = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        committed = store.committed_usd_since(session, since)
+        if committed + job.est_usd > cap:
+            return (
+                f"budget: submitting would commit ${committed + job.est_usd:.2f} of today's "
+                f"${cap:.2f} cap (WANBATCH_DAILY_BUDGET_USD)"
+            )
+    return None
+
+
+def states_at_provider() -> list[JobState]:
+    """States that count against the outstanding cap."""
+    return [s for s in JobState if s.at_provider]

@@ -1,0 +1,244 @@
+"""Submit: send one claimed job to fal exactly once.
+
+The exact input is recorded and committed before the POST; the POST is never retried; a lost
+answer makes the job ``submit_unknown``; an accepted request id is recorded even through a
+database outage, because only this process knows it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from sqlalchemy.exc import OperationalError
+
+from jobs import store
+from jobs.endpoints import get_endpoint
+from jobs.errors import (
+    AccountLockedError,
+    AmbiguousSubmitError,
+    FinalProviderError,
+    ProviderError,
+    RetryableProviderError,
+    UsageError,
+)
+from jobs.models import BatchState, utcnow
+from jobs.settings import Settings
+from jobs.states import JobState
+from worker import chaos
+from worker.fal.storage import prepare_input
+from worker.limits import LimiterUnavailableError, wait_for_token
+from worker.steps.context import Runtime, S
+from worker.steps.failures import describe, retry_or_fail
+
+log = logging.getLogger(__name__)
+
+#: How long a job given back for lack of a limiter waits before it is dispatched again.
+LIMITER_DOWN_RETRY_SECONDS = 5.0
+
+
+def _take_submit_token(rt: Runtime, endpoint: str) -> tuple[str, float] | None:
+    """None when the submit may go now; else why not and how long until the job is due again.
+
+    Waits in place for a token up to ``submit_wait_max`` (dispatch paces itself to the same
+    rate, so waits are short); beyond that the job goes back to ``pending`` rather than hold a
+    worker slot. An unreachable limiter fails closed: nothing is sent until it is back.
+    """
+    assert rt.limiter is not None
+    try:
+        wait = wait_for_token(rt.limiter, endpoint, rt.settings.submit_wait_max)
+    except LimiterUnavailableError as exc:
+        log.warning("not submitting: %s", exc)
+        return f"held back: {exc}", LIMITER_DOWN_RETRY_SECONDS
+    if wait > 0:
+        return f"held back by the submit rate for {wait:.2f}s", wait
+    return None
+
+
+def webhook_for(settings: Settings, job_id: str, attempt: int) -> str | None:
+    """The ``fal_webhook`` URL for one attempt: the receiver learns which job and attempt a
+    completion belongs to even when the submit's answer never reached us."""
+    if not settings.webhook_url:
+        return None
+    parts = httpx.URL(settings.webhook_url)
+    return str(parts.copy_merge_params({"job_id": job_id, "attempt": str(attempt)}))
+
+
+def submit(rt: Runtime, job_id: str) -> str:
+    """Send one claimed job to fal, exactly once. Returns what happened, for logs and tests."""
+    with store.session_scope(rt.engine) as session:
+        job = store.get_job(session, job_id)
+        if job.state != S.SUBMITTING or job.submitted_input is not None:
+            return "skipped"  # a duplicate message, or another worker already began this POST
+        endpoint, raw_input, version, attempt = job.endpoint, dict(job.input), job.version, job.attempts
+
+    spec = get_endpoint(endpoint)
+    try:
+        to_send = prepare_input(raw_input, [f.name for f in spec.media_fields], preparer=rt.media)
+    except UsageError as exc:  # a local file vanished or changed since validation
+        with store.session_scope(rt.engine) as session:
+            store.transition(
+                session, job_id, S.SUBMITTING, S.FAILED, expected_version=version,
+                reason=str(exc), worker=rt.owner, error=str(exc), error_type="input_file",
+            )  # fmt: skip
+        return "media-failed"
+    except ProviderError as exc:
+        with store.session_scope(rt.engine) as session:
+            job = store.get_job(session, job_id)
+            if isinstance(exc, RetryableProviderError):
+                retry_or_fail(session, rt, job, S.SUBMITTING, version, exc, utcnow())
+            else:
+                store.transition(
+                    session, job_id, S.SUBMITTING, S.FAILED, expected_version=version,
+                    reason=describe(exc), worker=rt.owner, error=describe(exc), error_type=exc.error_type,
+                )  # fmt: skip
+        return "media-failed"
+
+    # The global submit rate, taken right before the POST (every worker shares it). Before
+    # take_lease on purpose: a worker that dies while waiting leaves a job that is plainly
+    # "not sent" (no recorded input), not one whose submission looks ambiguous.
+    held_back = _take_submit_token(rt, endpoint)
+    if held_back is not None:
+        reason, delay = held_back
+        with store.session_scope(rt.engine) as session:
+            job = store.get_job(session, job_id)
+            store.transition(
+                session, job_id, S.SUBMITTING, S.PENDING, expected_version=version,
+                reason=reason, worker=rt.owner, attempts=max(0, job.attempts - 1),
+                lease_owner=None, lease_expires_at=None, next_attempt_at=utcnow() + timedelta(seconds=delay),
+            )  # fmt: skip
+        return "rate-limited"
+
+    # Record what we are about to send, and that the POST may go out, before it does: if this
+    # process dies from here on, the reconciler knows the submit's outcome is unknown.
+    # take_lease bumps the version: of two copies of this message, exactly one gets here.
+    with store.session_scope(rt.engine) as session:
+        taken = store.take_lease(
+            session,
+            job_id,
+            owner=rt.owner,
+            expected_version=version,
+            now=utcnow(),
+            lease_seconds=rt.settings.lease_seconds,
+            submitted_input=to_send,
+        )
+    if taken is None:
+        return "lost-lease"
+    version = taken
+
+    chaos.crash_point("before_post")
+    try:
+        submitted = rt.client.submit(endpoint, to_send, webhook_url=webhook_for(rt.settings, job_id, attempt))
+    except AmbiguousSubmitError as exc:
+        with store.session_scope(rt.engine) as session:
+            store.transition(
+                session,
+                job_id,
+                S.SUBMITTING,
+                S.SUBMIT_UNKNOWN,
+                expected_version=version,
+                reason=f"submit outcome unknown: {exc}",
+                worker=rt.owner,
+                error=f"submission outcome unknown: {exc}",
+                error_type="submit_unknown",
+                next_attempt_at=utcnow() + timedelta(seconds=rt.settings.submit_unknown_deadline),
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        return "ambiguous"
+    except AccountLockedError as exc:
+        with store.session_scope(rt.engine) as session:
+            job = store.get_job(session, job_id)
+            store.set_batch_state(session, job.batch_id, BatchState.PAUSED, reason=describe(exc))
+            store.transition(
+                session, job_id, S.SUBMITTING, S.PENDING, expected_version=version,
+                reason=f"batch paused: {describe(exc)}", worker=rt.owner,
+                attempts=max(0, job.attempts - 1), lease_owner=None, lease_expires_at=None,
+            )  # fmt: skip
+        return "account-locked"
+    except RetryableProviderError as exc:
+        with store.session_scope(rt.engine) as session:
+            job = store.get_job(session, job_id)
+            retry_or_fail(session, rt, job, S.SUBMITTING, version, exc, utcnow())
+        return "retry"
+    except FinalProviderError as exc:
+        with store.session_scope(rt.engine) as session:
+            store.transition(
+                session, job_id, S.SUBMITTING, S.FAILED, expected_version=version,
+                reason=describe(exc), worker=rt.owner, error=describe(exc), error_type=exc.error_type,
+            )  # fmt: skip
+        return "failed"
+
+    chaos.crash_point("after_post")
+    now = utcnow()
+    fields: dict[str, Any] = {
+        "request_id": submitted.request_id,
+        "gateway_request_id": submitted.gateway_request_id,
+        "status_url": submitted.status_url,
+        "response_url": submitted.response_url,
+        "cancel_url": submitted.cancel_url,
+        "submitted_at": now,
+        "next_attempt_at": now + timedelta(seconds=rt.settings.poll_min_interval),
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "error": None,
+        "error_type": None,
+    }
+    new_state = S.RUNNING if submitted.status == "IN_PROGRESS" else S.QUEUED
+    outcome = _while_database_down(
+        rt, lambda: _record_submission(rt, job_id, version, new_state, submitted.request_id, fields)
+    )
+    if outcome == "submitted":
+        chaos.crash_point("after_commit")
+    return outcome
+
+
+def _while_database_down(rt: Runtime, action: Callable[[], str]) -> str:
+    """Retry ``action`` while the database is unreachable, for a bounded time.
+
+    Used where this process alone knows something fal has already acted on (the request id
+    of an accepted, paid submit): giving up at the first dropped connection would turn a
+    paid request into "submission outcome unknown". Retries back off to 1 s so the write
+    lands within a second of the database returning — before the reconciler's deadline.
+    """
+    patience = time.monotonic() + max(60.0, rt.settings.lease_seconds + rt.settings.submit_unknown_deadline)
+    delay = 0.1
+    while True:
+        try:
+            return action()
+        except OperationalError:
+            if time.monotonic() > patience:
+                raise
+            log.warning("database unreachable while recording a submission; retrying in %.1fs", delay)
+            time.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+
+def _record_submission(
+    rt: Runtime, job_id: str, version: int, new_state: JobState, request_id: str, fields: dict[str, Any]
+) -> str:
+    """Store the request id fal gave us; ``submitted``, ``submitted-late`` or ``orphaned``."""
+    with store.session_scope(rt.engine) as session:
+        accepted = store.transition(
+            session, job_id, S.SUBMITTING, new_state, expected_version=version,
+            reason=f"accepted as {request_id}", worker=rt.owner, **fields,
+        )  # fmt: skip
+    if accepted:
+        return "submitted"
+    with store.session_scope(rt.engine) as session:
+        job = store.get_job(session, job_id)
+        if job.request_id == request_id:  # our commit landed though we saw an error (a retry)
+            return "submitted"
+        # Our lease ran out while the POST was in flight and the reconciler declared the
+        # outcome unknown. We hold the proof: the request exists. Record it.
+        if job.state == S.SUBMIT_UNKNOWN and job.request_id is None:
+            store.transition(
+                session, job_id, S.SUBMIT_UNKNOWN, new_state, expected_version=job.version,
+                reason=f"late answer: accepted as {request_id}", worker=rt.owner, **fields,
+            )  # fmt: skip
+            return "submitted-late"
+    log.warning("job %s: fal accepted %s but the job moved on", job_id, request_id)
+    return "orphaned"
