@@ -301,11 +301,30 @@ def _with_faults(options: Any, faults: tuple[str, ...]) -> Any:
     return dataclasses.replace(options, faults=rules)
 
 
+def install_key_redaction() -> bool:
+    """Redact FAL_KEY from every log record of this process (and of the workers it forks).
+
+    Returns whether a key was configured. Bad configuration is left for the command to report.
+    """
+    from jobs.errors import WanbatchError
+    from worker.fal.redact import install_redaction
+
+    try:
+        key = get_settings().fal_key
+    except WanbatchError:
+        return False
+    if key is None or not key.get_secret_value():
+        return False
+    install_redaction(key.get_secret_value())
+    return True
+
+
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
+    install_key_redaction()
     cli(prog_name="wanbatch")
 
 
