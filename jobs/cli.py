@@ -54,7 +54,7 @@ def _escape(text: str) -> str:
 def fail(exc: WanbatchError, as_json: bool) -> NoReturn:
     """Report a deliberate error (no traceback) and exit with its code."""
     if as_json:
-        payload: dict[str, Any] = {"ok": False, "error": str(exc).splitlines()[0]}
+        payload: dict[str, Any] = {"ok": False, "error": str(exc).splitlines()[0].rstrip(":")}
         if isinstance(exc, ManifestError):
             payload["issues"] = [i.as_dict() for i in exc.issues]
         emit_json(payload)
