@@ -147,13 +147,18 @@ class Manifest:
         raises :class:`ManifestError`. Duplicate jobs are dropped with a warning.
         """
         sink: list[Issue] = [] if issues is None else issues
-        seen: dict[str, tuple[int, str, int | None]] = {}
+        # digest -> item_index << 32 | line: ~140 bytes a job instead of ~270 with hex keys and
+        # tuples, which keeps a million-job manifest's duplicate check near 130 MB (bench/RESULTS.md).
+        seen: dict[bytes, int] = {}
         combos = self._combos()
         digests: dict[str, str | None] = {}
         for raw in self._raw_items(sink):
             for job in self._expand(raw, combos, sink, digests):
-                first = seen.get(job.key)
-                if first is not None:
+                digest = bytes.fromhex(job.key)
+                packed = seen.get(digest)
+                if packed is not None:
+                    first_index, first_line = packed >> 32, packed & 0xFFFFFFFF
+                    first_source = self._source_of(first_index)
                     sink.append(
                         Issue(
                             file=job.source,
@@ -161,19 +166,26 @@ class Manifest:
                             item=job.item_index,
                             field=None,
                             message=(
-                                f"identical to the job of item {first[0]} ({first[1]}:{first[2]})"
+                                f"identical to the job of item {first_index} "
+                                f"({first_source}:{first_line or None})"
                                 f"{_matrix_text(job.matrix)}; it runs once"
                             ),
                             severity="warning",
                         )
                     )
                     continue
-                seen[job.key] = (job.item_index, job.source, job.line)
+                seen[digest] = job.item_index << 32 | (job.line or 0)
                 yield job
             if issues is None and _error_count(sink):
                 raise ManifestError(sink)
         if issues is None and _error_count(sink):
             raise ManifestError(sink)
+
+    def _source_of(self, item_index: int) -> str:
+        """The file an item came from: the manifest for ``items``, else the ``items_from`` file."""
+        if item_index < len(self.items):
+            return self.display
+        return self.items_from_display or str(self.items_from)
 
     # -- expansion -------------------------------------------------------------------------
 
