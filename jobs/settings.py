@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     submit_jitter_allowance: float = Field(default=0.05, ge=0, le=1)
     #: Longest a submit task waits for a rate token before giving the job back to ``pending``.
     submit_wait_max: float = Field(default=2.0, ge=0)
+    #: fal runs 2 to 40 requests at once depending on the account's tier and queues the rest.
+    #: When a request we sent is still IN_QUEUE this many seconds later, the account runs fewer
+    #: than our cap: send only enough to keep one request waiting at fal (0 turns this off).
+    queue_wait_backoff: float = Field(default=60.0, ge=0)
     #: Cap on USD committed (spent + reserved) per UTC day across all batches; unset = no cap.
     daily_budget_usd: Decimal | None = Field(default=None, ge=0)
 

@@ -66,6 +66,7 @@ __all__ = [
     "committed_usd_since",
     "count_in_states",
     "count_in_states_by_endpoint",
+    "count_waiting_since",
     "counts_by_state",
     "extend_lease",
     "failure_reasons",
@@ -593,6 +594,17 @@ def count_in_states(session: Session, states: Iterable[JobState], *, batch_id: s
     query = select(func.count()).select_from(Job).where(Job.state.in_(list(states)))
     if batch_id is not None:
         query = query.where(Job.batch_id == batch_id)
+    return int(session.scalar(query) or 0)
+
+
+def count_waiting_since(session: Session, state: JobState, *, submitted_before: datetime) -> int:
+    """How many jobs have been in ``state`` since they were submitted before ``submitted_before``
+    (e.g. requests still IN_QUEUE at fal long after we sent them)."""
+    query = (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.state == state, Job.submitted_at.is_not(None), Job.submitted_at <= submitted_before)
+    )
     return int(session.scalar(query) or 0)
 
 

@@ -4,7 +4,7 @@ mark them ``submitting`` and hand them to the submit task. Run by the tick leade
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from jobs import store
@@ -26,6 +26,7 @@ def dispatch(rt: Runtime) -> list[str]:
     sent: list[str] = []
     with store.session_scope(rt.engine) as session:
         free = rt.settings.max_outstanding - store.count_in_states(session, states_at_provider())
+        free = _room_at_fal(session, rt, now, free)
         if free <= 0:
             return []
         assert rt.bucket is not None
@@ -70,6 +71,30 @@ def dispatch(rt: Runtime) -> list[str]:
     for job_id in sent:
         rt.enqueue_submit(job_id)
     return sent
+
+
+def _room_at_fal(session: Any, rt: Runtime, now: datetime, free: int) -> int:
+    """Adapt the outstanding cap to the account's tier (fal runs 2 to 40 at once, queues the rest).
+
+    Requests still IN_QUEUE at fal ``queue_wait_backoff`` seconds after we sent them mean the
+    account runs fewer than our cap. Sending more would only lengthen fal's queue — losing
+    control of cancel, budget and result expiry — so dispatch then keeps just one request
+    waiting at fal. As soon as nothing waits that long (jobs start, or the tier was raised),
+    the full cap applies again.
+    """
+    threshold = rt.settings.queue_wait_backoff
+    if threshold <= 0 or free <= 0:
+        return free
+    before = now - timedelta(seconds=threshold)
+    if store.count_waiting_since(session, S.QUEUED, submitted_before=before) == 0:
+        return free
+    waiting = store.count_in_states(session, [S.SUBMITTING, S.SUBMIT_UNKNOWN, S.QUEUED])
+    room = max(0, 1 - waiting)
+    if room < free:
+        log.info(
+            "requests wait in fal's queue over %.0fs: holding back (room %d of %d)", threshold, room, free
+        )
+    return min(free, room)
 
 
 def _claim_within_caps(session: Any, rt: Runtime, free: int, now: datetime) -> list[Job]:

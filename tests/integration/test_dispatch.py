@@ -1,0 +1,103 @@
+"""Dispatch against a real database: the outstanding cap, and its back-off when fal queues.
+
+fal queues whatever it cannot run (accounts run 2 to 40 at once). When requests we sent are
+still IN_QUEUE long after, dispatch keeps just one waiting at fal instead of filling the cap.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Engine
+
+from jobs import store
+from jobs.models import utcnow
+from jobs.settings import Settings
+from jobs.states import JobState
+from worker.steps import Runtime, dispatch
+
+S = JobState
+
+
+def _runtime(engine: Engine, sent: list[str], **settings: Any) -> Runtime:
+    config = Settings(submit_rate=1000, max_outstanding=10, **settings)
+    return Runtime(
+        engine=engine,
+        client=None,  # type: ignore[arg-type]  # dispatch never calls fal
+        settings=config,
+        enqueue_submit=sent.append,
+        enqueue_download=lambda _job_id: None,
+        media=None,  # type: ignore[arg-type]
+    )
+
+
+def _batch_of(engine: Engine, n: int) -> list[str]:
+    with store.session_scope(engine) as session:
+        batch, _ = store.get_or_create_batch(
+            session, name="dispatch", manifest_path="m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
+        )
+        jobs = [
+            store.NewJob(
+                key=f"{i:064x}",
+                item_index=i,
+                endpoint="fal-ai/wan-22",
+                input={"prompt": f"p{i}"},
+                est_billing_units=Decimal(1),
+                est_usd=Decimal("0.1"),
+            )
+            for i in range(n)
+        ]
+        store.add_jobs(session, batch.id, jobs)
+        return [j.id for j in store.jobs_of_batch(session, batch.id)]
+
+
+def _at_fal(engine: Engine, job_ids: list[str], state: JobState, waited: float) -> None:
+    """Move jobs to ``state`` at fal as if submitted ``waited`` seconds ago."""
+    with store.session_scope(engine) as session:
+        for job_id in job_ids:
+            assert store.transition(session, job_id, S.PENDING, S.SUBMITTING)
+            assert store.transition(
+                session,
+                job_id,
+                S.SUBMITTING,
+                S.QUEUED,
+                request_id=f"r-{job_id}",
+                submitted_at=utcnow() - timedelta(seconds=waited),
+            )
+            if state == S.RUNNING:
+                assert store.transition(session, job_id, S.QUEUED, S.RUNNING)
+
+
+def test_dispatch_fills_the_cap_when_nothing_waits_long(engine: Engine) -> None:
+    ids = _batch_of(engine, 20)
+    _at_fal(engine, ids[:3], S.QUEUED, waited=5)  # queued, but not for long
+    sent: list[str] = []
+    assert len(dispatch(_runtime(engine, sent, queue_wait_backoff=60))) == 7
+    assert len(sent) == 7
+
+
+def test_dispatch_holds_back_while_requests_wait_in_fals_queue(engine: Engine) -> None:
+    ids = _batch_of(engine, 20)
+    _at_fal(engine, ids[:3], S.QUEUED, waited=120)  # the account runs fewer than we send
+    sent: list[str] = []
+    assert dispatch(_runtime(engine, sent, queue_wait_backoff=60)) == []
+    assert sent == []
+
+
+def test_dispatch_keeps_one_waiting_when_the_long_waiters_started_running(engine: Engine) -> None:
+    ids = _batch_of(engine, 20)
+    _at_fal(engine, ids[:2], S.RUNNING, waited=120)
+    _at_fal(engine, ids[2:3], S.QUEUED, waited=90)  # still one long waiter, and it is the only one queued
+    rt = _runtime(engine, [], queue_wait_backoff=60)
+    assert dispatch(rt) == []  # one request already waits at fal: enough
+    with store.session_scope(engine) as session:
+        assert store.transition(session, ids[2], S.QUEUED, S.RUNNING)
+    assert len(dispatch(rt)) == 7  # nothing waits any more: the full cap again
+
+
+def test_backoff_off_when_zero(engine: Engine) -> None:
+    ids = _batch_of(engine, 20)
+    _at_fal(engine, ids[:3], S.QUEUED, waited=600)
+    assert len(dispatch(_runtime(engine, [], queue_wait_backoff=0))) == 7
