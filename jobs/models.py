@@ -231,6 +231,9 @@ class Job(Base):
     #: Fencing token: +1 on every transition and every claim; a stale writer's UPDATE matches 0 rows.
     version: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Which API key the current or last attempt was sent with: a 16-hex-digit SHA-256 prefix,
+    #: never the key. The outstanding cap is per key, as fal's account limits are.
+    api_key_id: Mapped[str | None] = mapped_column(String(32))
     #: Failed downloads of this job's output so far; the output is paid for, so a failed
     #: download is retried (never regenerated) until ``WANBATCH_DOWNLOAD_ATTEMPTS``.
     download_attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -589,29 +589,52 @@ def failure_reasons(
     return [(JobState(st).value, et, ex or "", int(n)) for st, et, ex, n in session.execute(query)]
 
 
-def count_in_states(session: Session, states: Iterable[JobState], *, batch_id: str | None = None) -> int:
-    """How many jobs are in ``states`` (e.g. ``AT_PROVIDER_STATES`` for the outstanding cap)."""
+def count_in_states(
+    session: Session,
+    states: Iterable[JobState],
+    *,
+    batch_id: str | None = None,
+    api_key_id: str | None = None,
+) -> int:
+    """How many jobs are in ``states`` (e.g. ``AT_PROVIDER_STATES`` for the outstanding cap),
+    optionally of one batch or sent with one API key."""
     query = select(func.count()).select_from(Job).where(Job.state.in_(list(states)))
     if batch_id is not None:
         query = query.where(Job.batch_id == batch_id)
+    if api_key_id is not None:
+        query = query.where(_sent_with(api_key_id))
     return int(session.scalar(query) or 0)
 
 
-def count_waiting_since(session: Session, state: JobState, *, submitted_before: datetime) -> int:
+def _sent_with(api_key_id: str) -> ColumnElement[bool]:
+    """Jobs sent with this API key, or with none recorded (e.g. in flight across the upgrade that
+    added the column): counting those too errs on the side of the cap."""
+    return or_(Job.api_key_id == api_key_id, Job.api_key_id.is_(None))
+
+
+def count_waiting_since(
+    session: Session, state: JobState, *, submitted_before: datetime, api_key_id: str | None = None
+) -> int:
     """How many jobs have been in ``state`` since they were submitted before ``submitted_before``
-    (e.g. requests still IN_QUEUE at fal long after we sent them)."""
+    (e.g. requests still IN_QUEUE at fal long after we sent them), optionally for one API key."""
     query = (
         select(func.count())
         .select_from(Job)
         .where(Job.state == state, Job.submitted_at.is_not(None), Job.submitted_at <= submitted_before)
     )
+    if api_key_id is not None:
+        query = query.where(_sent_with(api_key_id))
     return int(session.scalar(query) or 0)
 
 
-def count_in_states_by_endpoint(session: Session, states: Iterable[JobState]) -> dict[str, int]:
+def count_in_states_by_endpoint(
+    session: Session, states: Iterable[JobState], *, api_key_id: str | None = None
+) -> dict[str, int]:
     """How many jobs are in ``states`` per endpoint (per-endpoint outstanding caps)."""
-    query = select(Job.endpoint, func.count()).where(Job.state.in_(list(states))).group_by(Job.endpoint)
-    return {str(endpoint): int(n) for endpoint, n in session.execute(query)}
+    query = select(Job.endpoint, func.count()).where(Job.state.in_(list(states)))
+    if api_key_id is not None:
+        query = query.where(_sent_with(api_key_id))
+    return {str(endpoint): int(n) for endpoint, n in session.execute(query.group_by(Job.endpoint))}
 
 
 def committed_usd_since(session: Session, since: datetime) -> Decimal:

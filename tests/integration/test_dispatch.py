@@ -16,6 +16,7 @@ from jobs import store
 from jobs.models import utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
+from worker.limits import api_key_id
 from worker.steps import Runtime, dispatch
 
 S = JobState
@@ -101,3 +102,22 @@ def test_backoff_off_when_zero(engine: Engine) -> None:
     ids = _batch_of(engine, 20)
     _at_fal(engine, ids[:3], S.QUEUED, waited=600)
     assert len(dispatch(_runtime(engine, [], queue_wait_backoff=0))) == 7
+
+
+def test_the_outstanding_cap_is_per_api_key(engine: Engine) -> None:
+    ids = _batch_of(engine, 30)
+    _at_fal(engine, ids[:8], S.RUNNING, waited=1)
+    with store.session_scope(engine) as session:  # those 8 were sent with another account's key
+        for job_id in ids[:8]:
+            job = store.get_job(session, job_id)
+            assert store.update_job_fields(
+                session, job_id, expected_version=job.version, api_key_id="other-key"
+            )
+    sent: list[str] = []
+    rt = _runtime(engine, sent, fal_key="key-of-this-deployment")
+    assert len(dispatch(rt)) == 10  # the other key's 8 leave this key's cap of 10 untouched
+    with store.session_scope(engine) as session:
+        mine = {store.get_job(session, job_id).api_key_id for job_id in sent}
+    assert mine == {api_key_id(rt.settings)}
+    assert "key-of-this-deployment" not in next(iter(mine))
+    assert dispatch(rt) == []  # and now this key's cap is full

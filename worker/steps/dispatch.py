@@ -11,6 +11,7 @@ from jobs import store
 from jobs.endpoints import all_endpoints
 from jobs.models import Job, utcnow
 from jobs.states import JobState
+from worker.limits import api_key_id
 from worker.steps.context import Runtime, S
 
 log = logging.getLogger(__name__)
@@ -24,16 +25,17 @@ def dispatch(rt: Runtime) -> list[str]:
     """
     now = utcnow()
     sent: list[str] = []
+    key_id = api_key_id(rt.settings)  # the caps are per API key, as fal's account limits are
     with store.session_scope(rt.engine) as session:
-        free = rt.settings.max_outstanding - store.count_in_states(session, states_at_provider())
-        free = _room_at_fal(session, rt, now, free)
+        outstanding = store.count_in_states(session, states_at_provider(), api_key_id=key_id)
+        free = _room_at_fal(session, rt, now, rt.settings.max_outstanding - outstanding, key_id)
         if free <= 0:
             return []
         assert rt.bucket is not None
         free = rt.bucket.take(free)
         if free <= 0:
             return []
-        jobs = _claim_within_caps(session, rt, free, now)
+        jobs = _claim_within_caps(session, rt, free, now, key_id)
         unused = free
         for job in jobs:
             refusal = _budget_refusal(session, rt, job, now)
@@ -59,6 +61,7 @@ def dispatch(rt: Runtime) -> list[str]:
                 reason=f"attempt {job.attempts + 1}",
                 worker=rt.owner,
                 attempts=job.attempts + 1,
+                api_key_id=key_id,
                 submitted_input=None,
                 lease_owner=rt.owner,
                 lease_expires_at=rt.lease_until(now),
@@ -73,7 +76,7 @@ def dispatch(rt: Runtime) -> list[str]:
     return sent
 
 
-def _room_at_fal(session: Any, rt: Runtime, now: datetime, free: int) -> int:
+def _room_at_fal(session: Any, rt: Runtime, now: datetime, free: int, key_id: str) -> int:
     """Adapt the outstanding cap to the account's tier (fal runs 2 to 40 at once, queues the rest).
 
     Requests still IN_QUEUE at fal ``queue_wait_backoff`` seconds after we sent them mean the
@@ -86,9 +89,9 @@ def _room_at_fal(session: Any, rt: Runtime, now: datetime, free: int) -> int:
     if threshold <= 0 or free <= 0:
         return free
     before = now - timedelta(seconds=threshold)
-    if store.count_waiting_since(session, S.QUEUED, submitted_before=before) == 0:
+    if store.count_waiting_since(session, S.QUEUED, submitted_before=before, api_key_id=key_id) == 0:
         return free
-    waiting = store.count_in_states(session, [S.SUBMITTING, S.SUBMIT_UNKNOWN, S.QUEUED])
+    waiting = store.count_in_states(session, [S.SUBMITTING, S.SUBMIT_UNKNOWN, S.QUEUED], api_key_id=key_id)
     room = max(0, 1 - waiting)
     if room < free:
         log.info(
@@ -97,7 +100,7 @@ def _room_at_fal(session: Any, rt: Runtime, now: datetime, free: int) -> int:
     return min(free, room)
 
 
-def _claim_within_caps(session: Any, rt: Runtime, free: int, now: datetime) -> list[Job]:
+def _claim_within_caps(session: Any, rt: Runtime, free: int, now: datetime, key_id: str) -> list[Job]:
     """Claim up to ``free`` due jobs, no endpoint beyond its own cap (``max_outstanding_per_endpoint``)."""
     claim: dict[str, Any] = {
         "states": [S.PENDING, S.RETRY_WAIT],
@@ -109,7 +112,7 @@ def _claim_within_caps(session: Any, rt: Runtime, free: int, now: datetime) -> l
     caps = rt.settings.max_outstanding_per_endpoint
     if not caps:
         return store.claim_jobs(session, limit=free, **claim)
-    outstanding = store.count_in_states_by_endpoint(session, states_at_provider())
+    outstanding = store.count_in_states_by_endpoint(session, states_at_provider(), api_key_id=key_id)
     jobs: list[Job] = []
     for endpoint, cap in sorted(caps.items()):
         room = min(free - len(jobs), cap - outstanding.get(endpoint, 0))
