@@ -1,0 +1,67 @@
+"""`wanbatch run` with a broker configured submits, then waits for the workers to finish.
+
+The contract: "embedded when no broker is configured; with a broker it waits on the workers".
+One real `wanbatch worker` on the shared Redis (a DB number of its own) and a fresh PostgreSQL
+database; `run` itself must start no worker of its own and still report the finished batch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) leaves the repo root off the path
+    sys.path.insert(0, str(ROOT))
+
+from bench.distributed import (  # noqa: E402
+    Scenario,
+    claimed_redis_db,
+    environment,
+    start_workers,
+    stop_processes,
+    tail,
+    wanbatch_command,
+    write_manifest,
+)
+from worker.simulator import SimulatorOptions, running_simulator  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
+
+
+def test_run_with_a_broker_waits_for_the_workers(
+    new_pg_database: Callable[[], str], redis_url: str, tmp_path: Path
+) -> None:
+    scenario = Scenario(jobs=10, workers=1, concurrency=2, cap=4, latency=0.1, sim_concurrency=4)
+    manifest = write_manifest(tmp_path, scenario.jobs, name="run-with-broker")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    options = SimulatorOptions(concurrency_limit=scenario.sim_concurrency, latency_seconds=scenario.latency)
+    with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as broker, running_simulator(options) as sim:
+        env = environment(scenario, new_pg_database(), broker, sim.url, tmp_path / "outputs")
+        workers = start_workers(scenario, env, tmp_path, logs)
+        try:
+            run = subprocess.run(
+                [*wanbatch_command(), "run", str(manifest), "--json"],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            assert run.returncode == 0, run.stdout + run.stderr + tail(logs / "worker-0.log")
+        finally:
+            codes = stop_processes(workers)
+        report = json.loads(run.stdout)
+        ledger = sim.ledger()
+    assert report["counts"]["succeeded"] == scenario.jobs == report["total"]
+    assert report["finished"] == scenario.jobs
+    assert ledger["accepted"] == scenario.jobs
+    assert ledger["duplicates"] == []
+    assert codes == [0]
+    assert len(list((tmp_path / "outputs" / "run-with-broker").glob("*.mp4"))) == scenario.jobs
