@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +22,7 @@ from jobs import store
 from jobs.endpoints import get_endpoint
 from jobs.errors import ManifestError
 from jobs.manifest import JobSpec, ValidationReport, job_key, load_manifest, validate_manifest
-from jobs.models import Batch, BatchState
+from jobs.models import Batch, BatchState, utcnow
 from jobs.pricing import Totals, estimate_job
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
@@ -155,6 +156,18 @@ def _money(value: Decimal | None) -> float | None:
     return None if value is None else float(value.quantize(Decimal("0.000001")))
 
 
+def _eta_seconds(started: datetime | None, finished: int, total: int) -> float | None:
+    """Seconds until the batch should be done at the pace it has kept so far (None: no pace yet).
+
+    A batch runs at a steady pace set by the outstanding cap and model time, so the average
+    since its first submit is a fair forecast once a few jobs have finished.
+    """
+    if started is None or finished == 0 or finished >= total:
+        return None if finished < total else 0.0
+    elapsed = (utcnow() - started).total_seconds()
+    return round(elapsed / finished * (total - finished), 1)
+
+
 def batch_report(session: Session, batch_id: str) -> dict[str, Any]:
     """The contract's ``status BATCH --json`` object for one batch."""
     batch = store.get_batch(session, batch_id)
@@ -162,13 +175,15 @@ def batch_report(session: Session, batch_id: str) -> dict[str, Any]:
     money = store.batch_money(session, batch.id)
     cost = store.batch_cost(session, batch.id)
     terminal = sum(counts[s.value] for s in JobState if s.terminal)
+    total = sum(counts.values())
     return {
         "batch": batch.id,
         "name": batch.name,
         "state": batch.state.value if hasattr(batch.state, "value") else batch.state,
         "pause_reason": batch.pause_reason,
-        "total": sum(counts.values()),
+        "total": total,
         "finished": terminal,
+        "eta_seconds": _eta_seconds(store.first_submitted_at(session, batch.id), terminal, total),
         "counts": counts,
         "estimated_usd": _money(money.estimated_usd),
         "spent_usd": _money(money.spent_usd),

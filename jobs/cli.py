@@ -93,7 +93,8 @@ def validate(manifest: Path, as_json: bool) -> None:
     """Check MANIFEST and every expanded job; submits nothing."""
 
     def action() -> int:
-        report = validate_manifest(manifest)
+        with err.status(f"validating {manifest} …"):
+            report = validate_manifest(manifest)
         if not report.ok:
             raise ManifestError(report.issues)
         if as_json:
@@ -122,7 +123,8 @@ def estimate(manifest: Path, as_json: bool) -> None:
     """Job count, billing units and USD per endpoint and in total; submits nothing."""
 
     def action() -> int:
-        _report, totals = batches.estimate_manifest(manifest)
+        with err.status(f"validating and pricing {manifest} …"):
+            _report, totals = batches.estimate_manifest(manifest)
         data = totals.as_dict()
         if as_json:
             emit_json(data)
@@ -160,7 +162,8 @@ def submit(manifest: Path, as_json: bool) -> None:
     """
 
     def action() -> int:
-        result = batches.submit_manifest(manifest)
+        with err.status(f"validating {manifest}, then storing its jobs …"):
+            result = batches.submit_manifest(manifest)
         if as_json:
             emit_json(result.as_dict())
         else:
@@ -188,6 +191,15 @@ def status_table(report: dict[str, Any]) -> Table:
     table.add_section()
     table.add_row("total", str(report["total"]))
     return table
+
+
+def eta_text(seconds: float | None) -> str:
+    """``~3m20s left`` style, or empty when there is no forecast."""
+    if seconds is None or seconds <= 0:
+        return ""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"~{hours}h{minutes:02d}m left" if hours else f"~{minutes}m{secs:02d}s left"
 
 
 def money_line(report: dict[str, Any]) -> str:
@@ -230,6 +242,8 @@ def status(batch: str | None, as_json: bool) -> None:
         if batch is not None:
             out.print(status_table(reports[0]))
             out.print(money_line(reports[0]))
+            if eta := eta_text(reports[0].get("eta_seconds")):
+                out.print(f"{reports[0]['finished']}/{reports[0]['total']} done, {eta}")
             print_failures(reports[0])
             return EXIT_OK
         table = Table(title="batches")

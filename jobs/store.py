@@ -72,6 +72,7 @@ __all__ = [
     "failure_reasons",
     "find_job_by_request_id",
     "find_upload",
+    "first_submitted_at",
     "get_batch",
     "get_job",
     "get_or_create_batch",
@@ -610,6 +611,11 @@ def _sent_with(api_key_id: str) -> ColumnElement[bool]:
     """Jobs sent with this API key, or with none recorded (e.g. in flight across the upgrade that
     added the column): counting those too errs on the side of the cap."""
     return or_(Job.api_key_id == api_key_id, Job.api_key_id.is_(None))
+
+
+def first_submitted_at(session: Session, batch_id: str) -> datetime | None:
+    """When the batch's first request was sent (the start of its throughput), or None."""
+    return session.scalar(select(func.min(Job.submitted_at)).where(Job.batch_id == batch_id))
 
 
 def count_waiting_since(
