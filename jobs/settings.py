@@ -11,10 +11,10 @@ import json
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from jobs.errors import ConfigError
 
@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     submit_unknown_deadline: float = Field(default=600.0, ge=0)
     #: Largest output file we accept from the provider.
     download_max_bytes: int = Field(default=2 * 1024**3, gt=0)
+    #: Hosts outputs may be downloaded from (``*.fal.media`` style wildcards); unset = any
+    #: http(s) host. Set it in production so a result can never point a worker at an internal
+    #: address, e.g. ``*.fal.media,storage.googleapis.com``. Comma-separated or a JSON list.
+    download_allowed_hosts: Annotated[list[str] | None, NoDecode] = None
     #: How many times a failed download is retried before the job fails (never regenerated).
     download_attempts: int = Field(default=5, ge=1)
     #: Public URL of a webhook receiver. When set, every submit asks fal to call it on completion
@@ -107,6 +111,16 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("download_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [h.strip() for h in text.split(",") if h.strip()] or None
+        return value
 
     @field_validator(
         "pricing_overrides", "submit_rate_per_endpoint", "max_outstanding_per_endpoint", mode="before"

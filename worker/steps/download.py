@@ -139,16 +139,21 @@ def download(rt: Runtime, job_id: str) -> str:
             max_bytes=rt.settings.download_max_bytes,
             timeout=httpx.Timeout(rt.settings.read_timeout, connect=rt.settings.connect_timeout),
             client=chaos.download_client(httpx.Timeout(rt.settings.read_timeout)),
+            allowed_hosts=rt.settings.download_allowed_hosts,
         )
     except ProviderError as exc:
         failures = download_failures + 1
         with store.session_scope(rt.engine) as session:
-            if failures >= rt.settings.download_attempts:
+            # A final error (the file expired, the host is not allowed) cannot heal: fail now.
+            if isinstance(exc, FinalProviderError) or failures >= rt.settings.download_attempts:
+                job = store.get_job(session, job_id)
                 store.transition(
                     session, job_id, S.DOWNLOADING, S.FAILED, expected_version=version,
                     reason=f"download failed {failures} time(s): {exc}", worker=rt.owner,
                     error=f"download failed {failures} time(s): {exc}", error_type="download_failed",
                     download_attempts=failures,
+                    # fal produced (and billed) the output even though we could not fetch it
+                    **billed(job, billing.Outcome.SUCCEEDED),
                 )  # fmt: skip
                 return "failed"
             store.update_job_fields(
