@@ -28,29 +28,10 @@ import fal_client
 import httpx
 import pytest
 from fal_client.client import FalClientHTTPError
+from sample_inputs import INPUTS
 
 from worker.simulator import SimulatorHandle, SimulatorOptions, running_simulator
 
-INPUTS: dict[str, dict[str, Any]] = {
-    "fal-ai/wan-i2v": {"prompt": "a cat", "image_url": "https://example.com/cat.png", "resolution": "480p"},
-    "fal-ai/wan-flf2v": {
-        "prompt": "a cat",
-        "start_image_url": "https://example.com/a.png",
-        "end_image_url": "https://example.com/b.png",
-        "resolution": "480p",
-    },
-    "fal-ai/wan-22": {"prompt": "a cat", "resolution": "480p"},
-    "fal-ai/wan-25-preview/image-to-video": {
-        "prompt": "a cat",
-        "image_url": "https://example.com/cat.png",
-        "resolution": "480p",
-    },
-    "wan/v2.6/image-to-video": {
-        "prompt": "a cat",
-        "image_url": "https://example.com/cat.png",
-        "resolution": "720p",
-    },
-}
 KEY = "sim-conformance-key"
 
 

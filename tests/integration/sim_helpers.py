@@ -15,30 +15,9 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from PIL import Image
+from sample_inputs import INPUTS  # noqa: F401 - the simulator tests import it from here
 
 AUTH = {"Authorization": "Key sim-test-key"}
-
-#: One valid, cheap input per registered endpoint.
-INPUTS: dict[str, dict[str, Any]] = {
-    "fal-ai/wan-i2v": {"prompt": "a cat", "image_url": "https://example.com/cat.png", "resolution": "480p"},
-    "fal-ai/wan-flf2v": {
-        "prompt": "a cat",
-        "start_image_url": "https://example.com/a.png",
-        "end_image_url": "https://example.com/b.png",
-        "resolution": "480p",
-    },
-    "fal-ai/wan-22": {"prompt": "a cat", "resolution": "480p"},
-    "fal-ai/wan-25-preview/image-to-video": {
-        "prompt": "a cat",
-        "image_url": "https://example.com/cat.png",
-        "resolution": "480p",
-    },
-    "wan/v2.6/image-to-video": {
-        "prompt": "a cat",
-        "image_url": "https://example.com/cat.png",
-        "resolution": "720p",
-    },
-}
 
 
 def png_data_uri(width: int = 400, height: int = 400) -> str:

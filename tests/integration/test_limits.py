@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 from pydantic import SecretStr
+from sliding_window import max_in_window
 
 from jobs.settings import Settings
 from worker.limits import (
@@ -31,17 +32,6 @@ ENDPOINT = "fal-ai/wan-i2v"
 
 def _settings(rate: float, **extra: object) -> Settings:
     return Settings(FAL_KEY=SecretStr("limits-test-key-3f9a"), submit_rate=rate, **extra)  # type: ignore[arg-type]
-
-
-def _max_in_window(times: list[float], window: float = 1.0) -> int:
-    """Most events in any half-open window [t, t + window) (sliding, not calendar seconds)."""
-    times = sorted(times)
-    best = j = 0
-    for i, start in enumerate(times):
-        while j < len(times) and times[j] < start + window:
-            j += 1
-        best = max(best, j - i)
-    return best
 
 
 def _redis_now(client: redis.Redis[bytes]) -> float:
@@ -144,7 +134,7 @@ def test_threads_never_exceed_the_rate_in_any_second(
         t.start()
     for t in threads:
         t.join(30)
-    assert _max_in_window(grants) <= rate
+    assert max_in_window(grants) <= rate
     assert len(grants) >= 3 * rate - 2  # and the rate is actually achieved
 
 
@@ -167,7 +157,7 @@ def test_processes_share_one_limit_clocked_by_redis(
         grants += queue.get(timeout=60)
     for p in procs:
         p.join(30)
-    assert _max_in_window(grants) <= rate
+    assert max_in_window(grants) <= rate
     assert len(grants) >= 3 * rate - 2
 
 
@@ -186,7 +176,7 @@ def test_local_gcra_same_contract() -> None:
     while time.monotonic() < deadline:
         if wait_for_token(limiter, ENDPOINT, 0.5) == 0:
             grants.append(time.monotonic())
-    assert _max_in_window(grants) <= 20
+    assert max_in_window(grants) <= 20
     assert len(grants) >= 29
 
 

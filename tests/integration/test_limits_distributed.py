@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sliding_window import max_in_window
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
@@ -85,17 +86,6 @@ def allowed_span(durations: list[float], rate: float = RATE, cap: int = CAP) -> 
         starts.append(t)
         ends.append(t + duration)
     return max(ends) - starts[0]
-
-
-def max_in_window(times: list[float], window: float = 1.0) -> int:
-    """Most events in any half-open window [t, t + window)."""
-    times = sorted(times)
-    best = j = 0
-    for i, start in enumerate(times):
-        while j < len(times) and times[j] < start + window:
-            j += 1
-        best = max(best, j - i)
-    return best
 
 
 def max_outstanding(entries: list[dict[str, Any]]) -> int:
