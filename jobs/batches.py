@@ -6,8 +6,10 @@ functions, so "what `submit` does" has exactly one definition.
 
 from __future__ import annotations
 
+import os
 import secrets
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -16,41 +18,99 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from jobs import store
+from jobs.db import safe_url
 from jobs.endpoints import get_endpoint
-from jobs.errors import ManifestError
+from jobs.errors import ConfigError, ManifestError, UsageError
 from jobs.manifest import JobSpec, ValidationReport, job_key, load_manifest, validate_manifest
 from jobs.models import Batch, BatchState, utcnow
 from jobs.pricing import Totals, estimate_job
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
 
+#: Bytes the output-folder probe writes and syncs: enough that a full disk says so.
+OUTPUT_PROBE_BYTES = 64 * 1024
+
 
 @lru_cache(maxsize=8)
 def _engine_for(url: str) -> Engine:
-    engine = store.make_engine(url)
-    store.migrate(engine)
+    engine = store.make_engine(url)  # ConfigError for a URL that is not SQLite or PostgreSQL
+    try:
+        store.migrate(engine)
+    except (DBAPIError, OSError) as exc:  # unreachable, refused, no such database, unwritable…
+        engine.dispose()
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise ConfigError(
+            f"WANBATCH_DATABASE_URL {safe_url(url)}: cannot open the database: "
+            f"{reason[0] if reason else type(exc).__name__}"
+        ) from None
     return engine
 
 
 def open_engine(settings: Settings | None = None) -> Engine:
-    """The engine of the system of record, migrated to head (once per process and URL)."""
+    """The engine of the system of record, migrated to head (once per process and URL).
+
+    :class:`ConfigError` (one line, exit 2) when the database cannot be reached or used.
+    """
     return _engine_for((settings or get_settings()).database_url)
 
 
-def check_manifest(path: str | Path) -> ValidationReport:
-    """Validate, and raise :class:`ManifestError` with every located issue when anything is wrong."""
-    report = validate_manifest(path)
+def input_dirs(allowed_dirs: Iterable[Path] = (), settings: Settings | None = None) -> tuple[Path, ...]:
+    """Folders beyond a manifest's own that its local files may come from.
+
+    The ``--allow-dir`` options, then ``WANBATCH_ALLOWED_INPUT_DIRS``: both explicit choices of
+    the user running wanbatch, never of the manifest's author.
+    """
+    return (*allowed_dirs, *(settings or get_settings()).allowed_input_dirs)
+
+
+def check_output_dir(settings: Settings | None = None) -> Path:
+    """Prove ``WANBATCH_OUTPUT_DIR`` takes a file before anything is sent: create it, then write,
+    fsync and remove a probe. :class:`ConfigError` otherwise.
+
+    A video fal made is paid for; finding out after the first job that the folder is read-only
+    or the disk is full would waste every job in flight. (A disk can still fill up later: the
+    download step handles that.)
+    """
+    folder = (settings or get_settings()).output_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".wanbatch-probe-", dir=folder)
+        try:
+            os.write(fd, b"\0" * OUTPUT_PROBE_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            Path(probe).unlink(missing_ok=True)
+    except OSError as exc:
+        reason = "it is a file, not a folder" if folder.is_file() else (exc.strerror or str(exc))
+        raise ConfigError(
+            f"WANBATCH_OUTPUT_DIR {str(folder)!r} cannot take the outputs: {reason}; nothing was sent"
+        ) from None
+    return folder
+
+
+def check_manifest(
+    path: str | Path, allowed_dirs: Iterable[Path] = (), settings: Settings | None = None
+) -> ValidationReport:
+    """Validate, and raise :class:`ManifestError` with every located issue when anything is wrong.
+
+    Local files may come from the manifest's folder and the folders :func:`input_dirs` names.
+    """
+    report = validate_manifest(path, input_dirs(allowed_dirs, settings))
     if not report.ok:
         raise ManifestError(report.issues)
     return report
 
 
-def estimate_manifest(path: str | Path, settings: Settings | None = None) -> tuple[ValidationReport, Totals]:
+def estimate_manifest(
+    path: str | Path, settings: Settings | None = None, allowed_dirs: Iterable[Path] = ()
+) -> tuple[ValidationReport, Totals]:
     """Job count, billing units and USD of a valid manifest, per endpoint and in total."""
-    report = check_manifest(path)
+    report = check_manifest(path, allowed_dirs, settings)
     assert report.manifest is not None
     totals = Totals()
     for spec in report.manifest.jobs():
@@ -70,6 +130,10 @@ class SubmitResult:
     total: int
     counts: dict[str, int]
     warnings: list[str] = field(default_factory=list)
+    #: The batch's budget cap after this submit (None: no cap).
+    budget_max_usd: Decimal | None = None
+    #: ``{"from": old, "to": new}`` (USD, None = no cap) when this submit changed the cap.
+    budget_changed: dict[str, float | None] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The contract's ``submit --json`` object (batch, total, counts) plus what was added."""
@@ -81,7 +145,35 @@ class SubmitResult:
             "existing": self.existing,
             "total": self.total,
             "counts": self.counts,
+            "budget_max_usd": _money(self.budget_max_usd),
+            "budget_changed": self.budget_changed,
         }
+
+    def budget_note(self) -> str | None:
+        """The stderr line saying the cap changed, or None."""
+        if self.budget_changed is None:
+            return None
+        old, new = self.budget_changed["from"], self.budget_changed["to"]
+        return (
+            f"budget of batch {self.name} changed: {_cap_text(old)} → {_cap_text(new)} "
+            "(applies to every job not yet sent)"
+        )
+
+
+def _cap_text(value: float | None) -> str:
+    return "no cap" if value is None else f"${value:,.2f}"
+
+
+def parse_usd(text: str, option: str = "--max-usd") -> Decimal:
+    """A positive, finite amount of US dollars (``25``, ``25.00``, ``$25``); UsageError otherwise."""
+    cleaned = text.strip().removeprefix("$").replace(",", "")
+    try:
+        value = Decimal(cleaned)
+    except ArithmeticError:
+        value = Decimal("NaN")
+    if not value.is_finite() or value <= 0 or value >= Decimal("1e12"):
+        raise UsageError(f"{option} takes a positive amount of US dollars such as 25.00, got {text!r}")
+    return value
 
 
 def _new_job(
@@ -111,6 +203,7 @@ def _submitted(
     added: int,
     existing: int,
     warnings: list[str] | None = None,
+    budget_changed: dict[str, float | None] | None = None,
 ) -> SubmitResult:
     counts = store.counts_by_state(session, batch.id)
     return SubmitResult(
@@ -122,17 +215,32 @@ def _submitted(
         total=sum(counts.values()),
         counts=counts,
         warnings=warnings or [],
+        budget_max_usd=batch.budget_max_usd,
+        budget_changed=budget_changed,
     )
 
 
-def submit_manifest(path: str | Path, settings: Settings | None = None) -> SubmitResult:
+def _apply_budget(session: Session, batch: Batch, wanted: Decimal | None) -> dict[str, float | None] | None:
+    """Give an existing batch the cap asked for now; ``{"from", "to"}`` when that changed it."""
+    if batch.budget_max_usd == wanted:  # Decimal equality: 5.0 == 5.000000
+        return None
+    change = {"from": _money(batch.budget_max_usd), "to": _money(wanted)}
+    store.set_batch_budget(session, batch.id, wanted)
+    return change
+
+
+def submit_manifest(
+    path: str | Path, settings: Settings | None = None, allowed_dirs: Iterable[Path] = ()
+) -> SubmitResult:
     """Validate the whole manifest, then store its batch and jobs in one transaction.
 
     Nothing is written unless every job is valid. Idempotent: the batch is found by name and
     jobs by their deterministic key, so submitting the same manifest again adds nothing (and
-    an edited manifest adds only its new jobs).
+    an edited manifest adds only its new jobs). The manifest's *current* budget always applies:
+    submitting again with a lower, higher or no ``budget.max_usd`` changes the stored cap (and
+    the result says so in ``budget_changed``).
     """
-    report = check_manifest(path)
+    report = check_manifest(path, allowed_dirs, settings)
     manifest = report.manifest
     assert manifest is not None
     engine = open_engine(settings)
@@ -144,12 +252,13 @@ def submit_manifest(path: str | Path, settings: Settings | None = None) -> Submi
             manifest_sha256=manifest.sha256,
             budget_max_usd=manifest.budget_max_usd,
         )
+        budget_changed = None if created else _apply_budget(session, batch, manifest.budget_max_usd)
         added, existing = store.add_jobs(session, batch.id, _new_jobs(manifest.jobs(), settings))
         if batch.state == BatchState.PAUSED:
             # Paused because fal refused the account; submitting again is the user saying "go on".
             store.set_batch_state(session, batch.id, BatchState.ACTIVE)
         warnings = [str(i) for i in report.issues if i.severity != "error"]
-        return _submitted(session, batch, created, added, existing, warnings)
+        return _submitted(session, batch, created, added, existing, warnings, budget_changed)
 
 
 def _money(value: Decimal | None) -> float | None:
@@ -217,14 +326,20 @@ def manifest_name(path: str | Path) -> str:
 
 
 def rerun_batch(
-    ref: str, *, failed_only: bool = False, new_seeds: bool = False, settings: Settings | None = None
+    ref: str,
+    *,
+    failed_only: bool = False,
+    new_seeds: bool = False,
+    max_usd: Decimal | None = None,
+    settings: Settings | None = None,
 ) -> SubmitResult:
     """A new batch from a stored one, linked to it as its parent.
 
     By default every job is repeated with its exact resolved input and the seed the provider
     returned (so a rerun reproduces the outputs); ``failed_only`` keeps only jobs that ended
     failed or cancelled; ``new_seeds`` draws a fresh seed per job instead, recorded before
-    submission so the rerun is itself reproducible.
+    submission so the rerun is itself reproducible. ``max_usd`` is the new batch's budget cap
+    (default: the parent's cap), which is how jobs a cap cancelled get another chance.
     """
     engine = open_engine(settings)
     with store.session_scope(engine) as session:
@@ -236,9 +351,10 @@ def rerun_batch(
             name=name,
             manifest_path=parent.manifest_path,
             manifest_sha256=parent.manifest_sha256,
-            budget_max_usd=parent.budget_max_usd,
+            budget_max_usd=parent.budget_max_usd if max_usd is None else max_usd,
             parent_batch_id=parent.id,
         )
+        budget_changed = None if created or max_usd is None else _apply_budget(session, batch, max_usd)
         wanted = [JobState.FAILED, JobState.CANCELLED] if failed_only else None
         digests: dict[str, str | None] = {}
 
@@ -255,4 +371,4 @@ def rerun_batch(
                 )
 
         added, existing = store.add_jobs(session, batch.id, list(new_jobs()))
-        return _submitted(session, batch, created, added, existing)
+        return _submitted(session, batch, created, added, existing, budget_changed=budget_changed)

@@ -34,6 +34,17 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 manifest_argument = click.argument("manifest", type=click.Path(path_type=Path))
+allow_dir_option = click.option(
+    "--allow-dir",
+    "allow_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="DIR",
+    help=(
+        "Also accept local files (images, items_from) from DIR; repeatable. By default only the "
+        "manifest's folder is allowed (see also WANBATCH_ALLOWED_INPUT_DIRS)."
+    ),
+)
 
 
 def emit_json(obj: dict[str, Any]) -> None:
@@ -89,12 +100,14 @@ def cli() -> None:
 @cli.command()
 @manifest_argument
 @json_option
-def validate(manifest: Path, as_json: bool) -> None:
+@allow_dir_option
+def validate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
     """Check MANIFEST and every expanded job; submits nothing."""
 
     def action() -> int:
+        dirs = batches.input_dirs(allow_dirs)
         with err.status(f"validating {manifest} …"):
-            report = validate_manifest(manifest)
+            report = validate_manifest(manifest, dirs)
         if not report.ok:
             raise ManifestError(report.issues)
         if as_json:
@@ -119,12 +132,13 @@ def validate(manifest: Path, as_json: bool) -> None:
 @cli.command()
 @manifest_argument
 @json_option
-def estimate(manifest: Path, as_json: bool) -> None:
+@allow_dir_option
+def estimate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
     """Job count, billing units and USD per endpoint and in total; submits nothing."""
 
     def action() -> int:
         with err.status(f"validating and pricing {manifest} …"):
-            _report, totals = batches.estimate_manifest(manifest)
+            _report, totals = batches.estimate_manifest(manifest, allowed_dirs=allow_dirs)
         data = totals.as_dict()
         if as_json:
             emit_json(data)
@@ -152,18 +166,27 @@ def estimate(manifest: Path, as_json: bool) -> None:
     guarded(as_json, action)
 
 
+def print_budget_note(result: batches.SubmitResult) -> None:
+    """Say on stderr that (re)submitting changed the batch's budget cap."""
+    note = result.budget_note()
+    if note:
+        err.print(f"[yellow]{_escape(note)}[/yellow]")
+
+
 @cli.command()
 @manifest_argument
 @json_option
-def submit(manifest: Path, as_json: bool) -> None:
+@allow_dir_option
+def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
     """Validate MANIFEST, store its jobs and queue them; prints the batch id.
 
-    Submitting the same manifest again adds no duplicate jobs.
+    Submitting the same manifest again adds no duplicate jobs, and applies its current budget.
     """
 
     def action() -> int:
         with err.status(f"validating {manifest}, then storing its jobs …"):
-            result = batches.submit_manifest(manifest)
+            result = batches.submit_manifest(manifest, allowed_dirs=allow_dirs)
+        print_budget_note(result)
         if as_json:
             emit_json(result.as_dict())
         else:
@@ -214,7 +237,8 @@ def money_line(report: dict[str, Any]) -> str:
     if report.get("cancelled_for_budget"):
         line += (
             f" · [yellow]{report['cancelled_for_budget']} job(s) cancelled: budget cap reached[/yellow]"
-            " (raise budget.max_usd, then `wanbatch rerun BATCH --failed-only`)"
+            f" (to run them: `wanbatch rerun {_escape(report['batch'][:12])} --failed-only "
+            "--max-usd AMOUNT`)"
         )
     return line
 
@@ -242,6 +266,9 @@ def status(batch: str | None, as_json: bool) -> None:
         if batch is not None:
             out.print(status_table(reports[0]))
             out.print(money_line(reports[0]))
+            if reports[0].get("state") == "paused":  # e.g. fal refused the account (401/402/403)
+                reason = reports[0].get("pause_reason") or "see the log"
+                out.print(f"[yellow]paused: {_escape(reason)}[/yellow]")
             if eta := eta_text(reports[0].get("eta_seconds")):
                 out.print(f"{reports[0]['finished']}/{reports[0]['total']} done, {eta}")
             print_failures(reports[0])
@@ -369,9 +396,7 @@ def export(batch: str, fmt: str, output: Path | None) -> None:
             if output is None:
                 n = exporting.write(rows, fmt, sys.stdout)
             else:
-                output.parent.mkdir(parents=True, exist_ok=True)
-                with output.open("w", encoding="utf-8", newline="") as fh:
-                    n = exporting.write(rows, fmt, fh)
+                n = exporting.write_file(rows, fmt, output)
         err.print(f"exported {n} record(s)" + (f" to {output}" if output else ""))
         return EXIT_OK
 

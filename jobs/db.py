@@ -12,11 +12,22 @@ says. Two dialects are supported and tested:
 * **PostgreSQL** (distributed workers): the psycopg 3 driver, ``pool_pre_ping`` so a database
   restart costs one failed checkout rather than a crashed worker, and row locks with
   ``SKIP LOCKED`` for claiming (in the store).
+
+Any other URL is refused up front with a :class:`~jobs.errors.ConfigError` naming
+``WANBATCH_DATABASE_URL`` (never with a driver's ``ModuleNotFoundError``).
+
+The SQLite file holds prompts and inline images, so it is created owner-only: its folder 0700
+when wanbatch creates it, the file itself 0600 before SQLite first opens it. SQLite gives the
+``-wal``, ``-shm`` and ``-journal`` files it creates the database file's permissions
+(``findCreateFileMode`` in its unix VFS), so they follow. A file left readable by an older
+version is tightened on the next start (when this user owns it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,21 +38,79 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
+
+from jobs.errors import ConfigError
 
 #: How long a SQLite connection waits for the write lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: Key of the PostgreSQL advisory lock that serialises concurrent ``migrate`` calls
 #: (an arbitrary constant that fits PostgreSQL's signed 64-bit lock key).
 _MIGRATE_LOCK_KEY = 0x5B9E1D0C2A7F4E31
+#: Database backends wanbatch is tested against (see the module docstring).
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+_URL_HELP = "sqlite:///path/to/wanbatch.db or postgresql://user:password@host:5432/dbname"
+#: Files SQLite keeps beside the database.
+_SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 def normalize_url(url: str | URL) -> URL:
-    """The URL SQLAlchemy should use: plain ``postgresql://`` means psycopg 3 here."""
-    parsed = make_url(url)
+    """The URL SQLAlchemy should use: plain ``postgresql://`` means psycopg 3 here.
+
+    :class:`ConfigError` for something that is not a URL or names another database.
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        # Not echoed: a mistyped URL may still hold a password.
+        raise ConfigError(f"WANBATCH_DATABASE_URL is not a database URL (expected {_URL_HELP})") from None
     if parsed.drivername in {"postgresql", "postgres"}:
         parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in SUPPORTED_BACKENDS:
+        raise ConfigError(
+            f"WANBATCH_DATABASE_URL names an unsupported database {parsed.get_backend_name()!r} "
+            f"(supported: SQLite and PostgreSQL, e.g. {_URL_HELP})"
+        )
     return parsed
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL with its password masked, for messages (never the raw setting)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "(not a URL)"
+
+
+def _prepare_sqlite_file(path: Path) -> None:
+    """Create the database's folder (0700) and file (0600) before SQLite does; tighten old ones.
+
+    The file is created empty (SQLite treats a zero-length file as a new database). ``O_EXCL``
+    makes two processes starting together harmless: the second finds the file and moves on.
+    """
+    folder = path.parent
+    try:
+        if not folder.exists():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise ConfigError(
+            f"WANBATCH_DATABASE_URL: cannot create the SQLite database {path}: {exc.strerror or exc}"
+        ) from None
+    for candidate in (path, *(path.with_name(path.name + side) for side in _SQLITE_SIDE_FILES)):
+        _owner_only(candidate)
+
+
+def _owner_only(path: Path) -> None:
+    """Drop group/other permissions of a file this user owns (quietly skip anything else)."""
+    try:
+        info = path.stat()
+        if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
+            path.chmod(stat.S_IMODE(info.st_mode) & 0o700)
+    except OSError:
+        pass
 
 
 def make_engine(url: str | URL, **kwargs: Any) -> Engine:
@@ -53,12 +122,15 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            _prepare_sqlite_file(Path(database).expanduser())
         engine = create_engine(parsed, **kwargs)
         _configure_sqlite(engine)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(parsed, **kwargs)
+    try:
+        return create_engine(parsed, **kwargs)
+    except (ArgumentError, ImportError, TypeError) as exc:  # a bad query option, a missing driver
+        raise ConfigError(f"WANBATCH_DATABASE_URL {safe_url(parsed)} cannot be used: {exc}") from None
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -6,12 +6,25 @@ builder wants (item_index, batch_name, actual_prompt, estimates, error_type, tim
 ``input`` is the exact JSON submitted (image references as sent); for a job never submitted
 it is the validated input. Rows stream from the database, so a 100,000-job batch exports in
 constant memory.
+
+CSV cells are neutralised against formula injection (OWASP "CSV Injection",
+https://owasp.org/www-community/attacks/CSV_Injection): a text cell starting with ``=``, ``+``,
+``-``, ``@``, a tab or a carriage return gets a leading single quote, so a spreadsheet shows it
+as text instead of running it. Batch names and prompts are user text and ``actual_prompt`` and
+``request_id`` come from the provider, so none of them is trusted. JSONL is data, not a
+spreadsheet, and stays exact.
+
+With ``-o FILE`` the export is written to a temporary file beside FILE and renamed over it at
+the end, so a failed export never leaves a truncated file under the final name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -20,7 +33,11 @@ from typing import Any, TextIO
 from sqlalchemy.orm import Session
 
 from jobs import store
+from jobs.errors import UsageError
 from jobs.models import Batch, Job
+
+#: First characters that make a spreadsheet treat a cell as a formula (OWASP CSV Injection).
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 
 FIELDS = (
     "job_id",
@@ -99,8 +116,54 @@ def records(session: Session, batch_ref: str, output_dir: Path) -> Iterator[dict
         yield record(job, batch, output_dir)
 
 
+def csv_safe(value: object) -> object:
+    """A CSV cell a spreadsheet will show as text: a formula-looking text cell gets a leading ``'``.
+
+    Only text is touched: numbers (a negative cost, say) are written as numbers.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_TRIGGERS):
+        return "'" + value
+    return value
+
+
+def write_file(rows: Iterator[dict[str, Any]], fmt: str, output: Path) -> int:
+    """Write the export to ``output`` atomically (temp file, fsync, rename); returns the count.
+
+    :class:`UsageError` (one line) when ``output`` is a folder or cannot be created or written.
+    """
+    if output.is_dir():
+        raise UsageError(
+            f"-o {str(output)!r} is a folder; give a file name such as {output / ('export.' + fmt)}"
+        )
+    folder = output.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=folder)
+    except OSError as exc:
+        raise UsageError(f"cannot write the export to {str(output)!r}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            count = write(rows, fmt, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(output)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UsageError(f"cannot write the export to {str(output)!r}: {exc.strerror or exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return count
+
+
 def write(rows: Iterator[dict[str, Any]], fmt: str, fh: TextIO) -> int:
-    """Write ``rows`` as ``jsonl`` or ``csv`` to ``fh``; returns the number of records."""
+    """Write ``rows`` as ``jsonl`` or ``csv`` to ``fh``; returns the number of records.
+
+    CSV text cells are neutralised against formula injection (:func:`csv_safe`).
+    """
     count = 0
     if fmt == "jsonl":
         for row in rows:
@@ -111,7 +174,8 @@ def write(rows: Iterator[dict[str, Any]], fmt: str, fh: TextIO) -> int:
     writer.writeheader()
     for row in rows:
         flat = {
-            k: json.dumps(v, ensure_ascii=False) if isinstance(v, dict | list) else v for k, v in row.items()
+            k: csv_safe(json.dumps(v, ensure_ascii=False) if isinstance(v, dict | list) else v)
+            for k, v in row.items()
         }
         writer.writerow(flat)
         count += 1

@@ -26,7 +26,14 @@ Then:
   empty cell means the field is absent. A cell that does not convert stays text and is reported
   by validation;
 - local media paths become absolute, relative to the manifest's folder (or to the
-  ``items_from`` file's folder for its rows).
+  ``items_from`` file's folder for its rows), with ``~``, ``..`` and symlinks resolved. The result
+  must lie inside the manifest's folder (or a folder the user allowed explicitly with
+  ``--allow-dir`` / ``WANBATCH_ALLOWED_INPUT_DIRS``); anything else is a located error, and the
+  file is never read. The same holds for ``items_from`` itself.
+
+No string anywhere (name, description, any field of any item, ``items_from`` rows) may contain
+a NUL character: PostgreSQL cannot store one, so it is refused here, with its location, rather
+than by the database in the middle of ``submit``.
 
 Every job has a deterministic key: sha256 of the endpoint and the canonical JSON of the resolved
 input, in which local files are replaced by ``sha256:<content hash>`` (moving a file keeps the
@@ -43,7 +50,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
@@ -52,7 +59,17 @@ from typing import Any
 
 from jobs.endpoints import EndpointSpec, FieldType, get_endpoint, known_endpoint_ids
 from jobs.errors import Issue, ManifestError
-from jobs.media import MediaKind, classify, file_sha256
+from jobs.media import (
+    NUL_ALLOWED,
+    NUL_MESSAGE,
+    OUTSIDE_ALLOWED,
+    LocalPath,
+    MediaKind,
+    allowed_roots,
+    classify,
+    file_sha256,
+    resolve_local,
+)
 from jobs.validation import MediaCache, did_you_mean, fields_of, validate_job
 from jobs.yaml_lines import LList, LMap, YamlProblem, load_located
 
@@ -88,6 +105,9 @@ class JobSpec:
     matrix: dict[str, Any]  # the matrix combination applied ({} if none)
     #: Where each input field was written: field → (file, line). Fields absent here came from the item.
     origins: Mapping[str, tuple[str, int | None]] = field(default_factory=dict, compare=False, repr=False)
+    #: Media fields whose local path lies outside the allowed folders (already reported as
+    #: errors): validation must not open those files, and such a job is never stored.
+    refused: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -121,6 +141,9 @@ class Manifest:
     issues: list[Issue] = field(default_factory=list)
     #: False when the top-level endpoint is unknown (reported once, not once per item).
     endpoint_known: bool = True
+    #: Folders local files may come from, resolved: the manifest's own first, then the ones the
+    #: user allowed (``--allow-dir``, ``WANBATCH_ALLOWED_INPUT_DIRS``).
+    roots: tuple[str, ...] = ()
 
     @property
     def base_dir(self) -> Path:
@@ -152,8 +175,11 @@ class Manifest:
         seen: dict[bytes, int] = {}
         combos = self._combos()
         digests: dict[str, str | None] = {}
+        # Resolved per pass, not per process: a file swapped for a symlink between validation
+        # and storing is caught by the second pass.
+        paths: dict[tuple[str, str], LocalPath] = {}
         for raw in self._raw_items(sink):
-            for job in self._expand(raw, combos, sink, digests):
+            for job in self._expand(raw, combos, sink, digests, paths):
                 digest = bytes.fromhex(job.key)
                 packed = seen.get(digest)
                 if packed is not None:
@@ -231,6 +257,7 @@ class Manifest:
         combos: list[tuple[tuple[str, Any, int], ...]],
         sink: list[Issue],
         digests: dict[str, str | None],
+        paths: dict[tuple[str, str], LocalPath],
     ) -> Iterator[JobSpec]:
         spec = self._endpoint_for(raw, sink)
         if spec is None:
@@ -273,16 +300,30 @@ class Manifest:
             for key, value, line in combo:
                 values[key] = value
                 job_origins[key] = (self.display, line)
-            resolved = _resolve(spec, values, raw.base_dir)
+            resolved, outside = _resolve(spec, values, raw.base_dir, self.roots, paths)
+            for key, real in outside.items():
+                where = job_origins.get(key, (raw.source, raw.line))
+                sink.append(
+                    Issue(
+                        file=where[0],
+                        line=where[1],
+                        item=raw.index,
+                        field=key,
+                        message=_outside_message(values[key], real),
+                        value=values[key],
+                        allowed=OUTSIDE_ALLOWED,
+                    )
+                )
             yield JobSpec(
                 item_index=raw.index,
                 source=raw.source,
                 line=raw.line,
                 endpoint=spec.id,
                 input=resolved,
-                key=job_key(spec, resolved, digests),
+                key=job_key(spec, resolved, digests, refused=outside),
                 matrix={key: value for key, value, _ in combo},
                 origins=job_origins,
+                refused=frozenset(outside),
             )
 
     def _endpoint_for(self, raw: _RawItem, sink: list[Issue]) -> EndpointSpec | None:
@@ -317,6 +358,13 @@ class Manifest:
         return None
 
 
+def _outside_message(value: object, real: str) -> str:
+    """Why a local path is refused, naming where it really leads when that differs."""
+    if str(value) == real:
+        return f"{value!r} is outside the manifest's folder"
+    return f"{value!r} leads to {real}, outside the manifest's folder"
+
+
 def _error_count(issues: list[Issue]) -> int:
     return sum(1 for i in issues if i.severity == "error")
 
@@ -342,20 +390,42 @@ def _kind(value: object) -> str:
 # -- resolution and keys -----------------------------------------------------------------------
 
 
-def _resolve(spec: EndpointSpec, values: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+def _resolve(
+    spec: EndpointSpec,
+    values: dict[str, Any],
+    base_dir: Path,
+    roots: tuple[str, ...],
+    paths: dict[tuple[str, str], LocalPath],
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The input with local paths made real; and the media fields whose path is outside ``roots``.
+
+    A value holding a NUL is left as written (validation refuses it; the OS would raise on it).
+    """
     out: dict[str, Any] = {}
+    outside: dict[str, str] = {}
     for key, value in values.items():
         if value is None:
             continue
         fld = fields_of(spec.id).get(key) if key in _media_or_enum(spec.id) else None
         if fld is not None:
             if fld.media is not None:
-                if isinstance(value, str) and value.strip() and classify(value) is MediaKind.PATH:
-                    value = _absolute(str(base_dir), value)
+                if (
+                    isinstance(value, str)
+                    and value.strip()
+                    and "\0" not in value
+                    and classify(value) is MediaKind.PATH
+                ):
+                    mark = (str(base_dir), value)
+                    local = paths.get(mark)
+                    if local is None:
+                        local = paths[mark] = resolve_local(value, str(base_dir), roots)
+                    value = local.path
+                    if not local.inside:
+                        outside[key] = local.path
             elif type(value) is int and str(value) in {str(v) for v in fld.enum or ()}:
                 value = str(value)
         out[key] = value
-    return out
+    return out, outside
 
 
 @lru_cache(maxsize=64)
@@ -368,27 +438,30 @@ def _media_or_enum(endpoint_id: str) -> frozenset[str]:
     )
 
 
-@lru_cache(maxsize=4096)
-def _absolute(base_dir: str, value: str) -> str:
-    return str((Path(base_dir) / Path(value).expanduser()).resolve())
-
-
 def canonical_json(value: Any) -> str:
     """Sorted keys, no whitespace, UTF-8 kept: the same input always gives the same text."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def job_key(
-    spec: EndpointSpec, resolved: Mapping[str, Any], digests: dict[str, str | None] | None = None
+    spec: EndpointSpec,
+    resolved: Mapping[str, Any],
+    digests: dict[str, str | None] | None = None,
+    *,
+    refused: Mapping[str, str] | frozenset[str] = frozenset(),
 ) -> str:
     """sha256 hex of the endpoint and the input, local files standing in by their content hash.
 
     ``digests`` caches file hashes by path for one pass (a batch reuses a few images many times).
+    Fields in ``refused`` (paths outside the allowed folders) are keyed by their path and never
+    read; such a job is invalid and never stored.
     """
     keyed = dict(resolved)
     for name in _media_or_enum(spec.id):
         value = keyed.get(name)
-        if isinstance(value, str) and classify(value) is MediaKind.PATH:
+        if isinstance(value, str) and (name in refused or "\0" in value):
+            keyed[name] = f"unread:{value}"
+        elif isinstance(value, str) and classify(value) is MediaKind.PATH:
             if digests is None or value not in digests:
                 digest = file_sha256(Path(value))
                 if digests is not None:
@@ -517,8 +590,11 @@ def _row_issue(display: str, line: int, index: int | None, message: str, value: 
 # -- top level ---------------------------------------------------------------------------------
 
 
-def _parse(path: str | Path) -> tuple[Manifest | None, list[Issue]]:
-    """Parse the top level; never raises for bad input. The manifest is None when unusable."""
+def _parse(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> tuple[Manifest | None, list[Issue]]:
+    """Parse the top level; never raises for bad input. The manifest is None when unusable.
+
+    ``allowed_dirs`` are folders, beyond the manifest's own, that local files may come from.
+    """
     display = str(path)
     p = Path(path)
     issues: list[Issue] = []
@@ -566,6 +642,7 @@ def _parse(path: str | Path) -> tuple[Manifest | None, list[Issue]]:
         sha256=digest,
         issues=issues,
     )
+    manifest.roots = allowed_roots(manifest.base_dir, tuple(allowed_dirs))
     for key, first, second in duplicates:
         issues.append(
             Issue(
@@ -601,13 +678,23 @@ def _parse(path: str | Path) -> tuple[Manifest | None, list[Issue]]:
             value=name,
             allowed="a short text",
         )
+    elif "\0" in name:
+        top(f"the batch name {NUL_MESSAGE}", line("name"), "name", value=name, allowed=NUL_ALLOWED)
     else:
         manifest.name = name.strip()
 
     desc = root.get("description")
     if desc is not None and not isinstance(desc, str):
         top(f"'description' must be text, got {_kind(desc)}", line("description"), "description", value=desc)
-    manifest.description = desc if isinstance(desc, str) else None
+    elif isinstance(desc, str) and "\0" in desc:
+        top(
+            f"the description {NUL_MESSAGE}",
+            line("description"),
+            "description",
+            value=desc,
+            allowed=NUL_ALLOWED,
+        )
+    manifest.description = desc if isinstance(desc, str) and "\0" not in desc else None
 
     endpoint = root.get("endpoint")
     if endpoint is not None:
@@ -714,6 +801,8 @@ def _parse_items(root: LMap, manifest: Manifest, top: Any) -> None:
         where = root.lines.get("items_from")
         if not isinstance(source, str) or not source.strip():
             top(f"'items_from' must be a file path, got {_kind(source)}", where, "items_from", value=source)
+        elif "\0" in source:
+            top(f"the items_from path {NUL_MESSAGE}", where, "items_from", value=source, allowed=NUL_ALLOWED)
         elif not source.lower().endswith(ITEMS_FROM_SUFFIXES):
             top(
                 f"items_from {source!r} is neither JSONL nor CSV",
@@ -723,8 +812,21 @@ def _parse_items(root: LMap, manifest: Manifest, top: Any) -> None:
                 allowed="a path ending in .jsonl, .ndjson or .csv",
             )
         else:
-            resolved = (manifest.base_dir / Path(source).expanduser()).resolve()
-            if not resolved.is_file():
+            local = resolve_local(source, str(manifest.base_dir), manifest.roots)
+            resolved = Path(local.path)
+            if not local.inside:
+                top(
+                    "items_from " + _outside_message(source, str(resolved)),
+                    where,
+                    "items_from",
+                    value=source,
+                    allowed=(
+                        "a JSONL or CSV file inside the manifest's folder (symlinks must point "
+                        "inside too); allow another folder explicitly with --allow-dir DIR or "
+                        "WANBATCH_ALLOWED_INPUT_DIRS"
+                    ),
+                )
+            elif not resolved.is_file():
                 top(
                     f"items_from file not found: {resolved}",
                     where,
@@ -793,9 +895,9 @@ def _parse_budget(root: LMap, manifest: Manifest, top: Any) -> None:
 # -- public entry points -------------------------------------------------------------------------
 
 
-def load_manifest(path: str | Path) -> Manifest:
+def load_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Manifest:
     """Parse a manifest's top level; :class:`ManifestError` for anything structurally wrong."""
-    manifest, issues = _parse(path)
+    manifest, issues = _parse(path, allowed_dirs)
     if manifest is None or _error_count(issues):
         raise ManifestError(issues)
     return manifest
@@ -830,13 +932,14 @@ class ValidationReport:
             raise ManifestError(self.issues)
 
 
-def validate_manifest(path: str | Path) -> ValidationReport:
+def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> ValidationReport:
     """Parse, expand and validate every job; never raises for bad input.
 
     Issues come in file order (the manifest's own first, then ``items_from`` rows). A problem in
-    ``defaults`` or ``matrix`` is reported once, not once per job it reaches.
+    ``defaults`` or ``matrix`` is reported once, not once per job it reaches. Local files must
+    lie inside the manifest's folder or one of ``allowed_dirs``.
     """
-    manifest, issues = _parse(path)
+    manifest, issues = _parse(path, allowed_dirs)
     if manifest is None:
         return ValidationReport(None, issues, 0)
     shared = manifest.shared_lines
@@ -895,13 +998,13 @@ def validate_manifest(path: str | Path) -> ValidationReport:
     return ValidationReport(manifest, collected, count)
 
 
-def iter_valid_jobs(path: str | Path) -> Iterator[JobSpec]:
+def iter_valid_jobs(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Iterator[JobSpec]:
     """Validate the whole manifest first, then stream its jobs; :class:`ManifestError` if invalid.
 
     Two passes over the file, so nothing is stored (and no money spent) for a manifest that is
     wrong anywhere — even on its last line.
     """
-    report = validate_manifest(path)
+    report = validate_manifest(path, allowed_dirs)
     report.raise_for_errors()
     assert report.manifest is not None
     return report.manifest.jobs()

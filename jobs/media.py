@@ -7,6 +7,13 @@ size. Pillow's ``Image.open`` reads only the header, so a 4096x4096 image costs 
 decompression bombs are refused rather than decoded. URLs are checked for form only (wanbatch
 makes no network access while validating).
 
+Local paths are confined: :func:`resolve_local` resolves a path the way the operating system
+will when the file is read (``~`` expanded, ``..`` and every symlink followed) and says whether
+the result lies inside one of the allowed folders — the manifest's own, plus any the user named
+with ``--allow-dir`` or ``WANBATCH_ALLOWED_INPUT_DIRS``. A shared manifest naming
+``../victim/passport.jpg``, ``/etc/…``, ``~/…`` or a symlink out of its folder must not make
+wanbatch read (and send to fal, and export) someone's private file.
+
 Results are cached per file (path, size and modification time), because a 100,000-job batch
 typically reuses a handful of images.
 """
@@ -17,6 +24,7 @@ import base64
 import binascii
 import hashlib
 import io
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -30,7 +38,15 @@ from PIL import Image, UnidentifiedImageError
 
 from jobs.endpoints import FieldType, MediaConstraints
 
-ALLOWED_FORMS = "a local file path (relative to the manifest), an http(s) URL or a base64 data URI"
+ALLOWED_FORMS = "a local file path (inside the manifest's folder), an http(s) URL or a base64 data URI"
+#: What a local path outside the allowed folders could be instead.
+OUTSIDE_ALLOWED = (
+    "a file inside the manifest's folder (symlinks must point inside too), an http(s) URL or a "
+    "data URI; allow another folder explicitly with --allow-dir DIR or WANBATCH_ALLOWED_INPUT_DIRS"
+)
+#: Why a value holding a NUL character is refused (PostgreSQL cannot store it, fal cannot use it).
+NUL_MESSAGE = "contains a NUL character (\\x00), which cannot be stored or sent"
+NUL_ALLOWED = "text without NUL characters"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _DATA_URI = re.compile(
     r"^data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*?)(?P<b64>;base64)?,(?P<data>.*)$", re.S
@@ -69,6 +85,51 @@ def classify(value: str) -> MediaKind:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalPath:
+    """Where a local media path really leads, and whether that is an allowed place."""
+
+    path: str  # absolute, ``~`` expanded, ``..`` and symlinks resolved (as far as the file exists)
+    inside: bool  # within one of the allowed folders
+
+
+def allowed_roots(base_dir: Path, extra: tuple[Path, ...] | list[Path] = ()) -> tuple[str, ...]:
+    """The folders local files may come from: ``base_dir`` and ``extra``, fully resolved."""
+    roots: list[str] = []
+    for folder in (base_dir, *extra):
+        try:
+            real = str(Path(folder).expanduser().resolve())
+        except (OSError, RuntimeError, ValueError):  # a loop, no home, a NUL: allows nothing
+            continue
+        if real not in roots:
+            roots.append(real)
+    return tuple(roots)
+
+
+def resolve_local(value: str, base_dir: str, roots: tuple[str, ...]) -> LocalPath:
+    """Resolve ``value`` against ``base_dir`` and check it lands inside one of ``roots``.
+
+    Symlinks are followed exactly as a later read would follow them (``Path.resolve(strict=True)``),
+    so a link inside the folder that points out of it is outside. A path that does not exist is
+    resolved as far as it does (then lexically), so ``../x`` is refused whether or not ``x``
+    exists — the message must not tell a shared manifest's author which private files exist.
+    ``roots`` must already be resolved (:func:`allowed_roots`). ``value`` must not contain NUL.
+    """
+    try:
+        candidate = Path(base_dir) / Path(value).expanduser()
+    except RuntimeError:  # "~user" with no such user, or no home folder: taken literally
+        candidate = Path(base_dir) / value
+    try:
+        real = candidate.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, unreadable or a symlink loop
+        try:
+            real = candidate.resolve()
+        except (OSError, RuntimeError):
+            real = Path(os.path.normpath(candidate))
+    inside = any(real.is_relative_to(root) for root in roots)
+    return LocalPath(str(real), inside)
+
+
+@dataclass(frozen=True, slots=True)
 class MediaProblem:
     """Why a media value is refused, and what would be accepted."""
 
@@ -82,6 +143,8 @@ def check_media(value: object, kind: FieldType, limits: MediaConstraints) -> lis
         return [MediaProblem(f"expected text, got {type(value).__name__}", ALLOWED_FORMS)]
     if not value.strip():
         return [MediaProblem("is empty", ALLOWED_FORMS)]
+    if "\0" in value:
+        return [MediaProblem(NUL_MESSAGE, NUL_ALLOWED)]
     form = classify(value)
     if form is MediaKind.URL:
         return check_url(value)
@@ -135,7 +198,7 @@ def check_file(path: Path, kind: FieldType, limits: MediaConstraints) -> list[Me
     """Check a local file (cached by path, size and modification time)."""
     try:
         stat = path.stat()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the path
         return [MediaProblem(f"file not found: {path}", "an existing file " + _formats(limits))]
     if not path.is_file():
         return [MediaProblem(f"not a regular file: {path}", "a regular file " + _formats(limits))]
@@ -228,7 +291,7 @@ def file_sha256(path: Path) -> str | None:
     """Hex sha256 of a file's bytes, cached by path, size and mtime; None when unreadable."""
     try:
         stat = path.stat()
-    except OSError:
+    except (OSError, ValueError):
         return None
     if not path.is_file():
         return None

@@ -8,13 +8,14 @@ through the code. ``FAL_KEY`` is a :class:`pydantic.SecretStr`: its ``repr``/``s
 from __future__ import annotations
 
 import json
+import os
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from jobs.errors import ConfigError
 
@@ -50,7 +51,13 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     #: JSON object: endpoint id -> {"usd_per_unit": number} or {"usd_per_unit_by": {value: number}},
     #: to correct a price the registry marks as an assumption (e.g. fal-ai/wan-22).
-    pricing_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: ``NoDecode``: our validator parses the JSON, so a malformed value is a one-line ConfigError
+    #: rather than pydantic-settings' SettingsError traceback.
+    pricing_overrides: Annotated[dict[str, dict[str, Any]], NoDecode] = Field(default_factory=dict)
+    #: Folders, beyond a manifest's own, that its local files (images, ``items_from``) may come
+    #: from. ``os.pathsep`` (":" on POSIX) or comma separated, or a JSON list. Unset: only the
+    #: manifest's folder, so a shared manifest cannot read (and send to fal) a private file.
+    allowed_input_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 
     # Execution timing. Seconds throughout.
     #: How often the dispatcher/poller/reconciler tick runs.
@@ -69,12 +76,17 @@ class Settings(BaseSettings):
     submit_unknown_deadline: float = Field(default=600.0, ge=0)
     #: Largest output file we accept from the provider.
     download_max_bytes: int = Field(default=2 * 1024**3, gt=0)
-    #: Hosts outputs may be downloaded from (``*.fal.media`` style wildcards); unset = any
-    #: http(s) host. Set it in production so a result can never point a worker at an internal
-    #: address, e.g. ``*.fal.media,storage.googleapis.com``. Comma-separated or a JSON list.
+    #: Hosts outputs may be downloaded from beyond the configured fal URLs' hosts (``*.fal.media``
+    #: style wildcards), comma-separated or a JSON list. Unset: any host whose addresses are all
+    #: public; loopback, private, link-local, reserved, multicast and unspecified addresses are
+    #: refused unless the host is a fal URL's or listed here. Set: only those hosts (and the fal
+    #: URLs'), whatever they resolve to, e.g. ``*.fal.media,storage.googleapis.com``.
     download_allowed_hosts: Annotated[list[str] | None, NoDecode] = None
     #: How many times a failed download is retried before the job fails (never regenerated).
     download_attempts: int = Field(default=5, ge=1)
+    #: Longest one download attempt may take, in seconds, on top of the read timeout (which
+    #: bounds each wait for bytes): a host that trickles bytes cannot hold a worker slot forever.
+    download_timeout: float = Field(default=1800.0, gt=0)
     #: Public URL of a webhook receiver. When set, every submit asks fal to call it on completion
     #: with ``job_id`` and ``attempt`` in the query, so a webhook can prove what happened to a
     #: submission whose answer was lost (``submit_unknown``) — fal signs it, we can verify it.
@@ -91,9 +103,9 @@ class Settings(BaseSettings):
     #: Without one (embedded mode) the limiter lives in this process, which is then the only one.
     limits_url: str | None = None
     #: JSON object: endpoint id -> submits/second for that endpoint (on top of ``submit_rate``).
-    submit_rate_per_endpoint: dict[str, float] = Field(default_factory=dict)
+    submit_rate_per_endpoint: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     #: JSON object: endpoint id -> most outstanding requests of that endpoint (within ``max_outstanding``).
-    max_outstanding_per_endpoint: dict[str, int] = Field(default_factory=dict)
+    max_outstanding_per_endpoint: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     #: Network jitter between a granted submit and fal receiving it, in seconds: submits are
     #: spaced (1 + this) / rate apart so that no 1-second window *as fal sees it* holds more than
     #: ``submit_rate`` submits.
@@ -112,6 +124,27 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
+    @field_validator("fal_key", mode="before")
+    @classmethod
+    def _clean_key(cls, value: object) -> object:
+        """Strip the whitespace a copy-paste or a ``.env`` with CRLF endings leaves around the key,
+        and refuse one with whitespace or control characters inside: sent as is, such a key
+        makes httpx refuse every request header — which used to look like an ambiguous submit.
+        The message never contains the key."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        key = value.strip()
+        if not key:
+            return None
+        if any(not ("!" <= ch <= "~") for ch in key):
+            raise ValueError(
+                "the key contains spaces, control or non-ASCII characters inside it; "
+                "copy it again from https://fal.ai/dashboard/keys"
+            )
+        return key
+
     @field_validator("download_allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
@@ -128,7 +161,42 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_overrides(cls, value: object) -> object:
         if isinstance(value, str):
-            return json.loads(value) if value.strip() else {}
+            if not value.strip():
+                return {}
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not a JSON object ({exc})") from None
+        return value
+
+    @field_validator("pricing_overrides")
+    @classmethod
+    def _check_prices(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Every price a non-negative number, so pricing never meets a bad value mid-batch."""
+        example = '{"fal-ai/wan-22": {"usd_per_unit": 0.1}} or {"…": {"usd_per_unit_by": {"720p": 0.2}}}'
+        for endpoint, entry in value.items():
+            unknown = set(entry) - {"usd_per_unit", "usd_per_unit_by"}
+            if unknown or not entry:
+                raise ValueError(f"{endpoint}: expected usd_per_unit or usd_per_unit_by, like {example}")
+            prices = [("usd_per_unit", entry["usd_per_unit"])] if "usd_per_unit" in entry else []
+            by = entry.get("usd_per_unit_by", {})
+            if not isinstance(by, dict):
+                raise ValueError(f"{endpoint}: usd_per_unit_by must be an object, like {example}")
+            prices += [(f"usd_per_unit_by.{k}", v) for k, v in by.items()]
+            for name, price in prices:
+                if isinstance(price, bool) or not isinstance(price, int | float) or not 0 <= price < 1e6:
+                    raise ValueError(f"{endpoint}: {name} must be a non-negative number, got {price!r}")
+        return value
+
+    @field_validator("allowed_input_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            parts = text.replace(",", os.pathsep).split(os.pathsep)
+            return [part.strip() for part in parts if part.strip()]
         return value
 
     def limits_backend_url(self) -> str | None:
@@ -161,13 +229,20 @@ class Settings(BaseSettings):
         return out
 
 
+def _setting_name(loc: tuple[int | str, ...]) -> str:
+    """The variable a validation error is about, and where inside its (JSON) value."""
+    head = str(loc[0]).upper() if loc else "?"
+    name = head if head == "FAL_KEY" else f"WANBATCH_{head}"
+    return name + (f" (at {'.'.join(str(p) for p in loc[1:])})" if len(loc) > 1 else "")
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read once. Tests call ``get_settings.cache_clear()``."""
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"WANBATCH_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{_setting_name(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from None
+    except SettingsError as exc:  # a complex (JSON) setting pydantic-settings could not decode
+        raise ConfigError(f"invalid configuration: {exc}") from None

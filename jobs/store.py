@@ -40,6 +40,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     table,
@@ -59,9 +60,11 @@ __all__ = [
     "BatchCost",
     "BatchMoney",
     "NewJob",
+    "ReleasedLeases",
     "add_jobs",
     "batch_cost",
     "batch_money",
+    "cancel_unsent_jobs",
     "claim_jobs",
     "committed_usd_since",
     "count_in_states",
@@ -84,7 +87,9 @@ __all__ = [
     "migrate",
     "record_upload",
     "release_lease",
+    "release_process_leases",
     "session_scope",
+    "set_batch_budget",
     "set_batch_state",
     "take_lease",
     "transition",
@@ -176,6 +181,20 @@ def set_batch_state(session: Session, batch_id: str, state: BatchState, reason: 
         update(Batch)
         .where(Batch.id == batch_id, Batch.state != BatchState.CANCELLED)
         .values(state=state, pause_reason=reason)
+        .execution_options(synchronize_session="fetch")
+    )
+
+
+def set_batch_budget(session: Session, batch_id: str, budget_max_usd: Decimal | None) -> None:
+    """Replace a batch's budget cap (``None`` removes it).
+
+    The dispatcher reads the cap from the batch row in the transaction that claims each job, so
+    the new value governs every job sent after this commits; jobs already in flight go on.
+    """
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(budget_max_usd=budget_max_usd)
         .execution_options(synchronize_session="fetch")
     )
 
@@ -406,6 +425,94 @@ def update_job_fields(session: Session, job_id: str, *, expected_version: int, *
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+#: States of a job fal does not hold (or that we never heard back about): a cancel needs no call to fal.
+UNSENT_STATES: tuple[JobState, ...] = (JobState.PENDING, JobState.RETRY_WAIT, JobState.SUBMIT_UNKNOWN)
+_EVENTS = cast(Table, JobEvent.__table__)
+_EVENT_COLUMNS = ("job_id", "at", "from_state", "to_state", "version", "reason", "worker")
+
+
+def cancel_unsent_jobs(
+    session: Session,
+    batch_ids: Sequence[str],
+    *,
+    reason: str,
+    error: str,
+    error_type: str,
+    worker: str | None = None,
+) -> int:
+    """Cancel every job of ``batch_ids`` in :data:`UNSENT_STATES`, set-based; returns how many.
+
+    ``wanbatch cancel`` of a 100,000-job batch must take seconds, not 100,000 round trips of
+    :func:`transition`. This is the same move, done per source state in one statement each: the
+    UPDATE's ``WHERE state = …`` is the compare-and-set (a job a dispatcher claimed meanwhile is
+    left alone, as its row lock makes the UPDATE re-check it), the version grows by one, and
+    each moved job gets its :class:`JobEvent` in the same statement — on PostgreSQL an
+    ``INSERT … SELECT`` from the UPDATE's ``RETURNING`` (a data-modifying CTE), on SQLite (one
+    writer at a time) the returned rows inserted with one executemany. Never commits.
+    """
+    if not batch_ids:
+        return 0
+    now = utcnow()
+    values: dict[str, Any] = {
+        "state": JobState.CANCELLED,
+        "version": _JOBS.c.version + 1,
+        "updated_at": now,
+        "finished_at": now,
+        "next_attempt_at": None,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "error": error,
+        "error_type": error_type,
+    }
+    session.flush()  # pending ORM changes first: the statements below bypass the unit of work
+    conn = session.connection()
+    total = 0
+    for state in UNSENT_STATES:
+        moved = (
+            update(_JOBS)
+            .where(_JOBS.c.batch_id.in_(list(batch_ids)), _JOBS.c.state == state)
+            .values(values)
+            .returning(_JOBS.c.id, _JOBS.c.version)
+        )
+        if conn.dialect.name == "postgresql":
+            cte = moved.cte(f"moved_{state.value}")
+            events = select(
+                cte.c.id,
+                literal(now, _EVENTS.c.at.type),
+                literal(state, _EVENTS.c.from_state.type),
+                literal(JobState.CANCELLED, _EVENTS.c.to_state.type),
+                cte.c.version,
+                literal(reason, _EVENTS.c.reason.type),
+                literal(worker, _EVENTS.c.worker.type),
+            )
+            result = conn.execute(
+                insert(_EVENTS)
+                .from_select(list(_EVENT_COLUMNS), events)
+                .execution_options(preserve_rowcount=True)
+            )
+            total += int(result.rowcount)
+            continue
+        rows = conn.execute(moved).all()
+        if rows:
+            conn.execute(
+                insert(_EVENTS),
+                [
+                    dict(
+                        zip(
+                            _EVENT_COLUMNS,
+                            (r.id, now, state, JobState.CANCELLED, r.version, reason, worker),
+                            strict=True,
+                        )
+                    )
+                    for r in rows
+                ],
+            )
+        total += len(rows)
+    if total:
+        session.expire_all()  # Job objects already loaded in this session must not show the old state
+    return total
+
+
 # --------------------------------------------------------------------------- leases
 
 
@@ -418,6 +525,7 @@ def claim_jobs(
     owner: str,
     lease_seconds: float,
     batch_id: str | None = None,
+    batch_ids: Iterable[str] | None = None,
     active_batches_only: bool = False,
     endpoints: Sequence[str] | None = None,
 ) -> list[Job]:
@@ -428,7 +536,8 @@ def claim_jobs(
     job's ``version``: the returned objects carry the new one, to fence later writes with.
     ``active_batches_only`` skips jobs of paused or cancelled batches (for submitting; polling
     must go on regardless); ``endpoints`` keeps only jobs of those endpoints (per-endpoint
-    caps). Oldest jobs first.
+    caps); ``batch_ids`` keeps only jobs of those batches (an embedded ``run`` works on its own
+    batch, never on another one that was only submitted). Oldest jobs first.
     """
     if limit <= 0 or not states:
         return []
@@ -439,6 +548,11 @@ def claim_jobs(
     ]
     if batch_id is not None:
         conditions.append(Job.batch_id == batch_id)
+    if batch_ids is not None:
+        wanted = sorted(set(batch_ids))
+        if not wanted:
+            return []
+        conditions.append(Job.batch_id.in_(wanted))
     if endpoints is not None:
         conditions.append(Job.endpoint.in_(list(endpoints)))
     if active_batches_only:
@@ -531,6 +645,84 @@ def release_lease(
         lease_expires_at=None,
         next_attempt_at=next_attempt_at,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasedLeases:
+    """What :func:`release_process_leases` did.
+
+    ``unsent``: ``submitting`` jobs whose POST had not started, back to ``pending``.
+    ``released``: other jobs whose lease was cleared (downloads, status checks, queued downloads),
+    due again at once. ``in_flight``: ``submitting`` jobs whose exact input is recorded, so their
+    POST may be on its way: left alone for the reconciler, which never resends blindly.
+    """
+
+    unsent: int = 0
+    released: int = 0
+    in_flight: int = 0
+
+
+def release_process_leases(
+    session: Session,
+    owner_prefix: str,
+    *,
+    batch_ids: Iterable[str] | None = None,
+    queued_owner: str | None = None,
+    worker: str | None = None,
+) -> ReleasedLeases:
+    """Give back every lease held by one stopping process, so the next run picks its jobs up at once.
+
+    Lease owners are ``host:pid:thread``; ``owner_prefix`` (``host:pid:``) matches every thread
+    of the process. Without this a Ctrl-C left the process's jobs leased to a dead owner until the
+    lease expired (``WANBATCH_LEASE_SECONDS``). ``queued_owner`` also clears that owner's leases on
+    the jobs of ``batch_ids``: the download messages an embedded run queued in its own memory, which
+    die with it. A job whose POST may be in flight is never touched: only the reconciler may decide
+    what became of it. Each move is a compare-and-set, so a thread of the stopping process that
+    takes a lease meanwhile (to send its POST) wins and is counted as in flight instead.
+    """
+    if not owner_prefix:
+        raise ValueError("release_process_leases needs an owner prefix")
+    ours = Job.lease_owner.startswith(owner_prefix, autoescape=True)
+    unsent = in_flight = 0
+    submitting = session.execute(
+        select(Job.id, Job.version, Job.attempts, Job.submitted_input.is_(None))
+        .where(Job.state == JobState.SUBMITTING, ours)
+        .order_by(Job.id)
+    ).all()
+    for job_id, version, attempts, not_sent in submitting:
+        moved = not_sent and transition(
+            session,
+            job_id,
+            JobState.SUBMITTING,
+            JobState.PENDING,
+            expected_version=version,
+            reason="given back: the process stopped before sending",
+            worker=worker,
+            attempts=max(0, attempts - 1),
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+        if moved:
+            unsent += 1
+        else:
+            in_flight += 1
+    holders: ColumnElement[bool] = ours
+    if queued_owner is not None:
+        queued = Job.lease_owner == queued_owner
+        if batch_ids is not None:
+            queued = queued & Job.batch_id.in_(sorted(set(batch_ids)))
+        holders = or_(ours, queued)
+    cleared = session.execute(
+        update(Job)
+        .where(
+            holders,
+            Job.state.not_in([JobState.SUBMITTING, *(s for s in JobState if s.terminal)]),
+        )
+        .values(lease_owner=None, lease_expires_at=None, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    released = int(cleared.rowcount)  # type: ignore[attr-defined]
+    return ReleasedLeases(unsent=unsent, released=released, in_flight=in_flight)
 
 
 # --------------------------------------------------------------------------- reading jobs

@@ -9,21 +9,23 @@ is allowed in the user's words (the field's own ``allowed()`` text), not pydanti
 
 Type rules: ``bool`` is not an integer or a number (YAML ``yes`` is a bool, and ``seed: yes`` is
 a mistake), an integer is a number, and a float is never an integer (``num_frames: 81.0`` is
-refused rather than silently truncated). Numbers must be finite.
+refused rather than silently truncated). Numbers must be finite. No text anywhere in a value
+(nested lists and mappings included, keys too) may hold a NUL character: PostgreSQL's text and
+JSON types cannot store one, and no endpoint means one.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from jobs.endpoints import EndpointSpec, FieldSpec, FieldType, get_endpoint
 from jobs.errors import Issue
-from jobs.media import check_media
+from jobs.media import NUL_ALLOWED, NUL_MESSAGE, check_media
 
 if TYPE_CHECKING:
     from jobs.manifest import JobSpec
@@ -54,17 +56,38 @@ def fields_of(endpoint_id: str) -> dict[str, FieldSpec]:
 MediaCache = dict[tuple[str, str, str], list[FieldProblem]]
 
 
+def has_nul(value: object, depth: int = 0) -> bool:
+    """Whether any text in ``value`` (nested lists and mappings, keys included) holds a NUL."""
+    if isinstance(value, str):
+        return "\0" in value
+    if depth > 100:  # the YAML loader caps nesting well below this; never recurse without bound
+        return False
+    if isinstance(value, Mapping):
+        return any(has_nul(k, depth + 1) or has_nul(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(has_nul(v, depth + 1) for v in value)
+    return False
+
+
 def check_input(
-    spec: EndpointSpec, values: Mapping[str, Any], media_cache: MediaCache | None = None
+    spec: EndpointSpec,
+    values: Mapping[str, Any],
+    media_cache: MediaCache | None = None,
+    *,
+    skip: Collection[str] = (),
 ) -> list[FieldProblem]:
     """Every problem of ``values`` (a resolved input) against ``spec``, in a stable order.
 
     ``media_cache`` remembers media verdicts by (endpoint, field, value) for one pass, so a
-    batch that reuses one image checks (and stats) it once.
+    batch that reuses one image checks (and stats) it once. Fields in ``skip`` count as present
+    but their values are not checked (a path outside the allowed folders, already reported:
+    its file must not even be opened).
     """
     fields = fields_of(spec.id)
     problems: list[FieldProblem] = []
     for name, value in values.items():
+        if name in skip:
+            continue
         fld = fields.get(name)
         if fld is None:
             problems.append(
@@ -75,6 +98,9 @@ def check_input(
                     "the fields of " + spec.id + ": " + ", ".join(fields),
                 )
             )
+            continue
+        if has_nul(value):
+            problems.append(FieldProblem(name, NUL_MESSAGE, value, NUL_ALLOWED))
             continue
         if media_cache is not None and fld.media is not None and isinstance(value, str):
             mark = (spec.id, name, value)
@@ -171,7 +197,7 @@ def validate_job(job: JobSpec, media_cache: MediaCache | None = None) -> list[Is
     """The located issues of one expanded job: each at the line its offending value came from."""
     spec = get_endpoint(job.endpoint)
     issues: list[Issue] = []
-    for problem in check_input(spec, job.input, media_cache):
+    for problem in check_input(spec, job.input, media_cache, skip=job.refused):
         file, line = job.origins.get(problem.field, (job.source, job.line))
         issues.append(
             Issue(

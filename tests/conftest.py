@@ -25,6 +25,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+from hostile import HostileProvider
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
@@ -151,3 +152,10 @@ def redis_namespace(redis_url: str) -> Iterator[str]:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture
+def hostile() -> Iterator[HostileProvider]:
+    """A started :class:`hostile.HostileProvider` (a misbehaving fal on 127.0.0.1), closed afterwards."""
+    with HostileProvider() as provider:
+        yield provider

@@ -38,6 +38,7 @@ class EmbeddedWorker:
         self.start_timeout = start_timeout
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self._abandoned = False
 
     def __enter__(self) -> EmbeddedWorker:
         controller = _Controller(
@@ -60,6 +61,30 @@ class EmbeddedWorker:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._abandoned:
+            return  # the process is on its way out: never wait for the tasks left running
+        self._stop()
+        if self._thread is not None:
+            self._thread.join(30)
+            if self._thread.is_alive():
+                log.warning("embedded worker did not stop within 30 s")
+        worker_state.should_terminate = None
+
+    def abandon(self, wait: float = 1.0) -> None:
+        """Stop taking tasks now, and leave the running ones behind (Ctrl-C).
+
+        A normal stop waits for every running task, and Celery's thread pool joins its threads
+        (``ThreadPoolExecutor.shutdown``): a download in flight kept ``wanbatch run`` alive for
+        minutes after Ctrl-C. Here queued tasks are dropped (their jobs' leases are given back by
+        the caller) and running ones are not waited for beyond ``wait`` seconds; the caller then
+        ends the process with ``os._exit``, which is what actually abandons them.
+        """
+        self._abandoned = True
+        self._stop()
+        if self._thread is not None:
+            self._thread.join(wait)
+
+    def _stop(self) -> None:
         worker_state.should_terminate = 0  # the documented way Celery's own embedded worker stops
         # Celery's synchronous consume loop waits up to 2 s for a message before it looks at
         # should_terminate (twice, around its finally). Two no-op messages wake it at once:
@@ -68,8 +93,3 @@ class EmbeddedWorker:
 
         for _ in range(2):
             self.app.send_task("celery.accumulate", queue=QUEUE)
-        if self._thread is not None:
-            self._thread.join(30)
-            if self._thread.is_alive():
-                log.warning("embedded worker did not stop within 30 s")
-        worker_state.should_terminate = None

@@ -11,10 +11,20 @@ import json
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+from jobs.errors import WanbatchError
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class OutputWriteError(WanbatchError):
+    """An output (video or sidecar) could not be written: disk full, folder not writable, ….
+
+    Not the provider's fault and not healed by asking fal again: the job fails with the reason.
+    """
 
 
 def slug(name: str) -> str:
@@ -47,15 +57,40 @@ def sidecar_path(video: Path) -> Path:
     return video.with_suffix(".json")
 
 
-def remove_stale_partials(dest: Path) -> int:
-    """Delete temporary ``.<name>.*.part`` files a killed download left beside ``dest``.
+def partial_tag(version: int) -> str:
+    """The tag a download attempt puts in its temporary file's name: the job version (fencing
+    token) of its lease, so a later lease holder can tell a file of an attempt that lost the job."""
+    return f"v{version}"
 
-    Only the job's lease holder calls this, so no live download of the same file is running.
+
+_TAGGED = re.compile(r"v(\d+)-")
+
+
+def remove_stale_partials(
+    dest: Path, *, older_than: float, version: int | None = None, now: float | None = None
+) -> int:
+    """Delete temporary ``.<name>.*.part`` files left beside ``dest`` by attempts that are over.
+
+    The caller holds the job's lease at ``version``. A file tagged with a lower version
+    (:func:`partial_tag`) belongs to an attempt whose lease was taken over — which only happens
+    once that lease lapsed — so the attempt aborts at its next lease renewal without renaming
+    anything: its file goes. An untagged file goes only when untouched for ``older_than`` seconds
+    (the lease): a live download writes unbuffered and its mtime moves with every chunk. So the
+    file of a download still holding the job is never pulled from under it.
     """
     removed = 0
+    cutoff = (time.time() if now is None else now) - older_than
+    prefix = f".{dest.name}."
     if dest.parent.is_dir():
         for stale in dest.parent.glob(f".{dest.name}.*.part"):
-            stale.unlink(missing_ok=True)
+            tagged = _TAGGED.match(stale.name[len(prefix) :])
+            superseded = tagged is not None and version is not None and int(tagged.group(1)) < version
+            try:
+                if not superseded and stale.stat().st_mtime > cutoff:
+                    continue
+                stale.unlink()
+            except FileNotFoundError:
+                continue
             removed += 1
     return removed
 

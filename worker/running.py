@@ -1,16 +1,28 @@
 """Process a batch until every job is terminal, showing progress; the engine of ``run``.
 
-Embedded (no broker): an in-process Celery worker consumes the tasks while this thread ticks.
-Distributed (a broker is configured): the ``wanbatch worker`` processes do the work and this
-only watches the database. Either way the same steps run and the same rows tell the truth.
+Embedded (no broker): an in-process Celery worker consumes the tasks while this thread ticks,
+for this batch only — another batch in the same database that was only submitted is never
+sent, downloaded or cancelled by it. Distributed (a broker is configured): the
+``wanbatch worker`` processes do the work (for every batch) and this only watches the database,
+warning when no worker answers. Either way the same steps run and the same rows tell the truth.
+
+Ctrl-C (SIGINT) or SIGTERM stops a run within seconds (:func:`stop_on_signals`): nothing more
+is sent, the leases this process holds are given back so the next run picks its jobs up at
+once, running downloads are abandoned (they write to per-attempt temporary files), and the
+command exits 130. A second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 from rich.console import Console
@@ -18,6 +30,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -25,12 +38,29 @@ from rich.progress import (
 
 from jobs import store
 from jobs.batches import batch_report, open_engine
+from jobs.errors import ConfigError, WanbatchError
 from jobs.settings import Settings
 from jobs.states import JobState
 from worker import steps, tasks
 from worker.runtime import build_runtime
+from worker.steps.context import DOWNLOAD_QUEUE, process_identity
+
+log = logging.getLogger(__name__)
 
 SIMULATOR_KEY = "simulator-key"
+
+#: Exit code after SIGINT/SIGTERM: 128 + SIGINT, what shells report for a Ctrl-C'd command.
+EXIT_INTERRUPTED = 130
+
+#: How long a stopping run waits for POSTs already on their way to be answered. A submit
+#: normally takes milliseconds; one still unanswered after this is left to the reconciler.
+IN_FLIGHT_GRACE_SECONDS = 3.0
+
+#: How often a run waiting on workers asks the broker whether any worker is alive.
+WORKER_CHECK_SECONDS = 30.0
+
+#: How long a stopping run lets its loop finish the step it is in (a claim being committed).
+STOP_WAIT_SECONDS = 2.0
 
 
 @dataclass
@@ -40,6 +70,76 @@ class RunStats:
     wall_seconds: float = 0.0
     ticks: int = 0
     status_calls: int = 0
+
+
+class Interrupted(WanbatchError):
+    """SIGINT or SIGTERM stopped the command; what was given back is in the message.
+
+    ``batch_id`` is the batch being processed when known (the CLI names it in its hint);
+    ``hint``, when set, is how to go on, replacing the command's own resume hint.
+    """
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, message: str, *, batch_id: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.hint = hint
+
+
+class _Stop(BaseException):
+    """Unwinds the main thread after the first SIGINT/SIGTERM.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way swallows it.
+    """
+
+
+#: Set by the first SIGINT/SIGTERM. The run loop checks it between steps, and the main thread
+#: waits on it: that is what stops a run, whatever the raise below reached or not.
+_stop_requested = threading.Event()
+#: True while the main thread only waits for the run loop: the signal handler then just sets
+#: :data:`_stop_requested` instead of raising into it.
+_waiting = threading.Event()
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn the first SIGINT/SIGTERM into :class:`Interrupted`; a second one exits at once (130).
+
+    Raising from a signal handler interrupts whatever Python code runs at that moment — even a
+    finalizer, which swallows the exception ("Exception ignored in …"). So the handler's main
+    effect is a flag: the run loop (in its own thread) stops at its next step, and the main
+    thread, which only waits while the batch is processed, notices at once. Outside that wait
+    (reading and storing the manifest) it also raises, to cut a long submit short.
+
+    Only the main thread can install signal handlers; elsewhere (tests calling in process from a
+    thread) this does nothing. The handlers stay installed after an interruption, so a Ctrl-C
+    while the command winds down is never a traceback.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    _stop_requested.clear()
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            os.write(2, b"\ninterrupted again: exiting now\n")
+            os._exit(EXIT_INTERRUPTED)
+        _stop_requested.set()
+        if not _waiting.is_set():
+            raise _Stop(signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except _Stop:
+        raise Interrupted("interrupted") from None
+    # Finished (a signal that came too late to stop anything changes nothing): the usual handlers.
+    _stop_requested.clear()
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -74,6 +174,106 @@ def _describe_counts(counts: dict[str, int]) -> str:
     return " ".join(f"{k}:{counts[k]}" for k in order if counts.get(k))
 
 
+# --------------------------------------------------------------------------- the broker
+
+
+def _sanitized(url: str) -> str:
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))
+
+
+def check_broker(settings: Settings, timeout: float = 3.0) -> None:
+    """Raise :class:`ConfigError` (exit 2) unless ``WANBATCH_BROKER_URL`` answers within ``timeout``.
+
+    Called before anything is submitted: without it, ``run`` against a broker that is down
+    waited silently forever (Celery retries its connection without end). Socket timeouts bound
+    the attempt, and a thread bounds it again for transports that ignore them.
+    """
+    url = settings.broker_url
+    if not url:
+        return
+    failure: list[BaseException] = []
+
+    def attempt() -> None:
+        from kombu import connection
+
+        factory: Any = connection.Connection  # kombu is only partly typed
+        options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        try:
+            conn = factory(url, connect_timeout=timeout, transport_options=options)
+            try:
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout)
+            finally:
+                conn.release()
+        except Exception as exc:  # any transport's error: reported as one line below
+            failure.append(exc)
+
+    thread = threading.Thread(target=attempt, name="wanbatch-broker-check", daemon=True)
+    thread.start()
+    thread.join(timeout + 2.0)
+    if thread.is_alive():
+        reason = f"no answer within {timeout + 2.0:.0f}s"
+    elif failure:
+        exc = failure[0]
+        reason = (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
+    else:
+        return
+    raise ConfigError(
+        f"cannot reach the broker at {_sanitized(url)} (WANBATCH_BROKER_URL): {reason}. "
+        "Start it or fix the URL; unset WANBATCH_BROKER_URL to run in this process"
+    )
+
+
+def live_workers(settings: Settings, timeout: float = 1.0) -> int | None:
+    """How many ``wanbatch worker`` processes answer a ping on the broker (None: could not ask)."""
+    if not settings.broker_url:
+        return None
+    from worker.app import make_app
+
+    app = make_app(settings.broker_url)
+    try:
+        return len(app.control.ping(timeout=timeout) or [])
+    except Exception:  # the broker went away meanwhile: not this check's to report
+        log.debug("could not ping the workers", exc_info=True)
+        return None
+    finally:
+        app.close()
+
+
+def no_worker_warning(settings: Settings) -> str:
+    """The line printed while no worker answers on the broker."""
+    assert settings.broker_url
+    return (
+        f"warning: no wanbatch worker answers on the broker {_sanitized(settings.broker_url)}: "
+        "nothing is processed until one runs (start `wanbatch worker`); still waiting"
+    )
+
+
+class _WorkerWatch(threading.Thread):
+    """Warns, at once and then every ``every`` seconds, while no worker answers on the broker.
+
+    A thread of its own: a ping takes a second, and a broker that stops answering must not
+    freeze the progress display.
+    """
+
+    def __init__(self, settings: Settings, say: Callable[[str], None], every: float) -> None:
+        super().__init__(name="wanbatch-worker-watch", daemon=True)
+        self.settings = settings
+        self.say = say
+        self.every = every
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            if live_workers(self.settings) == 0 and not self.stopping.is_set():
+                self.say(no_worker_warning(self.settings))
+            self.stopping.wait(self.every)
+
+
+# --------------------------------------------------------------------------- processing
+
+
 def process_batch(
     batch_id: str,
     settings: Settings,
@@ -81,28 +281,29 @@ def process_batch(
     console: Console | None = None,
     show_progress: bool = True,
 ) -> tuple[dict[str, Any], RunStats]:
-    """Drive ``batch_id`` to the end; returns its final status report and run statistics."""
+    """Drive ``batch_id`` to the end; returns its final status report and run statistics.
+
+    Raises :class:`Interrupted` after SIGINT/SIGTERM (under :func:`stop_on_signals`), once this
+    process has stopped sending and given its leases back.
+    """
     stats = RunStats()
     started = time.monotonic()
+    console = console or Console(stderr=True)
     if settings.broker_url:
-        _watch(batch_id, settings, console, show_progress, stats, tick=None)
-    else:
-        from worker.app import app
-        from worker.embedded import EmbeddedWorker
-
-        rt = build_runtime(
-            settings=settings,
-            enqueue_submit=lambda job_id: tasks.submit_job.delay(job_id),
-            enqueue_download=lambda job_id: tasks.download_job.delay(job_id),
-            allow_missing_key=True,  # callers that send new work check the key first
-        )
-        tasks.set_runtime(rt)
+        watch = _WorkerWatch(settings, console.print, WORKER_CHECK_SECONDS)
+        watch.start()
         try:
-            with EmbeddedWorker(app, settings.embedded_concurrency):
-                _watch(batch_id, settings, console, show_progress, stats, tick=rt)
+            _watch(batch_id, settings, console, show_progress, stats, tick=None)
+        except _Stop:
+            raise Interrupted(
+                f"interrupted: stopped watching batch {batch_id}; the workers carry on with it",
+                batch_id=batch_id,
+                hint=f"`wanbatch status {batch_id}` follows it; running the same command again watches it",
+            ) from None
         finally:
-            tasks.set_runtime(None)
-            rt.client.close()
+            watch.stopping.set()
+    else:
+        _process_embedded(batch_id, settings, console, show_progress, stats)
     stats.wall_seconds = time.monotonic() - started
     engine = open_engine(settings)
     with store.session_scope(engine) as session:
@@ -110,14 +311,101 @@ def process_batch(
     return report, stats
 
 
+def _process_embedded(
+    batch_id: str, settings: Settings, console: Console, show_progress: bool, stats: RunStats
+) -> None:
+    from worker.app import app
+    from worker.embedded import EmbeddedWorker
+
+    rt = build_runtime(
+        settings=settings,
+        enqueue_submit=lambda job_id: tasks.submit_job.delay(job_id),
+        enqueue_download=lambda job_id: tasks.download_job.delay(job_id),
+        # No allow_missing_key: a missing FAL_KEY is a ConfigError here, before the tick claims
+        # anything (a simulated run has the simulator's key).
+        batch_ids=frozenset({batch_id}),  # this batch only: never another one merely submitted
+    )
+    tasks.set_runtime(rt)
+    tasks.accept_again()
+    abandoned = False
+    try:
+        with EmbeddedWorker(app, settings.embedded_concurrency) as embedded:
+            try:
+                _watch(batch_id, settings, console, show_progress, stats, tick=rt)
+            except _Stop:
+                abandoned = True
+                tasks.stop_accepting()  # a task that starts from now on does nothing
+                embedded.abandon()
+                raise Interrupted(_give_back(rt, batch_id), batch_id=batch_id) from None
+    finally:
+        if not abandoned:  # abandoned threads may still use them until the process exits
+            tasks.set_runtime(None)
+            rt.client.close()
+
+
+def _give_back(rt: steps.Runtime, batch_id: str) -> str:
+    """Give back this process's leases; returns the line that says what became of its jobs.
+
+    Waits up to :data:`IN_FLIGHT_GRACE_SECONDS` for POSTs already sent to be answered (their
+    request ids recorded), so that the next run rarely has a ``submit_unknown`` to resolve.
+    """
+    prefix = process_identity()
+    deadline = time.monotonic() + IN_FLIGHT_GRACE_SECONDS
+    unsent = released = 0
+    try:
+        while True:
+            with store.session_scope(rt.engine) as session:
+                got = store.release_process_leases(
+                    session,
+                    prefix,
+                    batch_ids=[batch_id],
+                    queued_owner=DOWNLOAD_QUEUE,
+                    worker=rt.owner,
+                )
+            unsent += got.unsent
+            released += got.released
+            if got.in_flight == 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        with store.session_scope(rt.engine) as session:
+            at_fal = store.count_in_states(
+                session, [JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING], batch_id=batch_id
+            )
+    except Exception as exc:  # the database is unreachable: the leases expire on their own
+        log.debug("giving leases back failed", exc_info=True)
+        return (
+            f"interrupted; could not give this process's jobs back ({type(exc).__name__}): they "
+            f"are picked up again after WANBATCH_LEASE_SECONDS ({rt.settings.lease_seconds:.0f}s)"
+        )
+    parts = ["interrupted: nothing more is sent"]
+    if unsent:
+        parts.append(f"{unsent} job(s) not yet sent went back to pending")
+    if released:
+        parts.append(f"{released} download(s)/status check(s) released")
+    if at_fal:
+        parts.append(f"{at_fal} request(s) still at fal: the next run fetches their results")
+    if got.in_flight:
+        parts.append(
+            f"{got.in_flight} submission(s) were still in flight: the next run checks them "
+            f"after WANBATCH_LEASE_SECONDS ({rt.settings.lease_seconds:.0f}s), never resending blindly"
+        )
+    return "; ".join(parts)
+
+
 def _watch(
     batch_id: str,
     settings: Settings,
-    console: Console | None,
+    console: Console,
     show_progress: bool,
     stats: RunStats,
     tick: steps.Runtime | None,
 ) -> None:
+    """Tick (embedded) and show progress until the batch is done or paused.
+
+    The loop runs in a thread of its own while the main thread only waits, so a signal never
+    has to interrupt a database call or an HTTP request to be noticed; raises :class:`_Stop`
+    when one asked to stop (after letting the loop finish the step it was in, briefly).
+    """
     engine = open_engine(settings)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -127,34 +415,63 @@ def _watch(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[counts]}"),
-        console=console or Console(stderr=True),
+        console=console,
         disable=not show_progress,
         transient=False,
     )
+    failure: list[BaseException] = []
+    finished = threading.Event()
+
+    def loop(task_id: TaskID) -> None:
+        try:
+            while not _stop_requested.is_set():
+                if tick is not None:
+                    report = steps.tick(tick, _stop_requested)
+                    stats.ticks += 1
+                    stats.status_calls += report.status_calls
+                with store.session_scope(engine) as session:
+                    current = batch_report(session, batch_id)
+                done = current["finished"]
+                progress.update(
+                    task_id,
+                    total=current["total"],
+                    completed=done,
+                    money=f"${current['spent_usd'] or 0:.2f}/${current['estimated_usd'] or 0:.2f}",
+                    counts=_describe_counts(current["counts"]),
+                )
+                if done >= current["total"]:
+                    return
+                at_provider = sum(current["counts"].get(s.value, 0) for s in JobState if s.at_provider)
+                if current["state"] == "paused" and at_provider == 0:
+                    progress.console.print(
+                        f"[yellow]batch paused: {current.get('pause_reason') or 'see status'}; "
+                        "fix it, then run the same command again to resume[/yellow]"
+                    )
+                    return
+                _stop_requested.wait(settings.tick_interval)
+        except BaseException as exc:  # handed to the main thread, which raises it
+            failure.append(exc)
+        finally:
+            finished.set()
+
     with progress:
         task_id = progress.add_task("jobs", total=None, money="", counts="")
-        while True:
-            if tick is not None:
-                report = steps.tick(tick)
-                stats.ticks += 1
-                stats.status_calls += report.status_calls
-            with store.session_scope(engine) as session:
-                current = batch_report(session, batch_id)
-            done = current["finished"]
-            progress.update(
-                task_id,
-                total=current["total"],
-                completed=done,
-                money=f"${current['spent_usd'] or 0:.2f}/${current['estimated_usd'] or 0:.2f}",
-                counts=_describe_counts(current["counts"]),
-            )
-            if done >= current["total"]:
-                break
-            at_provider = sum(current["counts"].get(s.value, 0) for s in JobState if s.at_provider)
-            if current["state"] == "paused" and at_provider == 0:
-                progress.console.print(
-                    f"[yellow]batch paused: {current.get('pause_reason') or 'see status'}; "
-                    "fix it, then run the same command again to resume[/yellow]"
-                )
-                break
-            time.sleep(settings.tick_interval)
+        thread = threading.Thread(target=loop, args=(task_id,), name="wanbatch-run-loop", daemon=True)
+        _waiting.set()
+        try:
+            if _stop_requested.is_set():  # a signal came while the batch was being stored
+                raise _Stop
+            thread.start()
+            while not finished.wait(0.2):
+                if _stop_requested.is_set():
+                    break
+        finally:
+            _waiting.clear()
+        if _stop_requested.is_set():
+            # The loop stops at its next step; a claim it is committing right now lands before
+            # the leases are given back. A slow status call is not waited for: after it the
+            # loop sees the flag and claims nothing more.
+            finished.wait(STOP_WAIT_SECONDS)
+            raise _Stop
+    if failure:
+        raise failure[0]

@@ -22,8 +22,10 @@ def build_runtime(
     enqueue_download: Callable[[str], None],
     settings: Settings | None = None,
     allow_missing_key: bool = False,
+    batch_ids: frozenset[str] | None = None,
 ) -> Runtime:
-    """A runtime for this process. ``allow_missing_key`` is for the bundled simulator only."""
+    """A runtime for this process. ``allow_missing_key`` is for the bundled simulator only;
+    ``batch_ids`` limits the work to those batches (an embedded run; None = every batch)."""
     settings = settings or get_settings()
     engine = open_engine(settings)
     client = FalClient.from_settings(settings, allow_missing_key=allow_missing_key)
@@ -53,4 +55,5 @@ def build_runtime(
         enqueue_submit=enqueue_submit,
         enqueue_download=enqueue_download,
         media=media,
+        batch_ids=batch_ids,
     )

@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
+#: Cleared when this process is stopping (Ctrl-C in embedded mode): a task that starts then does
+#: nothing, so no lease is taken after the process gave its leases back.
+_accepting = threading.Event()
+_accepting.set()
 
 
 def runtime() -> Runtime:
@@ -40,9 +44,21 @@ def set_runtime(rt: Runtime | None) -> None:
         _runtime = rt
 
 
+def stop_accepting() -> None:
+    """From now on tasks return at once without touching their job (the process is stopping)."""
+    _accepting.clear()
+
+
+def accept_again() -> None:
+    """Undo :func:`stop_accepting` (a new embedded run in the same process)."""
+    _accepting.set()
+
+
 @app.task(name="wanbatch.submit_job")
 def submit_job(job_id: str) -> str:
     """POST one claimed job to fal, once."""
+    if not _accepting.is_set():
+        return "stopping"
     outcome = steps.submit(runtime(), job_id)
     log.debug("submit %s: %s", job_id, outcome)
     return outcome
@@ -51,6 +67,8 @@ def submit_job(job_id: str) -> str:
 @app.task(name="wanbatch.download_job")
 def download_job(job_id: str) -> str:
     """Fetch the result and video of one completed job."""
+    if not _accepting.is_set():
+        return "stopping"
     outcome = steps.download(runtime(), job_id)
     log.debug("download %s: %s", job_id, outcome)
     return outcome

@@ -18,9 +18,18 @@ items:
 """
 
 
+def _fal_at_localhost(sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Talk to the simulator as ``localhost``: its result URLs (on ``127.0.0.1``) are then on a
+    host that is not a configured fal URL's, as a CDN or an attacker's URL would be."""
+    url = sim.url.replace("127.0.0.1", "localhost")
+    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", url)
+    monkeypatch.setenv("WANBATCH_FAL_REST_URL", url)
+
+
 def test_a_result_on_a_host_outside_the_allow_list_fails_at_once_and_is_billed(
     wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _fal_at_localhost(sim, monkeypatch)
     monkeypatch.setenv("WANBATCH_DOWNLOAD_ALLOWED_HOSTS", "*.fal.media,storage.googleapis.com")
     get_settings.cache_clear()
     run = wb("run", manifest("guarded", ONE_JOB), "--json", "--no-progress")
@@ -39,8 +48,28 @@ def test_a_result_on_a_host_outside_the_allow_list_fails_at_once_and_is_billed(
 def test_allowed_hosts_let_the_download_through(
     wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _fal_at_localhost(sim, monkeypatch)
     monkeypatch.setenv("WANBATCH_DOWNLOAD_ALLOWED_HOSTS", "127.0.0.1")
     get_settings.cache_clear()
     run = wb("run", manifest("guarded", ONE_JOB), "--json", "--no-progress")
     assert run.code == 0, run.stderr
     assert run.json()["counts"]["succeeded"] == 1
+
+
+def test_by_default_a_loopback_result_url_is_refused_unless_it_is_the_fal_host(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the simulator's own host (the configured fal URL) is fine: that is how --simulate works
+    run = wb("run", manifest("trusted", ONE_JOB.replace("guarded", "trusted")), "--json", "--no-progress")
+    assert run.code == 0, run.stderr
+    # the same loopback address reached through another name is refused, and billed
+    _fal_at_localhost(sim, monkeypatch)
+    get_settings.cache_clear()
+    run = wb("run", manifest("guarded", ONE_JOB), "--json", "--no-progress")
+    assert run.code == 1, run.stderr
+    (record,) = export_jsonl(wb, run.json()["batch"])
+    assert record["status"] == "failed"
+    assert "loopback address" in record["error"]
+    assert "WANBATCH_DOWNLOAD_ALLOWED_HOSTS" in record["error"]
+    assert record["cost_usd"] == pytest.approx(record["est_usd"])
+    assert sim.ledger()["accepted"] == 2  # one generation per job, none again

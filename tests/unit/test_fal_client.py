@@ -22,7 +22,9 @@ from jobs.settings import Settings
 from worker.fal import (
     CancelOutcome,
     FalClient,
+    ProviderProtocolError,
     RequestCancelledError,
+    RequestFailedError,
     RequestHandle,
     ResultExpiredError,
     ResultNotReadyError,
@@ -135,17 +137,38 @@ def test_submit_in_progress_without_queue_position() -> None:
     assert rec.requests[0].url.query == b""
 
 
-def test_submit_uses_the_server_urls_as_returned() -> None:
+def test_submit_keeps_the_server_urls_only_on_the_queue_origin() -> None:
+    # fal's own URLs (same origin, under the app root, naming this request) are used as given…
     body = submitted_body()
-    body["status_url"] = "http://127.0.0.1:9999/fal-ai/wan-25-preview/requests/r/status"
+    body["status_url"] = f"{QUEUE}/fal-ai/wan-25-preview/x/requests/{RID}/status"
+    body["response_url"] = f"{QUEUE}/fal-ai/wan-25-preview/x/requests/{RID}"
+    body["cancel_url"] = f"{QUEUE}/fal-ai/wan-25-preview/x/requests/{RID}/cancel"
     rec = Recorder(httpx.Response(200, json=body), httpx.Response(202, json={"status": "IN_PROGRESS"}))
     with make_client(rec) as client:
         sub = client.submit(EP, {})
         client.status(sub)
-    assert sub.status_url == "http://127.0.0.1:9999/fal-ai/wan-25-preview/requests/r/status"
-    assert str(rec.requests[1].url).startswith(
-        "http://127.0.0.1:9999/fal-ai/wan-25-preview/requests/r/status"
-    )
+    assert sub.status_url == body["status_url"]
+    assert str(rec.requests[1].url).startswith(str(body["status_url"]))
+
+    # …but a URL on another host (or port) is never followed: the key goes with status calls.
+    body = submitted_body()
+    body["status_url"] = f"http://127.0.0.1:9999/fal-ai/wan-25-preview/requests/{RID}/status"
+    rec = Recorder(httpx.Response(200, json=body), httpx.Response(202, json={"status": "IN_PROGRESS"}))
+    with make_client(rec) as client:
+        sub = client.submit(EP, {})
+        client.status(sub)
+    assert sub.handle == HANDLE
+    assert str(rec.requests[1].url).startswith(f"{BASE}/status")
+    assert rec.requests[1].headers["authorization"] == f"Key {KEY}"
+
+
+@pytest.mark.parametrize("request_id", ["../../admin", "a/b", "", "x" * 200, "id?x=1", ".."])
+def test_submit_with_an_unusable_request_id_is_ambiguous(request_id: str) -> None:
+    body = submitted_body()
+    body["request_id"] = request_id
+    rec = Recorder(httpx.Response(200, json=body))
+    with make_client(rec) as client, pytest.raises(AmbiguousSubmitError, match="request id"):
+        client.submit(EP, {})
 
 
 @pytest.mark.parametrize(
@@ -367,11 +390,12 @@ def test_status_completed_ok_and_failed() -> None:
     assert second.logs == []
 
 
-def test_status_unknown_state_is_a_plain_provider_error() -> None:
+def test_status_unknown_state_is_a_protocol_error() -> None:
+    # neither retryable nor final: the poller asks again a bounded number of times, then fails
     rec = Recorder(httpx.Response(200, json={"status": "FAILED"}))
-    with make_client(rec) as client, pytest.raises(ProviderError) as info:
+    with make_client(rec) as client, pytest.raises(ProviderProtocolError) as info:
         client.status(HANDLE)
-    assert type(info.value) is ProviderError
+    assert not isinstance(info.value, RetryableProviderError | FinalProviderError)
     assert "FAILED" in str(info.value)
 
 
@@ -497,13 +521,14 @@ def test_result_422_replay_is_final_with_the_list() -> None:
 @pytest.mark.parametrize(
     ("code", "error_type", "expected"),
     [
-        (504, "request_timeout", RetryableProviderError),
-        (504, "startup_timeout", RetryableProviderError),
-        (503, "runner_scheduling_failure", RetryableProviderError),
-        (503, "runner_disconnected", RetryableProviderError),
-        (502, "runner_incomplete_response", RetryableProviderError),
-        (500, "runner_server_error", RetryableProviderError),
-        (500, "internal_error", RetryableProviderError),
+        # fal's own verdict that a new attempt may succeed: the only result error that resubmits
+        (504, "request_timeout", RequestFailedError),
+        (504, "startup_timeout", RequestFailedError),
+        (503, "runner_scheduling_failure", RequestFailedError),
+        (503, "runner_disconnected", RequestFailedError),
+        (502, "runner_incomplete_response", RequestFailedError),
+        (500, "runner_server_error", RequestFailedError),
+        (500, "internal_error", RequestFailedError),
         (499, "client_cancelled", RequestCancelledError),
         (499, "client_disconnected", RequestCancelledError),
         (400, "bad_request", FinalProviderError),
@@ -534,7 +559,7 @@ def test_result_error_type_from_header_only() -> None:
             504, json={"detail": "Request timed out"}, headers={"X-Fal-Error-Type": "request_timeout"}
         )
     )
-    with make_client(rec) as client, pytest.raises(RetryableProviderError) as info:
+    with make_client(rec) as client, pytest.raises(RequestFailedError) as info:
         client.result(HANDLE)
     assert info.value.error_type == "request_timeout"
 
@@ -543,8 +568,8 @@ def test_result_error_type_from_header_only() -> None:
     ("code", "error_type", "header", "expected"),
     [
         (500, "internal_error", "false", FinalProviderError),
-        (422, None, "true", RetryableProviderError),
-        (400, "bad_request", "true", RetryableProviderError),
+        (422, None, "true", RequestFailedError),
+        (400, "bad_request", "true", RequestFailedError),
     ],
 )
 def test_result_x_fal_retryable_overrides(
@@ -578,6 +603,35 @@ def test_result_retries_gateway_errors() -> None:
     with make_client(rec) as client:
         assert client.result(HANDLE) == {"seed": 1}
     assert rec.count("GET") == 3
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(502, text="<center>nginx</center>"),
+        httpx.Response(503, text="Service Unavailable"),
+        httpx.Response(503, json={"detail": "Service Unavailable"}, headers={"x-fal-request-id": RID}),
+        httpx.Response(429, json={"detail": "Too many requests"}),
+        httpx.Response(200, text="<html>maintenance</html>"),
+        httpx.ReadError("connection reset by peer"),
+    ],
+)
+def test_result_call_failures_are_not_fal_verdicts(response: httpx.Response | Exception) -> None:
+    # the call failed, not the request: retryable, but never a reason to submit again
+    rec = Recorder(response, response, response)
+    with make_client(rec) as client, pytest.raises(RetryableProviderError) as info:
+        client.result(HANDLE)
+    assert not isinstance(info.value, RequestFailedError)
+
+
+def test_result_nested_absurdly_deep_is_a_protocol_error() -> None:
+    deep = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    rec = Recorder(httpx.Response(200, content=deep))
+    with make_client(rec) as client, pytest.raises(ProviderProtocolError, match="nested"):
+        client.result(HANDLE)
+    rec = Recorder(httpx.Response(200, content=deep))
+    with make_client(rec) as client, pytest.raises(ProviderProtocolError, match="nested"):
+        client.status(HANDLE)
 
 
 # ------------------------------------------------------------------------------------ cancel

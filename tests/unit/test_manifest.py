@@ -460,3 +460,198 @@ def test_iter_valid_jobs_refuses_an_invalid_manifest(folder: Path) -> None:
     with pytest.raises(ManifestError) as caught:
         list(iter_valid_jobs(path))
     assert any("item 1" in str(i) and "'seed'" in str(i) for i in caught.value.issues)
+
+
+# -- local files stay inside the manifest's folder (issue #9, item 15) ---------------------------
+
+
+def _victim(tmp_path: Path) -> Path:
+    """A private image beside (not inside) the manifest's folder, and that folder."""
+    (tmp_path / "victim").mkdir()
+    Image.new("RGB", (480, 480), (1, 2, 3)).save(tmp_path / "victim" / "passport.jpg")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    Image.new("RGB", (480, 480), (4, 5, 6)).save(shared / "ok.png")
+    return shared
+
+
+def _outside_errors(path: Path, allowed: tuple[Path, ...] = ()) -> list[str]:
+    return [str(i) for i in validate_manifest(path, allowed).errors if "outside the manifest" in i.message]
+
+
+@pytest.mark.parametrize(
+    "reference",
+    ["../victim/passport.jpg", "{victim}/passport.jpg", "shared/../../victim/passport.jpg", "link.jpg"],
+    ids=["dotdot", "absolute", "roundabout", "symlink"],
+)
+def test_local_paths_outside_the_folder_are_located_errors(tmp_path: Path, reference: str) -> None:
+    shared = _victim(tmp_path)
+    (shared / "link.jpg").symlink_to(tmp_path / "victim" / "passport.jpg")
+    reference = reference.format(victim=tmp_path / "victim")
+    if reference.startswith("shared/"):
+        (shared / "shared").mkdir()
+    path = write(
+        shared,
+        "name: x\nendpoint: fal-ai/wan-i2v\nitems:\n"
+        f"  - prompt: fine\n    image_url: ok.png\n  - prompt: leak\n    image_url: {reference}\n",
+    )
+    (error,) = _outside_errors(path)
+    assert "m.yaml:7: item 1: field 'image_url'" in error
+    assert "--allow-dir" in error
+    assert "WANBATCH_ALLOWED_INPUT_DIRS" in error
+    with pytest.raises(ManifestError):  # the submit path refuses it too
+        list(iter_valid_jobs(path))
+
+
+def test_home_relative_path_is_outside_unless_allowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = _victim(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "victim"))
+    path = write(
+        shared, "name: x\nendpoint: fal-ai/wan-i2v\nitems:\n  - {prompt: a, image_url: ~/passport.jpg}\n"
+    )
+    assert len(_outside_errors(path)) == 1
+    report = validate_manifest(path, (tmp_path / "victim",))
+    assert report.ok, [str(i) for i in report.issues]
+
+
+def test_a_missing_outside_file_gets_the_same_answer_as_an_existing_one(tmp_path: Path) -> None:
+    """The message must not tell a shared manifest's author which private files exist."""
+    shared = _victim(tmp_path)
+    exists = write(
+        shared, "name: x\nendpoint: fal-ai/wan-i2v\nitems: [{prompt: a, image_url: ../victim/passport.jpg}]\n"
+    )
+    missing = write(
+        shared,
+        "name: x\nendpoint: fal-ai/wan-i2v\nitems: [{prompt: a, image_url: ../victim/nope.jpg}]\n",
+        "n.yaml",
+    )
+    (first,) = validate_manifest(exists).errors
+    (second,) = validate_manifest(missing).errors
+    assert "outside" in first.message
+    assert "outside" in second.message
+    assert "not found" not in first.message + second.message
+
+
+def test_an_outside_file_is_never_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = _victim(tmp_path)
+    opened: list[str] = []
+    real_open = Path.open
+
+    def spy(self: Path, *args: object, **kwargs: object) -> object:
+        opened.append(str(self))
+        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", spy)
+    path = write(
+        shared, "name: x\nendpoint: fal-ai/wan-i2v\nitems: [{prompt: a, image_url: ../victim/passport.jpg}]\n"
+    )
+    assert not validate_manifest(path).ok
+    assert not any("passport" in name for name in opened)
+
+
+def test_allowed_dirs_let_a_folder_in_explicitly(tmp_path: Path) -> None:
+    shared = _victim(tmp_path)
+    path = write(
+        shared, "name: x\nendpoint: fal-ai/wan-i2v\nitems: [{prompt: a, image_url: ../victim/passport.jpg}]\n"
+    )
+    report = validate_manifest(path, (tmp_path / "victim",))
+    assert report.ok, [str(i) for i in report.issues]
+    (job,) = load_manifest(path, (tmp_path / "victim",)).jobs()
+    assert job.input["image_url"] == str((tmp_path / "victim" / "passport.jpg").resolve())
+
+
+def test_a_symlink_inside_the_folder_to_the_folder_is_fine(folder: Path) -> None:
+    (folder / "alias.png").symlink_to(folder / "a.png")
+    path = write(folder, "name: x\nendpoint: fal-ai/wan-i2v\nitems: [{prompt: a, image_url: alias.png}]\n")
+    (job,) = iter_valid_jobs(path)
+    assert job.input["image_url"] == str((folder / "a.png").resolve())  # stored fully resolved
+
+
+def test_outside_paths_in_defaults_and_items_from_rows_are_located(tmp_path: Path) -> None:
+    shared = _victim(tmp_path)
+    (shared / "rows.jsonl").write_text(
+        json.dumps({"prompt": "r", "image_url": "../victim/passport.jpg"}) + "\n"
+    )
+    path = write(
+        shared,
+        "name: x\nendpoint: fal-ai/wan-i2v\ndefaults:\n  image_url: /etc/hostname\n"
+        "items: [{prompt: a}]\nitems_from: rows.jsonl\n",
+    )
+    errors = _outside_errors(path)
+    assert any("m.yaml:4: item 0: field 'image_url'" in e for e in errors), errors
+    assert any("rows.jsonl:1: item 1: field 'image_url'" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("source", ["../victim/rows.jsonl", "link.jsonl"], ids=["dotdot", "symlink"])
+def test_items_from_outside_the_folder_is_refused(tmp_path: Path, source: str) -> None:
+    shared = _victim(tmp_path)
+    (tmp_path / "victim" / "rows.jsonl").write_text('{"prompt": "secret"}\n')
+    (shared / "link.jsonl").symlink_to(tmp_path / "victim" / "rows.jsonl")
+    path = write(shared, f"name: x\nendpoint: fal-ai/wan-22\nitems_from: {source}  # here\n")
+    report = validate_manifest(path)
+    assert any(
+        "m.yaml:3: field 'items_from'" in str(i) and "outside the manifest" in i.message
+        for i in report.errors
+    ), [str(i) for i in report.issues]
+    assert report.job_count == 0  # its rows were never read
+    assert validate_manifest(path, (tmp_path / "victim",)).ok
+
+
+# -- NUL characters (issue #9, item 18) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ('name: "a\\0b"\nendpoint: fal-ai/wan-22\nitems: [{prompt: x}]\n', "m.yaml:1: field 'name'"),
+        (
+            'name: a\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: "x\\0y"\n',
+            "m.yaml:4: item 0: field 'prompt'",
+        ),
+        (
+            'name: a\nendpoint: fal-ai/wan-22\ndefaults:\n  negative_prompt: "n\\0"\nitems: [{prompt: x}]\n',
+            "m.yaml:4: item 0: field 'negative_prompt'",
+        ),
+        (
+            'name: a\nendpoint: fal-ai/wan-22\nmatrix:\n  aspect_ratio: ["16:9", "1\\0"]\n'
+            "items: [{prompt: x}]\n",
+            "m.yaml:4: item 0: field 'aspect_ratio'",
+        ),
+        (
+            'name: a\nendpoint: fal-ai/wan-i2v\nitems:\n  - {prompt: x, image_url: "a\\0.png"}\n',
+            "m.yaml:4: item 0: field 'image_url'",
+        ),
+        (
+            'name: a\ndescription: "d\\0"\nendpoint: fal-ai/wan-22\nitems: [{prompt: x}]\n',
+            "m.yaml:2: field 'description'",
+        ),
+    ],
+    ids=["name", "prompt", "defaults", "matrix", "image_path", "description"],
+)
+def test_nul_characters_are_located_errors(folder: Path, body: str, where: str) -> None:
+    path = write(folder, body)
+    report = validate_manifest(path)
+    texts = [str(i) for i in report.errors]
+    assert any(where in t and "NUL character" in t for t in texts), texts
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_nul_characters_in_items_from_rows_are_located(folder: Path, kind: str) -> None:
+    if kind == "jsonl":
+        (folder / "rows.jsonl").write_text('{"prompt": "ok"}\n{"prompt": "bad\\u0000"}\n')
+    else:
+        (folder / "rows.csv").write_text("prompt\nok\nbad\0\n")
+    path = write(folder, f"name: a\nendpoint: fal-ai/wan-22\nitems_from: rows.{kind}\n")
+    texts = [str(i) for i in validate_manifest(path).errors]
+    line = 2 if kind == "jsonl" else 3
+    assert any(f"rows.{kind}:{line}: item 1: field 'prompt'" in t and "NUL" in t for t in texts), texts
+
+
+def test_nul_in_a_nested_value_or_key_is_refused(folder: Path) -> None:
+    from jobs.validation import has_nul
+
+    assert has_nul({"a": ["b", {"c\0": 1}]})
+    assert has_nul(["x", ["y\0"]])
+    assert not has_nul({"a": ["b", {"c": 1.5}], "d": None})

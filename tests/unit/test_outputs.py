@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -21,16 +23,32 @@ def test_video_names_come_from_our_ids_only(tmp_path: Path) -> None:
     assert outputs.sidecar_path(path).name == "000007-0123456789ab.json"
 
 
-def test_remove_stale_partials_removes_only_this_files_temporaries(tmp_path: Path) -> None:
+def test_remove_stale_partials_removes_only_this_files_old_temporaries(tmp_path: Path) -> None:
     dest = tmp_path / "000001-abc.mp4"
     mine = [tmp_path / ".000001-abc.mp4.x1y2.part", tmp_path / ".000001-abc.mp4.zz.part"]
+    live = tmp_path / ".000001-abc.mp4.live.part"  # a download still writing (fresh mtime)
     other = tmp_path / ".000002-def.mp4.q.part"
-    for p in [*mine, other]:
+    for p in [*mine, live, other]:
         p.write_bytes(b"partial")
-    assert outputs.remove_stale_partials(dest) == 2
+    old = time.time() - 600
+    for p in [*mine, other]:
+        os.utime(p, (old, old))
+    assert outputs.remove_stale_partials(dest, older_than=120) == 2
     assert not any(p.exists() for p in mine)
+    assert live.exists()  # never pulled from under a live download
     assert other.exists()
-    assert outputs.remove_stale_partials(tmp_path / "missing" / "x.mp4") == 0
+    assert outputs.remove_stale_partials(tmp_path / "missing" / "x.mp4", older_than=120) == 0
+
+
+def test_partials_of_attempts_that_lost_the_job_go_even_when_fresh(tmp_path: Path) -> None:
+    dest = tmp_path / "000001-abc.mp4"
+    superseded = tmp_path / f".000001-abc.mp4.{outputs.partial_tag(7)}-x1.part"  # killed a moment ago
+    current = tmp_path / f".000001-abc.mp4.{outputs.partial_tag(9)}-y2.part"
+    for p in (superseded, current):
+        p.write_bytes(b"partial")
+    assert outputs.remove_stale_partials(dest, older_than=120, version=9) == 1
+    assert not superseded.exists()
+    assert current.exists()  # the lease holder's own attempt is never touched
 
 
 def test_write_json_atomic_leaves_no_temporary(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ Knows nothing of the database. Every failure is one of the provider errors of
 from worker.fal.client import FalClient
 from worker.fal.errors import (
     DownloadIntegrityError,
+    ProviderProtocolError,
     RequestCancelledError,
+    RequestFailedError,
     ResultExpiredError,
     ResultNotReadyError,
     StartTimeoutError,
@@ -34,7 +36,9 @@ __all__ = [
     "FalStorage",
     "KeyRedactionFilter",
     "MediaPreparer",
+    "ProviderProtocolError",
     "RequestCancelledError",
+    "RequestFailedError",
     "RequestHandle",
     "ResultExpiredError",
     "ResultNotReadyError",

@@ -4,14 +4,22 @@ Retry policy, in one place:
 
 * ``submit`` is **never** retried here. fal documents no idempotency key, and a POST resent
   after a read timeout can queue (and bill) the same job twice — which fal_client does. Its
-  errors tell the caller exactly what happened (see :mod:`worker.fal.errors`).
+  errors tell the caller exactly what happened (see :mod:`worker.fal.errors`), and a failure
+  *before the whole request was written* is never called ambiguous: httpcore's ``trace``
+  extension reports when the body was sent, and until then nothing can have been queued
+  (:class:`SubmitNotSentError`, or a retryable "not sent").
 * ``status`` and ``result`` are idempotent GETs: they retry transport errors, 408/409/429 and
   gateway 5xx a few times with jittered backoff (:class:`RetryPolicy`) and then raise
   :class:`RetryableProviderError`; the caller's own polling loop is the outer retry.
 * ``stream_status`` and ``cancel`` are not retried: a broken stream falls back to polling, and a
   cancel is a one-off decision the caller may repeat.
 
-The client knows nothing of the database; it takes and returns plain values.
+The client knows nothing of the database; it takes and returns plain values. Every error
+and every body it hands back has the key scrubbed out (recursively, through ``detail`` lists),
+so nothing a provider echoes can reach the database, ``status`` or an export.
+
+Status, result and cancel go to URLs built from the configured queue URL (see
+:meth:`RequestHandle.trusted`), never to a host a submit answer names: those calls carry the key.
 """
 
 from __future__ import annotations
@@ -32,12 +40,16 @@ from jobs.errors import (
     ProviderError,
     RetryableProviderError,
     UsageError,
+    WanbatchError,
 )
 from jobs.settings import Settings, get_settings
 from worker.fal.errors import (
+    ProviderProtocolError,
     classify_poll,
     classify_result,
     classify_submit,
+    json_body,
+    load_json,
     parse_body,
     poll_should_retry,
     result_should_retry,
@@ -59,8 +71,9 @@ from worker.fal.models import (
     RequestHandle,
     Status,
     Submitted,
+    valid_request_id,
 )
-from worker.fal.redact import redact_text
+from worker.fal.redact import redact_value
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +83,67 @@ HandleLike = RequestHandle | Submitted
 
 def _handle(value: HandleLike) -> RequestHandle:
     return value.handle if isinstance(value, Submitted) else value
+
+
+class SubmitNotSentError(WanbatchError):
+    """The submit failed in this process before its request was written: a closed HTTP client,
+    an input that cannot be encoded, a header httpx refuses. fal cannot have queued or billed
+    anything, so the job may be given back as never sent (no attempt counted)."""
+
+
+class _SendProgress:
+    """httpcore's ``trace`` extension for one request: which phases of sending it began or ended.
+
+    Transports that do not report (``httpx.MockTransport``) leave it empty, and the caller then
+    falls back on what the exception's type says.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def __call__(self, name: str, info: Mapping[str, Any]) -> None:
+        self.events.append(name)
+
+    @property
+    def traced(self) -> bool:
+        return bool(self.events)
+
+    @property
+    def body_sent(self) -> bool:
+        """Whether every byte of the request was handed to the network (``*.send_request_body.complete``)."""
+        return any(name.endswith("send_request_body.complete") for name in self.events)
+
+
+def _submit_failure(exc: Exception, progress: _SendProgress) -> WanbatchError:
+    """What an exception raised while sending the submit POST means: not sent, or ambiguous.
+
+    fal can only queue a request whose body it received whole. When the transport traced the
+    send and the body never completed, nothing was queued — whatever the exception (a write
+    error, a reset, a refused header). Only once the body went out is a lost answer ambiguous.
+    """
+    name = type(exc).__name__
+    local = isinstance(exc, httpx.LocalProtocolError) or not isinstance(exc, httpx.HTTPError)
+    if progress.traced and not progress.body_sent:
+        if local:
+            return SubmitNotSentError(f"fal submit: not sent, failed in this process ({name}): {exc}")
+        translated = translate_submit_transport(exc) if isinstance(exc, httpx.TransportError) else None
+        if translated is None or isinstance(translated, AmbiguousSubmitError):
+            return RetryableProviderError(
+                f"fal submit: not sent, the connection failed before the request was written ({name}): {exc}"
+            )
+        return translated
+    if progress.body_sent:
+        if isinstance(exc, httpx.TransportError):
+            return translate_submit_transport(exc)
+        return AmbiguousSubmitError(
+            f"fal submit: the request was sent but its answer could not be read ({name}): {exc}"
+        )
+    # An untraced transport: only the exception's type can tell.
+    if local:
+        return SubmitNotSentError(f"fal submit: not sent, failed in this process ({name}): {exc}")
+    if isinstance(exc, httpx.TransportError):
+        return translate_submit_transport(exc)
+    return AmbiguousSubmitError(f"fal submit: the answer could not be read ({name}): {exc}")
 
 
 class FalClient:
@@ -144,16 +218,21 @@ class FalClient:
     ) -> None:
         self.close()
 
+    def scrub(self, value: Any) -> Any:
+        """``value`` (text, or JSON from fal) with the key masked wherever it appears."""
+        return redact_value(value, [self._key] if self._key else [])
+
     @contextmanager
-    def _scrubbed(self) -> Iterator[None]:
-        """Belt and braces: no error leaving the client may carry the key, whatever fal echoed."""
+    def scrubbed(self) -> Iterator[None]:
+        """No error leaving the client may carry the key, whatever fal echoed: its message and
+        its ``detail`` (a string, or FastAPI's list of field errors, walked recursively) are
+        scrubbed here, before any caller can store or print them."""
         try:
             yield
-        except ProviderError as err:
-            keys = [self._key] if self._key else []
-            err.args = tuple(redact_text(a, keys) if isinstance(a, str) else a for a in err.args)
-            if isinstance(err.detail, str):
-                err.detail = redact_text(err.detail, keys)
+        except WanbatchError as err:
+            err.args = tuple(self.scrub(a) for a in err.args)
+            if isinstance(err, ProviderError):
+                err.detail = self.scrub(err.detail)
             raise
 
     def handle(self, endpoint_id: str, request_id: str) -> RequestHandle:
@@ -183,14 +262,39 @@ class FalClient:
         headers = self._submit_headers(priority, start_timeout, store_io, object_lifecycle, extra_headers)
         url = f"{self.queue_url}/{endpoint_id.strip('/')}"
         params = {"fal_webhook": webhook_url} if webhook_url else None
-        with self._scrubbed():
+        progress = _SendProgress()
+        with self.scrubbed():
+            if self.http.is_closed:
+                raise SubmitNotSentError("fal submit: not sent, the HTTP client is closed")
             try:
-                response = self.http.post(url, json=dict(input), params=params, headers=headers)
-            except httpx.TransportError as exc:
-                raise translate_submit_transport(exc) from exc
+                request = self.http.build_request(
+                    "POST",
+                    url,
+                    json=dict(input),
+                    params=params,
+                    headers=headers,
+                    extensions={"trace": progress},
+                )
+            except Exception as exc:  # an input that is not JSON, a malformed URL: nothing left
+                raise SubmitNotSentError(
+                    f"fal submit: not sent, the request could not be built ({type(exc).__name__}: {exc})"
+                ) from exc
+            try:
+                response = self.http.send(request)
+            except Exception as exc:
+                raise _submit_failure(exc, progress) from exc
             if not response.is_success:
                 raise classify_submit(response)
-            return self._parse_submitted(endpoint_id, response)
+            try:
+                return self._parse_submitted(endpoint_id, response)
+            except WanbatchError:
+                raise
+            except Exception as exc:  # fal answered 2xx: whatever broke, it may be queued
+                raise AmbiguousSubmitError(
+                    f"fal submit: HTTP {response.status_code}, but the answer could not be read "
+                    f"({type(exc).__name__}); the request may be queued",
+                    status_code=response.status_code,
+                ) from exc
 
     @staticmethod
     def _submit_headers(
@@ -228,20 +332,31 @@ class FalClient:
                 status_code=response.status_code,
                 request_id=response.headers.get("x-fal-request-id"),
             )
-        derived = RequestHandle.from_request_id(self.queue_url, endpoint_id, request_id)
-        urls = {}
-        for name in ("status_url", "response_url", "cancel_url"):
-            value = body.get(name)
-            if isinstance(value, str) and value.startswith(("http://", "https://")):
-                self._auth.allow(value)  # fal told us where to poll: authenticate there
-                urls[name] = value
-            else:
-                urls[name] = getattr(derived, name)
+        if not valid_request_id(request_id):
+            raise AmbiguousSubmitError(
+                f"fal submit: HTTP {response.status_code} with a request id that cannot name a request "
+                "in a URL; the request may be queued",
+                status_code=response.status_code,
+            )
+        given = {name: body.get(name) for name in ("status_url", "response_url", "cancel_url")}
+        handle = RequestHandle.trusted(
+            self.queue_url,
+            endpoint_id,
+            request_id,
+            **{name: value if isinstance(value, str) else None for name, value in given.items()},
+        )
+        if any(isinstance(v, str) and v != getattr(handle, k) for k, v in given.items()):
+            log.warning(
+                "fal submit %s: the answer's status/result/cancel URLs are not under %s; using %s",
+                request_id,
+                self.queue_url,
+                handle.status_url,
+            )
         state = body.get("status", "IN_QUEUE")
         position = body.get("queue_position")
         gateway = body.get("gateway_request_id")
         return Submitted(
-            handle=RequestHandle(endpoint_id=endpoint_id, request_id=request_id, **urls),
+            handle=handle,
             status=state if state in QUEUE_STATES else "IN_QUEUE",
             queue_position=position if isinstance(position, int) else None,
             gateway_request_id=gateway if isinstance(gateway, str) else None,
@@ -252,7 +367,7 @@ class FalClient:
     def status(self, handle: HandleLike, *, logs: bool = False) -> Status:
         """One status poll (202 while queued/running, 200 when COMPLETED; parsed from the body)."""
         h = _handle(handle)
-        with self._scrubbed():
+        with self.scrubbed():
             response = self.send_idempotent(
                 "GET",
                 "status",
@@ -261,7 +376,7 @@ class FalClient:
                 should_retry=poll_should_retry,
                 classify=lambda r: classify_poll("status", r),
             )
-            return _parse_status(parse_body(response), h.request_id)
+            return _parse_status(self.scrub(json_body(response, "status")), h.request_id)
 
     def stream_status(self, handle: HandleLike, *, logs: bool = False) -> Iterator[Status]:
         """Statuses as fal pushes them over SSE, ending with (and including) COMPLETED.
@@ -270,7 +385,7 @@ class FalClient:
         """
         h = _handle(handle)
         url = f"{h.status_url.rstrip('/')}/stream"
-        with self._scrubbed():
+        with self.scrubbed():
             try:
                 with httpx_sse.connect_sse(
                     self.http, "GET", url, params={"logs": "1" if logs else "0"}
@@ -282,13 +397,12 @@ class FalClient:
                     for event in source.iter_sse():
                         if not event.data.strip():
                             continue
-                        try:
-                            body = json.loads(event.data)
-                        except ValueError as exc:
+                        body = load_json(event.data, "status stream")
+                        if body is None:
                             raise RetryableProviderError(
                                 "fal status stream: an event was not JSON", request_id=h.request_id
-                            ) from exc
-                        status = _parse_status(body, h.request_id)
+                            )
+                        status = _parse_status(self.scrub(body), h.request_id)
                         yield status
                         if status.completed:
                             return
@@ -312,7 +426,7 @@ class FalClient:
         model's replayed failure classified by ``error_type`` otherwise.
         """
         h = _handle(handle)
-        with self._scrubbed():
+        with self.scrubbed():
             response = self.send_idempotent(
                 "GET",
                 "result",
@@ -321,7 +435,7 @@ class FalClient:
                 should_retry=result_should_retry,
                 classify=classify_result,
             )
-            body = parse_body(response)
+            body = self.scrub(json_body(response, "result"))
             if not isinstance(body, dict):
                 raise RetryableProviderError(
                     f"fal result: HTTP {response.status_code} with a body that is not a JSON object",
@@ -335,7 +449,7 @@ class FalClient:
     def cancel(self, handle: HandleLike) -> CancelOutcome:
         """Ask fal to cancel. Free while IN_QUEUE; best effort once running. Not retried."""
         h = _handle(handle)
-        with self._scrubbed():
+        with self.scrubbed():
             try:
                 response = self.http.put(h.cancel_url)
             except httpx.TransportError as exc:
@@ -370,9 +484,23 @@ class FalClient:
     ) -> httpx.Response:
         """Send a request that is safe to repeat, with the bounded retry of :class:`RetryPolicy`.
 
-        Returns a 2xx response or raises the classified error of the last try. Only for calls
-        whose repetition cannot queue or bill anything twice (never the submit POST).
+        Returns a 2xx response or raises the classified error of the last try (scrubbed of the
+        key: storage uploads come through here too). Only for calls whose repetition cannot
+        queue or bill anything twice (never the submit POST).
         """
+        with self.scrubbed():
+            return self._send_with_retry(method, what, url, params, should_retry, classify, kwargs)
+
+    def _send_with_retry(
+        self,
+        method: str,
+        what: str,
+        url: str,
+        params: Mapping[str, str] | None,
+        should_retry: Callable[[httpx.Response], bool],
+        classify: Callable[[httpx.Response], ProviderError] | None,
+        kwargs: dict[str, Any],
+    ) -> httpx.Response:
         classify = classify or (lambda r: classify_poll(what, r))
         attempts = max(1, self.retry.attempts)
         last: ProviderError | None = None
@@ -403,13 +531,15 @@ class FalClient:
 
 
 def _parse_status(body: object, request_id: str) -> Status:
-    """A status body as a :class:`Status`. An unknown state is a plain :class:`ProviderError`:
-    neither "try again" nor "give up" is safe for a request that may be running and billed."""
+    """A status body as a :class:`Status`. A body that is not an object, or an unknown state, is
+    :class:`ProviderProtocolError`: neither "try again" nor "give up" is safe at once for a
+    request that may be running and billed, so the caller asks again a bounded number of times."""
     if not isinstance(body, dict):
-        raise RetryableProviderError("fal status: the body is not a JSON object", request_id=request_id)
+        raise ProviderProtocolError("fal status: the body is not a JSON object", request_id=request_id)
     state = body.get("status")
     if state not in QUEUE_STATES:
-        raise ProviderError(f"fal status: unknown status {state!r}", detail=body, request_id=request_id)
+        shown = repr(state) if len(repr(state)) <= 60 else repr(state)[:60] + "…"
+        raise ProviderProtocolError(f"fal status: unknown status {shown}", request_id=request_id)
     known: QueueState = state
     position = body.get("queue_position")
     logs = body.get("logs")

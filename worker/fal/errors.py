@@ -17,6 +17,14 @@ Decisions (documented here because the worker's state machine depends on them):
   what. The request may be queued and billed, so it is :class:`AmbiguousSubmitError`.
 * Result 404: the worker only asks for a result after COMPLETED, so a 404 means the result has
   expired (1 h, or 6 min for results ≥ 10 KB): :class:`ResultExpiredError`, final.
+* Result call vs. request: a 429/408/409 or a 5xx without an error type (a gateway's 502/503,
+  a server error that says nothing of the request) is a failure of the *call* — plain
+  :class:`RetryableProviderError`, meaning "ask for the result again". fal's own verdict that
+  the request failed transiently (an infrastructure ``error_type``, or ``X-Fal-Retryable:
+  true``) is :class:`RequestFailedError`, the only result error that may lead to a new (billed)
+  submission; a failed request's ``COMPLETED`` status also carries its error.
+* An answer fal's protocol cannot produce (nested deeper than :data:`MAX_JSON_DEPTH`, an unknown
+  status) is :class:`ProviderProtocolError`: asked again a bounded number of times by the caller.
 """
 
 from __future__ import annotations
@@ -86,15 +94,74 @@ class StartTimeoutError(FinalProviderError):
     """Our ``X-Fal-Request-Start-Timeout`` expired before a runner picked the request up."""
 
 
+class RequestFailedError(RetryableProviderError):
+    """fal's own verdict that the request failed in a way a new attempt may fix (an
+    infrastructure ``error_type``, a 5xx from fal's app). The only result error that may lead to
+    a new submission: a failure of the result *call* (network, gateway, 429) says nothing about
+    the request and is plain :class:`RetryableProviderError` — ask for the result again."""
+
+
+class ProviderProtocolError(ProviderError):
+    """fal answered with something its protocol cannot produce: an unknown status, a body nested
+    absurdly deep, a result whose ``video`` is not an object. Neither "retry" nor "give up" is
+    right at once: the caller asks again a bounded number of times, then fails the job."""
+
+
+#: fal's status and result bodies are a few levels deep; anything far deeper is not fal's, and
+#: would make json (and everything that walks the value later) recurse without bound.
+MAX_JSON_DEPTH = 64
+
+
 def parse_body(response: httpx.Response) -> Any:
-    """The JSON body, or ``None`` when it is not JSON (an nginx HTML page, an empty body).
+    """The JSON body, or ``None`` when it is not JSON (an nginx HTML page, an empty body) or is
+    nested deeper than :data:`MAX_JSON_DEPTH`. Never raises.
 
     Python's json parses integers exactly, so seeds above 2**53 survive.
     """
     try:
-        return json.loads(response.content)
+        return json_body(response, "answer")
+    except ProviderProtocolError:
+        return None
+
+
+def json_body(response: httpx.Response, what: str) -> Any:
+    """Like :func:`parse_body`, but a body nested too deep is :class:`ProviderProtocolError`
+    (it is JSON, just not an answer fal can give), while ``None`` still means "not JSON"."""
+    return load_json(response.content, what, status_code=response.status_code)
+
+
+def load_json(text: str | bytes, what: str, *, status_code: int | None = None) -> Any:
+    """Parse JSON from fal: ``None`` when it is not JSON, :class:`ProviderProtocolError` when it
+    nests more than :data:`MAX_JSON_DEPTH` levels (json itself would hit ``RecursionError``)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = _TOO_DEEP
     except (ValueError, UnicodeDecodeError):
         return None
+    if value is _TOO_DEEP or _deeper_than(value, MAX_JSON_DEPTH):
+        raise ProviderProtocolError(
+            f"fal {what}: the JSON body is nested more than {MAX_JSON_DEPTH} levels deep",
+            status_code=status_code,
+        )
+    return value
+
+
+_TOO_DEEP = object()
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists/objects more than ``limit`` levels (iteratively: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _short(text: str) -> str:
@@ -256,20 +323,25 @@ def classify_result(response: httpx.Response) -> ProviderError:
         and _NOT_READY.search(detail)
     ):
         return ResultNotReadyError(f"fal result not ready (HTTP {code}): {text}", **fields)
-    if code in TRANSIENT_CODES and error_type is None:
+    override = _retryable_header(response)
+    if error_type is None and override is None and (code in TRANSIENT_CODES or code >= 500):
+        # The result *call* failed (rate limit, gateway, a server error that does not say what
+        # became of the request): nothing is known about the request, so ask again. fal's own
+        # verdict carries an error type (https://fal.ai/docs/documentation/model-apis/request-errors),
+        # and a failed request's COMPLETED status carries its error.
+        where = "the gateway answered " if is_ingress_error(response) else ""
         return RetryableProviderError(
-            f"fal result: HTTP {code}: {text}", retry_after=_retry_after(response), **fields
+            f"fal result: {where}HTTP {code}: {text}", retry_after=_retry_after(response), **fields
         )
 
-    override = _retryable_header(response)
     if error_type in CANCELLED_ERROR_TYPES:
         cls: type[ProviderError] = RequestCancelledError
         message = f"fal request cancelled ({error_type}, HTTP {code}): {text}"
     elif error_type in RETRYABLE_ERROR_TYPES or (error_type or "").startswith("runner_"):
-        cls = RetryableProviderError
+        cls = RequestFailedError
         message = f"fal infrastructure failure ({error_type}, HTTP {code}), a new attempt may succeed: {text}"
-    elif error_type is None and code >= 500:
-        cls = RetryableProviderError
+    elif error_type is None and code >= 500:  # only with X-Fal-Retryable: fal's app speaking
+        cls = RequestFailedError
         message = f"fal model failed (HTTP {code}), server errors are not billed: {text}"
     elif code == 422:
         cls = FinalProviderError
@@ -279,12 +351,28 @@ def classify_result(response: httpx.Response) -> ProviderError:
         cls = FinalProviderError
         message = f"fal request failed ({kind}HTTP {code}): {text}"
     if override is True and not issubclass(cls, RetryableProviderError):
-        cls = RetryableProviderError
+        cls = RequestFailedError
         message += " [X-Fal-Retryable: true]"
     elif override is False and issubclass(cls, RetryableProviderError):
         cls = FinalProviderError
         message += " [X-Fal-Retryable: false]"
     return cls(message, **fields)
+
+
+def status_failure(error: str | None, error_type: str | None) -> ProviderError:
+    """fal's verdict from a ``COMPLETED`` status that carries ``error``/``error_type``, classified
+    as :func:`classify_result` would classify the replayed error: used when the result itself
+    (with the full detail) cannot be fetched. fal documents that such a request failed."""
+    text = _short(error or error_type or "no detail")
+    fields: dict[str, Any] = {"error_type": error_type, "detail": error}
+    if error_type in CANCELLED_ERROR_TYPES:
+        return RequestCancelledError(f"fal request cancelled ({error_type}): {text}", **fields)
+    if error_type in RETRYABLE_ERROR_TYPES or (error_type or "").startswith("runner_"):
+        return RequestFailedError(
+            f"fal infrastructure failure ({error_type}), a new attempt may succeed: {text}", **fields
+        )
+    kind = f" ({error_type})" if error_type else ""
+    return FinalProviderError(f"fal request failed{kind}: {text}", **fields)
 
 
 def translate_transport(what: str, exc: httpx.TransportError) -> RetryableProviderError | FinalProviderError:

@@ -27,19 +27,23 @@ class FalKeyAuth(httpx.Auth):
     """Adds ``Authorization: Key …`` only to requests for fal's own origins.
 
     Signed upload URLs and CDN downloads live on other hosts; they must never see the key. The
-    repr never shows the key.
+    origins are the configured queue and REST URLs, fixed at construction: nothing a provider
+    answers (a status URL on another host) can add one. The repr never shows the key.
     """
 
     def __init__(self, key: str | None, origins: Iterable[str]) -> None:
         self._key = key
-        self._origins = {origin(u) for u in origins}
+        self._origins = frozenset(origin(u) for u in origins)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(key={'set' if self._key else 'unset'}, origins={len(self._origins)})"
 
-    def allow(self, url: str) -> None:
-        """Also authenticate to ``url``'s origin (a status URL fal itself returned)."""
-        self._origins.add(origin(url))
+    def trusts(self, url: str | httpx.URL) -> bool:
+        """Whether ``url`` is on one of fal's configured origins (and so gets the key)."""
+        try:
+            return origin(url) in self._origins
+        except httpx.InvalidURL:
+            return False
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if self._key and origin(request.url) in self._origins:

@@ -6,15 +6,29 @@ API key) and rebuilt from a request id stored in the database after a worker res
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
+
 from jobs.endpoints.registry import app_base
+from worker.fal.http import origin
 
 QueueState = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
 QUEUE_STATES: tuple[QueueState, ...] = ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
+
+#: A request id we will put in a URL path. fal's are UUIDs (``80e732af-…``, see
+#: https://docs.fal.ai/model-endpoints/queue); this admits those and any other plain
+#: token, never a ``/``, ``..``, ``?`` or ``#`` that would point the URL somewhere else.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def valid_request_id(value: object) -> bool:
+    """Whether ``value`` can safely name a request in a queue URL."""
+    return isinstance(value, str) and REQUEST_ID_PATTERN.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +59,60 @@ class RequestHandle:
             response_url=base,
             cancel_url=f"{base}/cancel",
         )
+
+    @classmethod
+    def trusted(
+        cls,
+        queue_url: str,
+        endpoint_id: str,
+        request_id: str,
+        *,
+        status_url: str | None = None,
+        response_url: str | None = None,
+        cancel_url: str | None = None,
+    ) -> RequestHandle:
+        """The handle of a request, never pointing anywhere but the configured queue.
+
+        The URLs a submit answer (or an old database row) names are kept only when all three
+        are on the queue URL's origin (scheme, host, port), under its path, and end in
+        ``/requests/{request_id}`` (+ ``/status``, + ``/cancel``) — as fal's own answers do,
+        e.g. under the app root ``fal-ai/wan`` for ``fal-ai/wan/v2.6/…``. Otherwise they are
+        derived with :meth:`from_request_id`. The client sends the key with status, result and
+        cancel calls, so a URL on another host must never be followed.
+        """
+        if (
+            status_url
+            and response_url
+            and cancel_url
+            and _on_queue(status_url, queue_url, request_id, "/status")
+            and _on_queue(response_url, queue_url, request_id, "")
+            and _on_queue(cancel_url, queue_url, request_id, "/cancel")
+        ):
+            return cls(endpoint_id, request_id, status_url, response_url, cancel_url)
+        return cls.from_request_id(queue_url, endpoint_id, request_id)
+
+
+def _on_queue(url: str | None, queue_url: str, request_id: str, suffix: str) -> bool:
+    """Whether ``url`` is ``{queue_url}/…/requests/{request_id}{suffix}`` on the queue's origin."""
+    if not url or not valid_request_id(request_id):
+        return False
+    try:
+        parsed, queue = httpx.URL(url), httpx.URL(queue_url)
+        same_origin = origin(parsed) == origin(queue)
+    except (httpx.InvalidURL, TypeError):
+        return False
+    path = parsed.raw_path.decode("ascii", "replace")
+    prefix = queue.raw_path.decode("ascii", "replace").rstrip("/") + "/"
+    return (
+        same_origin
+        and not parsed.userinfo
+        and not parsed.query
+        and not parsed.fragment
+        and "/../" not in path + "/"
+        and "/./" not in path + "/"
+        and path.startswith(prefix)
+        and path.endswith(f"/requests/{request_id}{suffix}")
+    )
 
 
 @dataclass(frozen=True, slots=True)

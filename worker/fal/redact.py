@@ -38,11 +38,59 @@ _previous_factory: Callable[..., logging.LogRecord] | None = None
 
 
 def redact_text(text: str, keys: Iterable[str] = ()) -> str:
-    """``text`` with every given key and every Authorization value replaced by ``***``."""
+    """``text`` with every given key and every Authorization value replaced by ``***``.
+
+    A key cut short where the text was shortened (at its end or at a ``…``) is masked too: an
+    error message trimmed to 300 characters must not keep the first half of the secret.
+    """
     for key in sorted({k for k in (*keys, *_keys) if k}, key=len, reverse=True):
-        text = text.replace(key, MASK)
+        text = _mask_cut_key(text.replace(key, MASK), key)
     text = _AUTH_VALUE.sub(lambda m: f"{m.group('head')}{m.group('scheme')} {MASK}", text)
     return _KEY_SHAPE.sub(lambda m: f"{m.group('scheme')} {MASK}", text)
+
+
+#: A key's prefix this long, right where a text was cut, is taken for the cut key.
+_CUT_KEY_MIN = 8
+
+
+def _mask_cut_key(text: str, key: str) -> str:
+    """Mask a prefix of ``key`` that ends the text or stands right before an ellipsis."""
+    if len(key) <= _CUT_KEY_MIN:
+        return text  # a cut this short says too little to be told from ordinary text
+    cuts = [i for i, ch in enumerate(text) if ch == "…"] + [len(text)]
+    for cut in reversed(cuts):  # right to left, so earlier positions stay valid
+        for n in range(min(len(key) - 1, cut), _CUT_KEY_MIN - 1, -1):
+            if text[cut - n : cut] == key[:n]:
+                text = text[: cut - n] + MASK + text[cut:]
+                break
+    return text
+
+
+#: Deeper than this, a provider's JSON is replaced rather than walked (no recursion bomb).
+_MAX_DEPTH = 100
+
+
+def redact_value(value: Any, keys: Iterable[str] = (), *, _depth: int = 0) -> Any:
+    """``value`` with every string inside it redacted, walking dicts, lists and tuples.
+
+    For what a provider sent back (an error ``detail`` list, a status or result body) before
+    any of it is stored: a key echoed three levels down is still the key.
+    """
+    if isinstance(value, str):
+        return redact_text(value, keys)
+    if _depth >= _MAX_DEPTH and isinstance(value, dict | list | tuple):
+        return "[nested too deep]"
+    keys = tuple(keys)
+    if isinstance(value, dict):
+        return {
+            redact_value(k, keys, _depth=_depth + 1): redact_value(v, keys, _depth=_depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact_value(v, keys, _depth=_depth + 1) for v in value]
+    if isinstance(value, tuple):
+        return tuple(redact_value(v, keys, _depth=_depth + 1) for v in value)
+    return value
 
 
 class KeyRedactionFilter(logging.Filter):

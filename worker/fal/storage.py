@@ -9,9 +9,11 @@ module only offers the seam (:class:`MediaPreparer` takes lookup/record callback
 SHA-256) so it stays free of SQL.
 
 Downloads are written so a crash can never leave a half file under the final name: stream to a
-temp file beside the destination, hash while streaming, fsync, ``os.replace``. Only http(s) URLs
-are fetched, redirects are followed by hand with every hop re-checked, and an optional host
-allow-list (``*.fal.media``) narrows it further (SSRF, reliability-notes §5.3).
+temp file of its own beside the destination, hash while streaming, fsync, ``os.replace``. Only
+http(s) URLs are fetched, redirects are followed by hand with every hop re-checked, and
+:class:`DownloadPolicy` refuses internal addresses (loopback, private, link-local, …) at connect
+time unless the host is a configured fal host or allow-listed (SSRF). The body must be a video
+container, and one attempt may take at most ``total_timeout`` seconds.
 
 Size-mismatch policy: the output was already paid for, so a size that differs from fal's
 ``file_size`` (announced by ``Content-Length`` or counted while streaming) raises
@@ -25,22 +27,27 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import ipaddress
 import mimetypes
 import os
 import re
+import socket
 import tempfile
 import threading
-from collections.abc import Callable, Collection, Iterable, Mapping
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+import httpcore
 import httpx
 
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
 from worker.fal.client import FalClient
-from worker.fal.errors import DownloadIntegrityError, classify_poll, translate_transport
+from worker.fal.errors import DownloadIntegrityError, classify_poll, parse_body, translate_transport
 from worker.fal.models import DownloadResult
+from worker.outputs import OutputWriteError
 
 STORAGE_TYPE = "fal-cdn-v3"
 _CHUNK = 1024 * 1024
@@ -74,29 +81,33 @@ class FalStorage:
         """Upload bytes (or a file's bytes) and return the public ``file_url`` fal serves them at.
 
         Both steps are safe to repeat (an upload is never billed as a job), so they get the
-        client's bounded retry.
+        client's bounded retry. Every error is scrubbed of the key by the client, whatever the
+        storage API echoed (the job's error is stored and exported).
         """
         payload = data.read_bytes() if isinstance(data, Path) else data
         name = file_name or (data.name if isinstance(data, Path) else "upload.bin")
-        initiate = self._client.send_idempotent(
-            "POST",
-            "upload initiate",
-            f"{self._client.rest_url}/storage/upload/initiate",
-            params={"storage_type": STORAGE_TYPE},
-            json={"file_name": name, "content_type": content_type},
-        )
-        body = initiate.json()
-        upload_url = body.get("upload_url") if isinstance(body, dict) else None
-        file_url = body.get("file_url") if isinstance(body, dict) else None
-        if not isinstance(upload_url, str) or not isinstance(file_url, str):
-            raise RetryableProviderError(
-                "fal upload initiate: the answer lacks upload_url/file_url", status_code=initiate.status_code
+        with self._client.scrubbed():
+            initiate = self._client.send_idempotent(
+                "POST",
+                "upload initiate",
+                f"{self._client.rest_url}/storage/upload/initiate",
+                params={"storage_type": STORAGE_TYPE},
+                json={"file_name": name, "content_type": content_type},
             )
-        _check_url(upload_url)
-        self._client.send_idempotent(
-            "PUT", "upload", upload_url, content=payload, headers={"Content-Type": content_type}
-        )
-        return file_url
+            body = parse_body(initiate)
+            upload_url = body.get("upload_url") if isinstance(body, dict) else None
+            file_url = body.get("file_url") if isinstance(body, dict) else None
+            if not isinstance(upload_url, str) or not isinstance(file_url, str):
+                raise RetryableProviderError(
+                    "fal upload initiate: the answer lacks upload_url/file_url",
+                    status_code=initiate.status_code,
+                )
+            _check_url(upload_url)
+            _check_url(file_url)  # it goes into the job's input: fal must be able to fetch it
+            self._client.send_idempotent(
+                "PUT", "upload", upload_url, content=payload, headers={"Content-Type": content_type}
+            )
+            return file_url
 
 
 def to_data_uri(data: bytes, mime: str) -> str:
@@ -163,6 +174,14 @@ class MediaPreparer:
         resolved = path.resolve()
         if self.root is not None and not resolved.is_relative_to(self.root.resolve()):
             raise UsageError(f"media file {value!r} is outside the manifest folder {str(self.root)!r}")
+        if resolved != path:
+            # The manifest stored this path fully resolved, after confining it to an allowed
+            # folder (jobs.media.resolve_local). Leading elsewhere now means a symlink appeared
+            # since then, and it could point anywhere: refuse rather than read it.
+            raise UsageError(
+                f"media file {value!r} now leads to {str(resolved)!r} (a symlink appeared after "
+                "validation); not sent"
+            )
         if not resolved.is_file():
             raise UsageError(f"media file {value!r} does not exist")
         data = resolved.read_bytes()
@@ -198,11 +217,17 @@ def prepare_input(
 
 # -------------------------------------------------------------------------------------- download
 
+#: What a video container starts with: an ISO-BMFF box (MP4/MOV: ``ftyp`` first, or a QuickTime
+#: ``moov``/``mdat``/``wide``/``free`` box) at offset 4, or the EBML magic of WebM/Matroska.
+_BMFF_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"})
+_EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+_SNIFF_BYTES = 16
+
 
 def _host_allowed(host: str, allowed: Collection[str]) -> bool:
     host = host.lower().rstrip(".")
     for pattern in allowed:
-        pattern = pattern.lower()
+        pattern = pattern.lower().rstrip(".")
         if pattern.startswith("*."):
             if host.endswith(pattern[1:]):
                 return True
@@ -211,8 +236,184 @@ def _host_allowed(host: str, allowed: Collection[str]) -> bool:
     return False
 
 
-def _check_url(url: str, allowed_hosts: Collection[str] | None = None) -> httpx.URL:
-    """Refuse anything but plain http(s) URLs (no ``file:``, no credentials), optionally allow-listed."""
+def internal_address_kind(address: str) -> str | None:
+    """Why ``address`` is not a public internet address (``"loopback"``, ``"private"``, …), or None.
+
+    IPv4-mapped and 6to4 IPv6 addresses are judged by the IPv4 address they carry, so
+    ``::ffff:127.0.0.1`` is loopback too.
+    """
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is not None:
+            ip = embedded
+    checks = (
+        ("unspecified", ip.is_unspecified),
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("private", ip.is_private),
+        ("reserved", ip.is_reserved),
+    )
+    for kind, hit in checks:
+        if hit:
+            return kind
+    return None if ip.is_global else "non-public"
+
+
+def _ip_literal(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host.strip("[]").split("%", 1)[0]))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class DownloadPolicy:
+    """Where an output may be fetched from: the SSRF guard of every download (each redirect hop too).
+
+    * ``trusted_hosts`` (the hosts of the configured fal URLs) are always allowed, whatever
+      address they resolve to: that is how a simulator or a proxy on 127.0.0.1 keeps working.
+    * ``allowed_hosts`` (``WANBATCH_DOWNLOAD_ALLOWED_HOSTS``, ``*.fal.media`` style wildcards):
+      when set, only these and the trusted hosts are fetched from, and they too may resolve to
+      any address. When unset, any other host is fetched from only if *every* address it
+      resolves to is a public one: loopback, private, link-local, multicast, reserved and
+      unspecified addresses are refused (a result URL such as ``http://169.254.169.254/…`` must
+      not make a worker read cloud credentials into an ``.mp4``).
+
+    The check runs when the connection is opened (:func:`guarded_client`), on the addresses the
+    socket then connects to, so a name that resolves to a public address for the check and to an
+    internal one for the connection (DNS rebinding) gains nothing.
+    """
+
+    trusted_hosts: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] | None = None
+
+    @classmethod
+    def for_urls(cls, fal_urls: Iterable[str], allowed_hosts: Iterable[str] | None) -> DownloadPolicy:
+        """The policy of a worker: the fal URLs' hosts trusted, plus the configured allow-list."""
+        hosts = []
+        for url in fal_urls:
+            with contextlib.suppress(httpx.InvalidURL):
+                if host := httpx.URL(url).host:
+                    hosts.append(host.lower())
+        return cls(tuple(hosts), None if allowed_hosts is None else tuple(allowed_hosts))
+
+    def listed(self, host: str) -> bool:
+        """Whether ``host`` is a fal host or on the allow-list (then any address is fine)."""
+        return _host_allowed(host, self.trusted_hosts) or (
+            self.allowed_hosts is not None and _host_allowed(host, self.allowed_hosts)
+        )
+
+    def check_host(self, host: str) -> None:
+        """Refuse a host the allow-list leaves out, or a literal internal address (no DNS needed)."""
+        if self.listed(host):
+            return
+        if self.allowed_hosts is not None:
+            raise FinalProviderError(
+                f"refusing to fetch from host {host!r}: not in the allow-list "
+                "(WANBATCH_DOWNLOAD_ALLOWED_HOSTS)"
+            )
+        literal = _ip_literal(host)
+        if literal is not None:
+            self._refuse_internal(host, [literal])
+
+    def addresses(self, host: str, port: int) -> list[str]:
+        """The addresses to connect to for ``host``, each checked; refuses if any is internal.
+
+        Every address is checked, not just the first: a name with one public and one internal
+        address would otherwise reach the internal one whenever the public one is down.
+        """
+        self.check_host(host)
+        try:
+            infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host!r}: {exc}") from exc
+        found = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not found:
+            raise httpcore.ConnectError(f"cannot resolve {host!r}: no address")
+        if not self.listed(host):
+            self._refuse_internal(host, found)
+        return found
+
+    @staticmethod
+    def _refuse_internal(host: str, addresses: list[str]) -> None:
+        for address in addresses:
+            kind = internal_address_kind(address)
+            if kind is not None:
+                shown = host if host == address else f"{host} ({address})"
+                raise FinalProviderError(
+                    f"refusing to fetch from {shown}: a {kind} address; list the host in "
+                    "WANBATCH_DOWNLOAD_ALLOWED_HOSTS to allow it"
+                )
+
+
+class _GuardedBackend(httpcore.NetworkBackend):
+    """httpcore's socket backend, connecting only to addresses the policy checked (no rebinding)."""
+
+    def __init__(self, policy: DownloadPolicy) -> None:
+        self._policy = policy
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        last: Exception | None = None
+        for address in self._policy.addresses(host, port):
+            try:
+                # TLS still verifies the certificate against ``host`` (httpcore passes the
+                # origin's host name as SNI / server_hostname), only the socket uses the address.
+                return self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        raise FinalProviderError("refusing to download over a unix socket")
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class _GuardedTransport(httpx.HTTPTransport):
+    """httpx's transport over :class:`_GuardedBackend` (the pool is rebuilt with that backend;
+    httpx has no public parameter for it)."""
+
+    def __init__(self, policy: DownloadPolicy) -> None:
+        super().__init__()
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(), network_backend=_GuardedBackend(policy)
+        )
+
+
+def guarded_client(
+    policy: DownloadPolicy,
+    timeout: httpx.Timeout,
+    event_hooks: Mapping[str, list[Callable[..., Any]]] | None = None,
+) -> httpx.Client:
+    """A client for downloads that connects only where ``policy`` allows, directly.
+
+    Proxy variables are ignored (``trust_env=False``): through a proxy the name would be
+    resolved, and the address reached, by the proxy, beyond the reach of the check.
+    """
+    return httpx.Client(
+        transport=_GuardedTransport(policy),
+        timeout=timeout,
+        trust_env=False,
+        event_hooks=dict(event_hooks or {}),
+    )
+
+
+def _check_url(url: str, policy: DownloadPolicy | None = None) -> httpx.URL:
+    """Refuse anything but plain http(s) URLs (no ``file:``, no credentials), then apply ``policy``."""
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
@@ -221,9 +422,20 @@ def _check_url(url: str, allowed_hosts: Collection[str] | None = None) -> httpx.
         raise FinalProviderError(f"refusing to fetch a {parsed.scheme or 'scheme-less'} URL")
     if parsed.userinfo:
         raise FinalProviderError("refusing a URL with embedded credentials")
-    if allowed_hosts is not None and not _host_allowed(parsed.host, allowed_hosts):
-        raise FinalProviderError(f"refusing to fetch from host {parsed.host!r} (not in the allow-list)")
+    if policy is not None:
+        policy.check_host(parsed.host)
     return parsed
+
+
+def is_video_container(head: bytes) -> bool:
+    """Whether the first bytes of a file are those of an MP4/MOV or WebM/Matroska container."""
+    return head[4:8] in _BMFF_BOXES or head.startswith(_EBML_MAGIC)
+
+
+def _check_video(head: bytes) -> None:
+    if not is_video_container(head):
+        shown = head[:_SNIFF_BYTES].decode("latin-1").encode("unicode_escape").decode("ascii")
+        raise FinalProviderError(f"the output is not a video (it starts with {shown!r})")
 
 
 def _download_error(response: httpx.Response) -> ProviderError:
@@ -236,6 +448,23 @@ def _download_error(response: httpx.Response) -> ProviderError:
     return error
 
 
+@contextlib.contextmanager
+def _writing(what: str, path: Path) -> Iterator[None]:
+    """Turn a local OSError into :class:`OutputWriteError` naming the file and the reason."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputWriteError(f"could not {what} {path}: {reason}") from exc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` unbuffered: every chunk reaches the file (and its mtime) at once."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def download(
     url: str,
     dest: Path,
@@ -245,36 +474,69 @@ def download(
     client: httpx.Client | None = None,
     timeout: httpx.Timeout | None = None,
     allowed_hosts: Collection[str] | None = None,
+    policy: DownloadPolicy | None = None,
     max_redirects: int = 3,
+    total_timeout: float | None = None,
+    progress: Callable[[int], None] | None = None,
+    expect_video: bool = False,
+    temp_tag: str | None = None,
 ) -> DownloadResult:
     """Fetch ``url`` into ``dest`` atomically and return its size and SHA-256.
 
-    ``client`` should not carry the fal key (CDN hosts never need it); by default a plain client
-    with ``timeout`` (or 10 s connect / 60 s read) is used and closed.
+    ``policy`` (or just ``allowed_hosts``, a strict allow-list) decides where the URL and each
+    redirect may lead. Without ``client``, a :func:`guarded_client` for that policy is used and
+    closed; a caller's own ``client`` gets the URL-level checks only (allow-list, literal
+    addresses), so pass a guarded one. ``total_timeout`` bounds the whole attempt in seconds
+    (checked as bytes arrive, so a stalled read still ends after the read timeout);
+    ``progress(bytes_so_far)`` is called as the body streams and may raise to abort (e.g. when
+    the caller lost its lease). ``expect_video`` refuses a body that is not a video container.
+
+    Each call writes its own uniquely named ``.{dest.name}.[{temp_tag}-]*.part`` file beside
+    ``dest`` and removes it on any failure. A local write failure is :class:`OutputWriteError`.
     """
-    current = _check_url(url, allowed_hosts)
+    if policy is None:
+        policy = DownloadPolicy(allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts))
+    current = _check_url(url, policy)
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    own = client is None
-    http = client or httpx.Client(timeout=timeout or httpx.Timeout(60.0, connect=10.0))
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    with _writing("create the folder", dest.parent):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    with _writing("create a temporary file in", dest.parent):
+        prefix = f".{dest.name}.{temp_tag}-" if temp_tag else f".{dest.name}."
+        fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
+    own = client is None
+    http = client or guarded_client(policy, timeout or httpx.Timeout(60.0, connect=10.0))
+    deadline = None if total_timeout is None else time.monotonic() + total_timeout
+
+    def write(chunk: bytes) -> None:
+        with _writing("write", tmp):
+            _write_all(fd, chunk)
+
     try:
-        with os.fdopen(fd, "wb") as fh:
+        try:
             digest, size = _stream_into(
-                http, current, fh, expected_size, max_bytes, allowed_hosts, max_redirects
+                http,
+                current,
+                write,
+                _Limits(expected_size, max_bytes, max_redirects, deadline, total_timeout, expect_video),
+                policy,
+                progress,
             )
-            fh.flush()
-            os.fsync(fh.fileno())
+            with _writing("write", tmp):
+                os.fsync(fd)
+        finally:
+            with _writing("close", tmp):
+                os.close(fd)
         if expected_size is not None and size != expected_size:
             raise DownloadIntegrityError(
                 f"download truncated or padded: got {size} bytes, expected {expected_size}"
             )
-        tmp.replace(dest)
+        with _writing("rename the download to", dest):
+            tmp.replace(dest)
         _fsync_dir(dest.parent)
         return DownloadResult(path=dest, sha256=digest, size=size)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
         raise
     finally:
@@ -282,50 +544,100 @@ def download(
             http.close()
 
 
+@dataclass(frozen=True)
+class _Limits:
+    expected_size: int | None
+    max_bytes: int
+    max_redirects: int
+    deadline: float | None
+    total_timeout: float | None
+    expect_video: bool
+
+    def check_time(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise RetryableProviderError(
+                f"download took longer than {self.total_timeout:g} s (WANBATCH_DOWNLOAD_TIMEOUT)"
+            )
+
+
 def _stream_into(
     http: httpx.Client,
     url: httpx.URL,
-    fh: IO[bytes],
-    expected_size: int | None,
-    max_bytes: int,
-    allowed_hosts: Collection[str] | None,
-    max_redirects: int,
+    write: Callable[[bytes], None],
+    limits: _Limits,
+    policy: DownloadPolicy,
+    progress: Callable[[int], None] | None,
 ) -> tuple[str, int]:
-    for _hop in range(max_redirects + 1):
+    for _hop in range(limits.max_redirects + 1):
+        limits.check_time()
         try:
-            with http.stream("GET", url, follow_redirects=False) as response:
+            # identity: the size fal announces and the cap apply to the bytes on the wire too
+            with http.stream(
+                "GET", url, follow_redirects=False, headers={"Accept-Encoding": "identity"}
+            ) as response:
                 if response.is_redirect:
                     location = response.headers.get("location", "")
-                    url = _check_url(str(url.join(location)), allowed_hosts)
+                    url = _check_url(str(url.join(location)), policy)
                     continue
                 if not response.is_success:
                     response.read()
                     raise _download_error(response)
-                announced = _content_length(response)
-                if announced is not None:
-                    if announced > max_bytes:
-                        raise FinalProviderError(
-                            f"download refused: {announced} bytes is over the {max_bytes} cap"
-                        )
-                    if expected_size is not None and announced != expected_size:
-                        raise DownloadIntegrityError(
-                            f"download size mismatch: the server has {announced} bytes, "
-                            f"fal described {expected_size}"
-                        )
-                hasher = hashlib.sha256()
-                size = 0
-                for chunk in response.iter_bytes(_CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise FinalProviderError(f"download aborted: more than the {max_bytes}-byte cap")
-                    hasher.update(chunk)
-                    fh.write(chunk)
-                return hasher.hexdigest(), size
+                mismatch = _check_announced(response, limits)
+                return _consume(response, write, limits, progress, mismatch)
         except httpx.TransportError as exc:
             raise translate_transport("download", exc) from exc
         except httpx.HTTPError as exc:  # decoding and stream errors: the bytes were not right
             raise RetryableProviderError(f"download failed ({type(exc).__name__})") from exc
-    raise FinalProviderError(f"download refused: more than {max_redirects} redirects")
+    raise FinalProviderError(f"download refused: more than {limits.max_redirects} redirects")
+
+
+def _check_announced(response: httpx.Response, limits: _Limits) -> DownloadIntegrityError | None:
+    """Refuse an announced size over the cap at once; return (not raise) a size fal did not
+    describe, so that a body that is not a video at all is reported as that first."""
+    announced = _content_length(response)
+    if announced is None:
+        return None
+    if announced > limits.max_bytes:
+        raise FinalProviderError(f"download refused: {announced} bytes is over the {limits.max_bytes} cap")
+    if limits.expected_size is not None and announced != limits.expected_size:
+        return DownloadIntegrityError(
+            f"download size mismatch: the server has {announced} bytes, fal described {limits.expected_size}"
+        )
+    return None
+
+
+def _consume(
+    response: httpx.Response,
+    write: Callable[[bytes], None],
+    limits: _Limits,
+    progress: Callable[[int], None] | None,
+    mismatch: DownloadIntegrityError | None,
+) -> tuple[str, int]:
+    hasher = hashlib.sha256()
+    size = 0
+    head = b""
+    if mismatch is not None and not limits.expect_video:
+        raise mismatch
+    for chunk in response.iter_bytes():  # as it arrives: the clock and the lease are checked often
+        size += len(chunk)
+        if size > limits.max_bytes:
+            raise FinalProviderError(f"download aborted: more than the {limits.max_bytes}-byte cap")
+        if limits.expect_video and len(head) < _SNIFF_BYTES:
+            head += chunk[: _SNIFF_BYTES - len(head)]
+            if len(head) >= _SNIFF_BYTES:
+                _check_video(head)  # an HTML error page is refused before it is all read
+                if mismatch is not None:
+                    raise mismatch
+        hasher.update(chunk)
+        write(chunk)
+        limits.check_time()
+        if progress is not None:
+            progress(size)
+    if limits.expect_video and len(head) < _SNIFF_BYTES:
+        _check_video(head)
+        if mismatch is not None:
+            raise mismatch
+    return hasher.hexdigest(), size
 
 
 def _content_length(response: httpx.Response) -> int | None:

@@ -33,7 +33,12 @@ DOWNLOAD_QUEUE = "download-queue"
 
 def worker_identity() -> str:
     """``host:pid:thread``: who holds a lease, for the event log and for fencing."""
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
+    return f"{process_identity()}{threading.get_ident() % 100000}"
+
+
+def process_identity() -> str:
+    """``host:pid:``, the prefix of every lease owner of this process (to give them all back)."""
+    return f"{socket.gethostname()}:{os.getpid()}:"
 
 
 class RateBucket:
@@ -74,6 +79,13 @@ class Runtime:
     owner: str = field(default_factory=worker_identity)
     bucket: RateBucket | None = None
     limiter: SubmitLimiter | None = None
+    #: The batches this runtime works on; None = every batch (a distributed worker serves all).
+    #: An embedded ``run`` sets its own batch: it must never send, download or cancel the jobs of
+    #: another batch that was only submitted (issue #9: a 3-job run spent $180 on someone
+    #: else's 120k-job batch). Bookkeeping that keeps the *global* outstanding cap truthful —
+    #: status checks of requests already at fal, recovering expired submit leases — still
+    #: covers every batch (see :func:`worker.steps.poll.poll`, :func:`worker.steps.reconcile.reconcile`).
+    batch_ids: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if self.bucket is None:
@@ -84,9 +96,24 @@ class Runtime:
     def lease_until(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.settings.lease_seconds)
 
+    def in_scope(self, batch_id: str) -> bool:
+        """Whether this runtime works on ``batch_id`` (always, without a scope)."""
+        return self.batch_ids is None or batch_id in self.batch_ids
+
 
 def handle_of(job: Job, queue_url: str) -> RequestHandle:
+    """The request handle of a job at fal, on the configured queue only.
+
+    Stored URLs are used only when they are on ``queue_url``'s origin and name this request
+    (:meth:`RequestHandle.trusted`); a row written before that rule, with URLs a provider
+    pointed elsewhere, is followed on the queue instead: status, result and cancel carry the key.
+    """
     assert job.request_id is not None
-    if job.status_url and job.response_url and job.cancel_url:
-        return RequestHandle(job.endpoint, job.request_id, job.status_url, job.response_url, job.cancel_url)
-    return RequestHandle.from_request_id(queue_url, job.endpoint, job.request_id)
+    return RequestHandle.trusted(
+        queue_url,
+        job.endpoint,
+        job.request_id,
+        status_url=job.status_url,
+        response_url=job.response_url,
+        cancel_url=job.cancel_url,
+    )

@@ -22,6 +22,8 @@ def dispatch(rt: Runtime) -> list[str]:
 
     The budget is checked in the same transaction that claims: a job's estimate counts as
     reserved from the moment it is ``submitting``, so the cap holds even with many in flight.
+    Only jobs of ``rt.batch_ids`` are claimed, but the outstanding caps count every batch's
+    requests at fal for the key: the account's limit is global.
     """
     now = utcnow()
     sent: list[str] = []
@@ -108,6 +110,7 @@ def _claim_within_caps(session: Any, rt: Runtime, free: int, now: datetime, key_
         "owner": rt.owner,
         "lease_seconds": rt.settings.lease_seconds,
         "active_batches_only": True,
+        "batch_ids": rt.batch_ids,  # only the runtime's own batches; the caps count every batch
     }
     caps = rt.settings.max_outstanding_per_endpoint
     if not caps:

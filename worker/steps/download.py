@@ -1,29 +1,72 @@
 """Download: fetch a completed job's result, then its video, then write the sidecar and
-finish. A failed download is retried; a paid output is never regenerated."""
+finish. A paid output is never regenerated.
+
+What a failure leads to, by where it happened:
+
+* fal's own verdict on the request — ``COMPLETED`` with ``error``/``error_type``, or the result's
+  ``{detail, error_type}`` body — follows the usual retry classification: only a transient
+  failure fal reports (:class:`~worker.fal.errors.RequestFailedError`) submits again.
+* The result *call* failing (network, gateway 502/503/504, 429, a body that is not JSON) says
+  nothing about the request: ask again with backoff while fal keeps the result (1 h after
+  completion), then fail with the billed cost. Never a new submission.
+* A malformed answer (:class:`~worker.fal.errors.ProviderProtocolError`): asked again at most
+  ``WANBATCH_DOWNLOAD_ATTEMPTS`` times, then the job fails with the reason and the billed cost.
+* The video download: retried ``WANBATCH_DOWNLOAD_ATTEMPTS`` times; a refused host, a body that
+  is not a video or an expired file fails at once. One attempt lasts at most
+  ``WANBATCH_DOWNLOAD_TIMEOUT`` seconds and renews the job's lease while bytes arrive.
+* Writing the output here (disk full, read-only folder): the job fails with the reason.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from datetime import timedelta
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy.orm import Session
 
 from jobs import billing, store
 from jobs.errors import (
+    AccountLockedError,
     FinalProviderError,
     ProviderError,
     RetryableProviderError,
+    StateConflict,
 )
 from jobs.models import Job, utcnow
+from jobs.settings import Settings
 from worker import chaos, outputs
-from worker.fal.errors import ResultNotReadyError
+from worker.fal.errors import (
+    ProviderProtocolError,
+    RequestFailedError,
+    ResultNotReadyError,
+    status_failure,
+)
+from worker.fal.models import RequestHandle
+from worker.fal.storage import DownloadPolicy, guarded_client
 from worker.fal.storage import download as download_file
+from worker.outputs import OutputWriteError
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of
-from worker.steps.failures import backoff, billed, cost_of_failure, describe, retry_or_fail
+from worker.steps.failures import (
+    backoff,
+    billed,
+    cost_of_failure,
+    describe,
+    pause_for_account,
+    retry_or_fail,
+)
 
 log = logging.getLogger(__name__)
+
+#: How long fal keeps a completed request's result: 1 h, or 6 min for results of 10 KB or more,
+#: longer with payload storage (https://fal.ai/docs/inference-api/queue/result). A Wan result is
+#: a few hundred bytes; past the hour a result call can only answer 404, so asking stops there.
+RESULT_RETENTION = timedelta(hours=1)
 
 
 def schedule_downloads(rt: Runtime, limit: int = 200) -> list[str]:
@@ -37,6 +80,7 @@ def schedule_downloads(rt: Runtime, limit: int = 200) -> list[str]:
             now=now,
             owner=DOWNLOAD_QUEUE,
             lease_seconds=rt.settings.lease_seconds,
+            batch_ids=rt.batch_ids,  # an embedded run downloads its own batch only
         )
         ids = [j.id for j in jobs]
     for job_id in ids:
@@ -44,8 +88,108 @@ def schedule_downloads(rt: Runtime, limit: int = 200) -> list[str]:
     return ids
 
 
+@dataclass(frozen=True)
+class _Claim:
+    """What the download step read when it took the job's lease."""
+
+    version: int
+    handle: RequestHandle
+    output: dict[str, Any] | None
+    item_index: int
+    batch_id: str
+    batch_name: str
+    failures: int
+    completed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class _Video:
+    """The parts of fal's result the download needs, checked (see :func:`parse_result`)."""
+
+    url: str
+    file_size: int | None
+    seed: int | None
+    actual_prompt: str | None
+
+
+def parse_result(output: object) -> _Video:
+    """The video reference of a Wan result, or :class:`ProviderProtocolError` naming what is wrong.
+
+    fal's Wan endpoints answer ``{"video": {"url", "content_type", "file_name", "file_size"},
+    "seed": int, "actual_prompt"?: str}`` (https://fal.ai/models/fal-ai/wan-i2v/api). Anything
+    else is refused here, before it is stored (a JSON object in the text column ``actual_prompt``
+    would fail every later write of the job).
+    """
+    if not isinstance(output, dict):
+        raise ProviderProtocolError("fal result: the body is not a JSON object")
+    video = output.get("video")
+    if not isinstance(video, dict):
+        got = "missing" if video is None else f"a {type(video).__name__}"
+        raise ProviderProtocolError(f"fal result: 'video' is {got}, not an object")
+    url = video.get("url")
+    if not isinstance(url, str) or not url:
+        raise ProviderProtocolError("fal result: the video has no URL")
+    prompt = output.get("actual_prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ProviderProtocolError(f"fal result: 'actual_prompt' is a {type(prompt).__name__}, not text")
+    size, seed = video.get("file_size"), output.get("seed")
+    return _Video(
+        url=url,
+        file_size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
+        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        actual_prompt=prompt,
+    )
+
+
 def download(rt: Runtime, job_id: str) -> str:
-    """Fetch the result and the video of a completed job; never causes a re-generation."""
+    """Fetch the result and the video of a completed job; never causes a re-generation.
+
+    Returns what happened (``succeeded``, ``failed``, ``retry``, ``result-retry``,
+    ``download-retry``, ``not-ready``, ``paused``, ``busy``, ``skipped``, ``lost-lease``), for
+    logs and tests.
+    """
+    claim = _claim(rt, job_id)
+    if isinstance(claim, str):
+        return claim
+    try:
+        if claim.output is None:
+            output = rt.client.result(claim.handle)
+            video = parse_result(output)
+            with store.session_scope(rt.engine) as session:
+                if not store.update_job_fields(
+                    session, job_id, expected_version=claim.version, provider_output=output,
+                    seed=video.seed, actual_prompt=video.actual_prompt,
+                    download_attempts=0,  # the video gets its own budget of tries
+                ):  # fmt: skip
+                    return "lost-lease"
+            claim = replace(claim, failures=0)
+        else:
+            video = parse_result(claim.output)
+    except ResultNotReadyError:
+        with store.session_scope(rt.engine) as session:
+            store.release_lease(
+                session, job_id, expected_version=claim.version,
+                next_attempt_at=utcnow() + timedelta(seconds=rt.settings.poll_min_interval),
+            )  # fmt: skip
+        return "not-ready"
+    except AccountLockedError as exc:
+        # The account, not the request: the result waits at fal; pause the batch, ask again later.
+        with store.session_scope(rt.engine) as session:
+            reason = pause_for_account(session, claim.batch_id, exc)
+            store.release_lease(
+                session, job_id, expected_version=claim.version,
+                next_attempt_at=utcnow() + timedelta(seconds=rt.settings.poll_max_interval),
+            )  # fmt: skip
+        log.warning("job %s: result refused for the account; batch paused: %s", job_id, reason)
+        return "paused"
+    except (RequestFailedError, FinalProviderError) as exc:
+        return _fal_verdict(rt, job_id, claim, exc)
+    except ProviderError as exc:
+        return _result_unavailable(rt, job_id, claim, exc)
+    return _fetch_video(rt, job_id, claim, video)
+
+
+def _claim(rt: Runtime, job_id: str) -> _Claim | str:
     now = utcnow()
     with store.session_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
@@ -56,7 +200,7 @@ def download(rt: Runtime, job_id: str) -> str:
             and job.lease_expires_at
             and job.lease_expires_at > now
         ):
-            return "busy"  # another worker holds it
+            return "busy"  # another worker holds it (and renews it while its download progresses)
         taken = store.take_lease(
             session,
             job_id,
@@ -68,120 +212,239 @@ def download(rt: Runtime, job_id: str) -> str:
         if taken is None:
             return "lost-lease"
         batch = store.get_batch(session, job.batch_id)
-        version = taken
-        handle = handle_of(job, rt.settings.fal_queue_url)
-        output = job.provider_output
-        item_index, batch_name = job.item_index, batch.name
-        download_failures = job.download_attempts
-
-    if output is None:
-        try:
-            output = rt.client.result(handle)
-        except FinalProviderError as exc:
-            with store.session_scope(rt.engine) as session:
-                job = store.get_job(session, job_id)
-                store.transition(
-                    session, job_id, S.DOWNLOADING, S.FAILED, expected_version=version,
-                    reason=describe(exc), worker=rt.owner, error=describe(exc), error_type=exc.error_type,
-                    **cost_of_failure(job, exc),
-                )  # fmt: skip
-            return "failed"
-        except RetryableProviderError as exc:
-            with store.session_scope(rt.engine) as session:
-                job = store.get_job(session, job_id)
-                if isinstance(exc, ResultNotReadyError):
-                    store.release_lease(
-                        session, job_id, expected_version=version,
-                        next_attempt_at=utcnow() + timedelta(seconds=rt.settings.poll_min_interval),
-                    )  # fmt: skip
-                    return "not-ready"
-                # The model failed in a way fal calls transient: a new attempt is a new request.
-                retry_or_fail(
-                    session,
-                    rt,
-                    job,
-                    S.DOWNLOADING,
-                    version,
-                    exc,
-                    utcnow(),
-                    **cost_of_failure(job, exc),
-                )
-            return "retry"
-        with store.session_scope(rt.engine) as session:
-            seed = output.get("seed")
-            if not store.update_job_fields(
-                session,
-                job_id,
-                expected_version=version,
-                provider_output=output,
-                seed=int(seed) if isinstance(seed, int) else None,
-                actual_prompt=output.get("actual_prompt"),
-            ):
-                return "lost-lease"
-
-    video = output.get("video") or {}
-    url = video.get("url")
-    if not isinstance(url, str):
-        with store.session_scope(rt.engine) as session:
-            store.transition(
-                session, job_id, S.DOWNLOADING, S.FAILED, expected_version=version,
-                reason="result has no video url", worker=rt.owner,
-                error="the provider's result has no video URL", error_type="bad_result",
-            )  # fmt: skip
-        return "failed"
-    dest = outputs.video_path(rt.settings.output_dir, batch_name, item_index, job_id)
-    outputs.remove_stale_partials(dest)  # left by a worker killed mid-download; we hold the lease now
-    try:
-        result = download_file(
-            url,
-            dest,
-            expected_size=video.get("file_size") if isinstance(video.get("file_size"), int) else None,
-            max_bytes=rt.settings.download_max_bytes,
-            timeout=httpx.Timeout(rt.settings.read_timeout, connect=rt.settings.connect_timeout),
-            client=chaos.download_client(httpx.Timeout(rt.settings.read_timeout)),
-            allowed_hosts=rt.settings.download_allowed_hosts,
+        return _Claim(
+            version=taken,
+            handle=handle_of(job, rt.settings.fal_queue_url),
+            output=job.provider_output,
+            item_index=job.item_index,
+            batch_id=job.batch_id,
+            batch_name=batch.name,
+            failures=job.download_attempts,
+            completed_at=job.completed_at,
         )
+
+
+def _status_verdict(session: Session, job_id: str) -> ProviderError | None:
+    """fal's error from the ``COMPLETED`` status that moved the job to ``downloading`` (poll
+    records ``error``/``error_type`` on that event), or None when fal reported none."""
+    entered = next(
+        (e for e in reversed(store.job_events(session, job_id)) if e.to_state == S.DOWNLOADING), None
+    )
+    details = entered.details if entered is not None else None
+    if not isinstance(details, dict):
+        return None
+    error, error_type = details.get("error"), details.get("error_type")
+    if not error and not error_type:
+        return None
+    return status_failure(
+        error if isinstance(error, str) else None, error_type if isinstance(error_type, str) else None
+    )
+
+
+def _fal_verdict(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError) -> str:
+    """fal itself said the request failed: the usual retry classification (a new attempt is a
+    new request, and only a :class:`RequestFailedError` gets one)."""
+    with store.session_scope(rt.engine) as session:
+        job = store.get_job(session, job_id)
+        if isinstance(exc, RetryableProviderError):
+            retry_or_fail(
+                session, rt, job, S.DOWNLOADING, claim.version, exc, utcnow(),
+                download_attempts=0, **cost_of_failure(job, exc),
+            )  # fmt: skip
+            return "retry"
+        store.transition(
+            session, job_id, S.DOWNLOADING, S.FAILED, expected_version=claim.version,
+            reason=describe(exc), worker=rt.owner, error=describe(exc), error_type=exc.error_type,
+            **cost_of_failure(job, exc),
+        )  # fmt: skip
+    return "failed"
+
+
+def _result_unavailable(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError) -> str:
+    """The result call failed, or answered something malformed: ask again later, never resubmit.
+
+    fal said COMPLETED, so the video exists and is billed. A transport or gateway failure of the
+    call is retried while fal keeps the result (:data:`RESULT_RETENTION` after completion); a
+    malformed answer at most ``WANBATCH_DOWNLOAD_ATTEMPTS`` times. Then the job fails with the
+    reason and the billed cost. When the status already carried fal's error, that verdict
+    decides at once (the result would only have added detail).
+    """
+    with store.session_scope(rt.engine) as session:
+        verdict = _status_verdict(session, job_id)
+    if verdict is not None:
+        return _fal_verdict(rt, job_id, claim, verdict)
+    failures = claim.failures + 1
+    now = utcnow()
+    protocol = not isinstance(exc, RetryableProviderError)
+    past_retention = claim.completed_at is not None and now >= claim.completed_at + RESULT_RETENTION
+    exhausted = failures >= rt.settings.download_attempts and (protocol or claim.completed_at is None)
+    with store.session_scope(rt.engine) as session:
+        if past_retention or exhausted:
+            why = "fal no longer keeps the result" if past_retention and not exhausted else "giving up"
+            reason = f"could not get fal's result ({failures} tries, {why}): {describe(exc)}"
+            job = store.get_job(session, job_id)
+            store.transition(
+                session, job_id, S.DOWNLOADING, S.FAILED, expected_version=claim.version,
+                reason=reason, worker=rt.owner, error=reason,
+                error_type="provider_protocol_error" if protocol else "result_unavailable",
+                download_attempts=failures, provider_output=None,
+                # COMPLETED without an error: fal made (and billed) the video we could not get
+                **billed(job, billing.Outcome.SUCCEEDED),
+            )  # fmt: skip
+            return "failed"
+        delay = backoff(rt.settings, failures)
+        if isinstance(exc, RetryableProviderError) and exc.retry_after:
+            delay = max(delay, exc.retry_after)
+        log.info("job %s: result not fetched (%s); asking again in %.0fs", job_id, exc, delay)
+        store.update_job_fields(
+            session, job_id, expected_version=claim.version, download_attempts=failures,
+            provider_output=None, lease_owner=None, lease_expires_at=None,
+            next_attempt_at=now + timedelta(seconds=delay),
+        )  # fmt: skip
+    return "result-retry"
+
+
+class _LeaseKeeper:
+    """Renews the job's lease while its video streams in (called for every chunk, writes at most
+    every third of the lease). Without it a download longer than ``WANBATCH_LEASE_SECONDS`` was
+    taken over by a second task mid-stream. A renewal that finds the lease gone (fenced by the
+    version) raises :class:`StateConflict`, which aborts this download: someone else owns it."""
+
+    def __init__(self, rt: Runtime, job_id: str, version: int) -> None:
+        self._rt, self._job_id, self._version = rt, job_id, version
+        self._every = rt.settings.lease_seconds / 3
+        self._last = time.monotonic()
+
+    def __call__(self, _bytes_so_far: int) -> None:
+        if time.monotonic() - self._last < self._every:
+            return
+        self._last = time.monotonic()
+        with store.session_scope(self._rt.engine) as session:
+            kept = store.extend_lease(
+                session, self._job_id, owner=self._rt.owner, expected_version=self._version,
+                now=utcnow(), lease_seconds=self._rt.settings.lease_seconds,
+            )  # fmt: skip
+        if not kept:
+            raise StateConflict(f"job {self._job_id}: the lease was lost during the download")
+
+
+def _mid_download(_response: httpx.Response) -> None:
+    chaos.crash_point("mid_download")  # headers in, temporary file created, body not yet read
+
+
+def download_policy(settings: Settings) -> DownloadPolicy:
+    """Where this deployment's outputs may come from (the fal URLs' hosts are always allowed)."""
+    return DownloadPolicy.for_urls(
+        [settings.fal_queue_url, settings.fal_rest_url], settings.download_allowed_hosts
+    )
+
+
+def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
+    settings = rt.settings
+    policy = download_policy(settings)
+    client = guarded_client(
+        policy,
+        httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
+        event_hooks={"response": [_mid_download]},
+    )
+    try:
+        dest = outputs.video_path(settings.output_dir, claim.batch_name, claim.item_index, job_id)
+        try:
+            # debris of attempts that are over: never the file of a download that holds the job
+            outputs.remove_stale_partials(dest, older_than=settings.lease_seconds, version=claim.version)
+        except OSError as exc:
+            raise OutputWriteError(f"could not clean up {dest.parent}: {exc.strerror or exc}") from exc
+        result = download_file(
+            video.url,
+            dest,
+            expected_size=video.file_size,
+            max_bytes=settings.download_max_bytes,
+            client=client,
+            policy=policy,
+            total_timeout=settings.download_timeout,
+            progress=_LeaseKeeper(rt, job_id, claim.version),
+            expect_video=True,
+            temp_tag=outputs.partial_tag(claim.version),
+        )
+    except StateConflict:
+        return "lost-lease"
+    except OutputWriteError as exc:
+        return _write_failed(rt, job_id, claim, exc)
     except ProviderError as exc:
-        failures = download_failures + 1
-        with store.session_scope(rt.engine) as session:
-            # A final error (the file expired, the host is not allowed) cannot heal: fail now.
-            if isinstance(exc, FinalProviderError) or failures >= rt.settings.download_attempts:
-                job = store.get_job(session, job_id)
-                store.transition(
-                    session, job_id, S.DOWNLOADING, S.FAILED, expected_version=version,
-                    reason=f"download failed {failures} time(s): {exc}", worker=rt.owner,
-                    error=f"download failed {failures} time(s): {exc}", error_type="download_failed",
-                    download_attempts=failures,
-                    # fal produced (and billed) the output even though we could not fetch it
-                    **billed(job, billing.Outcome.SUCCEEDED),
-                )  # fmt: skip
-                return "failed"
-            store.update_job_fields(
-                session,
-                job_id,
-                expected_version=version,
-                download_attempts=failures,
-                lease_owner=None,
-                lease_expires_at=None,
-                next_attempt_at=utcnow() + timedelta(seconds=backoff(rt.settings, failures)),
-            )
-        return "download-retry"
+        return _download_failed(rt, job_id, claim, exc)
+    finally:
+        client.close()
 
     chaos.crash_point("after_download")
     with store.session_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
         cost = billed(job, billing.Outcome.SUCCEEDED)
         sidecar = sidecar_record(
-            job, batch_name, result.path, result.sha256, result.size, rt.settings.output_dir, cost
+            job, claim.batch_name, result.path, result.sha256, result.size, settings.output_dir, cost
         )
+    try:
         outputs.write_json_atomic(outputs.sidecar_path(result.path), sidecar)
+    except OSError as exc:
+        # a video without its sidecar is not an output: remove it (no half-finished outputs)
+        with contextlib.suppress(OSError):
+            result.path.unlink()
+        error = OutputWriteError(
+            f"could not write {outputs.sidecar_path(result.path)}: {exc.strerror or exc}"
+        )
+        return _write_failed(rt, job_id, claim, error)
+    with store.session_scope(rt.engine) as session:
         store.transition(
-            session, job_id, S.DOWNLOADING, S.SUCCEEDED, expected_version=version,
+            session, job_id, S.DOWNLOADING, S.SUCCEEDED, expected_version=claim.version,
             reason="downloaded", worker=rt.owner,
             output_path=str(result.path), output_sha256=result.sha256, output_bytes=result.size,
             error=None, error_type=None, **cost,
         )  # fmt: skip
     return "succeeded"
+
+
+def _download_failed(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError) -> str:
+    """The video could not be fetched: try again later, or fail (final error or out of tries)."""
+    failures = claim.failures + 1
+    with store.session_scope(rt.engine) as session:
+        # A final error (the file expired, the host is refused, not a video) cannot heal: fail now.
+        if isinstance(exc, FinalProviderError) or failures >= rt.settings.download_attempts:
+            job = store.get_job(session, job_id)
+            store.transition(
+                session, job_id, S.DOWNLOADING, S.FAILED, expected_version=claim.version,
+                reason=f"download failed {failures} time(s): {exc}", worker=rt.owner,
+                error=f"download failed {failures} time(s): {exc}", error_type="download_failed",
+                download_attempts=failures,
+                # fal produced (and billed) the output even though we could not fetch it
+                **billed(job, billing.Outcome.SUCCEEDED),
+            )  # fmt: skip
+            return "failed"
+        store.update_job_fields(
+            session,
+            job_id,
+            expected_version=claim.version,
+            download_attempts=failures,
+            lease_owner=None,
+            lease_expires_at=None,
+            next_attempt_at=utcnow() + timedelta(seconds=backoff(rt.settings, failures)),
+        )
+    return "download-retry"
+
+
+def _write_failed(rt: Runtime, job_id: str, claim: _Claim, exc: OutputWriteError) -> str:
+    """The output could not be written here (disk full, read-only folder): fail with the reason.
+
+    Asking fal again cannot help and retrying would fill the disk again; the video was made, so
+    the job carries its billed cost.
+    """
+    reason = f"output not saved: {exc}"
+    with store.session_scope(rt.engine) as session:
+        job = store.get_job(session, job_id)
+        store.transition(
+            session, job_id, S.DOWNLOADING, S.FAILED, expected_version=claim.version,
+            reason=reason, worker=rt.owner, error=reason, error_type="output_write_failed",
+            **billed(job, billing.Outcome.SUCCEEDED),
+        )  # fmt: skip
+    return "failed"
 
 
 def sidecar_record(

@@ -8,17 +8,23 @@ from datetime import datetime, timedelta
 
 from jobs import billing, store
 from jobs.errors import (
+    AccountLockedError,
     FinalProviderError,
     ProviderError,
+    WanbatchError,
 )
 from jobs.models import utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
-from worker.fal.models import Status
+from worker.fal.errors import ProviderProtocolError
+from worker.fal.models import RequestHandle, Status
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of
-from worker.steps.failures import billed, describe
+from worker.steps.failures import billed, describe, pause_for_account
 
 log = logging.getLogger(__name__)
+
+#: Malformed status answers for one request before its job fails (instead of polling forever).
+PROTOCOL_ERROR_LIMIT = 5
 
 
 def _next_poll(settings: Settings, submitted_at: datetime | None, now: datetime) -> datetime:
@@ -29,7 +35,14 @@ def _next_poll(settings: Settings, submitted_at: datetime | None, now: datetime)
 
 
 def poll(rt: Runtime, limit: int = 200) -> int:
-    """Ask fal for the status of every due in-flight job; returns how many status calls were made."""
+    """Ask fal for the status of every due in-flight job; returns how many status calls were made.
+
+    Every batch's, even with a batch scope (``rt.batch_ids``): a status call costs nothing, and
+    the outstanding cap counts every request at fal for the key, so requests another batch left
+    at fal (an interrupted run) must still be seen to finish or they would hold the cap forever.
+    Only the scope's completed jobs are downloaded here; another batch's wait, unleased, in
+    ``downloading`` for a run of that batch (or a worker).
+    """
     now = utcnow()
     with store.session_scope(rt.engine) as session:
         due = store.claim_jobs(
@@ -43,11 +56,27 @@ def poll(rt: Runtime, limit: int = 200) -> int:
         snapshot = [
             (j.id, j.version, j.state, handle_of(j, rt.settings.fal_queue_url), j.submitted_at) for j in due
         ]
+        elsewhere = {j.id for j in due if not rt.in_scope(j.batch_id)}
+        batch_of = {j.id: j.batch_id for j in due}
     calls = 0
     for job_id, version, state, handle, submitted_at in snapshot:
         calls += 1
         try:
             status = rt.client.status(handle)
+        except AccountLockedError as exc:
+            # The account, not the request: pause the batch, keep the job, and ask again later —
+            # the request is still at fal, running and billed, whatever our key's state.
+            log.warning("job %s: status refused for the account (%s); batch paused", job_id, exc)
+            with store.session_scope(rt.engine) as session:
+                pause_for_account(session, batch_of[job_id], exc)
+                store.release_lease(
+                    session, job_id, expected_version=version,
+                    next_attempt_at=utcnow() + timedelta(seconds=rt.settings.poll_max_interval),
+                )  # fmt: skip
+            continue
+        except ProviderProtocolError as exc:
+            _protocol_error(rt, job_id, version, state, handle, submitted_at, exc)
+            continue
         except FinalProviderError as exc:
             with store.session_scope(rt.engine) as session:
                 store.transition(
@@ -64,8 +93,48 @@ def poll(rt: Runtime, limit: int = 200) -> int:
                     next_attempt_at=_next_poll(rt.settings, submitted_at, utcnow()),
                 )  # fmt: skip
             continue
-        _apply_status(rt, job_id, version, state, status, submitted_at)
+        _apply_status(rt, job_id, version, state, status, submitted_at, download=job_id not in elsewhere)
     return calls
+
+
+def _protocol_error(
+    rt: Runtime,
+    job_id: str,
+    version: int,
+    state: JobState,
+    handle: RequestHandle,
+    submitted_at: datetime | None,
+    exc: ProviderProtocolError,
+) -> None:
+    """A status answer fal's protocol cannot produce (unknown state, not an object, nested
+    absurdly deep): ask again, counting them in ``download_attempts`` (unused before download);
+    after :data:`PROTOCOL_ERROR_LIMIT` the job fails with the reason instead of being polled
+    forever, and fal is asked to cancel the request (best effort: it may run and bill anyway)."""
+    with store.session_scope(rt.engine) as session:
+        job = store.get_job(session, job_id)
+        count = job.download_attempts + 1
+        if count < PROTOCOL_ERROR_LIMIT:
+            log.warning("job %s: malformed status answer %d (%s); will ask again", job_id, count, exc)
+            store.update_job_fields(
+                session, job_id, expected_version=version, download_attempts=count,
+                lease_owner=None, lease_expires_at=None,
+                next_attempt_at=_next_poll(rt.settings, submitted_at, utcnow()),
+            )  # fmt: skip
+            return
+    try:
+        rt.client.cancel(handle)
+    except WanbatchError as cancel_error:
+        log.info("job %s: cancel after malformed status answers failed: %s", job_id, cancel_error)
+    reason = f"fal's status answers broke its protocol {count} times: {exc}"
+    # Billed as a cancel: a request that was running has used GPU time; a queued one has not.
+    outcome = billing.Outcome.CANCELLED_IN_QUEUE if state == S.QUEUED else billing.Outcome.CANCELLED_RUNNING
+    with store.session_scope(rt.engine) as session:
+        job = store.get_job(session, job_id)
+        store.transition(
+            session, job_id, state, S.FAILED, expected_version=version, reason=reason, worker=rt.owner,
+            error=reason, error_type="provider_protocol_error", download_attempts=count,
+            **billed(job, outcome),
+        )  # fmt: skip
 
 
 def _cancel_outcome(status: Status) -> billing.Outcome:
@@ -76,7 +145,14 @@ def _cancel_outcome(status: Status) -> billing.Outcome:
 
 
 def _apply_status(
-    rt: Runtime, job_id: str, version: int, state: JobState, status: Status, submitted_at: datetime | None
+    rt: Runtime,
+    job_id: str,
+    version: int,
+    state: JobState,
+    status: Status,
+    submitted_at: datetime | None,
+    *,
+    download: bool = True,
 ) -> None:
     now = utcnow()
     with store.session_scope(rt.engine) as session:
@@ -95,9 +171,13 @@ def _apply_status(
                 session, job_id, state, S.DOWNLOADING, expected_version=version,
                 reason="completed at fal" + (f" with error {status.error_type}" if status.failed else ""),
                 worker=rt.owner, completed_at=now, provider_metrics=status.metrics or None,
-                lease_owner=DOWNLOAD_QUEUE, lease_expires_at=rt.lease_until(now),
+                # fal's verdict, for the download step should the result itself be unobtainable
+                details={"error": status.error, "error_type": status.error_type} if status.failed else None,
+                download_attempts=0,  # malformed-answer count of the polling: the download starts afresh
+                lease_owner=DOWNLOAD_QUEUE if download else None,
+                lease_expires_at=rt.lease_until(now) if download else None,
             )  # fmt: skip
-            if moved:
+            if moved and download:
                 session.commit()
                 rt.enqueue_download(job_id)
             return

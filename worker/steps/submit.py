@@ -2,7 +2,8 @@
 
 The exact input is recorded and committed before the POST; the POST is never retried; a lost
 answer makes the job ``submit_unknown``; an accepted request id is recorded even through a
-database outage, because only this process knows it."""
+database outage, because only this process knows it. A failure before the request left this
+process is not ambiguous: the job goes back to ``pending`` (or fails with the reason)."""
 
 from __future__ import annotations
 
@@ -25,19 +26,22 @@ from jobs.errors import (
     RetryableProviderError,
     UsageError,
 )
-from jobs.models import BatchState, utcnow
+from jobs.models import utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
 from worker import chaos
+from worker.fal.client import SubmitNotSentError
 from worker.fal.storage import prepare_input
 from worker.limits import LimiterUnavailableError, wait_for_token
 from worker.steps.context import Runtime, S
-from worker.steps.failures import describe, retry_or_fail
+from worker.steps.failures import describe, give_back, mark_submit_unknown, pause_for_account, retry_or_fail
 
 log = logging.getLogger(__name__)
 
 #: How long a job given back for lack of a limiter waits before it is dispatched again.
 LIMITER_DOWN_RETRY_SECONDS = 5.0
+#: How long a job whose POST failed inside this process (never sent) waits before it is tried again.
+NOT_SENT_RETRY_SECONDS = 30.0
 
 
 def _take_submit_token(rt: Runtime, endpoint: str) -> tuple[str, float] | None:
@@ -74,17 +78,23 @@ def submit(rt: Runtime, job_id: str) -> str:
         if job.state != S.SUBMITTING or job.submitted_input is not None:
             return "skipped"  # a duplicate message, or another worker already began this POST
         endpoint, raw_input, version, attempt = job.endpoint, dict(job.input), job.version, job.attempts
+        batch_id = job.batch_id
 
     spec = get_endpoint(endpoint)
     try:
         to_send = prepare_input(raw_input, [f.name for f in spec.media_fields], preparer=rt.media)
-    except UsageError as exc:  # a local file vanished or changed since validation
+    except (UsageError, OSError) as exc:  # a local file vanished, changed or became unreadable
         with store.session_scope(rt.engine) as session:
             store.transition(
                 session, job_id, S.SUBMITTING, S.FAILED, expected_version=version,
                 reason=str(exc), worker=rt.owner, error=str(exc), error_type="input_file",
             )  # fmt: skip
         return "media-failed"
+    except AccountLockedError as exc:  # the upload was refused for the account: pause, as a submit would
+        with store.session_scope(rt.engine) as session:
+            reason = pause_for_account(session, batch_id, exc)
+            give_back(session, rt, job_id, version, f"batch paused: {reason}", 0.0)
+        return "account-locked"
     except ProviderError as exc:
         with store.session_scope(rt.engine) as session:
             job = store.get_job(session, job_id)
@@ -96,6 +106,15 @@ def submit(rt: Runtime, job_id: str) -> str:
                     reason=describe(exc), worker=rt.owner, error=describe(exc), error_type=exc.error_type,
                 )  # fmt: skip
         return "media-failed"
+    except Exception as exc:  # our own side failed (a closed client, a bug): nothing was sent
+        log.exception("job %s: preparing the input failed; giving it back", job_id)
+        why = rt.client.scrub(f"not sent: preparing the input failed: {exc!r}")
+        with store.session_scope(rt.engine) as session:
+            give_back(
+                session, rt, job_id, version, why, NOT_SENT_RETRY_SECONDS, error=why, error_type="not_sent",
+            )  # fmt: skip
+        return "not-sent"
+    webhook = webhook_for(rt.settings, job_id, attempt)  # before the lease: a bad URL must not strand the job
 
     # The global submit rate, taken right before the POST (every worker shares it). Before
     # take_lease on purpose: a worker that dies while waiting leaves a job that is plainly
@@ -104,12 +123,7 @@ def submit(rt: Runtime, job_id: str) -> str:
     if held_back is not None:
         reason, delay = held_back
         with store.session_scope(rt.engine) as session:
-            job = store.get_job(session, job_id)
-            store.transition(
-                session, job_id, S.SUBMITTING, S.PENDING, expected_version=version,
-                reason=reason, worker=rt.owner, attempts=max(0, job.attempts - 1),
-                lease_owner=None, lease_expires_at=None, next_attempt_at=utcnow() + timedelta(seconds=delay),
-            )  # fmt: skip
+            give_back(session, rt, job_id, version, reason, delay)
         return "rate-limited"
 
     # Record what we are about to send, and that the POST may go out, before it does: if this
@@ -131,33 +145,24 @@ def submit(rt: Runtime, job_id: str) -> str:
 
     chaos.crash_point("before_post")
     try:
-        submitted = rt.client.submit(endpoint, to_send, webhook_url=webhook_for(rt.settings, job_id, attempt))
+        submitted = rt.client.submit(endpoint, to_send, webhook_url=webhook)
+    except (SubmitNotSentError, UsageError) as exc:
+        # Failed inside this process before the request was written: fal cannot have it.
+        log.error("job %s: not sent (%s); giving it back", job_id, exc)
+        with store.session_scope(rt.engine) as session:
+            give_back(
+                session, rt, job_id, version, f"not sent: {exc}", NOT_SENT_RETRY_SECONDS,
+                error=f"not sent: {exc}", error_type="not_sent",
+            )  # fmt: skip
+        return "not-sent"
     except AmbiguousSubmitError as exc:
         with store.session_scope(rt.engine) as session:
-            store.transition(
-                session,
-                job_id,
-                S.SUBMITTING,
-                S.SUBMIT_UNKNOWN,
-                expected_version=version,
-                reason=f"submit outcome unknown: {exc}",
-                worker=rt.owner,
-                error=f"submission outcome unknown: {exc}",
-                error_type="submit_unknown",
-                next_attempt_at=utcnow() + timedelta(seconds=rt.settings.submit_unknown_deadline),
-                lease_owner=None,
-                lease_expires_at=None,
-            )
+            mark_submit_unknown(session, rt, job_id, version, str(exc))
         return "ambiguous"
     except AccountLockedError as exc:
         with store.session_scope(rt.engine) as session:
-            job = store.get_job(session, job_id)
-            store.set_batch_state(session, job.batch_id, BatchState.PAUSED, reason=describe(exc))
-            store.transition(
-                session, job_id, S.SUBMITTING, S.PENDING, expected_version=version,
-                reason=f"batch paused: {describe(exc)}", worker=rt.owner,
-                attempts=max(0, job.attempts - 1), lease_owner=None, lease_expires_at=None,
-            )  # fmt: skip
+            reason = pause_for_account(session, batch_id, exc)
+            give_back(session, rt, job_id, version, f"batch paused: {reason}", 0.0)
         return "account-locked"
     except RetryableProviderError as exc:
         with store.session_scope(rt.engine) as session:

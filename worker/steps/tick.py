@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 from worker.steps.context import Runtime
@@ -24,11 +25,22 @@ class TickReport:
     downloads: int = 0
 
 
-def tick(rt: Runtime) -> TickReport:
-    """One round of periodic work: reconcile, poll, dispatch, schedule downloads."""
+def tick(rt: Runtime, stopping: threading.Event | None = None) -> TickReport:
+    """One round of periodic work: reconcile, poll, dispatch, schedule downloads.
+
+    ``stopping`` is checked between steps: once it is set (Ctrl-C) the round ends without
+    claiming anything more, even when a slow status call kept it busy meanwhile.
+    """
     report = TickReport()
+
+    def go_on() -> bool:
+        return stopping is None or not stopping.is_set()
+
     report.reconciled = reconcile(rt) + cancel_jobs_of_cancelled_batches(rt)
-    report.status_calls = poll(rt)
-    report.dispatched = len(dispatch(rt))
-    report.downloads = len(schedule_downloads(rt))
+    if go_on():
+        report.status_calls = poll(rt)
+    if go_on():
+        report.dispatched = len(dispatch(rt))
+    if go_on():
+        report.downloads = len(schedule_downloads(rt))
     return report

@@ -1,0 +1,158 @@
+"""A broker that cannot be reached, or one no worker listens on: say so within seconds (issue #9).
+
+Before, `run` with WANBATCH_BROKER_URL pointing at a dead broker, or at a live one with no
+`wanbatch worker`, waited silently forever. Now an unreachable broker is a usage error (exit 2,
+one line, nothing submitted), and a broker without workers gets a warning that repeats while
+`run` keeps waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from e2e_helpers import MakeManifest, Wb, counts
+from sqlalchemy.exc import OperationalError
+
+from worker.simulator.server import SimulatorHandle
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) leaves the repo root off the path
+    sys.path.insert(0, str(ROOT))
+
+# The Celery app is built once per process from the environment of its first import. Import it
+# now, at collection, so that it is not first imported inside a test that points
+# WANBATCH_BROKER_URL at a dead broker (every later embedded run of the session would use it).
+import worker.tasks  # noqa: E402, F401
+from bench.distributed import claimed_redis_db, wanbatch_command  # noqa: E402
+
+#: Nothing listens on port 1 of the loopback: a refused connection, at once.
+DEAD_BROKER = "redis://127.0.0.1:1/0"
+
+SMALL = """name: broker-check
+endpoint: fal-ai/wan-22
+items:
+  - prompt: one
+  - prompt: two
+"""
+
+
+def _stored(db: str) -> tuple[int, int]:
+    """(batches, jobs) in the database; (0, 0) when it was never even created."""
+    try:
+        return counts(db)
+    except OperationalError:
+        return 0, 0
+
+
+def _one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["run", "rerun"])
+def test_an_unreachable_broker_is_one_line_and_exit_2(
+    command: str,
+    wb: Wb,
+    sim: SimulatorHandle,
+    manifest: MakeManifest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = manifest("small", SMALL)
+    if command == "rerun":
+        assert wb("run", path, "--json", "--no-progress").code == 0  # embedded: a batch to rerun
+    db = os.environ["WANBATCH_DATABASE_URL"]
+    before = _stored(db)
+    accepted = sim.ledger()["accepted"]
+    monkeypatch.setenv("WANBATCH_BROKER_URL", DEAD_BROKER)
+
+    started = time.monotonic()
+    result = wb(command, path if command == "run" else "broker-check", "--no-progress")
+    took = time.monotonic() - started
+
+    assert result.code == 2
+    assert took < 10
+    line = _one_line(result.stderr)
+    assert "cannot reach the broker at redis://127.0.0.1:1/0" in line
+    assert "WANBATCH_BROKER_URL" in line
+    assert "Traceback" not in result.stderr + result.stdout
+    assert _stored(db) == before  # nothing stored
+    assert sim.ledger()["accepted"] == accepted  # nothing sent
+
+
+def test_the_broker_password_is_not_printed(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANBATCH_BROKER_URL", "redis://:hunter2-secret@127.0.0.1:1/0")
+    result = wb("run", manifest("small", SMALL), "--no-progress")
+    assert result.code == 2
+    assert "hunter2-secret" not in result.stderr + result.stdout
+    assert "redis://:**@127.0.0.1:1/0" in result.stderr
+
+
+def test_a_json_run_with_an_unreachable_broker_prints_one_object(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANBATCH_BROKER_URL", DEAD_BROKER)
+    result = wb("run", manifest("small", SMALL), "--json")
+    assert result.code == 2
+    report = result.json()
+    assert report["ok"] is False
+    assert "cannot reach the broker" in report["error"]
+
+
+def test_cancel_records_the_cancel_and_warns_when_the_broker_is_down(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert wb("submit", manifest("small", SMALL), "--json").code == 0
+    monkeypatch.setenv("WANBATCH_BROKER_URL", DEAD_BROKER)
+    result = wb("cancel", "broker-check", "--json")
+    assert result.code == 0  # the cancel is recorded; the workers carry it out when they run
+    assert "cannot reach the broker" in result.stderr
+    assert result.json()["state"] == "cancelled"
+
+
+def test_a_live_broker_without_workers_gets_a_warning_and_run_keeps_waiting(
+    redis_url: str, sim: SimulatorHandle, manifest: MakeManifest, e2e_env: Path
+) -> None:
+    path = manifest("small", SMALL)
+    with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as broker:
+        env = {**os.environ, "WANBATCH_BROKER_URL": broker, "PYTHONUNBUFFERED": "1"}
+        err_file = e2e_env / "run.stderr"
+        with err_file.open("wb") as err:
+            proc = subprocess.Popen(
+                [*wanbatch_command(), "run", str(path), "--no-progress"],
+                env=env,
+                cwd=e2e_env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        try:
+            deadline = time.monotonic() + 20
+            while "no wanbatch worker answers" not in err_file.read_text():
+                assert proc.poll() is None, err_file.read_text()
+                assert time.monotonic() < deadline, f"no warning within 20 s:\n{err_file.read_text()}"
+                time.sleep(0.2)
+            time.sleep(1.0)
+            assert proc.poll() is None  # a warning, not an exit: it keeps waiting for a worker
+            stderr = err_file.read_text()
+            assert "start `wanbatch worker`" in stderr
+            assert "Traceback" not in stderr
+
+            # Ctrl-C while waiting on workers: stops watching at once; the batch stays stored.
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(10) == 130
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    stderr = err_file.read_text()
+    assert "the workers carry on with it" in stderr
+    assert sim.ledger()["accepted"] == 0  # run itself sends nothing with a broker

@@ -1,0 +1,332 @@
+"""``wanbatch run`` against a hostile fal: a paid video is fetched, never generated twice.
+
+fal (the hostile provider, :mod:`hostile_fal`) completes every request at once; each test makes
+one part of fetching the output misbehave — the result call, the status answers, the video
+host, the disk — and checks how many generations fal was asked for (POSTs), what the job says,
+and what it cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e_helpers import FAL_KEY, FAST_ENV, MakeManifest, Run, Wb, export_jsonl
+from hostile import HostileProvider, drip, json_reply, nested_json, raw_reply, redirect, reset, sequence
+from hostile_fal import COMPLETED, FakeFal, sample_video
+
+from jobs.settings import get_settings
+
+TWO_JOBS = """\
+name: hostile
+endpoint: fal-ai/wan-22
+items:
+  - prompt: A paper boat drifting down a rainy street
+    resolution: 480p
+    seed: 1
+  - prompt: A lighthouse at dusk
+    resolution: 480p
+    seed: 2
+"""
+ONE_JOB = TWO_JOBS.split("  - prompt: A lighthouse")[0]
+NGINX_502 = raw_reply(b"<html><center>nginx</center></html>", 502, {"Content-Type": "text/html"})
+HTML_200 = raw_reply(b"<html>down for maintenance</html>", 200, {"Content-Type": "text/html"})
+
+
+@pytest.fixture
+def fal(hostile: HostileProvider, monkeypatch: pytest.MonkeyPatch) -> FakeFal:
+    """wanbatch pointed at the hostile provider playing fal."""
+    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", hostile.url)
+    monkeypatch.setenv("WANBATCH_FAL_REST_URL", hostile.url)
+    monkeypatch.setenv("FAL_KEY", FAL_KEY)
+    for name, value in FAST_ENV.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    return FakeFal(hostile)
+
+
+@pytest.fixture
+def metadata() -> Iterator[HostileProvider]:
+    """An internal service on another loopback address (a cloud metadata endpoint's stand-in)."""
+    with HostileProvider(host="127.0.0.3") as server:
+        server.route("GET", r"/latest/meta-data/creds", json_reply({"SecretAccessKey": "do-not-leak"}))
+        yield server
+
+
+def run_batch(wb: Wb, manifest: MakeManifest, body: str = TWO_JOBS) -> tuple[Run, list[dict[str, object]]]:
+    """Run the manifest; its export records in fal's order (the job sent first is ``r1``)."""
+    run = wb("run", manifest("hostile", body), "--json", "--no-progress")
+    report = run.json()
+    return run, sorted(export_jsonl(wb, report["batch"]), key=lambda r: str(r["request_id"]))
+
+
+def assert_billed_failure(record: dict[str, object], *words: str) -> None:
+    """Failed, with the reason, and with fal's cost (the video was made) recorded."""
+    assert record["status"] == "failed"
+    for word in words:
+        assert word in str(record["error"]), record["error"]
+    assert record["cost_usd"] == pytest.approx(record["est_usd"])
+    assert record["video_path"] is None
+
+
+# ------------------------------------------------------------------------ item 1: the result call
+
+
+def test_result_call_hiccups_never_resubmit_and_the_cost_is_recorded(
+    wb: Wb, fal: FakeFal, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    # More failures than the client's own three tries, so the download step sees them too.
+    fal.on_result(
+        "r1",
+        sequence(NGINX_502, raw_reply(b"busy", 503), json_reply({"detail": "slow down"}, 429), reset(),
+                 HTML_200, NGINX_502, reset(), json_reply(fal.result_for("r1"))),
+    )  # fmt: skip
+    fal.on_result("r2", sequence(reset(), HTML_200, reset(), reset(), json_reply(fal.result_for("r2"))))
+    run, records = run_batch(wb, manifest)
+    assert run.code == 0, run.stderr
+    assert fal.posts() == 2  # exactly one generation per job
+    assert fal.result_calls("r1") == 8
+    for record in records:
+        assert record["status"] == "succeeded"
+        assert record["attempts"] == 1
+        assert record["cost_usd"] == pytest.approx(record["est_usd"])
+        video = tmp_path / "outputs" / str(record["video_path"])
+        assert hashlib.sha256(video.read_bytes()).hexdigest() == hashlib.sha256(fal.video).hexdigest()
+
+
+def test_an_error_fal_reports_for_the_request_still_starts_a_new_attempt(
+    wb: Wb, fal: FakeFal, manifest: MakeManifest, hostile: HostileProvider
+) -> None:
+    failed = {"detail": "Runner disconnected", "error_type": "runner_disconnected"}
+    fal.on_result("r1", json_reply(failed, 503, {"X-Fal-Error-Type": "runner_disconnected"}))
+    # r2: the status says it failed, and its result call only resets: the status verdict decides
+    timed_out = {**COMPLETED, "error": "Request timed out", "error_type": "request_timeout"}
+    fal.on_status("r2", json_reply(timed_out))
+    fal.on_result("r2", reset())
+    run, records = run_batch(wb, manifest)
+    assert run.code == 0, run.stderr
+    assert fal.posts() == 4  # each job: the failed attempt, then one new one
+    assert [r["attempts"] for r in records] == [2, 2]
+    assert all(r["status"] == "succeeded" for r in records)
+
+
+# ----------------------------------------------------------------- item 9: malformed provider answers
+
+
+@pytest.mark.parametrize(
+    ("status", "words"),
+    [
+        (nested_json(100_000), ["nested more than"]),
+        (json_reply({"status": "FAILED", "logs": None}), ["unknown status 'FAILED'"]),
+        (json_reply(["COMPLETED"]), ["not a JSON object"]),
+    ],
+    ids=["nested", "unknown-status", "not-an-object"],
+)
+@pytest.mark.timeout(90)  # before the fix this never ended
+def test_malformed_status_answers_fail_the_job_after_bounded_tries(
+    wb: Wb, fal: FakeFal, manifest: MakeManifest, hostile: HostileProvider, status: object, words: list[str]
+) -> None:
+    fal.on_status("r1", status)  # type: ignore[arg-type]
+    hostile.route("PUT", r".*/requests/r1/cancel", json_reply({"status": "CANCELLATION_REQUESTED"}, 202))
+    started = time.monotonic()
+    run, records = run_batch(wb, manifest)
+    assert run.code == 1, run.stderr
+    assert time.monotonic() - started < 60  # it ends: no job polled forever
+    bad, good = records
+    assert bad["status"] == "failed"
+    assert bad["error_type"] == "provider_protocol_error"
+    for word in words:
+        assert word in str(bad["error"])
+    assert hostile.count("GET", r".*/requests/r1/status") == 5  # PROTOCOL_ERROR_LIMIT
+    assert hostile.count("PUT", r".*/requests/r1/cancel") == 1  # and fal is told to stop it
+    assert good["status"] == "succeeded"
+    assert fal.posts() == 2
+
+
+@pytest.mark.parametrize(
+    ("result", "words"),
+    [
+        ("nested", ["nested more than"]),
+        ({"actual_prompt": {"text": "x"}}, ["'actual_prompt' is a dict"]),
+        ({"video": [{"url": "x"}]}, ["'video' is a list"]),
+    ],
+    ids=["nested", "prompt-object", "video-list"],
+)
+def test_malformed_results_fail_the_job_with_the_billed_cost(
+    wb: Wb,
+    fal: FakeFal,
+    manifest: MakeManifest,
+    monkeypatch: pytest.MonkeyPatch,
+    result: object,
+    words: list[str],
+) -> None:
+    monkeypatch.setenv("WANBATCH_DOWNLOAD_ATTEMPTS", "3")
+    if result == "nested":
+        fal.on_result("r1", nested_json(100_000))
+    else:
+        fal.on_result("r1", json_reply(fal.result_for("r1", **result)))  # type: ignore[arg-type]
+    run, (bad, good) = run_batch(wb, manifest)
+    assert run.code == 1, run.stderr
+    assert_billed_failure(bad, "3 tries", *words)
+    assert bad["error_type"] == "provider_protocol_error"
+    assert fal.result_calls("r1") == 3  # WANBATCH_DOWNLOAD_ATTEMPTS, then no more
+    assert good["status"] == "succeeded"
+    assert fal.posts() == 2  # never generated again
+
+
+# ------------------------------------------------------------- items 7 and 8: slow and endless hosts
+
+
+@pytest.mark.timeout(90)  # before the fix this never ended
+def test_a_download_longer_than_the_lease_completes_once(
+    wb: Wb, fal: FakeFal, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("WANBATCH_LEASE_SECONDS", "2")
+    chunk = len(fal.video) // 8 + 1
+    fal.on_file("r1.mp4", drip(fal.video, chunk=chunk, every=0.5))  # about 4.5 s, twice the lease
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 0, run.stderr
+    assert record["status"] == "succeeded"
+    assert fal.file_gets("r1.mp4") == 1  # no second task took it over mid-stream
+    video = tmp_path / "outputs" / str(record["video_path"])
+    assert video.read_bytes() == fal.video
+    assert [p.name for p in video.parent.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.timeout(90)  # before the fix this never ended
+def test_a_host_that_drip_feeds_bytes_cannot_hold_a_worker_forever(
+    wb: Wb, fal: FakeFal, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANBATCH_DOWNLOAD_TIMEOUT", "1")
+    monkeypatch.setenv("WANBATCH_DOWNLOAD_ATTEMPTS", "2")
+    fal.on_file("r1.mp4", drip(fal.video, chunk=16, every=0.2))  # 20 s at this pace; reads never time out
+    started = time.monotonic()
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 1, run.stderr
+    assert time.monotonic() - started < 15
+    assert_billed_failure(record, "longer than 1 s", "WANBATCH_DOWNLOAD_TIMEOUT", "2 time(s)")
+    assert fal.file_gets("r1.mp4") == 2
+    assert fal.posts() == 1
+
+
+# --------------------------------------------------------------------- item 13: where outputs come from
+
+
+def test_a_result_url_on_an_internal_address_is_refused(
+    wb: Wb, fal: FakeFal, manifest: MakeManifest, metadata: HostileProvider
+) -> None:
+    creds = f"{metadata.url}/latest/meta-data/creds"
+    fal.on_result("r1", json_reply(fal.result_for("r1", url=creds)))
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 1, run.stderr
+    assert_billed_failure(record, "127.0.0.3", "loopback address", "WANBATCH_DOWNLOAD_ALLOWED_HOSTS")
+    assert record["error_type"] == "download_failed"
+    assert "1 time(s)" in str(record["error"])  # final at once, not retried
+    assert metadata.requests == []  # never even connected
+    assert fal.posts() == 1
+
+
+def test_a_host_name_is_judged_by_the_addresses_it_resolves_to(
+    wb: Wb, fal: FakeFal, manifest: MakeManifest, hostile: HostileProvider
+) -> None:
+    # "localhost" is not the configured fal host (127.0.0.1), and it resolves to loopback
+    local = f"http://localhost:{hostile.port}/files/r1.mp4"
+    fal.on_result("r1", json_reply(fal.result_for("r1", url=local)))
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 1, run.stderr
+    assert_billed_failure(record, "localhost (127.0.0.1)", "loopback address")
+    assert fal.file_gets("r1.mp4") == 0
+
+
+def test_a_redirect_to_an_internal_address_is_refused(
+    wb: Wb, fal: FakeFal, manifest: MakeManifest, metadata: HostileProvider
+) -> None:
+    fal.on_file("r1.mp4", redirect(f"{metadata.url}/latest/meta-data/creds"))
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 1, run.stderr
+    assert_billed_failure(record, "127.0.0.3", "loopback address")
+    assert fal.file_gets("r1.mp4") == 1
+    assert metadata.requests == []
+
+
+def test_an_internal_host_is_fetched_from_when_it_is_listed(
+    wb: Wb,
+    fal: FakeFal,
+    manifest: MakeManifest,
+    metadata: HostileProvider,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WANBATCH_DOWNLOAD_ALLOWED_HOSTS", "127.0.0.3")
+    metadata.route("GET", r"/video\.mp4", raw_reply(fal.video, headers={"Content-Type": "video/mp4"}))
+    fal.on_file("r1.mp4", redirect(f"{metadata.url}/video.mp4"))
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 0, run.stderr
+    assert record["status"] == "succeeded"
+    (get,) = metadata.requests
+    assert get.headers["accept-encoding"] == "identity"  # sizes and caps apply to the bytes as sent
+
+
+def test_a_body_that_is_not_a_video_is_refused(wb: Wb, fal: FakeFal, manifest: MakeManifest) -> None:
+    page = b"<!DOCTYPE html><html><body>Access denied</body></html>"
+    fal.on_file("r1.mp4", raw_reply(page, headers={"Content-Type": "video/mp4"}))
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 1, run.stderr
+    assert_billed_failure(record, "not a video", "<!DOCTYPE")
+    assert fal.file_gets("r1.mp4") == 1  # final: not fetched again
+    assert fal.posts() == 1
+
+
+# ------------------------------------------------------------------------------ item 10: the disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """``WANBATCH_OUTPUT_DIR`` on a 64 KiB tmpfs (root only: the test fails, never skips, without it)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.fail(f"this test mounts a small tmpfs (needs root): {mounted.stderr.strip()}", pytrace=False)
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(folder))
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.parametrize(
+    ("padding", "words"),
+    [(200_000, ["No space left on device", ".part"]), (62_000, ["No space left on device", ".json"])],
+    ids=["video-does-not-fit", "sidecar-does-not-fit"],
+)
+def test_a_full_disk_fails_the_job_with_the_reason_and_the_run_ends(
+    wb: Wb,
+    hostile: HostileProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    manifest: MakeManifest,
+    small_disk: Path,
+    padding: int,
+    words: list[str],
+) -> None:
+    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", hostile.url)
+    monkeypatch.setenv("WANBATCH_FAL_REST_URL", hostile.url)
+    monkeypatch.setenv("FAL_KEY", FAL_KEY)
+    for name, value in FAST_ENV.items():
+        monkeypatch.setenv(name, value)
+    fal = FakeFal(hostile, video=sample_video() + b"\0" * padding)
+    started = time.monotonic()
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 1, run.stderr
+    assert time.monotonic() - started < 30
+    assert_billed_failure(record, "output not saved", *words)
+    assert record["error_type"] == "output_write_failed"
+    assert fal.file_gets("r1.mp4") == 1  # not fetched again into a full disk
+    assert fal.posts() == 1
+    leftovers = [p.name for p in small_disk.rglob("*") if p.is_file()]
+    assert leftovers == []  # no partial video, no video without its sidecar

@@ -1,0 +1,289 @@
+"""Ctrl-C (SIGINT) and SIGTERM during `wanbatch run`: stop within seconds, resume cleanly (issue #9).
+
+The bug: Ctrl-C during a download printed `Aborted!` and the process went on for 10+ minutes
+(the embedded worker waited for its downloads, and the thread pool is joined at exit). Now the
+first signal stops sending, gives the process's leases back and exits 130 with a line saying
+that running again resumes; a second signal exits at once.
+
+`wanbatch run` runs as a real subprocess (signals need one) against a simulator in this test
+process, so its ledger — what fal accepted — is observable across the interrupted run and the
+run that resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_helpers import FAL_KEY, MakeManifest, db_rows
+from sqlalchemy.exc import OperationalError
+
+from worker.simulator.options import SimulatorOptions
+from worker.simulator.server import SimulatorHandle, running_simulator
+from worker.simulator.storage import StoredFile
+
+JOBS = 8
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("wanbatch")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from worker.cli import main; main()"]
+
+
+def _manifest(manifest: MakeManifest) -> Path:
+    items = "\n".join(f"  - prompt: interrupted item {i}" for i in range(JOBS))
+    return manifest("sigint", f"name: sigint\nendpoint: fal-ai/wan-22\nitems:\n{items}\n")
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatorHandle]:
+    with running_simulator(
+        SimulatorOptions(latency_seconds=0.1, latency_jitter=0.0, concurrency_limit=40, rng_seed=7)
+    ) as handle:
+        yield handle
+
+
+@pytest.fixture
+def stalled_downloads(sim: SimulatorHandle) -> Iterator[threading.Event]:
+    """Video downloads from the simulator hang until the returned event is set."""
+    gate = threading.Event()
+    store = sim.engine.store
+    original = store.get
+
+    def slow_get(key: str) -> StoredFile | None:
+        stored = original(key)
+        if stored is None or not stored.content_type.startswith("video/"):
+            return stored
+
+        def read() -> bytes:
+            gate.wait(120)
+            return stored.read()
+
+        return dataclasses.replace(stored, source=read)
+
+    store.get = slow_get  # type: ignore[method-assign]
+    try:
+        yield gate
+    finally:
+        gate.set()
+        store.get = original  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def env(e2e_env: Path, sim: SimulatorHandle) -> dict[str, str]:
+    """The subprocess's environment: this test's database and outputs, the test's simulator."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("WANBATCH_") and k != "FAL_KEY"}
+    return {
+        **base,
+        "WANBATCH_DATABASE_URL": os.environ["WANBATCH_DATABASE_URL"],
+        "WANBATCH_OUTPUT_DIR": os.environ["WANBATCH_OUTPUT_DIR"],
+        "WANBATCH_FAL_QUEUE_URL": sim.url,
+        "WANBATCH_FAL_REST_URL": sim.url,
+        "FAL_KEY": FAL_KEY,
+        "WANBATCH_POLL_MIN_INTERVAL": "0.05",
+        "WANBATCH_POLL_MAX_INTERVAL": "0.2",
+        "WANBATCH_TICK_INTERVAL": "0.05",
+        "WANBATCH_SUBMIT_RATE": "200",
+        "WANBATCH_MAX_OUTSTANDING": "3",
+        "WANBATCH_EMBEDDED_CONCURRENCY": "3",
+        "WANBATCH_LEASE_SECONDS": "120",  # a lease left behind would stall the second run for 2 min
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+class Proc:
+    """A `wanbatch` subprocess with its output in files (no pipe can fill up and block it)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, name: str) -> None:
+        self.out = cwd / f"{name}.stdout"
+        self.err = cwd / f"{name}.stderr"
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.popen = subprocess.Popen([*_command(), *args], env=env, cwd=cwd, stdout=out, stderr=err)
+        self.owner_prefix = f"{socket.gethostname()}:{self.popen.pid}:"
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+def _wait_for(what: str, check: Callable[[], bool], proc: Proc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc.popen.poll() is not None:
+            pytest.fail(f"wanbatch exited {proc.popen.returncode} before {what}:\n{proc.stderr()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}:\n{proc.stderr()}")
+        time.sleep(0.1)
+
+
+def _count(db: str, where: str) -> int:
+    try:
+        return int(db_rows(db, f"SELECT count(*) FROM jobs WHERE {where}")[0][0])
+    except OperationalError:  # not migrated yet
+        return 0
+
+
+def _signal_and_wait(proc: Proc, sig: signal.Signals, within: float) -> float:
+    started = time.monotonic()
+    proc.popen.send_signal(sig)
+    try:
+        proc.popen.wait(within)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"still running {within}s after {sig.name}:\n{proc.stderr()}")
+    return time.monotonic() - started
+
+
+def test_ctrl_c_during_downloads_stops_in_seconds_and_the_next_run_resumes(
+    manifest: MakeManifest,
+    sim: SimulatorHandle,
+    stalled_downloads: threading.Event,
+    env: dict[str, str],
+    e2e_env: Path,
+) -> None:
+    db = env["WANBATCH_DATABASE_URL"]
+    path = _manifest(manifest)
+    first = Proc(["run", str(path), "--no-progress"], env, e2e_env, "first")
+    try:
+        _wait_for("downloads to hang", lambda: _count(db, "state = 'downloading'") >= 2, first)
+        took = _signal_and_wait(first, signal.SIGINT, within=10)
+    finally:
+        first.kill()
+    assert first.popen.returncode == 130, first.stderr()
+    assert took < 10
+    err = first.stderr()
+    assert "run the same command again to resume" in err
+    assert "Aborted!" not in err
+    assert "Traceback" not in err
+    accepted_first = sim.ledger()["accepted"]
+    assert 2 <= accepted_first < JOBS  # interrupted midway
+
+    # Nothing of the dead process stays leased: its downloads are due at once for the next run,
+    # and what it had claimed but not sent is pending again.
+    held = _count(db, f"lease_owner LIKE '{first.owner_prefix}%' AND submitted_input IS NULL")
+    assert held == 0
+    assert _count(db, f"lease_owner LIKE '{first.owner_prefix}%' AND state <> 'submitting'") == 0
+    assert _count(db, "state = 'submitting' AND submitted_input IS NULL") == 0
+    assert _count(db, "lease_owner = 'download-queue'") == 0
+
+    stalled_downloads.set()
+    started = time.monotonic()
+    second = Proc(["run", str(path), "--no-progress"], env, e2e_env, "second")
+    try:
+        second.popen.wait(90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the second run did not finish:\n{second.stderr()}")
+    finally:
+        second.kill()
+    assert second.popen.returncode == 0, second.stderr()
+    assert time.monotonic() - started < 60  # not held up by leases of the dead process
+    assert _count(db, "state = 'succeeded'") == JOBS
+    ledger = sim.ledger()
+    assert ledger["accepted"] == JOBS  # each job sent exactly once across both runs
+    assert ledger["duplicates"] == []
+    assert len(list((Path(env["WANBATCH_OUTPUT_DIR"]) / "sigint").glob("*.mp4"))) == JOBS
+
+
+def test_sigterm_leaves_a_post_in_flight_to_the_reconciler(
+    manifest: MakeManifest, sim: SimulatorHandle, env: dict[str, str], e2e_env: Path
+) -> None:
+    db = env["WANBATCH_DATABASE_URL"]
+    sim.set_faults(submit_slow={"next": 1, "delay": 30})  # the first POST hangs at fal
+    proc = Proc(["run", str(_manifest(manifest)), "--no-progress"], env, e2e_env, "term")
+    try:
+        _wait_for(
+            "a POST in flight",
+            lambda: _count(db, "state = 'submitting' AND submitted_input IS NOT NULL") >= 1,
+            proc,
+        )
+        time.sleep(0.3)  # let the others move on
+        took = _signal_and_wait(proc, signal.SIGTERM, within=10)
+    finally:
+        proc.kill()
+    assert proc.popen.returncode == 130, proc.stderr()
+    assert took < 10
+    err = proc.stderr()
+    assert "still in flight" in err
+    assert "never resending blindly" in err
+    # The job whose POST may have reached fal is not given back: only the reconciler decides.
+    in_flight = db_rows(
+        db,
+        "SELECT lease_owner, attempts FROM jobs WHERE state = 'submitting' AND submitted_input IS NOT NULL",
+    )
+    assert len(in_flight) == 1
+    assert str(in_flight[0][0]).startswith(proc.owner_prefix)
+    assert in_flight[0][1] == 1
+
+
+def test_a_second_signal_exits_at_once(
+    manifest: MakeManifest, sim: SimulatorHandle, env: dict[str, str], e2e_env: Path
+) -> None:
+    db = env["WANBATCH_DATABASE_URL"]
+    sim.set_faults(submit_slow={"next": 1, "delay": 30})  # keeps the first stop busy for its grace
+    proc = Proc(["run", str(_manifest(manifest)), "--no-progress"], env, e2e_env, "twice")
+    try:
+        _wait_for(
+            "a POST in flight",
+            lambda: _count(db, "state = 'submitting' AND submitted_input IS NOT NULL") >= 1,
+            proc,
+        )
+        proc.popen.send_signal(signal.SIGINT)
+        time.sleep(1.5)  # inside the wait for the POST in flight (up to 1 s + 3 s)
+        assert proc.popen.poll() is None, proc.stderr()
+        took = _signal_and_wait(proc, signal.SIGINT, within=2)
+    finally:
+        proc.kill()
+    assert proc.popen.returncode == 130
+    assert took < 2
+    assert "interrupted again: exiting now" in proc.stderr()
+
+
+def _json_line(text: str) -> dict[str, Any]:
+    import json
+
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    result: dict[str, Any] = json.loads(lines[0])
+    return result
+
+
+def test_interrupted_json_run_prints_one_object(
+    manifest: MakeManifest, sim: SimulatorHandle, env: dict[str, str], e2e_env: Path
+) -> None:
+    db = env["WANBATCH_DATABASE_URL"]
+    sim.update_options(latency_seconds=30.0)  # requests stay at fal
+    proc = Proc(["run", str(_manifest(manifest)), "--json"], env, e2e_env, "json")
+    try:
+        _wait_for("requests at fal", lambda: _count(db, "state IN ('queued', 'running')") >= 3, proc)
+        took = _signal_and_wait(proc, signal.SIGINT, within=10)
+    finally:
+        proc.kill()
+    assert proc.popen.returncode == 130
+    assert took < 10
+    report = _json_line(proc.stdout())
+    assert report["ok"] is False
+    assert report["interrupted"] is True
+    assert report["batch"]
+    assert "run the same command again to resume" in proc.stderr()
+    # Requests at fal stay tracked (the next run polls them); none is left leased.
+    assert _count(db, "state IN ('queued', 'running')") == 3
+    assert _count(db, "lease_owner IS NOT NULL") == 0

@@ -1,0 +1,176 @@
+"""Bad usage gets one clear line and exit 2, never a traceback — through the real entry point.
+
+Each case runs the installed ``wanbatch`` console script in a subprocess (so ``worker.cli.main``,
+click's own error handling and process exit codes are what a user gets), and asserts: exit code
+2, exactly one line on stderr, and no "Traceback" anywhere (issue #9).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from e2e_helpers import EXAMPLES
+
+WANBATCH = str(Path(sys.executable).with_name("wanbatch"))
+QUICKSTART = EXAMPLES / "quickstart.yaml"
+
+
+def wanbatch(
+    *args: str | Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the console script with the test's environment (plus ``env``)."""
+    return subprocess.run(
+        [WANBATCH, *map(str, args)],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_one_line(done: subprocess.CompletedProcess[str], *phrases: str, code: int = 2) -> str:
+    """Exit ``code``, one non-empty stderr line containing every phrase, no traceback."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert len(lines) == 1, done.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "phrase"),
+    [
+        ("postgresql://user:hunter2@127.0.0.1:1/x", "cannot open the database"),
+        ("mysql://user@127.0.0.1/x", "unsupported database 'mysql'"),
+        ("not a url", "not a database URL"),
+    ],
+    ids=["unreachable", "unsupported", "not-a-url"],
+)
+def test_unusable_database_url(url: str, phrase: str) -> None:
+    done = wanbatch("status", env={"WANBATCH_DATABASE_URL": url})
+    line = assert_one_line(done, "WANBATCH_DATABASE_URL", phrase)
+    assert "hunter2" not in line
+
+
+def _submitted_batch() -> str:
+    done = wanbatch("submit", QUICKSTART)
+    assert done.returncode == 0, done.stderr
+    return "quickstart"
+
+
+def test_export_to_a_folder(tmp_path: Path) -> None:
+    batch = _submitted_batch()
+    assert_one_line(wanbatch("export", batch, "--format", "csv", "-o", tmp_path), "is a folder")
+
+
+def test_export_into_a_folder_that_cannot_be_created(tmp_path: Path) -> None:
+    batch = _submitted_batch()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    done = wanbatch("export", batch, "-o", blocker / "sub" / "out.jsonl")
+    assert_one_line(done, "cannot write the export")
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["--port", "99999"], "--port must be between"),
+        (["--port", "-1"], "--port must be between"),
+        (["--latency", "-5"], "--latency must be"),
+        (["--latency", "nan"], "--latency must be"),
+        (["--concurrency-limit", "0"], "--concurrency-limit must be"),
+        (["--public-url", "not-a-url"], "--public-url must be"),
+        (["--host", "no.such.host.invalid", "--port", "0"], "cannot serve on no.such.host.invalid"),
+    ],
+    ids=[
+        "port-high",
+        "port-negative",
+        "latency-negative",
+        "latency-nan",
+        "concurrency",
+        "public-url",
+        "host",
+    ],
+)
+def test_simulator_options(args: list[str], phrase: str) -> None:
+    assert_one_line(wanbatch("simulator", *args, timeout=20), phrase)
+
+
+def test_simulator_port_in_use() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        done = wanbatch("simulator", "--port", port, timeout=20)
+    assert_one_line(done, f"cannot serve on 127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["{not json", '{"fal-ai/wan-22": 0.1}', '{"fal-ai/wan-22": {"usd_per_unit": "cheap"}}', "[1, 2]"],
+    ids=["bad-json", "not-an-object", "not-a-number", "a-list"],
+)
+def test_malformed_pricing_overrides(value: str) -> None:
+    done = wanbatch("estimate", QUICKSTART, env={"WANBATCH_PRICING_OVERRIDES": value})
+    assert_one_line(done, "WANBATCH_PRICING_OVERRIDES")
+
+
+@pytest.mark.parametrize("amount", ["abc", "0", "-5", "nan", "inf"])
+def test_rerun_max_usd_must_be_a_positive_amount(amount: str) -> None:
+    assert_one_line(wanbatch("rerun", "whatever", "--max-usd", amount), "--max-usd", repr(amount))
+
+
+def test_click_usage_mistakes_are_one_line_too() -> None:
+    assert_one_line(wanbatch("run", "--no-such-option", "x"), "No such option", "wanbatch run --help")
+    assert_one_line(wanbatch("validate"), "Missing argument")
+
+
+def test_help_and_version_still_work() -> None:
+    assert wanbatch("--version").returncode == 0
+    helped = wanbatch("rerun", "--help")
+    assert helped.returncode == 0
+    assert "--max-usd" in helped.stdout
+    assert "--allow-dir" in wanbatch("validate", "--help").stdout
+
+
+def test_an_unexpected_error_is_one_line_with_the_details_in_a_file() -> None:
+    """The safety net in main(): a bug is reported in one line (exit 70) and the trace is kept."""
+    code = (
+        "import sys, jobs.batches, worker.cli\n"
+        "def boom(*a, **k):\n    raise KeyError('no such thing')\n"
+        "jobs.batches.status = boom\n"
+        "sys.argv = ['wanbatch', 'status']\n"
+        "worker.cli.main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+        check=False,
+    )
+    line = assert_one_line(done, "internal error: KeyError", "please report it", code=70)
+    report = Path(line.split("details in ", 1)[1].rstrip(")"))
+    try:
+        assert "Traceback" in report.read_text()
+        assert "boom" in report.read_text()
+        assert stat_mode(report) == 0o600
+    finally:
+        report.unlink()
+
+
+def stat_mode(path: Path) -> int:
+    import stat
+
+    return stat.S_IMODE(path.stat().st_mode)

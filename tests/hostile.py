@@ -1,0 +1,275 @@
+"""A misbehaving fal for tests: a tiny threaded HTTP/1.1 server on raw sockets.
+
+A real HTTP framework would refuse to misbehave the way a broken gateway or CDN does (lie about
+``Content-Length``, reset the connection, trickle a body byte by byte, never end it), so this
+server writes the bytes itself. Each route maps ``(method, path regex)`` to a *behaviour*, a
+callable that gets the recorded request and the socket and writes whatever it likes. Every
+request is recorded, so a test can count how often a path was hit (e.g. exactly one POST)::
+
+    with HostileProvider() as fal:
+        fal.route("GET", r"/x/requests/[^/]+", sequence(reset(), json_reply({"video": ...})))
+        ...
+        assert fal.count("POST", r"/x.*") == 1
+
+Connections are closed after every response (``Connection: close``), which keeps the parser
+trivial and is something every client must cope with anyway.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import socket
+import socketserver
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Literal
+
+__all__ = [
+    "Behaviour",
+    "HostileProvider",
+    "Recorded",
+    "drip",
+    "endless",
+    "json_reply",
+    "nested_json",
+    "raw_reply",
+    "redirect",
+    "reset",
+    "sequence",
+]
+
+
+@dataclass
+class Recorded:
+    """One request as received: ``headers`` has lower-case names; ``query`` is the raw query string."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes = b""
+    stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+
+#: A behaviour answers one request by writing to the socket (or by not answering at all).
+Behaviour = Callable[[Recorded, socket.socket], None]
+
+
+def _head(status: int, headers: dict[str, str], content_length: int | None) -> bytes:
+    reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Unknown"
+    lines = [f"HTTP/1.1 {status} {reason}", "Connection: close"]
+    if content_length is not None:
+        lines.append(f"Content-Length: {content_length}")
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def raw_reply(
+    body: bytes,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    content_length: int | Literal["auto"] | None = "auto",
+) -> Behaviour:
+    """Answer with ``body``; ``content_length`` may lie (an int) or be omitted (``None``)."""
+    length = len(body) if content_length == "auto" else content_length
+
+    def behave(_req: Recorded, sock: socket.socket) -> None:
+        sock.sendall(_head(status, headers or {}, length) + body)
+
+    return behave
+
+
+def json_reply(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Behaviour:
+    """Answer with ``body`` as JSON."""
+    return raw_reply(
+        json.dumps(body).encode(), status, {"Content-Type": "application/json", **(headers or {})}
+    )
+
+
+def sequence(*behaviours: Behaviour) -> Behaviour:
+    """The n-th call gets the n-th behaviour; the last one repeats forever."""
+    if not behaviours:
+        raise ValueError("sequence() needs at least one behaviour")
+    counter = itertools.count()
+    lock = threading.Lock()
+
+    def behave(req: Recorded, sock: socket.socket) -> None:
+        with lock:
+            n = next(counter)
+        behaviours[min(n, len(behaviours) - 1)](req, sock)
+
+    return behave
+
+
+def reset() -> Behaviour:
+    """Close the connection abruptly (TCP RST via ``SO_LINGER`` 0) without answering."""
+
+    def behave(_req: Recorded, sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    return behave
+
+
+def drip(body: bytes, chunk: int = 1, every: float = 0.5, headers: dict[str, str] | None = None) -> Behaviour:
+    """Send honest headers at once, then ``chunk`` bytes of ``body`` every ``every`` seconds."""
+
+    def behave(req: Recorded, sock: socket.socket) -> None:
+        sock.sendall(_head(200, {"Content-Type": "video/mp4", **(headers or {})}, len(body)))
+        for start in range(0, len(body), chunk):
+            if req.stop.wait(every):
+                return
+            sock.sendall(body[start : start + chunk])
+
+    return behave
+
+
+def endless(chunk: int = 65536) -> Behaviour:
+    """A 200 with no length whose body never ends (until the client hangs up)."""
+
+    def behave(req: Recorded, sock: socket.socket) -> None:
+        sock.sendall(_head(200, {"Content-Type": "video/mp4"}, None))
+        block = b"\0" * chunk
+        while not req.stop.is_set():
+            sock.sendall(block)
+
+    return behave
+
+
+def redirect(location: str, status: int = 302) -> Behaviour:
+    """A redirect to ``location``."""
+    return raw_reply(b"", status, {"Location": location})
+
+
+def nested_json(depth: int = 100_000) -> Behaviour:
+    """A 200 whose JSON object is nested ``depth`` levels deep (valid JSON, hostile to recursion)."""
+    body = b'{"a":' * depth + b"1" + b"}" * depth
+    return raw_reply(body, 200, {"Content-Type": "application/json"})
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.settimeout(10)
+        try:
+            req = self._read_request(sock)
+            if req is None:
+                return
+            self.server.owner._dispatch(req, sock)
+        except OSError:
+            pass  # the client hung up, or a behaviour reset the connection: both are the point
+
+    @staticmethod
+    def _read_request(sock: socket.socket) -> Recorded | None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        method, target, _version = request_line.split(" ", 2)
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0") or 0)
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        path, _, query = target.partition("?")
+        return Recorded(method.upper(), path, query, headers, rest[:length])
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, owner: HostileProvider, host: str) -> None:
+        self.owner = owner
+        super().__init__((host, 0), _Handler)
+
+
+class HostileProvider:
+    """A threaded raw-socket HTTP/1.1 server on ``127.0.0.1:<free port>``; use as a context manager.
+
+    Unrouted requests get a JSON 404. Later routes win over earlier ones, so a test can override
+    a default route. ``requests`` lists every request received, in arrival order. ``host`` may be
+    another loopback address (``127.0.0.3``, e.g. to play a cloud metadata service).
+    """
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self._server = _Server(self, host)
+        self.host: str = host
+        self.port: int = self._server.server_address[1]
+        self.url: str = f"http://{self.host}:{self.port}"
+        self.requests: list[Recorded] = []
+        self._routes: list[tuple[str, re.Pattern[str], Behaviour]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def route(self, method: str, path_regex: str, behaviour: Behaviour) -> None:
+        """Answer ``method`` requests whose path (no query) fully matches ``path_regex``."""
+        with self._lock:
+            self._routes.append((method.upper(), re.compile(path_regex), behaviour))
+
+    def count(self, method: str, path_regex: str) -> int:
+        """How many ``method`` requests had a path fully matching ``path_regex``."""
+        pattern = re.compile(path_regex)
+        with self._lock:
+            return sum(1 for r in self.requests if r.method == method.upper() and pattern.fullmatch(r.path))
+
+    def _dispatch(self, req: Recorded, sock: socket.socket) -> None:
+        req.stop = self._stop
+        with self._lock:
+            self.requests.append(req)
+            routes = list(reversed(self._routes))
+        for method, pattern, behaviour in routes:
+            if method == req.method and pattern.fullmatch(req.path):
+                behaviour(req, sock)
+                return
+        json_reply({"detail": f"no route for {req.method} {req.path}"}, 404)(req, sock)
+
+    def start(self) -> HostileProvider:
+        """Serve in a daemon thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05})
+            self._thread.daemon = True
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving; trickling behaviours notice and stop writing."""
+        self._stop.set()
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+        self._server.server_close()
+
+    def __enter__(self) -> HostileProvider:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, every: float = 0.05) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; returns its last value (a test helper)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return predicate()

@@ -1,0 +1,173 @@
+"""The download step, driven directly against a hostile fal, on both databases.
+
+What ``wanbatch run`` cannot easily show: a result call that fails past fal's retention, a
+download whose lease is taken over mid-stream, an output folder that refuses writes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hostile import HostileProvider, drip, raw_reply, wait_for
+from hostile_fal import FakeFal
+from sqlalchemy import Engine
+from step_runtime import add_batch, make_runtime, settings_for, wait_until
+
+from jobs import store
+from jobs.models import utcnow
+from jobs.states import JobState
+from worker.steps import Runtime, dispatch, download, poll, submit
+
+KEY = "download-steps-key-41c9"
+GATEWAY_503 = raw_reply(b"<html>503 Service Temporarily Unavailable</html>", 503)
+
+
+def completed_job(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, **overrides: Any
+) -> tuple[Runtime, str]:
+    """One job that fal (``FakeFal`` on ``hostile``) has completed: it is ``downloading`` now."""
+    settings = settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs", **overrides)
+    rt = make_runtime(engine, settings)
+    add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})])
+    (job_id,) = dispatch(rt)
+    assert submit(rt, job_id) == "submitted"
+    wait_until(lambda: state_of(engine, job_id) == JobState.DOWNLOADING, step=lambda: poll(rt))
+    return rt, job_id
+
+
+def state_of(engine: Engine, job_id: str) -> JobState:
+    with store.session_scope(engine) as session:
+        return store.get_job(session, job_id).state
+
+
+def make_due(engine: Engine, job_id: str) -> None:
+    with store.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        store.update_job_fields(session, job_id, expected_version=job.version, next_attempt_at=None)
+
+
+def test_result_call_failures_are_retried_until_fals_retention_then_billed(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    fal = FakeFal(hostile)
+    fal.on_result("r1", GATEWAY_503)
+    rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=2)
+    try:
+        # Within fal's retention: ask again, whatever the download-attempt budget says.
+        for tries in (1, 2, 3):
+            assert download(rt, job_id) == "result-retry"
+            with store.session_scope(engine) as session:
+                job = store.get_job(session, job_id)
+            assert job.state == JobState.DOWNLOADING
+            assert job.download_attempts == tries
+            assert job.attempts == 1
+            make_due(engine, job_id)
+        # Past it (fal completed the request 61 minutes ago): fail, with fal's bill.
+        with store.session_scope(engine) as session:
+            job = store.get_job(session, job_id)
+            store.update_job_fields(
+                session, job_id, expected_version=job.version, completed_at=utcnow() - timedelta(minutes=61)
+            )
+        assert download(rt, job_id) == "failed"
+    finally:
+        rt.client.close()
+    with store.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.state == JobState.FAILED
+    assert job.error_type == "result_unavailable"
+    assert job.error is not None
+    assert "fal no longer keeps the result" in job.error
+    assert "503" in job.error
+    assert job.actual_usd == job.est_usd  # fal made the video: it is paid for
+    assert fal.posts() == 1
+
+
+def test_a_download_that_lost_its_lease_stops_and_leaves_nothing(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    fal = FakeFal(hostile)
+    fal.on_file("r1.mp4", drip(fal.video, chunk=64, every=0.1))  # about 3 s
+    rt, job_id = completed_job(engine, hostile, tmp_path, lease_seconds=1.5)
+    outcome: list[str] = []
+    worker = threading.Thread(target=lambda: outcome.append(download(rt, job_id)))
+    try:
+        worker.start()
+        assert wait_for(lambda: fal.file_gets("r1.mp4") == 1)
+        folder = tmp_path / "outputs" / "steps"
+        assert wait_for(lambda: any(folder.glob(".*.part")))
+        # A second task meanwhile finds the lease held (and renewed): it leaves the job alone.
+        second = make_runtime(engine, rt.settings)
+        try:
+            assert wait_for(lambda: download(second, job_id) == "busy", timeout=3)
+        finally:
+            second.client.close()
+        # Someone else takes the job over (as after a lapsed lease): the first download stops.
+        with store.session_scope(engine) as session:
+            job = store.get_job(session, job_id)
+            assert job.lease_owner == rt.owner
+            taken = store.take_lease(
+                session, job_id, owner="other-worker", expected_version=job.version,
+                now=utcnow(), lease_seconds=60,
+            )  # fmt: skip
+            assert taken is not None
+        worker.join(timeout=10)
+        assert not worker.is_alive()
+    finally:
+        rt.client.close()
+    assert outcome == ["lost-lease"]
+    assert list(folder.iterdir()) == []  # its own temporary file went with it
+    with store.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.state == JobState.DOWNLOADING
+    assert job.lease_owner == "other-worker"
+    assert fal.posts() == 1
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a read-only tmpfs: refused even to root (``chmod`` is not, for root)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.fail(
+            f"this test mounts a read-only tmpfs (needs root): {mounted.stderr.strip()}", pytrace=False
+        )
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_an_unwritable_output_folder_fails_the_job_with_the_reason_and_the_cost(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, read_only_dir: Path
+) -> None:
+    fal = FakeFal(hostile)
+    settings = settings_for(hostile.url, KEY, output_dir=read_only_dir)
+    rt = make_runtime(engine, settings)
+    add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})])
+    try:
+        (job_id,) = dispatch(rt)
+        assert submit(rt, job_id) == "submitted"
+        wait_until(lambda: state_of(engine, job_id) == JobState.DOWNLOADING, step=lambda: poll(rt))
+        assert download(rt, job_id) == "failed"
+    finally:
+        rt.client.close()
+    with store.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.state == JobState.FAILED
+    assert job.error_type == "output_write_failed"
+    assert job.error is not None
+    assert "Read-only file system" in job.error
+    assert str(read_only_dir) in job.error
+    assert job.actual_usd == job.est_usd
+    assert fal.posts() == 1
+    assert fal.file_gets("r1.mp4") == 0  # nothing fetched that could not be kept

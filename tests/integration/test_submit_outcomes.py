@@ -1,0 +1,339 @@
+"""What a submit, a status, a result or an upload failure means for a job, against a hostile fal.
+
+* A failure before the request left this process is not ambiguous: the job goes back to
+  ``pending`` without spending an attempt — never "fal may have accepted (and billed) it".
+* A lost answer after the request was sent is ambiguous; without a webhook receiver nothing
+  can ever prove the outcome, so ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` applies at once.
+* 401/402/403 are about the account, wherever they come: the batch pauses with the reason,
+  the job stays where it is, and requests already at fal are still polled.
+* The key goes only to the configured queue: status/result/cancel URLs on another host, in a
+  submit answer or an old database row, are never followed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hostile import HostileProvider, json_reply, reset
+from PIL import Image
+from sqlalchemy import Engine
+from step_runtime import add_batch, make_runtime, settings_for
+
+from jobs import store
+from jobs.batches import batch_report
+from jobs.errors import ConfigError
+from jobs.models import BatchState, utcnow
+from jobs.settings import Settings
+from jobs.states import JobState
+from worker.fal.client import FalClient
+from worker.running import process_batch
+from worker.steps import Runtime, cancel_jobs_of_cancelled_batches, dispatch, download, poll, submit
+
+S = JobState
+KEY = "8d3c1f0e-5a6b-4c7d-9e8f-0a1b2c3d4e5f:0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+RID = "6f9b2d4c-1a3e-4b5f-8c7d-9e0f1a2b3c4d"
+T2V = "fal-ai/wan-22"
+REQUESTS = rf"/{T2V}/requests/{RID}"
+
+
+@pytest.fixture
+def evil() -> Iterator[HostileProvider]:
+    """A second server on another port: a host a hostile submit answer points at."""
+    with HostileProvider() as provider:
+        provider.route("GET", r"/.*", json_reply({"status": "COMPLETED"}))
+        provider.route("PUT", r"/.*", json_reply({"status": "CANCELLATION_REQUESTED"}))
+        yield provider
+
+
+def accepted(fal: HostileProvider, urls_on: str | None = None) -> None:
+    """fal accepts the submit as ``RID``; the answer's URLs point at ``urls_on`` when given."""
+    base = f"{urls_on or fal.url}/{T2V}/requests/{RID}"
+    fal.route(
+        "POST",
+        rf"/{T2V}",
+        json_reply(
+            {
+                "request_id": RID,
+                "status": "IN_QUEUE",
+                "queue_position": 0,
+                "status_url": f"{base}/status",
+                "response_url": base,
+                "cancel_url": f"{base}/cancel",
+            }
+        ),
+    )
+
+
+def one_job(engine: Engine, rt: Runtime, payload: dict[str, Any] | None = None) -> tuple[str, str]:
+    """A batch of one job, claimed for submitting: ``(batch_id, job_id)``."""
+    batch_id = add_batch(engine, "outcomes", [(T2V, payload or {"prompt": "a lighthouse"})])
+    (job_id,) = dispatch(rt)
+    return batch_id, job_id
+
+
+def poll_due(rt: Runtime) -> int:
+    """Poll once the jobs just submitted are due (``poll_min_interval`` after their submit)."""
+    time.sleep(rt.settings.poll_min_interval * 2)
+    return poll(rt)
+
+
+def history(engine: Engine, job_id: str) -> list[tuple[str, str]]:
+    with store.session_scope(engine) as session:
+        return [(str(e.from_state), str(e.to_state)) for e in store.job_events(session, job_id)]
+
+
+def job(engine: Engine, job_id: str) -> Any:
+    with store.session_scope(engine) as session:
+        found = store.get_job(session, job_id)
+        session.expunge(found)
+        return found
+
+
+def report(engine: Engine, batch_id: str) -> dict[str, Any]:
+    with store.session_scope(engine) as session:
+        return batch_report(session, batch_id)
+
+
+# ------------------------------------------------------------------------- never sent (item 5)
+
+
+def test_a_closed_client_gives_the_job_back_unsent(engine: Engine, hostile: HostileProvider) -> None:
+    accepted(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    _, job_id = one_job(engine, rt)
+    rt.client.close()  # e.g. a run that ended while a submit task was still queued
+    assert submit(rt, job_id) == "not-sent"
+    after = job(engine, job_id)
+    assert after.state == S.PENDING
+    assert after.attempts == 0  # the attempt that never left is not counted
+    assert "closed" in after.error
+    assert ("submitting", "submit_unknown") not in history(engine, job_id)
+    assert hostile.count("POST", r".*") == 0
+
+
+def test_a_header_httpx_refuses_is_not_sent_either(engine: Engine, hostile: HostileProvider) -> None:
+    accepted(hostile)
+    settings = settings_for(hostile.url, KEY)
+    # Settings strip and refuse such a key; a client built around them still must not call the
+    # refusal "maybe accepted": h11 refuses the header before a byte of the request is written.
+    client = FalClient(
+        queue_url=hostile.url, rest_url=hostile.url, key=KEY + "\r", timeout=httpx.Timeout(5.0)
+    )
+    rt = make_runtime(engine, settings, client=client)
+    try:
+        _, job_id = one_job(engine, rt)
+        assert submit(rt, job_id) == "not-sent"
+    finally:
+        client.close()
+    after = job(engine, job_id)
+    assert (after.state, after.attempts, after.error_type) == (S.PENDING, 0, "not_sent")
+    assert ("submitting", "submit_unknown") not in history(engine, job_id)
+    assert hostile.count("POST", r".*") == 0
+
+
+def test_a_connection_refused_is_a_counted_retry_not_an_unknown(
+    engine: Engine, hostile: HostileProvider
+) -> None:
+    port = hostile.port
+    hostile.close()  # nothing listens there any more
+    rt = make_runtime(engine, settings_for(f"http://127.0.0.1:{port}", KEY))
+    try:
+        _, job_id = one_job(engine, rt)
+        assert submit(rt, job_id) == "retry"
+    finally:
+        rt.client.close()
+    after = job(engine, job_id)
+    assert after.state == S.RETRY_WAIT
+    assert "not sent" in after.error
+    assert ("submitting", "submit_unknown") not in history(engine, job_id)
+
+
+def test_the_runtime_refuses_to_start_without_a_key(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FAL_KEY", raising=False)
+    batch_id = add_batch(engine, "keyless", [(T2V, {"prompt": "p"})])
+    url = engine.url.render_as_string(hide_password=False)
+    settings = Settings(
+        database_url=url, fal_queue_url="http://127.0.0.1:9", fal_rest_url="http://127.0.0.1:9"
+    )
+    with pytest.raises(ConfigError, match="FAL_KEY is not set"):
+        process_batch(batch_id, settings, show_progress=False)
+    assert job(engine, _only_job(engine, batch_id)).version == 0  # nothing was claimed
+
+
+def _only_job(engine: Engine, batch_id: str) -> str:
+    with store.session_scope(engine) as session:
+        (only,) = store.jobs_of_batch(session, batch_id)
+        return only.id
+
+
+# --------------------------------------------------------------------- ambiguous submits (item 6)
+
+
+@pytest.mark.parametrize(
+    ("policy", "webhook", "state"),
+    [
+        ("fail", None, S.FAILED),
+        ("resubmit", None, S.RETRY_WAIT),
+        ("fail", "https://hooks.example/fal", S.SUBMIT_UNKNOWN),
+    ],
+)
+def test_a_lost_answer_is_settled_at_once_without_a_receiver(
+    engine: Engine, hostile: HostileProvider, policy: str, webhook: str | None, state: JobState
+) -> None:
+    hostile.route("POST", rf"/{T2V}", reset())  # the whole request arrives; the answer never does
+    settings = settings_for(
+        hostile.url, KEY, submit_unknown_policy=policy, webhook_url=webhook, submit_unknown_deadline=600
+    )
+    rt = make_runtime(engine, settings)
+    try:
+        _, job_id = one_job(engine, rt)
+        assert submit(rt, job_id) == "ambiguous"
+    finally:
+        rt.client.close()
+    after = job(engine, job_id)
+    assert hostile.count("POST", rf"/{T2V}") == 1
+    assert ("submitting", "submit_unknown") in history(engine, job_id)  # the ambiguity is on record
+    assert after.state == state
+    if state == S.FAILED:
+        assert "WANBATCH_WEBHOOK_URL" in after.error
+        assert "may have accepted (and billed)" in after.error
+    elif state == S.RETRY_WAIT:
+        assert after.possible_duplicate_charges == 1
+    else:  # a receiver may still prove it: wait for it, up to the deadline
+        assert after.next_attempt_at > utcnow() + timedelta(seconds=500)
+
+
+# ------------------------------------------------------------------ 401/402/403 pause (item 12)
+
+
+def test_401_on_status_pauses_the_batch_and_polling_goes_on(engine: Engine, hostile: HostileProvider) -> None:
+    accepted(hostile)
+    hostile.route("GET", rf"{REQUESTS}/status", json_reply({"detail": "Invalid API key"}, 401))
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, poll_max_interval=0.2))
+    try:
+        batch_id, job_id = one_job(engine, rt)
+        assert submit(rt, job_id) == "submitted"
+        assert poll_due(rt) == 1
+        after = job(engine, job_id)
+        assert after.state == S.QUEUED  # the request is still at fal: the job stays with it
+        assert after.lease_owner is None
+        status = report(engine, batch_id)
+        assert status["state"] == "paused"
+        assert "401" in status["pause_reason"]
+        assert "rejected" in status["pause_reason"]
+
+        # Polling a paused batch goes on (the request runs, and is billed, regardless).
+        hostile.route("GET", rf"{REQUESTS}/status", json_reply({"status": "IN_PROGRESS"}, 202))
+        time.sleep(0.25)
+        assert poll(rt) == 1
+        assert job(engine, job_id).state == S.RUNNING
+    finally:
+        rt.client.close()
+
+
+def test_402_on_result_pauses_and_keeps_the_paid_output_waiting(
+    engine: Engine, hostile: HostileProvider
+) -> None:
+    accepted(hostile)
+    hostile.route("GET", rf"{REQUESTS}/status", json_reply({"status": "COMPLETED", "metrics": {}}))
+    hostile.route("GET", REQUESTS, json_reply({"detail": "Exhausted balance"}, 402))
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    try:
+        batch_id, job_id = one_job(engine, rt)
+        assert submit(rt, job_id) == "submitted"
+        poll_due(rt)
+        assert job(engine, job_id).state == S.DOWNLOADING
+        download(rt, job_id)
+    finally:
+        rt.client.close()
+    after = job(engine, job_id)
+    assert after.state == S.DOWNLOADING  # fal made (and billed) it: fetched once the account is back
+    assert after.attempts == 1
+    status = report(engine, batch_id)
+    assert status["state"] == "paused"
+    assert "402" in status["pause_reason"]
+
+
+def test_403_on_upload_pauses_and_gives_the_job_back(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    hostile.route("POST", r"/storage/upload/initiate", json_reply({"detail": "User is locked"}, 403))
+    image = tmp_path / "still.png"
+    Image.new("RGB", (640, 480), (20, 90, 160)).save(image)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, inline_max_bytes=0))
+    try:
+        batch_id = add_batch(
+            engine,
+            "upload",
+            [("fal-ai/wan-i2v", {"prompt": "p", "image_url": str(image), "resolution": "480p"})],
+        )
+        (job_id,) = dispatch(rt)
+        assert submit(rt, job_id) == "account-locked"
+    finally:
+        rt.client.close()
+    after = job(engine, job_id)
+    assert (after.state, after.attempts) == (S.PENDING, 0)
+    status = report(engine, batch_id)
+    assert status["state"] == "paused"
+    assert "403" in status["pause_reason"]
+    assert hostile.count("POST", r"/fal-ai/.*") == 0  # nothing submitted while the account is refused
+    with store.session_scope(engine) as session:
+        assert store.get_batch(session, batch_id).state == BatchState.PAUSED
+
+
+# ---------------------------------------------------------------- the key stays home (item 14)
+
+
+def test_foreign_urls_in_a_submit_answer_never_get_the_key(
+    engine: Engine, hostile: HostileProvider, evil: HostileProvider
+) -> None:
+    accepted(hostile, urls_on=evil.url)
+    hostile.route("GET", rf"{REQUESTS}/status", json_reply({"status": "IN_QUEUE", "queue_position": 0}, 202))
+    hostile.route("PUT", rf"{REQUESTS}/cancel", json_reply({"status": "CANCELLATION_REQUESTED"}, 202))
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    try:
+        batch_id, job_id = one_job(engine, rt)
+        assert submit(rt, job_id) == "submitted"
+        poll_due(rt)
+        with store.session_scope(engine) as session:
+            store.set_batch_state(session, batch_id, BatchState.CANCELLED)
+        assert cancel_jobs_of_cancelled_batches(rt) == 1
+    finally:
+        rt.client.close()
+    assert [r for r in evil.requests if "authorization" in r.headers] == []
+    assert evil.requests == []
+    assert hostile.count("GET", rf"{REQUESTS}/status") == 1
+    assert hostile.count("PUT", rf"{REQUESTS}/cancel") == 1
+    assert all(r.headers.get("authorization") == f"Key {KEY}" for r in hostile.requests)
+    stored = job(engine, job_id)
+    assert stored.status_url == f"{hostile.url}/{T2V}/requests/{RID}/status"
+    assert stored.state == S.CANCELLING
+
+
+def test_stored_foreign_urls_are_not_followed(
+    engine: Engine, hostile: HostileProvider, evil: HostileProvider
+) -> None:
+    hostile.route("GET", rf"{REQUESTS}/status", json_reply({"status": "IN_PROGRESS"}, 202))
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    batch_id = add_batch(engine, "old-row", [(T2V, {"prompt": "p"})])
+    job_id = _only_job(engine, batch_id)
+    base = f"{evil.url}/{T2V}/requests/{RID}"
+    with store.session_scope(engine) as session:  # a row written before URLs were checked
+        store.transition(session, job_id, S.PENDING, S.SUBMITTING)
+        store.transition(
+            session, job_id, S.SUBMITTING, S.QUEUED, request_id=RID, submitted_at=utcnow(),
+            status_url=f"{base}/status", response_url=base, cancel_url=f"{base}/cancel",
+        )  # fmt: skip
+    try:
+        assert poll(rt) == 1
+    finally:
+        rt.client.close()
+    assert evil.requests == []
+    assert hostile.count("GET", rf"{REQUESTS}/status") == 1
+    assert job(engine, job_id).state == S.RUNNING

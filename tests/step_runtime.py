@@ -1,0 +1,97 @@
+"""Driving the step functions directly against a fal (the simulator or the hostile provider).
+
+The CLI runs the same steps through Celery; tests that must act *between* steps (cancel while
+two requests run and six wait, look at a job right after its submit) call them one by one:
+``dispatch`` claims, ``submit`` sends, ``poll`` asks for status, ``cancel_jobs_of_cancelled_batches``
+cancels. Imported by basename (``tests/`` is on ``sys.path``, as for ``hostile``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from typing import Any
+
+from pydantic import SecretStr
+from sqlalchemy import Engine
+
+from jobs import store
+from jobs.settings import Settings
+from worker.fal.client import FalClient
+from worker.fal.storage import FalStorage, MediaPreparer
+from worker.steps import Runtime
+
+#: Timing that makes a step-driven test take a fraction of a second per round.
+FAST: dict[str, Any] = {
+    "poll_min_interval": 0.05,
+    "poll_max_interval": 0.2,
+    "tick_interval": 0.05,
+    "retry_base_delay": 0.0,
+    "submit_rate": 100.0,
+    "queue_wait_backoff": 0.0,
+}
+
+
+def settings_for(url: str, key: str, **overrides: Any) -> Settings:
+    """Settings pointing the queue and REST APIs at ``url``, with ``key`` and fast timing."""
+    return Settings(
+        FAL_KEY=SecretStr(key),
+        fal_queue_url=url,
+        fal_rest_url=url,
+        **{**FAST, **overrides},
+    )
+
+
+def make_runtime(engine: Engine, settings: Settings, client: FalClient | None = None) -> Runtime:
+    """A runtime whose submit and download "tasks" are not run (tests call the steps themselves)."""
+    client = client or FalClient.from_settings(settings)
+    media = MediaPreparer.for_storage(FalStorage(client), inline_max_bytes=settings.inline_max_bytes)
+    return Runtime(
+        engine=engine,
+        client=client,
+        settings=settings,
+        enqueue_submit=lambda _job_id: None,
+        enqueue_download=lambda _job_id: None,
+        media=media,
+    )
+
+
+def add_batch(engine: Engine, name: str, jobs: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """A batch of ``(endpoint, input)`` jobs, stored as ``submit`` would; returns its id."""
+    with store.session_scope(engine) as session:
+        batch, _ = store.get_or_create_batch(
+            session, name=name, manifest_path=f"{name}.yaml", manifest_sha256="0" * 64, budget_max_usd=None
+        )
+        store.add_jobs(
+            session,
+            batch.id,
+            (
+                store.NewJob(
+                    key=f"{i:064x}",
+                    item_index=i,
+                    endpoint=endpoint,
+                    input=payload,
+                    est_billing_units=Decimal(5),
+                    est_usd=Decimal("0.25"),
+                )
+                for i, (endpoint, payload) in enumerate(jobs)
+            ),
+        )
+        return batch.id
+
+
+def job_states(engine: Engine, batch_id: str) -> dict[str, int]:
+    """Jobs per state (only states that have some)."""
+    with store.session_scope(engine) as session:
+        return {k: v for k, v in store.counts_by_state(session, batch_id).items() if v}
+
+
+def wait_until(predicate: Callable[[], bool], *, step: Callable[[], object], timeout: float = 15.0) -> None:
+    """Run ``step`` until ``predicate`` holds; fail with the last state after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout}s")
+        step()
+        time.sleep(0.02)

@@ -1,0 +1,140 @@
+"""The download guard: which addresses a download may reach, and what it accepts as a video."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hostile import HostileProvider, drip, raw_reply
+from hostile_fal import sample_video
+
+from jobs.errors import FinalProviderError, RetryableProviderError, StateConflict
+from worker.fal.storage import (
+    DownloadPolicy,
+    download,
+    guarded_client,
+    internal_address_kind,
+    is_video_container,
+)
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.3", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("192.168.0.10", "private"),
+        ("fd00::1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("0.0.0.0", "unspecified"),
+        ("224.0.0.251", "multicast"),
+        ("100.64.0.1", "non-public"),
+        ("8.8.8.8", None),
+        ("2606:4700::1111", None),
+    ],
+)
+def test_internal_addresses_are_recognised(address: str, kind: str | None) -> None:
+    assert internal_address_kind(address) == kind
+
+
+def fake_dns(monkeypatch: pytest.MonkeyPatch, answers: dict[str, list[str]]) -> None:
+    """Answer getaddrinfo for made-up names (other names resolve as usual)."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host in answers:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in answers[host]]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_every_address_of_a_name_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_dns(monkeypatch, {"cdn.example": ["93.184.216.34", "10.0.0.7"]})
+    policy = DownloadPolicy()
+    with pytest.raises(FinalProviderError, match=r"cdn\.example \(10\.0\.0\.7\): a private address"):
+        policy.addresses("cdn.example", 443)
+    assert DownloadPolicy(allowed_hosts=("*.example",)).addresses("cdn.example", 443) == [
+        "93.184.216.34",
+        "10.0.0.7",
+    ]
+
+
+def test_fal_hosts_and_listed_hosts_may_be_internal() -> None:
+    policy = DownloadPolicy.for_urls(["http://127.0.0.1:8000", "https://rest.fal.ai"], None)
+    assert policy.addresses("127.0.0.1", 8000) == ["127.0.0.1"]
+    with pytest.raises(FinalProviderError, match="loopback"):
+        policy.check_host("127.0.0.3")
+    strict = DownloadPolicy.for_urls(["https://queue.fal.run"], ["*.fal.media"])
+    strict.check_host("v3.fal.media")
+    strict.check_host("queue.fal.run")
+    with pytest.raises(FinalProviderError, match="not in the allow-list"):
+        strict.check_host("example.com")
+
+
+def test_the_connection_goes_to_the_checked_address(
+    monkeypatch: pytest.MonkeyPatch, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    # A name no real DNS knows: the socket can only reach the server through our own resolution,
+    # so the address checked is the address connected to (a rebinding answer is never consulted).
+    fake_dns(monkeypatch, {"videos.example": [hostile.host]})
+    video = sample_video()
+    hostile.route("GET", r"/v\.mp4", raw_reply(video))
+    policy = DownloadPolicy(allowed_hosts=("videos.example",))
+    result = download(
+        f"http://videos.example:{hostile.port}/v.mp4", tmp_path / "v.mp4", max_bytes=1 << 20, policy=policy
+    )
+    assert result.size == len(video)
+    (get,) = hostile.requests
+    assert get.headers["host"] == f"videos.example:{hostile.port}"
+    assert get.headers["accept-encoding"] == "identity"
+    # unlisted, the same name is refused before any connection
+    with pytest.raises(FinalProviderError, match="loopback"):
+        download(f"http://videos.example:{hostile.port}/v.mp4", tmp_path / "w.mp4", max_bytes=1 << 20)
+    assert len(hostile.requests) == 1
+
+
+def test_guarded_client_refuses_internal_addresses_on_its_own(hostile: HostileProvider) -> None:
+    with guarded_client(DownloadPolicy(), httpx.Timeout(5)) as client, pytest.raises(FinalProviderError):
+        client.get(hostile.url)
+    assert hostile.requests == []
+
+
+@pytest.mark.parametrize(
+    ("head", "video"),
+    [
+        (b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00", True),
+        (b"\x00\x00\x00\x08wide\x00\x00\x00\x00mdat", True),
+        (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01", True),
+        (b"<!DOCTYPE html><html>", False),
+        (b'{"error": "denied"}', False),
+        (b"", False),
+    ],
+)
+def test_video_containers_are_recognised(head: bytes, video: bool) -> None:
+    assert is_video_container(head) is video
+
+
+def test_total_timeout_and_progress_abort_cleanly(hostile: HostileProvider, tmp_path: Path) -> None:
+    video = sample_video()
+    hostile.route("GET", r"/slow\.mp4", drip(video, chunk=64, every=0.05))
+    policy = DownloadPolicy.for_urls([hostile.url], None)
+    with pytest.raises(RetryableProviderError, match=r"longer than 0\.3 s"):
+        download(
+            f"{hostile.url}/slow.mp4", tmp_path / "a.mp4", max_bytes=1 << 20, policy=policy, total_timeout=0.3
+        )
+
+    def lost(_size: int) -> None:
+        raise StateConflict("lease lost")
+
+    with pytest.raises(StateConflict):
+        download(
+            f"{hostile.url}/slow.mp4", tmp_path / "b.mp4", max_bytes=1 << 20, policy=policy, progress=lost
+        )
+    assert list(tmp_path.iterdir()) == []  # neither attempt left a file behind
