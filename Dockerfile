@@ -12,8 +12,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # so no compiler or system library is installed. The sources are only needed to build the
 # package: they are installed into site-packages and then removed.
 COPY pyproject.toml README.md* /tmp/src/
+COPY cli /tmp/src/cli
 COPY jobs /tmp/src/jobs
 COPY worker /tmp/src/worker
+COPY falsim /tmp/src/falsim
 COPY migrations /tmp/src/migrations
 RUN pip install /tmp/src && rm -rf /tmp/src
 

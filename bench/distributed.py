@@ -222,8 +222,8 @@ class RequestCounter:
 @contextlib.contextmanager
 def counting_simulator(scenario: Scenario) -> Iterator[tuple[Any, RequestCounter]]:
     """The simulator in a thread of this process, with every request counted by kind."""
-    from worker.simulator import server
-    from worker.simulator.options import SimulatorOptions
+    from falsim import server
+    from falsim.options import SimulatorOptions
 
     counter = RequestCounter()
     original = server.build_app
@@ -281,7 +281,7 @@ def wanbatch_command() -> list[str]:
     script = Path(sys.executable).with_name("wanbatch")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "from worker.cli import main; main()"]
+    return [sys.executable, "-c", "from cli import main; main()"]
 
 
 def environment(
@@ -439,8 +439,8 @@ def events_by_pid(
 ) -> tuple[dict[str, Counter[str]], float, dict[str, float]]:
     """JobEvent counts per worker pid and state, the busy span (first submit to last terminal),
     and the median seconds of each step of a job's life (where the time goes)."""
-    from jobs import store
-    from jobs.batches import open_engine
+    from jobs import db
+    from jobs.db import open_engine
     from jobs.models import Job, JobEvent
     from jobs.settings import Settings
 
@@ -448,7 +448,7 @@ def events_by_pid(
     by_pid: dict[str, Counter[str]] = {}
     first: Any = None
     last: Any = None
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         rows = session.execute(
             select(JobEvent.job_id, JobEvent.worker, JobEvent.to_state, JobEvent.at)
             .order_by(JobEvent.id)

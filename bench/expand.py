@@ -190,7 +190,7 @@ def count_rows(url: str, batch_id: str) -> int:
     """Jobs actually stored for the batch, read back independently of ``submit``'s own figures."""
     from sqlalchemy import text
 
-    from jobs.store import make_engine
+    from jobs.db import make_engine
 
     engine = make_engine(url)
     try:
@@ -249,7 +249,8 @@ def _phase_submit(manifest: Path, url: str) -> tuple[Callable[[], Any], Callable
     """``submit_manifest``; setup opens (and, on a fresh database, migrates) the engine first."""
 
     def setup() -> Any:
-        from jobs.batches import open_engine, submit_manifest
+        from jobs.batches import submit_manifest
+        from jobs.db import open_engine
         from jobs.settings import Settings
 
         settings = Settings(database_url=url)

@@ -13,19 +13,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from jobs import store
-from jobs.db import safe_url
+from jobs import db, store
+from jobs.db import open_engine
 from jobs.endpoints import get_endpoint
 from jobs.errors import ConfigError, ManifestError, UsageError
-from jobs.manifest import JobSpec, ValidationReport, job_key, load_manifest, validate_manifest
+from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.models import Batch, BatchState, utcnow
 from jobs.pricing import Totals, estimate_job
 from jobs.settings import Settings, get_settings
@@ -33,29 +30,6 @@ from jobs.states import JobState
 
 #: Bytes the output-folder probe writes and syncs: enough that a full disk says so.
 OUTPUT_PROBE_BYTES = 64 * 1024
-
-
-@lru_cache(maxsize=8)
-def _engine_for(url: str) -> Engine:
-    engine = store.make_engine(url)  # ConfigError for a URL that is not SQLite or PostgreSQL
-    try:
-        store.migrate(engine)
-    except (DBAPIError, OSError) as exc:  # unreachable, refused, no such database, unwritable…
-        engine.dispose()
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        raise ConfigError(
-            f"WANBATCH_DATABASE_URL {safe_url(url)}: cannot open the database: "
-            f"{reason[0] if reason else type(exc).__name__}"
-        ) from None
-    return engine
-
-
-def open_engine(settings: Settings | None = None) -> Engine:
-    """The engine of the system of record, migrated to head (once per process and URL).
-
-    :class:`ConfigError` (one line, exit 2) when the database cannot be reached or used.
-    """
-    return _engine_for((settings or get_settings()).database_url)
 
 
 def input_dirs(allowed_dirs: Iterable[Path] = (), settings: Settings | None = None) -> tuple[Path, ...]:
@@ -244,7 +218,7 @@ def submit_manifest(
     manifest = report.manifest
     assert manifest is not None
     engine = open_engine(settings)
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         batch, created = store.get_or_create_batch(
             session,
             name=manifest.name,
@@ -314,15 +288,10 @@ def batch_report(session: Session, batch_id: str) -> dict[str, Any]:
 def status(ref: str | None, settings: Settings | None = None) -> list[dict[str, Any]]:
     """Reports for one batch (``ref`` = id, id prefix or name) or, with no ref, for every batch."""
     engine = open_engine(settings)
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         if ref is not None:
             return [batch_report(session, store.get_batch(session, ref).id)]
         return [batch_report(session, b.id) for b in store.list_batches(session)]
-
-
-def manifest_name(path: str | Path) -> str:
-    """The batch name a manifest declares (cheap: does not expand items)."""
-    return load_manifest(path).name
 
 
 def rerun_batch(
@@ -342,7 +311,7 @@ def rerun_batch(
     (default: the parent's cap), which is how jobs a cap cancelled get another chance.
     """
     engine = open_engine(settings)
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         parent = store.get_batch(session, ref)
         siblings = sum(1 for b in store.list_batches(session) if b.parent_batch_id == parent.id)
         name = f"{parent.name}-rerun-{siblings + 1}"

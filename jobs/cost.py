@@ -16,12 +16,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.endpoints import get_endpoint
-from jobs.models import Job
 from jobs.states import JobState
 
 ZERO = Decimal(0)
@@ -45,7 +43,7 @@ class CostLine:
     possible_duplicate_charges: int = 0
     possible_duplicate_usd: Decimal = ZERO
 
-    def add(self, job: _JobMoney) -> None:
+    def add(self, job: store.JobMoney) -> None:
         """Count one job in this line."""
         actual = job.actual_usd or ZERO
         self.jobs += 1
@@ -65,8 +63,8 @@ class CostLine:
                 self.cancelled_for_budget += job.error_type == "budget"
         else:
             self.in_flight += 1
-        self.possible_duplicate_charges += job.duplicates
-        self.possible_duplicate_usd += job.est_usd * job.duplicates
+        self.possible_duplicate_charges += job.possible_duplicate_charges
+        self.possible_duplicate_usd += job.est_usd * job.possible_duplicate_charges
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready; USD and units as exact decimal strings (cents are never lost to floats)."""
@@ -85,19 +83,6 @@ class CostLine:
             "possible_duplicate_charges": self.possible_duplicate_charges,
             "possible_duplicate_usd": str(self.possible_duplicate_usd.normalize()),
         }
-
-
-@dataclass(frozen=True, slots=True)
-class _JobMoney:
-    endpoint: str
-    resolution: str
-    state: JobState
-    error_type: str | None
-    est_usd: Decimal
-    est_units: Decimal
-    actual_usd: Decimal | None
-    actual_units: Decimal | None
-    duplicates: int
 
 
 @dataclass(slots=True)
@@ -139,33 +124,7 @@ def cost_report(session: Session, ref: str) -> CostReport:
     """The cost report of one batch (id, id prefix or name)."""
     batch = store.get_batch(session, ref)
     report = CostReport(batch.id, batch.name, batch.budget_max_usd)
-    rows = session.execute(
-        select(
-            Job.endpoint,
-            Job.input,
-            Job.state,
-            Job.error_type,
-            Job.est_usd,
-            Job.est_billing_units,
-            Job.actual_usd,
-            Job.actual_billing_units,
-            Job.possible_duplicate_charges,
-        )
-        .where(Job.batch_id == batch.id)
-        .execution_options(yield_per=1000)
-    )
-    for row in rows:
-        job = _JobMoney(
-            endpoint=row.endpoint,
-            resolution=_resolution(row.endpoint, row.input or {}),
-            state=JobState(row.state),
-            error_type=row.error_type,
-            est_usd=row.est_usd,
-            est_units=row.est_billing_units,
-            actual_usd=row.actual_usd,
-            actual_units=row.actual_billing_units,
-            duplicates=int(row.possible_duplicate_charges or 0),
-        )
+    for job in store.job_money(session, batch.id):
         report.total.add(job)
-        report.lines.setdefault((job.endpoint, job.resolution), CostLine()).add(job)
+        report.lines.setdefault((job.endpoint, _resolution(job.endpoint, job.input)), CostLine()).add(job)
     return report

@@ -1,4 +1,5 @@
-"""Connecting to the system of record: engines, sessions and schema migrations.
+"""Connecting to the system of record: engines, sessions, schema migrations and the locks
+that serialise processes (:class:`AdvisoryLock`).
 
 This module owns how wanbatch talks to a database *at all*; :mod:`jobs.store` owns *what* it
 says. Two dialects are supported and tested:
@@ -26,9 +27,11 @@ version is tightened on the next start (when this user owns it).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +39,15 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.errors import ConfigError
+from jobs.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 #: How long a SQLite connection waits for the write lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -228,3 +234,83 @@ def downgrade(engine: Engine, revision: str) -> None:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)
         conn.commit()
+
+
+@lru_cache(maxsize=8)
+def _engine_for(url: str) -> Engine:
+    engine = make_engine(url)  # ConfigError for a URL that is not SQLite or PostgreSQL
+    try:
+        migrate(engine)
+    except (DBAPIError, OSError) as exc:  # unreachable, refused, no such database, unwritable…
+        engine.dispose()
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise ConfigError(
+            f"WANBATCH_DATABASE_URL {safe_url(url)}: cannot open the database: "
+            f"{reason[0] if reason else type(exc).__name__}"
+        ) from None
+    return engine
+
+
+def open_engine(settings: Settings | None = None) -> Engine:
+    """The engine of the system of record, migrated to head (once per process and URL).
+
+    :class:`ConfigError` (one line, exit 2) when the database cannot be reached or used.
+    """
+    return _engine_for((settings or get_settings()).database_url)
+
+
+class AdvisoryLock:
+    """A PostgreSQL session-level advisory lock, held on a connection of its own.
+
+    Held until :meth:`release`, or until the connection dies: when the holder is killed (even
+    by ``kill -9``) the server ends its session and frees the lock, with no TTL to tune and no
+    clock to trust (https://www.postgresql.org/docs/current/explicit-locking.html#ADVISORY-LOCKS).
+    The connection runs in autocommit: a session lock needs no transaction, and one left "idle in
+    transaction" for as long as the lock is held would meet a server's idle timeout.
+    """
+
+    def __init__(self, engine: Engine, key: int) -> None:
+        self.engine = engine
+        self.key = key
+        self._conn: Connection | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this process held the lock at the last :meth:`acquire`."""
+        return self._conn is not None
+
+    def acquire(self) -> bool:
+        """Take the lock, or check that it is still ours; ``False`` while another session holds it.
+
+        Raises SQLAlchemy's errors when the database cannot be reached (the caller decides what
+        that means; :meth:`release` then forgets the dead connection).
+        """
+        if self._conn is not None:
+            self._conn.execute(text("SELECT 1"))  # still alive, still ours
+            return True
+        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar())
+        except BaseException:
+            conn.close()
+            raise
+        if got:
+            self._conn = conn
+        else:
+            conn.close()
+        return got
+
+    def release(self) -> None:
+        """Give the lock up: ending its session frees it.
+
+        The connection is invalidated, not just closed: a plain close would hand the session,
+        lock and all, back to the engine's pool, and nobody else could take the lock until this
+        process exits.
+        """
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.invalidate()
+                conn.close()
+            except Exception:  # already gone: so is the lock
+                log.debug("closing the advisory lock's connection failed", exc_info=True)

@@ -5,27 +5,42 @@ catch that one class, print its message and exit with its ``exit_code`` — a tr
 never the answer to bad input. Third-party errors are translated once, at the edge
 (``raise … from exc``).
 
-The tree::
+The tree — every class, exactly as the code has it (``tests/unit/test_error_tree.py`` checks that
+each subclass of :class:`WanbatchError` in the product is drawn here, under its own base). A class
+lives in this module unless ``[module]`` names another::
 
     WanbatchError                    exit 1 unless a branch says otherwise
     ├── UsageError                   exit 2: bad option, unknown batch, bad configuration
     │   ├── ConfigError              a WANBATCH_* setting (or FAL_KEY) is missing or malformed
-    │   └── NotFoundError            a batch or job id that does not exist
-    ├── ManifestError                exit 2: the manifest is invalid; carries every located issue
-    ├── StateConflict                a compare-and-set transition lost a race (someone else moved the job)
-    ├── BudgetExceeded               a submit would cross a budget cap
-    └── ProviderError                anything the provider (fal) said or did not say; see worker.fal.errors
+    │   ├── NotFoundError            a batch or job id that does not exist
+    │   └── ManifestError            the manifest is invalid; carries every located issue
+    ├── StateConflict                a fenced write found the job moved on (its lease lost mid-download)
+    ├── Interrupted                  [worker.running] exit 130: SIGINT/SIGTERM stopped the command
+    ├── LimiterUnavailableError      [worker.limits] the shared submit-rate limiter is unreachable: no submit
+    ├── OutputWriteError             [worker.outputs] a video or sidecar could not be written (disk full, …)
+    ├── SubmitNotSentError           [worker.fal.errors] the submit failed here before it was sent
+    └── ProviderError                anything the provider (fal) said or did not say
         ├── RetryableProviderError   transient: try again later (429, gateway 5xx, connect errors)
+        │   ├── ResultNotReadyError      [worker.fal.errors] the result endpoint said "not finished yet"
+        │   ├── DownloadIntegrityError   [worker.fal.errors] the output's size is not what fal described
+        │   └── RequestFailedError       [worker.fal.errors] fal's verdict: a new attempt may succeed
         ├── FinalProviderError       permanent: do not try again (422, 401/403, non-retryable model errors)
-        └── AmbiguousSubmitError     the submit POST may have been accepted: never resend blindly
+        │   ├── AccountLockedError       the account itself is refused: the batch pauses
+        │   ├── ResultExpiredError       [worker.fal.errors] fal no longer keeps the result
+        │   ├── RequestCancelledError    [worker.fal.errors] the request was cancelled
+        │   └── StartTimeoutError        [worker.fal.errors] our start timeout expired before a runner took it
+        ├── AmbiguousSubmitError     the submit POST may have been accepted: never resend blindly
+        └── ProviderProtocolError    [worker.fal.errors] an answer fal's protocol cannot produce
 
 The provider branches live here (not in ``worker``) because the domain's state machine decides
-what each of them means for a job, while only ``worker.fal`` raises them.
+what each of them means for a job; the specific subclasses, like every class only ``worker``
+raises, live beside the code that raises them (``worker.fal.errors`` classifies fal's answers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -101,6 +116,12 @@ class Issue:
         }
 
 
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or an empty string: an issue's hint."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 class ManifestError(UsageError):
     """The manifest cannot be used; ``issues`` lists every problem found in one pass."""
 
@@ -112,11 +133,7 @@ class ManifestError(UsageError):
 
 
 class StateConflict(WanbatchError):
-    """A transition expected the job in one state (or version) and found it moved on."""
-
-
-class BudgetExceeded(WanbatchError):
-    """Submitting would spend more than a budget cap allows."""
+    """A fenced write expected the job at one version (or lease) and found it moved on."""
 
 
 class ProviderError(WanbatchError):

@@ -301,11 +301,8 @@ def file_sha256(path: Path) -> str | None:
 @lru_cache(maxsize=65536)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str | None:
     del size, mtime_ns  # part of the cache key only
-    digest = hashlib.sha256()
     try:
         with Path(path).open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1024 * 1024), b""):
-                digest.update(chunk)
+            return hashlib.file_digest(fh, "sha256").hexdigest()
     except OSError:
         return None
-    return digest.hexdigest()

@@ -1,8 +1,9 @@
 """The database schema: batches, their jobs, each job's history, and uploaded files.
 
-The job row is the system of record (see ``reliability-notes.md`` §2.8): Celery messages only
-carry a job id, and every change of state goes through :func:`jobs.store.transition`, a
-compare-and-set on ``state`` (and optionally ``version``, the fencing token).
+The job row is the system of record: Celery messages only carry a job id (as Celery's guide
+advises: https://docs.celeryq.dev/en/stable/userguide/tasks.html#state), and every change of
+state goes through :func:`jobs.store.transition`, a compare-and-set on ``state`` (and optionally
+``version``, the fencing token).
 
 Three column types exist because PostgreSQL and SQLite differ where it matters here:
 

@@ -1,19 +1,23 @@
-"""Every query wanbatch makes: batches, jobs, claims, transitions, money, uploads.
+"""Every query wanbatch makes: batches, jobs, claims, state changes, money, uploads.
 
-This is the only module that builds SQL (connection plumbing lives in :mod:`jobs.db`, whose
-``make_engine``, ``migrate`` and ``session_scope`` are re-exported here so callers need one
-import). Nothing here commits: the caller's unit of work (``session_scope``) does, so a step's
-state change, its event row and any claim land together or not at all.
+This is the only module that builds SQL; :mod:`jobs.db` owns the connection plumbing (engines,
+sessions, migrations) and is imported from there. Nothing here commits: the caller's unit of
+work (``jobs.db.session_scope``) does, so a step's state change, its event row and any claim
+land together or not at all.
 
-Three rules make concurrent workers safe (``reliability-notes.md`` §2.4, §2.5):
+A job changes state through a verb named for what happened (:func:`mark_submitted`,
+:func:`retry_later`, :func:`fail_job`, :func:`give_back`, :func:`mark_cancelled`, …), each taking
+the :class:`Fence` its caller holds: the job, the state and the version it read, and who acts.
+Three rules make concurrent workers safe:
 
-* :func:`transition` is the only way a job changes state. It is a compare-and-set on the
-  expected state (and, when given, the expected ``version``): a late, duplicate or zombie worker
-  matches 0 rows and gets ``False`` instead of overwriting newer progress.
+* every verb is one compare-and-set, :func:`transition`, on the expected state and version: a
+  late, duplicate or zombie worker matches 0 rows and gets ``False`` instead of overwriting
+  newer progress;
 * ``version`` is the fencing token. It grows on every transition and every claim, so a worker
-  whose lease was taken over cannot write anything fenced with its old token.
+  whose lease was taken over cannot write anything fenced with its old token;
 * :func:`claim_jobs` hands each due job to exactly one claimer: ``FOR UPDATE SKIP LOCKED`` on
-  PostgreSQL, and SQLite's single writer (every transaction is ``BEGIN IMMEDIATE``) there.
+  PostgreSQL (https://www.postgresql.org/docs/current/sql-select.html#SQL-FOR-UPDATE-SHARE),
+  and SQLite's single writer (every transaction is ``BEGIN IMMEDIATE``) there.
 
 Job creation writes no event row: the job row itself (``created_at``, ``version`` 0, state
 ``pending``) records it. That keeps :func:`add_jobs` at one row per job, which is what lets a
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
@@ -51,7 +55,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from jobs.db import make_engine, migrate, session_scope
 from jobs.errors import NotFoundError
 from jobs.models import Batch, BatchState, Job, JobEvent, Money, Upload, new_id, utcnow
 from jobs.states import AT_PROVIDER_STATES, JobState, can_transition
@@ -59,6 +62,8 @@ from jobs.states import AT_PROVIDER_STATES, JobState, can_transition
 __all__ = [
     "BatchCost",
     "BatchMoney",
+    "Fence",
+    "JobMoney",
     "NewJob",
     "ReleasedLeases",
     "add_jobs",
@@ -72,6 +77,7 @@ __all__ = [
     "count_waiting_since",
     "counts_by_state",
     "extend_lease",
+    "fail_job",
     "failure_reasons",
     "find_job_by_request_id",
     "find_upload",
@@ -79,16 +85,25 @@ __all__ = [
     "get_batch",
     "get_job",
     "get_or_create_batch",
+    "give_back",
     "incremented",
     "job_events",
+    "job_money",
     "jobs_of_batch",
     "list_batches",
-    "make_engine",
-    "migrate",
+    "mark_cancelled",
+    "mark_cancelling",
+    "mark_completed",
+    "mark_running",
+    "mark_submit_unknown",
+    "mark_submitted",
+    "mark_submitting",
+    "mark_succeeded",
+    "record_result",
     "record_upload",
     "release_lease",
     "release_process_leases",
-    "session_scope",
+    "retry_later",
     "set_batch_budget",
     "set_batch_state",
     "take_lease",
@@ -362,6 +377,9 @@ def transition(
 ) -> bool:
     """Move a job from ``expected`` to ``new`` if (and only if) it is still there.
 
+    The one compare-and-set under every verb below (:func:`fail_job`, :func:`retry_later`, …),
+    which the product calls instead: each names what happened and fixes the fields it writes.
+
     Returns ``False`` when the job is no longer in ``expected`` (or no longer at
     ``expected_version``): someone else moved it, and the caller must re-read rather than act.
     On success the version grows by one, ``fields`` are written in the same UPDATE, a
@@ -423,6 +441,278 @@ def update_job_fields(session: Session, job_id: str, *, expected_version: int, *
         .execution_options(synchronize_session="fetch")
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- state changes, by intent
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A job as one worker holds it: every verb below is fenced by it, taken once.
+
+    ``state`` and ``version`` are what the worker read: a verb moves the job only if it is still
+    exactly there, and returns ``False`` otherwise (someone else moved it; re-read, never act).
+    ``owner`` is who acts: it is written on the event row, and a verb that leases the job
+    leases it to ``owner``.
+    """
+
+    job_id: str
+    state: JobState
+    version: int
+    owner: str | None = None
+
+    @classmethod
+    def of(cls, job: Job, owner: str | None = None) -> Fence:
+        """The fence of a job just read (or claimed) by ``owner``."""
+        return cls(job.id, JobState(job.state), job.version, owner)
+
+    def at(self, version: int) -> Fence:
+        """The same hold once the version moved on to ``version`` (e.g. by :func:`take_lease`)."""
+        return replace(self, version=version)
+
+
+#: Fields that let go of a job's lease.
+_UNLEASED: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+
+
+def _move(session: Session, fence: Fence, new: JobState, reason: str, **fields: Any) -> bool:
+    return transition(
+        session,
+        fence.job_id,
+        fence.state,
+        new,
+        reason=reason,
+        expected_version=fence.version,
+        worker=fence.owner,
+        **fields,
+    )
+
+
+def mark_submitting(
+    session: Session, fence: Fence, *, attempt: int, api_key_id: str, lease_expires_at: datetime
+) -> bool:
+    """``pending``/``retry_wait`` → ``submitting``: attempt number ``attempt`` is about to be sent
+    with ``api_key_id``, leased to ``fence.owner``. An earlier attempt's input is forgotten: each
+    attempt records what it sends right before its POST (:func:`take_lease`)."""
+    return _move(
+        session,
+        fence,
+        JobState.SUBMITTING,
+        f"attempt {attempt}",
+        attempts=attempt,
+        api_key_id=api_key_id,
+        submitted_input=None,
+        lease_owner=fence.owner,
+        lease_expires_at=lease_expires_at,
+    )
+
+
+def mark_submitted(
+    session: Session,
+    fence: Fence,
+    *,
+    running: bool,
+    request_id: str,
+    gateway_request_id: str | None,
+    status_url: str | None,
+    response_url: str | None,
+    cancel_url: str | None,
+    submitted_at: datetime,
+    next_poll_at: datetime,
+) -> bool:
+    """``submitting`` → ``queued`` (``running`` when fal started it at once): fal accepted the
+    request as ``request_id``. From ``submit_unknown`` it is the late answer to a POST the
+    reconciler had given up on: the proof that the request exists."""
+    late = "late answer: " if fence.state == JobState.SUBMIT_UNKNOWN else ""
+    return _move(
+        session,
+        fence,
+        JobState.RUNNING if running else JobState.QUEUED,
+        f"{late}accepted as {request_id}",
+        request_id=request_id,
+        gateway_request_id=gateway_request_id,
+        status_url=status_url,
+        response_url=response_url,
+        cancel_url=cancel_url,
+        submitted_at=submitted_at,
+        next_attempt_at=next_poll_at,
+        error=None,
+        error_type=None,
+        **_UNLEASED,
+    )
+
+
+def mark_submit_unknown(session: Session, fence: Fence, *, why: str, due_at: datetime) -> bool:
+    """``submitting`` → ``submit_unknown``: the POST may have been accepted (and billed), and
+    nothing says whether it was. Due at ``due_at`` for the policy, unless proof comes first."""
+    return _move(
+        session,
+        fence,
+        JobState.SUBMIT_UNKNOWN,
+        f"submit outcome unknown: {why}",
+        error=f"submission outcome unknown: {why}",
+        error_type="submit_unknown",
+        next_attempt_at=due_at,
+        **_UNLEASED,
+    )
+
+
+def retry_later(
+    session: Session,
+    fence: Fence,
+    *,
+    reason: str,
+    at: datetime | None = None,
+    possible_duplicate: bool = False,
+    **fields: Any,
+) -> bool:
+    """→ ``retry_wait``: submit again at ``at`` (at once when None), as a new attempt.
+
+    The new attempt is a new request, so its count of malformed status answers and failed
+    result calls (``download_attempts``) starts afresh. ``possible_duplicate``: the attempt it
+    replaces may have been accepted and billed (an ambiguous submit), so it is counted in
+    ``possible_duplicate_charges``. ``fields`` (the error, the cost so far) are written too.
+    """
+    extra: dict[str, Any] = {"download_attempts": 0, **fields}
+    if possible_duplicate:
+        extra["possible_duplicate_charges"] = incremented("possible_duplicate_charges")
+    return _move(session, fence, JobState.RETRY_WAIT, reason, next_attempt_at=at, **_UNLEASED, **extra)
+
+
+def fail_job(
+    session: Session,
+    fence: Fence,
+    *,
+    error: str,
+    error_type: str | None,
+    reason: str | None = None,
+    **fields: Any,
+) -> bool:
+    """→ ``failed``, for good: ``error`` says why (and is the event's reason unless ``reason`` is
+    given); ``fields`` record what else is known, such as the attempt's billed cost."""
+    return _move(
+        session,
+        fence,
+        JobState.FAILED,
+        error if reason is None else reason,
+        error=error,
+        error_type=error_type,
+        **fields,
+    )
+
+
+def give_back(
+    session: Session, fence: Fence, *, reason: str, due_at: datetime | None = None, **fields: Any
+) -> bool:
+    """``submitting`` → ``pending``, the attempt not counted: its POST never left this process
+    (a limit held it back, its input could not be prepared, the process stopped). Due again at
+    ``due_at`` (at once when None)."""
+    not_counted = case((Job.attempts > 0, Job.attempts - 1), else_=0)
+    return _move(
+        session,
+        fence,
+        JobState.PENDING,
+        reason,
+        attempts=not_counted,
+        next_attempt_at=due_at,
+        **_UNLEASED,
+        **fields,
+    )
+
+
+def mark_running(session: Session, fence: Fence, *, next_poll_at: datetime) -> bool:
+    """``queued`` → ``running``: fal said IN_PROGRESS. Its status is asked again at ``next_poll_at``."""
+    return _move(
+        session, fence, JobState.RUNNING, "running at fal", next_attempt_at=next_poll_at, **_UNLEASED
+    )
+
+
+def mark_completed(
+    session: Session,
+    fence: Fence,
+    *,
+    completed_at: datetime,
+    provider_metrics: dict[str, Any] | None,
+    error: str | None = None,
+    error_type: str | None = None,
+    lease_owner: str | None = None,
+    lease_expires_at: datetime | None = None,
+) -> bool:
+    """→ ``downloading``: fal finished the request (and billed it); its result is fetched next.
+
+    fal reports a failed request as COMPLETED with ``error``/``error_type``: they are kept on the
+    event, for the download step should the result itself be unobtainable. ``lease_owner``
+    marks a download already queued for it (see ``worker.steps.context.DOWNLOAD_QUEUE``). The
+    polling's count of malformed answers (``download_attempts``) is reset for the download.
+    """
+    failed = error is not None or error_type is not None
+    return _move(
+        session,
+        fence,
+        JobState.DOWNLOADING,
+        "completed at fal" + (f" with error {error_type}" if failed else ""),
+        details={"error": error, "error_type": error_type} if failed else None,
+        completed_at=completed_at,
+        provider_metrics=provider_metrics,
+        download_attempts=0,
+        lease_owner=lease_owner,
+        lease_expires_at=lease_expires_at,
+    )
+
+
+def mark_succeeded(
+    session: Session,
+    fence: Fence,
+    *,
+    output_path: str,
+    output_sha256: str,
+    output_bytes: int,
+    **cost: Any,
+) -> bool:
+    """``downloading`` → ``succeeded``: the video and its sidecar are saved; ``cost`` is what fal
+    billed over every attempt."""
+    return _move(
+        session,
+        fence,
+        JobState.SUCCEEDED,
+        "downloaded",
+        output_path=output_path,
+        output_sha256=output_sha256,
+        output_bytes=output_bytes,
+        error=None,
+        error_type=None,
+        **cost,
+    )
+
+
+def mark_cancelling(session: Session, fence: Fence, *, reason: str) -> bool:
+    """``queued``/``running`` → ``cancelling``: a cancel was asked of fal; its status (how the
+    request ended, and whether it was billed) is asked at once."""
+    return _move(session, fence, JobState.CANCELLING, reason, next_attempt_at=utcnow())
+
+
+def mark_cancelled(
+    session: Session, fence: Fence, *, reason: str, error: str, error_type: str | None, **fields: Any
+) -> bool:
+    """→ ``cancelled``, for good: a budget stopped it, or fal confirmed a cancel (``fields``: the
+    cancel's cost and what fal reported)."""
+    return _move(session, fence, JobState.CANCELLED, reason, error=error, error_type=error_type, **fields)
+
+
+def record_result(
+    session: Session, fence: Fence, *, output: dict[str, Any], seed: int | None, actual_prompt: str | None
+) -> bool:
+    """Keep fal's result of a ``downloading`` job (no state change): the video is fetched next,
+    with its own count of tries."""
+    return update_job_fields(
+        session,
+        fence.job_id,
+        expected_version=fence.version,
+        provider_output=output,
+        seed=seed,
+        actual_prompt=actual_prompt,
+        download_attempts=0,
+    )
 
 
 #: States of a job fal does not hold (or that we never heard back about): a cancel needs no call to fal.
@@ -587,28 +877,21 @@ def claim_jobs(
 
 
 def take_lease(
-    session: Session,
-    job_id: str,
-    *,
-    owner: str,
-    expected_version: int,
-    now: datetime,
-    lease_seconds: float,
-    **fields: Any,
-) -> int | None:
-    """Take a job's lease for one step, bumping ``version``; the new version, or None if lost.
+    session: Session, fence: Fence, *, now: datetime, lease_seconds: float, **fields: Any
+) -> Fence | None:
+    """Lease the job to ``fence.owner`` for one step, bumping ``version``: the new fence, or None if lost.
 
     Unlike :func:`update_job_fields` this *bumps* the fencing token, so of two workers that read
     the same version (a message delivered twice) exactly one wins: the other's write matches 0
-    rows. The step then fences everything it writes with the returned version. ``fields`` are
+    rows. The step then fences everything it writes with the returned fence. ``fields`` are
     written in the same UPDATE (e.g. the exact input about to be submitted).
     """
     _check_fields(fields)
     row = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.version == expected_version)
+        .where(Job.id == fence.job_id, Job.version == fence.version)
         .values(
-            lease_owner=owner,
+            lease_owner=fence.owner,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
             version=Job.version + 1,
             updated_at=utcnow(),
@@ -617,16 +900,14 @@ def take_lease(
         .returning(Job.version)
         .execution_options(synchronize_session="fetch")
     ).first()
-    return None if row is None else int(row.version)
+    return None if row is None else fence.at(int(row.version))
 
 
-def extend_lease(
-    session: Session, job_id: str, *, owner: str, expected_version: int, now: datetime, lease_seconds: float
-) -> bool:
-    """Heartbeat: push the lease out if ``owner`` still holds it at ``expected_version``."""
+def extend_lease(session: Session, fence: Fence, *, now: datetime, lease_seconds: float) -> bool:
+    """Heartbeat: push the lease out if ``fence.owner`` still holds it at ``fence.version``."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.version == expected_version)
+        .where(Job.id == fence.job_id, Job.lease_owner == fence.owner, Job.version == fence.version)
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session="fetch")
     )
@@ -634,16 +915,18 @@ def extend_lease(
 
 
 def release_lease(
-    session: Session, job_id: str, *, expected_version: int, next_attempt_at: datetime | None = None
+    session: Session, fence: Fence, *, next_attempt_at: datetime | None = None, **fields: Any
 ) -> bool:
-    """Give a claimed job back (e.g. a limit was reached) so that it is due again at ``next_attempt_at``."""
+    """Let go of a job where it is, due again at ``next_attempt_at`` (at once when None): a
+    limit was reached, or the step asks fal again later. ``fields`` record why (e.g. a count of
+    failed tries); no state change, no version bump."""
     return update_job_fields(
         session,
-        job_id,
-        expected_version=expected_version,
-        lease_owner=None,
-        lease_expires_at=None,
+        fence.job_id,
+        expected_version=fence.version,
         next_attempt_at=next_attempt_at,
+        **_UNLEASED,
+        **fields,
     )
 
 
@@ -685,22 +968,15 @@ def release_process_leases(
     ours = Job.lease_owner.startswith(owner_prefix, autoescape=True)
     unsent = in_flight = 0
     submitting = session.execute(
-        select(Job.id, Job.version, Job.attempts, Job.submitted_input.is_(None))
+        select(Job.id, Job.version, Job.submitted_input.is_(None))
         .where(Job.state == JobState.SUBMITTING, ours)
         .order_by(Job.id)
     ).all()
-    for job_id, version, attempts, not_sent in submitting:
-        moved = not_sent and transition(
+    for job_id, version, not_sent in submitting:
+        moved = not_sent and give_back(
             session,
-            job_id,
-            JobState.SUBMITTING,
-            JobState.PENDING,
-            expected_version=version,
+            Fence(job_id, JobState.SUBMITTING, version, worker),
             reason="given back: the process stopped before sending",
-            worker=worker,
-            attempts=max(0, attempts - 1),
-            lease_owner=None,
-            lease_expires_at=None,
         )
         if moved:
             unsent += 1
@@ -939,6 +1215,52 @@ def batch_cost(session: Session, batch_id: str) -> BatchCost:
         ).where(Job.batch_id == batch_id)
     ).one()
     return BatchCost(actual_usd=row[0], wasted_usd=row[1], cancelled_for_budget=int(row[2]))
+
+
+@dataclass(frozen=True, slots=True)
+class JobMoney:
+    """One job's money, as the cost report (``jobs.cost``) adds it up."""
+
+    endpoint: str
+    input: dict[str, Any]
+    state: JobState
+    error_type: str | None
+    est_usd: Decimal
+    est_units: Decimal
+    actual_usd: Decimal | None
+    actual_units: Decimal | None
+    possible_duplicate_charges: int
+
+
+def job_money(session: Session, batch_id: str) -> Iterator[JobMoney]:
+    """The money of every job of a batch, streamed (only the columns the cost report needs)."""
+    rows = session.execute(
+        select(
+            Job.endpoint,
+            Job.input,
+            Job.state,
+            Job.error_type,
+            Job.est_usd,
+            Job.est_billing_units,
+            Job.actual_usd,
+            Job.actual_billing_units,
+            Job.possible_duplicate_charges,
+        )
+        .where(Job.batch_id == batch_id)
+        .execution_options(yield_per=1000)
+    )
+    for row in rows:
+        yield JobMoney(
+            endpoint=row.endpoint,
+            input=row.input or {},
+            state=JobState(row.state),
+            error_type=row.error_type,
+            est_usd=row.est_usd,
+            est_units=row.est_billing_units,
+            actual_usd=row.actual_usd,
+            actual_units=row.actual_billing_units,
+            possible_duplicate_charges=int(row.possible_duplicate_charges or 0),
+        )
 
 
 # --------------------------------------------------------------------------- uploads

@@ -4,8 +4,9 @@ The checks are hand-written over :class:`~jobs.endpoints.FieldSpec` rather than 
 per item: a 100,000-job batch must validate in a second or two, and the messages must say what
 is allowed in the user's words (the field's own ``allowed()`` text), not pydantic's.
 
-:func:`check_input` knows nothing of manifests (the simulator can reuse it for a 422);
-:func:`validate_job` puts its findings at the line where each value was written.
+This module knows nothing of manifests: :func:`check_input` checks a mapping against an
+endpoint, and :func:`validate_input` puts each finding where a :class:`Location` says its value
+was written (``jobs.manifest`` builds the location of each expanded job).
 
 Type rules: ``bool`` is not an integer or a number (YAML ``yes`` is a bool, and ``seed: yes`` is
 a mistake), an integer is a number, and a float is never an integer (``num_frames: 81.0`` is
@@ -16,19 +17,14 @@ JSON types cannot store one, and no endpoint means one.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-from jobs.endpoints import EndpointSpec, FieldSpec, FieldType, get_endpoint
-from jobs.errors import Issue
+from jobs.endpoints import EndpointSpec, FieldSpec, FieldType
+from jobs.errors import Issue, did_you_mean
 from jobs.media import NUL_ALLOWED, NUL_MESSAGE, check_media
-
-if TYPE_CHECKING:
-    from jobs.manifest import JobSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,16 +37,18 @@ class FieldProblem:
     allowed: str | None
 
 
-def did_you_mean(word: str, choices: Mapping[str, object] | tuple[str, ...] | list[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where an input was written: its file, line and item, and where each field came from.
 
+    ``origins`` maps a field to the (file, line) that set it (a default, a matrix value, the
+    item's own line); a field absent from it is located at the item.
+    """
 
-@lru_cache(maxsize=64)
-def fields_of(endpoint_id: str) -> dict[str, FieldSpec]:
-    """The endpoint's fields by name (cached: ``EndpointSpec.field`` rebuilds its map per call)."""
-    return {f.name: f for f in get_endpoint(endpoint_id).fields}
+    file: str
+    line: int | None
+    item: int | None
+    origins: Mapping[str, tuple[str, int | None]] = field(default_factory=dict)
 
 
 MediaCache = dict[tuple[str, str, str], list[FieldProblem]]
@@ -83,7 +81,7 @@ def check_input(
     but their values are not checked (a path outside the allowed folders, already reported:
     its file must not even be opened).
     """
-    fields = fields_of(spec.id)
+    fields = spec.fields_by_name
     problems: list[FieldProblem] = []
     for name, value in values.items():
         if name in skip:
@@ -193,17 +191,23 @@ def _wrong_type(fld: FieldSpec, value: Any, expected: str) -> FieldProblem:
     return FieldProblem(fld.name, f"expected {expected}, got {got} {value!r}", value, fld.allowed())
 
 
-def validate_job(job: JobSpec, media_cache: MediaCache | None = None) -> list[Issue]:
-    """The located issues of one expanded job: each at the line its offending value came from."""
-    spec = get_endpoint(job.endpoint)
+def validate_input(
+    spec: EndpointSpec,
+    values: Mapping[str, Any],
+    where: Location,
+    media_cache: MediaCache | None = None,
+    *,
+    skip: Collection[str] = (),
+) -> list[Issue]:
+    """:func:`check_input`'s problems as issues, each at the line its offending value came from."""
     issues: list[Issue] = []
-    for problem in check_input(spec, job.input, media_cache, skip=job.refused):
-        file, line = job.origins.get(problem.field, (job.source, job.line))
+    for problem in check_input(spec, values, media_cache, skip=skip):
+        file, line = where.origins.get(problem.field, (where.file, where.line))
         issues.append(
             Issue(
                 file=file,
                 line=line,
-                item=job.item_index,
+                item=where.item,
                 field=problem.field,
                 message=problem.message,
                 value=problem.value,

@@ -17,8 +17,8 @@ from typing import Any
 
 from hostile import Behaviour, HostileProvider, Recorded, json_reply, raw_reply
 
+from falsim.media import Geometry, VideoFactory
 from jobs.endpoints.registry import app_base
-from worker.simulator.media import Geometry, VideoFactory
 
 COMPLETED = {"status": "COMPLETED", "logs": None, "metrics": {"inference_time": 2.5}}
 

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import SecretStr
 from sqlalchemy import Engine
 
-from jobs import store
+from jobs import db, store
 from jobs.settings import Settings
 from worker.fal.client import FalClient
 from worker.fal.storage import FalStorage, MediaPreparer
@@ -59,7 +59,7 @@ def make_runtime(engine: Engine, settings: Settings, client: FalClient | None = 
 
 def add_batch(engine: Engine, name: str, jobs: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """A batch of ``(endpoint, input)`` jobs, stored as ``submit`` would; returns its id."""
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         batch, _ = store.get_or_create_batch(
             session, name=name, manifest_path=f"{name}.yaml", manifest_sha256="0" * 64, budget_max_usd=None
         )
@@ -83,7 +83,7 @@ def add_batch(engine: Engine, name: str, jobs: Sequence[tuple[str, dict[str, Any
 
 def job_states(engine: Engine, batch_id: str) -> dict[str, int]:
     """Jobs per state (only states that have some)."""
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         return {k: v for k, v in store.counts_by_state(session, batch_id).items() if v}
 
 

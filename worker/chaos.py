@@ -32,8 +32,6 @@ import random
 import signal
 import threading
 
-import httpx
-
 from jobs.settings import get_settings
 
 #: Every point the steps call; a spec naming another point is a mistake, refused loudly.
@@ -48,7 +46,6 @@ _crash: dict[str, float] | None = None
 _stop: dict[str, float] = {}
 _lock = threading.Lock()
 _rng = random.Random()
-_http: httpx.Client | None = None
 
 
 def parse_points(spec: str | None) -> dict[str, float]:
@@ -77,11 +74,6 @@ def _load() -> dict[str, float]:
         return _crash
 
 
-def active() -> bool:
-    """True when this process has any crash or stop point enabled."""
-    return bool(_load() or _stop)
-
-
 def crash_point(name: str) -> None:
     """Die (or freeze) here with the configured probability; a no-op when chaos is off."""
     crash = _crash if _crash is not None else _load()
@@ -91,21 +83,3 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)  # resumes here on SIGCONT
     if _rng.random() < crash.get(name, 0.0):
         os._exit(CRASH_EXIT_CODE)
-
-
-def download_client(timeout: httpx.Timeout) -> httpx.Client | None:
-    """An HTTP client that passes ``mid_download`` once the video's headers arrive; None when off.
-
-    The download helper creates its temporary file before it sends the GET, so a crash here
-    leaves a real partial file behind — which must never be visible under the final name.
-    The client is shared by the process and lives as long as it (chaos runs only).
-    """
-    global _http
-    if not active():
-        return None
-    with _lock:
-        if _http is None:
-            _http = httpx.Client(
-                timeout=timeout, event_hooks={"response": [lambda _response: crash_point("mid_download")]}
-            )
-        return _http

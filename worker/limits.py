@@ -1,6 +1,7 @@
 """The global submit-rate limiter: GCRA, one clock, shared by every worker on every host.
 
-Why GCRA in our own Lua script rather than a library (reliability-notes.md §3):
+Why GCRA (https://en.wikipedia.org/wiki/Generic_cell_rate_algorithm) in our own Lua script rather
+than a library:
 
 * ``limits`` runs Lua on Redis, but its moving-window strategy passes the *client's*
   ``time.time()`` into the script: hosts with skewed clocks disagree about the window, which is

@@ -2,7 +2,7 @@
 
 File names are derived only from things we made (the batch name, slugified, and the job's item
 index and id), never from a name the provider supplied, so no response can steer a write outside
-``WANBATCH_OUTPUT_DIR`` (path traversal, reliability-notes §5.4).
+``WANBATCH_OUTPUT_DIR`` (path traversal: https://owasp.org/www-community/attacks/Path_Traversal).
 """
 
 from __future__ import annotations

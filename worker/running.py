@@ -36,8 +36,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from jobs import store
-from jobs.batches import batch_report, open_engine
+from jobs import db, store
+from jobs.batches import batch_report
+from jobs.db import open_engine
 from jobs.errors import ConfigError, WanbatchError
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -46,8 +47,6 @@ from worker.runtime import build_runtime
 from worker.steps.context import DOWNLOAD_QUEUE, process_identity
 
 log = logging.getLogger(__name__)
-
-SIMULATOR_KEY = "simulator-key"
 
 #: Exit code after SIGINT/SIGTERM: 128 + SIGINT, what shells report for a Ctrl-C'd command.
 EXIT_INTERRUPTED = 130
@@ -140,33 +139,6 @@ def stop_on_signals() -> Iterator[None]:
     _stop_requested.clear()
     for sig, handler in previous.items():
         signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def simulated(
-    settings: Settings, *, latency: float | None = 0.3, concurrency: int = 40
-) -> Iterator[Settings]:
-    """Start the bundled fal simulator and return settings pointed at it (``--simulate``)."""
-    from worker.simulator.options import SimulatorOptions
-    from worker.simulator.server import running_simulator
-
-    options = SimulatorOptions(concurrency_limit=concurrency, latency_seconds=latency)
-    with running_simulator(options) as sim:
-        yield settings.model_copy(
-            update={
-                "fal_queue_url": sim.url,
-                "fal_rest_url": sim.url,
-                "fal_key": settings.fal_key or _secret(SIMULATOR_KEY),
-                "poll_min_interval": min(settings.poll_min_interval, 0.2),
-                "tick_interval": min(settings.tick_interval, 0.1),
-            }
-        )
-
-
-def _secret(value: str) -> Any:
-    from pydantic import SecretStr
-
-    return SecretStr(value)
 
 
 def _describe_counts(counts: dict[str, int]) -> str:
@@ -306,7 +278,7 @@ def process_batch(
         _process_embedded(batch_id, settings, console, show_progress, stats)
     stats.wall_seconds = time.monotonic() - started
     engine = open_engine(settings)
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         report = batch_report(session, batch_id)
     return report, stats
 
@@ -354,7 +326,7 @@ def _give_back(rt: steps.Runtime, batch_id: str) -> str:
     unsent = released = 0
     try:
         while True:
-            with store.session_scope(rt.engine) as session:
+            with db.session_scope(rt.engine) as session:
                 got = store.release_process_leases(
                     session,
                     prefix,
@@ -367,7 +339,7 @@ def _give_back(rt: steps.Runtime, batch_id: str) -> str:
             if got.in_flight == 0 or time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
-        with store.session_scope(rt.engine) as session:
+        with db.session_scope(rt.engine) as session:
             at_fal = store.count_in_states(
                 session, [JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING], batch_id=batch_id
             )
@@ -429,7 +401,7 @@ def _watch(
                     report = steps.tick(tick, _stop_requested)
                     stats.ticks += 1
                     stats.status_calls += report.status_calls
-                with store.session_scope(engine) as session:
+                with db.session_scope(engine) as session:
                     current = batch_report(session, batch_id)
                 done = current["finished"]
                 progress.update(

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from jobs import store
-from jobs.batches import open_engine
+from jobs import db, store
+from jobs.db import open_engine
 from jobs.settings import Settings, get_settings
 from worker.fal.client import FalClient
 from worker.fal.storage import FalStorage, MediaPreparer
@@ -31,12 +31,12 @@ def build_runtime(
     client = FalClient.from_settings(settings, allow_missing_key=allow_missing_key)
 
     def lookup(sha256: str) -> str | None:
-        with store.session_scope(engine) as session:
+        with db.session_scope(engine) as session:
             upload = store.find_upload(session, sha256)
             return upload.provider_url if upload else None
 
     def record(sha256: str, url: str, size_bytes: int, content_type: str) -> None:
-        with store.session_scope(engine) as session:
+        with db.session_scope(engine) as session:
             store.record_upload(
                 session,
                 content_sha256=sha256,

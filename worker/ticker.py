@@ -18,8 +18,9 @@ import logging
 import threading
 from collections.abc import Callable
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Engine
 
+from jobs.db import AdvisoryLock
 from worker import steps
 
 log = logging.getLogger(__name__)
@@ -33,39 +34,26 @@ class LeaderLock:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._conn: Connection | None = None
+        self._lock = AdvisoryLock(engine, LEADER_LOCK_KEY)
 
     def acquire(self) -> bool:
         """True while this process is the leader; re-tries after a lost connection."""
         if self.engine.dialect.name != "postgresql":
             return True
+        led = self._lock.held
         try:
-            if self._conn is not None:
-                self._conn.execute(text("SELECT 1"))  # still alive, still ours
-                return True
-            # Autocommit: the lock is session-level, and the connection must not sit "idle in
-            # transaction" for as long as it leads (a server's idle timeout would end leadership).
-            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": LEADER_LOCK_KEY}).scalar())
-            if got:
-                self._conn = conn
-                log.info("this worker now leads the periodic tick")
-                return True
-            conn.close()
-            return False
+            leads = self._lock.acquire()
         except Exception:  # the database went away: we are not the leader until it is back
             log.warning("leader lock connection lost; will retry", exc_info=True)
             self.release()
             return False
+        if leads and not led:
+            log.info("this worker now leads the periodic tick")
+        return leads
 
     def release(self) -> None:
         """Give up leadership (closing the connection releases the advisory lock)."""
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                log.debug("closing the leader connection failed", exc_info=True)
-            self._conn = None
+        self._lock.release()
 
 
 class Ticker(threading.Thread):

@@ -6,10 +6,12 @@ endpoint file fails loudly at load time instead of silently mis-validating user 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
 from enum import StrEnum
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import yaml
@@ -194,11 +196,12 @@ class EndpointSpec(BaseModel):
 
     def field(self, name: str) -> FieldSpec | None:
         """The field called ``name``, or None."""
-        return self._by_name.get(name)
+        return self.fields_by_name.get(name)
 
-    @property
-    def _by_name(self) -> dict[str, FieldSpec]:
-        return {f.name: f for f in self.fields}
+    @cached_property
+    def fields_by_name(self) -> Mapping[str, FieldSpec]:
+        """The fields by name, in schema order; built once per spec (validation asks per value)."""
+        return MappingProxyType({f.name: f for f in self.fields})
 
     @property
     def media_fields(self) -> tuple[FieldSpec, ...]:

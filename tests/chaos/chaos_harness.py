@@ -266,7 +266,7 @@ class WorkerFleet:
     def _spawn(self, slot: WorkerSlot) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"worker-{slot.index}.log").open("ab")
-        args = [sys.executable, "-c", "from worker.cli import main; main()", "worker"]
+        args = [sys.executable, "-c", "from cli import main; main()", "worker"]
         args += ["--pool", "threads", "--concurrency", str(self.concurrency), "--loglevel", "WARNING"]
         env = {**self.env, **self.extra_env.get(slot.index, {})}
         slot.proc = subprocess.Popen(

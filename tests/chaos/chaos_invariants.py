@@ -33,7 +33,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from worker.simulator.engine import canonical_sha256
+from falsim.engine import canonical_sha256
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 KNOWN_FAILURE_OUTCOMES = {"error", "invalid", "cancelled", "timeout"}

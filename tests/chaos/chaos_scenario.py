@@ -28,10 +28,10 @@ import redis
 import yaml
 from chaos_harness import REPO, PostgresServer, RedisServer, WorkerFleet
 
-from jobs import batches
+from falsim.options import SimulatorOptions
+from falsim.server import SimulatorHandle, running_simulator
+from jobs import batches, db
 from jobs.settings import Settings
-from worker.simulator.options import SimulatorOptions
-from worker.simulator.server import SimulatorHandle, running_simulator
 
 FAL_KEY = "chaos-key-0b1f2e"
 REPORT_FILE = REPO / "bench" / "RESULTS-chaos.md"
@@ -181,7 +181,7 @@ def run(
             settings = Settings(database_url=postgres.url, output_dir=output)
             manifest = write_manifest(tmp_path, name, jobs)
             batches.submit_manifest(manifest, settings)
-            batches._engine_for(postgres.url).dispose()
+            db._engine_for(postgres.url).dispose()
             if faults:
                 sim.set_faults(faults)
             fleet = WorkerFleet(workers, worker_env, tmp_path / "logs", resume_after=resume_after)

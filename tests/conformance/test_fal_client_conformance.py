@@ -30,7 +30,7 @@ import pytest
 from fal_client.client import FalClientHTTPError
 from sample_inputs import INPUTS
 
-from worker.simulator import SimulatorHandle, SimulatorOptions, running_simulator
+from falsim import SimulatorHandle, SimulatorOptions, running_simulator
 
 KEY = "sim-conformance-key"
 

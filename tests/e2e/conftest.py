@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from e2e_helpers import EXAMPLES, FAL_KEY, FAST_ENV, MakeManifest, Wb, invoke, write_manifest
 
-from jobs.batches import _engine_for
+from falsim.options import SimulatorOptions
+from falsim.server import SimulatorHandle, running_simulator
+from jobs.db import _engine_for
 from jobs.settings import get_settings
-from worker.simulator.options import SimulatorOptions
-from worker.simulator.server import SimulatorHandle, running_simulator
 
 
 def _clear_caches() -> None:

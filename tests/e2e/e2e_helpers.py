@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import create_engine, text
 
-from jobs.cli import cli
+from cli import cli
 from jobs.settings import get_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,8 +70,6 @@ MakeManifest = Callable[[str, str], Path]
 
 def invoke(*args: str | Path) -> Run:
     """Run ``wanbatch ARGS`` in process; an unexpected exception fails the test with its trace."""
-    import worker.cli  # noqa: F401  (adds run, rerun, cancel, … to the group)
-
     get_settings.cache_clear()  # env changes inside a test take effect, as for a new process
     result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="wanbatch")
     if result.exception is not None and not isinstance(result.exception, SystemExit):

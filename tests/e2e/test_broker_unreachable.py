@@ -19,7 +19,7 @@ import pytest
 from e2e_helpers import MakeManifest, Wb, counts
 from sqlalchemy.exc import OperationalError
 
-from worker.simulator.server import SimulatorHandle
+from falsim.server import SimulatorHandle
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) leaves the repo root off the path

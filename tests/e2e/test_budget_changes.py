@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from e2e_helpers import MakeManifest, Wb, counts
 
-from worker.simulator.server import SimulatorHandle
+from falsim.server import SimulatorHandle
 
 # 6 jobs × $0.20 = $1.20: a $5.00 cap lets every one through, a $1.00 cap exactly five.
 SIX_JOBS = """\

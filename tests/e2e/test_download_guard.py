@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from e2e_helpers import MakeManifest, Wb, export_jsonl
 
+from falsim.server import SimulatorHandle
 from jobs.settings import get_settings
-from worker.simulator.server import SimulatorHandle
 
 ONE_JOB = """\
 name: guarded

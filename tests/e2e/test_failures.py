@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from e2e_helpers import MakeManifest, Wb, export_jsonl
 
-from worker.simulator.server import SimulatorHandle
+from falsim.server import SimulatorHandle
 
 ONE_JOB = """\
 name: {name}

@@ -20,7 +20,7 @@ from e2e_helpers import FAST_ENV, MakeManifest, Wb, export_jsonl
 from hostile import HostileProvider, json_reply
 from sqlalchemy import create_engine, inspect, text
 
-from worker.simulator.server import SimulatorHandle
+from falsim.server import SimulatorHandle
 
 KEY = "5f0c1d9a-7e2b-4c3d-8a9b-0c1d2e3f4a5b:4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b"
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from e2e_helpers import MakeManifest, Wb, counts, export_jsonl
 
-from worker.simulator.server import SimulatorHandle
+from falsim.server import SimulatorHandle
 
 # No seeds: the provider picks them, so reproducing the outputs needs the seeds it returned.
 TWO_JOBS = """\

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from e2e_helpers import EXAMPLES, MakeManifest, Wb, counts
 
-from worker.simulator.server import SimulatorHandle
+from falsim.server import SimulatorHandle
 
 LEAKY = """\
 name: leaky

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from e2e_helpers import MakeManifest, Wb, db_rows
 
-from worker.simulator.server import SimulatorHandle
+from falsim.server import SimulatorHandle
 
 OTHER = """name: big-other-batch
 endpoint: fal-ai/wan-22

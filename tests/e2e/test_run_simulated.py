@@ -21,7 +21,7 @@ import pytest
 from e2e_helpers import EXAMPLES, FAL_KEY, Wb, export_jsonl
 from sqlalchemy import create_engine, inspect, text
 
-from worker.simulator.server import SimulatorHandle
+from falsim.server import SimulatorHandle
 
 CONTRACT_COLUMNS = {
     "job_id",

@@ -28,9 +28,9 @@ import pytest
 from e2e_helpers import FAL_KEY, MakeManifest, db_rows
 from sqlalchemy.exc import OperationalError
 
-from worker.simulator.options import SimulatorOptions
-from worker.simulator.server import SimulatorHandle, running_simulator
-from worker.simulator.storage import StoredFile
+from falsim.options import SimulatorOptions
+from falsim.server import SimulatorHandle, running_simulator
+from falsim.storage import StoredFile
 
 JOBS = 8
 
@@ -39,7 +39,7 @@ def _command() -> list[str]:
     script = Path(sys.executable).with_name("wanbatch")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "from worker.cli import main; main()"]
+    return [sys.executable, "-c", "from cli import main; main()"]
 
 
 def _manifest(manifest: MakeManifest) -> Path:

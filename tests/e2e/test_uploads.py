@@ -8,8 +8,8 @@ import os
 import pytest
 from e2e_helpers import MakeManifest, Wb, db_rows, export_jsonl
 
+from falsim.server import SimulatorHandle
 from jobs.settings import get_settings
-from worker.simulator.server import SimulatorHandle
 
 SAME_IMAGE_TWICE = """\
 name: uploads

@@ -1,6 +1,6 @@
 """Bad usage gets one clear line and exit 2, never a traceback — through the real entry point.
 
-Each case runs the installed ``wanbatch`` console script in a subprocess (so ``worker.cli.main``,
+Each case runs the installed ``wanbatch`` console script in a subprocess (so ``cli.main``,
 click's own error handling and process exit codes are what a user gets), and asserts: exit code
 2, exactly one line on stderr, and no "Traceback" anywhere (issue #9).
 """
@@ -146,11 +146,11 @@ def test_help_and_version_still_work() -> None:
 def test_an_unexpected_error_is_one_line_with_the_details_in_a_file() -> None:
     """The safety net in main(): a bug is reported in one line (exit 70) and the trace is kept."""
     code = (
-        "import sys, jobs.batches, worker.cli\n"
+        "import sys, jobs.batches, cli\n"
         "def boom(*a, **k):\n    raise KeyError('no such thing')\n"
         "jobs.batches.status = boom\n"
         "sys.argv = ['wanbatch', 'status']\n"
-        "worker.cli.main()\n"
+        "cli.main()\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from jobs import store
+from jobs import db, store
 from jobs.models import utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -39,7 +39,7 @@ def _runtime(engine: Engine, sent: list[str], batch_ids: frozenset[str] | None, 
 
 
 def _batch(engine: Engine, name: str, n: int) -> tuple[str, list[str]]:
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         batch, _ = store.get_or_create_batch(
             session, name=name, manifest_path="m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
         )
@@ -62,12 +62,12 @@ def _batch(engine: Engine, name: str, n: int) -> tuple[str, list[str]]:
 
 
 def _states(engine: Engine, batch_id: str) -> dict[str, int]:
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         return {k: v for k, v in store.counts_by_state(session, batch_id).items() if v}
 
 
 def _move(engine: Engine, job_id: str, *path: JobState, **fields: Any) -> None:
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         for here, there in itertools.pairwise(path):
             assert store.transition(session, job_id, here, there, **(fields if there == path[-1] else {}))
 
@@ -79,7 +79,7 @@ def test_dispatch_claims_only_the_scope_but_the_cap_counts_every_batch(engine: E
     rt = _runtime(engine, sent, frozenset({mine}))
     assert len(dispatch(rt)) == 10
     assert _states(engine, other) == {"pending": 20}  # never touched
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         assert {store.get_job(session, j).batch_id for j in sent} == {mine}
 
     # The account's limit is global: the other batch's requests at fal leave no room.
@@ -108,13 +108,13 @@ def test_downloads_are_scheduled_for_the_scope_only(engine: Engine) -> None:
     queued: list[str] = []
     assert sorted(schedule_downloads(_runtime(engine, queued, frozenset({mine})))) == sorted(my_ids)
     assert sorted(queued) == sorted(my_ids)
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         assert all(store.get_job(session, j).lease_owner is None for j in other_ids)
 
 
 def test_an_empty_scope_claims_nothing(engine: Engine) -> None:
     _batch(engine, "any", 3)
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         got = store.claim_jobs(
             session, states=[S.PENDING], limit=10, now=utcnow(), owner="x", lease_seconds=60, batch_ids=[]
         )
@@ -125,18 +125,12 @@ def test_release_process_leases_gives_back_exactly_what_the_process_held(engine:
     mine, ids = _batch(engine, "mine", 7)
     _, other_ids = _batch(engine, "other", 1)
     me, someone = "host-a:4242:", "host-a:4243:"
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
 
         def lease(job_id: str, owner: str, **fields: Any) -> None:
             job = store.get_job(session, job_id)
             assert store.take_lease(
-                session,
-                job_id,
-                owner=owner,
-                expected_version=job.version,
-                now=utcnow(),
-                lease_seconds=600,
-                **fields,
+                session, store.Fence.of(job, owner), now=utcnow(), lease_seconds=600, **fields
             )
 
         # 0: claimed for submit by this process, POST not started -> pending, attempt given back
@@ -166,13 +160,13 @@ def test_release_process_leases_gives_back_exactly_what_the_process_held(engine:
             assert store.transition(session, other_ids[0], here, there)
         lease(other_ids[0], DOWNLOAD_QUEUE)
 
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         got = store.release_process_leases(
             session, me, batch_ids=[mine], queued_owner=DOWNLOAD_QUEUE, worker="test"
         )
     assert (got.unsent, got.released, got.in_flight) == (1, 3, 1)
 
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         jobs = {job_id: store.get_job(session, job_id) for job_id in [*ids, *other_ids]}
         assert jobs[ids[0]].state == S.PENDING
         assert jobs[ids[0]].attempts == 0
@@ -201,10 +195,10 @@ def test_release_process_leases_gives_back_exactly_what_the_process_held(engine:
 def test_an_owner_prefix_is_matched_literally(engine: Engine) -> None:
     """``_`` and ``%`` are LIKE wildcards; a host name may contain ``_``."""
     _, ids = _batch(engine, "lit", 2)
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         for job_id, owner in zip(ids, ["my_host:1:7", "myXhost:1:7"], strict=True):
             assert store.transition(session, job_id, S.PENDING, S.SUBMITTING, lease_owner=owner)
         got = store.release_process_leases(session, "my_host:1:")
     assert got.unsent == 1
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         assert store.get_job(session, ids[1]).lease_owner == "myXhost:1:7"

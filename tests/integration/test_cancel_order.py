@@ -16,11 +16,11 @@ import pytest
 from sqlalchemy import Engine, func, select
 from step_runtime import add_batch, job_states, make_runtime, settings_for, wait_until
 
-from jobs import store
+from falsim.options import SimulatorOptions
+from falsim.server import SimulatorHandle, running_simulator
+from jobs import db, store
 from jobs.models import BatchState, Job, JobEvent, utcnow
 from jobs.states import JobState
-from worker.simulator.options import SimulatorOptions
-from worker.simulator.server import SimulatorHandle, running_simulator
 from worker.steps import cancel_jobs_of_cancelled_batches, dispatch, poll, submit
 
 S = JobState
@@ -53,7 +53,7 @@ def test_cancel_never_bills_a_request_that_was_queued(engine: Engine, slow_sim: 
         before = slow_sim.ledger()
         waiting = {e["request_id"] for e in before["entries"] if e["started_at"] is None}
         assert len(waiting) == 6
-        with store.session_scope(engine) as session:
+        with db.session_scope(engine) as session:
             store.set_batch_state(session, batch_id, BatchState.CANCELLED, reason="cancelled by user")
 
         def one_round() -> None:
@@ -78,7 +78,7 @@ def test_cancel_never_bills_a_request_that_was_queued(engine: Engine, slow_sim: 
 def test_unsent_jobs_are_cancelled_set_based_with_their_events(engine: Engine) -> None:
     batch_id = add_batch(engine, "mixed", [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(6)])
     other_id = add_batch(engine, "untouched", [("fal-ai/wan-22", {"prompt": "q"})])
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         jobs = list(store.jobs_of_batch(session, batch_id))
         now = utcnow()
         # 0, 1 stay pending; 2 waits to be retried; 3 is mid-submit (a worker holds it).
@@ -89,13 +89,13 @@ def test_unsent_jobs_are_cancelled_set_based_with_their_events(engine: Engine) -
         store.transition(session, jobs[4].id, S.PENDING, S.SUBMITTING, reason="t")
         store.transition(session, jobs[4].id, S.SUBMITTING, S.SUBMIT_UNKNOWN, reason="t")
         store.set_batch_state(session, batch_id, BatchState.CANCELLED)
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         versions = {j.id: j.version for j in store.jobs_of_batch(session, batch_id)}
         moved = store.cancel_unsent_jobs(
             session, [batch_id], reason="batch cancelled", error="cancelled by user", error_type="cancelled"
         )
     assert moved == 5
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         after = {j.id: j for j in store.jobs_of_batch(session, batch_id)}
         assert after[jobs[3].id].state == S.SUBMITTING  # fal may be receiving it: not ours to end here
         for job in jobs[:3] + jobs[4:]:
@@ -121,7 +121,7 @@ def test_unsent_jobs_are_cancelled_set_based_with_their_events(engine: Engine) -
 def test_cancelling_100k_jobs_is_set_based(engine: Engine) -> None:
     n = 100_000
     batch_id = add_batch(engine, "huge", [("fal-ai/wan-22", {"prompt": "p"})] * n)
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         store.set_batch_state(session, batch_id, BatchState.CANCELLED)
     rt = make_runtime(engine, settings_for("http://127.0.0.1:9", KEY))  # nothing at fal: never called
     try:
@@ -133,7 +133,7 @@ def test_cancelling_100k_jobs_is_set_based(engine: Engine) -> None:
     print(f"cancelled {n:,} unsent jobs in {took:.2f}s")
     assert moved == n
     assert job_states(engine, batch_id) == {"cancelled": n}
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         events = session.execute(
             select(JobEvent.from_state, JobEvent.to_state, JobEvent.version, func.count())
             .join(Job, Job.id == JobEvent.job_id)

@@ -19,17 +19,17 @@ import pytest
 from click.testing import CliRunner
 from pydantic import SecretStr
 
-from jobs import batches, store
+from cli import cli
+from cli.output import money_line
+from falsim.options import SimulatorOptions
+from falsim.server import SimulatorHandle, running_simulator
+from jobs import batches, db, store
 from jobs.billing import Outcome, classify_failure, load_rules
-from jobs.cli import cli, money_line
 from jobs.cost import cost_report
 from jobs.pricing import estimate_job
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
-from worker.cli import main as _main  # noqa: F401  (registers the execution commands)
 from worker.running import process_batch
-from worker.simulator.options import SimulatorOptions
-from worker.simulator.server import SimulatorHandle, running_simulator
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
 CENT = Decimal("0.01")
@@ -131,8 +131,8 @@ def test_cost_report_equals_the_simulators_billed_ledger(
     submitted = batches.submit_manifest(path, settings)
     # Two jobs whose input the runner rejects (422 after GPU time: billed), stored directly as
     # if validation had missed it — the case fal warns "may still be charged".
-    engine = batches.open_engine(settings)
-    with store.session_scope(engine) as session:
+    engine = db.open_engine(settings)
+    with db.session_scope(engine) as session:
         bad: list[store.NewJob] = []
         for i, (endpoint, resolved) in enumerate(
             [
@@ -220,7 +220,7 @@ def test_budget_cap_holds_per_the_ledger_and_status_says_so(
     assert report["cancelled_for_budget"] == 3
     assert "3 job(s) cancelled: budget cap reached" in money_line(report)
     assert Decimal(str(report["spent_usd"])) == Decimal(ledger["billed_usd"])
-    with store.session_scope(batches.open_engine(settings)) as session:
+    with db.session_scope(db.open_engine(settings)) as session:
         cancelled = list(store.jobs_of_batch(session, submitted.batch_id, states=[JobState.CANCELLED]))
         assert {j.error_type for j in cancelled} == {"budget"}
         assert all("cap" in (j.error or "") for j in cancelled)

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from jobs import store
+from jobs import db, store
 from jobs.models import utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -35,7 +35,7 @@ def _runtime(engine: Engine, sent: list[str], **settings: Any) -> Runtime:
 
 
 def _batch_of(engine: Engine, n: int) -> list[str]:
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         batch, _ = store.get_or_create_batch(
             session, name="dispatch", manifest_path="m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
         )
@@ -56,7 +56,7 @@ def _batch_of(engine: Engine, n: int) -> list[str]:
 
 def _at_fal(engine: Engine, job_ids: list[str], state: JobState, waited: float) -> None:
     """Move jobs to ``state`` at fal as if submitted ``waited`` seconds ago."""
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         for job_id in job_ids:
             assert store.transition(session, job_id, S.PENDING, S.SUBMITTING)
             assert store.transition(
@@ -93,7 +93,7 @@ def test_dispatch_keeps_one_waiting_when_the_long_waiters_started_running(engine
     _at_fal(engine, ids[2:3], S.QUEUED, waited=90)  # still one long waiter, and it is the only one queued
     rt = _runtime(engine, [], queue_wait_backoff=60)
     assert dispatch(rt) == []  # one request already waits at fal: enough
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         assert store.transition(session, ids[2], S.QUEUED, S.RUNNING)
     assert len(dispatch(rt)) == 7  # nothing waits any more: the full cap again
 
@@ -107,7 +107,7 @@ def test_backoff_off_when_zero(engine: Engine) -> None:
 def test_the_outstanding_cap_is_per_api_key(engine: Engine) -> None:
     ids = _batch_of(engine, 30)
     _at_fal(engine, ids[:8], S.RUNNING, waited=1)
-    with store.session_scope(engine) as session:  # those 8 were sent with another account's key
+    with db.session_scope(engine) as session:  # those 8 were sent with another account's key
         for job_id in ids[:8]:
             job = store.get_job(session, job_id)
             assert store.update_job_fields(
@@ -116,7 +116,7 @@ def test_the_outstanding_cap_is_per_api_key(engine: Engine) -> None:
     sent: list[str] = []
     rt = _runtime(engine, sent, fal_key="key-of-this-deployment")
     assert len(dispatch(rt)) == 10  # the other key's 8 leave this key's cap of 10 untouched
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         mine = {store.get_job(session, job_id).api_key_id for job_id in sent}
     assert mine == {api_key_id(rt.settings)}
     assert "key-of-this-deployment" not in next(iter(mine))

@@ -95,14 +95,14 @@ def test_the_outstanding_cap_holds_across_workers(outcome: Outcome) -> None:
 
 
 def test_outputs_match_database_export_and_simulator(outcome: Outcome) -> None:
-    from jobs import store
-    from jobs.batches import open_engine
+    from jobs import db
+    from jobs.db import open_engine
     from jobs.models import Job
     from jobs.settings import Settings
 
     served = {e["request_id"]: e for e in outcome.ledger["entries"]}
     engine = open_engine(Settings(database_url=outcome.database_url))
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         jobs = {
             j.id: (j.request_id, j.output_path, j.output_sha256, j.seed)
             for j in session.scalars(select(Job).where(Job.batch_id == outcome.batch_id))

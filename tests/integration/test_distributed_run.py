@@ -29,7 +29,7 @@ from bench.distributed import (  # noqa: E402
     wanbatch_command,
     write_manifest,
 )
-from worker.simulator import SimulatorOptions, running_simulator  # noqa: E402
+from falsim import SimulatorOptions, running_simulator  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 

@@ -19,7 +19,7 @@ from hostile_fal import FakeFal
 from sqlalchemy import Engine
 from step_runtime import add_batch, make_runtime, settings_for, wait_until
 
-from jobs import store
+from jobs import db, store
 from jobs.models import utcnow
 from jobs.states import JobState
 from worker.steps import Runtime, dispatch, download, poll, submit
@@ -42,12 +42,12 @@ def completed_job(
 
 
 def state_of(engine: Engine, job_id: str) -> JobState:
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         return store.get_job(session, job_id).state
 
 
 def make_due(engine: Engine, job_id: str) -> None:
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         job = store.get_job(session, job_id)
         store.update_job_fields(session, job_id, expected_version=job.version, next_attempt_at=None)
 
@@ -62,14 +62,14 @@ def test_result_call_failures_are_retried_until_fals_retention_then_billed(
         # Within fal's retention: ask again, whatever the download-attempt budget says.
         for tries in (1, 2, 3):
             assert download(rt, job_id) == "result-retry"
-            with store.session_scope(engine) as session:
+            with db.session_scope(engine) as session:
                 job = store.get_job(session, job_id)
             assert job.state == JobState.DOWNLOADING
             assert job.download_attempts == tries
             assert job.attempts == 1
             make_due(engine, job_id)
         # Past it (fal completed the request 61 minutes ago): fail, with fal's bill.
-        with store.session_scope(engine) as session:
+        with db.session_scope(engine) as session:
             job = store.get_job(session, job_id)
             store.update_job_fields(
                 session, job_id, expected_version=job.version, completed_at=utcnow() - timedelta(minutes=61)
@@ -77,7 +77,7 @@ def test_result_call_failures_are_retried_until_fals_retention_then_billed(
         assert download(rt, job_id) == "failed"
     finally:
         rt.client.close()
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         job = store.get_job(session, job_id)
     assert job.state == JobState.FAILED
     assert job.error_type == "result_unavailable"
@@ -108,13 +108,12 @@ def test_a_download_that_lost_its_lease_stops_and_leaves_nothing(
         finally:
             second.client.close()
         # Someone else takes the job over (as after a lapsed lease): the first download stops.
-        with store.session_scope(engine) as session:
+        with db.session_scope(engine) as session:
             job = store.get_job(session, job_id)
             assert job.lease_owner == rt.owner
             taken = store.take_lease(
-                session, job_id, owner="other-worker", expected_version=job.version,
-                now=utcnow(), lease_seconds=60,
-            )  # fmt: skip
+                session, store.Fence.of(job, "other-worker"), now=utcnow(), lease_seconds=60
+            )
             assert taken is not None
         worker.join(timeout=10)
         assert not worker.is_alive()
@@ -122,7 +121,7 @@ def test_a_download_that_lost_its_lease_stops_and_leaves_nothing(
         rt.client.close()
     assert outcome == ["lost-lease"]
     assert list(folder.iterdir()) == []  # its own temporary file went with it
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         job = store.get_job(session, job_id)
     assert job.state == JobState.DOWNLOADING
     assert job.lease_owner == "other-worker"
@@ -161,7 +160,7 @@ def test_an_unwritable_output_folder_fails_the_job_with_the_reason_and_the_cost(
         assert download(rt, job_id) == "failed"
     finally:
         rt.client.close()
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         job = store.get_job(session, job_id)
     assert job.state == JobState.FAILED
     assert job.error_type == "output_write_failed"

@@ -142,8 +142,8 @@ def _run(
     kill_after: float | None = None,
     lease: float = 120.0,
 ) -> Run:
-    from worker.simulator.options import SimulatorOptions
-    from worker.simulator.server import running_simulator
+    from falsim.options import SimulatorOptions
+    from falsim.server import running_simulator
 
     out, logs = workdir / "outputs", workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from sim_helpers import AUTH, INPUTS, png_data_uri, wait_completed
 
+from falsim import SimulatorHandle, SimulatorOptions, running_simulator
 from jobs.endpoints import get_endpoint
-from worker.simulator import SimulatorHandle, SimulatorOptions, running_simulator
 
 FAST = {"latency_seconds": 0.05, "latency_jitter": 0.0, "concurrency_limit": 4, "rng_seed": 7}
 
@@ -444,7 +444,7 @@ def test_two_hundred_jobs_complete_quickly(make_sim: Callable[..., SimulatorHand
 
 
 def test_module_entry_point_serves_until_terminated() -> None:
-    """``python -m worker.simulator`` (what ``wanbatch simulator`` wraps) serves real requests."""
+    """``wanbatch simulator`` serves real requests until terminated."""
     import signal
     import subprocess
     import sys
@@ -452,18 +452,15 @@ def test_module_entry_point_serves_until_terminated() -> None:
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "worker.simulator",
+            "-c",
+            "from cli import main; main()",
+            "simulator",
             "--port",
             "0",
-            "--latency-seconds",
+            "--latency",
             "0.05",
-            "--locked-keys",
-            "broke,empty",
-            "--cancel-stops-running",
-            "false",
-            "--faults",
-            '{"submit_429": {"next": 1}}',
+            "--fault",
+            "submit_429=1",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -475,6 +472,9 @@ def test_module_entry_point_serves_until_terminated() -> None:
         assert line.startswith("fal simulator listening on http://127.0.0.1:"), line
         url = line.rsplit(" ", 1)[1].strip()
         with httpx.Client(headers=AUTH, timeout=10) as c:
+            # Options the command has no flag for are set at runtime, through the control API.
+            changes = {"locked_keys": ["broke", "empty"], "cancel_stops_running": False}
+            c.post(f"{url}/_sim/options", json=changes).raise_for_status()
             assert c.post(f"{url}/fal-ai/wan-22", json=INPUTS["fal-ai/wan-22"]).status_code == 429
             sub = c.post(f"{url}/fal-ai/wan-22", json=INPUTS["fal-ai/wan-22"]).json()
             wait_completed(c, sub["status_url"])
@@ -490,6 +490,8 @@ def test_module_entry_point_serves_until_terminated() -> None:
 
 
 def test_bad_cli_faults_are_refused() -> None:
-    from worker.simulator.__main__ import main
+    from click.testing import CliRunner
 
-    assert main(["--faults", '{"no_such_fault": {}}']) == 2
+    from cli import cli
+
+    assert CliRunner().invoke(cli, ["simulator", "--fault", "no_such_fault=1"]).exit_code == 2

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sim_helpers import AUTH, INPUTS, verify_webhook, wait_completed, webhook_receiver
 
-from worker.simulator import SimulatorHandle, SimulatorOptions, running_simulator
+from falsim import SimulatorHandle, SimulatorOptions, running_simulator
 
 EP = "fal-ai/wan-22"
 PAYLOAD = INPUTS[EP]

@@ -275,8 +275,9 @@ def test_claim_respects_schedule_and_lease(session: Session) -> None:
     assert [j.id for j in got] == [b.id]
 
     # w1 heartbeats a; w2 cannot extend what it does not hold.
-    assert store.extend_lease(session, a.id, owner="w1", expected_version=1, now=T0, lease_seconds=40)
-    assert not store.extend_lease(session, a.id, owner="w2", expected_version=1, now=T0, lease_seconds=99)
+    by_w1, by_w2 = (store.Fence(a.id, JobState.PENDING, 1, owner) for owner in ("w1", "w2"))
+    assert store.extend_lease(session, by_w1, now=T0, lease_seconds=40)
+    assert not store.extend_lease(session, by_w2, now=T0, lease_seconds=99)
     session.commit()
     none = store.claim_jobs(
         session,
@@ -303,7 +304,9 @@ def test_claim_respects_schedule_and_lease(session: Session) -> None:
     assert store.transition(session, a.id, JobState.PENDING, JobState.SUBMITTING, expected_version=2)
 
     # Releasing gives a job back at once, or at a chosen time.
-    assert store.release_lease(session, b.id, expected_version=1, next_attempt_at=T0 + timedelta(minutes=5))
+    assert store.release_lease(
+        session, store.Fence(b.id, JobState.PENDING, 1), next_attempt_at=T0 + timedelta(minutes=5)
+    )
     session.commit()
     assert (
         store.claim_jobs(

@@ -25,7 +25,7 @@ from PIL import Image
 from sqlalchemy import Engine
 from step_runtime import add_batch, make_runtime, settings_for
 
-from jobs import store
+from jobs import db, store
 from jobs.batches import batch_report
 from jobs.errors import ConfigError
 from jobs.models import BatchState, utcnow
@@ -84,19 +84,19 @@ def poll_due(rt: Runtime) -> int:
 
 
 def history(engine: Engine, job_id: str) -> list[tuple[str, str]]:
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         return [(str(e.from_state), str(e.to_state)) for e in store.job_events(session, job_id)]
 
 
 def job(engine: Engine, job_id: str) -> Any:
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         found = store.get_job(session, job_id)
         session.expunge(found)
         return found
 
 
 def report(engine: Engine, batch_id: str) -> dict[str, Any]:
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         return batch_report(session, batch_id)
 
 
@@ -167,7 +167,7 @@ def test_the_runtime_refuses_to_start_without_a_key(engine: Engine, monkeypatch:
 
 
 def _only_job(engine: Engine, batch_id: str) -> str:
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         (only,) = store.jobs_of_batch(session, batch_id)
         return only.id
 
@@ -283,7 +283,7 @@ def test_403_on_upload_pauses_and_gives_the_job_back(
     assert status["state"] == "paused"
     assert "403" in status["pause_reason"]
     assert hostile.count("POST", r"/fal-ai/.*") == 0  # nothing submitted while the account is refused
-    with store.session_scope(engine) as session:
+    with db.session_scope(engine) as session:
         assert store.get_batch(session, batch_id).state == BatchState.PAUSED
 
 
@@ -301,7 +301,7 @@ def test_foreign_urls_in_a_submit_answer_never_get_the_key(
         batch_id, job_id = one_job(engine, rt)
         assert submit(rt, job_id) == "submitted"
         poll_due(rt)
-        with store.session_scope(engine) as session:
+        with db.session_scope(engine) as session:
             store.set_batch_state(session, batch_id, BatchState.CANCELLED)
         assert cancel_jobs_of_cancelled_batches(rt) == 1
     finally:
@@ -324,7 +324,7 @@ def test_stored_foreign_urls_are_not_followed(
     batch_id = add_batch(engine, "old-row", [(T2V, {"prompt": "p"})])
     job_id = _only_job(engine, batch_id)
     base = f"{evil.url}/{T2V}/requests/{RID}"
-    with store.session_scope(engine) as session:  # a row written before URLs were checked
+    with db.session_scope(engine) as session:  # a row written before URLs were checked
         store.transition(session, job_id, S.PENDING, S.SUBMITTING)
         store.transition(
             session, job_id, S.SUBMITTING, S.QUEUED, request_id=RID, submitted_at=utcnow(),

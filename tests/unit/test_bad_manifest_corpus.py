@@ -20,8 +20,7 @@ import pytest
 from PIL import Image
 
 from jobs.errors import ManifestError
-from jobs.manifest import load_manifest, validate_manifest
-from jobs.validation import validate_job
+from jobs.manifest import load_manifest, validate_job, validate_manifest
 
 CORPUS = Path(__file__).parent / "bad_manifests"
 CORPUS_FILES = sorted(CORPUS.glob("*.yaml"))

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from cli import install_key_redaction
 from jobs.settings import get_settings
-from worker.cli import install_key_redaction
 from worker.fal.redact import uninstall_redaction
 
 KEY = "fal-key-0123456789-abcdef:SECRET"

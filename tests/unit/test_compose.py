@@ -387,8 +387,7 @@ def test_real_fal_is_two_variables_away(raw: dict[str, Any]) -> None:
 
 
 def test_cli_accepts_the_worker_command(compose: dict[str, Any]) -> None:
-    from jobs.cli import cli
-    from worker import cli as _adds_worker_commands  # noqa: F401
+    from cli import cli
 
     args = _command(_services(compose)["worker"])[1:]
     command = cli.get_command(cli.make_context("wanbatch", list(args), resilient_parsing=True), args[0])
@@ -443,7 +442,7 @@ def simulator_service(compose: dict[str, Any]) -> Iterator[tuple[int, dict[str, 
     port = _free_port()
     args = [str(port) if a == "8787" else ("127.0.0.1" if a == "0.0.0.0" else a) for a in cmd[2:]]
     assert args != cmd[2:], "the simulator listens on 0.0.0.0:8787"
-    launcher = "from worker.cli import main; import sys; sys.argv[0] = 'wanbatch'; main()"
+    launcher = "from cli import main; import sys; sys.argv[0] = 'wanbatch'; main()"
     proc = subprocess.Popen(
         [sys.executable, "-c", launcher, "simulator", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

@@ -85,7 +85,7 @@ def test_unusable_urls_are_config_errors(url: str, phrase: str) -> None:
 
 
 def test_an_unreachable_database_is_a_config_error_without_the_password() -> None:
-    from jobs.batches import _engine_for
+    from jobs.db import _engine_for
 
     with pytest.raises(ConfigError) as caught:
         _engine_for("postgresql://user:hunter2@127.0.0.1:1/x")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from cli.output import eta_text
 from jobs.batches import _eta_seconds
-from jobs.cli import eta_text
 from jobs.models import utcnow
 
 

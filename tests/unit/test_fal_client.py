@@ -31,6 +31,7 @@ from worker.fal import (
     RetryPolicy,
     StartTimeoutError,
 )
+from worker.fal.errors import format_detail
 
 QUEUE = "https://queue.test"
 REST = "https://rest.test"
@@ -483,6 +484,18 @@ def test_stream_status_http_error_is_classified() -> None:
         list(client.stream_status(HANDLE))
 
 
+def test_stream_status_that_is_not_an_event_stream_says_so() -> None:
+    rec = Recorder(httpx.Response(200, json={"status": "IN_PROGRESS"}))
+    with make_client(rec) as client, pytest.raises(RetryableProviderError, match="not an event stream"):
+        list(client.stream_status(HANDLE))
+
+
+def test_stream_status_network_error_is_retryable() -> None:
+    rec = Recorder(httpx.ReadError("connection reset"))
+    with make_client(rec) as client, pytest.raises(RetryableProviderError, match="network error"):
+        list(client.stream_status(HANDLE))
+
+
 # ------------------------------------------------------------------------------------ result
 
 
@@ -735,3 +748,20 @@ def test_key_is_only_sent_to_fal_origins() -> None:
     with make_client(rec) as client:
         client.result(other)
     assert "authorization" not in rec.requests[0].headers
+
+
+# ------------------------------------------------------------------------------ error formatting
+
+
+def test_format_detail_puts_fastapi_field_errors_in_one_line() -> None:
+    detail: list[object] = [
+        {"loc": ["body", "duration"], "msg": "must be 5 or 10", "type": "value_error"},
+        {"loc": None, "msg": "no location"},
+        7,
+    ]
+    detail += [{"loc": ["body", f"f{i}"], "msg": "bad"} for i in range(5)]
+    text = format_detail(detail)
+    assert text == "duration: must be 5 or 10; no location; 7; f0: bad; f1: bad (+3 more)"
+    assert format_detail("as fal said it") == "as fal said it"
+    assert format_detail({"other": "shape"}) is None
+    assert format_detail(None) is None

@@ -18,10 +18,8 @@ from worker.fal import (
     FalStorage,
     MediaPreparer,
     RetryPolicy,
-    confined_path,
     download,
     prepare_input,
-    safe_output_name,
     to_data_uri,
 )
 
@@ -333,23 +331,3 @@ def test_download_refuses_redirect_to_another_scheme(tmp_path: Path) -> None:
     with pytest.raises(FinalProviderError, match="refusing"):
         download("https://cdn.test/evil-redirect", tmp_path / "o.mp4", max_bytes=1 << 20, client=cdn())
     assert leftovers(tmp_path) == []
-
-
-# ------------------------------------------------------------------------------------ naming
-
-
-def test_safe_output_name_uses_only_our_ids() -> None:
-    assert safe_output_name("b1", 42, 2, content_type="video/mp4") == "b1-42-a2.mp4"
-    assert safe_output_name("b1", "j1", content_type="video/webm; codecs=vp9") == "b1-j1.webm"
-    assert safe_output_name("b1", "j1", content_type="application/x-sh") == "b1-j1.bin"
-    nasty = safe_output_name("../../etc", "/abs/path\\x", 1, content_type="video/mp4")
-    assert "/" not in nasty
-    assert "\\" not in nasty
-    assert ".." not in nasty
-
-
-def test_confined_path(tmp_path: Path) -> None:
-    assert confined_path(tmp_path, "b1-j1.mp4") == tmp_path.resolve() / "b1-j1.mp4"
-    for bad in ["../x.mp4", "/etc/passwd", "..", "", "a/b.mp4"]:
-        with pytest.raises(UsageError):
-            confined_path(tmp_path, bad)

@@ -9,7 +9,7 @@ from pydantic import SecretStr
 from jobs.errors import ConfigError, FinalProviderError
 from jobs.settings import Settings, get_settings
 from worker.fal import FalClient, RequestHandle
-from worker.fal.client import SubmitNotSentError
+from worker.fal.errors import SubmitNotSentError
 from worker.fal.http import FalKeyAuth
 from worker.fal.models import valid_request_id
 from worker.fal.redact import MASK, redact_text, redact_value

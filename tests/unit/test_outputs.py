@@ -17,6 +17,15 @@ def test_batch_names_cannot_escape_the_output_dir(tmp_path: Path) -> None:
         assert tmp_path.resolve() in folder.parents
 
 
+def test_batch_name_slugs_carry_no_path(tmp_path: Path) -> None:
+    for hostile in ("../../etc", "/abs/path\\x", "..", "."):
+        name = outputs.slug(hostile)
+        assert "/" not in name
+        assert "\\" not in name
+        assert name not in ("", ".", "..")
+        assert outputs.batch_dir(tmp_path, hostile).parent == tmp_path.resolve()
+
+
 def test_video_names_come_from_our_ids_only(tmp_path: Path) -> None:
     path = outputs.video_path(tmp_path, "sweep", 7, "0123456789abcdef0123")
     assert path.name == "000007-0123456789ab.mp4"

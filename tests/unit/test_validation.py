@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from jobs.endpoints import FieldType, get_endpoint
+from jobs.errors import did_you_mean
 from jobs.media import MediaKind, check_data_uri, check_file, check_media, check_url, classify, file_sha256
-from jobs.validation import check_input, check_value, did_you_mean
+from jobs.validation import check_input, check_value
 
 I2V = get_endpoint("fal-ai/wan-i2v")
 W25 = get_endpoint("fal-ai/wan-25-preview/image-to-video")

@@ -13,19 +13,12 @@ from worker.fal.errors import (
     ResultExpiredError,
     ResultNotReadyError,
     StartTimeoutError,
+    SubmitNotSentError,
 )
 from worker.fal.http import FalKeyAuth, RetryPolicy
 from worker.fal.models import CancelOutcome, DownloadResult, RequestHandle, Status, Submitted
 from worker.fal.redact import KeyRedactionFilter, install_redaction, redact_text, uninstall_redaction
-from worker.fal.storage import (
-    FalStorage,
-    MediaPreparer,
-    confined_path,
-    download,
-    prepare_input,
-    safe_output_name,
-    to_data_uri,
-)
+from worker.fal.storage import FalStorage, MediaPreparer, download, prepare_input, to_data_uri
 
 __all__ = [
     "CancelOutcome",
@@ -45,13 +38,12 @@ __all__ = [
     "RetryPolicy",
     "StartTimeoutError",
     "Status",
+    "SubmitNotSentError",
     "Submitted",
-    "confined_path",
     "download",
     "install_redaction",
     "prepare_input",
     "redact_text",
-    "safe_output_name",
     "to_data_uri",
     "uninstall_redaction",
 ]

@@ -36,7 +36,6 @@ import httpx_sse
 
 from jobs.errors import (
     AmbiguousSubmitError,
-    FinalProviderError,
     ProviderError,
     RetryableProviderError,
     UsageError,
@@ -45,16 +44,17 @@ from jobs.errors import (
 from jobs.settings import Settings, get_settings
 from worker.fal.errors import (
     ProviderProtocolError,
+    SendTrace,
+    SubmitNotSentError,
     classify_poll,
     classify_result,
     classify_submit,
     json_body,
     load_json,
+    map_transport_errors,
     parse_body,
     poll_should_retry,
     result_should_retry,
-    translate_submit_transport,
-    translate_transport,
 )
 from worker.fal.http import (
     DEFAULT_SLEEP,
@@ -83,67 +83,6 @@ HandleLike = RequestHandle | Submitted
 
 def _handle(value: HandleLike) -> RequestHandle:
     return value.handle if isinstance(value, Submitted) else value
-
-
-class SubmitNotSentError(WanbatchError):
-    """The submit failed in this process before its request was written: a closed HTTP client,
-    an input that cannot be encoded, a header httpx refuses. fal cannot have queued or billed
-    anything, so the job may be given back as never sent (no attempt counted)."""
-
-
-class _SendProgress:
-    """httpcore's ``trace`` extension for one request: which phases of sending it began or ended.
-
-    Transports that do not report (``httpx.MockTransport``) leave it empty, and the caller then
-    falls back on what the exception's type says.
-    """
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def __call__(self, name: str, info: Mapping[str, Any]) -> None:
-        self.events.append(name)
-
-    @property
-    def traced(self) -> bool:
-        return bool(self.events)
-
-    @property
-    def body_sent(self) -> bool:
-        """Whether every byte of the request was handed to the network (``*.send_request_body.complete``)."""
-        return any(name.endswith("send_request_body.complete") for name in self.events)
-
-
-def _submit_failure(exc: Exception, progress: _SendProgress) -> WanbatchError:
-    """What an exception raised while sending the submit POST means: not sent, or ambiguous.
-
-    fal can only queue a request whose body it received whole. When the transport traced the
-    send and the body never completed, nothing was queued — whatever the exception (a write
-    error, a reset, a refused header). Only once the body went out is a lost answer ambiguous.
-    """
-    name = type(exc).__name__
-    local = isinstance(exc, httpx.LocalProtocolError) or not isinstance(exc, httpx.HTTPError)
-    if progress.traced and not progress.body_sent:
-        if local:
-            return SubmitNotSentError(f"fal submit: not sent, failed in this process ({name}): {exc}")
-        translated = translate_submit_transport(exc) if isinstance(exc, httpx.TransportError) else None
-        if translated is None or isinstance(translated, AmbiguousSubmitError):
-            return RetryableProviderError(
-                f"fal submit: not sent, the connection failed before the request was written ({name}): {exc}"
-            )
-        return translated
-    if progress.body_sent:
-        if isinstance(exc, httpx.TransportError):
-            return translate_submit_transport(exc)
-        return AmbiguousSubmitError(
-            f"fal submit: the request was sent but its answer could not be read ({name}): {exc}"
-        )
-    # An untraced transport: only the exception's type can tell.
-    if local:
-        return SubmitNotSentError(f"fal submit: not sent, failed in this process ({name}): {exc}")
-    if isinstance(exc, httpx.TransportError):
-        return translate_submit_transport(exc)
-    return AmbiguousSubmitError(f"fal submit: the answer could not be read ({name}): {exc}")
 
 
 class FalClient:
@@ -262,7 +201,7 @@ class FalClient:
         headers = self._submit_headers(priority, start_timeout, store_io, object_lifecycle, extra_headers)
         url = f"{self.queue_url}/{endpoint_id.strip('/')}"
         params = {"fal_webhook": webhook_url} if webhook_url else None
-        progress = _SendProgress()
+        trace = SendTrace()
         with self.scrubbed():
             if self.http.is_closed:
                 raise SubmitNotSentError("fal submit: not sent, the HTTP client is closed")
@@ -273,16 +212,14 @@ class FalClient:
                     json=dict(input),
                     params=params,
                     headers=headers,
-                    extensions={"trace": progress},
+                    extensions={"trace": trace},
                 )
             except Exception as exc:  # an input that is not JSON, a malformed URL: nothing left
                 raise SubmitNotSentError(
                     f"fal submit: not sent, the request could not be built ({type(exc).__name__}: {exc})"
                 ) from exc
-            try:
+            with map_transport_errors("submit", submit=trace):
                 response = self.http.send(request)
-            except Exception as exc:
-                raise _submit_failure(exc, progress) from exc
             if not response.is_success:
                 raise classify_submit(response)
             try:
@@ -385,7 +322,7 @@ class FalClient:
         """
         h = _handle(handle)
         url = f"{h.status_url.rstrip('/')}/stream"
-        with self.scrubbed():
+        with self.scrubbed(), map_transport_errors("status stream"):
             try:
                 with httpx_sse.connect_sse(
                     self.http, "GET", url, params={"logs": "1" if logs else "0"}
@@ -406,9 +343,7 @@ class FalClient:
                         yield status
                         if status.completed:
                             return
-            except httpx.TransportError as exc:
-                raise translate_transport("status stream", exc) from exc
-            except httpx_sse.SSEError as exc:
+            except httpx_sse.SSEError as exc:  # a TransportError to httpx: said here, before the mapping
                 raise RetryableProviderError(
                     f"fal status stream: not an event stream ({exc})", request_id=h.request_id
                 ) from exc
@@ -450,10 +385,8 @@ class FalClient:
         """Ask fal to cancel. Free while IN_QUEUE; best effort once running. Not retried."""
         h = _handle(handle)
         with self.scrubbed():
-            try:
+            with map_transport_errors("cancel"):
                 response = self.http.put(h.cancel_url)
-            except httpx.TransportError as exc:
-                raise translate_transport("cancel", exc) from exc
             body = parse_body(response)
             said = body.get("status") if isinstance(body, dict) else None
             if response.is_success:
@@ -506,12 +439,9 @@ class FalClient:
         last: ProviderError | None = None
         for attempt in range(attempts):
             try:
-                response = self.http.request(method, url, params=params, follow_redirects=True, **kwargs)
-            except httpx.TransportError as exc:
-                failure = translate_transport(what, exc)
-                failure.__cause__ = exc
-                if isinstance(failure, FinalProviderError):
-                    raise failure from exc
+                with map_transport_errors(what):
+                    response = self.http.request(method, url, params=params, follow_redirects=True, **kwargs)
+            except RetryableProviderError as failure:  # a network error: ask again (a final one raises)
                 last = failure
             else:
                 if response.is_success:

@@ -25,12 +25,22 @@ Decisions (documented here because the worker's state machine depends on them):
   submission; a failed request's ``COMPLETED`` status also carries its error.
 * An answer fal's protocol cannot produce (nested deeper than :data:`MAX_JSON_DEPTH`, an unknown
   status) is :class:`ProviderProtocolError`: asked again a bounded number of times by the caller.
+* httpx's transport errors are mapped in one context manager, :func:`map_transport_errors`: on
+  an idempotent call they are retryable; on the submit POST, httpcore's ``trace`` tells whether
+  the body went out — before that nothing can be queued (:class:`SubmitNotSentError`, or a
+  retryable "not sent"), after it a lost answer is :class:`AmbiguousSubmitError`.
+* FastAPI's list of field errors is put in words in one place, :func:`format_detail`.
+
+fal's queue protocol: https://docs.fal.ai/documentation/model-apis/inference/queue; its error types:
+https://fal.ai/docs/documentation/model-apis/request-errors.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -41,6 +51,7 @@ from jobs.errors import (
     FinalProviderError,
     ProviderError,
     RetryableProviderError,
+    WanbatchError,
 )
 
 #: fal's request-error types that are infrastructure failures: a new attempt may succeed, and
@@ -99,6 +110,13 @@ class RequestFailedError(RetryableProviderError):
     infrastructure ``error_type``, a 5xx from fal's app). The only result error that may lead to
     a new submission: a failure of the result *call* (network, gateway, 429) says nothing about
     the request and is plain :class:`RetryableProviderError` — ask for the result again."""
+
+
+class SubmitNotSentError(WanbatchError):
+    """The submit failed in this process before its request was written: a closed HTTP client,
+    an input that cannot be encoded, a header httpx refuses. fal cannot have queued or billed
+    anything, so the job may be given back as never sent (no attempt counted). Not a
+    :class:`~jobs.errors.ProviderError`: fal never saw it."""
 
 
 class ProviderProtocolError(ProviderError):
@@ -169,19 +187,41 @@ def _short(text: str) -> str:
     return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "…"
 
 
+#: How many of FastAPI's field errors :func:`format_detail` spells out before "(+N more)".
+DETAIL_ITEMS = 5
+
+
+def format_detail(detail: object) -> str | None:
+    """A provider's ``detail`` in one line — the one place it is formatted.
+
+    A string is returned as given; FastAPI's list of field errors (``{loc, msg, type}``) becomes
+    ``"loc: msg; …"`` with the leading ``body`` dropped from each location, shortened to a
+    status line, at most :data:`DETAIL_ITEMS` of them then ``(+N more)``; anything else is
+    ``None`` (the caller knows what else to say).
+    """
+    if isinstance(detail, str):
+        return detail
+    if not isinstance(detail, list):
+        return None
+    parts = []
+    for item in detail[:DETAIL_ITEMS]:
+        if isinstance(item, dict):
+            where = item.get("loc")
+            loc = ".".join(str(p) for p in where if p != "body") if isinstance(where, list) else ""
+            msg = item.get("msg", item)
+            parts.append(f"{loc}: {msg}" if loc else str(msg))
+        else:
+            parts.append(str(item))
+    more = f" (+{len(detail) - DETAIL_ITEMS} more)" if len(detail) > DETAIL_ITEMS else ""
+    return _short("; ".join(parts)) + more
+
+
 def _describe(detail: object, response: httpx.Response) -> str:
     if isinstance(detail, str):
         return _short(detail)
-    if isinstance(detail, list):
-        parts = []
-        for item in detail[:5]:
-            if isinstance(item, dict):
-                loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
-                parts.append(f"{loc}: {item.get('msg', item)}" if loc else str(item.get("msg", item)))
-            else:
-                parts.append(str(item))
-        more = f" (+{len(detail) - 5} more)" if len(detail) > 5 else ""
-        return _short("; ".join(parts)) + more
+    text = format_detail(detail)
+    if text is not None:
+        return text
     if detail is not None:
         return _short(json.dumps(detail, default=str))
     return _short(response.text) if response.content else response.reason_phrase
@@ -375,18 +415,67 @@ def status_failure(error: str | None, error_type: str | None) -> ProviderError:
     return FinalProviderError(f"fal request failed{kind}: {text}", **fields)
 
 
-def translate_transport(what: str, exc: httpx.TransportError) -> RetryableProviderError | FinalProviderError:
-    """A transport failure on an idempotent call (status, result, cancel, storage): try again later.
+# ------------------------------------------------------------------ transport errors, mapped once
 
-    An unsupported URL scheme is a configuration error and final.
+
+class SendTrace:
+    """httpcore's ``trace`` extension for one request: which phases of sending it began or ended.
+
+    Pass it as ``extensions={"trace": trace}``. Transports that do not report
+    (``httpx.MockTransport``) leave it empty, and the mapping then falls back on what the
+    exception's type says.
     """
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def __call__(self, name: str, info: Mapping[str, Any]) -> None:
+        self.events.append(name)
+
+    @property
+    def traced(self) -> bool:
+        return bool(self.events)
+
+    @property
+    def body_sent(self) -> bool:
+        """Whether every byte of the request was handed to the network (``*.send_request_body.complete``)."""
+        return any(name.endswith("send_request_body.complete") for name in self.events)
+
+
+@contextmanager
+def map_transport_errors(what: str, *, submit: SendTrace | None = None) -> Iterator[None]:
+    """The one place where httpx's transport errors become wanbatch errors (``raise … from exc``).
+
+    Modelled on httpx's own ``map_httpcore_exceptions``
+    (https://github.com/encode/httpx/blob/master/httpx/_transports/default.py): every call that
+    talks to fal or its CDN runs inside it, and no caller repeats a ``try/except``.
+
+    * An idempotent call (status, status stream, result, cancel, storage, download — ``submit``
+      left ``None``): a transport failure is :class:`RetryableProviderError` (ask again later),
+      except an unsupported URL scheme, a configuration error and final. Other exceptions pass.
+    * The submit POST (``submit`` is the request's :class:`SendTrace`): *any* exception raised
+      while sending means "not sent" or "ambiguous" depending on whether the body went out
+      (:func:`_submit_failure`); fal can only queue a request whose body it received whole.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if submit is not None:
+            raise _submit_failure(exc, submit) from exc
+        if isinstance(exc, httpx.TransportError):
+            raise _transport_failure(what, exc) from exc
+        raise
+
+
+def _transport_failure(what: str, exc: httpx.TransportError) -> RetryableProviderError | FinalProviderError:
+    """A transport failure on an idempotent call: try again later; an unsupported URL is final."""
     if isinstance(exc, httpx.UnsupportedProtocol):
         return FinalProviderError(f"fal {what}: unsupported URL ({type(exc).__name__})")
     return RetryableProviderError(f"fal {what}: network error ({type(exc).__name__}): {_short(str(exc))}")
 
 
-def translate_submit_transport(exc: httpx.TransportError) -> ProviderError:
-    """A transport failure on the submit POST: was the request possibly sent?
+def _submit_transport_failure(exc: httpx.TransportError) -> ProviderError:
+    """A transport failure on the submit POST, judged by its type alone: was the request possibly sent?
 
     Connect errors and pool timeouts happen before a byte of the request leaves: retryable. Once
     the request may have been written (write/read timeouts, resets, protocol errors), fal may
@@ -400,3 +489,35 @@ def translate_submit_transport(exc: httpx.TransportError) -> ProviderError:
     return AmbiguousSubmitError(
         f"fal submit: the request may have been accepted but no answer came back ({name}): {_short(str(exc))}"
     )
+
+
+def _submit_failure(exc: Exception, trace: SendTrace) -> WanbatchError:
+    """What an exception raised while sending the submit POST means: not sent, or ambiguous.
+
+    fal can only queue a request whose body it received whole. When the transport traced the
+    send and the body never completed, nothing was queued — whatever the exception (a write
+    error, a reset, a refused header). Only once the body went out is a lost answer ambiguous.
+    """
+    name = type(exc).__name__
+    local = isinstance(exc, httpx.LocalProtocolError) or not isinstance(exc, httpx.HTTPError)
+    if trace.traced and not trace.body_sent:
+        if local:
+            return SubmitNotSentError(f"fal submit: not sent, failed in this process ({name}): {exc}")
+        translated = _submit_transport_failure(exc) if isinstance(exc, httpx.TransportError) else None
+        if translated is None or isinstance(translated, AmbiguousSubmitError):
+            return RetryableProviderError(
+                f"fal submit: not sent, the connection failed before the request was written ({name}): {exc}"
+            )
+        return translated
+    if trace.body_sent:
+        if isinstance(exc, httpx.TransportError):
+            return _submit_transport_failure(exc)
+        return AmbiguousSubmitError(
+            f"fal submit: the request was sent but its answer could not be read ({name}): {exc}"
+        )
+    # An untraced transport: only the exception's type can tell.
+    if local:
+        return SubmitNotSentError(f"fal submit: not sent, failed in this process ({name}): {exc}")
+    if isinstance(exc, httpx.TransportError):
+        return _submit_transport_failure(exc)
+    return AmbiguousSubmitError(f"fal submit: the answer could not be read ({name}): {exc}")

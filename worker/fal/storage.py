@@ -30,7 +30,6 @@ import hashlib
 import ipaddress
 import mimetypes
 import os
-import re
 import socket
 import tempfile
 import threading
@@ -45,27 +44,12 @@ import httpx
 
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
 from worker.fal.client import FalClient
-from worker.fal.errors import DownloadIntegrityError, classify_poll, parse_body, translate_transport
+from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transport_errors, parse_body
 from worker.fal.models import DownloadResult
 from worker.outputs import OutputWriteError
 
 STORAGE_TYPE = "fal-cdn-v3"
-_CHUNK = 1024 * 1024
 _URL_PREFIXES = ("http://", "https://", "data:")
-
-#: Output extensions by content type; anything else is ``.bin``, never a provider-chosen suffix.
-_EXTENSIONS = {
-    "video/mp4": ".mp4",
-    "video/webm": ".webm",
-    "video/quicktime": ".mov",
-    "image/png": ".png",
-    "image/jpeg": ".jpg",
-    "image/webp": ".webp",
-    "audio/mpeg": ".mp3",
-    "audio/wav": ".wav",
-    "audio/x-wav": ".wav",
-}
-_SAFE_PART = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 # ---------------------------------------------------------------------------------------- upload
@@ -572,9 +556,12 @@ def _stream_into(
         limits.check_time()
         try:
             # identity: the size fal announces and the cap apply to the bytes on the wire too
-            with http.stream(
-                "GET", url, follow_redirects=False, headers={"Accept-Encoding": "identity"}
-            ) as response:
+            with (
+                map_transport_errors("download"),
+                http.stream(
+                    "GET", url, follow_redirects=False, headers={"Accept-Encoding": "identity"}
+                ) as response,
+            ):
                 if response.is_redirect:
                     location = response.headers.get("location", "")
                     url = _check_url(str(url.join(location)), policy)
@@ -584,8 +571,6 @@ def _stream_into(
                     raise _download_error(response)
                 mismatch = _check_announced(response, limits)
                 return _consume(response, write, limits, progress, mismatch)
-        except httpx.TransportError as exc:
-            raise translate_transport("download", exc) from exc
         except httpx.HTTPError as exc:  # decoding and stream errors: the bytes were not right
             raise RetryableProviderError(f"download failed ({type(exc).__name__})") from exc
     raise FinalProviderError(f"download refused: more than {limits.max_redirects} redirects")
@@ -661,32 +646,3 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-# --------------------------------------------------------------------------------------- naming
-
-
-def safe_output_name(
-    batch_id: object, job_id: object, attempt: int | None = None, *, content_type: str | None = None
-) -> str:
-    """A file name built only from our own ids (never fal's ``file_name``: path traversal).
-
-    ``content_type`` picks the extension from a fixed table; unknown types get ``.bin``.
-    """
-    parts = [_SAFE_PART.sub("_", str(batch_id))[:64], _SAFE_PART.sub("_", str(job_id))[:64]]
-    if attempt is not None:
-        parts.append(f"a{int(attempt)}")
-    stem = "-".join(p.strip("_") or "x" for p in parts)
-    mime = (content_type or "").split(";")[0].strip().lower()
-    return stem + _EXTENSIONS.get(mime, ".bin")
-
-
-def confined_path(root: Path, name: str) -> Path:
-    """``root/name``, refusing any name that would land outside ``root``."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise UsageError(f"unsafe output file name {name!r}")
-    base = root.resolve()
-    path = (base / name).resolve()
-    if not path.is_relative_to(base) or path.parent != base:
-        raise UsageError(f"output file name {name!r} escapes {str(root)!r}")
-    return path

@@ -1,9 +1,11 @@
 """One step of a job's life per function, driven by the database, never by a message's content.
 
 Celery tasks (``worker.tasks``) and the periodic tick call these. Each function re-reads the
-job, checks that it is still where the step expects it, and moves it with the compare-and-set
-``store.transition`` fenced by ``version``. So a message delivered twice does nothing the second
-time, and a message lost is made good by the tick, which finds due work in the database:
+job, checks that it is still where the step expects it, and moves it with one of the store's
+verbs (``store.mark_submitted``, ``store.retry_later``, ``store.fail_job``, …), each a
+compare-and-set fenced by the :class:`~jobs.store.Fence` (state and ``version``) the step read.
+So a message delivered twice does nothing the second time, and a message lost is made good by
+the tick, which finds due work in the database:
 
 * :func:`dispatch` claims due ``pending``/``retry_wait`` jobs within the outstanding cap, the
   submit rate and the batch budget, marks them ``submitting`` and hands them to ``submit``.
@@ -21,7 +23,6 @@ read before the call, so a worker paused past its lease cannot overwrite newer s
 from worker.steps.context import DOWNLOAD_QUEUE, RateBucket, Runtime, worker_identity
 from worker.steps.dispatch import dispatch
 from worker.steps.download import download, schedule_downloads, sidecar_record
-from worker.steps.failures import describe
 from worker.steps.poll import poll
 from worker.steps.reconcile import cancel_jobs_of_cancelled_batches, reconcile
 from worker.steps.submit import submit, webhook_for
@@ -33,7 +34,6 @@ __all__ = [
     "Runtime",
     "TickReport",
     "cancel_jobs_of_cancelled_batches",
-    "describe",
     "dispatch",
     "download",
     "poll",

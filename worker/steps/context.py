@@ -14,9 +14,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine
 
-from jobs.models import Job
+from jobs.models import Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
+from jobs.store import Fence
 from worker.fal.client import FalClient
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
@@ -99,6 +100,15 @@ class Runtime:
     def in_scope(self, batch_id: str) -> bool:
         """Whether this runtime works on ``batch_id`` (always, without a scope)."""
         return self.batch_ids is None or batch_id in self.batch_ids
+
+    def fence(self, job: Job) -> Fence:
+        """``job`` as this runtime just read (or claimed) it, held by this runtime's worker."""
+        return Fence.of(job, self.owner)
+
+
+def in_seconds(seconds: float) -> datetime:
+    """The moment ``seconds`` from now (when a job is due again)."""
+    return utcnow() + timedelta(seconds=seconds)
 
 
 def handle_of(job: Job, queue_url: str) -> RequestHandle:

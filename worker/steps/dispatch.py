@@ -7,7 +7,9 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from jobs import store
+from sqlalchemy.orm import Session
+
+from jobs import db, store
 from jobs.endpoints import all_endpoints
 from jobs.models import Job, utcnow
 from jobs.states import JobState
@@ -28,7 +30,7 @@ def dispatch(rt: Runtime) -> list[str]:
     now = utcnow()
     sent: list[str] = []
     key_id = api_key_id(rt.settings)  # the caps are per API key, as fal's account limits are
-    with store.session_scope(rt.engine) as session:
+    with db.session_scope(rt.engine) as session:
         outstanding = store.count_in_states(session, states_at_provider(), api_key_id=key_id)
         free = _room_at_fal(session, rt, now, rt.settings.max_outstanding - outstanding, key_id)
         if free <= 0:
@@ -42,30 +44,15 @@ def dispatch(rt: Runtime) -> list[str]:
         for job in jobs:
             refusal = _budget_refusal(session, rt, job, now)
             if refusal is not None:
-                store.transition(
-                    session,
-                    job.id,
-                    job.state,
-                    S.CANCELLED,
-                    expected_version=job.version,
-                    reason="budget",
-                    worker=rt.owner,
-                    error=refusal,
-                    error_type="budget",
+                store.mark_cancelled(
+                    session, rt.fence(job), reason="budget", error=refusal, error_type="budget"
                 )
                 continue
-            moved = store.transition(
+            moved = store.mark_submitting(
                 session,
-                job.id,
-                job.state,
-                S.SUBMITTING,
-                expected_version=job.version,
-                reason=f"attempt {job.attempts + 1}",
-                worker=rt.owner,
-                attempts=job.attempts + 1,
+                rt.fence(job),
+                attempt=job.attempts + 1,
                 api_key_id=key_id,
-                submitted_input=None,
-                lease_owner=rt.owner,
                 lease_expires_at=rt.lease_until(now),
             )
             if moved:
@@ -78,7 +65,7 @@ def dispatch(rt: Runtime) -> list[str]:
     return sent
 
 
-def _room_at_fal(session: Any, rt: Runtime, now: datetime, free: int, key_id: str) -> int:
+def _room_at_fal(session: Session, rt: Runtime, now: datetime, free: int, key_id: str) -> int:
     """Adapt the outstanding cap to the account's tier (fal runs 2 to 40 at once, queues the rest).
 
     Requests still IN_QUEUE at fal ``queue_wait_backoff`` seconds after we sent them mean the
@@ -102,7 +89,7 @@ def _room_at_fal(session: Any, rt: Runtime, now: datetime, free: int, key_id: st
     return min(free, room)
 
 
-def _claim_within_caps(session: Any, rt: Runtime, free: int, now: datetime, key_id: str) -> list[Job]:
+def _claim_within_caps(session: Session, rt: Runtime, free: int, now: datetime, key_id: str) -> list[Job]:
     """Claim up to ``free`` due jobs, no endpoint beyond its own cap (``max_outstanding_per_endpoint``)."""
     claim: dict[str, Any] = {
         "states": [S.PENDING, S.RETRY_WAIT],
@@ -127,7 +114,7 @@ def _claim_within_caps(session: Any, rt: Runtime, free: int, now: datetime, key_
     return jobs
 
 
-def _budget_refusal(session: Any, rt: Runtime, job: Job, now: datetime) -> str | None:
+def _budget_refusal(session: Session, rt: Runtime, job: Job, now: datetime) -> str | None:
     """Why submitting ``job`` would cross a budget cap (its batch's, or the day's), else None.
 
     Checked in the claim's transaction, by the single dispatcher: what is committed (spent +

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 from sqlalchemy.orm import Session
 
-from jobs import billing, store
+from jobs import billing, db, store
 from jobs.errors import (
     AccountLockedError,
     FinalProviderError,
@@ -40,6 +40,7 @@ from jobs.errors import (
 )
 from jobs.models import Job, utcnow
 from jobs.settings import Settings
+from jobs.store import Fence
 from worker import chaos, outputs
 from worker.fal.errors import (
     ProviderProtocolError,
@@ -51,15 +52,8 @@ from worker.fal.models import RequestHandle
 from worker.fal.storage import DownloadPolicy, guarded_client
 from worker.fal.storage import download as download_file
 from worker.outputs import OutputWriteError
-from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of
-from worker.steps.failures import (
-    backoff,
-    billed,
-    cost_of_failure,
-    describe,
-    pause_for_account,
-    retry_or_fail,
-)
+from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, in_seconds
+from worker.steps.failures import backoff, billed, cost_of_failure, describe, pause_for_account, settle
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +66,7 @@ RESULT_RETENTION = timedelta(hours=1)
 def schedule_downloads(rt: Runtime, limit: int = 200) -> list[str]:
     """Hand due ``downloading`` jobs to download tasks (a lost message is found again here)."""
     now = utcnow()
-    with store.session_scope(rt.engine) as session:
+    with db.session_scope(rt.engine) as session:
         jobs = store.claim_jobs(
             session,
             states=[S.DOWNLOADING],
@@ -92,7 +86,7 @@ def schedule_downloads(rt: Runtime, limit: int = 200) -> list[str]:
 class _Claim:
     """What the download step read when it took the job's lease."""
 
-    version: int
+    fence: Fence
     handle: RequestHandle
     output: dict[str, Any] | None
     item_index: int
@@ -100,6 +94,11 @@ class _Claim:
     batch_name: str
     failures: int
     completed_at: datetime | None
+
+    @property
+    def version(self) -> int:
+        """The fencing token this download holds (it tags the download's temporary files)."""
+        return self.fence.version
 
 
 @dataclass(frozen=True)
@@ -155,31 +154,28 @@ def download(rt: Runtime, job_id: str) -> str:
         if claim.output is None:
             output = rt.client.result(claim.handle)
             video = parse_result(output)
-            with store.session_scope(rt.engine) as session:
-                if not store.update_job_fields(
-                    session, job_id, expected_version=claim.version, provider_output=output,
-                    seed=video.seed, actual_prompt=video.actual_prompt,
-                    download_attempts=0,  # the video gets its own budget of tries
-                ):  # fmt: skip
-                    return "lost-lease"
+            with db.session_scope(rt.engine) as session:
+                kept = store.record_result(
+                    session, claim.fence, output=output, seed=video.seed, actual_prompt=video.actual_prompt
+                )
+            if not kept:
+                return "lost-lease"
             claim = replace(claim, failures=0)
         else:
             video = parse_result(claim.output)
     except ResultNotReadyError:
-        with store.session_scope(rt.engine) as session:
+        with db.session_scope(rt.engine) as session:
             store.release_lease(
-                session, job_id, expected_version=claim.version,
-                next_attempt_at=utcnow() + timedelta(seconds=rt.settings.poll_min_interval),
-            )  # fmt: skip
+                session, claim.fence, next_attempt_at=in_seconds(rt.settings.poll_min_interval)
+            )
         return "not-ready"
     except AccountLockedError as exc:
         # The account, not the request: the result waits at fal; pause the batch, ask again later.
-        with store.session_scope(rt.engine) as session:
+        with db.session_scope(rt.engine) as session:
             reason = pause_for_account(session, claim.batch_id, exc)
             store.release_lease(
-                session, job_id, expected_version=claim.version,
-                next_attempt_at=utcnow() + timedelta(seconds=rt.settings.poll_max_interval),
-            )  # fmt: skip
+                session, claim.fence, next_attempt_at=in_seconds(rt.settings.poll_max_interval)
+            )
         log.warning("job %s: result refused for the account; batch paused: %s", job_id, reason)
         return "paused"
     except (RequestFailedError, FinalProviderError) as exc:
@@ -191,7 +187,7 @@ def download(rt: Runtime, job_id: str) -> str:
 
 def _claim(rt: Runtime, job_id: str) -> _Claim | str:
     now = utcnow()
-    with store.session_scope(rt.engine) as session:
+    with db.session_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
         if job.state != S.DOWNLOADING:
             return "skipped"
@@ -201,19 +197,12 @@ def _claim(rt: Runtime, job_id: str) -> _Claim | str:
             and job.lease_expires_at > now
         ):
             return "busy"  # another worker holds it (and renews it while its download progresses)
-        taken = store.take_lease(
-            session,
-            job_id,
-            owner=rt.owner,
-            expected_version=job.version,
-            now=now,
-            lease_seconds=rt.settings.lease_seconds,
-        )
+        taken = store.take_lease(session, rt.fence(job), now=now, lease_seconds=rt.settings.lease_seconds)
         if taken is None:
             return "lost-lease"
         batch = store.get_batch(session, job.batch_id)
         return _Claim(
-            version=taken,
+            fence=taken,
             handle=handle_of(job, rt.settings.fal_queue_url),
             output=job.provider_output,
             item_index=job.item_index,
@@ -244,20 +233,10 @@ def _status_verdict(session: Session, job_id: str) -> ProviderError | None:
 def _fal_verdict(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError) -> str:
     """fal itself said the request failed: the usual retry classification (a new attempt is a
     new request, and only a :class:`RequestFailedError` gets one)."""
-    with store.session_scope(rt.engine) as session:
+    with db.session_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
-        if isinstance(exc, RetryableProviderError):
-            retry_or_fail(
-                session, rt, job, S.DOWNLOADING, claim.version, exc, utcnow(),
-                download_attempts=0, **cost_of_failure(job, exc),
-            )  # fmt: skip
-            return "retry"
-        store.transition(
-            session, job_id, S.DOWNLOADING, S.FAILED, expected_version=claim.version,
-            reason=describe(exc), worker=rt.owner, error=describe(exc), error_type=exc.error_type,
-            **cost_of_failure(job, exc),
-        )  # fmt: skip
-    return "failed"
+        settle(session, rt, claim.fence, exc, **cost_of_failure(job, exc))
+    return "retry" if isinstance(exc, RetryableProviderError) else "failed"
 
 
 def _result_unavailable(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError) -> str:
@@ -269,7 +248,7 @@ def _result_unavailable(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderEr
     reason and the billed cost. When the status already carried fal's error, that verdict
     decides at once (the result would only have added detail).
     """
-    with store.session_scope(rt.engine) as session:
+    with db.session_scope(rt.engine) as session:
         verdict = _status_verdict(session, job_id)
     if verdict is not None:
         return _fal_verdict(rt, job_id, claim, verdict)
@@ -278,29 +257,30 @@ def _result_unavailable(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderEr
     protocol = not isinstance(exc, RetryableProviderError)
     past_retention = claim.completed_at is not None and now >= claim.completed_at + RESULT_RETENTION
     exhausted = failures >= rt.settings.download_attempts and (protocol or claim.completed_at is None)
-    with store.session_scope(rt.engine) as session:
+    with db.session_scope(rt.engine) as session:
         if past_retention or exhausted:
             why = "fal no longer keeps the result" if past_retention and not exhausted else "giving up"
             reason = f"could not get fal's result ({failures} tries, {why}): {describe(exc)}"
-            job = store.get_job(session, job_id)
-            store.transition(
-                session, job_id, S.DOWNLOADING, S.FAILED, expected_version=claim.version,
-                reason=reason, worker=rt.owner, error=reason,
+            _fail_paid(
+                session,
+                claim,
+                error=reason,
                 error_type="provider_protocol_error" if protocol else "result_unavailable",
-                download_attempts=failures, provider_output=None,
-                # COMPLETED without an error: fal made (and billed) the video we could not get
-                **billed(job, billing.Outcome.SUCCEEDED),
-            )  # fmt: skip
+                download_attempts=failures,
+                provider_output=None,
+            )
             return "failed"
         delay = backoff(rt.settings, failures)
         if isinstance(exc, RetryableProviderError) and exc.retry_after:
             delay = max(delay, exc.retry_after)
         log.info("job %s: result not fetched (%s); asking again in %.0fs", job_id, exc, delay)
-        store.update_job_fields(
-            session, job_id, expected_version=claim.version, download_attempts=failures,
-            provider_output=None, lease_owner=None, lease_expires_at=None,
+        store.release_lease(
+            session,
+            claim.fence,
             next_attempt_at=now + timedelta(seconds=delay),
-        )  # fmt: skip
+            download_attempts=failures,
+            provider_output=None,
+        )
     return "result-retry"
 
 
@@ -310,8 +290,8 @@ class _LeaseKeeper:
     taken over by a second task mid-stream. A renewal that finds the lease gone (fenced by the
     version) raises :class:`StateConflict`, which aborts this download: someone else owns it."""
 
-    def __init__(self, rt: Runtime, job_id: str, version: int) -> None:
-        self._rt, self._job_id, self._version = rt, job_id, version
+    def __init__(self, rt: Runtime, fence: Fence) -> None:
+        self._rt, self._fence = rt, fence
         self._every = rt.settings.lease_seconds / 3
         self._last = time.monotonic()
 
@@ -319,13 +299,12 @@ class _LeaseKeeper:
         if time.monotonic() - self._last < self._every:
             return
         self._last = time.monotonic()
-        with store.session_scope(self._rt.engine) as session:
+        with db.session_scope(self._rt.engine) as session:
             kept = store.extend_lease(
-                session, self._job_id, owner=self._rt.owner, expected_version=self._version,
-                now=utcnow(), lease_seconds=self._rt.settings.lease_seconds,
-            )  # fmt: skip
+                session, self._fence, now=utcnow(), lease_seconds=self._rt.settings.lease_seconds
+            )
         if not kept:
-            raise StateConflict(f"job {self._job_id}: the lease was lost during the download")
+            raise StateConflict(f"job {self._fence.job_id}: the lease was lost during the download")
 
 
 def _mid_download(_response: httpx.Response) -> None:
@@ -362,7 +341,7 @@ def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
             client=client,
             policy=policy,
             total_timeout=settings.download_timeout,
-            progress=_LeaseKeeper(rt, job_id, claim.version),
+            progress=_LeaseKeeper(rt, claim.fence),
             expect_video=True,
             temp_tag=outputs.partial_tag(claim.version),
         )
@@ -376,7 +355,7 @@ def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
         client.close()
 
     chaos.crash_point("after_download")
-    with store.session_scope(rt.engine) as session:
+    with db.session_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
         cost = billed(job, billing.Outcome.SUCCEEDED)
         sidecar = sidecar_record(
@@ -392,40 +371,32 @@ def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
             f"could not write {outputs.sidecar_path(result.path)}: {exc.strerror or exc}"
         )
         return _write_failed(rt, job_id, claim, error)
-    with store.session_scope(rt.engine) as session:
-        store.transition(
-            session, job_id, S.DOWNLOADING, S.SUCCEEDED, expected_version=claim.version,
-            reason="downloaded", worker=rt.owner,
-            output_path=str(result.path), output_sha256=result.sha256, output_bytes=result.size,
-            error=None, error_type=None, **cost,
-        )  # fmt: skip
+    with db.session_scope(rt.engine) as session:
+        store.mark_succeeded(
+            session,
+            claim.fence,
+            output_path=str(result.path),
+            output_sha256=result.sha256,
+            output_bytes=result.size,
+            **cost,
+        )
     return "succeeded"
 
 
 def _download_failed(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError) -> str:
     """The video could not be fetched: try again later, or fail (final error or out of tries)."""
     failures = claim.failures + 1
-    with store.session_scope(rt.engine) as session:
+    with db.session_scope(rt.engine) as session:
         # A final error (the file expired, the host is refused, not a video) cannot heal: fail now.
         if isinstance(exc, FinalProviderError) or failures >= rt.settings.download_attempts:
-            job = store.get_job(session, job_id)
-            store.transition(
-                session, job_id, S.DOWNLOADING, S.FAILED, expected_version=claim.version,
-                reason=f"download failed {failures} time(s): {exc}", worker=rt.owner,
-                error=f"download failed {failures} time(s): {exc}", error_type="download_failed",
-                download_attempts=failures,
-                # fal produced (and billed) the output even though we could not fetch it
-                **billed(job, billing.Outcome.SUCCEEDED),
-            )  # fmt: skip
+            error = f"download failed {failures} time(s): {exc}"
+            _fail_paid(session, claim, error=error, error_type="download_failed", download_attempts=failures)
             return "failed"
-        store.update_job_fields(
+        store.release_lease(
             session,
-            job_id,
-            expected_version=claim.version,
+            claim.fence,
+            next_attempt_at=in_seconds(backoff(rt.settings, failures)),
             download_attempts=failures,
-            lease_owner=None,
-            lease_expires_at=None,
-            next_attempt_at=utcnow() + timedelta(seconds=backoff(rt.settings, failures)),
         )
     return "download-retry"
 
@@ -436,15 +407,17 @@ def _write_failed(rt: Runtime, job_id: str, claim: _Claim, exc: OutputWriteError
     Asking fal again cannot help and retrying would fill the disk again; the video was made, so
     the job carries its billed cost.
     """
-    reason = f"output not saved: {exc}"
-    with store.session_scope(rt.engine) as session:
-        job = store.get_job(session, job_id)
-        store.transition(
-            session, job_id, S.DOWNLOADING, S.FAILED, expected_version=claim.version,
-            reason=reason, worker=rt.owner, error=reason, error_type="output_write_failed",
-            **billed(job, billing.Outcome.SUCCEEDED),
-        )  # fmt: skip
+    with db.session_scope(rt.engine) as session:
+        _fail_paid(session, claim, error=f"output not saved: {exc}", error_type="output_write_failed")
     return "failed"
+
+
+def _fail_paid(session: Session, claim: _Claim, *, error: str, error_type: str, **fields: Any) -> None:
+    """Fail a job whose video fal made, and billed, but that we could not get or keep: the job
+    carries what fal billed (a COMPLETED request without an error is paid for)."""
+    job = store.get_job(session, claim.fence.job_id)
+    cost = billed(job, billing.Outcome.SUCCEEDED)
+    store.fail_job(session, claim.fence, error=error, error_type=error_type, **fields, **cost)
 
 
 def sidecar_record(

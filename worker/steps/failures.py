@@ -4,19 +4,17 @@ what the failed attempt cost (the billing rules are data: ``jobs/billing_rules.y
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from jobs import billing, store
-from jobs.errors import (
-    AccountLockedError,
-    ProviderError,
-    RetryableProviderError,
-)
-from jobs.models import BatchState, Job, utcnow
+from jobs.errors import AccountLockedError, ProviderError, RetryableProviderError
+from jobs.models import BatchState, Job
 from jobs.settings import Settings
-from jobs.states import JobState
-from worker.steps.context import Runtime, S
+from jobs.store import Fence
+from worker.fal.errors import format_detail
+from worker.steps.context import Runtime, in_seconds
 
 log = logging.getLogger(__name__)
 
@@ -28,68 +26,45 @@ def backoff(settings: Settings, attempt: int) -> float:
 
 def describe(exc: ProviderError) -> str:
     """The provider's own words for a failure, short enough for a status line and an export."""
-    detail = exc.detail
-    if isinstance(detail, list):
-        parts = []
-        for d in detail:
-            if isinstance(d, dict):
-                loc = ".".join(str(x) for x in d.get("loc", []) if x != "body")
-                parts.append(f"{loc}: {d.get('msg', '')}".strip(": "))
-            else:
-                parts.append(str(d))
-        text = "; ".join(parts)
-    elif isinstance(detail, str) and detail:
-        text = detail
-    else:
-        text = str(exc)
     prefix = f"HTTP {exc.status_code}: " if exc.status_code else ""
-    return prefix + text
+    return prefix + (format_detail(exc.detail) or str(exc))
 
 
-def retry_or_fail(
-    session: Any,
-    rt: Runtime,
-    job: Job,
-    expected: JobState,
-    version: int,
-    exc: ProviderError,
-    now: datetime,
-    **fields: Any,
-) -> None:
-    """Back off and try again, or fail after the last attempt; ``fields`` are written either way."""
+def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **cost: Any) -> None:
+    """What an attempt that fal failed leads to, for submit and download alike: a retry or the end.
+
+    Only a failure that may pass (:class:`RetryableProviderError`) is tried again, as a new
+    attempt after a backoff (at least fal's ``Retry-After``), while attempts remain
+    (``WANBATCH_MAX_ATTEMPTS``); any other failure, or the last attempt's, ends the job with
+    fal's own words. ``cost`` (what fal billed for the attempt) is recorded either way.
+    """
     reason = describe(exc)
-    if job.attempts < rt.settings.max_attempts:
-        delay = backoff(rt.settings, job.attempts)
-        if isinstance(exc, RetryableProviderError) and exc.retry_after:
-            delay = max(delay, exc.retry_after)
-        store.transition(
+    if not isinstance(exc, RetryableProviderError):
+        store.fail_job(session, fence, error=reason, error_type=exc.error_type, **cost)
+        return
+    attempts = store.get_job(session, fence.job_id).attempts
+    if attempts >= rt.settings.max_attempts:
+        store.fail_job(
             session,
-            job.id,
-            expected,
-            S.RETRY_WAIT,
-            expected_version=version,
-            reason=f"retry in {delay:.0f}s: {reason}",
-            worker=rt.owner,
-            error=reason,
+            fence,
+            reason=f"gave up after {attempts} attempt(s): {reason}",
+            error=f"after {attempts} attempt(s): {reason}",
             error_type=exc.error_type,
-            next_attempt_at=now + timedelta(seconds=delay),
-            lease_owner=None,
-            lease_expires_at=None,
-            **fields,
+            **cost,
         )
-    else:
-        store.transition(
-            session,
-            job.id,
-            expected,
-            S.FAILED,
-            expected_version=version,
-            reason=f"gave up after {job.attempts} attempt(s): {reason}",
-            worker=rt.owner,
-            error=f"after {job.attempts} attempt(s): {reason}",
-            error_type=exc.error_type,
-            **fields,
-        )
+        return
+    delay = backoff(rt.settings, attempts)
+    if exc.retry_after:
+        delay = max(delay, exc.retry_after)
+    store.retry_later(
+        session,
+        fence,
+        reason=f"retry in {delay:.0f}s: {reason}",
+        at=in_seconds(delay),
+        error=reason,
+        error_type=exc.error_type,
+        **cost,
+    )
 
 
 def billed(job: Job, outcome: billing.Outcome) -> dict[str, Any]:
@@ -118,8 +93,8 @@ NO_RECEIVER = (
 )
 
 
-def mark_submit_unknown(
-    session: Any, rt: Runtime, job_id: str, version: int, why: str, *, settle_now: bool = True
+def submit_outcome_unknown(
+    session: Session, rt: Runtime, fence: Fence, why: str, *, settle_now: bool = True
 ) -> bool:
     """``submitting`` → ``submit_unknown`` for a POST that may have been accepted; then, unless
     something can still prove the outcome, ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` at once.
@@ -132,15 +107,10 @@ def mark_submit_unknown(
     written either way: the history shows the ambiguity.
     """
     waits = bool(rt.settings.webhook_url)
-    moved = store.transition(
-        session, job_id, S.SUBMITTING, S.SUBMIT_UNKNOWN, expected_version=version,
-        reason=f"submit outcome unknown: {why}", worker=rt.owner,
-        error=f"submission outcome unknown: {why}", error_type="submit_unknown",
-        next_attempt_at=utcnow() + timedelta(seconds=rt.settings.submit_unknown_deadline if waits else 0),
-        lease_owner=None, lease_expires_at=None,
-    )  # fmt: skip
+    deadline = in_seconds(rt.settings.submit_unknown_deadline if waits else 0)
+    moved = store.mark_submit_unknown(session, fence, why=why, due_at=deadline)
     if moved and settle_now and not waits:
-        settle_unknown_submit(session, rt, store.get_job(session, job_id), NO_RECEIVER)
+        settle_unknown_submit(session, rt, store.get_job(session, fence.job_id), NO_RECEIVER)
     return moved
 
 
@@ -152,46 +122,36 @@ def unknown_submit_wait_over(settings: Settings) -> str:
     return f"no webhook proved it within WANBATCH_SUBMIT_UNKNOWN_DEADLINE ({deadline:g}s)"
 
 
-def settle_unknown_submit(session: Any, rt: Runtime, job: Job, why: str) -> bool:
+def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> bool:
     """Apply ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` to ``job`` (in ``submit_unknown`` at ``job.version``).
 
     ``resubmit`` (while attempts remain) sends it again as a new attempt, counted in
     ``possible_duplicate_charges``; otherwise it fails with "submission outcome unknown" and why.
     """
-    if rt.settings.submit_unknown_policy == "resubmit" and job.attempts < rt.settings.max_attempts:
-        return store.transition(
-            session, job.id, S.SUBMIT_UNKNOWN, S.RETRY_WAIT, expected_version=job.version,
-            reason=f"outcome unknown ({why}): resubmitting (possible duplicate charge)", worker=rt.owner,
-            possible_duplicate_charges=job.possible_duplicate_charges + 1,
-            lease_owner=None, lease_expires_at=None,
-        )  # fmt: skip
-    spent = " (no attempt left to resubmit)" if rt.settings.submit_unknown_policy == "resubmit" else ""
-    return store.transition(
-        session, job.id, S.SUBMIT_UNKNOWN, S.FAILED, expected_version=job.version,
-        reason=f"submission outcome unknown: {why}{spent}", worker=rt.owner,
+    fence = rt.fence(job)
+    resubmit = rt.settings.submit_unknown_policy == "resubmit"
+    if resubmit and job.attempts < rt.settings.max_attempts:
+        return store.retry_later(
+            session,
+            fence,
+            reason=f"outcome unknown ({why}): resubmitting (possible duplicate charge)",
+            possible_duplicate=True,
+        )
+    spent = " (no attempt left to resubmit)" if resubmit else ""
+    return store.fail_job(
+        session,
+        fence,
+        reason=f"submission outcome unknown: {why}{spent}",
         error=f"submission outcome unknown ({why}){spent}: fal may have accepted (and billed) it; "
         "`wanbatch rerun --failed-only` sends it again",
         error_type="submit_unknown",
-    )  # fmt: skip
+    )
 
 
 # ------------------------------------------------------------------ failures that are not the job's
 
 
-def give_back(
-    session: Any, rt: Runtime, job_id: str, version: int, reason: str, delay: float, **fields: Any
-) -> bool:
-    """``submitting`` → ``pending``, the attempt not counted: the POST never left this process."""
-    job = store.get_job(session, job_id)
-    return store.transition(
-        session, job_id, S.SUBMITTING, S.PENDING, expected_version=version,
-        reason=reason, worker=rt.owner, attempts=max(0, job.attempts - 1),
-        lease_owner=None, lease_expires_at=None, next_attempt_at=utcnow() + timedelta(seconds=delay),
-        **fields,
-    )  # fmt: skip
-
-
-def pause_for_account(session: Any, batch_id: str, exc: AccountLockedError) -> str:
+def pause_for_account(session: Session, batch_id: str, exc: AccountLockedError) -> str:
     """Pause ``batch_id`` because fal refused the account (401/402/403); returns the reason.
 
     The same refusal would meet every job, so none is failed for it: the batch stops sending,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from jobs import billing, store
+from jobs import billing, db, store
 from jobs.errors import (
     AccountLockedError,
     FinalProviderError,
@@ -15,10 +15,10 @@ from jobs.errors import (
 )
 from jobs.models import utcnow
 from jobs.settings import Settings
-from jobs.states import JobState
+from jobs.store import Fence
 from worker.fal.errors import ProviderProtocolError
 from worker.fal.models import RequestHandle, Status
-from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of
+from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, in_seconds
 from worker.steps.failures import billed, describe, pause_for_account
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def poll(rt: Runtime, limit: int = 200) -> int:
     ``downloading`` for a run of that batch (or a worker).
     """
     now = utcnow()
-    with store.session_scope(rt.engine) as session:
+    with db.session_scope(rt.engine) as session:
         due = store.claim_jobs(
             session,
             states=[S.QUEUED, S.RUNNING, S.CANCELLING],
@@ -53,13 +53,12 @@ def poll(rt: Runtime, limit: int = 200) -> int:
             owner=rt.owner,
             lease_seconds=rt.settings.lease_seconds,
         )
-        snapshot = [
-            (j.id, j.version, j.state, handle_of(j, rt.settings.fal_queue_url), j.submitted_at) for j in due
-        ]
+        snapshot = [(rt.fence(j), handle_of(j, rt.settings.fal_queue_url), j.submitted_at) for j in due]
         elsewhere = {j.id for j in due if not rt.in_scope(j.batch_id)}
         batch_of = {j.id: j.batch_id for j in due}
     calls = 0
-    for job_id, version, state, handle, submitted_at in snapshot:
+    for fence, handle, submitted_at in snapshot:
+        job_id = fence.job_id
         calls += 1
         try:
             status = rt.client.status(handle)
@@ -67,41 +66,38 @@ def poll(rt: Runtime, limit: int = 200) -> int:
             # The account, not the request: pause the batch, keep the job, and ask again later —
             # the request is still at fal, running and billed, whatever our key's state.
             log.warning("job %s: status refused for the account (%s); batch paused", job_id, exc)
-            with store.session_scope(rt.engine) as session:
+            with db.session_scope(rt.engine) as session:
                 pause_for_account(session, batch_of[job_id], exc)
-                store.release_lease(
-                    session, job_id, expected_version=version,
-                    next_attempt_at=utcnow() + timedelta(seconds=rt.settings.poll_max_interval),
-                )  # fmt: skip
+                store.release_lease(session, fence, next_attempt_at=in_seconds(rt.settings.poll_max_interval))
             continue
         except ProviderProtocolError as exc:
-            _protocol_error(rt, job_id, version, state, handle, submitted_at, exc)
+            _protocol_error(rt, fence, handle, submitted_at, exc)
             continue
         except FinalProviderError as exc:
-            with store.session_scope(rt.engine) as session:
-                store.transition(
-                    session, job_id, state, S.FAILED, expected_version=version,
-                    reason=f"status: {describe(exc)}", worker=rt.owner,
-                    error=f"provider lost the request: {describe(exc)}", error_type=exc.error_type,
-                )  # fmt: skip
+            why = describe(exc)
+            with db.session_scope(rt.engine) as session:
+                store.fail_job(
+                    session,
+                    fence,
+                    reason=f"status: {why}",
+                    error=f"provider lost the request: {why}",
+                    error_type=exc.error_type,
+                )
             continue
         except ProviderError as exc:
             log.info("job %s: status failed (%s); will ask again", job_id, exc)
-            with store.session_scope(rt.engine) as session:
+            with db.session_scope(rt.engine) as session:
                 store.release_lease(
-                    session, job_id, expected_version=version,
-                    next_attempt_at=_next_poll(rt.settings, submitted_at, utcnow()),
-                )  # fmt: skip
+                    session, fence, next_attempt_at=_next_poll(rt.settings, submitted_at, utcnow())
+                )
             continue
-        _apply_status(rt, job_id, version, state, status, submitted_at, download=job_id not in elsewhere)
+        _apply_status(rt, fence, status, submitted_at, download=job_id not in elsewhere)
     return calls
 
 
 def _protocol_error(
     rt: Runtime,
-    job_id: str,
-    version: int,
-    state: JobState,
+    fence: Fence,
     handle: RequestHandle,
     submitted_at: datetime | None,
     exc: ProviderProtocolError,
@@ -110,16 +106,17 @@ def _protocol_error(
     absurdly deep): ask again, counting them in ``download_attempts`` (unused before download);
     after :data:`PROTOCOL_ERROR_LIMIT` the job fails with the reason instead of being polled
     forever, and fal is asked to cancel the request (best effort: it may run and bill anyway)."""
-    with store.session_scope(rt.engine) as session:
-        job = store.get_job(session, job_id)
-        count = job.download_attempts + 1
+    job_id = fence.job_id
+    with db.session_scope(rt.engine) as session:
+        count = store.get_job(session, job_id).download_attempts + 1
         if count < PROTOCOL_ERROR_LIMIT:
             log.warning("job %s: malformed status answer %d (%s); will ask again", job_id, count, exc)
-            store.update_job_fields(
-                session, job_id, expected_version=version, download_attempts=count,
-                lease_owner=None, lease_expires_at=None,
+            store.release_lease(
+                session,
+                fence,
                 next_attempt_at=_next_poll(rt.settings, submitted_at, utcnow()),
-            )  # fmt: skip
+                download_attempts=count,
+            )
             return
     try:
         rt.client.cancel(handle)
@@ -127,14 +124,18 @@ def _protocol_error(
         log.info("job %s: cancel after malformed status answers failed: %s", job_id, cancel_error)
     reason = f"fal's status answers broke its protocol {count} times: {exc}"
     # Billed as a cancel: a request that was running has used GPU time; a queued one has not.
-    outcome = billing.Outcome.CANCELLED_IN_QUEUE if state == S.QUEUED else billing.Outcome.CANCELLED_RUNNING
-    with store.session_scope(rt.engine) as session:
+    queued = fence.state == S.QUEUED
+    outcome = billing.Outcome.CANCELLED_IN_QUEUE if queued else billing.Outcome.CANCELLED_RUNNING
+    with db.session_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
-        store.transition(
-            session, job_id, state, S.FAILED, expected_version=version, reason=reason, worker=rt.owner,
-            error=reason, error_type="provider_protocol_error", download_attempts=count,
+        store.fail_job(
+            session,
+            fence,
+            error=reason,
+            error_type="provider_protocol_error",
+            download_attempts=count,
             **billed(job, outcome),
-        )  # fmt: skip
+        )
 
 
 def _cancel_outcome(status: Status) -> billing.Outcome:
@@ -146,51 +147,44 @@ def _cancel_outcome(status: Status) -> billing.Outcome:
 
 def _apply_status(
     rt: Runtime,
-    job_id: str,
-    version: int,
-    state: JobState,
+    fence: Fence,
     status: Status,
     submitted_at: datetime | None,
     *,
     download: bool = True,
 ) -> None:
     now = utcnow()
-    with store.session_scope(rt.engine) as session:
+    with db.session_scope(rt.engine) as session:
         if status.completed:
-            if state == S.CANCELLING and status.failed:
-                job = store.get_job(session, job_id)
-                store.transition(
-                    session, job_id, state, S.CANCELLED, expected_version=version,
-                    reason=f"cancelled at fal ({status.error_type or status.error})", worker=rt.owner,
-                    error="cancelled by user", error_type=status.error_type, completed_at=now,
+            if fence.state == S.CANCELLING and status.failed:
+                job = store.get_job(session, fence.job_id)
+                store.mark_cancelled(
+                    session,
+                    fence,
+                    reason=f"cancelled at fal ({status.error_type or status.error})",
+                    error="cancelled by user",
+                    error_type=status.error_type,
+                    completed_at=now,
                     provider_metrics=status.metrics or None,
                     **billed(job, _cancel_outcome(status)),
-                )  # fmt: skip
+                )
                 return
-            moved = store.transition(
-                session, job_id, state, S.DOWNLOADING, expected_version=version,
-                reason="completed at fal" + (f" with error {status.error_type}" if status.failed else ""),
-                worker=rt.owner, completed_at=now, provider_metrics=status.metrics or None,
-                # fal's verdict, for the download step should the result itself be unobtainable
-                details={"error": status.error, "error_type": status.error_type} if status.failed else None,
-                download_attempts=0,  # malformed-answer count of the polling: the download starts afresh
+            moved = store.mark_completed(
+                session,
+                fence,
+                completed_at=now,
+                provider_metrics=status.metrics or None,
+                error=status.error,
+                error_type=status.error_type,
                 lease_owner=DOWNLOAD_QUEUE if download else None,
                 lease_expires_at=rt.lease_until(now) if download else None,
-            )  # fmt: skip
+            )
             if moved and download:
                 session.commit()
-                rt.enqueue_download(job_id)
+                rt.enqueue_download(fence.job_id)
             return
-        if status.state == "IN_PROGRESS" and state == S.QUEUED:
-            store.transition(
-                session, job_id, S.QUEUED, S.RUNNING, expected_version=version, reason="running at fal",
-                worker=rt.owner, next_attempt_at=_next_poll(rt.settings, submitted_at, now),
-                lease_owner=None, lease_expires_at=None,
-            )  # fmt: skip
+        next_poll = _next_poll(rt.settings, submitted_at, now)
+        if status.state == "IN_PROGRESS" and fence.state == S.QUEUED:
+            store.mark_running(session, fence, next_poll_at=next_poll)
             return
-        store.release_lease(
-            session,
-            job_id,
-            expected_version=version,
-            next_attempt_at=_next_poll(rt.settings, submitted_at, now),
-        )
+        store.release_lease(session, fence, next_attempt_at=next_poll)

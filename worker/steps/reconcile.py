@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import logging
 
-from jobs import store
+from jobs import db, store
 from jobs.errors import (
     ProviderError,
 )
 from jobs.models import BatchState, utcnow
-from jobs.states import JobState
+from jobs.store import Fence
 from worker.fal.models import RequestHandle
 from worker.steps.context import Runtime, S, handle_of
-from worker.steps.failures import mark_submit_unknown, settle_unknown_submit, unknown_submit_wait_over
+from worker.steps.failures import settle_unknown_submit, submit_outcome_unknown, unknown_submit_wait_over
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
     * ``submit_unknown`` past its deadline: the policy decides — fail with "submission outcome
       unknown", or resubmit as a new attempt counted as a possible duplicate charge. Without a
       webhook receiver nothing can prove the outcome, so there is no deadline to wait for: the
-      policy is applied at once (:func:`~worker.steps.failures.mark_submit_unknown`).
+      policy is applied at once (:func:`~worker.steps.failures.submit_outcome_unknown`).
 
     With a batch scope (``rt.batch_ids``) the first is still done for every batch: it sends
     nothing, and a dead process's expired claims would otherwise hold the global outstanding cap.
@@ -34,27 +34,35 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
     """
     now = utcnow()
     moved = 0
-    with store.session_scope(rt.engine) as session:
-        for job in store.claim_jobs(
-            session, states=[S.SUBMITTING], limit=limit, now=now, owner=rt.owner,
-            lease_seconds=rt.settings.lease_seconds,
-        ):  # fmt: skip
+    with db.session_scope(rt.engine) as session:
+        lease = rt.settings.lease_seconds
+        lost = store.claim_jobs(
+            session, states=[S.SUBMITTING], limit=limit, now=now, owner=rt.owner, lease_seconds=lease
+        )
+        for job in lost:
             if job.submitted_input is None:
-                ok = store.transition(
-                    session, job.id, S.SUBMITTING, S.PENDING, expected_version=job.version,
-                    reason="worker lost before sending; safe to send", worker=rt.owner,
-                    attempts=max(0, job.attempts - 1), lease_owner=None, lease_expires_at=None,
-                )  # fmt: skip
+                ok = store.give_back(
+                    session, rt.fence(job), reason="worker lost before sending; safe to send"
+                )
             else:
-                ok = mark_submit_unknown(
-                    session, rt, job.id, job.version, "the worker was lost during the POST",
+                ok = submit_outcome_unknown(
+                    session,
+                    rt,
+                    rt.fence(job),
+                    "the worker was lost during the POST",
                     settle_now=rt.in_scope(job.batch_id),
-                )  # fmt: skip
+                )
             moved += ok
-        for job in store.claim_jobs(
-            session, states=[S.SUBMIT_UNKNOWN], limit=limit, now=now, owner=rt.owner,
-            lease_seconds=rt.settings.lease_seconds, batch_ids=rt.batch_ids,
-        ):  # fmt: skip
+        unknown = store.claim_jobs(
+            session,
+            states=[S.SUBMIT_UNKNOWN],
+            limit=limit,
+            now=now,
+            owner=rt.owner,
+            lease_seconds=lease,
+            batch_ids=rt.batch_ids,
+        )
+        for job in unknown:
             moved += settle_unknown_submit(session, rt, job, unknown_submit_wait_over(rt.settings))
     return moved
 
@@ -77,7 +85,7 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
     fal finished them anyway (we pay for those), downloads them. Runs every tick, so a job that
     was mid-submit when the batch was cancelled is caught as soon as fal has accepted it.
     """
-    with store.session_scope(rt.engine) as session:
+    with db.session_scope(rt.engine) as session:
         cancelled = [
             b.id
             for b in store.list_batches(session)
@@ -86,9 +94,13 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
         if not cancelled:
             return 0
         moved = store.cancel_unsent_jobs(
-            session, cancelled, reason="batch cancelled", error="cancelled by user",
-            error_type="cancelled", worker=rt.owner,
-        )  # fmt: skip
+            session,
+            cancelled,
+            reason="batch cancelled",
+            error="cancelled by user",
+            error_type="cancelled",
+            worker=rt.owner,
+        )
         at_fal = [j for b in cancelled for j in store.jobs_of_batch(session, b, states=[S.QUEUED, S.RUNNING])]
         queued = sorted(
             (j for j in at_fal if j.state == S.QUEUED),
@@ -96,12 +108,12 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
         )
         running = [j for j in at_fal if j.state == S.RUNNING]
         in_flight = sum(store.count_in_states(session, [S.SUBMITTING], batch_id=b) for b in cancelled)
-        plan: list[tuple[str, int, JobState, RequestHandle]] = [
-            (j.id, j.version, j.state, handle_of(j, rt.settings.fal_queue_url)) for j in [*queued, *running]
+        plan: list[tuple[Fence, RequestHandle]] = [
+            (rt.fence(j), handle_of(j, rt.settings.fal_queue_url)) for j in [*queued, *running]
         ]
     may_still_queue = in_flight
-    for job_id, version, state, handle in plan:
-        if state == S.RUNNING and may_still_queue:
+    for fence, handle in plan:
+        if fence.state == S.RUNNING and may_still_queue:
             log.info(
                 "cancel: %d request(s) of cancelled batches may still wait in fal's queue; "
                 "running ones are cancelled after them",
@@ -111,13 +123,9 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
         try:
             outcome = rt.client.cancel(handle)
         except ProviderError as exc:
-            log.info("job %s: cancel failed (%s); will try again", job_id, exc)
-            may_still_queue += state == S.QUEUED
+            log.info("job %s: cancel failed (%s); will try again", fence.job_id, exc)
+            may_still_queue += fence.state == S.QUEUED
             continue
-        with store.session_scope(rt.engine) as session:
-            moved += store.transition(
-                session, job_id, state, S.CANCELLING, expected_version=version,
-                reason=f"cancel requested at fal: {outcome.value}", worker=rt.owner,
-                next_attempt_at=utcnow(),
-            )  # fmt: skip
+        with db.session_scope(rt.engine) as session:
+            moved += store.mark_cancelling(session, fence, reason=f"cancel requested at fal: {outcome.value}")
     return moved

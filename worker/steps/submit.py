@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
 import httpx
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
-from jobs import store
+from jobs import db, store
 from jobs.endpoints import get_endpoint
 from jobs.errors import (
     AccountLockedError,
@@ -28,13 +28,14 @@ from jobs.errors import (
 )
 from jobs.models import utcnow
 from jobs.settings import Settings
-from jobs.states import JobState
+from jobs.store import Fence
 from worker import chaos
-from worker.fal.client import SubmitNotSentError
+from worker.fal.errors import SubmitNotSentError
+from worker.fal.models import Submitted
 from worker.fal.storage import prepare_input
 from worker.limits import LimiterUnavailableError, wait_for_token
-from worker.steps.context import Runtime, S
-from worker.steps.failures import describe, give_back, mark_submit_unknown, pause_for_account, retry_or_fail
+from worker.steps.context import Runtime, S, in_seconds
+from worker.steps.failures import pause_for_account, settle, submit_outcome_unknown
 
 log = logging.getLogger(__name__)
 
@@ -73,46 +74,34 @@ def webhook_for(settings: Settings, job_id: str, attempt: int) -> str | None:
 
 def submit(rt: Runtime, job_id: str) -> str:
     """Send one claimed job to fal, exactly once. Returns what happened, for logs and tests."""
-    with store.session_scope(rt.engine) as session:
+    with db.session_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
         if job.state != S.SUBMITTING or job.submitted_input is not None:
             return "skipped"  # a duplicate message, or another worker already began this POST
-        endpoint, raw_input, version, attempt = job.endpoint, dict(job.input), job.version, job.attempts
+        fence, endpoint, raw_input, attempt = rt.fence(job), job.endpoint, dict(job.input), job.attempts
         batch_id = job.batch_id
 
     spec = get_endpoint(endpoint)
     try:
         to_send = prepare_input(raw_input, [f.name for f in spec.media_fields], preparer=rt.media)
     except (UsageError, OSError) as exc:  # a local file vanished, changed or became unreadable
-        with store.session_scope(rt.engine) as session:
-            store.transition(
-                session, job_id, S.SUBMITTING, S.FAILED, expected_version=version,
-                reason=str(exc), worker=rt.owner, error=str(exc), error_type="input_file",
-            )  # fmt: skip
+        with db.session_scope(rt.engine) as session:
+            store.fail_job(session, fence, error=str(exc), error_type="input_file")
         return "media-failed"
     except AccountLockedError as exc:  # the upload was refused for the account: pause, as a submit would
-        with store.session_scope(rt.engine) as session:
+        with db.session_scope(rt.engine) as session:
             reason = pause_for_account(session, batch_id, exc)
-            give_back(session, rt, job_id, version, f"batch paused: {reason}", 0.0)
+            store.give_back(session, fence, reason=f"batch paused: {reason}", due_at=in_seconds(0))
         return "account-locked"
     except ProviderError as exc:
-        with store.session_scope(rt.engine) as session:
-            job = store.get_job(session, job_id)
-            if isinstance(exc, RetryableProviderError):
-                retry_or_fail(session, rt, job, S.SUBMITTING, version, exc, utcnow())
-            else:
-                store.transition(
-                    session, job_id, S.SUBMITTING, S.FAILED, expected_version=version,
-                    reason=describe(exc), worker=rt.owner, error=describe(exc), error_type=exc.error_type,
-                )  # fmt: skip
+        with db.session_scope(rt.engine) as session:
+            settle(session, rt, fence, exc)
         return "media-failed"
     except Exception as exc:  # our own side failed (a closed client, a bug): nothing was sent
         log.exception("job %s: preparing the input failed; giving it back", job_id)
         why = rt.client.scrub(f"not sent: preparing the input failed: {exc!r}")
-        with store.session_scope(rt.engine) as session:
-            give_back(
-                session, rt, job_id, version, why, NOT_SENT_RETRY_SECONDS, error=why, error_type="not_sent",
-            )  # fmt: skip
+        with db.session_scope(rt.engine) as session:
+            _not_sent(session, fence, why)
         return "not-sent"
     webhook = webhook_for(rt.settings, job_id, attempt)  # before the lease: a bad URL must not strand the job
 
@@ -122,26 +111,20 @@ def submit(rt: Runtime, job_id: str) -> str:
     held_back = _take_submit_token(rt, endpoint)
     if held_back is not None:
         reason, delay = held_back
-        with store.session_scope(rt.engine) as session:
-            give_back(session, rt, job_id, version, reason, delay)
+        with db.session_scope(rt.engine) as session:
+            store.give_back(session, fence, reason=reason, due_at=in_seconds(delay))
         return "rate-limited"
 
     # Record what we are about to send, and that the POST may go out, before it does: if this
     # process dies from here on, the reconciler knows the submit's outcome is unknown.
     # take_lease bumps the version: of two copies of this message, exactly one gets here.
-    with store.session_scope(rt.engine) as session:
+    with db.session_scope(rt.engine) as session:
         taken = store.take_lease(
-            session,
-            job_id,
-            owner=rt.owner,
-            expected_version=version,
-            now=utcnow(),
-            lease_seconds=rt.settings.lease_seconds,
-            submitted_input=to_send,
+            session, fence, now=utcnow(), lease_seconds=rt.settings.lease_seconds, submitted_input=to_send
         )
     if taken is None:
         return "lost-lease"
-    version = taken
+    fence = taken
 
     chaos.crash_point("before_post")
     try:
@@ -149,56 +132,41 @@ def submit(rt: Runtime, job_id: str) -> str:
     except (SubmitNotSentError, UsageError) as exc:
         # Failed inside this process before the request was written: fal cannot have it.
         log.error("job %s: not sent (%s); giving it back", job_id, exc)
-        with store.session_scope(rt.engine) as session:
-            give_back(
-                session, rt, job_id, version, f"not sent: {exc}", NOT_SENT_RETRY_SECONDS,
-                error=f"not sent: {exc}", error_type="not_sent",
-            )  # fmt: skip
+        with db.session_scope(rt.engine) as session:
+            _not_sent(session, fence, f"not sent: {exc}")
         return "not-sent"
     except AmbiguousSubmitError as exc:
-        with store.session_scope(rt.engine) as session:
-            mark_submit_unknown(session, rt, job_id, version, str(exc))
+        with db.session_scope(rt.engine) as session:
+            submit_outcome_unknown(session, rt, fence, str(exc))
         return "ambiguous"
     except AccountLockedError as exc:
-        with store.session_scope(rt.engine) as session:
+        with db.session_scope(rt.engine) as session:
             reason = pause_for_account(session, batch_id, exc)
-            give_back(session, rt, job_id, version, f"batch paused: {reason}", 0.0)
+            store.give_back(session, fence, reason=f"batch paused: {reason}", due_at=in_seconds(0))
         return "account-locked"
-    except RetryableProviderError as exc:
-        with store.session_scope(rt.engine) as session:
-            job = store.get_job(session, job_id)
-            retry_or_fail(session, rt, job, S.SUBMITTING, version, exc, utcnow())
-        return "retry"
-    except FinalProviderError as exc:
-        with store.session_scope(rt.engine) as session:
-            store.transition(
-                session, job_id, S.SUBMITTING, S.FAILED, expected_version=version,
-                reason=describe(exc), worker=rt.owner, error=describe(exc), error_type=exc.error_type,
-            )  # fmt: skip
-        return "failed"
+    except (RetryableProviderError, FinalProviderError) as exc:
+        with db.session_scope(rt.engine) as session:
+            settle(session, rt, fence, exc)
+        return "retry" if isinstance(exc, RetryableProviderError) else "failed"
 
     chaos.crash_point("after_post")
     now = utcnow()
-    fields: dict[str, Any] = {
-        "request_id": submitted.request_id,
-        "gateway_request_id": submitted.gateway_request_id,
-        "status_url": submitted.status_url,
-        "response_url": submitted.response_url,
-        "cancel_url": submitted.cancel_url,
-        "submitted_at": now,
-        "next_attempt_at": now + timedelta(seconds=rt.settings.poll_min_interval),
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "error": None,
-        "error_type": None,
-    }
-    new_state = S.RUNNING if submitted.status == "IN_PROGRESS" else S.QUEUED
-    outcome = _while_database_down(
-        rt, lambda: _record_submission(rt, job_id, version, new_state, submitted.request_id, fields)
-    )
+    outcome = _while_database_down(rt, lambda: _record_submission(rt, fence, submitted, now))
     if outcome == "submitted":
         chaos.crash_point("after_commit")
     return outcome
+
+
+def _not_sent(session: Session, fence: Fence, why: str) -> None:
+    """The POST failed inside this process, before fal could have it: pending again, a while later."""
+    store.give_back(
+        session,
+        fence,
+        reason=why,
+        due_at=in_seconds(NOT_SENT_RETRY_SECONDS),
+        error=why,
+        error_type="not_sent",
+    )
 
 
 def _while_database_down(rt: Runtime, action: Callable[[], str]) -> str:
@@ -222,28 +190,34 @@ def _while_database_down(rt: Runtime, action: Callable[[], str]) -> str:
             delay = min(1.0, delay * 2)
 
 
-def _record_submission(
-    rt: Runtime, job_id: str, version: int, new_state: JobState, request_id: str, fields: dict[str, Any]
-) -> str:
-    """Store the request id fal gave us; ``submitted``, ``submitted-late`` or ``orphaned``."""
-    with store.session_scope(rt.engine) as session:
-        accepted = store.transition(
-            session, job_id, S.SUBMITTING, new_state, expected_version=version,
-            reason=f"accepted as {request_id}", worker=rt.owner, **fields,
-        )  # fmt: skip
-    if accepted:
-        return "submitted"
-    with store.session_scope(rt.engine) as session:
-        job = store.get_job(session, job_id)
-        if job.request_id == request_id:  # our commit landed though we saw an error (a retry)
+def _record_submission(rt: Runtime, fence: Fence, submitted: Submitted, now: datetime) -> str:
+    """Store the request id fal gave us at ``now``: ``submitted``, ``submitted-late`` or ``orphaned``."""
+
+    def record(session: Session, held: Fence) -> bool:
+        return store.mark_submitted(
+            session,
+            held,
+            running=submitted.status == "IN_PROGRESS",
+            request_id=submitted.request_id,
+            gateway_request_id=submitted.gateway_request_id,
+            status_url=submitted.status_url,
+            response_url=submitted.response_url,
+            cancel_url=submitted.cancel_url,
+            submitted_at=now,
+            next_poll_at=now + timedelta(seconds=rt.settings.poll_min_interval),
+        )
+
+    with db.session_scope(rt.engine) as session:
+        if record(session, fence):
+            return "submitted"
+    with db.session_scope(rt.engine) as session:
+        job = store.get_job(session, fence.job_id)
+        if job.request_id == submitted.request_id:  # our commit landed though we saw an error (a retry)
             return "submitted"
         # Our lease ran out while the POST was in flight and the reconciler declared the
         # outcome unknown. We hold the proof: the request exists. Record it.
         if job.state == S.SUBMIT_UNKNOWN and job.request_id is None:
-            store.transition(
-                session, job_id, S.SUBMIT_UNKNOWN, new_state, expected_version=job.version,
-                reason=f"late answer: accepted as {request_id}", worker=rt.owner, **fields,
-            )  # fmt: skip
+            record(session, rt.fence(job))
             return "submitted-late"
-    log.warning("job %s: fal accepted %s but the job moved on", job_id, request_id)
+    log.warning("job %s: fal accepted %s but the job moved on", fence.job_id, submitted.request_id)
     return "orphaned"

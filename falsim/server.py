@@ -1,6 +1,7 @@
 """Running the simulator: blocking (``wanbatch simulator``) or in a background thread (tests, ``--simulate``).
 
-- :func:`serve` blocks until interrupted; the CLI maps its flags onto :class:`SimulatorOptions`.
+- :func:`serve` blocks until interrupted; ``wanbatch simulator`` maps its flags onto
+  :class:`SimulatorOptions`.
 - :func:`running_simulator` starts it on a free loopback port in a daemon thread and yields a
   :class:`SimulatorHandle` (``.url``, ``.ledger()``, ``.set_faults(...)``, ``.reset()``,
   ``.update_options(...)``, ``.stop()``). Point ``WANBATCH_FAL_QUEUE_URL`` and
@@ -27,10 +28,10 @@ from typing import Any, TypeVar
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from worker.simulator.app import SimulatorApp
-from worker.simulator.engine import Engine
-from worker.simulator.options import SimulatorOptions
-from worker.simulator.tls import make_self_signed
+from falsim.app import SimulatorApp
+from falsim.engine import Engine
+from falsim.options import SimulatorOptions
+from falsim.tls import make_self_signed
 
 T = TypeVar("T")
 
@@ -91,19 +92,12 @@ def _server(
     return uvicorn.Server(config)
 
 
-def serve(
-    host: str = "127.0.0.1",
-    port: int = 8787,
-    options: SimulatorOptions | None = None,
-    *,
-    certfile: Path | None = None,
-    keyfile: Path | None = None,
-) -> None:
-    """Serve the simulator until interrupted (Ctrl-C). HTTPS when a certificate is given."""
+def serve(host: str = "127.0.0.1", port: int = 8787, options: SimulatorOptions | None = None) -> None:
+    """Serve the simulator until interrupted (Ctrl-C); what ``wanbatch simulator`` runs."""
     sock = _bind(host, port)
-    base_url = _base_url(sock, host, certfile is not None)
+    base_url = _base_url(sock, host, tls=False)
     engine = Engine(options)
-    server = _server(engine, sock, base_url, certfile, keyfile)
+    server = _server(engine, sock, base_url, None, None)
     print(f"fal simulator listening on {engine.options.public_url or base_url}", flush=True)
     server.run(sockets=[sock])
 
@@ -138,10 +132,6 @@ class SimulatorHandle:
     ) -> None:
         """Add fault rules: ``set_faults(submit_429={"next": 2})`` or ``set_faults({...})``."""
         self.engine.faults.set({**(faults or {}), **kinds}, replace=replace)
-
-    def clear_faults(self) -> None:
-        """Remove every fault rule."""
-        self.engine.faults.clear()
 
     def update_options(self, **changes: Any) -> None:
         """Change options at runtime, e.g. ``update_options(concurrency_limit=5)``."""

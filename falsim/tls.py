@@ -1,6 +1,7 @@
 """A throw-away self-signed certificate for serving the simulator over HTTPS.
 
-fal's own client hard-codes ``https://`` (protocol notes §8), so conformance tests serve the
+fal's own client hard-codes ``https://`` (``QUEUE_URL_FORMAT`` in fal_client's ``auth.py``,
+https://github.com/fal-ai/fal/tree/main/projects/fal_client), so conformance tests serve the
 simulator over TLS and make httpx trust this certificate through ``SSL_CERT_FILE``.
 """
 

@@ -1,4 +1,4 @@
-"""Every knob of the simulator in one plain dataclass, so the CLI, tests and ``--simulate`` agree.
+"""Every knob of the simulator in one dataclass, so `wanbatch simulator`, tests and `--simulate` agree.
 
 Defaults are *fal's* behaviour where it is documented (a new account runs 2 requests at once,
 results live 1 h / 6 min without payload storage and 30 days with it, webhooks retry 10 times)
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from worker.simulator.faults import FaultRule
+from falsim.faults import FaultRule
 
 #: fal's request-error table: error_type → the HTTP status the result endpoint replays.
 ERROR_STATUS: dict[str, int] = {
@@ -34,7 +34,7 @@ ERROR_STATUS: dict[str, int] = {
 
 @dataclass
 class SimulatorOptions:
-    """How the simulated fal account and models behave. All fields have CLI-friendly scalar types.
+    """How the simulated fal account and models behave; ``POST /_sim/options`` changes them at runtime.
 
     Latency: a request stays IN_PROGRESS for ``latency_seconds`` when set, otherwise for the
     endpoint's ``typical_seconds`` × ``latency_factor``; either is spread by ±``latency_jitter``

@@ -8,7 +8,8 @@ before low) → ``IN_PROGRESS`` (the "runner": validate, make the video, wait ou
 latency) → ``COMPLETED``, successful or not — fal has no FAILED state. The result endpoint
 then replays the model's answer until the result expires.
 
-Choices where fal's behaviour is not documented (see shared/reference/fal-queue-protocol.md):
+Choices made where fal's queue documentation (https://docs.fal.ai/model-endpoints/queue) is
+silent or vague:
 
 - Cancel while queued removes the request; it shows COMPLETED with ``error_type``
   ``client_cancelled`` and its result is 499 ``{"detail", "error_type"}``; it is not billed.
@@ -39,16 +40,16 @@ from typing import Any
 
 import httpx
 
+from falsim import media
+from falsim.faults import FaultPlan
+from falsim.ledger import Ledger, LedgerEntry
+from falsim.options import ERROR_STATUS, SimulatorOptions
+from falsim.storage import FileStore
+from falsim.validation import decode_data_uri, validate_input
+from falsim.webhooks import Delivery, WebhookSigner, deliver, webhook_body
 from jobs.endpoints import EndpointSpec
 from jobs.errors import WanbatchError
 from jobs.pricing import estimate_job
-from worker.simulator import media
-from worker.simulator.faults import FaultPlan
-from worker.simulator.ledger import Ledger, LedgerEntry
-from worker.simulator.options import ERROR_STATUS, SimulatorOptions
-from worker.simulator.storage import FileStore
-from worker.simulator.validation import decode_data_uri, validate_input
-from worker.simulator.webhooks import Delivery, WebhookSigner, deliver, webhook_body
 
 IN_QUEUE, IN_PROGRESS, COMPLETED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED"
 

@@ -36,9 +36,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from falsim.engine import COMPLETED, Engine, SimRequest
 from jobs.endpoints import EndpointSpec, all_endpoints
 from jobs.endpoints.registry import app_base
-from worker.simulator.engine import COMPLETED, Engine, SimRequest
 
 _RAW_SEND = "wanbatch.sim.raw_send"
 _NGINX_502 = (

@@ -28,6 +28,7 @@ Kinds (where they fire → what the client sees):
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from dataclasses import dataclass, field
@@ -79,6 +80,30 @@ class FaultRule:
         return {"probability": self.probability, "next": self.next, **self.params}
 
 
+def check_kind(kind: str) -> str:
+    """``kind`` when it names a fault, else a ``ValueError`` listing the known ones."""
+    if kind not in FAULT_KINDS:
+        raise ValueError(f"unknown fault {kind!r} (known: {', '.join(sorted(FAULT_KINDS))})")
+    return kind
+
+
+def parse_fault_option(text: str) -> tuple[str, FaultRule]:
+    """One ``--fault`` of ``wanbatch simulator``: ``KIND=P`` (a probability below 1) or ``KIND=N``.
+
+    ``submit_429=0.1`` fires on 10 % of submits; ``submit_429=3`` on the next 3. A ``ValueError``
+    (one line) for anything else.
+    """
+    key, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not sep or not math.isfinite(number) or number < 0:
+        raise ValueError(f"--fault takes KIND=PROBABILITY or KIND=COUNT, got {text!r}")
+    kind = check_kind(key.strip())
+    return kind, FaultRule.parse({"probability": number} if number < 1 else {"next": int(number)})
+
+
 class FaultPlan:
     """The active faults; thread-safe because tests change them while the server runs."""
 
@@ -91,11 +116,7 @@ class FaultPlan:
 
     def set(self, rules: dict[str, Any], *, replace: bool = False) -> None:
         """Add or replace rules by kind (``replace`` drops every other rule first)."""
-        parsed = {}
-        for kind, raw in rules.items():
-            if kind not in FAULT_KINDS:
-                raise ValueError(f"unknown fault {kind!r} (known: {', '.join(sorted(FAULT_KINDS))})")
-            parsed[kind] = FaultRule.parse(raw)
+        parsed = {check_kind(kind): FaultRule.parse(raw) for kind, raw in rules.items()}
         with self._lock:
             if replace:
                 self._rules.clear()

@@ -1,0 +1,122 @@
+"""The ``wanbatch`` command: one click group, its commands, and the console-script entry point.
+
+One module per group of commands — :mod:`cli.manifest_commands` (validate, estimate, submit),
+:mod:`cli.batch_commands` (status, cost, export, run, rerun, cancel) and
+:mod:`cli.service_commands` (worker, simulator) — and :mod:`cli.output` for what they print and
+how they exit. The CLI sits outside both the domain (:mod:`jobs`, which knows no click or rich)
+and execution (:mod:`worker`): a command imports what it needs when it runs, so ``wanbatch
+--help`` or ``wanbatch validate`` never loads Celery, the fal client or the simulator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import NoReturn
+
+import click
+
+from cli import batch_commands, manifest_commands, service_commands
+from cli.output import EXIT_OK
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="wanbatch")
+def cli() -> None:
+    """wanbatch: batch orchestration for fal.ai's Wan video endpoints.
+
+    Validate a manifest, estimate its cost, submit it, run it, watch it, export it.
+    """
+
+
+for _command in (
+    manifest_commands.validate,
+    manifest_commands.estimate,
+    manifest_commands.submit,
+    batch_commands.status,
+    batch_commands.cost,
+    batch_commands.export,
+    batch_commands.run,
+    batch_commands.rerun,
+    batch_commands.cancel,
+    service_commands.worker,
+    service_commands.simulator,
+):
+    cli.add_command(_command)
+
+
+def install_key_redaction() -> bool:
+    """Redact FAL_KEY from every log record of this process (and of the workers it forks).
+
+    Returns whether a key was configured. Bad configuration is left for the command to report.
+    """
+    from jobs.errors import WanbatchError
+    from jobs.settings import get_settings
+
+    try:
+        key = get_settings().fal_key
+    except WanbatchError:
+        return False
+    if key is None or not key.get_secret_value():
+        return False
+    from worker.fal.redact import install_redaction
+
+    install_redaction(key.get_secret_value())
+    return True
+
+
+#: Exit code of an unexpected error (sysexits.h ``EX_SOFTWARE``): apart from the contract's
+#: 0 (success), 1 (some jobs failed) and 2 (bad input), so scripts never mistake a crash for either.
+EXIT_INTERNAL = 70
+
+
+def _internal_error(exc: BaseException) -> NoReturn:
+    """One line on stderr for a bug; the traceback goes to an owner-only file the line names."""
+    import tempfile
+    import traceback
+
+    from worker.fal.redact import redact_text
+
+    detail = (str(exc).strip().splitlines() or [""])[0][:300]
+    where = ""
+    try:
+        fd, name = tempfile.mkstemp(prefix="wanbatch-crash-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(redact_text("".join(traceback.format_exception(exc))))
+        where = f" (details in {name})"
+    except OSError:
+        pass
+    text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    print(f"internal error: {redact_text(text)}; please report it{where}", file=sys.stderr)
+    sys.exit(EXIT_INTERNAL)
+
+
+def main() -> None:
+    """Console-script entry point.
+
+    Click runs with ``standalone_mode=False`` so this function decides what reaches the user:
+    a usage mistake is one ``error:`` line (exit 2), ``--help``/``--version`` behave as always,
+    Ctrl-C prints ``Aborted!`` (exit 1, as click does), and anything unexpected — a bug — is
+    one ``internal error`` line (exit 70) instead of a traceback. Deliberate errors never get
+    here: every command turns :class:`~jobs.errors.WanbatchError` into its message and exit code.
+    """
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        install_key_redaction()
+        code = cli.main(prog_name="wanbatch", standalone_mode=False)
+    except click.UsageError as exc:  # unknown option, missing argument, bad value
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        print(f"error: {exc.format_message().rstrip('.')}{hint}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
+    except Exception as exc:  # the safety net: a bug still gets one line, not a traceback
+        _internal_error(exc)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

@@ -1,0 +1,403 @@
+"""``status``, ``cost``, ``export``, ``run``, ``rerun`` and ``cancel``: the commands about a stored batch.
+
+``run``, ``rerun`` and ``cancel`` process a batch (embedded, or by waiting on the workers): they
+import :mod:`worker` when they run, and :mod:`falsim` only with ``--simulate``
+(:func:`fal_settings` is the one place that decides where fal requests go).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from cli.options import allow_dir_option, json_option, progress_option, simulate_option
+from cli.output import (
+    EXIT_OK,
+    batches_table,
+    cost_table,
+    emit_json,
+    err,
+    escape,
+    eta_text,
+    final_code,
+    guarded,
+    money_line,
+    out,
+    print_budget_note,
+    print_failures,
+    print_summary,
+    status_table,
+    usd,
+)
+
+if TYPE_CHECKING:
+    from jobs.settings import Settings
+    from worker.running import Interrupted
+
+#: The key a ``--simulate`` run sends when no FAL_KEY is set (the simulator accepts any key).
+SIMULATOR_KEY = "simulator-key"
+
+
+@click.command()
+@click.argument("batch", required=False)
+@json_option
+def status(batch: str | None, as_json: bool) -> None:
+    """Counts by state, spend and estimate for BATCH (id, id prefix or name), or for every batch."""
+
+    def action() -> int:
+        from jobs import batches
+
+        reports = batches.status(batch)
+        if as_json:
+            emit_json(reports[0] if batch is not None else {"batches": reports})
+            return EXIT_OK
+        if not reports:
+            out.print("no batches yet: try `wanbatch submit MANIFEST`")
+        if batch is not None:
+            out.print(status_table(reports[0]))
+            out.print(money_line(reports[0]))
+            if reports[0].get("state") == "paused":  # e.g. fal refused the account (401/402/403)
+                reason = reports[0].get("pause_reason") or "see the log"
+                out.print(f"[yellow]paused: {escape(reason)}[/yellow]")
+            if eta := eta_text(reports[0].get("eta_seconds")):
+                out.print(f"{reports[0]['finished']}/{reports[0]['total']} done, {eta}")
+            print_failures(reports[0])
+            return EXIT_OK
+        out.print(batches_table(reports))
+        return EXIT_OK
+
+    guarded(as_json, action)
+
+
+@click.command()
+@click.argument("batch")
+@json_option
+def cost(batch: str, as_json: bool) -> None:
+    """Estimated vs actual (billed) vs wasted USD of BATCH, by endpoint and resolution.
+
+    Actual follows the billing rules (jobs/billing_rules.yaml: 5xx never billed, a 422 billed
+    when a runner spent time, a cancel billed once running). Wasted is billed money that bought
+    no output. Possible duplicates (resubmits after an unknown outcome) are shown apart.
+    """
+
+    def action() -> int:
+        from jobs import db
+        from jobs.cost import cost_report
+        from jobs.settings import get_settings
+
+        engine = db.open_engine(get_settings())
+        with db.session_scope(engine) as session:
+            data = cost_report(session, batch).as_dict()
+        if as_json:
+            emit_json(data)
+            return EXIT_OK
+        out.print(cost_table(data))
+        total = data["total"]
+        if total["in_flight"]:
+            out.print(f"{total['in_flight']} job(s) still in flight: actual is not final yet")
+        if total["cancelled_for_budget"]:
+            out.print(
+                f"[yellow]{total['cancelled_for_budget']} job(s) cancelled: budget cap reached[/yellow]"
+            )
+        if total["possible_duplicate_charges"]:
+            out.print(
+                f"[yellow]possible duplicate charges: {total['possible_duplicate_charges']} "
+                f"(up to {usd(total['possible_duplicate_usd'])} more than actual)[/yellow]"
+            )
+        return EXIT_OK
+
+    guarded(as_json, action)
+
+
+@click.command()
+@click.argument("batch")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), default=None, help="File to write (default: stdout)."
+)
+def export(batch: str, fmt: str, output: Path | None) -> None:
+    """One record per job of BATCH (id, id prefix or name), as JSONL or CSV."""
+
+    def action() -> int:
+        from jobs import db
+        from jobs import export as exporting
+        from jobs.settings import get_settings
+
+        settings = get_settings()
+        engine = db.open_engine(settings)
+        with db.session_scope(engine) as session:
+            rows = exporting.records(session, batch, settings.output_dir)
+            if output is None:
+                n = exporting.write(rows, fmt, sys.stdout)
+            else:
+                n = exporting.write_file(rows, fmt, output)
+        err.print(f"exported {n} record(s)" + (f" to {output}" if output else ""))
+        return EXIT_OK
+
+    guarded(False, action)
+
+
+# --------------------------------------------------------------------------- processing a batch
+
+
+@contextlib.contextmanager
+def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> Iterator[Settings]:
+    """The settings to process with: fal's, or with ``--simulate`` a simulator's started for now.
+
+    With ``check`` (before anything is stored or sent) a missing ``FAL_KEY`` (real fal only) or
+    a broker that does not answer is a :class:`~jobs.errors.ConfigError` (exit 2) at once,
+    rather than a silent wait. The simulator runs in this process for the ``with`` block: it
+    accepts any key, answers within a fraction of a second and bills nothing.
+    """
+    if check:
+        from worker.running import check_broker
+
+        if not simulate:
+            settings.require_fal_key()
+        check_broker(settings)
+    if not simulate:
+        yield settings
+        return
+    from pydantic import SecretStr
+
+    from falsim import SimulatorOptions, running_simulator
+
+    with running_simulator(SimulatorOptions(concurrency_limit=40, latency_seconds=0.3)) as sim:
+        yield settings.model_copy(
+            update={
+                "fal_queue_url": sim.url,
+                "fal_rest_url": sim.url,
+                "fal_key": settings.fal_key or SecretStr(SIMULATOR_KEY),
+                "poll_min_interval": min(settings.poll_min_interval, 0.2),
+                "tick_interval": min(settings.tick_interval, 0.1),
+            }
+        )
+
+
+def _run_and_report(batch_id: str, settings: Settings, as_json: bool, progress: bool) -> int:
+    from worker.running import process_batch
+
+    report, stats = process_batch(batch_id, settings, console=err, show_progress=progress and not as_json)
+    if as_json:
+        emit_json(
+            {**report, "wall_seconds": round(stats.wall_seconds, 3), "status_calls": stats.status_calls}
+        )
+    else:
+        print_summary(report)
+        out.print(f"outputs in {settings.output_dir.resolve()}; finished in {stats.wall_seconds:.1f}s")
+    return final_code(report)
+
+
+def _processing(as_json: bool, action: Callable[[], int], resume: Callable[[str | None], str]) -> None:
+    """:func:`guarded`, plus what Ctrl-C and SIGTERM do to a command that processes a batch.
+
+    The first signal stops the work within seconds (see :mod:`worker.running`) and exits 130
+    with one line saying what was given back and how to resume (``resume(batch_id)``); a
+    second one exits at once.
+    """
+
+    def interruptible() -> int:
+        from worker.running import Interrupted, stop_on_signals
+
+        try:
+            with stop_on_signals():
+                return action()
+        except Interrupted as exc:
+            _exit_interrupted(exc, as_json, exc.hint or resume(exc.batch_id))
+
+    guarded(as_json, interruptible)
+
+
+def _exit_interrupted(exc: Interrupted, as_json: bool, hint: str) -> NoReturn:
+    """Report an interruption and end the process now.
+
+    ``os._exit``, not ``sys.exit``: a download abandoned in a worker thread would otherwise keep
+    the interpreter alive (thread pools are joined at exit) for as long as it takes.
+    """
+    line = f"{exc}; {hint}"
+    if as_json:
+        emit_json({"ok": False, "error": line, "interrupted": True, "batch": exc.batch_id})
+    err.print(f"[yellow]{escape(line)}[/yellow]")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exc.exit_code)
+
+
+def _stored_batch(ref: Path, settings: Settings) -> str | None:
+    """The id of the stored batch ``run REF`` names when REF is no file (None: treat it as a manifest).
+
+    ``run BATCH`` resumes a batch that has no manifest of its own to run again (an interrupted
+    ``rerun``). Only a bare name is looked up, so a mistyped manifest path still gets the
+    manifest's "file not found", and no database is created for it.
+    """
+    if ref.exists() or len(ref.parts) != 1 or ref.suffix.lower() in (".yaml", ".yml", ".json"):
+        return None
+    from jobs import db, store
+    from jobs.errors import NotFoundError
+    from jobs.models import BatchState
+
+    try:
+        with db.session_scope(db.open_engine(settings)) as session:
+            target = store.get_batch(session, str(ref))
+            if target.state == BatchState.PAUSED:  # running it again is the user saying "go on"
+                store.set_batch_state(session, target.id, BatchState.ACTIVE)
+            return target.id
+    except NotFoundError:
+        return None
+
+
+def _broker_warnings(settings: Settings) -> None:
+    """Warn (never fail) when the workers that carry out a recorded change cannot be reached."""
+    from jobs.errors import ConfigError
+    from worker.running import check_broker, live_workers, no_worker_warning
+
+    try:
+        check_broker(settings)
+    except ConfigError as exc:
+        err.print(f"[yellow]warning: {exc}[/yellow]")
+        return
+    if live_workers(settings) == 0:
+        err.print(f"[yellow]{no_worker_warning(settings)}[/yellow]")
+
+
+@click.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@json_option
+@simulate_option
+@progress_option
+@allow_dir_option
+def run(
+    manifest: Path, as_json: bool, simulate: bool, no_progress: bool, allow_dirs: tuple[Path, ...]
+) -> None:
+    """Submit MANIFEST, then process it until every job is terminal, showing progress.
+
+    Without WANBATCH_BROKER_URL the work runs in this process (embedded) and touches this batch
+    only; with one, the `wanbatch worker` processes do it and this waits. Ctrl-C stops within
+    seconds (exit 130); run again to resume. MANIFEST may also name a stored batch (`run BATCH`).
+    """
+
+    def action() -> int:
+        from jobs import batches
+        from jobs.settings import get_settings
+
+        settings = get_settings()
+        batches.check_output_dir(settings)  # before anything is stored or sent
+        with fal_settings(settings, simulate) as target:
+            stored = _stored_batch(manifest, target)
+            if stored is None:
+                result = batches.submit_manifest(manifest, target, allow_dirs)
+                print_budget_note(result)
+                stored = result.batch_id
+            return _run_and_report(stored, target, as_json, not no_progress)
+
+    _processing(as_json, action, lambda _: "run the same command again to resume")
+
+
+@click.command()
+@click.argument("batch")
+@click.option("--failed-only", is_flag=True, help="Only the jobs that ended failed or cancelled.")
+@click.option("--new-seeds", is_flag=True, help="Draw fresh seeds instead of reusing the returned ones.")
+@click.option(
+    "--max-usd",
+    "max_usd",
+    default=None,
+    metavar="AMOUNT",
+    help="Budget cap of the new batch in USD (default: the parent's cap).",
+)
+@json_option
+@simulate_option
+@progress_option
+def rerun(
+    batch: str,
+    failed_only: bool,
+    new_seeds: bool,
+    max_usd: str | None,
+    as_json: bool,
+    simulate: bool,
+    no_progress: bool,
+) -> None:
+    """A new batch from BATCH, processed like `run`: by default the exact inputs and returned seeds."""
+
+    def action() -> int:
+        from jobs import batches
+        from jobs.settings import get_settings
+
+        cap = None if max_usd is None else batches.parse_usd(max_usd)  # one-line UsageError
+        settings = get_settings()
+        batches.check_output_dir(settings)  # before anything is stored or sent
+        options: dict[str, Any] = {"failed_only": failed_only, "new_seeds": new_seeds, "max_usd": cap}
+        with fal_settings(settings, simulate) as target:
+            result = batches.rerun_batch(batch, settings=target, **options)
+            print_budget_note(result)
+            return _run_and_report(result.batch_id, target, as_json, not no_progress)
+
+    def resume(batch_id: str | None) -> str:
+        if batch_id is None:
+            return "run the same command again to start over"
+        return f"`wanbatch run {batch_id}` resumes the new batch (running `rerun` again would start another)"
+
+    _processing(as_json, action, resume)
+
+
+@click.command()
+@click.argument("batch")
+@json_option
+@simulate_option
+@progress_option
+def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None:
+    """Stop BATCH: pending jobs are never submitted, queued ones are cancelled at fal.
+
+    Embedded, this waits until every job is terminal; with workers, they finish the cancel.
+    """
+
+    def action() -> int:
+        from jobs import batches, db, store
+        from jobs.models import BatchState
+        from jobs.settings import get_settings
+        from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
+
+        settings = get_settings()
+        engine = db.open_engine(settings)
+        with db.session_scope(engine) as session:
+            found = store.get_batch(session, batch)
+            store.set_batch_state(session, found.id, BatchState.CANCELLED, reason="cancelled by user")
+            batch_id = found.id
+            # What fal does not hold ends now, set-based (seconds for 100,000 jobs); the rest
+            # needs a cancel call each, made by the tick (queued ones first: they are free).
+            at_once = store.cancel_unsent_jobs(
+                session,
+                [batch_id],
+                reason="batch cancelled",
+                error="cancelled by user",
+                error_type="cancelled",
+                worker="cli",
+            )
+            at_fal = store.count_in_states(session, AT_PROVIDER_STATES, batch_id=batch_id)
+            unfinished = store.count_in_states(
+                session, [s for s in JobState if s not in TERMINAL_STATES], batch_id=batch_id
+            )
+        err.print(
+            f"cancel: {at_once} job(s) cancelled at once (never sent); {at_fal} at fal being cancelled there"
+        )
+        if unfinished == 0 and not settings.broker_url:
+            report = batches.status(batch_id, settings)[0]
+            if as_json:
+                emit_json(report)
+            else:
+                print_summary(report)
+            return final_code(report)
+        if settings.broker_url:
+            _broker_warnings(settings)  # the cancel is recorded; the workers carry it out
+            report = batches.status(batch_id, settings)[0]
+            emit_json(report) if as_json else out.print(status_table(report))
+            return EXIT_OK
+        with fal_settings(settings, simulate, check=False) as target:
+            return _run_and_report(batch_id, target, as_json, not no_progress)
+
+    _processing(as_json, action, lambda _: f"run `wanbatch cancel {batch}` again to finish cancelling")

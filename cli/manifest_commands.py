@@ -1,0 +1,102 @@
+"""``validate``, ``estimate`` and ``submit``: the commands that read a manifest.
+
+Thin by design: parse options, call one function of :mod:`jobs.batches`, print. Nothing here
+talks to fal, so nothing of :mod:`worker` is imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cli.options import manifest_command
+from cli.output import (
+    EXIT_OK,
+    emit_json,
+    err,
+    escape,
+    estimate_table,
+    guarded,
+    issue_line,
+    out,
+    print_budget_note,
+)
+
+
+@manifest_command
+def validate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
+    """Check MANIFEST and every expanded job; submits nothing."""
+
+    def action() -> int:
+        from jobs import batches
+
+        with err.status(f"validating {manifest} …"):
+            report = batches.check_manifest(manifest, allow_dirs)
+        if as_json:
+            emit_json(
+                {
+                    "ok": True,
+                    "manifest": str(manifest),
+                    "name": report.manifest.name if report.manifest else None,
+                    "jobs": report.job_count,
+                    "issues": [i.as_dict() for i in report.issues],
+                }
+            )
+        else:
+            for issue in report.issues:
+                err.print(issue_line(issue))
+            out.print(f"[green]✓[/green] {manifest}: {report.job_count} job(s), all valid")
+        return EXIT_OK
+
+    guarded(as_json, action)
+
+
+@manifest_command
+def estimate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
+    """Job count, billing units and USD per endpoint and in total; submits nothing."""
+
+    def action() -> int:
+        from jobs import batches
+
+        with err.status(f"validating and pricing {manifest} …"):
+            _report, totals = batches.estimate_manifest(manifest, allowed_dirs=allow_dirs)
+        data = totals.as_dict()
+        if as_json:
+            emit_json(data)
+            return EXIT_OK
+        out.print(estimate_table(f"Estimate for {manifest}", data))
+        if data["price_assumptions"]:
+            out.print(
+                "* price not published by fal: an assumption (see README, override with "
+                "WANBATCH_PRICING_OVERRIDES)"
+            )
+        return EXIT_OK
+
+    guarded(as_json, action)
+
+
+@manifest_command
+def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
+    """Validate MANIFEST, store its jobs and queue them; prints the batch id.
+
+    Submitting the same manifest again adds no duplicate jobs, and applies its current budget.
+    """
+
+    def action() -> int:
+        from jobs import batches
+
+        with err.status(f"validating {manifest}, then storing its jobs …"):
+            result = batches.submit_manifest(manifest, allowed_dirs=allow_dirs)
+        print_budget_note(result)
+        if as_json:
+            emit_json(result.as_dict())
+        else:
+            for warning in result.warnings:
+                err.print(f"[yellow]warning[/yellow] {escape(warning)}")
+            verb = "created" if result.created else "updated"
+            out.print(
+                f"batch [bold]{result.batch_id}[/bold] ({result.name}) {verb}: {result.total} job(s), "
+                f"{result.added} new, {result.existing} already stored"
+            )
+        return EXIT_OK
+
+    guarded(as_json, action)

@@ -1,0 +1,33 @@
+"""Options that several ``wanbatch`` commands share, so each is spelled and explained once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+manifest_argument = click.argument("manifest", type=click.Path(path_type=Path))
+allow_dir_option = click.option(
+    "--allow-dir",
+    "allow_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="DIR",
+    help=(
+        "Also accept local files (images, items_from) from DIR; repeatable. By default only the "
+        "manifest's folder is allowed (see also WANBATCH_ALLOWED_INPUT_DIRS)."
+    ),
+)
+simulate_option = click.option(
+    "--simulate",
+    is_flag=True,
+    help="Start the bundled fal simulator and send every request to it (no FAL_KEY needed, nothing billed).",
+)
+progress_option = click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+
+
+def manifest_command(command: Callable[..., None]) -> click.Command:
+    """A command on one ``MANIFEST`` that takes ``--json`` and ``--allow-dir``."""
+    return click.command()(manifest_argument(json_option(allow_dir_option(command))))

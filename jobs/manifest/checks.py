@@ -1,0 +1,152 @@
+"""The checks that need the whole manifest rather than one value: duplicates and confinement.
+
+- A YAML key written twice in one mapping is an error at its second line (the loader keeps
+  both lines); identical jobs collapse to one, with a warning naming the first item.
+- Local media paths become absolute, relative to the item's folder, with ``~``, ``..`` and
+  symlinks resolved; a path that leads outside the allowed folders is a located error and its
+  file is never read.
+
+Per-value checks (types, ranges, media formats) live in :mod:`jobs.validation`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from jobs.endpoints import EndpointSpec
+from jobs.errors import Issue
+from jobs.manifest.keys import resolvable_fields
+from jobs.manifest.model import JobSpec, RawItem
+from jobs.media import OUTSIDE_ALLOWED, LocalPath, MediaKind, classify, resolve_local
+from jobs.yaml_lines import LList, LMap
+
+
+def duplicate_key_issues(root: LMap, duplicates: list[tuple[str, int, int]], display: str) -> Iterator[Issue]:
+    """An error for each key written twice in one mapping, at its second line."""
+    for key, first, second in duplicates:
+        yield Issue(
+            file=display,
+            line=second,
+            item=_item_at(root, second),
+            field=key,
+            message=f"duplicate key {key!r} (first at line {first}, again at line {second})",
+            allowed="each key once per mapping",
+        )
+
+
+def _item_at(root: LMap, line: int) -> int | None:
+    """The index of the inline item that contains ``line`` (for duplicate-key messages)."""
+    items = root.get("items")
+    if not isinstance(items, LList) or not items.lines:
+        return None
+    after = [ln for k, ln in root.key_lines.items() if k != "items" and ln > items.line]
+    if line < items.lines[0] or (after and line >= min(after)):
+        return None
+    return bisect.bisect_right(items.lines, line) - 1
+
+
+class DuplicateJobs:
+    """Remembers every job key of one pass, to drop (with a warning) a job seen before."""
+
+    def __init__(self, source_of: Callable[[int], str]) -> None:
+        self._source_of = source_of
+        # digest -> item_index << 32 | line: ~140 bytes a job instead of ~270 with hex keys and
+        # tuples, which keeps a million-job manifest's duplicate check near 130 MB (bench/RESULTS.md).
+        self._seen: dict[bytes, int] = {}
+
+    def warning(self, job: JobSpec) -> Issue | None:
+        """The warning for a job identical to an earlier one; None (and remembered) otherwise."""
+        digest = bytes.fromhex(job.key)
+        packed = self._seen.get(digest)
+        if packed is None:
+            self._seen[digest] = job.item_index << 32 | (job.line or 0)
+            return None
+        first_index, first_line = packed >> 32, packed & 0xFFFFFFFF
+        return Issue(
+            file=job.source,
+            line=job.line,
+            item=job.item_index,
+            field=None,
+            message=(
+                f"identical to the job of item {first_index} "
+                f"({self._source_of(first_index)}:{first_line or None})"
+                f"{_matrix_text(job.matrix)}; it runs once"
+            ),
+            severity="warning",
+        )
+
+
+def _matrix_text(matrix: Mapping[str, Any]) -> str:
+    if not matrix:
+        return ""
+    return " with " + ", ".join(f"{k}={v!r}" for k, v in matrix.items())
+
+
+def outside_message(value: object, real: str) -> str:
+    """Why a local path is refused, naming where it really leads when that differs."""
+    if str(value) == real:
+        return f"{value!r} is outside the manifest's folder"
+    return f"{value!r} leads to {real}, outside the manifest's folder"
+
+
+def resolve_input(
+    spec: EndpointSpec,
+    values: dict[str, Any],
+    base_dir: Path,
+    roots: tuple[str, ...],
+    paths: dict[tuple[str, str], LocalPath],
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The input with local paths made real; and the media fields whose path is outside ``roots``.
+
+    ``null`` values are dropped; an integer given for a text enum of numbers (``duration: 5``)
+    becomes that text. ``paths`` caches resolved paths for one pass. A value holding a NUL is
+    left as written (validation refuses it; the OS would raise on it).
+    """
+    out: dict[str, Any] = {}
+    outside: dict[str, str] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        fld = spec.field(key) if key in resolvable_fields(spec.id) else None
+        if fld is not None:
+            if fld.media is not None:
+                if (
+                    isinstance(value, str)
+                    and value.strip()
+                    and "\0" not in value
+                    and classify(value) is MediaKind.PATH
+                ):
+                    mark = (str(base_dir), value)
+                    local = paths.get(mark)
+                    if local is None:
+                        local = paths[mark] = resolve_local(value, str(base_dir), roots)
+                    value = local.path
+                    if not local.inside:
+                        outside[key] = local.path
+            elif type(value) is int and str(value) in {str(v) for v in fld.enum or ()}:
+                value = str(value)
+        out[key] = value
+    return out, outside
+
+
+def outside_issues(
+    raw: RawItem,
+    values: Mapping[str, Any],
+    outside: Mapping[str, str],
+    origins: Mapping[str, tuple[str, int | None]],
+) -> Iterator[Issue]:
+    """An error for each media path that leads outside the allowed folders, where it was written."""
+    for key, real in outside.items():
+        where = origins.get(key, (raw.source, raw.line))
+        yield Issue(
+            file=where[0],
+            line=where[1],
+            item=raw.index,
+            field=key,
+            message=outside_message(values[key], real),
+            value=values[key],
+            allowed=OUTSIDE_ALLOWED,
+        )

@@ -1,0 +1,224 @@
+"""A parsed manifest, and the stream of jobs it expands to.
+
+:class:`Manifest` holds the top level only (cheap to build); :meth:`Manifest.jobs` reads the
+items and the ``items_from`` rows as it goes and yields each job of each matrix combination, so a
+100,000-row file is never held in memory. The resolution order is in :mod:`jobs.manifest`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from jobs.endpoints import EndpointSpec, get_endpoint, known_endpoint_ids
+from jobs.errors import Issue, ManifestError, did_you_mean
+from jobs.manifest.checks import DuplicateJobs, outside_issues, resolve_input
+from jobs.manifest.items_from import csv_value, read_items
+from jobs.manifest.keys import job_key
+from jobs.manifest.model import JobSpec, RawItem, describe, error_count
+from jobs.media import LocalPath
+from jobs.yaml_lines import LList, LMap
+
+#: One matrix combination: (field, value, line of the value) for each matrix field.
+Combo = tuple[tuple[str, Any, int], ...]
+
+
+@dataclass
+class Manifest:
+    """The parsed top level of a manifest. Cheap to build: ``items_from`` is read by :meth:`jobs`."""
+
+    path: Path
+    display: str
+    name: str
+    endpoint: str | None
+    budget_max_usd: Decimal | None
+    sha256: str
+    description: str | None = None
+    defaults: LMap = field(default_factory=lambda: LMap(1))
+    matrix: dict[str, LList] = field(default_factory=dict)
+    items: LList = field(default_factory=lambda: LList(1))
+    items_from: Path | None = None
+    items_from_display: str | None = None
+    #: Top-level issues found while parsing (errors and warnings).
+    issues: list[Issue] = field(default_factory=list)
+    #: False when the top-level endpoint is unknown (reported once, not once per item).
+    endpoint_known: bool = True
+    #: Folders local files may come from, resolved: the manifest's own first, then the ones the
+    #: user allowed (``--allow-dir``, ``WANBATCH_ALLOWED_INPUT_DIRS``).
+    roots: tuple[str, ...] = ()
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths in the manifest are resolved against."""
+        return self.path.parent
+
+    @property
+    def shared_lines(self) -> frozenset[int]:
+        """Lines of ``defaults`` and ``matrix`` values: issues there apply to many jobs."""
+        lines = set(self.defaults.lines.values())
+        for values in self.matrix.values():
+            lines.update(values.lines)
+        return frozenset(lines)
+
+    def jobs(self, issues: list[Issue] | None = None) -> Iterator[JobSpec]:
+        """Stream every expanded job: items, then ``items_from`` rows. Not validated.
+
+        Expansion problems (an item that is not a mapping, an unknown endpoint, a bad JSONL
+        line…) skip that item and are appended to ``issues``; without a list, the first error
+        raises :class:`ManifestError`. Duplicate jobs are dropped with a warning.
+        """
+        sink: list[Issue] = [] if issues is None else issues
+        duplicates = DuplicateJobs(self._source_of)
+        combos = self._combos()
+        digests: dict[str, str | None] = {}
+        # Resolved per pass, not per process: a file swapped for a symlink between validation
+        # and storing is caught by the second pass.
+        paths: dict[tuple[str, str], LocalPath] = {}
+        for raw in self._raw_items(sink):
+            for job in self._expand(raw, combos, sink, digests, paths):
+                warning = duplicates.warning(job)
+                if warning is not None:
+                    sink.append(warning)
+                    continue
+                yield job
+            if issues is None and error_count(sink):
+                raise ManifestError(sink)
+        if issues is None and error_count(sink):
+            raise ManifestError(sink)
+
+    def _source_of(self, item_index: int) -> str:
+        """The file an item came from: the manifest for ``items``, else the ``items_from`` file."""
+        if item_index < len(self.items):
+            return self.display
+        return self.items_from_display or str(self.items_from)
+
+    def _combos(self) -> list[Combo]:
+        if not self.matrix:
+            return [()]
+        axes = [
+            [(key, value, values.lines[i]) for i, value in enumerate(values)]
+            for key, values in self.matrix.items()
+        ]
+        return [tuple(c) for c in itertools.product(*axes)]
+
+    def _raw_items(self, sink: list[Issue]) -> Iterator[RawItem]:
+        index = 0
+        for i, item in enumerate(self.items):
+            line = self.items.lines[i]
+            if isinstance(item, LMap):
+                yield RawItem(index, self.display, line, item, item.lines, self.base_dir)
+            else:
+                sink.append(
+                    Issue(
+                        file=self.display,
+                        line=line,
+                        item=index,
+                        field=None,
+                        message=f"an item must be a mapping of fields, got {describe(item)}",
+                        value=item,
+                        allowed="a mapping such as {prompt: ..., image_url: ...}",
+                    )
+                )
+            index += 1
+        if self.items_from is None or not self.items_from.is_file():
+            return
+        display = self.items_from_display or str(self.items_from)
+        yield from read_items(self.items_from, display, index, sink)
+
+    def _expand(
+        self,
+        raw: RawItem,
+        combos: list[Combo],
+        sink: list[Issue],
+        digests: dict[str, str | None],
+        paths: dict[tuple[str, str], LocalPath],
+    ) -> Iterator[JobSpec]:
+        spec = self._endpoint_for(raw, sink)
+        if spec is None:
+            return
+        base: dict[str, Any] = {}
+        origins: dict[str, tuple[str, int | None]] = {}
+        for key, value in self.defaults.items():
+            base[key] = value
+            origins[key] = (self.display, self.defaults.lines.get(key))
+        for key, value in raw.fields.items():
+            if key == "endpoint":
+                continue
+            if raw.from_csv:
+                if value == "":
+                    continue
+                value = csv_value(spec, key, value)
+            base[key] = value
+            origins.pop(key, None)
+            if raw.lines:
+                origins[key] = (raw.source, raw.lines.get(key, raw.line))
+        overridden = [k for k in self.matrix if k in raw.fields]
+        if overridden:
+            sink.append(
+                Issue(
+                    file=raw.source,
+                    line=raw.lines.get(overridden[0], raw.line),
+                    item=raw.index,
+                    field=overridden[0],
+                    message=(
+                        f"the item sets {', '.join(overridden)}, which the matrix also sets; "
+                        "the matrix values are used"
+                    ),
+                    value=raw.fields[overridden[0]],
+                    severity="warning",
+                )
+            )
+        for combo in combos:
+            values = dict(base)
+            job_origins = dict(origins)
+            for key, value, line in combo:
+                values[key] = value
+                job_origins[key] = (self.display, line)
+            resolved, outside = resolve_input(spec, values, raw.base_dir, self.roots, paths)
+            sink.extend(outside_issues(raw, values, outside, job_origins))
+            yield JobSpec(
+                item_index=raw.index,
+                source=raw.source,
+                line=raw.line,
+                endpoint=spec.id,
+                input=resolved,
+                key=job_key(spec, resolved, digests, refused=outside),
+                matrix={key: value for key, value, _ in combo},
+                origins=job_origins,
+                refused=frozenset(outside),
+            )
+
+    def _endpoint_for(self, raw: RawItem, sink: list[Issue]) -> EndpointSpec | None:
+        if "endpoint" not in raw.fields:
+            if self.endpoint is None:
+                sink.append(
+                    Issue(
+                        file=raw.source,
+                        line=raw.line,
+                        item=raw.index,
+                        field="endpoint",
+                        message="no endpoint: set a top-level 'endpoint:' or this item's 'endpoint:'",
+                        allowed=", ".join(known_endpoint_ids()),
+                    )
+                )
+                return None
+            return get_endpoint(self.endpoint) if self.endpoint_known else None
+        endpoint = raw.fields["endpoint"]
+        if isinstance(endpoint, str) and endpoint in known_endpoint_ids():
+            return get_endpoint(endpoint)
+        sink.append(
+            Issue(
+                file=raw.source,
+                line=raw.lines.get("endpoint", raw.line),
+                item=raw.index,
+                field="endpoint",
+                message=f"unknown endpoint {endpoint!r}{did_you_mean(str(endpoint), known_endpoint_ids())}",
+                value=endpoint,
+                allowed=", ".join(known_endpoint_ids()),
+            )
+        )
+        return None

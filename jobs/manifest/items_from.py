@@ -1,0 +1,151 @@
+"""``items_from``: stream a JSONL or CSV file of items, one row at a time.
+
+A 100,000-row file is never held in memory: each reader yields :class:`RawItem` rows and appends
+a located issue for a row it cannot use (bad JSON, a duplicate key, too many cells, a line
+longer than :data:`MAX_ITEMS_FROM_LINE`), then goes on with the next row.
+
+CSV cells are text; :func:`csv_value` converts a cell to its field's type (integer, number,
+boolean) during expansion. A cell that does not convert stays text, and validation reports it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from jobs.endpoints import EndpointSpec, FieldType
+from jobs.errors import Issue
+from jobs.manifest.model import RawItem, describe
+
+#: Longest line accepted in an ``items_from`` JSONL file.
+MAX_ITEMS_FROM_LINE = 1024 * 1024
+ITEMS_FROM_SUFFIXES = (".jsonl", ".ndjson", ".csv")
+
+_INT = re.compile(r"^[+-]?\d+$")
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_TRUE = frozenset({"true", "yes", "y", "on", "1"})
+_FALSE = frozenset({"false", "no", "n", "off", "0"})
+
+
+def read_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iterator[RawItem]:
+    """The rows of a JSONL or CSV file (by suffix), numbered from ``index``; problems to ``sink``."""
+    if path.suffix.lower() == ".csv":
+        return csv_items(path, display, index, sink)
+    return jsonl_items(path, display, index, sink)
+
+
+def jsonl_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iterator[RawItem]:
+    """One item per JSON-object line; blank lines skipped, a leading BOM ignored."""
+    base_dir = path.parent
+    with path.open("rb") as fh:
+        lineno = 0
+        while True:
+            raw = fh.readline(MAX_ITEMS_FROM_LINE + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > MAX_ITEMS_FROM_LINE and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the long line
+                    raw = fh.readline(MAX_ITEMS_FROM_LINE)
+                sink.append(
+                    row_issue(display, lineno, index, f"line longer than {MAX_ITEMS_FROM_LINE:,} bytes")
+                )
+                index += 1
+                continue
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+            except UnicodeDecodeError:
+                sink.append(row_issue(display, lineno, index, "not UTF-8 text"))
+            except ValueError as exc:
+                sink.append(row_issue(display, lineno, index, f"not valid JSON ({exc})"))
+            else:
+                if isinstance(obj, dict):
+                    yield RawItem(index, display, lineno, obj, {}, base_dir)
+                else:
+                    sink.append(
+                        row_issue(
+                            display, lineno, index, f"each line must be a JSON object, got {describe(obj)}"
+                        )
+                    )
+            index += 1
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def csv_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iterator[RawItem]:
+    """One item per row under a header of field names; blank rows skipped."""
+    base_dir = path.parent
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            names = [h.strip() for h in header]
+            if any(not n for n in names) or len(set(names)) != len(names):
+                sink.append(
+                    row_issue(display, 1, None, "the header row needs distinct, non-empty field names", names)
+                )
+                return
+            last = reader.line_num
+            for row in reader:
+                line = last + 1
+                last = reader.line_num
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) > len(names):
+                    sink.append(
+                        row_issue(
+                            display, line, index, f"{len(row)} cells but only {len(names)} header names"
+                        )
+                    )
+                else:
+                    yield RawItem(
+                        index, display, line, dict(zip(names, row, strict=False)), {}, base_dir, True
+                    )
+                index += 1
+        except (csv.Error, UnicodeDecodeError) as exc:
+            sink.append(
+                row_issue(display, reader.line_num + 1, index, f"unreadable CSV ({exc}); reading stopped")
+            )
+
+
+def row_issue(display: str, line: int, index: int | None, message: str, value: object = None) -> Issue:
+    """An error about a whole row (no field to name)."""
+    return Issue(file=display, line=line, item=index, field=None, message=message, value=value)
+
+
+def csv_value(spec: EndpointSpec, key: str, value: Any) -> Any:
+    """A CSV cell converted to its field's type when it reads as one; otherwise unchanged."""
+    fld = spec.field(key) if isinstance(value, str) else None
+    if fld is None or not isinstance(value, str):
+        return value
+    text = value.strip()
+    if fld.type is FieldType.INTEGER and _INT.match(text):
+        return int(text)
+    if fld.type is FieldType.NUMBER:
+        if _INT.match(text):
+            return int(text)
+        if _FLOAT.match(text):
+            return float(text)
+    if fld.type is FieldType.BOOLEAN:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+    return value

@@ -1,0 +1,68 @@
+"""The shapes every manifest step shares: an expanded job, a raw item, and how values are named.
+
+Nothing here reads a file; the loading, streaming, keying and checking modules all build on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.errors import Issue
+from jobs.validation import Location
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """One expanded job, ready to validate or store."""
+
+    item_index: int  # 0-based across items then items_from rows
+    source: str  # file the item came from (manifest path or items_from path), for display
+    line: int | None  # 1-based line of the item in `source`
+    endpoint: str
+    input: dict[str, Any]  # resolved input (local media as absolute paths)
+    key: str  # deterministic job key (sha256 hex)
+    matrix: dict[str, Any]  # the matrix combination applied ({} if none)
+    #: Where each input field was written: field → (file, line). Fields absent here came from the item.
+    origins: Mapping[str, tuple[str, int | None]] = field(default_factory=dict, compare=False, repr=False)
+    #: Media fields whose local path lies outside the allowed folders (already reported as
+    #: errors): validation must not open those files, and such a job is never stored.
+    refused: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
+
+    @property
+    def location(self) -> Location:
+        """Where this job's input was written, so validation can point at each value's line."""
+        return Location(self.source, self.line, self.item_index, self.origins)
+
+
+@dataclass(slots=True)
+class RawItem:
+    """One item as written (an ``items`` entry or an ``items_from`` row), before expansion."""
+
+    index: int
+    source: str
+    line: int | None
+    fields: Mapping[str, Any]
+    lines: Mapping[str, int]
+    base_dir: Path
+    from_csv: bool = False
+
+
+def describe(value: object) -> str:
+    """How a wrong value is named in a message: its kind, and the value when short."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"the text {value[:60]!r}"
+    if value is None:
+        return "nothing (null)"
+    return f"{type(value).__name__} {value!r}"
+
+
+def error_count(issues: list[Issue]) -> int:
+    """How many of ``issues`` are errors (warnings do not block)."""
+    return sum(1 for i in issues if i.severity == "error")

@@ -1,0 +1,125 @@
+"""Validating a whole manifest: every job checked, every issue located, in one streaming pass.
+
+:func:`validate_manifest` is what ``wanbatch validate`` and ``estimate`` run; it never raises for
+bad input. :func:`iter_valid_jobs` is the submit path: it validates everything first, so nothing
+is stored (and no money spent) for a manifest that is wrong anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.endpoints import get_endpoint
+from jobs.errors import Issue, ManifestError
+from jobs.manifest.expand import Manifest
+from jobs.manifest.loading import parse_manifest
+from jobs.manifest.model import JobSpec
+from jobs.validation import MediaCache, validate_input
+
+#: Most jobs one manifest may expand to (items × matrix).
+MAX_JOBS = 1_000_000
+#: Most issues one validation pass collects; the rest are counted.
+MAX_ISSUES = 10_000
+
+
+def validate_job(job: JobSpec, media_cache: MediaCache | None = None) -> list[Issue]:
+    """The located issues of one expanded job: each at the line its offending value came from."""
+    return validate_input(get_endpoint(job.endpoint), job.input, job.location, media_cache, skip=job.refused)
+
+
+@dataclass
+class ValidationReport:
+    """Everything wrong (and worth a warning) with a manifest, found in one streaming pass."""
+
+    manifest: Manifest | None
+    issues: list[Issue]
+    job_count: int
+
+    @property
+    def ok(self) -> bool:
+        """True when no issue is an error (warnings do not block)."""
+        return not any(i.severity == "error" for i in self.issues)
+
+    @property
+    def errors(self) -> list[Issue]:
+        """The error-severity issues only."""
+        return [i for i in self.issues if i.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Issue]:
+        """The warning-severity issues only."""
+        return [i for i in self.issues if i.severity == "warning"]
+
+    def raise_for_errors(self) -> None:
+        """Raise :class:`ManifestError` with every issue when there is any error."""
+        if not self.ok:
+            raise ManifestError(self.issues)
+
+
+def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> ValidationReport:
+    """Parse, expand and validate every job; never raises for bad input.
+
+    Issues come in file order (the manifest's own first, then ``items_from`` rows). A problem in
+    ``defaults`` or ``matrix`` is reported once, not once per job it reaches. Local files must
+    lie inside the manifest's folder or one of ``allowed_dirs``.
+    """
+    manifest, issues = parse_manifest(path, allowed_dirs)
+    if manifest is None:
+        return ValidationReport(None, issues, 0)
+    shared = manifest.shared_lines
+    seen: set[tuple[object, ...]] = set()
+    collected: list[Issue] = list(issues)
+    expansion: list[Issue] = []
+    dropped = 0
+    count = 0
+
+    def add(issue: Issue) -> None:
+        nonlocal dropped
+        if issue.file == manifest.display and issue.line in shared:
+            mark: tuple[object, ...] = (issue.file, issue.line, issue.field, issue.message)
+        else:
+            mark = (issue.file, issue.line, issue.item, issue.field, issue.message)
+        if mark in seen:
+            return
+        seen.add(mark)
+        if len(collected) >= MAX_ISSUES:
+            dropped += 1
+            return
+        collected.append(issue)
+
+    media_cache: MediaCache = {}
+    for job in manifest.jobs(expansion):
+        count += 1
+        for issue in expansion:
+            add(issue)
+        expansion.clear()
+        for issue in validate_job(job, media_cache):
+            add(issue)
+        if count > MAX_JOBS:
+            add(_about_whole(manifest, f"the manifest expands to more than {MAX_JOBS:,} jobs; split it"))
+            break
+    for issue in expansion:
+        add(issue)
+    collected.sort(key=lambda i: (i.file != manifest.display, i.file, i.line or 0))
+    if dropped:
+        collected.append(_about_whole(manifest, f"… and {dropped:,} more issues not shown"))
+    return ValidationReport(manifest, collected, count)
+
+
+def _about_whole(manifest: Manifest, message: str) -> Issue:
+    """An issue about the manifest as a whole: no line, item or field to point at."""
+    return Issue(file=manifest.display, line=None, item=None, field=None, message=message)
+
+
+def iter_valid_jobs(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Iterator[JobSpec]:
+    """Validate the whole manifest first, then stream its jobs; :class:`ManifestError` if invalid.
+
+    Two passes over the file, so nothing is stored (and no money spent) for a manifest that is
+    wrong anywhere — even on its last line.
+    """
+    report = validate_manifest(path, allowed_dirs)
+    report.raise_for_errors()
+    assert report.manifest is not None
+    return report.manifest.jobs()
