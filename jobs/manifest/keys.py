@@ -53,6 +53,12 @@ def job_key(
         value = keyed.get(name)
         if isinstance(value, str) and (name in refused or "\0" in value):
             keyed[name] = f"unread:{value}"
+        elif isinstance(value, str) and (fld := spec.field(name)) is not None and fld.media is None:
+            # A text enum ("720p") names no file: keyed as it always was when no such file
+            # exists, without looking at the disk, so the key never depends on the folder
+            # wanbatch runs in.
+            if classify(value) is MediaKind.PATH:
+                keyed[name] = f"missing:{value}"
         elif isinstance(value, str) and classify(value) is MediaKind.PATH:
             if digests is None or value not in digests:
                 digest = file_sha256(Path(value))

@@ -279,6 +279,17 @@ def test_keys_are_deterministic_and_content_addressed(folder: Path) -> None:
     assert jobs_of(write(folder, other, "other.yaml"))[0].key != first
 
 
+def test_a_text_enum_is_never_read_as_a_file(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`resolution: 720p` names no file: a file called 720p where wanbatch runs must not change the key."""
+    text = "name: x\nendpoint: fal-ai/wan-i2v\nitems:\n  - {prompt: a, image_url: a.png, resolution: 720p}\n"
+    elsewhere = folder / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    before = jobs_of(write(folder, text))[0].key
+    (elsewhere / "720p").write_bytes(b"not a resolution")
+    assert jobs_of(write(folder, text, "again.yaml"))[0].key == before
+
+
 def test_key_ignores_key_order(folder: Path) -> None:
     a = jobs_of(write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems:\n  - {prompt: a, seed: 1}\n"))[0]
     b = jobs_of(
