@@ -17,15 +17,17 @@ A benchmark module uses it like this::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import resource
+import secrets
 import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +43,8 @@ RESULT_MARKER = "@@bench-result@@ "
 MB = 1024 * 1024
 
 T = TypeVar("T")
+#: A phase's own figures (jobs, rows, a batch id, …), JSON-ready.
+Figures = dict[str, int | float | str]
 
 
 @dataclass(slots=True)
@@ -58,7 +62,7 @@ class PhaseResult:
     #: Peak of Python allocations during the body, when traced (slows the body: time is then indicative).
     tracemalloc_peak_mb: float | None = None
     #: Phase-specific figures (rows, jobs, …).
-    data: dict[str, Any] = field(default_factory=dict)
+    data: Figures = field(default_factory=dict)
 
     @property
     def rss_growth_mb(self) -> float:
@@ -77,6 +81,26 @@ class PhaseResult:
         return cls(**raw)
 
 
+@contextlib.contextmanager
+def fresh_pg_database(admin_url: str, prefix: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database ``<prefix><random>`` on ``admin_url``'s server (whose own
+    database only runs CREATE/DROP DATABASE); its URL is yielded and it is dropped afterwards."""
+    import psycopg  # here, not at the top: a benchmark's child phases import this module too
+    from psycopg import sql
+    from sqlalchemy import make_url
+
+    admin = make_url(admin_url)
+    name = f"{prefix}{secrets.token_hex(6)}"
+    dsn = admin.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 def peak_rss_mb() -> float:
     """This process's RSS high-water mark in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -86,7 +110,7 @@ def peak_rss_mb() -> float:
 def measure_phase(
     name: str,
     setup: Callable[[], T],
-    body: Callable[[T], dict[str, Any]],
+    body: Callable[[T], Figures],
     *,
     trace: bool = False,
     started: float | None = None,

@@ -45,21 +45,22 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from unittest import mock
 
-if __package__ in (None, ""):  # run as ``python bench/distributed.py``: make ``bench`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import psycopg
 import redis
 import yaml
-from psycopg import sql
-from sqlalchemy import make_url, select
+from sqlalchemy import select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bench._common import ROOT, machine_summary, print_table, today
+from bench._common import ROOT, fresh_pg_database, machine_summary, print_table, today
+
+if TYPE_CHECKING:
+    from falsim.ledger import LedgerReport
+    from falsim.server import SimulatorHandle
+    from jobs.batches import BatchReport
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
@@ -97,8 +98,8 @@ class Outcome:
     batch_id: str
     database_url: str
     output_dir: Path
-    report: dict[str, Any]
-    ledger: dict[str, Any]
+    report: BatchReport
+    ledger: LedgerReport
     requests: Counter[str]
     wall_seconds: float
     busy_seconds: float
@@ -131,21 +132,6 @@ class Outcome:
 
 
 # --------------------------------------------------------------------------- services
-
-
-@contextlib.contextmanager
-def fresh_pg_database(admin_url: str = DEFAULT_DATABASE_URL) -> Iterator[str]:
-    """A new, empty PostgreSQL database on ``admin_url``'s server, dropped afterwards."""
-    admin = make_url(admin_url)
-    name = f"wanbatch_dist_{secrets.token_hex(6)}"
-    dsn = admin.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @contextlib.contextmanager
@@ -220,7 +206,7 @@ class RequestCounter:
 
 
 @contextlib.contextmanager
-def counting_simulator(scenario: Scenario) -> Iterator[tuple[Any, RequestCounter]]:
+def counting_simulator(scenario: Scenario) -> Iterator[tuple[SimulatorHandle, RequestCounter]]:
     """The simulator in a thread of this process, with every request counted by kind."""
     from falsim import server
     from falsim.options import SimulatorOptions
@@ -255,10 +241,10 @@ def write_manifest(folder: Path, jobs: int, name: str = "distributed") -> Path:
     images = folder / "images"
     shutil.copytree(IMAGES, images, dirs_exist_ok=True)
     pictures = ["images/landscape.jpg", "images/night.jpg"]
-    items: list[dict[str, Any]] = []
+    items: list[dict[str, str | int]] = []
     for i in range(jobs):
         endpoint, resolution, image_fields = ENDPOINTS[i % len(ENDPOINTS)]
-        item: dict[str, Any] = {
+        item: dict[str, str | int] = {
             "endpoint": endpoint,
             "prompt": f"Shot {i}: clouds drift over the hills, slow pan",
             "resolution": resolution,
@@ -305,8 +291,8 @@ def environment(
     return env
 
 
-def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> dict[str, Any]:
-    """Run one ``wanbatch ... --json`` command and return its JSON; raise with its output on failure."""
+def _wanbatch_stdout(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> str:
+    """Run one ``wanbatch ...`` command and return its stdout; raise with its output on failure."""
     proc = subprocess.run(
         [*wanbatch_command(), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
@@ -314,8 +300,19 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 12
         raise RuntimeError(
             f"wanbatch {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
         )
-    result: dict[str, Any] = json.loads(proc.stdout)
+    return proc.stdout
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> dict[str, Any]:
+    """Run one ``wanbatch ... --json`` command and return its JSON; raise with its output on failure."""
+    result: dict[str, Any] = json.loads(_wanbatch_stdout(args, env, cwd, timeout))
     return result
+
+
+def batch_status(batch_id: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> BatchReport:
+    """``wanbatch status BATCH --json``: the contract's status object (:class:`jobs.batches.BatchReport`)."""
+    report: BatchReport = json.loads(_wanbatch_stdout(["status", batch_id, "--json"], env, cwd, timeout))
+    return report
 
 
 def start_workers(
@@ -408,7 +405,7 @@ def wait_terminal(
     logs: list[Path],
     timeout: float,
     members: dict[str, int],
-) -> dict[str, Any]:
+) -> BatchReport:
     """Poll the database (as ``status`` does) until every job is terminal; fail fast if a worker dies.
 
     Meanwhile ``members`` collects the pids of the workers' process groups (see
@@ -419,7 +416,7 @@ def wait_terminal(
 
     settings = Settings(database_url=database_url)
     deadline = time.monotonic() + timeout
-    report: dict[str, Any] = {}
+    report: BatchReport | None = None
     while time.monotonic() < deadline:
         members.update(process_groups([p.pid for p in procs]))
         report = status(batch_id, settings)[0]
@@ -431,7 +428,7 @@ def wait_terminal(
             if p.poll() is not None:
                 raise RuntimeError(f"worker {p.pid} exited {p.returncode} early; its log:\n{tail(log)}")
         time.sleep(0.2)
-    raise TimeoutError(f"jobs not terminal after {timeout:.0f}s: {report.get('counts')}")
+    raise TimeoutError(f"jobs not terminal after {timeout:.0f}s: {report and report['counts']}")
 
 
 def events_by_pid(
@@ -443,11 +440,12 @@ def events_by_pid(
     from jobs.db import open_engine
     from jobs.models import Job, JobEvent
     from jobs.settings import Settings
+    from jobs.states import JobState
 
     engine = open_engine(Settings(database_url=database_url))
     by_pid: dict[str, Counter[str]] = {}
-    first: Any = None
-    last: Any = None
+    first: datetime | None = None
+    last: datetime | None = None
     with db.session_scope(engine) as session:
         rows = session.execute(
             select(JobEvent.job_id, JobEvent.worker, JobEvent.to_state, JobEvent.at)
@@ -455,14 +453,15 @@ def events_by_pid(
             .join(Job, Job.id == JobEvent.job_id)
             .where(Job.batch_id == batch_id)
         ).all()
-    stamps: dict[str, dict[str, Any]] = {}
+    stamps: dict[str, dict[str, datetime]] = {}
     for job_id, worker, state, at in rows:
-        stamps.setdefault(job_id, {}).setdefault(str(getattr(state, "value", state)), at)
+        name = JobState(state).value
+        stamps.setdefault(job_id, {}).setdefault(name, at)
         pid = worker.split(":")[1] if worker and worker.count(":") >= 2 else str(worker)
-        by_pid.setdefault(pid, Counter())[str(getattr(state, "value", state))] += 1
-        if str(getattr(state, "value", state)) == "submitting" and (first is None or at < first):
+        by_pid.setdefault(pid, Counter())[name] += 1
+        if name == "submitting" and (first is None or at < first):
             first = at
-        if str(getattr(state, "value", state)) in TERMINAL and (last is None or at > last):
+        if name in TERMINAL and (last is None or at > last):
             last = at
     busy = (last - first).total_seconds() if first is not None and last is not None else float("nan")
     return by_pid, busy, step_medians(stamps)
@@ -476,7 +475,7 @@ STEPS = (
 )
 
 
-def step_medians(stamps: dict[str, dict[str, Any]]) -> dict[str, float]:
+def step_medians(stamps: dict[str, dict[str, datetime]]) -> dict[str, float]:
     """Median seconds per step over the jobs that went through it (first time each state was hit)."""
     out: dict[str, float] = {}
     for label, a, b in STEPS:
@@ -505,7 +504,7 @@ def run_scenario(scenario: Scenario, workdir: Path, database_url: str, broker_ur
             wall = time.monotonic() - started
         finally:
             codes = stop_processes(procs)
-        report = run_cli(["status", batch_id, "--json"], env, workdir)
+        report = batch_status(batch_id, env, workdir)
         ledger = sim.ledger()
         requests = counter.snapshot()
     by_pid, busy, steps = events_by_pid(database_url, batch_id)
@@ -594,7 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     workdir = Path(tempfile.mkdtemp(prefix="wanbatch-bench-dist-"))
     try:
-        with fresh_pg_database(args.database_url) as db, claimed_redis_db(args.redis_url) as broker:
+        with (
+            fresh_pg_database(args.database_url, "wanbatch_dist_") as db,
+            claimed_redis_db(args.redis_url) as broker,
+        ):
             outcome = run_scenario(scenario, workdir, db, broker)
     finally:
         if not args.keep:

@@ -35,19 +35,18 @@ import random
 import secrets
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-if __package__ in (None, ""):  # run as ``python bench/expand.py``: make ``bench`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bench._common import (
+    Figures,
     PhaseResult,
     Target,
     emit,
     fmt,
+    fresh_pg_database,
     machine_summary,
     measure_phase,
     phase_table,
@@ -100,7 +99,7 @@ _STYLES = ("cinematic, 35mm film", "slow motion, shallow depth of field", "handh
 # --------------------------------------------------------------------------- the input
 
 
-def _item(rng: random.Random, index: int) -> dict[str, Any]:
+def _item(rng: random.Random, index: int) -> dict[str, str | int]:
     """One realistic wan-22 item (~130 characters of prompt plus a few settings); all distinct."""
     style = rng.choice(_STYLES)
     prompt = f"{rng.choice(_SUBJECTS)} {rng.choice(_ACTIONS)} {rng.choice(_SETTINGS)}"
@@ -169,21 +168,8 @@ def bench_database(args: argparse.Namespace, folder: Path) -> Iterator[str]:
     if args.in_place:
         yield args.database_url
         return
-
-    import psycopg
-    from psycopg import sql
-    from sqlalchemy.engine import make_url
-
-    admin = make_url(args.database_url).set(drivername="postgresql")
-    name = f"wanbatch_bench_{secrets.token_hex(4)}"
-    conninfo = admin.render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with fresh_pg_database(args.database_url, "wanbatch_bench_") as url:
+        yield url
 
 
 def count_rows(url: str, batch_id: str) -> int:
@@ -207,59 +193,95 @@ def count_rows(url: str, batch_id: str) -> int:
 # --------------------------------------------------------------------------- child phases
 
 
-def _phase_validate(manifest: Path, _url: str) -> tuple[Callable[[], Any], Callable[[Any], dict[str, Any]]]:
-    def setup() -> Any:
+# Each phase imports wanbatch in its ``setup`` (timed apart from the body), so the modules are
+# imported here for their types only.
+if TYPE_CHECKING:
+    from jobs.batches import SubmitResult
+    from jobs.manifest import Manifest, ValidationReport
+    from jobs.pricing import Estimate
+    from jobs.settings import Settings
+    from jobs.store import NewJob
+
+State = TypeVar("State")
+
+
+@dataclass(frozen=True)
+class ChildArgs:
+    """What a child phase needs: the manifest, the database URL and the measuring options."""
+
+    manifest: Path
+    url: str
+    trace: bool
+    profile: bool
+
+    def measure(
+        self, phase: str, setup: Callable[[], State], body: Callable[[State], Figures]
+    ) -> PhaseResult:
+        return measure_phase(phase, setup, _profiled(body) if self.profile else body, trace=self.trace)
+
+
+def _phase_validate(phase: str, child: ChildArgs) -> PhaseResult:
+    def setup() -> Callable[[Path], ValidationReport]:
         from jobs.manifest import validate_manifest
 
         return validate_manifest
 
-    def body(validate: Any) -> dict[str, Any]:
-        report = validate(manifest)
+    def body(validate: Callable[[Path], ValidationReport]) -> Figures:
+        report = validate(child.manifest)
         if not report.ok:
             raise SystemExit(f"generated manifest is invalid: {report.errors[:3]}")
         return {"jobs": report.job_count, "warnings": len(report.warnings)}
 
-    return setup, body
+    return child.measure(phase, setup, body)
 
 
-def _phase_expand(manifest: Path, _url: str) -> tuple[Callable[[], Any], Callable[[Any], dict[str, Any]]]:
+@dataclass(frozen=True)
+class _Expansion:
+    """The expand phase's tools, imported by its setup."""
+
+    load_manifest: Callable[[Path], Manifest]
+    estimate_job: Callable[[str, Mapping[str, Any], Settings], Estimate]
+    new_job: type[NewJob]
+    settings: Settings
+
+
+def _phase_expand(phase: str, child: ChildArgs) -> PhaseResult:
     """What submit does between validating and inserting: expand, price, build ``NewJob``s."""
 
-    def setup() -> Any:
+    def setup() -> _Expansion:
         from jobs.manifest import load_manifest
         from jobs.pricing import estimate_job
         from jobs.settings import Settings
         from jobs.store import NewJob
 
-        return load_manifest, estimate_job, NewJob, Settings(database_url="sqlite://")
+        return _Expansion(load_manifest, estimate_job, NewJob, Settings(database_url="sqlite://"))
 
-    def body(state: Any) -> dict[str, Any]:
-        load_manifest, estimate_job, new_job, settings = state
+    def body(tools: _Expansion) -> Figures:
         rows = 0
-        for spec in load_manifest(manifest).jobs():
-            est = estimate_job(spec.endpoint, spec.input, settings)
-            new_job(spec.key, spec.item_index, spec.endpoint, spec.input, est.billing_units, est.usd)
+        for spec in tools.load_manifest(child.manifest).jobs():
+            est = tools.estimate_job(spec.endpoint, spec.input, tools.settings)
+            tools.new_job(spec.key, spec.item_index, spec.endpoint, spec.input, est.billing_units, est.usd)
             rows += 1
         return {"jobs": rows}
 
-    return setup, body
+    return child.measure(phase, setup, body)
 
 
-def _phase_submit(manifest: Path, url: str) -> tuple[Callable[[], Any], Callable[[Any], dict[str, Any]]]:
+def _phase_submit(phase: str, child: ChildArgs) -> PhaseResult:
     """``submit_manifest``; setup opens (and, on a fresh database, migrates) the engine first."""
 
-    def setup() -> Any:
+    def setup() -> tuple[Callable[[Path, Settings], SubmitResult], Settings]:
         from jobs.batches import submit_manifest
         from jobs.db import open_engine
         from jobs.settings import Settings
 
-        settings = Settings(database_url=url)
+        settings = Settings(database_url=child.url)
         open_engine(settings)  # migrations are a one-off per database: kept out of the figure
         return submit_manifest, settings
 
-    def body(state: Any) -> dict[str, Any]:
+    def body(state: tuple[Callable[[Path, Settings], SubmitResult], Settings]) -> Figures:
         submit, settings = state
-        result = submit(manifest, settings)
+        result = submit(child.manifest, settings)
         return {
             "jobs": result.added + result.existing,
             "rows": result.added,
@@ -268,10 +290,10 @@ def _phase_submit(manifest: Path, url: str) -> tuple[Callable[[], Any], Callable
             "batch_id": result.batch_id,
         }
 
-    return setup, body
+    return child.measure(phase, setup, body)
 
 
-_CHILDREN = {
+_CHILDREN: dict[str, Callable[[str, ChildArgs], PhaseResult]] = {
     "validate": _phase_validate,
     "expand": _phase_expand,
     "submit": _phase_submit,
@@ -279,10 +301,10 @@ _CHILDREN = {
 }
 
 
-def _profiled(body: Callable[[Any], dict[str, Any]], top: int = 30) -> Callable[[Any], dict[str, Any]]:
+def _profiled(body: Callable[[State], Figures], top: int = 30) -> Callable[[State], Figures]:
     """``body`` under cProfile; the hottest functions go to stderr (times are then inflated)."""
 
-    def wrapped(state: Any) -> dict[str, Any]:
+    def wrapped(state: State) -> Figures:
         profiler = cProfile.Profile()
         result = profiler.runcall(body, state)
         out = io.StringIO()
@@ -296,10 +318,8 @@ def _profiled(body: Callable[[Any], dict[str, Any]], top: int = 30) -> Callable[
 
 
 def run_child(args: argparse.Namespace) -> None:
-    setup, body = _CHILDREN[args.phase](Path(args.manifest), args.url)
-    if args.profile:
-        body = _profiled(body)
-    emit(measure_phase(args.phase, setup, body, trace=args.trace))
+    child = ChildArgs(Path(args.manifest), args.url, trace=args.trace, profile=args.profile)
+    emit(_CHILDREN[args.phase](args.phase, child))
 
 
 # --------------------------------------------------------------------------- parent

@@ -41,6 +41,7 @@ for _command in (
     batch_commands.rerun,
     batch_commands.cancel,
     service_commands.worker,
+    service_commands.serve,
     service_commands.simulator,
 ):
     cli.add_command(_command)

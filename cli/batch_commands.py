@@ -52,22 +52,24 @@ def status(batch: str | None, as_json: bool) -> None:
 
     def action() -> int:
         from jobs import batches
+        from jobs.settings import get_settings
 
-        reports = batches.status(batch)
+        reports = batches.status(batch, get_settings())
         if as_json:
             emit_json(reports[0] if batch is not None else {"batches": reports})
             return EXIT_OK
         if not reports:
             out.print("no batches yet: try `wanbatch submit MANIFEST`")
         if batch is not None:
-            out.print(status_table(reports[0]))
-            out.print(money_line(reports[0]))
-            if reports[0].get("state") == "paused":  # e.g. fal refused the account (401/402/403)
-                reason = reports[0].get("pause_reason") or "see the log"
+            report = reports[0]
+            out.print(status_table(report))
+            out.print(money_line(report))
+            if report["state"] == "paused":  # e.g. fal refused the account (401/402/403)
+                reason = report["pause_reason"] or "see the log"
                 out.print(f"[yellow]paused: {escape(reason)}[/yellow]")
-            if eta := eta_text(reports[0].get("eta_seconds")):
-                out.print(f"{reports[0]['finished']}/{reports[0]['total']} done, {eta}")
-            print_failures(reports[0])
+            if eta := eta_text(report["eta_seconds"]):
+                out.print(f"{report['finished']}/{report['total']} done, {eta}")
+            print_failures(report)
             return EXIT_OK
         out.print(batches_table(reports))
         return EXIT_OK
@@ -93,22 +95,20 @@ def cost(batch: str, as_json: bool) -> None:
 
         engine = db.open_engine(get_settings())
         with db.session_scope(engine) as session:
-            data = cost_report(session, batch).as_dict()
+            report = cost_report(session, batch)
         if as_json:
-            emit_json(data)
+            emit_json(report.as_dict())
             return EXIT_OK
-        out.print(cost_table(data))
-        total = data["total"]
-        if total["in_flight"]:
-            out.print(f"{total['in_flight']} job(s) still in flight: actual is not final yet")
-        if total["cancelled_for_budget"]:
+        out.print(cost_table(report))
+        total = report.total
+        if total.in_flight:
+            out.print(f"{total.in_flight} job(s) still in flight: actual is not final yet")
+        if total.cancelled_for_budget:
+            out.print(f"[yellow]{total.cancelled_for_budget} job(s) cancelled: budget cap reached[/yellow]")
+        if total.possible_duplicate_charges:
             out.print(
-                f"[yellow]{total['cancelled_for_budget']} job(s) cancelled: budget cap reached[/yellow]"
-            )
-        if total["possible_duplicate_charges"]:
-            out.print(
-                f"[yellow]possible duplicate charges: {total['possible_duplicate_charges']} "
-                f"(up to {usd(total['possible_duplicate_usd'])} more than actual)[/yellow]"
+                f"[yellow]possible duplicate charges: {total.possible_duplicate_charges} "
+                f"(up to {usd(total.possible_duplicate_usd)} more than actual)[/yellow]"
             )
         return EXIT_OK
 

@@ -28,9 +28,11 @@ def validate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
 
     def action() -> int:
         from jobs import batches
+        from jobs.settings import get_settings
 
+        settings = get_settings()
         with err.status(f"validating {manifest} …"):
-            report = batches.check_manifest(manifest, allow_dirs)
+            report = batches.check_manifest(manifest, settings, allow_dirs)
         if as_json:
             emit_json(
                 {
@@ -56,9 +58,11 @@ def estimate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
 
     def action() -> int:
         from jobs import batches
+        from jobs.settings import get_settings
 
+        settings = get_settings()
         with err.status(f"validating and pricing {manifest} …"):
-            _report, totals = batches.estimate_manifest(manifest, allowed_dirs=allow_dirs)
+            _report, totals = batches.estimate_manifest(manifest, settings, allow_dirs)
         data = totals.as_dict()
         if as_json:
             emit_json(data)
@@ -83,9 +87,11 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
 
     def action() -> int:
         from jobs import batches
+        from jobs.settings import get_settings
 
+        settings = get_settings()
         with err.status(f"validating {manifest}, then storing its jobs …"):
-            result = batches.submit_manifest(manifest, allowed_dirs=allow_dirs)
+            result = batches.submit_manifest(manifest, settings, allow_dirs)
         print_budget_note(result)
         if as_json:
             emit_json(result.as_dict())

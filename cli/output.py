@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -21,7 +21,9 @@ from jobs.errors import Issue, ManifestError, WanbatchError
 from jobs.states import JobState
 
 if TYPE_CHECKING:
-    from jobs.batches import SubmitResult
+    from jobs.batches import BatchReport, SubmitResult
+    from jobs.cost import CostLine, CostReport
+    from jobs.pricing import EstimateReport
 
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -29,7 +31,7 @@ err = Console(stderr=True, soft_wrap=True, highlight=False)
 EXIT_OK, EXIT_SOME_FAILED = 0, 1
 
 
-def emit_json(obj: dict[str, Any]) -> None:
+def emit_json(obj: Mapping[str, object]) -> None:
     """Print one JSON object on stdout (the contract's ``--json`` output)."""
     sys.stdout.write(json.dumps(obj, default=str, ensure_ascii=False) + "\n")
     sys.stdout.flush()
@@ -79,7 +81,7 @@ def print_budget_note(result: SubmitResult) -> None:
         err.print(f"[yellow]{escape(note)}[/yellow]")
 
 
-def final_code(report: dict[str, Any]) -> int:
+def final_code(report: BatchReport) -> int:
     """1 when a job of the batch failed, was cancelled or is not finished; else 0."""
     counts = report["counts"]
     unfinished = report["total"] - report["finished"]
@@ -88,7 +90,7 @@ def final_code(report: dict[str, Any]) -> int:
     )
 
 
-def status_table(report: dict[str, Any]) -> Table:
+def status_table(report: BatchReport) -> Table:
     """A human table of one batch's counts and money."""
     table = Table(title=f"{report['name']}  ({report['batch']})", show_header=True)
     table.add_column("state")
@@ -111,16 +113,16 @@ def eta_text(seconds: float | None) -> str:
     return f"~{hours}h{minutes:02d}m left" if hours else f"~{minutes}m{secs:02d}s left"
 
 
-def money_line(report: dict[str, Any]) -> str:
+def money_line(report: BatchReport) -> str:
     """Estimated, spent and budget on one line."""
     line = f"estimated ${report['estimated_usd'] or 0:.2f} · spent ${report['spent_usd'] or 0:.2f}"
-    if report.get("budget_max_usd") is not None:
+    if report["budget_max_usd"] is not None:
         line += f" · budget ${report['budget_max_usd']:.2f}"
-    if report.get("possible_duplicate_charges"):
+    if report["possible_duplicate_charges"]:
         line += f" · [yellow]{report['possible_duplicate_charges']} possible duplicate charge(s)[/yellow]"
-    if report.get("wasted_usd"):
+    if report["wasted_usd"]:
         line += f" · wasted ${report['wasted_usd']:.2f}"
-    if report.get("cancelled_for_budget"):
+    if report["cancelled_for_budget"]:
         line += (
             f" · [yellow]{report['cancelled_for_budget']} job(s) cancelled: budget cap reached[/yellow]"
             f" (to run them: `wanbatch rerun {escape(report['batch'][:12])} --failed-only "
@@ -129,21 +131,21 @@ def money_line(report: dict[str, Any]) -> str:
     return line
 
 
-def print_failures(report: dict[str, Any]) -> None:
+def print_failures(report: BatchReport) -> None:
     """Why jobs failed or were cancelled, commonest first (the full list is in `export`)."""
-    for f in report.get("failures", []):
+    for f in report["failures"]:
         kind = f["error_type"] or "error"
         out.print(f"[red]{f['count']} {f['state']}[/red] ({kind}): {escape(f['example'][:200])}")
 
 
-def print_summary(report: dict[str, Any]) -> None:
+def print_summary(report: BatchReport) -> None:
     """A finished batch for a human: the counts, the money line and why jobs failed."""
     out.print(status_table(report))
     out.print(money_line(report))
     print_failures(report)
 
 
-def batches_table(reports: list[dict[str, Any]]) -> Table:
+def batches_table(reports: list[BatchReport]) -> Table:
     """One row per batch (``wanbatch status`` without a batch)."""
     table = Table(title="batches")
     for col in (
@@ -175,41 +177,34 @@ def batches_table(reports: list[dict[str, Any]]) -> Table:
     return table
 
 
-def usd(value: str) -> str:
-    """A decimal string as dollars and cents."""
-    return f"${Decimal(value):.2f}"
+def usd(value: Decimal) -> str:
+    """Exact dollars as dollars and cents."""
+    return f"${value:.2f}"
 
 
-def cost_table(data: dict[str, Any]) -> Table:
+def cost_table(report: CostReport) -> Table:
     """A human table of a batch's cost report (``wanbatch cost``)."""
-    table = Table(title=f"cost of {data['name']}  ({data['batch']})")
+    table = Table(title=f"cost of {report.name}  ({report.batch_id})")
     for col in ("endpoint", "resolution", "jobs", "estimated", "actual", "wasted", "possible dup."):
         table.add_column(col, justify="left" if col in ("endpoint", "resolution") else "right")
-    for line in data["by_endpoint"]:
-        table.add_row(
-            line["endpoint"],
-            line["resolution"],
-            str(line["jobs"]),
-            usd(line["estimated_usd"]),
-            usd(line["actual_usd"]),
-            usd(line["wasted_usd"]),
-            str(line["possible_duplicate_charges"]),
-        )
-    total = data["total"]
+    for (endpoint, resolution), line in sorted(report.lines.items()):
+        table.add_row(endpoint, resolution, *_cost_cells(line))
     table.add_section()
-    table.add_row(
-        "total",
-        "",
-        str(total["jobs"]),
-        usd(total["estimated_usd"]),
-        usd(total["actual_usd"]),
-        usd(total["wasted_usd"]),
-        str(total["possible_duplicate_charges"]),
-    )
+    table.add_row("total", "", *_cost_cells(report.total))
     return table
 
 
-def estimate_table(title: str, data: dict[str, Any]) -> Table:
+def _cost_cells(line: CostLine) -> tuple[str, ...]:
+    return (
+        str(line.jobs),
+        usd(line.estimated_usd),
+        usd(line.actual_usd),
+        usd(line.wasted_usd),
+        str(line.possible_duplicate_charges),
+    )
+
+
+def estimate_table(title: str, data: EstimateReport) -> Table:
     """A human table of a manifest's estimate (``wanbatch estimate``); ``*`` marks assumed prices."""
     table = Table(title=title)
     table.add_column("endpoint")

@@ -1,7 +1,8 @@
-"""``worker`` and ``simulator``: the long-running services.
+"""``worker``, ``serve`` and ``simulator``: the long-running services.
 
-``worker`` starts a Celery worker (distributed mode); ``simulator`` serves the bundled stand-in
-for fal's queue API (:mod:`falsim`). Each imports what it serves only when it runs.
+``worker`` starts a Celery worker (distributed mode); ``serve`` runs the web app that receives
+fal's webhooks (:mod:`web`); ``simulator`` serves the bundled stand-in for fal's queue API
+(:mod:`falsim`). Each imports what it serves only when it runs.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
         from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
         from worker import tasks
-        from worker.app import QUEUE, app
+        from worker.app import QUEUE, get_app
         from worker.ticker import Ticker
+
+        app = get_app(settings)
 
         ticker: list[Ticker] = []
 
@@ -60,7 +63,7 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
 
         @worker_ready.connect(weak=False)
         def _start_ticker(**_: object) -> None:
-            t = Ticker(tasks.runtime, settings.tick_interval)
+            t = Ticker(lambda: tasks.runtime(app), settings.tick_interval)
             t.start()
             ticker.append(t)
 
@@ -96,6 +99,35 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
             os.execv(  # noqa: S606 - re-exec ourselves with the same arguments
                 sys.executable, [sys.executable, "-c", "from cli import main; main()", *sys.argv[1:]]
             )
+        return EXIT_OK
+
+    guarded(False, action)
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8788, show_default=True)
+def serve(host: str, port: int) -> None:
+    """Receive fal's webhooks at POST /webhooks/fal (put it behind WANBATCH_WEBHOOK_URL).
+
+    Verifies each delivery's signature against WANBATCH_WEBHOOK_JWKS_URL, stores it in the
+    database and applies it to its job; the workers' tick downloads what it completes.
+    """
+
+    def action() -> int:
+        import uvicorn
+
+        from jobs.errors import UsageError
+        from jobs.settings import get_settings
+        from web.app import create_app
+
+        if not 0 <= port <= 65535:
+            raise UsageError(f"--port must be between 1 and 65535 (0: any free port), got {port}")
+        app = create_app(get_settings())
+        try:
+            uvicorn.run(app, host=host, port=port, log_level="info")
+        except OSError as exc:  # in use, not ours to bind, or an unknown host
+            raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
         return EXIT_OK
 
     guarded(False, action)

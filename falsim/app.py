@@ -345,11 +345,7 @@ class SimulatorApp:
     # -- control API -----------------------------------------------------------------------
 
     async def sim_ledger(self, request: Request) -> Response:
-        snap = self.engine.ledger.snapshot()
-        snap["webhooks"] = [d.as_dict() for d in self.engine.deliveries]
-        snap["faults"] = self.engine.faults.snapshot()
-        snap["encode_seconds"] = list(self.engine.videos.encode_seconds)
-        return _json(200, snap)
+        return _json(200, self.engine.ledger_report())
 
     async def sim_faults(self, request: Request) -> Response:
         faults = self.engine.faults

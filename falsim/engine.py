@@ -42,7 +42,7 @@ import httpx
 
 from falsim import media
 from falsim.faults import FaultPlan
-from falsim.ledger import Ledger, LedgerEntry
+from falsim.ledger import Ledger, LedgerEntry, LedgerReport
 from falsim.options import ERROR_STATUS, SimulatorOptions
 from falsim.storage import FileStore
 from falsim.validation import decode_data_uri, validate_input
@@ -168,6 +168,15 @@ class Engine:
         self.deliveries.clear()
         self.faults.clear()
         self._notify()
+
+    def ledger_report(self) -> LedgerReport:
+        """The whole ledger: its snapshot, the webhook deliveries, the faults and render times."""
+        return LedgerReport(
+            **self.ledger.snapshot(),
+            webhooks=[d.as_dict() for d in self.deliveries],
+            faults=self.faults.snapshot(),
+            encode_seconds=list(self.videos.encode_seconds),
+        )
 
     def update_options(self, changes: dict[str, Any]) -> None:
         """Change options at runtime (e.g. the concurrency limit); queued requests may start."""

@@ -32,7 +32,7 @@ import math
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 FAULT_KINDS: frozenset[str] = frozenset(
     {
@@ -104,6 +104,13 @@ def parse_fault_option(text: str) -> tuple[str, FaultRule]:
     return kind, FaultRule.parse({"probability": number} if number < 1 else {"next": int(number)})
 
 
+class FaultsSnapshot(TypedDict):
+    """The active rules by kind (as :meth:`FaultRule.as_dict`) and how often each kind fired."""
+
+    rules: dict[str, dict[str, Any]]
+    fired: dict[str, int]
+
+
 class FaultPlan:
     """The active faults; thread-safe because tests change them while the server runs."""
 
@@ -140,7 +147,7 @@ class FaultPlan:
             self.fired[kind] = self.fired.get(kind, 0) + 1
             return dict(rule.params)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> FaultsSnapshot:
         """Rules and how often each kind fired, JSON-ready."""
         with self._lock:
             return {

@@ -11,9 +11,81 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict
+
+from falsim.faults import FaultsSnapshot
+from falsim.webhooks import DeliveryRecord
+
+
+class EntryRecord(TypedDict):
+    """A :class:`LedgerEntry` as JSON (Decimals as strings, to keep cents exact)."""
+
+    request_id: str
+    endpoint: str
+    input_sha256: str
+    accepted_at: float
+    priority: str
+    webhook_url: str | None
+    client_saw_response: bool
+    started_at: float | None
+    completed_at: float | None
+    outcome: str | None
+    status_code: int | None
+    error_type: str | None
+    seed: int | None
+    billed: bool
+    billing_units: str
+    usd: str
+    output_sha256: str | None
+    encode_seconds: float | None
+
+
+class DuplicateRecord(TypedDict):
+    """The same input accepted more than once for an endpoint: a paid duplicate."""
+
+    endpoint: str
+    input_sha256: str
+    request_ids: list[str]
+
+
+class RejectionRecord(TypedDict):
+    """A refused submit, as JSON."""
+
+    at: float
+    endpoint: str
+    status_code: int
+    reason: str
+
+
+class LedgerSnapshot(TypedDict):
+    """:meth:`Ledger.snapshot`: the entries and the counters; see the module docstring."""
+
+    entries: list[EntryRecord]
+    accepted: int
+    completed: int
+    billed_count: int
+    billed_usd: str
+    billed_units: str
+    duplicates: list[DuplicateRecord]
+    outstanding: int
+    max_outstanding: int
+    in_progress: int
+    max_in_progress: int
+    submit_times: list[float]
+    submits_per_second: dict[str, int]
+    max_submits_per_second: int
+    rejections: list[RejectionRecord]
+
+
+class LedgerReport(LedgerSnapshot):
+    """The whole ledger (``GET /_sim/ledger``, ``SimulatorHandle.ledger()``): the snapshot, the
+    webhook deliveries, the faults (rules and how often each fired) and every render's time."""
+
+    webhooks: list[DeliveryRecord]
+    faults: FaultsSnapshot
+    encode_seconds: list[float]
 
 
 @dataclass
@@ -41,12 +113,28 @@ class LedgerEntry:
     output_sha256: str | None = None
     encode_seconds: float | None = None
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> EntryRecord:
         """JSON-ready (Decimals as strings, to keep cents exact)."""
-        out = asdict(self)
-        out["billing_units"] = str(self.billing_units)
-        out["usd"] = str(self.usd)
-        return out
+        return {
+            "request_id": self.request_id,
+            "endpoint": self.endpoint,
+            "input_sha256": self.input_sha256,
+            "accepted_at": self.accepted_at,
+            "priority": self.priority,
+            "webhook_url": self.webhook_url,
+            "client_saw_response": self.client_saw_response,
+            "started_at": self.started_at,
+            "completed_at": self.completed_at,
+            "outcome": self.outcome,
+            "status_code": self.status_code,
+            "error_type": self.error_type,
+            "seed": self.seed,
+            "billed": self.billed,
+            "billing_units": str(self.billing_units),
+            "usd": str(self.usd),
+            "output_sha256": self.output_sha256,
+            "encode_seconds": self.encode_seconds,
+        }
 
 
 @dataclass
@@ -108,7 +196,7 @@ class Ledger:
         with self._lock:
             self.entries[request_id].client_saw_response = False
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> LedgerSnapshot:
         """Everything, JSON-ready; see the module docstring for what each key is for."""
         with self._lock:
             entries = [e.as_dict() for e in self.entries.values()]
@@ -125,7 +213,7 @@ class Ledger:
                 "billed_usd": str(sum((e.usd for e in billed), Decimal(0))),
                 "billed_units": str(sum((e.billing_units for e in billed), Decimal(0))),
                 "duplicates": [
-                    {"endpoint": ep, "input_sha256": h, "request_ids": ids}
+                    DuplicateRecord(endpoint=ep, input_sha256=h, request_ids=ids)
                     for (ep, h), ids in groups.items()
                     if len(ids) > 1
                 ],
@@ -136,5 +224,8 @@ class Ledger:
                 "submit_times": list(self.submit_times),
                 "submits_per_second": {str(k): v for k, v in sorted(per_second.items())},
                 "max_submits_per_second": max(per_second.values(), default=0),
-                "rejections": [asdict(r) for r in self.rejections],
+                "rejections": [
+                    RejectionRecord(at=r.at, endpoint=r.endpoint, status_code=r.status_code, reason=r.reason)
+                    for r in self.rejections
+                ],
             }

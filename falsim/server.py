@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from falsim.app import SimulatorApp
 from falsim.engine import Engine
+from falsim.ledger import LedgerReport
 from falsim.options import SimulatorOptions
 from falsim.tls import make_self_signed
 
@@ -115,15 +116,11 @@ class SimulatorHandle:
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.engine.loop).result(timeout)
 
-    def ledger(self) -> dict[str, Any]:
+    def ledger(self) -> LedgerReport:
         """The ledger snapshot (same JSON as ``GET /_sim/ledger``)."""
 
-        async def snap() -> dict[str, Any]:
-            out = self.engine.ledger.snapshot()
-            out["webhooks"] = [d.as_dict() for d in self.engine.deliveries]
-            out["faults"] = self.engine.faults.snapshot()
-            out["encode_seconds"] = list(self.engine.videos.encode_seconds)
-            return out
+        async def snap() -> LedgerReport:
+            return self.engine.ledger_report()
 
         return self._call(snap())
 

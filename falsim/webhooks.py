@@ -15,7 +15,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -68,17 +68,35 @@ class WebhookSigner:
         }
 
 
+class DeliveryAttempt(TypedDict):
+    """One POST of a webhook: when, and the receiver's status code or the transport error's name."""
+
+    at: float
+    status_code: NotRequired[int]
+    error: NotRequired[str]
+
+
+class DeliveryRecord(TypedDict):
+    """A webhook's record in the ledger (``Delivery.as_dict``)."""
+
+    request_id: str
+    url: str
+    attempts: list[DeliveryAttempt]
+    delivered: bool
+    dropped: bool
+
+
 @dataclass
 class Delivery:
     """The record of one webhook's attempts (for the ledger)."""
 
     request_id: str
     url: str
-    attempts: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[DeliveryAttempt] = field(default_factory=list)
     delivered: bool = False
     dropped: bool = False
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> DeliveryRecord:
         """JSON-ready."""
         return {
             "request_id": self.request_id,

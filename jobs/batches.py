@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy.orm import Session
 
@@ -25,23 +25,23 @@ from jobs.errors import ConfigError, ManifestError, UsageError
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.models import Batch, BatchState, utcnow
 from jobs.pricing import Totals, estimate_job
-from jobs.settings import Settings, get_settings
+from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
 from jobs.states import JobState
 
 #: Bytes the output-folder probe writes and syncs: enough that a full disk says so.
 OUTPUT_PROBE_BYTES = 64 * 1024
 
 
-def input_dirs(allowed_dirs: Iterable[Path] = (), settings: Settings | None = None) -> tuple[Path, ...]:
+def input_dirs(settings: InputSettings, allowed_dirs: Iterable[Path] = ()) -> tuple[Path, ...]:
     """Folders beyond a manifest's own that its local files may come from.
 
     The ``--allow-dir`` options, then ``WANBATCH_ALLOWED_INPUT_DIRS``: both explicit choices of
     the user running wanbatch, never of the manifest's author.
     """
-    return (*allowed_dirs, *(settings or get_settings()).allowed_input_dirs)
+    return (*allowed_dirs, *settings.allowed_input_dirs)
 
 
-def check_output_dir(settings: Settings | None = None) -> Path:
+def check_output_dir(settings: DownloadSettings) -> Path:
     """Prove ``WANBATCH_OUTPUT_DIR`` takes a file before anything is sent: create it, then write,
     fsync and remove a probe. :class:`ConfigError` otherwise.
 
@@ -49,7 +49,7 @@ def check_output_dir(settings: Settings | None = None) -> Path:
     or the disk is full would waste every job in flight. (A disk can still fill up later: the
     download step handles that.)
     """
-    folder = (settings or get_settings()).output_dir
+    folder = settings.output_dir
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".wanbatch-probe-", dir=folder)
@@ -68,23 +68,23 @@ def check_output_dir(settings: Settings | None = None) -> Path:
 
 
 def check_manifest(
-    path: str | Path, allowed_dirs: Iterable[Path] = (), settings: Settings | None = None
+    path: str | Path, settings: InputSettings, allowed_dirs: Iterable[Path] = ()
 ) -> ValidationReport:
     """Validate, and raise :class:`ManifestError` with every located issue when anything is wrong.
 
     Local files may come from the manifest's folder and the folders :func:`input_dirs` names.
     """
-    report = validate_manifest(path, input_dirs(allowed_dirs, settings))
+    report = validate_manifest(path, input_dirs(settings, allowed_dirs))
     if not report.ok:
         raise ManifestError(report.issues)
     return report
 
 
 def estimate_manifest(
-    path: str | Path, settings: Settings | None = None, allowed_dirs: Iterable[Path] = ()
+    path: str | Path, settings: Settings, allowed_dirs: Iterable[Path] = ()
 ) -> tuple[ValidationReport, Totals]:
     """Job count, billing units and USD of a valid manifest, per endpoint and in total."""
-    report = check_manifest(path, allowed_dirs, settings)
+    report = check_manifest(path, settings, allowed_dirs)
     assert report.manifest is not None
     totals = Totals()
     for spec in report.manifest.jobs():
@@ -151,7 +151,7 @@ def parse_usd(text: str, option: str = "--max-usd") -> Decimal:
 
 
 def _new_job(
-    endpoint: str, item_index: int, key: str, resolved: dict[str, Any], settings: Settings | None
+    endpoint: str, item_index: int, key: str, resolved: dict[str, Any], settings: Settings
 ) -> store.NewJob:
     """A job row to store, with its cost estimate."""
     est = estimate_job(endpoint, resolved, settings)
@@ -165,7 +165,7 @@ def _new_job(
     )
 
 
-def _new_jobs(specs: Iterator[JobSpec], settings: Settings | None) -> Iterator[store.NewJob]:
+def _new_jobs(specs: Iterator[JobSpec], settings: Settings) -> Iterator[store.NewJob]:
     for spec in specs:
         yield _new_job(spec.endpoint, spec.item_index, spec.key, spec.input, settings)
 
@@ -203,9 +203,7 @@ def _apply_budget(session: Session, batch: Batch, wanted: Decimal | None) -> dic
     return change
 
 
-def submit_manifest(
-    path: str | Path, settings: Settings | None = None, allowed_dirs: Iterable[Path] = ()
-) -> SubmitResult:
+def submit_manifest(path: str | Path, settings: Settings, allowed_dirs: Iterable[Path] = ()) -> SubmitResult:
     """Validate the whole manifest, then store its batch and jobs in one transaction.
 
     Nothing is written unless every job is valid. Idempotent: the batch is found by name and
@@ -214,7 +212,7 @@ def submit_manifest(
     submitting again with a lower, higher or no ``budget.max_usd`` changes the stored cap (and
     the result says so in ``budget_changed``).
     """
-    report = check_manifest(path, allowed_dirs, settings)
+    report = check_manifest(path, settings, allowed_dirs)
     manifest = report.manifest
     assert manifest is not None
     engine = open_engine(settings)
@@ -251,7 +249,45 @@ def _eta_seconds(started: datetime | None, finished: int, total: int) -> float |
     return round(elapsed / finished * (total - finished), 1)
 
 
-def batch_report(session: Session, batch_id: str) -> dict[str, Any]:
+class FailureReason(TypedDict):
+    """One of a batch's commonest reasons for jobs ending failed or cancelled."""
+
+    state: str
+    error_type: str | None
+    count: int
+    example: str
+
+
+class BatchReport(TypedDict):
+    """The contract's ``status BATCH --json`` object: these keys, in this order, are the output.
+
+    USD figures are floats rounded to the micro-dollar (None when there is nothing to sum);
+    ``counts`` has every job state, 0 when none.
+    """
+
+    batch: str
+    name: str
+    state: str
+    pause_reason: str | None
+    total: int
+    finished: int
+    eta_seconds: float | None
+    counts: dict[str, int]
+    estimated_usd: float | None
+    spent_usd: float | None
+    reserved_usd: float | None
+    budget_max_usd: float | None
+    possible_duplicate_charges: int
+    confirmed_duplicate_charges: int
+    actual_usd: float | None
+    wasted_usd: float | None
+    cancelled_for_budget: int
+    failures: list[FailureReason]
+    parent_batch: str | None
+    created_at: str
+
+
+def batch_report(session: Session, batch_id: str) -> BatchReport:
     """The contract's ``status BATCH --json`` object for one batch."""
     batch = store.get_batch(session, batch_id)
     counts = store.counts_by_state(session, batch.id)
@@ -262,7 +298,7 @@ def batch_report(session: Session, batch_id: str) -> dict[str, Any]:
     return {
         "batch": batch.id,
         "name": batch.name,
-        "state": batch.state.value if hasattr(batch.state, "value") else batch.state,
+        "state": BatchState(batch.state).value,
         "pause_reason": batch.pause_reason,
         "total": total,
         "finished": terminal,
@@ -273,11 +309,12 @@ def batch_report(session: Session, batch_id: str) -> dict[str, Any]:
         "reserved_usd": _money(money.reserved_usd),
         "budget_max_usd": _money(batch.budget_max_usd),
         "possible_duplicate_charges": money.possible_duplicate_charges,
+        "confirmed_duplicate_charges": money.confirmed_duplicate_charges,
         "actual_usd": _money(cost.actual_usd),
         "wasted_usd": _money(cost.wasted_usd),
         "cancelled_for_budget": cost.cancelled_for_budget,
         "failures": [
-            {"state": st, "error_type": et, "count": n, "example": ex}
+            FailureReason(state=st, error_type=et, count=n, example=ex)
             for st, et, ex, n in store.failure_reasons(session, batch.id)
         ],
         "parent_batch": batch.parent_batch_id,
@@ -285,7 +322,7 @@ def batch_report(session: Session, batch_id: str) -> dict[str, Any]:
     }
 
 
-def status(ref: str | None, settings: Settings | None = None) -> list[dict[str, Any]]:
+def status(ref: str | None, settings: DatabaseSettings) -> list[BatchReport]:
     """Reports for one batch (``ref`` = id, id prefix or name) or, with no ref, for every batch."""
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
@@ -300,7 +337,7 @@ def rerun_batch(
     failed_only: bool = False,
     new_seeds: bool = False,
     max_usd: Decimal | None = None,
-    settings: Settings | None = None,
+    settings: Settings,
 ) -> SubmitResult:
     """A new batch from a stored one, linked to it as its parent.
 

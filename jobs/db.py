@@ -45,7 +45,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.errors import ConfigError
-from jobs.settings import Settings, get_settings
+from jobs.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
 
@@ -251,12 +251,15 @@ def _engine_for(url: str) -> Engine:
     return engine
 
 
-def open_engine(settings: Settings | None = None) -> Engine:
+def open_engine(settings: DatabaseSettings | None = None) -> Engine:
     """The engine of the system of record, migrated to head (once per process and URL).
 
+    Code passes its settings. Called bare, it reads ``WANBATCH_DATABASE_URL`` alone from the
+    environment: that is the deploy one-liner ``python -c "from jobs.db import open_engine;
+    open_engine()"`` (docker-compose's ``migrate`` service), which needs no other setting valid.
     :class:`ConfigError` (one line, exit 2) when the database cannot be reached or used.
     """
-    return _engine_for((settings or get_settings()).database_url)
+    return _engine_for((settings if settings is not None else DatabaseSettings()).database_url)
 
 
 class AdvisoryLock:

@@ -263,6 +263,9 @@ class Job(Base):
     actual_usd: Mapped[Decimal | None] = mapped_column(Money())
     #: Submissions resent after an ambiguous outcome: the provider may have billed each twice.
     possible_duplicate_charges: Mapped[int] = mapped_column(Integer, default=0)
+    #: Requests of this job fal proved (by a signed webhook) it accepted and ran besides the one
+    #: the job kept: each was billed. ``server_default``: jobs stored before the column existed.
+    confirmed_duplicate_charges: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     error: Mapped[str | None] = mapped_column(Text)
     error_type: Mapped[str | None] = mapped_column(String(255))
@@ -311,3 +314,42 @@ class Upload(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     #: When the provider may delete the file; a later job re-uploads after this.
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class WebhookDelivery(Base):
+    """One verified webhook from fal, stored before it is answered: the receiver's inbox.
+
+    fal repeats deliveries and sends them out of order (even before the submit's answer was
+    stored), so a delivery is stored once per distinct ``(request_id, body_sha256)`` (repeats
+    are counted in ``repeats``) and applied to its job later, by the receiver or by the tick,
+    with the same compare-and-set moves the poller makes. ``job_id`` and ``attempt`` come from
+    the query of the ``fal_webhook`` URL the submit gave fal (fal calls that exact URL); they are
+    not a foreign key: a delivery for a job this database does not know is kept and ignored.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("request_id", "body_sha256"),
+        Index("ix_webhook_deliveries_processed_at", "processed_at"),
+        Index("ix_webhook_deliveries_job_id", "job_id"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    request_id: Mapped[str] = mapped_column(String(255))
+    #: SHA-256 of the raw body as received (what fal's signature covers).
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(String(64))
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    #: fal's ``status``: ``OK`` or ``ERROR``.
+    status: Mapped[str] = mapped_column(String(16))
+    #: The body, with FAL_KEY scrubbed should it ever appear in it.
+    body: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: When it was applied to its job (or found to need nothing); NULL: still to apply.
+    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: What applying it did (``completed``, ``adopted``, ``duplicate-charge``, ``ignored: …``).
+    outcome: Mapped[str | None] = mapped_column(String(255))
+    #: How many more times fal delivered the very same body.
+    repeats: Mapped[int] = mapped_column(Integer, default=0)

@@ -10,12 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict
 
 from jobs.endpoints import EndpointSpec, get_endpoint
-from jobs.settings import Settings, get_settings
-
-CENT = Decimal("0.01")
+from jobs.settings import BudgetSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +34,12 @@ def _value(spec: EndpointSpec, resolved: Mapping[str, Any], name: str) -> Any:
 
 
 def estimate_job(
-    endpoint_id: str, resolved_input: Mapping[str, Any], settings: Settings | None = None
+    endpoint_id: str, resolved_input: Mapping[str, Any], prices: BudgetSettings | None = None
 ) -> Estimate:
     """Billing units and USD for one job of ``endpoint_id`` with ``resolved_input``.
+
+    ``prices`` carries the user's ``WANBATCH_PRICING_OVERRIDES``; None prices by the registry
+    alone (fal's published prices: what the simulator bills).
 
     Raises ``ValueError`` when a pricing field has a value the price table does not cover —
     validation has already rejected such inputs, so that means the registry itself is wrong.
@@ -62,7 +63,7 @@ def estimate_job(
             if Decimal(str(value)) > factor.above:
                 units *= factor.factor
 
-    overrides = (settings or get_settings()).usd_override(endpoint_id)
+    overrides = prices.usd_override(endpoint_id) if prices is not None else None
     if pricing.usd_per_unit is not None:
         rate = overrides.get("", pricing.usd_per_unit) if overrides else pricing.usd_per_unit
     else:
@@ -82,6 +83,24 @@ def estimate_job(
         usd=units * rate,
         assumption=pricing.assumption and not overrides,
     )
+
+
+class EndpointEstimate(TypedDict):
+    """One endpoint's line of ``estimate --json``."""
+
+    jobs: int
+    billing_units: float | int
+    usd: float | int
+
+
+class EstimateReport(TypedDict):
+    """The ``estimate --json`` object: totals, one line per endpoint, and the assumed prices."""
+
+    jobs: int
+    billing_units: float | int
+    usd: float | int
+    by_endpoint: dict[str, EndpointEstimate]
+    price_assumptions: list[str]
 
 
 @dataclass(slots=True)
@@ -106,14 +125,14 @@ class Totals:
         line.billing_units += est.billing_units
         line.usd += est.usd
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> EstimateReport:
         """JSON-ready: USD rounded to the cent only at the end, units as exact numbers."""
         return {
             "jobs": self.jobs,
             "billing_units": _num(self.billing_units),
             "usd": _num(self.usd),
             "by_endpoint": {
-                ep: {"jobs": t.jobs, "billing_units": _num(t.billing_units), "usd": _num(t.usd)}
+                ep: EndpointEstimate(jobs=t.jobs, billing_units=_num(t.billing_units), usd=_num(t.usd))
                 for ep, t in sorted(self.by_endpoint.items())
             },
             "price_assumptions": sorted(self.assumptions),

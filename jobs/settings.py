@@ -1,8 +1,17 @@
-"""Typed settings, read once from ``WANBATCH_*`` variables (and ``FAL_KEY``).
+"""Typed settings, read once from ``WANBATCH_*`` variables (and ``FAL_KEY``), grouped by subsystem.
 
-One object holds every knob so that configuration never comes from ``os.environ`` scattered
-through the code. ``FAL_KEY`` is a :class:`pydantic.SecretStr`: its ``repr``/``str`` print
-``**********``, so a settings object can be logged without leaking the key.
+Each subsystem has a section — :class:`FalSettings`, :class:`DatabaseSettings`,
+:class:`BrokerSettings`, :class:`TickSettings`, :class:`LimitSettings`,
+:class:`BudgetSettings`, :class:`RetrySettings`, :class:`DownloadSettings`,
+:class:`InputSettings`, :class:`WebhookSettings`, :class:`ChaosSettings` — with its fields, its
+validators and its helpers. :class:`Settings` inherits them all (pydantic merges the fields and
+validators of every base), so ``settings.submit_rate`` reads as it always did and every variable
+keeps its name; code that needs one subsystem only may take that section's type. Configuration
+never comes from ``os.environ`` scattered through the code: :func:`get_settings` reads it once,
+and only the edges (the CLI commands, the worker bootstrap, the tasks' runtime) call it.
+
+``FAL_KEY`` is a :class:`pydantic.SecretStr`: its ``repr``/``str`` print ``**********``, so a
+settings object can be logged without leaking the key.
 """
 
 from __future__ import annotations
@@ -15,7 +24,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from jobs.errors import ConfigError
 
@@ -28,96 +45,69 @@ DEFAULT_MAX_OUTSTANDING = 10
 DEFAULT_SUBMIT_RATE = 5.0
 
 
-class Settings(BaseSettings):
-    """Everything wanbatch can be told from the environment. Names are the contract's."""
+def _setting_name(loc: tuple[int | str, ...]) -> str:
+    """The variable a validation error is about, and where inside its (JSON) value."""
+    head = str(loc[0]).upper() if loc else "?"
+    name = head if head == "FAL_KEY" else f"WANBATCH_{head}"
+    return name + (f" (at {'.'.join(str(p) for p in loc[1:])})" if len(loc) > 1 else "")
+
+
+class _EnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source, which decodes JSON values (dicts, lists) itself.
+
+    Two differences: an empty variable counts as unset, and a value that is not JSON is a
+    one-line :class:`ConfigError` naming the variable — pydantic-settings' own ``SettingsError``
+    names the field, not the variable, and chains the decoder's traceback.
+    """
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError as exc:
+            raise ConfigError(
+                f"invalid configuration: {_setting_name((field_name,))}: not valid JSON ({exc})"
+            ) from None
+
+
+class _Section(BaseSettings):
+    """What every section shares: the ``WANBATCH_`` prefix, frozen values, the JSON decoding."""
 
     model_config = SettingsConfigDict(env_prefix="WANBATCH_", extra="ignore", frozen=True)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _EnvSource(settings_cls), dotenv_settings, file_secret_settings
+
+
+def _listed(value: object, separators: str) -> object:
+    """A JSON list, or text split at any of ``separators`` (blanks dropped); other values as is."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    for separator in separators[1:]:
+        text = text.replace(separator, separators[0])
+    return [part.strip() for part in text.split(separators[0]) if part.strip()]
+
+
+class FalSettings(_Section):
+    """Where fal is, the key that pays for it, and how long to wait for it."""
+
     fal_key: SecretStr | None = Field(default=None, validation_alias="FAL_KEY")
-    database_url: str = Field(default_factory=lambda: f"sqlite:///{DEFAULT_STATE_DIR / 'wanbatch.db'}")
-    broker_url: str | None = None
     fal_queue_url: str = "https://queue.fal.run"
     fal_rest_url: str = "https://rest.fal.ai"
-    output_dir: Path = Path("outputs")
-    submit_rate: float = Field(default=DEFAULT_SUBMIT_RATE, gt=0)
-    max_outstanding: int = Field(default=DEFAULT_MAX_OUTSTANDING, ge=1)
-
-    # Beyond the contract: tuning a demanding user may want, all documented in the README.
     connect_timeout: float = Field(default=10.0, gt=0)
     read_timeout: float = Field(default=60.0, gt=0)
-    #: Local images up to this many bytes are sent inline as data URIs; larger ones are uploaded.
-    inline_max_bytes: int = Field(default=256 * 1024, ge=0)
-    #: How many times a job may be submitted (transient and model errors) before it fails.
-    max_attempts: int = Field(default=3, ge=1)
-    #: JSON object: endpoint id -> {"usd_per_unit": number} or {"usd_per_unit_by": {value: number}},
-    #: to correct a price the registry marks as an assumption (e.g. fal-ai/wan-22).
-    #: ``NoDecode``: our validator parses the JSON, so a malformed value is a one-line ConfigError
-    #: rather than pydantic-settings' SettingsError traceback.
-    pricing_overrides: Annotated[dict[str, dict[str, Any]], NoDecode] = Field(default_factory=dict)
-    #: Folders, beyond a manifest's own, that its local files (images, ``items_from``) may come
-    #: from. ``os.pathsep`` (":" on POSIX) or comma separated, or a JSON list. Unset: only the
-    #: manifest's folder, so a shared manifest cannot read (and send to fal) a private file.
-    allowed_input_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
-
-    # Execution timing. Seconds throughout.
-    #: How often the dispatcher/poller/reconciler tick runs.
-    tick_interval: float = Field(default=1.0, gt=0)
-    #: Status polls start this often and back off with elapsed time up to poll_max_interval.
-    poll_min_interval: float = Field(default=2.0, gt=0)
-    poll_max_interval: float = Field(default=30.0, gt=0)
-    #: A claimed job's lease; a worker that dies holding one gives the job back after this long.
-    lease_seconds: float = Field(default=120.0, gt=0)
-    #: Backoff before a retryable failure is submitted again: base × 2^(attempt-1), capped.
-    retry_base_delay: float = Field(default=5.0, ge=0)
-    retry_max_delay: float = Field(default=300.0, ge=0)
-    #: What to do with a submission whose outcome is unknown after ``submit_unknown_deadline``:
-    #: "fail" (default: never risk paying twice) or "resubmit" (counted as a possible duplicate charge).
-    submit_unknown_policy: str = Field(default="fail", pattern="^(fail|resubmit)$")
-    submit_unknown_deadline: float = Field(default=600.0, ge=0)
-    #: Largest output file we accept from the provider.
-    download_max_bytes: int = Field(default=2 * 1024**3, gt=0)
-    #: Hosts outputs may be downloaded from beyond the configured fal URLs' hosts (``*.fal.media``
-    #: style wildcards), comma-separated or a JSON list. Unset: any host whose addresses are all
-    #: public; loopback, private, link-local, reserved, multicast and unspecified addresses are
-    #: refused unless the host is a fal URL's or listed here. Set: only those hosts (and the fal
-    #: URLs'), whatever they resolve to, e.g. ``*.fal.media,storage.googleapis.com``.
-    download_allowed_hosts: Annotated[list[str] | None, NoDecode] = None
-    #: How many times a failed download is retried before the job fails (never regenerated).
-    download_attempts: int = Field(default=5, ge=1)
-    #: Longest one download attempt may take, in seconds, on top of the read timeout (which
-    #: bounds each wait for bytes): a host that trickles bytes cannot hold a worker slot forever.
-    download_timeout: float = Field(default=1800.0, gt=0)
-    #: Public URL of a webhook receiver. When set, every submit asks fal to call it on completion
-    #: with ``job_id`` and ``attempt`` in the query, so a webhook can prove what happened to a
-    #: submission whose answer was lost (``submit_unknown``) — fal signs it, we can verify it.
-    webhook_url: str | None = None
-    #: Worker threads of the embedded (no broker) mode.
-    embedded_concurrency: int = Field(default=4, ge=1)
-    #: Fault injection for the chaos suite only (``worker.chaos``): ``point:probability,…`` at
-    #: which a worker kills itself (exit 137, like ``kill -9``) or stops itself (SIGSTOP).
-    chaos_crash_points: str | None = None
-    chaos_stop_points: str | None = None
-
-    # Global limits and budgets (README "Limits, budgets and cost").
-    #: Redis holding the global submit-rate limiter; defaults to the broker when it is Redis.
-    #: Without one (embedded mode) the limiter lives in this process, which is then the only one.
-    limits_url: str | None = None
-    #: JSON object: endpoint id -> submits/second for that endpoint (on top of ``submit_rate``).
-    submit_rate_per_endpoint: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
-    #: JSON object: endpoint id -> most outstanding requests of that endpoint (within ``max_outstanding``).
-    max_outstanding_per_endpoint: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
-    #: Network jitter between a granted submit and fal receiving it, in seconds: submits are
-    #: spaced (1 + this) / rate apart so that no 1-second window *as fal sees it* holds more than
-    #: ``submit_rate`` submits.
-    submit_jitter_allowance: float = Field(default=0.05, ge=0, le=1)
-    #: Longest a submit task waits for a rate token before giving the job back to ``pending``.
-    submit_wait_max: float = Field(default=2.0, ge=0)
-    #: fal runs 2 to 40 requests at once depending on the account's tier and queues the rest.
-    #: When a request we sent is still IN_QUEUE this many seconds later, the account runs fewer
-    #: than our cap: send only enough to keep one request waiting at fal (0 turns this off).
-    queue_wait_backoff: float = Field(default=60.0, ge=0)
-    #: Cap on USD committed (spent + reserved) per UTC day across all batches; unset = no cap.
-    daily_budget_usd: Decimal | None = Field(default=None, ge=0)
 
     @field_validator("fal_queue_url", "fal_rest_url")
     @classmethod
@@ -145,29 +135,74 @@ class Settings(BaseSettings):
             )
         return key
 
-    @field_validator("download_allowed_hosts", mode="before")
-    @classmethod
-    def _split_hosts(cls, value: object) -> object:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [h.strip() for h in text.split(",") if h.strip()] or None
-        return value
+    def require_fal_key(self) -> str:
+        """The key itself, for the one place that sends it; a clear error when it is unset."""
+        if self.fal_key is None or not self.fal_key.get_secret_value():
+            raise ConfigError(
+                "FAL_KEY is not set: export FAL_KEY=<your fal API key>, or use the bundled simulator "
+                "(wanbatch run --simulate …), which needs no key"
+            )
+        return self.fal_key.get_secret_value()
 
-    @field_validator(
-        "pricing_overrides", "submit_rate_per_endpoint", "max_outstanding_per_endpoint", mode="before"
-    )
-    @classmethod
-    def _parse_overrides(cls, value: object) -> object:
-        if isinstance(value, str):
-            if not value.strip():
-                return {}
-            try:
-                return json.loads(value)
-            except ValueError as exc:
-                raise ValueError(f"not a JSON object ({exc})") from None
-        return value
+
+class DatabaseSettings(_Section):
+    """The system of record."""
+
+    database_url: str = Field(default_factory=lambda: f"sqlite:///{DEFAULT_STATE_DIR / 'wanbatch.db'}")
+
+
+class BrokerSettings(_Section):
+    """The Celery transport, and the worker that runs inside ``wanbatch run`` without one."""
+
+    broker_url: str | None = None
+    #: Worker threads of the embedded (no broker) mode.
+    embedded_concurrency: int = Field(default=4, ge=1)
+
+
+class TickSettings(_Section):
+    """The periodic tick, status polls and leases. Seconds throughout."""
+
+    #: How often the dispatcher/poller/reconciler tick runs.
+    tick_interval: float = Field(default=1.0, gt=0)
+    #: Status polls start this often and back off with elapsed time up to poll_max_interval.
+    poll_min_interval: float = Field(default=2.0, gt=0)
+    poll_max_interval: float = Field(default=30.0, gt=0)
+    #: A claimed job's lease; a worker that dies holding one gives the job back after this long.
+    lease_seconds: float = Field(default=120.0, gt=0)
+
+
+class LimitSettings(_Section):
+    """How fast and how much is sent to fal (README "Limits, budgets and cost")."""
+
+    submit_rate: float = Field(default=DEFAULT_SUBMIT_RATE, gt=0)
+    max_outstanding: int = Field(default=DEFAULT_MAX_OUTSTANDING, ge=1)
+    #: Redis holding the global submit-rate limiter; defaults to the broker when it is Redis.
+    #: Without one (embedded mode) the limiter lives in this process, which is then the only one.
+    limits_url: str | None = None
+    #: JSON object: endpoint id -> submits/second for that endpoint (on top of ``submit_rate``).
+    submit_rate_per_endpoint: dict[str, float] = Field(default_factory=dict)
+    #: JSON object: endpoint id -> most outstanding requests of that endpoint (within ``max_outstanding``).
+    max_outstanding_per_endpoint: dict[str, int] = Field(default_factory=dict)
+    #: Network jitter between a granted submit and fal receiving it, in seconds: submits are
+    #: spaced (1 + this) / rate apart so that no 1-second window *as fal sees it* holds more than
+    #: ``submit_rate`` submits.
+    submit_jitter_allowance: float = Field(default=0.05, ge=0, le=1)
+    #: Longest a submit task waits for a rate token before giving the job back to ``pending``.
+    submit_wait_max: float = Field(default=2.0, ge=0)
+    #: fal runs 2 to 40 requests at once depending on the account's tier and queues the rest.
+    #: When a request we sent is still IN_QUEUE this many seconds later, the account runs fewer
+    #: than our cap: send only enough to keep one request waiting at fal (0 turns this off).
+    queue_wait_backoff: float = Field(default=60.0, ge=0)
+
+
+class BudgetSettings(_Section):
+    """What a job costs, and how much may be spent a day."""
+
+    #: JSON object: endpoint id -> {"usd_per_unit": number} or {"usd_per_unit_by": {value: number}},
+    #: to correct a price the registry marks as an assumption (e.g. fal-ai/wan-22).
+    pricing_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: Cap on USD committed (spent + reserved) per UTC day across all batches; unset = no cap.
+    daily_budget_usd: Decimal | None = Field(default=None, ge=0)
 
     @field_validator("pricing_overrides")
     @classmethod
@@ -188,34 +223,6 @@ class Settings(BaseSettings):
                     raise ValueError(f"{endpoint}: {name} must be a non-negative number, got {price!r}")
         return value
 
-    @field_validator("allowed_input_dirs", mode="before")
-    @classmethod
-    def _split_dirs(cls, value: object) -> object:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            parts = text.replace(",", os.pathsep).split(os.pathsep)
-            return [part.strip() for part in parts if part.strip()]
-        return value
-
-    def limits_backend_url(self) -> str | None:
-        """The Redis URL of the global limiter: ``limits_url``, else the broker when it is Redis."""
-        if self.limits_url:
-            return self.limits_url
-        if self.broker_url and self.broker_url.split(":", 1)[0] in ("redis", "rediss", "unix"):
-            return self.broker_url
-        return None
-
-    def require_fal_key(self) -> str:
-        """The key itself, for the one place that sends it; a clear error when it is unset."""
-        if self.fal_key is None or not self.fal_key.get_secret_value():
-            raise ConfigError(
-                "FAL_KEY is not set: export FAL_KEY=<your fal API key>, or use the bundled simulator "
-                "(wanbatch run --simulate …), which needs no key"
-            )
-        return self.fal_key.get_secret_value()
-
     def usd_override(self, endpoint_id: str) -> dict[str, Decimal] | None:
         """Price overrides for one endpoint as Decimals, or None."""
         raw = self.pricing_overrides.get(endpoint_id)
@@ -229,20 +236,112 @@ class Settings(BaseSettings):
         return out
 
 
-def _setting_name(loc: tuple[int | str, ...]) -> str:
-    """The variable a validation error is about, and where inside its (JSON) value."""
-    head = str(loc[0]).upper() if loc else "?"
-    name = head if head == "FAL_KEY" else f"WANBATCH_{head}"
-    return name + (f" (at {'.'.join(str(p) for p in loc[1:])})" if len(loc) > 1 else "")
+class RetrySettings(_Section):
+    """How often a failed submission is tried again, and what to do when its outcome is unknown."""
+
+    #: How many times a job may be submitted (transient and model errors) before it fails.
+    max_attempts: int = Field(default=3, ge=1)
+    #: Backoff before a retryable failure is submitted again: base × 2^(attempt-1), capped.
+    retry_base_delay: float = Field(default=5.0, ge=0)
+    retry_max_delay: float = Field(default=300.0, ge=0)
+    #: What to do with a submission whose outcome is unknown after ``submit_unknown_deadline``:
+    #: "fail" (default: never risk paying twice) or "resubmit" (counted as a possible duplicate charge).
+    submit_unknown_policy: str = Field(default="fail", pattern="^(fail|resubmit)$")
+    submit_unknown_deadline: float = Field(default=600.0, ge=0)
+
+
+class DownloadSettings(_Section):
+    """Where outputs go, and what a download may take."""
+
+    output_dir: Path = Path("outputs")
+    #: Largest output file we accept from the provider.
+    download_max_bytes: int = Field(default=2 * 1024**3, gt=0)
+    #: Hosts outputs may be downloaded from beyond the configured fal URLs' hosts (``*.fal.media``
+    #: style wildcards), comma-separated or a JSON list. Unset: any host whose addresses are all
+    #: public; loopback, private, link-local, reserved, multicast and unspecified addresses are
+    #: refused unless the host is a fal URL's or listed here. Set: only those hosts (and the fal
+    #: URLs'), whatever they resolve to, e.g. ``*.fal.media,storage.googleapis.com``.
+    download_allowed_hosts: Annotated[list[str] | None, NoDecode] = None
+    #: How many times a failed download is retried before the job fails (never regenerated).
+    download_attempts: int = Field(default=5, ge=1)
+    #: Longest one download attempt may take, in seconds, on top of the read timeout (which
+    #: bounds each wait for bytes): a host that trickles bytes cannot hold a worker slot forever.
+    download_timeout: float = Field(default=1800.0, gt=0)
+
+    @field_validator("download_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        hosts = _listed(value, ",")
+        return (hosts or None) if isinstance(value, str) else hosts
+
+
+class InputSettings(_Section):
+    """What a manifest's local files may be, and how they reach fal."""
+
+    #: Local images up to this many bytes are sent inline as data URIs; larger ones are uploaded.
+    inline_max_bytes: int = Field(default=256 * 1024, ge=0)
+    #: Folders, beyond a manifest's own, that its local files (images, ``items_from``) may come
+    #: from. ``os.pathsep`` (":" on POSIX) or comma separated, or a JSON list. Unset: only the
+    #: manifest's folder, so a shared manifest cannot read (and send to fal) a private file.
+    allowed_input_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+
+    @field_validator("allowed_input_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: object) -> object:
+        return _listed(value, os.pathsep + ",")
+
+
+class WebhookSettings(_Section):
+    """fal's completion callback."""
+
+    #: Public URL of a webhook receiver. When set, every submit asks fal to call it on completion
+    #: with ``job_id`` and ``attempt`` in the query, so a webhook can prove what happened to a
+    #: submission whose answer was lost (``submit_unknown``) — fal signs it, we can verify it.
+    webhook_url: str | None = None
+    #: fal's webhook-signing public keys (https://docs.fal.ai/model-endpoints/webhooks).
+    webhook_jwks_url: str = "https://rest.fal.ai/.well-known/jwks.json"
+
+
+class ChaosSettings(_Section):
+    """Fault injection for the chaos suite only (:mod:`worker.chaos`)."""
+
+    #: ``point:probability,…`` at which a worker kills itself (exit 137, like ``kill -9``) or
+    #: stops itself (SIGSTOP).
+    chaos_crash_points: str | None = None
+    chaos_stop_points: str | None = None
+
+
+class Settings(
+    FalSettings,
+    DatabaseSettings,
+    BrokerSettings,
+    TickSettings,
+    LimitSettings,
+    BudgetSettings,
+    RetrySettings,
+    DownloadSettings,
+    InputSettings,
+    WebhookSettings,
+    ChaosSettings,
+):
+    """Everything wanbatch can be told from the environment. Names are the contract's."""
+
+    def limits_backend_url(self) -> str | None:
+        """The Redis URL of the global limiter: ``limits_url``, else the broker when it is Redis."""
+        if self.limits_url:
+            return self.limits_url
+        if self.broker_url and self.broker_url.split(":", 1)[0] in ("redis", "rediss", "unix"):
+            return self.broker_url
+        return None
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once. Tests call ``get_settings.cache_clear()``."""
+    """The process-wide settings, read once, for the edges. Tests call ``get_settings.cache_clear()``."""
     try:
         return Settings()
     except ValidationError as exc:
         problems = "; ".join(f"{_setting_name(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from None
-    except SettingsError as exc:  # a complex (JSON) setting pydantic-settings could not decode
+    except SettingsError as exc:  # a source pydantic-settings could not read
         raise ConfigError(f"invalid configuration: {exc}") from None

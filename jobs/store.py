@@ -56,7 +56,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from jobs.errors import NotFoundError
-from jobs.models import Batch, BatchState, Job, JobEvent, Money, Upload, new_id, utcnow
+from jobs.models import Batch, BatchState, Job, JobEvent, Money, Upload, WebhookDelivery, new_id, utcnow
 from jobs.states import AT_PROVIDER_STATES, JobState, can_transition
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "NewJob",
     "ReleasedLeases",
     "add_jobs",
+    "adopt_request",
     "batch_cost",
     "batch_money",
     "cancel_unsent_jobs",
@@ -76,6 +77,9 @@ __all__ = [
     "count_in_states_by_endpoint",
     "count_waiting_since",
     "counts_by_state",
+    "defer_delivery",
+    "delivery_counts",
+    "duplicate_charge_recorded",
     "extend_lease",
     "fail_job",
     "failure_reasons",
@@ -99,15 +103,21 @@ __all__ = [
     "mark_submitted",
     "mark_submitting",
     "mark_succeeded",
+    "record_duplicate_charge",
     "record_result",
     "record_upload",
     "release_lease",
     "release_process_leases",
+    "request_known",
     "retry_later",
     "set_batch_budget",
     "set_batch_state",
+    "settle_delivery",
+    "store_delivery",
+    "take_delivery",
     "take_lease",
     "transition",
+    "unprocessed_deliveries",
     "update_job_fields",
 ]
 
@@ -534,6 +544,36 @@ def mark_submitted(
         status_url=status_url,
         response_url=response_url,
         cancel_url=cancel_url,
+        submitted_at=submitted_at,
+        next_attempt_at=next_poll_at,
+        error=None,
+        error_type=None,
+        **_UNLEASED,
+    )
+
+
+def adopt_request(
+    session: Session,
+    fence: Fence,
+    *,
+    request_id: str,
+    gateway_request_id: str | None,
+    submitted_at: datetime,
+    next_poll_at: datetime,
+) -> bool:
+    """``submitting``/``submit_unknown`` → ``queued``: fal's signed webhook for this job's current
+    attempt proves it accepted the POST whose answer we never stored, as ``request_id``. The job
+    keeps that request (never resent); its URLs are derived from the configured queue."""
+    return _move(
+        session,
+        fence,
+        JobState.QUEUED,
+        f"proved by webhook: accepted as {request_id}",
+        request_id=request_id,
+        gateway_request_id=gateway_request_id,
+        status_url=None,
+        response_url=None,
+        cancel_url=None,
         submitted_at=submitted_at,
         next_attempt_at=next_poll_at,
         error=None,
@@ -1144,12 +1184,14 @@ class BatchMoney:
       submit_unknown, queued, running, cancelling): money that may still be charged.
     * ``committed_usd`` (= spent + reserved) is what a budget cap is checked against.
     * ``possible_duplicate_charges``: resubmissions after an ambiguous submit (maybe billed twice).
+    * ``confirmed_duplicate_charges``: extra requests fal's signed webhooks proved it ran (billed).
     """
 
     estimated_usd: Decimal
     spent_usd: Decimal
     reserved_usd: Decimal
     possible_duplicate_charges: int
+    confirmed_duplicate_charges: int = 0
 
     @property
     def committed_usd(self) -> Decimal:
@@ -1170,6 +1212,7 @@ def batch_money(session: Session, batch_id: str) -> BatchMoney:
             func.coalesce(func.sum(type_coerce(billed, Money())), zero),
             func.coalesce(func.sum(type_coerce(reserved, Money())), zero),
             func.coalesce(func.sum(Job.possible_duplicate_charges), 0),
+            func.coalesce(func.sum(Job.confirmed_duplicate_charges), 0),
         ).where(Job.batch_id == batch_id)
     ).one()
     return BatchMoney(
@@ -1177,6 +1220,7 @@ def batch_money(session: Session, batch_id: str) -> BatchMoney:
         spent_usd=row[1],
         reserved_usd=row[2],
         possible_duplicate_charges=int(row[3]),
+        confirmed_duplicate_charges=int(row[4]),
     )
 
 
@@ -1302,3 +1346,136 @@ def find_upload(session: Session, content_sha256: str, *, now: datetime | None =
         .where(or_(Upload.expires_at.is_(None), Upload.expires_at > now))
         .execution_options(populate_existing=True)
     )
+
+
+# --------------------------------------------------------------------------- webhook inbox
+
+
+def store_delivery(
+    session: Session,
+    *,
+    request_id: str,
+    body_sha256: str,
+    job_id: str | None,
+    attempt: int | None,
+    status: str,
+    body: dict[str, Any],
+) -> tuple[int, bool]:
+    """Keep one verified delivery: ``(its id, True)``, or ``(the stored one's id, False)`` for a
+    repeat of the very same body (counted in ``repeats``), whoever stored it first."""
+    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = (
+        dialect_insert(WebhookDelivery)
+        .values(
+            request_id=request_id,
+            body_sha256=body_sha256,
+            job_id=job_id,
+            attempt=attempt,
+            status=status,
+            body=body,
+            received_at=utcnow(),
+            repeats=0,
+        )
+        .on_conflict_do_nothing(index_elements=["request_id", "body_sha256"])
+        .returning(WebhookDelivery.id)
+    )
+    new = session.execute(stmt).first()
+    if new is not None:
+        return int(new.id), True
+    row = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.request_id == request_id, WebhookDelivery.body_sha256 == body_sha256)
+        .values(repeats=WebhookDelivery.repeats + 1)
+        .returning(WebhookDelivery.id)
+        .execution_options(synchronize_session=False)
+    ).one()
+    return int(row.id), False
+
+
+def take_delivery(session: Session, delivery_id: int) -> WebhookDelivery | None:
+    """Mark a delivery processed now, if nobody has: the delivery to apply, or None (already
+    applied, or being applied by another process, whose row lock this waits for)."""
+    row = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.processed_at.is_(None))
+        .values(processed_at=utcnow())
+        .returning(WebhookDelivery.id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        return None
+    return session.get(WebhookDelivery, delivery_id, populate_existing=True)
+
+
+def settle_delivery(session: Session, delivery_id: int, outcome: str) -> None:
+    """Record what applying a taken delivery did."""
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id)
+        .values(outcome=outcome[:255])
+        .execution_options(synchronize_session=False)
+    )
+
+
+def defer_delivery(session: Session, delivery_id: int, why: str) -> None:
+    """Give a taken delivery back, unapplied: the tick tries it again."""
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id)
+        .values(processed_at=None, outcome=why[:255])
+        .execution_options(synchronize_session=False)
+    )
+
+
+def unprocessed_deliveries(session: Session, *, limit: int = 200) -> list[int]:
+    """Ids of deliveries not applied yet, oldest first."""
+    return [
+        int(i)
+        for i in session.scalars(
+            select(WebhookDelivery.id)
+            .where(WebhookDelivery.processed_at.is_(None))
+            .order_by(WebhookDelivery.id)
+            .limit(limit)
+        )
+    ]
+
+
+def request_known(session: Session, job_id: str, request_id: str) -> bool:
+    """Whether ``request_id`` is (or was) one of the job's requests as we recorded them: its
+    current one, or one an event says fal accepted (``accepted as …``)."""
+    if session.scalar(select(Job.id).where(Job.id == job_id, Job.request_id == request_id)) is not None:
+        return True
+    accepted = JobEvent.reason.contains(f"accepted as {request_id}", autoescape=True)
+    return session.scalar(select(JobEvent.id).where(JobEvent.job_id == job_id, accepted).limit(1)) is not None
+
+
+def duplicate_charge_recorded(session: Session, request_id: str) -> bool:
+    """Whether a delivery of ``request_id`` was already counted as a confirmed duplicate charge."""
+    found = select(WebhookDelivery.id).where(
+        WebhookDelivery.request_id == request_id, WebhookDelivery.outcome == "duplicate-charge"
+    )
+    return session.scalar(found.limit(1)) is not None
+
+
+def record_duplicate_charge(session: Session, job_id: str) -> None:
+    """One more request of this job that fal proved it ran besides the one the job kept: billed.
+    Bookkeeping only (no state change, no version bump), so it never disturbs a worker's fence."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(confirmed_duplicate_charges=Job.confirmed_duplicate_charges + 1, updated_at=utcnow())
+        .execution_options(synchronize_session="fetch")
+    )
+
+
+def delivery_counts(session: Session) -> dict[str, int]:
+    """The inbox in numbers: deliveries stored, repeats of them, still to apply, ignored."""
+    row = session.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(WebhookDelivery.repeats), 0),
+            func.coalesce(func.sum(case((WebhookDelivery.processed_at.is_(None), 1), else_=0)), 0),
+            func.coalesce(func.sum(case((WebhookDelivery.outcome.startswith("ignored"), 1), else_=0)), 0),
+        ).select_from(WebhookDelivery)
+    ).one()
+    return {"stored": int(row[0]), "repeats": int(row[1]), "unprocessed": int(row[2]), "ignored": int(row[3])}

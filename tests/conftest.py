@@ -25,22 +25,22 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from hostile import HostileProvider
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from jobs.db import make_engine, migrate, session_factory
+from tests.hostile import HostileProvider
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_SERVER_URL = "postgresql://postgres@127.0.0.1:5432"
 REDIS_URL = "redis://127.0.0.1:6379/0"
-TABLES = ("job_events", "jobs", "uploads", "batches")
+TABLES = ("job_events", "jobs", "uploads", "batches", "webhook_deliveries")
 
 
 def _admin_execute(sql: str) -> None:
     try:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql)  # type: ignore[arg-type]
+            conn.execute(sql)
     except psycopg.OperationalError as exc:
         pytest.fail(
             f"PostgreSQL is required at {PG_ADMIN_DSN} (trust auth, user postgres) and is not "

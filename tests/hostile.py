@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Literal
+from typing import Literal
 
 __all__ = [
     "Behaviour",
@@ -85,7 +85,7 @@ def raw_reply(
     return behave
 
 
-def json_reply(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Behaviour:
+def json_reply(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Behaviour:
     """Answer with ``body`` as JSON."""
     return raw_reply(
         json.dumps(body).encode(), status, {"Content-Type": "application/json", **(headers or {})}

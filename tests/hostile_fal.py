@@ -3,7 +3,7 @@ each of which a test overrides to misbehave exactly where it wants.
 
 Request ids are ``r1``, ``r2``, … in submit order; the result of ``rN`` points at
 ``{provider.url}/files/rN.mp4`` (a real, tiny MP4). The provider is the configured fal URL, so
-its host is one downloads may use. Imported by basename (``tests/`` is on ``sys.path``).
+its host is one downloads may use.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import threading
 from functools import cache
 from typing import Any
 
-from hostile import Behaviour, HostileProvider, Recorded, json_reply, raw_reply
-
 from falsim.media import Geometry, VideoFactory
 from jobs.endpoints.registry import app_base
+from tests.hostile import Behaviour, HostileProvider, Recorded, json_reply, raw_reply
 
 COMPLETED = {"status": "COMPLETED", "logs": None, "metrics": {"inference_time": 2.5}}
 

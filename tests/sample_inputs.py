@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 #: One valid, cheap input per registered endpoint.
-INPUTS: dict[str, dict[str, Any]] = {
+INPUTS: dict[str, dict[str, str]] = {
     "fal-ai/wan-i2v": {"prompt": "a cat", "image_url": "https://example.com/cat.png", "resolution": "480p"},
     "fal-ai/wan-flf2v": {
         "prompt": "a cat",

@@ -3,7 +3,7 @@
 The CLI runs the same steps through Celery; tests that must act *between* steps (cancel while
 two requests run and six wait, look at a job right after its submit) call them one by one:
 ``dispatch`` claims, ``submit`` sends, ``poll`` asks for status, ``cancel_jobs_of_cancelled_batches``
-cancels. Imported by basename (``tests/`` is on ``sys.path``, as for ``hostile``).
+cancels.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from worker.fal.storage import FalStorage, MediaPreparer
 from worker.steps import Runtime
 
 #: Timing that makes a step-driven test take a fraction of a second per round.
-FAST: dict[str, Any] = {
+FAST: dict[str, float] = {
     "poll_min_interval": 0.05,
     "poll_max_interval": 0.2,
     "tick_interval": 0.05,
@@ -43,22 +43,48 @@ def settings_for(url: str, key: str, **overrides: Any) -> Settings:
     )
 
 
-def make_runtime(engine: Engine, settings: Settings, client: FalClient | None = None) -> Runtime:
-    """A runtime whose submit and download "tasks" are not run (tests call the steps themselves)."""
-    client = client or FalClient.from_settings(settings)
+def _not_run(_job_id: str) -> None:
+    """A hand-off that does nothing: the test calls the next step itself."""
+
+
+def make_runtime(
+    engine: Engine,
+    settings: Settings,
+    client: FalClient | None = None,
+    *,
+    enqueue_submit: Callable[[str], None] = _not_run,
+    enqueue_download: Callable[[str], None] = _not_run,
+    batch_ids: frozenset[str] | None = None,
+) -> Runtime:
+    """A runtime whose submit and download "tasks" are not run (tests call the steps themselves),
+    unless the test passes its own hand-offs (e.g. ``list.append`` to see what was handed on).
+
+    Without ``client``, one is built from ``settings``; a missing FAL_KEY is allowed, for steps
+    that never call fal (dispatch, scheduling downloads)."""
+    client = client or FalClient.from_settings(settings, allow_missing_key=True)
     media = MediaPreparer.for_storage(FalStorage(client), inline_max_bytes=settings.inline_max_bytes)
     return Runtime(
         engine=engine,
         client=client,
         settings=settings,
-        enqueue_submit=lambda _job_id: None,
-        enqueue_download=lambda _job_id: None,
+        enqueue_submit=enqueue_submit,
+        enqueue_download=enqueue_download,
         media=media,
+        batch_ids=batch_ids,
     )
 
 
-def add_batch(engine: Engine, name: str, jobs: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """A batch of ``(endpoint, input)`` jobs, stored as ``submit`` would; returns its id."""
+def add_batch(
+    engine: Engine,
+    name: str,
+    jobs: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    est_billing_units: Decimal = Decimal(5),
+    est_usd: Decimal = Decimal("0.25"),
+) -> str:
+    """A batch of ``(endpoint, input)`` jobs, stored as ``submit`` would; returns its id.
+
+    Every job is estimated at ``est_billing_units`` and ``est_usd``."""
     with db.session_scope(engine) as session:
         batch, _ = store.get_or_create_batch(
             session, name=name, manifest_path=f"{name}.yaml", manifest_sha256="0" * 64, budget_max_usd=None
@@ -72,13 +98,19 @@ def add_batch(engine: Engine, name: str, jobs: Sequence[tuple[str, dict[str, Any
                     item_index=i,
                     endpoint=endpoint,
                     input=payload,
-                    est_billing_units=Decimal(5),
-                    est_usd=Decimal("0.25"),
+                    est_billing_units=est_billing_units,
+                    est_usd=est_usd,
                 )
                 for i, (endpoint, payload) in enumerate(jobs)
             ),
         )
         return batch.id
+
+
+def job_ids(engine: Engine, batch_id: str) -> list[str]:
+    """The batch's job ids, in item order."""
+    with db.session_scope(engine) as session:
+        return [j.id for j in store.jobs_of_batch(session, batch_id)]
 
 
 def job_states(engine: Engine, batch_id: str) -> dict[str, int]:

@@ -4,19 +4,28 @@ Messages carry a job id and nothing else, so a message that is lost, delayed or 
 twice does no harm: every task re-reads its job and moves it with a fenced compare-and-set,
 and the periodic tick (``worker.ticker``) finds any due work a lost message left behind.
 
-Settings, and why (reliability-notes.md §1):
+The app is built by a function, never at import: :func:`get_app` makes one per broker URL (the
+settings' ``WANBATCH_BROKER_URL``, or kombu's in-memory transport for the embedded mode) and
+registers the tasks on it. So a command runs on the broker of the settings it was given — a
+module-level app took the URL of whatever environment first imported it, for the whole process.
+
+Settings, and why (Celery's configuration reference:
+https://docs.celeryq.dev/en/stable/userguide/configuration.html):
 
 * ``task_serializer``/``accept_content`` = JSON only: pickle would let anyone who can write to
-  the broker run code in the worker (§5.6).
+  the broker run code in the worker
+  (https://docs.celeryq.dev/en/stable/userguide/security.html#serializers).
 * ``task_acks_late`` + ``task_reject_on_worker_lost``: a task's message is acknowledged after
   it ran, so a worker killed mid-task (kill -9, OOM) leaves the message to be redelivered
   rather than lost. Redelivery is safe because steps are idempotent under the job's version.
 * ``worker_prefetch_multiplier = 1``: a worker reserves one message per process, so a slow
-  download does not hold other jobs' messages hostage (§1.5).
+  download does not hold other jobs' messages hostage
+  (https://docs.celeryq.dev/en/stable/userguide/optimizing.html#prefetch-limits).
 * ``visibility_timeout`` (Redis): how long an unacknowledged message stays invisible before
   Redis hands it to another worker. It must exceed the longest task (a large download at the
   read timeout) or tasks would run twice concurrently; 2 h is far above any step here, and a
-  redelivery in between is harmless anyway.
+  redelivery in between is harmless anyway
+  (https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout).
 * ``task_ignore_result``: results live in the database; no result backend is needed.
 * ``broker_connection_retry_on_startup`` and unlimited ``broker_connection_max_retries``:
   a worker outlives a broker restart instead of exiting.
@@ -24,19 +33,21 @@ Settings, and why (reliability-notes.md §1):
 
 from __future__ import annotations
 
+from functools import cache
+
 from celery import Celery
 
-from jobs.settings import get_settings
+from jobs.settings import BrokerSettings
+from worker.tasks import register_tasks
 
 VISIBILITY_TIMEOUT_SECONDS = 2 * 60 * 60
 QUEUE = "wanbatch"
 
 
 def make_app(broker_url: str | None) -> Celery:
-    """A configured app. Without a broker URL it uses kombu's in-memory transport (embedded)."""
-    app = Celery(
-        "wanbatch", broker=broker_url or "memory://localhost/", include=["worker.tasks"], set_as_current=False
-    )
+    """A configured app without tasks (enough to ping workers). Without a broker URL it uses
+    kombu's in-memory transport (embedded)."""
+    app = Celery("wanbatch", broker=broker_url or "memory://localhost/", set_as_current=False)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -61,4 +72,13 @@ def make_app(broker_url: str | None) -> Celery:
     return app
 
 
-app = make_app(get_settings().broker_url)
+@cache
+def _app_for(broker_url: str | None) -> Celery:
+    app = make_app(broker_url)
+    register_tasks(app)
+    return app
+
+
+def get_app(settings: BrokerSettings) -> Celery:
+    """The app of ``settings``' broker with the tasks registered: one per broker URL and process."""
+    return _app_for(settings.broker_url)

@@ -41,6 +41,11 @@ class EmbeddedWorker:
         self._abandoned = False
 
     def __enter__(self) -> EmbeddedWorker:
+        # The pool's threads look tasks up in Celery's current (else default) app, and a new
+        # thread has no current app: make this one both, as Celery's own worker does
+        # (``celery.app.trace.setup_worker_optimizations``). One embedded app per process.
+        self.app.set_current()
+        self.app.set_default()
         controller = _Controller(
             app=self.app,
             concurrency=self.concurrency,

@@ -37,13 +37,12 @@ from rich.progress import (
 )
 
 from jobs import db, store
-from jobs.batches import batch_report
+from jobs.batches import BatchReport, batch_report
 from jobs.db import open_engine
 from jobs.errors import ConfigError, WanbatchError
 from jobs.settings import Settings
 from jobs.states import JobState
 from worker import steps, tasks
-from worker.runtime import build_runtime
 from worker.steps.context import DOWNLOAD_QUEUE, process_identity
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,6 @@ class RunStats:
     """What a run did, for the summary and the benchmark."""
 
     wall_seconds: float = 0.0
-    ticks: int = 0
     status_calls: int = 0
 
 
@@ -252,7 +250,7 @@ def process_batch(
     *,
     console: Console | None = None,
     show_progress: bool = True,
-) -> tuple[dict[str, Any], RunStats]:
+) -> tuple[BatchReport, RunStats]:
     """Drive ``batch_id`` to the end; returns its final status report and run statistics.
 
     Raises :class:`Interrupted` after SIGINT/SIGTERM (under :func:`stop_on_signals`), once this
@@ -286,17 +284,14 @@ def process_batch(
 def _process_embedded(
     batch_id: str, settings: Settings, console: Console, show_progress: bool, stats: RunStats
 ) -> None:
-    from worker.app import app
+    from worker.app import get_app
     from worker.embedded import EmbeddedWorker
 
-    rt = build_runtime(
-        settings=settings,
-        enqueue_submit=lambda job_id: tasks.submit_job.delay(job_id),
-        enqueue_download=lambda job_id: tasks.download_job.delay(job_id),
-        # No allow_missing_key: a missing FAL_KEY is a ConfigError here, before the tick claims
-        # anything (a simulated run has the simulator's key).
-        batch_ids=frozenset({batch_id}),  # this batch only: never another one merely submitted
-    )
+    app = get_app(settings)  # no broker: kombu's in-memory transport, in this process
+    # No allow_missing_key: a missing FAL_KEY is a ConfigError here, before the tick claims
+    # anything (a simulated run has the simulator's key). This batch only: never another one
+    # merely submitted.
+    rt = tasks.task_runtime(app, settings, batch_ids=frozenset({batch_id}))
     tasks.set_runtime(rt)
     tasks.accept_again()
     abandoned = False
@@ -399,7 +394,6 @@ def _watch(
             while not _stop_requested.is_set():
                 if tick is not None:
                     report = steps.tick(tick, _stop_requested)
-                    stats.ticks += 1
                     stats.status_calls += report.status_calls
                 with db.session_scope(engine) as session:
                     current = batch_report(session, batch_id)
@@ -416,7 +410,7 @@ def _watch(
                 at_provider = sum(current["counts"].get(s.value, 0) for s in JobState if s.at_provider)
                 if current["state"] == "paused" and at_provider == 0:
                     progress.console.print(
-                        f"[yellow]batch paused: {current.get('pause_reason') or 'see status'}; "
+                        f"[yellow]batch paused: {current['pause_reason'] or 'see status'}; "
                         "fix it, then run the same command again to resume[/yellow]"
                     )
                     return

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from jobs import db, store
 from jobs.db import open_engine
-from jobs.settings import Settings, get_settings
+from jobs.settings import Settings
 from worker.fal.client import FalClient
 from worker.fal.storage import FalStorage, MediaPreparer
 from worker.steps import Runtime
@@ -20,13 +20,12 @@ def build_runtime(
     *,
     enqueue_submit: Callable[[str], None],
     enqueue_download: Callable[[str], None],
-    settings: Settings | None = None,
+    settings: Settings,
     allow_missing_key: bool = False,
     batch_ids: frozenset[str] | None = None,
 ) -> Runtime:
     """A runtime for this process. ``allow_missing_key`` is for the bundled simulator only;
     ``batch_ids`` limits the work to those batches (an embedded run; None = every batch)."""
-    settings = settings or get_settings()
     engine = open_engine(settings)
     client = FalClient.from_settings(settings, allow_missing_key=allow_missing_key)
 

@@ -1,21 +1,32 @@
 """Thin Celery tasks: a job id in, one step of the state machine out.
 
 The logic is in :mod:`worker.steps`; a task only finds this process's runtime and calls the
-step. The runtime is built lazily, in the process that runs the task — after a prefork worker
-has forked — so no database connection or HTTP pool is ever shared across processes.
+step. The tasks are registered on an app by :func:`register_tasks` (called by
+:func:`worker.app.get_app`), not by decorators at import: the app depends on the broker URL of
+the settings a command runs with, which are not known when this module is imported. The
+runtime is built lazily, in the process that runs the task — after a prefork worker has forked —
+so no database connection or HTTP pool is ever shared across processes.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from jobs.settings import Settings, get_settings
 from worker import steps
-from worker.app import app
 from worker.runtime import build_runtime
 from worker.steps import Runtime
 
+if TYPE_CHECKING:
+    from celery import Celery, Task
+
 log = logging.getLogger(__name__)
+
+SUBMIT_TASK = "wanbatch.submit_job"
+DOWNLOAD_TASK = "wanbatch.download_job"
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
@@ -25,15 +36,30 @@ _accepting = threading.Event()
 _accepting.set()
 
 
-def runtime() -> Runtime:
-    """This process's runtime, created on first use."""
+def task_runtime(app: Celery, settings: Settings, *, batch_ids: frozenset[str] | None = None) -> Runtime:
+    """A runtime whose hand-offs (submit, download) are messages to ``app``'s tasks."""
+
+    def enqueue(name: str) -> Callable[[str], None]:
+        def send(job_id: str) -> None:
+            app.tasks[name].delay(job_id)
+
+        return send
+
+    return build_runtime(
+        settings=settings,
+        enqueue_submit=enqueue(SUBMIT_TASK),
+        enqueue_download=enqueue(DOWNLOAD_TASK),
+        batch_ids=batch_ids,
+    )
+
+
+def runtime(app: Celery) -> Runtime:
+    """This process's runtime: the one installed (embedded), else built on first use from the
+    process settings — in a distributed worker, the worker's environment."""
     global _runtime
     with _lock:
         if _runtime is None:
-            _runtime = build_runtime(
-                enqueue_submit=lambda job_id: submit_job.delay(job_id),
-                enqueue_download=lambda job_id: download_job.delay(job_id),
-            )
+            _runtime = task_runtime(app, get_settings())
         return _runtime
 
 
@@ -54,21 +80,25 @@ def accept_again() -> None:
     _accepting.set()
 
 
-@app.task(name="wanbatch.submit_job")
-def submit_job(job_id: str) -> str:
+def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
+    if not _accepting.is_set():
+        return "stopping"
+    outcome = step(runtime(task.app), job_id)
+    log.debug("%s %s: %s", task.name, job_id, outcome)
+    return outcome
+
+
+def submit_job(task: Task, job_id: str) -> str:
     """POST one claimed job to fal, once."""
-    if not _accepting.is_set():
-        return "stopping"
-    outcome = steps.submit(runtime(), job_id)
-    log.debug("submit %s: %s", job_id, outcome)
-    return outcome
+    return _run(task, job_id, steps.submit)
 
 
-@app.task(name="wanbatch.download_job")
-def download_job(job_id: str) -> str:
+def download_job(task: Task, job_id: str) -> str:
     """Fetch the result and video of one completed job."""
-    if not _accepting.is_set():
-        return "stopping"
-    outcome = steps.download(runtime(), job_id)
-    log.debug("download %s: %s", job_id, outcome)
-    return outcome
+    return _run(task, job_id, steps.download)
+
+
+def register_tasks(app: Celery) -> None:
+    """Register the tasks on ``app`` only (``shared=False``: not on every app Celery finalizes)."""
+    app.task(name=SUBMIT_TASK, bind=True, shared=False, lazy=False)(submit_job)
+    app.task(name=DOWNLOAD_TASK, bind=True, shared=False, lazy=False)(download_job)

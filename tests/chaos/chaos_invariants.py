@@ -28,27 +28,95 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import class_row
 
 from falsim.engine import canonical_sha256
+from falsim.ledger import EntryRecord, LedgerReport
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 KNOWN_FAILURE_OUTCOMES = {"error", "invalid", "cancelled", "timeout"}
 
 
-@dataclass
-class Findings:
-    """Figures of one scenario and every invariant violation found (empty = all hold)."""
+@dataclass(frozen=True)
+class JobRow:
+    """The columns of ``jobs`` the invariants read."""
 
-    figures: dict[str, Any] = field(default_factory=dict)
-    violations: list[str] = field(default_factory=list)
+    id: str
+    state: str
+    error: str | None
+    error_type: str | None
+    input: dict[str, Any]
+    submitted_input: dict[str, Any] | None
+    attempts: int
+    request_id: str | None
+    possible_duplicate_charges: int
+    output_path: str | None
+    output_sha256: str | None
+    output_bytes: int | None
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """The columns of ``job_events`` the history rule reads."""
+
+    job_id: str
+    from_state: str | None
+    to_state: str
+    version: int
+    reason: str | None
+
+
+class FailureExample(TypedDict):
+    """A job that did not succeed, with its history (the first few are kept in the figures)."""
+
+    job: str
+    error: str | None
+    accepted_at_fal: int
+    history: list[str]
+
+
+class InvariantFigures(TypedDict):
+    """What :func:`check` measured, whether or not an invariant broke."""
+
+    jobs: int
+    stored: int
+    states: dict[str, int]
+    lost: int
+    accepted_submits: int
+    billed: int
+    ambiguous_outcomes: int
+    jobs_with_ambiguous_outcome: int
+    extra_accepted_submits: int
+    duplicate_paid_submissions: int
+    reported_possible_duplicates: int
+    max_outstanding_at_fal: int
+    outstanding_cap: int
+    late_answers_recorded: int
+    hidden_temp_files_left: int
+    events: int
+    unsuccessful_examples: list[FailureExample]
+
+
+@dataclass
+class Violations:
+    """Every invariant violation found (empty = all hold); the first 200 are kept."""
+
+    messages: list[str] = field(default_factory=list)
 
     def fail(self, message: str) -> None:
-        if len(self.violations) < 200:
-            self.violations.append(message)
+        if len(self.messages) < 200:
+            self.messages.append(message)
+
+
+@dataclass(frozen=True)
+class Findings:
+    """Figures of one check and every invariant violation found (empty = all hold)."""
+
+    figures: InvariantFigures
+    violations: list[str]
 
 
 def _sha256(path: Path) -> str:
@@ -61,7 +129,7 @@ def _sha256(path: Path) -> str:
 
 def check(
     db_url: str,
-    ledger: dict[str, Any],
+    ledger: LedgerReport,
     output_dir: Path,
     *,
     expected_jobs: int,
@@ -69,64 +137,68 @@ def check(
     policy: str,
 ) -> Findings:
     """Evaluate I1, I2, I3, I5 and the history rule; return figures and violations."""
-    found = Findings()
-    with psycopg.connect(db_url, row_factory=dict_row) as conn:
-        jobs = conn.execute(
-            "SELECT id, state, error, error_type, input, submitted_input, attempts, request_id, "
-            "possible_duplicate_charges, output_path, output_sha256, output_bytes FROM jobs"
-        ).fetchall()
-        events = conn.execute(
-            "SELECT job_id, from_state, to_state, version, reason FROM job_events ORDER BY id"
-        ).fetchall()
+    found = Violations()
+    with psycopg.connect(db_url) as conn:
+        jobs = (
+            conn.cursor(row_factory=class_row(JobRow))
+            .execute(
+                "SELECT id, state, error, error_type, input, submitted_input, attempts, request_id, "
+                "possible_duplicate_charges, output_path, output_sha256, output_bytes FROM jobs"
+            )
+            .fetchall()
+        )
+        events = (
+            conn.cursor(row_factory=class_row(EventRow))
+            .execute("SELECT job_id, from_state, to_state, version, reason FROM job_events ORDER BY id")
+            .fetchall()
+        )
 
-    history: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    history: dict[str, list[EventRow]] = defaultdict(list)
     for ev in events:
-        history[ev["job_id"]].append(ev)
+        history[ev.job_id].append(ev)
 
     # ------------------------------------------------------------------ I1
     states: dict[str, int] = defaultdict(int)
     for job in jobs:
-        states[job["state"]] += 1
-        if job["state"] not in TERMINAL:
-            found.fail(f"job {job['id']} is not terminal: {job['state']}")
-        elif job["state"] in ("failed", "cancelled") and not job["error"]:
-            found.fail(f"job {job['id']} ended {job['state']} without a reason")
-        elif job["state"] == "succeeded" and not (job["output_path"] and job["output_sha256"]):
-            found.fail(f"job {job['id']} succeeded without a recorded output")
+        states[job.state] += 1
+        if job.state not in TERMINAL:
+            found.fail(f"job {job.id} is not terminal: {job.state}")
+        elif job.state in ("failed", "cancelled") and not job.error:
+            found.fail(f"job {job.id} ended {job.state} without a reason")
+        elif job.state == "succeeded" and not (job.output_path and job.output_sha256):
+            found.fail(f"job {job.id} succeeded without a recorded output")
     lost = expected_jobs - sum(n for s, n in states.items() if s in TERMINAL)
     if len(jobs) != expected_jobs:
         found.fail(f"{len(jobs)} jobs stored, manifest has {expected_jobs}")
 
     # ------------------------------------------------------------------ history
     for job in jobs:
-        chain = history.get(job["id"], [])
+        chain = history.get(job.id, [])
         previous_state, previous_version = "pending", -1
         for ev in chain:
             if previous_state in TERMINAL:
-                found.fail(f"job {job['id']}: event {ev['from_state']}->{ev['to_state']} after terminal")
-            if ev["from_state"] != previous_state:
-                found.fail(
-                    f"job {job['id']}: event {ev['from_state']}->{ev['to_state']} after {previous_state}"
-                )
-            if ev["version"] <= previous_version:
-                found.fail(f"job {job['id']}: version {ev['version']} after {previous_version}")
-            previous_state, previous_version = ev["to_state"], ev["version"]
-        if previous_state != job["state"]:
-            found.fail(f"job {job['id']}: history ends in {previous_state}, the job is {job['state']}")
+                found.fail(f"job {job.id}: event {ev.from_state}->{ev.to_state} after terminal")
+            if ev.from_state != previous_state:
+                found.fail(f"job {job.id}: event {ev.from_state}->{ev.to_state} after {previous_state}")
+            if ev.version <= previous_version:
+                found.fail(f"job {job.id}: version {ev.version} after {previous_version}")
+            previous_state, previous_version = ev.to_state, ev.version
+        if previous_state != job.state:
+            found.fail(f"job {job.id}: history ends in {previous_state}, the job is {job.state}")
 
     # ------------------------------------------------------------------ I2
-    by_hash: dict[str, dict[str, Any]] = {}
+    by_hash: dict[str, JobRow] = {}
     for job in jobs:
-        sent = job["submitted_input"] if job["submitted_input"] is not None else job["input"]
+        sent = job.submitted_input if job.submitted_input is not None else job.input
         by_hash[canonical_sha256(sent)] = job
-    entries: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    entries: dict[str, list[EntryRecord]] = defaultdict(list)
     unmatched = 0
     for entry in ledger["entries"]:
-        job = by_hash.get(entry["input_sha256"])
-        if job is None:
+        matched = by_hash.get(entry["input_sha256"])
+        if matched is None:
             unmatched += 1
             continue
-        entries[job["id"]].append(entry)
+        entries[matched.id].append(entry)
     if unmatched:
         found.fail(f"{unmatched} accepted submit(s) match no job's input")
 
@@ -135,15 +207,15 @@ def check(
     extra_accepted = 0
     duplicate_paid = 0
     reported = 0
-    failures: list[dict[str, Any]] = []
+    failures: list[FailureExample] = []
     for job in jobs:
-        chain = history.get(job["id"], [])
-        unknown = sum(1 for ev in chain if ev["to_state"] == "submit_unknown")
+        chain = history.get(job.id, [])
+        unknown = sum(1 for ev in chain if ev.to_state == "submit_unknown")
         ambiguous_events += unknown
         ambiguous_jobs += bool(unknown)
-        reported += job["possible_duplicate_charges"]
-        reasons = " ".join(ev["reason"] or "" for ev in chain)
-        mine = entries.get(job["id"], [])
+        reported += job.possible_duplicate_charges
+        reasons = " ".join(ev.reason or "" for ev in chain)
+        mine = entries.get(job.id, [])
         known_failed = sum(
             1 for e in mine if e["request_id"] in reasons and e["outcome"] in KNOWN_FAILURE_OUTCOMES
         )
@@ -153,42 +225,38 @@ def check(
         duplicate_paid += max(0, paid - 1)
         if extra and not unknown:
             found.fail(
-                f"job {job['id']}: {len(mine)} accepted submits ({known_failed} known failures) "
+                f"job {job.id}: {len(mine)} accepted submits ({known_failed} known failures) "
                 "and no ambiguous outcome recorded"
             )
-        if extra > job["possible_duplicate_charges"]:
+        if extra > job.possible_duplicate_charges:
             found.fail(
-                f"job {job['id']}: {extra} extra accepted submit(s) but only "
-                f"{job['possible_duplicate_charges']} reported as possible duplicate charges"
+                f"job {job.id}: {extra} extra accepted submit(s) but only "
+                f"{job.possible_duplicate_charges} reported as possible duplicate charges"
             )
-        if paid > 1 and paid - 1 > job["possible_duplicate_charges"]:
-            found.fail(f"job {job['id']}: paid {paid} times, reported {job['possible_duplicate_charges']}")
-        if job["state"] != "succeeded" and len(failures) < 10:
+        if paid > 1 and paid - 1 > job.possible_duplicate_charges:
+            found.fail(f"job {job.id}: paid {paid} times, reported {job.possible_duplicate_charges}")
+        if job.state != "succeeded" and len(failures) < 10:
             failures.append(
-                {
-                    "job": job["id"][:12],
-                    "error": job["error"],
-                    "accepted_at_fal": len(mine),
-                    "history": [f"{ev['to_state']}: {ev['reason']}" for ev in chain],
-                }
+                FailureExample(
+                    job=job.id[:12],
+                    error=job.error,
+                    accepted_at_fal=len(mine),
+                    history=[f"{ev.to_state}: {ev.reason}" for ev in chain],
+                )
             )
-        if job["state"] == "succeeded" and not mine:
-            found.fail(f"job {job['id']} succeeded but fal never accepted its input")
+        if job.state == "succeeded" and not mine:
+            found.fail(f"job {job.id} succeeded but fal never accepted its input")
 
     # ------------------------------------------------------------------ I3
-    outputs = {
-        Path(j["output_path"]).resolve(): j for j in jobs if j["state"] == "succeeded" and j["output_path"]
-    }
+    outputs = {Path(j.output_path).resolve(): j for j in jobs if j.state == "succeeded" and j.output_path}
     for path, job in outputs.items():
         if not path.is_file():
-            found.fail(f"job {job['id']}: output {path} is missing")
-        elif path.stat().st_size != job["output_bytes"] or _sha256(path) != job["output_sha256"]:
-            found.fail(f"job {job['id']}: output {path} differs from its recorded size/sha256")
+            found.fail(f"job {job.id}: output {path} is missing")
+        elif path.stat().st_size != job.output_bytes or _sha256(path) != job.output_sha256:
+            found.fail(f"job {job.id}: output {path} differs from its recorded size/sha256")
         sidecar = path.with_suffix(".json")
-        if path.is_file() and (
-            not sidecar.is_file() or json.loads(sidecar.read_text())["job_id"] != job["id"]
-        ):
-            found.fail(f"job {job['id']}: sidecar {sidecar} missing or wrong")
+        if path.is_file() and (not sidecar.is_file() or json.loads(sidecar.read_text())["job_id"] != job.id):
+            found.fail(f"job {job.id}: sidecar {sidecar} missing or wrong")
     visible = [p for p in output_dir.rglob("*.mp4") if not p.name.startswith(".")]
     for path in visible:
         if path.resolve() not in outputs:
@@ -200,7 +268,7 @@ def check(
     if ledger["max_outstanding"] > allowed:
         found.fail(f"fal held {ledger['max_outstanding']} requests at once; the cap allows {allowed}")
 
-    found.figures.update(
+    figures = InvariantFigures(
         jobs=expected_jobs,
         stored=len(jobs),
         states=dict(sorted(states.items())),
@@ -214,9 +282,9 @@ def check(
         reported_possible_duplicates=reported,
         max_outstanding_at_fal=ledger["max_outstanding"],
         outstanding_cap=max_outstanding,
-        late_answers_recorded=sum(1 for ev in events if (ev["reason"] or "").startswith("late answer")),
+        late_answers_recorded=sum(1 for ev in events if (ev.reason or "").startswith("late answer")),
         hidden_temp_files_left=len(leftovers),
         events=len(events),
         unsuccessful_examples=failures,
     )
-    return found
+    return Findings(figures, found.messages)

@@ -22,16 +22,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import chaos_invariants as invariants
 import psycopg
 import redis
 import yaml
-from chaos_harness import REPO, PostgresServer, RedisServer, WorkerFleet
 
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
 from jobs import batches, db
 from jobs.settings import Settings
+from tests.chaos import chaos_invariants as invariants
+from tests.chaos.chaos_harness import REPO, PostgresServer, RedisServer, WorkerFleet
 
 FAL_KEY = "chaos-key-0b1f2e"
 REPORT_FILE = REPO / "bench" / "RESULTS-chaos.md"
@@ -101,6 +101,35 @@ class Context:
 Chaos = Callable[[Context], None]
 
 
+class ScenarioFigures(invariants.InvariantFigures):
+    """The invariants' figures plus what the scenario did: faults fired, kills, restarts."""
+
+    scenario: str
+    faults_fired: dict[str, int]
+    crash_point_exits: int
+    other_worker_exits: dict[str, int]
+    external_kills: int
+    external_stops: int
+    self_stops: int
+    resumes: int
+    worker_restarts: int
+    redis_restarts: int
+    postgres_crashes: int
+    orphaned_late_answers: int
+    notes: list[str]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ScenarioFindings:
+    """One scenario's figures and every invariant violation found (empty = all hold)."""
+
+    figures: ScenarioFigures
+    violations: list[str]
+    #: The workers' last log lines, when something went wrong (else empty).
+    worker_logs: str = ""
+
+
 def write_manifest(folder: Path, name: str, jobs: int) -> Path:
     """``jobs`` text-to-video jobs at 480p, each with a distinct pinned seed."""
     path = folder / f"{name}.yaml"
@@ -159,7 +188,7 @@ def run(
     resume_after: float = 5.0,
     timeout: float = 150.0,
     seed: int = 5,
-) -> invariants.Findings:
+) -> ScenarioFindings:
     """Run one scenario and return its findings (the caller asserts on them)."""
     started = time.monotonic()
     output = tmp_path / "outputs"
@@ -218,7 +247,7 @@ def run(
                 _settle(sim)
             ledger = sim.ledger()
             faults_fired = dict(sorted(ledger["faults"]["fired"].items()))
-            findings = invariants.check(
+            checked = invariants.check(
                 postgres.url,
                 ledger,
                 output,
@@ -227,9 +256,9 @@ def run(
                 policy=worker_env.get("WANBATCH_SUBMIT_UNKNOWN_POLICY", "fail"),
             )
             stats = fleet.stats
-            findings.figures = {
+            figures: ScenarioFigures = {
                 "scenario": name,
-                **findings.figures,
+                **checked.figures,
                 "faults_fired": faults_fired,
                 "crash_point_exits": stats.exits.get(137, 0),
                 "other_worker_exits": {str(k): v for k, v in stats.exits.items() if k not in (137, -9)},
@@ -244,8 +273,8 @@ def run(
                 "notes": ctx.notes,
                 "seconds": round(time.monotonic() - started, 1),
             }
-            if findings.violations or findings.figures["lost"]:
-                findings.figures["worker_logs"] = fleet.log_tail(30)
+            logs = fleet.log_tail(30) if checked.violations or figures["lost"] else ""
+            findings = ScenarioFindings(figures, checked.violations, logs)
     finally:
         redis_server.kill()
         postgres.destroy()
@@ -261,7 +290,7 @@ def _settle(sim: SimulatorHandle, timeout: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def _row(f: dict[str, Any]) -> str:
+def _row(f: ScenarioFigures) -> str:
     faults = ", ".join(f"{k} {v}" for k, v in f["faults_fired"].items()) or "—"
     kills = f"{f['crash_point_exits']} crash-point, {f['external_kills']} SIGKILL"
     stops = f"{f['external_stops'] + f['self_stops']} SIGSTOP"
@@ -283,14 +312,14 @@ HEADER = (
 )
 
 
-def report(tmp_path: Path, findings: invariants.Findings) -> None:
+def report(tmp_path: Path, findings: ScenarioFindings) -> None:
     """Figures to a file in the test's folder, to stdout, and optionally to bench/RESULTS-chaos.md."""
-    figures = {k: v for k, v in findings.figures.items() if k != "worker_logs"}
+    figures = findings.figures
     (tmp_path / "chaos-report.json").write_text(
         json.dumps({"figures": figures, "violations": findings.violations}, indent=2, default=str)
     )
     print("\n" + HEADER + "\n" + _row(figures))
-    if figures.get("notes"):
+    if figures["notes"]:
         print("notes: " + "; ".join(figures["notes"]))
     if findings.violations:
         print("VIOLATIONS:\n  " + "\n  ".join(findings.violations[:50]))
@@ -303,7 +332,7 @@ def report(tmp_path: Path, findings: invariants.Findings) -> None:
                 )
             stamp = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
             fh.write(f"\n## {figures['scenario']} — {stamp}\n\n{HEADER}\n{_row(figures)}\n")
-            if figures.get("notes"):
+            if figures["notes"]:
                 fh.write("\nNotes: " + "; ".join(figures["notes"]) + "\n")
             if findings.violations:
                 fh.write("\nViolations:\n" + "".join(f"- {v}\n" for v in findings.violations[:50]))

@@ -13,19 +13,17 @@ import random
 from pathlib import Path
 
 import pytest
-from chaos_invariants import Findings
-from chaos_scenario import Context, run
+
+from tests.chaos.chaos_scenario import Context, ScenarioFindings, run
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
 ALL_POINTS = "before_post:{p},after_post:{p},after_commit:{p},mid_download:{p},after_download:{p}"
 
 
-def _assert_holds(findings: Findings) -> None:
+def _assert_holds(findings: ScenarioFindings) -> None:
     figures = findings.figures
-    assert not findings.violations, (
-        "\n".join(findings.violations[:30]) + "\n" + figures.get("worker_logs", "")
-    )
+    assert not findings.violations, "\n".join(findings.violations[:30]) + "\n" + findings.worker_logs
     assert figures["lost"] == 0
     assert figures["stored"] == figures["jobs"]
 

@@ -28,9 +28,9 @@ import fal_client
 import httpx
 import pytest
 from fal_client.client import FalClientHTTPError
-from sample_inputs import INPUTS
 
 from falsim import SimulatorHandle, SimulatorOptions, running_simulator
+from tests.sample_inputs import INPUTS
 
 KEY = "sim-conformance-key"
 
@@ -43,7 +43,7 @@ def sim() -> Iterator[SimulatorHandle]:
 
 
 @pytest.fixture(scope="module")
-def fal(sim: SimulatorHandle) -> Iterator[Any]:
+def fal(sim: SimulatorHandle) -> Iterator[fal_client.SyncClient]:
     """A ``fal_client.SyncClient`` whose hosts point at the TLS simulator."""
     assert sim.ca_file is not None
     host = sim.url.removeprefix("https://")
@@ -72,7 +72,9 @@ def _download(sim: SimulatorHandle, url: str) -> bytes:
 
 
 @pytest.mark.parametrize("endpoint", sorted(INPUTS))
-def test_submit_events_get_status_handles_cancel(sim: SimulatorHandle, fal: Any, endpoint: str) -> None:
+def test_submit_events_get_status_handles_cancel(
+    sim: SimulatorHandle, fal: fal_client.SyncClient, endpoint: str
+) -> None:
     handle = fal.submit(endpoint, INPUTS[endpoint])
     assert handle.request_id
 
@@ -107,13 +109,13 @@ def test_submit_events_get_status_handles_cancel(sim: SimulatorHandle, fal: Any,
     assert err.value.status_code == 400  # ALREADY_COMPLETED
 
 
-def test_cancel_while_queued(sim: SimulatorHandle, fal: Any) -> None:
+def test_cancel_while_queued(sim: SimulatorHandle, fal: fal_client.SyncClient) -> None:
     sim.update_options(concurrency_limit=0)
     handle = fal.submit("fal-ai/wan-22", INPUTS["fal-ai/wan-22"])
     queued = handle.status()
     assert isinstance(queued, fal_client.Queued)
     assert queued.position == 0
-    assert handle.cancel() is None
+    assert handle.cancel() is None  # type: ignore[func-returns-value]  # typed None; it must not raise
     done = fal.status("fal-ai/wan-22", handle.request_id)
     assert isinstance(done, fal_client.Completed)
     assert done.error_type == "client_cancelled"
@@ -126,15 +128,21 @@ def test_cancel_while_queued(sim: SimulatorHandle, fal: Any) -> None:
     assert unknown.value.status_code == 404
 
 
-def test_queued_position_is_reported(sim: SimulatorHandle, fal: Any) -> None:
+def _position(handle: fal_client.SyncRequestHandle) -> int:
+    status = handle.status()
+    assert isinstance(status, fal_client.Queued)
+    return status.position
+
+
+def test_queued_position_is_reported(sim: SimulatorHandle, fal: fal_client.SyncClient) -> None:
     sim.update_options(concurrency_limit=0)
     handles = [fal.submit("fal-ai/wan-22", {**INPUTS["fal-ai/wan-22"], "seed": i}) for i in range(3)]
-    assert [h.status().position for h in handles] == [0, 1, 2]
+    assert [_position(h) for h in handles] == [0, 1, 2]
     sim.update_options(concurrency_limit=4)
     assert all(h.get(interval=0.02)["seed"] == i for i, h in enumerate(handles))
 
 
-def test_validation_error_is_a_422_at_result(fal: Any) -> None:
+def test_validation_error_is_a_422_at_result(fal: fal_client.SyncClient) -> None:
     bad = {**INPUTS["fal-ai/wan-i2v"], "num_frames": 500}
     handle = fal.submit("fal-ai/wan-i2v", bad)
     final = list(handle.iter_events(interval=0.02))[-1]
@@ -142,15 +150,16 @@ def test_validation_error_is_a_422_at_result(fal: Any) -> None:
     with pytest.raises(FalClientHTTPError) as err:
         handle.get(interval=0.02)
     assert err.value.status_code == 422
-    detail = err.value.message
+    detail: object = err.value.message  # typed str by fal_client; FastAPI-style details are a list
     assert isinstance(detail, list)
     assert detail[0]["loc"] == ["body", "num_frames"]
 
 
-def test_model_error_surfaces_error_type(sim: SimulatorHandle, fal: Any) -> None:
+def test_model_error_surfaces_error_type(sim: SimulatorHandle, fal: fal_client.SyncClient) -> None:
     sim.set_faults(model_error={"next": 1, "error_type": "runner_disconnected"})
     handle = fal.submit("fal-ai/wan-22", INPUTS["fal-ai/wan-22"])
     final = list(handle.iter_events(interval=0.02))[-1]
+    assert isinstance(final, fal_client.Completed)
     assert final.error_type == "runner_disconnected"
     with pytest.raises(FalClientHTTPError) as err:
         handle.get(interval=0.02)
@@ -158,7 +167,9 @@ def test_model_error_surfaces_error_type(sim: SimulatorHandle, fal: Any) -> None
     assert err.value.error_type == "runner_disconnected"
 
 
-def test_client_retries_nginx_502_but_not_a_dropped_accept(sim: SimulatorHandle, fal: Any) -> None:
+def test_client_retries_nginx_502_but_not_a_dropped_accept(
+    sim: SimulatorHandle, fal: fal_client.SyncClient
+) -> None:
     sim.set_faults(submit_502={"next": 1})
     fal.submit("fal-ai/wan-22", {**INPUTS["fal-ai/wan-22"], "seed": 1}).get(interval=0.02)
     ledger = sim.ledger()
@@ -175,7 +186,7 @@ def test_client_retries_nginx_502_but_not_a_dropped_accept(sim: SimulatorHandle,
     assert len(ledger["duplicates"][0]["request_ids"]) == 2
 
 
-def test_upload_then_use_as_input(sim: SimulatorHandle, fal: Any) -> None:
+def test_upload_then_use_as_input(sim: SimulatorHandle, fal: fal_client.SyncClient) -> None:
     import io
 
     from PIL import Image
@@ -201,8 +212,8 @@ def test_upload_then_use_as_input(sim: SimulatorHandle, fal: Any) -> None:
     assert digest[0] == digest[1]
 
 
-def test_async_client(sim: SimulatorHandle, fal: Any) -> None:
-    async def run() -> Any:
+def test_async_client(sim: SimulatorHandle, fal: fal_client.SyncClient) -> None:
+    async def run() -> dict[str, Any]:
         client = fal_client.AsyncClient(key=KEY)
         handle = await client.submit("wan/v2.6/image-to-video", INPUTS["wan/v2.6/image-to-video"])
         status = await handle.status(with_logs=True)

@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_helpers import EXAMPLES, FAL_KEY, FAST_ENV, MakeManifest, Wb, invoke, write_manifest
 
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
 from jobs.db import _engine_for
 from jobs.settings import get_settings
+from tests.e2e.e2e_helpers import EXAMPLES, FAL_KEY, FAST_ENV, MakeManifest, Wb, invoke, write_manifest
 
 
 def _clear_caches() -> None:

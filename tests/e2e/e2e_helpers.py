@@ -1,18 +1,13 @@
-"""Helpers shared by the end-to-end tests: run the CLI in process, read the database, write manifests.
-
-Imported by basename (pytest puts this folder on ``sys.path``, as for ``tests/integration``).
-"""
+"""Helpers shared by the end-to-end tests: run the CLI in process, read the database, write manifests."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -35,17 +30,6 @@ FAST_ENV = {
     "WANBATCH_SUBMIT_RATE": "200",
     "WANBATCH_MAX_OUTSTANDING": "40",
 }
-
-
-def bad_manifest_corpus() -> ModuleType:
-    """``tests/unit/test_bad_manifest_corpus.py``, loaded by path (its folder is no package)."""
-    path = REPO / "tests" / "unit" / "test_bad_manifest_corpus.py"
-    spec = importlib.util.spec_from_file_location("e2e_bad_manifest_corpus", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass

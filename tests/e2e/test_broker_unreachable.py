@@ -11,25 +11,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from e2e_helpers import MakeManifest, Wb, counts
 from sqlalchemy.exc import OperationalError
 
+from bench.distributed import claimed_redis_db, wanbatch_command
 from falsim.server import SimulatorHandle
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) leaves the repo root off the path
-    sys.path.insert(0, str(ROOT))
-
-# The Celery app is built once per process from the environment of its first import. Import it
-# now, at collection, so that it is not first imported inside a test that points
-# WANBATCH_BROKER_URL at a dead broker (every later embedded run of the session would use it).
-import worker.tasks  # noqa: E402, F401
-from bench.distributed import claimed_redis_db, wanbatch_command  # noqa: E402
+from tests.e2e.e2e_helpers import MakeManifest, Wb, counts
 
 #: Nothing listens on port 1 of the loopback: a refused connection, at once.
 DEAD_BROKER = "redis://127.0.0.1:1/0"

@@ -12,9 +12,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from e2e_helpers import MakeManifest, Wb, counts
 
 from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import MakeManifest, Wb, counts
 
 # 6 jobs × $0.20 = $1.20: a $5.00 cap lets every one through, a $1.00 cap exactly five.
 SIX_JOBS = """\

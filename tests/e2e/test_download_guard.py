@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from e2e_helpers import MakeManifest, Wb, export_jsonl
 
 from falsim.server import SimulatorHandle
 from jobs.settings import get_settings
+from tests.e2e.e2e_helpers import MakeManifest, Wb, export_jsonl
 
 ONE_JOB = """\
 name: guarded

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_helpers import FAL_KEY, FAST_ENV, MakeManifest, Run, Wb, export_jsonl
-from hostile import HostileProvider, drip, json_reply, nested_json, raw_reply, redirect, reset, sequence
-from hostile_fal import COMPLETED, FakeFal, sample_video
 
 from jobs.settings import get_settings
+from tests.e2e.e2e_helpers import FAL_KEY, FAST_ENV, MakeManifest, Run, Wb, export_jsonl
+from tests.hostile import HostileProvider, drip, json_reply, nested_json, raw_reply, redirect, reset, sequence
+from tests.hostile_fal import COMPLETED, FakeFal, sample_video
 
 TWO_JOBS = """\
 name: hostile

@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_helpers import FAST_ENV, MakeManifest, Wb, export_jsonl
-from hostile import HostileProvider, json_reply
 from sqlalchemy import create_engine, inspect, text
 
 from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import FAST_ENV, MakeManifest, Wb, export_jsonl
+from tests.hostile import HostileProvider, json_reply
 
 KEY = "5f0c1d9a-7e2b-4c3d-8a9b-0c1d2e3f4a5b:4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b"
 

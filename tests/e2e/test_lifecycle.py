@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import MakeManifest, Wb, counts, export_jsonl
 
 from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import MakeManifest, Wb, counts, export_jsonl
 
 # No seeds: the provider picks them, so reproducing the outputs needs the seeds it returned.
 TWO_JOBS = """\

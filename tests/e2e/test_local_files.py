@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from e2e_helpers import EXAMPLES, MakeManifest, Wb, counts
 
 from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import EXAMPLES, MakeManifest, Wb, counts
 
 LEAKY = """\
 name: leaky

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from e2e_helpers import MakeManifest, Wb, db_rows
-
 from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import MakeManifest, Wb, db_rows
 
 OTHER = """name: big-other-batch
 endpoint: fal-ai/wan-22

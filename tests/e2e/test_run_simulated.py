@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import EXAMPLES, FAL_KEY, Wb, export_jsonl
 from sqlalchemy import create_engine, inspect, text
 
 from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import EXAMPLES, FAL_KEY, Wb, export_jsonl
 
 CONTRACT_COLUMNS = {
     "job_id",

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import FAL_KEY, MakeManifest, db_rows
 from sqlalchemy.exc import OperationalError
 
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
 from falsim.storage import StoredFile
+from tests.e2e.e2e_helpers import FAL_KEY, MakeManifest, db_rows
 
 JOBS = 8
 

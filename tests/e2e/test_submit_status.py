@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from e2e_helpers import Wb, counts
+
+from tests.e2e.e2e_helpers import Wb, counts
 
 STATUS_KEYS = {"batch", "name", "total", "counts", "estimated_usd", "spent_usd", "possible_duplicate_charges"}
 

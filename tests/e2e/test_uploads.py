@@ -6,10 +6,10 @@ import hashlib
 import os
 
 import pytest
-from e2e_helpers import MakeManifest, Wb, db_rows, export_jsonl
 
 from falsim.server import SimulatorHandle
 from jobs.settings import get_settings
+from tests.e2e.e2e_helpers import MakeManifest, Wb, db_rows, export_jsonl
 
 SAME_IMAGE_TWICE = """\
 name: uploads

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2e_helpers import EXAMPLES
+
+from tests.e2e.e2e_helpers import EXAMPLES
 
 WANBATCH = str(Path(sys.executable).with_name("wanbatch"))
 QUICKSTART = EXAMPLES / "quickstart.yaml"

@@ -11,34 +11,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from e2e_helpers import EXAMPLES, MakeManifest, Run, Wb, bad_manifest_corpus, counts
 
-CORPUS = bad_manifest_corpus()
-CORPUS_FILES: list[Path] = CORPUS.CORPUS_FILES
-_expectations = CORPUS._expectations
-generated_bad_manifests = CORPUS.generated_bad_manifests
-
-
-def _wanted(path: Path, expect: dict[str, str]) -> list[str]:
-    """The substrings the corpus says the error must carry (as in the unit corpus test)."""
-    line = expect.get("line", expect.get("marked"))
-    file_name = expect.get("in", path.name)
-    wanted = [expect["expect"], f"{file_name}:{line}" if line else path.name]
-    if "item" in expect:
-        wanted.append(f"item {expect['item']}")
-    if "field" in expect:
-        wanted.append(f"field {expect['field']!r}")
-    return wanted
+from tests.e2e.e2e_helpers import EXAMPLES, MakeManifest, Run, Wb, counts
+from tests.unit.bad_manifest_corpus import CORPUS_FILES, expectations, generated_bad_manifests, wanted
 
 
 def _assert_refused(run: Run, path: Path, expect: dict[str, str]) -> None:
     assert run.code == 2, f"{path.name}: exit {run.code}\n{run.stdout}\n{run.stderr}"
     both = run.stdout + run.stderr
     assert "Traceback" not in both, both
-    wanted = _wanted(path, expect)
+    must = wanted(path, expect)
     lines = run.stderr.splitlines()
-    assert any(all(w in line for w in wanted) for line in lines), (
-        f"{path.name}: no stderr line mentions all of {wanted}; stderr:\n{run.stderr}"
+    assert any(all(w in line for w in must) for line in lines), (
+        f"{path.name}: no stderr line mentions all of {must}; stderr:\n{run.stderr}"
     )
 
 
@@ -67,7 +52,7 @@ def refusal_db(shared_sqlite: str, monkeypatch: pytest.MonkeyPatch, wb: Wb) -> I
 
 @pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: p.stem)
 def test_bad_manifest_refused_by_validate_and_submit(path: Path, wb: Wb, refusal_db: str) -> None:
-    expect = _expectations(path)
+    expect = expectations(path)
     _assert_refused(wb("validate", path), path, expect)
     submitted = wb("submit", path)
     _assert_refused(submitted, path, expect)
@@ -118,7 +103,7 @@ def test_bad_manifest_submit_writes_nothing_on_postgresql(
     assert wb("status", "--json").code == 0
     before = counts(module_pg)
     assert before == (0, 0)
-    _assert_refused(wb("submit", path), path, _expectations(path))
+    _assert_refused(wb("submit", path), path, expectations(path))
     assert counts(module_pg) == (0, 0)
 
 

@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from PIL import Image
-from sample_inputs import INPUTS  # noqa: F401 - the simulator tests import it from here
 
 AUTH = {"Authorization": "Key sim-test-key"}
 

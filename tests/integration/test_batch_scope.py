@@ -19,6 +19,7 @@ from jobs import db, store
 from jobs.models import utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
+from tests.step_runtime import add_batch, job_ids, make_runtime
 from worker.steps import Runtime, dispatch, schedule_downloads
 from worker.steps.context import DOWNLOAD_QUEUE
 
@@ -26,39 +27,17 @@ S = JobState
 
 
 def _runtime(engine: Engine, sent: list[str], batch_ids: frozenset[str] | None, **settings: Any) -> Runtime:
+    """Dispatch and scheduling hand each job to ``sent`` (neither calls fal)."""
     config = Settings(submit_rate=1000, max_outstanding=10, **settings)
-    return Runtime(
-        engine=engine,
-        client=None,  # type: ignore[arg-type]  # dispatch and scheduling never call fal
-        settings=config,
-        enqueue_submit=sent.append,
-        enqueue_download=sent.append,
-        media=None,  # type: ignore[arg-type]
-        batch_ids=batch_ids,
+    return make_runtime(
+        engine, config, enqueue_submit=sent.append, enqueue_download=sent.append, batch_ids=batch_ids
     )
 
 
 def _batch(engine: Engine, name: str, n: int) -> tuple[str, list[str]]:
-    with db.session_scope(engine) as session:
-        batch, _ = store.get_or_create_batch(
-            session, name=name, manifest_path="m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
-        )
-        store.add_jobs(
-            session,
-            batch.id,
-            [
-                store.NewJob(
-                    key=f"{i:064x}",
-                    item_index=i,
-                    endpoint="fal-ai/wan-22",
-                    input={"prompt": f"{name} {i}"},
-                    est_billing_units=Decimal(1),
-                    est_usd=Decimal("0.1"),
-                )
-                for i in range(n)
-            ],
-        )
-        return batch.id, [j.id for j in store.jobs_of_batch(session, batch.id)]
+    jobs = [("fal-ai/wan-22", {"prompt": f"{name} {i}"}) for i in range(n)]
+    batch_id = add_batch(engine, name, jobs, est_billing_units=Decimal(1), est_usd=Decimal("0.1"))
+    return batch_id, job_ids(engine, batch_id)
 
 
 def _states(engine: Engine, batch_id: str) -> dict[str, int]:

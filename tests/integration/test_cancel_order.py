@@ -14,13 +14,13 @@ from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, func, select
-from step_runtime import add_batch, job_states, make_runtime, settings_for, wait_until
 
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
 from jobs import db, store
 from jobs.models import BatchState, Job, JobEvent, utcnow
 from jobs.states import JobState
+from tests.step_runtime import add_batch, job_states, make_runtime, settings_for, wait_until
 from worker.steps import cancel_jobs_of_cancelled_batches, dispatch, poll, submit
 
 S = JobState

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 
 from cli import cli
 from cli.output import money_line
+from falsim.ledger import LedgerReport
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
 from jobs import batches, db, store
@@ -98,7 +99,7 @@ def _manifest(folder: Path, body: str) -> Path:
     return path
 
 
-def _billed_by_endpoint(ledger: dict[str, Any]) -> dict[str, Decimal]:
+def _billed_by_endpoint(ledger: LedgerReport) -> dict[str, Decimal]:
     out: dict[str, Decimal] = {}
     for entry in ledger["entries"]:
         if entry["billed"]:

@@ -16,6 +16,7 @@ from jobs import db, store
 from jobs.models import utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
+from tests.step_runtime import add_batch, job_ids, make_runtime
 from worker.limits import api_key_id
 from worker.steps import Runtime, dispatch
 
@@ -23,35 +24,15 @@ S = JobState
 
 
 def _runtime(engine: Engine, sent: list[str], **settings: Any) -> Runtime:
+    """Dispatch hands each claimed job to ``sent`` (it never calls fal)."""
     config = Settings(submit_rate=1000, max_outstanding=10, **settings)
-    return Runtime(
-        engine=engine,
-        client=None,  # type: ignore[arg-type]  # dispatch never calls fal
-        settings=config,
-        enqueue_submit=sent.append,
-        enqueue_download=lambda _job_id: None,
-        media=None,  # type: ignore[arg-type]
-    )
+    return make_runtime(engine, config, enqueue_submit=sent.append)
 
 
 def _batch_of(engine: Engine, n: int) -> list[str]:
-    with db.session_scope(engine) as session:
-        batch, _ = store.get_or_create_batch(
-            session, name="dispatch", manifest_path="m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
-        )
-        jobs = [
-            store.NewJob(
-                key=f"{i:064x}",
-                item_index=i,
-                endpoint="fal-ai/wan-22",
-                input={"prompt": f"p{i}"},
-                est_billing_units=Decimal(1),
-                est_usd=Decimal("0.1"),
-            )
-            for i in range(n)
-        ]
-        store.add_jobs(session, batch.id, jobs)
-        return [j.id for j in store.jobs_of_batch(session, batch.id)]
+    jobs = [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(n)]
+    batch_id = add_batch(engine, "dispatch", jobs, est_billing_units=Decimal(1), est_usd=Decimal("0.1"))
+    return job_ids(engine, batch_id)
 
 
 def _at_fal(engine: Engine, job_ids: list[str], state: JobState, waited: float) -> None:
@@ -119,5 +100,5 @@ def test_the_outstanding_cap_is_per_api_key(engine: Engine) -> None:
     with db.session_scope(engine) as session:
         mine = {store.get_job(session, job_id).api_key_id for job_id in sent}
     assert mine == {api_key_id(rt.settings)}
-    assert "key-of-this-deployment" not in next(iter(mine))
+    assert "key-of-this-deployment" not in str(next(iter(mine)))
     assert dispatch(rt) == []  # and now this key's cap is full

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,11 +26,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) leaves the repo root off the path
-    sys.path.insert(0, str(ROOT))
-
-from bench.distributed import (  # noqa: E402
+from bench.distributed import (
     Outcome,
     Scenario,
     claimed_redis_db,
@@ -119,6 +114,7 @@ def test_outputs_match_database_export_and_simulator(outcome: Outcome) -> None:
             video = outcome.output_dir / video
         assert video.is_file(), video
         assert output_path is not None
+        assert request_id is not None
         assert Path(output_path).resolve() == video.resolve()
         real = hashlib.sha256(video.read_bytes()).hexdigest()
         assert real == db_sha == rec["video_sha256"] == served[request_id]["output_sha256"]

@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) leaves the repo root off the path
-    sys.path.insert(0, str(ROOT))
-
-from bench.distributed import (  # noqa: E402
+from bench.distributed import (
     Scenario,
     claimed_redis_db,
     environment,
@@ -29,7 +24,7 @@ from bench.distributed import (  # noqa: E402
     wanbatch_command,
     write_manifest,
 )
-from falsim import SimulatorOptions, running_simulator  # noqa: E402
+from falsim import SimulatorOptions, running_simulator
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 

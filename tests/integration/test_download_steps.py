@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile import HostileProvider, drip, raw_reply, wait_for
-from hostile_fal import FakeFal
 from sqlalchemy import Engine
-from step_runtime import add_batch, make_runtime, settings_for, wait_until
 
 from jobs import db, store
 from jobs.models import utcnow
 from jobs.states import JobState
+from tests.hostile import HostileProvider, drip, raw_reply, wait_for
+from tests.hostile_fal import FakeFal
+from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
 from worker.steps import Runtime, dispatch, download, poll, submit
 
 KEY = "download-steps-key-41c9"

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 from pydantic import SecretStr
-from sliding_window import max_in_window
 
 from jobs.settings import Settings
+from tests.sliding_window import max_in_window
 from worker.limits import (
     LimiterUnavailableError,
     LocalGCRA,

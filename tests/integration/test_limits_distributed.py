@@ -19,25 +19,20 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import httpx
 import pytest
-from sliding_window import max_in_window
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.distributed import (  # noqa: E402
+from bench.distributed import (
     TERMINAL,
     Scenario,
+    batch_status,
     claimed_redis_db,
     environment,
     run_cli,
@@ -46,6 +41,13 @@ from bench.distributed import (  # noqa: E402
     tail,
     write_manifest,
 )
+from falsim.ledger import EntryRecord, LedgerReport
+from falsim.options import SimulatorOptions
+from falsim.server import running_simulator
+from jobs.batches import BatchReport
+from tests.integration.sim_helpers import AUTH, png_data_uri, wait_completed
+from tests.sample_inputs import INPUTS
+from tests.sliding_window import max_in_window
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
@@ -88,11 +90,18 @@ def allowed_span(durations: list[float], rate: float = RATE, cap: int = CAP) -> 
     return max(ends) - starts[0]
 
 
-def max_outstanding(entries: list[dict[str, Any]]) -> int:
+def completed_at(entry: EntryRecord) -> float:
+    """When fal completed the request (every request of a finished run has completed)."""
+    done = entry["completed_at"]
+    assert done is not None, f"request {entry['request_id']} never completed at fal"
+    return done
+
+
+def max_outstanding(entries: list[EntryRecord]) -> int:
     """Most requests fal held at once, from the ledger's accept/complete times."""
     events = sorted(
         [(e["accepted_at"], 1) for e in entries]
-        + [(e["completed_at"], -1) for e in entries if e["completed_at"]],
+        + [(done, -1) for e in entries if (done := e["completed_at"])],
         key=lambda ev: (ev[0], ev[1]),  # a completion at the same instant frees its slot first
     )
     held = best = 0
@@ -106,10 +115,6 @@ def _warm_up(url: str) -> None:
     """One request per endpoint first, so the simulator's own cold start (rendering the first
     videos of each geometry, in this process) does not stall its accept loop during the run and
     bunch the acceptance times it records — that would measure the simulator, not the limiter."""
-    import httpx
-
-    from tests.integration.sim_helpers import AUTH, INPUTS, png_data_uri, wait_completed
-
     with httpx.Client(headers=AUTH, timeout=30) as client:
         for endpoint, body in INPUTS.items():
             payload = {k: (png_data_uri() if k.endswith("image_url") else v) for k, v in body.items()}
@@ -128,8 +133,8 @@ def _counts(engine: Engine, batch_id: str) -> dict[str, int]:
 
 @dataclass
 class Run:
-    report: dict[str, Any]
-    ledger: dict[str, Any]
+    report: BatchReport
+    ledger: LedgerReport
     span: float
     killed_at: float | None
 
@@ -142,9 +147,6 @@ def _run(
     kill_after: float | None = None,
     lease: float = 120.0,
 ) -> Run:
-    from falsim.options import SimulatorOptions
-    from falsim.server import running_simulator
-
     out, logs = workdir / "outputs", workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     manifest = write_manifest(workdir, SCENARIO.jobs, name="limits")
@@ -183,22 +185,22 @@ def _run(
                 raise AssertionError(f"not finished in {SCENARIO.timeout}s: {counts}")
         finally:
             stop_processes(procs)
-        report = run_cli(["status", batch_id, "--json"], env, workdir)
+        report = batch_status(batch_id, env, workdir)
         ledger = sim.ledger()
     entries = ledger["entries"]
-    span = max(e["completed_at"] for e in entries) - min(e["accepted_at"] for e in entries)
+    span = max(completed_at(e) for e in entries) - min(e["accepted_at"] for e in entries)
     return Run(report, ledger, span, killed_at)
 
 
 @pytest.fixture
-def broker(redis_url: str) -> Any:
+def broker(redis_url: str) -> Iterator[str]:
     with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as url:
         yield url
 
 
 def _durations(run: Run) -> list[float]:
     entries = sorted(run.ledger["entries"], key=lambda e: e["accepted_at"])
-    return [e["completed_at"] - e["accepted_at"] for e in entries]
+    return [completed_at(e) - e["accepted_at"] for e in entries]
 
 
 def _check_limits(run: Run) -> None:

@@ -21,7 +21,7 @@ from jobs.models import Base
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def empty_engine(
-    request: pytest.FixtureRequest, tmp_path: Any, new_pg_database: Callable[[], str]
+    request: pytest.FixtureRequest, tmp_path: Path, new_pg_database: Callable[[], str]
 ) -> Iterator[Engine]:
     """An engine on a brand-new, empty database (migration tests must not share one)."""
     url = f"sqlite:///{tmp_path / 'm.db'}" if request.param == "sqlite" else new_pg_database()
@@ -31,6 +31,7 @@ def empty_engine(
 
 
 def drift(engine: Engine, metadata: MetaData = Base.metadata) -> list[Any]:
+    """Alembic's autogenerate diffs (tuples, or lists of them, of mixed shapes: alembic types them Any)."""
     with engine.connect() as conn:
         context = MigrationContext.configure(
             conn, opts={"compare_type": True, "compare_server_default": True}
@@ -77,7 +78,7 @@ def test_migrate_is_a_repeatable_no_op(empty_engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
-def test_concurrent_migrate(dialect: str, tmp_path: Any, new_pg_database: Callable[[], str]) -> None:
+def test_concurrent_migrate(dialect: str, tmp_path: Path, new_pg_database: Callable[[], str]) -> None:
     """Several processes starting at once must not trip over each other (advisory/write lock)."""
     url = f"sqlite:///{tmp_path / 'c.db'}" if dialect == "sqlite" else new_pg_database()
     engines = [make_engine(url) for _ in range(4)]
@@ -90,7 +91,7 @@ def test_concurrent_migrate(dialect: str, tmp_path: Any, new_pg_database: Callab
             engine.dispose()
 
 
-def test_alembic_command_line_uses_the_configured_database(tmp_path: Any) -> None:
+def test_alembic_command_line_uses_the_configured_database(tmp_path: Path) -> None:
     """Operators can run ``alembic -c migrations/alembic.ini upgrade head``; it reads the settings."""
     db = tmp_path / "cli.db"
     ini = alembic_config().config_file_name

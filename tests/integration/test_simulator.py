@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import time
@@ -11,10 +12,11 @@ from typing import Any
 import av
 import httpx
 import pytest
-from sim_helpers import AUTH, INPUTS, png_data_uri, wait_completed
 
 from falsim import SimulatorHandle, SimulatorOptions, running_simulator
 from jobs.endpoints import get_endpoint
+from tests.integration.sim_helpers import AUTH, png_data_uri, wait_completed
+from tests.sample_inputs import INPUTS
 
 FAST = {"latency_seconds": 0.05, "latency_jitter": 0.0, "concurrency_limit": 4, "rng_seed": 7}
 
@@ -22,16 +24,12 @@ FAST = {"latency_seconds": 0.05, "latency_jitter": 0.0, "concurrency_limit": 4, 
 @pytest.fixture
 def make_sim() -> Iterator[Callable[..., SimulatorHandle]]:
     """Start simulators with FAST options (overridable); all are stopped after the test."""
-    with_stack: list[Any] = []
+    with contextlib.ExitStack() as stack:
 
-    def make(**overrides: Any) -> SimulatorHandle:
-        cm = running_simulator(SimulatorOptions(**{**FAST, **overrides}))
-        with_stack.append(cm)
-        return cm.__enter__()
+        def make(**overrides: Any) -> SimulatorHandle:
+            return stack.enter_context(running_simulator(SimulatorOptions(**{**FAST, **overrides})))
 
-    yield make
-    for cm in reversed(with_stack):
-        cm.__exit__(None, None, None)
+        yield make
 
 
 @pytest.fixture
@@ -46,7 +44,7 @@ def client() -> Iterator[httpx.Client]:
 
 
 def submit(
-    client: httpx.Client, sim: SimulatorHandle, endpoint: str, payload: Any, **kw: Any
+    client: httpx.Client, sim: SimulatorHandle, endpoint: str, payload: object, **kw: Any
 ) -> dict[str, Any]:
     resp = client.post(f"{sim.url}/{endpoint}", json=payload, **kw)
     assert resp.status_code == 200, resp.text
@@ -90,7 +88,7 @@ def test_full_lifecycle_per_endpoint(sim: SimulatorHandle, client: httpx.Client,
     head = httpx.head(video["url"])
     assert head.status_code == 200
     assert int(head.headers["content-length"]) == video["file_size"]
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), mode="r") as container:
         stream = container.streams.video[0]
         frames = sum(1 for _ in container.decode(stream))
         width, height, fps = stream.width, stream.height, stream.average_rate
@@ -406,7 +404,10 @@ def test_concurrency_limit_priority_and_ledger(
     assert sum(ledger["submits_per_second"].values()) == 7
     assert ledger["max_submits_per_second"] >= 1
     by_id = {e["request_id"]: e for e in ledger["entries"]}
-    assert by_id[late["request_id"]]["started_at"] <= by_id[low["request_id"]]["started_at"]
+    late_start, low_start = by_id[late["request_id"]]["started_at"], by_id[low["request_id"]]["started_at"]
+    assert late_start is not None
+    assert low_start is not None
+    assert late_start <= low_start
 
 
 def test_control_api_over_http(sim: SimulatorHandle, client: httpx.Client) -> None:

@@ -9,9 +9,10 @@ from typing import Any
 
 import httpx
 import pytest
-from sim_helpers import AUTH, INPUTS, verify_webhook, wait_completed, webhook_receiver
 
 from falsim import SimulatorHandle, SimulatorOptions, running_simulator
+from tests.integration.sim_helpers import AUTH, verify_webhook, wait_completed, webhook_receiver
+from tests.sample_inputs import INPUTS
 
 EP = "fal-ai/wan-22"
 PAYLOAD = INPUTS[EP]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import httpx
 import pytest
-from hostile import HostileProvider, drip, raw_reply
-from hostile_fal import sample_video
 
 from jobs.errors import FinalProviderError, RetryableProviderError, StateConflict
+from tests.hostile import HostileProvider, drip, raw_reply
+from tests.hostile_fal import sample_video
 from worker.fal.storage import (
     DownloadPolicy,
     download,
@@ -43,14 +43,35 @@ def test_internal_addresses_are_recognised(address: str, kind: str | None) -> No
     assert internal_address_kind(address) == kind
 
 
+#: One answer of ``socket.getaddrinfo`` (family, type, proto, canonical name, socket address).
+AddressInfo = (
+    tuple[Literal[socket.AddressFamily.AF_INET], socket.SocketKind, int, str, tuple[str, int]]
+    | tuple[
+        Literal[socket.AddressFamily.AF_INET6],
+        socket.SocketKind,
+        int,
+        str,
+        tuple[str, int, int, int] | tuple[int, bytes],
+    ]
+)
+
+
 def fake_dns(monkeypatch: pytest.MonkeyPatch, answers: dict[str, list[str]]) -> None:
     """Answer getaddrinfo for made-up names (other names resolve as usual)."""
     real = socket.getaddrinfo
 
-    def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if host in answers:
+    def getaddrinfo(
+        host: bytes | str | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[AddressInfo]:
+        if isinstance(host, str) and host in answers:
+            assert isinstance(port, int)
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in answers[host]]
-        return real(host, port, *args, **kwargs)
+        return real(host, port, family, type, proto, flags)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 

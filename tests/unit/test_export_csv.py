@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def test_write_file_is_atomic(tmp_path: Path) -> None:
     target = tmp_path / "out.csv"
     target.write_text("previous export\n")
 
-    def rows() -> Any:
+    def rows() -> Iterator[dict[str, Any]]:
         yield _row()
         raise OSError(28, "No space left on device")
 

@@ -7,7 +7,8 @@ import time
 
 import httpx
 import pytest
-from hostile import (
+
+from tests.hostile import (
     HostileProvider,
     drip,
     endless,

@@ -7,6 +7,7 @@ import shutil
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 from PIL import Image
@@ -144,7 +145,7 @@ def test_all_issues_are_collected_in_one_pass(folder: Path) -> None:
         "  - promt: c\n    image_url: a.png\n",
     )
     report = validate_manifest(path)
-    items = sorted({i.item for i in report.errors})
+    items = sorted({i.item for i in report.errors}, key=lambda item: -1 if item is None else item)
     assert items == [0, 1, 2]
     assert [i.line for i in report.issues] == sorted(i.line or 0 for i in report.issues)
     assert report.job_count == 3
@@ -550,9 +551,16 @@ def test_an_outside_file_is_never_opened(tmp_path: Path, monkeypatch: pytest.Mon
     opened: list[str] = []
     real_open = Path.open
 
-    def spy(self: Path, *args: object, **kwargs: object) -> object:
+    def spy(
+        self: Path,
+        mode: str = "r",
+        buffering: int = -1,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> IO[Any]:
         opened.append(str(self))
-        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+        return real_open(self, mode, buffering, encoding, errors, newline)
 
     monkeypatch.setattr(Path, "open", spy)
     path = write(

@@ -41,7 +41,7 @@ from jobs.errors import (
     UsageError,
     WanbatchError,
 )
-from jobs.settings import Settings, get_settings
+from jobs.settings import FalSettings
 from worker.fal.errors import (
     ProviderProtocolError,
     SendTrace,
@@ -114,7 +114,7 @@ class FalClient:
     @classmethod
     def from_settings(
         cls,
-        settings: Settings | None = None,
+        settings: FalSettings,
         *,
         key: str | None = None,
         transport: httpx.BaseTransport | None = None,
@@ -122,9 +122,8 @@ class FalClient:
         retry: RetryPolicy | None = None,
         sleep: Sleep = DEFAULT_SLEEP,
     ) -> FalClient:
-        """A client configured from :class:`Settings`; a missing FAL_KEY is a ConfigError unless
+        """A client configured from :class:`FalSettings`; a missing FAL_KEY is a ConfigError unless
         ``allow_missing_key`` (the simulator), in which case any configured key is still sent."""
-        settings = settings or get_settings()
         if key is None:
             if allow_missing_key:
                 key = settings.fal_key.get_secret_value() if settings.fal_key else None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from jobs.settings import Settings
+from jobs.settings import FalSettings
 
 USER_AGENT = "wanbatch (httpx)"
 
@@ -51,7 +51,7 @@ class FalKeyAuth(httpx.Auth):
         yield request
 
 
-def timeout_from(settings: Settings) -> httpx.Timeout:
+def timeout_from(settings: FalSettings) -> httpx.Timeout:
     """Explicit per-phase timeouts: a stalled TLS read must never hang a worker forever."""
     return httpx.Timeout(
         connect=settings.connect_timeout,

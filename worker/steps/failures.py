@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from jobs import billing, store
 from jobs.errors import AccountLockedError, ProviderError, RetryableProviderError
 from jobs.models import BatchState, Job
-from jobs.settings import Settings
+from jobs.settings import RetrySettings, Settings
 from jobs.store import Fence
 from worker.fal.errors import format_detail
 from worker.steps.context import Runtime, in_seconds
@@ -19,9 +19,10 @@ from worker.steps.context import Runtime, in_seconds
 log = logging.getLogger(__name__)
 
 
-def backoff(settings: Settings, attempt: int) -> float:
-    delay = settings.retry_base_delay * (2 ** max(0, attempt - 1))
-    return float(min(settings.retry_max_delay, delay))
+def backoff(retry: RetrySettings, attempt: int) -> float:
+    """Seconds before ``attempt`` is tried again: base × 2^(attempt-1), capped."""
+    delay = retry.retry_base_delay * (2 ** max(0, attempt - 1))
+    return float(min(retry.retry_max_delay, delay))
 
 
 def describe(exc: ProviderError) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
+from sqlalchemy.orm import Session
+
 from jobs import billing, db, store
 from jobs.errors import (
     AccountLockedError,
@@ -14,7 +16,7 @@ from jobs.errors import (
     WanbatchError,
 )
 from jobs.models import utcnow
-from jobs.settings import Settings
+from jobs.settings import TickSettings
 from jobs.store import Fence
 from worker.fal.errors import ProviderProtocolError
 from worker.fal.models import RequestHandle, Status
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_ERROR_LIMIT = 5
 
 
-def _next_poll(settings: Settings, submitted_at: datetime | None, now: datetime) -> datetime:
+def _next_poll(settings: TickSettings, submitted_at: datetime | None, now: datetime) -> datetime:
     """Poll often at first, then back off as the job waits (a quarter of the time waited)."""
     waited = (now - submitted_at).total_seconds() if submitted_at else 0.0
     interval = min(settings.poll_max_interval, max(settings.poll_min_interval, waited / 4))
@@ -145,6 +147,49 @@ def _cancel_outcome(status: Status) -> billing.Outcome:
     return billing.classify_failure(None, status.error_type, status.metrics)
 
 
+def record_completion(
+    session: Session,
+    fence: Fence,
+    status: Status,
+    *,
+    now: datetime,
+    download_queued_until: datetime | None = None,
+) -> bool:
+    """fal says the request is COMPLETED (a status answer or a webhook): the job goes on to
+    ``downloading`` — or, being cancelled and ended by the cancel, to ``cancelled``.
+
+    Compare-and-set on ``fence``, so a poll and a webhook racing each other are harmless.
+    ``download_queued_until``: the caller queues the download itself once this commits (the
+    job is leased to :data:`DOWNLOAD_QUEUE` until then); None leaves it unleased for the
+    tick's ``schedule_downloads``. True when the caller must now queue the download.
+    """
+    if fence.state == S.CANCELLING and status.failed:
+        job = store.get_job(session, fence.job_id)
+        store.mark_cancelled(
+            session,
+            fence,
+            reason=f"cancelled at fal ({status.error_type or status.error})",
+            error="cancelled by user",
+            error_type=status.error_type,
+            completed_at=now,
+            provider_metrics=status.metrics or None,
+            **billed(job, _cancel_outcome(status)),
+        )
+        return False
+    queued = download_queued_until is not None
+    moved = store.mark_completed(
+        session,
+        fence,
+        completed_at=now,
+        provider_metrics=status.metrics or None,
+        error=status.error,
+        error_type=status.error_type,
+        lease_owner=DOWNLOAD_QUEUE if queued else None,
+        lease_expires_at=download_queued_until,
+    )
+    return moved and queued
+
+
 def _apply_status(
     rt: Runtime,
     fence: Fence,
@@ -156,30 +201,8 @@ def _apply_status(
     now = utcnow()
     with db.session_scope(rt.engine) as session:
         if status.completed:
-            if fence.state == S.CANCELLING and status.failed:
-                job = store.get_job(session, fence.job_id)
-                store.mark_cancelled(
-                    session,
-                    fence,
-                    reason=f"cancelled at fal ({status.error_type or status.error})",
-                    error="cancelled by user",
-                    error_type=status.error_type,
-                    completed_at=now,
-                    provider_metrics=status.metrics or None,
-                    **billed(job, _cancel_outcome(status)),
-                )
-                return
-            moved = store.mark_completed(
-                session,
-                fence,
-                completed_at=now,
-                provider_metrics=status.metrics or None,
-                error=status.error,
-                error_type=status.error_type,
-                lease_owner=DOWNLOAD_QUEUE if download else None,
-                lease_expires_at=rt.lease_until(now) if download else None,
-            )
-            if moved and download:
+            queued_until = rt.lease_until(now) if download else None
+            if record_completion(session, fence, status, now=now, download_queued_until=queued_until):
                 session.commit()
                 rt.enqueue_download(fence.job_id)
             return

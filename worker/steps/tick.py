@@ -11,6 +11,7 @@ from worker.steps.dispatch import dispatch
 from worker.steps.download import schedule_downloads
 from worker.steps.poll import poll
 from worker.steps.reconcile import cancel_jobs_of_cancelled_batches, reconcile
+from worker.steps.webhooks import apply_pending
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 class TickReport:
     """What one tick did (for logs, progress and benchmarks)."""
 
+    webhooks: int = 0
     reconciled: int = 0
     status_calls: int = 0
     dispatched: int = 0
@@ -26,7 +28,10 @@ class TickReport:
 
 
 def tick(rt: Runtime, stopping: threading.Event | None = None) -> TickReport:
-    """One round of periodic work: reconcile, poll, dispatch, schedule downloads.
+    """One round of periodic work: apply stored webhooks, reconcile, poll, dispatch, schedule downloads.
+
+    Stored webhooks come first: a delivery that proves an ambiguous submit was accepted must be
+    applied before the reconciler would settle that submit by its policy.
 
     ``stopping`` is checked between steps: once it is set (Ctrl-C) the round ends without
     claiming anything more, even when a slow status call kept it busy meanwhile.
@@ -36,6 +41,7 @@ def tick(rt: Runtime, stopping: threading.Event | None = None) -> TickReport:
     def go_on() -> bool:
         return stopping is None or not stopping.is_set()
 
+    report.webhooks = apply_pending(rt)
     report.reconciled = reconcile(rt) + cancel_jobs_of_cancelled_batches(rt)
     if go_on():
         report.status_calls = poll(rt)

@@ -1,0 +1,1 @@
+"""The test suite: an importable package, so helpers are imported by their full name (``tests.hostile``)."""

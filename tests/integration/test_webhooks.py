@@ -1,0 +1,354 @@
+"""fal's webhooks end to end: verification, the inbox, applying deliveries, ambiguous submits.
+
+Deliveries are signed by the simulator's own :class:`falsim.webhooks.WebhookSigner`; the JWKS is
+served over real loopback HTTP. The receiver is the real Starlette app (``web.app``).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from sqlalchemy import Engine
+from starlette.testclient import TestClient
+
+from falsim import SimulatorOptions, running_simulator
+from falsim.faults import FaultRule
+from falsim.webhooks import WebhookSigner, webhook_body
+from jobs import db, store
+from jobs.batches import batch_report
+from jobs.models import Job, utcnow
+from jobs.settings import Settings
+from jobs.states import JobState
+from tests.step_runtime import add_batch, make_runtime, settings_for
+from web.app import create_app
+from worker.fal.webhooks import JwksKeys, JwksUnavailable, signed_message
+from worker.running import process_batch
+from worker.steps.webhooks import apply_pending
+
+S = JobState
+RESULT = {"video": {"url": "https://v3.fal.media/files/x/out.mp4"}, "seed": 7}
+
+
+class JwksServer:
+    """A loopback HTTP server publishing a JWKS (``doc``, changeable) or failing (``status``)."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.status = 200
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                payload = json.dumps(outer.doc).encode()
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/.well-known/jwks.json"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def signer() -> WebhookSigner:
+    return WebhookSigner()
+
+
+@pytest.fixture
+def jwks(signer: WebhookSigner) -> Iterator[JwksServer]:
+    server = JwksServer(signer.jwks())
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def settings(jwks: JwksServer) -> Settings:
+    return settings_for("http://127.0.0.1:9", "test-key", webhook_jwks_url=jwks.url)
+
+
+@pytest.fixture
+def client(engine: Engine, settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, engine=engine)) as test_client:
+        yield test_client
+
+
+def _job(engine: Engine, batch_id: str) -> Job:
+    with db.session_scope(engine) as session:
+        job = next(store.jobs_of_batch(session, batch_id))
+        session.expunge(job)
+        return job
+
+
+def _sent(engine: Engine, *, request_id: str | None, unknown: bool = False) -> Job:
+    """One job, attempt 1 POSTed: ``queued`` as ``request_id``, or its answer not stored yet
+    (``submitting``, input recorded), or ``submit_unknown`` when ``unknown``."""
+    batch_id = add_batch(engine, "hooks", [("fal-ai/wan-22", {"prompt": "a cat"})])
+    job = _job(engine, batch_id)
+    now = utcnow()
+    with db.session_scope(engine) as session:
+        fence = store.Fence.of(job, "test-worker")
+        assert store.mark_submitting(
+            session, fence, attempt=1, api_key_id="k", lease_expires_at=now + timedelta(seconds=60)
+        )
+        submitting = store.Fence(job.id, S.SUBMITTING, job.version + 1, "test-worker")
+        taken = store.take_lease(
+            session, submitting, now=now, lease_seconds=60, submitted_input={"prompt": "a cat"}
+        )
+        assert taken is not None
+        if request_id is not None:
+            assert store.mark_submitted(
+                session, taken, running=False, request_id=request_id, gateway_request_id=None,
+                status_url=None, response_url=None, cancel_url=None, submitted_at=now, next_poll_at=now,
+            )  # fmt: skip
+        elif unknown:
+            assert store.mark_submit_unknown(session, taken, why="reset", due_at=now + timedelta(hours=1))
+    return _job(engine, batch_id)
+
+
+def _post(
+    client: TestClient,
+    signer: WebhookSigner,
+    job: Job,
+    request_id: str,
+    *,
+    attempt: int = 1,
+    ok: bool = True,
+    skew: float = 0.0,
+    tamper: bool = False,
+) -> int:
+    body = webhook_body(request_id, request_id, ok, RESULT if ok else {"detail": "boom"}, None if ok else "x")
+    headers = signer.headers(request_id, "user-1", body, skew=skew)
+    if tamper:
+        body = body.replace(b'"seed": 7', b'"seed": 8')
+    response = client.post(
+        "/webhooks/fal", params={"job_id": job.id, "attempt": str(attempt)}, content=body, headers=headers
+    )
+    return int(response.status_code)
+
+
+def _deliveries(engine: Engine) -> dict[str, int]:
+    with db.session_scope(engine) as session:
+        return store.delivery_counts(session)
+
+
+def test_a_valid_delivery_completes_the_job(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    job = _sent(engine, request_id="req-1")
+    assert _post(client, signer, job, "req-1") == 200
+    after = _job(engine, job.batch_id)
+    assert after.state == S.DOWNLOADING
+    assert after.lease_owner is None  # no runtime here: the tick's schedule_downloads takes it
+    assert _deliveries(engine) == {"stored": 1, "repeats": 0, "unprocessed": 0, "ignored": 0}
+    assert client.get("/healthz").json() == {"ok": True, "accepted": 1, "rejected": 0}
+
+
+def test_forged_stale_and_tampered_deliveries_change_nothing(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    job = _sent(engine, request_id="req-1")
+    assert _post(client, WebhookSigner(), job, "req-1") == 401  # another key
+    assert _post(client, signer, job, "req-1", tamper=True) == 401
+    assert _post(client, signer, job, "req-1", skew=-301) == 401
+    assert _post(client, signer, job, "req-1", skew=400) == 401
+    unsigned = client.post("/webhooks/fal", params={"job_id": job.id}, content=b"{}")
+    assert unsigned.status_code == 401
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.version) == (job.state, job.version)
+    assert _deliveries(engine)["stored"] == 0
+    assert client.get("/healthz").json()["rejected"] == 5
+
+
+def test_a_body_whose_request_id_differs_from_the_signed_one_is_refused(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    job = _sent(engine, request_id="req-1")
+    body = webhook_body("req-other", "g", True, RESULT, None)
+    response = client.post(
+        "/webhooks/fal", params={"job_id": job.id}, content=body, headers=signer.headers("req-1", "u", body)
+    )
+    assert response.status_code == 400
+    assert _job(engine, job.batch_id).version == job.version
+
+
+def test_a_repeated_delivery_is_stored_and_applied_once(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    job = _sent(engine, request_id="req-1")
+    for _ in range(3):
+        assert _post(client, signer, job, "req-1") == 200
+    assert _deliveries(engine) == {"stored": 1, "repeats": 2, "unprocessed": 0, "ignored": 0}
+    with db.session_scope(engine) as session:
+        moves = [e.to_state for e in store.job_events(session, job.id)]
+    assert moves.count(S.DOWNLOADING) == 1
+
+
+def test_a_webhook_before_the_submit_answer_was_stored_adopts_the_request(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    job = _sent(engine, request_id=None)
+    assert job.state == S.SUBMITTING
+    assert _post(client, signer, job, "req-early") == 200
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id) == (S.DOWNLOADING, "req-early")
+    # The submit's answer arrives afterwards: its compare-and-set loses, and the ids agree.
+    with db.session_scope(engine) as session:
+        stale = store.Fence(job.id, S.SUBMITTING, job.version, "test-worker")
+        now = utcnow()
+        assert not store.mark_submitted(
+            session, stale, running=False, request_id="req-early", gateway_request_id=None,
+            status_url=None, response_url=None, cancel_url=None, submitted_at=now, next_poll_at=now,
+        )  # fmt: skip
+
+
+def test_an_ambiguous_submit_is_resolved_by_its_webhook(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    job = _sent(engine, request_id=None, unknown=True)
+    assert job.state == S.SUBMIT_UNKNOWN
+    assert _post(client, signer, job, "req-proof", attempt=2) == 200  # not this attempt's: no proof
+    assert _job(engine, job.batch_id).state == S.SUBMIT_UNKNOWN
+    assert _post(client, signer, job, "req-proof2") == 200
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.attempts) == (S.DOWNLOADING, "req-proof2", 1)
+
+
+def test_a_second_request_for_one_attempt_is_a_confirmed_duplicate_charge(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    job = _sent(engine, request_id="req-1")
+    assert _post(client, signer, job, "req-2") == 200
+    assert _post(client, signer, job, "req-2", ok=False) == 200  # another body of it: counted once
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.confirmed_duplicate_charges) == (S.QUEUED, "req-1", 1)
+    with db.session_scope(engine) as session:
+        assert batch_report(session, job.batch_id)["confirmed_duplicate_charges"] == 1
+
+
+def test_unknown_and_finished_jobs_are_acknowledged_and_ignored(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    job = _sent(engine, request_id="req-1")
+    body = webhook_body("req-x", "g", True, RESULT, None)
+    headers = signer.headers("req-x", "u", body)
+    assert (
+        client.post("/webhooks/fal", params={"job_id": "f" * 32}, content=body, headers=headers).status_code
+        == 200
+    )
+    assert _post(client, signer, job, "req-1") == 200
+    assert _post(client, signer, job, "req-1", ok=False) == 200  # a different body, job downloading
+    assert _deliveries(engine)["ignored"] == 2
+
+
+def test_the_tick_applies_what_the_receiver_stored_but_did_not_apply(
+    engine: Engine, settings: Settings
+) -> None:
+    job = _sent(engine, request_id="req-1")
+    with db.session_scope(engine) as session:
+        store.store_delivery(
+            session, request_id="req-1", body_sha256="0" * 64, job_id=job.id, attempt=1,
+            status="OK", body=json.loads(webhook_body("req-1", "g", True, RESULT, None)),
+        )  # fmt: skip
+    queued: list[str] = []
+    rt = make_runtime(engine, settings)
+    rt.enqueue_download = queued.append
+    assert apply_pending(rt) == 1
+    assert _job(engine, job.batch_id).state == S.DOWNLOADING
+    assert queued == [job.id]
+    assert apply_pending(rt) == 0
+
+
+def test_keys_are_fetched_again_when_none_verifies_and_a_missing_jwks_refuses(
+    signer: WebhookSigner, jwks: JwksServer
+) -> None:
+    keys = JwksKeys(jwks.url, refresh_min_seconds=0.0)
+    message, rotated = signed_message("r", "u", "1", b"{}"), WebhookSigner()
+    assert keys.verify(message, signer._key.sign(message))
+    jwks.doc = {"keys": [*rotated.jwks()["keys"], {"kty": "RSA", "n": "x"}]}
+    assert keys.verify(message, rotated._key.sign(message))
+    assert keys.fetches == 2
+    jwks.status = 500
+    with pytest.raises(JwksUnavailable):
+        JwksKeys(jwks.url).verify(message, signer._key.sign(message))
+
+
+def test_an_unreachable_jwks_answers_503_and_stores_nothing(
+    engine: Engine, client: TestClient, signer: WebhookSigner, jwks: JwksServer
+) -> None:
+    job = _sent(engine, request_id="req-1")
+    jwks.status = 503
+    assert _post(client, signer, job, "req-1") == 503
+    assert _deliveries(engine)["stored"] == 0
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _serve(app: Any) -> tuple[uvicorn.Server, threading.Thread, str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        assert thread.is_alive(), "the receiver did not start"
+        assert time.monotonic() < deadline, "the receiver did not start"
+        time.sleep(0.01)
+    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.slow
+def test_dropped_submit_answers_are_resolved_by_webhooks_and_nobody_pays_twice(tmp_path: Path) -> None:
+    options = SimulatorOptions(
+        concurrency_limit=4,
+        latency_seconds=0.2,
+        rng_seed=11,
+        faults={"submit_drop": FaultRule(probability=0.1)},
+    )
+    with running_simulator(options) as sim:
+        base = settings_for(sim.url, "sim-key", database_url=f"sqlite:///{tmp_path / 'w.db'}")
+        engine = db.open_engine(base)
+        receiver = base.model_copy(update={"webhook_jwks_url": f"{sim.url}/.well-known/jwks.json"})
+        server, thread, web_url = _serve(create_app(receiver, engine=engine))
+        try:
+            settings = base.model_copy(
+                update={
+                    "webhook_url": f"{web_url}/webhooks/fal",
+                    "submit_unknown_deadline": 120.0,
+                    "output_dir": tmp_path / "out",
+                }
+            )
+            batch_id = add_batch(engine, "e2e", [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(30)])
+            report, _stats = process_batch(batch_id, settings, show_progress=False)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+        ledger = sim.ledger()
+    assert report["counts"]["succeeded"] == 30, report["counts"]
+    assert report["possible_duplicate_charges"] == 0
+    assert ledger["faults"]["fired"].get("submit_drop", 0) >= 1
+    paid = Counter(e["input_sha256"] for e in ledger["entries"])
+    assert len(paid) == 30
+    assert set(paid.values()) == {1}, "a job was paid twice"

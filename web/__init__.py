@@ -1,0 +1,1 @@
+"""The web app ``wanbatch serve`` runs: fal's webhooks at ``POST /webhooks/fal``."""

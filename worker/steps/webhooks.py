@@ -1,0 +1,206 @@
+"""Webhooks: keep each verified delivery from fal in the inbox, then apply it to its job.
+
+A delivery says fal finished request ``request_id`` (``OK`` or ``ERROR``); the ``fal_webhook``
+URL fal called carries the job id and attempt it belongs to (:func:`worker.steps.submit.webhook_for`).
+Applying it makes the very moves the poller makes (:func:`worker.steps.poll.record_completion`,
+compare-and-set on the job's state and version), so a webhook and a poll racing are harmless:
+
+* the job's own request, ``queued``/``running``/``cancelling`` → ``downloading`` (or
+  ``cancelled``), the download queued at once when a runtime can queue it, else found by the
+  tick's ``schedule_downloads``;
+* a request we never recorded, for the job's current attempt, while that attempt's POST is in
+  flight or its answer was lost (``submitting`` with its input recorded, ``submit_unknown``):
+  proof that fal accepted it. The job adopts the request id (``queued``, then as above) and
+  is never sent again;
+* a request we never recorded otherwise (an earlier attempt resent after an ambiguous submit,
+  or a second request of one attempt): fal ran and billed it besides the one the job keeps, a
+  *confirmed* duplicate charge, counted once on the job;
+* an unknown job, a finished job, a request already handled: acknowledged and ignored.
+
+Each delivery is applied once: taking it (``processed_at``) is itself a compare-and-set, in the
+transaction that applies it. The tick applies whatever the receiver stored but did not apply.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from jobs import db, store
+from jobs.errors import NotFoundError
+from jobs.models import WebhookDelivery, utcnow
+from jobs.settings import Settings
+from jobs.store import Fence
+from worker.fal.models import Status
+from worker.fal.redact import redact_value
+from worker.fal.webhooks import VerifiedDelivery
+from worker.steps.context import Runtime, S, worker_identity
+from worker.steps.poll import record_completion
+
+log = logging.getLogger(__name__)
+
+#: Job states in which the job's own request is at fal and a completion moves it on.
+_AT_FAL = (S.QUEUED, S.RUNNING, S.CANCELLING)
+#: Tries to apply one delivery when the job keeps moving under it; then the tick tries again.
+_TRIES = 3
+
+
+def _everything(_batch_id: str) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Inbox:
+    """What storing and applying deliveries needs; the receiver has no fal client, so no
+    :class:`~worker.steps.Runtime` is required. ``enqueue_download``: queue a download at once
+    (None: leave it to the tick); ``in_scope``: the batches whose downloads this process queues."""
+
+    engine: Engine
+    settings: Settings
+    owner: str = field(default_factory=worker_identity)
+    enqueue_download: Callable[[str], None] | None = None
+    in_scope: Callable[[str], bool] = _everything
+
+    @classmethod
+    def of(cls, rt: Runtime) -> Inbox:
+        """The inbox as a worker's runtime applies it."""
+        return cls(rt.engine, rt.settings, rt.owner, rt.enqueue_download, rt.in_scope)
+
+
+def receive(inbox: Inbox, delivery: VerifiedDelivery, *, job_id: str | None, attempt: int | None) -> int:
+    """Store a verified delivery (once per distinct body) and apply it; returns its inbox id.
+
+    The delivery is committed before it is applied: a failure while applying leaves it in the
+    inbox for the tick, and fal gets its 2xx either way.
+    """
+    fal_key = inbox.settings.fal_key.get_secret_value() if inbox.settings.fal_key else ""
+    with db.session_scope(inbox.engine) as session:
+        delivery_id, new = store.store_delivery(
+            session,
+            request_id=delivery.request_id,
+            body_sha256=delivery.body_sha256,
+            job_id=job_id,
+            attempt=attempt,
+            status="OK" if delivery.ok else "ERROR",
+            body=redact_value(delivery.body, [fal_key]),
+        )
+    if not new:
+        log.info("webhook for %s delivered again (stored once)", delivery.request_id)
+    try:
+        apply_delivery(inbox, delivery_id)
+    except Exception:  # stored: the tick applies it later; fal must not resend for our bug
+        log.exception("webhook %d: applying failed; the tick will try again", delivery_id)
+    return delivery_id
+
+
+def apply_pending(rt: Runtime, limit: int = 200) -> int:
+    """Apply every stored delivery not applied yet (the tick's safety net); returns how many."""
+    inbox = Inbox.of(rt)
+    with db.session_scope(rt.engine) as session:
+        ids = store.unprocessed_deliveries(session, limit=limit)
+    return sum(apply_delivery(inbox, delivery_id) != "deferred" for delivery_id in ids)
+
+
+def apply_delivery(inbox: Inbox, delivery_id: int) -> str:
+    """Apply one stored delivery to its job; returns what it did (stored as its ``outcome``):
+    ``completed``, ``adopted``, ``duplicate-charge``, ``ignored: …``, ``deferred`` (the job kept
+    moving; the tick tries again) or ``taken`` (already applied)."""
+    queue: str | None = None
+    with db.session_scope(inbox.engine) as session:
+        delivery = store.take_delivery(session, delivery_id)
+        if delivery is None:
+            return "taken"
+        outcome, queue = _apply(session, inbox, delivery)
+        if outcome is None:
+            store.defer_delivery(session, delivery_id, "deferred: the job kept moving")
+            return "deferred"
+        store.settle_delivery(session, delivery_id, outcome)
+        if queue is not None:
+            session.commit()
+    if queue is not None and inbox.enqueue_download is not None:
+        inbox.enqueue_download(queue)
+    return outcome
+
+
+def status_of(body: dict[str, Any]) -> Status:
+    """fal's webhook body as the status answer it stands for: COMPLETED, with fal's error if any.
+
+    ``{"status": "ERROR", "error": "Invalid status code: 422", "payload": {"detail": …}}``;
+    a model's failure carries its ``error_type`` in the payload, as the result endpoint does.
+    """
+    payload = body.get("payload")
+    error = body.get("error") if isinstance(body.get("error"), str) else None
+    error_type = payload.get("error_type") if isinstance(payload, dict) else None
+    if not isinstance(error_type, str):
+        error_type = None
+    if body.get("status") != "OK" and error is None and error_type is None:
+        error = "fal reported the request failed"
+    return Status(state="COMPLETED", error=error, error_type=error_type, raw=body)
+
+
+def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[str | None, str | None]:
+    """``(outcome, job id whose download to queue)``; outcome None: try again later."""
+    if delivery.job_id is None:
+        return "ignored: no job id in the webhook URL", None
+    status = status_of(delivery.body)
+    for _ in range(_TRIES):
+        try:
+            job = store.get_job(session, delivery.job_id)
+        except NotFoundError:
+            return "ignored: unknown job", None
+        state = S(job.state)
+        if state.terminal:
+            return f"ignored: job already {state.value}", None
+        now = utcnow()
+        queued_until = (
+            now + timedelta(seconds=inbox.settings.lease_seconds)
+            if inbox.enqueue_download is not None and inbox.in_scope(job.batch_id)
+            else None
+        )
+        fence = Fence.of(job, inbox.owner)
+        if store.request_known(session, job.id, delivery.request_id):
+            if job.request_id != delivery.request_id:
+                return "ignored: an earlier request of the job", None
+            if state not in _AT_FAL:
+                return f"ignored: job already {state.value}", None
+            outcome = "completed"
+        elif delivery.attempt == job.attempts and (
+            state == S.SUBMIT_UNKNOWN or (state == S.SUBMITTING and job.submitted_input is not None)
+        ):
+            submitted_at: datetime = job.updated_at or now
+            gateway = delivery.body.get("gateway_request_id")
+            if not store.adopt_request(
+                session,
+                fence,
+                request_id=delivery.request_id,
+                gateway_request_id=gateway if isinstance(gateway, str) else None,
+                submitted_at=submitted_at,
+                next_poll_at=now + timedelta(seconds=inbox.settings.poll_min_interval),
+            ):
+                continue
+            log.info("job %s: webhook proved fal accepted it as %s", job.id, delivery.request_id)
+            fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
+            outcome = "adopted"
+        else:
+            if store.duplicate_charge_recorded(session, delivery.request_id):
+                return "ignored: duplicate charge already counted", None
+            store.record_duplicate_charge(session, job.id)
+            log.warning(
+                "job %s: fal ran %s (attempt %s) besides the job's own request: a confirmed duplicate charge",
+                job.id,
+                delivery.request_id,
+                delivery.attempt,
+            )
+            return "duplicate-charge", None
+        queue = record_completion(session, fence, status, now=now, download_queued_until=queued_until)
+        if S(store.get_job(session, job.id).state) != fence.state:
+            return outcome, job.id if queue else None
+        if outcome == "adopted":  # adopted, but the completion lost a race: the poller finishes it
+            return outcome, None
+    return None, None
