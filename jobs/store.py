@@ -83,7 +83,6 @@ __all__ = [
     "extend_lease",
     "fail_job",
     "failure_reasons",
-    "find_job_by_request_id",
     "find_upload",
     "first_submitted_at",
     "get_batch",
@@ -1050,11 +1049,6 @@ def get_job(session: Session, job_id: str) -> Job:
     if job is None:
         raise NotFoundError(f"no job {job_id!r}")
     return job
-
-
-def find_job_by_request_id(session: Session, request_id: str) -> Job | None:
-    """The job fal knows as ``request_id`` (webhooks, lookups), if any."""
-    return session.scalar(select(Job).where(Job.request_id == request_id).limit(1))
 
 
 def jobs_of_batch(

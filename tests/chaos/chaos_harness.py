@@ -4,7 +4,7 @@ Everything a scenario kills or restarts is started here, on free ports, in tempo
 so the shared services on 5432/6379 are never touched:
 
 * :class:`RedisServer` — ``redis-server`` without persistence by default, so a restart loses
-  every queued and unacknowledged Celery message (reliability-notes L7).
+  every queued and unacknowledged Celery message.
 * :class:`PostgresServer` — ``initdb`` + ``pg_ctl`` into a temporary folder; :meth:`crash` is
   ``pg_ctl stop -m immediate`` (no checkpoint, every connection dropped mid-transaction).
   ``initdb`` refuses to run as root, so as root it runs as the ``postgres`` user via

@@ -164,7 +164,7 @@ def test_fields_and_terminal_bookkeeping(session: Session) -> None:
         JobState.SUCCEEDED,
     ]
     assert events(session, job.id)[-1].details == {"bytes": 10}
-    assert store.find_job_by_request_id(session, "r1") is not None
+    assert store.get_job(session, job.id).request_id == "r1"
 
 
 # --------------------------------------------------------------------------- batches and jobs

@@ -1,4 +1,4 @@
-"""FAL_KEY never reaches a log record, an error message or a repr (reliability-notes §5.1)."""
+"""FAL_KEY never reaches a log record, an error message or a repr."""
 
 from __future__ import annotations
 
