@@ -5,11 +5,12 @@ request id against the simulator, the simulator speaks the protocol the way fal 
 wanbatch's tests against it mean something.
 
 ``fal_client`` only speaks ``https://`` and reads ``FAL_QUEUE_RUN_HOST`` once, at import
-(protocol notes §8). So the simulator runs over TLS with a throw-away certificate that httpx
-trusts through ``SSL_CERT_FILE``. In this process the module constants that the env var would
-have produced (``QUEUE_URL_FORMAT``; plus the hard-coded ``REST_URL``/``CDN_URL`` for uploads)
-are patched; :func:`test_env_var_route_in_a_fresh_interpreter` proves the real route — env
-vars set before import — in a subprocess, with the module-level functions.
+(``fal_client/client.py`` in github.com/fal-ai/fal). So the simulator runs over TLS with a
+throw-away certificate that httpx trusts through ``SSL_CERT_FILE``. In this process the module
+constants that the env var would have produced (``QUEUE_URL_FORMAT``; plus the hard-coded
+``REST_URL``/``CDN_URL`` for uploads) are patched;
+:func:`test_env_var_route_in_a_fresh_interpreter` proves the real route — env vars set before
+import — in a subprocess, with the module-level functions.
 """
 
 from __future__ import annotations
