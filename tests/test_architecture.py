@@ -1,8 +1,9 @@
 """The layering the README's "How it works" promises, checked from the source with :mod:`ast`.
 
 - the domain (``jobs``) imports neither execution (``worker``), nor the fal simulator
-  (``falsim``), nor the command line (``cli``): type-only imports under ``TYPE_CHECKING`` count;
-- the simulator imports nothing from ``worker`` or ``cli``: it stands in for fal, not for us;
+  (``falsim``), nor the command line (``cli``), nor the web app (``web``): type-only imports
+  under ``TYPE_CHECKING`` count;
+- the simulator imports nothing from ``worker``, ``cli`` or ``web``: it stands in for fal, not for us;
 - no import cycle anywhere in the product, counting imports inside functions and under
   ``TYPE_CHECKING`` (a cycle that only "works" because one side imports lazily is still a cycle).
 
@@ -26,6 +27,7 @@ DOMAIN = "jobs"
 SIMULATOR = "falsim"
 EXECUTION = "worker"
 COMMAND_LINE = "cli"
+WEB = "web"
 
 
 def product_packages() -> list[str]:
@@ -116,8 +118,8 @@ def test_product_packages_are_found() -> None:
 
 
 def test_the_domain_imports_neither_execution_nor_the_simulator_nor_the_cli() -> None:
-    bad = _violations(DOMAIN, {EXECUTION, SIMULATOR, COMMAND_LINE})
-    assert not bad, "jobs/ must not depend on worker, falsim or cli:\n" + "\n".join(bad)
+    bad = _violations(DOMAIN, {EXECUTION, SIMULATOR, COMMAND_LINE, WEB})
+    assert not bad, "jobs/ must not depend on worker, falsim, cli or web:\n" + "\n".join(bad)
 
 
 def test_the_domain_needs_no_terminal_toolkit() -> None:
@@ -127,8 +129,8 @@ def test_the_domain_needs_no_terminal_toolkit() -> None:
 
 def test_the_simulator_imports_nothing_from_execution_or_the_cli() -> None:
     assert SIMULATOR in product_packages(), f"the simulator package {SIMULATOR}/ is not shipped"
-    bad = _violations(SIMULATOR, {EXECUTION, COMMAND_LINE})
-    assert not bad, "falsim/ stands in for fal; it must not import worker or cli:\n" + "\n".join(bad)
+    bad = _violations(SIMULATOR, {EXECUTION, COMMAND_LINE, WEB})
+    assert not bad, "falsim/ stands in for fal; it must not import worker, cli or web:\n" + "\n".join(bad)
 
 
 def import_graph() -> dict[str, set[str]]:
