@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from jobs import db, store
 from jobs.settings import Settings
 from worker.fal.client import FalClient
-from worker.fal.storage import FalStorage, MediaPreparer
+from worker.runtime import build_runtime
 from worker.steps import Runtime
 
 #: Timing that makes a step-driven test take a fraction of a second per round.
@@ -61,16 +61,14 @@ def make_runtime(
 
     Without ``client``, one is built from ``settings``; a missing FAL_KEY is allowed, for steps
     that never call fal (dispatch, scheduling downloads)."""
-    client = client or FalClient.from_settings(settings, allow_missing_key=True)
-    media = MediaPreparer.for_storage(FalStorage(client), inline_max_bytes=settings.inline_max_bytes)
-    return Runtime(
-        engine=engine,
-        client=client,
-        settings=settings,
+    return build_runtime(
         enqueue_submit=enqueue_submit,
         enqueue_download=enqueue_download,
-        media=media,
+        settings=settings,
+        allow_missing_key=True,
         batch_ids=batch_ids,
+        engine=engine,
+        client=client,
     )
 
 

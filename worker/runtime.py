@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from sqlalchemy import Engine
+
 from jobs import db, store
 from jobs.db import open_engine
 from jobs.settings import Settings
@@ -23,11 +25,14 @@ def build_runtime(
     settings: Settings,
     allow_missing_key: bool = False,
     batch_ids: frozenset[str] | None = None,
+    engine: Engine | None = None,
+    client: FalClient | None = None,
 ) -> Runtime:
     """A runtime for this process. ``allow_missing_key`` is for the bundled simulator only;
-    ``batch_ids`` limits the work to those batches (an embedded run; None = every batch)."""
-    engine = open_engine(settings)
-    client = FalClient.from_settings(settings, allow_missing_key=allow_missing_key)
+    ``batch_ids`` limits the work to those batches (an embedded run; None = every batch).
+    ``engine`` and ``client`` default to the settings' own; tests pass theirs."""
+    engine = engine or open_engine(settings)
+    client = client or FalClient.from_settings(settings, allow_missing_key=allow_missing_key)
 
     def lookup(sha256: str) -> str | None:
         with db.session_scope(engine) as session:
