@@ -47,6 +47,10 @@ _NGINX_502 = (
 )
 
 
+#: The ledger's name for a call on a request, by the path after the request id.
+_CALLS = {"": "result", "status": "status", "status/stream": "stream", "cancel": "cancel"}
+
+
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -220,6 +224,7 @@ class SimulatorApp:
     async def _request_op(self, request: Request, base: str, rest: list[str]) -> Response:
         rid = rest[0]
         tail = [s for s in rest[1:] if s]
+        self.engine.ledger.count_call(_CALLS.get("/".join(tail), "other"))
         req = self.engine.get(rid, base)
         if request.method == "PUT" and tail == ["cancel"]:
             if req is None:
@@ -253,6 +258,7 @@ class SimulatorApp:
         engine = self.engine
         last: tuple[Any, ...] | None = None
         sent_logs = 0
+        drop = engine.faults.fire("status_stream_drop") is not None
         while True:
             changed = engine.changed
             key = (req.state, engine.queue_position(req), len(req.logs))
@@ -261,6 +267,8 @@ class SimulatorApp:
                 body = engine.status_body(req, with_logs, logs_from=sent_logs)
                 sent_logs = len(req.logs)
                 yield f"data: {json.dumps(body)}\n\n".encode()
+                if drop:
+                    return
             if req.state == COMPLETED:
                 return
             try:

@@ -16,6 +16,7 @@ Kinds (where they fire → what the client sees):
 - ``submit_slow``: the request IS queued, the response is held for ``delay`` seconds (default 30).
 - ``status_502``: status poll → 502 nginx HTML.
 - ``status_slow``: status poll is held for ``delay`` seconds.
+- ``status_stream_drop``: a status stream sends its first event, then ends before COMPLETED.
 - ``model_error``: the request completes with ``error_type`` (default ``runner_disconnected``)
   and the result replays ``{"detail", "error_type"}`` with fal's status for that type.
 - ``result_expired``: the request's result is gone the moment it completes (404 on result).
@@ -51,6 +52,7 @@ FAULT_KINDS: frozenset[str] = frozenset(
         "webhook_drop",
         "webhook_duplicate",
         "bad_file_name",
+        "status_stream_drop",
     }
 )
 

@@ -3,7 +3,8 @@
 Tests check wanbatch's invariants against this ledger rather than against wanbatch's own
 records: every accepted submit (even one whose response the client never saw), what was
 billed, which inputs were accepted twice (a paid duplicate), the most requests ever
-outstanding at once, and the submit rate per second.
+outstanding at once, the submit rate per second, and how many calls clients made on requests
+(``calls``: ``status`` polls, ``stream`` subscriptions, ``result`` fetches, ``cancel`` requests).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class LedgerSnapshot(TypedDict):
     submits_per_second: dict[str, int]
     max_submits_per_second: int
     rejections: list[RejectionRecord]
+    calls: dict[str, int]
 
 
 class LedgerReport(LedgerSnapshot):
@@ -158,6 +160,7 @@ class Ledger:
     max_outstanding: int = 0
     in_progress: int = 0
     max_in_progress: int = 0
+    calls: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def accept(self, entry: LedgerEntry) -> None:
@@ -190,6 +193,11 @@ class Ledger:
             self.outstanding -= 1
             if was_running:
                 self.in_progress -= 1
+
+    def count_call(self, kind: str) -> None:
+        """A client called the request API (``status``, ``stream``, ``result``, ``cancel``, ``other``)."""
+        with self._lock:
+            self.calls[kind] += 1
 
     def mark_unseen(self, request_id: str) -> None:
         """The client never got the submit response (a dropped or stalled connection)."""
@@ -228,4 +236,5 @@ class Ledger:
                     RejectionRecord(at=r.at, endpoint=r.endpoint, status_code=r.status_code, reason=r.reason)
                     for r in self.rejections
                 ],
+                "calls": dict(self.calls),
             }

@@ -30,10 +30,12 @@ import contextlib
 import logging
 import os
 import stat
+import threading
+import weakref
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alembic import command
 from alembic.config import Config
@@ -47,6 +49,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from jobs.errors import ConfigError
 from jobs.settings import DatabaseSettings
 
+if TYPE_CHECKING:
+    import psycopg
+
 log = logging.getLogger(__name__)
 
 #: How long a SQLite connection waits for the write lock before giving up.
@@ -59,6 +64,10 @@ SUPPORTED_BACKENDS = ("sqlite", "postgresql")
 _URL_HELP = "sqlite:///path/to/wanbatch.db or postgresql://user:password@host:5432/dbname"
 #: Files SQLite keeps beside the database.
 _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+#: Execution option that marks a connection of :func:`read_scope` (a deferred BEGIN on SQLite).
+_READ_ONLY_OPTION = "wanbatch_read_only"
+#: Set on a SQLite connection's ``info`` while it holds this process's writer lock.
+_WRITE_LOCK_HELD = "wanbatch_write_lock"
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -154,14 +163,72 @@ def _configure_sqlite(engine: Engine) -> None:
         finally:
             cursor.close()
 
+    # SQLite has one writer at a time. A writer that finds the lock taken sleeps in SQLite's
+    # busy handler, in steps of 1 to 100 ms (sqliteDefaultBusyCallback), and is not woken
+    # when the lock frees: with a few threads writing, most of a job's latency was spent
+    # asleep there. Writers of this process first queue on a lock of their own, handed over
+    # the moment the previous transaction ends; SQLite's busy handler is then only met by
+    # writers of other processes (the CLI, the webhook receiver).
+    writers = threading.Lock()
+
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read_scope() reads only: a deferred BEGIN takes a WAL snapshot and never waits for
+        # (or holds) the single write lock. Everything else takes the write lock up front.
+        if connection.get_execution_options().get(_READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN")
+            return
+        writers.acquire()
+        connection.info[_WRITE_LOCK_HELD] = True
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            _release_writers(connection.info)
+            raise
+
+    def _release_writers(info: dict[str, Any]) -> None:
+        if info.pop(_WRITE_LOCK_HELD, False):
+            writers.release()
+
+    # SQLAlchemy's commit/rollback events fire *before* the DBAPI call; releasing there would
+    # let the next writer in while SQLite still holds the lock. So the transaction is ended
+    # here, then the lock handed over; SQLAlchemy's own commit()/rollback() that follows finds
+    # no transaction open and does nothing (sqlite3 checks sqlite3_get_autocommit()).
+    @event.listens_for(engine, "commit")
+    def _on_commit(connection: Any) -> None:
+        if connection.info.get(_WRITE_LOCK_HELD):
+            connection.connection.dbapi_connection.commit()
+            _release_writers(connection.info)
+
+    @event.listens_for(engine, "rollback")
+    def _on_rollback(connection: Any) -> None:
+        if connection.info.get(_WRITE_LOCK_HELD):
+            try:
+                connection.connection.dbapi_connection.rollback()
+            finally:
+                _release_writers(connection.info)
+
+    @event.listens_for(engine.pool, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        # Whatever ended the transaction (an invalidated connection), a connection back in
+        # the pool holds no write lock of this process any more.
+        _release_writers(record.info)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
-    """Sessions that keep loaded objects usable after commit (the CLI prints them afterwards)."""
-    return sessionmaker(bind=engine, expire_on_commit=False)
+    """Sessions that keep loaded objects usable after commit (the CLI prints them afterwards).
+
+    One factory per engine, kept: a new ``sessionmaker`` is a new Session subclass, and
+    SQLAlchemy's event system set every new class up again — a third of the CPU of a small
+    transaction when each unit of work made its own.
+    """
+    factory = _FACTORIES.get(engine)
+    if factory is None:
+        factory = _FACTORIES[engine] = sessionmaker(bind=engine, expire_on_commit=False)
+    return factory
+
+
+_FACTORIES: weakref.WeakKeyDictionary[Engine, sessionmaker[Session]] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -176,6 +243,30 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextlib.contextmanager
+def read_scope(engine: Engine) -> Iterator[Session]:
+    """A unit of work that only reads: never commits, and on SQLite never takes the write lock.
+
+    :func:`session_scope` opens every SQLite transaction with ``BEGIN IMMEDIATE`` (see the module
+    docstring), so even a lookup queues behind every writer of every process. A read needs none
+    of that: here the transaction starts with a plain deferred ``BEGIN``, and in WAL mode it
+    reads a snapshot while a writer holds the lock. On PostgreSQL this is an ordinary
+    transaction. Objects read stay usable after the block (their loaded attributes are kept).
+
+    Nothing is written: autoflush is off and the transaction is rolled back, and changes left
+    on the session's objects raise :class:`RuntimeError` (a bug: write in a session_scope).
+    """
+    session = Session(bind=engine, autoflush=False, expire_on_commit=False)
+    try:
+        # Marks this session's connection before its transaction begins (see _on_begin).
+        session.connection(execution_options={_READ_ONLY_OPTION: True})
+        yield session
+        if session.new or session.dirty or session.deleted:
+            raise RuntimeError("read_scope is for reads only: changes were made and are discarded")
+    finally:
+        session.close()  # rolls the (read-only) transaction back without expiring what was read
 
 
 def _migrations_dir() -> Path:
@@ -317,3 +408,58 @@ class AdvisoryLock:
                 conn.close()
             except Exception:  # already gone: so is the lock
                 log.debug("closing the advisory lock's connection failed", exc_info=True)
+
+
+# ----------------------------------------------------------------------------- events between processes
+
+#: The PostgreSQL channel on which processes tell each other that a job moved (``kind:job_id``).
+EVENTS_CHANNEL = "wanbatch_events"
+#: TCP keepalives for a listening connection: one that only waits for notices never sends, so
+#: without them a vanished server or a cut network would leave it waiting forever.
+_LISTEN_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
+def notify_events(bind: Session | Connection, payload: str) -> None:
+    """Tell every process listening on :data:`EVENTS_CHANNEL` that something happened.
+
+    PostgreSQL delivers the notice when ``bind``'s transaction commits, and never when it rolls
+    back, so a listener that wakes up finds the change it was told about already visible. On
+    any other database this does nothing: SQLite runs one host, where the process that made the
+    change tells its own conductor directly, and the tick remains the safety net everywhere.
+    """
+    dialect = bind.dialect if isinstance(bind, Connection) else bind.get_bind().dialect
+    if dialect.name == "postgresql":
+        bind.execute(
+            text("SELECT pg_notify(:channel, :payload)"), {"channel": EVENTS_CHANNEL, "payload": payload}
+        )
+
+
+def listen_events(url: str | URL, *, connect_timeout: float = 10.0) -> psycopg.Connection[Any] | None:
+    """A dedicated psycopg connection (autocommit) that ``LISTEN``\\ s on :data:`EVENTS_CHANNEL`;
+    None when ``url`` is not PostgreSQL (there is nothing to listen to).
+
+    Not a pooled connection: it waits for notices for as long as the process lives, and a
+    pool's pre-ping or recycling must never swap it for one that is not listening. The
+    connection parameters are the ones SQLAlchemy's psycopg dialect derives from the URL, so a
+    URL that works for the engine works here. Raises psycopg's errors when the database cannot
+    be reached (:class:`worker.notifications.EventListener` retries).
+    """
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return None
+    import psycopg  # here: a SQLite-only process never pays for loading the driver
+
+    _args, params = parsed.get_dialect()().create_connect_args(parsed)
+    params = {**_LISTEN_KEEPALIVES, "connect_timeout": max(1, round(connect_timeout)), **params}
+    conn = psycopg.connect(**params, autocommit=True)
+    try:
+        conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn

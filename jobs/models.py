@@ -213,7 +213,9 @@ class Job(Base):
     __table_args__ = (
         # Submitting the same manifest twice adds nothing: the key is a hash of the resolved job.
         UniqueConstraint("batch_id", "job_key"),
-        Index("ix_jobs_batch_id_state", "batch_id", "state"),
+        # Claims read these in order (oldest first) and stop at their limit: see store.claim_jobs.
+        Index("ix_jobs_batch_id_state_order", "batch_id", "state", "created_at", "item_index", "id"),
+        Index("ix_jobs_state_order", "state", "created_at", "item_index", "id"),
         Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),
         Index("ix_jobs_request_id", "request_id"),
     )

@@ -167,6 +167,10 @@ class TickSettings(_Section):
     #: Status polls start this often and back off with elapsed time up to poll_max_interval.
     poll_min_interval: float = Field(default=2.0, gt=0)
     poll_max_interval: float = Field(default=30.0, gt=0)
+    #: With a webhook receiver (``webhook_url``) completions arrive as webhooks and polling is
+    #: only the safety net: a submitted job is first polled this long after its submit, and no
+    #: more often than this afterwards.
+    webhook_poll_after: float = Field(default=30.0, gt=0)
     #: A claimed job's lease; a worker that dies holding one gives the job back after this long.
     lease_seconds: float = Field(default=120.0, gt=0)
 

@@ -27,7 +27,7 @@ Job creation writes no event row: the job row itself (``created_at``, ``version`
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -39,6 +39,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Table,
+    bindparam,
     case,
     column,
     exists,
@@ -54,6 +55,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 
 from jobs.errors import NotFoundError
 from jobs.models import Batch, BatchState, Job, JobEvent, Money, Upload, WebhookDelivery, new_id, utcnow
@@ -406,32 +409,73 @@ def transition(
     values: dict[str, Any] = {"next_attempt_at": None, **fields}
     if new.terminal:
         values = {"finished_at": now, "lease_owner": None, "lease_expires_at": None, **values}
-    values.update(state=new, version=Job.version + 1, updated_at=now)
-    conditions = [Job.id == job_id, Job.state == expected]
-    if expected_version is not None:
-        conditions.append(Job.version == expected_version)
-    row = session.execute(
-        update(Job)
-        .where(*conditions)
-        .values(values)
-        .returning(Job.version)
-        .execution_options(synchronize_session="fetch")
-    ).first()
+    values.update(state=new, updated_at=now)
+    # Core statements on the tables, not ORM-enabled ones, built once per shape and then only
+    # executed with new parameters: every job moves several times, and building and caching an
+    # ORM bulk UPDATE cost more CPU than the rest of a job's bookkeeping. The session's copy of
+    # the job, if it holds one, is given the values written (it is not synchronised otherwise).
+    statement, params = _transition_statement(values, with_version=expected_version is not None)
+    params.update(w_id=job_id, w_expected=expected, w_version=expected_version)
+    row = session.execute(statement, params).first()
     if row is None:
         return False
+    _refresh_loaded(session, job_id, row._mapping)
     session.execute(
-        insert(JobEvent).values(
-            job_id=job_id,
-            at=now,
-            from_state=expected,
-            to_state=new,
-            version=row.version,
-            reason=reason,
-            details=details,
-            worker=worker,
-        )
+        _INSERT_EVENT,
+        {
+            "job_id": job_id,
+            "at": now,
+            "from_state": expected,
+            "to_state": new,
+            "version": row.version,
+            "reason": reason,
+            "details": details,
+            "worker": worker,
+        },
     )
     return True
+
+
+_STATEMENTS: dict[tuple[tuple[str, ...], bool], Any] = {}
+
+
+def _transition_statement(values: dict[str, Any], *, with_version: bool) -> tuple[Any, dict[str, Any]]:
+    """The UPDATE … RETURNING of a transition writing ``values``, and its parameters.
+
+    Plain values become bound parameters of a statement kept per set of columns (a dozen
+    shapes in all); a SQL expression (:func:`incremented`) makes a statement of its own.
+    """
+    plain = {k: v for k, v in values.items() if not isinstance(v, ColumnElement)}
+    expressions = {k: v for k, v in values.items() if isinstance(v, ColumnElement)}
+    key = (tuple(sorted(plain)), with_version)
+    statement = None if expressions else _STATEMENTS.get(key)
+    if statement is None:
+        conditions = [
+            _JOBS.c.id == bindparam("w_id"),
+            _JOBS.c.state == bindparam("w_expected", type_=_JOBS.c.state.type),
+        ]
+        if with_version:
+            conditions.append(_JOBS.c.version == bindparam("w_version"))
+        written = {k: bindparam(f"v_{k}", type_=_JOBS.c[k].type) for k in plain}
+        statement = (
+            update(_JOBS)
+            .where(*conditions)
+            .values({**written, **expressions, "version": _JOBS.c.version + 1})
+            .returning(*[_JOBS.c[name] for name in (*plain, *expressions, "version")])
+        )
+        if not expressions:
+            _STATEMENTS[key] = statement
+    return statement, {f"v_{k}": v for k, v in plain.items()}
+
+
+def _refresh_loaded(session: Session, job_id: str, written: Mapping[Any, Any]) -> None:
+    """Give the session's copy of ``job_id``, if it holds one, the values just written (a Core
+    UPDATE does not touch the identity map; callers keep using the object after the session
+    closes, so it is updated in place rather than expired)."""
+    loaded = session.identity_map.get(identity_key(Job, job_id))
+    if loaded is not None:
+        for name, value in written.items():  # the model's attributes are named as its columns
+            set_committed_value(loaded, name, value)
 
 
 def update_job_fields(session: Session, job_id: str, *, expected_version: int, **fields: Any) -> bool:
@@ -443,13 +487,17 @@ def update_job_fields(session: Session, job_id: str, *, expected_version: int, *
     _check_fields(fields)
     if not fields:
         raise ValueError("update_job_fields needs at least one field")
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.version == expected_version)
-        .values(**fields, updated_at=utcnow())
-        .execution_options(synchronize_session="fetch")
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    values = {**fields, "updated_at": utcnow()}
+    row = session.execute(
+        update(_JOBS)
+        .where(_JOBS.c.id == job_id, _JOBS.c.version == expected_version)
+        .values(values)
+        .returning(*[_JOBS.c[name] for name in values])
+    ).first()
+    if row is None:
+        return False
+    _refresh_loaded(session, job_id, row._mapping)
+    return True
 
 
 # --------------------------------------------------------------------------- state changes, by intent
@@ -757,6 +805,7 @@ def record_result(
 #: States of a job fal does not hold (or that we never heard back about): a cancel needs no call to fal.
 UNSENT_STATES: tuple[JobState, ...] = (JobState.PENDING, JobState.RETRY_WAIT, JobState.SUBMIT_UNKNOWN)
 _EVENTS = cast(Table, JobEvent.__table__)
+_INSERT_EVENT = insert(_EVENTS)
 _EVENT_COLUMNS = ("job_id", "at", "from_state", "to_state", "version", "reason", "worker")
 
 
@@ -857,6 +906,7 @@ def claim_jobs(
     batch_ids: Iterable[str] | None = None,
     active_batches_only: bool = False,
     endpoints: Sequence[str] | None = None,
+    exclude_ids: Collection[str] = (),
 ) -> list[Job]:
     """Lease up to ``limit`` due jobs in ``states`` to ``owner``; no two claimers get the same job.
 
@@ -866,34 +916,47 @@ def claim_jobs(
     ``active_batches_only`` skips jobs of paused or cancelled batches (for submitting; polling
     must go on regardless); ``endpoints`` keeps only jobs of those endpoints (per-endpoint
     caps); ``batch_ids`` keeps only jobs of those batches (an embedded ``run`` works on its own
-    batch, never on another one that was only submitted). Oldest jobs first.
+    batch, never on another one that was only submitted); ``exclude_ids`` skips those jobs (the
+    ones a status stream already watches). Oldest jobs first.
     """
     if limit <= 0 or not states:
         return []
     conditions: list[ColumnElement[bool]] = [
-        Job.state.in_(list(states)),
         or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
         or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now),
     ]
+    if exclude_ids:
+        conditions.append(Job.id.not_in(sorted(exclude_ids)))
     if batch_id is not None:
         conditions.append(Job.batch_id == batch_id)
+    wanted: list[str | None] = [None]
     if batch_ids is not None:
-        wanted = sorted(set(batch_ids))
+        wanted = list(sorted(set(batch_ids)))
         if not wanted:
             return []
-        conditions.append(Job.batch_id.in_(wanted))
     if endpoints is not None:
         conditions.append(Job.endpoint.in_(list(endpoints)))
     if active_batches_only:
         conditions.append(exists().where(Batch.id == Job.batch_id, Batch.state == BatchState.ACTIVE))
-    candidates = (
-        select(Job.id)
-        .where(*conditions)
-        .order_by(Job.created_at, Job.item_index, Job.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True, of=Job)  # ignored by SQLite, whose writer is already alone
-    )
-    ids = list(session.scalars(candidates))
+    # One query per (state, batch), each reading the index on (batch_id, state, created_at,
+    # item_index, id) — or (state, created_at, …) — in order and stopping at ``limit``; then
+    # the oldest of them. One query over all states and batches had to sort every due job:
+    # 25 ms per claim at 20,000 pending jobs, and a claim runs on every completion.
+    found: list[Any] = []
+    for state in states:
+        for one_batch in wanted:
+            scoped = [Job.state == state, *conditions]
+            if one_batch is not None:
+                scoped.append(Job.batch_id == one_batch)
+            found += session.execute(
+                select(Job.id, Job.created_at, Job.item_index)
+                .where(*scoped)
+                .order_by(Job.created_at, Job.item_index, Job.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True, of=Job)  # ignored by SQLite, whose writer is alone
+            ).all()
+    found.sort(key=lambda r: (r.created_at, r.item_index, r.id))
+    ids = [r.id for r in found[:limit]]
     if not ids:
         return []
     session.execute(
@@ -1041,6 +1104,26 @@ def release_process_leases(
 
 
 # --------------------------------------------------------------------------- reading jobs
+
+
+def jobs_by_id(session: Session, job_ids: Collection[str]) -> dict[str, Job]:
+    """The jobs with these ids (missing ones are left out), in one query."""
+    if not job_ids:
+        return {}
+    return {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(sorted(job_ids))))}
+
+
+def requests_at_fal(
+    session: Session, *, states: Sequence[JobState], exclude_ids: Collection[str] = (), limit: int
+) -> list[Job]:
+    """Jobs in ``states`` whose request fal has (a request id is recorded), oldest first,
+    leaving out ``exclude_ids``: what a status watcher should follow and does not yet."""
+    if limit <= 0:
+        return []
+    query = select(Job).where(Job.state.in_(list(states)), Job.request_id.is_not(None))
+    if exclude_ids:
+        query = query.where(Job.id.not_in(sorted(exclude_ids)))
+    return list(session.scalars(query.order_by(Job.submitted_at, Job.id).limit(limit)))
 
 
 def get_job(session: Session, job_id: str) -> Job:

@@ -4,7 +4,8 @@
 ``fal_webhook`` URL each submit gave it, job id and attempt in its query). A delivery is verified
 (:func:`worker.fal.webhooks.verify_delivery`: fal's Ed25519 signature, a timestamp within
 5 minutes, a body that matches), stored in the inbox, and only then answered 2xx; it is applied
-to its job right away (:mod:`worker.steps.webhooks`) and, should that fail, by the tick. A
+to its job right away (:mod:`worker.steps.webhooks`; on PostgreSQL that also wakes the tick
+leader, wherever it runs) and, should that fail, by the tick. A
 rejected delivery is answered 4xx (503 when fal's keys cannot be fetched: fal retries) and
 changes nothing; rejections are counted and logged. ``GET /healthz`` answers the counts.
 

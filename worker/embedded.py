@@ -1,100 +1,91 @@
-"""The embedded deployment: a Celery worker inside this process, over kombu's memory transport.
+"""The embedded deployment: the submit and download steps on thread pools inside ``wanbatch run``.
 
-With no ``WANBATCH_BROKER_URL``, ``wanbatch run`` still runs the very same Celery tasks, just
-consumed by a thread-pool worker living in the CLI process (the shape of Celery's own
-``contrib.testing`` worker, without its test-only hooks). One code path, two deployments.
+With no ``WANBATCH_BROKER_URL`` there is one process, so a message broker — even kombu's
+in-memory one, which an earlier version ran a whole Celery worker over — only adds latency
+(its consumer polled every 50 ms) and CPU (serialising, tracing and acknowledging every
+hand-off). The steps themselves (:mod:`worker.steps`) are exactly those the distributed
+workers' Celery tasks run; only the hand-off differs: a function call on a pool here, a
+message there. Submits and downloads get pools of their own, so a slow download never holds
+back the next submit.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
-from celery import Celery
-from celery.worker import WorkController
-from celery.worker import state as worker_state
+from worker import steps
+from worker.steps import Runtime
 
 log = logging.getLogger(__name__)
 
-
-class _Controller(WorkController):  # type: ignore[misc]
-    """A WorkController that tells us when its consumer is ready to take messages."""
-
-    def __init__(self, *args: object, ready: threading.Event, **kwargs: object) -> None:
-        self._ready = ready
-        super().__init__(*args, **kwargs)
-
-    def on_consumer_ready(self, consumer: object) -> None:
-        self._ready.set()
+Step = Callable[[Runtime, str], str]
 
 
-class EmbeddedWorker:
-    """Context manager: start an in-process worker with ``concurrency`` threads; stop it on exit."""
+class InProcessWorker:
+    """Runs ``submit`` and ``download`` for job ids handed to it, ``concurrency`` of each at once.
 
-    def __init__(self, app: Celery, concurrency: int, *, start_timeout: float = 30.0) -> None:
-        self.app = app
-        self.concurrency = concurrency
-        self.start_timeout = start_timeout
-        self._ready = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._abandoned = False
+    Bind the runtime with :meth:`bind` (the runtime is built with this worker's hand-offs, so
+    it exists only afterwards). Use as a context manager: leaving waits for running steps;
+    :meth:`abandon` (Ctrl-C) drops queued ones and waits for none.
+    """
 
-    def __enter__(self) -> EmbeddedWorker:
-        # The pool's threads look tasks up in Celery's current (else default) app, and a new
-        # thread has no current app: make this one both, as Celery's own worker does
-        # (``celery.app.trace.setup_worker_optimizations``). One embedded app per process.
-        self.app.set_current()
-        self.app.set_default()
-        controller = _Controller(
-            app=self.app,
-            concurrency=self.concurrency,
-            pool="threads",
-            hostname="embedded@wanbatch",
-            loglevel="WARNING",
-            without_heartbeat=True,
-            without_mingle=True,
-            without_gossip=True,
-            ready=self._ready,
-        )
-        self._thread = threading.Thread(target=controller.start, name="wanbatch-embedded-worker", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(self.start_timeout):
-            raise RuntimeError("the embedded Celery worker did not start")
+    def __init__(self, concurrency: int) -> None:
+        self._submits = ThreadPoolExecutor(concurrency, thread_name_prefix="wanbatch-submit")
+        self._downloads = ThreadPoolExecutor(concurrency, thread_name_prefix="wanbatch-download")
+        self._rt: Runtime | None = None
+        self._accepting = threading.Event()
+        self._accepting.set()
+
+    def bind(self, rt: Runtime) -> None:
+        """The runtime the steps run with."""
+        self._rt = rt
+
+    def submit(self, job_id: str) -> None:
+        """Hand a claimed job to a submit thread (``Runtime.enqueue_submit``)."""
+        self._hand(self._submits, steps.submit, job_id)
+
+    def download(self, job_id: str) -> None:
+        """Hand a completed job to a download thread (``Runtime.enqueue_download``)."""
+        self._hand(self._downloads, steps.download, job_id)
+
+    def _hand(self, pool: ThreadPoolExecutor, step: Step, job_id: str) -> None:
+        if not self._accepting.is_set():
+            return  # stopping: the job keeps its lease until given back or expired
+        try:
+            pool.submit(self._run, step, job_id)
+        except RuntimeError:  # the pool shut down meanwhile (Ctrl-C): the tick finds the job again
+            log.debug("not handing %s to %s: stopping", job_id, step.__name__)
+
+    def _run(self, step: Step, job_id: str) -> None:
+        if not self._accepting.is_set() or self._rt is None:
+            return
+        try:
+            outcome = step(self._rt, job_id)
+            log.debug("%s %s: %s", step.__name__, job_id, outcome)
+        except Exception:  # the job keeps its lease; the tick's reconcile takes it over
+            log.exception("%s of job %s failed", step.__name__, job_id)
+
+    def abandon(self) -> None:
+        """Stop taking work now; queued steps are dropped and running ones not waited for
+        (the caller gives this process's leases back, then exits)."""
+        self._accepting.clear()
+        for pool in (self._submits, self._downloads):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Wait for the steps already running, then stop the threads."""
+        for pool in (self._submits, self._downloads):
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> InProcessWorker:
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._abandoned:
-            return  # the process is on its way out: never wait for the tasks left running
-        self._stop()
-        if self._thread is not None:
-            self._thread.join(30)
-            if self._thread.is_alive():
-                log.warning("embedded worker did not stop within 30 s")
-        worker_state.should_terminate = None
-
-    def abandon(self, wait: float = 1.0) -> None:
-        """Stop taking tasks now, and leave the running ones behind (Ctrl-C).
-
-        A normal stop waits for every running task, and Celery's thread pool joins its threads
-        (``ThreadPoolExecutor.shutdown``): a download in flight kept ``wanbatch run`` alive for
-        minutes after Ctrl-C. Here queued tasks are dropped (their jobs' leases are given back by
-        the caller) and running ones are not waited for beyond ``wait`` seconds; the caller then
-        ends the process with ``os._exit``, which is what actually abandons them.
-        """
-        self._abandoned = True
-        self._stop()
-        if self._thread is not None:
-            self._thread.join(wait)
-
-    def _stop(self) -> None:
-        worker_state.should_terminate = 0  # the documented way Celery's own embedded worker stops
-        # Celery's synchronous consume loop waits up to 2 s for a message before it looks at
-        # should_terminate (twice, around its finally). Two no-op messages wake it at once:
-        # this turns a 4 s stop into ~0.1 s for every `wanbatch run`.
-        from worker.app import QUEUE
-
-        for _ in range(2):
-            self.app.send_task("celery.accumulate", queue=QUEUE)
+        if self._accepting.is_set():
+            self.close()

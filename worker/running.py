@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -42,8 +42,11 @@ from jobs.db import open_engine
 from jobs.errors import ConfigError, WanbatchError
 from jobs.settings import Settings
 from jobs.states import JobState
-from worker import steps, tasks
+from worker import steps
 from worker.steps.context import DOWNLOAD_QUEUE, process_identity
+
+if TYPE_CHECKING:
+    from worker.conductor import Conductor
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +266,7 @@ def process_batch(
         watch = _WorkerWatch(settings, console.print, WORKER_CHECK_SECONDS)
         watch.start()
         try:
-            _watch(batch_id, settings, console, show_progress, stats, tick=None)
+            _watch(batch_id, settings, console, show_progress, stats, conductor=None)
         except _Stop:
             raise Interrupted(
                 f"interrupted: stopped watching batch {batch_id}; the workers carry on with it",
@@ -284,30 +287,37 @@ def process_batch(
 def _process_embedded(
     batch_id: str, settings: Settings, console: Console, show_progress: bool, stats: RunStats
 ) -> None:
-    from worker.app import get_app
-    from worker.embedded import EmbeddedWorker
+    from worker.conductor import Conductor, listening
+    from worker.embedded import InProcessWorker
+    from worker.runtime import build_runtime, close_runtime
 
-    app = get_app(settings)  # no broker: kombu's in-memory transport, in this process
-    # No allow_missing_key: a missing FAL_KEY is a ConfigError here, before the tick claims
-    # anything (a simulated run has the simulator's key). This batch only: never another one
+    # No allow_missing_key: a missing FAL_KEY is a ConfigError here, before anything is
+    # claimed (a simulated run has the simulator's key). This batch only: never another one
     # merely submitted.
-    rt = tasks.task_runtime(app, settings, batch_ids=frozenset({batch_id}))
-    tasks.set_runtime(rt)
-    tasks.accept_again()
+    worker = InProcessWorker(settings.embedded_concurrency)
+    rt = build_runtime(
+        settings=settings,
+        enqueue_submit=worker.submit,
+        enqueue_download=worker.download,
+        batch_ids=frozenset({batch_id}),
+    )
+    conductor = Conductor(rt)
+    rt.notify = conductor.notify
+    worker.bind(rt)
     abandoned = False
     try:
-        with EmbeddedWorker(app, settings.embedded_concurrency) as embedded:
+        with worker, listening(rt.engine, conductor.notify):
             try:
-                _watch(batch_id, settings, console, show_progress, stats, tick=rt)
+                _watch(batch_id, settings, console, show_progress, stats, conductor=conductor)
             except _Stop:
                 abandoned = True
-                tasks.stop_accepting()  # a task that starts from now on does nothing
-                embedded.abandon()
+                worker.abandon()  # a step that starts from now on does nothing
+                conductor.close()
                 raise Interrupted(_give_back(rt, batch_id), batch_id=batch_id) from None
     finally:
+        conductor.close()
         if not abandoned:  # abandoned threads may still use them until the process exits
-            tasks.set_runtime(None)
-            rt.client.close()
+            close_runtime(rt)
 
 
 def _give_back(rt: steps.Runtime, batch_id: str) -> str:
@@ -365,13 +375,15 @@ def _watch(
     console: Console,
     show_progress: bool,
     stats: RunStats,
-    tick: steps.Runtime | None,
+    conductor: Conductor | None,
 ) -> None:
-    """Tick (embedded) and show progress until the batch is done or paused.
+    """Conduct (embedded) and show progress until the batch is done or paused.
 
     The loop runs in a thread of its own while the main thread only waits, so a signal never
     has to interrupt a database call or an HTTP request to be noticed; raises :class:`_Stop`
     when one asked to stop (after letting the loop finish the step it was in, briefly).
+    Embedded, the loop is the :class:`~worker.conductor.Conductor`, reacting to fal's events
+    and ticking as a safety net; distributed, the workers do that and this only watches.
     """
     engine = open_engine(settings)
     progress = Progress(
@@ -389,31 +401,36 @@ def _watch(
     failure: list[BaseException] = []
     finished = threading.Event()
 
+    def refresh(task_id: TaskID) -> bool:
+        """Show where the batch is; True when there is nothing more to wait for."""
+        with db.read_scope(engine) as session:
+            current = batch_report(session, batch_id)
+        done = current["finished"]
+        progress.update(
+            task_id,
+            total=current["total"],
+            completed=done,
+            money=f"${current['spent_usd'] or 0:.2f}/${current['estimated_usd'] or 0:.2f}",
+            counts=_describe_counts(current["counts"]),
+        )
+        if done >= current["total"]:
+            return True
+        at_provider = sum(current["counts"].get(s.value, 0) for s in JobState if s.at_provider)
+        if current["state"] == "paused" and at_provider == 0:
+            progress.console.print(
+                f"[yellow]batch paused: {current['pause_reason'] or 'see status'}; "
+                "fix it, then run the same command again to resume[/yellow]"
+            )
+            return True
+        return False
+
     def loop(task_id: TaskID) -> None:
         try:
-            while not _stop_requested.is_set():
-                if tick is not None:
-                    report = steps.tick(tick, _stop_requested)
-                    stats.status_calls += report.status_calls
-                with db.session_scope(engine) as session:
-                    current = batch_report(session, batch_id)
-                done = current["finished"]
-                progress.update(
-                    task_id,
-                    total=current["total"],
-                    completed=done,
-                    money=f"${current['spent_usd'] or 0:.2f}/${current['estimated_usd'] or 0:.2f}",
-                    counts=_describe_counts(current["counts"]),
-                )
-                if done >= current["total"]:
-                    return
-                at_provider = sum(current["counts"].get(s.value, 0) for s in JobState if s.at_provider)
-                if current["state"] == "paused" and at_provider == 0:
-                    progress.console.print(
-                        f"[yellow]batch paused: {current['pause_reason'] or 'see status'}; "
-                        "fix it, then run the same command again to resume[/yellow]"
-                    )
-                    return
+            if conductor is not None:
+                conductor.run(_stop_requested, on_progress=lambda: refresh(task_id))
+                stats.status_calls += conductor.stats.status_calls + conductor.stats.streams
+                return
+            while not _stop_requested.is_set() and not refresh(task_id):
                 _stop_requested.wait(settings.tick_interval)
         except BaseException as exc:  # handed to the main thread, which raises it
             failure.append(exc)

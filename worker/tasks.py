@@ -15,6 +15,9 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from sqlalchemy import Engine
+
+from jobs import db
 from jobs.settings import Settings, get_settings
 from worker import steps
 from worker.runtime import build_runtime
@@ -45,12 +48,39 @@ def task_runtime(app: Celery, settings: Settings, *, batch_ids: frozenset[str] |
 
         return send
 
-    return build_runtime(
+    rt = build_runtime(
         settings=settings,
         enqueue_submit=enqueue(SUBMIT_TASK),
         enqueue_download=enqueue(DOWNLOAD_TASK),
         batch_ids=batch_ids,
     )
+    rt.notify = _notifier(rt.engine)
+    return rt
+
+
+#: What a task tells the conductor, which runs in whichever process leads (maybe not this one).
+_WORTH_TELLING = frozenset({"submitted", "freed"})
+
+
+def _notifier(engine: Engine) -> Callable[[str, str], None]:
+    """Tell the tick leader, wherever it runs, over the database (PostgreSQL ``NOTIFY``).
+
+    Best effort: a notice that cannot be sent only costs latency, the leader's tick finds the
+    job anyway. On other databases (SQLite: one host) the tick is what finds it.
+    """
+    if engine.dialect.name != "postgresql":
+        return lambda kind, job_id: None
+
+    def send(kind: str, job_id: str) -> None:
+        if kind not in _WORTH_TELLING:
+            return
+        try:
+            with db.session_scope(engine) as session:
+                db.notify_events(session, f"{kind}:{job_id}")
+        except Exception:  # the database is down: the leader's tick will find the job
+            log.debug("could not notify the leader of %s %s", kind, job_id, exc_info=True)
+
+    return send
 
 
 def runtime(app: Celery) -> Runtime:

@@ -57,7 +57,12 @@ class LeaderLock:
 
 
 class Ticker(threading.Thread):
-    """Calls :func:`worker.steps.tick` every interval while this process leads."""
+    """Conducts (:class:`~worker.conductor.Conductor`) while this process leads.
+
+    The leader reacts to events — status streams it follows, notices other workers and the
+    webhook receiver send over the database — and ticks every interval as the safety net; a
+    process that does not lead only asks for the lock each interval.
+    """
 
     def __init__(self, runtime_factory: Callable[[], steps.Runtime], interval: float) -> None:
         super().__init__(name="wanbatch-ticker", daemon=True)
@@ -66,19 +71,18 @@ class Ticker(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        from worker.conductor import Conductor, listening
+
         rt = self.runtime_factory()
         lock = LeaderLock(rt.engine)
+        conductor = Conductor(rt)
         try:
-            while not self.stopping.is_set():
-                if lock.acquire():
-                    try:
-                        steps.tick(rt)
-                    except Exception:  # keep ticking: the next round re-reads everything
-                        log.exception("tick failed; retrying next interval")
-                self.stopping.wait(self.interval)
+            with listening(rt.engine, conductor.notify):
+                conductor.run(self.stopping, leads=lock.acquire, resilient=True)
         finally:
+            conductor.close()
             lock.release()
 
     def stop(self) -> None:
-        """Ask the thread to finish after its current tick."""
+        """Ask the thread to finish after its current round."""
         self.stopping.set()

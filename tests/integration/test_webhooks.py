@@ -33,7 +33,9 @@ from jobs.states import JobState
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from web.app import create_app
 from worker.fal.webhooks import JwksKeys, JwksUnavailable, signed_message
+from worker.notifications import EventListener
 from worker.running import process_batch
+from worker.steps.poll import _next_poll, first_poll_at
 from worker.steps.webhooks import apply_pending
 
 S = JobState
@@ -162,6 +164,24 @@ def test_a_valid_delivery_completes_the_job(
     assert after.lease_owner is None  # no runtime here: the tick's schedule_downloads takes it
     assert _deliveries(engine) == {"stored": 1, "repeats": 0, "unprocessed": 0, "ignored": 0}
     assert client.get("/healthz").json() == {"ok": True, "accepted": 1, "rejected": 0}
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_an_applied_delivery_wakes_the_tick_leader_in_another_process(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    job = _sent(engine, request_id="req-1")
+    with EventListener(engine.url.render_as_string(hide_password=False)) as listener:
+        assert _post(client, signer, job, "req-1") == 200
+        assert _post(client, signer, job, "req-1") == 200  # a repeat moves nothing: no notice
+        with db.session_scope(engine) as session:
+            db.notify_events(session, "marker:end")  # everything sent before it arrives first
+        heard: list[str] = []
+        while "marker:end" not in heard:
+            more = listener.wait(10.0)
+            assert more, f"only {heard} arrived"
+            heard += more
+    assert heard == [f"webhook:{job.id}", "marker:end"]
 
 
 def test_forged_stale_and_tampered_deliveries_change_nothing(
@@ -302,6 +322,20 @@ def test_an_unreachable_jwks_answers_503_and_stores_nothing(
     assert _deliveries(engine)["stored"] == 0
 
 
+def test_with_a_receiver_polling_is_only_the_late_safety_net(settings: Settings) -> None:
+    at = utcnow()
+    without = settings.model_copy(update={"poll_min_interval": 2.0, "poll_max_interval": 30.0})
+    assert first_poll_at(without, at) == at + timedelta(seconds=2)
+    assert _next_poll(without, at, at + timedelta(seconds=20)) == at + timedelta(seconds=25)
+    hooked = without.model_copy(
+        update={"webhook_url": "https://hooks.example/fal", "webhook_poll_after": 30.0}
+    )
+    assert first_poll_at(hooked, at) == at + timedelta(seconds=30)
+    later = at + timedelta(seconds=30)
+    assert _next_poll(hooked, at, later) == later + timedelta(seconds=30)  # never more often
+    assert _next_poll(hooked, at, at + timedelta(seconds=400)) == at + timedelta(seconds=430)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -351,4 +385,70 @@ def test_dropped_submit_answers_are_resolved_by_webhooks_and_nobody_pays_twice(t
     assert ledger["faults"]["fired"].get("submit_drop", 0) >= 1
     paid = Counter(e["input_sha256"] for e in ledger["entries"])
     assert len(paid) == 30
+    assert set(paid.values()) == {1}, "a job was paid twice"
+
+
+#: Jobs of the webhook-driven run, and the seed of its dropped deliveries: the simulator's fault
+#: draws come from their own ``Random(seed + 1)`` and only ``webhook_drop`` draws, so seed 11
+#: drops exactly 38 of the 200 deliveries (19 %).
+WEBHOOK_RUN_JOBS = 200
+WEBHOOK_RUN_SEED = 11
+
+
+@pytest.mark.slow
+def test_with_webhooks_a_200_job_run_barely_polls_and_finishes_despite_dropped_deliveries(
+    tmp_path: Path,
+) -> None:
+    """Webhooks tell of completions; the poll comes ``webhook_poll_after`` after a submit, late
+    enough that every job whose webhook arrived is never asked about, yet early enough that the
+    run stays short. A request spends 0.2 s at fal (its first render: about 1.5 s on a busy
+    2-CPU host; one video variant keeps that to a single encode), so a job whose webhook was
+    dropped is found COMPLETED by its one poll."""
+    jobs = WEBHOOK_RUN_JOBS
+    options = SimulatorOptions(
+        concurrency_limit=20,
+        latency_seconds=0.2,
+        rng_seed=WEBHOOK_RUN_SEED,
+        faults={"webhook_drop": FaultRule(probability=0.2)},
+        video_variants=1,
+    )
+    with running_simulator(options) as sim:
+        base = settings_for(sim.url, "sim-key", database_url=f"sqlite:///{tmp_path / 'w.db'}")
+        engine = db.open_engine(base)
+        receiver = base.model_copy(update={"webhook_jwks_url": f"{sim.url}/.well-known/jwks.json"})
+        app = create_app(receiver, engine=engine)
+        server, thread, web_url = _serve(app)
+        try:
+            settings = base.model_copy(
+                update={
+                    "webhook_url": f"{web_url}/webhooks/fal",
+                    "webhook_poll_after": 4.0,
+                    "max_outstanding": 20,
+                    "output_dir": tmp_path / "out",
+                }
+            )
+            prompts = [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(jobs)]
+            batch_id = add_batch(engine, "hooks-200", prompts)
+            report, _stats = process_batch(batch_id, settings, show_progress=False)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+        ledger = sim.ledger()
+    dropped = {w["request_id"] for w in ledger["webhooks"] if w["dropped"]}
+    delivered = {w["request_id"] for w in ledger["webhooks"] if w["delivered"]}
+    status_calls = ledger["calls"].get("status", 0) + ledger["calls"].get("stream", 0)
+    print(
+        f"{status_calls} status calls for {jobs} jobs ({status_calls / jobs:.3f}/job), {len(dropped)} dropped"
+    )
+
+    assert report["counts"]["succeeded"] == jobs, report["counts"]
+    assert len(ledger["webhooks"]) == jobs
+    assert 0.15 * jobs <= len(dropped) <= 0.25 * jobs  # the fault fired at about its 20 %
+    assert ledger["faults"]["fired"]["webhook_drop"] == len(dropped)
+    assert len(delivered) == jobs - len(dropped)
+    assert app.state.counts.accepted >= len(delivered)
+    # Only a poll can finish a job whose webhook was dropped; nothing else is polled.
+    assert len(dropped) <= status_calls <= 0.2 * jobs
+    paid = Counter(e["input_sha256"] for e in ledger["entries"])
+    assert len(paid) == jobs
     assert set(paid.values()) == {1}, "a job was paid twice"

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
@@ -367,14 +368,24 @@ class _GuardedBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
+#: Connection pool of a download client: no cap on connections (the worker's threads bound the
+#: concurrent downloads; a cap would make the surplus wait and time out), a few idle ones kept
+#: for a while so the next download to the same CDN skips the TCP and TLS handshakes.
+DOWNLOAD_POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=20, keepalive_expiry=30.0)
+
+
 class _GuardedTransport(httpx.HTTPTransport):
     """httpx's transport over :class:`_GuardedBackend` (the pool is rebuilt with that backend;
     httpx has no public parameter for it)."""
 
-    def __init__(self, policy: DownloadPolicy) -> None:
+    def __init__(self, policy: DownloadPolicy, limits: httpx.Limits = DOWNLOAD_POOL_LIMITS) -> None:
         super().__init__()
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(), network_backend=_GuardedBackend(policy)
+            ssl_context=httpx.create_ssl_context(),
+            network_backend=_GuardedBackend(policy),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
         )
 
 
@@ -386,14 +397,56 @@ def guarded_client(
     """A client for downloads that connects only where ``policy`` allows, directly.
 
     Proxy variables are ignored (``trust_env=False``): through a proxy the name would be
-    resolved, and the address reached, by the proxy, beyond the reach of the check.
+    resolved, and the address reached, by the proxy, beyond the reach of the check. Cookies are
+    refused, so a client shared by many downloads carries nothing from one to the next.
     """
     return httpx.Client(
         transport=_GuardedTransport(policy),
         timeout=timeout,
         trust_env=False,
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         event_hooks=dict(event_hooks or {}),
     )
+
+
+class SharedDownloadClient:
+    """One :func:`guarded_client` for every download of a runtime, made on first use.
+
+    Each download used to build (and close) a client of its own, so every video paid a new TCP
+    connection and TLS handshake to the CDN. Sharing one keeps those connections in a pool.
+
+    Reuse keeps the address guard whole. :class:`_GuardedBackend` judges the addresses a *new*
+    connection connects to; httpcore hands an idle connection only to a request for the very
+    origin (scheme, host, port) it was opened for, so a reused connection leads to an address
+    that was checked for that host under this same policy (which never changes for a client).
+    Every URL and redirect hop is still checked by :func:`download` before its request, proxies
+    stay off and cookies are refused. Nothing about one download lives on the client: the total
+    timeout, progress (lease renewal) and the response callback are arguments of
+    :func:`download`, so threads share it safely (httpcore's pool is thread-safe).
+    """
+
+    def __init__(self, policy: DownloadPolicy, timeout: httpx.Timeout) -> None:
+        self.policy = policy
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._client: httpx.Client | None = None
+        self._closed = False
+
+    def get(self) -> httpx.Client:
+        """The shared client (created now if needed); :class:`RuntimeError` once closed."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the download client is closed")
+            if self._client is None:
+                self._client = guarded_client(self.policy, self.timeout)
+            return self._client
+
+    def close(self) -> None:
+        """Close the pooled connections; later downloads are refused. Safe to call twice."""
+        with self._lock:
+            client, self._client, self._closed = self._client, None, True
+        if client is not None:
+            client.close()
 
 
 def _check_url(url: str, policy: DownloadPolicy | None = None) -> httpx.URL:
@@ -462,6 +515,7 @@ def download(
     max_redirects: int = 3,
     total_timeout: float | None = None,
     progress: Callable[[int], None] | None = None,
+    on_response: Callable[[httpx.Response], None] | None = None,
     expect_video: bool = False,
     temp_tag: str | None = None,
 ) -> DownloadResult:
@@ -471,9 +525,13 @@ def download(
     redirect may lead. Without ``client``, a :func:`guarded_client` for that policy is used and
     closed; a caller's own ``client`` gets the URL-level checks only (allow-list, literal
     addresses), so pass a guarded one. ``total_timeout`` bounds the whole attempt in seconds
-    (checked as bytes arrive, so a stalled read still ends after the read timeout);
+    (checked as bytes arrive, so a stalled read still ends after the read timeout); ``timeout``
+    applies to this call's requests, also on a caller's ``client`` (else the client's own);
     ``progress(bytes_so_far)`` is called as the body streams and may raise to abort (e.g. when
-    the caller lost its lease). ``expect_video`` refuses a body that is not a video container.
+    the caller lost its lease); ``on_response(response)`` is called once the headers of each
+    response (each hop) are in. These are per call, never client state, so one client can
+    serve concurrent downloads (:class:`SharedDownloadClient`). ``expect_video`` refuses a body
+    that is not a video container.
 
     Each call writes its own uniquely named ``.{dest.name}.[{temp_tag}-]*.part`` file beside
     ``dest`` and removes it on any failure. A local write failure is :class:`OutputWriteError`.
@@ -505,6 +563,7 @@ def download(
                 _Limits(expected_size, max_bytes, max_redirects, deadline, total_timeout, expect_video),
                 policy,
                 progress,
+                _PerRequest(timeout, on_response),
             )
             with _writing("write", tmp):
                 os.fsync(fd)
@@ -526,6 +585,14 @@ def download(
     finally:
         if own:
             http.close()
+
+
+@dataclass(frozen=True)
+class _PerRequest:
+    """What one download sets on each of its requests (never on the client, which may be shared)."""
+
+    timeout: httpx.Timeout | None
+    on_response: Callable[[httpx.Response], None] | None
 
 
 @dataclass(frozen=True)
@@ -551,6 +618,7 @@ def _stream_into(
     limits: _Limits,
     policy: DownloadPolicy,
     progress: Callable[[int], None] | None,
+    per_request: _PerRequest,
 ) -> tuple[str, int]:
     for _hop in range(limits.max_redirects + 1):
         limits.check_time()
@@ -559,9 +627,15 @@ def _stream_into(
             with (
                 map_transport_errors("download"),
                 http.stream(
-                    "GET", url, follow_redirects=False, headers={"Accept-Encoding": "identity"}
+                    "GET",
+                    url,
+                    follow_redirects=False,
+                    headers={"Accept-Encoding": "identity"},
+                    timeout=httpx.USE_CLIENT_DEFAULT if per_request.timeout is None else per_request.timeout,
                 ) as response,
             ):
+                if per_request.on_response is not None:
+                    per_request.on_response(response)
                 if response.is_redirect:
                     location = response.headers.get("location", "")
                     url = _check_url(str(url.join(location)), policy)

@@ -56,6 +56,8 @@ class RateBucket:
         self.capacity = max(1.0, burst if burst is not None else rate)
         self.tokens = self.capacity
         self.stamp = time.monotonic()
+        #: Whether the last :meth:`take` granted fewer tokens than wanted (jobs wait for the rate).
+        self.short = False
 
     def take(self, wanted: int) -> int:
         """Take up to ``wanted`` whole tokens; returns how many were granted."""
@@ -64,6 +66,7 @@ class RateBucket:
         self.stamp = now
         granted = min(wanted, int(self.tokens))
         self.tokens -= granted
+        self.short = granted < wanted
         return granted
 
 
@@ -87,6 +90,11 @@ class Runtime:
     #: status checks of requests already at fal, recovering expired submit leases — still
     #: covers every batch (see :func:`worker.steps.poll.poll`, :func:`worker.steps.reconcile.reconcile`).
     batch_ids: frozenset[str] | None = None
+    #: Tells whoever conducts this process that something happened to a job, the moment it
+    #: happened: ``notify(kind, job_id)`` with kind ``submitted`` (fal has it: watch it),
+    #: ``freed`` (it no longer holds an outstanding slot: dispatch now) or ``done``. The tick
+    #: remains the safety net, so a lost notice only costs latency. See :mod:`worker.conductor`.
+    notify: Callable[[str, str], None] = field(default=lambda kind, job_id: None)
 
     def __post_init__(self) -> None:
         if self.bucket is None:

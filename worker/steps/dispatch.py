@@ -4,7 +4,9 @@ mark them ``submitting`` and hand them to the submit task. Run by the tick leade
 from __future__ import annotations
 
 import logging
+import math
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -18,6 +20,9 @@ from worker.steps.context import Runtime, S
 
 log = logging.getLogger(__name__)
 
+#: Once fal is seen queueing our requests, how many to keep waiting there, as a share of those it runs.
+QUEUE_DEPTH_SHARE = 0.25
+
 
 def dispatch(rt: Runtime) -> list[str]:
     """Claim due jobs within the caps and budget, mark them ``submitting``; returns their ids.
@@ -30,19 +35,21 @@ def dispatch(rt: Runtime) -> list[str]:
     now = utcnow()
     sent: list[str] = []
     key_id = api_key_id(rt.settings)  # the caps are per API key, as fal's account limits are
+    assert rt.bucket is not None
+    rt.bucket.short = False  # set again below when jobs are left waiting for the rate
     with db.session_scope(rt.engine) as session:
         outstanding = store.count_in_states(session, states_at_provider(), api_key_id=key_id)
         free = _room_at_fal(session, rt, now, rt.settings.max_outstanding - outstanding, key_id)
         if free <= 0:
             return []
-        assert rt.bucket is not None
         free = rt.bucket.take(free)
         if free <= 0:
             return []
         jobs = _claim_within_caps(session, rt, free, now, key_id)
         unused = free
+        committed = _Committed(session, now, rt.settings.daily_budget_usd)
         for job in jobs:
-            refusal = _budget_refusal(session, rt, job, now)
+            refusal = _budget_refusal(committed, job)
             if refusal is not None:
                 store.mark_cancelled(
                     session, rt.fence(job), reason="budget", error=refusal, error_type="budget"
@@ -56,6 +63,7 @@ def dispatch(rt: Runtime) -> list[str]:
                 lease_expires_at=rt.lease_until(now),
             )
             if moved:
+                committed.add(job)
                 sent.append(job.id)
                 unused -= 1
     if unused > 0 and rt.bucket is not None:
@@ -66,13 +74,16 @@ def dispatch(rt: Runtime) -> list[str]:
 
 
 def _room_at_fal(session: Session, rt: Runtime, now: datetime, free: int, key_id: str) -> int:
-    """Adapt the outstanding cap to the account's tier (fal runs 2 to 40 at once, queues the rest).
+    """Keep a small queue waiting at fal beyond the requests it runs, sized from what is seen.
 
-    Requests still IN_QUEUE at fal ``queue_wait_backoff`` seconds after we sent them mean the
-    account runs fewer than our cap. Sending more would only lengthen fal's queue — losing
-    control of cancel, budget and result expiry — so dispatch then keeps just one request
-    waiting at fal. As soon as nothing waits that long (jobs start, or the tier was raised),
-    the full cap applies again.
+    fal runs 2 to 40 requests at once per account, depending on its tier, and queues the rest
+    (FIFO, not billed while queued). A few requests waiting there mean fal starts the next one
+    the instant a slot frees, whatever our reaction time; many waiting only lengthen fal's
+    queue, losing control of cancel, budget and result expiry. So while no request we sent has
+    waited ``queue_wait_backoff`` seconds in fal's queue, the full cap applies; once one has
+    (the account runs fewer than our cap), dispatch keeps only a quarter of the requests fal
+    is seen running (at least one) waiting there. When nothing waits that long any more (jobs
+    start, or the tier was raised) the full cap applies again.
     """
     threshold = rt.settings.queue_wait_backoff
     if threshold <= 0 or free <= 0:
@@ -81,10 +92,16 @@ def _room_at_fal(session: Session, rt: Runtime, now: datetime, free: int, key_id
     if store.count_waiting_since(session, S.QUEUED, submitted_before=before, api_key_id=key_id) == 0:
         return free
     waiting = store.count_in_states(session, [S.SUBMITTING, S.SUBMIT_UNKNOWN, S.QUEUED], api_key_id=key_id)
-    room = max(0, 1 - waiting)
+    running = store.count_in_states(session, [S.RUNNING], api_key_id=key_id)
+    depth = max(1, math.ceil(running * QUEUE_DEPTH_SHARE))
+    room = max(0, depth - waiting)
     if room < free:
         log.info(
-            "requests wait in fal's queue over %.0fs: holding back (room %d of %d)", threshold, room, free
+            "requests wait in fal's queue over %.0fs: keeping %d waiting (room %d of %d)",
+            threshold,
+            depth,
+            room,
+            free,
         )
     return min(free, room)
 
@@ -114,28 +131,75 @@ def _claim_within_caps(session: Session, rt: Runtime, free: int, now: datetime, 
     return jobs
 
 
-def _budget_refusal(session: Session, rt: Runtime, job: Job, now: datetime) -> str | None:
+class _Committed:
+    """The money the budget caps count as committed, read once per dispatch round and kept
+    current by this round's own moves.
+
+    Both sums are aggregates over many jobs (:func:`jobs.store.batch_money` over a batch,
+    :func:`jobs.store.committed_usd_since` over the day); asking them again for every claimed job
+    made a round cost O(jobs × batch). Within the claim's transaction only this round changes
+    them (the dispatcher is single; on SQLite the transaction holds the write lock), and a
+    budget refusal changes neither (a cancelled job keeps what it was billed), so each is read
+    once — per batch, when its first job comes up — and moved by :meth:`add` as jobs are marked
+    ``submitting``. The caps hold exactly as when the sums were read before every job.
+    """
+
+    def __init__(self, session: Session, now: datetime, daily_cap: Decimal | None) -> None:
+        self._session = session
+        self.since = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        self.daily_cap = daily_cap
+        self._batches: dict[str, tuple[Decimal | None, Decimal]] = {}  # id → (cap, committed)
+        self._today: Decimal | None = None
+
+    def batch(self, batch_id: str) -> tuple[Decimal | None, Decimal]:
+        """The batch's cap (None: no cap) and what it has committed."""
+        if batch_id not in self._batches:
+            cap = store.get_batch(self._session, batch_id).budget_max_usd
+            money = store.batch_money(self._session, batch_id) if cap is not None else None
+            self._batches[batch_id] = (cap, money.committed_usd if money is not None else Decimal(0))
+        return self._batches[batch_id]
+
+    def today(self) -> Decimal:
+        """What every batch has committed today (the daily budget)."""
+        if self._today is None:
+            self._today = store.committed_usd_since(self._session, self.since)
+        return self._today
+
+    def add(self, job: Job) -> None:
+        """``job`` (claimed ``pending``/``retry_wait``) was just marked ``submitting``.
+
+        Its estimate is now reserved, in its batch and in the day. What an earlier attempt was
+        billed stays in the batch's spent money, but the day's sum counts a job's billed money
+        only while it is not at fal (see :func:`jobs.store.committed_usd_since`), so there it
+        gives way to the estimate.
+        """
+        if job.batch_id in self._batches:
+            cap, committed = self._batches[job.batch_id]
+            self._batches[job.batch_id] = (cap, committed + job.est_usd)
+        if self._today is not None:
+            billed_today = job.submitted_at is not None and job.submitted_at >= self.since
+            self._today += job.est_usd - ((job.actual_usd or Decimal(0)) if billed_today else Decimal(0))
+
+
+def _budget_refusal(committed: _Committed, job: Job) -> str | None:
     """Why submitting ``job`` would cross a budget cap (its batch's, or the day's), else None.
 
     Checked in the claim's transaction, by the single dispatcher: what is committed (spent +
     the estimates of everything in flight) plus this job's estimate must stay within the cap.
     """
-    batch = store.get_batch(session, job.batch_id)
-    if batch.budget_max_usd is not None:
-        money = store.batch_money(session, batch.id)
-        if money.committed_usd + job.est_usd > batch.budget_max_usd:
+    cap, batch_committed = committed.batch(job.batch_id)
+    if cap is not None and batch_committed + job.est_usd > cap:
+        return (
+            f"budget: submitting would commit ${batch_committed + job.est_usd:.2f} "
+            f"of the batch's ${cap:.2f} cap"
+        )
+    daily_cap = committed.daily_cap
+    if daily_cap is not None:
+        today = committed.today()
+        if today + job.est_usd > daily_cap:
             return (
-                f"budget: submitting would commit ${money.committed_usd + job.est_usd:.2f} "
-                f"of the batch's ${batch.budget_max_usd:.2f} cap"
-            )
-    cap = rt.settings.daily_budget_usd
-    if cap is not None:
-        since = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        committed = store.committed_usd_since(session, since)
-        if committed + job.est_usd > cap:
-            return (
-                f"budget: submitting would commit ${committed + job.est_usd:.2f} of today's "
-                f"${cap:.2f} cap (WANBATCH_DAILY_BUDGET_USD)"
+                f"budget: submitting would commit ${today + job.est_usd:.2f} of today's "
+                f"${daily_cap:.2f} cap (WANBATCH_DAILY_BUDGET_USD)"
             )
     return None
 

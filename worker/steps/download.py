@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
+import weakref
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -49,7 +51,7 @@ from worker.fal.errors import (
     status_failure,
 )
 from worker.fal.models import RequestHandle
-from worker.fal.storage import DownloadPolicy, guarded_client
+from worker.fal.storage import DownloadPolicy, SharedDownloadClient
 from worker.fal.storage import download as download_file
 from worker.outputs import OutputWriteError
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, in_seconds
@@ -248,7 +250,7 @@ def _result_unavailable(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderEr
     reason and the billed cost. When the status already carried fal's error, that verdict
     decides at once (the result would only have added detail).
     """
-    with db.session_scope(rt.engine) as session:
+    with db.read_scope(rt.engine) as session:
         verdict = _status_verdict(session, job_id)
     if verdict is not None:
         return _fal_verdict(rt, job_id, claim, verdict)
@@ -318,14 +320,47 @@ def download_policy(settings: Settings) -> DownloadPolicy:
     )
 
 
+def _timeout(settings: Settings) -> httpx.Timeout:
+    return httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+
+
+#: The download client of each live runtime, by ``id(runtime)`` (a Runtime is not hashable); an
+#: entry goes when its runtime is closed (:func:`close_download_client`) or collected.
+_download_clients: dict[int, SharedDownloadClient] = {}
+_download_clients_lock = threading.Lock()
+
+
+def download_client(rt: Runtime) -> SharedDownloadClient:
+    """The runtime's one guarded download client (made on first use), shared by its threads so
+    that downloads reuse connections to the CDN (see :class:`SharedDownloadClient`)."""
+    key = id(rt)
+    with _download_clients_lock:
+        shared = _download_clients.get(key)
+        if shared is None:
+            shared = SharedDownloadClient(download_policy(rt.settings), _timeout(rt.settings))
+            _download_clients[key] = shared
+            # The runtime's memory cannot be reused (nor its id) before this runs.
+            weakref.finalize(rt, _discard_download_client, key)
+        return shared
+
+
+def close_download_client(rt: Runtime) -> None:
+    """Close the runtime's download client, if it made one (``worker.runtime.close_runtime``)."""
+    _discard_download_client(id(rt))
+
+
+def _discard_download_client(key: int) -> None:
+    # No lock: this also runs from a finalizer, possibly while this thread holds the lock;
+    # dict.pop is atomic.
+    shared = _download_clients.pop(key, None)
+    if shared is not None:
+        shared.close()
+
+
 def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
     settings = rt.settings
-    policy = download_policy(settings)
-    client = guarded_client(
-        policy,
-        httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
-        event_hooks={"response": [_mid_download]},
-    )
+    shared = download_client(rt)
+    client = shared.get()
     try:
         dest = outputs.video_path(settings.output_dir, claim.batch_name, claim.item_index, job_id)
         try:
@@ -339,9 +374,11 @@ def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
             expected_size=video.file_size,
             max_bytes=settings.download_max_bytes,
             client=client,
-            policy=policy,
+            policy=shared.policy,
+            timeout=shared.timeout,
             total_timeout=settings.download_timeout,
             progress=_LeaseKeeper(rt, claim.fence),
+            on_response=_mid_download,
             expect_video=True,
             temp_tag=outputs.partial_tag(claim.version),
         )
@@ -351,11 +388,9 @@ def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
         return _write_failed(rt, job_id, claim, exc)
     except ProviderError as exc:
         return _download_failed(rt, job_id, claim, exc)
-    finally:
-        client.close()
 
     chaos.crash_point("after_download")
-    with db.session_scope(rt.engine) as session:
+    with db.read_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
         cost = billed(job, billing.Outcome.SUCCEEDED)
         sidecar = sidecar_record(

@@ -4,6 +4,8 @@ with the time waited; completed jobs go on to download. No worker slot waits on 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
@@ -16,7 +18,7 @@ from jobs.errors import (
     WanbatchError,
 )
 from jobs.models import utcnow
-from jobs.settings import TickSettings
+from jobs.settings import Settings
 from jobs.store import Fence
 from worker.fal.errors import ProviderProtocolError
 from worker.fal.models import RequestHandle, Status
@@ -29,21 +31,33 @@ log = logging.getLogger(__name__)
 PROTOCOL_ERROR_LIMIT = 5
 
 
-def _next_poll(settings: TickSettings, submitted_at: datetime | None, now: datetime) -> datetime:
-    """Poll often at first, then back off as the job waits (a quarter of the time waited)."""
+def first_poll_at(settings: Settings, submitted_at: datetime) -> datetime:
+    """When a job fal just accepted is first asked about: soon, or — with a webhook receiver,
+    which tells us of the completion — ``webhook_poll_after`` later, polling being only the
+    safety net for a webhook that never came."""
+    wait = settings.webhook_poll_after if settings.webhook_url else settings.poll_min_interval
+    return submitted_at + timedelta(seconds=wait)
+
+
+def _next_poll(settings: Settings, submitted_at: datetime | None, now: datetime) -> datetime:
+    """Poll often at first, then back off as the job waits (a quarter of the time waited);
+    with a webhook receiver, never more often than ``webhook_poll_after``."""
     waited = (now - submitted_at).total_seconds() if submitted_at else 0.0
     interval = min(settings.poll_max_interval, max(settings.poll_min_interval, waited / 4))
+    if settings.webhook_url:
+        interval = max(interval, settings.webhook_poll_after)
     return now + timedelta(seconds=interval)
 
 
-def poll(rt: Runtime, limit: int = 200) -> int:
+def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int:
     """Ask fal for the status of every due in-flight job; returns how many status calls were made.
 
     Every batch's, even with a batch scope (``rt.batch_ids``): a status call costs nothing, and
     the outstanding cap counts every request at fal for the key, so requests another batch left
     at fal (an interrupted run) must still be seen to finish or they would hold the cap forever.
     Only the scope's completed jobs are downloaded here; another batch's wait, unleased, in
-    ``downloading`` for a run of that batch (or a worker).
+    ``downloading`` for a run of that batch (or a worker). ``exclude``: jobs a status stream
+    already follows (:mod:`worker.watcher`); asking for them too would only cost calls.
     """
     now = utcnow()
     with db.session_scope(rt.engine) as session:
@@ -54,6 +68,7 @@ def poll(rt: Runtime, limit: int = 200) -> int:
             now=now,
             owner=rt.owner,
             lease_seconds=rt.settings.lease_seconds,
+            exclude_ids=exclude,
         )
         snapshot = [(rt.fence(j), handle_of(j, rt.settings.fal_queue_url), j.submitted_at) for j in due]
         elsewhere = {j.id for j in due if not rt.in_scope(j.batch_id)}
@@ -211,3 +226,59 @@ def _apply_status(
             store.mark_running(session, fence, next_poll_at=next_poll)
             return
         store.release_lease(session, fence, next_attempt_at=next_poll)
+
+
+#: Job states in which the job's own request is at fal, so a status of it can move the job.
+AT_FAL = (S.QUEUED, S.RUNNING, S.CANCELLING)
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """fal said ``status`` of request ``request_id``, the request of job ``job_id`` (a stream event)."""
+
+    job_id: str
+    request_id: str
+    status: Status
+
+
+def apply_seen(rt: Runtime, seen: Sequence[Seen]) -> int:
+    """Apply statuses fal pushed (status streams), in one transaction; returns how many moved a job.
+
+    The same compare-and-set moves as a poll (:func:`record_completion`, ``mark_running``) on
+    the job as it is now, and only while the job still waits on that very request: a stale
+    event (the job was resent, cancelled, or a poll got there first) changes nothing. Downloads
+    of this runtime's batches are queued once the transaction commits.
+    """
+    if not seen:
+        return 0
+    now = utcnow()
+    moved = 0
+    downloads: list[str] = []
+    latest: dict[str, Seen] = {}
+    for event in seen:  # one stream's events arrive in order: the last one of a job says most
+        if not (event.job_id in latest and latest[event.job_id].status.completed):
+            latest[event.job_id] = event
+    with db.session_scope(rt.engine) as session:
+        jobs = store.jobs_by_id(session, set(latest))
+        for event in latest.values():
+            job = jobs.get(event.job_id)
+            if job is None or job.request_id != event.request_id or S(job.state) not in AT_FAL:
+                continue
+            fence = rt.fence(job)
+            status = event.status
+            if status.completed:
+                queued_until = rt.lease_until(now) if rt.in_scope(job.batch_id) else None
+                if record_completion(session, fence, status, now=now, download_queued_until=queued_until):
+                    downloads.append(job.id)
+                moved += 1
+            elif (
+                status.state == "IN_PROGRESS"
+                and fence.state == S.QUEUED
+                and store.mark_running(
+                    session, fence, next_poll_at=_next_poll(rt.settings, job.submitted_at, now)
+                )
+            ):
+                moved += 1
+    for job_id in downloads:
+        rt.enqueue_download(job_id)
+    return moved

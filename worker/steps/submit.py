@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import httpx
 from sqlalchemy.exc import OperationalError
@@ -36,6 +36,7 @@ from worker.fal.storage import prepare_input
 from worker.limits import LimiterUnavailableError, wait_for_token
 from worker.steps.context import Runtime, S, in_seconds
 from worker.steps.failures import pause_for_account, settle, submit_outcome_unknown
+from worker.steps.poll import first_poll_at
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,22 @@ def webhook_for(settings: Settings, job_id: str, attempt: int) -> str | None:
 
 
 def submit(rt: Runtime, job_id: str) -> str:
-    """Send one claimed job to fal, exactly once. Returns what happened, for logs and tests."""
-    with db.session_scope(rt.engine) as session:
+    """Send one claimed job to fal, exactly once. Returns what happened, for logs and tests.
+
+    Whoever conducts this process hears of it at once (``rt.notify``): an accepted job is to
+    be watched, any other end gave its outstanding slot back (dispatch again now).
+    """
+    outcome = _submit(rt, job_id)
+    if outcome in ("submitted", "submitted-late"):
+        rt.notify("submitted", job_id)
+    elif outcome not in ("skipped", "ambiguous"):
+        rt.notify("freed", job_id)
+    return outcome
+
+
+def _submit(rt: Runtime, job_id: str) -> str:
+    # Only a look (no write lock): the fenced writes that follow refuse a job changed since.
+    with db.read_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
         if job.state != S.SUBMITTING or job.submitted_input is not None:
             return "skipped"  # a duplicate message, or another worker already began this POST
@@ -204,7 +219,7 @@ def _record_submission(rt: Runtime, fence: Fence, submitted: Submitted, now: dat
             response_url=submitted.response_url,
             cancel_url=submitted.cancel_url,
             submitted_at=now,
-            next_poll_at=now + timedelta(seconds=rt.settings.poll_min_interval),
+            next_poll_at=first_poll_at(rt.settings, now),
         )
 
     with db.session_scope(rt.engine) as session:

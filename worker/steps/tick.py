@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from worker.steps.context import Runtime
@@ -27,14 +28,17 @@ class TickReport:
     downloads: int = 0
 
 
-def tick(rt: Runtime, stopping: threading.Event | None = None) -> TickReport:
+def tick(
+    rt: Runtime, stopping: threading.Event | None = None, *, exclude: Collection[str] = ()
+) -> TickReport:
     """One round of periodic work: apply stored webhooks, reconcile, poll, dispatch, schedule downloads.
 
     Stored webhooks come first: a delivery that proves an ambiguous submit was accepted must be
     applied before the reconciler would settle that submit by its policy.
 
     ``stopping`` is checked between steps: once it is set (Ctrl-C) the round ends without
-    claiming anything more, even when a slow status call kept it busy meanwhile.
+    claiming anything more, even when a slow status call kept it busy meanwhile. ``exclude``:
+    jobs a status stream follows, which the poll leaves alone.
     """
     report = TickReport()
 
@@ -44,7 +48,7 @@ def tick(rt: Runtime, stopping: threading.Event | None = None) -> TickReport:
     report.webhooks = apply_pending(rt)
     report.reconciled = reconcile(rt) + cancel_jobs_of_cancelled_batches(rt)
     if go_on():
-        report.status_calls = poll(rt)
+        report.status_calls = poll(rt, exclude=exclude)
     if go_on():
         report.dispatched = len(dispatch(rt))
     if go_on():

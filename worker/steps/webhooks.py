@@ -41,7 +41,7 @@ from worker.fal.models import Status
 from worker.fal.redact import redact_value
 from worker.fal.webhooks import VerifiedDelivery
 from worker.steps.context import Runtime, S, worker_identity
-from worker.steps.poll import record_completion
+from worker.steps.poll import first_poll_at, record_completion
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 _AT_FAL = (S.QUEUED, S.RUNNING, S.CANCELLING)
 #: Tries to apply one delivery when the job keeps moving under it; then the tick tries again.
 _TRIES = 3
+#: Outcomes that moved a job: the tick leader is woken (:func:`jobs.db.notify_events`, on
+#: PostgreSQL) to queue its download and fill the slot it freed, in whichever process it runs.
+_MOVED = ("completed", "adopted")
 
 
 def _everything(_batch_id: str) -> bool:
@@ -96,7 +99,19 @@ def receive(inbox: Inbox, delivery: VerifiedDelivery, *, job_id: str | None, att
         apply_delivery(inbox, delivery_id)
     except Exception:  # stored: the tick applies it later; fal must not resend for our bug
         log.exception("webhook %d: applying failed; the tick will try again", delivery_id)
+        if job_id is not None:
+            _announce(inbox, f"webhook:{job_id}")
     return delivery_id
+
+
+def _announce(inbox: Inbox, payload: str) -> None:
+    """Wake the tick leader (PostgreSQL) in a transaction of its own; best effort, as the
+    leader's next tick finds the same work anyway."""
+    try:
+        with db.session_scope(inbox.engine) as session:
+            db.notify_events(session, payload)
+    except Exception:
+        log.warning("could not wake the tick leader (%s); its next tick will do", payload, exc_info=True)
 
 
 def apply_pending(rt: Runtime, limit: int = 200) -> int:
@@ -121,6 +136,8 @@ def apply_delivery(inbox: Inbox, delivery_id: int) -> str:
             store.defer_delivery(session, delivery_id, "deferred: the job kept moving")
             return "deferred"
         store.settle_delivery(session, delivery_id, outcome)
+        if outcome in _MOVED and delivery.job_id is not None:  # heard at commit, with the move
+            db.notify_events(session, f"webhook:{delivery.job_id}")
         if queue is not None:
             session.commit()
     if queue is not None and inbox.enqueue_download is not None:
@@ -181,7 +198,7 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                 request_id=delivery.request_id,
                 gateway_request_id=gateway if isinstance(gateway, str) else None,
                 submitted_at=submitted_at,
-                next_poll_at=now + timedelta(seconds=inbox.settings.poll_min_interval),
+                next_poll_at=first_poll_at(inbox.settings, now),
             ):
                 continue
             log.info("job %s: webhook proved fal accepted it as %s", job.id, delivery.request_id)

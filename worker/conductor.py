@@ -1,0 +1,275 @@
+"""The conductor: react to what happens at fal the moment it happens; tick only as a safety net.
+
+A batch drains at fal's pace only when a finished request is noticed at once and the next
+job is sent at once: every second a slot idles after a completion is lost for good. So the
+conductor (the one process that dispatches: an embedded ``run``, or the distributed tick
+leader) waits on *events* —
+
+* a status stream says a request started or ended (:mod:`worker.watcher`);
+* a submit task says fal accepted a job (start watching it) or gave a slot back;
+* another process says so over the database (``LISTEN``, :mod:`worker.notifications`): a
+  worker's submit, the webhook receiver's delivery —
+
+and on each one applies the status (the poller's compare-and-set moves), queues the download
+and dispatches the next jobs right away. The periodic tick (reconcile, poll, dispatch,
+downloads, stored webhooks) still runs every ``WANBATCH_TICK_INTERVAL``: whatever an event
+missed — a dropped stream, a lost notice, a crashed worker — it finds, so events only ever
+make things faster, never make them correct.
+
+With a receiver configured (``WANBATCH_WEBHOOK_URL``) nothing is streamed: fal's webhooks tell
+of completions, and polling is only the late safety net.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from jobs import db, store
+from worker import steps
+from worker.fal.models import Status
+from worker.steps.context import Runtime, handle_of
+from worker.steps.poll import AT_FAL, Seen, apply_seen
+from worker.watcher import StatusWatcher
+
+log = logging.getLogger(__name__)
+
+#: How many status streams one conductor keeps open at most; requests beyond are polled.
+MAX_STREAMS = 64
+#: A job whose stream broke this many times is left to polling for the rest of its run.
+STREAM_FAILURES_MAX = 3
+#: Shortest pause between two dispatch rounds while jobs wait for the submit rate.
+REDISPATCH_SECONDS = 0.02
+#: "Started running" is bookkeeping, not a reason to act: such events are applied together,
+#: at most this long after the first of them (one transaction for several jobs).
+STARTED_BATCH_SECONDS = 0.2
+
+
+@dataclass
+class ConductorStats:
+    """What the conductor did (benchmarks, logs)."""
+
+    rounds: int = 0
+    ticks: int = 0
+    status_calls: int = 0
+    streams: int = 0
+    events: int = 0
+    dispatched: int = 0
+
+
+class Conductor:
+    """Dispatches on events for one runtime. Call :meth:`notify` from any thread; :meth:`run` in one."""
+
+    def __init__(self, rt: Runtime, *, stream: bool | None = None, max_streams: int = MAX_STREAMS) -> None:
+        self.rt = rt
+        if stream is None:
+            stream = not rt.settings.webhook_url  # with webhooks, fal tells us; streams would double it
+        self.watcher = (
+            StatusWatcher(rt.client, self._on_status, self._on_lost, max_streams=max_streams)
+            if stream
+            else None
+        )
+        self.stats = ConductorStats()
+        self._cond = threading.Condition()
+        self._ended: list[Seen] = []  # requests that ended: applied at once, then dispatch
+        self._started: list[Seen] = []  # requests that started running: applied in bunches
+        self._started_since = 0.0
+        self._submitted: set[str] = set()
+        self._wants_dispatch = False
+        self._stream_failures: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ events (any thread)
+
+    def notify(self, kind: str, job_id: str) -> None:
+        """Something happened to ``job_id``: ``submitted`` (fal has it: watch it), or ``freed``,
+        ``done``, ``webhook`` (a slot or a job may be free: dispatch)."""
+        with self._cond:
+            if kind == "submitted":
+                self._submitted.add(job_id)
+            else:
+                self._wants_dispatch = True
+            self._cond.notify()
+
+    def _on_status(self, job_id: str, request_id: str, status: Status) -> None:
+        with self._cond:
+            if status.completed:
+                self._ended.append(Seen(job_id, request_id, status))
+                self._wants_dispatch = True
+                self._cond.notify()
+            else:  # started running: worth recording, not worth a round of its own
+                if not self._started:
+                    self._started_since = time.monotonic()
+                self._started.append(Seen(job_id, request_id, status))
+
+    def _on_lost(self, job_id: str) -> None:
+        """A stream broke: follow the request again (a new stream), a few times; then poll it."""
+        with self._cond:
+            failures = self._stream_failures[job_id] = self._stream_failures.get(job_id, 0) + 1
+            if failures < STREAM_FAILURES_MAX:
+                self._submitted.add(job_id)
+            self._cond.notify()
+
+    def _pending(self) -> bool:
+        started_due = bool(self._started) and time.monotonic() - self._started_since >= STARTED_BATCH_SECONDS
+        return bool(self._ended or self._submitted or self._wants_dispatch or started_due)
+
+    def _take(self, timeout: float) -> tuple[list[Seen], set[str], bool]:
+        """Wait up to ``timeout`` for something to do; then (statuses to apply, jobs to watch,
+        whether to dispatch). "Started running" events wait up to :data:`STARTED_BATCH_SECONDS`
+        to be applied together, or go along with the next round."""
+        with self._cond:
+            if not self._pending() and timeout > 0:
+                if self._started:
+                    timeout = min(
+                        timeout, max(0.0, self._started_since + STARTED_BATCH_SECONDS - time.monotonic())
+                    )
+                self._cond.wait(timeout)
+            seen = self._started + self._ended
+            submitted, wants = self._submitted, self._wants_dispatch
+            self._started, self._ended, self._submitted, self._wants_dispatch = [], [], set(), False
+        return seen, submitted, wants
+
+    # ------------------------------------------------------------------ the loop (one thread)
+
+    def run(
+        self,
+        stopping: threading.Event,
+        *,
+        on_progress: Callable[[], bool] | None = None,
+        progress_every: float = 0.5,
+        leads: Callable[[], bool] | None = None,
+        resilient: bool = False,
+    ) -> None:
+        """React to events and tick until ``stopping`` is set or ``on_progress`` says done.
+
+        ``on_progress`` is called at most every ``progress_every`` seconds (and returns True
+        when the work is finished); ``leads`` is asked before each tick — a process that does
+        not lead waits and asks again (the distributed tick leader lock). ``resilient``: an
+        error in a round is logged and the next round goes on (a long-lived worker, whose next
+        round re-reads everything); otherwise it ends the run (a ``wanbatch run`` reports it).
+        """
+        while not stopping.is_set():
+            try:
+                self._loop(stopping, on_progress, progress_every, leads)
+                return
+            except Exception:
+                if not resilient:
+                    raise
+                log.exception("conductor round failed; going on after a pause")
+                stopping.wait(min(1.0, self.rt.settings.tick_interval))
+
+    def _loop(
+        self,
+        stopping: threading.Event,
+        on_progress: Callable[[], bool] | None,
+        progress_every: float,
+        leads: Callable[[], bool] | None,
+    ) -> None:
+        interval = self.rt.settings.tick_interval
+        next_tick = next_progress = 0.0
+        leading = False
+        redispatch_at: float | None = None
+        while not stopping.is_set():
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + interval
+                leading = leads() if leads is not None else True
+                if leading:
+                    self._tick(stopping)
+            if on_progress is not None and now >= next_progress:
+                next_progress = now + progress_every
+                if on_progress():
+                    return
+            deadline = min(next_tick, next_progress if on_progress is not None else next_tick)
+            if redispatch_at is not None:
+                deadline = min(deadline, redispatch_at)
+            seen, submitted, wants_dispatch = self._take(max(0.0, deadline - time.monotonic()))
+            if stopping.is_set() or not leading:
+                continue
+            self.stats.rounds += 1
+            if seen:
+                self.stats.events += len(seen)
+                apply_seen(self.rt, seen)
+            if submitted:
+                self._watch(submitted)
+            due_again = redispatch_at is not None and time.monotonic() >= redispatch_at
+            if wants_dispatch or due_again:
+                sent = steps.dispatch(self.rt)
+                self.stats.dispatched += len(sent)
+                # Jobs left waiting for the submit rate: look again shortly, not at the next tick.
+                short = self.rt.bucket is not None and self.rt.bucket.short
+                redispatch_at = time.monotonic() + REDISPATCH_SECONDS if short else None
+
+    def _tick(self, stopping: threading.Event) -> None:
+        """The safety net: a full tick, polling only what no stream follows; then catch up on
+        requests at fal that nothing watches (sent by another process, or a previous run)."""
+        self.stats.ticks += 1
+        exclude = self.watcher.watching() if self.watcher is not None else frozenset()
+        report = steps.tick(self.rt, stopping, exclude=exclude)
+        self.stats.status_calls += report.status_calls
+        self.stats.dispatched += report.dispatched
+        if self.watcher is not None and not stopping.is_set():
+            self._watch(set())
+
+    def _watch(self, job_ids: set[str]) -> None:
+        """Follow ``job_ids`` (just submitted) and any other unwatched request at fal, room permitting."""
+        watcher = self.watcher
+        if watcher is None or watcher.room() <= 0:
+            return
+        given_up = {j for j, n in self._stream_failures.items() if n >= STREAM_FAILURES_MAX}
+        exclude = watcher.watching() | given_up
+        with db.read_scope(self.rt.engine) as session:
+            if job_ids:
+                jobs = [j for j in store.jobs_by_id(session, job_ids - exclude).values() if j.state in AT_FAL]
+            else:
+                jobs = store.requests_at_fal(
+                    session, states=AT_FAL, exclude_ids=exclude, limit=watcher.room()
+                )
+            handles = [
+                (j.id, handle_of(j, self.rt.settings.fal_queue_url)) for j in jobs if j.request_id is not None
+            ]
+        for job_id, handle in handles:
+            if watcher.watch(job_id, handle):
+                self.stats.streams += 1
+
+    def close(self) -> None:
+        """Stop reporting stream events (the streams end when the client closes)."""
+        if self.watcher is not None:
+            self.watcher.close()
+
+
+@contextlib.contextmanager
+def listening(engine: Engine, notify: Callable[[str, str], None]) -> Iterator[None]:
+    """While inside, notices other processes send over the database reach ``notify``.
+
+    PostgreSQL only (``LISTEN``, :mod:`worker.notifications`): a worker's submit, the webhook
+    receiver's delivery. Elsewhere (SQLite: one host) the tick finds their effects instead.
+    """
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    from worker.notifications import EventListener
+
+    listener = EventListener(engine.url.render_as_string(hide_password=False))
+    stop = threading.Event()
+
+    def relay() -> None:
+        while not stop.is_set():
+            for payload in listener.wait(1.0):
+                kind, _, job_id = payload.partition(":")
+                notify(kind, job_id)
+
+    thread = threading.Thread(target=relay, name="wanbatch-listen", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(2.0)
+        listener.close()

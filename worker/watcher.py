@@ -1,0 +1,96 @@
+"""Follow requests at fal over its status stream, so a completion is known the moment it happens.
+
+Without a public URL for webhooks (a laptop, the embedded default) the only other way to
+learn that a request finished is to ask, and asking on an interval both wastes calls and
+leaves fal's slot idle until the next ask. fal's queue offers a server-sent-events stream per
+request (``GET …/requests/{id}/status/stream``, https://docs.fal.ai/model-apis/model-endpoints/queue):
+one call per request, and an event the moment its state changes.
+
+Each watched request gets a thread that reads its stream (:meth:`FalClient.stream_status`,
+sync httpx sharing the client's connection pool) and reports what matters — the request
+started running, or it ended — to a callback; the callback only queues it (the conductor
+applies it to the database). A stream that breaks is reported as lost: the poller's safety net
+takes the job over. The number of streams is bounded; requests beyond it are left to polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from jobs.errors import WanbatchError
+from worker.fal.client import FalClient
+from worker.fal.models import RequestHandle, Status
+
+log = logging.getLogger(__name__)
+
+#: ``on_status(job_id, request_id, status)``: the request started running, or ended.
+OnStatus = Callable[[str, str, Status], None]
+#: ``on_lost(job_id)``: the stream broke before the request ended; polling takes over.
+OnLost = Callable[[str], None]
+
+
+class StatusWatcher:
+    """Watches up to ``max_streams`` requests at once, each over its own status stream."""
+
+    def __init__(self, client: FalClient, on_status: OnStatus, on_lost: OnLost, *, max_streams: int) -> None:
+        self.client = client
+        self.on_status = on_status
+        self.on_lost = on_lost
+        self.max_streams = max_streams
+        self._lock = threading.Lock()
+        self._watching: dict[str, str] = {}  # job id -> request id
+        self._closed = False
+
+    def watching(self) -> frozenset[str]:
+        """The jobs whose request is followed right now (the poller leaves them alone)."""
+        with self._lock:
+            return frozenset(self._watching)
+
+    def room(self) -> int:
+        """How many more requests can be watched now."""
+        with self._lock:
+            return 0 if self._closed else self.max_streams - len(self._watching)
+
+    def watch(self, job_id: str, handle: RequestHandle) -> bool:
+        """Start following ``handle`` for ``job_id``; False when it already is, or no room is left."""
+        with self._lock:
+            if self._closed or job_id in self._watching or len(self._watching) >= self.max_streams:
+                return False
+            self._watching[job_id] = handle.request_id
+        thread = threading.Thread(
+            target=self._follow, args=(job_id, handle), name=f"wanbatch-watch-{job_id[:8]}", daemon=True
+        )
+        thread.start()
+        return True
+
+    def close(self) -> None:
+        """Report nothing more. Streams still open end when the client's pool closes."""
+        with self._lock:
+            self._closed = True
+
+    def _follow(self, job_id: str, handle: RequestHandle) -> None:
+        running_said = False
+        ended = False
+        try:
+            for status in self.client.stream_status(handle):
+                if self._closed:
+                    return
+                if status.completed:
+                    ended = True
+                    self.on_status(job_id, handle.request_id, status)
+                    return
+                if status.state == "IN_PROGRESS" and not running_said:
+                    running_said = True
+                    self.on_status(job_id, handle.request_id, status)
+        except WanbatchError as exc:
+            log.debug("job %s: status stream lost (%s); polling takes over", job_id, exc)
+        except Exception:  # a bug or a closed pool must not kill the process: the poller has it
+            log.debug("job %s: status stream failed; polling takes over", job_id, exc_info=True)
+        finally:
+            with self._lock:
+                self._watching.pop(job_id, None)
+                closed = self._closed
+            if not ended and not closed:
+                self.on_lost(job_id)
