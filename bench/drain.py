@@ -1,19 +1,44 @@
-"""Drain benchmark (issue #11): wanbatch embedded vs. the hand-written fal-client script.
+"""Drain benchmark (issue #11): wanbatch, embedded and distributed, vs. the hand-written script.
 
-Both clients drain the same job list against the same simulator, which runs over TLS in its
-**own process** (so the clients' CPU is measured apart from fal's side). Each client runs in a
-child process reaped with ``os.wait4``, which gives that child's own user+sys CPU time and peak
-RSS (its own children included). The simulator's ledger gives the makespan (first accepted
-submit → last completed run) and the recorded run times; a counting wrapper around the
-simulator's ASGI app (bench-only, inside the simulator process) counts status calls.
+All clients drain the same job list against the same simulator, which runs over TLS in its
+**own process** (so the clients' CPU is measured apart from fal's side). The simulator's ledger
+gives the makespan (first accepted submit → last completed run) and the recorded run times; a
+counting wrapper around the simulator's ASGI app (bench-only, inside the simulator process)
+counts status calls. The simulator is reset before each row.
+
+Rows, each in child processes reaped with ``os.wait4`` (user+sys CPU and peak RSS, the
+children they reaped included):
+
+* ``wanbatch run (defaults)``: ``wanbatch run MANIFEST`` embedded, on a fresh SQLite database;
+  ``WANBATCH_SUBMIT_RATE=50``, every other setting wanbatch's default — the outstanding cap too,
+  which keeps a small queue waiting at fal beyond the account's running slots by design.
+* ``wanbatch run (tick 0.1, poll 0.1)`` (``--no-fast-row`` skips it): the same with a 0.1 s tick
+  and minimum poll interval.
+* ``wanbatch, 2 distributed workers`` (``--no-distributed`` skips it): a fresh PostgreSQL database
+  and an empty Redis DB of its own (claimed among 1..15, flushed afterwards, never another DB);
+  ``wanbatch submit``, then ``--workers`` × ``wanbatch worker`` and ``wanbatch run BATCH``, which
+  only watches in distributed mode; the workers get SIGTERM once it exits. CPU is the sum over
+  **all** those processes (the workers' pool children included); peak RSS the sum of each
+  concurrent process's own peak (see :mod:`bench._procs`: shared pages count in each).
+* ``handwritten``: ``bench/handwritten.py``, asyncio + fal-client + a semaphore of C.
+
+``--wanbatch-env KEY=VALUE`` (repeatable) adds a setting to every wanbatch process of every row.
+
+``--profile DIR`` runs the embedded rows under ``py-spy record -r 100 -f raw`` (stacks in
+``DIR/<scenario>-<row>.txt``) and prints the 25 functions with the largest inclusive share of
+the busy samples. py-spy slows the process it samples and its CPU is in the row's: **profiled
+figures are not to be reported**; measure without ``--profile`` for RESULTS.md.
 
 Scenario ``drain``: N jobs, fixed model time L, account concurrency C: ideal = ceil(N/C) × L.
 Scenario ``tail``: lognormal model times (median 2 s, σ 0.6): the reference is the makespan of
 a zero-overhead client that keeps the C slots busy in submission order, computed from the run
 times the simulator recorded in that very run.
 
-    python -m bench.drain                          # both scenarios, issue #11's defaults
-    python -m bench.drain --jobs 80 --scenario drain
+    python -m bench.drain                          # THE figures: both scenarios, every row
+    python -m bench.drain --jobs 80 --scenario drain --no-fast-row
+    python -m bench.drain --scenario drain --no-distributed --profile /tmp/prof
+
+Exit status 1 when a row broke (its figures show as nan, the other rows are still measured).
 """
 
 from __future__ import annotations
@@ -23,6 +48,7 @@ import heapq
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,9 +60,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from rich.markup import escape
 from rich.table import Table
 
-from bench._common import ROOT, machine_summary, print_table, today
+from bench._common import ROOT, fresh_pg_database, machine_summary, print_table, today
+from bench._procs import Child, GroupSampler, spawn, stop_all, total_usage
+from bench._stacks import top_table
 
 ENDPOINT = "fal-ai/wan-22"
 KEY = "bench-drain-key"
@@ -167,6 +196,10 @@ def start_simulator(tmp: Path, concurrency: int, latency: float, sigma: float, s
 # --------------------------------------------------------------------------- clients
 
 
+#: What a client run gives: wall s, CPU s, peak RSS MB, videos on disk, a note for the table.
+Measured = tuple[float, float, float, int, str]
+
+
 @dataclass
 class Row:
     client: str
@@ -179,10 +212,17 @@ class Row:
     jobs: int
     status_per_job: float | None
     note: str = ""
+    broken: bool = False
 
 
 def _items(jobs: int) -> list[dict[str, Any]]:
     return [{"prompt": f"bench drain {i}", "seed": 1000 + i} for i in range(jobs)]
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    """The end of a child's log, indented: the work folders are deleted with the scenario."""
+    text = log.read_text(errors="replace") if log.exists() else "(no log)"
+    return "\n".join(f"  | {line}" for line in text.splitlines()[-lines:])
 
 
 def _run_child(argv: list[str], env: dict[str, str], log: Path) -> tuple[float, float, float, int, str]:
@@ -198,11 +238,28 @@ def _run_child(argv: list[str], env: dict[str, str], log: Path) -> tuple[float, 
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode, out
 
 
-def run_wanbatch(
-    sim: Simulator, tmp: Path, jobs: int, concurrency: int, fast: bool
-) -> tuple[float, float, float, int]:
-    """``wanbatch run`` on a fresh SQLite database; (wall, cpu s, rss MB, succeeded)."""
-    work = Path(tempfile.mkdtemp(prefix="wanbatch-", dir=tmp))
+@dataclass(frozen=True)
+class WanbatchOptions:
+    """How the wanbatch rows run: extra settings for all of them, the distributed row's services."""
+
+    #: ``--wanbatch-env KEY=VALUE``: applied last, to every wanbatch process of every row.
+    extra_env: dict[str, str]
+    #: A PostgreSQL server (any database on it): the distributed row creates its own there.
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    #: A Redis server without a DB number: the distributed row claims an empty DB (1..15) there.
+    redis_url: str = "redis://127.0.0.1:6379"
+    workers: int = 2
+    #: ``wanbatch worker --concurrency`` (None: the worker's own default, the CPU count).
+    worker_concurrency: int | None = None
+    #: Seconds the distributed row may take before it is abandoned as broken.
+    timeout: float = 1800.0
+    #: ``--profile DIR``: the embedded rows run under py-spy, which writes its stacks there.
+    profile_dir: Path | None = None
+
+
+def _write_manifest(tmp: Path, jobs: int, prefix: str) -> tuple[Path, Path]:
+    """A fresh work folder holding the bench manifest (``items_from`` JSONL); (folder, manifest)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp))
     with (work / "items.jsonl").open("w") as f:
         for item in _items(jobs):
             f.write(json.dumps(item) + "\n")
@@ -212,30 +269,141 @@ def run_wanbatch(
         'defaults:\n  resolution: 480p\n  aspect_ratio: "16:9"\n'
         "items_from: items.jsonl\nbudget:\n  max_usd: 100000\n"
     )
-    env = {
-        **os.environ,
+    return work, manifest
+
+
+def _wanbatch_env(sim: Simulator, work: Path, opts: WanbatchOptions, **settings: str) -> dict[str, str]:
+    """The environment of a wanbatch process: ours without any WANBATCH_* (a broker URL in the
+    caller's shell would silently turn the embedded rows distributed), the simulator, the row's
+    ``settings``, then ``--wanbatch-env``. The outstanding cap is wanbatch's default: it keeps a
+    small queue waiting at fal beyond the running slots by design."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANBATCH_") and k != "FAL_KEY"}
+    env |= {
         "FAL_KEY": KEY,
         "SSL_CERT_FILE": sim.ca_file,
         "WANBATCH_FAL_QUEUE_URL": sim.url,
         "WANBATCH_FAL_REST_URL": sim.url,
         "WANBATCH_DATABASE_URL": f"sqlite:///{work / 'wanbatch.db'}",
         "WANBATCH_OUTPUT_DIR": str(work / "outputs"),
-        "WANBATCH_MAX_OUTSTANDING": str(concurrency),
         "WANBATCH_SUBMIT_RATE": "50",
+        "PYTHONUNBUFFERED": "1",
+        **settings,
     }
-    if fast:
-        env |= {"WANBATCH_TICK_INTERVAL": "0.1", "WANBATCH_POLL_MIN_INTERVAL": "0.1"}
+    return env | opts.extra_env
+
+
+def _profile_path(opts: WanbatchOptions, row: str) -> Path | None:
+    if opts.profile_dir is None:
+        return None
+    slug = "".join(c if c.isalnum() else "-" for c in row.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return opts.profile_dir / f"{slug}.txt"
+
+
+def run_wanbatch(
+    sim: Simulator, tmp: Path, jobs: int, opts: WanbatchOptions, fast: bool, profile: Path | None
+) -> Measured:
+    """``wanbatch run`` on a fresh SQLite database; (wall, cpu s, rss MB, succeeded).
+
+    With ``profile``, under ``py-spy record`` (whose own CPU is then in the figures too).
+    """
+    work, manifest = _write_manifest(tmp, jobs, "wanbatch-")
+    extra = {"WANBATCH_TICK_INTERVAL": "0.1", "WANBATCH_POLL_MIN_INTERVAL": "0.1"} if fast else {}
+    env = _wanbatch_env(sim, work, opts, **extra)
     argv = [sys.executable, "-c", "import cli; cli.main()", "run", str(manifest), "--no-progress"]
+    if profile is not None:
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        argv = ["py-spy", "record", "-r", "100", "-f", "raw", "-o", str(profile), "--", *argv]
     wall, cpu, rss, code, _ = _run_child(argv, env, work / "stderr.log")
     if code != 0:
-        print(f"wanbatch run exited {code}; see {work / 'stderr.log'}", file=sys.stderr)
+        print(f"wanbatch run exited {code}; its log ends:\n{_tail(work / 'stderr.log')}", file=sys.stderr)
     succeeded = len(list((work / "outputs").rglob("*.mp4")))
-    return wall, cpu, rss, succeeded
+    return wall, cpu, rss, succeeded, ""
 
 
-def run_handwritten(
-    sim: Simulator, tmp: Path, jobs: int, concurrency: int
-) -> tuple[float, float, float, int]:
+def run_distributed(sim: Simulator, tmp: Path, jobs: int, opts: WanbatchOptions) -> Measured:
+    """``wanbatch submit``, ``opts.workers`` × ``wanbatch worker``, ``wanbatch run BATCH`` (which only
+    watches in distributed mode) on a fresh PostgreSQL database and a Redis DB of its own.
+
+    Wall: from the submit to the watcher's exit. CPU: every wanbatch process (the submit, the
+    workers with their pool children, the watcher); peak RSS: the sum of the per-process peaks of
+    the processes that run together (workers, their children, the watcher), see :mod:`bench._procs`.
+    The workers get SIGTERM once the watcher has seen the batch finish.
+    """
+    from bench.distributed import claimed_redis_db, wanbatch_command
+
+    work, manifest = _write_manifest(tmp, jobs, "wanbatch-dist-")
+    wanbatch = wanbatch_command()
+    with (
+        fresh_pg_database(opts.database_url, f"bench_drain_{os.getpid()}_") as database_url,
+        claimed_redis_db(opts.redis_url) as broker_url,
+    ):
+        env = _wanbatch_env(
+            sim, work, opts, WANBATCH_DATABASE_URL=database_url, WANBATCH_BROKER_URL=broker_url
+        )
+        t0 = time.perf_counter()
+        _, submit_cpu, _, code, out = _run_child(
+            [*wanbatch, "submit", str(manifest), "--json"], env, work / "submit.log"
+        )
+        if code != 0:
+            raise RuntimeError(f"wanbatch submit exited {code}; its log ends:\n{_tail(work / 'submit.log')}")
+        batch_id = str(json.loads(out)["batch"])
+        worker_argv = [*wanbatch, "worker"]
+        if opts.worker_concurrency:
+            worker_argv += ["--concurrency", str(opts.worker_concurrency)]
+        children: list[Child] = []
+        with GroupSampler() as sampler:
+            try:
+                for n in range(opts.workers):
+                    children.append(spawn(worker_argv, f"worker-{n}", env, work, work / f"worker-{n}.log"))
+                    sampler.watch(children[-1])
+                watcher = spawn(
+                    [*wanbatch, "run", batch_id, "--no-progress"], "watcher", env, work, work / "watcher.log"
+                )
+                children.append(watcher)
+                sampler.watch(watcher)
+                _wait_watcher(watcher, children[:-1], work, opts.timeout)
+                wall = time.perf_counter() - t0
+            finally:
+                sampler.sample()  # the last word on the workers' children before they go
+                stop_all(children, grace=30)
+        usage = total_usage(children, sampler, before=submit_cpu)
+    if watcher.proc.returncode != 0:
+        code, log = watcher.proc.returncode, _tail(work / "watcher.log")
+        print(f"wanbatch run (watcher) exited {code}; its log ends:\n{log}", file=sys.stderr)
+    if usage.killed:
+        print(
+            f"{usage.killed} wanbatch process(es) needed SIGKILL: their pool children's CPU may be missing",
+            file=sys.stderr,
+        )
+    succeeded = len(list((work / "outputs").rglob("*.mp4")))
+    print(
+        f"distributed: {usage.processes} wanbatch processes; CPU {usage.cpu_seconds:.1f} s "
+        f"(submit {submit_cpu:.1f} s; after it: wait4 {usage.waited_seconds:.1f} s, "
+        f"/proc samples {usage.sampled_seconds:.1f} s)",
+        file=sys.stderr,
+    )
+    return wall, usage.cpu_seconds, usage.peak_rss_mb, succeeded, f"{usage.processes} processes; "
+
+
+def _wait_watcher(watcher: Child, workers: list[Child], work: Path, timeout: float) -> None:
+    """Until the watcher exits; a worker that dies first, or the timeout, breaks the row."""
+    deadline = time.monotonic() + timeout
+    while not watcher.reap(block=False):
+        for w in workers:
+            if w.reap(block=False):
+                log = _tail(work / f"{w.name}.log")
+                raise RuntimeError(f"{w.name} exited {w.proc.returncode} early; its log ends:\n{log}")
+        if time.monotonic() > deadline:
+            log = _tail(work / "watcher.log")
+            raise TimeoutError(
+                f"the batch was not done after {timeout:.0f} s; the watcher's log ends:\n{log}"
+            )
+        time.sleep(0.1)
+
+
+def run_handwritten(sim: Simulator, tmp: Path, jobs: int, concurrency: int) -> Measured:
     """``bench/handwritten.py`` routed to the simulator through fal_client's env vars."""
     work = Path(tempfile.mkdtemp(prefix="handwritten-", dir=tmp))
     jobs_file = work / "jobs.jsonl"
@@ -256,8 +424,8 @@ def run_handwritten(
     if code == 0 and out.strip():
         succeeded = int(json.loads(out.strip().splitlines()[-1])["succeeded"])
     else:
-        print(f"handwritten.py exited {code}; see {work / 'stderr.log'}", file=sys.stderr)
-    return wall, cpu, rss, succeeded
+        print(f"handwritten.py exited {code}; its log ends:\n{_tail(work / 'stderr.log')}", file=sys.stderr)
+    return wall, cpu, rss, succeeded, ""
 
 
 # --------------------------------------------------------------------------- figures
@@ -285,14 +453,21 @@ def zero_overhead_makespan(ledger: dict[str, Any], concurrency: int) -> float:
 def measure(
     name: str,
     sim: Simulator,
-    run: Callable[[], tuple[float, float, float, int]],
+    run: Callable[[], Measured],
     jobs: int,
     concurrency: int,
     ideal: float | None,
 ) -> Row:
     sim.reset()
     print(f"running {name} …", file=sys.stderr, flush=True)
-    wall, cpu, rss, succeeded = run()
+    broken = ""
+    try:
+        wall, cpu, rss, succeeded, extra = run()
+    except (RuntimeError, TimeoutError, OSError, ValueError, KeyError) as exc:
+        # One broken row (a worker that crashed, a service down) must not lose the others.
+        print(f"{name} broke: {exc}", file=sys.stderr)
+        wall, cpu, rss, succeeded, extra = math.nan, math.nan, math.nan, 0, ""
+        broken = f"BROKEN ({type(exc).__name__}); "
     ledger, counts = sim.ledger(), sim.counts()
     span = makespan(ledger)
     reference = ideal if ideal is not None else zero_overhead_makespan(ledger, concurrency)
@@ -308,7 +483,8 @@ def measure(
         succeeded=succeeded,
         jobs=jobs,
         status_per_job=status_calls / jobs,
-        note=note,
+        note=broken + extra + note,
+        broken=bool(broken),
     )
 
 
@@ -323,7 +499,7 @@ def table(title: str, rows: list[Row], reference_name: str) -> Table:
             r.client,
             f"{r.wall:.1f}",
             f"{r.makespan:.1f}",
-            f"{r.makespan / r.reference:.2f}× ({r.reference:.1f} s)",
+            f"{r.makespan / r.reference:.2f}× ({r.reference:.1f} s)" if r.reference > 0 else "–",
             f"{r.cpu_ms_per_job:.1f}",
             f"{r.peak_rss_mb:.0f}",
             "–" if r.status_per_job is None else f"{r.status_per_job:.1f}",
@@ -334,6 +510,7 @@ def table(title: str, rows: list[Row], reference_name: str) -> Table:
 
 
 def scenario(
+    name: str,
     title: str,
     reference_name: str,
     *,
@@ -343,58 +520,130 @@ def scenario(
     sigma: float,
     seed: int,
     fast_row: bool,
-) -> None:
+    distributed: bool,
+    opts: WanbatchOptions,
+) -> bool:
+    """Measure every row of one scenario and print its table; False when a row broke."""
     ideal = None if sigma > 0 else math.ceil(jobs / concurrency) * latency
+    profiles: list[tuple[str, Path]] = []
+
+    def embedded(label: str, fast: bool) -> tuple[str, Callable[[], Measured]]:
+        profile = _profile_path(opts, f"{name} {label}")
+        if profile is not None:
+            profiles.append((label, profile))
+            label += ", profiled"
+        return label, lambda: run_wanbatch(sim, tmp, jobs, opts, fast, profile)
+
     with tempfile.TemporaryDirectory(prefix="bench-drain-") as raw:
         tmp = Path(raw)
         sim = start_simulator(tmp, concurrency, latency, sigma, seed)
         try:
-            rows = [
-                measure(
-                    "wanbatch run (defaults)",
-                    sim,
-                    lambda: run_wanbatch(sim, tmp, jobs, concurrency, fast=False),
-                    jobs,
-                    concurrency,
-                    ideal,
-                )
-            ]
+            clients = [embedded("wanbatch run (defaults)", fast=False)]
             if fast_row:
-                rows.append(
-                    measure(
-                        "wanbatch run (tick 0.1, poll 0.1)",
-                        sim,
-                        lambda: run_wanbatch(sim, tmp, jobs, concurrency, fast=True),
-                        jobs,
-                        concurrency,
-                        ideal,
+                clients.append(embedded("wanbatch run (tick 0.1, poll 0.1)", fast=True))
+            if distributed:
+                clients.append(
+                    (
+                        f"wanbatch, {opts.workers} distributed workers",
+                        lambda: run_distributed(sim, tmp, jobs, opts),
                     )
                 )
-            rows.append(
-                measure(
+            clients.append(
+                (
                     "handwritten (fal_client + Semaphore)",
-                    sim,
                     lambda: run_handwritten(sim, tmp, jobs, concurrency),
-                    jobs,
-                    concurrency,
-                    ideal,
                 )
             )
+            rows = [measure(label, sim, run, jobs, concurrency, ideal) for label, run in clients]
         finally:
             sim.stop()
-    print_table(table(title, rows, reference_name))
+    t = table(title, rows, reference_name)
+    notes = []
+    if opts.extra_env:
+        notes.append("every wanbatch row with " + " ".join(f"{k}={v}" for k, v in opts.extra_env.items()))
+    if profiles:
+        notes.append("profiled rows ran under py-spy: do not report their figures")
+    t.caption = escape("; ".join(notes)) if notes else None
+    print_table(t)
+    for label, profile in profiles:
+        if profile.exists():
+            print_table(top_table(profile, f"{name}: {label}, top 25 by inclusive share"))
+        else:
+            print(f"no profile written for {label} ({profile})", file=sys.stderr)
+    return not any(r.broken for r in rows)
+
+
+def _key_value(raw: str) -> tuple[str, str]:
+    key, sep, value = raw.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {raw!r}")
+    return key, value
+
+
+def _commit() -> str:
+    """The commit measured, and whether the tree had uncommitted changes (for RESULTS.md)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown"
+    return f"commit {head}" + (" + uncommitted changes" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", choices=("drain", "tail", "all"), default="all")
     p.add_argument("--jobs", type=int, default=400, help="jobs in the drain scenario")
-    p.add_argument("--concurrency", type=int, default=8, help="account concurrency (and wanbatch's cap)")
+    p.add_argument("--concurrency", type=int, default=8, help="the account's concurrency at the simulator")
     p.add_argument("--latency", type=float, default=0.5, help="model time in the drain scenario (s)")
     p.add_argument("--tail-jobs", type=int, default=120)
     p.add_argument("--tail-median", type=float, default=2.0)
     p.add_argument("--tail-sigma", type=float, default=0.6)
     p.add_argument("--no-fast-row", action="store_true", help="skip the tick 0.1 / poll 0.1 wanbatch row")
+    p.add_argument("--no-distributed", action="store_true", help="skip the distributed wanbatch row")
+    p.add_argument(
+        "--wanbatch-env",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra setting for every wanbatch process of every row (repeatable)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="wanbatch workers in the distributed row")
+    p.add_argument(
+        "--worker-concurrency",
+        type=int,
+        default=None,
+        help="wanbatch worker --concurrency (default: its own)",
+    )
+    p.add_argument(
+        "--database-url",
+        default=WanbatchOptions.database_url,
+        help="PostgreSQL server for the distributed row (a database is created there and dropped)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=WanbatchOptions.redis_url,
+        help="Redis server without a DB number (an empty DB 1..15 is claimed and flushed afterwards)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=WanbatchOptions.timeout, help="seconds the distributed row may take"
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run the embedded wanbatch rows under py-spy (stacks to DIR) and print their hot spots; "
+        "profiled figures are not to be reported",
+    )
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--serve-sim", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--sigma", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -402,32 +651,49 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_sim is not None:
         _serve_simulator(args.serve_sim, args.concurrency, args.latency, args.sigma, args.seed)
         return 0
-    print(f"{today()} · {machine_summary()}")
+    # `timeout`/kill: unwind through the finally blocks, so workers, database and Redis DB go too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    opts = WanbatchOptions(
+        extra_env=dict(args.wanbatch_env),
+        database_url=args.database_url,
+        redis_url=args.redis_url,
+        workers=args.workers,
+        worker_concurrency=args.worker_concurrency,
+        timeout=args.timeout,
+        profile_dir=args.profile.resolve() if args.profile else None,
+    )
+    common: dict[str, Any] = {
+        "concurrency": args.concurrency,
+        "seed": args.seed,
+        "fast_row": not args.no_fast_row,
+        "distributed": not args.no_distributed,
+        "opts": opts,
+    }
+    print(f"{today()} · {machine_summary()} · {_commit()}")
+    ok = True
     if args.scenario in ("drain", "all"):
-        scenario(
+        ok &= scenario(
+            "drain",
             f"drain: {args.jobs} jobs, concurrency {args.concurrency}, model time {args.latency} s "
             f"(ideal = ceil(N/C) × L)",
             "ideal",
             jobs=args.jobs,
-            concurrency=args.concurrency,
             latency=args.latency,
             sigma=0.0,
-            seed=args.seed,
-            fast_row=not args.no_fast_row,
+            **common,
         )
     if args.scenario in ("tail", "all"):
-        scenario(
+        ok &= scenario(
+            "tail",
             f"tail: {args.tail_jobs} jobs, concurrency {args.concurrency}, lognormal model time "
             f"(median {args.tail_median} s, σ {args.tail_sigma})",
             "zero-overhead",
             jobs=args.tail_jobs,
-            concurrency=args.concurrency,
             latency=args.tail_median,
             sigma=args.tail_sigma,
-            seed=args.seed,
-            fast_row=not args.no_fast_row,
+            **common,
         )
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
