@@ -287,6 +287,39 @@ class BatchReport(TypedDict):
     created_at: str
 
 
+class BatchProgress(TypedDict):
+    """What a progress display shows of a batch (see :func:`batch_progress`)."""
+
+    batch: str
+    name: str
+    state: str
+    pause_reason: str | None
+    total: int
+    finished: int
+    counts: dict[str, int]
+    estimated_usd: float | None
+    spent_usd: float | None
+
+
+def batch_progress(session: Session, batch_id: str) -> BatchProgress:
+    """The part of :func:`batch_report` a progress display needs — state, counts, money — without
+    the cost report, failure reasons and ETA, which cost several aggregates each time."""
+    batch = store.get_batch(session, batch_id)
+    counts = store.counts_by_state(session, batch.id)
+    money = store.batch_money(session, batch.id)
+    return {
+        "batch": batch.id,
+        "name": batch.name,
+        "state": BatchState(batch.state).value,
+        "pause_reason": batch.pause_reason,
+        "total": sum(counts.values()),
+        "finished": sum(counts[s.value] for s in JobState if s.terminal),
+        "counts": counts,
+        "estimated_usd": _money(money.estimated_usd),
+        "spent_usd": _money(money.spent_usd),
+    }
+
+
 def batch_report(session: Session, batch_id: str) -> BatchReport:
     """The contract's ``status BATCH --json`` object for one batch."""
     batch = store.get_batch(session, batch_id)

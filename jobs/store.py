@@ -27,7 +27,7 @@ Job creation writes no event row: the job row itself (``created_at``, ``version`
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -57,6 +57,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
+from sqlalchemy.sql.elements import BindParameter
 
 from jobs.errors import NotFoundError
 from jobs.models import Batch, BatchState, Job, JobEvent, Money, Upload, WebhookDelivery, new_id, utcnow
@@ -375,6 +376,22 @@ def _check_fields(fields: dict[str, Any]) -> None:
         raise ValueError(f"not settable job fields: {sorted(bad)}")
 
 
+_PREPARED: dict[tuple[Any, ...], Any] = {}
+
+
+def _prepared(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    """A statement built once per ``key`` and reused, its variable parts bound at execution.
+
+    The hot queries (claims, the caps' counts, budget sums, transitions) run on every
+    completion. Building a statement and deriving its cache key cost more CPU than running it
+    on SQLite; a kept statement object memoises its cache key, so reusing it costs neither.
+    """
+    statement = _PREPARED.get(key)
+    if statement is None:
+        statement = _PREPARED[key] = build()
+    return statement
+
+
 def transition(
     session: Session,
     job_id: str,
@@ -487,17 +504,9 @@ def update_job_fields(session: Session, job_id: str, *, expected_version: int, *
     _check_fields(fields)
     if not fields:
         raise ValueError("update_job_fields needs at least one field")
-    values = {**fields, "updated_at": utcnow()}
-    row = session.execute(
-        update(_JOBS)
-        .where(_JOBS.c.id == job_id, _JOBS.c.version == expected_version)
-        .values(values)
-        .returning(*[_JOBS.c[name] for name in values])
-    ).first()
-    if row is None:
-        return False
-    _refresh_loaded(session, job_id, row._mapping)
-    return True
+    if any(isinstance(v, ColumnElement) for v in fields.values()):
+        raise ValueError("update_job_fields writes values, not SQL expressions")
+    return _fenced_update(session, job_id, expected_version, {**fields, "updated_at": utcnow()}) is not None
 
 
 # --------------------------------------------------------------------------- state changes, by intent
@@ -921,23 +930,26 @@ def claim_jobs(
     """
     if limit <= 0 or not states:
         return []
-    conditions: list[ColumnElement[bool]] = [
-        or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
-        or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now),
-    ]
-    if exclude_ids:
-        conditions.append(Job.id.not_in(sorted(exclude_ids)))
-    if batch_id is not None:
-        conditions.append(Job.batch_id == batch_id)
-    wanted: list[str | None] = [None]
+    wanted: list[str | None] = [batch_id]
     if batch_ids is not None:
+        if batch_id is not None:
+            raise ValueError("claim_jobs takes batch_id or batch_ids, not both")
         wanted = list(sorted(set(batch_ids)))
         if not wanted:
             return []
-    if endpoints is not None:
-        conditions.append(Job.endpoint.in_(list(endpoints)))
-    if active_batches_only:
-        conditions.append(exists().where(Batch.id == Job.batch_id, Batch.state == BatchState.ACTIVE))
+    shape = (
+        batch_id is not None or batch_ids is not None,
+        active_batches_only,
+        endpoints is not None,
+        bool(exclude_ids),
+    )
+    candidates = _prepared(("claim", *shape), lambda: _claim_candidates(*shape))
+    params: dict[str, Any] = {
+        "now": now,
+        "limit": limit,
+        "endpoints": list(endpoints or ()),
+        "exclude_ids": sorted(exclude_ids),
+    }
     # One query per (state, batch), each reading the index on (batch_id, state, created_at,
     # item_index, id) — or (state, created_at, …) — in order and stopping at ``limit``; then
     # the oldest of them. One query over all states and batches had to sort every due job:
@@ -945,37 +957,64 @@ def claim_jobs(
     found: list[Any] = []
     for state in states:
         for one_batch in wanted:
-            scoped = [Job.state == state, *conditions]
-            if one_batch is not None:
-                scoped.append(Job.batch_id == one_batch)
-            found += session.execute(
-                select(Job.id, Job.created_at, Job.item_index)
-                .where(*scoped)
-                .order_by(Job.created_at, Job.item_index, Job.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True, of=Job)  # ignored by SQLite, whose writer is alone
-            ).all()
+            found += session.execute(candidates, {**params, "state": state, "batch_id": one_batch}).all()
     found.sort(key=lambda r: (r.created_at, r.item_index, r.id))
     ids = [r.id for r in found[:limit]]
     if not ids:
         return []
     session.execute(
-        update(Job)
-        .where(Job.id.in_(ids))
-        .values(
-            lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            version=Job.version + 1,
-        )
-        .execution_options(synchronize_session=False)
+        _prepared(
+            ("claim-lease",),
+            lambda: (
+                update(_JOBS)
+                .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)))
+                .values(
+                    lease_owner=bindparam("owner"),
+                    lease_expires_at=bindparam("until"),
+                    version=_JOBS.c.version + 1,
+                )
+            ),
+        ),
+        {"ids": ids, "owner": owner, "until": now + timedelta(seconds=lease_seconds)},
     )
     claimed = session.scalars(
-        select(Job)
-        .where(Job.id.in_(ids))
-        .order_by(Job.created_at, Job.item_index, Job.id)
-        .execution_options(populate_existing=True)
+        _prepared(
+            ("claim-load",),
+            lambda: (
+                select(Job)
+                .where(Job.id.in_(bindparam("ids", expanding=True)))
+                .order_by(Job.created_at, Job.item_index, Job.id)
+                .execution_options(populate_existing=True)
+            ),
+        ),
+        {"ids": ids},
     )
     return list(claimed)
+
+
+def _claim_candidates(scoped: bool, active_only: bool, by_endpoint: bool, excluding: bool) -> Any:
+    """The candidate query of :func:`claim_jobs` for one state (and batch), oldest first."""
+    now: BindParameter[datetime] = bindparam("now")
+    conditions: list[ColumnElement[bool]] = [
+        Job.state == bindparam("state"),
+        or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
+        or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now),
+    ]
+    if scoped:
+        conditions.append(Job.batch_id == bindparam("batch_id"))
+    if by_endpoint:
+        conditions.append(Job.endpoint.in_(bindparam("endpoints", expanding=True)))
+    if excluding:
+        conditions.append(Job.id.not_in(bindparam("exclude_ids", expanding=True)))
+    if active_only:
+        conditions.append(exists().where(Batch.id == Job.batch_id, Batch.state == BatchState.ACTIVE))
+    return (
+        select(Job.id, Job.created_at, Job.item_index)
+        .where(*conditions)
+        .order_by(Job.created_at, Job.item_index, Job.id)
+        .limit(bindparam("limit"))
+        .with_for_update(skip_locked=True, of=Job)  # ignored by SQLite, whose writer is alone
+    )
 
 
 def take_lease(
@@ -989,31 +1028,53 @@ def take_lease(
     written in the same UPDATE (e.g. the exact input about to be submitted).
     """
     _check_fields(fields)
-    row = session.execute(
-        update(Job)
-        .where(Job.id == fence.job_id, Job.version == fence.version)
-        .values(
-            lease_owner=fence.owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            version=Job.version + 1,
-            updated_at=utcnow(),
-            **fields,
-        )
-        .returning(Job.version)
-        .execution_options(synchronize_session="fetch")
-    ).first()
+    values = {
+        "lease_owner": fence.owner,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "updated_at": utcnow(),
+        **fields,
+    }
+    row = _fenced_update(session, fence.job_id, fence.version, values, bump=True)
     return None if row is None else fence.at(int(row.version))
+
+
+def _fenced_update(
+    session: Session,
+    job_id: str,
+    version: int,
+    values: dict[str, Any],
+    *,
+    bump: bool = False,
+    owner: str | None = None,
+) -> Any:
+    """``UPDATE jobs SET values [, version + 1] WHERE id, version [, lease_owner] RETURNING …``:
+    the written row, or None when the job moved on. A prepared statement per set of columns
+    (see :func:`_prepared`); the session's copy of the job, if loaded, gets the values written."""
+
+    def build() -> Any:
+        conditions = [_JOBS.c.id == bindparam("w_id"), _JOBS.c.version == bindparam("w_version")]
+        if owner is not None:
+            conditions.append(_JOBS.c.lease_owner == bindparam("w_owner"))
+        written: dict[str, Any] = {k: bindparam(f"v_{k}", type_=_JOBS.c[k].type) for k in values}
+        if bump:
+            written["version"] = _JOBS.c.version + 1
+        return update(_JOBS).where(*conditions).values(written).returning(*[_JOBS.c[k] for k in written])
+
+    statement = _prepared(("fenced", tuple(values), bump, owner is not None), build)
+    params = {f"v_{k}": v for k, v in values.items()}
+    params.update(w_id=job_id, w_version=version, w_owner=owner)
+    row = session.execute(statement, params).first()
+    if row is not None:
+        _refresh_loaded(session, job_id, row._mapping)
+    return row
 
 
 def extend_lease(session: Session, fence: Fence, *, now: datetime, lease_seconds: float) -> bool:
     """Heartbeat: push the lease out if ``fence.owner`` still holds it at ``fence.version``."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == fence.job_id, Job.lease_owner == fence.owner, Job.version == fence.version)
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .execution_options(synchronize_session="fetch")
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    if fence.owner is None:
+        return False  # nobody holds a lease that has no owner
+    values = {"lease_expires_at": now + timedelta(seconds=lease_seconds)}
+    return _fenced_update(session, fence.job_id, fence.version, values, owner=fence.owner) is not None
 
 
 def release_lease(
@@ -1110,7 +1171,10 @@ def jobs_by_id(session: Session, job_ids: Collection[str]) -> dict[str, Job]:
     """The jobs with these ids (missing ones are left out), in one query."""
     if not job_ids:
         return {}
-    return {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(sorted(job_ids))))}
+    query = _prepared(
+        ("jobs_by_id",), lambda: select(Job).where(Job.id.in_(bindparam("ids", expanding=True)))
+    )
+    return {j.id: j for j in session.scalars(query, {"ids": sorted(job_ids)})}
 
 
 def requests_at_fal(
@@ -1152,11 +1216,14 @@ def job_events(session: Session, job_id: str) -> list[JobEvent]:
 
 def counts_by_state(session: Session, batch_id: str | None = None) -> dict[str, int]:
     """Jobs per state (every state present, 0 when none), for one batch or all."""
-    query = select(Job.state, func.count()).group_by(Job.state)
-    if batch_id is not None:
-        query = query.where(Job.batch_id == batch_id)
+
+    def build() -> Any:
+        query = select(Job.state, func.count()).group_by(Job.state)
+        return query if batch_id is None else query.where(Job.batch_id == bindparam("batch_id"))
+
+    query = _prepared(("counts_by_state", batch_id is not None), build)
     counts = {state.value: 0 for state in JobState}
-    for state, count in session.execute(query):
+    for state, count in session.execute(query, {"batch_id": batch_id}):
         counts[JobState(state).value] = int(count)
     return counts
 
@@ -1184,15 +1251,23 @@ def count_in_states(
 ) -> int:
     """How many jobs are in ``states`` (e.g. ``AT_PROVIDER_STATES`` for the outstanding cap),
     optionally of one batch or sent with one API key."""
-    query = select(func.count()).select_from(Job).where(Job.state.in_(list(states)))
-    if batch_id is not None:
-        query = query.where(Job.batch_id == batch_id)
-    if api_key_id is not None:
-        query = query.where(_sent_with(api_key_id))
-    return int(session.scalar(query) or 0)
+
+    def build() -> Any:
+        query = (
+            select(func.count()).select_from(Job).where(Job.state.in_(bindparam("states", expanding=True)))
+        )
+        if batch_id is not None:
+            query = query.where(Job.batch_id == bindparam("batch_id"))
+        if api_key_id is not None:
+            query = query.where(_sent_with(bindparam("api_key_id")))
+        return query
+
+    query = _prepared(("count_in_states", batch_id is not None, api_key_id is not None), build)
+    params = {"states": list(states), "batch_id": batch_id, "api_key_id": api_key_id}
+    return int(session.scalar(query, params) or 0)
 
 
-def _sent_with(api_key_id: str) -> ColumnElement[bool]:
+def _sent_with(api_key_id: str | BindParameter[Any]) -> ColumnElement[bool]:
     """Jobs sent with this API key, or with none recorded (e.g. in flight across the upgrade that
     added the column): counting those too errs on the side of the cap."""
     return or_(Job.api_key_id == api_key_id, Job.api_key_id.is_(None))
@@ -1208,14 +1283,24 @@ def count_waiting_since(
 ) -> int:
     """How many jobs have been in ``state`` since they were submitted before ``submitted_before``
     (e.g. requests still IN_QUEUE at fal long after we sent them), optionally for one API key."""
-    query = (
-        select(func.count())
-        .select_from(Job)
-        .where(Job.state == state, Job.submitted_at.is_not(None), Job.submitted_at <= submitted_before)
-    )
-    if api_key_id is not None:
-        query = query.where(_sent_with(api_key_id))
-    return int(session.scalar(query) or 0)
+
+    def build() -> Any:
+        query = (
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.state == bindparam("state"),
+                Job.submitted_at.is_not(None),
+                Job.submitted_at <= bindparam("before"),
+            )
+        )
+        if api_key_id is not None:
+            query = query.where(_sent_with(bindparam("api_key_id")))
+        return query
+
+    query = _prepared(("count_waiting_since", api_key_id is not None), build)
+    params = {"state": state, "before": submitted_before, "api_key_id": api_key_id}
+    return int(session.scalar(query, params) or 0)
 
 
 def count_in_states_by_endpoint(
@@ -1277,21 +1362,23 @@ class BatchMoney:
 
 def batch_money(session: Session, batch_id: str) -> BatchMoney:
     """Estimated, spent and reserved USD for a batch (see :class:`BatchMoney` for definitions)."""
-    zero = type_coerce(0, Money())
-    billed = case(
-        (Job.state.in_(list(_BILLED_STATES)), func.coalesce(Job.actual_usd, Job.est_usd)),
-        else_=func.coalesce(Job.actual_usd, zero),
-    )
-    reserved = case((Job.state.in_(list(AT_PROVIDER_STATES)), Job.est_usd), else_=zero)
-    row = session.execute(
-        select(
+
+    def build() -> Any:
+        zero = type_coerce(0, Money())
+        billed = case(
+            (Job.state.in_(list(_BILLED_STATES)), func.coalesce(Job.actual_usd, Job.est_usd)),
+            else_=func.coalesce(Job.actual_usd, zero),
+        )
+        reserved = case((Job.state.in_(list(AT_PROVIDER_STATES)), Job.est_usd), else_=zero)
+        return select(
             func.coalesce(func.sum(type_coerce(Job.est_usd, Money())), zero),
             func.coalesce(func.sum(type_coerce(billed, Money())), zero),
             func.coalesce(func.sum(type_coerce(reserved, Money())), zero),
             func.coalesce(func.sum(Job.possible_duplicate_charges), 0),
             func.coalesce(func.sum(Job.confirmed_duplicate_charges), 0),
-        ).where(Job.batch_id == batch_id)
-    ).one()
+        ).where(Job.batch_id == bindparam("batch_id"))
+
+    row = session.execute(_prepared(("batch_money",), build), {"batch_id": batch_id}).one()
     return BatchMoney(
         estimated_usd=row[0],
         spent_usd=row[1],

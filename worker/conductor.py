@@ -33,7 +33,7 @@ from sqlalchemy import Engine
 
 from jobs import db, store
 from worker import steps
-from worker.fal.models import Status
+from worker.fal.models import RequestHandle, Status
 from worker.steps.context import Runtime, handle_of
 from worker.steps.poll import AT_FAL, Seen, apply_seen
 from worker.watcher import StatusWatcher
@@ -95,6 +95,11 @@ class Conductor:
             else:
                 self._wants_dispatch = True
             self._cond.notify()
+
+    def watch_accepted(self, job_id: str, handle: RequestHandle) -> None:
+        """fal accepted ``job_id`` as ``handle`` (the submit step, in this process): follow it now."""
+        if self.watcher is not None and self.watcher.watch(job_id, handle):
+            self.stats.streams += 1
 
     def _on_status(self, job_id: str, request_id: str, status: Status) -> None:
         with self._cond:
@@ -224,6 +229,8 @@ class Conductor:
             return
         given_up = {j for j, n in self._stream_failures.items() if n >= STREAM_FAILURES_MAX}
         exclude = watcher.watching() | given_up
+        if job_ids and not job_ids - exclude:
+            return  # already followed (watch_accepted): nothing to read
         with db.read_scope(self.rt.engine) as session:
             if job_ids:
                 jobs = [j for j in store.jobs_by_id(session, job_ids - exclude).values() if j.state in AT_FAL]

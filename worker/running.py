@@ -37,7 +37,7 @@ from rich.progress import (
 )
 
 from jobs import db, store
-from jobs.batches import BatchReport, batch_report
+from jobs.batches import BatchReport, batch_progress, batch_report
 from jobs.db import open_engine
 from jobs.errors import ConfigError, WanbatchError
 from jobs.settings import Settings
@@ -303,6 +303,7 @@ def _process_embedded(
     )
     conductor = Conductor(rt)
     rt.notify = conductor.notify
+    rt.on_accepted = conductor.watch_accepted
     worker.bind(rt)
     abandoned = False
     try:
@@ -404,7 +405,7 @@ def _watch(
     def refresh(task_id: TaskID) -> bool:
         """Show where the batch is; True when there is nothing more to wait for."""
         with db.read_scope(engine) as session:
-            current = batch_report(session, batch_id)
+            current = batch_progress(session, batch_id)
         done = current["finished"]
         progress.update(
             task_id,

@@ -112,3 +112,12 @@ def test_alembic_command_line_uses_the_configured_database(tmp_path: Path) -> No
         assert drift(engine) == []
     finally:
         engine.dispose()
+
+
+def test_schema_head_names_alembics_head() -> None:
+    """``jobs.db.SCHEMA_HEAD`` lets a current database skip loading Alembic: it must be the head."""
+    from alembic.script import ScriptDirectory
+
+    from jobs.db import SCHEMA_HEAD
+
+    assert ScriptDirectory.from_config(alembic_config()).get_heads() == [SCHEMA_HEAD]

@@ -95,6 +95,9 @@ class Runtime:
     #: ``freed`` (it no longer holds an outstanding slot: dispatch now) or ``done``. The tick
     #: remains the safety net, so a lost notice only costs latency. See :mod:`worker.conductor`.
     notify: Callable[[str, str], None] = field(default=lambda kind, job_id: None)
+    #: Called in the submit step's thread the moment fal's acceptance is recorded, with the
+    #: request's handle: a conductor in this process starts following it without a read.
+    on_accepted: Callable[[str, RequestHandle], None] | None = None
 
     def __post_init__(self) -> None:
         if self.bucket is None:

@@ -202,17 +202,30 @@ def _claim(rt: Runtime, job_id: str) -> _Claim | str:
         taken = store.take_lease(session, rt.fence(job), now=now, lease_seconds=rt.settings.lease_seconds)
         if taken is None:
             return "lost-lease"
-        batch = store.get_batch(session, job.batch_id)
+        batch_name = _batch_name(session, job.batch_id)
         return _Claim(
             fence=taken,
             handle=handle_of(job, rt.settings.fal_queue_url),
             output=job.provider_output,
             item_index=job.item_index,
             batch_id=job.batch_id,
-            batch_name=batch.name,
+            batch_name=batch_name,
             failures=job.download_attempts,
             completed_at=job.completed_at,
         )
+
+
+#: Batch id → name (the output folder). A batch's name never changes and its id is unique.
+_BATCH_NAMES: dict[str, str] = {}
+
+
+def _batch_name(session: Session, batch_id: str) -> str:
+    name = _BATCH_NAMES.get(batch_id)
+    if name is None:
+        if len(_BATCH_NAMES) > 1024:
+            _BATCH_NAMES.clear()
+        name = _BATCH_NAMES[batch_id] = store.get_batch(session, batch_id).name
+    return name
 
 
 def _status_verdict(session: Session, job_id: str) -> ProviderError | None:

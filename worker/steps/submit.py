@@ -31,7 +31,7 @@ from jobs.settings import Settings
 from jobs.store import Fence
 from worker import chaos
 from worker.fal.errors import SubmitNotSentError
-from worker.fal.models import Submitted
+from worker.fal.models import RequestHandle, Submitted
 from worker.fal.storage import prepare_input
 from worker.limits import LimiterUnavailableError, wait_for_token
 from worker.steps.context import Runtime, S, in_seconds
@@ -169,6 +169,11 @@ def _submit(rt: Runtime, job_id: str) -> str:
     outcome = _while_database_down(rt, lambda: _record_submission(rt, fence, submitted, now))
     if outcome == "submitted":
         chaos.crash_point("after_commit")
+    if outcome in ("submitted", "submitted-late") and rt.on_accepted is not None:
+        # Built from the configured queue URL and the (validated) request id only: the key goes there.
+        rt.on_accepted(
+            job_id, RequestHandle.from_request_id(rt.settings.fal_queue_url, endpoint, submitted.request_id)
+        )
     return outcome
 
 
