@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,11 @@ class _Claim:
     batch_name: str
     failures: int
     completed_at: datetime | None
+    #: The job as claimed (detached; the lease keeps it from changing while this step runs).
+    job: Job
+    #: fal's result fetched by this step and not stored yet: written with the step's outcome
+    #: (the job's success, or the release or failure that ends this try), in the same transaction.
+    fetched: dict[str, Any] = field(default_factory=dict)
 
     @property
     def version(self) -> int:
@@ -156,13 +161,10 @@ def download(rt: Runtime, job_id: str) -> str:
         if claim.output is None:
             output = rt.client.result(claim.handle)
             video = parse_result(output)
-            with db.session_scope(rt.engine) as session:
-                kept = store.record_result(
-                    session, claim.fence, output=output, seed=video.seed, actual_prompt=video.actual_prompt
-                )
-            if not kept:
-                return "lost-lease"
-            claim = replace(claim, failures=0)
+            # Kept with whatever ends this try (one transaction, not two): a process that dies
+            # before then leaves the result at fal, where the next try asks for it again.
+            fetched = {"provider_output": output, "seed": video.seed, "actual_prompt": video.actual_prompt}
+            claim = replace(claim, failures=0, fetched=fetched)
         else:
             video = parse_result(claim.output)
     except ResultNotReadyError:
@@ -212,6 +214,7 @@ def _claim(rt: Runtime, job_id: str) -> _Claim | str:
             batch_name=batch_name,
             failures=job.download_attempts,
             completed_at=job.completed_at,
+            job=job,
         )
 
 
@@ -403,12 +406,13 @@ def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
         return _download_failed(rt, job_id, claim, exc)
 
     chaos.crash_point("after_download")
-    with db.read_scope(rt.engine) as session:
-        job = store.get_job(session, job_id)
-        cost = billed(job, billing.Outcome.SUCCEEDED)
-        sidecar = sidecar_record(
-            job, claim.batch_name, result.path, result.sha256, result.size, settings.output_dir, cost
-        )
+    job = claim.job  # detached: setting what was fetched writes nothing
+    for name, value in claim.fetched.items():
+        setattr(job, name, value)
+    cost = billed(job, billing.Outcome.SUCCEEDED)
+    sidecar = sidecar_record(
+        job, claim.batch_name, result.path, result.sha256, result.size, settings.output_dir, cost
+    )
     try:
         outputs.write_json_atomic(outputs.sidecar_path(result.path), sidecar)
     except OSError as exc:
@@ -426,6 +430,7 @@ def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
             output_path=str(result.path),
             output_sha256=result.sha256,
             output_bytes=result.size,
+            **claim.fetched,
             **cost,
         )
     return "succeeded"
@@ -438,13 +443,21 @@ def _download_failed(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError
         # A final error (the file expired, the host is refused, not a video) cannot heal: fail now.
         if isinstance(exc, FinalProviderError) or failures >= rt.settings.download_attempts:
             error = f"download failed {failures} time(s): {exc}"
-            _fail_paid(session, claim, error=error, error_type="download_failed", download_attempts=failures)
+            _fail_paid(
+                session,
+                claim,
+                error=error,
+                error_type="download_failed",
+                download_attempts=failures,
+                **claim.fetched,
+            )
             return "failed"
         store.release_lease(
             session,
             claim.fence,
             next_attempt_at=in_seconds(backoff(rt.settings, failures)),
             download_attempts=failures,
+            **claim.fetched,
         )
     return "download-retry"
 
@@ -456,7 +469,13 @@ def _write_failed(rt: Runtime, job_id: str, claim: _Claim, exc: OutputWriteError
     the job carries its billed cost.
     """
     with db.session_scope(rt.engine) as session:
-        _fail_paid(session, claim, error=f"output not saved: {exc}", error_type="output_write_failed")
+        _fail_paid(
+            session,
+            claim,
+            error=f"output not saved: {exc}",
+            error_type="output_write_failed",
+            **claim.fetched,
+        )
     return "failed"
 
 
