@@ -1,7 +1,7 @@
 """The ``wanbatch`` command: one click group, its commands, and the console-script entry point.
 
 One module per group of commands — :mod:`cli.manifest_commands` (validate, estimate, submit),
-:mod:`cli.batch_commands` (status, cost, export, run, rerun, cancel) and
+:mod:`cli.batch_commands` (status, cost, export, run, rerun, cancel, pause, resume) and
 :mod:`cli.service_commands` (worker, simulator) — and :mod:`cli.output` for what they print and
 how they exit. The CLI sits outside both the domain (:mod:`jobs`, which knows no click or rich)
 and execution (:mod:`worker`): a command imports what it needs when it runs, so ``wanbatch
@@ -40,6 +40,8 @@ for _command in (
     batch_commands.run,
     batch_commands.rerun,
     batch_commands.cancel,
+    batch_commands.pause,
+    batch_commands.resume,
     service_commands.worker,
     service_commands.serve,
     service_commands.simulator,

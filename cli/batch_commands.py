@@ -1,4 +1,5 @@
-"""``status``, ``cost``, ``export``, ``run``, ``rerun`` and ``cancel``: the commands about a stored batch.
+"""``status``, ``cost``, ``export``, ``run``, ``rerun``, ``cancel``, ``pause`` and ``resume``: the
+commands about a stored batch.
 
 ``run``, ``rerun`` and ``cancel`` process a batch (embedded, or by waiting on the workers): they
 import :mod:`worker` when they run, and :mod:`falsim` only with ``--simulate``
@@ -67,6 +68,14 @@ def status(batch: str | None, as_json: bool) -> None:
             if report["state"] == "paused":  # e.g. fal refused the account (401/402/403)
                 reason = report["pause_reason"] or "see the log"
                 out.print(f"[yellow]paused: {escape(reason)}[/yellow]")
+            # "schedule: paused by user", "…: waiting for window (opens …)", "…: past deadline: …"
+            schedule = [f"schedule: {report['schedule_state']}"] if report["schedule_state"] else []
+            if report["priority"] != "normal":
+                schedule.append(f"priority {report['priority']}")
+            if schedule:
+                out.print(escape(" · ".join(schedule)))
+            if report["low_priority_note"]:
+                out.print(f"[yellow]{escape(report['low_priority_note'])}[/yellow]")
             if eta := eta_text(report["eta_seconds"]):
                 out.print(f"{report['finished']}/{report['total']} done, {eta}")
             print_failures(report)
@@ -293,6 +302,8 @@ def run(
             if stored is None:
                 result = batches.submit_manifest(manifest, target, allow_dirs)
                 print_budget_note(result)
+                if note := result.schedule_note():
+                    err.print(f"[yellow]{escape(note)}[/yellow]")
                 stored = result.batch_id
             return _run_and_report(stored, target, as_json, not no_progress)
 
@@ -401,3 +412,42 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
             return _run_and_report(batch_id, target, as_json, not no_progress)
 
     _processing(as_json, action, lambda _: f"run `wanbatch cancel {batch}` again to finish cancelling")
+
+
+def _pause_or_resume(batch: str, paused: bool, as_json: bool) -> None:
+    def action() -> int:
+        from jobs import batches
+        from jobs.settings import get_settings
+
+        result = batches.set_paused(batch, paused, get_settings())
+        if as_json:
+            emit_json(result.as_dict())
+        else:
+            out.print(escape(result.message))
+        return EXIT_OK
+
+    guarded(as_json, action)
+
+
+@click.command()
+@click.argument("batch")
+@json_option
+def pause(batch: str, as_json: bool) -> None:
+    """Stop sending new jobs of BATCH (id, id prefix or name); jobs in flight finish and download.
+
+    Every worker on every host stops sending at its next dispatch round. `wanbatch resume BATCH`
+    goes on; `cancel` is still what ends a batch.
+    """
+    _pause_or_resume(batch, True, as_json)
+
+
+@click.command()
+@click.argument("batch")
+@json_option
+def resume(batch: str, as_json: bool) -> None:
+    """Go on sending the jobs of BATCH (id, id prefix or name) after `wanbatch pause`.
+
+    A batch paused because fal refused the account stays paused (the line says so): `wanbatch run
+    BATCH` or submitting its manifest again resumes that.
+    """
+    _pause_or_resume(batch, False, as_json)

@@ -93,6 +93,8 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
         with err.status(f"validating {manifest}, then storing its jobs …"):
             result = batches.submit_manifest(manifest, settings, allow_dirs)
         print_budget_note(result)
+        if note := result.schedule_note():
+            err.print(escape(note))
         if as_json:
             emit_json(result.as_dict())
         else:

@@ -241,6 +241,7 @@ class Engine:
                 input_sha256=canonical_sha256(payload),
                 accepted_at=time.time(),
                 priority=req.priority,
+                start_timeout=start_timeout,
                 webhook_url=webhook_url,
             )
         )

@@ -28,6 +28,7 @@ class EntryRecord(TypedDict):
     input_sha256: str
     accepted_at: float
     priority: str
+    start_timeout: float | None
     webhook_url: str | None
     client_saw_response: bool
     started_at: float | None
@@ -99,6 +100,8 @@ class LedgerEntry:
     input_sha256: str
     accepted_at: float
     priority: str = "normal"
+    #: The ``X-Fal-Request-Start-Timeout`` the submit carried (seconds), if any.
+    start_timeout: float | None = None
     webhook_url: str | None = None
     #: False when a fault kept the submit response from the client (dropped or stalled).
     client_saw_response: bool = True
@@ -123,6 +126,7 @@ class LedgerEntry:
             "input_sha256": self.input_sha256,
             "accepted_at": self.accepted_at,
             "priority": self.priority,
+            "start_timeout": self.start_timeout,
             "webhook_url": self.webhook_url,
             "client_saw_response": self.client_saw_response,
             "started_at": self.started_at,

@@ -7,11 +7,12 @@ functions, so "what `submit` does" has exactly one definition.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypedDict
@@ -25,6 +26,7 @@ from jobs.errors import ConfigError, ManifestError, UsageError
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.models import Batch, BatchState, utcnow
 from jobs.pricing import Totals, estimate_job
+from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
 from jobs.states import JobState
 
@@ -108,6 +110,12 @@ class SubmitResult:
     budget_max_usd: Decimal | None = None
     #: ``{"from": old, "to": new}`` (USD, None = no cap) when this submit changed the cap.
     budget_changed: dict[str, float | None] | None = None
+    #: The batch's schedule (``Schedule.as_json()``, None = none) and queue priority after this submit.
+    schedule: dict[str, Any] | None = None
+    priority: str = "normal"
+    #: ``{"from": old, "to": new}``, each ``{"schedule": …, "priority": …}``, when this submit
+    #: changed the schedule or the priority.
+    schedule_changed: dict[str, dict[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The contract's ``submit --json`` object (batch, total, counts) plus what was added."""
@@ -121,6 +129,9 @@ class SubmitResult:
             "counts": self.counts,
             "budget_max_usd": _money(self.budget_max_usd),
             "budget_changed": self.budget_changed,
+            "schedule": self.schedule,
+            "priority": self.priority,
+            "schedule_changed": self.schedule_changed,
         }
 
     def budget_note(self) -> str | None:
@@ -132,6 +143,31 @@ class SubmitResult:
             f"budget of batch {self.name} changed: {_cap_text(old)} → {_cap_text(new)} "
             "(applies to every job not yet sent)"
         )
+
+    def schedule_note(self) -> str | None:
+        """The stderr line saying the schedule or priority changed, or None."""
+        if self.schedule_changed is None:
+            return None
+        old, new = self.schedule_changed["from"], self.schedule_changed["to"]
+        return (
+            f"schedule of batch {self.name} changed: {schedule_text(old['schedule'], old['priority'])} → "
+            f"{schedule_text(new['schedule'], new['priority'])} (applies to every job not yet sent)"
+        )
+
+
+def schedule_text(schedule: dict[str, Any] | None, priority: str = "normal") -> str:
+    """A stored schedule and priority in a few words: ``window 22:00-06:00 Europe/Berlin, priority low``."""
+    parts = []
+    if schedule:
+        if schedule.get("not_before"):
+            parts.append(f"not before {schedule['not_before']}")
+        if schedule.get("deadline"):
+            parts.append(f"deadline {schedule['deadline']}")
+        if schedule.get("window"):
+            parts.append(f"window {schedule['window']} {schedule.get('timezone') or 'UTC'}")
+    if priority != "normal":
+        parts.append(f"priority {priority}")
+    return ", ".join(parts) or "none"
 
 
 def _cap_text(value: float | None) -> str:
@@ -178,6 +214,7 @@ def _submitted(
     existing: int,
     warnings: list[str] | None = None,
     budget_changed: dict[str, float | None] | None = None,
+    schedule_changed: dict[str, dict[str, Any]] | None = None,
 ) -> SubmitResult:
     counts = store.counts_by_state(session, batch.id)
     return SubmitResult(
@@ -191,6 +228,9 @@ def _submitted(
         warnings=warnings or [],
         budget_max_usd=batch.budget_max_usd,
         budget_changed=budget_changed,
+        schedule=batch.schedule,
+        priority=batch.priority,
+        schedule_changed=schedule_changed,
     )
 
 
@@ -203,6 +243,24 @@ def _apply_budget(session: Session, batch: Batch, wanted: Decimal | None) -> dic
     return change
 
 
+def _schedule_json(schedule: Schedule) -> dict[str, Any] | None:
+    """How a schedule is stored and compared: None when it constrains nothing."""
+    return None if schedule.is_empty() else schedule.as_json()
+
+
+def _apply_schedule(
+    session: Session, batch: Batch, wanted: Schedule, priority: str
+) -> dict[str, dict[str, Any]] | None:
+    """Give an existing batch the schedule and priority asked for now; ``{"from", "to"}`` when
+    that changed either."""
+    old = {"schedule": _schedule_json(store.batch_schedule(batch)), "priority": batch.priority}
+    new = {"schedule": _schedule_json(wanted), "priority": priority}
+    if old == new:
+        return None
+    store.set_batch_schedule(session, batch.id, wanted, priority)
+    return {"from": old, "to": new}
+
+
 def submit_manifest(path: str | Path, settings: Settings, allowed_dirs: Iterable[Path] = ()) -> SubmitResult:
     """Validate the whole manifest, then store its batch and jobs in one transaction.
 
@@ -210,7 +268,8 @@ def submit_manifest(path: str | Path, settings: Settings, allowed_dirs: Iterable
     jobs by their deterministic key, so submitting the same manifest again adds nothing (and
     an edited manifest adds only its new jobs). The manifest's *current* budget always applies:
     submitting again with a lower, higher or no ``budget.max_usd`` changes the stored cap (and
-    the result says so in ``budget_changed``).
+    the result says so in ``budget_changed``); so do its current ``schedule`` and ``priority``
+    (``schedule_changed``). A user's ``wanbatch pause`` is left as it is: only ``resume`` ends it.
     """
     report = check_manifest(path, settings, allowed_dirs)
     manifest = report.manifest
@@ -223,14 +282,21 @@ def submit_manifest(path: str | Path, settings: Settings, allowed_dirs: Iterable
             manifest_path=str(Path(path).resolve()),
             manifest_sha256=manifest.sha256,
             budget_max_usd=manifest.budget_max_usd,
+            schedule=manifest.schedule,
+            priority=manifest.priority,
         )
         budget_changed = None if created else _apply_budget(session, batch, manifest.budget_max_usd)
+        schedule_changed = (
+            None if created else _apply_schedule(session, batch, manifest.schedule, manifest.priority)
+        )
         added, existing = store.add_jobs(session, batch.id, _new_jobs(manifest.jobs(), settings))
         if batch.state == BatchState.PAUSED:
             # Paused because fal refused the account; submitting again is the user saying "go on".
             store.set_batch_state(session, batch.id, BatchState.ACTIVE)
         warnings = [str(i) for i in report.issues if i.severity != "error"]
-        return _submitted(session, batch, created, added, existing, warnings, budget_changed)
+        return _submitted(
+            session, batch, created, added, existing, warnings, budget_changed, schedule_changed
+        )
 
 
 def _money(value: Decimal | None) -> float | None:
@@ -269,6 +335,17 @@ class BatchReport(TypedDict):
     name: str
     state: str
     pause_reason: str | None
+    #: ``wanbatch pause``: no new submits until ``resume`` (independent of ``state``).
+    paused_by_user: bool
+    #: In words: "paused by user", "waiting for window (opens …)", "past deadline: N cancelled",
+    #: … (see :func:`schedule_state`); "" when nothing holds the batch back.
+    schedule_state: str
+    #: ``Schedule.as_json()`` (``not_before``, ``deadline``, ``window``, ``timezone``), or None.
+    schedule: dict[str, Any] | None
+    priority: str
+    #: ``priority: low`` requests waiting in fal's queue unusually long, and a line saying so.
+    low_priority_waiting: int
+    low_priority_note: str
     total: int
     finished: int
     eta_seconds: float | None
@@ -299,6 +376,10 @@ class BatchProgress(TypedDict):
     counts: dict[str, int]
     estimated_usd: float | None
     spent_usd: float | None
+    paused_by_user: bool
+    #: Whether the schedule lets the batch send now (always, without one), and in words.
+    schedule_open: bool
+    schedule_state: str
 
 
 def batch_progress(session: Session, batch_id: str) -> BatchProgress:
@@ -307,6 +388,7 @@ def batch_progress(session: Session, batch_id: str) -> BatchProgress:
     batch = store.get_batch(session, batch_id)
     counts = store.counts_by_state(session, batch.id)
     money = store.batch_money(session, batch.id)
+    schedule, now = store.batch_schedule(batch), utcnow()
     return {
         "batch": batch.id,
         "name": batch.name,
@@ -317,22 +399,82 @@ def batch_progress(session: Session, batch_id: str) -> BatchProgress:
         "counts": counts,
         "estimated_usd": _money(money.estimated_usd),
         "spent_usd": _money(money.spent_usd),
+        "paused_by_user": batch.paused_by_user,
+        "schedule_open": schedule.is_open(now) and not batch.paused_by_user,
+        "schedule_state": schedule_state(session, batch, finished=False, now=now),
     }
 
 
-def batch_report(session: Session, batch_id: str) -> BatchReport:
-    """The contract's ``status BATCH --json`` object for one batch."""
+#: ``error_type`` of jobs a schedule's deadline cancelled before they were sent or started.
+DEADLINE_ERROR = "deadline"
+
+
+def schedule_state(session: Session, batch: Batch, *, finished: bool, now: datetime) -> str:
+    """What holds a batch back, in words, as ``status`` shows it ("" when nothing does).
+
+    A user's pause first (it is what ``resume`` ends); then a passed deadline with how many jobs it
+    cancelled; otherwise the schedule's own words (:meth:`Schedule.describe`). A cancelled batch,
+    and one whose every job is finished, is held back by nothing: "waiting for window" would
+    mislead there.
+    """
+    if batch.state == BatchState.CANCELLED:
+        return ""
+    if batch.paused_by_user:
+        return "paused by user"
+    schedule = store.batch_schedule(batch)
+    if schedule.is_empty():
+        return ""
+    if schedule.past_deadline(now):
+        return f"past deadline: {store.count_cancelled(session, batch.id, DEADLINE_ERROR)} cancelled"
+    return "" if finished else schedule.describe(now)
+
+
+#: A low-priority request still in fal's queue after this long is called out by ``status``: fal
+#: serves low priority only when no normal request waits on the endpoint, so it can starve.
+LOW_PRIORITY_WAIT_SECONDS = 600.0
+
+
+def low_priority_note(session: Session, batch: Batch, *, now: datetime) -> tuple[int, str]:
+    """How many of a ``priority: low`` batch's requests have waited in fal's queue longer than
+    :data:`LOW_PRIORITY_WAIT_SECONDS`, and a line saying so ("" when none, or not low)."""
+    if batch.priority != "low":
+        return 0, ""
+    before = now - timedelta(seconds=LOW_PRIORITY_WAIT_SECONDS)
+    waiting = sum(
+        1
+        for job in store.jobs_of_batch(session, batch.id, states=[JobState.QUEUED])
+        if job.submitted_at is not None and job.submitted_at <= before
+    )
+    if not waiting:
+        return 0, ""
+    return waiting, (
+        f"{waiting} low-priority request(s) waiting in fal's queue over "
+        f"{LOW_PRIORITY_WAIT_SECONDS / 60:.0f} min: fal serves low priority only when no normal "
+        "request waits on the endpoint (`priority: normal` and submit again to stop waiting)"
+    )
+
+
+def batch_report(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchReport:
+    """The contract's ``status BATCH --json`` object for one batch (``now``: for the schedule)."""
     batch = store.get_batch(session, batch_id)
     counts = store.counts_by_state(session, batch.id)
     money = store.batch_money(session, batch.id)
     cost = store.batch_cost(session, batch.id)
     terminal = sum(counts[s.value] for s in JobState if s.terminal)
     total = sum(counts.values())
+    done = total > 0 and terminal == total
+    starving, starving_note = low_priority_note(session, batch, now=now or utcnow())
     return {
         "batch": batch.id,
         "name": batch.name,
         "state": BatchState(batch.state).value,
         "pause_reason": batch.pause_reason,
+        "paused_by_user": batch.paused_by_user,
+        "schedule_state": schedule_state(session, batch, finished=done, now=now or utcnow()),
+        "schedule": batch.schedule,
+        "priority": batch.priority,
+        "low_priority_waiting": starving,
+        "low_priority_note": starving_note,
         "total": total,
         "finished": terminal,
         "eta_seconds": _eta_seconds(store.first_submitted_at(session, batch.id), terminal, total),
@@ -364,6 +506,107 @@ def status(ref: str | None, settings: DatabaseSettings) -> list[BatchReport]:
         return [batch_report(session, b.id) for b in store.list_batches(session)]
 
 
+@dataclass(frozen=True, slots=True)
+class PauseResult:
+    """What ``wanbatch pause`` / ``resume`` did to a batch, and the one line that says so."""
+
+    batch_id: str
+    name: str
+    paused_by_user: bool
+    #: False when the batch already was as asked (pausing a paused batch changes nothing).
+    changed: bool
+    state: str
+    pause_reason: str | None
+    #: Jobs fal holds or that are being downloaded (they go on), and jobs waiting to be sent.
+    in_flight: int
+    waiting: int
+    schedule_state: str
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``pause --json`` / ``resume --json`` object."""
+        return {
+            "batch": self.batch_id,
+            "name": self.name,
+            "paused_by_user": self.paused_by_user,
+            "changed": self.changed,
+            "state": self.state,
+            "pause_reason": self.pause_reason,
+            "in_flight": self.in_flight,
+            "waiting": self.waiting,
+            "schedule_state": self.schedule_state,
+            "message": self.message,
+        }
+
+
+def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResult:
+    """``wanbatch pause BATCH`` (``paused``) or ``resume BATCH``: set or clear the user's pause.
+
+    Pausing stops new submits of the batch in every worker (each dispatch round reads the flag);
+    jobs fal already holds go on, finish and are downloaded. Only the flag changes: a batch that
+    is ``paused`` because fal refused the account stays so after ``resume`` (``run`` or submitting
+    again ends that), and the message says so. Pausing a cancelled or finished batch, or resuming
+    a cancelled one, is a :class:`UsageError`: there is nothing it could change.
+    """
+    engine = open_engine(settings)
+    with db.session_scope(engine) as session:
+        batch = store.get_batch(session, ref)
+        label = f"{batch.name} ({batch.id[:12]})"
+        # What to type in a hint: the name, unless the shell would need it quoted.
+        short = batch.name if re.fullmatch(r"[\w.@+-]+", batch.name) else batch.id[:12]
+        counts = store.counts_by_state(session, batch.id)
+        total = sum(counts.values())
+        terminal = sum(counts[s.value] for s in JobState if s.terminal)
+        if batch.state == BatchState.CANCELLED:
+            if paused:
+                raise UsageError(f"batch {label} is cancelled: nothing more is sent, so nothing to pause")
+            raise UsageError(
+                f"batch {label} is cancelled and cannot be resumed; "
+                f"`wanbatch rerun {short} --failed-only` sends its unfinished jobs in a new batch"
+            )
+        if paused and total > 0 and terminal == total:
+            raise UsageError(f"batch {label} is finished (all {total} jobs are done): nothing to pause")
+        changed = batch.paused_by_user != paused
+        if changed:
+            store.set_paused_by_user(session, batch.id, paused)
+        waiting = counts[JobState.PENDING.value] + counts[JobState.RETRY_WAIT.value]
+        in_flight = total - terminal - waiting
+        if paused:
+            flying = f"; {in_flight} job(s) in flight finish and download" if in_flight else ""
+            line = (
+                f"paused batch {label}: no new jobs are sent{flying} (`wanbatch resume {short}` goes on)"
+                if changed
+                else f"batch {label} was already paused; nothing changed"
+            )
+        else:
+            line = (
+                f"resumed batch {label}: {waiting} waiting job(s) will be sent"
+                if changed
+                else f"batch {label} was not paused by `wanbatch pause`; nothing changed"
+            )
+            if batch.state == BatchState.PAUSED:
+                reason = batch.pause_reason or "see the log"
+                line += (
+                    f"; it is still paused ({reason}): `wanbatch run {short}` or submitting its "
+                    "manifest again resumes that"
+                )
+        state = schedule_state(session, batch, finished=total > 0 and terminal == total, now=utcnow())
+        if state and not paused and batch.state != BatchState.PAUSED:
+            line += f"; schedule: {state}"
+        return PauseResult(
+            batch_id=batch.id,
+            name=batch.name,
+            paused_by_user=batch.paused_by_user,
+            changed=changed,
+            state=BatchState(batch.state).value,
+            pause_reason=batch.pause_reason,
+            in_flight=in_flight,
+            waiting=waiting,
+            schedule_state=state,
+            message=line,
+        )
+
+
 def rerun_batch(
     ref: str,
     *,
@@ -378,7 +621,9 @@ def rerun_batch(
     returned (so a rerun reproduces the outputs); ``failed_only`` keeps only jobs that ended
     failed or cancelled; ``new_seeds`` draws a fresh seed per job instead, recorded before
     submission so the rerun is itself reproducible. ``max_usd`` is the new batch's budget cap
-    (default: the parent's cap), which is how jobs a cap cancelled get another chance.
+    (default: the parent's cap), which is how jobs a cap cancelled get another chance. The
+    parent's queue priority carries over; its schedule does not (a rerun runs now, and the
+    parent's deadline has usually passed: the jobs it cancelled are what is being rerun).
     """
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
@@ -392,6 +637,7 @@ def rerun_batch(
             manifest_sha256=parent.manifest_sha256,
             budget_max_usd=parent.budget_max_usd if max_usd is None else max_usd,
             parent_batch_id=parent.id,
+            priority=parent.priority,
         )
         budget_changed = None if created or max_usd is None else _apply_budget(session, batch, max_usd)
         wanted = [JobState.FAILED, JobState.CANCELLED] if failed_only else None

@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Enum,
@@ -201,6 +202,15 @@ class Batch(Base):
     budget_max_usd: Mapped[Decimal | None] = mapped_column(Money())
     state: Mapped[BatchState] = mapped_column(_str_enum(BatchState), default=BatchState.ACTIVE)
     pause_reason: Mapped[str | None] = mapped_column(Text)
+    #: When the batch may be sent (``schedule:`` in the manifest): ``Schedule.as_json()`` of
+    #: :mod:`jobs.schedule`, NULL when it may be sent at any time. Read it with
+    #: :func:`jobs.store.batch_schedule`.
+    schedule: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+    #: fal queue priority of every submit of this batch: ``normal`` or ``low``.
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
+    #: ``wanbatch pause``: no new submits until ``wanbatch resume``. A flag beside ``state``, not a
+    #: state, so it neither hides nor clears a pause fal's refusal of the account caused.
+    paused_by_user: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
     def __repr__(self) -> str:
         return f"<Batch {self.id[:8]} {self.name!r} {self.state.value}>"

@@ -97,7 +97,15 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.QUEUED: frozenset({S.RUNNING, S.DOWNLOADING, S.RETRY_WAIT, S.FAILED, S.CANCELLING, S.CANCELLED}),
     S.RUNNING: frozenset({S.DOWNLOADING, S.RETRY_WAIT, S.FAILED, S.CANCELLING, S.CANCELLED}),
     S.DOWNLOADING: frozenset({S.SUCCEEDED, S.FAILED, S.RETRY_WAIT}),
-    S.CANCELLING: frozenset({S.CANCELLED, S.DOWNLOADING, S.FAILED}),
+    S.CANCELLING: frozenset(
+        {
+            S.CANCELLED,
+            S.DOWNLOADING,  # fal finished it anyway (paid): downloaded
+            S.FAILED,
+            S.PENDING,  # cancelled in fal's queue at a window's end: sent again in the next window
+            S.RETRY_WAIT,  # the same, but fal had started it (billed): a new attempt next window
+        }
+    ),
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),

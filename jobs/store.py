@@ -61,6 +61,7 @@ from sqlalchemy.sql.elements import BindParameter
 
 from jobs.errors import NotFoundError
 from jobs.models import Batch, BatchState, Job, JobEvent, Money, Upload, WebhookDelivery, new_id, utcnow
+from jobs.schedule import Schedule
 from jobs.states import AT_PROVIDER_STATES, JobState, can_transition
 
 __all__ = [
@@ -74,9 +75,11 @@ __all__ = [
     "adopt_request",
     "batch_cost",
     "batch_money",
+    "batch_schedule",
     "cancel_unsent_jobs",
     "claim_jobs",
     "committed_usd_since",
+    "count_cancelled",
     "count_in_states",
     "count_in_states_by_endpoint",
     "count_waiting_since",
@@ -113,8 +116,11 @@ __all__ = [
     "release_process_leases",
     "request_known",
     "retry_later",
+    "scheduled_batches",
     "set_batch_budget",
+    "set_batch_schedule",
     "set_batch_state",
+    "set_paused_by_user",
     "settle_delivery",
     "store_delivery",
     "take_delivery",
@@ -147,11 +153,14 @@ def get_or_create_batch(
     manifest_sha256: str,
     budget_max_usd: Decimal | None,
     parent_batch_id: str | None = None,
+    schedule: Schedule | None = None,
+    priority: str = "normal",
 ) -> tuple[Batch, bool]:
     """The batch called ``name``, creating it if needed; ``True`` when it was created now.
 
     Race-safe: two processes submitting the same manifest at once both end up with the one row
-    the unique constraint on ``name`` lets through. An existing batch is returned unchanged.
+    the unique constraint on ``name`` lets through. An existing batch is returned unchanged
+    (:func:`set_batch_budget` and :func:`set_batch_schedule` change what a new submit changes).
     """
     existing = session.scalar(select(Batch).where(Batch.name == name))
     if existing is not None:
@@ -165,6 +174,9 @@ def get_or_create_batch(
         parent_batch_id=parent_batch_id,
         state=BatchState.ACTIVE,
         pause_reason=None,  # set, not defaulted: bulk UPDATEs only refresh attributes already loaded
+        schedule=_schedule_doc(schedule),
+        priority=priority,
+        paused_by_user=False,
         created_at=utcnow(),
     )
     try:
@@ -225,6 +237,54 @@ def set_batch_budget(session: Session, batch_id: str, budget_max_usd: Decimal | 
         .values(budget_max_usd=budget_max_usd)
         .execution_options(synchronize_session="fetch")
     )
+
+
+def _schedule_doc(schedule: Schedule | None) -> dict[str, Any] | None:
+    """The stored form: NULL for "no schedule", so :func:`scheduled_batches` is one IS NOT NULL."""
+    return None if schedule is None or schedule.is_empty() else schedule.as_json()
+
+
+def set_batch_schedule(session: Session, batch_id: str, schedule: Schedule | None, priority: str) -> None:
+    """Replace a batch's schedule (``None`` or empty: none) and queue priority.
+
+    Like the budget, the dispatcher reads both from the batch row before it sends each job, so
+    the new values govern every job sent after this commits; jobs already at fal go on as sent.
+    """
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(schedule=_schedule_doc(schedule), priority=priority)
+        .execution_options(synchronize_session="fetch")
+    )
+
+
+def set_paused_by_user(session: Session, batch_id: str, paused: bool) -> None:
+    """``wanbatch pause`` / ``resume``: set or clear the user's pause of a batch.
+
+    Only the flag changes, never ``state``: a batch fal's refusal paused stays paused after a
+    resume, and a cancelled one stays cancelled. Dispatchers read the flag in every round, in
+    every worker on every host, so a pause stops new submits as soon as this commits.
+    """
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(paused_by_user=paused)
+        .execution_options(synchronize_session="fetch")
+    )
+
+
+def batch_schedule(batch: Batch) -> Schedule:
+    """The batch's :class:`~jobs.schedule.Schedule` (the empty one, always open, when it has none)."""
+    return Schedule.from_json(batch.schedule)
+
+
+def scheduled_batches(session: Session) -> list[Batch]:
+    """Batches a dispatcher may have to hold back: those with a schedule or paused by their user.
+
+    Every other batch is always sendable, so this stays a short list however many batches exist.
+    """
+    query = select(Batch).where(or_(Batch.schedule.is_not(None), Batch.paused_by_user.is_(True)))
+    return list(session.scalars(query.order_by(Batch.created_at, Batch.id)))
 
 
 # --------------------------------------------------------------------------- creating jobs
@@ -781,10 +841,33 @@ def mark_succeeded(
     )
 
 
-def mark_cancelling(session: Session, fence: Fence, *, reason: str) -> bool:
+def mark_cancelling(session: Session, fence: Fence, *, reason: str, error_type: str | None = None) -> bool:
     """``queued``/``running`` → ``cancelling``: a cancel was asked of fal; its status (how the
-    request ended, and whether it was billed) is asked at once."""
-    return _move(session, fence, JobState.CANCELLING, reason, next_attempt_at=utcnow())
+    request ended, and whether it was billed) is asked at once. ``error_type`` says why when it
+    is not the user's cancel (``deadline``, ``window_closed``): it decides where the job goes."""
+    extra = {"error_type": error_type} if error_type is not None else {}
+    return _move(session, fence, JobState.CANCELLING, reason, next_attempt_at=utcnow(), **extra)
+
+
+def requeue_after_cancel(session: Session, fence: Fence, *, reason: str, billed: bool, **cost: Any) -> bool:
+    """``cancelling`` → ``pending`` (cancelled while still in fal's queue: nothing billed, no
+    attempt counted) or ``retry_wait`` (fal had started it: billed, the attempt counts), with
+    the request forgotten, for a later window to send again."""
+    forget = {
+        "request_id": None,
+        "gateway_request_id": None,
+        "status_url": None,
+        "response_url": None,
+        "cancel_url": None,
+        "submitted_input": None,
+        "error": None,
+        "error_type": None,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    if billed:
+        return _move(session, fence, JobState.RETRY_WAIT, reason, **forget, **cost)
+    return _move(session, fence, JobState.PENDING, reason, attempts=incremented("attempts", -1), **forget)
 
 
 def mark_cancelled(
@@ -916,6 +999,7 @@ def claim_jobs(
     active_batches_only: bool = False,
     endpoints: Sequence[str] | None = None,
     exclude_ids: Collection[str] = (),
+    exclude_batch_ids: Collection[str] = (),
 ) -> list[Job]:
     """Lease up to ``limit`` due jobs in ``states`` to ``owner``; no two claimers get the same job.
 
@@ -926,7 +1010,8 @@ def claim_jobs(
     must go on regardless); ``endpoints`` keeps only jobs of those endpoints (per-endpoint
     caps); ``batch_ids`` keeps only jobs of those batches (an embedded ``run`` works on its own
     batch, never on another one that was only submitted); ``exclude_ids`` skips those jobs (the
-    ones a status stream already watches). Oldest jobs first.
+    ones a status stream already watches); ``exclude_batch_ids`` skips those batches' jobs (closed
+    by their schedule, paused by their user). Oldest jobs first.
     """
     if limit <= 0 or not states:
         return []
@@ -934,14 +1019,18 @@ def claim_jobs(
     if batch_ids is not None:
         if batch_id is not None:
             raise ValueError("claim_jobs takes batch_id or batch_ids, not both")
-        wanted = list(sorted(set(batch_ids)))
+        wanted = list(sorted(set(batch_ids) - set(exclude_batch_ids)))
         if not wanted:
             return []
+    if batch_id is not None and batch_id in exclude_batch_ids:
+        return []
+    skip_batches = sorted(exclude_batch_ids) if batch_id is None and batch_ids is None else []
     shape = (
         batch_id is not None or batch_ids is not None,
         active_batches_only,
         endpoints is not None,
         bool(exclude_ids),
+        bool(skip_batches),
     )
     candidates = _prepared(("claim", *shape), lambda: _claim_candidates(*shape))
     params: dict[str, Any] = {
@@ -949,6 +1038,7 @@ def claim_jobs(
         "limit": limit,
         "endpoints": list(endpoints or ()),
         "exclude_ids": sorted(exclude_ids),
+        "exclude_batch_ids": skip_batches,
     }
     # One query per (state, batch), each reading the index on (batch_id, state, created_at,
     # item_index, id) — or (state, created_at, …) — in order and stopping at ``limit``; then
@@ -992,7 +1082,9 @@ def claim_jobs(
     return list(claimed)
 
 
-def _claim_candidates(scoped: bool, active_only: bool, by_endpoint: bool, excluding: bool) -> Any:
+def _claim_candidates(
+    scoped: bool, active_only: bool, by_endpoint: bool, excluding: bool, excluding_batches: bool
+) -> Any:
     """The candidate query of :func:`claim_jobs` for one state (and batch), oldest first."""
     now: BindParameter[datetime] = bindparam("now")
     conditions: list[ColumnElement[bool]] = [
@@ -1006,6 +1098,8 @@ def _claim_candidates(scoped: bool, active_only: bool, by_endpoint: bool, exclud
         conditions.append(Job.endpoint.in_(bindparam("endpoints", expanding=True)))
     if excluding:
         conditions.append(Job.id.not_in(bindparam("exclude_ids", expanding=True)))
+    if excluding_batches:
+        conditions.append(Job.batch_id.not_in(bindparam("exclude_batch_ids", expanding=True)))
     if active_only:
         conditions.append(exists().where(Batch.id == Job.batch_id, Batch.state == BatchState.ACTIVE))
     return (
@@ -1265,6 +1359,16 @@ def count_in_states(
     query = _prepared(("count_in_states", batch_id is not None, api_key_id is not None), build)
     params = {"states": list(states), "batch_id": batch_id, "api_key_id": api_key_id}
     return int(session.scalar(query, params) or 0)
+
+
+def count_cancelled(session: Session, batch_id: str, error_type: str) -> int:
+    """How many jobs of a batch ended cancelled for ``error_type`` (``deadline``, ``budget``, …)."""
+    query = (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.batch_id == batch_id, Job.state == JobState.CANCELLED, Job.error_type == error_type)
+    )
+    return int(session.scalar(query) or 0)
 
 
 def _sent_with(api_key_id: str | BindParameter[Any]) -> ColumnElement[bool]:

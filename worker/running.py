@@ -407,8 +407,11 @@ def _watch(
         with db.read_scope(engine) as session:
             current = batch_progress(session, batch_id)
         done = current["finished"]
+        waiting = current["schedule_state"] if not current["schedule_open"] else ""
         progress.update(
             task_id,
+            # A scheduled batch outside its window says so, with the time left (the countdown).
+            description=f"jobs · {waiting}" if waiting else "jobs",
             total=current["total"],
             completed=done,
             money=f"${current['spent_usd'] or 0:.2f}/${current['estimated_usd'] or 0:.2f}",
@@ -421,6 +424,12 @@ def _watch(
             progress.console.print(
                 f"[yellow]batch paused: {current['pause_reason'] or 'see status'}; "
                 "fix it, then run the same command again to resume[/yellow]"
+            )
+            return True
+        if current["paused_by_user"] and at_provider == 0:
+            progress.console.print(
+                f"[yellow]batch paused by its user: `wanbatch resume {current['name']}`, "
+                "then run the same command again to go on[/yellow]"
             )
             return True
         return False

@@ -21,6 +21,7 @@ from jobs.manifest.items_from import csv_value, read_items
 from jobs.manifest.keys import job_key
 from jobs.manifest.model import JobSpec, RawItem, describe, error_count
 from jobs.media import LocalPath
+from jobs.schedule import Schedule
 from jobs.yaml_lines import LList, LMap
 
 #: One matrix combination: (field, value, line of the value) for each matrix field.
@@ -50,6 +51,10 @@ class Manifest:
     #: Folders local files may come from, resolved: the manifest's own first, then the ones the
     #: user allowed (``--allow-dir``, ``WANBATCH_ALLOWED_INPUT_DIRS``).
     roots: tuple[str, ...] = ()
+    #: When the batch may send (``schedule:``); the empty schedule (always open) when absent.
+    schedule: Schedule = field(default_factory=Schedule)
+    #: fal queue priority of every job (``priority:``): "normal" or "low".
+    priority: str = "normal"
 
     @property
     def base_dir(self) -> Path:

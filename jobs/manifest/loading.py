@@ -2,15 +2,18 @@
 
 Only the top level is read here: ``name``, ``description``, ``endpoint``, ``defaults``,
 ``matrix``, ``items``, ``items_from`` (checked to be a JSONL/CSV file inside the allowed
-folders, not yet read) and ``budget``. Every problem becomes a located issue; nothing raises for
-bad input except :func:`load_manifest`, which raises one :class:`ManifestError` with all of them.
+folders, not yet read), ``budget``, ``schedule`` and ``priority``. Every problem becomes a located
+issue; nothing raises for bad input except :func:`load_manifest`, which raises one
+:class:`ManifestError` with all of them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import zoneinfo
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,13 +25,31 @@ from jobs.manifest.expand import Manifest
 from jobs.manifest.items_from import ITEMS_FROM_SUFFIXES
 from jobs.manifest.model import describe, error_count
 from jobs.media import NUL_ALLOWED, NUL_MESSAGE, allowed_roots, resolve_local
+from jobs.schedule import Schedule, parse_instant, parse_window, zone
 from jobs.yaml_lines import LList, LMap, YamlProblem, load_located
 
 #: Manifest files above this size are refused before parsing.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
-TOP_LEVEL_KEYS = ("name", "description", "endpoint", "defaults", "matrix", "items", "items_from", "budget")
+TOP_LEVEL_KEYS = (
+    "name",
+    "description",
+    "endpoint",
+    "defaults",
+    "matrix",
+    "items",
+    "items_from",
+    "budget",
+    "schedule",
+    "priority",
+)
 BUDGET_KEYS = ("max_usd",)
+SCHEDULE_KEYS = ("not_before", "deadline", "window", "timezone")
+#: fal's queue priorities (``X-Fal-Queue-Priority``); "normal" is fal's default and its highest.
+PRIORITIES = ("normal", "low")
+_TIMESTAMP_ALLOWED = "an ISO 8601 timestamp with an offset, such as 2026-12-01T22:00:00+01:00 or …Z for UTC"
+_WINDOW_ALLOWED = '"HH:MM-HH:MM" in the schedule\'s timezone, such as "22:00-06:00" (may cross midnight)'
+_ZONE_ALLOWED = "an IANA time zone name, such as Europe/Berlin, America/New_York or UTC"
 
 
 class _Report(Protocol):
@@ -38,11 +59,12 @@ class _Report(Protocol):
 
 
 def parse_manifest(
-    path: str | Path, allowed_dirs: Iterable[Path] = ()
+    path: str | Path, allowed_dirs: Iterable[Path] = (), *, now: datetime | None = None
 ) -> tuple[Manifest | None, list[Issue]]:
     """Parse the top level; never raises for bad input. The manifest is None when unusable.
 
     ``allowed_dirs`` are folders, beyond the manifest's own, that local files may come from.
+    ``now`` (aware; the current time by default) is what a schedule's deadline must lie after.
     """
     display = str(path)
     p = Path(path)
@@ -78,7 +100,7 @@ def parse_manifest(
         top(
             f"the manifest must be a mapping with name, endpoint and items; got {describe(root)}",
             getattr(root, "line", 1),
-            allowed="name, endpoint, defaults, matrix, items, items_from, budget",
+            allowed="name, endpoint, defaults, matrix, items, items_from, budget, schedule, priority",
         )
         return None, issues
 
@@ -172,6 +194,8 @@ def parse_manifest(
     _parse_matrix(root, manifest, top)
     _parse_items(root, manifest, top)
     _parse_budget(root, manifest, top)
+    _parse_schedule(root, manifest, top, datetime.now(UTC) if now is None else now)
+    _parse_priority(root, manifest, top)
     return manifest, issues
 
 
@@ -320,9 +344,130 @@ def _parse_budget(root: LMap, manifest: Manifest, top: _Report) -> None:
         manifest.budget_max_usd = Decimal(str(value))
 
 
-def load_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Manifest:
+def _parse_schedule(root: LMap, manifest: Manifest, top: _Report, now: datetime) -> None:
+    """``schedule:`` → :attr:`Manifest.schedule`, kept empty when any part of it is wrong."""
+    schedule = _mapping(
+        root, "schedule", top, "a mapping", "{not_before: ..., deadline: ..., window: ..., timezone: ...}"
+    )
+    if schedule is None:
+        return
+    ok = True
+    for key in schedule:
+        if key not in SCHEDULE_KEYS:
+            ok = False
+            top(
+                f"unknown schedule key {key!r}{did_you_mean(key, SCHEDULE_KEYS)}",
+                schedule.key_lines[key],
+                f"schedule.{key}",
+                value=key,
+                allowed=", ".join(SCHEDULE_KEYS),
+            )
+    instants: dict[str, datetime | None] = {"not_before": None, "deadline": None}
+    for key in instants:
+        value = schedule.get(key)
+        if value is None:
+            continue
+        try:
+            instants[key] = parse_instant(value)
+        except ValueError as exc:
+            ok = False
+            top(
+                f"schedule {key}: {exc}",
+                schedule.lines.get(key),
+                f"schedule.{key}",
+                value=value,
+                allowed=_TIMESTAMP_ALLOWED,
+            )
+    window = None
+    if schedule.get("window") is not None:
+        written = schedule["window"]
+        try:
+            if not isinstance(written, str):
+                raise ValueError(f'window must be text such as "22:00-06:00", got {describe(written)}')
+            window = parse_window(written)
+        except ValueError as exc:
+            ok = False
+            top(
+                f"schedule {exc}",
+                schedule.lines.get("window"),
+                "schedule.window",
+                value=written,
+                allowed=_WINDOW_ALLOWED,
+            )
+    timezone = schedule.get("timezone")
+    if timezone is None:
+        timezone = "UTC"
+    elif (problem := _zone_problem(timezone)) is not None:
+        ok = False
+        top(
+            problem,
+            schedule.lines.get("timezone"),
+            "schedule.timezone",
+            value=timezone,
+            allowed=_ZONE_ALLOWED,
+        )
+    not_before, deadline = instants["not_before"], instants["deadline"]
+    if deadline is not None:
+        where = schedule.lines.get("deadline")
+        if not_before is not None and deadline <= not_before:
+            ok = False
+            top(
+                f"schedule deadline {schedule['deadline']} is not after not_before "
+                f"{schedule['not_before']}: nothing could ever be sent",
+                where,
+                "schedule.deadline",
+                value=schedule["deadline"],
+                allowed="a deadline later than not_before",
+            )
+        elif deadline <= now:
+            ok = False
+            top(
+                f"schedule deadline {schedule['deadline']} has already passed "
+                f"(it is now {now.astimezone(UTC):%Y-%m-%d %H:%M} UTC)",
+                where,
+                "schedule.deadline",
+                value=schedule["deadline"],
+                allowed="a deadline in the future",
+            )
+    if ok:
+        manifest.schedule = Schedule(not_before, deadline, window, timezone)
+
+
+def _zone_problem(name: object) -> str | None:
+    """Why ``name`` is not an IANA time zone name, or None when it is one."""
+    if not isinstance(name, str):
+        return f"schedule timezone must be a time zone name, got {describe(name)}"
+    try:
+        zone(name)
+    except ValueError:
+        # Listing every zone reads the tz database from disk: only worth it for a wrong name.
+        return f"unknown time zone {name!r}{did_you_mean(name, zoneinfo.available_timezones())}"
+    return None
+
+
+def _parse_priority(root: LMap, manifest: Manifest, top: _Report) -> None:
+    value = root.get("priority")
+    if value is None:
+        return
+    if value in PRIORITIES:
+        manifest.priority = value
+        return
+    hint = did_you_mean(value, PRIORITIES) if isinstance(value, str) else ""
+    why = " (fal has no higher priority than normal)" if value in ("high", "urgent") else ""
+    top(
+        f"priority must be normal or low, got {describe(value)}{hint}{why}",
+        root.lines.get("priority"),
+        "priority",
+        value=value,
+        allowed="normal (the default) or low",
+    )
+
+
+def load_manifest(
+    path: str | Path, allowed_dirs: Iterable[Path] = (), *, now: datetime | None = None
+) -> Manifest:
     """Parse a manifest's top level; :class:`ManifestError` for anything structurally wrong."""
-    manifest, issues = parse_manifest(path, allowed_dirs)
+    manifest, issues = parse_manifest(path, allowed_dirs, now=now)
     if manifest is None or error_count(issues):
         raise ManifestError(issues)
     return manifest

@@ -60,3 +60,53 @@ def test_run_with_a_broker_waits_for_the_workers(
     assert ledger["duplicates"] == []
     assert codes == [0]
     assert len(list((tmp_path / "outputs" / "run-with-broker").glob("*.mp4"))) == scenario.jobs
+
+
+def test_pause_stops_every_worker_and_resume_finishes_the_batch(
+    new_pg_database: Callable[[], str], redis_url: str, tmp_path: Path
+) -> None:
+    """Issue #12: `pause` holds new submits back in every worker at once; `resume` goes on."""
+    import time
+
+    scenario = Scenario(jobs=24, workers=2, concurrency=2, cap=4, latency=0.3, sim_concurrency=4)
+    manifest = write_manifest(tmp_path, scenario.jobs, name="pause-resume")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    options = SimulatorOptions(concurrency_limit=scenario.sim_concurrency, latency_seconds=scenario.latency)
+
+    def cli(*args: str) -> dict[str, object]:
+        done = subprocess.run(
+            [*wanbatch_command(), *args, "--json"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        out: dict[str, object] = json.loads(done.stdout)
+        return out
+
+    with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as broker, running_simulator(options) as sim:
+        env = environment(scenario, new_pg_database(), broker, sim.url, tmp_path / "outputs")
+        batch = str(cli("submit", str(manifest))["batch"])
+        cli("pause", batch)
+        workers = start_workers(scenario, env, tmp_path, logs)
+        try:
+            time.sleep(4.0)  # the workers are up and the leader dispatches: a paused batch sends nothing
+            assert sim.ledger()["accepted"] == 0, tail(logs / "worker-0.log")
+            cli("resume", batch)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                report = cli("status", batch)
+                if report["finished"] == scenario.jobs:
+                    break
+                time.sleep(0.5)
+        finally:
+            stop_processes(workers)
+        ledger = sim.ledger()
+    counts = report["counts"]
+    assert isinstance(counts, dict)
+    assert counts["succeeded"] == scenario.jobs, counts
+    assert ledger["accepted"] == scenario.jobs
+    assert ledger["duplicates"] == []

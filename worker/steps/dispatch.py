@@ -45,7 +45,8 @@ def dispatch(rt: Runtime) -> list[str]:
         free = rt.bucket.take(free)
         if free <= 0:
             return []
-        jobs = _claim_within_caps(session, rt, free, now, key_id)
+        closed = closed_batches(session, now)
+        jobs = _claim_within_caps(session, rt, free, now, key_id, closed)
         unused = free
         committed = _Committed(session, now, rt.settings.daily_budget_usd)
         for job in jobs:
@@ -106,7 +107,19 @@ def _room_at_fal(session: Session, rt: Runtime, now: datetime, free: int, key_id
     return min(free, room)
 
 
-def _claim_within_caps(session: Session, rt: Runtime, free: int, now: datetime, key_id: str) -> list[Job]:
+def closed_batches(session: Session, now: datetime) -> set[str]:
+    """Active batches that may not send now: paused by their user, or closed by their schedule
+    (before ``not_before``, outside the daily window, past the deadline)."""
+    return {
+        batch.id
+        for batch in store.scheduled_batches(session)
+        if batch.paused_by_user or not store.batch_schedule(batch).is_open(now)
+    }
+
+
+def _claim_within_caps(
+    session: Session, rt: Runtime, free: int, now: datetime, key_id: str, closed: set[str]
+) -> list[Job]:
     """Claim up to ``free`` due jobs, no endpoint beyond its own cap (``max_outstanding_per_endpoint``)."""
     claim: dict[str, Any] = {
         "states": [S.PENDING, S.RETRY_WAIT],
@@ -115,6 +128,7 @@ def _claim_within_caps(session: Session, rt: Runtime, free: int, now: datetime, 
         "lease_seconds": rt.settings.lease_seconds,
         "active_batches_only": True,
         "batch_ids": rt.batch_ids,  # only the runtime's own batches; the caps count every batch
+        "exclude_batch_ids": closed,
     }
     caps = rt.settings.max_outstanding_per_endpoint
     if not caps:

@@ -27,6 +27,12 @@ from worker.steps.failures import billed, describe, pause_for_account
 
 log = logging.getLogger(__name__)
 
+#: ``error_type`` of a job whose queued request is being cancelled because its batch's window
+#: closed (it goes back to ``pending``) or its deadline passed (it ends ``cancelled``); set by
+#: :mod:`worker.steps.schedule`.
+WINDOW_CLOSED = "window_closed"
+DEADLINE = "deadline"
+
 #: Malformed status answers for one request before its job fails (instead of polling forever).
 PROTOCOL_ERROR_LIMIT = 5
 
@@ -180,15 +186,28 @@ def record_completion(
     """
     if fence.state == S.CANCELLING and status.failed:
         job = store.get_job(session, fence.job_id)
+        outcome = _cancel_outcome(status)
+        cost = billed(job, outcome)
+        if job.error_type == WINDOW_CLOSED:  # the batch's window closed: the next one sends it again
+            store.requeue_after_cancel(
+                session,
+                fence,
+                reason=f"window closed: cancelled at fal ({status.error_type or status.error}); "
+                "sent again in the next window",
+                billed=outcome != billing.Outcome.CANCELLED_IN_QUEUE,
+                **cost,
+            )
+            return False
+        deadline = job.error_type == DEADLINE
         store.mark_cancelled(
             session,
             fence,
-            reason=f"cancelled at fal ({status.error_type or status.error})",
-            error="cancelled by user",
-            error_type=status.error_type,
+            reason="deadline" if deadline else f"cancelled at fal ({status.error_type or status.error})",
+            error="cancelled in fal's queue at the batch's deadline" if deadline else "cancelled by user",
+            error_type=DEADLINE if deadline else status.error_type,
             completed_at=now,
             provider_metrics=status.metrics or None,
-            **billed(job, _cancel_outcome(status)),
+            **cost,
         )
         return False
     queued = download_queued_until is not None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import httpx
 from sqlalchemy.exc import OperationalError
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: How long a job given back for lack of a limiter waits before it is dispatched again.
 LIMITER_DOWN_RETRY_SECONDS = 5.0
+#: Least time left before a batch's window closes or its deadline passes for a submit to go
+#: out (it carries the rest as fal's start timeout, which fal wants above 0.1 s).
+MIN_START_TIMEOUT_SECONDS = 1.0
 #: How long a job whose POST failed inside this process (never sent) waits before it is tried again.
 NOT_SENT_RETRY_SECONDS = 30.0
 
@@ -95,6 +98,22 @@ def _submit(rt: Runtime, job_id: str) -> str:
             return "skipped"  # a duplicate message, or another worker already began this POST
         fence, endpoint, raw_input, attempt = rt.fence(job), job.endpoint, dict(job.input), job.attempts
         batch_id = job.batch_id
+        batch = store.get_batch(session, batch_id)
+        schedule, priority = store.batch_schedule(batch), batch.priority
+
+    # The batch's schedule, checked again right before sending (dispatch checked it when it
+    # claimed the job, but a window may have closed since): fal must not start the request
+    # after the window or the deadline either, so it gets the time left as its start timeout.
+    now = utcnow()
+    closes = schedule.closes_at(now) if schedule.is_open(now) else now
+    start_timeout = None if closes is None else (closes - now).total_seconds()
+    if start_timeout is not None and start_timeout < MIN_START_TIMEOUT_SECONDS:
+        reopens = schedule.next_open(now + timedelta(seconds=MIN_START_TIMEOUT_SECONDS))
+        with db.session_scope(rt.engine) as session:
+            store.give_back(
+                session, fence, reason="held back: the batch's schedule is closed", due_at=reopens
+            )
+        return "outside-schedule"
 
     spec = get_endpoint(endpoint)
     try:
@@ -143,7 +162,13 @@ def _submit(rt: Runtime, job_id: str) -> str:
 
     chaos.crash_point("before_post")
     try:
-        submitted = rt.client.submit(endpoint, to_send, webhook_url=webhook)
+        submitted = rt.client.submit(
+            endpoint,
+            to_send,
+            webhook_url=webhook,
+            priority="low" if priority == "low" else None,
+            start_timeout=start_timeout,
+        )
     except (SubmitNotSentError, UsageError) as exc:
         # Failed inside this process before the request was written: fal cannot have it.
         log.error("job %s: not sent (%s); giving it back", job_id, exc)

@@ -1,0 +1,330 @@
+"""When a batch may send jobs: ``not_before``, ``deadline`` and a daily wall-clock ``window``.
+
+A :class:`Schedule` is pure domain: it reads no clock (every question takes an aware ``now``, so
+tests and the worker's injectable clock decide what time it is) and touches no database.
+
+The window is wall-clock time in ``timezone`` (an IANA name), because "cheap hours from 22:00 to
+06:00" is what a person means, whatever the UTC offset is that night. Each local day's window is
+turned into two instants with :mod:`zoneinfo`:
+
+- a wall-clock time that does not exist (spring forward skips it) becomes the next instant that
+  does exist (the end of the gap), so a window starting in the gap opens when the clocks resume;
+- a wall-clock time that happens twice (fall back) is its first occurrence.
+
+So the night of a change is one hour shorter or longer in real time, as the clock on the wall
+says. Windows whose instants touch (possible only across a change) count as one open period.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+#: How many local days ahead a window is looked for (a zone may skip a whole day; none skips a week).
+_SEARCH_DAYS = 8
+
+_WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*[-\u2013]\s*(\d{1,2}):(\d{2})\s*$")
+
+
+def parse_window(text: str) -> tuple[time, time]:
+    """``"22:00-06:00"`` → ``(time(22), time(6))``; an end before the start crosses midnight.
+
+    Raises :class:`ValueError` with a message fit for a user when the text is not two ``HH:MM``
+    times, a time is not a time of day, or the window is empty (start equals end).
+    """
+    match = _WINDOW.match(text)
+    if match is None:
+        raise ValueError(f"window {text!r} is not two times HH:MM-HH:MM (such as 22:00-06:00)")
+    hours_a, minutes_a, hours_b, minutes_b = (int(g) for g in match.groups())
+    for hours, minutes in ((hours_a, minutes_a), (hours_b, minutes_b)):
+        if hours > 23 or minutes > 59:
+            raise ValueError(
+                f"window {text!r}: {hours:02d}:{minutes:02d} is not a time of day (00:00 to 23:59)"
+            )
+    start, end = time(hours_a, minutes_a), time(hours_b, minutes_b)
+    if start == end:
+        raise ValueError(
+            f"window {text!r} is empty: it starts and ends at the same time "
+            "(a window covers start up to end, crossing midnight when end is earlier)"
+        )
+    return start, end
+
+
+def zone(name: str) -> ZoneInfo:
+    """The IANA time zone ``name``; :class:`ValueError` when there is none by that name."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"unknown time zone {name!r}") from None
+
+
+def format_duration(seconds: float) -> str:
+    """A short human duration: ``"20s"``, ``"45m"``, ``"3h12m"``, ``"5h"``, ``"2d3h"``.
+
+    Seconds are rounded up, so something due in half a second is "1s", never "0s" early; the
+    larger units then drop what they do not show (a countdown, not an invoice).
+    """
+    total = max(0, math.ceil(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h" if hours else f"{days}d"
+    if hours:
+        return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
+    if minutes:
+        return f"{minutes}m"
+    return f"{secs}s"
+
+
+def _resolve(day: date, wall: time, tz: tzinfo) -> datetime:
+    """The instant (UTC) the wall clock in ``tz`` shows ``wall`` on ``day``.
+
+    Ambiguous (fall back): the first occurrence (``fold=0``). Nonexistent (spring forward): the
+    first instant whose wall time is at or after ``wall``, which is the end of the gap.
+    """
+    naive = datetime.combine(day, wall)
+    first = naive.replace(tzinfo=tz).astimezone(UTC)
+    if first.astimezone(tz).replace(tzinfo=None) == naive:
+        return first
+    # In a gap: fold=1 maps with the offset after the change (earlier in UTC), fold=0 with the one
+    # before (later); the gap's end lies between. Transitions fall on whole seconds, so a binary
+    # search over POSIX seconds keeps "wall(lo) < wall <= wall(hi)" down to one second.
+    lo = int(naive.replace(tzinfo=tz, fold=1).timestamp())
+    hi = math.ceil(first.timestamp())
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if datetime.fromtimestamp(mid, tz).replace(tzinfo=None) >= naive:
+            hi = mid
+        else:
+            lo = mid
+    return datetime.fromtimestamp(hi, UTC)
+
+
+def _offset(delta: timedelta) -> str:
+    """``+01:00`` (seconds too, for the odd historical offset that has them)."""
+    sign = "-" if delta < timedelta() else "+"
+    hours, rest = divmod(abs(int(delta.total_seconds())), 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{sign}{hours:02d}:{minutes:02d}" + (f":{seconds:02d}" if seconds else "")
+
+
+def _require_aware(value: datetime, what: str) -> None:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what} must be timezone-aware, got the naive {value.isoformat()}")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _instant_or_none(value: object) -> datetime | None:
+    return None if value is None else parse_instant(value)
+
+
+def parse_instant(value: object) -> datetime:
+    """An ISO 8601 timestamp with an offset or ``Z`` → an aware datetime in UTC.
+
+    ``value`` is text (as written, or as stored by :meth:`Schedule.as_json`) or a datetime (some
+    YAML loaders build one). A time without an offset is refused: it names a different instant
+    in every time zone, and guessing the machine's zone would move a deadline by hours.
+    Raises :class:`ValueError` with a message fit for a user.
+    """
+    if isinstance(value, datetime):
+        parsed = value
+        written = value.isoformat()
+    elif isinstance(value, date):
+        raise ValueError(f"{value.isoformat()} is a date without a time of day and UTC offset")
+    elif isinstance(value, str):
+        written = value.strip()
+        try:
+            # YAML's timestamps allow a lowercase t/z; fromisoformat wants T/Z.
+            parsed = datetime.fromisoformat(written.upper())
+        except ValueError:
+            raise ValueError(f"{value!r} is not an ISO 8601 timestamp") from None
+    else:
+        raise ValueError(f"expected an ISO 8601 timestamp, got {type(value).__name__} {value!r}")
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise ValueError(
+            f"{written!r} has no UTC offset, so the instant is ambiguous (local time in which zone?); "
+            "add one such as +01:00, or Z for UTC"
+        )
+    return parsed.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When sending is allowed: ``not_before <= now < deadline``, and inside the daily window.
+
+    Every field is optional; the empty schedule is always open. Instants are stored in UTC (the
+    offset a user wrote is not kept: ``timezone`` says how to show them).
+    """
+
+    not_before: datetime | None = None
+    deadline: datetime | None = None
+    window: tuple[time, time] | None = None
+    timezone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        # Refused here, not later: a naive instant cannot be compared, an empty window would
+        # never open, an unknown zone would fail at the first question.
+        for name in ("not_before", "deadline"):
+            value = getattr(self, name)
+            if value is not None:
+                _require_aware(value, name)
+                object.__setattr__(self, name, value.astimezone(UTC))
+        if self.window is not None:
+            start, end = self.window
+            if start == end:
+                raise ValueError("the window is empty: start equals end")
+            object.__setattr__(self, "window", (start, end))
+        zone(self.timezone)
+
+    @property
+    def tz(self) -> ZoneInfo:
+        """The zone of ``window`` and of the times :meth:`describe` shows."""
+        return ZoneInfo(self.timezone)
+
+    def is_empty(self) -> bool:
+        """No constraint at all (the time zone alone constrains nothing)."""
+        return self.not_before is None and self.deadline is None and self.window is None
+
+    def is_open(self, now: datetime) -> bool:
+        """Whether a job may be sent at ``now``."""
+        return self.next_open(now) == now
+
+    def past_deadline(self, now: datetime) -> bool:
+        """Whether the deadline has come: nothing is sent any more, ever."""
+        _require_aware(now, "now")
+        return self.deadline is not None and now >= self.deadline
+
+    def next_open(self, now: datetime) -> datetime | None:
+        """The first instant at or after ``now`` when sending is allowed (``now`` itself when open).
+
+        None when it never opens again: the deadline has passed, or comes before the next window
+        (or before ``not_before``).
+        """
+        if self.past_deadline(now):
+            return None
+        at = now if self.not_before is None or now >= self.not_before else self.not_before
+        if self.window is not None:
+            span = self._window_from(at)
+            if span is None:  # pragma: no cover - every valid window opens within _SEARCH_DAYS
+                return None
+            at = span[0]
+        if self.deadline is not None and at >= self.deadline:
+            return None
+        return at
+
+    def closes_at(self, now: datetime) -> datetime | None:
+        """While open: when sending must stop, the window's end or the deadline, whichever is first.
+
+        None when the open period never ends (no window, no deadline). When not open, ``now``:
+        sending must stop already, so a caller computing "seconds left" gets 0.
+        """
+        if not self.is_open(now):
+            return now
+        ends: list[datetime] = []
+        if self.deadline is not None:
+            ends.append(self.deadline)
+        if self.window is not None:
+            span = self._window_from(now)
+            if span is not None:
+                ends.append(span[1])
+        return min(ends) if ends else None
+
+    def describe(self, now: datetime) -> str:
+        """The state in words, as ``status`` shows it; ``""`` for the empty schedule."""
+        if self.is_empty():
+            return ""
+        if self.past_deadline(now):
+            return "past deadline"
+        if self.is_open(now):
+            close = self.closes_at(now)
+            if close is None:
+                return "open"
+            left = format_duration((close - now).total_seconds())
+            if self.deadline is not None and close == self.deadline:
+                return f"open until the deadline {self._stamp(close)} (in {left})"
+            return f"open until {self._clock(close)} (in {left})"
+        opens = self.next_open(now)
+        if opens is None:
+            assert self.deadline is not None  # without one, a schedule always opens again
+            return f"closed: nothing opens before the deadline {self._stamp(self.deadline)}"
+        left = format_duration((opens - now).total_seconds())
+        if self.not_before is not None and opens == self.not_before:
+            return f"waiting until {self._stamp(opens)} (in {left})"
+        return f"waiting for window (opens {self._clock(opens)}, in {left})"
+
+    def as_json(self) -> dict[str, Any]:
+        """The stored form (a batch's ``schedule`` column): ISO instants, ``"22:00-06:00"``."""
+        window = None
+        if self.window is not None:
+            window = "-".join(t.strftime("%H:%M") for t in self.window)
+        return {
+            "not_before": _iso(self.not_before),
+            "deadline": _iso(self.deadline),
+            "window": window,
+            "timezone": self.timezone,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> Schedule:
+        """The inverse of :meth:`as_json`; None or ``{}`` is the empty schedule."""
+        if not data:
+            return cls()
+        window = data.get("window")
+        return cls(
+            not_before=_instant_or_none(data.get("not_before")),
+            deadline=_instant_or_none(data.get("deadline")),
+            window=None if window is None else parse_window(str(window)),
+            timezone=str(data.get("timezone") or "UTC"),
+        )
+
+    # -- window arithmetic ----------------------------------------------------------------------
+
+    def _occurrences(self, first_day: date) -> Iterator[tuple[datetime, datetime]]:
+        """Each local day's window as instants, from ``first_day`` on; empty ones (a window
+        entirely inside a spring-forward gap) left out, touching ones merged."""
+        assert self.window is not None
+        start, end = self.window
+        tz = self.tz
+        merged: tuple[datetime, datetime] | None = None
+        for offset in range(_SEARCH_DAYS + 2):
+            day = first_day + timedelta(days=offset)
+            opens = _resolve(day, start, tz)
+            closes = _resolve(day + timedelta(days=1) if end < start else day, end, tz)
+            if closes <= opens:
+                continue
+            if merged is not None and opens <= merged[1]:
+                merged = (merged[0], max(merged[1], closes))
+                continue
+            if merged is not None:
+                yield merged
+            merged = (opens, closes)
+        if merged is not None:
+            yield merged
+
+    def _window_from(self, at: datetime) -> tuple[datetime, datetime] | None:
+        """The first open window period ending after ``at``, its start clipped to ``at``."""
+        # The window that started the local day before may still be open (crossing midnight).
+        first_day = at.astimezone(self.tz).date() - timedelta(days=1)
+        for opens, closes in self._occurrences(first_day):
+            if closes > at:
+                return max(opens, at), closes
+        return None  # pragma: no cover - see _SEARCH_DAYS
+
+    def _clock(self, instant: datetime) -> str:
+        """``"22:00 Europe/Berlin"``: the wall-clock time in the schedule's zone."""
+        return f"{instant.astimezone(self.tz):%H:%M} {self.timezone}"
+
+    def _stamp(self, instant: datetime) -> str:
+        """``"2026-12-01 22:00 +01:00"``: the date and time in the schedule's zone, with its offset."""
+        local = instant.astimezone(self.tz)
+        clock = f"{local:%H:%M:%S}" if local.second else f"{local:%H:%M}"
+        return f"{local:%Y-%m-%d} {clock} {_offset(local.utcoffset() or timedelta())}"

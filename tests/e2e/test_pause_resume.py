@@ -1,0 +1,170 @@
+"""`wanbatch pause BATCH` / `wanbatch resume BATCH` and the schedule state `status` shows (issue #12).
+
+Embedded SQLite mode, the real click group in process. Pause is a flag beside the batch's state:
+it never hides or clears a pause fal's refusal of the account caused, and pausing what cannot
+send any more (a cancelled or finished batch) is a usage error (exit 2) in one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from falsim.server import SimulatorHandle
+from jobs.settings import get_settings
+from tests.e2e.e2e_helpers import MakeManifest, Wb
+
+TWO_JOBS = """\
+name: night
+endpoint: fal-ai/wan-i2v
+defaults:
+  resolution: 480p
+  num_frames: 81
+matrix:
+  seed: [1, 2]
+items:
+  - prompt: Clouds drifting past the peak
+    image_url: images/landscape.jpg
+{extra}"""
+
+SCHEDULED = """\
+priority: low
+schedule:
+  not_before: 2099-12-01T22:00:00+01:00
+  deadline: 2099-12-02T06:00:00+01:00
+  window: "22:00-06:00"
+  timezone: Europe/Berlin
+"""
+
+
+def _submitted(wb: Wb, path: Path) -> str:
+    run = wb("submit", path, "--json")
+    assert run.code == 0, run.stderr
+    batch: str = run.json()["batch"]
+    return batch
+
+
+def _execute(sql: str) -> None:
+    """A change behind wanbatch's back (what a worker would record), on the test's database."""
+    engine = create_engine(get_settings().database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(sql))
+    finally:
+        engine.dispose()
+
+
+def test_pause_and_resume_by_name_and_id_prefix(wb: Wb, manifest: MakeManifest) -> None:
+    batch = _submitted(wb, manifest("night", TWO_JOBS.format(extra="")))
+
+    paused = wb("pause", "night")
+    assert paused.code == 0, paused.stderr
+    assert paused.stdout.startswith("paused batch night")
+    assert len(paused.stdout.strip().splitlines()) == 1
+    report = wb("status", "night", "--json").json()
+    assert (report["paused_by_user"], report["schedule_state"], report["state"]) == (
+        True,
+        "paused by user",
+        "active",
+    )
+    assert "schedule: paused by user" in wb("status", "night").stdout
+
+    again = wb("pause", batch[:8], "--json")
+    assert again.code == 0, again.stderr
+    body = again.json()
+    assert (body["batch"], body["paused_by_user"], body["changed"]) == (batch, True, False)
+    assert (body["waiting"], body["in_flight"]) == (2, 0)
+    assert "already paused" in body["message"]
+
+    resumed = wb("resume", batch, "--json")
+    assert resumed.code == 0, resumed.stderr
+    assert (resumed.json()["paused_by_user"], resumed.json()["changed"]) == (False, True)
+    report = wb("status", "night", "--json").json()
+    assert (report["paused_by_user"], report["schedule_state"]) == (False, "")
+    assert "schedule:" not in wb("status", "night").stdout
+
+    noop = wb("resume", "night")
+    assert noop.code == 0, noop.stderr
+    assert "nothing changed" in noop.stdout
+
+
+def test_unknown_batch_is_a_usage_error(wb: Wb) -> None:
+    for command in ("pause", "resume"):
+        run = wb(command, "no-such-batch", "--json")
+        assert run.code == 2
+        assert run.json()["ok"] is False
+        assert "no batch 'no-such-batch'" in run.json()["error"]
+
+
+def test_a_cancelled_batch_cannot_be_paused_or_resumed(wb: Wb, manifest: MakeManifest) -> None:
+    _submitted(wb, manifest("night", TWO_JOBS.format(extra="")))
+    assert wb("cancel", "night", "--json").code == 1  # every job cancelled
+    for command in ("pause", "resume"):
+        run = wb(command, "night")
+        assert run.code == 2
+        assert run.stdout == ""
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1, run.stderr
+        assert "is cancelled" in lines[0]
+        assert "Traceback" not in run.stderr
+    assert wb("status", "night", "--json").json()["paused_by_user"] is False
+
+
+def test_a_finished_batch_cannot_be_paused(wb: Wb, sim: SimulatorHandle, manifest: MakeManifest) -> None:
+    path = manifest("night", TWO_JOBS.format(extra=""))
+    run = wb("run", path, "--json", "--no-progress")
+    assert run.code == 0, run.stderr
+    assert run.json()["counts"]["succeeded"] == 2
+    paused = wb("pause", "night", "--json")
+    assert paused.code == 2
+    assert "is finished (all 2 jobs are done)" in paused.json()["error"]
+
+
+def test_resume_leaves_an_account_pause_alone_and_says_so(wb: Wb, manifest: MakeManifest) -> None:
+    _submitted(wb, manifest("night", TWO_JOBS.format(extra="")))
+    assert wb("pause", "night").code == 0
+    _execute("UPDATE batches SET state = 'paused', pause_reason = 'fal refused the account (403)'")
+
+    resumed = wb("resume", "night")
+    assert resumed.code == 0, resumed.stderr
+    line = resumed.stdout.strip()
+    assert "resumed batch night" in line
+    assert "still paused (fal refused the account (403))" in line
+    assert "`wanbatch run night`" in line
+    report = wb("status", "night", "--json").json()
+    assert (report["state"], report["paused_by_user"]) == ("paused", False)
+
+
+def test_submitting_again_keeps_the_pause_and_applies_the_schedule(wb: Wb, manifest: MakeManifest) -> None:
+    path = manifest("night", TWO_JOBS.format(extra=SCHEDULED))
+    first = wb("submit", path, "--json")
+    assert first.code == 0, first.stderr
+    body = first.json()
+    assert body["priority"] == "low"
+    assert body["schedule"]["window"] == "22:00-06:00"
+    assert body["schedule"]["timezone"] == "Europe/Berlin"
+    assert body["schedule_changed"] is None
+
+    report = wb("status", "night", "--json").json()
+    assert report["schedule"] == body["schedule"]
+    assert report["schedule_state"].startswith("waiting until 2099-12-01 22:00 +01:00")
+    assert "schedule: waiting until 2099-12-01 22:00 +01:00" in wb("status", "night").stdout
+
+    assert wb("pause", "night").code == 0
+    path.write_text(TWO_JOBS.format(extra=""), encoding="utf-8")  # schedule and priority removed
+    second = wb("submit", path, "--json")
+    assert second.code == 0, second.stderr
+    changed = second.json()["schedule_changed"]
+    assert changed["from"]["priority"] == "low"
+    assert changed["to"] == {"schedule": None, "priority": "normal"}
+    assert (second.json()["schedule"], second.json()["priority"]) == (None, "normal")
+
+    report = wb("status", "night", "--json").json()
+    assert (report["paused_by_user"], report["schedule_state"], report["schedule"]) == (
+        True,
+        "paused by user",
+        None,
+    )
+    resumed = wb("resume", "night", "--json").json()
+    assert (resumed["paused_by_user"], resumed["schedule_state"]) == (False, "")

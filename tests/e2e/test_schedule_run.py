@@ -1,0 +1,92 @@
+"""Overnight renders, end to end against the simulator (issue #12).
+
+A deadline a few seconds away: nothing is sent after it, requests still waiting in fal's queue
+are cancelled there (not billed), running ones finish and are downloaded, jobs never sent end
+``cancelled`` with reason ``deadline`` — and every submit told fal the time left, so fal itself
+never starts one late. A `priority: low` batch sends every job at low priority.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from falsim.options import SimulatorOptions
+from falsim.server import SimulatorHandle, running_simulator
+from jobs.settings import get_settings
+from tests.e2e.e2e_helpers import FAL_KEY, Wb, export_jsonl, write_manifest
+
+
+@pytest.fixture
+def slow_sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimulatorHandle]:
+    """A simulator of its own: 2 slots, 1 s per request, so a deadline finds work at every stage."""
+    options = SimulatorOptions(latency_seconds=1.0, latency_jitter=0.0, concurrency_limit=2, rng_seed=7)
+    with running_simulator(options) as sim:
+        monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", sim.url)
+        monkeypatch.setenv("WANBATCH_FAL_REST_URL", sim.url)
+        monkeypatch.setenv("FAL_KEY", FAL_KEY)
+        monkeypatch.setenv("WANBATCH_SUBMIT_RATE", "50")
+        monkeypatch.setenv("WANBATCH_MAX_OUTSTANDING", "4")  # 2 running at fal, 2 waiting in its queue
+        monkeypatch.setenv("WANBATCH_TICK_INTERVAL", "0.2")
+        get_settings.cache_clear()
+        yield sim
+
+
+def _items(n: int) -> str:
+    return "".join(f"  - prompt: overnight {i}\n    seed: {i}\n" for i in range(n))
+
+
+def test_a_deadline_stops_sending_drains_fal_and_cancels_the_rest(
+    wb: Wb, slow_sim: SimulatorHandle, e2e_env: Path
+) -> None:
+    deadline = datetime.now(UTC) + timedelta(seconds=5)
+    manifest = write_manifest(
+        e2e_env,
+        "overnight",
+        f"name: overnight\nendpoint: fal-ai/wan-22\nschedule:\n  deadline: {deadline.isoformat()}\n"
+        f"items:\n{_items(20)}",
+    )
+    run = wb("run", manifest, "--json", "--no-progress")
+    assert run.code in (0, 1), run.stderr  # 1: some jobs did not succeed (the cancelled ones)
+    report = run.json()
+    counts = report["counts"]
+    assert counts["succeeded"] + counts["cancelled"] == 20, counts  # every job terminal, none failed
+    assert counts["succeeded"] >= 2
+    assert counts["cancelled"] >= 1
+
+    ledger = slow_sim.ledger()
+    entries = ledger["entries"]
+    cutoff = deadline.timestamp()
+    assert all(e["accepted_at"] <= cutoff for e in entries), "a submit was accepted after the deadline"
+    # Every submit told fal how long it may still start the request: never past the deadline.
+    for e in entries:
+        assert e["start_timeout"] is not None
+        assert e["accepted_at"] + e["start_timeout"] <= cutoff + 0.5
+    # Nothing started after the deadline, and what fal never ran was not billed.
+    assert all(e["started_at"] is None or e["started_at"] <= cutoff + 0.5 for e in entries)
+    for e in entries:
+        if e["started_at"] is None:
+            assert not e["billed"], e
+
+    records = export_jsonl(wb, report["batch"])
+    cancelled = [r for r in records if r["status"] == "cancelled"]
+    assert cancelled
+    assert all("deadline" in str(r["error"]) for r in cancelled), cancelled[:2]
+    succeeded = {r["request_id"] for r in records if r["status"] == "succeeded"}
+    ran = {e["request_id"] for e in entries if e["outcome"] == "ok"}
+    assert succeeded == ran  # whatever fal ran (and billed) was downloaded
+
+
+def test_priority_low_is_sent_with_every_submit(wb: Wb, sim: SimulatorHandle, e2e_env: Path) -> None:
+    manifest = write_manifest(
+        e2e_env, "low", f"name: low\nendpoint: fal-ai/wan-22\npriority: low\nitems:\n{_items(4)}"
+    )
+    run = wb("run", manifest, "--json", "--no-progress")
+    assert run.code == 0, run.stderr
+    entries = sim.ledger()["entries"]
+    assert len(entries) == 4
+    assert {e["priority"] for e in entries} == {"low"}
+    assert all(e["start_timeout"] is None for e in entries)  # no schedule: no start timeout

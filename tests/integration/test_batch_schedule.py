@@ -1,0 +1,198 @@
+"""A batch's schedule, priority and user pause (issue #12), stored on PostgreSQL and SQLite.
+
+What the dispatcher reads (``store.batch_schedule``, ``store.scheduled_batches``) and what
+``status`` shows (``batch_report``'s ``schedule_state`` in words, with an explicit ``now``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, time, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from jobs import store
+from jobs.batches import batch_report
+from jobs.db import make_engine, migrate
+from jobs.models import Batch, BatchState
+from jobs.schedule import Schedule
+from jobs.states import JobState
+
+#: 13:00 in Berlin (UTC+1 in December): the 22:00-06:00 window opens in 9 hours.
+NOON = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+DEADLINE = datetime(2026, 12, 2, 5, 0, tzinfo=UTC)
+NIGHT = Schedule(
+    deadline=DEADLINE,
+    window=(time(22, 0), time(6, 0)),
+    timezone="Europe/Berlin",
+)
+
+
+def new_job(i: int) -> store.NewJob:
+    return store.NewJob(
+        key=f"{i:064x}",
+        item_index=i,
+        endpoint="fal-ai/wan-i2v",
+        input={"prompt": f"item {i}", "resolution": "480p"},
+        est_billing_units=Decimal(1),
+        est_usd=Decimal("0.20"),
+    )
+
+
+def make_batch(
+    session: Session, name: str, n: int = 3, schedule: Schedule | None = None, priority: str = "normal"
+) -> Batch:
+    batch, created = store.get_or_create_batch(
+        session,
+        name=name,
+        manifest_path="/m.yaml",
+        manifest_sha256="0" * 64,
+        budget_max_usd=None,
+        schedule=schedule,
+        priority=priority,
+    )
+    assert created
+    store.add_jobs(session, batch.id, (new_job(i) for i in range(n)))
+    session.commit()
+    return batch
+
+
+def reread(session: Session, batch_id: str) -> Batch:
+    session.expire_all()
+    return store.get_batch(session, batch_id)
+
+
+def test_schedule_and_priority_are_stored_and_read_back(session: Session) -> None:
+    batch = make_batch(session, "night", schedule=NIGHT, priority="low")
+    stored = reread(session, batch.id)
+    assert stored.schedule == NIGHT.as_json()
+    assert store.batch_schedule(stored) == NIGHT
+    assert (stored.priority, stored.paused_by_user) == ("low", False)
+
+
+def test_an_empty_schedule_is_stored_as_null(session: Session) -> None:
+    """NULL is "no schedule", so the dispatcher's list of held-back batches stays short."""
+    plain = make_batch(session, "plain", schedule=Schedule(timezone="Europe/Berlin"))
+    stored = reread(session, plain.id)
+    assert stored.schedule is None
+    assert store.batch_schedule(stored).is_empty()
+    assert stored.priority == "normal"
+
+
+def test_set_batch_schedule_replaces_and_clears(session: Session) -> None:
+    batch = make_batch(session, "night", schedule=NIGHT)
+    later = Schedule(not_before=NOON + timedelta(hours=3))
+    store.set_batch_schedule(session, batch.id, later, "low")
+    session.commit()
+    stored = reread(session, batch.id)
+    assert (store.batch_schedule(stored), stored.priority) == (later, "low")
+    store.set_batch_schedule(session, batch.id, None, "normal")
+    session.commit()
+    stored = reread(session, batch.id)
+    assert (stored.schedule, stored.priority) == (None, "normal")
+
+
+def test_pause_flag_leaves_the_state_alone(session: Session) -> None:
+    batch = make_batch(session, "b")
+    store.set_batch_state(session, batch.id, BatchState.PAUSED, "account locked")
+    store.set_paused_by_user(session, batch.id, True)
+    session.commit()
+    stored = reread(session, batch.id)
+    assert (stored.paused_by_user, stored.state, stored.pause_reason) == (
+        True,
+        BatchState.PAUSED,
+        "account locked",
+    )
+    store.set_paused_by_user(session, batch.id, False)
+    session.commit()
+    stored = reread(session, batch.id)
+    assert (stored.paused_by_user, stored.state) == (False, BatchState.PAUSED)
+
+
+def test_scheduled_batches_lists_scheduled_and_paused_ones_only(session: Session) -> None:
+    make_batch(session, "plain")
+    night = make_batch(session, "night", schedule=NIGHT)
+    paused = make_batch(session, "paused")
+    store.set_paused_by_user(session, paused.id, True)
+    session.commit()
+    assert [b.name for b in store.scheduled_batches(session)] == ["night", "paused"]
+    store.set_paused_by_user(session, paused.id, False)
+    store.set_batch_schedule(session, night.id, Schedule(), "normal")
+    session.commit()
+    assert store.scheduled_batches(session) == []
+
+
+def test_schedule_state_in_words(session: Session) -> None:
+    batch = make_batch(session, "night", schedule=NIGHT, priority="low")
+    report = batch_report(session, batch.id, now=NOON)
+    assert report["schedule_state"] == "waiting for window (opens 22:00 Europe/Berlin, in 9h)"
+    assert report["schedule"] == NIGHT.as_json()
+    assert (report["priority"], report["paused_by_user"]) == ("low", False)
+
+    store.set_paused_by_user(session, batch.id, True)
+    session.commit()
+    report = batch_report(session, batch.id, now=NOON)
+    assert (report["schedule_state"], report["paused_by_user"]) == ("paused by user", True)
+    assert report["state"] == "active"  # the pause is a flag, not a state
+
+    store.set_paused_by_user(session, batch.id, False)
+    session.commit()
+    assert batch_report(session, batch.id, now=NOON + timedelta(hours=9, minutes=30))[
+        "schedule_state"
+    ].startswith("open until")
+
+
+def test_past_deadline_counts_the_jobs_it_cancelled(session: Session) -> None:
+    batch = make_batch(session, "night", n=4, schedule=NIGHT)
+    job = next(store.jobs_of_batch(session, batch.id))
+    store.fail_job(session, store.Fence.of(job, "test"), error="boom", error_type="model")
+    cancelled = store.cancel_unsent_jobs(
+        session, [batch.id], reason="deadline", error="deadline passed", error_type="deadline"
+    )
+    session.commit()
+    assert cancelled == 3
+    after = DEADLINE + timedelta(minutes=1)
+    assert batch_report(session, batch.id, now=after)["schedule_state"] == "past deadline: 3 cancelled"
+
+
+def test_no_schedule_state_without_a_schedule_or_when_finished(session: Session) -> None:
+    plain = make_batch(session, "plain")
+    assert batch_report(session, plain.id, now=NOON)["schedule_state"] == ""
+    assert batch_report(session, plain.id, now=NOON)["schedule"] is None
+
+    night = make_batch(session, "night", n=2, schedule=NIGHT)
+    for job in list(store.jobs_of_batch(session, night.id)):
+        store.fail_job(session, store.Fence.of(job, "test"), error="boom", error_type="model")
+    session.commit()
+    assert store.counts_by_state(session, night.id)[JobState.FAILED.value] == 2
+    assert batch_report(session, night.id, now=NOON)["schedule_state"] == ""  # not "waiting"
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_batches_stored_before_the_upgrade_read_normal_and_not_paused(
+    dialect: str, tmp_path: Path, new_pg_database: Callable[[], str]
+) -> None:
+    """Revision 0005's server defaults: an existing batch gets priority normal, no pause, no schedule."""
+    url = f"sqlite:///{tmp_path / 'old.db'}" if dialect == "sqlite" else new_pg_database()
+    engine = make_engine(url)
+    try:
+        migrate(engine, "0004")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO batches (id, name, manifest_path, manifest_sha256, created_at, state) "
+                    "VALUES ('b0', 'old', '/m.yaml', :sha, :at, 'active')"
+                ),
+                {"sha": "0" * 64, "at": NOON.replace(tzinfo=None) if dialect == "sqlite" else NOON},
+            )
+        migrate(engine)
+        with Session(engine) as session:
+            old = store.get_batch(session, "old")
+            assert (old.schedule, old.priority, old.paused_by_user) == (None, "normal", False)
+            assert store.scheduled_batches(session) == []
+    finally:
+        engine.dispose()

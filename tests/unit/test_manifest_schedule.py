@@ -1,0 +1,245 @@
+"""The manifest's ``schedule:`` and ``priority:``: parsed onto the Manifest, or located errors."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time
+from pathlib import Path
+
+import pytest
+
+from jobs.errors import Issue, ManifestError
+from jobs.manifest import load_manifest, validate_manifest
+from jobs.manifest.loading import parse_manifest
+from jobs.schedule import Schedule
+
+#: The validation instant: the evening before the example night.
+NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
+
+HEAD = "name: night\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: a city at night\n"  # lines 1-4
+
+FULL = (
+    HEAD
+    + "schedule:\n"  # 5
+    + "  not_before: 2026-12-01T22:00:00+01:00\n"  # 6
+    + "  deadline: 2026-12-02T06:00:00+01:00\n"  # 7
+    + '  window: "22:00-06:00"\n'  # 8
+    + "  timezone: Europe/Berlin\n"  # 9
+    + "priority: low\n"  # 10
+)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "m.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def errors(tmp_path: Path, text: str, now: datetime = NOW) -> list[Issue]:
+    manifest, issues = parse_manifest(write(tmp_path, text), now=now)
+    assert manifest is not None
+    return [i for i in issues if i.severity == "error"]
+
+
+def only_error(tmp_path: Path, text: str, now: datetime = NOW) -> Issue:
+    found = errors(tmp_path, text, now)
+    assert len(found) == 1, [str(i) for i in found]
+    return found[0]
+
+
+def schedule_of(tmp_path: Path, body: str) -> Schedule:
+    return load_manifest(write(tmp_path, HEAD + "schedule:\n" + body), now=NOW).schedule
+
+
+# -- parsed --------------------------------------------------------------------------------------
+
+
+def test_full_schedule_and_priority_are_parsed(tmp_path: Path) -> None:
+    manifest = load_manifest(write(tmp_path, FULL), now=NOW)
+    assert manifest.schedule == Schedule(
+        not_before=datetime(2026, 12, 1, 21, tzinfo=UTC),
+        deadline=datetime(2026, 12, 2, 5, tzinfo=UTC),
+        window=(time(22), time(6)),
+        timezone="Europe/Berlin",
+    )
+    assert manifest.priority == "low"
+    assert len(list(manifest.jobs())) == 1  # the jobs expand as before
+
+
+def test_without_schedule_and_priority_the_defaults_apply(tmp_path: Path) -> None:
+    manifest = load_manifest(write(tmp_path, HEAD), now=NOW)
+    assert manifest.schedule == Schedule()
+    assert manifest.schedule.is_empty()
+    assert manifest.priority == "normal"
+
+
+@pytest.mark.parametrize("text", ["schedule:\n", "schedule: {}\n", "schedule: null\npriority: null\n"])
+def test_an_empty_schedule_is_the_empty_schedule(tmp_path: Path, text: str) -> None:
+    manifest = load_manifest(write(tmp_path, HEAD + text), now=NOW)
+    assert manifest.schedule.is_empty()
+    assert manifest.priority == "normal"
+
+
+def test_priority_normal_is_accepted(tmp_path: Path) -> None:
+    assert load_manifest(write(tmp_path, HEAD + "priority: normal\n"), now=NOW).priority == "normal"
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("2026-12-02T05:00:00Z", datetime(2026, 12, 2, 5, tzinfo=UTC)),
+        ('"2026-12-02T06:00:00+01:00"', datetime(2026, 12, 2, 5, tzinfo=UTC)),
+        ("2026-12-02 06:00:00 +01:00", datetime(2026, 12, 2, 5, tzinfo=UTC)),
+        ("2026-12-01t23:00:00-06:00", datetime(2026, 12, 2, 5, tzinfo=UTC)),
+        ("2026-12-02T05:00:00.5Z", datetime(2026, 12, 2, 5, 0, 0, 500000, tzinfo=UTC)),
+    ],
+)
+def test_timestamps_in_their_iso_8601_forms(tmp_path: Path, written: str, expected: datetime) -> None:
+    assert schedule_of(tmp_path, f"  deadline: {written}\n").deadline == expected
+
+
+def test_only_a_window_uses_utc_by_default(tmp_path: Path) -> None:
+    schedule = schedule_of(tmp_path, "  window: 23:30-01:00\n")  # unquoted is fine: it is text
+    assert schedule == Schedule(window=(time(23, 30), time(1)))
+    assert schedule.timezone == "UTC"
+
+
+# -- refused, located ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "phrase"),
+    [
+        ("  not_before: 2026-12-01T22:00:00", "has no UTC offset, so the instant is ambiguous"),
+        ("  not_before: 2026-12-01", "has no UTC offset"),
+        ("  not_before: tomorrow evening", "'tomorrow evening' is not an ISO 8601 timestamp"),
+        ("  not_before: 2026-13-01T22:00:00Z", "is not an ISO 8601 timestamp"),
+        ("  not_before: 20261201", "expected an ISO 8601 timestamp, got int 20261201"),
+        ("  not_before: [1]", "expected an ISO 8601 timestamp"),
+    ],
+)
+def test_a_bad_timestamp_is_a_located_error(tmp_path: Path, line: str, phrase: str) -> None:
+    issue = only_error(tmp_path, HEAD + "schedule:\n" + line + "\n")
+    assert issue.line == 6
+    assert issue.field == "schedule.not_before"
+    assert phrase in issue.message
+    assert issue.allowed is not None
+    assert "with an offset" in issue.allowed
+    assert str(issue).startswith(f"{tmp_path / 'm.yaml'}:6: field 'schedule.not_before': ")
+
+
+def test_an_unknown_timezone_is_a_located_error_with_a_hint(tmp_path: Path) -> None:
+    issue = only_error(tmp_path, HEAD + "schedule:\n  window: 22:00-06:00\n  timezone: Europe/Berlim\n")
+    assert (issue.line, issue.field) == (7, "schedule.timezone")
+    assert "unknown time zone 'Europe/Berlim' (did you mean 'Europe/Berlin'?)" in issue.message
+    assert issue.allowed is not None
+    assert "IANA" in issue.allowed
+
+
+@pytest.mark.parametrize("zone", ["CEST", "../../etc/passwd", "42"])
+def test_other_non_zones_are_refused(tmp_path: Path, zone: str) -> None:
+    issue = only_error(tmp_path, HEAD + f"schedule:\n  timezone: {zone}\n")
+    assert issue.field == "schedule.timezone"
+
+
+@pytest.mark.parametrize(
+    ("window", "phrase"),
+    [
+        ('"22:00-22:00"', "schedule window '22:00-22:00' is empty"),
+        ('"22:00"', "is not two times HH:MM-HH:MM"),
+        ('"22:00 to 06:00"', "is not two times HH:MM-HH:MM"),
+        ('"25:00-06:00"', "25:00 is not a time of day"),
+        ("22", "window must be text such as"),
+    ],
+)
+def test_a_bad_window_is_a_located_error(tmp_path: Path, window: str, phrase: str) -> None:
+    issue = only_error(tmp_path, HEAD + f"schedule:\n  window: {window}\n")
+    assert (issue.line, issue.field) == (6, "schedule.window")
+    assert phrase in issue.message
+
+
+def test_an_unknown_schedule_key_gets_did_you_mean(tmp_path: Path) -> None:
+    issue = only_error(tmp_path, HEAD + "schedule:\n  dedline: 2026-12-02T06:00:00+01:00\n")
+    assert (issue.line, issue.field) == (6, "schedule.dedline")
+    assert "unknown schedule key 'dedline' (did you mean 'deadline'?)" in issue.message
+    assert issue.allowed == "not_before, deadline, window, timezone"
+
+
+def test_a_schedule_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
+    issue = only_error(tmp_path, HEAD + 'schedule: "22:00-06:00"\n')
+    assert (issue.line, issue.field) == (5, "schedule")
+    assert "'schedule' must be a mapping" in issue.message
+
+
+@pytest.mark.parametrize("deadline", ["2026-12-01T22:00:00+01:00", "2026-12-01T20:00:00Z"])
+def test_a_deadline_not_after_not_before_is_refused(tmp_path: Path, deadline: str) -> None:
+    text = HEAD + f"schedule:\n  not_before: 2026-12-01T22:00:00+01:00\n  deadline: {deadline}\n"
+    issue = only_error(tmp_path, text)
+    assert (issue.line, issue.field) == (7, "schedule.deadline")
+    assert "is not after not_before" in issue.message
+
+
+def test_a_deadline_already_past_is_refused(tmp_path: Path) -> None:
+    text = HEAD + "schedule:\n  deadline: 2026-12-01T12:00:00Z\n"
+    issue = only_error(tmp_path, text, now=NOW)  # exactly now: already too late
+    assert (issue.line, issue.field) == (6, "schedule.deadline")
+    assert "has already passed (it is now 2026-12-01 12:00 UTC)" in issue.message
+    assert errors(tmp_path, text, now=datetime(2026, 12, 1, 11, 59, tzinfo=UTC)) == []
+
+
+def test_the_current_time_is_the_default_now(tmp_path: Path) -> None:
+    path = write(tmp_path, HEAD + "schedule:\n  deadline: 2020-01-01T00:00:00Z\n")
+    with pytest.raises(ManifestError, match="has already passed"):
+        load_manifest(path)
+    report = validate_manifest(path)
+    assert not report.ok
+    assert [i.field for i in report.errors] == ["schedule.deadline"]
+
+
+@pytest.mark.parametrize(
+    ("value", "phrase"),
+    [
+        ("lo", "got the text 'lo' (did you mean 'low'?)"),
+        ("Low", "did you mean 'low'?"),
+        ("high", "fal has no higher priority than normal"),
+        ("1", "got int 1"),
+    ],
+)
+def test_a_bad_priority_is_a_located_error(tmp_path: Path, value: str, phrase: str) -> None:
+    issue = only_error(tmp_path, HEAD + f"priority: {value}\n")
+    assert (issue.line, issue.field) == (5, "priority")
+    assert "priority must be normal or low" in issue.message
+    assert phrase in issue.message
+
+
+def test_every_schedule_problem_is_reported_in_one_pass_and_the_schedule_stays_empty(
+    tmp_path: Path,
+) -> None:
+    text = (
+        HEAD
+        + "schedule:\n"
+        + "  not_before: 2026-12-01T22:00:00\n"  # 6: naive
+        + "  deadline: 2020-12-02T06:00:00+01:00\n"  # 7: past
+        + '  window: "06:00-06:00"\n'  # 8: empty
+        + "  timezone: Mars/Olympus\n"  # 9: unknown
+        + "  every: day\n"  # 10: unknown key
+        + "priority: urgent\n"  # 11
+    )
+    manifest, issues = parse_manifest(write(tmp_path, text), now=NOW)
+    assert manifest is not None
+    assert sorted((i.line, i.field) for i in issues) == [
+        (6, "schedule.not_before"),
+        (7, "schedule.deadline"),
+        (8, "schedule.window"),
+        (9, "schedule.timezone"),
+        (10, "schedule.every"),
+        (11, "priority"),
+    ]
+    assert manifest.schedule.is_empty()
+    assert manifest.priority == "normal"
+
+
+def test_the_new_keys_are_top_level_keys(tmp_path: Path) -> None:
+    issue = only_error(tmp_path, HEAD + "schedul: {}\n")
+    assert "did you mean 'schedule'?" in issue.message
+    assert issue.allowed is not None
+    assert "schedule, priority" in issue.allowed

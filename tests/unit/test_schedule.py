@@ -1,0 +1,421 @@
+"""jobs.schedule: not_before, deadline and daily windows, with explicit instants (no clock, no sleep).
+
+Europe/Berlin changes on 2026-03-29 (02:00 CET → 03:00 CEST, 01:00 UTC) and on 2026-10-25
+(03:00 CEST → 02:00 CET, 01:00 UTC); both nights are checked.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime, time, timedelta, timezone
+
+import pytest
+
+from jobs.schedule import Schedule, format_duration, parse_instant, parse_window
+
+BERLIN = "Europe/Berlin"
+PLUS_ONE = timezone(timedelta(hours=1))
+
+
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+
+
+def berlin_window(text: str, **kw: object) -> Schedule:
+    return Schedule(window=parse_window(text), timezone=BERLIN, **kw)  # type: ignore[arg-type]
+
+
+# -- parse_window --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("22:00-06:00", (time(22), time(6))),
+        ("09:30-17:00", (time(9, 30), time(17))),
+        (" 7:05 - 8:00 ", (time(7, 5), time(8))),
+        ("23:00\u201301:00", (time(23), time(1))),
+        ("00:00-23:59", (time(0), time(23, 59))),
+    ],
+)
+def test_parse_window_accepts_two_wall_clock_times(text: str, expected: tuple[time, time]) -> None:
+    assert parse_window(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "phrase"),
+    [
+        ("22:00", "not two times HH:MM-HH:MM"),
+        ("22-06", "not two times HH:MM-HH:MM"),
+        ("10pm-6am", "not two times HH:MM-HH:MM"),
+        ("", "not two times HH:MM-HH:MM"),
+        ("24:00-06:00", "24:00 is not a time of day"),
+        ("22:00-06:60", "06:60 is not a time of day"),
+        ("22:00-22:00", "is empty: it starts and ends at the same time"),
+        ("7:00-07:00", "is empty"),
+    ],
+)
+def test_parse_window_refuses_with_a_clear_message(text: str, phrase: str) -> None:
+    with pytest.raises(ValueError, match=phrase):
+        parse_window(text)
+
+
+# -- parse_instant -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-12-01T22:00:00+01:00",
+        "2026-12-01T21:00:00Z",
+        "2026-12-01t21:00:00z",
+        " 2026-12-01 22:00 +01:00 ",
+        "2026-12-01T16:00:00-05:00",
+        datetime(2026, 12, 1, 22, tzinfo=PLUS_ONE),
+    ],
+)
+def test_parse_instant_reads_text_and_aware_datetimes(value: object) -> None:
+    parsed = parse_instant(value)
+    assert parsed == datetime(2026, 12, 1, 21, tzinfo=UTC)
+    assert parsed.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    ("value", "phrase"),
+    [
+        ("2026-12-01T22:00:00", "'2026-12-01T22:00:00' has no UTC offset, so the instant is ambiguous"),
+        (datetime(2026, 12, 1, 22), "has no UTC offset"),
+        (date(2026, 12, 1), "2026-12-01 is a date without a time of day"),
+        ("next tuesday", "'next tuesday' is not an ISO 8601 timestamp"),
+        (1764622800, "expected an ISO 8601 timestamp, got int"),
+    ],
+)
+def test_parse_instant_refuses_naive_and_malformed_values(value: object, phrase: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(phrase)):
+        parse_instant(value)
+
+
+# -- construction --------------------------------------------------------------------------------
+
+
+def test_instants_are_kept_in_utc() -> None:
+    schedule = Schedule(not_before=datetime(2026, 12, 1, 22, tzinfo=PLUS_ONE))
+    assert schedule.not_before == utc(2026, 12, 1, 21)
+    assert schedule.not_before is not None
+    assert schedule.not_before.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "phrase"),
+    [
+        ({"not_before": datetime(2026, 12, 1, 22)}, "not_before must be timezone-aware"),
+        ({"deadline": datetime(2026, 12, 1, 22)}, "deadline must be timezone-aware"),
+        ({"timezone": "Europe/Berlim"}, "unknown time zone 'Europe/Berlim'"),
+        ({"timezone": "../etc/passwd"}, "unknown time zone"),
+        ({"window": (time(6), time(6))}, "the window is empty"),
+    ],
+)
+def test_an_unusable_schedule_is_refused(kwargs: dict[str, object], phrase: str) -> None:
+    with pytest.raises(ValueError, match=phrase):
+        Schedule(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_naive_now_is_refused() -> None:
+    with pytest.raises(ValueError, match="now must be timezone-aware"):
+        Schedule(deadline=utc(2026, 1, 1)).is_open(datetime(2026, 1, 1))
+
+
+def test_empty_schedule_is_always_open_and_says_nothing() -> None:
+    schedule = Schedule()
+    now = utc(2026, 12, 1, 12)
+    assert schedule.is_empty()
+    assert Schedule(timezone=BERLIN).is_empty()
+    assert schedule.is_open(now)
+    assert not schedule.past_deadline(now)
+    assert schedule.next_open(now) == now
+    assert schedule.closes_at(now) is None
+    assert schedule.describe(now) == ""
+
+
+# -- not_before and deadline ---------------------------------------------------------------------
+
+
+def test_not_before_opens_at_exactly_that_instant() -> None:
+    schedule = Schedule(not_before=datetime(2026, 12, 1, 22, tzinfo=PLUS_ONE))
+    assert not schedule.is_empty()
+    assert not schedule.is_open(utc(2026, 12, 1, 20, 59, 59))
+    assert schedule.next_open(utc(2026, 12, 1, 16)) == utc(2026, 12, 1, 21)
+    assert schedule.is_open(utc(2026, 12, 1, 21))
+    assert schedule.is_open(utc(2027, 6, 1))
+    assert schedule.closes_at(utc(2026, 12, 1, 21)) is None
+
+
+def test_deadline_closes_at_exactly_that_instant_for_good() -> None:
+    deadline = datetime(2026, 12, 2, 6, tzinfo=PLUS_ONE)
+    schedule = Schedule(deadline=deadline)
+    assert schedule.is_open(utc(2026, 12, 2, 4, 59, 59))
+    assert not schedule.past_deadline(utc(2026, 12, 2, 4, 59, 59))
+    assert schedule.closes_at(utc(2026, 12, 2, 1)) == utc(2026, 12, 2, 5)
+    for now in (utc(2026, 12, 2, 5), utc(2026, 12, 2, 5, 0, 1), utc(2027, 1, 1)):
+        assert schedule.past_deadline(now)
+        assert not schedule.is_open(now)
+        assert schedule.next_open(now) is None
+        assert schedule.closes_at(now) == now  # closed: nothing left to send in
+        assert schedule.describe(now) == "past deadline"
+
+
+def test_not_before_at_or_after_the_deadline_never_opens() -> None:
+    at = utc(2026, 12, 1, 21)
+    schedule = Schedule(not_before=at, deadline=at)
+    assert schedule.next_open(utc(2026, 12, 1, 12)) is None
+    assert not schedule.is_open(at - timedelta(hours=1))
+    assert schedule.describe(utc(2026, 12, 1, 12)) == (
+        "closed: nothing opens before the deadline 2026-12-01 21:00 +00:00"
+    )
+
+
+# -- windows -------------------------------------------------------------------------------------
+
+
+def test_window_crossing_midnight_in_utc() -> None:
+    schedule = Schedule(window=parse_window("22:00-06:00"))
+    assert not schedule.is_open(utc(2026, 12, 1, 21, 59, 59))
+    assert schedule.is_open(utc(2026, 12, 1, 22))
+    assert schedule.is_open(utc(2026, 12, 2, 0))
+    assert schedule.is_open(utc(2026, 12, 2, 5, 59, 59))
+    assert not schedule.is_open(utc(2026, 12, 2, 6))
+    assert not schedule.is_open(utc(2026, 12, 2, 12))
+    assert schedule.next_open(utc(2026, 12, 2, 6)) == utc(2026, 12, 2, 22)
+    assert schedule.next_open(utc(2026, 12, 2, 3)) == utc(2026, 12, 2, 3)
+    assert schedule.closes_at(utc(2026, 12, 1, 23)) == utc(2026, 12, 2, 6)
+    assert schedule.closes_at(utc(2026, 12, 2, 3)) == utc(2026, 12, 2, 6)  # opened the day before
+
+
+def test_window_within_a_day() -> None:
+    schedule = Schedule(window=parse_window("09:00-17:00"))
+    assert not schedule.is_open(utc(2026, 12, 1, 8, 59))
+    assert schedule.is_open(utc(2026, 12, 1, 9))
+    assert not schedule.is_open(utc(2026, 12, 1, 17))
+    assert schedule.next_open(utc(2026, 12, 1, 17)) == utc(2026, 12, 2, 9)
+    assert schedule.next_open(utc(2026, 12, 1, 3)) == utc(2026, 12, 1, 9)
+    assert schedule.closes_at(utc(2026, 12, 1, 12)) == utc(2026, 12, 1, 17)
+
+
+def test_window_is_local_wall_clock_time() -> None:
+    schedule = berlin_window("22:00-06:00")
+    # Winter: CET, UTC+1.
+    assert schedule.next_open(utc(2026, 12, 1, 12)) == utc(2026, 12, 1, 21)
+    assert schedule.closes_at(utc(2026, 12, 1, 21)) == utc(2026, 12, 2, 5)
+    # Summer: CEST, UTC+2.
+    assert schedule.next_open(utc(2026, 7, 1, 12)) == utc(2026, 7, 1, 20)
+    assert schedule.closes_at(utc(2026, 7, 1, 20)) == utc(2026, 7, 2, 4)
+
+
+def test_berlin_spring_forward_night_is_seven_hours() -> None:
+    schedule = berlin_window("22:00-06:00")
+    opens, closes = utc(2026, 3, 28, 21), utc(2026, 3, 29, 4)  # 22:00 CET, 06:00 CEST
+    assert schedule.next_open(utc(2026, 3, 28, 12)) == opens
+    assert not schedule.is_open(opens - timedelta(seconds=1))
+    assert schedule.is_open(opens)
+    assert schedule.is_open(utc(2026, 3, 29, 1))  # 03:00 CEST, just after the change
+    assert schedule.closes_at(opens) == closes
+    assert closes - opens == timedelta(hours=7)
+    assert not schedule.is_open(closes)
+    assert schedule.next_open(closes) == utc(2026, 3, 29, 20)  # 22:00 CEST
+
+
+def test_berlin_fall_back_night_is_nine_hours() -> None:
+    schedule = berlin_window("22:00-06:00")
+    opens, closes = utc(2026, 10, 24, 20), utc(2026, 10, 25, 5)  # 22:00 CEST, 06:00 CET
+    assert schedule.next_open(utc(2026, 10, 24, 12)) == opens
+    assert schedule.is_open(utc(2026, 10, 25, 0, 30))  # 02:30 CEST
+    assert schedule.is_open(utc(2026, 10, 25, 1, 30))  # 02:30 CET, the hour that repeats
+    assert schedule.closes_at(opens) == closes
+    assert closes - opens == timedelta(hours=9)
+    assert not schedule.is_open(closes)
+    assert schedule.next_open(closes) == utc(2026, 10, 25, 21)  # 22:00 CET
+
+
+def test_a_window_starting_in_the_spring_gap_opens_when_the_clocks_resume() -> None:
+    schedule = berlin_window("02:30-04:00")
+    assert not schedule.is_open(utc(2026, 3, 29, 0, 59, 59))
+    assert schedule.next_open(utc(2026, 3, 29, 0)) == utc(2026, 3, 29, 1)  # 03:00 CEST
+    assert schedule.closes_at(utc(2026, 3, 29, 1)) == utc(2026, 3, 29, 2)  # 04:00 CEST
+    assert schedule.describe(utc(2026, 3, 29, 0, 15)) == (
+        "waiting for window (opens 03:00 Europe/Berlin, in 45m)"
+    )
+    # Other days: 02:30 exists.
+    assert schedule.next_open(utc(2026, 3, 29, 3)) == utc(2026, 3, 30, 0, 30)
+
+
+def test_a_window_ending_in_the_spring_gap_ends_when_the_clocks_resume() -> None:
+    schedule = berlin_window("23:00-02:30")
+    assert schedule.closes_at(utc(2026, 3, 28, 23)) == utc(2026, 3, 29, 1)  # 03:00 CEST
+    assert schedule.is_open(utc(2026, 3, 29, 0, 59, 59))
+    assert not schedule.is_open(utc(2026, 3, 29, 1))
+
+
+def test_a_window_inside_the_spring_gap_does_not_open_that_day() -> None:
+    schedule = berlin_window("02:10-02:50")
+    assert not schedule.is_open(utc(2026, 3, 29, 1))
+    assert schedule.next_open(utc(2026, 3, 28, 23)) == utc(2026, 3, 30, 0, 10)  # 02:10 CEST next day
+    assert schedule.next_open(utc(2026, 3, 28, 0)) == utc(2026, 3, 28, 1, 10)  # 02:10 CET day before
+
+
+def test_ambiguous_fall_back_times_are_their_first_occurrence() -> None:
+    start_ambiguous = berlin_window("02:30-03:30")
+    opens = utc(2026, 10, 25, 0, 30)  # the first 02:30 (CEST)
+    assert start_ambiguous.next_open(utc(2026, 10, 24, 23)) == opens
+    assert start_ambiguous.closes_at(opens) == utc(2026, 10, 25, 2, 30)  # 03:30 CET: two hours
+    end_ambiguous = berlin_window("01:00-02:30")
+    assert end_ambiguous.closes_at(utc(2026, 10, 24, 23)) == utc(2026, 10, 25, 0, 30)
+    assert not end_ambiguous.is_open(utc(2026, 10, 25, 1))  # the second 02:00 (CET)
+
+
+def test_windows_that_touch_across_a_change_are_one_open_period() -> None:
+    # 03:00-02:30 daily: on the spring-forward night 02:30 is 03:00, so there is no gap.
+    schedule = berlin_window("03:00-02:30")
+    assert schedule.is_open(utc(2026, 3, 29, 1))
+    assert schedule.closes_at(utc(2026, 3, 29, 0)) == utc(2026, 3, 30, 0, 30)  # 02:30 CEST
+    assert schedule.closes_at(utc(2026, 3, 30, 12)) == utc(2026, 3, 31, 0, 30)
+
+
+# -- combinations --------------------------------------------------------------------------------
+
+
+def overnight() -> Schedule:
+    return berlin_window(
+        "22:00-06:00",
+        not_before=datetime(2026, 12, 1, 22, tzinfo=PLUS_ONE),
+        deadline=datetime(2026, 12, 3, 6, tzinfo=PLUS_ONE),
+    )
+
+
+def test_not_before_inside_the_window_opens_at_not_before() -> None:
+    schedule = berlin_window("20:00-06:00", not_before=datetime(2026, 12, 1, 22, tzinfo=PLUS_ONE))
+    assert schedule.next_open(utc(2026, 12, 1, 12)) == utc(2026, 12, 1, 21)
+    assert not schedule.is_open(utc(2026, 12, 1, 20))  # in the window, before not_before
+
+
+def test_not_before_outside_the_window_waits_for_the_window() -> None:
+    schedule = berlin_window("22:00-06:00", not_before=datetime(2026, 12, 1, 12, tzinfo=PLUS_ONE))
+    assert schedule.next_open(utc(2026, 12, 1, 8)) == utc(2026, 12, 1, 21)
+
+
+def test_the_window_or_the_deadline_closes_first() -> None:
+    schedule = overnight()
+    assert schedule.closes_at(utc(2026, 12, 1, 21)) == utc(2026, 12, 2, 5)  # window end
+    assert schedule.next_open(utc(2026, 12, 2, 5)) == utc(2026, 12, 2, 21)
+    early = berlin_window("22:00-06:00", deadline=datetime(2026, 12, 2, 3, tzinfo=PLUS_ONE))
+    assert early.closes_at(utc(2026, 12, 1, 21)) == utc(2026, 12, 2, 2)  # deadline
+
+
+def test_no_window_before_the_deadline_means_never() -> None:
+    schedule = berlin_window("22:00-06:00", deadline=datetime(2026, 12, 1, 21, tzinfo=PLUS_ONE))
+    now = utc(2026, 12, 1, 12)
+    assert schedule.next_open(now) is None
+    assert not schedule.past_deadline(now)
+    assert schedule.describe(now) == "closed: nothing opens before the deadline 2026-12-01 21:00 +01:00"
+
+
+def test_closes_at_is_now_when_closed() -> None:
+    now = utc(2026, 12, 1, 12)
+    assert overnight().closes_at(now) == now
+
+
+# -- describe ------------------------------------------------------------------------------------
+
+
+def test_describe_waiting_until_not_before() -> None:
+    assert overnight().describe(utc(2026, 12, 1, 16)) == "waiting until 2026-12-01 22:00 +01:00 (in 5h)"
+
+
+def test_describe_waiting_for_the_window() -> None:
+    schedule = overnight()
+    assert schedule.describe(utc(2026, 12, 2, 17, 48)) == (
+        "waiting for window (opens 22:00 Europe/Berlin, in 3h12m)"
+    )
+    assert schedule.describe(utc(2026, 12, 2, 20, 59, 40)) == (
+        "waiting for window (opens 22:00 Europe/Berlin, in 20s)"
+    )
+
+
+def test_describe_open_until_the_window_end() -> None:
+    assert overnight().describe(utc(2026, 12, 2, 2, 55)) == "open until 06:00 Europe/Berlin (in 2h05m)"
+
+
+def test_describe_open_until_the_deadline() -> None:
+    schedule = overnight()
+    assert schedule.describe(utc(2026, 12, 3, 4, 15)) == (
+        "open until the deadline 2026-12-03 06:00 +01:00 (in 45m)"
+    )
+    assert Schedule(deadline=utc(2026, 12, 3, 5)).describe(utc(2026, 12, 1, 5)) == (
+        "open until the deadline 2026-12-03 05:00 +00:00 (in 2d)"
+    )
+
+
+def test_describe_open_without_an_end() -> None:
+    assert Schedule(not_before=utc(2026, 1, 1)).describe(utc(2026, 12, 1)) == "open"
+
+
+def test_describe_past_deadline() -> None:
+    assert overnight().describe(utc(2026, 12, 3, 5)) == "past deadline"
+
+
+def test_describe_shows_summer_offsets_and_seconds() -> None:
+    schedule = Schedule(not_before=utc(2026, 7, 1, 20, 0, 30), timezone=BERLIN)
+    assert schedule.describe(utc(2026, 7, 1, 19, 15)) == "waiting until 2026-07-01 22:00:30 +02:00 (in 45m)"
+    west = Schedule(not_before=utc(2026, 7, 1, 20), timezone="America/New_York")
+    assert west.describe(utc(2026, 7, 1, 19)) == "waiting until 2026-07-01 16:00 -04:00 (in 1h)"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (0.2, "1s"),
+        (20, "20s"),
+        (59, "59s"),
+        (60, "1m"),
+        (45 * 60 + 30, "45m"),
+        (3600, "1h"),
+        (3 * 3600 + 12 * 60, "3h12m"),
+        (2 * 3600 + 5 * 60, "2h05m"),
+        (86400, "1d"),
+        (2 * 86400 + 3 * 3600 + 59, "2d3h"),
+        (-5, "0s"),
+    ],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+# -- JSON ----------------------------------------------------------------------------------------
+
+
+def test_as_json_and_back() -> None:
+    schedule = overnight()
+    data = schedule.as_json()
+    assert data == {
+        "not_before": "2026-12-01T21:00:00+00:00",
+        "deadline": "2026-12-03T05:00:00+00:00",
+        "window": "22:00-06:00",
+        "timezone": BERLIN,
+    }
+    assert Schedule.from_json(data) == schedule
+    assert Schedule.from_json(Schedule().as_json()) == Schedule()
+
+
+@pytest.mark.parametrize("data", [None, {}])
+def test_from_json_of_nothing_is_the_empty_schedule(data: dict[str, object] | None) -> None:
+    assert Schedule.from_json(data).is_empty()
+
+
+def test_from_json_reads_z_and_offsets() -> None:
+    schedule = Schedule.from_json(
+        {"deadline": "2026-12-02T06:00:00+01:00", "not_before": "2026-12-01T21:00Z"}
+    )
+    assert schedule.deadline == utc(2026, 12, 2, 5)
+    assert schedule.not_before == utc(2026, 12, 1, 21)
+    assert schedule.window is None
+    assert schedule.timezone == "UTC"
