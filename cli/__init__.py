@@ -42,6 +42,7 @@ for _command in (
     batch_commands.cancel,
     batch_commands.pause,
     batch_commands.resume,
+    batch_commands.diff,
     service_commands.worker,
     service_commands.serve,
     service_commands.simulator,

@@ -1,5 +1,5 @@
-"""``status``, ``cost``, ``export``, ``run``, ``rerun``, ``cancel``, ``pause`` and ``resume``: the
-commands about a stored batch.
+"""``status``, ``cost``, ``export``, ``diff``, ``run``, ``rerun``, ``cancel``, ``pause`` and ``resume``:
+the commands about a stored batch.
 
 ``run``, ``rerun`` and ``cancel`` process a batch (embedded, or by waiting on the workers): they
 import :mod:`worker` when they run, and :mod:`falsim` only with ``--simulate``
@@ -20,6 +20,7 @@ import click
 from cli.options import allow_dir_option, json_option, progress_option, simulate_option
 from cli.output import (
     EXIT_OK,
+    EXIT_SOME_FAILED,
     batches_table,
     cost_table,
     emit_json,
@@ -38,6 +39,7 @@ from cli.output import (
 )
 
 if TYPE_CHECKING:
+    from jobs.diff import JobSide, Pair
     from jobs.settings import Settings
     from worker.running import Interrupted
 
@@ -98,15 +100,16 @@ def cost(batch: str, as_json: bool) -> None:
     """
 
     def action() -> int:
-        from jobs import db
+        from jobs import db, store
         from jobs.cost import cost_report
         from jobs.settings import get_settings
 
         engine = db.open_engine(get_settings())
         with db.session_scope(engine) as session:
             report = cost_report(session, batch)
+            mismatches = store.count_media_mismatches(session, report.batch_id)
         if as_json:
-            emit_json(report.as_dict())
+            emit_json({**report.as_dict(), "media_mismatches": mismatches})
             return EXIT_OK
         out.print(cost_table(report))
         total = report.total
@@ -119,6 +122,8 @@ def cost(batch: str, as_json: bool) -> None:
                 f"[yellow]possible duplicate charges: {total.possible_duplicate_charges} "
                 f"(up to {usd(total.possible_duplicate_usd)} more than actual)[/yellow]"
             )
+        if mismatches:
+            out.print(f"[yellow]{mismatches} video(s) not as requested (media_mismatch in `export`)[/yellow]")
         return EXIT_OK
 
     guarded(as_json, action)
@@ -126,30 +131,138 @@ def cost(batch: str, as_json: bool) -> None:
 
 @click.command()
 @click.argument("batch")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), default=None, help="File to write (default: stdout)."
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "csv", "parquet", "hf"]),
+    default="jsonl",
+    show_default=True,
+    help="hf: a Hugging Face videofolder (videos, metadata.jsonl, manifest, README.md) in -o DIR.",
 )
-def export(batch: str, fmt: str, output: Path | None) -> None:
-    """One record per job of BATCH (id, id prefix or name), as JSONL or CSV."""
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="File to write (default: stdout); for hf, a new folder (required).",
+)
+@click.option(
+    "--include",
+    type=click.Choice(["failed"]),
+    default=None,
+    help="hf: also failed and cancelled jobs (file_name null); the other formats always have them.",
+)
+def export(batch: str, fmt: str, output: Path | None, include: str | None) -> None:
+    """One record per job of BATCH (id, id prefix or name), as JSONL, CSV, Parquet or a HF dataset."""
 
     def action() -> int:
         from jobs import db
         from jobs import export as exporting
+        from jobs.errors import UsageError
         from jobs.settings import get_settings
 
+        if fmt == "hf" and output is None:
+            raise UsageError("--format hf needs -o DIR (a new folder for the dataset)")
+        if fmt == "parquet" and output is None and sys.stdout.isatty():
+            raise UsageError("Parquet is binary: give -o FILE or redirect stdout")
         settings = get_settings()
         engine = db.open_engine(settings)
         with db.session_scope(engine) as session:
-            rows = exporting.records(session, batch, settings.output_dir)
-            if output is None:
-                n = exporting.write(rows, fmt, sys.stdout)
+            if fmt in ("parquet", "hf"):
+                from jobs import dataset_export
+
+                if fmt == "hf" and output is not None:
+                    hf = dataset_export.write_hf(
+                        session, batch, settings.output_dir, output, include_failed=include == "failed"
+                    )
+                    err.print(
+                        f"exported {hf.rows} record(s) and {hf.videos} video(s) "
+                        f"({hf.linked} hard-linked, {hf.copied} copied) to {output}"
+                    )
+                    return EXIT_OK
+                rows = exporting.records(session, batch, settings.output_dir)
+                if output is None:
+                    n = dataset_export.write_parquet(rows, sys.stdout.buffer)
+                else:
+                    n = dataset_export.write_parquet_file(rows, output)
             else:
-                n = exporting.write_file(rows, fmt, output)
+                rows = exporting.records(session, batch, settings.output_dir)
+                if output is None:
+                    n = exporting.write(rows, fmt, sys.stdout)
+                else:
+                    n = exporting.write_file(rows, fmt, output)
         err.print(f"exported {n} record(s)" + (f" to {output}" if output else ""))
         return EXIT_OK
 
     guarded(False, action)
+
+
+#: Rows of non-matching jobs ``diff`` prints before saying how many more there are.
+DIFF_ROWS = 50
+
+
+@click.command()
+@click.argument("batch_a")
+@click.argument("batch_b")
+@json_option
+def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
+    """Compare BATCH_A with BATCH_B job by job: same video bytes or not, seeds, prompts, costs.
+
+    Jobs pair by job key, else by the same input apart from the seed (how `rerun` relates to its
+    parent). Exit 0 when every job matched and every pair has the same video, 1 otherwise.
+    """
+
+    def action() -> int:
+        from rich.table import Table
+
+        from jobs import db
+        from jobs.diff import diff_batches
+        from jobs.settings import get_settings
+
+        with db.session_scope(db.open_engine(get_settings())) as session:
+            result = diff_batches(session, batch_a, batch_b)
+        code = EXIT_OK if result.identical else EXIT_SOME_FAILED
+        if as_json:
+            emit_json(result.as_dict())
+            return code
+        shown = [p for p in result.pairs if p.outcome != "same"]
+        if shown:
+            table = Table(show_header=True)
+            for column in ("item", "result", "differs", "seed A / B", "video A / B", "cost A / B"):
+                table.add_column(column)
+            for pair in shown[:DIFF_ROWS]:
+                table.add_row(*(escape(cell) for cell in _diff_row(pair)))
+            out.print(table)
+            if len(shown) > DIFF_ROWS:
+                out.print(f"… and {len(shown) - DIFF_ROWS} more (`--json` lists every job)")
+        names = f"{result.batch_a['name']} vs {result.batch_b['name']}"
+        out.print(
+            escape(
+                f"{names}: {result.count('same')} same, {result.count('different')} different, "
+                f"{result.count('only_a')} only in A, {result.count('only_b')} only in B"
+            )
+        )
+        return code
+
+    guarded(as_json, action)
+
+
+def _diff_row(pair: Pair) -> tuple[str, ...]:
+    """One ``diff`` table row: item, result, what differs, and seed, video and cost of A and B."""
+    side = pair.a or pair.b
+    assert side is not None
+
+    def both(show: Callable[[JobSide], str]) -> str:
+        return " / ".join("–" if s is None else show(s) for s in (pair.a, pair.b))
+
+    return (
+        str(side.item_index),
+        pair.outcome,
+        ", ".join(pair.differs()),
+        both(lambda s: str(s.seed)),
+        both(lambda s: (s.video_sha256 or "no video")[:12]),
+        both(lambda s: "-" if s.cost_usd is None else f"${s.cost_usd:.2f}"),
+    )
 
 
 # --------------------------------------------------------------------------- processing a batch

@@ -122,6 +122,8 @@ def money_line(report: BatchReport) -> str:
         line += f" · [yellow]{report['possible_duplicate_charges']} possible duplicate charge(s)[/yellow]"
     if report["wasted_usd"]:
         line += f" · wasted ${report['wasted_usd']:.2f}"
+    if report["media_mismatches"]:
+        line += f" · [yellow]{report['media_mismatches']} video(s) not as requested[/yellow] (see `export`)"
     if report["cancelled_for_budget"]:
         line += (
             f" · [yellow]{report['cancelled_for_budget']} job(s) cancelled: budget cap reached[/yellow]"

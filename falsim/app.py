@@ -205,6 +205,8 @@ class SimulatorApp:
             start_timeout=start_timeout,
             store_io=store_io,
             file_ttl=_lifecycle_seconds(headers.get("x-fal-object-lifecycle-preference")),
+            fallbacks_disabled=headers.get("x-fal-disable-fallbacks", "").strip().lower()
+            in ("1", "true", "yes"),
         )
         body: dict[str, Any] = {
             "request_id": req.request_id,

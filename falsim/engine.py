@@ -214,6 +214,7 @@ class Engine:
         start_timeout: float | None = None,
         store_io: bool | None = None,
         file_ttl: float | None = None,
+        fallbacks_disabled: bool = False,
     ) -> SimRequest:
         """Queue a request; it is dispatched on the next loop turn so the submit answer says IN_QUEUE."""
         rid = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
@@ -242,6 +243,7 @@ class Engine:
                 accepted_at=time.time(),
                 priority=req.priority,
                 start_timeout=start_timeout,
+                fallbacks_disabled=fallbacks_disabled,
                 webhook_url=webhook_url,
             )
         )
@@ -373,6 +375,9 @@ class Engine:
         if seed is None:
             seed = self.rng.getrandbits(32)
         geo = media.geometry(spec, resolved, self._image_size(spec, resolved))
+        bad_render = self.faults.fire("bad_render")
+        if bad_render is not None:
+            geo = media.bad_geometry(geo, bad_render)
         tag = media.output_tag(spec.id, resolved, seed)
         req.log(
             f"Generating {geo.num_frames} frames at {geo.width}x{geo.height}, {geo.fps} fps (seed {seed})"

@@ -25,6 +25,9 @@ Kinds (where they fire → what the client sees):
   (``mode: "short"`` instead sends a well-formed response with only half the bytes).
 - ``webhook_drop``: the webhook is never sent. ``webhook_duplicate``: it is sent twice.
 - ``bad_file_name``: the output's ``file_name`` is ``name`` (default ``../../escape.mp4``).
+- ``bad_render``: the request completes, billed, but its video is not what was asked for:
+  ``size: [w, h]`` replaces the frame size, ``frames: n`` the frame count (no parameter: half the
+  requested size). wanbatch's media check must flag it.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ FAULT_KINDS: frozenset[str] = frozenset(
         "webhook_drop",
         "webhook_duplicate",
         "bad_file_name",
+        "bad_render",
         "status_stream_drop",
     }
 )

@@ -29,6 +29,7 @@ class EntryRecord(TypedDict):
     accepted_at: float
     priority: str
     start_timeout: float | None
+    fallbacks_disabled: bool
     webhook_url: str | None
     client_saw_response: bool
     started_at: float | None
@@ -102,6 +103,8 @@ class LedgerEntry:
     priority: str = "normal"
     #: The ``X-Fal-Request-Start-Timeout`` the submit carried (seconds), if any.
     start_timeout: float | None = None
+    #: Whether the submit carried ``X-Fal-Disable-Fallbacks: true``.
+    fallbacks_disabled: bool = False
     webhook_url: str | None = None
     #: False when a fault kept the submit response from the client (dropped or stalled).
     client_saw_response: bool = True
@@ -127,6 +130,7 @@ class LedgerEntry:
             "accepted_at": self.accepted_at,
             "priority": self.priority,
             "start_timeout": self.start_timeout,
+            "fallbacks_disabled": self.fallbacks_disabled,
             "webhook_url": self.webhook_url,
             "client_saw_response": self.client_saw_response,
             "started_at": self.started_at,

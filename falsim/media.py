@@ -22,7 +22,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, ClassVar, cast
 
@@ -94,6 +94,16 @@ def geometry(spec: EndpointSpec, resolved: dict[str, Any], image_size: tuple[int
         fps = int(resolved.get("frames_per_second") or 16)
         frames = int(resolved.get("num_frames") or 81)
     return Geometry(width=width, height=height, fps=fps, num_frames=frames)
+
+
+def bad_geometry(geo: Geometry, params: dict[str, Any]) -> Geometry:
+    """``geo`` broken as the ``bad_render`` fault says: ``size: [w, h]`` and/or ``frames: n``
+    (neither: half the width and height), so a wrong render can be tested end to end."""
+    size, frames = params.get("size"), params.get("frames")
+    width, height = (_even(int(size[0])), _even(int(size[1]))) if size else (geo.width, geo.height)
+    if size is None and frames is None:
+        width, height = _even(geo.width / 2), _even(geo.height / 2)
+    return replace(geo, width=width, height=height, num_frames=max(1, int(frames or geo.num_frames)))
 
 
 def output_tag(endpoint_id: str, resolved: dict[str, Any], seed: int) -> str:

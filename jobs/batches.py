@@ -356,6 +356,8 @@ class BatchReport(TypedDict):
     budget_max_usd: float | None
     possible_duplicate_charges: int
     confirmed_duplicate_charges: int
+    #: Jobs whose video did not match the request (``media_mismatch``; see worker.probe).
+    media_mismatches: int
     actual_usd: float | None
     wasted_usd: float | None
     cancelled_for_budget: int
@@ -488,6 +490,7 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
         "actual_usd": _money(cost.actual_usd),
         "wasted_usd": _money(cost.wasted_usd),
         "cancelled_for_budget": cost.cancelled_for_budget,
+        "media_mismatches": store.count_media_mismatches(session, batch.id),
         "failures": [
             FailureReason(state=st, error_type=et, count=n, example=ex)
             for st, et, ex, n in store.failure_reasons(session, batch.id)

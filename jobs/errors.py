@@ -19,6 +19,8 @@ lives in this module unless ``[module]`` names another::
     ├── LimiterUnavailableError      [worker.limits] the shared submit-rate limiter is unreachable: no submit
     ├── OutputWriteError             [worker.outputs] a video or sidecar could not be written (disk full, …)
     ├── SubmitNotSentError           [worker.fal.errors] the submit failed here before it was sent
+    ├── NotAVideoError               [worker.probe] a downloaded output is not a decodable video
+    ├── MissingVideoError            [jobs.dataset_export] a succeeded job's video is gone: no dataset
     └── ProviderError                anything the provider (fal) said or did not say
         ├── RetryableProviderError   transient: try again later (429, gateway 5xx, connect errors)
         │   ├── ResultNotReadyError      [worker.fal.errors] the result endpoint said "not finished yet"

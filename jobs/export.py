@@ -53,6 +53,8 @@ FIELDS = (
     "video_path",
     "video_sha256",
     "video_bytes",
+    "media",
+    "media_mismatch",
     "billing_units",
     "cost_usd",
     "est_billing_units",
@@ -96,6 +98,8 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
         "video_path": _video_path(job, output_dir),
         "video_sha256": job.output_sha256,
         "video_bytes": job.output_bytes,
+        "media": job.media,  # the probed video (worker.probe.MediaInfo), null before success
+        "media_mismatch": job.media_mismatch,  # what differed from the request; null when fine
         "billing_units": _num(job.actual_billing_units),
         "cost_usd": _num(job.actual_usd),
         "est_billing_units": _num(job.est_billing_units),

@@ -268,6 +268,10 @@ class Job(Base):
     output_bytes: Mapped[int | None] = mapped_column(BigInteger)
     provider_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
     provider_output: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+    #: The downloaded video as probed (``worker.probe.MediaInfo.as_json``); NULL before success.
+    media: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+    #: What the video got wrong against the request, in words; NULL when it matched.
+    media_mismatch: Mapped[str | None] = mapped_column(Text)
 
     est_billing_units: Mapped[Decimal] = mapped_column(Money())
     est_usd: Mapped[Decimal] = mapped_column(Money())

@@ -108,6 +108,10 @@ class FalSettings(_Section):
     fal_rest_url: str = "https://rest.fal.ai"
     connect_timeout: float = Field(default=10.0, gt=0)
     read_timeout: float = Field(default=60.0, gt=0)
+    #: Send ``X-Fal-Disable-Fallbacks: true`` with every submit: fal otherwise may reroute a
+    #: request to another model after repeated failures, so "the same input" would not be the
+    #: same request (reproducibility lock, issue #13). ``false`` lets fal fall back.
+    disable_fallbacks: bool = True
 
     @field_validator("fal_queue_url", "fal_rest_url")
     @classmethod
@@ -271,6 +275,10 @@ class DownloadSettings(_Section):
     #: Longest one download attempt may take, in seconds, on top of the read timeout (which
     #: bounds each wait for bytes): a host that trickles bytes cannot hold a worker slot forever.
     download_timeout: float = Field(default=1800.0, gt=0)
+    #: What a downloaded video that does not match the request (size, frame count, duration;
+    #: see ``worker.probe``) leads to: "flag" (default: the job succeeds, the mismatch is
+    #: recorded and shown) or "fail" (the job fails with the reason, its cost recorded as wasted).
+    media_mismatch: str = Field(default="flag", pattern="^(flag|fail)$")
 
     @field_validator("download_allowed_hosts", mode="before")
     @classmethod

@@ -82,6 +82,7 @@ __all__ = [
     "count_cancelled",
     "count_in_states",
     "count_in_states_by_endpoint",
+    "count_media_mismatches",
     "count_waiting_since",
     "counts_by_state",
     "defer_delivery",
@@ -1527,6 +1528,15 @@ def batch_cost(session: Session, batch_id: str) -> BatchCost:
         ).where(Job.batch_id == batch_id)
     ).one()
     return BatchCost(actual_usd=row[0], wasted_usd=row[1], cancelled_for_budget=int(row[2]))
+
+
+def count_media_mismatches(session: Session, batch_id: str) -> int:
+    """Jobs of the batch whose video did not match the request (``media_mismatch`` set): shown
+    by ``status`` and ``cost`` so a flagged clip is seen before it is used."""
+    count = session.execute(
+        select(func.count()).where(Job.batch_id == batch_id, Job.media_mismatch.is_not(None))
+    ).scalar_one()
+    return int(count)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.endpoints import get_endpoint
-from jobs.errors import Issue, ManifestError
+from jobs.errors import Issue, ManifestError, WanbatchError
 from jobs.manifest.expand import Manifest
 from jobs.manifest.loading import parse_manifest
 from jobs.manifest.model import JobSpec
@@ -90,6 +90,7 @@ def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Va
         collected.append(issue)
 
     media_cache: MediaCache = {}
+    warned_expansion: set[str] = set()
     for job in manifest.jobs(expansion):
         count += 1
         for issue in expansion:
@@ -97,6 +98,9 @@ def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Va
         expansion.clear()
         for issue in validate_job(job, media_cache):
             add(issue)
+        if job.endpoint not in warned_expansion and (warning := _prompt_expansion_warning(job)) is not None:
+            warned_expansion.add(job.endpoint)
+            add(warning)
         if count > MAX_JOBS:
             add(_about_whole(manifest, f"the manifest expands to more than {MAX_JOBS:,} jobs; split it"))
             break
@@ -106,6 +110,34 @@ def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Va
     if dropped:
         collected.append(_about_whole(manifest, f"… and {dropped:,} more issues not shown"))
     return ValidationReport(manifest, collected, count)
+
+
+def _prompt_expansion_warning(job: JobSpec) -> Issue | None:
+    """A pinned seed with ``enable_prompt_expansion`` left at a default of ``true``: the endpoint
+    rewrites the prompt with an LLM (Wan 2.5 and 2.6 do, by default), so the same seed and
+    input do not make the same request twice — a reproducibility sweep would compare rewrites.
+    Said once per endpoint, at the first such job."""
+    if job.input.get("seed") is None or "enable_prompt_expansion" in job.input:
+        return None
+    try:
+        spec = get_endpoint(job.endpoint)
+    except WanbatchError:  # an unknown endpoint is reported by validation already
+        return None
+    field = spec.field("enable_prompt_expansion")
+    if field is None or field.default is not True:
+        return None
+    return Issue(
+        file=job.source,
+        line=job.line,
+        item=job.item_index,
+        field="enable_prompt_expansion",
+        message=(
+            f"seeds are pinned but enable_prompt_expansion is left at its default (true) on {job.endpoint}: "
+            "fal rewrites the prompt with an LLM, so the same seed and input are not the same request; "
+            "set enable_prompt_expansion: false for a reproducible run"
+        ),
+        severity="warning",
+    )
 
 
 def _about_whole(manifest: Manifest, message: str) -> Issue:

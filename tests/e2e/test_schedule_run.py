@@ -89,4 +89,5 @@ def test_priority_low_is_sent_with_every_submit(wb: Wb, sim: SimulatorHandle, e2
     entries = sim.ledger()["entries"]
     assert len(entries) == 4
     assert {e["priority"] for e in entries} == {"low"}
+    assert all(e["fallbacks_disabled"] for e in entries)  # the reproducibility lock, on by default
     assert all(e["start_timeout"] is None for e in entries)  # no schedule: no start timeout

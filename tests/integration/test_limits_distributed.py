@@ -211,7 +211,7 @@ def _check_limits(run: Run) -> None:
     assert run.ledger["max_submits_per_second"] <= RATE
     assert run.ledger["max_outstanding"] <= CAP
     assert max_outstanding(entries) <= CAP
-    assert run.report["counts"]["succeeded"] == JOBS, run.report["counts"]
+    assert run.report["counts"]["succeeded"] == JOBS, (run.report["counts"], run.report["failures"])
     assert run.ledger["duplicates"] == []
 
 

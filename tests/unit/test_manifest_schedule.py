@@ -243,3 +243,27 @@ def test_the_new_keys_are_top_level_keys(tmp_path: Path) -> None:
     assert "did you mean 'schedule'?" in issue.message
     assert issue.allowed is not None
     assert "schedule, priority" in issue.allowed
+
+
+def test_pinned_seeds_with_default_prompt_expansion_warn_once_per_endpoint(tmp_path: Path) -> None:
+    """Issue #13's reproducibility lock: Wan 2.5/2.6 rewrite the prompt unless told not to."""
+    from jobs.manifest.report import validate_manifest
+
+    manifest = tmp_path / "sweep.yaml"
+    from tests.unit.test_validation import png_bytes
+
+    (tmp_path / "a.png").write_bytes(png_bytes((1280, 720)))
+    manifest.write_text(
+        "name: sweep\nendpoint: fal-ai/wan-25-preview/image-to-video\n"
+        "defaults: {image_url: a.png}\nmatrix: {seed: [1, 2, 3]}\nitems:\n  - prompt: a boat\n"
+    )
+    report = validate_manifest(manifest)
+    warnings = [w for w in report.warnings if w.field == "enable_prompt_expansion"]
+    assert len(warnings) == 1
+    assert "enable_prompt_expansion: false" in warnings[0].message
+    manifest.write_text(
+        "name: sweep\nendpoint: fal-ai/wan-25-preview/image-to-video\n"
+        "defaults: {image_url: a.png, enable_prompt_expansion: false}\nmatrix: {seed: [1, 2, 3]}\n"
+        "items:\n  - prompt: a boat\n"
+    )
+    assert not [w for w in validate_manifest(manifest).warnings if w.field == "enable_prompt_expansion"]

@@ -39,11 +39,12 @@ from jobs.errors import (
     ProviderError,
     RetryableProviderError,
     StateConflict,
+    WanbatchError,
 )
 from jobs.models import Job, utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
-from worker import chaos, outputs
+from worker import chaos, outputs, probe
 from worker.fal.errors import (
     ProviderProtocolError,
     RequestFailedError,
@@ -409,10 +410,14 @@ def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
     job = claim.job  # detached: setting what was fetched writes nothing
     for name, value in claim.fetched.items():
         setattr(job, name, value)
+    checked = _check_media(rt, job_id, claim, job, result.path)
+    if isinstance(checked, str):
+        return checked
     cost = billed(job, billing.Outcome.SUCCEEDED)
     sidecar = sidecar_record(
         job, claim.batch_name, result.path, result.sha256, result.size, settings.output_dir, cost
     )
+    sidecar.update(checked)
     try:
         outputs.write_json_atomic(outputs.sidecar_path(result.path), sidecar)
     except OSError as exc:
@@ -431,9 +436,53 @@ def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
             output_sha256=result.sha256,
             output_bytes=result.size,
             **claim.fetched,
+            **checked,
             **cost,
         )
     return "succeeded"
+
+
+def _check_media(rt: Runtime, job_id: str, claim: _Claim, job: Job, path: Path) -> dict[str, Any] | str:
+    """Probe the saved video and compare it with the request (:mod:`worker.probe`).
+
+    Returns the ``media``/``media_mismatch`` fields to store with the success, or — when the
+    file is not a decodable video, or it does not match and ``WANBATCH_MEDIA_MISMATCH=fail`` —
+    fails the job with the reason and its billed cost (fal made it) and returns ``"failed"``.
+    The file of a failed job is removed: no output is kept that does not count.
+    """
+    try:
+        info = probe.probe(path)
+    except probe.NotAVideoError as exc:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        with db.session_scope(rt.engine) as session:
+            error = f"output is not a video: {exc}"
+            _fail_paid(session, claim, error=error, error_type="not_a_video", **claim.fetched)
+        return "failed"
+    try:
+        expectation = probe.expected_media(job.endpoint, job.submitted_input or job.input or {})
+    except WanbatchError:  # an endpoint no longer in the registry: nothing to compare with
+        mismatch = None
+    else:
+        mismatch = probe.compare(info, expectation)
+    checked: dict[str, Any] = {"media": info.as_json(), "media_mismatch": mismatch}
+    if mismatch is None:
+        return checked
+    if rt.settings.media_mismatch != "fail":
+        log.warning("job %s: the video does not match the request: %s", job_id, mismatch)
+        return checked
+    with contextlib.suppress(OSError):
+        path.unlink()
+    with db.session_scope(rt.engine) as session:
+        _fail_paid(
+            session,
+            claim,
+            error=f"the video does not match the request: {mismatch}",
+            error_type="media_mismatch",
+            **claim.fetched,
+            **checked,
+        )
+    return "failed"
 
 
 def _download_failed(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError) -> str:

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: How long a job given back for lack of a limiter waits before it is dispatched again.
 LIMITER_DOWN_RETRY_SECONDS = 5.0
+#: fal may reroute a request to another model after repeated failures; a reproducible run must
+#: not (https://docs.fal.ai/model-apis/model-endpoints/queue, "x-fal-disable-fallbacks").
+FALLBACKS_OFF = {"X-Fal-Disable-Fallbacks": "true"}
 #: Least time left before a batch's window closes or its deadline passes for a submit to go
 #: out (it carries the rest as fal's start timeout, which fal wants above 0.1 s).
 MIN_START_TIMEOUT_SECONDS = 1.0
@@ -168,6 +171,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
             webhook_url=webhook,
             priority="low" if priority == "low" else None,
             start_timeout=start_timeout,
+            extra_headers=FALLBACKS_OFF if rt.settings.disable_fallbacks else None,
         )
     except (SubmitNotSentError, UsageError) as exc:
         # Failed inside this process before the request was written: fal cannot have it.

@@ -1,0 +1,344 @@
+"""Dataset exports beside JSONL and CSV: a typed Parquet file and a Hugging Face ``videofolder``.
+
+Both reuse :func:`jobs.export.record`, so a field added there (``FIELDS``) reaches every format
+the same day. Both stream: rows come from the database in chunks and leave in chunks, so a
+100,000-job batch exports in constant memory.
+
+**Parquet** (pyarrow): one typed column per export field, in ``FIELDS`` order. Counts are
+``int64`` (``seed`` is ``uint64``: fal's seeds reach ``2**64 - 1``), money and billing units
+``float64``, timestamps ``timestamp[us, UTC]``. Dicts and lists (``input``, ``media``, …) are
+JSON text, because their keys differ between endpoints and one text column reads the same in
+pandas, DuckDB and Spark; a field this module does not know yet is text too (JSON for anything
+that is not already a string). Rows are written in row groups of :data:`PARQUET_ROW_GROUP`, the
+only rows held in memory at once.
+
+**Hugging Face** (``--format hf -o DIR``): the ``videofolder`` layout that
+``datasets.load_dataset("videofolder", data_dir=DIR)`` and ``load_dataset("json",
+data_files="DIR/metadata.jsonl")`` read: ``videos/`` (hard links when the outputs are on the same
+filesystem, else copies), ``metadata.jsonl`` (``file_name``, the video's path relative to DIR,
+then every export field, exactly as the JSONL export has them), the batch's manifest as
+``manifest.<ext>`` when it is still readable, and a ``README.md`` dataset card (counts,
+endpoints, cost, how it was made). Only succeeded jobs by default; ``include_failed`` adds the
+failed and cancelled ones with ``file_name: null`` (jobs still in flight are never exported).
+The folder is built as a hidden sibling (``.DIR.*.part``) and renamed into place at the end, so
+a failed export never leaves a half dataset under the target name; an existing non-empty DIR is
+refused, never merged into.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy.orm import Session
+
+from jobs import store
+from jobs.errors import UsageError, WanbatchError
+from jobs.export import FIELDS, record
+from jobs.models import Batch
+from jobs.states import JobState
+
+#: Rows per Parquet row group: what the writer holds in memory at once (a few MB of records).
+PARQUET_ROW_GROUP = 10_000
+
+_INT_FIELDS = frozenset({"item_index", "seed", "video_bytes", "attempts", "possible_duplicate_charges"})
+#: fal's seeds reach ``2**64 - 1``: past int64, within uint64.
+_UINT_FIELDS = frozenset({"seed"})
+_FLOAT_FIELDS = frozenset({"billing_units", "cost_usd", "est_billing_units", "est_usd"})
+_TIME_FIELDS = frozenset({"submitted_at", "finished_at"})
+
+#: The job states an ``hf`` export can hold: succeeded always, the others with ``include_failed``.
+TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+#: Where the videos go inside an ``hf`` export folder.
+VIDEOS_DIR = "videos"
+
+
+class MissingVideoError(WanbatchError):
+    """A succeeded job's video is not where the database says: the dataset would be broken."""
+
+
+def wanbatch_version() -> str:
+    """The installed wanbatch version, for the dataset card and the Parquet metadata."""
+    try:
+        return metadata.version("wanbatch")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- Parquet
+
+
+def arrow_schema() -> Any:
+    """The Parquet schema: one typed column per export field, in ``FIELDS`` order."""
+    import pyarrow as pa
+
+    def kind(name: str) -> Any:
+        if name in _UINT_FIELDS:
+            return pa.uint64()
+        if name in _INT_FIELDS:
+            return pa.int64()
+        if name in _FLOAT_FIELDS:
+            return pa.float64()
+        if name in _TIME_FIELDS:
+            return pa.timestamp("us", tz="UTC")
+        return pa.string()
+
+    return pa.schema(
+        [pa.field(name, kind(name)) for name in FIELDS],
+        metadata={"wanbatch_version": wanbatch_version(), "dict_fields": "JSON text"},
+    )
+
+
+def arrow_value(name: str, value: object) -> object:
+    """``value`` of field ``name`` as its Parquet column holds it (see :func:`arrow_schema`)."""
+    if value is None:
+        return None
+    if name in _UINT_FIELDS and isinstance(value, int) and not 0 <= value < 2**64:
+        raise UsageError(f"{name} {value} does not fit Parquet's uint64 {name} column; export as jsonl")
+    if name in _TIME_FIELDS and isinstance(value, str):
+        return datetime.fromisoformat(value)
+    if name in _INT_FIELDS or name in _FLOAT_FIELDS or name in _TIME_FIELDS:
+        return value
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def write_parquet(rows: Iterator[dict[str, Any]], sink: str | IO[bytes]) -> int:
+    """Write ``rows`` as Parquet to ``sink`` (a path or a binary stream) in row groups; the count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = arrow_schema()
+    names: list[str] = list(schema.names)
+    columns: dict[str, list[object]] = {name: [] for name in names}
+    count = 0
+
+    with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+
+        def flush() -> None:
+            writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=schema))
+            for values in columns.values():
+                values.clear()
+
+        for row in rows:
+            for name in names:
+                columns[name].append(arrow_value(name, row.get(name)))
+            count += 1
+            if count % PARQUET_ROW_GROUP == 0:
+                flush()
+        if count % PARQUET_ROW_GROUP:
+            flush()
+    return count
+
+
+def write_parquet_file(rows: Iterator[dict[str, Any]], output: Path) -> int:
+    """:func:`write_parquet` to ``output`` atomically (temp file beside it, fsync, rename)."""
+    if output.is_dir():
+        raise UsageError(
+            f"-o {str(output)!r} is a folder; give a file name such as {output / 'export.parquet'}"
+        )
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
+    except OSError as exc:
+        raise UsageError(f"cannot write the export to {str(output)!r}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            count = write_parquet(rows, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(output)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UsageError(f"cannot write the export to {str(output)!r}: {exc.strerror or exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return count
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+@dataclass(slots=True)
+class HfExport:
+    """What an ``hf`` export wrote: the figures its dataset card shows, and the CLI prints."""
+
+    folder: Path
+    rows: int = 0
+    videos: int = 0
+    linked: int = 0
+    copied: int = 0
+    by_status: Counter[str] = field(default_factory=Counter)
+    by_endpoint: Counter[str] = field(default_factory=Counter)
+    cost_usd: float = 0.0
+    billing_units: float = 0.0
+    manifest: str | None = None
+    manifest_changed: bool = False
+    left_out: dict[str, int] = field(default_factory=dict)
+
+
+def _place_video(source: Path, target: Path) -> bool:
+    """Hard-link ``source`` at ``target`` (True), or copy it when linking is impossible (False)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+        return False
+    return True
+
+
+def _copy_manifest(batch: Batch, folder: Path) -> tuple[str | None, bool]:
+    """Copy the batch's manifest into ``folder``; (its name there or None, changed since submit)."""
+    import hashlib
+
+    source = Path(batch.manifest_path)
+    suffix = source.suffix if source.suffix in (".yaml", ".yml", ".json") else ".yaml"
+    try:
+        data = source.read_bytes()
+    except OSError:
+        return None, False
+    name = f"manifest{suffix}"
+    (folder / name).write_bytes(data)
+    return name, hashlib.sha256(data).hexdigest() != batch.manifest_sha256
+
+
+def _dataset_rows(
+    session: Session, batch: Batch, output_dir: Path, folder: Path, summary: HfExport, include_failed: bool
+) -> Iterator[dict[str, Any]]:
+    """The ``metadata.jsonl`` rows, placing each succeeded job's video in ``folder`` on the way."""
+    states = TERMINAL_STATES if include_failed else TERMINAL_STATES[:1]
+    videos = folder / VIDEOS_DIR
+    videos.mkdir()
+    for job in store.jobs_of_batch(session, batch.id, states=states):
+        file_name: str | None = None
+        if job.state is JobState.SUCCEEDED:
+            source = Path(job.output_path) if job.output_path else None
+            if source is None or not source.is_file():
+                raise MissingVideoError(
+                    f"job {job.id} succeeded but its video is missing ({job.output_path or 'no path'}); "
+                    "nothing was exported"
+                )
+            file_name = f"{VIDEOS_DIR}/{source.name}"
+            if _place_video(source, folder / file_name):
+                summary.linked += 1
+            else:
+                summary.copied += 1
+            summary.videos += 1
+        row = record(job, batch, output_dir)
+        summary.rows += 1
+        summary.by_status[row["status"]] += 1
+        summary.by_endpoint[row["endpoint"]] += 1
+        summary.cost_usd += row["cost_usd"] or 0.0
+        summary.billing_units += row["billing_units"] or 0.0
+        yield {"file_name": file_name, **row}
+
+
+def _card(batch: Batch, summary: HfExport, include_failed: bool) -> str:
+    """The ``README.md`` dataset card: what is in the folder and how it was made."""
+    lines = [
+        "---",
+        f"pretty_name: {json.dumps(batch.name, ensure_ascii=False)}",
+        "tags: [video, synthetic, wanbatch]",
+        "---",
+        "",
+        f"# {batch.name}",
+        "",
+        f"Videos generated with fal.ai's hosted Wan endpoints by wanbatch {wanbatch_version()}, "
+        f"batch `{batch.id}` (submitted {batch.created_at.isoformat()}).",
+        "",
+        "## Contents",
+        "",
+        f"- {summary.rows} row(s) in `metadata.jsonl`, {summary.videos} video(s) in `{VIDEOS_DIR}/`",
+    ]
+    lines += [f"- {status}: {n}" for status, n in sorted(summary.by_status.items())]
+    lines += [f"- not exported ({state}): {n}" for state, n in sorted(summary.left_out.items()) if n]
+    lines += [
+        f"- cost: ${summary.cost_usd:,.2f} over {summary.billing_units:g} billing unit(s)",
+        "",
+        "| endpoint | rows |",
+        "|---|---:|",
+    ]
+    lines += [f"| `{endpoint}` | {n} |" for endpoint, n in sorted(summary.by_endpoint.items())]
+    manifest = (
+        f"`{summary.manifest}` (copied from `{batch.manifest_path}`"
+        + ("; **it changed after the batch was submitted**)" if summary.manifest_changed else ")")
+        if summary.manifest
+        else f"not included (`{batch.manifest_path}` was not readable at export time)"
+    )
+    lines += [
+        "",
+        "## How it was made",
+        "",
+        f"- manifest: {manifest}",
+        "- generated: `wanbatch run <manifest>`",
+        f"- exported: `wanbatch export {batch.id} --format hf -o <folder>"
+        + (" --include failed`" if include_failed else "`"),
+        "",
+        "Each row of `metadata.jsonl` is one job: `file_name` (the video, relative to this folder; "
+        "null for a job without a video) and every field of wanbatch's export record (`input` is "
+        "the exact JSON submitted, `seed` the one the provider used, `video_sha256` the video's "
+        "SHA-256).",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        'ds = load_dataset("json", data_files="metadata.jsonl")  # or ("videofolder", data_dir=".")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Rename the finished folder into place with the user's usual permissions (mkdtemp's are 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    tmp.replace(dest)  # also replaces an empty folder; a non-empty one makes this fail
+
+
+def write_hf(
+    session: Session, batch_ref: str, output_dir: Path, dest: Path, *, include_failed: bool = False
+) -> HfExport:
+    """Write the batch as a Hugging Face ``videofolder`` at ``dest`` (see the module docstring)."""
+    batch = store.get_batch(session, batch_ref)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UsageError(f"-o {str(dest)!r} exists and is not an empty folder; choose a new folder")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+    except OSError as exc:
+        raise UsageError(f"cannot write the export to {str(dest)!r}: {exc.strerror or exc}") from None
+    summary = HfExport(folder=dest)
+    try:
+        with (tmp / "metadata.jsonl").open("w", encoding="utf-8") as fh:
+            for row in _dataset_rows(session, batch, output_dir, tmp, summary, include_failed):
+                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        counts = store.counts_by_state(session, batch.id)
+        exported = {s.value for s in (TERMINAL_STATES if include_failed else TERMINAL_STATES[:1])}
+        summary.left_out = {state: n for state, n in counts.items() if state not in exported and n}
+        summary.manifest, summary.manifest_changed = _copy_manifest(batch, tmp)
+        (tmp / "README.md").write_text(_card(batch, summary, include_failed), encoding="utf-8")
+        _publish(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"cannot write the export to {str(dest)!r}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary

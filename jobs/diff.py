@@ -1,0 +1,204 @@
+"""``wanbatch diff``: two stored batches compared job by job.
+
+What a reproducibility sweep asks is "did the same request give the same clip?", so jobs are
+paired by what was asked, never by when or where they ran:
+
+1. **by job key** — the hash of the endpoint and the resolved input, seed included. Two jobs with
+   the same key sent the same request; a ``rerun`` of a batch whose seeds were pinned gets the
+   same keys.
+2. **by input except the seed** — the endpoint and the stored resolved input with ``seed`` left
+   out. A ``rerun`` writes the seed fal returned (or, with ``--new-seeds``, a fresh one) into the
+   input, so the key of a job whose seed fal picked changes while everything else stays; this
+   pass pairs those. Jobs that differ only by seed (a ``matrix: seed: [...]``) pair in item order.
+
+``item_index`` alone is not used: every matrix combination of an item shares it, and two
+unrelated batches would pair their first items and call them "different" rather than unrelated.
+Jobs left unpaired are ``only_a`` / ``only_b``.
+
+A pair is ``same`` when both jobs have an output and its SHA-256 is equal (byte-for-byte the same
+video); anything else — another video, or a job of the pair without one — is ``different``. The
+seeds, the prompts actually used and the costs are reported per pair, with the fields that differ.
+
+Pure over the store: it reads the two batches and writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal
+
+from sqlalchemy.orm import Session
+
+from jobs import store
+from jobs.manifest import canonical_json
+from jobs.models import Batch, Job
+
+Outcome = Literal["same", "different", "only_a", "only_b"]
+MatchedBy = Literal["job_key", "input"]
+
+
+@dataclass(frozen=True, slots=True)
+class JobSide:
+    """What the diff needs of one job (read once, so the ORM rows can go)."""
+
+    job_id: str
+    job_key: str
+    item_index: int
+    endpoint: str
+    status: str
+    seed: int | None
+    #: The prompt fal reports it used (Wan 2.5/2.6 may rewrite it), else the one sent.
+    prompt: str | None
+    video_sha256: str | None
+    cost_usd: float | None
+    #: Endpoint and input without the seed, as canonical JSON: the second matching pass.
+    unseeded: str
+
+    @classmethod
+    def of(cls, job: Job) -> JobSide:
+        prompt = job.actual_prompt if job.actual_prompt is not None else job.input.get("prompt")
+        rest = {k: v for k, v in job.input.items() if k != "seed"}
+        return cls(
+            job_id=job.id,
+            job_key=job.job_key,
+            item_index=job.item_index,
+            endpoint=job.endpoint,
+            status=job.state.value,
+            seed=None if job.seed is None else int(job.seed),
+            prompt=prompt if isinstance(prompt, str) else None,
+            video_sha256=job.output_sha256,
+            cost_usd=_usd(job.actual_usd),
+            unseeded=job.endpoint + "\n" + canonical_json(rest),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "item_index": self.item_index,
+            "endpoint": self.endpoint,
+            "status": self.status,
+            "seed": self.seed,
+            "prompt": self.prompt,
+            "video_sha256": self.video_sha256,
+            "cost_usd": self.cost_usd,
+        }
+
+
+def _usd(value: Decimal | None) -> float | None:
+    return None if value is None else float(value.quantize(Decimal("0.000001")))
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """One line of the diff: two matched jobs, or one job the other batch has no match for."""
+
+    a: JobSide | None
+    b: JobSide | None
+    matched_by: MatchedBy | None
+
+    @property
+    def outcome(self) -> Outcome:
+        if self.b is None:
+            return "only_a"
+        if self.a is None:
+            return "only_b"
+        same = self.a.video_sha256 is not None and self.a.video_sha256 == self.b.video_sha256
+        return "same" if same else "different"
+
+    def differs(self) -> list[str]:
+        """Which of video, status, seed, prompt and cost differ (empty for an unmatched job)."""
+        a, b = self.a, self.b
+        if a is None or b is None:
+            return []
+        checks = {
+            "video": a.video_sha256 is None or a.video_sha256 != b.video_sha256,
+            "status": a.status != b.status,
+            "seed": a.seed != b.seed,
+            "prompt": a.prompt != b.prompt,
+            "cost": a.cost_usd != b.cost_usd,
+        }
+        return [name for name, differ in checks.items() if differ]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "result": self.outcome,
+            "matched_by": self.matched_by,
+            "differs": self.differs(),
+            "a": None if self.a is None else self.a.as_dict(),
+            "b": None if self.b is None else self.b.as_dict(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDiff:
+    """The comparison of batch A with batch B (``diff --json`` is :meth:`as_dict`)."""
+
+    #: ``{"batch": id, "name": name}`` of each side (plain values: usable after the session ends).
+    batch_a: dict[str, str]
+    batch_b: dict[str, str]
+    pairs: list[Pair]
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for p in self.pairs if p.outcome == outcome)
+
+    @property
+    def identical(self) -> bool:
+        """Every job matched and every pair the same video: what exit 0 means."""
+        return all(p.outcome == "same" for p in self.pairs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batch_a": self.batch_a,
+            "batch_b": self.batch_b,
+            "identical": self.identical,
+            "same": self.count("same"),
+            "different": self.count("different"),
+            "only_a": self.count("only_a"),
+            "only_b": self.count("only_b"),
+            "jobs": [p.as_dict() for p in self.pairs],
+        }
+
+
+def match(a_jobs: list[JobSide], b_jobs: list[JobSide]) -> list[Pair]:
+    """Pair two batches' jobs (see the module docstring), A's item order first, then B's leftovers.
+
+    Both lists must be in item order (as :func:`store.jobs_of_batch` yields them): jobs that
+    differ only by seed are paired in that order.
+    """
+    matched: dict[str, tuple[JobSide, MatchedBy]] = {}  # A's job id → B's job, how
+    by_key = {job.job_key: job for job in b_jobs}  # keys are unique within a batch
+    taken: set[str] = set()
+    for job in a_jobs:
+        other = by_key.get(job.job_key)
+        if other is not None:
+            matched[job.job_id] = (other, "job_key")
+            taken.add(other.job_id)
+    by_input: dict[str, deque[JobSide]] = defaultdict(deque)
+    for other in b_jobs:
+        if other.job_id not in taken:
+            by_input[other.unseeded].append(other)
+    for job in a_jobs:
+        if job.job_id not in matched and by_input[job.unseeded]:
+            other = by_input[job.unseeded].popleft()
+            matched[job.job_id] = (other, "input")
+            taken.add(other.job_id)
+    pairs = [
+        Pair(job, *matched[job.job_id]) if job.job_id in matched else Pair(job, None, None) for job in a_jobs
+    ]
+    pairs.extend(Pair(None, other, None) for other in b_jobs if other.job_id not in taken)
+    return pairs
+
+
+def diff_batches(session: Session, ref_a: str, ref_b: str) -> BatchDiff:
+    """Compare the batches ``ref_a`` and ``ref_b`` (id, id prefix or name; NotFoundError if not)."""
+    batch_a = store.get_batch(session, ref_a)
+    batch_b = store.get_batch(session, ref_b)
+    a_jobs = [JobSide.of(job) for job in store.jobs_of_batch(session, batch_a.id)]
+    b_jobs = [JobSide.of(job) for job in store.jobs_of_batch(session, batch_b.id)]
+    return BatchDiff(_named(batch_a), _named(batch_b), match(a_jobs, b_jobs))
+
+
+def _named(batch: Batch) -> dict[str, str]:
+    return {"batch": batch.id, "name": batch.name}

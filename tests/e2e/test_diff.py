@@ -1,0 +1,140 @@
+"""``wanbatch diff`` end to end on the simulator: reruns compared with their parent, byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import MakeManifest, Wb, export_jsonl
+
+# No seeds: fal picks them, so an exact rerun's keys (seed now in the input) differ from the
+# parent's and the jobs pair by their input apart from the seed.
+UNSEEDED = """\
+name: {name}
+endpoint: fal-ai/wan-i2v
+defaults:
+  resolution: 480p
+  num_frames: 81
+items:
+  - prompt: Clouds drifting past the peak
+    image_url: images/landscape.jpg
+  - prompt: Night falls over the hills
+    image_url: images/night.jpg
+"""
+
+# Pinned seeds through a matrix: an exact rerun has the very same job keys.
+PINNED = """\
+name: {name}
+endpoint: fal-ai/wan-i2v
+defaults:
+  resolution: 480p
+  num_frames: 81
+matrix:
+  seed: [7, 8]
+items:
+  - prompt: {prompt}
+    image_url: images/landscape.jpg
+"""
+
+
+def _run(wb: Wb, path: Path) -> str:
+    done = wb("run", path, "--json", "--no-progress")
+    assert done.code == 0, done.stderr
+    return str(done.json()["batch"])
+
+
+def _rerun(wb: Wb, batch: str, *options: str) -> str:
+    done = wb("rerun", batch, *options, "--json", "--no-progress")
+    assert done.code == 0, done.stderr
+    return str(done.json()["batch"])
+
+
+def _diff(wb: Wb, a: str, b: str, code: int) -> dict[str, Any]:
+    done = wb("diff", a, b, "--json")
+    assert done.code == code, done.stdout + done.stderr
+    report: dict[str, Any] = done.json()
+    return report
+
+
+@pytest.mark.slow
+def test_exact_rerun_is_the_same_and_new_seeds_differ(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    parent = _run(wb, manifest("repro", UNSEEDED.format(name="repro")))
+    exact = _rerun(wb, parent)
+
+    report = _diff(wb, parent, exact, 0)
+    assert (report["same"], report["different"], report["only_a"], report["only_b"]) == (2, 0, 0, 0)
+    assert report["identical"] is True
+    assert report["batch_a"]["batch"] == parent
+    assert report["batch_b"]["batch"] == exact
+    records = {r["job_id"]: r for r in export_jsonl(wb, parent) + export_jsonl(wb, exact)}
+    for job in report["jobs"]:
+        a, b = job["a"], job["b"]
+        assert job["result"] == "same"
+        assert job["differs"] == []
+        assert job["matched_by"] == "input"  # fal picked the seeds: the rerun's keys differ
+        assert a["job_id"] != b["job_id"]
+        assert a["seed"] == b["seed"] is not None
+        assert a["video_sha256"] == b["video_sha256"] is not None
+        assert a["prompt"] == b["prompt"]
+        assert a["cost_usd"] == b["cost_usd"]
+        # Byte for byte on disk, not only as recorded.
+        for side in (a, b):
+            video = tmp_path / "outputs" / str(records[side["job_id"]]["video_path"])
+            assert hashlib.sha256(video.read_bytes()).hexdigest() == side["video_sha256"]
+
+    human = wb("diff", parent, exact)
+    assert human.code == 0, human.stderr
+    assert "2 same, 0 different, 0 only in A, 0 only in B" in human.stdout
+
+    fresh = _rerun(wb, parent, "--new-seeds")
+    report = _diff(wb, parent, fresh, 1)
+    assert (report["same"], report["different"], report["only_a"], report["only_b"]) == (0, 2, 0, 0)
+    assert report["identical"] is False
+    for job in report["jobs"]:
+        assert job["result"] == "different"
+        assert job["matched_by"] == "input"
+        assert {"video", "seed"} <= set(job["differs"])
+        assert job["a"]["seed"] != job["b"]["seed"]
+        assert isinstance(job["a"]["seed"], int)
+        assert isinstance(job["b"]["seed"], int)
+    human = wb("diff", parent, fresh)
+    assert human.code == 1
+    assert "0 same, 2 different" in human.stdout
+    assert str(report["jobs"][0]["b"]["seed"]) in human.stdout  # the seeds are listed
+
+
+@pytest.mark.slow
+def test_pinned_seeds_match_by_key_and_unrelated_batches_do_not_match(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    pinned = _run(wb, manifest("pinned", PINNED.format(name="pinned", prompt="Clouds drifting")))
+    exact = _rerun(wb, pinned)
+    report = _diff(wb, "pinned", exact, 0)  # a name works as well as an id
+    assert report["same"] == 2
+    assert [job["matched_by"] for job in report["jobs"]] == ["job_key", "job_key"]
+    assert sorted(job["a"]["seed"] for job in report["jobs"]) == [7, 8]
+
+    other = _run(wb, manifest("other", PINNED.format(name="other", prompt="A different prompt")))
+    report = _diff(wb, pinned, other, 1)
+    assert (report["same"], report["different"], report["only_a"], report["only_b"]) == (0, 0, 2, 2)
+    assert [job["result"] for job in report["jobs"]] == ["only_a", "only_a", "only_b", "only_b"]
+    assert all(job["matched_by"] is None and job["differs"] == [] for job in report["jobs"])
+    assert report["jobs"][0]["b"] is None
+    assert report["jobs"][-1]["a"] is None
+
+
+def test_unknown_batch_is_one_line_and_exit_2(wb: Wb, sim: SimulatorHandle, manifest: MakeManifest) -> None:
+    submitted = wb("submit", manifest("known", UNSEEDED.format(name="known")), "--json")
+    assert submitted.code == 0, submitted.stderr
+    done = wb("diff", "known", "no-such-batch")
+    assert done.code == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "no batch 'no-such-batch'" in lines[0]
+    assert "Traceback" not in done.stdout + done.stderr

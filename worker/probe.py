@@ -1,0 +1,206 @@
+"""Probe a downloaded video and check it against what was requested (issue #13).
+
+A clip counts only when it is what was paid for. :func:`probe` reads the container and stream
+headers (plus one decoded frame, to prove the stream decodes: a file that only *looks* like an
+MP4 is never ``succeeded``); :func:`expected_media` turns an endpoint and its input into an
+:class:`Expectation`; :func:`compare` says in words what differs, or None.
+
+Tolerances — loose enough that a correct render is never flagged, tight enough to catch the
+wrong resolution, orientation or length:
+
+* **Size**: real renders are not exact 16:9 boxes (Wan's own size tables give 832×480 for 480p,
+  1280×720 for 720p), so the *short side* is compared with the resolution's nominal height,
+  within :data:`SIZE_TOLERANCE`. A fixed ``aspect_ratio`` (``16:9``, ``9:16``, ``1:1``) must hold
+  within :data:`ASPECT_TOLERANCE` (832/480 is 2.5 % off 16:9). With ``aspect_ratio: auto`` (and
+  image-to-video endpoints without the field: Wan 2.5/2.6) the model follows the input image
+  within a pixel budget, so the aspect is not checked and the size passes when either the short
+  side is within tolerance or the pixel count is within :data:`AREA_TOLERANCE` of the nominal
+  16:9 budget (height × height·16/9).
+* **Frames** (``num_frames`` endpoints): within :data:`FRAME_TOLERANCE` frames — Wan's VAE
+  works in groups of 4 frames, so a count not of the form 4k+1 may be rounded. The fps
+  (``frames_per_second``) within :data:`FPS_TOLERANCE`.
+* **Duration** (``duration`` endpoints): within :data:`DURATION_TOLERANCE` seconds (121 frames
+  at 24 fps is 5.04 s for "5").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+
+from jobs.endpoints import EndpointSpec, get_endpoint
+from jobs.errors import WanbatchError
+
+#: Relative difference allowed between the short side and the nominal height.
+SIZE_TOLERANCE = 0.10
+#: Relative difference allowed between the width/height ratio and a fixed aspect ratio.
+ASPECT_TOLERANCE = 0.05
+#: With ``aspect_ratio: auto``: relative range of the pixel count around the nominal 16:9 budget.
+AREA_TOLERANCE = (0.5, 1.15)
+#: Frames a ``num_frames`` render may differ by.
+FRAME_TOLERANCE = 4
+#: Frames per second a render may differ by.
+FPS_TOLERANCE = 0.5
+#: Seconds a ``duration`` render may differ by.
+DURATION_TOLERANCE = 0.5
+
+_FIXED_RATIOS = {"16:9": 16 / 9, "9:16": 9 / 16, "1:1": 1.0, "4:3": 4 / 3, "3:4": 3 / 4}
+
+
+class NotAVideoError(WanbatchError):
+    """The file is not a decodable video (no video stream, unreadable headers, no frame)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MediaInfo:
+    """What the downloaded file is, from its headers."""
+
+    width: int
+    height: int
+    #: Frames in the stream (None when the container does not say).
+    frames: int | None
+    fps: float | None
+    duration_s: float | None
+    codec: str
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``media`` column and export field."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    """What the request asked for; None means "not checked"."""
+
+    #: Nominal height of the resolution (480 for 480p): the expected short side.
+    height: int | None
+    #: Width / height of a fixed aspect ratio; None for ``auto`` (follows the input image).
+    aspect: float | None
+    frames: int | None
+    fps: float | None
+    duration_s: float | None
+    #: Human label of the resolution and ratio, for messages ("720p 16:9").
+    label: str = ""
+
+
+def probe(path: Path | str) -> MediaInfo:
+    """Width, height, frame count, fps, duration and codec of the video at ``path``.
+
+    Headers only (``stream.frames``, ``average_rate``, ``duration × time_base``, falling back to
+    the container's duration), plus the first frame decoded. :class:`NotAVideoError` when the
+    file has no decodable video stream.
+    """
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            if not container.streams.video:
+                raise NotAVideoError(f"{Path(path).name}: no video stream")
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
+            width, height, codec = int(ctx.width or 0), int(ctx.height or 0), str(ctx.name or "")
+            frames = int(stream.frames) if stream.frames else None
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else None
+            duration: float | None = None
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * Fraction(stream.time_base))
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise NotAVideoError(f"{Path(path).name}: the video stream has no decodable frame")
+            if not width or not height:
+                width, height = first.width, first.height
+    except NotAVideoError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, StopIteration) as exc:
+        raise NotAVideoError(f"{Path(path).name}: not a decodable video ({exc})") from exc
+    return MediaInfo(
+        width=width,
+        height=height,
+        frames=frames,
+        fps=round(fps, 3) if fps is not None else None,
+        duration_s=round(duration, 3) if duration is not None else None,
+        codec=codec,
+    )
+
+
+def _value(spec: EndpointSpec, data: dict[str, Any], name: str) -> Any:
+    """The input's value of ``name``, else the endpoint's default, else None."""
+    if data.get(name) is not None:
+        return data[name]
+    fld = next((f for f in spec.fields if f.name == name), None)
+    return fld.default if fld is not None else None
+
+
+def _has(spec: EndpointSpec, name: str) -> bool:
+    return any(f.name == name for f in spec.fields)
+
+
+def expected_media(endpoint: EndpointSpec | str, submitted_input: dict[str, Any]) -> Expectation:
+    """What a correct render of ``submitted_input`` on ``endpoint`` looks like (defaults applied)."""
+    spec = get_endpoint(endpoint) if isinstance(endpoint, str) else endpoint
+    resolution = _value(spec, submitted_input, "resolution")
+    match = re.fullmatch(r"(\d+)p", str(resolution or ""))
+    height = int(match.group(1)) if match else None
+    ratio = str(_value(spec, submitted_input, "aspect_ratio") or "auto")
+    aspect = _FIXED_RATIOS.get(ratio)
+    frames = fps = duration = None
+    if _has(spec, "duration"):
+        raw = _value(spec, submitted_input, "duration")
+        with_duration = re.fullmatch(r"\d+(\.\d+)?", str(raw or "").strip().rstrip("s"))
+        duration = float(with_duration.group(0)) if with_duration else None
+    if _has(spec, "num_frames"):
+        raw_frames = _value(spec, submitted_input, "num_frames")
+        frames = int(raw_frames) if raw_frames is not None else None
+    if _has(spec, "frames_per_second"):
+        raw_fps = _value(spec, submitted_input, "frames_per_second")
+        fps = float(raw_fps) if raw_fps is not None else None
+    label = " ".join(x for x in (str(resolution or ""), ratio) if x)
+    return Expectation(height=height, aspect=aspect, frames=frames, fps=fps, duration_s=duration, label=label)
+
+
+def _size_problem(info: MediaInfo, exp: Expectation) -> str | None:
+    size = f"{info.width}x{info.height}"
+    if exp.height is not None:
+        short = min(info.width, info.height)
+        short_ok = abs(short - exp.height) <= exp.height * SIZE_TOLERANCE
+        if exp.aspect is None:
+            budget = exp.height * exp.height * 16 / 9
+            low, high = AREA_TOLERANCE
+            if not short_ok and not low <= info.width * info.height / budget <= high:
+                return f"size {size} does not fit {exp.label} (short side {short}, expected ~{exp.height})"
+        elif not short_ok:
+            return f"size {size}: short side {short}, expected {exp.height} ({exp.label})"
+    if exp.aspect is not None and info.height > 0:
+        actual = info.width / info.height
+        if abs(actual - exp.aspect) > exp.aspect * ASPECT_TOLERANCE:
+            return f"size {size}: aspect {actual:.3f}, expected {exp.aspect:.3f} ({exp.label})"
+    return None
+
+
+def compare(info: MediaInfo, expectation: Expectation) -> str | None:
+    """What differs between the probed video and the request, in words; None when it matches."""
+    problems: list[str] = []
+    size = _size_problem(info, expectation)
+    if size:
+        problems.append(size)
+    frames, fps = expectation.frames, expectation.fps
+    if frames is not None and info.frames is not None and abs(info.frames - frames) > FRAME_TOLERANCE:
+        problems.append(f"{info.frames} frames, expected {expectation.frames}")
+    if fps is not None and info.fps is not None and abs(info.fps - fps) > FPS_TOLERANCE:
+        problems.append(f"{info.fps:g} fps, expected {expectation.fps:g}")
+    if expectation.duration_s is not None:
+        actual = info.duration_s
+        if actual is None and info.frames and info.fps:
+            actual = info.frames / info.fps
+        if actual is None or not math.isfinite(actual):
+            problems.append(f"duration unknown, expected {expectation.duration_s:g} s")
+        elif abs(actual - expectation.duration_s) > DURATION_TOLERANCE:
+            problems.append(f"{actual:.2f} s long, expected {expectation.duration_s:g} s")
+    return "; ".join(problems) or None
