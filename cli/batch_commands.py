@@ -434,6 +434,14 @@ def run(
     metavar="AMOUNT",
     help="Budget cap of the new batch in USD (default: the parent's cap).",
 )
+@click.option(
+    "--vary",
+    "vary",
+    multiple=True,
+    metavar="FIELD=VALUES",
+    help="Sweep an input field over a comma list (resolution=480p,720p) or an integer range "
+    "(seed=1..8): every job once per value, the rest exact. Repeatable: the product.",
+)
 @json_option
 @simulate_option
 @progress_option
@@ -442,20 +450,31 @@ def rerun(
     failed_only: bool,
     new_seeds: bool,
     max_usd: str | None,
+    vary: tuple[str, ...],
     as_json: bool,
     simulate: bool,
     no_progress: bool,
 ) -> None:
-    """A new batch from BATCH, processed like `run`: by default the exact inputs and returned seeds."""
+    """A new batch from BATCH, processed like `run`: by default the exact inputs and returned seeds.
+
+    `--vary FIELD=VALUES` sweeps a field (values checked against each endpoint's schema first).
+    """
 
     def action() -> int:
         from jobs import batches
         from jobs.settings import get_settings
+        from jobs.vary import parse_varies
 
         cap = None if max_usd is None else batches.parse_usd(max_usd)  # one-line UsageError
+        sweeps = parse_varies(vary)  # the syntax; the values are checked per endpoint by rerun_batch
         settings = get_settings()
         batches.check_output_dir(settings)  # before anything is stored or sent
-        options: dict[str, Any] = {"failed_only": failed_only, "new_seeds": new_seeds, "max_usd": cap}
+        options: dict[str, Any] = {
+            "failed_only": failed_only,
+            "new_seeds": new_seeds,
+            "max_usd": cap,
+            "vary": sweeps,
+        }
         with fal_settings(settings, simulate) as target:
             result = batches.rerun_batch(batch, settings=target, **options)
             print_budget_note(result)

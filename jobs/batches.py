@@ -10,10 +10,11 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from jobs import db, store
 from jobs.db import open_engine
-from jobs.endpoints import get_endpoint
+from jobs.endpoints import get_endpoint, registry_sha256
 from jobs.errors import ConfigError, ManifestError, UsageError
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.models import Batch, BatchState, utcnow
@@ -29,6 +30,7 @@ from jobs.pricing import Totals, estimate_job
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
 from jobs.states import JobState
+from jobs.vary import Sweep, Vary
 
 #: Bytes the output-folder probe writes and syncs: enough that a full disk says so.
 OUTPUT_PROBE_BYTES = 64 * 1024
@@ -186,10 +188,34 @@ def parse_usd(text: str, option: str = "--max-usd") -> Decimal:
     return value
 
 
+@lru_cache(maxsize=64)
+def _registry_pricing(endpoint: str) -> dict[str, Any]:
+    """The registry's pricing entry of ``endpoint`` as JSON (built once, shared by its jobs)."""
+    return get_endpoint(endpoint).pricing.model_dump(mode="json", exclude_none=True)
+
+
+def price_table(endpoint: str, settings: Settings) -> dict[str, Any]:
+    """The pricing a job's estimate used: the registry entry, plus the user's
+    ``WANBATCH_PRICING_OVERRIDES`` for the endpoint (``overrides``) when there are any.
+
+    Stored per job, so an estimate stays explainable after fal's prices or the registry change.
+    """
+    table = _registry_pricing(endpoint)
+    overrides = settings.pricing_overrides.get(endpoint)
+    return table if not overrides else {**table, "overrides": overrides}
+
+
 def _new_job(
-    endpoint: str, item_index: int, key: str, resolved: dict[str, Any], settings: Settings
+    endpoint: str,
+    item_index: int,
+    key: str,
+    resolved: dict[str, Any],
+    settings: Settings,
+    *,
+    variant: int = 0,
+    source_files: dict[str, Any] | None = None,
 ) -> store.NewJob:
-    """A job row to store, with its cost estimate."""
+    """A job row to store, with its cost estimate and provenance (registry entry hash, pricing)."""
     est = estimate_job(endpoint, resolved, settings)
     return store.NewJob(
         key=key,
@@ -198,12 +224,24 @@ def _new_job(
         input=resolved,
         est_billing_units=est.billing_units,
         est_usd=est.usd,
+        variant=variant,
+        source_files=source_files,
+        registry_sha256=registry_sha256(endpoint),
+        price_table=price_table(endpoint, settings),
     )
 
 
 def _new_jobs(specs: Iterator[JobSpec], settings: Settings) -> Iterator[store.NewJob]:
     for spec in specs:
-        yield _new_job(spec.endpoint, spec.item_index, spec.key, spec.input, settings)
+        yield _new_job(
+            spec.endpoint,
+            spec.item_index,
+            spec.key,
+            spec.input,
+            settings,
+            variant=spec.variant,
+            source_files=spec.source_files,
+        )
 
 
 def _submitted(
@@ -269,7 +307,8 @@ def submit_manifest(path: str | Path, settings: Settings, allowed_dirs: Iterable
     an edited manifest adds only its new jobs). The manifest's *current* budget always applies:
     submitting again with a lower, higher or no ``budget.max_usd`` changes the stored cap (and
     the result says so in ``budget_changed``); so do its current ``schedule`` and ``priority``
-    (``schedule_changed``). A user's ``wanbatch pause`` is left as it is: only ``resume`` ends it.
+    (``schedule_changed``), and ``reuse_outputs``. A user's ``wanbatch pause`` is left as it is:
+    only ``resume`` ends it.
     """
     report = check_manifest(path, settings, allowed_dirs)
     manifest = report.manifest
@@ -284,8 +323,16 @@ def submit_manifest(path: str | Path, settings: Settings, allowed_dirs: Iterable
             budget_max_usd=manifest.budget_max_usd,
             schedule=manifest.schedule,
             priority=manifest.priority,
+            reuse_outputs=manifest.reuse_outputs,
+            manifest_text=manifest.text,
         )
         budget_changed = None if created else _apply_budget(session, batch, manifest.budget_max_usd)
+        if not created and (batch.manifest_text, batch.manifest_sha256) != (manifest.text, manifest.sha256):
+            # Provenance: the batch keeps the manifest it was last submitted from.
+            store.set_batch_manifest(session, batch.id, manifest.text, manifest.sha256)
+        if not created and batch.reuse_outputs != manifest.reuse_outputs:
+            # Like the budget: the manifest's current value governs jobs claimed from now on.
+            store.set_batch_reuse_outputs(session, batch.id, manifest.reuse_outputs)
         schedule_changed = (
             None if created else _apply_schedule(session, batch, manifest.schedule, manifest.priority)
         )
@@ -616,6 +663,7 @@ def rerun_batch(
     failed_only: bool = False,
     new_seeds: bool = False,
     max_usd: Decimal | None = None,
+    vary: Sequence[Vary] = (),
     settings: Settings,
 ) -> SubmitResult:
     """A new batch from a stored one, linked to it as its parent.
@@ -627,10 +675,50 @@ def rerun_batch(
     (default: the parent's cap), which is how jobs a cap cancelled get another chance. The
     parent's queue priority carries over; its schedule does not (a rerun runs now, and the
     parent's deadline has usually passed: the jobs it cancelled are what is being rerun).
+
+    ``vary`` (``--vary FIELD=VALUES``) sweeps fields: each job is repeated once per combination
+    of the values (the product over the options), every other input field exactly as stored,
+    with a fresh job key and estimate. With ``new_seeds`` the fresh seed is drawn once per
+    stored job and shared by its combinations, so they differ only in the varied fields. Every
+    value is checked against each endpoint's schema before the batch is stored: a bad one is a
+    one-line :class:`UsageError` and nothing is stored.
     """
+    if new_seeds and any(v.field == "seed" for v in vary):
+        raise UsageError("--new-seeds and --vary seed=… both choose the seeds: give only one of them")
+    sweep = Sweep(vary)
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
         parent = store.get_batch(session, ref)
+        wanted = [JobState.FAILED, JobState.CANCELLED] if failed_only else None
+        digests: dict[str, str | None] = {}
+
+        def new_jobs() -> Iterator[store.NewJob]:
+            for job in store.jobs_of_batch(session, parent.id, states=wanted):
+                spec = get_endpoint(job.endpoint)
+                stored = dict(job.input)
+                if new_seeds:
+                    stored["seed"] = secrets.randbelow(2**31)
+                elif job.seed is not None:
+                    stored["seed"] = int(job.seed)
+                combos = sweep.combos(spec)  # checked for this endpoint on first use
+                for number, combo in enumerate(combos):
+                    resolved = {**stored, **combo}
+                    yield _new_job(
+                        job.endpoint,
+                        job.item_index,
+                        job_key(spec, resolved, digests),
+                        resolved,
+                        settings,
+                        # One per combination within the item, in the parent's order (a plain
+                        # rerun keeps the parent's variants); media fields are never varied,
+                        # so where the files came from carries over.
+                        variant=job.variant * len(combos) + number,
+                        source_files=job.source_files,
+                    )
+
+        # Built (and the varied values checked) before the batch row exists: a bad value
+        # leaves nothing stored.
+        rows = list(new_jobs())
         siblings = sum(1 for b in store.list_batches(session) if b.parent_batch_id == parent.id)
         name = f"{parent.name}-rerun-{siblings + 1}"
         batch, created = store.get_or_create_batch(
@@ -641,22 +729,8 @@ def rerun_batch(
             budget_max_usd=parent.budget_max_usd if max_usd is None else max_usd,
             parent_batch_id=parent.id,
             priority=parent.priority,
+            manifest_text=parent.manifest_text,  # provenance: the manifest the jobs came from
         )
         budget_changed = None if created or max_usd is None else _apply_budget(session, batch, max_usd)
-        wanted = [JobState.FAILED, JobState.CANCELLED] if failed_only else None
-        digests: dict[str, str | None] = {}
-
-        def new_jobs() -> Iterator[store.NewJob]:
-            for job in store.jobs_of_batch(session, parent.id, states=wanted):
-                spec = get_endpoint(job.endpoint)
-                resolved = dict(job.input)
-                if new_seeds:
-                    resolved["seed"] = secrets.randbelow(2**31)
-                elif job.seed is not None:
-                    resolved["seed"] = int(job.seed)
-                yield _new_job(
-                    job.endpoint, job.item_index, job_key(spec, resolved, digests), resolved, settings
-                )
-
-        added, existing = store.add_jobs(session, batch.id, list(new_jobs()))
+        added, existing = store.add_jobs(session, batch.id, rows)
         return _submitted(session, batch, created, added, existing, budget_changed=budget_changed)

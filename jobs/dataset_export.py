@@ -51,7 +51,9 @@ from jobs.states import JobState
 #: Rows per Parquet row group: what the writer holds in memory at once (a few MB of records).
 PARQUET_ROW_GROUP = 10_000
 
-_INT_FIELDS = frozenset({"item_index", "seed", "video_bytes", "attempts", "possible_duplicate_charges"})
+_INT_FIELDS = frozenset(
+    {"item_index", "variant", "seed", "video_bytes", "attempts", "possible_duplicate_charges"}
+)
 #: fal's seeds reach ``2**64 - 1``: past int64, within uint64.
 _UINT_FIELDS = frozenset({"seed"})
 _FLOAT_FIELDS = frozenset({"billing_units", "cost_usd", "est_billing_units", "est_usd"})

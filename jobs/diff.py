@@ -10,9 +10,13 @@ paired by what was asked, never by when or where they ran:
    out. A ``rerun`` writes the seed fal returned (or, with ``--new-seeds``, a fresh one) into the
    input, so the key of a job whose seed fal picked changes while everything else stays; this
    pass pairs those. Jobs that differ only by seed (a ``matrix: seed: [...]``) pair in item order.
+3. **by item and variant** — ``item_index`` and the matrix combination's index within the item
+   (``variant``): the same place in the same manifest, for jobs whose input changed (an edited
+   prompt, a replaced image, ``rerun --vary``). Only when both batches come from the same
+   manifest file (a rerun keeps its parent's): item 0 of two unrelated manifests is no pair, and
+   calling it "different" would hide that the batches are unrelated. ``item_index`` alone would
+   not do either: every matrix combination of an item shares it.
 
-``item_index`` alone is not used: every matrix combination of an item shares it, and two
-unrelated batches would pair their first items and call them "different" rather than unrelated.
 Jobs left unpaired are ``only_a`` / ``only_b``.
 
 A pair is ``same`` when both jobs have an output and its SHA-256 is equal (byte-for-byte the same
@@ -36,7 +40,7 @@ from jobs.manifest import canonical_json
 from jobs.models import Batch, Job
 
 Outcome = Literal["same", "different", "only_a", "only_b"]
-MatchedBy = Literal["job_key", "input"]
+MatchedBy = Literal["job_key", "input", "item"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,8 @@ class JobSide:
     job_id: str
     job_key: str
     item_index: int
+    #: The matrix combination within the item: with ``item_index``, the third matching pass.
+    variant: int
     endpoint: str
     status: str
     seed: int | None
@@ -64,6 +70,7 @@ class JobSide:
             job_id=job.id,
             job_key=job.job_key,
             item_index=job.item_index,
+            variant=job.variant,
             endpoint=job.endpoint,
             status=job.state.value,
             seed=None if job.seed is None else int(job.seed),
@@ -77,6 +84,7 @@ class JobSide:
         return {
             "job_id": self.job_id,
             "item_index": self.item_index,
+            "variant": self.variant,
             "endpoint": self.endpoint,
             "status": self.status,
             "seed": self.seed,
@@ -161,11 +169,12 @@ class BatchDiff:
         }
 
 
-def match(a_jobs: list[JobSide], b_jobs: list[JobSide]) -> list[Pair]:
+def match(a_jobs: list[JobSide], b_jobs: list[JobSide], *, by_place: bool = True) -> list[Pair]:
     """Pair two batches' jobs (see the module docstring), A's item order first, then B's leftovers.
 
     Both lists must be in item order (as :func:`store.jobs_of_batch` yields them): jobs that
-    differ only by seed are paired in that order.
+    differ only by seed are paired in that order. ``by_place`` enables the third pass (item and
+    variant), for batches of the same manifest.
     """
     matched: dict[str, tuple[JobSide, MatchedBy]] = {}  # A's job id → B's job, how
     by_key = {job.job_key: job for job in b_jobs}  # keys are unique within a batch
@@ -184,6 +193,16 @@ def match(a_jobs: list[JobSide], b_jobs: list[JobSide]) -> list[Pair]:
             other = by_input[job.unseeded].popleft()
             matched[job.job_id] = (other, "input")
             taken.add(other.job_id)
+    places: dict[tuple[int, int], deque[JobSide]] = defaultdict(deque)
+    for other in b_jobs:
+        if by_place and other.job_id not in taken:
+            places[other.item_index, other.variant].append(other)
+    for job in a_jobs:
+        place = (job.item_index, job.variant)
+        if job.job_id not in matched and places[place]:
+            other = places[place].popleft()
+            matched[job.job_id] = (other, "item")
+            taken.add(other.job_id)
     pairs = [
         Pair(job, *matched[job.job_id]) if job.job_id in matched else Pair(job, None, None) for job in a_jobs
     ]
@@ -197,7 +216,8 @@ def diff_batches(session: Session, ref_a: str, ref_b: str) -> BatchDiff:
     batch_b = store.get_batch(session, ref_b)
     a_jobs = [JobSide.of(job) for job in store.jobs_of_batch(session, batch_a.id)]
     b_jobs = [JobSide.of(job) for job in store.jobs_of_batch(session, batch_b.id)]
-    return BatchDiff(_named(batch_a), _named(batch_b), match(a_jobs, b_jobs))
+    same_manifest = batch_a.manifest_path == batch_b.manifest_path
+    return BatchDiff(_named(batch_a), _named(batch_b), match(a_jobs, b_jobs, by_place=same_manifest))
 
 
 def _named(batch: Batch) -> dict[str, str]:

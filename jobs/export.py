@@ -1,8 +1,10 @@
 """Export a batch as a dataset: one record per job, JSONL or CSV, streamed.
 
 Fields are the contract's (job_id, batch, endpoint, status, input, seed, request_id,
-video_path, video_sha256, billing_units, cost_usd, attempts, error) plus a few a dataset
-builder wants (item_index, batch_name, actual_prompt, estimates, error_type, timestamps).
+video_path, video_sha256, billing_units, cost_usd, attempts, error, media, media_mismatch,
+source_files, reused_from) plus a few a dataset builder wants (item_index and variant,
+batch_name, actual_prompt, registry_sha256, estimates, error_type, timestamps). Rows are in
+item order, then matrix combination (``variant``).
 ``input`` is the exact JSON submitted (image references as sent); for a job never submitted
 it is the validated input. Rows stream from the database, so a 100,000-job batch exports in
 constant memory.
@@ -44,9 +46,11 @@ FIELDS = (
     "batch",
     "batch_name",
     "item_index",
+    "variant",
     "endpoint",
     "status",
     "input",
+    "source_files",
     "seed",
     "actual_prompt",
     "request_id",
@@ -55,6 +59,8 @@ FIELDS = (
     "video_bytes",
     "media",
     "media_mismatch",
+    "reused_from",
+    "registry_sha256",
     "billing_units",
     "cost_usd",
     "est_billing_units",
@@ -89,9 +95,12 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
         "batch": batch.id,
         "batch_name": batch.name,
         "item_index": job.item_index,
+        "variant": job.variant,  # the matrix combination within the item
         "endpoint": job.endpoint,
         "status": job.state.value,
         "input": job.submitted_input if job.submitted_input is not None else job.input,
+        # Each media field as the manifest named it, with its SHA-256 (null for URLs).
+        "source_files": job.source_files,
         "seed": job.seed,
         "actual_prompt": job.actual_prompt,
         "request_id": job.request_id,
@@ -100,6 +109,8 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
         "video_bytes": job.output_bytes,
         "media": job.media,  # the probed video (worker.probe.MediaInfo), null before success
         "media_mismatch": job.media_mismatch,  # what differed from the request; null when fine
+        "reused_from": job.reused_from,  # reuse_outputs: the job whose output this is; null if sent
+        "registry_sha256": job.registry_sha256,  # the endpoint registry entry validated against
         "billing_units": _num(job.actual_billing_units),
         "cost_usd": _num(job.actual_usd),
         "est_billing_units": _num(job.est_billing_units),
@@ -114,7 +125,7 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
 
 
 def records(session: Session, batch_ref: str, output_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every job of the batch, in item order, as export records."""
+    """Every job of the batch, in item order then matrix combination, as export records."""
     batch = store.get_batch(session, batch_ref)
     for job in store.jobs_of_batch(session, batch.id):
         yield record(job, batch, output_dir)

@@ -211,6 +211,13 @@ class Batch(Base):
     #: ``wanbatch pause``: no new submits until ``wanbatch resume``. A flag beside ``state``, not a
     #: state, so it neither hides nor clears a pause fal's refusal of the account caused.
     paused_by_user: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    #: ``reuse_outputs:`` in the manifest: a pinned-seed job equal to an already succeeded one
+    #: (same job key, any batch) takes that output instead of being sent. Opt-in, as fal may
+    #: change a model behind an endpoint; a re-submit applies the manifest's current value.
+    reuse_outputs: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    #: The manifest file's text as submitted (a re-submit stores the new text): provenance that
+    #: survives the file being edited or deleted. NULL for batches stored before it was kept.
+    manifest_text: Mapped[str | None] = mapped_column(Text)
 
     def __repr__(self) -> str:
         return f"<Batch {self.id[:8]} {self.name!r} {self.state.value}>"
@@ -228,12 +235,16 @@ class Job(Base):
         Index("ix_jobs_state_order", "state", "created_at", "item_index", "id"),
         Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),
         Index("ix_jobs_request_id", "request_id"),
+        # reuse_outputs looks up a succeeded job with the same key in any batch.
+        Index("ix_jobs_job_key", "job_key"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"))
     job_key: Mapped[str] = mapped_column(String(64))
     item_index: Mapped[int] = mapped_column(Integer)
+    #: The matrix combination's index within its item (0 for an item without a matrix).
+    variant: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     endpoint: Mapped[str] = mapped_column(String(255))
     #: The resolved input as validated (local image paths still local).
     input: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
@@ -272,6 +283,15 @@ class Job(Base):
     media: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
     #: What the video got wrong against the request, in words; NULL when it matched.
     media_mismatch: Mapped[str | None] = mapped_column(Text)
+    #: The job whose output this one took instead of being sent (``reuse_outputs``); NULL if sent.
+    reused_from: Mapped[str | None] = mapped_column(String(32))
+    #: Per media field: ``{"source": path or URL as the manifest named it, "sha256": hex or null}``,
+    #: so an exported row stays traceable without the inline data URI.
+    source_files: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+    #: SHA-256 of the endpoint's registry entry (``jobs/endpoints/<id>.yaml`` text) at submit.
+    registry_sha256: Mapped[str | None] = mapped_column(String(64))
+    #: The pricing entry the estimate used (``EndpointSpec.pricing`` as JSON).
+    price_table: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
 
     est_billing_units: Mapped[Decimal] = mapped_column(Money())
     est_usd: Mapped[Decimal] = mapped_column(Money())

@@ -18,6 +18,9 @@ win the same step.
     cancelled ◄── (cancel or budget, from any state not yet paid for)
     cancelling ──► cancelled | downloading (it finished anyway: we paid, so we keep it)
 
+With ``reuse_outputs``, a pinned-seed ``pending``/``retry_wait`` job whose exact twin already
+succeeded goes straight to ``succeeded``, taking that output (never sent, nothing billed).
+
 Terminal states are ``succeeded``, ``failed`` and ``cancelled``: nothing leaves them (a rerun
 makes a new batch).
 """
@@ -71,7 +74,8 @@ AT_PROVIDER_STATES: frozenset[JobState] = frozenset(
 
 S = JobState
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    S.PENDING: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED}),
+    # → SUCCEEDED: reuse_outputs, the job took an already succeeded job's output; never sent.
+    S.PENDING: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED, S.SUCCEEDED}),
     S.SUBMITTING: frozenset(
         {
             S.QUEUED,  # accepted, IN_QUEUE
@@ -93,7 +97,7 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
             S.CANCELLED,
         }
     ),
-    S.RETRY_WAIT: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED}),
+    S.RETRY_WAIT: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED, S.SUCCEEDED}),  # SUCCEEDED: reused
     S.QUEUED: frozenset({S.RUNNING, S.DOWNLOADING, S.RETRY_WAIT, S.FAILED, S.CANCELLING, S.CANCELLED}),
     S.RUNNING: frozenset({S.DOWNLOADING, S.RETRY_WAIT, S.FAILED, S.CANCELLING, S.CANCELLED}),
     S.DOWNLOADING: frozenset({S.SUCCEEDED, S.FAILED, S.RETRY_WAIT}),

@@ -119,6 +119,7 @@ __all__ = [
     "retry_later",
     "scheduled_batches",
     "set_batch_budget",
+    "set_batch_manifest",
     "set_batch_schedule",
     "set_batch_state",
     "set_paused_by_user",
@@ -156,6 +157,8 @@ def get_or_create_batch(
     parent_batch_id: str | None = None,
     schedule: Schedule | None = None,
     priority: str = "normal",
+    reuse_outputs: bool = False,
+    manifest_text: str | None = None,
 ) -> tuple[Batch, bool]:
     """The batch called ``name``, creating it if needed; ``True`` when it was created now.
 
@@ -178,6 +181,8 @@ def get_or_create_batch(
         schedule=_schedule_doc(schedule),
         priority=priority,
         paused_by_user=False,
+        reuse_outputs=reuse_outputs,
+        manifest_text=manifest_text,
         created_at=utcnow(),
     )
     try:
@@ -240,6 +245,20 @@ def set_batch_budget(session: Session, batch_id: str, budget_max_usd: Decimal | 
     )
 
 
+def set_batch_manifest(session: Session, batch_id: str, text: str | None, sha256: str) -> None:
+    """Record the manifest a re-submit read: its text and SHA-256 (provenance of the batch).
+
+    The jobs an edited manifest adds were made from this text, so the batch keeps the latest
+    one; jobs keep their own provenance (``registry_sha256``, ``price_table``, ``source_files``).
+    """
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(manifest_text=text, manifest_sha256=sha256)
+        .execution_options(synchronize_session="fetch")
+    )
+
+
 def _schedule_doc(schedule: Schedule | None) -> dict[str, Any] | None:
     """The stored form: NULL for "no schedule", so :func:`scheduled_batches` is one IS NOT NULL."""
     return None if schedule is None or schedule.is_empty() else schedule.as_json()
@@ -255,6 +274,19 @@ def set_batch_schedule(session: Session, batch_id: str, schedule: Schedule | Non
         update(Batch)
         .where(Batch.id == batch_id)
         .values(schedule=_schedule_doc(schedule), priority=priority)
+        .execution_options(synchronize_session="fetch")
+    )
+
+
+def set_batch_reuse_outputs(session: Session, batch_id: str, reuse_outputs: bool) -> None:
+    """Set whether a batch's pinned-seed jobs may take an existing output (``reuse_outputs``).
+
+    Read by the dispatcher in each claim, so it governs every job claimed after this commits.
+    """
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(reuse_outputs=reuse_outputs)
         .execution_options(synchronize_session="fetch")
     )
 
@@ -301,6 +333,12 @@ class NewJob:
     input: dict[str, Any]
     est_billing_units: Decimal
     est_usd: Decimal
+    #: The matrix combination's index within its item.
+    variant: int = 0
+    #: Provenance (see :class:`jobs.models.Job`): media sources, registry entry hash, pricing used.
+    source_files: dict[str, Any] | None = None
+    registry_sha256: str | None = None
+    price_table: dict[str, Any] | None = None
 
 
 def add_jobs(
@@ -326,8 +364,12 @@ def add_jobs(
                 "batch_id": batch_id,
                 "job_key": job.key,
                 "item_index": job.item_index,
+                "variant": job.variant,
                 "endpoint": job.endpoint,
                 "input": job.input,
+                "source_files": job.source_files,
+                "registry_sha256": job.registry_sha256,
+                "price_table": job.price_table,
                 "state": JobState.PENDING,
                 "version": 0,
                 "attempts": 0,
@@ -352,8 +394,12 @@ _NEW_JOB_COLUMNS = (
     "batch_id",
     "job_key",
     "item_index",
+    "variant",
     "endpoint",
     "input",
+    "source_files",
+    "registry_sha256",
+    "price_table",
     "state",
     "version",
     "attempts",
@@ -376,6 +422,11 @@ def _insert_chunk_sqlite(conn: Connection, rows: list[dict[str, Any]]) -> int:
     return len(conn.execute(stmt, rows).all())
 
 
+def _jsonb(value: Any) -> Jsonb | None:
+    """A JSON column's COPY value: SQL NULL for None (``JSONDoc`` is ``none_as_null``)."""
+    return None if value is None else Jsonb(value)
+
+
 def _insert_chunk_pg(conn: Connection, rows: list[dict[str, Any]]) -> int:
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE jobs INCLUDING DEFAULTS) ON COMMIT DROP"
@@ -394,8 +445,12 @@ def _insert_chunk_pg(conn: Connection, rows: list[dict[str, Any]]) -> int:
                     row["batch_id"],
                     row["job_key"],
                     row["item_index"],
+                    row["variant"],
                     row["endpoint"],
                     Jsonb(row["input"]),
+                    _jsonb(row["source_files"]),
+                    row["registry_sha256"],
+                    _jsonb(row["price_table"]),
                     row["state"].value,
                     row["version"],
                     row["attempts"],
@@ -839,6 +894,61 @@ def mark_succeeded(
         error=None,
         error_type=None,
         **cost,
+    )
+
+
+#: What a reusing job copies from the job whose output it takes: the output and what fal said
+#: about it, so exports, diffs and status read the same as for the original.
+_REUSED_FIELDS = (
+    "output_path",
+    "output_sha256",
+    "output_bytes",
+    "seed",
+    "actual_prompt",
+    "provider_output",
+    "media",
+    "media_mismatch",
+)
+
+
+def find_reusable(session: Session, job: Job) -> Job | None:
+    """A succeeded job (any batch, not ``job`` itself) with ``job``'s key and a stored output.
+
+    Same key means same endpoint and same resolved input (files by content), seed included.
+    The oldest such job is taken, so every reuse of one render names the same original. The
+    caller checks that the file is still on disk.
+    """
+    query = (
+        select(Job)
+        .where(
+            Job.job_key == job.job_key,
+            Job.id != job.id,
+            Job.state == JobState.SUCCEEDED,
+            Job.output_sha256.is_not(None),
+            Job.output_path.is_not(None),
+        )
+        .order_by(Job.finished_at, Job.id)
+        .limit(1)
+    )
+    return session.scalar(query)
+
+
+def mark_reused(session: Session, fence: Fence, source: Job) -> bool:
+    """``pending``/``retry_wait`` → ``succeeded`` without sending: the job takes ``source``'s
+    output (``reuse_outputs``). Nothing was billed for it, so its actual cost is 0."""
+    return _move(
+        session,
+        fence,
+        JobState.SUCCEEDED,
+        f"reused the output of job {source.id}",
+        details={"reused_from": source.id},
+        reused_from=source.id,
+        completed_at=utcnow(),
+        actual_usd=Decimal(0),
+        actual_billing_units=Decimal(0),
+        error=None,
+        error_type=None,
+        **{name: getattr(source, name) for name in _REUSED_FIELDS},
     )
 
 
@@ -1296,11 +1406,13 @@ def get_job(session: Session, job_id: str) -> Job:
 def jobs_of_batch(
     session: Session, batch_id: str, *, states: Sequence[JobState] | None = None
 ) -> Iterator[Job]:
-    """A batch's jobs in item order, streamed (server-side cursor on PostgreSQL)."""
+    """A batch's jobs in item order, then matrix combination, streamed (server-side cursor on
+    PostgreSQL)."""
     query = select(Job).where(Job.batch_id == batch_id)
     if states is not None:
         query = query.where(Job.state.in_(list(states)))
-    query = query.order_by(Job.item_index, Job.created_at, Job.id).execution_options(yield_per=500)
+    query = query.order_by(Job.item_index, Job.variant, Job.created_at, Job.id)
+    query = query.execution_options(yield_per=500)
     yield from session.scalars(query)
 
 

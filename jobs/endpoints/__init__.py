@@ -18,6 +18,7 @@ from jobs.endpoints.registry import (
     all_endpoints,
     get_endpoint,
     known_endpoint_ids,
+    registry_sha256,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "all_endpoints",
     "get_endpoint",
     "known_endpoint_ids",
+    "registry_sha256",
 ]

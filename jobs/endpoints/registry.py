@@ -6,6 +6,7 @@ endpoint file fails loudly at load time instead of silently mis-validating user 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from decimal import Decimal
 from enum import StrEnum
@@ -229,12 +230,27 @@ def app_base(endpoint_id: str) -> str:
 def _load() -> dict[str, EndpointSpec]:
     specs: dict[str, EndpointSpec] = {}
     for path in sorted(_DATA_DIR.glob("*.yaml")):
-        with path.open(encoding="utf-8") as fh:
-            spec = EndpointSpec.model_validate(yaml.safe_load(fh))
+        data = path.read_bytes()
+        spec = EndpointSpec.model_validate(yaml.safe_load(data.decode("utf-8")))
         if spec.id in specs:
             raise ValueError(f"{path.name}: endpoint {spec.id} is defined twice")
         specs[spec.id] = spec
+        _DIGESTS[spec.id] = hashlib.sha256(data).hexdigest()
     return specs
+
+
+#: SHA-256 of each endpoint's YAML file as loaded, filled by :func:`_load`.
+_DIGESTS: dict[str, str] = {}
+
+
+def registry_sha256(endpoint_id: str) -> str:
+    """SHA-256 hex of the registry file ``endpoint_id`` was loaded from (the bytes this process uses).
+
+    Stored per job as provenance: a corrected limit or price changes the file, so two runs of
+    "the same" job can tell whether wanbatch validated and priced them against the same entry.
+    """
+    get_endpoint(endpoint_id)  # loads the registry; UsageError for an unknown id
+    return _DIGESTS[endpoint_id]
 
 
 def all_endpoints() -> tuple[EndpointSpec, ...]:

@@ -11,6 +11,7 @@ The package, in the order a manifest flows through it (each module imports only 
 - ``keys``: :func:`job_key`, what makes two jobs the same job;
 - ``items_from``: streaming JSONL and CSV rows;
 - ``checks``: what needs the whole manifest (duplicate keys and jobs, local path confinement);
+- ``sources``: each job's ``source_files`` (media as written, with its SHA-256);
 - ``expand``: :class:`Manifest` and its stream of jobs;
 - ``loading``: YAML with lines → :class:`Manifest` (:func:`load_manifest`);
 - ``report``: :func:`validate_manifest` and :func:`iter_valid_jobs`, each job checked by

@@ -20,6 +20,7 @@ from jobs.manifest.checks import DuplicateJobs, outside_issues, resolve_input
 from jobs.manifest.items_from import csv_value, read_items
 from jobs.manifest.keys import job_key
 from jobs.manifest.model import JobSpec, RawItem, describe, error_count
+from jobs.manifest.sources import source_files
 from jobs.media import LocalPath
 from jobs.schedule import Schedule
 from jobs.yaml_lines import LList, LMap
@@ -39,6 +40,8 @@ class Manifest:
     budget_max_usd: Decimal | None
     sha256: str
     description: str | None = None
+    #: The manifest file's text as read (stored on the batch as provenance at submit).
+    text: str | None = None
     defaults: LMap = field(default_factory=lambda: LMap(1))
     matrix: dict[str, LList] = field(default_factory=dict)
     items: LList = field(default_factory=lambda: LList(1))
@@ -55,6 +58,8 @@ class Manifest:
     schedule: Schedule = field(default_factory=Schedule)
     #: fal queue priority of every job (``priority:``): "normal" or "low".
     priority: str = "normal"
+    #: ``reuse_outputs:``: a pinned-seed job equal to an already succeeded one takes its output.
+    reuse_outputs: bool = False
 
     @property
     def base_dir(self) -> Path:
@@ -177,7 +182,7 @@ class Manifest:
                     severity="warning",
                 )
             )
-        for combo in combos:
+        for variant, combo in enumerate(combos):
             values = dict(base)
             job_origins = dict(origins)
             for key, value, line in combo:
@@ -195,6 +200,8 @@ class Manifest:
                 matrix={key: value for key, value, _ in combo},
                 origins=job_origins,
                 refused=frozenset(outside),
+                variant=variant,
+                source_files=source_files(spec, values, resolved, digests, refused=outside),
             )
 
     def _endpoint_for(self, raw: RawItem, sink: list[Issue]) -> EndpointSpec | None:

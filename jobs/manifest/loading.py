@@ -2,9 +2,9 @@
 
 Only the top level is read here: ``name``, ``description``, ``endpoint``, ``defaults``,
 ``matrix``, ``items``, ``items_from`` (checked to be a JSONL/CSV file inside the allowed
-folders, not yet read), ``budget``, ``schedule`` and ``priority``. Every problem becomes a located
-issue; nothing raises for bad input except :func:`load_manifest`, which raises one
-:class:`ManifestError` with all of them.
+folders, not yet read), ``budget``, ``schedule``, ``priority`` and ``reuse_outputs``. Every
+problem becomes a located issue; nothing raises for bad input except :func:`load_manifest`,
+which raises one :class:`ManifestError` with all of them.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ TOP_LEVEL_KEYS = (
     "budget",
     "schedule",
     "priority",
+    "reuse_outputs",
 )
 BUDGET_KEYS = ("max_usd",)
 SCHEDULE_KEYS = ("not_before", "deadline", "window", "timezone")
@@ -100,7 +101,7 @@ def parse_manifest(
         top(
             f"the manifest must be a mapping with name, endpoint and items; got {describe(root)}",
             getattr(root, "line", 1),
-            allowed="name, endpoint, defaults, matrix, items, items_from, budget, schedule, priority",
+            allowed=", ".join(TOP_LEVEL_KEYS),
         )
         return None, issues
 
@@ -112,6 +113,7 @@ def parse_manifest(
         budget_max_usd=None,
         sha256=digest,
         issues=issues,
+        text=text,
     )
     manifest.roots = allowed_roots(manifest.base_dir, tuple(allowed_dirs))
     issues.extend(duplicate_key_issues(root, duplicates, display))
@@ -196,6 +198,7 @@ def parse_manifest(
     _parse_budget(root, manifest, top)
     _parse_schedule(root, manifest, top, datetime.now(UTC) if now is None else now)
     _parse_priority(root, manifest, top)
+    _parse_reuse_outputs(root, manifest, top)
     return manifest, issues
 
 
@@ -460,6 +463,24 @@ def _parse_priority(root: LMap, manifest: Manifest, top: _Report) -> None:
         "priority",
         value=value,
         allowed="normal (the default) or low",
+    )
+
+
+def _parse_reuse_outputs(root: LMap, manifest: Manifest, top: _Report) -> None:
+    """``reuse_outputs:`` must be a real boolean: a quoted "false" silently meaning true would spend
+    (or save) money against the user's intent."""
+    value = root.get("reuse_outputs")
+    if value is None:
+        return
+    if isinstance(value, bool):
+        manifest.reuse_outputs = value
+        return
+    top(
+        f"reuse_outputs must be true or false, got {describe(value)}",
+        root.lines.get("reuse_outputs"),
+        "reuse_outputs",
+        value=value,
+        allowed="true or false (the default)",
     )
 
 

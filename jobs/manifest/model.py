@@ -30,6 +30,12 @@ class JobSpec:
     #: Media fields whose local path lies outside the allowed folders (already reported as
     #: errors): validation must not open those files, and such a job is never stored.
     refused: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
+    #: The matrix combination's index within its item (0 without a matrix): with ``item_index``
+    #: it names the job across batches of the same manifest (export order, ``diff``).
+    variant: int = 0
+    #: Per media field, the reference as written and its SHA-256 (:mod:`jobs.manifest.sources`);
+    #: None when the job has no media field.
+    source_files: dict[str, dict[str, str | None]] | None = field(default=None, compare=False, repr=False)
 
     @property
     def location(self) -> Location:

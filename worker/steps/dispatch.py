@@ -7,6 +7,7 @@ import logging
 import math
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -34,6 +35,7 @@ def dispatch(rt: Runtime) -> list[str]:
     """
     now = utcnow()
     sent: list[str] = []
+    reused: list[str] = []
     key_id = api_key_id(rt.settings)  # the caps are per API key, as fal's account limits are
     assert rt.bucket is not None
     rt.bucket.short = False  # set again below when jobs are left waiting for the rate
@@ -49,7 +51,11 @@ def dispatch(rt: Runtime) -> list[str]:
         jobs = _claim_within_caps(session, rt, free, now, key_id, closed)
         unused = free
         committed = _Committed(session, now, rt.settings.daily_budget_usd)
+        reusing: dict[str, bool] = {}  # batch id → reuse_outputs, read once per round
         for job in jobs:
+            if _reuse(session, rt, job, reusing):
+                reused.append(job.id)
+                continue
             refusal = _budget_refusal(committed, job)
             if refusal is not None:
                 store.mark_cancelled(
@@ -71,7 +77,38 @@ def dispatch(rt: Runtime) -> list[str]:
         rt.bucket.tokens += unused  # claimed fewer than granted: give the rate back
     for job_id in sent:
         rt.enqueue_submit(job_id)
+    for job_id in reused:
+        rt.notify("done", job_id)
     return sent
+
+
+def _reuse(session: Session, rt: Runtime, job: Job, reusing: dict[str, bool]) -> bool:
+    """With ``reuse_outputs``, give a claimed pinned-seed job the output of a succeeded twin.
+
+    Decided here, in the claim's transaction, so a reused job is never sent, holds no slot and
+    reserves no budget. Only jobs whose input pins ``seed``: an unseeded request is a new draw,
+    and taking another job's video would silently stand in for it. The twin must still have its
+    file on disk at the recorded size (not re-hashed: that would read every video inside the
+    claim's transaction); otherwise the job is sent as usual. No sidecar is written for the
+    reusing job: it points at the original's file, and its export record carries ``reused_from``.
+    """
+    if job.input.get("seed") is None:
+        return False
+    if job.batch_id not in reusing:
+        reusing[job.batch_id] = store.get_batch(session, job.batch_id).reuse_outputs
+    if not reusing[job.batch_id]:
+        return False
+    source = store.find_reusable(session, job)
+    if source is None or source.output_path is None:
+        return False
+    try:
+        intact = Path(source.output_path).stat().st_size == source.output_bytes
+    except OSError:
+        intact = False
+    if not intact:
+        log.info("job %s: the output of %s to reuse is gone or changed; sending", job.id, source.id)
+        return False
+    return store.mark_reused(session, rt.fence(job), source)
 
 
 def _room_at_fal(session: Session, rt: Runtime, now: datetime, free: int, key_id: str) -> int:

@@ -1,0 +1,147 @@
+"""``wanbatch rerun BATCH --vary FIELD=VALUES``: parse the option and type and check its values.
+
+A sweep is only worth running if every job of it can be sent: a value fal would refuse (or that
+wanbatch would price wrong) must stop the rerun before its batch is stored, in one line that
+names the option and what is allowed. So the values are checked with the very checks a manifest
+gets (:func:`jobs.validation.check_value`), per endpoint of the stored jobs, because one batch
+may mix endpoints whose fields differ (``resolution`` allows ``1080p`` on Wan 2.5 only).
+
+The option's text is untyped (``seed=1..3``, ``resolution=480p,720p``); a field's schema type
+decides what each value becomes: integers for ``integer`` fields (``seed``), numbers for
+``number`` ones, ``true``/``false`` for booleans, the text itself otherwise. A value that does
+not parse stays text, so the schema check reports it in the same words as a manifest would.
+Image and audio fields are refused: a path typed on the command line would resolve against the
+current folder, not the manifest's, and skip the folder checks a manifest's paths get; a
+``matrix`` in a manifest is the way to sweep inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs.endpoints import EndpointSpec, FieldSpec, FieldType
+from jobs.errors import UsageError, did_you_mean
+from jobs.validation import check_value
+
+#: ``1..8``: an inclusive integer range (negative ends allowed, as for any integer field).
+RANGE = re.compile(r"\s*([+-]?\d+)\s*\.\.\s*([+-]?\d+)\s*")
+INTEGER = re.compile(r"[+-]?\d+")
+#: Values one option, and combinations all options together, may make: far beyond any real
+#: sweep, small enough that a typo (``1..10000000``) is an error rather than a full disk.
+MAX_VALUES = 10_000
+SYNTAX = "FIELD=VALUES, VALUES being a comma list (480p,720p) or an integer range (1..8)"
+
+
+@dataclass(frozen=True, slots=True)
+class Vary:
+    """One ``--vary`` option: the field and its values as typed (deduplicated, in order)."""
+
+    field: str
+    tokens: tuple[str, ...]
+    text: str
+
+    @property
+    def option(self) -> str:
+        """The option as the user wrote it, for messages."""
+        return f"--vary {self.text}"
+
+
+def parse_vary(text: str) -> Vary:
+    """One ``FIELD=VALUES`` option; :class:`UsageError` (one line) when it is malformed."""
+    name, sep, values = text.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise UsageError(f"--vary {text}: expected {SYNTAX}")
+    if found := RANGE.fullmatch(values):
+        low, high = int(found[1]), int(found[2])
+        if high < low:
+            raise UsageError(f"--vary {text}: the range {low}..{high} is empty; write the smaller end first")
+        if high - low + 1 > MAX_VALUES:
+            raise UsageError(f"--vary {text}: {high - low + 1} values, more than {MAX_VALUES}")
+        tokens = [str(n) for n in range(low, high + 1)]
+    else:
+        tokens = [token.strip() for token in values.split(",")]
+        if not all(tokens):
+            raise UsageError(f"--vary {text}: an empty value; expected {SYNTAX}")
+    return Vary(field=name, tokens=tuple(dict.fromkeys(tokens)), text=text)
+
+
+def parse_varies(texts: Iterable[str]) -> tuple[Vary, ...]:
+    """Every ``--vary`` option, each field at most once (two sweeps of one field is ambiguous)."""
+    varies = tuple(parse_vary(text) for text in texts)
+    seen: dict[str, Vary] = {}
+    for vary in varies:
+        if (first := seen.setdefault(vary.field, vary)) is not vary:
+            raise UsageError(
+                f"{vary.option}: {vary.field} is already varied by {first.option}; "
+                "give all its values in one option"
+            )
+    combos = 1
+    for vary in varies:
+        combos *= len(vary.tokens)
+    if combos > MAX_VALUES:
+        raise UsageError(f"--vary: {combos} combinations of values per job, more than {MAX_VALUES}")
+    return varies
+
+
+def typed(fld: FieldSpec, token: str) -> Any:
+    """``token`` as the field's schema type, or the text itself when it does not parse as that."""
+    if fld.type is FieldType.INTEGER and INTEGER.fullmatch(token):
+        return int(token)
+    if fld.type is FieldType.NUMBER:
+        if INTEGER.fullmatch(token):
+            return int(token)
+        try:
+            return float(token)
+        except ValueError:
+            return token
+    if fld.type is FieldType.BOOLEAN and token.lower() in ("true", "false"):
+        return token.lower() == "true"
+    return token
+
+
+def checked_values(spec: EndpointSpec, vary: Vary) -> list[Any]:
+    """The option's values typed for ``spec``'s field; :class:`UsageError` at the first bad one."""
+    fields = spec.fields_by_name
+    fld = fields.get(vary.field)
+    if fld is None:
+        raise UsageError(
+            f"{vary.option}: unknown field {vary.field!r} for {spec.id}{did_you_mean(vary.field, fields)} "
+            f"(its fields: {', '.join(fields)})"
+        )
+    if fld.media is not None:
+        raise UsageError(
+            f"{vary.option}: {vary.field} is a media field of {spec.id} and cannot be varied here; "
+            "use a `matrix` in a manifest to sweep files"
+        )
+    values = [typed(fld, token) for token in vary.tokens]
+    for value in values:
+        if problems := check_value(fld, value):
+            raise UsageError(
+                f"{vary.option}: {vary.field} {problems[0].message} for {spec.id} "
+                f"(allowed: {problems[0].allowed or fld.allowed()})"
+            )
+    return values
+
+
+@dataclass
+class Sweep:
+    """The combinations of the ``--vary`` values for each endpoint, checked once per endpoint.
+
+    With no option there is one, empty, combination: every job is repeated once, as it was.
+    """
+
+    varies: Sequence[Vary]
+    _combos: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def combos(self, spec: EndpointSpec) -> list[dict[str, Any]]:
+        """The field → value overrides of each combination (the product, first option slowest)."""
+        found = self._combos.get(spec.id)
+        if found is None:
+            columns = [[(v.field, value) for value in checked_values(spec, v)] for v in self.varies]
+            found = self._combos[spec.id] = [dict(combo) for combo in itertools.product(*columns)]
+        return found
