@@ -27,7 +27,6 @@ refused, never merged into.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.errors import UsageError, WanbatchError
-from jobs.export import FIELDS, record
+from jobs.export import FIELDS, record, write_atomically
 from jobs.models import Batch
 from jobs.states import JobState
 
@@ -147,31 +146,7 @@ def write_parquet(rows: Iterator[dict[str, Any]], sink: str | IO[bytes]) -> int:
 
 def write_parquet_file(rows: Iterator[dict[str, Any]], output: Path) -> int:
     """:func:`write_parquet` to ``output`` atomically (temp file beside it, fsync, rename)."""
-    if output.is_dir():
-        raise UsageError(
-            f"-o {str(output)!r} is a folder; give a file name such as {output / 'export.parquet'}"
-        )
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
-    except OSError as exc:
-        raise UsageError(f"cannot write the export to {str(output)!r}: {exc.strerror or exc}") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            count = write_parquet(rows, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(output)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise UsageError(f"cannot write the export to {str(output)!r}: {exc.strerror or exc}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return count
+    return write_atomically(output, "export.parquet", lambda fh: write_parquet(rows, fh))
 
 
 # --------------------------------------------------------------------------- Hugging Face

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 from sqlalchemy.orm import Session
 
@@ -146,20 +147,35 @@ def write_file(rows: Iterator[dict[str, Any]], fmt: str, output: Path) -> int:
 
     :class:`UsageError` (one line) when ``output`` is a folder or cannot be created or written.
     """
+
+    def text(fh: IO[bytes]) -> int:
+        wrapper = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+        count = write(rows, fmt, wrapper)
+        wrapper.flush()
+        wrapper.detach()  # hand the file back open: the caller fsyncs and closes it
+        return count
+
+    return write_atomically(output, f"export.{fmt}", text)
+
+
+def write_atomically(output: Path, example_name: str, fill: Callable[[IO[bytes]], int]) -> int:
+    """Run ``fill`` on a temporary file beside ``output``, fsync it and rename it over ``output``;
+    returns what ``fill`` returned. A failed export never leaves a truncated file under the name.
+
+    :class:`UsageError` (one line) when ``output`` is a folder (``example_name`` shows what a
+    file name could be) or cannot be created or written.
+    """
     if output.is_dir():
-        raise UsageError(
-            f"-o {str(output)!r} is a folder; give a file name such as {output / ('export.' + fmt)}"
-        )
-    folder = output.parent
+        raise UsageError(f"-o {str(output)!r} is a folder; give a file name such as {output / example_name}")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=folder)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
     except OSError as exc:
         raise UsageError(f"cannot write the export to {str(output)!r}: {exc.strerror or exc}") from None
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            count = write(rows, fmt, fh)
+        with os.fdopen(fd, "wb") as fh:
+            count = fill(fh)
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(output)
