@@ -22,6 +22,21 @@ EXAMPLES = REPO / "manifests" / "examples"
 FAL_KEY = "test-key-e2e-5f0c1d9a"  # distinctive, so a leak is found by a plain substring search
 
 #: Timing that keeps a simulated run well under a second per job.
+#: Two unseeded image-to-video jobs (fal picks the seeds); ``{name}`` is the batch name. Used by
+#: the tests of reruns and diffs, which reproduce outputs from the seeds fal returned.
+TWO_JOBS = """\
+name: {name}
+endpoint: fal-ai/wan-i2v
+defaults:
+  resolution: 480p
+  num_frames: 81
+items:
+  - prompt: Clouds drifting past the peak
+    image_url: images/landscape.jpg
+  - prompt: Night falls over the hills
+    image_url: images/night.jpg
+"""
+
 FAST_ENV = {
     "WANBATCH_POLL_MIN_INTERVAL": "0.05",
     "WANBATCH_POLL_MAX_INTERVAL": "0.2",

@@ -9,22 +9,10 @@ from typing import Any
 import pytest
 
 from falsim.server import SimulatorHandle
-from tests.e2e.e2e_helpers import MakeManifest, Wb, export_jsonl
+from tests.e2e.e2e_helpers import TWO_JOBS, MakeManifest, Wb, export_jsonl
 
-# No seeds: fal picks them, so an exact rerun's keys (seed now in the input) differ from the
-# parent's and the jobs pair by their input apart from the seed.
-UNSEEDED = """\
-name: {name}
-endpoint: fal-ai/wan-i2v
-defaults:
-  resolution: 480p
-  num_frames: 81
-items:
-  - prompt: Clouds drifting past the peak
-    image_url: images/landscape.jpg
-  - prompt: Night falls over the hills
-    image_url: images/night.jpg
-"""
+# TWO_JOBS has no seeds: fal picks them, so an exact rerun's keys (seed now in the input) differ
+# from the parent's and the jobs pair by their input apart from the seed.
 
 # Pinned seeds through a matrix: an exact rerun has the very same job keys.
 PINNED = """\
@@ -64,7 +52,7 @@ def _diff(wb: Wb, a: str, b: str, code: int) -> dict[str, Any]:
 def test_exact_rerun_is_the_same_and_new_seeds_differ(
     wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
 ) -> None:
-    parent = _run(wb, manifest("repro", UNSEEDED.format(name="repro")))
+    parent = _run(wb, manifest("repro", TWO_JOBS.format(name="repro")))
     exact = _rerun(wb, parent)
 
     report = _diff(wb, parent, exact, 0)
@@ -130,7 +118,7 @@ def test_pinned_seeds_match_by_key_and_unrelated_batches_do_not_match(
 
 
 def test_unknown_batch_is_one_line_and_exit_2(wb: Wb, sim: SimulatorHandle, manifest: MakeManifest) -> None:
-    submitted = wb("submit", manifest("known", UNSEEDED.format(name="known")), "--json")
+    submitted = wb("submit", manifest("known", TWO_JOBS.format(name="known")), "--json")
     assert submitted.code == 0, submitted.stderr
     done = wb("diff", "known", "no-such-batch")
     assert done.code == 2

@@ -10,21 +10,9 @@ from typing import Any
 import pytest
 
 from falsim.server import SimulatorHandle
-from tests.e2e.e2e_helpers import MakeManifest, Wb, counts, export_jsonl
+from tests.e2e.e2e_helpers import TWO_JOBS, MakeManifest, Wb, counts, export_jsonl
 
-# No seeds: the provider picks them, so reproducing the outputs needs the seeds it returned.
-TWO_JOBS = """\
-name: {name}
-endpoint: fal-ai/wan-i2v
-defaults:
-  resolution: 480p
-  num_frames: 81
-items:
-  - prompt: Clouds drifting past the peak
-    image_url: images/landscape.jpg
-  - prompt: Night falls over the hills
-    image_url: images/night.jpg
-"""
+# TWO_JOBS has no seeds: the provider picks them, so reproducing the outputs needs the seeds it returned.
 
 
 def _by_item(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:

@@ -14,21 +14,9 @@ from typing import Any
 import pytest
 
 from falsim.server import SimulatorHandle
-from tests.e2e.e2e_helpers import MakeManifest, Wb, counts, db_rows, export_jsonl
+from tests.e2e.e2e_helpers import TWO_JOBS, MakeManifest, Wb, counts, db_rows, export_jsonl
 
-# No seeds: fal picks them, and an unvaried rerun pins the ones it returned.
-TWO_JOBS = """\
-name: {name}
-endpoint: fal-ai/wan-i2v
-defaults:
-  resolution: 480p
-  num_frames: 81
-items:
-  - prompt: Clouds drifting past the peak
-    image_url: images/landscape.jpg
-  - prompt: Night falls over the hills
-    image_url: images/night.jpg
-"""
+# TWO_JOBS has no seeds: fal picks them, and an unvaried rerun pins the ones it returned.
 
 
 def _parent(wb: Wb, manifest: MakeManifest, name: str) -> tuple[str, dict[int, dict[str, Any]]]:
