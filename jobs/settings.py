@@ -184,6 +184,10 @@ class LimitSettings(_Section):
 
     submit_rate: float = Field(default=DEFAULT_SUBMIT_RATE, gt=0)
     max_outstanding: int = Field(default=DEFAULT_MAX_OUTSTANDING, ge=1)
+    #: Most jobs completed at fal and waiting for (or in) their download before dispatch stops
+    #: sending: when downloads stall (a full disk, a slow link), paid outputs must not pile up at
+    #: fal, where their files expire. ``None``: the same as ``max_outstanding``.
+    max_download_backlog: int | None = Field(default=None, ge=1)
     #: Redis holding the global submit-rate limiter; defaults to the broker when it is Redis.
     #: Without one (embedded mode) the limiter lives in this process, which is then the only one.
     limits_url: str | None = None

@@ -102,3 +102,34 @@ def test_the_outstanding_cap_is_per_api_key(engine: Engine) -> None:
     assert mine == {api_key_id(rt.settings)}
     assert "key-of-this-deployment" not in str(next(iter(mine)))
     assert dispatch(rt) == []  # and now this key's cap is full
+
+
+def _downloading(engine: Engine, job_ids: list[str]) -> None:
+    """Move jobs on to ``downloading``: completed at fal, the output not yet stored."""
+    _at_fal(engine, job_ids, S.RUNNING, waited=1)
+    with db.session_scope(engine) as session:
+        for job_id in job_ids:
+            assert store.transition(session, job_id, S.RUNNING, S.DOWNLOADING)
+
+
+def test_stalled_downloads_hold_submits_back(engine: Engine) -> None:
+    """Paid outputs must not pile up at fal (where they expire) while downloads stall."""
+    ids = _batch_of(engine, 30)
+    _downloading(engine, ids[:8])
+    rt = _runtime(engine, [], max_download_backlog=10)
+    sent = dispatch(rt)
+    assert len(sent) == 2  # the cap allows 10, the backlog only 2 more
+    with db.session_scope(engine) as session:
+        for job_id in sent:  # both complete at fal; their downloads stall too
+            assert store.transition(session, job_id, S.SUBMITTING, S.QUEUED, request_id=f"r-{job_id}")
+            assert store.transition(session, job_id, S.QUEUED, S.DOWNLOADING)
+    assert dispatch(rt) == []  # backlog full: nothing sent, whatever the free slots
+    with db.session_scope(engine) as session:
+        assert store.transition(session, ids[0], S.DOWNLOADING, S.SUCCEEDED)
+    assert len(dispatch(rt)) == 1  # one download done: one more may go
+
+
+def test_the_download_backlog_defaults_to_the_outstanding_cap(engine: Engine) -> None:
+    ids = _batch_of(engine, 30)
+    _downloading(engine, ids[:7])
+    assert len(dispatch(_runtime(engine, []))) == 3  # max_outstanding 10 - 7 waiting for download

@@ -52,6 +52,13 @@ from tests.sliding_window import max_in_window
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 RATE = 5.0
+#: Grant → fal-receipt jitter the limiter leaves room for (``WANBATCH_SUBMIT_JITTER_ALLOWANCE``).
+#: Here the witness (the simulator, rendering real videos in this test process), four workers,
+#: PostgreSQL and Redis share two cores: a request can reach the simulator 50+ ms after its
+#: grant while the next one does not, so the default 0.05 is too tight for this box, as it
+#: would be for a user on a jittery link. The bounds below count it as part of the limits.
+JITTER = 0.15
+EFFECTIVE_RATE = RATE / (1 + JITTER)
 CAP = 6
 JOBS = 60
 LATENCY = 0.5
@@ -69,12 +76,14 @@ SCENARIO = Scenario(
 )
 
 
-def allowed_seconds(jobs: int = JOBS, rate: float = RATE, cap: int = CAP, latency: float = LATENCY) -> float:
+def allowed_seconds(
+    jobs: int = JOBS, rate: float = EFFECTIVE_RATE, cap: int = CAP, latency: float = LATENCY
+) -> float:
     """The shortest first-submit → last-completion span the limits permit."""
     return max((jobs - 1) / rate, math.ceil(jobs / cap) * latency) + latency
 
 
-def allowed_span(durations: list[float], rate: float = RATE, cap: int = CAP) -> float:
+def allowed_span(durations: list[float], rate: float = EFFECTIVE_RATE, cap: int = CAP) -> float:
     """The shortest first-submit → last-completion span the limits permit, given how long fal
     took for each request (in submission order): submit each as soon as both the rate and a
     free slot allow. On a loaded CI box the simulator's requests take longer than its nominal
@@ -159,6 +168,7 @@ def _run(
         env = environment(SCENARIO, database_url, broker_url, sim.url, out)
         env.update(
             WANBATCH_LEASE_SECONDS=str(lease),
+            WANBATCH_SUBMIT_JITTER_ALLOWANCE=str(JITTER),
             WANBATCH_POLL_MAX_INTERVAL="0.2",
             WANBATCH_POLL_MIN_INTERVAL="0.05",
             WANBATCH_TICK_INTERVAL="0.05",
@@ -257,4 +267,4 @@ def test_a_killed_worker_does_not_cost_throughput_after_its_lease(
     )
     _check_limits(run)
     assert run.span <= 1.10 * bound + lease
-    assert rate_after >= 0.9 * RATE / 1.05  # full speed again (the 5 % is the jitter allowance)
+    assert rate_after >= 0.9 * EFFECTIVE_RATE  # full speed again

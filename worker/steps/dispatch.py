@@ -42,6 +42,7 @@ def dispatch(rt: Runtime) -> list[str]:
     with db.session_scope(rt.engine) as session:
         outstanding = store.count_in_states(session, states_at_provider(), api_key_id=key_id)
         free = _room_at_fal(session, rt, now, rt.settings.max_outstanding - outstanding, key_id)
+        free = min(free, _room_for_downloads(session, rt))
         if free <= 0:
             return []
         free = rt.bucket.take(free)
@@ -142,6 +143,21 @@ def _room_at_fal(session: Session, rt: Runtime, now: datetime, free: int, key_id
             free,
         )
     return min(free, room)
+
+
+def _room_for_downloads(session: Session, rt: Runtime) -> int:
+    """How many more may be sent before the jobs waiting for their download reach the bound.
+
+    Every request sent now becomes a download later; when downloads stall (a full disk, a slow
+    link, an unreachable CDN) sending on would only pile paid outputs up at fal, whose files
+    expire. So the download backlog (``WANBATCH_MAX_DOWNLOAD_BACKLOG``, by default the outstanding
+    cap) holds submits back, and they resume as downloads drain.
+    """
+    bound = rt.settings.max_download_backlog or rt.settings.max_outstanding
+    backlog = store.count_in_states(session, [S.DOWNLOADING])
+    if backlog >= bound:
+        log.info("%d jobs wait for their download (bound %d): holding submits", backlog, bound)
+    return max(0, bound - backlog)
 
 
 def closed_batches(session: Session, now: datetime) -> set[str]:
