@@ -348,6 +348,25 @@ class WorkerFleet:
                 os.killpg(pid, signal.SIGSTOP)
                 self.stats.external_stops += 1
 
+    def settle_stops(self, grace: float = 2.0) -> None:
+        """Wait until the supervisor has resumed every stopped worker, then ``grace`` seconds more.
+
+        A fast run can end while a worker is still frozen; killing it then would never test what
+        the scenario is about: the zombie's late writes after SIGCONT, which must be fenced.
+        """
+        deadline = time.monotonic() + self.resume_after + 10.0
+        while time.monotonic() < deadline:
+            with self._lock:
+                frozen = [
+                    s
+                    for s in self.slots
+                    if s.proc is not None and s.proc.poll() is None and _process_state(s.proc.pid) == "T"
+                ]
+            if not frozen:
+                break
+            time.sleep(0.1)
+        time.sleep(grace)
+
     def shutdown(self) -> None:
         """Kill every worker (the scenario is over; nothing of theirs is needed any more)."""
         self._running = False

@@ -239,6 +239,7 @@ def run(
                 done.set()
                 if chaos_thread is not None:
                     chaos_thread.join(60)
+                fleet.settle_stops()  # frozen workers wake and try their late writes first
             finally:
                 fleet.shutdown()
             # Orphaned requests (answers that never arrived) still run at fal: let them finish
