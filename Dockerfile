@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# One image for every wanbatch role of docker-compose.yml (migrate, worker, simulator, cli):
+# One image for every wanbatch role of docker-compose.yml (migrate, worker, serve, simulator, cli):
 # the roles differ only by command, so they can never run different code against one database.
 FROM python:3.11-slim
 
@@ -16,6 +16,7 @@ COPY cli /tmp/src/cli
 COPY jobs /tmp/src/jobs
 COPY worker /tmp/src/worker
 COPY falsim /tmp/src/falsim
+COPY web /tmp/src/web
 COPY migrations /tmp/src/migrations
 RUN pip install /tmp/src && rm -rf /tmp/src
 

@@ -1,11 +1,12 @@
 """The ``wanbatch`` command: one click group, its commands, and the console-script entry point.
 
 One module per group of commands — :mod:`cli.manifest_commands` (validate, estimate, submit),
-:mod:`cli.batch_commands` (status, cost, export, run, rerun, cancel, pause, resume) and
-:mod:`cli.service_commands` (worker, simulator) — and :mod:`cli.output` for what they print and
-how they exit. The CLI sits outside both the domain (:mod:`jobs`, which knows no click or rich)
-and execution (:mod:`worker`): a command imports what it needs when it runs, so ``wanbatch
---help`` or ``wanbatch validate`` never loads Celery, the fal client or the simulator.
+:mod:`cli.batch_commands` (status, cost, export, diff, run, rerun, cancel, pause, resume),
+:mod:`cli.service_commands` (worker, serve, simulator) and :mod:`cli.doctor_command` (doctor) —
+and :mod:`cli.output` for what they print and how they exit. The CLI sits outside both the
+domain (:mod:`jobs`, which knows no click or rich) and execution (:mod:`worker`): a command
+imports what it needs when it runs, so ``wanbatch --help`` or ``wanbatch validate`` never loads
+Celery, the fal client or the simulator.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import NoReturn
 
 import click
 
-from cli import batch_commands, manifest_commands, service_commands
+from cli import batch_commands, doctor_command, manifest_commands, service_commands
 from cli.output import EXIT_OK
 
 
@@ -46,6 +47,7 @@ for _command in (
     service_commands.worker,
     service_commands.serve,
     service_commands.simulator,
+    doctor_command.doctor,
 ):
     cli.add_command(_command)
 
@@ -96,6 +98,20 @@ def _internal_error(exc: BaseException) -> NoReturn:
     sys.exit(EXIT_INTERNAL)
 
 
+#: Options that make any command print and exit before it runs (click's eager options).
+_HELP_OPTIONS = frozenset({"-h", "--help", "--version"})
+
+
+def _only_help(args: list[str]) -> bool:
+    """True when the command line only asks for help or the version (or for nothing at all).
+
+    Then nothing can log, so the key redaction — which loads and validates every setting, a
+    tenth of a second of pydantic — is skipped, and ``wanbatch --help`` answers at once.
+    """
+    options = args[: args.index("--")] if "--" in args else args
+    return not args or any(a in _HELP_OPTIONS for a in options)
+
+
 def main() -> None:
     """Console-script entry point.
 
@@ -105,11 +121,12 @@ def main() -> None:
     one ``internal error`` line (exit 70) instead of a traceback. Deliberate errors never get
     here: every command turns :class:`~jobs.errors.WanbatchError` into its message and exit code.
     """
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+    from worker.logs import configure_logging  # stdlib only: text, or JSON lines (WANBATCH_LOG_FORMAT)
+
+    configure_logging(level=logging.WARNING)
     try:
-        install_key_redaction()
+        if not _only_help(sys.argv[1:]):  # help prints no secret: skip loading the settings
+            install_key_redaction()
         code = cli.main(prog_name="wanbatch", standalone_mode=False)
     except click.UsageError as exc:  # unknown option, missing argument, bad value
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""

@@ -21,19 +21,19 @@ from cli.options import allow_dir_option, json_option, progress_option, simulate
 from cli.output import (
     EXIT_OK,
     EXIT_SOME_FAILED,
-    batches_table,
+    cost_heading,
     cost_table,
     emit_json,
     err,
     escape,
-    eta_text,
     final_code,
     guarded,
-    money_line,
     out,
+    print_batches,
     print_budget_note,
-    print_failures,
+    print_report,
     print_summary,
+    say,
     status_table,
     usd,
 )
@@ -63,26 +63,11 @@ def status(batch: str | None, as_json: bool) -> None:
             return EXIT_OK
         if not reports:
             out.print("no batches yet: try `wanbatch submit MANIFEST`")
-        if batch is not None:
-            report = reports[0]
-            out.print(status_table(report))
-            out.print(money_line(report))
-            if report["state"] == "paused":  # e.g. fal refused the account (401/402/403)
-                reason = report["pause_reason"] or "see the log"
-                out.print(f"[yellow]paused: {escape(reason)}[/yellow]")
-            # "schedule: paused by user", "…: waiting for window (opens …)", "…: past deadline: …"
-            schedule = [f"schedule: {report['schedule_state']}"] if report["schedule_state"] else []
-            if report["priority"] != "normal":
-                schedule.append(f"priority {report['priority']}")
-            if schedule:
-                out.print(escape(" · ".join(schedule)))
-            if report["low_priority_note"]:
-                out.print(f"[yellow]{escape(report['low_priority_note'])}[/yellow]")
-            if eta := eta_text(report["eta_seconds"]):
-                out.print(f"{report['finished']}/{report['total']} done, {eta}")
-            print_failures(report)
             return EXIT_OK
-        out.print(batches_table(reports))
+        if batch is not None:
+            print_report(reports[0])  # paused: with the reason; an ETA only while work goes on
+            return EXIT_OK
+        print_batches(reports)
         return EXIT_OK
 
     guarded(as_json, action)
@@ -111,19 +96,23 @@ def cost(batch: str, as_json: bool) -> None:
         if as_json:
             emit_json({**report.as_dict(), "media_mismatches": mismatches})
             return EXIT_OK
+        out.print(cost_heading(report))
         out.print(cost_table(report))
         total = report.total
+        if report.budget_max_usd is not None:
+            say(f"budget {usd(report.budget_max_usd)}")
         if total.in_flight:
-            out.print(f"{total.in_flight} job(s) still in flight: actual is not final yet")
+            say(f"{total.in_flight} job(s) still in flight: actual is not final yet")
         if total.cancelled_for_budget:
-            out.print(f"[yellow]{total.cancelled_for_budget} job(s) cancelled: budget cap reached[/yellow]")
+            say(f"{total.cancelled_for_budget} job(s) cancelled: budget cap reached", "yellow")
         if total.possible_duplicate_charges:
-            out.print(
-                f"[yellow]possible duplicate charges: {total.possible_duplicate_charges} "
-                f"(up to {usd(total.possible_duplicate_usd)} more than actual)[/yellow]"
+            say(
+                f"possible duplicate charges: {total.possible_duplicate_charges} "
+                f"(up to {usd(total.possible_duplicate_usd)} more than actual)",
+                "yellow",
             )
         if mismatches:
-            out.print(f"[yellow]{mismatches} video(s) not as requested (media_mismatch in `export`)[/yellow]")
+            say(f"{mismatches} video(s) not as requested (media_mismatch in `export`)", "yellow")
         return EXIT_OK
 
     guarded(as_json, action)
@@ -134,7 +123,7 @@ def cost(batch: str, as_json: bool) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["jsonl", "csv", "parquet", "hf"]),
+    type=click.Choice(["jsonl", "csv", "parquet", "hf"], case_sensitive=False),
     default="jsonl",
     show_default=True,
     help="hf: a Hugging Face videofolder (videos, metadata.jsonl, manifest, README.md) in -o DIR.",
@@ -148,7 +137,7 @@ def cost(batch: str, as_json: bool) -> None:
 )
 @click.option(
     "--include",
-    type=click.Choice(["failed"]),
+    type=click.Choice(["failed"], case_sensitive=False),
     default=None,
     help="hf: also failed and cancelled jobs (file_name null); the other formats always have them.",
 )
@@ -261,7 +250,7 @@ def _diff_row(pair: Pair) -> tuple[str, ...]:
         ", ".join(pair.differs()),
         both(lambda s: str(s.seed)),
         both(lambda s: (s.video_sha256 or "no video")[:12]),
-        both(lambda s: "-" if s.cost_usd is None else f"${s.cost_usd:.2f}"),
+        both(lambda s: "-" if s.cost_usd is None else usd(s.cost_usd)),
     )
 
 
@@ -303,6 +292,7 @@ def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> I
 
 
 def _run_and_report(batch_id: str, settings: Settings, as_json: bool, progress: bool) -> int:
+    from jobs.output_store import open_output_store
     from worker.running import process_batch
 
     report, stats = process_batch(batch_id, settings, console=err, show_progress=progress and not as_json)
@@ -312,7 +302,8 @@ def _run_and_report(batch_id: str, settings: Settings, as_json: bool, progress: 
         )
     else:
         print_summary(report)
-        out.print(f"outputs in {settings.output_dir.resolve()}; finished in {stats.wall_seconds:.1f}s")
+        where = open_output_store(settings).describe()
+        say(escape(f"outputs in {where}; finished in {stats.wall_seconds:.1f}s"))
     return final_code(report)
 
 
@@ -458,6 +449,7 @@ def rerun(
     """A new batch from BATCH, processed like `run`: by default the exact inputs and returned seeds.
 
     `--vary FIELD=VALUES` sweeps a field (values checked against each endpoint's schema first).
+    With `--failed-only` and no failed or cancelled job, it says so and creates nothing (exit 0).
     """
 
     def action() -> int:
@@ -476,7 +468,14 @@ def rerun(
             "vary": sweeps,
         }
         with fal_settings(settings, simulate) as target:
-            result = batches.rerun_batch(batch, settings=target, **options)
+            try:
+                result = batches.rerun_batch(batch, settings=target, **options)
+            except batches.NothingToRerun as nothing:  # not an error: say so, create nothing
+                if as_json:
+                    emit_json({"ok": True, "batch": None, "total": 0, "counts": {}, "message": str(nothing)})
+                else:
+                    say(escape(str(nothing)))
+                return nothing.exit_code
             print_budget_note(result)
             return _run_and_report(result.batch_id, target, as_json, not no_progress)
 

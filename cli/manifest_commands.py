@@ -19,12 +19,17 @@ from cli.output import (
     issue_line,
     out,
     print_budget_note,
+    say,
 )
 
 
 @manifest_command
 def validate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
-    """Check MANIFEST and every expanded job; submits nothing."""
+    """Check MANIFEST and every expanded job; submits nothing.
+
+    Also warns when the estimate exceeds budget.max_usd, or when a batch of more than 100 jobs
+    has no budget at all.
+    """
 
     def action() -> int:
         from jobs import batches
@@ -32,7 +37,7 @@ def validate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
 
         settings = get_settings()
         with err.status(f"validating {manifest} …"):
-            report = batches.check_manifest(manifest, settings, allow_dirs)
+            report, _totals = batches.estimate_manifest(manifest, settings, allow_dirs)
         if as_json:
             emit_json(
                 {
@@ -54,22 +59,33 @@ def validate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
 
 @manifest_command
 def estimate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
-    """Job count, billing units and USD per endpoint and in total; submits nothing."""
+    """Job count, billing units and USD per endpoint and in total; submits nothing.
+
+    Warns when the estimate exceeds budget.max_usd, or when a batch of more than 100 jobs has
+    no budget at all.
+    """
 
     def action() -> int:
         from jobs import batches
+        from jobs.money import usd_json
         from jobs.settings import get_settings
 
         settings = get_settings()
         with err.status(f"validating and pricing {manifest} …"):
-            _report, totals = batches.estimate_manifest(manifest, settings, allow_dirs)
+            report, totals = batches.estimate_manifest(manifest, settings, allow_dirs)
         data = totals.as_dict()
+        budget = [i for i in report.issues if i.field == "budget.max_usd" and i.severity == "warning"]
         if as_json:
-            emit_json(data)
+            cap = report.manifest.budget_max_usd if report.manifest else None
+            emit_json(
+                {**data, "budget_max_usd": usd_json(cap), "budget_warnings": [i.message for i in budget]}
+            )
             return EXIT_OK
+        for issue in budget:
+            err.print(issue_line(issue))
         out.print(estimate_table(f"Estimate for {manifest}", data))
         if data["price_assumptions"]:
-            out.print(
+            say(
                 "* price not published by fal: an assumption (see README, override with "
                 "WANBATCH_PRICING_OVERRIDES)"
             )

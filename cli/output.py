@@ -4,24 +4,35 @@ Output rules (the contract): with ``--json`` exactly one JSON object goes to std
 output goes to stdout; progress and logs go to stderr. Exit codes: 0 success, 1 some jobs
 failed or were cancelled, 2 invalid input or usage (and 70 for a bug, see :func:`cli.main`).
 Bad input never prints a traceback: every command runs its work through :func:`guarded`.
+
+Layout rules, so a new user's 80-column terminal reads well: tables have no side borders and
+narrow headers; batch ids are shown as at least the 8-character prefix every command accepts
+(longer only when needed to stay unique); names and endpoints give way (an ellipsis, or a wrap)
+before anything else does; money is never cut and always comes from :func:`jobs.money.usd_text`
+(one rounding everywhere); a line of prose longer than the terminal is cut at a `` · ``
+boundary or wrapped, never left to run off the edge.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from rich import box
+from rich.cells import cell_len, set_cell_size
 from rich.console import Console
 from rich.table import Table
 
 from jobs.errors import Issue, ManifestError, WanbatchError
+from jobs.money import usd_text
 from jobs.states import JobState
 
 if TYPE_CHECKING:
-    from jobs.batches import BatchReport, SubmitResult
+    from jobs.batches import BatchProgress, BatchReport, SubmitResult
     from jobs.cost import CostLine, CostReport
     from jobs.pricing import EstimateReport
 
@@ -90,11 +101,137 @@ def final_code(report: BatchReport) -> int:
     )
 
 
+# --------------------------------------------------------------------------- layout helpers
+
+#: Shortest batch id prefix shown: the 8 characters every command accepts (6 would do, 8 is
+#: what people copy).
+ID_CHARS = 8
+
+
+def short_id(batch_id: str) -> str:
+    """The batch id as shown by default: its first :data:`ID_CHARS` characters."""
+    return batch_id[:ID_CHARS]
+
+
+def short_ids(batch_ids: list[str]) -> dict[str, str]:
+    """Each id shortened to the same length, :data:`ID_CHARS` or more: unique among ``batch_ids``."""
+    length = ID_CHARS
+    while length < 32 and len({b[:length] for b in batch_ids}) < len(set(batch_ids)):
+        length += 2
+    return {b: b[:length] for b in batch_ids}
+
+
+def width() -> int:
+    """The terminal's width in cells (``COLUMNS`` wins; 80 when not a terminal)."""
+    return out.width
+
+
+def fit(text: str, cells: int) -> str:
+    """``text`` cut to ``cells`` terminal cells with ``…`` (wide characters count double)."""
+    if cell_len(text) <= cells:
+        return text
+    return set_cell_size(text, max(cells - 1, 0)).rstrip() + "…" if cells > 0 else ""
+
+
+def join_lines(parts: list[str], cells: int, sep: str = " · ") -> list[str]:
+    """``parts`` joined with ``sep`` into as few lines as fit in ``cells``; never splits a part.
+
+    A part wider than ``cells`` on its own gets its own line (printed word-wrapped).
+    """
+    lines: list[str] = []
+    for part in parts:
+        if lines and cell_len(lines[-1] + sep + part) <= cells:
+            lines[-1] += sep + part
+        else:
+            lines.append(part)
+    return lines
+
+
+def say(text: str, style: str | None = None, *, console: Console | None = None) -> None:
+    """Print prose (already markup-escaped), word-wrapped at the terminal's width."""
+    target = console or out
+    target.print(f"[{style}]{text}[/{style}]" if style else text, soft_wrap=False, overflow="fold")
+
+
+def compact_table(title: str | None = None) -> Table:
+    """The table style of every report: no side borders, a rule under the header and above a
+    total, two spaces between columns."""
+    return Table(
+        title=title,
+        box=box.HORIZONTALS,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+        title_justify="left",
+        title_style="bold",
+    )
+
+
+def fixed_column(table: Table, header: str, cells: list[str], *, right: bool = True) -> int:
+    """A column as wide as its widest cell, never wrapped or cut (counts, money, ids); its width."""
+    needed = max([cell_len(header), *(cell_len(c) for c in cells)])
+    table.add_column(
+        header, justify="right" if right else "left", no_wrap=True, min_width=needed, max_width=needed
+    )
+    return needed
+
+
+def short_endpoints(endpoints: list[str], cells: int) -> list[str]:
+    """Endpoint ids shortened sensibly and alike: whole when all fit, else all without the
+    ``fal-ai/`` owner that most Wan endpoints share, then cut with ``…``."""
+    if all(cell_len(e) <= cells for e in endpoints):
+        return endpoints
+    return [fit(e.removeprefix("fal-ai/"), cells) for e in endpoints]
+
+
+#: Cells between two columns of :func:`compact_table` (the box's space plus one of padding).
+GAP = 2
+
+
+# --------------------------------------------------------------------------- one batch
+
+
+def display_state(report: BatchReport | BatchProgress) -> tuple[str, str | None]:
+    """What a person should read as the batch's state, and why when it is held back.
+
+    ``paused`` covers both a batch fal's refusal paused (its ``pause_reason``) and a user's
+    ``wanbatch pause``; ``waiting`` a schedule that is closed now; ``done`` every job finished.
+    """
+    if report["state"] == "cancelled":
+        return "cancelled", None
+    if report["total"] and report["finished"] >= report["total"]:
+        return "done", None
+    if report["state"] == "paused":
+        return "paused", report["pause_reason"] or "see the log"
+    if report["paused_by_user"]:
+        return "paused", "by its user"
+    schedule = report["schedule_state"]
+    if schedule.startswith("past deadline"):
+        return "deadline", schedule
+    if schedule and not schedule.startswith("open"):
+        return "waiting", schedule
+    return "active", None
+
+
+def shell_ref(report: BatchReport) -> str:
+    """How to name the batch in a command to type: its name, unless the shell would need quotes."""
+    return (
+        report["name"] if re.fullmatch(r"[\w.@+-]+", report["name"], re.ASCII) else short_id(report["batch"])
+    )
+
+
+def batch_heading(report: BatchReport) -> str:
+    """``name (a1b2c3d4) · state``, the name shortened to fit the terminal."""
+    label, _reason = display_state(report)
+    suffix = f" ({short_id(report['batch'])}) · {label}"
+    return f"[bold]{escape(fit(report['name'], width() - cell_len(suffix)))}[/bold]{escape(suffix)}"
+
+
 def status_table(report: BatchReport) -> Table:
-    """A human table of one batch's counts and money."""
-    table = Table(title=f"{report['name']}  ({report['batch']})", show_header=True)
+    """A human table of one batch's counts (every state that has a job, then the total)."""
+    table = compact_table()
     table.add_column("state")
-    table.add_column("jobs", justify="right")
+    table.add_column("jobs", justify="right", no_wrap=True)
     for state in JobState:
         n = report["counts"].get(state.value, 0)
         if n:
@@ -113,86 +250,178 @@ def eta_text(seconds: float | None) -> str:
     return f"~{hours}h{minutes:02d}m left" if hours else f"~{minutes}m{secs:02d}s left"
 
 
+def progress_text(report: BatchReport) -> str:
+    """``6/10 done · 3 in flight · ~3m20s left``; no forecast for a batch nothing works on."""
+    parts = [f"{report['finished']}/{report['total']} done"]
+    if report["finished"] < report["total"]:
+        label, _reason = display_state(report)
+        parts.append(f"{report['in_flight']} in flight")
+        if eta := eta_text(report["eta_seconds"]):
+            parts.append(eta)
+        elif label in ("paused", "waiting", "deadline", "cancelled"):
+            parts.append(f"no ETA: {label}")
+        elif report["in_flight"] == 0:
+            parts.append("no ETA: nothing is being worked on (is a `run` or worker going?)")
+    return " · ".join(parts)
+
+
 def money_line(report: BatchReport) -> str:
-    """Estimated, spent and budget on one line."""
-    line = f"estimated ${report['estimated_usd'] or 0:.2f} · spent ${report['spent_usd'] or 0:.2f}"
+    """Estimated, spent, budget and what went wrong with money: short lines, no markup escaping
+    needed by the caller (ids and numbers only)."""
+    first = [f"estimated {usd_text(report['estimated_usd'])}", f"spent {usd_text(report['spent_usd'])}"]
     if report["budget_max_usd"] is not None:
-        line += f" · budget ${report['budget_max_usd']:.2f}"
-    if report["possible_duplicate_charges"]:
-        line += f" · [yellow]{report['possible_duplicate_charges']} possible duplicate charge(s)[/yellow]"
+        first.append(f"budget {usd_text(report['budget_max_usd'])}")
     if report["wasted_usd"]:
-        line += f" · wasted ${report['wasted_usd']:.2f}"
+        first.append(f"wasted {usd_text(report['wasted_usd'])}")
+    lines = join_lines(first, width())
+    if report["possible_duplicate_charges"]:
+        lines.append(f"[yellow]{report['possible_duplicate_charges']} possible duplicate charge(s)[/yellow]")
     if report["media_mismatches"]:
-        line += f" · [yellow]{report['media_mismatches']} video(s) not as requested[/yellow] (see `export`)"
-    if report["cancelled_for_budget"]:
-        line += (
-            f" · [yellow]{report['cancelled_for_budget']} job(s) cancelled: budget cap reached[/yellow]"
-            f" (to run them: `wanbatch rerun {escape(report['batch'][:12])} --failed-only "
-            "--max-usd AMOUNT`)"
+        lines.append(
+            f"[yellow]{report['media_mismatches']} video(s) not as requested[/yellow] (see `export`)"
         )
-    return line
+    if report["cancelled_for_budget"]:
+        lines.append(
+            f"[yellow]{report['cancelled_for_budget']} job(s) cancelled: budget cap reached[/yellow]"
+        )
+        lines.append(
+            f"  to run them: `wanbatch rerun {escape(short_id(report['batch']))} --failed-only "
+            "--max-usd AMOUNT`"
+        )
+    return "\n".join(lines)
 
 
 def print_failures(report: BatchReport) -> None:
-    """Why jobs failed or were cancelled, commonest first (the full list is in `export`)."""
+    """Why jobs failed or were cancelled, commonest first, one line each (the full text is in
+    `export` and `status --json`)."""
     for f in report["failures"]:
         kind = f["error_type"] or "error"
-        out.print(f"[red]{f['count']} {f['state']}[/red] ({kind}): {escape(f['example'][:200])}")
+        lead = f"{f['count']} {f['state']} ({kind}): "
+        example = " ".join(f["example"].split())
+        out.print(f"[red]{escape(lead)}[/red]{escape(fit(example, width() - cell_len(lead)))}")
 
 
-def print_summary(report: BatchReport) -> None:
-    """A finished batch for a human: the counts, the money line and why jobs failed."""
+def print_report(report: BatchReport) -> None:
+    """One batch for a human (``status BATCH``, and the end of ``run``): heading, why it is held
+    back, counts, progress, money, schedule notes and failure reasons."""
+    out.print(batch_heading(report))
+    if report["state"] == "paused":  # fal refused the account (401/402/403), or the like
+        reason = report["pause_reason"] or "see the log"
+        say(escape(f"paused: {reason}; fix it, then `wanbatch run {shell_ref(report)}` goes on"), "yellow")
     out.print(status_table(report))
-    out.print(money_line(report))
+    say(escape(progress_text(report)))
+    for line in money_line(report).splitlines():
+        say(line)
+    # "schedule: paused by user", "…: waiting for window (opens …)", "…: past deadline: …"
+    schedule = [f"schedule: {report['schedule_state']}"] if report["schedule_state"] else []
+    if report["paused_by_user"] and report["state"] != "cancelled":
+        schedule[-1:] = (
+            [f"{schedule[-1]} (`wanbatch resume {shell_ref(report)}` goes on)"] if schedule else []
+        )
+    if report["priority"] != "normal":
+        schedule.append(f"priority {report['priority']}")
+    if schedule:
+        say(escape(" · ".join(schedule)))
+    if report["low_priority_note"]:
+        say(escape(report["low_priority_note"]), "yellow")
     print_failures(report)
 
 
+def print_summary(report: BatchReport) -> None:
+    """A finished batch for a human: the counts, the money lines and why jobs failed."""
+    print_report(report)
+
+
+# --------------------------------------------------------------------------- every batch
+
+
 def batches_table(reports: list[BatchReport]) -> Table:
-    """One row per batch (``wanbatch status`` without a batch)."""
-    table = Table(title="batches")
-    for col in (
-        "batch",
-        "name",
-        "total",
-        "succeeded",
-        "failed",
-        "cancelled",
-        "in flight",
-        "spent",
-        "estimated",
-    ):
-        table.add_column(col, justify="right" if col not in ("batch", "name") else "left")
+    """One row per batch (``wanbatch status`` without a batch), readable at 80 columns: every
+    column is as wide as its content and the name takes what is left (an ellipsis if need be)."""
+    ids = short_ids([r["batch"] for r in reports])
+    rows = []
     for r in reports:
         c = r["counts"]
-        flight = r["total"] - r["finished"]
-        table.add_row(
-            r["batch"][:12],
-            r["name"],
-            str(r["total"]),
-            str(c.get("succeeded", 0)),
-            str(c.get("failed", 0)),
-            str(c.get("cancelled", 0)),
-            str(flight),
-            f"${r['spent_usd'] or 0:.2f}",
-            f"${r['estimated_usd'] or 0:.2f}",
+        label, _reason = display_state(r)
+        rows.append(
+            [
+                ids[r["batch"]],
+                r["name"],
+                label,
+                f"{r['finished']}/{r['total']}",
+                str(c.get("failed", 0)),
+                str(c.get("cancelled", 0)),
+                usd_text(r["spent_usd"]),
+                usd_text(r["estimated_usd"]),
+            ]
         )
+    headers = ["batch", "name", "state", "done", "failed", "cancelled", "spent", "estimate"]
+    table = compact_table()
+    used = fixed_column(table, "batch", [row[0] for row in rows], right=False)
+    name_at = len(table.columns)
+    table.add_column("name", no_wrap=True, overflow="ellipsis")
+    used += fixed_column(table, "state", [row[2] for row in rows], right=False)
+    for i in range(3, len(headers)):
+        used += fixed_column(table, headers[i], [row[i] for row in rows])
+    room = max(width() - used - GAP * (len(headers) - 1), 8)
+    longest = max([cell_len("name"), *(cell_len(row[1]) for row in rows)])
+    table.columns[name_at].min_width = table.columns[name_at].max_width = min(longest, room)
+    for row in rows:
+        row[1] = fit(row[1], room)
+        table.add_row(*(escape(cell) for cell in row))
     return table
 
 
-def usd(value: Decimal) -> str:
-    """Exact dollars as dollars and cents."""
-    return f"${value:.2f}"
+def print_batches(reports: list[BatchReport]) -> None:
+    """``wanbatch status``: the table, then why each paused or waiting batch is held back."""
+    out.print(batches_table(reports))
+    ids = short_ids([r["batch"] for r in reports])
+    notes = []
+    for r in reports:
+        label, reason = display_state(r)
+        if reason and label in ("paused", "waiting"):
+            notes.append(escape(fit(f"{ids[r['batch']]} {label}: {reason}", width())))
+    for note in notes:
+        out.print(note)
+
+
+# --------------------------------------------------------------------------- cost and estimate
+
+
+def usd(value: Decimal | float | None) -> str:
+    """Dollars and cents, rounded half up (:func:`jobs.money.usd_text`)."""
+    return usd_text(value)
+
+
+def cost_heading(report: CostReport) -> str:
+    """``cost of NAME (a1b2c3d4)``, the name shortened to fit."""
+    suffix = f" ({short_id(report.batch_id)})"
+    name = fit(report.name, width() - cell_len("cost of ") - cell_len(suffix))
+    return f"[bold]cost of {escape(name)}[/bold]{suffix}"
 
 
 def cost_table(report: CostReport) -> Table:
-    """A human table of a batch's cost report (``wanbatch cost``)."""
-    table = Table(title=f"cost of {report.name}  ({report.batch_id})")
-    for col in ("endpoint", "resolution", "jobs", "estimated", "actual", "wasted", "possible dup."):
-        table.add_column(col, justify="left" if col in ("endpoint", "resolution") else "right")
-    for (endpoint, resolution), line in sorted(report.lines.items()):
-        table.add_row(endpoint, resolution, *_cost_cells(line))
+    """A human table of a batch's cost report (``wanbatch cost``): endpoints give way, money never."""
+    lines = [
+        (endpoint, resolution, _cost_cells(line))
+        for (endpoint, resolution), line in sorted(report.lines.items())
+    ]
+    total_cells = _cost_cells(report.total)
+    headers = ["jobs", "estimated", "actual", "wasted", "dup?"]
+    table = compact_table()
+    table.add_column("endpoint", no_wrap=True)
+    used = fixed_column(table, "res.", [res for _e, res, _c in lines], right=False)
+    for i, header in enumerate(headers):
+        used += fixed_column(table, header, [cells[i] for *_x, cells in lines] + [total_cells[i]])
+    room = max(width() - used - GAP * (len(headers) + 1), 12)
+    endpoints = short_endpoints([endpoint for endpoint, _r, _c in lines], room)
+    table.columns[0].min_width = table.columns[0].max_width = max(
+        cell_len(e) for e in [*endpoints, "endpoint"]
+    )
+    for shown, (_endpoint, resolution, cells) in zip(endpoints, lines, strict=True):
+        table.add_row(escape(shown), escape(resolution), *cells)
     table.add_section()
-    table.add_row("total", "", *_cost_cells(report.total))
+    table.add_row("total", "", *total_cells)
     return table
 
 
@@ -208,14 +437,27 @@ def _cost_cells(line: CostLine) -> tuple[str, ...]:
 
 def estimate_table(title: str, data: EstimateReport) -> Table:
     """A human table of a manifest's estimate (``wanbatch estimate``); ``*`` marks assumed prices."""
-    table = Table(title=title)
-    table.add_column("endpoint")
-    table.add_column("jobs", justify="right")
-    table.add_column("billing units", justify="right")
-    table.add_column("USD", justify="right")
-    for endpoint, line in data["by_endpoint"].items():
-        mark = " *" if endpoint in data["price_assumptions"] else ""
-        table.add_row(endpoint + mark, str(line["jobs"]), f"{line['billing_units']:g}", f"${line['usd']:.2f}")
+    rows = [
+        [endpoint, str(line["jobs"]), f"{line['billing_units']:g}", usd(line["usd"])]
+        for endpoint, line in data["by_endpoint"].items()
+    ]
+    total = ["total", str(data["jobs"]), f"{data['billing_units']:g}", usd(data["usd"])]
+    headers = ["jobs", "billing units", "USD"]
+    table = compact_table(escape(fit(title, width())))
+    table.add_column("endpoint", no_wrap=True)
+    used = sum(
+        fixed_column(table, header, [row[i + 1] for row in [*rows, total]])
+        for i, header in enumerate(headers)
+    )
+    room = max(width() - used - GAP * len(headers) - 2, 12)
+    names = short_endpoints([row[0] for row in rows], room)
+    shown = [
+        name + (" *" if row[0] in data["price_assumptions"] else "")
+        for name, row in zip(names, rows, strict=True)
+    ]
+    table.columns[0].min_width = table.columns[0].max_width = max(cell_len(e) for e in [*shown, "endpoint"])
+    for label, row in zip(shown, rows, strict=True):
+        table.add_row(escape(label), *row[1:])
     table.add_section()
-    table.add_row("total", str(data["jobs"]), f"{data['billing_units']:g}", f"${data['usd']:.2f}")
+    table.add_row(*total)
     return table

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import click
@@ -43,6 +44,9 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
             )
         settings.require_fal_key()
         db.open_engine(settings)  # migrate before any worker process starts
+        from worker import telemetry  # before anything counts: prefork children count in files
+
+        stop_metrics = telemetry.serve_configured(settings, child_processes=pool in ("prefork", "processes"))
         from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
         from worker import tasks
@@ -72,7 +76,12 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
             for t in ticker:
                 t.stop()
 
+        if settings.log_format == "json":
+            from worker.logs import celery_console_as_json
+
+            celery_console_as_json()  # its shutdown notices too: one JSON object per line
         argv = [
+            *(["--quiet"] if settings.log_format == "json" else []),  # no banner amid JSON lines
             "worker",
             f"--loglevel={loglevel}",
             "-Q",
@@ -90,6 +99,8 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
             asked_to_stop.append(sig)
 
         app.worker_main(argv=argv)
+        if stop_metrics is not None:
+            stop_metrics()
         if not asked_to_stop:
             # Celery ends its worker cleanly after some broker-connection losses (kombu's redis
             # transport raising on a closed channel, logged as "Unrecoverable error"), though
@@ -108,10 +119,12 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8788, show_default=True)
 def serve(host: str, port: int) -> None:
-    """Receive fal's webhooks at POST /webhooks/fal (put it behind WANBATCH_WEBHOOK_URL).
+    """One web app: the dashboard at /, Prometheus metrics at /metrics, fal's webhooks at
+    POST /webhooks/fal (put that behind WANBATCH_WEBHOOK_URL).
 
-    Verifies each delivery's signature against WANBATCH_WEBHOOK_JWKS_URL, stores it in the
-    database and applies it to its job; the workers' tick downloads what it completes.
+    Beyond loopback the dashboard and /metrics need WANBATCH_SERVE_TOKEN (unset: read-only,
+    loopback only); the webhook endpoint never does: each delivery's signature is verified
+    against WANBATCH_WEBHOOK_JWKS_URL, stored and applied to its job.
     """
 
     def action() -> int:
@@ -123,9 +136,12 @@ def serve(host: str, port: int) -> None:
 
         if not 0 <= port <= 65535:
             raise UsageError(f"--port must be between 1 and 65535 (0: any free port), got {port}")
-        app = create_app(get_settings())
+        settings = get_settings()
+        app = create_app(settings)
+        # JSON logs: uvicorn leaves its records to our root handler instead of its own text handlers.
+        own_logging: dict[str, Any] = {"log_config": None} if settings.log_format == "json" else {}
         try:
-            uvicorn.run(app, host=host, port=port, log_level="info")
+            uvicorn.run(app, host=host, port=port, log_level="info", **own_logging)
         except OSError as exc:  # in use, not ours to bind, or an unknown host
             raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
         return EXIT_OK
@@ -133,7 +149,49 @@ def serve(host: str, port: int) -> None:
     guarded(False, action)
 
 
-@click.command()
+def fault_kinds() -> dict[str, str]:
+    """The simulator's fault kinds and what each does, read from ``falsim/faults.py`` itself.
+
+    The :data:`falsim.faults.FAULTS` literal is parsed, not imported: importing anything of
+    :mod:`falsim` loads the whole simulator (uvicorn, starlette, the endpoint registry), a third
+    of a second that ``simulator --help`` should not pay. One list, so the help cannot drift.
+    """
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("falsim")  # a top-level package: found, not imported
+    if spec is not None and spec.origin is not None:
+        source = Path(spec.origin).with_name("faults.py").read_text(encoding="utf-8")
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "FAULTS":
+                assert node.value is not None
+                found: dict[str, str] = ast.literal_eval(node.value)
+                return found
+    from falsim.faults import FAULTS  # the file moved or changed shape: pay the import
+
+    return FAULTS
+
+
+class _SimulatorCommand(click.Command):
+    """``simulator``'s help ends with every fault kind (see :func:`fault_kinds`)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        kinds = fault_kinds()
+        with formatter.section("Fault kinds (--fault KIND=P or KIND=N, or POST /_sim/faults)"):
+            formatter.write_dl(sorted(kinds.items()))
+        formatter.write_paragraph()
+        formatter.write_text(
+            "KIND=0.1 fires on 10% of eligible events, KIND=3 on the next 3. While it runs: "
+            'POST /_sim/faults with {"KIND": {"probability": P, "next": N, ...params}} '
+            "(?replace=1 drops the other rules), GET /_sim/faults shows the rules and how often "
+            "each fired, DELETE /_sim/faults clears them; GET /_sim/ledger is what a real account "
+            "would have been billed."
+        )
+
+
+@click.command(cls=_SimulatorCommand)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8787, show_default=True)
 @click.option(
@@ -143,7 +201,12 @@ def serve(host: str, port: int) -> None:
     "--concurrency-limit", type=int, default=2, show_default=True, help="Account limit on running requests."
 )
 @click.option(
-    "--fault", "faults", multiple=True, metavar="KIND=VALUE", help="Fault injection, e.g. submit_429=0.1."
+    "--fault",
+    "faults",
+    multiple=True,
+    metavar="KIND=VALUE",
+    help="Inject a fault (repeatable): KIND=P fires with probability P < 1, KIND=N on the next N "
+    "events, e.g. submit_429=0.1 (kinds below).",
 )
 @click.option(
     "--public-url",

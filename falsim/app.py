@@ -10,7 +10,11 @@ Routes (one server plays ``queue.fal.run``, ``rest.fal.ai`` and the CDN at once)
   ``GET /files/{key}/{name}`` serves uploads and outputs.
 - ``GET /.well-known/jwks.json``: the webhook-signing public key.
 - ``/_sim/…`` (no auth, loopback only): ``GET ledger``, ``GET|POST|DELETE faults``,
-  ``GET|POST options``, ``POST reset``.
+  ``GET|POST options``, ``POST reset``. ``POST /_sim/faults`` takes a JSON object
+  ``{kind: {"probability": p, "next": n, ...params}}`` (kinds: :data:`falsim.faults.FAULTS`),
+  adds or replaces those rules (``?replace=1``: drops the others first) and answers the active
+  rules and fired counts, as ``GET`` does; an unknown kind or a bad rule is a 400 with the reason.
+  ``DELETE`` clears every rule.
 
 Dropping a connection after a request was accepted needs the socket itself: the outermost
 ASGI layer keeps uvicorn's own ``send`` in the scope, whose owner holds the transport; the

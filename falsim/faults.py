@@ -5,29 +5,12 @@ submits get a 429" (``{"submit_429": {"next": 3}}``) or "5 % of downloads fail"
 (``{"download_error": {"probability": 0.05, "status": 500}}``). Extra keys of a rule are
 parameters of that fault (a status code, a delay, an error type).
 
-Kinds (where they fire → what the client sees):
-
-- ``submit_429``: submit → 429 ``{"detail": "Too many requests"}``, no Retry-After; nothing queued.
-- ``submit_502``: submit → 502 nginx HTML, no ``x-fal-request-id`` (fal_client retries it).
-- ``submit_503``: submit → 503 JSON with ``x-fal-request-id`` (fal_client does not retry); nothing queued.
-- ``submit_504_user``: submit → 504 with ``X-Fal-Request-Timeout-Type: user``; nothing queued.
-- ``submit_drop``: the request IS queued (and billed when it runs), then the connection is reset
-  before any response byte: the client sees a transport error.
-- ``submit_slow``: the request IS queued, the response is held for ``delay`` seconds (default 30).
-- ``status_502``: status poll → 502 nginx HTML.
-- ``status_slow``: status poll is held for ``delay`` seconds.
-- ``status_stream_drop``: a status stream sends its first event, then ends before COMPLETED.
-- ``model_error``: the request completes with ``error_type`` (default ``runner_disconnected``)
-  and the result replays ``{"detail", "error_type"}`` with fal's status for that type.
-- ``result_expired``: the request's result is gone the moment it completes (404 on result).
-- ``download_error``: an output-file GET answers ``status`` (default 500).
-- ``download_truncated``: an output-file GET sends half the body, then resets the connection
-  (``mode: "short"`` instead sends a well-formed response with only half the bytes).
-- ``webhook_drop``: the webhook is never sent. ``webhook_duplicate``: it is sent twice.
-- ``bad_file_name``: the output's ``file_name`` is ``name`` (default ``../../escape.mp4``).
-- ``bad_render``: the request completes, billed, but its video is not what was asked for:
-  ``size: [w, h]`` replaces the frame size, ``frames: n`` the frame count (no parameter: half the
-  requested size). wanbatch's media check must flag it.
+The kinds, where each fires and what the client sees, are :data:`FAULTS` (``wanbatch simulator
+--help`` lists them from there). Set them at start-up (``--fault KIND=P`` fires with probability
+P < 1, ``--fault KIND=N`` on the next N events) or while the simulator runs with
+``POST /_sim/faults`` (a JSON object ``{kind: {"probability": p, "next": n, ...params}}``;
+``?replace=1`` drops every other rule first), read them and how often each fired with
+``GET /_sim/faults``, clear them with ``DELETE /_sim/faults``.
 """
 
 from __future__ import annotations
@@ -38,27 +21,43 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-FAULT_KINDS: frozenset[str] = frozenset(
-    {
-        "submit_429",
-        "submit_502",
-        "submit_503",
-        "submit_504_user",
-        "submit_drop",
-        "submit_slow",
-        "status_502",
-        "status_slow",
-        "model_error",
-        "result_expired",
-        "download_error",
-        "download_truncated",
-        "webhook_drop",
-        "webhook_duplicate",
-        "bad_file_name",
-        "bad_render",
-        "status_stream_drop",
-    }
-)
+#: Every fault kind: where it fires → what the client sees (and its parameters). A plain dict
+#: literal on purpose: ``wanbatch simulator --help`` reads it from this file without importing
+#: the simulator (a third of a second), and the README's list is generated from it.
+FAULTS: dict[str, str] = {
+    "submit_429": 'submit → 429 {"detail": "Too many requests"}, no Retry-After; nothing queued.',
+    "submit_502": "submit → 502 nginx HTML, no x-fal-request-id (fal_client retries it).",
+    "submit_503": "submit → 503 JSON with x-fal-request-id (fal_client does not retry); nothing queued.",
+    "submit_504_user": "submit → 504 with X-Fal-Request-Timeout-Type: user; nothing queued.",
+    "submit_drop": (
+        "the request IS queued (and billed when it runs), then the connection is reset before any "
+        "response byte: the client sees a transport error."
+    ),
+    "submit_slow": "the request IS queued, the response is held for `delay` seconds (default 30).",
+    "status_502": "status poll → 502 nginx HTML.",
+    "status_slow": "status poll is held for `delay` seconds (default 30).",
+    "status_stream_drop": "a status stream sends its first event, then ends before COMPLETED.",
+    "model_error": (
+        "the request completes with `error_type` (default runner_disconnected) and the result "
+        'replays {"detail", "error_type"} with fal\'s status for that type.'
+    ),
+    "result_expired": "the request's result is gone the moment it completes (404 on result).",
+    "download_error": "an output-file GET answers `status` (default 500).",
+    "download_truncated": (
+        "an output-file GET sends half the body, then resets the connection "
+        '(`mode: "short"` instead sends a well-formed response with only half the bytes).'
+    ),
+    "webhook_drop": "the webhook is never sent.",
+    "webhook_duplicate": "the webhook is sent twice.",
+    "bad_file_name": "the output's file_name is `name` (default ../../escape.mp4).",
+    "bad_render": (
+        "the request completes, billed, but its video is not what was asked for: `size: [w, h]` "
+        "replaces the frame size, `frames: n` the frame count (no parameter: half the requested "
+        "size). wanbatch's media check must flag it."
+    ),
+}
+
+FAULT_KINDS: frozenset[str] = frozenset(FAULTS)
 
 
 @dataclass

@@ -6,10 +6,8 @@ functions, so "what `submit` does" has exactly one definition.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -20,20 +18,19 @@ from typing import Any, TypedDict
 
 from sqlalchemy.orm import Session
 
-from jobs import db, store
+from jobs import db, listing, store
 from jobs.db import open_engine
 from jobs.endpoints import get_endpoint, registry_sha256
-from jobs.errors import ConfigError, ManifestError, UsageError
+from jobs.errors import ConfigError, Issue, ManifestError, UsageError, WanbatchError
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
+from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, utcnow
+from jobs.money import usd_json, usd_text
 from jobs.pricing import Totals, estimate_job
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
 from jobs.states import JobState
 from jobs.vary import Sweep, Vary
-
-#: Bytes the output-folder probe writes and syncs: enough that a full disk says so.
-OUTPUT_PROBE_BYTES = 64 * 1024
 
 
 def input_dirs(settings: InputSettings, allowed_dirs: Iterable[Path] = ()) -> tuple[Path, ...]:
@@ -46,29 +43,23 @@ def input_dirs(settings: InputSettings, allowed_dirs: Iterable[Path] = ()) -> tu
 
 
 def check_output_dir(settings: DownloadSettings) -> Path:
-    """Prove ``WANBATCH_OUTPUT_DIR`` takes a file before anything is sent: create it, then write,
-    fsync and remove a probe. :class:`ConfigError` otherwise.
+    """Prove ``WANBATCH_OUTPUT_DIR`` takes an output before anything is sent: for a folder,
+    create it, then write, fsync and remove a probe; for ``s3://bucket/prefix``, the same in the
+    staging folder, then put (with its SHA-256) and delete a small probe object.
+    :class:`ConfigError` otherwise. Returns the local folder (outputs, or staging for S3).
 
-    A video fal made is paid for; finding out after the first job that the folder is read-only
-    or the disk is full would waste every job in flight. (A disk can still fill up later: the
-    download step handles that.)
+    A video fal made is paid for; finding out after the first job that the folder is read-only,
+    the disk is full or the bucket refuses writes would waste every job in flight. (It can still
+    fail later: the download step handles that.)
     """
-    folder = settings.output_dir
+    from jobs.output_store import open_output_store
+    from jobs.outputs import OutputWriteError
+
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".wanbatch-probe-", dir=folder)
-        try:
-            os.write(fd, b"\0" * OUTPUT_PROBE_BYTES)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            Path(probe).unlink(missing_ok=True)
-    except OSError as exc:
-        reason = "it is a file, not a folder" if folder.is_file() else (exc.strerror or str(exc))
-        raise ConfigError(
-            f"WANBATCH_OUTPUT_DIR {str(folder)!r} cannot take the outputs: {reason}; nothing was sent"
-        ) from None
-    return folder
+        open_output_store(settings).check_writable()
+    except OutputWriteError as exc:
+        raise ConfigError(f"{exc}; nothing was sent") from None
+    return settings.output_dir
 
 
 def check_manifest(
@@ -84,16 +75,56 @@ def check_manifest(
     return report
 
 
+#: A batch of more jobs than this with no ``budget.max_usd`` gets a warning from ``validate`` and
+#: ``estimate``: past a hundred renders a typo in a matrix is real money, and a cap is one line.
+LARGE_BATCH_JOBS = 100
+
+
 def estimate_manifest(
     path: str | Path, settings: Settings, allowed_dirs: Iterable[Path] = ()
 ) -> tuple[ValidationReport, Totals]:
-    """Job count, billing units and USD of a valid manifest, per endpoint and in total."""
+    """Job count, billing units and USD of a valid manifest, per endpoint and in total.
+
+    The report's issues gain the budget warnings (:func:`budget_issues`), so ``validate`` and
+    ``estimate``, which both run this, say the same thing about money before any is spent.
+    """
     report = check_manifest(path, settings, allowed_dirs)
     assert report.manifest is not None
     totals = Totals()
     for spec in report.manifest.jobs():
         totals.add(estimate_job(spec.endpoint, spec.input, settings))
+    report.issues.extend(budget_issues(report.manifest, totals))
     return report, totals
+
+
+def budget_issues(manifest: Manifest, totals: Totals) -> list[Issue]:
+    """Warnings about the money a manifest would spend (never errors: the cap still holds).
+
+    An estimate over ``budget.max_usd`` means the cap will cancel jobs (status shows them as
+    cancelled for budget): better known before submitting. More than :data:`LARGE_BATCH_JOBS`
+    jobs and no budget at all means nothing stops a mistake from being paid for in full.
+    """
+    cap = manifest.budget_max_usd
+    warnings: list[str] = []
+    if cap is not None and totals.usd > cap:
+        share = int(totals.jobs * cap / totals.usd) if totals.usd else totals.jobs
+        warnings.append(
+            f"the estimate {usd_text(totals.usd)} exceeds budget.max_usd {usd_text(cap)}: only about "
+            f"{share} of {totals.jobs} job(s) will run, the rest end cancelled (budget); raise "
+            "budget.max_usd or shrink the batch"
+        )
+    if cap is None and totals.jobs > LARGE_BATCH_JOBS:
+        warnings.append(
+            f"{totals.jobs} jobs (estimate {usd_text(totals.usd)}) and no budget: add "
+            f"`budget: {{max_usd: AMOUNT}}` so a mistake cannot spend it all (warned above "
+            f"{LARGE_BATCH_JOBS} jobs)"
+        )
+    return [
+        Issue(
+            file=manifest.display, line=None, item=None, field="budget.max_usd", message=m, severity="warning"
+        )
+        for m in warnings
+    ]
 
 
 @dataclass(slots=True)
@@ -173,7 +204,7 @@ def schedule_text(schedule: dict[str, Any] | None, priority: str = "normal") -> 
 
 
 def _cap_text(value: float | None) -> str:
-    return "no cap" if value is None else f"${value:,.2f}"
+    return "no cap" if value is None else usd_text(value)
 
 
 def parse_usd(text: str, option: str = "--max-usd") -> Decimal:
@@ -347,7 +378,12 @@ def submit_manifest(path: str | Path, settings: Settings, allowed_dirs: Iterable
 
 
 def _money(value: Decimal | None) -> float | None:
-    return None if value is None else float(value.quantize(Decimal("0.000001")))
+    """JSON money: the one type and rounding every ``--json`` object uses (:mod:`jobs.money`)."""
+    return usd_json(value)
+
+
+#: States of a job that nothing works on yet: waiting to be sent (first time or again).
+WAITING_STATES = (JobState.PENDING, JobState.RETRY_WAIT)
 
 
 def _eta_seconds(started: datetime | None, finished: int, total: int) -> float | None:
@@ -395,6 +431,10 @@ class BatchReport(TypedDict):
     low_priority_note: str
     total: int
     finished: int
+    #: Jobs being worked on: sent to fal (or being sent, cancelled, checked) or downloading.
+    in_flight: int
+    #: Seconds left at the pace kept so far; None when no pace is known yet or when nothing is
+    #: working on the batch (paused, held by its schedule, cancelled, no job in flight); 0 when done.
     eta_seconds: float | None
     counts: dict[str, int]
     estimated_usd: float | None
@@ -506,38 +546,53 @@ def low_priority_note(session: Session, batch: Batch, *, now: datetime) -> tuple
 def batch_report(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchReport:
     """The contract's ``status BATCH --json`` object for one batch (``now``: for the schedule)."""
     batch = store.get_batch(session, batch_id)
-    counts = store.counts_by_state(session, batch.id)
-    money = store.batch_money(session, batch.id)
-    cost = store.batch_cost(session, batch.id)
+    now = now or utcnow()
+    # One pass over the batch's jobs for every figure (the dashboard's query): a 100k-job
+    # batch was scanned five times, once per figure.
+    totals = listing.batch_summary(session, batch.id, now=now).all
+    counts = dict(totals.counts)
     terminal = sum(counts[s.value] for s in JobState if s.terminal)
     total = sum(counts.values())
     done = total > 0 and terminal == total
-    starving, starving_note = low_priority_note(session, batch, now=now or utcnow())
+    starving, starving_note = low_priority_note(session, batch, now=now)
+    in_flight = total - terminal - sum(counts[s.value] for s in WAITING_STATES)
+    held = (
+        batch.state != BatchState.ACTIVE
+        or batch.paused_by_user
+        or not store.batch_schedule(batch).is_open(now)
+    )
+    if done:
+        eta: float | None = 0.0
+    elif held or in_flight == 0:
+        eta = None  # a forecast for a batch nothing works on would only mislead
+    else:
+        eta = _eta_seconds(totals.first_submitted_at, terminal, total)
     return {
         "batch": batch.id,
         "name": batch.name,
         "state": BatchState(batch.state).value,
         "pause_reason": batch.pause_reason,
         "paused_by_user": batch.paused_by_user,
-        "schedule_state": schedule_state(session, batch, finished=done, now=now or utcnow()),
+        "schedule_state": schedule_state(session, batch, finished=done, now=now),
         "schedule": batch.schedule,
         "priority": batch.priority,
         "low_priority_waiting": starving,
         "low_priority_note": starving_note,
         "total": total,
         "finished": terminal,
-        "eta_seconds": _eta_seconds(store.first_submitted_at(session, batch.id), terminal, total),
+        "in_flight": in_flight,
+        "eta_seconds": eta,
         "counts": counts,
-        "estimated_usd": _money(money.estimated_usd),
-        "spent_usd": _money(money.spent_usd),
-        "reserved_usd": _money(money.reserved_usd),
+        "estimated_usd": _money(totals.estimated_usd),
+        "spent_usd": _money(totals.spent_usd),
+        "reserved_usd": _money(totals.reserved_usd),
         "budget_max_usd": _money(batch.budget_max_usd),
-        "possible_duplicate_charges": money.possible_duplicate_charges,
-        "confirmed_duplicate_charges": money.confirmed_duplicate_charges,
-        "actual_usd": _money(cost.actual_usd),
-        "wasted_usd": _money(cost.wasted_usd),
-        "cancelled_for_budget": cost.cancelled_for_budget,
-        "media_mismatches": store.count_media_mismatches(session, batch.id),
+        "possible_duplicate_charges": totals.possible_duplicate_charges,
+        "confirmed_duplicate_charges": totals.confirmed_duplicate_charges,
+        "actual_usd": _money(totals.actual_usd),
+        "wasted_usd": _money(totals.wasted_usd),
+        "cancelled_for_budget": totals.cancelled_for_budget,
+        "media_mismatches": totals.media_mismatches,
         "failures": [
             FailureReason(state=st, error_type=et, count=n, example=ex)
             for st, et, ex, n in store.failure_reasons(session, batch.id)
@@ -657,6 +712,29 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
         )
 
 
+class NothingToRerun(WanbatchError):
+    """``rerun`` found no job to repeat (``--failed-only`` on a batch with no failed or cancelled
+    job): nothing is stored, and that is no failure — exit 0, with a line that says why."""
+
+    exit_code = 0
+
+
+def _nothing_to_rerun(session: Session, parent: Batch, failed_only: bool) -> str:
+    """Why a rerun of ``parent`` would be empty; says that no batch was made."""
+    label = f"batch {parent.name} ({parent.id[:8]})"
+    if not failed_only:
+        return f"nothing to rerun: {label} has no jobs; no batch was created"
+    counts = store.counts_by_state(session, parent.id)
+    total = sum(counts.values())
+    unfinished = total - sum(counts[s.value] for s in JobState if s.terminal)
+    why = (
+        f"{unfinished} of {total} not finished yet"
+        if unfinished
+        else f"all {counts[JobState.SUCCEEDED.value]} succeeded"
+    )
+    return f"nothing to rerun: {label} has no failed or cancelled job ({why}); no batch was created"
+
+
 def rerun_batch(
     ref: str,
     *,
@@ -681,7 +759,8 @@ def rerun_batch(
     with a fresh job key and estimate. With ``new_seeds`` the fresh seed is drawn once per
     stored job and shared by its combinations, so they differ only in the varied fields. Every
     value is checked against each endpoint's schema before the batch is stored: a bad one is a
-    one-line :class:`UsageError` and nothing is stored.
+    one-line :class:`UsageError` and nothing is stored. When no job qualifies (``failed_only``
+    on a batch where every job succeeded) nothing is stored either: :class:`NothingToRerun`.
     """
     if new_seeds and any(v.field == "seed" for v in vary):
         raise UsageError("--new-seeds and --vary seed=… both choose the seeds: give only one of them")
@@ -719,6 +798,8 @@ def rerun_batch(
         # Built (and the varied values checked) before the batch row exists: a bad value
         # leaves nothing stored.
         rows = list(new_jobs())
+        if not rows:
+            raise NothingToRerun(_nothing_to_rerun(session, parent, failed_only))
         siblings = sum(1 for b in store.list_batches(session) if b.parent_batch_id == parent.id)
         name = f"{parent.name}-rerun-{siblings + 1}"
         batch, created = store.get_or_create_batch(

@@ -7,7 +7,8 @@ request cancelled after it started), plus what a job that finally succeeded paid
 attempts. *Possible duplicates* are resubmissions after an ambiguous submit: fal may have billed
 each one again; we cannot know, so they are shown apart, at the estimate, never hidden.
 
-All sums are exact :class:`~decimal.Decimal`; rounding happens only when printed.
+All sums are exact :class:`~decimal.Decimal`; rounding happens only at the edge, by
+:mod:`jobs.money` (the same half-up rounding as ``status``; JSON money is a number there too).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.endpoints import get_endpoint
+from jobs.money import usd_json
 from jobs.states import JobState
 
 ZERO = Decimal(0)
@@ -67,7 +69,8 @@ class CostLine:
         self.possible_duplicate_usd += job.est_usd * job.possible_duplicate_charges
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready; USD and units as exact decimal strings (cents are never lost to floats)."""
+        """JSON-ready: USD as numbers rounded to the micro-dollar (:func:`jobs.money.usd_json`, the
+        type every ``--json`` object uses), billing units as plain numbers."""
         return {
             "jobs": self.jobs,
             "succeeded": self.succeeded,
@@ -75,13 +78,13 @@ class CostLine:
             "cancelled": self.cancelled,
             "cancelled_for_budget": self.cancelled_for_budget,
             "in_flight": self.in_flight,
-            "estimated_usd": str(self.estimated_usd.normalize()),
-            "estimated_units": str(self.estimated_units.normalize()),
-            "actual_usd": str(self.actual_usd.normalize()),
-            "actual_units": str(self.actual_units.normalize()),
-            "wasted_usd": str(self.wasted_usd.normalize()),
+            "estimated_usd": usd_json(self.estimated_usd),
+            "estimated_units": float(self.estimated_units),
+            "actual_usd": usd_json(self.actual_usd),
+            "actual_units": float(self.actual_units),
+            "wasted_usd": usd_json(self.wasted_usd),
             "possible_duplicate_charges": self.possible_duplicate_charges,
-            "possible_duplicate_usd": str(self.possible_duplicate_usd.normalize()),
+            "possible_duplicate_usd": usd_json(self.possible_duplicate_usd),
         }
 
 
@@ -100,7 +103,7 @@ class CostReport:
         return {
             "batch": self.batch_id,
             "name": self.name,
-            "budget_max_usd": None if self.budget_max_usd is None else str(self.budget_max_usd.normalize()),
+            "budget_max_usd": usd_json(self.budget_max_usd),
             "total": self.total.as_dict(),
             "by_endpoint": [
                 {"endpoint": endpoint, "resolution": resolution, **line.as_dict()}

@@ -15,7 +15,8 @@ only rows held in memory at once.
 **Hugging Face** (``--format hf -o DIR``): the ``videofolder`` layout that
 ``datasets.load_dataset("videofolder", data_dir=DIR)`` and ``load_dataset("json",
 data_files="DIR/metadata.jsonl")`` read: ``videos/`` (hard links when the outputs are on the same
-filesystem, else copies), ``metadata.jsonl`` (``file_name``, the video's path relative to DIR,
+filesystem, else copies; outputs in S3 are downloaded, each checked against its recorded
+SHA-256), ``metadata.jsonl`` (``file_name``, the video's path relative to DIR,
 then every export field, exactly as the JSONL export has them), the batch's manifest as
 ``manifest.<ext>`` when it is still readable, and a ``README.md`` dataset card (counts,
 endpoints, cost, how it was made). Only succeeded jobs by default; ``include_failed`` adds the
@@ -45,6 +46,7 @@ from jobs import store
 from jobs.errors import UsageError, WanbatchError
 from jobs.export import FIELDS, record, write_atomically
 from jobs.models import Batch
+from jobs.money import usd_text
 from jobs.states import JobState
 
 #: Rows per Parquet row group: what the writer holds in memory at once (a few MB of records).
@@ -161,6 +163,8 @@ class HfExport:
     videos: int = 0
     linked: int = 0
     copied: int = 0
+    #: Of ``copied``, those downloaded from object storage (``s3://`` outputs).
+    downloaded: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
     by_endpoint: Counter[str] = field(default_factory=Counter)
     cost_usd: float = 0.0
@@ -205,25 +209,52 @@ def _dataset_rows(
     for job in store.jobs_of_batch(session, batch.id, states=states):
         file_name: str | None = None
         if job.state is JobState.SUCCEEDED:
-            source = Path(job.output_path) if job.output_path else None
-            if source is None or not source.is_file():
-                raise MissingVideoError(
-                    f"job {job.id} succeeded but its video is missing ({job.output_path or 'no path'}); "
-                    "nothing was exported"
-                )
-            file_name = f"{VIDEOS_DIR}/{source.name}"
-            if _place_video(source, folder / file_name):
-                summary.linked += 1
-            else:
+            uri = job.output_path
+            if uri is not None and uri.startswith("s3://"):
+                file_name = f"{VIDEOS_DIR}/{_fetch_object(job.id, uri, job.output_sha256, folder)}"
+                summary.downloaded += 1
                 summary.copied += 1
+            else:
+                source = Path(uri) if uri else None
+                if source is None or not source.is_file():
+                    raise MissingVideoError(
+                        f"job {job.id} succeeded but its video is missing ({uri or 'no path'}); "
+                        "nothing was exported"
+                    )
+                file_name = f"{VIDEOS_DIR}/{source.name}"
+                if _place_video(source, folder / file_name):
+                    summary.linked += 1
+                else:
+                    summary.copied += 1
             summary.videos += 1
-        row = record(job, batch, output_dir)
-        summary.rows += 1
-        summary.by_status[row["status"]] += 1
-        summary.by_endpoint[row["endpoint"]] += 1
-        summary.cost_usd += row["cost_usd"] or 0.0
-        summary.billing_units += row["billing_units"] or 0.0
-        yield {"file_name": file_name, **row}
+        yield {"file_name": file_name, **_summed(record(job, batch, output_dir), summary)}
+
+
+def _summed(row: dict[str, Any], summary: HfExport) -> dict[str, Any]:
+    """Count ``row`` into the dataset card's figures; returns it."""
+    summary.rows += 1
+    summary.by_status[row["status"]] += 1
+    summary.by_endpoint[row["endpoint"]] += 1
+    summary.cost_usd += row["cost_usd"] or 0.0
+    summary.billing_units += row["billing_units"] or 0.0
+    return row
+
+
+def _fetch_object(job_id: str, uri: str, sha256: str | None, folder: Path) -> str:
+    """Download a video stored in S3 into ``folder/videos/`` (its SHA-256 checked against the
+    record); its file name there. :class:`MissingVideoError` when it cannot be had."""
+    from jobs.output_store import OutputReadError, fetch_output
+
+    name = uri.rsplit("/", 1)[-1]
+    if name in ("", ".", "..") or name.startswith("."):
+        raise MissingVideoError(f"job {job_id}: {uri} is not a video object; nothing was exported")
+    try:
+        fetch_output(uri, folder / VIDEOS_DIR / name, sha256)
+    except OutputReadError as exc:
+        raise MissingVideoError(
+            f"job {job_id} succeeded but its video is missing or unreadable ({exc}); nothing was exported"
+        ) from None
+    return name
 
 
 def _card(batch: Batch, summary: HfExport, include_failed: bool) -> str:
@@ -246,7 +277,7 @@ def _card(batch: Batch, summary: HfExport, include_failed: bool) -> str:
     lines += [f"- {status}: {n}" for status, n in sorted(summary.by_status.items())]
     lines += [f"- not exported ({state}): {n}" for state, n in sorted(summary.left_out.items()) if n]
     lines += [
-        f"- cost: ${summary.cost_usd:,.2f} over {summary.billing_units:g} billing unit(s)",
+        f"- cost: {usd_text(summary.cost_usd)} over {summary.billing_units:g} billing unit(s)",
         "",
         "| endpoint | rows |",
         "|---|---:|",

@@ -17,10 +17,13 @@ lives in this module unless ``[module]`` names another::
     ├── StateConflict                a fenced write found the job moved on (its lease lost mid-download)
     ├── Interrupted                  [worker.running] exit 130: SIGINT/SIGTERM stopped the command
     ├── LimiterUnavailableError      [worker.limits] the shared submit-rate limiter is unreachable: no submit
-    ├── OutputWriteError             [worker.outputs] a video or sidecar could not be written (disk full, …)
+    ├── OutputWriteError             [jobs.outputs] a video or sidecar could not be written (disk full, …)
+    │   └── OutputUploadError        [jobs.output_store] an upload to S3 failed (retried, staged copy kept)
+    ├── OutputReadError              [jobs.output_store] a stored output could not be read back (export)
     ├── SubmitNotSentError           [worker.fal.errors] the submit failed here before it was sent
     ├── NotAVideoError               [worker.probe] a downloaded output is not a decodable video
     ├── MissingVideoError            [jobs.dataset_export] a succeeded job's video is gone: no dataset
+    ├── NothingToRerun               [jobs.batches] exit 0: `rerun --failed-only` found no job to repeat
     └── ProviderError                anything the provider (fal) said or did not say
         ├── RetryableProviderError   transient: try again later (429, gateway 5xx, connect errors)
         │   ├── ResultNotReadyError      [worker.fal.errors] the result endpoint said "not finished yet"

@@ -7,7 +7,8 @@ batch_name, actual_prompt, registry_sha256, estimates, error_type, timestamps). 
 item order, then matrix combination (``variant``).
 ``input`` is the exact JSON submitted (image references as sent); for a job never submitted
 it is the validated input. Rows stream from the database, so a 100,000-job batch exports in
-constant memory.
+constant memory. ``video_path`` is relative to ``WANBATCH_OUTPUT_DIR`` (or absolute) for a local
+output, and the object's ``s3://bucket/key`` URI for one stored in S3.
 
 CSV cells are neutralised against formula injection (OWASP "CSV Injection",
 https://owasp.org/www-community/attacks/CSV_Injection): a text cell starting with ``=``, ``+``,
@@ -80,8 +81,12 @@ def _num(value: Decimal | None) -> float | None:
 
 
 def _video_path(job: Job, output_dir: Path) -> str | None:
+    """Relative to ``WANBATCH_OUTPUT_DIR`` when inside it, else absolute; an object in S3 as its
+    ``s3://bucket/key`` URI (what every S3 tool, and ``datasets``/``fsspec``, open directly)."""
     if job.output_path is None:
         return None
+    if job.output_path.startswith("s3://"):
+        return job.output_path
     path = Path(job.output_path)
     try:
         return str(path.resolve().relative_to(output_dir.resolve()))

@@ -237,6 +237,8 @@ class Job(Base):
         Index("ix_jobs_request_id", "request_id"),
         # reuse_outputs looks up a succeeded job with the same key in any batch.
         Index("ix_jobs_job_key", "job_key"),
+        # The dashboard pages a batch's jobs in item order (keyset): see jobs.listing.
+        Index("ix_jobs_batch_id_item_order", "batch_id", "item_index", "variant", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -336,6 +338,15 @@ class JobEvent(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     details: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
     worker: Mapped[str | None] = mapped_column(String(255))
+
+
+#: /metrics counts ambiguous submits (see store.count_events_into) without scanning every event.
+Index(
+    "ix_job_events_submit_unknown",
+    JobEvent.job_id,
+    postgresql_where=JobEvent.to_state == JobState.SUBMIT_UNKNOWN,
+    sqlite_where=JobEvent.to_state == JobState.SUBMIT_UNKNOWN,
+)
 
 
 class Upload(Base):

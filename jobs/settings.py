@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -263,9 +263,22 @@ class RetrySettings(_Section):
 
 
 class DownloadSettings(_Section):
-    """Where outputs go, and what a download may take."""
+    """Where outputs go, and what a download may take.
+
+    ``WANBATCH_OUTPUT_DIR`` is a local folder, or ``s3://bucket/prefix`` for S3-compatible object
+    storage (``jobs.output_store``). For an S3 location the URL is kept in :attr:`output_url`
+    and :attr:`output_dir` becomes the local *staging* folder (``WANBATCH_OUTPUT_STAGING_DIR``,
+    default ``.wanbatch/staging``) where a video is downloaded, hashed and probed before its
+    upload — so ``output_dir`` is always a local :class:`~pathlib.Path`, never a URL that code
+    written for folders could ``mkdir``.
+    """
 
     output_dir: Path = Path("outputs")
+    #: ``s3://bucket/prefix`` when ``WANBATCH_OUTPUT_DIR`` names object storage, else None. Set
+    #: only from ``WANBATCH_OUTPUT_DIR`` (see :meth:`_split_output_location`).
+    output_url: str | None = None
+    #: Local folder for videos on their way to object storage (S3 only; unused for a folder).
+    output_staging_dir: Path | None = None
     #: Largest output file we accept from the provider.
     download_max_bytes: int = Field(default=2 * 1024**3, gt=0)
     #: Hosts outputs may be downloaded from beyond the configured fal URLs' hosts (``*.fal.media``
@@ -289,6 +302,39 @@ class DownloadSettings(_Section):
     def _split_hosts(cls, value: object) -> object:
         hosts = _listed(value, ",")
         return (hosts or None) if isinstance(value, str) else hosts
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_output_location(cls, data: Any) -> Any:
+        """``WANBATCH_OUTPUT_DIR=s3://…`` → :attr:`output_url` (normalised), and the staging
+        folder as :attr:`output_dir`. A :class:`~pathlib.Path` would fold ``s3://`` into ``s3:/``
+        (a relative folder named ``s3:``), so the URL is taken apart before field validation.
+        ``output_url`` is never read on its own: it always follows ``WANBATCH_OUTPUT_DIR``. A
+        malformed URL is left in place for :meth:`_refuse_bad_url` to name the variable."""
+        if not isinstance(data, dict):
+            return data
+        from jobs.output_location import is_s3_url, normalise_s3_url
+
+        data = dict(data)
+        data.pop("output_url", None)
+        location = data.get("output_dir")
+        if isinstance(location, str) and is_s3_url(location):
+            try:
+                data["output_url"] = normalise_s3_url(location)
+            except ValueError:
+                return data
+            data["output_dir"] = data.get("output_staging_dir") or DEFAULT_STATE_DIR / "staging"
+        return data
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _refuse_bad_url(cls, value: object) -> object:
+        """An ``s3://`` value still here did not parse: say why, under WANBATCH_OUTPUT_DIR."""
+        from jobs.output_location import is_s3_url, normalise_s3_url
+
+        if isinstance(value, str) and is_s3_url(value):
+            normalise_s3_url(value)  # raises ValueError with the reason
+        return value
 
 
 class InputSettings(_Section):
@@ -318,6 +364,28 @@ class WebhookSettings(_Section):
     webhook_jwks_url: str = "https://rest.fal.ai/.well-known/jwks.json"
 
 
+class ServeSettings(_Section):
+    """The operator's side: ``wanbatch serve`` (dashboard, metrics), logs."""
+
+    #: Token the dashboard's pages and actions and ``/metrics`` require from clients beyond
+    #: loopback (``Authorization: Bearer …`` or the login form's cookie). Unset: the dashboard is
+    #: read-only and answers loopback clients only. The webhook receiver never needs it.
+    serve_token: SecretStr | None = None
+    #: ``text`` (default) or ``json``: one JSON object per line with a stable ``event`` key.
+    log_format: str = Field(default="text", pattern="^(text|json)$")
+    #: A port on which ``wanbatch worker`` and ``wanbatch run`` serve their own process metrics
+    #: (submits, limiter waits, request latencies) for Prometheus; unset: none.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    #: The address that metrics port binds: loopback by default (process metrics are not for
+    #: the internet); ``0.0.0.0`` in a container that Prometheus scrapes from outside.
+    metrics_host: str = "127.0.0.1"
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+
 class ChaosSettings(_Section):
     """Fault injection for the chaos suite only (:mod:`worker.chaos`)."""
 
@@ -338,6 +406,7 @@ class Settings(
     DownloadSettings,
     InputSettings,
     WebhookSettings,
+    ServeSettings,
     ChaosSettings,
 ):
     """Everything wanbatch can be told from the environment. Names are the contract's."""

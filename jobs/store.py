@@ -38,6 +38,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Float,
     Table,
     bindparam,
     case,
@@ -46,6 +47,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
     table,
@@ -65,10 +67,12 @@ from jobs.schedule import Schedule
 from jobs.states import AT_PROVIDER_STATES, JobState, can_transition
 
 __all__ = [
+    "DURATIONS",
     "BatchCost",
     "BatchMoney",
     "Fence",
     "JobMoney",
+    "JobTotals",
     "NewJob",
     "ReleasedLeases",
     "add_jobs",
@@ -76,10 +80,12 @@ __all__ = [
     "batch_cost",
     "batch_money",
     "batch_schedule",
+    "batch_states",
     "cancel_unsent_jobs",
     "claim_jobs",
     "committed_usd_since",
     "count_cancelled",
+    "count_events_into",
     "count_in_states",
     "count_in_states_by_endpoint",
     "count_media_mismatches",
@@ -88,6 +94,7 @@ __all__ = [
     "defer_delivery",
     "delivery_counts",
     "duplicate_charge_recorded",
+    "duration_histogram",
     "extend_lease",
     "fail_job",
     "failure_reasons",
@@ -100,6 +107,7 @@ __all__ = [
     "incremented",
     "job_events",
     "job_money",
+    "job_totals",
     "jobs_of_batch",
     "list_batches",
     "mark_cancelled",
@@ -116,6 +124,7 @@ __all__ = [
     "release_lease",
     "release_process_leases",
     "request_known",
+    "reserved_usd",
     "retry_later",
     "scheduled_batches",
     "set_batch_budget",
@@ -124,12 +133,14 @@ __all__ = [
     "set_batch_state",
     "set_paused_by_user",
     "settle_delivery",
+    "spent_usd",
     "store_delivery",
     "take_delivery",
     "take_lease",
     "transition",
     "unprocessed_deliveries",
     "update_job_fields",
+    "wasted_usd",
 ]
 
 #: A batch id prefix must be at least this long to be accepted as a reference.
@@ -1577,20 +1588,31 @@ class BatchMoney:
         return self.spent_usd + self.reserved_usd
 
 
+def spent_usd() -> ColumnElement[Decimal]:
+    """One job's share of ``spent_usd`` (:class:`BatchMoney`): summed per batch by
+    :func:`batch_money`, over every job by ``/metrics`` (:mod:`jobs.metrics`)."""
+    billed = case(
+        (Job.state.in_(list(_BILLED_STATES)), func.coalesce(Job.actual_usd, Job.est_usd)),
+        else_=func.coalesce(Job.actual_usd, type_coerce(0, Money())),
+    )
+    return type_coerce(billed, Money())
+
+
+def reserved_usd() -> ColumnElement[Decimal]:
+    """One job's share of ``reserved_usd`` (:class:`BatchMoney`): its estimate while fal may hold it."""
+    zero = type_coerce(0, Money())
+    return type_coerce(case((Job.state.in_(list(AT_PROVIDER_STATES)), Job.est_usd), else_=zero), Money())
+
+
 def batch_money(session: Session, batch_id: str) -> BatchMoney:
     """Estimated, spent and reserved USD for a batch (see :class:`BatchMoney` for definitions)."""
 
     def build() -> Any:
         zero = type_coerce(0, Money())
-        billed = case(
-            (Job.state.in_(list(_BILLED_STATES)), func.coalesce(Job.actual_usd, Job.est_usd)),
-            else_=func.coalesce(Job.actual_usd, zero),
-        )
-        reserved = case((Job.state.in_(list(AT_PROVIDER_STATES)), Job.est_usd), else_=zero)
         return select(
             func.coalesce(func.sum(type_coerce(Job.est_usd, Money())), zero),
-            func.coalesce(func.sum(type_coerce(billed, Money())), zero),
-            func.coalesce(func.sum(type_coerce(reserved, Money())), zero),
+            func.coalesce(func.sum(spent_usd()), zero),
+            func.coalesce(func.sum(reserved_usd()), zero),
             func.coalesce(func.sum(Job.possible_duplicate_charges), 0),
             func.coalesce(func.sum(Job.confirmed_duplicate_charges), 0),
         ).where(Job.batch_id == bindparam("batch_id"))
@@ -1619,8 +1641,9 @@ class BatchCost:
     cancelled_for_budget: int
 
 
-def batch_cost(session: Session, batch_id: str) -> BatchCost:
-    """Actual and wasted USD and budget cancellations of a batch, in one query."""
+def wasted_usd() -> ColumnElement[Decimal]:
+    """One job's share of ``wasted_usd`` (:class:`BatchCost`): summed per batch by
+    :func:`batch_cost`, over every job by ``/metrics`` (:mod:`jobs.metrics`)."""
     zero = type_coerce(0, Money())
     actual = func.coalesce(Job.actual_usd, zero)
     wasted = case(
@@ -1631,11 +1654,18 @@ def batch_cost(session: Session, batch_id: str) -> BatchCost:
         ),
         else_=zero,
     )
+    return type_coerce(wasted, Money())
+
+
+def batch_cost(session: Session, batch_id: str) -> BatchCost:
+    """Actual and wasted USD and budget cancellations of a batch, in one query."""
+    zero = type_coerce(0, Money())
+    actual = func.coalesce(Job.actual_usd, zero)
     budget = case(((Job.state == JobState.CANCELLED) & (Job.error_type == "budget"), 1), else_=0)
     row = session.execute(
         select(
             func.coalesce(func.sum(type_coerce(actual, Money())), zero),
-            func.coalesce(func.sum(type_coerce(wasted, Money())), zero),
+            func.coalesce(func.sum(wasted_usd()), zero),
             func.coalesce(func.sum(budget), 0),
         ).where(Job.batch_id == batch_id)
     ).one()
@@ -1869,3 +1899,176 @@ def delivery_counts(session: Session) -> dict[str, int]:
         ).select_from(WebhookDelivery)
     ).one()
     return {"stored": int(row[0]), "repeats": int(row[1]), "unprocessed": int(row[2]), "ignored": int(row[3])}
+
+
+# --------------------------------------------------------------------------- metrics (all batches)
+
+
+@dataclass(frozen=True, slots=True)
+class JobTotals:
+    """Sums over the jobs of one ``(state, endpoint, error_type)``, every batch: what ``/metrics``
+    publishes (:mod:`jobs.metrics`). Money as :class:`BatchMoney` and :class:`BatchCost` define it."""
+
+    state: JobState
+    endpoint: str
+    error_type: str | None
+    jobs: int
+    attempts: int
+    retries: int
+    possible_duplicate_charges: int
+    confirmed_duplicate_charges: int
+    estimated_usd: Decimal
+    spent_usd: Decimal
+    reserved_usd: Decimal
+    wasted_usd: Decimal
+
+
+def job_totals(session: Session) -> list[JobTotals]:
+    """Every job's numbers, summed per ``(state, endpoint, error_type)`` in one pass over the table.
+
+    ``attempts``: submissions counted on the jobs; ``retries``: attempts beyond each job's first.
+    """
+    zero = type_coerce(0, Money())
+
+    def build() -> Any:
+        return select(
+            Job.state,
+            Job.endpoint,
+            Job.error_type,
+            func.count(),
+            func.coalesce(func.sum(Job.attempts), 0),
+            func.coalesce(func.sum(case((Job.attempts > 1, Job.attempts - 1), else_=0)), 0),
+            func.coalesce(func.sum(Job.possible_duplicate_charges), 0),
+            func.coalesce(func.sum(Job.confirmed_duplicate_charges), 0),
+            func.coalesce(func.sum(type_coerce(Job.est_usd, Money())), zero),
+            func.coalesce(func.sum(spent_usd()), zero),
+            func.coalesce(func.sum(reserved_usd()), zero),
+            func.coalesce(func.sum(wasted_usd()), zero),
+        ).group_by(Job.state, Job.endpoint, Job.error_type)
+
+    return [
+        JobTotals(
+            state=JobState(row[0]),
+            endpoint=str(row[1]),
+            error_type=row[2],
+            jobs=int(row[3]),
+            attempts=int(row[4]),
+            retries=int(row[5]),
+            possible_duplicate_charges=int(row[6]),
+            confirmed_duplicate_charges=int(row[7]),
+            estimated_usd=row[8],
+            spent_usd=row[9],
+            reserved_usd=row[10],
+            wasted_usd=row[11],
+        )
+        for row in session.execute(_prepared(("job_totals",), build))
+    ]
+
+
+def batch_states(session: Session) -> dict[str, int]:
+    """Batches ``active``, ``paused`` (by fal's refusal, a budget, or ``wanbatch pause``) and
+    ``cancelled``: every state present, 0 when none."""
+    out = {state.value: 0 for state in BatchState}
+    grouped = select(Batch.state, Batch.paused_by_user, func.count()).group_by(
+        Batch.state, Batch.paused_by_user
+    )
+    for state, by_user, n in session.execute(grouped):
+        name = BatchState(state).value
+        if name == BatchState.ACTIVE.value and by_user:
+            name = BatchState.PAUSED.value
+        out[name] += int(n)
+    return out
+
+
+def count_events_into(session: Session, state: JobState) -> int:
+    """How many times any job moved into ``state`` (its history, e.g. submits of unknown outcome).
+
+    The state is written into the SQL as a literal, not a parameter, so that a partial index
+    ``ON job_events (…) WHERE to_state = '<state>'`` can answer it without reading the table.
+    """
+    into: ColumnElement[str] = literal_column(f"'{JobState(state).value}'")
+    query = select(func.count()).select_from(JobEvent).where(JobEvent.to_state == into)
+    return int(session.scalar(query) or 0)
+
+
+def _seconds_between(dialect: str, start: Any, end: Any) -> ColumnElement[Any]:
+    """``end - start`` in seconds: ``date_part`` (a float; ``extract`` gives a numeric, several
+    times slower to compare) on PostgreSQL, Julian days on SQLite."""
+    if dialect == "postgresql":
+        return func.date_part("epoch", end - start)
+    return (func.julianday(end) - func.julianday(start)) * 86400.0
+
+
+def _inference_seconds(dialect: str) -> ColumnElement[Any]:
+    """fal's ``metrics.inference_time`` when it is a number; anything else a provider sent is
+    skipped, never cast (a bad value must not fail the query)."""
+    if dialect == "postgresql":
+        is_number = func.jsonb_typeof(Job.provider_metrics.op("->")("inference_time")) == "number"
+        number: ColumnElement[Any] = Job.provider_metrics.op("->>")("inference_time").cast(Float)
+    else:
+        is_number = func.json_type(Job.provider_metrics, "$.inference_time").in_(["integer", "real"])
+        number = func.json_extract(Job.provider_metrics, "$.inference_time")
+    return case((is_number, number), else_=None)
+
+
+#: What each duration histogram measures per job, in SQL (NULL: the job is not counted):
+#:
+#: * ``wait``: ``created_at`` → ``submitted_at``: how long a job waited on this side before its
+#:   (last) submit — limits, budget, schedule, retry backoff;
+#: * ``fal``: ``submitted_at`` → ``completed_at``: the request's time at fal, its queue and the
+#:   model run, as seen from here (without webhooks, up to a poll interval more);
+#: * ``inference``: fal's own ``inference_time`` of the request (the model's time);
+#: * ``download``: ``completed_at`` → ``finished_at`` of succeeded jobs that were sent: fetching
+#:   the result and the video, checking and storing it.
+DURATIONS: dict[str, Callable[[str], ColumnElement[Any]]] = {
+    "wait": lambda dialect: _seconds_between(dialect, Job.created_at, Job.submitted_at),
+    "fal": lambda dialect: _seconds_between(dialect, Job.submitted_at, Job.completed_at),
+    "inference": _inference_seconds,
+    "download": lambda dialect: case(
+        (
+            (Job.state == JobState.SUCCEEDED) & Job.reused_from.is_(None),
+            _seconds_between(dialect, Job.completed_at, Job.finished_at),
+        ),
+        else_=None,
+    ),
+}
+
+
+def _bucket(dialect: str, seconds: ColumnElement[Any], bounds: Sequence[float]) -> ColumnElement[Any]:
+    """The index of the first of ``bounds`` (ascending) that ``seconds`` is at most
+    (``len(bounds)``: beyond the last), in SQL.
+
+    PostgreSQL's ``width_bucket(x, thresholds)`` (a binary search) counts the thresholds ``<= x``,
+    where Prometheus' ``le`` buckets want those ``< x`` (a value equal to a bound belongs to it).
+    Negated, ``width_bucket(-x, -bounds reversed)`` counts the bounds ``>= x``, and what remains
+    of ``len(bounds)`` is the count ``< x``: the index wanted. SQLite has no ``width_bucket``: a
+    ``CASE`` down the bounds.
+    """
+    if dialect == "postgresql":
+        negated = ",".join(repr(-float(bound)) for bound in reversed(bounds))
+        return len(bounds) - func.width_bucket(-seconds, literal_column(f"'{{{negated}}}'::float8[]"))
+    return case(*((seconds <= bound, index) for index, bound in enumerate(bounds)), else_=len(bounds))
+
+
+def duration_histogram(session: Session, name: str, bounds: Sequence[float]) -> tuple[list[int], float]:
+    """Jobs per bucket of the duration ``name`` (a key of :data:`DURATIONS`) and the durations' sum.
+
+    ``counts[i]`` jobs took at most ``bounds[i]`` seconds and more than the bound before it (not
+    cumulative); the last entry counts those beyond every bound. One ``GROUP BY`` over the jobs:
+    the database returns a row per bucket, never a row per job. Negative durations (clocks
+    that stepped back) are left out.
+    """
+    dialect = session.get_bind().dialect.name
+    seconds = DURATIONS[name](dialect)
+    bucket = _bucket(dialect, seconds, bounds)
+    query = (
+        select(bucket.label("bucket"), func.count(), func.sum(seconds))
+        .where(seconds.is_not(None), seconds >= 0)
+        .group_by(literal_column("bucket"))
+    )
+    counts = [0] * (len(bounds) + 1)
+    total = 0.0
+    for index, n, seconds_sum in session.execute(query):
+        counts[int(index)] += int(n)
+        total += float(seconds_sum or 0.0)
+    return counts, total

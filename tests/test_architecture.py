@@ -242,9 +242,11 @@ def test_no_import_cycle_in_the_product() -> None:
 
 # ----------------------------------------------------------------------------- who builds SQL
 
-#: The modules that may build and run SQL: the store (every query) and :mod:`jobs.db` (engines,
-#: migrations, advisory locks). Alembic's revisions (the ``migrations`` package) are SQL by nature.
-SQL_HOMES = frozenset({"jobs.store", "jobs.db"})
+#: The modules that may build and run SQL: the store (every write and the workers' queries),
+#: :mod:`jobs.db` (engines, migrations, advisory locks) and :mod:`jobs.listing` (the read models
+#: of ``status`` and the dashboard: one-pass aggregates and keyset pages, read-only). Alembic's
+#: revisions (the ``migrations`` package) are SQL by nature.
+SQL_HOMES = frozenset({"jobs.store", "jobs.db", "jobs.listing"})
 SQL_PACKAGES = frozenset({"migrations"})
 
 #: SQLAlchemy names that build a statement or a SQL expression (types, ``Engine``, ``Session``

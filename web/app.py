@@ -1,4 +1,5 @@
-"""The ASGI app behind ``wanbatch serve``: fal's webhooks in, a health check out.
+"""The ASGI app behind ``wanbatch serve``: fal's webhooks in; the dashboard, metrics and a
+health check out.
 
 ``POST /webhooks/fal`` is the receiver ``WANBATCH_WEBHOOK_URL`` points at (fal calls the exact
 ``fal_webhook`` URL each submit gave it, job id and attempt in its query). A delivery is verified
@@ -8,6 +9,11 @@ to its job right away (:mod:`worker.steps.webhooks`; on PostgreSQL that also wak
 leader, wherever it runs) and, should that fail, by the tick. A
 rejected delivery is answered 4xx (503 when fal's keys cannot be fetched: fal retries) and
 changes nothing; rejections are counted and logged. ``GET /healthz`` answers the counts.
+
+The dashboard (``/``, :mod:`web.dashboard`) and Prometheus ``/metrics`` (:mod:`web.metrics`)
+read the same database. :class:`web.auth.DashboardAuth` guards everything but the receiver and
+``/healthz``: ``WANBATCH_SERVE_TOKEN`` from beyond loopback and for every action, so the
+receiver can face the internet while the dashboard stays private.
 
 The receiver only writes to the database: it needs no fal key and may run on any host that
 reaches the database. The downloads of the jobs it completes are queued by the workers' tick
@@ -24,12 +30,17 @@ from collections.abc import Callable
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from jobs import db
 from jobs.settings import Settings
+from web.auth import DashboardAuth
+from web.dashboard import dashboard_routes
+from web.metrics import metrics_route
+from worker import telemetry
 from worker.fal.webhooks import JwksKeys, WebhookRejected, verify_delivery
 from worker.steps.webhooks import Inbox, receive
 
@@ -74,8 +85,9 @@ def create_app(
     enqueue_download: Callable[[str], None] | None = None,
 ) -> Starlette:
     """The receiver for ``settings``; ``keys`` default to ``WANBATCH_WEBHOOK_JWKS_URL``'s."""
+    engine = engine if engine is not None else db.open_engine(settings)
     inbox = Inbox(
-        engine if engine is not None else db.open_engine(settings),
+        engine,
         settings,
         enqueue_download=enqueue_download,
     )
@@ -84,8 +96,15 @@ def create_app(
 
     def reject(why: WebhookRejected, request: Request) -> Response:
         counts.add(accepted=False)
+        telemetry.count_webhook(accepted=False)
         client = request.client.host if request.client else "?"
-        log.warning("webhook rejected (%s) from %s: %s", why.status_code, client, why.reason)
+        log.warning(
+            "webhook rejected (%s) from %s: %s",
+            why.status_code,
+            client,
+            why.reason,
+            extra={"event": "webhook.rejected", "status": why.status_code},
+        )
         return JSONResponse({"ok": False, "error": why.reason}, status_code=why.status_code)
 
     async def fal_webhook(request: Request) -> Response:
@@ -102,16 +121,21 @@ def create_app(
         job_id, attempt = _job_and_attempt(request)
         await run_in_threadpool(lambda: receive(inbox, delivery, job_id=job_id, attempt=attempt))
         counts.add(accepted=True)
+        telemetry.count_webhook(accepted=True)
         return JSONResponse({"ok": True})
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"ok": True, "accepted": counts.accepted, "rejected": counts.rejected})
 
+    token = settings.serve_token
     app = Starlette(
         routes=[
             Route("/webhooks/fal", fal_webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
-        ]
+            metrics_route(engine, settings),
+            *dashboard_routes(engine, settings),
+        ],
+        middleware=[Middleware(DashboardAuth, token=token.get_secret_value() if token else None)],
     )
     app.state.counts = counts
     app.state.inbox = inbox

@@ -29,6 +29,12 @@ https://docs.celeryq.dev/en/stable/userguide/configuration.html):
 * ``task_ignore_result``: results live in the database; no result backend is needed.
 * ``broker_connection_retry_on_startup`` and unlimited ``broker_connection_max_retries``:
   a worker outlives a broker restart instead of exiting.
+* ``worker_send_task_events`` + ``task_send_sent_event`` with a broker (distributed mode):
+  workers publish task events (received, started, succeeded, failed, retried) and senders a
+  ``task-sent`` event, so Flower (``celery --broker=$WANBATCH_BROKER_URL flower``) and
+  ``celery events`` show the tasks live. A few small messages per task, on the broker only;
+  the embedded mode has no broker to publish on, so there they stay off
+  (https://docs.celeryq.dev/en/stable/userguide/monitoring.html#events).
 """
 
 from __future__ import annotations
@@ -65,8 +71,8 @@ def make_app(broker_url: str | None) -> Celery:
             "polling_interval": 0.05 if broker_url is None else 1.0,
         },
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        worker_send_task_events=broker_url is not None,
+        task_send_sent_event=broker_url is not None,
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app

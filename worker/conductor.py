@@ -166,7 +166,9 @@ class Conductor:
             except Exception:
                 if not resilient:
                     raise
-                log.exception("conductor round failed; going on after a pause")
+                log.exception(
+                    "conductor round failed; going on after a pause", extra={"event": "conductor.failed"}
+                )
                 stopping.wait(min(1.0, self.rt.settings.tick_interval))
 
     def _loop(

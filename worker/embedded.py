@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
-from worker import steps
+from worker import logs, steps
 from worker.steps import Runtime
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,25 @@ class InProcessWorker:
         try:
             pool.submit(self._run, step, job_id)
         except RuntimeError:  # the pool shut down meanwhile (Ctrl-C): the tick finds the job again
-            log.debug("not handing %s to %s: stopping", job_id, step.__name__)
+            log.debug(
+                "not handing %s to %s: stopping", job_id, step.__name__, extra={"event": "step.dropped"}
+            )
 
     def _run(self, step: Step, job_id: str) -> None:
         if not self._accepting.is_set() or self._rt is None:
             return
-        try:
-            outcome = step(self._rt, job_id)
-            log.debug("%s %s: %s", step.__name__, job_id, outcome)
-        except Exception:  # the job keeps its lease; the tick's reconcile takes it over
-            log.exception("%s of job %s failed", step.__name__, job_id)
+        with logs.job_context(job_id):  # every line the step logs names its job
+            try:
+                outcome = step(self._rt, job_id)
+                log.info(
+                    "job %s: %s %s",
+                    job_id,
+                    step.__name__,
+                    outcome,
+                    extra={"event": f"job.{step.__name__}", "outcome": outcome},
+                )
+            except Exception:  # the job keeps its lease; the tick's reconcile takes it over
+                log.exception("%s of job %s failed", step.__name__, job_id, extra={"event": "step.failed"})
 
     def abandon(self) -> None:
         """Stop taking work now; queued steps are dropped and running ones not waited for

@@ -41,6 +41,7 @@ import redis
 
 from jobs.errors import WanbatchError
 from jobs.settings import Settings
+from worker import telemetry
 
 KEY_PREFIX = "wanbatch:limits:"
 
@@ -185,5 +186,7 @@ def wait_for_token(limiter: SubmitLimiter, endpoint: str, max_wait: float) -> fl
         if wait <= 0:
             return 0.0
         if time.monotonic() + wait > deadline:
+            telemetry.count_limiter_wait("held_back")
             return wait
+        telemetry.count_limiter_wait("slept", wait)
         time.sleep(wait)

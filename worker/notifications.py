@@ -111,14 +111,16 @@ class EventListener:
             if not self._lost:
                 self._lost = True
                 log.warning(
-                    "event listener: cannot reach the database (%s); the tick carries on", _first_line(exc)
+                    "event listener: cannot reach the database (%s); the tick carries on",
+                    _first_line(exc),
+                    extra={"event": "listener.unreachable"},
                 )
             return None
         self._conn = conn
         if self._lost:
             self._lost = False
             self.reconnects += 1
-            log.info("event listener: listening again")
+            log.info("event listener: listening again", extra={"event": "listener.back"})
         return conn
 
     def _drop(self, exc: psycopg.Error) -> None:
@@ -126,7 +128,11 @@ class EventListener:
         conn, self._conn = self._conn, None
         if not self._lost:
             self._lost = True
-            log.warning("event listener: connection lost (%s); reconnecting", _first_line(exc))
+            log.warning(
+                "event listener: connection lost (%s); reconnecting",
+                _first_line(exc),
+                extra={"event": "listener.lost"},
+            )
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
                 conn.close()

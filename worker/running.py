@@ -26,15 +26,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import TaskID
 
 from jobs import db, store
 from jobs.batches import BatchReport, batch_progress, batch_report
@@ -43,6 +35,7 @@ from jobs.errors import ConfigError, WanbatchError
 from jobs.settings import Settings
 from jobs.states import JobState
 from worker import steps
+from worker.progress_line import batch_progress_display, money_text
 from worker.steps.context import DOWNLOAD_QUEUE, process_identity
 
 if TYPE_CHECKING:
@@ -142,11 +135,6 @@ def stop_on_signals() -> Iterator[None]:
         signal.signal(sig, handler)
 
 
-def _describe_counts(counts: dict[str, int]) -> str:
-    order = [s.value for s in JobState]
-    return " ".join(f"{k}:{counts[k]}" for k in order if counts.get(k))
-
-
 # --------------------------------------------------------------------------- the broker
 
 
@@ -208,7 +196,7 @@ def live_workers(settings: Settings, timeout: float = 1.0) -> int | None:
     try:
         return len(app.control.ping(timeout=timeout) or [])
     except Exception:  # the broker went away meanwhile: not this check's to report
-        log.debug("could not ping the workers", exc_info=True)
+        log.debug("could not ping the workers", exc_info=True, extra={"event": "broker.ping_failed"})
         return None
     finally:
         app.close()
@@ -306,6 +294,7 @@ def _process_embedded(
     rt.on_accepted = conductor.watch_accepted
     worker.bind(rt)
     abandoned = False
+    stop_metrics = _serve_metrics(settings, rt)  # WANBATCH_METRICS_PORT: this process does the work
     try:
         with worker, listening(rt.engine, conductor.notify):
             try:
@@ -317,8 +306,24 @@ def _process_embedded(
                 raise Interrupted(_give_back(rt, batch_id), batch_id=batch_id) from None
     finally:
         conductor.close()
+        if stop_metrics is not None:
+            stop_metrics()
         if not abandoned:  # abandoned threads may still use them until the process exits
             close_runtime(rt)
+
+
+def _serve_metrics(settings: Settings, rt: steps.Runtime) -> Callable[[], None] | None:
+    """This process's metrics on ``WANBATCH_METRICS_PORT`` (a port in use: the runtime is closed
+    and the ConfigError says which variable to change). With a broker, ``run`` only watches:
+    the workers serve theirs."""
+    from worker import telemetry
+    from worker.runtime import close_runtime
+
+    try:
+        return telemetry.serve_configured(settings)
+    except ConfigError:
+        close_runtime(rt)
+        raise
 
 
 def _give_back(rt: steps.Runtime, batch_id: str) -> str:
@@ -350,7 +355,7 @@ def _give_back(rt: steps.Runtime, batch_id: str) -> str:
                 session, [JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING], batch_id=batch_id
             )
     except Exception as exc:  # the database is unreachable: the leases expire on their own
-        log.debug("giving leases back failed", exc_info=True)
+        log.debug("giving leases back failed", exc_info=True, extra={"event": "run.give_back_failed"})
         return (
             f"interrupted; could not give this process's jobs back ({type(exc).__name__}): they "
             f"are picked up again after WANBATCH_LEASE_SECONDS ({rt.settings.lease_seconds:.0f}s)"
@@ -387,18 +392,7 @@ def _watch(
     and ticking as a safety net; distributed, the workers do that and this only watches.
     """
     engine = open_engine(settings)
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[money]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[counts]}"),
-        console=console,
-        disable=not show_progress,
-        transient=False,
-    )
+    progress = batch_progress_display(console, disable=not show_progress)  # fits 80 columns
     failure: list[BaseException] = []
     finished = threading.Event()
 
@@ -414,8 +408,8 @@ def _watch(
             description=f"jobs · {waiting}" if waiting else "jobs",
             total=current["total"],
             completed=done,
-            money=f"${current['spent_usd'] or 0:.2f}/${current['estimated_usd'] or 0:.2f}",
-            counts=_describe_counts(current["counts"]),
+            money=money_text(current["spent_usd"], current["estimated_usd"]),
+            counts=current["counts"],
         )
         if done >= current["total"]:
             return True
@@ -448,7 +442,7 @@ def _watch(
             finished.set()
 
     with progress:
-        task_id = progress.add_task("jobs", total=None, money="", counts="")
+        task_id = progress.add_task("jobs", total=None, money="", counts={})
         thread = threading.Thread(target=loop, args=(task_id,), name="wanbatch-run-loop", daemon=True)
         _waiting.set()
         try:

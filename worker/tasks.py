@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from jobs import db
 from jobs.settings import Settings, get_settings
-from worker import steps
+from worker import logs, steps
 from worker.runtime import build_runtime
 from worker.steps import Runtime
 
@@ -78,7 +78,13 @@ def _notifier(engine: Engine) -> Callable[[str, str], None]:
             with db.session_scope(engine) as session:
                 db.notify_events(session, f"{kind}:{job_id}")
         except Exception:  # the database is down: the leader's tick will find the job
-            log.debug("could not notify the leader of %s %s", kind, job_id, exc_info=True)
+            log.debug(
+                "could not notify the leader of %s %s",
+                kind,
+                job_id,
+                exc_info=True,
+                extra={"event": "notify.failed", "job_id": job_id},
+            )
 
     return send
 
@@ -113,8 +119,15 @@ def accept_again() -> None:
 def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
     if not _accepting.is_set():
         return "stopping"
-    outcome = step(runtime(task.app), job_id)
-    log.debug("%s %s: %s", task.name, job_id, outcome)
+    with logs.job_context(job_id):  # every line the step logs names its job
+        outcome = step(runtime(task.app), job_id)
+        log.info(
+            "job %s: %s %s",
+            job_id,
+            step.__name__,
+            outcome,
+            extra={"event": f"job.{step.__name__}", "outcome": outcome},
+        )
     return outcome
 
 

@@ -44,11 +44,13 @@ class LeaderLock:
         try:
             leads = self._lock.acquire()
         except Exception:  # the database went away: we are not the leader until it is back
-            log.warning("leader lock connection lost; will retry", exc_info=True)
+            log.warning(
+                "leader lock connection lost; will retry", exc_info=True, extra={"event": "tick.lock_lost"}
+            )
             self.release()
             return False
         if leads and not led:
-            log.info("this worker now leads the periodic tick")
+            log.info("this worker now leads the periodic tick", extra={"event": "tick.leading"})
         return leads
 
     def release(self) -> None:

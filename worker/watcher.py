@@ -85,9 +85,19 @@ class StatusWatcher:
                     running_said = True
                     self.on_status(job_id, handle.request_id, status)
         except WanbatchError as exc:
-            log.debug("job %s: status stream lost (%s); polling takes over", job_id, exc)
+            log.debug(
+                "job %s: status stream lost (%s); polling takes over",
+                job_id,
+                exc,
+                extra={"event": "stream.lost", "job_id": job_id, "request_id": handle.request_id},
+            )
         except Exception:  # a bug or a closed pool must not kill the process: the poller has it
-            log.debug("job %s: status stream failed; polling takes over", job_id, exc_info=True)
+            log.debug(
+                "job %s: status stream failed; polling takes over",
+                job_id,
+                exc_info=True,
+                extra={"event": "stream.failed", "job_id": job_id, "request_id": handle.request_id},
+            )
         finally:
             with self._lock:
                 self._watching.pop(job_id, None)

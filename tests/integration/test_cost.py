@@ -160,13 +160,14 @@ def test_cost_report_equals_the_simulators_billed_ledger(
     total = data["total"]
     billed = Decimal(ledger["billed_usd"])
     assert billed > 0
-    assert Decimal(total["actual_usd"]).quantize(CENT) == billed.quantize(CENT)
-    assert Decimal(total["actual_usd"]) == billed  # exact, not just to the cent
-    assert Decimal(total["actual_units"]) == Decimal(ledger["billed_units"])
+    # JSON money is a number (jobs.money.usd_json); read back through str it is exact.
+    assert Decimal(str(total["actual_usd"])).quantize(CENT) == billed.quantize(CENT)
+    assert Decimal(str(total["actual_usd"])) == billed  # exact, not just to the cent
+    assert Decimal(str(total["actual_units"])) == Decimal(ledger["billed_units"])
     by_endpoint: dict[str, Decimal] = {}
     for line in data["by_endpoint"]:
         by_endpoint[line["endpoint"]] = by_endpoint.get(line["endpoint"], Decimal(0)) + Decimal(
-            line["actual_usd"]
+            str(line["actual_usd"])
         )
     assert by_endpoint == _billed_by_endpoint(ledger)
     assert len(by_endpoint) == 5
@@ -175,7 +176,7 @@ def test_cost_report_equals_the_simulators_billed_ledger(
     assert ("wan/v2.6/image-to-video", "1080p") in resolutions
     # The billed 422s are waste: paid for, no output.
     invalid_usd = sum((Decimal(e["usd"]) for e in ledger["entries"] if e["outcome"] == "invalid"), Decimal(0))
-    assert Decimal(total["wasted_usd"]) == invalid_usd > 0
+    assert Decimal(str(total["wasted_usd"])) == invalid_usd > 0
     assert total["failed"] == 2
     assert total["succeeded"] == 12
     # status carries the same truth, and the human table prints.

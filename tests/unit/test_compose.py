@@ -42,7 +42,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 SCHEMA_FILE = Path(__file__).parent / "data" / "compose-spec.json"
 
 #: Services that run wanbatch code, and therefore must all run the one image built here.
-WANBATCH_SERVICES = ("migrate", "worker", "simulator", "cli")
+WANBATCH_SERVICES = ("migrate", "worker", "serve", "simulator", "cli")
 SIM_URL = "http://simulator:8787"
 
 # --- Compose variable interpolation (compose-spec "Interpolation") ----------------------------

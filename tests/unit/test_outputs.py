@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import outputs
+from jobs import outputs
 
 
 def test_batch_names_cannot_escape_the_output_dir(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from jobs.errors import (
     WanbatchError,
 )
 from jobs.settings import FalSettings
+from worker import telemetry
 from worker.fal.errors import (
     ProviderProtocolError,
     SendTrace,
@@ -217,8 +218,8 @@ class FalClient:
                 raise SubmitNotSentError(
                     f"fal submit: not sent, the request could not be built ({type(exc).__name__}: {exc})"
                 ) from exc
-            with map_transport_errors("submit", submit=trace):
-                response = self.http.send(request)
+            with map_transport_errors("submit", submit=trace), telemetry.fal_request("submit") as call:
+                response = call.done(self.http.send(request))
             if not response.is_success:
                 raise classify_submit(response)
             try:
@@ -287,6 +288,7 @@ class FalClient:
                 request_id,
                 self.queue_url,
                 handle.status_url,
+                extra={"event": "fal.foreign_urls", "request_id": request_id},
             )
         state = body.get("status", "IN_QUEUE")
         position = body.get("queue_position")
@@ -384,8 +386,8 @@ class FalClient:
         """Ask fal to cancel. Free while IN_QUEUE; best effort once running. Not retried."""
         h = _handle(handle)
         with self.scrubbed():
-            with map_transport_errors("cancel"):
-                response = self.http.put(h.cancel_url)
+            with map_transport_errors("cancel"), telemetry.fal_request("cancel") as call:
+                response = call.done(self.http.put(h.cancel_url))
             body = parse_body(response)
             said = body.get("status") if isinstance(body, dict) else None
             if response.is_success:
@@ -438,8 +440,10 @@ class FalClient:
         last: ProviderError | None = None
         for attempt in range(attempts):
             try:
-                with map_transport_errors(what):
-                    response = self.http.request(method, url, params=params, follow_redirects=True, **kwargs)
+                with map_transport_errors(what), telemetry.fal_request(what) as call:
+                    response = call.done(
+                        self.http.request(method, url, params=params, follow_redirects=True, **kwargs)
+                    )
             except RetryableProviderError as failure:  # a network error: ask again (a final one raises)
                 last = failure
             else:
@@ -452,7 +456,11 @@ class FalClient:
             if attempt + 1 < attempts:
                 delay = self.retry.delay(attempt)
                 log.debug(
-                    "fal %s: transient failure (%s), retrying in %.2fs", what, type(last).__name__, delay
+                    "fal %s: transient failure (%s), retrying in %.2fs",
+                    what,
+                    type(last).__name__,
+                    delay,
+                    extra={"event": "fal.retry"},
                 )
                 self._sleep(delay)
         assert last is not None

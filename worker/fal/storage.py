@@ -44,10 +44,10 @@ import httpcore
 import httpx
 
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
+from jobs.outputs import OutputWriteError
 from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transport_errors, parse_body
 from worker.fal.models import DownloadResult
-from worker.outputs import OutputWriteError
 
 STORAGE_TYPE = "fal-cdn-v3"
 _URL_PREFIXES = ("http://", "https://", "data:")

@@ -7,14 +7,15 @@ import logging
 import math
 from datetime import datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from jobs import db, store
+from jobs import db, output_store, store
 from jobs.endpoints import all_endpoints
+from jobs.errors import WanbatchError
 from jobs.models import Job, utcnow
+from jobs.money import usd_text
 from jobs.states import JobState
 from worker.limits import api_key_id
 from worker.steps.context import Runtime, S
@@ -89,8 +90,8 @@ def _reuse(session: Session, rt: Runtime, job: Job, reusing: dict[str, bool]) ->
     Decided here, in the claim's transaction, so a reused job is never sent, holds no slot and
     reserves no budget. Only jobs whose input pins ``seed``: an unseeded request is a new draw,
     and taking another job's video would silently stand in for it. The twin must still have its
-    file on disk at the recorded size (not re-hashed: that would read every video inside the
-    claim's transaction); otherwise the job is sent as usual. No sidecar is written for the
+    file on disk (or its object in S3) at the recorded size (not re-hashed: that would read every
+    video inside the claim's transaction); otherwise the job is sent as usual. No sidecar is written for the
     reusing job: it points at the original's file, and its export record carries ``reused_from``.
     """
     if job.input.get("seed") is None:
@@ -103,11 +104,24 @@ def _reuse(session: Session, rt: Runtime, job: Job, reusing: dict[str, bool]) ->
     if source is None or source.output_path is None:
         return False
     try:
-        intact = Path(source.output_path).stat().st_size == source.output_bytes
-    except OSError:
+        # a local file's size, or the object's (one HEAD request) when outputs are in S3
+        intact = output_store.output_size(source.output_path) == source.output_bytes
+    except WanbatchError as exc:  # storage unreachable: sending is the safe way on
+        log.info(
+            "job %s: cannot check the output of %s to reuse: %s",
+            job.id,
+            source.id,
+            exc,
+            extra={"event": "reuse.check_failed", "job_id": job.id, "batch_id": job.batch_id},
+        )
         intact = False
     if not intact:
-        log.info("job %s: the output of %s to reuse is gone or changed; sending", job.id, source.id)
+        log.info(
+            "job %s: the output of %s to reuse is gone or changed; sending",
+            job.id,
+            source.id,
+            extra={"event": "reuse.output_gone", "job_id": job.id, "batch_id": job.batch_id},
+        )
         return False
     return store.mark_reused(session, rt.fence(job), source)
 
@@ -141,6 +155,7 @@ def _room_at_fal(session: Session, rt: Runtime, now: datetime, free: int, key_id
             depth,
             room,
             free,
+            extra={"event": "dispatch.queue_backoff"},
         )
     return min(free, room)
 
@@ -156,7 +171,12 @@ def _room_for_downloads(session: Session, rt: Runtime) -> int:
     bound = rt.settings.max_download_backlog or rt.settings.max_outstanding
     backlog = store.count_in_states(session, [S.DOWNLOADING])
     if backlog >= bound:
-        log.info("%d jobs wait for their download (bound %d): holding submits", backlog, bound)
+        log.info(
+            "%d jobs wait for their download (bound %d): holding submits",
+            backlog,
+            bound,
+            extra={"event": "dispatch.download_backlog"},
+        )
     return max(0, bound - backlog)
 
 
@@ -257,16 +277,16 @@ def _budget_refusal(committed: _Committed, job: Job) -> str | None:
     cap, batch_committed = committed.batch(job.batch_id)
     if cap is not None and batch_committed + job.est_usd > cap:
         return (
-            f"budget: submitting would commit ${batch_committed + job.est_usd:.2f} "
-            f"of the batch's ${cap:.2f} cap"
+            f"budget: submitting would commit {usd_text(batch_committed + job.est_usd)} "
+            f"of the batch's {usd_text(cap)} cap"
         )
     daily_cap = committed.daily_cap
     if daily_cap is not None:
         today = committed.today()
         if today + job.est_usd > daily_cap:
             return (
-                f"budget: submitting would commit ${today + job.est_usd:.2f} of today's "
-                f"${daily_cap:.2f} cap (WANBATCH_DAILY_BUDGET_USD)"
+                f"budget: submitting would commit {usd_text(today + job.est_usd)} of today's "
+                f"{usd_text(daily_cap)} cap (WANBATCH_DAILY_BUDGET_USD)"
             )
     return None
 

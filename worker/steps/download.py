@@ -15,11 +15,15 @@ What a failure leads to, by where it happened:
   is not a video or an expired file fails at once. One attempt lasts at most
   ``WANBATCH_DOWNLOAD_TIMEOUT`` seconds and renews the job's lease while bytes arrive.
 * Writing the output here (disk full, read-only folder): the job fails with the reason.
+* Uploading it to object storage (``WANBATCH_OUTPUT_DIR=s3://…``, :mod:`jobs.output_store`):
+  retried like a download, from the staged copy (never a new download or submission), then the
+  job fails with the reason; the staged copy is removed once the success is stored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -32,7 +36,7 @@ from typing import Any
 import httpx
 from sqlalchemy.orm import Session
 
-from jobs import billing, db, store
+from jobs import billing, db, outputs, store
 from jobs.errors import (
     AccountLockedError,
     FinalProviderError,
@@ -42,19 +46,20 @@ from jobs.errors import (
     WanbatchError,
 )
 from jobs.models import Job, utcnow
+from jobs.output_store import OutputUploadError, open_output_store
+from jobs.outputs import OutputWriteError
 from jobs.settings import Settings
 from jobs.store import Fence
-from worker import chaos, outputs, probe
+from worker import chaos, logs, probe, telemetry
 from worker.fal.errors import (
     ProviderProtocolError,
     RequestFailedError,
     ResultNotReadyError,
     status_failure,
 )
-from worker.fal.models import RequestHandle
+from worker.fal.models import DownloadResult, RequestHandle
 from worker.fal.storage import DownloadPolicy, SharedDownloadClient
 from worker.fal.storage import download as download_file
-from worker.outputs import OutputWriteError
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, in_seconds
 from worker.steps.failures import backoff, billed, cost_of_failure, describe, pause_for_account, settle
 
@@ -152,12 +157,13 @@ def download(rt: Runtime, job_id: str) -> str:
     """Fetch the result and the video of a completed job; never causes a re-generation.
 
     Returns what happened (``succeeded``, ``failed``, ``retry``, ``result-retry``,
-    ``download-retry``, ``not-ready``, ``paused``, ``busy``, ``skipped``, ``lost-lease``), for
-    logs and tests.
+    ``download-retry``, ``upload-retry``, ``not-ready``, ``paused``, ``busy``, ``skipped``,
+    ``lost-lease``), for logs and tests.
     """
     claim = _claim(rt, job_id)
     if isinstance(claim, str):
         return claim
+    logs.annotate(batch_id=claim.batch_id, request_id=claim.handle.request_id)
     try:
         if claim.output is None:
             output = rt.client.result(claim.handle)
@@ -176,12 +182,18 @@ def download(rt: Runtime, job_id: str) -> str:
         return "not-ready"
     except AccountLockedError as exc:
         # The account, not the request: the result waits at fal; pause the batch, ask again later.
+        telemetry.count_provider_error(exc)
         with db.session_scope(rt.engine) as session:
             reason = pause_for_account(session, claim.batch_id, exc)
             store.release_lease(
                 session, claim.fence, next_attempt_at=in_seconds(rt.settings.poll_max_interval)
             )
-        log.warning("job %s: result refused for the account; batch paused: %s", job_id, reason)
+        log.warning(
+            "job %s: result refused for the account; batch paused: %s",
+            job_id,
+            reason,
+            extra={"event": "download.account_refused"},
+        )
         return "paused"
     except (RequestFailedError, FinalProviderError) as exc:
         return _fal_verdict(rt, job_id, claim, exc)
@@ -267,6 +279,7 @@ def _result_unavailable(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderEr
     reason and the billed cost. When the status already carried fal's error, that verdict
     decides at once (the result would only have added detail).
     """
+    telemetry.count_provider_error(exc)
     with db.read_scope(rt.engine) as session:
         verdict = _status_verdict(session, job_id)
     if verdict is not None:
@@ -292,7 +305,13 @@ def _result_unavailable(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderEr
         delay = backoff(rt.settings, failures)
         if isinstance(exc, RetryableProviderError) and exc.retry_after:
             delay = max(delay, exc.retry_after)
-        log.info("job %s: result not fetched (%s); asking again in %.0fs", job_id, exc, delay)
+        log.info(
+            "job %s: result not fetched (%s); asking again in %.0fs",
+            job_id,
+            exc,
+            delay,
+            extra={"event": "download.result_retry"},
+        )
         store.release_lease(
             session,
             claim.fence,
@@ -375,17 +394,74 @@ def _discard_download_client(key: int) -> None:
 
 
 def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
+    """Download (or, for object storage, find already staged), probe, then store the output."""
+    settings = rt.settings
+    outs = open_output_store(settings)
+    dest = outs.video_dest(claim.batch_name, claim.item_index, job_id)
+    result = _staged(job_id, dest, video) if outs.is_remote else None
+    if result is None:
+        fetched = _download_video(rt, job_id, claim, video, dest)
+        if isinstance(fetched, str):
+            return fetched
+        result = fetched
+
+    chaos.crash_point("after_download")
+    job = claim.job  # detached: setting what was fetched writes nothing
+    for name, value in claim.fetched.items():
+        setattr(job, name, value)
+    checked = _check_media(rt, job_id, claim, job, result.path)
+    if isinstance(checked, str):
+        return checked
+    cost = billed(job, billing.Outcome.SUCCEEDED)
+    location = outs.location(claim.batch_name, claim.item_index, job_id)
+    sidecar = sidecar_record(
+        job, claim.batch_name, outs.sidecar_video_path(location), result.sha256, result.size, cost
+    )
+    sidecar.update(checked)
+    try:
+        output_path = outs.publish(
+            result.path,
+            location=location,
+            sha256=result.sha256,
+            size=result.size,
+            sidecar=sidecar,
+            progress=_LeaseKeeper(rt, claim.fence),
+        )
+    except StateConflict:
+        return "lost-lease"  # the staged file stays: the lease's new holder uploads it
+    except OutputUploadError as exc:
+        return _upload_failed(rt, job_id, claim, exc, result.path)
+    except OutputWriteError as exc:
+        return _write_failed(rt, job_id, claim, exc)
+    with db.session_scope(rt.engine) as session:
+        store.mark_succeeded(
+            session,
+            claim.fence,
+            output_path=output_path,
+            output_sha256=result.sha256,
+            output_bytes=result.size,
+            **claim.fetched,
+            **checked,
+            **cost,
+        )
+    outs.finish(result.path)  # the staged copy of an uploaded video: never left behind
+    return "succeeded"
+
+
+def _download_video(
+    rt: Runtime, job_id: str, claim: _Claim, video: _Video, dest: Path
+) -> DownloadResult | str:
+    """Fetch the video into ``dest`` (atomically); an outcome string when that did not work."""
     settings = rt.settings
     shared = download_client(rt)
     client = shared.get()
     try:
-        dest = outputs.video_path(settings.output_dir, claim.batch_name, claim.item_index, job_id)
         try:
             # debris of attempts that are over: never the file of a download that holds the job
             outputs.remove_stale_partials(dest, older_than=settings.lease_seconds, version=claim.version)
         except OSError as exc:
             raise OutputWriteError(f"could not clean up {dest.parent}: {exc.strerror or exc}") from exc
-        result = download_file(
+        return download_file(
             video.url,
             dest,
             expected_size=video.file_size,
@@ -406,40 +482,35 @@ def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
     except ProviderError as exc:
         return _download_failed(rt, job_id, claim, exc)
 
-    chaos.crash_point("after_download")
-    job = claim.job  # detached: setting what was fetched writes nothing
-    for name, value in claim.fetched.items():
-        setattr(job, name, value)
-    checked = _check_media(rt, job_id, claim, job, result.path)
-    if isinstance(checked, str):
-        return checked
-    cost = billed(job, billing.Outcome.SUCCEEDED)
-    sidecar = sidecar_record(
-        job, claim.batch_name, result.path, result.sha256, result.size, settings.output_dir, cost
-    )
-    sidecar.update(checked)
+
+def _staged(job_id: str, dest: Path, video: _Video) -> DownloadResult | None:
+    """The video an earlier try of this job downloaded and staged but could not upload, hashed
+    again — so a failed upload is retried without a new download (fal's file may have expired
+    meanwhile; the video is paid for). None when there is none (or it is not the size fal
+    described: it is removed and downloaded again).
+
+    The staged name holds only our ids, and a job only ever stages the video of the request it
+    is downloading (a new request means a new attempt, which starts before any download), so a
+    staged file is this request's. It was renamed into place whole (``download`` writes a
+    temporary file), so it is never a partial one.
+    """
     try:
-        outputs.write_json_atomic(outputs.sidecar_path(result.path), sidecar)
-    except OSError as exc:
-        # a video without its sidecar is not an output: remove it (no half-finished outputs)
-        with contextlib.suppress(OSError):
-            result.path.unlink()
-        error = OutputWriteError(
-            f"could not write {outputs.sidecar_path(result.path)}: {exc.strerror or exc}"
-        )
-        return _write_failed(rt, job_id, claim, error)
-    with db.session_scope(rt.engine) as session:
-        store.mark_succeeded(
-            session,
-            claim.fence,
-            output_path=str(result.path),
-            output_sha256=result.sha256,
-            output_bytes=result.size,
-            **claim.fetched,
-            **checked,
-            **cost,
-        )
-    return "succeeded"
+        size = dest.stat().st_size
+        if video.file_size is not None and size != video.file_size:
+            dest.unlink()
+            return None
+        digest = hashlib.sha256()
+        with dest.open("rb") as fh:
+            while chunk := fh.read(1024 * 1024):
+                digest.update(chunk)
+    except OSError:
+        return None
+    log.info(
+        "job %s: uploading the video staged by an earlier try (no new download)",
+        job_id,
+        extra={"event": "download.upload_staged"},
+    )
+    return DownloadResult(path=dest, sha256=digest.hexdigest(), size=size)
 
 
 def _check_media(rt: Runtime, job_id: str, claim: _Claim, job: Job, path: Path) -> dict[str, Any] | str:
@@ -469,7 +540,12 @@ def _check_media(rt: Runtime, job_id: str, claim: _Claim, job: Job, path: Path) 
     if mismatch is None:
         return checked
     if rt.settings.media_mismatch != "fail":
-        log.warning("job %s: the video does not match the request: %s", job_id, mismatch)
+        log.warning(
+            "job %s: the video does not match the request: %s",
+            job_id,
+            mismatch,
+            extra={"event": "download.media_mismatch"},
+        )
         return checked
     with contextlib.suppress(OSError):
         path.unlink()
@@ -487,6 +563,7 @@ def _check_media(rt: Runtime, job_id: str, claim: _Claim, job: Job, path: Path) 
 
 def _download_failed(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError) -> str:
     """The video could not be fetched: try again later, or fail (final error or out of tries)."""
+    telemetry.count_provider_error(exc)
     failures = claim.failures + 1
     with db.session_scope(rt.engine) as session:
         # A final error (the file expired, the host is refused, not a video) cannot heal: fail now.
@@ -509,6 +586,38 @@ def _download_failed(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError
             **claim.fetched,
         )
     return "download-retry"
+
+
+def _upload_failed(rt: Runtime, job_id: str, claim: _Claim, exc: OutputUploadError, staged: Path) -> str:
+    """The upload to object storage failed: like a failed download, try again later (the staged
+    video is kept and uploaded again, fal is never asked again), up to
+    ``WANBATCH_DOWNLOAD_ATTEMPTS`` tries; then fail with the reason and the billed cost, and say
+    where the paid video is kept. Meanwhile the job counts in the download backlog, so a storage
+    outage holds new submits back (``WANBATCH_MAX_DOWNLOAD_BACKLOG``)."""
+    failures = claim.failures + 1
+    with db.session_scope(rt.engine) as session:
+        if failures >= rt.settings.download_attempts:
+            _fail_paid(
+                session,
+                claim,
+                error=f"output not saved after {failures} upload tries: {exc}; the video is kept at {staged}",
+                error_type="output_upload_failed",
+                download_attempts=failures,
+                **claim.fetched,
+            )
+            return "failed"
+        delay = backoff(rt.settings, failures)
+        store.release_lease(
+            session,
+            claim.fence,
+            next_attempt_at=in_seconds(delay),
+            download_attempts=failures,
+            **claim.fetched,
+        )
+    log.warning(
+        "job %s: %s; uploading again in %.0fs", job_id, exc, delay, extra={"event": "download.upload_retry"}
+    )
+    return "upload-retry"
 
 
 def _write_failed(rt: Runtime, job_id: str, claim: _Claim, exc: OutputWriteError) -> str:
@@ -539,10 +648,9 @@ def _fail_paid(session: Session, claim: _Claim, *, error: str, error_type: str, 
 def sidecar_record(
     job: Job,
     batch_name: str,
-    video: Path,
+    video_path: str,
     sha256: str,
     size: int,
-    output_dir: Path,
     cost: dict[str, Any],
 ) -> dict[str, Any]:
     """Everything needed to reproduce or audit one output, stored beside it."""
@@ -568,7 +676,7 @@ def sidecar_record(
         "est_billing_units": str(job.est_billing_units),
         "est_usd": str(job.est_usd),
         "attempts": job.attempts,
-        "video_path": outputs.relative_to_output(video, output_dir),
+        "video_path": video_path,  # relative to WANBATCH_OUTPUT_DIR, or the s3:// URI
         "video_sha256": sha256,
         "video_bytes": size,
     }

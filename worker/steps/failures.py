@@ -13,6 +13,7 @@ from jobs.errors import AccountLockedError, ProviderError, RetryableProviderErro
 from jobs.models import BatchState, Job
 from jobs.settings import RetrySettings, Settings
 from jobs.store import Fence
+from worker import telemetry
 from worker.fal.errors import format_detail
 from worker.steps.context import Runtime, in_seconds
 
@@ -40,6 +41,7 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
     fal's own words. ``cost`` (what fal billed for the attempt) is recorded either way.
     """
     reason = describe(exc)
+    telemetry.count_provider_error(exc)
     if not isinstance(exc, RetryableProviderError):
         store.fail_job(session, fence, error=reason, error_type=exc.error_type, **cost)
         return
@@ -57,7 +59,7 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
     delay = backoff(rt.settings, attempts)
     if exc.retry_after:
         delay = max(delay, exc.retry_after)
-    store.retry_later(
+    if store.retry_later(
         session,
         fence,
         reason=f"retry in {delay:.0f}s: {reason}",
@@ -65,7 +67,8 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
         error=reason,
         error_type=exc.error_type,
         **cost,
-    )
+    ):
+        telemetry.count_retry("provider_error")
 
 
 def billed(job: Job, outcome: billing.Outcome) -> dict[str, Any]:
@@ -110,6 +113,8 @@ def submit_outcome_unknown(
     waits = bool(rt.settings.webhook_url)
     deadline = in_seconds(rt.settings.submit_unknown_deadline if waits else 0)
     moved = store.mark_submit_unknown(session, fence, why=why, due_at=deadline)
+    if moved:
+        telemetry.count_ambiguous_submit()
     if moved and settle_now and not waits:
         settle_unknown_submit(session, rt, store.get_job(session, fence.job_id), NO_RECEIVER)
     return moved
@@ -132,12 +137,15 @@ def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> 
     fence = rt.fence(job)
     resubmit = rt.settings.submit_unknown_policy == "resubmit"
     if resubmit and job.attempts < rt.settings.max_attempts:
-        return store.retry_later(
+        resent = store.retry_later(
             session,
             fence,
             reason=f"outcome unknown ({why}): resubmitting (possible duplicate charge)",
             possible_duplicate=True,
         )
+        if resent:
+            telemetry.count_retry("ambiguous_resubmit")
+        return resent
     spent = " (no attempt left to resubmit)" if resubmit else ""
     return store.fail_job(
         session,

@@ -20,6 +20,7 @@ from jobs.errors import (
 from jobs.models import utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
+from worker import telemetry
 from worker.fal.errors import ProviderProtocolError
 from worker.fal.models import RequestHandle, Status
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, in_seconds
@@ -88,15 +89,23 @@ def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int
         except AccountLockedError as exc:
             # The account, not the request: pause the batch, keep the job, and ask again later —
             # the request is still at fal, running and billed, whatever our key's state.
-            log.warning("job %s: status refused for the account (%s); batch paused", job_id, exc)
+            telemetry.count_provider_error(exc)
+            log.warning(
+                "job %s: status refused for the account (%s); batch paused",
+                job_id,
+                exc,
+                extra={"event": "poll.account_refused", "job_id": job_id, "batch_id": batch_of[job_id]},
+            )
             with db.session_scope(rt.engine) as session:
                 pause_for_account(session, batch_of[job_id], exc)
                 store.release_lease(session, fence, next_attempt_at=in_seconds(rt.settings.poll_max_interval))
             continue
         except ProviderProtocolError as exc:
+            telemetry.count_provider_error(exc)
             _protocol_error(rt, fence, handle, submitted_at, exc)
             continue
         except FinalProviderError as exc:
+            telemetry.count_provider_error(exc)
             why = describe(exc)
             with db.session_scope(rt.engine) as session:
                 store.fail_job(
@@ -108,7 +117,13 @@ def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int
                 )
             continue
         except ProviderError as exc:
-            log.info("job %s: status failed (%s); will ask again", job_id, exc)
+            telemetry.count_provider_error(exc)
+            log.info(
+                "job %s: status failed (%s); will ask again",
+                job_id,
+                exc,
+                extra={"event": "poll.status_failed", "job_id": job_id, "request_id": handle.request_id},
+            )
             with db.session_scope(rt.engine) as session:
                 store.release_lease(
                     session, fence, next_attempt_at=_next_poll(rt.settings, submitted_at, utcnow())
@@ -133,7 +148,13 @@ def _protocol_error(
     with db.session_scope(rt.engine) as session:
         count = store.get_job(session, job_id).download_attempts + 1
         if count < PROTOCOL_ERROR_LIMIT:
-            log.warning("job %s: malformed status answer %d (%s); will ask again", job_id, count, exc)
+            log.warning(
+                "job %s: malformed status answer %d (%s); will ask again",
+                job_id,
+                count,
+                exc,
+                extra={"event": "poll.malformed_status", "job_id": job_id, "request_id": handle.request_id},
+            )
             store.release_lease(
                 session,
                 fence,
@@ -144,7 +165,12 @@ def _protocol_error(
     try:
         rt.client.cancel(handle)
     except WanbatchError as cancel_error:
-        log.info("job %s: cancel after malformed status answers failed: %s", job_id, cancel_error)
+        log.info(
+            "job %s: cancel after malformed status answers failed: %s",
+            job_id,
+            cancel_error,
+            extra={"event": "poll.cancel_failed", "job_id": job_id, "request_id": handle.request_id},
+        )
     reason = f"fal's status answers broke its protocol {count} times: {exc}"
     # Billed as a cancel: a request that was running has used GPU time; a queued one has not.
     queued = fence.state == S.QUEUED

@@ -118,12 +118,18 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
                 "cancel: %d request(s) of cancelled batches may still wait in fal's queue; "
                 "running ones are cancelled after them",
                 may_still_queue,
+                extra={"event": "cancel.waiting_for_queued"},
             )
             break
         try:
             outcome = rt.client.cancel(handle)
         except ProviderError as exc:
-            log.info("job %s: cancel failed (%s); will try again", fence.job_id, exc)
+            log.info(
+                "job %s: cancel failed (%s); will try again",
+                fence.job_id,
+                exc,
+                extra={"event": "cancel.failed", "job_id": fence.job_id, "request_id": handle.request_id},
+            )
             may_still_queue += fence.state == S.QUEUED
             continue
         with db.session_scope(rt.engine) as session:

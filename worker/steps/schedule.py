@@ -63,7 +63,17 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
         try:
             outcome = rt.client.cancel(handle)
         except ProviderError as exc:
-            log.info("job %s: cancel at the %s failed (%s); will try again", fence.job_id, why, exc)
+            log.info(
+                "job %s: cancel at the %s failed (%s); will try again",
+                fence.job_id,
+                why,
+                exc,
+                extra={
+                    "event": "schedule.cancel_failed",
+                    "job_id": fence.job_id,
+                    "request_id": handle.request_id,
+                },
+            )
             continue
         with db.session_scope(rt.engine) as session:
             reason = "deadline passed" if why == DEADLINE else "window closed"

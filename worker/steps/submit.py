@@ -29,7 +29,7 @@ from jobs.errors import (
 from jobs.models import utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
-from worker import chaos
+from worker import chaos, logs, telemetry
 from worker.fal.errors import SubmitNotSentError
 from worker.fal.models import RequestHandle, Submitted
 from worker.fal.storage import prepare_input
@@ -63,7 +63,8 @@ def _take_submit_token(rt: Runtime, endpoint: str) -> tuple[str, float] | None:
     try:
         wait = wait_for_token(rt.limiter, endpoint, rt.settings.submit_wait_max)
     except LimiterUnavailableError as exc:
-        log.warning("not submitting: %s", exc)
+        telemetry.count_limiter_wait("unavailable")
+        log.warning("not submitting: %s", exc, extra={"event": "limiter.unavailable"})
         return f"held back: {exc}", LIMITER_DOWN_RETRY_SECONDS
     if wait > 0:
         return f"held back by the submit rate for {wait:.2f}s", wait
@@ -101,6 +102,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
             return "skipped"  # a duplicate message, or another worker already began this POST
         fence, endpoint, raw_input, attempt = rt.fence(job), job.endpoint, dict(job.input), job.attempts
         batch_id = job.batch_id
+        logs.annotate(batch_id=batch_id)
         batch = store.get_batch(session, batch_id)
         schedule, priority = store.batch_schedule(batch), batch.priority
 
@@ -135,7 +137,11 @@ def _submit(rt: Runtime, job_id: str) -> str:
             settle(session, rt, fence, exc)
         return "media-failed"
     except Exception as exc:  # our own side failed (a closed client, a bug): nothing was sent
-        log.exception("job %s: preparing the input failed; giving it back", job_id)
+        log.exception(
+            "job %s: preparing the input failed; giving it back",
+            job_id,
+            extra={"event": "submit.prepare_failed"},
+        )
         why = rt.client.scrub(f"not sent: preparing the input failed: {exc!r}")
         with db.session_scope(rt.engine) as session:
             _not_sent(session, fence, why)
@@ -175,24 +181,31 @@ def _submit(rt: Runtime, job_id: str) -> str:
         )
     except (SubmitNotSentError, UsageError) as exc:
         # Failed inside this process before the request was written: fal cannot have it.
-        log.error("job %s: not sent (%s); giving it back", job_id, exc)
+        log.error("job %s: not sent (%s); giving it back", job_id, exc, extra={"event": "submit.not_sent"})
         with db.session_scope(rt.engine) as session:
             _not_sent(session, fence, f"not sent: {exc}")
         return "not-sent"
     except AmbiguousSubmitError as exc:
+        telemetry.count_submit(endpoint, "ambiguous")
         with db.session_scope(rt.engine) as session:
             submit_outcome_unknown(session, rt, fence, str(exc))
         return "ambiguous"
     except AccountLockedError as exc:
+        telemetry.count_submit(endpoint, "refused")
         with db.session_scope(rt.engine) as session:
             reason = pause_for_account(session, batch_id, exc)
             store.give_back(session, fence, reason=f"batch paused: {reason}", due_at=in_seconds(0))
         return "account-locked"
     except (RetryableProviderError, FinalProviderError) as exc:
+        telemetry.count_submit(
+            endpoint, "retryable" if isinstance(exc, RetryableProviderError) else "refused"
+        )
         with db.session_scope(rt.engine) as session:
             settle(session, rt, fence, exc)
         return "retry" if isinstance(exc, RetryableProviderError) else "failed"
 
+    telemetry.count_submit(endpoint, "accepted")
+    logs.annotate(request_id=submitted.request_id)
     chaos.crash_point("after_post")
     now = utcnow()
     outcome = _while_database_down(rt, lambda: _record_submission(rt, fence, submitted, now))
@@ -234,7 +247,11 @@ def _while_database_down(rt: Runtime, action: Callable[[], str]) -> str:
         except OperationalError:
             if time.monotonic() > patience:
                 raise
-            log.warning("database unreachable while recording a submission; retrying in %.1fs", delay)
+            log.warning(
+                "database unreachable while recording a submission; retrying in %.1fs",
+                delay,
+                extra={"event": "submit.record_retry"},
+            )
             time.sleep(delay)
             delay = min(1.0, delay * 2)
 
@@ -268,5 +285,10 @@ def _record_submission(rt: Runtime, fence: Fence, submitted: Submitted, now: dat
         if job.state == S.SUBMIT_UNKNOWN and job.request_id is None:
             record(session, rt.fence(job))
             return "submitted-late"
-    log.warning("job %s: fal accepted %s but the job moved on", fence.job_id, submitted.request_id)
+    log.warning(
+        "job %s: fal accepted %s but the job moved on",
+        fence.job_id,
+        submitted.request_id,
+        extra={"event": "submit.orphaned", "job_id": fence.job_id, "request_id": submitted.request_id},
+    )
     return "orphaned"

@@ -94,11 +94,19 @@ def receive(inbox: Inbox, delivery: VerifiedDelivery, *, job_id: str | None, att
             body=redact_value(delivery.body, [fal_key]),
         )
     if not new:
-        log.info("webhook for %s delivered again (stored once)", delivery.request_id)
+        log.info(
+            "webhook for %s delivered again (stored once)",
+            delivery.request_id,
+            extra={"event": "webhook.repeated", "job_id": job_id, "request_id": delivery.request_id},
+        )
     try:
         apply_delivery(inbox, delivery_id)
     except Exception:  # stored: the tick applies it later; fal must not resend for our bug
-        log.exception("webhook %d: applying failed; the tick will try again", delivery_id)
+        log.exception(
+            "webhook %d: applying failed; the tick will try again",
+            delivery_id,
+            extra={"event": "webhook.apply_failed", "job_id": job_id, "request_id": delivery.request_id},
+        )
         if job_id is not None:
             _announce(inbox, f"webhook:{job_id}")
     return delivery_id
@@ -111,7 +119,12 @@ def _announce(inbox: Inbox, payload: str) -> None:
         with db.session_scope(inbox.engine) as session:
             db.notify_events(session, payload)
     except Exception:
-        log.warning("could not wake the tick leader (%s); its next tick will do", payload, exc_info=True)
+        log.warning(
+            "could not wake the tick leader (%s); its next tick will do",
+            payload,
+            exc_info=True,
+            extra={"event": "webhook.notify_failed"},
+        )
 
 
 def apply_pending(rt: Runtime, limit: int = 200) -> int:
@@ -201,7 +214,17 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                 next_poll_at=first_poll_at(inbox.settings, now),
             ):
                 continue
-            log.info("job %s: webhook proved fal accepted it as %s", job.id, delivery.request_id)
+            log.info(
+                "job %s: webhook proved fal accepted it as %s",
+                job.id,
+                delivery.request_id,
+                extra={
+                    "event": "webhook.adopted",
+                    "job_id": job.id,
+                    "batch_id": job.batch_id,
+                    "request_id": delivery.request_id,
+                },
+            )
             fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
             outcome = "adopted"
         else:
@@ -213,6 +236,12 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                 job.id,
                 delivery.request_id,
                 delivery.attempt,
+                extra={
+                    "event": "webhook.duplicate_charge",
+                    "job_id": job.id,
+                    "batch_id": job.batch_id,
+                    "request_id": delivery.request_id,
+                },
             )
             return "duplicate-charge", None
         queue = record_completion(session, fence, status, now=now, download_queued_until=queued_until)

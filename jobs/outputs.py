@@ -12,12 +12,11 @@ import os
 import re
 import tempfile
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 from jobs.errors import WanbatchError
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class OutputWriteError(WanbatchError):
@@ -27,9 +26,36 @@ class OutputWriteError(WanbatchError):
     """
 
 
+#: Longest folder name :func:`slug` makes, in characters and in UTF-8 bytes (file systems count
+#: bytes, 255 at most per name).
+SLUG_MAX_CHARS, SLUG_MAX_BYTES = 100, 200
+
+
+def _kept(char: str) -> bool:
+    """Letters, marks and digits of any script, and ``.``, ``_``, ``-``: never a separator,
+    control, space or symbol."""
+    return char in "._-" or unicodedata.category(char)[0] in "LMN"
+
+
 def slug(name: str) -> str:
-    """A file-system-safe, non-empty form of a batch name (no separators, no leading dots)."""
-    cleaned = _UNSAFE.sub("-", name).strip(".-")[:100]
+    """A file-system-safe, non-empty, readable form of a batch name.
+
+    NFC-normalised, so ``é`` typed either way is one folder; letters and digits of every script
+    are kept (``東京-夜景`` stays ``東京-夜景``, not ``batch``); each run of anything else becomes
+    one ``-``. No separators, no leading dots or dashes, at most :data:`SLUG_MAX_CHARS`
+    characters and :data:`SLUG_MAX_BYTES` bytes of UTF-8 (cut on a character boundary). An
+    ASCII name gets the very folder it always got, so existing batches keep theirs.
+    """
+    parts: list[str] = []
+    for char in unicodedata.normalize("NFC", name):
+        if _kept(char):
+            parts.append(char)
+        elif not parts or parts[-1] != "\0":
+            parts.append("\0")  # one "-" per run of unsafe characters
+    cleaned = "".join("-" if p == "\0" else p for p in parts).strip(".-")[:SLUG_MAX_CHARS]
+    encoded = cleaned.encode("utf-8")
+    if len(encoded) > SLUG_MAX_BYTES:
+        cleaned = encoded[:SLUG_MAX_BYTES].decode("utf-8", errors="ignore").rstrip(".-")
     return cleaned or "batch"
 
 

@@ -1,0 +1,502 @@
+"""What the dashboard lists: batches with their progress, and a batch's jobs a page at a time.
+
+A batch may hold 100,000 jobs, and a page must still answer in a blink, so nothing here loads
+jobs to count them in Python:
+
+* the batch list is one ``GROUP BY batch_id, state`` over the batches shown (counts, money,
+  first submit and recent finishes per state), never a query per batch;
+* a batch's page is one ``GROUP BY state, endpoint`` (:func:`batch_summary`): its counts,
+  money, media mismatches, duplicate charges and pace, the filter's choices and the number of
+  jobs each filter matches all come from that one pass over its jobs;
+* the job list is keyset-paginated in item order, ``(item_index, variant, id)``: each page
+  reads ``LIMIT n + 1`` rows from where the previous one ended (an index on ``(batch_id,
+  item_index, variant, id)`` makes that a short index range, whatever the page), where an
+  ``OFFSET`` would read and drop every row before the page.
+
+Money follows :class:`jobs.store.BatchMoney`'s and :class:`jobs.store.BatchCost`'s definitions
+(spent: the actual cost of finished work, else its estimate), so the dashboard and ``status``
+agree to the cent (``tests/web/test_listing.py`` holds them to it). The state-dependent parts
+of those definitions are applied per ``state`` group in Python, on a handful of rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import case, func, select, tuple_, type_coerce
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
+
+from jobs import store
+from jobs.models import Batch, BatchState, Job, Money, utcnow
+from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
+
+#: Finishes this recent make the throughput (jobs per minute) and the ETA: the current pace, not
+#: the average since a start that may have been hours (and a paused night) ago.
+THROUGHPUT_WINDOW = timedelta(minutes=10)
+#: Job-list page sizes offered; anything else asked for falls back to the default.
+PAGE_SIZES = (25, 50, 100, 200)
+DEFAULT_PAGE_SIZE = 50
+#: Batches per page of the batch list (newest first).
+BATCHES_PER_PAGE = 50
+
+#: States whose finish is work done (a budget or deadline cancels thousands at once: not a pace).
+_WORK_DONE = (JobState.SUCCEEDED, JobState.FAILED)
+#: States in which fal has finished the work, so the job is billed (as :func:`store.batch_money`).
+_BILLED = (JobState.DOWNLOADING, JobState.SUCCEEDED)
+#: Jobs something is working on: fal holds them, or their video is being fetched.
+BUSY_STATES: frozenset[JobState] = AT_PROVIDER_STATES | {JobState.DOWNLOADING}
+#: Jobs waiting to be sent.
+WAITING_STATES: frozenset[JobState] = frozenset({JobState.PENDING, JobState.RETRY_WAIT})
+
+
+# --------------------------------------------------------------------------- totals
+
+
+@dataclass(slots=True)
+class Totals:
+    """Jobs and money of a set of jobs (a batch, or its jobs of one endpoint), by state.
+
+    Money as :class:`jobs.store.BatchMoney` and :class:`jobs.store.BatchCost` define it, all
+    exact USD: ``estimated``, ``spent`` (billed work at its actual cost, else its estimate),
+    ``reserved`` (estimates of jobs fal holds), ``actual`` (what fal billed), ``wasted`` (billed
+    money that bought no output).
+    """
+
+    counts: dict[str, int] = field(default_factory=lambda: {s.value: 0 for s in JobState})
+    estimated_usd: Decimal = Decimal(0)
+    spent_usd: Decimal = Decimal(0)
+    reserved_usd: Decimal = Decimal(0)
+    actual_usd: Decimal = Decimal(0)
+    wasted_usd: Decimal = Decimal(0)
+    possible_duplicate_charges: int = 0
+    confirmed_duplicate_charges: int = 0
+    cancelled_for_budget: int = 0
+    media_mismatches: int = 0
+    first_submitted_at: datetime | None = None
+    #: Jobs that finished work (succeeded or failed) within :data:`THROUGHPUT_WINDOW`.
+    recent: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts[s.value] for s in TERMINAL_STATES)
+
+    @property
+    def busy(self) -> int:
+        """Jobs something is working on: fal holds them, or their video is being fetched."""
+        return sum(self.counts[s.value] for s in BUSY_STATES)
+
+    @property
+    def waiting(self) -> int:
+        return sum(self.counts[s.value] for s in WAITING_STATES)
+
+    def add(self, state: JobState, row: Any) -> None:
+        """Fold in one aggregate row of :func:`_aggregates` for jobs in ``state``."""
+        (jobs, estimated, billed, actual, overrun, possible, confirmed, budget, mismatches, first, recent) = (
+            row
+        )
+        self.counts[state.value] += int(jobs)
+        self.estimated_usd += estimated or 0
+        self.actual_usd += actual or 0
+        # The state decides which figure counts, exactly as store.batch_money / batch_cost do.
+        self.spent_usd += (billed or 0) if state in _BILLED else (actual or 0)
+        if state in AT_PROVIDER_STATES:
+            self.reserved_usd += estimated or 0
+        if state in (JobState.FAILED, JobState.CANCELLED):
+            self.wasted_usd += actual or 0
+        elif state == JobState.SUCCEEDED:
+            self.wasted_usd += overrun or 0
+        self.possible_duplicate_charges += int(possible or 0)
+        self.confirmed_duplicate_charges += int(confirmed or 0)
+        if state == JobState.CANCELLED:
+            self.cancelled_for_budget += int(budget or 0)
+        self.media_mismatches += int(mismatches or 0)
+        self.recent += int(recent or 0)
+        if first is not None and (self.first_submitted_at is None or first < self.first_submitted_at):
+            self.first_submitted_at = first
+
+
+def _aggregates(since: datetime) -> tuple[ColumnElement[Any], ...]:
+    """The per-group figures :meth:`Totals.add` folds in, for a ``GROUP BY`` including state."""
+    zero = type_coerce(0, Money())
+    overrun = case((Job.actual_usd > Job.est_usd, Job.actual_usd - Job.est_usd), else_=zero)
+    return (
+        func.count(),
+        func.sum(Job.est_usd),
+        func.sum(type_coerce(func.coalesce(Job.actual_usd, Job.est_usd), Money())),
+        func.sum(type_coerce(func.coalesce(Job.actual_usd, zero), Money())),
+        func.sum(type_coerce(overrun, Money())),
+        func.sum(Job.possible_duplicate_charges),
+        func.sum(Job.confirmed_duplicate_charges),
+        func.sum(case((Job.error_type == "budget", 1), else_=0)),
+        func.count(Job.media_mismatch),
+        func.min(Job.submitted_at),
+        func.sum(case((Job.state.in_(list(_WORK_DONE)) & (Job.finished_at >= since), 1), else_=0)),
+    )
+
+
+# --------------------------------------------------------------------------- pace
+
+
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """How fast a batch goes now, and when it should be done at that pace.
+
+    ``per_minute`` is None before anything was sent; ``eta_seconds`` is None when there is no
+    pace to go by, or when nothing is working on the batch (``held`` then says why: paused,
+    waiting for its window, cancelled), because a forecast for a batch that is not moving would
+    be a guess presented as a fact.
+    """
+
+    per_minute: float | None
+    eta_seconds: float | None
+    held: str
+
+
+def pace(totals: Totals, *, held: str, now: datetime) -> Pace:
+    """Throughput over :data:`THROUGHPUT_WINDOW` (or since the first submit, when that is more
+    recent) and the ETA of the unfinished jobs at that pace.
+
+    ``held`` is why nothing new is sent ("" when jobs may be sent); a held batch whose in-flight
+    jobs are all done gets no ETA, one that still has some in flight keeps it.
+    """
+    first = totals.first_submitted_at
+    if first is None:
+        return Pace(None, None, held)
+    window = min(THROUGHPUT_WINDOW, max(now - first, timedelta(seconds=1)))
+    per_minute = totals.recent / (window.total_seconds() / 60)
+    remaining = totals.total - totals.finished
+    if remaining == 0:
+        return Pace(per_minute, 0.0, held)
+    if (held and totals.busy == 0) or per_minute <= 0:
+        return Pace(per_minute, None, held)
+    return Pace(per_minute, round(remaining / per_minute * 60, 1), held)
+
+
+def held_reason(batch: Batch, *, now: datetime) -> str:
+    """Why no new job of ``batch`` is sent right now, in words ("" when they may be)."""
+    if batch.state == BatchState.CANCELLED:
+        return "cancelled"
+    if batch.paused_by_user:
+        return "paused by user"
+    if batch.state == BatchState.PAUSED:
+        return f"paused: {batch.pause_reason}" if batch.pause_reason else "paused"
+    schedule = store.batch_schedule(batch)
+    if not schedule.is_open(now):
+        return schedule.describe(now) or "outside its schedule"
+    return ""
+
+
+# --------------------------------------------------------------------------- the batch list
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    """One batch as the batch list shows it (the ORM row is loaded and detached-safe)."""
+
+    batch: Batch
+    totals: Totals
+    pace: Pace
+
+
+@dataclass(frozen=True, slots=True)
+class BatchList:
+    """A page of the batch list, newest first."""
+
+    rows: list[BatchRow]
+    #: Batches stored in all (the list may show only some of them).
+    total_batches: int
+    page: int
+    pages: int
+
+
+def list_batches(
+    session: Session, *, page: int = 1, per_page: int = BATCHES_PER_PAGE, now: datetime | None = None
+) -> BatchList:
+    """A page of batches, newest first, with their totals and pace: three queries in all, one
+    of them a single ``GROUP BY batch_id, state`` over the jobs of the batches shown."""
+    now = now or utcnow()
+    total_batches = int(session.scalar(select(func.count()).select_from(Batch)) or 0)
+    pages = max(1, -(-total_batches // per_page))
+    page = min(max(page, 1), pages)
+    batches = list(
+        session.scalars(
+            select(Batch)
+            .order_by(Batch.created_at.desc(), Batch.id.desc())
+            .limit(per_page)
+            .offset((page - 1) * per_page)
+        )
+    )
+    totals = {b.id: Totals() for b in batches}
+    if batches:
+        rows = session.execute(
+            select(Job.batch_id, Job.state, *_aggregates(now - THROUGHPUT_WINDOW))
+            .where(Job.batch_id.in_(list(totals)))
+            .group_by(Job.batch_id, Job.state)
+        )
+        for batch_id, state, *figures in rows:
+            totals[batch_id].add(JobState(state), figures)
+    return BatchList(
+        rows=[
+            BatchRow(
+                batch=b, totals=totals[b.id], pace=pace(totals[b.id], held=held_reason(b, now=now), now=now)
+            )
+            for b in batches
+        ],
+        total_batches=total_batches,
+        page=page,
+        pages=pages,
+    )
+
+
+# --------------------------------------------------------------------------- one batch
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSummary:
+    """A batch's totals per endpoint and in all: the page's figures and its filter's choices."""
+
+    by_endpoint: dict[str, Totals]
+    all: Totals
+
+    @property
+    def endpoints(self) -> dict[str, int]:
+        """Jobs per endpoint, busiest first."""
+        jobs = {ep: t.total for ep, t in self.by_endpoint.items()}
+        return dict(sorted(jobs.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def counts(self, endpoint: str | None = None) -> dict[str, int]:
+        """Jobs per state (every state, 0 when none), of one endpoint or all."""
+        if endpoint is None:
+            return self.all.counts
+        found = self.by_endpoint.get(endpoint)
+        return found.counts if found is not None else Totals().counts
+
+    def matching(self, states: Sequence[JobState] = (), endpoint: str | None = None) -> int:
+        """How many jobs a filter matches (no states: any state; no endpoint: any endpoint)."""
+        counts = self.counts(endpoint)
+        return sum(counts[s.value] for s in states) if states else sum(counts.values())
+
+
+def batch_summary(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchSummary:
+    """:class:`BatchSummary` of one batch, from one ``GROUP BY state, endpoint`` over its jobs."""
+    since = (now or utcnow()) - THROUGHPUT_WINDOW
+    rows = session.execute(
+        select(Job.state, Job.endpoint, *_aggregates(since))
+        .where(Job.batch_id == batch_id)
+        .group_by(Job.state, Job.endpoint)
+    )
+    everything = Totals()
+    by_endpoint: dict[str, Totals] = {}
+    for state, endpoint, *figures in rows:
+        job_state = JobState(state)
+        everything.add(job_state, figures)
+        by_endpoint.setdefault(str(endpoint), Totals()).add(job_state, figures)
+    return BatchSummary(by_endpoint=by_endpoint, all=everything)
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """A position in a batch's item order: the job list's keyset (``item.variant.id`` in URLs)."""
+
+    item_index: int
+    variant: int
+    id: str
+
+    def encode(self) -> str:
+        return f"{self.item_index}.{self.variant}.{self.id}"
+
+    @classmethod
+    def decode(cls, text: str | None) -> Cursor | None:
+        """The cursor ``text`` encodes, or None for anything malformed (the list starts over)."""
+        if not text:
+            return None
+        parts = text.split(".")
+        if len(parts) != 3 or not all(parts):
+            return None
+        item, variant, job_id = parts
+        if not (item.isdigit() and variant.isdigit() and len(item) < 10 and len(variant) < 10):
+            return None
+        if len(job_id) > 32 or not job_id.isalnum():
+            return None
+        return cls(int(item), int(variant), job_id)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """One job as the job list shows it."""
+
+    id: str
+    item_index: int
+    variant: int
+    endpoint: str
+    state: str
+    attempts: int
+    seed: int | None
+    #: The prompt as the manifest gave it, and as fal's prompt expansion rewrote it (if it did).
+    prompt: str | None
+    actual_prompt: str | None
+    error: str | None
+    error_type: str | None
+    est_usd: Decimal
+    actual_usd: Decimal | None
+    media: dict[str, Any] | None
+    media_mismatch: str | None
+    output_path: str | None
+    reused_from: str | None
+    possible_duplicate_charges: int
+    updated_at: datetime
+
+    @property
+    def cursor(self) -> Cursor:
+        return Cursor(self.item_index, self.variant, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    """One page of a batch's jobs in item order, and where the pages around it start."""
+
+    rows: list[JobRow]
+    has_prev: bool
+    has_next: bool
+
+    @property
+    def first(self) -> Cursor | None:
+        return self.rows[0].cursor if self.rows else None
+
+    @property
+    def last(self) -> Cursor | None:
+        return self.rows[-1].cursor if self.rows else None
+
+
+_ROW_COLUMNS = (
+    Job.id,
+    Job.item_index,
+    Job.variant,
+    Job.endpoint,
+    Job.state,
+    Job.attempts,
+    Job.seed,
+    Job.input["prompt"].as_string(),
+    Job.actual_prompt,
+    Job.error,
+    Job.error_type,
+    Job.est_usd,
+    Job.actual_usd,
+    Job.media,
+    Job.media_mismatch,
+    Job.output_path,
+    Job.reused_from,
+    Job.possible_duplicate_charges,
+    Job.updated_at,
+)
+
+
+def list_jobs(
+    session: Session,
+    batch_id: str,
+    *,
+    states: Sequence[JobState] = (),
+    endpoint: str | None = None,
+    after: Cursor | None = None,
+    before: Cursor | None = None,
+    last: bool = False,
+    limit: int = DEFAULT_PAGE_SIZE,
+) -> JobPage:
+    """A page of ``limit`` jobs of a batch in item order, filtered by state and endpoint.
+
+    With no position: the first page. ``after``: the page after that job; ``before``: the page
+    before it; ``last``: the last page. Each reads at most ``limit + 1`` rows (the extra one
+    says whether there is more beyond), whichever page it is.
+    """
+    order = tuple_(Job.item_index, Job.variant, Job.id)
+    query = select(*_ROW_COLUMNS).where(Job.batch_id == batch_id)
+    if states:
+        query = query.where(Job.state.in_(list(states)))
+    if endpoint is not None:
+        query = query.where(Job.endpoint == endpoint)
+    backwards = before is not None or (last and after is None)
+    if after is not None:
+        query = query.where(order > tuple_(after.item_index, after.variant, after.id))
+    elif before is not None:
+        query = query.where(order < tuple_(before.item_index, before.variant, before.id))
+    if backwards:
+        query = query.order_by(Job.item_index.desc(), Job.variant.desc(), Job.id.desc())
+    else:
+        query = query.order_by(Job.item_index, Job.variant, Job.id)
+    fetched = [_job_row(row) for row in session.execute(query.limit(limit + 1))]
+    more = len(fetched) > limit
+    rows = fetched[:limit]
+    if backwards:
+        rows.reverse()
+        return JobPage(rows=rows, has_prev=more, has_next=before is not None)
+    return JobPage(rows=rows, has_prev=after is not None, has_next=more)
+
+
+def _job_row(row: Any) -> JobRow:
+    (
+        job_id,
+        item_index,
+        variant,
+        endpoint,
+        state,
+        attempts,
+        seed,
+        prompt,
+        actual_prompt,
+        error,
+        error_type,
+        est_usd,
+        actual_usd,
+        media,
+        media_mismatch,
+        output_path,
+        reused_from,
+        duplicates,
+        updated_at,
+    ) = row
+    return JobRow(
+        id=job_id,
+        item_index=int(item_index),
+        variant=int(variant),
+        endpoint=endpoint,
+        state=JobState(state).value,
+        attempts=int(attempts),
+        seed=seed,
+        prompt=prompt,
+        actual_prompt=actual_prompt,
+        error=error,
+        error_type=error_type,
+        est_usd=est_usd,
+        actual_usd=actual_usd,
+        media=media,
+        media_mismatch=media_mismatch,
+        output_path=output_path,
+        reused_from=reused_from,
+        possible_duplicate_charges=int(duplicates or 0),
+        updated_at=updated_at,
+    )
+
+
+def job_output(session: Session, job_id: str) -> tuple[str, str | None] | None:
+    """``(batch_id, output_path)`` of a job, or None when there is no such job."""
+    row = session.execute(select(Job.batch_id, Job.output_path).where(Job.id == job_id)).first()
+    return None if row is None else (str(row[0]), row[1])
+
+
+def child_batches(session: Session, batch_id: str) -> list[tuple[str, str]]:
+    """``(id, name)`` of the batches rerun from this one, oldest first."""
+    rows = session.execute(
+        select(Batch.id, Batch.name)
+        .where(Batch.parent_batch_id == batch_id)
+        .order_by(Batch.created_at, Batch.id)
+    )
+    return [(str(i), str(n)) for i, n in rows]

@@ -1,0 +1,59 @@
+"""How money is rounded and written: one definition for every command, page and export.
+
+Sums stay exact :class:`~decimal.Decimal` inside wanbatch; rounding happens only here, at the
+edge, and the same way everywhere. Before, ``status`` formatted a float (``$2.835`` printed
+``$2.83``, the binary float being just under) while ``cost`` formatted a Decimal with the
+default banker's rounding (``$2.84``, but ``$2.825`` → ``$2.82``): two commands, two answers.
+
+- **For people** (:func:`usd_text`): dollars and cents, rounded half up (``ROUND_HALF_UP``, as
+  on an invoice: ``$2.835`` → ``$2.84``, ``$2.825`` → ``$2.83``), with thousands separators.
+- **In JSON** (:func:`usd_json`): a JSON number of US dollars rounded half up to the micro-dollar
+  (6 decimal places), in every ``--json`` object and export. A number keeps ``jq`` and
+  spreadsheets working; six places keep per-second prices exact. A float prints its shortest
+  round-tripping form, so ``Decimal(str(value))`` gives back exactly the rounded amount.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal
+
+CENT = Decimal("0.01")
+MICRO = Decimal("0.000001")
+
+
+def as_decimal(value: Decimal | float | int | str) -> Decimal:
+    """``value`` as a Decimal; a float by its shortest repr (``2.835`` → ``Decimal("2.835")``).
+
+    ``Decimal(2.835)`` would be the binary float's exact value, ``2.83499999…``, and round down:
+    the very bug this module exists to prevent.
+    """
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return Decimal(value)
+
+
+def round_cents(value: Decimal | float | int | str) -> Decimal:
+    """``value`` rounded half up to the cent: ``2.835`` → ``2.84``, ``-2.835`` → ``-2.84``."""
+    return as_decimal(value).quantize(CENT, rounding=ROUND_HALF_UP)
+
+
+def usd_text(value: Decimal | float | int | str | None, *, none: str = "$0.00") -> str:
+    """Dollars for people: ``$2.84``, ``$1,234.50`` (``none`` when there is no amount).
+
+    The only formatting of money that ``status``, ``cost``, ``estimate``, ``run`` and the
+    dashboard use, so they never disagree on a cent.
+    """
+    if value is None:
+        return none
+    cents = round_cents(value)
+    sign = "-" if cents < 0 else ""
+    return f"{sign}${abs(cents):,.2f}"
+
+
+def usd_json(value: Decimal | float | int | str | None) -> float | None:
+    """Dollars for JSON: a number rounded half up to the micro-dollar (None stays None)."""
+    if value is None:
+        return None
+    return float(as_decimal(value).quantize(MICRO, rounding=ROUND_HALF_UP))

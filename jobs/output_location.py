@@ -1,0 +1,63 @@
+"""Where outputs go, as the user names it: a folder, or ``s3://bucket/prefix``.
+
+Pure parsing, shared by the settings (which must tell a URL from a folder before a
+:class:`~pathlib.Path` folds ``s3://`` into ``s3:/``) and :mod:`jobs.output_store` (which reads
+and writes there). Bucket names follow S3's rules
+(https://docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html).
+"""
+
+from __future__ import annotations
+
+import re
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def is_s3_url(value: str) -> bool:
+    """True for ``s3://…`` (any case of the scheme): object storage rather than a folder."""
+    return value.strip()[:5].lower() == "s3://"
+
+
+def parse_s3_url(value: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` → ``("bucket", "some/prefix")``; ValueError says what is wrong.
+
+    The prefix may be empty. Its segments may not be empty, ``.`` or ``..`` (S3 would store
+    such keys literally, but most tools that sync buckets to disk would not), nor hold control
+    characters; a query or fragment is refused rather than silently dropped.
+    """
+    text = value.strip()
+    if not is_s3_url(text):
+        raise ValueError(f"{value!r} is not an s3://bucket/prefix URL")
+    rest = text[5:]
+    if "?" in rest or "#" in rest:
+        raise ValueError("an s3:// URL takes no query or fragment (?, #)")
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ValueError(
+            f"{bucket!r} is not a valid bucket name (3-63 lower-case letters, digits, dots and hyphens)"
+        )
+    prefix = prefix.strip("/")
+    if prefix:
+        for part in prefix.split("/"):
+            if part in ("", ".", "..") or CONTROL_CHARS.search(part):
+                raise ValueError(
+                    f"the key prefix {prefix!r} has an empty, '.', '..' or control character part"
+                )
+    return bucket, prefix
+
+
+def normalise_s3_url(value: str) -> str:
+    """The canonical form of an ``s3://`` location: no trailing slash (ValueError when invalid)."""
+    bucket, prefix = parse_s3_url(value)
+    return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` of a stored object → ``(bucket, key)``; ValueError when not one."""
+    if not is_s3_url(uri):
+        raise ValueError(f"{uri!r} is not an s3:// object")
+    bucket, _, key = uri.strip()[5:].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"{uri!r} names no object")
+    return bucket, key

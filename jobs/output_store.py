@@ -1,0 +1,709 @@
+"""Where finished outputs live: a local folder, or S3-compatible object storage.
+
+``WANBATCH_OUTPUT_DIR`` is a folder (the default, ``./outputs``) or ``s3://bucket/prefix``.
+:func:`open_output_store` returns the matching :class:`OutputStore`; everything that writes,
+checks, reads back or links to an output goes through it, so the download step, ``run``'s
+start-up check, ``doctor``, the exports and the dashboard agree on one definition.
+
+**Same guarantees in both.** A video is first written whole to a local file (the output folder
+itself, or for S3 the staging folder ``WANBATCH_OUTPUT_STAGING_DIR``), hashed (SHA-256) while
+it streams in and probed, exactly as before. Then :meth:`OutputStore.publish` makes it the
+output: locally the file is already in place and its sidecar JSON is written atomically beside
+it; for S3 the video is sent as *one* ``PutObject`` carrying ``ChecksumSHA256`` (S3 recomputes
+it and refuses the object when the bytes differ), or, past :data:`MULTIPART_THRESHOLD`, as a
+multipart upload with a SHA-256 per part that is aborted on any failure. Either way S3 makes
+the object visible under its key only once it is complete, so **no partial object ever exists
+under a final key**. The sidecar follows the same way. The staged file is removed only after
+the job's success is stored (:meth:`OutputStore.finish`); an upload that fails keeps it, and the
+next try uploads it again without asking fal for anything (a paid output is never regenerated).
+
+**Keys** are ``<prefix>/<batch slug>/<item index>-<job id prefix>.mp4`` (and ``.json``): only the
+configured prefix and names we made (``jobs.outputs.slug`` and our ids), never a name the
+provider supplied. ``job.output_path`` records ``s3://bucket/key``; exports show that URI.
+
+**Credentials** are boto3's own business (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+``AWS_PROFILE``, instance roles, ``AWS_ENDPOINT_URL`` for MinIO and other S3-compatible
+services, ``AWS_REGION``): wanbatch never reads, stores or prints them. Error messages name the
+bucket, key and endpoint only.
+
+boto3 is imported on first use, so commands that never touch S3 do not pay for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+from jobs import outputs
+from jobs.errors import WanbatchError
+from jobs.output_location import CONTROL_CHARS, is_s3_url, parse_s3_url, split_uri
+from jobs.outputs import OutputWriteError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+    from jobs.settings import DownloadSettings
+
+log = logging.getLogger(__name__)
+
+#: Above this size a video goes up as a multipart upload (one ``PutObject`` takes up to 5 GiB;
+#: parts keep a retry from resending everything). Wan videos are a few MB: one request.
+MULTIPART_THRESHOLD = 512 * 1024**2
+#: Size of each part of a multipart upload (S3: at least 5 MiB, at most 10,000 parts).
+MULTIPART_PART_SIZE = 64 * 1024**2
+#: Bytes the writability probe sends (a small object: a full bucket quota still says so).
+PROBE_BYTES = 1024
+#: Bytes the output-folder probe writes and syncs: enough that a full disk says so.
+OUTPUT_PROBE_BYTES = 64 * 1024
+
+
+class OutputUploadError(OutputWriteError):
+    """An output could not be uploaded to object storage (unreachable, refused, bucket missing).
+
+    Unlike a full local disk this may heal (the network, a bucket created, a policy fixed), and
+    the video is already paid for and staged locally: the download step tries the upload again
+    like a failed download, keeping the staged file, and never asks fal again.
+    """
+
+
+class OutputReadError(WanbatchError):
+    """A stored output could not be read back (a missing object, unreachable storage, or bytes
+    whose SHA-256 is not the recorded one): an export that needs the video stops with the reason."""
+
+
+def _object(uri: str) -> tuple[str, str]:
+    """:func:`split_uri` for a recorded ``output_path``: :class:`OutputReadError` when malformed."""
+    try:
+        return split_uri(uri)
+    except ValueError as exc:
+        raise OutputReadError(str(exc)) from None
+
+
+def endpoint_url() -> str | None:
+    """The S3 endpoint boto3 will use when one is configured (``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL``), without any user:password part, for messages; None for AWS itself."""
+    raw = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+class OutputStore(ABC):
+    """Where outputs go. One per configuration; cheap to open (the S3 client is shared).
+
+    The download step calls :meth:`video_dest` (where to download), :meth:`location` (what the
+    job's ``output_path`` will be), :meth:`publish` (make it the output), :meth:`finish` (after
+    the success is stored) or :meth:`discard` (the output does not count). Everyone else uses
+    :meth:`check_writable`, :meth:`describe`, :meth:`presigned_url`, :meth:`local_file`,
+    :meth:`size` and :meth:`fetch`, which accept any recorded ``output_path`` (a local path or
+    an ``s3://`` URI, whatever the current configuration).
+    """
+
+    #: True when outputs live in object storage (``publish`` uploads; a staged copy exists).
+    is_remote: ClassVar[bool] = False
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where outputs go, for people: the absolute folder, or ``s3://bucket/prefix``."""
+
+    @abstractmethod
+    def check_writable(self) -> None:
+        """Prove an output can be stored before anything is paid for: write and remove a small
+        probe. :class:`OutputWriteError` with a one-line reason (naming ``WANBATCH_OUTPUT_DIR``)
+        otherwise. Used by ``run``/``rerun`` at start-up and by ``doctor``."""
+
+    @abstractmethod
+    def video_dest(self, batch_name: str, item_index: int, job_id: str) -> Path:
+        """The local file the download writes the video to (final for a folder, staged for S3)."""
+
+    @abstractmethod
+    def location(self, batch_name: str, item_index: int, job_id: str) -> str:
+        """The ``output_path`` the job will record: an absolute path, or ``s3://bucket/key``."""
+
+    @abstractmethod
+    def sidecar_video_path(self, location: str) -> str:
+        """The ``video_path`` the sidecar shows: relative to the output folder, or the URI."""
+
+    @abstractmethod
+    def publish(
+        self,
+        video: Path,
+        *,
+        location: str,
+        sha256: str,
+        size: int,
+        sidecar: dict[str, Any],
+        progress: Callable[[int], None] | None = None,
+    ) -> str:
+        """Make the downloaded ``video`` (hashed, probed) the output at ``location``, its
+        sidecar JSON beside it; returns the ``output_path`` to record.
+
+        Local: :class:`OutputWriteError` (the video is removed: no video without its sidecar).
+        S3: :class:`OutputUploadError` (the staged video is kept for another try).
+        ``progress(bytes_sent)`` may raise to abort (a lost lease)."""
+
+    @abstractmethod
+    def finish(self, video: Path) -> None:
+        """The job's success is stored: drop what only served to get there (the staged copy)."""
+
+    @abstractmethod
+    def discard(self, video: Path) -> None:
+        """The downloaded video does not count (not a video, mismatch, …): remove it."""
+
+    def presigned_url(self, output_path: str, expires: int = 3600) -> str | None:
+        """A time-limited HTTPS URL for an ``s3://`` output (for previews); None for a local file."""
+        if not is_s3_url(output_path):
+            return None
+        bucket, key = _object(output_path)
+        try:
+            return _client().generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
+            )
+        except Exception as exc:  # botocore's errors: no credentials, no region, …
+            raise OutputReadError(f"cannot sign a URL for {output_path}: {_reason(exc, bucket)}") from None
+
+    def local_file(self, output_path: str) -> Path | None:
+        """The resolved local file of a recorded ``output_path`` when it lies inside the output
+        folder (``WANBATCH_OUTPUT_DIR``, or the staging folder for S3), else None — so a page
+        serving files can never be steered outside it. None for ``s3://`` outputs."""
+        if is_s3_url(output_path):
+            return None
+        try:
+            root = self.local_root().resolve()
+            path = Path(output_path).resolve()
+            return path if root in path.parents and path.is_file() else None
+        except (OSError, ValueError):  # a name the file system cannot hold (a NUL byte, …)
+            return None
+
+    @abstractmethod
+    def local_root(self) -> Path:
+        """The local folder this store writes into (the outputs, or the staging folder)."""
+
+    def size(self, output_path: str) -> int | None:
+        """The stored output's size in bytes, None when it is gone. A local path or ``s3://``
+        URI; :class:`OutputReadError` when the storage cannot be asked."""
+        return output_size(output_path)
+
+    def fetch(self, output_path: str, target: Path, sha256: str | None = None) -> str:
+        """Place the stored output at ``target`` (a new file): ``"linked"`` (hard link),
+        ``"copied"`` or ``"downloaded"`` (from S3, its SHA-256 checked against ``sha256``).
+        :class:`OutputReadError` when it is missing or cannot be read."""
+        return fetch_output(output_path, target, sha256)
+
+
+@dataclass(frozen=True)
+class LocalOutputStore(OutputStore):
+    """Outputs in a local folder: the download writes the final file (atomic rename), the
+    sidecar is written atomically beside it. The behaviour wanbatch always had."""
+
+    root: Path
+
+    def describe(self) -> str:
+        return str(self.root.resolve())
+
+    def local_root(self) -> Path:
+        return self.root
+
+    def check_writable(self) -> None:
+        _probe_folder(self.root, "WANBATCH_OUTPUT_DIR")
+
+    def video_dest(self, batch_name: str, item_index: int, job_id: str) -> Path:
+        return outputs.video_path(self.root, batch_name, item_index, job_id)
+
+    def location(self, batch_name: str, item_index: int, job_id: str) -> str:
+        return str(self.video_dest(batch_name, item_index, job_id))
+
+    def sidecar_video_path(self, location: str) -> str:
+        return outputs.relative_to_output(Path(location), self.root)
+
+    def publish(
+        self,
+        video: Path,
+        *,
+        location: str,
+        sha256: str,
+        size: int,
+        sidecar: dict[str, Any],
+        progress: Callable[[int], None] | None = None,
+    ) -> str:
+        target = outputs.sidecar_path(video)
+        try:
+            outputs.write_json_atomic(target, sidecar)
+        except OSError as exc:
+            # a video without its sidecar is not an output: remove it (no half-finished outputs)
+            self.discard(video)
+            raise OutputWriteError(f"could not write {target}: {exc.strerror or exc}") from exc
+        return str(video)
+
+    def finish(self, video: Path) -> None:
+        """Nothing to do: the downloaded file is the output."""
+
+    def discard(self, video: Path) -> None:
+        with contextlib.suppress(OSError):
+            video.unlink()
+
+
+@dataclass(frozen=True)
+class S3OutputStore(OutputStore):
+    """Outputs in an S3-compatible bucket under ``prefix``; videos staged in ``staging`` first."""
+
+    bucket: str
+    prefix: str
+    staging: Path
+    multipart_threshold: int = MULTIPART_THRESHOLD
+    part_size: int = MULTIPART_PART_SIZE
+    is_remote: ClassVar[bool] = True
+
+    @property
+    def url(self) -> str:
+        """``s3://bucket/prefix`` as configured (normalised)."""
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def describe(self) -> str:
+        return self.url
+
+    def local_root(self) -> Path:
+        return self.staging
+
+    def key(self, batch_name: str, item_index: int, job_id: str, suffix: str = ".mp4") -> str:
+        """``<prefix>/<batch slug>/<stem><suffix>``: the prefix, then only names we made."""
+        name = f"{outputs.job_stem(item_index, job_id)}{suffix}"
+        return "/".join(p for p in (self.prefix, outputs.slug(batch_name), name) if p)
+
+    def check_writable(self) -> None:
+        _probe_folder(self.staging, "WANBATCH_OUTPUT_STAGING_DIR (the staging folder)")
+        key = "/".join(p for p in (self.prefix, f".wanbatch-probe-{secrets.token_hex(8)}") if p)
+        body = b"\0" * PROBE_BYTES
+        try:
+            client = _client()
+            client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=body,
+                ChecksumSHA256=_b64sha256(body),
+                ContentLength=len(body),
+            )
+        except Exception as exc:
+            raise OutputWriteError(
+                f"WANBATCH_OUTPUT_DIR {self.url!r} cannot take the outputs: {_reason(exc, self.bucket)}"
+            ) from None
+        try:
+            client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # writing works, which is what matters; say what is left
+            log.warning(
+                "could not remove the probe s3://%s/%s: %s", self.bucket, key, _reason(exc, self.bucket)
+            )
+
+    def video_dest(self, batch_name: str, item_index: int, job_id: str) -> Path:
+        return outputs.video_path(self.staging, batch_name, item_index, job_id)
+
+    def location(self, batch_name: str, item_index: int, job_id: str) -> str:
+        return f"s3://{self.bucket}/{self.key(batch_name, item_index, job_id)}"
+
+    def sidecar_video_path(self, location: str) -> str:
+        return location
+
+    def publish(
+        self,
+        video: Path,
+        *,
+        location: str,
+        sha256: str,
+        size: int,
+        sidecar: dict[str, Any],
+        progress: Callable[[int], None] | None = None,
+    ) -> str:
+        bucket, key = split_uri(location)
+        side_key = key.rsplit(".", 1)[0] + ".json"
+        try:
+            self.put_file(video, bucket=bucket, key=key, sha256=sha256, size=size, progress=progress)
+        except OutputUploadError:
+            raise
+        except OSError as exc:  # reading the staged file back
+            raise OutputWriteError(f"could not read the staged {video}: {exc.strerror or exc}") from exc
+        data = (
+            json.dumps(sidecar, indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n"
+        ).encode()
+        try:
+            put_bytes(bucket, side_key, data, content_type="application/json")
+        except OutputUploadError:
+            # a video without its sidecar is not an output: take it back (both go up again next try)
+            with contextlib.suppress(Exception):
+                _client().delete_object(Bucket=bucket, Key=key)
+            raise
+        return location
+
+    def put_file(
+        self,
+        path: Path,
+        *,
+        bucket: str,
+        key: str,
+        sha256: str,
+        size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Upload ``path`` (``size`` bytes, SHA-256 ``sha256`` hex) to ``bucket/key`` atomically.
+
+        Up to :attr:`multipart_threshold`: one ``PutObject`` with ``ChecksumSHA256``, which S3
+        verifies. Beyond: a multipart upload, ``ChecksumSHA256`` on every part, aborted on any
+        failure. The full SHA-256 travels as the object's ``sha256`` metadata either way.
+        """
+        meta = {"sha256": sha256}
+        where = f"s3://{bucket}/{key}"
+        if size <= self.multipart_threshold:
+            checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+            try:
+                with path.open("rb") as fh:
+                    answer = _client().put_object(
+                        Bucket=bucket,
+                        Key=key,
+                        Body=_Reader(fh, progress),  # type: ignore[arg-type]
+                        ContentLength=size,
+                        ChecksumAlgorithm="SHA256",
+                        ChecksumSHA256=checksum,
+                        ContentType="video/mp4",
+                        Metadata=meta,
+                    )
+            except (OSError, WanbatchError):
+                raise
+            except Exception as exc:
+                raise OutputUploadError(f"upload to {where} failed: {_reason(exc, bucket)}") from None
+            _check_echo(answer, checksum, where)
+            return
+        self._put_multipart(path, bucket=bucket, key=key, meta=meta, progress=progress)
+
+    def _put_multipart(
+        self,
+        path: Path,
+        *,
+        bucket: str,
+        key: str,
+        meta: dict[str, str],
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        where = f"s3://{bucket}/{key}"
+        client = _client()
+        try:
+            upload_id = client.create_multipart_upload(
+                Bucket=bucket, Key=key, ChecksumAlgorithm="SHA256", ContentType="video/mp4", Metadata=meta
+            )["UploadId"]
+        except Exception as exc:
+            raise OutputUploadError(f"upload to {where} failed: {_reason(exc, bucket)}") from None
+        try:
+            parts: list[dict[str, Any]] = []
+            sent = 0
+            with path.open("rb") as fh:
+                number = 1
+                while chunk := fh.read(self.part_size):
+                    checksum = _b64sha256(chunk)
+                    answer = client.upload_part(
+                        Bucket=bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=chunk,
+                        ChecksumAlgorithm="SHA256",
+                        ChecksumSHA256=checksum,
+                    )
+                    _check_echo(answer, checksum, f"{where} (part {number})")
+                    parts.append({"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": checksum})
+                    sent += len(chunk)
+                    if progress is not None:
+                        progress(sent)
+                    number += 1
+            client.complete_multipart_upload(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+            )
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            if isinstance(exc, OSError | WanbatchError) or not isinstance(exc, Exception):
+                raise
+            raise OutputUploadError(f"upload to {where} failed: {_reason(exc, bucket)}") from None
+
+    def finish(self, video: Path) -> None:
+        with contextlib.suppress(OSError):
+            video.unlink()
+
+    def discard(self, video: Path) -> None:
+        with contextlib.suppress(OSError):
+            video.unlink()
+
+
+def open_output_store(settings: DownloadSettings) -> OutputStore:
+    """The store ``WANBATCH_OUTPUT_DIR`` names: :class:`S3OutputStore` for ``s3://bucket/prefix``
+    (staging in ``settings.output_dir``, which the settings point at the staging folder), else
+    :class:`LocalOutputStore`. Opening connects to nothing."""
+    if settings.output_url:
+        bucket, prefix = parse_s3_url(settings.output_url)
+        return S3OutputStore(bucket=bucket, prefix=prefix, staging=settings.output_dir)
+    return LocalOutputStore(root=settings.output_dir)
+
+
+# --------------------------------------------------------------------------- any recorded path
+
+
+def output_size(output_path: str) -> int | None:
+    """Size in bytes of a recorded output (local path or ``s3://`` URI); None when it is gone."""
+    if not is_s3_url(output_path):
+        try:
+            return Path(output_path).stat().st_size
+        except OSError:
+            return None
+    bucket, key = _object(output_path)
+    try:
+        return int(_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    except Exception as exc:
+        if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise OutputReadError(f"cannot look up {output_path}: {_reason(exc, bucket)}") from None
+
+
+def fetch_output(output_path: str, target: Path, sha256: str | None = None) -> str:
+    """Place a recorded output at ``target``: hard-link or copy a local file, download an object
+    (into a temporary file beside ``target``, SHA-256 checked, then renamed). Returns
+    ``"linked"``, ``"copied"`` or ``"downloaded"``; :class:`OutputReadError` otherwise."""
+    if not is_s3_url(output_path):
+        source = Path(output_path)
+        if not source.is_file():
+            raise OutputReadError(f"{output_path} is missing")
+        try:
+            os.link(source, target)
+        except OSError:
+            try:
+                shutil.copyfile(source, target)
+            except OSError as exc:
+                raise OutputReadError(f"cannot copy {output_path}: {exc.strerror or exc}") from None
+            return "copied"
+        return "linked"
+    bucket, key = _object(output_path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    except OSError as exc:
+        raise OutputReadError(f"cannot write {target}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as fh:
+            try:
+                body = _client().get_object(Bucket=bucket, Key=key)["Body"]
+                for chunk in body.iter_chunks(1024 * 1024):
+                    digest.update(chunk)
+                    fh.write(chunk)
+            except OSError:
+                raise
+            except Exception as exc:
+                missing = _code(exc) in ("404", "NoSuchKey", "NotFound")
+                why = "the object does not exist" if missing else _reason(exc, bucket)
+                raise OutputReadError(f"cannot download {output_path}: {why}") from None
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise OutputReadError(
+                f"{output_path} changed since it was stored: its SHA-256 is {digest.hexdigest()}, "
+                f"the record says {sha256}"
+            )
+        tmp.replace(target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputReadError(f"cannot write {target}: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return "downloaded"
+
+
+def put_bytes(bucket: str, key: str, data: bytes, *, content_type: str) -> None:
+    """One small object, ``ChecksumSHA256`` attached (S3 verifies it); :class:`OutputUploadError`."""
+    checksum = _b64sha256(data)
+    try:
+        answer = _client().put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=data,
+            ContentLength=len(data),
+            ChecksumAlgorithm="SHA256",
+            ChecksumSHA256=checksum,
+            ContentType=content_type,
+            Metadata={"sha256": hashlib.sha256(data).hexdigest()},
+        )
+    except Exception as exc:
+        raise OutputUploadError(f"upload to s3://{bucket}/{key} failed: {_reason(exc, bucket)}") from None
+    _check_echo(answer, checksum, f"s3://{bucket}/{key}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _probe_folder(folder: Path, name: str) -> None:
+    """Create ``folder``, write, fsync and remove a probe; :class:`OutputWriteError` otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".wanbatch-probe-", dir=folder)
+        try:
+            os.write(fd, b"\0" * OUTPUT_PROBE_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            Path(probe).unlink(missing_ok=True)
+    except OSError as exc:
+        reason = "it is a file, not a folder" if folder.is_file() else (exc.strerror or str(exc))
+        raise OutputWriteError(f"{name} {str(folder)!r} cannot take the outputs: {reason}") from None
+
+
+def _check_echo(answer: Any, checksum: str, where: str) -> None:
+    """S3 answers a write with the SHA-256 it computed over what it received: when it says one
+    (S3-compatible servers that ignore checksums do not), it must be ours."""
+    echoed = answer.get("ChecksumSHA256") if isinstance(answer, dict) else None
+    if echoed and echoed != checksum:
+        raise OutputUploadError(
+            f"upload to {where}: the storage computed SHA-256 {echoed}, we sent {checksum}; not stored"
+        )
+
+
+def _b64sha256(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+class _Reader(io.RawIOBase):
+    """A staged file as an upload body that reports progress (and may abort the upload by
+    raising from ``progress``: a lease lost mid-upload leaves no object, S3 never got it all)."""
+
+    def __init__(self, fh: io.BufferedReader, progress: Callable[[int], None] | None) -> None:
+        super().__init__()
+        self._fh, self._progress = fh, progress
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._fh.read(size)
+        if self._progress is not None and chunk:
+            self._progress(self._fh.tell())
+        return chunk
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+_clients: dict[tuple[str | None, ...], S3Client] = {}
+_clients_lock = threading.Lock()
+
+#: The environment that decides which S3 client boto3 builds: a change (a test's moto server,
+#: a new endpoint) gets a new client. Values are only compared, never printed.
+_CLIENT_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+
+
+def _client() -> S3Client:
+    """The process's S3 client for the current ``AWS_*`` environment (boto3 clients are
+    thread-safe; sessions are not, so each client gets its own session, made under a lock)."""
+    key = tuple(os.environ.get(name) for name in _CLIENT_ENV)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                signature_version="s3v4",
+                connect_timeout=10,
+                read_timeout=60,
+                retries={"max_attempts": 3, "mode": "standard"},
+                # S3-compatible servers (MinIO, moto, Ceph) behind one host name: path-style keys.
+                s3={"addressing_style": "path"} if endpoint_url() else None,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+            session = boto3.session.Session()
+            client = session.client("s3", config=config, region_name=region or _default_region(session))
+            if len(_clients) > 8:
+                _clients.clear()
+            _clients[key] = client
+        return client
+
+
+def _default_region(session: Any) -> str:
+    """boto3's region (config file, profile), else ``us-east-1``: a client needs one to sign."""
+    return str(session.region_name or "us-east-1")
+
+
+def _code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def _reason(exc: BaseException, bucket: str) -> str:
+    """One line saying why an S3 call failed and what to do; never a credential."""
+    from botocore import exceptions as bce
+
+    where = endpoint_url() or "AWS S3"
+    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
+        return "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+    if isinstance(exc, bce.EndpointConnectionError | bce.ConnectionError | bce.ConnectTimeoutError):
+        return f"cannot reach {where} (check AWS_ENDPOINT_URL and the network)"
+    if isinstance(exc, bce.ReadTimeoutError):
+        return f"{where} did not answer in time"
+    if isinstance(exc, bce.NoRegionError):
+        return "no AWS region: set AWS_REGION"
+    code = _code(exc)
+    if code in ("NoSuchBucket",) or (code == "404" and "HeadBucket" in str(exc)):
+        return f"the bucket {bucket!r} does not exist at {where}"
+    if code in ("AccessDenied", "403", "AllAccessDisabled"):
+        return f"access denied to bucket {bucket!r} (check the credentials' rights and the bucket policy)"
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+        return f"{where} refused the credentials ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+    if code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"):
+        return f"the storage refused the upload's checksum ({code}): the bytes changed on the way"
+    if code:
+        message = str(getattr(exc, "response", {}).get("Error", {}).get("Message", "") or "")
+        return f"{code}: {CONTROL_CHARS.sub(' ', message)[:200]}".rstrip(": ")
+    text = CONTROL_CHARS.sub(" ", str(exc))[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,119 @@
+"""`status`, `status BATCH`, `cost BATCH` and `run`'s progress line read well at 80 columns (issue #14).
+
+A new user's terminal is 80 columns wide. At that width no line may be longer; ids are never
+shorter than the 8-character prefix commands accept; names and endpoints give way before money
+does (money is never cut); the done/total count and the elapsed time are always on the progress
+line. The batches are made as hard as they come: long and wide-character names, five endpoints,
+failures with long messages, a budget cap that cancels, a paused batch.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from rich.cells import cell_len
+
+from falsim.server import SimulatorHandle
+from jobs.money import usd_text
+from tests.e2e.e2e_helpers import MakeManifest, Wb
+
+WIDTH = 80
+
+LONG_NAME = "東京の夜景-an-overnight-sweep-with-a-name-far-too-long-for-any-terminal-column"
+
+MIXED = """\
+name: {name}
+defaults:
+  resolution: 480p
+items:
+  - {{endpoint: fal-ai/wan-i2v, prompt: a lake at dawn, image_url: images/landscape.jpg}}
+  - {{endpoint: fal-ai/wan-flf2v, prompt: day to night, start_image_url: images/landscape.jpg,
+      end_image_url: images/night.jpg}}
+  - {{endpoint: fal-ai/wan-22, prompt: a paper boat in the rain}}
+  - {{endpoint: fal-ai/wan-25-preview/image-to-video, prompt: clouds, image_url: images/landscape.jpg}}
+  - {{endpoint: wan/v2.6/image-to-video, prompt: a slow pan, image_url: images/landscape.jpg,
+      resolution: 720p}}
+  - {{endpoint: fal-ai/wan-i2v, prompt: night falls, image_url: images/night.jpg}}
+budget:
+  max_usd: {cap}
+"""
+
+
+def assert_fits(text: str, what: str) -> None:
+    for line in text.splitlines():
+        assert cell_len(line.rstrip()) <= WIDTH, f"{what}: {cell_len(line.rstrip())} cells:\n{line}"
+
+
+@pytest.fixture
+def narrow(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", str(WIDTH))
+
+
+def test_reports_fit_80_columns(wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, narrow: None) -> None:
+    # A batch of five endpoints whose cap cancels some jobs, with model errors that fail others.
+    sim.set_faults(model_error={"next": 2, "error_type": "content_policy_violation"})
+    mixed = manifest("mixed", MIXED.format(name=LONG_NAME, cap="1.20"))
+    run = wb("run", mixed, "--json", "--no-progress")
+    assert run.code == 1, run.stderr
+    mixed_report = run.json()
+    assert mixed_report["counts"]["failed"] >= 1
+    assert mixed_report["cancelled_for_budget"] >= 1
+    # A plain batch with its progress line on (stderr is not a terminal: it is drawn once, at the end).
+    plain = manifest("plain", MIXED.format(name="plain", cap="100"))
+    shown = wb("run", plain)
+    assert shown.code == 0, shown.stderr
+    plain_report = wb("status", "plain", "--json").json()
+    # A paused batch that has not started.
+    paused = manifest("paused", MIXED.format(name="waiting-for-the-morning", cap="100"))
+    assert wb("submit", paused).code == 0
+    assert wb("pause", "waiting-for-the-morning").code == 0
+
+    reports = {r["batch"]: r for r in wb("status", "--json").json()["batches"]}
+    assert len(reports) == 3
+
+    listing = wb("status")
+    assert listing.code == 0, listing.stderr
+    assert_fits(listing.stdout, "status")
+    for batch_id, report in reports.items():
+        row = next(line for line in listing.stdout.splitlines() if line.startswith(batch_id[:8]))
+        assert usd_text(report["spent_usd"]) in row
+        assert usd_text(report["estimated_usd"]) in row
+        assert f"{report['finished']}/{report['total']}" in row
+    assert re.search(r"^\S{8}\s.*\bpaused\b", listing.stdout, re.MULTILINE)
+
+    for batch_id, report in reports.items():
+        one = wb("status", batch_id[:8])
+        assert one.code == 0, one.stderr
+        assert_fits(one.stdout, f"status {report['name']}")
+        assert batch_id[:8] in one.stdout
+        assert f"estimated {usd_text(report['estimated_usd'])}" in one.stdout
+        assert f"spent {usd_text(report['spent_usd'])}" in one.stdout
+        assert f"{report['finished']}/{report['total']} done" in one.stdout
+
+        cost = wb("cost", batch_id)
+        assert cost.code == 0, cost.stderr
+        assert_fits(cost.stdout, f"cost {report['name']}")
+        assert batch_id[:8] in cost.stdout
+        total = next(line for line in cost.stdout.splitlines() if line.startswith("total"))
+        data = wb("cost", batch_id, "--json").json()["total"]
+        for key in ("estimated_usd", "actual_usd", "wasted_usd"):
+            assert usd_text(data[key]) in total, (key, total)
+
+    # Five endpoints, each on one line of its own (shortened, never wrapped).
+    table = wb("cost", mixed_report["batch"]).stdout
+    for endpoint in ("wan-i2v", "wan-flf2v", "wan-22", "wan-25-preview", "wan/v2.6/image-to-video"):
+        assert endpoint in table, endpoint
+    # Why jobs failed and the budget advice: on lines of their own, the advice whole.
+    long_status = wb("status", mixed_report["batch"]).stdout
+    assert "content_policy_violation" in long_status
+    assert f"wanbatch rerun {mixed_report['batch'][:8]} --failed-only --max-usd AMOUNT" in long_status
+
+    # run's progress line: whole count, money and elapsed time, within 80 columns.
+    assert_fits(shown.stderr, "run progress")
+    line = next(x for x in shown.stderr.splitlines() if x.startswith("jobs"))
+    assert f"{plain_report['total']}/{plain_report['total']}" in line
+    money = f"{usd_text(plain_report['spent_usd'])}/{usd_text(plain_report['estimated_usd'])}"
+    assert money in line
+    assert re.search(r"\b\d+:\d\d:\d\d\b", line), line
+    assert_fits(shown.stdout, "run summary")

@@ -1,0 +1,277 @@
+"""`wanbatch doctor [--json]`: each piece of the setup checked for real, with what to fix.
+
+Everything is real: the simulator stands in for fal (it answers the key check exactly as fal
+does: 404 for a request id that does not exist, 401 for a refused key, 403 for a locked
+account), PostgreSQL, Redis and a `wanbatch worker` are the shared services, the receiver is the
+real web app on a loopback port. The key never appears in what the doctor prints.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from rich.cells import cell_len
+from sqlalchemy import create_engine, text
+
+from bench.distributed import Scenario, claimed_redis_db, environment, start_workers, stop_processes, tail
+from falsim.server import SimulatorHandle
+from jobs.db import SCHEMA_HEAD
+from jobs.settings import get_settings
+from tests.e2e.e2e_helpers import FAL_KEY, Wb
+from web.app import create_app
+from worker.doctor import healthz_url
+
+NAMES = ["configuration", "database", "broker", "provider", "output storage", "receiver"]
+
+
+def _doctor(wb: Wb) -> tuple[int, dict[str, dict[str, Any]], dict[str, Any]]:
+    run = wb("doctor", "--json")
+    body = run.json()
+    assert [c["name"] for c in body["checks"]] == NAMES
+    assert FAL_KEY not in run.stdout + run.stderr
+    assert body["ok"] is (run.code == 0)
+    return run.code, {c["name"]: c for c in body["checks"]}, body
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def receiver() -> Iterator[str]:
+    """`wanbatch serve`'s app on a free loopback port; its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(get_settings()), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        assert thread.is_alive(), "the receiver did not start"
+        assert time.monotonic() < deadline, "the receiver did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_all_well_embedded_with_the_simulator(wb: Wb, sim: SimulatorHandle) -> None:
+    code, checks, _body = _doctor(wb)
+    assert code == 0, checks
+    assert {n: c["status"] for n, c in checks.items()} == {
+        "configuration": "ok",
+        "database": "ok",
+        "broker": "skip",
+        "provider": "ok",
+        "output storage": "ok",
+        "receiver": "skip",
+    }
+    assert "embedded" in checks["broker"]["detail"]
+    assert "accepted the key" in checks["provider"]["detail"]
+    assert all(c["fix"] is None for c in checks.values())
+    assert sim.ledger()["accepted"] == 0  # nothing was submitted, so nothing billed
+    # The database is only read: doctor on a new SQLite file creates no schema.
+    assert "empty" in checks["database"]["detail"]
+    human = wb("doctor")
+    assert human.code == 0
+    assert "all well" in human.stdout
+
+
+@pytest.fixture
+def strict_sim(sim: SimulatorHandle) -> Iterator[SimulatorHandle]:
+    """The session's simulator, given back as it was: key options survive its ``reset``."""
+    yield sim
+    sim.update_options(accepted_keys=None, locked_keys=[])
+
+
+def test_a_refused_key_a_locked_account_and_no_key(
+    wb: Wb, strict_sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = strict_sim
+    sim.update_options(accepted_keys=["some-other-key"])
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert checks["provider"]["status"] == "fail"
+    assert "refused the key (401" in checks["provider"]["detail"]
+    assert "FAL_KEY" in checks["provider"]["fix"]
+
+    sim.update_options(accepted_keys=None, locked_keys=[FAL_KEY])
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert "refused the account (403" in checks["provider"]["detail"]
+    assert "Exhausted balance" in checks["provider"]["detail"]
+    assert "billing" in checks["provider"]["fix"]
+
+    monkeypatch.delenv("FAL_KEY")
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert checks["provider"]["detail"] == "FAL_KEY is not set"
+    assert "export FAL_KEY" in checks["provider"]["fix"]
+
+
+def test_provider_unreachable(wb: Wb, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAL_KEY", FAL_KEY)
+    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", f"http://127.0.0.1:{_free_port()}")
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert checks["provider"]["detail"].startswith("cannot reach http://127.0.0.1:")
+    assert "WANBATCH_FAL_QUEUE_URL" in checks["provider"]["fix"]
+
+
+def test_database_checks(
+    wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch, new_pg_database: Callable[[], str]
+) -> None:
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", "postgresql://doctor:s3cret-pw@127.0.0.1:1/none")
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert checks["database"]["status"] == "fail"
+    assert "cannot connect" in checks["database"]["detail"]
+    assert "s3cret-pw" not in checks["database"]["detail"]
+    assert "WANBATCH_DATABASE_URL" in checks["database"]["fix"]
+
+    url = new_pg_database()
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", url)
+    code, checks, _ = _doctor(wb)
+    assert (code, checks["database"]["status"]) == (0, "ok")
+    assert "empty" in checks["database"]["detail"]
+    assert wb("status").code == 0  # any command migrates
+    code, checks, _ = _doctor(wb)
+    assert f"schema {SCHEMA_HEAD} (current)" in checks["database"]["detail"]
+
+    # A schema this wanbatch does not know (a newer one migrated it): a failure with the fix.
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    finally:
+        engine.dispose()
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert "9999 is not one this wanbatch knows" in checks["database"]["detail"]
+    assert "upgrade wanbatch" in checks["database"]["fix"]
+
+
+def test_output_storage_that_cannot_take_files(wb: Wb, sim: SimulatorHandle, tmp_path: Path) -> None:
+    (tmp_path / "outputs").write_text("a file where the folder should be")
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert checks["output storage"]["status"] == "fail"
+    assert "WANBATCH_OUTPUT_DIR" in checks["output storage"]["detail"]
+    assert "writable" in checks["output storage"]["fix"]
+
+
+def test_receiver_checks(
+    wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch, receiver: str
+) -> None:
+    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{receiver}/webhooks/fal")
+    code, checks, _ = _doctor(wb)
+    assert (code, checks["receiver"]["status"]) == (0, "ok"), checks["receiver"]
+    assert f"{receiver}/healthz answers" in checks["receiver"]["detail"]
+
+    # Something answers there, but it is not wanbatch serve (the simulator: 401 on /healthz).
+    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{sim.url}/webhooks/fal")
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert "not as `wanbatch serve` does" in checks["receiver"]["detail"]
+
+    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"http://127.0.0.1:{_free_port()}/webhooks/fal")
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert checks["receiver"]["detail"].startswith("cannot reach")
+    assert "wanbatch serve" in checks["receiver"]["fix"]
+
+    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{receiver}/somewhere-else")
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert "does not end in /webhooks/fal" in checks["receiver"]["detail"]
+
+
+def test_healthz_url_keeps_a_path_prefix() -> None:
+    assert healthz_url("https://example.com/webhooks/fal") == "https://example.com/healthz"
+    assert healthz_url("https://example.com/wb/webhooks/fal/") == "https://example.com/wb/healthz"
+    assert healthz_url("https://example.com/hooks") is None
+    assert healthz_url("ftp://example.com/webhooks/fal") is None
+
+
+def test_invalid_configuration_skips_the_rest(wb: Wb, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_SUBMIT_RATE", "fast")
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert checks["configuration"]["status"] == "fail"
+    assert "WANBATCH_SUBMIT_RATE" in checks["configuration"]["detail"]
+    assert [checks[n]["status"] for n in NAMES[1:]] == ["skip"] * 5
+
+
+def test_human_output_fits_80_columns_and_names_each_fix(
+    wb: Wb, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("FAL_KEY", FAL_KEY)
+    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"http://127.0.0.1:{_free_port()}/webhooks/fal")
+    (tmp_path / "outputs").write_text("not a folder")
+    run = wb("doctor")
+    assert run.code == 1
+    assert "Traceback" not in run.stdout + run.stderr
+    assert FAL_KEY not in run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert all(cell_len(line) <= 80 for line in lines), run.stdout
+    assert sum(1 for line in lines if line.strip().startswith("fix:")) == 3
+    assert lines[-1] == "3 problem(s): see the fix lines above"
+    for name in NAMES:
+        assert any(name in line for line in lines), name
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_broker_with_and_without_workers(
+    wb: Wb,
+    sim: SimulatorHandle,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_url: str,
+    new_pg_database: Callable[[], str],
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("WANBATCH_BROKER_URL", f"redis://127.0.0.1:{_free_port()}/0")
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert "cannot reach the broker" in checks["broker"]["detail"]
+    assert "WANBATCH_BROKER_URL" in checks["broker"]["fix"]
+
+    database = new_pg_database()
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", database)
+    with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as broker:
+        monkeypatch.setenv("WANBATCH_BROKER_URL", broker)
+        code, checks, _ = _doctor(wb)
+        assert code == 1
+        assert "no `wanbatch worker` does" in checks["broker"]["detail"]
+        assert "start `wanbatch worker`" in checks["broker"]["fix"]
+
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        scenario = Scenario(jobs=1, workers=1, concurrency=1)
+        env = environment(scenario, database, broker, sim.url, tmp_path / "outputs")
+        workers = start_workers(scenario, env, tmp_path, logs)
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                code, checks, _ = _doctor(wb)
+                if checks["broker"]["status"] == "ok":
+                    break
+                assert workers[0].poll() is None, tail(logs / "worker-0.log")
+                assert time.monotonic() < deadline, tail(logs / "worker-0.log")
+                time.sleep(1.0)
+        finally:
+            stop_processes(workers)
+        assert code == 0, checks
+        assert "1 worker(s) answer a ping" in checks["broker"]["detail"]

@@ -1,0 +1,312 @@
+"""``WANBATCH_OUTPUT_DIR=s3://bucket/prefix`` end to end: embedded ``wanbatch run`` against the
+simulator, outputs stored in moto's S3 server (started on a free loopback port by the test).
+
+What must hold, checked against the provider's books (the simulator's ledger) and the bucket
+itself rather than against wanbatch's own records: every succeeded job's object is in the bucket
+under ``<prefix>/<batch slug>/``, its bytes hash to the SHA-256 the database, the sidecar, the
+export and the simulator recorded (and S3's ``ChecksumSHA256`` says the same); the exports
+point at those objects; nothing else is in the bucket (no probe, no partial key, no pending
+multipart upload) and nothing is left in the staging folder; a storage that refuses uploads
+ends each job with a clear reason, keeps the paid video and never submits anything twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import Wb, counts, db_rows, export_jsonl
+from tests.s3_helpers import SECRET_KEY, MotoS3, S3FaultProxy, aws_env, b64, keys, object_sha256
+
+pytestmark = pytest.mark.s3
+
+BUCKET = "wanbatch-e2e"
+PREFIX = "renders/night"
+LOCATION = f"s3://{BUCKET}/{PREFIX}"
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[MotoS3]:
+    """moto on a free port, wanbatch's outputs pointed at ``s3://wanbatch-e2e/renders/night``."""
+    with MotoS3() as server:
+        aws_env(monkeypatch, server.url)
+        monkeypatch.setenv("WANBATCH_OUTPUT_DIR", LOCATION)
+        monkeypatch.setenv("WANBATCH_OUTPUT_STAGING_DIR", str(tmp_path / "staging"))
+        yield server
+
+
+def _db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'wanbatch.db'}"
+
+
+def _jobs(tmp_path: Path) -> list[Any]:
+    return db_rows(
+        _db(tmp_path),
+        "SELECT id, state, output_path, output_sha256, output_bytes, error, error_type, attempts,"
+        " download_attempts, request_id FROM jobs ORDER BY item_index",
+    )
+
+
+def _stored_jobs(tmp_path: Path) -> int:
+    """Jobs stored in the test's database (0 when the database was never even set up)."""
+    tables = db_rows(_db(tmp_path), "SELECT name FROM sqlite_master WHERE type = 'table'")
+    return counts(_db(tmp_path))[1] if ("jobs",) in [tuple(t) for t in tables] else 0
+
+
+def _staged_files(tmp_path: Path) -> list[Path]:
+    staging = tmp_path / "staging"
+    return sorted(p for p in staging.rglob("*") if p.is_file()) if staging.exists() else []
+
+
+def test_outputs_land_in_s3_with_their_sha256_and_every_export_points_at_them(
+    wb: Wb,
+    sim: SimulatorHandle,
+    s3: MotoS3,
+    examples_copy: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+
+    run = wb("run", examples_copy / "quickstart.yaml", "--json", "--no-progress")
+    assert run.code == 0, run.stderr
+    report = run.json()
+    batch = report["batch"]
+    assert report["counts"]["succeeded"] == 3
+
+    # The bucket holds one video and one sidecar per job under <prefix>/<batch slug>/, nothing else.
+    jobs = _jobs(tmp_path)
+    assert len(jobs) == 3
+    expected_keys: list[str] = []
+    by_uri: dict[str, Any] = {}
+    for job in jobs:
+        assert job.state == "succeeded"
+        assert job.output_path.startswith(f"{LOCATION}/quickstart/")
+        key = job.output_path.removeprefix(f"s3://{BUCKET}/")
+        assert key.endswith(".mp4")
+        expected_keys += [key, key.removesuffix(".mp4") + ".json"]
+        by_uri[job.output_path] = job
+        # The object's bytes, S3's own checksum and our metadata all say the recorded SHA-256.
+        assert object_sha256(client, BUCKET, key) == job.output_sha256
+        head = client.head_object(Bucket=BUCKET, Key=key, ChecksumMode="ENABLED")
+        assert head["ChecksumSHA256"] == b64(job.output_sha256)
+        assert head["Metadata"]["sha256"] == job.output_sha256
+        assert head["ContentLength"] == job.output_bytes
+        assert head["ContentType"] == "video/mp4"
+        sidecar = json.loads(client.get_object(Bucket=BUCKET, Key=key[:-4] + ".json")["Body"].read())
+        assert sidecar["video_path"] == job.output_path
+        assert sidecar["video_sha256"] == job.output_sha256
+        assert sidecar["job_id"] == job.id
+    assert keys(client, BUCKET) == sorted(expected_keys)  # no probe object, no stray key
+    assert client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
+    assert _staged_files(tmp_path) == []  # every staged copy removed once stored
+
+    # The provider rendered exactly these bytes, once per job.
+    ledger = sim.ledger()
+    assert ledger["accepted"] == 3
+    assert ledger["duplicates"] == []
+    rendered = {e["request_id"]: e["output_sha256"] for e in ledger["entries"]}
+    assert {j.request_id: j.output_sha256 for j in jobs} == rendered
+
+    # JSONL, CSV and Parquet exports point at the objects.
+    records = export_jsonl(wb, batch)
+    assert {r["video_path"] for r in records} == set(by_uri)
+    for r in records:
+        assert r["video_sha256"] == by_uri[r["video_path"]].output_sha256
+    rows = list(csv.DictReader(io.StringIO(wb("export", batch, "--format", "csv").stdout)))
+    assert {row["video_path"]: row["video_sha256"] for row in rows} == {
+        uri: job.output_sha256 for uri, job in by_uri.items()
+    }
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "export.parquet"
+    assert wb("export", batch, "--format", "parquet", "-o", parquet).code == 0
+    table = pq.read_table(parquet).to_pydict()
+    assert dict(zip(table["video_path"], table["video_sha256"], strict=True)) == {
+        uri: job.output_sha256 for uri, job in by_uri.items()
+    }
+
+    # The Hugging Face export downloads the objects into its folder, checked.
+    dataset = tmp_path / "dataset"
+    hf = wb("export", batch, "--format", "hf", "-o", dataset)
+    assert hf.code == 0, hf.stderr
+    meta = [json.loads(line) for line in (dataset / "metadata.jsonl").read_text().splitlines()]
+    assert len(meta) == 3
+    for row in meta:
+        video = dataset / row["file_name"]
+        assert hashlib.sha256(video.read_bytes()).hexdigest() == row["video_sha256"]
+        assert row["video_path"] in by_uri
+
+    # The credentials never reach the output, the logs, the database or the exports.
+    seen = run.stdout + run.stderr + hf.stderr + caplog.text + (dataset / "metadata.jsonl").read_text()
+    seen += repr(db_rows(_db(tmp_path), "SELECT * FROM jobs")) + json.dumps(records)
+    assert SECRET_KEY not in seen
+
+
+def test_run_refuses_to_start_when_the_bucket_does_not_exist(
+    wb: Wb, sim: SimulatorHandle, s3: MotoS3, examples_copy: Path, tmp_path: Path
+) -> None:
+    run = wb("run", examples_copy / "quickstart.yaml", "--no-progress")
+    assert run.code == 2
+    assert f"WANBATCH_OUTPUT_DIR '{LOCATION}' cannot take the outputs" in run.stderr
+    assert f"the bucket '{BUCKET}' does not exist at {s3.url}" in run.stderr
+    assert "nothing was sent" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert SECRET_KEY not in run.stderr
+    assert sim.ledger()["accepted"] == 0
+    assert _stored_jobs(tmp_path) == 0
+
+
+def test_run_refuses_to_start_when_the_storage_is_unreachable(
+    wb: Wb, sim: SimulatorHandle, s3: MotoS3, examples_copy: Path
+) -> None:
+    s3.client().create_bucket(Bucket=BUCKET)
+    s3.stop()
+    run = wb("run", examples_copy / "quickstart.yaml", "--no-progress")
+    assert run.code == 2
+    assert f"cannot reach {s3.url}" in run.stderr
+    assert "nothing was sent" in run.stderr
+    assert sim.ledger()["accepted"] == 0
+
+
+def test_refused_uploads_fail_the_jobs_with_the_reason_and_nothing_is_paid_twice(
+    wb: Wb,
+    sim: SimulatorHandle,
+    s3: MotoS3,
+    examples_copy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bucket takes the start-up probe, then refuses every upload of the batch's keys."""
+    s3.client().create_bucket(Bucket=BUCKET)
+    monkeypatch.setenv("WANBATCH_DOWNLOAD_ATTEMPTS", "2")
+    with S3FaultProxy(s3.port) as proxy:
+        aws_env(monkeypatch, proxy.url)
+        proxy.refuse_puts(f"/{BUCKET}/{PREFIX}/quickstart/")
+        run = wb("run", examples_copy / "quickstart.yaml", "--json", "--no-progress")
+    assert run.code == 1, run.stderr
+    assert run.json()["counts"]["failed"] == 3
+    assert "Traceback" not in run.stderr
+
+    jobs = _jobs(tmp_path)
+    for job in jobs:
+        assert job.state == "failed"
+        assert job.error_type == "output_upload_failed"
+        assert job.error.startswith("output not saved after 2 upload tries: upload to s3://")
+        assert f"access denied to bucket '{BUCKET}'" in job.error
+        assert job.attempts == 1  # submitted once, never again
+        assert job.download_attempts == 2
+        assert SECRET_KEY not in job.error
+    # Each video (paid for) is kept in the staging folder, named in the error, intact.
+    rendered = {e["request_id"]: e["output_sha256"] for e in sim.ledger()["entries"]}
+    staged = _staged_files(tmp_path)
+    assert len(staged) == 3
+    for job in jobs:
+        (path,) = [p for p in staged if str(p) in job.error]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == rendered[job.request_id]
+    # No object under a final key: refused uploads leave nothing behind.
+    assert keys(s3.client(), BUCKET) == []
+    # The provider's books: each job submitted and billed once; status says what it cost.
+    ledger = sim.ledger()
+    assert ledger["accepted"] == 3
+    assert ledger["duplicates"] == []
+    status = wb("status", run.json()["batch"], "--json").json()
+    assert Decimal(ledger["billed_usd"]) == Decimal(str(status["spent_usd"])) > 0
+
+
+def test_a_refused_upload_is_retried_from_the_staged_copy(
+    wb: Wb,
+    sim: SimulatorHandle,
+    s3: MotoS3,
+    examples_copy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first upload of every video, and of every sidecar, is refused: each next try
+    uploads the staged copy (and the video again with its sidecar: never one without the other)."""
+    caplog.set_level(logging.INFO)
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    with S3FaultProxy(s3.port) as proxy:
+        aws_env(monkeypatch, proxy.url)
+        proxy.refuse_puts(f"/{BUCKET}/{PREFIX}/quickstart/", first=1)
+        run = wb("run", examples_copy / "quickstart.yaml", "--json", "--no-progress")
+        refused = list(proxy.rules.refused)
+    assert run.code == 0, run.stderr
+    assert run.json()["counts"]["succeeded"] == 3
+
+    jobs = _jobs(tmp_path)
+    assert len([k for k in refused if k.endswith(".mp4")]) == 3  # each video refused once
+    assert len([k for k in refused if k.endswith(".json")]) == 3  # and each sidecar
+    for job in jobs:
+        assert job.state == "succeeded"
+        assert job.download_attempts == 2  # the two refused uploads
+        assert job.attempts == 1
+        key = job.output_path.removeprefix(f"s3://{BUCKET}/")
+        assert object_sha256(client, BUCKET, key) == job.output_sha256
+    assert _staged_files(tmp_path) == []
+    restaged = [r for r in caplog.records if "uploading the video staged by an earlier try" in r.getMessage()]
+    assert {r.getMessage().split(":")[0] for r in restaged} == {f"job {job.id}" for job in jobs}
+    ledger = sim.ledger()
+    assert ledger["accepted"] == 3
+    assert ledger["duplicates"] == []
+
+
+REUSE = """\
+name: {name}
+endpoint: fal-ai/wan-i2v
+reuse_outputs: true
+defaults:
+  resolution: 480p
+  num_frames: 81
+items:
+  - prompt: Clouds drifting past the peak
+    image_url: images/landscape.jpg
+    seed: 7
+"""
+
+
+def test_reuse_outputs_takes_the_object_and_sends_again_when_it_is_gone(
+    wb: Wb, sim: SimulatorHandle, s3: MotoS3, examples_copy: Path, tmp_path: Path
+) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+
+    def run(name: str) -> dict[str, Any]:
+        manifest = examples_copy / f"{name}.yaml"
+        manifest.write_text(REUSE.format(name=name), encoding="utf-8")
+        done = wb("run", manifest, "--json", "--no-progress")
+        assert done.code == 0, done.stderr
+        (record,) = export_jsonl(wb, done.json()["batch"])
+        return record
+
+    first = run("first")
+    again = run("again")
+    assert sim.ledger()["accepted"] == 1  # the twin took the stored object
+    assert again["reused_from"] == first["job_id"]
+    assert again["video_path"] == first["video_path"]
+    assert again["video_path"].startswith(f"{LOCATION}/first/")
+
+    client.delete_object(Bucket=BUCKET, Key=first["video_path"].removeprefix(f"s3://{BUCKET}/"))
+    gone = wb("export", "first", "--format", "hf", "-o", tmp_path / "first-dataset")
+    assert gone.code == 1
+    assert "is missing or unreadable" in gone.stderr
+    assert f"cannot download {first['video_path']}: the object does not exist" in gone.stderr
+    assert not (tmp_path / "first-dataset").exists()
+    third = run("third")
+    assert sim.ledger()["accepted"] == 2  # the object is gone: rendered again
+    assert third["reused_from"] is None
+    assert third["video_path"].startswith(f"{LOCATION}/third/")

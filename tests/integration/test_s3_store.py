@@ -1,0 +1,323 @@
+"""Object storage (``jobs.output_store``) against moto's S3 server, step by step.
+
+The download step driven directly against a hostile fal, on both databases, where ``wanbatch
+run`` cannot easily show it: an upload that fails and is retried from the staged copy without a
+new download, one that fails until the tries run out (the job fails with the reason and what
+fal billed, the paid video kept). Then the store itself: multipart uploads (complete, or
+aborted without a trace), reading objects back with their SHA-256 checked, presigned URLs,
+the containment of local files, and the ``s3://`` form of ``WANBATCH_OUTPUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+
+from jobs import db, store
+from jobs.errors import ConfigError
+from jobs.models import Job
+from jobs.output_store import (
+    LocalOutputStore,
+    OutputReadError,
+    OutputUploadError,
+    S3OutputStore,
+    fetch_output,
+    open_output_store,
+    output_size,
+)
+from jobs.outputs import OutputWriteError
+from jobs.settings import Settings, get_settings
+from jobs.states import JobState
+from tests.hostile import HostileProvider
+from tests.hostile_fal import FakeFal
+from tests.s3_helpers import SECRET_KEY, MotoS3, S3FaultProxy, aws_env, b64, keys, object_sha256
+from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
+from worker.steps import Runtime, dispatch, download, poll, submit
+
+pytestmark = pytest.mark.s3
+
+KEY = "s3-steps-key-7d21"
+BUCKET = "wanbatch-steps"
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoS3]:
+    with MotoS3() as server:
+        aws_env(monkeypatch, server.url)
+        yield server
+
+
+def completed_job(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, **overrides: object
+) -> tuple[Runtime, str]:
+    """One job fal (``FakeFal``) has completed, outputs going to ``s3://wanbatch-steps/out``."""
+    settings = settings_for(
+        hostile.url,
+        KEY,
+        output_dir=f"s3://{BUCKET}/out",
+        output_staging_dir=tmp_path / "staging",
+        **overrides,
+    )
+    rt = make_runtime(engine, settings)
+    add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})])
+    (job_id,) = dispatch(rt)
+    assert submit(rt, job_id) == "submitted"
+    wait_until(lambda: _job(engine, job_id).state == JobState.DOWNLOADING, step=lambda: poll(rt))
+    return rt, job_id
+
+
+def _job(engine: Engine, job_id: str) -> Job:
+    with db.session_scope(engine) as session:
+        return store.get_job(session, job_id)
+
+
+def _make_due(engine: Engine, job_id: str) -> None:
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        store.update_job_fields(session, job_id, expected_version=job.version, next_attempt_at=None)
+
+
+def _staged(tmp_path: Path) -> list[Path]:
+    return sorted(p for p in (tmp_path / "staging").rglob("*") if p.is_file())
+
+
+def test_a_failed_upload_is_retried_from_the_staged_copy_without_a_new_download(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, s3: MotoS3
+) -> None:
+    fal = FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)  # the bucket does not exist yet
+    try:
+        assert download(rt, job_id) == "upload-retry"
+        job = _job(engine, job_id)
+        assert job.state == JobState.DOWNLOADING
+        assert job.download_attempts == 1
+        assert job.output_path is None
+        (staged,) = _staged(tmp_path)
+        assert staged.read_bytes() == fal.video  # kept, whole
+        assert fal.file_gets("r1.mp4") == 1
+
+        client = s3.client()
+        client.create_bucket(Bucket=BUCKET)  # the operator fixes the storage
+        _make_due(engine, job_id)
+        assert download(rt, job_id) == "succeeded"
+    finally:
+        rt.client.close()
+    job = _job(engine, job_id)
+    assert job.state == JobState.SUCCEEDED
+    assert job.output_path == f"s3://{BUCKET}/out/steps/{job.item_index:06d}-{job_id[:12]}.mp4"
+    key = job.output_path.removeprefix(f"s3://{BUCKET}/")
+    assert object_sha256(client, BUCKET, key) == job.output_sha256 == hashlib.sha256(fal.video).hexdigest()
+    assert keys(client, BUCKET) == [key[:-4] + ".json", key]
+    assert fal.file_gets("r1.mp4") == 1  # the retry uploaded the staged copy: no second download
+    assert fal.posts() == 1  # and nothing was generated (or paid) twice
+    assert _staged(tmp_path) == []  # gone once the success is stored
+
+
+def test_uploads_failing_until_the_tries_run_out_fail_the_job_with_the_reason_and_the_bill(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, s3: MotoS3
+) -> None:
+    fal = FakeFal(hostile)
+    s3.client().create_bucket(Bucket=BUCKET)
+    rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=2)
+    s3.stop()  # the storage goes away after the job was sent
+    try:
+        assert download(rt, job_id) == "upload-retry"
+        _make_due(engine, job_id)
+        assert download(rt, job_id) == "failed"
+    finally:
+        rt.client.close()
+    job = _job(engine, job_id)
+    assert job.state == JobState.FAILED
+    assert job.error_type == "output_upload_failed"
+    assert job.error is not None
+    (staged,) = _staged(tmp_path)
+    assert job.error == (
+        f"output not saved after 2 upload tries: upload to s3://{BUCKET}/out/steps/"
+        f"{staged.name} failed: cannot reach {s3.url} (check AWS_ENDPOINT_URL and the network); "
+        f"the video is kept at {staged}"
+    )
+    assert SECRET_KEY not in job.error
+    assert job.actual_usd == job.est_usd  # fal made the video: it is paid for, once
+    assert staged.read_bytes() == fal.video
+    assert fal.posts() == 1
+    assert fal.file_gets("r1.mp4") == 1
+
+
+# --------------------------------------------------------------------------- the store itself
+
+
+def _store(tmp_path: Path, **options: int) -> S3OutputStore:
+    return S3OutputStore(bucket=BUCKET, prefix="p", staging=tmp_path / "staging", **options)
+
+
+def test_large_videos_go_up_as_a_multipart_upload_with_a_sha256_per_part(tmp_path: Path, s3: MotoS3) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    data = os.urandom(11 * 1024 * 1024 + 17)  # three parts of 5 MiB, the last one short
+    video = tmp_path / "big.mp4"
+    video.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    sent: list[int] = []
+    store_ = _store(tmp_path, multipart_threshold=1024 * 1024, part_size=5 * 1024 * 1024)
+    store_.put_file(video, bucket=BUCKET, key="p/big.mp4", sha256=sha, size=len(data), progress=sent.append)
+    assert object_sha256(client, BUCKET, "p/big.mp4") == sha
+    head = client.head_object(Bucket=BUCKET, Key="p/big.mp4")
+    assert head["Metadata"]["sha256"] == sha
+    assert head["ContentLength"] == len(data)
+    assert sent == [5 * 1024 * 1024, 10 * 1024 * 1024, len(data)]
+    assert client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
+
+
+def test_a_multipart_upload_that_fails_is_aborted_and_leaves_no_object(
+    tmp_path: Path, s3: MotoS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    data = os.urandom(11 * 1024 * 1024)
+    video = tmp_path / "big.mp4"
+    video.write_bytes(data)
+    store_ = _store(tmp_path, multipart_threshold=1024 * 1024, part_size=5 * 1024 * 1024)
+    with S3FaultProxy(s3.port) as proxy:
+        aws_env(monkeypatch, proxy.url)
+        proxy.refuse_puts("partNumber=2")
+        with pytest.raises(
+            OutputUploadError, match=r"^upload to s3://wanbatch-steps/p/big.mp4 failed: access"
+        ):
+            store_.put_file(
+                video, bucket=BUCKET, key="p/big.mp4", sha256=hashlib.sha256(data).hexdigest(), size=len(data)
+            )
+        assert proxy.rules.refused  # part 2 was refused
+    assert keys(client, BUCKET) == []  # nothing under the final key
+    assert client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []  # and no parts kept
+
+
+def test_small_videos_carry_s3s_checksum(tmp_path: Path, s3: MotoS3) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"\0\0\0\x18ftypmp42" + os.urandom(5000))
+    sha = hashlib.sha256(video.read_bytes()).hexdigest()
+    _store(tmp_path).put_file(video, bucket=BUCKET, key="p/v.mp4", sha256=sha, size=video.stat().st_size)
+    head = client.head_object(Bucket=BUCKET, Key="p/v.mp4", ChecksumMode="ENABLED")
+    assert head["ChecksumSHA256"] == b64(sha)
+    assert head["Metadata"]["sha256"] == sha
+
+
+def test_reading_an_object_back_checks_its_sha256(tmp_path: Path, s3: MotoS3) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    client.put_object(Bucket=BUCKET, Key="p/v.mp4", Body=b"the video")
+    good = hashlib.sha256(b"the video").hexdigest()
+    target = tmp_path / "v.mp4"
+    assert fetch_output(f"s3://{BUCKET}/p/v.mp4", target, good) == "downloaded"
+    assert target.read_bytes() == b"the video"
+    other = tmp_path / "other.mp4"
+    with pytest.raises(OutputReadError, match="changed since it was stored"):
+        fetch_output(f"s3://{BUCKET}/p/v.mp4", other, "0" * 64)
+    with pytest.raises(OutputReadError, match="the object does not exist"):
+        fetch_output(f"s3://{BUCKET}/p/gone.mp4", other, good)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]  # no partial file left
+    assert output_size(f"s3://{BUCKET}/p/v.mp4") == len(b"the video")
+    assert output_size(f"s3://{BUCKET}/p/gone.mp4") is None
+
+
+def test_presigned_urls_serve_s3_outputs_and_local_files_stay_inside_the_folder(
+    tmp_path: Path, s3: MotoS3
+) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    client.put_object(Bucket=BUCKET, Key="p/v.mp4", Body=b"preview bytes")
+    url = _store(tmp_path).presigned_url(f"s3://{BUCKET}/p/v.mp4", expires=60)
+    assert url is not None
+    assert SECRET_KEY not in url
+    assert httpx.get(url).content == b"preview bytes"
+
+    root = tmp_path / "outputs"
+    (root / "b").mkdir(parents=True)
+    inside = root / "b" / "v.mp4"
+    inside.write_bytes(b"x")
+    (tmp_path / "secret.txt").write_text("no")
+    local = LocalOutputStore(root=root)
+    assert local.presigned_url(str(inside)) is None
+    assert local.local_file(str(inside)) == inside.resolve()
+    assert local.local_file(str(root / "b" / ".." / ".." / "secret.txt")) is None
+    assert local.local_file(str(root / "b" / "missing.mp4")) is None
+    assert local.local_file(f"s3://{BUCKET}/p/v.mp4") is None
+
+
+def test_the_start_up_check_names_the_problem(
+    tmp_path: Path, s3: MotoS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(OutputWriteError) as missing:
+        _store(tmp_path).check_writable()
+    assert str(missing.value) == (
+        f"WANBATCH_OUTPUT_DIR 's3://{BUCKET}/p' cannot take the outputs: "
+        f"the bucket '{BUCKET}' does not exist at {s3.url}"
+    )
+    s3.client().create_bucket(Bucket=BUCKET)
+    _store(tmp_path).check_writable()
+    assert keys(s3.client(), BUCKET) == []  # the probe object is removed again
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(OutputWriteError, match="no AWS credentials found: set AWS_ACCESS_KEY_ID"):
+        _store(tmp_path).check_writable()
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_output_dir_takes_an_s3_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", "s3://Renders-Bucket/a/b/")
+    monkeypatch.delenv("WANBATCH_OUTPUT_STAGING_DIR", raising=False)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"WANBATCH_OUTPUT_DIR: .*not a valid bucket name"):
+            get_settings()
+        monkeypatch.setenv("WANBATCH_OUTPUT_DIR", "s3://renders/a/b/")
+        get_settings.cache_clear()
+        settings = get_settings()
+        assert settings.output_url == "s3://renders/a/b"
+        assert settings.output_dir == Path(".wanbatch/staging")  # a local folder: the staging one
+        assert open_output_store(settings).describe() == "s3://renders/a/b"
+        monkeypatch.setenv("WANBATCH_OUTPUT_STAGING_DIR", str(tmp_path / "st"))
+        get_settings.cache_clear()
+        assert get_settings().output_dir == tmp_path / "st"
+        monkeypatch.setenv("WANBATCH_OUTPUT_DIR", "s3://renders/a/../b")
+        get_settings.cache_clear()
+        with pytest.raises(ConfigError, match=r"WANBATCH_OUTPUT_DIR: .*'\.\.'"):
+            get_settings()
+        monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(tmp_path / "out"))
+        get_settings.cache_clear()
+        local = get_settings()
+        assert local.output_url is None
+        assert local.output_dir == tmp_path / "out"
+        assert isinstance(open_output_store(local), LocalOutputStore)
+    finally:
+        get_settings.cache_clear()
+    assert Settings(output_dir="s3://renders").output_url == "s3://renders"
+
+
+def test_a_local_result_is_not_mistaken_for_an_old_staged_copy(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, s3: MotoS3
+) -> None:
+    """A staged file of the wrong size (not what fal described) is downloaded again."""
+    fal = FakeFal(hostile)
+    s3.client().create_bucket(Bucket=BUCKET)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    job = _job(engine, job_id)
+    staged = tmp_path / "staging" / "steps" / f"{job.item_index:06d}-{job_id[:12]}.mp4"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"a torn file")
+    try:
+        assert download(rt, job_id) == "succeeded"
+    finally:
+        rt.client.close()
+    assert fal.file_gets("r1.mp4") == 1
+    assert _job(engine, job_id).output_sha256 == hashlib.sha256(fal.video).hexdigest()
+    assert not staged.exists()

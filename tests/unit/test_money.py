@@ -1,0 +1,46 @@
+"""One money rounding everywhere (half up to the cent for people) and one JSON money type."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from jobs.money import as_decimal, round_cents, usd_json, usd_text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (Decimal("2.835"), "$2.84"),  # the issue's case: status said $2.83, cost $2.84
+        (2.835, "$2.84"),  # a float is read by its repr, not its binary value (2.83499…)
+        ("2.835", "$2.84"),
+        (Decimal("2.825"), "$2.83"),  # half up, not banker's rounding (which gives $2.82)
+        (Decimal("2.8249999"), "$2.82"),
+        (Decimal("0.005"), "$0.01"),
+        (Decimal("0.0049"), "$0.00"),
+        (0, "$0.00"),
+        (Decimal("1234.5"), "$1,234.50"),
+        (Decimal("-2.835"), "-$2.84"),
+        (None, "$0.00"),
+    ],
+)
+def test_usd_text_rounds_half_up_to_the_cent(value: Decimal | float | str | None, text: str) -> None:
+    assert usd_text(value) == text
+
+
+def test_round_cents_and_as_decimal() -> None:
+    assert round_cents(Decimal("2.835")) == Decimal("2.84")
+    assert round_cents(0.125) == Decimal("0.13")
+    assert as_decimal(2.835) == Decimal("2.835")
+    assert as_decimal(7) == Decimal(7)
+    assert usd_text(None, none="-") == "-"
+
+
+def test_json_money_is_a_number_rounded_half_up_to_the_micro_dollar() -> None:
+    assert usd_json(None) is None
+    value = usd_json(Decimal("2.8350005"))
+    assert isinstance(value, float)
+    assert value == 2.835001
+    assert Decimal(str(usd_json(Decimal("0.1") * 3))) == Decimal("0.3")  # exact once read back
+    assert usd_json(Decimal("12")) == 12.0

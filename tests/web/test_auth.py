@@ -1,0 +1,213 @@
+"""Who may read the dashboard and who may act on it (:mod:`web.auth`), through the real app.
+
+The webhook receiver and ``/healthz`` never need the token; every other path needs it from
+beyond loopback; actions need it always (read-only without one configured); a logged-in
+browser's actions must come from the dashboard's own origin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from jobs import store
+from jobs.db import session_factory
+from tests.web.web_helpers import (
+    FAL_KEY,
+    HTML,
+    JSON,
+    LOOPBACK,
+    REMOTE,
+    TOKEN,
+    app_for,
+    client,
+    mixed_batch,
+    settings_for,
+)
+from web.auth import SESSION_COOKIE, safe_next, session_value
+
+
+@pytest.fixture
+def batch_id(sqlite_engine: Engine) -> str:
+    with session_factory(sqlite_engine)() as session:
+        return mixed_batch(session, items=10).batch.id
+
+
+def _paused(engine: Engine, batch_id: str) -> bool:
+    with session_factory(engine)() as session:
+        return store.get_batch(session, batch_id).paused_by_user
+
+
+def test_without_a_token_loopback_reads_and_nobody_acts(
+    sqlite_engine: Engine, output_dir: Path, batch_id: str
+) -> None:
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    local = client(app)
+    page = local.get("/", headers=HTML)
+    assert page.status_code == 200
+    assert "mixed" in page.text
+    assert "read-only" in page.text
+    assert local.get(f"/batches/{batch_id}", headers=HTML).status_code == 200
+    assert local.get("/metrics").status_code == 200
+    refused = local.post(f"/batches/{batch_id}/pause", headers={**HTML, "Origin": "http://127.0.0.1:8788"})
+    assert refused.status_code == 403
+    assert "set WANBATCH_SERVE_TOKEN" in refused.text
+    assert not _paused(sqlite_engine, batch_id)
+    # The batch page says so where the buttons are, and disables them.
+    batch_page = local.get(f"/batches/{batch_id}", headers=HTML).text
+    assert "disabled" in batch_page
+    assert "WANBATCH_SERVE_TOKEN" in batch_page
+
+
+def test_without_a_token_other_hosts_get_nothing_but_the_receiver(
+    sqlite_engine: Engine, output_dir: Path, batch_id: str
+) -> None:
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    remote = client(app, peer=REMOTE, host="dash.example.com")
+    for path in ("/", f"/batches/{batch_id}", "/metrics", "/login", "/static/dashboard.css"):
+        answer = remote.get(path, headers=HTML)
+        assert answer.status_code == 403, path
+        assert "loopback clients only" in answer.text
+    assert remote.post(f"/batches/{batch_id}/pause").status_code == 403
+    health = remote.get("/healthz")
+    assert health.status_code == 200
+    assert health.json()["ok"] is True
+    # The receiver answers for itself (a bad signature is its 4xx, never the dashboard's 403).
+    hook = remote.post("/webhooks/fal?job_id=x&attempt=1", content=b"{}")
+    assert hook.status_code in (400, 401)
+    assert "ok" in hook.json()
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers"),
+    [
+        (LOOPBACK, {"X-Forwarded-For": "198.51.100.4"}),  # a local reverse proxy passing a remote client on
+        (LOOPBACK, {"Forwarded": "for=198.51.100.4"}),
+        (LOOPBACK, {"Host": "attacker.example:8788"}),  # DNS rebinding: a foreign name pointed at 127.0.0.1
+        (("10.0.0.5", 4000), {}),  # a private address is not loopback
+    ],
+)
+def test_loopback_means_this_machine_by_a_loopback_name(
+    sqlite_engine: Engine, output_dir: Path, peer: tuple[str, int], headers: dict[str, str]
+) -> None:
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    assert client(app, peer=peer).get("/", headers={**HTML, **headers}).status_code == 403
+
+
+@pytest.mark.parametrize("host", ["localhost:8788", "[::1]:8788", "127.0.0.2"])
+def test_loopback_names(sqlite_engine: Engine, output_dir: Path, host: str) -> None:
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    peer = ("::1", 4000) if "::1" in host else ("::ffff:127.0.0.1", 4000) if "2" in host else LOOPBACK
+    assert client(app, peer=peer, host=host).get("/", headers=HTML).status_code == 200
+
+
+def test_with_a_token_remote_clients_log_in_and_act(
+    sqlite_engine: Engine, output_dir: Path, batch_id: str
+) -> None:
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
+    origin = "http://dash.example.com"
+    remote = client(app, peer=REMOTE, host="dash.example.com")
+    # No token: browsers are sent to the login form, other clients get 401.
+    first = remote.get(f"/batches/{batch_id}?state=failed", headers=HTML)
+    assert first.status_code == 303
+    assert first.headers["location"] == f"/login?next=%2Fbatches%2F{batch_id}%3Fstate%3Dfailed"
+    assert remote.get("/metrics").status_code == 401
+    assert remote.get("/", headers=JSON).headers["www-authenticate"].startswith("Bearer")
+    assert remote.get("/login", headers=HTML).status_code == 200
+    # A wrong token is refused (after a pause) and sets no cookie.
+    wrong = remote.post("/login", data={"token": "guess", "next": "/"}, headers={**HTML, "Origin": origin})
+    assert wrong.status_code == 401
+    assert SESSION_COOKIE not in wrong.cookies
+    assert "not the token" in wrong.text
+    # The right one: a cookie holding an HMAC of the token, never the token.
+    right = remote.post(
+        "/login", data={"token": TOKEN, "next": f"/batches/{batch_id}"}, headers={**HTML, "Origin": origin}
+    )
+    assert right.status_code == 303
+    assert right.headers["location"] == f"/batches/{batch_id}"
+    cookie = right.cookies[SESSION_COOKIE]
+    assert cookie == session_value(TOKEN)
+    assert TOKEN not in cookie
+    set_cookie = right.headers["set-cookie"].lower()
+    assert "httponly" in set_cookie
+    assert "samesite=strict" in set_cookie
+    remote.cookies.set(SESSION_COOKIE, cookie)
+    page = remote.get(f"/batches/{batch_id}", headers=HTML)
+    assert page.status_code == 200
+    assert "signed in" in page.text
+    assert TOKEN not in page.text
+    assert FAL_KEY not in page.text
+    # Acting needs the dashboard's own origin (CSRF): none, or another site's, is refused.
+    assert remote.post(f"/batches/{batch_id}/pause", headers=HTML).status_code == 403
+    evil = remote.post(f"/batches/{batch_id}/pause", headers={**HTML, "Origin": "https://evil.example"})
+    assert evil.status_code == 403
+    assert "Origin" in evil.text
+    by_referer = remote.post(
+        f"/batches/{batch_id}/pause", headers={**HTML, "Referer": "https://evil.example/dash.example.com/"}
+    )
+    assert by_referer.status_code == 403
+    assert not _paused(sqlite_engine, batch_id)
+    done = remote.post(f"/batches/{batch_id}/pause", headers={**HTML, "Origin": origin})
+    assert done.status_code == 303
+    assert done.headers["location"] == f"/batches/{batch_id}"
+    assert _paused(sqlite_engine, batch_id)
+    # Logging out forgets the cookie.
+    out = remote.post("/logout", headers={**HTML, "Origin": origin})
+    assert out.status_code == 303
+    assert 'wanbatch_session=""' in out.headers["set-cookie"]
+
+
+def test_a_bearer_token_needs_no_cookie_and_no_origin(
+    sqlite_engine: Engine, output_dir: Path, batch_id: str
+) -> None:
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
+    remote = client(app, peer=REMOTE, host="dash.example.com")
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    assert remote.get("/metrics", headers=bearer).status_code == 200
+    paused = remote.post(f"/batches/{batch_id}/pause", headers={**bearer, **JSON})
+    assert paused.status_code == 200
+    assert paused.json()["paused_by_user"] is True
+    assert remote.get("/", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert remote.get("/", headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
+
+
+def test_with_a_token_loopback_still_reads_but_must_log_in_to_act(
+    sqlite_engine: Engine, output_dir: Path, batch_id: str
+) -> None:
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
+    local = client(app)
+    page = local.get(f"/batches/{batch_id}", headers=HTML)
+    assert page.status_code == 200
+    assert "log in" in page.text
+    refused = local.post(f"/batches/{batch_id}/pause", headers={**HTML, "Origin": "http://127.0.0.1:8788"})
+    assert refused.status_code == 401
+    assert "log in at /login" in refused.text
+    assert not _paused(sqlite_engine, batch_id)
+
+
+def test_login_without_a_configured_token_says_so(sqlite_engine: Engine, output_dir: Path) -> None:
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    answer = client(app).post("/login", data={"token": "x"}, headers=HTML)
+    assert answer.status_code == 403
+    assert "WANBATCH_SERVE_TOKEN is not set" in answer.text
+
+
+def test_cross_origin_login_is_refused(sqlite_engine: Engine, output_dir: Path) -> None:
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
+    answer = client(app).post("/login", data={"token": TOKEN}, headers={"Origin": "https://evil.example"})
+    assert answer.status_code == 403
+    assert SESSION_COOKIE not in answer.cookies
+
+
+def test_safe_next_stays_on_this_site() -> None:
+    assert safe_next("/batches/x?state=failed") == "/batches/x?state=failed"
+    for bad in (None, "", "https://evil.example", "//evil.example/x", "/\\evil.example", "batches"):
+        assert safe_next(bad) == "/"
+
+
+def test_the_session_cookie_depends_on_the_token(session: Session) -> None:
+    assert session_value(TOKEN) != session_value(TOKEN + "x")
+    assert len(session_value(TOKEN)) == 64

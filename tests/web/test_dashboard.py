@@ -1,0 +1,305 @@
+"""The dashboard's pages, previews and actions (:mod:`web.dashboard`), through the real app.
+
+Pages show what the store holds (escaped), filter and page the job list, serve a video only
+from inside the output folder (seekable: HTTP ranges), and the buttons run the same use cases as
+the CLI's ``pause``, ``resume``, ``cancel`` and ``rerun --failed-only``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import time
+from decimal import Decimal
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from jobs import store
+from jobs.db import session_factory
+from jobs.models import BatchState
+from jobs.schedule import Schedule
+from jobs.states import JobState
+from tests.web.web_helpers import (
+    ENDPOINTS,
+    FAL_KEY,
+    HTML,
+    JSON,
+    TOKEN,
+    app_for,
+    client,
+    make_batch,
+    mixed_batch,
+    new_job,
+    set_job,
+    settings_for,
+)
+from web.auth import SESSION_COOKIE, session_value
+from web.dashboard import SECURITY_HEADERS, duration, usd
+
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _rows(html: str) -> list[tuple[str, str]]:
+    """``(job id, state)`` of each row of the job table, in order."""
+    return re.findall(r'<tr id="j-([0-9a-f]+)" data-state="([a-z_]+)"', html)
+
+
+def test_batch_list_shows_progress_money_and_pace(sqlite_engine: Engine, output_dir: Path) -> None:
+    with session_factory(sqlite_engine)() as session:
+        mixed = mixed_batch(session)
+        make_batch(session, "quiet", [new_job(0, endpoint=ENDPOINTS[0])])
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    page = client(app).get("/", headers=HTML)
+    assert page.status_code == 200
+    for header, value in SECURITY_HEADERS.items():
+        assert page.headers[header] == value
+    html = page.text
+    assert html.index("quiet") < html.index(">mixed<")  # newest first
+    assert "19</span> / 31 done" in html  # finished: 13 succeeded, 3 failed, 3 cancelled
+    assert f'href="/batches/{mixed.batch.id}"' in html
+    assert "$50.00" in html  # the budget cap
+    assert "/min" in html  # a pace for the batch that is moving
+    assert FAL_KEY not in html
+
+
+def test_empty_dashboard_says_how_to_start(sqlite_engine: Engine, output_dir: Path) -> None:
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    html = client(app).get("/", headers=HTML).text
+    assert "No batches yet" in html
+    assert "wanbatch submit" in html
+
+
+def test_batch_page_filters_pages_and_escapes(sqlite_engine: Engine, output_dir: Path) -> None:
+    with session_factory(sqlite_engine)() as session:
+        mixed = mixed_batch(session, "<script>alert(1)</script>", items=60)
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    local = client(app)
+    base = f"/batches/{mixed.batch.id}"
+    html = local.get(base, headers=HTML).text
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<b>" not in html  # errors are text, not markup
+    rows = _rows(html)
+    assert len(rows) == 50
+    assert rows[0][0] == mixed.jobs[0].id
+    # The summary: every state with its count, money, the commonest failure.
+    assert "61 matching jobs" in html
+    assert "runner_disconnected" in html
+    assert "Commonest failures" in html
+    assert "848×480 · 81 f · 16 fps · 5.1 s" in html
+    assert "frame size 424x240" in html
+    # Next page by keyset, then the last page, then back.
+    next_link = re.search(r'href="(\?after=[^"#]+)#jobs-section" rel="next"', html)
+    assert next_link is not None
+    second = local.get(base + next_link.group(1).replace("&amp;", "&"), headers=HTML).text
+    assert [r[0] for r in _rows(second)] == [j.id for j in mixed.jobs[50:]]
+    last = local.get(base + "?page=last&per=25", headers=HTML).text
+    assert [r[0] for r in _rows(last)] == [j.id for j in mixed.jobs[-25:]]
+    prev_link = re.search(r'href="(\?[^"#]*before=[^"#]+)#jobs-section" rel="prev"', last)
+    assert prev_link is not None
+    before = local.get(base + prev_link.group(1).replace("&amp;", "&"), headers=HTML).text
+    assert [r[0] for r in _rows(before)] == [j.id for j in mixed.jobs[-50:-25]]
+    # Filters: state (from a chip), endpoint, both; the count says how many match.
+    failed = local.get(base + "?state=failed", headers=HTML).text
+    assert {s for _, s in _rows(failed)} == {"failed"}
+    assert len(_rows(failed)) == 6
+    assert "6 matching jobs" in failed
+    both = local.get(base + f"?state=failed,cancelled&endpoint={ENDPOINTS[0]}", headers=HTML).text
+    wanted = [
+        j.id
+        for j in mixed.jobs
+        if j.endpoint == ENDPOINTS[0] and j.state in (JobState.FAILED, JobState.CANCELLED)
+    ]
+    assert [r[0] for r in _rows(both)] == wanted
+    assert "No job matches" in local.get(base + "?state=cancelling", headers=HTML).text
+    # Nonsense in the query is ignored: the first page of everything.
+    odd = local.get(base + "?state=nope&per=7&after=1.x.y&endpoint=", headers=HTML)
+    assert odd.status_code == 200
+    assert len(_rows(odd.text)) == 50
+    # The batch can be named by its name or an id prefix, as in the CLI.
+    assert local.get(f"/batches/{mixed.batch.id[:8]}", headers=HTML).status_code == 200
+
+
+def test_unknown_batch_and_job_are_404_pages(sqlite_engine: Engine, output_dir: Path) -> None:
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    local = client(app)
+    missing = local.get("/batches/nope", headers=HTML)
+    assert missing.status_code == 404
+    assert "no batch" in missing.text
+    assert "Traceback" not in missing.text
+    assert local.get("/batches/nope", headers=JSON).json()["ok"] is False
+    assert local.get("/jobs/nope/video").status_code == 404
+
+
+def test_previews_are_served_from_the_output_folder_only(
+    sqlite_engine: Engine, output_dir: Path, tmp_path: Path
+) -> None:
+    with session_factory(sqlite_engine)() as session:
+        mixed = mixed_batch(session, output_dir=output_dir)
+        job_id, video = next(iter(mixed.videos.items()))
+        outside = tmp_path / "elsewhere.mp4"
+        outside.write_bytes(b"secret")
+        stray = mixed.jobs[9].id  # a pending job, given a path outside the folder
+        set_job(session, stray, output_path=str(outside))
+        sneaky = mixed.jobs[19].id
+        set_job(session, sneaky, output_path=str(output_dir / ".." / "elsewhere.mp4"))
+        session.commit()
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    local = client(app)
+    html = local.get(f"/batches/{mixed.batch.id}", headers=HTML).text
+    assert f'<video src="/jobs/{job_id}/video" preload="none"' in html
+    whole = local.get(f"/jobs/{job_id}/video")
+    assert whole.status_code == 200
+    assert whole.content == video.read_bytes()
+    assert whole.headers["content-type"] == "video/mp4"
+    assert whole.headers["accept-ranges"] == "bytes"
+    part = local.get(f"/jobs/{job_id}/video", headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206
+    assert part.content == video.read_bytes()[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{video.stat().st_size}"
+    for job in (stray, sneaky):
+        refused = local.get(f"/jobs/{job}/video")
+        assert refused.status_code == 404
+        assert b"secret" not in refused.content
+    video.unlink()
+    assert local.get(f"/jobs/{job_id}/video").status_code == 404
+
+
+def test_s3_previews_redirect_to_a_presigned_url(
+    sqlite_engine: Engine, output_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # signing needs no connection
+    with session_factory(sqlite_engine)() as session:
+        mixed = mixed_batch(session)
+        job = mixed.jobs[0].id
+        set_job(session, job, output_path="s3://renders/night/00000-job.mp4")
+        session.commit()
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    answer = client(app).get(f"/jobs/{job}/video")
+    assert answer.status_code == 307
+    target = urlsplit(answer.headers["location"])
+    assert target.path == "/renders/night/00000-job.mp4"
+    assert "X-Amz-Signature" in parse_qs(target.query)
+    assert "testing-secret" not in answer.headers["location"]
+
+
+def _state(engine: Engine, batch_id: str) -> tuple[str, bool, dict[str, int]]:
+    with session_factory(engine)() as session:
+        batch = store.get_batch(session, batch_id)
+        return BatchState(batch.state).value, batch.paused_by_user, store.counts_by_state(session, batch_id)
+
+
+def test_buttons_pause_resume_rerun_and_cancel(engine: Engine, session: Session, output_dir: Path) -> None:
+    mixed = mixed_batch(session)
+    session.commit()  # end the read: on SQLite a session's transaction holds the write lock
+    app = app_for(engine, settings_for(engine, output_dir, token=TOKEN))
+    browser = client(app)
+    browser.cookies.set(SESSION_COOKIE, session_value(TOKEN))
+    act = {**HTML, "Origin": "http://127.0.0.1:8788"}
+    page = f"/batches/{mixed.batch.id}"
+    html = browser.get(page, headers=HTML).text
+    assert {"pause", "rerun-failed", "cancel"} <= set(re.findall(r'data-action="([a-z-]+)"', html))
+    assert "disabled" not in re.sub(r"<option[^>]*>", "", html.split('class="actions"')[1].split("</div>")[0])
+
+    paused = browser.post(f"{page}/pause", headers=act)
+    assert paused.status_code == 303
+    assert paused.headers["location"] == page
+    assert _state(engine, mixed.batch.id)[:2] == ("active", True)
+    shown = browser.get(page, headers=HTML)
+    assert "paused batch mixed" in shown.text  # the one-line outcome, shown once
+    assert 'data-action="resume"' in shown.text
+    assert 'data-action="pause"' not in shown.text
+    assert "paused batch mixed" not in browser.get(page, headers=HTML).text
+
+    resumed = browser.post(f"{page}/resume", headers={**BEARER, **JSON})
+    assert resumed.status_code == 200
+    assert resumed.json()["paused_by_user"] is False
+    assert "resumed batch mixed" in resumed.json()["message"]
+
+    rerun = browser.post(f"{page}/rerun-failed", headers={**BEARER, **JSON})
+    assert rerun.status_code == 200, rerun.text
+    body = rerun.json()
+    assert body["name"] == "mixed-rerun-1"
+    assert body["total"] == 6
+    assert "wanbatch run mixed-rerun-1" in body["message"]  # no broker: say what sends it
+    new_page = browser.post(f"{page}/rerun-failed", headers=act)
+    assert new_page.status_code == 303
+    assert new_page.headers["location"] != page
+
+    cancelled = browser.post(f"{page}/cancel", headers={**BEARER, **JSON})
+    assert cancelled.status_code == 200
+    state, _, counts = _state(engine, mixed.batch.id)
+    assert state == "cancelled"
+    assert counts["pending"] == counts["retry_wait"] == 0  # never sent: cancelled at once
+    assert counts["queued"] + counts["running"] == 6  # fal holds them: cancelled there by a tick
+    assert cancelled.json()["at_fal"] == 6
+    assert "wanbatch cancel mixed" in cancelled.json()["message"]
+    # Refusals are one line, never a traceback: HTML back to the page, JSON with a 409.
+    again = browser.post(f"{page}/cancel", headers={**BEARER, **JSON})
+    assert again.status_code == 409
+    assert "already cancelled" in again.json()["error"]
+    flash = browser.post(f"{page}/pause", headers=act)
+    assert flash.status_code == 303
+    assert "is cancelled" in browser.get(page, headers=HTML).text
+    assert browser.post("/batches/nope/pause", headers={**BEARER, **JSON}).status_code == 404
+    assert browser.post(f"{page}/explode", headers={**BEARER, **JSON}).status_code == 404
+
+
+def test_rerun_with_nothing_failed_is_refused(sqlite_engine: Engine, output_dir: Path) -> None:
+    with session_factory(sqlite_engine)() as session:
+        batch = make_batch(session, "clean", [new_job(0, endpoint=ENDPOINTS[0])])
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
+    answer = client(app).post(f"/batches/{batch.id}/rerun-failed", headers={**BEARER, **JSON})
+    assert answer.status_code == 409
+    assert "nothing to rerun" in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (Decimal("2.835"), "$2.84"),
+        (Decimal("1234.5"), "$1,234.50"),
+        (None, "—"),
+        (Decimal("-0.005"), "-$0.01"),
+    ],
+)
+def test_money_is_rounded_half_up_to_cents(value: Decimal | None, text: str) -> None:
+    assert usd(value) == text
+
+
+def test_durations_read_well() -> None:
+    assert [duration(s) for s in (None, 4.6, 125, 3 * 3600 + 300, 50 * 3600)] == [
+        "—",
+        "5 s",
+        "2 min",
+        "3 h 05 min",
+        "2 d 2 h",
+    ]
+
+
+def test_empty_scheduled_and_paused_batches_render(sqlite_engine: Engine, output_dir: Path) -> None:
+    with session_factory(sqlite_engine)() as session:
+        empty = make_batch(session, "empty", [])
+        later = make_batch(session, "later", [new_job(0, endpoint=ENDPOINTS[0])])
+        store.set_batch_schedule(
+            session, later.id, Schedule(window=(time(22, 0), time(6, 0)), timezone="Europe/Berlin"), "low"
+        )
+        store.set_batch_state(session, later.id, BatchState.PAUSED, reason="fal refused the key (401)")
+        session.commit()
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    local = client(app)
+    blank = local.get(f"/batches/{empty.id}", headers=HTML)
+    assert blank.status_code == 200
+    assert "No job matches" in blank.text
+    page = local.get(f"/batches/{later.id}", headers=HTML).text
+    assert "paused: fal refused the key (401)" in page
+    assert "low priority" in page
+    assert '<span class="strong">none</span> — paused: fal refused' in page  # held: no forecast
+    listing_page = local.get("/", headers=HTML).text
+    assert "held" in listing_page

@@ -1,0 +1,212 @@
+"""The dashboard's read models (:mod:`jobs.listing`) on both dialects.
+
+Its aggregates must equal the store's own (what ``status`` and ``cost`` print) to the cent, and
+its keyset pages must walk a batch forwards and backwards, filtered or not, meeting every job
+exactly once in item order.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy.orm import Session
+
+from jobs import listing, store
+from jobs.listing import Cursor, Pace, Totals, pace
+from jobs.models import BatchState
+from jobs.states import JobState
+from tests.web.web_helpers import ENDPOINTS, make_batch, mixed_batch, new_job
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def test_summary_equals_the_stores_own_figures(session: Session) -> None:
+    mixed = mixed_batch(session)
+    other = mixed_batch(session, "other", items=7)  # another batch's jobs must not leak in
+    summary = listing.batch_summary(session, mixed.batch.id)
+    totals = summary.all
+    money = store.batch_money(session, mixed.batch.id)
+    cost = store.batch_cost(session, mixed.batch.id)
+    assert totals.counts == store.counts_by_state(session, mixed.batch.id)
+    assert (totals.estimated_usd, totals.spent_usd, totals.reserved_usd) == (
+        money.estimated_usd,
+        money.spent_usd,
+        money.reserved_usd,
+    )
+    assert (totals.possible_duplicate_charges, totals.confirmed_duplicate_charges) == (
+        money.possible_duplicate_charges,
+        money.confirmed_duplicate_charges,
+    )
+    assert (totals.actual_usd, totals.wasted_usd, totals.cancelled_for_budget) == (
+        cost.actual_usd,
+        cost.wasted_usd,
+        cost.cancelled_for_budget,
+    )
+    assert totals.media_mismatches == store.count_media_mismatches(session, mixed.batch.id)
+    assert totals.first_submitted_at == store.first_submitted_at(session, mixed.batch.id)
+    # The fixture's figures, so the comparison above cannot pass on two empty sums.
+    assert totals.total == 31
+    assert totals.counts["succeeded"] == 13
+    assert totals.counts["failed"] == 3
+    assert totals.wasted_usd == Decimal("0.35")  # 3 failed x 0.10 + item 1's 0.05 over its estimate
+    assert totals.recent == 16  # succeeded and failed ones finished a minute or two ago
+    assert totals.busy == 6
+    assert totals.waiting == 6
+    # Per endpoint: the filter's choices and match counts.
+    assert set(summary.endpoints) == set(ENDPOINTS)
+    assert sum(summary.endpoints.values()) == 31
+    assert summary.matching([JobState.FAILED]) == 3
+    assert summary.matching([JobState.FAILED, JobState.CANCELLED], ENDPOINTS[0]) == sum(
+        1
+        for j in mixed.jobs
+        if j.endpoint == ENDPOINTS[0] and j.state in (JobState.FAILED, JobState.CANCELLED)
+    )
+    assert summary.counts("no/such-endpoint") == Totals().counts
+    assert listing.batch_summary(session, other.batch.id).all.total == 8  # 7 items + a variant
+
+
+def test_batch_list_aggregates_every_batch_shown_at_once(session: Session) -> None:
+    mixed = mixed_batch(session)
+    empty = make_batch(session, "empty", [])
+    found = listing.list_batches(session)
+    assert [r.batch.name for r in found.rows] == ["empty", "mixed"]  # newest first
+    assert (found.total_batches, found.page, found.pages) == (2, 1, 1)
+    row = next(r for r in found.rows if r.batch.id == mixed.batch.id)
+    alone = listing.batch_summary(session, mixed.batch.id).all
+    assert row.totals == alone
+    assert row.pace.per_minute is not None
+    assert row.pace.per_minute > 0
+    assert row.pace.eta_seconds is not None
+    assert row.pace.eta_seconds > 0
+    blank = next(r for r in found.rows if r.batch.id == empty.id)
+    assert blank.totals.total == 0
+    assert blank.pace == Pace(None, None, "")
+    paged = listing.list_batches(session, page=2, per_page=1)
+    assert [r.batch.name for r in paged.rows] == ["mixed"]
+    assert paged.pages == 2
+    assert listing.list_batches(session, page=99, per_page=1).page == 2  # clamped, never empty
+
+
+def test_a_held_batch_gets_no_eta_once_nothing_is_in_flight(session: Session) -> None:
+    mixed = mixed_batch(session)
+    store.set_paused_by_user(session, mixed.batch.id, True)
+    session.commit()
+    row = listing.list_batches(session).rows[0]
+    assert row.pace.held == "paused by user"
+    assert row.pace.eta_seconds is not None  # 6 jobs still in flight: they keep the pace going
+    store.set_batch_state(session, mixed.batch.id, BatchState.CANCELLED)
+    session.commit()
+    assert listing.list_batches(session).rows[0].pace.held == "cancelled"
+
+
+def test_pace_is_the_recent_rate_and_the_eta_follows_it() -> None:
+    now = T0 + timedelta(hours=3)
+    totals = Totals(first_submitted_at=T0, recent=50)
+    totals.counts.update(succeeded=100, pending=400, running=10)
+    moving = pace(totals, held="", now=now)
+    assert moving.per_minute == 5.0  # 50 in the last 10 minutes, not 100 over 3 hours
+    assert moving.eta_seconds == 410 / 5 * 60
+    young = pace(Totals(first_submitted_at=now - timedelta(minutes=2), recent=10), held="", now=now)
+    assert young.per_minute == 5.0  # a batch sent 2 minutes ago is judged over those 2 minutes
+    held = Totals(first_submitted_at=T0, recent=0)
+    held.counts.update(succeeded=10, pending=5)
+    assert pace(held, held="waiting for window", now=now) == Pace(0.0, None, "waiting for window")
+    stalled = Totals(first_submitted_at=T0, recent=0)
+    stalled.counts.update(pending=5, running=1)
+    assert pace(stalled, held="", now=now).eta_seconds is None  # no pace: no forecast
+    done = Totals(first_submitted_at=T0, recent=3)
+    done.counts.update(succeeded=3)
+    assert pace(done, held="", now=now).eta_seconds == 0.0
+    assert pace(Totals(), held="", now=now) == Pace(None, None, "")
+
+
+def _walk_forward(session: Session, batch_id: str, limit: int, **filters: object) -> list[str]:
+    seen: list[str] = []
+    page = listing.list_jobs(session, batch_id, limit=limit, **filters)  # type: ignore[arg-type]
+    assert not page.has_prev
+    while True:
+        seen += [r.id for r in page.rows]
+        if not page.has_next:
+            return seen
+        page = listing.list_jobs(session, batch_id, limit=limit, after=page.last, **filters)  # type: ignore[arg-type]
+        assert page.has_prev
+
+
+def _walk_backward(session: Session, batch_id: str, limit: int, **filters: object) -> list[str]:
+    seen: list[str] = []
+    page = listing.list_jobs(session, batch_id, limit=limit, last=True, **filters)  # type: ignore[arg-type]
+    assert not page.has_next
+    while True:
+        seen = [r.id for r in page.rows] + seen
+        if not page.has_prev:
+            return seen
+        page = listing.list_jobs(session, batch_id, limit=limit, before=page.first, **filters)  # type: ignore[arg-type]
+        assert page.has_next
+
+
+@pytest.mark.parametrize("limit", [1, 4, 7, 50])
+def test_keyset_pages_meet_every_job_once_in_item_order(session: Session, limit: int) -> None:
+    mixed = mixed_batch(session)
+    mixed_batch(session, "neighbour", items=5)
+    expected = [j.id for j in mixed.jobs]  # jobs_of_batch: item order, then variant
+    assert _walk_forward(session, mixed.batch.id, limit) == expected
+    assert _walk_backward(session, mixed.batch.id, limit) == expected
+    failed = [j.id for j in mixed.jobs if j.state == JobState.FAILED]
+    assert _walk_forward(session, mixed.batch.id, limit, states=[JobState.FAILED]) == failed
+    assert _walk_backward(session, mixed.batch.id, limit, states=[JobState.FAILED]) == failed
+    wan22_done = [j.id for j in mixed.jobs if j.endpoint == ENDPOINTS[1] and j.state == JobState.SUCCEEDED]
+    assert wan22_done  # item 3's second variant among them
+    filters = {"states": [JobState.SUCCEEDED], "endpoint": ENDPOINTS[1]}
+    assert _walk_forward(session, mixed.batch.id, limit, **filters) == wan22_done
+
+
+def test_job_rows_carry_what_the_table_shows(session: Session) -> None:
+    mixed = mixed_batch(session)
+    rows = listing.list_jobs(session, mixed.batch.id, limit=50).rows
+    assert [(r.item_index, r.variant) for r in rows[3:5]] == [(3, 0), (3, 1)]
+    done = rows[1]
+    assert (done.state, done.seed, done.actual_usd, done.attempts) == ("succeeded", 1001, Decimal("0.45"), 1)
+    assert done.media is not None
+    assert done.media["width"] == 848
+    assert done.prompt == "a paper boat, take 1"
+    assert rows[2].media_mismatch == "frame size 424x240, asked 848x480"
+    failed = rows[5]
+    assert failed.state == "failed"
+    assert failed.error_type == "runner_disconnected"
+    assert listing.list_jobs(session, mixed.batch.id, states=[JobState.CANCELLING]).rows == []
+    assert listing.job_output(session, "nope") is None
+
+
+def test_cursor_round_trips_and_refuses_garbage() -> None:
+    cursor = Cursor(12, 3, "ab12cd")
+    assert Cursor.decode(cursor.encode()) == cursor
+    for bad in (
+        "",
+        None,
+        "1.2",
+        "a.0.x",
+        "1.b.x",
+        "1.2.",
+        "1.2.x y",
+        "1.2.x.y",
+        "1" * 12 + ".0.x",
+        "1.0." + "a" * 40,
+    ):
+        assert Cursor.decode(bad) is None
+
+
+def test_child_batches_are_the_reruns(session: Session) -> None:
+    parent = make_batch(session, "parent", [new_job(0, endpoint=ENDPOINTS[0])])
+    child, _ = store.get_or_create_batch(
+        session,
+        name="parent-rerun-1",
+        manifest_path="/m.yaml",
+        manifest_sha256="0" * 64,
+        budget_max_usd=None,
+        parent_batch_id=parent.id,
+    )
+    session.commit()
+    assert listing.child_batches(session, parent.id) == [(child.id, "parent-rerun-1")]
+    assert listing.child_batches(session, child.id) == []

@@ -1,0 +1,611 @@
+"""The dashboard of ``wanbatch serve``: server-rendered pages over the system of record.
+
+* ``GET /`` — the batch list: progress, counts by state, spend against estimate and budget,
+  pace (jobs per minute over the last 10 minutes) and ETA, schedule state.
+* ``GET /batches/{batch}`` — one batch (by id, id prefix or name): its figures, its commonest
+  failure reasons, and its jobs a page at a time, filtered by state and endpoint, each with its
+  state, attempts, error, seed, cost, media check and an inline preview of its video.
+* ``GET /jobs/{job}/video`` — a job's video: a local file is served (with HTTP ranges, so the
+  player can seek) only from inside the output folder; an ``s3://`` output is a redirect to a
+  short-lived presigned URL.
+* ``POST /batches/{batch}/pause|resume|cancel|rerun-failed`` — the same use cases as the CLI's
+  ``pause``, ``resume``, ``cancel`` and ``rerun --failed-only`` (:mod:`jobs.batches`,
+  :mod:`jobs.store`), never SQL of their own. Browsers get a redirect back with a one-line
+  message; other clients (``Accept`` without ``text/html``) get JSON.
+* ``GET``/``POST /login``, ``POST /logout`` — the token form; who may do what is decided by
+  :mod:`web.auth` before any of this runs.
+
+Pages are fast on a 100,000-job batch because :mod:`jobs.listing` aggregates in SQL (one
+``GROUP BY`` per page) and pages the job list by keyset. They refresh themselves every few
+seconds (``static/dashboard.js`` swaps in the parts that changed, leaving a playing video alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import mimetypes
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlencode
+
+import jinja2
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from jobs import batches, db, listing, store
+from jobs.errors import NotFoundError, UsageError, WanbatchError
+from jobs.models import Batch, BatchState, utcnow
+from jobs.money import usd_text
+from jobs.settings import Settings
+from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
+from web.auth import SESSION_COOKIE, Access, safe_next, session_value, token_matches
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+TEMPLATES = HERE / "templates"
+STATIC = HERE / "static"
+#: One-line message shown once on the next page after an action (set by a redirect).
+FLASH_COOKIE = "wanbatch_flash"
+#: How often an open page refreshes its figures (seconds).
+REFRESH_SECONDS = 5
+#: Largest login form body read.
+MAX_FORM_BYTES = 4096
+#: Seconds a wrong token waits before its answer: guessing stays slow.
+LOGIN_FAILURE_DELAY = 1.0
+
+#: Order of the progress bar's segments and of the state filter's chips: finished work first.
+STATE_ORDER = (
+    JobState.SUCCEEDED,
+    JobState.FAILED,
+    JobState.CANCELLED,
+    JobState.DOWNLOADING,
+    JobState.RUNNING,
+    JobState.QUEUED,
+    JobState.SUBMITTING,
+    JobState.SUBMIT_UNKNOWN,
+    JobState.CANCELLING,
+    JobState.RETRY_WAIT,
+    JobState.PENDING,
+)
+#: Every page carries these: no framing, no foreign scripts or styles, forms post here only.
+#: Media may come from object storage (presigned S3 URLs), so media-src is open.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; style-src-attr 'unsafe-inline'; "
+        "img-src 'self' data:; "
+        "media-src 'self' https: http:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def usd(value: Decimal | float | None) -> str:
+    """Dollars and cents as every command writes them (:func:`jobs.money.usd_text`: half up,
+    ``$2.835`` → ``$2.84``, thousands separated); "—" where there is no amount."""
+    return usd_text(value, none="—")
+
+
+def duration(seconds: float | None) -> str:
+    """``45 s``, ``12 min``, ``3 h 05 min``, ``2 d 4 h``; "—" for None."""
+    if seconds is None:
+        return "—"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    minutes, _ = divmod(s, 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def ago(moment: datetime | None, now: datetime | None = None) -> str:
+    """``just now``, ``5 min ago``, ``3 h 10 min ago``."""
+    if moment is None:
+        return "—"
+    seconds = ((now or utcnow()) - moment).total_seconds()
+    return "just now" if seconds < 10 else f"{duration(seconds)} ago"
+
+
+def number(value: int | float | None) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
+def rate(per_minute: float | None) -> str:
+    """Jobs per minute, with the precision a glance needs."""
+    if per_minute is None:
+        return "—"
+    return f"{per_minute:,.0f}/min" if per_minute >= 10 else f"{per_minute:.1f}/min"
+
+
+def percent(part: float | Decimal, whole: float | Decimal) -> float:
+    """``part`` of ``whole`` in percent, 0–100, for bar widths (0 when ``whole`` is 0)."""
+    if whole <= 0:
+        return 0.0
+    return max(0.0, min(100.0, float(part) * 100.0 / float(whole)))
+
+
+def media_text(media: Mapping[str, Any] | None) -> str:
+    """``848×480 · 81 f · 16 fps · 5.1 s`` from a probed video's JSON (``worker.probe.MediaInfo``:
+    what is known of it; unknown keys are ignored, so an older or odd record never breaks a page)."""
+    if not media:
+        return ""
+    parts = []
+    if media.get("width") and media.get("height"):
+        parts.append(f"{media['width']}×{media['height']}")
+    if media.get("frames"):
+        parts.append(f"{media['frames']} f")
+    if media.get("fps"):
+        parts.append(f"{float(media['fps']):g} fps")
+    if media.get("duration_s"):
+        parts.append(f"{float(media['duration_s']):.1f} s")
+    return " · ".join(parts)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(usd=usd, duration=duration, ago=ago, number=number, rate=rate, media_text=media_text)
+    env.globals.update(percent=percent, STATE_ORDER=[s.value for s in STATE_ORDER], static=_static_url())
+    return env
+
+
+def _static_url() -> Callable[[str], str]:
+    """``static("dashboard.css")`` → ``/static/dashboard.css?v=<hash>``: a new file, a new URL."""
+    versions = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:10] for p in STATIC.iterdir() if p.is_file()
+    }
+    return lambda name: f"/static/{name}?v={versions.get(name, '0')}"
+
+
+# --------------------------------------------------------------------------- view models
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """The job list's filter and position, from (and back to) the batch page's query string."""
+
+    states: tuple[JobState, ...] = ()
+    endpoint: str | None = None
+    per_page: int = listing.DEFAULT_PAGE_SIZE
+    after: listing.Cursor | None = None
+    before: listing.Cursor | None = None
+    last: bool = False
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str]) -> Filter:
+        """Whatever the query says that makes sense; anything else is ignored (a fresh list)."""
+        known = {s.value: s for s in JobState}
+        states = tuple(known[s] for s in query.get("state", "").split(",") if s in known)
+        per = query.get("per", "")
+        return cls(
+            states=tuple(dict.fromkeys(states)),
+            endpoint=query.get("endpoint") or None,
+            per_page=int(per) if per in {str(n) for n in listing.PAGE_SIZES} else listing.DEFAULT_PAGE_SIZE,
+            after=listing.Cursor.decode(query.get("after")),
+            before=listing.Cursor.decode(query.get("before")),
+            last=query.get("page") == "last",
+        )
+
+    def query(self, **changes: Any) -> str:
+        """The query string of this filter with ``changes`` (``states=``, ``endpoint=``, ``per=``,
+        ``after=``, ``before=``, ``last=``); a changed filter starts again at the first page."""
+        states = changes.get("states", self.states)
+        endpoint = changes.get("endpoint", self.endpoint)
+        per = changes.get("per", self.per_page)
+        params: dict[str, str] = {}
+        if states:
+            params["state"] = ",".join(JobState(s).value for s in states)
+        if endpoint:
+            params["endpoint"] = endpoint
+        if per != listing.DEFAULT_PAGE_SIZE:
+            params["per"] = str(per)
+        if changes.get("after") is not None:
+            params["after"] = changes["after"].encode()
+        elif changes.get("before") is not None:
+            params["before"] = changes["before"].encode()
+        elif changes.get("last"):
+            params["page"] = "last"
+        return "?" + urlencode(params) if params else "?"
+
+
+@dataclass(slots=True)
+class Flash:
+    """A one-line outcome of an action, shown once."""
+
+    kind: str  # "ok" or "error"
+    text: str
+
+    def cookie(self) -> str:
+        return quote(f"{self.kind}:{self.text}", safe="")
+
+    @classmethod
+    def from_cookie(cls, raw: str | None) -> Flash | None:
+        if not raw:
+            return None
+        kind, _, text = unquote(raw).partition(":")
+        return cls(kind if kind in ("ok", "error") else "ok", text[:2000]) if text else None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What an action did: its message, the batch to show next and the JSON answer."""
+
+    message: str
+    batch_id: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _access(request: Request) -> Access:
+    found = getattr(request.state, "access", None)
+    return found if isinstance(found, Access) else Access(False, False, False)
+
+
+def _wants_html(request: Request) -> bool:
+    return "text/html" in request.headers.get("accept", "")
+
+
+# --------------------------------------------------------------------------- the routes
+
+
+class Dashboard:
+    """The dashboard's pages and actions over ``engine``'s database."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.env = _environment()
+        secret = settings.serve_token
+        self.token = secret.get_secret_value() if secret is not None else None
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/", self.index, methods=["GET", "HEAD"]),
+            Route("/batches/{ref:str}", self.batch_page, methods=["GET", "HEAD"]),
+            Route("/batches/{ref:str}/{action:str}", self.act, methods=["POST"]),
+            Route("/jobs/{job_id:str}/video", self.video, methods=["GET", "HEAD"]),
+            Route("/login", self.login_form, methods=["GET", "HEAD"]),
+            Route("/login", self.login, methods=["POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ]
+
+    # ---------------------------------------------------------------- rendering
+
+    def render(self, request: Request, template: str, status_code: int = 200, **context: Any) -> Response:
+        flash = Flash.from_cookie(request.cookies.get(FLASH_COOKIE))
+        body = self.env.get_template(template).render(
+            access=_access(request),
+            flash=flash,
+            now=utcnow(),
+            refresh=REFRESH_SECONDS,
+            path=request.url.path,
+            **context,
+        )
+        response = HTMLResponse(body, status_code=status_code, headers=SECURITY_HEADERS)
+        if flash is not None:
+            response.delete_cookie(FLASH_COOKIE, path="/")
+        return response
+
+    def not_found(self, request: Request, message: str) -> Response:
+        if not _wants_html(request):
+            return JSONResponse({"ok": False, "error": message}, status_code=404)
+        return self.render(request, "error.html", status_code=404, title="Not found", message=message)
+
+    # ---------------------------------------------------------------- pages
+
+    def index(self, request: Request) -> Response:
+        page = request.query_params.get("page", "1")
+        with db.read_scope(self.engine) as session:
+            now = utcnow()
+            found = listing.list_batches(session, page=int(page) if page.isdigit() else 1, now=now)
+            schedule = {
+                row.batch.id: batches.schedule_state(
+                    session, row.batch, finished=_finished(row.totals), now=now
+                )
+                for row in found.rows
+            }
+        return self.render(request, "batches.html", listing=found, schedule=schedule, title="Batches")
+
+    def batch_page(self, request: Request) -> Response:
+        wanted = Filter.parse(request.query_params)
+        with db.read_scope(self.engine) as session:
+            try:
+                batch = store.get_batch(session, request.path_params["ref"])
+            except NotFoundError as exc:
+                return self.not_found(request, str(exc))
+            now = utcnow()
+            summary = listing.batch_summary(session, batch.id, now=now)
+            totals = summary.all
+            jobs = listing.list_jobs(
+                session,
+                batch.id,
+                states=wanted.states,
+                endpoint=wanted.endpoint,
+                after=wanted.after,
+                before=wanted.before,
+                last=wanted.last,
+                limit=wanted.per_page,
+            )
+            context: dict[str, Any] = {
+                "batch": batch,
+                "summary": summary,
+                "totals": totals,
+                "pace": listing.pace(totals, held=listing.held_reason(batch, now=now), now=now),
+                "schedule_state": batches.schedule_state(session, batch, finished=_finished(totals), now=now),
+                "failures": store.failure_reasons(session, batch.id),
+                "children": listing.child_batches(session, batch.id),
+                "parent": store.get_batch(session, batch.parent_batch_id) if batch.parent_batch_id else None,
+                "jobs": jobs,
+                "filter": wanted,
+                "matching": summary.matching(wanted.states, wanted.endpoint),
+                "actions": _actions(batch, totals),
+                "title": batch.name,
+            }
+        return self.render(request, "batch.html", **context)
+
+    def video(self, request: Request) -> Response:
+        with db.read_scope(self.engine) as session:
+            found = listing.job_output(session, request.path_params["job_id"])
+        if found is None or not found[1]:
+            return self.not_found(request, "no such job, or it has no video (yet)")
+        output_path = found[1]
+        from jobs.output_store import open_output_store
+
+        outputs = open_output_store(self.settings)
+        if output_path.startswith("s3://"):
+            try:
+                url = outputs.presigned_url(output_path)
+            except WanbatchError as exc:
+                return plain_error(str(exc), 502)
+            if url is None:
+                return self.not_found(request, "the video cannot be linked")
+            return RedirectResponse(url, status_code=307)
+        local = outputs.local_file(output_path)
+        if local is None:
+            return self.not_found(
+                request, "the video is not in the output folder (moved, deleted, or elsewhere)"
+            )
+        media_type = mimetypes.guess_type(local.name)[0] or "application/octet-stream"
+        return FileResponse(
+            local,
+            media_type=media_type,
+            headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
+        )
+
+    # ---------------------------------------------------------------- actions
+
+    async def act(self, request: Request) -> Response:
+        ref, action = request.path_params["ref"], request.path_params["action"]
+        handlers: dict[str, Callable[[str], Outcome]] = {
+            "pause": lambda r: self._pause(r, True),
+            "resume": lambda r: self._pause(r, False),
+            "cancel": self._cancel,
+            "rerun-failed": self._rerun_failed,
+        }
+        handler = handlers.get(action)
+        if handler is None:
+            return self.not_found(request, f"no action {action!r}")
+        client = request.client.host if request.client else "?"
+        try:
+            outcome = await run_in_threadpool(handler, ref)
+        except WanbatchError as exc:
+            message = str(exc).splitlines()[0]
+            log.info(
+                "dashboard: %s of %s refused for %s: %s",
+                action,
+                ref,
+                client,
+                message,
+                extra={"event": "dashboard.action_refused", "action": action},
+            )
+            if not _wants_html(request):
+                status = 404 if isinstance(exc, NotFoundError) else 409
+                return JSONResponse({"ok": False, "error": message}, status_code=status)
+            return self._back(f"/batches/{quote(ref, safe='')}", Flash("error", message))
+        log.info(
+            "dashboard: %s of %s by %s: %s",
+            action,
+            ref,
+            client,
+            outcome.message,
+            extra={"event": "dashboard.action", "action": action, "batch_id": outcome.batch_id},
+        )
+        if not _wants_html(request):
+            return JSONResponse({"ok": True, "message": outcome.message, **outcome.data})
+        return self._back(f"/batches/{outcome.batch_id}", Flash("ok", outcome.message))
+
+    @staticmethod
+    def _back(target: str, flash: Flash) -> Response:
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(
+            FLASH_COOKIE, flash.cookie(), max_age=60, path="/", httponly=True, samesite="strict"
+        )
+        return response
+
+    def _pause(self, ref: str, paused: bool) -> Outcome:
+        result = batches.set_paused(ref, paused, self.settings)
+        return Outcome(result.message, result.batch_id, result.as_dict())
+
+    def _cancel(self, ref: str) -> Outcome:
+        """What ``wanbatch cancel`` records: the batch cancelled, its unsent jobs cancelled at once
+        (set-based); the jobs fal holds are cancelled there by whatever processes the batch."""
+        with db.session_scope(self.engine) as session:
+            batch = store.get_batch(session, ref)
+            label = f"{batch.name} ({batch.id[:12]})"
+            if batch.state == BatchState.CANCELLED:
+                raise UsageError(f"batch {label} is already cancelled")
+            counts = store.counts_by_state(session, batch.id)
+            if sum(counts.values()) == sum(counts[s.value] for s in TERMINAL_STATES):
+                raise UsageError(f"batch {label} is finished: nothing to cancel")
+            store.set_batch_state(session, batch.id, BatchState.CANCELLED, reason="cancelled by user")
+            at_once = store.cancel_unsent_jobs(
+                session,
+                [batch.id],
+                reason="batch cancelled",
+                error="cancelled by user",
+                error_type="cancelled",
+                worker="dashboard",
+            )
+            at_fal = store.count_in_states(session, AT_PROVIDER_STATES, batch_id=batch.id)
+            batch_id, name = batch.id, batch.name
+        message = f"cancelled batch {label}: {at_once} job(s) never sent are cancelled"
+        if at_fal:
+            by = (
+                "the workers"
+                if self.settings.broker_url
+                else f"the `wanbatch run` processing it, or by `wanbatch cancel {name}`"
+            )
+            message += f"; {at_fal} job(s) fal holds are cancelled there by {by}"
+        return Outcome(message, batch_id, {"batch": batch_id, "cancelled_at_once": at_once, "at_fal": at_fal})
+
+    def _rerun_failed(self, ref: str) -> Outcome:
+        """``wanbatch rerun BATCH --failed-only``: a new batch of the failed and cancelled jobs.
+
+        The dashboard only stores it: workers (distributed) pick it up on their own; without a
+        broker nothing runs it until ``wanbatch run NAME`` — the message says which.
+        """
+        with db.read_scope(self.engine) as session:
+            batch = store.get_batch(session, ref)
+            counts = store.counts_by_state(session, batch.id)
+        if counts[JobState.FAILED.value] + counts[JobState.CANCELLED.value] == 0:
+            raise UsageError(f"batch {batch.name} has no failed or cancelled job: nothing to rerun")
+        result = batches.rerun_batch(batch.id, failed_only=True, settings=self.settings)
+        then = (
+            "the workers send it"
+            if self.settings.broker_url
+            else f"nothing sends it until `wanbatch run {result.name}` (no workers: no WANBATCH_BROKER_URL)"
+        )
+        message = f"created batch {result.name} with {result.added} job(s) of {batch.name}: {then}"
+        return Outcome(message, result.batch_id, result.as_dict())
+
+    # ---------------------------------------------------------------- login
+
+    def login_form(self, request: Request) -> Response:
+        return self.render(
+            request, "login.html", title="Log in", next=safe_next(request.query_params.get("next")), error=""
+        )
+
+    async def login(self, request: Request) -> Response:
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                return plain_error("the form is too large", 413)
+        form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+        target = safe_next(form.get("next"))
+        if self.token is None:
+            return self.render(
+                request,
+                "login.html",
+                status_code=403,
+                title="Log in",
+                next=target,
+                error="WANBATCH_SERVE_TOKEN is not set on the server: there is nothing to log in with.",
+            )
+        if not token_matches(form.get("token", ""), self.token):
+            client = request.client.host if request.client else "?"
+            log.warning("dashboard: wrong token from %s", client, extra={"event": "dashboard.login_refused"})
+            await asyncio.sleep(LOGIN_FAILURE_DELAY)
+            return self.render(
+                request,
+                "login.html",
+                status_code=401,
+                title="Log in",
+                next=target,
+                error="That is not the token.",
+            )
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(
+            SESSION_COOKIE,
+            session_value(self.token),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+        return response
+
+    def logout(self, _request: Request) -> Response:
+        response = RedirectResponse("/", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+
+def plain_error(message: str, status_code: int) -> Response:
+    """A one-line plain-text answer (no page around it: the client is not a browser, or it broke)."""
+    return Response(message, status_code=status_code, media_type="text/plain; charset=utf-8")
+
+
+def _finished(totals: listing.Totals) -> bool:
+    return totals.total > 0 and totals.finished == totals.total
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """A button of the batch page: shown when it can change something."""
+
+    name: str
+    label: str
+    style: str
+    confirm: str = ""
+
+
+def _actions(batch: Batch, totals: listing.Totals) -> list[Action]:
+    """The buttons that make sense for ``batch`` as it is now."""
+    found: list[Action] = []
+    done = _finished(totals)
+    if batch.state != BatchState.CANCELLED:
+        if batch.paused_by_user:
+            found.append(Action("resume", "Resume", "primary"))
+        elif not done:
+            found.append(Action("pause", "Pause", "secondary"))
+    if totals.counts[JobState.FAILED.value] + totals.counts[JobState.CANCELLED.value]:
+        found.append(
+            Action(
+                "rerun-failed",
+                "Rerun failed",
+                "secondary",
+                "Create a new batch with the failed and cancelled jobs of this one?",
+            )
+        )
+    if batch.state != BatchState.CANCELLED and not done:
+        found.append(
+            Action(
+                "cancel",
+                "Cancel batch",
+                "danger",
+                "Cancel this batch? Jobs not yet sent are never sent; queued ones are cancelled at fal.",
+            )
+        )
+    return found
+
+
+def dashboard_routes(engine: Engine, settings: Settings) -> list[BaseRoute]:
+    """The dashboard's routes, for :func:`web.app.create_app`."""
+    return Dashboard(engine, settings).routes()

@@ -1,0 +1,205 @@
+"""Prometheus ``/metrics`` for ``wanbatch serve``: the work, from the database, at scrape time.
+
+Two sources, one page:
+
+* :class:`DatabaseCollector` reads the system of record when Prometheus scrapes
+  (:func:`jobs.metrics.snapshot`: a handful of aggregate queries, fast on 100,000 jobs) — jobs
+  by state, batches, submissions, retries, ambiguous submits, errors by type, duplicate
+  charges, money, and duration histograms. Every deployment gets complete numbers this way,
+  whichever processes did the work and however often they restarted. Several ``serve``
+  replicas report the same numbers: scrape one, or aggregate them with ``max``, not ``sum``.
+* this process's own registry (:mod:`worker.telemetry`): the webhook deliveries its receiver
+  accepted and rejected (they live in this process only), with the usual ``process_*``
+  metrics.
+
+Each app gets a :class:`~prometheus_client.CollectorRegistry` of its own, so tests and several
+apps in one process never share or double-register collectors. The queries run in a thread
+(Starlette's threadpool), never on the event loop that receives webhooks. A database that does
+not answer is ``wanbatch_database_up 0`` and the page still answers (200): the scrape shows the
+outage instead of failing without a word.
+
+The metrics, their labels and meanings are listed in the README ("Metrics"); units are in the
+names (``_seconds``, ``_usd``), counters end in ``_total``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from jobs import db
+from jobs.metrics import Snapshot, snapshot
+from jobs.settings import Settings
+from worker.telemetry import ProcessMetrics
+
+log = logging.getLogger(__name__)
+
+#: What each duration histogram measures (``wanbatch_job_<name>_seconds``).
+DURATION_HELP = {
+    "wait": "Seconds from a job's creation to its (last) submit: limits, budget, schedule and retry "
+    "backoff, per job.",
+    "fal": "Seconds from a job's (last) submit to fal reporting it completed: fal's queue plus the model "
+    "run, as seen from here.",
+    "inference": "fal's own inference_time of each job's (last) request.",
+    "download": "Seconds from fal reporting a job completed to its output stored (succeeded jobs that "
+    "were sent).",
+}
+
+
+class DatabaseCollector(Collector):
+    """The work, read from the database when collected (see :mod:`jobs.metrics`)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing: registering must not query the database (and the names are not fixed ahead
+        of a scrape for labels anyway)."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        try:
+            with db.read_scope(self.engine) as session:
+                snap = snapshot(session)
+        except SQLAlchemyError as exc:
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            log.warning(
+                "metrics: the database does not answer (%s)", reason, extra={"event": "metrics.database_down"}
+            )
+            yield _gauge("wanbatch_database_up", "1 when the last scrape could read the database.", 0)
+            return
+        yield _gauge("wanbatch_database_up", "1 when the last scrape could read the database.", 1)
+        yield _gauge(
+            "wanbatch_metrics_query_seconds",
+            "Seconds the last scrape spent reading the database.",
+            time.perf_counter() - started,
+        )
+        yield from _families(snap)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _families(snap: Snapshot) -> Iterator[Metric]:
+    jobs = GaugeMetricFamily("wanbatch_jobs", "Jobs in each state, all batches.", labels=["state"])
+    for state, n in snap.jobs.items():
+        jobs.add_metric([state], n)
+    yield jobs
+
+    batches = GaugeMetricFamily(
+        "wanbatch_batches",
+        "Batches by state (active, paused: by the user, a refused account or a budget; cancelled).",
+        labels=["state"],
+    )
+    for state, n in snap.batches.items():
+        batches.add_metric([state], n)
+    yield batches
+
+    yield CounterMetricFamily(
+        "wanbatch_submits",
+        "Submissions to fal counted on the jobs (every attempt that was sent), all batches.",
+        value=snap.attempts,
+    )
+    yield CounterMetricFamily(
+        "wanbatch_retries", "Attempts beyond each job's first (new submissions of a job).", value=snap.retries
+    )
+    yield CounterMetricFamily(
+        "wanbatch_ambiguous_submits",
+        "Times a job's submit ended with its outcome unknown (the job went to submit_unknown).",
+        value=snap.ambiguous_submits,
+    )
+    yield CounterMetricFamily(
+        "wanbatch_possible_duplicate_charges",
+        "Submissions resent after an ambiguous outcome: fal may have billed each twice.",
+        value=snap.possible_duplicate_charges,
+    )
+    yield CounterMetricFamily(
+        "wanbatch_confirmed_duplicate_charges",
+        "Extra requests fal's signed webhooks proved it ran (each was billed).",
+        value=snap.confirmed_duplicate_charges,
+    )
+
+    errors = GaugeMetricFamily(
+        "wanbatch_job_errors",
+        "Jobs holding a recorded error, by state and error type (fal's error_type, or wanbatch's "
+        "own such as budget, deadline, submit_unknown, download_failed).",
+        labels=["state", "error_type"],
+    )
+    for (state, error_type), n in sorted(snap.errors.items()):
+        errors.add_metric([state, error_type], n)
+    yield errors
+
+    money = {
+        "estimated": "Estimated USD of every job (the sum of the estimates).",
+        "spent": "USD billed for finished work (actual cost, else the estimate of work fal finished); "
+        "as status' spent_usd.",
+        "reserved": "USD estimated for requests fal holds or may hold right now.",
+        "wasted": "USD billed that bought no output (failed or cancelled jobs, earlier attempts of "
+        "succeeded ones); as cost's wasted_usd.",
+    }
+    for kind, doc in money.items():
+        family = GaugeMetricFamily(f"wanbatch_{kind}_usd", doc + " By endpoint.", labels=["endpoint"])
+        for endpoint, usd in sorted(snap.usd.items()):
+            family.add_metric([endpoint], float(getattr(usd, kind)))
+        yield family
+
+    for name, histogram in snap.durations.items():
+        yield HistogramMetricFamily(
+            f"wanbatch_job_{name}_seconds",
+            DURATION_HELP[name],
+            buckets=[(le, float(n)) for le, n in histogram.cumulative()],
+            sum_value=histogram.total,
+        )
+
+    inbox = GaugeMetricFamily(
+        "wanbatch_webhook_inbox",
+        "Webhook deliveries in the database's inbox: stored, repeats of stored ones, unprocessed "
+        "(still to apply), ignored.",
+        labels=["kind"],
+    )
+    for kind, n in snap.webhook_inbox.items():
+        inbox.add_metric([kind], n)
+    yield inbox
+
+
+def metrics_registry(engine: Engine) -> CollectorRegistry:
+    """The registry ``/metrics`` renders: the database's numbers and this process's."""
+    registry = CollectorRegistry()
+    registry.register(DatabaseCollector(engine))
+    registry.register(ProcessMetrics())
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
+
+
+def metrics_route(engine: Engine, settings: Settings) -> Route:
+    """The ``GET /metrics`` route of the app serving ``engine``'s database (Prometheus' text
+    format). ``settings`` is the app's; the auth middleware decides who may read it."""
+    registry = metrics_registry(engine)
+
+    async def metrics(request: Request) -> Response:
+        # Prometheus' text format, or OpenMetrics when the scraper asks for it (Accept header).
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        body = await run_in_threadpool(encoder, registry)
+        return Response(body, headers={"Content-Type": content_type})
+
+    return Route("/metrics", metrics, methods=["GET"])

@@ -1,0 +1,321 @@
+"""``wanbatch doctor``: is this host set up to run batches? Each check as a plain function.
+
+A new user's first question is rarely "how do I render" but "why does nothing happen": a key
+fal refuses, a broker nobody listens on, an output folder owned by root, a receiver fal cannot
+reach. Each of those used to surface only after money was at stake (or never: a run that waits
+forever on workers that do not exist). The doctor asks each piece once, cheaply, and says for
+each what is wrong and what to do about it:
+
+- **configuration**: every ``WANBATCH_*`` setting (and ``FAL_KEY``) parses;
+- **database**: ``WANBATCH_DATABASE_URL`` answers and its schema is the one this wanbatch
+  expects (:data:`jobs.db.SCHEMA_HEAD`); read only: the doctor never migrates;
+- **broker**: with ``WANBATCH_BROKER_URL``, the broker answers and ``wanbatch worker``
+  processes answer a ping (none: nothing would be processed); embedded mode needs neither;
+- **provider**: one cheap authenticated call to ``WANBATCH_FAL_QUEUE_URL`` — the status of a
+  request id that cannot exist. The key is accepted when fal says "not found" (404), refused on
+  401, the account refused on 403; it costs nothing and queues nothing. The bundled simulator
+  answers exactly so;
+- **output storage**: ``WANBATCH_OUTPUT_DIR`` (folder or ``s3://``) takes a probe object
+  (:meth:`jobs.output_store.OutputStore.check_writable`, what ``run`` checks at start-up);
+- **receiver**: with ``WANBATCH_WEBHOOK_URL``, the ``wanbatch serve`` behind it answers
+  ``GET /healthz`` from this host.
+
+A check is ``ok``, ``fail`` or ``skip`` (does not apply), with a ``detail`` and, unless ok, a
+``fix``. No check raises and none prints ``FAL_KEY``: its value is only ever sent, to the queue
+URL, in the ``Authorization`` header.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from jobs.settings import Settings
+
+Status = Literal["ok", "fail", "skip"]
+
+#: A request id no fal request can have: asking for its status is free and proves the key.
+PROBE_REQUEST_ID = "00000000-0000-4000-8000-000000000000"
+#: The endpoint whose queue the provider check asks (any registered one would do).
+PROBE_ENDPOINT = "fal-ai/wan-i2v"
+#: Seconds each network check may take (the broker check adds its own thread's margin).
+TIMEOUT = 10.0
+KEYS_URL = "https://fal.ai/dashboard/keys"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One check's verdict: what was looked at, what was found, and what to do about it."""
+
+    name: str
+    status: Status
+    detail: str
+    fix: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (``doctor --json``'s ``checks`` entries)."""
+        return asdict(self)
+
+
+def _ok(name: str, detail: str) -> Check:
+    return Check(name, "ok", detail)
+
+
+def _fail(name: str, detail: str, fix: str) -> Check:
+    return Check(name, "fail", detail, fix)
+
+
+def _skip(name: str, detail: str) -> Check:
+    return Check(name, "skip", detail)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0][:300] if text and text[0] else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- the checks
+
+
+def check_configuration() -> tuple[Check, Settings | None]:
+    """Every setting parses (the same validation every command does first)."""
+    from jobs.errors import WanbatchError
+    from jobs.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        settings = get_settings()
+    except WanbatchError as exc:
+        return (
+            _fail(
+                "configuration",
+                str(exc),
+                "fix the variable named above (README: Configuration); the other checks need it",
+            ),
+            None,
+        )
+    mode = "distributed (WANBATCH_BROKER_URL)" if settings.broker_url else "embedded (no broker)"
+    return _ok("configuration", f"settings valid; {mode}"), settings
+
+
+def check_database(settings: Settings) -> Check:
+    """The database answers, and its schema is this wanbatch's (read only: nothing migrated)."""
+    from sqlalchemy.pool import NullPool
+
+    from jobs import db
+    from jobs.errors import WanbatchError
+
+    name = "database"
+    where = db.safe_url(settings.database_url)
+    try:
+        url = db.normalize_url(settings.database_url)
+        connect_args = {"connect_timeout": int(TIMEOUT)} if url.get_backend_name() == "postgresql" else {}
+        engine = db.make_engine(url, poolclass=NullPool, connect_args=connect_args)
+    except WanbatchError as exc:
+        return _fail(name, str(exc), "fix WANBATCH_DATABASE_URL")
+    try:
+        heads = db._current_heads(engine)  # read only: the doctor never migrates
+    except Exception as exc:  # unreachable, refused, no such database, wrong password …
+        return _fail(
+            name,
+            f"{where}: cannot connect: {_first_line(exc)}",
+            "start the database or fix WANBATCH_DATABASE_URL (host, port, user, database name)",
+        )
+    finally:
+        engine.dispose()
+    if heads == {db.SCHEMA_HEAD}:
+        return _ok(name, f"{where}: reachable, schema {db.SCHEMA_HEAD} (current)")
+    if not heads:
+        return _ok(name, f"{where}: reachable, empty (the first command creates the schema)")
+    numeric = all(h.isdigit() for h in heads)
+    if numeric and max(int(h) for h in heads) < int(db.SCHEMA_HEAD):
+        return _ok(
+            name,
+            f"{where}: reachable, schema {', '.join(sorted(heads))} (the next command upgrades it to "
+            f"{db.SCHEMA_HEAD})",
+        )
+    return _fail(
+        name,
+        f"{where}: schema {', '.join(sorted(heads))} is not one this wanbatch knows (it expects "
+        f"{db.SCHEMA_HEAD}): a newer wanbatch migrated it",
+        "upgrade wanbatch on this host to the version that migrated the database",
+    )
+
+
+def check_broker(settings: Settings) -> Check:
+    """With a broker: it answers, and at least one ``wanbatch worker`` answers a ping."""
+    from jobs.errors import WanbatchError
+    from worker.running import _sanitized, check_broker, live_workers
+
+    name = "broker"
+    if not settings.broker_url:
+        return _skip(name, "no WANBATCH_BROKER_URL: embedded mode, `wanbatch run` does the work itself")
+    where = _sanitized(settings.broker_url)
+    try:
+        check_broker(settings, timeout=3.0)
+    except WanbatchError as exc:
+        return _fail(name, str(exc), "start the broker or fix WANBATCH_BROKER_URL")
+    workers = live_workers(settings, timeout=2.0)
+    if workers is None:
+        return _fail(name, f"{where} answers, but asking its workers failed", "run `wanbatch doctor` again")
+    if workers == 0:
+        return _fail(
+            name,
+            f"{where} answers; no `wanbatch worker` does: nothing would be processed",
+            "start `wanbatch worker` (same WANBATCH_BROKER_URL and WANBATCH_DATABASE_URL) on a host",
+        )
+    return _ok(name, f"{where} answers; {workers} worker(s) answer a ping")
+
+
+def check_provider(settings: Settings) -> Check:
+    """One free authenticated call: the status of a request id that cannot exist."""
+    import httpx
+
+    name = "provider"
+    key = settings.fal_key.get_secret_value() if settings.fal_key is not None else ""
+    if not key:
+        return _fail(name, "FAL_KEY is not set", f"export FAL_KEY=… (a key from {KEYS_URL})")
+    from jobs.endpoints.registry import app_base
+
+    base = settings.fal_queue_url.rstrip("/")
+    url = f"{base}/{app_base(PROBE_ENDPOINT)}/requests/{PROBE_REQUEST_ID}/status"
+    try:
+        with httpx.Client(timeout=TIMEOUT, follow_redirects=False, trust_env=True) as client:
+            answer = client.get(url, headers={"Authorization": f"Key {key}", "Accept": "application/json"})
+    except httpx.HTTPError as exc:
+        return _fail(
+            name,
+            f"cannot reach {base}: {type(exc).__name__}: {_first_line(exc)}",
+            "check WANBATCH_FAL_QUEUE_URL, the network and any proxy (HTTPS_PROXY)",
+        )
+    code = answer.status_code
+    said = _detail(answer)
+    if code == 401:
+        return _fail(
+            name, f"{base} refused the key (401{said})", f"check FAL_KEY: a valid key from {KEYS_URL}"
+        )
+    if code == 403:
+        return _fail(
+            name,
+            f"{base} refused the account (403{said})",
+            "the account is locked or out of balance: see https://fal.ai/dashboard/billing",
+        )
+    if code in (400, 404, 405, 422, 429) or 200 <= code < 300:
+        return _ok(name, f"{base} accepted the key (a made-up request id: {code}, as expected)")
+    return _fail(
+        name,
+        f"{base} answered {code}{said}",
+        "fal may be having trouble (https://status.fal.ai); or WANBATCH_FAL_QUEUE_URL is not fal's queue",
+    )
+
+
+def _detail(answer: Any) -> str:
+    """``: <detail>`` from a JSON error body, else empty (never the request headers)."""
+    try:
+        body = answer.json()
+    except ValueError:
+        return ""
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return f": {str(detail)[:200]}" if detail else ""
+
+
+def check_storage(settings: Settings) -> Check:
+    """The output folder or bucket takes a probe, as ``run`` checks before sending anything."""
+    from jobs.errors import WanbatchError
+    from jobs.output_store import open_output_store
+
+    name = "output storage"
+    try:
+        store = open_output_store(settings)
+        store.check_writable()
+    except WanbatchError as exc:
+        fix = (
+            "check the bucket, the AWS_* credentials and AWS_ENDPOINT_URL, or fix WANBATCH_OUTPUT_DIR"
+            if settings.output_url
+            else "create the folder, make it writable for this user, free some space, "
+            "or fix WANBATCH_OUTPUT_DIR"
+        )
+        return _fail(name, str(exc), fix)
+    except Exception as exc:  # a storage client's own error: still one line
+        return _fail(name, f"{type(exc).__name__}: {_first_line(exc)}", "check WANBATCH_OUTPUT_DIR")
+    return _ok(name, f"{store.describe()} is writable")
+
+
+def healthz_url(webhook_url: str) -> str | None:
+    """``https://host/prefix/healthz`` for ``https://host/prefix/webhooks/fal`` (None: not that shape)."""
+    parts = urlsplit(webhook_url)
+    path = parts.path.rstrip("/")
+    if parts.scheme not in ("http", "https") or not parts.netloc or not path.endswith("/webhooks/fal"):
+        return None
+    return urlunsplit((parts.scheme, parts.netloc, path.removesuffix("webhooks/fal") + "healthz", "", ""))
+
+
+def check_receiver(settings: Settings) -> Check:
+    """With ``WANBATCH_WEBHOOK_URL``: the ``wanbatch serve`` behind it answers ``/healthz``."""
+    import httpx
+
+    name = "receiver"
+    if not settings.webhook_url:
+        return _skip(name, "no WANBATCH_WEBHOOK_URL: completions are found by polling (fine)")
+    probe = healthz_url(settings.webhook_url)
+    if probe is None:
+        return _fail(
+            name,
+            f"WANBATCH_WEBHOOK_URL {settings.webhook_url!r} does not end in /webhooks/fal",
+            "point it at the receiver: https://YOUR-HOST/webhooks/fal (`wanbatch serve`)",
+        )
+    try:
+        with httpx.Client(timeout=TIMEOUT, follow_redirects=True, trust_env=True) as client:
+            answer = client.get(probe)
+    except httpx.HTTPError as exc:
+        return _fail(
+            name,
+            f"cannot reach {probe}: {type(exc).__name__}: {_first_line(exc)}",
+            "start `wanbatch serve` and make WANBATCH_WEBHOOK_URL lead to it",
+        )
+    try:
+        body = answer.json()
+    except ValueError:
+        body = None
+    if answer.status_code != 200 or not (isinstance(body, dict) and body.get("ok") is True):
+        return _fail(
+            name,
+            f"{probe} answered {answer.status_code}, not as `wanbatch serve` does",
+            "make WANBATCH_WEBHOOK_URL lead to `wanbatch serve` (path /webhooks/fal)",
+        )
+    return _ok(name, f"{probe} answers (from this host; fal must reach it from the internet)")
+
+
+# --------------------------------------------------------------------------- all of them
+
+
+def run_checks() -> list[Check]:
+    """Every check, in order. The network checks run side by side (each bounded by
+    :data:`TIMEOUT`), so a doctor with several things down answers in seconds, not a minute."""
+    config, settings = check_configuration()
+    later: list[tuple[str, Callable[[Settings], Check]]] = [
+        ("database", check_database),
+        ("broker", check_broker),
+        ("provider", check_provider),
+        ("output storage", check_storage),
+        ("receiver", check_receiver),
+    ]
+    if settings is None:
+        return [config, *(_skip(name, "not checked: the configuration is invalid") for name, _ in later)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(later)) as pool:
+        futures = [(name, pool.submit(_guarded, name, check, settings)) for name, check in later]
+        return [config, *(future.result() for _name, future in futures)]
+
+
+def _guarded(name: str, check: Callable[[Settings], Check], settings: Settings) -> Check:
+    """A check that raised anyway (a bug) is still one failed line, never a traceback."""
+    try:
+        return check(settings)
+    except Exception as exc:
+        return _fail(
+            name, f"the check itself failed: {type(exc).__name__}: {_first_line(exc)}", "please report it"
+        )

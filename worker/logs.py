@@ -1,0 +1,182 @@
+"""Log output: text for people (the default), or one JSON object per line for machines.
+
+``WANBATCH_LOG_FORMAT=json`` turns every log record of the process — wanbatch's own, Celery's,
+httpx's, uvicorn's when it leaves logging to us — into one line of JSON on stderr::
+
+    {"ts": "2026-05-01T22:14:03.512Z", "level": "warning", "logger": "worker.steps.submit",
+     "event": "submit.not_sent", "message": "job 3f2a…: not sent (…); giving it back",
+     "job_id": "3f2a…", "batch_id": "9c1e…"}
+
+* ``event`` is always there and stable: the name a line of wanbatch's gives what happened
+  (``extra={"event": "submit.not_sent"}``; the README lists them), else the logger's name — a
+  message's text may change between releases, its event does not.
+* ``job_id``, ``batch_id`` and ``request_id`` are there when the line is about a job: given
+  explicitly (``extra=``), or from the job the thread is working on (:func:`job_context`, set by
+  the steps), so even httpx's line about a status call says which job it was for.
+* Other ``extra=`` fields are kept as they are (JSON-ready, else their ``str``); a traceback is
+  one string field, ``exc``, so a line is never split.
+* ``FAL_KEY`` never appears: the redaction of :mod:`worker.fal.redact` rewrites every record's
+  message and traceback before any handler sees it, and this formatter redacts every string it
+  writes once more (extra fields included), Authorization values by their shape too.
+
+The format is settled by :func:`configure_logging` (the CLI's entry point calls it before any
+command runs). Unless told, it reads ``WANBATCH_LOG_FORMAT`` from the settings when the first
+record is written, not before: ``wanbatch --help`` neither reads configuration nor imports more
+than the standard library for its logging. A configuration that does not load means text (the
+command itself then reports the configuration error).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+#: The text format (the CLI's since its first version).
+TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
+#: Fields about a job that a JSON line carries whenever they are known.
+JOB_FIELDS = ("job_id", "batch_id", "request_id")
+
+#: Attributes every ``LogRecord`` has; anything else on a record came from ``extra=``.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",  # uvicorn's copy of the message with terminal colours
+}
+
+_job: ContextVar[dict[str, str] | None] = ContextVar("wanbatch_log_job", default=None)
+
+
+@contextmanager
+def job_context(job_id: str, **fields: str | None) -> Iterator[None]:
+    """While the block runs, this thread's log lines are about job ``job_id`` (and ``fields``:
+    ``batch_id``, ``request_id``). Steps run one job at a time per thread, so a context var
+    set and reset around each step never leaks into the next job's lines."""
+    token = _job.set({"job_id": job_id, **{k: v for k, v in fields.items() if v}})
+    try:
+        yield
+    finally:
+        _job.reset(token)
+
+
+def annotate(**fields: str | None) -> None:
+    """Add what the step learnt (``batch_id``, ``request_id``) to the current job's context."""
+    current = _job.get()
+    if current is not None:
+        current.update({k: v for k, v in fields.items() if v})
+
+
+def _redactor() -> Any:
+    # Imported when the first JSON line is written: worker.fal pulls httpx in, which the CLI's
+    # start-up (``--help``) must not pay for.
+    from worker.fal.redact import redact_record, redact_value
+
+    return redact_record, redact_value
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (see the module docstring for its fields)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        redact_record, redact_value = _redactor()
+        redact_record(record)  # renders the message once, masks the key in it and the traceback
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": None,
+            "message": record.getMessage(),
+        }
+        for name, value in (_job.get() or {}).items():
+            out[name] = value
+        for name, value in vars(record).items():
+            if name not in _RECORD_ATTRIBUTES and not name.startswith("_"):
+                if value is None and name in JOB_FIELDS:
+                    continue  # "not about a job" is said by leaving the field out
+                out[name] = value
+        if not out["event"]:
+            out["event"] = record.name
+        if record.exc_text:
+            out["exc"] = record.exc_text
+        elif record.exc_info and record.exc_info[0] is not None:
+            out["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = record.stack_info
+        safe = redact_value(out)
+        return json.dumps(safe, default=lambda value: redact_value(str(value)), separators=(",", ":"))
+
+
+class _Deferred(logging.Formatter):
+    """Text or JSON, decided from the settings when the first record is formatted."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._chosen: logging.Formatter | None = None
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self._chosen is None:
+            self._chosen = formatter_for(_configured_format())
+        return self._chosen.format(record)
+
+
+def _configured_format() -> str:
+    from jobs.errors import WanbatchError
+    from jobs.settings import get_settings
+
+    try:
+        return get_settings().log_format
+    except WanbatchError:
+        return "text"
+
+
+def formatter_for(log_format: str) -> logging.Formatter:
+    """The formatter of ``log_format`` (``text`` or ``json``)."""
+    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+
+
+def configure_logging(log_format: str | None = None, *, level: int = logging.WARNING) -> None:
+    """Log to stderr at ``level`` in ``log_format`` (None: ``WANBATCH_LOG_FORMAT``, read when the
+    first record is written). Like :func:`logging.basicConfig`, does nothing when the root
+    logger has handlers already (a test's capture, an embedding application's own)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Deferred() if log_format is None else formatter_for(log_format))
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Python's warnings (a library's deprecation notice) become records too, in the same format,
+    # instead of free text on stderr between JSON lines.
+    logging.captureWarnings(True)
+
+
+def celery_console_as_json() -> None:
+    """Make the few lines Celery's worker writes straight to stdout/stderr JSON lines too.
+
+    Its signal handlers announce a shutdown ("worker: Warm shutdown (MainProcess)") with
+    ``celery.apps.worker.safe_say``, a bare ``os.write`` that bypasses logging on purpose (no
+    lock may be taken in a signal handler). The replacement keeps that property — it formats
+    one record and writes it with one ``os.write``, taking no lock — so the stream stays one
+    JSON object per line. The destination (Celery's choice of stdout or stderr) is kept.
+    """
+    import contextlib
+    import os
+
+    from celery.apps import worker as celery_worker
+
+    formatter = JsonFormatter()
+
+    def say(msg: str, f: Any = sys.__stderr__) -> None:
+        text = str(msg).strip()
+        record = logging.LogRecord("celery.apps.worker", logging.WARNING, __file__, 0, text, None, None)
+        record.event = "celery.signal"
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # best effort, as Celery's own
+            os.write(f.fileno(), (formatter.format(record) + "\n").encode())
+
+    celery_worker.safe_say = say

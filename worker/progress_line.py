@@ -1,0 +1,121 @@
+"""The one-line progress display of ``run``, ``rerun`` and ``cancel``, laid out for the terminal.
+
+rich's stock columns share a narrow terminal out evenly, so at 80 columns a long schedule note
+or a long list of counts pushed the done/total count, the money and the elapsed time off the
+line (cut to ``$1…``). This column lays the line out itself, in order of importance:
+
+1. ``done/total``, ``spent/estimated`` and the elapsed time: always whole;
+2. the time left (``~3m20s`` or ``-:--:--`` while unknown);
+3. a bar, 10 to 40 cells;
+4. the description (``jobs``, or ``jobs · waiting for window …``: why nothing moves), shortened
+   with ``…``;
+5. the counts by state, abbreviated (``run:4``) and then cut when room runs out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.cells import cell_len, set_cell_size
+from rich.console import Console
+from rich.progress import Progress, ProgressColumn, Task
+from rich.text import Text
+
+from jobs.money import usd_text
+from jobs.states import JobState
+
+#: Short labels for the counts when the full ones do not fit.
+SHORT_STATES = {
+    JobState.PENDING.value: "pend",
+    JobState.SUBMITTING.value: "sub",
+    JobState.SUBMIT_UNKNOWN.value: "unk",
+    JobState.RETRY_WAIT.value: "retry",
+    JobState.QUEUED.value: "queue",
+    JobState.RUNNING.value: "run",
+    JobState.DOWNLOADING.value: "dl",
+    JobState.CANCELLING.value: "cncl",
+    JobState.SUCCEEDED.value: "ok",
+    JobState.FAILED.value: "fail",
+    JobState.CANCELLED.value: "canc",
+}
+
+BAR_MIN, BAR_MAX = 10, 40
+
+
+def _fit(text: str, cells: int) -> str:
+    if cell_len(text) <= cells:
+        return text
+    return set_cell_size(text, cells - 1).rstrip() + "…" if cells > 1 else ""
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--:--"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def counts_text(counts: dict[str, int], cells: int) -> str:
+    """``succeeded:6 running:4``, or ``ok:6 run:4`` when that does not fit, cut to ``cells``."""
+    present = [(state.value, counts[state.value]) for state in JobState if counts.get(state.value)]
+    full = " ".join(f"{k}:{n}" for k, n in present)
+    if cell_len(full) <= cells:
+        return full
+    return _fit(" ".join(f"{SHORT_STATES[k]}:{n}" for k, n in present), cells)
+
+
+def money_text(spent_usd: float | None, estimated_usd: float | None) -> str:
+    """``$1.80/$2.40``: spent so far over the estimate, rounded like everywhere else."""
+    return f"{usd_text(spent_usd)}/{usd_text(estimated_usd)}"
+
+
+class BatchLineColumn(ProgressColumn):
+    """The whole progress line as one column, fitted to the console's width at each refresh.
+
+    Reads the task's ``description``, ``completed``/``total``, ``elapsed``/``time_remaining``
+    and the fields ``money`` (a string, :func:`money_text`) and ``counts`` (jobs by state).
+    """
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+
+    def render(self, task: Task) -> Text:
+        width = max(self.console.width - 1, 20)  # one cell spare: some terminals wrap at the edge
+        total = int(task.total) if task.total is not None else None
+        done = int(task.completed)
+        essentials = [
+            f"{done}/{'?' if total is None else total}",
+            str(task.fields.get("money", "")),
+            _clock(task.elapsed),
+        ]
+        remaining = task.time_remaining if total and done < total else (0.0 if total else None)
+        left = f"~{_clock(remaining)} left" if remaining else ("" if total and done >= total else "-:--:--")
+        tail = " ".join(p for p in [*essentials, left] if p)
+        room = width - cell_len(tail)
+        # Narrower than a bar and "jobs" need: the bar goes, then the description shrinks.
+        bar = max(BAR_MIN, min(BAR_MAX, room // 3)) if room >= BAR_MIN + 6 else 0
+        counts: Any = task.fields.get("counts") or {}
+        # A note in the description ("waiting for window …": why nothing moves) comes before
+        # the counts; "jobs" alone always fits.
+        description = _fit(str(task.description), max(room - bar - 2, 4) if bar else room - 1)
+        room -= cell_len(description) + 1 + (bar + 1 if bar else 0)
+        counts_part = counts_text(counts, room - 1) if isinstance(counts, dict) and room > 4 else ""
+        line = Text()
+        if description:
+            line.append(description + " ", style="bold")
+        if bar:
+            finished = bool(total) and done >= (total or 0)
+            filled = bar if finished else (bar * done // total if total else 0)
+            line.append("━" * filled, style="bar.finished" if finished else "bar.complete")
+            line.append("━" * (bar - filled) + " ", style="bar.back")
+        line.append(tail)
+        if counts_part:
+            line.append(" " + counts_part)
+        return line
+
+
+def batch_progress_display(console: Console, *, disable: bool) -> Progress:
+    """The ``Progress`` that ``run`` updates (fields ``money`` and ``counts``; see the module)."""
+    return Progress(BatchLineColumn(console), console=console, disable=disable, transient=False)
