@@ -55,7 +55,7 @@ from bench.expand import DEFAULT_DATABASE_URL, write_items, write_manifest
 TARGET_MS = 200.0
 #: The CLI's ``--help``/``--version``: the issue's "well under half a second".
 STARTUP_TARGET_MS = 500.0
-#: The index the job list's keyset pagination walks (``jobs.listing``); see ``--no-index``.
+#: The index the job list's keyset pagination walks (``jobs.listing``; migration 0008).
 ITEM_ORDER_INDEX = "ix_jobs_batch_id_item_order"
 
 #: Spreads the big batch's jobs over the states of a batch halfway through its night, by item
@@ -155,26 +155,6 @@ def _has_index(url: str) -> bool:
     engine = make_engine(url)
     try:
         return any(ix["name"] == ITEM_ORDER_INDEX for ix in inspect(engine).get_indexes("jobs"))
-    finally:
-        engine.dispose()
-
-
-def _add_index(url: str) -> None:
-    """The index the job list's keyset pages walk (what the migration adds), if it is missing."""
-    from sqlalchemy import text
-
-    from jobs.db import make_engine
-
-    engine = make_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                text(
-                    f"CREATE INDEX IF NOT EXISTS {ITEM_ORDER_INDEX} "
-                    "ON jobs (batch_id, item_index, variant, id)"
-                )
-            )
-            conn.execute(text("ANALYZE jobs"))
     finally:
         engine.dispose()
 
@@ -389,8 +369,6 @@ def main(argv: list[str] | None = None) -> int:
             (folder / f"small-{number}").mkdir()
         batch_id, endpoints = prepare(url, args.jobs, folder)
         _analyze(url)
-        if args.add_index:
-            _add_index(url)
         indexed = _has_index(url)
         print(f"{ITEM_ORDER_INDEX}: {'present' if indexed else 'missing'}", file=sys.stderr)
         timings = measure(url, batch_id, endpoints, args.runs, folder)
@@ -423,11 +401,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=7, help="measured runs per figure, after a warm-up")
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL, help="PostgreSQL server to use")
     parser.add_argument("--in-place", action="store_true", help="use --database-url's database itself")
-    parser.add_argument(
-        "--add-index",
-        action="store_true",
-        help=f"create {ITEM_ORDER_INDEX} first when the schema lacks it (to compare)",
-    )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     return parser.parse_args(argv)
 

@@ -15,7 +15,6 @@ the process metrics included) and each of the store's queries on its own; the me
 Run from the repository root::
 
     python -m bench.metrics                   # 100,000 jobs, PostgreSQL
-    python -m bench.metrics --index           # with the proposed partial index on job_events
     python -m bench.metrics --jobs 20000 --runs 5 --json
 
 Exit status is 0 when the scrape meets the target, 1 otherwise.
@@ -44,11 +43,6 @@ from web.metrics import metrics_registry
 
 #: A scrape should answer well within Prometheus' default 10 s timeout; this is the bar here.
 TARGET_MS = 500.0
-#: ``--index``: the partial index proposed for the ambiguous-submit count (``count_events_into``
-#: writes the state as a literal so that such an index serves it).
-PARTIAL_INDEX = (
-    "CREATE INDEX ix_job_events_submit_unknown ON job_events (job_id) WHERE to_state = 'submit_unknown'"
-)
 
 _FILL = [
     """
@@ -159,16 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--database", default=DEFAULT_DATABASE_URL, help="admin URL of the PostgreSQL server")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    parser.add_argument("--index", action="store_true", help="add the proposed partial index on job_events")
     args = parser.parse_args(argv)
     with fresh_pg_database(args.database, "wanbatch_bench_metrics_") as url:
         engine = db.make_engine(url)
         db.migrate(engine)
         started = time.perf_counter()
         fill(engine, args.jobs)
-        if args.index:
-            with engine.begin() as conn:
-                conn.execute(text(PARTIAL_INDEX))
         filled = time.perf_counter() - started
         timings = measure(engine, args.runs)
         engine.dispose()
