@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
 import unicodedata
 from pathlib import Path
@@ -92,6 +93,35 @@ def partial_tag(version: int) -> str:
 _TAGGED = re.compile(r"v(\d+)-")
 
 
+#: Per folder: when it was last listed (monotonic) and the ``.part`` files it held then.
+_PARTIALS: dict[Path, tuple[float, set[str]]] = {}
+_PARTIALS_LOCK = threading.Lock()
+
+
+def _partials_in(folder: Path, max_age: float) -> set[str] | None:
+    """The ``.part`` files of ``folder`` as last listed, listing it again once ``max_age`` passed.
+
+    Listing a batch's folder for every download made a batch quadratic: its folder holds every
+    video so far, 100,000 at the end of a big batch. A stale partial is left by an attempt whose
+    lease lapsed, and a lease lasts ``max_age`` (the caller passes the lease): a file created
+    after the last listing belongs to an attempt that cannot have lost its job before the
+    listing is old enough to be redone. None when the folder does not exist.
+    """
+    now = time.monotonic()
+    with _PARTIALS_LOCK:
+        seen = _PARTIALS.get(folder)
+        if seen is not None and now - seen[0] < max_age:
+            return seen[1]
+    try:
+        with os.scandir(folder) as entries:
+            names = {e.name for e in entries if e.name.startswith(".") and e.name.endswith(".part")}
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    with _PARTIALS_LOCK:
+        _PARTIALS[folder] = (now, names)
+    return names
+
+
 def remove_stale_partials(
     dest: Path, *, older_than: float, version: int | None = None, now: float | None = None
 ) -> int:
@@ -102,22 +132,29 @@ def remove_stale_partials(
     once that lease lapsed — so the attempt aborts at its next lease renewal without renaming
     anything: its file goes. An untagged file goes only when untouched for ``older_than`` seconds
     (the lease): a live download writes unbuffered and its mtime moves with every chunk. So the
-    file of a download still holding the job is never pulled from under it.
+    file of a download still holding the job is never pulled from under it. The folder is listed
+    at most once per ``older_than`` (:func:`_partials_in`), not once per download.
     """
     removed = 0
     cutoff = (time.time() if now is None else now) - older_than
     prefix = f".{dest.name}."
-    if dest.parent.is_dir():
-        for stale in dest.parent.glob(f".{dest.name}.*.part"):
-            tagged = _TAGGED.match(stale.name[len(prefix) :])
-            superseded = tagged is not None and version is not None and int(tagged.group(1)) < version
-            try:
-                if not superseded and stale.stat().st_mtime > cutoff:
-                    continue
-                stale.unlink()
-            except FileNotFoundError:
+    names = _partials_in(dest.parent, older_than)
+    if not names:
+        return 0
+    for name in [n for n in names if n.startswith(prefix)]:
+        stale = dest.parent / name
+        tagged = _TAGGED.match(name[len(prefix) :])
+        superseded = tagged is not None and version is not None and int(tagged.group(1)) < version
+        try:
+            if not superseded and stale.stat().st_mtime > cutoff:
                 continue
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+        else:
             removed += 1
+        with _PARTIALS_LOCK:
+            names.discard(name)
     return removed
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,3 +77,32 @@ def test_write_json_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path)
         outputs.write_json_atomic(target, loop)
     assert target.read_text().strip() == '{\n  "v": 1\n}'
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_a_batch_folder_is_listed_once_per_lease_not_once_per_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing the folder (every video of the batch so far) for each download was quadratic."""
+    listed: list[object] = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path: Path) -> Any:
+        listed.append(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    for n in range(50):
+        (tmp_path / f"{n:06d}-job{n}.mp4").write_bytes(b"video")
+    for n in range(50):
+        assert outputs.remove_stale_partials(tmp_path / f"{n:06d}-job{n}.mp4", older_than=120, version=3) == 0
+    assert len(listed) == 1
+
+
+def test_a_partial_made_after_the_listing_is_found_once_the_listing_is_a_lease_old(tmp_path: Path) -> None:
+    dest = tmp_path / "000001-abc.mp4"
+    assert outputs.remove_stale_partials(dest, older_than=0.05, version=9) == 0  # listed: nothing there
+    superseded = tmp_path / f".000001-abc.mp4.{outputs.partial_tag(7)}-x1.part"
+    superseded.write_bytes(b"partial")
+    time.sleep(0.06)  # the attempt that wrote it could only lose its lease after this long
+    assert outputs.remove_stale_partials(dest, older_than=0.05, version=9) == 1
+    assert not superseded.exists()

@@ -6,6 +6,7 @@ API key) and rebuilt from a request id stored in the database after a worker res
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -92,17 +93,35 @@ class RequestHandle:
         return cls.from_request_id(queue_url, endpoint_id, request_id)
 
 
+@functools.lru_cache(maxsize=16)
+def _queue_root(queue_url: str) -> tuple[tuple[str, str, int | None], str] | None:
+    """The queue URL's origin and path prefix, parsed once (None when it does not parse)."""
+    try:
+        queue = httpx.URL(queue_url)
+        return origin(queue), queue.raw_path.decode("ascii", "replace").rstrip("/") + "/"
+    except (httpx.InvalidURL, TypeError):
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
 def _on_queue(url: str | None, queue_url: str, request_id: str, suffix: str) -> bool:
-    """Whether ``url`` is ``{queue_url}/…/requests/{request_id}{suffix}`` on the queue's origin."""
+    """Whether ``url`` is ``{queue_url}/…/requests/{request_id}{suffix}`` on the queue's origin.
+
+    Pure, so cached: a job's handle is rebuilt for every status, result and cancel call, and
+    parsing URLs was a measurable share of the CPU a job costs.
+    """
     if not url or not valid_request_id(request_id):
         return False
+    root = _queue_root(queue_url)
+    if root is None:
+        return False
+    queue_origin, prefix = root
     try:
-        parsed, queue = httpx.URL(url), httpx.URL(queue_url)
-        same_origin = origin(parsed) == origin(queue)
+        parsed = httpx.URL(url)
+        same_origin = origin(parsed) == queue_origin
     except (httpx.InvalidURL, TypeError):
         return False
     path = parsed.raw_path.decode("ascii", "replace")
-    prefix = queue.raw_path.decode("ascii", "replace").rstrip("/") + "/"
     return (
         same_origin
         and not parsed.userinfo
