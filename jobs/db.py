@@ -29,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sqlite3
 import stat
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from functools import lru_cache
@@ -145,6 +147,30 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
         raise ConfigError(f"WANBATCH_DATABASE_URL {safe_url(parsed)} cannot be used: {exc}") from None
 
 
+def _use_wal(cursor: Any) -> None:
+    """Switch the database file to WAL (persistent: later connections find it already on).
+
+    The switch needs the file to itself, and SQLite answers "database is locked" at once,
+    without waiting in its busy handler, while another connection holds it — as when several
+    processes open a new database together (``run`` and ``serve`` started side by side). So
+    the switch is retried, with a short sleep, for as long as a busy write would wait.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            mode = cursor.execute("PRAGMA journal_mode").fetchone()
+            if mode is not None and str(mode[0]).lower() == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -153,7 +179,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _use_wal(cursor)
             # FULL: a committed transition survives power loss, not only a killed process.
             cursor.execute("PRAGMA synchronous = FULL")
             cursor.execute("PRAGMA foreign_keys = ON")
