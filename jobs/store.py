@@ -33,8 +33,6 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
 
-import psycopg
-from psycopg.types.json import Jsonb
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -71,6 +69,7 @@ __all__ = [
     "BatchCost",
     "BatchMoney",
     "Fence",
+    "JobHead",
     "JobMoney",
     "JobTotals",
     "NewJob",
@@ -106,6 +105,7 @@ __all__ = [
     "give_back",
     "incremented",
     "job_events",
+    "job_heads",
     "job_money",
     "job_totals",
     "jobs_of_batch",
@@ -433,8 +433,10 @@ def _insert_chunk_sqlite(conn: Connection, rows: list[dict[str, Any]]) -> int:
     return len(conn.execute(stmt, rows).all())
 
 
-def _jsonb(value: Any) -> Jsonb | None:
+def _jsonb(value: Any) -> Any:
     """A JSON column's COPY value: SQL NULL for None (``JSONDoc`` is ``none_as_null``)."""
+    from psycopg.types.json import Jsonb
+
     return None if value is None else Jsonb(value)
 
 
@@ -446,6 +448,8 @@ def _insert_chunk_pg(conn: Connection, rows: list[dict[str, Any]]) -> int:
     money = Money()
     dialect = conn.dialect
     columns = ", ".join(_NEW_JOB_COLUMNS)
+    import psycopg  # PostgreSQL only: SQLite runs never load the driver
+
     raw = conn.connection.driver_connection
     assert isinstance(raw, psycopg.Connection)
     with raw.cursor() as cursor, cursor.copy(f"COPY {_STAGING} ({columns}) FROM STDIN") as copy:
@@ -458,7 +462,7 @@ def _insert_chunk_pg(conn: Connection, rows: list[dict[str, Any]]) -> int:
                     row["item_index"],
                     row["variant"],
                     row["endpoint"],
-                    Jsonb(row["input"]),
+                    _jsonb(row["input"]),
                     _jsonb(row["source_files"]),
                     row["registry_sha256"],
                     _jsonb(row["price_table"]),
@@ -1391,6 +1395,41 @@ def jobs_by_id(session: Session, job_ids: Collection[str]) -> dict[str, Job]:
         ("jobs_by_id",), lambda: select(Job).where(Job.id.in_(bindparam("ids", expanding=True)))
     )
     return {j.id: j for j in session.scalars(query, {"ids": sorted(job_ids)})}
+
+
+@dataclass(frozen=True, slots=True)
+class JobHead:
+    """What a status event needs of a job: where it stands and which request it waits on."""
+
+    id: str
+    state: JobState
+    version: int
+    request_id: str | None
+    batch_id: str
+    submitted_at: datetime | None
+
+
+def job_heads(session: Session, job_ids: Collection[str]) -> dict[str, JobHead]:
+    """:class:`JobHead` of these jobs (missing ones are left out), in one query.
+
+    A status stream reports a few requests at a time; loading whole jobs for it (their inputs,
+    results and provider metadata, JSON to decode) was the largest share of applying it.
+    """
+    if not job_ids:
+        return {}
+    query = _prepared(
+        ("job_heads",),
+        lambda: select(Job.id, Job.state, Job.version, Job.request_id, Job.batch_id, Job.submitted_at).where(
+            Job.id.in_(bindparam("ids", expanding=True))
+        ),
+    )
+    rows = session.execute(query, {"ids": sorted(job_ids)})
+    return {
+        row.id: JobHead(
+            row.id, JobState(row.state), row.version, row.request_id, row.batch_id, row.submitted_at
+        )
+        for row in rows
+    }
 
 
 def requests_at_fal(

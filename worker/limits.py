@@ -35,13 +35,14 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
-
-import redis
+from typing import TYPE_CHECKING, Protocol
 
 from jobs.errors import WanbatchError
 from jobs.settings import Settings
 from worker import telemetry
+
+if TYPE_CHECKING:
+    import redis
 
 KEY_PREFIX = "wanbatch:limits:"
 
@@ -110,6 +111,13 @@ def rate_keys(settings: Settings, endpoint: str) -> list[RateKey]:
     return keys
 
 
+def client_error() -> type[Exception]:
+    """Redis' own error root, imported when a Redis limiter is in use (never by an embedded run)."""
+    import redis
+
+    return redis.RedisError
+
+
 class RedisGCRA:
     """GCRA over Redis, clocked by Redis ``TIME``: one limit for every worker on every host."""
 
@@ -122,6 +130,8 @@ class RedisGCRA:
     @classmethod
     def from_url(cls, settings: Settings, url: str, *, prefix: str = "") -> RedisGCRA:
         """A limiter on the Redis at ``url`` (short timeouts: a slow limiter must not stall submits)."""
+        import redis  # only a deployment with Redis loads its client (an embedded run never does)
+
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         return cls(settings, client, prefix=prefix)
 
@@ -136,7 +146,7 @@ class RedisGCRA:
                 keys=[self.prefix + k.key for k in keys],
                 args=[round(k.interval * 1_000_000) for k in keys],
             )
-        except redis.RedisError as exc:
+        except client_error() as exc:
             raise LimiterUnavailableError(f"the submit-rate limiter (Redis) is unreachable: {exc}") from exc
         return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
 

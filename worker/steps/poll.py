@@ -304,12 +304,12 @@ def apply_seen(rt: Runtime, seen: Sequence[Seen]) -> int:
         if not (event.job_id in latest and latest[event.job_id].status.completed):
             latest[event.job_id] = event
     with db.session_scope(rt.engine) as session:
-        jobs = store.jobs_by_id(session, set(latest))
+        jobs = store.job_heads(session, set(latest))
         for event in latest.values():
             job = jobs.get(event.job_id)
-            if job is None or job.request_id != event.request_id or S(job.state) not in AT_FAL:
+            if job is None or job.request_id != event.request_id or job.state not in AT_FAL:
                 continue
-            fence = rt.fence(job)
+            fence = Fence(job.id, job.state, job.version, rt.owner)
             status = event.status
             if status.completed:
                 queued_until = rt.lease_until(now) if rt.in_scope(job.batch_id) else None
