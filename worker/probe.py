@@ -102,6 +102,9 @@ def probe(path: Path | str) -> MediaInfo:
                 raise NotAVideoError(f"{Path(path).name}: no video stream")
             stream = container.streams.video[0]
             ctx = stream.codec_context
+            # One frame is decoded: a decoder thread pool (FFmpeg's default, one per core) would
+            # cost more to start than the frame itself.
+            ctx.thread_count = 1
             width, height, codec = int(ctx.width or 0), int(ctx.height or 0), str(ctx.name or "")
             frames = int(stream.frames) if stream.frames else None
             rate = stream.average_rate or stream.guessed_rate
