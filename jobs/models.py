@@ -217,7 +217,8 @@ class Batch(Base):
     reuse_outputs: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     #: The manifest file's text as submitted (a re-submit stores the new text): provenance that
     #: survives the file being edited or deleted. NULL for batches stored before it was kept.
-    manifest_text: Mapped[str | None] = mapped_column(Text)
+    #: Deferred: read only for provenance (re-submit, rerun), never on the hot paths that load a batch.
+    manifest_text: Mapped[str | None] = mapped_column(Text, deferred=True)
 
     def __repr__(self) -> str:
         return f"<Batch {self.id[:8]} {self.name!r} {self.state.value}>"
