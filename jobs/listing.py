@@ -165,8 +165,9 @@ def pace(totals: Totals, *, held: str, now: datetime) -> Pace:
     """Throughput over :data:`THROUGHPUT_WINDOW` (or since the first submit, when that is more
     recent) and the ETA of the unfinished jobs at that pace.
 
-    ``held`` is why nothing new is sent ("" when jobs may be sent); a held batch whose in-flight
-    jobs are all done gets no ETA, one that still has some in flight keeps it.
+    ``held`` is why nothing new is sent ("" when jobs may be sent). A held batch gets no ETA,
+    whatever is still in flight (it will not finish while held), and neither does a batch with
+    nothing in flight: the same rule as ``wanbatch status``.
     """
     first = totals.first_submitted_at
     if first is None:
@@ -176,7 +177,7 @@ def pace(totals: Totals, *, held: str, now: datetime) -> Pace:
     remaining = totals.total - totals.finished
     if remaining == 0:
         return Pace(per_minute, 0.0, held)
-    if (held and totals.busy == 0) or per_minute <= 0:
+    if held or totals.busy == 0 or per_minute <= 0:
         return Pace(per_minute, None, held)
     return Pace(per_minute, round(remaining / per_minute * 60, 1), held)
 

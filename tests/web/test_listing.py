@@ -13,7 +13,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy.orm import Session
 
-from jobs import listing, store
+from jobs import batches, listing, store
 from jobs.listing import Cursor, Pace, Totals, pace
 from jobs.models import BatchState
 from jobs.states import JobState
@@ -89,13 +89,16 @@ def test_batch_list_aggregates_every_batch_shown_at_once(session: Session) -> No
     assert listing.list_batches(session, page=99, per_page=1).page == 2  # clamped, never empty
 
 
-def test_a_held_batch_gets_no_eta_once_nothing_is_in_flight(session: Session) -> None:
+def test_a_held_batch_gets_no_eta_as_in_status(session: Session) -> None:
     mixed = mixed_batch(session)
+    assert listing.list_batches(session).rows[0].pace.eta_seconds is not None
     store.set_paused_by_user(session, mixed.batch.id, True)
     session.commit()
     row = listing.list_batches(session).rows[0]
     assert row.pace.held == "paused by user"
-    assert row.pace.eta_seconds is not None  # 6 jobs still in flight: they keep the pace going
+    assert row.pace.eta_seconds is None  # jobs still in flight, but the batch cannot finish while held
+    report = batches.batch_report(session, mixed.batch.id)
+    assert report["eta_seconds"] is None  # the dashboard and `status` agree
     store.set_batch_state(session, mixed.batch.id, BatchState.CANCELLED)
     session.commit()
     assert listing.list_batches(session).rows[0].pace.held == "cancelled"
