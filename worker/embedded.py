@@ -67,14 +67,7 @@ class InProcessWorker:
             return
         with logs.job_context(job_id):  # every line the step logs names its job
             try:
-                outcome = step(self._rt, job_id)
-                log.info(
-                    "job %s: %s %s",
-                    job_id,
-                    step.__name__,
-                    outcome,
-                    extra={"event": f"job.{step.__name__}", "outcome": outcome},
-                )
+                logs.step_done(log, step.__name__, job_id, step(self._rt, job_id))
             except Exception:  # the job keeps its lease; the tick's reconcile takes it over
                 log.exception("%s of job %s failed", step.__name__, job_id, extra={"event": "step.failed"})
 

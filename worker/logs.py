@@ -72,6 +72,12 @@ def annotate(**fields: str | None) -> None:
         current.update({k: v for k, v in fields.items() if v})
 
 
+def step_done(logger: logging.Logger, step: str, job_id: str, outcome: str) -> None:
+    """The one INFO line a step's run ends with, event ``job.<step>``, wherever it ran (an
+    embedded thread pool or a Celery task)."""
+    logger.info("job %s: %s %s", job_id, step, outcome, extra={"event": f"job.{step}", "outcome": outcome})
+
+
 def _redactor() -> Any:
     # Imported when the first JSON line is written: worker.fal pulls httpx in, which the CLI's
     # start-up (``--help``) must not pay for.

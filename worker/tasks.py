@@ -121,13 +121,7 @@ def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
         return "stopping"
     with logs.job_context(job_id):  # every line the step logs names its job
         outcome = step(runtime(task.app), job_id)
-        log.info(
-            "job %s: %s %s",
-            job_id,
-            step.__name__,
-            outcome,
-            extra={"event": f"job.{step.__name__}", "outcome": outcome},
-        )
+        logs.step_done(log, step.__name__, job_id, outcome)
     return outcome
 
 
