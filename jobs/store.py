@@ -53,6 +53,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -69,6 +70,7 @@ __all__ = [
     "BatchCost",
     "BatchMoney",
     "Fence",
+    "InFlight",
     "JobHead",
     "JobMoney",
     "JobTotals",
@@ -103,6 +105,7 @@ __all__ = [
     "get_job",
     "get_or_create_batch",
     "give_back",
+    "in_flight",
     "incremented",
     "job_events",
     "job_heads",
@@ -530,6 +533,19 @@ def _prepared(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
     return statement
 
 
+def _run(session: Session, statement: Any, params: Mapping[str, Any] | None = None) -> CursorResult[Any]:
+    """Execute a Core statement on the session's connection, in the session's transaction.
+
+    ``Session.execute`` costs about twice the CPU of ``Connection.execute`` for a statement
+    that loads no ORM objects (it builds an ORM execution state and runs its hooks first);
+    every job runs a few dozen such statements on its way, so the hot ones come here. Changes
+    pending on the session's objects are flushed first, as ``Session.execute`` would.
+    """
+    if session.autoflush and (session.new or session.dirty or session.deleted):
+        session.flush()
+    return session.connection().execute(statement, params)
+
+
 def transition(
     session: Session,
     job_id: str,
@@ -571,11 +587,12 @@ def transition(
     # the job, if it holds one, is given the values written (it is not synchronised otherwise).
     statement, params = _transition_statement(values, with_version=expected_version is not None)
     params.update(w_id=job_id, w_expected=expected, w_version=expected_version)
-    row = session.execute(statement, params).first()
+    row = _run(session, statement, params).first()
     if row is None:
         return False
     _refresh_loaded(session, job_id, row._mapping)
-    session.execute(
+    _run(
+        session,
         _INSERT_EVENT,
         {
             "job_id": job_id,
@@ -1180,12 +1197,13 @@ def claim_jobs(
     found: list[Any] = []
     for state in states:
         for one_batch in wanted:
-            found += session.execute(candidates, {**params, "state": state, "batch_id": one_batch}).all()
+            found += _run(session, candidates, {**params, "state": state, "batch_id": one_batch}).all()
     found.sort(key=lambda r: (r.created_at, r.item_index, r.id))
     ids = [r.id for r in found[:limit]]
     if not ids:
         return []
-    session.execute(
+    _run(
+        session,
         _prepared(
             ("claim-lease",),
             lambda: (
@@ -1290,7 +1308,7 @@ def _fenced_update(
     statement = _prepared(("fenced", tuple(values), bump, owner is not None), build)
     params = {f"v_{k}": v for k, v in values.items()}
     params.update(w_id=job_id, w_version=version, w_owner=owner)
-    row = session.execute(statement, params).first()
+    row = _run(session, statement, params).first()
     if row is not None:
         _refresh_loaded(session, job_id, row._mapping)
     return row
@@ -1430,7 +1448,7 @@ def job_heads(session: Session, job_ids: Collection[str]) -> dict[str, JobHead]:
             Job.id.in_(bindparam("ids", expanding=True))
         ),
     )
-    rows = session.execute(query, {"ids": sorted(job_ids)})
+    rows = _run(session, query, {"ids": sorted(job_ids)})
     return {
         row.id: JobHead(
             row.id, JobState(row.state), row.version, row.request_id, row.batch_id, row.submitted_at
@@ -1528,7 +1546,54 @@ def count_in_states(
 
     query = _prepared(("count_in_states", batch_id is not None, api_key_id is not None), build)
     params = {"states": list(states), "batch_id": batch_id, "api_key_id": api_key_id}
-    return int(session.scalar(query, params) or 0)
+    return int(_run(session, query, params).scalar() or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """What a dispatch round needs to know of the jobs in flight, read in one query
+    (:func:`in_flight`)."""
+
+    #: Requests at fal (or being sent) with the API key: the outstanding cap counts these.
+    outstanding: int
+    #: Jobs done at fal and waiting for their download, any key (the download backlog).
+    downloading: int
+    #: Of ``outstanding``, those still ``queued`` that were sent before the given moment.
+    waiting_long: int
+    #: Jobs waiting for a retry (due or not), any key: none means no claim need look for them.
+    retry_wait: int
+
+
+def in_flight(session: Session, *, api_key_id: str, sent_before: datetime) -> InFlight:
+    """The counts of :class:`InFlight` in one pass over the in-flight states' index entries.
+
+    A dispatch round runs on every completion; the three counts it used to ask one by one,
+    and a claim query for retries when there were none, were a third of its statements.
+    """
+
+    def build() -> Any:
+        keyed = _sent_with(bindparam("api_key_id"))
+        return select(
+            func.count().filter(Job.state.in_(bindparam("at_fal", expanding=True)), keyed),
+            func.count().filter(Job.state == JobState.DOWNLOADING),
+            func.count().filter(
+                Job.state == JobState.QUEUED,
+                Job.submitted_at.is_not(None),
+                Job.submitted_at <= bindparam("before"),
+                keyed,
+            ),
+            func.count().filter(Job.state == JobState.RETRY_WAIT),
+        ).where(Job.state.in_(bindparam("states", expanding=True)))
+
+    at_fal = sorted(AT_PROVIDER_STATES, key=lambda state: state.value)
+    params = {
+        "at_fal": at_fal,
+        "states": [*at_fal, JobState.DOWNLOADING, JobState.RETRY_WAIT],
+        "api_key_id": api_key_id,
+        "before": sent_before,
+    }
+    row: Any = _run(session, _prepared(("in_flight",), build), params).one()
+    return InFlight(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 
 
 def count_cancelled(session: Session, batch_id: str, error_type: str) -> int:
@@ -1574,7 +1639,7 @@ def count_waiting_since(
 
     query = _prepared(("count_waiting_since", api_key_id is not None), build)
     params = {"state": state, "before": submitted_before, "api_key_id": api_key_id}
-    return int(session.scalar(query, params) or 0)
+    return int(_run(session, query, params).scalar() or 0)
 
 
 def count_in_states_by_endpoint(
@@ -1663,7 +1728,7 @@ def batch_money(session: Session, batch_id: str) -> BatchMoney:
             func.coalesce(func.sum(Job.confirmed_duplicate_charges), 0),
         ).where(Job.batch_id == bindparam("batch_id"))
 
-    row = session.execute(_prepared(("batch_money",), build), {"batch_id": batch_id}).one()
+    row: Any = _run(session, _prepared(("batch_money",), build), {"batch_id": batch_id}).one()
     return BatchMoney(
         estimated_usd=row[0],
         spent_usd=row[1],

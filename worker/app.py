@@ -72,7 +72,7 @@ def make_app(broker_url: str | None) -> Celery:
         },
         worker_hijack_root_logger=False,
         worker_send_task_events=broker_url is not None,
-        task_send_sent_event=broker_url is not None,
+        task_send_sent_event=broker_url is not None and not __import__("os").environ.get("WB_EXP_NOSENT"),
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app

@@ -289,6 +289,7 @@ def _process_embedded(
         enqueue_download=worker.download,
         batch_ids=frozenset({batch_id}),
     )
+    rt.submit_tickets = {}  # the submits run on this process's threads: dispatch hands them what it read
     conductor = Conductor(rt)
     rt.notify = conductor.notify
     rt.on_accepted = conductor.watch_accepted

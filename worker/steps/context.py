@@ -11,10 +11,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Engine
 
 from jobs.models import Job, utcnow
+from jobs.schedule import Schedule
 from jobs.settings import Settings
 from jobs.states import JobState
 from jobs.store import Fence
@@ -70,6 +72,25 @@ class RateBucket:
         return granted
 
 
+@dataclass(frozen=True, slots=True)
+class SubmitTicket:
+    """What dispatch knew of a job it just marked ``submitting``: all the submit step reads.
+
+    Handed over in-process only (an embedded run), so the submit starts without reading the
+    job and its batch again. It is as safe as a read: everything the submit writes is fenced by
+    ``fence``, so a job changed since (cancelled, say) makes its first write fail and nothing
+    is sent.
+    """
+
+    fence: Fence
+    endpoint: str
+    input: dict[str, Any]
+    attempt: int
+    batch_id: str
+    schedule: Schedule
+    priority: str
+
+
 @dataclass
 class Runtime:
     """What a step needs: the database, the fal client, settings, and how to hand work on."""
@@ -98,6 +119,11 @@ class Runtime:
     #: Called in the submit step's thread the moment fal's acceptance is recorded, with the
     #: request's handle: a conductor in this process starts following it without a read.
     on_accepted: Callable[[str, RequestHandle], None] | None = None
+    #: Where dispatch leaves a :class:`SubmitTicket` for each job it hands to ``enqueue_submit``,
+    #: when that hand-off is a call in this process (the embedded run). None where the submit
+    #: runs elsewhere (a Celery message carries only the job id, and a ticket would never be
+    #: picked up).
+    submit_tickets: dict[str, SubmitTicket] | None = None
 
     def __post_init__(self) -> None:
         if self.bucket is None:

@@ -18,12 +18,14 @@ from jobs.models import Job, utcnow
 from jobs.money import usd_text
 from jobs.states import JobState
 from worker.limits import api_key_id
-from worker.steps.context import Runtime, S
+from worker.steps.context import Runtime, S, SubmitTicket
 
 log = logging.getLogger(__name__)
 
 #: Once fal is seen queueing our requests, how many to keep waiting there, as a share of those it runs.
 QUEUE_DEPTH_SHARE = 0.25
+#: ``WANBATCH_QUEUE_WAIT_BACKOFF`` beyond this (ten years) means "never": no date is that far back.
+LONGEST_WAIT_SECONDS = 10 * 365 * 86400.0
 
 
 def dispatch(rt: Runtime) -> list[str]:
@@ -37,20 +39,23 @@ def dispatch(rt: Runtime) -> list[str]:
     now = utcnow()
     sent: list[str] = []
     reused: list[str] = []
+    tickets: list[SubmitTicket] = []
     key_id = api_key_id(rt.settings)  # the caps are per API key, as fal's account limits are
     assert rt.bucket is not None
     rt.bucket.short = False  # set again below when jobs are left waiting for the rate
     with db.session_scope(rt.engine) as session:
-        outstanding = store.count_in_states(session, states_at_provider(), api_key_id=key_id)
-        free = _room_at_fal(session, rt, now, rt.settings.max_outstanding - outstanding, key_id)
-        free = min(free, _room_for_downloads(session, rt))
+        waited = timedelta(seconds=min(rt.settings.queue_wait_backoff, LONGEST_WAIT_SECONDS))
+        flight = store.in_flight(session, api_key_id=key_id, sent_before=now - waited)
+        free = _room_at_fal(session, rt, flight, rt.settings.max_outstanding - flight.outstanding, key_id)
+        free = min(free, _room_for_downloads(rt, flight.downloading))
         if free <= 0:
             return []
         free = rt.bucket.take(free)
         if free <= 0:
             return []
         closed = closed_batches(session, now)
-        jobs = _claim_within_caps(session, rt, free, now, key_id, closed)
+        states = [S.PENDING, S.RETRY_WAIT] if flight.retry_wait else [S.PENDING]
+        jobs = _claim_within_caps(session, rt, free, now, key_id, closed, states)
         unused = free
         committed = _Committed(session, now, rt.settings.daily_budget_usd)
         reusing: dict[str, bool] = {}  # batch id → reuse_outputs, read once per round
@@ -75,13 +80,33 @@ def dispatch(rt: Runtime) -> list[str]:
                 committed.add(job)
                 sent.append(job.id)
                 unused -= 1
+                if rt.submit_tickets is not None:
+                    tickets.append(_ticket(session, rt, job))
     if unused > 0 and rt.bucket is not None:
         rt.bucket.tokens += unused  # claimed fewer than granted: give the rate back
+    if rt.submit_tickets is not None:  # committed: the submits may start from what was read
+        for ticket in tickets:
+            rt.submit_tickets[ticket.fence.job_id] = ticket
     for job_id in sent:
         rt.enqueue_submit(job_id)
     for job_id in reused:
         rt.notify("done", job_id)
     return sent
+
+
+def _ticket(session: Session, rt: Runtime, job: Job) -> SubmitTicket:
+    """The submit step's starting point for ``job``, just marked ``submitting`` (the job's
+    object holds what that wrote; its batch is usually in the session already)."""
+    batch = store.get_batch(session, job.batch_id)
+    return SubmitTicket(
+        fence=rt.fence(job),
+        endpoint=job.endpoint,
+        input=dict(job.input),
+        attempt=job.attempts,
+        batch_id=job.batch_id,
+        schedule=store.batch_schedule(batch),
+        priority=batch.priority,
+    )
 
 
 def _reuse(session: Session, rt: Runtime, job: Job, reusing: dict[str, bool]) -> bool:
@@ -126,7 +151,7 @@ def _reuse(session: Session, rt: Runtime, job: Job, reusing: dict[str, bool]) ->
     return store.mark_reused(session, rt.fence(job), source)
 
 
-def _room_at_fal(session: Session, rt: Runtime, now: datetime, free: int, key_id: str) -> int:
+def _room_at_fal(session: Session, rt: Runtime, flight: store.InFlight, free: int, key_id: str) -> int:
     """Keep a small queue waiting at fal beyond the requests it runs, sized from what is seen.
 
     fal runs 2 to 40 requests at once per account, depending on its tier, and queues the rest
@@ -139,10 +164,7 @@ def _room_at_fal(session: Session, rt: Runtime, now: datetime, free: int, key_id
     start, or the tier was raised) the full cap applies again.
     """
     threshold = rt.settings.queue_wait_backoff
-    if threshold <= 0 or free <= 0:
-        return free
-    before = now - timedelta(seconds=threshold)
-    if store.count_waiting_since(session, S.QUEUED, submitted_before=before, api_key_id=key_id) == 0:
+    if threshold <= 0 or free <= 0 or flight.waiting_long == 0:
         return free
     waiting = store.count_in_states(session, [S.SUBMITTING, S.SUBMIT_UNKNOWN, S.QUEUED], api_key_id=key_id)
     running = store.count_in_states(session, [S.RUNNING], api_key_id=key_id)
@@ -160,7 +182,7 @@ def _room_at_fal(session: Session, rt: Runtime, now: datetime, free: int, key_id
     return min(free, room)
 
 
-def _room_for_downloads(session: Session, rt: Runtime) -> int:
+def _room_for_downloads(rt: Runtime, backlog: int) -> int:
     """How many more may be sent before the jobs waiting for their download reach the bound.
 
     Every request sent now becomes a download later; when downloads stall (a full disk, a slow
@@ -169,7 +191,6 @@ def _room_for_downloads(session: Session, rt: Runtime) -> int:
     cap) holds submits back, and they resume as downloads drain.
     """
     bound = rt.settings.max_download_backlog or rt.settings.max_outstanding
-    backlog = store.count_in_states(session, [S.DOWNLOADING])
     if backlog >= bound:
         log.info(
             "%d jobs wait for their download (bound %d): holding submits",
@@ -191,11 +212,18 @@ def closed_batches(session: Session, now: datetime) -> set[str]:
 
 
 def _claim_within_caps(
-    session: Session, rt: Runtime, free: int, now: datetime, key_id: str, closed: set[str]
+    session: Session,
+    rt: Runtime,
+    free: int,
+    now: datetime,
+    key_id: str,
+    closed: set[str],
+    states: list[JobState],
 ) -> list[Job]:
-    """Claim up to ``free`` due jobs, no endpoint beyond its own cap (``max_outstanding_per_endpoint``)."""
+    """Claim up to ``free`` due jobs in ``states``, no endpoint beyond its own cap
+    (``max_outstanding_per_endpoint``)."""
     claim: dict[str, Any] = {
-        "states": [S.PENDING, S.RETRY_WAIT],
+        "states": states,
         "now": now,
         "owner": rt.owner,
         "lease_seconds": rt.settings.lease_seconds,

@@ -34,7 +34,7 @@ from worker.fal.errors import SubmitNotSentError
 from worker.fal.models import RequestHandle, Submitted
 from worker.fal.storage import prepare_input
 from worker.limits import LimiterUnavailableError, wait_for_token
-from worker.steps.context import Runtime, S, in_seconds
+from worker.steps.context import Runtime, S, SubmitTicket, in_seconds
 from worker.steps.failures import pause_for_account, settle, submit_outcome_unknown
 from worker.steps.poll import first_poll_at
 
@@ -94,17 +94,35 @@ def submit(rt: Runtime, job_id: str) -> str:
     return outcome
 
 
-def _submit(rt: Runtime, job_id: str) -> str:
+def _read_ticket(rt: Runtime, job_id: str) -> SubmitTicket | None:
+    """The job as the submit starts from it, read; None when it is not for this step."""
     # Only a look (no write lock): the fenced writes that follow refuse a job changed since.
     with db.read_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
         if job.state != S.SUBMITTING or job.submitted_input is not None:
-            return "skipped"  # a duplicate message, or another worker already began this POST
-        fence, endpoint, raw_input, attempt = rt.fence(job), job.endpoint, dict(job.input), job.attempts
-        batch_id = job.batch_id
-        logs.annotate(batch_id=batch_id)
-        batch = store.get_batch(session, batch_id)
-        schedule, priority = store.batch_schedule(batch), batch.priority
+            return None  # a duplicate message, or another worker already began this POST
+        batch = store.get_batch(session, job.batch_id)
+        return SubmitTicket(
+            fence=rt.fence(job),
+            endpoint=job.endpoint,
+            input=dict(job.input),
+            attempt=job.attempts,
+            batch_id=job.batch_id,
+            schedule=store.batch_schedule(batch),
+            priority=batch.priority,
+        )
+
+
+def _submit(rt: Runtime, job_id: str) -> str:
+    # What dispatch left for an in-process hand-off, or else the job as stored now.
+    ticket = rt.submit_tickets.pop(job_id, None) if rt.submit_tickets is not None else None
+    if ticket is None:
+        ticket = _read_ticket(rt, job_id)
+        if ticket is None:
+            return "skipped"
+    fence, endpoint, raw_input, attempt = ticket.fence, ticket.endpoint, ticket.input, ticket.attempt
+    batch_id, schedule, priority = ticket.batch_id, ticket.schedule, ticket.priority
+    logs.annotate(batch_id=batch_id)
 
     # The batch's schedule, checked again right before sending (dispatch checked it when it
     # claimed the job, but a window may have closed since): fal must not start the request
