@@ -171,6 +171,15 @@ def _use_wal(cursor: Any) -> None:
             delay = min(delay * 2, 0.1)
 
 
+def _begin(dbapi_connection: Any, sql: str) -> None:
+    """Run ``sql`` (a BEGIN) on a sqlite3 connection; its errors wrapped as SQLAlchemy's own
+    (``OperationalError`` for "database is locked"), as if SQLAlchemy had sent it."""
+    try:
+        dbapi_connection.execute(sql)
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(sql, (), exc, sqlite3.Error) from exc
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -198,13 +207,16 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(connection: Any) -> None:
         # A read_scope() reads only: a deferred BEGIN takes a WAL snapshot and never waits for
         # (or holds) the single write lock. Everything else takes the write lock up front.
+        # Sent on the DBAPI connection: SQLAlchemy's execution machinery (a statement context,
+        # events, a result) cost more than the BEGIN itself, and every unit of work begins.
+        dbapi = connection.connection.dbapi_connection
         if connection.get_execution_options().get(_READ_ONLY_OPTION):
-            connection.exec_driver_sql("BEGIN")
+            _begin(dbapi, "BEGIN")
             return
         writers.acquire()
         connection.info[_WRITE_LOCK_HELD] = True
         try:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            _begin(dbapi, "BEGIN IMMEDIATE")
         except BaseException:
             _release_writers(connection.info)
             raise

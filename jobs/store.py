@@ -94,6 +94,7 @@ __all__ = [
     "counts_by_state",
     "defer_delivery",
     "delivery_counts",
+    "dispatch_batches",
     "duplicate_charge_recorded",
     "duration_histogram",
     "extend_lease",
@@ -323,6 +324,26 @@ def set_paused_by_user(session: Session, batch_id: str, paused: bool) -> None:
 def batch_schedule(batch: Batch) -> Schedule:
     """The batch's :class:`~jobs.schedule.Schedule` (the empty one, always open, when it has none)."""
     return Schedule.from_json(batch.schedule)
+
+
+def dispatch_batches(session: Session, batch_ids: Collection[str] = ()) -> list[Batch]:
+    """:func:`scheduled_batches` and the batches ``batch_ids``, in one query (a dispatch round's
+    batches: those it may have to hold back, and those it works on)."""
+    query = _prepared(
+        ("dispatch_batches",),
+        lambda: (
+            select(Batch)
+            .where(
+                or_(
+                    Batch.schedule.is_not(None),
+                    Batch.paused_by_user.is_(True),
+                    Batch.id.in_(bindparam("ids", expanding=True)),
+                )
+            )
+            .order_by(Batch.created_at, Batch.id)
+        ),
+    )
+    return list(session.scalars(query, {"ids": sorted(batch_ids)}))
 
 
 def scheduled_batches(session: Session) -> list[Batch]:

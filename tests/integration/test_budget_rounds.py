@@ -19,7 +19,7 @@ from jobs.states import JobState
 from tests.sample_inputs import INPUTS
 from tests.step_runtime import add_batch, job_ids, make_runtime, settings_for
 from worker.steps import dispatch
-from worker.steps.dispatch import _Committed
+from worker.steps.dispatch import _Committed, _RoundBatches
 
 WAN = ("fal-ai/wan-22", INPUTS["fal-ai/wan-22"])
 
@@ -71,7 +71,7 @@ def test_the_rounds_running_totals_equal_the_stores(engine: Engine) -> None:
         session.execute(update(Job).where(Job.id == third).values(state=JobState.RETRY_WAIT))
     rt = make_runtime(engine, settings_for("http://127.0.0.1:9", "budget-key"))
     with db.session_scope(engine) as session:
-        committed = _Committed(session, now, Decimal("100"))
+        committed = _Committed(session, _RoundBatches(session, ()), now, Decimal("100"))
         before = (committed.batch(batch_id)[1], committed.today())
         assert before == (Decimal("0.25"), Decimal("0.125"))  # billed money only, today's once
         jobs = store.claim_jobs(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 from jobs import db, output_store, store
 from jobs.endpoints import all_endpoints
 from jobs.errors import WanbatchError
-from jobs.models import Job, utcnow
+from jobs.models import Batch, Job, utcnow
 from jobs.money import usd_text
 from jobs.states import JobState
 from worker.limits import api_key_id
@@ -53,14 +54,14 @@ def dispatch(rt: Runtime) -> list[str]:
         free = rt.bucket.take(free)
         if free <= 0:
             return []
-        closed = closed_batches(session, now)
+        batches = _RoundBatches(session, rt.batch_ids or ())
+        closed = batches.closed(now)
         states = [S.PENDING, S.RETRY_WAIT] if flight.retry_wait else [S.PENDING]
         jobs = _claim_within_caps(session, rt, free, now, key_id, closed, states)
         unused = free
-        committed = _Committed(session, now, rt.settings.daily_budget_usd)
-        reusing: dict[str, bool] = {}  # batch id → reuse_outputs, read once per round
+        committed = _Committed(session, batches, now, rt.settings.daily_budget_usd)
         for job in jobs:
-            if _reuse(session, rt, job, reusing):
+            if _reuse(session, rt, job, batches):
                 reused.append(job.id)
                 continue
             refusal = _budget_refusal(committed, job)
@@ -81,7 +82,7 @@ def dispatch(rt: Runtime) -> list[str]:
                 sent.append(job.id)
                 unused -= 1
                 if rt.submit_tickets is not None:
-                    tickets.append(_ticket(session, rt, job))
+                    tickets.append(_ticket(rt, job, batches.get(job.batch_id)))
     if unused > 0 and rt.bucket is not None:
         rt.bucket.tokens += unused  # claimed fewer than granted: give the rate back
     if rt.submit_tickets is not None:  # committed: the submits may start from what was read
@@ -94,10 +95,36 @@ def dispatch(rt: Runtime) -> list[str]:
     return sent
 
 
-def _ticket(session: Session, rt: Runtime, job: Job) -> SubmitTicket:
+class _RoundBatches:
+    """The batches one dispatch round reads, each read once: those that may be held back
+    (a schedule, paused by their user) and the runtime's own, in one query; any other batch of
+    a claimed job when first needed. The round's session does not keep them by itself (its
+    identity map holds objects weakly), and they were read up to four times per round."""
+
+    def __init__(self, session: Session, own: Collection[str]) -> None:
+        self._session = session
+        self._by_id = {b.id: b for b in store.dispatch_batches(session, own)}
+
+    def get(self, batch_id: str) -> Batch:
+        batch = self._by_id.get(batch_id)
+        if batch is None:
+            batch = self._by_id[batch_id] = store.get_batch(self._session, batch_id)
+        return batch
+
+    def closed(self, now: datetime) -> set[str]:
+        """Active batches that may not send now: paused by their user, or closed by their
+        schedule (before ``not_before``, outside the daily window, past the deadline)."""
+        return {
+            batch.id
+            for batch in self._by_id.values()
+            if batch.paused_by_user
+            or (batch.schedule is not None and not store.batch_schedule(batch).is_open(now))
+        }
+
+
+def _ticket(rt: Runtime, job: Job, batch: Batch) -> SubmitTicket:
     """The submit step's starting point for ``job``, just marked ``submitting`` (the job's
-    object holds what that wrote; its batch is usually in the session already)."""
-    batch = store.get_batch(session, job.batch_id)
+    object holds what that wrote)."""
     return SubmitTicket(
         fence=rt.fence(job),
         endpoint=job.endpoint,
@@ -109,7 +136,7 @@ def _ticket(session: Session, rt: Runtime, job: Job) -> SubmitTicket:
     )
 
 
-def _reuse(session: Session, rt: Runtime, job: Job, reusing: dict[str, bool]) -> bool:
+def _reuse(session: Session, rt: Runtime, job: Job, batches: _RoundBatches) -> bool:
     """With ``reuse_outputs``, give a claimed pinned-seed job the output of a succeeded twin.
 
     Decided here, in the claim's transaction, so a reused job is never sent, holds no slot and
@@ -119,11 +146,7 @@ def _reuse(session: Session, rt: Runtime, job: Job, reusing: dict[str, bool]) ->
     video inside the claim's transaction); otherwise the job is sent as usual. No sidecar is written for the
     reusing job: it points at the original's file, and its export record carries ``reused_from``.
     """
-    if job.input.get("seed") is None:
-        return False
-    if job.batch_id not in reusing:
-        reusing[job.batch_id] = store.get_batch(session, job.batch_id).reuse_outputs
-    if not reusing[job.batch_id]:
+    if job.input.get("seed") is None or not batches.get(job.batch_id).reuse_outputs:
         return False
     source = store.find_reusable(session, job)
     if source is None or source.output_path is None:
@@ -259,8 +282,11 @@ class _Committed:
     ``submitting``. The caps hold exactly as when the sums were read before every job.
     """
 
-    def __init__(self, session: Session, now: datetime, daily_cap: Decimal | None) -> None:
+    def __init__(
+        self, session: Session, batches: _RoundBatches, now: datetime, daily_cap: Decimal | None
+    ) -> None:
         self._session = session
+        self._round_batches = batches
         self.since = now.replace(hour=0, minute=0, second=0, microsecond=0)
         self.daily_cap = daily_cap
         self._batches: dict[str, tuple[Decimal | None, Decimal]] = {}  # id → (cap, committed)
@@ -269,7 +295,7 @@ class _Committed:
     def batch(self, batch_id: str) -> tuple[Decimal | None, Decimal]:
         """The batch's cap (None: no cap) and what it has committed."""
         if batch_id not in self._batches:
-            cap = store.get_batch(self._session, batch_id).budget_max_usd
+            cap = self._round_batches.get(batch_id).budget_max_usd
             money = store.batch_money(self._session, batch_id) if cap is not None else None
             self._batches[batch_id] = (cap, money.committed_usd if money is not None else Decimal(0))
         return self._batches[batch_id]
