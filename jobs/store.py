@@ -1171,6 +1171,7 @@ def claim_jobs(
     endpoints: Sequence[str] | None = None,
     exclude_ids: Collection[str] = (),
     exclude_batch_ids: Collection[str] = (),
+    lease: bool = True,
 ) -> list[Job]:
     """Lease up to ``limit`` due jobs in ``states`` to ``owner``; no two claimers get the same job.
 
@@ -1183,6 +1184,12 @@ def claim_jobs(
     batch, never on another one that was only submitted); ``exclude_ids`` skips those jobs (the
     ones a status stream already watches); ``exclude_batch_ids`` skips those batches' jobs (closed
     by their schedule, paused by their user). Oldest jobs first.
+
+    ``lease=False`` is for a caller that moves every job returned before its transaction ends
+    (dispatch marks each ``submitting``, ``cancelled`` or reused: each move leases or releases
+    it, fenced by the version read here). The jobs are then only read, whole, in the claim's
+    own queries — no lease UPDATE, no second read — and stay locked to other claimers until
+    the commit: ``SKIP LOCKED`` row locks on PostgreSQL, the single writer on SQLite.
     """
     if limit <= 0 or not states:
         return []
@@ -1203,7 +1210,7 @@ def claim_jobs(
         bool(exclude_ids),
         bool(skip_batches),
     )
-    candidates = _prepared(("claim", *shape), lambda: _claim_candidates(*shape))
+    candidates = _prepared(("claim", lease, *shape), lambda: _claim_candidates(*shape, whole=not lease))
     params: dict[str, Any] = {
         "now": now,
         "limit": limit,
@@ -1218,8 +1225,11 @@ def claim_jobs(
     found: list[Any] = []
     for state in states:
         for one_batch in wanted:
-            found += _run(session, candidates, {**params, "state": state, "batch_id": one_batch}).all()
+            bound = {**params, "state": state, "batch_id": one_batch}
+            found += (_run(session, candidates, bound) if lease else session.scalars(candidates, bound)).all()
     found.sort(key=lambda r: (r.created_at, r.item_index, r.id))
+    if not lease:
+        return found[:limit]
     ids = [r.id for r in found[:limit]]
     if not ids:
         return []
@@ -1255,9 +1265,16 @@ def claim_jobs(
 
 
 def _claim_candidates(
-    scoped: bool, active_only: bool, by_endpoint: bool, excluding: bool, excluding_batches: bool
+    scoped: bool,
+    active_only: bool,
+    by_endpoint: bool,
+    excluding: bool,
+    excluding_batches: bool,
+    *,
+    whole: bool = False,
 ) -> Any:
-    """The candidate query of :func:`claim_jobs` for one state (and batch), oldest first."""
+    """The candidate query of :func:`claim_jobs` for one state (and batch), oldest first: the
+    ids and sort keys, or (``whole``) the jobs themselves, refreshed if the session has them."""
     now: BindParameter[datetime] = bindparam("now")
     conditions: list[ColumnElement[bool]] = [
         Job.state == bindparam("state"),
@@ -1274,9 +1291,11 @@ def _claim_candidates(
         conditions.append(Job.batch_id.not_in(bindparam("exclude_batch_ids", expanding=True)))
     if active_only:
         conditions.append(exists().where(Batch.id == Job.batch_id, Batch.state == BatchState.ACTIVE))
+    query = select(Job) if whole else select(Job.id, Job.created_at, Job.item_index)
+    if whole:
+        query = query.execution_options(populate_existing=True)
     return (
-        select(Job.id, Job.created_at, Job.item_index)
-        .where(*conditions)
+        query.where(*conditions)
         .order_by(Job.created_at, Job.item_index, Job.id)
         .limit(bindparam("limit"))
         .with_for_update(skip_locked=True, of=Job)  # ignored by SQLite, whose writer is alone

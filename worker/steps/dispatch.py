@@ -253,6 +253,7 @@ def _claim_within_caps(
         "active_batches_only": True,
         "batch_ids": rt.batch_ids,  # only the runtime's own batches; the caps count every batch
         "exclude_batch_ids": closed,
+        "lease": False,  # every job claimed is moved below, in this transaction
     }
     caps = rt.settings.max_outstanding_per_endpoint
     if not caps:
