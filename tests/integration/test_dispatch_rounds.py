@@ -1,0 +1,176 @@
+"""What one dispatch round reads and writes (issue #11: a round runs on every completion).
+
+* the in-flight counts the caps need come from one query, and agree with counting each;
+* the claim reads whole jobs and writes no lease of its own: the one move of each job
+  (``submitting``) is its only write, so its version grows by exactly one;
+* in an embedded run dispatch leaves the submit a ticket of what it read; the submit starts
+  from it without reading again, and a job changed in between is never sent;
+* a ``BEGIN`` SQLite refuses surfaces as SQLAlchemy's ``OperationalError``, as before it was
+  sent on the DBAPI connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event
+from sqlalchemy.exc import OperationalError
+
+from jobs import db, store
+from jobs.models import utcnow
+from jobs.states import JobState
+from tests.hostile import HostileProvider, json_reply
+from tests.step_runtime import add_batch, job_ids, make_runtime, settings_for
+from worker.steps import dispatch, submit
+
+S = JobState
+KEY = "8d3c1f0e-5a6b-4c7d-9e8f-0a1b2c3d4e5f:0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+RID = "6f9b2d4c-1a3e-4b5f-8c7d-9e0f1a2b3c4d"
+T2V = "fal-ai/wan-22"
+
+
+def _move(engine: Engine, job_id: str, *path: JobState, **fields: Any) -> None:
+    with db.session_scope(engine) as session:
+        for before, after in itertools.pairwise(path):
+            assert store.transition(session, job_id, before, after, **fields)
+
+
+def test_in_flight_agrees_with_counting_each_figure(engine: Engine) -> None:
+    batch_id = add_batch(engine, "flight", [(T2V, {"prompt": f"p{i}"}) for i in range(9)])
+    ids = job_ids(engine, batch_id)
+    long_ago, just_now = utcnow() - timedelta(seconds=300), utcnow()
+    _move(engine, ids[0], S.PENDING, S.SUBMITTING)  # at fal, key unknown yet: counted for every key
+    _move(engine, ids[1], S.PENDING, S.SUBMITTING, api_key_id="mine")
+    _move(engine, ids[1], S.SUBMITTING, S.QUEUED, submitted_at=long_ago, request_id="r1")
+    _move(engine, ids[2], S.PENDING, S.SUBMITTING, api_key_id="mine")
+    _move(engine, ids[2], S.SUBMITTING, S.QUEUED, submitted_at=just_now, request_id="r2")
+    _move(engine, ids[3], S.PENDING, S.SUBMITTING, api_key_id="theirs")
+    _move(engine, ids[3], S.SUBMITTING, S.QUEUED, submitted_at=long_ago, request_id="r3")
+    _move(engine, ids[4], S.PENDING, S.SUBMITTING, api_key_id="mine")
+    _move(engine, ids[4], S.SUBMITTING, S.QUEUED, S.RUNNING, request_id="r4")
+    _move(engine, ids[5], S.PENDING, S.SUBMITTING, api_key_id="theirs")
+    _move(engine, ids[5], S.SUBMITTING, S.QUEUED, S.RUNNING, S.DOWNLOADING, request_id="r5")
+    _move(engine, ids[6], S.PENDING, S.SUBMITTING, S.RETRY_WAIT)
+    _move(engine, ids[7], S.PENDING, S.CANCELLED)
+    before = utcnow() - timedelta(seconds=60)
+    with db.read_scope(engine) as session:
+        flight = store.in_flight(session, api_key_id="mine", sent_before=before)
+        at_fal = [s for s in JobState if s.at_provider]
+        assert flight.outstanding == store.count_in_states(session, at_fal, api_key_id="mine") == 4
+        assert flight.downloading == store.count_in_states(session, [S.DOWNLOADING]) == 1
+        assert flight.waiting_long == 1  # ids[1]: queued since long ago with this key
+        assert flight.waiting_long == store.count_waiting_since(
+            session, S.QUEUED, submitted_before=before, api_key_id="mine"
+        )
+        assert flight.retry_wait == 1
+        assert store.in_flight(session, api_key_id="theirs", sent_before=before).outstanding == 2
+
+
+@pytest.fixture
+def statements(engine: Engine) -> Iterator[list[str]]:
+    """Every statement the engine runs while the test does (its first 60 characters)."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(" ".join(statement.split())[:60])
+
+    event.listen(engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(engine, "before_cursor_execute", record)
+
+
+def test_a_round_claims_whole_jobs_and_moves_each_once(engine: Engine, statements: list[str]) -> None:
+    batch_id = add_batch(engine, "round", [(T2V, {"prompt": "a"}), (T2V, {"prompt": "b"})])
+    sent: list[str] = []
+    rt = make_runtime(engine, settings_for("http://127.0.0.1:9", KEY), enqueue_submit=sent.append)
+    statements.clear()
+    claimed = dispatch(rt)
+    assert claimed == sent == job_ids(engine, batch_id)
+    updates = [s for s in statements if s.startswith("UPDATE jobs")]
+    assert len(updates) == 2  # one move per job (→ submitting), no lease written before it
+    assert not [s for s in statements if s.startswith("SELECT count(*) AS")]  # the caps: one query
+    with db.read_scope(engine) as session:
+        for job_id in claimed:
+            job = store.get_job(session, job_id)
+            assert (job.state, job.version, job.lease_owner) == (S.SUBMITTING, 1, rt.owner)
+            assert [e.to_state for e in store.job_events(session, job_id)] == [S.SUBMITTING]
+
+
+def _accepting(fal: HostileProvider) -> None:
+    base = f"{fal.url}/{T2V}/requests/{RID}"
+    fal.route(
+        "POST",
+        rf"/{T2V}",
+        json_reply(
+            {
+                "request_id": RID,
+                "status": "IN_QUEUE",
+                "status_url": f"{base}/status",
+                "response_url": base,
+                "cancel_url": f"{base}/cancel",
+            }
+        ),
+    )
+
+
+def test_the_submit_starts_from_the_ticket_dispatch_left(
+    engine: Engine, hostile: HostileProvider, statements: list[str]
+) -> None:
+    _accepting(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    rt.submit_tickets = {}
+    add_batch(engine, "ticket", [(T2V, {"prompt": "a lighthouse", "seed": 7})])
+    (job_id,) = dispatch(rt)
+    ticket = rt.submit_tickets[job_id]
+    assert (ticket.fence.state, ticket.fence.version, ticket.attempt) == (S.SUBMITTING, 1, 1)
+    assert ticket.input == {"prompt": "a lighthouse", "seed": 7}
+    statements.clear()
+    assert submit(rt, job_id) == "submitted"
+    assert job_id not in rt.submit_tickets  # used once
+    assert not [s for s in statements if s.startswith("SELECT")]  # nothing read again
+    assert hostile.count("POST", rf"/{T2V}") == 1
+    with db.read_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        assert (job.state, job.request_id) == (S.QUEUED, RID)
+        assert job.submitted_input == {"prompt": "a lighthouse", "seed": 7}
+
+
+def test_a_job_changed_after_its_ticket_is_never_sent(engine: Engine, hostile: HostileProvider) -> None:
+    _accepting(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    rt.submit_tickets = {}
+    add_batch(engine, "stale", [(T2V, {"prompt": "a lighthouse"})])
+    (job_id,) = dispatch(rt)
+    _move(engine, job_id, S.SUBMITTING, S.CANCELLED)  # e.g. `wanbatch cancel` in between
+    assert submit(rt, job_id) == "lost-lease"
+    assert hostile.count("POST", r".*") == 0
+    with db.read_scope(engine) as session:
+        assert store.get_job(session, job_id).state == S.CANCELLED
+
+
+def test_a_refused_begin_is_sqlalchemys_operational_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 50)
+    path = tmp_path / "locked.db"
+    engine = db.make_engine(f"sqlite:///{path}")
+    try:
+        db.migrate(engine)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            with pytest.raises(OperationalError, match="locked"), db.session_scope(engine) as session:
+                store.count_in_states(session, [S.PENDING])
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        with db.session_scope(engine) as session:  # and the engine's own writers are not stuck
+            assert store.count_in_states(session, [S.PENDING]) == 0
+    finally:
+        engine.dispose()
