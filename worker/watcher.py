@@ -80,11 +80,15 @@ class StatusWatcher:
                 if status.completed:
                     ended = True
                     self.on_status(job_id, handle.request_id, status)
-                    return
+                    # Read on to the stream's end (fal ends it here), so its connection is
+                    # reused. The job stays "watched" meanwhile: no second stream for it.
+                    continue
                 if status.state == "IN_PROGRESS" and not running_said:
                     running_said = True
                     self.on_status(job_id, handle.request_id, status)
         except WanbatchError as exc:
+            if ended:
+                return  # the stream's end, after its last status, was not worth waiting for
             log.debug(
                 "job %s: status stream lost (%s); polling takes over",
                 job_id,
@@ -99,8 +103,12 @@ class StatusWatcher:
                 extra={"event": "stream.failed", "job_id": job_id, "request_id": handle.request_id},
             )
         finally:
-            with self._lock:
-                self._watching.pop(job_id, None)
-                closed = self._closed
+            closed = self._done(job_id)
             if not ended and not closed:
                 self.on_lost(job_id)
+
+    def _done(self, job_id: str) -> bool:
+        """``job_id`` is no longer followed (its room is free); whether the watcher is closed."""
+        with self._lock:
+            self._watching.pop(job_id, None)
+            return self._closed

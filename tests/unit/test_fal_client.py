@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -31,6 +31,7 @@ from worker.fal import (
     RetryPolicy,
     StartTimeoutError,
 )
+from worker.fal.client import STREAM_TAIL_EVENTS
 from worker.fal.errors import format_detail
 
 QUEUE = "https://queue.test"
@@ -467,6 +468,52 @@ def test_stream_status_parses_events_and_skips_comments() -> None:
     assert req.url.path == f"/fal-ai/wan-25-preview/requests/{RID}/status/stream"
     assert req.url.params["logs"] == "1"
     assert req.headers["accept"] == "text/event-stream"
+
+
+class _Tail(httpx.SyncByteStream):
+    """An SSE body that notes whether it was read to its end."""
+
+    def __init__(self, *events: str, endless: bool = False) -> None:
+        self.events, self.endless, self.ended, self.sent = events, endless, False, 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for event in self.events:
+            self.sent += 1
+            yield event.encode()
+        while self.endless:  # a server that goes on talking after COMPLETED
+            self.sent += 1
+            yield b'data: {"status": "COMPLETED"}\n\n'
+        self.ended = True
+
+
+def _tail_client(body: _Tail) -> FalClient:
+    answer = httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=body)
+    return make_client(Recorder(answer))
+
+
+def test_after_completed_the_stream_is_read_to_its_end_for_the_next_request() -> None:
+    body = _Tail('data: {"status": "IN_PROGRESS"}\n\n', 'data: {"status": "COMPLETED"}\n\n', ": bye\n\n")
+    with _tail_client(body) as client:
+        states = [s.state for s in client.stream_status(HANDLE)]  # asks on after COMPLETED
+    assert states == ["IN_PROGRESS", "COMPLETED"]
+    assert body.ended  # read to its end: its connection could go back to the pool
+
+
+def test_a_consumer_that_stops_at_completed_reads_no_further() -> None:
+    body = _Tail('data: {"status": "COMPLETED"}\n\n', 'data: {"status": "IN_QUEUE"}\n\n')
+    with _tail_client(body) as client:
+        for status in client.stream_status(HANDLE):
+            assert status.completed
+            break  # the watcher before issue #11's fix: the response is closed unread
+    assert not body.ended
+
+
+def test_a_stream_that_never_ends_after_completed_is_left_soon() -> None:
+    body = _Tail('data: {"status": "COMPLETED"}\n\n', endless=True)
+    with _tail_client(body) as client:
+        assert [s.state for s in client.stream_status(HANDLE)] == ["COMPLETED"]
+    assert not body.ended
+    assert body.sent <= 2 + STREAM_TAIL_EVENTS
 
 
 def test_stream_status_ending_early_is_retryable() -> None:

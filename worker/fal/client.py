@@ -24,6 +24,7 @@ Status, result and cancel go to URLs built from the configured queue URL (see
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -320,6 +321,12 @@ class FalClient:
         """Statuses as fal pushes them over SSE, ending with (and including) COMPLETED.
 
         A stream that breaks or ends early raises :class:`RetryableProviderError`: poll instead.
+
+        A consumer that asks for more after COMPLETED lets the stream be read to its end (fal
+        ends it there), so its connection goes back to the pool: a response closed unread
+        takes its connection with it, and every stream then paid a new TCP connection and TLS
+        handshake (more CPU than the rest of the stream). A consumer that stops at COMPLETED
+        closes the connection instead, as before.
         """
         h = _handle(handle)
         url = f"{h.status_url.rstrip('/')}/stream"
@@ -332,7 +339,8 @@ class FalClient:
                     if not response.is_success:
                         response.read()
                         raise classify_poll("status stream", response)
-                    for event in source.iter_sse():
+                    events = source.iter_sse()
+                    for event in events:
                         if not event.data.strip():
                             continue
                         body = load_json(event.data, "status stream")
@@ -343,6 +351,7 @@ class FalClient:
                         status = _parse_status(self.scrub(body), h.request_id)
                         yield status
                         if status.completed:
+                            _read_to_end(events)
                             return
             except httpx_sse.SSEError as exc:  # a TransportError to httpx: said here, before the mapping
                 raise RetryableProviderError(
@@ -465,6 +474,19 @@ class FalClient:
                 self._sleep(delay)
         assert last is not None
         raise last
+
+
+#: Events read after COMPLETED, at most, waiting for a status stream's end (fal ends it there).
+STREAM_TAIL_EVENTS = 16
+
+
+def _read_to_end(events: Iterator[Any]) -> None:
+    """Read what a stream sends after its last status, up to its end: only a response read to
+    its end leaves its connection reusable. A stream that goes on sending events is left after
+    :data:`STREAM_TAIL_EVENTS` (closed with its connection); one that sends nothing more but
+    keep-alive comments ends at the client's read timeout — the caller has its status already."""
+    for _ in itertools.islice(events, STREAM_TAIL_EVENTS):
+        pass
 
 
 def _parse_status(body: object, request_id: str) -> Status:

@@ -1,0 +1,75 @@
+"""Status streams against the simulator: every completion reported, and connections reused.
+
+A status stream closed unread after its COMPLETED event took its connection with it, so each
+job paid a new TCP connection and TLS handshake (issue #11's drain profile). The watcher now
+reads each stream to its end, and one connection serves stream after stream.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import httpcore
+import httpx
+
+from falsim.options import SimulatorOptions
+from falsim.server import running_simulator
+from tests.hostile import wait_for
+from worker.fal.client import FalClient
+from worker.fal.models import Status
+from worker.watcher import StatusWatcher
+
+T2V = "fal-ai/wan-22"
+KEY = "8d3c1f0e-5a6b-4c7d-9e8f-0a1b2c3d4e5f:0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+
+class _CountingBackend(httpcore.SyncBackend):
+    """The default network backend, counting the TCP connections it opens."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
+        self.connections += 1
+        return super().connect_tcp(*args, **kwargs)
+
+
+def _counting_transport(backend: _CountingBackend) -> httpx.HTTPTransport:
+    transport = httpx.HTTPTransport()
+    transport._pool = httpcore.ConnectionPool(network_backend=backend)  # httpx has no public hook
+    return transport
+
+
+def test_streams_followed_one_after_another_share_one_connection() -> None:
+    options = SimulatorOptions(concurrency_limit=4, latency_seconds=0.05, latency_jitter=0.0)
+    with running_simulator(options) as sim:
+        backend = _CountingBackend()
+        client = FalClient(
+            queue_url=sim.url,
+            rest_url=sim.url,
+            key=KEY,
+            timeout=httpx.Timeout(10.0),
+            transport=_counting_transport(backend),
+        )
+        ended: list[str] = []
+        done = threading.Event()
+
+        def on_status(job_id: str, _request_id: str, status: Status) -> None:
+            if status.completed:
+                ended.append(job_id)
+                done.set()
+
+        watcher = StatusWatcher(client, on_status, lambda job_id: None, max_streams=4)
+        try:
+            for n in range(6):
+                handle = client.submit(T2V, {"prompt": f"stream {n}", "resolution": "480p"}).handle
+                done.clear()
+                assert watcher.watch(f"job-{n}", handle)
+                assert done.wait(10)
+                assert wait_for(lambda: not watcher.watching(), timeout=10)  # the stream was read out
+        finally:
+            watcher.close()
+            client.close()
+    assert ended == [f"job-{n}" for n in range(6)]
+    assert backend.connections == 1  # six submits and six streams, one after another, one connection
