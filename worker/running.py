@@ -289,7 +289,8 @@ def _process_embedded(
         enqueue_download=worker.download,
         batch_ids=frozenset({batch_id}),
     )
-    rt.submit_tickets = {}  # the submits run on this process's threads: dispatch hands them what it read
+    # The steps run on this process's threads: dispatch and the conductor hand them what they read.
+    rt.submit_tickets, rt.download_claims = {}, {}
     conductor = Conductor(rt)
     rt.notify = conductor.notify
     rt.on_accepted = conductor.watch_accepted

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
@@ -24,6 +24,9 @@ from worker.fal.client import FalClient
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
 from worker.limits import SubmitLimiter, limiter_for
+
+if TYPE_CHECKING:
+    from worker.steps.download import DownloadClaim
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,10 @@ class Runtime:
     #: runs elsewhere (a Celery message carries only the job id, and a ticket would never be
     #: picked up).
     submit_tickets: dict[str, SubmitTicket] | None = None
+    #: Likewise for downloads: where the conductor leaves the claim of each job it leased for
+    #: its download while recording its completion (``worker.steps.download.handed_claim``),
+    #: when downloads run on this process's threads. None elsewhere.
+    download_claims: dict[str, DownloadClaim] | None = None
 
     def __post_init__(self) -> None:
         if self.bucket is None:

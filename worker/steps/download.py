@@ -91,8 +91,9 @@ def schedule_downloads(rt: Runtime, limit: int = 200) -> list[str]:
 
 
 @dataclass(frozen=True)
-class _Claim:
-    """What the download step read when it took the job's lease."""
+class DownloadClaim:
+    """What the download step read when it took the job's lease (or what the conductor of this
+    process read when it leased the job for its download: :func:`handed_claim`)."""
 
     fence: Fence
     handle: RequestHandle
@@ -159,8 +160,13 @@ def download(rt: Runtime, job_id: str) -> str:
     Returns what happened (``succeeded``, ``failed``, ``retry``, ``result-retry``,
     ``download-retry``, ``upload-retry``, ``not-ready``, ``paused``, ``busy``, ``skipped``,
     ``lost-lease``), for logs and tests.
+
+    A job the conductor of this process leased for its download, in the transaction that
+    recorded its completion, comes with its claim (``rt.download_claims``): the step starts
+    from it instead of reading the job and taking the lease again.
     """
-    claim = _claim(rt, job_id)
+    handed = rt.download_claims.pop(job_id, None) if rt.download_claims is not None else None
+    claim = handed if handed is not None else _claim(rt, job_id)
     if isinstance(claim, str):
         return claim
     logs.annotate(batch_id=claim.batch_id, request_id=claim.handle.request_id)
@@ -202,7 +208,7 @@ def download(rt: Runtime, job_id: str) -> str:
     return _fetch_video(rt, job_id, claim, video)
 
 
-def _claim(rt: Runtime, job_id: str) -> _Claim | str:
+def _claim(rt: Runtime, job_id: str) -> DownloadClaim | str:
     now = utcnow()
     with db.session_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
@@ -217,18 +223,35 @@ def _claim(rt: Runtime, job_id: str) -> _Claim | str:
         taken = store.take_lease(session, rt.fence(job), now=now, lease_seconds=rt.settings.lease_seconds)
         if taken is None:
             return "lost-lease"
-        batch_name = _batch_name(session, job.batch_id)
-        return _Claim(
-            fence=taken,
-            handle=handle_of(job, rt.settings.fal_queue_url),
-            output=job.provider_output,
-            item_index=job.item_index,
-            batch_id=job.batch_id,
-            batch_name=batch_name,
-            failures=job.download_attempts,
-            completed_at=job.completed_at,
-            job=job,
-        )
+        return _claim_of(session, rt, job, taken)
+
+
+def _claim_of(session: Session, rt: Runtime, job: Job, fence: Fence) -> DownloadClaim:
+    return DownloadClaim(
+        fence=fence,
+        handle=handle_of(job, rt.settings.fal_queue_url),
+        output=job.provider_output,
+        item_index=job.item_index,
+        batch_id=job.batch_id,
+        batch_name=_batch_name(session, job.batch_id),
+        failures=job.download_attempts,
+        completed_at=job.completed_at,
+        job=job,
+    )
+
+
+def handed_claim(session: Session, rt: Runtime, job_id: str) -> DownloadClaim | None:
+    """The claim of a job just moved to ``downloading`` and leased to ``rt.owner`` in ``session``
+    (by the conductor, which hands the download to a thread of this process once it commits).
+
+    The lease is this process's from that very move, fenced by its version: no second read and
+    no second lease are needed — the step's writes are all fenced by it. None when the job is
+    not so (the download step then claims it as usual).
+    """
+    job = store.get_job(session, job_id)
+    if job.state != S.DOWNLOADING or job.lease_owner != rt.owner:
+        return None
+    return _claim_of(session, rt, job, rt.fence(job))
 
 
 #: Batch id → name (the output folder). A batch's name never changes and its id is unique.
@@ -261,7 +284,7 @@ def _status_verdict(session: Session, job_id: str) -> ProviderError | None:
     )
 
 
-def _fal_verdict(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError) -> str:
+def _fal_verdict(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ProviderError) -> str:
     """fal itself said the request failed: the usual retry classification (a new attempt is a
     new request, and only a :class:`RequestFailedError` gets one)."""
     with db.session_scope(rt.engine) as session:
@@ -270,7 +293,7 @@ def _fal_verdict(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError) ->
     return "retry" if isinstance(exc, RetryableProviderError) else "failed"
 
 
-def _result_unavailable(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError) -> str:
+def _result_unavailable(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ProviderError) -> str:
     """The result call failed, or answered something malformed: ask again later, never resubmit.
 
     fal said COMPLETED, so the video exists and is billed. A transport or gateway failure of the
@@ -393,7 +416,7 @@ def _discard_download_client(key: int) -> None:
         shared.close()
 
 
-def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
+def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: _Video) -> str:
     """Download (or, for object storage, find already staged), probe, then store the output."""
     settings = rt.settings
     outs = open_output_store(settings)
@@ -434,7 +457,7 @@ def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
     except OutputWriteError as exc:
         return _write_failed(rt, job_id, claim, exc)
     with db.session_scope(rt.engine) as session:
-        store.mark_succeeded(
+        stored = store.mark_succeeded(
             session,
             claim.fence,
             output_path=output_path,
@@ -444,12 +467,14 @@ def _fetch_video(rt: Runtime, job_id: str, claim: _Claim, video: _Video) -> str:
             **checked,
             **cost,
         )
+    if not stored:  # the lease moved on meanwhile: the job is its new holder's to finish
+        return "lost-lease"
     outs.finish(result.path)  # the staged copy of an uploaded video: never left behind
     return "succeeded"
 
 
 def _download_video(
-    rt: Runtime, job_id: str, claim: _Claim, video: _Video, dest: Path
+    rt: Runtime, job_id: str, claim: DownloadClaim, video: _Video, dest: Path
 ) -> DownloadResult | str:
     """Fetch the video into ``dest`` (atomically); an outcome string when that did not work."""
     settings = rt.settings
@@ -513,7 +538,9 @@ def _staged(job_id: str, dest: Path, video: _Video) -> DownloadResult | None:
     return DownloadResult(path=dest, sha256=digest.hexdigest(), size=size)
 
 
-def _check_media(rt: Runtime, job_id: str, claim: _Claim, job: Job, path: Path) -> dict[str, Any] | str:
+def _check_media(
+    rt: Runtime, job_id: str, claim: DownloadClaim, job: Job, path: Path
+) -> dict[str, Any] | str:
     """Probe the saved video and compare it with the request (:mod:`worker.probe`).
 
     Returns the ``media``/``media_mismatch`` fields to store with the success, or — when the
@@ -561,7 +588,7 @@ def _check_media(rt: Runtime, job_id: str, claim: _Claim, job: Job, path: Path) 
     return "failed"
 
 
-def _download_failed(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError) -> str:
+def _download_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ProviderError) -> str:
     """The video could not be fetched: try again later, or fail (final error or out of tries)."""
     telemetry.count_provider_error(exc)
     failures = claim.failures + 1
@@ -588,7 +615,9 @@ def _download_failed(rt: Runtime, job_id: str, claim: _Claim, exc: ProviderError
     return "download-retry"
 
 
-def _upload_failed(rt: Runtime, job_id: str, claim: _Claim, exc: OutputUploadError, staged: Path) -> str:
+def _upload_failed(
+    rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputUploadError, staged: Path
+) -> str:
     """The upload to object storage failed: like a failed download, try again later (the staged
     video is kept and uploaded again, fal is never asked again), up to
     ``WANBATCH_DOWNLOAD_ATTEMPTS`` tries; then fail with the reason and the billed cost, and say
@@ -620,7 +649,7 @@ def _upload_failed(rt: Runtime, job_id: str, claim: _Claim, exc: OutputUploadErr
     return "upload-retry"
 
 
-def _write_failed(rt: Runtime, job_id: str, claim: _Claim, exc: OutputWriteError) -> str:
+def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWriteError) -> str:
     """The output could not be written here (disk full, read-only folder): fail with the reason.
 
     Asking fal again cannot help and retrying would fill the disk again; the video was made, so
@@ -637,7 +666,7 @@ def _write_failed(rt: Runtime, job_id: str, claim: _Claim, exc: OutputWriteError
     return "failed"
 
 
-def _fail_paid(session: Session, claim: _Claim, *, error: str, error_type: str, **fields: Any) -> None:
+def _fail_paid(session: Session, claim: DownloadClaim, *, error: str, error_type: str, **fields: Any) -> None:
     """Fail a job whose video fal made, and billed, but that we could not get or keep: the job
     carries what fal billed (a COMPLETED request without an error is paid for)."""
     job = store.get_job(session, claim.fence.job_id)

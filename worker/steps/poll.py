@@ -24,6 +24,7 @@ from worker import telemetry
 from worker.fal.errors import ProviderProtocolError
 from worker.fal.models import RequestHandle, Status
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, in_seconds
+from worker.steps.download import DownloadClaim, handed_claim
 from worker.steps.failures import billed, describe, pause_for_account
 
 log = logging.getLogger(__name__)
@@ -201,14 +202,16 @@ def record_completion(
     *,
     now: datetime,
     download_queued_until: datetime | None = None,
+    download_owner: str = DOWNLOAD_QUEUE,
 ) -> bool:
     """fal says the request is COMPLETED (a status answer or a webhook): the job goes on to
     ``downloading`` — or, being cancelled and ended by the cancel, to ``cancelled``.
 
     Compare-and-set on ``fence``, so a poll and a webhook racing each other are harmless.
     ``download_queued_until``: the caller queues the download itself once this commits (the
-    job is leased to :data:`DOWNLOAD_QUEUE` until then); None leaves it unleased for the
-    tick's ``schedule_downloads``. True when the caller must now queue the download.
+    job is leased to ``download_owner`` until then: :data:`DOWNLOAD_QUEUE`, or the caller's own
+    worker when the download runs in its process); None leaves it unleased for the tick's
+    ``schedule_downloads``. True when the caller must now queue the download.
     """
     if fence.state == S.CANCELLING and status.failed:
         job = store.get_job(session, fence.job_id)
@@ -244,7 +247,7 @@ def record_completion(
         provider_metrics=status.metrics or None,
         error=status.error,
         error_type=status.error_type,
-        lease_owner=DOWNLOAD_QUEUE if queued else None,
+        lease_owner=download_owner if queued else None,
         lease_expires_at=download_queued_until,
     )
     return moved and queued
@@ -299,6 +302,8 @@ def apply_seen(rt: Runtime, seen: Sequence[Seen]) -> int:
     now = utcnow()
     moved = 0
     downloads: list[str] = []
+    claims: dict[str, DownloadClaim] = {}
+    handing = rt.download_claims is not None  # downloads run on this process's threads
     latest: dict[str, Seen] = {}
     for event in seen:  # one stream's events arrive in order: the last one of a job says most
         if not (event.job_id in latest and latest[event.job_id].status.completed):
@@ -313,8 +318,14 @@ def apply_seen(rt: Runtime, seen: Sequence[Seen]) -> int:
             status = event.status
             if status.completed:
                 queued_until = rt.lease_until(now) if rt.in_scope(job.batch_id) else None
-                if record_completion(session, fence, status, now=now, download_queued_until=queued_until):
+                owner = rt.owner if handing else DOWNLOAD_QUEUE
+                if record_completion(
+                    session, fence, status, now=now, download_queued_until=queued_until, download_owner=owner
+                ):
                     downloads.append(job.id)
+                    claim = handed_claim(session, rt, job.id) if handing else None
+                    if claim is not None:
+                        claims[job.id] = claim
                 moved += 1
             elif (
                 status.state == "IN_PROGRESS"
@@ -324,6 +335,8 @@ def apply_seen(rt: Runtime, seen: Sequence[Seen]) -> int:
                 )
             ):
                 moved += 1
+    if rt.download_claims is not None:  # committed: the downloads may start from what was read
+        rt.download_claims.update(claims)
     for job_id in downloads:
         rt.enqueue_download(job_id)
     return moved
