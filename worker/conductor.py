@@ -35,7 +35,7 @@ from jobs import db, store
 from worker import steps
 from worker.fal.models import RequestHandle, Status
 from worker.steps.context import Runtime, handle_of
-from worker.steps.poll import AT_FAL, Seen, apply_seen
+from worker.steps.poll import AT_FAL, Seen, apply_seen, apply_seen_in
 from worker.watcher import StatusWatcher
 
 log = logging.getLogger(__name__)
@@ -200,18 +200,36 @@ class Conductor:
             if stopping.is_set() or not leading:
                 continue
             self.stats.rounds += 1
-            if seen:
-                self.stats.events += len(seen)
+            self.stats.events += len(seen)
+            due_again = redispatch_at is not None and time.monotonic() >= redispatch_at
+            dispatching = wants_dispatch or due_again
+            if seen and dispatching:
+                sent = self._apply_then_dispatch(seen)
+            else:
                 apply_seen(self.rt, seen)
+                sent = steps.dispatch(self.rt) if dispatching else []
             if submitted:
                 self._watch(submitted)
-            due_again = redispatch_at is not None and time.monotonic() >= redispatch_at
-            if wants_dispatch or due_again:
-                sent = steps.dispatch(self.rt)
+            if dispatching:
                 self.stats.dispatched += len(sent)
                 # Jobs left waiting for the submit rate: look again shortly, not at the next tick.
                 short = self.rt.bucket is not None and self.rt.bucket.short
                 redispatch_at = time.monotonic() + REDISPATCH_SECONDS if short else None
+
+    def _apply_then_dispatch(self, seen: list[Seen]) -> list[str]:
+        """Statuses and the dispatch of the slots they freed, in one transaction: a completion
+        costs one commit instead of two (and the dispatch counts the jobs that just completed).
+        A failed dispatch must not take the statuses with it — each was heard once — so they
+        are then applied on their own before the error goes on."""
+        try:
+            with db.session_scope(self.rt.engine) as session:
+                applied = apply_seen_in(session, self.rt, seen)
+                dispatched = steps.dispatch_in(session, self.rt)
+        except Exception:
+            apply_seen(self.rt, seen)
+            raise
+        applied.hand_on(self.rt)
+        return dispatched.hand_on(self.rt)
 
     def _tick(self, stopping: threading.Event) -> None:
         """The safety net: a full tick, polling only what no stream follows; then catch up on

@@ -21,7 +21,7 @@ read before the call, so a worker paused past its lease cannot overwrite newer s
 """
 
 from worker.steps.context import DOWNLOAD_QUEUE, RateBucket, Runtime, worker_identity
-from worker.steps.dispatch import dispatch
+from worker.steps.dispatch import dispatch, dispatch_in
 from worker.steps.download import download, schedule_downloads, sidecar_record
 from worker.steps.poll import poll
 from worker.steps.reconcile import cancel_jobs_of_cancelled_batches, reconcile
@@ -35,6 +35,7 @@ __all__ = [
     "TickReport",
     "cancel_jobs_of_cancelled_batches",
     "dispatch",
+    "dispatch_in",
     "download",
     "poll",
     "reconcile",

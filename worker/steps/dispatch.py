@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Collection
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -37,62 +38,80 @@ def dispatch(rt: Runtime) -> list[str]:
     Only jobs of ``rt.batch_ids`` are claimed, but the outstanding caps count every batch's
     requests at fal for the key: the account's limit is global.
     """
+    with db.session_scope(rt.engine) as session:
+        claimed = dispatch_in(session, rt)
+    return claimed.hand_on(rt)
+
+
+@dataclass
+class Dispatched:
+    """What a dispatch round did in its transaction; :meth:`hand_on` once it has committed."""
+
+    sent: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    tickets: list[SubmitTicket] = field(default_factory=list)
+    #: Submit-rate tokens taken but not used (claimed fewer jobs than granted).
+    unused: int = 0
+
+    def hand_on(self, rt: Runtime) -> list[str]:
+        """Give the unused rate back and hand the jobs on; the ids sent."""
+        if self.unused > 0 and rt.bucket is not None:
+            rt.bucket.tokens += self.unused
+        if rt.submit_tickets is not None:  # committed: the submits may start from what was read
+            for ticket in self.tickets:
+                rt.submit_tickets[ticket.fence.job_id] = ticket
+        for job_id in self.sent:
+            rt.enqueue_submit(job_id)
+        for job_id in self.reused:
+            rt.notify("done", job_id)
+        return self.sent
+
+
+def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
+    """:func:`dispatch`'s work in the caller's transaction (the conductor applies the statuses
+    that freed the slots in the same one); hand on what it returns once that commits."""
     now = utcnow()
-    sent: list[str] = []
-    reused: list[str] = []
-    tickets: list[SubmitTicket] = []
+    done = Dispatched()
     key_id = api_key_id(rt.settings)  # the caps are per API key, as fal's account limits are
     assert rt.bucket is not None
     rt.bucket.short = False  # set again below when jobs are left waiting for the rate
-    with db.session_scope(rt.engine) as session:
-        waited = timedelta(seconds=min(rt.settings.queue_wait_backoff, LONGEST_WAIT_SECONDS))
-        flight = store.in_flight(session, api_key_id=key_id, sent_before=now - waited)
-        free = _room_at_fal(session, rt, flight, rt.settings.max_outstanding - flight.outstanding, key_id)
-        free = min(free, _room_for_downloads(rt, flight.downloading))
-        if free <= 0:
-            return []
-        free = rt.bucket.take(free)
-        if free <= 0:
-            return []
-        batches = _RoundBatches(session, rt.batch_ids or ())
-        closed = batches.closed(now)
-        states = [S.PENDING, S.RETRY_WAIT] if flight.retry_wait else [S.PENDING]
-        jobs = _claim_within_caps(session, rt, free, now, key_id, closed, states)
-        unused = free
-        committed = _Committed(session, batches, now, rt.settings.daily_budget_usd)
-        for job in jobs:
-            if _reuse(session, rt, job, batches):
-                reused.append(job.id)
-                continue
-            refusal = _budget_refusal(committed, job)
-            if refusal is not None:
-                store.mark_cancelled(
-                    session, rt.fence(job), reason="budget", error=refusal, error_type="budget"
-                )
-                continue
-            moved = store.mark_submitting(
-                session,
-                rt.fence(job),
-                attempt=job.attempts + 1,
-                api_key_id=key_id,
-                lease_expires_at=rt.lease_until(now),
-            )
-            if moved:
-                committed.add(job)
-                sent.append(job.id)
-                unused -= 1
-                if rt.submit_tickets is not None:
-                    tickets.append(_ticket(rt, job, batches.get(job.batch_id)))
-    if unused > 0 and rt.bucket is not None:
-        rt.bucket.tokens += unused  # claimed fewer than granted: give the rate back
-    if rt.submit_tickets is not None:  # committed: the submits may start from what was read
-        for ticket in tickets:
-            rt.submit_tickets[ticket.fence.job_id] = ticket
-    for job_id in sent:
-        rt.enqueue_submit(job_id)
-    for job_id in reused:
-        rt.notify("done", job_id)
-    return sent
+    waited = timedelta(seconds=min(rt.settings.queue_wait_backoff, LONGEST_WAIT_SECONDS))
+    flight = store.in_flight(session, api_key_id=key_id, sent_before=now - waited)
+    free = _room_at_fal(session, rt, flight, rt.settings.max_outstanding - flight.outstanding, key_id)
+    free = min(free, _room_for_downloads(rt, flight.downloading))
+    if free <= 0:
+        return done
+    free = rt.bucket.take(free)
+    if free <= 0:
+        return done
+    batches = _RoundBatches(session, rt.batch_ids or ())
+    closed = batches.closed(now)
+    states = [S.PENDING, S.RETRY_WAIT] if flight.retry_wait else [S.PENDING]
+    jobs = _claim_within_caps(session, rt, free, now, key_id, closed, states)
+    done.unused = free
+    committed = _Committed(session, batches, now, rt.settings.daily_budget_usd)
+    for job in jobs:
+        if _reuse(session, rt, job, batches):
+            done.reused.append(job.id)
+            continue
+        refusal = _budget_refusal(committed, job)
+        if refusal is not None:
+            store.mark_cancelled(session, rt.fence(job), reason="budget", error=refusal, error_type="budget")
+            continue
+        moved = store.mark_submitting(
+            session,
+            rt.fence(job),
+            attempt=job.attempts + 1,
+            api_key_id=key_id,
+            lease_expires_at=rt.lease_until(now),
+        )
+        if moved:
+            committed.add(job)
+            done.sent.append(job.id)
+            done.unused -= 1
+            if rt.submit_tickets is not None:
+                done.tickets.append(_ticket(rt, job, batches.get(job.batch_id)))
+    return done
 
 
 class _RoundBatches:

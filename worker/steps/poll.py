@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
@@ -299,44 +299,58 @@ def apply_seen(rt: Runtime, seen: Sequence[Seen]) -> int:
     """
     if not seen:
         return 0
+    with db.session_scope(rt.engine) as session:
+        applied = apply_seen_in(session, rt, seen)
+    return applied.hand_on(rt)
+
+
+@dataclass
+class Applied:
+    """What applying statuses did in its transaction; :meth:`hand_on` once it has committed."""
+
+    moved: int = 0
+    downloads: list[str] = field(default_factory=list)
+    claims: dict[str, DownloadClaim] = field(default_factory=dict)
+
+    def hand_on(self, rt: Runtime) -> int:
+        """Queue the downloads (with the claims read for them); how many jobs moved."""
+        if rt.download_claims is not None:  # committed: the downloads may start from what was read
+            rt.download_claims.update(self.claims)
+        for job_id in self.downloads:
+            rt.enqueue_download(job_id)
+        return self.moved
+
+
+def apply_seen_in(session: Session, rt: Runtime, seen: Sequence[Seen]) -> Applied:
+    """:func:`apply_seen`'s work in the caller's transaction; hand on what it returns once that
+    commits."""
     now = utcnow()
-    moved = 0
-    downloads: list[str] = []
-    claims: dict[str, DownloadClaim] = {}
+    done = Applied()
     handing = rt.download_claims is not None  # downloads run on this process's threads
     latest: dict[str, Seen] = {}
     for event in seen:  # one stream's events arrive in order: the last one of a job says most
         if not (event.job_id in latest and latest[event.job_id].status.completed):
             latest[event.job_id] = event
-    with db.session_scope(rt.engine) as session:
-        jobs = store.job_heads(session, set(latest))
-        for event in latest.values():
-            job = jobs.get(event.job_id)
-            if job is None or job.request_id != event.request_id or job.state not in AT_FAL:
-                continue
-            fence = Fence(job.id, job.state, job.version, rt.owner)
-            status = event.status
-            if status.completed:
-                queued_until = rt.lease_until(now) if rt.in_scope(job.batch_id) else None
-                owner = rt.owner if handing else DOWNLOAD_QUEUE
-                if record_completion(
-                    session, fence, status, now=now, download_queued_until=queued_until, download_owner=owner
-                ):
-                    downloads.append(job.id)
-                    claim = handed_claim(session, rt, job.id) if handing else None
-                    if claim is not None:
-                        claims[job.id] = claim
-                moved += 1
-            elif (
-                status.state == "IN_PROGRESS"
-                and fence.state == S.QUEUED
-                and store.mark_running(
-                    session, fence, next_poll_at=_next_poll(rt.settings, job.submitted_at, now)
-                )
+    jobs = store.job_heads(session, set(latest))
+    for event in latest.values():
+        job = jobs.get(event.job_id)
+        if job is None or job.request_id != event.request_id or job.state not in AT_FAL:
+            continue
+        fence = Fence(job.id, job.state, job.version, rt.owner)
+        status = event.status
+        if status.completed:
+            queued_until = rt.lease_until(now) if rt.in_scope(job.batch_id) else None
+            owner = rt.owner if handing else DOWNLOAD_QUEUE
+            if record_completion(
+                session, fence, status, now=now, download_queued_until=queued_until, download_owner=owner
             ):
-                moved += 1
-    if rt.download_claims is not None:  # committed: the downloads may start from what was read
-        rt.download_claims.update(claims)
-    for job_id in downloads:
-        rt.enqueue_download(job_id)
-    return moved
+                done.downloads.append(job.id)
+                claim = handed_claim(session, rt, job.id) if handing else None
+                if claim is not None:
+                    done.claims[job.id] = claim
+            done.moved += 1
+        elif status.state == "IN_PROGRESS" and fence.state == S.QUEUED:
+            next_poll = _next_poll(rt.settings, job.submitted_at, now)
+            if store.mark_running(session, fence, next_poll_at=next_poll):
+                done.moved += 1
+    return done
