@@ -88,7 +88,7 @@ def db_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def _pg_engine(pg_url: str) -> Iterator[Engine]:
     engine = make_engine(pg_url)
-    migrate(engine)
+    migrate(engine, from_models=False)  # the tests run on the schema the migrations make
     yield engine
     engine.dispose()
 
@@ -97,7 +97,7 @@ def _pg_engine(pg_url: str) -> Iterator[Engine]:
 def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
     engine = make_engine(f"sqlite:///{path}")
-    migrate(engine)
+    migrate(engine, from_models=False)  # the tests run on the schema the migrations make
     engine.dispose()  # closing the last connection checkpoints the WAL into the file we copy
     assert not path.with_name(path.name + "-wal").exists()
     return path

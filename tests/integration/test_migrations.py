@@ -1,4 +1,6 @@
-"""The Alembic history produces exactly the models' schema, on PostgreSQL and SQLite, both ways."""
+"""The Alembic history produces exactly the models' schema, on PostgreSQL and SQLite, both ways;
+and a new database created from the models (what ``migrate`` does for an empty one) is that
+very schema, stamped at the head."""
 
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Column, Engine, Integer, MetaData, inspect
+from sqlalchemy import Column, Engine, Integer, MetaData, inspect, text
 
-from jobs.db import alembic_config, downgrade, make_engine, migrate
+from jobs.db import SCHEMA_HEAD, alembic_config, downgrade, make_engine, migrate
 from jobs.models import Base
 
 
@@ -44,14 +46,14 @@ def tables(engine: Engine) -> set[str]:
 
 
 def test_upgrade_matches_models_exactly(empty_engine: Engine) -> None:
-    migrate(empty_engine)
+    migrate(empty_engine, from_models=False)
     assert tables(empty_engine) == set(Base.metadata.tables)
     assert drift(empty_engine) == []
 
 
 def test_drift_check_is_not_blind(empty_engine: Engine) -> None:
     """Control: the comparison does notice a column the migrations do not create."""
-    migrate(empty_engine)
+    migrate(empty_engine, from_models=False)
     altered = MetaData(naming_convention=Base.metadata.naming_convention)
     for table in Base.metadata.tables.values():
         table.to_metadata(altered)
@@ -61,17 +63,17 @@ def test_drift_check_is_not_blind(empty_engine: Engine) -> None:
 
 
 def test_downgrade_removes_everything_and_upgrade_again(empty_engine: Engine) -> None:
-    migrate(empty_engine)
+    migrate(empty_engine, from_models=False)
     downgrade(empty_engine, "base")
     assert tables(empty_engine) == set()
-    migrate(empty_engine)
+    migrate(empty_engine, from_models=False)
     assert tables(empty_engine) == set(Base.metadata.tables)
     assert drift(empty_engine) == []
 
 
 def test_migrate_is_a_repeatable_no_op(empty_engine: Engine) -> None:
-    migrate(empty_engine)
-    migrate(empty_engine)
+    migrate(empty_engine, from_models=False)
+    migrate(empty_engine, from_models=False)
     with empty_engine.connect() as conn:
         heads = MigrationContext.configure(conn).get_current_heads()
     assert len(heads) == 1
@@ -84,7 +86,7 @@ def test_concurrent_migrate(dialect: str, tmp_path: Path, new_pg_database: Calla
     engines = [make_engine(url) for _ in range(4)]
     try:
         with ThreadPoolExecutor(len(engines)) as pool:
-            list(pool.map(migrate, engines))
+            list(pool.map(lambda e: migrate(e, from_models=False), engines))
         assert drift(engines[0]) == []
     finally:
         for engine in engines:
@@ -121,3 +123,57 @@ def test_schema_head_names_alembics_head() -> None:
     from jobs.db import SCHEMA_HEAD
 
     assert ScriptDirectory.from_config(alembic_config()).get_heads() == [SCHEMA_HEAD]
+
+
+def _fingerprint(engine: Engine) -> dict[str, Any]:
+    """Everything reflection tells of the schema, in a comparable form (columns by name: an
+    ``ADD COLUMN`` puts a column last, the models may not), plus each index's own definition
+    (partial indexes' predicates are not reflected everywhere)."""
+    insp = inspect(engine)
+    shape: dict[str, Any] = {}
+    for table in sorted(insp.get_table_names()):
+        cs = insp.get_columns(table)
+        indexes, uniques = insp.get_indexes(table), insp.get_unique_constraints(table)
+        shape[table] = {
+            "columns": sorted((c["name"], str(c["type"]), c["nullable"], str(c.get("default"))) for c in cs),
+            "pk": insp.get_pk_constraint(table)["constrained_columns"],
+            "fks": sorted(
+                (tuple(f["constrained_columns"]), f["referred_table"], tuple(f["referred_columns"]))
+                for f in insp.get_foreign_keys(table)
+            ),
+            "indexes": sorted((i["name"], tuple(i["column_names"]), i["unique"]) for i in indexes),
+            "uniques": sorted((u["name"], tuple(u["column_names"])) for u in uniques),
+        }
+    definitions = (
+        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+        if engine.dialect.name == "postgresql"
+        else "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(text(definitions))
+        shape["index definitions"] = sorted((str(name), " ".join(str(sql).split())) for name, sql in rows)
+        shape["version"] = sorted(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())
+    return shape
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_new_database_from_the_models_is_the_migrated_one(
+    dialect: str, tmp_path: Path, new_pg_database: Callable[[], str]
+) -> None:
+    urls = [
+        f"sqlite:///{tmp_path / name}" if dialect == "sqlite" else new_pg_database()
+        for name in ("models.db", "history.db")
+    ]
+    from_models, from_history = make_engine(urls[0]), make_engine(urls[1])
+    try:
+        migrate(from_models)
+        migrate(from_history, from_models=False)
+        assert drift(from_models) == []
+        assert _fingerprint(from_models) == _fingerprint(from_history)
+        assert _fingerprint(from_models)["version"] == [SCHEMA_HEAD]
+        migrate(from_models)  # at the head: nothing to do
+        downgrade(from_models, "base")  # and the history applies to it like to any other
+        assert tables(from_models) == set()
+    finally:
+        from_models.dispose()
+        from_history.dispose()
