@@ -8,7 +8,8 @@ The scenario, shared with ``tests/integration/test_distributed.py``:
   and an account concurrency above the cap, so the cap — not fal's queue — is what limits;
 * a manifest of ``--jobs`` jobs over all five endpoints (cheapest resolutions, local images,
   some seeds pinned), stored with the real ``wanbatch submit``;
-* ``--workers`` real ``wanbatch worker`` processes (Celery prefork, ``--concurrency`` each) under
+* ``--workers`` real ``wanbatch worker`` processes (the worker's default Celery pool, threads, or
+  ``--pool prefork``; ``--concurrency`` each) under
   ``WANBATCH_MAX_OUTSTANDING=--cap``, until ``status`` shows every job terminal.
 
 Figures: wall time from the workers' start (their boot included) and the busy span (first
@@ -80,6 +81,8 @@ class Scenario:
     jobs: int = 200
     workers: int = 2
     concurrency: int = 2
+    #: ``wanbatch worker --pool`` (None: the worker's default).
+    pool: str | None = None
     cap: int = 6
     latency: float = 0.2
     #: fal's account limit in the simulator: above the cap, so wanbatch's cap is what binds.
@@ -331,6 +334,7 @@ def start_workers(
                         str(scenario.concurrency),
                         "--loglevel",
                         "INFO",
+                        *(["--pool", scenario.pool] if scenario.pool else []),
                     ],
                     env=env,
                     cwd=cwd,
@@ -535,7 +539,7 @@ def figures(o: Outcome) -> list[tuple[str, str]]:
     counts = {k: v for k, v in o.report["counts"].items() if v}
     return [
         ("jobs", str(s.jobs)),
-        ("workers × concurrency", f"{s.workers} × {s.concurrency}"),
+        ("workers × concurrency", f"{s.workers} × {s.concurrency} ({s.pool or 'default pool'})"),
         ("cap (WANBATCH_MAX_OUTSTANDING)", str(s.cap)),
         ("model latency (s)", f"{s.latency:g}"),
         ("wall time from worker start (s)", f"{o.wall_seconds:.2f}"),
@@ -566,8 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=Scenario.jobs)
     parser.add_argument("--workers", type=int, default=Scenario.workers)
     parser.add_argument(
-        "--concurrency", type=int, default=Scenario.concurrency, help="prefork processes per worker"
+        "--concurrency", type=int, default=Scenario.concurrency, help="tasks at once per worker"
     )
+    parser.add_argument("--pool", default=None, help="wanbatch worker --pool (default: the worker's own)")
     parser.add_argument("--cap", type=int, default=Scenario.cap, help="WANBATCH_MAX_OUTSTANDING")
     parser.add_argument("--latency", type=float, default=Scenario.latency, help="model time per request (s)")
     parser.add_argument(
@@ -586,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs=args.jobs,
         workers=args.workers,
         concurrency=args.concurrency,
+        pool=args.pool,
         cap=args.cap,
         latency=args.latency,
         sim_concurrency=args.sim_concurrency or args.cap + 2,

@@ -317,7 +317,19 @@ def run_wanbatch(
     argv = [sys.executable, "-c", "import cli; cli.main()", "run", str(manifest), "--no-progress"]
     if profile is not None:
         profile.parent.mkdir(parents=True, exist_ok=True)
-        argv = ["py-spy", "record", "-r", "100", "-f", "raw", *os.environ.get("BENCH_PYSPY_ARGS", "").split(), "-o", str(profile), "--", *argv]
+        argv = [
+            "py-spy",
+            "record",
+            "-r",
+            "100",
+            "-f",
+            "raw",
+            *os.environ.get("BENCH_PYSPY_ARGS", "").split(),
+            "-o",
+            str(profile),
+            "--",
+            *argv,
+        ]
     wall, cpu, rss, code, _ = _run_child(argv, env, work / "stderr.log")
     if code != 0:
         print(f"wanbatch run exited {code}; its log ends:\n{_tail(work / 'stderr.log')}", file=sys.stderr)

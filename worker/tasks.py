@@ -6,13 +6,20 @@ step. The tasks are registered on an app by :func:`register_tasks` (called by
 the settings a command runs with, which are not known when this module is imported. The
 runtime is built lazily, in the process that runs the task — after a prefork worker has forked —
 so no database connection or HTTP pool is ever shared across processes.
+
+A task tells the tick leader what happened to its job (fal accepted it, or a slot came free).
+When the leader is this very process — a threads-pool worker whose ticker leads (see
+:func:`conduct_here`) — that is a call to its conductor, as in the embedded mode; otherwise a
+PostgreSQL ``NOTIFY`` that the leader, wherever it runs, listens for.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
@@ -25,6 +32,9 @@ from worker.steps import Runtime
 
 if TYPE_CHECKING:
     from celery import Celery, Task
+
+    from worker.conductor import Conductor
+    from worker.fal.models import RequestHandle
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +65,73 @@ def task_runtime(app: Celery, settings: Settings, *, batch_ids: frozenset[str] |
         batch_ids=batch_ids,
     )
     rt.notify = _notifier(rt.engine)
+    rt.on_accepted = _watch_here
     return rt
 
 
-#: What a task tells the conductor, which runs in whichever process leads (maybe not this one).
+@dataclass(frozen=True)
+class _Here:
+    """The conductor of this process's ticker, and whether that ticker leads right now."""
+
+    conductor: Conductor
+    leads: Callable[[], bool]
+    pid: int
+
+
+_here: _Here | None = None
+
+
+def conduct_here(conductor: Conductor | None, leads: Callable[[], bool] = lambda: False) -> None:
+    """Make ``conductor`` (this process's ticker's; None: no more) the one tasks in this process
+    tell directly while ``leads()`` says its ticker holds the leader lock.
+
+    With a threads pool the tasks run in the process whose ticker may lead: telling its
+    conductor is then a call, not a ``NOTIFY`` through the database that this same process
+    would receive, and a job fal accepted is followed from its handle at once, without the read
+    the notice would cost (:meth:`Conductor.watch_accepted`). Prefork children never see it
+    (they are other processes: the pid check), nor does a process whose ticker does not lead;
+    both go through the database. ``leads()`` may be a moment stale — a notice then reaches a
+    conductor that no longer acts on it — which costs latency only: the new leader's tick finds
+    the job, as it finds a lost ``NOTIFY``.
+    """
+    global _here
+    _here = None if conductor is None else _Here(conductor, leads, os.getpid())
+
+
+def _leader_here() -> Conductor | None:
+    here = _here
+    if here is None or here.pid != os.getpid() or not here.leads():
+        return None
+    return here.conductor
+
+
+def _watch_here(job_id: str, handle: RequestHandle) -> None:
+    """The submit step's ``on_accepted``: the leader's conductor follows the request now, if it
+    runs in this process (otherwise it learns of it from the notice, then reads the job)."""
+    conductor = _leader_here()
+    if conductor is not None:
+        conductor.watch_accepted(job_id, handle)
+
+
+#: What a task tells the conductor through the database when it runs in another process.
 _WORTH_TELLING = frozenset({"submitted", "freed"})
 
 
 def _notifier(engine: Engine) -> Callable[[str, str], None]:
-    """Tell the tick leader, wherever it runs, over the database (PostgreSQL ``NOTIFY``).
+    """Tell the tick leader: its conductor directly when it is in this process (see
+    :func:`conduct_here`), else over the database (PostgreSQL ``NOTIFY``).
 
     Best effort: a notice that cannot be sent only costs latency, the leader's tick finds the
     job anyway. On other databases (SQLite: one host) the tick is what finds it.
     """
-    if engine.dialect.name != "postgresql":
-        return lambda kind, job_id: None
+    postgres = engine.dialect.name == "postgresql"
 
     def send(kind: str, job_id: str) -> None:
-        if kind not in _WORTH_TELLING:
+        conductor = _leader_here()
+        if conductor is not None:
+            conductor.notify(kind, job_id)
+            return
+        if not postgres or kind not in _WORTH_TELLING:
             return
         try:
             with db.session_scope(engine) as session:

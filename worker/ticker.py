@@ -53,6 +53,11 @@ class LeaderLock:
             log.info("this worker now leads the periodic tick", extra={"event": "tick.leading"})
         return leads
 
+    @property
+    def held(self) -> bool:
+        """Whether this process led at the last :meth:`acquire` (no database round trip)."""
+        return self.engine.dialect.name != "postgresql" or self._lock.held
+
     def release(self) -> None:
         """Give up leadership (closing the connection releases the advisory lock)."""
         self._lock.release()
@@ -62,8 +67,9 @@ class Ticker(threading.Thread):
     """Conducts (:class:`~worker.conductor.Conductor`) while this process leads.
 
     The leader reacts to events — status streams it follows, notices other workers and the
-    webhook receiver send over the database — and ticks every interval as the safety net; a
-    process that does not lead only asks for the lock each interval.
+    webhook receiver send over the database, and, from tasks running in its own process (a
+    threads pool), direct calls (:func:`worker.tasks.conduct_here`) — and ticks every interval
+    as the safety net; a process that does not lead only asks for the lock each interval.
     """
 
     def __init__(self, runtime_factory: Callable[[], steps.Runtime], interval: float) -> None:
@@ -73,15 +79,18 @@ class Ticker(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        from worker import tasks
         from worker.conductor import Conductor, listening
 
         rt = self.runtime_factory()
         lock = LeaderLock(rt.engine)
         conductor = Conductor(rt)
+        tasks.conduct_here(conductor, lambda: lock.held)
         try:
             with listening(rt.engine, conductor.notify):
                 conductor.run(self.stopping, leads=lock.acquire, resilient=True)
         finally:
+            tasks.conduct_here(None)
             conductor.close()
             lock.release()
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -24,9 +24,6 @@ from worker.fal.client import FalClient
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
 from worker.limits import SubmitLimiter, limiter_for
-
-if TYPE_CHECKING:
-    from worker.steps.download import DownloadClaim
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +89,31 @@ class SubmitTicket:
     batch_id: str
     schedule: Schedule
     priority: str
+
+
+@dataclass(frozen=True)
+class DownloadClaim:
+    """What the download step read when it took the job's lease (or what the conductor of this
+    process read when it leased the job for its download: :func:`handed_claim`)."""
+
+    fence: Fence
+    handle: RequestHandle
+    output: dict[str, Any] | None
+    item_index: int
+    batch_id: str
+    batch_name: str
+    failures: int
+    completed_at: datetime | None
+    #: The job as claimed (detached; the lease keeps it from changing while this step runs).
+    job: Job
+    #: fal's result fetched by this step and not stored yet: written with the step's outcome
+    #: (the job's success, or the release or failure that ends this try), in the same transaction.
+    fetched: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> int:
+        """The fencing token this download holds (it tags the download's temporary files)."""
+        return self.fence.version
 
 
 @dataclass

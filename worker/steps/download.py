@@ -28,8 +28,8 @@ import logging
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,10 @@ from worker.fal.errors import (
     ResultNotReadyError,
     status_failure,
 )
-from worker.fal.models import DownloadResult, RequestHandle
+from worker.fal.models import DownloadResult
 from worker.fal.storage import DownloadPolicy, SharedDownloadClient
 from worker.fal.storage import download as download_file
-from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, in_seconds
+from worker.steps.context import DOWNLOAD_QUEUE, DownloadClaim, Runtime, S, handle_of, in_seconds
 from worker.steps.failures import backoff, billed, cost_of_failure, describe, pause_for_account, settle
 
 log = logging.getLogger(__name__)
@@ -88,31 +88,6 @@ def schedule_downloads(rt: Runtime, limit: int = 200) -> list[str]:
     for job_id in ids:
         rt.enqueue_download(job_id)
     return ids
-
-
-@dataclass(frozen=True)
-class DownloadClaim:
-    """What the download step read when it took the job's lease (or what the conductor of this
-    process read when it leased the job for its download: :func:`handed_claim`)."""
-
-    fence: Fence
-    handle: RequestHandle
-    output: dict[str, Any] | None
-    item_index: int
-    batch_id: str
-    batch_name: str
-    failures: int
-    completed_at: datetime | None
-    #: The job as claimed (detached; the lease keeps it from changing while this step runs).
-    job: Job
-    #: fal's result fetched by this step and not stored yet: written with the step's outcome
-    #: (the job's success, or the release or failure that ends this try), in the same transaction.
-    fetched: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def version(self) -> int:
-        """The fencing token this download holds (it tags the download's temporary files)."""
-        return self.fence.version
 
 
 @dataclass(frozen=True)

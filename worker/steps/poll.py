@@ -23,8 +23,8 @@ from jobs.store import Fence
 from worker import telemetry
 from worker.fal.errors import ProviderProtocolError
 from worker.fal.models import RequestHandle, Status
-from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, in_seconds
-from worker.steps.download import DownloadClaim, handed_claim
+from worker.steps.context import DOWNLOAD_QUEUE, DownloadClaim, Runtime, S, handle_of, in_seconds
+from worker.steps.download import handed_claim
 from worker.steps.failures import billed, describe, pause_for_account
 
 log = logging.getLogger(__name__)
