@@ -25,9 +25,10 @@ children they reaped included):
 ``--wanbatch-env KEY=VALUE`` (repeatable) adds a setting to every wanbatch process of every row.
 
 ``--profile DIR`` runs the embedded rows under ``py-spy record -r 100 -f raw`` (stacks in
-``DIR/<scenario>-<row>.txt``) and prints the 25 functions with the largest inclusive share of
-the busy samples. py-spy slows the process it samples and its CPU is in the row's: **profiled
-figures are not to be reported**; measure without ``--profile`` for RESULTS.md.
+``DIR/<scenario>-<row>.txt``; ``BENCH_PYSPY_ARGS="--gil"`` adds py-spy options) and prints the
+25 functions with the largest inclusive share of the busy samples. py-spy slows the process it
+samples and its CPU is in the row's: **profiled figures are not to be reported**; measure
+without ``--profile`` for RESULTS.md.
 
 Scenario ``drain``: N jobs, fixed model time L, account concurrency C: ideal = ceil(N/C) × L.
 Scenario ``tail``: lognormal model times (median 2 s, σ 0.6): the reference is the makespan of

@@ -1473,6 +1473,11 @@ class JobHead:
     batch_id: str
     submitted_at: datetime | None
 
+    @classmethod
+    def of(cls, job: Job) -> JobHead:
+        """The head of a job already loaded whole."""
+        return cls(job.id, JobState(job.state), job.version, job.request_id, job.batch_id, job.submitted_at)
+
 
 def job_heads(session: Session, job_ids: Collection[str]) -> dict[str, JobHead]:
     """:class:`JobHead` of these jobs (missing ones are left out), in one query.

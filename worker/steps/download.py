@@ -215,15 +215,16 @@ def _claim_of(session: Session, rt: Runtime, job: Job, fence: Fence) -> Download
     )
 
 
-def handed_claim(session: Session, rt: Runtime, job_id: str) -> DownloadClaim | None:
+def handed_claim(session: Session, rt: Runtime, job_id: str, job: Job | None = None) -> DownloadClaim | None:
     """The claim of a job just moved to ``downloading`` and leased to ``rt.owner`` in ``session``
     (by the conductor, which hands the download to a thread of this process once it commits).
+    ``job``: the session's copy, when the caller loaded it (the move kept it current).
 
     The lease is this process's from that very move, fenced by its version: no second read and
     no second lease are needed — the step's writes are all fenced by it. None when the job is
     not so (the download step then claims it as usual).
     """
-    job = store.get_job(session, job_id)
+    job = job if job is not None else store.get_job(session, job_id)
     if job.state != S.DOWNLOADING or job.lease_owner != rt.owner:
         return None
     return _claim_of(session, rt, job, rt.fence(job))

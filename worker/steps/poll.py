@@ -17,7 +17,7 @@ from jobs.errors import (
     ProviderError,
     WanbatchError,
 )
-from jobs.models import utcnow
+from jobs.models import Job, utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
 from worker import telemetry
@@ -331,7 +331,14 @@ def apply_seen_in(session: Session, rt: Runtime, seen: Sequence[Seen]) -> Applie
     for event in seen:  # one stream's events arrive in order: the last one of a job says most
         if not (event.job_id in latest and latest[event.job_id].status.completed):
             latest[event.job_id] = event
-    jobs = store.job_heads(session, set(latest))
+    loaded: dict[str, Job] = {}
+    if handing and any(e.status.completed for e in latest.values()):
+        # Whole jobs: a completed one's download starts from it (``handed_claim``); a transition
+        # keeps the session's copy current, so nothing is read twice.
+        loaded = store.jobs_by_id(session, set(latest))
+        jobs = {i: store.JobHead.of(j) for i, j in loaded.items()}
+    else:
+        jobs = store.job_heads(session, set(latest))
     for event in latest.values():
         job = jobs.get(event.job_id)
         if job is None or job.request_id != event.request_id or job.state not in AT_FAL:
@@ -345,7 +352,7 @@ def apply_seen_in(session: Session, rt: Runtime, seen: Sequence[Seen]) -> Applie
                 session, fence, status, now=now, download_queued_until=queued_until, download_owner=owner
             ):
                 done.downloads.append(job.id)
-                claim = handed_claim(session, rt, job.id) if handing else None
+                claim = handed_claim(session, rt, job.id, loaded.get(job.id)) if handing else None
                 if claim is not None:
                     done.claims[job.id] = claim
             done.moved += 1
