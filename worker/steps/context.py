@@ -15,11 +15,11 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from jobs.models import Job, utcnow
+from jobs.models import Batch, Job, utcnow
 from jobs.schedule import Schedule
 from jobs.settings import Settings
 from jobs.states import JobState
-from jobs.store import Fence
+from jobs.store import Fence, batch_schedule
 from worker.fal.client import FalClient
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
@@ -89,6 +89,19 @@ class SubmitTicket:
     batch_id: str
     schedule: Schedule
     priority: str
+
+    @classmethod
+    def of(cls, fence: Fence, job: Job, batch: Batch) -> SubmitTicket:
+        """The ticket of ``job`` (``submitting``, held as ``fence``) of ``batch``."""
+        return cls(
+            fence=fence,
+            endpoint=job.endpoint,
+            input=dict(job.input),
+            attempt=job.attempts,
+            batch_id=job.batch_id,
+            schedule=batch_schedule(batch),
+            priority=batch.priority,
+        )
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
             done.sent.append(job.id)
             done.unused -= 1
             if rt.submit_tickets is not None:
-                done.tickets.append(_ticket(rt, job, batches.get(job.batch_id)))
+                done.tickets.append(SubmitTicket.of(rt.fence(job), job, batches.get(job.batch_id)))
     return done
 
 
@@ -139,20 +139,6 @@ class _RoundBatches:
             if batch.paused_by_user
             or (batch.schedule is not None and not store.batch_schedule(batch).is_open(now))
         }
-
-
-def _ticket(rt: Runtime, job: Job, batch: Batch) -> SubmitTicket:
-    """The submit step's starting point for ``job``, just marked ``submitting`` (the job's
-    object holds what that wrote)."""
-    return SubmitTicket(
-        fence=rt.fence(job),
-        endpoint=job.endpoint,
-        input=dict(job.input),
-        attempt=job.attempts,
-        batch_id=job.batch_id,
-        schedule=store.batch_schedule(batch),
-        priority=batch.priority,
-    )
 
 
 def _reuse(session: Session, rt: Runtime, job: Job, batches: _RoundBatches) -> bool:

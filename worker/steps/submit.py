@@ -101,16 +101,7 @@ def _read_ticket(rt: Runtime, job_id: str) -> SubmitTicket | None:
         job = store.get_job(session, job_id)
         if job.state != S.SUBMITTING or job.submitted_input is not None:
             return None  # a duplicate message, or another worker already began this POST
-        batch = store.get_batch(session, job.batch_id)
-        return SubmitTicket(
-            fence=rt.fence(job),
-            endpoint=job.endpoint,
-            input=dict(job.input),
-            attempt=job.attempts,
-            batch_id=job.batch_id,
-            schedule=store.batch_schedule(batch),
-            priority=batch.priority,
-        )
+        return SubmitTicket.of(rt.fence(job), job, store.get_batch(session, job.batch_id))
 
 
 def _submit(rt: Runtime, job_id: str) -> str:
