@@ -323,7 +323,8 @@ class FalClient:
         A stream that breaks or ends early raises :class:`RetryableProviderError`: poll instead.
 
         A consumer that asks for more after COMPLETED lets the stream be read to its end (fal
-        ends it there), so its connection goes back to the pool: a response closed unread
+        closes the stream after COMPLETED, https://fal.ai/docs/inference-api/queue/status-stream),
+        so its connection goes back to the pool: a response closed unread
         takes its connection with it, and every stream then paid a new TCP connection and TLS
         handshake (more CPU than the rest of the stream). A consumer that stops at COMPLETED
         closes the connection instead, as before.
