@@ -351,15 +351,7 @@ def scheduled_batches(session: Session) -> list[Batch]:
 
     Every other batch is always sendable, so this stays a short list however many batches exist.
     """
-    query = _prepared(
-        ("scheduled_batches",),
-        lambda: (
-            select(Batch)
-            .where(or_(Batch.schedule.is_not(None), Batch.paused_by_user.is_(True)))
-            .order_by(Batch.created_at, Batch.id)
-        ),
-    )
-    return list(session.scalars(query))  # asked every dispatch round: built once
+    return dispatch_batches(session)
 
 
 # --------------------------------------------------------------------------- creating jobs

@@ -229,16 +229,6 @@ def _room_for_downloads(rt: Runtime, backlog: int) -> int:
     return max(0, bound - backlog)
 
 
-def closed_batches(session: Session, now: datetime) -> set[str]:
-    """Active batches that may not send now: paused by their user, or closed by their schedule
-    (before ``not_before``, outside the daily window, past the deadline)."""
-    return {
-        batch.id
-        for batch in store.scheduled_batches(session)
-        if batch.paused_by_user or not store.batch_schedule(batch).is_open(now)
-    }
-
-
 def _claim_within_caps(
     session: Session,
     rt: Runtime,
