@@ -21,11 +21,12 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import redis
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session
 
 from jobs.db import make_engine, migrate, session_factory
@@ -159,3 +160,17 @@ def hostile() -> Iterator[HostileProvider]:
     """A started :class:`hostile.HostileProvider` (a misbehaving fal on 127.0.0.1), closed afterwards."""
     with HostileProvider() as provider:
         yield provider
+
+
+@pytest.fixture
+def statements(engine: Engine) -> Iterator[list[str]]:
+    """Every statement ``engine`` runs while the test does (its first 60 characters): what a
+    step reads and writes, asserted by the tests of issue #11's per-job work."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(" ".join(statement.split())[:60])
+
+    event.listen(engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(engine, "before_cursor_execute", record)

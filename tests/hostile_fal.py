@@ -22,6 +22,28 @@ from tests.hostile import Behaviour, HostileProvider, Recorded, json_reply, raw_
 COMPLETED = {"status": "COMPLETED", "logs": None, "metrics": {"inference_time": 2.5}}
 
 
+def accept_submits(
+    provider: HostileProvider, request_id: str, endpoint: str = "fal-ai/wan-22", urls_on: str | None = None
+) -> None:
+    """fal accepts every submit to ``endpoint`` as ``request_id``; the answer's URLs point at
+    ``urls_on`` when given (a host a hostile answer steers to), else at ``provider``."""
+    base = f"{urls_on or provider.url}/{endpoint}/requests/{request_id}"
+    provider.route(
+        "POST",
+        rf"/{endpoint}",
+        json_reply(
+            {
+                "request_id": request_id,
+                "status": "IN_QUEUE",
+                "queue_position": 0,
+                "status_url": f"{base}/status",
+                "response_url": base,
+                "cancel_url": f"{base}/cancel",
+            }
+        ),
+    )
+
+
 @cache
 def sample_video() -> bytes:
     """A real MP4 (64x64, 8 frames), encoded once per test session."""

@@ -21,6 +21,7 @@ from jobs.settings import Settings
 from worker.fal.client import FalClient
 from worker.runtime import build_runtime
 from worker.steps import Runtime
+from worker.steps.poll import Seen
 
 #: Timing that makes a step-driven test take a fraction of a second per round.
 FAST: dict[str, float] = {
@@ -125,3 +126,14 @@ def wait_until(predicate: Callable[[], bool], *, step: Callable[[], object], tim
             raise AssertionError(f"condition not reached within {timeout}s")
         step()
         time.sleep(0.02)
+
+
+def completion_heard(engine: Engine, rt: Runtime, job_id: str) -> Seen:
+    """The status event a stream would report for ``job_id``, sent and completed at fal: asked
+    of fal now, not yet applied (the test applies it)."""
+    with db.read_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.request_id is not None
+    status = rt.client.status(rt.client.handle(job.endpoint, job.request_id))
+    assert status.completed
+    return Seen(job_id, job.request_id, status)

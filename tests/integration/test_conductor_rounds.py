@@ -18,7 +18,7 @@ from jobs import db, store
 from jobs.states import JobState
 from tests.hostile import HostileProvider
 from tests.hostile_fal import FakeFal
-from tests.step_runtime import add_batch, job_ids, make_runtime, settings_for
+from tests.step_runtime import add_batch, completion_heard, job_ids, make_runtime, settings_for
 from worker import steps
 from worker.conductor import Conductor
 from worker.steps import Runtime, dispatch, submit
@@ -57,12 +57,7 @@ def _one_done_one_waiting(
     first, second = job_ids(engine, batch_id)
     assert dispatch(rt) == [first]  # the cap of 1 holds B back
     assert submit(rt, first) == "submitted"
-    with db.read_scope(engine) as session:
-        job = store.get_job(session, first)
-    assert job.request_id is not None
-    status = rt.client.status(rt.client.handle(job.endpoint, job.request_id))
-    assert status.completed
-    return rt, Seen(first, job.request_id, status), second
+    return rt, completion_heard(engine, rt, first), second
 
 
 def test_a_completion_and_the_dispatch_it_allows_commit_once(

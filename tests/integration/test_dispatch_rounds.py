@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from jobs import db, store
 from jobs.models import utcnow
 from jobs.states import JobState
-from tests.hostile import HostileProvider, json_reply
+from tests.hostile import HostileProvider
+from tests.hostile_fal import accept_submits
 from tests.step_runtime import add_batch, job_ids, make_runtime, settings_for
 from worker.steps import dispatch, submit
 
@@ -72,19 +72,6 @@ def test_in_flight_agrees_with_counting_each_figure(engine: Engine) -> None:
         assert store.in_flight(session, api_key_id="theirs", sent_before=before).outstanding == 2
 
 
-@pytest.fixture
-def statements(engine: Engine) -> Iterator[list[str]]:
-    """Every statement the engine runs while the test does (its first 60 characters)."""
-    seen: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        seen.append(" ".join(statement.split())[:60])
-
-    event.listen(engine, "before_cursor_execute", record)
-    yield seen
-    event.remove(engine, "before_cursor_execute", record)
-
-
 def test_a_round_claims_whole_jobs_and_moves_each_once(engine: Engine, statements: list[str]) -> None:
     batch_id = add_batch(engine, "round", [(T2V, {"prompt": "a"}), (T2V, {"prompt": "b"})])
     sent: list[str] = []
@@ -102,27 +89,10 @@ def test_a_round_claims_whole_jobs_and_moves_each_once(engine: Engine, statement
             assert [e.to_state for e in store.job_events(session, job_id)] == [S.SUBMITTING]
 
 
-def _accepting(fal: HostileProvider) -> None:
-    base = f"{fal.url}/{T2V}/requests/{RID}"
-    fal.route(
-        "POST",
-        rf"/{T2V}",
-        json_reply(
-            {
-                "request_id": RID,
-                "status": "IN_QUEUE",
-                "status_url": f"{base}/status",
-                "response_url": base,
-                "cancel_url": f"{base}/cancel",
-            }
-        ),
-    )
-
-
 def test_the_submit_starts_from_the_ticket_dispatch_left(
     engine: Engine, hostile: HostileProvider, statements: list[str]
 ) -> None:
-    _accepting(hostile)
+    accept_submits(hostile, RID, T2V)
     rt = make_runtime(engine, settings_for(hostile.url, KEY))
     rt.submit_tickets = {}
     add_batch(engine, "ticket", [(T2V, {"prompt": "a lighthouse", "seed": 7})])
@@ -142,7 +112,7 @@ def test_the_submit_starts_from_the_ticket_dispatch_left(
 
 
 def test_a_job_changed_after_its_ticket_is_never_sent(engine: Engine, hostile: HostileProvider) -> None:
-    _accepting(hostile)
+    accept_submits(hostile, RID, T2V)
     rt = make_runtime(engine, settings_for(hostile.url, KEY))
     rt.submit_tickets = {}
     add_batch(engine, "stale", [(T2V, {"prompt": "a lighthouse"})])

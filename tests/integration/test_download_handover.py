@@ -8,35 +8,20 @@ second lease. Fenced like any claim: a job changed in between is never finished 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
 
 from jobs import db, store
 from jobs.states import JobState
 from tests.hostile import HostileProvider
 from tests.hostile_fal import FakeFal
-from tests.step_runtime import add_batch, make_runtime, settings_for
+from tests.step_runtime import add_batch, completion_heard, make_runtime, settings_for
 from worker.steps import Runtime, dispatch, download, submit
 from worker.steps.poll import Seen, apply_seen
 
 S = JobState
 KEY = "download-handover-key-7d1e"
-
-
-@pytest.fixture
-def statements(engine: Engine) -> Iterator[list[str]]:
-    seen: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        seen.append(" ".join(statement.split())[:60])
-
-    event.listen(engine, "before_cursor_execute", record)
-    yield seen
-    event.remove(engine, "before_cursor_execute", record)
 
 
 def _completed_at_fal(engine: Engine, hostile: HostileProvider, tmp_path: Path) -> tuple[Runtime, Seen]:
@@ -47,12 +32,7 @@ def _completed_at_fal(engine: Engine, hostile: HostileProvider, tmp_path: Path) 
     add_batch(engine, "handover", [("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})])
     (job_id,) = dispatch(rt)
     assert submit(rt, job_id) == "submitted"
-    with db.read_scope(engine) as session:
-        job = store.get_job(session, job_id)
-        assert job.request_id is not None
-        status = rt.client.status(rt.client.handle(job.endpoint, job.request_id))
-    assert status.completed
-    return rt, Seen(job_id, job.request_id, status)
+    return rt, completion_heard(engine, rt, job_id)
 
 
 def test_the_download_starts_from_the_claim_the_conductor_read(

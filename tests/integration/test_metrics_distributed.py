@@ -14,12 +14,10 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -40,8 +38,8 @@ from bench.distributed import (
 )
 from falsim import SimulatorOptions, running_simulator
 from jobs.settings import Settings
+from tests.celery_events import EventTap
 from web.metrics import metrics_route
-from worker.app import make_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
@@ -56,34 +54,12 @@ def free_port() -> int:
         return port
 
 
-class EventTap:
-    """Celery's event receiver on the broker, in a thread, as Flower listens."""
-
-    def __init__(self, broker: str) -> None:
-        self.app = make_app(broker)
-        self.events: list[dict[str, Any]] = []
-        self.ready = threading.Event()
-        self._receiver: Any = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with self.app.connection() as conn:
-            self._receiver = self.app.events.Receiver(conn, handlers={"*": self.events.append})
-            self.ready.set()
-            self._receiver.capture(limit=None, timeout=None, wakeup=False)
-
-    def stop(self) -> None:
-        if self._receiver is not None:
-            self._receiver.should_stop = True
-        self._thread.join(10)
-        self.app.close()
-
-
 def test_a_worker_logs_json_serves_summed_metrics_and_sends_celery_events(
     new_pg_database: Callable[[], str], redis_url: str, tmp_path: Path
 ) -> None:
-    scenario = Scenario(jobs=12, workers=1, concurrency=3, cap=6, latency=0.2, sim_concurrency=6)
+    scenario = Scenario(
+        jobs=12, workers=1, concurrency=3, pool="prefork", cap=6, latency=0.2, sim_concurrency=6
+    )  # prefork: the port sums its children
     manifest = write_manifest(tmp_path, scenario.jobs, name="observed")
     logs = tmp_path / "logs"
     logs.mkdir()

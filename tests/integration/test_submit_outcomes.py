@@ -30,6 +30,7 @@ from jobs.models import BatchState, Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
 from tests.hostile import HostileProvider, json_reply, reset
+from tests.hostile_fal import accept_submits
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.fal.client import FalClient
 from worker.running import process_batch
@@ -53,21 +54,7 @@ def evil() -> Iterator[HostileProvider]:
 
 def accepted(fal: HostileProvider, urls_on: str | None = None) -> None:
     """fal accepts the submit as ``RID``; the answer's URLs point at ``urls_on`` when given."""
-    base = f"{urls_on or fal.url}/{T2V}/requests/{RID}"
-    fal.route(
-        "POST",
-        rf"/{T2V}",
-        json_reply(
-            {
-                "request_id": RID,
-                "status": "IN_QUEUE",
-                "queue_position": 0,
-                "status_url": f"{base}/status",
-                "response_url": base,
-                "cancel_url": f"{base}/cancel",
-            }
-        ),
-    )
+    accept_submits(fal, RID, T2V, urls_on)
 
 
 def one_job(engine: Engine, rt: Runtime, payload: dict[str, Any] | None = None) -> tuple[str, str]:

@@ -36,45 +36,13 @@ from bench.distributed import (
     write_manifest,
 )
 from falsim import SimulatorOptions, running_simulator
+from tests.celery_events import EventTap
 from worker import tasks
-from worker.app import make_app
 from worker.notifications import EventListener
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 TASK_EVENTS = ("task-received", "task-started", "task-succeeded")
-
-
-class EventTap:
-    """Celery's event receiver on the broker, in a thread, as Flower listens."""
-
-    def __init__(self, broker: str) -> None:
-        self.app = make_app(broker)
-        self.events: list[dict[str, Any]] = []
-        self.ready = threading.Event()
-        self._receiver: Any = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with self.app.connection() as conn:
-            self._receiver = self.app.events.Receiver(conn, handlers={"*": self.events.append})
-            self.ready.set()
-            self._receiver.capture(limit=None, timeout=None, wakeup=False)
-
-    def task_events(self) -> dict[str, set[str]]:
-        """Task uuid -> the kinds of event seen for it."""
-        seen: dict[str, set[str]] = {}
-        for event in list(self.events):
-            if event["type"].startswith("task-"):
-                seen.setdefault(event["uuid"], set()).add(event["type"])
-        return seen
-
-    def stop(self) -> None:
-        if self._receiver is not None:
-            self._receiver.should_stop = True
-        self._thread.join(10)
-        self.app.close()
 
 
 class NoticeTap:
