@@ -8,6 +8,8 @@ takes ``now``; :class:`jobs.schedule.Schedule` is tested on its own in tests/uni
 
 from __future__ import annotations
 
+import importlib
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -146,3 +148,51 @@ def test_nothing_is_claimed_before_not_before_nor_after_the_deadline(
     assert dispatch(rt) == []
     _set_schedule(engine, batch_id, Schedule(not_before=now - timedelta(seconds=1)))
     assert len(dispatch(rt)) == 2
+
+
+def _slow_token(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """The global submit rate makes every submit wait ``seconds`` for its token."""
+    # The module, not the function the package re-exports under the same name.
+    submit_step = importlib.import_module("worker.steps.submit")
+    real = submit_step._take_submit_token
+
+    def slow(rt: Runtime, endpoint: str) -> tuple[str, float] | None:
+        time.sleep(seconds)
+        return real(rt, endpoint)
+
+    monkeypatch.setattr(submit_step, "_take_submit_token", slow)
+
+
+def test_the_start_timeout_is_counted_from_the_post_not_from_the_claim(
+    engine: Engine, slow_sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = make_runtime(engine, settings_for(slow_sim.url, KEY, max_outstanding=6))
+    batch_id = add_batch(engine, "start-by", [("fal-ai/wan-22", {"prompt": "late"})])
+    deadline = datetime.now(UTC) + timedelta(seconds=4)
+    _set_schedule(engine, batch_id, Schedule(deadline=deadline))
+    _slow_token(monkeypatch, 1.0)  # a second passes between the claim and the POST
+
+    (job_id,) = dispatch(rt)
+    assert submit(rt, job_id) == "submitted"
+    (entry,) = slow_sim.ledger()["entries"]
+    # fal may start the request only until the deadline, counted from when it received it.
+    assert entry["accepted_at"] + entry["start_timeout"] <= deadline.timestamp() + 0.2
+
+
+def test_a_submit_that_waited_past_its_deadline_is_held_back_unsent(
+    engine: Engine, slow_sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = make_runtime(engine, settings_for(slow_sim.url, KEY, max_outstanding=6))
+    batch_id = add_batch(engine, "too-late", [("fal-ai/wan-22", {"prompt": "too late"})])
+    _set_schedule(engine, batch_id, Schedule(deadline=datetime.now(UTC) + timedelta(seconds=2.5)))
+    _slow_token(monkeypatch, 2.0)  # under a second of the deadline is left when the POST would go
+
+    (job_id,) = dispatch(rt)
+    assert submit(rt, job_id) == "outside-schedule"
+    assert slow_sim.ledger()["entries"] == []
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        assert job.state == S.PENDING
+        assert job.attempts == 0
+        assert job.submitted_input is None
+        assert job.lease_owner is None

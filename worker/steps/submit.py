@@ -27,6 +27,7 @@ from jobs.errors import (
     UsageError,
 )
 from jobs.models import utcnow
+from jobs.schedule import Schedule
 from jobs.settings import Settings
 from jobs.store import Fence
 from worker import chaos, logs, telemetry
@@ -122,12 +123,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
     closes = schedule.closes_at(now) if schedule.is_open(now) else now
     start_timeout = None if closes is None else (closes - now).total_seconds()
     if start_timeout is not None and start_timeout < MIN_START_TIMEOUT_SECONDS:
-        reopens = schedule.next_open(now + timedelta(seconds=MIN_START_TIMEOUT_SECONDS))
-        with db.session_scope(rt.engine) as session:
-            store.give_back(
-                session, fence, reason="held back: the batch's schedule is closed", due_at=reopens
-            )
-        return "outside-schedule"
+        return _hold_for_schedule(rt, fence, schedule)
 
     spec = get_endpoint(endpoint)
     try:
@@ -178,6 +174,13 @@ def _submit(rt: Runtime, job_id: str) -> str:
         return "lost-lease"
     fence = taken
 
+    # The start timeout again, from the moment of sending: preparing media, waiting for a rate
+    # token and recording the lease all took time, and fal counts the timeout from receipt.
+    if closes is not None:
+        start_timeout = (closes - utcnow()).total_seconds()
+        if start_timeout < MIN_START_TIMEOUT_SECONDS:
+            return _hold_for_schedule(rt, fence, schedule)
+
     chaos.crash_point("before_post")
     try:
         submitted = rt.client.submit(
@@ -226,6 +229,21 @@ def _submit(rt: Runtime, job_id: str) -> str:
             job_id, RequestHandle.from_request_id(rt.settings.fal_queue_url, endpoint, submitted.request_id)
         )
     return outcome
+
+
+def _hold_for_schedule(rt: Runtime, fence: Fence, schedule: Schedule) -> str:
+    """Too little of the batch's window (or time before its deadline) is left for fal to start
+    the request: pending again, due when the schedule next opens."""
+    reopens = schedule.next_open(utcnow() + timedelta(seconds=MIN_START_TIMEOUT_SECONDS))
+    with db.session_scope(rt.engine) as session:
+        store.give_back(
+            session,
+            fence,
+            reason="held back: the batch's schedule is closed",
+            due_at=reopens,
+            submitted_input=None,  # recorded if the lease was taken; never sent
+        )
+    return "outside-schedule"
 
 
 def _not_sent(session: Session, fence: Fence, why: str) -> None:
