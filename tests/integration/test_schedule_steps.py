@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -154,7 +154,7 @@ def _slow_token(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """The global submit rate makes every submit wait ``seconds`` for its token."""
     # The module, not the function the package re-exports under the same name.
     submit_step = importlib.import_module("worker.steps.submit")
-    real = submit_step._take_submit_token
+    real: Callable[[Runtime, str], tuple[str, float] | None] = submit_step._take_submit_token
 
     def slow(rt: Runtime, endpoint: str) -> tuple[str, float] | None:
         time.sleep(seconds)
@@ -176,6 +176,7 @@ def test_the_start_timeout_is_counted_from_the_post_not_from_the_claim(
     assert submit(rt, job_id) == "submitted"
     (entry,) = slow_sim.ledger()["entries"]
     # fal may start the request only until the deadline, counted from when it received it.
+    assert entry["start_timeout"] is not None
     assert entry["accepted_at"] + entry["start_timeout"] <= deadline.timestamp() + 0.2
 
 
