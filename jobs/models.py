@@ -40,6 +40,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -348,6 +349,42 @@ Index(
     postgresql_where=JobEvent.to_state == JobState.SUBMIT_UNKNOWN,
     sqlite_where=JobEvent.to_state == JobState.SUBMIT_UNKNOWN,
 )
+
+
+#: A batch's committed money (the budget check) sums the few pending jobs an earlier attempt
+#: billed without reading the many that never ran (see store.batch_committed_usd). The terms are
+#: literal: SQLite uses a partial index only for a query that repeats its WHERE terms. Covering
+#: (state and the money included), so SQLite, which has no statistics to go by, prefers it to
+#: ix_jobs_batch_id_state_order, which would read every pending job of the batch.
+PENDING_BILLED = text("state = 'pending' AND actual_usd IS NOT NULL")
+Index(
+    "ix_jobs_pending_billed",
+    Job.batch_id,
+    Job.state,
+    Job.actual_usd,
+    postgresql_where=PENDING_BILLED,
+    sqlite_where=PENDING_BILLED,
+)
+
+
+class BatchTotals(Base):
+    """Money of a batch's finished jobs, summed as they finish.
+
+    A budget cap is checked against everything a batch has committed, on every dispatch that
+    claims one of its jobs. Summing that over the batch's jobs each time cost O(batch) per
+    completion (55 ms at 100,000 jobs); finished jobs never change again, so their share is kept
+    here, added in the transaction that finishes them (``store.transition``), and only the
+    unfinished jobs are summed (``store.batch_committed_usd``). A row of its own, not a column of
+    ``batches``: it is written last in a transaction, in batch order, and by nothing else, so
+    its row lock never joins a lock cycle with the statements that update batches.
+    """
+
+    __tablename__ = "batch_totals"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), primary_key=True)
+    #: Σ over the batch's succeeded/failed/cancelled jobs of what each was billed (for a
+    #: succeeded job with no reported cost, its estimate), as :class:`store.BatchMoney` counts it.
+    finished_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0), server_default="0")
 
 
 class Upload(Base):

@@ -35,7 +35,7 @@ from tests.hostile import HostileProvider
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_SERVER_URL = "postgresql://postgres@127.0.0.1:5432"
 REDIS_URL = "redis://127.0.0.1:6379/0"
-TABLES = ("job_events", "jobs", "uploads", "batches", "webhook_deliveries")
+TABLES = ("job_events", "jobs", "uploads", "batch_totals", "batches", "webhook_deliveries")
 
 
 def _admin_execute(sql: str) -> None:

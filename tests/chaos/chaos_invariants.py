@@ -153,6 +153,19 @@ def check(
             .fetchall()
         )
 
+        # The budget check's running total of finished money (batch_totals, kept by the
+        # transactions that finish jobs) must equal the sum over the finished jobs themselves,
+        # whatever was killed, fenced off or rolled back on the way.
+        totals = conn.execute(
+            "SELECT b.id, t.finished_usd, COALESCE((SELECT SUM(CASE WHEN j.state = 'succeeded' "
+            "THEN COALESCE(j.actual_usd, j.est_usd) ELSE COALESCE(j.actual_usd, 0) END) FROM jobs j "
+            "WHERE j.batch_id = b.id AND j.state IN ('succeeded', 'failed', 'cancelled')), 0) "
+            "FROM batches b LEFT JOIN batch_totals t ON t.batch_id = b.id"
+        ).fetchall()
+    for batch_id, kept, summed in totals:
+        if kept != summed:
+            found.fail(f"batch {batch_id}: finished money kept as {kept}, its finished jobs sum to {summed}")
+
     history: dict[str, list[EventRow]] = defaultdict(list)
     for ev in events:
         history[ev.job_id].append(ev)

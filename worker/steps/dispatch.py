@@ -269,7 +269,7 @@ class _Committed:
     """The money the budget caps count as committed, read once per dispatch round and kept
     current by this round's own moves.
 
-    Both sums are aggregates over many jobs (:func:`jobs.store.batch_money` over a batch,
+    Both sums are aggregates over many jobs (:func:`jobs.store.batch_committed_usd` over a batch,
     :func:`jobs.store.committed_usd_since` over the day); asking them again for every claimed job
     made a round cost O(jobs × batch). Within the claim's transaction only this round changes
     them (the dispatcher is single; on SQLite the transaction holds the write lock), and a
@@ -292,8 +292,8 @@ class _Committed:
         """The batch's cap (None: no cap) and what it has committed."""
         if batch_id not in self._batches:
             cap = self._round_batches.get(batch_id).budget_max_usd
-            money = store.batch_money(self._session, batch_id) if cap is not None else None
-            self._batches[batch_id] = (cap, money.committed_usd if money is not None else Decimal(0))
+            committed = store.batch_committed_usd(self._session, batch_id) if cap is not None else Decimal(0)
+            self._batches[batch_id] = (cap, committed)
         return self._batches[batch_id]
 
     def today(self) -> Decimal:
