@@ -40,7 +40,6 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    text,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -352,18 +351,18 @@ Index(
 
 
 #: A batch's committed money (the budget check) sums the few pending jobs an earlier attempt
-#: billed without reading the many that never ran (see store.batch_committed_usd). The terms are
-#: literal: SQLite uses a partial index only for a query that repeats its WHERE terms. Covering
-#: (state and the money included), so SQLite, which has no statistics to go by, prefers it to
+#: billed without reading the many that never ran (see store.batch_committed_usd, whose query
+#: repeats these terms literally: SQLite uses a partial index only then). Covering (state and
+#: the money included), so SQLite, which has no statistics to go by, prefers it to
 #: ix_jobs_batch_id_state_order, which would read every pending job of the batch.
-PENDING_BILLED = text("state = 'pending' AND actual_usd IS NOT NULL")
+_PENDING_BILLED = (Job.state == JobState.PENDING) & Job.actual_usd.is_not(None)
 Index(
     "ix_jobs_pending_billed",
     Job.batch_id,
     Job.state,
     Job.actual_usd,
-    postgresql_where=PENDING_BILLED,
-    sqlite_where=PENDING_BILLED,
+    postgresql_where=_PENDING_BILLED,
+    sqlite_where=_PENDING_BILLED,
 )
 
 
