@@ -350,16 +350,17 @@ Index(
 )
 
 
-#: A batch's committed money (the budget check) sums the few pending jobs an earlier attempt
-#: billed without reading the many that never ran (see store.batch_committed_usd, whose query
-#: repeats these terms literally: SQLite uses a partial index only then). Covering (state and
-#: the money included), so SQLite, which has no statistics to go by, prefers it to
-#: ix_jobs_batch_id_state_order, which would read every pending job of the batch.
+#: The budget checks sum the few pending jobs an earlier attempt billed, a batch's or the day's,
+#: without reading the many that never ran (store.batch_committed_usd and committed_usd_today,
+#: whose queries repeat these terms literally: SQLite uses a partial index only then). Covering
+#: both queries, so SQLite, which has no statistics to go by, prefers it to the indexes that
+#: would read every pending job of the batch (ix_jobs_batch_id_state_order) or of the database.
 _PENDING_BILLED = (Job.state == JobState.PENDING) & Job.actual_usd.is_not(None)
 Index(
     "ix_jobs_pending_billed",
-    Job.batch_id,
     Job.state,
+    Job.batch_id,
+    Job.submitted_at,
     Job.actual_usd,
     postgresql_where=_PENDING_BILLED,
     sqlite_where=_PENDING_BILLED,
@@ -367,22 +368,31 @@ Index(
 
 
 class BatchTotals(Base):
-    """Money of a batch's finished jobs, summed as they finish.
+    """Money of a batch's finished jobs, summed as they finish, per day they were submitted.
 
-    A budget cap is checked against everything a batch has committed, on every dispatch that
-    claims one of its jobs. Summing that over the batch's jobs each time cost O(batch) per
-    completion (55 ms at 100,000 jobs); finished jobs never change again, so their share is kept
-    here, added in the transaction that finishes them (``store.transition``), and only the
-    unfinished jobs are summed (``store.batch_committed_usd``). A row of its own, not a column of
-    ``batches``: it is written last in a transaction, in batch order, and by nothing else, so
-    its row lock never joins a lock cycle with the statements that update batches.
+    The budget caps are checked against everything committed — a batch's (``budget.max_usd``)
+    and the day's across batches (``WANBATCH_DAILY_BUDGET_USD``) — on every dispatch round that
+    claims a job. Summing that over the jobs each time cost O(jobs) per completion (55 ms for a
+    100,000-job batch; the daily sum read every job ever stored). Finished jobs never change
+    again, so their share is kept here, added by the transaction that finishes them
+    (``store.transition``), and only the few unfinished jobs are summed
+    (``store.batch_committed_usd``, ``store.committed_usd_today``).
+
+    Keyed by batch *and* UTC day of the job's last submit (``""`` for a job never sent): a
+    batch's total is its few rows, the day's is that day's rows, and no single row is written
+    by every finishing job of every batch. A table of its own, not columns of ``batches``: its
+    rows are written last in a transaction, in key order, and by nothing else, so their locks
+    never join a lock cycle with statements that update batches.
     """
 
     __tablename__ = "batch_totals"
+    __table_args__ = (Index("ix_batch_totals_day", "day"),)
 
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), primary_key=True)
-    #: Σ over the batch's succeeded/failed/cancelled jobs of what each was billed (for a
-    #: succeeded job with no reported cost, its estimate), as :class:`store.BatchMoney` counts it.
+    #: ``YYYY-MM-DD`` (UTC) of the finished jobs' last submit; ``""``: never submitted.
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)
+    #: Σ of what those jobs were billed (for a succeeded job with no reported cost, its
+    #: estimate), as :class:`store.BatchMoney` counts spent money.
     finished_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0), server_default="0")
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
 
@@ -99,6 +99,7 @@ __all__ = [
     "cancel_unsent_jobs",
     "claim_jobs",
     "committed_usd_since",
+    "committed_usd_today",
     "count_cancelled",
     "count_events_into",
     "count_in_states",
@@ -218,8 +219,6 @@ def get_or_create_batch(
     try:
         with session.begin_nested():
             session.add(batch)
-            session.flush()  # the batch row before its totals' row, which refers to it
-            session.add(BatchTotals(batch_id=batch.id, finished_usd=Decimal(0)))
     except IntegrityError:  # the savepoint's rollback already dropped ``batch`` from the session
         winner = session.scalar(select(Batch).where(Batch.name == name))
         if winner is None:  # the conflict was not on the name (e.g. a bad parent id)
@@ -624,7 +623,8 @@ def transition(
         return False
     _refresh_loaded(session, job_id, row._mapping)
     if new.terminal:
-        _add_finished(session, row.batch_id, finished_usd(new, row.actual_usd, row.est_usd))
+        usd = finished_usd(new, row.actual_usd, row.est_usd)
+        _add_finished(session, row.batch_id, row.submitted_at, usd)
     _run(
         session,
         _INSERT_EVENT,
@@ -646,7 +646,7 @@ _STATEMENTS: dict[tuple[tuple[str, ...], bool, bool], Any] = {}
 
 #: What a transition to a terminal state also returns: the job's share of its batch's
 #: finished money (:func:`finished_usd`) is known only once the row is written.
-_FINISHING_RETURNS = ("batch_id", "actual_usd", "est_usd")
+_FINISHING_RETURNS = ("batch_id", "submitted_at", "actual_usd", "est_usd")
 
 
 def _transition_statement(
@@ -690,40 +690,48 @@ def finished_usd(state: JobState, actual_usd: Decimal | None, est_usd: Decimal) 
     return actual_usd if actual_usd is not None else Decimal(0)
 
 
-#: ``session.info`` key: batch id → finished money added by this transaction, not yet written.
+#: ``session.info`` key: (batch id, day) → finished money added by this transaction, not yet written.
 _FINISHED_KEY = "wanbatch.finished_usd"
 
 
-def _add_finished(session: Session, batch_id: str, usd: Decimal) -> None:
-    """Count ``usd`` into the batch's finished money when this transaction commits."""
+def utc_day(moment: datetime | None) -> str:
+    """The :class:`BatchTotals` day of a job last submitted at ``moment`` (``""``: never)."""
+    return "" if moment is None else moment.astimezone(UTC).date().isoformat()
+
+
+def _add_finished(session: Session, batch_id: str, submitted_at: datetime | None, usd: Decimal) -> None:
+    """Count ``usd`` into the finished money of the batch (and of the day of the job's last
+    submit) when this transaction commits."""
     if usd:
-        pending: dict[str, Decimal] = session.info.setdefault(_FINISHED_KEY, {})
-        pending[batch_id] = pending.get(batch_id, Decimal(0)) + usd
+        pending: dict[tuple[str, str], Decimal] = session.info.setdefault(_FINISHED_KEY, {})
+        key = (batch_id, utc_day(submitted_at))
+        pending[key] = pending.get(key, Decimal(0)) + usd
 
 
 _TOTALS = cast(Table, BatchTotals.__table__)
 
 
+def _totals_upsert(dialect: str) -> Any:
+    """``INSERT … ON CONFLICT (batch_id, day) DO UPDATE`` adding to the row (both dialects)."""
+    new = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_TOTALS)
+    return new.on_conflict_do_update(
+        index_elements=[_TOTALS.c.batch_id, _TOTALS.c.day],
+        set_={"finished_usd": _TOTALS.c.finished_usd + new.excluded.finished_usd},
+    )
+
+
 @event.listens_for(Session, "before_commit")
 def _write_finished(session: Session) -> None:
-    """Add the finished money of this transaction's jobs to their batches' totals, last and in
-    batch order: two transactions that finish jobs of the same batches then take these row
-    locks in the same order, after every job row lock they need (no lock cycle through them)."""
-    pending: dict[str, Decimal] | None = session.info.pop(_FINISHED_KEY, None)
+    """Add the finished money of this transaction's jobs to their totals, last and in key
+    order: two transactions that finish jobs of the same batches then take these row locks in
+    the same order, after every job row lock they need (no lock cycle through them)."""
+    pending: dict[tuple[str, str], Decimal] | None = session.info.pop(_FINISHED_KEY, None)
     if not pending:
         return
-    add = _prepared(
-        ("finished-add",),
-        lambda: (
-            update(_TOTALS)
-            .where(_TOTALS.c.batch_id == bindparam("b_id"))
-            .values(finished_usd=_TOTALS.c.finished_usd + bindparam("usd", type_=Money()))
-        ),
-    )
-    for batch_id in sorted(pending):
-        if _run(session, add, {"b_id": batch_id, "usd": pending[batch_id]}).rowcount == 0:
-            # A batch made without its totals row (by hand, or before revision 0009 ran).
-            _run(session, insert(_TOTALS), {"batch_id": batch_id, "finished_usd": pending[batch_id]})
+    dialect = session.connection().dialect.name
+    upsert = _prepared(("finished-add", dialect), lambda: _totals_upsert(dialect))
+    for (batch_id, day), usd in sorted(pending.items()):
+        _run(session, upsert, {"batch_id": batch_id, "day": day, "finished_usd": usd})
 
 
 @event.listens_for(Session, "after_transaction_end")
@@ -1185,7 +1193,9 @@ def cancel_unsent_jobs(
             update(_JOBS)
             .where(_JOBS.c.batch_id.in_(list(batch_ids)), _JOBS.c.state == state)
             .values(values)
-            .returning(_JOBS.c.id, _JOBS.c.version, _JOBS.c.batch_id, _JOBS.c.actual_usd)
+            .returning(
+                _JOBS.c.id, _JOBS.c.version, _JOBS.c.batch_id, _JOBS.c.submitted_at, _JOBS.c.actual_usd
+            )
         )
         if conn.dialect.name == "postgresql":
             cte = moved.cte(f"moved_{state.value}")
@@ -1199,19 +1209,20 @@ def cancel_unsent_jobs(
                 literal(worker, _EVENTS.c.worker.type),
             )
             logged = insert(_EVENTS).from_select(list(_EVENT_COLUMNS), events).cte(f"logged_{state.value}")
-            # Per batch: how many moved, and what earlier attempts of theirs were billed.
+            # How many moved, and what earlier attempts of theirs were billed, by batch and last
+            # submit (a row per job that was ever sent; one per batch for those never sent).
             per_batch = (
-                select(cte.c.batch_id, func.count(), func.sum(cte.c.actual_usd))
-                .group_by(cte.c.batch_id)
+                select(cte.c.batch_id, cte.c.submitted_at, func.count(), func.sum(cte.c.actual_usd))
+                .group_by(cte.c.batch_id, cte.c.submitted_at)
                 .add_cte(logged)
             )
-            for batch_id, count, billed in conn.execute(per_batch):
+            for batch_id, submitted_at, count, billed in conn.execute(per_batch):
                 total += int(count)
-                _add_finished(session, batch_id, billed or Decimal(0))
+                _add_finished(session, batch_id, submitted_at, billed or Decimal(0))
             continue
         rows = conn.execute(moved).all()
         for r in rows:
-            _add_finished(session, r.batch_id, r.actual_usd or Decimal(0))
+            _add_finished(session, r.batch_id, r.submitted_at, r.actual_usd or Decimal(0))
         if rows:
             conn.execute(
                 insert(_EVENTS),
@@ -1796,6 +1807,45 @@ def committed_usd_since(session: Session, since: datetime) -> Decimal:
     return Decimal(reserved or 0) + Decimal(spent or 0)
 
 
+def committed_usd_today(session: Session, now: datetime) -> Decimal:
+    """:func:`committed_usd_since` the UTC midnight before ``now`` (the daily budget), read
+    without summing every job ever stored: finished jobs from :class:`BatchTotals` (the rows of
+    this day), the unfinished ones fal holds or has billed by index. Dispatch asks it on every
+    round while ``WANBATCH_DAILY_BUDGET_USD`` is set."""
+    since = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+    def build() -> Any:
+        zero = type_coerce(0, Money())
+        after: BindParameter[datetime] = bindparam("since", type_=Job.submitted_at.type)
+        finished = (
+            select(func.sum(type_coerce(_TOTALS.c.finished_usd, Money())))
+            .where(_TOTALS.c.day >= bindparam("day"))
+            .scalar_subquery()
+        )
+        reserved = (
+            select(func.sum(type_coerce(Job.est_usd, Money())))
+            .where(Job.state.in_(list(AT_PROVIDER_STATES)))
+            .scalar_subquery()
+        )
+        unfinished = (
+            select(func.sum(spent_usd()))
+            .where(Job.state.in_([JobState.DOWNLOADING, JobState.RETRY_WAIT]), Job.submitted_at >= after)
+            .scalar_subquery()
+        )
+        parked = (
+            select(func.sum(type_coerce(Job.actual_usd, Money())))
+            .where(_PENDING_BILLED, Job.submitted_at >= after)
+            .scalar_subquery()
+        )
+        return select(
+            *(func.coalesce(type_coerce(q, Money()), zero) for q in (finished, reserved, unfinished, parked))
+        )
+
+    params = {"day": utc_day(since), "since": since}
+    row: Any = _run(session, _prepared(("committed_today",), build), params).one()
+    return sum((Decimal(v) for v in row), Decimal(0))
+
+
 @dataclass(frozen=True, slots=True)
 class BatchMoney:
     """A batch's money, all exact Decimals in USD.
@@ -1878,7 +1928,11 @@ def batch_committed_usd(session: Session, batch_id: str) -> Decimal:
         zero = type_coerce(0, Money())
         batch: BindParameter[str] = bindparam("batch_id")
         unfinished = [s for s in JobState if not s.terminal and s != JobState.PENDING]
-        finished = select(_TOTALS.c.finished_usd).where(_TOTALS.c.batch_id == batch).scalar_subquery()
+        finished = (
+            select(func.sum(type_coerce(_TOTALS.c.finished_usd, Money())))
+            .where(_TOTALS.c.batch_id == batch)
+            .scalar_subquery()
+        )
         live = (
             select(func.coalesce(func.sum(type_coerce(spent_usd() + reserved_usd(), Money())), zero))
             .where(Job.batch_id == batch, Job.state.in_(unfinished))

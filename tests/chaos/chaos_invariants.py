@@ -160,10 +160,11 @@ def check(
             "SELECT b.id, t.finished_usd, COALESCE((SELECT SUM(CASE WHEN j.state = 'succeeded' "
             "THEN COALESCE(j.actual_usd, j.est_usd) ELSE COALESCE(j.actual_usd, 0) END) FROM jobs j "
             "WHERE j.batch_id = b.id AND j.state IN ('succeeded', 'failed', 'cancelled')), 0) "
-            "FROM batches b LEFT JOIN batch_totals t ON t.batch_id = b.id"
+            "FROM batches b LEFT JOIN (SELECT batch_id, SUM(finished_usd) AS finished_usd "
+            "FROM batch_totals GROUP BY batch_id) t ON t.batch_id = b.id"
         ).fetchall()
     for batch_id, kept, summed in totals:
-        if kept != summed:
+        if (kept or 0) != summed:
             found.fail(f"batch {batch_id}: finished money kept as {kept}, its finished jobs sum to {summed}")
 
     history: dict[str, list[EventRow]] = defaultdict(list)

@@ -1,19 +1,24 @@
-"""A batch's committed money, read for the budget check without summing its finished jobs.
+"""Committed money, read for the budget checks without summing the finished jobs.
 
-``store.batch_committed_usd`` adds :class:`jobs.models.BatchTotals` (finished jobs' money, kept
-by the transaction that finishes each job) to a sum over the few unfinished jobs. It must equal
-``store.batch_money(...).committed_usd``, the sum over every job, after any sequence of moves the
-lifecycle allows, whatever they bill, whether they commit or roll back, one by one or set-based.
+``store.batch_committed_usd`` and ``store.committed_usd_today`` add :class:`jobs.models.BatchTotals`
+(finished jobs' money by batch and UTC day of last submit, kept by the transaction that finishes
+each job) to sums over the few unfinished jobs. They must equal ``store.batch_money(...)
+.committed_usd`` and ``store.committed_usd_since(midnight)``, the sums over every job, after any
+sequence of moves the lifecycle allows, whatever they bill and whenever they were sent, whether
+they commit or roll back, one by one or set-based.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event, insert, select, text
+import pytest
+from sqlalchemy import Engine, event, insert, select
 
 from jobs import db, store
 from jobs.db import downgrade, make_engine, migrate
@@ -24,11 +29,25 @@ from tests.step_runtime import add_batch
 S = JobState
 
 
-def _both(engine: Engine, batch_id: str) -> tuple[Decimal, Decimal]:
+def _batch(engine: Engine, batch_id: str) -> tuple[Decimal, Decimal]:
+    """(the budget check's figure, the full sum) for a batch."""
     with db.read_scope(engine) as session:
-        return store.batch_committed_usd(session, batch_id), store.batch_money(
-            session, batch_id
-        ).committed_usd
+        full = store.batch_money(session, batch_id).committed_usd
+        return store.batch_committed_usd(session, batch_id), full
+
+
+def _today(engine: Engine) -> tuple[Decimal, Decimal]:
+    """(the daily budget check's figure, the full sum) for today (UTC)."""
+    now = utcnow()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    with db.read_scope(engine) as session:
+        return store.committed_usd_today(session, now), store.committed_usd_since(session, midnight)
+
+
+def _finished(engine: Engine, batch_id: str) -> Decimal:
+    with db.read_scope(engine) as session:
+        rows = session.scalars(select(BatchTotals.finished_usd).where(BatchTotals.batch_id == batch_id))
+        return sum(rows, Decimal(0))
 
 
 def _jobs(engine: Engine, batch_id: str) -> list[Job]:
@@ -36,13 +55,28 @@ def _jobs(engine: Engine, batch_id: str) -> list[Job]:
         return list(store.jobs_of_batch(session, batch_id))
 
 
-def test_the_running_total_equals_the_full_sum_through_every_kind_of_move(engine: Engine) -> None:
+def _move(engine: Engine, job: Job, new: JobState, *, commit: bool = True, **fields: Any) -> None:
+    session = db.session_factory(engine)()
+    try:
+        assert store.transition(
+            session, job.id, job.state, new, reason="test", expected_version=job.version, **fields
+        )
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    finally:
+        session.close()
+
+
+def test_the_running_totals_equal_the_full_sums_through_every_kind_of_move(engine: Engine) -> None:
     rng = random.Random(11)
     batches = [
         add_batch(engine, f"totals-{b}", [("fal-ai/wan-22", {"prompt": f"{b}-{i}"}) for i in range(8)])
         for b in range(2)
     ]
     finished_kinds: set[tuple[JobState, bool]] = set()
+    today_seen = Decimal(0)
     for step in range(240):
         if step % 60 == 59:  # now and then, a set-based cancel of what was never sent
             with db.session_scope(engine) as session:
@@ -50,38 +84,36 @@ def test_the_running_total_equals_the_full_sum_through_every_kind_of_move(engine
                     session, [batches[0]], reason="cancel", error="cancelled", error_type="cancelled"
                 )
         else:
-            batch_id = rng.choice(batches)
-            movable = [j for j in _jobs(engine, batch_id) if not j.state.terminal]
+            movable = [j for j in _jobs(engine, rng.choice(batches)) if not j.state.terminal]
             if not movable:
                 continue
             job = rng.choice(movable)
             new = rng.choice(sorted(ALLOWED_TRANSITIONS[job.state]))
             fields: dict[str, Any] = {}
+            if new == S.SUBMITTING and rng.random() < 0.8:  # sent today, or a day or two ago
+                fields["submitted_at"] = utcnow() - timedelta(days=rng.choice([0, 0, 1, 2]), seconds=1)
             if rng.random() < 0.5:  # fal billed something (or reported no cost)
-                fields["actual_usd"] = rng.choice(
-                    [None, Decimal("0"), Decimal("0.25"), Decimal("0.31"), Decimal("1.7")]
-                )
-            rolled_back = rng.random() < 0.15
-            session = db.session_factory(engine)()
-            try:
-                assert store.transition(
-                    session, job.id, job.state, new, reason="test", expected_version=job.version, **fields
-                )
-                if rolled_back:
-                    session.rollback()
-                else:
-                    session.commit()
-            finally:
-                session.close()
-            if new.terminal and not rolled_back:
+                amounts = [None, Decimal(0), Decimal("0.25"), Decimal("0.31"), Decimal("1.7")]
+                fields["actual_usd"] = rng.choice(amounts)
+            committed = rng.random() >= 0.15
+            _move(engine, job, new, commit=committed, **fields)
+            if new.terminal and committed:
                 finished_kinds.add((new, fields.get("actual_usd") is not None))
         for batch_id in batches:
-            fast, full = _both(engine, batch_id)
+            fast, full = _batch(engine, batch_id)
             assert fast == full, (step, batch_id)
-    # The walk did reach the cases that matter: each terminal state, billed and not.
+        fast, full = _today(engine)
+        assert fast == full, step
+        today_seen = max(today_seen, fast)
+    # The walk did reach the cases that matter: each terminal state, billed and not, on
+    # several days (today, earlier, never sent).
     assert {S.SUCCEEDED, S.FAILED, S.CANCELLED} <= {state for state, _ in finished_kinds}
     assert any(billed for _, billed in finished_kinds)
-    assert all(_both(engine, b)[0] > 0 for b in batches)
+    assert all(_batch(engine, b)[0] > 0 for b in batches)
+    assert today_seen > 0
+    with db.read_scope(engine) as session:
+        days = set(session.scalars(select(BatchTotals.day)))
+    assert len(days) >= 2, days
 
 
 def test_a_set_based_cancel_counts_what_earlier_attempts_billed(engine: Engine) -> None:
@@ -89,14 +121,17 @@ def test_a_set_based_cancel_counts_what_earlier_attempts_billed(engine: Engine) 
     first, second, *_ = _jobs(engine, batch_id)
     with db.session_scope(engine) as session:
         # Attempt 1 of ``first`` ran at fal and was billed; it waits to be sent again.
-        assert store.transition(session, first.id, S.PENDING, S.SUBMITTING, expected_version=first.version)
-        assert store.transition(session, first.id, S.SUBMITTING, S.QUEUED, expected_version=first.version + 1)
+        fence = store.Fence.of(first)
+        assert store.transition(
+            session, first.id, S.PENDING, S.SUBMITTING, expected_version=fence.version, submitted_at=utcnow()
+        )
+        assert store.transition(session, first.id, S.SUBMITTING, S.QUEUED, expected_version=fence.version + 1)
         assert store.transition(
             session,
             first.id,
             S.QUEUED,
             S.RETRY_WAIT,
-            expected_version=first.version + 2,
+            expected_version=fence.version + 2,
             actual_usd=Decimal("0.4"),
         )
         assert store.transition(
@@ -107,19 +142,17 @@ def test_a_set_based_cancel_counts_what_earlier_attempts_billed(engine: Engine) 
             expected_version=second.version,
             actual_usd=Decimal("0.1"),
         )
-    assert _both(engine, batch_id) == (Decimal("0.5"), Decimal("0.5"))
+    assert _batch(engine, batch_id) == (Decimal("0.5"), Decimal("0.5"))
     with db.session_scope(engine) as session:
         assert (
             store.cancel_unsent_jobs(session, [batch_id], reason="r", error="e", error_type="cancelled") == 3
         )
-    with db.read_scope(engine) as session:
-        totals = session.get(BatchTotals, batch_id)
-        assert totals is not None
-        assert totals.finished_usd == Decimal("0.5")  # both billed jobs are finished now
-    assert _both(engine, batch_id) == (Decimal("0.5"), Decimal("0.5"))
+    assert _finished(engine, batch_id) == Decimal("0.5")  # both billed jobs are finished now
+    assert _batch(engine, batch_id) == (Decimal("0.5"), Decimal("0.5"))
+    assert _today(engine)[0] == _today(engine)[1] == Decimal("0.4")  # the one sent today
 
 
-def test_a_rolled_back_finish_leaves_the_total_alone(engine: Engine) -> None:
+def test_a_rolled_back_finish_leaves_the_totals_alone(engine: Engine) -> None:
     batch_id = add_batch(engine, "rollback", [("fal-ai/wan-22", {"prompt": "r"})])
     (job,) = _jobs(engine, batch_id)
     session = db.session_factory(engine)()
@@ -133,14 +166,12 @@ def test_a_rolled_back_finish_leaves_the_total_alone(engine: Engine) -> None:
         session.commit()
     finally:
         session.close()
-    with db.read_scope(engine) as session:
-        totals = session.get(BatchTotals, batch_id)
-        assert totals is not None
-        assert totals.finished_usd == 0
+    assert _finished(engine, batch_id) == 0
 
 
-def test_the_budget_check_reads_no_pending_job_that_was_never_billed(tmp_path: Path) -> None:
-    """On SQLite the query plan shows it: the pending jobs are found by the partial index."""
+def test_the_budget_checks_read_no_pending_job_that_was_never_billed(tmp_path: Path) -> None:
+    """On SQLite the query plans show it: every table is searched by an index, pending jobs by
+    the partial one (a scan would read every job of the batch, or of the database)."""
     engine = make_engine(f"sqlite:///{tmp_path / 'plan.db'}")
     migrate(engine)
     batch_id = add_batch(engine, "plan", [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(50)])
@@ -152,20 +183,33 @@ def test_the_budget_check_reads_no_pending_job_that_was_never_billed(tmp_path: P
     event.listen(engine, "before_cursor_execute", record)
     with db.read_scope(engine) as session:
         store.batch_committed_usd(session, batch_id)
+        store.committed_usd_today(session, utcnow())
         event.remove(engine, "before_cursor_execute", record)
-        ((sql, params),) = [(q, p) for q, p in seen if "batch_totals" in q]
-        plan = session.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params).all()
-    details = " | ".join(str(row[-1]) for row in plan)
-    assert "ix_jobs_pending_billed" in details, details
-    assert "SCAN" not in details.replace("SCAN CONSTANT ROW", ""), details
+        plans = [
+            " | ".join(
+                str(row[-1]) for row in session.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {q}", p)
+            )
+            for q, p in seen
+            if "batch_totals" in q
+        ]
+    assert len(plans) == 2
+    for plan in plans:
+        assert "ix_jobs_pending_billed" in plan, plan
+        assert "SCAN jobs" not in plan, plan
+        assert "SCAN batch_totals" not in plan, plan
     engine.dispose()
 
 
-def test_the_migration_fills_the_totals_of_existing_batches(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_the_migration_fills_the_totals_of_existing_batches(
+    dialect: str, tmp_path: Path, new_pg_database: Callable[[], str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}" if dialect == "sqlite" else new_pg_database()
+    engine = make_engine(url)
     migrate(engine, from_models=False)
     downgrade(engine, "0008")
     now = utcnow()
+    yesterday = now - timedelta(days=1)
     with engine.begin() as conn:
         conn.execute(
             insert(Batch).values(
@@ -180,14 +224,15 @@ def test_the_migration_fills_the_totals_of_existing_batches(tmp_path: Path) -> N
                 reuse_outputs=False,
             )
         )
-        rows = [
-            (S.SUCCEEDED, Decimal("0.3")),  # billed as reported
-            (S.SUCCEEDED, None),  # no cost reported: its estimate (0.25)
-            (S.FAILED, Decimal("0.05")),
-            (S.CANCELLED, None),
-            (S.QUEUED, None),  # not finished: not in the total
+        rows: list[tuple[JobState, Decimal | None, datetime | None]] = [
+            (S.SUCCEEDED, Decimal("0.3"), now),  # billed as reported
+            (S.SUCCEEDED, None, now),  # no cost reported: its estimate (0.25)
+            (S.FAILED, Decimal("0.05"), yesterday),
+            (S.CANCELLED, Decimal("0.02"), None),  # never sent (day "")
+            (S.CANCELLED, None, None),
+            (S.QUEUED, None, now),  # not finished: not in the totals
         ]
-        for i, (state, actual) in enumerate(rows):
+        for i, (state, actual, submitted_at) in enumerate(rows):
             conn.execute(
                 insert(Job).values(
                     id=f"{i:032x}",
@@ -203,6 +248,7 @@ def test_the_migration_fills_the_totals_of_existing_batches(tmp_path: Path) -> N
                     est_billing_units=Decimal(5),
                     est_usd=Decimal("0.25"),
                     actual_usd=actual,
+                    submitted_at=submitted_at,
                     created_at=now,
                     updated_at=now,
                     possible_duplicate_charges=0,
@@ -211,9 +257,15 @@ def test_the_migration_fills_the_totals_of_existing_batches(tmp_path: Path) -> N
             )
     migrate(engine, from_models=False)
     with db.read_scope(engine) as session:
-        assert session.scalar(select(BatchTotals.finished_usd)) == Decimal("0.6")
+        by_day = {t.day: t.finished_usd for t in session.scalars(select(BatchTotals))}
+        assert by_day == {
+            now.astimezone(UTC).date().isoformat(): Decimal("0.55"),
+            yesterday.astimezone(UTC).date().isoformat(): Decimal("0.05"),
+            "": Decimal("0.02"),
+        }
         assert (
             store.batch_committed_usd(session, "b" * 32) == store.batch_money(session, "b" * 32).committed_usd
         )
-        assert session.execute(text("SELECT count(*) FROM batch_totals")).scalar() == 1
+        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        assert store.committed_usd_today(session, now) == store.committed_usd_since(session, midnight)
     engine.dispose()

@@ -270,7 +270,7 @@ class _Committed:
     current by this round's own moves.
 
     Both sums are aggregates over many jobs (:func:`jobs.store.batch_committed_usd` over a batch,
-    :func:`jobs.store.committed_usd_since` over the day); asking them again for every claimed job
+    :func:`jobs.store.committed_usd_today` over the day); asking them again for every claimed job
     made a round cost O(jobs × batch). Within the claim's transaction only this round changes
     them (the dispatcher is single; on SQLite the transaction holds the write lock), and a
     budget refusal changes neither (a cancelled job keeps what it was billed), so each is read
@@ -299,7 +299,7 @@ class _Committed:
     def today(self) -> Decimal:
         """What every batch has committed today (the daily budget)."""
         if self._today is None:
-            self._today = store.committed_usd_since(self._session, self.since)
+            self._today = store.committed_usd_today(self._session, self.since)
         return self._today
 
     def add(self, job: Job) -> None:
