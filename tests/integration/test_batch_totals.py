@@ -11,6 +11,8 @@ they commit or roll back, one by one or set-based.
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -269,3 +271,48 @@ def test_the_migration_fills_the_totals_of_existing_batches(
         midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
         assert store.committed_usd_today(session, now) == store.committed_usd_since(session, midnight)
     engine.dispose()
+
+
+def test_finishing_jobs_of_several_batches_at_once_never_deadlocks(engine: Engine) -> None:
+    """Transactions that each finish jobs of three batches, in their own random order, from six
+    threads: the totals rows are written at commit in key order, so on PostgreSQL no two
+    transactions ever wait for each other's rows in a cycle (a deadlock would abort one)."""
+    threads, rounds = 6, 12
+    batches = [
+        add_batch(
+            engine, f"busy-{b}", [("fal-ai/wan-22", {"prompt": f"{b}-{i}"}) for i in range(threads * rounds)]
+        )
+        for b in range(3)
+    ]
+    jobs = {b: _jobs(engine, b) for b in batches}
+    errors: list[BaseException] = []
+
+    def finish(worker: int) -> None:
+        rng = random.Random(worker)
+        try:
+            for r in range(rounds):
+                mine = [jobs[b][worker * rounds + r] for b in batches]
+                rng.shuffle(mine)
+                with db.session_scope(engine) as session:
+                    for job in mine:
+                        assert store.transition(
+                            session,
+                            job.id,
+                            S.PENDING,
+                            S.FAILED,
+                            expected_version=job.version,
+                            actual_usd=Decimal("0.01"),
+                        )
+                        time.sleep(0.001)  # hold the job rows a while: let the transactions overlap
+        except BaseException as exc:  # reported below, with the thread's own error
+            errors.append(exc)
+
+    pool = [threading.Thread(target=finish, args=(w,)) for w in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert errors == []
+    for batch_id in batches:
+        assert _finished(engine, batch_id) == Decimal("0.01") * threads * rounds
+        assert _batch(engine, batch_id)[0] == _batch(engine, batch_id)[1]
