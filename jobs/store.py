@@ -160,6 +160,7 @@ __all__ = [
     "transition",
     "unprocessed_deliveries",
     "update_job_fields",
+    "utc_day",
     "wasted_usd",
 ]
 
