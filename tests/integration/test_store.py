@@ -15,6 +15,7 @@ from jobs import store
 from jobs.db import session_factory
 from jobs.errors import NotFoundError
 from jobs.models import Batch, BatchState, Job, JobEvent
+from jobs.schedule import Schedule
 from jobs.states import JobState
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -84,6 +85,70 @@ def test_transition_is_compare_and_set(session: Session) -> None:
     # The same move again loses: the job is no longer pending.
     assert not store.transition(session, job.id, JobState.PENDING, JobState.SUBMITTING)
     assert len(events(session, job.id)) == 1
+
+
+def test_a_move_and_its_event_are_one_statement_on_postgresql(session: Session, statements: list[str]) -> None:
+    """On PostgreSQL the event is written by the move's own statement (a data-modifying WITH),
+    and only when the job moved; SQLite, which has no such WITH, sends a second INSERT."""
+    job = first_job(session, make_batch(session))
+    statements.clear()
+    details = {"error": "boom", "nested": [1, {"a": None}]}
+    assert store.transition(
+        session, job.id, JobState.PENDING, JobState.SUBMITTING, reason="claimed", worker="w1", details=details
+    )
+    assert not store.transition(session, job.id, JobState.PENDING, JobState.SUBMITTING, reason="lost")
+    assert not store.transition(
+        session, job.id, JobState.SUBMITTING, JobState.PENDING, expected_version=0, reason="stale"
+    )
+    sent = [s for s in statements if not s.startswith(("BEGIN", "SAVEPOINT", "RELEASE"))]
+    if session.connection().dialect.name == "postgresql":
+        assert len(sent) == 3 and all(s.startswith("WITH moved AS (UPDATE jobs") for s in sent)
+    else:
+        assert [s.split(" (")[0].split(" SET")[0] for s in sent] == [
+            "UPDATE jobs",
+            "INSERT INTO job_events",
+            "UPDATE jobs",
+            "UPDATE jobs",
+        ]
+    session.commit()
+    (event,) = events(session, job.id)
+    assert (event.from_state, event.to_state, event.version, event.reason, event.worker, event.details) == (
+        JobState.PENDING,
+        JobState.SUBMITTING,
+        1,
+        "claimed",
+        "w1",
+        details,
+    )
+    assert event.at == store.get_job(session, job.id).updated_at
+
+
+def test_submit_view_reads_the_job_and_its_batch_in_one_query(session: Session, statements: list[str]) -> None:
+    batch = make_batch(session)
+    store.set_batch_schedule(session, batch.id, Schedule(deadline=T0), "low")
+    job = first_job(session, batch)
+    assert store.transition(session, job.id, JobState.PENDING, JobState.SUBMITTING, attempts=2)
+    session.commit()
+    statements.clear()
+    view = store.submit_view(session, job.id)
+    assert [s.split(" ")[0] for s in statements if not s.startswith("BEGIN")] == ["SELECT"]
+    assert (view.id, view.state, view.version, view.endpoint, view.attempts, view.batch_id) == (
+        job.id,
+        JobState.SUBMITTING,
+        1,
+        "fal-ai/wan-i2v",
+        2,
+        batch.id,
+    )
+    assert (view.input, view.submitted_input, view.priority) == (job.input, None, "low")
+    assert Schedule.from_json(view.schedule).deadline == T0
+    assert store.take_lease(
+        session, store.Fence.of(job), now=T0, lease_seconds=60, submitted_input={"prompt": "sent"}
+    )
+    session.commit()
+    assert store.submit_view(session, job.id).submitted_input == {"prompt": "sent"}
+    with pytest.raises(NotFoundError):
+        store.submit_view(session, "nope")
 
 
 def test_transition_updates_loaded_objects(session: Session) -> None:
