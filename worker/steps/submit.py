@@ -99,10 +99,18 @@ def _read_ticket(rt: Runtime, job_id: str) -> SubmitTicket | None:
     """The job as the submit starts from it, read; None when it is not for this step."""
     # Only a look (no write lock): the fenced writes that follow refuse a job changed since.
     with db.read_scope(rt.engine) as session:
-        job = store.get_job(session, job_id)
-        if job.state != S.SUBMITTING or job.submitted_input is not None:
-            return None  # a duplicate message, or another worker already began this POST
-        return SubmitTicket.of(rt.fence(job), job, store.get_batch(session, job.batch_id))
+        view = store.submit_view(session, job_id)
+    if view.state != S.SUBMITTING or view.submitted_input is not None:
+        return None  # a duplicate message, or another worker already began this POST
+    return SubmitTicket(
+        fence=Fence(view.id, view.state, view.version, rt.owner),
+        endpoint=view.endpoint,
+        input=dict(view.input),
+        attempt=view.attempts,
+        batch_id=view.batch_id,
+        schedule=Schedule.from_json(view.schedule),
+        priority=view.priority,
+    )
 
 
 def _submit(rt: Runtime, job_id: str) -> str:
