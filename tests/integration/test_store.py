@@ -87,7 +87,9 @@ def test_transition_is_compare_and_set(session: Session) -> None:
     assert len(events(session, job.id)) == 1
 
 
-def test_a_move_and_its_event_are_one_statement_on_postgresql(session: Session, statements: list[str]) -> None:
+def test_a_move_and_its_event_are_one_statement_on_postgresql(
+    session: Session, statements: list[str]
+) -> None:
     """On PostgreSQL the event is written by the move's own statement (a data-modifying WITH),
     and only when the job moved; SQLite, which has no such WITH, sends a second INSERT."""
     job = first_job(session, make_batch(session))
@@ -102,7 +104,8 @@ def test_a_move_and_its_event_are_one_statement_on_postgresql(session: Session, 
     )
     sent = [s for s in statements if not s.startswith(("BEGIN", "SAVEPOINT", "RELEASE"))]
     if session.connection().dialect.name == "postgresql":
-        assert len(sent) == 3 and all(s.startswith("WITH moved AS (UPDATE jobs") for s in sent)
+        assert len(sent) == 3
+        assert all(s.startswith("WITH moved AS (UPDATE jobs") for s in sent)
     else:
         assert [s.split(" (")[0].split(" SET")[0] for s in sent] == [
             "UPDATE jobs",
@@ -123,7 +126,9 @@ def test_a_move_and_its_event_are_one_statement_on_postgresql(session: Session, 
     assert event.at == store.get_job(session, job.id).updated_at
 
 
-def test_submit_view_reads_the_job_and_its_batch_in_one_query(session: Session, statements: list[str]) -> None:
+def test_submit_view_reads_the_job_and_its_batch_in_one_query(
+    session: Session, statements: list[str]
+) -> None:
     batch = make_batch(session)
     store.set_batch_schedule(session, batch.id, Schedule(deadline=T0), "low")
     job = first_job(session, batch)
