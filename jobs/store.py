@@ -1656,8 +1656,9 @@ class SubmitView:
 def submit_view(session: Session, job_id: str) -> SubmitView:
     """:class:`SubmitView` of one job, in one query (``NotFoundError`` if there is none).
 
-    A distributed worker's submit starts from the job and its batch as stored; two whole ORM
-    objects (the job's provider metadata and results included) cost three times this read.
+    A distributed worker's submit starts from the job and its batch as stored. Loading both as
+    whole ORM objects took two queries and the mapping of every column (the job's provider
+    metadata and results included); the submit needs these ten.
     """
     query = _prepared(
         ("submit_view",),
