@@ -617,13 +617,14 @@ def transition(
     # executed with new parameters: every job moves several times, and building and caching an
     # ORM bulk UPDATE cost more CPU than the rest of a job's bookkeeping. The session's copy of
     # the job, if it holds one, is given the values written (it is not synchronised otherwise).
+    # The event's columns; on PostgreSQL the same names are the statement's own parameters.
     event = {
-        "e_at": now,
-        "e_from": expected,
-        "e_to": new,
-        "e_reason": reason,
-        "e_details": details,
-        "e_worker": worker,
+        "at": now,
+        "from_state": expected,
+        "to_state": new,
+        "reason": reason,
+        "details": details,
+        "worker": worker,
     }
     logged = session.connection().dialect.name == "postgresql"
     statement, params = _transition_statement(
@@ -640,20 +641,8 @@ def transition(
         usd = finished_usd(new, row.actual_usd, row.est_usd)
         _add_finished(session, row.batch_id, row.submitted_at, usd)
     if not logged:
-        _run(session, _INSERT_EVENT, {"job_id": job_id, "version": row.version, **_event_row(event)})
+        _run(session, _INSERT_EVENT, {"job_id": job_id, "version": row.version, **event})
     return True
-
-
-def _event_row(event: Mapping[str, Any]) -> dict[str, Any]:
-    """A transition's event parameters (``e_*``) as :class:`JobEvent` columns."""
-    return {
-        "at": event["e_at"],
-        "from_state": event["e_from"],
-        "to_state": event["e_to"],
-        "reason": event["e_reason"],
-        "details": event["e_details"],
-        "worker": event["e_worker"],
-    }
 
 
 _EVENTS = cast(Table, JobEvent.__table__)
@@ -679,10 +668,10 @@ def _transition_statement(
 
     ``logged`` (PostgreSQL): the statement also writes the transition's :class:`JobEvent`, from
     a data-modifying ``WITH`` that inserts a row only when the UPDATE moved one, and takes the
-    event's values as ``e_*`` parameters. One statement and one round trip per move instead of
-    two: every job moves five times, and on PostgreSQL each statement is a network round trip
-    and a pass through the driver. A data-modifying ``WITH`` runs exactly once whether or not
-    the outer query reads it (https://www.postgresql.org/docs/current/queries-with.html#QUERIES-WITH-MODIFYING).
+    event's values as parameters named as its columns (``at``, ``from_state``, …). One
+    statement and one round trip per move instead of two: every job moves five times, and on
+    PostgreSQL each statement is a network round trip and a pass through the driver. A
+    data-modifying ``WITH`` runs exactly once whether or not the outer query reads it (https://www.postgresql.org/docs/current/queries-with.html#QUERIES-WITH-MODIFYING).
     SQLite has no data-modifying ``WITH``: there the event is a second INSERT.
     """
     plain = {k: v for k, v in values.items() if not isinstance(v, ColumnElement)}
@@ -719,13 +708,9 @@ def _with_event(moving: Any, returned: Iterable[str]) -> Any:
     moved = moving.returning(*[_JOBS.c[name] for name in dict.fromkeys((*returned, "id"))]).cte("moved")
     event = select(
         moved.c.id,
-        bindparam("e_at", type_=_EVENTS.c.at.type),
-        bindparam("e_from", type_=_EVENTS.c.from_state.type),
-        bindparam("e_to", type_=_EVENTS.c.to_state.type),
+        *[bindparam(name, type_=_EVENTS.c[name].type) for name in ("at", "from_state", "to_state")],
         moved.c.version,
-        bindparam("e_reason", type_=_EVENTS.c.reason.type),
-        bindparam("e_details", type_=_EVENTS.c.details.type),
-        bindparam("e_worker", type_=_EVENTS.c.worker.type),
+        *[bindparam(name, type_=_EVENTS.c[name].type) for name in ("reason", "details", "worker")],
     )
     logged = insert(_EVENTS).from_select(list(_EVENT_ROW_COLUMNS), event).cte("logged")
     return select(*[moved.c[name] for name in returned]).add_cte(logged)
