@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import click
 
-from cli import batch_commands, doctor_command, manifest_commands, service_commands
+from cli import batch_commands, doctor_command, manifest_commands, service_commands, startup
 from cli.output import EXIT_OK
 
 
@@ -121,6 +121,7 @@ def main() -> None:
     one ``internal error`` line (exit 70) instead of a traceback. Deliberate errors never get
     here: every command turns :class:`~jobs.errors.WanbatchError` into its message and exit code.
     """
+    startup.pause()  # no cyclic GC over the imports; the long-running commands resume it
     from worker.logs import configure_logging  # stdlib only: text, or JSON lines (WANBATCH_LOG_FORMAT)
 
     configure_logging(level=logging.WARNING)

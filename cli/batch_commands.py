@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from cli import startup
 from cli.options import allow_dir_option, json_option, progress_option, simulate_option
 from cli.output import (
     EXIT_OK,
@@ -295,6 +296,7 @@ def _run_and_report(batch_id: str, settings: Settings, as_json: bool, progress: 
     from jobs.output_store import open_output_store
     from worker.running import process_batch
 
+    startup.resume()  # the machinery is loaded: freeze it, collect from here on
     report, stats = process_batch(batch_id, settings, console=err, show_progress=progress and not as_json)
     if as_json:
         emit_json(

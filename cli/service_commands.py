@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import click
 
+from cli import startup
 from cli.output import EXIT_OK, guarded
 
 #: ``wanbatch worker``'s Celery pool unless ``--pool`` says otherwise (see :func:`worker`).
@@ -95,9 +96,11 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
             # transactions. Abandon (not close) what was inherited; the child opens its own.
             db.open_engine(settings).dispose(close=False)
             tasks.set_runtime(None)
+            startup.resume()  # forked while start-up had the GC paused (no timer in a child)
 
         @worker_ready.connect(weak=False)
         def _start_ticker(**_: object) -> None:
+            startup.resume()  # Celery has loaded what it runs with
             t = Ticker(lambda: tasks.runtime(app), settings.tick_interval)
             t.start()
             ticker.append(t)
@@ -171,6 +174,7 @@ def serve(host: str, port: int) -> None:
         app = create_app(settings)
         # JSON logs: uvicorn leaves its records to our root handler instead of its own text handlers.
         own_logging: dict[str, Any] = {"log_config": None} if settings.log_format == "json" else {}
+        startup.resume()
         try:
             uvicorn.run(app, host=host, port=port, log_level="info", **own_logging)
         except OSError as exc:  # in use, not ours to bind, or an unknown host
@@ -267,6 +271,7 @@ def simulator(
         options = SimulatorOptions(
             concurrency_limit=concurrency_limit, latency_seconds=latency, public_url=public_url, faults=rules
         )
+        startup.resume()
         try:
             serve(host, port, options)
         except OSError as exc:  # in use, not ours to bind, or an unknown host

@@ -2,7 +2,8 @@
 
 Start-up time is measured in ``bench/`` (no timed assertion here); what these tests pin down is
 its cause: the modules that cost the time (SQLAlchemy, Alembic, Celery, httpx, pydantic-settings,
-the simulator) are not imported for help.
+the simulator) are not imported for help; and the cyclic GC is paused over a command's imports
+and resumed, past them, by the commands that go on working (:mod:`cli.startup`).
 """
 
 from __future__ import annotations
@@ -76,3 +77,104 @@ def test_simulator_help_lists_every_fault_kind_from_the_simulator_itself() -> No
         assert f"  {kind} " in done.stdout or f"  {kind}\n" in done.stdout, kind
     assert "POST /_sim/faults" in done.stdout
     assert "--fault KIND=VALUE" in done.stdout
+
+
+# --------------------------------------------------------------------------- the GC at start-up
+
+_GC_PROBE = """
+import gc, json, sys
+sys.argv = ["wanbatch", *json.loads(sys.argv[1])]
+from cli import main
+try:
+    main()
+except SystemExit:
+    pass
+print("GC " + json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}), file=sys.stderr)
+"""
+
+
+def _gc_after(args: tuple[str, ...], env: dict[str, str]) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, "-c", _GC_PROBE, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    line = next((x for x in done.stderr.splitlines() if x.startswith("GC ")), None)
+    assert line is not None, done.stderr
+    found: dict[str, object] = json.loads(line[3:])
+    return found
+
+
+def _clean_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANBATCH_") and k != "FAL_KEY"}
+    env["WANBATCH_DATABASE_URL"] = f"sqlite:///{tmp_path / 'wanbatch.db'}"
+    env["WANBATCH_OUTPUT_DIR"] = str(tmp_path / "outputs")
+    return env
+
+
+def test_a_run_collects_again_once_its_machinery_is_loaded(tmp_path: Path) -> None:
+    """`run` resumes the GC before it processes, with the start-up's objects frozen out of it."""
+    manifest = tmp_path / "one.yaml"
+    manifest.write_text('name: gc-probe\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: "a red kite"\n')
+    seen = _gc_after(("run", str(manifest), "--simulate", "--no-progress", "--json"), _clean_env(tmp_path))
+    assert seen["enabled"] is True
+    assert isinstance(seen["frozen"], int)
+    assert seen["frozen"] > 10_000
+
+
+def test_a_short_command_runs_without_the_gc_and_freezes_nothing(tmp_path: Path) -> None:
+    """`validate` ends long before the safety timer: the collector stayed off, nothing frozen."""
+    manifest = tmp_path / "one.yaml"
+    manifest.write_text('name: gc-probe\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: "a red kite"\n')
+    seen = _gc_after(("validate", str(manifest)), _clean_env(tmp_path))
+    assert seen == {"enabled": False, "frozen": 0}
+
+
+def test_resume_freezes_and_enables_once_and_pause_leaves_a_disabled_gc_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+
+    from cli import startup
+
+    monkeypatch.setattr(startup, "RESUME_AFTER_SECONDS", 3600.0)
+    assert gc.isenabled()
+    try:
+        startup.pause()
+        assert not gc.isenabled()
+        startup.resume()
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        startup.resume()  # a second resume changes nothing
+        assert gc.get_freeze_count() == 0
+
+        gc.disable()  # somebody else's choice: pause must not turn it on later
+        startup.pause()
+        startup.resume()
+        assert not gc.isenabled()
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+def test_the_safety_timer_turns_the_gc_back_on_when_no_command_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+    import time
+
+    from cli import startup
+
+    monkeypatch.setattr(startup, "RESUME_AFTER_SECONDS", 0.05)
+    try:
+        startup.pause()
+        assert not gc.isenabled()
+        deadline = time.monotonic() + 10
+        while not gc.isenabled() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()
