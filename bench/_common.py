@@ -47,6 +47,25 @@ T = TypeVar("T")
 Figures = dict[str, int | float | str]
 
 
+#: wanbatch's own packages: what an install of wanbatch byte-compiles (see :func:`byte_compile`).
+PACKAGES = ("cli", "jobs", "worker", "web", "falsim", "migrations")
+
+
+def byte_compile() -> None:
+    """Byte-compile wanbatch's packages in place, as ``pip install`` does for what it installs.
+
+    A source checkout never run, or run under ``PYTHONDONTWRITEBYTECODE=1`` (as on the CI image),
+    has no ``__pycache__``: every wanbatch process then compiles every module it imports from
+    source, about 0.08 s of CPU that no installed wanbatch pays — and that the hand-written
+    script, whose libraries come byte-compiled from site-packages, does not pay either. The
+    folders are git-ignored; Python still reads them under ``PYTHONDONTWRITEBYTECODE``.
+    """
+    import compileall
+
+    for package in PACKAGES:
+        compileall.compile_dir(ROOT / package, quiet=1)
+
+
 @dataclass(slots=True)
 class PhaseResult:
     """What one isolated phase measured. Memory in MiB, times in seconds."""

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from bench._common import ROOT, fresh_pg_database, machine_summary, print_table, today
+from bench._common import ROOT, byte_compile, fresh_pg_database, machine_summary, print_table, today
 from bench.expand import DEFAULT_DATABASE_URL, write_items, write_manifest
 
 #: Everything a user waits on here should answer within this (milliseconds).
@@ -363,6 +363,7 @@ def _database(args: argparse.Namespace) -> Iterator[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    byte_compile()  # the CLI's start-up as installed (see bench._common.byte_compile)
     with tempfile.TemporaryDirectory(prefix="wanbatch-bench-dashboard-") as tmp, _database(args) as url:
         folder = Path(tmp)
         for number in range(5):

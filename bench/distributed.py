@@ -56,7 +56,7 @@ import yaml
 from sqlalchemy import select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bench._common import ROOT, fresh_pg_database, machine_summary, print_table, today
+from bench._common import ROOT, byte_compile, fresh_pg_database, machine_summary, print_table, today
 
 if TYPE_CHECKING:
     from falsim.ledger import LedgerReport
@@ -585,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="Redis server (without a DB number)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (manifest, outputs, logs)")
     args = parser.parse_args(argv)
+    byte_compile()  # wanbatch processes start as installed (see bench._common.byte_compile)
     # `timeout`/Ctrl-C: unwind through the finally blocks so the workers and database go too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scenario = Scenario(

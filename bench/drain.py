@@ -65,7 +65,7 @@ import httpx
 from rich.markup import escape
 from rich.table import Table
 
-from bench._common import ROOT, fresh_pg_database, machine_summary, print_table, today
+from bench._common import ROOT, byte_compile, fresh_pg_database, machine_summary, print_table, today
 from bench._procs import Child, GroupSampler, spawn, stop_all, total_usage
 from bench._stacks import top_table
 
@@ -719,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         "distributed": not args.no_distributed,
         "opts": opts,
     }
+    byte_compile()  # as installed: no wanbatch process compiles its modules from source
     print(f"{today()} · {machine_summary()} · {_commit()}")
     ok = True
     if args.scenario in ("drain", "all"):
