@@ -54,7 +54,7 @@ PACKAGES = ("cli", "jobs", "worker", "web", "falsim", "migrations")
 def byte_compile() -> None:
     """Byte-compile wanbatch's packages in place, as ``pip install`` does for what it installs.
 
-    A source checkout never run, or run under ``PYTHONDONTWRITEBYTECODE=1`` (as on the CI image),
+    A source checkout never run, or run under ``PYTHONDONTWRITEBYTECODE=1`` (as on this project's machines),
     has no ``__pycache__``: every wanbatch process then compiles every module it imports from
     source, about 0.08 s of CPU that no installed wanbatch pays — and that the hand-written
     script, whose libraries come byte-compiled from site-packages, does not pay either. The

@@ -2,9 +2,11 @@
 
 Importing what a command needs (SQLAlchemy, pydantic, httpx, Celery, PyAV, …) builds a few
 hundred thousand objects that live as long as the process. Every 700 allocations CPython's
-collector looks at the youngest of them, and every so often at all of them: measured on
-``wanbatch run``'s imports, about a tenth of their CPU (0.08 s in every process; a distributed
-deployment starts four). None of it frees anything: the objects are reachable until exit.
+collector looks at the youngest of them, and every so often at all of them, during the imports
+and again in the first seconds of the work: about a tenth of the imports' CPU, and a one-job
+``wanbatch run`` took 0.3–0.4 s of CPU more with it than without (every process of a
+distributed deployment pays as much). None of it frees anything: the objects are reachable
+until exit.
 
 So :func:`pause` (first thing in :func:`cli.main`) turns the collector off, and :func:`resume`
 — called by the commands that go on working (``run``, ``worker``, ``serve``, ``simulator``)
