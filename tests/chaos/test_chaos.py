@@ -127,7 +127,10 @@ def test_simulator_faults(tmp_path: Path) -> None:
     _assert_holds(findings)
     figures = findings.figures
     fired = figures["faults_fired"]
-    for kind in SIM_FAULTS:
+    # status_502 fires only on a status *poll*. Since status streams (issue #11) a run polls
+    # only as the tick's safety net, often a handful of times in all, so whether one of them
+    # meets the 5 % fault is chance; the 502 path itself is tested in test_simulator_faults.py.
+    for kind in SIM_FAULTS.keys() - {"status_502"}:
         assert fired.get(kind, 0) > 0, f"fault {kind} never fired"
     drops = fired.get("submit_drop", 0)
     assert figures["duplicate_paid_submissions"] <= drops
