@@ -24,7 +24,7 @@ WANBATCH = str(Path(sys.executable).with_name("wanbatch"))
 HEAVY = ("sqlalchemy", "alembic", "celery", "kombu", "httpx", "pydantic_settings", "falsim", "uvicorn")
 
 _PROBE = """
-import json, sys
+import gc, json, sys
 sys.argv = ["wanbatch", *json.loads(sys.argv[1])]
 from cli import main
 try:
@@ -32,6 +32,7 @@ try:
 except SystemExit:
     pass
 print("MODULES " + json.dumps(sorted(m for m in sys.modules)), file=sys.stderr)
+print("GC " + json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}), file=sys.stderr)
 """
 
 
@@ -81,21 +82,10 @@ def test_simulator_help_lists_every_fault_kind_from_the_simulator_itself() -> No
 
 # --------------------------------------------------------------------------- the GC at start-up
 
-_GC_PROBE = """
-import gc, json, sys
-sys.argv = ["wanbatch", *json.loads(sys.argv[1])]
-from cli import main
-try:
-    main()
-except SystemExit:
-    pass
-print("GC " + json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}), file=sys.stderr)
-"""
-
 
 def _gc_after(args: tuple[str, ...], env: dict[str, str]) -> dict[str, object]:
     done = subprocess.run(
-        [sys.executable, "-c", _GC_PROBE, json.dumps(args)],
+        [sys.executable, "-c", _PROBE, json.dumps(args)],
         capture_output=True,
         text=True,
         env=env,
