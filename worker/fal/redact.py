@@ -29,6 +29,9 @@ _AUTH_VALUE = re.compile(
     r"(?P<head>authorization['\"]?\s*[:=,]\s*b?['\"]?\s*)(?P<scheme>key|bearer)\s+[^\s'\",)]+",
     re.IGNORECASE,
 )
+#: What :data:`_AUTH_VALUE` needs to match at all, matched the same way (``re.IGNORECASE`` also
+#: takes a dotless ``ı`` for an ``i``: a plain lower-cased substring test would miss that).
+_AUTH_WORD = re.compile("authorization", re.IGNORECASE)
 #: fal keys look like ``<uuid>:<hex secret>``; mask ``Key <that>`` wherever it appears.
 _KEY_SHAPE = re.compile(r"\b(?P<scheme>Key|Bearer)\s+[0-9A-Za-z_-]{8,}:[0-9A-Za-z_-]{8,}")
 
@@ -42,8 +45,18 @@ def redact_text(text: str, keys: Iterable[str] = ()) -> str:
 
     A key cut short where the text was shortened (at its end or at a ``…``) is masked too: an
     error message trimmed to 300 characters must not keep the first half of the secret.
+
+    Every status event, result body and log record passes through here, and nearly none holds
+    anything to mask, so a text is first checked for what each rule needs to match at all (a
+    substring test runs in C): the key's first :data:`_CUT_KEY_MIN` characters (in the key
+    and in every cut of it long enough to be masked), ``authorization`` for :data:`_AUTH_VALUE`
+    (matched as it matches), ``Key``/``Bearer`` for :data:`_KEY_SHAPE`. Without any of them the
+    rules below would change nothing, and the text is returned as it is.
     """
-    for key in sorted({k for k in (*keys, *_keys) if k}, key=len, reverse=True):
+    known = {k for k in (*keys, *_keys) if k}
+    if not _may_need_masking(text, known):
+        return text
+    for key in sorted(known, key=len, reverse=True):
         text = _mask_cut_key(text.replace(key, MASK), key)
     text = _AUTH_VALUE.sub(lambda m: f"{m.group('head')}{m.group('scheme')} {MASK}", text)
     return _KEY_SHAPE.sub(lambda m: f"{m.group('scheme')} {MASK}", text)
@@ -51,6 +64,17 @@ def redact_text(text: str, keys: Iterable[str] = ()) -> str:
 
 #: A key's prefix this long, right where a text was cut, is taken for the cut key.
 _CUT_KEY_MIN = 8
+
+
+def _may_need_masking(text: str, keys: Iterable[str]) -> bool:
+    """Whether any rule of :func:`redact_text` could match ``text`` (False: none can)."""
+    if "Key" in text or "Bearer" in text:
+        return True
+    if _AUTH_WORD.search(text):
+        return True
+    # A key of up to _CUT_KEY_MIN characters is only masked whole; a longer one, or a cut of
+    # it, always contains its first _CUT_KEY_MIN characters.
+    return any(key[:_CUT_KEY_MIN] in text for key in keys)
 
 
 def _mask_cut_key(text: str, key: str) -> str:
