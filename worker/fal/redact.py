@@ -54,9 +54,12 @@ def redact_text(text: str, keys: Iterable[str] = ()) -> str:
     rules below would change nothing, and the text is returned as it is.
     """
     known = {k for k in (*keys, *_keys) if k}
-    if not _may_need_masking(text, known):
-        return text
-    for key in sorted(known, key=len, reverse=True):
+    return _apply_rules(text, known) if _may_need_masking(text, known) else text
+
+
+def _apply_rules(text: str, keys: Iterable[str]) -> str:
+    """Every masking rule of :func:`redact_text`, whatever the text holds."""
+    for key in sorted(keys, key=len, reverse=True):
         text = _mask_cut_key(text.replace(key, MASK), key)
     text = _AUTH_VALUE.sub(lambda m: f"{m.group('head')}{m.group('scheme')} {MASK}", text)
     return _KEY_SHAPE.sub(lambda m: f"{m.group('scheme')} {MASK}", text)
