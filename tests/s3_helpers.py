@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
-import socket
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+
+from tests.ports import unused_port
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -47,14 +48,6 @@ _FOREIGN = (
 )
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def aws_env(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
     """Point boto3 at ``endpoint`` with the test credentials, isolated from ``~/.aws``."""
     for name in _FOREIGN:
@@ -75,7 +68,7 @@ class MotoS3:
     def __init__(self) -> None:
         from moto.server import ThreadedMotoServer
 
-        self.port = free_port()
+        self.port = unused_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server: Any = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.running = False

@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,14 +37,9 @@ from pathlib import Path
 import psycopg
 import redis
 
+from tests.ports import unused_port
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the kernel's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait(predicate: object, timeout: float, what: str) -> None:
@@ -64,7 +58,7 @@ class RedisServer:
     """A private ``redis-server``; ``appendonly`` keeps data across restarts, the default does not."""
 
     def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
-        self.port = free_port()
+        self.port = unused_port()
         self.dir = workdir
         self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
@@ -112,7 +106,7 @@ class PostgresServer:
     """A private PostgreSQL cluster in a temporary folder, crashable with ``-m immediate``."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.port = unused_port()
         # Not under pytest's tmp_path: that is private to the test user (0700) and, as root,
         # the server runs as ``postgres``, which must be able to enter the folder.
         self.root = Path(tempfile.mkdtemp(prefix="wanbatch-chaos-pg-"))

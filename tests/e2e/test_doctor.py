@@ -25,6 +25,7 @@ from falsim.server import SimulatorHandle
 from jobs.db import SCHEMA_HEAD
 from jobs.settings import get_settings
 from tests.e2e.e2e_helpers import FAL_KEY, Wb
+from tests.ports import unused_port
 from web.app import create_app
 from worker.doctor import healthz_url
 
@@ -38,12 +39,6 @@ def _doctor(wb: Wb) -> tuple[int, dict[str, dict[str, Any]], dict[str, Any]]:
     assert FAL_KEY not in run.stdout + run.stderr
     assert body["ok"] is (run.code == 0)
     return run.code, {c["name"]: c for c in body["checks"]}, body
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -120,7 +115,7 @@ def test_a_refused_key_a_locked_account_and_no_key(
 
 def test_provider_unreachable(wb: Wb, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAL_KEY", FAL_KEY)
-    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", f"http://127.0.0.1:{unused_port()}")
     code, checks, _ = _doctor(wb)
     assert code == 1
     assert checks["provider"]["detail"].startswith("cannot reach http://127.0.0.1:")
@@ -183,7 +178,7 @@ def test_receiver_checks(
     assert code == 1
     assert "not as `wanbatch serve` does" in checks["receiver"]["detail"]
 
-    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"http://127.0.0.1:{_free_port()}/webhooks/fal")
+    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"http://127.0.0.1:{unused_port()}/webhooks/fal")
     code, checks, _ = _doctor(wb)
     assert code == 1
     assert checks["receiver"]["detail"].startswith("cannot reach")
@@ -216,8 +211,8 @@ def test_human_output_fits_80_columns_and_names_each_fix(
 ) -> None:
     monkeypatch.setenv("COLUMNS", "80")
     monkeypatch.setenv("FAL_KEY", FAL_KEY)
-    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", f"http://127.0.0.1:{_free_port()}")
-    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"http://127.0.0.1:{_free_port()}/webhooks/fal")
+    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", f"http://127.0.0.1:{unused_port()}")
+    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"http://127.0.0.1:{unused_port()}/webhooks/fal")
     (tmp_path / "outputs").write_text("not a folder")
     run = wb("doctor")
     assert run.code == 1
@@ -242,7 +237,7 @@ def test_broker_with_and_without_workers(
     new_pg_database: Callable[[], str],
     tmp_path: Path,
 ) -> None:
-    monkeypatch.setenv("WANBATCH_BROKER_URL", f"redis://127.0.0.1:{_free_port()}/0")
+    monkeypatch.setenv("WANBATCH_BROKER_URL", f"redis://127.0.0.1:{unused_port()}/0")
     code, checks, _ = _doctor(wb)
     assert code == 1
     assert "cannot reach the broker" in checks["broker"]["detail"]

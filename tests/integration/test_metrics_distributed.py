@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -39,19 +38,13 @@ from bench.distributed import (
 from falsim import SimulatorOptions, running_simulator
 from jobs.settings import Settings
 from tests.celery_events import EventTap
+from tests.ports import unused_port
 from web.metrics import metrics_route
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 KEY = "b-worker-key-6a2f8c0e:9d4b1e7a3c5f"
 SUBMIT_TASK = "wanbatch.submit_job"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def test_a_worker_logs_json_serves_summed_metrics_and_sends_celery_events(
@@ -63,7 +56,7 @@ def test_a_worker_logs_json_serves_summed_metrics_and_sends_celery_events(
     manifest = write_manifest(tmp_path, scenario.jobs, name="observed")
     logs = tmp_path / "logs"
     logs.mkdir()
-    port = free_port()
+    port = unused_port()
     options = SimulatorOptions(concurrency_limit=scenario.sim_concurrency, latency_seconds=scenario.latency)
     with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as broker, running_simulator(options) as sim:
         database = new_pg_database()

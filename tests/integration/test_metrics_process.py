@@ -25,17 +25,11 @@ from falsim.server import SimulatorHandle
 from jobs import batches
 from jobs.errors import ConfigError, ProviderError, RetryableProviderError
 from jobs.settings import Settings
+from tests.ports import unused_port
 from worker import telemetry
 from worker.running import process_batch
 
 KEY = "b-process-key-1e5c9d3a:7f0b4a2e6c8d"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def parse(body: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -58,7 +52,7 @@ def slow_sim() -> Iterator[SimulatorHandle]:
 def test_an_embedded_run_serves_its_metrics_while_it_works(
     slow_sim: SimulatorHandle, sqlite_url: str, tmp_path: Path
 ) -> None:
-    port = free_port()
+    port = unused_port()
     settings = Settings(
         database_url=sqlite_url,
         FAL_KEY=SecretStr(KEY),
@@ -184,7 +178,7 @@ MULTIPROCESS = textwrap.dedent(
 
 
 def test_prefork_children_are_summed_by_the_parent(tmp_path: Path) -> None:
-    port = free_port()
+    port = unused_port()
     done = subprocess.run(
         [sys.executable, "-c", MULTIPROCESS, str(port)],
         capture_output=True,

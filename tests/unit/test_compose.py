@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from jobs.settings import Settings
+from tests.ports import unused_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -427,19 +427,13 @@ def test_migrate_command_migrates_a_fresh_postgres(
         engine.dispose()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def simulator_service(compose: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
     """The simulator service's own command, moved to a free port, running as a process."""
     service = _services(compose)["simulator"]
     cmd = _command(service)
     assert cmd[:2] == ["wanbatch", "simulator"]
-    port = _free_port()
+    port = unused_port()
     args = [str(port) if a == "8787" else ("127.0.0.1" if a == "0.0.0.0" else a) for a in cmd[2:]]
     assert args != cmd[2:], "the simulator listens on 0.0.0.0:8787"
     launcher = "from cli import main; import sys; sys.argv[0] = 'wanbatch'; main()"
