@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from tests.ports import unused_port
 from tests.test_architecture import product_packages
 from tests.unit.test_compose import COMPOSE_FILE, DOCKERFILE, _command, _env, _services, interpolate
 
@@ -60,9 +60,7 @@ def test_serve_published_address_is_a_compose_knob() -> None:
 
 def test_serve_command_answers_its_healthcheck(tmp_path: Path) -> None:
     serve = _services(_compose())["serve"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_port()
     args = [str(port) if a == "8788" else ("127.0.0.1" if a == "0.0.0.0" else a) for a in _command(serve)[2:]]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANBATCH_") and k != "FAL_KEY"}
     env.update(WANBATCH_DATABASE_URL=f"sqlite:///{tmp_path / 'serve.db'}", WANBATCH_OUTPUT_DIR=str(tmp_path))
