@@ -29,10 +29,11 @@ from rich.table import Table
 
 from jobs.errors import Issue, ManifestError, WanbatchError
 from jobs.money import usd_text
+from jobs.phase import phase_of
 from jobs.states import JobState
 
 if TYPE_CHECKING:
-    from jobs.batches import BatchProgress, BatchReport, SubmitResult
+    from jobs.batches import BatchReport, SubmitResult
     from jobs.cost import CostLine, CostReport
     from jobs.pricing import EstimateReport
 
@@ -191,28 +192,6 @@ GAP = 2
 # --------------------------------------------------------------------------- one batch
 
 
-def display_state(report: BatchReport | BatchProgress) -> tuple[str, str | None]:
-    """What a person should read as the batch's state, and why when it is held back.
-
-    ``paused`` covers both a batch fal's refusal paused (its ``pause_reason``) and a user's
-    ``wanbatch pause``; ``waiting`` a schedule that is closed now; ``done`` every job finished.
-    """
-    if report["state"] == "cancelled":
-        return "cancelled", None
-    if report["total"] and report["finished"] >= report["total"]:
-        return "done", None
-    if report["state"] == "paused":
-        return "paused", report["pause_reason"] or "see the log"
-    if report["paused_by_user"]:
-        return "paused", "by its user"
-    schedule = report["schedule_state"]
-    if schedule.startswith("past deadline"):
-        return "deadline", schedule
-    if schedule and not schedule.startswith("open"):
-        return "waiting", schedule
-    return "active", None
-
-
 def shell_ref(report: BatchReport) -> str:
     """How to name the batch in a command to type: its name, unless the shell would need quotes."""
     return (
@@ -222,7 +201,7 @@ def shell_ref(report: BatchReport) -> str:
 
 def batch_heading(report: BatchReport) -> str:
     """``name (a1b2c3d4) · state``, the name shortened to fit the terminal."""
-    label, _reason = display_state(report)
+    label, _reason = phase_of(report)
     suffix = f" ({short_id(report['batch'])}) · {label}"
     return f"[bold]{escape(fit(report['name'], width() - cell_len(suffix)))}[/bold]{escape(suffix)}"
 
@@ -254,7 +233,7 @@ def progress_text(report: BatchReport) -> str:
     """``6/10 done · 3 in flight · ~3m20s left``; no forecast for a batch nothing works on."""
     parts = [f"{report['finished']}/{report['total']} done"]
     if report["finished"] < report["total"]:
-        label, _reason = display_state(report)
+        label, _reason = phase_of(report)
         parts.append(f"{report['in_flight']} in flight")
         if eta := eta_text(report["eta_seconds"]):
             parts.append(eta)
@@ -342,7 +321,7 @@ def batches_table(reports: list[BatchReport]) -> Table:
     rows = []
     for r in reports:
         c = r["counts"]
-        label, _reason = display_state(r)
+        label, _reason = phase_of(r)
         rows.append(
             [
                 ids[r["batch"]],
@@ -378,7 +357,7 @@ def print_batches(reports: list[BatchReport]) -> None:
     ids = short_ids([r["batch"] for r in reports])
     notes = []
     for r in reports:
-        label, reason = display_state(r)
+        label, reason = phase_of(r)
         if reason and label in ("paused", "waiting"):
             notes.append(escape(fit(f"{ids[r['batch']]} {label}: {reason}", width())))
     for note in notes:

@@ -26,6 +26,7 @@ from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import usd_json, usd_text
+from jobs.phase import batch_phase
 from jobs.pricing import Totals, estimate_job
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
@@ -423,6 +424,11 @@ class BatchReport(TypedDict):
     #: In words: "paused by user", "waiting for window (opens …)", "past deadline: N cancelled",
     #: … (see :func:`schedule_state`); "" when nothing holds the batch back.
     schedule_state: str
+    #: What a person reads as the batch's state (:func:`batch_phase`, the ``state`` column of
+    #: ``status``): ``active``, ``done``, ``paused``, ``waiting``, ``deadline`` or ``cancelled``.
+    phase: str
+    #: Why the batch is held back (``paused``, ``waiting``, ``deadline``), else None.
+    phase_reason: str | None
     #: ``Schedule.as_json()`` (``not_before``, ``deadline``, ``window``, ``timezone``), or None.
     schedule: dict[str, Any] | None
     priority: str
@@ -561,6 +567,15 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
         or batch.paused_by_user
         or not store.batch_schedule(batch).is_open(now)
     )
+    shown_schedule = schedule_state(session, batch, finished=done, now=now)
+    phase, phase_reason = batch_phase(
+        state=batch.state,
+        total=total,
+        finished=terminal,
+        pause_reason=batch.pause_reason,
+        paused_by_user=batch.paused_by_user,
+        schedule_state=shown_schedule,
+    )
     if done:
         eta: float | None = 0.0
     elif held or in_flight == 0:
@@ -573,7 +588,9 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
         "state": BatchState(batch.state).value,
         "pause_reason": batch.pause_reason,
         "paused_by_user": batch.paused_by_user,
-        "schedule_state": schedule_state(session, batch, finished=done, now=now),
+        "schedule_state": shown_schedule,
+        "phase": phase,
+        "phase_reason": phase_reason,
         "schedule": batch.schedule,
         "priority": batch.priority,
         "low_priority_waiting": starving,

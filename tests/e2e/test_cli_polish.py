@@ -171,6 +171,7 @@ def test_status_shows_a_paused_batch_as_paused_and_no_eta_when_nothing_works_on_
         store.set_batch_state(session, batch_id, BatchState.PAUSED, reason=reason)
     report = wb("status", "night", "--json").json()
     assert (report["state"], report["pause_reason"], report["eta_seconds"]) == ("paused", reason, None)
+    assert (report["phase"], report["phase_reason"]) == ("paused", reason)
     human = wb("status", "night").stdout
     assert human.splitlines()[0].endswith("· paused")
     assert "paused: fal refused the account (403)" in human
@@ -184,6 +185,8 @@ def test_rerun_failed_only_with_nothing_to_rerun_says_so_and_creates_nothing(
 ) -> None:
     run = wb("run", manifest("fine", TWO_JOBS.format(name="fine")), "--json", "--no-progress")
     assert run.code == 0, run.stderr
+    done = wb("status", "fine", "--json").json()  # what a script polling for the end reads
+    assert (done["state"], done["phase"], done["phase_reason"]) == ("active", "done", None)
     url = get_settings().database_url
     before = counts(url)
     again = wb("rerun", "fine", "--failed-only", "--no-progress")

@@ -68,6 +68,7 @@ def test_pause_and_resume_by_name_and_id_prefix(wb: Wb, manifest: MakeManifest) 
         "paused by user",
         "active",
     )
+    assert (report["phase"], report["phase_reason"]) == ("paused", "by its user")
     assert "schedule: paused by user" in wb("status", "night").stdout
 
     again = wb("pause", batch[:8], "--json")
@@ -82,6 +83,7 @@ def test_pause_and_resume_by_name_and_id_prefix(wb: Wb, manifest: MakeManifest) 
     assert (resumed.json()["paused_by_user"], resumed.json()["changed"]) == (False, True)
     report = wb("status", "night", "--json").json()
     assert (report["paused_by_user"], report["schedule_state"]) == (False, "")
+    assert (report["phase"], report["phase_reason"]) == ("active", None)
     assert "schedule:" not in wb("status", "night").stdout
 
     noop = wb("resume", "night")
