@@ -9,10 +9,8 @@ The stored batch states are compared as their string values for the same reason
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from jobs.batches import BatchProgress, BatchReport
+from collections.abc import Mapping
+from typing import Any
 
 
 def batch_phase(
@@ -47,8 +45,9 @@ def batch_phase(
     return "active", None
 
 
-def phase_of(report: BatchReport | BatchProgress) -> tuple[str, str | None]:
-    """:func:`batch_phase` of a report or a progress snapshot."""
+def phase_of(report: Mapping[str, Any]) -> tuple[str, str | None]:
+    """:func:`batch_phase` of a ``BatchReport`` or a ``BatchProgress`` (:mod:`jobs.batches`,
+    which imports this module: named here only in words, so the two make no cycle)."""
     return batch_phase(
         state=report["state"],
         total=report["total"],
