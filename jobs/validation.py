@@ -188,6 +188,13 @@ def _wrong_type(fld: FieldSpec, value: Any, expected: str) -> FieldProblem:
         got = "a mapping"
     elif isinstance(value, list):
         got = "a list"
+        # The commonest way to get here: a sweep written in place (``seed: [1, 2, 3]`` in an item).
+        return FieldProblem(
+            fld.name,
+            f"expected {expected}, got {got} {value!r}; a list makes one job per value only under `matrix:`",
+            value,
+            fld.allowed(),
+        )
     return FieldProblem(fld.name, f"expected {expected}, got {got} {value!r}", value, fld.allowed())
 
 

@@ -61,6 +61,7 @@ def messages(spec_field: str, value: object, spec=W22) -> list[str]:  # type: ig
         ("enable_safety_checker", 1, "expected true or false"),
         ("prompt", 5, "expected text"),
         ("prompt", ["a"], "expected text, got a list"),
+        ("seed", [1, 2, 3], "a list makes one job per value only under `matrix:`"),
         ("resolution", "1080p", "not one of the allowed values"),
         ("seed", None, "must not be null"),
     ],
@@ -87,6 +88,11 @@ def test_bad_values_are_refused(field: str, value: object, phrase: str) -> None:
 )
 def test_good_values_pass(field: str, value: object) -> None:
     assert messages(field, value) == []
+
+
+def test_only_a_list_gets_the_matrix_hint() -> None:
+    """A mapping or a text in the wrong place is no sweep: no word of ``matrix`` then."""
+    assert all("matrix" not in m for m in messages("seed", {"a": 1}) + messages("seed", "7"))
 
 
 def test_max_length_counts_characters() -> None:
