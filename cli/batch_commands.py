@@ -40,12 +40,15 @@ from cli.output import (
 )
 
 if TYPE_CHECKING:
+    from falsim.server import SimulatorHandle
     from jobs.diff import JobSide, Pair
     from jobs.settings import Settings
     from worker.running import Interrupted
 
 #: The key a ``--simulate`` run sends when no FAL_KEY is set (the simulator accepts any key).
 SIMULATOR_KEY = "simulator-key"
+#: The simulator of the ``--simulate`` command running now (:func:`fal_settings`), else None.
+_simulator: SimulatorHandle | None = None
 
 
 @click.command()
@@ -280,22 +283,45 @@ def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> I
 
     from falsim import SimulatorOptions, running_simulator
 
+    global _simulator
     with running_simulator(SimulatorOptions(concurrency_limit=40, latency_seconds=0.3)) as sim:
-        yield settings.model_copy(
-            update={
-                "fal_queue_url": sim.url,
-                "fal_rest_url": sim.url,
-                "fal_key": settings.fal_key or SecretStr(SIMULATOR_KEY),
-                "poll_min_interval": min(settings.poll_min_interval, 0.2),
-                "tick_interval": min(settings.tick_interval, 0.1),
-            }
-        )
+        _simulator = sim
+        try:
+            yield settings.model_copy(
+                update={
+                    "fal_queue_url": sim.url,
+                    "fal_rest_url": sim.url,
+                    "fal_key": settings.fal_key or SecretStr(SIMULATOR_KEY),
+                    "poll_min_interval": min(settings.poll_min_interval, 0.2),
+                    "tick_interval": min(settings.tick_interval, 0.1),
+                }
+            )
+        finally:
+            _simulator = None
+
+
+def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
+    """With ``--simulate``, give the simulator of this run the batch's requests that an earlier,
+    stopped run left "at fal" (queued, running, being cancelled, or finished and not yet
+    downloaded): real fal still has them after a Ctrl-C, and "run again to resume" must hold
+    against the simulator too, instead of every such job failing as a request fal lost."""
+    if _simulator is None:
+        return
+    from jobs import db, store
+    from jobs.states import JobState
+
+    at_fal = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING, JobState.DOWNLOADING)
+    with db.read_scope(db.open_engine(settings)) as session:
+        requests = store.batch_requests(session, batch_id, at_fal)
+    if requests:
+        _simulator.resume(requests)
 
 
 def _run_and_report(batch_id: str, settings: Settings, as_json: bool, progress: bool) -> int:
     from jobs.output_store import open_output_store
     from worker.running import process_batch
 
+    _resume_at_simulator(batch_id, settings)
     startup.resume()  # the machinery is loaded: freeze it, collect from here on
     report, stats = process_batch(batch_id, settings, console=err, show_progress=progress and not as_json)
     if as_json:

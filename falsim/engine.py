@@ -215,9 +215,17 @@ class Engine:
         store_io: bool | None = None,
         file_ttl: float | None = None,
         fallbacks_disabled: bool = False,
+        request_id: str | None = None,
     ) -> SimRequest:
-        """Queue a request; it is dispatched on the next loop turn so the submit answer says IN_QUEUE."""
-        rid = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+        """Queue a request; it is dispatched on the next loop turn so the submit answer says IN_QUEUE.
+
+        ``request_id``: take back a request an earlier simulator process accepted (see
+        :meth:`falsim.server.SimulatorHandle.resume`) under its own id; one already known is
+        returned as it is.
+        """
+        if request_id is not None and request_id in self._requests:
+            return self._requests[request_id]
+        rid = request_id or str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
         req = SimRequest(
             request_id=rid,
             gateway_request_id=rid,

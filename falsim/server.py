@@ -21,7 +21,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from falsim.engine import Engine
 from falsim.ledger import LedgerReport
 from falsim.options import SimulatorOptions
 from falsim.tls import make_self_signed
+from jobs.endpoints import get_endpoint
 
 T = TypeVar("T")
 
@@ -137,6 +138,26 @@ class SimulatorHandle:
             self.engine.update_options(changes)
 
         self._call(apply())
+
+    def resume(self, requests: Iterable[tuple[str, str, Any]]) -> int:
+        """Take back ``(endpoint id, request id, input)`` requests an earlier simulator accepted.
+
+        fal keeps a request whatever becomes of the client that sent it, so a batch stopped with
+        Ctrl-C finds its requests still there when it is run again. A simulator that lived in
+        the stopped process (``--simulate``) took them with it; given them back here, it runs
+        them again under their own ids, as if they had been in its queue all along, and their
+        results are there once they finish. Returns how many were new to it.
+        """
+
+        async def take() -> int:
+            taken = 0
+            for endpoint_id, request_id, payload in requests:
+                if self.engine.get(request_id) is None:
+                    self.engine.submit(get_endpoint(endpoint_id), payload, request_id=request_id)
+                    taken += 1
+            return taken
+
+        return self._call(take())
 
     def reset(self) -> None:
         """Forget all requests, files, deliveries and faults; start a fresh ledger."""

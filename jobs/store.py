@@ -1694,6 +1694,19 @@ def requests_at_fal(
     return list(session.scalars(query.order_by(Job.submitted_at, Job.id).limit(limit)))
 
 
+def batch_requests(
+    session: Session, batch_id: str, states: Collection[JobState]
+) -> list[tuple[str, str, Any]]:
+    """``(endpoint, request id, submitted input)`` of the batch's jobs in ``states`` that have a
+    request at fal, oldest first (a ``--simulate`` run gives them back to its simulator)."""
+    query = (
+        select(Job.endpoint, Job.request_id, Job.submitted_input)
+        .where(Job.batch_id == batch_id, Job.state.in_(sorted(states)), Job.request_id.is_not(None))
+        .order_by(Job.submitted_at, Job.id)
+    )
+    return [(endpoint, request_id, data) for endpoint, request_id, data in session.execute(query)]
+
+
 def get_job(session: Session, job_id: str) -> Job:
     """One job by id, freshly read (never a stale copy from the session)."""
     job = session.get(Job, job_id, populate_existing=True)

@@ -203,6 +203,40 @@ def test_ctrl_c_during_downloads_stops_in_seconds_and_the_next_run_resumes(
     assert len(list((Path(env["WANBATCH_OUTPUT_DIR"]) / "sigint").glob("*.mp4"))) == JOBS
 
 
+def test_a_simulated_run_stopped_with_requests_at_fal_resumes_them(
+    manifest: MakeManifest, env: dict[str, str], e2e_env: Path
+) -> None:
+    """`--simulate` runs its simulator inside the process: Ctrl-C takes it down with the
+    requests it held. Real fal keeps them, so the next `--simulate` run gives them back to its
+    own simulator: every job succeeds, none fails as a request fal lost."""
+    db = env["WANBATCH_DATABASE_URL"]
+    path = _manifest(manifest)
+    at_fal = "state IN ('queued', 'running') AND request_id IS NOT NULL"
+    first = Proc(["run", str(path), "--simulate", "--no-progress"], env, e2e_env, "sim-first")
+    try:
+        _wait_for("requests at fal", lambda: _count(db, at_fal) >= 2, first)
+        _signal_and_wait(first, signal.SIGINT, within=10)
+    finally:
+        first.kill()
+    assert first.popen.returncode == 130, first.stderr()
+    left = _count(db, at_fal)
+    assert left >= 1, "no request was left at fal: the test did not interrupt a run midway"
+
+    second = Proc(["run", str(path), "--simulate", "--no-progress"], env, e2e_env, "sim-second")
+    try:
+        second.popen.wait(90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the second run did not finish:\n{second.stderr()}")
+    finally:
+        second.kill()
+    assert second.popen.returncode == 0, second.stderr() + second.stdout()
+    assert _count(db, "state = 'succeeded'") == JOBS
+    assert _count(db, "state = 'failed'") == 0
+    assert "lost the request" not in second.stdout() + second.stderr()
+    # Each job was sent once: the requests left at fal were taken back, not sent again.
+    assert _count(db, "attempts = 1") == JOBS
+
+
 def test_sigterm_leaves_a_post_in_flight_to_the_reconciler(
     manifest: MakeManifest, sim: SimulatorHandle, env: dict[str, str], e2e_env: Path
 ) -> None:
