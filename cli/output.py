@@ -29,7 +29,6 @@ from rich.table import Table
 
 from jobs.errors import Issue, ManifestError, WanbatchError
 from jobs.money import usd_text
-from jobs.phase import phase_of
 from jobs.states import JobState
 
 if TYPE_CHECKING:
@@ -201,7 +200,7 @@ def shell_ref(report: BatchReport) -> str:
 
 def batch_heading(report: BatchReport) -> str:
     """``name (a1b2c3d4) · state``, the name shortened to fit the terminal."""
-    label, _reason = phase_of(report)
+    label = report["phase"]
     suffix = f" ({short_id(report['batch'])}) · {label}"
     return f"[bold]{escape(fit(report['name'], width() - cell_len(suffix)))}[/bold]{escape(suffix)}"
 
@@ -233,7 +232,7 @@ def progress_text(report: BatchReport) -> str:
     """``6/10 done · 3 in flight · ~3m20s left``; no forecast for a batch nothing works on."""
     parts = [f"{report['finished']}/{report['total']} done"]
     if report["finished"] < report["total"]:
-        label, _reason = phase_of(report)
+        label = report["phase"]
         parts.append(f"{report['in_flight']} in flight")
         if eta := eta_text(report["eta_seconds"]):
             parts.append(eta)
@@ -321,7 +320,7 @@ def batches_table(reports: list[BatchReport]) -> Table:
     rows = []
     for r in reports:
         c = r["counts"]
-        label, _reason = phase_of(r)
+        label = r["phase"]
         rows.append(
             [
                 ids[r["batch"]],
@@ -357,7 +356,7 @@ def print_batches(reports: list[BatchReport]) -> None:
     ids = short_ids([r["batch"] for r in reports])
     notes = []
     for r in reports:
-        label, reason = phase_of(r)
+        label, reason = r["phase"], r["phase_reason"]
         if reason and label in ("paused", "waiting"):
             notes.append(escape(fit(f"{ids[r['batch']]} {label}: {reason}", width())))
     for note in notes:

@@ -139,25 +139,21 @@ class SimulatorHandle:
 
         self._call(apply())
 
-    def resume(self, requests: Iterable[tuple[str, str, Any]]) -> int:
+    def resume(self, requests: Iterable[tuple[str, str, Any]]) -> None:
         """Take back ``(endpoint id, request id, input)`` requests an earlier simulator accepted.
 
         fal keeps a request whatever becomes of the client that sent it, so a batch stopped with
         Ctrl-C finds its requests still there when it is run again. A simulator that lived in
         the stopped process (``--simulate``) took them with it; given them back here, it runs
         them again under their own ids, as if they had been in its queue all along, and their
-        results are there once they finish. Returns how many were new to it.
+        results are there once they finish. A request it already knows is left as it is.
         """
 
-        async def take() -> int:
-            taken = 0
+        async def take() -> None:
             for endpoint_id, request_id, payload in requests:
-                if self.engine.get(request_id) is None:
-                    self.engine.submit(get_endpoint(endpoint_id), payload, request_id=request_id)
-                    taken += 1
-            return taken
+                self.engine.submit(get_endpoint(endpoint_id), payload, request_id=request_id)
 
-        return self._call(take())
+        self._call(take())
 
     def reset(self) -> None:
         """Forget all requests, files, deliveries and faults; start a fresh ledger."""

@@ -26,7 +26,6 @@ from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import usd_json, usd_text
-from jobs.phase import batch_phase
 from jobs.pricing import Totals, estimate_job
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
@@ -547,6 +546,38 @@ def low_priority_note(session: Session, batch: Batch, *, now: datetime) -> tuple
         f"{LOW_PRIORITY_WAIT_SECONDS / 60:.0f} min: fal serves low priority only when no normal "
         "request waits on the endpoint (`priority: normal` and submit again to stop waiting)"
     )
+
+
+def batch_phase(
+    *,
+    state: str,
+    total: int,
+    finished: int,
+    pause_reason: str | None,
+    paused_by_user: bool,
+    schedule_state: str,
+) -> tuple[str, str | None]:
+    """What a person should read as a batch's state, and why when it is held back.
+
+    The stored ``state`` says only whether jobs may be sent, so a batch whose every job
+    finished is still ``active`` there; a script polling ``status --json`` needs ``done``.
+    ``paused`` covers both a batch fal's refusal paused (its ``pause_reason``) and a user's
+    ``wanbatch pause``; ``waiting`` a schedule that is closed now; ``deadline`` a schedule whose
+    deadline passed; ``done`` every job finished.
+    """
+    if state == BatchState.CANCELLED:
+        return "cancelled", None
+    if total and finished >= total:
+        return "done", None
+    if state == BatchState.PAUSED:
+        return "paused", pause_reason or "see the log"
+    if paused_by_user:
+        return "paused", "by its user"
+    if schedule_state.startswith("past deadline"):
+        return "deadline", schedule_state
+    if schedule_state and not schedule_state.startswith("open"):
+        return "waiting", schedule_state
+    return "active", None
 
 
 def batch_report(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchReport:

@@ -153,6 +153,16 @@ def _signal_and_wait(proc: Proc, sig: signal.Signals, within: float) -> float:
     return time.monotonic() - started
 
 
+def _wait_done(proc: Proc, timeout: float = 90) -> None:
+    """Wait for ``proc`` to exit; fail with its stderr when it does not in time."""
+    try:
+        proc.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the {proc.err.stem} run did not finish:\n{proc.stderr()}")
+    finally:
+        proc.kill()
+
+
 def test_ctrl_c_during_downloads_stops_in_seconds_and_the_next_run_resumes(
     manifest: MakeManifest,
     sim: SimulatorHandle,
@@ -188,12 +198,7 @@ def test_ctrl_c_during_downloads_stops_in_seconds_and_the_next_run_resumes(
     stalled_downloads.set()
     started = time.monotonic()
     second = Proc(["run", str(path), "--no-progress"], env, e2e_env, "second")
-    try:
-        second.popen.wait(90)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the second run did not finish:\n{second.stderr()}")
-    finally:
-        second.kill()
+    _wait_done(second)
     assert second.popen.returncode == 0, second.stderr()
     assert time.monotonic() - started < 60  # not held up by leases of the dead process
     assert _count(db, "state = 'succeeded'") == JOBS
@@ -223,12 +228,7 @@ def test_a_simulated_run_stopped_with_requests_at_fal_resumes_them(
     assert left >= 1, "no request was left at fal: the test did not interrupt a run midway"
 
     second = Proc(["run", str(path), "--simulate", "--no-progress"], env, e2e_env, "sim-second")
-    try:
-        second.popen.wait(90)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the second run did not finish:\n{second.stderr()}")
-    finally:
-        second.kill()
+    _wait_done(second)
     assert second.popen.returncode == 0, second.stderr() + second.stdout()
     assert _count(db, "state = 'succeeded'") == JOBS
     assert _count(db, "state = 'failed'") == 0

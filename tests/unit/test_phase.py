@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.phase import batch_phase
+from jobs.batches import batch_phase
 
 WAITING = "waiting for window (opens 22:00)"
 
