@@ -6,16 +6,19 @@ leaves fal's slot idle until the next ask. fal's queue offers a server-sent-even
 request (``GET …/requests/{id}/status/stream``, https://docs.fal.ai/model-apis/model-endpoints/queue):
 one call per request, and an event the moment its state changes.
 
-Each watched request gets a thread that reads its stream (:meth:`FalClient.stream_status`,
-sync httpx sharing the client's connection pool) and reports what matters — the request
+Each watched request is read by a thread of its own while it lasts (:meth:`FalClient.stream_status`,
+sync httpx sharing the client's connection pool), which reports what matters — the request
 started running, or it ended — to a callback; the callback only queues it (the conductor
 applies it to the database). A stream that breaks is reported as lost: the poller's safety net
 takes the job over. The number of streams is bounded; requests beyond it are left to polling.
+A thread whose stream ended waits a little for the next one rather than exit: a batch opens a
+stream for every job, and starting a thread costs more CPU than reading a short stream.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable
 
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 OnStatus = Callable[[str, str, Status], None]
 #: ``on_lost(job_id)``: the stream broke before the request ended; polling takes over.
 OnLost = Callable[[str], None]
+#: How long a reading thread with nothing to read waits for another stream before it exits.
+IDLE_THREAD_SECONDS = 5.0
 
 
 class StatusWatcher:
@@ -42,6 +47,8 @@ class StatusWatcher:
         self._lock = threading.Lock()
         self._watching: dict[str, str] = {}  # job id -> request id
         self._closed = False
+        self._work: queue.SimpleQueue[tuple[str, RequestHandle]] = queue.SimpleQueue()
+        self._idle = 0  # reading threads waiting for a stream (under _lock)
 
     def watching(self) -> frozenset[str]:
         """The jobs whose request is followed right now (the poller leaves them alone)."""
@@ -59,16 +66,41 @@ class StatusWatcher:
             if self._closed or job_id in self._watching or len(self._watching) >= self.max_streams:
                 return False
             self._watching[job_id] = handle.request_id
-        thread = threading.Thread(
-            target=self._follow, args=(job_id, handle), name=f"wanbatch-watch-{job_id[:8]}", daemon=True
-        )
-        thread.start()
+            if self._idle:
+                self._idle -= 1  # that thread takes it: no new one
+                start = False
+            else:
+                start = True
+        self._work.put((job_id, handle))
+        if start:
+            # Daemon: a stream blocked in a read must never hold up the process's exit.
+            threading.Thread(target=self._reader, name="wanbatch-watch", daemon=True).start()
         return True
 
     def close(self) -> None:
         """Report nothing more. Streams still open end when the client's pool closes."""
         with self._lock:
             self._closed = True
+
+    def _reader(self) -> None:
+        """Follow streams one after another; exit after :data:`IDLE_THREAD_SECONDS` without one.
+
+        Every stream put on the queue was counted against a thread: a new one, or an idle one
+        (``_idle``) which is then bound to take it. A thread that times out uncounts itself
+        under the lock; if a stream was counted against it meanwhile, it takes that one.
+        """
+        while True:
+            try:
+                job_id, handle = self._work.get(timeout=IDLE_THREAD_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:
+                        self._idle -= 1
+                        return
+                job_id, handle = self._work.get()  # promised to this thread just now
+            self._follow(job_id, handle)
+            if self._closed:
+                return
 
     def _follow(self, job_id: str, handle: RequestHandle) -> None:
         running_said = False
@@ -108,7 +140,12 @@ class StatusWatcher:
                 self.on_lost(job_id)
 
     def _done(self, job_id: str) -> bool:
-        """``job_id`` is no longer followed (its room is free); whether the watcher is closed."""
+        """``job_id`` is no longer followed (its room is free) and its thread is idle again, in
+        one step: whoever sees the room free also finds the thread idle. Whether the watcher is
+        closed (the thread then ends, not counted idle; one counted just before the close ends
+        too, and the count no longer matters: a closed watcher takes no stream)."""
         with self._lock:
             self._watching.pop(job_id, None)
+            if not self._closed:
+                self._idle += 1
             return self._closed

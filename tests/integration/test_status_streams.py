@@ -16,6 +16,7 @@ import httpx
 from falsim.options import SimulatorOptions
 from falsim.server import running_simulator
 from tests.hostile import wait_for
+from worker import watcher as watcher_module
 from worker.fal.client import FalClient
 from worker.fal.models import Status
 from worker.watcher import StatusWatcher
@@ -73,3 +74,42 @@ def test_streams_followed_one_after_another_share_one_connection() -> None:
             client.close()
     assert ended == [f"job-{n}" for n in range(6)]
     assert backend.connections == 1  # six submits and six streams, one after another, one connection
+    assert len(_watch_threads()) == 1  # and one thread read them all, one after another
+
+
+def _watch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "wanbatch-watch"]
+
+
+def test_concurrent_streams_get_a_thread_each_and_idle_threads_exit(monkeypatch: Any) -> None:
+    monkeypatch.setattr(watcher_module, "IDLE_THREAD_SECONDS", 0.3)
+    assert wait_for(lambda: not _watch_threads(), timeout=10)  # none left by an earlier test
+    options = SimulatorOptions(concurrency_limit=8, latency_seconds=0.3, latency_jitter=0.0)
+    with running_simulator(options) as sim:
+        client = FalClient(queue_url=sim.url, rest_url=sim.url, key=KEY, timeout=httpx.Timeout(10.0))
+        ended: list[str] = []
+        lock = threading.Lock()
+
+        def on_status(job_id: str, _request_id: str, status: Status) -> None:
+            if status.completed:
+                with lock:
+                    ended.append(job_id)
+
+        watcher = StatusWatcher(client, on_status, lambda job_id: None, max_streams=8)
+        try:
+            for rnd in range(2):
+                for n in range(5):
+                    handle = client.submit(
+                        T2V, {"prompt": f"together {rnd} {n}", "resolution": "480p"}
+                    ).handle
+                    assert watcher.watch(f"job-{rnd}-{n}", handle)
+                assert wait_for(lambda: not watcher.watching(), timeout=10)
+                assert len(_watch_threads()) == 5  # the second round reuses the first one's threads
+            assert wait_for(lambda: not _watch_threads(), timeout=10)  # idle ones leave
+            handle = client.submit(T2V, {"prompt": "after", "resolution": "480p"}).handle
+            assert watcher.watch("job-after", handle)  # and a new stream still gets one
+            assert wait_for(lambda: "job-after" in ended, timeout=10)
+        finally:
+            watcher.close()
+            client.close()
+    assert sorted(ended) == sorted([f"job-{r}-{n}" for r in range(2) for n in range(5)] + ["job-after"])

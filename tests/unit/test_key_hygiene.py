@@ -128,6 +128,29 @@ def test_a_closed_client_refuses_to_submit_without_ambiguity() -> None:
         client.submit("fal-ai/wan-22", {"prompt": "p"})
 
 
+def test_the_client_keeps_no_cookie_a_provider_sets() -> None:
+    seen: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("cookie"))
+        headers = {"Set-Cookie": "session=tracked; Path=/"}
+        return httpx.Response(200, headers=headers, json={"status": "IN_QUEUE", "queue_position": 0})
+
+    client = FalClient(
+        queue_url=QUEUE,
+        rest_url="https://rest.test",
+        key=KEY,
+        timeout=httpx.Timeout(1.0),
+        transport=httpx.MockTransport(answer),
+    )
+    handle = RequestHandle.from_request_id(QUEUE, "fal-ai/wan-22", RID)
+    client.status(handle)
+    client.status(handle)
+    client.close()
+    assert seen == [None, None]
+    assert not client.http.cookies
+
+
 def test_errors_from_storage_calls_are_scrubbed() -> None:
     answer = httpx.Response(400, json={"detail": [{"msg": f"upload refused for {KEY}", "input": KEY}]})
     client = FalClient(

@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
+from http.cookiejar import Cookie, CookieJar
 
 import httpx
 
@@ -61,6 +62,22 @@ def timeout_from(settings: FalSettings) -> httpx.Timeout:
     )
 
 
+class NoCookies(CookieJar):
+    """A cookie jar that keeps nothing: fal's queue API and its CDN need no cookies, and a
+    client shared by many calls must carry nothing a provider set from one call to the next.
+
+    Refusing by policy (``DefaultCookiePolicy(allowed_domains=[])``) would still parse every
+    response's headers into cookies first (:meth:`CookieJar.make_cookies`), about 35 µs of CPU
+    per response; this jar never looks at them.
+    """
+
+    def extract_cookies(self, response: object, request: object) -> None:
+        return None
+
+    def set_cookie(self, cookie: Cookie) -> None:
+        return None
+
+
 def build_http_client(
     *,
     timeout: httpx.Timeout,
@@ -74,6 +91,7 @@ def build_http_client(
         transport=transport,
         follow_redirects=False,
         headers={"User-Agent": USER_AGENT},
+        cookies=NoCookies(),
     )
 
 

@@ -36,7 +36,6 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from jobs.errors import FinalProviderError, ProviderError, RetryableProviderErro
 from jobs.outputs import OutputWriteError
 from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transport_errors, parse_body
+from worker.fal.http import NoCookies
 from worker.fal.models import DownloadResult
 
 STORAGE_TYPE = "fal-cdn-v3"
@@ -404,7 +404,7 @@ def guarded_client(
         transport=_GuardedTransport(policy),
         timeout=timeout,
         trust_env=False,
-        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+        cookies=NoCookies(),
         event_hooks=dict(event_hooks or {}),
     )
 
