@@ -19,6 +19,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -29,6 +30,7 @@ from rich.table import Table
 
 from jobs.errors import Issue, ManifestError, WanbatchError
 from jobs.money import usd_text
+from jobs.schedule import format_duration
 from jobs.states import JobState
 
 if TYPE_CHECKING:
@@ -229,7 +231,8 @@ def eta_text(seconds: float | None) -> str:
 
 
 def progress_text(report: BatchReport) -> str:
-    """``6/10 done · 3 in flight · ~3m20s left``; no forecast for a batch nothing works on."""
+    """``6/10 done · 3 in flight · ~3m20s left``; no forecast for a batch nothing works on, and
+    what would go on with one that no process works on (a stopped ``run``)."""
     parts = [f"{report['finished']}/{report['total']} done"]
     if report["finished"] < report["total"]:
         label = report["phase"]
@@ -238,9 +241,21 @@ def progress_text(report: BatchReport) -> str:
             parts.append(eta)
         elif label in ("paused", "waiting", "deadline", "cancelled"):
             parts.append(f"no ETA: {label}")
-        elif report["in_flight"] == 0:
-            parts.append("no ETA: nothing is being worked on (is a `run` or worker going?)")
+        elif report["processing"] and report["in_flight"] == 0:
+            parts.append("no ETA: nothing in flight")
+        if not report["processing"] and label != "cancelled":
+            parts.append(idle_text(report))
     return " · ".join(parts)
+
+
+def idle_text(report: BatchReport) -> str:
+    """What a batch with work left but no process working on it needs, and since when."""
+    seen = report["processed_at"]
+    since = ""
+    if seen is not None:
+        gone = (datetime.now(UTC) - datetime.fromisoformat(seen)).total_seconds()
+        since = f" (last seen {format_duration(gone)} ago)"
+    return f"nothing is processing it{since}: `wanbatch run {report['name']}`, or a worker, goes on"
 
 
 def money_line(report: BatchReport) -> str:

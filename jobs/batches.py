@@ -439,8 +439,14 @@ class BatchReport(TypedDict):
     #: Jobs being worked on: sent to fal (or being sent, cancelled, checked) or downloading.
     in_flight: int
     #: Seconds left at the pace kept so far; None when no pace is known yet or when nothing is
-    #: working on the batch (paused, held by its schedule, cancelled, no job in flight); 0 when done.
+    #: working on the batch (paused, held by its schedule, cancelled, no job in flight, no
+    #: process processing it); 0 when done.
     eta_seconds: float | None
+    #: Whether a wanbatch process (an embedded ``run``, or the distributed workers) has said
+    #: within :data:`jobs.listing.PROCESSING_STALE_SECONDS` that it works on the batch.
+    processing: bool
+    #: When one last said so (ISO 8601, UTC); None when none ever did or it stopped cleanly.
+    processed_at: str | None
     counts: dict[str, int]
     estimated_usd: float | None
     spent_usd: float | None
@@ -607,9 +613,11 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
         paused_by_user=batch.paused_by_user,
         schedule_state=shown_schedule,
     )
+    beat = store.last_heartbeat(session, batch.id)
+    processing = listing.is_processing(beat, now=now)
     if done:
         eta: float | None = 0.0
-    elif held or in_flight == 0:
+    elif held or in_flight == 0 or not processing:
         eta = None  # a forecast for a batch nothing works on would only mislead
     else:
         eta = _eta_seconds(totals.first_submitted_at, terminal, total)
@@ -630,6 +638,8 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
         "finished": terminal,
         "in_flight": in_flight,
         "eta_seconds": eta,
+        "processing": processing,
+        "processed_at": beat.isoformat() if beat is not None else None,
         "counts": counts,
         "estimated_usd": _money(totals.estimated_usd),
         "spent_usd": _money(totals.spent_usd),

@@ -33,6 +33,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from jobs import store
 from jobs.models import Batch, BatchState, Job, Money, utcnow
+from jobs.schedule import format_duration
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 
 #: Finishes this recent make the throughput (jobs per minute) and the ETA: the current pace, not
@@ -182,6 +183,33 @@ def pace(totals: Totals, *, held: str, now: datetime) -> Pace:
     return Pace(per_minute, round(remaining / per_minute * 60, 1), held)
 
 
+#: A process working on a batch records so every 10 s (``worker.conductor.HEARTBEAT_SECONDS``);
+#: one silent this long has stopped (a Ctrl-C'd or killed ``run``, a closed SSH session).
+PROCESSING_STALE_SECONDS = 60.0
+
+
+def is_processing(last_beat: datetime | None, *, now: datetime) -> bool:
+    """Whether a process said recently enough (``last_beat``) that it works on a batch."""
+    return last_beat is not None and (now - last_beat).total_seconds() <= PROCESSING_STALE_SECONDS
+
+
+def idle_reason(totals: Totals, last_beat: datetime | None, *, now: datetime) -> str:
+    """ "nothing is processing it" when a batch has work left but no process works on it (its
+    ``run`` was stopped, no worker runs); "" otherwise. Jobs waiting at fal hold no lease, so
+    without this a stopped batch looked as busy as a running one, and got a forecast."""
+    if totals.finished >= totals.total or is_processing(last_beat, now=now):
+        return ""
+    if last_beat is None:
+        return "nothing is processing it"
+    return f"nothing is processing it (last seen {format_duration((now - last_beat).total_seconds())} ago)"
+
+
+def standing(batch: Batch, totals: Totals, last_beat: datetime | None, *, now: datetime) -> str:
+    """Why ``batch`` does not move now, in words ("" when it does): what holds it back
+    (:func:`held_reason`), else that nothing processes it (:func:`idle_reason`)."""
+    return held_reason(batch, now=now) or idle_reason(totals, last_beat, now=now)
+
+
 def held_reason(batch: Batch, *, now: datetime) -> str:
     """Why no new job of ``batch`` is sent right now, in words ("" when they may be)."""
     if batch.state == BatchState.CANCELLED:
@@ -245,10 +273,17 @@ def list_batches(
         )
         for batch_id, state, *figures in rows:
             totals[batch_id].add(JobState(state), figures)
+    beats = store.last_heartbeats(session, list(totals)) if batches else {}
     return BatchList(
         rows=[
             BatchRow(
-                batch=b, totals=totals[b.id], pace=pace(totals[b.id], held=held_reason(b, now=now), now=now)
+                batch=b,
+                totals=totals[b.id],
+                pace=pace(
+                    totals[b.id],
+                    held=standing(b, totals[b.id], beats.get(b.id), now=now),
+                    now=now,
+                ),
             )
             for b in batches
         ],

@@ -396,6 +396,30 @@ class BatchTotals(Base):
     finished_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0), server_default="0")
 
 
+#: :attr:`ConductorHeartbeat.scope` of a process that works on every batch (a distributed worker).
+EVERY_BATCH = "*"
+
+
+class ConductorHeartbeat(Base):
+    """A process that works on batches says so here, every few seconds, while it does.
+
+    Jobs waiting at fal hold no lease, so nothing else in the database tells a batch that an
+    embedded ``run`` (or the distributed workers' tick leader) is still following it from one
+    whose run was stopped — by Ctrl-C, a closed SSH session, a crash. ``status`` reads these
+    rows: a batch nothing has beaten for within :data:`jobs.listing.PROCESSING_STALE_SECONDS`
+    gets no forecast, and says what would go on with it. A process that stops cleanly deletes
+    its rows; one that dies leaves them to go stale.
+    """
+
+    __tablename__ = "conductor_heartbeats"
+
+    #: The process (``host:pid:``…, as lease owners are named).
+    owner: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: The batch it works on, or :data:`EVERY_BATCH`.
+    scope: Mapped[str] = mapped_column(String(32), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class Upload(Base):
     """A local file already uploaded to fal's storage: each distinct content is uploaded once."""
 

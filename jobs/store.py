@@ -41,6 +41,7 @@ from sqlalchemy import (
     bindparam,
     case,
     column,
+    delete,
     event,
     exists,
     func,
@@ -64,9 +65,11 @@ from sqlalchemy.sql.elements import BindParameter
 
 from jobs.errors import NotFoundError
 from jobs.models import (
+    EVERY_BATCH,
     Batch,
     BatchState,
     BatchTotals,
+    ConductorHeartbeat,
     Job,
     JobEvent,
     Money,
@@ -111,6 +114,7 @@ __all__ = [
     "defer_delivery",
     "delivery_counts",
     "dispatch_batches",
+    "drop_heartbeats",
     "duplicate_charge_recorded",
     "duration_histogram",
     "extend_lease",
@@ -130,6 +134,8 @@ __all__ = [
     "job_money",
     "job_totals",
     "jobs_of_batch",
+    "last_heartbeat",
+    "last_heartbeats",
     "list_batches",
     "mark_cancelled",
     "mark_cancelling",
@@ -140,6 +146,7 @@ __all__ = [
     "mark_submitting",
     "mark_succeeded",
     "record_duplicate_charge",
+    "record_heartbeat",
     "record_result",
     "record_upload",
     "release_lease",
@@ -2191,6 +2198,48 @@ def find_upload(session: Session, content_sha256: str, *, now: datetime | None =
         .where(or_(Upload.expires_at.is_(None), Upload.expires_at > now))
         .execution_options(populate_existing=True)
     )
+
+
+# --------------------------------------------------------------------------- heartbeats
+
+
+def record_heartbeat(session: Session, owner: str, scopes: Collection[str], now: datetime) -> None:
+    """``owner`` works on ``scopes`` (batch ids, or :data:`~jobs.models.EVERY_BATCH`) as of ``now``."""
+    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    for scope in sorted(scopes):  # in key order: two processes beating never deadlock
+        stmt = dialect_insert(ConductorHeartbeat).values(owner=owner, scope=scope, seen_at=now)
+        beat = stmt.on_conflict_do_update(
+            index_elements=["owner", "scope"], set_={"seen_at": stmt.excluded.seen_at}
+        )
+        session.execute(beat)
+
+
+def drop_heartbeats(session: Session, owner: str) -> None:
+    """``owner`` stopped working on anything (a clean exit)."""
+    session.execute(delete(ConductorHeartbeat).where(ConductorHeartbeat.owner == owner))
+
+
+def last_heartbeat(session: Session, batch_id: str) -> datetime | None:
+    """When a process last said it works on ``batch_id`` (its own or every batch); None: never."""
+    return last_heartbeats(session, [batch_id]).get(batch_id)
+
+
+def last_heartbeats(session: Session, batch_ids: Collection[str]) -> dict[str, datetime]:
+    """:func:`last_heartbeat` of each of ``batch_ids`` (those never beaten for are left out), in
+    one query."""
+    beats: dict[str, datetime] = {}
+    rows = session.execute(
+        select(ConductorHeartbeat.scope, func.max(ConductorHeartbeat.seen_at))
+        .where(ConductorHeartbeat.scope.in_([*batch_ids, EVERY_BATCH]))
+        .group_by(ConductorHeartbeat.scope)
+    )
+    for scope, seen in rows:
+        beats[scope] = seen
+    every = beats.pop(EVERY_BATCH, None)
+    if every is not None:
+        for batch_id in batch_ids:
+            beats[batch_id] = max(beats.get(batch_id, every), every)
+    return beats
 
 
 # --------------------------------------------------------------------------- webhook inbox

@@ -356,7 +356,11 @@ class Dashboard:
                 "batch": batch,
                 "summary": summary,
                 "totals": totals,
-                "pace": listing.pace(totals, held=listing.held_reason(batch, now=now), now=now),
+                "pace": listing.pace(
+                    totals,
+                    held=listing.standing(batch, totals, store.last_heartbeat(session, batch.id), now=now),
+                    now=now,
+                ),
                 "schedule_state": batches.schedule_state(session, batch, finished=_finished(totals), now=now),
                 "failures": store.failure_reasons(session, batch.id),
                 "children": listing.child_batches(session, batch.id),

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from jobs import db, store
+from jobs.models import EVERY_BATCH, utcnow
 from worker import steps
 from worker.fal.models import RequestHandle, Status
 from worker.steps.context import Runtime, handle_of
@@ -46,6 +47,9 @@ MAX_STREAMS = 64
 STREAM_FAILURES_MAX = 3
 #: Shortest pause between two dispatch rounds while jobs wait for the submit rate.
 REDISPATCH_SECONDS = 0.02
+#: How often the conductor records that it still works on its batches (``status`` reads it:
+#: a batch nobody works on gets no forecast; :data:`jobs.listing.PROCESSING_STALE_SECONDS`).
+HEARTBEAT_SECONDS = 10.0
 #: "Started running" is bookkeeping, not a reason to act: such events are applied together,
 #: at most this long after the first of them (one transaction for several jobs).
 STARTED_BATCH_SECONDS = 0.2
@@ -83,6 +87,9 @@ class Conductor:
         self._submitted: set[str] = set()
         self._wants_dispatch = False
         self._stream_failures: dict[str, int] = {}
+        self._beat_lock = threading.Lock()
+        self._next_beat = 0.0  # monotonic; 0: never beat
+        self._closed = False
 
     # ------------------------------------------------------------------ events (any thread)
 
@@ -235,6 +242,7 @@ class Conductor:
         """The safety net: a full tick, polling only what no stream follows; then catch up on
         requests at fal that nothing watches (sent by another process, or a previous run)."""
         self.stats.ticks += 1
+        self._beat()
         exclude = self.watcher.watching() if self.watcher is not None else frozenset()
         report = steps.tick(self.rt, stopping, exclude=exclude)
         self.stats.status_calls += report.status_calls
@@ -265,10 +273,36 @@ class Conductor:
             if watcher.watch(job_id, handle):
                 self.stats.streams += 1
 
+    def _beat(self) -> None:
+        """Record, every :data:`HEARTBEAT_SECONDS`, that this process works on its batches (an
+        embedded run's own, or every batch for the distributed workers' leader)."""
+        with self._beat_lock:
+            now = time.monotonic()
+            if self._closed or now < self._next_beat:
+                return
+            self._next_beat = now + HEARTBEAT_SECONDS
+            scopes = self.rt.batch_ids or frozenset({EVERY_BATCH})
+            with db.session_scope(self.rt.engine) as session:
+                store.record_heartbeat(session, self.rt.owner, scopes, utcnow())
+
     def close(self) -> None:
-        """Stop reporting stream events (the streams end when the client closes)."""
+        """Stop reporting stream events (the streams end when the client closes), and say that
+        this process no longer works on its batches. Safe to call more than once, from any thread."""
         if self.watcher is not None:
             self.watcher.close()
+        with self._beat_lock:
+            beat, self._closed = self._next_beat > 0 and not self._closed, True
+            if not beat:
+                return
+            try:
+                with db.session_scope(self.rt.engine) as session:
+                    store.drop_heartbeats(session, self.rt.owner)
+            except Exception as exc:  # the database is gone: the rows go stale instead
+                log.warning(
+                    "could not clear this process's heartbeat (%s); it goes stale by itself",
+                    exc,
+                    extra={"event": "conductor.heartbeat_left"},
+                )
 
 
 @contextlib.contextmanager

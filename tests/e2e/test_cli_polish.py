@@ -136,21 +136,36 @@ def test_status_shows_a_paused_batch_as_paused_and_no_eta_when_nothing_works_on_
             update(Job).where(Job.id.in_(done)).values(state=JobState.SUCCEEDED, submitted_at=started)
         )
 
-    # Half done, nothing in flight (no run, no worker): no forecast, and the reason.
+    # Half done, nothing in flight, no process working on it: no forecast, and what goes on.
     report = wb("status", "night", "--json").json()
     assert (report["finished"], report["in_flight"], report["eta_seconds"]) == (2, 0, None)
-    assert "no ETA: nothing is being worked on" in wb("status", "night").stdout
+    assert (report["processing"], report["processed_at"]) == (False, None)
+    human = wb("status", "night").stdout
+    assert "nothing is processing it: `wanbatch run night`, or a worker, goes on" in " ".join(human.split())
 
-    # Something works on it: a forecast at the pace so far.
+    # A job at fal, but the run that sent it was stopped five minutes ago (a closed SSH
+    # session): still no forecast — nothing will collect it — and since when.
     with db.session_scope(engine) as session:
         session.execute(
             update(Job).where(Job.id == running).values(state=JobState.RUNNING, submitted_at=started)
         )
+        store.record_heartbeat(session, "gone:1:", [batch_id], utcnow() - timedelta(minutes=5))
     report = wb("status", "night", "--json").json()
-    assert report["in_flight"] == 1
+    assert (report["in_flight"], report["eta_seconds"], report["processing"]) == (1, None, False)
+    assert report["processed_at"] is not None
+    assert "nothing is processing it (last seen 5m ago)" in " ".join(wb("status", "night").stdout.split())
+
+    # A process works on it (the distributed workers' leader: every batch): a forecast at the
+    # pace so far, and no word about processing.
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(session, "worker:2:", ["*"], utcnow())
+    report = wb("status", "night", "--json").json()
+    assert (report["in_flight"], report["processing"]) == (1, True)
     assert report["eta_seconds"] is not None
     assert report["eta_seconds"] > 0
-    assert "left" in wb("status", "night").stdout
+    human = wb("status", "night").stdout
+    assert "left" in human
+    assert "nothing is processing" not in human
 
     # Paused by the user: shown as paused, no forecast though a job is still in flight.
     assert wb("pause", "night").code == 0

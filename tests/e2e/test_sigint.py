@@ -13,6 +13,7 @@ run that resumes it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -142,6 +143,15 @@ def _count(db: str, where: str) -> int:
         return 0
 
 
+def _status(env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    """``wanbatch status sigint --json``, run as a user would, from another process."""
+    argv = [*_command(), "status", "sigint", "--json"]
+    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
 def _signal_and_wait(proc: Proc, sig: signal.Signals, within: float) -> float:
     started = time.monotonic()
     proc.popen.send_signal(sig)
@@ -175,6 +185,12 @@ def test_ctrl_c_during_downloads_stops_in_seconds_and_the_next_run_resumes(
     first = Proc(["run", str(path), "--no-progress"], env, e2e_env, "first")
     try:
         _wait_for("downloads to hang", lambda: _count(db, "state = 'downloading'") >= 2, first)
+        # While it runs, the run says it works on its batch (`status` gives a forecast then).
+        beats = db_rows(db, "SELECT owner, scope FROM conductor_heartbeats")
+        assert [(owner.startswith(first.owner_prefix), scope) for owner, scope in beats] == [
+            (True, _status(env, e2e_env)["batch"])
+        ]
+        assert _status(env, e2e_env)["processing"] is True
         took = _signal_and_wait(first, signal.SIGINT, within=10)
     finally:
         first.kill()
@@ -184,6 +200,11 @@ def test_ctrl_c_during_downloads_stops_in_seconds_and_the_next_run_resumes(
     assert "run the same command again to resume" in err
     assert "Aborted!" not in err
     assert "Traceback" not in err
+    # Stopped: nothing works on the batch any more, and `status` says so at once, without a forecast.
+    assert db_rows(db, "SELECT count(*) FROM conductor_heartbeats")[0][0] == 0
+    stopped = _status(env, e2e_env)
+    assert (stopped["processing"], stopped["eta_seconds"]) == (False, None)
+    assert stopped["in_flight"] >= 2
     accepted_first = sim.ledger()["accepted"]
     assert 2 <= accepted_first < JOBS  # interrupted midway
 

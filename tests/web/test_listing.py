@@ -104,6 +104,34 @@ def test_a_held_batch_gets_no_eta_as_in_status(session: Session) -> None:
     assert listing.list_batches(session).rows[0].pace.held == "cancelled"
 
 
+def test_a_batch_no_process_works_on_gets_no_eta_and_says_so(session: Session) -> None:
+    stopped = mixed_batch(session, processing=False)  # its `run` was stopped: jobs wait at fal
+    row = listing.list_batches(session).rows[0]
+    assert row.totals.busy > 0
+    assert (row.pace.held, row.pace.eta_seconds) == ("nothing is processing it", None)
+    report = batches.batch_report(session, stopped.batch.id)
+    assert (report["processing"], report["eta_seconds"]) == (False, None)  # `status` agrees
+
+    now = datetime.now(UTC)
+    store.record_heartbeat(session, "run:1:", [stopped.batch.id], now - timedelta(minutes=3))
+    session.commit()
+    row = listing.list_batches(session, now=now).rows[0]
+    assert row.pace.held == "nothing is processing it (last seen 3m ago)"  # gone stale
+    store.record_heartbeat(session, "worker:2:", ["*"], now)  # a distributed worker: every batch
+    session.commit()
+    row = listing.list_batches(session, now=now).rows[0]
+    assert row.pace.held == ""
+    assert row.pace.eta_seconds is not None
+    assert batches.batch_report(session, stopped.batch.id)["processing"] is True
+    store.drop_heartbeats(session, "worker:2:")  # it stopped cleanly
+    session.commit()
+    assert batches.batch_report(session, stopped.batch.id)["processing"] is False
+
+    finished = Totals(first_submitted_at=now)  # nothing left to do: nothing to process
+    finished.counts.update(succeeded=3, failed=1)
+    assert listing.idle_reason(finished, None, now=now) == ""
+
+
 def test_pace_is_the_recent_rate_and_the_eta_follows_it() -> None:
     now = T0 + timedelta(hours=3)
     totals = Totals(first_submitted_at=T0, recent=50)

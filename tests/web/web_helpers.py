@@ -83,12 +83,18 @@ class Mixed:
 
 
 def mixed_batch(
-    session: Session, name: str = "mixed", *, items: int = 30, output_dir: Path | None = None
+    session: Session,
+    name: str = "mixed",
+    *,
+    items: int = 30,
+    output_dir: Path | None = None,
+    processing: bool = True,
 ) -> Mixed:
     """``items`` items over two endpoints (item 3 has a second variant), spread over the states of
     :data:`PLAN`: succeeded ones with a cost, seed, media and (with ``output_dir``) a video
     file; failed ones with errors; a budget cancel; jobs at fal; an over-estimate cost (waste),
-    a media mismatch and a possible duplicate charge."""
+    a media mismatch and a possible duplicate charge. ``processing``: a process (a ``run``)
+    says it works on the batch now, as while one runs."""
     specs = [new_job(i, endpoint=ENDPOINTS[i % 2]) for i in range(items)]
     specs.append(new_job(3, endpoint=ENDPOINTS[1], variant=1))
     batch = make_batch(session, name, specs, budget=Decimal("50"))
@@ -134,6 +140,8 @@ def mixed_batch(
         if state == JobState.QUEUED:
             values["possible_duplicate_charges"] = 1
         set_job(session, job.id, **values)
+    if processing:
+        store.record_heartbeat(session, f"run-of-{name}:1:", [batch.id], now)
     session.commit()
     return Mixed(batch=batch, jobs=list(store.jobs_of_batch(session, batch.id)), videos=videos)
 
