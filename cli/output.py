@@ -366,7 +366,8 @@ def batches_table(reports: list[BatchReport]) -> Table:
 
 
 def print_batches(reports: list[BatchReport]) -> None:
-    """``wanbatch status``: the table, then why each paused or waiting batch is held back."""
+    """``wanbatch status``: the table, then why each paused or waiting batch is held back, and
+    which batches with work left no process works on."""
     out.print(batches_table(reports))
     ids = short_ids([r["batch"] for r in reports])
     notes = []
@@ -374,6 +375,8 @@ def print_batches(reports: list[BatchReport]) -> None:
         label, reason = r["phase"], r["phase_reason"]
         if reason and label in ("paused", "waiting"):
             notes.append(escape(fit(f"{ids[r['batch']]} {label}: {reason}", width())))
+        if not r["processing"] and label not in ("done", "cancelled"):
+            notes.append(escape(fit(f"{ids[r['batch']]} {idle_text(r)}", width())))
     for note in notes:
         out.print(note)
 

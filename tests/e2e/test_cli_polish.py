@@ -142,6 +142,8 @@ def test_status_shows_a_paused_batch_as_paused_and_no_eta_when_nothing_works_on_
     assert (report["processing"], report["processed_at"]) == (False, None)
     human = wb("status", "night").stdout
     assert "nothing is processing it: `wanbatch run night`, or a worker, goes on" in " ".join(human.split())
+    listed = wb("status").stdout.splitlines()  # the batch list says it too, under the table
+    assert any(line.startswith(batch_id[:8]) and "nothing is processing it" in line for line in listed)
 
     # A job at fal, but the run that sent it was stopped five minutes ago (a closed SSH
     # session): still no forecast — nothing will collect it — and since when.
@@ -166,6 +168,7 @@ def test_status_shows_a_paused_batch_as_paused_and_no_eta_when_nothing_works_on_
     human = wb("status", "night").stdout
     assert "left" in human
     assert "nothing is processing" not in human
+    assert "nothing is processing" not in wb("status").stdout
 
     # Paused by the user: shown as paused, no forecast though a job is still in flight.
     assert wb("pause", "night").code == 0
