@@ -382,22 +382,6 @@ def _money(value: Decimal | None) -> float | None:
     return usd_json(value)
 
 
-#: States of a job that nothing works on yet: waiting to be sent (first time or again).
-WAITING_STATES = (JobState.PENDING, JobState.RETRY_WAIT)
-
-
-def _eta_seconds(started: datetime | None, finished: int, total: int) -> float | None:
-    """Seconds until the batch should be done at the pace it has kept so far (None: no pace yet).
-
-    A batch runs at a steady pace set by the outstanding cap and model time, so the average
-    since its first submit is a fair forecast once a few jobs have finished.
-    """
-    if started is None or finished == 0 or finished >= total:
-        return None if finished < total else 0.0
-    elapsed = (utcnow() - started).total_seconds()
-    return round(elapsed / finished * (total - finished), 1)
-
-
 class FailureReason(TypedDict):
     """One of a batch's commonest reasons for jobs ending failed or cancelled."""
 
@@ -438,7 +422,8 @@ class BatchReport(TypedDict):
     finished: int
     #: Jobs being worked on: sent to fal (or being sent, cancelled, checked) or downloading.
     in_flight: int
-    #: Seconds left at the pace kept so far; None when no pace is known yet or when nothing is
+    #: Seconds left at the pace of the last 10 minutes (:func:`jobs.listing.pace`, as the
+    #: dashboard); None when there is no pace (nothing finished lately) or when nothing is
     #: working on the batch (paused, held by its schedule, cancelled, no job in flight, no
     #: process processing it); 0 when done.
     eta_seconds: float | None
@@ -598,12 +583,7 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
     total = sum(counts.values())
     done = total > 0 and terminal == total
     starving, starving_note = low_priority_note(session, batch, now=now)
-    in_flight = total - terminal - sum(counts[s.value] for s in WAITING_STATES)
-    held = (
-        batch.state != BatchState.ACTIVE
-        or batch.paused_by_user
-        or not store.batch_schedule(batch).is_open(now)
-    )
+    in_flight = total - terminal - totals.waiting
     shown_schedule = schedule_state(session, batch, finished=done, now=now)
     phase, phase_reason = batch_phase(
         state=batch.state,
@@ -615,12 +595,9 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
     )
     beat = store.last_heartbeat(session, batch.id)
     processing = listing.is_processing(beat, now=now)
-    if done:
-        eta: float | None = 0.0
-    elif held or in_flight == 0 or not processing:
-        eta = None  # a forecast for a batch nothing works on would only mislead
-    else:
-        eta = _eta_seconds(totals.first_submitted_at, terminal, total)
+    # The dashboard's forecast, to the second: the pace of the last minutes, and none for a batch
+    # held back, with nothing in flight or that no process works on (it would only mislead).
+    eta = listing.pace(totals, held=listing.standing(batch, totals, beat, now=now), now=now).eta_seconds
     return {
         "batch": batch.id,
         "name": batch.name,

@@ -133,7 +133,9 @@ def test_status_shows_a_paused_batch_as_paused_and_no_eta_when_nothing_works_on_
         jobs = list(store.jobs_of_batch(session, batch_id))
         done, running = [j.id for j in jobs[:2]], jobs[2].id
         session.execute(
-            update(Job).where(Job.id.in_(done)).values(state=JobState.SUCCEEDED, submitted_at=started)
+            update(Job)
+            .where(Job.id.in_(done))
+            .values(state=JobState.SUCCEEDED, submitted_at=started, finished_at=utcnow())
         )
 
     # Half done, nothing in flight, no process working on it: no forecast, and what goes on.

@@ -1,25 +1,8 @@
-"""The status ETA: the batch's pace so far, projected over what is left."""
+"""The status ETA's words (the forecast itself is the dashboard's pace: tests/web/test_listing.py)."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from cli.output import eta_text
-from jobs.batches import _eta_seconds
-from jobs.models import utcnow
-
-
-def test_eta_projects_the_pace_so_far() -> None:
-    started = utcnow() - timedelta(seconds=100)
-    eta = _eta_seconds(started, finished=20, total=100)  # 5 s a job, 80 to go
-    assert eta is not None
-    assert 399 <= eta <= 401
-
-
-def test_no_eta_before_the_first_finish_and_zero_when_done() -> None:
-    assert _eta_seconds(None, 0, 10) is None
-    assert _eta_seconds(utcnow(), 0, 10) is None
-    assert _eta_seconds(utcnow() - timedelta(seconds=5), 10, 10) == 0.0
 
 
 def test_eta_text() -> None:

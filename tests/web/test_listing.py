@@ -11,11 +11,12 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from jobs import batches, listing, store
 from jobs.listing import Cursor, Pace, Totals, pace
-from jobs.models import BatchState
+from jobs.models import BatchState, Job
 from jobs.states import JobState
 from tests.web.web_helpers import ENDPOINTS, make_batch, mixed_batch, new_job
 
@@ -102,6 +103,28 @@ def test_a_held_batch_gets_no_eta_as_in_status(session: Session) -> None:
     store.set_batch_state(session, mixed.batch.id, BatchState.CANCELLED)
     session.commit()
     assert listing.list_batches(session).rows[0].pace.held == "cancelled"
+
+
+def test_status_forecasts_as_the_dashboard_at_the_recent_pace(session: Session) -> None:
+    mixed = mixed_batch(session)
+    now = datetime.now(UTC)
+    row = listing.list_batches(session, now=now).rows[0]
+    report = batches.batch_report(session, mixed.batch.id, now=now)
+    assert report["eta_seconds"] is not None
+    assert report["eta_seconds"] == row.pace.eta_seconds  # one forecast, wherever it is shown
+
+    # Stopped overnight and resumed: first sent 8 hours ago, finishing jobs again for minutes.
+    # The pace since the first submit would forecast most of a day; the recent pace does not.
+    session.execute(
+        update(Job)
+        .where(Job.batch_id == mixed.batch.id, Job.submitted_at.is_not(None))
+        .values(submitted_at=now - timedelta(hours=8))
+    )
+    session.commit()
+    resumed = batches.batch_report(session, mixed.batch.id, now=now)
+    left = resumed["total"] - resumed["finished"]
+    assert resumed["eta_seconds"] is not None
+    assert resumed["eta_seconds"] < 3600 < 8 * 3600 / resumed["finished"] * left
 
 
 def test_a_batch_no_process_works_on_gets_no_eta_and_says_so(session: Session) -> None:
