@@ -30,7 +30,6 @@ from rich.table import Table
 
 from jobs.errors import Issue, ManifestError, WanbatchError
 from jobs.money import usd_text
-from jobs.schedule import format_duration
 from jobs.states import JobState
 
 if TYPE_CHECKING:
@@ -250,12 +249,11 @@ def progress_text(report: BatchReport) -> str:
 
 def idle_text(report: BatchReport) -> str:
     """What a batch with work left but no process working on it needs, and since when."""
+    from jobs.listing import not_processing  # SQLAlchemy: loaded only once a report is shown
+
     seen = report["processed_at"]
-    since = ""
-    if seen is not None:
-        gone = (datetime.now(UTC) - datetime.fromisoformat(seen)).total_seconds()
-        since = f" (last seen {format_duration(gone)} ago)"
-    return f"nothing is processing it{since}: `wanbatch run {report['name']}`, or a worker, goes on"
+    words = not_processing(datetime.fromisoformat(seen) if seen else None, now=datetime.now(UTC))
+    return f"{words}: `wanbatch run {report['name']}`, or a worker, goes on"
 
 
 def money_line(report: BatchReport) -> str:

@@ -199,6 +199,11 @@ def idle_reason(totals: Totals, last_beat: datetime | None, *, now: datetime) ->
     without this a stopped batch looked as busy as a running one, and got a forecast."""
     if totals.finished >= totals.total or is_processing(last_beat, now=now):
         return ""
+    return not_processing(last_beat, now=now)
+
+
+def not_processing(last_beat: datetime | None, *, now: datetime) -> str:
+    """ "nothing is processing it", and since when when a process ever said it did."""
     if last_beat is None:
         return "nothing is processing it"
     return f"nothing is processing it (last seen {format_duration((now - last_beat).total_seconds())} ago)"
