@@ -30,7 +30,8 @@ from decimal import Decimal
 
 from sqlalchemy.orm import Session
 
-from jobs import store
+from jobs import listing, store
+from jobs.models import BatchState, utcnow
 from jobs.states import JobState
 
 ZERO = Decimal(0)
@@ -103,7 +104,7 @@ class Snapshot:
 
     * ``jobs``: jobs per state, every :class:`~jobs.states.JobState` present (0 when none).
     * ``batches``: batches ``active``, ``paused`` (by fal's refusal, a budget or the user) and
-      ``cancelled``.
+      ``cancelled``. ``unattended_batches``: see :func:`unattended_batches`.
     * ``attempts``: submissions counted on the jobs (a request sent to fal; one cancelled in
       fal's queue at a window's end and sent again counts once). ``retries``: attempts beyond
       each job's first. ``ambiguous_submits``: times a job's submit ended with its outcome
@@ -117,6 +118,7 @@ class Snapshot:
 
     jobs: dict[str, int]
     batches: dict[str, int]
+    unattended_batches: int
     attempts: int
     retries: int
     ambiguous_submits: int
@@ -156,6 +158,7 @@ def snapshot(session: Session) -> Snapshot:
     return Snapshot(
         jobs=jobs,
         batches=store.batch_states(session),
+        unattended_batches=unattended_batches(session),
         attempts=attempts,
         retries=retries,
         ambiguous_submits=store.count_events_into(session, JobState.SUBMIT_UNKNOWN),
@@ -166,6 +169,26 @@ def snapshot(session: Session) -> Snapshot:
         durations=durations,
         webhook_inbox=store.delivery_counts(session),
     )
+
+
+def unattended_batches(session: Session) -> int:
+    """Batches with work that needs a process and that no process works on (no heartbeat within
+    :data:`jobs.listing.PROCESSING_STALE_SECONDS`): requests at fal or downloads nobody will
+    collect, or jobs that may be sent now or when the schedule opens. A batch its user or fal
+    paused, with nothing at fal, waits on purpose and is not counted. What an operator alerts
+    on: an overnight render whose run died in the evening."""
+    now = utcnow()
+    batches = store.unfinished_batches(session)
+    beats = store.last_heartbeats(session, list(batches)) if batches else {}
+    unattended = 0
+    for batch_id, batch in batches.items():
+        if listing.is_processing(beats.get(batch_id), now=now):
+            continue
+        busy = any(batch.counts.get(s, 0) for s in listing.BUSY_STATES)
+        sendable = batch.state == BatchState.ACTIVE and not batch.paused_by_user
+        if busy or (sendable and any(batch.counts.get(s, 0) for s in listing.WAITING_STATES)):
+            unattended += 1
+    return unattended
 
 
 def bounded(errors: dict[tuple[str, str], int], limit: int = MAX_ERROR_GROUPS) -> dict[tuple[str, str], int]:

@@ -93,6 +93,7 @@ __all__ = [
     "NewJob",
     "ReleasedLeases",
     "SubmitView",
+    "UnfinishedBatch",
     "add_jobs",
     "adopt_request",
     "batch_committed_usd",
@@ -167,6 +168,7 @@ __all__ = [
     "take_delivery",
     "take_lease",
     "transition",
+    "unfinished_batches",
     "unprocessed_deliveries",
     "update_job_fields",
     "utc_day",
@@ -2212,6 +2214,31 @@ def record_heartbeat(session: Session, owner: str, scopes: Collection[str], now:
             index_elements=["owner", "scope"], set_={"seen_at": stmt.excluded.seen_at}
         )
         session.execute(beat)
+
+
+@dataclass(frozen=True, slots=True)
+class UnfinishedBatch:
+    """A batch with jobs not yet terminal: its flags and those jobs by state."""
+
+    state: BatchState
+    paused_by_user: bool
+    counts: dict[JobState, int]
+
+
+def unfinished_batches(session: Session) -> dict[str, UnfinishedBatch]:
+    """Every batch with a job not yet terminal, in one query over those jobs only."""
+    unfinished = [s for s in JobState if not s.terminal]
+    rows = session.execute(
+        select(Job.batch_id, Batch.state, Batch.paused_by_user, Job.state, func.count())
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(Job.state.in_(unfinished))
+        .group_by(Job.batch_id, Batch.state, Batch.paused_by_user, Job.state)
+    )
+    out: dict[str, UnfinishedBatch] = {}
+    for batch_id, batch_state, by_user, job_state, n in rows:
+        found = out.setdefault(batch_id, UnfinishedBatch(BatchState(batch_state), bool(by_user), {}))
+        found.counts[JobState(job_state)] = int(n)
+    return out
 
 
 def drop_heartbeats(session: Session, owner: str) -> None:

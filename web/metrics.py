@@ -113,6 +113,11 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
     for state, n in snap.batches.items():
         batches.add_metric([state], n)
     yield batches
+    yield _gauge(
+        "wanbatch_batches_unattended",
+        "Batches with work left that no wanbatch process works on (a stopped run, no worker).",
+        snap.unattended_batches,
+    )
 
     yield CounterMetricFamily(
         "wanbatch_submits",

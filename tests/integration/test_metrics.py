@@ -27,7 +27,7 @@ from falsim.server import SimulatorHandle
 from jobs import batches, db, store
 from jobs.db import make_engine
 from jobs.metrics import DURATION_BUCKETS, MAX_ERROR_GROUPS, snapshot
-from jobs.models import Job
+from jobs.models import Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
 from tests.step_runtime import add_batch
@@ -306,6 +306,36 @@ def test_errors_by_type_are_bounded(engine: Engine) -> None:
     assert snap.errors[("failed", "common")] == 10
     assert sum(snap.errors.values()) == count
     assert snap.errors[("failed", "other")] == count - 10 - (MAX_ERROR_GROUPS - 1)
+
+
+def test_batches_nothing_processes_are_counted_for_alerts(engine: Engine) -> None:
+    def unattended() -> float:
+        return value(scrape(engine, Settings()), "wanbatch_batches_unattended")
+
+    def at_fal(batch_id: str) -> None:
+        _set(engine, "UPDATE jobs SET state = 'queued' WHERE batch_id = :b", b=batch_id)
+
+    assert unattended() == 0
+    stopped = add_batch(engine, "stopped-run", [("fal-ai/wan-22", {"prompt": "at fal"})])
+    at_fal(stopped)  # its run died with the request at fal: nobody will collect it
+    never_run = add_batch(engine, "never-run", [("fal-ai/wan-22", {"prompt": "ready"})])  # only submitted
+    held = add_batch(engine, "held", [("fal-ai/wan-22", {"prompt": "waits on purpose"})])
+    with db.session_scope(engine) as session:
+        store.set_paused_by_user(session, held, True)  # paused with nothing at fal: not stalled
+    assert unattended() == 2
+
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(session, "run:1:", [stopped], utcnow())
+        store.record_heartbeat(session, "run:2:", [never_run], utcnow() - timedelta(minutes=5))  # stale
+    assert unattended() == 1
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(session, "worker:3:", ["*"], utcnow())  # a worker's leader: every batch
+    assert unattended() == 0
+    with db.session_scope(engine) as session:
+        store.drop_heartbeats(session, "worker:3:")
+        store.drop_heartbeats(session, "run:1:")
+    at_fal(held)  # paused, but a request at fal still needs collecting
+    assert unattended() == 3
 
 
 def test_a_database_that_does_not_answer_is_a_gauge_not_a_failed_scrape(tmp_path: Path) -> None:
