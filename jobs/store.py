@@ -83,6 +83,7 @@ from jobs.states import AT_PROVIDER_STATES, JobState, can_transition
 
 __all__ = [
     "DURATIONS",
+    "HEARTBEAT_KEPT",
     "BatchCost",
     "BatchMoney",
     "Fence",
@@ -2205,8 +2206,14 @@ def find_upload(session: Session, content_sha256: str, *, now: datetime | None =
 # --------------------------------------------------------------------------- heartbeats
 
 
+#: Heartbeats of processes that died without clearing them are forgotten after this long.
+HEARTBEAT_KEPT = timedelta(days=7)
+
+
 def record_heartbeat(session: Session, owner: str, scopes: Collection[str], now: datetime) -> None:
-    """``owner`` works on ``scopes`` (batch ids, or :data:`~jobs.models.EVERY_BATCH`) as of ``now``."""
+    """``owner`` works on ``scopes`` (batch ids, or :data:`~jobs.models.EVERY_BATCH`) as of ``now``;
+    rows of processes silent for :data:`HEARTBEAT_KEPT` go (each crash leaves its rows behind)."""
+    session.execute(delete(ConductorHeartbeat).where(ConductorHeartbeat.seen_at < now - HEARTBEAT_KEPT))
     dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     for scope in sorted(scopes):  # in key order: two processes beating never deadlock
         stmt = dialect_insert(ConductorHeartbeat).values(owner=owner, scope=scope, seen_at=now)

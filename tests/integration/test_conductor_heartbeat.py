@@ -106,3 +106,10 @@ def test_the_newest_beat_of_a_batch_counts_its_own_and_every_batch(engine: Engin
         store.drop_heartbeats(session, "worker:2:")
     with db.read_scope(engine) as session:
         assert store.last_heartbeats(session, ["b1", "b3"]) == {"b1": now - timedelta(minutes=10)}
+
+    # A process that died a week ago left its row: the next beat of anyone forgets it.
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(session, "died:4:", ["b4"], now - store.HEARTBEAT_KEPT - timedelta(seconds=1))
+        store.record_heartbeat(session, "run:3:", ["b2"], now)
+    with db.read_scope(engine) as session:
+        assert store.last_heartbeats(session, ["b1", "b4"]) == {"b1": now - timedelta(minutes=10)}
