@@ -9,7 +9,7 @@ import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
-from worker.progress_line import batch_progress_display, counts_text, money_text
+from worker.progress_line import REFRESH_PER_SECOND, batch_progress_display, counts_text, money_text
 
 BUSY = {
     "pending": 50_000,
@@ -55,6 +55,11 @@ def test_the_line_fits_and_keeps_what_matters(
     assert money in text  # whole: never "$12,3…"
     assert re.search(r"\b\d+:\d\d:\d\d\b", text), text  # the elapsed time
     assert text.startswith("jobs")
+
+
+def test_the_line_is_redrawn_as_often_as_it_can_change() -> None:
+    progress = batch_progress_display(Console(file=io.StringIO(), force_terminal=True), disable=False)
+    assert progress.live.refresh_per_second == REFRESH_PER_SECOND == 2  # rich's default is 10
 
 
 def test_money_is_rounded_like_everywhere_else() -> None:
