@@ -130,7 +130,9 @@ def _announce(inbox: Inbox, payload: str) -> None:
 def apply_pending(rt: Runtime, limit: int = 200) -> int:
     """Apply every stored delivery not applied yet (the tick's safety net); returns how many."""
     inbox = Inbox.of(rt)
-    with db.session_scope(rt.engine) as session:
+    # Only a look (every tick, nearly always finding nothing): no write lock. Each delivery is
+    # then taken in its own transaction, which refuses one another process took meanwhile.
+    with db.read_scope(rt.engine) as session:
         ids = store.unprocessed_deliveries(session, limit=limit)
     return sum(apply_delivery(inbox, delivery_id) != "deferred" for delivery_id in ids)
 
