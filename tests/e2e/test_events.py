@@ -78,7 +78,13 @@ def test_a_stream_that_breaks_falls_back_to_polling(
     """fal's stream may end early or fail; the job is then polled, never lost."""
     monkeypatch.setenv("WANBATCH_MAX_OUTSTANDING", "4")
     sim.set_faults({"status_stream_drop": {"probability": 1.0}})
-    run = wb("run", _manifest(e2e_env, 6), "--json", "--no-progress")
+    # Requests that outlast their streams' failures: with the session's 50 ms, a loaded machine
+    # reopened a stream only after the request had finished, heard COMPLETED, and never polled.
+    sim.update_options(latency_seconds=1.0)
+    try:
+        run = wb("run", _manifest(e2e_env, 6), "--json", "--no-progress")
+    finally:
+        sim.update_options(latency_seconds=0.05)
     assert run.code == 0, run.stderr
     assert run.json()["counts"]["succeeded"] == 6
     (stats,) = conductor_stats
