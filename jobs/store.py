@@ -38,6 +38,7 @@ from sqlalchemy import (
     Connection,
     Float,
     Table,
+    and_,
     bindparam,
     case,
     column,
@@ -84,6 +85,7 @@ from jobs.states import AT_PROVIDER_STATES, JobState, can_transition
 __all__ = [
     "DURATIONS",
     "HEARTBEAT_KEPT",
+    "UNFINISHED_STATES",
     "BatchCost",
     "BatchMoney",
     "Fence",
@@ -103,6 +105,7 @@ __all__ = [
     "batch_schedule",
     "batch_states",
     "cancel_unsent_jobs",
+    "cancelled_batches_with_work",
     "claim_jobs",
     "committed_usd_since",
     "committed_usd_today",
@@ -355,6 +358,15 @@ def batch_schedule(batch: Batch) -> Schedule:
     return Schedule.from_json(batch.schedule)
 
 
+#: Job states that still need work (what a finished batch has none of).
+UNFINISHED_STATES = tuple(s for s in JobState if not s.terminal)
+
+
+def _has_unfinished_jobs() -> ColumnElement[bool]:
+    """The batch has a job not yet terminal (an index probe on ``(batch_id, state, …)``)."""
+    return exists().where(Job.batch_id == Batch.id, Job.state.in_(UNFINISHED_STATES))
+
+
 def dispatch_batches(session: Session, batch_ids: Collection[str] = ()) -> list[Batch]:
     """:func:`scheduled_batches` and the batches ``batch_ids``, in one query (a dispatch round's
     batches: those it may have to hold back, and those it works on)."""
@@ -364,8 +376,10 @@ def dispatch_batches(session: Session, batch_ids: Collection[str] = ()) -> list[
             select(Batch)
             .where(
                 or_(
-                    Batch.schedule.is_not(None),
-                    Batch.paused_by_user.is_(True),
+                    and_(
+                        or_(Batch.schedule.is_not(None), Batch.paused_by_user.is_(True)),
+                        _has_unfinished_jobs(),
+                    ),
                     Batch.id.in_(bindparam("ids", expanding=True)),
                 )
             )
@@ -376,11 +390,29 @@ def dispatch_batches(session: Session, batch_ids: Collection[str] = ()) -> list[
 
 
 def scheduled_batches(session: Session) -> list[Batch]:
-    """Batches a dispatcher may have to hold back: those with a schedule or paused by their user.
+    """Batches a dispatcher may have to hold back — those with a schedule or paused by their
+    user — that still have work left.
 
-    Every other batch is always sendable, so this stays a short list however many batches exist.
+    Every other batch is always sendable, and a finished one needs nothing more, so this stays
+    a short list however long the database has lived: a nightly scheduled batch no longer adds a
+    row to every dispatch round (one per completion) for good.
     """
     return dispatch_batches(session)
+
+
+def cancelled_batches_with_work(session: Session) -> list[str]:
+    """Ids of cancelled batches that still have jobs to end (unsent, or at fal), oldest first.
+
+    The tick carries out ``wanbatch cancel`` for these; a cancelled batch whose jobs have all
+    ended needs nothing more, however many of them the database holds.
+    """
+    return list(
+        session.scalars(
+            select(Batch.id)
+            .where(Batch.state == BatchState.CANCELLED, _has_unfinished_jobs())
+            .order_by(Batch.created_at, Batch.id)
+        )
+    )
 
 
 # --------------------------------------------------------------------------- creating jobs
@@ -2234,7 +2266,7 @@ class UnfinishedBatch:
 
 def unfinished_batches(session: Session) -> dict[str, UnfinishedBatch]:
     """Every batch with a job not yet terminal, in one query over those jobs only."""
-    unfinished = [s for s in JobState if not s.terminal]
+    unfinished = list(UNFINISHED_STATES)
     rows = session.execute(
         select(Job.batch_id, Batch.state, Batch.paused_by_user, Job.state, func.count())
         .join(Batch, Batch.id == Job.batch_id)

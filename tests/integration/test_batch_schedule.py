@@ -126,6 +126,39 @@ def test_scheduled_batches_lists_scheduled_and_paused_ones_only(session: Session
     assert store.scheduled_batches(session) == []
 
 
+def _finish(session: Session, batch_id: str, state: str = "succeeded") -> None:
+    session.execute(text("UPDATE jobs SET state = :s WHERE batch_id = :b"), {"s": state, "b": batch_id})
+    session.commit()
+
+
+def test_finished_batches_drop_out_of_what_every_round_reads(session: Session) -> None:
+    """A nightly scheduled batch, once done, must not be read by every dispatch round (one per
+    completion) and every tick forever after; nor a cancelled batch whose jobs all ended."""
+    last_night = make_batch(session, "last-night", schedule=NIGHT)
+    tonight = make_batch(session, "tonight", schedule=NIGHT)
+    paused = make_batch(session, "paused-done")
+    store.set_paused_by_user(session, paused.id, True)
+    session.commit()
+    _finish(session, last_night.id)
+    _finish(session, paused.id, "cancelled")
+    assert [b.name for b in store.scheduled_batches(session)] == ["tonight"]
+    own = store.dispatch_batches(session, [last_night.id])  # a round's own batch: always read
+    assert [b.name for b in own] == ["last-night", "tonight"]
+
+    gave_up = make_batch(session, "gave-up")
+    store.set_batch_state(session, gave_up.id, BatchState.CANCELLED)
+    session.commit()
+    assert store.cancelled_batches_with_work(session) == [gave_up.id]
+    session.execute(text("UPDATE jobs SET state = 'queued' WHERE batch_id = :b"), {"b": gave_up.id})
+    session.commit()
+    assert store.cancelled_batches_with_work(session) == [gave_up.id]  # requests at fal to cancel
+    _finish(session, gave_up.id, "cancelled")
+    assert store.cancelled_batches_with_work(session) == []
+    store.set_batch_state(session, tonight.id, BatchState.CANCELLED)
+    session.commit()
+    assert store.cancelled_batches_with_work(session) == [tonight.id]
+
+
 def test_schedule_state_in_words(session: Session) -> None:
     batch = make_batch(session, "night", schedule=NIGHT, priority="low")
     report = batch_report(session, batch.id, now=NOON)

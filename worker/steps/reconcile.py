@@ -9,7 +9,7 @@ from jobs import db, store
 from jobs.errors import (
     ProviderError,
 )
-from jobs.models import BatchState, utcnow
+from jobs.models import utcnow
 from jobs.store import Fence
 from worker.fal.models import RequestHandle
 from worker.steps.context import Runtime, S, handle_of
@@ -85,14 +85,13 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
     fal finished them anyway (we pay for those), downloads them. Runs every tick, so a job that
     was mid-submit when the batch was cancelled is caught as soon as fal has accepted it.
     """
+    # Only a look first (every tick, nearly always finding nothing): no write lock for nothing.
+    with db.read_scope(rt.engine) as session:
+        # `cancel B` cancels B only
+        cancelled = [b for b in store.cancelled_batches_with_work(session) if rt.in_scope(b)]
+    if not cancelled:
+        return 0
     with db.session_scope(rt.engine) as session:
-        cancelled = [
-            b.id
-            for b in store.list_batches(session)
-            if b.state == BatchState.CANCELLED and rt.in_scope(b.id)  # `cancel B` cancels B only
-        ]
-        if not cancelled:
-            return 0
         moved = store.cancel_unsent_jobs(
             session,
             cancelled,
