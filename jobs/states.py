@@ -65,6 +65,8 @@ class JobState(StrEnum):
 
 
 TERMINAL_STATES: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+#: The others, in declaration order: a job in one still needs work (a finished batch has none).
+UNFINISHED_STATES: tuple[JobState, ...] = tuple(s for s in JobState if s not in TERMINAL_STATES)
 
 #: States in which a request counts against the outstanding cap: it was (or may have been) sent
 #: and fal has not finished it.

@@ -80,12 +80,11 @@ from jobs.models import (
     utcnow,
 )
 from jobs.schedule import Schedule
-from jobs.states import AT_PROVIDER_STATES, JobState, can_transition
+from jobs.states import AT_PROVIDER_STATES, UNFINISHED_STATES, JobState, can_transition
 
 __all__ = [
     "DURATIONS",
     "HEARTBEAT_KEPT",
-    "UNFINISHED_STATES",
     "BatchCost",
     "BatchMoney",
     "Fence",
@@ -356,10 +355,6 @@ def set_paused_by_user(session: Session, batch_id: str, paused: bool) -> None:
 def batch_schedule(batch: Batch) -> Schedule:
     """The batch's :class:`~jobs.schedule.Schedule` (the empty one, always open, when it has none)."""
     return Schedule.from_json(batch.schedule)
-
-
-#: Job states that still need work (what a finished batch has none of).
-UNFINISHED_STATES = tuple(s for s in JobState if not s.terminal)
 
 
 def _has_unfinished_jobs() -> ColumnElement[bool]:
@@ -2266,11 +2261,10 @@ class UnfinishedBatch:
 
 def unfinished_batches(session: Session) -> dict[str, UnfinishedBatch]:
     """Every batch with a job not yet terminal, in one query over those jobs only."""
-    unfinished = list(UNFINISHED_STATES)
     rows = session.execute(
         select(Job.batch_id, Batch.state, Batch.paused_by_user, Job.state, func.count())
         .join(Batch, Batch.id == Job.batch_id)
-        .where(Job.state.in_(unfinished))
+        .where(Job.state.in_(UNFINISHED_STATES))
         .group_by(Job.batch_id, Batch.state, Batch.paused_by_user, Job.state)
     )
     out: dict[str, UnfinishedBatch] = {}

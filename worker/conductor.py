@@ -291,9 +291,10 @@ class Conductor:
         if self.watcher is not None:
             self.watcher.close()
         with self._beat_lock:
-            beat, self._closed = self._next_beat > 0 and not self._closed, True
-            if not beat:
-                return
+            if self._closed or self._next_beat == 0:
+                self._closed = True
+                return  # cleared already, or never beat: nothing to clear
+            self._closed = True
             try:
                 with db.session_scope(self.rt.engine) as session:
                     store.drop_heartbeats(session, self.rt.owner)
