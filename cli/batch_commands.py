@@ -270,6 +270,14 @@ def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> I
     rather than a silent wait. The simulator runs in this process for the ``with`` block: it
     accepts any key, answers within a fraction of a second and bills nothing.
     """
+    from jobs.errors import ConfigError
+
+    if simulate and settings.broker_url:
+        # The workers process what a broker carries, with their own settings: with fal's.
+        raise ConfigError(
+            "--simulate runs the work in this process, but WANBATCH_BROKER_URL is set: the workers "
+            "would send it to fal; unset WANBATCH_BROKER_URL to simulate"
+        )
     if check:
         from worker.running import check_broker
 
@@ -317,10 +325,16 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
         _simulator.resume(requests)
 
 
-def _run_and_report(batch_id: str, settings: Settings, as_json: bool, progress: bool) -> int:
+def _run_and_report(
+    batch_id: str, settings: Settings, as_json: bool, progress: bool, *, command: str = "run"
+) -> int:
+    from jobs import batches
     from jobs.output_store import open_output_store
     from worker.running import process_batch
 
+    # Before the simulator adopts anything: a simulation is never sent to fal, nor a paid batch
+    # to the simulator.
+    batches.check_simulation(batch_id, settings, simulated=_simulator is not None, command=command)
     _resume_at_simulator(batch_id, settings)
     startup.resume()  # the machinery is loaded: freeze it, collect from here on
     report, stats = process_batch(batch_id, settings, console=err, show_progress=progress and not as_json)
@@ -432,7 +446,9 @@ def run(
         with fal_settings(settings, simulate) as target:
             stored = _stored_batch(manifest, target)
             if stored is None:
-                result = batches.submit_manifest(manifest, target, allow_dirs)
+                result = batches.submit_manifest(manifest, target, allow_dirs, simulated=simulate)
+                if note := result.simulation_note():
+                    err.print(f"[yellow]{escape(note)}[/yellow]")
                 print_budget_note(result)
                 if note := result.schedule_note():
                     err.print(f"[yellow]{escape(note)}[/yellow]")
@@ -497,7 +513,7 @@ def rerun(
         }
         with fal_settings(settings, simulate) as target:
             try:
-                result = batches.rerun_batch(batch, settings=target, **options)
+                result = batches.rerun_batch(batch, settings=target, simulated=simulate, **options)
             except batches.NothingToRerun as nothing:  # not an error: say so, create nothing
                 if as_json:
                     emit_json({"ok": True, "batch": None, "total": 0, "counts": {}, "message": str(nothing)})
@@ -568,7 +584,7 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
             emit_json(report) if as_json else out.print(status_table(report))
             return EXIT_OK
         with fal_settings(settings, simulate, check=False) as target:
-            return _run_and_report(batch_id, target, as_json, not no_progress)
+            return _run_and_report(batch_id, target, as_json, not no_progress, command="cancel")
 
     _processing(as_json, action, lambda _: f"run `wanbatch cancel {batch}` again to finish cancelling")
 

@@ -108,6 +108,8 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
         settings = get_settings()
         with err.status(f"validating {manifest}, then storing its jobs …"):
             result = batches.submit_manifest(manifest, settings, allow_dirs)
+        if note := result.simulation_note():
+            err.print(escape(note))
         print_budget_note(result)
         if note := result.schedule_note():
             err.print(escape(note))

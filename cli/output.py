@@ -201,7 +201,7 @@ def shell_ref(report: BatchReport) -> str:
 
 def batch_heading(report: BatchReport) -> str:
     """``name (a1b2c3d4) · state``, the name shortened to fit the terminal."""
-    label = report["phase"]
+    label = report["phase"] + (" · simulated" if report["simulated"] else "")
     suffix = f" ({short_id(report['batch'])}) · {label}"
     return f"[bold]{escape(fit(report['name'], width() - cell_len(suffix)))}[/bold]{escape(suffix)}"
 
@@ -253,6 +253,8 @@ def idle_text(report: BatchReport) -> str:
 
     seen = report["processed_at"]
     words = not_processing(datetime.fromisoformat(seen) if seen else None, now=datetime.now(UTC))
+    if report["simulated"]:  # only a --simulate run sends a simulation; workers never do
+        return f"{words}: `wanbatch run {report['name']} --simulate` goes on"
     return f"{words}: `wanbatch run {report['name']}`, or a worker, goes on"
 
 

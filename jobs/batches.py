@@ -149,6 +149,10 @@ class SubmitResult:
     #: ``{"from": old, "to": new}``, each ``{"schedule": …, "priority": …}``, when this submit
     #: changed the schedule or the priority.
     schedule_changed: dict[str, dict[str, Any]] | None = None
+    #: Made by a ``--simulate`` run: its requests go to the bundled simulator, never to fal.
+    simulated: bool = False
+    #: The new name of a simulation that held this batch's name (a batch for fal takes it back).
+    moved_aside: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The contract's ``submit --json`` object (batch, total, counts) plus what was added."""
@@ -165,7 +169,17 @@ class SubmitResult:
             "schedule": self.schedule,
             "priority": self.priority,
             "schedule_changed": self.schedule_changed,
+            "simulated": self.simulated,
         }
+
+    def simulation_note(self) -> str | None:
+        """The stderr line saying a simulation gave this batch its name, or None."""
+        if self.moved_aside is None:
+            return None
+        return (
+            f"batch {self.name} was a simulation (`--simulate`): it is now {self.moved_aside}; "
+            f"this {self.name} is sent to fal"
+        )
 
     def budget_note(self) -> str | None:
         """The stderr line saying the cap changed, or None."""
@@ -300,6 +314,7 @@ def _submitted(
         schedule=batch.schedule,
         priority=batch.priority,
         schedule_changed=schedule_changed,
+        simulated=batch.simulated,
     )
 
 
@@ -330,7 +345,9 @@ def _apply_schedule(
     return {"from": old, "to": new}
 
 
-def submit_manifest(path: str | Path, settings: Settings, allowed_dirs: Iterable[Path] = ()) -> SubmitResult:
+def submit_manifest(
+    path: str | Path, settings: Settings, allowed_dirs: Iterable[Path] = (), *, simulated: bool = False
+) -> SubmitResult:
     """Validate the whole manifest, then store its batch and jobs in one transaction.
 
     Nothing is written unless every job is valid. Idempotent: the batch is found by name and
@@ -340,15 +357,19 @@ def submit_manifest(path: str | Path, settings: Settings, allowed_dirs: Iterable
     the result says so in ``budget_changed``); so do its current ``schedule`` and ``priority``
     (``schedule_changed``), and ``reuse_outputs``. A user's ``wanbatch pause`` is left as it is:
     only ``resume`` ends it.
+
+    ``simulated`` (``--simulate``): the batch is a simulation, stored apart from any batch of
+    the same name sent to fal (:func:`jobs.store.name_for_batch`).
     """
     report = check_manifest(path, settings, allowed_dirs)
     manifest = report.manifest
     assert manifest is not None
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
+        name, moved_aside = store.name_for_batch(session, manifest.name, simulated=simulated)
         batch, created = store.get_or_create_batch(
             session,
-            name=manifest.name,
+            name=name,
             manifest_path=str(Path(path).resolve()),
             manifest_sha256=manifest.sha256,
             budget_max_usd=manifest.budget_max_usd,
@@ -356,6 +377,7 @@ def submit_manifest(path: str | Path, settings: Settings, allowed_dirs: Iterable
             priority=manifest.priority,
             reuse_outputs=manifest.reuse_outputs,
             manifest_text=manifest.text,
+            simulated=simulated,
         )
         budget_changed = None if created else _apply_budget(session, batch, manifest.budget_max_usd)
         if not created and (batch.manifest_text, batch.manifest_sha256) != (manifest.text, manifest.sha256):
@@ -372,9 +394,11 @@ def submit_manifest(path: str | Path, settings: Settings, allowed_dirs: Iterable
             # Paused because fal refused the account; submitting again is the user saying "go on".
             store.set_batch_state(session, batch.id, BatchState.ACTIVE)
         warnings = [str(i) for i in report.issues if i.severity != "error"]
-        return _submitted(
+        result = _submitted(
             session, batch, created, added, existing, warnings, budget_changed, schedule_changed
         )
+        result.moved_aside = moved_aside
+        return result
 
 
 def _money(value: Decimal | None) -> float | None:
@@ -447,6 +471,8 @@ class BatchReport(TypedDict):
     failures: list[FailureReason]
     parent_batch: str | None
     created_at: str
+    #: Made by ``--simulate``: its requests go to the bundled simulator, never to fal.
+    simulated: bool
 
 
 class BatchProgress(TypedDict):
@@ -634,7 +660,34 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
         ],
         "parent_batch": batch.parent_batch_id,
         "created_at": batch.created_at.isoformat(),
+        "simulated": batch.simulated,
     }
+
+
+def check_simulation(
+    batch_id: str, settings: DatabaseSettings, *, simulated: bool, command: str = "run"
+) -> None:
+    """Refuse (exit 2) to process a simulation against fal, or a batch sent to fal with the
+    simulator: simulated videos never mix with paid ones, and a simulation never costs money.
+
+    ``simulated``: whether this process sends to the bundled simulator (``--simulate``);
+    ``command``: the one that goes on (``run``, ``cancel``), named in the message.
+    """
+    with db.read_scope(open_engine(settings)) as session:
+        batch = store.get_batch(session, batch_id)
+        name, is_simulation = batch.name, batch.simulated
+    if is_simulation and not simulated:
+        raise UsageError(
+            f"batch {name} is a simulation (made by `--simulate`): nothing of it goes to fal; "
+            f"`wanbatch {command} {name} --simulate` goes on (run its manifest without `--simulate` "
+            "to send it to fal)"
+        )
+    if simulated and not is_simulation:
+        raise UsageError(
+            f"batch {name} is sent to fal: `--simulate` would mix simulated videos into it; "
+            "go on without `--simulate` (`wanbatch run MANIFEST --simulate` simulates its manifest "
+            "as a batch of its own)"
+        )
 
 
 def status(ref: str | None, settings: DatabaseSettings) -> list[BatchReport]:
@@ -778,6 +831,7 @@ def rerun_batch(
     max_usd: Decimal | None = None,
     vary: Sequence[Vary] = (),
     settings: Settings,
+    simulated: bool = False,
 ) -> SubmitResult:
     """A new batch from a stored one, linked to it as its parent.
 
@@ -836,7 +890,7 @@ def rerun_batch(
         if not rows:
             raise NothingToRerun(_nothing_to_rerun(session, parent, failed_only))
         siblings = sum(1 for b in store.list_batches(session) if b.parent_batch_id == parent.id)
-        name = f"{parent.name}-rerun-{siblings + 1}"
+        name, _ = store.name_for_batch(session, f"{parent.name}-rerun-{siblings + 1}", simulated=simulated)
         batch, created = store.get_or_create_batch(
             session,
             name=name,
@@ -846,6 +900,7 @@ def rerun_batch(
             parent_batch_id=parent.id,
             priority=parent.priority,
             manifest_text=parent.manifest_text,  # provenance: the manifest the jobs came from
+            simulated=simulated,
         )
         budget_changed = None if created or max_usd is None else _apply_budget(session, batch, max_usd)
         added, existing = store.add_jobs(session, batch.id, rows)

@@ -215,6 +215,10 @@ class Batch(Base):
     #: (same job key, any batch) takes that output instead of being sent. Opt-in, as fal may
     #: change a model behind an endpoint; a re-submit applies the manifest's current value.
     reuse_outputs: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    #: Run with ``--simulate``: its requests went to the bundled simulator, never to fal. Only a
+    #: ``--simulate`` run processes it (workers never send it, a plain ``run`` refuses it), and a
+    #: ``--simulate`` run never touches a batch sent to fal: simulated videos never mix with paid ones.
+    simulated: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     #: The manifest file's text as submitted (a re-submit stores the new text): provenance that
     #: survives the file being edited or deleted. NULL for batches stored before it was kept.
     #: Deferred: read only for provenance (re-submit, rerun), never on the hot paths that load a batch.

@@ -149,6 +149,7 @@ __all__ = [
     "mark_submitted",
     "mark_submitting",
     "mark_succeeded",
+    "name_for_batch",
     "record_duplicate_charge",
     "record_heartbeat",
     "record_result",
@@ -193,6 +194,44 @@ _BILLED_STATES = frozenset({JobState.DOWNLOADING, JobState.SUCCEEDED})
 # --------------------------------------------------------------------------- batches
 
 
+#: What a simulated batch is called when its manifest's name belongs to a batch sent to fal.
+SIMULATED_SUFFIX = "-simulated"
+
+
+def name_for_batch(session: Session, name: str, *, simulated: bool) -> tuple[str, str | None]:
+    """The name a batch of the manifest named ``name`` is stored (or found) under, and where a
+    simulation that held ``name`` was moved to make room (else None).
+
+    Simulated and paid videos never share a batch, and a batch's name says which one it is:
+
+    * a simulation never takes the name of a batch sent to fal: it is ``NAME-simulated``
+      (``NAME-simulated-2``, … when a batch sent to fal holds that too);
+    * a batch for fal takes its name back from a simulation, which is renamed
+      ``NAME-simulated`` (or the next free one). So "drop ``--simulate``" sends the manifest
+      to fal, instead of finding its simulated batch already done.
+    """
+    holder = session.scalar(select(Batch).where(Batch.name == name))
+    if holder is None or holder.simulated == simulated:
+        return name, None
+    for candidate in _simulated_names(name):
+        other = session.scalar(select(Batch).where(Batch.name == candidate))
+        if simulated and (other is None or other.simulated):
+            return candidate, None  # a new simulation, or the one an earlier --simulate run made
+        if not simulated and other is None:
+            holder.name = candidate
+            session.flush()  # the name is free before the batch for fal is inserted
+            return name, candidate
+    raise AssertionError("unreachable: the candidate names never end")  # pragma: no cover
+
+
+def _simulated_names(name: str) -> Iterator[str]:
+    yield f"{name}{SIMULATED_SUFFIX}"
+    number = 2
+    while True:
+        yield f"{name}{SIMULATED_SUFFIX}-{number}"
+        number += 1
+
+
 def get_or_create_batch(
     session: Session,
     *,
@@ -205,8 +244,10 @@ def get_or_create_batch(
     priority: str = "normal",
     reuse_outputs: bool = False,
     manifest_text: str | None = None,
+    simulated: bool = False,
 ) -> tuple[Batch, bool]:
     """The batch called ``name``, creating it if needed; ``True`` when it was created now.
+    (:func:`name_for_batch` first: the name a simulated or a paid batch may take.)
 
     Race-safe: two processes submitting the same manifest at once both end up with the one row
     the unique constraint on ``name`` lets through. An existing batch is returned unchanged
@@ -229,6 +270,7 @@ def get_or_create_batch(
         paused_by_user=False,
         reuse_outputs=reuse_outputs,
         manifest_text=manifest_text,
+        simulated=simulated,
         created_at=utcnow(),
     )
     try:
@@ -363,18 +405,24 @@ def _has_unfinished_jobs() -> ColumnElement[bool]:
 
 
 def dispatch_batches(session: Session, batch_ids: Collection[str] = ()) -> list[Batch]:
-    """:func:`scheduled_batches` and the batches ``batch_ids``, in one query (a dispatch round's
-    batches: those it may have to hold back, and those it works on)."""
+    """:func:`scheduled_batches`, the simulated batches with work left, and the batches
+    ``batch_ids``, in one query (a dispatch round's batches: those it may have to hold back —
+    a round sends a simulated batch's jobs only when it works on that batch by name — and those
+    it works on)."""
+    return _held_back_batches(session, batch_ids, simulated=True)
+
+
+def _held_back_batches(session: Session, batch_ids: Collection[str], *, simulated: bool) -> list[Batch]:
+    held = [Batch.schedule.is_not(None), Batch.paused_by_user.is_(True)]
+    if simulated:
+        held.append(Batch.simulated.is_(True))
     query = _prepared(
-        ("dispatch_batches",),
+        ("held_back_batches", simulated),
         lambda: (
             select(Batch)
             .where(
                 or_(
-                    and_(
-                        or_(Batch.schedule.is_not(None), Batch.paused_by_user.is_(True)),
-                        _has_unfinished_jobs(),
-                    ),
+                    and_(or_(*held), _has_unfinished_jobs()),
                     Batch.id.in_(bindparam("ids", expanding=True)),
                 )
             )
@@ -392,7 +440,7 @@ def scheduled_batches(session: Session) -> list[Batch]:
     a short list however long the database has lived: a nightly scheduled batch no longer adds a
     row to every dispatch round (one per completion) for good.
     """
-    return dispatch_batches(session)
+    return _held_back_batches(session, (), simulated=False)
 
 
 def cancelled_batches_with_work(session: Session) -> list[str]:
@@ -2280,7 +2328,8 @@ def drop_heartbeats(session: Session, owner: str) -> None:
 
 
 def last_heartbeat(session: Session, batch_id: str) -> datetime | None:
-    """When a process last said it works on ``batch_id`` (its own or every batch); None: never."""
+    """When a process last said it works on ``batch_id`` (its own or every batch, a simulation
+    its own only); None: never."""
     return last_heartbeats(session, [batch_id]).get(batch_id)
 
 
@@ -2297,8 +2346,13 @@ def last_heartbeats(session: Session, batch_ids: Collection[str]) -> dict[str, d
         beats[scope] = seen
     every = beats.pop(EVERY_BATCH, None)
     if every is not None:
+        # The workers' beat covers every batch they may send: a simulation is not one of them.
+        simulated = set(
+            session.scalars(select(Batch.id).where(Batch.id.in_(list(batch_ids)), Batch.simulated.is_(True)))
+        )
         for batch_id in batch_ids:
-            beats[batch_id] = max(beats.get(batch_id, every), every)
+            if batch_id not in simulated:
+                beats[batch_id] = max(beats.get(batch_id, every), every)
     return beats
 
 

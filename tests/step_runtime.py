@@ -80,13 +80,20 @@ def add_batch(
     *,
     est_billing_units: Decimal = Decimal(5),
     est_usd: Decimal = Decimal("0.25"),
+    simulated: bool = False,
 ) -> str:
-    """A batch of ``(endpoint, input)`` jobs, stored as ``submit`` would; returns its id.
+    """A batch of ``(endpoint, input)`` jobs, stored as ``submit`` would (``simulated``: as
+    ``run --simulate`` would); returns its id.
 
     Every job is estimated at ``est_billing_units`` and ``est_usd``."""
     with db.session_scope(engine) as session:
         batch, _ = store.get_or_create_batch(
-            session, name=name, manifest_path=f"{name}.yaml", manifest_sha256="0" * 64, budget_max_usd=None
+            session,
+            name=name,
+            manifest_path=f"{name}.yaml",
+            manifest_sha256="0" * 64,
+            budget_max_usd=None,
+            simulated=simulated,
         )
         store.add_jobs(
             session,

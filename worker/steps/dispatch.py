@@ -122,6 +122,7 @@ class _RoundBatches:
 
     def __init__(self, session: Session, own: Collection[str]) -> None:
         self._session = session
+        self._own = frozenset(own)
         self._by_id = {b.id: b for b in store.dispatch_batches(session, own)}
 
     def get(self, batch_id: str) -> Batch:
@@ -131,12 +132,15 @@ class _RoundBatches:
         return batch
 
     def closed(self, now: datetime) -> set[str]:
-        """Active batches that may not send now: paused by their user, or closed by their
-        schedule (before ``not_before``, outside the daily window, past the deadline)."""
+        """Active batches that may not send now: paused by their user, closed by their
+        schedule (before ``not_before``, outside the daily window, past the deadline), or
+        simulations this round does not work on by name: only the ``--simulate`` run that
+        processes one sends it (to its own simulator); workers never send one to fal."""
         return {
             batch.id
             for batch in self._by_id.values()
             if batch.paused_by_user
+            or (batch.simulated and batch.id not in self._own)
             or (batch.schedule is not None and not store.batch_schedule(batch).is_open(now))
         }
 

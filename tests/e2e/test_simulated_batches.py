@@ -1,0 +1,140 @@
+"""`--simulate` batches and batches sent to fal never mix, from the command line.
+
+The `sim` fixture plays real fal (FAL_KEY set, `WANBATCH_FAL_QUEUE_URL` at the session's
+simulator, whose ledger says what "fal" accepted); `--simulate` starts a simulator of its own
+inside the command, which this ledger never sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import MakeManifest, Wb, counts
+
+CLIP = """name: clip
+endpoint: fal-ai/wan-22
+items:
+  - prompt: a lighthouse at dusk
+    seed: 7
+  - prompt: a lighthouse at dawn
+    seed: 8
+"""
+
+
+def _status(wb: Wb, batch: str) -> dict[str, Any]:
+    run = wb("status", batch, "--json")
+    assert run.code == 0, run.stdout + run.stderr
+    report: dict[str, Any] = run.json()
+    return report
+
+
+def test_dropping_simulate_sends_the_manifest_to_fal(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """The README's path: `run --simulate`, then the same without it. Before, the second run
+    found the simulated batch done and sent nothing to fal."""
+    path = manifest("clip", CLIP)
+    first = wb("run", path, "--simulate", "--no-progress", "--json")
+    assert first.code == 0, first.stdout + first.stderr
+    assert (first.json()["name"], first.json()["simulated"]) == ("clip", True)
+    assert sim.ledger()["accepted"] == 0  # the simulation went to its own simulator
+
+    second = wb("run", path, "--no-progress", "--json")
+    assert second.code == 0, second.stdout + second.stderr
+    assert "batch clip was a simulation (`--simulate`): it is now clip-simulated" in second.stderr
+    report = second.json()
+    assert (report["name"], report["simulated"], report["counts"]["succeeded"]) == ("clip", False, 2)
+    assert sim.ledger()["accepted"] == 2  # sent to fal this time
+    assert report["batch"] != first.json()["batch"]
+
+    kept = _status(wb, "clip-simulated")
+    assert (kept["batch"], kept["simulated"]) == (first.json()["batch"], True)
+
+    # A --simulate run of the manifest now resumes that simulation; fal sees nothing more.
+    again = wb("run", path, "--simulate", "--no-progress", "--json")
+    assert again.code == 0, again.stdout + again.stderr
+    assert again.json()["batch"] == first.json()["batch"]
+    assert sim.ledger()["accepted"] == 2
+
+
+def test_a_simulation_never_joins_a_paid_batch(wb: Wb, sim: SimulatorHandle, manifest: MakeManifest) -> None:
+    path = manifest("clip", CLIP)
+    paid = wb("run", path, "--no-progress", "--json")
+    assert paid.code == 0, paid.stdout + paid.stderr
+    simulated = wb("run", path, "--simulate", "--no-progress", "--json")
+    assert simulated.code == 0, simulated.stdout + simulated.stderr
+    assert (simulated.json()["name"], simulated.json()["simulated"]) == ("clip-simulated", True)
+    assert simulated.json()["counts"]["succeeded"] == 2
+    assert sim.ledger()["accepted"] == 2  # only the paid run's
+    assert _status(wb, "clip")["counts"] == paid.json()["counts"]
+
+
+def test_processing_a_batch_the_other_way_is_refused(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    path = manifest("clip", CLIP)
+    assert wb("submit", path).code == 0  # stored for fal, nothing sent yet
+
+    wrong = wb("run", "clip", "--simulate", "--no-progress")
+    assert wrong.code == 2
+    assert wrong.stderr.strip().splitlines() == [
+        "error: batch clip is sent to fal: `--simulate` would mix simulated videos into it; go on "
+        "without `--simulate` (`wanbatch run MANIFEST --simulate` simulates its manifest as a batch "
+        "of its own)"
+    ]
+    assert _status(wb, "clip")["counts"]["pending"] == 2  # nothing went to the simulator
+
+    other = manifest("other", CLIP.replace("name: clip", "name: other"))
+    interrupted = wb("run", other, "--simulate", "--no-progress")
+    assert interrupted.code == 0
+    refused = wb("run", "other", "--no-progress")
+    assert refused.code == 2
+    assert "batch other is a simulation (made by `--simulate`)" in refused.stderr
+    assert "`wanbatch run other --simulate` goes on" in refused.stderr
+    assert sim.ledger()["accepted"] == 0  # fal never saw either batch
+    assert "Traceback" not in wrong.stderr + refused.stderr
+
+
+def test_simulate_with_a_broker_is_refused_before_anything_is_stored(
+    wb: Wb, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With a broker the workers, not this process, send the jobs: with fal's settings."""
+    monkeypatch.setenv("WANBATCH_BROKER_URL", "redis://127.0.0.1:6379/15")
+    run = wb("run", manifest("clip", CLIP), "--simulate", "--no-progress")
+    assert run.code == 2
+    assert run.stderr.strip().splitlines() == [
+        "error: --simulate runs the work in this process, but WANBATCH_BROKER_URL is set: the workers "
+        "would send it to fal; unset WANBATCH_BROKER_URL to simulate"
+    ]
+    db_file = tmp_path / "wanbatch.db"
+    assert not db_file.exists() or counts(f"sqlite:///{db_file}") == (0, 0)
+
+
+def test_status_tells_how_a_stopped_simulation_goes_on(wb: Wb, manifest: MakeManifest) -> None:
+    """A simulation left with work: only `run NAME --simulate` goes on (a worker never sends
+    it), and the workers' heartbeat does not make it "processing"."""
+    from sqlalchemy import update
+
+    from jobs import db, store
+    from jobs.models import Job, utcnow
+    from jobs.settings import get_settings
+    from jobs.states import JobState
+
+    assert wb("run", manifest("clip", CLIP), "--simulate", "--no-progress").code == 0
+    engine = db.open_engine(get_settings())
+    with db.session_scope(engine) as session:
+        batch_id = store.get_batch(session, "clip").id
+        first = next(iter(store.jobs_of_batch(session, batch_id))).id
+        session.execute(update(Job).where(Job.id == first).values(state=JobState.PENDING))
+        store.record_heartbeat(session, "worker:2:", ["*"], utcnow())
+
+    report = _status(wb, "clip")
+    assert (report["simulated"], report["processing"]) == (True, False)
+    human = " ".join(wb("status", "clip").stdout.split())
+    assert "· simulated" in human
+    assert "nothing is processing it: `wanbatch run clip --simulate` goes on" in human
+    assert "or a worker" not in human
