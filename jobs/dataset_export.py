@@ -59,6 +59,7 @@ _INT_FIELDS = frozenset(
 _UINT_FIELDS = frozenset({"seed"})
 _FLOAT_FIELDS = frozenset({"billing_units", "cost_usd", "est_billing_units", "est_usd"})
 _TIME_FIELDS = frozenset({"submitted_at", "finished_at"})
+_BOOL_FIELDS = frozenset({"simulated"})
 
 #: The job states an ``hf`` export can hold: succeeded always, the others with ``include_failed``.
 TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
@@ -95,6 +96,8 @@ def arrow_schema() -> Any:
             return pa.float64()
         if name in _TIME_FIELDS:
             return pa.timestamp("us", tz="UTC")
+        if name in _BOOL_FIELDS:
+            return pa.bool_()
         return pa.string()
 
     return pa.schema(
@@ -111,7 +114,7 @@ def arrow_value(name: str, value: object) -> object:
         raise UsageError(f"{name} {value} does not fit Parquet's uint64 {name} column; export as jsonl")
     if name in _TIME_FIELDS and isinstance(value, str):
         return datetime.fromisoformat(value)
-    if name in _INT_FIELDS or name in _FLOAT_FIELDS or name in _TIME_FIELDS:
+    if name in _INT_FIELDS or name in _FLOAT_FIELDS or name in _TIME_FIELDS or name in _BOOL_FIELDS:
         return value
     if isinstance(value, str):
         return value
@@ -259,16 +262,22 @@ def _fetch_object(job_id: str, uri: str, sha256: str | None, folder: Path) -> st
 
 def _card(batch: Batch, summary: HfExport, include_failed: bool) -> str:
     """The ``README.md`` dataset card: what is in the folder and how it was made."""
+    made = (
+        "**Simulated** videos, made by wanbatch's bundled fal simulator (`--simulate`), not by "
+        "fal.ai's Wan endpoints: a rehearsal of the batch, not a dataset of the model's output. By "
+        if batch.simulated
+        else "Videos generated with fal.ai's hosted Wan endpoints by "
+    )
     lines = [
         "---",
         f"pretty_name: {json.dumps(batch.name, ensure_ascii=False)}",
-        "tags: [video, synthetic, wanbatch]",
+        "tags: [video, synthetic, wanbatch" + (", simulated]" if batch.simulated else "]"),
         "---",
         "",
         f"# {batch.name}",
         "",
-        f"Videos generated with fal.ai's hosted Wan endpoints by wanbatch {wanbatch_version()}, "
-        f"batch `{batch.id}` (submitted {batch.created_at.isoformat()}).",
+        f"{made}wanbatch {wanbatch_version()}, batch `{batch.id}` "
+        f"(submitted {batch.created_at.isoformat()}).",
         "",
         "## Contents",
         "",
@@ -294,7 +303,7 @@ def _card(batch: Batch, summary: HfExport, include_failed: bool) -> str:
         "## How it was made",
         "",
         f"- manifest: {manifest}",
-        "- generated: `wanbatch run <manifest>`",
+        "- generated: `wanbatch run " + ("--simulate " if batch.simulated else "") + "<manifest>`",
         f"- exported: `wanbatch export {batch.id} --format hf -o <folder>"
         + (" --include failed`" if include_failed else "`"),
         "",

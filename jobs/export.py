@@ -47,6 +47,7 @@ FIELDS = (
     "job_id",
     "batch",
     "batch_name",
+    "simulated",
     "item_index",
     "variant",
     "endpoint",
@@ -100,6 +101,8 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
         "job_id": job.id,
         "batch": batch.id,
         "batch_name": batch.name,
+        # Made by ``--simulate``: the bundled simulator's video, not a model's (never paid for).
+        "simulated": batch.simulated,
         "item_index": job.item_index,
         "variant": job.variant,  # the matrix combination within the item
         "endpoint": job.endpoint,

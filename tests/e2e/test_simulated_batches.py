@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from falsim.server import SimulatorHandle
-from tests.e2e.e2e_helpers import MakeManifest, Wb, counts
+from tests.e2e.e2e_helpers import MakeManifest, Wb, counts, export_jsonl
 
 CLIP = """name: clip
 endpoint: fal-ai/wan-22
@@ -138,3 +138,29 @@ def test_status_tells_how_a_stopped_simulation_goes_on(wb: Wb, manifest: MakeMan
     assert "· simulated" in human
     assert "nothing is processing it: `wanbatch run clip --simulate` goes on" in human
     assert "or a worker" not in human
+
+
+def test_exports_say_which_videos_are_simulated(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    """A dataset made from a simulation must not pass for the model's output."""
+    import pyarrow.parquet as pq
+
+    path = manifest("clip", CLIP)
+    assert wb("run", path, "--simulate", "--no-progress").code == 0
+    assert wb("run", path, "--no-progress").code == 0  # the paid one takes the name back
+
+    for batch, simulated in (("clip-simulated", True), ("clip", False)):
+        records = export_jsonl(wb, batch)
+        assert [r["simulated"] for r in records] == [simulated, simulated]
+        target = tmp_path / f"{batch}.parquet"
+        assert wb("export", batch, "--format", "parquet", "-o", target).code == 0
+        column = pq.read_table(target).column("simulated")
+        assert str(column.type) == "bool"
+        assert column.to_pylist() == [simulated, simulated]
+        folder = tmp_path / f"{batch}-hf"
+        assert wb("export", batch, "--format", "hf", "-o", folder).code == 0
+        card = (folder / "README.md").read_text()
+        assert ("**Simulated** videos" in card) is simulated
+        assert ("tags: [video, synthetic, wanbatch, simulated]" in card) is simulated
+        assert ("Videos generated with fal.ai's hosted Wan endpoints" in card) is not simulated

@@ -303,3 +303,15 @@ def test_empty_scheduled_and_paused_batches_render(sqlite_engine: Engine, output
     assert '<span class="strong">none</span> — paused: fal refused' in page  # held: no forecast
     listing_page = local.get("/", headers=HTML).text
     assert "held" in listing_page
+
+
+def test_a_simulation_is_marked_as_such(sqlite_engine: Engine, output_dir: Path) -> None:
+    with session_factory(sqlite_engine)() as session:
+        rehearsal = make_batch(session, "rehearsal", [new_job(0, endpoint=ENDPOINTS[0])])
+        paid = make_batch(session, "paid", [new_job(0, endpoint=ENDPOINTS[0])])
+        rehearsal.simulated = True
+        session.commit()
+    local = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir)))
+    assert ">simulated</span>" in local.get(f"/batches/{rehearsal.id}", headers=HTML).text
+    assert ">simulated</span>" not in local.get(f"/batches/{paid.id}", headers=HTML).text
+    assert local.get("/", headers=HTML).text.count(">simulated</span>") == 1
