@@ -499,12 +499,16 @@ class Dashboard:
             counts = store.counts_by_state(session, batch.id)
         if counts[JobState.FAILED.value] + counts[JobState.CANCELLED.value] == 0:
             raise UsageError(f"batch {batch.name} has no failed or cancelled job: nothing to rerun")
-        result = batches.rerun_batch(batch.id, failed_only=True, settings=self.settings)
-        then = (
-            "the workers send it"
-            if self.settings.broker_url
-            else f"nothing sends it until `wanbatch run {result.name}` (no workers: no WANBATCH_BROKER_URL)"
+        # A simulation's rerun is a simulation: a button must never turn a rehearsal into spending.
+        result = batches.rerun_batch(
+            batch.id, failed_only=True, settings=self.settings, simulated=batch.simulated
         )
+        if result.simulated:
+            then = f"a simulation: nothing sends it until `wanbatch run {result.name} --simulate`"
+        elif self.settings.broker_url:
+            then = "the workers send it"
+        else:
+            then = f"nothing sends it until `wanbatch run {result.name}` (no workers: no WANBATCH_BROKER_URL)"
         message = f"created batch {result.name} with {result.added} job(s) of {batch.name}: {then}"
         return Outcome(message, result.batch_id, result.as_dict())
 

@@ -315,3 +315,18 @@ def test_a_simulation_is_marked_as_such(sqlite_engine: Engine, output_dir: Path)
     assert ">simulated</span>" in local.get(f"/batches/{rehearsal.id}", headers=HTML).text
     assert ">simulated</span>" not in local.get(f"/batches/{paid.id}", headers=HTML).text
     assert local.get("/", headers=HTML).text.count(">simulated</span>") == 1
+
+
+def test_the_rerun_button_of_a_simulation_makes_a_simulation(sqlite_engine: Engine, output_dir: Path) -> None:
+    """A button must never turn a rehearsal into spending: the rerun is a simulation too, which
+    no worker sends (only `wanbatch run NAME --simulate`)."""
+    with session_factory(sqlite_engine)() as session:
+        mixed = mixed_batch(session)
+        mixed.batch.simulated = True
+        session.commit()
+    browser = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN)))
+    rerun = browser.post(f"/batches/{mixed.batch.id}/rerun-failed", headers={**BEARER, **JSON})
+    assert rerun.status_code == 200, rerun.text
+    body = rerun.json()
+    assert (body["name"], body["simulated"]) == ("mixed-rerun-1", True)
+    assert "nothing sends it until `wanbatch run mixed-rerun-1 --simulate`" in body["message"]
