@@ -177,8 +177,8 @@ class SubmitResult:
         if self.moved_aside is None:
             return None
         return (
-            f"batch {self.name} was a simulation (`--simulate`): it is now {self.moved_aside}; "
-            f"this {self.name} is sent to fal"
+            f"batch {self.name} was a simulation (`--simulate`): renamed {self.moved_aside}; "
+            f"a new batch {self.name} goes to fal"
         )
 
     def budget_note(self) -> str | None:

@@ -45,7 +45,10 @@ def test_dropping_simulate_sends_the_manifest_to_fal(
 
     second = wb("run", path, "--no-progress", "--json")
     assert second.code == 0, second.stdout + second.stderr
-    assert "batch clip was a simulation (`--simulate`): it is now clip-simulated" in second.stderr
+    assert (
+        "batch clip was a simulation (`--simulate`): renamed clip-simulated; a new batch clip goes to fal"
+        in " ".join(second.stderr.split())
+    )
     report = second.json()
     assert (report["name"], report["simulated"], report["counts"]["succeeded"]) == ("clip", False, 2)
     assert sim.ledger()["accepted"] == 2  # sent to fal this time
