@@ -477,9 +477,14 @@ class Dashboard:
                 worker="dashboard",
             )
             at_fal = store.count_in_states(session, AT_PROVIDER_STATES, batch_id=batch.id)
-            batch_id, name = batch.id, batch.name
+            batch_id, name, simulated = batch.id, batch.name, batch.simulated
         message = f"cancelled batch {label}: {at_once} job(s) never sent are cancelled"
-        if at_fal:
+        if at_fal and simulated:  # at a --simulate run's simulator: no worker touches them
+            message += (
+                f"; {at_fal} job(s) its simulator holds are cancelled there by the `wanbatch run "
+                f"--simulate` processing it, or by `wanbatch cancel {name} --simulate`"
+            )
+        elif at_fal:
             by = (
                 "the workers"
                 if self.settings.broker_url

@@ -330,3 +330,9 @@ def test_the_rerun_button_of_a_simulation_makes_a_simulation(sqlite_engine: Engi
     body = rerun.json()
     assert (body["name"], body["simulated"]) == ("mixed-rerun-1", True)
     assert "nothing sends it until `wanbatch run mixed-rerun-1 --simulate`" in body["message"]
+
+    # Its requests are at a --simulate run's simulator: no worker cancels them at fal.
+    cancelled = browser.post(f"/batches/{mixed.batch.id}/cancel", headers={**BEARER, **JSON}).json()
+    assert cancelled["at_fal"] == 6
+    assert "its simulator holds are cancelled there by the `wanbatch run --simulate`" in cancelled["message"]
+    assert "`wanbatch cancel mixed --simulate`" in cancelled["message"]
