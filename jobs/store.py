@@ -1974,9 +1974,17 @@ def count_in_states_by_endpoint(
     return {str(endpoint): int(n) for endpoint, n in session.execute(query.group_by(Job.endpoint))}
 
 
+def _paid(batch_id: Any) -> ColumnElement[bool]:
+    """``batch_id`` (a column) is not a simulation's: a ``--simulate`` run's money is made up (the
+    simulator bills nothing), so it never counts toward the daily budget, which is about fal's."""
+    simulations = select(Batch.id).where(Batch.simulated.is_(True)).scalar_subquery()
+    return cast(ColumnElement[bool], batch_id.not_in(simulations))
+
+
 def committed_usd_since(session: Session, since: datetime) -> Decimal:
-    """USD committed across every batch since ``since`` (the daily budget): the estimates of all
-    jobs fal holds or may hold now, plus what jobs submitted since then were billed."""
+    """USD committed across every batch sent to fal since ``since`` (the daily budget): the
+    estimates of all jobs fal holds or may hold now, plus what jobs submitted since then were
+    billed. Simulations are left out (:func:`_paid`)."""
     zero = type_coerce(0, Money())
     billed = case(
         (Job.state.in_(list(_BILLED_STATES)), func.coalesce(Job.actual_usd, Job.est_usd)),
@@ -1984,12 +1992,12 @@ def committed_usd_since(session: Session, since: datetime) -> Decimal:
     )
     reserved = session.scalar(
         select(func.coalesce(func.sum(type_coerce(Job.est_usd, Money())), zero)).where(
-            Job.state.in_(list(AT_PROVIDER_STATES))
+            Job.state.in_(list(AT_PROVIDER_STATES)), _paid(Job.batch_id)
         )
     )
     spent = session.scalar(
         select(func.coalesce(func.sum(type_coerce(billed, Money())), zero)).where(
-            Job.submitted_at >= since, Job.state.not_in(list(AT_PROVIDER_STATES))
+            Job.submitted_at >= since, Job.state.not_in(list(AT_PROVIDER_STATES)), _paid(Job.batch_id)
         )
     )
     return Decimal(reserved or 0) + Decimal(spent or 0)
@@ -1999,7 +2007,7 @@ def committed_usd_today(session: Session, now: datetime) -> Decimal:
     """:func:`committed_usd_since` the UTC midnight before ``now`` (the daily budget), read
     without summing every job ever stored: finished jobs from :class:`BatchTotals` (the rows of
     this day), the unfinished ones fal holds or has billed by index. Dispatch asks it on every
-    round while ``WANBATCH_DAILY_BUDGET_USD`` is set."""
+    round while ``WANBATCH_DAILY_BUDGET_USD`` is set. Simulations are left out (:func:`_paid`)."""
     since = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
     def build() -> Any:
@@ -2007,22 +2015,26 @@ def committed_usd_today(session: Session, now: datetime) -> Decimal:
         after: BindParameter[datetime] = bindparam("since", type_=Job.submitted_at.type)
         finished = (
             select(func.sum(type_coerce(_TOTALS.c.finished_usd, Money())))
-            .where(_TOTALS.c.day >= bindparam("day"))
+            .where(_TOTALS.c.day >= bindparam("day"), _paid(_TOTALS.c.batch_id))
             .scalar_subquery()
         )
         reserved = (
             select(func.sum(type_coerce(Job.est_usd, Money())))
-            .where(Job.state.in_(list(AT_PROVIDER_STATES)))
+            .where(Job.state.in_(list(AT_PROVIDER_STATES)), _paid(Job.batch_id))
             .scalar_subquery()
         )
         unfinished = (
             select(func.sum(spent_usd()))
-            .where(Job.state.in_([JobState.DOWNLOADING, JobState.RETRY_WAIT]), Job.submitted_at >= after)
+            .where(
+                Job.state.in_([JobState.DOWNLOADING, JobState.RETRY_WAIT]),
+                Job.submitted_at >= after,
+                _paid(Job.batch_id),
+            )
             .scalar_subquery()
         )
         parked = (
             select(func.sum(type_coerce(Job.actual_usd, Money())))
-            .where(_PENDING_BILLED, Job.submitted_at >= after)
+            .where(_PENDING_BILLED, Job.submitted_at >= after, _paid(Job.batch_id))
             .scalar_subquery()
         )
         return select(

@@ -11,6 +11,7 @@ does not count as processing one.
 
 from __future__ import annotations
 
+import itertools
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -20,8 +21,12 @@ from sqlalchemy import Engine
 from jobs import db, store
 from jobs.models import EVERY_BATCH, utcnow
 from jobs.settings import Settings
-from tests.step_runtime import add_batch, make_runtime
+from jobs.states import JobState
+from tests.sample_inputs import INPUTS
+from tests.step_runtime import add_batch, job_ids, make_runtime, settings_for
 from worker.steps import Runtime, dispatch
+
+WAN = ("fal-ai/wan-22", INPUTS["fal-ai/wan-22"])
 
 
 def _runtime(engine: Engine, sent: list[str], batch_ids: frozenset[str] | None) -> Runtime:
@@ -124,3 +129,35 @@ def test_the_workers_heartbeat_does_not_cover_a_simulation(engine: Engine) -> No
         assert set(beats) == {paid}
         store.record_heartbeat(session, "run@host", [simulated], now + timedelta(seconds=1))
         assert store.last_heartbeat(session, simulated) == now + timedelta(seconds=1)
+
+
+def _move(engine: Engine, job_id: str, *path: JobState, **fields: Any) -> None:
+    with db.session_scope(engine) as session:
+        for here, there in itertools.pairwise(path):
+            assert store.transition(session, job_id, here, there, **(fields if there == path[-1] else {}))
+
+
+def test_a_simulations_money_never_counts_toward_the_daily_budget(engine: Engine) -> None:
+    """The simulator bills nothing: a rehearsal of $7.50 must not leave today's real cap spent."""
+    settings = settings_for(
+        "http://127.0.0.1:9", "budget-key", max_outstanding=50, daily_budget_usd=Decimal("1.50")
+    )
+    rehearsal = add_batch(engine, "rehearsal", [WAN] * 10, est_usd=Decimal("0.25"), simulated=True)
+    finished = job_ids(engine, rehearsal)[0]
+    now = utcnow()
+    S = JobState
+    _move(engine, finished, S.PENDING, S.SUBMITTING, S.QUEUED, request_id="r-0", submitted_at=now)
+    _move(engine, finished, S.QUEUED, S.DOWNLOADING, S.SUCCEEDED, actual_usd=Decimal("5.00"))
+    # The --simulate run of the rehearsal: the day's cap does not hold it back either.
+    assert len(dispatch(make_runtime(engine, settings, batch_ids=frozenset({rehearsal})))) == 9
+
+    paid = add_batch(engine, "paid", [WAN] * 7, est_usd=Decimal("0.25"))
+    assert len(dispatch(make_runtime(engine, settings, batch_ids=frozenset({paid})))) == 6  # $1.50 of $1.50
+    with db.session_scope(engine) as session:
+        refused = [j.error for j in store.jobs_of_batch(session, paid) if j.state == S.CANCELLED]
+        assert refused == [
+            "budget: submitting would commit $1.75 of today's $1.50 cap (WANBATCH_DAILY_BUDGET_USD)"
+        ]
+        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        assert store.committed_usd_today(session, now) == Decimal("1.50")
+        assert store.committed_usd_since(session, midnight) == Decimal("1.50")

@@ -306,6 +306,11 @@ class _Committed:
             self._today = store.committed_usd_today(self._session, self.since)
         return self._today
 
+    def counts_today(self, batch_id: str) -> bool:
+        """Whether the batch's money counts toward the daily budget: a simulation's never does
+        (the simulator bills nothing; :func:`jobs.store.committed_usd_today` leaves it out)."""
+        return not self._round_batches.get(batch_id).simulated
+
     def add(self, job: Job) -> None:
         """``job`` (claimed ``pending``/``retry_wait``) was just marked ``submitting``.
 
@@ -317,7 +322,7 @@ class _Committed:
         if job.batch_id in self._batches:
             cap, committed = self._batches[job.batch_id]
             self._batches[job.batch_id] = (cap, committed + job.est_usd)
-        if self._today is not None:
+        if self._today is not None and self.counts_today(job.batch_id):
             billed_today = job.submitted_at is not None and job.submitted_at >= self.since
             self._today += job.est_usd - ((job.actual_usd or Decimal(0)) if billed_today else Decimal(0))
 
@@ -335,7 +340,7 @@ def _budget_refusal(committed: _Committed, job: Job) -> str | None:
             f"of the batch's {usd_text(cap)} cap"
         )
     daily_cap = committed.daily_cap
-    if daily_cap is not None:
+    if daily_cap is not None and committed.counts_today(job.batch_id):
         today = committed.today()
         if today + job.est_usd > daily_cap:
             return (
