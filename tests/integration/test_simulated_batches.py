@@ -17,9 +17,10 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from jobs import db, store
-from jobs.models import EVERY_BATCH, utcnow
+from jobs.models import EVERY_BATCH, Batch, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
 from tests.sample_inputs import INPUTS
@@ -71,26 +72,28 @@ def test_a_simulation_finished_drops_out_of_the_rounds(engine: Engine) -> None:
         assert store.scheduled_batches(session) == []  # the schedule enforcer has no use for them
 
 
+def _create(session: Session, name: str, *, simulated: bool = False) -> tuple[Batch, bool]:
+    return store.get_or_create_batch(
+        session,
+        name=name,
+        manifest_path="m",
+        manifest_sha256="0" * 64,
+        budget_max_usd=None,
+        simulated=simulated,
+    )
+
+
 def test_names_keep_simulations_apart_from_paid_batches(engine: Engine) -> None:
     with db.session_scope(engine) as session:
         # Nothing holds the name: either kind takes it.
         assert store.name_for_batch(session, "clip", simulated=True) == ("clip", None)
-        sim, _ = store.get_or_create_batch(
-            session,
-            name="clip",
-            manifest_path="m",
-            manifest_sha256="0" * 64,
-            budget_max_usd=None,
-            simulated=True,
-        )
+        sim, _ = _create(session, "clip", simulated=True)
         # A second --simulate run finds the same simulation.
         assert store.name_for_batch(session, "clip", simulated=True) == ("clip", None)
         # The batch for fal takes the name back; the simulation is renamed aside.
         assert store.name_for_batch(session, "clip", simulated=False) == ("clip", "clip-simulated")
         assert sim.name == "clip-simulated"
-        paid, created = store.get_or_create_batch(
-            session, name="clip", manifest_path="m", manifest_sha256="0" * 64, budget_max_usd=None
-        )
+        paid, created = _create(session, "clip")
         assert created
         assert not paid.simulated
         # From now on a --simulate run of the manifest resumes the renamed simulation ...
@@ -103,18 +106,9 @@ def test_a_paid_batch_holding_the_simulated_name_is_skipped(engine: Engine) -> N
     """A manifest literally named ``clip-simulated``, sent to fal, is never taken for a simulation."""
     with db.session_scope(engine) as session:
         for name in ("clip", "clip-simulated"):
-            store.get_or_create_batch(
-                session, name=name, manifest_path="m", manifest_sha256="0" * 64, budget_max_usd=None
-            )
+            _create(session, name)
         assert store.name_for_batch(session, "clip", simulated=True) == ("clip-simulated-2", None)
-        sim, _ = store.get_or_create_batch(
-            session,
-            name="clip-simulated-2",
-            manifest_path="m",
-            manifest_sha256="0" * 64,
-            budget_max_usd=None,
-            simulated=True,
-        )
+        sim, _ = _create(session, "clip-simulated-2", simulated=True)
         assert store.name_for_batch(session, "clip", simulated=True) == ("clip-simulated-2", None)
         assert sim.simulated
 
