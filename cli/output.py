@@ -377,6 +377,9 @@ def print_batches(reports: list[BatchReport]) -> None:
             notes.append(escape(fit(f"{ids[r['batch']]} {label}: {reason}", width())))
         if not r["processing"] and label not in ("done", "cancelled"):
             notes.append(escape(fit(f"{ids[r['batch']]} {idle_text(r)}", width())))
+    simulations = [ids[r["batch"]] for r in reports if r["simulated"]]
+    if simulations:  # their videos and money are the simulator's: say which rows those are
+        notes.append(escape(fit(f"simulated (`--simulate`): {', '.join(simulations)}", width())))
     for note in notes:
         out.print(note)
 

@@ -141,6 +141,8 @@ def test_status_tells_how_a_stopped_simulation_goes_on(wb: Wb, manifest: MakeMan
     assert "· simulated" in human
     assert "nothing is processing it: `wanbatch run clip --simulate` goes on" in human
     assert "or a worker" not in human
+    listed = wb("status").stdout.splitlines()  # the batch list names the simulations under its table
+    assert f"simulated (`--simulate`): {batch_id[:8]}" in listed
 
 
 def test_exports_say_which_videos_are_simulated(
