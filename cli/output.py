@@ -393,8 +393,10 @@ def usd(value: Decimal | float | None) -> str:
 
 
 def cost_heading(report: CostReport) -> str:
-    """``cost of NAME (a1b2c3d4)``, the name shortened to fit."""
+    """``cost of NAME (a1b2c3d4)``, the name shortened to fit; a simulation says nothing was paid."""
     suffix = f" ({short_id(report.batch_id)})"
+    if report.simulated:
+        suffix += " · simulated: nothing was paid"
     name = fit(report.name, width() - cell_len("cost of ") - cell_len(suffix))
     return f"[bold]cost of {escape(name)}[/bold]{suffix}"
 

@@ -97,6 +97,8 @@ class CostReport:
     budget_max_usd: Decimal | None
     total: CostLine = field(default_factory=CostLine)
     lines: dict[tuple[str, str], CostLine] = field(default_factory=dict)
+    #: Made by ``--simulate``: every figure is the simulator's, nothing was paid.
+    simulated: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """The ``wanbatch cost --json`` object."""
@@ -109,6 +111,7 @@ class CostReport:
                 {"endpoint": endpoint, "resolution": resolution, **line.as_dict()}
                 for (endpoint, resolution), line in sorted(self.lines.items())
             ],
+            "simulated": self.simulated,
         }
 
 
@@ -126,7 +129,7 @@ def _resolution(endpoint: str, resolved: dict[str, Any]) -> str:
 def cost_report(session: Session, ref: str) -> CostReport:
     """The cost report of one batch (id, id prefix or name)."""
     batch = store.get_batch(session, ref)
-    report = CostReport(batch.id, batch.name, batch.budget_max_usd)
+    report = CostReport(batch.id, batch.name, batch.budget_max_usd, simulated=batch.simulated)
     for job in store.job_money(session, batch.id):
         report.total.add(job)
         report.lines.setdefault((job.endpoint, _resolution(job.endpoint, job.input)), CostLine()).add(job)

@@ -143,6 +143,8 @@ def test_status_tells_how_a_stopped_simulation_goes_on(wb: Wb, manifest: MakeMan
     assert "or a worker" not in human
     listed = wb("status").stdout.splitlines()  # the batch list names the simulations under its table
     assert f"simulated (`--simulate`): {batch_id[:8]}" in listed
+    assert "· simulated: nothing was paid" in " ".join(wb("cost", "clip").stdout.split())
+    assert wb("cost", "clip", "--json").json()["simulated"] is True
 
 
 def test_exports_say_which_videos_are_simulated(
