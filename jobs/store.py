@@ -2507,7 +2507,8 @@ def delivery_counts(session: Session) -> dict[str, int]:
 @dataclass(frozen=True, slots=True)
 class JobTotals:
     """Sums over the jobs of one ``(state, endpoint, error_type)``, every batch: what ``/metrics``
-    publishes (:mod:`jobs.metrics`). Money as :class:`BatchMoney` and :class:`BatchCost` define it."""
+    publishes (:mod:`jobs.metrics`). Money as :class:`BatchMoney` and :class:`BatchCost` define it,
+    over the batches sent to fal only: a simulation's money is made up."""
 
     state: JobState
     endpoint: str
@@ -2531,20 +2532,30 @@ def job_totals(session: Session) -> list[JobTotals]:
     zero = type_coerce(0, Money())
 
     def build() -> Any:
-        return select(
-            Job.state,
-            Job.endpoint,
-            Job.error_type,
-            func.count(),
-            func.coalesce(func.sum(Job.attempts), 0),
-            func.coalesce(func.sum(case((Job.attempts > 1, Job.attempts - 1), else_=0)), 0),
-            func.coalesce(func.sum(Job.possible_duplicate_charges), 0),
-            func.coalesce(func.sum(Job.confirmed_duplicate_charges), 0),
-            func.coalesce(func.sum(type_coerce(Job.est_usd, Money())), zero),
-            func.coalesce(func.sum(spent_usd()), zero),
-            func.coalesce(func.sum(reserved_usd()), zero),
-            func.coalesce(func.sum(wasted_usd()), zero),
-        ).group_by(Job.state, Job.endpoint, Job.error_type)
+        paid = Batch.simulated.is_(False)
+        return (
+            select(
+                Job.state,
+                Job.endpoint,
+                Job.error_type,
+                func.count(),
+                func.coalesce(func.sum(Job.attempts), 0),
+                func.coalesce(func.sum(case((Job.attempts > 1, Job.attempts - 1), else_=0)), 0),
+                func.coalesce(func.sum(Job.possible_duplicate_charges), 0),
+                func.coalesce(func.sum(Job.confirmed_duplicate_charges), 0),
+                *(
+                    func.coalesce(func.sum(case((paid, money), else_=zero)), zero)
+                    for money in (
+                        type_coerce(Job.est_usd, Money()),
+                        spent_usd(),
+                        reserved_usd(),
+                        wasted_usd(),
+                    )
+                ),
+            )
+            .join(Batch, Batch.id == Job.batch_id)
+            .group_by(Job.state, Job.endpoint, Job.error_type)
+        )
 
     return [
         JobTotals(

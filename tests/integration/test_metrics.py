@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +307,20 @@ def test_errors_by_type_are_bounded(engine: Engine) -> None:
     assert snap.errors[("failed", "common")] == 10
     assert sum(snap.errors.values()) == count
     assert snap.errors[("failed", "other")] == count - 10 - (MAX_ERROR_GROUPS - 1)
+
+
+def test_a_simulations_jobs_count_but_not_its_made_up_money(engine: Engine) -> None:
+    """The money gauges are fal's money: a ``--simulate`` batch's estimates and bills are made up."""
+    wan = [("fal-ai/wan-22", {"prompt": "p"})]
+    add_batch(engine, "paid", wan * 2, est_usd=Decimal("0.25"))
+    add_batch(engine, "rehearsal", wan * 3, est_usd=Decimal("0.25"), simulated=True)
+    with db.session_scope(engine) as session:
+        session.execute(update(Job).values(state=JobState.SUCCEEDED, actual_usd=Decimal("0.30")))
+    with db.read_scope(engine) as session:
+        snap = snapshot(session)
+    assert snap.jobs["succeeded"] == 5
+    money = snap.usd["fal-ai/wan-22"]
+    assert (money.estimated, money.spent) == (Decimal("0.50"), Decimal("0.60"))
 
 
 def test_batches_nothing_processes_are_counted_for_alerts(engine: Engine) -> None:
