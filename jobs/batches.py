@@ -842,6 +842,7 @@ def rerun_batch(
     (default: the parent's cap), which is how jobs a cap cancelled get another chance. The
     parent's queue priority carries over; its schedule does not (a rerun runs now, and the
     parent's deadline has usually passed: the jobs it cancelled are what is being rerun).
+    ``simulated`` (``--simulate``) makes the new batch a simulation, whatever the parent was.
 
     ``vary`` (``--vary FIELD=VALUES``) sweeps fields: each job is repeated once per combination
     of the values (the product over the options), every other input field exactly as stored,
