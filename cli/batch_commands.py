@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from jobs.settings import Settings
     from worker.running import Interrupted
 
-#: The key a ``--simulate`` run sends when no FAL_KEY is set (the simulator accepts any key).
+#: The key a ``--simulate`` run sends, whatever FAL_KEY is (the simulator accepts any key).
 SIMULATOR_KEY = "simulator-key"
 #: The simulator of the ``--simulate`` command running now (:func:`fal_settings`), else None.
 _simulator: SimulatorHandle | None = None
@@ -299,7 +299,9 @@ def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> I
                 update={
                     "fal_queue_url": sim.url,
                     "fal_rest_url": sim.url,
-                    "fal_key": settings.fal_key or SecretStr(SIMULATOR_KEY),
+                    # Never the user's FAL_KEY: it goes to fal only. A key of its own also keeps
+                    # the simulation's requests out of fal's outstanding cap (counted per key).
+                    "fal_key": SecretStr(SIMULATOR_KEY),
                     "poll_min_interval": min(settings.poll_min_interval, 0.2),
                     "tick_interval": min(settings.tick_interval, 0.1),
                 }

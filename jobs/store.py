@@ -1767,16 +1767,33 @@ def submit_view(session: Session, job_id: str) -> SubmitView:
 
 
 def requests_at_fal(
-    session: Session, *, states: Sequence[JobState], exclude_ids: Collection[str] = (), limit: int
+    session: Session,
+    *,
+    states: Sequence[JobState],
+    exclude_ids: Collection[str] = (),
+    limit: int,
+    batch_ids: Collection[str] | None = None,
+    exclude_batch_ids: Collection[str] = (),
 ) -> list[Job]:
     """Jobs in ``states`` whose request fal has (a request id is recorded), oldest first,
-    leaving out ``exclude_ids``: what a status watcher should follow and does not yet."""
-    if limit <= 0:
+    leaving out ``exclude_ids``: what a status watcher should follow and does not yet. Only
+    jobs of ``batch_ids`` (None: any batch) and of none of ``exclude_batch_ids``."""
+    if limit <= 0 or (batch_ids is not None and not batch_ids):
         return []
     query = select(Job).where(Job.state.in_(list(states)), Job.request_id.is_not(None))
     if exclude_ids:
         query = query.where(Job.id.not_in(sorted(exclude_ids)))
+    if batch_ids is not None:
+        query = query.where(Job.batch_id.in_(sorted(batch_ids)))
+    if exclude_batch_ids:
+        query = query.where(Job.batch_id.not_in(sorted(exclude_batch_ids)))
     return list(session.scalars(query.order_by(Job.submitted_at, Job.id).limit(limit)))
+
+
+def simulated_batch_ids(session: Session) -> frozenset[str]:
+    """The batches made by ``run --simulate``: their requests are a simulator's, never fal's."""
+    query = _prepared(("simulated-batch-ids",), lambda: select(Batch.id).where(Batch.simulated.is_(True)))
+    return frozenset(session.scalars(query))
 
 
 def batch_requests(

@@ -260,11 +260,17 @@ class Conductor:
         if job_ids and not job_ids - exclude:
             return  # already followed (watch_accepted): nothing to read
         with db.read_scope(self.rt.engine) as session:
-            if job_ids:
+            if job_ids:  # sent by this runtime, or by a worker (which never sends a simulation)
                 jobs = [j for j in store.jobs_by_id(session, job_ids - exclude).values() if j.state in AT_FAL]
             else:
+                reach = self.rt.reach(session)  # never another provider's requests
                 jobs = store.requests_at_fal(
-                    session, states=AT_FAL, exclude_ids=exclude, limit=watcher.room()
+                    session,
+                    states=AT_FAL,
+                    exclude_ids=exclude,
+                    limit=watcher.room(),
+                    batch_ids=reach.batch_ids,
+                    exclude_batch_ids=reach.exclude_batch_ids,
                 )
             handles = [
                 (j.id, handle_of(j, self.rt.settings.fal_queue_url)) for j in jobs if j.request_id is not None

@@ -289,6 +289,10 @@ def _process_embedded(
         enqueue_download=worker.download,
         batch_ids=frozenset({batch_id}),
     )
+    # A simulation is processed only by a --simulate run (jobs.batches.check_simulation), so the
+    # batch says which provider this runtime talks to: it then reaches that provider's requests only.
+    with db.read_scope(rt.engine) as session:
+        rt.simulated = store.get_batch(session, batch_id).simulated
     # The steps run on this process's threads: dispatch and the conductor hand them what they read.
     rt.submit_tickets, rt.download_claims = {}, {}
     conductor = Conductor(rt)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from falsim.server import SimulatorHandle
-from tests.e2e.e2e_helpers import MakeManifest, Wb, counts, export_jsonl
+from tests.e2e.e2e_helpers import MakeManifest, Wb, counts, db_rows, export_jsonl
 
 CLIP = """name: clip
 endpoint: fal-ai/wan-22
@@ -171,3 +171,95 @@ def test_exports_say_which_videos_are_simulated(
         assert ("**Simulated** videos" in card) is simulated
         assert ("tags: [video, synthetic, wanbatch, simulated]" in card) is simulated
         assert ("Videos generated with fal.ai's hosted Wan endpoints" in card) is not simulated
+
+
+def _leave_at_provider(batch: str, request_id: str) -> str:
+    """Put the first job of ``batch`` "at its provider" as ``request_id``, as a run stopped
+    right after the submit leaves it; returns the job's id."""
+    from jobs import db, store
+    from jobs.models import utcnow
+    from jobs.settings import get_settings
+    from jobs.states import JobState
+
+    engine = db.open_engine(get_settings())
+    with db.session_scope(engine) as session:
+        job = next(iter(store.jobs_of_batch(session, store.get_batch(session, batch).id)))
+        assert store.transition(session, job.id, JobState.PENDING, JobState.SUBMITTING, reason="attempt 1")
+        assert store.transition(
+            session,
+            job.id,
+            JobState.SUBMITTING,
+            JobState.QUEUED,
+            reason=f"accepted as {request_id}",
+            request_id=request_id,
+            submitted_at=utcnow(),
+        )
+        return job.id
+
+
+def _job_state(job_id: str) -> tuple[str, str | None]:
+    from jobs import db, store
+    from jobs.settings import get_settings
+
+    with db.read_scope(db.open_engine(get_settings())) as session:
+        job = store.get_job(session, job_id)
+        return job.state.value, job.error
+
+
+def test_a_simulation_never_asks_its_simulator_about_requests_at_fal(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """A rehearsal while a paid batch still has requests at fal (an interrupted run). Before, the
+    `--simulate` run polled them at its own simulator, which answered 404, and each ended
+    "provider lost the request" while fal went on running and billing it."""
+    assert wb("submit", manifest("prod", CLIP.replace("name: clip", "name: prod"))).code == 0
+    paid = _leave_at_provider("prod", "request-at-fal")
+
+    rehearsal = wb("run", manifest("clip", CLIP), "--simulate", "--no-progress", "--json")
+    assert rehearsal.code == 0, rehearsal.stdout + rehearsal.stderr
+    assert rehearsal.json()["counts"]["succeeded"] == 2
+    assert _job_state(paid) == ("queued", None)  # still fal's, untouched
+
+
+def test_fal_is_never_asked_about_a_simulations_requests(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """The other way: a paid run while an interrupted simulation has requests at its (gone)
+    simulator. Polling them at fal would end them "lost"; `run NAME --simulate` resumes them."""
+    from jobs import db
+    from jobs.settings import get_settings
+    from tests.step_runtime import add_batch
+
+    add_batch(
+        db.open_engine(get_settings()), "rehearsal", [("fal-ai/wan-22", {"prompt": "x"})], simulated=True
+    )
+    simulated = _leave_at_provider("rehearsal", "request-at-a-simulator")
+
+    paid = wb("run", manifest("clip", CLIP), "--no-progress", "--json")
+    assert paid.code == 0, paid.stdout + paid.stderr
+    assert paid.json()["counts"]["succeeded"] == 2
+    assert _job_state(simulated) == ("queued", None)
+    assert sim.ledger()["accepted"] == 2  # the paid batch's; fal heard nothing of the simulation
+
+
+def test_a_simulation_never_sends_the_users_fal_key(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """FAL_KEY goes to fal only; and the simulation's requests count against a key of their own,
+    not against fal's outstanding cap."""
+    from jobs import db
+    from jobs.settings import get_settings
+    from worker.limits import api_key_id
+
+    path = manifest("clip", CLIP)
+    assert wb("run", path, "--simulate", "--no-progress").code == 0
+    assert wb("run", path, "--no-progress").code == 0
+    keys = dict(
+        db_rows(
+            str(db.open_engine(get_settings()).url),
+            "SELECT batches.name, min(jobs.api_key_id) FROM jobs JOIN batches ON batches.id = jobs.batch_id "
+            "GROUP BY batches.name",
+        )
+    )
+    assert keys["clip"] == api_key_id(get_settings())
+    assert keys["clip-simulated"] not in (None, keys["clip"])

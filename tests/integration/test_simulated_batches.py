@@ -16,11 +16,12 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from jobs import db, store
-from jobs.models import EVERY_BATCH, Batch, utcnow
+from jobs.models import EVERY_BATCH, Batch, BatchState, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
 from tests.sample_inputs import INPUTS
@@ -155,3 +156,61 @@ def test_a_simulations_money_never_counts_toward_the_daily_budget(engine: Engine
         midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
         assert store.committed_usd_today(session, now) == Decimal("1.50")
         assert store.committed_usd_since(session, midnight) == Decimal("1.50")
+
+
+def _at_provider(engine: Engine, batch_id: str) -> dict[JobState, str]:
+    """The batch's four jobs left where a stopped run leaves them, as its provider holds them:
+    ``queued``, ``downloading`` and ``submit_unknown`` with a request id, and ``submitting``
+    with its lease run out. Returns job id by state."""
+    S = JobState
+    past = utcnow() - timedelta(hours=1)
+    ids = job_ids(engine, batch_id)
+    accepted = {"request_id": "r-" + batch_id[:8], "submitted_at": past}
+    _move(engine, ids[0], S.PENDING, S.SUBMITTING, S.QUEUED, **accepted)
+    _move(engine, ids[1], S.PENDING, S.SUBMITTING, S.QUEUED, S.DOWNLOADING, **accepted)
+    _move(engine, ids[2], S.PENDING, S.SUBMITTING, S.SUBMIT_UNKNOWN, submitted_input={"prompt": "x"})
+    _move(
+        engine,
+        ids[3],
+        S.PENDING,
+        S.SUBMITTING,
+        submitted_input={"prompt": "x"},
+        lease_owner="gone",
+        lease_expires_at=past,
+    )
+    return {S.QUEUED: ids[0], S.DOWNLOADING: ids[1], S.SUBMIT_UNKNOWN: ids[2], S.SUBMITTING: ids[3]}
+
+
+def _states(engine: Engine, batch_id: str) -> dict[str, JobState]:
+    with db.session_scope(engine) as session:
+        return {j.id: j.state for j in store.jobs_of_batch(session, batch_id)}
+
+
+@pytest.mark.parametrize("runtime", ["worker", "simulate"])
+def test_a_runtime_leaves_the_other_providers_requests_alone(engine: Engine, runtime: str) -> None:
+    """A worker (fal's runtime, every batch) never touches a simulation's requests, and a
+    ``--simulate`` run (its simulator's, its own batch) never a paid batch's: no status call,
+    no cancel, no download, no settling of an unknown submit. Before, each asked its own
+    provider about the other's requests, heard 404 and ended them "lost" — a paid one while fal
+    still ran and billed it."""
+    from worker.steps import cancel_jobs_of_cancelled_batches, poll, reconcile, schedule_downloads
+
+    settings = settings_for("http://127.0.0.1:9", "key", submit_unknown_policy="fail")
+    simulation = _batch(engine, "sim", 4, simulated=True)
+    paid = _batch(engine, "paid", 4)
+    if runtime == "worker":
+        rt, theirs = make_runtime(engine, settings), simulation
+    else:
+        rt, theirs = make_runtime(engine, settings, batch_ids=frozenset({simulation})), paid
+        rt.simulated = True
+    _at_provider(engine, theirs)
+    with db.session_scope(engine) as session:
+        store.set_batch_state(session, theirs, BatchState.CANCELLED, "cancelled by user")
+        assert not rt.reach(session).covers(theirs)
+    before = _states(engine, theirs)
+
+    assert poll(rt) == 0  # not one status call
+    assert reconcile(rt) == 0
+    assert cancel_jobs_of_cancelled_batches(rt) == 0
+    assert schedule_downloads(rt) == []
+    assert _states(engine, theirs) == before

@@ -14,12 +14,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from jobs.models import Batch, Job, utcnow
 from jobs.schedule import Schedule
 from jobs.settings import Settings
 from jobs.states import JobState
-from jobs.store import Fence, batch_schedule
+from jobs.store import Fence, batch_schedule, simulated_batch_ids
 from worker.fal.client import FalClient
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
@@ -129,6 +130,21 @@ class DownloadClaim:
         return self.fence.version
 
 
+@dataclass(frozen=True)
+class Reach:
+    """Which batches' requests a runtime may touch (:meth:`Runtime.reach`): those of
+    ``batch_ids`` (None: any) that are not in ``exclude_batch_ids``. Both are
+    :func:`jobs.store.claim_jobs`'s own filters, passed as they are."""
+
+    batch_ids: frozenset[str] | None
+    exclude_batch_ids: frozenset[str]
+
+    def covers(self, batch_id: str) -> bool:
+        """Whether the requests of ``batch_id`` are within reach."""
+        inside = self.batch_ids is None or batch_id in self.batch_ids
+        return inside and batch_id not in self.exclude_batch_ids
+
+
 @dataclass
 class Runtime:
     """What a step needs: the database, the fal client, settings, and how to hand work on."""
@@ -149,6 +165,9 @@ class Runtime:
     #: status checks of requests already at fal, recovering expired submit leases — still
     #: covers every batch (see :func:`worker.steps.poll.poll`, :func:`worker.steps.reconcile.reconcile`).
     batch_ids: frozenset[str] | None = None
+    #: This runtime's fal is a simulator (``run --simulate``, always scoped to its batch). What
+    #: a simulator holds, fal does not, and the reverse: see :meth:`reach`.
+    simulated: bool = False
     #: Tells whoever conducts this process that something happened to a job, the moment it
     #: happened: ``notify(kind, job_id)`` with kind ``submitted`` (fal has it: watch it),
     #: ``freed`` (it no longer holds an outstanding slot: dispatch now) or ``done``. The tick
@@ -179,6 +198,19 @@ class Runtime:
     def in_scope(self, batch_id: str) -> bool:
         """Whether this runtime works on ``batch_id`` (always, without a scope)."""
         return self.batch_ids is None or batch_id in self.batch_ids
+
+    def reach(self, session: Session) -> Reach:
+        """The batches whose requests this runtime's provider holds: the only ones it may ask
+        about (status, stream, cancel) or download from.
+
+        A simulation's requests are its simulator's, and real fal's are fal's: asked about a
+        request it never had, either answers 404, and the job would end "lost" — a paid one
+        while fal still runs and bills it. So a ``--simulate`` run reaches its own batch only,
+        and a runtime talking to fal every batch but the simulations.
+        """
+        if self.simulated:
+            return Reach(batch_ids=self.batch_ids or frozenset(), exclude_batch_ids=frozenset())
+        return Reach(batch_ids=None, exclude_batch_ids=simulated_batch_ids(session))
 
     def fence(self, job: Job) -> Fence:
         """``job`` as this runtime just read (or claimed) it, held by this runtime's worker."""

@@ -83,6 +83,8 @@ def schedule_downloads(rt: Runtime, limit: int = 200) -> list[str]:
             owner=DOWNLOAD_QUEUE,
             lease_seconds=rt.settings.lease_seconds,
             batch_ids=rt.batch_ids,  # an embedded run downloads its own batch only
+            # a simulation's videos are at its simulator: its own --simulate run fetches them
+            exclude_batch_ids=rt.reach(session).exclude_batch_ids,
         )
         ids = [j.id for j in jobs]
     for job_id in ids:

@@ -66,9 +66,13 @@ def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int
     Only the scope's completed jobs are downloaded here; another batch's wait, unleased, in
     ``downloading`` for a run of that batch (or a worker). ``exclude``: jobs a status stream
     already follows (:mod:`worker.watcher`); asking for them too would only cost calls.
+    Never the requests of another provider (:meth:`~worker.steps.context.Runtime.reach`): a
+    ``--simulate`` run asks its simulator about its own batch only, and fal is never asked
+    about a simulation's requests.
     """
     now = utcnow()
     with db.session_scope(rt.engine) as session:
+        reach = rt.reach(session)
         due = store.claim_jobs(
             session,
             states=[S.QUEUED, S.RUNNING, S.CANCELLING],
@@ -77,6 +81,8 @@ def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int
             owner=rt.owner,
             lease_seconds=rt.settings.lease_seconds,
             exclude_ids=exclude,
+            batch_ids=reach.batch_ids,
+            exclude_batch_ids=reach.exclude_batch_ids,
         )
         snapshot = [(rt.fence(j), handle_of(j, rt.settings.fal_queue_url), j.submitted_at) for j in due]
         elsewhere = {j.id for j in due if not rt.in_scope(j.batch_id)}

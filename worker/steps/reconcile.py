@@ -31,13 +31,23 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
     With a batch scope (``rt.batch_ids``) the first is still done for every batch: it sends
     nothing, and a dead process's expired claims would otherwise hold the global outstanding cap.
     The second decides a batch's fate (fail it, or pay again), so only the scope's jobs get it.
+    Neither touches another provider's jobs (:meth:`~worker.steps.context.Runtime.reach`): a
+    simulation's are settled by its own ``--simulate`` run, a paid batch's by fal's runtimes.
     """
     now = utcnow()
     moved = 0
     with db.session_scope(rt.engine) as session:
         lease = rt.settings.lease_seconds
+        reach = rt.reach(session)
         lost = store.claim_jobs(
-            session, states=[S.SUBMITTING], limit=limit, now=now, owner=rt.owner, lease_seconds=lease
+            session,
+            states=[S.SUBMITTING],
+            limit=limit,
+            now=now,
+            owner=rt.owner,
+            lease_seconds=lease,
+            batch_ids=reach.batch_ids,
+            exclude_batch_ids=reach.exclude_batch_ids,
         )
         for job in lost:
             if job.submitted_input is None:
@@ -61,6 +71,7 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
             owner=rt.owner,
             lease_seconds=lease,
             batch_ids=rt.batch_ids,
+            exclude_batch_ids=reach.exclude_batch_ids,
         )
         for job in unknown:
             moved += settle_unknown_submit(session, rt, job, unknown_submit_wait_over(rt.settings))
@@ -87,8 +98,10 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
     """
     # Only a look first (every tick, nearly always finding nothing): no write lock for nothing.
     with db.read_scope(rt.engine) as session:
-        # `cancel B` cancels B only
-        cancelled = [b for b in store.cancelled_batches_with_work(session) if rt.in_scope(b)]
+        # `cancel B` cancels B only; a simulation's requests are its simulator's to cancel
+        found = store.cancelled_batches_with_work(session)
+        reach = rt.reach(session) if found else None
+        cancelled = [b for b in found if rt.in_scope(b) and reach is not None and reach.covers(b)]
     if not cancelled:
         return 0
     with db.session_scope(rt.engine) as session:

@@ -42,6 +42,8 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
         for batch in store.scheduled_batches(session):
             if batch.state != BatchState.ACTIVE or not rt.in_scope(batch.id):
                 continue
+            if batch.simulated != rt.simulated:  # its requests are another provider's (Runtime.reach)
+                continue
             schedule = store.batch_schedule(batch)
             if schedule.is_open(now):
                 continue
