@@ -141,6 +141,7 @@ __all__ = [
     "last_heartbeat",
     "last_heartbeats",
     "list_batches",
+    "lock_dispatch",
     "mark_cancelled",
     "mark_cancelling",
     "mark_completed",
@@ -166,6 +167,7 @@ __all__ = [
     "set_batch_state",
     "set_paused_by_user",
     "settle_delivery",
+    "simulated_batch_ids",
     "spent_usd",
     "store_delivery",
     "submit_view",
@@ -402,6 +404,29 @@ def batch_schedule(batch: Batch) -> Schedule:
 def _has_unfinished_jobs() -> ColumnElement[bool]:
     """The batch has a job not yet terminal (an index probe on ``(batch_id, state, …)``)."""
     return exists().where(Job.batch_id == Batch.id, Job.state.in_(UNFINISHED_STATES))
+
+
+#: Key of the PostgreSQL advisory lock one dispatch round holds at a time (an arbitrary constant
+#: of PostgreSQL's signed 64-bit lock keys: "dispatch" in ASCII).
+_DISPATCH_LOCK_KEY = 0x6469737061746368
+
+
+def lock_dispatch(session: Session) -> None:
+    """Make this transaction the only dispatch round until it ends.
+
+    A round checks the outstanding cap and the budgets against what is committed, so two rounds
+    side by side would each fill them again (neither sees the other's claims). Rounds meet when
+    a ``wanbatch run`` without a broker shares a PostgreSQL database with the workers' tick
+    leader. There a transaction-level advisory lock makes them take turns
+    (https://www.postgresql.org/docs/current/explicit-locking.html#ADVISORY-LOCKS), released at
+    commit or rollback; on SQLite the transaction's write lock (``BEGIN IMMEDIATE``) already does.
+    """
+    if session.connection().dialect.name == "postgresql":
+        _run(
+            session,
+            _prepared(("dispatch-lock",), lambda: select(func.pg_advisory_xact_lock(bindparam("key")))),
+            {"key": _DISPATCH_LOCK_KEY},
+        )
 
 
 def dispatch_batches(session: Session, batch_ids: Collection[str] = ()) -> list[Batch]:

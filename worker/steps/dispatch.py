@@ -70,6 +70,7 @@ class Dispatched:
 def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     """:func:`dispatch`'s work in the caller's transaction (the conductor applies the statuses
     that freed the slots in the same one); hand on what it returns once that commits."""
+    store.lock_dispatch(session)  # one round at a time, whoever dispatches: the caps hold across them
     now = utcnow()
     done = Dispatched()
     key_id = api_key_id(rt.settings)  # the caps are per API key, as fal's account limits are
@@ -276,7 +277,7 @@ class _Committed:
     Both sums are aggregates over many jobs (:func:`jobs.store.batch_committed_usd` over a batch,
     :func:`jobs.store.committed_usd_today` over the day); asking them again for every claimed job
     made a round cost O(jobs × batch). Within the claim's transaction only this round changes
-    them (the dispatcher is single; on SQLite the transaction holds the write lock), and a
+    them (one round at a time: :func:`jobs.store.lock_dispatch`), and a
     budget refusal changes neither (a cancelled job keeps what it was billed), so each is read
     once — per batch, when its first job comes up — and moved by :meth:`add` as jobs are marked
     ``submitting``. The caps hold exactly as when the sums were read before every job.
@@ -330,7 +331,7 @@ class _Committed:
 def _budget_refusal(committed: _Committed, job: Job) -> str | None:
     """Why submitting ``job`` would cross a budget cap (its batch's, or the day's), else None.
 
-    Checked in the claim's transaction, by the single dispatcher: what is committed (spent +
+    Checked in the claim's transaction, one round at a time: what is committed (spent +
     the estimates of everything in flight) plus this job's estimate must stay within the cap.
     """
     cap, batch_committed = committed.batch(job.batch_id)
