@@ -403,7 +403,7 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
         with db.session_scope(db.open_engine(settings)) as session:
             target = store.get_batch(session, str(ref))
             if target.state == BatchState.PAUSED:  # running it again is the user saying "go on"
-                store.set_batch_state(session, target.id, BatchState.ACTIVE)
+                store.resume_batch(session, target.id)
             return target.id
     except NotFoundError:
         return None

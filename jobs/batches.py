@@ -391,8 +391,9 @@ def submit_manifest(
         )
         added, existing = store.add_jobs(session, batch.id, _new_jobs(manifest.jobs(), settings))
         if batch.state == BatchState.PAUSED:
-            # Paused because fal refused the account; submitting again is the user saying "go on".
-            store.set_batch_state(session, batch.id, BatchState.ACTIVE)
+            # Paused because fal refused the account or the outputs could not be written;
+            # submitting again is the user saying "go on".
+            store.resume_batch(session, batch.id)
         warnings = [str(i) for i in report.issues if i.severity != "error"]
         result = _submitted(
             session, batch, created, added, existing, warnings, budget_changed, schedule_changed

@@ -159,6 +159,7 @@ __all__ = [
     "release_process_leases",
     "request_known",
     "reserved_usd",
+    "resume_batch",
     "retry_later",
     "scheduled_batches",
     "set_batch_budget",
@@ -319,6 +320,33 @@ def set_batch_state(session: Session, batch_id: str, state: BatchState, reason: 
         .values(state=state, pause_reason=reason)
         .execution_options(synchronize_session="fetch")
     )
+
+
+def resume_batch(session: Session, batch_id: str) -> bool:
+    """The user says "go on" (runs or submits a paused batch again): the batch is active again,
+    and its downloads waiting for a retry are due at once — those a full disk held back
+    (:func:`worker.steps.download`) wait for exactly this. True when the batch was paused."""
+    resumed = session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state == BatchState.PAUSED)
+        .values(state=BatchState.ACTIVE, pause_reason=None)
+        .execution_options(synchronize_session="fetch")
+    )
+    if not cast("CursorResult[Any]", resumed).rowcount:
+        return False
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(
+            Job.batch_id == batch_id,
+            Job.state == JobState.DOWNLOADING,
+            Job.next_attempt_at > now,
+            or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now),
+        )
+        .values(next_attempt_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return True
 
 
 def set_batch_budget(session: Session, batch_id: str, budget_max_usd: Decimal | None) -> None:

@@ -305,28 +305,46 @@ def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     [(200_000, ["No space left on device", ".part"]), (62_000, ["No space left on device", ".json"])],
     ids=["video-does-not-fit", "sidecar-does-not-fit"],
 )
-def test_a_full_disk_fails_the_job_with_the_reason_and_the_run_ends(
+def test_a_full_disk_pauses_the_batch_and_the_paid_video_is_downloaded_once_there_is_room(
     wb: Wb,
     hostile: HostileProvider,
     monkeypatch: pytest.MonkeyPatch,
     manifest: MakeManifest,
     small_disk: Path,
+    tmp_path: Path,
     padding: int,
     words: list[str],
 ) -> None:
+    """Before, the job failed ("output not saved") and the run went on sending: on a full disk
+    every later job was paid for and thrown away the same way. Now nothing more is sent, the
+    video waits at fal, and running the batch again with room downloads it (never a new submit)."""
     monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", hostile.url)
     monkeypatch.setenv("WANBATCH_FAL_REST_URL", hostile.url)
     monkeypatch.setenv("FAL_KEY", FAL_KEY)
     for name, value in FAST_ENV.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("WANBATCH_MAX_OUTSTANDING", "1")  # the second job is sent after the first ends
     fal = FakeFal(hostile, video=sample_video() + b"\0" * padding)
     started = time.monotonic()
-    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    run = wb("run", manifest("hostile", TWO_JOBS), "--json", "--no-progress")
     assert run.code == 1, run.stderr
     assert time.monotonic() - started < 30
-    assert_billed_failure(record, "output not saved", *words)
-    assert record["error_type"] == "output_write_failed"
-    assert fal.file_gets("r1.mp4") == 1  # not fetched again into a full disk
-    assert fal.posts() == 1
+    report = run.json()
+    assert report["phase"] == "paused"
+    for word in ("outputs cannot be written here", *words, "free space or fix WANBATCH_OUTPUT_DIR"):
+        assert word in str(report["pause_reason"]), report["pause_reason"]
+    assert "batch paused: outputs cannot be written here" in " ".join(run.stderr.split())
+    assert report["counts"].get("failed", 0) == 0
+    assert fal.posts() == 1  # the second job was never sent into the full disk
+    assert fal.file_gets("r1.mp4") == 1
     leftovers = [p.name for p in small_disk.rglob("*") if p.is_file()]
     assert leftovers == []  # no partial video, no video without its sidecar
+
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(tmp_path / "room"))  # space is freed
+    again = wb("run", "hostile", "--json", "--no-progress")
+    assert again.code == 0, again.stderr
+    assert again.json()["counts"]["succeeded"] == 2
+    first = next(r for r in export_jsonl(wb, "hostile") if r["request_id"] == "r1")
+    assert first["status"] == "succeeded"
+    assert fal.file_gets("r1.mp4") == 2  # downloaded again, never made again
+    assert fal.posts() == 2

@@ -17,12 +17,12 @@ import pytest
 from sqlalchemy import Engine
 
 from jobs import db, store
-from jobs.models import utcnow
+from jobs.models import BatchState, utcnow
 from jobs.states import JobState
 from tests.hostile import HostileProvider, drip, raw_reply, wait_for
 from tests.hostile_fal import FakeFal
 from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
-from worker.steps import Runtime, dispatch, download, poll, submit
+from worker.steps import Runtime, dispatch, download, poll, schedule_downloads, submit
 
 KEY = "download-steps-key-41c9"
 GATEWAY_503 = raw_reply(b"<html>503 Service Temporarily Unavailable</html>", 503)
@@ -146,27 +146,45 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def test_an_unwritable_output_folder_fails_the_job_with_the_reason_and_the_cost(
+def test_an_unwritable_output_folder_pauses_the_batch_and_keeps_the_paid_video(
     engine: Engine, hostile: HostileProvider, tmp_path: Path, read_only_dir: Path
 ) -> None:
+    """The video was made and billed and fal still has it: the job waits (not failed, no attempt
+    counted), the batch stops sending, and resuming it downloads the video at once."""
     fal = FakeFal(hostile)
     settings = settings_for(hostile.url, KEY, output_dir=read_only_dir)
     rt = make_runtime(engine, settings)
-    add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})])
+    job = ("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})
+    batch_id = add_batch(engine, "steps", [job, job])
     try:
-        (job_id,) = dispatch(rt)
+        (job_id,) = dispatch(make_runtime(engine, settings_for(hostile.url, KEY, max_outstanding=1)))
         assert submit(rt, job_id) == "submitted"
         wait_until(lambda: state_of(engine, job_id) == JobState.DOWNLOADING, step=lambda: poll(rt))
-        assert download(rt, job_id) == "failed"
+        assert download(rt, job_id) == "write-paused"
+        with db.session_scope(engine) as session:
+            waiting = store.get_job(session, job_id)
+            batch = store.get_batch(session, batch_id)
+        assert (waiting.state, waiting.lease_owner, waiting.download_attempts, waiting.error) == (
+            JobState.DOWNLOADING,
+            None,
+            0,
+            None,
+        )
+        assert waiting.next_attempt_at is not None
+        assert waiting.next_attempt_at > utcnow()  # not tried again at once: the disk is not fixed yet
+        assert batch.state == BatchState.PAUSED
+        assert batch.pause_reason is not None
+        for words in ("outputs cannot be written here", "Read-only file system", str(read_only_dir)):
+            assert words in batch.pause_reason
+        assert dispatch(rt) == []  # nothing more is sent into the same folder
+        assert fal.file_gets("r1.mp4") == 0  # nothing fetched that could not be kept
+
+        with db.session_scope(engine) as session:  # the user runs the batch again, with room
+            assert store.resume_batch(session, batch_id)
+        writable = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "room"))
+        assert schedule_downloads(writable) == [job_id]  # due at once, not in five minutes
+        assert download(writable, job_id) == "succeeded"
     finally:
         rt.client.close()
-    with db.session_scope(engine) as session:
-        job = store.get_job(session, job_id)
-    assert job.state == JobState.FAILED
-    assert job.error_type == "output_write_failed"
-    assert job.error is not None
-    assert "Read-only file system" in job.error
-    assert str(read_only_dir) in job.error
-    assert job.actual_usd == job.est_usd
-    assert fal.posts() == 1
-    assert fal.file_gets("r1.mp4") == 0  # nothing fetched that could not be kept
+    assert fal.file_gets("r1.mp4") == 1
+    assert fal.posts() == 1  # never made again

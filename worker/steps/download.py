@@ -45,7 +45,7 @@ from jobs.errors import (
     StateConflict,
     WanbatchError,
 )
-from jobs.models import Job, utcnow
+from jobs.models import BatchState, Job, utcnow
 from jobs.output_store import OutputUploadError, open_output_store
 from jobs.outputs import OutputWriteError
 from jobs.settings import Settings
@@ -135,8 +135,8 @@ def download(rt: Runtime, job_id: str) -> str:
     """Fetch the result and the video of a completed job; never causes a re-generation.
 
     Returns what happened (``succeeded``, ``failed``, ``retry``, ``result-retry``,
-    ``download-retry``, ``upload-retry``, ``not-ready``, ``paused``, ``busy``, ``skipped``,
-    ``lost-lease``), for logs and tests.
+    ``download-retry``, ``upload-retry``, ``write-paused``, ``not-ready``, ``paused``, ``busy``,
+    ``skipped``, ``lost-lease``), for logs and tests.
 
     A job the conductor of this process leased for its download, in the transaction that
     recorded its completion, comes with its claim (``rt.download_claims``): the step starts
@@ -627,21 +627,41 @@ def _upload_failed(
     return "upload-retry"
 
 
-def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWriteError) -> str:
-    """The output could not be written here (disk full, read-only folder): fail with the reason.
+#: Words that begin the pause reason of a batch whose outputs could not be written.
+OUTPUTS_NOT_WRITABLE = "outputs cannot be written here"
 
-    Asking fal again cannot help and retrying would fill the disk again; the video was made, so
-    the job carries its billed cost.
+
+def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWriteError) -> str:
+    """The output could not be written here (disk full, read-only folder): pause the batch, and
+    keep the job for when it can be.
+
+    The video was made and billed, and fal still has it, so the job is not failed: it waits in
+    ``downloading`` (its lease given back, tried again after ``WANBATCH_RETRY_MAX_DELAY``), and
+    its batch is paused with the reason — every job sent meanwhile would be paid for and meet the
+    same disk. Running the batch again once there is room resumes it and downloads what waits at
+    once (:func:`jobs.store.resume_batch`); a video fal no longer serves then fails with that
+    reason. A write failure is the disk's, not the download's: it does not count as an attempt.
     """
+    reason = (
+        f"{OUTPUTS_NOT_WRITABLE}: {exc} — free space or fix WANBATCH_OUTPUT_DIR, then run the batch "
+        "again: the videos already made are downloaded then, never made again"
+    )
     with db.session_scope(rt.engine) as session:
-        _fail_paid(
-            session,
-            claim,
-            error=f"output not saved: {exc}",
-            error_type="output_write_failed",
-            **claim.fetched,
+        batch = store.get_batch(session, claim.batch_id)
+        if batch.state == BatchState.ACTIVE:
+            store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
+        kept = store.release_lease(
+            session, claim.fence, next_attempt_at=in_seconds(rt.settings.retry_max_delay), **claim.fetched
         )
-    return "failed"
+    if not kept:
+        return "lost-lease"
+    log.warning(
+        "job %s: output not saved (%s); batch paused, the video waits at fal",
+        job_id,
+        exc,
+        extra={"event": "download.write_failed", "job_id": job_id, "batch_id": claim.batch_id},
+    )
+    return "write-paused"
 
 
 def _fail_paid(session: Session, claim: DownloadClaim, *, error: str, error_type: str, **fields: Any) -> None:
