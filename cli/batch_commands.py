@@ -624,7 +624,7 @@ def pause(batch: str, as_json: bool) -> None:
 def resume(batch: str, as_json: bool) -> None:
     """Go on sending the jobs of BATCH (id, id prefix or name) after `wanbatch pause`.
 
-    A batch paused because fal refused the account stays paused (the line says so): `wanbatch run
-    BATCH` or submitting its manifest again resumes that.
+    A batch paused because fal refused the account, or because its outputs could not be written,
+    stays paused (the line says so): `wanbatch run BATCH` or submitting its manifest again resumes that.
     """
     _pause_or_resume(batch, False, as_json)

@@ -298,7 +298,7 @@ def print_report(report: BatchReport) -> None:
     """One batch for a human (``status BATCH``, and the end of ``run``): heading, why it is held
     back, counts, progress, money, schedule notes and failure reasons."""
     out.print(batch_heading(report))
-    if report["state"] == "paused":  # fal refused the account (401/402/403), or the like
+    if report["state"] == "paused":  # fal refused the account, or the outputs could not be written
         reason = report["pause_reason"] or "see the log"
         say(escape(f"paused: {reason}; fix it, then `wanbatch run {shell_ref(report)}` goes on"), "yellow")
     out.print(status_table(report))

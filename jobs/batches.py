@@ -738,9 +738,10 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
 
     Pausing stops new submits of the batch in every worker (each dispatch round reads the flag);
     jobs fal already holds go on, finish and are downloaded. Only the flag changes: a batch that
-    is ``paused`` because fal refused the account stays so after ``resume`` (``run`` or submitting
-    again ends that), and the message says so. Pausing a cancelled or finished batch, or resuming
-    a cancelled one, is a :class:`UsageError`: there is nothing it could change.
+    is ``paused`` because fal refused the account (or its outputs could not be written) stays so
+    after ``resume`` (``run`` or submitting again ends that), and the message says so. Pausing a
+    cancelled or finished batch, or resuming a cancelled one, is a :class:`UsageError`: there is
+    nothing it could change.
     """
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
