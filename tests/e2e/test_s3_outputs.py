@@ -181,7 +181,7 @@ def test_run_refuses_to_start_when_the_storage_is_unreachable(
     assert sim.ledger()["accepted"] == 0
 
 
-def test_refused_uploads_fail_the_jobs_with_the_reason_and_nothing_is_paid_twice(
+def test_refused_uploads_pause_the_batch_and_nothing_is_paid_twice(
     wb: Wb,
     sim: SimulatorHandle,
     s3: MotoS3,
@@ -189,7 +189,10 @@ def test_refused_uploads_fail_the_jobs_with_the_reason_and_nothing_is_paid_twice
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The bucket takes the start-up probe, then refuses every upload of the batch's keys."""
+    """The bucket takes the start-up probe, then refuses every upload of the batch's keys. Before,
+    the jobs failed ("output not saved") while the batch went on sending; now the batch pauses,
+    the videos wait in the staging folder, and running it again once the storage takes them
+    uploads them: never a second generation."""
     s3.client().create_bucket(Bucket=BUCKET)
     monkeypatch.setenv("WANBATCH_DOWNLOAD_ATTEMPTS", "2")
     with S3FaultProxy(s3.port) as proxy:
@@ -197,32 +200,39 @@ def test_refused_uploads_fail_the_jobs_with_the_reason_and_nothing_is_paid_twice
         proxy.refuse_puts(f"/{BUCKET}/{PREFIX}/quickstart/")
         run = wb("run", examples_copy / "quickstart.yaml", "--json", "--no-progress")
     assert run.code == 1, run.stderr
-    assert run.json()["counts"]["failed"] == 3
+    report = run.json()
+    assert report["phase"] == "paused"
+    assert report["counts"]["failed"] == 0
+    reason = str(report["pause_reason"])
+    assert reason.startswith("outputs cannot be stored: upload to s3://")
+    assert f"access denied to bucket '{BUCKET}'" in reason
+    assert SECRET_KEY not in reason
     assert "Traceback" not in run.stderr
 
     jobs = _jobs(tmp_path)
     for job in jobs:
-        assert job.state == "failed"
-        assert job.error_type == "output_upload_failed"
-        assert job.error.startswith("output not saved after 2 upload tries: upload to s3://")
-        assert f"access denied to bucket '{BUCKET}'" in job.error
-        assert job.attempts == 1  # submitted once, never again
-        assert job.download_attempts == 2
-        assert SECRET_KEY not in job.error
-    # Each video (paid for) is kept in the staging folder, named in the error, intact.
+        assert (job.state, job.error, job.attempts) == ("downloading", None, 1)  # submitted once
+    # Each video (paid for) waits in the staging folder, intact.
     rendered = {e["request_id"]: e["output_sha256"] for e in sim.ledger()["entries"]}
     staged = _staged_files(tmp_path)
-    assert len(staged) == 3
-    for job in jobs:
-        (path,) = [p for p in staged if str(p) in job.error]
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == rendered[job.request_id]
-    # No object under a final key: refused uploads leave nothing behind.
-    assert keys(s3.client(), BUCKET) == []
+    assert sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in staged) == sorted(
+        str(v) for v in rendered.values()
+    )
+    assert keys(s3.client(), BUCKET) == []  # refused uploads leave nothing behind
+
+    aws_env(monkeypatch, s3.url)  # the storage takes uploads again: run the batch again
+    again = wb("run", "quickstart", "--json", "--no-progress")
+    assert again.code == 0, again.stderr
+    assert again.json()["counts"]["succeeded"] == 3
+    for job in _jobs(tmp_path):
+        assert job.output_sha256 == rendered[job.request_id]
+        assert job.attempts == 1
+    assert _staged_files(tmp_path) == []
     # The provider's books: each job submitted and billed once; status says what it cost.
     ledger = sim.ledger()
     assert ledger["accepted"] == 3
     assert ledger["duplicates"] == []
-    status = wb("status", run.json()["batch"], "--json").json()
+    status = wb("status", report["batch"], "--json").json()
     assert Decimal(ledger["billed_usd"]) == Decimal(str(status["spent_usd"])) > 0
 
 

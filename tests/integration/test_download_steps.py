@@ -160,7 +160,7 @@ def test_an_unwritable_output_folder_pauses_the_batch_and_keeps_the_paid_video(
         (job_id,) = dispatch(make_runtime(engine, settings_for(hostile.url, KEY, max_outstanding=1)))
         assert submit(rt, job_id) == "submitted"
         wait_until(lambda: state_of(engine, job_id) == JobState.DOWNLOADING, step=lambda: poll(rt))
-        assert download(rt, job_id) == "write-paused"
+        assert download(rt, job_id) == "outputs-paused"
         with db.session_scope(engine) as session:
             waiting = store.get_job(session, job_id)
             batch = store.get_batch(session, batch_id)

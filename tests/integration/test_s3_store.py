@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 
 from jobs import db, store
 from jobs.errors import ConfigError
-from jobs.models import Job
+from jobs.models import BatchState, Job
 from jobs.output_store import (
     LocalOutputStore,
     OutputReadError,
@@ -38,7 +38,7 @@ from tests.hostile import HostileProvider
 from tests.hostile_fal import FakeFal
 from tests.s3_helpers import SECRET_KEY, MotoS3, S3FaultProxy, aws_env, b64, keys, object_sha256
 from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
-from worker.steps import Runtime, dispatch, download, poll, submit
+from worker.steps import Runtime, dispatch, download, poll, schedule_downloads, submit
 
 pytestmark = pytest.mark.s3
 
@@ -119,37 +119,49 @@ def test_a_failed_upload_is_retried_from_the_staged_copy_without_a_new_download(
     assert _staged(tmp_path) == []  # gone once the success is stored
 
 
-def test_uploads_failing_until_the_tries_run_out_fail_the_job_with_the_reason_and_the_bill(
+def test_uploads_failing_until_the_tries_run_out_pause_the_batch_and_keep_the_staged_video(
     engine: Engine, hostile: HostileProvider, tmp_path: Path, s3: MotoS3
 ) -> None:
+    """Before, the job then failed ("output not saved") and the batch went on sending into the
+    same dead storage. Now the batch is paused with the reason; the job waits with its staged
+    copy, and once the storage is back and the batch resumed, that copy is uploaded."""
     fal = FakeFal(hostile)
-    s3.client().create_bucket(Bucket=BUCKET)
-    rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=2)
-    s3.stop()  # the storage goes away after the job was sent
+    rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=2)  # no bucket yet
     try:
         assert download(rt, job_id) == "upload-retry"
         _make_due(engine, job_id)
-        assert download(rt, job_id) == "failed"
+        assert download(rt, job_id) == "outputs-paused"
+        job = _job(engine, job_id)
+        assert (job.state, job.error, job.download_attempts, job.lease_owner) == (
+            JobState.DOWNLOADING,
+            None,
+            2,
+            None,
+        )
+        (staged,) = _staged(tmp_path)
+        assert staged.read_bytes() == fal.video
+        with db.session_scope(engine) as session:
+            batch = store.get_batch(session, job.batch_id)
+        assert batch.state == BatchState.PAUSED
+        reason = batch.pause_reason or ""
+        assert reason.startswith(f"outputs cannot be stored: upload to s3://{BUCKET}/out/steps/{staged.name}")
+        assert reason.endswith(
+            f"(after 2 tries) — fix the storage, then run the batch again: the videos already made are "
+            f"uploaded then from {staged.parent}, never made again"
+        )
+        assert SECRET_KEY not in reason
+
+        s3.client().create_bucket(Bucket=BUCKET)  # the operator fixes the storage; runs the batch again
+        with db.session_scope(engine) as session:
+            assert store.resume_batch(session, job.batch_id)
+        assert schedule_downloads(rt) == [job_id]
+        assert download(rt, job_id) == "succeeded"
     finally:
         rt.client.close()
-    job = _job(engine, job_id)
-    assert job.state == JobState.FAILED
-    assert job.error_type == "output_upload_failed"
-    assert job.error is not None
-    (staged,) = _staged(tmp_path)
-    assert job.error == (
-        f"output not saved after 2 upload tries: upload to s3://{BUCKET}/out/steps/"
-        f"{staged.name} failed: cannot reach {s3.url} (check AWS_ENDPOINT_URL and the network); "
-        f"the video is kept at {staged}"
-    )
-    assert SECRET_KEY not in job.error
-    assert job.actual_usd == job.est_usd  # fal made the video: it is paid for, once
-    assert staged.read_bytes() == fal.video
+    assert _job(engine, job_id).actual_usd == _job(engine, job_id).est_usd  # paid for, once
+    assert _staged(tmp_path) == []
     assert fal.posts() == 1
-    assert fal.file_gets("r1.mp4") == 1
-
-
-# --------------------------------------------------------------------------- the store itself
+    assert fal.file_gets("r1.mp4") == 1  # uploaded from the staged copy, never fetched again
 
 
 def _store(tmp_path: Path, **options: int) -> S3OutputStore:

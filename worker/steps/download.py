@@ -14,10 +14,12 @@ What a failure leads to, by where it happened:
 * The video download: retried ``WANBATCH_DOWNLOAD_ATTEMPTS`` times; a refused host, a body that
   is not a video or an expired file fails at once. One attempt lasts at most
   ``WANBATCH_DOWNLOAD_TIMEOUT`` seconds and renews the job's lease while bytes arrive.
-* Writing the output here (disk full, read-only folder): the job fails with the reason.
+* Writing the output here (disk full, read-only folder): the batch is paused with the reason and
+  the job waits for its next run (:func:`_pause_for_outputs`): every job sent meanwhile would be
+  paid for and meet the same disk.
 * Uploading it to object storage (``WANBATCH_OUTPUT_DIR=s3://…``, :mod:`jobs.output_store`):
   retried like a download, from the staged copy (never a new download or submission), then the
-  job fails with the reason; the staged copy is removed once the success is stored.
+  batch is paused likewise; the staged copy is removed once the success is stored.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def download(rt: Runtime, job_id: str) -> str:
     """Fetch the result and the video of a completed job; never causes a re-generation.
 
     Returns what happened (``succeeded``, ``failed``, ``retry``, ``result-retry``,
-    ``download-retry``, ``upload-retry``, ``write-paused``, ``not-ready``, ``paused``, ``busy``,
+    ``download-retry``, ``upload-retry``, ``outputs-paused``, ``not-ready``, ``paused``, ``busy``,
     ``skipped``, ``lost-lease``), for logs and tests.
 
     A job the conductor of this process leased for its download, in the transaction that
@@ -598,22 +600,22 @@ def _upload_failed(
 ) -> str:
     """The upload to object storage failed: like a failed download, try again later (the staged
     video is kept and uploaded again, fal is never asked again), up to
-    ``WANBATCH_DOWNLOAD_ATTEMPTS`` tries; then fail with the reason and the billed cost, and say
-    where the paid video is kept. Meanwhile the job counts in the download backlog, so a storage
-    outage holds new submits back (``WANBATCH_MAX_DOWNLOAD_BACKLOG``)."""
+    ``WANBATCH_DOWNLOAD_ATTEMPTS`` tries. Meanwhile the job counts in the download backlog, so a
+    storage outage holds new submits back (``WANBATCH_MAX_DOWNLOAD_BACKLOG``). When the tries run
+    out the storage is down or refuses us for good: the batch is paused, as for a full disk
+    (:func:`_write_failed`), and the job waits with its staged copy for the batch's next run."""
     failures = claim.failures + 1
+    if failures >= rt.settings.download_attempts:
+        return _pause_for_outputs(
+            rt,
+            job_id,
+            claim,
+            f"{OUTPUTS_NOT_STORED}: {exc} (after {failures} tries) — fix the storage, then run the batch "
+            f"again: the videos already made are uploaded then from {staged.parent}, never made again",
+            download_attempts=failures,
+        )
+    delay = backoff(rt.settings, failures)
     with db.session_scope(rt.engine) as session:
-        if failures >= rt.settings.download_attempts:
-            _fail_paid(
-                session,
-                claim,
-                error=f"output not saved after {failures} upload tries: {exc}; the video is kept at {staged}",
-                error_type="output_upload_failed",
-                download_attempts=failures,
-                **claim.fetched,
-            )
-            return "failed"
-        delay = backoff(rt.settings, failures)
         store.release_lease(
             session,
             claim.fence,
@@ -627,41 +629,56 @@ def _upload_failed(
     return "upload-retry"
 
 
-#: Words that begin the pause reason of a batch whose outputs could not be written.
+#: Words that begin the pause reason of a batch whose outputs could not be written here.
 OUTPUTS_NOT_WRITABLE = "outputs cannot be written here"
+#: ... or could not be uploaded to ``WANBATCH_OUTPUT_DIR``'s object storage.
+OUTPUTS_NOT_STORED = "outputs cannot be stored"
 
 
 def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWriteError) -> str:
     """The output could not be written here (disk full, read-only folder): pause the batch, and
     keep the job for when it can be.
 
-    The video was made and billed, and fal still has it, so the job is not failed: it waits in
-    ``downloading`` (its lease given back, tried again after ``WANBATCH_RETRY_MAX_DELAY``), and
-    its batch is paused with the reason — every job sent meanwhile would be paid for and meet the
-    same disk. Running the batch again once there is room resumes it and downloads what waits at
-    once (:func:`jobs.store.resume_batch`); a video fal no longer serves then fails with that
-    reason. A write failure is the disk's, not the download's: it does not count as an attempt.
-    """
-    reason = (
+    Not counted as a download attempt: the disk failed, not the download."""
+    return _pause_for_outputs(
+        rt,
+        job_id,
+        claim,
         f"{OUTPUTS_NOT_WRITABLE}: {exc} — free space or fix WANBATCH_OUTPUT_DIR, then run the batch "
-        "again: the videos already made are downloaded then, never made again"
+        "again: the videos already made are downloaded then, never made again",
     )
+
+
+def _pause_for_outputs(rt: Runtime, job_id: str, claim: DownloadClaim, reason: str, **fields: Any) -> str:
+    """Outputs cannot be kept: pause the job's batch with ``reason``, and keep the job.
+
+    The video was made and billed, and fal (or the staging folder) still has it, so the job is
+    not failed: it waits in ``downloading``, its lease given back, tried again after
+    ``WANBATCH_RETRY_MAX_DELAY``. Its batch is paused: every job sent meanwhile would be paid for
+    and meet the same disk or storage. Running the batch again once that is fixed resumes it and
+    tries what waits at once (:func:`jobs.store.resume_batch`); a video fal no longer serves by
+    then fails with that reason.
+    """
     with db.session_scope(rt.engine) as session:
         batch = store.get_batch(session, claim.batch_id)
         if batch.state == BatchState.ACTIVE:
             store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
         kept = store.release_lease(
-            session, claim.fence, next_attempt_at=in_seconds(rt.settings.retry_max_delay), **claim.fetched
+            session,
+            claim.fence,
+            next_attempt_at=in_seconds(rt.settings.retry_max_delay),
+            **claim.fetched,
+            **fields,
         )
     if not kept:
         return "lost-lease"
     log.warning(
-        "job %s: output not saved (%s); batch paused, the video waits at fal",
+        "job %s: output not kept; batch paused: %s",
         job_id,
-        exc,
-        extra={"event": "download.write_failed", "job_id": job_id, "batch_id": claim.batch_id},
+        reason,
+        extra={"event": "download.outputs_paused", "job_id": job_id, "batch_id": claim.batch_id},
     )
-    return "write-paused"
+    return "outputs-paused"
 
 
 def _fail_paid(session: Session, claim: DownloadClaim, *, error: str, error_type: str, **fields: Any) -> None:
