@@ -163,7 +163,8 @@ class Runtime:
     #: another batch that was only submitted (issue #9: a 3-job run spent $180 on someone
     #: else's 120k-job batch). Bookkeeping that keeps the *global* outstanding cap truthful —
     #: status checks of requests already at fal, recovering expired submit leases — still
-    #: covers every batch (see :func:`worker.steps.poll.poll`, :func:`worker.steps.reconcile.reconcile`).
+    #: covers every batch of its provider (see :func:`worker.steps.poll.poll`,
+    #: :func:`worker.steps.reconcile.reconcile` and :meth:`reach`).
     batch_ids: frozenset[str] | None = None
     #: This runtime's fal is a simulator (``run --simulate``, always scoped to its batch). What
     #: a simulator holds, fal does not, and the reverse: see :meth:`reach`.

@@ -98,10 +98,11 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
     """
     # Only a look first (every tick, nearly always finding nothing): no write lock for nothing.
     with db.read_scope(rt.engine) as session:
-        # `cancel B` cancels B only; a simulation's requests are its simulator's to cancel
-        found = store.cancelled_batches_with_work(session)
-        reach = rt.reach(session) if found else None
-        cancelled = [b for b in found if rt.in_scope(b) and reach is not None and reach.covers(b)]
+        # `cancel B` cancels B only
+        cancelled = [b for b in store.cancelled_batches_with_work(session) if rt.in_scope(b)]
+        if cancelled:  # and a simulation's requests are its simulator's to cancel
+            reach = rt.reach(session)
+            cancelled = [b for b in cancelled if reach.covers(b)]
     if not cancelled:
         return 0
     with db.session_scope(rt.engine) as session:
