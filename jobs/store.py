@@ -1223,21 +1223,26 @@ _REUSED_FIELDS = (
 )
 
 
-def find_reusable(session: Session, job: Job) -> Job | None:
-    """A succeeded job (any batch, not ``job`` itself) with ``job``'s key and a stored output.
+def find_reusable(session: Session, job: Job, *, simulated: bool) -> Job | None:
+    """A succeeded job (any batch of ``job``'s kind, not ``job`` itself) with ``job``'s key and a
+    stored output; ``simulated``: whether ``job``'s batch was made by ``run --simulate``.
 
     Same key means same endpoint and same resolved input (files by content), seed included.
     The oldest such job is taken, so every reuse of one render names the same original. The
-    caller checks that the file is still on disk.
+    caller checks that the file is still on disk. Same kind: a batch sent to fal takes only
+    videos fal made, never a ``--simulate`` batch's placeholders (and a simulation only
+    simulated ones, so it rehearses exactly what the paid run will do).
     """
     query = (
         select(Job)
+        .join(Batch, Batch.id == Job.batch_id)
         .where(
             Job.job_key == job.job_key,
             Job.id != job.id,
             Job.state == JobState.SUCCEEDED,
             Job.output_sha256.is_not(None),
             Job.output_path.is_not(None),
+            Batch.simulated.is_(simulated),
         )
         .order_by(Job.finished_at, Job.id)
         .limit(1)

@@ -263,3 +263,25 @@ def test_a_simulation_never_sends_the_users_fal_key(
     )
     assert keys["clip"] == api_key_id(get_settings())
     assert keys["clip-simulated"] not in (None, keys["clip"])
+
+
+def test_a_paid_batch_never_reuses_a_simulated_video(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """`reuse_outputs: true` gives a pinned-seed job the video of a succeeded twin. Before, the
+    twin could be a simulation's: after a rehearsal, "drop `--simulate`" sent nothing to fal and
+    filled the paid batch with the simulator's placeholder videos, as if rendered."""
+    path = manifest("clip", CLIP + "reuse_outputs: true\n")
+    rehearsal = wb("run", path, "--simulate", "--no-progress", "--json")
+    assert rehearsal.code == 0, rehearsal.stdout + rehearsal.stderr
+    paid = wb("run", path, "--no-progress", "--json")
+    assert paid.code == 0, paid.stdout + paid.stderr
+    assert paid.json()["counts"]["succeeded"] == 2
+    assert sim.ledger()["accepted"] == 2  # rendered by fal, not taken from the rehearsal
+    assert [r["reused_from"] for r in export_jsonl(wb, "clip")] == [None, None]
+
+    # Between two batches sent to fal, reuse works as before.
+    again = manifest("again", CLIP.replace("name: clip", "name: again") + "reuse_outputs: true\n")
+    assert wb("run", again, "--no-progress").code == 0
+    assert sim.ledger()["accepted"] == 2
+    assert all(r["reused_from"] for r in export_jsonl(wb, "again"))

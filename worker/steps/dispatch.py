@@ -156,9 +156,10 @@ def _reuse(session: Session, rt: Runtime, job: Job, batches: _RoundBatches) -> b
     video inside the claim's transaction); otherwise the job is sent as usual. No sidecar is written for the
     reusing job: it points at the original's file, and its export record carries ``reused_from``.
     """
-    if job.input.get("seed") is None or not batches.get(job.batch_id).reuse_outputs:
+    batch = batches.get(job.batch_id)
+    if job.input.get("seed") is None or not batch.reuse_outputs:
         return False
-    source = store.find_reusable(session, job)
+    source = store.find_reusable(session, job, simulated=batch.simulated)
     if source is None or source.output_path is None:
         return False
     try:
