@@ -282,17 +282,18 @@ def _process_embedded(
     # No allow_missing_key: a missing FAL_KEY is a ConfigError here, before anything is
     # claimed (a simulated run has the simulator's key). This batch only: never another one
     # merely submitted.
+    # A simulation is processed only by a --simulate run (jobs.batches.check_simulation), so the
+    # batch says which provider this runtime talks to: it then reaches that provider's requests only.
+    with db.read_scope(open_engine(settings)) as session:
+        simulated = store.get_batch(session, batch_id).simulated
     worker = InProcessWorker(settings.embedded_concurrency)
     rt = build_runtime(
         settings=settings,
         enqueue_submit=worker.submit,
         enqueue_download=worker.download,
         batch_ids=frozenset({batch_id}),
+        simulated=simulated,
     )
-    # A simulation is processed only by a --simulate run (jobs.batches.check_simulation), so the
-    # batch says which provider this runtime talks to: it then reaches that provider's requests only.
-    with db.read_scope(rt.engine) as session:
-        rt.simulated = store.get_batch(session, batch_id).simulated
     # The steps run on this process's threads: dispatch and the conductor hand them what they read.
     rt.submit_tickets, rt.download_claims = {}, {}
     conductor = Conductor(rt)

@@ -15,7 +15,7 @@ from jobs import db, store
 from jobs.db import open_engine
 from jobs.settings import Settings
 from worker.fal.client import FalClient
-from worker.fal.storage import FalStorage, MediaPreparer
+from worker.fal.storage import FalStorage, Lookup, MediaPreparer, Record
 from worker.steps import Runtime
 from worker.steps.download import close_download_client
 
@@ -29,12 +29,45 @@ def build_runtime(
     batch_ids: frozenset[str] | None = None,
     engine: Engine | None = None,
     client: FalClient | None = None,
+    simulated: bool = False,
 ) -> Runtime:
     """A runtime for this process. ``allow_missing_key`` is for the bundled simulator only;
-    ``batch_ids`` limits the work to those batches (an embedded run; None = every batch).
+    ``batch_ids`` limits the work to those batches (an embedded run; None = every batch);
+    ``simulated``: its fal is a ``run --simulate``'s simulator (:attr:`Runtime.simulated`).
     ``engine`` and ``client`` default to the settings' own; tests pass theirs."""
     engine = engine or open_engine(settings)
     client = client or FalClient.from_settings(settings, allow_missing_key=allow_missing_key)
+
+    lookup, record = _upload_cache(engine, simulated=simulated)
+    media = MediaPreparer.for_storage(
+        FalStorage(client), inline_max_bytes=settings.inline_max_bytes, lookup=lookup, record=record
+    )
+    return Runtime(
+        engine=engine,
+        client=client,
+        settings=settings,
+        enqueue_submit=enqueue_submit,
+        enqueue_download=enqueue_download,
+        media=media,
+        batch_ids=batch_ids,
+        simulated=simulated,
+    )
+
+
+def _upload_cache(engine: Engine, *, simulated: bool) -> tuple[Lookup, Record]:
+    """Where uploaded images are remembered by content (to be uploaded once): the database.
+
+    Not for a simulator: its storage URLs live as long as it does (one ``--simulate`` run), and
+    remembered in the database a later run would send them to fal, dead. A simulated runtime
+    remembers its uploads itself, and never sends the simulator one of fal's.
+    """
+    if simulated:
+        uploaded: dict[str, str] = {}
+
+        def remember(sha256: str, url: str, _size_bytes: int, _content_type: str) -> None:
+            uploaded[sha256] = url
+
+        return uploaded.get, remember
 
     def lookup(sha256: str) -> str | None:
         with db.session_scope(engine) as session:
@@ -51,18 +84,7 @@ def build_runtime(
                 content_type=content_type,
             )
 
-    media = MediaPreparer.for_storage(
-        FalStorage(client), inline_max_bytes=settings.inline_max_bytes, lookup=lookup, record=record
-    )
-    return Runtime(
-        engine=engine,
-        client=client,
-        settings=settings,
-        enqueue_submit=enqueue_submit,
-        enqueue_download=enqueue_download,
-        media=media,
-        batch_ids=batch_ids,
-    )
+    return lookup, record
 
 
 def close_runtime(rt: Runtime) -> None:

@@ -285,3 +285,30 @@ def test_a_paid_batch_never_reuses_a_simulated_video(
     assert wb("run", again, "--no-progress").code == 0
     assert sim.ledger()["accepted"] == 2
     assert all(r["reused_from"] for r in export_jsonl(wb, "again"))
+
+
+def test_a_paid_run_never_sends_fal_an_image_url_of_a_simulator(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploaded images are remembered by content, to be sent once. Before, a `--simulate` run's
+    uploads (URLs of its own simulator, gone with it) were remembered too, and the paid run
+    after it sent fal those dead loopback URLs instead of uploading the images."""
+    from jobs.settings import get_settings
+
+    monkeypatch.setenv("WANBATCH_INLINE_MAX_BYTES", "100")  # every example image is uploaded
+    get_settings.cache_clear()
+    body = """name: stills
+endpoint: fal-ai/wan-i2v
+defaults:
+  resolution: 480p
+items:
+  - prompt: Clouds drifting past the peak
+    image_url: images/landscape.jpg
+    seed: 1
+"""
+    path = manifest("stills", body)
+    assert wb("run", path, "--simulate", "--no-progress").code == 0
+    paid = wb("run", path, "--no-progress", "--json")
+    assert paid.code == 0, paid.stdout + paid.stderr
+    (record,) = export_jsonl(wb, "stills")
+    assert str(record["input"]["image_url"]).startswith(sim.url)  # uploaded to fal's storage
