@@ -610,8 +610,8 @@ def _upload_failed(
             rt,
             job_id,
             claim,
-            f"{OUTPUTS_NOT_STORED}: {exc} (after {failures} tries) — fix the storage, then run the batch "
-            f"again: the videos already made are uploaded then from {staged.parent}, never made again",
+            f"{OUTPUTS_NOT_STORED}: {exc} (after {failures} tries) — fix the storage; the videos already "
+            f"made wait in {staged.parent} and are uploaded by the next run, never made again",
             download_attempts=failures,
         )
     delay = backoff(rt.settings, failures)
@@ -644,8 +644,8 @@ def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWri
         rt,
         job_id,
         claim,
-        f"{OUTPUTS_NOT_WRITABLE}: {exc} — free space or fix WANBATCH_OUTPUT_DIR, then run the batch "
-        "again: the videos already made are downloaded then, never made again",
+        f"{OUTPUTS_NOT_WRITABLE}: {exc} — free space or fix WANBATCH_OUTPUT_DIR; the videos already "
+        "made wait at fal and are downloaded by the next run, never made again",
     )
 
 
