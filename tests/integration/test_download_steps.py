@@ -188,3 +188,31 @@ def test_an_unwritable_output_folder_pauses_the_batch_and_keeps_the_paid_video(
         rt.client.close()
     assert fal.file_gets("r1.mp4") == 1
     assert fal.posts() == 1  # never made again
+
+
+def test_an_unwritable_output_folder_fails_the_job_of_a_cancelled_batch(
+    engine: Engine, hostile: HostileProvider, read_only_dir: Path
+) -> None:
+    """A cancelled batch has no next run for the job to wait for (`cancel` would wait for ever)."""
+    fal = FakeFal(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=read_only_dir))
+    batch_id = add_batch(
+        engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})]
+    )
+    try:
+        (job_id,) = dispatch(rt)
+        assert submit(rt, job_id) == "submitted"
+        wait_until(lambda: state_of(engine, job_id) == JobState.DOWNLOADING, step=lambda: poll(rt))
+        with db.session_scope(engine) as session:
+            store.set_batch_state(session, batch_id, BatchState.CANCELLED, "cancelled by user")
+        assert download(rt, job_id) == "failed"
+    finally:
+        rt.client.close()
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        assert store.get_batch(session, batch_id).state == BatchState.CANCELLED
+    assert (job.state, job.error_type) == (JobState.FAILED, "output_not_kept")
+    assert job.error is not None
+    assert "Read-only file system" in job.error
+    assert job.actual_usd == job.est_usd  # fal made it: paid for
+    assert fal.posts() == 1

@@ -657,10 +657,14 @@ def _pause_for_outputs(rt: Runtime, job_id: str, claim: DownloadClaim, reason: s
     ``WANBATCH_RETRY_MAX_DELAY``. Its batch is paused: every job sent meanwhile would be paid for
     and meet the same disk or storage. Running the batch again once that is fixed resumes it and
     tries what waits at once (:func:`jobs.store.resume_batch`); a video fal no longer serves by
-    then fails with that reason.
+    then fails with that reason. A cancelled batch has no next run to wait for: the job fails
+    there, with the reason and its billed cost.
     """
     with db.session_scope(rt.engine) as session:
         batch = store.get_batch(session, claim.batch_id)
+        if batch.state == BatchState.CANCELLED:
+            _fail_paid(session, claim, error=reason, error_type="output_not_kept", **claim.fetched, **fields)
+            return "failed"
         if batch.state == BatchState.ACTIVE:
             store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
         kept = store.release_lease(
