@@ -62,6 +62,50 @@ def check_output_dir(settings: DownloadSettings) -> Path:
     return settings.output_dir
 
 
+#: Room a video is given beyond its average size, and what its sidecar and folder entry take.
+SPACE_MARGIN = 1.1
+SIDECAR_BYTES = 4096
+
+
+def space_note(batch_id: str, settings: Settings) -> str | None:
+    """A warning, before processing, when ``WANBATCH_OUTPUT_DIR``'s disk looks too small for the
+    videos the batch still has to store; None when it looks big enough, or nothing tells.
+
+    The size of a video is the average of those already stored (this batch's, else any batch's
+    sent to fal): a guess, so it only warns, and says what it assumed. Running out is handled
+    anyway (the batch pauses, nothing more is sent: :mod:`worker.steps.download`); knowing at
+    the start saves a night of rendering that stops at 3 AM.
+    """
+    from jobs.output_store import open_output_store
+
+    outputs = open_output_store(settings)
+    free = outputs.free_bytes()
+    if free is None:
+        return None
+    with db.read_scope(open_engine(settings)) as session:
+        counts = store.counts_by_state(session, batch_id)
+        per_video = store.video_bytes_per_job(session, batch_id)
+    remaining = sum(counts[state.value] for state in JobState if not state.terminal)
+    if per_video is None or remaining == 0:
+        return None
+    needed = remaining * (per_video + SIDECAR_BYTES)
+    if free >= needed * SPACE_MARGIN:
+        return None
+    return (
+        f"{outputs.describe()} has {size_text(free)} free; the {remaining} videos this batch still has "
+        f"to store need about {size_text(needed)} ({size_text(per_video)} each, the average so far). "
+        "If the disk fills, the batch pauses (nothing more is sent) until there is room"
+    )
+
+
+def size_text(size: int) -> str:
+    """``37 kB``, ``1.2 GB``: decimal units, as disks are sold and ``df -H`` shows them."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}" if size < 10 * scale else f"{size // scale:,} {unit}"
+    return f"{size} bytes"
+
+
 def check_manifest(
     path: str | Path, settings: InputSettings, allowed_dirs: Iterable[Path] = ()
 ) -> ValidationReport:

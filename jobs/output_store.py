@@ -133,6 +133,10 @@ class OutputStore(ABC):
         probe. :class:`OutputWriteError` with a one-line reason (naming ``WANBATCH_OUTPUT_DIR``)
         otherwise. Used by ``run``/``rerun`` at start-up and by ``doctor``."""
 
+    def free_bytes(self) -> int | None:
+        """Bytes free where the outputs are kept; None when nothing finite limits them (a bucket)."""
+        return None
+
     @abstractmethod
     def video_dest(self, batch_name: str, item_index: int, job_id: str) -> Path:
         """The local file the download writes the video to (final for a folder, staged for S3)."""
@@ -227,6 +231,15 @@ class LocalOutputStore(OutputStore):
 
     def check_writable(self) -> None:
         _probe_folder(self.root, "WANBATCH_OUTPUT_DIR")
+
+    def free_bytes(self) -> int | None:
+        folder = self.root.resolve()
+        while not folder.exists() and folder != folder.parent:  # not created yet: its disk is the parent's
+            folder = folder.parent
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            return None
 
     def video_dest(self, batch_name: str, item_index: int, job_id: str) -> Path:
         return outputs.video_path(self.root, batch_name, item_index, job_id)

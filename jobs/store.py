@@ -179,6 +179,7 @@ __all__ = [
     "unprocessed_deliveries",
     "update_job_fields",
     "utc_day",
+    "video_bytes_per_job",
     "wasted_usd",
 ]
 
@@ -1905,6 +1906,22 @@ def counts_by_state(session: Session, batch_id: str | None = None) -> dict[str, 
     for state, count in session.execute(query, {"batch_id": batch_id}):
         counts[JobState(state).value] = int(count)
     return counts
+
+
+def video_bytes_per_job(session: Session, batch_id: str) -> int | None:
+    """What one stored video of ``batch_id`` takes, on average: from its own succeeded jobs, else
+    from every succeeded job of a batch sent to fal (a simulation's placeholders are tiny), else
+    None (nothing stored yet to tell)."""
+    stored = (
+        select(func.avg(Job.output_bytes))
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(Job.state == JobState.SUCCEEDED, Job.output_bytes.is_not(None), Job.reused_from.is_(None))
+    )
+    for query in (stored.where(Job.batch_id == batch_id), stored.where(Batch.simulated.is_(False))):
+        average = session.scalar(query)
+        if average is not None:
+            return int(average)
+    return None
 
 
 def failure_reasons(

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from falsim.server import SimulatorHandle
+from jobs.batches import size_text
 from jobs.settings import get_settings
 from tests.e2e.e2e_helpers import FAL_KEY, FAST_ENV, MakeManifest, Run, Wb, export_jsonl
 from tests.hostile import HostileProvider, drip, json_reply, nested_json, raw_reply, redirect, reset, sequence
@@ -348,3 +350,39 @@ def test_a_full_disk_pauses_the_batch_and_the_paid_video_is_downloaded_once_ther
     assert first["status"] == "succeeded"
     assert fal.file_gets("r1.mp4") == 2  # downloaded again, never made again
     assert fal.posts() == 2
+
+
+def test_run_warns_when_the_disk_looks_too_small_for_the_batch(
+    wb: Wb,
+    sim: SimulatorHandle,
+    monkeypatch: pytest.MonkeyPatch,
+    manifest: MakeManifest,
+    small_disk: Path,
+    tmp_path: Path,
+) -> None:
+    """Before sending anything, from the size of the videos stored so far: a night that would stop
+    at 3 AM on a full disk is told at the start. It only warns; the full disk then pauses."""
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(tmp_path / "big"))
+    first = wb("run", manifest("first", ONE_JOB.replace("name: hostile", "name: first")), "--no-progress")
+    assert first.code == 0, first.stderr
+    (video,) = (tmp_path / "big").rglob("*.mp4")
+    size = video.stat().st_size
+
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(small_disk))
+    three = "name: three\nendpoint: fal-ai/wan-22\nitems:\n" + "".join(
+        f"  - prompt: A paper boat, take {take}\n    resolution: 480p\n    seed: {take}\n"
+        for take in (1, 2, 3)
+    )
+    run = wb("run", manifest("three", three), "--no-progress", "--json")
+    said = " ".join(run.stderr.split())
+    assert f"warning: {small_disk} has " in said
+    assert "free; the 3 videos this batch still has to store need about" in said
+    assert f"({size_text(size)} each, the average so far)" in said
+    assert "If the disk fills, the batch pauses (nothing more is sent) until there is room" in said
+    assert run.code == 1, run.stderr  # and so it did
+    assert run.json()["phase"] == "paused"
+
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(tmp_path / "big"))
+    enough = wb("run", manifest("four", ONE_JOB.replace("name: hostile", "name: four")), "--no-progress")
+    assert enough.code == 0, enough.stderr
+    assert "warning" not in enough.stderr  # room enough: nothing said
