@@ -337,8 +337,11 @@ def _run_and_report(
     # Before the simulator adopts anything: a simulation is never sent to fal, nor a paid batch
     # to the simulator.
     batches.check_simulation(batch_id, settings, simulated=_simulator is not None, command=command)
-    if command != "cancel" and not settings.broker_url and (room := batches.space_note(batch_id, settings)):
-        err.print(f"[yellow]warning: {escape(room)}[/yellow]")  # workers write to their own disks
+    # Not for cancel; not with workers (they write to their own disks); not for a simulation
+    # (its placeholder videos are not the size of fal's).
+    sending = command != "cancel" and not settings.broker_url and _simulator is None
+    if sending and (room := batches.space_note(batch_id, settings)):
+        err.print(f"[yellow]warning: {escape(room)}[/yellow]")
     _resume_at_simulator(batch_id, settings)
     startup.resume()  # the machinery is loaded: freeze it, collect from here on
     report, stats = process_batch(batch_id, settings, console=err, show_progress=progress and not as_json)
