@@ -302,6 +302,11 @@ def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> I
                     # Never the user's FAL_KEY: it goes to fal only. A key of its own also keeps
                     # the simulation's requests out of fal's outstanding cap (counted per key).
                     "fal_key": SecretStr(SIMULATOR_KEY),
+                    # fal's webhook receiver is for fal: the simulator would post there (the
+                    # receiver rejects its signature, counted as forged), and the run, waiting for
+                    # webhooks instead of following status streams, would learn of each completion
+                    # only from the poll after WANBATCH_WEBHOOK_POLL_AFTER (30 s by default).
+                    "webhook_url": None,
                     "poll_min_interval": min(settings.poll_min_interval, 0.2),
                     "tick_interval": min(settings.tick_interval, 0.1),
                 }

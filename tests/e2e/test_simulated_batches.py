@@ -312,3 +312,31 @@ items:
     assert paid.code == 0, paid.stdout + paid.stderr
     (record,) = export_jsonl(wb, "stills")
     assert str(record["input"]["image_url"]).startswith(sim.url)  # uploaded to fal's storage
+
+
+def test_a_simulation_ignores_fals_webhook_receiver(
+    wb: Wb, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With WANBATCH_WEBHOOK_URL set (a deployment's receiver), `--simulate` used to pass it to
+    its simulator: the simulator posted to fal's receiver (rejected there as forged), and the run,
+    waiting for webhooks rather than following status streams, heard of each completion only from
+    the safety-net poll after WANBATCH_WEBHOOK_POLL_AFTER (here an hour: the run would hang)."""
+    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", "https://hooks.example.invalid/webhooks/fal")
+    monkeypatch.setenv("WANBATCH_WEBHOOK_POLL_AFTER", "3600")
+    run = wb("run", manifest("clip", CLIP), "--simulate", "--no-progress", "--json")
+    assert run.code == 0, run.stdout + run.stderr
+    assert run.json()["counts"]["succeeded"] == 2
+
+
+def test_simulate_settings_never_carry_fals_key_or_receiver() -> None:
+    from pydantic import SecretStr
+
+    from cli.batch_commands import SIMULATOR_KEY, fal_settings
+    from jobs.settings import Settings
+
+    real = Settings(FAL_KEY=SecretStr("real-key"), webhook_url="https://hooks.example.com/webhooks/fal")
+    with fal_settings(real, True, check=False) as simulated:
+        assert simulated.fal_key is not None
+        assert simulated.fal_key.get_secret_value() == SIMULATOR_KEY
+        assert simulated.webhook_url is None
+        assert simulated.fal_queue_url.startswith("http://127.0.0.1:")
