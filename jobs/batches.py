@@ -62,8 +62,9 @@ def check_output_dir(settings: DownloadSettings) -> Path:
     return settings.output_dir
 
 
-#: Room a video is given beyond its average size, and what its sidecar and folder entry take.
+#: How much more room than the estimate counts as enough (the estimate is an average).
 SPACE_MARGIN = 1.1
+#: What a video's sidecar JSON takes beside it (a few KB, one filesystem block or so).
 SIDECAR_BYTES = 4096
 
 

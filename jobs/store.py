@@ -326,7 +326,7 @@ def set_batch_state(session: Session, batch_id: str, state: BatchState, reason: 
 def resume_batch(session: Session, batch_id: str) -> bool:
     """The user says "go on" (runs or submits a paused batch again): the batch is active again,
     and its downloads waiting for a retry are due at once — those a full disk held back
-    (:func:`worker.steps.download`) wait for exactly this. True when the batch was paused."""
+    (:mod:`worker.steps.download`) wait for exactly this. True when the batch was paused."""
     resumed = session.execute(
         update(Batch)
         .where(Batch.id == batch_id, Batch.state == BatchState.PAUSED)
