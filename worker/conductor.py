@@ -35,7 +35,7 @@ from jobs import db, store
 from jobs.models import EVERY_BATCH, utcnow
 from worker import steps
 from worker.fal.models import RequestHandle, Status
-from worker.steps.context import Runtime, handle_of
+from worker.steps.context import Reach, Runtime, handle_of
 from worker.steps.poll import AT_FAL, Seen, apply_seen, apply_seen_in
 from worker.watcher import StatusWatcher
 
@@ -87,6 +87,7 @@ class Conductor:
         self._submitted: set[str] = set()
         self._wants_dispatch = False
         self._stream_failures: dict[str, int] = {}
+        self._reach: Reach | None = None  # the runtime's reach as of the last tick (_watch)
         self._beat_lock = threading.Lock()
         self._next_beat = 0.0  # monotonic; 0: never beat
         self._closed = False
@@ -260,10 +261,15 @@ class Conductor:
         if job_ids and not job_ids - exclude:
             return  # already followed (watch_accepted): nothing to read
         with db.read_scope(self.rt.engine) as session:
-            if job_ids:  # sent by this runtime, or by a worker (which never sends a simulation)
-                jobs = [j for j in store.jobs_by_id(session, job_ids - exclude).values() if j.state in AT_FAL]
+            # Never another provider's requests: on PostgreSQL a `--simulate` run and the workers
+            # hear of each other's submits too. Read each tick (the catch-up below), and kept for
+            # the submits heard in between: a simulation started since costs a futile stream at most.
+            reach = self._reach if job_ids and self._reach is not None else self.rt.reach(session)
+            self._reach = reach
+            if job_ids:
+                found = store.jobs_by_id(session, job_ids - exclude).values()
+                jobs = [j for j in found if j.state in AT_FAL and reach.covers(j.batch_id)]
             else:
-                reach = self.rt.reach(session)  # never another provider's requests
                 jobs = store.requests_at_fal(
                     session,
                     states=AT_FAL,

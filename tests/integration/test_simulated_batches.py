@@ -214,3 +214,45 @@ def test_a_runtime_leaves_the_other_providers_requests_alone(engine: Engine, run
     assert cancel_jobs_of_cancelled_batches(rt) == 0
     assert schedule_downloads(rt) == []
     assert _states(engine, theirs) == before
+
+
+class _Watcher:
+    """Stands in for the status watcher: records what the conductor asks it to follow."""
+
+    def __init__(self) -> None:
+        self.followed: list[str] = []
+
+    def watching(self) -> frozenset[str]:
+        return frozenset(self.followed)
+
+    def room(self) -> int:
+        return 64
+
+    def watch(self, job_id: str, _handle: object) -> bool:
+        self.followed.append(job_id)
+        return True
+
+
+@pytest.mark.parametrize("runtime", ["worker", "simulate"])
+def test_a_conductor_follows_only_its_own_providers_requests(engine: Engine, runtime: str) -> None:
+    """On PostgreSQL a `--simulate` run and the workers hear of each other's submits (LISTEN):
+    neither opens a status stream for the other's request, at its own provider."""
+    from worker.conductor import Conductor
+
+    settings = settings_for("http://127.0.0.1:9", "key")
+    simulation = _batch(engine, "sim", 4, simulated=True)
+    paid = _batch(engine, "paid", 4)
+    queued = {batch_id: _at_provider(engine, batch_id)[JobState.QUEUED] for batch_id in (simulation, paid)}
+    if runtime == "worker":
+        rt, ours = make_runtime(engine, settings), paid
+    else:
+        rt, ours = make_runtime(engine, settings, batch_ids=frozenset({simulation})), simulation
+        rt.simulated = True
+    conductor = Conductor(rt)
+    watcher = _Watcher()
+    conductor.watcher = watcher  # type: ignore[assignment]
+
+    conductor._watch(set(queued.values()))  # heard of both submits
+    assert watcher.followed == [queued[ours]]
+    conductor._watch(set())  # the tick's catch-up
+    assert watcher.followed == [queued[ours]]
