@@ -610,7 +610,7 @@ def _upload_failed(
             rt,
             job_id,
             claim,
-            f"{OUTPUTS_NOT_STORED}: {exc} (after {failures} tries) — fix the storage; the videos already "
+            f"outputs cannot be stored: {exc} (after {failures} tries) — fix the storage; the videos already "
             f"made wait in {staged.parent} and are uploaded by the next run, never made again",
             download_attempts=failures,
         )
@@ -629,12 +629,6 @@ def _upload_failed(
     return "upload-retry"
 
 
-#: Words that begin the pause reason of a batch whose outputs could not be written here.
-OUTPUTS_NOT_WRITABLE = "outputs cannot be written here"
-#: ... or could not be uploaded to ``WANBATCH_OUTPUT_DIR``'s object storage.
-OUTPUTS_NOT_STORED = "outputs cannot be stored"
-
-
 def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWriteError) -> str:
     """The output could not be written here (disk full, read-only folder): pause the batch, and
     keep the job for when it can be.
@@ -644,7 +638,7 @@ def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWri
         rt,
         job_id,
         claim,
-        f"{OUTPUTS_NOT_WRITABLE}: {exc} — free space or fix WANBATCH_OUTPUT_DIR; the videos already "
+        f"outputs cannot be written here: {exc} — free space or fix WANBATCH_OUTPUT_DIR; the videos already "
         "made wait at fal and are downloaded by the next run, never made again",
     )
 
