@@ -64,6 +64,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 from sqlalchemy.sql.elements import BindParameter
 
+from jobs import db
 from jobs.errors import NotFoundError
 from jobs.models import (
     EVERY_BATCH,
@@ -700,21 +701,38 @@ def _prepared(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
     """
     statement = _PREPARED.get(key)
     if statement is None:
-        statement = _PREPARED[key] = build()
+        statement = _PREPARED[key] = _kept(build())
     return statement
 
 
-def _run(session: Session, statement: Any, params: Mapping[str, Any] | None = None) -> CursorResult[Any]:
+#: Identities of the statements kept for the life of the process (:func:`_prepared`, the
+#: transitions' shapes): :func:`jobs.db.run_reusable` may keep their compiled form.
+_KEPT: set[int] = set()
+
+
+def _kept(statement: Any) -> Any:
+    """Mark ``statement`` as kept for good (its holder never lets it go) and return it."""
+    _KEPT.add(id(statement))
+    return statement
+
+
+def _run(session: Session, statement: Any, params: Mapping[str, Any] | None = None) -> Any:
     """Execute a Core statement on the session's connection, in the session's transaction.
 
     ``Session.execute`` costs about twice the CPU of ``Connection.execute`` for a statement
     that loads no ORM objects (it builds an ORM execution state and runs its hooks first);
-    every job runs a few dozen such statements on its way, so the hot ones come here. Changes
-    pending on the session's objects are flushed first, as ``Session.execute`` would.
+    every job runs a few dozen such statements on its way, so the hot ones come here, and the
+    kept ones (:func:`_prepared`) go on to :func:`jobs.db.run_reusable`, which on SQLite runs
+    them on the driver directly. Changes pending on the session's objects are flushed first,
+    as ``Session.execute`` would. The result answers ``first``/``one``/``scalar``/``all`` and
+    iteration, its rows by index, by name and ``_mapping``.
     """
     if session.autoflush and (session.new or session.dirty or session.deleted):
         session.flush()
-    return session.connection().execute(statement, params)
+    connection = session.connection()
+    if id(statement) in _KEPT:
+        return db.run_reusable(connection, statement, params)
+    return connection.execute(statement, params)
 
 
 def transition(
@@ -785,7 +803,7 @@ def transition(
 
 
 _EVENTS = cast(Table, JobEvent.__table__)
-_INSERT_EVENT = insert(_EVENTS)
+_INSERT_EVENT = _kept(insert(_EVENTS))
 _EVENT_COLUMNS = ("job_id", "at", "from_state", "to_state", "version", "reason", "worker")
 #: What a transition's event row is written from, in this order (:func:`_with_event`).
 _EVENT_ROW_COLUMNS = ("job_id", "at", "from_state", "to_state", "version", "reason", "details", "worker")
@@ -837,7 +855,7 @@ def _transition_statement(
         else:
             statement = moving.returning(*[_JOBS.c[name] for name in returned])
         if not expressions:
-            _STATEMENTS[key] = statement
+            _STATEMENTS[key] = _kept(statement)
     return statement, {f"v_{k}": v for k, v in plain.items()}
 
 

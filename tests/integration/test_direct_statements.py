@@ -1,0 +1,175 @@
+"""The store's kept statements run straight on SQLite's driver (:func:`jobs.db.run_reusable`):
+the same rows, values and errors as SQLAlchemy's own execution, on both dialects."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, cast
+
+import pytest
+from sqlalchemy import Engine, Table, bindparam, event, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, NoResultFound
+
+from jobs import db
+from jobs.models import Job, JobEvent
+from jobs.states import JobState
+from tests.step_runtime import add_batch, job_ids
+
+JOBS = cast(Table, Job.__table__)
+EVENTS = cast(Table, JobEvent.__table__)
+
+#: Kept for the test session, as the store keeps its statements (their compiled form is cached
+#: under their identity).
+MOVE = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("w_id"), JOBS.c.version == bindparam("w_version"))
+    .values(
+        state=bindparam("v_state", type_=JOBS.c.state.type),
+        next_attempt_at=bindparam("v_next", type_=JOBS.c.next_attempt_at.type),
+        submitted_input=bindparam("v_input", type_=JOBS.c.submitted_input.type),
+        actual_usd=bindparam("v_usd", type_=JOBS.c.actual_usd.type),
+        seed=bindparam("v_seed", type_=JOBS.c.seed.type),
+        version=JOBS.c.version + 1,
+    )
+    .returning(
+        JOBS.c.state,
+        JOBS.c.next_attempt_at,
+        JOBS.c.submitted_input,
+        JOBS.c.actual_usd,
+        JOBS.c.seed,
+        JOBS.c.version,
+    )
+)
+SUMS = select(
+    func.count().label("n"),
+    func.coalesce(func.sum(JOBS.c.est_usd), Decimal(0)).label("usd"),
+    func.max(JOBS.c.next_attempt_at).label("latest"),
+).where(JOBS.c.batch_id == bindparam("batch_id"), JOBS.c.state == bindparam("state", type_=JOBS.c.state.type))
+ONE_JOB = select(JOBS.c.id, JOBS.c.state).where(JOBS.c.id == bindparam("job_id"))
+SOME_JOBS = select(JOBS.c.id).where(JOBS.c.id.in_(bindparam("ids", expanding=True))).order_by(JOBS.c.id)
+ADD_EVENT = insert(EVENTS)
+
+
+def _plain(rows: Any) -> list[dict[str, Any]]:
+    return [dict(row._mapping) for row in rows]
+
+
+def test_a_move_returns_what_sqlalchemy_would_read_back(engine: Engine) -> None:
+    """Every kind of column the store writes — an enum, an aware timestamp, JSON, money, a big
+    integer — goes in and comes back as SQLAlchemy's own execution writes and reads it."""
+    batch_id = add_batch(engine, "direct", [("fal-ai/wan-22", {"prompt": "a"})])
+    (job_id,) = job_ids(engine, batch_id)
+    due = datetime(2026, 12, 1, 9, 30, 15, 123456, tzinfo=UTC)
+    params = {
+        "w_id": job_id,
+        "w_version": 0,
+        "v_state": JobState.RETRY_WAIT,
+        "v_next": due,
+        "v_input": {"prompt": "a", "nested": [1, 2.5, None]},
+        "v_usd": Decimal("0.40"),
+        "v_seed": 2**64 - 1,
+    }
+    with engine.begin() as conn:
+        result = db.run_reusable(conn, MOVE, params)
+        # On SQLite the driver's cursor is used directly; PostgreSQL goes through SQLAlchemy.
+        assert isinstance(result, db.DirectResult) == (engine.dialect.name == "sqlite")
+        direct = result.one()
+        assert direct.version == 1
+        assert direct.state == JobState.RETRY_WAIT
+        assert direct.next_attempt_at == due
+        assert direct.next_attempt_at.tzinfo is not None
+        # The same move again through SQLAlchemy reads the row the direct one wrote.
+        again = conn.execute(MOVE, params | {"w_version": 1}).one()
+    assert _plain([direct]) == [dict(again._mapping) | {"version": 1}]
+    assert list(direct) == [again[i] if i != 5 else 1 for i in range(6)]
+
+
+def test_a_query_gives_the_same_rows_both_ways(engine: Engine) -> None:
+    batch_id = add_batch(engine, "sums", [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(3)])
+    params = {"batch_id": batch_id, "state": JobState.PENDING}
+    ids = job_ids(engine, batch_id)
+    with engine.begin() as conn:
+        assert _plain(db.run_reusable(conn, SUMS, params)) == _plain(conn.execute(SUMS, params))
+        assert db.run_reusable(conn, SUMS, params).scalar() == 3
+        row = db.run_reusable(conn, SUMS, params).one()
+        assert (row.n, row.usd) == (3, Decimal("0.75"))
+        # An expanding IN is left to SQLAlchemy, with the same answer.
+        assert [r.id for r in db.run_reusable(conn, SOME_JOBS, {"ids": ids[:2]})] == sorted(ids[:2])
+
+
+def test_one_and_first_answer_as_sqlalchemy_does(engine: Engine) -> None:
+    with engine.begin() as conn:
+        assert db.run_reusable(conn, ONE_JOB, {"job_id": "none"}).first() is None
+        assert db.run_reusable(conn, ONE_JOB, {"job_id": "none"}).scalar() is None
+        with pytest.raises(NoResultFound):
+            db.run_reusable(conn, ONE_JOB, {"job_id": "none"}).one()
+
+
+def test_an_insert_is_compiled_for_the_columns_given(engine: Engine) -> None:
+    """An INSERT without values is compiled per set of columns, as SQLAlchemy compiles it; a
+    refused row raises SQLAlchemy's error (the store's callers catch those), not the driver's."""
+    batch_id = add_batch(engine, "events", [("fal-ai/wan-22", {"prompt": "a"})])
+    (job_id,) = job_ids(engine, batch_id)
+    now = datetime.now(UTC)
+    full = {
+        "job_id": job_id,
+        "at": now,
+        "from_state": JobState.PENDING,
+        "to_state": JobState.SUBMITTING,
+        "version": 1,
+        "reason": "attempt 1",
+        "details": {"why": "test"},
+        "worker": "me",
+    }
+    with engine.begin() as conn:
+        db.run_reusable(conn, ADD_EVENT, full)
+        db.run_reusable(conn, ADD_EVENT, {k: v for k, v in full.items() if k not in ("details", "worker")})
+        rows = conn.execute(
+            select(EVENTS.c.at, EVENTS.c.details, EVENTS.c.worker, EVENTS.c.to_state)
+            .where(EVENTS.c.job_id == job_id)
+            .order_by(EVENTS.c.id)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        (now, {"why": "test"}, "me", JobState.SUBMITTING),
+        (now, None, None, JobState.SUBMITTING),
+    ]
+    with pytest.raises(IntegrityError), engine.begin() as conn:  # no such job: the foreign key
+        db.run_reusable(conn, ADD_EVENT, full | {"job_id": "missing"})
+
+
+def test_statement_listeners_still_see_every_statement(engine: Engine) -> None:
+    """A connection with cursor listeners (the tests that count a step's statements) runs the
+    kept statements through SQLAlchemy, so none goes unseen."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with engine.begin() as conn:
+            db.run_reusable(conn, ONE_JOB, {"job_id": "none"}).first()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert any("FROM jobs" in s for s in seen)
+
+
+def test_timestamps_keep_their_order_as_text(engine: Engine) -> None:
+    """SQLite compares the stored text: the direct path writes it exactly as SQLAlchemy does,
+    so a due-time comparison means the same whichever path wrote the row."""
+    batch_id = add_batch(engine, "order", [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(2)])
+    first, second = job_ids(engine, batch_id)
+    base = datetime(2026, 12, 1, 23, 59, 59, 999999, tzinfo=UTC)
+    common = {"v_state": JobState.RETRY_WAIT, "v_input": None, "v_usd": None, "v_seed": None, "w_version": 0}
+    with engine.begin() as conn:
+        db.run_reusable(conn, MOVE, common | {"w_id": first, "v_next": base})
+        conn.execute(MOVE, common | {"w_id": second, "v_next": base + timedelta(microseconds=1)})
+        due = conn.execute(
+            select(JOBS.c.id).where(JOBS.c.next_attempt_at <= base).where(JOBS.c.batch_id == batch_id)
+        ).all()
+        stored = conn.execute(
+            select(func.count()).where(JOBS.c.batch_id == batch_id, JOBS.c.next_attempt_at > base)
+        ).scalar()
+    assert [r.id for r in due] == [first]
+    assert stored == 1
