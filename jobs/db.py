@@ -65,6 +65,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How long a unit of work waits for this process's SQLite writer connection (a day: as long as
+#: any, like the in-process write lock it stands beside; a nested write would wait forever).
+WRITER_WAIT_SECONDS = 86400.0
 #: How long a SQLite connection waits for the write lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: Key of the PostgreSQL advisory lock that serialises concurrent ``migrate`` calls
@@ -147,10 +150,13 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
-        if database and database != ":memory:" and not database.startswith("file:"):
+        on_disk = bool(database) and database != ":memory:" and not database.startswith("file:")
+        if on_disk:
             _prepare_sqlite_file(Path(database).expanduser())
         engine = create_engine(parsed, **kwargs)
-        _configure_sqlite(engine)
+        writers = _configure_sqlite(engine)
+        if on_disk and "poolclass" not in kwargs:
+            _add_writer(engine, parsed, writers)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     try:
@@ -192,7 +198,38 @@ def _begin(dbapi_connection: Any, sql: str) -> None:
         raise DBAPIError.instance(sql, (), exc, sqlite3.Error) from exc
 
 
-def _configure_sqlite(engine: Engine) -> None:
+#: A SQLite engine → the engine of its writer connection (:func:`_add_writer`).
+_WRITER_ENGINES: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+
+
+def _add_writer(engine: Engine, url: URL, writers: threading.Lock) -> None:
+    """Give ``engine`` one connection that every :func:`session_scope` of this process writes on.
+
+    SQLite empties a connection's page cache whenever it begins a transaction after another
+    connection has written (``pagerBeginReadTransaction`` → ``pager_reset`` in pager.c). With a
+    pool of connections taken in turns by the steps' threads, nearly every unit of work began
+    on a cold cache and read the pages it touched again (a system call each): about 12 % of a
+    drain's CPU. This process's writers already take turns (the lock of
+    :func:`_configure_sqlite`), so one connection costs them no concurrency, and the writes it
+    makes never empty its own cache. Reads (:func:`read_scope`) keep the engine's pool and read
+    a snapshot beside the writer, as before. The writer's engine shares ``writers``, so writes
+    made on ``engine`` itself (``engine.begin()``) still take turns with it; it is disposed
+    with ``engine``.
+    """
+    # The pool's wait stands in for the lock's, which never times out either.
+    writer = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=WRITER_WAIT_SECONDS)
+    _configure_sqlite(writer, writers)
+    _WRITER_ENGINES[engine] = writer
+
+    @event.listens_for(engine, "engine_disposed")
+    def _dispose_writer(_engine: Engine) -> None:
+        writer.dispose()
+
+
+def _configure_sqlite(engine: Engine, writers: threading.Lock | None = None) -> threading.Lock:
+    """The pragmas, transaction handling and in-process write lock of a SQLite engine; that
+    lock (``writers``, when given: shared with another engine on the same file)."""
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event, not the sqlite3 module, decide when transactions start.
@@ -213,7 +250,7 @@ def _configure_sqlite(engine: Engine) -> None:
     # asleep there. Writers of this process first queue on a lock of their own, handed over
     # the moment the previous transaction ends; SQLite's busy handler is then only met by
     # writers of other processes (the CLI, the webhook receiver).
-    writers = threading.Lock()
+    writers = writers if writers is not None else threading.Lock()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
@@ -261,6 +298,8 @@ def _configure_sqlite(engine: Engine) -> None:
         # the pool holds no write lock of this process any more.
         _release_writers(record.info)
 
+    return writers
+
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded objects usable after commit (the CLI prints them afterwards).
@@ -271,8 +310,14 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     """
     factory = _FACTORIES.get(engine)
     if factory is None:
-        factory = _FACTORIES[engine] = sessionmaker(bind=engine, expire_on_commit=False)
+        factory = _FACTORIES[engine] = sessionmaker(bind=writer_engine(engine), expire_on_commit=False)
     return factory
+
+
+def writer_engine(engine: Engine) -> Engine:
+    """The engine the units of work of ``engine`` (:func:`session_scope`) write on: ``engine``
+    itself, but for a SQLite file its one writer connection's (:func:`_add_writer`)."""
+    return _WRITER_ENGINES.get(engine, engine)
 
 
 _FACTORIES: weakref.WeakKeyDictionary[Engine, sessionmaker[Session]] = weakref.WeakKeyDictionary()

@@ -29,6 +29,7 @@ import redis
 from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session
 
+from jobs import db
 from jobs.db import make_engine, migrate, session_factory
 from jobs.models import Base
 from tests.hostile import HostileProvider
@@ -174,6 +175,10 @@ def statements(engine: Engine) -> Iterator[list[str]]:
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         seen.append(" ".join(statement.split())[:60])
 
-    event.listen(engine, "before_cursor_execute", record)
+    # Units of work write on SQLite's writer connection, an engine of its own (jobs.db._add_writer).
+    engines = {engine, db.writer_engine(engine)}
+    for one in engines:
+        event.listen(one, "before_cursor_execute", record)
     yield seen
-    event.remove(engine, "before_cursor_execute", record)
+    for one in engines:
+        event.remove(one, "before_cursor_execute", record)

@@ -35,9 +35,10 @@ def commits(engine: Engine) -> Iterator[list[int]]:
     def record(_conn: Any) -> None:
         seen.append(1)
 
-    event.listen(engine, "commit", record)
+    writer = db.writer_engine(engine)  # where units of work commit (SQLite: its own engine)
+    event.listen(writer, "commit", record)
     yield seen
-    event.remove(engine, "commit", record)
+    event.remove(writer, "commit", record)
 
 
 def _one_done_one_waiting(
