@@ -7,6 +7,7 @@ fal's webhooks (:mod:`web`); ``simulator`` serves the bundled stand-in for fal's
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -149,6 +150,24 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
     guarded(False, action)
 
 
+def uvicorn_log_config(log_format: str) -> dict[str, Any] | None:
+    """How ``serve`` has uvicorn log: for JSON logs, not at all (its records go to our root
+    handler); for text, uvicorn's own handlers, but every line formatted from its message.
+
+    Every record is rendered (and the key redacted from it) when it is made
+    (:func:`worker.fal.redact.install_redaction`), which leaves no ``args``; uvicorn's access
+    formatter builds its line from the args and failed on every request ("--- Logging error
+    ---", a traceback per request). The rendered message is the same line.
+    """
+    if log_format == "json":
+        return None
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["access"] = dict(config["formatters"]["default"])
+    return config
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8788, show_default=True)
@@ -172,11 +191,10 @@ def serve(host: str, port: int) -> None:
             raise UsageError(f"--port must be between 1 and 65535 (0: any free port), got {port}")
         settings = get_settings()
         app = create_app(settings)
-        # JSON logs: uvicorn leaves its records to our root handler instead of its own text handlers.
-        own_logging: dict[str, Any] = {"log_config": None} if settings.log_format == "json" else {}
+        log_config = uvicorn_log_config(settings.log_format)
         startup.resume()
         try:
-            uvicorn.run(app, host=host, port=port, log_level="info", **own_logging)
+            uvicorn.run(app, host=host, port=port, log_level="info", log_config=log_config)
         except OSError as exc:  # in use, not ours to bind, or an unknown host
             raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
         return EXIT_OK

@@ -175,14 +175,16 @@ def test_dashboard_during_a_run(procs: tuple[Procs, str], sim: SimulatorHandle, 
     submitted = runner.start("submit", "submit", "night.yaml", "--json")
     assert _wait(submitted, runner) == 0, runner.output()
     batch: str = json.loads(runner.log_of[submitted.pid].read_text().splitlines()[-1])["batch"]
-    run = runner.start("run", "run", "night.yaml", "--no-progress")
+
+    def start_run() -> subprocess.Popen[bytes]:
+        return runner.start("run", "run", "night.yaml", "--no-progress")
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1000})
             page.set_default_timeout(WAIT_MS)
-            _drive(page, base, batch, url, run, runner, sim)
+            _drive(page, base, batch, url, start_run, runner, sim)
         except BaseException:
             _shot(page, "99-failure")
             print(runner.output())  # shown by pytest with the failure
@@ -195,6 +197,8 @@ def test_dashboard_during_a_run(procs: tuple[Procs, str], sim: SimulatorHandle, 
     logs = runner.output()
     assert TOKEN not in logs
     assert FAL_KEY not in logs
+    for log in runner.logs:  # whole, not the tails output() shows: no traceback anywhere
+        assert "Logging error" not in log.read_text(errors="replace"), log.name
 
 
 def _done_at_least(n: int) -> str:
@@ -207,7 +211,7 @@ def _drive(
     base: str,
     batch: str,
     url: str,
-    run: subprocess.Popen[bytes],
+    start_run: Callable[[], subprocess.Popen[bytes]],
     runner: Procs,
     sim: SimulatorHandle,
 ) -> None:
@@ -220,10 +224,12 @@ def _drive(
     page.wait_for_selector(f"#b-{batch}")
     _shot(page, "01-batches")
 
-    # Progress moves while the page refreshes itself.
+    # Progress moves while the page refreshes itself. The run starts only now: a browser slow
+    # to start (a cold CI machine) must not let the whole batch finish before the page watches.
     page.click(f"#b-{batch} a.strong")
     page.wait_for_url(f"{base}/batches/{batch}")
     first = _number(page, "[data-testid=done]")
+    run = start_run()
     page.wait_for_function(_done_at_least(first + 1))
     # Enough finished to have failures and a video to look at, but not the whole batch.
     page.wait_for_function(_done_at_least(FAILING + 2))
