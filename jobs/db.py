@@ -208,13 +208,13 @@ def _add_writer(engine: Engine, url: URL, writers: threading.Lock) -> None:
     SQLite empties a connection's page cache whenever it begins a transaction after another
     connection has written (``pagerBeginReadTransaction`` → ``pager_reset`` in pager.c). With a
     pool of connections taken in turns by the steps' threads, nearly every unit of work began
-    on a cold cache and read the pages it touched again (a system call each): about 12 % of a
-    drain's CPU. This process's writers already take turns (the lock of
-    :func:`_configure_sqlite`), so one connection costs them no concurrency, and the writes it
-    makes never empty its own cache. Reads (:func:`read_scope`) keep the engine's pool and read
-    a snapshot beside the writer, as before. The writer's engine shares ``writers``, so writes
-    made on ``engine`` itself (``engine.begin()``) still take turns with it; it is disposed
-    with ``engine``.
+    on a cold cache and read the pages it touched again, a system call each (on the drain
+    benchmark the gain is within the machine's noise: ``bench/RESULTS.md``). This process's
+    writers already take turns (the lock of :func:`_configure_sqlite`), so one connection costs
+    them no concurrency, and the writes it makes never empty its own cache. Reads
+    (:func:`read_scope`) keep the engine's pool and read a snapshot beside the writer, as
+    before. The writer's engine shares ``writers``, so writes made on ``engine`` itself
+    (``engine.begin()``) still take turns with it; it is disposed with ``engine``.
     """
     # The pool's wait stands in for the lock's, which never times out either.
     writer = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=WRITER_WAIT_SECONDS)
@@ -491,7 +491,8 @@ def run_reusable(connection: Connection, statement: Any, params: Mapping[str, An
     The store's hot statements (a job's moves and their event rows, the dispatch round's
     counts) run a few dozen times per job. On SQLite, ``Connection.execute`` spends several
     times the driver's own CPU on each (an execution context, events, result metadata):
-    about 100 µs against 20 µs, the largest single share of a drain's CPU. Here such a
+    about 100 µs against 20 µs single-threaded (a move: about 470 µs against 410 with its
+    commit). Here such a
     statement is compiled once, and run straight on the DBAPI cursor with SQLAlchemy's own
     parameter and result processors; errors are raised as SQLAlchemy raises them
     (:class:`~sqlalchemy.exc.DBAPIError`). Everywhere else — PostgreSQL (one statement per
