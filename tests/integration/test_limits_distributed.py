@@ -54,10 +54,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 RATE = 5.0
 #: Grant → fal-receipt jitter the limiter leaves room for (``WANBATCH_SUBMIT_JITTER_ALLOWANCE``).
 #: Here the witness (the simulator, rendering real videos in this test process), four workers,
-#: PostgreSQL and Redis share two cores: a request can reach the simulator 50+ ms after its
-#: grant while the next one does not, so the default 0.05 is too tight for this box, as it
-#: would be for a user on a jittery link. The bounds below count it as part of the limits.
-JITTER = 0.15
+#: PostgreSQL and Redis share two cores and one disk. Between its grant and its POST a submit
+#: commits its lease to PostgreSQL (before the POST on purpose: a worker that dies while waiting
+#: for a token must leave a job plainly "not sent"). Measured per submit (session 15): grant →
+#: POST 2–12 ms and POST → receipt 1–17 ms under two CPU hogs, but grant → POST up to 45 ms with
+#: a concurrent fsync loop, and in full-suite runs (PostgreSQL checkpointing other tests'
+#: databases) one submit reached the witness ≥ 150 ms later than the next five: 6 receipts in
+#: one second from grants 0.23 s apart (2 failures in 5 full runs at 0.15). A spread the
+#: limiter cannot see is what the allowance is for; 0.3 here leaves 69 ms per interval, ~350 ms
+#: over a window. The limiter's own spacing (Redis' clock) is checked exactly in test_limits.py.
+JITTER = 0.3
 EFFECTIVE_RATE = RATE / (1 + JITTER)
 CAP = 6
 JOBS = 60
