@@ -47,6 +47,10 @@ MAX_STREAMS = 64
 STREAM_FAILURES_MAX = 3
 #: Shortest pause between two dispatch rounds while jobs wait for the submit rate.
 REDISPATCH_SECONDS = 0.02
+#: While the download backlog holds submits back, how often dispatch looks again. A download
+#: finished in this process says so at once (``notify("downloaded")``); this covers those of
+#: other processes (the distributed workers), which the database does not announce.
+BACKLOG_RECHECK_SECONDS = 0.25
 #: How often the conductor records that it still works on its batches (``status`` reads it:
 #: a batch nobody works on gets no forecast; :data:`jobs.listing.PROCESSING_STALE_SECONDS`).
 HEARTBEAT_SECONDS = 10.0
@@ -95,8 +99,11 @@ class Conductor:
     # ------------------------------------------------------------------ events (any thread)
 
     def notify(self, kind: str, job_id: str) -> None:
-        """Something happened to ``job_id``: ``submitted`` (fal has it: watch it), or ``freed``,
-        ``done``, ``webhook`` (a slot or a job may be free: dispatch)."""
+        """Something happened to ``job_id``: ``submitted`` (fal has it: watch it), ``freed``,
+        ``done``, ``webhook`` (a slot or a job may be free: dispatch), or ``downloaded`` (it
+        left the download backlog: dispatch if that backlog held the last round back)."""
+        if kind == "downloaded" and not self.rt.downloads_held:
+            return  # the common case: nothing waits on downloads, so nothing to wake for
         with self._cond:
             if kind == "submitted":
                 self._submitted.add(job_id)
@@ -197,6 +204,8 @@ class Conductor:
                 leading = leads() if leads is not None else True
                 if leading:
                     self._tick(stopping)
+                    if self.rt.downloads_held and redispatch_at is None:
+                        redispatch_at = time.monotonic() + BACKLOG_RECHECK_SECONDS
             if on_progress is not None and now >= next_progress:
                 next_progress = now + progress_every
                 if on_progress():
@@ -220,9 +229,14 @@ class Conductor:
                 self._watch(submitted)
             if dispatching:
                 self.stats.dispatched += len(sent)
-                # Jobs left waiting for the submit rate: look again shortly, not at the next tick.
+                # Jobs left waiting for the submit rate (or for downloads elsewhere to finish):
+                # look again shortly, not at the next tick.
                 short = self.rt.bucket is not None and self.rt.bucket.short
-                redispatch_at = time.monotonic() + REDISPATCH_SECONDS if short else None
+                redispatch_at = None
+                if short:
+                    redispatch_at = time.monotonic() + REDISPATCH_SECONDS
+                elif self.rt.downloads_held:
+                    redispatch_at = time.monotonic() + BACKLOG_RECHECK_SECONDS
 
     def _apply_then_dispatch(self, seen: list[Seen]) -> list[str]:
         """Statuses and the dispatch of the slots they freed, in one transaction: a completion

@@ -68,6 +68,30 @@ def test_a_batch_drains_on_events_with_a_30s_tick(
     assert stats.dispatched == 24
 
 
+def test_a_batch_held_by_its_download_backlog_drains_on_events(
+    wb: Wb,
+    sim: SimulatorHandle,
+    e2e_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    conductor_stats: list[ConductorStats],
+) -> None:
+    """With a download backlog bound of 1, each download holds the next submit back; its end
+    must send that job at once. It used to wait for the tick: one job per tick interval."""
+    for name, value in SLOW_TICK.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("WANBATCH_MAX_OUTSTANDING", "4")
+    monkeypatch.setenv("WANBATCH_MAX_DOWNLOAD_BACKLOG", "1")
+    started = time.monotonic()
+    run = wb("run", _manifest(e2e_env, 8), "--json", "--no-progress")
+    took = time.monotonic() - started
+    assert run.code == 0, run.stderr
+    assert run.json()["counts"]["succeeded"] == 8
+    (stats,) = conductor_stats
+    assert stats.ticks <= 1 + int(took // 30), (stats, took)
+    assert stats.ticks < 4  # waiting on ticks would have taken one per job
+    assert stats.dispatched == 8
+
+
 def test_a_stream_that_breaks_falls_back_to_polling(
     wb: Wb,
     sim: SimulatorHandle,

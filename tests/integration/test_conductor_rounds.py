@@ -21,7 +21,7 @@ from tests.hostile_fal import FakeFal
 from tests.step_runtime import add_batch, completion_heard, job_ids, make_runtime, settings_for
 from worker import steps
 from worker.conductor import Conductor
-from worker.steps import Runtime, dispatch, submit
+from worker.steps import RateBucket, Runtime, dispatch, submit
 from worker.steps.poll import Seen
 
 S = JobState
@@ -89,3 +89,53 @@ def test_a_failed_dispatch_does_not_lose_the_statuses(
     with db.read_scope(engine) as session:
         assert store.get_job(session, seen.job_id).state == S.DOWNLOADING  # applied on its own
         assert store.get_job(session, waiting).state == S.PENDING
+
+
+def _held_by_the_backlog(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, backlog: int
+) -> tuple[Runtime, Conductor, Seen, str]:
+    """Job A sent and completed at fal, job B waiting, fal with room for both (cap 2); the
+    conductor applied A's completion and dispatched with a download backlog bound of ``backlog``."""
+    FakeFal(hostile)
+    rt = make_runtime(
+        engine,
+        settings_for(
+            hostile.url, KEY, output_dir=tmp_path / "out", max_outstanding=2, max_download_backlog=backlog
+        ),
+    )
+    rt.download_claims = {}
+    batch_id = add_batch(
+        engine, "backlog", [("fal-ai/wan-22", {"prompt": p, "resolution": "480p"}) for p in "ab"]
+    )
+    first, second = job_ids(engine, batch_id)
+    rt.bucket = RateBucket(0.001, burst=1)  # one token: B stays pending behind A
+    assert dispatch(rt) == [first]
+    rt.bucket = RateBucket(1000.0)
+    assert submit(rt, first) == "submitted"
+    conductor = Conductor(rt, stream=False)
+    rt.notify = conductor.notify
+    return rt, conductor, completion_heard(engine, rt, first), second
+
+
+def test_a_finished_download_dispatches_what_the_backlog_held_back(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """The backlog bound (here 1) holds B while A downloads; A's download finishing is the
+    event that sends B, not the next tick (issue #11: a freed slot dispatches at once)."""
+    rt, conductor, seen, waiting = _held_by_the_backlog(engine, hostile, tmp_path, backlog=1)
+    assert conductor._apply_then_dispatch([seen]) == []  # A downloading: the backlog is full
+    assert rt.downloads_held
+    assert conductor._take(0) == ([], set(), False)
+    assert steps.download(rt, seen.job_id) == "succeeded"
+    assert conductor._take(0) == ([], set(), True)  # the download woke dispatch
+    assert steps.dispatch(rt) == [waiting]
+
+
+def test_a_finished_download_wakes_nothing_when_nothing_waits_on_downloads(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    rt, conductor, seen, waiting = _held_by_the_backlog(engine, hostile, tmp_path, backlog=5)
+    assert conductor._apply_then_dispatch([seen]) == [waiting]  # the backlog had room
+    assert not rt.downloads_held
+    assert steps.download(rt, seen.job_id) == "succeeded"
+    assert conductor._take(0) == ([], set(), False)  # no dispatch round for it: none was needed

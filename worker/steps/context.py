@@ -171,9 +171,14 @@ class Runtime:
     simulated: bool = False
     #: Tells whoever conducts this process that something happened to a job, the moment it
     #: happened: ``notify(kind, job_id)`` with kind ``submitted`` (fal has it: watch it),
-    #: ``freed`` (it no longer holds an outstanding slot: dispatch now) or ``done``. The tick
+    #: ``freed`` (it no longer holds an outstanding slot: dispatch now), ``done``, or
+    #: ``downloaded`` (it left the download backlog: dispatch now if that backlog held it back). The tick
     #: remains the safety net, so a lost notice only costs latency. See :mod:`worker.conductor`.
     notify: Callable[[str, str], None] = field(default=lambda kind, job_id: None)
+    #: Whether the last dispatch round sent fewer jobs than fal had room for because the
+    #: download backlog (``WANBATCH_MAX_DOWNLOAD_BACKLOG``) was full: then a finished download
+    #: (``notify("downloaded")``) is what frees the next submit, not a completion at fal.
+    downloads_held: bool = False
     #: Called in the submit step's thread the moment fal's acceptance is recorded, with the
     #: request's handle: a conductor in this process starts following it without a read.
     on_accepted: Callable[[str, RequestHandle], None] | None = None

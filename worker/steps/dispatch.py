@@ -76,10 +76,13 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     key_id = api_key_id(rt.settings)  # the caps are per API key, as fal's account limits are
     assert rt.bucket is not None
     rt.bucket.short = False  # set again below when jobs are left waiting for the rate
+    rt.downloads_held = False  # likewise, when the download backlog holds jobs back
     waited = timedelta(seconds=min(rt.settings.queue_wait_backoff, LONGEST_WAIT_SECONDS))
     flight = store.in_flight(session, api_key_id=key_id, sent_before=now - waited)
     free = _room_at_fal(session, rt, flight, rt.settings.max_outstanding - flight.outstanding, key_id)
-    free = min(free, _room_for_downloads(rt, flight.downloading))
+    room = _room_for_downloads(rt, flight.downloading)
+    rt.downloads_held = room < free  # until the claim below shows whether any job is left waiting
+    free = min(free, room)
     if free <= 0:
         return done
     free = rt.bucket.take(free)
@@ -89,6 +92,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     closed = batches.closed(now)
     states = [S.PENDING, S.RETRY_WAIT] if flight.retry_wait else [S.PENDING]
     jobs = _claim_within_caps(session, rt, free, now, key_id, closed, states)
+    rt.downloads_held = rt.downloads_held and len(jobs) >= free  # fewer: nothing else waited
     done.unused = free
     committed = _Committed(session, batches, now, rt.settings.daily_budget_usd)
     for job in jobs:

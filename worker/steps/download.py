@@ -133,6 +133,10 @@ def parse_result(output: object) -> _Video:
     )
 
 
+#: Outcomes of :func:`download` after which the job no longer waits for its download.
+LEFT_BACKLOG = frozenset({"succeeded", "failed", "retry"})
+
+
 def download(rt: Runtime, job_id: str) -> str:
     """Fetch the result and the video of a completed job; never causes a re-generation.
 
@@ -143,7 +147,17 @@ def download(rt: Runtime, job_id: str) -> str:
     A job the conductor of this process leased for its download, in the transaction that
     recorded its completion, comes with its claim (``rt.download_claims``): the step starts
     from it instead of reading the job and taking the lease again.
+
+    A job that leaves the download backlog says so (``rt.notify("downloaded")``): while the
+    backlog bound holds submits back, that is what frees the next one.
     """
+    outcome = _download(rt, job_id)
+    if outcome in LEFT_BACKLOG:
+        rt.notify("downloaded", job_id)
+    return outcome
+
+
+def _download(rt: Runtime, job_id: str) -> str:
     handed = rt.download_claims.pop(job_id, None) if rt.download_claims is not None else None
     claim = handed if handed is not None else _claim(rt, job_id)
     if isinstance(claim, str):
