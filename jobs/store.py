@@ -37,6 +37,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Float,
+    Select,
     Table,
     and_,
     bindparam,
@@ -468,12 +469,11 @@ def dispatch_batches(session: Session, batch_ids: Collection[str] = ()) -> list[
 
 
 def _held_back_batches(session: Session, batch_ids: Collection[str], *, simulated: bool) -> list[Batch]:
-    held = [Batch.schedule.is_not(None), Batch.paused_by_user.is_(True)]
-    if simulated:
-        held.append(Batch.simulated.is_(True))
-    query = _prepared(
-        ("held_back_batches", simulated),
-        lambda: (
+    def build() -> Select[Batch]:  # once per process: a dispatch round runs per completion
+        held = [Batch.schedule.is_not(None), Batch.paused_by_user.is_(True)]
+        if simulated:
+            held.append(Batch.simulated.is_(True))
+        return (
             select(Batch)
             .where(
                 or_(
@@ -482,8 +482,9 @@ def _held_back_batches(session: Session, batch_ids: Collection[str], *, simulate
                 )
             )
             .order_by(Batch.created_at, Batch.id)
-        ),
-    )
+        )
+
+    query = _prepared(("held_back_batches", simulated), build)
     return list(session.scalars(query, {"ids": sorted(batch_ids)}))
 
 
