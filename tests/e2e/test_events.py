@@ -43,6 +43,25 @@ def _manifest(folder: Path, jobs: int) -> Path:
     return write_manifest(folder, "events", f"name: events\nendpoint: fal-ai/wan-22\nitems:\n{items}")
 
 
+def _drain_with_a_slow_tick(
+    wb: Wb, e2e_env: Path, monkeypatch: pytest.MonkeyPatch, stats_seen: list[ConductorStats], jobs: int
+) -> ConductorStats:
+    """``wanbatch run`` of ``jobs`` jobs with the tick and polls at 30 s; every job succeeded, each
+    dispatched once, and no more ticks than one at the start (and one per 30 s should a loaded
+    machine make the run that long). Returns the run's conductor stats."""
+    for name, value in SLOW_TICK.items():
+        monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    run = wb("run", _manifest(e2e_env, jobs), "--json", "--no-progress")
+    took = time.monotonic() - started
+    assert run.code == 0, run.stderr
+    assert run.json()["counts"]["succeeded"] == jobs
+    (stats,) = stats_seen
+    assert stats.ticks <= 1 + int(took // 30), (stats, took)
+    assert stats.dispatched == jobs
+    return stats
+
+
 def test_a_batch_drains_on_events_with_a_30s_tick(
     wb: Wb,
     sim: SimulatorHandle,
@@ -50,22 +69,11 @@ def test_a_batch_drains_on_events_with_a_30s_tick(
     monkeypatch: pytest.MonkeyPatch,
     conductor_stats: list[ConductorStats],
 ) -> None:
-    for name, value in SLOW_TICK.items():
-        monkeypatch.setenv(name, value)
     monkeypatch.setenv("WANBATCH_MAX_OUTSTANDING", "4")  # 24 jobs in at least 6 waves of 4
-    started = time.monotonic()
-    run = wb("run", _manifest(e2e_env, 24), "--json", "--no-progress")
-    took = time.monotonic() - started
-    assert run.code == 0, run.stderr
-    assert run.json()["counts"]["succeeded"] == 24
-    (stats,) = conductor_stats
-    # One tick at the start (and one per 30 s should a loaded machine make the run that long);
-    # a run that waited on ticks would have needed a tick per wave: 6 at least.
-    assert stats.ticks <= 1 + int(took // 30), (stats, took)
-    assert stats.ticks < 6
+    stats = _drain_with_a_slow_tick(wb, e2e_env, monkeypatch, conductor_stats, 24)
+    assert stats.ticks < 6  # a run that waited on ticks would have needed one per wave
     assert stats.streams >= 24  # every request followed over its status stream …
     assert stats.status_calls == 0  # … so the safety-net poll never had to ask
-    assert stats.dispatched == 24
 
 
 def test_a_batch_held_by_its_download_backlog_drains_on_events(
@@ -77,19 +85,10 @@ def test_a_batch_held_by_its_download_backlog_drains_on_events(
 ) -> None:
     """With a download backlog bound of 1, each download holds the next submit back; its end
     must send that job at once. It used to wait for the tick: one job per tick interval."""
-    for name, value in SLOW_TICK.items():
-        monkeypatch.setenv(name, value)
     monkeypatch.setenv("WANBATCH_MAX_OUTSTANDING", "4")
     monkeypatch.setenv("WANBATCH_MAX_DOWNLOAD_BACKLOG", "1")
-    started = time.monotonic()
-    run = wb("run", _manifest(e2e_env, 8), "--json", "--no-progress")
-    took = time.monotonic() - started
-    assert run.code == 0, run.stderr
-    assert run.json()["counts"]["succeeded"] == 8
-    (stats,) = conductor_stats
-    assert stats.ticks <= 1 + int(took // 30), (stats, took)
+    stats = _drain_with_a_slow_tick(wb, e2e_env, monkeypatch, conductor_stats, 8)
     assert stats.ticks < 4  # waiting on ticks would have taken one per job
-    assert stats.dispatched == 8
 
 
 def test_a_stream_that_breaks_falls_back_to_polling(
