@@ -268,6 +268,11 @@ class Job(Base):
     #: Failed downloads of this job's output so far; the output is paid for, so a failed
     #: download is retried (never regenerated) until ``WANBATCH_DOWNLOAD_ATTEMPTS``.
     download_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Submits fal refused with 429 (rate limited) that were *not* counted as attempts: a refusal
+    #: is not the job's failure, but after ``worker.steps.submit.FREE_RATE_LIMIT_REFUSALS`` of
+    #: them each further one counts, so a storm that never ends still ends the job.
+    #: ``server_default``: jobs stored before the column existed.
+    rate_limited_submits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When the job is next due (retry backoff, next status poll); NULL means "now".

@@ -71,6 +71,22 @@ return {0, now}
 """
 
 
+#: Pushes every key's TAT to at least ``now + ARGV[1]`` µs (never earlier than it was): no key
+#: grants again before then. Same clock, same TTL rule as :data:`GCRA_LUA`.
+HOLD_OFF_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local until_ = now + tonumber(ARGV[1])
+for _, key in ipairs(KEYS) do
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < until_ then
+    redis.call('SET', key, string.format('%.0f', until_), 'PX', math.ceil((until_ - now) / 1000) + 1000)
+  end
+end
+return now
+"""
+
+
 class LimiterUnavailableError(WanbatchError):
     """The shared limiter cannot be reached: nothing may be submitted until it is back."""
 
@@ -90,6 +106,15 @@ class SubmitLimiter(Protocol):
         """0.0 when this submit may go now (the token is taken); else seconds to wait.
 
         Raises :class:`LimiterUnavailableError` when the limiter's store is unreachable.
+        """
+        ...
+
+    def hold_off(self, endpoint: str, seconds: float) -> None:
+        """Grant no submit of ``endpoint``'s keys for ``seconds`` from now (fal said 429).
+
+        Every key that applies is held, the API key's too: fal refused the account, and every
+        worker sharing the key waits, not only the one that heard it. Never shortens a wait
+        already due. Raises :class:`LimiterUnavailableError` like :meth:`acquire`.
         """
         ...
 
@@ -126,6 +151,7 @@ class RedisGCRA:
         self.client = client
         self.prefix = prefix
         self._script = client.register_script(GCRA_LUA)
+        self._hold_off = client.register_script(HOLD_OFF_LUA)
 
     @classmethod
     def from_url(cls, settings: Settings, url: str, *, prefix: str = "") -> RedisGCRA:
@@ -149,6 +175,13 @@ class RedisGCRA:
         except client_error() as exc:
             raise LimiterUnavailableError(f"the submit-rate limiter (Redis) is unreachable: {exc}") from exc
         return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
+
+    def hold_off(self, endpoint: str, seconds: float) -> None:
+        keys = rate_keys(self.settings, endpoint)
+        try:
+            self._hold_off(keys=[self.prefix + k.key for k in keys], args=[round(seconds * 1_000_000)])
+        except client_error() as exc:
+            raise LimiterUnavailableError(f"the submit-rate limiter (Redis) is unreachable: {exc}") from exc
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -174,6 +207,12 @@ class LocalGCRA:
             for k, tat in zip(keys, tats, strict=True):
                 self._tat[k.key] = tat + k.interval
             return 0.0
+
+    def hold_off(self, endpoint: str, seconds: float) -> None:
+        with self._lock:
+            until = time.monotonic() + seconds
+            for k in rate_keys(self.settings, endpoint):
+                self._tat[k.key] = max(self._tat.get(k.key, until), until)
 
 
 def limiter_for(settings: Settings) -> SubmitLimiter:

@@ -178,7 +178,7 @@ def _build() -> _Metrics:
 
 def count_submit(endpoint: str, outcome: str) -> None:
     """One submit POST sent to fal that ended ``outcome`` (``accepted``, ``ambiguous``,
-    ``retryable``, ``refused``)."""
+    ``rate_limited`` (429), ``retryable``, ``refused``)."""
     _metrics().submits.labels(endpoint=endpoint, outcome=outcome).inc()
 
 

@@ -107,6 +107,37 @@ def test_one_token_per_interval_and_the_wait_is_exact(redis_url: str, redis_name
     limiter.close()
 
 
+@pytest.mark.parametrize("kind", ["redis", "local"])
+def test_a_hold_off_pauses_every_key_of_the_api_key_and_never_shortens_a_wait(
+    redis_url: str, redis_namespace: str, kind: str
+) -> None:
+    """fal's 429: every submit of the key waits, on any endpoint; a shorter hold-off after a
+    longer one changes nothing; afterwards tokens come at the usual rate again."""
+    settings = _settings(100, submit_jitter_allowance=0.0)
+    limiter: RedisGCRA | LocalGCRA = (
+        RedisGCRA.from_url(settings, redis_url, prefix=redis_namespace)
+        if kind == "redis"
+        else LocalGCRA(settings)
+    )
+    limiter.hold_off(ENDPOINT, 3.0)
+    limiter.hold_off(ENDPOINT, 0.5)  # never earlier than it was
+    assert 2.5 < limiter.acquire(ENDPOINT) <= 3.0
+    assert 2.5 < limiter.acquire("fal-ai/wan-22") <= 3.0  # the key's pause holds every endpoint
+    limiter.hold_off(ENDPOINT, 0.2)
+    assert limiter.acquire(ENDPOINT) > 2.5
+    if isinstance(limiter, RedisGCRA):
+        (key,) = list(limiter.client.scan_iter(match=redis_namespace + "*"))
+        assert 3000 < limiter.client.pttl(key) <= 4000  # the pause's key expires after it
+        limiter.close()
+
+
+def test_a_hold_off_with_redis_down_fails_closed() -> None:
+    limiter = RedisGCRA.from_url(_settings(5), "redis://127.0.0.1:1/0")
+    with pytest.raises(LimiterUnavailableError):
+        limiter.hold_off(ENDPOINT, 1.0)
+    limiter.close()
+
+
 def test_all_keys_or_none(redis_url: str, redis_namespace: str) -> None:
     """An endpoint's own limit holds, and a refused submit takes no token from the key's limit."""
     settings = _settings(100, submit_rate_per_endpoint={ENDPOINT: 1}, submit_jitter_allowance=0.0)

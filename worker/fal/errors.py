@@ -38,6 +38,7 @@ https://fal.ai/docs/documentation/model-apis/request-errors.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -250,13 +251,16 @@ def _fields(response: httpx.Response) -> dict[str, Any]:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds when it is a finite number (an HTTP date, ``inf`` or ``nan``
+    is no hint). Callers cap it (``WANBATCH_RETRY_MAX_DELAY``): it is the provider's word."""
     value = response.headers.get("retry-after")
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _retryable_header(response: httpx.Response) -> bool | None:

@@ -67,10 +67,16 @@ class RateBucket:
         now = time.monotonic()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        granted = min(wanted, int(self.tokens))
+        granted = max(0, min(wanted, int(self.tokens)))
         self.tokens -= granted
         self.short = granted < wanted
         return granted
+
+    def hold_off(self, seconds: float) -> None:
+        """Grant nothing for ``seconds`` (fal said 429, and the shared limiter holds every submit
+        back as long): claiming jobs now would only hand them back. Unlocked, as :meth:`take`: a
+        lost update costs a few claims the limiter gives back, never a submit it did not grant."""
+        self.tokens = min(self.tokens, -seconds * self.rate)
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,7 +63,15 @@ from worker.fal.models import DownloadResult
 from worker.fal.storage import DownloadPolicy, SharedDownloadClient
 from worker.fal.storage import download as download_file
 from worker.steps.context import DOWNLOAD_QUEUE, DownloadClaim, Runtime, S, handle_of, in_seconds
-from worker.steps.failures import backoff, billed, cost_of_failure, describe, pause_for_account, settle
+from worker.steps.failures import (
+    backoff,
+    billed,
+    cost_of_failure,
+    describe,
+    pause_for_account,
+    retry_after,
+    settle,
+)
 
 log = logging.getLogger(__name__)
 
@@ -319,9 +327,7 @@ def _result_unavailable(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Pro
                 provider_output=None,
             )
             return "failed"
-        delay = backoff(rt.settings, failures)
-        if isinstance(exc, RetryableProviderError) and exc.retry_after:
-            delay = max(delay, exc.retry_after)
+        delay = max(backoff(rt.settings, failures), retry_after(rt.settings, exc))
         log.info(
             "job %s: result not fetched (%s); asking again in %.0fs",
             job_id,

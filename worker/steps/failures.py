@@ -26,6 +26,13 @@ def backoff(retry: RetrySettings, attempt: int) -> float:
     return float(min(retry.retry_max_delay, delay))
 
 
+def retry_after(retry: RetrySettings, exc: ProviderError) -> float:
+    """fal's ``Retry-After`` for ``exc`` in seconds (0 without one), capped at
+    ``WANBATCH_RETRY_MAX_DELAY``: a provider's hint, not a licence to stall a batch for a year."""
+    hint = getattr(exc, "retry_after", None) or 0.0
+    return float(min(hint, retry.retry_max_delay))
+
+
 def describe(exc: ProviderError) -> str:
     """The provider's own words for a failure, short enough for a status line and an export."""
     prefix = f"HTTP {exc.status_code}: " if exc.status_code else ""
@@ -56,9 +63,7 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
             **cost,
         )
         return
-    delay = backoff(rt.settings, attempts)
-    if exc.retry_after:
-        delay = max(delay, exc.retry_after)
+    delay = max(backoff(rt.settings, attempts), retry_after(rt.settings, exc))
     if store.retry_later(
         session,
         fence,

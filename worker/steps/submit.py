@@ -36,7 +36,14 @@ from worker.fal.models import RequestHandle, Submitted
 from worker.fal.storage import prepare_input
 from worker.limits import LimiterUnavailableError, wait_for_token
 from worker.steps.context import Runtime, S, SubmitTicket, in_seconds
-from worker.steps.failures import pause_for_account, settle, submit_outcome_unknown
+from worker.steps.failures import (
+    backoff,
+    describe,
+    pause_for_account,
+    retry_after,
+    settle,
+    submit_outcome_unknown,
+)
 from worker.steps.poll import first_poll_at
 
 log = logging.getLogger(__name__)
@@ -51,6 +58,12 @@ FALLBACKS_OFF = {"X-Fal-Disable-Fallbacks": "true"}
 MIN_START_TIMEOUT_SECONDS = 1.0
 #: How long a job whose POST failed inside this process (never sent) waits before it is tried again.
 NOT_SENT_RETRY_SECONDS = 30.0
+#: fal's "slow down": the request was refused, not queued (nothing ran, nothing is billed).
+RATE_LIMITED = 429
+#: 429 refusals of one job's submits that are not counted as attempts. fal's own client retries
+#: a 429 ten times (``fal_client`` ``MAX_ATTEMPTS``); beyond that each refusal counts against
+#: ``WANBATCH_MAX_ATTEMPTS``, so a storm that never ends still ends the job, with the reason.
+FREE_RATE_LIMIT_REFUSALS = 10
 
 
 def _take_submit_token(rt: Runtime, endpoint: str) -> tuple[str, float] | None:
@@ -217,6 +230,9 @@ def _submit(rt: Runtime, job_id: str) -> str:
             store.give_back(session, fence, reason=f"batch paused: {reason}", due_at=in_seconds(0))
         return "account-locked"
     except (RetryableProviderError, FinalProviderError) as exc:
+        if exc.status_code == RATE_LIMITED and isinstance(exc, RetryableProviderError):
+            telemetry.count_submit(endpoint, "rate_limited")
+            return _refused_for_rate(rt, fence, endpoint, exc)
         telemetry.count_submit(
             endpoint, "retryable" if isinstance(exc, RetryableProviderError) else "refused"
         )
@@ -237,6 +253,51 @@ def _submit(rt: Runtime, job_id: str) -> str:
             job_id, RequestHandle.from_request_id(rt.settings.fal_queue_url, endpoint, submitted.request_id)
         )
     return outcome
+
+
+def _refused_for_rate(rt: Runtime, fence: Fence, endpoint: str, exc: RetryableProviderError) -> str:
+    """fal refused the submit with 429: slow everyone down, and give the job back uncounted.
+
+    A 429 says nothing about the job: it was the account's pace, and the same POST sent a little
+    later is accepted. So every worker sharing the key stops submitting for fal's
+    ``Retry-After`` (else ``WANBATCH_RETRY_BASE_DELAY``): the shared limiter's next grant moves
+    (:meth:`~worker.limits.SubmitLimiter.hold_off`), and a storm is probed by one submit per pause,
+    not met by every queued job. The job itself goes back to ``pending`` without spending an
+    attempt, due after its own backoff (doubling with each refusal, so the same job is not the
+    probe every time). After :data:`FREE_RATE_LIMIT_REFUSALS` of them, a refusal is an ordinary
+    retryable failure again (``settle``), and ``WANBATCH_MAX_ATTEMPTS`` ends the job.
+    """
+    pause = retry_after(rt.settings, exc) or backoff(rt.settings, 1)
+    if pause > 0 and rt.bucket is not None:
+        rt.bucket.hold_off(pause)  # dispatch here claims nothing the limiter would hand back
+    if pause > 0 and rt.limiter is not None:
+        try:
+            rt.limiter.hold_off(endpoint, pause)
+        except LimiterUnavailableError as down:  # the next acquire fails closed all the same
+            log.warning("could not hold submits back: %s", down, extra={"event": "limiter.unavailable"})
+    with db.session_scope(rt.engine) as session:
+        refusals = store.get_job(session, fence.job_id).rate_limited_submits + 1
+        if refusals > FREE_RATE_LIMIT_REFUSALS:
+            settle(session, rt, fence, exc)
+            return "retry"
+        delay = max(backoff(rt.settings, refusals), pause)
+        said = describe(exc)
+        telemetry.count_provider_error(exc)
+        store.give_back(
+            session,
+            fence,
+            reason=(
+                f"rate limited by fal ({said}): not counted as an attempt "
+                f"(refusal {refusals} of {FREE_RATE_LIMIT_REFUSALS}); submits paused {pause:g}s, "
+                f"this job again in {delay:g}s"
+            ),
+            due_at=in_seconds(delay),
+            submitted_input=None,  # recorded when the lease was taken; fal refused it
+            rate_limited_submits=refusals,
+            error=said,
+            error_type=exc.error_type or "rate_limited",
+        )
+    return "rate-limited"
 
 
 def _hold_for_schedule(rt: Runtime, fence: Fence, schedule: Schedule) -> str:

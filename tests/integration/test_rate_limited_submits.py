@@ -1,0 +1,177 @@
+"""A submit fal refuses with 429 is fal's "slow down", not the job's failure.
+
+* The job goes back to ``pending`` with no attempt spent, its refusal counted
+  (``rate_limited_submits``), due after its own backoff.
+* Every submit under the same key waits (the shared limiter's next grant moves), for fal's
+  ``Retry-After`` (capped) or ``WANBATCH_RETRY_BASE_DELAY``.
+* The bound: after ``FREE_RATE_LIMIT_REFUSALS`` refusals each one counts as an attempt, so a storm
+  that never ends still ends the job, with fal's words.
+* Whole runs: a storm of refusals against the simulator, with one attempt per job, loses none.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import Engine, text
+
+from falsim import SimulatorOptions, running_simulator
+from jobs import batches, db, store
+from jobs.models import Job, utcnow
+from jobs.settings import Settings
+from jobs.states import JobState
+from tests.hostile import HostileProvider, json_reply
+from tests.step_runtime import add_batch, make_runtime, settings_for
+from worker.running import process_batch
+from worker.steps import dispatch, submit
+from worker.steps.submit import FREE_RATE_LIMIT_REFUSALS
+
+S = JobState
+KEY = "8d3c1f0e-5a6b-4c7d-9e8f-0a1b2c3d4e5f:0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+T2V = "fal-ai/wan-22"
+I2V = "fal-ai/wan-i2v"
+TOO_MANY = {"detail": "Too many requests"}
+
+
+def job(engine: Engine, job_id: str) -> Job:
+    with db.session_scope(engine) as session:
+        found = store.get_job(session, job_id)
+        session.expunge(found)
+        return found
+
+
+def refused(hostile: HostileProvider, headers: dict[str, str] | None = None) -> None:
+    hostile.route("POST", rf"/{T2V}", json_reply(TOO_MANY, 429, headers))
+
+
+def test_a_429_gives_the_job_back_uncounted_and_holds_every_submit(
+    engine: Engine, hostile: HostileProvider
+) -> None:
+    refused(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, retry_base_delay=30, max_attempts=1))
+    add_batch(engine, "refused", [(T2V, {"prompt": "a lighthouse"})])
+    (job_id,) = dispatch(rt)
+    before = utcnow()
+    assert submit(rt, job_id) == "rate-limited"
+
+    after = job(engine, job_id)
+    assert (after.state, after.attempts, after.rate_limited_submits) == (S.PENDING, 0, 1)
+    assert after.submitted_input is None  # fal refused it: nothing was submitted
+    assert "429" in (after.error or "")
+    assert "Too many requests" in (after.error or "")
+    assert after.next_attempt_at is not None
+    assert after.next_attempt_at >= before + timedelta(seconds=29)  # its own backoff
+    with db.session_scope(engine) as session:
+        reasons = [e.reason for e in store.job_events(session, job_id)]
+    assert "not counted as an attempt (refusal 1 of 10)" in (reasons[-1] or "")
+
+    # Every submit of the key waits out the pause, whatever the endpoint; dispatch claims nothing.
+    assert rt.limiter is not None
+    assert rt.limiter.acquire(T2V) > 25
+    assert rt.limiter.acquire(I2V) > 25
+    add_batch(engine, "after-the-refusal", [(T2V, {"prompt": "a harbour"})])
+    assert dispatch(rt) == []
+    assert hostile.count("POST", r".*") == 1
+
+
+@pytest.mark.parametrize(("header", "pause"), [("7", 7.0), ("1e300", 60.0), ("inf", 2.0)])
+def test_retry_after_sets_the_pause_within_the_retry_ceiling(
+    engine: Engine, hostile: HostileProvider, header: str, pause: float
+) -> None:
+    """fal's ``Retry-After`` is honoured, but it is the provider's word: capped at
+    ``WANBATCH_RETRY_MAX_DELAY``, and ignored when it is not a finite number."""
+    refused(hostile, {"Retry-After": header})
+    settings = settings_for(hostile.url, KEY, retry_base_delay=2, retry_max_delay=60)
+    rt = make_runtime(engine, settings)
+    add_batch(engine, "retry-after", [(T2V, {"prompt": "a lighthouse"})])
+    (job_id,) = dispatch(rt)
+    before = utcnow()
+    assert submit(rt, job_id) == "rate-limited"
+    assert rt.limiter is not None
+    held = rt.limiter.acquire(T2V)
+    assert pause - 1 < held <= pause
+    due = job(engine, job_id).next_attempt_at
+    assert due is not None
+    assert before + timedelta(seconds=pause - 1) < due <= utcnow() + timedelta(seconds=pause)
+
+
+def test_refusals_past_the_free_ones_count_and_end_the_job(engine: Engine, hostile: HostileProvider) -> None:
+    refused(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, retry_base_delay=0, max_attempts=2))
+    add_batch(engine, "storm", [(T2V, {"prompt": "a lighthouse"})])
+    outcomes = []
+    for _ in range(FREE_RATE_LIMIT_REFUSALS + 5):
+        claimed = dispatch(rt)
+        if not claimed:
+            break
+        outcomes.append(submit(rt, claimed[0]))
+    assert outcomes == ["rate-limited"] * FREE_RATE_LIMIT_REFUSALS + ["retry", "retry"]
+    with db.session_scope(engine) as session:
+        (only,) = session.query(Job).all()
+        state, attempts, free, error = only.state, only.attempts, only.rate_limited_submits, only.error
+    assert (state, attempts, free) == (S.FAILED, 2, FREE_RATE_LIMIT_REFUSALS)
+    assert error is not None
+    assert error.startswith("after 2 attempt(s): HTTP 429")
+    assert hostile.count("POST", r".*") == FREE_RATE_LIMIT_REFUSALS + 2
+
+
+MANIFEST = """\
+name: {name}
+endpoint: fal-ai/wan-22
+defaults:
+  resolution: 480p
+matrix:
+  seed: [1, 2, 3, 4, 5, 6]
+items:
+  - prompt: a quiet harbour at dawn
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "storm"), [("burst", {"next": 24}), ("rain", {"next": 3, "probability": 0.5})]
+)
+def test_a_429_storm_with_one_attempt_per_job_loses_no_job(
+    db_url: str, tmp_path: Path, name: str, storm: dict[str, float]
+) -> None:
+    """Before, each 429 spent one of ``WANBATCH_MAX_ATTEMPTS``: with one attempt, every job the
+    storm met failed without ever running. Now every job succeeds with its one attempt."""
+    options = SimulatorOptions(latency_seconds=0.05, latency_jitter=0.0, concurrency_limit=8, rng_seed=5)
+    with running_simulator(options) as sim:
+        settings = Settings(
+            database_url=db_url,
+            FAL_KEY=SecretStr(KEY),
+            fal_queue_url=sim.url,
+            fal_rest_url=sim.url,
+            output_dir=tmp_path / "outputs",
+            poll_min_interval=0.05,
+            poll_max_interval=0.2,
+            tick_interval=0.05,
+            retry_base_delay=0.02,
+            submit_rate=100,
+            max_attempts=1,
+        )
+        manifest = tmp_path / "storm.yaml"
+        manifest.write_text(MANIFEST.format(name=f"storm-{name}"), encoding="utf-8")
+        submitted = batches.submit_manifest(manifest, settings)
+        sim.set_faults(submit_429=storm)
+        report, _stats = process_batch(submitted.batch_id, settings, show_progress=False)
+        ledger = sim.ledger()
+    assert report["finished"] == report["total"] == 6
+    refusals = sum(1 for r in ledger["rejections"] if r["status_code"] == 429)
+    assert refusals >= 1
+    assert ledger["accepted"] == 6
+    engine = db.make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT state, attempts, rate_limited_submits FROM jobs WHERE batch_id = :b"),
+                {"b": submitted.batch_id},
+            ).all()
+    finally:
+        engine.dispose()
+    assert sorted(state for state, _, _ in rows) == ["succeeded"] * 6
+    assert all(attempts == 1 for _, attempts, _ in rows)
+    assert sum(free for _, _, free in rows) == refusals
