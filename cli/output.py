@@ -269,6 +269,11 @@ def money_line(report: BatchReport) -> str:
     lines = join_lines(first, width())
     if report["possible_duplicate_charges"]:
         lines.append(f"[yellow]{report['possible_duplicate_charges']} possible duplicate charge(s)[/yellow]")
+    if report["rate_limited_submits"]:
+        lines.append(
+            f"[yellow]{report['rate_limited_submits']} submit(s) refused by fal with 429[/yellow] "
+            "(rate limited: nothing billed, no attempt spent; sending slowed down)"
+        )
     if report["media_mismatches"]:
         lines.append(
             f"[yellow]{report['media_mismatches']} video(s) not as requested[/yellow] (see `export`)"

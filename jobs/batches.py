@@ -511,6 +511,8 @@ class BatchReport(TypedDict):
     confirmed_duplicate_charges: int
     #: Jobs whose video did not match the request (``media_mismatch``; see worker.probe).
     media_mismatches: int
+    #: Submits fal refused with HTTP 429 (rate limited), given back without spending an attempt.
+    rate_limited_submits: int
     actual_usd: float | None
     wasted_usd: float | None
     cancelled_for_budget: int
@@ -700,6 +702,7 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
         "wasted_usd": _money(totals.wasted_usd),
         "cancelled_for_budget": totals.cancelled_for_budget,
         "media_mismatches": totals.media_mismatches,
+        "rate_limited_submits": totals.rate_limited_submits,
         "failures": [
             FailureReason(state=st, error_type=et, count=n, example=ex)
             for st, et, ex, n in store.failure_reasons(session, batch.id)

@@ -78,6 +78,8 @@ class Totals:
     confirmed_duplicate_charges: int = 0
     cancelled_for_budget: int = 0
     media_mismatches: int = 0
+    #: Submits fal refused with 429 that were not counted as attempts (``jobs.rate_limited_submits``).
+    rate_limited_submits: int = 0
     first_submitted_at: datetime | None = None
     #: Jobs that finished work (succeeded or failed) within :data:`THROUGHPUT_WINDOW`.
     recent: int = 0
@@ -101,9 +103,20 @@ class Totals:
 
     def add(self, state: JobState, row: Any) -> None:
         """Fold in one aggregate row of :func:`_aggregates` for jobs in ``state``."""
-        (jobs, estimated, billed, actual, overrun, possible, confirmed, budget, mismatches, first, recent) = (
-            row
-        )
+        (
+            jobs,
+            estimated,
+            billed,
+            actual,
+            overrun,
+            possible,
+            confirmed,
+            budget,
+            mismatches,
+            refused,
+            first,
+            recent,
+        ) = row
         self.counts[state.value] += int(jobs)
         self.estimated_usd += estimated or 0
         self.actual_usd += actual or 0
@@ -120,6 +133,7 @@ class Totals:
         if state == JobState.CANCELLED:
             self.cancelled_for_budget += int(budget or 0)
         self.media_mismatches += int(mismatches or 0)
+        self.rate_limited_submits += int(refused or 0)
         self.recent += int(recent or 0)
         if first is not None and (self.first_submitted_at is None or first < self.first_submitted_at):
             self.first_submitted_at = first
@@ -139,6 +153,7 @@ def _aggregates(since: datetime) -> tuple[ColumnElement[Any], ...]:
         func.sum(Job.confirmed_duplicate_charges),
         func.sum(case((Job.error_type == "budget", 1), else_=0)),
         func.count(Job.media_mismatch),
+        func.sum(Job.rate_limited_submits),
         func.min(Job.submitted_at),
         func.sum(case((Job.state.in_(list(_WORK_DONE)) & (Job.finished_at >= since), 1), else_=0)),
     )

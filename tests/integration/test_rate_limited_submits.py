@@ -18,8 +18,10 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import Engine, text
 
+from cli.output import money_line
 from falsim import SimulatorOptions, running_simulator
 from jobs import batches, db, store
+from jobs.batches import batch_report
 from jobs.models import Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -175,3 +177,13 @@ def test_a_429_storm_with_one_attempt_per_job_loses_no_job(
     assert sorted(state for state, _, _ in rows) == ["succeeded"] * 6
     assert all(attempts == 1 for _, attempts, _ in rows)
     assert sum(free for _, _, free in rows) == refusals
+
+    # `status` says so: in its JSON, and in a line of its own.
+    engine = db.make_engine(db_url)
+    try:
+        with db.read_scope(engine) as session:
+            shown = batch_report(session, submitted.batch_id)
+    finally:
+        engine.dispose()
+    assert shown["rate_limited_submits"] == refusals
+    assert f"{refusals} submit(s) refused by fal with 429" in money_line(shown)
