@@ -43,6 +43,15 @@ DEFAULT_STATE_DIR = Path(".wanbatch")
 DEFAULT_MAX_OUTSTANDING = 10
 #: Submits per second across every worker; well under any limit fal has been seen to enforce.
 DEFAULT_SUBMIT_RATE = 5.0
+#: The longest time a setting may name, in seconds: a year. Anything longer is a typo (or a
+#: ``1e300``), and "now + that" would overflow every date it is added to.
+MAX_SECONDS = 366 * 24 * 3600.0
+#: The most submits per second a setting may name: far beyond any account fal has, and small
+#: enough that the limiter's arithmetic (intervals in microseconds) stays exact.
+MAX_RATE = 100_000.0
+#: The most requests a cap may name (outstanding, download backlog): fal runs at most a few
+#: hundred at once for any account; beyond this a number is a typo.
+MAX_COUNT = 1_000_000
 
 
 def _setting_name(loc: tuple[int | str, ...]) -> str:
@@ -74,7 +83,10 @@ class _EnvSource(EnvSettingsSource):
 class _Section(BaseSettings):
     """What every section shares: the ``WANBATCH_`` prefix, frozen values, the JSON decoding."""
 
-    model_config = SettingsConfigDict(env_prefix="WANBATCH_", extra="ignore", frozen=True)
+    # ``inf`` and ``nan`` are no number of seconds, submits or dollars: refused for every field.
+    model_config = SettingsConfigDict(
+        env_prefix="WANBATCH_", extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -106,8 +118,8 @@ class FalSettings(_Section):
     fal_key: SecretStr | None = Field(default=None, validation_alias="FAL_KEY")
     fal_queue_url: str = "https://queue.fal.run"
     fal_rest_url: str = "https://rest.fal.ai"
-    connect_timeout: float = Field(default=10.0, gt=0)
-    read_timeout: float = Field(default=60.0, gt=0)
+    connect_timeout: float = Field(default=10.0, gt=0, le=MAX_SECONDS)
+    read_timeout: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
     #: Send ``X-Fal-Disable-Fallbacks: true`` with every submit: fal otherwise may reroute a
     #: request to another model after repeated failures, so "the same input" would not be the
     #: same request (reproducibility lock, issue #13). ``false`` lets fal fall back.
@@ -167,44 +179,44 @@ class TickSettings(_Section):
     """The periodic tick, status polls and leases. Seconds throughout."""
 
     #: How often the dispatcher/poller/reconciler tick runs.
-    tick_interval: float = Field(default=1.0, gt=0)
+    tick_interval: float = Field(default=1.0, gt=0, le=MAX_SECONDS)
     #: Status polls start this often and back off with elapsed time up to poll_max_interval.
-    poll_min_interval: float = Field(default=2.0, gt=0)
-    poll_max_interval: float = Field(default=30.0, gt=0)
+    poll_min_interval: float = Field(default=2.0, gt=0, le=MAX_SECONDS)
+    poll_max_interval: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
     #: With a webhook receiver (``webhook_url``) completions arrive as webhooks and polling is
     #: only the safety net: a submitted job is first polled this long after its submit, and no
     #: more often than this afterwards.
-    webhook_poll_after: float = Field(default=30.0, gt=0)
+    webhook_poll_after: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
     #: A claimed job's lease; a worker that dies holding one gives the job back after this long.
-    lease_seconds: float = Field(default=120.0, gt=0)
+    lease_seconds: float = Field(default=120.0, gt=0, le=MAX_SECONDS)
 
 
 class LimitSettings(_Section):
     """How fast and how much is sent to fal (README "Limits, budgets and cost")."""
 
-    submit_rate: float = Field(default=DEFAULT_SUBMIT_RATE, gt=0)
-    max_outstanding: int = Field(default=DEFAULT_MAX_OUTSTANDING, ge=1)
+    submit_rate: float = Field(default=DEFAULT_SUBMIT_RATE, gt=0, le=MAX_RATE)
+    max_outstanding: int = Field(default=DEFAULT_MAX_OUTSTANDING, ge=1, le=MAX_COUNT)
     #: Most jobs completed at fal and waiting for (or in) their download before dispatch stops
     #: sending: when downloads stall (a full disk, a slow link), paid outputs must not pile up at
     #: fal, where their files expire. ``None``: the same as ``max_outstanding``.
-    max_download_backlog: int | None = Field(default=None, ge=1)
+    max_download_backlog: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     #: Redis holding the global submit-rate limiter; defaults to the broker when it is Redis.
     #: Without one (embedded mode) the limiter lives in this process, which is then the only one.
     limits_url: str | None = None
     #: JSON object: endpoint id -> submits/second for that endpoint (on top of ``submit_rate``).
-    submit_rate_per_endpoint: dict[str, float] = Field(default_factory=dict)
+    submit_rate_per_endpoint: dict[str, Annotated[float, Field(le=MAX_RATE)]] = Field(default_factory=dict)
     #: JSON object: endpoint id -> most outstanding requests of that endpoint (within ``max_outstanding``).
-    max_outstanding_per_endpoint: dict[str, int] = Field(default_factory=dict)
+    max_outstanding_per_endpoint: dict[str, Annotated[int, Field(le=MAX_COUNT)]] = Field(default_factory=dict)
     #: Network jitter between a granted submit and fal receiving it, in seconds: submits are
     #: spaced (1 + this) / rate apart so that no 1-second window *as fal sees it* holds more than
     #: ``submit_rate`` submits.
     submit_jitter_allowance: float = Field(default=0.05, ge=0, le=1)
     #: Longest a submit task waits for a rate token before giving the job back to ``pending``.
-    submit_wait_max: float = Field(default=2.0, ge=0)
+    submit_wait_max: float = Field(default=2.0, ge=0, le=MAX_SECONDS)
     #: fal runs 2 to 40 requests at once depending on the account's tier and queues the rest.
     #: When a request we sent is still IN_QUEUE this many seconds later, the account runs fewer
     #: than our cap: send only enough to keep one request waiting at fal (0 turns this off).
-    queue_wait_backoff: float = Field(default=60.0, ge=0)
+    queue_wait_backoff: float = Field(default=60.0, ge=0, le=MAX_SECONDS)
 
 
 class BudgetSettings(_Section):
@@ -254,12 +266,12 @@ class RetrySettings(_Section):
     #: How many times a job may be submitted (transient and model errors) before it fails.
     max_attempts: int = Field(default=3, ge=1)
     #: Backoff before a retryable failure is submitted again: base × 2^(attempt-1), capped.
-    retry_base_delay: float = Field(default=5.0, ge=0)
-    retry_max_delay: float = Field(default=300.0, ge=0)
+    retry_base_delay: float = Field(default=5.0, ge=0, le=MAX_SECONDS)
+    retry_max_delay: float = Field(default=300.0, ge=0, le=MAX_SECONDS)
     #: What to do with a submission whose outcome is unknown after ``submit_unknown_deadline``:
     #: "fail" (default: never risk paying twice) or "resubmit" (counted as a possible duplicate charge).
     submit_unknown_policy: str = Field(default="fail", pattern="^(fail|resubmit)$")
-    submit_unknown_deadline: float = Field(default=600.0, ge=0)
+    submit_unknown_deadline: float = Field(default=600.0, ge=0, le=MAX_SECONDS)
 
 
 class DownloadSettings(_Section):
@@ -291,7 +303,7 @@ class DownloadSettings(_Section):
     download_attempts: int = Field(default=5, ge=1)
     #: Longest one download attempt may take, in seconds, on top of the read timeout (which
     #: bounds each wait for bytes): a host that trickles bytes cannot hold a worker slot forever.
-    download_timeout: float = Field(default=1800.0, gt=0)
+    download_timeout: float = Field(default=1800.0, gt=0, le=MAX_SECONDS)
     #: What a downloaded video that does not match the request (size, frame count, duration;
     #: see ``worker.probe``) leads to: "flag" (default: the job succeeds, the mismatch is
     #: recorded and shown) or "fail" (the job fails with the reason, its cost recorded as wasted).

@@ -126,6 +126,16 @@ def test_malformed_pricing_overrides(value: str) -> None:
     assert_one_line(done, "WANBATCH_PRICING_OVERRIDES")
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"), [("WANBATCH_SUBMIT_RATE", "inf"), ("WANBATCH_LEASE_SECONDS", "1e300")]
+)
+def test_absurd_numbers_in_settings(variable: str, value: str, tmp_path: Path) -> None:
+    """Both once ran into an internal error (an overflow deep in the limiter or a lease date)."""
+    env = {variable: value, "WANBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'wb.db'}"}
+    done = wanbatch("run", "--simulate", QUICKSTART, env=env)
+    assert_one_line(done, f"invalid configuration: {variable}")
+
+
 @pytest.mark.parametrize("amount", ["abc", "0", "-5", "nan", "inf"])
 def test_rerun_max_usd_must_be_a_positive_amount(amount: str) -> None:
     assert_one_line(wanbatch("rerun", "whatever", "--max-usd", amount), "--max-usd", repr(amount))

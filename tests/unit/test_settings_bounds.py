@@ -1,0 +1,65 @@
+"""Every number a setting takes is finite and bounded: ``inf``, ``nan`` or ``1e300`` is one clear
+line naming the variable, never a value that overflows a date or a limiter much later (a
+``WANBATCH_SUBMIT_RATE=inf`` or ``WANBATCH_LEASE_SECONDS=1e300`` run ended in an internal error)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from jobs.errors import ConfigError
+from jobs.settings import MAX_SECONDS, Settings, get_settings
+
+#: Every float field, by its variable's name (found, not listed: a new one is covered too).
+FLOAT_FIELDS = sorted(
+    name for name, field in Settings.model_fields.items() if field.annotation in (float, float | None)
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings() -> Iterator[None]:
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_the_float_fields_are_found() -> None:
+    assert {"submit_rate", "lease_seconds", "retry_max_delay", "download_timeout"} <= set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e300"])
+def test_no_float_setting_takes_an_absurd_number(
+    field: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    variable = f"WANBATCH_{field.upper()}"
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        get_settings()
+    message = str(caught.value)
+    assert message.startswith(f"invalid configuration: {variable}: ")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "phrase"),
+    [
+        ("WANBATCH_SUBMIT_RATE_PER_ENDPOINT", '{"fal-ai/wan-22": 1e300}', "(at fal-ai/wan-22)"),
+        ("WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT", '{"fal-ai/wan-22": 99999999999}', "(at fal-ai/wan-22)"),
+        ("WANBATCH_MAX_OUTSTANDING", "99999999999999999999", "less than or equal to"),
+        ("WANBATCH_MAX_DOWNLOAD_BACKLOG", "99999999999999999999", "less than or equal to"),
+    ],
+)
+def test_rates_and_caps_are_bounded(
+    variable: str, value: str, phrase: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=variable) as caught:
+        get_settings()
+    assert phrase in str(caught.value)
+
+
+def test_a_year_is_still_a_duration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_RETRY_MAX_DELAY", str(MAX_SECONDS))
+    assert get_settings().retry_max_delay == MAX_SECONDS
