@@ -28,6 +28,7 @@ import csv
 import io
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -166,15 +167,44 @@ def write_file(rows: Iterator[dict[str, Any]], fmt: str, output: Path) -> int:
     return write_atomically(output, f"export.{fmt}", text)
 
 
+def _is_special(output: Path) -> bool:
+    """Whether ``output`` exists and is no regular file: a device (``/dev/null``,
+    ``/dev/stdout``'s terminal), a named pipe, a socket. Renaming a temporary file over one would
+    replace it (as root, ``-o /dev/null`` turned ``/dev/null`` into a regular file)."""
+    try:
+        mode = output.stat().st_mode  # follows links: /dev/stdout → /proc/self/fd/1 → a pipe
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+def _write_through(output: Path, fill: Callable[[IO[bytes]], int]) -> int:
+    """Write straight into a device or pipe (no temporary file, no rename, no fsync: neither
+    has a name to publish nor a disk to sync); its errors are one line, like a file's."""
+    try:
+        with output.open("wb") as fh:
+            count = fill(fh)
+            fh.flush()
+    except OSError as exc:
+        raise UsageError(f"cannot write the export to {str(output)!r}: {exc.strerror or exc}") from None
+    return count
+
+
 def write_atomically(output: Path, example_name: str, fill: Callable[[IO[bytes]], int]) -> int:
     """Run ``fill`` on a temporary file beside ``output``, fsync it and rename it over ``output``;
     returns what ``fill`` returned. A failed export never leaves a truncated file under the name.
+    A device or pipe (``/dev/stdout``, a FIFO) is written straight through instead, and a symlink's
+    target is replaced, not the link.
 
     :class:`UsageError` (one line) when ``output`` is a folder (``example_name`` shows what a
     file name could be) or cannot be created or written.
     """
     if output.is_dir():
         raise UsageError(f"-o {str(output)!r} is a folder; give a file name such as {output / example_name}")
+    if _is_special(output):
+        return _write_through(output, fill)
+    if output.is_symlink():  # replace the file it points at; the link stays a link
+        output = output.resolve()
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)

@@ -1,0 +1,84 @@
+"""Where ``export -o`` may write: a file (atomically, by rename), but also a device or a named
+pipe, written straight through — never replaced. Run as root, ``-o /dev/null`` once renamed a
+regular file over ``/dev/null`` (and ``-o /dev/full`` "succeeded" the same way)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs.dataset_export import write_parquet_file
+from jobs.errors import UsageError
+from jobs.export import FIELDS, write_file
+
+
+def _rows(n: int) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(n):
+        row: dict[str, Any] = dict.fromkeys(FIELDS)
+        row.update(job_id=f"j{i}", batch="b1", batch_name="plain", status="succeeded", input={"prompt": "p"})
+        rows.append(row)
+    return rows
+
+
+def _is_char_device(path: str) -> bool:
+    return stat.S_ISCHR(os.stat(path).st_mode)
+
+
+def test_dev_null_stays_a_device() -> None:
+    assert write_file(iter(_rows(3)), "jsonl", Path("/dev/null")) == 3
+    assert _is_char_device("/dev/null")
+
+
+def test_a_full_device_is_one_line_and_stays_a_device() -> None:
+    with pytest.raises(UsageError, match="cannot write the export to '/dev/full': No space left on device"):
+        write_file(iter(_rows(3)), "jsonl", Path("/dev/full"))
+    assert _is_char_device("/dev/full")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_named_pipe_gets_the_records_and_stays_a_pipe(tmp_path: Path, fmt: str) -> None:
+    fifo = tmp_path / "records"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    if fmt == "jsonl":
+        count = write_file(iter(_rows(4)), "jsonl", fifo)
+    else:
+        count = write_parquet_file(iter(_rows(4)), fifo)
+    reader.join(timeout=10)
+    assert count == 4
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    (body,) = received
+    if fmt == "jsonl":
+        assert [json.loads(line)["job_id"] for line in body.splitlines()] == ["j0", "j1", "j2", "j3"]
+    else:
+        assert body.startswith(b"PAR1")
+        assert body.endswith(b"PAR1")
+    assert list(tmp_path.iterdir()) == [fifo]  # no temporary file left beside it
+
+
+def test_a_symlink_keeps_pointing_at_the_file_it_named(tmp_path: Path) -> None:
+    target = tmp_path / "data" / "records.jsonl"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to(target)
+    assert write_file(iter(_rows(2)), "jsonl", link) == 2
+    assert link.is_symlink()
+    assert [json.loads(line)["job_id"] for line in target.read_text().splitlines()] == ["j0", "j1"]
+
+
+def test_a_regular_file_is_still_replaced_atomically(tmp_path: Path) -> None:
+    out = tmp_path / "records.jsonl"
+    out.write_text("old\n")
+    assert write_file(iter(_rows(2)), "jsonl", out) == 2
+    assert len(out.read_text().splitlines()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl"]
