@@ -58,6 +58,27 @@ HEARTBEAT_SECONDS = 10.0
 #: at most this long after the first of them (one transaction for several jobs).
 STARTED_BATCH_SECONDS = 0.2
 
+#: Ticks in a row that found nothing to do before the tick slows down: a batch waiting for its
+#: window, or one whose every job waits out a long retry, needs no safety net every second.
+QUIET_TICKS = 5
+#: At most this many tick intervals between two quiet ticks (8 s with the default 1 s): how much
+#: later than at once a batch's window opening, or a change another process made (``resume``,
+#: a new batch for the workers), is noticed while nothing else happens.
+IDLE_TICK_FACTOR = 8
+
+
+def idle_interval(interval: float, quiet: int) -> float:
+    """The time until the next tick after ``quiet`` ticks in a row found nothing to do.
+
+    ``WANBATCH_TICK_INTERVAL`` as long as anything happens; after :data:`QUIET_TICKS` idle ones
+    it doubles with each further one, up to :data:`IDLE_TICK_FACTOR` intervals. A batch waiting
+    overnight for its window cost a tick of about 45 ms of CPU every second (5 % of a core); any
+    event (a status, a submit, a freed slot) brings the interval back at once.
+    """
+    if quiet < QUIET_TICKS:
+        return interval
+    return interval * float(min(IDLE_TICK_FACTOR, 2 ** (quiet - QUIET_TICKS + 1)))
+
 
 @dataclass
 class ConductorStats:
@@ -196,18 +217,22 @@ class Conductor:
         interval = self.rt.settings.tick_interval
         next_tick = next_progress = 0.0
         leading = False
+        quiet = 0  # ticks in a row that found nothing to do (see idle_interval)
         redispatch_at: float | None = None
         while not stopping.is_set():
             now = time.monotonic()
             if now >= next_tick:
-                next_tick = now + interval
                 leading = leads() if leads is not None else True
                 if leading:
-                    self._tick(stopping)
+                    quiet = quiet + 1 if self._tick(stopping) else 0
                     if self.rt.downloads_held and redispatch_at is None:
                         redispatch_at = time.monotonic() + BACKLOG_RECHECK_SECONDS
+                next_tick = now + (idle_interval(interval, quiet) if leading else interval)
             if on_progress is not None and now >= next_progress:
-                next_progress = now + progress_every
+                # Idle (nothing at fal, nothing to do), nothing changes between two ticks either.
+                next_progress = now + max(
+                    progress_every, idle_interval(interval, quiet) if quiet >= QUIET_TICKS else 0.0
+                )
                 if on_progress():
                     return
             deadline = min(next_tick, next_progress if on_progress is not None else next_tick)
@@ -218,6 +243,10 @@ class Conductor:
                 continue
             self.stats.rounds += 1
             self.stats.events += len(seen)
+            if quiet and (seen or submitted or wants_dispatch):  # something happens: tick as usual
+                quiet = 0
+                next_tick = min(next_tick, time.monotonic() + interval)
+                next_progress = min(next_progress, time.monotonic() + progress_every)
             due_again = redispatch_at is not None and time.monotonic() >= redispatch_at
             dispatching = wants_dispatch or due_again
             if seen and dispatching:
@@ -253,17 +282,24 @@ class Conductor:
         applied.hand_on(self.rt)
         return dispatched.hand_on(self.rt)
 
-    def _tick(self, stopping: threading.Event) -> None:
+    def _tick(self, stopping: threading.Event) -> bool:
         """The safety net: a full tick, polling only what no stream follows; then catch up on
-        requests at fal that nothing watches (sent by another process, or a previous run)."""
+        requests at fal that nothing watches (sent by another process, or a previous run).
+
+        True when it found nothing to do: nothing at fal or to download, nothing applied,
+        reconciled, polled, sent or scheduled, no stream open (see :func:`idle_interval`)."""
         self.stats.ticks += 1
         self._beat()
         exclude = self.watcher.watching() if self.watcher is not None else frozenset()
+        self.rt.nothing_in_flight = False  # the tick's dispatch says otherwise, if it runs
         report = steps.tick(self.rt, stopping, exclude=exclude)
         self.stats.status_calls += report.status_calls
         self.stats.dispatched += report.dispatched
         if self.watcher is not None and not stopping.is_set():
             self._watch(set())
+        did = report.webhooks + report.reconciled + report.status_calls + report.dispatched + report.downloads
+        streams = self.watcher.watching() if self.watcher is not None else frozenset()
+        return did == 0 and self.rt.nothing_in_flight and not streams
 
     def _watch(self, job_ids: set[str]) -> None:
         """Follow ``job_ids`` (just submitted) and any other unwatched request at fal, room permitting."""

@@ -185,6 +185,10 @@ class Runtime:
     #: download backlog (``WANBATCH_MAX_DOWNLOAD_BACKLOG``) was full: then a finished download
     #: (``notify("downloaded")``) is what frees the next submit, not a completion at fal.
     downloads_held: bool = False
+    #: Whether the last dispatch round saw nothing at fal and nothing to download (for the API
+    #: key, every batch): with nothing dispatched either, a tick had nothing to look after, and the
+    #: conductor lets the next one come later (:func:`worker.conductor.idle_interval`).
+    nothing_in_flight: bool = False
     #: Called in the submit step's thread the moment fal's acceptance is recorded, with the
     #: request's handle: a conductor in this process starts following it without a read.
     on_accepted: Callable[[str, RequestHandle], None] | None = None

@@ -79,6 +79,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     rt.downloads_held = False  # likewise, when the download backlog holds jobs back
     waited = timedelta(seconds=min(rt.settings.queue_wait_backoff, LONGEST_WAIT_SECONDS))
     flight = store.in_flight(session, api_key_id=key_id, sent_before=now - waited)
+    rt.nothing_in_flight = flight.outstanding == 0 and flight.downloading == 0
     free = _room_at_fal(session, rt, flight, rt.settings.max_outstanding - flight.outstanding, key_id)
     room = _room_for_downloads(rt, flight.downloading)
     rt.downloads_held = room < free  # until the claim below shows whether any job is left waiting
