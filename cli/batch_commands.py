@@ -427,7 +427,7 @@ def _broker_warnings(settings: Settings) -> None:
     try:
         check_broker(settings)
     except ConfigError as exc:
-        err.print(f"[yellow]warning: {exc}[/yellow]")
+        err.print(f"[yellow]warning: {escape(str(exc))}[/yellow]")
         return
     if live_workers(settings) == 0:
         err.print(f"[yellow]{no_worker_warning(settings)}[/yellow]")

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from jobs.errors import Issue, ManifestError, WanbatchError
 from jobs.money import usd_text
+from jobs.printable import printable
 from jobs.states import JobState
 
 if TYPE_CHECKING:
@@ -50,8 +51,9 @@ def emit_json(obj: Mapping[str, object]) -> None:
 
 
 def escape(text: str) -> str:
-    """``text`` with rich's markup brackets made literal."""
-    return text.replace("[", r"\[")
+    """``text`` with rich's markup brackets made literal and its terminal control characters
+    shown as escapes (:func:`jobs.printable.printable`): it may come from a manifest or from fal."""
+    return printable(text).replace("[", r"\[")
 
 
 def issue_line(issue: Issue) -> str:

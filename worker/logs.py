@@ -37,6 +37,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from jobs.printable import printable
+
 #: The text format (the CLI's since its first version).
 TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
 #: Fields about a job that a JSON line carries whenever they are known.
@@ -143,7 +145,16 @@ def _configured_format() -> str:
 
 def formatter_for(log_format: str) -> logging.Formatter:
     """The formatter of ``log_format`` (``text`` or ``json``)."""
-    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    return JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT)
+
+
+class TextFormatter(logging.Formatter):
+    """The text format, its lines safe for a terminal: a provider's words or a batch's name in a
+    message cannot send control sequences to it (:func:`jobs.printable.printable`). The JSON
+    format needs no such care: ``json.dumps`` escapes control characters."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def configure_logging(log_format: str | None = None, *, level: int = logging.WARNING) -> None:

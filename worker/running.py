@@ -26,12 +26,14 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import TaskID
 
 from jobs import db, store
 from jobs.batches import BatchReport, batch_progress, batch_report
 from jobs.db import open_engine
 from jobs.errors import ConfigError, WanbatchError
+from jobs.printable import printable
 from jobs.settings import Settings
 from jobs.states import JobState
 from worker import steps
@@ -403,6 +405,10 @@ def _watch(
     failure: list[BaseException] = []
     finished = threading.Event()
 
+    def shown(text: str) -> str:
+        """Text from a manifest or from fal, for the console: inert controls, literal brackets."""
+        return escape(printable(text))
+
     def refresh(task_id: TaskID) -> bool:
         """Show where the batch is; True when there is nothing more to wait for."""
         with db.read_scope(engine) as session:
@@ -422,14 +428,14 @@ def _watch(
             return True
         at_provider = sum(current["counts"].get(s.value, 0) for s in JobState if s.at_provider)
         if current["state"] == "paused" and at_provider == 0:
+            reason = shown(current["pause_reason"] or "see status")  # fal's words, maybe
             progress.console.print(
-                f"[yellow]batch paused: {current['pause_reason'] or 'see status'}; "
-                "fix it, then run the same command again to resume[/yellow]"
+                f"[yellow]batch paused: {reason}; fix it, then run the same command again to resume[/yellow]"
             )
             return True
         if current["paused_by_user"] and at_provider == 0:
             progress.console.print(
-                f"[yellow]batch paused by its user: `wanbatch resume {current['name']}`, "
+                f"[yellow]batch paused by its user: `wanbatch resume {shown(current['name'])}`, "
                 "then run the same command again to go on[/yellow]"
             )
             return True
