@@ -48,6 +48,23 @@ log = logging.getLogger(__name__)
 
 #: Largest webhook body read (a Wan result is a few hundred bytes).
 MAX_BODY_BYTES = 1024 * 1024
+
+
+async def _capped_body(request: Request) -> bytes | None:
+    """The request's body, or None as soon as it grows past :data:`MAX_BODY_BYTES`.
+
+    Read chunk by chunk: a body sent without ``Content-Length`` (chunked) is not declared, and
+    ``request.body()`` would hold all of it in memory before its size could be checked — an
+    unauthenticated sender (the signature is checked after) could fill the receiver's memory.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 _JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
@@ -111,8 +128,8 @@ def create_app(
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             return reject(WebhookRejected("the body is too large", 413), request)
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
+        body = await _capped_body(request)
+        if body is None:
             return reject(WebhookRejected("the body is too large", 413), request)
         try:
             delivery = await run_in_threadpool(verify_delivery, request.headers, body, jwks)

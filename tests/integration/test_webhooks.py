@@ -6,6 +6,7 @@ served over real loopback HTTP. The receiver is the real Starlette app (``web.ap
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -31,7 +32,7 @@ from jobs.models import Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
 from tests.step_runtime import add_batch, make_runtime, settings_for
-from web.app import create_app
+from web.app import MAX_BODY_BYTES, create_app
 from worker.fal.webhooks import JwksKeys, JwksUnavailable, signed_message
 from worker.notifications import EventListener
 from worker.running import process_batch
@@ -351,6 +352,42 @@ def _serve(app: Any) -> tuple[uvicorn.Server, threading.Thread, str]:
         assert time.monotonic() < deadline, "the receiver did not start"
         time.sleep(0.01)
     return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_an_endless_chunked_body_is_refused_before_it_fills_memory(
+    engine: Engine, settings: Settings
+) -> None:
+    """Without ``Content-Length`` nothing declares the size: the receiver counts as it reads and
+    answers 413 once past ``MAX_BODY_BYTES``, long before an unsigned sender is done sending."""
+    server, thread, url = _serve(create_app(settings, engine=engine))
+    host, port = url.removeprefix("http://").split(":")
+    sent = 0
+    answer = b""
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(
+                b"POST /webhooks/fal HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+            conn.setblocking(False)
+            while sent < 64 * MAX_BODY_BYTES and not answer:
+                try:
+                    sent += conn.send(chunk)
+                except BlockingIOError:
+                    time.sleep(0.01)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                with contextlib.suppress(BlockingIOError):
+                    answer = conn.recv(4096)
+            conn.setblocking(True)
+            answer = answer or conn.recv(4096)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert sent < 8 * MAX_BODY_BYTES  # answered long before the sender was done
+    assert _deliveries(engine)["stored"] == 0
 
 
 @pytest.mark.slow
