@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -177,12 +178,30 @@ class HfExport:
     left_out: dict[str, int] = field(default_factory=dict)
 
 
+def _not_as_stored(source: Path, size: int | None) -> str | None:
+    """How the stored video at ``source`` is no longer what wanbatch wrote, else None.
+
+    wanbatch writes every video as a regular file of the recorded size. A symlink in its place
+    (to ``/etc/…``, say) would put another file into a dataset meant to be shared, and a file of
+    another size is not the video the job made. The size is checked, not the SHA-256 (reading
+    every video again would make an export of a large batch as slow as copying it); the record
+    carries ``video_sha256`` for a full check.
+    """
+    info = source.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
+        return "was replaced by a link or a special file"
+    if size is not None and info.st_size != size:
+        return f"has {info.st_size:,} bytes instead of {size:,}"
+    return None
+
+
 def _place_video(source: Path, target: Path) -> bool:
-    """Hard-link ``source`` at ``target`` (True), or copy it when linking is impossible (False)."""
+    """Hard-link ``source`` at ``target`` (True), or copy it when linking is impossible (False);
+    never through a symlink (:func:`_not_as_stored` checked it is none)."""
     try:
-        os.link(source, target)
+        os.link(source, target, follow_symlinks=False)
     except OSError:
-        shutil.copyfile(source, target)
+        shutil.copyfile(source, target, follow_symlinks=False)
         return False
     return True
 
@@ -222,6 +241,12 @@ def _dataset_rows(
                 if source is None or not source.is_file():
                     raise MissingVideoError(
                         f"job {job.id} succeeded but its video is missing ({uri or 'no path'}); "
+                        "nothing was exported"
+                    )
+                changed = _not_as_stored(source, job.output_bytes)
+                if changed:
+                    raise MissingVideoError(
+                        f"job {job.id} succeeded but its video {uri} {changed} since it was stored; "
                         "nothing was exported"
                     )
                 file_name = f"{VIDEOS_DIR}/{source.name}"

@@ -138,3 +138,27 @@ def test_hf_export_needs_a_folder_and_leaves_nothing_on_failure(
     assert run.code == 1
     assert "missing" in run.stderr
     assert sorted(p.name for p in exports.iterdir()) == []  # no half folder, no temp left behind
+
+
+@pytest.mark.parametrize("tamper", ["symlink", "truncated"])
+def test_hf_export_refuses_a_video_replaced_since_it_was_stored(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path, tamper: str
+) -> None:
+    """A symlink in a stored video's place (to a secret, say) would put that file into a dataset
+    meant to be shared; a video of another size is not the one the job made."""
+    batch, _ = _run_batch(wb, sim, manifest, f"ds-{tamper}")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the dataset")
+    video = next(
+        tmp_path / "outputs" / r["video_path"] for r in export_jsonl(wb, batch) if r["status"] == "succeeded"
+    )
+    if tamper == "symlink":
+        video.unlink()
+        video.symlink_to(secret)
+    else:
+        video.write_bytes(video.read_bytes()[:1000])
+    exports = tmp_path / "exports"
+    run = wb("export", batch, "--format", "hf", "-o", exports / "hf")
+    assert run.code == 1
+    assert ("replaced by a link" if tamper == "symlink" else "has 1,000 bytes instead of") in run.stderr
+    assert sorted(p.name for p in exports.iterdir()) == []
