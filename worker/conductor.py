@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 MAX_STREAMS = 64
 #: A job whose stream broke this many times is left to polling for the rest of its run.
 STREAM_FAILURES_MAX = 3
-#: Shortest pause between two dispatch rounds while jobs wait for the submit rate.
+#: Shortest pause between two dispatch rounds while jobs wait for the submit rate; the next
+#: round comes when the rate has a token again (``RateBucket.until_next``), at the earliest this.
 REDISPATCH_SECONDS = 0.02
 #: While the download backlog holds submits back, how often dispatch looks again. A download
 #: finished in this process says so at once (``notify("downloaded")``); this covers those of
@@ -225,8 +226,8 @@ class Conductor:
                 leading = leads() if leads is not None else True
                 if leading:
                     quiet = quiet + 1 if self._tick(stopping) else 0
-                    if self.rt.downloads_held and redispatch_at is None:
-                        redispatch_at = time.monotonic() + BACKLOG_RECHECK_SECONDS
+                    if redispatch_at is None:  # the tick's dispatch left jobs waiting: as a round would
+                        redispatch_at = self._redispatch_at()
                 next_tick = now + (idle_interval(interval, quiet) if leading else interval)
             if on_progress is not None and now >= next_progress:
                 # Idle (nothing at fal, nothing to do), nothing changes between two ticks either.
@@ -260,12 +261,19 @@ class Conductor:
                 self.stats.dispatched += len(sent)
                 # Jobs left waiting for the submit rate (or for downloads elsewhere to finish):
                 # look again shortly, not at the next tick.
-                short = self.rt.bucket is not None and self.rt.bucket.short
-                redispatch_at = None
-                if short:
-                    redispatch_at = time.monotonic() + REDISPATCH_SECONDS
-                elif self.rt.downloads_held:
-                    redispatch_at = time.monotonic() + BACKLOG_RECHECK_SECONDS
+                redispatch_at = self._redispatch_at()
+
+    def _redispatch_at(self) -> float | None:
+        """When to dispatch again after a round that left jobs waiting, without an event: when the
+        submit rate has a token again (a 429's pause included), or shortly while the download
+        backlog holds them (downloads that end in other processes announce nothing). None when
+        no job was left waiting."""
+        bucket = self.rt.bucket
+        if bucket is not None and bucket.short:
+            return time.monotonic() + max(REDISPATCH_SECONDS, bucket.until_next())
+        if self.rt.downloads_held:
+            return time.monotonic() + BACKLOG_RECHECK_SECONDS
+        return None
 
     def _apply_then_dispatch(self, seen: list[Seen]) -> list[str]:
         """Statuses and the dispatch of the slots they freed, in one transaction: a completion

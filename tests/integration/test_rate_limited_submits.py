@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,8 +29,9 @@ from jobs.settings import Settings
 from jobs.states import JobState
 from tests.hostile import HostileProvider, json_reply
 from tests.step_runtime import add_batch, make_runtime, settings_for
+from worker.conductor import Conductor
 from worker.running import process_batch
-from worker.steps import dispatch, submit
+from worker.steps import RateBucket, dispatch, submit
 from worker.steps.submit import FREE_RATE_LIMIT_REFUSALS
 
 S = JobState
@@ -187,3 +190,37 @@ def test_a_429_storm_with_one_attempt_per_job_loses_no_job(
         engine.dispose()
     assert shown["rate_limited_submits"] == refusals
     assert f"{refusals} submit(s) refused by fal with 429" in money_line(shown)
+
+
+def test_the_dispatch_bucket_says_when_its_next_token_comes() -> None:
+    bucket = RateBucket(10.0, burst=1)
+    assert bucket.take(1) == 1
+    assert 0.05 < bucket.until_next() <= 0.1
+    bucket.hold_off(2.0)
+    assert bucket.take(1) == 0
+    assert 2.0 < bucket.until_next() <= 2.1
+
+
+def test_a_held_dispatch_looks_again_when_the_pause_ends_not_every_20_ms(
+    engine: Engine, hostile: HostileProvider
+) -> None:
+    """While the submit rate is paused (a 429), the conductor's next dispatch round comes when
+    the pause ends: it used to look again every 20 ms, some 50 futile rounds a second."""
+    handed: list[str] = []
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, tick_interval=30), enqueue_submit=handed.append)
+    add_batch(engine, "paused-rate", [(T2V, {"prompt": "a lighthouse"})])
+    assert rt.bucket is not None
+    rt.bucket.hold_off(1.0)
+    conductor = Conductor(rt, stream=False)
+    stopping = threading.Event()
+    runner = threading.Thread(target=conductor.run, args=(stopping,))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not handed and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stopping.set()
+        runner.join(timeout=10)
+    assert len(handed) == 1  # sent once the pause was over
+    assert conductor.stats.rounds <= 10  # not ~50 rounds over the pause

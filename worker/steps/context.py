@@ -72,6 +72,12 @@ class RateBucket:
         self.short = granted < wanted
         return granted
 
+    def until_next(self) -> float:
+        """Seconds until a whole token is there (0.0 when one is now): when dispatch, left short
+        by the rate, should look again — not sooner, when nothing could be claimed anyway."""
+        missing = 1.0 - (self.tokens + (time.monotonic() - self.stamp) * self.rate)
+        return max(0.0, missing / self.rate)
+
     def hold_off(self, seconds: float) -> None:
         """Grant nothing for ``seconds`` (fal said 429, and the shared limiter holds every submit
         back as long): claiming jobs now would only hand them back. Unlocked, as :meth:`take`: a
