@@ -291,12 +291,17 @@ def _parse_items(root: LMap, manifest: Manifest, top: _Report) -> None:
                     ),
                 )
             elif not resolved.is_file():
+                there = resolved.exists()  # a folder, a named pipe (reading it would block), a device
                 top(
-                    f"items_from file not found: {resolved}",
+                    f"items_from is not a regular file: {resolved}"
+                    if there
+                    else f"items_from file not found: {resolved}",
                     where,
                     "items_from",
                     value=source,
-                    allowed="a path relative to the manifest's folder",
+                    allowed=(
+                        "a regular JSONL or CSV file" if there else "a path relative to the manifest's folder"
+                    ),
                 )
             else:
                 manifest.items_from = resolved

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from decimal import Decimal
@@ -613,6 +614,23 @@ def test_items_from_outside_the_folder_is_refused(tmp_path: Path, source: str) -
     ), [str(i) for i in report.issues]
     assert report.job_count == 0  # its rows were never read
     assert validate_manifest(path, (tmp_path / "victim",)).ok
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_items_from_that_is_no_regular_file_says_so(folder: Path, kind: str) -> None:
+    """A named pipe would block the reader forever; a folder cannot be read: both are refused
+    unopened, and the message says what is wrong rather than "not found"."""
+    target = folder / "rows.jsonl"
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.mkdir()
+    path = write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.jsonl\n")
+    report = validate_manifest(path)
+    (issue,) = report.errors
+    assert "m.yaml:3: field 'items_from'" in str(issue)
+    assert "is not a regular file" in issue.message
+    assert "a regular JSONL or CSV file" in str(issue)
 
 
 # -- NUL characters (issue #9, item 18) ----------------------------------------------------------
