@@ -40,6 +40,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 import threading
 from abc import ABC, abstractmethod
@@ -482,12 +483,16 @@ def open_output_store(settings: DownloadSettings) -> OutputStore:
 
 
 def output_size(output_path: str) -> int | None:
-    """Size in bytes of a recorded output (local path or ``s3://`` URI); None when it is gone."""
+    """Size in bytes of a recorded output (local path or ``s3://`` URI); None when it is gone.
+
+    A local output is gone, too, when something other than the regular file wanbatch wrote stands
+    at its path (a symlink, a pipe): no job may take that as its video."""
     if not is_s3_url(output_path):
         try:
-            return Path(output_path).stat().st_size
+            info = Path(output_path).lstat()
         except OSError:
             return None
+        return info.st_size if stat.S_ISREG(info.st_mode) else None
     bucket, key = _object(output_path)
     try:
         return int(_client().head_object(Bucket=bucket, Key=key)["ContentLength"])

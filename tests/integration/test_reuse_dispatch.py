@@ -95,3 +95,21 @@ def test_without_reuse_outputs_or_the_file_every_job_is_sent(engine: Engine, tmp
     with db.session_scope(engine) as session:
         store.set_batch_reuse_outputs(session, third, True)
     assert dispatch(rt) == job_ids(engine, third)
+
+
+def test_a_symlink_in_the_originals_place_is_not_reused(engine: Engine, tmp_path: Path) -> None:
+    """Something else standing at the stored video's path, even of the same size, is not the video
+    the job made: the twin is sent, not pointed at it."""
+    video = tmp_path / "first.mp4"
+    video.write_bytes(b"video bytes")
+    for job_id in job_ids(engine, add_batch(engine, "first", JOBS)):
+        _succeed(engine, job_id, video)
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"other bytes")  # the same size
+    video.unlink()
+    video.symlink_to(other)
+    third = add_batch(engine, "third", JOBS[:1])
+    with db.session_scope(engine) as session:
+        store.set_batch_reuse_outputs(session, third, True)
+    rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10))
+    assert dispatch(rt) == job_ids(engine, third)  # sent, not reused
