@@ -65,6 +65,8 @@ async def _capped_body(request: Request) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
 _JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
