@@ -91,6 +91,12 @@ def test_batch_page_filters_pages_and_escapes(sqlite_engine: Engine, output_dir:
     assert "Commonest failures" in html
     assert "848×480 · 81 f · 16 fps · 5.1 s" in html
     assert "frame size 424x240" in html
+    assert "refused by fal with 429" not in html  # said only when fal refused some
+    with session_factory(sqlite_engine)() as session:
+        set_job(session, mixed.jobs[0].id, rate_limited_submits=3)
+        set_job(session, mixed.jobs[1].id, rate_limited_submits=2)
+        session.commit()
+    assert "5</span> submits refused by fal with 429" in local.get(base, headers=HTML).text
     # Next page by keyset, then the last page, then back.
     next_link = re.search(r'href="(\?after=[^"#]+)#jobs-section" rel="next"', html)
     assert next_link is not None
