@@ -110,3 +110,38 @@ def test_pause_stops_every_worker_and_resume_finishes_the_batch(
     assert counts["succeeded"] == scenario.jobs, counts
     assert ledger["accepted"] == scenario.jobs
     assert ledger["duplicates"] == []
+
+
+def test_a_429_storm_through_the_workers_loses_no_job(
+    new_pg_database: Callable[[], str], redis_url: str, tmp_path: Path
+) -> None:
+    """The workers share the pause a 429 asks for (the Redis limiter's ``hold_off``) and give the
+    refused jobs back uncounted: with one attempt per job, a storm of refusals fails none."""
+    scenario = Scenario(jobs=8, workers=1, concurrency=2, cap=4, latency=0.1, sim_concurrency=4)
+    manifest = write_manifest(tmp_path, scenario.jobs, name="storm-through-workers")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    options = SimulatorOptions(concurrency_limit=scenario.sim_concurrency, latency_seconds=scenario.latency)
+    with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as broker, running_simulator(options) as sim:
+        env = environment(scenario, new_pg_database(), broker, sim.url, tmp_path / "outputs")
+        env |= {"WANBATCH_MAX_ATTEMPTS": "1", "WANBATCH_RETRY_BASE_DELAY": "0.2"}
+        sim.set_faults(submit_429={"next": 6})
+        workers = start_workers(scenario, env, tmp_path, logs)
+        try:
+            run = subprocess.run(
+                [*wanbatch_command(), "run", str(manifest), "--json"],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            assert run.returncode == 0, run.stdout + run.stderr + tail(logs / "worker-0.log")
+        finally:
+            stop_processes(workers)
+        report = json.loads(run.stdout)
+        ledger = sim.ledger()
+    assert report["counts"]["succeeded"] == scenario.jobs == report["total"]
+    assert sum(1 for r in ledger["rejections"] if r["status_code"] == 429) == 6
+    assert report["rate_limited_submits"] == 6
+    assert ledger["accepted"] == scenario.jobs
