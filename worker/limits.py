@@ -87,6 +87,14 @@ return now
 """
 
 
+#: The API key's TAT and Redis' clock, both in microseconds: how long until it grants again.
+PAUSE_LEFT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+return {tonumber(redis.call('GET', KEYS[1])) or now, now}
+"""
+
+
 class LimiterUnavailableError(WanbatchError):
     """The shared limiter cannot be reached: nothing may be submitted until it is back."""
 
@@ -109,6 +117,15 @@ class SubmitLimiter(Protocol):
         """
         ...
 
+    def pause_left(self) -> float:
+        """Seconds until the API key's limit grants a submit again (0.0 when it would now).
+
+        Dispatch asks, to claim nothing while a 429's pause (:meth:`hold_off`), heard by any
+        worker, holds every submit back. Raises :class:`LimiterUnavailableError` like
+        :meth:`acquire`.
+        """
+        ...
+
     def hold_off(self, endpoint: str, seconds: float) -> None:
         """Grant no submit of ``endpoint``'s keys for ``seconds`` from now (fal said 429).
 
@@ -125,14 +142,19 @@ def api_key_id(settings: Settings) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16] if key else "no-key"
 
 
+def api_key_rate(settings: Settings) -> RateKey:
+    """The API key's own limit: every submit with the key, whatever the endpoint, passes it."""
+    spread = 1.0 + settings.submit_jitter_allowance
+    return RateKey(f"{KEY_PREFIX}{api_key_id(settings)}:submit", spread / settings.submit_rate)
+
+
 def rate_keys(settings: Settings, endpoint: str) -> list[RateKey]:
     """The limits that apply to one submit of ``endpoint``: the API key's, and the endpoint's if set."""
     spread = 1.0 + settings.submit_jitter_allowance
-    who = api_key_id(settings)
-    keys = [RateKey(f"{KEY_PREFIX}{who}:submit", spread / settings.submit_rate)]
+    keys = [api_key_rate(settings)]
     per_endpoint = settings.submit_rate_per_endpoint.get(endpoint)
     if per_endpoint is not None and per_endpoint > 0:
-        keys.append(RateKey(f"{KEY_PREFIX}{who}:submit:{endpoint}", spread / per_endpoint))
+        keys.append(RateKey(f"{KEY_PREFIX}{api_key_id(settings)}:submit:{endpoint}", spread / per_endpoint))
     return keys
 
 
@@ -152,6 +174,7 @@ class RedisGCRA:
         self.prefix = prefix
         self._script = client.register_script(GCRA_LUA)
         self._hold_off = client.register_script(HOLD_OFF_LUA)
+        self._pause_left = client.register_script(PAUSE_LEFT_LUA)
 
     @classmethod
     def from_url(cls, settings: Settings, url: str, *, prefix: str = "") -> RedisGCRA:
@@ -175,6 +198,14 @@ class RedisGCRA:
         except client_error() as exc:
             raise LimiterUnavailableError(f"the submit-rate limiter (Redis) is unreachable: {exc}") from exc
         return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
+
+    def pause_left(self) -> float:
+        key = self.prefix + api_key_rate(self.settings).key
+        try:
+            tat_us, now_us = self._pause_left(keys=[key])
+        except client_error() as exc:
+            raise LimiterUnavailableError(f"the submit-rate limiter (Redis) is unreachable: {exc}") from exc
+        return max(0, int(tat_us) - int(now_us)) / 1_000_000
 
     def hold_off(self, endpoint: str, seconds: float) -> None:
         keys = rate_keys(self.settings, endpoint)
@@ -207,6 +238,11 @@ class LocalGCRA:
             for k, tat in zip(keys, tats, strict=True):
                 self._tat[k.key] = tat + k.interval
             return 0.0
+
+    def pause_left(self) -> float:
+        key = api_key_rate(self.settings).key
+        with self._lock:
+            return max(0.0, self._tat.get(key, 0.0) - time.monotonic())
 
     def hold_off(self, endpoint: str, seconds: float) -> None:
         with self._lock:

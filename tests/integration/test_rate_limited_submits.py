@@ -30,6 +30,7 @@ from jobs.states import JobState
 from tests.hostile import HostileProvider, json_reply
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.conductor import Conductor
+from worker.limits import RedisGCRA, api_key_rate
 from worker.running import process_batch
 from worker.steps import RateBucket, dispatch, submit
 from worker.steps.submit import FREE_RATE_LIMIT_REFUSALS
@@ -224,3 +225,39 @@ def test_a_held_dispatch_looks_again_when_the_pause_ends_not_every_20_ms(
         runner.join(timeout=10)
     assert len(handed) == 1  # sent once the pause was over
     assert conductor.stats.rounds <= 10  # not ~50 rounds over the pause
+
+
+def test_a_pause_another_worker_heard_holds_this_dispatch(
+    engine: Engine, hostile: HostileProvider, redis_url: str, redis_namespace: str
+) -> None:
+    """The distributed leader dispatches, a worker elsewhere hears the 429: the leader reads the
+    pause from the shared limiter and claims nothing until it ends (before, it claimed jobs at
+    the submit rate and the workers handed each back, one history entry apiece)."""
+    settings = settings_for(hostile.url, f"pause-elsewhere-{redis_namespace}", limits_url=redis_url)
+    rt = make_runtime(engine, settings)
+    assert isinstance(rt.limiter, RedisGCRA)
+    add_batch(engine, "held-elsewhere", [(T2V, {"prompt": "a lighthouse"})])
+    elsewhere = RedisGCRA.from_url(settings, redis_url)
+    try:
+        elsewhere.hold_off(I2V, 5.0)  # the API key's limit holds every endpoint
+        assert dispatch(rt) == []
+        assert rt.bucket is not None
+        assert rt.bucket.short
+        assert rt.bucket.until_next() > 4.0
+        assert 4.0 < rt.limiter.pause_left() <= 5.0
+    finally:
+        elsewhere.client.delete(api_key_rate(settings).key)
+        elsewhere.close()
+    rt.bucket.tokens = 1.0  # the pause is over (deleted): the job goes out
+    assert len(dispatch(rt)) == 1
+
+
+def test_short_waits_for_a_token_do_not_hold_dispatch(engine: Engine, hostile: HostileProvider) -> None:
+    """At the submit rate the limiter is always a little ahead; only a wait longer than a submit
+    would sleep out (``WANBATCH_SUBMIT_WAIT_MAX``) holds dispatch."""
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, submit_rate=5.0))
+    add_batch(engine, "at-rate", [(T2V, {"prompt": p}) for p in ("a", "b")])
+    assert rt.limiter is not None
+    assert rt.limiter.acquire(T2V) == 0  # a submit just took a token: the next is 0.21 s away
+    assert 0 < rt.limiter.pause_left() < 0.5
+    assert len(dispatch(rt)) == 2

@@ -19,7 +19,7 @@ from jobs.errors import WanbatchError
 from jobs.models import Batch, Job, utcnow
 from jobs.money import usd_text
 from jobs.states import JobState
-from worker.limits import api_key_id
+from worker.limits import LimiterUnavailableError, api_key_id
 from worker.steps.context import Runtime, S, SubmitTicket
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     free = min(free, room)
     if free <= 0:
         return done
+    _heed_pause(rt)
     free = rt.bucket.take(free)
     if free <= 0:
         return done
@@ -149,6 +150,23 @@ class _RoundBatches:
             or (batch.simulated and batch.id not in self._own)
             or (batch.schedule is not None and not store.batch_schedule(batch).is_open(now))
         }
+
+
+def _heed_pause(rt: Runtime) -> None:
+    """Claim nothing while the shared limiter holds every submit back longer than a submit
+    would wait for its token: fal answered a 429, maybe to a worker on another host
+    (:meth:`~worker.limits.SubmitLimiter.hold_off`). Jobs claimed now would only be handed back,
+    one history entry each, until the pause ends; dispatch comes back when it does. A limiter
+    that cannot be asked changes nothing here: the submit itself fails closed."""
+    assert rt.bucket is not None
+    if rt.limiter is None:
+        return
+    try:
+        left = rt.limiter.pause_left()
+    except LimiterUnavailableError:
+        return
+    if left > rt.settings.submit_wait_max:
+        rt.bucket.hold_off(left)
 
 
 def _reuse(session: Session, rt: Runtime, job: Job, batches: _RoundBatches) -> bool:
