@@ -88,10 +88,15 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def csv_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iterator[RawItem]:
-    """One item per row under a header of field names; blank rows skipped."""
+    """One item per row under a header of field names; blank rows skipped.
+
+    Read strictly: a quote left open at the end of the file, or text right after a closing
+    quote, is an error, not a cell that swallowed the rest of its row (or of the file) into a
+    prompt that would then be paid for. Quotes inside an unquoted cell stay literal."""
     base_dir = path.parent
     with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(fh, strict=True)
+        last = 0  # the line the previous row ended on: the next one starts after it
         try:
             header = next(reader, None)
             if header is None:
@@ -120,9 +125,7 @@ def csv_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iterat
                     )
                 index += 1
         except (csv.Error, UnicodeDecodeError) as exc:
-            sink.append(
-                row_issue(display, reader.line_num + 1, index, f"unreadable CSV ({exc}); reading stopped")
-            )
+            sink.append(row_issue(display, last + 1, index, f"unreadable CSV ({exc}); reading stopped"))
 
 
 def row_issue(display: str, line: int, index: int | None, message: str, value: object = None) -> Issue:
