@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -193,10 +194,24 @@ def serve(host: str, port: int) -> None:
         app = create_app(settings)
         log_config = uvicorn_log_config(settings.log_format)
         startup.resume()
+        # Bound here, not by uvicorn: uvicorn logs a bind error and exits 3 itself (``[Errno 98]``
+        # or ``Name or service not known`` on its own line), which the one-line error (exit 2)
+        # every other usage mistake gets could never replace.
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:
-            uvicorn.run(app, host=host, port=port, log_level="info", log_config=log_config)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(2048)
         except OSError as exc:  # in use, not ours to bind, or an unknown host
+            sock.close()
             raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+        server = uvicorn.Server(uvicorn.Config(app, log_level="info", log_config=log_config))
+        # uvicorn says where it listens only for sockets it bound itself: the same line, as before.
+        bound = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        said = "Uvicorn running on http://%s:%d (Press CTRL+C to quit)"
+        logging.getLogger("uvicorn.error").info(said, shown, bound)
+        server.run(sockets=[sock])
         return EXIT_OK
 
     guarded(False, action)

@@ -105,15 +105,25 @@ def test_simulator_options(args: list[str], phrase: str) -> None:
     assert_one_line(wanbatch("simulator", *args, timeout=20), phrase)
 
 
-def test_simulator_port_in_use() -> None:
+@pytest.mark.parametrize("command", ["simulator", "serve"])
+def test_a_port_in_use(command: str, tmp_path: Path) -> None:
+    """``serve`` once left this to uvicorn, which logged ``[Errno 98]`` on a line of its own
+    among its start-up lines and exited 3."""
     import socket
 
+    env = {"WANBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'wb.db'}"}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = str(taken.getsockname()[1])
-        done = wanbatch("simulator", "--port", port, timeout=20)
-    assert_one_line(done, f"cannot serve on 127.0.0.1:{port}")
+        done = wanbatch(command, "--port", port, env=env, timeout=20)
+    assert_one_line(done, f"cannot serve on 127.0.0.1:{port}", "in use")
+
+
+def test_serve_on_an_unknown_host(tmp_path: Path) -> None:
+    env = {"WANBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'wb.db'}"}
+    done = wanbatch("serve", "--host", "no.such.host.invalid", "--port", "0", env=env, timeout=20)
+    assert_one_line(done, "cannot serve on no.such.host.invalid:0")
 
 
 @pytest.mark.parametrize(
