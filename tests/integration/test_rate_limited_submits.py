@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from pydantic import SecretStr
 from sqlalchemy import Engine, text
 
@@ -261,3 +262,28 @@ def test_short_waits_for_a_token_do_not_hold_dispatch(engine: Engine, hostile: H
     assert rt.limiter.acquire(T2V) == 0  # a submit just took a token: the next is 0.21 s away
     assert 0 < rt.limiter.pause_left() < 0.5
     assert len(dispatch(rt)) == 2
+
+
+def test_a_429_on_the_image_upload_is_no_attempt_either(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """A local image goes up through fal's storage API before the submit; fal refusing that upload
+    with 429 is the same "slow down", and costs the job nothing either."""
+    hostile.route("POST", r"/storage/upload/initiate", json_reply(TOO_MANY, 429))
+    image = tmp_path / "still.png"
+    Image.new("RGB", (640, 480), (20, 90, 160)).save(image)
+    settings = settings_for(hostile.url, KEY, inline_max_bytes=0, retry_base_delay=30, max_attempts=1)
+    rt = make_runtime(engine, settings)
+    try:
+        add_batch(
+            engine, "upload-429", [(I2V, {"prompt": "p", "image_url": str(image), "resolution": "480p"})]
+        )
+        (job_id,) = dispatch(rt)
+        assert submit(rt, job_id) == "rate-limited"
+    finally:
+        rt.client.close()
+    after = job(engine, job_id)
+    assert (after.state, after.attempts, after.rate_limited_submits) == (S.PENDING, 0, 1)
+    assert rt.limiter is not None
+    assert rt.limiter.pause_left() > 25  # every submit waits out the pause
+    assert hostile.count("POST", r"/fal-ai/.*") == 0

@@ -159,6 +159,8 @@ def _submit(rt: Runtime, job_id: str) -> str:
             store.give_back(session, fence, reason=f"batch paused: {reason}", due_at=in_seconds(0))
         return "account-locked"
     except ProviderError as exc:
+        if _rate_limited(exc):  # the upload was refused for the account's pace, as a submit may be
+            return _refused_for_rate(rt, fence, endpoint, exc)
         with db.session_scope(rt.engine) as session:
             settle(session, rt, fence, exc)
         return "media-failed"
@@ -230,7 +232,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
             store.give_back(session, fence, reason=f"batch paused: {reason}", due_at=in_seconds(0))
         return "account-locked"
     except (RetryableProviderError, FinalProviderError) as exc:
-        if exc.status_code == RATE_LIMITED and isinstance(exc, RetryableProviderError):
+        if _rate_limited(exc):
             telemetry.count_submit(endpoint, "rate_limited")
             return _refused_for_rate(rt, fence, endpoint, exc)
         telemetry.count_submit(
@@ -255,7 +257,12 @@ def _submit(rt: Runtime, job_id: str) -> str:
     return outcome
 
 
-def _refused_for_rate(rt: Runtime, fence: Fence, endpoint: str, exc: RetryableProviderError) -> str:
+def _rate_limited(exc: ProviderError) -> bool:
+    """fal's "slow down" (429), which refuses a request without queueing or billing anything."""
+    return exc.status_code == RATE_LIMITED and isinstance(exc, RetryableProviderError)
+
+
+def _refused_for_rate(rt: Runtime, fence: Fence, endpoint: str, exc: ProviderError) -> str:
     """fal refused the submit with 429: slow everyone down, and give the job back uncounted.
 
     A 429 says nothing about the job: it was the account's pace, and the same POST sent a little
