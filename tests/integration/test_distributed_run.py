@@ -11,6 +11,7 @@ import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,20 +26,31 @@ from bench.distributed import (
     write_manifest,
 )
 from falsim import SimulatorOptions, running_simulator
+from falsim.ledger import LedgerReport
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 
-def test_run_with_a_broker_waits_for_the_workers(
-    new_pg_database: Callable[[], str], redis_url: str, tmp_path: Path
-) -> None:
+def _run_through_a_worker(
+    database_url: str,
+    redis_url: str,
+    tmp_path: Path,
+    name: str,
+    *,
+    settings: dict[str, str] | None = None,
+    faults: dict[str, Any] | None = None,
+) -> tuple[Scenario, dict[str, Any], LedgerReport, list[int | None]]:
+    """``wanbatch run NAME --json`` with a broker, one real ``wanbatch worker`` doing the work;
+    (the scenario, run's report, the simulator's ledger, the worker's exit codes)."""
     scenario = Scenario(jobs=10, workers=1, concurrency=2, cap=4, latency=0.1, sim_concurrency=4)
-    manifest = write_manifest(tmp_path, scenario.jobs, name="run-with-broker")
+    manifest = write_manifest(tmp_path, scenario.jobs, name=name)
     logs = tmp_path / "logs"
     logs.mkdir()
     options = SimulatorOptions(concurrency_limit=scenario.sim_concurrency, latency_seconds=scenario.latency)
     with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as broker, running_simulator(options) as sim:
-        env = environment(scenario, new_pg_database(), broker, sim.url, tmp_path / "outputs")
+        env = environment(scenario, database_url, broker, sim.url, tmp_path / "outputs") | (settings or {})
+        if faults:
+            sim.set_faults(faults)
         workers = start_workers(scenario, env, tmp_path, logs)
         try:
             run = subprocess.run(
@@ -52,8 +64,15 @@ def test_run_with_a_broker_waits_for_the_workers(
             assert run.returncode == 0, run.stdout + run.stderr + tail(logs / "worker-0.log")
         finally:
             codes = stop_processes(workers)
-        report = json.loads(run.stdout)
-        ledger = sim.ledger()
+        return scenario, json.loads(run.stdout), sim.ledger(), codes
+
+
+def test_run_with_a_broker_waits_for_the_workers(
+    new_pg_database: Callable[[], str], redis_url: str, tmp_path: Path
+) -> None:
+    scenario, report, ledger, codes = _run_through_a_worker(
+        new_pg_database(), redis_url, tmp_path, "run-with-broker"
+    )
     assert report["counts"]["succeeded"] == scenario.jobs == report["total"]
     assert report["finished"] == scenario.jobs
     assert ledger["accepted"] == scenario.jobs
@@ -117,30 +136,14 @@ def test_a_429_storm_through_the_workers_loses_no_job(
 ) -> None:
     """The workers share the pause a 429 asks for (the Redis limiter's ``hold_off``) and give the
     refused jobs back uncounted: with one attempt per job, a storm of refusals fails none."""
-    scenario = Scenario(jobs=8, workers=1, concurrency=2, cap=4, latency=0.1, sim_concurrency=4)
-    manifest = write_manifest(tmp_path, scenario.jobs, name="storm-through-workers")
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    options = SimulatorOptions(concurrency_limit=scenario.sim_concurrency, latency_seconds=scenario.latency)
-    with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as broker, running_simulator(options) as sim:
-        env = environment(scenario, new_pg_database(), broker, sim.url, tmp_path / "outputs")
-        env |= {"WANBATCH_MAX_ATTEMPTS": "1", "WANBATCH_RETRY_BASE_DELAY": "0.2"}
-        sim.set_faults(submit_429={"next": 6})
-        workers = start_workers(scenario, env, tmp_path, logs)
-        try:
-            run = subprocess.run(
-                [*wanbatch_command(), "run", str(manifest), "--json"],
-                env=env,
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=180,
-            )
-            assert run.returncode == 0, run.stdout + run.stderr + tail(logs / "worker-0.log")
-        finally:
-            stop_processes(workers)
-        report = json.loads(run.stdout)
-        ledger = sim.ledger()
+    scenario, report, ledger, _codes = _run_through_a_worker(
+        new_pg_database(),
+        redis_url,
+        tmp_path,
+        "storm-through-workers",
+        settings={"WANBATCH_MAX_ATTEMPTS": "1", "WANBATCH_RETRY_BASE_DELAY": "0.2"},
+        faults={"submit_429": {"next": 6}},
+    )
     assert report["counts"]["succeeded"] == scenario.jobs == report["total"]
     assert sum(1 for r in ledger["rejections"] if r["status_code"] == 429) == 6
     assert report["rate_limited_submits"] == 6

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from pydantic import SecretStr
 from sqlalchemy import Engine, text
 
 from cli.output import money_line
@@ -26,7 +25,6 @@ from falsim import SimulatorOptions, running_simulator
 from jobs import batches, db, store
 from jobs.batches import batch_report
 from jobs.models import Job, utcnow
-from jobs.settings import Settings
 from jobs.states import JobState
 from tests.hostile import HostileProvider, json_reply
 from tests.step_runtime import add_batch, make_runtime, settings_for
@@ -147,17 +145,12 @@ def test_a_429_storm_with_one_attempt_per_job_loses_no_job(
     storm met failed without ever running. Now every job succeeds with its one attempt."""
     options = SimulatorOptions(latency_seconds=0.05, latency_jitter=0.0, concurrency_limit=8, rng_seed=5)
     with running_simulator(options) as sim:
-        settings = Settings(
+        settings = settings_for(
+            sim.url,
+            KEY,
             database_url=db_url,
-            FAL_KEY=SecretStr(KEY),
-            fal_queue_url=sim.url,
-            fal_rest_url=sim.url,
             output_dir=tmp_path / "outputs",
-            poll_min_interval=0.05,
-            poll_max_interval=0.2,
-            tick_interval=0.05,
             retry_base_delay=0.02,
-            submit_rate=100,
             max_attempts=1,
         )
         manifest = tmp_path / "storm.yaml"
