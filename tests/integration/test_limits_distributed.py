@@ -219,8 +219,14 @@ def _durations(run: Run) -> list[float]:
     return [completed_at(e) - e["accepted_at"] for e in entries]
 
 
-def _check_limits(run: Run, *, rate_window: float = 1.0) -> None:
-    """The limits held, as the simulator saw them; the rate over any ``rate_window`` seconds."""
+def _check_limits(run: Run, *, rate_window: float = 1.0, ambiguous_allowed: int = 0) -> None:
+    """The limits held, as the simulator saw them; the rate over any ``rate_window`` seconds.
+
+    Every job succeeded, but ``ambiguous_allowed``: submits a killed worker left between
+    recording its lease and recording fal's answer. Nothing can tell whether fal has those
+    (no webhook receiver here), so ``WANBATCH_SUBMIT_UNKNOWN_POLICY=fail`` ends them failed, as
+    documented; the victim held at most its concurrency of them.
+    """
     entries = run.ledger["entries"]
     accepted = [e["accepted_at"] for e in entries]
     gaps = [round(b - a, 3) for a, b in zip(sorted(accepted), sorted(accepted)[1:], strict=False)]
@@ -229,7 +235,10 @@ def _check_limits(run: Run, *, rate_window: float = 1.0) -> None:
         assert run.ledger["max_submits_per_second"] <= RATE
     assert run.ledger["max_outstanding"] <= CAP
     assert max_outstanding(entries) <= CAP
-    assert run.report["counts"]["succeeded"] == JOBS, (run.report["counts"], run.report["failures"])
+    counts, failures = run.report["counts"], run.report["failures"]
+    unknown = sum(f["count"] for f in failures if f["error_type"] == "submit_unknown")
+    assert counts["succeeded"] + unknown == JOBS, (counts, failures)
+    assert unknown <= ambiguous_allowed, failures
     assert run.ledger["duplicates"] == []
 
 
@@ -279,6 +288,6 @@ def test_a_killed_worker_does_not_cost_throughput_after_its_lease(
     # receipts within 1 s here: submits granted 0.23 s apart (the limiter's interval) that
     # reached the loop together. The 1-s bound is checked on the undisturbed run above; a
     # limiter that let two workers through at once would break the 2-s bound all the same.
-    _check_limits(run, rate_window=2.0)
+    _check_limits(run, rate_window=2.0, ambiguous_allowed=SCENARIO.concurrency)
     assert run.span <= 1.10 * bound + lease
     assert rate_after >= 0.9 * EFFECTIVE_RATE  # full speed again
