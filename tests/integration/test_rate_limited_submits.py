@@ -6,6 +6,9 @@
   ``Retry-After`` (capped) or ``WANBATCH_RETRY_BASE_DELAY``.
 * The bound: after ``FREE_RATE_LIMIT_REFUSALS`` refusals each one counts as an attempt, so a storm
   that never ends still ends the job, with fal's words.
+* Dispatch claims nothing while the shared limiter holds submits back (a pause another worker
+  heard too), and the conductor dispatches again when the pause ends, not every 20 ms.
+* A 429 on the upload of a job's local image is the same "slow down".
 * Whole runs: a storm of refusals against the simulator, with one attempt per job, loses none.
 """
 
