@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -187,11 +186,13 @@ def _not_as_stored(source: Path, size: int | None) -> str | None:
     every video again would make an export of a large batch as slow as copying it); the record
     carries ``video_sha256`` for a full check.
     """
-    info = source.lstat()
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
+    from jobs.output_store import output_size
+
+    found = output_size(str(source))  # None for anything but a regular file (the caller saw one exists)
+    if found is None:
         return "was replaced by a link or a special file"
-    if size is not None and info.st_size != size:
-        return f"has {info.st_size:,} bytes instead of {size:,}"
+    if size is not None and found != size:
+        return f"has {found:,} bytes instead of {size:,}"
     return None
 
 

@@ -150,12 +150,12 @@ def api_key_rate(settings: Settings) -> RateKey:
 
 def rate_keys(settings: Settings, endpoint: str) -> list[RateKey]:
     """The limits that apply to one submit of ``endpoint``: the API key's, and the endpoint's if set."""
-    spread = 1.0 + settings.submit_jitter_allowance
-    keys = [api_key_rate(settings)]
+    own = api_key_rate(settings)
     per_endpoint = settings.submit_rate_per_endpoint.get(endpoint)
-    if per_endpoint is not None and per_endpoint > 0:
-        keys.append(RateKey(f"{KEY_PREFIX}{api_key_id(settings)}:submit:{endpoint}", spread / per_endpoint))
-    return keys
+    if per_endpoint is None or per_endpoint <= 0:
+        return [own]
+    spread = 1.0 + settings.submit_jitter_allowance
+    return [own, RateKey(f"{own.key}:{endpoint}", spread / per_endpoint)]
 
 
 def client_error() -> type[Exception]:

@@ -275,8 +275,7 @@ def _refused_for_rate(rt: Runtime, fence: Fence, endpoint: str, exc: ProviderErr
     retryable failure again (``settle``), and ``WANBATCH_MAX_ATTEMPTS`` ends the job.
     """
     pause = retry_after(rt.settings, exc) or backoff(rt.settings, 1)
-    if pause > 0 and rt.bucket is not None:
-        rt.bucket.hold_off(pause)  # dispatch here claims nothing the limiter would hand back
+    # Dispatch, here or in another process, reads the pause from the limiter (``pause_left``).
     if pause > 0 and rt.limiter is not None:
         try:
             rt.limiter.hold_off(endpoint, pause)
