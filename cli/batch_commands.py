@@ -85,7 +85,8 @@ def cost(batch: str, as_json: bool) -> None:
 
     Actual follows the billing rules (jobs/billing_rules.yaml: 5xx never billed, a 422 billed
     when a runner spent time, a cancel billed once running). Wasted is billed money that bought
-    no output. Possible duplicates (resubmits after an unknown outcome) are shown apart.
+    no output. Possible duplicates (resubmits after an unknown outcome), and what submits of
+    unknown outcome may have been billed, are shown apart.
     """
 
     def action() -> int:
@@ -113,6 +114,12 @@ def cost(batch: str, as_json: bool) -> None:
             say(
                 f"possible duplicate charges: {total.possible_duplicate_charges} "
                 f"(up to {usd(total.possible_duplicate_usd)} more than actual)",
+                "yellow",
+            )
+        if total.possibly_billed_usd:
+            say(
+                f"possibly billed: up to {usd(total.possibly_billed_usd)} more than actual, by submits "
+                "whose outcome is unknown (fal may have accepted them); the budget counts it",
                 "yellow",
             )
         if mismatches:

@@ -269,6 +269,11 @@ def money_line(report: BatchReport) -> str:
     if report["wasted_usd"]:
         first.append(f"wasted {usd_text(report['wasted_usd'])}")
     lines = join_lines(first, width())
+    if report["possibly_billed_usd"]:
+        lines.append(
+            f"[yellow]{usd_text(report['possibly_billed_usd'])} of it possibly billed[/yellow] "
+            "(submits whose outcome is unknown: fal may have charged them; counted against the budget)"
+        )
     if report["possible_duplicate_charges"]:
         lines.append(f"[yellow]{report['possible_duplicate_charges']} possible duplicate charge(s)[/yellow]")
     if report["rate_limited_submits"]:

@@ -507,6 +507,9 @@ class BatchReport(TypedDict):
     spent_usd: float | None
     reserved_usd: float | None
     budget_max_usd: float | None
+    #: The part of ``spent_usd`` that submits whose outcome stayed unknown may have cost (fal
+    #: may have accepted and billed them): counted against the budget, shown apart.
+    possibly_billed_usd: float | None
     possible_duplicate_charges: int
     confirmed_duplicate_charges: int
     #: Jobs whose video did not match the request (``media_mismatch``; see worker.probe).
@@ -696,6 +699,7 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
         "spent_usd": _money(totals.spent_usd),
         "reserved_usd": _money(totals.reserved_usd),
         "budget_max_usd": _money(batch.budget_max_usd),
+        "possibly_billed_usd": _money(totals.possibly_billed_usd),
         "possible_duplicate_charges": totals.possible_duplicate_charges,
         "confirmed_duplicate_charges": totals.confirmed_duplicate_charges,
         "actual_usd": _money(totals.actual_usd),

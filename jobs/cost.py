@@ -44,6 +44,8 @@ class CostLine:
     wasted_usd: Decimal = ZERO
     possible_duplicate_charges: int = 0
     possible_duplicate_usd: Decimal = ZERO
+    #: What submits whose outcome stayed unknown may have cost: fal may have billed them.
+    possibly_billed_usd: Decimal = ZERO
 
     def add(self, job: store.JobMoney) -> None:
         """Count one job in this line."""
@@ -67,6 +69,7 @@ class CostLine:
             self.in_flight += 1
         self.possible_duplicate_charges += job.possible_duplicate_charges
         self.possible_duplicate_usd += job.est_usd * job.possible_duplicate_charges
+        self.possibly_billed_usd += job.ambiguous_usd
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: USD as numbers rounded to the micro-dollar (:func:`jobs.money.usd_json`, the
@@ -85,6 +88,7 @@ class CostLine:
             "wasted_usd": usd_json(self.wasted_usd),
             "possible_duplicate_charges": self.possible_duplicate_charges,
             "possible_duplicate_usd": usd_json(self.possible_duplicate_usd),
+            "possibly_billed_usd": usd_json(self.possibly_billed_usd),
         }
 
 

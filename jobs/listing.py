@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from jobs import store
+from jobs.digits import ascii_int
 from jobs.models import Batch, BatchState, Job, Money, utcnow
 from jobs.schedule import format_duration
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
@@ -65,7 +66,8 @@ class Totals:
     Money as :class:`jobs.store.BatchMoney` and :class:`jobs.store.BatchCost` define it, all
     exact USD: ``estimated``, ``spent`` (billed work at its actual cost, else its estimate),
     ``reserved`` (estimates of jobs fal holds), ``actual`` (what fal billed), ``wasted`` (billed
-    money that bought no output).
+    money that bought no output), ``possibly_billed`` (the part of ``spent`` that submits whose
+    outcome stayed unknown may have cost: ``Job.ambiguous_usd``).
     """
 
     counts: dict[str, int] = field(default_factory=lambda: {s.value: 0 for s in JobState})
@@ -74,6 +76,7 @@ class Totals:
     reserved_usd: Decimal = Decimal(0)
     actual_usd: Decimal = Decimal(0)
     wasted_usd: Decimal = Decimal(0)
+    possibly_billed_usd: Decimal = Decimal(0)
     possible_duplicate_charges: int = 0
     confirmed_duplicate_charges: int = 0
     cancelled_for_budget: int = 0
@@ -116,12 +119,14 @@ class Totals:
             refused,
             first,
             recent,
+            ambiguous,
         ) = row
         self.counts[state.value] += int(jobs)
         self.estimated_usd += estimated or 0
         self.actual_usd += actual or 0
         # The state decides which figure counts, exactly as store.batch_money / batch_cost do.
-        self.spent_usd += (billed or 0) if state in _BILLED else (actual or 0)
+        self.spent_usd += ((billed or 0) if state in _BILLED else (actual or 0)) + (ambiguous or 0)
+        self.possibly_billed_usd += ambiguous or 0
         if state in AT_PROVIDER_STATES:
             self.reserved_usd += estimated or 0
         if state in (JobState.FAILED, JobState.CANCELLED):
@@ -156,6 +161,7 @@ def _aggregates(since: datetime) -> tuple[ColumnElement[Any], ...]:
         func.sum(Job.rate_limited_submits),
         func.min(Job.submitted_at),
         func.sum(case((Job.state.in_(list(_WORK_DONE)) & (Job.finished_at >= since), 1), else_=0)),
+        func.sum(Job.ambiguous_usd),
     )
 
 
@@ -378,12 +384,13 @@ class Cursor:
         parts = text.split(".")
         if len(parts) != 3 or not all(parts):
             return None
-        item, variant, job_id = parts
-        if not (item.isdigit() and variant.isdigit() and len(item) < 10 and len(variant) < 10):
+        item, variant = ascii_int(parts[0], max_digits=9), ascii_int(parts[1], max_digits=9)
+        job_id = parts[2]
+        if item is None or variant is None:
             return None
-        if len(job_id) > 32 or not job_id.isalnum():
+        if len(job_id) > 32 or not (job_id.isascii() and job_id.isalnum()):
             return None
-        return cls(int(item), int(variant), job_id)
+        return cls(item, variant, job_id)
 
 
 @dataclass(frozen=True, slots=True)

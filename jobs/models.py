@@ -40,6 +40,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -314,6 +315,11 @@ class Job(Base):
     #: Requests of this job fal proved (by a signed webhook) it accepted and ran besides the one
     #: the job kept: each was billed. ``server_default``: jobs stored before the column existed.
     confirmed_duplicate_charges: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: The estimates of this job's submits whose outcome stayed unknown: each left
+    #: ``submit_unknown`` without proof (failed, resent or cancelled), and fal may have accepted
+    #: and billed it. Counted as spent (the budget holds against the worst case) and shown apart
+    #: as "possibly billed". ``server_default``: jobs stored before the column existed.
+    ambiguous_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0), server_default="0")
 
     error: Mapped[str | None] = mapped_column(Text)
     error_type: Mapped[str | None] = mapped_column(String(255))
@@ -364,13 +370,15 @@ Index(
 #: whose queries repeat these terms literally: SQLite uses a partial index only then). Covering
 #: both queries, so SQLite, which has no statistics to go by, prefers it to the indexes that
 #: would read every pending job of the batch (ix_jobs_batch_id_state_order) or of the database.
-_PENDING_BILLED = (Job.state == JobState.PENDING) & Job.actual_usd.is_not(None)
+#: A pending job counts when an earlier attempt was billed, or may have been (``ambiguous_usd``).
+_PENDING_BILLED = text("state = 'pending' AND (actual_usd IS NOT NULL OR ambiguous_usd > 0)")
 Index(
     "ix_jobs_pending_billed",
     Job.state,
     Job.batch_id,
     Job.submitted_at,
     Job.actual_usd,
+    Job.ambiguous_usd,
     postgresql_where=_PENDING_BILLED,
     sqlite_where=_PENDING_BILLED,
 )

@@ -195,6 +195,10 @@ _SETTABLE = frozenset(Job.__table__.columns.keys()) - _PROTECTED
 
 #: States in which fal has finished the work, so the job is billed (actual cost, else estimate).
 _BILLED_STATES = frozenset({JobState.DOWNLOADING, JobState.SUCCEEDED})
+#: Where a job leaves ``submit_unknown`` without proof that fal has its request (a webhook, a
+#: late answer): failed, resent as a new attempt, cancelled. fal may have accepted (and billed)
+#: the request all the same, so its estimate moves into ``ambiguous_usd`` and stays counted.
+UNPROVEN_EXITS = frozenset({JobState.FAILED, JobState.RETRY_WAIT, JobState.CANCELLED})
 
 
 # --------------------------------------------------------------------------- batches
@@ -583,6 +587,8 @@ def add_jobs(
 
 
 _JOBS = cast(Table, Job.__table__)
+#: ``ambiguous_usd`` grown by the job's estimate (:data:`UNPROVEN_EXITS`).
+_POSSIBLY_BILLED_MORE = _JOBS.c.ambiguous_usd + _JOBS.c.est_usd
 _NEW_JOB_COLUMNS = (
     "id",
     "batch_id",
@@ -770,6 +776,8 @@ def transition(
     values: dict[str, Any] = {"next_attempt_at": None, **fields}
     if new.terminal:
         values = {"finished_at": now, "lease_owner": None, "lease_expires_at": None, **values}
+    if expected == JobState.SUBMIT_UNKNOWN and new in UNPROVEN_EXITS:
+        values["ambiguous_usd"] = _POSSIBLY_BILLED_MORE
     values.update(state=new, updated_at=now)
     # Core statements on the tables, not ORM-enabled ones, built once per shape and then only
     # executed with new parameters: every job moves several times, and building and caching an
@@ -796,7 +804,7 @@ def transition(
         return False
     _refresh_loaded(session, job_id, row._mapping)
     if new.terminal:
-        usd = finished_usd(new, row.actual_usd, row.est_usd)
+        usd = finished_usd(new, row.actual_usd, row.est_usd, row.ambiguous_usd)
         _add_finished(session, row.batch_id, row.submitted_at, usd)
     if not logged:
         _run(session, _INSERT_EVENT, {"job_id": job_id, "version": row.version, **event})
@@ -813,7 +821,7 @@ _STATEMENTS: dict[tuple[tuple[str, ...], bool, bool, bool], Any] = {}
 
 #: What a transition to a terminal state also returns: the job's share of its batch's
 #: finished money (:func:`finished_usd`) is known only once the row is written.
-_FINISHING_RETURNS = ("batch_id", "submitted_at", "actual_usd", "est_usd")
+_FINISHING_RETURNS = ("batch_id", "submitted_at", "actual_usd", "est_usd", "ambiguous_usd")
 
 
 def _transition_statement(
@@ -874,12 +882,17 @@ def _with_event(moving: Any, returned: Iterable[str]) -> Any:
     return select(*[moved.c[name] for name in returned]).add_cte(logged)
 
 
-def finished_usd(state: JobState, actual_usd: Decimal | None, est_usd: Decimal) -> Decimal:
+def finished_usd(
+    state: JobState, actual_usd: Decimal | None, est_usd: Decimal, ambiguous_usd: Decimal = Decimal(0)
+) -> Decimal:
     """A finished job's share of its batch's spent money (:class:`BatchMoney`): what fal billed,
-    or for a succeeded job fal reported no cost for, its estimate."""
+    or for a succeeded job fal reported no cost for, its estimate; plus what its submits whose
+    outcome stayed unknown may have cost (``ambiguous_usd``)."""
     if state in _BILLED_STATES:
-        return actual_usd if actual_usd is not None else est_usd
-    return actual_usd if actual_usd is not None else Decimal(0)
+        billed = actual_usd if actual_usd is not None else est_usd
+    else:
+        billed = actual_usd if actual_usd is not None else Decimal(0)
+    return billed + ambiguous_usd
 
 
 #: ``session.info`` key: (batch id, day) → finished money added by this transaction, not yet written.
@@ -1383,12 +1396,18 @@ def cancel_unsent_jobs(
     conn = session.connection()
     total = 0
     for state in UNSENT_STATES:
+        unproven = {"ambiguous_usd": _POSSIBLY_BILLED_MORE} if state == JobState.SUBMIT_UNKNOWN else {}
         moved = (
             update(_JOBS)
             .where(_JOBS.c.batch_id.in_(list(batch_ids)), _JOBS.c.state == state)
-            .values(values)
+            .values({**values, **unproven})
             .returning(
-                _JOBS.c.id, _JOBS.c.version, _JOBS.c.batch_id, _JOBS.c.submitted_at, _JOBS.c.actual_usd
+                _JOBS.c.id,
+                _JOBS.c.version,
+                _JOBS.c.batch_id,
+                _JOBS.c.submitted_at,
+                _JOBS.c.actual_usd,
+                _JOBS.c.ambiguous_usd,
             )
         )
         if conn.dialect.name == "postgresql":
@@ -1403,20 +1422,28 @@ def cancel_unsent_jobs(
                 literal(worker, _EVENTS.c.worker.type),
             )
             logged = insert(_EVENTS).from_select(list(_EVENT_COLUMNS), events).cte(f"logged_{state.value}")
-            # How many moved, and what earlier attempts of theirs were billed, by batch and last
-            # submit (a row per job that was ever sent; one per batch for those never sent).
+            # How many moved, and what earlier attempts of theirs were (or may have been) billed,
+            # by batch and last submit (a row per job ever sent; one per batch for those never sent).
             per_batch = (
-                select(cte.c.batch_id, cte.c.submitted_at, func.count(), func.sum(cte.c.actual_usd))
+                select(
+                    cte.c.batch_id,
+                    cte.c.submitted_at,
+                    func.count(),
+                    func.sum(cte.c.actual_usd),
+                    func.sum(cte.c.ambiguous_usd),
+                )
                 .group_by(cte.c.batch_id, cte.c.submitted_at)
                 .add_cte(logged)
             )
-            for batch_id, submitted_at, count, billed in conn.execute(per_batch):
+            for batch_id, submitted_at, count, billed, ambiguous in conn.execute(per_batch):
                 total += int(count)
-                _add_finished(session, batch_id, submitted_at, billed or Decimal(0))
+                _add_finished(
+                    session, batch_id, submitted_at, (billed or Decimal(0)) + (ambiguous or Decimal(0))
+                )
             continue
         rows = conn.execute(moved).all()
         for r in rows:
-            _add_finished(session, r.batch_id, r.submitted_at, r.actual_usd or Decimal(0))
+            _add_finished(session, r.batch_id, r.submitted_at, (r.actual_usd or Decimal(0)) + r.ambiguous_usd)
         if rows:
             conn.execute(
                 insert(_EVENTS),
@@ -2094,20 +2121,17 @@ def _paid(batch_id: Any) -> ColumnElement[bool]:
 
 def committed_usd_since(session: Session, since: datetime) -> Decimal:
     """USD committed across every batch sent to fal since ``since`` (the daily budget): the
-    estimates of all jobs fal holds or may hold now, plus what jobs submitted since then were
-    billed. Simulations are left out (:func:`_paid`)."""
+    estimates of all jobs fal holds or may hold now (and what their earlier submits of unknown
+    outcome may have cost), plus what jobs submitted since then were (or may have been) billed.
+    Simulations are left out (:func:`_paid`)."""
     zero = type_coerce(0, Money())
-    billed = case(
-        (Job.state.in_(list(_BILLED_STATES)), func.coalesce(Job.actual_usd, Job.est_usd)),
-        else_=func.coalesce(Job.actual_usd, zero),
-    )
     reserved = session.scalar(
-        select(func.coalesce(func.sum(type_coerce(Job.est_usd, Money())), zero)).where(
+        select(func.coalesce(func.sum(_at_provider_usd()), zero)).where(
             Job.state.in_(list(AT_PROVIDER_STATES)), _paid(Job.batch_id)
         )
     )
     spent = session.scalar(
-        select(func.coalesce(func.sum(type_coerce(billed, Money())), zero)).where(
+        select(func.coalesce(func.sum(spent_usd()), zero)).where(
             Job.submitted_at >= since, Job.state.not_in(list(AT_PROVIDER_STATES)), _paid(Job.batch_id)
         )
     )
@@ -2130,7 +2154,7 @@ def committed_usd_today(session: Session, now: datetime) -> Decimal:
             .scalar_subquery()
         )
         reserved = (
-            select(func.sum(type_coerce(Job.est_usd, Money())))
+            select(func.sum(_at_provider_usd()))
             .where(Job.state.in_(list(AT_PROVIDER_STATES)), _paid(Job.batch_id))
             .scalar_subquery()
         )
@@ -2144,7 +2168,7 @@ def committed_usd_today(session: Session, now: datetime) -> Decimal:
             .scalar_subquery()
         )
         parked = (
-            select(func.sum(type_coerce(Job.actual_usd, Money())))
+            select(func.sum(_parked_usd()))
             .where(_PENDING_BILLED, Job.submitted_at >= after, _paid(Job.batch_id))
             .scalar_subquery()
         )
@@ -2170,6 +2194,8 @@ class BatchMoney:
     * ``committed_usd`` (= spent + reserved) is what a budget cap is checked against.
     * ``possible_duplicate_charges``: resubmissions after an ambiguous submit (maybe billed twice).
     * ``confirmed_duplicate_charges``: extra requests fal's signed webhooks proved it ran (billed).
+    * ``possibly_billed_usd``: the part of ``spent_usd`` that submits of unknown outcome may have
+      cost (``Job.ambiguous_usd``): counted against the budget, shown apart.
     """
 
     estimated_usd: Decimal
@@ -2177,6 +2203,7 @@ class BatchMoney:
     reserved_usd: Decimal
     possible_duplicate_charges: int
     confirmed_duplicate_charges: int = 0
+    possibly_billed_usd: Decimal = Decimal(0)
 
     @property
     def committed_usd(self) -> Decimal:
@@ -2190,7 +2217,18 @@ def spent_usd() -> ColumnElement[Decimal]:
         (Job.state.in_(list(_BILLED_STATES)), func.coalesce(Job.actual_usd, Job.est_usd)),
         else_=func.coalesce(Job.actual_usd, type_coerce(0, Money())),
     )
-    return type_coerce(billed, Money())
+    return type_coerce(billed + Job.ambiguous_usd, Money())
+
+
+def _at_provider_usd() -> ColumnElement[Decimal]:
+    """A job fal holds or may hold: its estimate, and what its earlier submits of unknown
+    outcome may have cost (the daily budget's share of such a job)."""
+    return type_coerce(Job.est_usd + Job.ambiguous_usd, Money())
+
+
+def _parked_usd() -> ColumnElement[Decimal]:
+    """A pending job's billed money: what earlier attempts were billed, or may have been."""
+    return type_coerce(func.coalesce(Job.actual_usd, type_coerce(0, Money())) + Job.ambiguous_usd, Money())
 
 
 def reserved_usd() -> ColumnElement[Decimal]:
@@ -2210,6 +2248,7 @@ def batch_money(session: Session, batch_id: str) -> BatchMoney:
             func.coalesce(func.sum(reserved_usd()), zero),
             func.coalesce(func.sum(Job.possible_duplicate_charges), 0),
             func.coalesce(func.sum(Job.confirmed_duplicate_charges), 0),
+            func.coalesce(func.sum(type_coerce(Job.ambiguous_usd, Money())), zero),
         ).where(Job.batch_id == bindparam("batch_id"))
 
     row: Any = _run(session, _prepared(("batch_money",), build), {"batch_id": batch_id}).one()
@@ -2219,12 +2258,13 @@ def batch_money(session: Session, batch_id: str) -> BatchMoney:
         reserved_usd=row[2],
         possible_duplicate_charges=int(row[3]),
         confirmed_duplicate_charges=int(row[4]),
+        possibly_billed_usd=row[5],
     )
 
 
 #: ``ix_jobs_pending_billed``'s condition, word for word: SQLite uses a partial index only for
 #: a query whose WHERE repeats the index's terms (https://sqlite.org/partialindex.html).
-_PENDING_BILLED = text("state = 'pending' AND actual_usd IS NOT NULL")
+_PENDING_BILLED = text("state = 'pending' AND (actual_usd IS NOT NULL OR ambiguous_usd > 0)")
 
 
 def batch_committed_usd(session: Session, batch_id: str) -> Decimal:
@@ -2250,7 +2290,7 @@ def batch_committed_usd(session: Session, batch_id: str) -> Decimal:
             .scalar_subquery()
         )
         parked = (
-            select(func.coalesce(func.sum(type_coerce(Job.actual_usd, Money())), zero))
+            select(func.coalesce(func.sum(_parked_usd()), zero))
             .where(Job.batch_id == batch, _PENDING_BILLED)
             .scalar_subquery()
         )
@@ -2327,6 +2367,8 @@ class JobMoney:
     actual_usd: Decimal | None
     actual_units: Decimal | None
     possible_duplicate_charges: int
+    #: What its submits of unknown outcome may have cost (``Job.ambiguous_usd``).
+    ambiguous_usd: Decimal = Decimal(0)
 
 
 def job_money(session: Session, batch_id: str) -> Iterator[JobMoney]:
@@ -2342,6 +2384,7 @@ def job_money(session: Session, batch_id: str) -> Iterator[JobMoney]:
             Job.actual_usd,
             Job.actual_billing_units,
             Job.possible_duplicate_charges,
+            Job.ambiguous_usd,
         )
         .where(Job.batch_id == batch_id)
         .execution_options(yield_per=1000)
@@ -2357,6 +2400,7 @@ def job_money(session: Session, batch_id: str) -> Iterator[JobMoney]:
             actual_usd=row.actual_usd,
             actual_units=row.actual_billing_units,
             possible_duplicate_charges=int(row.possible_duplicate_charges or 0),
+            ambiguous_usd=row.ambiguous_usd or Decimal(0),
         )
 
 

@@ -154,11 +154,13 @@ def check(
         )
 
         # The budget check's running total of finished money (batch_totals, kept by the
-        # transactions that finish jobs) must equal the sum over the finished jobs themselves,
+        # transactions that finish jobs; what submits of unknown outcome may have cost included)
+        # must equal the sum over the finished jobs themselves,
         # whatever was killed, fenced off or rolled back on the way.
         totals = conn.execute(
             "SELECT b.id, t.finished_usd, COALESCE((SELECT SUM(CASE WHEN j.state = 'succeeded' "
-            "THEN COALESCE(j.actual_usd, j.est_usd) ELSE COALESCE(j.actual_usd, 0) END) FROM jobs j "
+            "THEN COALESCE(j.actual_usd, j.est_usd) ELSE COALESCE(j.actual_usd, 0) END "
+            "+ j.ambiguous_usd) FROM jobs j "
             "WHERE j.batch_id = b.id AND j.state IN ('succeeded', 'failed', 'cancelled')), 0) "
             "FROM batches b LEFT JOIN (SELECT batch_id, SUM(finished_usd) AS finished_usd "
             "FROM batch_totals GROUP BY batch_id) t ON t.batch_id = b.id"

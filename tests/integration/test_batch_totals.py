@@ -171,6 +171,42 @@ def test_a_rolled_back_finish_leaves_the_totals_alone(engine: Engine) -> None:
     assert _finished(engine, batch_id) == 0
 
 
+def test_submits_of_unknown_outcome_stay_counted_however_they_leave(engine: Engine) -> None:
+    """A job leaving ``submit_unknown`` without proof (failed, resent, cancelled one by one or
+    set-based) keeps its estimate as possibly billed: in the budget checks' figures, which stay
+    equal to the full sums, while it waits as ``pending`` too (the partial index's other half)."""
+    batch_id = add_batch(engine, "totals-unknown", [("fal-ai/wan-22", {"prompt": f"u{i}"}) for i in range(4)])
+    jobs = _jobs(engine, batch_id)
+    for job in jobs:
+        _move(engine, job, S.SUBMITTING, submitted_at=utcnow())
+    for job in _jobs(engine, batch_id):
+        _move(engine, job, S.SUBMIT_UNKNOWN)
+    failed, resent, cancelled, swept = _jobs(engine, batch_id)
+    _move(engine, failed, S.FAILED, error_type="submit_unknown")
+    _move(engine, resent, S.RETRY_WAIT)
+    _move(engine, cancelled, S.CANCELLED)
+    resent = next(j for j in _jobs(engine, batch_id) if j.id == resent.id)
+    _move(engine, resent, S.SUBMITTING)
+    resent = next(j for j in _jobs(engine, batch_id) if j.id == resent.id)
+    _move(engine, resent, S.PENDING)  # given back before its POST: pending, its first submit unknown
+    with db.session_scope(engine) as session:
+        store.cancel_unsent_jobs(session, [], reason="cancel", error="cancelled", error_type="cancelled")
+    fast, full = _batch(engine, batch_id)
+    assert fast == full == Decimal("1.00")  # 3 left without proof + 1 still reserved, $0.25 each
+    with db.session_scope(engine) as session:  # the last one swept set-based, with the pending one
+        store.cancel_unsent_jobs(
+            session, [batch_id], reason="cancel", error="cancelled", error_type="cancelled"
+        )
+    fast, full = _batch(engine, batch_id)
+    assert fast == full == Decimal("1.00")
+    today_fast, today_full = _today(engine)
+    assert today_fast == today_full
+    by_id = {j.id: j for j in _jobs(engine, batch_id)}
+    assert [by_id[j.id].ambiguous_usd for j in (failed, resent, cancelled, swept)] == [Decimal("0.25")] * 4
+    with db.read_scope(engine) as session:
+        assert store.batch_money(session, batch_id).possibly_billed_usd == Decimal("1.00")
+
+
 def test_the_budget_checks_read_no_pending_job_that_was_never_billed(tmp_path: Path) -> None:
     """On SQLite the query plans show it: every table is searched by an index, pending jobs by
     the partial one (a scan would read every job of the batch, or of the database)."""

@@ -241,3 +241,32 @@ def test_daily_budget_spans_batches(sim: SimulatorHandle, settings: Settings, tm
     assert Decimal(ledger["billed_usd"]) <= Decimal("1.00")
     assert ledger["accepted"] == 5
     assert report["cancelled_for_budget"] == 10
+
+
+@pytest.mark.parametrize("policy", ["fail", "resubmit"])
+def test_budget_cap_holds_when_submit_answers_are_lost(
+    sim: SimulatorHandle, settings: Settings, tmp_path: Path, policy: str
+) -> None:
+    # 10 jobs × $0.20; the cap admits 5 at once. fal accepts (and bills) the first 5 submits
+    # but their answers are lost: each may have been billed, so each keeps counting against
+    # the cap. Before, a failed or resent ambiguous submit freed its share and 5 more were
+    # sent: fal billed $2.00 against a $1.10 cap while `status` said $1.00.
+    ambiguous = settings.model_copy(update={"submit_unknown_policy": policy})
+    path = _manifest(tmp_path, BUDGET.format(name=f"budget-lost-{policy}", cap="1.10"))
+    submitted = batches.submit_manifest(path, ambiguous)
+    sim.set_faults(submit_drop={"next": 5})
+    report, _stats = process_batch(submitted.batch_id, ambiguous, show_progress=False)
+
+    ledger = sim.ledger()
+    assert ledger["accepted"] == 5
+    assert Decimal(ledger["billed_usd"]) <= Decimal("1.10")
+    # What fal may have billed is what the books say was spent, and it is said apart.
+    assert Decimal(str(report["spent_usd"])) == Decimal(ledger["billed_usd"]) == Decimal("1.00")
+    assert Decimal(str(report["possibly_billed_usd"])) == Decimal("1.00")
+    assert report["cancelled_for_budget"] == (5 if policy == "fail" else 10)
+    assert "$1.00 of it possibly billed" in money_line(report)
+    with db.session_scope(db.open_engine(settings)) as session:
+        assert store.batch_committed_usd(session, submitted.batch_id) == Decimal("1.00")
+        assert cost_report(session, submitted.batch_id).total.possibly_billed_usd == Decimal("1.00")
+    status = _cli_json("status", f"budget-lost-{policy}", "--json")
+    assert status["possibly_billed_usd"] == 1.0
