@@ -124,15 +124,25 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _instant_or_none(value: object) -> datetime | None:
-    return None if value is None else parse_instant(value)
+    # Stored schedules are read back as stored, even one an older version let through out of
+    # range: a batch must never make `status` unreadable (its arithmetic copes, see _window_from).
+    return None if value is None else parse_instant(value, bounded=False)
 
 
-def parse_instant(value: object) -> datetime:
+#: The instants a schedule may name: far enough apart for any real plan, and far enough inside
+#: what ``datetime`` can hold (years 1 to 9999) that the window arithmetic — days before and
+#: after an instant, in any time zone — never leaves it.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(3000, 1, 1, tzinfo=UTC)
+
+
+def parse_instant(value: object, *, bounded: bool = True) -> datetime:
     """An ISO 8601 timestamp with an offset or ``Z`` → an aware datetime in UTC.
 
     ``value`` is text (as written, or as stored by :meth:`Schedule.as_json`) or a datetime (some
     YAML loaders build one). A time without an offset is refused: it names a different instant
     in every time zone, and guessing the machine's zone would move a deadline by hours.
+    ``bounded``: refuse an instant before :data:`EARLIEST` or from :data:`LATEST` on.
     Raises :class:`ValueError` with a message fit for a user.
     """
     if isinstance(value, datetime):
@@ -154,7 +164,14 @@ def parse_instant(value: object) -> datetime:
             f"{written!r} has no UTC offset, so the instant is ambiguous (local time in which zone?); "
             "add one such as +01:00, or Z for UTC"
         )
-    return parsed.astimezone(UTC)
+    out_of_range = f"{written!r} is out of range: a time from {EARLIEST.year} up to {LATEST.year} is allowed"
+    try:
+        instant = parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is before the first instant datetime holds
+        raise ValueError(out_of_range) from None
+    if bounded and not EARLIEST <= instant < LATEST:
+        raise ValueError(out_of_range)
+    return instant
 
 
 @dataclass(frozen=True)
@@ -253,8 +270,10 @@ class Schedule:
                 return f"open until the deadline {self._stamp(close)} (in {left})"
             return f"open until {self._clock(close)} (in {left})"
         opens = self.next_open(now)
+        if opens is None and self.deadline is None:  # only an instant out of range gets here
+            return "closed: its window never opens"
         if opens is None:
-            assert self.deadline is not None  # without one, a schedule always opens again
+            assert self.deadline is not None
             return f"closed: nothing opens before the deadline {self._stamp(self.deadline)}"
         left = format_duration((opens - now).total_seconds())
         if self.not_before is not None and opens == self.not_before:
@@ -313,10 +332,13 @@ class Schedule:
     def _window_from(self, at: datetime) -> tuple[datetime, datetime] | None:
         """The first open window period ending after ``at``, its start clipped to ``at``."""
         # The window that started the local day before may still be open (crossing midnight).
-        first_day = at.astimezone(self.tz).date() - timedelta(days=1)
-        for opens, closes in self._occurrences(first_day):
-            if closes > at:
-                return max(opens, at), closes
+        try:
+            first_day = at.astimezone(self.tz).date() - timedelta(days=1)
+            for opens, closes in self._occurrences(first_day):
+                if closes > at:
+                    return max(opens, at), closes
+        except OverflowError:  # an instant at the edge of datetime's years (stored before the
+            return None  # bounds of parse_instant): no window there
         return None  # pragma: no cover - see _SEARCH_DAYS
 
     def _clock(self, instant: datetime) -> str:

@@ -115,6 +115,12 @@ def test_only_a_window_uses_utc_by_default(tmp_path: Path) -> None:
         ("  not_before: 2026-13-01T22:00:00Z", "is not an ISO 8601 timestamp"),
         ("  not_before: 20261201", "expected an ISO 8601 timestamp, got int 20261201"),
         ("  not_before: [1]", "expected an ISO 8601 timestamp"),
+        # Out of range: a batch's schedule arithmetic overflowed datetime and broke `status` and
+        # every other batch's dispatch in the database.
+        ("  not_before: 9999-12-31T00:00:00Z", "out of range: a time from 1970 up to 3000"),
+        ("  not_before: 9999-12-31T23:59:59-12:00", "out of range"),
+        ("  not_before: 0001-01-01T00:00:00+14:00", "out of range"),
+        ("  not_before: 1969-12-31T23:59:59Z", "out of range"),
     ],
 )
 def test_a_bad_timestamp_is_a_located_error(tmp_path: Path, line: str, phrase: str) -> None:

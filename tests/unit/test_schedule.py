@@ -419,3 +419,29 @@ def test_from_json_reads_z_and_offsets() -> None:
     assert schedule.not_before == utc(2026, 12, 1, 21)
     assert schedule.window is None
     assert schedule.timezone == "UTC"
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"not_before": "9999-12-31T00:00:00+00:00", "window": "22:00-06:00", "timezone": "Pacific/Kiritimati"},
+        {"deadline": "9999-12-31T23:59:59+00:00", "window": "22:00-06:00", "timezone": "UTC"},
+        {"not_before": "0001-01-02T00:00:00+00:00", "window": "01:00-02:00", "timezone": "Pacific/Kiritimati"},
+    ],
+)
+def test_a_stored_schedule_out_of_range_is_read_and_answered_without_overflow(stored: dict[str, str]) -> None:
+    # Stored by a version that let such instants through: reading it back, and every question
+    # `status` and dispatch ask of it, must still work (an OverflowError there made `status`
+    # and every other batch's `run` in the database fail).
+    schedule = Schedule.from_json(stored)
+    now = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    assert isinstance(schedule.describe(now), str)
+    schedule.is_open(now)
+    schedule.closes_at(now)
+
+
+def test_parse_instant_bounds_new_instants_only_when_asked() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        parse_instant("9999-12-31T00:00:00Z")
+    assert parse_instant("9999-12-31T00:00:00Z", bounded=False).year == 9999
+    assert parse_instant("2999-12-31T23:59:59Z").year == 2999
