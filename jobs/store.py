@@ -1826,6 +1826,7 @@ class SubmitView:
     batch_id: str
     schedule: dict[str, Any] | None
     priority: str
+    source_files: dict[str, Any] | None = None
 
 
 def submit_view(session: Session, job_id: str) -> SubmitView:
@@ -1849,6 +1850,7 @@ def submit_view(session: Session, job_id: str) -> SubmitView:
                 Job.batch_id,
                 Batch.schedule,
                 Batch.priority,
+                Job.source_files,
             )
             .join(Batch, Batch.id == Job.batch_id)
             .where(Job.id == bindparam("job_id"))
@@ -1868,6 +1870,7 @@ def submit_view(session: Session, job_id: str) -> SubmitView:
         row.batch_id,
         row.schedule,
         row.priority,
+        row.source_files,
     )
 
 

@@ -2,7 +2,7 @@
 
 * Local files must resolve (symlinks included) inside the manifest's folder, unless the user
   allows another folder with ``--allow-dir`` or ``WANBATCH_ALLOWED_INPUT_DIRS``; a file swapped
-  for a symlink after validation is refused when the job is sent.
+  for a symlink, or rewritten, after validation is refused when the job is sent.
 * A NUL character is a located validation error, also on PostgreSQL (which cannot store one).
 * ``export --format csv`` neutralises formula-looking cells.
 * ``run``/``rerun`` check the output folder before anything is stored or sent.
@@ -115,6 +115,25 @@ def test_a_file_swapped_for_a_symlink_after_submit_is_not_sent(
     assert report["counts"]["failed"] == 1
     assert report["counts"]["succeeded"] == 1
     assert any("symlink appeared after validation" in f["example"] for f in report["failures"])
+    assert sim.ledger()["accepted"] == 1
+
+
+def test_a_file_rewritten_after_submit_is_not_sent(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    # Validated as night.jpg, then overwritten in place (a valid image, other bytes): sending
+    # it would pay for an input nobody validated, and the export would name the old hash.
+    path = manifest("rewritten", LEAKY.replace("leaky", "rewritten").format(reference="images/night.jpg"))
+    submitted = wb("submit", path, "--json")
+    assert submitted.code == 0, submitted.stderr
+    shutil.copy(path.parent / "images" / "square.png", path.parent / "images" / "night.jpg")
+    run = wb("run", "rewritten", "--json", "--no-progress")  # the stored batch, not the manifest again
+    report = run.json()
+    assert report["counts"]["failed"] == 1, run.stderr
+    assert report["counts"]["succeeded"] == 1
+    (failure,) = report["failures"]
+    assert failure["error_type"] == "input_file"
+    assert "changed since the manifest was validated" in failure["example"]
     assert sim.ledger()["accepted"] == 1
 
 

@@ -149,8 +149,15 @@ class MediaPreparer:
     ) -> MediaPreparer:
         return cls(storage.upload_file, inline_max_bytes, lookup, record, root)
 
-    def prepare(self, value: str) -> str:
-        """A URL or data URI unchanged; a local absolute path as a data URI or an uploaded URL."""
+    def prepare(self, value: str, *, expected_sha256: str | None = None) -> str:
+        """A URL or data URI unchanged; a local absolute path as a data URI or an uploaded URL.
+
+        ``expected_sha256``: the hash of the file's bytes when the manifest was validated (the
+        job's ``source_files``). Bytes that differ now are refused, not sent: what was validated
+        (size, format, the job key, the estimate) is what is sent, and what the export says was
+        sent. A file rewritten in place since then would go out unchecked — empty, or too small
+        for fal — to be paid for, with the wrong hash in the dataset.
+        """
         if value.startswith(_URL_PREFIXES):
             return value
         path = Path(value)
@@ -170,10 +177,15 @@ class MediaPreparer:
         if not resolved.is_file():
             raise UsageError(f"media file {value!r} does not exist")
         data = resolved.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise UsageError(
+                f"media file {value!r} changed since the manifest was validated (its bytes differ); "
+                "not sent: put the original back, or submit the manifest again to validate the new one"
+            )
         mime = guess_mime(resolved)
         if len(data) <= self.inline_max_bytes:
             return to_data_uri(data, mime)
-        digest = hashlib.sha256(data).hexdigest()
         with self._lock_for(digest):
             if self.lookup is not None:
                 known = self.lookup(digest)
@@ -187,14 +199,25 @@ class MediaPreparer:
 
 
 def prepare_input(
-    input: Mapping[str, Any], media_fields: Iterable[str], *, preparer: MediaPreparer
+    input: Mapping[str, Any],
+    media_fields: Iterable[str],
+    *,
+    preparer: MediaPreparer,
+    source_files: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A copy of ``input`` whose media fields hold URLs or data URIs instead of local paths."""
+    """A copy of ``input`` whose media fields hold URLs or data URIs instead of local paths.
+
+    ``source_files`` (the job's, :mod:`jobs.manifest.sources`): each local file must still hold
+    the bytes whose SHA-256 was recorded when the manifest was validated.
+    """
     out = dict(input)
     for name in media_fields:
         value = out.get(name)
         if isinstance(value, str):
-            out[name] = preparer.prepare(value)
+            recorded = (source_files or {}).get(name)
+            expected = recorded.get("sha256") if isinstance(recorded, Mapping) else None
+            digest = expected if isinstance(expected, str) else None
+            out[name] = preparer.prepare(value, expected_sha256=digest)
         elif isinstance(value, list):
             out[name] = [preparer.prepare(v) if isinstance(v, str) else v for v in value]
     return out

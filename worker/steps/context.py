@@ -102,6 +102,8 @@ class SubmitTicket:
     batch_id: str
     schedule: Schedule
     priority: str
+    #: Each media field as validated, with its bytes' SHA-256 (``jobs.source_files``).
+    source_files: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, fence: Fence, job: Job, batch: Batch) -> SubmitTicket:
@@ -114,6 +116,7 @@ class SubmitTicket:
             batch_id=job.batch_id,
             schedule=batch_schedule(batch),
             priority=batch.priority,
+            source_files=job.source_files,
         )
 
 

@@ -123,6 +123,7 @@ def _read_ticket(rt: Runtime, job_id: str) -> SubmitTicket | None:
         batch_id=view.batch_id,
         schedule=Schedule.from_json(view.schedule),
         priority=view.priority,
+        source_files=view.source_files,
     )
 
 
@@ -148,7 +149,8 @@ def _submit(rt: Runtime, job_id: str) -> str:
 
     spec = get_endpoint(endpoint)
     try:
-        to_send = prepare_input(raw_input, [f.name for f in spec.media_fields], preparer=rt.media)
+        fields = [f.name for f in spec.media_fields]
+        to_send = prepare_input(raw_input, fields, preparer=rt.media, source_files=ticket.source_files)
     except (UsageError, OSError) as exc:  # a local file vanished, changed or became unreadable
         with db.session_scope(rt.engine) as session:
             store.fail_job(session, fence, error=str(exc), error_type="input_file")
