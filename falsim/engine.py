@@ -96,6 +96,7 @@ class SimRequest:
     gateway_request_id: str = ""
     state: str = IN_QUEUE
     started: float | None = None  # loop time
+    start_deadline: float | None = None  # loop time: timed out if still queued then (start timeout)
     completed: float | None = None
     result_expires_at: float | None = None  # wall time
     logs: list[dict[str, Any]] = field(default_factory=list)
@@ -257,6 +258,7 @@ class Engine:
         )
         loop = asyncio.get_running_loop()
         if start_timeout is not None:
+            req.start_deadline = loop.time() + start_timeout
             loop.call_later(start_timeout, self._start_deadline, req)
         loop.call_soon(self._dispatch)
         self._notify()
@@ -277,20 +279,33 @@ class Engine:
             return 0
 
     def _dispatch(self) -> None:
+        overdue: list[SimRequest] = []
         while self._queue and self._running < self.options.concurrency_limit:
             req = self._queue.pop(0)
+            if req.start_deadline is not None and self.loop.time() >= req.start_deadline:
+                # Its start timeout has passed, though the timer has not fired yet (the loop was
+                # busy): fal never starts such a request; it times out, as the timer would.
+                overdue.append(req)
+                continue
             req.state = IN_PROGRESS
             req.started = self.loop.time()
             self._running += 1
             self.ledger.started(req.request_id)
             req.log("Runner acquired; starting inference")
             req.task = self._spawn(self._process(req))
+        for req in overdue:  # after the loop: finishing one dispatches again
+            self._time_out(req)
         self._notify()
 
     def _start_deadline(self, req: SimRequest) -> None:
         if req.state != IN_QUEUE or req.generation != self._generation:
             return
         self._queue.remove(req)
+        self._time_out(req)
+
+    def _time_out(self, req: SimRequest) -> None:
+        """End a queued request (already out of the queue) whose start timeout passed: 504
+        ``request_timeout``, never started, not billed."""
         detail = "Request timed out before it started"
         self._finish(
             req,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from falsim import SimulatorHandle, SimulatorOptions, running_simulator
+from falsim.engine import COMPLETED, IN_PROGRESS, Engine
 from jobs.endpoints import get_endpoint
 from tests.integration.sim_helpers import AUTH, png_data_uri, wait_completed
 from tests.sample_inputs import INPUTS
@@ -344,6 +346,43 @@ def test_start_timeout_while_queued(make_sim: Callable[..., SimulatorHandle], cl
     assert result.headers["x-fal-request-timeout-type"] == "user"
     bad = client.post(f"{sim.url}/fal-ai/wan-22", json={}, headers={"X-Fal-Request-Timeout": "0.05"})
     assert bad.status_code == 400
+
+
+def test_a_request_past_its_start_timeout_is_never_started_even_before_its_timer_fires() -> None:
+    """The engine alone, no server: a busy loop delays the start-deadline timer, and a slot
+    freed meanwhile must not go to a request whose start timeout has passed — fal times it out
+    (never started, not billed) and gives the slot to the next one."""
+
+    async def scenario() -> None:
+        engine = Engine(SimulatorOptions(concurrency_limit=0, latency_seconds=60.0, rng_seed=7))
+        engine.start("http://sim.invalid")
+        try:
+            spec = get_endpoint("fal-ai/wan-22")
+            overdue = engine.submit(spec, {**INPUTS["fal-ai/wan-22"], "seed": 1}, start_timeout=0.2)
+            patient = engine.submit(spec, {**INPUTS["fal-ai/wan-22"], "seed": 2}, start_timeout=600)
+            untimed = engine.submit(spec, {**INPUTS["fal-ai/wan-22"], "seed": 3})
+            await asyncio.sleep(0)  # the submits' own dispatch: no slot yet
+            time.sleep(0.3)  # the loop is busy past the start timeout: its timer cannot fire
+            engine.update_options({"concurrency_limit": 1})  # a slot frees before the timer runs
+
+            assert overdue.state == COMPLETED
+            assert overdue.started is None
+            assert overdue.outcome is not None
+            assert overdue.outcome.error_type == "request_timeout"
+            assert engine.result(overdue)[0] == 504
+            assert patient.state == IN_PROGRESS  # the slot went to the next one
+            assert untimed.state not in (IN_PROGRESS, COMPLETED)  # one slot: it waits
+            entries = {e["request_id"]: e for e in engine.ledger.snapshot()["entries"]}
+            timed_out = entries[overdue.request_id]
+            assert timed_out["started_at"] is None
+            assert timed_out["outcome"] == "timeout"
+            assert not timed_out["billed"]
+            await asyncio.sleep(0.3)  # the late timer fires now: it finds the request ended
+            assert engine.ledger.snapshot()["completed"] == 1
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())
 
 
 def test_result_retention(make_sim: Callable[..., SimulatorHandle], client: httpx.Client) -> None:
