@@ -18,6 +18,10 @@ win the same step.
     cancelled ◄── (cancel or budget, from any state not yet paid for)
     cancelling ──► cancelled | downloading (it finished anyway: we paid, so we keep it)
 
+A request still in fal's queue when its batch's window ends goes back to ``pending`` (cancelled
+there, or timed out there by the start timeout its submit carried; never started, no attempt
+counted): ``cancelling ──► pending`` or ``queued ──► pending``.
+
 With ``reuse_outputs``, a pinned-seed ``pending``/``retry_wait`` job whose exact twin already
 succeeded goes straight to ``succeeded``, taking that output (never sent, nothing billed).
 
@@ -100,7 +104,17 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
         }
     ),
     S.RETRY_WAIT: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED, S.SUCCEEDED}),  # SUCCEEDED: reused
-    S.QUEUED: frozenset({S.RUNNING, S.DOWNLOADING, S.RETRY_WAIT, S.FAILED, S.CANCELLING, S.CANCELLED}),
+    S.QUEUED: frozenset(
+        {
+            S.RUNNING,
+            S.DOWNLOADING,
+            S.RETRY_WAIT,
+            S.FAILED,
+            S.CANCELLING,
+            S.CANCELLED,  # a cancel or budget; or fal timed it out in its queue at the batch's deadline
+            S.PENDING,  # the same at a window's end: never started, sent again in the next window
+        }
+    ),
     S.RUNNING: frozenset({S.DOWNLOADING, S.RETRY_WAIT, S.FAILED, S.CANCELLING, S.CANCELLED}),
     S.DOWNLOADING: frozenset({S.SUCCEEDED, S.FAILED, S.RETRY_WAIT}),
     S.CANCELLING: frozenset(

@@ -1311,9 +1311,9 @@ def mark_cancelling(session: Session, fence: Fence, *, reason: str, error_type: 
 
 
 def requeue_after_cancel(session: Session, fence: Fence, *, reason: str, billed: bool, **cost: Any) -> bool:
-    """``cancelling`` → ``pending`` (cancelled while still in fal's queue: nothing billed, no
-    attempt counted) or ``retry_wait`` (fal had started it: billed, the attempt counts), with
-    the request forgotten, for a later window to send again."""
+    """``cancelling``/``queued`` → ``pending`` (cancelled, or timed out, while still in fal's
+    queue: nothing billed, no attempt counted) or ``retry_wait`` (fal had started it: billed,
+    the attempt counts), with the request forgotten, for a later window to send again."""
     forget = {
         "request_id": None,
         "gateway_request_id": None,

@@ -16,9 +16,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine
 
+from falsim.ledger import EntryRecord
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
 from jobs import db, store
+from jobs.models import Job
 from jobs.schedule import Schedule
 from jobs.states import JobState
 from tests.step_runtime import add_batch, job_states, make_runtime, settings_for, wait_until
@@ -197,3 +199,145 @@ def test_a_submit_that_waited_past_its_deadline_is_held_back_unsent(
         assert job.attempts == 0
         assert job.submitted_input is None
         assert job.lease_owner is None
+
+
+# -- fal's own start timeout: the window's end as fal sees it -----------------------------------
+#
+# Every submit of a scheduled batch carries the time left as fal's start timeout, so fal itself
+# times out the requests still in its queue when the window ends — usually before our own
+# window-close cancel (``enforce_schedules``) asks. Here the submits get a start timeout of two
+# seconds (a deadline that close); the schedule the worker then finds decides what the timeout
+# means: a closed window, the deadline, or (a clock behind fal's) a window still open.
+
+#: The start timeout the submits below carry (a deadline this far away when they are sent).
+START_TIMEOUT = timedelta(seconds=2)
+
+
+@pytest.fixture
+def busy_sim() -> Iterator[SimulatorHandle]:
+    """Two slots, each busy for a minute: of four requests, two run and two wait in the queue
+    until their start timeout ends them (fal's ``request_timeout``, never started, not billed)."""
+    options = SimulatorOptions(
+        concurrency_limit=2, latency_seconds=60.0, latency_jitter=0.0, cancel_stops_running=True, rng_seed=5
+    )
+    with running_simulator(options) as sim:
+        yield sim
+
+
+def _two_waiting_at_fal(engine: Engine, sim: SimulatorHandle, name: str) -> tuple[str, Runtime]:
+    """Six jobs, at most four at fal, one attempt each (the tester's WANBATCH_MAX_ATTEMPTS=1):
+    two run, two wait in fal's queue with a start timeout of :data:`START_TIMEOUT`."""
+    rt = make_runtime(engine, settings_for(sim.url, KEY, max_outstanding=4, max_attempts=1))
+    batch_id = add_batch(engine, name, [("fal-ai/wan-22", {"prompt": f"late {i}"}) for i in range(6)])
+    _set_schedule(engine, batch_id, Schedule(deadline=datetime.now(UTC) + START_TIMEOUT))
+    for job_id in dispatch(rt):
+        assert submit(rt, job_id) == "submitted"
+    wait_until(lambda: job_states(engine, batch_id).get("running") == 2, step=lambda: poll(rt))
+    assert job_states(engine, batch_id) == {"running": 2, "queued": 2, "pending": 2}
+    return batch_id, rt
+
+
+def _timed_out_at_fal(sim: SimulatorHandle, count: int) -> Callable[[], bool]:
+    """Whether fal has ended ``count`` requests by their start timeout (they never started)."""
+
+    def done() -> bool:
+        entries = sim.ledger()["entries"]
+        return sum(1 for e in entries if e["outcome"] == "timeout") == count
+
+    return done
+
+
+def _requests_fal_timed_out(sim: SimulatorHandle) -> list[EntryRecord]:
+    timed_out = [e for e in sim.ledger()["entries"] if e["outcome"] == "timeout"]
+    assert len(timed_out) == 2
+    assert all(e["started_at"] is None and not e["billed"] for e in timed_out), timed_out
+    return timed_out
+
+
+def _jobs(engine: Engine, batch_id: str, state: JobState) -> list[Job]:
+    with db.session_scope(engine) as session:
+        jobs = [j for j in store.jobs_of_batch(session, batch_id) if j.state == state]
+        session.expunge_all()
+        return jobs
+
+
+def test_a_request_fal_timed_out_at_the_window_end_goes_back_to_pending_uncounted(
+    engine: Engine, busy_sim: SimulatorHandle
+) -> None:
+    batch_id, rt = _two_waiting_at_fal(engine, busy_sim, "timed-out-window")
+    _set_schedule(engine, batch_id, _closed_window(datetime.now(UTC)))  # the window has ended
+
+    # No window-close cancel: fal's start timeout ends the two waiting requests first.
+    wait_until(lambda: job_states(engine, batch_id).get("queued", 0) == 0, step=lambda: poll(rt))
+
+    assert job_states(engine, batch_id) == {"running": 2, "pending": 4}
+    back = _jobs(engine, batch_id, S.PENDING)
+    timed_out = {str(e["request_id"]) for e in _requests_fal_timed_out(busy_sim)}
+    with db.session_scope(engine) as session:
+        for job in back:
+            assert job.attempts == 0, "fal never started it: no attempt is counted"
+            assert job.request_id is None
+            assert job.submitted_input is None
+            assert job.error_type is None
+            assert (job.actual_usd or 0) == 0
+            if job.submitted_at is not None:  # one of the two that fal timed out
+                (last,) = store.job_events(session, job.id)[-1:]
+                assert (last.from_state, last.to_state) == (S.QUEUED, S.PENDING)
+                assert "window closed" in str(last.reason)
+                assert "request_timeout" in str(last.reason)
+    assert len(timed_out) == 2
+    assert dispatch(rt) == []  # the next window sends them again, not this one
+
+
+def test_a_request_fal_timed_out_at_the_deadline_is_cancelled_for_the_deadline(
+    engine: Engine, busy_sim: SimulatorHandle
+) -> None:
+    batch_id, rt = _two_waiting_at_fal(engine, busy_sim, "timed-out-deadline")
+
+    # The deadline passes; fal's start timeout ends the waiting requests before any cancel.
+    wait_until(lambda: job_states(engine, batch_id).get("queued", 0) == 0, step=lambda: poll(rt))
+
+    assert job_states(engine, batch_id) == {"running": 2, "cancelled": 2, "pending": 2}
+    _requests_fal_timed_out(busy_sim)
+    for job in _jobs(engine, batch_id, S.CANCELLED):
+        assert job.error_type == "deadline"
+        assert job.error == "cancelled in fal's queue at the batch's deadline"
+        assert job.attempts == 1
+        assert (job.actual_usd or 0) == 0
+    enforce_schedules(rt)  # the deadline path ends the jobs never sent as usual
+    assert job_states(engine, batch_id) == {"running": 2, "cancelled": 4}
+
+
+def test_a_request_fal_timed_out_while_the_window_is_still_open_here_costs_no_attempt(
+    engine: Engine, busy_sim: SimulatorHandle
+) -> None:
+    """Our clock behind fal's: the start timeout ended the request, yet the schedule is open here."""
+    batch_id, rt = _two_waiting_at_fal(engine, busy_sim, "timed-out-open")
+    now = datetime.now(UTC)
+    around_now = ((now - timedelta(hours=1)).time(), (now + timedelta(hours=1)).time())
+    _set_schedule(engine, batch_id, Schedule(window=around_now, timezone="UTC"))
+
+    wait_until(lambda: job_states(engine, batch_id).get("queued", 0) == 0, step=lambda: poll(rt))
+
+    assert job_states(engine, batch_id) == {"running": 2, "pending": 4}
+    _requests_fal_timed_out(busy_sim)
+    assert all(j.attempts == 0 and j.request_id is None for j in _jobs(engine, batch_id, S.PENDING))
+    # Due at once: the open window sends them again (within the two free places at fal).
+    assert len(dispatch(rt)) == 2
+
+
+def test_a_window_close_cancel_that_finds_the_request_timed_out_sends_it_back_uncounted(
+    engine: Engine, busy_sim: SimulatorHandle
+) -> None:
+    """The other order: fal timed the requests out, then the window-close cancel asked for them
+    (fal answers "already completed") before any status was read."""
+    batch_id, rt = _two_waiting_at_fal(engine, busy_sim, "timed-out-then-cancelled")
+    _set_schedule(engine, batch_id, _closed_window(datetime.now(UTC)))
+    wait_until(_timed_out_at_fal(busy_sim, 2), step=lambda: None)
+
+    enforce_schedules(rt)
+    assert job_states(engine, batch_id) == {"running": 2, "cancelling": 2, "pending": 2}
+    wait_until(lambda: job_states(engine, batch_id).get("cancelling", 0) == 0, step=lambda: poll(rt))
+
+    assert job_states(engine, batch_id) == {"running": 2, "pending": 4}
+    assert all(j.attempts == 0 for j in _jobs(engine, batch_id, S.PENDING))

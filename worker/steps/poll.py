@@ -26,14 +26,15 @@ from worker.fal.models import RequestHandle, Status
 from worker.steps.context import DOWNLOAD_QUEUE, DownloadClaim, Runtime, S, handle_of, in_seconds
 from worker.steps.download import handed_claim
 from worker.steps.failures import billed, describe, pause_for_account
+from worker.steps.schedule import (
+    DEADLINE,
+    WINDOW_CLOSED,
+    end_unstarted,
+    start_timeout_expired,
+    timed_out_unstarted,
+)
 
 log = logging.getLogger(__name__)
-
-#: ``error_type`` of a job whose queued request is being cancelled because its batch's window
-#: closed (it goes back to ``pending``) or its deadline passed (it ends ``cancelled``); set by
-#: :mod:`worker.steps.schedule`.
-WINDOW_CLOSED = "window_closed"
-DEADLINE = "deadline"
 
 #: Malformed status answers for one request before its job fails (instead of polling forever).
 PROTOCOL_ERROR_LIMIT = 5
@@ -195,9 +196,13 @@ def _protocol_error(
 
 
 def _cancel_outcome(status: Status) -> billing.Outcome:
-    """How a request we asked to cancel ended, for billing: cancelled (queued or running) or an error."""
+    """How a request we asked to cancel ended, for billing: cancelled (queued or running) or an
+    error. One that fal had already timed out in its queue (the start timeout it carried) never
+    ran: billed as cancelled there."""
     if status.error_type in (None, "client_cancelled"):
         return billing.classify_cancel(status.metrics)
+    if timed_out_unstarted(status):
+        return billing.Outcome.CANCELLED_IN_QUEUE
     return billing.classify_failure(None, status.error_type, status.metrics)
 
 
@@ -222,28 +227,29 @@ def record_completion(
     if fence.state == S.CANCELLING and status.failed:
         job = store.get_job(session, fence.job_id)
         outcome = _cancel_outcome(status)
-        cost = billed(job, outcome)
-        if job.error_type == WINDOW_CLOSED:  # the batch's window closed: the next one sends it again
-            store.requeue_after_cancel(
-                session,
-                fence,
-                reason=f"window closed: cancelled at fal ({status.error_type or status.error}); "
-                "sent again in the next window",
-                billed=outcome != billing.Outcome.CANCELLED_IN_QUEUE,
-                **cost,
-            )
+        ended = f"cancelled at fal ({status.error_type or status.error})"
+        if job.error_type in (WINDOW_CLOSED, DEADLINE):  # the batch's schedule asked the cancel
+            why = job.error_type
+            end_unstarted(session, fence, job, status, why=why, how=ended, now=now, outcome=outcome)
             return False
-        deadline = job.error_type == DEADLINE
         store.mark_cancelled(
             session,
             fence,
-            reason="deadline" if deadline else f"cancelled at fal ({status.error_type or status.error})",
-            error="cancelled in fal's queue at the batch's deadline" if deadline else "cancelled by user",
-            error_type=DEADLINE if deadline else status.error_type,
+            reason=ended,
+            error="cancelled by user",
+            error_type=status.error_type,
             completed_at=now,
             provider_metrics=status.metrics or None,
-            **cost,
+            **billed(job, outcome),
         )
+        return False
+    # fal ended the request by the start timeout a schedule gave it, before it started: the
+    # window's end or the deadline as fal saw it, not a failure of the job.
+    if (
+        fence.state == S.QUEUED
+        and timed_out_unstarted(status)
+        and start_timeout_expired(session, fence, status, now=now)
+    ):
         return False
     queued = download_queued_until is not None
     moved = store.mark_completed(

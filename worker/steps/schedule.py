@@ -10,11 +10,18 @@ step, run every tick, handles the moments it closes:
   downloaded: they are paid for. fal itself never starts a request after the cut-off either,
   as every submit carried ``X-Fal-Request-Start-Timeout`` (:mod:`worker.steps.submit`).
 * **At a window's end** requests still waiting in fal's queue are cancelled there and their
-  jobs go back to ``pending`` for the next window, no attempt counted (see
-  :func:`worker.steps.poll.record_completion`); running ones finish.
+  jobs go back to ``pending`` for the next window, no attempt counted; running ones finish.
 
 A cancel is only asked of requests we believe are still ``queued``: cancelling a running one
 would throw away work fal bills anyway.
+
+fal usually gets there first: the start timeout every such submit carried ends at the window's
+end (or the deadline), so fal itself ends the requests still in its queue then, as
+``request_timeout`` — never started, not billed. That is the same event as our cancel, seen from
+fal's side, and it is settled the same way: whichever fal reports (our cancel, its timeout), the
+job of a request that ended unstarted at a window's end or deadline moves in one place,
+:func:`end_unstarted`, called by the status handling that sees it
+(:func:`worker.steps.poll.record_completion`, for polls, status streams and webhooks alike).
 """
 
 from __future__ import annotations
@@ -22,15 +29,26 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from jobs import db, store
+from sqlalchemy.orm import Session
+
+from jobs import billing, db, store
 from jobs.errors import ProviderError
-from jobs.models import BatchState, utcnow
+from jobs.models import BatchState, Job, utcnow
 from jobs.store import Fence
-from worker.fal.models import RequestHandle
+from worker.fal.models import RequestHandle, Status
 from worker.steps.context import Runtime, S, handle_of
-from worker.steps.poll import DEADLINE, WINDOW_CLOSED
+from worker.steps.failures import billed
 
 log = logging.getLogger(__name__)
+
+#: ``error_type`` of a job whose queued request is being cancelled because its batch's window
+#: closed (it goes back to ``pending``) or its deadline passed (it ends ``cancelled``).
+WINDOW_CLOSED = "window_closed"
+DEADLINE = "deadline"
+
+#: fal's ``error_type`` for a request whose start timeout (``X-Fal-Request-Start-Timeout``)
+#: passed while it waited in the queue (504, ``X-Fal-Request-Timeout-Type: user``).
+START_TIMED_OUT = "request_timeout"
 
 
 def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
@@ -83,3 +101,95 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
                 session, fence, reason=f"{reason}: cancel requested at fal: {outcome.value}", error_type=why
             )
     return moved
+
+
+# ------------------------------------------------------------------ requests fal ended unstarted
+
+
+def timed_out_unstarted(status: Status) -> bool:
+    """Whether ``status`` is fal ending a request whose start timeout passed before it started:
+    COMPLETED with ``request_timeout`` and no inference time reported (nothing ran, so nothing
+    is billed). A ``request_timeout`` *with* inference time is a run that took too long: an
+    ordinary failure, not this."""
+    return status.completed and status.error_type == START_TIMED_OUT and not billing.ran(status.metrics)
+
+
+def start_timeout_expired(session: Session, fence: Fence, status: Status, *, now: datetime) -> bool:
+    """fal ended the ``queued`` request of ``fence`` by the start timeout its submit carried
+    (:func:`timed_out_unstarted`): settle it as the window's end or the deadline, where that
+    timeout came from. False (nothing done) when the batch's schedule gave no start timeout.
+
+    Where the schedule stands at ``now`` decides, as for our own cancel:
+
+    * past the deadline: ``cancelled`` with reason ``deadline``, as :func:`enforce_schedules`
+      would have done had its cancel come first;
+    * the window closed: back to ``pending`` for the next window, no attempt counted;
+    * still open here (our clock behind fal's, a schedule changed since the submit): nothing
+      ran and nothing was billed, so no attempt is counted either — back to ``pending``, due at
+      once. The next submit carries the time then left in the window as its start timeout (or
+      is held back for the next window when under a second is left), so the round is bounded
+      by this clock reaching the window's end.
+
+    Without a window or deadline no start timeout was sent (``worker.steps.submit``): a
+    ``request_timeout`` is then fal's own failure and takes the usual retry path.
+    """
+    job = store.get_job(session, fence.job_id)
+    schedule = store.batch_schedule(store.get_batch(session, job.batch_id))
+    if schedule.window is None and schedule.deadline is None:
+        return False
+    if schedule.past_deadline(now):
+        why: str | None = DEADLINE
+    elif not schedule.is_open(now):
+        why = WINDOW_CLOSED
+    else:
+        why = None
+    ended = f"fal timed it out in its queue before it started ({status.error_type})"
+    end_unstarted(session, fence, job, status, why=why, how=ended, now=now)
+    return True
+
+
+def end_unstarted(
+    session: Session,
+    fence: Fence,
+    job: Job,
+    status: Status,
+    *,
+    why: str | None,
+    how: str,
+    now: datetime,
+    outcome: billing.Outcome = billing.Outcome.CANCELLED_IN_QUEUE,
+) -> bool:
+    """Move the job whose request fal ended at the batch's window end (``why`` ``window_closed``)
+    or deadline (``deadline``) — cancelled at our request, or timed out by the start timeout it
+    carried — the one place both go through. ``how``: what fal did, for the event's reason;
+    ``outcome``: how it is billed (a cancel may have reached it running).
+
+    The deadline: ``cancelled`` for good (reason ``deadline``). A window's end: back to
+    ``pending`` with the request forgotten and no attempt counted when it never ran (or to
+    ``retry_wait``, the attempt counted and billed, when fal had started it), for the next
+    window. ``why`` None: the schedule is open (see :func:`start_timeout_expired`): ``pending``,
+    due at once.
+    """
+    cost = billed(job, outcome)
+    if why == DEADLINE:
+        return store.mark_cancelled(
+            session,
+            fence,
+            reason=f"deadline: {how}",
+            error="cancelled in fal's queue at the batch's deadline",
+            error_type=DEADLINE,
+            completed_at=now,
+            provider_metrics=status.metrics or None,
+            **cost,
+        )
+    if why == WINDOW_CLOSED:
+        reason = f"window closed: {how}; sent again in the next window"
+    else:
+        reason = f"{how} though the batch's schedule is open here: not counted, sent again"
+    return store.requeue_after_cancel(
+        session,
+        fence,
+        reason=reason,
+        billed=outcome != billing.Outcome.CANCELLED_IN_QUEUE,
+        **cost,
+    )
