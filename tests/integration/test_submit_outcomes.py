@@ -215,6 +215,8 @@ def test_401_on_status_pauses_the_batch_and_polling_goes_on(engine: Engine, host
         assert status["state"] == "paused"
         assert "401" in (status["pause_reason"] or "")
         assert "rejected" in (status["pause_reason"] or "")
+        # The advice is `status`'s to give ("fix it, then `wanbatch run …` goes on"), once.
+        assert "run the batch again" not in (status["pause_reason"] or "")
 
         # Polling a paused batch goes on (the request runs, and is billed, regardless).
         hostile.route("GET", rf"{REQUESTS}/status", json_reply({"status": "IN_PROGRESS"}, 202))

@@ -172,6 +172,6 @@ def pause_for_account(session: Session, batch_id: str, exc: AccountLockedError) 
     ``status`` shows the reason, and the jobs stay where they are (requests already at fal are
     still polled: they run and are billed regardless). Running the batch again resumes it.
     """
-    reason = f"{exc} — fix the key or the account, then run the batch again to resume"
+    reason = f"{exc} (the key or the account)"  # `status` adds how to go on once it is fixed
     store.set_batch_state(session, batch_id, BatchState.PAUSED, reason=reason)
     return reason
