@@ -8,7 +8,8 @@ items and the ``items_from`` rows as it goes and yields each job of each matrix 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -25,8 +26,28 @@ from jobs.media import LocalPath
 from jobs.schedule import Schedule
 from jobs.yaml_lines import LList, LMap
 
+#: Most jobs one manifest may expand to (items × matrix).
+MAX_JOBS = 1_000_000
+
+
+def too_many_jobs_message() -> str:
+    """What a manifest over :data:`MAX_JOBS` is told, whether found up front or while streaming."""
+    return f"the manifest expands to more than {MAX_JOBS:,} jobs; split it"
+
+
 #: One matrix combination: (field, value, line of the value) for each matrix field.
 Combo = tuple[tuple[str, Any, int], ...]
+
+
+class _Combos:
+    """The matrix combinations, produced on each iteration rather than held: a large matrix
+    is never materialised (its size is checked first, from the axis lengths alone)."""
+
+    def __init__(self, axes: list[list[tuple[str, Any, int]]]) -> None:
+        self._axes = axes
+
+    def __iter__(self) -> Iterator[Combo]:
+        return iter(itertools.product(*self._axes))  # no axes: one empty combination
 
 
 @dataclass
@@ -47,6 +68,8 @@ class Manifest:
     items: LList = field(default_factory=lambda: LList(1))
     items_from: Path | None = None
     items_from_display: str | None = None
+    #: The manifest line of ``items_from:`` (where an empty file is reported).
+    items_from_line: int | None = None
     #: Top-level issues found while parsing (errors and warnings).
     issues: list[Issue] = field(default_factory=list)
     #: False when the top-level endpoint is unknown (reported once, not once per item).
@@ -88,17 +111,33 @@ class Manifest:
         # Resolved per pass, not per process: a file swapped for a symlink between validation
         # and storing is caught by the second pass.
         paths: dict[tuple[str, str], LocalPath] = {}
+        produced = False
         for raw in self._raw_items(sink):
             for job in self._expand(raw, combos, sink, digests, paths):
                 warning = duplicates.warning(job)
                 if warning is not None:
                     sink.append(warning)
                     continue
+                produced = True
                 yield job
             if issues is None and error_count(sink):
                 raise ManifestError(sink)
+        if not produced and self.items_from is not None and not error_count(sink) + error_count(self.issues):
+            sink.append(self._no_rows())
         if issues is None and error_count(sink):
             raise ManifestError(sink)
+
+    def _no_rows(self) -> Issue:
+        """Not one job and no other error: the ``items_from`` file holds no rows. A batch of 0
+        jobs would stay active forever, so this is the error of a manifest without items."""
+        return Issue(
+            file=self.display,
+            line=self.items_from_line,
+            item=None,
+            field="items_from",
+            message="the manifest has no items: its items_from file holds no rows",
+            allowed="at least one item, in 'items:' or as a row of the items_from file",
+        )
 
     def _source_of(self, item_index: int) -> str:
         """The file an item came from: the manifest for ``items``, else the ``items_from`` file."""
@@ -106,14 +145,23 @@ class Manifest:
             return self.display
         return self.items_from_display or str(self.items_from)
 
-    def _combos(self) -> list[Combo]:
-        if not self.matrix:
-            return [()]
+    def combination_count(self) -> int:
+        """How many matrix combinations each item expands to (1 without a matrix), from the
+        axis lengths alone: nothing is built."""
+        return math.prod(len(values) for values in self.matrix.values())
+
+    def expansion_floor(self) -> int:
+        """The jobs this manifest expands to at least (before duplicates collapse), known before
+        reading anything: the ``items`` (at least one: an ``items_from`` file adds rows) × the
+        combinations. A manifest over the job limit by this count alone is refused up front."""
+        return max(len(self.items), 1) * self.combination_count()
+
+    def _combos(self) -> Iterable[Combo]:
         axes = [
             [(key, value, values.lines[i]) for i, value in enumerate(values)]
             for key, values in self.matrix.items()
         ]
-        return [tuple(c) for c in itertools.product(*axes)]
+        return _Combos(axes)
 
     def _raw_items(self, sink: list[Issue]) -> Iterator[RawItem]:
         index = 0
@@ -142,7 +190,7 @@ class Manifest:
     def _expand(
         self,
         raw: RawItem,
-        combos: list[Combo],
+        combos: Iterable[Combo],
         sink: list[Issue],
         digests: dict[str, str | None],
         paths: dict[tuple[str, str], LocalPath],

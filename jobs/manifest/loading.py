@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from jobs.endpoints import known_endpoint_ids
 from jobs.errors import Issue, ManifestError, did_you_mean
 from jobs.manifest.checks import duplicate_key_issues, outside_message
-from jobs.manifest.expand import Manifest
+from jobs.manifest.expand import MAX_JOBS, Manifest, too_many_jobs_message
 from jobs.manifest.items_from import ITEMS_FROM_SUFFIXES
 from jobs.manifest.model import describe, error_count
 from jobs.media import NUL_ALLOWED, NUL_MESSAGE, allowed_roots, resolve_local
@@ -195,6 +195,10 @@ def parse_manifest(
 
     _parse_matrix(root, manifest, top)
     _parse_items(root, manifest, top)
+    if manifest.expansion_floor() > MAX_JOBS:  # from the list lengths: 1000³ combinations are never built
+        where = "matrix" if manifest.matrix else "items"
+        at = root.key_lines.get(where, root.line)
+        top(too_many_jobs_message(), at, where, allowed=f"at most {MAX_JOBS:,} jobs per manifest")
     _parse_budget(root, manifest, top)
     _parse_schedule(root, manifest, top, datetime.now(UTC) if now is None else now)
     _parse_priority(root, manifest, top)
@@ -248,8 +252,18 @@ def _parse_matrix(root: LMap, manifest: Manifest, top: _Report) -> None:
 
 def _parse_items(root: LMap, manifest: Manifest, top: _Report) -> None:
     items = root.get("items")
+    source = root.get("items_from")
     if isinstance(items, LList) and items:
         manifest.items = items
+    elif isinstance(items, LList):
+        if source is None:  # an empty list next to an items_from file is no problem
+            top(
+                "the manifest has no items: 'items' is an empty list; add at least one item "
+                "or 'items_from:' (a JSONL/CSV file)",
+                root.lines.get("items"),
+                "items",
+                allowed="a list with at least one entry starting with '- '",
+            )
     elif items is not None:
         top(
             f"'items' must be a list of mappings, got {describe(items)}",
@@ -258,9 +272,9 @@ def _parse_items(root: LMap, manifest: Manifest, top: _Report) -> None:
             value=items,
             allowed="a list: each entry starts with '- '",
         )
-    source = root.get("items_from")
     if source is not None:
         where = root.lines.get("items_from")
+        manifest.items_from_line = where
         if not isinstance(source, str) or not source.strip():
             top(
                 f"'items_from' must be a file path, got {describe(source)}", where, "items_from", value=source
@@ -306,7 +320,7 @@ def _parse_items(root: LMap, manifest: Manifest, top: _Report) -> None:
             else:
                 manifest.items_from = resolved
                 manifest.items_from_display = str(Path(manifest.display).parent / source)
-    if not manifest.items and source is None and (items is None or isinstance(items, LList)):
+    if items is None and source is None:
         top(
             "the manifest has no items: add 'items:' (a list) or 'items_from:' (a JSONL/CSV file)",
             root.lines.get("items", root.line),

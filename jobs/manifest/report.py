@@ -13,13 +13,11 @@ from pathlib import Path
 
 from jobs.endpoints import get_endpoint
 from jobs.errors import Issue, ManifestError, WanbatchError
-from jobs.manifest.expand import Manifest
+from jobs.manifest.expand import MAX_JOBS, Manifest, too_many_jobs_message
 from jobs.manifest.loading import parse_manifest
 from jobs.manifest.model import JobSpec
 from jobs.validation import MediaCache, validate_input
 
-#: Most jobs one manifest may expand to (items × matrix).
-MAX_JOBS = 1_000_000
 #: Most issues one validation pass collects; the rest are counted.
 MAX_ISSUES = 10_000
 
@@ -68,6 +66,8 @@ def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Va
     manifest, issues = parse_manifest(path, allowed_dirs)
     if manifest is None:
         return ValidationReport(None, issues, 0)
+    if manifest.expansion_floor() > MAX_JOBS:  # reported by parse_manifest; never expanded
+        return ValidationReport(manifest, issues, 0)
     shared = manifest.shared_lines
     seen: set[tuple[object, ...]] = set()
     collected: list[Issue] = list(issues)
@@ -102,7 +102,7 @@ def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Va
             warned_expansion.add(job.endpoint)
             add(warning)
         if count > MAX_JOBS:
-            add(_about_whole(manifest, f"the manifest expands to more than {MAX_JOBS:,} jobs; split it"))
+            add(_too_many_jobs(manifest))
             break
     for issue in expansion:
         add(issue)
@@ -138,6 +138,10 @@ def _prompt_expansion_warning(job: JobSpec) -> Issue | None:
         ),
         severity="warning",
     )
+
+
+def _too_many_jobs(manifest: Manifest) -> Issue:
+    return _about_whole(manifest, too_many_jobs_message())
 
 
 def _about_whole(manifest: Manifest, message: str) -> Issue:

@@ -689,3 +689,68 @@ def test_nul_in_a_nested_value_or_key_is_refused(folder: Path) -> None:
     assert has_nul({"a": ["b", {"c\0": 1}]})
     assert has_nul(["x", ["y\0"]])
     assert not has_nul({"a": ["b", {"c": 1.5}], "d": None})
+
+
+def test_a_huge_matrix_is_refused_from_its_sizes_before_anything_is_expanded(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1000 × 1000 × 1000 values: the product of the list lengths is over the limit, so neither
+    validation nor the submit path builds (or even starts streaming) a single combination."""
+    from jobs.manifest.expand import Manifest
+
+    def never(*_: object, **__: object) -> None:
+        raise AssertionError("the matrix was expanded")
+
+    monkeypatch.setattr(Manifest, "jobs", never)
+    monkeypatch.setattr(Manifest, "_combos", never)
+    values = ", ".join(str(i) for i in range(1000))
+    path = write(
+        folder,
+        f"name: x\nendpoint: fal-ai/wan-22\nmatrix:\n  seed: [{values}]\n  num_frames: [{values}]\n"
+        f"  num_inference_steps: [{values}]\nitems:\n  - prompt: hi\n",
+    )
+    report = validate_manifest(path)
+    assert [str(i) for i in report.errors] == [
+        f"{path}:3: field 'matrix': the manifest expands to more than 1,000,000 jobs; split it "
+        "(allowed: at most 1,000,000 jobs per manifest)"
+    ]
+    with pytest.raises(ManifestError, match="more than 1,000,000 jobs"):
+        list(iter_valid_jobs(path))
+
+
+def test_items_times_matrix_over_the_limit_is_refused_up_front(folder: Path) -> None:
+    items = "".join(f"  - prompt: p{i}\n" for i in range(1001))
+    values = ", ".join(str(i) for i in range(1000))
+    path = write(folder, f"name: x\nendpoint: fal-ai/wan-22\nmatrix:\n  seed: [{values}]\nitems:\n{items}")
+    report = validate_manifest(path)
+    assert report.job_count == 0
+    assert any("more than 1,000,000 jobs; split it" in str(i) for i in report.errors)
+
+
+@pytest.mark.parametrize("rows", ["", "\n\n"])
+def test_an_empty_items_from_file_is_a_manifest_without_items(folder: Path, rows: str) -> None:
+    """0 jobs would make a batch that never finishes: refused like a manifest with no items."""
+    (folder / "rows.jsonl").write_text(rows)
+    path = write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.jsonl\n")
+    report = validate_manifest(path)
+    assert [str(i) for i in report.errors] == [
+        f"{path}:3: field 'items_from': the manifest has no items: its items_from file holds no rows "
+        "(allowed: at least one item, in 'items:' or as a row of the items_from file)"
+    ]
+    with pytest.raises(ManifestError, match="has no items"):
+        list(iter_valid_jobs(path))
+
+
+def test_an_empty_items_list_says_there_are_no_items(folder: Path) -> None:
+    path = write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems: []\n")
+    (issue,) = validate_manifest(path).errors
+    assert "the manifest has no items: 'items' is an empty list" in str(issue)
+    assert "got a list" not in str(issue)
+
+
+def test_an_empty_items_list_next_to_items_from_is_fine(folder: Path) -> None:
+    (folder / "rows.jsonl").write_text('{"prompt": "hi"}\n')
+    path = write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems: []\nitems_from: rows.jsonl\n")
+    report = validate_manifest(path)
+    assert report.ok, report.errors
+    assert report.job_count == 1
