@@ -25,7 +25,7 @@ from jobs.errors import ConfigError, Issue, ManifestError, UsageError, WanbatchE
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, utcnow
-from jobs.money import usd_json, usd_text
+from jobs.money import too_much_usd, usd_json, usd_text
 from jobs.pricing import Totals, estimate_job
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
@@ -273,8 +273,10 @@ def parse_usd(text: str, option: str = "--max-usd") -> Decimal:
         value = Decimal(cleaned)
     except ArithmeticError:
         value = Decimal("NaN")
-    if not value.is_finite() or value <= 0 or value >= Decimal("1e12"):
+    if not value.is_finite() or value <= 0:
         raise UsageError(f"{option} takes a positive amount of US dollars such as 25.00, got {text!r}")
+    if (problem := too_much_usd(value)) is not None:
+        raise UsageError(f"{option} {text.strip()} {problem}")
     return value
 
 

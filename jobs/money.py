@@ -20,6 +20,19 @@ from decimal import ROUND_HALF_UP, Decimal
 CENT = Decimal("0.01")
 MICRO = Decimal("0.000001")
 
+#: Every cap a user names (``budget.max_usd``, ``rerun --max-usd``, ``WANBATCH_DAILY_BUDGET_USD``)
+#: must be below this: a billion US dollars. Money is stored exactly, in nano-dollars; SQLite
+#: keeps that in a 64-bit INTEGER, which ends near 9.2 billion dollars — a cap of ten billion
+#: could not be stored at all, and sums of spend need room above the cap. No batch costs this.
+MAX_USD = Decimal("1e9")
+
+
+def too_much_usd(value: Decimal | float | int) -> str | None:
+    """Why ``value`` is too large for a cap, or None when it is below :data:`MAX_USD`."""
+    if as_decimal(value) < MAX_USD:
+        return None
+    return f"is too large: a cap must be less than {usd_text(MAX_USD)}"
+
 
 def as_decimal(value: Decimal | float | int | str) -> Decimal:
     """``value`` as a Decimal; a float by its shortest repr (``2.835`` → ``Decimal("2.835")``).

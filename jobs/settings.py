@@ -35,6 +35,7 @@ from pydantic_settings import (
 )
 
 from jobs.errors import ConfigError
+from jobs.money import MAX_USD
 
 DEFAULT_STATE_DIR = Path(".wanbatch")
 
@@ -226,7 +227,7 @@ class BudgetSettings(_Section):
     #: to correct a price the registry marks as an assumption (e.g. fal-ai/wan-22).
     pricing_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Cap on USD committed (spent + reserved) per UTC day across all batches; unset = no cap.
-    daily_budget_usd: Decimal | None = Field(default=None, ge=0)
+    daily_budget_usd: Decimal | None = Field(default=None, ge=0, lt=MAX_USD)
 
     @field_validator("pricing_overrides")
     @classmethod

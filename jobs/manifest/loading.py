@@ -25,6 +25,7 @@ from jobs.manifest.expand import MAX_JOBS, Manifest, too_many_jobs_message
 from jobs.manifest.items_from import ITEMS_FROM_SUFFIXES
 from jobs.manifest.model import describe, error_count
 from jobs.media import NUL_ALLOWED, NUL_MESSAGE, allowed_roots, resolve_local
+from jobs.money import MAX_USD, too_much_usd
 from jobs.schedule import Schedule, parse_instant, parse_window, zone
 from jobs.yaml_lines import LList, LMap, YamlProblem, load_located
 
@@ -361,6 +362,14 @@ def _parse_budget(root: LMap, manifest: Manifest, top: _Report) -> None:
             "budget.max_usd",
             value=value,
             allowed="a positive number such as 25.00",
+        )
+    elif (problem := too_much_usd(value)) is not None:
+        top(
+            f"budget max_usd {value} {problem}",
+            where,
+            "budget.max_usd",
+            value=value,
+            allowed=f"a positive number less than {MAX_USD:,.0f}, such as 25.00",
         )
     else:
         manifest.budget_max_usd = Decimal(str(value))

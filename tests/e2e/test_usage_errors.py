@@ -151,6 +151,20 @@ def test_rerun_max_usd_must_be_a_positive_amount(amount: str) -> None:
     assert_one_line(wanbatch("rerun", "whatever", "--max-usd", amount), "--max-usd", repr(amount))
 
 
+@pytest.mark.parametrize("amount", ["99999999999999999999", "1e9", "1000000000.00"])
+def test_rerun_max_usd_too_large_says_so(amount: str) -> None:
+    """Not "takes a positive amount" for a positive amount: what is wrong, and the maximum."""
+    assert_one_line(
+        wanbatch("rerun", "whatever", "--max-usd", amount),
+        f"--max-usd {amount} is too large: a cap must be less than $1,000,000,000.00",
+    )
+
+
+def test_daily_budget_too_large_is_a_configuration_error() -> None:
+    done = wanbatch("estimate", QUICKSTART, env={"WANBATCH_DAILY_BUDGET_USD": "1e13"})
+    assert_one_line(done, "invalid configuration: WANBATCH_DAILY_BUDGET_USD")
+
+
 def test_click_usage_mistakes_are_one_line_too() -> None:
     assert_one_line(wanbatch("run", "--no-such-option", "x"), "No such option", "wanbatch run --help")
     assert_one_line(wanbatch("validate"), "Missing argument")
