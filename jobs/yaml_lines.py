@@ -23,6 +23,7 @@ dropped base 60 for exactly this reason).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -115,6 +116,16 @@ class _Loader(_DepthLimitedComposer, _Parser, Resolver):
         _DepthLimitedComposer.__init__(self)
         Resolver.__init__(self)
 
+
+#: YAML 1.1 (PyYAML) reads a float only with a dot and a signed exponent, so ``1e2``,
+#: ``2.5e3`` and ``1E-3`` were text, and a number field said "expected a number, got text
+#: '1e2'". YAML 1.2, JSON (``items_from`` rows) and the CSV reader all read them as numbers;
+#: so does a manifest. Quoted (``"1e2"``) they stay text.
+_Loader.add_implicit_resolver(
+    _TAG + "float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 _SCALARS = SafeConstructor()
 _SCALAR_BUILDERS: dict[str, Callable[[SafeConstructor, ScalarNode], Any]] = {

@@ -754,3 +754,23 @@ def test_an_empty_items_list_next_to_items_from_is_fine(folder: Path) -> None:
     report = validate_manifest(path)
     assert report.ok, report.errors
     assert report.job_count == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "number"), [("1e2", 100.0), ("2.5E3", 2500.0), ("-3e-2", -0.03), ("1.0e+2", 100.0)]
+)
+def test_an_exponent_reads_as_a_number_as_in_yaml_1_2_and_json(text: str, number: float) -> None:
+    """PyYAML (YAML 1.1) read ``1e2`` as text, so ``guide_scale: 1e2`` was "expected a number,
+    got text '1e2'"; quoted it stays text."""
+    root, _ = load_located(f"a: {text}\nb: '{text}'\n")
+    assert root["a"] == number
+    assert isinstance(root["a"], float)
+    assert root["b"] == text
+
+
+def test_a_number_field_takes_an_exponent(folder: Path) -> None:
+    path = write(
+        folder, "name: x\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: hi\n    guidance_scale: 35e-1\n"
+    )
+    report = validate_manifest(path)
+    assert report.ok, [str(i) for i in report.errors]
