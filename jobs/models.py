@@ -40,7 +40,6 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    text,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -371,7 +370,7 @@ Index(
 #: both queries, so SQLite, which has no statistics to go by, prefers it to the indexes that
 #: would read every pending job of the batch (ix_jobs_batch_id_state_order) or of the database.
 #: A pending job counts when an earlier attempt was billed, or may have been (``ambiguous_usd``).
-_PENDING_BILLED = text("state = 'pending' AND (actual_usd IS NOT NULL OR ambiguous_usd > 0)")
+_PENDING_BILLED = (Job.state == JobState.PENDING) & (Job.actual_usd.is_not(None) | (Job.ambiguous_usd > 0))
 Index(
     "ix_jobs_pending_billed",
     Job.state,

@@ -25,7 +25,10 @@ depends_on: str | Sequence[str] | None = None
 
 #: Money columns as 0001 made them: NUMERIC, integer nano-units on SQLite.
 MONEY = sa.Numeric(24, 9).with_variant(sa.BigInteger(), "sqlite")
-PENDING_BILLED = sa.text("state = 'pending' AND (actual_usd IS NOT NULL OR ambiguous_usd > 0)")
+PENDING_BILLED = "state = 'pending' AND (actual_usd IS NOT NULL OR ambiguous_usd > {zero})"
+#: Zero as the models render it for a money column: NUMERIC(24, 9) on PostgreSQL, an integer of
+#: nano-units on SQLite (a new database from the models must equal a migrated one, index text too).
+ZERO = {"postgresql": "0E-9", "sqlite": "0"}
 PENDING_BILLED_BEFORE = sa.text("state = 'pending' AND actual_usd IS NOT NULL")
 
 
@@ -37,8 +40,8 @@ def upgrade() -> None:
         "ix_jobs_pending_billed",
         "jobs",
         ["state", "batch_id", "submitted_at", "actual_usd", "ambiguous_usd"],
-        postgresql_where=PENDING_BILLED,
-        sqlite_where=PENDING_BILLED,
+        postgresql_where=sa.text(PENDING_BILLED.format(zero=ZERO["postgresql"])),
+        sqlite_where=sa.text(PENDING_BILLED.format(zero=ZERO["sqlite"])),
     )
 
 

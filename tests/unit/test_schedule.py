@@ -424,9 +424,17 @@ def test_from_json_reads_z_and_offsets() -> None:
 @pytest.mark.parametrize(
     "stored",
     [
-        {"not_before": "9999-12-31T00:00:00+00:00", "window": "22:00-06:00", "timezone": "Pacific/Kiritimati"},
+        {
+            "not_before": "9999-12-31T00:00:00+00:00",
+            "window": "22:00-06:00",
+            "timezone": "Pacific/Kiritimati",
+        },
         {"deadline": "9999-12-31T23:59:59+00:00", "window": "22:00-06:00", "timezone": "UTC"},
-        {"not_before": "0001-01-02T00:00:00+00:00", "window": "01:00-02:00", "timezone": "Pacific/Kiritimati"},
+        {
+            "not_before": "0001-01-02T00:00:00+00:00",
+            "window": "01:00-02:00",
+            "timezone": "Pacific/Kiritimati",
+        },
     ],
 )
 def test_a_stored_schedule_out_of_range_is_read_and_answered_without_overflow(stored: dict[str, str]) -> None:
