@@ -34,6 +34,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from jobs.chaos_points import parse_points
 from jobs.errors import ConfigError
 from jobs.money import MAX_USD
 
@@ -406,6 +407,13 @@ class ChaosSettings(_Section):
     #: stops itself (SIGSTOP).
     chaos_crash_points: str | None = None
     chaos_stop_points: str | None = None
+
+    @field_validator("chaos_crash_points", "chaos_stop_points")
+    @classmethod
+    def _check_points(cls, value: str | None) -> str | None:
+        """Parsed once here, so a typo is the usual configuration error at start-up."""
+        parse_points(value)
+        return value
 
 
 class Settings(

@@ -32,12 +32,10 @@ import random
 import signal
 import threading
 
+from jobs.chaos_points import POINTS, parse_points
 from jobs.settings import ChaosSettings
 
-#: Every point the steps call; a spec naming another point is a mistake, refused loudly.
-POINTS: frozenset[str] = frozenset(
-    {"before_post", "after_post", "after_commit", "mid_download", "after_download"}
-)
+__all__ = ["CRASH_EXIT_CODE", "POINTS", "crash_point", "parse_points"]
 
 #: The exit status of a crash point: what a shell shows for a process killed by SIGKILL.
 CRASH_EXIT_CODE = 137
@@ -46,22 +44,6 @@ _crash: dict[str, float] | None = None
 _stop: dict[str, float] = {}
 _lock = threading.Lock()
 _rng = random.Random()
-
-
-def parse_points(spec: str | None) -> dict[str, float]:
-    """``"a:0.1,b:1"`` → ``{"a": 0.1, "b": 1.0}``; unknown points and bad numbers raise ValueError."""
-    plan: dict[str, float] = {}
-    for part in (spec or "").split(","):
-        if not part.strip():
-            continue
-        name, sep, value = part.strip().partition(":")
-        if name not in POINTS:
-            raise ValueError(f"unknown chaos point {name!r} (known: {', '.join(sorted(POINTS))})")
-        probability = float(value) if sep else 1.0
-        if not 0.0 <= probability <= 1.0:
-            raise ValueError(f"chaos point {name!r}: probability {probability} is not within [0, 1]")
-        plan[name] = probability
-    return plan
 
 
 def _load() -> dict[str, float]:
