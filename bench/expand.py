@@ -254,7 +254,9 @@ def _phase_expand(phase: str, child: ChildArgs) -> PhaseResult:
         from jobs.settings import Settings
         from jobs.store import NewJob
 
-        return _Expansion(load_manifest, estimate_job, NewJob, Settings(database_url="sqlite://"))
+        return _Expansion(
+            load_manifest, estimate_job, NewJob, Settings(database_url="sqlite:///unused-by-this-phase.db")
+        )
 
     def body(tools: _Expansion) -> Figures:
         rows = 0

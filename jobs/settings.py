@@ -22,8 +22,9 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -102,6 +103,26 @@ class _Section(BaseSettings):
         return init_settings, _EnvSource(settings_cls), dotenv_settings, file_secret_settings
 
 
+def _http_url(value: str, example: str) -> str:
+    """``value`` as an http(s) URL with a host (trailing slashes dropped); ValueError saying what
+    is wrong otherwise — checked when the settings load, not when the first job fails with
+    "unsupported URL". The value itself is not echoed: a URL may carry a token."""
+    url = value.strip()
+    if not url:
+        raise ValueError(f"is empty; an http(s) URL such as {example} is needed (unset it for the default)")
+    parsed = urlsplit(url)
+    if parsed.scheme.lower() not in ("http", "https"):
+        scheme = f"scheme {parsed.scheme!r}" if parsed.scheme else "no scheme"
+        raise ValueError(f"must be an http(s) URL such as {example} (this one has {scheme})")
+    try:
+        parsed.port  # noqa: B018 (raises for a port that is no number, or out of range)
+    except ValueError:
+        raise ValueError(f"has an invalid port; expected an http(s) URL such as {example}") from None
+    if not parsed.hostname or any(ch.isspace() for ch in url):
+        raise ValueError(f"must be an http(s) URL with a host, such as {example}")
+    return url.rstrip("/")
+
+
 def _listed(value: object, separators: str) -> object:
     """A JSON list, or text split at any of ``separators`` (blanks dropped); other values as is."""
     if not isinstance(value, str):
@@ -129,8 +150,10 @@ class FalSettings(_Section):
 
     @field_validator("fal_queue_url", "fal_rest_url")
     @classmethod
-    def _strip_slash(cls, value: str) -> str:
-        return value.rstrip("/")
+    def _check_url(cls, value: str, info: ValidationInfo) -> str:
+        """An http(s) URL with a host; ``abc``, ``ftp://x`` or an empty value are refused here."""
+        field = info.field_name or ""
+        return _http_url(value, cls.model_fields[field].default)
 
     @field_validator("fal_key", mode="before")
     @classmethod
@@ -167,6 +190,25 @@ class DatabaseSettings(_Section):
     """The system of record."""
 
     database_url: str = Field(default_factory=lambda: f"sqlite:///{DEFAULT_STATE_DIR / 'wanbatch.db'}")
+
+    @field_validator("database_url")
+    @classmethod
+    def _refuse_in_memory(cls, value: str) -> str:
+        """An in-memory SQLite database lives and dies with one connection: every command opens
+        several (and ``run``, ``serve`` and the workers are other processes), so each would see
+        its own empty database — the system of record must be a file or a server."""
+        scheme, _, rest = value.strip().partition("://")
+        if scheme.split("+")[0].lower() != "sqlite":
+            return value
+        database = rest[1:] if rest.startswith("/") else rest
+        path = database.split("?")[0]
+        if not path or path == ":memory:" or "mode=memory" in database or path.startswith("file::memory:"):
+            raise ValueError(
+                "an in-memory SQLite database is refused: the database is the system of record, shared "
+                "by every connection and process (run, workers, serve, status), so it must be a file, "
+                "e.g. sqlite:///path/to/wanbatch.db"
+            )
+        return value
 
 
 class BrokerSettings(_Section):
@@ -343,9 +385,15 @@ class DownloadSettings(_Section):
     @field_validator("output_dir", mode="before")
     @classmethod
     def _refuse_bad_url(cls, value: object) -> object:
-        """An ``s3://`` value still here did not parse: say why, under WANBATCH_OUTPUT_DIR."""
+        """An ``s3://`` value still here did not parse: say why, under WANBATCH_OUTPUT_DIR. An
+        empty value is refused too: as a path it is ``.``, and outputs would land in whatever
+        folder the command runs in."""
         from jobs.output_location import is_s3_url, normalise_s3_url
 
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(
+                "is empty: name a folder (unset it for the default ./outputs) or s3://bucket/prefix"
+            )
         if isinstance(value, str) and is_s3_url(value):
             normalise_s3_url(value)  # raises ValueError with the reason
         return value
@@ -376,6 +424,23 @@ class WebhookSettings(_Section):
     webhook_url: str | None = None
     #: fal's webhook-signing public keys (https://docs.fal.ai/model-endpoints/webhooks).
     webhook_jwks_url: str = "https://rest.fal.ai/.well-known/jwks.json"
+
+    @field_validator("webhook_url", mode="before")
+    @classmethod
+    def _check_webhook_url(cls, value: object) -> object:
+        """Empty is unset (docker-compose passes ``""``); anything else an http(s) URL with a host."""
+        if not isinstance(value, str):
+            return value
+        return _http_url(value, "https://your-host/webhooks/fal") if value.strip() else None
+
+    @field_validator("webhook_jwks_url", mode="before")
+    @classmethod
+    def _check_jwks_url(cls, value: object) -> object:
+        """Empty means fal's own keys (the default); anything else an http(s) URL with a host."""
+        if not isinstance(value, str):
+            return value
+        default = str(cls.model_fields["webhook_jwks_url"].default)
+        return _http_url(value, default) if value.strip() else default
 
 
 class ServeSettings(_Section):

@@ -60,6 +60,48 @@ def test_unusable_database_url(url: str, phrase: str) -> None:
     assert "hunter2" not in line
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_database_url(url: str) -> None:
+    """Was an internal error (no such table: conductor_heartbeats), exit 70."""
+    assert_one_line(
+        wanbatch("status", env={"WANBATCH_DATABASE_URL": url}),
+        "invalid configuration: WANBATCH_DATABASE_URL",
+        "in-memory SQLite database is refused",
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("WANBATCH_FAL_QUEUE_URL", "abc"),
+        ("WANBATCH_FAL_QUEUE_URL", "ftp://x"),
+        ("WANBATCH_FAL_QUEUE_URL", ""),
+        ("WANBATCH_FAL_REST_URL", "abc"),
+        ("WANBATCH_WEBHOOK_URL", "abc"),
+        ("WANBATCH_WEBHOOK_JWKS_URL", "ftp://keys"),
+        ("WANBATCH_OUTPUT_DIR", ""),
+        ("WANBATCH_CHAOS_CRASH_POINTS", "abc"),
+        ("WANBATCH_CHAOS_STOP_POINTS", "after_post:abc"),
+    ],
+)
+def test_malformed_settings_stop_run_before_anything_is_stored(
+    variable: str, value: str, tmp_path: Path
+) -> None:
+    """Each was accepted: every job then failed "unsupported URL", outputs went to the current
+    folder, or a worker hit a traceback at the chaos point and ``run`` waited forever."""
+    db = tmp_path / "wb.db"
+    env = {variable: value, "WANBATCH_DATABASE_URL": f"sqlite:///{db}"}
+    assert_one_line(wanbatch("run", "--simulate", QUICKSTART, env=env), f"invalid configuration: {variable}")
+    assert not db.exists() or db.stat().st_size == 0
+
+
+def test_doctor_reports_malformed_chaos_points() -> None:
+    done = wanbatch("doctor", "--json", env={"WANBATCH_CHAOS_CRASH_POINTS": "after_post:abc"})
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "WANBATCH_CHAOS_CRASH_POINTS" in done.stdout
+
+
 def _submitted_batch() -> str:
     done = wanbatch("submit", QUICKSTART)
     assert done.returncode == 0, done.stderr

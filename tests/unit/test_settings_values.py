@@ -1,0 +1,131 @@
+"""Settings whose value has a shape, checked when the settings load: one line naming the
+variable and what is allowed, never a failure found by the first job (or never found).
+
+- the fal URLs (queue, REST, webhook, JWKS): ``abc``, ``ftp://x`` or an empty queue URL once
+  made every job fail with "unsupported URL";
+- an in-memory SQLite database: each connection saw its own empty database ("no such table");
+- an empty ``WANBATCH_OUTPUT_DIR``: outputs landed in whatever folder the command ran in;
+- the chaos points: a typo was a traceback in a worker's log the first time a job reached the
+  point, and ``run`` waited forever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from jobs.errors import ConfigError
+from jobs.settings import get_settings
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings() -> Iterator[None]:
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def _refused(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> str:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        get_settings()
+    message = str(caught.value)
+    assert message.startswith(f"invalid configuration: {variable}: "), message
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "variable", ["WANBATCH_FAL_QUEUE_URL", "WANBATCH_FAL_REST_URL", "WANBATCH_WEBHOOK_JWKS_URL"]
+)
+@pytest.mark.parametrize(
+    ("value", "phrase"),
+    [
+        ("abc", "no scheme"),
+        ("ftp://x", "scheme 'ftp'"),
+        ("http://", "with a host"),
+        ("https://:443/x", "with a host"),
+        ("http://host:99999", "invalid port"),
+        ("http://ho st", "with a host"),
+    ],
+)
+def test_fal_urls_must_be_http_urls_with_a_host(
+    variable: str, value: str, phrase: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = _refused(monkeypatch, variable, value)
+    assert phrase in message
+    assert "http(s) URL" in message
+
+
+@pytest.mark.parametrize("variable", ["WANBATCH_FAL_QUEUE_URL", "WANBATCH_FAL_REST_URL"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_fal_url_is_refused(variable: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "is empty" in _refused(monkeypatch, variable, value)
+
+
+def test_the_webhook_url_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "scheme 'ftp'" in _refused(monkeypatch, "WANBATCH_WEBHOOK_URL", "ftp://hooks.example/fal")
+
+
+def test_good_urls_are_taken_and_an_empty_optional_one_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", "http://127.0.0.1:8787/")
+    monkeypatch.setenv("WANBATCH_FAL_REST_URL", "HTTPS://rest.example")
+    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", "")
+    monkeypatch.setenv("WANBATCH_WEBHOOK_JWKS_URL", "")
+    settings = get_settings()
+    assert settings.fal_queue_url == "http://127.0.0.1:8787"
+    assert settings.fal_rest_url == "HTTPS://rest.example"
+    assert settings.webhook_url is None
+    assert settings.webhook_jwks_url == "https://rest.fal.ai/.well-known/jwks.json"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite+pysqlite:///:memory:",
+        "sqlite:///file:shared?mode=memory&cache=shared&uri=true",
+    ],
+)
+def test_an_in_memory_sqlite_database_is_refused(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _refused(monkeypatch, "WANBATCH_DATABASE_URL", url)
+    assert "in-memory SQLite database is refused" in message
+    assert "system of record" in message
+    assert "file" in message
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:///wb.db", "sqlite:////tmp/wb.db", "postgresql://u@127.0.0.1/db", "sqlite:///memory.db"]
+)
+def test_database_files_and_servers_are_taken(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", url)
+    assert get_settings().database_url == url
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_output_dir_is_refused(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "is empty" in _refused(monkeypatch, "WANBATCH_OUTPUT_DIR", value)
+
+
+@pytest.mark.parametrize("variable", ["WANBATCH_CHAOS_CRASH_POINTS", "WANBATCH_CHAOS_STOP_POINTS"])
+@pytest.mark.parametrize(
+    ("value", "phrase"),
+    [
+        ("abc", "unknown chaos point 'abc'"),
+        ("after_post:abc", "probability 'abc' is not a number from 0 to 1"),
+        ("after_post:2", "probability '2' is not a number from 0 to 1"),
+        ("after_post:nan", "is not a number from 0 to 1"),
+        ("after_post:0.1,nosuch:1", "unknown chaos point 'nosuch'"),
+    ],
+)
+def test_malformed_chaos_points_are_refused_at_load(
+    variable: str, value: str, phrase: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert phrase in _refused(monkeypatch, variable, value)
+
+
+def test_well_formed_chaos_points_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_CHAOS_CRASH_POINTS", "before_post:0.1, after_post : 1,mid_download")
+    assert get_settings().chaos_crash_points
