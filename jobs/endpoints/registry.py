@@ -63,8 +63,9 @@ class FieldSpec(BaseModel):
     required: bool = False
     description: str
     default: Any = None
-    minimum: float | None = None
-    maximum: float | None = None
+    #: Integers stay integers (``int | float``): a seed's 2**64 - 1 is not a float.
+    minimum: int | float | None = None
+    maximum: int | float | None = None
     enum: tuple[str | int, ...] | None = None
     max_length: int | None = None
     media: MediaConstraints | None = None
@@ -99,7 +100,9 @@ class FieldSpec(BaseModel):
 
 
 def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
+    if isinstance(value, int):
+        return str(value)
+    return str(int(value)) if value.is_integer() else str(value)
 
 
 class UnitFactor(BaseModel):
