@@ -250,6 +250,36 @@ def test_402_on_result_pauses_and_keeps_the_paid_output_waiting(
     assert "402" in (status["pause_reason"] or "")
 
 
+def test_a_request_fal_lost_fails_as_request_not_found(engine: Engine, hostile: HostileProvider) -> None:
+    # fal's 404 carries no error type: the job ended `failed (error)` in `status`.
+    accepted(hostile)
+    hostile.route("GET", rf"{REQUESTS}/status", json_reply({"detail": "Request not found"}, 404))
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    try:
+        _, lost = one_job(engine, rt)
+        assert submit(rt, lost) == "submitted"
+        poll_due(rt)
+    finally:
+        rt.client.close()
+    assert (job(engine, lost).state, job(engine, lost).error_type) == (S.FAILED, "request_not_found")
+
+
+def test_a_result_gone_fails_as_result_expired(engine: Engine, hostile: HostileProvider) -> None:
+    accepted(hostile)
+    hostile.route("GET", rf"{REQUESTS}/status", json_reply({"status": "COMPLETED", "metrics": {}}))
+    hostile.route("GET", REQUESTS, json_reply({"detail": "Not found"}, 404))
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    try:
+        _, gone = one_job(engine, rt)
+        assert submit(rt, gone) == "submitted"
+        poll_due(rt)
+        download(rt, gone)
+    finally:
+        rt.client.close()
+    after = job(engine, gone)
+    assert (after.state, after.error_type) == (S.FAILED, "result_expired")
+
+
 def test_403_on_upload_pauses_and_gives_the_job_back(
     engine: Engine, hostile: HostileProvider, tmp_path: Path
 ) -> None:

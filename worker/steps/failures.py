@@ -9,12 +9,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from jobs import billing, store
-from jobs.errors import AccountLockedError, ProviderError, RetryableProviderError
+from jobs.errors import AccountLockedError, FinalProviderError, ProviderError, RetryableProviderError
 from jobs.models import BatchState, Job
 from jobs.settings import RetrySettings, Settings
 from jobs.store import Fence
 from worker import telemetry
-from worker.fal.errors import format_detail
+from worker.fal.errors import ResultExpiredError, format_detail
 from worker.steps.context import Runtime, in_seconds
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,20 @@ def describe(exc: ProviderError) -> str:
     return prefix + (format_detail(exc.detail) or str(exc))
 
 
+def kind_of(exc: ProviderError) -> str | None:
+    """The job's ``error_type`` for ``exc``: fal's own when it gave one, else what we know the
+    failure to be — a result gone (``result_expired``), a request fal does not know
+    (``request_not_found``) — so `status` groups them by name, not as a bare "error". Billing
+    reads fal's ``exc.error_type`` alone (:func:`cost_of_failure`)."""
+    if exc.error_type:
+        return exc.error_type
+    if isinstance(exc, ResultExpiredError):
+        return "result_expired"
+    if isinstance(exc, FinalProviderError) and exc.status_code == 404:
+        return "request_not_found"
+    return None
+
+
 def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **cost: Any) -> None:
     """What an attempt that fal failed leads to, for submit and download alike: a retry or the end.
 
@@ -50,7 +64,7 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
     reason = describe(exc)
     telemetry.count_provider_error(exc)
     if not isinstance(exc, RetryableProviderError):
-        store.fail_job(session, fence, error=reason, error_type=exc.error_type, **cost)
+        store.fail_job(session, fence, error=reason, error_type=kind_of(exc), **cost)
         return
     attempts = store.get_job(session, fence.job_id).attempts
     if attempts >= rt.settings.max_attempts:
@@ -59,7 +73,7 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
             fence,
             reason=f"gave up after {attempts} attempt(s): {reason}",
             error=f"after {attempts} attempt(s): {reason}",
-            error_type=exc.error_type,
+            error_type=kind_of(exc),
             **cost,
         )
         return
@@ -70,7 +84,7 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
         reason=f"retry in {delay:.0f}s: {reason}",
         at=in_seconds(delay),
         error=reason,
-        error_type=exc.error_type,
+        error_type=kind_of(exc),
         **cost,
     ):
         telemetry.count_retry("provider_error")
