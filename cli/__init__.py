@@ -11,15 +11,51 @@ Celery, the fal client or the simulator.
 
 from __future__ import annotations
 
-import logging
+# Before anything else: a Ctrl-C while the imports below run (half a second of them) used to be
+# a KeyboardInterrupt traceback from wherever it landed — click, dataclasses, pydantic… — or
+# "Aborted!" with exit 1. Until a command installs its own handling (``run``'s resumable stop,
+# the worker's, the server's), SIGINT now ends the process with one line and exit 130. Nothing
+# has been stored before a command runs, and an open database transaction rolls back when the
+# process ends (SQLite's journal, PostgreSQL's closed connection).
 import os
+import signal
 import sys
-from typing import NoReturn
 
-import click
+#: Exit code after Ctrl-C: 128 + SIGINT, what shells report for an interrupted command.
+EXIT_INTERRUPTED = 130
 
-from cli import batch_commands, doctor_command, manifest_commands, service_commands, startup
-from cli.output import EXIT_OK
+
+def _exit_interrupted(signum: int, frame: object) -> None:
+    os.write(2, b"interrupted\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _exit_on_interrupt() -> object:
+    """Make SIGINT exit 130 with one line; returns the handler it replaced (None if it did not).
+
+    Only over Python's own handler, and only in the main thread: a SIGINT a parent set to be
+    ignored (``nohup``, a background job) stays ignored, and a caller's own handler stays.
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None
+    try:
+        return signal.signal(signal.SIGINT, _exit_interrupted)
+    except ValueError:  # not the main thread
+        return None
+
+
+# The console script (``wanbatch``): at once, before the imports. Another launcher (``python -c
+# "from cli import main; main()"``, a test importing the package) gets it from main().
+if os.path.basename(sys.argv[0] if sys.argv else "") == "wanbatch":  # noqa: PTH119 (no pathlib yet)
+    _exit_on_interrupt()
+
+import logging  # noqa: E402 (after the SIGINT handler, on purpose)
+from typing import NoReturn  # noqa: E402
+
+import click  # noqa: E402
+
+from cli import batch_commands, doctor_command, manifest_commands, service_commands, startup  # noqa: E402
+from cli.output import EXIT_OK  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,10 +153,20 @@ def main() -> None:
 
     Click runs with ``standalone_mode=False`` so this function decides what reaches the user:
     a usage mistake is one ``error:`` line (exit 2), ``--help``/``--version`` behave as always,
-    Ctrl-C prints ``Aborted!`` (exit 1, as click does), and anything unexpected — a bug — is
-    one ``internal error`` line (exit 70) instead of a traceback. Deliberate errors never get
-    here: every command turns :class:`~jobs.errors.WanbatchError` into its message and exit code.
+    Ctrl-C is one ``interrupted`` line (exit 130) until a command's own handling takes over
+    (``run``'s says how to resume), and anything unexpected — a bug — is one ``internal error``
+    line (exit 70) instead of a traceback. Deliberate errors never get here: every command turns
+    :class:`~jobs.errors.WanbatchError` into its message and exit code.
     """
+    replaced = _exit_on_interrupt()  # already done at import for the console script
+    try:
+        _main()
+    finally:  # only reached in process (tests): the caller's handler back
+        if replaced is not None:
+            signal.signal(signal.SIGINT, replaced)  # type: ignore[arg-type]
+
+
+def _main() -> None:
     startup.pause()  # no cyclic GC over the imports; the long-running commands resume it
     from worker.logs import configure_logging  # stdlib only: text, or JSON lines (WANBATCH_LOG_FORMAT)
 
@@ -136,7 +182,10 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.Abort:
+    except click.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # SIGINT raised (a caller's handler)
+            print("interrupted", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
         print("Aborted!", file=sys.stderr)
         sys.exit(1)
     except Exception as exc:  # the safety net: a bug still gets one line, not a traceback
