@@ -297,8 +297,19 @@ def get_or_create_batch(
 def get_batch(session: Session, ref: str) -> Batch:
     """A batch by full id, by name, or by a unique id prefix of at least 6 characters."""
     ref = ref.strip()
-    found = session.get(Batch, ref) or session.scalar(select(Batch).where(Batch.name == ref))
+    found = session.get(Batch, ref)
     if found is not None:
+        return found
+    found = session.scalar(select(Batch).where(Batch.name == ref))
+    if found is not None:
+        # A name that is also another batch's id prefix (the 8 characters `status` shows) must not
+        # silently pick the named one: `cancel 01d7cc63` would cancel a batch other than the listed.
+        other = _other_batch_with_id_prefix(session, ref, found.id) if len(ref) >= MIN_ID_PREFIX else None
+        if other is not None:
+            raise NotFoundError(
+                f"{ref!r} is ambiguous: the name of batch {found.id[:8]} and an id prefix of batch "
+                f"{other.id[:8]} ({other.name}); give the full id of the one you mean"
+            )
         return found
     if len(ref) >= MIN_ID_PREFIX:
         matches = session.scalars(
@@ -311,6 +322,12 @@ def get_batch(session: Session, ref: str) -> Batch:
     raise NotFoundError(
         f"no batch {ref!r}: give a batch name, its id, or an id prefix of at least {MIN_ID_PREFIX} "
         "characters (`wanbatch status` lists batches)"
+    )
+
+
+def _other_batch_with_id_prefix(session: Session, prefix: str, not_id: str) -> Batch | None:
+    return session.scalar(
+        select(Batch).where(Batch.id.startswith(prefix.lower(), autoescape=True), Batch.id != not_id).limit(1)
     )
 
 

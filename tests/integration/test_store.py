@@ -282,6 +282,13 @@ def test_get_batch_by_id_prefix_name(session: Session) -> None:
         store.get_batch(session, "abcdef")
     assert store.get_batch(session, "abcdefa").name == "xa"
     assert [b.name for b in store.list_batches(session)] == ["tokyo-sweep", "xa", "xb"]
+    # A batch named as another's id prefix (as `status` shows ids): which one is meant is unknown.
+    session.add(Batch(id="f" * 32, name="abcdefaa", manifest_path="m", manifest_sha256="0" * 64))
+    session.commit()
+    with pytest.raises(NotFoundError, match=r"'abcdefaa' is ambiguous: the name of batch ffffffff and an id"):
+        store.get_batch(session, "abcdefaa")
+    assert store.get_batch(session, "f" * 32).name == "abcdefaa"  # its full id still works
+    assert store.get_batch(session, "abcdefa" + "a" * 25).name == "xa"
 
 
 def test_counts_by_state_lists_every_state(session: Session) -> None:
