@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, TypedDict
 
 from jobs.endpoints import EndpointSpec, get_endpoint
+from jobs.money import MICRO
 from jobs.settings import BudgetSettings
 
 
@@ -64,6 +65,7 @@ def estimate_job(
                 units *= factor.factor
 
     overrides = prices.usd_override(endpoint_id) if prices is not None else None
+    overridden = bool(overrides) and "" in (overrides or {})  # the price used is the user's
     if pricing.usd_per_unit is not None:
         rate = overrides.get("", pricing.usd_per_unit) if overrides else pricing.usd_per_unit
     else:
@@ -73,6 +75,7 @@ def estimate_job(
         table = {**pricing.usd_per_unit_by, **(overrides or {})}
         if "" in table and key not in (overrides or {}):
             table[key] = table[""]
+        overridden = overridden or key in (overrides or {})
         try:
             rate = table[key]
         except KeyError:
@@ -81,7 +84,7 @@ def estimate_job(
         endpoint=endpoint_id,
         billing_units=units,
         usd=units * rate,
-        assumption=pricing.assumption and not overrides,
+        assumption=pricing.assumption and not overridden,
     )
 
 
@@ -130,13 +133,19 @@ class Totals:
         return {
             "jobs": self.jobs,
             "billing_units": _num(self.billing_units),
-            "usd": _num(self.usd),
+            "usd": _usd(self.usd),
             "by_endpoint": {
-                ep: EndpointEstimate(jobs=t.jobs, billing_units=_num(t.billing_units), usd=_num(t.usd))
+                ep: EndpointEstimate(jobs=t.jobs, billing_units=_num(t.billing_units), usd=_usd(t.usd))
                 for ep, t in sorted(self.by_endpoint.items())
             },
             "price_assumptions": sorted(self.assumptions),
         }
+
+
+def _usd(value: Decimal) -> float | int:
+    """Dollars as every ``--json`` shows them: rounded half up to the micro-dollar, and as
+    plain as :func:`_num` (2.00 stays 2)."""
+    return _num(value.quantize(MICRO, rounding=ROUND_HALF_UP))
 
 
 def _num(value: Decimal) -> float | int:

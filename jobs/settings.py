@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +37,7 @@ from pydantic_settings import (
 )
 
 from jobs.chaos_points import parse_points
+from jobs.endpoints import get_endpoint, known_endpoint_ids
 from jobs.errors import ConfigError
 from jobs.money import MAX_USD
 
@@ -263,6 +265,28 @@ class LimitSettings(_Section):
     queue_wait_backoff: float = Field(default=60.0, ge=0, le=MAX_SECONDS)
 
 
+#: The highest price per billing unit an override may name (fal's are cents): beyond is a typo.
+MAX_PRICE = 1e6
+
+
+def _check_priced(endpoint: str, by: Mapping[str, Any]) -> None:
+    """An override names an endpoint of the registry, and only prices it has: one for an unknown
+    endpoint, or for a value its price never depends on, would change nothing (and, silently
+    ignored, would drop the estimate's "assumed price" mark all the same)."""
+    if endpoint not in known_endpoint_ids():
+        raise ValueError(f"{endpoint}: not an endpoint wanbatch knows ({', '.join(known_endpoint_ids())})")
+    pricing = get_endpoint(endpoint).pricing
+    priced = pricing.usd_per_unit_by or {}
+    unknown = sorted(str(k) for k in by if str(k) not in priced)
+    if unknown:
+        where = (
+            f"its price depends on {pricing.usd_per_unit_field} ({', '.join(priced)})"
+            if priced
+            else "its price depends on no input value: use usd_per_unit"
+        )
+        raise ValueError(f"{endpoint}: usd_per_unit_by names {', '.join(unknown)}, but {where}")
+
+
 class BudgetSettings(_Section):
     """What a job costs, and how much may be spent a day."""
 
@@ -287,8 +311,13 @@ class BudgetSettings(_Section):
                 raise ValueError(f"{endpoint}: usd_per_unit_by must be an object, like {example}")
             prices += [(f"usd_per_unit_by.{k}", v) for k, v in by.items()]
             for name, price in prices:
-                if isinstance(price, bool) or not isinstance(price, int | float) or not 0 <= price < 1e6:
-                    raise ValueError(f"{endpoint}: {name} must be a non-negative number, got {price!r}")
+                number = isinstance(price, int | float) and not isinstance(price, bool)
+                if not number or not 0 <= price < MAX_PRICE:
+                    raise ValueError(
+                        f"{endpoint}: {name} must be a number from 0 up to {MAX_PRICE:,.0f} (USD per billing "
+                        f"unit), got {price!r}"
+                    )
+            _check_priced(endpoint, by)
         return value
 
     def usd_override(self, endpoint_id: str) -> dict[str, Decimal] | None:

@@ -7,6 +7,7 @@ click's own error handling and process exit codes are what a user gets), and ass
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -176,6 +177,42 @@ def test_serve_on_an_unknown_host(tmp_path: Path) -> None:
 def test_malformed_pricing_overrides(value: str) -> None:
     done = wanbatch("estimate", QUICKSTART, env={"WANBATCH_PRICING_OVERRIDES": value})
     assert_one_line(done, "WANBATCH_PRICING_OVERRIDES")
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        (
+            '{"fal-ai/nope": {"usd_per_unit": 0.1}}',
+            "fal-ai/nope: not an endpoint wanbatch knows (fal-ai/wan-22",
+        ),
+        (
+            '{"fal-ai/wan-22": {"usd_per_unit_by": {"999p": 1}}}',
+            "usd_per_unit_by names 999p, but its price depends on resolution (480p, 580p, 720p)",
+        ),
+        ('{"fal-ai/wan-22": {"usd_per_unit": 1e20}}', "usd_per_unit must be a number from 0 up to 1,000,000"),
+    ],
+    ids=["unknown-endpoint", "unknown-value", "too-large"],
+)
+def test_pricing_overrides_that_would_change_nothing_are_refused(value: str, said: str) -> None:
+    """An override of an unknown endpoint or value was silently ignored (and dropped the estimate's
+    "assumed price" mark all the same); a price of 1e20 was "not a non-negative number"."""
+    done = wanbatch("estimate", QUICKSTART, env={"WANBATCH_PRICING_OVERRIDES": value})
+    assert_one_line(done, "WANBATCH_PRICING_OVERRIDES", said)
+
+
+def test_a_partial_price_override_keeps_the_assumed_mark_and_dollars_are_rounded() -> None:
+    # Only 720p is overridden: a 480p job's price is still the registry's assumption. A price of
+    # 1e-30 a unit is shown rounded to the micro-dollar, as every --json amount is.
+    env = {"WANBATCH_PRICING_OVERRIDES": '{"fal-ai/wan-22": {"usd_per_unit_by": {"720p": 1e-30}}}'}
+    partial = wanbatch("estimate", QUICKSTART, "--json", env=env)
+    assert partial.returncode == 0, partial.stderr
+    assert "fal-ai/wan-22" in json.loads(partial.stdout)["price_assumptions"]
+    tiny = '{"fal-ai/wan-22": {"usd_per_unit_by": {"480p": 1e-30, "580p": 1e-30, "720p": 1e-30}}}'
+    done = wanbatch("estimate", QUICKSTART, "--json", env={"WANBATCH_PRICING_OVERRIDES": tiny})
+    report = json.loads(done.stdout)
+    assert report["by_endpoint"]["fal-ai/wan-22"]["usd"] == 0
+    assert "fal-ai/wan-22" not in report["price_assumptions"]
 
 
 @pytest.mark.parametrize(
