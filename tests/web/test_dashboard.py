@@ -97,6 +97,11 @@ def test_batch_page_filters_pages_and_escapes(sqlite_engine: Engine, output_dir:
         set_job(session, mixed.jobs[1].id, rate_limited_submits=2)
         session.commit()
     assert "5</span> submits refused by fal with 429" in local.get(base, headers=HTML).text
+    assert "possibly billed" not in html  # said only when a submit's outcome stayed unknown
+    with session_factory(sqlite_engine)() as session:
+        set_job(session, mixed.jobs[2].id, ambiguous_usd=Decimal("0.4"))
+        session.commit()
+    assert "$0.40 of it possibly billed" in local.get(base, headers=HTML).text
     # Next page by keyset, then the last page, then back.
     next_link = re.search(r'href="(\?after=[^"#]+)#jobs-section" rel="next"', html)
     assert next_link is not None
