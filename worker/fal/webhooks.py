@@ -9,7 +9,10 @@ webhook") and sends four headers: ``X-Fal-Webhook-Request-Id``, ``-User-Id``, ``
 and the keys are the ``OKP``/``Ed25519`` entries of the JWKS at
 ``https://rest.fal.ai/.well-known/jwks.json`` (``WANBATCH_WEBHOOK_JWKS_URL``). Keys rotate, so
 every key is tried, and a signature no cached key verifies makes the JWKS be fetched again (at
-most once per :data:`REFRESH_MIN_SECONDS`). A delivery more than :data:`TIMESTAMP_TOLERANCE`
+most once per :data:`REFRESH_MIN_SECONDS`; after a failed fetch, not again for
+:data:`FAILURE_BACKOFF_SECONDS`, deliveries meanwhile refused with 503). A fetch is bounded in
+time (:data:`FETCH_DEADLINE_SECONDS`) and size (:data:`JWKS_MAX_BYTES`), and a delivery the
+cached keys verify never waits for one. A delivery more than :data:`TIMESTAMP_TOLERANCE`
 seconds off our clock is refused, so a captured delivery cannot be replayed later.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import threading
 import time
@@ -29,14 +33,25 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from jobs.digits import ascii_int
+
 #: fal's published tolerance: a delivery more than 5 minutes off is refused.
 TIMESTAMP_TOLERANCE = 300.0
 #: A JWKS is fetched again at most this often when a signature meets no known key.
 REFRESH_MIN_SECONDS = 30.0
 #: Keys are kept at most this long without a fetch.
 KEYS_MAX_AGE = 24 * 3600.0
-#: Largest JWKS document read.
+#: After a failed fetch, deliveries that need the keys are refused (503) without fetching
+#: again for this long: a flood of forged deliveries cannot become a flood of fetches.
+FAILURE_BACKOFF_SECONDS = 5.0
+#: Longest one fetch of the JWKS may take in all, however slowly its bytes arrive.
+FETCH_DEADLINE_SECONDS = 10.0
+#: Longest a delivery waits for a fetch another delivery started before it is refused (503).
+FETCH_WAIT_SECONDS = 2.0
+#: Largest JWKS document read (fal's holds a few keys of a hundred bytes each).
 JWKS_MAX_BYTES = 64 * 1024
+
+_UNFETCHED = "fal's signing keys could not be fetched"
 
 REQUEST_ID = "x-fal-webhook-request-id"
 USER_ID = "x-fal-webhook-user-id"
@@ -86,7 +101,18 @@ def keys_of(jwks: object) -> list[Ed25519PublicKey]:
 class JwksKeys:
     """fal's signing keys, fetched with httpx, cached, and fetched again when none verifies.
 
-    Thread-safe: the receiver verifies deliveries on several threads at once.
+    Thread-safe: the receiver verifies deliveries on several threads at once. Two locks: a
+    short one over the cached keys (held for a few assignments, never during a fetch), and
+    one a fetch holds, so only one fetch is ever under way. A delivery the cached keys verify
+    never waits for a fetch. One that needs a fetch while another is under way waits for it at
+    most ``fetch_wait`` seconds and then takes that fetch's result, or is refused
+    (:class:`JwksUnavailable`, 503: fal retries). A failed fetch is remembered: for
+    ``failure_backoff`` seconds every delivery that needs the keys is refused the same way
+    without fetching again, so forged deliveries cannot turn into a flood of fetches.
+
+    A fetch takes at most ``deadline`` seconds in all, plus one wait of ``timeout`` (httpx's
+    timeouts bound each wait for bytes, not the whole, so a JWKS sent a byte at a time is
+    cut off by the deadline), and reads at most :data:`JWKS_MAX_BYTES` of the document.
     """
 
     def __init__(
@@ -94,59 +120,131 @@ class JwksKeys:
         url: str,
         *,
         timeout: float = 10.0,
+        deadline: float = FETCH_DEADLINE_SECONDS,
         refresh_min_seconds: float = REFRESH_MIN_SECONDS,
+        failure_backoff: float = FAILURE_BACKOFF_SECONDS,
+        fetch_wait: float = FETCH_WAIT_SECONDS,
         max_age: float = KEYS_MAX_AGE,
         clock: Callable[[], float] = time.monotonic,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url
-        self._timeout = timeout
+        self._timeout = min(timeout, deadline)
+        self._deadline = deadline
         self._refresh_min = refresh_min_seconds
+        self._failure_backoff = failure_backoff
+        self._fetch_wait = fetch_wait
         self._max_age = max_age
         self._clock = clock
         self._transport = transport
-        self._lock = threading.Lock()
+        #: Guards the fields below; never held while fetching.
+        self._state = threading.Lock()
+        #: Held by the one fetch under way.
+        self._fetching = threading.Lock()
         self._keys: list[Ed25519PublicKey] = []
         self._fetched_at: float | None = None
+        #: When the last fetch failed, and why (None: it did not).
+        self._failed_at: float | None = None
+        self._failure = ""
+        #: Fetches finished, either way: a thread that waited for another's fetch tells by it.
+        self._generation = 0
+        #: Fetches started (for tests and diagnostics).
         self.fetches = 0
 
     def _fetch(self) -> list[Ed25519PublicKey]:
+        """The keys the JWKS publishes now; :class:`JwksUnavailable` when it cannot be read."""
         self.fetches += 1
+        cut_off = time.monotonic() + self._deadline
+        body = bytearray()
         try:
-            with httpx.Client(timeout=self._timeout, transport=self._transport) as client:
-                response = client.get(self.url)
-        except httpx.HTTPError as exc:
-            raise JwksUnavailable(f"fal's signing keys could not be fetched: {type(exc).__name__}") from None
-        if response.status_code != 200 or len(response.content) > JWKS_MAX_BYTES:
-            raise JwksUnavailable(f"fal's signing keys could not be fetched: HTTP {response.status_code}")
+            with (
+                httpx.Client(
+                    timeout=self._timeout,
+                    transport=self._transport,
+                    headers={"Accept-Encoding": "identity"},  # what is counted is what is sent
+                ) as client,
+                client.stream("GET", self.url) as response,
+            ):
+                if response.status_code != 200:
+                    raise JwksUnavailable(f"{_UNFETCHED}: HTTP {response.status_code}")
+                declared = ascii_int(response.headers.get("content-length"), max_digits=18)
+                if declared is not None and declared > JWKS_MAX_BYTES:
+                    raise JwksUnavailable(f"{_UNFETCHED}: the JWKS is too large ({declared} bytes)")
+                for chunk in itertools.chain([b""], response.iter_bytes()):  # checked before any read
+                    body += chunk
+                    if len(body) > JWKS_MAX_BYTES:
+                        raise JwksUnavailable(
+                            f"{_UNFETCHED}: the JWKS is too large (over {JWKS_MAX_BYTES} bytes)"
+                        )
+                    if time.monotonic() > cut_off:
+                        raise JwksUnavailable(
+                            f"{_UNFETCHED}: the JWKS took over {self._deadline:g} s to arrive"
+                        )
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise JwksUnavailable(f"{_UNFETCHED}: {type(exc).__name__}") from None
         try:
-            keys = keys_of(json.loads(response.content))
-        except ValueError:
-            keys = []
+            doc = json.loads(bytes(body))
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python recurses
+            raise JwksUnavailable("fal's JWKS is not valid JSON") from None
+        keys = keys_of(doc)
         if not keys:
             raise JwksUnavailable("fal's JWKS holds no Ed25519 key")
         return keys
 
-    def _current(self, *, force: bool) -> tuple[list[Ed25519PublicKey], bool]:
-        """The cached keys; fetched first when there are none, they are too old, or ``force``
-        (a signature none of them verified) and the last fetch is old enough."""
-        with self._lock:
+    def _plan(self, *, force: bool) -> tuple[list[Ed25519PublicKey], bool, int]:
+        """``(usable cached keys, whether to fetch, fetches finished so far)``. A fetch is due
+        when there are no keys, they are too old, or ``force`` (a signature none of them
+        verified) and the last fetch is old enough; within ``failure_backoff`` of a failed
+        fetch a due fetch is refused instead (:class:`JwksUnavailable`)."""
+        with self._state:
             now = self._clock()
             age = None if self._fetched_at is None else now - self._fetched_at
             stale = age is None or age > self._max_age
-            fetch = stale or (force and age is not None and age >= self._refresh_min)
-            if fetch:
-                self._keys = self._fetch()
-                self._fetched_at = now
-            return list(self._keys), fetch
+            due = stale or (force and age is not None and age >= self._refresh_min)
+            if due and self._failed_at is not None and now - self._failed_at < self._failure_backoff:
+                raise JwksUnavailable(
+                    f"{self._failure} (not fetched again for {self._failure_backoff:g} s after a failure)"
+                )
+            return ([] if stale else list(self._keys)), due, self._generation
+
+    def _refresh(self, seen: int) -> list[Ed25519PublicKey]:
+        """Fetch the keys, unless a fetch finished since ``seen`` (then its result stands)."""
+        if not self._fetching.acquire(timeout=self._fetch_wait):
+            raise JwksUnavailable(
+                f"fal's signing keys are being fetched: not ready within {self._fetch_wait:g} s"
+            )
+        try:
+            with self._state:
+                if self._generation != seen:  # fetched while this thread waited
+                    if self._failed_at is not None:
+                        raise JwksUnavailable(self._failure)
+                    return list(self._keys)
+                started = self._clock()
+            try:
+                keys = self._fetch()
+            except JwksUnavailable as exc:
+                with self._state:
+                    self._failed_at, self._failure = self._clock(), exc.reason
+                    self._generation += 1
+                raise
+            with self._state:
+                self._keys, self._fetched_at, self._failed_at, self._failure = keys, started, None, ""
+                self._generation += 1
+            return list(keys)
+        finally:
+            self._fetching.release()
 
     def verify(self, message: bytes, signature: bytes) -> bool:
         """Whether any of fal's keys signed ``message`` (refreshing the keys once if none did)."""
-        cached, _ = self._current(force=False)
-        if _any_verifies(cached, message, signature):
+        keys, due, seen = self._plan(force=False)
+        if due:
+            keys = self._refresh(seen)
+        if _any_verifies(keys, message, signature):
             return True
-        fresh, fetched = self._current(force=True)
-        return fetched and _any_verifies(fresh, message, signature)
+        if due:  # just fetched: there is nothing newer to try
+            return False
+        _, due, seen = self._plan(force=True)
+        return due and _any_verifies(self._refresh(seen), message, signature)
 
 
 def _any_verifies(keys: list[Ed25519PublicKey], message: bytes, signature: bytes) -> bool:
@@ -192,9 +290,9 @@ def verify_delivery(
     stamp, signature_hex = lower.get(TIMESTAMP, ""), lower.get(SIGNATURE, "")
     if not (request_id and user_id and stamp and signature_hex):
         raise WebhookRejected("missing X-Fal-Webhook-* headers")
-    if not stamp.isdigit() or len(stamp) > 12:
+    moment = ascii_int(stamp, max_digits=12)
+    if moment is None:
         raise WebhookRejected("the timestamp is not unix seconds")
-    moment = int(stamp)
     if abs((time.time() if now is None else now) - moment) > tolerance:
         raise WebhookRejected("the timestamp is more than 5 minutes off")
     try:
@@ -207,7 +305,7 @@ def verify_delivery(
         raise WebhookRejected("bad signature")
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python recurses
         doc = None
     if not isinstance(doc, dict) or doc.get("status") not in ("OK", "ERROR"):
         raise WebhookRejected("the body is not a fal webhook", 400)
