@@ -57,6 +57,8 @@ MAX_RATE = 100_000.0
 #: The most requests a cap may name (outstanding, download backlog): fal runs at most a few
 #: hundred at once for any account; beyond this a number is a typo.
 MAX_COUNT = 1_000_000
+#: The shortest ``WANBATCH_SERVE_TOKEN`` taken: the dashboard's actions must not be guessable.
+MIN_SERVE_TOKEN_LENGTH = 16
 
 
 def _setting_name(loc: tuple[int | str, ...]) -> str:
@@ -476,8 +478,9 @@ class ServeSettings(_Section):
     """The operator's side: ``wanbatch serve`` (dashboard, metrics), logs."""
 
     #: Token the dashboard's pages and actions and ``/metrics`` require from clients beyond
-    #: loopback (``Authorization: Bearer …`` or the login form's cookie). Unset: the dashboard is
-    #: read-only and answers loopback clients only. The webhook receiver never needs it.
+    #: loopback (``Authorization: Bearer …`` or the login form's cookie). Unset (or empty): the
+    #: dashboard is read-only and answers loopback clients only. The webhook receiver never
+    #: needs it. At least 16 visible ASCII characters (see :meth:`_check_token`).
     serve_token: SecretStr | None = None
     #: ``text`` (default) or ``json``: one JSON object per line with a stable ``event`` key.
     log_format: str = Field(default="text", pattern="^(text|json)$")
@@ -492,6 +495,28 @@ class ServeSettings(_Section):
     @classmethod
     def _lower_format(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("serve_token", mode="before")
+    @classmethod
+    def _check_token(cls, value: object) -> object:
+        """An empty (or blank) token is no token: docker-compose passes ``""`` when none is set.
+        Surrounding whitespace (a ``.env`` with CRLF endings) is stripped. Anything else must be
+        something a client can send as ``Authorization: Bearer …`` and nobody guesses: at least
+        :data:`MIN_SERVE_TOKEN_LENGTH` visible ASCII characters. The message never holds it."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        token = value.strip()
+        if not token:
+            return None
+        if len(token) < MIN_SERVE_TOKEN_LENGTH or any(not ("!" <= ch <= "~") for ch in token):
+            raise ValueError(
+                f"the token must be at least {MIN_SERVE_TOKEN_LENGTH} visible ASCII characters (letters, "
+                "digits, punctuation; no spaces, control or non-ASCII characters), e.g. the output of "
+                "`openssl rand -hex 16`"
+            )
+        return token
 
 
 class ChaosSettings(_Section):

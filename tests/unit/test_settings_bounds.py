@@ -63,3 +63,45 @@ def test_rates_and_caps_are_bounded(
 def test_a_year_is_still_a_duration(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANBATCH_RETRY_MAX_DELAY", str(MAX_SECONDS))
     assert get_settings().retry_max_delay == MAX_SECONDS
+
+
+#: A token of the right shape; the broken ones below are built from it.
+SERVE_TOKEN = "serve-token-0123456789-abcdef"
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "short-secret",  # under 16 characters: guessable
+        SERVE_TOKEN[:10] + " " + SERVE_TOKEN[10:],  # no client can send a space in a Bearer token
+        SERVE_TOKEN + "é",
+        SERVE_TOKEN[:10] + "\t" + SERVE_TOKEN[10:],
+        SERVE_TOKEN + "\x1b",
+    ],
+)
+def test_a_serve_token_must_be_sendable_and_long(broken: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_SERVE_TOKEN", broken)
+    with pytest.raises(ConfigError) as caught:
+        get_settings()
+    message = str(caught.value)
+    assert message.startswith("invalid configuration: WANBATCH_SERVE_TOKEN: ")
+    assert "at least 16 visible ASCII characters" in message
+    assert "\n" not in message
+    assert broken.strip() not in message
+    assert SERVE_TOKEN[:8] not in message
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\r\n"])
+def test_an_empty_serve_token_is_unset(blank: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_SERVE_TOKEN", blank)
+    assert get_settings().serve_token is None
+    assert Settings(serve_token=blank).serve_token is None
+
+
+def test_a_serve_token_loses_only_surrounding_whitespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_SERVE_TOKEN", f" {SERVE_TOKEN}\r\n")
+    token = get_settings().serve_token
+    assert token is not None
+    assert token.get_secret_value() == SERVE_TOKEN
+    exactly_16 = "0123456789abcdef"
+    assert Settings(serve_token=exactly_16).serve_token is not None
