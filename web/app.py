@@ -7,13 +7,18 @@ health check out.
 5 minutes, a body that matches), stored in the inbox, and only then answered 2xx; it is applied
 to its job right away (:mod:`worker.steps.webhooks`; on PostgreSQL that also wakes the tick
 leader, wherever it runs) and, should that fail, by the tick. A
-rejected delivery is answered 4xx (503 when fal's keys cannot be fetched: fal retries) and
-changes nothing; rejections are counted and logged. ``GET /healthz`` answers the counts.
+rejected delivery is answered 4xx (503 when fal's keys cannot be fetched or the database cannot
+be written: fal retries) and changes nothing; rejections are counted and logged. ``GET /healthz``
+answers the counts. Deliveries are verified and stored on threads of their own
+(:data:`RECEIVER_THREADS`), so a flood of them never takes the threads the dashboard's pages
+run on.
 
 The dashboard (``/``, :mod:`web.dashboard`) and Prometheus ``/metrics`` (:mod:`web.metrics`)
 read the same database. :class:`web.auth.DashboardAuth` guards everything but the receiver and
 ``/healthz``: ``WANBATCH_SERVE_TOKEN`` from beyond loopback and for every action, so the
-receiver can face the internet while the dashboard stays private.
+receiver can face the internet while the dashboard stays private. A page or action that meets
+a locked or unreachable database is answered 503 with one line (and logs one warning), not an
+internal error.
 
 The receiver only writes to the database: it needs no fal key and may run on any host that
 reaches the database. The downloads of the jobs it completes are queued by the workers' tick
@@ -27,27 +32,37 @@ import re
 import threading
 from collections.abc import Callable
 
+import anyio
+import anyio.to_thread
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from jobs import db
+from jobs.digits import ascii_int
 from jobs.settings import Settings
-from web.auth import DashboardAuth
-from web.dashboard import dashboard_routes
+from web.auth import DashboardAuth, TokenGate
+from web.dashboard import Dashboard
 from web.metrics import metrics_route
 from worker import telemetry
 from worker.fal.webhooks import JwksKeys, WebhookRejected, verify_delivery
-from worker.steps.webhooks import Inbox, receive
+from worker.steps.webhooks import Inbox, database_problem, receive
 
 log = logging.getLogger(__name__)
 
 #: Largest webhook body read (a Wan result is a few hundred bytes).
 MAX_BODY_BYTES = 1024 * 1024
+#: Threads the receiver verifies and stores deliveries on, at most, at once: a limiter of its
+#: own, apart from Starlette's default one that the dashboard's pages run on, so a flood of
+#: deliveries (or a locked database holding them) never leaves the dashboard without threads.
+#: Deliveries beyond it wait their turn without holding a thread.
+RECEIVER_THREADS = 8
+#: What a client is told when the database cannot be used; the log line says why.
+DATABASE_UNAVAILABLE = "the database is unavailable (locked or unreachable): try again in a moment"
 
 
 async def _capped_body(request: Request) -> bytes | None:
@@ -89,10 +104,10 @@ class Counts:
 def _job_and_attempt(request: Request) -> tuple[str | None, int | None]:
     """The job id and attempt the ``fal_webhook`` URL carries (None for anything malformed)."""
     job_id = request.query_params.get("job_id")
-    attempt = request.query_params.get("attempt", "")
+    attempt = request.query_params.get("attempt")
     return (
         job_id if job_id and _JOB_ID.fullmatch(job_id) else None,
-        int(attempt) if attempt.isdigit() and len(attempt) < 9 else None,
+        ascii_int(attempt, max_digits=8),
     )
 
 
@@ -102,8 +117,10 @@ def create_app(
     engine: Engine | None = None,
     keys: JwksKeys | None = None,
     enqueue_download: Callable[[str], None] | None = None,
+    gate: TokenGate | None = None,
 ) -> Starlette:
-    """The receiver for ``settings``; ``keys`` default to ``WANBATCH_WEBHOOK_JWKS_URL``'s."""
+    """The receiver for ``settings``; ``keys`` default to ``WANBATCH_WEBHOOK_JWKS_URL``'s,
+    ``gate`` (the dashboard's paced token check) to one of ``WANBATCH_SERVE_TOKEN``."""
     engine = engine if engine is not None else db.open_engine(settings)
     inbox = Inbox(
         engine,
@@ -112,33 +129,47 @@ def create_app(
     )
     jwks = keys or JwksKeys(settings.webhook_jwks_url, timeout=settings.connect_timeout)
     counts = Counts()
+    receiver_threads = anyio.CapacityLimiter(RECEIVER_THREADS)
+    if gate is None:
+        token = settings.serve_token
+        gate = TokenGate(token.get_secret_value() if token is not None else None)
+    dashboard = Dashboard(engine, settings, gate)
 
-    def reject(why: WebhookRejected, request: Request) -> Response:
+    def reject(why: WebhookRejected, request: Request, detail: str = "") -> Response:
+        """Count, log (with ``detail``, which the client is not told) and answer a rejection."""
         counts.add(accepted=False)
         telemetry.count_webhook(accepted=False)
         client = request.client.host if request.client else "?"
         log.warning(
-            "webhook rejected (%s) from %s: %s",
+            "webhook rejected (%s) from %s: %s%s",
             why.status_code,
             client,
             why.reason,
+            f" ({detail})" if detail else "",
             extra={"event": "webhook.rejected", "status": why.status_code},
         )
         return JSONResponse({"ok": False, "error": why.reason}, status_code=why.status_code)
 
     async def fal_webhook(request: Request) -> Response:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        declared = ascii_int(request.headers.get("content-length"), max_digits=18)
+        if declared is not None and declared > MAX_BODY_BYTES:
             return reject(WebhookRejected("the body is too large", 413), request)
         body = await _capped_body(request)
         if body is None:
             return reject(WebhookRejected("the body is too large", 413), request)
         try:
-            delivery = await run_in_threadpool(verify_delivery, request.headers, body, jwks)
+            delivery = await anyio.to_thread.run_sync(
+                verify_delivery, request.headers, body, jwks, limiter=receiver_threads
+            )
         except WebhookRejected as exc:
             return reject(exc, request)
         job_id, attempt = _job_and_attempt(request)
-        await run_in_threadpool(lambda: receive(inbox, delivery, job_id=job_id, attempt=attempt))
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: receive(inbox, delivery, job_id=job_id, attempt=attempt), limiter=receiver_threads
+            )
+        except DBAPIError as exc:  # not stored: a 503 makes fal deliver it again
+            return reject(WebhookRejected(DATABASE_UNAVAILABLE, 503), request, database_problem(exc))
         counts.add(accepted=True)
         telemetry.count_webhook(accepted=True)
         return JSONResponse({"ok": True})
@@ -146,16 +177,31 @@ def create_app(
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"ok": True, "accepted": counts.accepted, "rejected": counts.rejected})
 
-    token = settings.serve_token
+    async def database_unavailable(request: Request, exc: Exception) -> Response:
+        """A dashboard page or action met a locked or unreachable database: 503, one line."""
+        assert isinstance(exc, DBAPIError)
+        client = request.client.host if request.client else "?"
+        log.warning(
+            "dashboard: %s %s from %s: the database is unavailable: %s",
+            request.method,
+            request.url.path,
+            client,
+            database_problem(exc),
+            extra={"event": "dashboard.database_unavailable", "status": 503},
+        )
+        return dashboard.unavailable(request, DATABASE_UNAVAILABLE)
+
     app = Starlette(
         routes=[
             Route("/webhooks/fal", fal_webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             metrics_route(engine, settings),
-            *dashboard_routes(engine, settings),
+            *dashboard.routes(),
         ],
-        middleware=[Middleware(DashboardAuth, token=token.get_secret_value() if token else None)],
+        middleware=[Middleware(DashboardAuth, gate=gate)],
+        exception_handlers={DBAPIError: database_unavailable},
     )
     app.state.counts = counts
     app.state.inbox = inbox
+    app.state.gate = gate
     return app

@@ -24,14 +24,25 @@ the ``Host`` header names a loopback host — a web page cannot rebind a DNS nam
 
 The cookie holds an HMAC of the token, never the token itself; tokens are compared with
 :func:`hmac.compare_digest`. Changing the token logs every browser out.
+
+Guessing stays slow (:class:`TokenGate`): the token a request brings (``Authorization: Bearer``,
+the login form) is checked one request at a time, and a wrong one holds the next check back for
+:data:`TOKEN_FAILURE_DELAY` — however many guesses are sent at once, at most one a second is
+answered, in all. A wrong cookie waits its turn the same way. Requests that bring no credential
+never wait.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
 import logging
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
@@ -64,6 +75,8 @@ LOGIN_NEEDED = (
     "the dashboard needs WANBATCH_SERVE_TOKEN: send `Authorization: Bearer <token>` or log in at /login"
 )
 CROSS_ORIGIN = "refused: the request did not come from the dashboard's own pages (Origin/Referer check)"
+#: Seconds a wrong token (or cookie) holds the token check: guesses are one a second at most.
+TOKEN_FAILURE_DELAY = 1.0
 
 
 def session_value(token: str) -> str:
@@ -106,12 +119,17 @@ def is_loopback(scope: Scope, headers: Headers) -> bool:
 
 
 def same_origin(headers: Headers) -> bool:
-    """Whether ``Origin`` (else ``Referer``) names the host this request was sent to."""
+    """Whether ``Origin`` (else ``Referer``) names the host this request was sent to (one that
+    does not parse as a URL, such as ``http://[``, names no host: not the same origin)."""
     host = headers.get("host", "").strip().lower()
     source = headers.get("origin") or headers.get("referer")
     if not host or not source or source == "null":
         return False
-    return urlsplit(source).netloc.lower() == host
+    try:
+        netloc = urlsplit(source).netloc
+    except ValueError:
+        return False
+    return netloc.lower() == host
 
 
 def _cookie(headers: Headers, name: str) -> str | None:
@@ -151,17 +169,100 @@ class Access:
         return "log in with WANBATCH_SERVE_TOKEN to pause, resume, cancel or rerun batches"
 
 
-def access_of(scope: Scope, token: str | None) -> Access:
-    """Who the request comes from, and whether it carries ``token``."""
+class TokenGate:
+    """``WANBATCH_SERVE_TOKEN`` and the one place a credential is checked against it, paced.
+
+    A token (``Authorization: Bearer``, the login form) is checked under a lock, one check at
+    a time, and a wrong one makes the next check wait until ``delay`` seconds after it: the
+    verdicts on a thousand guesses sent at once come one a second. (Checking at once and only
+    delaying the wrong answers would not do: a right token answered at once tells a guesser,
+    without waiting for the others, that they were all wrong.) A wrong token's own answer waits
+    ``delay`` too. A cookie is compared at once — it is an HMAC, unguessable, and a browser
+    sends it with every request — and a wrong one then takes its turn and its ``delay`` like a
+    wrong token. A request that gives up while it waits frees the lock, never the pace: the
+    time of the last failure is kept, not a task's sleep. While no credential fails, nothing
+    waits; a request with no credential never does. The price: while guesses pour in, a right
+    token (not a right cookie) waits its turn behind them.
+
+    One lock per event loop (a server has one; the test client may start several).
+    """
+
+    def __init__(
+        self,
+        token: str | None,
+        *,
+        delay: float = TOKEN_FAILURE_DELAY,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.token = token or None
+        self.delay = delay
+        self._clock = clock
+        self._sleep = sleep
+        #: No credential is checked before this (``clock`` time): ``delay`` after the last failure.
+        self._not_before = float("-inf")
+        self._guard = threading.Lock()
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @property
+    def configured(self) -> bool:
+        return self.token is not None
+
+    def _lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        with self._guard:
+            lock = self._locks.get(loop)
+            if lock is None:
+                lock = self._locks[loop] = asyncio.Lock()
+            return lock
+
+    async def _turn(self) -> None:
+        """Wait (holding the lock) until the pace allows the next check."""
+        wait = self._not_before - self._clock()
+        if wait > 0:
+            await self._sleep(wait)
+
+    def _failed(self) -> None:
+        self._not_before = self._clock() + self.delay
+
+    async def check_token(self, given: str) -> bool:
+        """Whether ``given`` is the token (always False when none is configured), paced."""
+        if self.token is None:
+            return False
+        async with self._lock():
+            await self._turn()
+            if token_matches(given, self.token):
+                return True
+            self._failed()
+        await self._sleep(self.delay)
+        return False
+
+    async def check_cookie(self, value: str) -> bool:
+        """Whether ``value`` is the login cookie of the token; a wrong one is paced."""
+        if self.token is None:
+            return False
+        if hmac.compare_digest(value.encode(), session_value(self.token).encode()):
+            return True
+        async with self._lock():
+            await self._turn()
+            self._failed()
+        await self._sleep(self.delay)
+        return False
+
+
+async def access_of(scope: Scope, gate: TokenGate) -> Access:
+    """Who the request comes from, and whether it carries the token (checked by ``gate``)."""
     headers = Headers(scope=scope)
     loopback = is_loopback(scope, headers)
-    if token is None:
+    if not gate.configured:
         return Access(token_configured=False, loopback=loopback, authenticated=False)
     scheme, _, given = headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and given and token_matches(given.strip(), token):
+    if scheme.lower() == "bearer" and given.strip() and await gate.check_token(given.strip()):
         return Access(token_configured=True, loopback=loopback, authenticated=True, by_header=True)
     cookie = _cookie(headers, SESSION_COOKIE)
-    authenticated = cookie is not None and hmac.compare_digest(cookie.encode(), session_value(token).encode())
+    authenticated = cookie is not None and await gate.check_cookie(cookie)
     return Access(token_configured=True, loopback=loopback, authenticated=authenticated)
 
 
@@ -173,12 +274,14 @@ class DashboardAuth:
     """ASGI middleware enforcing the rule of this module's docstring on every HTTP request.
 
     Pure ASGI (not ``BaseHTTPMiddleware``), so video responses stream and seek untouched.
-    ``token`` is ``WANBATCH_SERVE_TOKEN``'s value, or None when it is not set.
+    ``gate`` holds ``WANBATCH_SERVE_TOKEN`` (shared with the login form, so both are paced
+    together). ``/static/…`` is served without looking at credentials: it holds no data, and a
+    stale cookie must not make a page's stylesheet wait.
     """
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+    def __init__(self, app: ASGIApp, gate: TokenGate) -> None:
         self.app = app
-        self.token = token or None
+        self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -188,7 +291,11 @@ class DashboardAuth:
         if (method, path) in PUBLIC_ROUTES:
             await self.app(scope, receive, send)
             return
-        access = access_of(scope, self.token)
+        if path.startswith(OPEN_PREFIXES):
+            headers = Headers(scope=scope)
+            access = Access(self.gate.configured, is_loopback(scope, headers), authenticated=False)
+        else:
+            access = await access_of(scope, self.gate)
         scope.setdefault("state", {})["access"] = access
         refusal = self._refusal(scope, access, method, path)
         if refusal is not None:

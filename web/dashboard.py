@@ -22,7 +22,6 @@ seconds (``static/dashboard.js`` swaps in the parts that changed, leaving a play
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import mimetypes
@@ -43,12 +42,13 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from jobs import batches, db, listing, store
+from jobs.digits import ascii_int
 from jobs.errors import NotFoundError, UsageError, WanbatchError
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import usd_text
 from jobs.settings import Settings
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
-from web.auth import SESSION_COOKIE, Access, safe_next, session_value, token_matches
+from web.auth import SESSION_COOKIE, Access, TokenGate, safe_next, session_value
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,6 @@ FLASH_COOKIE = "wanbatch_flash"
 REFRESH_SECONDS = 5
 #: Largest login form body read.
 MAX_FORM_BYTES = 4096
-#: Seconds a wrong token waits before its answer: guessing stays slow.
-LOGIN_FAILURE_DELAY = 1.0
 
 #: Order of the progress bar's segments and of the state filter's chips: finished work first.
 STATE_ORDER = (
@@ -276,12 +274,15 @@ def _wants_html(request: Request) -> bool:
 class Dashboard:
     """The dashboard's pages and actions over ``engine``'s database."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, gate: TokenGate | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.env = _environment()
-        secret = settings.serve_token
-        self.token = secret.get_secret_value() if secret is not None else None
+        if gate is None:
+            secret = settings.serve_token
+            gate = TokenGate(secret.get_secret_value() if secret is not None else None)
+        #: The token and its paced check, shared with :class:`web.auth.DashboardAuth`.
+        self.gate = gate
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -317,13 +318,19 @@ class Dashboard:
             return JSONResponse({"ok": False, "error": message}, status_code=404)
         return self.render(request, "error.html", status_code=404, title="Not found", message=message)
 
+    def unavailable(self, request: Request, message: str) -> Response:
+        """503: the database could not be used (locked, unreachable); a page for browsers."""
+        if not _wants_html(request):
+            return plain_error(message, 503)
+        return self.render(request, "error.html", status_code=503, title="Unavailable", message=message)
+
     # ---------------------------------------------------------------- pages
 
     def index(self, request: Request) -> Response:
-        page = request.query_params.get("page", "1")
+        page = ascii_int(request.query_params.get("page"), max_digits=9) or 1
         with db.read_scope(self.engine) as session:
             now = utcnow()
-            found = listing.list_batches(session, page=int(page) if page.isdigit() else 1, now=now)
+            found = listing.list_batches(session, page=page, now=now)
             schedule = {
                 row.batch.id: batches.schedule_state(
                     session, row.batch, finished=_finished(row.totals), now=now
@@ -532,7 +539,8 @@ class Dashboard:
                 return plain_error("the form is too large", 413)
         form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
         target = safe_next(form.get("next"))
-        if self.token is None:
+        token = self.gate.token
+        if token is None:
             return self.render(
                 request,
                 "login.html",
@@ -541,10 +549,9 @@ class Dashboard:
                 next=target,
                 error="WANBATCH_SERVE_TOKEN is not set on the server: there is nothing to log in with.",
             )
-        if not token_matches(form.get("token", ""), self.token):
+        if not await self.gate.check_token(form.get("token", "")):
             client = request.client.host if request.client else "?"
             log.warning("dashboard: wrong token from %s", client, extra={"event": "dashboard.login_refused"})
-            await asyncio.sleep(LOGIN_FAILURE_DELAY)
             return self.render(
                 request,
                 "login.html",
@@ -556,7 +563,7 @@ class Dashboard:
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
             SESSION_COOKIE,
-            session_value(self.token),
+            session_value(token),
             httponly=True,
             samesite="strict",
             secure=request.url.scheme == "https",
@@ -619,6 +626,6 @@ def _actions(batch: Batch, totals: listing.Totals) -> list[Action]:
     return found
 
 
-def dashboard_routes(engine: Engine, settings: Settings) -> list[BaseRoute]:
-    """The dashboard's routes, for :func:`web.app.create_app`."""
-    return Dashboard(engine, settings).routes()
+def dashboard_routes(engine: Engine, settings: Settings, gate: TokenGate | None = None) -> list[BaseRoute]:
+    """The dashboard's routes (``gate``: the token check shared with the auth middleware)."""
+    return Dashboard(engine, settings, gate).routes()

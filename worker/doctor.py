@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from jobs.digits import ascii_int
+
 if TYPE_CHECKING:
     from jobs.settings import Settings
 
@@ -131,8 +133,9 @@ def check_database(settings: Settings) -> Check:
         return _ok(name, f"{where}: reachable, schema {db.SCHEMA_HEAD} (current)")
     if not heads:
         return _ok(name, f"{where}: reachable, empty (the first command creates the schema)")
-    numeric = all(h.isdigit() for h in heads)
-    if numeric and max(int(h) for h in heads) < int(db.SCHEMA_HEAD):
+    revisions = [ascii_int(h, max_digits=12) for h in heads]
+    numbers = [n for n in revisions if n is not None]
+    if len(numbers) == len(revisions) and max(numbers) < int(db.SCHEMA_HEAD):
         return _ok(
             name,
             f"{where}: reachable, schema {', '.join(sorted(heads))} (the next command upgrades it to "

@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from jobs import db, store
@@ -101,15 +102,26 @@ def receive(inbox: Inbox, delivery: VerifiedDelivery, *, job_id: str | None, att
         )
     try:
         apply_delivery(inbox, delivery_id)
-    except Exception:  # stored: the tick applies it later; fal must not resend for our bug
-        log.exception(
-            "webhook %d: applying failed; the tick will try again",
+    except Exception as exc:  # stored: the tick applies it later; fal must not resend for our bug
+        # A locked or unreachable database is no bug: a warning of one line, no traceback.
+        unavailable = isinstance(exc, DBAPIError)
+        log.log(
+            logging.WARNING if unavailable else logging.ERROR,
+            "webhook %d: applying failed%s; the tick will try again",
             delivery_id,
+            f" (the database is unavailable: {database_problem(exc)})" if unavailable else "",
+            exc_info=not unavailable,
             extra={"event": "webhook.apply_failed", "job_id": job_id, "request_id": delivery.request_id},
         )
         if job_id is not None:
             _announce(inbox, f"webhook:{job_id}")
     return delivery_id
+
+
+def database_problem(exc: BaseException) -> str:
+    """The first line of what the database said (``database is locked``), for a log line."""
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _announce(inbox: Inbox, payload: str) -> None:
@@ -118,11 +130,13 @@ def _announce(inbox: Inbox, payload: str) -> None:
     try:
         with db.session_scope(inbox.engine) as session:
             db.notify_events(session, payload)
-    except Exception:
+    except Exception as exc:
+        unavailable = isinstance(exc, DBAPIError)  # locked, unreachable: one line, no traceback
         log.warning(
-            "could not wake the tick leader (%s); its next tick will do",
+            "could not wake the tick leader (%s)%s; its next tick will do",
             payload,
-            exc_info=True,
+            f": the database is unavailable: {database_problem(exc)}" if unavailable else "",
+            exc_info=not unavailable,
             extra={"event": "webhook.notify_failed"},
         )
 
