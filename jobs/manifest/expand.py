@@ -271,28 +271,19 @@ class Manifest:
         if isinstance(endpoint, str) and endpoint in known_endpoint_ids():
             return get_endpoint(endpoint)
         if endpoint is None or (isinstance(endpoint, str) and not endpoint.strip()):
-            sink.append(
-                Issue(
-                    file=raw.source,
-                    line=raw.lines.get("endpoint", raw.line),
-                    item=raw.index,
-                    field="endpoint",
-                    message=(
-                        f"the item's endpoint is empty ({describe(endpoint)}): name one, or leave the "
-                        "key out to use the top-level 'endpoint:'"
-                    ),
-                    value=endpoint,
-                    allowed=", ".join(known_endpoint_ids()),
-                )
+            message = (
+                f"the item's endpoint is empty ({describe(endpoint)}): name one, or leave the "
+                "key out to use the top-level 'endpoint:'"
             )
-            return None
+        else:
+            message = f"unknown endpoint {endpoint!r}{did_you_mean(str(endpoint), known_endpoint_ids())}"
         sink.append(
             Issue(
                 file=raw.source,
                 line=raw.lines.get("endpoint", raw.line),
                 item=raw.index,
                 field="endpoint",
-                message=f"unknown endpoint {endpoint!r}{did_you_mean(str(endpoint), known_endpoint_ids())}",
+                message=message,
                 value=endpoint,
                 allowed=", ".join(known_endpoint_ids()),
             )
