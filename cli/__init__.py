@@ -13,10 +13,9 @@ from __future__ import annotations
 
 # Before anything else: a Ctrl-C while the imports below run (half a second of them) used to be
 # a KeyboardInterrupt traceback from wherever it landed — click, dataclasses, pydantic… — or
-# "Aborted!" with exit 1. Until a command installs its own handling (``run``'s resumable stop,
-# the worker's, the server's), SIGINT now ends the process with one line and exit 130. Nothing
-# has been stored before a command runs, and an open database transaction rolls back when the
-# process ends (SQLite's journal, PostgreSQL's closed connection).
+# "Aborted!" with exit 1. Until the command itself starts (main() hands SIGINT back to Python
+# then, see _interrupt_normally), SIGINT ends the process with one line and exit 130: nothing
+# has been stored before a command runs.
 import os
 import signal
 import sys
@@ -42,6 +41,12 @@ def _exit_on_interrupt() -> object:
         return signal.signal(signal.SIGINT, _exit_interrupted)
     except ValueError:  # not the main thread
         return None
+
+
+def _interrupt_normally() -> None:
+    """SIGINT raises KeyboardInterrupt again (if :func:`_exit_on_interrupt` had replaced that)."""
+    if signal.getsignal(signal.SIGINT) is _exit_interrupted:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # The console script (``wanbatch``): at once, before the imports. Another launcher (``python -c
@@ -174,7 +179,15 @@ def _main() -> None:
     try:
         if not _only_help(sys.argv[1:]):  # help prints no secret: skip loading the settings
             install_key_redaction()
+        # From here a command runs: Ctrl-C raises KeyboardInterrupt again, so what the command
+        # holds is cleaned up on the way out (an export's temporary file, a transaction), and
+        # click turns it into Abort, answered below. Only the imports and the settings before
+        # this point, which store nothing, end the process on the spot.
+        _interrupt_normally()
         code = cli.main(prog_name="wanbatch", standalone_mode=False)
+    except KeyboardInterrupt:  # between the two handlers, outside click's own catching
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except click.UsageError as exc:  # unknown option, missing argument, bad value
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
         print(f"error: {exc.format_message().rstrip('.')}{hint}", file=sys.stderr)

@@ -120,3 +120,20 @@ def test_once_run_is_running_its_resume_message_still_appears(e2e_env: Path, tmp
     assert "Traceback" not in err + out, err
     assert process.returncode == 130, (process.returncode, err)
     assert "run the same command again to resume" in err, err
+
+
+def test_the_command_itself_gets_ctrl_c_as_python_gives_it() -> None:
+    """The exit-on-the-spot handler covers the imports and the settings only: once a command runs,
+    SIGINT is a KeyboardInterrupt again, so what the command holds is cleaned up on the way out
+    (an export's temporary file; click answers it as "interrupted", 130)."""
+    import cli
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        assert cli._exit_on_interrupt() is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is cli._exit_interrupted
+        cli._interrupt_normally()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
