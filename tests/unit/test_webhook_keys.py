@@ -112,6 +112,27 @@ def test_cached_keys_still_verify_while_a_refresh_keeps_failing() -> None:
     assert jwks.requests == 2
 
 
+def test_a_fetch_that_finished_between_two_looks_is_used_not_repeated() -> None:
+    """A delivery whose signature the cached keys did not verify looks again before fetching; if
+    another delivery's fetch finished in between (it brought the rotated key), that result is
+    used: no second fetch. (CI once met this interleaving in the test below: three fetches.)"""
+    fal, rotated = WebhookSigner(), WebhookSigner()
+    jwks = Jwks(fal)
+    keys = JwksKeys(URL, clock=Clock(), refresh_min_seconds=0.0, transport=httpx.MockTransport(jwks.handler))
+    assert keys.verify(*_signed(fal))
+    jwks.doc = {"keys": fal.jwks()["keys"] + rotated.jwks()["keys"]}
+    plan = keys._plan
+
+    def another_fetch_finishes_first(*, force: bool) -> tuple[Any, bool, int]:
+        if force:
+            keys._refresh(keys._generation)  # another delivery's fetch, finished meanwhile
+        return plan(force=force)
+
+    keys._plan = another_fetch_finishes_first  # type: ignore[method-assign]
+    assert keys.verify(*_signed(rotated))
+    assert jwks.requests == 2
+
+
 def test_cached_keys_verify_while_a_fetch_hangs_and_waiters_get_its_result() -> None:
     """A forged delivery starts a fetch that hangs: fal's next delivery, which the cached keys
     verify, does not wait for it; a delivery signed by a new key waits for that fetch (bounded)

@@ -243,8 +243,10 @@ class JwksKeys:
             return True
         if due:  # just fetched: there is nothing newer to try
             return False
-        _, due, seen = self._plan(force=True)
-        return due and _any_verifies(self._refresh(seen), message, signature)
+        fresh, due, latest = self._plan(force=True)
+        if latest != seen and _any_verifies(fresh, message, signature):
+            return True  # another thread's fetch, finished since this one read, brought the key
+        return due and _any_verifies(self._refresh(latest), message, signature)
 
 
 def _any_verifies(keys: list[Ed25519PublicKey], message: bytes, signature: bytes) -> bool:
