@@ -110,16 +110,18 @@ def cost(batch: str, as_json: bool) -> None:
             say(f"{total.in_flight} job(s) still in flight: actual is not final yet")
         if total.cancelled_for_budget:
             say(f"{total.cancelled_for_budget} job(s) cancelled: budget cap reached", "yellow")
-        if total.possible_duplicate_charges:
-            say(
-                f"possible duplicate charges: {total.possible_duplicate_charges} "
-                f"(up to {usd(total.possible_duplicate_usd)} more than actual)",
-                "yellow",
-            )
-        if total.possibly_billed_usd:
+        resent = total.possible_duplicate_charges
+        if total.possibly_billed_usd:  # resent ones included: one figure, never two to add up
+            also = f"; {resent} of them resent (possible duplicate charges)" if resent else ""
             say(
                 f"possibly billed: up to {usd(total.possibly_billed_usd)} more than actual, by submits "
-                "whose outcome is unknown (fal may have accepted them); the budget counts it",
+                f"whose outcome is unknown (fal may have accepted them); the budget counts it{also}",
+                "yellow",
+            )
+        elif resent:  # jobs resent before ambiguous_usd was recorded (migration 0013)
+            say(
+                f"possible duplicate charges: {resent} "
+                f"(up to {usd(total.possible_duplicate_usd)} more than actual)",
                 "yellow",
             )
         if mismatches:

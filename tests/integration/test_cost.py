@@ -270,3 +270,7 @@ def test_budget_cap_holds_when_submit_answers_are_lost(
         assert cost_report(session, submitted.batch_id).total.possibly_billed_usd == Decimal("1.00")
     status = _cli_json("status", f"budget-lost-{policy}", "--json")
     assert status["possibly_billed_usd"] == 1.0
+    # `cost` says it once: resent submits are among the possibly billed, not a second sum to add.
+    table = CliRunner().invoke(cli, ["cost", f"budget-lost-{policy}"], prog_name="wanbatch")
+    assert "possibly billed: up to $1.00 more than actual" in table.stdout
+    assert table.stdout.count("more than actual") == 1
