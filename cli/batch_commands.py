@@ -405,6 +405,26 @@ def _exit_interrupted(exc: Interrupted, as_json: bool, hint: str) -> NoReturn:
     os._exit(exc.exit_code)
 
 
+def _may_name_a_batch(ref: Path) -> bool:
+    """Whether ``run REF`` may mean a stored batch: no such file, a bare name, no manifest suffix."""
+    return not (ref.exists() or len(ref.parts) != 1 or ref.suffix.lower() in (".yaml", ".yml", ".json"))
+
+
+def _refuse_unknown_ref(ref: Path, settings: Settings) -> None:
+    """``run REF`` where REF is neither a file nor a stored batch: say both, before anything else
+    (a missing ``FAL_KEY`` said first hid that REF was a typo). Only looks; never resumes."""
+    if not _may_name_a_batch(ref):
+        return
+    from jobs import db, store
+    from jobs.errors import NotFoundError, UsageError
+
+    try:
+        with db.read_scope(db.open_engine(settings)) as session:
+            store.get_batch(session, str(ref))
+    except NotFoundError as exc:
+        raise UsageError(f"no manifest file {str(ref)!r}, and {exc}") from None
+
+
 def _stored_batch(ref: Path, settings: Settings) -> str | None:
     """The id of the stored batch ``run REF`` names when REF is no file (None: treat it as a manifest).
 
@@ -412,7 +432,7 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
     ``rerun``). Only a bare name is looked up, so a mistyped manifest path still gets the
     manifest's "file not found", and no database is created for it.
     """
-    if ref.exists() or len(ref.parts) != 1 or ref.suffix.lower() in (".yaml", ".yml", ".json"):
+    if not _may_name_a_batch(ref):
         return None
     from jobs import db, store
     from jobs.errors import NotFoundError
@@ -463,6 +483,7 @@ def run(
         from jobs.settings import get_settings
 
         settings = get_settings()
+        _refuse_unknown_ref(manifest, settings)
         batches.check_output_dir(settings)  # before anything is stored or sent
         with fal_settings(settings, simulate) as target:
             stored = _stored_batch(manifest, target)

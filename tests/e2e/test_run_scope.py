@@ -119,8 +119,8 @@ def test_run_resumes_a_stored_batch_by_name(wb: Wb, sim: SimulatorHandle, manife
     assert report["counts"]["succeeded"] == 2
     assert len(_ledger_ids(sim)) == 2
 
-    # Neither a stored batch nor a file: still the manifest's own "not found", exit 2.
+    # Neither a stored batch nor a file: one line saying both, exit 2.
     missing = wb("run", "no-such-batch", "--no-progress")
     assert missing.code == 2
-    assert "not found" in missing.stderr
+    assert "no manifest file 'no-such-batch', and no batch 'no-such-batch'" in missing.stderr
     assert "Traceback" not in missing.stderr

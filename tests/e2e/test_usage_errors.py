@@ -288,3 +288,12 @@ def stat_mode(path: Path) -> int:
     import stat
 
     return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_run_of_neither_a_file_nor_a_batch_says_both_first(tmp_path: Path) -> None:
+    """`run TYPO` said "FAL_KEY is not set" (or, with a key, only "manifest file not found")."""
+    env = {"FAL_KEY": "", "WANBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'wb.db'}"}
+    done = wanbatch("run", "no-such-batch-or-file", env=env)
+    assert_one_line(done, "no manifest file 'no-such-batch-or-file', and no batch 'no-such-batch-or-file'")
+    # A path or a manifest's name is the manifest's business, as before: the key is asked first.
+    assert_one_line(wanbatch("run", "no-such.yaml", env=env), "FAL_KEY is not set")
