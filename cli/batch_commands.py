@@ -430,22 +430,19 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
 
     ``run BATCH`` resumes a batch that has no manifest of its own to run again (an interrupted
     ``rerun``). Only a bare name is looked up, so a mistyped manifest path still gets the
-    manifest's "file not found", and no database is created for it.
+    manifest's "file not found", and no database is created for it. A bare name that names no
+    batch was refused already (:func:`_refuse_unknown_ref`).
     """
     if not _may_name_a_batch(ref):
         return None
     from jobs import db, store
-    from jobs.errors import NotFoundError
     from jobs.models import BatchState
 
-    try:
-        with db.session_scope(db.open_engine(settings)) as session:
-            target = store.get_batch(session, str(ref))
-            if target.state == BatchState.PAUSED:  # running it again is the user saying "go on"
-                store.resume_batch(session, target.id)
-            return target.id
-    except NotFoundError:
-        return None
+    with db.session_scope(db.open_engine(settings)) as session:
+        target = store.get_batch(session, str(ref))
+        if target.state == BatchState.PAUSED:  # running it again is the user saying "go on"
+            store.resume_batch(session, target.id)
+        return target.id
 
 
 def _broker_warnings(settings: Settings) -> None:

@@ -58,17 +58,22 @@ def _wait_for_marker(process: subprocess.Popen[str]) -> None:
     raise AssertionError(f"the command never loaded {MARKER} (exit {process.poll()})")
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.45])
-def test_ctrl_c_during_start_up_is_one_line_and_exit_130(delay: float, e2e_env: Path) -> None:
-    manifest = e2e_env / "later.yaml"
+def _start_run(folder: Path) -> subprocess.Popen[str]:
+    """``run --simulate`` of a batch that waits for 2099, with the SIGINT a shell gives a command."""
+    manifest = folder / "later.yaml"
     manifest.write_text(MANIFEST)
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [*_command(), "run", "--simulate", str(manifest), "--no-progress"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_default_sigint,  # the SIGINT disposition a shell gives a command
+        preexec_fn=_default_sigint,
     )
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.45])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(delay: float, e2e_env: Path) -> None:
+    process = _start_run(e2e_env)
     try:
         _wait_for_marker(process)
         time.sleep(delay)
@@ -96,15 +101,7 @@ def _batch_stored(db: Path) -> bool:
 
 def test_once_run_is_running_its_resume_message_still_appears(e2e_env: Path, tmp_path: Path) -> None:
     """The early handler gives way to ``run``'s own: what was given back and how to resume."""
-    manifest = e2e_env / "later.yaml"
-    manifest.write_text(MANIFEST)
-    process = subprocess.Popen(
-        [*_command(), "run", "--simulate", str(manifest), "--no-progress"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_default_sigint,
-    )
+    process = _start_run(e2e_env)
     try:
         deadline = time.monotonic() + 60
         # run's own handling is in place before it stores anything: wait for the batch row.
