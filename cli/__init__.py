@@ -16,6 +16,7 @@ from __future__ import annotations
 # "Aborted!" with exit 1. Until the command itself starts (main() hands SIGINT back to Python
 # then, see _interrupt_normally), SIGINT ends the process with one line and exit 130: nothing
 # has been stored before a command runs.
+import contextlib
 import os
 import signal
 import sys
@@ -171,6 +172,15 @@ def main() -> None:
             signal.signal(signal.SIGINT, replaced)  # type: ignore[arg-type]
 
 
+def _stdout_to_devnull() -> None:
+    """Point standard output at /dev/null, so the interpreter's last flush of what is still
+    buffered for a closed pipe fails no more (the recipe of Python's signal documentation,
+    https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def _main() -> None:
     startup.pause()  # no cyclic GC over the imports; the long-running commands resume it
     from worker.logs import configure_logging  # stdlib only: text, or JSON lines (WANBATCH_LOG_FORMAT)
@@ -188,6 +198,9 @@ def _main() -> None:
     except KeyboardInterrupt:  # between the two handlers, outside click's own catching
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:  # the reader went away (`wanbatch export B | head`): nothing to say
+        _stdout_to_devnull()
+        sys.exit(1)
     except click.UsageError as exc:  # unknown option, missing argument, bad value
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
         print(f"error: {exc.format_message().rstrip('.')}{hint}", file=sys.stderr)

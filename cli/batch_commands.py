@@ -184,19 +184,38 @@ def export(batch: str, fmt: str, output: Path | None, include: str | None) -> No
                     return EXIT_OK
                 rows = exporting.records(session, batch, settings.output_dir)
                 if output is None:
-                    n = dataset_export.write_parquet(rows, sys.stdout.buffer)
+                    with _writing_stdout():
+                        n = dataset_export.write_parquet(rows, sys.stdout.buffer)
+                        sys.stdout.buffer.flush()
                 else:
                     n = dataset_export.write_parquet_file(rows, output)
             else:
                 rows = exporting.records(session, batch, settings.output_dir)
                 if output is None:
-                    n = exporting.write(rows, fmt, sys.stdout)
+                    with _writing_stdout():
+                        n = exporting.write(rows, fmt, sys.stdout)
+                        sys.stdout.flush()
                 else:
                     n = exporting.write_file(rows, fmt, output)
         err.print(f"exported {n} record(s)" + (f" to {output}" if output else ""))
         return EXIT_OK
 
     guarded(False, action)
+
+
+@contextlib.contextmanager
+def _writing_stdout() -> Iterator[None]:
+    """An export written to standard output: a full disk or a failing device behind ``>`` is
+    the same one line (exit 2) as with ``-o``, not an internal error. A reader that closed the
+    pipe (``| head``) is left to the interpreter, which ends quietly."""
+    from jobs.errors import UsageError
+
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise UsageError(f"cannot write the export to standard output: {exc.strerror or exc}") from None
 
 
 #: Rows of non-matching jobs ``diff`` prints before saying how many more there are.
@@ -559,6 +578,8 @@ def rerun(
                 else:
                     say(escape(str(nothing)))
                 return nothing.exit_code
+            for warning in result.warnings:
+                err.print(f"[yellow]warning[/yellow] {escape(warning)}")
             print_budget_note(result)
             return _run_and_report(result.batch_id, target, as_json, not no_progress)
 

@@ -16,6 +16,7 @@ boundary or wrapped, never left to run off the edge.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -151,9 +152,16 @@ def join_lines(parts: list[str], cells: int, sep: str = " · ") -> list[str]:
 
 
 def say(text: str, style: str | None = None, *, console: Console | None = None) -> None:
-    """Print prose (already markup-escaped), word-wrapped at the terminal's width."""
+    """Print prose (already markup-escaped), word-wrapped at the terminal's width (or
+    ``COLUMNS``); into a pipe or a file with no width given, one line per paragraph: a script
+    greps for it, and rich's stand-in width of 80 would break it mid-sentence."""
     target = console or out
-    target.print(f"[{style}]{text}[/{style}]" if style else text, soft_wrap=False, overflow="fold")
+    line = f"[{style}]{text}[/{style}]" if style else text
+    wrap = target.is_terminal or bool(os.environ.get("COLUMNS"))
+    if wrap:
+        target.print(line, soft_wrap=False, overflow="fold")
+    else:
+        target.print(line, soft_wrap=True)
 
 
 def compact_table(title: str | None = None) -> Table:

@@ -306,6 +306,7 @@ def _new_job(
     *,
     variant: int = 0,
     source_files: dict[str, Any] | None = None,
+    rerun_of: str | None = None,
 ) -> store.NewJob:
     """A job row to store, with its cost estimate and provenance (registry entry hash, pricing)."""
     est = estimate_job(endpoint, resolved, settings)
@@ -320,6 +321,7 @@ def _new_job(
         source_files=source_files,
         registry_sha256=registry_sha256(endpoint),
         price_table=price_table(endpoint, settings),
+        rerun_of=rerun_of,
     )
 
 
@@ -916,6 +918,7 @@ def rerun_batch(
         parent = store.get_batch(session, ref)
         wanted = [JobState.FAILED, JobState.CANCELLED] if failed_only else None
         digests: dict[str, str | None] = {}
+        unseeded: list[int] = []  # unfinished jobs whose seed nobody knows yet (their items)
 
         def new_jobs() -> Iterator[store.NewJob]:
             for job in store.jobs_of_batch(session, parent.id, states=wanted):
@@ -925,6 +928,8 @@ def rerun_batch(
                     stored["seed"] = secrets.randbelow(2**31)
                 elif job.seed is not None:
                     stored["seed"] = int(job.seed)
+                elif stored.get("seed") is None and not job.state.terminal:
+                    unseeded.append(job.item_index)
                 combos = sweep.combos(spec)  # checked for this endpoint on first use
                 for number, combo in enumerate(combos):
                     resolved = {**stored, **combo}
@@ -939,6 +944,7 @@ def rerun_batch(
                         # so where the files came from carries over.
                         variant=job.variant * len(combos) + number,
                         source_files=job.source_files,
+                        rerun_of=job.id,
                     )
 
         # Built (and the varied values checked) before the batch row exists: a bad value
@@ -946,11 +952,12 @@ def rerun_batch(
         rows = list(new_jobs())
         if not rows:
             raise NothingToRerun(_nothing_to_rerun(session, parent, failed_only))
-        siblings = sum(1 for b in store.list_batches(session) if b.parent_batch_id == parent.id)
-        name, _ = store.name_for_batch(session, f"{parent.name}-rerun-{siblings + 1}", simulated=simulated)
+        if unseeded:
+            raise UsageError(_still_running(parent.name, len(unseeded)))
+        rows, warnings = _once_each(rows)
         batch, created = store.get_or_create_batch(
             session,
-            name=name,
+            name=_rerun_name(session, parent),
             manifest_path=parent.manifest_path,
             manifest_sha256=parent.manifest_sha256,
             budget_max_usd=parent.budget_max_usd if max_usd is None else max_usd,
@@ -959,6 +966,47 @@ def rerun_batch(
             manifest_text=parent.manifest_text,  # provenance: the manifest the jobs came from
             simulated=simulated,
         )
-        budget_changed = None if created or max_usd is None else _apply_budget(session, batch, max_usd)
+        assert created, "a free name was chosen in this transaction"
         added, existing = store.add_jobs(session, batch.id, rows)
-        return _submitted(session, batch, created, added, existing, budget_changed=budget_changed)
+        return _submitted(session, batch, created, added, existing, warnings)
+
+
+def _rerun_name(session: Session, parent: Batch) -> str:
+    """``NAME-rerun-N``, N one more than the parent's reruns so far, or the next one no batch
+    holds: a rerun is always a new batch, never jobs added to one that has the name already
+    (the user's own manifest may be called that, or a simulation renamed since took it)."""
+    number = sum(1 for b in store.list_batches(session) if b.parent_batch_id == parent.id) + 1
+    while store.batch_name_taken(session, f"{parent.name}-rerun-{number}"):
+        number += 1
+    return f"{parent.name}-rerun-{number}"
+
+
+def _still_running(name: str, count: int) -> str:
+    """Why a rerun of a batch whose seeds are not all known yet would not reproduce it."""
+    jobs = "job has" if count == 1 else "jobs have"
+    return (
+        f"batch {name} is still running: {count} {jobs} not finished, and the seed fal picks for "
+        f"them is not known yet, so a rerun would draw other seeds and not reproduce them; wait "
+        f"until `wanbatch status {name}` says done, or pass --new-seeds for fresh seeds"
+    )
+
+
+def _once_each(rows: list[store.NewJob]) -> tuple[list[store.NewJob], list[str]]:
+    """The rerun's jobs with each exact input once, and a warning when ``--vary`` made some
+    the same as others (``--vary seed=1..2`` over jobs already sweeping those seeds)."""
+    kept: dict[str, store.NewJob] = {}
+    repeats: list[store.NewJob] = []
+    for row in rows:
+        if row.key in kept:
+            repeats.append(row)
+        else:
+            kept[row.key] = row
+    if not repeats:
+        return rows, []
+    first = repeats[0]
+    twin = kept[first.key]
+    return list(kept.values()), [
+        f"{len(repeats)} of the rerun's {len(rows)} jobs repeat another one's exact input and are "
+        f"stored once (e.g. item {first.item_index} variant {first.variant} is item "
+        f"{twin.item_index} variant {twin.variant}); {len(kept)} jobs in all"
+    ]

@@ -7,15 +7,23 @@ paired by what was asked, never by when or where they ran:
    the same key sent the same request; a ``rerun`` of a batch whose seeds were pinned gets the
    same keys.
 2. **by input except the seed** — the endpoint and the stored resolved input with ``seed`` left
-   out. A ``rerun`` writes the seed fal returned (or, with ``--new-seeds``, a fresh one) into the
-   input, so the key of a job whose seed fal picked changes while everything else stays; this
-   pass pairs those. Jobs that differ only by seed (a ``matrix: seed: [...]``) pair in item order.
-3. **by item and variant** — ``item_index`` and the matrix combination's index within the item
+   out, the endpoint's documented defaults filled in (``num_frames: 81`` left out asks what
+   ``num_frames: 81`` given asks). A ``rerun`` writes the seed fal returned (or, with
+   ``--new-seeds``, a fresh one) into the input, so the key of a job whose seed fal picked
+   changes while everything else stays; this pass pairs those, and the one combination of a
+   ``rerun --vary`` that asks what its original asked. Jobs that differ only by seed (a
+   ``matrix: seed: [...]``) pair in item order.
+3. **by origin** — a rerun's job records the parent's job it repeats (``rerun_of``): a job left
+   over pairs with the first of its own repeats left over, for jobs whose input changed
+   (``rerun --vary``, which also numbers each original's combinations anew).
+4. **by item and variant** — ``item_index`` and the matrix combination's index within the item
    (``variant``): the same place in the same manifest, for jobs whose input changed (an edited
-   prompt, a replaced image, ``rerun --vary``). Only when both batches come from the same
-   manifest file (a rerun keeps its parent's): item 0 of two unrelated manifests is no pair, and
-   calling it "different" would hide that the batches are unrelated. ``item_index`` alone would
-   not do either: every matrix combination of an item shares it.
+   prompt, a replaced image) and reruns stored before ``rerun_of`` existed. Only when both
+   batches come from the same manifest file (a rerun keeps its parent's): item 0 of two
+   unrelated manifests is no pair, and calling it "different" would hide that the batches are
+   unrelated. ``item_index`` alone would not do either: every matrix combination of an item
+   shares it. A job whose origin is in the other batch never pairs here: its place was
+   renumbered.
 
 Jobs left unpaired are ``only_a`` / ``only_b``.
 
@@ -36,11 +44,13 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 
 from jobs import store
+from jobs.endpoints import get_endpoint
+from jobs.errors import UsageError
 from jobs.manifest import canonical_json
 from jobs.models import Batch, Job
 
 Outcome = Literal["same", "different", "only_a", "only_b"]
-MatchedBy = Literal["job_key", "input", "item"]
+MatchedBy = Literal["job_key", "input", "origin", "item"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,13 +69,15 @@ class JobSide:
     prompt: str | None
     video_sha256: str | None
     cost_usd: float | None
-    #: Endpoint and input without the seed, as canonical JSON: the second matching pass.
+    #: Endpoint and input without the seed, defaults filled in, as canonical JSON: the second pass.
     unseeded: str
+    #: The parent batch's job this one repeats (a rerun's), else None: the third pass.
+    rerun_of: str | None = None
 
     @classmethod
     def of(cls, job: Job) -> JobSide:
         prompt = job.actual_prompt if job.actual_prompt is not None else job.input.get("prompt")
-        rest = {k: v for k, v in job.input.items() if k != "seed"}
+        rest = {k: v for k, v in {**_defaults(job.endpoint), **job.input}.items() if k != "seed"}
         return cls(
             job_id=job.id,
             job_key=job.job_key,
@@ -78,6 +90,7 @@ class JobSide:
             video_sha256=job.output_sha256,
             cost_usd=_usd(job.actual_usd),
             unseeded=job.endpoint + "\n" + canonical_json(rest),
+            rerun_of=job.rerun_of,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -92,6 +105,14 @@ class JobSide:
             "video_sha256": self.video_sha256,
             "cost_usd": self.cost_usd,
         }
+
+
+def _defaults(endpoint: str) -> dict[str, Any]:
+    """The endpoint's documented defaults (none for an endpoint the registry no longer has)."""
+    try:
+        return get_endpoint(endpoint).defaults()
+    except UsageError:
+        return {}
 
 
 def _usd(value: Decimal | None) -> float | None:
@@ -193,11 +214,16 @@ def match(a_jobs: list[JobSide], b_jobs: list[JobSide], *, by_place: bool = True
             other = by_input[job.unseeded].popleft()
             matched[job.job_id] = (other, "input")
             taken.add(other.job_id)
+    _pair_by_origin(a_jobs, b_jobs, matched, taken)
+    a_ids = {job.job_id for job in a_jobs}
+    b_ids = {job.job_id for job in b_jobs}
     places: dict[tuple[int, int], deque[JobSide]] = defaultdict(deque)
     for other in b_jobs:
-        if by_place and other.job_id not in taken:
+        if by_place and other.job_id not in taken and other.rerun_of not in a_ids:
             places[other.item_index, other.variant].append(other)
     for job in a_jobs:
+        if job.rerun_of in b_ids:
+            continue  # a rerun's job whose original is in B: its place was renumbered
         place = (job.item_index, job.variant)
         if job.job_id not in matched and places[place]:
             other = places[place].popleft()
@@ -208,6 +234,34 @@ def match(a_jobs: list[JobSide], b_jobs: list[JobSide], *, by_place: bool = True
     ]
     pairs.extend(Pair(None, other, None) for other in b_jobs if other.job_id not in taken)
     return pairs
+
+
+def _pair_by_origin(
+    a_jobs: list[JobSide],
+    b_jobs: list[JobSide],
+    matched: dict[str, tuple[JobSide, MatchedBy]],
+    taken: set[str],
+) -> None:
+    """The third pass: an original left over with the first of its repeats left over, whichever
+    side the rerun is on (``matched`` and ``taken`` are updated)."""
+    repeats: dict[str, deque[JobSide]] = defaultdict(deque)  # A's job id → B's repeats of it
+    for other in b_jobs:
+        if other.job_id not in taken and other.rerun_of is not None:
+            repeats[other.rerun_of].append(other)
+    originals = {other.job_id: other for other in b_jobs if other.job_id not in taken}
+    for job in a_jobs:
+        if job.job_id in matched:
+            continue
+        if repeats[job.job_id]:
+            other = repeats[job.job_id].popleft()
+        elif job.rerun_of is not None and job.rerun_of in originals:
+            other = originals.pop(job.rerun_of)
+        else:
+            continue
+        if other.job_id in taken:
+            continue
+        matched[job.job_id] = (other, "origin")
+        taken.add(other.job_id)
 
 
 def diff_batches(session: Session, ref_a: str, ref_b: str) -> BatchDiff:

@@ -96,6 +96,20 @@ def _video_path(job: Job, output_dir: Path) -> str | None:
         return str(path.resolve())
 
 
+def _unsent_input(job: Job) -> dict[str, Any]:
+    """The input of a job never sent: the validated one, each local media file as the manifest
+    named it (``images/car.png``, from ``source_files``), not the absolute path it was resolved
+    to: that path says nothing a dataset's reader can use, and tells them the sharer's folders.
+    URLs and data URIs stay as they are (they are what would be sent)."""
+    sources = job.source_files or {}
+    named = {}
+    for name, source in sources.items():
+        value = job.input.get(name)
+        if isinstance(value, str) and isinstance(source, dict) and Path(value).is_absolute():
+            named[name] = source.get("source", value)
+    return {**job.input, **named} if named else job.input
+
+
 def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
     """The export record of one job."""
     return {
@@ -108,7 +122,7 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
         "variant": job.variant,  # the matrix combination within the item
         "endpoint": job.endpoint,
         "status": job.state.value,
-        "input": job.submitted_input if job.submitted_input is not None else job.input,
+        "input": job.submitted_input if job.submitted_input is not None else _unsent_input(job),
         # Each media field as the manifest named it, with its SHA-256 (null for URLs).
         "source_files": job.source_files,
         "seed": job.seed,
@@ -205,8 +219,12 @@ def write_atomically(output: Path, example_name: str, fill: Callable[[IO[bytes]]
         return _write_through(output, fill)
     if output.is_symlink():  # replace the file it points at; the link stays a link
         output = output.resolve()
+    if not output.parent.is_dir():  # a mistyped path is not a folder chain to create
+        raise UsageError(
+            f"cannot write the export to {str(output)!r}: there is no folder {str(output.parent)!r}"
+        )
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
+        mode = _mode_for(output)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
     except OSError as exc:
         raise UsageError(f"cannot write the export to {str(output)!r}: {exc.strerror or exc}") from None
@@ -215,6 +233,7 @@ def write_atomically(output: Path, example_name: str, fill: Callable[[IO[bytes]]
         with os.fdopen(fd, "wb") as fh:
             count = fill(fh)
             fh.flush()
+            os.fchmod(fh.fileno(), mode)
             os.fsync(fh.fileno())
         tmp.replace(output)
     except OSError as exc:
@@ -226,6 +245,18 @@ def write_atomically(output: Path, example_name: str, fill: Callable[[IO[bytes]]
             tmp.unlink()
         raise
     return count
+
+
+def _mode_for(output: Path) -> int:
+    """The permissions the export gets: those of the file it replaces, else what a plain
+    ``open()`` would give a new file (0666 less the umask). ``mkstemp`` makes its file 0600,
+    and the rename would otherwise carry that over, hiding a shared dataset from its readers."""
+    try:
+        return stat.S_IMODE(output.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)  # read it: there is no other portable way, and a CLI has one thread
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write(rows: Iterator[dict[str, Any]], fmt: str, fh: TextIO) -> int:

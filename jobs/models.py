@@ -297,6 +297,10 @@ class Job(Base):
     media_mismatch: Mapped[str | None] = mapped_column(Text)
     #: The job whose output this one took instead of being sent (``reuse_outputs``); NULL if sent.
     reused_from: Mapped[str | None] = mapped_column(String(32))
+    #: The parent batch's job this one repeats (``wanbatch rerun``; NULL for a manifest's job):
+    #: ``wanbatch diff`` pairs a rerun's jobs with their originals by it, whatever ``--vary``
+    #: did to their inputs and variant numbers.
+    rerun_of: Mapped[str | None] = mapped_column(String(32))
     #: Per media field: ``{"source": path or URL as the manifest named it, "sha256": hex or null}``,
     #: so an exported row stays traceable without the inline data URI.
     source_files: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)

@@ -234,6 +234,11 @@ def name_for_batch(session: Session, name: str, *, simulated: bool) -> tuple[str
     raise AssertionError("unreachable: the candidate names never end")  # pragma: no cover
 
 
+def batch_name_taken(session: Session, name: str) -> bool:
+    """Whether a batch is stored under exactly ``name``."""
+    return session.scalar(select(Batch.id).where(Batch.name == name)) is not None
+
+
 def _simulated_names(name: str) -> Iterator[str]:
     yield f"{name}{SIMULATED_SUFFIX}"
     number = 2
@@ -554,6 +559,8 @@ class NewJob:
     source_files: dict[str, Any] | None = None
     registry_sha256: str | None = None
     price_table: dict[str, Any] | None = None
+    #: The parent batch's job this one repeats (a rerun's jobs).
+    rerun_of: str | None = None
 
 
 def add_jobs(
@@ -585,6 +592,7 @@ def add_jobs(
                 "source_files": job.source_files,
                 "registry_sha256": job.registry_sha256,
                 "price_table": job.price_table,
+                "rerun_of": job.rerun_of,
                 "state": JobState.PENDING,
                 "version": 0,
                 "attempts": 0,
@@ -617,6 +625,7 @@ _NEW_JOB_COLUMNS = (
     "source_files",
     "registry_sha256",
     "price_table",
+    "rerun_of",
     "state",
     "version",
     "attempts",
@@ -672,6 +681,7 @@ def _insert_chunk_pg(conn: Connection, rows: list[dict[str, Any]]) -> int:
                     _jsonb(row["source_files"]),
                     row["registry_sha256"],
                     _jsonb(row["price_table"]),
+                    row["rerun_of"],
                     row["state"].value,
                     row["version"],
                     row["attempts"],

@@ -81,3 +81,20 @@ def test_variants_source_files_and_provenance_reach_the_export(
     assert (text, digest) == (edited, hashlib.sha256(edited.encode()).hexdigest())
     added = export_jsonl(wb, batch)[8:]
     assert [r["source_files"] for r in added] == [{"image_url": {"source": URL, "sha256": None}}] * 4
+
+
+def test_a_job_never_sent_exports_its_images_as_the_manifest_named_them(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    from tests.e2e.e2e_helpers import TWO_JOBS
+
+    path = manifest("unsent", TWO_JOBS.format(name="unsent"))
+    assert wb("submit", path).code == 0
+    assert wb("cancel", "unsent", "--no-progress").code in (0, 1)
+
+    records = export_jsonl(wb, "unsent")
+
+    assert [r["status"] for r in records] == ["cancelled", "cancelled"]
+    assert [r["input"]["image_url"] for r in records] == ["images/landscape.jpg", "images/night.jpg"]
+    assert all(str(path.parent) not in json.dumps(r) for r in records)  # no absolute path of ours
+    assert records[0]["input"]["prompt"] == "Clouds drifting past the peak"

@@ -297,3 +297,29 @@ def test_run_of_neither_a_file_nor_a_batch_says_both_first(tmp_path: Path) -> No
     assert_one_line(done, "no manifest file 'no-such-batch-or-file', and no batch 'no-such-batch-or-file'")
     # A path or a manifest's name is the manifest's business, as before: the key is asked first.
     assert_one_line(wanbatch("run", "no-such.yaml", env=env), "FAL_KEY is not set")
+
+
+def test_export_to_a_full_standard_output_is_one_line() -> None:
+    batch = _submitted_batch()
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [WANBATCH, "export", batch],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "error: cannot write the export to standard output: No space left on device"
+
+
+def test_export_into_a_pipe_closed_early_ends_quietly() -> None:
+    batch = _submitted_batch()
+    export = subprocess.Popen([WANBATCH, "export", batch], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert export.stdout is not None
+    assert export.stderr is not None
+    export.stdout.close()  # `| head -c0`: gone before the first record is written
+    stderr = export.stderr.read().decode()
+    assert export.wait(timeout=120) == 1
+    assert stderr == ""  # no "internal error", no "Exception ignored"

@@ -82,3 +82,26 @@ def test_a_regular_file_is_still_replaced_atomically(tmp_path: Path) -> None:
     assert write_file(iter(_rows(2)), "jsonl", out) == 2
     assert len(out.read_text().splitlines()) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl"]
+
+
+def test_a_missing_folder_is_refused_not_created(tmp_path: Path) -> None:
+    typo = tmp_path / "expots" / "2026" / "records.jsonl"
+    with pytest.raises(UsageError, match="there is no folder"):
+        write_file(iter(_rows(1)), "jsonl", typo)
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_a_replaced_file_keeps_its_permissions_and_a_new_one_follows_the_umask(tmp_path: Path) -> None:
+    shared = tmp_path / "shared.jsonl"
+    shared.write_text("old\n")
+    shared.chmod(0o644)
+    write_file(iter(_rows(1)), "jsonl", shared)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o644  # not mkstemp's 0600
+
+    umask = os.umask(0o027)
+    try:
+        fresh = tmp_path / "fresh.parquet"
+        write_parquet_file(iter(_rows(1)), fresh)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o640
