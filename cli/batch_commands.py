@@ -34,6 +34,7 @@ from cli.output import (
     print_budget_note,
     print_report,
     print_summary,
+    print_warnings,
     say,
     status_table,
     usd,
@@ -280,9 +281,9 @@ def _diff_row(pair: Pair) -> tuple[str, ...]:
         str(side.item_index),
         pair.outcome,
         ", ".join(pair.differs()),
-        both(lambda s: str(s.seed)),
+        both(lambda s: "–" if s.seed is None else str(s.seed)),
         both(lambda s: (s.video_sha256 or "no video")[:12]),
-        both(lambda s: "-" if s.cost_usd is None else usd(s.cost_usd)),
+        both(lambda s: "–" if s.cost_usd is None else usd(s.cost_usd)),
     )
 
 
@@ -505,6 +506,7 @@ def run(
             stored = _stored_batch(manifest, target)
             if stored is None:
                 result = batches.submit_manifest(manifest, target, allow_dirs, simulated=simulate)
+                print_warnings(result)
                 if note := result.simulation_note():
                     err.print(f"[yellow]{escape(note)}[/yellow]")
                 print_budget_note(result)
@@ -578,8 +580,7 @@ def rerun(
                 else:
                     say(escape(str(nothing)))
                 return nothing.exit_code
-            for warning in result.warnings:
-                err.print(f"[yellow]warning[/yellow] {escape(warning)}")
+            print_warnings(result)
             print_budget_note(result)
             return _run_and_report(result.batch_id, target, as_json, not no_progress)
 

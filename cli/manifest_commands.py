@@ -19,6 +19,7 @@ from cli.output import (
     issue_line,
     out,
     print_budget_note,
+    print_warnings,
     say,
 )
 
@@ -116,8 +117,7 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
         if as_json:
             emit_json(result.as_dict())
         else:
-            for warning in result.warnings:
-                err.print(f"[yellow]warning[/yellow] {escape(warning)}")
+            print_warnings(result)
             verb = "created" if result.created else "updated"
             out.print(
                 f"batch [bold]{result.batch_id}[/bold] ({result.name}) {verb}: {result.total} job(s), "

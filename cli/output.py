@@ -89,6 +89,13 @@ def guarded(as_json: bool, action: Callable[[], int | None]) -> None:
     sys.exit(code or EXIT_OK)
 
 
+def print_warnings(result: SubmitResult) -> None:
+    """Say on stderr what storing the batch warned of (items that collapsed into one, a past
+    deadline of a batch resumed, variations that repeat others …)."""
+    for warning in result.warnings:
+        err.print(f"[yellow]warning[/yellow] {escape(warning)}")
+
+
 def print_budget_note(result: SubmitResult) -> None:
     """Say on stderr that (re)submitting changed the batch's budget cap."""
     note = result.budget_note()
@@ -297,11 +304,25 @@ def money_line(report: BatchReport) -> str:
         lines.append(
             f"[yellow]{report['cancelled_for_budget']} job(s) cancelled: budget cap reached[/yellow]"
         )
-        lines.append(
-            f"  to run them: `wanbatch rerun {escape(short_id(report['batch']))} --failed-only "
-            "--max-usd AMOUNT`"
-        )
+        lines.extend(_budget_advice(report))
     return "\n".join(lines)
+
+
+def _budget_advice(report: BatchReport) -> list[str]:
+    """How to run what a cap cancelled: a new batch cap (``--max-usd``) for the jobs the batch's
+    own cap stopped; a higher ``WANBATCH_DAILY_BUDGET_USD``, or the next UTC day, for those the
+    daily cap stopped — which no ``--max-usd`` can let through."""
+    rerun = f"wanbatch rerun {escape(short_id(report['batch']))} --failed-only"
+    daily = report["cancelled_for_daily_budget"]
+    advice = []
+    if report["cancelled_for_budget"] > daily:
+        advice.append(f"  to run them: `{rerun} --max-usd AMOUNT`")
+    if daily:
+        advice.append(
+            f"  {daily} by today's cap (WANBATCH_DAILY_BUDGET_USD): raise it, or wait for the next "
+            f"UTC day, then `{rerun}`"
+        )
+    return advice
 
 
 def print_failures(report: BatchReport) -> None:

@@ -9,19 +9,20 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypedDict
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from jobs import db, listing, store
 from jobs.db import open_engine
 from jobs.endpoints import get_endpoint, registry_sha256
-from jobs.errors import ConfigError, Issue, ManifestError, UsageError, WanbatchError
+from jobs.errors import DEADLINE_PASSED, ConfigError, Issue, ManifestError, UsageError, WanbatchError
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, utcnow
@@ -367,6 +368,26 @@ def _submitted(
     )
 
 
+def _resumes_past_deadline(engine: Engine, report: ValidationReport, simulated: bool) -> bool:
+    """Whether the manifest's only errors say its deadline passed, and its batch is stored.
+
+    A new batch whose deadline has passed could send nothing: refused. A stored one is another
+    matter: its interrupted run left requests at fal, made and billed, that running the same
+    command again must collect (the deadline then cancels what was never sent, as it would
+    have). So is a manifest edited after its deadline (a budget raised to collect them)."""
+    assert report.manifest is not None
+    if any(issue.code != DEADLINE_PASSED for issue in report.errors):
+        return False
+    with db.read_scope(engine) as session:
+        return store.is_stored(session, report.manifest.name, simulated=simulated)
+
+
+def _deadline_note(issue: Issue) -> Issue:
+    """The past deadline of a stored batch: said, not refused."""
+    message = f"{issue.message}: nothing more is sent; what fal made is collected, the rest cancelled"
+    return replace(issue, message=message, severity="warning", allowed=None)
+
+
 def _apply_budget(session: Session, batch: Batch, wanted: Decimal | None) -> dict[str, float | None] | None:
     """Give an existing batch the cap asked for now; ``{"from", "to"}`` when that changed it."""
     if batch.budget_max_usd == wanted:  # Decimal equality: 5.0 == 5.000000
@@ -410,10 +431,14 @@ def submit_manifest(
     ``simulated`` (``--simulate``): the batch is a simulation, stored apart from any batch of
     the same name sent to fal (:func:`jobs.store.name_for_batch`).
     """
-    report = check_manifest(path, settings, allowed_dirs)
+    report = validate_manifest(path, input_dirs(settings, allowed_dirs))
     manifest = report.manifest
-    assert manifest is not None
     engine = open_engine(settings)
+    if not report.ok:
+        if manifest is None or not _resumes_past_deadline(engine, report, simulated):
+            raise ManifestError(report.issues)
+        report.issues = [_deadline_note(i) if i.code == DEADLINE_PASSED else i for i in report.issues]
+    assert manifest is not None
     with db.session_scope(engine) as session:
         name, moved_aside = store.name_for_batch(session, manifest.name, simulated=simulated)
         batch, created = store.get_or_create_batch(
@@ -523,6 +548,8 @@ class BatchReport(TypedDict):
     actual_usd: float | None
     wasted_usd: float | None
     cancelled_for_budget: int
+    #: Of those, the jobs the daily cap (``WANBATCH_DAILY_BUDGET_USD``) cancelled.
+    cancelled_for_daily_budget: int
     failures: list[FailureReason]
     parent_batch: str | None
     created_at: str
@@ -709,6 +736,7 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
         "actual_usd": _money(totals.actual_usd),
         "wasted_usd": _money(totals.wasted_usd),
         "cancelled_for_budget": totals.cancelled_for_budget,
+        "cancelled_for_daily_budget": totals.cancelled_for_daily_budget,
         "media_mismatches": totals.media_mismatches,
         "rate_limited_submits": totals.rate_limited_submits,
         "failures": [
@@ -898,8 +926,8 @@ def rerun_batch(
     failed or cancelled; ``new_seeds`` draws a fresh seed per job instead, recorded before
     submission so the rerun is itself reproducible. ``max_usd`` is the new batch's budget cap
     (default: the parent's cap), which is how jobs a cap cancelled get another chance. The
-    parent's queue priority carries over; its schedule does not (a rerun runs now, and the
-    parent's deadline has usually passed: the jobs it cancelled are what is being rerun).
+    parent's queue priority and daily window carry over; its ``not_before`` and deadline do
+    not (the parent's deadline has usually passed: the jobs it cancelled are what is rerun).
     ``simulated`` (``--simulate``) makes the new batch a simulation, whatever the parent was.
 
     ``vary`` (``--vary FIELD=VALUES``) sweeps fields: each job is repeated once per combination
@@ -963,12 +991,26 @@ def rerun_batch(
             budget_max_usd=parent.budget_max_usd if max_usd is None else max_usd,
             parent_batch_id=parent.id,
             priority=parent.priority,
+            schedule=_rerun_schedule(parent),
             manifest_text=parent.manifest_text,  # provenance: the manifest the jobs came from
             simulated=simulated,
         )
         assert created, "a free name was chosen in this transaction"
         added, existing = store.add_jobs(session, batch.id, rows)
         return _submitted(session, batch, created, added, existing, warnings)
+
+
+def _rerun_schedule(parent: Batch) -> Schedule | None:
+    """The parent's daily window (and its time zone), which a rerun keeps: an overnight batch's
+    failed jobs, rerun in the evening, still go out at night. Not its ``not_before`` or
+    ``deadline``: instants for the parent's night, usually past by the time of a rerun (its
+    deadline cancelled the very jobs being rerun)."""
+    if parent.schedule is None:
+        return None
+    window = store.batch_schedule(parent)
+    if window.window is None:
+        return None
+    return Schedule(window=window.window, timezone=window.timezone)
 
 
 def _rerun_name(session: Session, parent: Batch) -> str:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.endpoints import get_endpoint
-from jobs.money import usd_json
+from jobs.money import BUDGET_ERRORS, usd_json
 from jobs.states import JobState
 
 ZERO = Decimal(0)
@@ -64,7 +64,7 @@ class CostLine:
                 self.failed += 1
             else:
                 self.cancelled += 1
-                self.cancelled_for_budget += job.error_type == "budget"
+                self.cancelled_for_budget += job.error_type in BUDGET_ERRORS
         else:
             self.in_flight += 1
         self.possible_duplicate_charges += job.possible_duplicate_charges

@@ -69,6 +69,11 @@ class NotFoundError(UsageError):
     """A batch or job the user named does not exist."""
 
 
+#: :attr:`Issue.code` of a schedule deadline already past: refused for a new batch, but not for
+#: one already stored, whose interrupted run must still collect what fal made before it.
+DEADLINE_PASSED = "deadline_passed"
+
+
 @dataclass(frozen=True, slots=True)
 class Issue:
     """One located problem in a manifest: where it is, what is wrong, and what is allowed.
@@ -85,6 +90,8 @@ class Issue:
     value: object = None
     allowed: str | None = None
     severity: str = "error"
+    #: What kind of problem, where code must tell one from the others (:data:`DEADLINE_PASSED`).
+    code: str | None = None
 
     def location(self) -> str:
         """``file:line`` followed by the item and field, as an editor or a person wants it."""

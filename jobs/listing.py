@@ -34,6 +34,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from jobs import store
 from jobs.digits import ascii_int
 from jobs.models import Batch, BatchState, Job, Money, utcnow
+from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
 from jobs.schedule import format_duration
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 
@@ -80,6 +81,8 @@ class Totals:
     possible_duplicate_charges: int = 0
     confirmed_duplicate_charges: int = 0
     cancelled_for_budget: int = 0
+    #: Of those, the jobs ``WANBATCH_DAILY_BUDGET_USD`` cancelled (a new ``--max-usd`` cannot help).
+    cancelled_for_daily_budget: int = 0
     media_mismatches: int = 0
     #: Submits fal refused with 429 that were not counted as attempts (``jobs.rate_limited_submits``).
     rate_limited_submits: int = 0
@@ -115,6 +118,7 @@ class Totals:
             possible,
             confirmed,
             budget,
+            daily,
             mismatches,
             refused,
             first,
@@ -137,6 +141,7 @@ class Totals:
         self.confirmed_duplicate_charges += int(confirmed or 0)
         if state == JobState.CANCELLED:
             self.cancelled_for_budget += int(budget or 0)
+            self.cancelled_for_daily_budget += int(daily or 0)
         self.media_mismatches += int(mismatches or 0)
         self.rate_limited_submits += int(refused or 0)
         self.recent += int(recent or 0)
@@ -156,7 +161,8 @@ def _aggregates(since: datetime) -> tuple[ColumnElement[Any], ...]:
         func.sum(type_coerce(overrun, Money())),
         func.sum(Job.possible_duplicate_charges),
         func.sum(Job.confirmed_duplicate_charges),
-        func.sum(case((Job.error_type == "budget", 1), else_=0)),
+        func.sum(case((Job.error_type.in_(BUDGET_ERRORS), 1), else_=0)),
+        func.sum(case((Job.error_type == DAILY_CAP_ERROR, 1), else_=0)),
         func.count(Job.media_mismatch),
         func.sum(Job.rate_limited_submits),
         func.min(Job.submitted_at),

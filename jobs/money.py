@@ -70,3 +70,12 @@ def usd_json(value: Decimal | float | int | str | None) -> float | None:
     if value is None:
         return None
     return float(as_decimal(value).quantize(MICRO, rounding=ROUND_HALF_UP))
+
+
+#: ``error_type`` of a job cancelled before sending because it would cross its batch's budget cap.
+BATCH_CAP_ERROR = "budget"
+#: ``error_type`` of one cancelled because it would cross ``WANBATCH_DAILY_BUDGET_USD`` (all
+#: batches, one UTC day): a new ``--max-usd`` cannot help it, a new day or a higher setting can.
+DAILY_CAP_ERROR = "daily_budget"
+#: Both: "cancelled for budget" counts them together.
+BUDGET_ERRORS = (BATCH_CAP_ERROR, DAILY_CAP_ERROR)

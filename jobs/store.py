@@ -81,6 +81,7 @@ from jobs.models import (
     new_id,
     utcnow,
 )
+from jobs.money import BUDGET_ERRORS
 from jobs.schedule import Schedule
 from jobs.states import AT_PROVIDER_STATES, UNFINISHED_STATES, JobState, can_transition
 
@@ -231,6 +232,21 @@ def name_for_batch(session: Session, name: str, *, simulated: bool) -> tuple[str
             holder.name = candidate
             session.flush()  # the name is free before the batch for fal is inserted
             return name, candidate
+    raise AssertionError("unreachable: the candidate names never end")  # pragma: no cover
+
+
+def is_stored(session: Session, name: str, *, simulated: bool) -> bool:
+    """Whether a manifest named ``name`` already has its batch (as :func:`name_for_batch` finds
+    it: a simulation's under ``NAME-simulated`` when a batch for fal holds ``NAME``)."""
+    holder = session.scalar(select(Batch.simulated).where(Batch.name == name))
+    if holder is not None and holder == simulated:
+        return True
+    if holder is None or not simulated:
+        return False
+    for candidate in _simulated_names(name):
+        other = session.scalar(select(Batch.simulated).where(Batch.name == candidate))
+        if other is None or other:
+            return other is not None
     raise AssertionError("unreachable: the candidate names never end")  # pragma: no cover
 
 
@@ -2364,7 +2380,7 @@ def batch_cost(session: Session, batch_id: str) -> BatchCost:
     """Actual and wasted USD and budget cancellations of a batch, in one query."""
     zero = type_coerce(0, Money())
     actual = func.coalesce(Job.actual_usd, zero)
-    budget = case(((Job.state == JobState.CANCELLED) & (Job.error_type == "budget"), 1), else_=0)
+    budget = case(((Job.state == JobState.CANCELLED) & Job.error_type.in_(BUDGET_ERRORS), 1), else_=0)
     row = session.execute(
         select(
             func.coalesce(func.sum(type_coerce(actual, Money())), zero),

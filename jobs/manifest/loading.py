@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from jobs.endpoints import known_endpoint_ids
-from jobs.errors import Issue, ManifestError, did_you_mean
+from jobs.errors import DEADLINE_PASSED, Issue, ManifestError, did_you_mean
 from jobs.manifest.checks import duplicate_key_issues, outside_message
 from jobs.manifest.expand import MAX_JOBS, Manifest, too_many_jobs_message
 from jobs.manifest.items_from import ITEMS_FROM_SUFFIXES
@@ -451,7 +451,8 @@ def _parse_schedule(root: LMap, manifest: Manifest, top: _Report, now: datetime)
                 allowed="a deadline later than not_before",
             )
         elif deadline <= now:
-            ok = False
+            # An error for a new batch; a stored one is resumed all the same (submit_manifest):
+            # the schedule is kept, for that batch to end as it says.
             top(
                 f"schedule deadline {schedule['deadline']} has already passed "
                 f"(it is now {now.astimezone(UTC):%Y-%m-%d %H:%M} UTC)",
@@ -459,6 +460,7 @@ def _parse_schedule(root: LMap, manifest: Manifest, top: _Report, now: datetime)
                 "schedule.deadline",
                 value=schedule["deadline"],
                 allowed="a deadline in the future",
+                code=DEADLINE_PASSED,
             )
     if ok:
         manifest.schedule = Schedule(not_before, deadline, window, timezone)

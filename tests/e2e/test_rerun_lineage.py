@@ -157,3 +157,25 @@ def test_prose_into_a_pipe_is_one_line_per_message(
     assert len(lines[0]) > 80  # long enough that rich's stand-in width of 80 used to break it
     assert lines[0].startswith("nothing to rerun: batch whole")
     assert lines[0].endswith("no batch was created")
+
+
+@pytest.mark.slow
+def test_rerun_keeps_the_daily_window_not_the_parents_instants(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    window = f"{(now - timedelta(hours=1)):%H:%M}-{(now + timedelta(hours=1)):%H:%M}"  # open now
+    deadline = (now + timedelta(hours=2)).isoformat()
+    body = TWO_JOBS.format(name="nightly") + (
+        f"priority: low\nschedule:\n  window: '{window}'\n  timezone: UTC\n  deadline: {deadline}\n"
+    )
+    parent = _run(wb, manifest("nightly", body))
+
+    rerun = _rerun(wb, parent)
+
+    status = wb("status", rerun["batch"], "--json").json()
+    assert status["schedule"] == {"not_before": None, "deadline": None, "window": window, "timezone": "UTC"}
+    assert status["priority"] == "low"
+    assert rerun["counts"]["succeeded"] == 2  # the window is open: sent at once

@@ -91,3 +91,54 @@ def test_priority_low_is_sent_with_every_submit(wb: Wb, sim: SimulatorHandle, e2
     assert {e["priority"] for e in entries} == {"low"}
     assert all(e["fallbacks_disabled"] for e in entries)  # the reproducibility lock, on by default
     assert all(e["start_timeout"] is None for e in entries)  # no schedule: no start timeout
+
+
+def test_a_run_interrupted_before_its_deadline_is_resumed_after_it(
+    wb: Wb, slow_sim: SimulatorHandle, e2e_env: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    deadline = datetime.now(UTC) + timedelta(seconds=6)
+    manifest = write_manifest(
+        e2e_env,
+        "late",
+        f"name: late\nendpoint: fal-ai/wan-22\nschedule:\n  deadline: {deadline.isoformat()}\n"
+        f"items:\n{_items(8)}",
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-c", "import cli; cli.main()", "run", str(manifest), "--no-progress"],
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not slow_sim.ledger()["entries"]:  # interrupted once fal has some of it
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 130, stderr
+    while datetime.now(UTC) <= deadline + timedelta(seconds=1):
+        time.sleep(0.1)
+
+    again = wb("run", manifest, "--json", "--no-progress")
+
+    assert again.code == 1, again.stderr  # collected, not refused as a manifest error (exit 2)
+    assert "warning" in again.stderr
+    assert "has already passed" in again.stderr
+    assert "nothing more is sent; what fal made is collected" in again.stderr
+    counts = again.json()["counts"]
+    assert counts["succeeded"] >= 1
+    assert counts["succeeded"] + counts["cancelled"] == 8, counts
+    records = export_jsonl(wb, again.json()["batch"])
+    ran = {e["request_id"] for e in slow_sim.ledger()["entries"] if e["outcome"] == "ok"}
+    assert ran <= {r["request_id"] for r in records if r["status"] == "succeeded"}  # all fal made, kept
+    # A new batch whose deadline has passed is still refused: it could send nothing.
+    other = write_manifest(e2e_env, "other", manifest.read_text().replace("name: late", "name: other"))
+    refused = wb("run", other, "--no-progress")
+    assert refused.code == 2
+    assert "has already passed" in refused.stderr

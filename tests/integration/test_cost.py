@@ -221,6 +221,8 @@ def test_budget_cap_holds_per_the_ledger_and_status_says_so(
     assert report["counts"]["cancelled"] == 3
     assert report["cancelled_for_budget"] == 3
     assert "3 job(s) cancelled: budget cap reached" in money_line(report)
+    assert "--failed-only --max-usd AMOUNT`" in money_line(report)  # the batch's own cap: a new one helps
+    assert report["cancelled_for_daily_budget"] == 0
     assert Decimal(str(report["spent_usd"])) == Decimal(ledger["billed_usd"])
     with db.session_scope(db.open_engine(settings)) as session:
         cancelled = list(store.jobs_of_batch(session, submitted.batch_id, states=[JobState.CANCELLED]))
@@ -241,6 +243,16 @@ def test_daily_budget_spans_batches(sim: SimulatorHandle, settings: Settings, tm
     assert Decimal(ledger["billed_usd"]) <= Decimal("1.00")
     assert ledger["accepted"] == 5
     assert report["cancelled_for_budget"] == 10
+    # The day's cap, not the batch's: its own error type, and advice a new --max-usd cannot follow.
+    assert report["cancelled_for_daily_budget"] == 10
+    advice = money_line(report)
+    assert "--max-usd" not in advice
+    assert "10 by today's cap (WANBATCH_DAILY_BUDGET_USD): raise it, or wait for the next UTC day" in advice
+    with db.read_scope(db.open_engine(daily)) as session:
+        kinds = {
+            j.error_type for j in store.jobs_of_batch(session, second.batch_id, states=[JobState.CANCELLED])
+        }
+    assert kinds == {"daily_budget"}
 
 
 @pytest.mark.parametrize("policy", ["fail", "resubmit"])

@@ -17,7 +17,7 @@ from jobs import db, output_store, store
 from jobs.endpoints import all_endpoints
 from jobs.errors import WanbatchError
 from jobs.models import Batch, Job, utcnow
-from jobs.money import usd_text
+from jobs.money import BATCH_CAP_ERROR, DAILY_CAP_ERROR, usd_text
 from jobs.states import JobState
 from worker.limits import LimiterUnavailableError, api_key_id
 from worker.steps.context import Runtime, S, SubmitTicket
@@ -103,7 +103,8 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
             continue
         refusal = _budget_refusal(committed, job)
         if refusal is not None:
-            store.mark_cancelled(session, rt.fence(job), reason="budget", error=refusal, error_type="budget")
+            error, kind = refusal
+            store.mark_cancelled(session, rt.fence(job), reason="budget", error=error, error_type=kind)
             continue
         moved = store.mark_submitting(
             session,
@@ -352,8 +353,10 @@ class _Committed:
             self._today += job.est_usd - ((job.actual_usd or Decimal(0)) if billed_today else Decimal(0))
 
 
-def _budget_refusal(committed: _Committed, job: Job) -> str | None:
-    """Why submitting ``job`` would cross a budget cap (its batch's, or the day's), else None.
+def _budget_refusal(committed: _Committed, job: Job) -> tuple[str, str] | None:
+    """Why submitting ``job`` would cross a budget cap (its batch's, or the day's), and which
+    (the ``error_type``: :data:`~jobs.money.BATCH_CAP_ERROR` or :data:`~jobs.money.DAILY_CAP_ERROR`),
+    else None.
 
     Checked in the claim's transaction, one round at a time: what is committed (spent +
     the estimates of everything in flight) plus this job's estimate must stay within the cap.
@@ -363,7 +366,7 @@ def _budget_refusal(committed: _Committed, job: Job) -> str | None:
         return (
             f"budget: submitting would commit {usd_text(batch_committed + job.est_usd)} "
             f"of the batch's {usd_text(cap)} cap"
-        )
+        ), BATCH_CAP_ERROR
     daily_cap = committed.daily_cap
     if daily_cap is not None and committed.counts_today(job.batch_id):
         today = committed.today()
@@ -371,7 +374,7 @@ def _budget_refusal(committed: _Committed, job: Job) -> str | None:
             return (
                 f"budget: submitting would commit {usd_text(today + job.est_usd)} of today's "
                 f"{usd_text(daily_cap)} cap (WANBATCH_DAILY_BUDGET_USD)"
-            )
+            ), DAILY_CAP_ERROR
     return None
 
 
