@@ -36,6 +36,7 @@ from cli.output import (
     print_summary,
     print_warnings,
     say,
+    short_id,
     status_table,
     usd,
 )
@@ -611,10 +612,21 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
 
         settings = get_settings()
         engine = db.open_engine(settings)
+        unfinished_states = [s for s in JobState if s not in TERMINAL_STATES]
         with db.session_scope(engine) as session:
             found = store.get_batch(session, batch)
-            store.set_batch_state(session, found.id, BatchState.CANCELLED, reason="cancelled by user")
             batch_id = found.id
+            finished = found.state != BatchState.CANCELLED and not store.count_in_states(
+                session, unfinished_states, batch_id=batch_id
+            )
+            if not finished:
+                store.set_batch_state(session, batch_id, BatchState.CANCELLED, reason="cancelled by user")
+        if finished:  # nothing left to stop: a finished batch stays finished (`done`), not relabelled
+            report = batches.status(batch_id, settings)[0]
+            err.print(f"nothing to cancel: batch {escape(found.name)} ({short_id(batch_id)}) has finished")
+            emit_json(report) if as_json else print_summary(report)
+            return final_code(report)
+        with db.session_scope(engine) as session:
             # What fal does not hold ends now, set-based (seconds for 100,000 jobs); the rest
             # needs a cancel call each, made by the tick (queued ones first: they are free).
             at_once = store.cancel_unsent_jobs(
@@ -626,9 +638,7 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
                 worker="cli",
             )
             at_fal = store.count_in_states(session, AT_PROVIDER_STATES, batch_id=batch_id)
-            unfinished = store.count_in_states(
-                session, [s for s in JobState if s not in TERMINAL_STATES], batch_id=batch_id
-            )
+            unfinished = store.count_in_states(session, unfinished_states, batch_id=batch_id)
         err.print(
             f"cancel: {at_once} job(s) cancelled at once (never sent); {at_fal} at fal being cancelled there"
         )

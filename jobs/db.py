@@ -301,6 +301,24 @@ def _configure_sqlite(engine: Engine, writers: threading.Lock | None = None) -> 
     return writers
 
 
+#: PostgreSQL's SQLSTATEs for a transaction the server ended to break a conflict, which the same
+#: work run again settles: ``deadlock_detected`` and ``serialization_failure``
+#: (https://www.postgresql.org/docs/current/errcodes-appendix.html).
+_CONFLICT_STATES = frozenset({"40P01", "40001"})
+
+
+def is_transient_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` ended a transaction only because another one got in its way: a deadlock
+    or serialization failure on PostgreSQL, SQLite's "database is locked" after its busy wait.
+    Nothing of that transaction was kept; running the unit of work again is the remedy."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in _CONFLICT_STATES:
+        return True
+    return isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig)
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded objects usable after commit (the CLI prints them afterwards).
 

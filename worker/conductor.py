@@ -59,6 +59,10 @@ HEARTBEAT_SECONDS = 10.0
 #: at most this long after the first of them (one transaction for several jobs).
 STARTED_BATCH_SECONDS = 0.2
 
+#: After a round the database ended to break a conflict (a deadlock with another process), how
+#: long before the next: that process finishes its transaction meanwhile. Whatever the round did
+#: not do, the next round or tick does (events it lost are found by the safety net's poll).
+CONFLICT_PAUSE_SECONDS = 0.05
 #: Ticks in a row that found nothing to do before the tick slows down: a batch waiting for its
 #: window, or one whose every job waits out a long retry, needs no safety net every second.
 QUIET_TICKS = 5
@@ -194,13 +198,23 @@ class Conductor:
         when the work is finished); ``leads`` is asked before each tick — a process that does
         not lead waits and asks again (the distributed tick leader lock). ``resilient``: an
         error in a round is logged and the next round goes on (a long-lived worker, whose next
-        round re-reads everything); otherwise it ends the run (a ``wanbatch run`` reports it).
+        round re-reads everything); otherwise it ends the run (a ``wanbatch run`` reports it) —
+        but for a transaction the database ended to break a conflict with another process's
+        (:func:`jobs.db.is_transient_conflict`), which the next round simply does again.
         """
         while not stopping.is_set():
             try:
                 self._loop(stopping, on_progress, progress_every, leads)
                 return
-            except Exception:
+            except Exception as exc:
+                if db.is_transient_conflict(exc):  # another process's transaction was in the way
+                    log.warning(
+                        "conductor round met a database conflict (%s); going on",
+                        type(getattr(exc, "orig", exc)).__name__,
+                        extra={"event": "conductor.conflict"},
+                    )
+                    stopping.wait(CONFLICT_PAUSE_SECONDS)
+                    continue
                 if not resilient:
                     raise
                 log.exception(

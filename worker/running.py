@@ -213,6 +213,15 @@ def no_worker_warning(settings: Settings) -> str:
     )
 
 
+def broker_down_warning(settings: Settings) -> str:
+    """The line printed while the broker cannot be reached to ask for the workers."""
+    assert settings.broker_url
+    return (
+        f"warning: cannot reach the broker {_sanitized(settings.broker_url)} (WANBATCH_BROKER_URL): "
+        "no work reaches the workers until it is back (jobs already at fal finish there); still waiting"
+    )
+
+
 class _WorkerWatch(threading.Thread):
     """Warns, at once and then every ``every`` seconds, while no worker answers on the broker.
 
@@ -229,8 +238,11 @@ class _WorkerWatch(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            if live_workers(self.settings) == 0 and not self.stopping.is_set():
+            alive = live_workers(self.settings)
+            if alive == 0 and not self.stopping.is_set():
                 self.say(no_worker_warning(self.settings))
+            elif alive is None and not self.stopping.is_set():  # the broker itself is down
+                self.say(broker_down_warning(self.settings))
             self.stopping.wait(self.every)
 
 

@@ -146,3 +146,26 @@ def test_a_live_broker_without_workers_gets_a_warning_and_run_keeps_waiting(
     stderr = err_file.read_text()
     assert "the workers carry on with it" in stderr
     assert sim.ledger()["accepted"] == 0  # run itself sends nothing with a broker
+
+
+def test_run_watching_the_workers_says_when_the_broker_goes_away() -> None:
+    """A broker that stops answering while `run` waits on the workers is said at once (and every
+    30 s), not left to look like a quiet batch."""
+    from jobs.settings import Settings
+    from worker.running import _WorkerWatch
+
+    said: list[str] = []
+    watch = _WorkerWatch(Settings(broker_url=DEAD_BROKER), said.append, every=60.0)
+    watch.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not said:
+            assert time.monotonic() < deadline, "no warning within 30 s"
+            time.sleep(0.1)
+    finally:
+        watch.stopping.set()
+        watch.join(15)
+    assert said == [
+        "warning: cannot reach the broker redis://127.0.0.1:1/0 (WANBATCH_BROKER_URL): no work reaches the "
+        "workers until it is back (jobs already at fal finish there); still waiting"
+    ]

@@ -168,3 +168,21 @@ def test_cancel_says_what_ended_at_once(wb: Wb, sim: SimulatorHandle, manifest: 
     assert "5 job(s) cancelled at once" in cancel.stderr
     assert "0 at fal being cancelled" in cancel.stderr
     assert sim.ledger()["accepted"] == 0
+
+
+def test_cancel_of_a_finished_batch_leaves_it_done(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    from tests.e2e.e2e_helpers import TWO_JOBS
+
+    assert wb("run", manifest("fin", TWO_JOBS.format(name="fin")), "--no-progress").code == 0
+    before = sim.ledger()["accepted"]
+
+    done = wb("cancel", "fin", "--json", "--no-progress")
+
+    assert done.code == 0, done.stderr
+    assert "nothing to cancel: batch fin" in done.stderr
+    assert done.json()["counts"]["succeeded"] == 2
+    status = wb("status", "fin", "--json").json()
+    assert (status["phase"], status["state"]) == ("done", "active")  # not relabelled `cancelled`
+    assert sim.ledger()["accepted"] == before

@@ -351,7 +351,10 @@ def apply_seen_in(session: Session, rt: Runtime, seen: Sequence[Seen]) -> Applie
         jobs = {i: store.JobHead.of(j) for i, j in loaded.items()}
     else:
         jobs = store.job_heads(session, set(latest))
-    for event in latest.values():
+    # In job id order: every process moves rows in one order, so two conductors applying the
+    # same requests' statuses (an embedded run beside the workers' leader, both following the
+    # requests at fal) wait for each other instead of deadlocking on PostgreSQL.
+    for event in sorted(latest.values(), key=lambda e: e.job_id):
         job = jobs.get(event.job_id)
         if job is None or job.request_id != event.request_id or job.state not in AT_FAL:
             continue
