@@ -108,8 +108,14 @@ def cost(batch: str, as_json: bool) -> None:
         total = report.total
         if report.budget_max_usd is not None:
             say(f"budget {usd(report.budget_max_usd)}")
-        if total.in_flight:
-            say(f"{total.in_flight} job(s) still in flight: actual is not final yet")
+        if total.in_flight or total.waiting:
+            parts = [
+                f"{n} {what}"
+                for n, what in ((total.in_flight, "in flight"), (total.waiting, "not sent yet"))
+                if n
+            ]
+            unfinished = total.in_flight + total.waiting
+            say(f"{unfinished} job(s) not finished ({', '.join(parts)}): actual is not final yet")
         if total.cancelled_for_budget:
             say(f"{total.cancelled_for_budget} job(s) cancelled: budget cap reached", "yellow")
         resent = total.possible_duplicate_charges

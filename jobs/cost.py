@@ -36,7 +36,10 @@ class CostLine:
     failed: int = 0
     cancelled: int = 0
     cancelled_for_budget: int = 0
+    #: Sent and not finished: at fal, or being downloaded (as ``status`` counts them).
     in_flight: int = 0
+    #: Not sent yet (``pending``, ``retry_wait``): nothing billed for them so far.
+    waiting: int = 0
     estimated_usd: Decimal = ZERO
     estimated_units: Decimal = ZERO
     actual_usd: Decimal = ZERO
@@ -65,6 +68,8 @@ class CostLine:
             else:
                 self.cancelled += 1
                 self.cancelled_for_budget += job.error_type in BUDGET_ERRORS
+        elif job.state in (JobState.PENDING, JobState.RETRY_WAIT):
+            self.waiting += 1
         else:
             self.in_flight += 1
         self.possible_duplicate_charges += job.possible_duplicate_charges
@@ -81,6 +86,7 @@ class CostLine:
             "cancelled": self.cancelled,
             "cancelled_for_budget": self.cancelled_for_budget,
             "in_flight": self.in_flight,
+            "waiting": self.waiting,
             "estimated_usd": usd_json(self.estimated_usd),
             "estimated_units": float(self.estimated_units),
             "actual_usd": usd_json(self.actual_usd),

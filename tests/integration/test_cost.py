@@ -286,3 +286,15 @@ def test_budget_cap_holds_when_submit_answers_are_lost(
     table = CliRunner().invoke(cli, ["cost", f"budget-lost-{policy}"], prog_name="wanbatch")
     assert "possibly billed: up to $1.00 more than actual" in table.stdout
     assert table.stdout.count("more than actual") == 1
+
+
+def test_cost_counts_jobs_not_sent_yet_apart_from_those_in_flight(settings: Settings, tmp_path: Path) -> None:
+    batches.submit_manifest(_manifest(tmp_path, BUDGET.format(name="not-yet", cap="10")), settings)
+
+    total = _cli_json("cost", "not-yet", "--json")["total"]
+    status = _cli_json("status", "not-yet", "--json")
+
+    assert (total["in_flight"], total["waiting"]) == (0, 10)
+    assert total["in_flight"] == status["in_flight"]  # the two commands agree
+    table = CliRunner().invoke(cli, ["cost", "not-yet"], prog_name="wanbatch")
+    assert "10 job(s) not finished (10 not sent yet): actual is not final yet" in table.stdout
