@@ -8,7 +8,8 @@ line (cut to ``$1…``). This column lays the line out itself, in order of impor
 2. the time left (``~3m20s`` or ``-:--:--`` while unknown);
 3. a bar, 10 to 40 cells;
 4. the description (``jobs``, or ``jobs · waiting for window …``: why nothing moves), shortened
-   with ``…``;
+   with ``…`` — but a note goes before the bar and an unknown time left, which say nothing
+   while nothing moves;
 5. the counts by state, abbreviated (``run:4``) and then cut when room runs out.
 """
 
@@ -97,9 +98,16 @@ class BatchLineColumn(ProgressColumn):
         # Narrower than a bar and "jobs" need: the bar goes, then the description shrinks.
         bar = max(BAR_MIN, min(BAR_MAX, room // 3)) if room >= BAR_MIN + 6 else 0
         counts: Any = task.fields.get("counts") or {}
-        # A note in the description ("waiting for window …": why nothing moves) comes before
-        # the counts; "jobs" alone always fits.
-        description = _fit(str(task.description), max(room - bar - 2, 4) if bar else room - 1)
+        # A note in the description ("waiting for window (opens …, in 58m)": why nothing moves)
+        # comes before the counts, and before the bar and an unknown time left too, which say
+        # nothing while nothing moves: they give way first. "jobs" alone always fits.
+        description = str(task.description)
+        if " · " in description and cell_len(description) > (room - bar - 2 if bar else room - 1):
+            bar = 0
+            if left == "-:--:--" and cell_len(description) > room - 1:
+                tail = " ".join(p for p in essentials if p)
+                room = width - cell_len(tail)
+        description = _fit(description, max(room - bar - 2, 4) if bar else room - 1)
         room -= cell_len(description) + 1 + (bar + 1 if bar else 0)
         counts_part = counts_text(counts, room - 1) if isinstance(counts, dict) and room > 4 else ""
         line = Text()

@@ -73,3 +73,13 @@ def test_counts_shorten_then_cut() -> None:
     short = counts_text(BUSY, 20)
     assert cell_len(short) <= 20
     assert short.endswith("…")
+
+
+def test_the_window_countdown_is_whole_at_80_columns() -> None:
+    """While a batch waits for its window nothing moves: the countdown (why, and how long) is
+    what the line is for, ahead of an empty bar and an unknown time left."""
+    note = "jobs · waiting for window (opens 00:01 UTC, in 58m)"
+    text = _render(80, note, 1, 0, money_text(0, 0.2), {"pending": 1})
+    assert note in text
+    assert "0/1" in text
+    assert cell_len(text.rstrip()) <= 80
