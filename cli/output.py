@@ -254,7 +254,8 @@ def progress_text(report: BatchReport) -> str:
         label = report["phase"]
         parts.append(f"{report['in_flight']} in flight")
         if eta := eta_text(report["eta_seconds"]):
-            parts.append(eta)
+            note = report["eta_note"]
+            parts.append(f"{eta} at this pace, but {note}" if note else eta)
         elif label in ("paused", "waiting", "deadline", "cancelled"):
             parts.append(f"no ETA: {label}")
         elif report["processing"] and report["in_flight"] == 0:

@@ -28,7 +28,7 @@ from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import too_much_usd, usd_json, usd_text
 from jobs.pricing import Totals, estimate_job
-from jobs.schedule import Schedule
+from jobs.schedule import Schedule, format_duration
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
 from jobs.states import JobState
 from jobs.vary import Sweep, Vary
@@ -526,6 +526,8 @@ class BatchReport(TypedDict):
     #: working on the batch (paused, held by its schedule, cancelled, no job in flight, no
     #: process processing it); 0 when done.
     eta_seconds: float | None
+    #: When the forecast ends after the window closes or the deadline passes: what happens then.
+    eta_note: str | None
     #: Whether a wanbatch process (an embedded ``run``, or the distributed workers) has said
     #: within :data:`jobs.listing.PROCESSING_STALE_SECONDS` that it works on the batch.
     processing: bool
@@ -706,6 +708,7 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
     # The dashboard's forecast, to the second: the pace of the last minutes, and none for a batch
     # held back, with nothing in flight or that no process works on (it would only mislead).
     eta = listing.pace(totals, held=listing.standing(batch, totals, beat, now=now), now=now).eta_seconds
+    eta_note = _eta_beyond_schedule(store.batch_schedule(batch), eta, now)
     return {
         "batch": batch.id,
         "name": batch.name,
@@ -723,6 +726,7 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
         "finished": terminal,
         "in_flight": in_flight,
         "eta_seconds": eta,
+        "eta_note": eta_note,
         "processing": processing,
         "processed_at": beat.isoformat() if beat is not None else None,
         "counts": counts,
@@ -998,6 +1002,23 @@ def rerun_batch(
         assert created, "a free name was chosen in this transaction"
         added, existing = store.add_jobs(session, batch.id, rows)
         return _submitted(session, batch, created, added, existing, warnings)
+
+
+def _eta_beyond_schedule(schedule: Schedule, eta: float | None, now: datetime) -> str | None:
+    """What the forecast does not say: the work left at this pace takes longer than the open
+    window, or than the deadline allows (``None`` when it fits, or there is no forecast).
+
+    The pace only knows how fast jobs finish, not that sending stops: a batch with two minutes
+    of work left and a window closing in 28 s will not be done in two minutes."""
+    if not eta:
+        return None
+    closes = schedule.closes_at(now)
+    if closes is None or closes <= now or now + timedelta(seconds=eta) <= closes:
+        return None
+    left = format_duration((closes - now).total_seconds())
+    if schedule.deadline is not None and closes >= schedule.deadline:
+        return f"the deadline comes first (in {left}): what is not sent by then is cancelled"
+    return f"the window closes first (in {left}): the rest waits for the next one"
 
 
 def _rerun_schedule(parent: Batch) -> Schedule | None:
