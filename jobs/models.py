@@ -32,6 +32,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -438,6 +439,25 @@ class ConductorHeartbeat(Base):
     #: The batch it works on, or :data:`EVERY_BATCH`.
     scope: Mapped[str] = mapped_column(String(32), primary_key=True)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class SubmitRate(Base):
+    """The submit rate's token bucket of one API key, shared by every process that dispatches.
+
+    Each dispatch round takes its tokens here, inside the round's transaction (rounds of every
+    process take turns: :func:`jobs.store.lock_dispatch`), so ``WANBATCH_SUBMIT_RATE`` holds for
+    all of them together: two ``wanbatch run`` side by side, or one beside the workers' leader,
+    claimed twice the rate when each kept the bucket in its own memory.
+    """
+
+    __tablename__ = "submit_rate"
+
+    #: ``Job.api_key_id``: fal's limits are per account.
+    api_key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: Whole and partial submits the bucket holds as of ``stamp`` (never below zero: each
+    #: process keeps a 429's pause in its own bucket).
+    tokens: Mapped[float] = mapped_column(Float)
+    stamp: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class Upload(Base):

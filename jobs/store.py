@@ -76,6 +76,7 @@ from jobs.models import (
     Job,
     JobEvent,
     Money,
+    SubmitRate,
     Upload,
     WebhookDelivery,
     new_id,
@@ -500,6 +501,49 @@ def lock_dispatch(session: Session) -> None:
             _prepared(("dispatch-lock",), lambda: select(func.pg_advisory_xact_lock(bindparam("key")))),
             {"key": _DISPATCH_LOCK_KEY},
         )
+
+
+_SUBMIT_RATE = cast(Table, SubmitRate.__table__)
+
+
+def take_submit_tokens(
+    session: Session, api_key_id: str, wanted: int, *, rate: float, capacity: float, now: datetime
+) -> tuple[int, float]:
+    """Take up to ``wanted`` whole submits from the key's shared token bucket (:class:`SubmitRate`):
+    how many were granted, and the seconds until the next whole one (0.0 when one is left).
+
+    Called in a dispatch round, after :func:`lock_dispatch`: rounds of every process take turns,
+    so read-modify-write is safe, and ``rate`` (``WANBATCH_SUBMIT_RATE``) holds for them all
+    together. The bucket refills at ``rate`` up to ``capacity`` from the time last written (a
+    stamp ahead of ``now``, another host's clock, refills nothing).
+    """
+    read = _prepared(
+        ("rate-read",),
+        lambda: select(_SUBMIT_RATE.c.tokens, _SUBMIT_RATE.c.stamp).where(
+            _SUBMIT_RATE.c.api_key_id == bindparam("key")
+        ),
+    )
+    row = _run(session, read, {"key": api_key_id}).first()
+    if row is None:
+        tokens = capacity
+    else:
+        elapsed = max(0.0, (now - row.stamp).total_seconds())
+        tokens = min(capacity, float(row.tokens) + elapsed * rate)
+    granted = max(0, min(wanted, int(tokens)))
+    tokens -= granted
+    dialect = session.connection().dialect.name
+    write = _prepared(("rate-write", dialect), lambda: _rate_upsert(dialect))
+    _run(session, write, {"api_key_id": api_key_id, "tokens": tokens, "stamp": now})
+    return granted, (0.0 if tokens >= 1 else (1.0 - tokens) / rate)
+
+
+def _rate_upsert(dialect: str) -> Any:
+    """``INSERT … ON CONFLICT (api_key_id) DO UPDATE`` replacing the bucket's state."""
+    new = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_SUBMIT_RATE)
+    return new.on_conflict_do_update(
+        index_elements=[_SUBMIT_RATE.c.api_key_id],
+        set_={"tokens": new.excluded.tokens, "stamp": new.excluded.stamp},
+    )
 
 
 def dispatch_batches(session: Session, batch_ids: Collection[str] = ()) -> list[Batch]:

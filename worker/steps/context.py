@@ -51,7 +51,11 @@ class RateBucket:
     It is not the limit itself: the POST happens later, in a task on any worker, so the hard
     limit is the shared GCRA taken right before each POST (:mod:`worker.limits`). This bucket,
     in the single tick leader, only keeps dispatch from claiming far more jobs than can be sent
-    soon, so submit tasks rarely wait for a token and almost never give a job back.
+    soon, so submit tasks rarely wait for a token and almost never give a job back. Every
+    process's dispatch also takes its tokens from the bucket in the database
+    (:func:`jobs.store.take_submit_tokens`), which holds the rate across processes that share no
+    limiter (two embedded runs; one beside the workers); this one keeps the 429 pauses
+    (:meth:`hold_off`) and what the next round waits for.
     """
 
     def __init__(self, rate: float, burst: float | None = None) -> None:
@@ -61,6 +65,9 @@ class RateBucket:
         self.stamp = time.monotonic()
         #: Whether the last :meth:`take` granted fewer tokens than wanted (jobs wait for the rate).
         self.short = False
+        #: Until when (monotonic) the shared bucket of every dispatching process has no whole
+        #: token (:meth:`shared_short`).
+        self._shared_until = 0.0
 
     def take(self, wanted: int) -> int:
         """Take up to ``wanted`` whole tokens; returns how many were granted."""
@@ -72,11 +79,20 @@ class RateBucket:
         self.short = granted < wanted
         return granted
 
+    def shared_short(self, unused: int, wait: float) -> None:
+        """The rate's bucket shared by every dispatching process (:func:`jobs.store.take_submit_tokens`)
+        granted ``unused`` fewer than this one: give them back here, and look again in ``wait``
+        seconds, when the shared bucket has a whole token."""
+        self.tokens += unused
+        self.short = True
+        self._shared_until = time.monotonic() + wait
+
     def until_next(self) -> float:
         """Seconds until a whole token is there (0.0 when one is now): when dispatch, left short
         by the rate, should look again — not sooner, when nothing could be claimed anyway."""
-        missing = 1.0 - (self.tokens + (time.monotonic() - self.stamp) * self.rate)
-        return max(0.0, missing / self.rate)
+        now = time.monotonic()
+        missing = 1.0 - (self.tokens + (now - self.stamp) * self.rate)
+        return max(0.0, missing / self.rate, self._shared_until - now)
 
     def hold_off(self, seconds: float) -> None:
         """Grant nothing for ``seconds`` (fal said 429, and the shared limiter holds every submit

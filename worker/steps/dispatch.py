@@ -90,6 +90,9 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     free = rt.bucket.take(free)
     if free <= 0:
         return done
+    free = _shared_rate(session, rt, free, key_id, now)
+    if free <= 0:
+        return done
     batches = _RoundBatches(session, rt.batch_ids or ())
     closed = batches.closed(now)
     states = [S.PENDING, S.RETRY_WAIT] if flight.retry_wait else [S.PENDING]
@@ -151,6 +154,19 @@ class _RoundBatches:
             or (batch.simulated and batch.id not in self._own)
             or (batch.schedule is not None and not store.batch_schedule(batch).is_open(now))
         }
+
+
+def _shared_rate(session: Session, rt: Runtime, free: int, key_id: str, now: datetime) -> int:
+    """Of the ``free`` submits this process's bucket grants, those the rate's bucket shared by
+    every dispatching process grants too (``WANBATCH_SUBMIT_RATE`` is one cap for all of them:
+    two ``wanbatch run`` side by side sent twice the rate); the rest go back to the local one."""
+    assert rt.bucket is not None
+    granted, wait = store.take_submit_tokens(
+        session, key_id, free, rate=rt.bucket.rate, capacity=rt.bucket.capacity, now=now
+    )
+    if granted < free:
+        rt.bucket.shared_short(free - granted, wait)
+    return granted
 
 
 def _heed_pause(rt: Runtime) -> None:
