@@ -149,6 +149,7 @@ def test_fal_key_never_leaks(
     assert run.code == 0, run.stderr
     batch = wb("status", "quickstart", "--json").json()["batch"]
     exports = tmp_path / "exports"
+    exports.mkdir()
     assert wb("export", batch, "--format", "jsonl", "-o", exports / "q.jsonl").code == 0
     assert wb("export", batch, "--format", "csv", "-o", exports / "q.csv").code == 0
     assert (exports / "q.jsonl").stat().st_size > 0
