@@ -1985,6 +1985,36 @@ def requests_at_fal(
     return list(session.scalars(query.order_by(Job.submitted_at, Job.id).limit(limit)))
 
 
+def handed_off(
+    session: Session,
+    *,
+    queue_owner: str,
+    now: datetime,
+    batch_ids: Collection[str] | None = None,
+    exclude_batch_ids: Collection[str] = (),
+) -> tuple[list[str], list[str]]:
+    """Jobs handed to a task that has not started yet, as ``(to submit, to download)``: claimed
+    for a submit whose POST has not begun (``submitting``, no recorded input, lease running),
+    and ``downloading`` under ``queue_owner`` (the lease of a download task still queued).
+    Only jobs of ``batch_ids`` (None: any batch) and of none of ``exclude_batch_ids``."""
+    if batch_ids is not None and not batch_ids:
+        return [], []
+    waiting_submit = (
+        (Job.state == JobState.SUBMITTING) & Job.submitted_input.is_(None) & (Job.lease_expires_at > now)
+    )
+    waiting_download = (Job.state == JobState.DOWNLOADING) & (Job.lease_owner == queue_owner)
+    query = select(Job.id, Job.state).where(waiting_submit | waiting_download)
+    if batch_ids is not None:
+        query = query.where(Job.batch_id.in_(sorted(batch_ids)))
+    if exclude_batch_ids:
+        query = query.where(Job.batch_id.not_in(sorted(exclude_batch_ids)))
+    submits: list[str] = []
+    downloads: list[str] = []
+    for job_id, state in session.execute(query.order_by(Job.id)):
+        (submits if state == JobState.SUBMITTING else downloads).append(job_id)
+    return submits, downloads
+
+
 def simulated_batch_ids(session: Session) -> frozenset[str]:
     """The batches made by ``run --simulate``: their requests are a simulator's, never fal's."""
     query = _prepared(("simulated-batch-ids",), lambda: select(Batch.id).where(Batch.simulated.is_(True)))

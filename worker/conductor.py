@@ -118,6 +118,7 @@ class Conductor:
         self._wants_dispatch = False
         self._stream_failures: dict[str, int] = {}
         self._reach: Reach | None = None  # the runtime's reach as of the last tick (_watch)
+        self._broker_epoch: str | None = None  # the broker's run_id as last seen (_after_broker_restart)
         self._beat_lock = threading.Lock()
         self._next_beat = 0.0  # monotonic; 0: never beat
         self._closed = False
@@ -312,6 +313,7 @@ class Conductor:
         reconciled, polled, sent or scheduled, no stream open (see :func:`idle_interval`)."""
         self.stats.ticks += 1
         self._beat()
+        self._after_broker_restart()
         exclude = self.watcher.watching() if self.watcher is not None else frozenset()
         self.rt.nothing_in_flight = False  # the tick's dispatch says otherwise, if it runs
         report = steps.tick(self.rt, stopping, exclude=exclude)
@@ -322,6 +324,27 @@ class Conductor:
         did = report.webhooks + report.reconciled + report.status_calls + report.dispatched + report.downloads
         streams = self.watcher.watching() if self.watcher is not None else frozenset()
         return did == 0 and self.rt.nothing_in_flight and not streams
+
+    def _after_broker_restart(self) -> None:
+        """When the broker came back as a new incarnation (a Redis restarted with nothing on
+        disk), hand the jobs whose messages it lost on again, at once, instead of after their
+        leases run out."""
+        if self.rt.broker_epoch is None:
+            return
+        epoch = self.rt.broker_epoch()
+        if epoch is None:  # down, or cannot tell: look again at the next tick
+            return
+        known, self._broker_epoch = self._broker_epoch, epoch
+        if known is None or known == epoch:
+            return
+        submits, downloads = steps.hand_on_again(self.rt)
+        log.warning(
+            "the broker restarted (its queued messages may be lost): handed %d submit(s) and %d "
+            "download(s) on again",
+            submits,
+            downloads,
+            extra={"event": "conductor.broker_restarted"},
+        )
 
     def _watch(self, job_ids: set[str]) -> None:
         """Follow ``job_ids`` (just submitted) and any other unwatched request at fal, room permitting."""

@@ -66,7 +66,29 @@ def task_runtime(app: Celery, settings: Settings, *, batch_ids: frozenset[str] |
     )
     rt.notify = _notifier(rt.engine)
     rt.on_accepted = _watch_here
+    rt.broker_epoch = redis_epoch(settings.broker_url)
     return rt
+
+
+def redis_epoch(url: str | None) -> Callable[[], str | None] | None:
+    """For a Redis broker, a function giving its incarnation: the server's ``run_id``, a new
+    random id at every start (https://redis.io/docs/latest/commands/info/), or None while it
+    cannot be asked. None for any other broker (RabbitMQ keeps durable queues across restarts)."""
+    if not url or not url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+
+    def epoch() -> str | None:
+        try:
+            info = client.info("server")
+        except redis.RedisError:
+            return None
+        run_id = info.get("run_id")
+        return str(run_id) if run_id else None
+
+    return epoch
 
 
 @dataclass(frozen=True)

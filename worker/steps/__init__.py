@@ -24,7 +24,7 @@ from worker.steps.context import DOWNLOAD_QUEUE, RateBucket, Runtime, worker_ide
 from worker.steps.dispatch import dispatch, dispatch_in
 from worker.steps.download import download, schedule_downloads, sidecar_record
 from worker.steps.poll import poll
-from worker.steps.reconcile import cancel_jobs_of_cancelled_batches, reconcile
+from worker.steps.reconcile import cancel_jobs_of_cancelled_batches, hand_on_again, reconcile
 from worker.steps.submit import submit, webhook_for
 from worker.steps.tick import TickReport, tick
 
@@ -37,6 +37,7 @@ __all__ = [
     "dispatch",
     "dispatch_in",
     "download",
+    "hand_on_again",
     "poll",
     "reconcile",
     "schedule_downloads",

@@ -206,6 +206,10 @@ class Runtime:
     #: ``downloaded`` (it left the download backlog: dispatch now if that backlog held it back). The tick
     #: remains the safety net, so a lost notice only costs latency. See :mod:`worker.conductor`.
     notify: Callable[[str, str], None] = field(default=lambda kind, job_id: None)
+    #: Which incarnation of the message broker this is (Redis's ``run_id``), or None when it
+    #: cannot be told (unreachable, another broker, embedded). A new one lost the queued messages:
+    #: the tick leader hands the waiting jobs on again (:func:`worker.steps.reconcile.hand_on_again`).
+    broker_epoch: Callable[[], str | None] | None = None
     #: Whether the last dispatch round sent fewer jobs than fal had room for because the
     #: download backlog (``WANBATCH_MAX_DOWNLOAD_BACKLOG``) was full: then a finished download
     #: (``notify("downloaded")``) is what frees the next submit, not a completion at fal.

@@ -12,7 +12,7 @@ from jobs.errors import (
 from jobs.models import utcnow
 from jobs.store import Fence
 from worker.fal.models import RequestHandle
-from worker.steps.context import Runtime, S, handle_of
+from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of
 from worker.steps.failures import settle_unknown_submit, submit_outcome_unknown, unknown_submit_wait_over
 
 log = logging.getLogger(__name__)
@@ -148,3 +148,27 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
         with db.session_scope(rt.engine) as session:
             moved += store.mark_cancelling(session, fence, reason=f"cancel requested at fal: {outcome.value}")
     return moved
+
+
+def hand_on_again(rt: Runtime) -> tuple[int, int]:
+    """Send the messages of every job handed to a task not started yet once more: the broker
+    restarted, and a Redis that keeps nothing on disk lost its queues (``(submits, downloads)``).
+
+    Without this those jobs waited for their leases to run out (``WANBATCH_LEASE_SECONDS``, two
+    minutes by default) before the tick noticed. A copy is harmless: each step takes the job's
+    lease fenced by its version, so of two messages for a job exactly one does the work.
+    """
+    with db.read_scope(rt.engine) as session:
+        reach = rt.reach(session)
+        submits, downloads = store.handed_off(
+            session,
+            queue_owner=DOWNLOAD_QUEUE,
+            now=utcnow(),
+            batch_ids=reach.batch_ids,
+            exclude_batch_ids=reach.exclude_batch_ids,
+        )
+    for job_id in submits:
+        rt.enqueue_submit(job_id)
+    for job_id in downloads:
+        rt.enqueue_download(job_id)
+    return len(submits), len(downloads)
