@@ -28,7 +28,7 @@ from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import too_much_usd, usd_json, usd_text
 from jobs.pricing import Totals, estimate_job
-from jobs.schedule import Schedule, format_duration
+from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
 from jobs.states import JobState
 from jobs.vary import Sweep, Vary
@@ -708,7 +708,7 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
     # The dashboard's forecast, to the second: the pace of the last minutes, and none for a batch
     # held back, with nothing in flight or that no process works on (it would only mislead).
     eta = listing.pace(totals, held=listing.standing(batch, totals, beat, now=now), now=now).eta_seconds
-    eta_note = _eta_beyond_schedule(store.batch_schedule(batch), eta, now)
+    eta_note = listing.eta_beyond_schedule(store.batch_schedule(batch), eta, now)
     return {
         "batch": batch.id,
         "name": batch.name,
@@ -1002,23 +1002,6 @@ def rerun_batch(
         assert created, "a free name was chosen in this transaction"
         added, existing = store.add_jobs(session, batch.id, rows)
         return _submitted(session, batch, created, added, existing, warnings)
-
-
-def _eta_beyond_schedule(schedule: Schedule, eta: float | None, now: datetime) -> str | None:
-    """What the forecast does not say: the work left at this pace takes longer than the open
-    window, or than the deadline allows (``None`` when it fits, or there is no forecast).
-
-    The pace only knows how fast jobs finish, not that sending stops: a batch with two minutes
-    of work left and a window closing in 28 s will not be done in two minutes."""
-    if not eta:
-        return None
-    closes = schedule.closes_at(now)
-    if closes is None or closes <= now or now + timedelta(seconds=eta) <= closes:
-        return None
-    left = format_duration((closes - now).total_seconds())
-    if schedule.deadline is not None and closes >= schedule.deadline:
-        return f"the deadline comes first (in {left}): what is not sent by then is cancelled"
-    return f"the window closes first (in {left}): the rest waits for the next one"
 
 
 def _rerun_schedule(parent: Batch) -> Schedule | None:

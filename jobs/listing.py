@@ -35,7 +35,7 @@ from jobs import store
 from jobs.digits import ascii_int
 from jobs.models import Batch, BatchState, Job, Money, utcnow
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
-from jobs.schedule import format_duration
+from jobs.schedule import Schedule, format_duration
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 
 #: Finishes this recent make the throughput (jobs per minute) and the ETA: the current pace, not
@@ -187,6 +187,23 @@ class Pace:
     per_minute: float | None
     eta_seconds: float | None
     held: str
+
+
+def eta_beyond_schedule(schedule: Schedule, eta: float | None, now: datetime) -> str | None:
+    """What the forecast does not say: the work left at this pace takes longer than the open
+    window, or than the deadline allows (``None`` when it fits, or there is no forecast).
+
+    The pace only knows how fast jobs finish, not that sending stops: a batch with two minutes
+    of work left and a window closing in 28 s will not be done in two minutes."""
+    if not eta:
+        return None
+    closes = schedule.closes_at(now)
+    if closes is None or closes <= now or now + timedelta(seconds=eta) <= closes:
+        return None
+    left = format_duration((closes - now).total_seconds())
+    if schedule.deadline is not None and closes >= schedule.deadline:
+        return f"the deadline comes first (in {left}): what is not sent by then is cancelled"
+    return f"the window closes first (in {left}): the rest waits for the next one"
 
 
 def pace(totals: Totals, *, held: str, now: datetime) -> Pace:

@@ -359,15 +359,17 @@ class Dashboard:
                 last=wanted.last,
                 limit=wanted.per_page,
             )
+            pace = listing.pace(
+                totals,
+                held=listing.standing(batch, totals, store.last_heartbeat(session, batch.id), now=now),
+                now=now,
+            )
             context: dict[str, Any] = {
                 "batch": batch,
                 "summary": summary,
                 "totals": totals,
-                "pace": listing.pace(
-                    totals,
-                    held=listing.standing(batch, totals, store.last_heartbeat(session, batch.id), now=now),
-                    now=now,
-                ),
+                "pace": pace,
+                "eta_note": listing.eta_beyond_schedule(store.batch_schedule(batch), pace.eta_seconds, now),
                 "schedule_state": batches.schedule_state(session, batch, finished=_finished(totals), now=now),
                 "failures": store.failure_reasons(session, batch.id),
                 "children": listing.child_batches(session, batch.id),

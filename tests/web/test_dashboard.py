@@ -347,3 +347,26 @@ def test_the_rerun_button_of_a_simulation_makes_a_simulation(sqlite_engine: Engi
     assert cancelled["at_fal"] == 6
     assert "its simulator holds are cancelled there by the `wanbatch run --simulate`" in cancelled["message"]
     assert "`wanbatch cancel mixed --simulate`" in cancelled["message"]
+
+
+def test_batch_page_says_when_the_deadline_comes_before_the_forecast(
+    sqlite_engine: Engine, output_dir: Path
+) -> None:
+    from datetime import timedelta
+
+    from jobs.models import utcnow
+
+    with session_factory(sqlite_engine)() as session:
+        mixed = mixed_batch(session, "late", items=30)  # a pace, and plenty left to do
+        store.set_batch_schedule(
+            session, mixed.batch.id, Schedule(deadline=utcnow() + timedelta(seconds=90)), "normal"
+        )
+        session.commit()
+    html = (
+        client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir)))
+        .get(f"/batches/{mixed.batch.id}", headers=HTML)
+        .text
+    )
+    assert "at this pace, but" in html
+    assert "the deadline comes first (in 1m" in html
+    assert "what is not sent by then is cancelled" in html
