@@ -39,16 +39,17 @@ def _items(n: int) -> str:
     return "".join(f"  - prompt: overnight {i}\n    seed: {i}\n" for i in range(n))
 
 
+def _due(folder: Path, name: str, jobs: int, seconds: float) -> tuple[Path, datetime]:
+    """A manifest of ``jobs`` jobs whose deadline is ``seconds`` away; its path and the deadline."""
+    deadline = datetime.now(UTC) + timedelta(seconds=seconds)
+    body = f"name: {name}\nendpoint: fal-ai/wan-22\nschedule:\n  deadline: {deadline.isoformat()}\n"
+    return write_manifest(folder, name, body + f"items:\n{_items(jobs)}"), deadline
+
+
 def test_a_deadline_stops_sending_drains_fal_and_cancels_the_rest(
     wb: Wb, slow_sim: SimulatorHandle, e2e_env: Path
 ) -> None:
-    deadline = datetime.now(UTC) + timedelta(seconds=5)
-    manifest = write_manifest(
-        e2e_env,
-        "overnight",
-        f"name: overnight\nendpoint: fal-ai/wan-22\nschedule:\n  deadline: {deadline.isoformat()}\n"
-        f"items:\n{_items(20)}",
-    )
+    manifest, deadline = _due(e2e_env, "overnight", 20, 5)
     run = wb("run", manifest, "--json", "--no-progress")
     assert run.code in (0, 1), run.stderr  # 1: some jobs did not succeed (the cancelled ones)
     report = run.json()
@@ -102,13 +103,7 @@ def test_a_run_interrupted_before_its_deadline_is_resumed_after_it(
     import sys
     import time
 
-    deadline = datetime.now(UTC) + timedelta(seconds=6)
-    manifest = write_manifest(
-        e2e_env,
-        "late",
-        f"name: late\nendpoint: fal-ai/wan-22\nschedule:\n  deadline: {deadline.isoformat()}\n"
-        f"items:\n{_items(8)}",
-    )
+    manifest, deadline = _due(e2e_env, "late", 8, 15)  # room for a slow start under load
     first = subprocess.Popen(
         [sys.executable, "-c", "import cli; cli.main()", "run", str(manifest), "--no-progress"],
         env=os.environ.copy(),
