@@ -110,7 +110,7 @@ def test_a_file_swapped_for_a_symlink_after_submit_is_not_sent(
     run = wb("run", path, "--json", "--no-progress")  # re-validation refuses the manifest…
     assert run.code == 2
     assert "outside the manifest's folder" in run.stdout
-    worker = wb("rerun", "swap", "--json", "--no-progress")  # …and the stored job cannot leak it
+    worker = wb("run", "swap", "--json", "--no-progress")  # …and the stored job cannot leak it
     report = worker.json()
     assert report["counts"]["failed"] == 1
     assert report["counts"]["succeeded"] == 1
