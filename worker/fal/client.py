@@ -265,15 +265,22 @@ class FalClient:
         request_id = body.get("request_id") if isinstance(body, dict) else None
         if not isinstance(body, dict) or not isinstance(request_id, str) or not request_id:
             # fal said yes, to something we cannot identify: it may be queued and billed.
+            header = response.headers.get("x-fal-request-id")
             raise AmbiguousSubmitError(
                 f"fal submit: HTTP {response.status_code} without a request id; the request may be queued",
                 status_code=response.status_code,
-                request_id=response.headers.get("x-fal-request-id"),
+                request_id=header if valid_request_id(header) and self.scrub(header) == header else None,
             )
         if not valid_request_id(request_id):
             raise AmbiguousSubmitError(
                 f"fal submit: HTTP {response.status_code} with a request id that cannot name a request "
                 "in a URL; the request may be queued",
+                status_code=response.status_code,
+            )
+        if self.scrub(request_id) != request_id:  # it holds the API key: never stored, never sent on
+            raise AmbiguousSubmitError(
+                f"fal submit: HTTP {response.status_code} with a request id that holds the API key; "
+                "the request may be queued",
                 status_code=response.status_code,
             )
         given = {name: body.get(name) for name in ("status_url", "response_url", "cancel_url")}
@@ -383,8 +390,12 @@ class FalClient:
             )
             body = self.scrub(json_body(response, "result"))
             if not isinstance(body, dict):
-                raise RetryableProviderError(
-                    f"fal result: HTTP {response.status_code} with a body that is not a JSON object",
+                # A 200 whose JSON is `null` or a list is no result fal makes: asked again a few
+                # times (WANBATCH_DOWNLOAD_ATTEMPTS), then the job fails, as for any malformed result
+                # — not retried for the hour fal keeps results, as a passing gateway glitch is.
+                raise ProviderProtocolError(
+                    f"fal result: HTTP {response.status_code} with a body that is not a JSON object "
+                    f"(a {type(body).__name__})",
                     status_code=response.status_code,
                     request_id=h.request_id,
                 )

@@ -19,7 +19,9 @@ import re
 import threading
 import traceback
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 MASK = "***"
 
@@ -53,8 +55,24 @@ def redact_text(text: str, keys: Iterable[str] = ()) -> str:
     (matched as it matches), ``Key``/``Bearer`` for :data:`_KEY_SHAPE`. Without any of them the
     rules below would change nothing, and the text is returned as it is.
     """
-    known = {k for k in (*keys, *_keys) if k}
+    known = {v for k in (*keys, *_keys) if k for v in key_variants(k)}
     return _apply_rules(text, known) if _may_need_masking(text, known) else text
+
+
+#: The secret half of an ``id:secret`` key this long or longer is masked on its own.
+_SECRET_MIN = 8
+
+
+@lru_cache(maxsize=64)
+def key_variants(key: str) -> frozenset[str]:
+    """The forms in which ``key`` can travel in text: as it is, percent-encoded (in a URL, a
+    query, a form: ``id%3Asecret``), and for fal's ``id:secret`` keys the secret half alone,
+    which is all an attacker needs beside the id that fal shows in its dashboards anyway."""
+    forms = {key, quote(key, safe=""), quote(key, safe=":"), quote_plus(key)}
+    _, colon, secret = key.partition(":")
+    if colon and len(secret) >= _SECRET_MIN:
+        forms |= {secret, quote(secret, safe="")}
+    return frozenset(f for f in forms if f)
 
 
 def _apply_rules(text: str, keys: Iterable[str]) -> str:

@@ -350,8 +350,9 @@ class DownloadPolicy:
             kind = internal_address_kind(address)
             if kind is not None:
                 shown = host if host == address else f"{host} ({address})"
+                article = "an" if kind[:1] in "aeiou" else "a"
                 raise FinalProviderError(
-                    f"refusing to fetch from {shown}: a {kind} address; list the host in "
+                    f"refusing to fetch from {shown}: {article} {kind} address; list the host in "
                     "WANBATCH_DOWNLOAD_ALLOWED_HOSTS to allow it"
                 )
 
@@ -495,7 +496,8 @@ def is_video_container(head: bytes) -> bool:
 def _check_video(head: bytes) -> None:
     if not is_video_container(head):
         shown = head[:_SNIFF_BYTES].decode("latin-1").encode("unicode_escape").decode("ascii")
-        raise FinalProviderError(f"the output is not a video (it starts with {shown!r})")
+        # Escaped once: shown in quotes as it is (repr would double every backslash).
+        raise FinalProviderError(f"the output is not a video (it starts with '{shown}')")
 
 
 def _download_error(response: httpx.Response) -> ProviderError:

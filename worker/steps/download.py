@@ -136,9 +136,19 @@ def parse_result(output: object) -> _Video:
     return _Video(
         url=url,
         file_size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
-        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        seed=seed if _is_seed(seed) else None,
         actual_prompt=prompt,
     )
+
+
+#: The seeds a job can carry: what validation admits (``jobs/endpoints/*.yaml``) and the exports'
+#: uint64 column holds. A result's seed outside it is no seed fal draws; kept, it would break the
+#: Parquet export and be sent again by ``rerun``, so it is recorded as unknown.
+SEED_RANGE = range(2**64)
+
+
+def _is_seed(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value in SEED_RANGE
 
 
 #: Outcomes of :func:`download` after which the job no longer waits for its download.
@@ -691,7 +701,7 @@ def _pause_for_outputs(rt: Runtime, job_id: str, claim: DownloadClaim, reason: s
     if not kept:
         return "lost-lease"
     log.warning(
-        "job %s: output not kept; batch paused: %s",
+        "job %s: its output cannot be stored now; batch paused: %s",
         job_id,
         reason,
         extra={"event": "download.outputs_paused", "job_id": job_id, "batch_id": claim.batch_id},

@@ -1,0 +1,121 @@
+"""What a hostile or broken fal answers cannot store the key, stall a job, or plant a seed that
+no export can hold (found by playing fal from a loopback server)."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+
+from jobs import db, store
+from tests.hostile import HostileProvider, Recorded, json_reply
+from tests.hostile_fal import FakeFal
+from tests.step_runtime import add_batch, completion_heard, job_ids, make_runtime, settings_for
+from worker.fal.redact import redact_text
+from worker.steps import Runtime, dispatch, download, submit
+from worker.steps.poll import apply_seen
+
+KEY = "0f6b5e0e-2c1d-4c8e-9a51-1d2f3a4b5c6d:8c1f0a9e7d6b5a4c3e2f1a0b9c8d7e6f"
+SECRET = KEY.split(":", 1)[1]
+
+
+def _one_job(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, **settings: Any
+) -> tuple[str, Runtime]:
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "out", **settings))
+    batch_id = add_batch(engine, "hostile", [("fal-ai/wan-22", {"prompt": "a fox", "resolution": "480p"})])
+    (job_id,) = job_ids(engine, batch_id)
+    assert dispatch(rt) == [job_id]
+    return job_id, rt
+
+
+def _everything_stored(engine: Engine) -> str:
+    """Every row of every table, as text: what the database holds."""
+    with engine.connect() as conn:
+        tables = (
+            [r[0] for r in conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))]
+            if (engine.dialect.name == "sqlite")
+            else [
+                r[0]
+                for r in conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))
+            ]
+        )
+        return "\n".join(str(list(conn.execute(text(f'SELECT * FROM "{t}"')))) for t in tables)
+
+
+def test_a_request_id_that_echoes_the_key_is_never_stored(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    FakeFal(hostile)
+
+    def echo(req: Recorded, sock: socket.socket) -> None:  # the caller's own key, handed back as the id
+        key = req.headers["authorization"].split(" ", 1)[1]
+        json_reply({"request_id": key, "status": "IN_QUEUE"}, headers={"x-fal-request-id": key})(req, sock)
+
+    hostile.route("POST", re.escape("/fal-ai/wan-22"), echo)
+    job_id, rt = _one_job(engine, hostile, tmp_path)
+
+    assert submit(rt, job_id) == "ambiguous"  # fal said yes to something: maybe queued, maybe billed
+
+    with db.read_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        assert job.request_id is None
+        assert job.state.value in ("submit_unknown", "failed")  # the ambiguous-submit policy decides
+    stored = _everything_stored(engine)
+    assert SECRET not in stored
+    assert KEY.split(":", 1)[0] not in stored
+
+
+def test_a_result_that_is_not_an_object_fails_after_the_download_attempts(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    fal = FakeFal(hostile)
+    job_id, rt = _one_job(engine, hostile, tmp_path, download_attempts=2, retry_base_delay=0)
+    assert submit(rt, job_id) == "submitted"
+    with db.read_scope(engine) as session:
+        request_id = store.get_job(session, job_id).request_id
+    assert request_id is not None
+    fal.on_result(request_id, json_reply(None))  # `null`: no result fal makes
+    assert apply_seen(rt, [completion_heard(engine, rt, job_id)]) == 1
+
+    outcomes = [download(rt, job_id) for _ in range(2)]
+
+    assert outcomes == ["result-retry", "failed"]  # not retried for the hour fal keeps results
+    with db.read_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.error_type == "provider_protocol_error"
+    assert "not a JSON object (a NoneType)" in (job.error or "")
+
+
+@pytest.mark.parametrize("seed", [2**70, -5, "42", True, 1.5])
+def test_a_seed_no_export_can_hold_is_recorded_as_unknown(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, seed: object
+) -> None:
+    fal = FakeFal(hostile)
+    job_id, rt = _one_job(engine, hostile, tmp_path)
+    assert submit(rt, job_id) == "submitted"
+    with db.read_scope(engine) as session:
+        request_id = store.get_job(session, job_id).request_id
+    assert request_id is not None
+    fal.on_result(request_id, json_reply(fal.result_for(request_id, seed=seed)))
+    assert apply_seen(rt, [completion_heard(engine, rt, job_id)]) == 1
+
+    assert download(rt, job_id) == "succeeded"  # the video is fine: only its seed is not one
+    with db.read_scope(engine) as session:
+        assert store.get_job(session, job_id).seed is None
+
+
+def test_the_key_is_masked_percent_encoded_and_by_its_secret_half() -> None:
+    from urllib.parse import quote, quote_plus
+
+    body = json.dumps({"url": f"https://x/?k={quote(KEY, safe='')}", "plus": quote_plus(KEY), "tail": SECRET})
+    masked = redact_text(body, [KEY])
+    assert SECRET not in masked
+    assert quote(SECRET, safe="") not in masked
+    assert masked.count("***") == 3
+    assert redact_text("8c1f0a9", [KEY]) == "8c1f0a9"  # seven characters of it are ordinary text
