@@ -37,7 +37,6 @@ from cli.output import (
     print_warnings,
     say,
     short_id,
-    status_table,
     usd,
 )
 
@@ -483,7 +482,7 @@ def _broker_warnings(settings: Settings) -> None:
         err.print(f"[yellow]warning: {escape(str(exc))}[/yellow]")
         return
     if live_workers(settings) == 0:
-        err.print(f"[yellow]{no_worker_warning(settings)}[/yellow]")
+        err.print(f"[yellow]{no_worker_warning(settings, waiting=False)}[/yellow]")
 
 
 @click.command()
@@ -658,8 +657,8 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
         if settings.broker_url:
             _broker_warnings(settings)  # the cancel is recorded; the workers carry it out
             report = batches.status(batch_id, settings)[0]
-            emit_json(report) if as_json else out.print(status_table(report))
-            return EXIT_OK
+            emit_json(report) if as_json else print_summary(report)
+            return final_code(report)  # 1: jobs were cancelled (or are still being cancelled at fal)
         with fal_settings(settings, simulate, check=False) as target:
             return _run_and_report(batch_id, target, as_json, not no_progress, command="cancel")
 

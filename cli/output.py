@@ -313,7 +313,10 @@ def _budget_advice(report: BatchReport) -> list[str]:
     """How to run what a cap cancelled: a new batch cap (``--max-usd``) for the jobs the batch's
     own cap stopped; a higher ``WANBATCH_DAILY_BUDGET_USD``, or the next UTC day, for those the
     daily cap stopped — which no ``--max-usd`` can let through."""
-    rerun = f"wanbatch rerun {escape(short_id(report['batch']))} --failed-only"
+    # A simulation's jobs go to the simulator again: without --simulate the hint would send
+    # them to fal (paid), or stop at the missing FAL_KEY.
+    simulate = " --simulate" if report["simulated"] else ""
+    rerun = f"wanbatch rerun {escape(short_id(report['batch']))} --failed-only{simulate}"
     daily = report["cancelled_for_daily_budget"]
     advice = []
     if report["cancelled_for_budget"] > daily:

@@ -103,8 +103,12 @@ def parse_fault_option(text: str) -> tuple[str, FaultRule]:
         number = float(value)
     except ValueError:
         number = -1.0
-    if not sep or not math.isfinite(number) or number < 0:
-        raise ValueError(f"--fault takes KIND=PROBABILITY or KIND=COUNT, got {text!r}")
+    # 1 and more is a count of events, so a whole number: 1.5 is neither (a count of 1 would
+    # surprise whoever meant "always", which is no fault's probability either).
+    if not sep or not math.isfinite(number) or number < 0 or (number >= 1 and not number.is_integer()):
+        raise ValueError(
+            f"--fault takes KIND=PROBABILITY (from 0 to below 1) or KIND=COUNT (a whole number), got {text!r}"
+        )
     kind = check_kind(key.strip())
     return kind, FaultRule.parse({"probability": number} if number < 1 else {"next": int(number)})
 

@@ -845,7 +845,8 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
                 raise UsageError(f"batch {label} is cancelled: nothing more is sent, so nothing to pause")
             raise UsageError(
                 f"batch {label} is cancelled and cannot be resumed; "
-                f"`wanbatch rerun {short} --failed-only` sends its unfinished jobs in a new batch"
+                f"`wanbatch rerun {short} --failed-only{' --simulate' if batch.simulated else ''}` "
+                "sends its unfinished jobs in a new batch"
             )
         if paused and total > 0 and terminal == total:
             raise UsageError(f"batch {label} is finished (all {total} jobs are done): nothing to pause")

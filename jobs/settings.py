@@ -185,7 +185,7 @@ class FalSettings(_Section):
         if self.fal_key is None or not self.fal_key.get_secret_value():
             raise ConfigError(
                 "FAL_KEY is not set: export FAL_KEY=<your fal API key>, or use the bundled simulator "
-                "(wanbatch run --simulate …), which needs no key"
+                "(`--simulate`: wanbatch run --simulate …, rerun --simulate …), which needs no key"
             )
         return self.fal_key.get_secret_value()
 

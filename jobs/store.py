@@ -27,6 +27,7 @@ Job creation writes no event row: the job row itself (``created_at``, ``version`
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -208,6 +209,8 @@ UNPROVEN_EXITS = frozenset({JobState.FAILED, JobState.RETRY_WAIT, JobState.CANCE
 
 #: What a simulated batch is called when its manifest's name belongs to a batch sent to fal.
 SIMULATED_SUFFIX = "-simulated"
+#: A name :func:`name_for_batch` gives a simulation moved aside (``NAME-simulated``, ``-simulated-2``…).
+_SIMULATED_NAME = re.compile(rf".*{re.escape(SIMULATED_SUFFIX)}(-\d+)?", re.DOTALL)
 
 
 def name_for_batch(session: Session, name: str, *, simulated: bool) -> tuple[str, str | None]:
@@ -249,6 +252,17 @@ def is_stored(session: Session, name: str, *, simulated: bool) -> bool:
         if other is None or other:
             return other is not None
     raise AssertionError("unreachable: the candidate names never end")  # pragma: no cover
+
+
+def folder_name(batch: Batch) -> str:
+    """The name a batch's outputs are filed under (its folder, its S3 prefix): its own, but a
+    simulation's always ends in ``-simulated``. A simulation named ``NAME`` is renamed
+    ``NAME-simulated`` when a batch for fal takes the name (:func:`name_for_batch`): had its
+    videos been filed under ``NAME/``, the paid batch's folder would hold the placeholders too.
+    Filed under ``NAME-simulated/`` from the start, they stay apart, under the name it ends with."""
+    if not batch.simulated or _SIMULATED_NAME.fullmatch(batch.name):
+        return batch.name
+    return f"{batch.name}{SIMULATED_SUFFIX}"
 
 
 def batch_name_taken(session: Session, name: str) -> bool:

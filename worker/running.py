@@ -204,12 +204,14 @@ def live_workers(settings: Settings, timeout: float = 1.0) -> int | None:
         app.close()
 
 
-def no_worker_warning(settings: Settings) -> str:
-    """The line printed while no worker answers on the broker."""
+def no_worker_warning(settings: Settings, *, waiting: bool = True) -> str:
+    """The line printed while no worker answers on the broker (``waiting``: by a command that
+    keeps waiting for one, as ``run`` does; a command that only recorded a change returns)."""
     assert settings.broker_url
+    then = "still waiting" if waiting else "it is carried out then"
     return (
         f"warning: no wanbatch worker answers on the broker {_sanitized(settings.broker_url)}: "
-        "nothing is processed until one runs (start `wanbatch worker`); still waiting"
+        f"nothing is processed until one runs (start `wanbatch worker`); {then}"
     )
 
 
@@ -220,6 +222,16 @@ def broker_down_warning(settings: Settings) -> str:
         f"warning: cannot reach the broker {_sanitized(settings.broker_url)} (WANBATCH_BROKER_URL): "
         "no work reaches the workers until it is back (jobs already at fal finish there); still waiting"
     )
+
+
+def compact_note(note: str) -> str:
+    """A schedule's state as short as the progress line needs it: ``window opens 22:00
+    Europe/Berlin, in 3h20m`` for ``waiting for window (opens …, in …)``, so the countdown fits
+    an 80-column line with the count, the money and the clock."""
+    head = "waiting for window (opens "
+    if note.startswith(head) and note.endswith(")"):
+        return "window opens " + note[len(head) : -1]
+    return note
 
 
 class _WorkerWatch(threading.Thread):
@@ -426,7 +438,7 @@ def _watch(
         with db.read_scope(engine) as session:
             current = batch_progress(session, batch_id)
         done = current["finished"]
-        waiting = current["schedule_state"] if not current["schedule_open"] else ""
+        waiting = compact_note(current["schedule_state"]) if not current["schedule_open"] else ""
         progress.update(
             task_id,
             # A scheduled batch outside its window says so, with the time left (the countdown).

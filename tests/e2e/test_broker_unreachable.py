@@ -104,9 +104,12 @@ def test_cancel_records_the_cancel_and_warns_when_the_broker_is_down(
     assert wb("submit", manifest("small", SMALL), "--json").code == 0
     monkeypatch.setenv("WANBATCH_BROKER_URL", DEAD_BROKER)
     result = wb("cancel", "broker-check", "--json")
-    assert result.code == 0  # the cancel is recorded; the workers carry it out when they run
+    # The cancel is recorded (the workers carry out what is at fal when they run); the exit code
+    # is its outcome, as embedded: 1, jobs ended cancelled.
+    assert result.code == 1
     assert "cannot reach the broker" in result.stderr
     assert result.json()["state"] == "cancelled"
+    assert result.json()["counts"]["cancelled"] == 2
 
 
 def test_a_live_broker_without_workers_gets_a_warning_and_run_keeps_waiting(

@@ -176,7 +176,7 @@ def test_readme_first_command_with_simulate(wb: Wb, e2e_env: Path, monkeypatch: 
     shutil.copytree(EXAMPLES, e2e_env / "manifests" / "examples")
     run = wb("run", "--simulate", "manifests/examples/quickstart.yaml", "--no-progress")
     assert run.code == 0, run.stdout + run.stderr
-    videos = sorted((e2e_env / "outputs" / "quickstart").glob("*.mp4"))
+    videos = sorted((e2e_env / "outputs" / "quickstart-simulated").glob("*.mp4"))  # never beside fal's
     assert len(videos) == 3
     assert all(v.with_suffix(".json").is_file() for v in videos)
     assert (e2e_env / ".wanbatch").is_dir()

@@ -56,6 +56,10 @@ def test_dropping_simulate_sends_the_manifest_to_fal(
 
     kept = _status(wb, "clip-simulated")
     assert (kept["batch"], kept["simulated"]) == (first.json()["batch"], True)
+    # The placeholder videos were filed apart from the start: the paid batch's folder has its own.
+    simulated = {r["video_path"].split("/")[0] for r in export_jsonl(wb, "clip-simulated")}
+    paid = {r["video_path"].split("/")[0] for r in export_jsonl(wb, "clip")}
+    assert (simulated, paid) == ({"clip-simulated"}, {"clip"})
 
     # A --simulate run of the manifest now resumes that simulation; fal sees nothing more.
     again = wb("run", path, "--simulate", "--no-progress", "--json")

@@ -83,3 +83,13 @@ def test_the_window_countdown_is_whole_at_80_columns() -> None:
     assert note in text
     assert "0/1" in text
     assert cell_len(text.rstrip()) <= 80
+
+
+def test_a_long_zone_name_keeps_its_countdown_at_80_columns() -> None:
+    from worker.running import compact_note
+
+    note = compact_note("waiting for window (opens 10:00 Europe/Berlin, in 9h16m)")
+    assert note == "window opens 10:00 Europe/Berlin, in 9h16m"
+    text = _render(80, f"jobs · {note}", 1, 0, money_text(0, 0.2), {"pending": 1})
+    assert f"jobs · {note}" in text
+    assert compact_note("paused by user") == "paused by user"

@@ -266,7 +266,8 @@ def handed_claim(session: Session, rt: Runtime, job_id: str, job: Job | None = N
     return _claim_of(session, rt, job, rt.fence(job))
 
 
-#: Batch id → name (the output folder). A batch's name never changes and its id is unique.
+#: Batch id → the name its outputs are filed under (:func:`jobs.store.folder_name`). It never
+#: changes, even when a simulation is renamed to make room for a batch for fal.
 _BATCH_NAMES: dict[str, str] = {}
 
 
@@ -275,7 +276,7 @@ def _batch_name(session: Session, batch_id: str) -> str:
     if name is None:
         if len(_BATCH_NAMES) > 1024:
             _BATCH_NAMES.clear()
-        name = _BATCH_NAMES[batch_id] = store.get_batch(session, batch_id).name
+        name = _BATCH_NAMES[batch_id] = store.folder_name(store.get_batch(session, batch_id))
     return name
 
 

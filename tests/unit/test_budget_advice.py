@@ -1,0 +1,32 @@
+"""What `run` and `status` advise for jobs a budget cap cancelled: a command that can work."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from cli.output import _budget_advice
+from jobs.batches import BatchReport
+
+
+def _report(**fields: Any) -> BatchReport:
+    base = {"batch": "a9262bde" + "0" * 24, "cancelled_for_budget": 3, "cancelled_for_daily_budget": 0}
+    return cast(BatchReport, {**base, "simulated": False, **fields})
+
+
+def test_the_batch_cap_advises_a_new_cap() -> None:
+    assert _budget_advice(_report()) == [
+        "  to run them: `wanbatch rerun a9262bde --failed-only --max-usd AMOUNT`"
+    ]
+
+
+def test_a_simulation_is_rerun_on_the_simulator() -> None:
+    (advice,) = _budget_advice(_report(simulated=True))
+    assert "`wanbatch rerun a9262bde --failed-only --simulate --max-usd AMOUNT`" in advice
+
+
+def test_the_daily_cap_advises_the_setting_or_the_next_day() -> None:
+    advice = _budget_advice(_report(cancelled_for_daily_budget=3))
+    assert advice == [
+        "  3 by today's cap (WANBATCH_DAILY_BUDGET_USD): raise it, or wait for the next UTC day, "
+        "then `wanbatch rerun a9262bde --failed-only`"
+    ]
