@@ -988,9 +988,10 @@ def rerun_batch(
         if unseeded:
             raise UsageError(_still_running(parent.name, len(unseeded)))
         rows, warnings = _once_each(rows)
+        name = _rerun_name(session, parent)
         batch, created = store.get_or_create_batch(
             session,
-            name=_rerun_name(session, parent),
+            name=name,
             manifest_path=parent.manifest_path,
             manifest_sha256=parent.manifest_sha256,
             budget_max_usd=parent.budget_max_usd if max_usd is None else max_usd,
@@ -1000,7 +1001,10 @@ def rerun_batch(
             manifest_text=parent.manifest_text,  # provenance: the manifest the jobs came from
             simulated=simulated,
         )
-        assert created, "a free name was chosen in this transaction"
+        if not created:  # another rerun took the free name at the same moment (PostgreSQL)
+            raise UsageError(
+                f"another rerun of {parent.name} was stored as {name} just now; run this one again"
+            )
         added, existing = store.add_jobs(session, batch.id, rows)
         return _submitted(session, batch, created, added, existing, warnings)
 

@@ -551,6 +551,21 @@ def take_submit_tokens(
     return granted, (0.0 if tokens >= 1 else (1.0 - tokens) / rate)
 
 
+def return_submit_tokens(session: Session, api_key_id: str, unused: int, *, capacity: float) -> None:
+    """Give ``unused`` submits back to the key's shared bucket (:func:`take_submit_tokens`, same
+    round): a round granted more than it had jobs for. Kept, they were lost to every other
+    process — a run whose jobs are all at fal still dispatches at each completion, and would
+    starve a second run of the rate it does not use."""
+
+    def build() -> Any:
+        more = _SUBMIT_RATE.c.tokens + bindparam("unused", type_=Float())
+        capped = case((more > bindparam("capacity", type_=Float()), bindparam("capacity")), else_=more)
+        return update(_SUBMIT_RATE).where(_SUBMIT_RATE.c.api_key_id == bindparam("key")).values(tokens=capped)
+
+    statement = _prepared(("rate-return",), build)
+    _run(session, statement, {"key": api_key_id, "unused": float(unused), "capacity": float(capacity)})
+
+
 def _rate_upsert(dialect: str) -> Any:
     """``INSERT … ON CONFLICT (api_key_id) DO UPDATE`` replacing the bucket's state."""
     new = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_SUBMIT_RATE)

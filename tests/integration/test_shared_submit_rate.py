@@ -48,3 +48,20 @@ def test_two_processes_share_one_submit_rate(engine: Engine, tmp_path: Path) -> 
     assert second.bucket.tokens >= burst - 0.01
     time.sleep(second.bucket.until_next() + 0.05)
     assert len(dispatch(second)) >= 1  # the rate refilled the shared bucket
+
+
+def test_a_round_gives_back_what_it_did_not_use(engine: Engine, tmp_path: Path) -> None:
+    """A run whose jobs are all sent still dispatches at each completion: the submits it is
+    granted and cannot use go back to the shared bucket, or it would starve the other run."""
+    idle = _runtime(engine, tmp_path, "host-a:1:")
+    add_batch(
+        engine, "other", [("fal-ai/wan-22", {"prompt": f"p{i}", "resolution": "480p"}) for i in range(5)]
+    )
+    busy = _runtime(engine, tmp_path, "host-b:2:")
+    idle.batch_ids = frozenset({"no-such-batch"})  # nothing of its own to send
+    assert idle.bucket is not None
+    assert busy.bucket is not None
+
+    assert dispatch(idle) == []  # granted the whole bucket, claimed nothing: all given back
+
+    assert len(dispatch(busy)) == int(busy.bucket.capacity)

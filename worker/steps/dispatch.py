@@ -122,6 +122,8 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
             done.unused -= 1
             if rt.submit_tickets is not None:
                 done.tickets.append(SubmitTicket.of(rt.fence(job), job, batches.get(job.batch_id)))
+    if done.unused > 0:  # the shared bucket's too (the local one gets them in hand_on)
+        store.return_submit_tokens(session, key_id, done.unused, capacity=rt.bucket.capacity)
     return done
 
 
