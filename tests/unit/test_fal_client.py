@@ -812,3 +812,12 @@ def test_format_detail_puts_fastapi_field_errors_in_one_line() -> None:
     assert format_detail("as fal said it") == "as fal said it"
     assert format_detail({"other": "shape"}) is None
     assert format_detail(None) is None
+
+
+@pytest.mark.parametrize("content", [b"null", b"[1, 2]", b"5", b'"text"'])
+def test_a_result_that_is_json_but_not_an_object_is_a_protocol_error(content: bytes) -> None:
+    # Not a gateway's passing page (retried for the hour fal keeps results): an answer fal never
+    # gives, asked again a bounded number of times by the download step.
+    rec = Recorder(httpx.Response(200, content=content, headers={"content-type": "application/json"}))
+    with make_client(rec) as client, pytest.raises(ProviderProtocolError, match="not a JSON object"):
+        client.result(HANDLE)

@@ -389,10 +389,16 @@ class FalClient:
                 classify=classify_result,
             )
             body = self.scrub(json_body(response, "result"))
+            if body is None and response.content.strip() != b"null":  # not JSON: a gateway's page
+                raise RetryableProviderError(
+                    f"fal result: HTTP {response.status_code} with a body that is not JSON",
+                    status_code=response.status_code,
+                    request_id=h.request_id,
+                )
             if not isinstance(body, dict):
-                # A 200 whose JSON is `null` or a list is no result fal makes: asked again a few
-                # times (WANBATCH_DOWNLOAD_ATTEMPTS), then the job fails, as for any malformed result
-                # — not retried for the hour fal keeps results, as a passing gateway glitch is.
+                # JSON, but `null`, a list, a number: no result fal makes. Asked again a few times
+                # (WANBATCH_DOWNLOAD_ATTEMPTS), then the job fails, as for any malformed result —
+                # not retried for the hour fal keeps results, as a passing gateway glitch is.
                 raise ProviderProtocolError(
                     f"fal result: HTTP {response.status_code} with a body that is not a JSON object "
                     f"(a {type(body).__name__})",
