@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, inspect, text
 
 from jobs import db, store
 from tests.hostile import HostileProvider, Recorded, json_reply
@@ -37,14 +37,7 @@ def _one_job(
 def _everything_stored(engine: Engine) -> str:
     """Every row of every table, as text: what the database holds."""
     with engine.connect() as conn:
-        tables = (
-            [r[0] for r in conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))]
-            if (engine.dialect.name == "sqlite")
-            else [
-                r[0]
-                for r in conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))
-            ]
-        )
+        tables = inspect(conn).get_table_names()
         return "\n".join(str(list(conn.execute(text(f'SELECT * FROM "{t}"')))) for t in tables)
 
 
