@@ -228,30 +228,35 @@ def name_for_batch(session: Session, name: str, *, simulated: bool) -> tuple[str
     holder = session.scalar(select(Batch).where(Batch.name == name))
     if holder is None or holder.simulated == simulated:
         return name, None
+    if simulated:  # a new simulation, or the one an earlier --simulate run made
+        return _simulation_slot(session, name)[0], None
     for candidate in _simulated_names(name):
-        other = session.scalar(select(Batch).where(Batch.name == candidate))
-        if simulated and (other is None or other.simulated):
-            return candidate, None  # a new simulation, or the one an earlier --simulate run made
-        if not simulated and other is None:
+        if session.scalar(select(Batch.id).where(Batch.name == candidate)) is None:
             holder.name = candidate
             session.flush()  # the name is free before the batch for fal is inserted
             return name, candidate
     raise AssertionError("unreachable: the candidate names never end")  # pragma: no cover
 
 
-def is_stored(session: Session, name: str, *, simulated: bool) -> bool:
-    """Whether a manifest named ``name`` already has its batch (as :func:`name_for_batch` finds
-    it: a simulation's under ``NAME-simulated`` when a batch for fal holds ``NAME``)."""
-    holder = session.scalar(select(Batch.simulated).where(Batch.name == name))
-    if holder is not None and holder == simulated:
-        return True
-    if holder is None or not simulated:
-        return False
+def _simulation_slot(session: Session, name: str) -> tuple[str, Batch | None]:
+    """Where a simulation of the manifest ``name`` goes while a batch for fal holds ``name``: the
+    first ``NAME-simulated…`` that is free or a simulation's, and that simulation (None: free)."""
     for candidate in _simulated_names(name):
-        other = session.scalar(select(Batch.simulated).where(Batch.name == candidate))
-        if other is None or other:
-            return other is not None
+        other = session.scalar(select(Batch).where(Batch.name == candidate))
+        if other is None or other.simulated:
+            return candidate, other
     raise AssertionError("unreachable: the candidate names never end")  # pragma: no cover
+
+
+def is_stored(session: Session, name: str, *, simulated: bool) -> bool:
+    """Whether a manifest named ``name`` already has its batch, where :func:`name_for_batch`
+    finds it (a simulation's under ``NAME-simulated`` when a batch for fal holds ``NAME``)."""
+    holder = session.scalar(select(Batch.simulated).where(Batch.name == name))
+    if holder is None:
+        return False
+    if holder == simulated:
+        return True
+    return simulated and _simulation_slot(session, name)[1] is not None
 
 
 def folder_name(batch: Batch) -> str:

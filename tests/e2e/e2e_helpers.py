@@ -105,6 +105,14 @@ def counts(url: str) -> tuple[int, int]:
     )
 
 
+def processed(wb: Wb, command: str, *args: str | Path) -> dict[str, Any]:
+    """``wanbatch COMMAND ARGS --json --no-progress`` (run, rerun) succeeded: its report."""
+    done = wb(command, *args, "--json", "--no-progress")
+    assert done.code == 0, done.stderr
+    report: dict[str, Any] = done.json()
+    return report
+
+
 def export_jsonl(wb: Wb, batch: str) -> list[dict[str, Any]]:
     """The batch's export records."""
     run = wb("export", batch, "--format", "jsonl")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from falsim.server import SimulatorHandle
-from tests.e2e.e2e_helpers import TWO_JOBS, MakeManifest, Wb, export_jsonl
+from tests.e2e.e2e_helpers import TWO_JOBS, MakeManifest, Wb, export_jsonl, processed
 
 # TWO_JOBS has no seeds: fal picks them, so an exact rerun's keys (seed now in the input) differ
 # from the parent's and the jobs pair by their input apart from the seed.
@@ -30,15 +30,11 @@ items:
 
 
 def _run(wb: Wb, path: Path) -> str:
-    done = wb("run", path, "--json", "--no-progress")
-    assert done.code == 0, done.stderr
-    return str(done.json()["batch"])
+    return str(processed(wb, "run", path)["batch"])
 
 
 def _rerun(wb: Wb, batch: str, *options: str) -> str:
-    done = wb("rerun", batch, *options, "--json", "--no-progress")
-    assert done.code == 0, done.stderr
-    return str(done.json()["batch"])
+    return str(processed(wb, "rerun", batch, *options)["batch"])
 
 
 def _diff(wb: Wb, a: str, b: str, code: int) -> dict[str, Any]:

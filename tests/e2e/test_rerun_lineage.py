@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from falsim.server import SimulatorHandle
-from tests.e2e.e2e_helpers import TWO_JOBS, MakeManifest, Wb, export_jsonl
+from tests.e2e.e2e_helpers import TWO_JOBS, MakeManifest, Wb, export_jsonl, processed
 
 # Pinned seeds, two resolutions, num_frames left to the endpoint's default (81).
 SIZES = """\
@@ -36,16 +36,11 @@ items:
 
 
 def _run(wb: Wb, path: Any) -> str:
-    done = wb("run", path, "--json", "--no-progress")
-    assert done.code == 0, done.stderr
-    return str(done.json()["batch"])
+    return str(processed(wb, "run", path)["batch"])
 
 
 def _rerun(wb: Wb, batch: str, *options: str) -> dict[str, Any]:
-    done = wb("rerun", batch, *options, "--json", "--no-progress")
-    assert done.code == 0, done.stderr
-    report: dict[str, Any] = done.json()
-    return report
+    return processed(wb, "rerun", batch, *options)
 
 
 def _inputs(wb: Wb, *batches: str) -> dict[str, dict[str, Any]]:
