@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -55,6 +56,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, MultipleResultsFound, NoResultFound
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.sqltypes import TupleType
 
 from jobs.errors import ConfigError
 from jobs.settings import DatabaseSettings
@@ -436,44 +438,87 @@ class DirectResult:
 class _Direct:
     """A reusable Core statement compiled once for SQLite: its SQL, how each positional
     parameter is made (SQLAlchemy's own bind processors of the parameter's type), and how each
-    column it returns is read (SQLAlchemy's result processors)."""
+    column it returns is read (SQLAlchemy's result processors).
 
-    __slots__ = ("params", "results", "row_type", "sql")
+    An expanding parameter (``IN``, whether a list bound at execution or one written into the
+    statement) is rendered here as SQLAlchemy renders it (``__[POSTCOMPILE_name]`` becomes one
+    ``?`` per element, each element made by the parameter's processor), the SQL kept per set of
+    list lengths. An empty list, which SQLAlchemy renders as a special "empty set" expression,
+    is left to SQLAlchemy (:meth:`runs`)."""
+
+    __slots__ = ("expanding", "params", "parts", "results", "row_type", "sql", "sql_for")
 
     def __init__(self, compiled: Any, dialect: Any) -> None:
         self.sql: str = compiled.string
         binds = compiled.binds
-        self.params: list[tuple[str, Any, bool, Any]] = []
+        self.params: list[tuple[str, Any, bool, Any, bool]] = []
         for name in compiled.positiontup:
             bind = binds[name]
             default = None if bind.required else bind.effective_value
             # The processors SQLAlchemy itself applies (`DefaultExecutionContext`): the type as
             # the dialect implements it (a TypeDecorator's impl, SQLite's DATETIME strings …).
-            self.params.append((bind.key, bind.type._cached_bind_processor(dialect), bind.required, default))
+            process = bind.type._cached_bind_processor(dialect)
+            self.params.append((bind.key, process, bind.required, default, bool(bind.expanding)))
+        self.expanding = any(p[4] for p in self.params)
+        # The SQL between the expanding parameters' markers, in the order they appear.
+        self.parts: list[str] = _POSTCOMPILE.split(self.sql)[::2] if self.expanding else []
+        self.sql_for: dict[tuple[int, ...], str] = {}
         columns = getattr(compiled, "_result_columns", None) or []
         names = tuple(c.keyname for c in columns)
         self.results = [c.type._cached_result_processor(dialect, None) for c in columns]
         index = {n: i for i, n in enumerate(names)}
         self.row_type = type("Row", (DirectRow,), {"__slots__": (), "_fields": names, "_index": index})
 
+    def runs(self, params: Mapping[str, Any] | None) -> bool:
+        """Whether these parameters can run here: every expanding one is a non-empty list."""
+        if not self.expanding:
+            return True
+        given = params or {}
+        for key, _, _, default, expanding in self.params:
+            if expanding and not given.get(key, default):
+                return False
+        return True
+
     def run(self, cursor: Any, params: Mapping[str, Any] | None) -> DirectResult:
         given = params or {}
-        args = []
-        for key, process, required, default in self.params:
+        args: list[Any] = []
+        lengths: list[int] = []
+        for key, process, required, default, expanding in self.params:
             if key in given:
                 value = given[key]
             elif required:
                 raise ArgumentError(f"a value is required for bind parameter {key!r}")
             else:
                 value = default
-            args.append(process(value) if process is not None else value)
-        cursor.execute(self.sql, args)
+            if expanding:
+                values = list(value)
+                lengths.append(len(values))
+                args.extend(values if process is None else map(process, values))
+            else:
+                args.append(process(value) if process is not None else value)
+        cursor.execute(self._sql(tuple(lengths)) if lengths else self.sql, args)
         rows: list[DirectRow] = []
         if cursor.description is not None:
             make, processors = self.row_type, self.results
             for raw in cursor.fetchall():
                 rows.append(make(p(v) if p is not None else v for p, v in zip(processors, raw, strict=True)))
         return DirectResult(rows, cursor.rowcount)
+
+    def _sql(self, lengths: tuple[int, ...]) -> str:
+        sql = self.sql_for.get(lengths)
+        if sql is None:
+            pieces = [self.parts[0]]
+            for n, after in zip(lengths, self.parts[1:], strict=True):
+                pieces += [", ".join("?" * n), after]
+            sql = "".join(pieces)
+            if len(self.sql_for) < 256:  # claims of 1..N jobs: a few lengths, but bounded anyway
+                self.sql_for[lengths] = sql
+        return sql
+
+
+#: How SQLAlchemy marks an expanding parameter in a compiled statement's SQL (rendered at
+#: execution, ``SQLCompiler._process_parameters_for_postcompile``).
+_POSTCOMPILE = re.compile(r"__\[POSTCOMPILE_(\w+)\]")
 
 
 #: (``id(statement)``, the parameters' names for an INSERT or UPDATE) → (the statement, kept
@@ -482,8 +527,9 @@ _DIRECT: dict[tuple[int, tuple[str, ...]], tuple[Any, _Direct | None]] = {}
 
 
 def _direct_form(statement: Any, dialect: Any, params: Mapping[str, Any] | None) -> _Direct | None:
-    """The compiled form of ``statement``; None when SQLAlchemy must run it: a parameter that
-    expands (``IN``), a value computed at execution (a column's Python-side default)."""
+    """The compiled form of ``statement``; None when SQLAlchemy must run it: a parameter
+    rendered into the SQL (``literal_execute``) or computed at execution (a column's Python-side
+    default), a tuple ``IN``."""
     # An INSERT or UPDATE is compiled for the columns it is given (SQLAlchemy does the same).
     keys = tuple(sorted(params)) if params and statement.is_dml else ()
     known = _DIRECT.get((id(statement), keys))
@@ -491,12 +537,15 @@ def _direct_form(statement: Any, dialect: Any, params: Mapping[str, Any] | None)
         return known[1]
     compiled = statement.compile(dialect=dialect, column_keys=list(keys) if keys else None)
     binds = compiled.binds.values()
+    markers = _POSTCOMPILE.findall(compiled.string)
     plain = (
         compiled.positional
-        and not compiled.post_compile_params
         and not compiled.insert_prefetch
         and not compiled.update_prefetch
-        and not any(b.expanding or b.literal_execute or b.callable is not None for b in binds)
+        and not any(b.literal_execute or b.callable is not None for b in binds)
+        and not any(isinstance(b.type, TupleType) for b in binds if b.expanding)
+        # each marker stands for the expanding parameter at its place in the positional order
+        and markers == [n for n in compiled.positiontup if compiled.binds[n].expanding]
     )
     direct = _Direct(compiled, dialect) if plain else None
     _DIRECT[(id(statement), keys)] = (statement, direct)
@@ -526,7 +575,7 @@ def run_reusable(connection: Connection, statement: Any, params: Mapping[str, An
     if dialect.name != "sqlite" or dispatch.before_cursor_execute or dispatch.after_cursor_execute:
         return connection.execute(statement, params)
     direct = _direct_form(statement, dialect, params)
-    if direct is None:
+    if direct is None or not direct.runs(params):
         return connection.execute(statement, params)
     cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:

@@ -91,8 +91,11 @@ class _Section(BaseSettings):
     """What every section shares: the ``WANBATCH_`` prefix, frozen values, the JSON decoding."""
 
     # ``inf`` and ``nan`` are no number of seconds, submits or dollars: refused for every field.
+    # ``defer_build``: a section's validator is built when it is first used, not at import. Each
+    # command reads the whole :class:`Settings`; building a dozen sections' validators that
+    # nothing uses was a fifth of every command's start-up.
     model_config = SettingsConfigDict(
-        env_prefix="WANBATCH_", extra="ignore", frozen=True, allow_inf_nan=False
+        env_prefix="WANBATCH_", extra="ignore", frozen=True, allow_inf_nan=False, defer_build=True
     )
 
     @classmethod

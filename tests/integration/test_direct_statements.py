@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import Engine, Table, bindparam, event, func, insert, select, update
+from sqlalchemy import Engine, Table, bindparam, event, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError, NoResultFound
 
 from jobs import db
@@ -49,6 +49,18 @@ SUMS = select(
 ONE_JOB = select(JOBS.c.id, JOBS.c.state).where(JOBS.c.id == bindparam("job_id"))
 SOME_JOBS = select(JOBS.c.id).where(JOBS.c.id.in_(bindparam("ids", expanding=True))).order_by(JOBS.c.id)
 ADD_EVENT = insert(EVENTS)
+#: An expanding list bound at execution used twice, an enum list, and a list written into the
+#: statement (SQLAlchemy makes that one expanding too).
+IN_LISTS = (
+    select(JOBS.c.id, JOBS.c.state)
+    .where(
+        JOBS.c.id.in_(bindparam("ids", expanding=True)),
+        JOBS.c.state.in_(bindparam("states", expanding=True)),
+        JOBS.c.state.not_in([JobState.FAILED, JobState.CANCELLED]),
+        or_(JOBS.c.id.in_(bindparam("ids", expanding=True)), JOBS.c.id.is_(None)),
+    )
+    .order_by(JOBS.c.id)
+)
 
 
 def _plain(rows: Any) -> list[dict[str, Any]]:
@@ -94,8 +106,30 @@ def test_a_query_gives_the_same_rows_both_ways(engine: Engine) -> None:
         assert db.run_reusable(conn, SUMS, params).scalar() == 3
         row = db.run_reusable(conn, SUMS, params).one()
         assert (row.n, row.usd) == (3, Decimal("0.75"))
-        # An expanding IN is left to SQLAlchemy, with the same answer.
         assert [r.id for r in db.run_reusable(conn, SOME_JOBS, {"ids": ids[:2]})] == sorted(ids[:2])
+
+
+def test_an_in_list_runs_directly_with_the_same_rows(engine: Engine) -> None:
+    """``IN`` lists — bound at execution, or written into the statement, typed (an enum), used
+    twice — are expanded as SQLAlchemy expands them; an empty one is left to SQLAlchemy."""
+    batch_id = add_batch(engine, "in-lists", [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(4)])
+    ids = job_ids(engine, batch_id)
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.begin() as conn:
+        conn.execute(update(JOBS).where(JOBS.c.id == ids[0]).values(state=JobState.QUEUED))
+        for chosen in (ids[:1], ids[1:], ids, ids[::-1], ids[:1]):  # lengths 1, 3, 4, the cached one again
+            params = {"ids": chosen, "states": [JobState.PENDING, JobState.QUEUED]}
+            result = db.run_reusable(conn, IN_LISTS, params)
+            assert isinstance(result, db.DirectResult) == sqlite
+            rows = result.all()
+            assert _plain(rows) == _plain(conn.execute(IN_LISTS, params))
+            assert [r.id for r in rows] == sorted(chosen)
+        only_pending = {"ids": ids, "states": [JobState.PENDING]}
+        assert [r.id for r in db.run_reusable(conn, IN_LISTS, only_pending)] == sorted(ids[1:])
+        empty = {"ids": [], "states": [JobState.PENDING]}
+        result = db.run_reusable(conn, IN_LISTS, empty)
+        assert not isinstance(result, db.DirectResult)  # SQLAlchemy's "empty set" expression
+        assert result.all() == []
 
 
 def test_one_and_first_answer_as_sqlalchemy_does(engine: Engine) -> None:
