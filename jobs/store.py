@@ -164,6 +164,7 @@ __all__ = [
     "release_process_leases",
     "request_known",
     "reserved_usd",
+    "resume_after_outputs_stored",
     "resume_batch",
     "retry_later",
     "scheduled_batches",
@@ -399,6 +400,47 @@ def resume_batch(session: Session, batch_id: str) -> bool:
     )
     if not cast("CursorResult[Any]", resumed).rowcount:
         return False
+    _downloads_due_now(session, batch_id)
+    return True
+
+
+#: How every pause for outputs that cannot be kept begins (a full disk, a read-only folder,
+#: storage refusing uploads; :func:`worker.steps.download._pause_for_outputs`): such a pause
+#: ends by itself once an output of the batch is stored again (:func:`resume_after_outputs_stored`).
+OUTPUTS_PAUSE_PREFIX = "outputs cannot "
+
+
+def resume_after_outputs_stored(session: Session, batch_id: str) -> bool:
+    """An output of the batch was just stored: if the batch is paused because outputs could not
+    be kept, that is over — it is active again, and its other downloads waiting on the disk are
+    due at once. True when it was so paused.
+
+    The warning before a run promises a full disk pauses the batch "until there is room"; with
+    workers nobody runs the batch again, so the first download that is stored again (a retry
+    every ``WANBATCH_RETRY_MAX_DELAY``) is the proof there is room. A pause for any other reason
+    (fal refusing the account, ``wanbatch pause``) is left alone.
+    """
+    query = _prepared(
+        ("resume-after-outputs",),
+        lambda: (
+            update(Batch)
+            .where(
+                Batch.id == bindparam("batch_id"),
+                Batch.state == BatchState.PAUSED,
+                Batch.pause_reason.startswith(OUTPUTS_PAUSE_PREFIX, autoescape=True),
+            )
+            .values(state=BatchState.ACTIVE, pause_reason=None)
+        ),
+    )
+    resumed = _run(session, query, {"batch_id": batch_id})
+    if not resumed.rowcount:
+        return False
+    _downloads_due_now(session, batch_id)
+    return True
+
+
+def _downloads_due_now(session: Session, batch_id: str) -> None:
+    """The batch's downloads waiting for a retry, and held by nobody, are due at once."""
     now = utcnow()
     session.execute(
         update(Job)
@@ -411,7 +453,6 @@ def resume_batch(session: Session, batch_id: str) -> bool:
         .values(next_attempt_at=None)
         .execution_options(synchronize_session=False)
     )
-    return True
 
 
 def set_batch_budget(session: Session, batch_id: str, budget_max_usd: Decimal | None) -> None:

@@ -190,6 +190,49 @@ def test_an_unwritable_output_folder_pauses_the_batch_and_keeps_the_paid_video(
     assert fal.posts() == 1  # never made again
 
 
+def test_a_batch_paused_for_its_outputs_resumes_once_one_is_stored_again(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, read_only_dir: Path
+) -> None:
+    """With workers nobody runs the batch again: the held job's next try, finding room, stores
+    its video and ends the pause by itself; sending goes on. A pause for another reason stays."""
+    fal = FakeFal(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=read_only_dir))
+    job = ("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})
+    batch_id = add_batch(engine, "steps", [job, job])
+    roomy = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "room"))
+    try:
+        (first,) = dispatch(make_runtime(engine, settings_for(hostile.url, KEY, max_outstanding=1)))
+        assert submit(rt, first) == "submitted"
+        wait_until(lambda: state_of(engine, first) == JobState.DOWNLOADING, step=lambda: poll(rt))
+        assert download(rt, first) == "outputs-paused"
+        assert dispatch(roomy) == []  # paused: nothing is sent
+
+        with db.session_scope(engine) as session:  # the retry falls due (WANBATCH_RETRY_MAX_DELAY)
+            store.update_job_fields(
+                session,
+                first,
+                expected_version=store.get_job(session, first).version,
+                next_attempt_at=utcnow() - timedelta(seconds=1),
+            )
+        assert schedule_downloads(roomy) == [first]
+        assert download(roomy, first) == "succeeded"  # there is room now
+        with db.session_scope(engine) as session:
+            batch = store.get_batch(session, batch_id)
+        assert (batch.state, batch.pause_reason) == (BatchState.ACTIVE, None)
+        assert len(dispatch(roomy)) == 1  # the second job goes out
+
+        # A pause that is not about outputs is not ended by a stored output.
+        with db.session_scope(engine) as session:
+            store.set_batch_state(session, batch_id, BatchState.PAUSED, reason="fal refused the account")
+            assert not store.resume_after_outputs_stored(session, batch_id)
+            assert store.get_batch(session, batch_id).state == BatchState.PAUSED
+    finally:
+        rt.client.close()
+        roomy.client.close()
+    assert fal.posts() == 1  # the paused job was never made again
+    assert fal.file_gets("r1.mp4") == 1
+
+
 def test_an_unwritable_output_folder_fails_the_job_of_a_cancelled_batch(
     engine: Engine, hostile: HostileProvider, read_only_dir: Path
 ) -> None:

@@ -147,7 +147,8 @@ def test_uploads_failing_until_the_tries_run_out_pause_the_batch_and_keep_the_st
         assert reason.startswith(f"outputs cannot be stored: upload to s3://{BUCKET}/out/steps/{staged.name}")
         assert reason.endswith(
             f"(after 2 tries) — fix the storage; the videos already made wait in {staged.parent} and are "
-            "uploaded by the next run, never made again"
+            "uploaded once it takes them (the batch then resumes by itself) or by the next run, "
+            "never made again"
         )
         assert SECRET_KEY not in reason
 

@@ -467,6 +467,7 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: _Video) 
         return _upload_failed(rt, job_id, claim, exc, result.path)
     except OutputWriteError as exc:
         return _write_failed(rt, job_id, claim, exc)
+    resumed = False
     with db.session_scope(rt.engine) as session:
         stored = store.mark_succeeded(
             session,
@@ -478,9 +479,21 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: _Video) 
             **checked,
             **cost,
         )
+        # A job tried again (a full disk held it back, or a download failed) is the one whose
+        # success may end its batch's pause for outputs: there is room again.
+        if stored and claim.job.next_attempt_at is not None:
+            resumed = store.resume_after_outputs_stored(session, claim.batch_id)
     if not stored:  # the lease moved on meanwhile: the job is its new holder's to finish
         return "lost-lease"
     outs.finish(result.path)  # the staged copy of an uploaded video: never left behind
+    if resumed:
+        log.warning(
+            "job %s: its output is stored again; batch %s resumed",
+            job_id,
+            claim.batch_id,
+            extra={"event": "download.outputs_resumed", "job_id": job_id, "batch_id": claim.batch_id},
+        )
+        rt.notify("freed", job_id)  # sending may go on: dispatch again now
     return "succeeded"
 
 
@@ -641,8 +654,9 @@ def _upload_failed(
             rt,
             job_id,
             claim,
-            f"outputs cannot be stored: {exc} (after {failures} tries) — fix the storage; the videos already "
-            f"made wait in {staged.parent} and are uploaded by the next run, never made again",
+            f"{store.OUTPUTS_PAUSE_PREFIX}be stored: {exc} (after {failures} tries) — fix the storage; "
+            f"the videos already made wait in {staged.parent} and are uploaded once it takes them (the "
+            "batch then resumes by itself) or by the next run, never made again",
             download_attempts=failures,
         )
     delay = backoff(rt.settings, failures)
@@ -669,8 +683,9 @@ def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWri
         rt,
         job_id,
         claim,
-        f"outputs cannot be written here: {exc} — free space or fix WANBATCH_OUTPUT_DIR; the videos already "
-        "made wait at fal and are downloaded by the next run, never made again",
+        f"{store.OUTPUTS_PAUSE_PREFIX}be written here: {exc} — free space or fix WANBATCH_OUTPUT_DIR; "
+        "the videos already made wait at fal and are downloaded once there is room (the batch then "
+        "resumes by itself) or by the next run, never made again",
     )
 
 
@@ -680,10 +695,12 @@ def _pause_for_outputs(rt: Runtime, job_id: str, claim: DownloadClaim, reason: s
     The video was made and billed, and fal (or the staging folder) still has it, so the job is
     not failed: it waits in ``downloading``, its lease given back, tried again after
     ``WANBATCH_RETRY_MAX_DELAY``. Its batch is paused: every job sent meanwhile would be paid for
-    and meet the same disk or storage. Running the batch again once that is fixed resumes it and
-    tries what waits at once (:func:`jobs.store.resume_batch`); a video fal no longer serves by
-    then fails with that reason. A cancelled batch has no next run to wait for: the job fails
-    there, with the reason and its billed cost.
+    and meet the same disk or storage. The first such try that stores its output ends the pause
+    (:func:`jobs.store.resume_after_outputs_stored`: workers run on with nobody to resume the
+    batch); running the batch again once that is fixed resumes it and tries what waits at once
+    (:func:`jobs.store.resume_batch`). A video fal no longer serves by then fails with that
+    reason. A cancelled batch has no next run to wait for: the job fails there, with the reason
+    and its billed cost.
     """
     with db.session_scope(rt.engine) as session:
         batch = store.get_batch(session, claim.batch_id)
