@@ -23,7 +23,7 @@ import uuid
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import (
     JSON,
@@ -186,6 +186,58 @@ class Base(DeclarativeBase):
     """Declarative base; the naming convention gives every constraint a stable name for Alembic."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class BatchRecord(Protocol):
+    """A batch's columns as read, by name: a loaded :class:`Batch`, or a Core row of its table
+    (what a dispatch round reads on every completion, without building ORM objects)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def schedule(self) -> dict[str, Any] | None: ...
+    @property
+    def priority(self) -> str: ...
+    @property
+    def paused_by_user(self) -> bool: ...
+    @property
+    def simulated(self) -> bool: ...
+    @property
+    def reuse_outputs(self) -> bool: ...
+    @property
+    def budget_max_usd(self) -> Decimal | None: ...
+
+
+class JobRecord(Protocol):
+    """A job's columns as read, by name: a loaded :class:`Job`, or a Core row of its table (a
+    dispatch round's claims). Read only: a move never updates it (see :meth:`jobs.store.Fence.moved`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def batch_id(self) -> str: ...
+    @property
+    def job_key(self) -> str: ...
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def input(self) -> dict[str, Any]: ...
+    @property
+    def source_files(self) -> dict[str, Any] | None: ...
+    @property
+    def state(self) -> JobState: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def est_usd(self) -> Decimal: ...
+    @property
+    def actual_usd(self) -> Decimal | None: ...
+    @property
+    def submitted_at(self) -> datetime | None: ...
 
 
 class Batch(Base):

@@ -38,7 +38,6 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Float,
-    Select,
     Table,
     and_,
     bindparam,
@@ -71,11 +70,13 @@ from jobs.errors import NotFoundError
 from jobs.models import (
     EVERY_BATCH,
     Batch,
+    BatchRecord,
     BatchState,
     BatchTotals,
     ConductorHeartbeat,
     Job,
     JobEvent,
+    JobRecord,
     Money,
     SubmitRate,
     Upload,
@@ -110,6 +111,7 @@ __all__ = [
     "batch_states",
     "cancel_unsent_jobs",
     "cancelled_batches_with_work",
+    "claim_due",
     "claim_jobs",
     "committed_usd_since",
     "committed_usd_today",
@@ -530,7 +532,7 @@ def set_paused_by_user(session: Session, batch_id: str, paused: bool) -> None:
     )
 
 
-def batch_schedule(batch: Batch) -> Schedule:
+def batch_schedule(batch: BatchRecord) -> Schedule:
     """The batch's :class:`~jobs.schedule.Schedule` (the empty one, always open, when it has none)."""
     return Schedule.from_json(batch.schedule)
 
@@ -621,21 +623,23 @@ def _rate_upsert(dialect: str) -> Any:
     )
 
 
-def dispatch_batches(session: Session, batch_ids: Collection[str] = ()) -> list[Batch]:
+def dispatch_batches(session: Session, batch_ids: Collection[str] = ()) -> list[BatchRecord]:
     """:func:`scheduled_batches`, the simulated batches with work left, and the batches
     ``batch_ids``, in one query (a dispatch round's batches: those it may have to hold back —
     a round sends a simulated batch's jobs only when it works on that batch by name — and those
-    it works on)."""
-    return _held_back_batches(session, batch_ids, simulated=True)
+    it works on). Their columns as read (Core rows, not ORM objects: a round runs on every
+    completion, and loading the batch as an object cost more than the rest of the round's reads)."""
+    return list(_run(session, _held_back_query(simulated=True, whole=False), {"ids": sorted(batch_ids)}))
 
 
-def _held_back_batches(session: Session, batch_ids: Collection[str], *, simulated: bool) -> list[Batch]:
-    def build() -> Select[Batch]:  # once per process: a dispatch round runs per completion
+def _held_back_query(*, simulated: bool, whole: bool) -> Any:
+    def build() -> Any:  # once per process: a dispatch round runs per completion
         held = [Batch.schedule.is_not(None), Batch.paused_by_user.is_(True)]
         if simulated:
             held.append(Batch.simulated.is_(True))
+        columns = [c for c in Batch.__table__.c if c.key != "manifest_text"]  # deferred on the model too
         return (
-            select(Batch)
+            (select(Batch) if whole else select(*columns))
             .where(
                 or_(
                     and_(or_(*held), _has_unfinished_jobs()),
@@ -645,8 +649,7 @@ def _held_back_batches(session: Session, batch_ids: Collection[str], *, simulate
             .order_by(Batch.created_at, Batch.id)
         )
 
-    query = _prepared(("held_back_batches", simulated), build)
-    return list(session.scalars(query, {"ids": sorted(batch_ids)}))
+    return _prepared(("held_back_batches", simulated, whole), build)
 
 
 def scheduled_batches(session: Session) -> list[Batch]:
@@ -657,7 +660,7 @@ def scheduled_batches(session: Session) -> list[Batch]:
     a short list however long the database has lived: a nightly scheduled batch no longer adds a
     row to every dispatch round (one per completion) for good.
     """
-    return _held_back_batches(session, (), simulated=False)
+    return list(session.scalars(_held_back_query(simulated=False, whole=True), {"ids": []}))
 
 
 def cancelled_batches_with_work(session: Session) -> list[str]:
@@ -1151,9 +1154,15 @@ class Fence:
     owner: str | None = None
 
     @classmethod
-    def of(cls, job: Job, owner: str | None = None) -> Fence:
+    def of(cls, job: JobRecord, owner: str | None = None) -> Fence:
         """The fence of a job just read (or claimed) by ``owner``."""
         return cls(job.id, JobState(job.state), job.version, owner)
+
+    def moved(self, state: JobState) -> Fence:
+        """The same hold once a verb fenced by it moved the job to ``state``: every move writes
+        ``version + 1`` where the version is this one (:func:`transition`), so the new one is
+        known without reading the job again."""
+        return replace(self, state=state, version=self.version + 1)
 
     def at(self, version: int) -> Fence:
         """The same hold once the version moved on to ``version`` (e.g. by :func:`take_lease`)."""
@@ -1418,7 +1427,7 @@ _REUSED_FIELDS = (
 )
 
 
-def find_reusable(session: Session, job: Job, *, simulated: bool) -> Job | None:
+def find_reusable(session: Session, job: JobRecord, *, simulated: bool) -> Job | None:
     """A succeeded job (any batch of ``job``'s kind, not ``job`` itself) with ``job``'s key and a
     stored output; ``simulated``: whether ``job``'s batch was made by ``run --simulate``.
 
@@ -1643,7 +1652,6 @@ def claim_jobs(
     endpoints: Sequence[str] | None = None,
     exclude_ids: Collection[str] = (),
     exclude_batch_ids: Collection[str] = (),
-    lease: bool = True,
 ) -> list[Job]:
     """Lease up to ``limit`` due jobs in ``states`` to ``owner``; no two claimers get the same job.
 
@@ -1656,53 +1664,21 @@ def claim_jobs(
     batch, never on another one that was only submitted); ``exclude_ids`` skips those jobs (the
     ones a status stream already watches); ``exclude_batch_ids`` skips those batches' jobs (closed
     by their schedule, paused by their user). Oldest jobs first.
-
-    ``lease=False`` is for a caller that moves every job returned before its transaction ends
-    (dispatch marks each ``submitting``, ``cancelled`` or reused: each move leases or releases
-    it, fenced by the version read here). The jobs are then only read, whole, in the claim's
-    own queries — no lease UPDATE, no second read — and stay locked to other claimers until
-    the commit: ``SKIP LOCKED`` row locks on PostgreSQL, the single writer on SQLite.
     """
-    if limit <= 0 or not states:
-        return []
-    wanted: list[str | None] = [batch_id]
-    if batch_ids is not None:
-        if batch_id is not None:
-            raise ValueError("claim_jobs takes batch_id or batch_ids, not both")
-        wanted = list(sorted(set(batch_ids) - set(exclude_batch_ids)))
-        if not wanted:
-            return []
-    if batch_id is not None and batch_id in exclude_batch_ids:
-        return []
-    skip_batches = sorted(exclude_batch_ids) if batch_id is None and batch_ids is None else []
-    shape = (
-        batch_id is not None or batch_ids is not None,
-        active_batches_only,
-        endpoints is not None,
-        bool(exclude_ids),
-        bool(skip_batches),
+    found = _due(
+        session,
+        whole=False,
+        states=states,
+        limit=limit,
+        now=now,
+        batch_id=batch_id,
+        batch_ids=batch_ids,
+        active_batches_only=active_batches_only,
+        endpoints=endpoints,
+        exclude_ids=exclude_ids,
+        exclude_batch_ids=exclude_batch_ids,
     )
-    candidates = _prepared(("claim", lease, *shape), lambda: _claim_candidates(*shape, whole=not lease))
-    params: dict[str, Any] = {
-        "now": now,
-        "limit": limit,
-        "endpoints": list(endpoints or ()),
-        "exclude_ids": sorted(exclude_ids),
-        "exclude_batch_ids": skip_batches,
-    }
-    # One query per (state, batch), each reading the index on (batch_id, state, created_at,
-    # item_index, id) — or (state, created_at, …) — in order and stopping at ``limit``; then
-    # the oldest of them. One query over all states and batches had to sort every due job:
-    # 25 ms per claim at 20,000 pending jobs, and a claim runs on every completion.
-    found: list[Any] = []
-    for state in states:
-        for one_batch in wanted:
-            bound = {**params, "state": state, "batch_id": one_batch}
-            found += (_run(session, candidates, bound) if lease else session.scalars(candidates, bound)).all()
-    found.sort(key=lambda r: (r.created_at, r.item_index, r.id))
-    if not lease:
-        return found[:limit]
-    ids = [r.id for r in found[:limit]]
+    ids = [r.id for r in found]
     if not ids:
         return []
     _run(
@@ -1736,6 +1712,95 @@ def claim_jobs(
     return list(claimed)
 
 
+def claim_due(
+    session: Session,
+    *,
+    states: Sequence[JobState],
+    limit: int,
+    now: datetime,
+    batch_ids: Iterable[str] | None = None,
+    active_batches_only: bool = False,
+    endpoints: Sequence[str] | None = None,
+    exclude_batch_ids: Collection[str] = (),
+) -> list[JobRecord]:
+    """:func:`claim_jobs` for a caller that moves every job returned before its transaction ends
+    (dispatch marks each ``submitting``, ``cancelled`` or reused: each move leases or releases
+    it, fenced by the version read here): no lease UPDATE, no second read. The jobs stay locked
+    to other claimers until the commit: ``SKIP LOCKED`` row locks on PostgreSQL, the single
+    writer on SQLite.
+
+    Their columns as read (Core rows: a claim runs on every completion, and building ORM objects
+    cost more than the query). A move does not update them: the hold after one is
+    :meth:`Fence.moved`.
+    """
+    return _due(
+        session,
+        whole=True,
+        states=states,
+        limit=limit,
+        now=now,
+        batch_ids=batch_ids,
+        active_batches_only=active_batches_only,
+        endpoints=endpoints,
+        exclude_batch_ids=exclude_batch_ids,
+    )
+
+
+def _due(
+    session: Session,
+    *,
+    whole: bool,
+    states: Sequence[JobState],
+    limit: int,
+    now: datetime,
+    batch_id: str | None = None,
+    batch_ids: Iterable[str] | None = None,
+    active_batches_only: bool = False,
+    endpoints: Sequence[str] | None = None,
+    exclude_ids: Collection[str] = (),
+    exclude_batch_ids: Collection[str] = (),
+) -> list[Any]:
+    """The oldest ``limit`` due jobs of :func:`claim_jobs`: their sort keys, or (``whole``) every
+    column, as rows."""
+    if limit <= 0 or not states:
+        return []
+    wanted: list[str | None] = [batch_id]
+    if batch_ids is not None:
+        if batch_id is not None:
+            raise ValueError("claim_jobs takes batch_id or batch_ids, not both")
+        wanted = list(sorted(set(batch_ids) - set(exclude_batch_ids)))
+        if not wanted:
+            return []
+    if batch_id is not None and batch_id in exclude_batch_ids:
+        return []
+    skip_batches = sorted(exclude_batch_ids) if batch_id is None and batch_ids is None else []
+    shape = (
+        batch_id is not None or batch_ids is not None,
+        active_batches_only,
+        endpoints is not None,
+        bool(exclude_ids),
+        bool(skip_batches),
+    )
+    candidates = _prepared(("claim", whole, *shape), lambda: _claim_candidates(*shape, whole=whole))
+    params: dict[str, Any] = {
+        "now": now,
+        "limit": limit,
+        "endpoints": list(endpoints or ()),
+        "exclude_ids": sorted(exclude_ids),
+        "exclude_batch_ids": skip_batches,
+    }
+    # One query per (state, batch), each reading the index on (batch_id, state, created_at,
+    # item_index, id) — or (state, created_at, …) — in order and stopping at ``limit``; then
+    # the oldest of them. One query over all states and batches had to sort every due job:
+    # 25 ms per claim at 20,000 pending jobs, and a claim runs on every completion.
+    found: list[Any] = []
+    for state in states:
+        for one_batch in wanted:
+            found += _run(session, candidates, {**params, "state": state, "batch_id": one_batch}).all()
+    found.sort(key=lambda r: (r.created_at, r.item_index, r.id))
+    return found[:limit]
+
+
 def _claim_candidates(
     scoped: bool,
     active_only: bool,
@@ -1746,31 +1811,30 @@ def _claim_candidates(
     whole: bool = False,
 ) -> Any:
     """The candidate query of :func:`claim_jobs` for one state (and batch), oldest first: the
-    ids and sort keys, or (``whole``) the jobs themselves, refreshed if the session has them."""
+    ids and sort keys, or (``whole``) every column of the jobs."""
     now: BindParameter[datetime] = bindparam("now")
     conditions: list[ColumnElement[bool]] = [
-        Job.state == bindparam("state"),
-        or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
-        or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now),
+        _JOBS.c.state == bindparam("state", type_=_JOBS.c.state.type),
+        or_(_JOBS.c.next_attempt_at.is_(None), _JOBS.c.next_attempt_at <= now),
+        or_(_JOBS.c.lease_expires_at.is_(None), _JOBS.c.lease_expires_at <= now),
     ]
     if scoped:
-        conditions.append(Job.batch_id == bindparam("batch_id"))
+        conditions.append(_JOBS.c.batch_id == bindparam("batch_id"))
     if by_endpoint:
-        conditions.append(Job.endpoint.in_(bindparam("endpoints", expanding=True)))
+        conditions.append(_JOBS.c.endpoint.in_(bindparam("endpoints", expanding=True)))
     if excluding:
-        conditions.append(Job.id.not_in(bindparam("exclude_ids", expanding=True)))
+        conditions.append(_JOBS.c.id.not_in(bindparam("exclude_ids", expanding=True)))
     if excluding_batches:
-        conditions.append(Job.batch_id.not_in(bindparam("exclude_batch_ids", expanding=True)))
+        conditions.append(_JOBS.c.batch_id.not_in(bindparam("exclude_batch_ids", expanding=True)))
     if active_only:
-        conditions.append(exists().where(Batch.id == Job.batch_id, Batch.state == BatchState.ACTIVE))
-    query = select(Job) if whole else select(Job.id, Job.created_at, Job.item_index)
-    if whole:
-        query = query.execution_options(populate_existing=True)
+        conditions.append(exists().where(Batch.id == _JOBS.c.batch_id, Batch.state == BatchState.ACTIVE))
+    columns = list(_JOBS.c) if whole else [_JOBS.c.id, _JOBS.c.created_at, _JOBS.c.item_index]
     return (
-        query.where(*conditions)
-        .order_by(Job.created_at, Job.item_index, Job.id)
+        select(*columns)
+        .where(*conditions)
+        .order_by(_JOBS.c.created_at, _JOBS.c.item_index, _JOBS.c.id)
         .limit(bindparam("limit"))
-        .with_for_update(skip_locked=True, of=Job)  # ignored by SQLite, whose writer is alone
+        .with_for_update(skip_locked=True, of=_JOBS)  # ignored by SQLite, whose writer is alone
     )
 
 

@@ -423,6 +423,43 @@ def test_claim_only_active_batches_and_states(session: Session) -> None:
     assert len(got) == 2
 
 
+def test_claim_due_reads_whole_jobs_and_the_moved_fence_holds(session: Session) -> None:
+    """A dispatch round's claim reads every column as stored, leases nothing, and the fence
+    :meth:`Fence.moved` gives after a move is exactly the one the next verb needs."""
+    active = make_batch(session, name="active", n=3)
+    paused = make_batch(session, name="paused", n=1)
+    store.set_batch_state(session, paused.id, BatchState.PAUSED)
+    session.commit()
+    got = store.claim_due(
+        session,
+        states=[JobState.PENDING],
+        limit=2,
+        now=T0,
+        batch_ids=[active.id, paused.id],
+        active_batches_only=True,
+    )
+    assert [(j.batch_id, j.state, j.version, j.attempts) for j in got] == [
+        (active.id, JobState.PENDING, 0, 0)
+    ] * 2
+    oldest = first_job(session, active)
+    assert got[0].id == oldest.id
+    assert (got[0].input, got[0].est_usd, got[0].endpoint) == (
+        oldest.input,
+        Decimal("0.40"),
+        "fal-ai/wan-i2v",
+    )
+    assert oldest.lease_owner is None  # read, not leased
+
+    fence = store.Fence.of(got[0], "w1")
+    assert store.mark_submitting(session, fence, attempt=1, api_key_id="k", lease_expires_at=T0)
+    held = fence.moved(JobState.SUBMITTING)
+    assert (held.state, held.version) == (JobState.SUBMITTING, 1)
+    assert store.take_lease(session, held, now=T0, lease_seconds=30) is not None  # the moved fence holds
+    assert not store.mark_submitting(
+        session, fence, attempt=1, api_key_id="k", lease_expires_at=T0
+    )  # the old one not
+
+
 def test_concurrent_claimers_never_share_a_job(engine: Engine) -> None:
     """Threads with their own connections claim until nothing is left: each job exactly once."""
     n_jobs, n_workers = 300, 6

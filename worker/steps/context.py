@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from jobs.models import Batch, Job, utcnow
+from jobs.models import BatchRecord, Job, JobRecord, utcnow
 from jobs.schedule import Schedule
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -122,13 +122,13 @@ class SubmitTicket:
     source_files: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, fence: Fence, job: Job, batch: Batch) -> SubmitTicket:
-        """The ticket of ``job`` (``submitting``, held as ``fence``) of ``batch``."""
+    def of(cls, fence: Fence, job: JobRecord, batch: BatchRecord, attempt: int) -> SubmitTicket:
+        """The ticket of attempt ``attempt`` of ``job`` (``submitting``, held as ``fence``) of ``batch``."""
         return cls(
             fence=fence,
             endpoint=job.endpoint,
             input=dict(job.input),
-            attempt=job.attempts,
+            attempt=attempt,
             batch_id=job.batch_id,
             schedule=batch_schedule(batch),
             priority=batch.priority,
@@ -257,7 +257,7 @@ class Runtime:
             return Reach(batch_ids=self.batch_ids or frozenset(), exclude_batch_ids=frozenset())
         return Reach(batch_ids=None, exclude_batch_ids=simulated_batch_ids(session))
 
-    def fence(self, job: Job) -> Fence:
+    def fence(self, job: JobRecord) -> Fence:
         """``job`` as this runtime just read (or claimed) it, held by this runtime's worker."""
         return Fence.of(job, self.owner)
 

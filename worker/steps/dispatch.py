@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from jobs import db, output_store, store
 from jobs.endpoints import all_endpoints
 from jobs.errors import WanbatchError
-from jobs.models import Batch, Job, utcnow
+from jobs.models import BatchRecord, JobRecord, utcnow
 from jobs.money import BATCH_CAP_ERROR, DAILY_CAP_ERROR, usd_text
 from jobs.states import JobState
 from worker.limits import LimiterUnavailableError, api_key_id
@@ -109,19 +109,17 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
             error, kind = refusal
             store.mark_cancelled(session, rt.fence(job), reason="budget", error=error, error_type=kind)
             continue
+        fence, attempt = rt.fence(job), job.attempts + 1
         moved = store.mark_submitting(
-            session,
-            rt.fence(job),
-            attempt=job.attempts + 1,
-            api_key_id=key_id,
-            lease_expires_at=rt.lease_until(now),
+            session, fence, attempt=attempt, api_key_id=key_id, lease_expires_at=rt.lease_until(now)
         )
         if moved:
             committed.add(job)
             done.sent.append(job.id)
             done.unused -= 1
             if rt.submit_tickets is not None:
-                done.tickets.append(SubmitTicket.of(rt.fence(job), job, batches.get(job.batch_id)))
+                ticket = SubmitTicket.of(fence.moved(S.SUBMITTING), job, batches.get(job.batch_id), attempt)
+                done.tickets.append(ticket)
     if done.unused > 0:  # the shared bucket's too (the local one gets them in hand_on)
         store.return_submit_tokens(session, key_id, done.unused, capacity=rt.bucket.capacity)
     return done
@@ -136,9 +134,9 @@ class _RoundBatches:
     def __init__(self, session: Session, own: Collection[str]) -> None:
         self._session = session
         self._own = frozenset(own)
-        self._by_id = {b.id: b for b in store.dispatch_batches(session, own)}
+        self._by_id: dict[str, BatchRecord] = {b.id: b for b in store.dispatch_batches(session, own)}
 
-    def get(self, batch_id: str) -> Batch:
+    def get(self, batch_id: str) -> BatchRecord:
         batch = self._by_id.get(batch_id)
         if batch is None:
             batch = self._by_id[batch_id] = store.get_batch(self._session, batch_id)
@@ -188,7 +186,7 @@ def _heed_pause(rt: Runtime) -> None:
         rt.bucket.hold_off(left)
 
 
-def _reuse(session: Session, rt: Runtime, job: Job, batches: _RoundBatches) -> bool:
+def _reuse(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches) -> bool:
     """With ``reuse_outputs``, give a claimed pinned-seed job the output of a succeeded twin.
 
     Decided here, in the claim's transaction, so a reused job is never sent, holds no slot and
@@ -285,31 +283,28 @@ def _claim_within_caps(
     key_id: str,
     closed: set[str],
     states: list[JobState],
-) -> list[Job]:
+) -> list[JobRecord]:
     """Claim up to ``free`` due jobs in ``states``, no endpoint beyond its own cap
     (``max_outstanding_per_endpoint``)."""
-    claim: dict[str, Any] = {
+    claim: dict[str, Any] = {  # every job claimed is moved in the round's transaction: claim_due
         "states": states,
         "now": now,
-        "owner": rt.owner,
-        "lease_seconds": rt.settings.lease_seconds,
         "active_batches_only": True,
         "batch_ids": rt.batch_ids,  # only the runtime's own batches; the caps count every batch
         "exclude_batch_ids": closed,
-        "lease": False,  # every job claimed is moved below, in this transaction
     }
     caps = rt.settings.max_outstanding_per_endpoint
     if not caps:
-        return store.claim_jobs(session, limit=free, **claim)
+        return store.claim_due(session, limit=free, **claim)
     outstanding = store.count_in_states_by_endpoint(session, states_at_provider(), api_key_id=key_id)
-    jobs: list[Job] = []
+    jobs: list[JobRecord] = []
     for endpoint, cap in sorted(caps.items()):
         room = min(free - len(jobs), cap - outstanding.get(endpoint, 0))
         if room > 0:
-            jobs += store.claim_jobs(session, limit=room, endpoints=[endpoint], **claim)
+            jobs += store.claim_due(session, limit=room, endpoints=[endpoint], **claim)
     uncapped = [e.id for e in all_endpoints() if e.id not in caps]
     if free - len(jobs) > 0 and uncapped:
-        jobs += store.claim_jobs(session, limit=free - len(jobs), endpoints=uncapped, **claim)
+        jobs += store.claim_due(session, limit=free - len(jobs), endpoints=uncapped, **claim)
     return jobs
 
 
@@ -355,7 +350,7 @@ class _Committed:
         (the simulator bills nothing; :func:`jobs.store.committed_usd_today` leaves it out)."""
         return not self._round_batches.get(batch_id).simulated
 
-    def add(self, job: Job) -> None:
+    def add(self, job: JobRecord) -> None:
         """``job`` (claimed ``pending``/``retry_wait``) was just marked ``submitting``.
 
         Its estimate is now reserved, in its batch and in the day. What an earlier attempt was
@@ -371,7 +366,7 @@ class _Committed:
             self._today += job.est_usd - ((job.actual_usd or Decimal(0)) if billed_today else Decimal(0))
 
 
-def _budget_refusal(committed: _Committed, job: Job) -> tuple[str, str] | None:
+def _budget_refusal(committed: _Committed, job: JobRecord) -> tuple[str, str] | None:
     """Why submitting ``job`` would cross a budget cap (its batch's, or the day's), and which
     (the ``error_type``: :data:`~jobs.money.BATCH_CAP_ERROR` or :data:`~jobs.money.DAILY_CAP_ERROR`),
     else None.
