@@ -18,6 +18,7 @@ JSON types cannot store one, and no endpoint means one.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,13 +146,16 @@ def check_value(fld: FieldSpec, value: Any) -> list[FieldProblem]:
 def _check_string(fld: FieldSpec, value: Any) -> list[FieldProblem]:
     if not isinstance(value, str):
         if fld.enum is not None and isinstance(value, int | float) and not isinstance(value, bool):
+            hint = _enum_hint(str(value), [str(v) for v in fld.enum])
             return [
-                FieldProblem(fld.name, f"{value!r} is not one of the allowed values", value, fld.allowed())
+                FieldProblem(
+                    fld.name, f"{value!r} is not one of the allowed values{hint}", value, fld.allowed()
+                )
             ]
         return [_wrong_type(fld, value, "text")]
     if fld.enum is not None:
         if value not in fld.enum:
-            hint = did_you_mean(value, [str(v) for v in fld.enum])
+            hint = _enum_hint(value, [str(v) for v in fld.enum])
             return [
                 FieldProblem(
                     fld.name, f"{value!r} is not one of the allowed values{hint}", value, fld.allowed()
@@ -170,6 +174,31 @@ def _check_string(fld: FieldSpec, value: Any) -> list[FieldProblem]:
     if fld.required and not value.strip():
         return [FieldProblem(fld.name, "must not be empty", value, fld.allowed())]
     return []
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+def _enum_hint(text: str, choices: list[str]) -> str:
+    """``(did you mean '720p'?)`` for an allowed value ``text`` plainly meant, else nothing.
+
+    Meant: the same but for case or blanks (``720P``), or missing only a unit (``720`` for
+    ``720p``), or a near spelling (:func:`~jobs.errors.did_you_mean`) with the same numbers in
+    it. A near spelling with other numbers is another value, not a typo: ``1080p`` is not
+    "``580p``?" (it shares three characters); the allowed list that follows says what there is.
+    """
+    squeezed = "".join(text.split()).lower()
+    for choice in choices:
+        if "".join(choice.split()).lower() == squeezed:
+            return f" (did you mean {choice!r}?)"
+    if squeezed:
+        with_unit = [
+            c for c in choices if c.lower().startswith(squeezed) and not c[len(squeezed) :].isdigit()
+        ]
+        if len(with_unit) == 1 and _DIGITS.findall(with_unit[0]) == _DIGITS.findall(text):
+            return f" (did you mean {with_unit[0]!r}?)"
+    numbers = _DIGITS.findall(text)
+    return did_you_mean(text, [c for c in choices if _DIGITS.findall(c) == numbers])
 
 
 def _check_range(fld: FieldSpec, value: float) -> list[FieldProblem]:

@@ -110,6 +110,31 @@ def test_unknown_field_suggests_and_required_missing_is_reported() -> None:
     assert "required" in by_field["prompt"].message
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "hint"),
+    [
+        ("resolution", "1080p", None),  # another resolution, not a typo of 580p
+        ("resolution", "72Op", None),
+        ("resolution", "720P", "720p"),
+        ("resolution", 720, "720p"),  # a YAML number: the unit is missing
+        ("resolution", "480", "480p"),
+        ("resolution", " 580p", "580p"),
+        ("aspect_ratio", "1:1 ", "1:1"),
+        ("aspect_ratio", "16:10", None),
+        ("aspect_ratio", "9:61", None),
+    ],
+)
+def test_an_allowed_value_is_suggested_only_when_plainly_meant(
+    field: str, value: object, hint: str | None
+) -> None:
+    (message,) = messages(field, value)
+    assert "not one of the allowed values" in message
+    if hint is None:
+        assert "did you mean" not in message
+    else:
+        assert f"(did you mean {hint!r}?)" in message
+
+
 def test_did_you_mean() -> None:
     assert did_you_mean("resolutoin", ("resolution", "seed")) == " (did you mean 'resolution'?)"
     assert did_you_mean("zzz", ("resolution", "seed")) == ""
