@@ -106,8 +106,10 @@ __all__ = [
     "adopt_request",
     "batch_committed_usd",
     "batch_cost",
+    "batch_estimated_usd",
     "batch_money",
     "batch_schedule",
+    "batch_spent_usd",
     "batch_states",
     "cancel_unsent_jobs",
     "cancelled_batches_with_work",
@@ -2557,6 +2559,49 @@ def batch_committed_usd(session: Session, batch_id: str) -> Decimal:
 
     row: Any = _run(session, _prepared(("batch_committed",), build), {"batch_id": batch_id}).one()
     return Decimal(row[0]) + Decimal(row[1]) + Decimal(row[2])
+
+
+def batch_spent_usd(session: Session, batch_id: str) -> Decimal:
+    """``batch_money(...).spent_usd``, read like :func:`batch_committed_usd`: the finished jobs'
+    money from :class:`BatchTotals`, the few unfinished ones by index. ``run``'s progress line
+    shows it every second; summing a 20,000-job batch for it cost 19 ms of CPU each time. The
+    tests that keep the committed figure equal to the full sum check this one too."""
+
+    def build() -> Any:
+        zero = type_coerce(0, Money())
+        batch: BindParameter[str] = bindparam("batch_id")
+        unfinished = [s for s in JobState if not s.terminal and s != JobState.PENDING]
+        finished = (
+            select(func.sum(type_coerce(_TOTALS.c.finished_usd, Money())))
+            .where(_TOTALS.c.batch_id == batch)
+            .scalar_subquery()
+        )
+        live = (
+            select(func.coalesce(func.sum(spent_usd()), zero))
+            .where(Job.batch_id == batch, Job.state.in_(unfinished))
+            .scalar_subquery()
+        )
+        parked = (
+            select(func.coalesce(func.sum(_parked_usd()), zero))
+            .where(Job.batch_id == batch, _PENDING_BILLED)
+            .scalar_subquery()
+        )
+        return select(func.coalesce(type_coerce(finished, Money()), zero), live, parked)
+
+    row: Any = _run(session, _prepared(("batch_spent",), build), {"batch_id": batch_id}).one()
+    return Decimal(row[0]) + Decimal(row[1]) + Decimal(row[2])
+
+
+def batch_estimated_usd(session: Session, batch_id: str) -> Decimal:
+    """The sum of the batch's estimates (``batch_money(...).estimated_usd``) alone."""
+
+    def build() -> Any:
+        zero = type_coerce(0, Money())
+        total = func.coalesce(func.sum(type_coerce(Job.est_usd, Money())), zero)
+        return select(total).where(Job.batch_id == bindparam("batch_id"))
+
+    query = _prepared(("batch_estimated",), build)
+    return Decimal(_run(session, query, {"batch_id": batch_id}).scalar())
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import Engine, MetaData, Table, column, event, insert, inspect, select, table
 
 from jobs import db, store
+from jobs.batches import batch_progress
 from jobs.db import downgrade, make_engine, migrate
 from jobs.models import BatchState, BatchTotals, Job, utcnow
 from jobs.states import ALLOWED_TRANSITIONS, JobState
@@ -34,8 +35,11 @@ S = JobState
 def _batch(engine: Engine, batch_id: str) -> tuple[Decimal, Decimal]:
     """(the budget check's figure, the full sum) for a batch."""
     with db.read_scope(engine) as session:
-        full = store.batch_money(session, batch_id).committed_usd
-        return store.batch_committed_usd(session, batch_id), full
+        money = store.batch_money(session, batch_id)
+        # The progress line's figures, read the same way, equal the full sums too.
+        assert store.batch_spent_usd(session, batch_id) == money.spent_usd
+        assert store.batch_estimated_usd(session, batch_id) == money.estimated_usd
+        return store.batch_committed_usd(session, batch_id), money.committed_usd
 
 
 def _today(engine: Engine) -> tuple[Decimal, Decimal]:
@@ -361,3 +365,39 @@ def test_finishing_jobs_of_several_batches_at_once_never_deadlocks(engine: Engin
     for batch_id in batches:
         assert _finished(engine, batch_id) == Decimal("0.01") * threads * rounds
         assert _batch(engine, batch_id)[0] == _batch(engine, batch_id)[1]
+
+
+def test_the_progress_line_reads_the_full_sums_and_sees_jobs_added_later(engine: Engine) -> None:
+    """``run``'s progress line reads spent money like the budget check and keeps the estimate
+    until the batch's number of jobs changes: the figures still equal the full report's."""
+    batch_id = add_batch(engine, "progress-money", [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(3)])
+    first = _jobs(engine, batch_id)[0]
+    _move(engine, first, S.CANCELLED, actual_usd=Decimal("0.31"))
+
+    def shown() -> tuple[float | None, float | None]:
+        with db.read_scope(engine) as session:
+            current = batch_progress(session, batch_id)
+            money = store.batch_money(session, batch_id)
+        assert (current["spent_usd"], current["estimated_usd"]) == (
+            float(money.spent_usd),
+            float(money.estimated_usd),
+        )
+        return current["spent_usd"], current["estimated_usd"]
+
+    assert shown() == (0.31, 0.75)
+    with db.session_scope(engine) as session:  # the same batch takes more jobs (a longer manifest)
+        store.add_jobs(
+            session,
+            batch_id,
+            [
+                store.NewJob(
+                    key="f" * 64,
+                    item_index=9,
+                    endpoint="fal-ai/wan-22",
+                    input={"prompt": "added"},
+                    est_billing_units=Decimal(1),
+                    est_usd=Decimal("0.50"),
+                )
+            ],
+        )
+    assert shown() == (0.31, 1.25)
