@@ -6,7 +6,9 @@ checked against the simulator's ledger) is in ``test_limits_distributed.py``.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -166,7 +168,13 @@ def test_threads_never_exceed_the_rate_in_any_second(
     for t in threads:
         t.join(30)
     assert max_in_window(grants) <= rate
-    assert len(grants) >= 3 * rate - 2  # and the rate is actually achieved
+    # And the rate is actually achieved: grants follow each other 1/rate apart. Judged by the
+    # median gap, not by the count over the 3 s: on a loaded 2-core machine every thread can be
+    # starved for a moment (CI once saw 21 grants at exactly 0.1 s spacing around one such gap).
+    times = sorted(grants)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(grants) >= 2 * rate
+    assert statistics.median(gaps) <= 1.2 / rate
 
 
 def test_processes_share_one_limit_clocked_by_redis(
