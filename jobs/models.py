@@ -23,6 +23,7 @@ import uuid
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 from sqlalchemy import (
@@ -186,6 +187,15 @@ class Base(DeclarativeBase):
     """Declarative base; the naming convention gives every constraint a stable name for Alembic."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class JobSnapshot(SimpleNamespace):
+    """A job's columns as one Core query read them (:func:`jobs.store.job_snapshots`), by name.
+
+    What a step starts from when loading the job as an ORM object would cost more than the
+    step's other reads (the conductor hands a completed job's download to a thread with one).
+    Detached by nature: a step may note on it what it learned since (fal's result), which
+    writes nothing; the store's verbs write."""
 
 
 class BatchRecord(Protocol):
@@ -563,3 +573,7 @@ class WebhookDelivery(Base):
     outcome: Mapped[str | None] = mapped_column(String(255))
     #: How many more times fal delivered the very same body.
     repeats: Mapped[int] = mapped_column(Integer, default=0)
+
+
+#: A job as a step holds it: loaded whole by the ORM, or read as a :class:`JobSnapshot`.
+JobView = Job | JobSnapshot

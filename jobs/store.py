@@ -77,6 +77,7 @@ from jobs.models import (
     Job,
     JobEvent,
     JobRecord,
+    JobSnapshot,
     Money,
     SubmitRate,
     Upload,
@@ -145,6 +146,7 @@ __all__ = [
     "job_events",
     "job_heads",
     "job_money",
+    "job_snapshots",
     "job_totals",
     "jobs_of_batch",
     "last_heartbeat",
@@ -2000,6 +2002,20 @@ def jobs_by_id(session: Session, job_ids: Collection[str]) -> dict[str, Job]:
     return {j.id: j for j in session.scalars(query, {"ids": sorted(job_ids)})}
 
 
+def job_snapshots(session: Session, job_ids: Collection[str]) -> dict[str, JobSnapshot]:
+    """The jobs with these ids as :class:`JobSnapshot` (missing ones are left out), in one query.
+
+    Every column, read as Core rows: what the conductor hands a completed job's download with.
+    Loading the jobs as ORM objects for it was the largest share of applying a status stream's
+    completions."""
+    if not job_ids:
+        return {}
+    query = _prepared(
+        ("job_snapshots",), lambda: select(*_JOBS.c).where(_JOBS.c.id.in_(bindparam("ids", expanding=True)))
+    )
+    return {row.id: JobSnapshot(**row._mapping) for row in _run(session, query, {"ids": sorted(job_ids)})}
+
+
 @dataclass(frozen=True, slots=True)
 class JobHead:
     """What a status event needs of a job: where it stands and which request it waits on."""
@@ -2010,11 +2026,6 @@ class JobHead:
     request_id: str | None
     batch_id: str
     submitted_at: datetime | None
-
-    @classmethod
-    def of(cls, job: Job) -> JobHead:
-        """The head of a job already loaded whole."""
-        return cls(job.id, JobState(job.state), job.version, job.request_id, job.batch_id, job.submitted_at)
 
 
 def job_heads(session: Session, job_ids: Collection[str]) -> dict[str, JobHead]:

@@ -460,6 +460,28 @@ def test_claim_due_reads_whole_jobs_and_the_moved_fence_holds(session: Session) 
     )  # the old one not
 
 
+def test_a_job_snapshot_holds_every_column_as_the_orm_reads_it(session: Session) -> None:
+    """What the conductor hands a download (one Core query) is the job as loading it would give."""
+    batch = make_batch(session, name="snap", n=2)
+    job = first_job(session, batch)
+    fence = store.Fence.of(job, "w1")
+    assert store.mark_submitting(session, fence, attempt=1, api_key_id="k", lease_expires_at=T0)
+    session.commit()
+    snapshots = store.job_snapshots(session, [job.id, "missing"])
+    assert list(snapshots) == [job.id]
+    session.expire_all()
+    loaded = store.get_job(session, job.id)
+    snapshot = snapshots[job.id]
+    for column in Job.__table__.columns:
+        assert getattr(snapshot, column.key) == getattr(loaded, column.key), column.key
+    assert snapshot.state == JobState.SUBMITTING
+    assert snapshot.version == 1
+    snapshot.provider_output = {"seed": 7}  # a step's own note: writes nothing
+    session.expire_all()
+    assert store.get_job(session, job.id).provider_output is None
+    assert store.job_snapshots(session, []) == {}
+
+
 def test_concurrent_claimers_never_share_a_job(engine: Engine) -> None:
     """Threads with their own connections claim until nothing is left: each job exactly once."""
     n_jobs, n_workers = 300, 6

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from jobs.models import BatchRecord, Job, JobRecord, utcnow
+from jobs.models import BatchRecord, JobRecord, JobView, utcnow
 from jobs.schedule import Schedule
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -150,7 +150,7 @@ class DownloadClaim:
     failures: int
     completed_at: datetime | None
     #: The job as claimed (detached; the lease keeps it from changing while this step runs).
-    job: Job
+    job: JobView
     #: fal's result fetched by this step and not stored yet: written with the step's outcome
     #: (the job's success, or the release or failure that ends this try), in the same transaction.
     fetched: dict[str, Any] = field(default_factory=dict)
@@ -267,7 +267,7 @@ def in_seconds(seconds: float) -> datetime:
     return utcnow() + timedelta(seconds=seconds)
 
 
-def handle_of(job: Job, queue_url: str) -> RequestHandle:
+def handle_of(job: JobView, queue_url: str) -> RequestHandle:
     """The request handle of a job at fal, on the configured queue only.
 
     Stored URLs are used only when they are on ``queue_url``'s origin and name this request

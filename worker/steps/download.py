@@ -47,7 +47,7 @@ from jobs.errors import (
     StateConflict,
     WanbatchError,
 )
-from jobs.models import BatchState, Job, utcnow
+from jobs.models import BatchState, JobView, utcnow
 from jobs.output_store import OutputUploadError, open_output_store
 from jobs.outputs import OutputWriteError
 from jobs.settings import Settings
@@ -237,7 +237,7 @@ def _claim(rt: Runtime, job_id: str) -> DownloadClaim | str:
         return _claim_of(session, rt, job, taken)
 
 
-def _claim_of(session: Session, rt: Runtime, job: Job, fence: Fence) -> DownloadClaim:
+def _claim_of(session: Session, rt: Runtime, job: JobView, fence: Fence) -> DownloadClaim:
     return DownloadClaim(
         fence=fence,
         handle=handle_of(job, rt.settings.fal_queue_url),
@@ -251,10 +251,13 @@ def _claim_of(session: Session, rt: Runtime, job: Job, fence: Fence) -> Download
     )
 
 
-def handed_claim(session: Session, rt: Runtime, job_id: str, job: Job | None = None) -> DownloadClaim | None:
+def handed_claim(
+    session: Session, rt: Runtime, job_id: str, job: JobView | None = None
+) -> DownloadClaim | None:
     """The claim of a job just moved to ``downloading`` and leased to ``rt.owner`` in ``session``
     (by the conductor, which hands the download to a thread of this process once it commits).
-    ``job``: the session's copy, when the caller loaded it (the move kept it current).
+    ``job``: the job as it stands after that move, when the caller read it
+    (:func:`jobs.store.job_snapshots`).
 
     The lease is this process's from that very move, fenced by its version: no second read and
     no second lease are needed — the step's writes are all fenced by it. None when the job is
@@ -563,7 +566,7 @@ def _staged(job_id: str, dest: Path, video: _Video) -> DownloadResult | None:
 
 
 def _check_media(
-    rt: Runtime, job_id: str, claim: DownloadClaim, job: Job, path: Path
+    rt: Runtime, job_id: str, claim: DownloadClaim, job: JobView, path: Path
 ) -> dict[str, Any] | str:
     """Probe the saved video and compare it with the request (:mod:`worker.probe`).
 
@@ -736,7 +739,7 @@ def _fail_paid(session: Session, claim: DownloadClaim, *, error: str, error_type
 
 
 def sidecar_record(
-    job: Job,
+    job: JobView,
     batch_name: str,
     video_path: str,
     sha256: str,

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from jobs import billing, store
 from jobs.errors import AccountLockedError, FinalProviderError, ProviderError, RetryableProviderError
-from jobs.models import BatchState, Job
+from jobs.models import BatchState, Job, JobView
 from jobs.settings import RetrySettings, Settings
 from jobs.store import Fence
 from worker import telemetry
@@ -90,7 +90,7 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
         telemetry.count_retry("provider_error")
 
 
-def billed(job: Job, outcome: billing.Outcome) -> dict[str, Any]:
+def billed(job: JobView, outcome: billing.Outcome) -> dict[str, Any]:
     """The job's actual cost after this attempt ended as ``outcome`` (earlier attempts included)."""
     return billing.billed(
         outcome,
@@ -101,7 +101,7 @@ def billed(job: Job, outcome: billing.Outcome) -> dict[str, Any]:
     )
 
 
-def cost_of_failure(job: Job, exc: ProviderError) -> dict[str, Any]:
+def cost_of_failure(job: JobView, exc: ProviderError) -> dict[str, Any]:
     """What fal bills for an attempt that ended in ``exc``: the rule for its outcome class
     (``jobs/billing_rules.yaml``: 5xx never, a 422 only when a runner spent inference time)."""
     return billed(job, billing.classify_failure(exc.status_code, exc.error_type, job.provider_metrics))

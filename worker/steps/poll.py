@@ -17,7 +17,7 @@ from jobs.errors import (
     ProviderError,
     WanbatchError,
 )
-from jobs.models import Job, utcnow
+from jobs.models import utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
 from worker import telemetry
@@ -343,14 +343,8 @@ def apply_seen_in(session: Session, rt: Runtime, seen: Sequence[Seen]) -> Applie
     for event in seen:  # one stream's events arrive in order: the last one of a job says most
         if not (event.job_id in latest and latest[event.job_id].status.completed):
             latest[event.job_id] = event
-    loaded: dict[str, Job] = {}
-    if handing and any(e.status.completed for e in latest.values()):
-        # Whole jobs: a completed one's download starts from it (``handed_claim``); a transition
-        # keeps the session's copy current, so nothing is read twice.
-        loaded = store.jobs_by_id(session, set(latest))
-        jobs = {i: store.JobHead.of(j) for i, j in loaded.items()}
-    else:
-        jobs = store.job_heads(session, set(latest))
+    jobs = store.job_heads(session, set(latest))
+    handed: list[str] = []
     # In job id order: every process moves rows in one order, so two conductors applying the
     # same requests' statuses (an embedded run beside the workers' leader, both following the
     # requests at fal) wait for each other instead of deadlocking on PostgreSQL.
@@ -367,12 +361,17 @@ def apply_seen_in(session: Session, rt: Runtime, seen: Sequence[Seen]) -> Applie
                 session, fence, status, now=now, download_queued_until=queued_until, download_owner=owner
             ):
                 done.downloads.append(job.id)
-                claim = handed_claim(session, rt, job.id, loaded.get(job.id)) if handing else None
-                if claim is not None:
-                    done.claims[job.id] = claim
+                if handing:
+                    handed.append(job.id)
             done.moved += 1
         elif status.state == "IN_PROGRESS" and fence.state == S.QUEUED:
             next_poll = _next_poll(rt.settings, job.submitted_at, now)
             if store.mark_running(session, fence, next_poll_at=next_poll):
                 done.moved += 1
+    # The completed jobs as they now stand (moved and leased above), read in one query: each
+    # download starts from its claim (``handed_claim``) instead of reading the job again.
+    for job_id, snapshot in store.job_snapshots(session, handed).items():
+        claim = handed_claim(session, rt, job_id, snapshot)
+        if claim is not None:
+            done.claims[job_id] = claim
     return done
