@@ -563,9 +563,9 @@ def run_reusable(connection: Connection, statement: Any, params: Mapping[str, An
     statement is compiled once, and run straight on the DBAPI cursor with SQLAlchemy's own
     parameter and result processors; errors are raised as SQLAlchemy raises them
     (:class:`~sqlalchemy.exc.DBAPIError`). Everywhere else — PostgreSQL (one statement per
-    move already, and a network round trip dwarfs the difference), a statement with expanding
-    parameters, a connection with cursor-execute listeners (tests that count statements) —
-    this is ``connection.execute``.
+    move already, and a network round trip dwarfs the difference), a statement :func:`_direct_form`
+    cannot take or an empty ``IN`` list, a connection with cursor-execute listeners (tests that
+    count statements) — this is ``connection.execute``.
 
     ``statement`` must be a long-lived object (the store's prepared statements): its compiled
     form is kept under its identity.
