@@ -25,7 +25,8 @@ children they reaped included):
 ``--wanbatch-env KEY=VALUE`` (repeatable) adds a setting to every wanbatch process of every row.
 
 ``--profile DIR`` runs the embedded rows under ``py-spy record -r 100 -f raw`` (stacks in
-``DIR/<scenario>-<row>.txt``; ``BENCH_PYSPY_ARGS="--gil"`` adds py-spy options) and prints the
+``DIR/<scenario>-<row>.txt``; ``BENCH_PYSPY_ARGS="--gil -r 400"`` adds py-spy options, its own
+rate replacing the default 100) and prints the
 25 functions with the largest inclusive share of the busy samples. py-spy slows the process it
 samples and its CPU is in the row's: **profiled figures are not to be reported**; measure
 without ``--profile`` for RESULTS.md.
@@ -318,14 +319,15 @@ def run_wanbatch(
     argv = [sys.executable, "-c", "import cli; cli.main()", "run", str(manifest), "--no-progress"]
     if profile is not None:
         profile.parent.mkdir(parents=True, exist_ok=True)
+        extra = os.environ.get("BENCH_PYSPY_ARGS", "").split()
+        rate = [] if {"-r", "--rate"} & set(extra) else ["-r", "100"]
         argv = [
             "py-spy",
             "record",
-            "-r",
-            "100",
+            *rate,
             "-f",
             "raw",
-            *os.environ.get("BENCH_PYSPY_ARGS", "").split(),
+            *extra,
             "-o",
             str(profile),
             "--",

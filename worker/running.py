@@ -371,24 +371,25 @@ def _process_embedded(
                 raise Interrupted(_give_back(rt, batch_id), batch_id=batch_id) from None
     finally:
         conductor.close()
-        if stop_metrics is not None:
-            stop_metrics()
+        stop_metrics()
         if not abandoned:  # abandoned threads may still use them until the process exits
             close_runtime(rt)
 
 
-def _serve_metrics(settings: Settings, rt: steps.Runtime) -> Callable[[], None] | None:
+def _serve_metrics(settings: Settings, rt: steps.Runtime) -> Callable[[], None]:
     """This process's metrics on ``WANBATCH_METRICS_PORT`` (a port in use: the runtime is closed
-    and the ConfigError says which variable to change). With a broker, ``run`` only watches:
-    the workers serve theirs."""
+    and the ConfigError says which variable to change); without the setting nobody can read
+    them, so nothing is counted (:func:`~worker.telemetry.count_nothing`). Returns what undoes
+    either. With a broker, ``run`` only watches: the workers serve theirs."""
     from worker import telemetry
     from worker.runtime import close_runtime
 
     try:
-        return telemetry.serve_configured(settings)
+        stop = telemetry.serve_configured(settings)
     except ConfigError:
         close_runtime(rt)
         raise
+    return stop if stop is not None else telemetry.count_nothing()
 
 
 def _give_back(rt: steps.Runtime, batch_id: str) -> str:

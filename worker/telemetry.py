@@ -92,6 +92,8 @@ class _Metrics:
 
 _lock = threading.Lock()
 _built: _Metrics | None = None
+#: Off while nothing can ever read this process's counts (:func:`count_nothing`).
+_counting = True
 _multiprocess_dir: str | None = None
 _error_types: set[str] = set()
 
@@ -179,6 +181,8 @@ def _build() -> _Metrics:
 def count_submit(endpoint: str, outcome: str) -> None:
     """One submit POST sent to fal that ended ``outcome`` (``accepted``, ``ambiguous``,
     ``rate_limited`` (429), ``retryable``, ``refused``)."""
+    if not _counting:
+        return
     _metrics().submits.labels(endpoint=endpoint, outcome=outcome).inc()
 
 
@@ -201,22 +205,30 @@ def error_kind(exc: ProviderError) -> str:
 
 def count_provider_error(exc: ProviderError) -> None:
     """One provider error this process handled (it decided a retry or a failure from it)."""
+    if not _counting:
+        return
     _metrics().provider_errors.labels(type=error_kind(exc)).inc()
 
 
 def count_retry(cause: str) -> None:
     """One job sent back to ``retry_wait`` for a new attempt (``provider_error``,
     ``ambiguous_resubmit``)."""
+    if not _counting:
+        return
     _metrics().retries.labels(cause=cause).inc()
 
 
 def count_ambiguous_submit() -> None:
     """One submit whose outcome is unknown (the job moved to ``submit_unknown``)."""
+    if not _counting:
+        return
     _metrics().ambiguous.inc()
 
 
 def count_limiter_wait(outcome: str, seconds: float = 0.0) -> None:
     """The limiter made a submit wait: ``slept`` (``seconds``), ``held_back`` or ``unavailable``."""
+    if not _counting:
+        return
     metrics = _metrics()
     metrics.limiter_waits.labels(outcome=outcome).inc()
     if outcome == "slept":
@@ -225,6 +237,8 @@ def count_limiter_wait(outcome: str, seconds: float = 0.0) -> None:
 
 def count_webhook(*, accepted: bool) -> None:
     """One webhook delivery answered by this process's receiver."""
+    if not _counting:
+        return
     _metrics().webhooks.labels(result="accepted" if accepted else "rejected").inc()
 
 
@@ -250,6 +264,9 @@ def fal_request(operation: str) -> Iterator[FalCall]:
     The status label is the answer's class, or ``error`` when none came (a timeout, a reset).
     """
     call = FalCall()
+    if not _counting:
+        yield call
+        return
     started = time.perf_counter()
     try:
         yield call
@@ -257,6 +274,23 @@ def fal_request(operation: str) -> Iterator[FalCall]:
         elapsed = time.perf_counter() - started
         name = operation.replace(" ", "_")
         _metrics().fal_requests.labels(operation=name, status=call.status).observe(elapsed)
+
+
+def count_nothing() -> Callable[[], None]:
+    """Stop counting in this process; returns the function that turns counting back on.
+
+    For an embedded ``wanbatch run`` without ``WANBATCH_METRICS_PORT``: its counts could never
+    be read by anyone (they live in its memory and die with it), so counting them only cost
+    CPU on every fal call, and importing prometheus_client about 75 ms of start-up.
+    """
+    global _counting
+    before, _counting = _counting, False
+
+    def restore() -> None:
+        global _counting
+        _counting = before
+
+    return restore
 
 
 # --------------------------------------------------------------------------- exposing

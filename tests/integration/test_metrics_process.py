@@ -103,6 +103,79 @@ def test_an_embedded_run_serves_its_metrics_while_it_works(
         httpx.get(url, timeout=2)
 
 
+NO_PORT_RUN = textwrap.dedent(
+    """
+    import sys
+    from pydantic import SecretStr
+    from falsim import SimulatorOptions, running_simulator
+    from jobs import batches
+    from jobs.settings import Settings
+    from worker.running import process_batch
+
+    with running_simulator(SimulatorOptions(latency_seconds=0.05, rng_seed=5)) as sim:
+        settings = Settings(
+            database_url=sys.argv[1], FAL_KEY=SecretStr("k-1:s"), fal_queue_url=sim.url,
+            fal_rest_url=sim.url, output_dir=sys.argv[2], submit_rate=100, metrics_port=None,
+        )
+        batch = batches.submit_manifest(sys.argv[3], settings)
+        report, _ = process_batch(batch.batch_id, settings, show_progress=False)
+    print(report["counts"]["succeeded"], "prometheus_client" in sys.modules)
+    """
+)
+
+
+def test_an_embedded_run_without_a_port_counts_nothing(tmp_path: Path) -> None:
+    """Nobody can read the counts of a run that serves no port: it neither counts nor loads
+    prometheus_client (75 ms of start-up)."""
+    manifest = tmp_path / "quiet.yaml"
+    manifest.write_text(
+        "name: quiet\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: a quiet scene\n  - prompt: another\n",
+        encoding="utf-8",
+    )
+    argv = [
+        sys.executable,
+        "-c",
+        NO_PORT_RUN,
+        f"sqlite:///{tmp_path / 'q.db'}",
+        str(tmp_path / "out"),
+        str(manifest),
+    ]
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "False"]
+
+
+def test_counting_stops_and_comes_back() -> None:
+    key = ("wanbatch_worker_submits_total", (("endpoint", "fal-ai/wan-i2v"), ("outcome", "refused")))
+
+    def refused() -> float:
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in telemetry.registry().collect()
+            for s in family.samples
+        }
+        return samples.get(key, 0.0)
+
+    before = refused()
+    restore = telemetry.count_nothing()
+    try:
+        telemetry.count_submit("fal-ai/wan-i2v", "refused")
+        with telemetry.fal_request("status") as call:
+            call.done(object())
+        assert refused() == before
+    finally:
+        restore()
+    telemetry.count_submit("fal-ai/wan-i2v", "refused")
+    assert refused() == before + 1
+
+
 def test_a_port_in_use_is_one_clear_configuration_error() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -27,13 +27,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from jobs.digits import ascii_int
+
+if TYPE_CHECKING:  # imported where used: only the receiver verifies (about 10 ms of start-up)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 #: fal's published tolerance: a delivery more than 5 minutes off is refused.
 TIMESTAMP_TOLERANCE = 300.0
@@ -82,6 +83,8 @@ def signed_message(request_id: str, user_id: str, timestamp: str, body: bytes) -
 
 def keys_of(jwks: object) -> list[Ed25519PublicKey]:
     """The Ed25519 public keys of a JWKS document (other or malformed entries are skipped)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     entries = jwks.get("keys") if isinstance(jwks, dict) else None
     keys: list[Ed25519PublicKey] = []
     for entry in entries if isinstance(entries, list) else []:
@@ -250,6 +253,8 @@ class JwksKeys:
 
 
 def _any_verifies(keys: list[Ed25519PublicKey], message: bytes, signature: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     for key in keys:
         try:
             key.verify(signature, message)
