@@ -319,15 +319,15 @@ def run_wanbatch(
     argv = [sys.executable, "-c", "import cli; cli.main()", "run", str(manifest), "--no-progress"]
     if profile is not None:
         profile.parent.mkdir(parents=True, exist_ok=True)
-        extra = os.environ.get("BENCH_PYSPY_ARGS", "").split()
-        rate = [] if {"-r", "--rate"} & set(extra) else ["-r", "100"]
+        spy_args = os.environ.get("BENCH_PYSPY_ARGS", "").split()
+        rate = [] if {"-r", "--rate"} & set(spy_args) else ["-r", "100"]
         argv = [
             "py-spy",
             "record",
             *rate,
             "-f",
             "raw",
-            *extra,
+            *spy_args,
             "-o",
             str(profile),
             "--",
