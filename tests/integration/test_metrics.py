@@ -31,6 +31,7 @@ from jobs.metrics import DURATION_BUCKETS, MAX_ERROR_GROUPS, snapshot
 from jobs.models import Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
+from tests.ports import unused_port
 from tests.step_runtime import add_batch
 from web.app import create_app
 from web.metrics import metrics_route
@@ -128,7 +129,8 @@ def test_metrics_match_the_database_after_an_embedded_run(
     db_url: str, engine: Engine, sim: SimulatorHandle, tmp_path: Path
 ) -> None:
     sim.reset()
-    settings = settings_for(db_url, sim, tmp_path)
+    # A metrics port: without one an embedded run counts nothing (nobody could read the counts).
+    settings = settings_for(db_url, sim, tmp_path, metrics_port=unused_port())
     shutil.copytree(EXAMPLES / "images", tmp_path / "images")
     manifest = tmp_path / "metrics.yaml"
     manifest.write_text(MANIFEST.format(name="metrics-run"), encoding="utf-8")
