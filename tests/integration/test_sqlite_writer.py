@@ -7,7 +7,8 @@ import threading
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Engine, QueuePool, func, select
+import pytest
+from sqlalchemy import Engine, QueuePool, func, select, text
 
 from jobs import db, store
 from jobs.db import make_engine, migrate
@@ -98,13 +99,54 @@ def test_writes_on_the_engine_itself_still_take_turns_with_it(tmp_path: Path) ->
 
 
 def test_disposing_the_engine_closes_the_writer(tmp_path: Path) -> None:
+    """The writer connection stays open between units of work, until the engine is disposed of."""
     engine = _engine(tmp_path)
+    writer = db.writer_engine(engine)
+    assert writer is not engine
     with db.session_scope(engine) as session:
         store.record_heartbeat(session, "me", frozenset({"*"}), utcnow())
-        writer = session.get_bind()
-    assert isinstance(writer, Engine)
-    assert writer is not engine
+        assert session.connection().engine is writer
     pool = cast(QueuePool, writer.pool)
-    assert pool.checkedin() == 1
+    assert pool.checkedout() == 1  # kept for the next unit of work
     engine.dispose()
+    assert pool.checkedout() == 0
     assert pool.checkedin() == 0
+
+
+def test_a_unit_of_work_inside_a_begun_one_is_refused(tmp_path: Path) -> None:
+    """Both would write on the one connection: the inner one would join the outer transaction."""
+    engine = _engine(tmp_path)
+    with db.session_scope(engine) as outer:
+        store.record_heartbeat(outer, "outer", frozenset({"*"}), utcnow())
+        with pytest.raises(RuntimeError, match="inside another"), db.session_scope(engine):
+            pass
+    with db.session_scope(engine) as before:  # an outer unit that has not begun: the inner one runs
+        with db.session_scope(engine) as inner:
+            store.record_heartbeat(inner, "inner", frozenset({"*"}), utcnow())
+        store.record_heartbeat(before, "after", frozenset({"*"}), utcnow())
+    with db.read_scope(engine) as reading:
+        assert set(reading.scalars(text("SELECT owner FROM conductor_heartbeats"))) >= {
+            "outer",
+            "inner",
+            "after",
+        }
+    engine.dispose()
+
+
+def test_a_failed_unit_leaves_the_connection_ready_for_the_next(tmp_path: Path) -> None:
+    engine = _engine(tmp_path)
+
+    def fails() -> None:
+        with db.session_scope(engine) as session:
+            store.record_heartbeat(session, "lost", frozenset({"*"}), utcnow())
+            raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        fails()
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(session, "kept", frozenset({"*"}), utcnow())
+    with db.read_scope(engine) as reading:
+        names = set(reading.scalars(text("SELECT owner FROM conductor_heartbeats")))
+    assert "kept" in names
+    assert "lost" not in names
+    engine.dispose()
