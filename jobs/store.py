@@ -673,13 +673,15 @@ def cancelled_batches_with_work(session: Session) -> list[str]:
     The tick carries out ``wanbatch cancel`` for these; a cancelled batch whose jobs have all
     ended needs nothing more, however many of them the database holds.
     """
-    return list(
-        session.scalars(
+    query = _prepared(
+        ("cancelled-with-work",),
+        lambda: (
             select(Batch.id)
             .where(Batch.state == BatchState.CANCELLED, _has_unfinished_jobs())
             .order_by(Batch.created_at, Batch.id)
-        )
+        ),
     )
+    return [row[0] for row in _run(session, query)]
 
 
 # --------------------------------------------------------------------------- creating jobs
@@ -2170,7 +2172,7 @@ def handed_off(
 def simulated_batch_ids(session: Session) -> frozenset[str]:
     """The batches made by ``run --simulate``: their requests are a simulator's, never fal's."""
     query = _prepared(("simulated-batch-ids",), lambda: select(Batch.id).where(Batch.simulated.is_(True)))
-    return frozenset(session.scalars(query))
+    return frozenset(row[0] for row in _run(session, query))
 
 
 def batch_requests(
@@ -2909,15 +2911,16 @@ def defer_delivery(session: Session, delivery_id: int, why: str) -> None:
 
 def unprocessed_deliveries(session: Session, *, limit: int = 200) -> list[int]:
     """Ids of deliveries not applied yet, oldest first."""
-    return [
-        int(i)
-        for i in session.scalars(
+    query = _prepared(
+        ("unprocessed-deliveries", limit),
+        lambda: (
             select(WebhookDelivery.id)
             .where(WebhookDelivery.processed_at.is_(None))
             .order_by(WebhookDelivery.id)
             .limit(limit)
-        )
-    ]
+        ),
+    )
+    return [int(row[0]) for row in _run(session, query)]
 
 
 def request_known(session: Session, job_id: str, request_id: str) -> bool:
