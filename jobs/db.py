@@ -244,15 +244,10 @@ class _Writer:
             connection = self._connect()
             if nested and connection.in_transaction():
                 raise RuntimeError("a unit of work was opened inside another one's transaction")
-            session = Session(bind=connection, expire_on_commit=False)
             try:
-                yield session
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
+                with _unit_of_work(Session(bind=connection, expire_on_commit=False)) as session:
+                    yield session
             finally:
-                session.close()
                 if connection.in_transaction() or connection.invalidated:
                     self._discard()  # a rollback that failed: the next unit starts afresh
         finally:
@@ -444,7 +439,14 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         with writer.unit() as scoped:
             yield scoped
         return
-    session = session_factory(engine)()
+    with _unit_of_work(session_factory(engine)()) as session:
+        yield session
+
+
+@contextlib.contextmanager
+def _unit_of_work(session: Session) -> Iterator[Session]:
+    """``session`` as one unit of work: committed if the block succeeds, rolled back if it
+    raises, closed either way."""
     try:
         yield session
         session.commit()

@@ -32,6 +32,18 @@ from worker.running import process_batch
 KEY = "b-process-key-1e5c9d3a:7f0b4a2e6c8d"
 
 
+def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``code`` run by a fresh interpreter in the project's folder, with ``args``."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
 def parse(body: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -132,22 +144,9 @@ def test_an_embedded_run_without_a_port_counts_nothing(tmp_path: Path) -> None:
         "name: quiet\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: a quiet scene\n  - prompt: another\n",
         encoding="utf-8",
     )
-    argv = [
-        sys.executable,
-        "-c",
-        NO_PORT_RUN,
-        f"sqlite:///{tmp_path / 'q.db'}",
-        str(tmp_path / "out"),
-        str(manifest),
-    ]
-    done = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=Path(__file__).resolve().parents[2],
-    )
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    argv = [NO_PORT_RUN, url, str(tmp_path / "out"), str(manifest)]
+    done = _python(*argv)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2", "False"]
 
@@ -252,14 +251,7 @@ MULTIPROCESS = textwrap.dedent(
 
 def test_prefork_children_are_summed_by_the_parent(tmp_path: Path) -> None:
     port = unused_port()
-    done = subprocess.run(
-        [sys.executable, "-c", MULTIPROCESS, str(port)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=Path(__file__).resolve().parents[2],
-    )
+    done = _python(MULTIPROCESS, str(port))
     assert done.returncode == 0, done.stderr
     samples = parse(done.stdout)
     key = ("wanbatch_worker_submits_total", (("endpoint", "fal-ai/wan-22"), ("outcome", "accepted")))
