@@ -94,6 +94,8 @@ _lock = threading.Lock()
 _built: _Metrics | None = None
 #: Off while nothing can ever read this process's counts (:func:`count_nothing`).
 _counting = True
+#: How many :func:`count_nothing` callers have not restored counting yet (under ``_lock``).
+_silenced = 0
 _multiprocess_dir: str | None = None
 _error_types: set[str] = set()
 
@@ -283,12 +285,23 @@ def count_nothing() -> Callable[[], None]:
     be read by anyone (they live in its memory and die with it), so counting them only cost
     CPU on every fal call, and importing prometheus_client about 75 ms of start-up.
     """
-    global _counting
-    before, _counting = _counting, False
+    global _counting, _silenced
+    with _lock:
+        _silenced += 1
+        _counting = False
+    restored = False
 
     def restore() -> None:
-        global _counting
-        _counting = before
+        # Counted, not a saved flag: of two runs in one process, the first to end must not
+        # turn counting on under the second, nor the second leave it off for good.
+        global _counting, _silenced
+        nonlocal restored
+        with _lock:
+            if restored:
+                return
+            restored = True
+            _silenced -= 1
+            _counting = _silenced == 0
 
     return restore
 

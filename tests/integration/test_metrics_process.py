@@ -173,6 +173,15 @@ def test_counting_stops_and_comes_back() -> None:
         restore()
     telemetry.count_submit("fal-ai/wan-i2v", "refused")
     assert refused() == before + 1
+    # Two runs in one process, ending in either order: counting is back once both have ended.
+    first, second = telemetry.count_nothing(), telemetry.count_nothing()
+    first()
+    telemetry.count_submit("fal-ai/wan-i2v", "refused")  # the second run still counts nothing
+    assert refused() == before + 1
+    second()
+    second()  # restoring twice changes nothing
+    telemetry.count_submit("fal-ai/wan-i2v", "refused")
+    assert refused() == before + 2
 
 
 def test_a_port_in_use_is_one_clear_configuration_error() -> None:
