@@ -92,9 +92,8 @@ class _Metrics:
 
 _lock = threading.Lock()
 _built: _Metrics | None = None
-#: Off while nothing can ever read this process's counts (:func:`count_nothing`).
-_counting = True
-#: How many :func:`count_nothing` callers have not restored counting yet (under ``_lock``).
+#: How many :func:`count_nothing` callers have not restored counting yet (changed under
+#: ``_lock``): nothing is counted while it is above zero.
 _silenced = 0
 _multiprocess_dir: str | None = None
 _error_types: set[str] = set()
@@ -183,7 +182,7 @@ def _build() -> _Metrics:
 def count_submit(endpoint: str, outcome: str) -> None:
     """One submit POST sent to fal that ended ``outcome`` (``accepted``, ``ambiguous``,
     ``rate_limited`` (429), ``retryable``, ``refused``)."""
-    if not _counting:
+    if _silenced:
         return
     _metrics().submits.labels(endpoint=endpoint, outcome=outcome).inc()
 
@@ -207,7 +206,7 @@ def error_kind(exc: ProviderError) -> str:
 
 def count_provider_error(exc: ProviderError) -> None:
     """One provider error this process handled (it decided a retry or a failure from it)."""
-    if not _counting:
+    if _silenced:
         return
     _metrics().provider_errors.labels(type=error_kind(exc)).inc()
 
@@ -215,21 +214,21 @@ def count_provider_error(exc: ProviderError) -> None:
 def count_retry(cause: str) -> None:
     """One job sent back to ``retry_wait`` for a new attempt (``provider_error``,
     ``ambiguous_resubmit``)."""
-    if not _counting:
+    if _silenced:
         return
     _metrics().retries.labels(cause=cause).inc()
 
 
 def count_ambiguous_submit() -> None:
     """One submit whose outcome is unknown (the job moved to ``submit_unknown``)."""
-    if not _counting:
+    if _silenced:
         return
     _metrics().ambiguous.inc()
 
 
 def count_limiter_wait(outcome: str, seconds: float = 0.0) -> None:
     """The limiter made a submit wait: ``slept`` (``seconds``), ``held_back`` or ``unavailable``."""
-    if not _counting:
+    if _silenced:
         return
     metrics = _metrics()
     metrics.limiter_waits.labels(outcome=outcome).inc()
@@ -239,7 +238,7 @@ def count_limiter_wait(outcome: str, seconds: float = 0.0) -> None:
 
 def count_webhook(*, accepted: bool) -> None:
     """One webhook delivery answered by this process's receiver."""
-    if not _counting:
+    if _silenced:
         return
     _metrics().webhooks.labels(result="accepted" if accepted else "rejected").inc()
 
@@ -266,7 +265,7 @@ def fal_request(operation: str) -> Iterator[FalCall]:
     The status label is the answer's class, or ``error`` when none came (a timeout, a reset).
     """
     call = FalCall()
-    if not _counting:
+    if _silenced:
         yield call
         return
     started = time.perf_counter()
@@ -285,23 +284,21 @@ def count_nothing() -> Callable[[], None]:
     be read by anyone (they live in its memory and die with it), so counting them only cost
     CPU on every fal call, and importing prometheus_client about 75 ms of start-up.
     """
-    global _counting, _silenced
+    global _silenced
     with _lock:
         _silenced += 1
-        _counting = False
     restored = False
 
     def restore() -> None:
         # Counted, not a saved flag: of two runs in one process, the first to end must not
         # turn counting on under the second, nor the second leave it off for good.
-        global _counting, _silenced
+        global _silenced
         nonlocal restored
         with _lock:
             if restored:
                 return
             restored = True
             _silenced -= 1
-            _counting = _silenced == 0
 
     return restore
 
