@@ -283,3 +283,39 @@ def test_a_429_on_the_image_upload_is_no_attempt_either(
     assert rt.limiter is not None
     assert rt.limiter.pause_left() > 25  # every submit waits out the pause
     assert hostile.count("POST", r"/fal-ai/.*") == 0
+
+
+def test_a_round_that_finds_fewer_jobs_than_tokens_leaves_nothing_waiting_for_the_rate(
+    engine: Engine, hostile: HostileProvider
+) -> None:
+    """The bucket holds fewer tokens (the rate, 5) than the outstanding cap has room for (10).
+    With nothing due the round is not short of tokens; with more jobs due than tokens, it is."""
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, submit_rate=5.0, max_outstanding=10))
+    assert rt.bucket is not None
+    assert dispatch(rt) == []
+    assert not rt.bucket.short  # nothing was due: nothing waits for a token
+
+    add_batch(engine, "more-than-the-rate", [(T2V, {"prompt": f"shot {n}"}) for n in range(7)])
+    assert 0 < len(dispatch(rt)) <= 5  # a second's worth of the rate at most
+    assert rt.bucket.short  # the others wait for the next tokens
+
+
+def test_an_idle_conductor_does_not_dispatch_every_20_ms(engine: Engine, hostile: HostileProvider) -> None:
+    """With the default submit rate (5 a second) below the outstanding cap (10), every round asked
+    for more tokens than the bucket can hold, was "short", and came again 20 ms later: a worker
+    with nothing to do ran some 50 dispatch rounds a second (8 % of a core on PostgreSQL, and a
+    write of the shared rate's row each time), overnight included."""
+    rt = make_runtime(
+        engine, settings_for(hostile.url, KEY, submit_rate=5.0, max_outstanding=10, tick_interval=30)
+    )
+    conductor = Conductor(rt, stream=False)
+    stopping = threading.Event()
+    runner = threading.Thread(target=conductor.run, args=(stopping,))
+    runner.start()
+    try:
+        time.sleep(1.5)
+    finally:
+        stopping.set()
+        runner.join(timeout=10)
+    assert conductor.stats.ticks == 1
+    assert conductor.stats.rounds <= 3  # the first tick's round, not ~75

@@ -98,6 +98,11 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     states = [S.PENDING, S.RETRY_WAIT] if flight.retry_wait else [S.PENDING]
     jobs = _claim_within_caps(session, rt, free, now, key_id, closed, states)
     rt.downloads_held = rt.downloads_held and len(jobs) >= free  # fewer: nothing else waited
+    if len(jobs) < free:
+        # Fewer due than tokens: nothing waits for the rate, whatever the bucket could not grant
+        # (it holds a second's worth, often less than the cap has room for). Left "short", the
+        # conductor came back every 20 ms to find nothing, all night.
+        rt.bucket.short = False
     done.unused = free
     committed = _Committed(session, batches, now, rt.settings.daily_budget_usd)
     for job in jobs:
