@@ -636,6 +636,21 @@ def dispatch_batches(session: Session, batch_ids: Collection[str] = ()) -> list[
     return list(_run(session, _held_back_query(simulated=True, whole=False), {"ids": sorted(batch_ids)}))
 
 
+def batch_records(session: Session, batch_ids: Collection[str]) -> list[BatchRecord]:
+    """The batches ``batch_ids`` as Core rows (every column but the manifest's text), in one
+    query: those of the jobs a dispatch round claimed that :func:`dispatch_batches` did not
+    read (a distributed leader works on every batch, so it knows its batches only from its
+    claims). Loading each as an ORM object cost more than the claim itself."""
+    if not batch_ids:
+        return []
+
+    def build() -> Any:
+        columns = [c for c in Batch.__table__.c if c.key != "manifest_text"]
+        return select(*columns).where(Batch.id.in_(bindparam("ids", expanding=True)))
+
+    return list(_run(session, _prepared(("batch_records",), build), {"ids": sorted(batch_ids)}))
+
+
 def _held_back_query(*, simulated: bool, whole: bool) -> Any:
     def build() -> Any:  # once per process: a dispatch round runs per completion
         held = [Batch.schedule.is_not(None), Batch.paused_by_user.is_(True)]
@@ -1994,16 +2009,6 @@ def release_process_leases(
 # --------------------------------------------------------------------------- reading jobs
 
 
-def jobs_by_id(session: Session, job_ids: Collection[str]) -> dict[str, Job]:
-    """The jobs with these ids (missing ones are left out), in one query."""
-    if not job_ids:
-        return {}
-    query = _prepared(
-        ("jobs_by_id",), lambda: select(Job).where(Job.id.in_(bindparam("ids", expanding=True)))
-    )
-    return {j.id: j for j in session.scalars(query, {"ids": sorted(job_ids)})}
-
-
 def job_snapshots(session: Session, job_ids: Collection[str]) -> dict[str, JobSnapshot]:
     """The jobs with these ids as :class:`JobSnapshot` (missing ones are left out), in one query.
 
@@ -2016,6 +2021,15 @@ def job_snapshots(session: Session, job_ids: Collection[str]) -> dict[str, JobSn
         ("job_snapshots",), lambda: select(*_JOBS.c).where(_JOBS.c.id.in_(bindparam("ids", expanding=True)))
     )
     return {row.id: JobSnapshot(**row._mapping) for row in _run(session, query, {"ids": sorted(job_ids)})}
+
+
+def job_snapshot(session: Session, job_id: str) -> JobSnapshot:
+    """One job as a :class:`JobSnapshot` (:func:`job_snapshots`): what a step that only reads
+    it needs, without building an ORM object (its JSON columns decoded into tracked state)."""
+    found = job_snapshots(session, (job_id,)).get(job_id)
+    if found is None:
+        raise NotFoundError(f"no job {job_id!r}")
+    return found
 
 
 @dataclass(frozen=True, slots=True)

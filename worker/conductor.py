@@ -26,13 +26,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
 from jobs import db, store
-from jobs.models import EVERY_BATCH, utcnow
+from jobs.models import EVERY_BATCH, JobView, utcnow
 from worker import steps
 from worker.fal.models import RequestHandle, Status
 from worker.steps.context import Reach, Runtime, handle_of
@@ -361,8 +361,9 @@ class Conductor:
             # the submits heard in between: a simulation started since costs a futile stream at most.
             reach = self._reach if job_ids and self._reach is not None else self.rt.reach(session)
             self._reach = reach
+            jobs: Sequence[JobView]
             if job_ids:
-                found = store.jobs_by_id(session, job_ids - exclude).values()
+                found = store.job_snapshots(session, job_ids - exclude).values()  # rows, not objects
                 jobs = [j for j in found if j.state in AT_FAL and reach.covers(j.batch_id)]
             else:
                 jobs = store.requests_at_fal(

@@ -5,6 +5,8 @@
   (``submitting``) is its only write, so its version grows by exactly one;
 * in an embedded run dispatch leaves the submit a ticket of what it read; the submit starts
   from it without reading again, and a job changed in between is never sent;
+* a round of the distributed leader (it works on every batch) reads the batches of the jobs it
+  claimed in one query, as rows, never one ORM object per batch;
 * a ``BEGIN`` SQLite refuses surfaces as SQLAlchemy's ``OperationalError``, as before it was
   sent on the DBAPI connection.
 """
@@ -87,6 +89,24 @@ def test_a_round_claims_whole_jobs_and_moves_each_once(engine: Engine, statement
             job = store.get_job(session, job_id)
             assert (job.state, job.version, job.lease_owner) == (S.SUBMITTING, 1, rt.owner)
             assert [e.to_state for e in store.job_events(session, job_id)] == [S.SUBMITTING]
+
+
+def test_a_leaders_round_reads_its_claims_batches_in_one_query(
+    engine: Engine, statements: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = add_batch(engine, "first", [(T2V, {"prompt": "a", "seed": 1})])
+    second = add_batch(engine, "second", [(T2V, {"prompt": "b"})])
+    rt = make_runtime(engine, settings_for("http://127.0.0.1:9", KEY))  # every batch, as a leader
+    assert rt.batch_ids is None
+
+    def one_by_one(*_: Any) -> None:
+        raise AssertionError("a batch loaded on its own")
+
+    monkeypatch.setattr(store, "get_batch", one_by_one)
+    statements.clear()
+    assert sorted(dispatch(rt)) == sorted(job_ids(engine, first) + job_ids(engine, second))
+    reads = [s for s in statements if s.startswith("SELECT batches.")]
+    assert len(reads) == 2  # the batches a round may hold back, then those of its claims
 
 
 def test_the_submit_starts_from_the_ticket_dispatch_left(

@@ -98,6 +98,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     states = [S.PENDING, S.RETRY_WAIT] if flight.retry_wait else [S.PENDING]
     jobs = _claim_within_caps(session, rt, free, now, key_id, closed, states)
     rt.downloads_held = rt.downloads_held and len(jobs) >= free  # fewer: nothing else waited
+    batches.read({job.batch_id for job in jobs})
     if len(jobs) < free:
         # Fewer due than tokens: nothing waits for the rate, whatever the bucket could not grant
         # (it holds a second's worth, often less than the cap has room for). Left "short", the
@@ -140,6 +141,12 @@ class _RoundBatches:
         self._session = session
         self._own = frozenset(own)
         self._by_id: dict[str, BatchRecord] = {b.id: b for b in store.dispatch_batches(session, own)}
+
+    def read(self, batch_ids: Collection[str]) -> None:
+        """Read those of ``batch_ids`` not read yet, in one query (the batches of the jobs just
+        claimed: a distributed leader knows no batch of its own)."""
+        missing = set(batch_ids) - self._by_id.keys()
+        self._by_id.update((b.id, b) for b in store.batch_records(self._session, missing))
 
     def get(self, batch_id: str) -> BatchRecord:
         batch = self._by_id.get(batch_id)
