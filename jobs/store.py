@@ -645,10 +645,15 @@ def batch_records(session: Session, batch_ids: Collection[str]) -> list[BatchRec
         return []
 
     def build() -> Any:
-        columns = [c for c in Batch.__table__.c if c.key != "manifest_text"]
-        return select(*columns).where(Batch.id.in_(bindparam("ids", expanding=True)))
+        return select(*_batch_columns()).where(Batch.id.in_(bindparam("ids", expanding=True)))
 
     return list(_run(session, _prepared(("batch_records",), build), {"ids": sorted(batch_ids)}))
+
+
+def _batch_columns() -> list[Any]:
+    """A batch's columns as a round reads them: all but the manifest's text (deferred on the
+    model too; it can be long and no round needs it)."""
+    return [c for c in Batch.__table__.c if c.key != "manifest_text"]
 
 
 def _held_back_query(*, simulated: bool, whole: bool) -> Any:
@@ -656,9 +661,8 @@ def _held_back_query(*, simulated: bool, whole: bool) -> Any:
         held = [Batch.schedule.is_not(None), Batch.paused_by_user.is_(True)]
         if simulated:
             held.append(Batch.simulated.is_(True))
-        columns = [c for c in Batch.__table__.c if c.key != "manifest_text"]  # deferred on the model too
         return (
-            (select(Batch) if whole else select(*columns))
+            (select(Batch) if whole else select(*_batch_columns()))
             .where(
                 or_(
                     and_(or_(*held), _has_unfinished_jobs()),
