@@ -316,6 +316,8 @@ def test_an_idle_conductor_does_not_dispatch_every_20_ms(engine: Engine, hostile
         time.sleep(1.5)
     finally:
         stopping.set()
+        conductor.notify("done", "")  # wake it: it waits for its next tick, 30 s away
         runner.join(timeout=10)
+    assert not runner.is_alive()
     assert conductor.stats.ticks == 1
     assert conductor.stats.rounds <= 3  # the first tick's round, not ~75
