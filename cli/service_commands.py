@@ -24,6 +24,10 @@ from cli.output import EXIT_OK, guarded
 
 #: ``wanbatch worker``'s Celery pool unless ``--pool`` says otherwise (see :func:`worker`).
 DEFAULT_POOL = "threads"
+#: The pools ``--pool`` takes: Celery's that need no other package (eventlet and gevent do).
+POOLS = ("threads", "prefork", "processes", "solo")
+#: ``--loglevel``'s choices: Celery's (``celery worker -l``), kept here so ``--help`` needs no Celery.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
 
 
 @click.command()
@@ -34,9 +38,12 @@ DEFAULT_POOL = "threads"
     default=None,
     help="Tasks run at once: threads or processes (default: CPU count).",
 )
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option(
+    "--loglevel", "-l", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True
+)
 @click.option(
     "--pool",
+    type=click.Choice(POOLS, case_sensitive=False),
     default=DEFAULT_POOL,
     show_default=True,
     help="Celery pool: threads (tasks on threads of this process) or prefork (child processes).",
@@ -84,7 +91,7 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
         from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
         from worker import tasks
-        from worker.app import QUEUE, get_app
+        from worker.app import get_app, run_worker
         from worker.ticker import Ticker
 
         app = get_app(settings)
@@ -116,25 +123,14 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
             from worker.logs import celery_console_as_json
 
             celery_console_as_json()  # its shutdown notices too: one JSON object per line
-        argv = [
-            *(["--quiet"] if settings.log_format == "json" else []),  # no banner amid JSON lines
-            "worker",
-            f"--loglevel={loglevel}",
-            "-Q",
-            QUEUE,
-            f"--pool={pool}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-        if concurrency:
-            argv.append(f"--concurrency={concurrency}")
         asked_to_stop: list[str] = []
 
         @worker_shutting_down.connect(weak=False)
         def _by_signal(sig: str = "", **_: object) -> None:
             asked_to_stop.append(sig)
 
-        app.worker_main(argv=argv)
+        quiet = settings.log_format == "json"  # no banner amid JSON lines
+        run_worker(app, pool=pool.lower(), concurrency=concurrency, loglevel=loglevel.upper(), quiet=quiet)
         if stop_metrics is not None:
             stop_metrics()
         if not asked_to_stop:

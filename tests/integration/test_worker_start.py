@@ -1,0 +1,89 @@
+"""``wanbatch worker`` starts Celery's worker itself, not through Celery's command line.
+
+Importing ``celery.bin.celery`` brings every Celery subcommand, ``click_repl`` and
+``prompt_toolkit`` among them: about a tenth of a worker's start-up CPU for a shell nobody
+opens. :func:`worker.app.run_worker` does what ``celery worker`` does without it. These tests
+pin down that the worker it starts is the one ``celery worker -Q wanbatch --without-gossip
+--without-mingle`` started (a real Celery worker on kombu's in-memory transport), and that a
+bad ``--pool`` or ``--loglevel`` is one line naming what is allowed, as Celery's own option said.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WANBATCH = str(Path(sys.executable).with_name("wanbatch"))
+
+_WORKER = """
+import json, os, signal, sys
+from celery.signals import worker_ready
+from worker.app import make_app, run_worker
+
+app = make_app(None)  # kombu's in-memory transport: a real worker, no broker to run
+seen = {}
+
+@worker_ready.connect(weak=False)
+def _ready(sender, **_):
+    controller = sender.controller
+    seen["queues"] = sorted(q.name for q in sender.task_consumer.queues)
+    seen["pool"] = type(controller.pool).__module__
+    seen["concurrency"] = controller.concurrency
+    seen["steps"] = sorted(s.name for s in sender.steps)
+    seen["loglevel"] = controller.loglevel
+    seen["celery_cli_imported"] = sorted(m for m in sys.modules if m.startswith(("celery.bin", "click_repl")))
+    os.kill(os.getpid(), signal.SIGTERM)  # a warm shutdown, as an operator's
+
+code = run_worker(app, pool=sys.argv[1], concurrency=3, loglevel="WARNING", quiet=True)
+with open(sys.argv[2], "w") as out:  # not stdout: the worker redirects it to its log
+    json.dump({**seen, "exit": code}, out)
+"""
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_run_worker_starts_the_worker_celery_worker_would_without_its_command_line(
+    pool: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "seen.json"
+    done = subprocess.run(
+        [sys.executable, "-c", _WORKER, pool, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(out.read_text())
+    assert seen["queues"] == ["wanbatch"]
+    assert seen["pool"] == {"threads": "celery.concurrency.thread", "solo": "celery.concurrency.solo"}[pool]
+    assert seen["concurrency"] == 3
+    assert seen["loglevel"] == 30  # WARNING, as a number: what Celery's ``-l`` option made of it
+    assert not {"Gossip", "Mingle"} & {name.rsplit(".", 1)[-1] for name in seen["steps"]}
+    assert seen["celery_cli_imported"] == []
+    assert seen["exit"] == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "allowed"),
+    [
+        ("--pool", "gevnet", "'threads', 'prefork', 'processes', 'solo'"),
+        ("--loglevel", "LOUD", "'debug', 'info'"),
+    ],
+)
+def test_a_bad_pool_or_log_level_is_one_line_naming_the_choices(
+    option: str, value: str, allowed: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANBATCH_")}
+    done = subprocess.run(
+        [WANBATCH, "worker", option, value], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert f"Invalid value for {option!r}" in done.stderr.replace('"', "'")
+    assert allowed in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
