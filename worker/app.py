@@ -47,7 +47,6 @@ from typing import Any
 from celery import Celery, bootsteps
 
 from jobs.settings import BrokerSettings
-from worker.tasks import register_tasks
 
 VISIBILITY_TIMEOUT_SECONDS = 2 * 60 * 60
 QUEUE = "wanbatch"
@@ -138,6 +137,10 @@ def make_app(broker_url: str | None) -> Celery:
 
 @cache
 def _app_for(broker_url: str | None) -> Celery:
+    # Here, not at the top: the tasks bring the steps (the fal client, PyAV), which a process
+    # that only pings workers or sends them messages (``run``'s watcher, ``status``) never needs.
+    from worker.tasks import register_tasks
+
     app = make_app(broker_url)
     register_tasks(app)
     return app

@@ -36,12 +36,11 @@ from jobs.errors import ConfigError, WanbatchError
 from jobs.printable import printable
 from jobs.settings import Settings
 from jobs.states import JobState
-from worker import steps
 from worker.progress_line import batch_progress_display, money_text
-from worker.steps.context import DOWNLOAD_QUEUE, process_identity
 
 if TYPE_CHECKING:
     from worker.conductor import Conductor
+    from worker.steps import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +375,7 @@ def _process_embedded(
             close_runtime(rt)
 
 
-def _serve_metrics(settings: Settings, rt: steps.Runtime) -> Callable[[], None]:
+def _serve_metrics(settings: Settings, rt: Runtime) -> Callable[[], None]:
     """This process's metrics on ``WANBATCH_METRICS_PORT`` (a port in use: the runtime is closed
     and the ConfigError says which variable to change); without the setting nobody can read
     them, so nothing is counted (:func:`~worker.telemetry.count_nothing`). Returns what undoes
@@ -392,12 +391,14 @@ def _serve_metrics(settings: Settings, rt: steps.Runtime) -> Callable[[], None]:
     return stop if stop is not None else telemetry.count_nothing()
 
 
-def _give_back(rt: steps.Runtime, batch_id: str) -> str:
+def _give_back(rt: Runtime, batch_id: str) -> str:
     """Give back this process's leases; returns the line that says what became of its jobs.
 
     Waits up to :data:`IN_FLIGHT_GRACE_SECONDS` for POSTs already sent to be answered (their
     request ids recorded), so that the next run rarely has a ``submit_unknown`` to resolve.
     """
+    from worker.steps.context import DOWNLOAD_QUEUE, process_identity
+
     prefix = process_identity()
     deadline = time.monotonic() + IN_FLIGHT_GRACE_SECONDS
     unsent = released = 0

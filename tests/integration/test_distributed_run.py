@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,11 @@ def _run_through_a_worker(
     *,
     settings: dict[str, str] | None = None,
     faults: dict[str, Any] | None = None,
+    wanbatch: list[str] | None = None,
 ) -> tuple[Scenario, dict[str, Any], LedgerReport, list[int | None]]:
     """``wanbatch run NAME --json`` with a broker, one real ``wanbatch worker`` doing the work;
-    (the scenario, run's report, the simulator's ledger, the worker's exit codes)."""
+    (the scenario, run's report, the simulator's ledger, the worker's exit codes). ``wanbatch``:
+    the command that runs ``run`` (default: :func:`wanbatch_command`)."""
     scenario = Scenario(jobs=10, workers=1, concurrency=2, cap=4, latency=0.1, sim_concurrency=4)
     manifest = write_manifest(tmp_path, scenario.jobs, name=name)
     logs = tmp_path / "logs"
@@ -54,7 +57,7 @@ def _run_through_a_worker(
         workers = start_workers(scenario, env, tmp_path, logs)
         try:
             run = subprocess.run(
-                [*wanbatch_command(), "run", str(manifest), "--json"],
+                [*(wanbatch or wanbatch_command()), "run", str(manifest), "--json"],
                 env=env,
                 cwd=tmp_path,
                 capture_output=True,
@@ -65,6 +68,46 @@ def _run_through_a_worker(
         finally:
             codes = stop_processes(workers)
         return scenario, json.loads(run.stdout), sim.ledger(), codes
+
+
+#: ``wanbatch`` that writes the modules it loaded to the file named by ``MODULES_OUT`` as it exits.
+_RECORDING_MODULES = """
+import atexit, json, os, sys
+atexit.register(lambda: open(os.environ["MODULES_OUT"], "w").write(json.dumps(sorted(sys.modules))))
+sys.argv = ["wanbatch", *sys.argv[1:]]
+from cli import main
+main()
+"""
+
+
+def test_run_with_a_broker_watches_without_loading_the_workers_steps(
+    new_pg_database: Callable[[], str], redis_url: str, tmp_path: Path
+) -> None:
+    """With a broker, ``run`` only submits and watches: the steps, the fal client and PyAV are the
+    workers' (about a third of the CPU an embedded ``run`` spends importing), so the watcher never
+    loads them. (Pillow it may: the manifest's images are checked before anything is stored.)"""
+    out = tmp_path / "modules.json"
+    _, report, _, _ = _run_through_a_worker(
+        new_pg_database(),
+        redis_url,
+        tmp_path,
+        "run-watch-light",
+        settings={"MODULES_OUT": str(out)},
+        wanbatch=[sys.executable, "-c", _RECORDING_MODULES],
+    )
+    assert report["counts"]["succeeded"] == report["total"]
+    loaded = set(json.loads(out.read_text()))
+    assert "worker.running" in loaded  # it did watch
+    workers_own = (
+        "worker.steps",
+        "worker.tasks",
+        "worker.fal.client",
+        "worker.fal.storage",
+        "worker.probe",
+        "av",
+    )
+    machinery = sorted(m for m in loaded if m.startswith(workers_own))
+    assert machinery == []
 
 
 def test_run_with_a_broker_waits_for_the_workers(

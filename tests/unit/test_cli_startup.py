@@ -36,13 +36,13 @@ print("GC " + json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_cou
 """
 
 
-def _modules_loaded_for(*args: str) -> set[str]:
+def _modules_loaded_for(*args: str, env: dict[str, str] | None = None) -> set[str]:
     done = subprocess.run(
         [sys.executable, "-c", _PROBE, json.dumps(args)],
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "FAL_KEY": "k-startup-test"},
+        env={**(os.environ if env is None else env), "FAL_KEY": "k-startup-test"},
         check=False,
     )
     line = next(x for x in done.stderr.splitlines() if x.startswith("MODULES "))
@@ -56,6 +56,18 @@ def test_help_and_version_load_nothing_heavy(args: tuple[str, ...]) -> None:
     loaded = _modules_loaded_for(*args)
     heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
     assert heavy == [], f"wanbatch {' '.join(args)} imported {heavy[:10]}"
+
+
+def test_a_command_that_talks_to_no_one_loads_no_http_client(tmp_path: Path) -> None:
+    """With ``FAL_KEY`` set (as it is for anyone who renders), every command installs the key's
+    redaction; that must not bring fal's client, httpx and PyAV with it (``worker.fal`` imports
+    nothing of its own): about a quarter of ``wanbatch status``'s start-up before."""
+    loaded = _modules_loaded_for("status", env=_clean_env(tmp_path))
+    assert "worker.fal.redact" in loaded  # the key is redacted from every log line
+    assert "jobs.store" in loaded  # it did read the database
+    network = sorted(m for m in loaded if m.split(".")[0] in ("httpx", "httpcore", "av", "celery"))
+    assert network == []
+    assert not {"worker.fal.client", "worker.fal.storage", "worker.steps"} & loaded
 
 
 def test_only_help_sees_help_anywhere_before_a_double_dash() -> None:

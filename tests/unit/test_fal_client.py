@@ -19,20 +19,18 @@ from jobs.errors import (
     UsageError,
 )
 from jobs.settings import Settings
-from worker.fal import (
-    CancelOutcome,
-    FalClient,
+from worker.fal.client import STREAM_TAIL_EVENTS, FalClient
+from worker.fal.errors import (
     ProviderProtocolError,
     RequestCancelledError,
     RequestFailedError,
-    RequestHandle,
     ResultExpiredError,
     ResultNotReadyError,
-    RetryPolicy,
     StartTimeoutError,
+    format_detail,
 )
-from worker.fal.client import STREAM_TAIL_EVENTS
-from worker.fal.errors import format_detail
+from worker.fal.http import RetryPolicy
+from worker.fal.models import CancelOutcome, RequestHandle
 
 QUEUE = "https://queue.test"
 REST = "https://rest.test"

@@ -12,16 +12,10 @@ import httpx
 import pytest
 
 from jobs.errors import AccountLockedError, FinalProviderError, RetryableProviderError, UsageError
-from worker.fal import (
-    DownloadIntegrityError,
-    FalClient,
-    FalStorage,
-    MediaPreparer,
-    RetryPolicy,
-    download,
-    prepare_input,
-    to_data_uri,
-)
+from worker.fal.client import FalClient
+from worker.fal.errors import DownloadIntegrityError
+from worker.fal.http import RetryPolicy
+from worker.fal.storage import FalStorage, MediaPreparer, download, prepare_input, to_data_uri
 
 QUEUE = "https://queue.test"
 REST = "https://rest.test"

@@ -8,10 +8,10 @@ from pydantic import SecretStr
 
 from jobs.errors import ConfigError, FinalProviderError
 from jobs.settings import Settings, get_settings
-from worker.fal import FalClient, RequestHandle
+from worker.fal.client import FalClient
 from worker.fal.errors import SubmitNotSentError
 from worker.fal.http import FalKeyAuth
-from worker.fal.models import valid_request_id
+from worker.fal.models import RequestHandle, valid_request_id
 from worker.fal.redact import MASK, redact_text, redact_value
 
 KEY = "0b5c2d4e-1111-2222-3333-444455556666:abcdef0123456789abcdef0123456789"

@@ -13,16 +13,10 @@ import httpx
 import pytest
 
 from jobs.errors import ProviderError
-from worker.fal import (
-    FalClient,
-    FalKeyAuth,
-    KeyRedactionFilter,
-    RequestHandle,
-    RetryPolicy,
-    install_redaction,
-    redact_text,
-    uninstall_redaction,
-)
+from worker.fal.client import FalClient
+from worker.fal.http import FalKeyAuth, RetryPolicy
+from worker.fal.models import RequestHandle
+from worker.fal.redact import KeyRedactionFilter, install_redaction, redact_text, uninstall_redaction
 
 KEY = "7d3f9a10-aaaa-bbbb-cccc-ddddeeeeffff:5e1f2a3b4c5d6e7f8091a2b3c4d5e6f7"
 SECRET_PART = KEY.split(":")[1]
