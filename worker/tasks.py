@@ -52,9 +52,13 @@ _accepting.set()
 def task_runtime(app: Celery, settings: Settings, *, batch_ids: frozenset[str] | None = None) -> Runtime:
     """A runtime whose hand-offs (submit, download) are messages to ``app``'s tasks."""
 
+    from worker.app import sent_events
+
+    events = sent_events(app)  # the task-sent events, in bunches
+
     def enqueue(name: str) -> Callable[[str], None]:
         def send(job_id: str) -> None:
-            app.tasks[name].delay(job_id)
+            app.tasks[name].apply_async((job_id,), event_dispatcher=events)
 
         return send
 
