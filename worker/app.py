@@ -45,6 +45,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import time
 from functools import cache
 from typing import Any
 
@@ -129,7 +130,6 @@ class SentEvents:
         self._lock = threading.Lock()
         self._dispatcher: Any = None
         self._pid = 0
-        self._stopping = threading.Event()
 
     def publish(self, type: str, fields: dict[str, Any], producer: Any = None, **_: Any) -> None:
         """What Celery calls to send the event (``EventDispatcher.publish``'s signature)."""
@@ -151,8 +151,10 @@ class SentEvents:
         atexit.register(self.flush)
 
     def _flush_every(self) -> None:
+        """The flushing thread: for the life of the process (a daemon), never in a forked child."""
         pid = os.getpid()
-        while not self._stopping.wait(TASK_EVENTS_FLUSH_SECONDS) and pid == os.getpid():
+        while pid == os.getpid():
+            time.sleep(TASK_EVENTS_FLUSH_SECONDS)
             self.flush()
 
     def flush(self) -> None:
