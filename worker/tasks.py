@@ -29,6 +29,7 @@ from jobs.settings import Settings, get_settings
 from worker import logs, steps
 from worker.runtime import build_runtime
 from worker.steps import Runtime
+from worker.task_events import sent_events
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -51,8 +52,6 @@ _accepting.set()
 
 def task_runtime(app: Celery, settings: Settings, *, batch_ids: frozenset[str] | None = None) -> Runtime:
     """A runtime whose hand-offs (submit, download) are messages to ``app``'s tasks."""
-
-    from worker.app import sent_events
 
     events = sent_events(app)  # the task-sent events, in bunches
 

@@ -1,4 +1,4 @@
-"""``task-sent`` events go out in bunches (:class:`worker.app.SentEvents`), and Flower still gets each.
+"""``task-sent`` events go out in bunches (:class:`worker.task_events.SentEvents`); Flower gets each.
 
 Celery published a sender's ``task-sent`` event at once, beside the task's own message: a second
 broker round trip per task. Here the leader's sends (``worker.tasks.task_runtime``'s hand-offs)
@@ -17,8 +17,9 @@ from celery.events.dispatcher import EventDispatcher
 from bench.distributed import claimed_redis_db
 from tests.celery_events import EventTap
 from tests.step_runtime import settings_for
-from worker.app import TASK_EVENTS_FLUSH_SECONDS, make_app, sent_events
+from worker.app import make_app
 from worker.runtime import close_runtime
+from worker.task_events import TASK_EVENTS_FLUSH_SECONDS, sent_events
 from worker.tasks import register_tasks, task_runtime
 
 pytestmark = pytest.mark.redis
@@ -69,7 +70,7 @@ def test_the_workers_hand_offs_send_their_task_sent_events_in_bunches(
     redis_url: str, sqlite_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``task_runtime``'s hand-offs (what the leader's conductor, the tick and the steps call)
-    pass :func:`worker.app.sent_events` to Celery as the event dispatcher."""
+    pass :func:`worker.task_events.sent_events` to Celery as the event dispatcher."""
     seen: list[Any] = []
     with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as broker:
         app = make_app(broker)

@@ -7,7 +7,7 @@
   the database (a ``submitted`` notice per accepted job).
 * Either way Flower still sees every task: a receiver on the broker, as Flower's, gets
   ``task-received``, ``task-started`` and ``task-succeeded`` for each one (the worker publishes
-  them in bunches, :class:`worker.app.BatchedTaskEvents`).
+  them in bunches, :class:`worker.task_events.BatchedTaskEvents`).
 * A process forked from one whose ticker leads never takes the parent's conductor for its own.
 """
 
