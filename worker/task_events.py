@@ -15,6 +15,7 @@ import atexit
 import os
 import threading
 import time
+from functools import cache
 from typing import Any
 
 from celery import Celery, bootsteps
@@ -127,12 +128,7 @@ class SentEvents:
                 self._dispatcher.flush()
 
 
-_sent_events: dict[int, SentEvents] = {}
-
-
+@cache
 def sent_events(app: Celery) -> SentEvents:
     """``app``'s :class:`SentEvents` in this process."""
-    found = _sent_events.get(id(app))
-    if found is None:
-        found = _sent_events[id(app)] = SentEvents(app)
-    return found
+    return SentEvents(app)
