@@ -177,9 +177,16 @@ class Conductor:
                         timeout, max(0.0, self._started_since + STARTED_BATCH_SECONDS - time.monotonic())
                     )
                 self._cond.wait(timeout)
-            seen = self._started + self._ended
+            # A round that only starts watching a submit writes nothing: the started events it
+            # would take along would cost a transaction of their own. They wait for a round
+            # that writes anyway (a completion, a dispatch), or until they are due.
+            due = bool(self._started) and time.monotonic() - self._started_since >= STARTED_BATCH_SECONDS
+            started = self._started if due or self._ended or self._wants_dispatch else []
+            seen = started + self._ended
             submitted, wants = self._submitted, self._wants_dispatch
-            self._started, self._ended, self._submitted, self._wants_dispatch = [], [], set(), False
+            if started:
+                self._started = []
+            self._ended, self._submitted, self._wants_dispatch = [], set(), False
         return seen, submitted, wants
 
     # ------------------------------------------------------------------ the loop (one thread)

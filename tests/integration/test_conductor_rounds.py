@@ -20,7 +20,8 @@ from tests.hostile import HostileProvider
 from tests.hostile_fal import FakeFal
 from tests.step_runtime import add_batch, completion_heard, job_ids, make_runtime, settings_for
 from worker import steps
-from worker.conductor import Conductor
+from worker.conductor import STARTED_BATCH_SECONDS, Conductor
+from worker.fal.models import Status
 from worker.steps import RateBucket, Runtime, dispatch, submit
 from worker.steps.poll import Seen
 
@@ -139,3 +140,58 @@ def test_a_finished_download_wakes_nothing_when_nothing_waits_on_downloads(
     assert not rt.downloads_held
     assert steps.download(rt, seen.job_id) == "succeeded"
     assert conductor._take(0) == ([], set(), False)  # no dispatch round for it: none was needed
+
+
+def _quiet_conductor(engine: Engine, hostile: HostileProvider, tmp_path: Path) -> Conductor:
+    FakeFal(hostile)
+    return Conductor(make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path)), stream=False)
+
+
+def test_a_started_event_waits_for_a_round_that_writes(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """A round that only starts watching a submit writes nothing; "started running" events it
+    took along used to cost a transaction of their own in most rounds of a drain (a fifth of a
+    job's commits). They now ride along with the next completion or dispatch."""
+    conductor = _quiet_conductor(engine, hostile, tmp_path)
+    conductor._on_status("job-a", "req-a", Status("IN_PROGRESS"))
+    conductor.notify("submitted", "job-b")
+    assert conductor._take(0) == ([], {"job-b"}, False)  # the watch round leaves it
+
+    conductor._on_status("job-c", "req-c", Status("COMPLETED"))
+    seen, submitted, wants = conductor._take(0)
+    assert [s.job_id for s in seen] == ["job-a", "job-c"]  # along with the completion's round
+    assert (submitted, wants) == (set(), True)
+    assert conductor._take(0) == ([], set(), False)
+
+
+def test_a_started_event_goes_along_with_a_dispatch_round(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    conductor = _quiet_conductor(engine, hostile, tmp_path)
+    conductor._on_status("job-a", "req-a", Status("IN_PROGRESS"))
+    conductor.notify("freed", "job-x")
+    seen, _, wants = conductor._take(0)
+    assert [s.job_id for s in seen] == ["job-a"]
+    assert wants
+
+
+def test_a_started_event_is_applied_once_due_without_other_rounds(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    conductor = _quiet_conductor(engine, hostile, tmp_path)
+    conductor._on_status("job-a", "req-a", Status("IN_PROGRESS"))
+    conductor.notify("submitted", "job-b")
+    conductor._started_since -= STARTED_BATCH_SECONDS  # its wait is over
+    seen, submitted, wants = conductor._take(0)
+    assert [s.job_id for s in seen] == ["job-a"]
+    assert (submitted, wants) == ({"job-b"}, False)
+
+
+def test_the_wait_for_events_ends_when_a_started_event_falls_due(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    conductor = _quiet_conductor(engine, hostile, tmp_path)
+    conductor._on_status("job-a", "req-a", Status("IN_PROGRESS"))
+    seen, _, _ = conductor._take(30.0)  # returns after STARTED_BATCH_SECONDS, not 30 s
+    assert [s.job_id for s in seen] == ["job-a"]
