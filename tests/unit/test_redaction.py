@@ -16,7 +16,13 @@ from jobs.errors import ProviderError
 from worker.fal.client import FalClient
 from worker.fal.http import FalKeyAuth, RetryPolicy
 from worker.fal.models import RequestHandle
-from worker.fal.redact import KeyRedactionFilter, install_redaction, redact_text, uninstall_redaction
+from worker.fal.redact import (
+    KeyRedactionFilter,
+    install_redaction,
+    redact_text,
+    redact_value,
+    uninstall_redaction,
+)
 
 KEY = "7d3f9a10-aaaa-bbbb-cccc-ddddeeeeffff:5e1f2a3b4c5d6e7f8091a2b3c4d5e6f7"
 SECRET_PART = KEY.split(":")[1]
@@ -198,3 +204,65 @@ def test_the_pre_check_never_skips_a_text_a_rule_would_change() -> None:
         assert redact_text(text, [KEY, short]) == expected, text
         changed += expected != text
     assert 500 < changed < 4500  # both kinds of text were tried
+
+
+def test_the_whole_value_pre_check_never_skips_a_value_the_walk_would_change() -> None:
+    """redact_value returns a value unchanged when its JSON text holds nothing any rule looks
+    for; over nested values (dict keys too) built from the same pieces, strings JSON writes
+    escaped (quotes, backslashes, control characters) and odd leaves, it must agree with
+    walking every string."""
+    import random
+
+    from worker.fal import redact
+
+    words = "…| |:|=|'|\"|\\|\n|\x01|Authorization|authorızation=key |Key |key |Bearer |status|é|ß"
+    pieces = [KEY, KEY[:8], KEY[:20], SECRET_PART, SECRET_PART[:12], *words.split("|")]
+    rng = random.Random(7)
+    known = {v for v in redact.key_variants(KEY)}
+
+    def text() -> str:
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))
+
+    def value(depth: int) -> object:
+        kind = rng.randrange(6 if depth < 4 else 3)
+        if kind == 0:
+            return text()
+        if kind == 1:
+            return rng.choice([7, 2.5, None, True, 2**70])
+        if kind == 2:
+            return rng.choice(["IN_PROGRESS", "https://v3.fal.media/files/x/y.mp4", ""])
+        if kind == 3:
+            return {text(): value(depth + 1) for _ in range(rng.randint(0, 3))}
+        if kind == 4:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return tuple(value(depth + 1) for _ in range(rng.randint(0, 2)))
+
+    changed = 0
+    for _ in range(3000):
+        v = value(0)
+        expected = redact._redact_walk(v, known, 0)
+        assert redact_value(v, [KEY]) == expected, v
+        changed += expected != v
+    assert 300 < changed < 2700  # both kinds of value were tried
+
+
+def test_a_value_that_is_not_json_is_still_walked() -> None:
+    from worker.fal.redact import MASK
+
+    assert redact_value({b"raw": [f"Key {KEY}"]}, [KEY]) == {b"raw": [f"Key {MASK}"]}
+    assert redact_value({1: {f"x{KEY}"}}, [KEY]) == {1: {f"x{KEY}"}}  # sets are not walked, as before
+
+
+def test_a_key_json_would_escape_is_found_all_the_same() -> None:
+    from worker.fal.redact import MASK
+
+    odd = 'k"ey\\quoted-secret'  # JSON writes it escaped: not looked for in the text
+    assert redact_value({"detail": [f"echo {odd}"]}, [odd]) == {"detail": [f"echo {MASK}"]}
+
+
+def test_a_value_is_checked_as_its_strings_read_not_as_ascii_escapes() -> None:
+    from worker.fal.redact import MASK
+
+    # Only the dotless ı's "authorization" rule matches here, and only in the unescaped text.
+    leaked = {"headers": ["authorızation=key abc123"]}
+    assert redact_value(leaked, [KEY]) == {"headers": [f"authorızation=key {MASK}"]}
