@@ -131,6 +131,8 @@ class Conductor:
         left the download backlog: dispatch if that backlog held the last round back)."""
         if kind == "downloaded" and not self.rt.downloads_held:
             return  # the common case: nothing waits on downloads, so nothing to wake for
+        if kind == "submitted" and self.watcher is not None and self.watcher.follows(job_id):
+            return  # followed already (watch_accepted, in this process): a round would find nothing to do
         with self._cond:
             if kind == "submitted":
                 self._submitted.add(job_id)

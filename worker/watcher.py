@@ -55,6 +55,11 @@ class StatusWatcher:
         with self._lock:
             return frozenset(self._watching)
 
+    def follows(self, job_id: str) -> bool:
+        """Whether ``job_id``'s request is followed right now."""
+        with self._lock:
+            return job_id in self._watching
+
     def room(self) -> int:
         """How many more requests can be watched now."""
         with self._lock:

@@ -195,3 +195,20 @@ def test_the_wait_for_events_ends_when_a_started_event_falls_due(
     conductor._on_status("job-a", "req-a", Status("IN_PROGRESS"))
     seen, _, _ = conductor._take(30.0)  # returns after STARTED_BATCH_SECONDS, not 30 s
     assert [s.job_id for s in seen] == ["job-a"]
+
+
+def test_a_submit_already_followed_wakes_no_round(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """The submit step starts following its request itself (``watch_accepted``), then says
+    "submitted": a round for it would only find the request followed already."""
+    FakeFal(hostile)
+    conductor = Conductor(
+        make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path)), stream=True
+    )
+    assert conductor.watcher is not None
+    conductor.watcher._watching["job-a"] = "req-a"  # as watch_accepted leaves it
+    conductor.notify("submitted", "job-a")
+    assert conductor._take(0) == ([], set(), False)
+    conductor.notify("submitted", "job-b")  # another process's submit (LISTEN): to be followed
+    assert conductor._take(0) == ([], {"job-b"}, False)
