@@ -162,7 +162,8 @@ class OutputStore(ABC):
         progress: Callable[[int], None] | None = None,
     ) -> str:
         """Make the downloaded ``video`` (hashed, probed) the output at ``location``, its
-        sidecar JSON beside it; returns the ``output_path`` to record.
+        sidecar JSON beside it; returns the ``output_path`` to record. Both are durable when it
+        returns: the success that follows is recorded only for an output that survives a power loss.
 
         Local: :class:`OutputWriteError` (the video is removed: no video without its sidecar).
         S3: :class:`OutputUploadError` (the staged video is kept for another try).

@@ -158,8 +158,27 @@ def remove_stale_partials(
     return removed
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a rename into ``folder`` durable (POSIX: the directory entry is only on disk once the
+    directory itself is synced); harmless where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON so that readers see the old file or the complete new one, never a torn one."""
+    """Write JSON so that readers see the old file or the complete new one, never a torn one,
+    and the new one survives a power loss once this returns (the file, then its folder, synced).
+
+    A sidecar is written after its video was renamed into the same folder: this one folder
+    sync makes both renames durable before the job is recorded as succeeded."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -172,6 +191,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def relative_to_output(path: Path, output_dir: Path) -> str:

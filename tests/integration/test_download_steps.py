@@ -259,3 +259,44 @@ def test_an_unwritable_output_folder_fails_the_job_of_a_cancelled_batch(
     assert "Read-only file system" in job.error
     assert job.actual_usd == job.est_usd  # fal made it: paid for
     assert fal.posts() == 1
+
+
+def test_an_output_is_on_disk_for_good_before_its_success_is_recorded(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renames are durable only once their folder is synced (POSIX). The video's and its
+    sidecar's renames both come before one sync of the output folder, and that before the
+    success is recorded: a power loss never leaves a succeeded job whose sidecar is gone."""
+    import os
+
+    FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    folder = (tmp_path / "outputs" / "steps").resolve()
+    seen: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_succeeded = os.fsync, os.replace, store.mark_succeeded
+
+    def fsync(fd: int) -> None:
+        seen.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        seen.append(("rename", Path(dst).name))
+        real_replace(src, dst)
+
+    def succeeded(*args: Any, **kwargs: Any) -> Any:
+        seen.append(("succeeded", job_id))
+        return real_succeeded(*args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(store, "mark_succeeded", succeeded)
+    try:
+        assert download(rt, job_id) == "succeeded"
+    finally:
+        rt.client.close()
+    steps = [(what, Path(arg).name if what == "fsync" and Path(arg) != folder else arg) for what, arg in seen]
+    renames = [i for i, (what, _) in enumerate(steps) if what == "rename"]
+    assert [steps[i][1].rsplit(".", 1)[1] for i in renames] == ["mp4", "json"]
+    folder_syncs = [i for i, step in enumerate(steps) if step == ("fsync", str(folder))]
+    assert len(folder_syncs) == 1  # one sync makes both renames durable
+    assert renames[-1] < folder_syncs[0] < steps.index(("succeeded", job_id))

@@ -43,7 +43,7 @@ import httpcore
 import httpx
 
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
-from jobs.outputs import OutputWriteError
+from jobs.outputs import OutputWriteError, fsync_dir
 from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transport_errors, parse_body
 from worker.fal.http import NoCookies
@@ -543,6 +543,7 @@ def download(
     on_response: Callable[[httpx.Response], None] | None = None,
     expect_video: bool = False,
     temp_tag: str | None = None,
+    sync_dir: bool = True,
 ) -> DownloadResult:
     """Fetch ``url`` into ``dest`` atomically and return its size and SHA-256.
 
@@ -556,7 +557,8 @@ def download(
     the caller lost its lease); ``on_response(response)`` is called once the headers of each
     response (each hop) are in. These are per call, never client state, so one client can
     serve concurrent downloads (:class:`SharedDownloadClient`). ``expect_video`` refuses a body
-    that is not a video container.
+    that is not a video container. ``sync_dir=False`` leaves the rename's durability to the
+    caller, who renames more into the same folder and syncs it once (a job's sidecar).
 
     Each call writes its own uniquely named ``.{dest.name}.[{temp_tag}-]*.part`` file beside
     ``dest`` and removes it on any failure. A local write failure is :class:`OutputWriteError`.
@@ -601,7 +603,8 @@ def download(
             )
         with _writing("rename the download to", dest):
             tmp.replace(dest)
-        _fsync_dir(dest.parent)
+        if sync_dir:
+            fsync_dir(dest.parent)
         return DownloadResult(path=dest, sha256=digest, size=size)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -731,17 +734,3 @@ def _content_length(response: httpx.Response) -> int | None:
         return int(response.headers["content-length"])
     except (KeyError, ValueError):
         return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); harmless where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

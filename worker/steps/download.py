@@ -528,6 +528,10 @@ def _download_video(
             on_response=_mid_download,
             expect_video=True,
             temp_tag=outputs.partial_tag(claim.version),
+            # The output store makes the folder durable once the sidecar is beside the video
+            # (write_json_atomic: one folder sync for both renames), before the success commits;
+            # a staged video for object storage needs none (it is uploaded before that commit).
+            sync_dir=False,
         )
     except StateConflict:
         return "lost-lease"
