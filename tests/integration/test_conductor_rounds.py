@@ -142,19 +142,23 @@ def test_a_finished_download_wakes_nothing_when_nothing_waits_on_downloads(
     assert conductor._take(0) == ([], set(), False)  # no dispatch round for it: none was needed
 
 
-def _quiet_conductor(engine: Engine, hostile: HostileProvider, tmp_path: Path) -> Conductor:
+def _started_heard(engine: Engine, hostile: HostileProvider, tmp_path: Path) -> Conductor:
+    """A conductor that heard job A's request start running, and has applied nothing yet."""
     FakeFal(hostile)
-    return Conductor(make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path)), stream=False)
+    conductor = Conductor(
+        make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path)), stream=False
+    )
+    conductor._on_status("job-a", "req-a", Status("IN_PROGRESS"))
+    return conductor
 
 
 def test_a_started_event_waits_for_a_round_that_writes(
     engine: Engine, hostile: HostileProvider, tmp_path: Path
 ) -> None:
     """A round that only starts watching a submit writes nothing; "started running" events it
-    took along used to cost a transaction of their own in most rounds of a drain (a fifth of a
-    job's commits). They now ride along with the next completion or dispatch."""
-    conductor = _quiet_conductor(engine, hostile, tmp_path)
-    conductor._on_status("job-a", "req-a", Status("IN_PROGRESS"))
+    took along used to cost a transaction of their own (about one in ten of a drain's). They
+    now ride along with the next completion or dispatch."""
+    conductor = _started_heard(engine, hostile, tmp_path)
     conductor.notify("submitted", "job-b")
     assert conductor._take(0) == ([], {"job-b"}, False)  # the watch round leaves it
 
@@ -168,8 +172,7 @@ def test_a_started_event_waits_for_a_round_that_writes(
 def test_a_started_event_goes_along_with_a_dispatch_round(
     engine: Engine, hostile: HostileProvider, tmp_path: Path
 ) -> None:
-    conductor = _quiet_conductor(engine, hostile, tmp_path)
-    conductor._on_status("job-a", "req-a", Status("IN_PROGRESS"))
+    conductor = _started_heard(engine, hostile, tmp_path)
     conductor.notify("freed", "job-x")
     seen, _, wants = conductor._take(0)
     assert [s.job_id for s in seen] == ["job-a"]
@@ -179,8 +182,7 @@ def test_a_started_event_goes_along_with_a_dispatch_round(
 def test_a_started_event_is_applied_once_due_without_other_rounds(
     engine: Engine, hostile: HostileProvider, tmp_path: Path
 ) -> None:
-    conductor = _quiet_conductor(engine, hostile, tmp_path)
-    conductor._on_status("job-a", "req-a", Status("IN_PROGRESS"))
+    conductor = _started_heard(engine, hostile, tmp_path)
     conductor.notify("submitted", "job-b")
     conductor._started_since -= STARTED_BATCH_SECONDS  # its wait is over
     seen, submitted, wants = conductor._take(0)
@@ -191,8 +193,7 @@ def test_a_started_event_is_applied_once_due_without_other_rounds(
 def test_the_wait_for_events_ends_when_a_started_event_falls_due(
     engine: Engine, hostile: HostileProvider, tmp_path: Path
 ) -> None:
-    conductor = _quiet_conductor(engine, hostile, tmp_path)
-    conductor._on_status("job-a", "req-a", Status("IN_PROGRESS"))
+    conductor = _started_heard(engine, hostile, tmp_path)
     seen, _, _ = conductor._take(30.0)  # returns after STARTED_BATCH_SECONDS, not 30 s
     assert [s.job_id for s in seen] == ["job-a"]
 
