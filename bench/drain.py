@@ -24,6 +24,11 @@ children they reaped included):
 
 ``--wanbatch-env KEY=VALUE`` (repeatable) adds a setting to every wanbatch process of every row.
 
+``--startup-jobs K`` runs every row a second time with K jobs (taking turns as ever) and prints
+each client's CPU split into start-up and a cost per further job: "CPU per job" at one size
+mixes the two, and a client that starts heavier but costs less per job is ahead from some
+batch size on.
+
 ``--profile DIR`` runs the embedded rows under ``py-spy record -r 100 -f raw`` (stacks in
 ``DIR/<scenario>-<row>.txt``; ``BENCH_PYSPY_ARGS="--gil -r 400"`` adds py-spy options, its own
 rate replacing the default 100) and prints the
@@ -39,6 +44,7 @@ times the simulator recorded in that very run.
     python -m bench.drain                          # THE figures: both scenarios, every row
     python -m bench.drain --jobs 80 --scenario drain --no-fast-row
     python -m bench.drain --scenario drain --no-distributed --profile /tmp/prof
+    python -m bench.drain --scenario drain --no-fast-row --repeat 3 --startup-jobs 8
 
 Exit status 1 when a row broke (its figures show as nan, the other rows are still measured).
 """
@@ -59,6 +65,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +267,8 @@ class WanbatchOptions:
     profile_dir: Path | None = None
     #: ``--repeat N``: every row N times, the clients taking turns; the table shows medians.
     repeat: int = 1
+    #: ``--startup-jobs K``: every row also with K jobs, to split its CPU into start-up and per job.
+    startup_jobs: int = 0
 
 
 def _write_manifest(tmp: Path, jobs: int, prefix: str) -> tuple[Path, Path]:
@@ -571,13 +580,14 @@ def scenario(
     ideal = None if sigma > 0 else math.ceil(jobs / concurrency) * latency
     profiles: list[tuple[str, Path]] = []
 
-    def embedded(label: str, fast: bool) -> tuple[str, Callable[[], Measured]]:
+    def embedded(label: str, fast: bool) -> tuple[str, Callable[[int], Measured]]:
         profile = _profile_path(opts, f"{name} {label}")
         if profile is not None:
             profiles.append((label, profile))
             label += ", profiled"
-        return label, lambda: run_wanbatch(sim, tmp, jobs, opts, fast, profile)
+        return label, lambda n: run_wanbatch(sim, tmp, n, opts, fast, profile)
 
+    small = opts.startup_jobs if 0 < opts.startup_jobs < jobs else 0
     with tempfile.TemporaryDirectory(prefix="bench-drain-") as raw:
         tmp = Path(raw)
         sim = start_simulator(tmp, concurrency, latency, sigma, seed)
@@ -589,19 +599,32 @@ def scenario(
                 clients.append(
                     (
                         f"wanbatch, {opts.workers} distributed workers",
-                        lambda: run_distributed(sim, tmp, jobs, opts),
+                        lambda n: run_distributed(sim, tmp, n, opts),
                     )
                 )
             clients.append(
                 (
                     "handwritten (fal_client + Semaphore)",
-                    lambda: run_handwritten(sim, tmp, jobs, concurrency),
+                    lambda n: run_handwritten(sim, tmp, n, concurrency),
                 )
             )
             runs: dict[str, list[Row]] = {label: [] for label, _ in clients}
+            small_runs: dict[str, list[Row]] = {label: [] for label, _ in clients}
             for _ in range(opts.repeat):  # the clients take turns: a drift of the host hits all
                 for label, run in clients:
-                    runs[label].append(measure(label, sim, run, jobs, concurrency, ideal))
+                    runs[label].append(measure(label, sim, partial(run, jobs), jobs, concurrency, ideal))
+                    if small:
+                        small_ideal = None if ideal is None else math.ceil(small / concurrency) * latency
+                        small_runs[label].append(
+                            measure(
+                                f"{label} ({small} jobs)",
+                                sim,
+                                partial(run, small),
+                                small,
+                                concurrency,
+                                small_ideal,
+                            )
+                        )
             rows = [median_row(runs[label]) for label, _ in clients]
         finally:
             sim.stop()
@@ -613,12 +636,52 @@ def scenario(
         notes.append("profiled rows ran under py-spy: do not report their figures")
     t.caption = escape("; ".join(notes)) if notes else None
     print_table(t)
+    if small:
+        print_table(split_table(name, jobs, small, runs, small_runs))
     for label, profile in profiles:
         if profile.exists():
             print_table(top_table(profile, f"{name}: {label}, top 25 by inclusive share"))
         else:
             print(f"no profile written for {label} ({profile})", file=sys.stderr)
     return not any(r.broken for r in rows)
+
+
+def split_cost(
+    jobs: int, cpu_ms_per_job: float, small: int, small_cpu_ms_per_job: float
+) -> tuple[float, float]:
+    """A client's CPU as start-up plus a cost per job: (start-up seconds, ms per further job).
+
+    From two runs of different sizes (``jobs`` and ``small`` jobs, the CPU per job of each): the
+    per-job cost is the slope between them, the start-up what the small run cost beyond it.
+    "CPU per job" at one size mixes the two; a client that starts heavier and then costs less per
+    job is ahead on large batches only, and this says from which size on.
+    """
+    total, small_total = jobs * cpu_ms_per_job / 1000, small * small_cpu_ms_per_job / 1000
+    per_job_ms = (total - small_total) / (jobs - small) * 1000
+    return small_total - small * per_job_ms / 1000, per_job_ms
+
+
+def split_table(
+    name: str, jobs: int, small: int, runs: dict[str, list[Row]], small_runs: dict[str, list[Row]]
+) -> Table:
+    """Each client's start-up CPU and CPU per further job (medians over the repeats)."""
+    t = Table(
+        title=f"{name}: CPU as start-up + per job, from runs of {small} and {jobs} jobs (medians)",
+        title_justify="left",
+    )
+    for header in ("client", "start-up CPU (s)", "CPU ms per further job", f"CPU ms per job at {jobs}"):
+        t.add_column(header, justify="left" if header == "client" else "right")
+    for label, big in runs.items():
+        ok, small_ok = [r for r in big if not r.broken], [r for r in small_runs[label] if not r.broken]
+        if not ok or not small_ok:
+            t.add_row(label, "–", "–", "–")
+            continue
+        at_jobs = statistics.median(r.cpu_ms_per_job for r in ok)
+        startup, per_job = split_cost(
+            jobs, at_jobs, small, statistics.median(r.cpu_ms_per_job for r in small_ok)
+        )
+        t.add_row(label, f"{startup:.2f}", f"{per_job:.1f}", f"{at_jobs:.1f}")
+    return t
 
 
 def _key_value(raw: str) -> tuple[str, str]:
@@ -696,6 +759,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--repeat", type=int, default=1, help="run every row N times (clients taking turns); medians shown"
     )
+    p.add_argument(
+        "--startup-jobs",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also run every row with K jobs, and show each client's start-up CPU and its CPU per "
+        "further job (the slope between the two sizes)",
+    )
     p.add_argument("--serve-sim", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--sigma", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -713,6 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         profile_dir=args.profile.resolve() if args.profile else None,
         repeat=max(1, args.repeat),
+        startup_jobs=max(0, args.startup_jobs),
     )
     common: dict[str, Any] = {
         "concurrency": args.concurrency,
