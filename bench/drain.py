@@ -587,7 +587,8 @@ def scenario(
             label += ", profiled"
         return label, lambda n: run_wanbatch(sim, tmp, n, opts, fast, profile)
 
-    # No split of profiled rows: py-spy's CPU is in their figures (and a second run would overwrite the stacks).
+    # No split of profiled rows: py-spy's CPU is in their figures, and a second run would
+    # overwrite their stacks.
     small = opts.startup_jobs if 0 < opts.startup_jobs < jobs and opts.profile_dir is None else 0
     with tempfile.TemporaryDirectory(prefix="bench-drain-") as raw:
         tmp = Path(raw)
