@@ -522,6 +522,25 @@ class SubmitRate(Base):
     stamp: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class InstanceSecret(Base):
+    """A random secret of this database, made once and shared by every process that uses it.
+
+    ``webhook``: the key of the token each ``fal_webhook`` URL carries
+    (:func:`worker.steps.webhooks.binding_token`). fal signs the webhooks of *every* account with
+    the same keys, so a signature proves only that fal sent a delivery, not that the request was
+    ours: any fal user could name one of our jobs in a ``fal_webhook`` URL of their own. The
+    token proves the URL (its job id and attempt) came from one of our submits. It lives here,
+    not in a setting, because the submitting processes and the receiver share nothing else.
+    """
+
+    __tablename__ = "instance_secrets"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    #: Hex of random bytes (:func:`secrets.token_hex`).
+    value: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Upload(Base):
     """A local file already uploaded to fal's storage: each distinct content is uploaded once."""
 

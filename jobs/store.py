@@ -74,6 +74,7 @@ from jobs.models import (
     BatchState,
     BatchTotals,
     ConductorHeartbeat,
+    InstanceSecret,
     Job,
     JobEvent,
     JobRecord,
@@ -143,6 +144,7 @@ __all__ = [
     "give_back",
     "in_flight",
     "incremented",
+    "instance_secret",
     "job_events",
     "job_heads",
     "job_money",
@@ -2788,6 +2790,16 @@ def record_heartbeat(session: Session, owner: str, scopes: Collection[str], now:
             index_elements=["owner", "scope"], set_={"seen_at": stmt.excluded.seen_at}
         )
         session.execute(beat)
+
+
+def instance_secret(session: Session, name: str, make: Callable[[], str]) -> str:
+    """The database's secret ``name`` (:class:`~jobs.models.InstanceSecret`), made by ``make`` and
+    stored the first time it is asked for. Two processes asking at once agree: the insert of
+    the second one does nothing, and both read the row that won."""
+    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = dialect_insert(InstanceSecret).values(name=name, value=make(), created_at=utcnow())
+    session.execute(stmt.on_conflict_do_nothing(index_elements=["name"]))
+    return str(session.execute(select(InstanceSecret.value).where(InstanceSecret.name == name)).scalar_one())
 
 
 @dataclass(frozen=True, slots=True)

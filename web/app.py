@@ -2,9 +2,11 @@
 health check out.
 
 ``POST /webhooks/fal`` is the receiver ``WANBATCH_WEBHOOK_URL`` points at (fal calls the exact
-``fal_webhook`` URL each submit gave it, job id and attempt in its query). A delivery is verified
-(:func:`worker.fal.webhooks.verify_delivery`: fal's Ed25519 signature, a timestamp within
-5 minutes, a body that matches), stored in the inbox, and only then answered 2xx; it is applied
+``fal_webhook`` URL each submit gave it, job id, attempt and token in its query). A delivery is
+verified (:func:`worker.fal.webhooks.verify_delivery`: fal's Ed25519 signature, a timestamp within
+5 minutes, a body that matches), its URL's token checked (:func:`worker.steps.webhooks.binding_holds`:
+fal signs every account's webhooks alike, so only the token shows that one of our submits named
+that job and attempt), stored in the inbox, and only then answered 2xx; it is applied
 to its job right away (:mod:`worker.steps.webhooks`; on PostgreSQL that also wakes the tick
 leader, wherever it runs) and, should that fail, by the tick. A
 rejected delivery is answered 4xx (503 when fal's keys cannot be fetched or the database cannot
@@ -50,7 +52,7 @@ from web.dashboard import Dashboard
 from web.metrics import metrics_route
 from worker import telemetry
 from worker.fal.webhooks import JwksKeys, WebhookRejected, verify_delivery
-from worker.steps.webhooks import Inbox, database_problem, receive
+from worker.steps.webhooks import Inbox, binding_holds, database_problem, receive, webhook_secret
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,10 @@ def _job_and_attempt(request: Request) -> tuple[str | None, int | None]:
     )
 
 
+#: What a delivery whose URL lacks our token (or carries a wrong one) is told.
+NOT_OURS = "the webhook URL does not carry this receiver's token for its job and attempt"
+
+
 def create_app(
     settings: Settings,
     *,
@@ -164,12 +170,20 @@ def create_app(
         except WebhookRejected as exc:
             return reject(exc, request)
         job_id, attempt = _job_and_attempt(request)
+        token = request.query_params.get("token")
+
+        def bound_then_received() -> bool:
+            if not binding_holds(webhook_secret(engine), job_id, attempt, token):
+                return False
+            receive(inbox, delivery, job_id=job_id, attempt=attempt)
+            return True
+
         try:
-            await anyio.to_thread.run_sync(
-                lambda: receive(inbox, delivery, job_id=job_id, attempt=attempt), limiter=receiver_threads
-            )
+            ours = await anyio.to_thread.run_sync(bound_then_received, limiter=receiver_threads)
         except DBAPIError as exc:  # not stored: a 503 makes fal deliver it again
             return reject(WebhookRejected(DATABASE_UNAVAILABLE, 503), request, database_problem(exc))
+        if not ours:  # signed by fal, but for a request some other account sent: nothing stored
+            return reject(WebhookRejected(NOT_OURS, 403), request, f"job {job_id}, attempt {attempt}")
         counts.add(accepted=True)
         telemetry.count_webhook(accepted=True)
         return JSONResponse({"ok": True})

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from sqlalchemy import Engine
@@ -37,9 +38,11 @@ from worker.fal.webhooks import JwksKeys, JwksUnavailable, signed_message
 from worker.notifications import EventListener
 from worker.running import process_batch
 from worker.steps.poll import _next_poll, first_poll_at
-from worker.steps.webhooks import apply_pending
+from worker.steps.submit import webhook_for
+from worker.steps.webhooks import apply_pending, binding_token
 
 S = JobState
+HOOK_URL = "https://hooks.example.test/webhooks/fal"
 RESULT = {"video": {"url": "https://v3.fal.media/files/x/out.mp4"}, "seed": 7}
 
 
@@ -144,10 +147,16 @@ def _post(
     headers = signer.headers(request_id, "user-1", body, skew=skew)
     if tamper:
         body = body.replace(b'"seed": 7', b'"seed": 8')
-    response = client.post(
-        "/webhooks/fal", params={"job_id": job.id, "attempt": str(attempt)}, content=body, headers=headers
-    )
+    params = hook_params(client.app.state.inbox.engine, job.id, attempt)  # type: ignore[attr-defined]
+    response = client.post("/webhooks/fal", params=params, content=body, headers=headers)
     return int(response.status_code)
+
+
+def hook_params(engine: Engine, job_id: str, attempt: int) -> dict[str, str]:
+    """The query of the ``fal_webhook`` URL our submit of ``job_id``'s ``attempt`` gives fal."""
+    url = webhook_for(settings_for("http://127.0.0.1:9", "k", webhook_url=HOOK_URL), engine, job_id, attempt)
+    assert url is not None
+    return dict(httpx.URL(url).params)
 
 
 def _deliveries(engine: Engine) -> dict[str, int]:
@@ -273,13 +282,50 @@ def test_unknown_and_finished_jobs_are_acknowledged_and_ignored(
     job = _sent(engine, request_id="req-1")
     body = webhook_body("req-x", "g", True, RESULT, None)
     headers = signer.headers("req-x", "u", body)
-    assert (
-        client.post("/webhooks/fal", params={"job_id": "f" * 32}, content=body, headers=headers).status_code
-        == 200
-    )
+    unknown = hook_params(engine, "f" * 32, 1)  # a job this database does not hold (deleted)
+    assert client.post("/webhooks/fal", params=unknown, content=body, headers=headers).status_code == 200
     assert _post(client, signer, job, "req-1") == 200
     assert _post(client, signer, job, "req-1", ok=False) == 200  # a different body, job downloading
     assert _deliveries(engine)["ignored"] == 2
+
+
+@pytest.mark.parametrize("state", ["submit_unknown", "queued"])
+def test_a_delivery_for_another_accounts_request_naming_our_job_changes_nothing(
+    engine: Engine, client: TestClient, signer: WebhookSigner, state: str
+) -> None:
+    """fal signs every account's webhooks with the same keys: another fal user can name our job
+    in a ``fal_webhook`` URL of theirs. Without our token the delivery is refused (fal retries it
+    a while, then gives up), stores nothing, adopts nothing and counts no duplicate charge."""
+    unknown = state == "submit_unknown"
+    job = _sent(engine, request_id=None if unknown else "req-1", unknown=unknown)
+    body = webhook_body("their-req", "g", True, RESULT, None)
+    headers = signer.headers("their-req", "their-user", body)
+    ours = hook_params(engine, job.id, 1)
+    forged = [
+        {"job_id": job.id, "attempt": "1"},  # no token
+        {**ours, "token": "0" * 32},  # a wrong one
+        {**ours, "attempt": "2"},  # attempt 1's token, another attempt
+        {**hook_params(engine, "f" * 32, 1), "job_id": job.id},  # another job's token
+    ]
+    for params in forged:
+        assert client.post("/webhooks/fal", params=params, content=body, headers=headers).status_code == 403
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.version, after.request_id) == (job.state, job.version, job.request_id)
+    assert after.confirmed_duplicate_charges == 0
+    assert _deliveries(engine)["stored"] == 0
+    assert client.get("/healthz").json() == {"ok": True, "accepted": 0, "rejected": len(forged)}
+
+
+def test_the_token_is_the_databases_and_every_process_agrees_on_it(engine: Engine, db_url: str) -> None:
+    """Made once per database: the submitting processes and the receiver (any host) share only
+    the database, and each reads the same secret from it."""
+    mine = hook_params(engine, "job-a", 3)
+    with db.session_scope(engine) as session:
+        stored = store.instance_secret(session, "webhook", lambda: "00" * 32)  # not made again
+    assert mine["token"] == binding_token(bytes.fromhex(stored), "job-a", 3)
+    assert mine["token"] != binding_token(bytes.fromhex(stored), "job-a", 4)
+    assert len(mine["token"]) == 32
+    assert stored != "00" * 32
 
 
 def test_the_tick_applies_what_the_receiver_stored_but_did_not_apply(

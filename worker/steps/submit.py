@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import httpx
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -45,6 +46,7 @@ from worker.steps.failures import (
     submit_outcome_unknown,
 )
 from worker.steps.poll import first_poll_at
+from worker.steps.webhooks import binding_token, webhook_secret
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +87,15 @@ def _take_submit_token(rt: Runtime, endpoint: str) -> tuple[str, float] | None:
     return None
 
 
-def webhook_for(settings: Settings, job_id: str, attempt: int) -> str | None:
+def webhook_for(settings: Settings, engine: Engine, job_id: str, attempt: int) -> str | None:
     """The ``fal_webhook`` URL for one attempt: the receiver learns which job and attempt a
-    completion belongs to even when the submit's answer never reached us."""
+    completion belongs to even when the submit's answer never reached us, and the token shows
+    it that our submit named them (:func:`worker.steps.webhooks.binding_token`)."""
     if not settings.webhook_url:
         return None
+    token = binding_token(webhook_secret(engine), job_id, attempt)
     parts = httpx.URL(settings.webhook_url)
-    return str(parts.copy_merge_params({"job_id": job_id, "attempt": str(attempt)}))
+    return str(parts.copy_merge_params({"job_id": job_id, "attempt": str(attempt), "token": token}))
 
 
 def submit(rt: Runtime, job_id: str) -> str:
@@ -176,7 +180,8 @@ def _submit(rt: Runtime, job_id: str) -> str:
         with db.session_scope(rt.engine) as session:
             _not_sent(session, fence, why)
         return "not-sent"
-    webhook = webhook_for(rt.settings, job_id, attempt)  # before the lease: a bad URL must not strand the job
+    # Before the lease: a bad URL must not strand the job.
+    webhook = webhook_for(rt.settings, rt.engine, job_id, attempt)
 
     # The global submit rate, taken right before the POST (every worker shares it). Before
     # take_lease on purpose: a worker that dies while waiting leaves a job that is plainly

@@ -19,11 +19,24 @@ compare-and-set on the job's state and version), so a webhook and a poll racing 
 
 Each delivery is applied once: taking it (``processed_at``) is itself a compare-and-set, in the
 transaction that applies it. The tick applies whatever the receiver stored but did not apply.
+
+fal signs the webhooks of every account with the same keys
+(https://docs.fal.ai/model-apis/model-endpoints/webhooks), so a valid signature proves that fal
+sent a delivery, not that its request is ours: anyone with a fal account could put one of our
+job ids in a ``fal_webhook`` URL of their own, and have fal deliver "proof" that the job's
+ambiguous submit was accepted as *their* request. So each URL also carries a token,
+an HMAC of its job id and attempt under a secret of the database (:func:`binding_token`), and
+the receiver refuses a delivery whose token does not match before anything is stored.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import secrets
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -53,6 +66,46 @@ _TRIES = 3
 #: Outcomes that moved a job: the tick leader is woken (:func:`jobs.db.notify_events`, on
 #: PostgreSQL) to queue its download and fill the slot it freed, in whichever process it runs.
 _MOVED = ("completed", "adopted")
+
+
+#: The :class:`~jobs.models.InstanceSecret` that keys the webhook URLs' tokens.
+WEBHOOK_SECRET = "webhook"  # noqa: S105 - the secret's name, not a secret
+#: Hex digits of a token: 128 bits of HMAC-SHA256, beyond guessing.
+TOKEN_HEX_DIGITS = 32
+
+#: Per engine, not per URL: a database dropped and made again under the same URL (as tests do)
+#: has a secret of its own.
+_secrets: weakref.WeakKeyDictionary[Engine, bytes] = weakref.WeakKeyDictionary()
+_secrets_lock = threading.Lock()
+
+
+def webhook_secret(engine: Engine) -> bytes:
+    """The database's webhook secret, made the first time any process asks for it; read once per
+    process and engine (it never changes)."""
+    with _secrets_lock:
+        known = _secrets.get(engine)
+    if known is not None:
+        return known
+    with db.session_scope(engine) as session:
+        value = store.instance_secret(session, WEBHOOK_SECRET, lambda: secrets.token_hex(32))
+    secret = bytes.fromhex(value)
+    with _secrets_lock:
+        _secrets[engine] = secret
+    return secret
+
+
+def binding_token(secret: bytes, job_id: str, attempt: int) -> str:
+    """The token a ``fal_webhook`` URL carries for ``job_id``'s ``attempt``
+    (:func:`worker.steps.submit.webhook_for`)."""
+    digest = hmac.new(secret, f"{job_id}:{attempt}".encode(), hashlib.sha256).hexdigest()
+    return digest[:TOKEN_HEX_DIGITS]
+
+
+def binding_holds(secret: bytes, job_id: str | None, attempt: int | None, token: str | None) -> bool:
+    """Whether a delivery's URL names a job and attempt one of our submits gave fal."""
+    if job_id is None or attempt is None or token is None:
+        return False
+    return hmac.compare_digest(binding_token(secret, job_id, attempt), token)
 
 
 def _everything(_batch_id: str) -> bool:
