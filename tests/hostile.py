@@ -117,11 +117,17 @@ def reset() -> Behaviour:
     return behave
 
 
-def drip(body: bytes, chunk: int = 1, every: float = 0.5, headers: dict[str, str] | None = None) -> Behaviour:
+def drip(
+    body: bytes,
+    chunk: int = 1,
+    every: float = 0.5,
+    headers: dict[str, str] | None = None,
+    status: int = 200,
+) -> Behaviour:
     """Send honest headers at once, then ``chunk`` bytes of ``body`` every ``every`` seconds."""
 
     def behave(req: Recorded, sock: socket.socket) -> None:
-        sock.sendall(_head(200, {"Content-Type": "video/mp4", **(headers or {})}, len(body)))
+        sock.sendall(_head(status, {"Content-Type": "video/mp4", **(headers or {})}, len(body)))
         for start in range(0, len(body), chunk):
             if req.stop.wait(every):
                 return

@@ -159,3 +159,21 @@ def test_total_timeout_and_progress_abort_cleanly(hostile: HostileProvider, tmp_
             f"{hostile.url}/slow.mp4", tmp_path / "b.mp4", max_bytes=1 << 20, policy=policy, progress=lost
         )
     assert list(tmp_path.iterdir()) == []  # neither attempt left a file behind
+
+
+def test_an_error_body_that_trickles_ends_at_the_total_timeout(
+    hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """Before, the total time was checked for 2xx bodies only: a 500 whose page arrived a byte
+    at a time held the download for as long as the page lasted (here 20 s)."""
+    hostile.route("GET", r"/broken\.mp4", drip(b"x" * 400, chunk=1, every=0.05, status=500))
+    policy = DownloadPolicy.for_urls([hostile.url], None)
+    with pytest.raises(RetryableProviderError, match=r"longer than 0\.3 s"):
+        download(
+            f"{hostile.url}/broken.mp4",
+            tmp_path / "a.mp4",
+            max_bytes=1 << 20,
+            policy=policy,
+            total_timeout=0.3,
+        )
+    assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ from jobs.errors import (
     UsageError,
 )
 from jobs.settings import Settings
-from worker.fal.client import STREAM_TAIL_EVENTS, FalClient
+from worker.fal.client import MAX_ANSWER_BYTES, STREAM_TAIL_EVENTS, FalClient
 from worker.fal.errors import (
     ProviderProtocolError,
     RequestCancelledError,
@@ -819,3 +819,76 @@ def test_a_result_that_is_json_but_not_an_object_is_a_protocol_error(content: by
     rec = Recorder(httpx.Response(200, content=content, headers={"content-type": "application/json"}))
     with make_client(rec) as client, pytest.raises(ProviderProtocolError, match="not a JSON object"):
         client.result(HANDLE)
+
+
+# ------------------------------------------------------------------------- bounded answers
+
+
+class HugeBody:
+    """A body of ``total`` bytes in 64 KiB chunks that counts how much of it was taken."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, total: int, start: bytes = b"") -> None:
+        self.total = total
+        self.start = start
+        self.taken = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.start:
+            self.taken += len(self.start)
+            yield self.start
+        while self.taken < self.total:
+            self.taken += self.CHUNK
+            yield b" " * self.CHUNK
+
+
+#: Each fal call, with the answer code it gets; the body is MAX_ANSWER_BYTES many times over.
+CAPPED_CALLS: list[tuple[str, int]] = [
+    ("status", 200),
+    ("status", 503),
+    ("result", 200),
+    ("result", 500),
+    ("cancel", 202),
+    ("cancel", 503),
+    ("stream_status", 500),
+]
+
+
+@pytest.mark.parametrize(("call", "code"), CAPPED_CALLS, ids=[f"{c}-{n}" for c, n in CAPPED_CALLS])
+def test_an_answer_over_the_cap_is_refused_unread(call: str, code: int) -> None:
+    """Before, the whole body was read into memory (an endless one until the worker died);
+    a valid 200 status padded to 16 MiB was even accepted."""
+    bodies: list[HugeBody] = []
+
+    def answer(_request: httpx.Request) -> httpx.Response:
+        # valid JSON when read whole: only its size is wrong
+        bodies.append(HugeBody(16 * MAX_ANSWER_BYTES, start=b'{"status": "COMPLETED", "pad": 1}'))
+        return httpx.Response(code, content=bodies[-1])
+
+    with make_client(Recorder(answer)) as client:
+        ask: Callable[[], object] = (
+            (lambda: list(client.stream_status(HANDLE)))
+            if call == "stream_status"
+            else (lambda: getattr(client, call)(HANDLE))
+        )
+        with pytest.raises(ProviderProtocolError) as info:
+            ask()
+    assert f"HTTP {code} with an answer over {MAX_ANSWER_BYTES} bytes; not read" in str(info.value)
+    (body,) = bodies  # not retried: asked again it would be as large
+    assert body.taken <= MAX_ANSWER_BYTES + HugeBody.CHUNK
+
+
+def test_an_announced_length_over_the_cap_is_refused_before_reading() -> None:
+    body = HugeBody(0, start=b'{"status": "COMPLETED"}')
+    answer = httpx.Response(200, headers={"Content-Length": str(MAX_ANSWER_BYTES + 1)}, content=body)
+    with make_client(Recorder(answer)) as client, pytest.raises(ProviderProtocolError, match="over"):
+        client.status(HANDLE)
+    assert body.taken == 0
+
+
+def test_an_answer_just_under_the_cap_is_read_as_before() -> None:
+    padded = json.dumps({"status": "COMPLETED", "pad": "x" * (MAX_ANSWER_BYTES - 100)}).encode()
+    assert len(padded) <= MAX_ANSWER_BYTES
+    with make_client(Recorder(httpx.Response(200, content=padded))) as client:
+        assert client.status(HANDLE).completed

@@ -15,7 +15,14 @@ from jobs.errors import AccountLockedError, FinalProviderError, RetryableProvide
 from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError
 from worker.fal.http import RetryPolicy
-from worker.fal.storage import FalStorage, MediaPreparer, download, prepare_input, to_data_uri
+from worker.fal.storage import (
+    ERROR_BODY_BYTES,
+    FalStorage,
+    MediaPreparer,
+    download,
+    prepare_input,
+    to_data_uri,
+)
 
 QUEUE = "https://queue.test"
 REST = "https://rest.test"
@@ -325,3 +332,48 @@ def test_download_refuses_redirect_to_another_scheme(tmp_path: Path) -> None:
     with pytest.raises(FinalProviderError, match="refusing"):
         download("https://cdn.test/evil-redirect", tmp_path / "o.mp4", max_bytes=1 << 20, client=cdn())
     assert leftovers(tmp_path) == []
+
+
+class HugeBody:
+    """An error page of ``total`` bytes in 64 KiB chunks that counts how much of it was taken."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.taken = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        while self.taken < self.total:
+            self.taken += self.CHUNK
+            yield b"<html>" + b"e" * (self.CHUNK - 6)
+
+
+@pytest.mark.parametrize(("code", "error"), [(500, RetryableProviderError), (404, FinalProviderError)])
+def test_a_download_error_body_is_read_no_further_than_its_start(
+    tmp_path: Path, code: int, error: type[Exception]
+) -> None:
+    """Before, an error body was read whole, past the size cap (an endless one until the
+    worker ran out of memory). Now only its first bytes are read, for the message."""
+    bodies: list[HugeBody] = []
+
+    def handler(_request: httpx.Request) -> httpx.Response:
+        bodies.append(HugeBody(64 << 20))
+        return httpx.Response(code, content=bodies[-1])
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    with pytest.raises(error, match=f"HTTP {code}"):
+        download("https://cdn.test/f.mp4", tmp_path / "o.mp4", max_bytes=1 << 20, client=client)
+    (body,) = bodies
+    assert body.taken == HugeBody.CHUNK  # one chunk, of which ERROR_BODY_BYTES were kept
+    assert leftovers(tmp_path) == []
+
+
+def test_a_download_error_keeps_the_start_of_its_body_in_the_message(tmp_path: Path) -> None:
+    def handler(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, content=b"<center>nginx: upstream busy</center>")
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    with pytest.raises(RetryableProviderError, match="HTTP 503: <center>nginx: upstream busy</center>"):
+        download("https://cdn.test/f.mp4", tmp_path / "o.mp4", max_bytes=1 << 20, client=client)
+    assert ERROR_BODY_BYTES <= 8192

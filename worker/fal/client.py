@@ -35,6 +35,7 @@ from typing import Any, Literal
 import httpx
 import httpx_sse
 
+from jobs.digits import ascii_int
 from jobs.errors import (
     AmbiguousSubmitError,
     ProviderError,
@@ -345,8 +346,7 @@ class FalClient:
                 ) as source:
                     response = source.response
                     if not response.is_success:
-                        response.read()
-                        raise classify_poll("status stream", response)
+                        raise classify_poll("status stream", read_capped(response, "status stream"))
                     events = source.iter_sse()
                     for event in events:
                         if not event.data.strip():
@@ -413,8 +413,12 @@ class FalClient:
         """Ask fal to cancel. Free while IN_QUEUE; best effort once running. Not retried."""
         h = _handle(handle)
         with self.scrubbed():
-            with map_transport_errors("cancel"), telemetry.fal_request("cancel") as call:
-                response = call.done(self.http.put(h.cancel_url))
+            with (
+                map_transport_errors("cancel"),
+                telemetry.fal_request("cancel") as call,
+                self.http.stream("PUT", h.cancel_url) as streamed,
+            ):
+                response = read_capped(call.done(streamed), "cancel")
             body = parse_body(response)
             said = body.get("status") if isinstance(body, dict) else None
             if response.is_success:
@@ -467,10 +471,12 @@ class FalClient:
         last: ProviderError | None = None
         for attempt in range(attempts):
             try:
-                with map_transport_errors(what), telemetry.fal_request(what) as call:
-                    response = call.done(
-                        self.http.request(method, url, params=params, follow_redirects=True, **kwargs)
-                    )
+                with (
+                    map_transport_errors(what),
+                    telemetry.fal_request(what) as call,
+                    self.http.stream(method, url, params=params, follow_redirects=True, **kwargs) as streamed,
+                ):
+                    response = read_capped(call.done(streamed), what)
             except RetryableProviderError as failure:  # a network error: ask again (a final one raises)
                 last = failure
             else:
@@ -492,6 +498,47 @@ class FalClient:
                 self._sleep(delay)
         assert last is not None
         raise last
+
+
+#: The most of one answer from fal's queue and storage APIs (status, result, cancel, upload;
+#: success or error) that is read. fal's answers are a few KiB; like the JWKS fetch
+#: (:data:`worker.fal.webhooks.JWKS_MAX_BYTES`), a body without end must not fill the memory.
+MAX_ANSWER_BYTES = 1024 * 1024
+
+
+def read_capped(response: httpx.Response, what: str, limit: int = MAX_ANSWER_BYTES) -> httpx.Response:
+    """A copy of the streamed ``response`` with its body read, or :class:`ProviderProtocolError`
+    when the body is over ``limit`` bytes (decoded; the rest is left unread).
+
+    httpx's ``Response.read()`` (which ``Client.request`` calls) reads a body whole, with no
+    size limit of its own; streaming and counting is how to bound it
+    (https://www.python-httpx.org/quickstart/#streaming-responses). The copy drops
+    ``Content-Encoding``, as its body is already decoded.
+    """
+    declared = ascii_int(response.headers.get("content-length"), max_digits=18)
+    if declared is not None and declared > limit and "content-encoding" not in response.headers:
+        raise _too_large(what, response, limit)
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(what, response, limit)
+    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() != "content-encoding"]
+    return httpx.Response(
+        response.status_code,
+        headers=headers,
+        content=bytes(body),
+        request=response.request,
+        extensions=response.extensions,
+    )
+
+
+def _too_large(what: str, response: httpx.Response, limit: int) -> ProviderProtocolError:
+    """Not an answer fal gives: asked again a bounded number of times by the caller, then failed."""
+    return ProviderProtocolError(
+        f"fal {what}: HTTP {response.status_code} with an answer over {limit} bytes; not read",
+        status_code=response.status_code,
+    )
 
 
 #: Events read after COMPLETED, at most, waiting for a status stream's end (fal ends it there).

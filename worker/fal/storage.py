@@ -669,13 +669,54 @@ def _stream_into(
                     url = _check_url(str(url.join(location)), policy)
                     continue
                 if not response.is_success:
-                    response.read()
-                    raise _download_error(response)
+                    raise _download_error(_error_prefix(response, limits))
                 mismatch = _check_announced(response, limits)
                 return _consume(response, write, limits, progress, mismatch)
         except httpx.HTTPError as exc:  # decoding and stream errors: the bytes were not right
             raise RetryableProviderError(f"download failed ({type(exc).__name__})") from exc
     raise FinalProviderError(f"download refused: more than {limits.max_redirects} redirects")
+
+
+#: How much of a download's error body is read (for the error message): a CDN's error page
+#: or JSON fits; an endless or huge one is cut here instead of filling the worker's memory.
+ERROR_BODY_BYTES = 4096
+
+
+def _error_prefix(response: httpx.Response, limits: _Limits) -> httpx.Response:
+    """A copy of the error ``response`` holding at most :data:`ERROR_BODY_BYTES` of its body.
+
+    ``Response.read()`` would read the body whole, with neither the size cap nor the total time
+    (both apply to 2xx bodies only) bounding it. The bytes are read as they arrive
+    (https://www.python-httpx.org/quickstart/#streaming-responses), the deadline checked between
+    chunks; the caller's ``with`` then closes the response with the rest unread. Only a body
+    without ``Content-Encoding`` is read (its chunks are then the bytes as sent): decoding one
+    could inflate it, so an encoded error body is left out of the error.
+    """
+    prefix = bytearray()
+    if _encoding(response) is None:
+        for chunk in response.iter_bytes():
+            prefix += chunk[: ERROR_BODY_BYTES - len(prefix)]
+            if len(prefix) >= ERROR_BODY_BYTES:
+                break
+            limits.check_time()
+    headers = [
+        (name, value)
+        for name, value in response.headers.multi_items()
+        if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    return httpx.Response(
+        response.status_code,
+        headers=headers,
+        content=bytes(prefix),
+        request=response.request,
+        extensions=response.extensions,
+    )
+
+
+def _encoding(response: httpx.Response) -> str | None:
+    """The body's ``Content-Encoding`` (RFC 9110 §8.4), or None when absent or ``identity``."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    return None if encoding in ("", "identity") else encoding
 
 
 def _check_announced(response: httpx.Response, limits: _Limits) -> DownloadIntegrityError | None:
