@@ -17,7 +17,7 @@ from jobs.settings import Settings
 from worker.fal.client import FalClient
 from worker.fal.storage import FalStorage, Lookup, MediaPreparer, Record
 from worker.steps import Runtime
-from worker.steps.download import close_download_client
+from worker.steps.download import close_download_client, download_policy
 
 
 def build_runtime(
@@ -40,7 +40,10 @@ def build_runtime(
 
     lookup, record = _upload_cache(engine, simulated=simulated)
     media = MediaPreparer.for_storage(
-        FalStorage(client), inline_max_bytes=settings.inline_max_bytes, lookup=lookup, record=record
+        FalStorage(client, download_policy(settings)),
+        inline_max_bytes=settings.inline_max_bytes,
+        lookup=lookup,
+        record=record,
     )
     return Runtime(
         engine=engine,

@@ -1,8 +1,10 @@
-"""The download guard: which addresses a download may reach, and what it accepts as a video."""
+"""The address guard: which addresses a download (or an upload's PUT) may reach, and what a
+download accepts as a video."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -10,10 +12,13 @@ import httpx
 import pytest
 
 from jobs.errors import FinalProviderError, RetryableProviderError, StateConflict
-from tests.hostile import HostileProvider, drip, raw_reply
+from tests.hostile import HostileProvider, drip, json_reply, raw_reply, redirect
 from tests.hostile_fal import sample_video
+from worker.fal.client import FalClient
+from worker.fal.http import RetryPolicy
 from worker.fal.storage import (
     DownloadPolicy,
+    FalStorage,
     download,
     guarded_client,
     internal_address_kind,
@@ -177,3 +182,88 @@ def test_an_error_body_that_trickles_ends_at_the_total_timeout(
             total_timeout=0.3,
         )
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- uploads
+
+UPLOAD_KEY = "0b5c2d4e-1111-2222-3333-444455556666:abcdef0123456789abcdef0123456789"
+
+
+@pytest.fixture
+def internal() -> Iterator[HostileProvider]:
+    """A service on another loopback address (a metadata endpoint's or Redis's stand-in)."""
+    with HostileProvider(host="127.0.0.3") as server:
+        yield server
+
+
+def storage_at(fal: HostileProvider, upload_url: str, policy: DownloadPolicy | None = None) -> FalStorage:
+    """fal's storage on ``fal`` (the configured fal URL), its initiate naming ``upload_url``."""
+    file_url = "https://v3.fal.media/files/abc.png"
+    fal.route(
+        "POST", r"/storage/upload/initiate", json_reply({"upload_url": upload_url, "file_url": file_url})
+    )
+    client = FalClient(
+        queue_url=fal.url,
+        rest_url=fal.url,
+        key=UPLOAD_KEY,
+        timeout=httpx.Timeout(5.0),
+        retry=RetryPolicy(attempts=3, base_delay=0.0),
+        sleep=lambda _s: None,
+    )
+    return FalStorage(client) if policy is None else FalStorage(client, policy)
+
+
+def puts(server: HostileProvider) -> list[str]:
+    return [r.path for r in server.requests if r.method == "PUT"]
+
+
+def test_an_upload_goes_to_fals_storage_without_the_key(hostile: HostileProvider) -> None:
+    hostile.route("PUT", r"/signed/abc", raw_reply(b"", 200))
+    storage = storage_at(hostile, f"{hostile.url}/signed/abc?sig=1")
+    assert storage.upload_file(b"\x89PNG", "image/png", "a.png") == "https://v3.fal.media/files/abc.png"
+    (put,) = [r for r in hostile.requests if r.method == "PUT"]
+    assert put.body == b"\x89PNG"
+    assert "authorization" not in put.headers
+
+
+def test_an_upload_url_on_an_internal_address_is_refused(
+    hostile: HostileProvider, internal: HostileProvider
+) -> None:
+    """Before, only the scheme of ``upload_url`` was checked: the image was PUT to the internal
+    service (a blind SSRF with a body of the attacker's choosing, the user's image)."""
+    storage = storage_at(hostile, f"{internal.url}/latest/meta-data/x")
+    with pytest.raises(FinalProviderError, match=r"127\.0\.0\.3: a loopback address"):
+        storage.upload_file(b"\x89PNG", "image/png", "a.png")
+    assert internal.requests == []
+
+
+def test_an_upload_url_whose_name_resolves_internal_is_refused_when_connecting(
+    hostile: HostileProvider, internal: HostileProvider
+) -> None:
+    """The name is only judged when the socket connects: the guarded client's own check."""
+    storage = storage_at(hostile, f"http://localhost:{hostile.port}/signed/abc")
+    with pytest.raises(FinalProviderError, match=r"localhost \(127\.0\.0\.1\): a loopback address"):
+        storage.upload_file(b"\x89PNG", "image/png", "a.png")
+    assert puts(hostile) == []
+
+
+def test_a_redirect_from_the_upload_host_is_not_followed(
+    hostile: HostileProvider, internal: HostileProvider
+) -> None:
+    """Before, a 307 was followed with the PUT and its body, to wherever it pointed."""
+    hostile.route("PUT", r"/signed/abc", redirect(f"{internal.url}/latest/meta-data/x", 307))
+    storage = storage_at(hostile, f"{hostile.url}/signed/abc")
+    with pytest.raises(FinalProviderError, match=r"redirect \(HTTP 307\); not followed"):
+        storage.upload_file(b"\x89PNG", "image/png", "a.png")
+    assert puts(hostile) == ["/signed/abc"]  # final: not asked again
+    assert internal.requests == []
+
+
+def test_an_upload_host_on_the_allow_list_may_be_internal(
+    hostile: HostileProvider, internal: HostileProvider
+) -> None:
+    internal.route("PUT", r"/bucket/a\.png", raw_reply(b"", 200))
+    policy = DownloadPolicy.for_urls([hostile.url], ["127.0.0.3"])
+    storage = storage_at(hostile, f"{internal.url}/bucket/a.png", policy)
+    storage.upload_file(b"\x89PNG", "image/png", "a.png")
+    assert puts(internal) == ["/bucket/a.png"]

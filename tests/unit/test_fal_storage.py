@@ -61,7 +61,7 @@ def make_storage(fake: FakeStorage) -> FalStorage:
         retry=RetryPolicy(attempts=3, base_delay=0.0),
         sleep=lambda _s: None,
     )
-    return FalStorage(client)
+    return FalStorage(client, transport=httpx.MockTransport(fake))
 
 
 # ------------------------------------------------------------------------------------ upload

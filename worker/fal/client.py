@@ -445,6 +445,7 @@ class FalClient:
         params: Mapping[str, str] | None = None,
         should_retry: Callable[[httpx.Response], bool] = poll_should_retry,
         classify: Callable[[httpx.Response], ProviderError] | None = None,
+        via: httpx.Client | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
         """Send a request that is safe to repeat, with the bounded retry of :class:`RetryPolicy`.
@@ -452,9 +453,13 @@ class FalClient:
         Returns a 2xx response or raises the classified error of the last try (scrubbed of the
         key: storage uploads come through here too). Only for calls whose repetition cannot
         queue or bill anything twice (never the submit POST).
+
+        ``via``: another client to send it through, redirects not followed (a 3xx is then an
+        error): a storage upload's PUT goes to a host fal's answer names, through the address
+        guard of :func:`worker.fal.storage.guarded_client`, without the key.
         """
         with self.scrubbed():
-            return self._send_with_retry(method, what, url, params, should_retry, classify, kwargs)
+            return self._send_with_retry(method, what, url, params, should_retry, classify, via, kwargs)
 
     def _send_with_retry(
         self,
@@ -464,9 +469,11 @@ class FalClient:
         params: Mapping[str, str] | None,
         should_retry: Callable[[httpx.Response], bool],
         classify: Callable[[httpx.Response], ProviderError] | None,
+        via: httpx.Client | None,
         kwargs: dict[str, Any],
     ) -> httpx.Response:
         classify = classify or (lambda r: classify_poll(what, r))
+        http = via or self.http
         attempts = max(1, self.retry.attempts)
         last: ProviderError | None = None
         for attempt in range(attempts):
@@ -474,7 +481,9 @@ class FalClient:
                 with (
                     map_transport_errors(what),
                     telemetry.fal_request(what) as call,
-                    self.http.stream(method, url, params=params, follow_redirects=True, **kwargs) as streamed,
+                    http.stream(
+                        method, url, params=params, follow_redirects=via is None, **kwargs
+                    ) as streamed,
                 ):
                     response = read_capped(call.done(streamed), what)
             except RetryableProviderError as failure:  # a network error: ask again (a final one raises)

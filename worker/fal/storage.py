@@ -57,10 +57,28 @@ _URL_PREFIXES = ("http://", "https://", "data:")
 
 
 class FalStorage:
-    """fal's storage API through a :class:`FalClient` (same transport, timeouts and key)."""
+    """fal's storage API through a :class:`FalClient` (same transport, timeouts and key).
 
-    def __init__(self, client: FalClient) -> None:
+    The bytes are PUT to the ``upload_url`` fal's answer names, a host of fal's storage
+    provider: like a download's URL, it is checked against ``policy`` (the worker's
+    :class:`DownloadPolicy`: fal's own origins, the allow-list, or public addresses only) and
+    sent through a :func:`guarded_client` (no key, no proxy, the address checked when
+    connecting), with redirects refused. Otherwise an initiate answer naming
+    ``http://169.254.169.254/…`` or ``127.0.0.1:6379`` would make the worker PUT a user's image
+    there. Without ``policy``, the client's own URLs are fal's origins and there is no allow-list.
+    ``transport`` replaces the guarded transport of the PUT (tests only).
+    """
+
+    def __init__(
+        self,
+        client: FalClient,
+        policy: DownloadPolicy | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self._client = client
+        self._policy = policy or DownloadPolicy.for_urls([client.queue_url, client.rest_url], None)
+        self._transport = transport
 
     def upload_file(self, data: bytes | Path, content_type: str, file_name: str | None = None) -> str:
         """Upload bytes (or a file's bytes) and return the public ``file_url`` fal serves them at.
@@ -87,12 +105,38 @@ class FalStorage:
                     "fal upload initiate: the answer lacks upload_url/file_url",
                     status_code=initiate.status_code,
                 )
-            _check_url(upload_url)
+            _check_url(upload_url, self._policy)
             _check_url(file_url)  # it goes into the job's input: fal must be able to fetch it
-            self._client.send_idempotent(
-                "PUT", "upload", upload_url, content=payload, headers={"Content-Type": content_type}
-            )
+            with self._upload_client() as uploads:
+                self._client.send_idempotent(
+                    "PUT",
+                    "upload",
+                    upload_url,
+                    classify=_upload_error,
+                    via=uploads,
+                    content=payload,
+                    headers={"Content-Type": content_type},
+                )
             return file_url
+
+    def _upload_client(self) -> httpx.Client:
+        """A client for one upload's PUT: guarded like a download's (uploads are few, and
+        cached by content, so a client of its own costs little)."""
+        timeout = self._client.http.timeout
+        if self._transport is None:
+            return guarded_client(self._policy, timeout)
+        return httpx.Client(transport=self._transport, timeout=timeout, trust_env=False, cookies=NoCookies())
+
+
+def _upload_error(response: httpx.Response) -> ProviderError:
+    """A redirect from the upload host is refused, not followed: its target was never checked
+    (RFC 9110 §15.4.8: a 307 repeats the PUT, body and all, wherever it points)."""
+    if response.is_redirect:
+        return FinalProviderError(
+            f"fal upload: the upload URL answered a redirect (HTTP {response.status_code}); not followed",
+            status_code=response.status_code,
+        )
+    return classify_poll("upload", response)
 
 
 def to_data_uri(data: bytes, mime: str) -> str:
