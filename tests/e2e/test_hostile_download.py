@@ -8,6 +8,7 @@ and what it cost.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import subprocess
 import time
@@ -280,6 +281,21 @@ def test_a_body_that_is_not_a_video_is_refused(wb: Wb, fal: FakeFal, manifest: M
     assert_billed_failure(record, "not a video", "<!DOCTYPE")
     assert fal.file_gets("r1.mp4") == 1  # final: not fetched again
     assert fal.posts() == 1
+
+
+def test_a_compressed_body_is_refused_at_once_not_inflated_to_disk(
+    wb: Wb, fal: FakeFal, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    """Before, the gzip body was decoded though ``identity`` was asked for and the video was
+    saved inflated (here a few KB on the wire, 5 MB on disk)."""
+    bomb = gzip.compress(fal.video + b"\0" * (5 << 20))
+    fal.on_file("r1.mp4", raw_reply(bomb, headers={"Content-Type": "video/mp4", "Content-Encoding": "gzip"}))
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 1, run.stderr
+    assert_billed_failure(record, "'gzip'-encoded body", "1 time(s)")
+    assert fal.file_gets("r1.mp4") == 1  # final: not fetched again
+    assert fal.posts() == 1
+    assert list((tmp_path / "outputs").rglob("*.mp4")) == []
 
 
 # ------------------------------------------------------------------------------ item 10: the disk

@@ -3,6 +3,7 @@ download accepts as a video."""
 
 from __future__ import annotations
 
+import gzip
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,3 +268,27 @@ def test_an_upload_host_on_the_allow_list_may_be_internal(
     storage = storage_at(hostile, f"{internal.url}/bucket/a.png", policy)
     storage.upload_file(b"\x89PNG", "image/png", "a.png")
     assert puts(internal) == ["/bucket/a.png"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+def test_an_encoded_body_is_refused_not_inflated(
+    hostile: HostileProvider, tmp_path: Path, encoding: str
+) -> None:
+    """Before, httpx decoded it although ``identity`` was asked for: 300 KB of gzip on the wire
+    became a 300 MB file (here 10 KB become 10 MB)."""
+    bomb = gzip.compress(sample_video() + b"\0" * (10 << 20))
+    assert len(bomb) < 64 * 1024
+    headers = {"Content-Type": "video/mp4", "Content-Encoding": encoding}
+    hostile.route("GET", r"/v\.mp4", raw_reply(bomb, headers=headers))
+    policy = DownloadPolicy.for_urls([hostile.url], None)
+    with pytest.raises(FinalProviderError, match=f"sent a '{encoding}'-encoded body"):
+        download(f"{hostile.url}/v.mp4", tmp_path / "v.mp4", max_bytes=1 << 30, policy=policy)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_identity_as_the_encoding_is_accepted(hostile: HostileProvider, tmp_path: Path) -> None:
+    video = sample_video()
+    hostile.route("GET", r"/v\.mp4", raw_reply(video, headers={"Content-Encoding": "identity"}))
+    policy = DownloadPolicy.for_urls([hostile.url], None)
+    result = download(f"{hostile.url}/v.mp4", tmp_path / "v.mp4", max_bytes=1 << 20, policy=policy)
+    assert result.size == len(video)

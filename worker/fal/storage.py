@@ -13,7 +13,8 @@ temp file of its own beside the destination, hash while streaming, fsync, ``os.r
 http(s) URLs are fetched, redirects are followed by hand with every hop re-checked, and
 :class:`DownloadPolicy` refuses internal addresses (loopback, private, link-local, …) at connect
 time unless the host is a configured fal host or allow-listed (SSRF). The body must be a video
-container, and one attempt may take at most ``total_timeout`` seconds.
+container sent without a ``Content-Encoding`` (what is counted and capped is what is written),
+and one attempt may take at most ``total_timeout`` seconds.
 
 Size-mismatch policy: the output was already paid for, so a size that differs from fal's
 ``file_size`` (announced by ``Content-Length`` or counted while streaming) raises
@@ -714,6 +715,7 @@ def _stream_into(
                     continue
                 if not response.is_success:
                     raise _download_error(_error_prefix(response, limits))
+                _refuse_encoding(response)
                 mismatch = _check_announced(response, limits)
                 return _consume(response, write, limits, progress, mismatch)
         except httpx.HTTPError as exc:  # decoding and stream errors: the bytes were not right
@@ -761,6 +763,20 @@ def _encoding(response: httpx.Response) -> str | None:
     """The body's ``Content-Encoding`` (RFC 9110 §8.4), or None when absent or ``identity``."""
     encoding = response.headers.get("content-encoding", "").strip().lower()
     return None if encoding in ("", "identity") else encoding
+
+
+def _refuse_encoding(response: httpx.Response) -> None:
+    """Refuse a body sent with a ``Content-Encoding`` although the request accepted only
+    ``identity`` (RFC 9110 §12.5.3): httpx would decode it as it streams
+    (https://www.python-httpx.org/quickstart/#binary-response-content), so a few hundred KB of
+    gzip on the wire would be written as hundreds of MB, every size check applying to the
+    inflated bytes. Final: the server answers the same way when asked again."""
+    encoding = _encoding(response)
+    if encoding is not None:
+        raise FinalProviderError(
+            f"download refused: the server sent a {encoding!r}-encoded body (Content-Encoding), "
+            "though only unencoded bytes were asked for"
+        )
 
 
 def _check_announced(response: httpx.Response, limits: _Limits) -> DownloadIntegrityError | None:
@@ -813,8 +829,8 @@ def _consume(
 
 
 def _content_length(response: httpx.Response) -> int | None:
-    if response.headers.get("content-encoding", "identity") != "identity":
-        return None  # the length is of the encoded body, not of the file
+    """The announced length; the body is unencoded here (:func:`_refuse_encoding`), so it is
+    the file's."""
     try:
         return int(response.headers["content-length"])
     except (KeyError, ValueError):
