@@ -371,11 +371,13 @@ class DownloadSettings(_Section):
     output_staging_dir: Path | None = None
     #: Largest output file we accept from the provider.
     download_max_bytes: int = Field(default=2 * 1024**3, gt=0)
-    #: Hosts outputs may be downloaded from beyond the configured fal URLs' hosts (``*.fal.media``
-    #: style wildcards), comma-separated or a JSON list. Unset: any host whose addresses are all
-    #: public; loopback, private, link-local, reserved, multicast and unspecified addresses are
-    #: refused unless the host is a fal URL's or listed here. Set: only those hosts (and the fal
-    #: URLs'), whatever they resolve to, e.g. ``*.fal.media,storage.googleapis.com``.
+    #: Hosts outputs may be downloaded from (and uploads PUT to) beyond the configured fal URLs'
+    #: origins, comma-separated or a JSON list: ``host`` (any port), ``host:port`` (that port
+    #: only; ``[v6]:port`` for an IPv6 literal) or ``*.fal.media`` style wildcards. Unset: any
+    #: host whose addresses are all public; loopback, private, link-local, reserved, multicast
+    #: and unspecified addresses are refused unless the URL is on a fal URL's origin (scheme,
+    #: host and port) or listed here. Set: only those (and the fal URLs' origins), whatever they
+    #: resolve to, e.g. ``*.fal.media,storage.googleapis.com``.
     download_allowed_hosts: Annotated[list[str] | None, NoDecode] = None
     #: How many times a failed download is retried before the job fails (never regenerated).
     download_attempts: int = Field(default=5, ge=1)

@@ -60,6 +60,16 @@ def metadata() -> Iterator[HostileProvider]:
         yield server
 
 
+@pytest.fixture
+def same_host() -> Iterator[HostileProvider]:
+    """Another service on fal's own loopback address, on a port of its own (a Redis's stand-in)."""
+    with HostileProvider() as server:
+        server.route(
+            "GET", r"/(secret|video\.mp4)", raw_reply(sample_video(), headers={"Content-Type": "video/mp4"})
+        )
+        yield server
+
+
 def run_batch(wb: Wb, manifest: MakeManifest, body: str = TWO_JOBS) -> tuple[Run, list[dict[str, object]]]:
     """Run the manifest; its export records in fal's order (the job sent first is ``r1``)."""
     run = wb("run", manifest("hostile", body), "--json", "--no-progress")
@@ -254,6 +264,39 @@ def test_a_redirect_to_an_internal_address_is_refused(
     assert_billed_failure(record, "127.0.0.3", "loopback address")
     assert fal.file_gets("r1.mp4") == 1
     assert metadata.requests == []
+
+
+@pytest.mark.parametrize("how", ["result-url", "redirect"])
+def test_another_port_of_fals_host_is_not_trusted(
+    wb: Wb, fal: FakeFal, manifest: MakeManifest, same_host: HostileProvider, how: str
+) -> None:
+    """Before, fal's *host* was trusted: any port of 127.0.0.1 was reachable from a result URL
+    or a redirect, and the job downloaded whatever the service there answered."""
+    target = f"{same_host.url}/secret"
+    if how == "redirect":
+        fal.on_file("r1.mp4", redirect(target))
+    else:
+        fal.on_result("r1", json_reply(fal.result_for("r1", url=target)))
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 1, run.stderr
+    assert_billed_failure(record, "127.0.0.1: a loopback address", "WANBATCH_DOWNLOAD_ALLOWED_HOSTS")
+    assert same_host.requests == []  # never even connected
+    assert fal.posts() == 1
+
+
+def test_a_host_and_port_on_the_allow_list_is_fetched_from(
+    wb: Wb,
+    fal: FakeFal,
+    manifest: MakeManifest,
+    same_host: HostileProvider,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WANBATCH_DOWNLOAD_ALLOWED_HOSTS", f"127.0.0.1:{same_host.port}")
+    fal.on_file("r1.mp4", redirect(f"{same_host.url}/video.mp4"))  # fal's origin, then the listed one
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 0, run.stderr
+    assert record["status"] == "succeeded"
+    assert [r.path for r in same_host.requests] == ["/video.mp4"]
 
 
 def test_an_internal_host_is_fetched_from_when_it_is_listed(

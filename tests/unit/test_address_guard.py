@@ -93,16 +93,48 @@ def test_every_address_of_a_name_is_checked(monkeypatch: pytest.MonkeyPatch) -> 
     ]
 
 
-def test_fal_hosts_and_listed_hosts_may_be_internal() -> None:
+def test_fal_origins_and_listed_hosts_may_be_internal() -> None:
     policy = DownloadPolicy.for_urls(["http://127.0.0.1:8000", "https://rest.fal.ai"], None)
     assert policy.addresses("127.0.0.1", 8000) == ["127.0.0.1"]
     with pytest.raises(FinalProviderError, match="loopback"):
-        policy.check_host("127.0.0.3")
+        policy.check_host("127.0.0.3", 8000)
     strict = DownloadPolicy.for_urls(["https://queue.fal.run"], ["*.fal.media"])
-    strict.check_host("v3.fal.media")
-    strict.check_host("queue.fal.run")
+    strict.check_host("v3.fal.media", 443)
+    strict.check_host("queue.fal.run", 443, "https")
     with pytest.raises(FinalProviderError, match="not in the allow-list"):
-        strict.check_host("example.com")
+        strict.check_host("example.com", 443)
+
+
+def test_only_the_fal_urls_origins_are_trusted_not_every_port_of_their_host() -> None:
+    """Before, the fal URL's *host* was trusted: with fal on 127.0.0.1:8000, a result URL
+    could reach 127.0.0.1:6379 (Redis) or any other port of it."""
+    policy = DownloadPolicy.for_urls(["http://127.0.0.1:8000", "https://rest.fal.ai"], None)
+    assert policy.listed("127.0.0.1", 8000, "http")
+    assert policy.listed("rest.fal.ai", 443, "https")
+    assert not policy.listed("127.0.0.1", 6379)
+    assert not policy.listed("127.0.0.1", 8000, "https")  # another origin (RFC 6454)
+    assert not policy.listed("rest.fal.ai", 80, "http")
+    with pytest.raises(FinalProviderError, match=r"127\.0\.0\.1: a loopback address"):
+        policy.addresses("127.0.0.1", 6379)
+
+
+@pytest.mark.parametrize(
+    ("entry", "host", "port", "allowed"),
+    [
+        ("cdn.example", "cdn.example", 8443, True),  # a bare host: any port, as before
+        ("cdn.example:8443", "cdn.example", 8443, True),
+        ("cdn.example:8443", "cdn.example", 443, False),
+        ("*.example:443", "v3.example", 443, True),
+        ("*.example:443", "v3.example", 80, False),
+        ("CDN.Example.:443", "cdn.example", 443, True),
+        ("[::1]:9000", "::1", 9000, True),
+        ("[::1]:9000", "::1", 9001, False),
+        ("[::1]", "::1", 9001, True),
+        ("::1", "::1", 9001, True),  # a bare IPv6 literal: its last group is not a port
+    ],
+)
+def test_allow_list_entries_may_name_a_port(entry: str, host: str, port: int, allowed: bool) -> None:
+    assert DownloadPolicy(allowed_hosts=(entry,)).listed(host, port) is allowed
 
 
 def test_the_connection_goes_to_the_checked_address(

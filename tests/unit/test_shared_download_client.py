@@ -96,7 +96,7 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch, answers: dict[str, str]) -> None:
 
 
 def test_concurrent_downloads_share_connections(server: KeepAliveServer, tmp_path: Path) -> None:
-    policy = DownloadPolicy(trusted_hosts=("127.0.0.1",))
+    policy = DownloadPolicy.for_urls([f"http://127.0.0.1:{server.port}"], None)
     shared = SharedDownloadClient(policy, TIMEOUT)
     responses = 0
 
@@ -130,7 +130,7 @@ def test_a_pooled_connection_never_serves_another_host(
 ) -> None:
     # Both names lead to the same loopback server; only the fal host may be reached there.
     fake_dns(monkeypatch, {"fal.example": "127.0.0.1", "elsewhere.example": "127.0.0.1"})
-    policy = DownloadPolicy(trusted_hosts=("fal.example",))
+    policy = DownloadPolicy.for_urls([f"http://fal.example:{server.port}"], None)
     shared = SharedDownloadClient(policy, TIMEOUT)
     client = shared.get()
     ok = download(

@@ -12,9 +12,10 @@ Downloads are written so a crash can never leave a half file under the final nam
 temp file of its own beside the destination, hash while streaming, fsync, ``os.replace``. Only
 http(s) URLs are fetched, redirects are followed by hand with every hop re-checked, and
 :class:`DownloadPolicy` refuses internal addresses (loopback, private, link-local, …) at connect
-time unless the host is a configured fal host or allow-listed (SSRF). The body must be a video
-container sent without a ``Content-Encoding`` (what is counted and capped is what is written),
-and one attempt may take at most ``total_timeout`` seconds.
+time unless the URL is on a configured fal origin (scheme, host and port) or allow-listed
+(SSRF). The body must be a video container sent without a ``Content-Encoding`` (what is
+counted and capped is what is written), and one attempt may take at most ``total_timeout``
+seconds.
 
 Size-mismatch policy: the output was already paid for, so a size that differs from fal's
 ``file_size`` (announced by ``Content-Length`` or counted while streaming) raises
@@ -47,7 +48,7 @@ from jobs.errors import FinalProviderError, ProviderError, RetryableProviderErro
 from jobs.outputs import OutputWriteError, fsync_dir
 from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transport_errors, parse_body
-from worker.fal.http import NoCookies
+from worker.fal.http import NoCookies, origin
 from worker.fal.models import DownloadResult
 
 STORAGE_TYPE = "fal-cdn-v3"
@@ -277,16 +278,46 @@ _EBML_MAGIC = b"\x1a\x45\xdf\xa3"
 _SNIFF_BYTES = 16
 
 
-def _host_allowed(host: str, allowed: Collection[str]) -> bool:
-    host = host.lower().rstrip(".")
-    for pattern in allowed:
-        pattern = pattern.lower().rstrip(".")
+def _norm_host(host: str) -> str:
+    """A host as compared: lower case, no IPv6 brackets, no trailing dot."""
+    return host.strip("[]").lower().rstrip(".")
+
+
+def _allow_entry(entry: str) -> tuple[str, int | None]:
+    """An allow-list entry as ``(host pattern, port or None for any port)``.
+
+    ``host``, ``*.suffix``, ``host:port``, ``[v6]`` and ``[v6]:port`` (RFC 3986 §3.2.2
+    brackets an IPv6 literal so its colons are not read as a port); a bare IPv6 literal is a
+    host, any port.
+    """
+    entry = entry.strip()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        return _norm_host(host), int(port) if port.isdigit() else None
+    name, colon, port = entry.rpartition(":")
+    if colon and ":" not in name and port.isdigit():
+        return _norm_host(name), int(port)
+    return _norm_host(entry), None
+
+
+def _host_allowed(host: str, port: int | None, allowed: Collection[str]) -> bool:
+    host = _norm_host(host)
+    for entry in allowed:
+        pattern, only_port = _allow_entry(entry)
+        if only_port is not None and only_port != port:
+            continue
         if pattern.startswith("*."):
             if host.endswith(pattern[1:]):
                 return True
         elif host == pattern:
             return True
     return False
+
+
+def _port(url: httpx.URL) -> int | None:
+    """The URL's port, the scheme's default made explicit (as in :func:`origin`)."""
+    return origin(url)[2]
 
 
 def internal_address_kind(address: str) -> str | None:
@@ -325,42 +356,53 @@ def _ip_literal(host: str) -> str | None:
 class DownloadPolicy:
     """Where an output may be fetched from: the SSRF guard of every download (each redirect hop too).
 
-    * ``trusted_hosts`` (the hosts of the configured fal URLs) are always allowed, whatever
-      address they resolve to: that is how a simulator or a proxy on 127.0.0.1 keeps working.
-    * ``allowed_hosts`` (``WANBATCH_DOWNLOAD_ALLOWED_HOSTS``, ``*.fal.media`` style wildcards):
-      when set, only these and the trusted hosts are fetched from, and they too may resolve to
-      any address. When unset, any other host is fetched from only if *every* address it
-      resolves to is a public one: loopback, private, link-local, multicast, reserved and
-      unspecified addresses are refused (a result URL such as ``http://169.254.169.254/…`` must
-      not make a worker read cloud credentials into an ``.mp4``).
+    * ``trusted_origins`` (the ``(scheme, host, port)`` origins of the configured fal URLs) are
+      always allowed, whatever address they resolve to: that is how a simulator or a proxy on
+      127.0.0.1 keeps working. Only those origins, not their hosts: with fal on
+      ``http://127.0.0.1:8000``, a result URL or redirect to ``127.0.0.1:6379`` is refused.
+    * ``allowed_hosts`` (``WANBATCH_DOWNLOAD_ALLOWED_HOSTS``: ``host`` for any port,
+      ``host:port`` for one, ``*.fal.media`` style wildcards): when set, only these and the
+      trusted origins are fetched from, and they too may resolve to any address. When unset,
+      anything else is fetched from only if *every* address its host resolves to is a public
+      one: loopback, private, link-local, multicast, reserved and unspecified addresses are
+      refused (a result URL such as ``http://169.254.169.254/…`` must not make a worker read
+      cloud credentials into an ``.mp4``).
 
     The check runs when the connection is opened (:func:`guarded_client`), on the addresses the
     socket then connects to, so a name that resolves to a public address for the check and to an
-    internal one for the connection (DNS rebinding) gains nothing.
+    internal one for the connection (DNS rebinding) gains nothing. A connection knows its host
+    and port, not its scheme: there, a trusted origin's host and port are trusted (the scheme
+    changes nothing about which socket is reached); each URL is checked with its scheme too.
     """
 
-    trusted_hosts: tuple[str, ...] = ()
+    trusted_origins: tuple[tuple[str, str, int | None], ...] = ()
     allowed_hosts: tuple[str, ...] | None = None
 
     @classmethod
     def for_urls(cls, fal_urls: Iterable[str], allowed_hosts: Iterable[str] | None) -> DownloadPolicy:
-        """The policy of a worker: the fal URLs' hosts trusted, plus the configured allow-list."""
-        hosts = []
+        """The policy of a worker: the fal URLs' origins trusted, plus the configured allow-list."""
+        origins = []
         for url in fal_urls:
             with contextlib.suppress(httpx.InvalidURL):
-                if host := httpx.URL(url).host:
-                    hosts.append(host.lower())
-        return cls(tuple(hosts), None if allowed_hosts is None else tuple(allowed_hosts))
+                scheme, host, port = origin(url)
+                if host:
+                    origins.append((scheme, _norm_host(host), port))
+        return cls(tuple(origins), None if allowed_hosts is None else tuple(allowed_hosts))
 
-    def listed(self, host: str) -> bool:
-        """Whether ``host`` is a fal host or on the allow-list (then any address is fine)."""
-        return _host_allowed(host, self.trusted_hosts) or (
-            self.allowed_hosts is not None and _host_allowed(host, self.allowed_hosts)
+    def trusts(self, host: str, port: int | None, scheme: str | None = None) -> bool:
+        """Whether ``host:port`` (with ``scheme``, when known) is one of fal's configured origins."""
+        host = _norm_host(host)
+        return any((h, p) == (host, port) and scheme in (None, s) for s, h, p in self.trusted_origins)
+
+    def listed(self, host: str, port: int | None, scheme: str | None = None) -> bool:
+        """Whether this is a fal origin or on the allow-list (then any address is fine)."""
+        return self.trusts(host, port, scheme) or (
+            self.allowed_hosts is not None and _host_allowed(host, port, self.allowed_hosts)
         )
 
-    def check_host(self, host: str) -> None:
-        """Refuse a host the allow-list leaves out, or a literal internal address (no DNS needed)."""
-        if self.listed(host):
+    def check_host(self, host: str, port: int | None, scheme: str | None = None) -> None:
+        """Refuse what the allow-list leaves out, or a literal internal address (no DNS needed)."""
+        if self.listed(host, port, scheme):
             return
         if self.allowed_hosts is not None:
             raise FinalProviderError(
@@ -377,7 +419,7 @@ class DownloadPolicy:
         Every address is checked, not just the first: a name with one public and one internal
         address would otherwise reach the internal one whenever the public one is down.
         """
-        self.check_host(host)
+        self.check_host(host, port)
         try:
             infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
@@ -385,7 +427,7 @@ class DownloadPolicy:
         found = list(dict.fromkeys(str(info[4][0]) for info in infos))
         if not found:
             raise httpcore.ConnectError(f"cannot resolve {host!r}: no address")
-        if not self.listed(host):
+        if not self.listed(host, port):
             self._refuse_internal(host, found)
         return found
 
@@ -529,7 +571,7 @@ def _check_url(url: str, policy: DownloadPolicy | None = None) -> httpx.URL:
     if parsed.userinfo:
         raise FinalProviderError("refusing a URL with embedded credentials")
     if policy is not None:
-        policy.check_host(parsed.host)
+        policy.check_host(parsed.host, _port(parsed), parsed.scheme)
     return parsed
 
 

@@ -389,7 +389,7 @@ def _mid_download(_response: httpx.Response) -> None:
 
 
 def download_policy(settings: Settings) -> DownloadPolicy:
-    """Where this deployment's outputs may come from (the fal URLs' hosts are always allowed)."""
+    """Where this deployment's outputs may come from (the fal URLs' origins are always allowed)."""
     return DownloadPolicy.for_urls(
         [settings.fal_queue_url, settings.fal_rest_url], settings.download_allowed_hosts
     )
