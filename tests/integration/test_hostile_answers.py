@@ -64,6 +64,58 @@ def test_a_request_id_that_echoes_the_key_is_never_stored(
     assert KEY.split(":", 1)[0] not in stored
 
 
+def _key_of(req: Recorded) -> str:
+    """The caller's own key, as a provider echoing the Authorization header has it."""
+    return req.headers["authorization"].split(" ", 1)[1]
+
+
+@pytest.mark.parametrize("where", ["body", "header"])
+def test_an_error_type_that_echoes_the_key_is_never_stored(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, where: str
+) -> None:
+    FakeFal(hostile)
+
+    def refuse(req: Recorded, sock: socket.socket) -> None:
+        if where == "body":
+            json_reply({"detail": "invalid input", "error_type": _key_of(req)}, status=422)(req, sock)
+        else:
+            headers = {"x-fal-error-type": _key_of(req), "x-fal-request-id": _key_of(req)}
+            json_reply({"detail": "invalid input"}, status=422, headers=headers)(req, sock)
+
+    hostile.route("POST", re.escape("/fal-ai/wan-22"), refuse)
+    job_id, rt = _one_job(engine, hostile, tmp_path)
+
+    assert submit(rt, job_id) == "failed"
+
+    with db.read_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert (job.error, job.error_type) == ("HTTP 422: invalid input", None)
+    stored = _everything_stored(engine)
+    assert SECRET not in stored
+    assert SECRET[:16] not in stored
+    assert KEY.split(":", 1)[0] not in stored
+
+
+def test_a_gateway_request_id_that_echoes_the_key_is_never_stored(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    FakeFal(hostile)
+
+    def accept(req: Recorded, sock: socket.socket) -> None:
+        body = {"request_id": "r1", "gateway_request_id": _key_of(req), "status": "IN_QUEUE"}
+        json_reply(body)(req, sock)
+
+    hostile.route("POST", re.escape("/fal-ai/wan-22"), accept)
+    job_id, rt = _one_job(engine, hostile, tmp_path)
+
+    assert submit(rt, job_id) == "submitted"  # fal queued it: only the echo is not kept
+
+    with db.read_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert (job.request_id, job.gateway_request_id) == ("r1", None)
+    assert SECRET not in _everything_stored(engine)
+
+
 def test_a_result_that_is_not_an_object_fails_after_the_download_attempts(
     engine: Engine, hostile: HostileProvider, tmp_path: Path
 ) -> None:

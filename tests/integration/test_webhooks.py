@@ -264,6 +264,19 @@ def test_an_ambiguous_submit_is_resolved_by_its_webhook(
     assert (after.state, after.request_id, after.attempts) == (S.DOWNLOADING, "req-proof2", 1)
 
 
+@pytest.mark.parametrize(("gateway", "kept"), [("gw-1", "gw-1"), ("gw/../x", None), ("test-key", None)])
+def test_an_adopted_request_keeps_its_gateway_request_id_only_in_a_request_id_s_shape(
+    engine: Engine, client: TestClient, signer: WebhookSigner, gateway: str, kept: str | None
+) -> None:
+    job = _sent(engine, request_id=None, unknown=True)
+    body = webhook_body("req-proof", gateway, True, RESULT, None)  # "test-key": the receiver's key
+    headers = signer.headers("req-proof", "user-1", body)
+    params = {"job_id": job.id, "attempt": "1"}
+    assert client.post("/webhooks/fal", params=params, content=body, headers=headers).status_code == 200
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.gateway_request_id) == (S.DOWNLOADING, "req-proof", kept)
+
+
 def test_a_second_request_for_one_attempt_is_a_confirmed_duplicate_charge(
     engine: Engine, client: TestClient, signer: WebhookSigner
 ) -> None:

@@ -892,3 +892,128 @@ def test_an_answer_just_under_the_cap_is_read_as_before() -> None:
     assert len(padded) <= MAX_ANSWER_BYTES
     with make_client(Recorder(httpx.Response(200, content=padded))) as client:
         assert client.status(HANDLE).completed
+
+
+# ------------------------------------------------------------------ what fal echoes in names
+
+SECRET = KEY.split(":", 1)[1]
+
+
+def _echoing(code: int, *, body_type: str | None = None, header_type: str | None = None) -> Handler:
+    """fal (or anything on its path) answering ``code`` with the caller's own key echoed, taken
+    from the Authorization header, where ``body_type``/``header_type`` name it: ``key`` for the
+    key, ``secret`` for its secret half, ``request_id`` for ``x-fal-request-id`` = the key."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        key = request.headers["authorization"].split(" ", 1)[1]
+        echo = {"key": key, "secret": key.split(":", 1)[1]}
+        body: dict[str, object] = {"detail": "invalid input"}
+        headers: dict[str, str] = {}
+        if body_type is not None:
+            body["error_type"] = echo.get(body_type, body_type)
+        if header_type == "request_id":
+            headers["x-fal-request-id"] = key
+        elif header_type is not None:
+            headers["x-fal-error-type"] = echo.get(header_type, header_type)
+        return httpx.Response(code, json=body, headers=headers)
+
+    return answer
+
+
+def _call(client: FalClient, call: str) -> object:
+    """One submit, result or status call of ``client``."""
+    if call == "submit":
+        return client.submit(EP, {})
+    if call == "result":
+        return client.result(HANDLE)
+    return client.status(HANDLE)
+
+
+def _every_field(err: ProviderError) -> str:
+    return repr((str(err), err.args, err.error_type, err.request_id, err.detail))
+
+
+@pytest.mark.parametrize("call", ["submit", "result", "status"])
+@pytest.mark.parametrize(
+    ("body_type", "header_type"),
+    [("key", None), ("secret", None), (None, "key"), (None, "secret"), (None, "request_id")],
+)
+def test_a_key_echoed_as_error_type_or_request_id_is_dropped(
+    call: str, body_type: str | None, header_type: str | None
+) -> None:
+    rec = Recorder(_echoing(422, body_type=body_type, header_type=header_type))
+    with make_client(rec) as client, pytest.raises(ProviderError) as info:
+        _call(client, call)
+    err = info.value
+    assert (err.error_type, err.request_id) == (None, None)  # dropped: stored masked, it would name nothing
+    assert SECRET not in _every_field(err)
+    assert SECRET[:16] not in _every_field(err)
+    assert info.value.detail == "invalid input"  # the rest of fal's answer is kept
+
+
+def test_a_key_echoed_in_the_body_leaves_the_header_error_type_standing() -> None:
+    rec = Recorder(_echoing(504, body_type="key", header_type="request_timeout"))
+    with make_client(rec) as client, pytest.raises(RequestFailedError) as info:
+        client.result(HANDLE)
+    assert info.value.error_type == "request_timeout"
+
+
+@pytest.mark.parametrize(
+    "error_type", ["runner disconnected", "a:b", "x" * 65, "<script>", "type\n", "***"], ids=repr
+)
+def test_an_error_type_of_another_shape_is_dropped(error_type: str) -> None:
+    rec = Recorder(httpx.Response(400, json={"detail": "boom", "error_type": error_type}))
+    with make_client(rec) as client, pytest.raises(FinalProviderError) as info:
+        client.result(HANDLE)
+    assert info.value.error_type is None
+
+
+@pytest.mark.parametrize("error_type", ["request_timeout", "runner_server_error", "bad_request", "x" * 64])
+def test_error_types_of_fal_s_shape_are_kept(error_type: str) -> None:
+    rec = Recorder(
+        httpx.Response(
+            400, json={"detail": "boom", "error_type": error_type}, headers={"x-fal-request-id": RID}
+        )
+    )
+    with make_client(rec) as client, pytest.raises(ProviderError) as info:
+        client.result(HANDLE)
+    assert (info.value.error_type, info.value.request_id) == (error_type, RID)
+
+
+def test_a_status_error_type_that_holds_the_key_is_dropped() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        key = request.headers["authorization"].split(" ", 1)[1]
+        return httpx.Response(200, json={"status": "COMPLETED", "error": "failed", "error_type": key})
+
+    with make_client(Recorder(answer)) as client:
+        status = client.status(HANDLE)
+    assert (status.error, status.error_type) == ("failed", None)
+
+
+@pytest.mark.parametrize("gateway", ["key", "secret", "a/../b", "id with spaces", 7])
+def test_a_gateway_request_id_that_echoes_the_key_or_is_no_id_is_dropped(gateway: object) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        key = request.headers["authorization"].split(" ", 1)[1]
+        echo = {"key": key, "secret": key.split(":", 1)[1]}
+        body = submitted_body()
+        body["gateway_request_id"] = echo.get(gateway, gateway) if isinstance(gateway, str) else gateway
+        return httpx.Response(200, json=body)
+
+    with make_client(Recorder(answer)) as client:
+        sub = client.submit(EP, {})
+    assert sub.request_id == RID  # the submit itself stands: only the echo is not kept
+    assert sub.gateway_request_id is None
+
+
+def test_a_request_id_that_echoes_the_key_is_ambiguous_and_says_why() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        key = request.headers["authorization"].split(" ", 1)[1]
+        return httpx.Response(
+            200, json={**submitted_body(), "request_id": key}, headers={"x-fal-request-id": key}
+        )
+
+    with make_client(Recorder(answer)) as client, pytest.raises(AmbiguousSubmitError) as info:
+        client.submit(EP, {})
+    assert "holds the API key" in str(info.value)
+    assert info.value.request_id is None
+    assert SECRET not in _every_field(info.value)

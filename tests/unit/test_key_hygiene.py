@@ -165,3 +165,26 @@ def test_errors_from_storage_calls_are_scrubbed() -> None:
     assert KEY not in str(info.value)
     assert KEY not in repr(info.value.detail)
     assert MASK in repr(info.value.detail)
+
+
+@pytest.mark.parametrize(
+    ("error_type", "expected"),
+    [
+        ("request_timeout", "request_timeout"),
+        ("runner_server_error", "runner_server_error"),
+        (KEY, None),  # an echoed Authorization value, however it got onto the error
+        ("not a type: at all", None),
+        ("x" * 65, None),
+    ],
+)
+def test_the_error_type_a_job_stores_has_an_error_type_s_shape(error_type: str, expected: str | None) -> None:
+    from worker.steps.failures import kind_of
+
+    assert kind_of(FinalProviderError("refused", status_code=422, error_type=error_type)) == expected
+
+
+def test_a_status_verdict_keeps_only_an_error_type_s_shape() -> None:
+    from worker.fal.errors import status_failure
+
+    assert status_failure("boom", KEY).error_type is None
+    assert status_failure("boom", "runner_disconnected").error_type == "runner_disconnected"

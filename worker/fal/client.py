@@ -52,6 +52,7 @@ from worker.fal.errors import (
     classify_poll,
     classify_result,
     classify_submit,
+    error_type_or_none,
     json_body,
     load_json,
     map_transport_errors,
@@ -74,6 +75,7 @@ from worker.fal.models import (
     RequestHandle,
     Status,
     Submitted,
+    request_id_or_none,
     valid_request_id,
 )
 from worker.fal.redact import redact_value
@@ -166,15 +168,28 @@ class FalClient:
     @contextmanager
     def scrubbed(self) -> Iterator[None]:
         """No error leaving the client may carry the key, whatever fal echoed: its message and
-        its ``detail`` (a string, or FastAPI's list of field errors, walked recursively) are
-        scrubbed here, before any caller can store or print them."""
+        every provider-derived field (:meth:`_scrub_error`) are scrubbed here, before any
+        caller can store or print them."""
         try:
             yield
         except WanbatchError as err:
             err.args = tuple(self.scrub(a) for a in err.args)
             if isinstance(err, ProviderError):
-                err.detail = self.scrub(err.detail)
+                self._scrub_error(err)
             raise
+
+    def _scrub_error(self, err: ProviderError) -> None:
+        """Mask the key in every field of ``err`` that fal's answer filled in: ``detail`` (a
+        string, or FastAPI's list of field errors, walked recursively) is masked in place;
+        ``error_type`` and ``request_id`` end up in the database, in ``status``, exports and
+        metrics labels as they are, so one that held the key is dropped, not stored masked."""
+        err.detail = self.scrub(err.detail)
+        err.error_type = self._token(error_type_or_none(err.error_type))
+        err.request_id = self._token(request_id_or_none(err.request_id))
+
+    def _token(self, value: str | None) -> str | None:
+        """``value`` unless the key is in it (then None: a name with ``***`` inside names nothing)."""
+        return value if value is None or self.scrub(value) == value else None
 
     def handle(self, endpoint_id: str, request_id: str) -> RequestHandle:
         """The handle of a request submitted earlier (e.g. before a worker restart)."""
@@ -262,26 +277,28 @@ class FalClient:
         return headers
 
     def _parse_submitted(self, endpoint_id: str, response: httpx.Response) -> Submitted:
-        body = parse_body(response)
+        """The accepted submit, read from the answer with the key masked: every field of it may
+        be stored (``gateway_request_id`` in the job and its sidecar), so none may carry the key."""
+        raw = parse_body(response)
+        body = self.scrub(raw)
         request_id = body.get("request_id") if isinstance(body, dict) else None
         if not isinstance(body, dict) or not isinstance(request_id, str) or not request_id:
             # fal said yes, to something we cannot identify: it may be queued and billed.
-            header = response.headers.get("x-fal-request-id")
             raise AmbiguousSubmitError(
                 f"fal submit: HTTP {response.status_code} without a request id; the request may be queued",
                 status_code=response.status_code,
-                request_id=header if valid_request_id(header) and self.scrub(header) == header else None,
+                request_id=self._token(request_id_or_none(response.headers.get("x-fal-request-id"))),
+            )
+        if isinstance(raw, dict) and raw.get("request_id") != request_id:  # masked: it held the key
+            raise AmbiguousSubmitError(
+                f"fal submit: HTTP {response.status_code} with a request id that holds the API key; "
+                "the request may be queued",
+                status_code=response.status_code,
             )
         if not valid_request_id(request_id):
             raise AmbiguousSubmitError(
                 f"fal submit: HTTP {response.status_code} with a request id that cannot name a request "
                 "in a URL; the request may be queued",
-                status_code=response.status_code,
-            )
-        if self.scrub(request_id) != request_id:  # it holds the API key: never stored, never sent on
-            raise AmbiguousSubmitError(
-                f"fal submit: HTTP {response.status_code} with a request id that holds the API key; "
-                "the request may be queued",
                 status_code=response.status_code,
             )
         given = {name: body.get(name) for name in ("status_url", "response_url", "cancel_url")}
@@ -306,7 +323,7 @@ class FalClient:
             handle=handle,
             status=state if state in QUEUE_STATES else "IN_QUEUE",
             queue_position=position if isinstance(position, int) else None,
-            gateway_request_id=gateway if isinstance(gateway, str) else None,
+            gateway_request_id=self._token(request_id_or_none(gateway)),
         )
 
     # ------------------------------------------------------------------ status
@@ -578,13 +595,12 @@ def _parse_status(body: object, request_id: str) -> Status:
     logs = body.get("logs")
     metrics = body.get("metrics")
     error = body.get("error")
-    error_type = body.get("error_type")
     return Status(
         state=known,
         queue_position=position if isinstance(position, int) else None,
         logs=logs if isinstance(logs, list) else None,
         metrics=metrics if isinstance(metrics, dict) else {},
         error=error if isinstance(error, str) else (None if error is None else json.dumps(error)),
-        error_type=error_type if isinstance(error_type, str) else None,
+        error_type=error_type_or_none(body.get("error_type")),
         raw=body,
     )

@@ -54,6 +54,7 @@ from jobs.errors import (
     RetryableProviderError,
     WanbatchError,
 )
+from worker.fal.models import request_id_or_none
 
 #: fal's request-error types that are infrastructure failures: a new attempt may succeed, and
 #: fal does not bill them (https://fal.ai/docs/documentation/model-apis/request-errors).
@@ -82,6 +83,19 @@ _NOT_READY = re.compile(
     re.IGNORECASE,
 )
 _MAX_TEXT = 300
+
+#: The shape of an error type we keep. fal's are snake_case words (``request_timeout``,
+#: ``runner_disconnected``, ``client_cancelled``, ``bad_request``:
+#: https://fal.ai/docs/documentation/model-apis/request-errors); dots and hyphens are admitted
+#: for other spellings, never a ``:``, a space or more than a label's length. An error type
+#: is stored, grouped on in ``status``, exported and published as a metrics label, so one of
+#: another shape (an echoed ``Authorization`` value, a page of text) is dropped.
+ERROR_TYPE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def error_type_or_none(value: object) -> str | None:
+    """``value`` when it has an error type's shape (:data:`ERROR_TYPE_PATTERN`), else None."""
+    return value if isinstance(value, str) and ERROR_TYPE_PATTERN.fullmatch(value) else None
 
 
 class ResultNotReadyError(RetryableProviderError):
@@ -229,15 +243,16 @@ def _describe(detail: object, response: httpx.Response) -> str:
 
 
 def _fields(response: httpx.Response) -> dict[str, Any]:
-    """status_code, error_type, detail and request_id as fal gave them."""
+    """status_code, error_type, detail and request_id as fal gave them, but an error type or
+    request id of a shape fal never sends (:func:`error_type_or_none`,
+    :func:`~worker.fal.models.request_id_or_none`) is dropped. The body's ``error_type`` wins
+    over the ``X-Fal-Error-Type`` header, as in fal_client's ``_raise_for_status``."""
     body = parse_body(response)
     detail: object = None
-    error_type = response.headers.get("x-fal-error-type")
+    error_type = error_type_or_none(response.headers.get("x-fal-error-type"))
     if isinstance(body, dict):
         detail = body.get("detail", body)
-        body_type = body.get("error_type")
-        if isinstance(body_type, str) and body_type:
-            error_type = body_type
+        error_type = error_type_or_none(body.get("error_type")) or error_type
     elif body is not None:
         detail = body
     elif response.content:
@@ -246,7 +261,7 @@ def _fields(response: httpx.Response) -> dict[str, Any]:
         "status_code": response.status_code,
         "error_type": error_type,
         "detail": detail,
-        "request_id": response.headers.get("x-fal-request-id"),
+        "request_id": request_id_or_none(response.headers.get("x-fal-request-id")),
     }
 
 
@@ -407,6 +422,7 @@ def status_failure(error: str | None, error_type: str | None) -> ProviderError:
     """fal's verdict from a ``COMPLETED`` status that carries ``error``/``error_type``, classified
     as :func:`classify_result` would classify the replayed error: used when the result itself
     (with the full detail) cannot be fetched. fal documents that such a request failed."""
+    error_type = error_type_or_none(error_type)
     text = _short(error or error_type or "no detail")
     fields: dict[str, Any] = {"error_type": error_type, "detail": error}
     if error_type in CANCELLED_ERROR_TYPES:

@@ -32,6 +32,15 @@ def valid_request_id(value: object) -> bool:
     return isinstance(value, str) and REQUEST_ID_PATTERN.fullmatch(value) is not None
 
 
+def request_id_or_none(value: object) -> str | None:
+    """``value`` when it has a request id's shape (:func:`valid_request_id`), else None.
+
+    For the ids fal only reports (``gateway_request_id``, ``x-fal-request-id`` on an error): one
+    of another shape is not fal's, so it is dropped rather than stored, shown or exported.
+    """
+    return value if isinstance(value, str) and valid_request_id(value) else None
+
+
 @dataclass(frozen=True, slots=True)
 class RequestHandle:
     """Everything needed to follow one queued request: where to ask for status, result, cancel.

@@ -14,7 +14,7 @@ from jobs.models import BatchState, Job, JobView
 from jobs.settings import RetrySettings, Settings
 from jobs.store import Fence
 from worker import telemetry
-from worker.fal.errors import ResultExpiredError, format_detail
+from worker.fal.errors import ResultExpiredError, error_type_or_none, format_detail
 from worker.steps.context import Runtime, in_seconds
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,14 @@ def kind_of(exc: ProviderError) -> str | None:
     """The job's ``error_type`` for ``exc``: fal's own when it gave one, else what we know the
     failure to be — a result gone (``result_expired``), a request fal does not know
     (``request_not_found``) — so `status` groups them by name, not as a bare "error". Billing
-    reads fal's ``exc.error_type`` alone (:func:`cost_of_failure`)."""
-    if exc.error_type:
-        return exc.error_type
+    reads fal's ``exc.error_type`` alone (:func:`cost_of_failure`).
+
+    fal's own is kept only in an error type's shape (:func:`~worker.fal.errors.error_type_or_none`):
+    it is stored, shown and published as a metrics label as it is, so anything else an error
+    carries there (an echoed key) is not."""
+    own = error_type_or_none(exc.error_type)
+    if own:
+        return own
     if isinstance(exc, ResultExpiredError):
         return "result_expired"
     if isinstance(exc, FinalProviderError) and exc.status_code == 404:

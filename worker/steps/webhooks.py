@@ -51,7 +51,7 @@ from jobs.errors import NotFoundError
 from jobs.models import WebhookDelivery, utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
-from worker.fal.models import Status
+from worker.fal.models import Status, request_id_or_none
 from worker.fal.redact import redact_value
 from worker.fal.webhooks import VerifiedDelivery
 from worker.steps.context import Runtime, S, worker_identity
@@ -278,7 +278,7 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                 session,
                 fence,
                 request_id=delivery.request_id,
-                gateway_request_id=gateway if isinstance(gateway, str) else None,
+                gateway_request_id=request_id_or_none(gateway),
                 submitted_at=submitted_at,
                 next_poll_at=first_poll_at(inbox.settings, now),
             ):
