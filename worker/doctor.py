@@ -196,7 +196,7 @@ def check_provider(settings: Settings) -> Check:
             "check WANBATCH_FAL_QUEUE_URL, the network and any proxy (HTTPS_PROXY)",
         )
     code = answer.status_code
-    said = _detail(answer)
+    said = _detail(answer, key)
     if code == 401:
         return _fail(
             name, f"{base} refused the key (401{said})", f"check FAL_KEY: a valid key from {KEYS_URL}"
@@ -216,14 +216,22 @@ def check_provider(settings: Settings) -> Check:
     )
 
 
-def _detail(answer: Any) -> str:
-    """``: <detail>`` from a JSON error body, else empty (never the request headers)."""
+def _detail(answer: Any, key: str) -> str:
+    """``: <detail>`` from a JSON error body, else empty (never the request headers).
+
+    The detail is the provider's text, and a queue host or a proxy may echo the Authorization
+    header in a 401 or a 5xx: it is masked (:func:`worker.fal.redact.redact_text`) before it is
+    cut to length, so no part of the key reaches the output, which ends up in CI logs and
+    tickets and passes through no log filter.
+    """
+    from worker.fal.redact import redact_text
+
     try:
         body = answer.json()
     except ValueError:
         return ""
     detail = body.get("detail") if isinstance(body, dict) else None
-    return f": {str(detail)[:200]}" if detail else ""
+    return f": {redact_text(str(detail), [key])[:200]}" if detail else ""
 
 
 def check_storage(settings: Settings) -> Check:

@@ -25,6 +25,7 @@ from falsim.server import SimulatorHandle
 from jobs.db import SCHEMA_HEAD
 from jobs.settings import get_settings
 from tests.e2e.e2e_helpers import FAL_KEY, Wb
+from tests.hostile import HostileProvider, Recorded, json_reply
 from tests.ports import unused_port
 from web.app import create_app
 from worker.doctor import healthz_url
@@ -120,6 +121,33 @@ def test_provider_unreachable(wb: Wb, monkeypatch: pytest.MonkeyPatch) -> None:
     assert code == 1
     assert checks["provider"]["detail"].startswith("cannot reach http://127.0.0.1:")
     assert "WANBATCH_FAL_QUEUE_URL" in checks["provider"]["fix"]
+
+
+#: A key of fal's shape (``<uuid>:<hex secret>``), echoed back by the provider below.
+FAL_SHAPED_KEY = "5d1e0f2a-3b4c-4d5e-8f60-718293a4b5c6:c0ffee00deadbeef0123456789abcdef"
+
+
+@pytest.mark.parametrize("code", [401, 403, 500])
+def test_a_provider_echoing_the_key_in_its_detail_is_masked(
+    wb: Wb, hostile: HostileProvider, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    def echo(req: Recorded, sock: socket.socket) -> None:
+        sent = req.headers["authorization"]  # "Key <key>"
+        key = sent.split(" ", 1)[1]
+        detail = f"refused {sent}; bare {key}; secret {key.split(':')[1]}"
+        json_reply({"detail": detail}, status=code)(req, sock)
+
+    hostile.route("GET", r"/.*", echo)
+    monkeypatch.setenv("FAL_KEY", FAL_SHAPED_KEY)
+    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", hostile.url)
+    run = wb("doctor", "--json")
+    provider = next(c for c in run.json()["checks"] if c["name"] == "provider")
+    assert provider["status"] == "fail"
+    assert "refused Key ***; bare ***; secret ***" in provider["detail"]  # fal's words, masked
+    secret = FAL_SHAPED_KEY.split(":")[1]
+    assert secret[:8] not in run.stdout + run.stderr
+    human = wb("doctor")
+    assert secret[:8] not in human.stdout + human.stderr
 
 
 def test_database_checks(
