@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -26,6 +27,34 @@ from worker.fal.redact import (
 
 KEY = "7d3f9a10-aaaa-bbbb-cccc-ddddeeeeffff:5e1f2a3b4c5d6e7f8091a2b3c4d5e6f7"
 SECRET_PART = KEY.split(":")[1]
+
+
+#: A key whose base64 differs between the standard and url-safe alphabets ("~?>" encode to
+#: ``+``/``/``): fal's own keys (hex and ``-``) never exercise the url-safe forms.
+ODD_KEY = "odd~key?>~:s3cr3t~value?>>~x"
+
+
+def _b64_pieces(payload: bytes) -> list[str]:
+    """``payload`` base64-encoded after 0, 1 and 2 other bytes, in both alphabets, whole and cut."""
+    pieces = []
+    for before in (b"", b"{", b'{"'):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            text = encode(before + payload + b"}").decode()
+            pieces += [text, text[:12], text[2:30]]
+    return pieces
+
+
+#: Encoded forms of the keys (and cuts of them) for the pre-check's property tests.
+ENCODED_PIECES = [
+    *_b64_pieces(KEY.encode()),
+    *_b64_pieces(f"Key {KEY}".encode()),  # masked as the key's own forms at another alignment
+    f"Key {KEY}".encode().hex()[:24],
+    *_b64_pieces(SECRET_PART.encode()),
+    *_b64_pieces(ODD_KEY.encode()),
+    KEY.encode().hex(),
+    KEY.encode().hex().upper(),
+    SECRET_PART.encode().hex()[:20],
+]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -196,14 +225,16 @@ def test_the_pre_check_never_skips_a_text_a_rule_would_change() -> None:
     words = "…| |:|'|\"|=|\n|Authorization|AUTHORIZATION|authorızation|AuThOrIzAtIoN|Key |Bearer |key "
     words += "|abcdefgh:ijklmnop|xxxxxxxxx|status|IN_QUEUE|https://example.test/v.mp4"
     pieces = [KEY, KEY[:8], KEY[:7], KEY[:20], SECRET_PART, SECRET_PART[:12], short, *words.split("|")]
+    pieces += ENCODED_PIECES
     rng = random.Random(11)
+    keys = (KEY, short, ODD_KEY)
     changed = 0
-    for _ in range(5000):
+    for _ in range(8000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
-        expected = redact._apply_rules(text, {v for k in (KEY, short) for v in redact.key_variants(k)})
-        assert redact_text(text, [KEY, short]) == expected, text
+        expected = redact._apply_rules(text, {v for k in keys for v in redact.key_variants(k)})
+        assert redact_text(text, keys) == expected, text
         changed += expected != text
-    assert 500 < changed < 4500  # both kinds of text were tried
+    assert 800 < changed < 7200  # both kinds of text were tried
 
 
 def test_the_whole_value_pre_check_never_skips_a_value_the_walk_would_change() -> None:
@@ -216,9 +247,9 @@ def test_the_whole_value_pre_check_never_skips_a_value_the_walk_would_change() -
     from worker.fal import redact
 
     words = "…| |:|=|'|\"|\\|\n|\x01|Authorization|authorızation=key |Key |key |Bearer |status|é|ß"
-    pieces = [KEY, KEY[:8], KEY[:20], SECRET_PART, SECRET_PART[:12], *words.split("|")]
+    pieces = [KEY, KEY[:8], KEY[:20], SECRET_PART, SECRET_PART[:12], *words.split("|"), *ENCODED_PIECES]
     rng = random.Random(7)
-    known = {v for v in redact.key_variants(KEY)}
+    known = redact._Known(frozenset({KEY, ODD_KEY}))
 
     def text() -> str:
         return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))
@@ -238,12 +269,12 @@ def test_the_whole_value_pre_check_never_skips_a_value_the_walk_would_change() -
         return tuple(value(depth + 1) for _ in range(rng.randint(0, 2)))
 
     changed = 0
-    for _ in range(3000):
+    for _ in range(4000):
         v = value(0)
         expected = redact._redact_walk(v, known, 0)
-        assert redact_value(v, [KEY]) == expected, v
+        assert redact_value(v, [KEY, ODD_KEY]) == expected, v
         changed += expected != v
-    assert 300 < changed < 2700  # both kinds of value were tried
+    assert 400 < changed < 3600  # both kinds of value were tried
 
 
 def test_a_value_that_is_not_json_is_still_walked() -> None:
@@ -266,3 +297,52 @@ def test_a_value_is_checked_as_its_strings_read_not_as_ascii_escapes() -> None:
     # Only the dotless ı's "authorization" rule matches here, and only in the unescaped text.
     leaked = {"headers": ["authorızation=key abc123"]}
     assert redact_value(leaked, [KEY]) == {"headers": [f"authorızation=key {MASK}"]}
+
+
+def _windows_of_b64(secret: bytes, width: int = 12) -> set[str]:
+    """Every ``width``-character run of ``secret``'s base64 at each byte alignment, in both
+    alphabets, away from its uncertain edges: any of them left in a text gives the secret away."""
+    runs = set()
+    for shift in range(3):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            middle = encode(bytes(shift) + secret).decode()[4:-4]
+            runs |= {middle[i : i + width] for i in range(len(middle) - width + 1)}
+    return runs
+
+
+@pytest.mark.parametrize("payload", [KEY, SECRET_PART, f"Key {KEY}", f"Authorization: Key {KEY}"])
+@pytest.mark.parametrize("before", [b"", b"x", b"xy", b'{"headers": {"authorization": "'], ids=len)
+@pytest.mark.parametrize("encode", [base64.b64encode, base64.urlsafe_b64encode], ids=["std", "urlsafe"])
+def test_a_base64_encoded_key_is_masked_at_any_byte_alignment(
+    payload: str, before: bytes, encode: Callable[[bytes], bytes]
+) -> None:
+    from worker.fal.redact import MASK
+
+    text = "echo " + encode(before + payload.encode() + b'", "more": 1}').decode() + " end"
+    masked = redact_text(text, [KEY])
+    assert MASK in masked
+    assert not {run for run in _windows_of_b64(SECRET_PART.encode()) if run in masked}, masked
+    assert redact_value({"echo": [text]}, [KEY]) == {"echo": [masked]}  # the pre-check lets it through
+
+
+@pytest.mark.parametrize("payload", [KEY, SECRET_PART, f"Key {KEY}"])
+@pytest.mark.parametrize("case", [str.lower, str.upper], ids=["lower", "upper"])
+def test_a_hex_encoded_key_is_masked(payload: str, case: Callable[[str], str]) -> None:
+    from worker.fal.redact import MASK
+
+    text = "dump " + case(("prefix " + payload + " suffix").encode().hex())
+    masked = redact_text(text, [KEY])
+    assert MASK in masked
+    assert case(SECRET_PART.encode().hex()[:16]) not in masked
+    assert redact_value([{"dump": text}], [KEY]) == [{"dump": masked}]
+
+
+def test_ordinary_base64_and_hex_are_left_alone() -> None:
+    other = "1e2d3c4b-0000-4000-8000-000000000000:00112233445566778899aabbccddeeff"
+    for text in (
+        base64.b64encode(other.encode()).decode(),
+        other.encode().hex(),
+        base64.b64encode(b"a video frame, not a key" * 3).decode(),
+    ):
+        assert redact_text(text, [KEY]) == text
+        assert redact_value({"v": text}, [KEY]) == {"v": text}

@@ -9,11 +9,13 @@ Two layers, because each one alone has a gap:
 * A log-record factory wrapper applies the same filter when any record is created, so handlers
   added later (pytest's caplog, Celery's own) also receive redacted records.
 
-Besides the literal key, ``Authorization: Key …``/``Bearer …`` values are masked by shape.
+Besides the literal key (and its encoded forms: :func:`key_variants`), ``Authorization: Key …``
+/``Bearer …`` values are masked by shape.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -39,7 +41,8 @@ _AUTH_WORD = re.compile("authorization", re.IGNORECASE)
 _KEY_SHAPE = re.compile(r"\b(?P<scheme>Key|Bearer)\s+[0-9A-Za-z_-]{8,}:[0-9A-Za-z_-]{8,}")
 
 _lock = threading.Lock()
-_keys: set[str] = set()
+#: The keys :func:`install_redaction` added (replaced, never changed in place: a cache key).
+_keys: frozenset[str] = frozenset()
 _previous_factory: Callable[..., logging.LogRecord] | None = None
 
 
@@ -56,8 +59,8 @@ def redact_text(text: str, keys: Iterable[str] = ()) -> str:
     (matched as it matches), ``Key``/``Bearer`` for :data:`_KEY_SHAPE`. Without any of them the
     rules below would change nothing, and the text is returned as it is.
     """
-    known = {v for k in (*keys, *_keys) if k for v in key_variants(k)}
-    return _apply_rules(text, known) if _may_need_masking(text, known) else text
+    known = _known(keys)
+    return _apply_rules(text, known.variants) if _may_need_masking(text, known.triggers) else text
 
 
 #: The secret half of an ``id:secret`` key this long or longer is masked on its own.
@@ -68,18 +71,86 @@ _SECRET_MIN = 8
 def key_variants(key: str) -> frozenset[str]:
     """The forms in which ``key`` can travel in text: as it is, percent-encoded (in a URL, a
     query, a form: ``id%3Asecret``), and for fal's ``id:secret`` keys the secret half alone,
-    which is all an attacker needs beside the id that fal shows in its dashboards anyway."""
+    which is all an attacker needs beside the id that fal shows in its dashboards anyway.
+
+    The key and the secret half are also looked for base64- and hex-encoded
+    (:func:`_encoded_forms`): a provider that echoes a request's headers or a token of its own
+    may encode them, and an encoded key is the key. The whole header value ``Key <key>``
+    needs no forms of its own: encoded, it holds the key's form at another byte alignment
+    (masked; what is left encodes ``Key ``), and each form is one more substring search for
+    every text and value that passes through here.
+
+    Computed once per key (cached): every status event and log record asks for them.
+    """
     forms = {key, quote(key, safe=""), quote(key, safe=":"), quote_plus(key)}
+    payloads = [key]
     _, colon, secret = key.partition(":")
     if colon and len(secret) >= _SECRET_MIN:
         forms |= {secret, quote(secret, safe="")}
+        payloads.append(secret)
+    forms |= {form for payload in payloads for form in _encoded_forms(payload.encode())}
     return frozenset(f for f in forms if f)
 
 
+#: An encoded form shorter than this is not looked for: it would match ordinary text.
+_ENCODED_MIN = 16
+_URLSAFE = str.maketrans("+/", "-_")
+
+
+def _encoded_forms(data: bytes) -> set[str]:
+    """``data`` in hex (lower and upper case) and in base64 (standard and url-safe alphabets),
+    as it appears *inside* longer encoded text (RFC 4648, https://www.rfc-editor.org/rfc/rfc4648).
+
+    Base64 encodes 3 bytes as 4 characters, so the characters ``data`` turns into depend on
+    where it starts among the bytes before it: one form per byte alignment (0, 1, 2), each
+    keeping only the characters made of ``data``'s bits alone (those shared with the unknown
+    neighbouring bytes, and the padding, are left out).
+    """
+    forms = {data.hex(), data.hex().upper()}
+    for shift in range(3):
+        text = base64.b64encode(bytes(shift) + data).decode("ascii")
+        first = -(-8 * shift // 6)  # the first character with no bit of the filler bytes
+        end = 8 * (shift + len(data)) // 6  # past the last character made of data's bits alone
+        core = text[first:end]
+        forms |= {core, core.translate(_URLSAFE)}
+    return {form for form in forms if len(form) >= _ENCODED_MIN}
+
+
+class _Known:
+    """The variants of a set of keys (longest first, as :func:`_apply_rules` applies them),
+    what the key rules need to match at all (``triggers``: each variant's first
+    :data:`_CUT_KEY_MIN` characters), and whether every trigger appears in JSON text as it is
+    (``json_safe``, see :func:`_may_need_masking_anywhere`)."""
+
+    __slots__ = ("json_safe", "triggers", "variants")
+
+    def __init__(self, keys: frozenset[str]) -> None:
+        variants = {v for k in keys for v in key_variants(k)}
+        self.variants: tuple[str, ...] = tuple(sorted(variants, key=len, reverse=True))
+        self.triggers: frozenset[str] = frozenset(v[:_CUT_KEY_MIN] for v in variants)
+        self.json_safe = not any(_JSON_ESCAPED.search(t) for t in self.triggers)
+
+
+def _known(keys: Iterable[str]) -> _Known:
+    """The variants of ``keys`` and of the installed keys, built once per set of keys: every
+    log record and status event comes here, so the per-call work is one cache look-up."""
+    return _known_for(tuple(keys), _keys)
+
+
+@lru_cache(maxsize=64)
+def _known_for(keys: tuple[str, ...], installed: frozenset[str]) -> _Known:
+    return _Known(frozenset(k for k in (*keys, *installed) if k))
+
+
 def _apply_rules(text: str, keys: Iterable[str]) -> str:
-    """Every masking rule of :func:`redact_text`, whatever the text holds."""
+    """Every masking rule of :func:`redact_text`, whatever the text holds.
+
+    A key whose first :data:`_CUT_KEY_MIN` characters are not in the text is skipped: neither
+    it nor a cut of it long enough to be masked can be there (the cut rule loops in Python).
+    """
     for key in sorted(keys, key=len, reverse=True):
-        text = _mask_cut_key(text.replace(key, MASK), key)
+        if key[:_CUT_KEY_MIN] in text:
+            text = _mask_cut_key(text.replace(key, MASK), key)
     text = _AUTH_VALUE.sub(lambda m: f"{m.group('head')}{m.group('scheme')} {MASK}", text)
     return _KEY_SHAPE.sub(lambda m: f"{m.group('scheme')} {MASK}", text)
 
@@ -88,15 +159,16 @@ def _apply_rules(text: str, keys: Iterable[str]) -> str:
 _CUT_KEY_MIN = 8
 
 
-def _may_need_masking(text: str, keys: Iterable[str]) -> bool:
-    """Whether any rule of :func:`redact_text` could match ``text`` (False: none can)."""
+def _may_need_masking(text: str, triggers: Iterable[str]) -> bool:
+    """Whether any rule of :func:`redact_text` could match ``text`` (False: none can), given
+    the ``triggers`` of the keys' variants (:class:`_Known`)."""
     if "Key" in text or "Bearer" in text:
         return True
     if _AUTH_WORD.search(text):
         return True
     # A key of up to _CUT_KEY_MIN characters is only masked whole; a longer one, or a cut of
-    # it, always contains its first _CUT_KEY_MIN characters.
-    return any(key[:_CUT_KEY_MIN] in text for key in keys)
+    # it, always contains its first _CUT_KEY_MIN characters: its trigger (_Known.triggers).
+    return any(map(text.__contains__, triggers))
 
 
 def _mask_cut_key(text: str, key: str) -> str:
@@ -127,7 +199,7 @@ def redact_value(value: Any, keys: Iterable[str] = ()) -> Any:
     Python call per string: 35 µs per status event became a few): when no rule could match
     anywhere in it, it is returned as it is.
     """
-    known = {v for k in (*keys, *_keys) if k for v in key_variants(k)}
+    known = _known(keys)
     if not _may_need_masking_anywhere(value, known):
         return value
     return _redact_walk(value, known, 0)
@@ -138,17 +210,18 @@ def redact_value(value: Any, keys: Iterable[str] = ()) -> Any:
 _JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
 
 
-def _may_need_masking_anywhere(value: Any, keys: set[str]) -> bool:
+def _may_need_masking_anywhere(value: Any, known: _Known) -> bool:
     """Whether any rule could match any string in ``value`` (False: none can; True: walk it).
 
     Rendered as JSON without ASCII escapes, every string of ``value`` (keys of dicts too)
     appears in the text as it is, but for quotes, backslashes and control characters, which no
-    rule's trigger holds; a value that is not JSON, or a key with such a character, is walked,
-    and so is one that may be nested deeper than :data:`_MAX_DEPTH` (cut there by the walk).
+    rule's trigger holds; a value that is not JSON, or keys whose trigger (the part of a key
+    that must be found) holds such a character, is walked, and so is one that may be nested
+    deeper than :data:`_MAX_DEPTH` (cut there by the walk).
     """
     if isinstance(value, str):
-        return _may_need_masking(value, keys)
-    if any(_JSON_ESCAPED.search(k) for k in keys):
+        return _may_need_masking(value, known.triggers)
+    if not known.json_safe:
         return True
     try:
         text = json.dumps(value, ensure_ascii=False, check_circular=False)
@@ -156,20 +229,21 @@ def _may_need_masking_anywhere(value: Any, keys: set[str]) -> bool:
         return True
     if text.count("[") + text.count("{") > _MAX_DEPTH:
         return True
-    return _may_need_masking(text, keys)
+    return _may_need_masking(text, known.triggers)
 
 
-def _redact_walk(value: Any, keys: set[str], depth: int) -> Any:
+def _redact_walk(value: Any, known: _Known, depth: int) -> Any:
     if isinstance(value, str):
-        return _apply_rules(value, keys) if _may_need_masking(value, keys) else value
+        return _apply_rules(value, known.variants) if _may_need_masking(value, known.triggers) else value
     if depth >= _MAX_DEPTH and isinstance(value, dict | list | tuple):
         return "[nested too deep]"
+    deeper = depth + 1
     if isinstance(value, dict):
-        return {_redact_walk(k, keys, depth + 1): _redact_walk(v, keys, depth + 1) for k, v in value.items()}
+        return {_redact_walk(k, known, deeper): _redact_walk(v, known, deeper) for k, v in value.items()}
     if isinstance(value, list):
-        return [_redact_walk(v, keys, depth + 1) for v in value]
+        return [_redact_walk(v, known, deeper) for v in value]
     if isinstance(value, tuple):
-        return tuple(_redact_walk(v, keys, depth + 1) for v in value)
+        return tuple(_redact_walk(v, known, deeper) for v in value)
     return value
 
 
@@ -215,10 +289,10 @@ def install_redaction(key: str | None) -> KeyRedactionFilter:
 
     Idempotent: calling it again with another key adds that key too.
     """
-    global _previous_factory
+    global _previous_factory, _keys
     with _lock:
         if key:
-            _keys.add(key)
+            _keys = _keys | {key}
         flt = KeyRedactionFilter([key] if key else [])
         root = logging.getLogger()
         if not any(isinstance(f, KeyRedactionFilter) for f in root.filters):
@@ -240,9 +314,9 @@ def install_redaction(key: str | None) -> KeyRedactionFilter:
 
 def uninstall_redaction() -> None:
     """Undo :func:`install_redaction` (for tests that must leave logging as they found it)."""
-    global _previous_factory
+    global _previous_factory, _keys
     with _lock:
-        _keys.clear()
+        _keys = frozenset()
         root = logging.getLogger()
         for holder in (root, *root.handlers):
             for flt in [f for f in holder.filters if isinstance(f, KeyRedactionFilter)]:
