@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from sqlalchemy import Engine
+from sqlalchemy import Engine, inspect, text
 from starlette.testclient import TestClient
 
 from falsim import SimulatorOptions, running_simulator
@@ -275,6 +275,32 @@ def test_an_adopted_request_keeps_its_gateway_request_id_only_in_a_request_id_s_
     assert client.post("/webhooks/fal", params=params, content=body, headers=headers).status_code == 200
     after = _job(engine, job.batch_id)
     assert (after.state, after.request_id, after.gateway_request_id) == (S.DOWNLOADING, "req-proof", kept)
+
+
+def test_a_receiver_without_the_key_masks_a_key_of_fal_s_shape_echoed_bare(
+    engine: Engine, jwks: JwksServer, signer: WebhookSigner
+) -> None:
+    echoed = "3f2a1b0c-9d8e-4f7a-8b6c-5d4e3f2a1b0c:00ff11ee22dd33cc44bb55aa66998877"  # some fal key
+    keyless = settings_for("http://127.0.0.1:9", "", webhook_jwks_url=jwks.url)
+    assert keyless.fal_key is None  # the receiver needs none
+    job = _sent(engine, request_id="req-1")
+    body = webhook_body("req-1", "req-1", False, {"detail": f"upstream said: {echoed}"}, f"refused {echoed}")
+    with TestClient(create_app(keyless, engine=engine)) as client:
+        response = client.post(
+            "/webhooks/fal",
+            params={"job_id": job.id, "attempt": "1"},
+            content=body,
+            headers=signer.headers("req-1", "user-1", body),
+        )
+    assert response.status_code == 200
+    assert _job(engine, job.batch_id).state == S.DOWNLOADING  # applied, with fal's (masked) words
+    with engine.connect() as conn:
+        stored = "\n".join(
+            str(list(conn.execute(text(f'SELECT * FROM "{table}"'))))
+            for table in inspect(conn).get_table_names()
+        )
+    assert "refused ***" in stored
+    assert echoed.split(":")[1] not in stored
 
 
 def test_a_second_request_for_one_attempt_is_a_confirmed_duplicate_charge(

@@ -57,6 +57,19 @@ ENCODED_PIECES = [
 ]
 
 
+#: A key of fal's shape that no test installs or passes: masked by its shape alone.
+SHAPED_KEY = "3f2a1b0c-9d8e-4f7a-8b6c-5d4e3f2a1b0c:00FF11ee22dd33cc44bb55aa66998877"
+SHAPED_PIECES = [
+    SHAPED_KEY,
+    SHAPED_KEY[:-1],  # 31 hex digits: not the shape
+    SHAPED_KEY[:36],  # the id alone: a UUID, as request ids are
+    ":" + SHAPED_KEY[37:],  # 32 hex digits after a colon, no id before it
+    SHAPED_KEY[:37],
+    "ab",
+    "-",
+]
+
+
 class Handler(BaseHTTPRequestHandler):
     """A real HTTP server, so httpx and httpcore run their full (DEBUG-logging) code paths."""
 
@@ -225,7 +238,7 @@ def test_the_pre_check_never_skips_a_text_a_rule_would_change() -> None:
     words = "…| |:|'|\"|=|\n|Authorization|AUTHORIZATION|authorızation|AuThOrIzAtIoN|Key |Bearer |key "
     words += "|abcdefgh:ijklmnop|xxxxxxxxx|status|IN_QUEUE|https://example.test/v.mp4"
     pieces = [KEY, KEY[:8], KEY[:7], KEY[:20], SECRET_PART, SECRET_PART[:12], short, *words.split("|")]
-    pieces += ENCODED_PIECES
+    pieces += [*ENCODED_PIECES, *SHAPED_PIECES]
     rng = random.Random(11)
     keys = (KEY, short, ODD_KEY)
     changed = 0
@@ -248,6 +261,7 @@ def test_the_whole_value_pre_check_never_skips_a_value_the_walk_would_change() -
 
     words = "…| |:|=|'|\"|\\|\n|\x01|Authorization|authorızation=key |Key |key |Bearer |status|é|ß"
     pieces = [KEY, KEY[:8], KEY[:20], SECRET_PART, SECRET_PART[:12], *words.split("|"), *ENCODED_PIECES]
+    pieces += SHAPED_PIECES
     rng = random.Random(7)
     known = redact._Known(frozenset({KEY, ODD_KEY}))
 
@@ -346,3 +360,30 @@ def test_ordinary_base64_and_hex_are_left_alone() -> None:
     ):
         assert redact_text(text, [KEY]) == text
         assert redact_value({"v": text}, [KEY]) == {"v": text}
+
+
+@pytest.mark.parametrize("keys", [[], [""], [KEY]], ids=["no key", "empty key", "another key"])
+def test_a_bare_key_of_fal_s_shape_is_masked_without_knowing_it(keys: list[str]) -> None:
+    from worker.fal.redact import MASK
+
+    assert redact_text(f"bad key {SHAPED_KEY}, try again", keys) == f"bad key {MASK}, try again"
+    assert redact_text(f"glued:x{SHAPED_KEY}y", keys) == f"glued:x{MASK}y"
+    assert redact_text(f"{SHAPED_KEY}ab", keys) == MASK  # more hex digits: more of the secret
+    lower = SHAPED_KEY.lower()
+    body = {"error": f"refused {lower}", "payload": {"detail": [{"msg": SHAPED_KEY, "loc": ["body"]}]}}
+    assert redact_value(body, keys) == {
+        "error": f"refused {MASK}",
+        "payload": {"detail": [{"msg": MASK, "loc": ["body"]}]},
+    }
+
+
+def test_what_only_resembles_a_key_is_left_alone() -> None:
+    request_id = SHAPED_KEY[:36]  # a UUID: fal's request ids
+    for text in (
+        request_id,
+        f"{request_id}:{SHAPED_KEY[37:-1]}",  # 31 hex digits
+        f"job {SHAPED_KEY[37:]}:{request_id}",
+        "12:00:00 0123456789abcdef0123456789abcdef",
+    ):
+        assert redact_text(text) == text
+        assert redact_value({"v": [text]}) == {"v": [text]}

@@ -10,7 +10,8 @@ Two layers, because each one alone has a gap:
   added later (pytest's caplog, Celery's own) also receive redacted records.
 
 Besides the literal key (and its encoded forms: :func:`key_variants`), ``Authorization: Key …``
-/``Bearer …`` values are masked by shape.
+/``Bearer …`` values and bare strings of a fal key's shape (:data:`_BARE_KEY`) are masked by
+shape, whatever key this process knows.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ _AUTH_VALUE = re.compile(
 _AUTH_WORD = re.compile("authorization", re.IGNORECASE)
 #: fal keys look like ``<uuid>:<hex secret>``; mask ``Key <that>`` wherever it appears.
 _KEY_SHAPE = re.compile(r"\b(?P<scheme>Key|Bearer)\s+[0-9A-Za-z_-]{8,}:[0-9A-Za-z_-]{8,}")
+#: A fal key standing alone: ``<key id>:<key secret>`` (fal_client sends FAL_KEY, or
+#: ``FAL_KEY_ID:FAL_KEY_SECRET``, as ``Key id:secret``:
+#: https://github.com/fal-ai/fal/blob/main/projects/fal_client/src/fal_client/auth.py), the id a
+#: UUID and the secret 32 or more hex digits. Masked wherever it appears, glued to other text
+#: too, so a process that does not know the key (the webhook receiver needs none) still masks
+#: one echoed bare.
+_BARE_KEY = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}:[0-9a-fA-F]{32,}"
+)
+#: What :data:`_BARE_KEY` needs to match at all; it starts with a literal ``:``, which the
+#: regular expression engine looks for in C, so a text without a key is passed over fast.
+_BARE_SECRET = re.compile(r":[0-9a-fA-F]{32}")
 
 _lock = threading.Lock()
 #: The keys :func:`install_redaction` added (replaced, never changed in place: a cache key).
@@ -56,8 +69,9 @@ def redact_text(text: str, keys: Iterable[str] = ()) -> str:
     anything to mask, so a text is first checked for what each rule needs to match at all (a
     substring test runs in C): the key's first :data:`_CUT_KEY_MIN` characters (in the key
     and in every cut of it long enough to be masked), ``authorization`` for :data:`_AUTH_VALUE`
-    (matched as it matches), ``Key``/``Bearer`` for :data:`_KEY_SHAPE`. Without any of them the
-    rules below would change nothing, and the text is returned as it is.
+    (matched as it matches), ``Key``/``Bearer`` for :data:`_KEY_SHAPE`, ``:`` and 32 hex digits
+    for :data:`_BARE_KEY`. Without any of them the rules below would change nothing, and the
+    text is returned as it is.
     """
     known = _known(keys)
     return _apply_rules(text, known.variants) if _may_need_masking(text, known.triggers) else text
@@ -152,7 +166,8 @@ def _apply_rules(text: str, keys: Iterable[str]) -> str:
         if key[:_CUT_KEY_MIN] in text:
             text = _mask_cut_key(text.replace(key, MASK), key)
     text = _AUTH_VALUE.sub(lambda m: f"{m.group('head')}{m.group('scheme')} {MASK}", text)
-    return _KEY_SHAPE.sub(lambda m: f"{m.group('scheme')} {MASK}", text)
+    text = _KEY_SHAPE.sub(lambda m: f"{m.group('scheme')} {MASK}", text)
+    return _BARE_KEY.sub(MASK, text)
 
 
 #: A key's prefix this long, right where a text was cut, is taken for the cut key.
@@ -164,7 +179,7 @@ def _may_need_masking(text: str, triggers: Iterable[str]) -> bool:
     the ``triggers`` of the keys' variants (:class:`_Known`)."""
     if "Key" in text or "Bearer" in text:
         return True
-    if _AUTH_WORD.search(text):
+    if _AUTH_WORD.search(text) or _BARE_SECRET.search(text):
         return True
     # A key of up to _CUT_KEY_MIN characters is only masked whole; a longer one, or a cut of
     # it, always contains its first _CUT_KEY_MIN characters: its trigger (_Known.triggers).
