@@ -296,6 +296,19 @@ def _diff_row(pair: Pair) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- processing a batch
 
 
+def refuse_simulate_with_broker(settings: Settings, simulate: bool) -> None:
+    """``--simulate`` with ``WANBATCH_BROKER_URL`` set: a ConfigError (exit 2), said before
+    anything is stored or changed."""
+    from jobs.errors import ConfigError
+
+    if simulate and settings.broker_url:
+        # The workers process what a broker carries, with their own settings: with fal's.
+        raise ConfigError(
+            "--simulate runs the work in this process, but WANBATCH_BROKER_URL is set: the workers "
+            "would send it to fal; unset WANBATCH_BROKER_URL to simulate"
+        )
+
+
 @contextlib.contextmanager
 def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> Iterator[Settings]:
     """The settings to process with: fal's, or with ``--simulate`` a simulator's started for now.
@@ -305,14 +318,7 @@ def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> I
     rather than a silent wait. The simulator runs in this process for the ``with`` block: it
     accepts any key, answers within a fraction of a second and bills nothing.
     """
-    from jobs.errors import ConfigError
-
-    if simulate and settings.broker_url:
-        # The workers process what a broker carries, with their own settings: with fal's.
-        raise ConfigError(
-            "--simulate runs the work in this process, but WANBATCH_BROKER_URL is set: the workers "
-            "would send it to fal; unset WANBATCH_BROKER_URL to simulate"
-        )
+    refuse_simulate_with_broker(settings, simulate)
     if check:
         from worker.running import check_broker
 
@@ -461,11 +467,13 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
     """
     if not _may_name_a_batch(ref):
         return None
-    from jobs import db, store
+    from jobs import batches, db, store
     from jobs.models import BatchState
 
     with db.session_scope(db.open_engine(settings)) as session:
         target = store.get_batch(session, str(ref))
+        # Refusals first: a refused command (exit 2) has changed nothing.
+        batches.refuse_other_way(target, simulated=_simulator is not None)
         if target.state == BatchState.PAUSED:  # running it again is the user saying "go on"
             store.resume_batch(session, target.id)
         return target.id
@@ -616,6 +624,7 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
         from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 
         settings = get_settings()
+        refuse_simulate_with_broker(settings, simulate)  # before anything changes
         engine = db.open_engine(settings)
         unfinished_states = [s for s in JobState if s not in TERMINAL_STATES]
         with db.session_scope(engine) as session:
@@ -625,6 +634,8 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
                 session, unfinished_states, batch_id=batch_id
             )
             if not finished:
+                # Refused (exit 2) before the batch is touched: a refusal means nothing happened.
+                batches.refuse_other_way(found, simulated=simulate, command="cancel")
                 store.set_batch_state(session, batch_id, BatchState.CANCELLED, reason="cancelled by user")
         if finished:  # nothing left to stop: a finished batch stays finished (`done`), not relabelled
             report = batches.status(batch_id, settings)[0]

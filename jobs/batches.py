@@ -783,15 +783,20 @@ def check_simulation(
     ``command``: the one that goes on (``run``, ``cancel``), named in the message.
     """
     with db.read_scope(open_engine(settings)) as session:
-        batch = store.get_batch(session, batch_id)
-        name, is_simulation = batch.name, batch.simulated
-    if is_simulation and not simulated:
+        refuse_other_way(store.get_batch(session, batch_id), simulated=simulated, command=command)
+
+
+def refuse_other_way(batch: Batch, *, simulated: bool, command: str = "run") -> None:
+    """:func:`check_simulation` of a batch already read: call it before changing anything, so a
+    refusal (exit 2) always means that nothing happened."""
+    name = batch.name
+    if batch.simulated and not simulated:
         raise UsageError(
             f"batch {name} is a simulation (made by `--simulate`): nothing of it goes to fal; "
             f"`wanbatch {command} {name} --simulate` goes on (run its manifest without `--simulate` "
             "to send it to fal)"
         )
-    if simulated and not is_simulation:
+    if simulated and not batch.simulated:
         raise UsageError(
             f"batch {name} is sent to fal: `--simulate` would mix simulated videos into it; "
             "go on without `--simulate` (`wanbatch run MANIFEST --simulate` simulates its manifest "

@@ -106,6 +106,95 @@ def test_processing_a_batch_the_other_way_is_refused(
     assert "Traceback" not in wrong.stderr + refused.stderr
 
 
+def _leave_one_pending(batch: str) -> str:
+    """Put one job of a finished batch back to ``pending`` (a run stopped before sending it);
+    returns the batch id."""
+    from sqlalchemy import update
+
+    from jobs import db, store
+    from jobs.models import Job
+    from jobs.settings import get_settings
+    from jobs.states import JobState
+
+    with db.session_scope(db.open_engine(get_settings())) as session:
+        batch_id = store.get_batch(session, batch).id
+        first = next(iter(store.jobs_of_batch(session, batch_id))).id
+        session.execute(update(Job).where(Job.id == first).values(state=JobState.PENDING))
+    return batch_id
+
+
+def test_cancel_the_other_way_is_refused_before_anything_changes(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """The README: `cancel` of a simulation without `--simulate` is refused, exit 2. It used to
+    cancel the batch first and then say "refused": a script reading exit 2 thought nothing
+    happened."""
+    other = manifest("other", CLIP.replace("name: clip", "name: other"))
+    assert wb("run", other, "--simulate", "--no-progress").code == 0
+    _leave_one_pending("other")
+    before = _status(wb, "other")
+
+    refused = wb("cancel", "other", "--no-progress")
+
+    assert refused.code == 2
+    assert refused.stderr.strip().splitlines() == [
+        "error: batch other is a simulation (made by `--simulate`): nothing of it goes to fal; "
+        "`wanbatch cancel other --simulate` goes on (run its manifest without `--simulate` to send "
+        "it to fal)"
+    ]
+    after = _status(wb, "other")
+    assert (after["state"], after["phase"], after["counts"]) == ("active", before["phase"], before["counts"])
+    assert after["counts"]["pending"] == 1
+    # The way the refusal names goes on.
+    cancelled = wb("cancel", "other", "--simulate", "--no-progress", "--json")
+    assert cancelled.code == 1, cancelled.stderr
+    assert (cancelled.json()["state"], cancelled.json()["counts"]["cancelled"]) == ("cancelled", 1)
+
+    # And a batch for fal is not cancelled by a `cancel --simulate` (which used to cancel it).
+    assert wb("submit", manifest("clip", CLIP)).code == 0
+    wrong = wb("cancel", "clip", "--simulate", "--no-progress")
+    assert wrong.code == 2
+    assert wrong.stderr.strip().splitlines()[0].startswith("error: batch clip is sent to fal")
+    kept = _status(wb, "clip")
+    assert (kept["state"], kept["counts"]["pending"]) == ("active", 2)
+    assert sim.ledger()["accepted"] == 0
+
+
+def test_run_batch_the_other_way_leaves_a_paused_batch_paused(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """`run NAME` of a simulation that fal's refusal (or a full disk) paused: refused before
+    `run` resumes it (it used to resume the batch, then refuse)."""
+    from jobs import db, store
+    from jobs.models import BatchState
+    from jobs.settings import get_settings
+
+    assert wb("run", manifest("other", CLIP.replace("name: clip", "name: other")), "--simulate").code == 0
+    batch_id = _leave_one_pending("other")
+    with db.session_scope(db.open_engine(get_settings())) as session:
+        store.set_batch_state(session, batch_id, BatchState.PAUSED, reason="disk full")
+
+    refused = wb("run", "other", "--no-progress")
+
+    assert refused.code == 2
+    assert "batch other is a simulation" in refused.stderr
+    after = _status(wb, "other")
+    assert (after["state"], after["pause_reason"]) == ("paused", "disk full")
+
+
+def test_cancel_simulate_with_a_broker_is_refused_before_anything_changes(
+    wb: Wb, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert wb("run", manifest("clip", CLIP), "--simulate", "--no-progress").code == 0
+    _leave_one_pending("clip")
+    monkeypatch.setenv("WANBATCH_BROKER_URL", "redis://127.0.0.1:6379/15")
+    refused = wb("cancel", "clip", "--simulate", "--no-progress")
+    assert refused.code == 2
+    assert "unset WANBATCH_BROKER_URL to simulate" in refused.stderr
+    monkeypatch.delenv("WANBATCH_BROKER_URL")
+    assert _status(wb, "clip")["counts"]["pending"] == 1
+
+
 def test_simulate_with_a_broker_is_refused_before_anything_is_stored(
     wb: Wb, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
