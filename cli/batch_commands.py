@@ -22,6 +22,7 @@ from cli.options import allow_dir_option, json_option, progress_option, simulate
 from cli.output import (
     EXIT_OK,
     EXIT_SOME_FAILED,
+    EXIT_USAGE,
     cost_heading,
     cost_table,
     emit_json,
@@ -36,12 +37,14 @@ from cli.output import (
     print_summary,
     print_warnings,
     say,
+    shell_ref,
     short_id,
     usd,
 )
 
 if TYPE_CHECKING:
     from falsim.server import SimulatorHandle
+    from jobs.batches import BatchReport
     from jobs.diff import JobSide, Pair
     from jobs.settings import Settings
     from worker.running import Interrupted
@@ -391,15 +394,33 @@ def _run_and_report(
     _resume_at_simulator(batch_id, settings)
     startup.resume()  # the machinery is loaded: freeze it, collect from here on
     report, stats = process_batch(batch_id, settings, console=err, show_progress=progress and not as_json)
+    # Stopped because its user paused it meanwhile: the same as a run of a paused batch (exit 2,
+    # saying how to go on), not exit 1, which says jobs failed or were cancelled.
+    paused = command != "cancel" and _held_by_user(report)
+    extra = {"ok": False, "error": batches.paused_line(report["name"], shell_ref(report))} if paused else {}
     if as_json:
         emit_json(
-            {**report, "wall_seconds": round(stats.wall_seconds, 3), "status_calls": stats.status_calls}
+            {
+                **report,
+                **extra,
+                "wall_seconds": round(stats.wall_seconds, 3),
+                "status_calls": stats.status_calls,
+            }
         )
     else:
         print_summary(report)
         where = open_output_store(settings).describe()
         say(escape(f"outputs in {where}; finished in {stats.wall_seconds:.1f}s"))
-    return final_code(report)
+    return EXIT_USAGE if paused else final_code(report)
+
+
+def _held_by_user(report: BatchReport) -> bool:
+    """Whether a run ended with jobs left because the batch's user paused it."""
+    return (
+        bool(report["paused_by_user"])
+        and report["state"] == "active"
+        and report["finished"] < report["total"]
+    )
 
 
 def _processing(as_json: bool, action: Callable[[], int], resume: Callable[[str | None], str]) -> None:
@@ -474,6 +495,7 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
         target = store.get_batch(session, str(ref))
         # Refusals first: a refused command (exit 2) has changed nothing.
         batches.refuse_other_way(target, simulated=_simulator is not None)
+        batches.refuse_paused(session, target)
         if target.state == BatchState.PAUSED:  # running it again is the user saying "go on"
             store.resume_batch(session, target.id)
         return target.id
@@ -519,7 +541,9 @@ def run(
         with fal_settings(settings, simulate) as target:
             stored = _stored_batch(manifest, target)
             if stored is None:
-                result = batches.submit_manifest(manifest, target, allow_dirs, simulated=simulate)
+                result = batches.submit_manifest(
+                    manifest, target, allow_dirs, simulated=simulate, refuse_paused_batch=True
+                )
                 print_warnings(result)
                 if note := result.simulation_note():
                     err.print(f"[yellow]{escape(note)}[/yellow]")

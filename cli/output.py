@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
-EXIT_OK, EXIT_SOME_FAILED = 0, 1
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def emit_json(obj: Mapping[str, object]) -> None:
@@ -271,9 +271,16 @@ def idle_text(report: BatchReport) -> str:
 
     seen = report["processed_at"]
     words = not_processing(datetime.fromisoformat(seen) if seen else None, now=datetime.now(UTC))
+    # A user's pause is ended by `resume` only: a run (or a worker) of a paused batch sends nothing.
+    first = f"after `wanbatch resume {shell_ref(report)}`, " if _paused_by_user(report) else ""
     if report["simulated"]:  # only a --simulate run sends a simulation; workers never do
-        return f"{words}: `wanbatch run {report['name']} --simulate` goes on"
-    return f"{words}: `wanbatch run {report['name']}`, or a worker, goes on"
+        return f"{words}: {first}`wanbatch run {report['name']} --simulate` goes on"
+    return f"{words}: {first}`wanbatch run {report['name']}`, or a worker, goes on"
+
+
+def _paused_by_user(report: BatchReport) -> bool:
+    """Paused by `wanbatch pause` (and not cancelled, which ends any pause)."""
+    return bool(report["paused_by_user"]) and report["state"] != "cancelled"
 
 
 def money_line(report: BatchReport) -> str:

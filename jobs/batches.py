@@ -30,7 +30,7 @@ from jobs.money import too_much_usd, usd_json, usd_text
 from jobs.pricing import Totals, estimate_job
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
-from jobs.states import JobState
+from jobs.states import UNFINISHED_STATES, JobState
 from jobs.vary import Sweep, Vary
 
 
@@ -416,7 +416,12 @@ def _apply_schedule(
 
 
 def submit_manifest(
-    path: str | Path, settings: Settings, allowed_dirs: Iterable[Path] = (), *, simulated: bool = False
+    path: str | Path,
+    settings: Settings,
+    allowed_dirs: Iterable[Path] = (),
+    *,
+    simulated: bool = False,
+    refuse_paused_batch: bool = False,
 ) -> SubmitResult:
     """Validate the whole manifest, then store its batch and jobs in one transaction.
 
@@ -429,7 +434,8 @@ def submit_manifest(
     only ``resume`` ends it.
 
     ``simulated`` (``--simulate``): the batch is a simulation, stored apart from any batch of
-    the same name sent to fal (:func:`jobs.store.name_for_batch`).
+    the same name sent to fal (:func:`jobs.store.name_for_batch`). ``refuse_paused_batch``
+    (``run``): a batch its user paused is refused (:func:`refuse_paused`) and nothing is stored.
     """
     report = validate_manifest(path, input_dirs(settings, allowed_dirs))
     manifest = report.manifest
@@ -464,6 +470,8 @@ def submit_manifest(
             None if created else _apply_schedule(session, batch, manifest.schedule, manifest.priority)
         )
         added, existing = store.add_jobs(session, batch.id, _new_jobs(manifest.jobs(), settings))
+        if refuse_paused_batch:
+            refuse_paused(session, batch)  # raised inside the transaction: nothing is stored
         if batch.state == BatchState.PAUSED:
             # Paused because fal refused the account or the outputs could not be written;
             # submitting again is the user saying "go on".
@@ -804,6 +812,31 @@ def refuse_other_way(batch: Batch, *, simulated: bool, command: str = "run") -> 
         )
 
 
+def paused_line(name: str, ref: str) -> str:
+    """What a ``run`` says of a batch its user paused: paused, and how to go on."""
+    return (
+        f"batch {name} is paused (`wanbatch pause`): nothing of it is sent until "
+        f"`wanbatch resume {ref}`; then run this command again to go on"
+    )
+
+
+def refuse_paused(session: Session, batch: Batch) -> None:
+    """``run`` of a batch its user paused, with jobs left to send: a :class:`UsageError`
+    (exit 2), raised before anything changes. Running it would send nothing, and a pause is
+    ended by ``resume`` only (a pause fal's refusal or a full disk caused is ended by ``run``
+    itself: not this)."""
+    if not batch.paused_by_user or batch.state == BatchState.CANCELLED:
+        return
+    if store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id):
+        raise UsageError(paused_line(batch.name, shell_ref(batch)))
+
+
+def shell_ref(batch: Batch) -> str:
+    """How to name ``batch`` in a command to type: its name, unless the shell would need it
+    quoted (then its id's first 12 characters)."""
+    return batch.name if re.fullmatch(r"[\w.@+-]+", batch.name) else batch.id[:12]
+
+
 def status(ref: str | None, settings: DatabaseSettings) -> list[BatchReport]:
     """Reports for one batch (``ref`` = id, id prefix or name) or, with no ref, for every batch."""
     engine = open_engine(settings)
@@ -860,8 +893,7 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
     with db.session_scope(engine) as session:
         batch = store.get_batch(session, ref)
         label = f"{batch.name} ({batch.id[:12]})"
-        # What to type in a hint: the name, unless the shell would need it quoted.
-        short = batch.name if re.fullmatch(r"[\w.@+-]+", batch.name) else batch.id[:12]
+        short = shell_ref(batch)  # what to type in a hint
         counts = store.counts_by_state(session, batch.id)
         total = sum(counts.values())
         terminal = sum(counts[s.value] for s in JobState if s.terminal)

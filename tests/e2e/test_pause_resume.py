@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from falsim.server import SimulatorHandle
@@ -170,3 +171,74 @@ def test_submitting_again_keeps_the_pause_and_applies_the_schedule(wb: Wb, manif
     )
     resumed = wb("resume", "night", "--json").json()
     assert (resumed["paused_by_user"], resumed["schedule_state"]) == (False, "")
+
+
+PAUSED_LINE = (
+    "batch night is paused (`wanbatch pause`): nothing of it is sent until `wanbatch resume night`; "
+    "then run this command again to go on"
+)
+
+
+def test_run_of_a_paused_batch_is_refused_before_anything_changes(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """`run NAME` of a batch its user paused sent nothing and exited 1 (CONTRACT: some jobs failed
+    or were cancelled; none had). Now it says it is paused and how to go on: exit 2, one line."""
+    path = manifest("night", TWO_JOBS.format(extra=""))
+    _submitted(wb, path)
+    assert wb("pause", "night").code == 0
+
+    by_name = wb("run", "night", "--no-progress")
+    assert by_name.code == 2
+    assert by_name.stderr.strip().splitlines() == [f"error: {PAUSED_LINE}"]
+
+    # `run MANIFEST` too, and an edited manifest's new job is not stored.
+    path.write_text(TWO_JOBS.format(extra="").replace("seed: [1, 2]", "seed: [1, 2, 3]"), encoding="utf-8")
+    by_manifest = wb("run", path, "--no-progress", "--json")
+    assert by_manifest.code == 2
+    assert by_manifest.json() == {"ok": False, "error": PAUSED_LINE}
+
+    report = wb("status", "night", "--json").json()
+    assert (report["paused_by_user"], report["total"], report["counts"]["pending"]) == (True, 2, 2)
+    assert sim.ledger()["accepted"] == 0
+
+    # Resumed, the same command goes on.
+    assert wb("resume", "night").code == 0
+    done = wb("run", path, "--no-progress", "--json")
+    assert done.code == 0, done.stderr
+    assert done.json()["counts"]["succeeded"] == 3
+
+
+def test_a_run_stopped_by_a_pause_exits_2_not_1(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`wanbatch pause` while `run` works: the run ends once nothing is at fal. No job failed or
+    was cancelled, so not exit 1: exit 2, with the same words as a run of a paused batch."""
+    import cli.batch_commands as commands
+
+    def pause_now(batch_id: str, settings: object) -> None:  # the user, in another terminal
+        _execute(f"UPDATE batches SET paused_by_user = true WHERE id = '{batch_id}'")
+
+    monkeypatch.setattr(commands, "_resume_at_simulator", pause_now)
+    run = wb("run", manifest("night", TWO_JOBS.format(extra="")), "--no-progress", "--json")
+
+    assert run.code == 2, run.stderr
+    body = run.json()
+    assert (body["ok"], body["error"]) == (False, PAUSED_LINE)
+    assert (body["paused_by_user"], body["counts"]["pending"], body["counts"]["failed"]) == (True, 2, 0)
+    assert "`wanbatch resume night`, then run the same command again to go on" in run.stderr
+    assert sim.ledger()["accepted"] == 0
+
+
+def test_status_of_a_paused_batch_says_resume_goes_on(wb: Wb, manifest: MakeManifest) -> None:
+    """It said "`wanbatch run night`, or a worker, goes on", which sends nothing while paused."""
+    _submitted(wb, manifest("night", TWO_JOBS.format(extra="")))
+    assert wb("pause", "night").code == 0
+    hint = (
+        "nothing is processing it: after `wanbatch resume night`, `wanbatch run night`, or a worker, goes on"
+    )
+    assert hint in " ".join(wb("status", "night").stdout.split())
+    # The list of batches cuts the line at 80 columns, after the part that says to resume first.
+    assert "nothing is processing it: after `wanbatch resume night`, `wanbatch run" in wb("status").stdout
+    assert wb("resume", "night").code == 0
+    assert "after `wanbatch resume" not in wb("status", "night").stdout
