@@ -18,9 +18,15 @@ MARKS = {"ok": "[green]✓[/green]", "fail": "[red]✗[/red]", "skip": "[dim]-[/
 
 @click.command()
 @json_option
-def doctor(as_json: bool) -> None:
+@click.option(
+    "--simulate",
+    is_flag=True,
+    help="Check the setup of `--simulate` runs: no FAL_KEY, broker or receiver needed.",
+)
+def doctor(as_json: bool, simulate: bool) -> None:
     """Check the configuration, database, broker and workers, provider and key, output storage
     and webhook receiver; say what to fix. Exit 0 when all is well, 1 otherwise.
+    With `--simulate`, what `run --simulate` needs (no key: the provider check is skipped).
 
     Nothing is changed, submitted or billed: the key is proven with the status of a request id
     that cannot exist, the output storage with a probe file that is removed at once.
@@ -32,7 +38,7 @@ def doctor(as_json: bool) -> None:
         from worker.doctor import run_checks
 
         with err.status("checking the database, broker, provider, storage and receiver …"):
-            checks = run_checks()
+            checks = run_checks(simulate=simulate)
         failed = [c for c in checks if c.status == "fail"]
         code = EXIT_SOME_FAILED if failed else EXIT_OK
         if as_json:

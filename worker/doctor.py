@@ -181,7 +181,12 @@ def check_provider(settings: Settings) -> Check:
     name = "provider"
     key = settings.fal_key.get_secret_value() if settings.fal_key is not None else ""
     if not key:
-        return _fail(name, "FAL_KEY is not set", f"export FAL_KEY=… (a key from {KEYS_URL})")
+        return _fail(
+            name,
+            "FAL_KEY is not set",
+            f"export FAL_KEY=… (a key from {KEYS_URL}); only batches sent to fal need it: "
+            "`--simulate` needs no key (`wanbatch doctor --simulate` checks a setup for simulations)",
+        )
     from jobs.endpoints.registry import app_base
 
     base = settings.fal_queue_url.rstrip("/")
@@ -271,7 +276,11 @@ def check_receiver(settings: Settings) -> Check:
 
     name = "receiver"
     if not settings.webhook_url:
-        return _skip(name, "no WANBATCH_WEBHOOK_URL: completions are found by polling (fine)")
+        return _skip(
+            name,
+            "no WANBATCH_WEBHOOK_URL: completions come from fal's status streams, "
+            "the few requests no stream follows are polled (fine)",
+        )
     probe = healthz_url(settings.webhook_url)
     if probe is None:
         return _fail(
@@ -304,16 +313,45 @@ def check_receiver(settings: Settings) -> Check:
 # --------------------------------------------------------------------------- all of them
 
 
-def run_checks() -> list[Check]:
+def check_broker_for_simulation(settings: Settings) -> Check:
+    """``doctor --simulate``: a simulation runs in its own process, so a broker is in the way."""
+    if settings.broker_url:
+        return _fail(
+            "broker",
+            "WANBATCH_BROKER_URL is set: `--simulate` runs the work in its own process and is "
+            "refused with a broker (the workers would send the jobs to fal)",
+            "unset WANBATCH_BROKER_URL to simulate",
+        )
+    return _skip("broker", "no WANBATCH_BROKER_URL: a simulation runs in its own process (fine)")
+
+
+def _not_for_simulation(name: str, why: str) -> Callable[[Settings], Check]:
+    return lambda _settings: _skip(name, why)
+
+
+def run_checks(*, simulate: bool = False) -> list[Check]:
     """Every check, in order. The network checks run side by side (each bounded by
-    :data:`TIMEOUT`), so a doctor with several things down answers in seconds, not a minute."""
+    :data:`TIMEOUT`), so a doctor with several things down answers in seconds, not a minute.
+
+    ``simulate`` (``doctor --simulate``): the setup of ``--simulate`` runs, which need no
+    ``FAL_KEY``, no broker and no receiver (they talk to a simulator of their own)."""
     config, settings = check_configuration()
     later: list[tuple[str, Callable[[Settings], Check]]] = [
         ("database", check_database),
-        ("broker", check_broker),
-        ("provider", check_provider),
+        ("broker", check_broker_for_simulation if simulate else check_broker),
+        (
+            "provider",
+            _not_for_simulation("provider", "--simulate: the bundled simulator, no FAL_KEY needed")
+            if simulate
+            else check_provider,
+        ),
         ("output storage", check_storage),
-        ("receiver", check_receiver),
+        (
+            "receiver",
+            _not_for_simulation("receiver", "--simulate: a simulation follows its simulator's status streams")
+            if simulate
+            else check_receiver,
+        ),
     ]
     if settings is None:
         return [config, *(_skip(name, "not checked: the configuration is invalid") for name, _ in later)]

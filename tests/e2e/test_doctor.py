@@ -73,6 +73,9 @@ def test_all_well_embedded_with_the_simulator(wb: Wb, sim: SimulatorHandle) -> N
     }
     assert "embedded" in checks["broker"]["detail"]
     assert "accepted the key" in checks["provider"]["detail"]
+    # What an embedded run does without a receiver: it follows fal's status streams.
+    assert "completions come from fal's status streams" in checks["receiver"]["detail"]
+    assert "found by polling" not in checks["receiver"]["detail"]
     assert all(c["fix"] is None for c in checks.values())
     assert sim.ledger()["accepted"] == 0  # nothing was submitted, so nothing billed
     # The database is only read: doctor on a new SQLite file creates no schema.
@@ -112,6 +115,40 @@ def test_a_refused_key_a_locked_account_and_no_key(
     assert code == 1
     assert checks["provider"]["detail"] == "FAL_KEY is not set"
     assert "export FAL_KEY" in checks["provider"]["fix"]
+
+
+def test_a_simulation_needs_no_key_and_doctor_says_so(wb: Wb, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quickstart's setup (`--simulate`, no FAL_KEY): plain `doctor` still fails the
+    provider (a batch for fal needs the key) but says that `--simulate` needs none, and
+    `doctor --simulate` checks that setup: all well, exit 0."""
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert checks["provider"]["detail"] == "FAL_KEY is not set"
+    assert "`--simulate` needs no key" in checks["provider"]["fix"]
+
+    run = wb("doctor", "--simulate", "--json")
+    assert run.code == 0, run.stdout
+    body = run.json()
+    assert body["ok"] is True
+    checks = {c["name"]: c for c in body["checks"]}
+    assert [c["name"] for c in body["checks"]] == NAMES
+    assert {n: c["status"] for n, c in checks.items()} == {
+        "configuration": "ok",
+        "database": "ok",
+        "broker": "skip",
+        "provider": "skip",
+        "output storage": "ok",
+        "receiver": "skip",
+    }
+    assert "no FAL_KEY needed" in checks["provider"]["detail"]
+    assert "all well" in wb("doctor", "--simulate").stdout
+
+    # `--simulate` is refused with a broker: doctor --simulate says so.
+    monkeypatch.setenv("WANBATCH_BROKER_URL", "redis://127.0.0.1:6379/15")
+    refused = wb("doctor", "--simulate", "--json")
+    assert refused.code == 1
+    broker = next(c for c in refused.json()["checks"] if c["name"] == "broker")
+    assert (broker["status"], broker["fix"]) == ("fail", "unset WANBATCH_BROKER_URL to simulate")
 
 
 def test_provider_unreachable(wb: Wb, monkeypatch: pytest.MonkeyPatch) -> None:
