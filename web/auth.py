@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 from starlette.datastructures import Headers
-from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,12 @@ async def access_of(scope: Scope, gate: TokenGate) -> Access:
     return Access(token_configured=True, loopback=loopback, authenticated=authenticated)
 
 
+def _is_action(path: str) -> bool:
+    """``/batches/REF/ACTION``: a dashboard action (``web.dashboard``'s route)."""
+    parts = path.strip("/").split("/")
+    return len(parts) == 3 and parts[0] == "batches" and all(parts)
+
+
 def _wants_html(headers: Headers) -> bool:
     return "text/html" in headers.get("accept", "")
 
@@ -304,8 +310,13 @@ class DashboardAuth:
         await self.app(scope, receive, send)
 
     def _refusal(self, scope: Scope, access: Access, method: str, path: str) -> Response | None:
-        """The answer that stops this request here, or None to let it through."""
+        """The answer that stops this request here, or None to let it through.
+
+        A refused action (``POST /batches/REF/ACTION``) from a client that does not ask for HTML
+        is one JSON object, ``{"ok": false, "error": …}``, as the action's own refusals (409,
+        404) are: a script calling the API reads one format whatever refused it."""
         headers = Headers(scope=scope)
+        refused = self._refused_response(headers, method, path)
         client = scope.get("client")
         who = client[0] if client else "?"
         if not access.token_configured and not access.loopback:
@@ -316,19 +327,19 @@ class DashboardAuth:
                 who,
                 extra={"event": "dashboard.refused", "status": 403},
             )
-            return PlainTextResponse(LOOPBACK_ONLY, status_code=403)
+            return refused(LOOPBACK_ONLY, 403)
         if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             if method not in SAFE_METHODS and path == "/login" and "origin" in headers:
-                return None if same_origin(headers) else PlainTextResponse(CROSS_ORIGIN, status_code=403)
+                return None if same_origin(headers) else refused(CROSS_ORIGIN, 403)
             return None
         if method in SAFE_METHODS:
             if access.can_read:
                 return None
-            return self._login_needed(headers, scope)
+            return self._login_needed(headers, scope, refused)
         if not access.token_configured:
-            return PlainTextResponse(READ_ONLY, status_code=403)
+            return refused(READ_ONLY, 403)
         if not access.authenticated:
-            return self._login_needed(headers, scope)
+            return self._login_needed(headers, scope, refused)
         if not access.by_header and not same_origin(headers):
             log.warning(
                 "dashboard: refused cross-origin %s %s from %s",
@@ -337,20 +348,28 @@ class DashboardAuth:
                 who,
                 extra={"event": "dashboard.refused", "status": 403},
             )
-            return PlainTextResponse(CROSS_ORIGIN, status_code=403)
+            return refused(CROSS_ORIGIN, 403)
         return None
 
     @staticmethod
-    def _login_needed(headers: Headers, scope: Scope) -> Response:
+    def _refused_response(headers: Headers, method: str, path: str) -> Callable[..., Response]:
+        """How this request is refused: JSON for an action a script calls, else plain text."""
+        as_json = method not in SAFE_METHODS and _is_action(path) and not _wants_html(headers)
+
+        def refused(message: str, status: int, extra: dict[str, str] | None = None) -> Response:
+            if as_json:
+                return JSONResponse({"ok": False, "error": message}, status_code=status, headers=extra)
+            return PlainTextResponse(message, status_code=status, headers=extra)
+
+        return refused
+
+    @staticmethod
+    def _login_needed(headers: Headers, scope: Scope, refused: Callable[..., Response]) -> Response:
         if scope["method"] in SAFE_METHODS and _wants_html(headers):
             query = scope.get("query_string", b"").decode("latin-1")
             target = scope["path"] + (f"?{query}" if query else "")
             return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
-        return PlainTextResponse(
-            LOGIN_NEEDED,
-            status_code=401,
-            headers={"WWW-Authenticate": 'Bearer realm="wanbatch"'},
-        )
+        return refused(LOGIN_NEEDED, 401, {"WWW-Authenticate": 'Bearer realm="wanbatch"'})
 
 
 def safe_next(target: str | None) -> str:

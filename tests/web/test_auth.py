@@ -62,6 +62,36 @@ def test_without_a_token_loopback_reads_and_nobody_acts(
     assert "WANBATCH_SERVE_TOKEN" in batch_page
 
 
+def test_a_refused_action_answers_json_to_a_script(
+    sqlite_engine: Engine, output_dir: Path, batch_id: str
+) -> None:
+    """The README: an action answers one JSON object, a refusal `{"ok": false, "error": …}`.
+    The token's refusals (403 read-only, 401 no token, 403 cross-origin) were plain text."""
+    read_only = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir)))
+    refused = read_only.post(f"/batches/{batch_id}/pause", headers=JSON)
+    assert refused.status_code == 403
+    assert refused.headers["content-type"].startswith("application/json")
+    assert refused.json()["ok"] is False
+    assert "set WANBATCH_SERVE_TOKEN" in refused.json()["error"]
+
+    guarded = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN)))
+    no_token = guarded.post(f"/batches/{batch_id}/pause")  # curl's default Accept: */*
+    assert no_token.status_code == 401
+    assert no_token.json()["ok"] is False
+    assert no_token.headers["www-authenticate"] == 'Bearer realm="wanbatch"'
+    cookie = {"Cookie": f"{SESSION_COOKIE}={session_value(TOKEN)}"}
+    cross = guarded.post(f"/batches/{batch_id}/pause", headers={**cookie, "Origin": "https://evil.example"})
+    assert cross.status_code == 403
+    assert cross.json()["ok"] is False
+    assert not _paused(sqlite_engine, batch_id)
+    # A browser's form (HTML) still gets the page text, and pages are not actions.
+    assert (
+        read_only.post(f"/batches/{batch_id}/pause", headers=HTML)
+        .headers["content-type"]
+        .startswith("text/plain")
+    )
+
+
 def test_without_a_token_other_hosts_get_nothing_but_the_receiver(
     sqlite_engine: Engine, output_dir: Path, batch_id: str
 ) -> None:
