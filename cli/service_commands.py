@@ -185,7 +185,7 @@ def serve(host: str, port: int) -> None:
         from web.app import create_app
 
         if not 0 <= port <= 65535:
-            raise UsageError(f"--port must be between 1 and 65535 (0: any free port), got {port}")
+            raise UsageError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
         settings = get_settings()
         app = create_app(settings)
         log_config = uvicorn_log_config(settings.log_format)
@@ -317,7 +317,7 @@ def _check_simulator_options(
     from jobs.errors import UsageError
 
     if not 0 <= port <= 65535:
-        raise UsageError(f"--port must be between 1 and 65535 (0: any free port), got {port}")
+        raise UsageError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
     if latency is not None and not (math.isfinite(latency) and latency >= 0):
         raise UsageError(f"--latency must be a number of seconds, 0 or more, got {latency}")
     if concurrency_limit < 1:

@@ -126,8 +126,9 @@ def test_export_into_a_folder_that_cannot_be_created(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "phrase"),
     [
-        (["--port", "99999"], "--port must be between"),
-        (["--port", "-1"], "--port must be between"),
+        # The range the check allows, 0 included (it said "between 1 and 65535 (0: …)").
+        (["--port", "99999"], "--port must be between 0 and 65535 (0: any free port), got 99999"),
+        (["--port", "-1"], "--port must be between 0 and 65535 (0: any free port), got -1"),
         (["--latency", "-5"], "--latency must be"),
         (["--latency", "nan"], "--latency must be"),
         (["--concurrency-limit", "0"], "--concurrency-limit must be"),
