@@ -341,7 +341,8 @@ def print_failures(report: BatchReport) -> None:
     `export` and `status --json`)."""
     for f in report["failures"]:
         kind = f["error_type"] or "error"
-        lead = f"{f['count']} {f['state']} ({kind}): "
+        # "880 cancelled: cancelled by user", not "880 cancelled (cancelled): …"
+        lead = f"{f['count']} {f['state']}" + ("" if kind == f["state"] else f" ({kind})") + ": "
         example = " ".join(f["example"].split())
         out.print(f"[red]{escape(lead)}[/red]{escape(fit(example, width() - cell_len(lead)))}")
 

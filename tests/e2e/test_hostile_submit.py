@@ -170,6 +170,15 @@ def test_cancel_says_what_ended_at_once(wb: Wb, sim: SimulatorHandle, manifest: 
     assert sim.ledger()["accepted"] == 0
 
 
+def test_cancel_summary_names_the_reason_once(wb: Wb, sim: SimulatorHandle, manifest: MakeManifest) -> None:
+    """It read "5 cancelled (cancelled): cancelled by user"."""
+    assert wb("submit", manifest("to-cancel", _many("to-cancel", 5))).code == 0
+    cancel = wb("cancel", "to-cancel", "--no-progress")
+    assert cancel.code == 1
+    assert "5 cancelled: cancelled by user" in cancel.stdout
+    assert "(cancelled)" not in cancel.stdout + wb("status", "to-cancel").stdout
+
+
 def test_cancel_of_a_finished_batch_leaves_it_done(
     wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
 ) -> None:
