@@ -920,8 +920,14 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
                 else f"batch {label} was already paused; nothing changed"
             )
         else:
+            # Resuming only clears the flag: a run or the workers send the jobs, not this command.
+            sender = (
+                f"`wanbatch run {short} --simulate`"
+                if batch.simulated
+                else f"`wanbatch run {short}` (or the workers, with a broker)"
+            )
             line = (
-                f"resumed batch {label}: {waiting} waiting job(s) will be sent"
+                f"resumed batch {label}: {waiting} waiting job(s) may be sent again; {sender} sends them"
                 if changed
                 else f"batch {label} was not paused by `wanbatch pause`; nothing changed"
             )

@@ -82,6 +82,12 @@ def test_pause_and_resume_by_name_and_id_prefix(wb: Wb, manifest: MakeManifest) 
     resumed = wb("resume", batch, "--json")
     assert resumed.code == 0, resumed.stderr
     assert (resumed.json()["paused_by_user"], resumed.json()["changed"]) == (False, True)
+    # Nothing runs: the line names what sends the jobs (it said they "will be sent").
+    message = resumed.json()["message"]
+    assert message.startswith("resumed batch night (")
+    assert message.endswith(
+        "2 waiting job(s) may be sent again; `wanbatch run night` (or the workers, with a broker) sends them"
+    )
     report = wb("status", "night", "--json").json()
     assert (report["paused_by_user"], report["schedule_state"]) == (False, "")
     assert (report["phase"], report["phase_reason"]) == ("active", None)
