@@ -17,7 +17,8 @@ only rows held in memory at once.
 data_files="DIR/metadata.jsonl")`` read: ``videos/`` (hard links when the outputs are on the same
 filesystem, else copies; outputs in S3 are downloaded, each checked against its recorded
 SHA-256), ``metadata.jsonl`` (``file_name``, the video's path relative to DIR,
-then every export field, exactly as the JSONL export has them), the batch's manifest as
+then every export field, exactly as the JSONL export has them: ``seed_text`` is the seed those
+loaders read exactly, as they make ``seed`` float64 when one exceeds int64), the batch's manifest as
 ``manifest.<ext>`` when it is still readable, and a ``README.md`` dataset card (counts,
 endpoints, cost, how it was made). Only succeeded jobs by default; ``include_failed`` adds the
 failed and cancelled ones with ``file_name: null`` (jobs still in flight are never exported).
@@ -341,7 +342,12 @@ def _card(batch: Batch, summary: HfExport, include_failed: bool) -> str:
         "```python",
         "from datasets import load_dataset",
         'ds = load_dataset("json", data_files="metadata.jsonl")  # or ("videofolder", data_dir=".")',
+        'seed = int(ds["train"]["seed_text"][0])  # the exact seed, to reproduce the video',
         "```",
+        "",
+        "Seeds go up to 18446744073709551615 (uint64). These loaders read JSON numbers as int64 or "
+        "float64, so a seed above 2^53 in `seed` (and in `input`) comes back rounded, and every "
+        "`seed` as a float when one exceeds int64: `seed_text` holds the exact value as text.",
         "",
     ]
     return "\n".join(lines)

@@ -3,7 +3,10 @@
 Fields are the contract's (job_id, batch, endpoint, status, input, seed, request_id,
 video_path, video_sha256, billing_units, cost_usd, attempts, error, media, media_mismatch,
 source_files, reused_from) plus a few a dataset builder wants (item_index and variant,
-batch_name, actual_prompt, registry_sha256, estimates, error_type, timestamps). Rows are in
+batch_name, seed_text, actual_prompt, registry_sha256, estimates, error_type, timestamps).
+``seed_text`` is ``seed`` as decimal text, exact in every reader: fal's seeds reach
+``2**64 - 1``, and a JSON reader that makes numbers float64 (pyarrow's, hence
+``datasets.load_dataset("json")`` and ``"videofolder"``) rounds any seed above ``2**53``. Rows are in
 item order, then matrix combination (``variant``).
 ``input`` is the exact JSON submitted (image references as sent); for a job never submitted
 it is the validated input. Rows stream from the database, so a 100,000-job batch exports in
@@ -56,6 +59,7 @@ FIELDS = (
     "input",
     "source_files",
     "seed",
+    "seed_text",
     "actual_prompt",
     "request_id",
     "video_path",
@@ -126,6 +130,9 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
         # Each media field as the manifest named it, with its SHA-256 (null for URLs).
         "source_files": job.source_files,
         "seed": job.seed,
+        # The same seed as decimal text: JSON readers that make numbers float64 (pyarrow's, so
+        # ``datasets``' json and videofolder loaders; JavaScript) round seeds above 2**53.
+        "seed_text": None if job.seed is None else str(job.seed),
         "actual_prompt": job.actual_prompt,
         "request_id": job.request_id,
         "video_path": _video_path(job, output_dir),

@@ -1,0 +1,80 @@
+"""The Hugging Face export as its loaders read it, without needing ``datasets`` installed.
+
+``datasets.load_dataset("json", ...)`` and ``"videofolder"`` read ``metadata.jsonl`` with
+pyarrow's JSON reader, which makes a column of numbers float64 as soon as one exceeds int64: a
+seed of 2**64 - 1 came back as 1.8446744073709552e+19 and could no longer reproduce its video.
+``seed_text`` (the seed as decimal text) is what those loaders read exactly; reading the file
+with ``pyarrow.json`` here pins that, as ``datasets`` itself would read it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.json as paj
+
+from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import MakeManifest, Wb, export_jsonl
+
+MAX_SEED = 2**64 - 1
+
+BIG_SEEDS = """\
+name: {name}
+endpoint: fal-ai/wan-i2v
+defaults:
+  resolution: 480p
+items:
+  - prompt: huge seed
+    image_url: images/landscape.jpg
+    seed: 18446744073709551615
+  - prompt: small seed
+    image_url: images/landscape.jpg
+    seed: 5
+  - endpoint: fal-ai/wan-22
+    prompt: a paper boat
+    seed: 9007199254740993
+"""
+
+
+def _hf_export(wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path, name: str) -> Path:
+    run = wb("run", manifest(name, BIG_SEEDS.format(name=name)), "--json", "--no-progress")
+    assert run.code == 0, run.stderr
+    folder = tmp_path / "exports" / "hf"
+    export = wb("export", run.json()["batch"], "--format", "hf", "-o", folder)
+    assert export.code == 0, export.stderr
+    return folder
+
+
+def test_hf_metadata_keeps_every_seed_exact_for_float64_json_readers(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    folder = _hf_export(wb, sim, manifest, tmp_path, "hf-big-seeds")
+    metadata = folder / "metadata.jsonl"
+    lines = [json.loads(x) for x in metadata.read_text().splitlines()]
+    assert sorted(r["seed"] for r in lines) == [5, 9007199254740993, MAX_SEED]
+    for row in lines:
+        assert row["seed_text"] == str(row["seed"])
+
+    # What datasets' json and videofolder loaders get: `seed` rounded, `seed_text` exact.
+    table = paj.read_json(metadata)
+    assert table.schema.field("seed").type == pa.float64()
+    assert table.schema.field("seed_text").type == pa.string()
+    assert sorted(int(s) for s in table.column("seed_text").to_pylist()) == [5, 9007199254740993, MAX_SEED]
+
+    card = (folder / "README.md").read_text()
+    assert "`seed_text`" in card
+    assert 'int(ds["train"]["seed_text"][0])' in card
+
+
+def test_every_export_format_has_seed_text(wb: Wb, sim: SimulatorHandle, manifest: MakeManifest) -> None:
+    run = wb("run", manifest("all-formats", BIG_SEEDS.format(name="all-formats")), "--json", "--no-progress")
+    assert run.code == 0, run.stderr
+    batch = run.json()["batch"]
+    records = export_jsonl(wb, batch)
+    assert {r["seed_text"] for r in records} == {"5", "9007199254740993", str(MAX_SEED)}
+    csv_out = wb("export", batch, "--format", "csv")
+    assert csv_out.code == 0, csv_out.stderr
+    assert str(MAX_SEED) in csv_out.stdout
+    assert "seed,seed_text," in csv_out.stdout.splitlines()[0]
