@@ -319,11 +319,14 @@ def _card(batch: Batch, summary: HfExport, include_failed: bool) -> str:
         "|---|---:|",
     ]
     lines += [f"| `{endpoint}` | {n} |" for endpoint, n in sorted(summary.by_endpoint.items())]
+    # The manifest's file name only: its folder on this machine (a home directory, a user name)
+    # has no place in a card meant to be published.
+    source = Path(batch.manifest_path).name
     manifest = (
-        f"`{summary.manifest}` (copied from `{batch.manifest_path}`"
+        f"`{summary.manifest}` (copied from `{source}`"
         + ("; **it changed after the batch was submitted**)" if summary.manifest_changed else ")")
         if summary.manifest
-        else f"not included (`{batch.manifest_path}` was not readable at export time)"
+        else f"not included (`{source}` was not readable at export time)"
     )
     lines += [
         "",

@@ -78,3 +78,28 @@ def test_every_export_format_has_seed_text(wb: Wb, sim: SimulatorHandle, manifes
     assert csv_out.code == 0, csv_out.stderr
     assert str(MAX_SEED) in csv_out.stdout
     assert "seed,seed_text," in csv_out.stdout.splitlines()[0]
+
+
+def test_hf_card_names_the_manifest_without_its_local_folder(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    """The card is the file meant to be published: the manifest's absolute path (a home
+    directory, a user name) must not be in it, whether the manifest was copied or not."""
+    path = manifest("hf-card-path", BIG_SEEDS.format(name="hf-card-path"))
+    run = wb("run", path, "--json", "--no-progress")
+    assert run.code == 0, run.stderr
+    batch = run.json()["batch"]
+
+    copied = tmp_path / "exports" / "copied"
+    assert wb("export", batch, "--format", "hf", "-o", copied).code == 0
+    card = (copied / "README.md").read_text()
+    assert "- manifest: `manifest.yaml` (copied from `hf-card-path.yaml`)" in card
+    assert str(path.parent) not in card
+    assert str(tmp_path) not in card
+
+    path.unlink()
+    missing = tmp_path / "exports" / "missing"
+    assert wb("export", batch, "--format", "hf", "-o", missing).code == 0
+    card = (missing / "README.md").read_text()
+    assert "- manifest: not included (`hf-card-path.yaml` was not readable at export time)" in card
+    assert str(tmp_path) not in card
