@@ -9,6 +9,7 @@ import :mod:`worker` when they run, and :mod:`falsim` only with ``--simulate``
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -261,8 +262,9 @@ def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
             table = Table(show_header=True)
             for column in ("item", "result", "differs", "seed A / B", "video A / B", "cost A / B"):
                 table.add_column(column)
+            varied = result.varied()
             for pair in shown[:DIFF_ROWS]:
-                table.add_row(*(escape(cell) for cell in _diff_row(pair)))
+                table.add_row(*(escape(cell) for cell in _diff_row(pair, varied)))
             out.print(table)
             if len(shown) > DIFF_ROWS:
                 out.print(f"… and {len(shown) - DIFF_ROWS} more (`--json` lists every job)")
@@ -278,19 +280,48 @@ def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
     guarded(as_json, action)
 
 
-def _diff_row(pair: Pair) -> tuple[str, ...]:
-    """One ``diff`` table row: item, result, what differs, and seed, video and cost of A and B."""
+#: Characters of a varied field's value the ``diff`` table shows (a prompt, an image URL).
+DIFF_VALUE_CHARS = 24
+
+
+def _diff_value(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= DIFF_VALUE_CHARS else text[: DIFF_VALUE_CHARS - 1] + "…"
+
+
+def _diff_job(pair: Pair, varied: dict[str, dict[str, Any]]) -> str:
+    """The row's job: its item, and the input fields that tell it from the item's other jobs
+    (``0 resolution=720p``); ``A/B`` when the two sides of the pair ask different values."""
     side = pair.a or pair.b
     assert side is not None
+    a = varied.get(pair.a.job_id, {}) if pair.a else {}
+    b = varied.get(pair.b.job_id, {}) if pair.b else {}
+    fields = []
+    for name in sorted(a.keys() | b.keys()):
+        values = [_diff_value(v[name]) for v in (a, b) if name in v]
+        fields.append(f"{name}={'/'.join(dict.fromkeys(values))}")
+    return " ".join([str(side.item_index), *fields])
+
+
+def _diff_seed(side: JobSide) -> str:
+    """The seed fal used; for a job never sent, the one its input pinned, marked ``(pinned)``."""
+    if side.seed is not None:
+        return str(side.seed)
+    return "–" if side.pinned_seed is None else f"{side.pinned_seed} (pinned)"
+
+
+def _diff_row(pair: Pair, varied: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """One ``diff`` table row: the job (item and varied fields), result, what differs, and seed,
+    video and cost of A and B."""
 
     def both(show: Callable[[JobSide], str]) -> str:
         return " / ".join("–" if s is None else show(s) for s in (pair.a, pair.b))
 
     return (
-        str(side.item_index),
+        _diff_job(pair, varied),
         pair.outcome,
         ", ".join(pair.differs()),
-        both(lambda s: "–" if s.seed is None else str(s.seed)),
+        both(_diff_seed),
         both(lambda s: (s.video_sha256 or "no video")[:12]),
         both(lambda s: "–" if s.cost_usd is None else usd(s.cost_usd)),
     )

@@ -30,6 +30,10 @@ Jobs left unpaired are ``only_a`` / ``only_b``.
 A pair is ``same`` when both jobs have an output and its SHA-256 is equal (byte-for-byte the same
 video); anything else — another video, or a job of the pair without one — is ``different``. The
 seeds, the prompts actually used and the costs are reported per pair, with the fields that differ.
+A job never sent (cancelled by a budget or a cancel) has no returned seed: its seed is the one its
+input pinned (``pinned_seed``), if any. :meth:`BatchDiff.varied` names, for each job, the input
+fields that tell it from the other jobs of its item (a matrix's ``resolution``, say), which
+``item_index`` alone cannot.
 
 Pure over the store: it reads the two batches and writes nothing.
 """
@@ -37,7 +41,7 @@ Pure over the store: it reads the two batches and writes nothing.
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -73,6 +77,20 @@ class JobSide:
     unseeded: str
     #: The parent batch's job this one repeats (a rerun's), else None: the third pass.
     rerun_of: str | None = None
+    #: The seed the job's input pins (the manifest's, or a rerun's), else None: the seed of a job
+    #: never sent, which fal returned none for.
+    pinned_seed: int | None = None
+    #: The stored input (validated, or resolved for a rerun): what tells an item's jobs apart.
+    input: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def filled_input(self) -> dict[str, Any]:
+        """The input with the endpoint's documented defaults filled in."""
+        return {**_defaults(self.endpoint), **self.input}
+
+    @property
+    def effective_seed(self) -> int | None:
+        """The seed fal used, else (never sent) the one the input pinned."""
+        return self.seed if self.seed is not None else self.pinned_seed
 
     @classmethod
     def of(cls, job: Job) -> JobSide:
@@ -91,16 +109,20 @@ class JobSide:
             cost_usd=_usd(job.actual_usd),
             unseeded=job.endpoint + "\n" + canonical_json(rest),
             rerun_of=job.rerun_of,
+            pinned_seed=_pinned(job.input.get("seed")),
+            input=dict(job.input),
         )
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id,
+            "job_key": self.job_key,
             "item_index": self.item_index,
             "variant": self.variant,
             "endpoint": self.endpoint,
             "status": self.status,
             "seed": self.seed,
+            "pinned_seed": self.pinned_seed,
             "prompt": self.prompt,
             "video_sha256": self.video_sha256,
             "cost_usd": self.cost_usd,
@@ -113,6 +135,10 @@ def _defaults(endpoint: str) -> dict[str, Any]:
         return get_endpoint(endpoint).defaults()
     except UsageError:
         return {}
+
+
+def _pinned(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _usd(value: Decimal | None) -> float | None:
@@ -144,7 +170,7 @@ class Pair:
         checks = {
             "video": a.video_sha256 is None or a.video_sha256 != b.video_sha256,
             "status": a.status != b.status,
-            "seed": a.seed != b.seed,
+            "seed": a.effective_seed != b.effective_seed,
             "prompt": a.prompt != b.prompt,
             "cost": a.cost_usd != b.cost_usd,
         }
@@ -176,6 +202,30 @@ class BatchDiff:
     def identical(self) -> bool:
         """Every job matched and every pair the same video: what exit 0 means."""
         return all(p.outcome == "same" for p in self.pairs)
+
+    def varied(self) -> dict[str, dict[str, Any]]:
+        """Job id → the input fields (the seed aside: it has its own column) whose values differ
+        between the jobs of its item within its batch, with this job's values, the endpoint's
+        defaults filled in: ``{"resolution": "720p"}`` for a matrix over resolutions. A field
+        that varies in either batch is named for both sides of the item. Empty for an item of one
+        job, or whose jobs differ only by seed."""
+        groups: dict[tuple[str, int], list[JobSide]] = defaultdict(list)
+        for pair in self.pairs:
+            for which, side in (("a", pair.a), ("b", pair.b)):
+                if side is not None:
+                    groups[which, side.item_index].append(side)
+        keys: dict[int, set[str]] = defaultdict(set)
+        for (_, item), sides in groups.items():
+            inputs = [side.filled_input() for side in sides]
+            names = {name for values in inputs for name in values} - {"seed"}
+            keys[item] |= {
+                name for name in names if len({canonical_json(values.get(name)) for values in inputs}) > 1
+            }
+        return {
+            side.job_id: {name: side.filled_input().get(name) for name in sorted(keys[item])}
+            for (_, item), sides in groups.items()
+            for side in sides
+        }
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -122,3 +122,52 @@ def test_unknown_batch_is_one_line_and_exit_2(wb: Wb, sim: SimulatorHandle, mani
     assert len(lines) == 1, done.stderr
     assert "no batch 'no-such-batch'" in lines[0]
     assert "Traceback" not in done.stdout + done.stderr
+
+
+#: One pinned seed at two resolutions; a $0.30 cap sends the 480p job ($0.20) and cancels the
+#: 720p one ($0.40) before it is sent.
+CAPPED_SWEEP = """\
+name: {name}
+endpoint: fal-ai/wan-i2v
+matrix:
+  resolution: [480p, 720p]
+items:
+  - prompt: Clouds drifting past the peak
+    image_url: images/landscape.jpg
+    seed: 7
+budget:
+  max_usd: 0.30
+"""
+
+
+def test_diff_rows_tell_an_items_jobs_apart_and_show_pinned_seeds_of_unsent_jobs(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+    run = wb("run", manifest("capped", CAPPED_SWEEP.format(name="capped")), "--json", "--no-progress")
+    parent = run.json()  # exit 1: a job was cancelled by the budget
+    assert (parent["counts"]["succeeded"], parent["counts"]["cancelled"]) == (1, 1), run.stdout
+    fresh = _rerun(wb, parent["batch"], "--new-seeds", "--max-usd", "5")
+
+    report = _diff(wb, parent["batch"], fresh, 1)
+    (unsent,) = [job for job in report["jobs"] if job["a"]["status"] == "cancelled"]
+    assert unsent["a"]["seed"] is None  # fal returned none: it was never sent
+    assert unsent["a"]["pinned_seed"] == 7
+    assert unsent["a"]["job_key"] != unsent["b"]["job_key"]
+
+    human = wb("diff", parent["batch"], fresh)
+    rows = [line for line in human.stdout.splitlines() if "different" in line and "│" in line]
+    assert len(rows) == 2, human.stdout
+    by_resolution = {res: row for row in rows for res in ("480p", "720p") if f"0 resolution={res}" in row}
+    assert sorted(by_resolution) == ["480p", "720p"], human.stdout
+    assert f"7 / {unsent['b']['seed']}" not in by_resolution["720p"]
+    assert f"7 (pinned) / {unsent['b']['seed']}" in by_resolution["720p"]
+    assert "(pinned)" not in by_resolution["480p"]
+
+    # The exact rerun sends the seed the cancelled job pinned: the same seed, not a difference.
+    exact = _rerun(wb, parent["batch"], "--max-usd", "5")
+    report = _diff(wb, parent["batch"], exact, 1)
+    (unsent,) = [job for job in report["jobs"] if job["a"]["status"] == "cancelled"]
+    assert unsent["b"]["seed"] == 7
+    assert "seed" not in unsent["differs"]
+    assert {"video", "status"} <= set(unsent["differs"])
