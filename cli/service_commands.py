@@ -116,8 +116,11 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
 
         @worker_shutdown.connect(weak=False)
         def _stop_ticker(**_: object) -> None:
-            for t in ticker:
-                t.stop()
+            # Celery's warm shutdown (SIGTERM, SIGINT), after the running tasks ended: the ticker
+            # clears this process's heartbeat before the process exits, or a clean stop would
+            # read as "still processing", then as a crash ("last seen"), in `status`.
+            while ticker:
+                ticker.pop().shutdown()
 
         if settings.log_format == "json":
             from worker.logs import celery_console_as_json
@@ -130,7 +133,12 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
             asked_to_stop.append(sig)
 
         quiet = settings.log_format == "json"  # no banner amid JSON lines
-        run_worker(app, pool=pool.lower(), concurrency=concurrency, loglevel=loglevel.upper(), quiet=quiet)
+        try:
+            run_worker(
+                app, pool=pool.lower(), concurrency=concurrency, loglevel=loglevel.upper(), quiet=quiet
+            )
+        finally:
+            _stop_ticker()  # however the worker ended (worker_shutdown did it already, as a rule)
         if stop_metrics is not None:
             stop_metrics()
         if not asked_to_stop:

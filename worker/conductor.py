@@ -140,6 +140,11 @@ class Conductor:
                 self._wants_dispatch = True
             self._cond.notify()
 
+    def wake(self) -> None:
+        """End the wait for an event now (the run's ``stopping`` was set): the loop looks again."""
+        with self._cond:
+            self._cond.notify()
+
     def watch_accepted(self, job_id: str, handle: RequestHandle) -> None:
         """fal accepted ``job_id`` as ``handle`` (the submit step, in this process): follow it now."""
         if self.watcher is not None and self.watcher.watch(job_id, handle):

@@ -17,16 +17,23 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
 from jobs.db import AdvisoryLock
 from worker import steps
 
+if TYPE_CHECKING:
+    from worker.conductor import Conductor
+
 log = logging.getLogger(__name__)
 
 #: An arbitrary, fixed 64-bit key for ``pg_try_advisory_lock``: "wanbatch" in ASCII.
 LEADER_LOCK_KEY = 0x77616E6261746368
+#: How long a stopping worker waits for its ticker to finish the round it is in (and to clear
+#: its heartbeat, give up the leader lock); past that the worker clears the heartbeat itself.
+STOP_WAIT_SECONDS = 10.0
 
 
 class LeaderLock:
@@ -77,6 +84,7 @@ class Ticker(threading.Thread):
         self.runtime_factory = runtime_factory
         self.interval = interval
         self.stopping = threading.Event()
+        self._conductor: Conductor | None = None
 
     def run(self) -> None:
         from worker import tasks
@@ -84,7 +92,9 @@ class Ticker(threading.Thread):
 
         rt = self.runtime_factory()
         lock = LeaderLock(rt.engine)
-        conductor = Conductor(rt)
+        conductor = self._conductor = Conductor(rt)
+        if self.stopping.is_set():  # stopped while starting: shutdown() may have missed it
+            conductor.close()
         tasks.conduct_here(conductor, lambda: lock.held)
         try:
             with listening(rt.engine, conductor.notify):
@@ -97,3 +107,20 @@ class Ticker(threading.Thread):
     def stop(self) -> None:
         """Ask the thread to finish after its current round."""
         self.stopping.set()
+        conductor = self._conductor
+        if conductor is not None:
+            conductor.wake()  # it may be waiting for an event up to an idle tick's interval
+
+    def shutdown(self, timeout: float = STOP_WAIT_SECONDS) -> None:
+        """Stop, wait up to ``timeout`` for the thread to end, and make sure this process's
+        heartbeat is gone either way: a worker that stops cleanly (Celery's warm shutdown on
+        SIGTERM or SIGINT) must not look, to ``status``, like one still working — nor, a minute
+        later, like one that crashed. The thread is a daemon: without this wait, the process
+        exited while it was still between two rounds, and its heartbeat stayed behind. Safe to
+        call more than once."""
+        self.stop()
+        if self.is_alive():
+            self.join(timeout)
+        conductor = self._conductor
+        if conductor is not None:
+            conductor.close()  # done already when the thread ended; else now, from this thread
