@@ -25,7 +25,11 @@ simulate_option = click.option(
     is_flag=True,
     help="Start the bundled fal simulator and send every request to it (no FAL_KEY needed, nothing billed).",
 )
-progress_option = click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+progress_option = click.option(
+    "--no-progress",
+    is_flag=True,
+    help="Do not show progress (the bar, or plain lines when stderr is not a terminal).",
+)
 
 
 def manifest_command(command: Callable[..., None]) -> click.Command:

@@ -11,10 +11,14 @@ line (cut to ``$1…``). This column lays the line out itself, in order of impor
    with ``…`` — but a note goes before the bar and an unknown time left, which say nothing
    while nothing moves;
 5. the counts by state, abbreviated (``run:4``) and then cut when room runs out.
+
+Where stderr is not a terminal, the same facts go out as plain lines now and then instead
+(:func:`plain_line`, :class:`PlainProgress`).
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.cells import cell_len, set_cell_size
@@ -140,3 +144,73 @@ def batch_progress_display(console: Console, *, disable: bool) -> Progress:
         transient=False,
         refresh_per_second=REFRESH_PER_SECOND,
     )
+
+
+# --------------------------------------------------------------------------- not a terminal
+
+#: When stderr is not a terminal (``nohup``, CI, systemd, ``2> run.log``) the line cannot be
+#: redrawn in place, so ``run`` prints it as plain lines instead (:class:`PlainProgress`): one at
+#: the start, then one each time another :data:`PLAIN_STEP_PERCENT` % of the jobs is finished
+#: (at most one every :data:`PLAIN_MIN_GAP_SECONDS`), at least one every
+#: :data:`PLAIN_EVERY_SECONDS` while nothing moves (a batch waiting for its window shows its
+#: countdown), and one at the end.
+PLAIN_STEP_PERCENT = 5
+PLAIN_MIN_GAP_SECONDS = 10.0
+PLAIN_EVERY_SECONDS = 60.0
+
+
+def plain_line(task: Task, *, now: datetime | None = None) -> str:
+    """What the progress line shows, as one line of plain text (no bar, no colours, no carriage
+    return), with the UTC time first: ``2026-12-02T21:05:00Z jobs: 120/400 (30%) · $1.20/$4.00
+    · elapsed 0:05:00 · ~0:12:30 left · succeeded:118 running:8 failed:2``."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    total = int(task.total) if task.total is not None else None
+    done = int(task.completed)
+    description = str(task.description)
+    name, _, note = description.partition(" · ")
+    count = f"{done}/{'?' if total is None else total}"
+    if total:
+        count += f" ({100 * done // total}%)"
+    parts = [f"{name}: {count}", str(task.fields.get("money", "")), f"elapsed {_clock(task.elapsed)}"]
+    if total and done < total:
+        remaining = task.time_remaining
+        parts.append(f"~{_clock(remaining)} left" if remaining else "no ETA yet")
+    if note:
+        parts.append(note)
+    counts: Any = task.fields.get("counts") or {}
+    if isinstance(counts, dict) and (listed := counts_text(counts, 10_000)):
+        parts.append(listed)
+    return stamp + " " + " · ".join(p for p in parts if p)
+
+
+class PlainProgress:
+    """Decides when ``run`` prints its progress as a plain line (see :data:`PLAIN_STEP_PERCENT`).
+
+    It reads nothing itself: it is asked after each refresh of the batch's counts, which
+    :class:`worker.running.RefreshBudget` spaces out, so the lines cost nothing more.
+    """
+
+    def __init__(
+        self,
+        step_percent: float = PLAIN_STEP_PERCENT,
+        min_gap: float = PLAIN_MIN_GAP_SECONDS,
+        every: float = PLAIN_EVERY_SECONDS,
+    ) -> None:
+        self.step_percent = step_percent
+        self.min_gap = min_gap
+        self.every = every
+        self._last_at: float | None = None  # monotonic time of the last line
+        self._last_step = -1
+
+    def due(self, now: float, done: int, total: int | None, *, final: bool = False) -> bool:
+        """Whether to print a line at ``now`` (``time.monotonic()``) with ``done`` of ``total``
+        jobs finished; ``final``: the run ends here, which always gets its line."""
+        step = int(100 * done / total // self.step_percent) if total else 0
+        if final or self._last_at is None:
+            due = True
+        else:
+            since = now - self._last_at
+            due = since >= self.every or (step > self._last_step and since >= self.min_gap)
+        if due:
+            self._last_at, self._last_step = now, step
+        return due

@@ -36,7 +36,7 @@ from jobs.errors import ConfigError, WanbatchError
 from jobs.printable import printable
 from jobs.settings import Settings
 from jobs.states import JobState
-from worker.progress_line import batch_progress_display, money_text
+from worker.progress_line import PlainProgress, batch_progress_display, money_text, plain_line
 
 if TYPE_CHECKING:
     from worker.conductor import Conductor
@@ -459,7 +459,11 @@ def _watch(
     and ticking as a safety net; distributed, the workers do that and this only watches.
     """
     engine = open_engine(settings)
-    progress = batch_progress_display(console, disable=not show_progress)  # fits 80 columns
+    # Not a terminal (nohup, CI, `2> run.log`): a line redrawn in place would show only at the
+    # end, so the same facts go out as plain lines now and then instead (PlainProgress).
+    plain = PlainProgress() if show_progress and not console.is_terminal else None
+    # Fits 80 columns.
+    progress = batch_progress_display(console, disable=not show_progress or plain is not None)
     failure: list[BaseException] = []
     finished = threading.Event()
 
@@ -489,9 +493,15 @@ def _watch(
             money=money_text(current["spent_usd"], current["estimated_usd"]),
             counts=current["counts"],
         )
+        at_provider = sum(current["counts"].get(s.value, 0) for s in JobState if s.at_provider)
+        ends = done >= current["total"] or (
+            at_provider == 0 and (current["state"] == "paused" or current["paused_by_user"])
+        )
+        if plain is not None and plain.due(time.monotonic(), done, current["total"], final=ends):
+            task = next(t for t in progress.tasks if t.id == task_id)
+            console.print(plain_line(task), markup=False, highlight=False, soft_wrap=True)
         if done >= current["total"]:
             return True
-        at_provider = sum(current["counts"].get(s.value, 0) for s in JobState if s.at_provider)
         if current["state"] == "paused" and at_provider == 0:
             reason = shown(current["pause_reason"] or "see status")  # fal's words, maybe
             progress.console.print(

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import io
 import re
+from datetime import UTC, datetime
 
 import pytest
 from rich.cells import cell_len
 from rich.console import Console
+from rich.progress import Task
 
-from worker.progress_line import REFRESH_PER_SECOND, batch_progress_display, counts_text, money_text
+from worker.progress_line import (
+    PLAIN_EVERY_SECONDS,
+    REFRESH_PER_SECOND,
+    PlainProgress,
+    batch_progress_display,
+    counts_text,
+    money_text,
+    plain_line,
+)
 
 BUSY = {
     "pending": 50_000,
@@ -93,3 +103,54 @@ def test_a_long_zone_name_keeps_its_countdown_at_80_columns() -> None:
     text = _render(80, f"jobs · {note}", 1, 0, money_text(0, 0.2), {"pending": 1})
     assert f"jobs · {note}" in text
     assert compact_note("paused by user") == "paused by user"
+
+
+# --------------------------------------------------------------------------- not a terminal
+
+
+def _task(description: str, total: int, done: int, money: str, counts: dict[str, int]) -> Task:
+    progress = batch_progress_display(Console(file=io.StringIO()), disable=True)
+    task_id = progress.add_task(description, total=total, completed=done, money=money, counts=counts)
+    return next(t for t in progress.tasks if t.id == task_id)
+
+
+def test_the_plain_line_says_what_the_bar_says_without_terminal_codes() -> None:
+    """Into a file (nohup, CI, ``2> log``) the line cannot be redrawn: it goes out as plain text,
+    with the time, the count and share, the money whole, the elapsed time, the counts by state."""
+    at = datetime(2026, 12, 2, 21, 5, tzinfo=UTC)
+    line = plain_line(_task("jobs", 100_000, 41_234, money_text(12_345.675, 30_000), BUSY), now=at)
+    assert line.startswith("2026-12-02T21:05:00Z jobs: 41234/100000 (41%) · $12,345.68/$30,000.00 · elapsed ")
+    assert "succeeded:41234" in line  # the counts whole, however long
+    assert "pending:50000" in line
+    assert "no ETA yet" in line  # one sample: no pace to tell yet
+    assert not {"\x1b", "\r", "\n", "━"} & set(line)
+
+    waiting = "jobs · window opens 22:00 Europe/Berlin, in 3h20m"
+    line = plain_line(_task(waiting, 2, 0, money_text(0, 1), {"pending": 2}), now=at)
+    elapsed = r"elapsed \d+:\d\d:\d\d"
+    countdown = "window opens 22:00 Europe/Berlin, in 3h20m"
+    assert re.search(
+        rf"jobs: 0/2 \(0%\) · \$0\.00/\$1\.00 · {elapsed} · no ETA yet · {countdown} · pending:2$", line
+    )
+
+    done = plain_line(_task("jobs", 6, 6, money_text(1.8, 1.8), {"succeeded": 6}), now=at)
+    assert re.search(rf"jobs: 6/6 \(100%\) · \$1\.80/\$1\.80 · {elapsed} · succeeded:6$", done), done
+
+
+def test_plain_lines_come_at_the_start_each_few_percent_at_least_each_minute_and_at_the_end() -> None:
+    """The cadence, on a clock of our own: no line is decided by real time here."""
+    plain = PlainProgress(step_percent=5, min_gap=10.0, every=60.0)
+    assert plain.due(0.0, 0, 1000)  # the first refresh: what the run starts from
+    assert not plain.due(5.0, 0, 1000)
+    assert not plain.due(8.0, 49, 1000)  # under 5 % more
+    assert not plain.due(9.0, 60, 1000)  # 5 % more, but a line 9 s ago: not yet
+    assert plain.due(10.0, 60, 1000)  # 5 % more, and 10 s since the last line
+    assert not plain.due(30.0, 99, 1000)  # still in the same 5 % step
+    assert plain.due(31.0, 400, 1000)  # several steps at once: one line
+    assert not plain.due(90.0, 400, 1000)
+    assert plain.due(91.0, 400, 1000)  # nothing moved for a minute: a line all the same
+    assert plain.due(91.5, 401, 1000, final=True)  # the end always gets its line
+    unknown = PlainProgress()
+    assert unknown.due(0.0, 0, None)
+    assert not unknown.due(30.0, 0, None)
+    assert unknown.due(PLAIN_EVERY_SECONDS, 0, None)

@@ -1,0 +1,60 @@
+"""`run` into a file (nohup, CI, `2> run.log`): progress as plain lines, not nothing until the end.
+
+The progress bar is redrawn in place, which only a terminal can show: into a file it printed
+nothing at all until the run ended. There ``run`` now prints plain lines (no colours, no carriage
+returns) as it goes; ``--no-progress`` still silences them. The CLI runs in process here, its
+stderr a buffer: not a terminal, as under ``nohup``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import Wb
+from worker import running
+from worker.progress_line import PlainProgress
+
+LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ jobs: (\d+)/3 \(\d+%\) · \$\d+\.\d\d/\$\d+\.\d\d · elapsed "
+)
+
+
+def _progress_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if " jobs: " in line]
+
+
+def test_run_into_a_file_prints_plain_progress_lines_as_it_goes(
+    wb: Wb, sim: SimulatorHandle, examples_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A line at every refresh (the cadence itself is tested on a clock of its own, in
+    # tests/unit/test_progress_line.py): the lines come while the batch runs, not only at the end.
+    monkeypatch.setattr(running, "PlainProgress", lambda: PlainProgress(step_percent=1, min_gap=0, every=0))
+    run = wb("run", examples_copy / "quickstart.yaml")
+    assert run.code == 0, run.stderr
+    assert not {"\x1b", "\r", "━"} & set(run.stderr), repr(run.stderr)
+    lines = _progress_lines(run.stderr)
+    assert len(lines) >= 2, run.stderr
+    assert all(LINE.match(line) for line in lines), lines
+    done = [int(m.group(1)) for line in lines if (m := LINE.match(line))]
+    assert done == sorted(done)
+    assert done[-1] == 3
+    assert lines[-1].endswith(" · succeeded:3"), lines[-1]
+
+
+def test_run_into_a_file_starts_and_ends_with_a_line_and_no_progress_silences_them(
+    wb: Wb, sim: SimulatorHandle, examples_copy: Path
+) -> None:
+    run = wb("run", examples_copy / "quickstart.yaml")
+    assert run.code == 0, run.stderr
+    lines = _progress_lines(run.stderr)
+    assert lines, run.stderr
+    assert LINE.match(lines[-1]), lines
+    assert "jobs: 3/3 (100%)" in lines[-1]
+
+    again = wb("run", examples_copy / "quickstart.yaml", "--no-progress")
+    assert again.code == 0, again.stderr
+    assert _progress_lines(again.stderr) == [], again.stderr
