@@ -28,6 +28,7 @@ from rich import box
 from rich.cells import cell_len, set_cell_size
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from jobs.errors import Issue, ManifestError, WanbatchError
 from jobs.money import usd_text
@@ -142,6 +143,87 @@ def fit(text: str, cells: int) -> str:
     if cell_len(text) <= cells:
         return text
     return set_cell_size(text, max(cells - 1, 0)).rstrip() + "…" if cells > 0 else ""
+
+
+def _head(text: str, cells: int) -> str:
+    """The longest start of ``text`` that takes at most ``cells`` cells."""
+    used = 0
+    for i, char in enumerate(text):
+        used += cell_len(char)
+        if used > cells:
+            return text[:i]
+    return text
+
+
+def _tail(text: str, cells: int) -> str:
+    """The longest end of ``text`` that takes at most ``cells`` cells."""
+    return _head(text[::-1], cells)[::-1]
+
+
+def fit_middle(text: str, cells: int, tail: int | None = None) -> str:
+    """``text`` cut to ``cells`` cells with ``…`` in the middle: its start and its end stay
+    (``seed-res…-rerun-2``), and the end is what tells a rerun, a date or a number apart.
+    ``tail``: the cells kept at the end (default: half of what is kept)."""
+    if cell_len(text) <= cells:
+        return text
+    if cells < 2:
+        return "…" if cells == 1 else ""
+    keep = cells - 1
+    tail = keep // 2 if tail is None else max(0, min(tail, keep))
+    return _head(text, keep - tail) + "…" + (_tail(text, tail) if tail else "")
+
+
+def _could_be(shown: str, name: str) -> bool:
+    """Whether ``shown`` (a name, or its start and end around ``…``) could be ``name``."""
+    if "…" not in shown:
+        return shown == name
+    head, _, tail = shown.rpartition("…")
+    return len(name) >= len(head) + len(tail) and name.startswith(head) and name.endswith(tail)
+
+
+def distinct_fits(names: list[str], cells: int) -> dict[str, str | None]:
+    """Each of ``names`` shown in ``cells`` cells so that what is shown could be no other of them.
+
+    A name that fits is shown whole; a longer one with :func:`fit_middle`, trying where to cut
+    (half and half, then more of its end, then more of its start) until no other name starts
+    and ends as shown. None for a name no cut tells apart: show it whole (wrapped)."""
+    distinct = list(dict.fromkeys(names))
+    keep = max(cells - 1, 0)
+    tails = [*range(keep // 2, keep + 1), *range(keep // 2 - 1, -1, -1)]
+    shown: dict[str, str | None] = {}
+    for name in distinct:
+        if cell_len(name) <= cells:
+            shown[name] = name
+            continue
+        others = [n for n in distinct if n != name]
+        cuts = (fit_middle(name, cells, t) for t in tails)
+        shown[name] = next((c for c in cuts if not any(_could_be(c, n) for n in others)), None)
+    return shown
+
+
+def wrapped(
+    text: str, cells: int, *, lead: str = "", lead_style: str = "", max_lines: int | None = None
+) -> str:
+    """``lead`` + ``text`` as markup, word-wrapped at ``cells`` in a terminal (or with ``COLUMNS``)
+    and at most ``max_lines`` lines, the last then cut after a whole word with ``…``; into a pipe
+    or a file with no width given, one line, whole (see :func:`say`). ``text`` and ``lead`` are
+    plain (escaped here)."""
+    text, lead = printable(text), printable(lead)  # as shown: what is wrapped is what is printed
+    if not (out.is_terminal or os.environ.get("COLUMNS")):
+        lines = [lead + text]
+    else:
+        body = Text(lead + text)
+        lines = [line.plain.rstrip() for line in body.wrap(out, cells, overflow="fold")]
+        if max_lines is not None and len(lines) > max_lines:
+            last = lines[max_lines - 1]
+            while last and cell_len(last) + 2 > cells:
+                last = last.rsplit(" ", 1)[0] if " " in last.strip() else last[: max(cells - 2, 0)]
+            lines = [*lines[: max_lines - 1], (last + " …").lstrip()]
+    joined = "\n".join(lines)
+    if lead and joined.startswith(lead):
+        head = f"[{lead_style}]{escape(lead)}[/{lead_style}]" if lead_style else escape(lead)
+        return head + escape(joined[len(lead) :])
+    return escape(joined)
 
 
 def join_lines(parts: list[str], cells: int, sep: str = " · ") -> list[str]:
@@ -336,6 +418,11 @@ def _budget_advice(report: BatchReport) -> list[str]:
     return advice
 
 
+#: Lines at most that one reason jobs failed or were cancelled takes in a terminal (the full
+#: text is in ``export`` and ``status --json``).
+FAILURE_LINES = 3
+
+
 def print_failures(report: BatchReport) -> None:
     """Why jobs failed or were cancelled, commonest first, one line each (the full text is in
     `export` and `status --json`)."""
@@ -344,7 +431,9 @@ def print_failures(report: BatchReport) -> None:
         # "880 cancelled: cancelled by user", not "880 cancelled (cancelled): …"
         lead = f"{f['count']} {f['state']}" + ("" if kind == f["state"] else f" ({kind})") + ": "
         example = " ".join(f["example"].split())
-        out.print(f"[red]{escape(lead)}[/red]{escape(fit(example, width() - cell_len(lead)))}")
+        # Wrapped, not cut: a cap's amount or a deadline's time is often at the end of the text.
+        line = wrapped(example, width(), lead=lead, lead_style="red", max_lines=FAILURE_LINES)
+        out.print(line, soft_wrap=True)
 
 
 def print_report(report: BatchReport) -> None:
@@ -381,19 +470,28 @@ def print_summary(report: BatchReport) -> None:
 # --------------------------------------------------------------------------- every batch
 
 
+#: The headers of ``status``'s counts of failed and cancelled jobs when the names need the room.
+SHORT_HEADERS = {"failed": "fail", "cancelled": "canc"}
+#: The fewest cells the name column gets before the failed and cancelled counts make way (they
+#: are in ``status BATCH``); money, counts and ids are never cut.
+NAME_MIN = 10
+
+
 def batches_table(reports: list[BatchReport]) -> Table:
     """One row per batch (``wanbatch status`` without a batch), readable at 80 columns: every
-    column is as wide as its content and the name takes what is left (an ellipsis if need be)."""
+    column is as wide as its content and the name takes what is left. When that is too little,
+    the failed/cancelled headers shorten (``fail``, ``canc``), then those two columns go; a name
+    still too long keeps its start and its end (``seed-res…-rerun-2``), cut so that no two names
+    look alike (or, when no cut does that, wrapped whole)."""
     ids = short_ids([r["batch"] for r in reports])
     rows = []
     for r in reports:
         c = r["counts"]
-        label = r["phase"]
         rows.append(
             [
                 ids[r["batch"]],
                 r["name"],
-                label,
+                r["phase"],
                 f"{r['finished']}/{r['total']}",
                 str(c.get("failed", 0)),
                 str(c.get("cancelled", 0)),
@@ -402,39 +500,56 @@ def batches_table(reports: list[BatchReport]) -> Table:
             ]
         )
     headers = ["batch", "name", "state", "done", "failed", "cancelled", "spent", "estimate"]
+    longest = max([cell_len("name"), *(cell_len(printable(row[1])) for row in rows)])
+
+    def room_for(columns: list[int], names: dict[int, str]) -> int:
+        used = sum(
+            max([cell_len(names.get(i, headers[i])), *(cell_len(row[i]) for row in rows)]) for i in columns
+        )
+        return width() - used - GAP * len(columns)
+
+    columns = [i for i in range(len(headers)) if i != 1]
+    names: dict[int, str] = {}
+    room = room_for(columns, names)
+    if longest > room:  # the names need the room: shorter headers, then fewer columns
+        names = {i: SHORT_HEADERS[h] for i, h in enumerate(headers) if h in SHORT_HEADERS}
+        room = room_for(columns, names)
+        if room < min(longest, NAME_MIN):
+            columns = [i for i in columns if headers[i] not in SHORT_HEADERS]
+            room = room_for(columns, names)
+    room = max(room, NAME_MIN)
+    shown = distinct_fits([printable(row[1]) for row in rows], room)
+
     table = compact_table()
-    used = fixed_column(table, "batch", [row[0] for row in rows], right=False)
-    name_at = len(table.columns)
-    table.add_column("name", no_wrap=True, overflow="ellipsis")
-    used += fixed_column(table, "state", [row[2] for row in rows], right=False)
-    for i in range(3, len(headers)):
-        used += fixed_column(table, headers[i], [row[i] for row in rows])
-    room = max(width() - used - GAP * (len(headers) - 1), 8)
-    longest = max([cell_len("name"), *(cell_len(row[1]) for row in rows)])
-    table.columns[name_at].min_width = table.columns[name_at].max_width = min(longest, room)
+    fixed_column(table, "batch", [row[0] for row in rows], right=False)
+    table.add_column("name", min_width=min(longest, room), max_width=room, overflow="fold")
+    for i in columns[1:]:
+        fixed_column(table, names.get(i, headers[i]), [row[i] for row in rows], right=i > 2)
     for row in rows:
-        row[1] = fit(row[1], room)
-        table.add_row(*(escape(cell) for cell in row))
+        name = printable(row[1])
+        row[1] = shown[name] or name  # None: no cut tells it apart, so whole (wrapped)
+        table.add_row(*(escape(row[i]) for i in [0, 1, *columns[1:]]))
     return table
 
 
 def print_batches(reports: list[BatchReport]) -> None:
     """``wanbatch status``: the table, then why each paused or waiting batch is held back, and
-    which batches with work left no process works on."""
+    which batches with work left no process works on; each note wrapped, never cut (a window's
+    time, a command to type)."""
     out.print(batches_table(reports))
     ids = short_ids([r["batch"] for r in reports])
     notes = []
     for r in reports:
         label, reason = r["phase"], r["phase_reason"]
         if reason and label in ("paused", "waiting"):
-            notes.append(escape(fit(f"{ids[r['batch']]} {label}: {reason}", width())))
+            notes.append(f"{ids[r['batch']]} {label}: {reason}")
         if not r["processing"] and label not in ("done", "cancelled"):
-            notes.append(escape(fit(f"{ids[r['batch']]} {idle_text(r)}", width())))
+            notes.append(f"{ids[r['batch']]} {idle_text(r)}")
     simulations = [ids[r["batch"]] for r in reports if r["simulated"]]
     if simulations:  # their videos and money are the simulator's: say which rows those are
-        notes.append(escape(fit(f"simulated (`--simulate`): {', '.join(simulations)}", width())))
+        notes.append(f"simulated (`--simulate`): {', '.join(simulations)}")
     for note in notes:
-        out.print(note)
+        out.print(wrapped(note, width()), soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- cost and estimate
