@@ -57,6 +57,10 @@ MAX_RATE = 100_000.0
 #: The most requests a cap may name (outstanding, download backlog): fal runs at most a few
 #: hundred at once for any account; beyond this a number is a typo.
 MAX_COUNT = 1_000_000
+#: A per-endpoint submit rate: like ``submit_rate``, above 0 (0 would never grant a submit).
+_EndpointRate = Annotated[float, Field(gt=0, le=MAX_RATE)]
+#: A per-endpoint cap: like ``max_outstanding``, at least 1 (0 held the endpoint's jobs forever).
+_EndpointCap = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 #: The shortest ``WANBATCH_SERVE_TOKEN`` taken: the dashboard's actions must not be guessable.
 MIN_SERVE_TOKEN_LENGTH = 16
 
@@ -255,9 +259,9 @@ class LimitSettings(_Section):
     #: Without one (embedded mode) the limiter lives in this process, which is then the only one.
     limits_url: str | None = None
     #: JSON object: endpoint id -> submits/second for that endpoint (on top of ``submit_rate``).
-    submit_rate_per_endpoint: dict[str, Annotated[float, Field(le=MAX_RATE)]] = Field(default_factory=dict)
+    submit_rate_per_endpoint: dict[str, _EndpointRate] = Field(default_factory=dict)
     #: JSON object: endpoint id -> most outstanding requests of that endpoint (within ``max_outstanding``).
-    max_outstanding_per_endpoint: dict[str, Annotated[int, Field(le=MAX_COUNT)]] = Field(default_factory=dict)
+    max_outstanding_per_endpoint: dict[str, _EndpointCap] = Field(default_factory=dict)
     #: Network jitter between a granted submit and fal receiving it, in seconds: submits are
     #: spaced (1 + this) / rate apart so that no 1-second window *as fal sees it* holds more than
     #: ``submit_rate`` submits.
@@ -269,6 +273,20 @@ class LimitSettings(_Section):
     #: than our cap: send only enough to keep one request waiting at fal (0 turns this off).
     queue_wait_backoff: float = Field(default=60.0, ge=0, le=MAX_SECONDS)
 
+    @field_validator("submit_rate_per_endpoint", "max_outstanding_per_endpoint")
+    @classmethod
+    def _check_endpoints(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Every key an endpoint of the registry: a misspelt one would limit nothing, silently."""
+        for endpoint in value:
+            _check_known_endpoint(endpoint)
+        return value
+
+
+def _check_known_endpoint(endpoint: str) -> None:
+    """ValueError naming ``endpoint`` and the ones allowed, unless the registry knows it."""
+    if endpoint not in known_endpoint_ids():
+        raise ValueError(f"{endpoint}: not an endpoint wanbatch knows ({', '.join(known_endpoint_ids())})")
+
 
 #: The highest price per billing unit an override may name (fal's are cents): beyond is a typo.
 MAX_PRICE = 1e6
@@ -278,8 +296,7 @@ def _check_priced(endpoint: str, by: Mapping[str, Any]) -> None:
     """An override names an endpoint of the registry, and only prices it has: one for an unknown
     endpoint, or for a value its price never depends on, would change nothing (and, silently
     ignored, would drop the estimate's "assumed price" mark all the same)."""
-    if endpoint not in known_endpoint_ids():
-        raise ValueError(f"{endpoint}: not an endpoint wanbatch knows ({', '.join(known_endpoint_ids())})")
+    _check_known_endpoint(endpoint)
     pricing = get_endpoint(endpoint).pricing
     priced = pricing.usd_per_unit_by or {}
     unknown = sorted(str(k) for k in by if str(k) not in priced)

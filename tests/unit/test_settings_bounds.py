@@ -105,3 +105,47 @@ def test_a_serve_token_loses_only_surrounding_whitespace(monkeypatch: pytest.Mon
     assert token.get_secret_value() == SERVE_TOKEN
     exactly_16 = "0123456789abcdef"
     assert Settings(serve_token=exactly_16).serve_token is not None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "phrase"),
+    [
+        # A cap of 0 held that endpoint's jobs pending forever: `run` never ended.
+        ("WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT", '{"fal-ai/wan-i2v": 0}', "greater than or equal to 1"),
+        ("WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT", '{"fal-ai/wan-i2v": -3}', "greater than or equal to 1"),
+        ("WANBATCH_SUBMIT_RATE_PER_ENDPOINT", '{"fal-ai/wan-i2v": 0}', "greater than 0"),
+        ("WANBATCH_SUBMIT_RATE_PER_ENDPOINT", '{"fal-ai/wan-i2v": -1}', "greater than 0"),
+    ],
+)
+def test_per_endpoint_caps_and_rates_have_the_global_lower_bound(
+    variable: str, value: str, phrase: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        get_settings()
+    message = str(caught.value)
+    assert message.startswith(f"invalid configuration: {variable} (at fal-ai/wan-i2v): ")
+    assert phrase in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "variable", ["WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT", "WANBATCH_SUBMIT_RATE_PER_ENDPOINT"]
+)
+def test_per_endpoint_maps_name_known_endpoints_only(variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(variable, '{"fal-ai/wan-i2v": 2, "fal-ai/wan-typo": 1}')
+    with pytest.raises(ConfigError) as caught:
+        get_settings()
+    message = str(caught.value)
+    assert message.startswith(f"invalid configuration: {variable}: ")
+    assert "fal-ai/wan-typo: not an endpoint wanbatch knows (" in message
+    assert "wan/v2.6/image-to-video" in message  # what is allowed
+    assert "\n" not in message
+
+
+def test_per_endpoint_maps_take_known_endpoints_and_positive_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT", '{"wan/v2.6/image-to-video": 1}')
+    monkeypatch.setenv("WANBATCH_SUBMIT_RATE_PER_ENDPOINT", '{"fal-ai/wan-i2v": 0.5}')
+    settings = get_settings()
+    assert settings.max_outstanding_per_endpoint == {"wan/v2.6/image-to-video": 1}
+    assert settings.submit_rate_per_endpoint == {"fal-ai/wan-i2v": 0.5}
