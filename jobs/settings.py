@@ -61,6 +61,16 @@ MAX_COUNT = 1_000_000
 _EndpointRate = Annotated[float, Field(gt=0, le=MAX_RATE)]
 #: A per-endpoint cap: like ``max_outstanding``, at least 1 (0 held the endpoint's jobs forever).
 _EndpointCap = Annotated[int, Field(ge=1, le=MAX_COUNT)]
+#: The most attempts (submissions, downloads) a setting may name: like a cap, beyond is a typo.
+MAX_ATTEMPTS = MAX_COUNT
+#: The most worker threads the embedded mode may start (one pool for submits, one for downloads):
+#: far more than fal runs at once for any account; a million would exhaust the host first.
+MAX_THREADS = 1024
+#: The largest output a download may accept: 1 TiB, far beyond any video fal returns (2 GiB default).
+MAX_DOWNLOAD_BYTES = 1024**4
+#: The largest local file sent inline as a data URI: 64 MiB, beyond the largest image or audio
+#: file any endpoint takes (25 MiB); a larger inline limit changes nothing but the typo.
+MAX_INLINE_BYTES = 64 * 1024**2
 #: The shortest ``WANBATCH_SERVE_TOKEN`` taken: the dashboard's actions must not be guessable.
 MIN_SERVE_TOKEN_LENGTH = 16
 
@@ -227,7 +237,7 @@ class BrokerSettings(_Section):
 
     broker_url: str | None = None
     #: Worker threads of the embedded (no broker) mode.
-    embedded_concurrency: int = Field(default=4, ge=1)
+    embedded_concurrency: int = Field(default=4, ge=1, le=MAX_THREADS)
 
 
 class TickSettings(_Section):
@@ -359,7 +369,7 @@ class RetrySettings(_Section):
     """How often a failed submission is tried again, and what to do when its outcome is unknown."""
 
     #: How many times a job may be submitted (transient and model errors) before it fails.
-    max_attempts: int = Field(default=3, ge=1)
+    max_attempts: int = Field(default=3, ge=1, le=MAX_ATTEMPTS)
     #: Backoff before a retryable failure is submitted again: base × 2^(attempt-1), capped.
     retry_base_delay: float = Field(default=5.0, ge=0, le=MAX_SECONDS)
     retry_max_delay: float = Field(default=300.0, ge=0, le=MAX_SECONDS)
@@ -387,7 +397,7 @@ class DownloadSettings(_Section):
     #: Local folder for videos on their way to object storage (S3 only; unused for a folder).
     output_staging_dir: Path | None = None
     #: Largest output file we accept from the provider.
-    download_max_bytes: int = Field(default=2 * 1024**3, gt=0)
+    download_max_bytes: int = Field(default=2 * 1024**3, gt=0, le=MAX_DOWNLOAD_BYTES)
     #: Hosts outputs may be downloaded from (and uploads PUT to) beyond the configured fal URLs'
     #: origins, comma-separated or a JSON list: ``host`` (any port), ``host:port`` (that port
     #: only; ``[v6]:port`` for an IPv6 literal) or ``*.fal.media`` style wildcards. Unset: any
@@ -397,7 +407,7 @@ class DownloadSettings(_Section):
     #: resolve to, e.g. ``*.fal.media,storage.googleapis.com``.
     download_allowed_hosts: Annotated[list[str] | None, NoDecode] = None
     #: How many times a failed download is retried before the job fails (never regenerated).
-    download_attempts: int = Field(default=5, ge=1)
+    download_attempts: int = Field(default=5, ge=1, le=MAX_ATTEMPTS)
     #: Longest one download attempt may take, in seconds, on top of the read timeout (which
     #: bounds each wait for bytes): a host that trickles bytes cannot hold a worker slot forever.
     download_timeout: float = Field(default=1800.0, gt=0, le=MAX_SECONDS)
@@ -456,7 +466,7 @@ class InputSettings(_Section):
     """What a manifest's local files may be, and how they reach fal."""
 
     #: Local images up to this many bytes are sent inline as data URIs; larger ones are uploaded.
-    inline_max_bytes: int = Field(default=256 * 1024, ge=0)
+    inline_max_bytes: int = Field(default=256 * 1024, ge=0, le=MAX_INLINE_BYTES)
     #: Folders, beyond a manifest's own, that its local files (images, ``items_from``) may come
     #: from. ``os.pathsep`` (":" on POSIX) or comma separated, or a JSON list. Unset: only the
     #: manifest's folder, so a shared manifest cannot read (and send to fal) a private file.

@@ -149,3 +149,53 @@ def test_per_endpoint_maps_take_known_endpoints_and_positive_values(monkeypatch:
     settings = get_settings()
     assert settings.max_outstanding_per_endpoint == {"wan/v2.6/image-to-video": 1}
     assert settings.submit_rate_per_endpoint == {"fal-ai/wan-i2v": 0.5}
+
+
+#: Every integer field, by its variable's name (found, not listed: a new one is covered too).
+INT_FIELDS = sorted(
+    name for name, field in Settings.model_fields.items() if field.annotation in (int, int | None)
+)
+
+
+def test_the_int_fields_are_found() -> None:
+    assert {
+        "max_attempts",
+        "download_attempts",
+        "download_max_bytes",
+        "inline_max_bytes",
+        "embedded_concurrency",
+        "max_outstanding",
+    } <= set(INT_FIELDS)
+
+
+@pytest.mark.parametrize("field", INT_FIELDS)
+def test_no_int_setting_takes_an_absurd_number(field: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1e29 attempts, bytes or threads was taken: every integer has an upper bound."""
+    variable = f"WANBATCH_{field.upper()}"
+    monkeypatch.setenv(variable, str(10**29))
+    with pytest.raises(ConfigError) as caught:
+        get_settings()
+    message = str(caught.value)
+    assert message.startswith(f"invalid configuration: {variable}: Input should be less than or equal to ")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "highest"),
+    [
+        ("WANBATCH_MAX_ATTEMPTS", 1_000_000),
+        ("WANBATCH_DOWNLOAD_ATTEMPTS", 1_000_000),
+        ("WANBATCH_DOWNLOAD_MAX_BYTES", 1024**4),
+        ("WANBATCH_INLINE_MAX_BYTES", 64 * 1024**2),
+        ("WANBATCH_EMBEDDED_CONCURRENCY", 1024),
+    ],
+)
+def test_the_new_upper_bounds_are_the_documented_ones(
+    variable: str, highest: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, str(highest))
+    assert getattr(get_settings(), variable.removeprefix("WANBATCH_").lower()) == highest
+    get_settings.cache_clear()
+    monkeypatch.setenv(variable, str(highest + 1))
+    with pytest.raises(ConfigError, match=f"{variable}: Input should be less than or equal to {highest}$"):
+        get_settings()
