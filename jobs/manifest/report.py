@@ -18,8 +18,12 @@ from jobs.manifest.loading import parse_manifest
 from jobs.manifest.model import JobSpec
 from jobs.validation import MediaCache, validate_input
 
-#: Most issues one validation pass collects; the rest are counted.
+#: Most warnings one validation pass collects; the rest are counted. Errors have their own cap,
+#: so no number of warnings ever hides an error.
 MAX_ISSUES = 10_000
+#: Most errors one validation pass collects (each is a located line the user needs); beyond, a
+#: count, so a million bad rows cannot fill the memory.
+MAX_ERRORS = 100_000
 
 
 def validate_job(job: JobSpec, media_cache: MediaCache | None = None) -> list[Issue]:
@@ -72,11 +76,11 @@ def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Va
     seen: set[tuple[object, ...]] = set()
     collected: list[Issue] = list(issues)
     expansion: list[Issue] = []
-    dropped = 0
+    kept = {"error": 0, "warning": 0}
+    dropped = {"error": 0, "warning": 0}
     count = 0
 
     def add(issue: Issue) -> None:
-        nonlocal dropped
         if issue.file == manifest.display and issue.line in shared:
             mark: tuple[object, ...] = (issue.file, issue.line, issue.field, issue.message)
         else:
@@ -84,9 +88,11 @@ def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Va
         if mark in seen:
             return
         seen.add(mark)
-        if len(collected) >= MAX_ISSUES:
-            dropped += 1
+        severity = "error" if issue.severity == "error" else "warning"
+        if kept[severity] >= (MAX_ERRORS if severity == "error" else MAX_ISSUES):
+            dropped[severity] += 1
             return
+        kept[severity] += 1
         collected.append(issue)
 
     media_cache: MediaCache = {}
@@ -106,9 +112,15 @@ def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Va
             break
     for issue in expansion:
         add(issue)
-    collected.sort(key=lambda i: (i.file != manifest.display, i.file, i.line or 0))
-    if dropped:
-        collected.append(_about_whole(manifest, f"… and {dropped:,} more issues not shown"))
+    # Errors first (they are what blocks the manifest), then warnings; each in file order.
+    collected.sort(key=lambda i: (i.severity != "error", i.file != manifest.display, i.file, i.line or 0))
+    if dropped["error"]:
+        total = kept["error"] + dropped["error"]
+        note = f"… and {dropped['error']:,} more errors not shown ({total:,} in all)"
+        collected.insert(kept["error"], _about_whole(manifest, note))
+    if dropped["warning"]:
+        note = f"… and {dropped['warning']:,} more warnings not shown"
+        collected.append(_about_whole(manifest, note, severity="warning"))
     return ValidationReport(manifest, collected, count)
 
 
@@ -144,9 +156,9 @@ def _too_many_jobs(manifest: Manifest) -> Issue:
     return _about_whole(manifest, too_many_jobs_message())
 
 
-def _about_whole(manifest: Manifest, message: str) -> Issue:
+def _about_whole(manifest: Manifest, message: str, severity: str = "error") -> Issue:
     """An issue about the manifest as a whole: no line, item or field to point at."""
-    return Issue(file=manifest.display, line=None, item=None, field=None, message=message)
+    return Issue(file=manifest.display, line=None, item=None, field=None, message=message, severity=severity)
 
 
 def iter_valid_jobs(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Iterator[JobSpec]:

@@ -774,3 +774,41 @@ def test_a_number_field_takes_an_exponent(folder: Path) -> None:
     )
     report = validate_manifest(path)
     assert report.ok, [str(i) for i in report.errors]
+
+
+# -- the issue caps: no number of warnings hides an error -----------------------------------------
+
+
+def _dups_then_bad(folder: Path, duplicates: int, bad: int = 1) -> Path:
+    """``duplicates`` identical rows (each a "runs once" warning), then ``bad`` rows with an error."""
+    rows = ['{"prompt": "p"}'] * duplicates + [
+        f'{{"prompt": "q{n}", "resolution": "1080p"}}' for n in range(bad)
+    ]
+    (folder / "rows.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return write(
+        folder, "name: dtb\nendpoint: fal-ai/wan-22\nitems_from: rows.jsonl\nbudget:\n  max_usd: 5\n"
+    )
+
+
+def test_warnings_beyond_the_cap_never_hide_an_error(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("jobs.manifest.report.MAX_ISSUES", 3)
+    report = validate_manifest(_dups_then_bad(folder, duplicates=8))
+    (error,) = report.errors
+    assert (Path(error.file).name, error.line, error.item, error.field) == ("rows.jsonl", 9, 8, "resolution")
+    assert report.issues[0] == error  # errors come first
+    assert len(report.warnings) == 4  # three kept, then the count of the others
+    assert report.warnings[-1].message.endswith("more warnings not shown")
+    assert all(i.severity == "warning" for i in report.issues[1:])
+
+
+def test_errors_have_their_own_cap_and_say_how_many_there_are(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("jobs.manifest.report.MAX_ISSUES", 1)
+    monkeypatch.setattr("jobs.manifest.report.MAX_ERRORS", 2)
+    report = validate_manifest(_dups_then_bad(folder, duplicates=3, bad=5))
+    errors = report.errors
+    assert [(e.line, e.field) for e in errors[:2]] == [(4, "resolution"), (5, "resolution")]
+    assert errors[2].message == "… and 3 more errors not shown (5 in all)"
+    assert report.issues[:3] == errors
+    assert report.warnings[-1].message == "… and 1 more warnings not shown"
