@@ -138,7 +138,21 @@ class MediaProblem:
 def check_media(value: object, kind: FieldType, limits: MediaConstraints) -> list[MediaProblem]:
     """Every problem with one media value (an absolute path once the manifest resolved it)."""
     if not isinstance(value, str):
-        return [MediaProblem(f"expected text, got {type(value).__name__}", ALLOWED_FORMS)]
+        # Named as the user wrote it: the loader's own classes (LList, LMap) mean nothing to them.
+        kind = (
+            "a list"
+            if isinstance(value, list)
+            else "a mapping"
+            if isinstance(value, dict)
+            else "true/false (a boolean)"
+            if isinstance(value, bool)
+            else f"a number ({value!r})"
+            if isinstance(value, int | float)
+            else "nothing (null)"
+            if value is None
+            else "a value of another kind"
+        )
+        return [MediaProblem(f"expected text, got {kind}", ALLOWED_FORMS)]
     if not value.strip():
         return [MediaProblem("is empty", ALLOWED_FORMS)]
     if "\0" in value:

@@ -228,6 +228,23 @@ def _tag_problem(node: Node) -> YamlProblem:
     )
 
 
+def _marked_problem(exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML's context and problem as one phrase. A duplicate anchor's are "found duplicate
+    anchor 'a'; first occurrence" and "second occurrence", which read as one garbled sentence
+    joined: said with the first occurrence's line instead."""
+    if exc.problem == "second occurrence" and exc.context and exc.context.endswith("; first occurrence"):
+        first = f" (first defined on line {exc.context_mark.line + 1})" if exc.context_mark else ""
+        return exc.context.removesuffix("; first occurrence") + first
+    return " ".join(p for p in (exc.context, exc.problem) if p)
+
+
+def _reader_problem(text: str, exc: yaml.reader.ReaderError) -> str:
+    """A character YAML does not allow (a control character, a NUL), with its column."""
+    column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+    what = exc.character if isinstance(exc.character, int) else ord(exc.character)
+    return f"not valid YAML: the character U+{what:04X} at column {column}: {exc.reason}"
+
+
 def load_located(text: str) -> tuple[Any, list[tuple[str, int, int]]]:
     """Parse one YAML document into plain values with lines (:class:`LMap`/:class:`LList`).
 
@@ -242,8 +259,11 @@ def load_located(text: str) -> tuple[Any, list[tuple[str, int, int]]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = None if mark is None else int(mark.line) + 1
-        what = " ".join(p for p in (exc.context, exc.problem) if p)
-        raise YamlProblem(f"not valid YAML: {what}", line) from None
+        raise YamlProblem(f"not valid YAML: {_marked_problem(exc)}", line) from None
+    except yaml.reader.ReaderError as exc:
+        # PyYAML's text is two lines ("… in "<unicode string>", position 7") with no line: one
+        # line here, at the character's line and column.
+        raise YamlProblem(_reader_problem(text, exc), text.count("\n", 0, exc.position) + 1) from None
     except yaml.YAMLError as exc:
         raise YamlProblem(f"not valid YAML: {exc}", None) from None
     except RecursionError:

@@ -812,3 +812,33 @@ def test_errors_have_their_own_cap_and_say_how_many_there_are(
     assert errors[2].message == "… and 3 more errors not shown (5 in all)"
     assert report.issues[:3] == errors
     assert report.warnings[-1].message == "… and 1 more warnings not shown"
+
+
+# -- YAML messages: one line, located, in the user's words ----------------------------------------
+
+
+@pytest.mark.parametrize(("char", "code"), [("\x07", "U+0007"), ("\x00", "U+0000")])
+def test_a_control_character_is_one_line_at_its_line_and_column(folder: Path, char: str, code: str) -> None:
+    path = write(folder, f"name: t\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: a{char}b\n")
+    (issue,) = validate_manifest(path).issues
+    assert issue.line == 4
+    assert (
+        issue.message
+        == f"not valid YAML: the character {code} at column 14: control characters are not allowed"
+    )
+    assert "\n" not in str(issue)
+
+
+def test_a_duplicate_anchor_is_said_plainly(folder: Path) -> None:
+    path = write(folder, "name: &a t\nendpoint: &a fal-ai/wan-22\nitems:\n  - prompt: *a\n")
+    (issue,) = validate_manifest(path).issues
+    assert issue.line == 2
+    assert issue.message == "not valid YAML: found duplicate anchor 'a' (first defined on line 1)"
+
+
+def test_an_image_given_as_a_list_names_no_internal_class(folder: Path) -> None:
+    path = write(folder, "name: t\nendpoint: fal-ai/wan-i2v\nitems:\n  - prompt: x\n    image_url: [a.png]\n")
+    (issue,) = validate_manifest(path).errors
+    assert (issue.line, issue.field) == (5, "image_url")
+    assert "expected text, got a list" in issue.message
+    assert "LList" not in issue.message
