@@ -139,7 +139,7 @@ def check_media(value: object, kind: FieldType, limits: MediaConstraints) -> lis
     """Every problem with one media value (an absolute path once the manifest resolved it)."""
     if not isinstance(value, str):
         # Named as the user wrote it: the loader's own classes (LList, LMap) mean nothing to them.
-        kind = (
+        got = (
             "a list"
             if isinstance(value, list)
             else "a mapping"
@@ -152,7 +152,7 @@ def check_media(value: object, kind: FieldType, limits: MediaConstraints) -> lis
             if value is None
             else "a value of another kind"
         )
-        return [MediaProblem(f"expected text, got {kind}", ALLOWED_FORMS)]
+        return [MediaProblem(f"expected text, got {got}", ALLOWED_FORMS)]
     if not value.strip():
         return [MediaProblem("is empty", ALLOWED_FORMS)]
     if "\0" in value:
