@@ -190,7 +190,7 @@ def export(batch: str, fmt: str, output: Path | None, include: str | None) -> No
                     )
                     err.print(
                         f"exported {hf.rows} record(s) and {hf.videos} video(s) "
-                        f"({hf.linked} hard-linked, {hf.copied} copied) to {output}"
+                        f"({hf.linked} hard-linked, {hf.copied} copied) to {escape(str(output))}"
                     )
                     return EXIT_OK
                 rows = exporting.records(session, batch, settings.output_dir)
@@ -208,7 +208,7 @@ def export(batch: str, fmt: str, output: Path | None, include: str | None) -> No
                         sys.stdout.flush()
                 else:
                     n = exporting.write_file(rows, fmt, output)
-        err.print(f"exported {n} record(s)" + (f" to {output}" if output else ""))
+        err.print(f"exported {n} record(s)" + (f" to {escape(str(output))}" if output else ""))
         return EXIT_OK
 
     guarded(False, action)

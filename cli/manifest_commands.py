@@ -37,7 +37,7 @@ def validate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
         from jobs.settings import get_settings
 
         settings = get_settings()
-        with err.status(f"validating {manifest} …"):
+        with err.status(f"validating {escape(str(manifest))} …"):
             report, _totals = batches.estimate_manifest(manifest, settings, allow_dirs)
         if as_json:
             emit_json(
@@ -52,7 +52,7 @@ def validate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
         else:
             for issue in report.issues:
                 err.print(issue_line(issue))
-            out.print(f"[green]✓[/green] {manifest}: {report.job_count} job(s), all valid")
+            out.print(f"[green]✓[/green] {escape(str(manifest))}: {report.job_count} job(s), all valid")
         return EXIT_OK
 
     guarded(as_json, action)
@@ -72,7 +72,7 @@ def estimate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
         from jobs.settings import get_settings
 
         settings = get_settings()
-        with err.status(f"validating and pricing {manifest} …"):
+        with err.status(f"validating and pricing {escape(str(manifest))} …"):
             report, totals = batches.estimate_manifest(manifest, settings, allow_dirs)
         data = totals.as_dict()
         budget = [i for i in report.issues if i.field == "budget.max_usd" and i.severity == "warning"]
@@ -107,7 +107,7 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
         from jobs.settings import get_settings
 
         settings = get_settings()
-        with err.status(f"validating {manifest}, then storing its jobs …"):
+        with err.status(f"validating {escape(str(manifest))}, then storing its jobs …"):
             result = batches.submit_manifest(manifest, settings, allow_dirs)
         if note := result.simulation_note():
             err.print(escape(note))
@@ -120,8 +120,8 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
             print_warnings(result)
             verb = "created" if result.created else "updated"
             out.print(
-                f"batch [bold]{result.batch_id}[/bold] ({result.name}) {verb}: {result.total} job(s), "
-                f"{result.added} new, {result.existing} already stored"
+                f"batch [bold]{result.batch_id}[/bold] ({escape(result.name)}) {verb}: "
+                f"{result.total} job(s), {result.added} new, {result.existing} already stored"
             )
         return EXIT_OK
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from rich import box
 from rich.cells import cell_len, set_cell_size
 from rich.console import Console
+from rich.markup import escape as markup_escape
 from rich.table import Table
 from rich.text import Text
 
@@ -40,8 +41,10 @@ if TYPE_CHECKING:
     from jobs.cost import CostLine, CostReport
     from jobs.pricing import EstimateReport
 
-out = Console(soft_wrap=True, highlight=False)
-err = Console(stderr=True, soft_wrap=True, highlight=False)
+# ``emoji=False``: rich would turn ``:x:`` in a user's path, prompt or batch name into an emoji,
+# so a message (or a suggested command) would show text the user never wrote.
+out = Console(soft_wrap=True, highlight=False, emoji=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -54,8 +57,18 @@ def emit_json(obj: Mapping[str, object]) -> None:
 
 def escape(text: str) -> str:
     """``text`` with rich's markup brackets made literal and its terminal control characters
-    shown as escapes (:func:`jobs.printable.printable`): it may come from a manifest or from fal."""
-    return printable(text).replace("[", r"\[")
+    shown as escapes (:func:`jobs.printable.printable`): it may come from a manifest or from fal.
+
+    Every piece of user-controlled text (a name, a prompt, a path, a message quoting input) goes
+    through this before it is put in a markup string (the consoles print ``:x:`` as written too:
+    ``emoji=False``)."""
+    shown = printable(text)
+    body = shown.rstrip("\\")
+    if body == shown:
+        return markup_escape(shown)
+    # rich's escape gets one trailing backslash right, not two or more. Doubled, in front of an
+    # empty tag pair, they show as written whatever markup follows (``[/bold]``) or not.
+    return markup_escape(body) + "\\" * 2 * (len(shown) - len(body)) + "[default][/default]"
 
 
 def issue_line(issue: Issue) -> str:
@@ -356,8 +369,8 @@ def idle_text(report: BatchReport) -> str:
     # A user's pause is ended by `resume` only: a run (or a worker) of a paused batch sends nothing.
     first = f"after `wanbatch resume {shell_ref(report)}`, " if _paused_by_user(report) else ""
     if report["simulated"]:  # only a --simulate run sends a simulation; workers never do
-        return f"{words}: {first}`wanbatch run {report['name']} --simulate` goes on"
-    return f"{words}: {first}`wanbatch run {report['name']}`, or a worker, goes on"
+        return f"{words}: {first}`wanbatch run {shell_ref(report)} --simulate` goes on"
+    return f"{words}: {first}`wanbatch run {shell_ref(report)}`, or a worker, goes on"
 
 
 def _paused_by_user(report: BatchReport) -> bool:

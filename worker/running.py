@@ -306,7 +306,7 @@ def process_batch(
     """
     stats = RunStats()
     started = time.monotonic()
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, emoji=False)
     if settings.broker_url:
         watch = _WorkerWatch(settings, console.print, WORKER_CHECK_SECONDS)
         watch.start()

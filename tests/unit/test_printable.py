@@ -29,7 +29,7 @@ def test_ordinary_text_is_left_alone(text: str) -> None:
 def test_the_cli_escape_is_inert_for_rich_and_for_the_terminal() -> None:
     shown = escape("[bold]x\x1b[31m")
     assert "\x1b" not in shown
-    assert shown == "\\[bold]x\\x1b\\[31m"
+    assert shown == "\\[bold]x\\x1b[31m"  # "[31m" is no rich tag: printed as written
 
 
 def test_text_log_lines_are_inert_json_ones_escaped_by_json() -> None:
@@ -39,3 +39,22 @@ def test_text_log_lines_are_inert_json_ones_escaped_by_json() -> None:
     for line in (text_line, json_line):
         assert not any(ch in line for ch in "\x1b\x07\x9b\u202e\x00")
     assert "\\x1b]0;pwned" in text_line
+
+
+@pytest.mark.parametrize("text", ["x[/]", "\\[bold]y", "q :x: [b]z[/b]", "a\\", "a\\\\", "\\\\\\", ""])
+@pytest.mark.parametrize("markup", ["{}", "[bold]{}[/bold]", "{}[red]r[/red]"])
+def test_user_text_in_markup_prints_exactly_as_written(text: str, markup: str) -> None:
+    """Audit A1/C1: ``[/]`` raised MarkupError, ``:x:`` became an emoji, and trailing backslashes
+    escaped the tag that followed them."""
+    from rich.console import Console
+
+    from cli.output import err, escape, out
+
+    assert not out._emoji  # the consoles every command prints with
+    assert not err._emoji
+    console = Console(emoji=False, highlight=False)
+    with console.capture() as captured:
+        console.print(markup.format(escape(text)), end="")
+    assert captured.get() == markup.replace("[bold]", "").replace("[/bold]", "").replace(
+        "[red]r[/red]", "r"
+    ).format(text)
