@@ -19,3 +19,22 @@ def ascii_int(text: str | None, *, max_digits: int) -> int | None:
     if text is None or not 0 < len(text) <= max_digits or _DIGITS.fullmatch(text) is None:
         return None
     return int(text)
+
+
+#: Most digits a whole number in a manifest, an ``items_from`` row or a ``--vary`` value may
+#: have. Python refuses to convert more than 4,300 (a ``ValueError``), a float holds at most
+#: about 308, and no provider input needs more than 20 (a 64-bit seed).
+MAX_WHOLE_DIGITS = 100
+_TOO_BIG = 10**MAX_WHOLE_DIGITS
+TOO_MANY_DIGITS = f"a whole number of more than {MAX_WHOLE_DIGITS} digits is refused"
+
+
+def too_many_digits(value: object) -> bool:
+    """Whether ``value`` is an int of more than :data:`MAX_WHOLE_DIGITS` digits (no conversion
+    to text, so any size is safe to ask about)."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _TOO_BIG
+
+
+def digits_in(text: str) -> int:
+    """How many digits a number written as ``text`` (``[+-]digits``) has."""
+    return len(text.strip().lstrip("+-"))

@@ -23,6 +23,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.digits import TOO_MANY_DIGITS, too_many_digits
 from jobs.endpoints import EndpointSpec, FieldSpec, FieldType
 from jobs.errors import Issue, did_you_mean
 from jobs.media import NUL_ALLOWED, NUL_MESSAGE, check_media
@@ -135,9 +136,15 @@ def check_value(fld: FieldSpec, value: Any) -> list[FieldProblem]:
     if kind is FieldType.INTEGER:
         if isinstance(value, bool) or not isinstance(value, int):
             return [_wrong_type(fld, value, "an integer")]
+        if too_many_digits(value):
+            return [FieldProblem(fld.name, TOO_MANY_DIGITS, None, fld.allowed())]
+        if fld.maximum is None and not -(2**63) <= value < 2**63:  # what a provider's JSON takes
+            return [FieldProblem(fld.name, f"{value} is out of range", value, "a 64-bit whole number")]
     elif kind is FieldType.NUMBER:
         if isinstance(value, bool) or not isinstance(value, int | float):
             return [_wrong_type(fld, value, "a number")]
+        if too_many_digits(value):  # float() of it would raise OverflowError
+            return [FieldProblem(fld.name, TOO_MANY_DIGITS, None, fld.allowed())]
         if not math.isfinite(value):
             return [FieldProblem(fld.name, f"{value!r} is not a finite number", value, fld.allowed())]
     return _check_range(fld, value)

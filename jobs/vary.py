@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.digits import MAX_WHOLE_DIGITS, TOO_MANY_DIGITS, digits_in
 from jobs.endpoints import EndpointSpec, FieldSpec, FieldType
 from jobs.errors import UsageError, did_you_mean
 from jobs.validation import check_value
@@ -118,6 +119,9 @@ def checked_values(spec: EndpointSpec, vary: Vary) -> list[Any]:
             f"{vary.option}: {vary.field} is a media field of {spec.id} and cannot be varied here; "
             "use a `matrix` in a manifest to sweep files"
         )
+    for token in vary.tokens:
+        if INTEGER.fullmatch(token) and digits_in(token) > MAX_WHOLE_DIGITS:
+            raise UsageError(f"{vary.option}: {vary.field}: {TOO_MANY_DIGITS} (allowed: {fld.allowed()})")
     values = [typed(fld, token) for token in vary.tokens]
     for value in values:
         if problems := check_value(fld, value):

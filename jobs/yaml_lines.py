@@ -33,6 +33,8 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
+from jobs.digits import TOO_MANY_DIGITS, too_many_digits
+
 try:  # libyaml's scanner/parser is ~20x faster on big scalars; fall back when it is missing
     from yaml._yaml import CParser as _Parser
 except ImportError:  # pragma: no cover - depends on how PyYAML was built
@@ -184,7 +186,13 @@ class _Builder:
         builder = _SCALAR_BUILDERS.get(node.tag)
         if builder is None:
             raise _tag_problem(node)
-        return builder(_SCALARS, node)
+        try:
+            value = builder(_SCALARS, node)
+        except ValueError:  # more than Python's 4,300 digits for an int written in decimal
+            raise YamlProblem(TOO_MANY_DIGITS, line_of(node)) from None
+        if too_many_digits(value):  # hex and octal get past Python's limit; refused all the same
+            raise YamlProblem(TOO_MANY_DIGITS, line_of(node))
+        return value
 
     def _check_tag(self, node: Node, expected: str) -> None:
         if node.tag != expected:

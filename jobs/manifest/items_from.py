@@ -11,15 +11,18 @@ boolean) during expansion. A cell that does not convert stays text, and validati
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from jobs.digits import MAX_WHOLE_DIGITS, TOO_MANY_DIGITS, digits_in, too_many_digits
 from jobs.endpoints import EndpointSpec, FieldType
 from jobs.errors import Issue
 from jobs.manifest.model import RawItem, describe
+from jobs.yaml_lines import MAX_DEPTH
 
 #: Longest line accepted in an ``items_from`` JSONL file.
 MAX_ITEMS_FROM_LINE = 1024 * 1024
@@ -27,6 +30,10 @@ ITEMS_FROM_SUFFIXES = (".jsonl", ".ndjson", ".csv")
 
 _INT = re.compile(r"^[+-]?\d+$")
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_MESSAGE = (
+    "text with a lone UTF-16 surrogate (such as \\ud800) is refused: it is no Unicode character"
+)
 _TRUE = frozenset({"true", "yes", "y", "on", "1"})
 _FALSE = frozenset({"false", "no", "n", "off", "0"})
 
@@ -66,8 +73,14 @@ def jsonl_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iter
                 sink.append(row_issue(display, lineno, index, "not UTF-8 text"))
             except ValueError as exc:
                 sink.append(row_issue(display, lineno, index, f"not valid JSON ({exc})"))
+            except RecursionError:
+                sink.append(
+                    row_issue(display, lineno, index, f"nesting deeper than {MAX_DEPTH} levels is refused")
+                )
             else:
-                if isinstance(obj, dict):
+                if (problem := value_problem(obj)) is not None:
+                    sink.append(row_issue(display, lineno, index, problem))
+                elif isinstance(obj, dict):
                     yield RawItem(index, display, lineno, obj, {}, base_dir)
                 else:
                     sink.append(
@@ -76,6 +89,27 @@ def jsonl_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iter
                         )
                     )
             index += 1
+
+
+def value_problem(value: object, depth: int = 0) -> str | None:
+    """What the YAML loader would refuse in a value read from JSON: nesting deeper than
+    :data:`~jobs.yaml_lines.MAX_DEPTH`, a whole number of too many digits, or a lone surrogate
+    (``"\\ud800"``: valid JSON, but no UTF-8 text can hold it); None when there is none."""
+    if depth > MAX_DEPTH:
+        return f"nesting deeper than {MAX_DEPTH} levels is refused"
+    if too_many_digits(value):
+        return TOO_MANY_DIGITS
+    if isinstance(value, str):
+        return None if _SURROGATE.search(value) is None else _SURROGATE_MESSAGE
+    children: Iterable[object] = ()
+    if isinstance(value, dict):
+        children = itertools.chain.from_iterable(value.items())
+    elif isinstance(value, list):
+        children = value
+    for child in children:
+        if (problem := value_problem(child, depth + 1)) is not None:
+            return problem
+    return None
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -119,6 +153,8 @@ def csv_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iterat
                             display, line, index, f"{len(row)} cells but only {len(names)} header names"
                         )
                     )
+                elif problem := next((p for cell in row if (p := cell_problem(cell)) is not None), None):
+                    sink.append(row_issue(display, line, index, problem))
                 else:
                     yield RawItem(
                         index, display, line, dict(zip(names, row, strict=False)), {}, base_dir, True
@@ -126,6 +162,13 @@ def csv_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iterat
                 index += 1
         except (csv.Error, UnicodeDecodeError) as exc:
             sink.append(row_issue(display, last + 1, index, f"unreadable CSV ({exc}); reading stopped"))
+
+
+def cell_problem(cell: str) -> str | None:
+    """A CSV cell's number of more digits than a whole number may have (its conversion would
+    fail), or None."""
+    text = cell.strip()
+    return TOO_MANY_DIGITS if _INT.match(text) and digits_in(text) > MAX_WHOLE_DIGITS else None
 
 
 def row_issue(display: str, line: int, index: int | None, message: str, value: object = None) -> Issue:
@@ -139,6 +182,8 @@ def csv_value(spec: EndpointSpec, key: str, value: Any) -> Any:
     if fld is None or not isinstance(value, str):
         return value
     text = value.strip()
+    if _INT.match(text) and digits_in(text) > MAX_WHOLE_DIGITS:
+        return value  # stays text: :func:`value_problem` refuses the row first
     if fld.type is FieldType.INTEGER and _INT.match(text):
         return int(text)
     if fld.type is FieldType.NUMBER:
