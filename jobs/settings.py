@@ -176,6 +176,15 @@ class FalSettings(_Section):
         field = info.field_name or ""
         return _http_url(value, cls.model_fields[field].default)
 
+    @field_validator("limits_url")
+    @classmethod
+    def _check_limits_url(cls, value: str | None) -> str | None:
+        """A Redis URL (``redis://``, ``rediss://`` or ``unix://``): anything else passed here
+        and then crashed ``run`` after it had stored the batch. Empty is unset, as before."""
+        if not value or (value.split("://", 1)[0].lower() in ("redis", "rediss", "unix") and "://" in value):
+            return value
+        raise ValueError("must be a Redis URL (redis://, rediss:// or unix://)")
+
     @field_validator("fal_key", mode="before")
     @classmethod
     def _clean_key(cls, value: object) -> object:

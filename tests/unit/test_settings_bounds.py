@@ -199,3 +199,27 @@ def test_the_new_upper_bounds_are_the_documented_ones(
     monkeypatch.setenv(variable, str(highest + 1))
     with pytest.raises(ConfigError, match=f"{variable}: Input should be less than or equal to {highest}$"):
         get_settings()
+
+
+@pytest.mark.parametrize("value", ["abc", "http://127.0.0.1:6379/0", "redis:x"])
+def test_the_limits_url_must_be_a_redis_url(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit A6: ``WANBATCH_LIMITS_URL=abc`` passed (doctor said the settings were valid), then
+    ``run`` crashed with a ValueError after storing the batch."""
+    monkeypatch.setenv("WANBATCH_LIMITS_URL", value)
+    with pytest.raises(ConfigError) as caught:
+        get_settings()
+    message = str(caught.value)
+    assert message.startswith("invalid configuration: WANBATCH_LIMITS_URL: ")
+    assert "redis://" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("value", ["redis://127.0.0.1:6379/0", "rediss://h:6380/1", "unix:///tmp/r.sock"])
+def test_redis_limits_urls_are_taken(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_LIMITS_URL", value)
+    assert get_settings().limits_url == value
+
+
+def test_an_empty_limits_url_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_LIMITS_URL", "")
+    assert not get_settings().limits_url
