@@ -848,7 +848,8 @@ def _engine_for(url: str) -> Engine:
     engine = make_engine(url)  # ConfigError for a URL that is not SQLite or PostgreSQL
     try:
         migrate(engine)
-    except (DBAPIError, OSError) as exc:  # unreachable, refused, no such database, unwritable…
+    # sqlite3.Error: raised bare from a commit hook (`/dev/null` as the file: "disk I/O error")
+    except (DBAPIError, OSError, sqlite3.Error) as exc:  # unreachable, refused, no such database, unwritable…
         engine.dispose()
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         raise ConfigError(

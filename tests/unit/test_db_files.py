@@ -100,3 +100,13 @@ def test_an_uncreatable_sqlite_folder_is_a_config_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cannot create the SQLite database"):
         make_engine(f"sqlite:///{blocker / 'sub' / 'wanbatch.db'}")
+
+
+def test_dev_null_as_the_database_file_is_a_config_error() -> None:
+    """Audit A7: ``sqlite:////dev/null`` raised a bare sqlite3 "disk I/O error" from a commit
+    hook while the schema was made: an internal error instead of exit 2."""
+    from jobs.db import open_engine
+    from jobs.settings import DatabaseSettings
+
+    with pytest.raises(ConfigError, match="cannot open the database: disk I/O error"):
+        open_engine(DatabaseSettings(database_url="sqlite:////dev/null"))
