@@ -344,6 +344,10 @@ def get_or_create_batch(
     return batch, True
 
 
+#: Length of a batch id (uuid4 hex): the longest id prefix there is.
+ID_CHARS = 32
+
+
 def get_batch(session: Session, ref: str) -> Batch:
     """A batch by full id, by name, or by a unique id prefix of at least 6 characters."""
     ref = ref.strip()
@@ -354,14 +358,20 @@ def get_batch(session: Session, ref: str) -> Batch:
     if found is not None:
         # A name that is also another batch's id prefix (the 8 characters `status` shows) must not
         # silently pick the named one: `cancel 01d7cc63` would cancel a batch other than the listed.
-        other = _other_batch_with_id_prefix(session, ref, found.id) if len(ref) >= MIN_ID_PREFIX else None
+        other = (
+            _other_batch_with_id_prefix(session, ref, found.id)
+            if MIN_ID_PREFIX <= len(ref) <= ID_CHARS
+            else None
+        )
         if other is not None:
             raise NotFoundError(
                 f"{ref!r} is ambiguous: the name of batch {found.id[:8]} and an id prefix of batch "
                 f"{other.id[:8]} ({other.name}); give the full id of the one you mean"
             )
         return found
-    if len(ref) >= MIN_ID_PREFIX:
+    # No id is longer than ID_CHARS: a longer reference is no prefix (and SQLite refuses a LIKE
+    # pattern of 50,000 characters or more: "LIKE or GLOB pattern too complex").
+    if MIN_ID_PREFIX <= len(ref) <= ID_CHARS:
         matches = session.scalars(
             select(Batch).where(Batch.id.startswith(ref.lower(), autoescape=True)).limit(2)
         ).all()
@@ -369,8 +379,9 @@ def get_batch(session: Session, ref: str) -> Batch:
             return matches[0]
         if len(matches) > 1:
             raise NotFoundError(f"batch id prefix {ref!r} is ambiguous: give more characters or the name")
+    shown = ref if len(ref) <= 80 else ref[:80] + "…"
     raise NotFoundError(
-        f"no batch {ref!r}: give a batch name, its id, or an id prefix of at least {MIN_ID_PREFIX} "
+        f"no batch {shown!r}: give a batch name, its id, or an id prefix of at least {MIN_ID_PREFIX} "
         "characters (`wanbatch status` lists batches)"
     )
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.e2e_helpers import EXAMPLES
+from tests.e2e.e2e_helpers import EXAMPLES, Wb
 
 WANBATCH = str(Path(sys.executable).with_name("wanbatch"))
 QUICKSTART = EXAMPLES / "quickstart.yaml"
@@ -324,3 +324,14 @@ def test_export_into_a_pipe_closed_early_ends_quietly() -> None:
     stderr = export.stderr.read().decode()
     assert export.wait(timeout=120) == 1
     assert stderr == ""  # no "internal error", no "Exception ignored"
+
+
+@pytest.mark.parametrize("command", ["status", "export", "cancel"])
+def test_a_batch_reference_longer_than_any_id_is_no_batch(wb: Wb, command: str) -> None:
+    """Audit A8: a 100,000-character reference became an id-prefix LIKE that SQLite refuses
+    ("LIKE or GLOB pattern too complex"): an internal error instead of "no batch"."""
+    done = wb(command, "x" * 100_000)
+    assert done.code == 2
+    assert "no batch 'xxxx" in done.stderr
+    assert "…'" in done.stderr
+    assert len(done.stderr) < 400
