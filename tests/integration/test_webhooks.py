@@ -271,7 +271,7 @@ def test_an_adopted_request_keeps_its_gateway_request_id_only_in_a_request_id_s_
     job = _sent(engine, request_id=None, unknown=True)
     body = webhook_body("req-proof", gateway, True, RESULT, None)  # "test-key": the receiver's key
     headers = signer.headers("req-proof", "user-1", body)
-    params = {"job_id": job.id, "attempt": "1"}
+    params = hook_params(engine, job.id, 1)
     assert client.post("/webhooks/fal", params=params, content=body, headers=headers).status_code == 200
     after = _job(engine, job.batch_id)
     assert (after.state, after.request_id, after.gateway_request_id) == (S.DOWNLOADING, "req-proof", kept)
@@ -288,7 +288,7 @@ def test_a_receiver_without_the_key_masks_a_key_of_fal_s_shape_echoed_bare(
     with TestClient(create_app(keyless, engine=engine)) as client:
         response = client.post(
             "/webhooks/fal",
-            params={"job_id": job.id, "attempt": "1"},
+            params=hook_params(engine, job.id, 1),
             content=body,
             headers=signer.headers("req-1", "user-1", body),
         )

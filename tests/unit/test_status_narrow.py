@@ -38,6 +38,7 @@ def _report(n: int, name: str, **fields: Any) -> BatchReport:
         "processing": False,
         "processed_at": None,
         "simulated": False,
+        "paused_by_user": False,
         "failures": [],
     }
     return cast(BatchReport, {**base, **fields})
