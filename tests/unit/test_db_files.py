@@ -102,11 +102,22 @@ def test_an_uncreatable_sqlite_folder_is_a_config_error(tmp_path: Path) -> None:
         make_engine(f"sqlite:///{blocker / 'sub' / 'wanbatch.db'}")
 
 
-def test_dev_null_as_the_database_file_is_a_config_error() -> None:
+def test_a_bare_sqlite_error_while_opening_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Audit A7: ``sqlite:////dev/null`` raised a bare sqlite3 "disk I/O error" from a commit
-    hook while the schema was made: an internal error instead of exit 2."""
-    from jobs.db import open_engine
+    hook while the schema was made: an internal error instead of exit 2. The test raises that
+    error itself: opening the real ``/dev/null`` as root lets SQLite change the device's mode
+    (it did, on this machine: every later ``>/dev/null`` of other users failed)."""
+    import sqlite3
+
+    from jobs import db
     from jobs.settings import DatabaseSettings
 
+    def broken(_engine: object, *_args: object, **_kwargs: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(db, "migrate", broken)
+    url = f"sqlite:///{tmp_path / 'wanbatch.db'}"
     with pytest.raises(ConfigError, match="cannot open the database: disk I/O error"):
-        open_engine(DatabaseSettings(database_url="sqlite:////dev/null"))
+        db.open_engine(DatabaseSettings(database_url=url))
