@@ -619,11 +619,19 @@ def _cost_cells(line: CostLine) -> tuple[str, ...]:
 
 def estimate_table(title: str, data: EstimateReport) -> Table:
     """A human table of a manifest's estimate (``wanbatch estimate``); ``*`` marks assumed prices."""
+    from jobs.pricing import units_text
+
     rows = [
-        [endpoint, str(line["jobs"]), f"{line['billing_units']:g}", usd(line["usd"])]
+        [
+            endpoint,
+            str(line["jobs"]),
+            units_text({line["unit"]: line["billing_units"]}),
+            usd(line["usd"]),
+        ]
         for endpoint, line in data["by_endpoint"].items()
     ]
-    total = ["total", str(data["jobs"]), f"{data['billing_units']:g}", usd(data["usd"])]
+    # Units add up per unit only (seconds and videos do not); dollars add up.
+    total = ["total", str(data["jobs"]), units_text(data["billing_units_by_unit"]), usd(data["usd"])]
     headers = ["jobs", "billing units", "USD"]
     table = compact_table(escape(fit(title, width())))
     table.add_column("endpoint", no_wrap=True)

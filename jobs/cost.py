@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from jobs import store
 from jobs.endpoints import get_endpoint
 from jobs.money import BUDGET_ERRORS, usd_json
+from jobs.pricing import add_units, unit_symbol
 from jobs.states import JobState
 
 ZERO = Decimal(0)
@@ -41,9 +42,11 @@ class CostLine:
     #: Not sent yet (``pending``, ``retry_wait``): nothing billed for them so far.
     waiting: int = 0
     estimated_usd: Decimal = ZERO
-    estimated_units: Decimal = ZERO
     actual_usd: Decimal = ZERO
-    actual_units: Decimal = ZERO
+    #: Billing units per unit symbol (:func:`jobs.pricing.unit_symbol`): seconds of video and
+    #: videos are summed apart, never into one number.
+    estimated_by_unit: dict[str, Decimal] = field(default_factory=dict)
+    actual_by_unit: dict[str, Decimal] = field(default_factory=dict)
     wasted_usd: Decimal = ZERO
     possible_duplicate_charges: int = 0
     possible_duplicate_usd: Decimal = ZERO
@@ -54,10 +57,11 @@ class CostLine:
         """Count one job in this line."""
         actual = job.actual_usd or ZERO
         self.jobs += 1
+        unit = unit_symbol(job.endpoint)
         self.estimated_usd += job.est_usd
-        self.estimated_units += job.est_units
+        add_units(self.estimated_by_unit, unit, job.est_units)
         self.actual_usd += actual
-        self.actual_units += job.actual_units or ZERO
+        add_units(self.actual_by_unit, unit, job.actual_units or ZERO)
         if job.state == JobState.SUCCEEDED:
             self.succeeded += 1
             self.wasted_usd += max(ZERO, actual - job.est_usd)  # earlier attempts that were billed
@@ -76,9 +80,26 @@ class CostLine:
         self.possible_duplicate_usd += job.est_usd * job.possible_duplicate_charges
         self.possibly_billed_usd += job.ambiguous_usd
 
+    @property
+    def unit(self) -> str | None:
+        """The one unit symbol of this line's jobs; None when they bill in unlike units."""
+        units = set(self.estimated_by_unit)
+        return next(iter(units)) if len(units) == 1 else None
+
+    @property
+    def estimated_units(self) -> Decimal | None:
+        """Estimated billing units when all of one unit (or none); None when unlike units mix."""
+        return _one_unit_sum(self.estimated_by_unit)
+
+    @property
+    def actual_units(self) -> Decimal | None:
+        """Billed units when all of one unit (or none); None when unlike units mix."""
+        return _one_unit_sum(self.actual_by_unit)
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: USD as numbers rounded to the micro-dollar (:func:`jobs.money.usd_json`, the
-        type every ``--json`` object uses), billing units as plain numbers."""
+        type every ``--json`` object uses), billing units as plain numbers — ``estimated_units``
+        and ``actual_units`` null when the line mixes unlike units (then see ``…_by_unit``)."""
         return {
             "jobs": self.jobs,
             "succeeded": self.succeeded,
@@ -88,14 +109,25 @@ class CostLine:
             "in_flight": self.in_flight,
             "waiting": self.waiting,
             "estimated_usd": usd_json(self.estimated_usd),
-            "estimated_units": float(self.estimated_units),
+            "estimated_units": _units_json(self.estimated_units),
             "actual_usd": usd_json(self.actual_usd),
-            "actual_units": float(self.actual_units),
+            "actual_units": _units_json(self.actual_units),
+            "unit": self.unit,
+            "estimated_units_by_unit": {u: float(n) for u, n in sorted(self.estimated_by_unit.items())},
+            "actual_units_by_unit": {u: float(n) for u, n in sorted(self.actual_by_unit.items())},
             "wasted_usd": usd_json(self.wasted_usd),
             "possible_duplicate_charges": self.possible_duplicate_charges,
             "possible_duplicate_usd": usd_json(self.possible_duplicate_usd),
             "possibly_billed_usd": usd_json(self.possibly_billed_usd),
         }
+
+
+def _one_unit_sum(by_unit: dict[str, Decimal]) -> Decimal | None:
+    return None if len(by_unit) > 1 else sum(by_unit.values(), ZERO)
+
+
+def _units_json(value: Decimal | None) -> float | None:
+    return None if value is None else float(value)
 
 
 @dataclass(slots=True)

@@ -37,6 +37,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -48,6 +49,7 @@ from jobs.errors import UsageError, WanbatchError
 from jobs.export import FIELDS, record, write_atomically
 from jobs.models import Batch
 from jobs.money import usd_text
+from jobs.pricing import add_units, unit_symbol, units_text
 from jobs.states import JobState
 
 #: Rows per Parquet row group: what the writer holds in memory at once (a few MB of records).
@@ -172,7 +174,8 @@ class HfExport:
     by_status: Counter[str] = field(default_factory=Counter)
     by_endpoint: Counter[str] = field(default_factory=Counter)
     cost_usd: float = 0.0
-    billing_units: float = 0.0
+    #: Billed units per unit symbol (:func:`jobs.pricing.unit_symbol`): seconds and videos apart.
+    billing_units: dict[str, Decimal] = field(default_factory=dict)
     manifest: str | None = None
     manifest_changed: bool = False
     left_out: dict[str, int] = field(default_factory=dict)
@@ -266,7 +269,8 @@ def _summed(row: dict[str, Any], summary: HfExport) -> dict[str, Any]:
     summary.by_status[row["status"]] += 1
     summary.by_endpoint[row["endpoint"]] += 1
     summary.cost_usd += row["cost_usd"] or 0.0
-    summary.billing_units += row["billing_units"] or 0.0
+    units = row["billing_units"] or 0
+    add_units(summary.billing_units, unit_symbol(row["endpoint"]), Decimal(str(units)))
     return row
 
 
@@ -313,7 +317,7 @@ def _card(batch: Batch, summary: HfExport, include_failed: bool) -> str:
     lines += [f"- {status}: {n}" for status, n in sorted(summary.by_status.items())]
     lines += [f"- not exported ({state}): {n}" for state, n in sorted(summary.left_out.items()) if n]
     lines += [
-        f"- cost: {usd_text(summary.cost_usd)} over {summary.billing_units:g} billing unit(s)",
+        f"- cost: {usd_text(summary.cost_usd)} (billing units: {units_text(summary.billing_units)})",
         "",
         "| endpoint | rows |",
         "|---|---:|",

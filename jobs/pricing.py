@@ -13,6 +13,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, TypedDict
 
 from jobs.endpoints import EndpointSpec, get_endpoint
+from jobs.errors import UsageError
 from jobs.money import MICRO
 from jobs.settings import BudgetSettings
 
@@ -24,7 +25,41 @@ class Estimate:
     endpoint: str
     billing_units: Decimal
     usd: Decimal
+    #: The endpoint's unit symbol (:func:`unit_symbol`): units of unlike symbols never add up.
+    unit: str
     assumption: bool = False
+
+
+def unit_symbol(endpoint_id: str) -> str:
+    """The short symbol of ``endpoint_id``'s billing unit (``s`` for seconds of video, ``unit``
+    for fal's per-video units): billing units are summed only among endpoints of one symbol.
+
+    An endpoint no longer registered (a stored job of an older wanbatch) gets a symbol of its own,
+    so its units are never added to anyone else's.
+    """
+    try:
+        return get_endpoint(endpoint_id).pricing.unit_symbol
+    except UsageError:
+        return f"{endpoint_id} unit"
+
+
+def add_units(into: dict[str, Decimal], unit: str, amount: Decimal) -> None:
+    """Add ``amount`` billing units of ``unit`` to the per-unit sums ``into``."""
+    into[unit] = into.get(unit, Decimal(0)) + amount
+
+
+def units_text(by_unit: Mapping[str, Decimal | float | int]) -> str:
+    """``15.06 s + 1 unit``: per-unit sums for people, in a stable order (``0`` when empty).
+
+    A one-letter symbol (``s``) is a unit sign and stays as it is; a word (``unit``) takes an
+    ``s`` unless the amount is 1.
+    """
+    parts = []
+    for unit, amount in sorted(by_unit.items()):
+        number = Decimal(str(amount))
+        plural = len(unit) > 1 and number != 1
+        parts.append(f"{number.normalize():f} {unit}{'s' if plural else ''}")
+    return " + ".join(parts) or "0"
 
 
 def _value(spec: EndpointSpec, resolved: Mapping[str, Any], name: str) -> Any:
@@ -85,6 +120,7 @@ def estimate_job(
         billing_units=units,
         usd=units * rate,
         assumption=pricing.assumption and not overridden,
+        unit=pricing.unit_symbol,
     )
 
 
@@ -93,14 +129,22 @@ class EndpointEstimate(TypedDict):
 
     jobs: int
     billing_units: float | int
+    #: The symbol of the endpoint's billing unit (``s``, ``unit``).
+    unit: str
     usd: float | int
 
 
 class EstimateReport(TypedDict):
-    """The ``estimate --json`` object: totals, one line per endpoint, and the assumed prices."""
+    """The ``estimate --json`` object: totals, one line per endpoint, and the assumed prices.
+
+    ``billing_units`` is the sum when every endpoint bills in the same unit, and null when they
+    do not (seconds plus videos is no number); ``billing_units_by_unit`` always has the sums per
+    unit. USD always adds up.
+    """
 
     jobs: int
-    billing_units: float | int
+    billing_units: float | int | None
+    billing_units_by_unit: dict[str, float | int]
     usd: float | int
     by_endpoint: dict[str, EndpointEstimate]
     price_assumptions: list[str]
@@ -108,34 +152,49 @@ class EstimateReport(TypedDict):
 
 @dataclass(slots=True)
 class Totals:
-    """Jobs, units and USD summed, overall and per endpoint (the shape ``estimate --json`` prints)."""
+    """Jobs, units and USD summed, overall and per endpoint (the shape ``estimate --json`` prints).
+
+    Billing units are summed per unit symbol (``by_unit``): an endpoint billed per second and
+    one billed per video have no common unit, only a common currency.
+    """
 
     jobs: int = 0
-    billing_units: Decimal = Decimal(0)
     usd: Decimal = Decimal(0)
+    by_unit: dict[str, Decimal] = field(default_factory=dict)
     assumptions: set[str] = field(default_factory=set)
     by_endpoint: dict[str, Totals] = field(default_factory=dict)
 
+    @property
+    def billing_units(self) -> Decimal | None:
+        """The billing units, when they are all of one unit (or there are none); else None."""
+        if len(self.by_unit) > 1:
+            return None
+        return sum(self.by_unit.values(), Decimal(0))
+
     def add(self, est: Estimate) -> None:
         """Count one job's estimate in the total and in its endpoint's line."""
-        self.jobs += 1
-        self.billing_units += est.billing_units
-        self.usd += est.usd
+        for line in (self, self.by_endpoint.setdefault(est.endpoint, Totals())):
+            line.jobs += 1
+            line.usd += est.usd
+            add_units(line.by_unit, est.unit, est.billing_units)
         if est.assumption:
             self.assumptions.add(est.endpoint)
-        line = self.by_endpoint.setdefault(est.endpoint, Totals())
-        line.jobs += 1
-        line.billing_units += est.billing_units
-        line.usd += est.usd
 
     def as_dict(self) -> EstimateReport:
         """JSON-ready: USD rounded to the cent only at the end, units as exact numbers."""
+        units = self.billing_units
         return {
             "jobs": self.jobs,
-            "billing_units": _num(self.billing_units),
+            "billing_units": None if units is None else _num(units),
+            "billing_units_by_unit": {unit: _num(n) for unit, n in sorted(self.by_unit.items())},
             "usd": _usd(self.usd),
             "by_endpoint": {
-                ep: EndpointEstimate(jobs=t.jobs, billing_units=_num(t.billing_units), usd=_usd(t.usd))
+                ep: EndpointEstimate(
+                    jobs=t.jobs,
+                    billing_units=_num(t.billing_units or Decimal(0)),
+                    unit=unit_symbol(ep),
+                    usd=_usd(t.usd),
+                )
                 for ep, t in sorted(self.by_endpoint.items())
             },
             "price_assumptions": sorted(self.assumptions),

@@ -138,11 +138,15 @@ class Pricing(BaseModel):
     ``usd_per_unit`` is either one price, or a price per value of ``usd_per_unit_field`` (e.g. a
     per-second price that depends on the resolution). ``assumption`` is true when the provider
     does not publish the price: estimates then say so and settings may override it.
+
+    ``unit_symbol`` is the short name totals use (``s``, ``unit``): billing units are added up
+    only among endpoints with the same symbol — seconds of video and videos do not add up.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     unit: str
+    unit_symbol: str = Field(pattern=r"^[a-z][a-z ]{0,15}$")
     factors: tuple[UnitFactor, ...]
     usd_per_unit: Decimal | None = None
     usd_per_unit_field: str | None = None

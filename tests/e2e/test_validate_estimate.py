@@ -125,16 +125,16 @@ def _estimate(wb: Wb, path: Path) -> dict[str, object]:
 
 
 @pytest.mark.parametrize(
-    ("endpoint", "fields", "units", "usd"),
+    ("endpoint", "fields", "units", "unit", "usd"),
     [
-        ("fal-ai/wan-i2v", "resolution: 480p\n    num_frames: 81", 0.5, 0.2),
-        ("fal-ai/wan-i2v", "resolution: 720p\n    num_frames: 100", 1.25, 0.5),
-        ("fal-ai/wan-25-preview/image-to-video", 'resolution: 1080p\n    duration: "10"', 10, 1.5),
+        ("fal-ai/wan-i2v", "resolution: 480p\n    num_frames: 81", 0.5, "unit", 0.2),
+        ("fal-ai/wan-i2v", "resolution: 720p\n    num_frames: 100", 1.25, "unit", 0.5),
+        ("fal-ai/wan-25-preview/image-to-video", 'resolution: 1080p\n    duration: "10"', 10, "s", 1.5),
     ],
     ids=["i2v-480p-81", "i2v-720p-100", "wan25-1080p-10s"],
 )
 def test_estimate_exact_figures(
-    endpoint: str, fields: str, units: float, usd: float, wb: Wb, manifest: MakeManifest
+    endpoint: str, fields: str, units: float, unit: str, usd: float, wb: Wb, manifest: MakeManifest
 ) -> None:
     path = manifest(
         "one",
@@ -145,13 +145,57 @@ def test_estimate_exact_figures(
     assert data["jobs"] == 1
     assert data["billing_units"] == pytest.approx(units, abs=0)
     assert data["usd"] == pytest.approx(usd, abs=1e-9)
-    assert data["by_endpoint"] == {endpoint: {"jobs": 1, "billing_units": units, "usd": usd}}
+    assert data["billing_units_by_unit"] == {unit: units}
+    assert data["by_endpoint"] == {endpoint: {"jobs": 1, "billing_units": units, "unit": unit, "usd": usd}}
 
 
 def test_estimate_of_the_sweep_example(wb: Wb, examples_copy: Path) -> None:
     data = _estimate(wb, examples_copy / "seed-resolution-sweep.yaml")
     assert (data["jobs"], data["billing_units"], data["usd"]) == (6, 4.5, 1.8)
-    assert data["by_endpoint"] == {"fal-ai/wan-i2v": {"jobs": 6, "billing_units": 4.5, "usd": 1.8}}
+    assert data["by_endpoint"] == {
+        "fal-ai/wan-i2v": {"jobs": 6, "billing_units": 4.5, "unit": "unit", "usd": 1.8}
+    }
     human = wb("estimate", examples_copy / "seed-resolution-sweep.yaml")
     assert human.code == 0
     assert "$1.80" in human.stdout
+
+
+MIXED_UNITS = """name: mixed-units
+endpoint: fal-ai/wan-i2v
+items:
+  - prompt: a mountain
+    image_url: images/landscape.jpg
+    resolution: 720p
+  - prompt: a mountain
+    image_url: images/landscape.jpg
+    resolution: 480p
+  - endpoint: fal-ai/wan-25-preview/image-to-video
+    prompt: a mountain
+    image_url: images/landscape.jpg
+    resolution: 720p
+    duration: "10"
+  - endpoint: fal-ai/wan-22
+    prompt: a mountain
+    resolution: 480p
+    num_frames: 81
+"""
+
+
+def test_estimate_adds_units_only_of_one_kind(wb: Wb, manifest: MakeManifest) -> None:
+    """Seconds of video and per-video units are not added into one number; dollars are."""
+    path = manifest("mixed", MIXED_UNITS)
+    data = _estimate(wb, path)
+    assert data["jobs"] == 4
+    assert data["billing_units"] is None  # 10 s + 5.0625 s + 1.5 units is no number
+    assert data["billing_units_by_unit"] == {"s": 15.0625, "unit": 1.5}
+    assert data["usd"] == pytest.approx(0.4 + 0.2 + 1.0 + 0.2025, abs=1e-9)
+    by_endpoint = data["by_endpoint"]
+    assert isinstance(by_endpoint, dict)
+    assert by_endpoint["fal-ai/wan-i2v"] == {"jobs": 2, "billing_units": 1.5, "unit": "unit", "usd": 0.6}
+    assert by_endpoint["fal-ai/wan-22"]["unit"] == "s"
+    human = wb("estimate", path)
+    assert human.code == 0, human.stderr
+    [total] = [line for line in human.stdout.splitlines() if line.startswith("total")]
+    assert "15.0625 s + 1.5 units" in total
+    assert "16.5625" not in human.stdout
+    assert "$1.80" in total
