@@ -691,6 +691,7 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
             if not finished:
                 # Refused (exit 2) before the batch is touched: a refusal means nothing happened.
                 batches.refuse_other_way(found, simulated=simulate, command="cancel")
+                batches.refuse_cancel_without_key(session, found, settings, simulated=simulate)
                 store.set_batch_state(session, batch_id, BatchState.CANCELLED, reason="cancelled by user")
         if finished:  # nothing left to stop: a finished batch stays finished (`done`), not relabelled
             report = batches.status(batch_id, settings)[0]

@@ -812,6 +812,27 @@ def refuse_other_way(batch: Batch, *, simulated: bool, command: str = "run") -> 
         )
 
 
+def refuse_cancel_without_key(session: Session, batch: Batch, settings: Settings, *, simulated: bool) -> None:
+    """``cancel`` here, in this process, of a batch with requests at fal and no ``FAL_KEY``: a
+    :class:`ConfigError` (exit 2) before anything changes.
+
+    Cancelling those requests needs the key; cancelling the unsent jobs first and then refusing
+    left a half-done cancel behind an exit 2 that says nothing happened. Not refused: with a
+    broker (the workers cancel, with their key), with ``--simulate`` (the simulator needs no
+    key), or when every unfinished job is unsent (those end without a call to fal).
+    """
+    if simulated or settings.broker_url or (settings.fal_key and settings.fal_key.get_secret_value()):
+        return
+    sent = [s for s in UNFINISHED_STATES if s not in store.UNSENT_STATES]
+    held = store.count_in_states(session, sent, batch_id=batch.id)
+    if held:
+        raise ConfigError(
+            f"FAL_KEY is not set: {held} job(s) of batch {batch.name} are at fal, and cancelling "
+            f"them there needs the key; nothing was cancelled (export FAL_KEY=<your fal API key>, "
+            f"then run `wanbatch cancel {shell_ref(batch)}` again)"
+        )
+
+
 def paused_line(name: str, ref: str) -> str:
     """What a ``run`` says of a batch its user paused: paused, and how to go on."""
     return (
