@@ -42,6 +42,7 @@ from cli.output import (
     short_id,
     usd,
 )
+from jobs.printable import one_line
 
 if TYPE_CHECKING:
     from falsim.server import SimulatorHandle
@@ -268,7 +269,7 @@ def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
             out.print(table)
             if len(shown) > DIFF_ROWS:
                 out.print(f"… and {len(shown) - DIFF_ROWS} more (`--json` lists every job)")
-        names = f"{result.batch_a['name']} vs {result.batch_b['name']}"
+        names = f"{one_line(result.batch_a['name'])} vs {one_line(result.batch_b['name'])}"
         out.print(
             escape(
                 f"{names}: {result.count('same')} same, {result.count('different')} different, "

@@ -33,7 +33,7 @@ from rich.text import Text
 
 from jobs.errors import Issue, ManifestError, WanbatchError
 from jobs.money import usd_text
-from jobs.printable import printable
+from jobs.printable import one_line, printable
 from jobs.states import JobState
 
 if TYPE_CHECKING:
@@ -315,7 +315,7 @@ def batch_heading(report: BatchReport) -> str:
     """``name (a1b2c3d4) · state``, the name shortened to fit the terminal."""
     label = report["phase"] + (" · simulated" if report["simulated"] else "")
     suffix = f" ({short_id(report['batch'])}) · {label}"
-    return f"[bold]{escape(fit(report['name'], width() - cell_len(suffix)))}[/bold]{escape(suffix)}"
+    return f"[bold]{escape(fit(one_line(report['name']), width() - cell_len(suffix)))}[/bold]{escape(suffix)}"
 
 
 def status_table(report: BatchReport) -> Table:
@@ -513,7 +513,7 @@ def batches_table(reports: list[BatchReport]) -> Table:
             ]
         )
     headers = ["batch", "name", "state", "done", "failed", "cancelled", "spent", "estimate"]
-    longest = max([cell_len("name"), *(cell_len(printable(row[1])) for row in rows)])
+    longest = max([cell_len("name"), *(cell_len(one_line(row[1])) for row in rows)])
 
     def room_for(columns: list[int], names: dict[int, str]) -> int:
         used = sum(
@@ -531,7 +531,7 @@ def batches_table(reports: list[BatchReport]) -> Table:
             columns = [i for i in columns if headers[i] not in SHORT_HEADERS]
             room = room_for(columns, names)
     room = max(room, NAME_MIN)
-    shown = distinct_fits([printable(row[1]) for row in rows], room)
+    shown = distinct_fits([one_line(row[1]) for row in rows], room)
 
     table = compact_table()
     fixed_column(table, "batch", [row[0] for row in rows], right=False)
@@ -539,7 +539,7 @@ def batches_table(reports: list[BatchReport]) -> Table:
     for i in columns[1:]:
         fixed_column(table, names.get(i, headers[i]), [row[i] for row in rows], right=i > 2)
     for row in rows:
-        name = printable(row[1])
+        name = one_line(row[1])  # a line break or tab (a name stored before they were refused) escaped
         row[1] = shown[name] or name  # None: no cut tells it apart, so whole (wrapped)
         table.add_row(*(escape(row[i]) for i in [0, 1, *columns[1:]]))
     return table
@@ -578,7 +578,7 @@ def cost_heading(report: CostReport) -> str:
     suffix = f" ({short_id(report.batch_id)})"
     if report.simulated:
         suffix += " · simulated: nothing was paid"
-    name = fit(report.name, width() - cell_len("cost of ") - cell_len(suffix))
+    name = fit(one_line(report.name), width() - cell_len("cost of ") - cell_len(suffix))
     return f"[bold]cost of {escape(name)}[/bold]{suffix}"
 
 

@@ -26,6 +26,7 @@ from jobs.manifest.items_from import ITEMS_FROM_SUFFIXES
 from jobs.manifest.model import describe, error_count
 from jobs.media import NUL_ALLOWED, NUL_MESSAGE, allowed_roots, resolve_local
 from jobs.money import MAX_USD, too_much_usd
+from jobs.printable import control_character
 from jobs.schedule import Schedule, parse_instant, parse_window, zone
 from jobs.yaml_lines import LList, LMap, YamlProblem, load_located
 
@@ -144,6 +145,15 @@ def parse_manifest(
         )
     elif "\0" in name:
         top(f"the batch name {NUL_MESSAGE}", line("name"), "name", value=name, allowed=NUL_ALLOWED)
+    elif (control := control_character(name.strip())) is not None:
+        # A name is one line that `status` tables show and commands take as an argument.
+        top(
+            f"the batch name contains a control character ({control})",
+            line("name"),
+            "name",
+            value=name,
+            allowed="one line of visible text: no line breaks, tabs or other control characters",
+        )
     else:
         manifest.name = name.strip()
 

@@ -58,3 +58,13 @@ def test_user_text_in_markup_prints_exactly_as_written(text: str, markup: str) -
     assert captured.get() == markup.replace("[bold]", "").replace("[/bold]", "").replace(
         "[red]r[/red]", "r"
     ).format(text)
+
+
+def test_one_line_escapes_line_breaks_and_tabs_too() -> None:
+    from jobs.printable import control_character, one_line
+
+    assert one_line("a\nb\tc\x1b[2J\u202e") == "a\\nb\\tc\\x1b[2J\\u202e"
+    assert one_line("plain é 日本") == "plain é 日本"
+    assert control_character("tokyo sweep") is None
+    assert control_character("tokyo\tsweep\n") == "\\t"
+    assert control_character("a\u2028b") == "\\u2028"
