@@ -40,6 +40,7 @@ from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from sqlalchemy import (
     Column,
@@ -109,7 +110,40 @@ def normalize_url(url: str | URL) -> URL:
             f"WANBATCH_DATABASE_URL names an unsupported database {parsed.get_backend_name()!r} "
             f"(supported: SQLite and PostgreSQL, e.g. {_URL_HELP})"
         )
+    if parsed.get_backend_name() == "sqlite":
+        parsed = _sqlite_options(parsed)
     return parsed
+
+
+#: Query options SQLAlchemy's pysqlite dialect takes itself (its ``create_connect_args``).
+_PYSQLITE_OPTIONS = frozenset(
+    {"timeout", "isolation_level", "detect_types", "check_same_thread", "cached_statements", "uri"}
+)
+
+
+def _sqlite_options(parsed: URL) -> URL:
+    """A SQLite URL with SQLite's own options (``?mode=ro``) on a plain path, made what it says.
+
+    SQLAlchemy passes those on only in SQLite's ``file:`` URI form: on a plain path it ignored
+    ``mode=ro`` (the database opened read-write) with a multi-line warning, or, with
+    ``uri=true``, made a new file named ``wanbatch.db?mode=ro``. ``mode=ro`` becomes the URI
+    form (a read-only database: reading commands work, writing ones are refused in one line, see
+    :func:`_refuse_read_only_write`); any other option is a :class:`ConfigError`.
+    """
+    database = parsed.database or ""
+    if database.startswith("file:"):  # SQLite's URI form already: its options are SQLite's
+        return parsed
+    options = {k: v for k, v in parsed.query.items() if k not in _PYSQLITE_OPTIONS}
+    if not options:
+        return parsed
+    if options != {"mode": "ro"}:
+        names = ", ".join(f"{k}={v}" if isinstance(v, str) else k for k, v in sorted(options.items()))
+        raise ConfigError(
+            f"WANBATCH_DATABASE_URL: SQLite option(s) {names} are not supported "
+            "(mode=ro, a read-only database, is; e.g. sqlite:////path/to/wanbatch.db?mode=ro)"
+        )
+    query = {k: v for k, v in parsed.query.items() if k in _PYSQLITE_OPTIONS} | {"uri": "true"}
+    return parsed.set(database=f"file:{quote(database)}?mode=ro", query=query)
 
 
 def safe_url(url: str | URL) -> str:
@@ -381,6 +415,7 @@ def _configure_sqlite(engine: Engine, writers: threading.Lock | None = None) -> 
     # the moment the previous transaction ends; SQLite's busy handler is then only met by
     # writers of other processes (the CLI, the webhook receiver).
     writers = writers if writers is not None else threading.Lock()
+    event.listen(engine, "handle_error", _refuse_read_only_write)
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
@@ -433,6 +468,26 @@ def _configure_sqlite(engine: Engine, writers: threading.Lock | None = None) -> 
         _release_writers(record.info)
 
     return writers
+
+
+#: SQLite's primary result code for a write to a read-only database (``SQLITE_READONLY``; its
+#: extended codes keep it in the low byte).
+_SQLITE_READONLY = 8
+
+
+def _refuse_read_only_write(context: Any) -> None:
+    """A write to a read-only SQLite database (``?mode=ro``, or a file this user may not write):
+    one :class:`ConfigError` line (exit 2), where it was an internal error. The statement failed,
+    so nothing was written; its unit of work rolls back as for any error."""
+    orig = context.original_exception
+    if (
+        isinstance(orig, sqlite3.Error)
+        and (getattr(orig, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_READONLY
+    ):
+        raise ConfigError(
+            "the database is read-only (WANBATCH_DATABASE_URL has mode=ro, or this user may not "
+            "write its file) and this command writes to it; nothing was changed"
+        ) from None
 
 
 #: PostgreSQL's SQLSTATEs for a transaction the server ended to break a conflict, which the same

@@ -71,6 +71,33 @@ def test_in_memory_database_url(url: str) -> None:
     )
 
 
+def test_a_read_only_sqlite_url_reads_and_refuses_writes_in_one_line(tmp_path: Path) -> None:
+    """`?mode=ro` was ignored with a multi-line SQLAlchemy warning on every command (and the
+    database written all the same); with `uri=true` it made a file named `x.db?mode=ro`."""
+    db = tmp_path / "x.db"
+    assert wanbatch("submit", QUICKSTART, env={"WANBATCH_DATABASE_URL": f"sqlite:///{db}"}).returncode == 0
+    for query in ("mode=ro", "mode=ro&uri=true"):
+        env = {"WANBATCH_DATABASE_URL": f"sqlite:///{db}?{query}"}
+        status = wanbatch("status", "--json", env=env)
+        assert (status.returncode, status.stderr) == (0, "")
+        assert len(json.loads(status.stdout)["batches"]) == 1
+        refused = wanbatch("cancel", "quickstart", env=env)
+        assert_one_line(refused, "the database is read-only", "mode=ro", "nothing was changed")
+        again = json.loads(wanbatch("status", "quickstart", "--json", env=env).stdout)
+        assert (again["state"], again["counts"]["cancelled"]) == ("active", 0)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("x.db")) == [
+        "x.db",
+        "x.db-shm",
+        "x.db-wal",
+    ]
+
+
+def test_an_unsupported_sqlite_url_option_is_one_line(tmp_path: Path) -> None:
+    done = wanbatch("status", env={"WANBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}?cache=shared"})
+    assert_one_line(done, "WANBATCH_DATABASE_URL", "SQLite option(s) cache=shared are not supported")
+    assert not (tmp_path / "x.db").exists()
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
