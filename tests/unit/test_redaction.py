@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ from worker.fal.client import FalClient
 from worker.fal.http import FalKeyAuth, RetryPolicy
 from worker.fal.models import RequestHandle
 from worker.fal.redact import (
+    MASK,
     KeyRedactionFilter,
     install_redaction,
     redact_text,
@@ -387,3 +389,37 @@ def test_what_only_resembles_a_key_is_left_alone() -> None:
     ):
         assert redact_text(text) == text
         assert redact_value({"v": [text]}) == {"v": [text]}
+
+
+@pytest.mark.parametrize("key", ["fal", "a:b", "ing", "k-1:s", "real-key-123"])
+def test_a_short_key_is_masked_only_where_it_stands_alone(key: str) -> None:
+    """`FAL_KEY=a:b` (or `fal`) garbled every log line: each occurrence inside ordinary words —
+    `data:base64`, the logger `worker.fal.client`, `starting` — became `***`."""
+    prose = "worker.fal.client: starting fal-ai/wan-i2v data:base64 xk-1:sx real-key-123.txt polling"
+    assert redact_text(prose, [key]) == prose
+    for alone in (f"key={key}", f'{{"key": "{key}"}}', f"Key {key}", f"({key})", f"{key}\n", f"/x?k={key}&"):
+        masked = redact_text(alone, [key])
+        assert key not in masked, masked
+        assert MASK in masked
+    assert redact_text(f"{KEY}x", [KEY]) == f"{MASK}x"  # a key of fal's length: glued or not
+
+
+def test_a_short_key_does_not_garble_json_log_lines() -> None:
+    from worker.logs import JsonFormatter
+
+    install_redaction("fal")
+    try:
+        record = logging.getLogger("worker.fal.client").makeRecord(
+            "worker.fal.client",
+            logging.WARNING,
+            __file__,
+            1,
+            "status of %s, key fal",
+            ("fal-ai/wan-i2v",),
+            None,
+        )
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        uninstall_redaction()
+    assert line["logger"] == line["event"] == "worker.fal.client"
+    assert line["message"] == f"status of fal-ai/wan-i2v, key {MASK}"

@@ -9,7 +9,8 @@ Two layers, because each one alone has a gap:
 * A log-record factory wrapper applies the same filter when any record is created, so handlers
   added later (pytest's caplog, Celery's own) also receive redacted records.
 
-Besides the literal key (and its encoded forms: :func:`key_variants`), ``Authorization: Key …``
+Besides the literal key (and its encoded forms: :func:`key_variants`; a form shorter than
+:data:`_ANYWHERE_MIN` only where it stands as a word of its own), ``Authorization: Key …``
 /``Bearer …`` values and bare strings of a fal key's shape (:data:`_BARE_KEY`) are masked by
 shape, whatever key this process knows.
 """
@@ -164,7 +165,10 @@ def _apply_rules(text: str, keys: Iterable[str]) -> str:
     """
     for key in sorted(keys, key=len, reverse=True):
         if key[:_CUT_KEY_MIN] in text:
-            text = _mask_cut_key(text.replace(key, MASK), key)
+            if len(key) >= _ANYWHERE_MIN:
+                text = _mask_cut_key(text.replace(key, MASK), key)
+            else:  # short enough to be part of ordinary words: masked where it stands alone
+                text = _mask_cut_key(_whole_word(key).sub(MASK, text), key, whole=True)
     text = _AUTH_VALUE.sub(lambda m: f"{m.group('head')}{m.group('scheme')} {MASK}", text)
     text = _KEY_SHAPE.sub(lambda m: f"{m.group('scheme')} {MASK}", text)
     return _BARE_KEY.sub(MASK, text)
@@ -172,6 +176,20 @@ def _apply_rules(text: str, keys: Iterable[str]) -> str:
 
 #: A key's prefix this long, right where a text was cut, is taken for the cut key.
 _CUT_KEY_MIN = 8
+#: A key (or a form of it) this long is masked wherever it appears, glued to other text too. A
+#: shorter one (``FAL_KEY=a:b``, a test's ``k3y``; fal's own keys are 69 characters) could be
+#: part of ordinary text — ``data:base64``, the logger ``worker.fal.client`` — and masking it
+#: there garbled every line: it is masked only as a token of its own, between the start or end
+#: of the text, white space, quotes, brackets or ``= , ; & ? / |`` (``key=a:b``, ``"a:b"``).
+_ANYWHERE_MIN = 16
+_SEPARATORS = r"\s'\"`()\[\]{}<>=,;&?/|"
+_SEPARATOR = re.compile(f"[{_SEPARATORS}]")
+
+
+@lru_cache(maxsize=256)
+def _whole_word(key: str) -> re.Pattern[str]:
+    """``key`` as a token of its own: nothing but a separator (or the text's end) either side."""
+    return re.compile(rf"(?<![^{_SEPARATORS}]){re.escape(key)}(?![^{_SEPARATORS}])")
 
 
 def _may_need_masking(text: str, triggers: Iterable[str]) -> bool:
@@ -186,13 +204,16 @@ def _may_need_masking(text: str, triggers: Iterable[str]) -> bool:
     return any(map(text.__contains__, triggers))
 
 
-def _mask_cut_key(text: str, key: str) -> str:
-    """Mask a prefix of ``key`` that ends the text or stands right before an ellipsis."""
+def _mask_cut_key(text: str, key: str, *, whole: bool = False) -> str:
+    """Mask a prefix of ``key`` that ends the text or stands right before an ellipsis (with
+    ``whole``, only one that starts a token: at the text's start or after a separator)."""
     if len(key) <= _CUT_KEY_MIN:
         return text  # a cut this short says too little to be told from ordinary text
     cuts = [i for i, ch in enumerate(text) if ch == "…"] + [len(text)]
     for cut in reversed(cuts):  # right to left, so earlier positions stay valid
         for n in range(min(len(key) - 1, cut), _CUT_KEY_MIN - 1, -1):
+            if whole and cut - n > 0 and not _SEPARATOR.match(text[cut - n - 1]):
+                continue
             if text[cut - n : cut] == key[:n]:
                 text = text[: cut - n] + MASK + text[cut:]
                 break
