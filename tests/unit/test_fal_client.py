@@ -1017,3 +1017,25 @@ def test_a_request_id_that_echoes_the_key_is_ambiguous_and_says_why() -> None:
     assert "holds the API key" in str(info.value)
     assert info.value.request_id is None
     assert SECRET not in _every_field(info.value)
+
+
+def test_with_body_copies_a_response_with_its_body_and_the_headers_kept() -> None:
+    """The one copy the client (read_capped) and storage (_error_prefix) both make."""
+    from worker.fal.http import with_body
+
+    request = httpx.Request("GET", "https://queue.fal.run/x")
+    original = httpx.Response(
+        422,
+        headers=[("Content-Encoding", "gzip"), ("Link", "<a>"), ("link", "<b>"), ("X-Fal-Request-Id", "r1")],
+        stream=httpx.ByteStream(b"ignored"),
+        request=request,
+        extensions={"http_version": b"HTTP/1.1"},
+    )
+    copy = with_body(original, b'{"detail": []}', drop=("content-encoding",))
+    assert (copy.status_code, copy.request, copy.extensions) == (422, request, original.extensions)
+    assert copy.content == b'{"detail": []}'
+    assert "content-encoding" not in copy.headers
+    assert copy.headers.get_list("link") == ["<a>", "<b>"]
+    assert copy.headers["x-fal-request-id"] == "r1"
+    dropped = with_body(original, b"", drop=("LINK", "content-encoding"))
+    assert [k for k, _v in dropped.headers.multi_items()] == ["x-fal-request-id"]

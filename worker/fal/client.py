@@ -67,6 +67,7 @@ from worker.fal.http import (
     Sleep,
     build_http_client,
     timeout_from,
+    with_body,
 )
 from worker.fal.models import (
     QUEUE_STATES,
@@ -549,14 +550,7 @@ def read_capped(response: httpx.Response, what: str, limit: int = MAX_ANSWER_BYT
         body += chunk
         if len(body) > limit:
             raise _too_large(what, response, limit)
-    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() != "content-encoding"]
-    return httpx.Response(
-        response.status_code,
-        headers=headers,
-        content=bytes(body),
-        request=response.request,
-        extensions=response.extensions,
-    )
+    return with_body(response, bytes(body), drop=("content-encoding",))
 
 
 def _too_large(what: str, response: httpx.Response, limit: int) -> ProviderProtocolError:

@@ -24,6 +24,21 @@ def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
     return (parsed.scheme, parsed.host, port)
 
 
+def with_body(response: httpx.Response, body: bytes, *, drop: Iterable[str]) -> httpx.Response:
+    """A copy of the streamed ``response`` holding ``body`` (what was read of it), with its
+    status, request and extensions, and its headers but those named in ``drop`` (any case):
+    the ones the bytes read no longer match, such as ``Content-Encoding`` for a body httpx
+    decoded. Repeated headers stay repeated, in order."""
+    dropped = {name.lower() for name in drop}
+    return httpx.Response(
+        response.status_code,
+        headers=[(k, v) for k, v in response.headers.multi_items() if k.lower() not in dropped],
+        content=body,
+        request=response.request,
+        extensions=response.extensions,
+    )
+
+
 class FalKeyAuth(httpx.Auth):
     """Adds ``Authorization: Key …`` only to requests for fal's own origins.
 

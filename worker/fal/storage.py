@@ -48,7 +48,7 @@ from jobs.errors import FinalProviderError, ProviderError, RetryableProviderErro
 from jobs.outputs import OutputWriteError, fsync_dir
 from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transport_errors, parse_body
-from worker.fal.http import NoCookies, origin
+from worker.fal.http import NoCookies, origin, with_body
 from worker.fal.models import DownloadResult
 
 STORAGE_TYPE = "fal-cdn-v3"
@@ -770,6 +770,11 @@ def _stream_into(
 ERROR_BODY_BYTES = 4096
 
 
+#: Headers an error body's prefix no longer matches: it is not the length announced, nor framed
+#: or encoded as sent.
+_PREFIX_DROPS = ("content-encoding", "content-length", "transfer-encoding")
+
+
 def _error_prefix(response: httpx.Response, limits: _Limits) -> httpx.Response:
     """A copy of the error ``response`` holding at most :data:`ERROR_BODY_BYTES` of its body.
 
@@ -787,18 +792,7 @@ def _error_prefix(response: httpx.Response, limits: _Limits) -> httpx.Response:
             if len(prefix) >= ERROR_BODY_BYTES:
                 break
             limits.check_time()
-    headers = [
-        (name, value)
-        for name, value in response.headers.multi_items()
-        if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
-    ]
-    return httpx.Response(
-        response.status_code,
-        headers=headers,
-        content=bytes(prefix),
-        request=response.request,
-        extensions=response.extensions,
-    )
+    return with_body(response, bytes(prefix), drop=_PREFIX_DROPS)
 
 
 def _encoding(response: httpx.Response) -> str | None:
