@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from jobs import db, listing, store
 from jobs.db import open_engine
 from jobs.endpoints import get_endpoint, registry_sha256
-from jobs.errors import DEADLINE_PASSED, ConfigError, Issue, ManifestError, UsageError, WanbatchError
+from jobs.errors import DEADLINE_PASSED, NEVER_OPENS, ConfigError, Issue, ManifestError, UsageError, WanbatchError
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, utcnow
@@ -368,23 +368,33 @@ def _submitted(
     )
 
 
+#: The manifest errors that say its schedule can send nothing more (:func:`_resumes_past_deadline`).
+_SCHEDULE_OVER = (DEADLINE_PASSED, NEVER_OPENS)
+
+
 def _resumes_past_deadline(engine: Engine, report: ValidationReport, simulated: bool) -> bool:
-    """Whether the manifest's only errors say its deadline passed, and its batch is stored.
+    """Whether the manifest's only errors say its schedule can send nothing more (the deadline
+    passed, or passes before the window opens again), and its batch is stored.
 
     A new batch whose deadline has passed could send nothing: refused. A stored one is another
     matter: its interrupted run left requests at fal, made and billed, that running the same
     command again must collect (the deadline then cancels what was never sent, as it would
     have). So is a manifest edited after its deadline (a budget raised to collect them)."""
     assert report.manifest is not None
-    if any(issue.code != DEADLINE_PASSED for issue in report.errors):
+    if any(issue.code not in _SCHEDULE_OVER for issue in report.errors):
         return False
     with db.read_scope(engine) as session:
         return store.is_stored(session, report.manifest.name, simulated=simulated)
 
 
 def _deadline_note(issue: Issue) -> Issue:
-    """The past deadline of a stored batch: said, not refused."""
-    message = f"{issue.message}: nothing more is sent; what fal made is collected, the rest cancelled"
+    """The past deadline of a stored batch (or one it reaches before the window opens again):
+    said, not refused."""
+    if issue.code == NEVER_OPENS:  # the message ends "nothing could ever be sent"
+        message = f"{issue.message.removesuffix(': nothing could ever be sent')}: nothing more is sent; "
+        message += "what fal made is collected, the rest cancelled at the deadline"
+    else:
+        message = f"{issue.message}: nothing more is sent; what fal made is collected, the rest cancelled"
     return replace(issue, message=message, severity="warning", allowed=None)
 
 
@@ -443,7 +453,7 @@ def submit_manifest(
     if not report.ok:
         if manifest is None or not _resumes_past_deadline(engine, report, simulated):
             raise ManifestError(report.issues)
-        report.issues = [_deadline_note(i) if i.code == DEADLINE_PASSED else i for i in report.issues]
+        report.issues = [_deadline_note(i) if i.code in _SCHEDULE_OVER else i for i in report.issues]
     assert manifest is not None
     with db.session_scope(engine) as session:
         name, moved_aside = store.name_for_batch(session, manifest.name, simulated=simulated)

@@ -73,6 +73,10 @@ class NotFoundError(UsageError):
 #: one already stored, whose interrupted run must still collect what fal made before it.
 DEADLINE_PASSED = "deadline_passed"
 
+#: :attr:`Issue.code` of a schedule whose window (after ``not_before``) next opens only after its
+#: deadline: nothing could be sent either, so it is treated like :data:`DEADLINE_PASSED`.
+NEVER_OPENS = "never_opens"
+
 
 @dataclass(frozen=True, slots=True)
 class Issue:

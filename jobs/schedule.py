@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -238,6 +238,32 @@ class Schedule:
             return None
         return at
 
+    def why_never_opens(self, now: datetime) -> str | None:
+        """Why the deadline comes before the schedule next opens (after ``not_before``, in the
+        window), in words for a user; None when it opens in time, has no deadline, or the deadline
+        has passed already (:meth:`past_deadline`, said by its callers in their own words).
+
+        ``"deadline 2026-12-03T06:00+01:00 passes before the window 22:00-23:00 (Europe/Berlin)
+        next opens, at 2026-12-03T22:00+01:00"``; a local day whose window the clocks skip
+        (spring forward) is named, as that is where a user expected it to open.
+        """
+        if self.deadline is None or self.past_deadline(now) or self.next_open(now) is not None:
+            return None
+        deadline = self._iso(self.deadline)
+        start = now if self.not_before is None or now >= self.not_before else self.not_before
+        after = "first opens after not_before" if start != now else "next opens"
+        if self.window is None:  # only not_before at or after the deadline gets here
+            return f"deadline {deadline} is not after not_before {self._iso(start)}"
+        window = f"the window {self._window_text()} ({self.timezone})"
+        opens = replace(self, deadline=None).next_open(now)  # the same window arithmetic, uncut
+        if opens is None:  # pragma: no cover - only an instant at the edge of datetime's years
+            return f"deadline {deadline} comes and {window} never opens"
+        skipped = [day.isoformat() for day in self._skipped_days(start, self.deadline)]
+        gap = f" ({self._window_text()} does not exist on {', '.join(skipped)}: the clocks skip it)"
+        return f"deadline {deadline} passes before {window} {after}, at {self._iso(opens)}" + (
+            gap if skipped else ""
+        )
+
     def closes_at(self, now: datetime) -> datetime | None:
         """While open: when sending must stop, the window's end or the deadline, whichever is first.
 
@@ -282,13 +308,10 @@ class Schedule:
 
     def as_json(self) -> dict[str, Any]:
         """The stored form (a batch's ``schedule`` column): ISO instants, ``"22:00-06:00"``."""
-        window = None
-        if self.window is not None:
-            window = "-".join(t.strftime("%H:%M") for t in self.window)
         return {
             "not_before": _iso(self.not_before),
             "deadline": _iso(self.deadline),
-            "window": window,
+            "window": None if self.window is None else self._window_text(),
             "timezone": self.timezone,
         }
 
@@ -340,6 +363,34 @@ class Schedule:
         except OverflowError:  # an instant at the edge of datetime's years (stored before the
             return None  # bounds of parse_instant): no window there
         return None  # pragma: no cover - see _SEARCH_DAYS
+
+    def _skipped_days(self, start: datetime, end: datetime) -> list[date]:
+        """The local days whose window, by the wall clock, starts from ``start`` up to ``end`` but
+        lies entirely in a gap of the clocks (spring forward), so that it never opens that day
+        (see :meth:`_occurrences`)."""
+        assert self.window is not None
+        opens_at, closes_at = self.window
+        tz = self.tz
+        first, last = (t.astimezone(tz).replace(tzinfo=None) for t in (start, end))
+        day = first.date()
+        skipped = []
+        while datetime.combine(day, opens_at) < last:
+            closing_day = day + timedelta(days=1) if closes_at < opens_at else day
+            nominal = datetime.combine(day, opens_at) >= first
+            if nominal and _resolve(closing_day, closes_at, tz) <= _resolve(day, opens_at, tz):
+                skipped.append(day)
+            day += timedelta(days=1)
+        return skipped
+
+    def _window_text(self) -> str:
+        """``"22:00-06:00"``, as written in a manifest and stored."""
+        assert self.window is not None
+        return "-".join(t.strftime("%H:%M") for t in self.window)
+
+    def _iso(self, instant: datetime) -> str:
+        """``"2026-12-03T22:00+01:00"``: ISO 8601 in the schedule's zone, seconds only when set."""
+        local = instant.astimezone(self.tz)
+        return local.isoformat(timespec="auto" if local.second or local.microsecond else "minutes")
 
     def _clock(self, instant: datetime) -> str:
         """``"22:00 Europe/Berlin"``: the wall-clock time in the schedule's zone."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from jobs.endpoints import known_endpoint_ids
-from jobs.errors import DEADLINE_PASSED, Issue, ManifestError, did_you_mean
+from jobs.errors import DEADLINE_PASSED, NEVER_OPENS, Issue, ManifestError, did_you_mean
 from jobs.manifest.checks import duplicate_key_issues, outside_message
 from jobs.manifest.expand import MAX_JOBS, Manifest, too_many_jobs_message
 from jobs.manifest.items_from import ITEMS_FROM_SUFFIXES
@@ -471,6 +471,17 @@ def _parse_schedule(root: LMap, manifest: Manifest, top: _Report, now: datetime)
                 value=schedule["deadline"],
                 allowed="a deadline in the future",
                 code=DEADLINE_PASSED,
+            )
+        elif ok and (why := Schedule(not_before, deadline, window, timezone).why_never_opens(now)):
+            # The window (after not_before) first opens only once the deadline has passed: the
+            # batch would send nothing and end cancelled. Stored batches: as for a past deadline.
+            top(
+                f"schedule {why}: nothing could ever be sent",
+                where,
+                "schedule.deadline",
+                value=schedule["deadline"],
+                allowed="a deadline after the window next opens",
+                code=NEVER_OPENS,
             )
     if ok:
         manifest.schedule = Schedule(not_before, deadline, window, timezone)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import Issue, ManifestError
+from jobs.errors import NEVER_OPENS, Issue, ManifestError
 from jobs.manifest import load_manifest, validate_manifest
 from jobs.manifest.loading import parse_manifest
 from jobs.schedule import Schedule
@@ -190,6 +190,74 @@ def test_a_deadline_already_past_is_refused(tmp_path: Path) -> None:
     assert (issue.line, issue.field) == (6, "schedule.deadline")
     assert "has already passed (it is now 2026-12-01 12:00 UTC)" in issue.message
     assert errors(tmp_path, text, now=datetime(2026, 12, 1, 11, 59, tzinfo=UTC)) == []
+
+
+def test_a_window_that_opens_only_after_the_deadline_is_refused(tmp_path: Path) -> None:
+    text = (
+        HEAD
+        + "schedule:\n"  # 5
+        + "  deadline: 2026-12-01T21:00:00+01:00\n"  # 6
+        + '  window: "22:00-23:00"\n'  # 7
+        + "  timezone: Europe/Berlin\n"  # 8
+    )
+    manifest, issues = parse_manifest(write(tmp_path, text), now=NOW)  # 13:00 in Berlin
+    assert manifest is not None
+    [issue] = issues
+    assert (issue.line, issue.field, issue.code) == (6, "schedule.deadline", NEVER_OPENS)
+    assert str(issue) == (
+        f"{tmp_path / 'm.yaml'}:6: field 'schedule.deadline': schedule deadline 2026-12-01T21:00+01:00 "
+        "passes before the window 22:00-23:00 (Europe/Berlin) next opens, at 2026-12-01T22:00+01:00: "
+        "nothing could ever be sent (allowed: a deadline after the window next opens)"
+    )
+    assert manifest.schedule.window == (time(22), time(23))  # kept, as a past deadline is (stored batches)
+    # An hour later the deadline would have let tonight's window open.
+    assert errors(tmp_path, text.replace("T21:00", "T22:30")) == []
+
+
+def test_a_not_before_after_which_no_window_comes_before_the_deadline_is_refused(tmp_path: Path) -> None:
+    text = (
+        HEAD
+        + "schedule:\n"
+        + "  not_before: 2026-12-01T23:30:00+01:00\n"  # tonight's window closed at 23:00
+        + "  deadline: 2026-12-02T06:00:00+01:00\n"  # 7
+        + '  window: "22:00-23:00"\n'
+        + "  timezone: Europe/Berlin\n"
+    )
+    issue = only_error(tmp_path, text)
+    assert (issue.line, issue.field, issue.code) == (7, "schedule.deadline", NEVER_OPENS)
+    assert "first opens after not_before, at 2026-12-02T22:00+01:00" in issue.message
+
+
+def test_a_window_the_spring_forward_skips_before_the_deadline_is_refused(tmp_path: Path) -> None:
+    text = (
+        HEAD
+        + "schedule:\n"
+        + "  deadline: 2026-03-29T06:00:00+02:00\n"  # 6
+        + '  window: "02:00-02:30"\n'  # does not exist in Berlin on 2026-03-29
+        + "  timezone: Europe/Berlin\n"
+    )
+    issue = only_error(tmp_path, text, now=datetime(2026, 3, 28, 12, tzinfo=UTC))
+    assert (issue.line, issue.field, issue.code) == (6, "schedule.deadline", NEVER_OPENS)
+    assert "next opens, at 2026-03-30T02:00+02:00" in issue.message
+    assert "02:00-02:30 does not exist on 2026-03-29: the clocks skip it" in issue.message
+    # Half an hour wider, it opens when the clocks resume (03:00 CEST), before the deadline.
+    assert errors(tmp_path, text.replace("02:00-02:30", "02:00-03:30"), datetime(2026, 3, 28, 12, tzinfo=UTC)) == []
+
+
+@pytest.mark.parametrize(
+    ("now", "deadline"),
+    [
+        (NOW, "2026-12-02T01:00:00+01:00"),  # opens at 22:00, the deadline ends the night at 01:00
+        (datetime(2026, 12, 1, 23, 30, tzinfo=UTC), "2026-12-02T01:00:00+01:00"),  # open now (00:30)
+        (datetime(2026, 12, 2, 5, 30, tzinfo=UTC), "2026-12-02T22:00:01+01:00"),  # one second of it
+    ],
+)
+def test_a_window_crossing_midnight_that_opens_before_the_deadline_passes(
+    tmp_path: Path, now: datetime, deadline: str
+) -> None:
+    text = HEAD + f'schedule:\n  deadline: {deadline}\n  window: "22:00-06:00"\n  timezone: Europe/Berlin\n'
+    assert errors(tmp_path, text, now) == []
+    assert load_manifest(write(tmp_path, text), now=now).schedule.window == (time(22), time(6))
 
 
 def test_the_current_time_is_the_default_now(tmp_path: Path) -> None:

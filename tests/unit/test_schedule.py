@@ -318,6 +318,75 @@ def test_no_window_before_the_deadline_means_never() -> None:
     assert schedule.describe(now) == "closed: nothing opens before the deadline 2026-12-01 21:00 +01:00"
 
 
+# -- why_never_opens: a deadline that comes before the window opens -------------------------------
+
+
+def test_why_never_opens_names_the_deadline_and_when_the_window_would_open() -> None:
+    # 13:00 Berlin; the 22:00-23:00 window opens at 22:00, an hour after the 21:00 deadline.
+    schedule = berlin_window("22:00-23:00", deadline=datetime(2026, 12, 1, 21, tzinfo=PLUS_ONE))
+    assert schedule.why_never_opens(utc(2026, 12, 1, 12)) == (
+        "deadline 2026-12-01T21:00+01:00 passes before the window 22:00-23:00 (Europe/Berlin) "
+        "next opens, at 2026-12-01T22:00+01:00"
+    )
+    # Said in the schedule's zone, whatever offset the deadline was written with.
+    in_utc = berlin_window("22:00-23:00", deadline=utc(2026, 12, 1, 20, 30, 15))
+    assert in_utc.why_never_opens(utc(2026, 12, 1, 12)) == (
+        "deadline 2026-12-01T21:30:15+01:00 passes before the window 22:00-23:00 (Europe/Berlin) "
+        "next opens, at 2026-12-01T22:00+01:00"
+    )
+
+
+def test_why_never_opens_counts_from_not_before() -> None:
+    # Tonight's window opens at 22:00, but not_before (23:30) is after it closes (23:00); the next
+    # one opens tomorrow at 22:00, after the 06:00 deadline.
+    schedule = berlin_window(
+        "22:00-23:00",
+        not_before=datetime(2026, 12, 2, 23, 30, tzinfo=PLUS_ONE),
+        deadline=datetime(2026, 12, 3, 6, tzinfo=PLUS_ONE),
+    )
+    assert schedule.why_never_opens(utc(2026, 12, 1, 12)) == (
+        "deadline 2026-12-03T06:00+01:00 passes before the window 22:00-23:00 (Europe/Berlin) "
+        "first opens after not_before, at 2026-12-03T22:00+01:00"
+    )
+
+
+def test_why_never_opens_is_none_when_it_opens_in_time() -> None:
+    now = utc(2026, 12, 1, 12)
+    assert Schedule().why_never_opens(now) is None
+    assert berlin_window("22:00-23:00").why_never_opens(now) is None  # no deadline
+    assert overnight().why_never_opens(now) is None
+    # Crossing midnight: opens at 22:00 and the 01:00 deadline cuts the night short; still sends.
+    short_night = berlin_window("22:00-06:00", deadline=datetime(2026, 12, 2, 1, tzinfo=PLUS_ONE))
+    assert short_night.why_never_opens(now) is None
+    # Open right now, in the part after midnight of a window that opened the day before.
+    assert short_night.why_never_opens(utc(2026, 12, 1, 23, 30)) is None
+    # A deadline already past is said by the callers in their own words ("has already passed").
+    assert short_night.why_never_opens(utc(2026, 12, 2, 0)) is None
+
+
+def test_why_never_opens_a_window_inside_the_spring_gap() -> None:
+    # 2026-03-29 in Berlin goes from 02:00 CET straight to 03:00 CEST: 02:00-02:30 never comes
+    # that night, so the window next opens the night after, long past a 06:00 deadline.
+    now = utc(2026, 3, 28, 12)
+    in_gap = berlin_window("02:00-02:30", deadline=datetime(2026, 3, 29, 6, tzinfo=timezone(timedelta(hours=2))))
+    assert in_gap.next_open(now) is None
+    assert in_gap.why_never_opens(now) == (
+        "deadline 2026-03-29T06:00+02:00 passes before the window 02:00-02:30 (Europe/Berlin) "
+        "next opens, at 2026-03-30T02:00+02:00 "
+        "(02:00-02:30 does not exist on 2026-03-29: the clocks skip it)"
+    )
+    # Partly in the gap: it opens when the clocks resume (03:00 CEST), before the deadline.
+    across = berlin_window("02:00-03:30", deadline=datetime(2026, 3, 29, 6, tzinfo=timezone(timedelta(hours=2))))
+    assert across.next_open(now) == utc(2026, 3, 29, 1)
+    assert across.why_never_opens(now) is None
+    # A deadline before the gap: that night's window is not what it missed, so the gap goes unsaid.
+    early = berlin_window("02:00-02:30", deadline=datetime(2026, 3, 29, 1, 30, tzinfo=PLUS_ONE))
+    assert early.why_never_opens(now) == (
+        "deadline 2026-03-29T01:30+01:00 passes before the window 02:00-02:30 (Europe/Berlin) "
+        "next opens, at 2026-03-30T02:00+02:00"
+    )
+
+
 def test_closes_at_is_now_when_closed() -> None:
     now = utc(2026, 12, 1, 12)
     assert overnight().closes_at(now) == now
@@ -446,6 +515,7 @@ def test_a_stored_schedule_out_of_range_is_read_and_answered_without_overflow(st
     assert isinstance(schedule.describe(now), str)
     schedule.is_open(now)
     schedule.closes_at(now)
+    schedule.why_never_opens(now)
 
 
 def test_parse_instant_bounds_new_instants_only_when_asked() -> None:
