@@ -521,7 +521,7 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
     if not _may_name_a_batch(ref):
         return None
     from jobs import batches, db, store
-    from jobs.models import BatchState
+    from jobs.models import BatchState, utcnow
 
     with db.session_scope(db.open_engine(settings)) as session:
         target = store.get_batch(session, str(ref))
@@ -530,6 +530,8 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
         batches.refuse_paused(session, target)
         if target.state == BatchState.PAUSED:  # running it again is the user saying "go on"
             store.resume_batch(session, target.id)
+        if note := batches.schedule_over_note(target, utcnow()):  # as `run MANIFEST` warns
+            err.print(f"[yellow]warning[/yellow] {escape(note)}")
         return target.id
 
 

@@ -22,7 +22,15 @@ from sqlalchemy.orm import Session
 from jobs import db, listing, store
 from jobs.db import open_engine
 from jobs.endpoints import get_endpoint, registry_sha256
-from jobs.errors import DEADLINE_PASSED, NEVER_OPENS, ConfigError, Issue, ManifestError, UsageError, WanbatchError
+from jobs.errors import (
+    DEADLINE_PASSED,
+    NEVER_OPENS,
+    ConfigError,
+    Issue,
+    ManifestError,
+    UsageError,
+    WanbatchError,
+)
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, utcnow
@@ -396,6 +404,18 @@ def _deadline_note(issue: Issue) -> Issue:
     else:
         message = f"{issue.message}: nothing more is sent; what fal made is collected, the rest cancelled"
     return replace(issue, message=message, severity="warning", allowed=None)
+
+
+def schedule_over_note(batch: Batch, now: datetime) -> str | None:
+    """What ``run BATCH`` says of a stored batch whose schedule will never send again (its
+    deadline passed, or comes before the window next opens), in the words a manifest's deadline
+    gets (:func:`_deadline_note`); None while it may still send."""
+    schedule = store.batch_schedule(batch)
+    over = schedule.over(now)
+    if over is None:
+        return None
+    rest = "the rest cancelled" if schedule.past_deadline(now) else "the rest cancelled at the deadline"
+    return f"batch {batch.name}: {over}: nothing more is sent; what fal made is collected, {rest}"
 
 
 def _apply_budget(session: Session, batch: Batch, wanted: Decimal | None) -> dict[str, float | None] | None:
@@ -943,6 +963,7 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
             store.set_paused_by_user(session, batch.id, paused)
         waiting = counts[JobState.PENDING.value] + counts[JobState.RETRY_WAIT.value]
         in_flight = total - terminal - waiting
+        over: str | None = None  # resumed, but the schedule will never send again: why
         if paused:
             flying = f"; {in_flight} job(s) in flight finish and download" if in_flight else ""
             line = (
@@ -957,11 +978,24 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
                 if batch.simulated
                 else f"`wanbatch run {short}` (or the workers, with a broker)"
             )
-            line = (
-                f"resumed batch {label}: {waiting} waiting job(s) may be sent again; {sender} sends them"
-                if changed
-                else f"batch {label} was not paused by `wanbatch pause`; nothing changed"
-            )
+            schedule, now = store.batch_schedule(batch), utcnow()
+            over = schedule.over(now) if changed else None
+            if over is not None:
+                # Past its deadline (or the window opens only after it): resuming sends nothing,
+                # and "may be sent again" would promise what the deadline takes away.
+                if not waiting:
+                    then = "nothing more is sent"
+                elif schedule.past_deadline(now):
+                    then = f"its {waiting} waiting job(s) will never be sent; {sender} cancels them"
+                else:
+                    then = f"its {waiting} waiting job(s) will never be sent; they end cancelled then"
+                line = f"resumed batch {label}, but {over}: {then}"
+            else:
+                line = (
+                    f"resumed batch {label}: {waiting} waiting job(s) may be sent again; {sender} sends them"
+                    if changed
+                    else f"batch {label} was not paused by `wanbatch pause`; nothing changed"
+                )
             if batch.state == BatchState.PAUSED:
                 reason = batch.pause_reason or "see the log"
                 line += (
@@ -969,7 +1003,7 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
                     "manifest again resumes that"
                 )
         state = schedule_state(session, batch, finished=total > 0 and terminal == total, now=utcnow())
-        if state and not paused and batch.state != BatchState.PAUSED:
+        if state and not paused and batch.state != BatchState.PAUSED and over is None:
             line += f"; schedule: {state}"
         return PauseResult(
             batch_id=batch.id,

@@ -264,6 +264,16 @@ class Schedule:
             gap if skipped else ""
         )
 
+    def over(self, now: datetime) -> str | None:
+        """Why nothing will ever be sent again from ``now`` on, in words ("its deadline
+        2026-12-02 06:00 +01:00 has passed", "nothing opens before its deadline …"); None while
+        the schedule may still open."""
+        if self.deadline is None or self.next_open(now) is not None:
+            return None
+        if self.past_deadline(now):
+            return f"its deadline {self._stamp(self.deadline)} has passed"
+        return f"nothing opens before its deadline {self._stamp(self.deadline)}"
+
     def closes_at(self, now: datetime) -> datetime | None:
         """While open: when sending must stop, the window's end or the deadline, whichever is first.
 

@@ -241,7 +241,8 @@ def test_a_window_the_spring_forward_skips_before_the_deadline_is_refused(tmp_pa
     assert "next opens, at 2026-03-30T02:00+02:00" in issue.message
     assert "02:00-02:30 does not exist on 2026-03-29: the clocks skip it" in issue.message
     # Half an hour wider, it opens when the clocks resume (03:00 CEST), before the deadline.
-    assert errors(tmp_path, text.replace("02:00-02:30", "02:00-03:30"), datetime(2026, 3, 28, 12, tzinfo=UTC)) == []
+    wider = text.replace("02:00-02:30", "02:00-03:30")
+    assert errors(tmp_path, wider, datetime(2026, 3, 28, 12, tzinfo=UTC)) == []
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from jobs.schedule import Schedule, format_duration, parse_instant, parse_window
 
 BERLIN = "Europe/Berlin"
 PLUS_ONE = timezone(timedelta(hours=1))
+PLUS_TWO = timezone(timedelta(hours=2))
 
 
 def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> datetime:
@@ -368,7 +369,7 @@ def test_why_never_opens_a_window_inside_the_spring_gap() -> None:
     # 2026-03-29 in Berlin goes from 02:00 CET straight to 03:00 CEST: 02:00-02:30 never comes
     # that night, so the window next opens the night after, long past a 06:00 deadline.
     now = utc(2026, 3, 28, 12)
-    in_gap = berlin_window("02:00-02:30", deadline=datetime(2026, 3, 29, 6, tzinfo=timezone(timedelta(hours=2))))
+    in_gap = berlin_window("02:00-02:30", deadline=datetime(2026, 3, 29, 6, tzinfo=PLUS_TWO))
     assert in_gap.next_open(now) is None
     assert in_gap.why_never_opens(now) == (
         "deadline 2026-03-29T06:00+02:00 passes before the window 02:00-02:30 (Europe/Berlin) "
@@ -376,7 +377,7 @@ def test_why_never_opens_a_window_inside_the_spring_gap() -> None:
         "(02:00-02:30 does not exist on 2026-03-29: the clocks skip it)"
     )
     # Partly in the gap: it opens when the clocks resume (03:00 CEST), before the deadline.
-    across = berlin_window("02:00-03:30", deadline=datetime(2026, 3, 29, 6, tzinfo=timezone(timedelta(hours=2))))
+    across = berlin_window("02:00-03:30", deadline=datetime(2026, 3, 29, 6, tzinfo=PLUS_TWO))
     assert across.next_open(now) == utc(2026, 3, 29, 1)
     assert across.why_never_opens(now) is None
     # A deadline before the gap: that night's window is not what it missed, so the gap goes unsaid.
@@ -385,6 +386,18 @@ def test_why_never_opens_a_window_inside_the_spring_gap() -> None:
         "deadline 2026-03-29T01:30+01:00 passes before the window 02:00-02:30 (Europe/Berlin) "
         "next opens, at 2026-03-30T02:00+02:00"
     )
+
+
+def test_over_says_why_nothing_will_ever_be_sent_again() -> None:
+    schedule = berlin_window("22:00-23:00", deadline=datetime(2026, 12, 2, 6, tzinfo=PLUS_ONE))
+    assert schedule.over(utc(2026, 12, 1, 12)) is None  # tonight's window is still to come
+    assert schedule.over(utc(2026, 12, 1, 21, 30)) is None  # open now
+    assert schedule.over(utc(2026, 12, 1, 22, 30)) == (  # 23:30: the next window is after 06:00
+        "nothing opens before its deadline 2026-12-02 06:00 +01:00"
+    )
+    assert schedule.over(utc(2026, 12, 2, 5)) == "its deadline 2026-12-02 06:00 +01:00 has passed"
+    assert berlin_window("22:00-23:00").over(utc(2026, 12, 1, 22, 30)) is None  # no deadline
+    assert Schedule().over(utc(2026, 12, 1)) is None
 
 
 def test_closes_at_is_now_when_closed() -> None:
@@ -516,6 +529,7 @@ def test_a_stored_schedule_out_of_range_is_read_and_answered_without_overflow(st
     schedule.is_open(now)
     schedule.closes_at(now)
     schedule.why_never_opens(now)
+    schedule.over(now)
 
 
 def test_parse_instant_bounds_new_instants_only_when_asked() -> None:
