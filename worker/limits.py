@@ -26,26 +26,42 @@ monotonic clock — in that mode this process is the only submitter.
 
 If Redis is unreachable :meth:`SubmitLimiter.acquire` raises :class:`LimiterUnavailableError`
 and the caller must not submit (fail closed): the database's outstanding cap and budget
-still bound what is in flight, but the rate can no longer be proven.
+still bound what is in flight, but the rate can no longer be proven. Such an outage is
+said, not hidden: a ``run`` or ``worker`` refuses to start without its limiter
+(:func:`check_limiter`, exit 2), and mid-run :class:`RedisGCRA` logs one warning at most every
+:data:`UNREACHABLE_WARN_EVERY_SECONDS` while it lasts and one line when it ends
+(:class:`Outage`); dispatch claims nothing meanwhile, so jobs wait ``pending``, none fails.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from jobs.errors import WanbatchError
+from jobs.errors import ConfigError, WanbatchError
 from jobs.settings import Settings
 from worker import telemetry
 
 if TYPE_CHECKING:
     import redis
 
+log = logging.getLogger(__name__)
+
 KEY_PREFIX = "wanbatch:limits:"
+#: While the limiter's Redis does not answer: how long dispatch claims nothing, and a job
+#: given back for it waits, before Redis is asked again.
+UNREACHABLE_RETRY_SECONDS = 5.0
+#: At most one warning per this many seconds while the limiter's Redis stays unreachable.
+UNREACHABLE_WARN_EVERY_SECONDS = 30.0
+#: Seconds the limiter's Redis has to answer (connect, then each reply): at start-up and per call.
+TIMEOUT_SECONDS = 2.0
 
 #: Checks every key's theoretical arrival time (TAT) against Redis' clock; grants (advancing
 #: every TAT by its interval) only if all keys allow, else returns the wait in microseconds.
@@ -171,13 +187,187 @@ def client_error() -> type[Exception]:
     return redis.RedisError
 
 
+# --------------------------------------------------------------------------- where the limiter is
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password masked (``redis://:**@host:6379/0``; a ``password=`` query
+    parameter likewise), for messages: never the raw setting."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(not a URL)"
+    shown = url
+    if "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        user, colon, _password = userinfo.partition(":")
+        if colon:
+            shown = shown.replace(f"//{parts.netloc}", f"//{user}:**@{host}", 1)
+    if "password" in parts.query.lower():
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = urlencode([(k, "**" if k.lower() == "password" else v) for k, v in pairs], safe="*/")
+        shown = shown.replace(f"?{parts.query}", f"?{query}", 1)
+    return shown
+
+
+def backend(settings: Settings) -> tuple[str, str] | None:
+    """The setting that names the limiter's Redis and its URL; None: the in-process limiter."""
+    url = settings.limits_backend_url()
+    if not url:
+        return None
+    return ("WANBATCH_LIMITS_URL" if settings.limits_url else "WANBATCH_BROKER_URL"), url
+
+
+def describe(setting: str, url: str) -> str:
+    """``redis://:**@host:6379/0 (WANBATCH_LIMITS_URL)``: where the limiter is, for messages."""
+    return f"{masked_url(url)} ({setting})"
+
+
+def _reason(exc: BaseException, url: str) -> str:
+    """The first line of a Redis client's error, never a password that was in ``url``."""
+    text = (str(exc).strip().splitlines() or [""])[0].rstrip(".") or type(exc).__name__
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    return text.replace(password, "**") if password else text
+
+
+def _client(url: str) -> redis.Redis[bytes]:
+    import redis  # only a deployment with Redis loads its client (an embedded run never does)
+
+    return redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT_SECONDS, socket_timeout=TIMEOUT_SECONDS)
+
+
+def probe_limiter(settings: Settings) -> tuple[str, str | None] | None:
+    """Ask the limiter's Redis once, as a submit would (its read-only script: the connection,
+    the password, and the right to run scripts); ``(where, None)`` when it answered, ``(where,
+    why not)`` when not, None when the limiter is in process. Bounded: the client's timeouts,
+    and a thread for what they do not cover (a name that takes long to resolve)."""
+    found = backend(settings)
+    if found is None:
+        return None
+    setting, url = found
+    where = describe(setting, url)
+    failure: list[str] = []
+
+    def attempt() -> None:
+        try:
+            limiter = RedisGCRA(settings, _client(url), where=where, url=url)
+            try:
+                limiter._pause_left(keys=[api_key_rate(settings).key])
+            finally:
+                limiter.close()
+        except Exception as exc:  # any client error (refused, auth, ACL, a bad answer): one line
+            failure.append(_reason(exc, url))
+
+    thread = threading.Thread(target=attempt, name="wanbatch-limiter-check", daemon=True)
+    thread.start()
+    thread.join(2 * TIMEOUT_SECONDS + 2.0)
+    if thread.is_alive():
+        return where, f"no answer within {2 * TIMEOUT_SECONDS + 2.0:.0f}s"
+    return where, (failure[0] if failure else None)
+
+
+def check_limiter(settings: Settings) -> None:
+    """Raise :class:`ConfigError` (exit 2, one line) unless the limiter's Redis answers.
+
+    Called by ``run``/``rerun`` and ``worker`` before anything is stored or sent: without it a
+    run whose ``WANBATCH_LIMITS_URL`` led nowhere held every job back without end."""
+    probed = probe_limiter(settings)
+    if probed is None or probed[1] is None:
+        return
+    where, why = probed
+    found = backend(settings)
+    assert found is not None
+    raise ConfigError(
+        f"cannot reach the submit-rate limiter's Redis at {where}: {why}. "
+        f"Start it or fix {found[0]}; nothing was sent"
+    )
+
+
+class Outage:
+    """Whether the limiter's Redis answers, and saying so within bounds.
+
+    Every failed call is :meth:`failed`, every answered one :meth:`answered`. The first failure
+    is a warning at once, then one every ``every`` seconds while the outage lasts (not one per
+    job and retry); the first answer after it a line saying that sending resumes.
+    """
+
+    def __init__(
+        self,
+        where: str,
+        every: float = UNREACHABLE_WARN_EVERY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.where = where
+        self.every = every
+        self.clock = clock
+        self._lock = threading.Lock()
+        #: Since when (``clock``) nothing answered; None while the limiter answers.
+        self.since: float | None = None
+        self.error = ""
+        self._said_at: float | None = None
+
+    def failed(self, error: str) -> None:
+        now = self.clock()
+        with self._lock:
+            if self.since is None:
+                self.since = now
+            self.error = error
+            due = self._said_at is None or now - self._said_at >= self.every
+            if due:
+                self._said_at = now
+            down_for = now - self.since
+        if due:
+            log.warning(
+                "the submit-rate limiter's Redis at %s is unreachable%s: %s; nothing is submitted "
+                "until it answers (jobs wait, none fails)",
+                self.where,
+                f" for {down_for:.0f}s" if down_for >= 1 else "",
+                error,
+                extra={"event": "limiter.unavailable"},
+            )
+
+    def answered(self) -> None:
+        if self.since is None:  # the usual case: no lock
+            return
+        with self._lock:
+            since, self.since, self._said_at = self.since, None, None
+        if since is not None:
+            log.warning(
+                "the submit-rate limiter's Redis at %s answers again after %.0fs: sending resumes",
+                self.where,
+                self.clock() - since,
+                extra={"event": "limiter.recovered"},
+            )
+
+    def note(self) -> str | None:
+        """What the progress line says while the limiter is unreachable; None while it answers."""
+        return None if self.since is None else "limiter unreachable: submits held"
+
+
 class RedisGCRA:
     """GCRA over Redis, clocked by Redis ``TIME``: one limit for every worker on every host."""
 
-    def __init__(self, settings: Settings, client: redis.Redis[bytes], *, prefix: str = "") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis[bytes],
+        *,
+        prefix: str = "",
+        where: str | None = None,
+        url: str = "",
+    ) -> None:
         self.settings = settings
         self.client = client
         self.prefix = prefix
+        if where is None:  # a client made elsewhere: its address (never its password)
+            kwargs = client.connection_pool.connection_kwargs
+            where = str(kwargs.get("path") or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}")
+        #: Whether the Redis answers; ``where`` names it in what is said (password masked).
+        self.outage = Outage(where)
+        self._url = url  # only to keep its password out of the messages
         self._script = client.register_script(GCRA_LUA)
         self._hold_off = client.register_script(HOLD_OFF_LUA)
         self._pause_left = client.register_script(PAUSE_LEFT_LUA)
@@ -185,10 +375,16 @@ class RedisGCRA:
     @classmethod
     def from_url(cls, settings: Settings, url: str, *, prefix: str = "") -> RedisGCRA:
         """A limiter on the Redis at ``url`` (short timeouts: a slow limiter must not stall submits)."""
-        import redis  # only a deployment with Redis loads its client (an embedded run never does)
+        found = backend(settings)
+        where = describe(found[0], url) if found is not None and found[1] == url else masked_url(url)
+        return cls(settings, _client(url), prefix=prefix, where=where, url=url)
 
-        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-        return cls(settings, client, prefix=prefix)
+    def _unreachable(self, exc: Exception) -> LimiterUnavailableError:
+        why = _reason(exc, self._url)
+        self.outage.failed(why)
+        return LimiterUnavailableError(
+            f"the submit-rate limiter's Redis at {self.outage.where} is unreachable: {why}"
+        )
 
     def acquire(self, endpoint: str) -> float:
         return self.acquire_at(endpoint)[0]
@@ -202,7 +398,8 @@ class RedisGCRA:
                 args=[round(k.interval * 1_000_000) for k in keys],
             )
         except client_error() as exc:
-            raise LimiterUnavailableError(f"the submit-rate limiter (Redis) is unreachable: {exc}") from exc
+            raise self._unreachable(exc) from exc
+        self.outage.answered()
         return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
 
     def pause_left(self) -> float:
@@ -210,7 +407,8 @@ class RedisGCRA:
         try:
             tat_us, now_us = self._pause_left(keys=[key])
         except client_error() as exc:
-            raise LimiterUnavailableError(f"the submit-rate limiter (Redis) is unreachable: {exc}") from exc
+            raise self._unreachable(exc) from exc
+        self.outage.answered()
         return max(0, int(tat_us) - int(now_us)) / 1_000_000
 
     def hold_off(self, endpoint: str, seconds: float) -> None:
@@ -218,7 +416,8 @@ class RedisGCRA:
         try:
             self._hold_off(keys=[self.prefix + k.key for k in keys], args=[round(seconds * 1_000_000)])
         except client_error() as exc:
-            raise LimiterUnavailableError(f"the submit-rate limiter (Redis) is unreachable: {exc}") from exc
+            raise self._unreachable(exc) from exc
+        self.outage.answered()
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -263,6 +462,13 @@ def limiter_for(settings: Settings) -> SubmitLimiter:
     if url:
         return RedisGCRA.from_url(settings, url)
     return LocalGCRA(settings)
+
+
+def unreachable_note(limiter: SubmitLimiter | None) -> str | None:
+    """The progress line's note while ``limiter``'s Redis does not answer; None otherwise
+    (and always for the in-process limiter)."""
+    outage: Outage | None = getattr(limiter, "outage", None)
+    return outage.note() if outage is not None else None
 
 
 def wait_for_token(limiter: SubmitLimiter, endpoint: str, max_wait: float) -> float:

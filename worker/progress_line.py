@@ -153,7 +153,8 @@ def batch_progress_display(console: Console, *, disable: bool) -> Progress:
 #: the start, then one each time another :data:`PLAIN_STEP_PERCENT` % of the jobs is finished
 #: (at most one every :data:`PLAIN_MIN_GAP_SECONDS`), at least one every
 #: :data:`PLAIN_EVERY_SECONDS` while nothing moves (a batch waiting for its window shows its
-#: countdown), and one at the end.
+#: countdown), one at once when an alert comes or goes (the submit-rate limiter unreachable),
+#: and one at the end.
 PLAIN_STEP_PERCENT = 5
 PLAIN_MIN_GAP_SECONDS = 10.0
 PLAIN_EVERY_SECONDS = 60.0
@@ -201,16 +202,21 @@ class PlainProgress:
         self.every = every
         self._last_at: float | None = None  # monotonic time of the last line
         self._last_step = -1
+        self._last_alert: str | None = None
 
-    def due(self, now: float, done: int, total: int | None, *, final: bool = False) -> bool:
+    def due(
+        self, now: float, done: int, total: int | None, *, final: bool = False, alert: str | None = None
+    ) -> bool:
         """Whether to print a line at ``now`` (``time.monotonic()``) with ``done`` of ``total``
-        jobs finished; ``final``: the run ends here, which always gets its line."""
+        jobs finished; ``final``: the run ends here, which always gets its line. ``alert``: what
+        holds every job back now (None: nothing), said at once when it comes and when it goes,
+        not up to a minute later."""
         step = int(100 * done / total // self.step_percent) if total else 0
-        if final or self._last_at is None:
+        if final or self._last_at is None or alert != self._last_alert:
             due = True
         else:
             since = now - self._last_at
             due = since >= self.every or (step > self._last_step and since >= self.min_gap)
         if due:
-            self._last_at, self._last_step = now, step
+            self._last_at, self._last_step, self._last_alert = now, step, alert
         return due

@@ -36,6 +36,7 @@ from jobs.errors import ConfigError, WanbatchError
 from jobs.printable import printable
 from jobs.settings import Settings
 from jobs.states import JobState
+from worker.limits import unreachable_note
 from worker.progress_line import PlainProgress, batch_progress_display, money_text, plain_line
 
 if TYPE_CHECKING:
@@ -484,10 +485,13 @@ def _watch(
         budget.spent(started, time.monotonic())
         done = current["finished"]
         waiting = compact_note(current["schedule_state"]) if not current["schedule_open"] else ""
+        # Embedded, this process submits: while its limiter's Redis does not answer, say so.
+        held = unreachable_note(conductor.rt.limiter) if conductor is not None else None
+        notes = " · ".join(n for n in (waiting, held) if n)
         progress.update(
             task_id,
             # A scheduled batch outside its window says so, with the time left (the countdown).
-            description=f"jobs · {waiting}" if waiting else "jobs",
+            description=f"jobs · {notes}" if notes else "jobs",
             total=current["total"],
             completed=done,
             money=money_text(current["spent_usd"], current["estimated_usd"]),
@@ -497,7 +501,7 @@ def _watch(
         ends = done >= current["total"] or (
             at_provider == 0 and (current["state"] == "paused" or current["paused_by_user"])
         )
-        if plain is not None and plain.due(time.monotonic(), done, current["total"], final=ends):
+        if plain is not None and plain.due(time.monotonic(), done, current["total"], final=ends, alert=held):
             task = next(t for t in progress.tasks if t.id == task_id)
             console.print(plain_line(task), markup=False, highlight=False, soft_wrap=True)
         if done >= current["total"]:

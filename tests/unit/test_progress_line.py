@@ -154,3 +154,16 @@ def test_plain_lines_come_at_the_start_each_few_percent_at_least_each_minute_and
     assert unknown.due(0.0, 0, None)
     assert not unknown.due(30.0, 0, None)
     assert unknown.due(PLAIN_EVERY_SECONDS, 0, None)
+
+
+def test_a_plain_line_comes_at_once_when_an_alert_comes_and_when_it_goes() -> None:
+    """The submit-rate limiter unreachable holds every job back: said at the next refresh, not
+    up to a minute later, and once more when it answers again; never a line per refresh."""
+    plain = PlainProgress(step_percent=5, min_gap=10.0, every=60.0)
+    held = "limiter unreachable: submits held"
+    assert plain.due(0.0, 0, 1000)
+    assert plain.due(1.0, 0, 1000, alert=held)  # it came
+    assert not plain.due(2.0, 0, 1000, alert=held)
+    assert not plain.due(30.0, 0, 1000, alert=held)
+    assert plain.due(31.0, 0, 1000)  # it went
+    assert not plain.due(32.0, 0, 1000)

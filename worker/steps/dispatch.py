@@ -19,7 +19,7 @@ from jobs.errors import WanbatchError
 from jobs.models import BatchRecord, JobRecord, utcnow
 from jobs.money import BATCH_CAP_ERROR, DAILY_CAP_ERROR, usd_text
 from jobs.states import JobState
-from worker.limits import LimiterUnavailableError, api_key_id
+from worker.limits import UNREACHABLE_RETRY_SECONDS, LimiterUnavailableError, api_key_id
 from worker.steps.context import Runtime, S, SubmitTicket
 
 log = logging.getLogger(__name__)
@@ -185,14 +185,20 @@ def _heed_pause(rt: Runtime) -> None:
     """Claim nothing while the shared limiter holds every submit back longer than a submit
     would wait for its token: fal answered a 429, maybe to a worker on another host
     (:meth:`~worker.limits.SubmitLimiter.hold_off`). Jobs claimed now would only be handed back,
-    one history entry each, until the pause ends; dispatch comes back when it does. A limiter
-    that cannot be asked changes nothing here: the submit itself fails closed."""
+    one history entry each, until the pause ends; dispatch comes back when it does.
+
+    Likewise while the limiter cannot be asked (its Redis is down): no submit could take a
+    token, so claiming would only prepare (upload) each job's input and give it back, every few
+    seconds, until Redis returns. Jobs stay ``pending`` (none fails) and this asks again in
+    :data:`~worker.limits.UNREACHABLE_RETRY_SECONDS`; the limiter says why (bounded warnings).
+    A job claimed before the outage was noticed fails closed at its submit all the same."""
     assert rt.bucket is not None
     if rt.limiter is None:
         return
     try:
         left = rt.limiter.pause_left()
     except LimiterUnavailableError:
+        rt.bucket.hold_off(UNREACHABLE_RETRY_SECONDS)
         return
     if left > rt.settings.submit_wait_max:
         rt.bucket.hold_off(left)

@@ -7,6 +7,7 @@ process is not ambiguous: the job goes back to ``pending`` (or fails with the re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from worker import chaos, logs, telemetry
 from worker.fal.errors import SubmitNotSentError
 from worker.fal.models import RequestHandle, Submitted
 from worker.fal.storage import prepare_input
-from worker.limits import LimiterUnavailableError, wait_for_token
+from worker.limits import UNREACHABLE_RETRY_SECONDS, LimiterUnavailableError, wait_for_token
 from worker.steps.context import Runtime, S, SubmitTicket, in_seconds
 from worker.steps.failures import (
     backoff,
@@ -50,8 +51,6 @@ from worker.steps.webhooks import binding_token, webhook_secret
 
 log = logging.getLogger(__name__)
 
-#: How long a job given back for lack of a limiter waits before it is dispatched again.
-LIMITER_DOWN_RETRY_SECONDS = 5.0
 #: fal may reroute a request to another model after repeated failures; a reproducible run must
 #: not (https://docs.fal.ai/model-apis/model-endpoints/queue, "x-fal-disable-fallbacks").
 FALLBACKS_OFF = {"X-Fal-Disable-Fallbacks": "true"}
@@ -79,9 +78,9 @@ def _take_submit_token(rt: Runtime, endpoint: str) -> tuple[str, float] | None:
     try:
         wait = wait_for_token(rt.limiter, endpoint, rt.settings.submit_wait_max)
     except LimiterUnavailableError as exc:
+        # The limiter itself warns, at most every 30 s while the outage lasts; not once per job.
         telemetry.count_limiter_wait("unavailable")
-        log.warning("not submitting: %s", exc, extra={"event": "limiter.unavailable"})
-        return f"held back: {exc}", LIMITER_DOWN_RETRY_SECONDS
+        return f"held back: {exc}", UNREACHABLE_RETRY_SECONDS
     if wait > 0:
         return f"held back by the submit rate for {wait:.2f}s", wait
     return None
@@ -284,10 +283,9 @@ def _refused_for_rate(rt: Runtime, fence: Fence, endpoint: str, exc: ProviderErr
     pause = retry_after(rt.settings, exc) or backoff(rt.settings, 1)
     # Dispatch, here or in another process, reads the pause from the limiter (``pause_left``).
     if pause > 0 and rt.limiter is not None:
-        try:
+        # Unreachable: the limiter says so itself, and the next acquire fails closed all the same.
+        with contextlib.suppress(LimiterUnavailableError):
             rt.limiter.hold_off(endpoint, pause)
-        except LimiterUnavailableError as down:  # the next acquire fails closed all the same
-            log.warning("could not hold submits back: %s", down, extra={"event": "limiter.unavailable"})
     with db.session_scope(rt.engine) as session:
         refusals = store.get_job(session, fence.job_id).rate_limited_submits + 1
         if refusals > FREE_RATE_LIMIT_REFUSALS:
