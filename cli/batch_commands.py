@@ -348,18 +348,21 @@ def refuse_simulate_with_broker(settings: Settings, simulate: bool) -> None:
 def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> Iterator[Settings]:
     """The settings to process with: fal's, or with ``--simulate`` a simulator's started for now.
 
-    With ``check`` (before anything is stored or sent) a missing ``FAL_KEY`` (real fal only) or
-    a broker that does not answer is a :class:`~jobs.errors.ConfigError` (exit 2) at once,
-    rather than a silent wait. The simulator runs in this process for the ``with`` block: it
+    With ``check`` (before anything is stored or sent) a missing ``FAL_KEY`` (real fal only), a
+    broker that does not answer, or a submit-rate limiter whose Redis does not (``WANBATCH_LIMITS_URL``,
+    else a Redis broker) is a :class:`~jobs.errors.ConfigError` (exit 2) at once, rather than a
+    silent wait. The simulator runs in this process for the ``with`` block: it
     accepts any key, answers within a fraction of a second and bills nothing.
     """
     refuse_simulate_with_broker(settings, simulate)
     if check:
+        from worker.limits import check_limiter
         from worker.running import check_broker
 
         if not simulate:
             settings.require_fal_key()
         check_broker(settings)
+        check_limiter(settings)
     if not simulate:
         yield settings
         return

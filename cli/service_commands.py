@@ -84,6 +84,9 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
                 "(use `wanbatch run MANIFEST` to process in this process)"
             )
         settings.require_fal_key()
+        from worker.limits import check_limiter
+
+        check_limiter(settings)  # its Redis unreachable: one line, exit 2, before anything starts
         db.open_engine(settings)  # migrate before any worker process starts
         from worker import telemetry  # before anything counts: prefork children count in files
 

@@ -18,7 +18,10 @@ each what is wrong and what to do about it:
 - **output storage**: ``WANBATCH_OUTPUT_DIR`` (folder or ``s3://``) takes a probe object
   (:meth:`jobs.output_store.OutputStore.check_writable`, what ``run`` checks at start-up);
 - **receiver**: with ``WANBATCH_WEBHOOK_URL``, the ``wanbatch serve`` behind it answers
-  ``GET /healthz`` from this host.
+  ``GET /healthz`` from this host;
+- **limiter**: the submit-rate limiter's Redis (``WANBATCH_LIMITS_URL``, else a Redis broker)
+  answers the limiter's own read-only script, as ``run`` and ``worker`` check at start-up
+  (:func:`worker.limits.probe_limiter`); embedded without one, the limiter is in process.
 
 A check is ``ok``, ``fail`` or ``skip`` (does not apply), with a ``detail`` and, unless ok, a
 ``fix``. No check raises and none prints ``FAL_KEY``: its value is only ever sent, to the queue
@@ -310,6 +313,25 @@ def check_receiver(settings: Settings) -> Check:
     return _ok(name, f"{probe} answers (from this host; fal must reach it from the internet)")
 
 
+def check_limiter(settings: Settings) -> Check:
+    """The submit-rate limiter's Redis answers, as ``run`` and ``worker`` check before sending."""
+    from worker.limits import backend, probe_limiter
+
+    name = "limiter"
+    probed = probe_limiter(settings)
+    found = backend(settings)
+    if probed is None or found is None:
+        return _skip(name, "no WANBATCH_LIMITS_URL and no Redis broker: the submit rate is kept in process")
+    where, why = probed
+    if why is not None:
+        return _fail(
+            name,
+            f"cannot reach the submit-rate limiter's Redis at {where}: {why}",
+            f"start that Redis or fix {found[0]}: `run` and `worker` refuse to start without it",
+        )
+    return _ok(name, f"{where} answers")
+
+
 # --------------------------------------------------------------------------- all of them
 
 
@@ -352,6 +374,7 @@ def run_checks(*, simulate: bool = False) -> list[Check]:
             if simulate
             else check_receiver,
         ),
+        ("limiter", check_limiter),  # a simulation takes its tokens from it too
     ]
     if settings is None:
         return [config, *(_skip(name, "not checked: the configuration is invalid") for name, _ in later)]

@@ -30,7 +30,7 @@ from tests.ports import unused_port
 from web.app import create_app
 from worker.doctor import healthz_url
 
-NAMES = ["configuration", "database", "broker", "provider", "output storage", "receiver"]
+NAMES = ["configuration", "database", "broker", "provider", "output storage", "receiver", "limiter"]
 
 
 def _doctor(wb: Wb) -> tuple[int, dict[str, dict[str, Any]], dict[str, Any]]:
@@ -70,8 +70,10 @@ def test_all_well_embedded_with_the_simulator(wb: Wb, sim: SimulatorHandle) -> N
         "provider": "ok",
         "output storage": "ok",
         "receiver": "skip",
+        "limiter": "skip",
     }
     assert "embedded" in checks["broker"]["detail"]
+    assert "kept in process" in checks["limiter"]["detail"]
     assert "accepted the key" in checks["provider"]["detail"]
     # What an embedded run does without a receiver: it follows fal's status streams.
     assert "completions come from fal's status streams" in checks["receiver"]["detail"]
@@ -139,6 +141,7 @@ def test_a_simulation_needs_no_key_and_doctor_says_so(wb: Wb, monkeypatch: pytes
         "provider": "skip",
         "output storage": "ok",
         "receiver": "skip",
+        "limiter": "skip",
     }
     assert "no FAL_KEY needed" in checks["provider"]["detail"]
     assert "all well" in wb("doctor", "--simulate").stdout
@@ -149,6 +152,37 @@ def test_a_simulation_needs_no_key_and_doctor_says_so(wb: Wb, monkeypatch: pytes
     assert refused.code == 1
     broker = next(c for c in refused.json()["checks"] if c["name"] == "broker")
     assert (broker["status"], broker["fix"]) == ("fail", "unset WANBATCH_BROKER_URL to simulate")
+
+
+@pytest.mark.redis
+def test_the_limiter_is_checked_where_run_and_worker_would_use_it(
+    wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """`run` and `worker` refuse to start without the limiter's Redis: doctor says so first,
+    naming the setting in use (password masked), for `--simulate` runs too."""
+    port = unused_port()
+    monkeypatch.setenv("WANBATCH_LIMITS_URL", f"redis://:hunter2-secret@127.0.0.1:{port}/0")
+    for simulate in ((), ("--simulate",)):
+        run = wb("doctor", "--json", *simulate)
+        assert run.code == 1
+        limiter = next(c for c in run.json()["checks"] if c["name"] == "limiter")
+        assert limiter["status"] == "fail"
+        assert limiter["detail"].startswith(
+            f"cannot reach the submit-rate limiter's Redis at redis://:**@127.0.0.1:{port}/0 "
+            "(WANBATCH_LIMITS_URL): Error 111"
+        )
+        assert "WANBATCH_LIMITS_URL" in limiter["fix"]
+        assert "hunter2-secret" not in run.stdout + run.stderr
+
+    monkeypatch.setenv("WANBATCH_LIMITS_URL", redis_url)
+    code, checks, _ = _doctor(wb)
+    assert code == 0, checks
+    assert checks["limiter"] == {
+        "name": "limiter",
+        "status": "ok",
+        "detail": f"{redis_url} (WANBATCH_LIMITS_URL) answers",
+        "fix": None,
+    }
 
 
 def test_provider_unreachable(wb: Wb, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,7 +302,7 @@ def test_invalid_configuration_skips_the_rest(wb: Wb, monkeypatch: pytest.Monkey
     assert code == 1
     assert checks["configuration"]["status"] == "fail"
     assert "WANBATCH_SUBMIT_RATE" in checks["configuration"]["detail"]
-    assert [checks[n]["status"] for n in NAMES[1:]] == ["skip"] * 5
+    assert [checks[n]["status"] for n in NAMES[1:]] == ["skip"] * 6
 
 
 def test_human_output_fits_80_columns_and_names_each_fix(
