@@ -47,7 +47,7 @@ from sqlalchemy.orm import Session
 from jobs import store
 from jobs.errors import UsageError, WanbatchError
 from jobs.export import FIELDS, record, write_atomically
-from jobs.models import Batch
+from jobs.models import Batch, Job
 from jobs.money import usd_text
 from jobs.pricing import add_units, unit_symbol, units_text
 from jobs.states import JobState
@@ -173,7 +173,9 @@ class HfExport:
     downloaded: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
     by_endpoint: Counter[str] = field(default_factory=Counter)
-    cost_usd: float = 0.0
+    #: What the exported jobs were billed, summed exactly (never as floats: thirty $0.2025 jobs
+    #: are $6.075, which float addition leaves just under and the card then showed as $6.07).
+    cost_usd: Decimal = Decimal(0)
     #: Billed units per unit symbol (:func:`jobs.pricing.unit_symbol`): seconds and videos apart.
     billing_units: dict[str, Decimal] = field(default_factory=dict)
     manifest: str | None = None
@@ -260,17 +262,20 @@ def _dataset_rows(
                 else:
                     summary.copied += 1
             summary.videos += 1
-        yield {"file_name": file_name, **_summed(record(job, batch, output_dir), summary)}
+        yield {"file_name": file_name, **_summed(record(job, batch, output_dir), job, summary)}
 
 
-def _summed(row: dict[str, Any], summary: HfExport) -> dict[str, Any]:
-    """Count ``row`` into the dataset card's figures; returns it."""
+def _summed(row: dict[str, Any], job: Job, summary: HfExport) -> dict[str, Any]:
+    """Count ``row`` (the record of ``job``) into the dataset card's figures; returns it.
+
+    Money and units are summed from the job's exact Decimals, as ``cost`` sums them, not from
+    the record's floats: the card then says what ``run``, ``status`` and ``cost`` say.
+    """
     summary.rows += 1
     summary.by_status[row["status"]] += 1
     summary.by_endpoint[row["endpoint"]] += 1
-    summary.cost_usd += row["cost_usd"] or 0.0
-    units = row["billing_units"] or 0
-    add_units(summary.billing_units, unit_symbol(row["endpoint"]), Decimal(str(units)))
+    summary.cost_usd += job.actual_usd or Decimal(0)
+    add_units(summary.billing_units, unit_symbol(job.endpoint), job.actual_billing_units or Decimal(0))
     return row
 
 

@@ -103,3 +103,37 @@ def test_hf_card_names_the_manifest_without_its_local_folder(
     card = (missing / "README.md").read_text()
     assert "- manifest: not included (`hf-card-path.yaml` was not readable at export time)" in card
     assert str(tmp_path) not in card
+
+
+#: Thirty jobs of $0.2025 each (wan-22 at 480p, 5.0625 s): $6.075 exactly, $6.08 rounded half up.
+#: Added as floats, the thirty land just under the half cent (6.074999…) and the card said $6.07.
+THIRTY_AT_HALF_CENTS = """\
+name: {name}
+endpoint: fal-ai/wan-22
+defaults:
+  resolution: 480p
+matrix:
+  seed: [{seeds}]
+items:
+  - prompt: a fox in the snow
+"""
+
+
+def test_hf_card_cost_is_the_exact_sum_that_cost_reports(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    """The card's cost is summed exactly and rounded like ``cost``'s: the same cent, not a float's."""
+    body = THIRTY_AT_HALF_CENTS.format(name="card30", seeds=", ".join(str(i) for i in range(1, 31)))
+    run = wb("run", manifest("card30", body), "--json", "--no-progress")
+    assert run.code == 0, run.stderr
+    batch = run.json()["batch"]
+    cost = wb("cost", batch, "--json")
+    assert cost.code == 0, cost.stderr
+    total = cost.json()["total"]
+    assert total["actual_usd"] == 6.075  # the case float addition rounds the wrong way
+    assert sum(r["cost_usd"] for r in export_jsonl(wb, batch)) < 6.075
+
+    folder = tmp_path / "exports" / "card30"
+    assert wb("export", batch, "--format", "hf", "-o", folder).code == 0
+    card = (folder / "README.md").read_text()
+    assert "- cost: $6.08 (billing units: 151.875 s)" in card
