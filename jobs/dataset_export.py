@@ -23,8 +23,8 @@ loaders read exactly, as they make ``seed`` float64 when one exceeds int64), the
 endpoints, cost, how it was made). Only succeeded jobs by default; ``include_failed`` adds the
 failed and cancelled ones with ``file_name: null`` (jobs still in flight are never exported).
 The folder is built as a hidden sibling (``.DIR.*.part``) and renamed into place at the end, so
-a failed export never leaves a half dataset under the target name; an existing non-empty DIR is
-refused, never merged into.
+a failed export never leaves a half dataset under the target name (nor the parent folders it
+created for it); an existing non-empty DIR is refused, never merged into.
 """
 
 from __future__ import annotations
@@ -380,10 +380,12 @@ def write_hf(
     batch = store.get_batch(session, batch_ref)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UsageError(f"-o {str(dest)!r} exists and is not an empty folder; choose a new folder")
+    made = _missing_folders(dest.parent)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
     except OSError as exc:
+        _remove_empty(made)
         raise UsageError(f"cannot write the export to {str(dest)!r}: {exc.strerror or exc}") from None
     summary = HfExport(folder=dest)
     try:
@@ -398,8 +400,29 @@ def write_hf(
         _publish(tmp, dest)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise UsageError(f"cannot write the export to {str(dest)!r}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
     return summary
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders of ``folder``'s chain that do not exist yet, deepest first: what creating it makes."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists() or path.is_symlink():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed export created (deepest first), each only while empty."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:
+            return

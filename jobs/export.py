@@ -155,9 +155,19 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
     }
 
 
-def records(session: Session, batch_ref: str, output_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every job of the batch, in item order then matrix combination, as export records."""
-    batch = store.get_batch(session, batch_ref)
+def records(session: Session, batch: Batch | str, output_dir: Path) -> Iterator[dict[str, Any]]:
+    """Every job of ``batch`` (a Batch, or its id, id prefix or name), in item order then matrix
+    combination, as export records.
+
+    The batch is looked up now, not when the first record is read: a batch that does not exist
+    is an error before a writer has put anything out (a CSV header, a Parquet file's schema and
+    footer), so ``export NOPE --format csv > ds.csv`` leaves no header-only "dataset" behind.
+    """
+    found = batch if isinstance(batch, Batch) else store.get_batch(session, batch)
+    return _records(session, found, output_dir)
+
+
+def _records(session: Session, batch: Batch, output_dir: Path) -> Iterator[dict[str, Any]]:
     for job in store.jobs_of_batch(session, batch.id):
         yield record(job, batch, output_dir)
 
