@@ -166,35 +166,58 @@ def cost(batch: str, as_json: bool) -> None:
     default=None,
     help="hf: also failed and cancelled jobs (file_name null); the other formats always have them.",
 )
-def export(batch: str, fmt: str, output: Path | None, include: str | None) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object about the export on stdout (needs -o: else stdout carries the records).",
+)
+def export(batch: str, fmt: str, output: Path | None, include: str | None, as_json: bool) -> None:
     """One record per job of BATCH (id, id prefix or name), as JSONL, CSV, Parquet or a HF dataset."""
 
     def action() -> int:
-        from jobs import db
+        from jobs import db, store
         from jobs import export as exporting
         from jobs.errors import UsageError
         from jobs.settings import get_settings
 
         if fmt == "hf" and output is None:
             raise UsageError("--format hf needs -o DIR (a new folder for the dataset)")
+        if as_json and output is None:
+            raise UsageError("--json needs -o FILE: without it the records themselves go to standard output")
+        if as_json and _is_stdout(output):
+            raise UsageError(f"--json prints to standard output: -o {str(output)!r} must be another file")
         if fmt == "parquet" and output is None and sys.stdout.isatty():
             raise UsageError("Parquet is binary: give -o FILE or redirect stdout")
         settings = get_settings()
         engine = db.open_engine(settings)
         with db.session_scope(engine) as session:
+            # Found before anything is written: an unknown batch leaves no header, file or folder.
+            found = store.get_batch(session, batch)
+            summary: dict[str, Any] = {
+                "ok": True,
+                "batch": found.id,
+                "name": found.name,
+                "simulated": found.simulated,
+                "format": fmt,
+                "path": None if output is None else str(output),
+            }
             if fmt in ("parquet", "hf"):
                 from jobs import dataset_export
 
                 if fmt == "hf" and output is not None:
                     hf = dataset_export.write_hf(
-                        session, batch, settings.output_dir, output, include_failed=include == "failed"
+                        session, found, settings.output_dir, output, include_failed=include == "failed"
                     )
-                    err.print(
-                        f"exported {hf.rows} record(s) and {hf.videos} video(s) "
-                        f"({hf.linked} hard-linked, {hf.copied} copied) to {escape(str(output))}"
-                    )
+                    if as_json:
+                        emit_json({**summary, "include_failed": include == "failed", **hf.as_dict()})
+                    else:
+                        err.print(
+                            f"exported {hf.rows} record(s) and {hf.videos} video(s) "
+                            f"({hf.linked} hard-linked, {hf.copied} copied) to {escape(str(output))}"
+                        )
                     return EXIT_OK
-                rows = exporting.records(session, batch, settings.output_dir)
+                rows = exporting.records(session, found, settings.output_dir)
                 if output is None:
                     with _writing_stdout():
                         n = dataset_export.write_parquet(rows, sys.stdout.buffer)
@@ -202,17 +225,46 @@ def export(batch: str, fmt: str, output: Path | None, include: str | None) -> No
                 else:
                     n = dataset_export.write_parquet_file(rows, output)
             else:
-                rows = exporting.records(session, batch, settings.output_dir)
+                rows = exporting.records(session, found, settings.output_dir)
                 if output is None:
                     with _writing_stdout():
                         n = exporting.write(rows, fmt, sys.stdout)
                         sys.stdout.flush()
                 else:
                     n = exporting.write_file(rows, fmt, output)
-        err.print(f"exported {n} record(s)" + (f" to {escape(str(output))}" if output else ""))
+        if as_json:
+            emit_json({**summary, "records": n, "bytes": _file_bytes(output)})
+        else:
+            err.print(f"exported {n} record(s)" + (f" to {escape(str(output))}" if output else ""))
         return EXIT_OK
 
-    guarded(False, action)
+    guarded(as_json, action)
+
+
+def _is_stdout(output: Path | None) -> bool:
+    """Whether ``-o`` names the file standard output already is (``-o /dev/stdout``, or the file
+    stdout is redirected to): ``--json`` would print its object into the export."""
+    if output is None:
+        return False
+    try:
+        target = output.stat()
+        stdout = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):  # no such file yet; a stdout without a descriptor (io.UnsupportedOperation)
+        return False
+    return (target.st_dev, target.st_ino) == (stdout.st_dev, stdout.st_ino)
+
+
+def _file_bytes(output: Path | None) -> int | None:
+    """The size of the export just written to ``output``; None for a device or a pipe (no size)."""
+    import stat
+
+    if output is None:
+        return None
+    try:
+        info = output.stat()
+    except OSError:
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
 @contextlib.contextmanager

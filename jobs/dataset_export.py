@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -48,7 +49,7 @@ from jobs import store
 from jobs.errors import UsageError, WanbatchError
 from jobs.export import FIELDS, record, write_atomically
 from jobs.models import Batch, Job
-from jobs.money import usd_text
+from jobs.money import usd_json, usd_text
 from jobs.pricing import add_units, unit_symbol, units_text
 from jobs.states import JobState
 
@@ -181,6 +182,26 @@ class HfExport:
     manifest: str | None = None
     manifest_changed: bool = False
     left_out: dict[str, int] = field(default_factory=dict)
+    #: Bytes of every file in the published folder (a hard-linked video counts its full size).
+    bytes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures of ``export --format hf --json`` (money as every ``--json`` has it)."""
+        return {
+            "records": self.rows,
+            "bytes": self.bytes,
+            "videos": self.videos,
+            "hard_linked": self.linked,
+            "copied": self.copied,
+            "downloaded": self.downloaded,
+            "by_status": dict(sorted(self.by_status.items())),
+            "by_endpoint": dict(sorted(self.by_endpoint.items())),
+            "not_exported": dict(sorted(self.left_out.items())),
+            "cost_usd": usd_json(self.cost_usd),
+            "billing_units_by_unit": {u: float(n) for u, n in sorted(self.billing_units.items())},
+            "manifest": self.manifest,
+            "manifest_changed": self.manifest_changed,
+        }
 
 
 def _not_as_stored(source: Path, size: int | None) -> str | None:
@@ -374,10 +395,16 @@ def _publish(tmp: Path, dest: Path) -> None:
 
 
 def write_hf(
-    session: Session, batch_ref: str, output_dir: Path, dest: Path, *, include_failed: bool = False
+    session: Session,
+    batch_ref: Batch | str,
+    output_dir: Path,
+    dest: Path,
+    *,
+    include_failed: bool = False,
 ) -> HfExport:
-    """Write the batch as a Hugging Face ``videofolder`` at ``dest`` (see the module docstring)."""
-    batch = store.get_batch(session, batch_ref)
+    """Write the batch (a Batch, or its id, id prefix or name) as a Hugging Face ``videofolder``
+    at ``dest`` (see the module docstring)."""
+    batch = batch_ref if isinstance(batch_ref, Batch) else store.get_batch(session, batch_ref)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UsageError(f"-o {str(dest)!r} exists and is not an empty folder; choose a new folder")
     made = _missing_folders(dest.parent)
@@ -397,6 +424,7 @@ def write_hf(
         summary.left_out = {state: n for state, n in counts.items() if state not in exported and n}
         summary.manifest, summary.manifest_changed = _copy_manifest(batch, tmp)
         (tmp / "README.md").write_text(_card(batch, summary, include_failed), encoding="utf-8")
+        summary.bytes = _folder_bytes(tmp)
         _publish(tmp, dest)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -407,6 +435,17 @@ def write_hf(
         _remove_empty(made)
         raise
     return summary
+
+
+def _folder_bytes(folder: Path) -> int:
+    """The bytes of the regular files under ``folder`` (links are not followed; export makes none)."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            info = (Path(root) / name).lstat()
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
+    return total
 
 
 def _missing_folders(folder: Path) -> list[Path]:
