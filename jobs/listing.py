@@ -202,7 +202,10 @@ def eta_beyond_schedule(schedule: Schedule, eta: float | None, now: datetime) ->
         return None
     left = format_duration((closes - now).total_seconds())
     if schedule.deadline is not None and closes >= schedule.deadline:
-        return f"the deadline comes first (in {left}): what is not sent by then is cancelled"
+        # The deadline ends requests still waiting in fal's queue too (worker.steps.schedule):
+        # "what is not sent" alone let a user think the jobs in flight were safe.
+        cancelled = "what is not sent by then, or still queued at fal, is cancelled"
+        return f"the deadline comes first (in {left}): {cancelled}"
     return f"the window closes first (in {left}): the rest waits for the next one"
 
 

@@ -21,7 +21,7 @@ def test_a_window_closing_before_the_work_is_done_is_said() -> None:
 def test_a_deadline_before_the_work_is_done_is_said() -> None:
     deadline = Schedule(deadline=NOW + timedelta(minutes=2), window=(time(22, 0), time(23, 30)))
     assert eta_beyond_schedule(deadline, 600.0, NOW) == (
-        "the deadline comes first (in 2m): what is not sent by then is cancelled"
+        "the deadline comes first (in 2m): what is not sent by then, or still queued at fal, is cancelled"
     )
 
 

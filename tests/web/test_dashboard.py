@@ -369,4 +369,4 @@ def test_batch_page_says_when_the_deadline_comes_before_the_forecast(
     )
     assert "at this pace, but" in html
     assert "the deadline comes first (in 1m" in html
-    assert "what is not sent by then is cancelled" in html
+    assert "what is not sent by then, or still queued at fal, is cancelled" in html
