@@ -613,15 +613,21 @@ class BatchProgress(TypedDict):
     #: Whether the schedule lets the batch send now (always, without one), and in words.
     schedule_open: bool
     schedule_state: str
+    #: Why no new job is sent now (:func:`jobs.listing.held_reason`: paused, cancelled, outside
+    #: its schedule); "" when jobs may be sent. No time left is forecast while it is set.
+    held: str
+    #: The batch's schedule (the empty one without), for :func:`progress_forecast`.
+    schedule: Schedule
 
 
-def batch_progress(session: Session, batch_id: str) -> BatchProgress:
+def batch_progress(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchProgress:
     """The part of :func:`batch_report` a progress display needs — state, counts, money — without
-    the cost report, failure reasons and ETA, which cost several aggregates each time."""
+    the cost report, failure reasons and ETA, which cost several aggregates each time (the
+    display measures its own pace: :func:`progress_forecast`). ``now``: for the schedule."""
     batch = store.get_batch(session, batch_id)
     counts = store.counts_by_state(session, batch.id)
     total = sum(counts.values())
-    schedule, now = store.batch_schedule(batch), utcnow()
+    schedule, now = store.batch_schedule(batch), now or utcnow()
     return {
         "batch": batch.id,
         "name": batch.name,
@@ -635,7 +641,24 @@ def batch_progress(session: Session, batch_id: str) -> BatchProgress:
         "paused_by_user": batch.paused_by_user,
         "schedule_open": schedule.is_open(now) and not batch.paused_by_user,
         "schedule_state": schedule_state(session, batch, finished=False, now=now),
+        "held": listing.held_reason(batch, now=now),
+        "schedule": schedule,
     }
+
+
+def progress_forecast(
+    progress: BatchProgress, per_minute: float | None, *, now: datetime | None = None
+) -> tuple[float | None, str | None]:
+    """The time left a progress display shows at its own pace (``per_minute``, jobs finished a
+    minute), by the rules of :func:`batch_report`'s ``eta_seconds`` and ``eta_note``
+    (:func:`jobs.listing.eta_at_pace`, :func:`jobs.listing.eta_beyond_schedule`): none while the
+    batch is paused, outside its schedule (a window that will not open again before the
+    deadline included) or has nothing in flight, and what its schedule cuts short."""
+    counts = progress["counts"]
+    busy = sum(counts.get(s.value, 0) for s in listing.BUSY_STATES)
+    remaining = progress["total"] - progress["finished"]
+    eta = listing.eta_at_pace(remaining, per_minute, held=progress["held"], busy=busy)
+    return eta, listing.eta_beyond_schedule(progress["schedule"], eta, now or utcnow())
 
 
 #: Batch id → (its number of jobs, the sum of their estimates) as last read by this process.

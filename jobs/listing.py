@@ -222,12 +222,26 @@ def pace(totals: Totals, *, held: str, now: datetime) -> Pace:
         return Pace(None, None, held)
     window = min(THROUGHPUT_WINDOW, max(now - first, timedelta(seconds=1)))
     per_minute = totals.recent / (window.total_seconds() / 60)
-    remaining = totals.total - totals.finished
-    if remaining == 0:
-        return Pace(per_minute, 0.0, held)
-    if held or totals.busy == 0 or per_minute <= 0:
-        return Pace(per_minute, None, held)
-    return Pace(per_minute, round(remaining / per_minute * 60, 1), held)
+    eta = eta_at_pace(totals.total - totals.finished, per_minute, held=held, busy=totals.busy)
+    return Pace(per_minute, eta, held)
+
+
+def eta_at_pace(remaining: int, per_minute: float | None, *, held: str, busy: int) -> float | None:
+    """When should ``remaining`` unfinished jobs be done at ``per_minute``, in seconds: the one
+    rule of every forecast (``status``, the dashboard, ``run``'s progress line), whatever pace
+    each goes by.
+
+    0 when nothing is left. None when there is no pace, when something holds the batch back
+    (``held``: :func:`held_reason` or :func:`standing`, "" when nothing does: a paused batch, or
+    one outside its schedule, sends none of its waiting jobs, so a time for them is a promise
+    nobody keeps), or when nothing is in flight (``busy``: nothing is being worked on, so
+    nothing says when it will be).
+    """
+    if remaining <= 0:
+        return 0.0
+    if held or busy == 0 or per_minute is None or per_minute <= 0:
+        return None
+    return round(remaining / per_minute * 60, 1)
 
 
 #: A process working on a batch records so every 10 s (``worker.conductor.HEARTBEAT_SECONDS``);

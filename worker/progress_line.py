@@ -5,7 +5,7 @@ or a long list of counts pushed the done/total count, the money and the elapsed 
 line (cut to ``$1…``). This column lays the line out itself, in order of importance:
 
 1. ``done/total``, ``spent/estimated`` and the elapsed time: always whole;
-2. the time left (``~3m20s`` or ``-:--:--`` while unknown);
+2. the time left (``~3m20s``, or ``-:--:--`` while there is none: see :func:`time_left`);
 3. a bar, 10 to 40 cells;
 4. the description (``jobs``, or ``jobs · waiting for window …``: why nothing moves), shortened
    with ``…`` — but a note goes before the bar and an unknown time left, which say nothing
@@ -61,6 +61,18 @@ def _clock(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
+def time_left(task: Task) -> float | None:
+    """The seconds left that the line shows: the task's field ``eta``, which ``run`` sets by
+    ``status``'s rules (:func:`jobs.batches.progress_forecast`: none while the batch is paused or
+    outside its schedule); 0 once every job is finished. Never rich's own ``time_remaining``,
+    which forecast a paused batch's waiting jobs at the pace they had before the pause."""
+    total = int(task.total) if task.total is not None else None
+    if total and int(task.completed) >= total:
+        return 0.0
+    eta = task.fields.get("eta")
+    return float(eta) if isinstance(eta, int | float) and eta > 0 else None
+
+
 def counts_text(counts: dict[str, int], cells: int) -> str:
     """``succeeded:6 running:4``, or ``ok:6 run:4`` when that does not fit, cut to ``cells``."""
     present = [(state.value, counts[state.value]) for state in JobState if counts.get(state.value)]
@@ -78,8 +90,9 @@ def money_text(spent_usd: float | None, estimated_usd: float | None) -> str:
 class BatchLineColumn(ProgressColumn):
     """The whole progress line as one column, fitted to the console's width at each refresh.
 
-    Reads the task's ``description``, ``completed``/``total``, ``elapsed``/``time_remaining``
-    and the fields ``money`` (a string, :func:`money_text`) and ``counts`` (jobs by state).
+    Reads the task's ``description``, ``completed``/``total``, ``elapsed`` and the fields
+    ``money`` (a string, :func:`money_text`), ``counts`` (jobs by state) and ``eta``
+    (:func:`time_left`).
     """
 
     def __init__(self, console: Console) -> None:
@@ -95,7 +108,7 @@ class BatchLineColumn(ProgressColumn):
             str(task.fields.get("money", "")),
             _clock(task.elapsed),
         ]
-        remaining = task.time_remaining if total and done < total else (0.0 if total else None)
+        remaining = time_left(task)
         left = f"~{_clock(remaining)} left" if remaining else ("" if total and done >= total else "-:--:--")
         tail = " ".join(p for p in [*essentials, left] if p)
         room = width - cell_len(tail)
@@ -174,8 +187,11 @@ def plain_line(task: Task, *, now: datetime | None = None) -> str:
         count += f" ({100 * done // total}%)"
     parts = [f"{name}: {count}", str(task.fields.get("money", "")), f"elapsed {_clock(task.elapsed)}"]
     if total and done < total:
-        remaining = task.time_remaining
-        parts.append(f"~{_clock(remaining)} left" if remaining else "no ETA yet")
+        # Held (paused, outside its schedule): no forecast comes, whatever the pace; the note
+        # after says why.
+        none = "no ETA" if task.fields.get("held") else "no ETA yet"
+        remaining = time_left(task)
+        parts.append(f"~{_clock(remaining)} left" if remaining else none)
     if note:
         parts.append(note)
     counts: Any = task.fields.get("counts") or {}

@@ -30,7 +30,7 @@ from rich.markup import escape
 from rich.progress import TaskID
 
 from jobs import db, store
-from jobs.batches import BatchReport, batch_progress, batch_report
+from jobs.batches import BatchReport, batch_progress, batch_report, progress_forecast
 from jobs.db import open_engine
 from jobs.errors import ConfigError, WanbatchError
 from jobs.printable import printable
@@ -487,22 +487,32 @@ def _watch(
         waiting = compact_note(current["schedule_state"]) if not current["schedule_open"] else ""
         # Embedded, this process submits: while its limiter's Redis does not answer, say so.
         held = unreachable_note(conductor.rt.limiter) if conductor is not None else None
-        notes = " · ".join(n for n in (waiting, held) if n)
         progress.update(
             task_id,
-            # A scheduled batch outside its window says so, with the time left (the countdown).
-            description=f"jobs · {notes}" if notes else "jobs",
             total=current["total"],
             completed=done,
             money=money_text(current["spent_usd"], current["estimated_usd"]),
             counts=current["counts"],
+        )
+        # The time left at the pace the display measures (the jobs finished over its last
+        # seconds), by status's rules: none for a batch paused or outside its schedule (it sends
+        # none of its waiting jobs), and the schedule's caveat when it stops sending first.
+        task = next(t for t in progress.tasks if t.id == task_id)
+        speed = task.speed  # jobs a second, None before two samples
+        eta, eta_note = progress_forecast(current, speed * 60 if speed else None)
+        notes = " · ".join(n for n in (waiting, held, eta_note) if n)
+        progress.update(
+            task_id,
+            # A scheduled batch outside its window says so, with the time left (the countdown).
+            description=f"jobs · {notes}" if notes else "jobs",
+            eta=eta,
+            held=bool(current["held"]),
         )
         at_provider = sum(current["counts"].get(s.value, 0) for s in JobState if s.at_provider)
         ends = done >= current["total"] or (
             at_provider == 0 and (current["state"] == "paused" or current["paused_by_user"])
         )
         if plain is not None and plain.due(time.monotonic(), done, current["total"], final=ends, alert=held):
-            task = next(t for t in progress.tasks if t.id == task_id)
             console.print(plain_line(task), markup=False, highlight=False, soft_wrap=True)
         if done >= current["total"]:
             return True

@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from jobs import store
-from jobs.batches import batch_report
+from jobs.batches import batch_progress, batch_report, progress_forecast
 from jobs.db import make_engine, migrate
 from jobs.models import Batch, BatchState
 from jobs.schedule import Schedule
@@ -229,3 +229,48 @@ def test_batches_stored_before_the_upgrade_read_normal_and_not_paused(
             assert store.scheduled_batches(session) == []
     finally:
         engine.dispose()
+
+
+def test_the_progress_line_forecasts_by_the_rules_of_status(session: Session) -> None:
+    """``run``'s progress line promised "~0:00:45 left" for a batch its user paused, and for one
+    whose window would not open again before its deadline (its waiting jobs ended cancelled).
+    It forecasts by ``status``'s rules now, at its own pace: none while the batch is held back,
+    and the schedule's caveat when sending stops before the work is done."""
+    night = make_batch(session, "night", n=4, schedule=NIGHT)
+    session.execute(
+        text("UPDATE jobs SET state = 'running' WHERE batch_id = :b AND item_index = 0"), {"b": night.id}
+    )
+    session.commit()
+    at_night = NOON + timedelta(hours=10)  # 23:00 in Berlin: open until the deadline (in 7h)
+
+    def forecast(batch_id: str, per_minute: float, now: datetime) -> tuple[float | None, str | None]:
+        return progress_forecast(batch_progress(session, batch_id, now=now), per_minute, now=now)
+
+    assert forecast(night.id, 1.0, at_night) == (240.0, None)  # 4 jobs left at 1 a minute
+    eta, note = forecast(night.id, 0.001, at_night)
+    assert eta is not None
+    assert (
+        note
+        == "the deadline comes first (in 7h): what is not sent by then, or still queued at fal, is cancelled"
+    )
+
+    store.set_paused_by_user(session, night.id, True)
+    session.commit()
+    assert forecast(night.id, 1.0, at_night) == (None, None)  # was ~4 minutes: nothing is sent
+    assert batch_report(session, night.id, now=at_night)["eta_seconds"] is None  # as status says
+
+    # A window that opens only after the deadline: closed for good, its waiting jobs never sent.
+    over = make_batch(
+        session,
+        "too-late",
+        n=4,
+        schedule=Schedule(
+            deadline=NOON + timedelta(hours=1), window=(time(22, 0), time(6, 0)), timezone="Europe/Berlin"
+        ),
+    )
+    session.execute(
+        text("UPDATE jobs SET state = 'running' WHERE batch_id = :b AND item_index = 0"), {"b": over.id}
+    )
+    session.commit()
+    assert batch_progress(session, over.id, now=NOON)["held"].startswith("closed: nothing opens before")
+    assert forecast(over.id, 1.0, NOON) == (None, None)

@@ -167,3 +167,42 @@ def test_a_plain_line_comes_at_once_when_an_alert_comes_and_when_it_goes() -> No
     assert not plain.due(30.0, 0, 1000, alert=held)
     assert plain.due(31.0, 0, 1000)  # it went
     assert not plain.due(32.0, 0, 1000)
+
+
+# --------------------------------------------------------------------------- the time left
+
+
+def _paced(*, eta: float | None, held: bool) -> tuple[Task, Console]:
+    """A task with a pace of its own (rich's: 2 jobs in 10 s, on a clock of ours), and the time
+    left and hold that ``run`` computed (its fields ``eta`` and ``held``)."""
+    clock = [0.0]
+    console = Console(file=io.StringIO(), width=100, force_terminal=False, record=True)
+    progress = batch_progress_display(console, disable=False)
+    progress.get_time = lambda: clock[0]
+    task_id = progress.add_task("jobs · paused by user", total=6, completed=0, money="$0.41/$1.22", counts={})
+    progress.update(task_id, completed=1)
+    clock[0] = 10.0
+    progress.update(task_id, completed=2, counts={"pending": 4, "succeeded": 2}, eta=eta, held=held)
+    task = next(t for t in progress.tasks if t.id == task_id)
+    assert task.time_remaining  # rich would promise a time from this pace
+    console.print(progress.get_renderable())
+    return task, console
+
+
+def test_a_held_batch_gets_no_time_left_whatever_its_pace() -> None:
+    """A paused batch (or one whose window will not open before its deadline) showed "~0:00:45
+    left" for jobs this run was never going to send: the line shows the time ``run`` computed by
+    ``status``'s rules (the field ``eta``, None while held), never rich's own forecast."""
+    task, console = _paced(eta=None, held=True)
+    line = plain_line(task)
+    assert " left" not in line
+    assert "· no ETA · paused by user ·" in line
+    text = console.export_text()
+    assert " left" not in text
+    assert "-:--:--" in text
+
+
+def test_the_time_left_is_the_one_run_computed() -> None:
+    task, console = _paced(eta=95.0, held=False)
+    assert "· ~0:01:35 left ·" in plain_line(task)
+    assert "~0:01:35 left" in console.export_text()
