@@ -452,6 +452,8 @@ def print_failures(report: BatchReport) -> None:
 def print_report(report: BatchReport) -> None:
     """One batch for a human (``status BATCH``, and the end of ``run``): heading, why it is held
     back, counts, progress, money, schedule notes and failure reasons."""
+    from jobs.batches import PAUSED_BY_USER  # loaded already: it made the report
+
     out.print(batch_heading(report))
     if report["state"] == "paused":  # fal refused the account, or the outputs could not be written
         reason = report["pause_reason"] or "see the log"
@@ -462,10 +464,8 @@ def print_report(report: BatchReport) -> None:
         say(line)
     # "schedule: paused by user", "…: waiting for window (opens …)", "…: past deadline: …"
     schedule = [f"schedule: {report['schedule_state']}"] if report["schedule_state"] else []
-    if report["paused_by_user"] and report["state"] != "cancelled":
-        schedule[-1:] = (
-            [f"{schedule[-1]} (`wanbatch resume {shell_ref(report)}` goes on)"] if schedule else []
-        )
+    if report["schedule_state"] == PAUSED_BY_USER:  # work is left, and `resume` lets it go on
+        schedule[-1] += f" (`wanbatch resume {shell_ref(report)}` goes on)"
     if report["priority"] != "normal":
         schedule.append(f"priority {report['priority']}")
     if schedule:

@@ -627,6 +627,7 @@ def batch_progress(session: Session, batch_id: str, *, now: datetime | None = No
     batch = store.get_batch(session, batch_id)
     counts = store.counts_by_state(session, batch.id)
     total = sum(counts.values())
+    finished = sum(counts[s.value] for s in JobState if s.terminal)
     schedule, now = store.batch_schedule(batch), now or utcnow()
     return {
         "batch": batch.id,
@@ -634,13 +635,13 @@ def batch_progress(session: Session, batch_id: str, *, now: datetime | None = No
         "state": BatchState(batch.state).value,
         "pause_reason": batch.pause_reason,
         "total": total,
-        "finished": sum(counts[s.value] for s in JobState if s.terminal),
+        "finished": finished,
         "counts": counts,
         "estimated_usd": _money(_estimated_usd(session, batch.id, total)),
         "spent_usd": _money(store.batch_spent_usd(session, batch.id)),
         "paused_by_user": batch.paused_by_user,
         "schedule_open": schedule.is_open(now) and not batch.paused_by_user,
-        "schedule_state": schedule_state(session, batch, finished=False, now=now),
+        "schedule_state": schedule_state(session, batch, finished=total > 0 and finished == total, now=now),
         "held": listing.held_reason(batch, now=now),
         "schedule": schedule,
     }
@@ -683,6 +684,8 @@ def _estimated_usd(session: Session, batch_id: str, jobs: int) -> Decimal:
 
 #: ``error_type`` of jobs a schedule's deadline cancelled before they were sent or started.
 DEADLINE_ERROR = "deadline"
+#: :func:`schedule_state` of a batch its user paused (``wanbatch pause``) with work left.
+PAUSED_BY_USER = "paused by user"
 
 
 def schedule_state(session: Session, batch: Batch, *, finished: bool, now: datetime) -> str:
@@ -691,12 +694,13 @@ def schedule_state(session: Session, batch: Batch, *, finished: bool, now: datet
     A user's pause first (it is what ``resume`` ends); then a passed deadline with how many jobs it
     cancelled; otherwise the schedule's own words (:meth:`Schedule.describe`). A cancelled batch,
     and one whose every job is finished, is held back by nothing: "waiting for window" would
-    mislead there.
+    mislead there, and so would "paused by user" (with its "`wanbatch resume` goes on": there is
+    nothing left to go on with; ``paused_by_user`` still says the flag is set).
     """
     if batch.state == BatchState.CANCELLED:
         return ""
-    if batch.paused_by_user:
-        return "paused by user"
+    if batch.paused_by_user and not finished:
+        return PAUSED_BY_USER
     schedule = store.batch_schedule(batch)
     if schedule.is_empty():
         return ""

@@ -603,7 +603,7 @@ def _actions(batch: Batch, totals: listing.Totals) -> list[Action]:
     found: list[Action] = []
     done = _finished(totals)
     if batch.state != BatchState.CANCELLED:
-        if batch.paused_by_user:
+        if batch.paused_by_user and not done:  # a finished batch has nothing left to go on with
             found.append(Action("resume", "Resume", "primary"))
         elif not done:
             found.append(Action("pause", "Pause", "secondary"))

@@ -130,6 +130,22 @@ def test_a_finished_batch_cannot_be_paused(wb: Wb, sim: SimulatorHandle, manifes
     assert "is finished (all 2 jobs are done)" in paused.json()["error"]
 
 
+def test_a_batch_that_finished_while_paused_reads_as_done(wb: Wb, manifest: MakeManifest) -> None:
+    """Paused while every job was at fal, the batch then finished: `status` said "schedule: paused
+    by user (`wanbatch resume night` goes on)" under a heading that said done."""
+    _submitted(wb, manifest("night", TWO_JOBS.format(extra="")))
+    assert wb("pause", "night").code == 0
+    _execute("UPDATE jobs SET state = 'succeeded'")  # what the run collecting them recorded
+    human = wb("status", "night")
+    assert human.code == 0, human.stderr
+    assert human.stdout.splitlines()[0].endswith("· done")
+    assert "paused by user" not in human.stdout
+    assert "goes on" not in human.stdout
+    report = wb("status", "night", "--json").json()
+    assert (report["phase"], report["phase_reason"], report["schedule_state"]) == ("done", None, "")
+    assert report["paused_by_user"] is True  # the flag is still set: `resume` clears it
+
+
 def test_resume_leaves_an_account_pause_alone_and_says_so(wb: Wb, manifest: MakeManifest) -> None:
     _submitted(wb, manifest("night", TWO_JOBS.format(extra="")))
     assert wb("pause", "night").code == 0

@@ -274,3 +274,18 @@ def test_the_progress_line_forecasts_by_the_rules_of_status(session: Session) ->
     session.commit()
     assert batch_progress(session, over.id, now=NOON)["held"].startswith("closed: nothing opens before")
     assert forecast(over.id, 1.0, NOON) == (None, None)
+
+
+def test_a_finished_batch_its_user_paused_reads_as_done(session: Session) -> None:
+    """Paused while its last jobs were at fal, then finished: ``status`` still said "paused by
+    user" (and "`wanbatch resume` goes on", with nothing left to go on with). Nothing holds a
+    finished batch back; the flag itself is still said by ``paused_by_user``."""
+    batch = make_batch(session, "night", n=2)
+    store.set_paused_by_user(session, batch.id, True)
+    session.execute(text("UPDATE jobs SET state = 'succeeded' WHERE batch_id = :b"), {"b": batch.id})
+    session.commit()
+    report = batch_report(session, batch.id, now=NOON)
+    assert (report["phase"], report["phase_reason"]) == ("done", None)
+    assert (report["schedule_state"], report["paused_by_user"]) == ("", True)
+    # The last line of the `run` that collected them: not "… · paused by user · succeeded:2".
+    assert batch_progress(session, batch.id, now=NOON)["schedule_state"] == ""

@@ -349,6 +349,22 @@ def test_the_rerun_button_of_a_simulation_makes_a_simulation(sqlite_engine: Engi
     assert "`wanbatch cancel mixed --simulate`" in cancelled["message"]
 
 
+def test_a_finished_batch_its_user_paused_reads_as_done(sqlite_engine: Engine, output_dir: Path) -> None:
+    """No "paused by user" badge nor a Resume button once every job is finished: nothing is left
+    to go on with (a pause that held back nothing)."""
+    with session_factory(sqlite_engine)() as session:
+        batch = make_batch(session, "finished", [new_job(i, endpoint=ENDPOINTS[0]) for i in range(2)])
+        store.set_paused_by_user(session, batch.id, True)
+        for job in store.jobs_of_batch(session, batch.id):
+            set_job(session, job.id, state=JobState.SUCCEEDED)
+        session.commit()
+    browser = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir)))
+    for page in ("/", f"/batches/{batch.id}"):
+        html = browser.get(page, headers=HTML).text
+        assert "paused by user" not in html, page
+        assert 'data-action="resume"' not in html, page
+
+
 def test_batch_page_says_when_the_deadline_comes_before_the_forecast(
     sqlite_engine: Engine, output_dir: Path
 ) -> None:
