@@ -378,6 +378,19 @@ def _paused_by_user(report: BatchReport) -> bool:
     return bool(report["paused_by_user"]) and report["state"] != "cancelled"
 
 
+def pause_over_text(report: BatchReport) -> str:
+    """A user's pause of a batch whose schedule will never send again (past its deadline, or the
+    window opens only after it): resuming sends nothing, and its unsent jobs end cancelled."""
+    unsent = report["counts"].get("pending", 0) + report["counts"].get("retry_wait", 0)
+    words = "paused by user, but resuming sends nothing"
+    if not unsent:
+        return words
+    # Past the deadline, a run or a worker cancels them (`idle_text` says how, when none runs);
+    # before it (the window opens only after the deadline), the deadline does.
+    when = "when a run or a worker processes it" if report["phase"] == "deadline" else "at the deadline"
+    return f"{words}: its {unsent} unsent job(s) end cancelled {when}"
+
+
 def money_line(report: BatchReport) -> str:
     """Estimated, spent, budget and what went wrong with money: short lines, no markup escaping
     needed by the caller (ids and numbers only)."""
@@ -452,7 +465,7 @@ def print_failures(report: BatchReport) -> None:
 def print_report(report: BatchReport) -> None:
     """One batch for a human (``status BATCH``, and the end of ``run``): heading, why it is held
     back, counts, progress, money, schedule notes and failure reasons."""
-    from jobs.batches import PAUSED_BY_USER  # loaded already: it made the report
+    from jobs.batches import PAUSED_BY_USER, SCHEDULE_OVER  # loaded already: they made the report
 
     out.print(batch_heading(report))
     if report["state"] == "paused":  # fal refused the account, or the outputs could not be written
@@ -466,6 +479,8 @@ def print_report(report: BatchReport) -> None:
     schedule = [f"schedule: {report['schedule_state']}"] if report["schedule_state"] else []
     if report["schedule_state"] == PAUSED_BY_USER:  # work is left, and `resume` lets it go on
         schedule[-1] += f" (`wanbatch resume {shell_ref(report)}` goes on)"
+    elif _paused_by_user(report) and report["schedule_state"].startswith(SCHEDULE_OVER):
+        schedule.append(pause_over_text(report))
     if report["priority"] != "normal":
         schedule.append(f"priority {report['priority']}")
     if schedule:

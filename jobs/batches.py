@@ -686,6 +686,9 @@ def _estimated_usd(session: Session, batch_id: str, jobs: int) -> Decimal:
 DEADLINE_ERROR = "deadline"
 #: :func:`schedule_state` of a batch its user paused (``wanbatch pause``) with work left.
 PAUSED_BY_USER = "paused by user"
+#: How :func:`schedule_state` starts for a schedule that will never send again: its deadline
+#: passed, or comes before the window next opens (:meth:`Schedule.describe`).
+SCHEDULE_OVER = ("past deadline", "closed: nothing opens before the deadline")
 
 
 def schedule_state(session: Session, batch: Batch, *, finished: bool, now: datetime) -> str:
@@ -695,13 +698,15 @@ def schedule_state(session: Session, batch: Batch, *, finished: bool, now: datet
     cancelled; otherwise the schedule's own words (:meth:`Schedule.describe`). A cancelled batch,
     and one whose every job is finished, is held back by nothing: "waiting for window" would
     mislead there, and so would "paused by user" (with its "`wanbatch resume` goes on": there is
-    nothing left to go on with; ``paused_by_user`` still says the flag is set).
+    nothing left to go on with; ``paused_by_user`` still says the flag is set). Nor is the pause
+    what holds back a batch whose schedule will never send again (its deadline passed, or comes
+    before the window next opens): resuming it sends nothing, so the schedule's words come first.
     """
     if batch.state == BatchState.CANCELLED:
         return ""
-    if batch.paused_by_user and not finished:
-        return PAUSED_BY_USER
     schedule = store.batch_schedule(batch)
+    if batch.paused_by_user and not finished and schedule.over(now) is None:
+        return PAUSED_BY_USER
     if schedule.is_empty():
         return ""
     if schedule.past_deadline(now):
@@ -757,7 +762,9 @@ def batch_phase(
         return "done", None
     if state == BatchState.PAUSED:
         return "paused", pause_reason or "see the log"
-    if paused_by_user:
+    # Past its deadline (or the window opens only after it) the user's pause holds nothing back
+    # any more: resuming would send nothing (see :func:`schedule_state`).
+    if paused_by_user and not schedule_state.startswith(SCHEDULE_OVER):
         return "paused", "by its user"
     if schedule_state.startswith("past deadline"):
         return "deadline", schedule_state

@@ -7,12 +7,16 @@ send any more (a cancelled or finished batch) is a usage error (exit 2) in one l
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from falsim.server import SimulatorHandle
+from jobs import db, store
+from jobs.models import utcnow
+from jobs.schedule import Schedule
 from jobs.settings import get_settings
 from tests.e2e.e2e_helpers import MakeManifest, Wb
 
@@ -144,6 +148,30 @@ def test_a_batch_that_finished_while_paused_reads_as_done(wb: Wb, manifest: Make
     report = wb("status", "night", "--json").json()
     assert (report["phase"], report["phase_reason"], report["schedule_state"]) == ("done", None, "")
     assert report["paused_by_user"] is True  # the flag is still set: `resume` clears it
+
+
+def test_a_batch_paused_past_its_deadline_says_the_deadline_passed(wb: Wb, manifest: MakeManifest) -> None:
+    """The morning status of a batch paused overnight said "schedule: paused by user (`wanbatch
+    resume night` goes on)" and nothing of the deadline: resuming sends nothing, and its unsent
+    jobs end cancelled."""
+    batch = _submitted(wb, manifest("night", TWO_JOBS.format(extra=SCHEDULED)))
+    assert wb("pause", "night").code == 0
+    engine = db.open_engine(get_settings())
+    with db.session_scope(engine) as session:  # the night is over
+        past = Schedule(deadline=utcnow() - timedelta(hours=1))
+        store.set_batch_schedule(session, batch, past, "low")
+    human = wb("status", "night")
+    assert human.code == 0, human.stderr
+    text = " ".join(human.stdout.split())
+    assert human.stdout.splitlines()[0].endswith("· deadline")
+    assert "`wanbatch resume night` goes on" not in text
+    assert (
+        "schedule: past deadline: 0 cancelled · paused by user, but resuming sends nothing: "
+        "its 2 unsent job(s) end cancelled when a run or a worker processes it"
+    ) in text
+    report = wb("status", "night", "--json").json()
+    assert (report["phase"], report["phase_reason"]) == ("deadline", "past deadline: 0 cancelled")
+    assert (report["schedule_state"], report["paused_by_user"]) == ("past deadline: 0 cancelled", True)
 
 
 def test_resume_leaves_an_account_pause_alone_and_says_so(wb: Wb, manifest: MakeManifest) -> None:

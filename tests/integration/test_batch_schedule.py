@@ -289,3 +289,32 @@ def test_a_finished_batch_its_user_paused_reads_as_done(session: Session) -> Non
     assert (report["schedule_state"], report["paused_by_user"]) == ("", True)
     # The last line of the `run` that collected them: not "… · paused by user · succeeded:2".
     assert batch_progress(session, batch.id, now=NOON)["schedule_state"] == ""
+
+
+def test_a_pause_past_the_deadline_gives_way_to_the_deadline(session: Session) -> None:
+    """A batch paused overnight, read the next morning: ``status`` said "paused by user" (resume
+    goes on) and nothing of the deadline, though resuming sends nothing and its unsent jobs end
+    cancelled. The schedule's words come first once it will never send again."""
+    batch = make_batch(session, "night", n=3, schedule=NIGHT)
+    store.set_paused_by_user(session, batch.id, True)
+    session.commit()
+    assert batch_report(session, batch.id, now=NOON)["schedule_state"] == "paused by user"  # not over
+
+    after = DEADLINE + timedelta(minutes=1)
+    report = batch_report(session, batch.id, now=after)
+    assert (report["phase"], report["phase_reason"]) == ("deadline", "past deadline: 0 cancelled")
+    assert (report["schedule_state"], report["paused_by_user"]) == ("past deadline: 0 cancelled", True)
+
+    # Before the deadline, but the window opens only after it: over too.
+    late = make_batch(
+        session,
+        "too-late-paused",
+        schedule=Schedule(
+            deadline=NOON + timedelta(hours=1), window=(time(22, 0), time(6, 0)), timezone="Europe/Berlin"
+        ),
+    )
+    store.set_paused_by_user(session, late.id, True)
+    session.commit()
+    report = batch_report(session, late.id, now=NOON)
+    assert report["schedule_state"].startswith("closed: nothing opens before the deadline")
+    assert (report["phase"], report["phase_reason"]) == ("waiting", report["schedule_state"])

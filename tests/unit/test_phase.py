@@ -47,9 +47,21 @@ def test_cancelled_wins_over_done_and_done_over_any_hold() -> None:
         ({"paused_by_user": True}, ("paused", "by its user")),
         ({"schedule_state": "past deadline: 3 cancelled"}, ("deadline", "past deadline: 3 cancelled")),
         ({"schedule_state": WAITING}, ("waiting", WAITING)),
+        (
+            {"paused_by_user": True, "schedule_state": "past deadline: 3 cancelled"},
+            ("deadline", "past deadline: 3 cancelled"),
+        ),
         ({"schedule_state": "open until 06:00"}, ("active", None)),
     ],
-    ids=["paused-by-fal", "paused-no-reason", "paused-by-user", "deadline", "waiting", "window-open"],
+    ids=[
+        "paused-by-fal",
+        "paused-no-reason",
+        "paused-by-user",
+        "deadline",
+        "waiting",
+        "paused-past-deadline",
+        "window-open",
+    ],
 )
 def test_a_held_batch_says_why(kwargs: dict[str, object], expected: tuple[str, str | None]) -> None:
     assert _phase(**kwargs) == expected  # type: ignore[arg-type]
