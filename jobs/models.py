@@ -247,6 +247,8 @@ class JobRecord(Protocol):
     @property
     def actual_usd(self) -> Decimal | None: ...
     @property
+    def ambiguous_usd(self) -> Decimal: ...
+    @property
     def submitted_at(self) -> datetime | None: ...
 
 
@@ -336,6 +338,13 @@ class Job(Base):
     #: them each further one counts, so a storm that never ends still ends the job.
     #: ``server_default``: jobs stored before the column existed.
     rate_limited_submits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Of ``attempts``, the requests fal ended in its queue before they started because the
+    #: batch's window closed (its start timeout, or our cancel): sent, so counted in
+    #: ``attempts`` (the export shows them), but never run nor billed, so not counted against
+    #: ``WANBATCH_MAX_ATTEMPTS`` (:attr:`counted_attempts`): the next window sends the job again.
+    #: ``server_default``: jobs stored before the column existed (their attempts left out such
+    #: requests).
+    unstarted_requests: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When the job is next due (retry backoff, next status poll); NULL means "now".
@@ -392,11 +401,25 @@ class Job(Base):
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: When the job's last request was sent: fal's answer accepting it arrived (or a webhook
+    #: proved it), or, for a submit whose outcome stayed unknown, its POST went out
+    #: (:attr:`sent_at`). NULL for a job never sent. The day of it is the one the daily budget
+    #: counts the job's money under (:class:`BatchTotals`).
     submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: When the current attempt's POST went out (or may have): written with ``submitted_input``
+    #: right before it, cleared when the next attempt is claimed. A submit whose answer is lost
+    #: takes it as its ``submitted_at`` (:func:`jobs.store.transition`).
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When fal reported the request completed.
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When the job reached a terminal state here.
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    @property
+    def counted_attempts(self) -> int:
+        """The attempts ``WANBATCH_MAX_ATTEMPTS`` counts: every request sent, less those fal
+        ended unstarted at a window's end (:attr:`unstarted_requests`)."""
+        return max(0, self.attempts - (self.unstarted_requests or 0))
 
     def __repr__(self) -> str:
         return f"<Job {self.id[:8]} #{self.item_index} {self.state.value} v{self.version}>"

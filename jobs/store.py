@@ -981,6 +981,11 @@ def transition(
         values = {"finished_at": now, "lease_owner": None, "lease_expires_at": None, **values}
     if expected == JobState.SUBMIT_UNKNOWN and new in UNPROVEN_EXITS:
         values["ambiguous_usd"] = _POSSIBLY_BILLED_MORE
+    if new == JobState.SUBMIT_UNKNOWN and "submitted_at" not in fields:
+        # The POST went out, and fal may have accepted (and billed) it: the job was sent, when
+        # its POST left (``sent_at``). Its money is then counted under that day, as it would be
+        # had the answer come (:class:`BatchTotals`, the daily budget), and never under no day.
+        values["submitted_at"] = func.coalesce(_JOBS.c.sent_at, literal(now, _JOBS.c.submitted_at.type))
     values.update(state=new, updated_at=now)
     # Core statements on the tables, not ORM-enabled ones, built once per shape and then only
     # executed with new parameters: every job moves several times, and building and caching an
@@ -1209,6 +1214,16 @@ class Fence:
 
 #: Fields that let go of a job's lease.
 _UNLEASED: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+#: Fields of a request at fal: the request is gone, or not known (a submit's lost answer).
+_FORGET_REQUEST: dict[str, Any] = {
+    "request_id": None,
+    "gateway_request_id": None,
+    "status_url": None,
+    "response_url": None,
+    "cancel_url": None,
+}
+#: The URLs of a request at fal, which only a request fal holds needs.
+_FORGET_URLS: dict[str, Any] = {"status_url": None, "response_url": None, "cancel_url": None}
 
 
 def _move(session: Session, fence: Fence, new: JobState, reason: str, **fields: Any) -> bool:
@@ -1228,8 +1243,8 @@ def mark_submitting(
     session: Session, fence: Fence, *, attempt: int, api_key_id: str, lease_expires_at: datetime
 ) -> bool:
     """``pending``/``retry_wait`` → ``submitting``: attempt number ``attempt`` is about to be sent
-    with ``api_key_id``, leased to ``fence.owner``. An earlier attempt's input is forgotten: each
-    attempt records what it sends right before its POST (:func:`take_lease`)."""
+    with ``api_key_id``, leased to ``fence.owner``. An earlier attempt's input and send time are
+    forgotten: each attempt records them right before its POST (:func:`take_lease`)."""
     return _move(
         session,
         fence,
@@ -1238,6 +1253,7 @@ def mark_submitting(
         attempts=attempt,
         api_key_id=api_key_id,
         submitted_input=None,
+        sent_at=None,
         lease_owner=fence.owner,
         lease_expires_at=lease_expires_at,
     )
@@ -1310,7 +1326,12 @@ def adopt_request(
 
 def mark_submit_unknown(session: Session, fence: Fence, *, why: str, due_at: datetime) -> bool:
     """``submitting`` → ``submit_unknown``: the POST may have been accepted (and billed), and
-    nothing says whether it was. Due at ``due_at`` for the policy, unless proof comes first."""
+    nothing says whether it was. Due at ``due_at`` for the policy, unless proof comes first.
+
+    The job was sent: ``submitted_at`` becomes the POST's send time (:func:`transition`). Its
+    request id is unknown, so an earlier attempt's is not shown as if it were this one's (the
+    error says the outcome is unknown; the history keeps the earlier ids, and a late answer or
+    a webhook records this one's)."""
     return _move(
         session,
         fence,
@@ -1319,6 +1340,7 @@ def mark_submit_unknown(session: Session, fence: Fence, *, why: str, due_at: dat
         error=f"submission outcome unknown: {why}",
         error_type="submit_unknown",
         next_attempt_at=due_at,
+        **_FORGET_REQUEST,
         **_UNLEASED,
     )
 
@@ -1519,25 +1541,36 @@ def mark_cancelling(session: Session, fence: Fence, *, reason: str, error_type: 
     return _move(session, fence, JobState.CANCELLING, reason, next_attempt_at=utcnow(), **extra)
 
 
-def requeue_after_cancel(session: Session, fence: Fence, *, reason: str, billed: bool, **cost: Any) -> bool:
+def requeue_after_cancel(
+    session: Session,
+    fence: Fence,
+    *,
+    reason: str,
+    billed: bool,
+    error: str,
+    error_type: str | None,
+    **cost: Any,
+) -> bool:
     """``cancelling``/``queued`` → ``pending`` (cancelled, or timed out, while still in fal's
-    queue: nothing billed, no attempt counted) or ``retry_wait`` (fal had started it: billed,
-    the attempt counts), with the request forgotten, for a later window to send again."""
-    forget = {
-        "request_id": None,
-        "gateway_request_id": None,
-        "status_url": None,
-        "response_url": None,
-        "cancel_url": None,
-        "submitted_input": None,
-        "error": None,
-        "error_type": None,
-        "lease_owner": None,
-        "lease_expires_at": None,
-    }
+    queue: nothing billed) or ``retry_wait`` (fal had started it: billed), for a later window
+    to send again. ``error`` says what ended the request.
+
+    The request was sent: the job keeps its ``submitted_at``, its request id and the input it
+    sent (what the export and the history show of it, until a later attempt replaces them),
+    and the attempt stays in ``attempts``. One that never ran is also counted in
+    ``unstarted_requests``, so it does not count against ``WANBATCH_MAX_ATTEMPTS``
+    (:attr:`jobs.models.Job.counted_attempts`); one fal had started does."""
+    fields = {**_FORGET_URLS, **_UNLEASED, "error": error, "error_type": error_type}
     if billed:
-        return _move(session, fence, JobState.RETRY_WAIT, reason, **forget, **cost)
-    return _move(session, fence, JobState.PENDING, reason, attempts=incremented("attempts", -1), **forget)
+        return _move(session, fence, JobState.RETRY_WAIT, reason, **fields, **cost)
+    return _move(
+        session,
+        fence,
+        JobState.PENDING,
+        reason,
+        unstarted_requests=incremented("unstarted_requests"),
+        **fields,
+    )
 
 
 def mark_cancelled(
@@ -1576,8 +1609,14 @@ def cancel_unsent_jobs(
     error: str,
     error_type: str,
     worker: str | None = None,
+    sent_error: str | None = None,
 ) -> int:
     """Cancel every job of ``batch_ids`` in :data:`UNSENT_STATES`, set-based; returns how many.
+
+    ``sent_error``: the error of a job that was sent before (``submitted_at``: a request of it
+    failed, was timed out in fal's queue at a window's end, or its outcome stayed unknown),
+    written after what ended its last request (``"<that>; <sent_error>"``), where ``error``
+    would say it was never sent. None: ``error`` for every job.
 
     ``wanbatch cancel`` of a 100,000-job batch must take seconds, not 100,000 round trips of
     :func:`transition`. This is the same move, done per source state in one statement each: the
@@ -1598,7 +1637,7 @@ def cancel_unsent_jobs(
         "next_attempt_at": None,
         "lease_owner": None,
         "lease_expires_at": None,
-        "error": error,
+        "error": error if sent_error is None else _error_if_sent(error, sent_error),
         "error_type": error_type,
     }
     session.flush()  # pending ORM changes first: the statements below bypass the unit of work
@@ -1671,6 +1710,17 @@ def cancel_unsent_jobs(
     if total:
         session.expire_all()  # Job objects already loaded in this session must not show the old state
     return total
+
+
+def _error_if_sent(error: str, sent_error: str) -> ColumnElement[str]:
+    """``error`` for a job never sent; for one sent before, what ended its last request (its
+    stored error, if any) followed by ``sent_error``."""
+    text_type = _JOBS.c.error.type
+    before = func.coalesce(_JOBS.c.error.concat(literal("; ", text_type)), literal("", text_type))
+    return case(
+        (_JOBS.c.submitted_at.is_not(None), before.concat(literal(sent_error, text_type))),
+        else_=literal(error, text_type),
+    )
 
 
 # --------------------------------------------------------------------------- leases
@@ -3031,20 +3081,23 @@ class JobTotals:
 def job_totals(session: Session) -> list[JobTotals]:
     """Every job's numbers, summed per ``(state, endpoint, error_type)`` in one pass over the table.
 
-    ``attempts``: submissions counted on the jobs; ``retries``: attempts beyond each job's first.
+    ``attempts``: submissions counted on the jobs (a request fal ended unstarted at a window's
+    end and that was sent again counts once: ``Job.counted_attempts``); ``retries``: attempts
+    beyond each job's first.
     """
     zero = type_coerce(0, Money())
 
     def build() -> Any:
         paid = Batch.simulated.is_(False)
+        counted = Job.attempts - Job.unstarted_requests
         return (
             select(
                 Job.state,
                 Job.endpoint,
                 Job.error_type,
                 func.count(),
-                func.coalesce(func.sum(Job.attempts), 0),
-                func.coalesce(func.sum(case((Job.attempts > 1, Job.attempts - 1), else_=0)), 0),
+                func.coalesce(func.sum(counted), 0),
+                func.coalesce(func.sum(case((counted > 1, counted - 1), else_=0)), 0),
                 func.coalesce(func.sum(Job.possible_duplicate_charges), 0),
                 func.coalesce(func.sum(Job.confirmed_duplicate_charges), 0),
                 *(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import Engine, MetaData, Table, column, event, insert, inspect, select, table
@@ -25,7 +25,7 @@ from sqlalchemy import Engine, MetaData, Table, column, event, insert, inspect, 
 from jobs import db, store
 from jobs.batches import batch_progress
 from jobs.db import downgrade, make_engine, migrate
-from jobs.models import BatchState, BatchTotals, Job, utcnow
+from jobs.models import Batch, BatchState, BatchTotals, Job, JobEvent, utcnow
 from jobs.states import ALLOWED_TRANSITIONS, JobState
 from tests.step_runtime import add_batch
 
@@ -401,3 +401,105 @@ def test_the_progress_line_reads_the_full_sums_and_sees_jobs_added_later(engine:
             ],
         )
     assert shown() == (0.31, 1.25)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_the_migration_dates_lost_answers_and_moves_their_money_to_that_day(
+    dialect: str, tmp_path: Path, new_pg_database: Callable[[], str]
+) -> None:
+    """Jobs stored before 0017 whose last submit's answer was lost kept ``submitted_at`` NULL (or
+    an earlier attempt's), and their money was booked under that day ("" for none): the
+    upgrade dates them by the event that made the outcome unknown, and moves their money there,
+    so the daily budget counts what they may have cost today."""
+    url = f"sqlite:///{tmp_path / 'old.db'}" if dialect == "sqlite" else new_pg_database()
+    engine = make_engine(url)
+    migrate(engine, from_models=False)
+    downgrade(engine, "0016")
+    now = utcnow()
+    today = now.astimezone(UTC).date().isoformat()
+    yesterday = now - timedelta(days=1)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    earlier = midnight + (now - midnight) / 2  # today, whenever the test runs
+    batch_id = "c" * 32
+    with engine.begin() as conn:
+        conn.execute(
+            insert(cast(Table, Batch.__table__)).values(
+                id=batch_id,
+                name="before-0017",
+                manifest_path="old.yaml",
+                manifest_sha256="0" * 64,
+                created_at=now,
+                state=BatchState.ACTIVE.value,
+            )
+        )
+        present = {c["name"] for c in inspect(conn).get_columns("jobs")}
+        assert "sent_at" not in present
+        old_jobs = Table("jobs", MetaData(), *(c._copy() for c in Job.__table__.columns if c.name in present))
+        # (state, actual_usd, ambiguous_usd, submitted_at, when the outcome became unknown)
+        rows: list[tuple[JobState, Decimal | None, Decimal, datetime | None, datetime | None]] = [
+            (S.FAILED, None, Decimal("0.25"), None, earlier),  # never answered: was under ""
+            (S.FAILED, Decimal("0.1"), Decimal("0.25"), yesterday, earlier),  # attempt 1 answered yesterday
+            (S.RETRY_WAIT, None, Decimal("0.25"), None, earlier),  # resent: unfinished, not in totals
+            (S.SUCCEEDED, Decimal("0.3"), Decimal(0), earlier, midnight),  # a late answer came after
+            (S.CANCELLED, Decimal("0.02"), Decimal(0), None, None),  # never sent
+        ]
+        for i, (state, actual, ambiguous, submitted_at, unknown_at) in enumerate(rows):
+            job_id = f"{i:032x}"
+            conn.execute(
+                insert(old_jobs).values(
+                    id=job_id,
+                    batch_id=batch_id,
+                    job_key=f"{i:064x}",
+                    item_index=i,
+                    variant=0,
+                    endpoint="fal-ai/wan-22",
+                    input={},
+                    state=state,
+                    version=3,
+                    attempts=1,
+                    est_billing_units=Decimal(5),
+                    est_usd=Decimal("0.25"),
+                    actual_usd=actual,
+                    ambiguous_usd=ambiguous,
+                    submitted_at=submitted_at,
+                    created_at=now,
+                    updated_at=now,
+                    possible_duplicate_charges=0,
+                    confirmed_duplicate_charges=0,
+                    rate_limited_submits=0,
+                )
+            )
+            if unknown_at is not None:
+                conn.execute(
+                    insert(cast(Table, JobEvent.__table__)).values(
+                        job_id=job_id,
+                        at=unknown_at,
+                        from_state=S.SUBMITTING,
+                        to_state=S.SUBMIT_UNKNOWN,
+                        version=2,
+                        reason="submit outcome unknown: lost",
+                    )
+                )
+        totals = cast(Table, BatchTotals.__table__)
+        for day, usd in (
+            ("", Decimal("0.27")),
+            (yesterday.astimezone(UTC).date().isoformat(), Decimal("0.35")),
+            (today, Decimal("0.3")),
+        ):
+            conn.execute(insert(totals).values(batch_id=batch_id, day=day, finished_usd=usd))
+    migrate(engine, from_models=False)
+    with db.read_scope(engine) as session:
+        by_day = {t.day: t.finished_usd for t in session.scalars(select(BatchTotals))}
+        assert by_day == {
+            "": Decimal("0.02"),
+            yesterday.astimezone(UTC).date().isoformat(): Decimal(0),
+            today: Decimal("0.3") + Decimal("0.25") + Decimal("0.35"),
+        }
+        sent = {j.id: j.submitted_at for j in store.jobs_of_batch(session, batch_id)}
+        assert list(sent.values()) == [earlier, earlier, earlier, earlier, None]
+        assert (
+            store.batch_committed_usd(session, batch_id) == store.batch_money(session, batch_id).committed_usd
+        )
+        assert store.committed_usd_today(session, now) == store.committed_usd_since(session, midnight)
+        assert store.committed_usd_today(session, now) == Decimal("1.15")  # 0.9 finished + 0.25 waiting
+    engine.dispose()

@@ -55,7 +55,7 @@ def test_the_rounds_running_totals_equal_the_stores(engine: Engine) -> None:
     now = utcnow()
     since = now.replace(hour=0, minute=0, second=0, microsecond=0)
     batch_id = add_batch(engine, "totals", [WAN] * 4, est_usd=Decimal("0.30"))
-    first, second, third, _fourth = job_ids(engine, batch_id)
+    first, second, third, fourth = job_ids(engine, batch_id)
     with db.session_scope(engine) as session:
         store.set_batch_budget(session, batch_id, Decimal("100"))
         # Earlier attempts that were billed: one submitted today, one before today.
@@ -69,11 +69,21 @@ def test_the_rounds_running_totals_equal_the_stores(engine: Engine) -> None:
                 .values(state=JobState.RETRY_WAIT, actual_usd=Decimal("0.125"), submitted_at=submitted_at)
             )
         session.execute(update(Job).where(Job.id == third).values(state=JobState.RETRY_WAIT))
+        # Sent yesterday, its answer lost: resent, what it may have cost counts again at fal.
+        session.execute(
+            update(Job)
+            .where(Job.id == fourth)
+            .values(
+                state=JobState.RETRY_WAIT,
+                ambiguous_usd=Decimal("0.5"),
+                submitted_at=since - timedelta(hours=2),
+            )
+        )
     rt = make_runtime(engine, settings_for("http://127.0.0.1:9", "budget-key"))
     with db.session_scope(engine) as session:
         committed = _Committed(session, _RoundBatches(session, ()), now, Decimal("100"))
         before = (committed.batch(batch_id)[1], committed.today())
-        assert before == (Decimal("0.25"), Decimal("0.125"))  # billed money only, today's once
+        assert before == (Decimal("0.75"), Decimal("0.125"))  # billed money only, today's once
         jobs = store.claim_jobs(
             session,
             states=[JobState.PENDING, JobState.RETRY_WAIT],
@@ -90,5 +100,7 @@ def test_the_rounds_running_totals_equal_the_stores(engine: Engine) -> None:
             committed.add(job)
             assert committed.batch(batch_id)[1] == store.batch_money(session, batch_id).committed_usd
             assert committed.today() == store.committed_usd_since(session, committed.since)
-    assert committed.batch(batch_id) == (Decimal("100"), Decimal("0.25") + 4 * Decimal("0.30"))
-    assert committed.today() == 4 * Decimal("0.30")  # today's billed attempt gave way to its estimate
+    assert committed.batch(batch_id) == (Decimal("100"), Decimal("0.75") + 4 * Decimal("0.30"))
+    # Today's billed attempt gave way to its estimate; yesterday's lost answer counts beside its
+    # estimate while the job is at fal again, as the store counts it.
+    assert committed.today() == 4 * Decimal("0.30") + Decimal("0.5")

@@ -12,6 +12,7 @@ import importlib
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
@@ -19,12 +20,14 @@ from sqlalchemy import Engine
 from falsim.ledger import EntryRecord
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
-from jobs import db, store
-from jobs.models import Job
+from jobs import db, export, store
+from jobs.errors import RetryableProviderError
+from jobs.models import Job, utcnow
 from jobs.schedule import Schedule
 from jobs.states import JobState
 from tests.step_runtime import add_batch, job_states, make_runtime, settings_for, wait_until
 from worker.steps import Runtime, dispatch, poll, submit
+from worker.steps.failures import settle
 from worker.steps.schedule import enforce_schedules
 
 S = JobState
@@ -76,10 +79,21 @@ def test_a_window_end_sends_queued_requests_back_to_pending_unbilled(
     assert job_states(engine, batch_id) == {"running": 2, "pending": 6}
     with db.session_scope(engine) as session:
         back = [j for j in store.jobs_of_batch(session, batch_id) if j.state == S.PENDING]
-        assert all(j.attempts == 0 and j.request_id is None and j.submitted_input is None for j in back)
+        # The four that waited in fal's queue were sent: they keep their request, counted in
+        # ``attempts`` but not against WANBATCH_MAX_ATTEMPTS; the two never sent have none.
+        sent = [j for j in back if j.submitted_at is not None]
+        assert len(sent) == 4
+        for job in sent:
+            assert (job.attempts, job.unstarted_requests, job.counted_attempts) == (1, 1, 0)
+            assert job.request_id is not None
+            assert job.submitted_input is not None
+            assert (job.error or "").startswith("window closed: cancelled at fal")
+        unsent = [j for j in back if j.submitted_at is None]
+        assert all(j.attempts == 0 and j.request_id is None and j.submitted_input is None for j in unsent)
     ledger = slow_sim.ledger()
     never_started = [e for e in ledger["entries"] if e["started_at"] is None]
     assert len(never_started) == 4
+    assert {e["request_id"] for e in never_started} == {j.request_id for j in sent}
     assert not any(e["billed"] for e in never_started)
 
 
@@ -275,17 +289,24 @@ def test_a_request_fal_timed_out_at_the_window_end_goes_back_to_pending_uncounte
     timed_out = {str(e["request_id"]) for e in _requests_fal_timed_out(busy_sim)}
     with db.session_scope(engine) as session:
         for job in back:
-            assert job.attempts == 0, "fal never started it: no attempt is counted"
-            assert job.request_id is None
-            assert job.submitted_input is None
-            assert job.error_type is None
+            assert job.counted_attempts == 0, "fal never started it: no attempt is counted"
             assert (job.actual_usd or 0) == 0
-            if job.submitted_at is not None:  # one of the two that fal timed out
+            if job.submitted_at is not None:  # one of the two that fal timed out: it was sent
+                assert (job.attempts, job.unstarted_requests) == (1, 1)
+                assert job.request_id in timed_out
+                assert job.submitted_input is not None
+                assert job.error_type == "window_closed"
+                assert job.error == (
+                    "window closed: fal timed it out in its queue before it started (request_timeout)"
+                )
                 (last,) = store.job_events(session, job.id)[-1:]
                 assert (last.from_state, last.to_state) == (S.QUEUED, S.PENDING)
                 assert "window closed" in str(last.reason)
                 assert "request_timeout" in str(last.reason)
+            else:
+                assert (job.attempts, job.request_id, job.submitted_input) == (0, None, None)
     assert len(timed_out) == 2
+    assert sum(j.submitted_at is not None for j in back) == 2
     assert dispatch(rt) == []  # the next window sends them again, not this one
 
 
@@ -321,7 +342,7 @@ def test_a_request_fal_timed_out_while_the_window_is_still_open_here_costs_no_at
 
     assert job_states(engine, batch_id) == {"running": 2, "pending": 4}
     _requests_fal_timed_out(busy_sim)
-    assert all(j.attempts == 0 and j.request_id is None for j in _jobs(engine, batch_id, S.PENDING))
+    assert all(j.counted_attempts == 0 for j in _jobs(engine, batch_id, S.PENDING))
     # Due at once: the open window sends them again (within the two free places at fal).
     assert len(dispatch(rt)) == 2
 
@@ -340,4 +361,88 @@ def test_a_window_close_cancel_that_finds_the_request_timed_out_sends_it_back_un
     wait_until(lambda: job_states(engine, batch_id).get("cancelling", 0) == 0, step=lambda: poll(rt))
 
     assert job_states(engine, batch_id) == {"running": 2, "pending": 4}
-    assert all(j.attempts == 0 for j in _jobs(engine, batch_id, S.PENDING))
+    assert all(j.counted_attempts == 0 for j in _jobs(engine, batch_id, S.PENDING))
+
+
+def test_a_request_timed_out_at_the_window_end_then_cut_off_by_the_deadline_exports_as_sent(
+    engine: Engine, busy_sim: SimulatorHandle, tmp_path: Path
+) -> None:
+    """Sent in its window, timed out in fal's queue when the window closed, then cancelled at
+    the deadline before a later window sent it again: its export row says it was sent — when,
+    as which request, in how many attempts — and what happened, as its history does; a job
+    never sent says none of it."""
+    batch_id, rt = _two_waiting_at_fal(engine, busy_sim, "timed-out-then-deadline")
+    _set_schedule(engine, batch_id, _closed_window(datetime.now(UTC)))
+    wait_until(lambda: job_states(engine, batch_id).get("queued", 0) == 0, step=lambda: poll(rt))
+    timed_out = {str(e["request_id"]) for e in _requests_fal_timed_out(busy_sim)}
+
+    now = datetime.now(UTC)
+    _set_schedule(engine, batch_id, Schedule(deadline=now))
+    enforce_schedules(rt, now + timedelta(seconds=1))
+    assert job_states(engine, batch_id) == {"running": 2, "cancelled": 4}
+
+    deadline = f"the batch's deadline ({now:%Y-%m-%d %H:%M %Z})"
+    with db.session_scope(engine) as session:
+        batch = store.get_batch(session, batch_id)
+        rows = {
+            job.id: export.record(job, batch, tmp_path)
+            for job in store.jobs_of_batch(session, batch_id)
+            if job.state == S.CANCELLED
+        }
+        histories = {job_id: store.job_events(session, job_id) for job_id in rows}
+    sent = {job_id: row for job_id, row in rows.items() if row["submitted_at"] is not None}
+    assert {row["request_id"] for row in sent.values()} == timed_out
+    for job_id, row in sent.items():
+        assert row["attempts"] == 1
+        assert row["error_type"] == "deadline"
+        assert row["error"] == (
+            "window closed: fal timed it out in its queue before it started (request_timeout); "
+            f"not sent again before {deadline}"
+        )
+        assert any(f"accepted as {row['request_id']}" in str(e.reason) for e in histories[job_id])
+    unsent = [row for job_id, row in rows.items() if job_id not in sent]
+    assert len(unsent) == 2
+    for row in unsent:
+        assert (row["submitted_at"], row["attempts"], row["request_id"]) == (None, 0, None)
+        assert row["error"] == f"not sent before {deadline}"
+        assert not any("accepted as" in str(e.reason) for e in histories[row["job_id"]])
+
+
+def test_a_request_ended_unstarted_at_a_window_end_costs_no_attempt_of_the_limit(engine: Engine) -> None:
+    """Counted in ``attempts`` (it was sent), but not against WANBATCH_MAX_ATTEMPTS: with two
+    attempts allowed, the job sent again in the next window may still fail once and be retried."""
+    rt = make_runtime(engine, settings_for("http://127.0.0.1:9", KEY, max_attempts=2))
+    batch_id = add_batch(engine, "limit", [("fal-ai/wan-22", {"prompt": "limit"})])
+    (job,) = _jobs(engine, batch_id, S.PENDING)
+    with db.session_scope(engine) as session:
+        for attempt in (1, 2):
+            fence = store.Fence.of(store.get_job(session, job.id), "test")
+            assert store.mark_submitting(
+                session, fence, attempt=attempt, api_key_id="k", lease_expires_at=utcnow()
+            )
+            fence = fence.moved(S.SUBMITTING)
+            assert store.mark_submitted(
+                session,
+                fence,
+                running=False,
+                request_id=f"request-{attempt}",
+                gateway_request_id=None,
+                status_url=None,
+                response_url=None,
+                cancel_url=None,
+                submitted_at=utcnow(),
+                next_poll_at=utcnow(),
+            )
+            fence = fence.moved(S.QUEUED)
+            if attempt == 1:  # the window closed on it in fal's queue
+                assert store.requeue_after_cancel(
+                    session,
+                    fence,
+                    reason="window closed",
+                    billed=False,
+                    error="window closed",
+                    error_type=None,
+                )
+        settle(session, rt, fence, RetryableProviderError("HTTP 503", status_code=503))
+        job = store.get_job(session, job.id)
+        assert (job.state, job.attempts, job.counted_attempts) == (S.RETRY_WAIT, 2, 1)

@@ -374,14 +374,17 @@ class _Committed:
         Its estimate is now reserved, in its batch and in the day. What an earlier attempt was
         billed stays in the batch's spent money, but the day's sum counts a job's billed money
         only while it is not at fal (see :func:`jobs.store.committed_usd_since`), so there it
-        gives way to the estimate.
+        gives way to the estimate — and to what its earlier submits of unknown outcome may have
+        cost (``ambiguous_usd``), which the day counts for a job at fal whenever they were sent.
         """
         if job.batch_id in self._batches:
             cap, committed = self._batches[job.batch_id]
             self._batches[job.batch_id] = (cap, committed + job.est_usd)
         if self._today is not None and self.counts_today(job.batch_id):
             billed_today = job.submitted_at is not None and job.submitted_at >= self.since
-            self._today += job.est_usd - ((job.actual_usd or Decimal(0)) if billed_today else Decimal(0))
+            possibly = job.ambiguous_usd or Decimal(0)
+            earlier = (job.actual_usd or Decimal(0)) + possibly if billed_today else Decimal(0)
+            self._today += job.est_usd + possibly - earlier
 
 
 def _budget_refusal(committed: _Committed, job: JobRecord) -> tuple[str, str] | None:

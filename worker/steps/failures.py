@@ -71,7 +71,8 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
     if not isinstance(exc, RetryableProviderError):
         store.fail_job(session, fence, error=reason, error_type=kind_of(exc), **cost)
         return
-    attempts = store.get_job(session, fence.job_id).attempts
+    # Requests fal ended unstarted at a window's end are not the job's failures: not counted.
+    attempts = store.get_job(session, fence.job_id).counted_attempts
     if attempts >= rt.settings.max_attempts:
         store.fail_job(
             session,
@@ -160,7 +161,7 @@ def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> 
     """
     fence = rt.fence(job)
     resubmit = rt.settings.submit_unknown_policy == "resubmit"
-    if resubmit and job.attempts < rt.settings.max_attempts:
+    if resubmit and job.counted_attempts < rt.settings.max_attempts:
         resent = store.retry_later(
             session,
             fence,

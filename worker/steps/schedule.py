@@ -67,13 +67,16 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
                 continue
             why = DEADLINE if schedule.past_deadline(now) else WINDOW_CLOSED
             if why == DEADLINE:
+                deadline = f"the batch's deadline ({schedule.deadline:%Y-%m-%d %H:%M %Z})"
                 moved += store.cancel_unsent_jobs(
                     session,
                     [batch.id],
                     reason="deadline",
-                    error=f"not sent before the batch's deadline ({schedule.deadline:%Y-%m-%d %H:%M %Z})",
+                    error=f"not sent before {deadline}",
                     error_type=DEADLINE,
                     worker=rt.owner,
+                    # A job sent before: what ended its request, then this.
+                    sent_error=f"not sent again before {deadline}",
                 )
             elif schedule.not_before is not None and now < schedule.not_before:
                 continue  # not started yet: nothing of it can be at fal
@@ -165,10 +168,11 @@ def end_unstarted(
     ``outcome``: how it is billed (a cancel may have reached it running).
 
     The deadline: ``cancelled`` for good (reason ``deadline``). A window's end: back to
-    ``pending`` with the request forgotten and no attempt counted when it never ran (or to
-    ``retry_wait``, the attempt counted and billed, when fal had started it), for the next
-    window. ``why`` None: the schedule is open (see :func:`start_timeout_expired`): ``pending``,
-    due at once.
+    ``pending``, the attempt not counted against ``WANBATCH_MAX_ATTEMPTS`` when it never ran
+    (or to ``retry_wait``, the attempt counted and billed, when fal had started it), for the
+    next window; the job keeps its request id and ``submitted_at`` (it was sent) and says what
+    ended the request as its error. ``why`` None: the schedule is open (see
+    :func:`start_timeout_expired`): ``pending``, due at once.
     """
     cost = billed(job, outcome)
     if why == DEADLINE:
@@ -183,13 +187,17 @@ def end_unstarted(
             **cost,
         )
     if why == WINDOW_CLOSED:
-        reason = f"window closed: {how}; sent again in the next window"
+        error = f"window closed: {how}"
+        reason = f"{error}; sent again in the next window"
     else:
+        error = f"{how} though the batch's schedule was open here"
         reason = f"{how} though the batch's schedule is open here: not counted, sent again"
     return store.requeue_after_cancel(
         session,
         fence,
         reason=reason,
         billed=outcome != billing.Outcome.CANCELLED_IN_QUEUE,
+        error=error,
+        error_type=why,
         **cost,
     )

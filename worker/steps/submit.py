@@ -192,12 +192,19 @@ def _submit(rt: Runtime, job_id: str) -> str:
             store.give_back(session, fence, reason=reason, due_at=in_seconds(delay))
         return "rate-limited"
 
-    # Record what we are about to send, and that the POST may go out, before it does: if this
-    # process dies from here on, the reconciler knows the submit's outcome is unknown.
+    # Record what we are about to send, and when, before the POST goes out: if this process
+    # dies from here on, the reconciler knows the submit's outcome is unknown, and a lost answer
+    # counts the money it may have cost under the day it was sent (``sent_at``).
     # take_lease bumps the version: of two copies of this message, exactly one gets here.
     with db.session_scope(rt.engine) as session:
+        sent_at = utcnow()
         taken = store.take_lease(
-            session, fence, now=utcnow(), lease_seconds=rt.settings.lease_seconds, submitted_input=to_send
+            session,
+            fence,
+            now=sent_at,
+            lease_seconds=rt.settings.lease_seconds,
+            submitted_input=to_send,
+            sent_at=sent_at,
         )
     if taken is None:
         return "lost-lease"

@@ -272,7 +272,8 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
         elif delivery.attempt == job.attempts and (
             state == S.SUBMIT_UNKNOWN or (state == S.SUBMITTING and job.submitted_input is not None)
         ):
-            submitted_at: datetime = job.updated_at or now
+            # When its POST went out (older rows: when it last moved, close after).
+            submitted_at: datetime = job.sent_at or job.updated_at or now
             gateway = delivery.body.get("gateway_request_id")
             if not store.adopt_request(
                 session,
