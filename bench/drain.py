@@ -315,6 +315,18 @@ def _profile_path(opts: WanbatchOptions, row: str) -> Path | None:
     return opts.profile_dir / f"{slug}.txt"
 
 
+def embedded_command(
+    sim: Simulator, tmp: Path, jobs: int, opts: WanbatchOptions, fast: bool = False
+) -> tuple[list[str], dict[str, str], Path]:
+    """``wanbatch run MANIFEST`` of ``jobs`` jobs on a fresh SQLite database: (argv, environment,
+    its work folder, where the outputs go)."""
+    work, manifest = _write_manifest(tmp, jobs, "wanbatch-")
+    extra = {"WANBATCH_TICK_INTERVAL": "0.1", "WANBATCH_POLL_MIN_INTERVAL": "0.1"} if fast else {}
+    env = _wanbatch_env(sim, work, opts, **extra)
+    argv = [sys.executable, "-c", "import cli; cli.main()", "run", str(manifest), "--no-progress"]
+    return argv, env, work
+
+
 def run_wanbatch(
     sim: Simulator, tmp: Path, jobs: int, opts: WanbatchOptions, fast: bool, profile: Path | None
 ) -> Measured:
@@ -322,10 +334,7 @@ def run_wanbatch(
 
     With ``profile``, under ``py-spy record`` (whose own CPU is then in the figures too).
     """
-    work, manifest = _write_manifest(tmp, jobs, "wanbatch-")
-    extra = {"WANBATCH_TICK_INTERVAL": "0.1", "WANBATCH_POLL_MIN_INTERVAL": "0.1"} if fast else {}
-    env = _wanbatch_env(sim, work, opts, **extra)
-    argv = [sys.executable, "-c", "import cli; cli.main()", "run", str(manifest), "--no-progress"]
+    argv, env, work = embedded_command(sim, tmp, jobs, opts, fast)
     if profile is not None:
         profile.parent.mkdir(parents=True, exist_ok=True)
         spy_args = os.environ.get("BENCH_PYSPY_ARGS", "").split()
@@ -430,8 +439,11 @@ def _wait_watcher(watcher: Child, workers: list[Child], work: Path, timeout: flo
         time.sleep(0.1)
 
 
-def run_handwritten(sim: Simulator, tmp: Path, jobs: int, concurrency: int) -> Measured:
-    """``bench/handwritten.py`` routed to the simulator through fal_client's env vars."""
+def handwritten_command(
+    sim: Simulator, tmp: Path, jobs: int, concurrency: int
+) -> tuple[list[str], dict[str, str], Path]:
+    """``bench/handwritten.py`` on ``jobs`` jobs, routed to the simulator through fal_client's
+    env vars: (argv, environment, its work folder)."""
     work = Path(tempfile.mkdtemp(prefix="handwritten-", dir=tmp))
     jobs_file = work / "jobs.jsonl"
     with jobs_file.open("w") as f:
@@ -445,7 +457,12 @@ def run_handwritten(sim: Simulator, tmp: Path, jobs: int, concurrency: int) -> M
         "SSL_CERT_FILE": sim.ca_file,
     }
     argv = [sys.executable, str(ROOT / "bench" / "handwritten.py"), str(jobs_file), str(work / "out")]
-    argv.append(str(concurrency))
+    return [*argv, str(concurrency)], env, work
+
+
+def run_handwritten(sim: Simulator, tmp: Path, jobs: int, concurrency: int) -> Measured:
+    """The hand-written script (:func:`handwritten_command`)."""
+    argv, env, work = handwritten_command(sim, tmp, jobs, concurrency)
     wall, cpu, rss, code, out = _run_child(argv, env, work / "stderr.log")
     succeeded = 0
     if code == 0 and out.strip():
