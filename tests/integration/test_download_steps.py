@@ -19,8 +19,8 @@ from sqlalchemy import Engine
 from jobs import db, store
 from jobs.models import BatchState, utcnow
 from jobs.states import JobState
-from tests.hostile import HostileProvider, drip, raw_reply, wait_for
-from tests.hostile_fal import FakeFal
+from tests.hostile import HostileProvider, drip, json_reply, raw_reply, wait_for
+from tests.hostile_fal import COMPLETED, FakeFal
 from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
 from worker.steps import Runtime, dispatch, download, poll, schedule_downloads, submit
 
@@ -85,6 +85,58 @@ def test_result_call_failures_are_retried_until_fals_retention_then_billed(
     assert "fal no longer keeps the result" in job.error
     assert "503" in job.error
     assert job.actual_usd == job.est_usd  # fal made the video: it is paid for
+    assert fal.posts() == 1
+
+
+#: fal's answer to a result call once the result is gone (404, no error type).
+EXPIRED = json_reply({"detail": "Result of request r1 has expired"}, 404)
+
+
+@pytest.mark.parametrize(
+    ("error_type", "outcome", "state"),
+    [
+        ("runner_disconnected", "retry", JobState.RETRY_WAIT),  # a 5xx at fal: tried again, unbilled
+        ("content_policy_violation", "failed", JobState.FAILED),  # the model's: final, unbilled
+    ],
+)
+def test_an_expired_result_of_a_request_fal_reported_failed_follows_fals_verdict(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, error_type: str, outcome: str, state: JobState
+) -> None:
+    # The run was interrupted past fal's retention: the COMPLETED status said the request failed,
+    # and by the time the result is asked for it has expired. The status's verdict decides.
+    fal = FakeFal(hostile)
+    fal.on_status("r1", json_reply({**COMPLETED, "error": "it failed at fal", "error_type": error_type}))
+    fal.on_result("r1", EXPIRED)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    try:
+        assert download(rt, job_id) == outcome
+    finally:
+        rt.client.close()
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.state == state
+    assert job.error_type == error_type  # not result_expired
+    assert job.error is not None
+    assert "it failed at fal" in job.error
+    assert job.actual_usd == 0  # nothing was made: fal bills neither
+    assert fal.posts() == 1
+
+
+def test_an_expired_result_of_a_request_fal_reported_successful_is_billed(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    fal = FakeFal(hostile)
+    fal.on_result("r1", EXPIRED)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    try:
+        assert download(rt, job_id) == "failed"
+    finally:
+        rt.client.close()
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.state == JobState.FAILED
+    assert job.error_type == "result_expired"
+    assert job.actual_usd == job.est_usd  # the runner worked (inference time): paid for
     assert fal.posts() == 1
 
 

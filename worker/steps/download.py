@@ -5,7 +5,9 @@ What a failure leads to, by where it happened:
 
 * fal's own verdict on the request — ``COMPLETED`` with ``error``/``error_type``, or the result's
   ``{detail, error_type}`` body — follows the usual retry classification: only a transient
-  failure fal reports (:class:`~worker.fal.errors.RequestFailedError`) submits again.
+  failure fal reports (:class:`~worker.fal.errors.RequestFailedError`) submits again. The
+  status's verdict stands when the result can no longer be fetched (expired, or its call fails):
+  an expired result ends only a request fal reported as successful.
 * The result *call* failing (network, gateway 502/503/504, 429, a body that is not JSON) says
   nothing about the request: ask again with backoff while fal keeps the result (1 h after
   completion), then fail with the billed cost. Never a new submission.
@@ -56,6 +58,7 @@ from worker import chaos, logs, probe, telemetry
 from worker.fal.errors import (
     ProviderProtocolError,
     RequestFailedError,
+    ResultExpiredError,
     ResultNotReadyError,
     status_failure,
 )
@@ -212,6 +215,8 @@ def _download(rt: Runtime, job_id: str) -> str:
             extra={"event": "download.account_refused"},
         )
         return "paused"
+    except ResultExpiredError as exc:
+        return _result_expired(rt, job_id, claim, exc)
     except (RequestFailedError, FinalProviderError) as exc:
         return _fal_verdict(rt, job_id, claim, exc)
     except ProviderError as exc:
@@ -309,6 +314,20 @@ def _fal_verdict(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ProviderEr
         job = store.get_job(session, job_id)
         settle(session, rt, claim.fence, exc, **cost_of_failure(job, exc))
     return "retry" if isinstance(exc, RetryableProviderError) else "failed"
+
+
+def _result_expired(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ResultExpiredError) -> str:
+    """fal no longer keeps the result (a 404 without an error type): it speaks of the result, not
+    of the request. For a request whose ``COMPLETED`` status carried fal's error, that verdict
+    decides the retry and the cost, as it would had the result replayed it — a runner that
+    disconnected is tried again, unbilled, however long the run was interrupted. Only for a
+    request fal reported as successful is the expiry itself the end of the job."""
+    with db.read_scope(rt.engine) as session:
+        verdict = _status_verdict(session, job_id)
+    if verdict is None:
+        return _fal_verdict(rt, job_id, claim, exc)
+    telemetry.count_provider_error(exc)
+    return _fal_verdict(rt, job_id, claim, verdict)
 
 
 def _result_unavailable(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ProviderError) -> str:
