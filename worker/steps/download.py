@@ -71,6 +71,7 @@ from worker.steps.failures import (
     billed,
     cost_of_failure,
     describe,
+    kind_of,
     pause_for_account,
     retry_after,
     settle,
@@ -321,13 +322,17 @@ def _result_expired(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ResultE
     of the request. For a request whose ``COMPLETED`` status carried fal's error, that verdict
     decides the retry and the cost, as it would had the result replayed it — a runner that
     disconnected is tried again, unbilled, however long the run was interrupted. Only for a
-    request fal reported as successful is the expiry itself the end of the job."""
+    request fal reported as successful is the expiry itself the end of the job: fal made that
+    video and billed it, so the job carries the cost of a success (:func:`_fail_paid`), whether
+    or not the status reported run-time metrics."""
+    telemetry.count_provider_error(exc)
     with db.read_scope(rt.engine) as session:
         verdict = _status_verdict(session, job_id)
-    if verdict is None:
-        return _fal_verdict(rt, job_id, claim, exc)
-    telemetry.count_provider_error(exc)
-    return _fal_verdict(rt, job_id, claim, verdict)
+    if verdict is not None:
+        return _fal_verdict(rt, job_id, claim, verdict)
+    with db.session_scope(rt.engine) as session:
+        _fail_paid(session, claim, error=describe(exc), error_type=kind_of(exc) or "result_expired")
+    return "failed"
 
 
 def _result_unavailable(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ProviderError) -> str:
