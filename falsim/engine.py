@@ -401,7 +401,7 @@ class Engine:
         bad_render = self.faults.fire("bad_render")
         if bad_render is not None:
             geo = media.bad_geometry(geo, bad_render)
-        tag = media.output_tag(spec.id, resolved, seed)
+        tag = media.output_tag(spec.id, self._content_identity(spec, resolved), seed)
         req.log(
             f"Generating {geo.num_frames} frames at {geo.width}x{geo.height}, {geo.fps} fps (seed {seed})"
         )
@@ -452,12 +452,35 @@ class Engine:
             encode_seconds=render_seconds,
         )
 
+    def _media_bytes(self, url: str) -> bytes | None:
+        """The bytes the model would download for a media value: a data URI's, or a file this
+        simulator stores (its uploads); None for any other URL (there is no internet here)."""
+        return decode_data_uri(url) if url.startswith("data:") else self.store.data_for_url(url)
+
+    def _content_identity(self, spec: EndpointSpec, resolved: dict[str, Any]) -> dict[str, Any]:
+        """``resolved`` as the model sees it: each media value it can read stands for its bytes.
+
+        The real model downloads a file and works on its content; the URL it came from plays no
+        part. Each upload gets a fresh storage URL (a new ``--simulate`` run uploads the same image
+        again under another key), and the same bytes may arrive inline as a data URI instead, so
+        hashing the URL would give the same image and seed a different video. Those values count
+        as ``sha256:<hex of the bytes>``; an external URL, never fetched, counts as itself.
+        """
+        identity = dict(resolved)
+        for fld in spec.media_fields:
+            value = resolved.get(fld.name)
+            if not isinstance(value, str):
+                continue
+            data = self._media_bytes(value)
+            if data is not None:
+                identity[fld.name] = "sha256:" + hashlib.sha256(data).hexdigest()
+        return identity
+
     def _image_size(self, spec: EndpointSpec, resolved: dict[str, Any]) -> tuple[int, int] | None:
         for fld in spec.media_fields:
             if fld.type.value != "image" or not resolved.get(fld.name):
                 continue
-            url = str(resolved[fld.name])
-            data = decode_data_uri(url) if url.startswith("data:") else self.store.data_for_url(url)
+            data = self._media_bytes(str(resolved[fld.name]))
             if data is None:
                 return None
             try:

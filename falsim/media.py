@@ -4,7 +4,9 @@ A clip has the geometry the real model would produce (resolution × aspect ratio
 count) so wanbatch's probing and checks see true numbers, but its picture is a flat colour
 with a moving bar, so H.264 encodes it in a fraction of a second.
 
-Determinism: the bytes are a pure function of (endpoint, resolved input, seed). The picture
+Determinism: the bytes are a pure function of (endpoint, resolved input, seed), where a media
+file the simulator can read (its own upload storage, a data URI) counts by its content, not by
+its URL — as for the real model (see ``Engine._content_identity``). The picture
 depends on a hash of those through one of ``variants`` colours, and the encoded stream is
 cached per (geometry, colour) — a 200-job test encodes a handful of clips, not 200. Each
 output then gets its own tag: a top-level ISO-BMFF ``uuid`` box appended after the movie
@@ -107,7 +109,10 @@ def bad_geometry(geo: Geometry, params: dict[str, Any]) -> Geometry:
 
 
 def output_tag(endpoint_id: str, resolved: dict[str, Any], seed: int) -> str:
-    """The hex digest that identifies one (endpoint, input, seed) — and so one output file."""
+    """The hex digest that identifies one (endpoint, input, seed) — and so one output file.
+
+    ``resolved`` is the input as the model sees it: media files by content where known.
+    """
     canon = json.dumps(
         {"endpoint": endpoint_id, "input": {**resolved, "seed": seed}},
         sort_keys=True,

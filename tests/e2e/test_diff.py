@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from falsim.server import SimulatorHandle
-from tests.e2e.e2e_helpers import TWO_JOBS, MakeManifest, Wb, export_jsonl, processed
+from tests.e2e.e2e_helpers import FAST_ENV, TWO_JOBS, MakeManifest, Wb, export_jsonl, processed
 
 # TWO_JOBS has no seeds: fal picks them, so an exact rerun's keys (seed now in the input) differ
 # from the parent's and the jobs pair by their input apart from the seed.
@@ -29,8 +29,8 @@ items:
 """
 
 
-def _run(wb: Wb, path: Path) -> str:
-    return str(processed(wb, "run", path)["batch"])
+def _run(wb: Wb, path: Path, *options: str) -> str:
+    return str(processed(wb, "run", path, *options)["batch"])
 
 
 def _rerun(wb: Wb, batch: str, *options: str) -> str:
@@ -171,3 +171,26 @@ def test_diff_rows_tell_an_items_jobs_apart_and_show_pinned_seeds_of_unsent_jobs
     assert unsent["b"]["seed"] == 7
     assert "seed" not in unsent["differs"]
     assert {"video", "status"} <= set(unsent["differs"])
+
+
+@pytest.mark.slow
+def test_a_simulated_exact_rerun_of_uploaded_images_is_the_same(
+    wb: Wb, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images over WANBATCH_INLINE_MAX_BYTES (most real photos) are uploaded, and each
+    `--simulate` run uploads them again to a simulator of its own, under a new URL. The model
+    works on the image's bytes, so the exact rerun still reproduces every video."""
+    monkeypatch.setenv("WANBATCH_INLINE_MAX_BYTES", "1000")  # the example images are ~6 KB
+    for name, value in FAST_ENV.items():
+        monkeypatch.setenv(name, value)
+    parent = _run(
+        wb, manifest("photos", PINNED.format(name="photos", prompt="Clouds drifting")), "--simulate"
+    )
+    exact = _rerun(wb, parent, "--simulate")
+    sent = {r["input"]["image_url"] for r in export_jsonl(wb, parent) + export_jsonl(wb, exact)}
+    assert len(sent) == 2  # one image, uploaded by each run under its own URL
+    assert all(url.startswith("http") for url in sent)
+
+    report = _diff(wb, parent, exact, 0)
+    assert (report["same"], report["different"], report["only_a"], report["only_b"]) == (2, 0, 0, 0)
+    assert all(job["a"]["video_sha256"] == job["b"]["video_sha256"] is not None for job in report["jobs"])

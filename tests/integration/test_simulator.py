@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import io
@@ -211,18 +212,33 @@ def test_determinism_and_seed_echo(sim: SimulatorHandle, client: httpx.Client) -
     assert all(e["encode_seconds"] is not None for e in ledger["entries"])  # rendering is timed
 
 
-def test_aspect_ratio_follows_uploaded_image(sim: SimulatorHandle, client: httpx.Client) -> None:
-    init = client.post(
+def _png(width: int, height: int) -> bytes:
+    return base64.b64decode(png_data_uri(width, height).split(",", 1)[1])
+
+
+def _upload(client: httpx.Client, sim: SimulatorHandle, data: bytes, name: str) -> dict[str, Any]:
+    """fal's two-step upload of a PNG: the ``initiate`` answer (``upload_url``, ``file_url``)."""
+    init: dict[str, Any] = client.post(
         f"{sim.url}/storage/upload/initiate",
         params={"storage_type": "gcs"},
-        json={"file_name": "tall.png", "content_type": "image/png"},
+        json={"file_name": name, "content_type": "image/png"},
     ).json()
-    import base64
+    put = httpx.put(init["upload_url"], content=data, headers={"content-type": "image/png"})
+    assert put.status_code == 200
+    return init
 
-    png = base64.b64decode(png_data_uri(400, 700).split(",", 1)[1])
-    assert (
-        httpx.put(init["upload_url"], content=png, headers={"content-type": "image/png"}).status_code == 200
-    )
+
+def _video_sha256(client: httpx.Client, sim: SimulatorHandle, payload: dict[str, Any]) -> str:
+    sub = submit(client, sim, "fal-ai/wan-i2v", payload)
+    wait_completed(client, sub["status_url"])
+    result = client.get(sub["response_url"])
+    assert result.status_code == 200, result.text
+    return hashlib.sha256(httpx.get(result.json()["video"]["url"]).content).hexdigest()
+
+
+def test_aspect_ratio_follows_uploaded_image(sim: SimulatorHandle, client: httpx.Client) -> None:
+    png = _png(400, 700)
+    init = _upload(client, sim, png, "tall.png")
     got = httpx.get(init["file_url"])
     assert got.content == png
     assert got.headers["content-type"] == "image/png"
@@ -243,6 +259,33 @@ def test_aspect_ratio_follows_uploaded_image(sim: SimulatorHandle, client: httpx
     sub = submit(client, sim, "fal-ai/wan-i2v", {**INPUTS["fal-ai/wan-i2v"], "image_url": png_data_uri()})
     wait_completed(client, sub["status_url"])
     assert client.get(sub["response_url"]).status_code == 200
+
+
+def test_an_image_counts_by_its_content_not_its_url(
+    make_sim: Callable[..., SimulatorHandle], client: httpx.Client
+) -> None:
+    """The model works on the bytes it downloads: the same image uploaded again (another URL,
+    as each ``--simulate`` run uploads it to a simulator of its own) or sent inline gives the
+    same video for the same seed; other bytes give another."""
+    first, second = make_sim(), make_sim()
+    png, other = _png(400, 400), _png(410, 410)
+    base = {**INPUTS["fal-ai/wan-i2v"], "seed": 7}
+    urls = [
+        _upload(client, first, png, "a.png")["file_url"],
+        _upload(client, second, png, "a.png")["file_url"],
+        _upload(client, second, png, "b.png")["file_url"],
+    ]
+    assert len(set(urls)) == 3
+    same = {
+        _video_sha256(client, sim, {**base, "image_url": url})
+        for sim, url in zip((first, second, second), urls, strict=True)
+    }
+    same.add(_video_sha256(client, first, {**base, "image_url": png_data_uri(400, 400)}))
+    assert len(same) == 1
+    (sha,) = same
+    other_url = _upload(client, second, other, "a.png")["file_url"]
+    assert _video_sha256(client, second, {**base, "image_url": other_url}) != sha
+    assert _video_sha256(client, second, {**base, "image_url": urls[2], "seed": 8}) != sha
 
 
 def test_cdn_v3_upload_flow(sim: SimulatorHandle, client: httpx.Client) -> None:
