@@ -207,6 +207,11 @@ class SubmitResult:
     simulated: bool = False
     #: The new name of a simulation that held this batch's name (a batch for fal takes it back).
     moved_aside: str | None = None
+    #: Of ``existing``, the jobs that took a new ``(item_index, variant)``: the edited manifest
+    #: puts them elsewhere (an item inserted above, a matrix reordered).
+    renumbered: int = 0
+    #: Jobs of the batch the manifest no longer has (kept, numbered after its items).
+    not_in_manifest: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The contract's ``submit --json`` object (batch, total, counts) plus what was added."""
@@ -224,6 +229,8 @@ class SubmitResult:
             "priority": self.priority,
             "schedule_changed": self.schedule_changed,
             "simulated": self.simulated,
+            "renumbered": self.renumbered,
+            "not_in_manifest": self.not_in_manifest,
         }
 
     def simulation_note(self) -> str | None:
@@ -457,7 +464,8 @@ def submit_manifest(
 
     Nothing is written unless every job is valid. Idempotent: the batch is found by name and
     jobs by their deterministic key, so submitting the same manifest again adds nothing (and
-    an edited manifest adds only its new jobs). The manifest's *current* budget always applies:
+    an edited manifest adds only its new jobs, and gives every job its place in the edited text:
+    :func:`jobs.store.resubmit_jobs`). The manifest's *current* budget always applies:
     submitting again with a lower, higher or no ``budget.max_usd`` changes the stored cap (and
     the result says so in ``budget_changed``); so do its current ``schedule`` and ``priority``
     (``schedule_changed``), and ``reuse_outputs``. A user's ``wanbatch pause`` is left as it is:
@@ -499,7 +507,14 @@ def submit_manifest(
         schedule_changed = (
             None if created else _apply_schedule(session, batch, manifest.schedule, manifest.priority)
         )
-        added, existing = store.add_jobs(session, batch.id, _new_jobs(manifest.jobs(), settings))
+        new_jobs = _new_jobs(manifest.jobs(), settings)
+        stored = None
+        if created:
+            added, existing = store.add_jobs(session, batch.id, new_jobs)
+        else:
+            # Jobs already stored take the places the manifest gives them now (see resubmit_jobs).
+            stored = store.resubmit_jobs(session, batch.id, new_jobs, lambda: _item_count(manifest))
+            added, existing = stored.added, stored.present
         if refuse_paused_batch:
             refuse_paused(session, batch)  # raised inside the transaction: nothing is stored
         if batch.state == BatchState.PAUSED:
@@ -507,11 +522,29 @@ def submit_manifest(
             # submitting again is the user saying "go on".
             store.resume_batch(session, batch.id)
         warnings = [str(i) for i in report.issues if i.severity != "error"]
+        if stored is not None and stored.not_in_manifest:
+            warnings.append(_not_in_manifest_note(batch.name, stored.not_in_manifest, _item_count(manifest)))
         result = _submitted(
             session, batch, created, added, existing, warnings, budget_changed, schedule_changed
         )
         result.moved_aside = moved_aside
+        if stored is not None:
+            result.renumbered, result.not_in_manifest = stored.renumbered, stored.not_in_manifest
         return result
+
+
+def _item_count(manifest: Manifest) -> int:
+    """The items the manifest's jobs were just read from (known once they all were)."""
+    assert manifest.item_count is not None, "the manifest's jobs were not all read"
+    return manifest.item_count
+
+
+def _not_in_manifest_note(name: str, jobs: int, items: int) -> str:
+    """The warning of a resubmit that left jobs of the batch out: they stay, numbered apart."""
+    return (
+        f"{jobs} job(s) of batch {name} are no longer in its manifest: they stay in the batch, "
+        f"numbered after its {items} item(s) (item_index {items} and up in exports and diffs)"
+    )
 
 
 def _money(value: Decimal | None) -> float | None:

@@ -79,6 +79,23 @@ def video_path(output_dir: Path, batch_name: str, item_index: int, job_id: str) 
     return batch_dir(output_dir, batch_name) / f"{job_stem(item_index, job_id)}.mp4"
 
 
+def under_another_item(dest: Path, job_id: str) -> Path | None:
+    """The job's file of ``dest``'s kind in ``dest``'s folder under another item number, else None.
+
+    A job's stem holds its item index, which a resubmit of an edited manifest may change (an
+    item inserted above it): a video staged by an earlier try, before that, waits under the old
+    number. Temporary ``.part`` files are never taken (they start with a dot)."""
+    suffix = f"-{job_id[:12]}{dest.suffix}"
+    try:
+        with os.scandir(dest.parent) as entries:
+            for entry in entries:
+                if entry.name.endswith(suffix) and not entry.name.startswith(".") and entry.name != dest.name:
+                    return Path(entry.path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return None
+
+
 def sidecar_path(video: Path) -> Path:
     """The JSON sidecar beside a video."""
     return video.with_suffix(".json")

@@ -749,42 +749,184 @@ def add_jobs(
     stays bounded whatever the manifest's size. On PostgreSQL each chunk is streamed with
     ``COPY`` into a temporary table and moved over with one ``INSERT … SELECT``: several times
     faster than multi-row INSERTs, which is what keeps a 100,000-job manifest to seconds.
+    A batch that already has jobs from a manifest takes :func:`resubmit_jobs` instead, which
+    also gives the jobs already stored the places the manifest now gives them.
     """
     conn = session.connection()
-    insert_chunk = _insert_chunk_pg if conn.dialect.name == "postgresql" else _insert_chunk_sqlite
     added = present = 0
-    source = iter(jobs)
-    while block := list(itertools.islice(source, chunk)):
-        now = utcnow()
-        rows = [
-            {
-                "id": new_id(),
-                "batch_id": batch_id,
-                "job_key": job.key,
-                "item_index": job.item_index,
-                "variant": job.variant,
-                "endpoint": job.endpoint,
-                "input": job.input,
-                "source_files": job.source_files,
-                "registry_sha256": job.registry_sha256,
-                "price_table": job.price_table,
-                "rerun_of": job.rerun_of,
-                "state": JobState.PENDING,
-                "version": 0,
-                "attempts": 0,
-                "download_attempts": 0,
-                "possible_duplicate_charges": 0,
-                "est_billing_units": job.est_billing_units,
-                "est_usd": job.est_usd,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for job in block
-        ]
-        inserted = insert_chunk(conn, rows)
+    for block in _chunks(jobs, chunk):
+        inserted = _insert_jobs(conn, batch_id, block)
         added += inserted
-        present += len(rows) - inserted
+        present += len(block) - inserted
     return added, present
+
+
+@dataclass(frozen=True, slots=True)
+class Resubmitted:
+    """What storing a manifest's jobs again in its batch did (:func:`resubmit_jobs`)."""
+
+    added: int
+    present: int
+    #: Jobs already stored that took the ``(item_index, variant)`` the manifest now gives them.
+    renumbered: int
+    #: The batch's jobs whose key the manifest no longer has: kept, numbered after its items.
+    not_in_manifest: int
+
+
+def resubmit_jobs(
+    session: Session,
+    batch_id: str,
+    jobs: Iterable[NewJob],
+    item_count: Callable[[], int],
+    *,
+    chunk: int = 5000,
+) -> Resubmitted:
+    """Store a manifest's jobs in the batch it was submitted to before: the new ones added as
+    :func:`add_jobs` does, and every job of the batch given a place that agrees with the manifest.
+
+    A job is identified by its key, not by its place, so an item inserted above others, or a
+    matrix reordered, leaves the jobs already stored with numbers of the old text: two jobs would
+    share an ``(item_index, variant)`` and the export's numbers would not name the items of the
+    manifest the batch now stores. So a job the manifest still has takes the place it has there
+    (stored outputs keep their file names: the path is stored, never derived again), and a job it
+    no longer has (kept: it may have been sent and paid for) is numbered after the manifest's
+    ``item_count()`` items — asked once ``jobs`` is consumed, when a streamed manifest knows it —
+    in the order those jobs had, each keeping its variant: no place names two jobs, and no place
+    of the manifest names a job that is not there. The manifest's keys are kept in a temporary
+    table of this transaction, not in memory, so a resubmit stays bounded like a submit.
+    """
+    conn = session.connection()
+    pg = conn.dialect.name == "postgresql"
+    on_commit = " ON COMMIT DROP" if pg else ""  # SQLite's is dropped below (its rollback drops it too)
+    conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {_SEEN} (job_key TEXT NOT NULL){on_commit}")
+    seen = table(_SEEN, column("job_key"))
+    conn.execute(delete(seen))
+    staged_keys = select(table(_STAGING, column("job_key")).c.job_key)
+    added = present = renumbered = 0
+    for block in _chunks(jobs, chunk):
+        inserted = _insert_jobs(conn, batch_id, block)
+        added += inserted
+        present += len(block) - inserted
+        if pg:  # the chunk is still in the staging table _insert_chunk_pg filled
+            if inserted < len(block):
+                renumbered += _place_stored_pg(conn)
+            conn.execute(insert(seen).from_select(["job_key"], staged_keys))
+        else:
+            if inserted < len(block):
+                renumbered += _place_stored_sqlite(conn, batch_id, block)
+            conn.execute(insert(seen), [{"job_key": job.key} for job in block])
+    stored = select(func.count()).select_from(_JOBS).where(_JOBS.c.batch_id == batch_id)
+    gone = 0
+    if conn.execute(stored).scalar_one() > added + present:
+        rows = conn.execute(
+            select(_JOBS.c.id, _JOBS.c.item_index, _JOBS.c.variant)
+            .where(_JOBS.c.batch_id == batch_id, _JOBS.c.job_key.not_in(select(seen.c.job_key)))
+            .order_by(_JOBS.c.item_index, _JOBS.c.variant, _JOBS.c.created_at, _JOBS.c.id)
+        ).all()
+        gone = len(rows)
+        moves = [
+            {"b_id": job_id, "b_item": item}
+            for (job_id, old, _), item in zip(rows, places_after(rows, item_count()), strict=True)
+            if item != old
+        ]
+        if moves:
+            conn.execute(
+                update(_JOBS).where(_JOBS.c.id == bindparam("b_id")).values(item_index=bindparam("b_item")),
+                moves,
+            )
+    conn.exec_driver_sql(f"DROP TABLE {_SEEN}")
+    return Resubmitted(added, present, renumbered, gone)
+
+
+def places_after(jobs: Sequence[tuple[Any, int, int]], first_item: int) -> list[int]:
+    """The item numbers of jobs no longer in their manifest (``(id, item_index, variant)`` in
+    item order), from ``first_item`` on: the jobs of one old item share a number, so its
+    variants stay together; a variant seen twice in one old item (numbers stored before
+    :func:`resubmit_jobs` renumbered) moves on to a number of its own, so no place names two."""
+    numbers: dict[int, int] = {}
+    taken: set[tuple[int, int]] = set()
+    following = first_item
+    out: list[int] = []
+    for _, old, variant in jobs:
+        item = numbers.get(old)
+        if item is None or (item, variant) in taken:
+            item = numbers[old] = following
+            following += 1
+        taken.add((item, variant))
+        out.append(item)
+    return out
+
+
+def _chunks(jobs: Iterable[NewJob], size: int) -> Iterator[list[NewJob]]:
+    source = iter(jobs)
+    while block := list(itertools.islice(source, size)):
+        yield block
+
+
+def _insert_jobs(conn: Connection, batch_id: str, block: list[NewJob]) -> int:
+    """Insert a chunk of jobs, skipping keys the batch has; how many were inserted."""
+    now = utcnow()
+    rows = [
+        {
+            "id": new_id(),
+            "batch_id": batch_id,
+            "job_key": job.key,
+            "item_index": job.item_index,
+            "variant": job.variant,
+            "endpoint": job.endpoint,
+            "input": job.input,
+            "source_files": job.source_files,
+            "registry_sha256": job.registry_sha256,
+            "price_table": job.price_table,
+            "rerun_of": job.rerun_of,
+            "state": JobState.PENDING,
+            "version": 0,
+            "attempts": 0,
+            "download_attempts": 0,
+            "possible_duplicate_charges": 0,
+            "est_billing_units": job.est_billing_units,
+            "est_usd": job.est_usd,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for job in block
+    ]
+    if conn.dialect.name == "postgresql":
+        return _insert_chunk_pg(conn, rows)
+    return _insert_chunk_sqlite(conn, rows)
+
+
+def _place_stored_pg(conn: Connection) -> int:
+    """Give the jobs of the staged chunk that were stored already the place staged for them
+    (one ``UPDATE … FROM`` the staging table); how many moved. Only a changed place is written."""
+    staged = table(_STAGING, column("batch_id"), column("job_key"), column("item_index"), column("variant"))
+    moved = conn.execute(
+        update(_JOBS)
+        .where(
+            _JOBS.c.batch_id == staged.c.batch_id,
+            _JOBS.c.job_key == staged.c.job_key,
+            or_(_JOBS.c.item_index != staged.c.item_index, _JOBS.c.variant != staged.c.variant),
+        )
+        .values(item_index=staged.c.item_index, variant=staged.c.variant)
+        .execution_options(preserve_rowcount=True)
+    )
+    return int(moved.rowcount)
+
+
+def _place_stored_sqlite(conn: Connection, batch_id: str, block: list[NewJob]) -> int:
+    """:func:`_place_stored_pg` for SQLite: one UPDATE per job, by the (batch_id, job_key) index."""
+    moved = conn.execute(
+        update(_JOBS)
+        .where(
+            _JOBS.c.batch_id == batch_id,
+            _JOBS.c.job_key == bindparam("b_key"),
+            or_(_JOBS.c.item_index != bindparam("b_item"), _JOBS.c.variant != bindparam("b_variant")),
+        )
+        .values(item_index=bindparam("b_item"), variant=bindparam("b_variant"))
+        .execution_options(preserve_rowcount=True),
+        [{"b_key": job.key, "b_item": job.item_index, "b_variant": job.variant} for job in block],
+    )
+    return int(moved.rowcount)
 
 
 _JOBS = cast(Table, Job.__table__)
@@ -813,6 +955,8 @@ _NEW_JOB_COLUMNS = (
     "updated_at",
 )
 _STAGING = "wanbatch_new_jobs"
+#: The keys a resubmitted manifest has (:func:`resubmit_jobs`): a temporary table of its transaction.
+_SEEN = "wanbatch_seen_keys"
 
 
 def _insert_chunk_sqlite(conn: Connection, rows: list[dict[str, Any]]) -> int:

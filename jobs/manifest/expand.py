@@ -83,6 +83,11 @@ class Manifest:
     priority: str = "normal"
     #: ``reuse_outputs:``: a pinned-seed job equal to an already succeeded one takes its output.
     reuse_outputs: bool = False
+    #: How many items (``items`` entries, then ``items_from`` rows) the last :meth:`jobs` pass
+    #: read, once it ran to the end; None before. Not ``1 + the last job's item_index``: an item
+    #: whose jobs all repeat earlier ones yields none, yet holds its index. A resubmit numbers
+    #: the batch's jobs no longer in the manifest from here (:func:`jobs.store.resubmit_jobs`).
+    item_count: int | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -112,7 +117,10 @@ class Manifest:
         # and storing is caught by the second pass.
         paths: dict[tuple[str, str], LocalPath] = {}
         produced = False
+        self.item_count = None
+        items = len(self.items)
         for raw in self._raw_items(sink):
+            items = max(items, raw.index + 1)
             for job in self._expand(raw, combos, sink, digests, paths):
                 warning = duplicates.warning(job)
                 if warning is not None:
@@ -122,6 +130,7 @@ class Manifest:
                 yield job
             if issues is None and error_count(sink):
                 raise ManifestError(sink)
+        self.item_count = items
         if not produced and self.items_from is not None and not error_count(sink) + error_count(self.issues):
             sink.append(self._no_rows())
         if issues is None and error_count(sink):

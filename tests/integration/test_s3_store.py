@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -117,6 +118,34 @@ def test_a_failed_upload_is_retried_from_the_staged_copy_without_a_new_download(
     assert fal.file_gets("r1.mp4") == 1  # the retry uploaded the staged copy: no second download
     assert fal.posts() == 1  # and nothing was generated (or paid) twice
     assert _staged(tmp_path) == []  # gone once the success is stored
+
+
+def test_a_staged_video_is_uploaded_under_the_place_a_resubmit_gave_its_job(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, s3: MotoS3
+) -> None:
+    """An edited manifest submitted again while a video waits staged (its upload failed) moves
+    the job to another item: the staged copy, named by the old one, is still what is uploaded."""
+    fal = FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)  # the bucket does not exist yet
+    try:
+        assert download(rt, job_id) == "upload-retry"
+        (staged,) = _staged(tmp_path)
+        assert staged.name.startswith("000000-")
+        job = _job(engine, job_id)
+        with db.session_scope(engine) as session:  # an item inserted above the job's
+            above = store.NewJob(f"{1:064x}", 0, "fal-ai/wan-22", {"prompt": "new"}, Decimal(5), Decimal(1))
+            again = store.NewJob(job.job_key, 1, job.endpoint, job.input, job.est_billing_units, job.est_usd)
+            moved = store.resubmit_jobs(session, job.batch_id, [above, again], lambda: 2)
+        assert (moved.added, moved.present, moved.renumbered, moved.not_in_manifest) == (1, 1, 1, 0)
+
+        s3.client().create_bucket(Bucket=BUCKET)
+        _make_due(engine, job_id)
+        assert download(rt, job_id) == "succeeded"
+    finally:
+        rt.client.close()
+    assert _job(engine, job_id).output_path == f"s3://{BUCKET}/out/steps/000001-{job_id[:12]}.mp4"
+    assert fal.file_gets("r1.mp4") == 1  # the staged copy, not a second download
+    assert _staged(tmp_path) == []
 
 
 def test_uploads_failing_until_the_tries_run_out_pause_the_batch_and_keep_the_staged_video(

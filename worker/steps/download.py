@@ -574,9 +574,13 @@ def _staged(job_id: str, dest: Path, video: _Video) -> DownloadResult | None:
     The staged name holds only our ids, and a job only ever stages the video of the request it
     is downloading (a new request means a new attempt, which starts before any download), so a
     staged file is this request's. It was renamed into place whole (``download`` writes a
-    temporary file), so it is never a partial one.
+    temporary file), so it is never a partial one. One staged under the job's item number before
+    a resubmit of an edited manifest renumbered the job is moved to ``dest`` first
+    (:func:`outputs.under_another_item`).
     """
     try:
+        if not dest.exists() and (earlier := outputs.under_another_item(dest, job_id)) is not None:
+            earlier.replace(dest)
         size = dest.stat().st_size
         if video.file_size is not None and size != video.file_size:
             dest.unlink()
