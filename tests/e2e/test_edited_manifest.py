@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy.engine import Engine
 
 from falsim.server import SimulatorHandle
 from tests.e2e.e2e_helpers import MakeManifest, Wb, export_jsonl, processed
@@ -61,8 +62,9 @@ def _assert_named_by(text: str, records: list[dict[str, Any]]) -> None:
 
 
 @pytest.fixture
-def any_db(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """This test's database, on both dialects (the submit stores jobs by dialect)."""
+def any_db(db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> str:
+    """This test's database, on both dialects (the submit stores jobs by dialect); through
+    ``engine``, which empties the run's shared PostgreSQL database afterwards."""
     monkeypatch.setenv("WANBATCH_DATABASE_URL", db_url)
     return db_url
 
