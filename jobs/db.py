@@ -56,7 +56,15 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidatePoolError, MultipleResultsFound, NoResultFound
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    InvalidatePoolError,
+    MultipleResultsFound,
+    NoResultFound,
+    OperationalError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.sqltypes import TupleType
 
@@ -488,6 +496,21 @@ def _refuse_read_only_write(context: Any) -> None:
             "the database is read-only (WANBATCH_DATABASE_URL has mode=ro, or this user may not "
             "write its file) and this command writes to it; nothing was changed"
         ) from None
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database could not be used just now (locked, unreachable,
+    restarting, a conflict), so the same work may well succeed later — as opposed to the
+    database refusing what was sent (a data or integrity error: the same again fails the same
+    way), which must not be reported as an outage.
+
+    DB-API's own split: ``OperationalError`` ("errors related to the database's operation and
+    not necessarily under the control of the programmer") and ``InterfaceError`` (the
+    connection), or any error that invalidated the connection.
+    """
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 #: PostgreSQL's SQLSTATEs for a transaction the server ended to break a conflict, which the same

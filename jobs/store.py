@@ -89,6 +89,7 @@ from jobs.models import (
 from jobs.money import BUDGET_ERRORS
 from jobs.schedule import Schedule
 from jobs.states import AT_PROVIDER_STATES, UNFINISHED_STATES, JobState, can_transition
+from jobs.storable import storable_json
 
 __all__ = [
     "DURATIONS",
@@ -3079,7 +3080,13 @@ def store_delivery(
     body: dict[str, Any],
 ) -> tuple[int, bool]:
     """Keep one verified delivery: ``(its id, True)``, or ``(the stored one's id, False)`` for a
-    repeat of the very same body (counted in ``repeats``), whoever stored it first."""
+    repeat of the very same body (counted in ``repeats``), whoever stored it first.
+
+    ``body`` is kept as both databases can hold it (:func:`jobs.storable.storable_json`): a
+    ``\\u0000`` or a lone surrogate in fal's JSON is refused by ``jsonb`` on every try, and the
+    delivery (maybe the only proof that a lost submit was accepted) would never be stored.
+    ``body_sha256`` stays the digest of the bytes received, which is what makes a repeat one.
+    """
     dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     stmt = (
         dialect_insert(WebhookDelivery)
@@ -3089,7 +3096,7 @@ def store_delivery(
             job_id=job_id,
             attempt=attempt,
             status=status,
-            body=body,
+            body=storable_json(body),
             received_at=utcnow(),
             repeats=0,
         )

@@ -9,11 +9,16 @@ fal signs every account's webhooks alike, so only the token shows that one of ou
 that job and attempt), stored in the inbox, and only then answered 2xx; it is applied
 to its job right away (:mod:`worker.steps.webhooks`; on PostgreSQL that also wakes the tick
 leader, wherever it runs) and, should that fail, by the tick. A
-rejected delivery is answered 4xx (503 when fal's keys cannot be fetched or the database cannot
-be written: fal retries) and changes nothing; rejections are counted and logged. ``GET /healthz``
-answers the counts. Deliveries are verified and stored on threads of their own
-(:data:`RECEIVER_THREADS`), so a flood of them never takes the threads the dashboard's pages
-run on.
+rejected delivery is answered 4xx (503 when fal's keys cannot be fetched or the database is
+locked or unreachable: fal retries; 422 when the database refuses the delivery's data, which
+sending it again cannot change; 500 for a failure of the receiver's own) and changes nothing;
+rejections are counted and logged. What
+``jsonb`` cannot hold (``\\u0000``, lone surrogates) is stored as U+FFFD
+(:func:`jobs.storable.storable_json`), so no valid delivery is refused for it. ``GET /healthz``
+answers the counts, and whether fal's signatures can be verified now (keys held, or why not:
+every delivery is refused while there are none). Deliveries are verified and stored on threads
+of their own (:data:`RECEIVER_THREADS`), so a flood of them never takes the threads the
+dashboard's pages run on.
 
 The dashboard (``/``, :mod:`web.dashboard`) and Prometheus ``/metrics`` (:mod:`web.metrics`)
 read the same database. :class:`web.auth.DashboardAuth` guards everything but the receiver and
@@ -37,7 +42,7 @@ from collections.abc import Callable
 import anyio
 import anyio.to_thread
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -63,8 +68,16 @@ MAX_BODY_BYTES = 1024 * 1024
 #: deliveries (or a locked database holding them) never leaves the dashboard without threads.
 #: Deliveries beyond it wait their turn without holding a thread.
 RECEIVER_THREADS = 8
+#: Longest ``GET /healthz`` waits for fal's signing keys to be fetched (when none are held):
+#: a container health check gives it a few seconds in all.
+HEALTHZ_KEYS_WAIT = 2.0
 #: What a client is told when the database cannot be used; the log line says why.
 DATABASE_UNAVAILABLE = "the database is unavailable (locked or unreachable): try again in a moment"
+#: What fal is told when the database refuses a verified delivery's data (a data error: the
+#: same body again fails the same way, so a 4xx, not an outage's 503); the log line says what.
+DELIVERY_NOT_STORABLE = "the database refuses this delivery's data: sending it again cannot help"
+#: What fal is told when storing a delivery failed otherwise (our bug; the log has its traceback).
+DELIVERY_NOT_STORED = "the receiver could not store this delivery (an error of the receiver: see its log)"
 
 
 async def _capped_body(request: Request) -> bytes | None:
@@ -156,6 +169,19 @@ def create_app(
         )
         return JSONResponse({"ok": False, "error": why.reason}, status_code=why.status_code)
 
+    def not_stored(exc: DBAPIError, request: Request) -> Response:
+        """A verified delivery the database did not take, answered for what stopped it: only a
+        locked or unreachable database is "unavailable" (503: fal delivers it again later); a
+        data error is the delivery's (422: retrying the same body cannot help); anything else
+        is ours (500, with a traceback in the log; fal retries, and a fixed receiver takes it)."""
+        problem = database_problem(exc)
+        if db.is_unavailable(exc):
+            return reject(WebhookRejected(DATABASE_UNAVAILABLE, 503), request, problem)
+        if isinstance(exc, DataError):
+            return reject(WebhookRejected(DELIVERY_NOT_STORABLE, 422), request, problem)
+        log.error("webhook not stored: %s", problem, exc_info=exc, extra={"event": "webhook.store_failed"})
+        return reject(WebhookRejected(DELIVERY_NOT_STORED, 500), request, problem)
+
     async def fal_webhook(request: Request) -> Response:
         declared = ascii_int(request.headers.get("content-length"), max_digits=18)
         if declared is not None and declared > MAX_BODY_BYTES:
@@ -180,8 +206,8 @@ def create_app(
 
         try:
             ours = await anyio.to_thread.run_sync(bound_then_received, limiter=receiver_threads)
-        except DBAPIError as exc:  # not stored: a 503 makes fal deliver it again
-            return reject(WebhookRejected(DATABASE_UNAVAILABLE, 503), request, database_problem(exc))
+        except DBAPIError as exc:  # not stored
+            return not_stored(exc, request)
         if not ours:  # signed by fal, but for a request some other account sent: nothing stored
             return reject(WebhookRejected(NOT_OURS, 403), request, f"job {job_id}, attempt {attempt}")
         counts.add(accepted=True)
@@ -189,7 +215,22 @@ def create_app(
         return JSONResponse({"ok": True})
 
     async def healthz(_request: Request) -> Response:
-        return JSONResponse({"ok": True, "accepted": counts.accepted, "rejected": counts.rejected})
+        """The process answers (``ok``), its counts, and whether it can verify fal's signatures
+        now: without keys every delivery is refused (503), which the counts alone would show
+        only once fal had retried in vain. Fetches the keys if a delivery would (none yet), for
+        at most :data:`HEALTHZ_KEYS_WAIT` (a fetch still under way is reported as such); after a
+        failed fetch, none again for 5 s, so asking often fetches no more often."""
+        keys = await anyio.to_thread.run_sync(jwks.health, HEALTHZ_KEYS_WAIT)
+        return JSONResponse(
+            {
+                "ok": True,
+                "accepted": counts.accepted,
+                "rejected": counts.rejected,
+                "can_verify_signatures": keys.can_verify,
+                "signing_keys": keys.keys,
+                "signing_keys_error": keys.error,
+            }
+        )
 
     async def database_unavailable(request: Request, exc: Exception) -> Response:
         """A dashboard page or action met a locked or unreachable database: 503, one line."""

@@ -18,7 +18,9 @@ each what is wrong and what to do about it:
 - **output storage**: ``WANBATCH_OUTPUT_DIR`` (folder or ``s3://``) takes a probe object
   (:meth:`jobs.output_store.OutputStore.check_writable`, what ``run`` checks at start-up);
 - **receiver**: with ``WANBATCH_WEBHOOK_URL``, the ``wanbatch serve`` behind it answers
-  ``GET /healthz`` from this host;
+  ``GET /healthz`` from this host, fal's signing keys can be fetched from
+  ``WANBATCH_WEBHOOK_JWKS_URL`` here, and the receiver says (``/healthz``) it can verify
+  signatures: without keys it refuses every delivery;
 - **limiter**: the submit-rate limiter's Redis (``WANBATCH_LIMITS_URL``, else a Redis broker)
   answers the limiter's own read-only script, as ``run`` and ``worker`` check at start-up
   (:func:`worker.limits.probe_limiter`); embedded without one, the limiter is in process.
@@ -274,8 +276,15 @@ def healthz_url(webhook_url: str) -> str | None:
 
 
 def check_receiver(settings: Settings) -> Check:
-    """With ``WANBATCH_WEBHOOK_URL``: the ``wanbatch serve`` behind it answers ``/healthz``."""
+    """With ``WANBATCH_WEBHOOK_URL``: the ``wanbatch serve`` behind it answers ``/healthz``, and
+    fal's signing keys can be fetched, from this host and (as its ``/healthz`` says) by it:
+    without them every delivery is refused (503), however well the receiver answers."""
     import httpx
+
+    from jobs.printable import one_line
+    from jobs.settings import Settings
+    from worker.fal.webhooks import JwksKeys
+    from worker.running import _sanitized
 
     name = "receiver"
     if not settings.webhook_url:
@@ -310,7 +319,33 @@ def check_receiver(settings: Settings) -> Check:
             f"{probe} answered {answer.status_code}, not as `wanbatch serve` does",
             "make WANBATCH_WEBHOOK_URL lead to `wanbatch serve` (path /webhooks/fal)",
         )
-    return _ok(name, f"{probe} answers (from this host; fal must reach it from the internet)")
+    # Without fal's signing keys the receiver refuses every delivery (503) though it answers.
+    jwks_url = _sanitized(settings.webhook_jwks_url)  # as printed: a password masked
+    here = JwksKeys(settings.webhook_jwks_url, timeout=TIMEOUT).health()
+    if not here.can_verify:
+        fal_jwks = Settings.model_fields["webhook_jwks_url"].default
+        return _fail(
+            name,
+            f"WANBATCH_WEBHOOK_JWKS_URL {jwks_url}: {here.error}; the receiver refuses every "
+            "delivery (503) while it has no keys",
+            f"fix WANBATCH_WEBHOOK_JWKS_URL here and for `wanbatch serve` (fal's: {fal_jwks}), "
+            "or let both hosts reach it (network, HTTPS_PROXY)",
+        )
+    if body.get("can_verify_signatures") is False:  # absent: a wanbatch that does not say
+        said = body.get("signing_keys_error")
+        why = f" ({one_line(said)[:200]})" if isinstance(said, str) and said else ""
+        return _fail(
+            name,
+            f"{probe} answers, but cannot verify fal's signatures{why}: it refuses every "
+            f"delivery (503); this host fetched them from {jwks_url}",
+            "give `wanbatch serve` the WANBATCH_WEBHOOK_JWKS_URL above (a changed setting needs "
+            "a restart), and let its host reach it (network, HTTPS_PROXY)",
+        )
+    return _ok(
+        name,
+        f"{probe} answers (from this host; fal must reach it from the internet); "
+        f"fal's signing keys fetched from {jwks_url}",
+    )
 
 
 def check_limiter(settings: Settings) -> Check:

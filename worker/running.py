@@ -266,28 +266,71 @@ def compact_note(note: str) -> str:
     return note
 
 
+#: How long a run stopped before its first look at the workers waits for that look to end
+#: (a ping takes about a second), so that what it says on the way out is what it found.
+FIRST_LOOK_WAIT_SECONDS = 3.0
+
+
 class _WorkerWatch(threading.Thread):
-    """Warns, at once and then every ``every`` seconds, while no worker answers on the broker.
+    """Warns, at once and then every ``every`` seconds, while no worker answers on the broker,
+    and remembers what it last found (:meth:`seen_alive_recently`).
 
     A thread of its own: a ping takes a second, and a broker that stops answering must not
-    freeze the progress display.
+    freeze the progress display. ``ask`` counts the workers answering (None: the broker could
+    not be asked); :func:`live_workers` unless a test gives another.
     """
 
-    def __init__(self, settings: Settings, say: Callable[[str], None], every: float) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        say: Callable[[str], None],
+        every: float,
+        ask: Callable[[Settings], int | None] = live_workers,
+    ) -> None:
         super().__init__(name="wanbatch-worker-watch", daemon=True)
         self.settings = settings
         self.say = say
         self.every = every
+        self.ask = ask
         self.stopping = threading.Event()
+        self._looked = threading.Event()
+        #: ``(time.monotonic() when the latest look began, workers it found)``; None before one ended.
+        self._latest: tuple[float, int | None] | None = None
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            alive = live_workers(self.settings)
+            began = time.monotonic()
+            alive = self.ask(self.settings)
+            self._latest = (began, alive)  # one assignment: read whole by other threads
+            self._looked.set()
             if alive == 0 and not self.stopping.is_set():
                 self.say(no_worker_warning(self.settings))
             elif alive is None and not self.stopping.is_set():  # the broker itself is down
                 self.say(broker_down_warning(self.settings))
             self.stopping.wait(self.every)
+
+    def seen_alive_recently(self, wait: float = FIRST_LOOK_WAIT_SECONDS) -> bool:
+        """Whether the latest look at the workers found one, and was made within the last two
+        rounds (a look that hangs proves nothing). Before the first look ends, waits for it at
+        most ``wait`` seconds; none by then counts as no worker seen."""
+        self._looked.wait(wait)
+        latest = self._latest
+        if latest is None:
+            return False
+        began, alive = latest
+        return bool(alive) and time.monotonic() - began <= 2 * self.every
+
+
+def stopped_watching(batch_id: str, *, workers_seen: bool) -> str:
+    """What a distributed ``run`` says when Ctrl-C stops it watching: that the workers carry on
+    only when one was seen alive lately; otherwise nothing processes the batch, and saying
+    they carry on would contradict the "no wanbatch worker answers" warning just printed."""
+    if workers_seen:
+        return f"interrupted: stopped watching batch {batch_id}; the workers carry on with it"
+    return (
+        f"interrupted: stopped watching batch {batch_id}; no wanbatch worker was seen alive lately, "
+        "so nothing processes it until one starts (start `wanbatch worker`)"
+    )
 
 
 # --------------------------------------------------------------------------- processing
@@ -315,7 +358,7 @@ def process_batch(
             _watch(batch_id, settings, console, show_progress, stats, conductor=None)
         except _Stop:
             raise Interrupted(
-                f"interrupted: stopped watching batch {batch_id}; the workers carry on with it",
+                stopped_watching(batch_id, workers_seen=watch.seen_alive_recently()),
                 batch_id=batch_id,
                 hint=f"`wanbatch status {batch_id}` follows it; running the same command again watches it",
             ) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -147,8 +148,58 @@ def test_a_live_broker_without_workers_gets_a_warning_and_run_keeps_waiting(
                 proc.kill()
                 proc.wait(10)
     stderr = err_file.read_text()
-    assert "the workers carry on with it" in stderr
+    # No worker was seen: it does not claim they carry on (that contradicted the warning above).
+    assert "the workers carry on" not in stderr
+    assert (
+        "; no wanbatch worker was seen alive lately, so nothing processes it until one starts "
+        "(start `wanbatch worker`)"
+    ) in " ".join(stderr.split())
     assert sim.ledger()["accepted"] == 0  # run itself sends nothing with a broker
+
+
+@pytest.mark.parametrize(("found", "carry_on"), [(2, True), (0, False), (None, False)])
+def test_on_ctrl_c_the_workers_carry_on_only_when_one_was_seen_alive(
+    found: int | None, carry_on: bool
+) -> None:
+    """What `run` says when Ctrl-C stops it watching follows its latest look at the workers:
+    some answered, none did, or the broker could not be asked."""
+    from jobs.settings import Settings
+    from worker.running import _WorkerWatch, stopped_watching
+
+    said: list[str] = []
+    watch = _WorkerWatch(Settings(broker_url=DEAD_BROKER), said.append, every=60.0, ask=lambda _s: found)
+    watch.start()
+    try:
+        seen = watch.seen_alive_recently()
+    finally:
+        watch.stopping.set()
+        watch.join(15)
+    assert seen is carry_on
+    assert ("the workers carry on with it" in stopped_watching("b1", workers_seen=seen)) is carry_on
+    assert (
+        "nothing processes it until one starts" in stopped_watching("b1", workers_seen=seen)
+    ) is not carry_on
+
+
+def test_a_ctrl_c_before_the_first_look_at_the_workers_ended_claims_none() -> None:
+    from jobs.settings import Settings
+    from worker.running import _WorkerWatch
+
+    answer = threading.Event()
+
+    def slow_ping(_settings: object) -> int:
+        answer.wait(30)
+        return 1
+
+    watch = _WorkerWatch(Settings(broker_url=DEAD_BROKER), lambda _line: None, every=60.0, ask=slow_ping)
+    watch.start()
+    try:
+        assert watch.seen_alive_recently(wait=0.0) is False  # not seen (yet): not claimed
+        answer.set()
+        assert watch.seen_alive_recently(wait=30.0) is True
+    finally:
+        watch.stopping.set()
+        watch.join(15)
 
 
 def test_run_watching_the_workers_says_when_the_broker_goes_away() -> None:

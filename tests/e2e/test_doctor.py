@@ -8,6 +8,7 @@ real web app on a loopback port. The key never appears in what the doctor prints
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -23,7 +24,7 @@ from sqlalchemy import create_engine, text
 from bench.distributed import Scenario, claimed_redis_db, environment, start_workers, stop_processes, tail
 from falsim.server import SimulatorHandle
 from jobs.db import SCHEMA_HEAD
-from jobs.settings import get_settings
+from jobs.settings import Settings, get_settings
 from tests.e2e.e2e_helpers import FAL_KEY, Wb
 from tests.hostile import HostileProvider, Recorded, json_reply
 from tests.ports import unused_port
@@ -42,12 +43,12 @@ def _doctor(wb: Wb) -> tuple[int, dict[str, dict[str, Any]], dict[str, Any]]:
     return run.code, {c["name"]: c for c in body["checks"]}, body
 
 
-@pytest.fixture
-def receiver() -> Iterator[str]:
-    """`wanbatch serve`'s app on a free loopback port; its base URL."""
+@contextlib.contextmanager
+def _serving(settings: Settings) -> Iterator[str]:
+    """`wanbatch serve`'s app for ``settings`` on a free loopback port; its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(get_settings()), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
@@ -55,9 +56,25 @@ def receiver() -> Iterator[str]:
         assert thread.is_alive(), "the receiver did not start"
         assert time.monotonic() < deadline, "the receiver did not start"
         time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _sim_jwks(sim: SimulatorHandle) -> str:
+    """The simulator's JWKS: fal's signing keys, as far as these tests go."""
+    return f"{sim.url}/.well-known/jwks.json"
+
+
+@pytest.fixture
+def receiver(sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """`wanbatch serve`'s app on a free loopback port, its keys the simulator's; its base URL."""
+    monkeypatch.setenv("WANBATCH_WEBHOOK_JWKS_URL", _sim_jwks(sim))
+    get_settings.cache_clear()
+    with _serving(get_settings()) as url:
+        yield url
 
 
 def test_all_well_embedded_with_the_simulator(wb: Wb, sim: SimulatorHandle) -> None:
@@ -270,6 +287,7 @@ def test_receiver_checks(
     code, checks, _ = _doctor(wb)
     assert (code, checks["receiver"]["status"]) == (0, "ok"), checks["receiver"]
     assert f"{receiver}/healthz answers" in checks["receiver"]["detail"]
+    assert f"fal's signing keys fetched from {_sim_jwks(sim)}" in checks["receiver"]["detail"]
 
     # Something answers there, but it is not wanbatch serve (the simulator: 401 on /healthz).
     monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{sim.url}/webhooks/fal")
@@ -287,6 +305,39 @@ def test_receiver_checks(
     code, checks, _ = _doctor(wb)
     assert code == 1
     assert "does not end in /webhooks/fal" in checks["receiver"]["detail"]
+
+
+def test_the_receiver_check_fails_while_fal_s_signing_keys_cannot_be_fetched(
+    wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver without keys answers /healthz but refuses every delivery (503): that was "all
+    well". Now the doctor fetches the keys itself, and reads the receiver's own word on them."""
+    nowhere = f"http://127.0.0.1:{unused_port()}/jwks.json"  # nothing listens there
+    monkeypatch.setenv("WANBATCH_WEBHOOK_JWKS_URL", nowhere)
+    get_settings.cache_clear()
+    with _serving(get_settings()) as receiver:
+        monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{receiver}/webhooks/fal")
+        code, checks, _ = _doctor(wb)
+        assert (code, checks["receiver"]["status"]) == (1, "fail")
+        assert checks["receiver"]["detail"] == (
+            f"WANBATCH_WEBHOOK_JWKS_URL {nowhere}: fal's signing keys could not be fetched: "
+            "ConnectError; the receiver refuses every delivery (503) while it has no keys"
+        )
+        assert "fix WANBATCH_WEBHOOK_JWKS_URL here and for `wanbatch serve`" in checks["receiver"]["fix"]
+
+        # This host fetches the keys; the receiver, with its own setting, still cannot, and says so.
+        monkeypatch.setenv("WANBATCH_WEBHOOK_JWKS_URL", _sim_jwks(sim))
+        code, checks, _ = _doctor(wb)
+        assert (code, checks["receiver"]["status"]) == (1, "fail")
+        detail = checks["receiver"]["detail"]
+        assert detail.startswith(
+            f"{receiver}/healthz answers, but cannot verify fal's signatures "
+            "(fal's signing keys could not be fetched: ConnectError"
+        )
+        assert detail.endswith(
+            f"it refuses every delivery (503); this host fetched them from {_sim_jwks(sim)}"
+        )
+        assert "give `wanbatch serve` the WANBATCH_WEBHOOK_JWKS_URL above" in checks["receiver"]["fix"]
 
 
 def test_healthz_url_keeps_a_path_prefix() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -33,7 +34,7 @@ from jobs.models import Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
 from tests.step_runtime import add_batch, make_runtime, settings_for
-from web.app import MAX_BODY_BYTES, create_app
+from web.app import DELIVERY_NOT_STORABLE, MAX_BODY_BYTES, create_app
 from worker.fal.webhooks import JwksKeys, JwksUnavailable, signed_message
 from worker.notifications import EventListener
 from worker.running import process_batch
@@ -44,6 +45,8 @@ from worker.steps.webhooks import apply_pending, binding_token
 S = JobState
 HOOK_URL = "https://hooks.example.test/webhooks/fal"
 RESULT = {"video": {"url": "https://v3.fal.media/files/x/out.mp4"}, "seed": 7}
+#: What ``/healthz`` adds while the receiver holds the signer's one key.
+VERIFIES = {"can_verify_signatures": True, "signing_keys": 1, "signing_keys_error": None}
 
 
 class JwksServer:
@@ -173,7 +176,7 @@ def test_a_valid_delivery_completes_the_job(
     assert after.state == S.DOWNLOADING
     assert after.lease_owner is None  # no runtime here: the tick's schedule_downloads takes it
     assert _deliveries(engine) == {"stored": 1, "repeats": 0, "unprocessed": 0, "ignored": 0}
-    assert client.get("/healthz").json() == {"ok": True, "accepted": 1, "rejected": 0}
+    assert client.get("/healthz").json() == {"ok": True, "accepted": 1, "rejected": 0, **VERIFIES}
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -208,6 +211,57 @@ def test_forged_stale_and_tampered_deliveries_change_nothing(
     assert (after.state, after.version) == (job.state, job.version)
     assert _deliveries(engine)["stored"] == 0
     assert client.get("/healthz").json()["rejected"] == 5
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_a_delivery_holding_what_jsonb_cannot_is_stored_and_applied(
+    engine: Engine, client: TestClient, signer: WebhookSigner, ok: bool
+) -> None:
+    """``\\u0000``, lone surrogates and ``NaN`` are valid to Python's ``json`` but refused by
+    PostgreSQL's ``jsonb`` (on every try: it was answered 503 "database unavailable", so fal
+    retried in vain and the lost submit it proved failed). Stored with U+FFFD (null for NaN),
+    on both databases alike, and applied: here the proof of a lost submit."""
+    job = _sent(engine, request_id=None, unknown=True)
+    payload = {"a": "x\x00y", "b\ud800": ["\udfff", float("nan")], "detail": "boom"}
+    body = webhook_body("req-nul", "req-nul", ok, payload, None if ok else "failed\x00 here")
+    assert all(escape in body for escape in (b"\\u0000", b"\\ud800", b"\\udfff", b"NaN"))  # as sent
+    headers = signer.headers("req-nul", "user-1", body)
+    response = client.post(
+        "/webhooks/fal", params=hook_params(engine, job.id, 1), content=body, headers=headers
+    )
+    assert (response.status_code, response.json()) == (200, {"ok": True})
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id) == (S.DOWNLOADING, "req-nul")  # adopted: the submit was lost
+    with db.session_scope(engine) as session:
+        (stored,) = session.execute(text("SELECT body FROM webhook_deliveries")).scalars()
+    stored = json.loads(stored) if isinstance(stored, str) else stored
+    assert stored["payload"] == {"a": "x\ufffdy", "b\ufffd": ["\ufffd", None], "detail": "boom"}
+    assert stored["error"] == (None if ok else "failed\ufffd here")
+    assert _deliveries(engine) == {"stored": 1, "repeats": 0, "unprocessed": 0, "ignored": 0}
+
+
+def test_a_delivery_the_database_refuses_is_not_called_database_unavailable(
+    engine: Engine, client: TestClient, signer: WebhookSigner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A data error is no outage: fal is told what it is (4xx: retrying the same body cannot
+    help), and the log line says what the database said."""
+    job = _sent(engine, request_id="req-1")
+    request_id = "r" * 300  # signed by fal, but longer than the inbox's request_id column holds
+    body = webhook_body(request_id, "g", True, RESULT, None)
+    headers = signer.headers(request_id, "user-1", body)
+    with caplog.at_level(logging.WARNING, logger="web.app"):
+        response = client.post(
+            "/webhooks/fal", params=hook_params(engine, job.id, 1), content=body, headers=headers
+        )
+    if engine.dialect.name == "sqlite":  # SQLite keeps any length: nothing to refuse
+        assert response.status_code == 200
+        return
+    assert response.status_code == 422
+    assert response.json()["error"] == DELIVERY_NOT_STORABLE
+    assert "unavailable" not in response.json()["error"]
+    assert "value too long" in caplog.text
+    assert _deliveries(engine)["stored"] == 0
+    assert client.get("/healthz").json()["rejected"] == 1
 
 
 def test_a_body_whose_request_id_differs_from_the_signed_one_is_refused(
@@ -352,7 +406,7 @@ def test_a_delivery_for_another_accounts_request_naming_our_job_changes_nothing(
     assert (after.state, after.version, after.request_id) == (job.state, job.version, job.request_id)
     assert after.confirmed_duplicate_charges == 0
     assert _deliveries(engine)["stored"] == 0
-    assert client.get("/healthz").json() == {"ok": True, "accepted": 0, "rejected": len(forged)}
+    assert client.get("/healthz").json() == {"ok": True, "accepted": 0, "rejected": len(forged), **VERIFIES}
 
 
 def test_the_token_is_the_databases_and_every_process_agrees_on_it(engine: Engine, db_url: str) -> None:
@@ -406,6 +460,30 @@ def test_an_unreachable_jwks_answers_503_and_stores_nothing(
     jwks.status = 503
     assert _post(client, signer, job, "req-1") == 503
     assert _deliveries(engine)["stored"] == 0
+
+
+def test_healthz_says_whether_signatures_can_be_verified(
+    engine: Engine, settings: Settings, signer: WebhookSigner, jwks: JwksServer
+) -> None:
+    """Every delivery is refused (503) while fal's keys cannot be fetched: ``/healthz`` says so
+    before fal has retried in vain, fetching the keys itself when it holds none (as the next
+    delivery would), and says so again once they can be fetched."""
+    jwks.status = 503
+    keys = JwksKeys(jwks.url, failure_backoff=0.0)  # tried again at once (else after 5 s)
+    with TestClient(create_app(settings, engine=engine, keys=keys)) as client:
+        health = client.get("/healthz").json()
+        assert health == {
+            "ok": True,
+            "accepted": 0,
+            "rejected": 0,
+            "can_verify_signatures": False,
+            "signing_keys": 0,
+            "signing_keys_error": "fal's signing keys could not be fetched: HTTP 503",
+        }
+        assert _post(client, signer, _sent(engine, request_id="req-1"), "req-1") == 503  # as it said
+        jwks.status = 200
+        assert client.get("/healthz").json() == {"ok": True, "accepted": 0, "rejected": 1, **VERIFIES}
+        assert keys.fetches == 3  # healthz, the delivery, healthz: one fetch each, none more
 
 
 def test_with_a_receiver_polling_is_only_the_late_safety_net(settings: Settings) -> None:

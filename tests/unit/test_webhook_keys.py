@@ -21,6 +21,7 @@ from worker.fal.webhooks import (
     JWKS_MAX_BYTES,
     JwksKeys,
     JwksUnavailable,
+    KeysHealth,
     WebhookRejected,
     signed_message,
     verify_delivery,
@@ -196,6 +197,48 @@ def test_a_delivery_that_needs_a_fetch_under_way_waits_a_bounded_time() -> None:
         jwks.release.set()
         forging.join(SAFETY)
     assert jwks.requests == 2
+
+
+def test_health_fetches_as_a_delivery_would_and_says_what_it_found() -> None:
+    """``/healthz`` and the doctor ask :meth:`JwksKeys.health`: it fetches the keys when none
+    are held (a fresh receiver holds none), no more often than deliveries would, and a failure
+    of a refresh is reported beside the cached keys that still verify."""
+    fal, forger = WebhookSigner(), WebhookSigner()
+    jwks, clock = Jwks(fal), Clock()
+    keys = jwks.keys(clock, refresh_min_seconds=30.0, failure_backoff=5.0)
+    jwks.status = 503
+    assert keys.health() == KeysHealth(False, 0, "fal's signing keys could not be fetched: HTTP 503")
+    refused = keys.health()  # within the back-off: no fetch
+    assert (refused.can_verify, jwks.requests) == (False, 1)
+    assert "not fetched again" in str(refused.error)
+    clock.now += 5
+    jwks.status = 200
+    assert keys.health() == KeysHealth(True, 1, None)
+    assert keys.health() == KeysHealth(True, 1, None)  # cached: no fetch
+    assert jwks.requests == 2
+    clock.now += 40  # a forged delivery forces a refresh, which fails: the cache still verifies
+    jwks.status = 502
+    with pytest.raises(JwksUnavailable):
+        keys.verify(*_signed(forger))
+    assert keys.health() == KeysHealth(True, 1, "fal's signing keys could not be fetched: HTTP 502")
+
+
+def test_health_waits_a_bounded_time_for_a_fetch_that_hangs() -> None:
+    """A container's health check gives ``/healthz`` a few seconds: a fetch that hangs is
+    reported as under way, and its result is there for the next look."""
+    fal = WebhookSigner()
+    jwks, clock = Jwks(fal), Clock()
+    keys = jwks.keys(clock, fetch_wait=SAFETY)
+    jwks.block = True
+    try:
+        pending = keys.health(wait=0.0)
+        assert pending.can_verify is False
+        assert pending.error == "fal's signing keys are being fetched: no answer within 0 s yet"
+        assert jwks.entered.wait(SAFETY)
+    finally:
+        jwks.release.set()
+    assert keys.health(wait=SAFETY) == KeysHealth(True, 1, None)  # that fetch's keys
+    assert jwks.requests == 1
 
 
 def _streaming(chunks: Iterator[bytes], headers: dict[str, str] | None = None) -> httpx.MockTransport:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.db import session_factory
+from tests.ports import unused_port
 from tests.web.web_helpers import (
     FAL_KEY,
     HTML,
@@ -95,7 +96,9 @@ def test_a_refused_action_answers_json_to_a_script(
 def test_without_a_token_other_hosts_get_nothing_but_the_receiver(
     sqlite_engine: Engine, output_dir: Path, batch_id: str
 ) -> None:
-    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    # /healthz fetches fal's keys when it has none: from a closed loopback port, not the internet.
+    keys_nowhere = f"http://127.0.0.1:{unused_port()}/jwks.json"
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, webhook_jwks_url=keys_nowhere))
     remote = client(app, peer=REMOTE, host="dash.example.com")
     for path in ("/", f"/batches/{batch_id}", "/metrics", "/login", "/static/dashboard.css"):
         answer = remote.get(path, headers=HTML)
@@ -105,6 +108,7 @@ def test_without_a_token_other_hosts_get_nothing_but_the_receiver(
     health = remote.get("/healthz")
     assert health.status_code == 200
     assert health.json()["ok"] is True
+    assert health.json()["can_verify_signatures"] is False  # it says so, to anyone
     # The receiver answers for itself (a bad signature is its 4xx, never the dashboard's 403).
     hook = remote.post("/webhooks/fal?job_id=x&attempt=1", content=b"{}")
     assert hook.status_code in (400, 401)

@@ -101,6 +101,16 @@ def keys_of(jwks: object) -> list[Ed25519PublicKey]:
     return keys
 
 
+@dataclass(frozen=True)
+class KeysHealth:
+    """What :meth:`JwksKeys.health` found: ``can_verify`` (there are keys to verify with),
+    how many, and why the last fetch failed (None: it did not)."""
+
+    can_verify: bool
+    keys: int
+    error: str | None
+
+
 class JwksKeys:
     """fal's signing keys, fetched with httpx, cached, and fetched again when none verifies.
 
@@ -236,6 +246,47 @@ class JwksKeys:
             return list(keys)
         finally:
             self._fetching.release()
+
+    def health(self, wait: float | None = None) -> KeysHealth:
+        """Whether a delivery signed with a key of the JWKS can be verified now.
+
+        Fetches the keys when a delivery would (none yet, or too old), under the same rules, so
+        ``GET /healthz`` and ``wanbatch doctor`` see what the next delivery would meet (a
+        receiver that has had no delivery yet has fetched nothing), and asking often fetches no
+        more often than deliveries do. ``wait``: the longest to wait for that fetch (None: until
+        it ends, itself bounded); a fetch still under way then goes on and is reported as such,
+        so a health check with a short timeout still gets its answer in time. Usable keys count
+        even after a failed fetch (one forced by a signature they did not verify); that failure
+        is still reported.
+        """
+        try:
+            keys, due, seen = self._plan(force=False)
+        except JwksUnavailable as exc:
+            return KeysHealth(can_verify=False, keys=0, error=exc.reason)
+        if due:
+            fetched: list[list[Ed25519PublicKey] | JwksUnavailable] = []
+
+            def fetch() -> None:
+                try:
+                    fetched.append(self._refresh(seen))
+                except JwksUnavailable as exc:
+                    fetched.append(exc)
+
+            thread = threading.Thread(target=fetch, name="wanbatch-jwks-fetch", daemon=True)
+            thread.start()
+            thread.join(wait)
+            if not fetched:
+                return KeysHealth(
+                    can_verify=False,
+                    keys=0,
+                    error=f"fal's signing keys are being fetched: no answer within {wait:g} s yet",
+                )
+            if isinstance(fetched[0], JwksUnavailable):
+                return KeysHealth(can_verify=False, keys=0, error=fetched[0].reason)
+            keys = fetched[0]
+        with self._state:
+            failure = self._failure if self._failed_at is not None else None
+        return KeysHealth(can_verify=bool(keys), keys=len(keys), error=failure)
 
     def verify(self, message: bytes, signature: bytes) -> bool:
         """Whether any of fal's keys signed ``message`` (refreshing the keys once if none did)."""

@@ -43,7 +43,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from jobs import db, store
@@ -157,7 +156,7 @@ def receive(inbox: Inbox, delivery: VerifiedDelivery, *, job_id: str | None, att
         apply_delivery(inbox, delivery_id)
     except Exception as exc:  # stored: the tick applies it later; fal must not resend for our bug
         # A locked or unreachable database is no bug: a warning of one line, no traceback.
-        unavailable = isinstance(exc, DBAPIError)
+        unavailable = db.is_unavailable(exc)
         log.log(
             logging.WARNING if unavailable else logging.ERROR,
             "webhook %d: applying failed%s; the tick will try again",
@@ -184,7 +183,7 @@ def _announce(inbox: Inbox, payload: str) -> None:
         with db.session_scope(inbox.engine) as session:
             db.notify_events(session, payload)
     except Exception as exc:
-        unavailable = isinstance(exc, DBAPIError)  # locked, unreachable: one line, no traceback
+        unavailable = db.is_unavailable(exc)  # locked, unreachable: one line, no traceback
         log.warning(
             "could not wake the tick leader (%s)%s; its next tick will do",
             payload,
