@@ -86,9 +86,12 @@ def classify_failure(
     return Outcome.CLIENT_ERROR_AFTER_INFERENCE if ran(metrics) else Outcome.CLIENT_ERROR
 
 
-def classify_cancel(metrics: dict[str, Any] | None) -> Outcome:
-    """A request fal reports cancelled: billed only if it had started running."""
-    return Outcome.CANCELLED_RUNNING if ran(metrics) else Outcome.CANCELLED_IN_QUEUE
+def classify_cancel(metrics: dict[str, Any] | None, *, seen_running: bool = False) -> Outcome:
+    """A request fal reports cancelled: billed only if it had started running — as fal's metrics
+    say (``inference_time``), or as we saw ourselves (``seen_running``: fal said IN_PROGRESS).
+    Either is enough: metrics can be missing (fal's webhooks carry none, legacy apps report
+    none), and a request a runner took is billed whatever we were told of it afterwards."""
+    return Outcome.CANCELLED_RUNNING if seen_running or ran(metrics) else Outcome.CANCELLED_IN_QUEUE
 
 
 def billed(

@@ -185,6 +185,7 @@ __all__ = [
     "settle_delivery",
     "simulated_batch_ids",
     "spent_usd",
+    "status_due",
     "store_delivery",
     "submit_view",
     "take_delivery",
@@ -1558,6 +1559,14 @@ def mark_running(session: Session, fence: Fence, *, next_poll_at: datetime) -> b
     return _move(
         session, fence, JobState.RUNNING, "running at fal", next_attempt_at=next_poll_at, **_UNLEASED
     )
+
+
+def status_due(session: Session, fence: Fence, *, at: datetime) -> bool:
+    """Make a job whose request is at fal due for its next status call at ``at``: fal said the
+    request finished, but not everything needed to settle the job (a webhook carries no run-time
+    metrics, and what a failure or a cancel costs depends on them). No state change, no version
+    bump, the lease left as it is: a status call already in flight settles the job itself."""
+    return update_job_fields(session, fence.job_id, expected_version=fence.version, next_attempt_at=at)
 
 
 def mark_completed(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from itertools import pairwise
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -21,7 +22,9 @@ from jobs import db, store
 from jobs.models import BatchState, Job, JobEvent, utcnow
 from jobs.states import JobState
 from tests.step_runtime import add_batch, job_states, make_runtime, settings_for, wait_until
+from worker.fal.models import Status
 from worker.steps import cancel_jobs_of_cancelled_batches, dispatch, poll, submit
+from worker.steps.poll import record_completion
 
 S = JobState
 KEY = "cancel-order-key-7d41a9"
@@ -141,3 +144,26 @@ def test_cancelling_100k_jobs_is_set_based(engine: Engine) -> None:
             .group_by(JobEvent.from_state, JobEvent.to_state, JobEvent.version)
         ).all()
     assert [(f, t, v, c) for f, t, v, c in events] == [(S.PENDING, S.CANCELLED, 1, n)]
+
+
+@pytest.mark.parametrize("seen", [True, False])
+def test_a_cancel_without_metrics_is_billed_by_what_we_saw_of_the_request(engine: Engine, seen: bool) -> None:
+    """fal's answer to our cancel may carry no ``metrics`` (legacy apps send none; webhooks never
+    do): a request we saw IN_PROGRESS ran, and fal billed it; one never seen running is not."""
+    batch_id = add_batch(engine, "no-metrics", [("fal-ai/wan-22", {"prompt": "p"})])
+    path = [S.SUBMITTING, S.QUEUED, *([S.RUNNING] if seen else []), S.CANCELLING]
+    with db.session_scope(engine) as session:
+        (job,) = store.jobs_of_batch(session, batch_id)
+        for before, after in pairwise([S.PENDING, *path]):
+            assert store.transition(session, job.id, before, after, reason="t")
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job.id)
+        cancelled = Status(
+            state="COMPLETED", error="Request cancelled by client", error_type="client_cancelled"
+        )
+        fence = store.Fence.of(job, "poller")
+        assert not record_completion(session, fence, cancelled, now=utcnow())
+    with db.session_scope(engine) as session:
+        ended = store.get_job(session, job.id)
+        assert (ended.state, ended.error) == (S.CANCELLED, "cancelled by user")
+        assert ended.actual_usd == (ended.est_usd if seen else 0)

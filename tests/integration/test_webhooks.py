@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,25 +23,27 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, inspect, select, text
 from starlette.testclient import TestClient
 
-from falsim import SimulatorOptions, running_simulator
+from falsim import SimulatorHandle, SimulatorOptions, running_simulator
 from falsim.faults import FaultRule
 from falsim.webhooks import WebhookSigner, webhook_body
 from jobs import db, store
 from jobs.batches import batch_report
-from jobs.models import Job, utcnow
+from jobs.models import BatchState, Job, WebhookDelivery, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
-from tests.step_runtime import add_batch, make_runtime, settings_for
+from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
 from web.app import DELIVERY_NOT_STORABLE, MAX_BODY_BYTES, create_app
 from worker.fal.webhooks import JwksKeys, JwksUnavailable, signed_message
 from worker.notifications import EventListener
 from worker.running import process_batch
+from worker.steps import Runtime, dispatch, download, poll, submit
+from worker.steps.context import handle_of
 from worker.steps.poll import _next_poll, first_poll_at
 from worker.steps.submit import webhook_for
-from worker.steps.webhooks import apply_pending, binding_token
+from worker.steps.webhooks import STATUS_DUE, apply_pending, binding_token
 
 S = JobState
 HOOK_URL = "https://hooks.example.test/webhooks/fal"
@@ -347,7 +350,13 @@ def test_a_receiver_without_the_key_masks_a_key_of_fal_s_shape_echoed_bare(
             headers=signer.headers("req-1", "user-1", body),
         )
     assert response.status_code == 200
-    assert _job(engine, job.batch_id).state == S.DOWNLOADING  # applied, with fal's (masked) words
+    # Applied: a failure waits for fal's status (whether it ran decides its bill), asked at once.
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.version) == (S.QUEUED, job.version)
+    assert after.next_attempt_at is not None
+    assert after.next_attempt_at <= utcnow()
+    with db.read_scope(engine) as session:
+        assert session.scalar(select(WebhookDelivery.outcome)) == STATUS_DUE
     with engine.connect() as conn:
         stored = "\n".join(
             str(list(conn.execute(text(f'SELECT * FROM "{table}"'))))
@@ -652,3 +661,149 @@ def test_with_webhooks_a_200_job_run_barely_polls_and_finishes_despite_dropped_d
     paid = Counter(e["input_sha256"] for e in ledger["entries"])
     assert len(paid) == jobs
     assert set(paid.values()) == {1}, "a job was paid twice"
+
+
+# ----------------------------------------------------------------------------- what fal billed
+#
+# fal's webhook body is ``{request_id, gateway_request_id, status, payload, error}``: no metrics.
+# Whether a failed or cancelled request ran (and so what fal billed for it) is only in its status
+# (``metrics.inference_time``), or in what we saw of it ourselves.
+
+
+@dataclass
+class Hooked:
+    """A simulator whose webhooks reach a live receiver on the test's database, and a runtime
+    that sends to it (polling only when a job is due: ``webhook_poll_after`` is far away)."""
+
+    sim: SimulatorHandle
+    rt: Runtime
+
+
+@pytest.fixture
+def hooked(engine: Engine, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Hooked]:
+    """An account running one request at once, each for 30 s (a cancel stops a runner), unless
+    the test passes its own :class:`SimulatorOptions` (indirect parametrization)."""
+    options = getattr(request, "param", None) or SimulatorOptions(
+        concurrency_limit=1, latency_seconds=30.0, latency_jitter=0.0, cancel_stops_running=True, rng_seed=5
+    )
+    with running_simulator(options) as sim:
+        base = settings_for(sim.url, "sim-key", output_dir=tmp_path / "out")
+        receiver = base.model_copy(update={"webhook_jwks_url": f"{sim.url}/.well-known/jwks.json"})
+        server, thread, web_url = _serve(create_app(receiver, engine=engine))
+        hooks = {"webhook_url": f"{web_url}/webhooks/fal", "webhook_poll_after": 600.0}
+        rt = make_runtime(engine, base.model_copy(update=hooks))
+        try:
+            yield Hooked(sim, rt)
+        finally:
+            rt.client.close()
+            server.should_exit = True
+            thread.join(timeout=10)
+
+
+def _sent_to_fal(hooked: Hooked, engine: Engine, inputs: list[dict[str, Any]]) -> list[Job]:
+    """A batch of ``inputs`` for fal-ai/wan-22, each submitted once, in item order."""
+    batch_id = add_batch(engine, "billed", [("fal-ai/wan-22", payload) for payload in inputs])
+    claimed = dispatch(hooked.rt)
+    assert len(claimed) == len(inputs)
+    for job_id in claimed:
+        assert submit(hooked.rt, job_id) == "submitted"
+    with db.session_scope(engine) as session:
+        jobs = list(store.jobs_of_batch(session, batch_id))
+        for job in jobs:
+            session.expunge(job)
+    return jobs
+
+
+def _delivery_applied(engine: Engine, request_id: str) -> bool:
+    """Whether the receiver stored and applied a webhook of ``request_id``."""
+    with db.read_scope(engine) as session:
+        found = session.scalar(
+            select(WebhookDelivery.id).where(
+                WebhookDelivery.request_id == request_id, WebhookDelivery.processed_at.is_not(None)
+            )
+        )
+    return found is not None
+
+
+def _current(engine: Engine, job_id: str) -> Job:
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        session.expunge(job)
+        return job
+
+
+def _settle(hooked: Hooked, engine: Engine, job_id: str) -> Job:
+    """Run the steps a worker would (poll what is due, download what completed) until the job
+    ends; the job as it ended."""
+
+    def step() -> None:
+        poll(hooked.rt)
+        if _current(engine, job_id).state == S.DOWNLOADING:
+            download(hooked.rt, job_id)
+
+    wait_until(lambda: JobState(_current(engine, job_id).state).terminal, step=step)
+    return _current(engine, job_id)
+
+
+def _ledger_entry(sim: SimulatorHandle, request_id: str | None) -> dict[str, Any]:
+    return next(dict(e) for e in sim.ledger()["entries"] if e["request_id"] == request_id)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("where", ["running", "queued"])
+@pytest.mark.parametrize("first", ["our cancelling", "fal's webhook"])
+def test_a_cancel_answered_by_webhook_ends_cancelled_and_billed_as_fal_billed(
+    engine: Engine, hooked: Hooked, where: str, first: str
+) -> None:
+    """``wanbatch cancel`` with a receiver: the job ends ``cancelled``, with what fal billed —
+    all of it when its request was running, nothing when it waited in fal's queue — whichever
+    lands first, our ``queued`` → ``cancelling`` or fal's webhook of the cancelled request.
+
+    In our records both jobs are ``queued`` (with a receiver nothing is polled before
+    ``webhook_poll_after``), though at fal the first runs and the second waits behind it."""
+    jobs = _sent_to_fal(hooked, engine, [{"prompt": "a boat"}, {"prompt": "a kite"}])
+
+    def first_runs() -> bool:
+        return _ledger_entry(hooked.sim, jobs[0].request_id)["started_at"] is not None
+
+    wait_until(first_runs, step=lambda: None)
+    job = jobs[0] if where == "running" else jobs[1]
+    assert job.state == S.QUEUED
+    fence = store.Fence.of(job, "cancel-step")  # read before the cancel, as the cancel step does
+    with db.session_scope(engine) as session:
+        store.set_batch_state(session, job.batch_id, BatchState.CANCELLED, reason="cancelled by user")
+        if first == "our cancelling":
+            assert store.mark_cancelling(session, fence, reason="cancel requested at fal")
+    hooked.rt.client.cancel(handle_of(job, hooked.rt.settings.fal_queue_url))
+    wait_until(lambda: _delivery_applied(engine, str(job.request_id)), step=lambda: None)
+    if first == "fal's webhook":
+        poll(hooked.rt)  # the tick's next poll can come before our own move lands
+        with db.session_scope(engine) as session:
+            store.mark_cancelling(session, fence, reason="cancel requested at fal")  # lands or not
+
+    ended = _settle(hooked, engine, job.id)
+    entry = _ledger_entry(hooked.sim, job.request_id)
+    assert entry["outcome"] == "cancelled"
+    assert entry["billed"] is (where == "running")
+    assert (ended.state, ended.error_type) == (S.CANCELLED, "client_cancelled")
+    assert ended.error == "cancelled by user"
+    assert ended.actual_usd == (job.est_usd if where == "running" else 0)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize(
+    "hooked", [SimulatorOptions(concurrency_limit=2, latency_seconds=0.2, rng_seed=5)], indirect=True
+)
+def test_a_422_after_inference_reported_by_webhook_is_billed_as_fal_billed(
+    engine: Engine, hooked: Hooked
+) -> None:
+    """fal's runner rejected the input after spending GPU time (422, "may still be charged"):
+    its webhook says only ``Invalid status code: 422``; the status's inference time says it ran."""
+    (job,) = _sent_to_fal(hooked, engine, [{"resolution": "480p"}])  # no prompt: the runner refuses it
+    wait_until(lambda: _delivery_applied(engine, str(job.request_id)), step=lambda: None)
+
+    ended = _settle(hooked, engine, job.id)
+    entry = _ledger_entry(hooked.sim, job.request_id)
+    assert (entry["outcome"], entry["billed"]) == ("invalid", True)
+    assert ended.state == S.FAILED
+    assert ended.actual_usd == job.est_usd

@@ -17,7 +17,7 @@ from jobs.errors import (
     ProviderError,
     WanbatchError,
 )
-from jobs.models import utcnow
+from jobs.models import BatchState, utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
 from worker import telemetry
@@ -195,15 +195,46 @@ def _protocol_error(
         )
 
 
-def _cancel_outcome(status: Status) -> billing.Outcome:
+#: fal's ``error_type`` for a request cancelled at a client's request (ours: a cancel we sent).
+CLIENT_CANCELLED = "client_cancelled"
+
+
+def _cancel_outcome(status: Status, *, seen_running: bool) -> billing.Outcome:
     """How a request we asked to cancel ended, for billing: cancelled (queued or running) or an
     error. One that fal had already timed out in its queue (the start timeout it carried) never
-    ran: billed as cancelled there."""
-    if status.error_type in (None, "client_cancelled"):
-        return billing.classify_cancel(status.metrics)
+    ran: billed as cancelled there. ``seen_running``: we saw it IN_PROGRESS ourselves
+    (:func:`_seen_running`), so it ran, whatever metrics the answer carries."""
+    if status.error_type in (None, CLIENT_CANCELLED):
+        return billing.classify_cancel(status.metrics, seen_running=seen_running)
     if timed_out_unstarted(status):
         return billing.Outcome.CANCELLED_IN_QUEUE
     return billing.classify_failure(None, status.error_type, status.metrics)
+
+
+def _seen_running(session: Session, fence: Fence) -> bool:
+    """Whether the job's current request was seen IN_PROGRESS: it is ``running``, or its history
+    since its last submit has it there (``running`` → ``cancelling``)."""
+    if fence.state == S.RUNNING:
+        return True
+    for event in reversed(store.job_events(session, fence.job_id)):
+        if S.RUNNING in (event.to_state, event.from_state):
+            return True
+        if event.to_state == S.SUBMITTING:  # the current attempt began here
+            return False
+    return False
+
+
+def _ended_by_our_cancel(session: Session, fence: Fence, status: Status) -> bool:
+    """Whether ``status`` is fal's answer to a cancel we asked for: the job is ``cancelling``, or
+    fal ended its request as ``client_cancelled`` while its batch is cancelled — our cancel was
+    sent, and fal's answer (a webhook, a poll) came before the job's own ``queued``/``running``
+    → ``cancelling`` was stored (it is sent first, then stored), or instead of it."""
+    if fence.state == S.CANCELLING:
+        return True
+    if fence.state not in (S.QUEUED, S.RUNNING) or status.error_type != CLIENT_CANCELLED:
+        return False
+    job = store.get_job(session, fence.job_id)
+    return store.get_batch(session, job.batch_id).state == BatchState.CANCELLED
 
 
 def record_completion(
@@ -216,7 +247,8 @@ def record_completion(
     download_owner: str = DOWNLOAD_QUEUE,
 ) -> bool:
     """fal says the request is COMPLETED (a status answer or a webhook): the job goes on to
-    ``downloading`` — or, being cancelled and ended by the cancel, to ``cancelled``.
+    ``downloading`` — or, ended by a cancel we asked for, to ``cancelled``, billed by whether
+    the request ran (fal's metrics, or our own sight of it running).
 
     Compare-and-set on ``fence``, so a poll and a webhook racing each other are harmless.
     ``download_queued_until``: the caller queues the download itself once this commits (the
@@ -224,11 +256,13 @@ def record_completion(
     worker when the download runs in its process); None leaves it unleased for the tick's
     ``schedule_downloads``. True when the caller must now queue the download.
     """
-    if fence.state == S.CANCELLING and status.failed:
+    if status.failed and _ended_by_our_cancel(session, fence, status):
         job = store.get_job(session, fence.job_id)
-        outcome = _cancel_outcome(status)
+        outcome = _cancel_outcome(status, seen_running=_seen_running(session, fence))
         ended = f"cancelled at fal ({status.error_type or status.error})"
-        if job.error_type in (WINDOW_CLOSED, DEADLINE):  # the batch's schedule asked the cancel
+        # The batch's schedule asked the cancel (only a ``cancelling`` job says so: a job's
+        # error_type may be an earlier attempt's otherwise).
+        if fence.state == S.CANCELLING and job.error_type in (WINDOW_CLOSED, DEADLINE):
             why = job.error_type
             end_unstarted(session, fence, job, status, why=why, how=ended, now=now, outcome=outcome)
             return False

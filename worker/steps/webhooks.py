@@ -8,6 +8,12 @@ compare-and-set on the job's state and version), so a webhook and a poll racing 
 * the job's own request, ``queued``/``running``/``cancelling`` → ``downloading`` (or
   ``cancelled``), the download queued at once when a runtime can queue it, else found by the
   tick's ``schedule_downloads``;
+* the same request *failed* (``ERROR``, a cancel included): the job is made due for a status
+  call at once instead (``status due``), and the poller settles it from fal's status. A webhook
+  carries no run-time metrics (``{request_id, gateway_request_id, status, payload, error}``),
+  and what fal bills for a failure or a cancel depends on whether the request ran: a 422 after
+  inference time or a cancel while running is billed, the same before a runner took it is not.
+  settled from the webhook alone, each would be recorded as costing nothing;
 * a request we never recorded, for the job's current attempt, while that attempt's POST is in
   flight or its answer was lost (``submitting`` with its input recorded, ``submit_unknown``):
   proof that fal accepted it. The job adopts the request id (``queued``, then as above) and
@@ -62,9 +68,12 @@ log = logging.getLogger(__name__)
 _AT_FAL = (S.QUEUED, S.RUNNING, S.CANCELLING)
 #: Tries to apply one delivery when the job keeps moving under it; then the tick tries again.
 _TRIES = 3
-#: Outcomes that moved a job: the tick leader is woken (:func:`jobs.db.notify_events`, on
-#: PostgreSQL) to queue its download and fill the slot it freed, in whichever process it runs.
-_MOVED = ("completed", "adopted")
+#: What applying a failure reported by webhook does: the job waits for fal's status, asked at once.
+STATUS_DUE = "status due: a failure by webhook says not whether the request ran"
+#: Outcomes after which the tick leader has work (:func:`jobs.db.notify_events`, on PostgreSQL),
+#: in whichever process it runs: a moved job's download to queue and the slot it freed to fill,
+#: or a job due for its status call now.
+_WAKES = ("completed", "adopted", STATUS_DUE)
 
 
 #: The :class:`~jobs.models.InstanceSecret` that keys the webhook URLs' tokens.
@@ -205,8 +214,8 @@ def apply_pending(rt: Runtime, limit: int = 200) -> int:
 
 def apply_delivery(inbox: Inbox, delivery_id: int) -> str:
     """Apply one stored delivery to its job; returns what it did (stored as its ``outcome``):
-    ``completed``, ``adopted``, ``duplicate-charge``, ``ignored: …``, ``deferred`` (the job kept
-    moving; the tick tries again) or ``taken`` (already applied)."""
+    ``completed``, ``adopted``, :data:`STATUS_DUE`, ``duplicate-charge``, ``ignored: …``,
+    ``deferred`` (the job kept moving; the tick tries again) or ``taken`` (already applied)."""
     queue: str | None = None
     with db.session_scope(inbox.engine) as session:
         delivery = store.take_delivery(session, delivery_id)
@@ -217,7 +226,7 @@ def apply_delivery(inbox: Inbox, delivery_id: int) -> str:
             store.defer_delivery(session, delivery_id, "deferred: the job kept moving")
             return "deferred"
         store.settle_delivery(session, delivery_id, outcome)
-        if outcome in _MOVED and delivery.job_id is not None:  # heard at commit, with the move
+        if outcome in _WAKES and delivery.job_id is not None:  # heard at commit, with the move
             db.notify_events(session, f"webhook:{delivery.job_id}")
         if queue is not None:
             session.commit()
@@ -240,6 +249,13 @@ def status_of(body: dict[str, Any]) -> Status:
     if body.get("status") != "OK" and error is None and error_type is None:
         error = "fal reported the request failed"
     return Status(state="COMPLETED", error=error, error_type=error_type, raw=body)
+
+
+def settles(status: Status) -> bool:
+    """Whether a completion fal reported is enough to settle its job: a success always (billed
+    in full, ran or not); a failure only with the run time the bill depends on
+    (``metrics.inference_time``), which fal's status carries and its webhooks never do."""
+    return not status.failed or "inference_time" in status.metrics
 
 
 def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[str | None, str | None]:
@@ -313,6 +329,22 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                 },
             )
             return "duplicate-charge", None
+        if not settles(status):
+            if not store.status_due(session, fence, at=now):
+                continue
+            log.info(
+                "job %s: fal reported %s failed (%s); its status says whether it ran: asked now",
+                job.id,
+                delivery.request_id,
+                status.error_type or status.error,
+                extra={
+                    "event": "webhook.status_due",
+                    "job_id": job.id,
+                    "batch_id": job.batch_id,
+                    "request_id": delivery.request_id,
+                },
+            )
+            return (outcome if outcome == "adopted" else STATUS_DUE), None
         queue = record_completion(session, fence, status, now=now, download_queued_until=queued_until)
         if S(store.get_job(session, job.id).state) != fence.state:
             return outcome, job.id if queue else None
