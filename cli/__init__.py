@@ -61,7 +61,8 @@ from typing import NoReturn  # noqa: E402
 import click  # noqa: E402
 
 from cli import batch_commands, doctor_command, manifest_commands, service_commands, startup  # noqa: E402
-from cli.output import EXIT_OK  # noqa: E402
+from cli.output import EXIT_OK, path_failure  # noqa: E402
+from jobs.printable import printable  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -160,9 +161,11 @@ def main() -> None:
     Click runs with ``standalone_mode=False`` so this function decides what reaches the user:
     a usage mistake is one ``error:`` line (exit 2), ``--help``/``--version`` behave as always,
     Ctrl-C is one ``interrupted`` line (exit 130) until a command's own handling takes over
-    (``run``'s says how to resume), and anything unexpected — a bug — is one ``internal error``
-    line (exit 70) instead of a traceback. Deliberate errors never get here: every command turns
-    :class:`~jobs.errors.WanbatchError` into its message and exit code.
+    (``run``'s says how to resume), an OSError about a path that no check explained is one
+    ``error: PATH: REASON`` line (exit 2: the user's path, not a bug), and anything else
+    unexpected — a bug — is one ``internal error`` line (exit 70) instead of a traceback.
+    Deliberate errors never get here: every command turns :class:`~jobs.errors.WanbatchError`
+    into its message and exit code.
     """
     replaced = _exit_on_interrupt()  # already done at import for the console script
     try:
@@ -214,6 +217,11 @@ def _main() -> None:
             sys.exit(EXIT_INTERRUPTED)
         print("Aborted!", file=sys.stderr)
         sys.exit(1)
+    except OSError as exc:  # a path nothing before explained (outside guarded: a callback, an option)
+        if (usage := path_failure(exc)) is None:
+            _internal_error(exc)
+        print(f"error: {printable(str(usage))}", file=sys.stderr)
+        sys.exit(usage.exit_code)
     except Exception as exc:  # the safety net: a bug still gets one line, not a traceback
         _internal_error(exc)
     sys.exit(code if isinstance(code, int) else EXIT_OK)

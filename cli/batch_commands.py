@@ -546,8 +546,16 @@ def _exit_interrupted(exc: Interrupted, as_json: bool, hint: str) -> NoReturn:
 
 
 def _may_name_a_batch(ref: Path) -> bool:
-    """Whether ``run REF`` may mean a stored batch: no such file, a bare name, no manifest suffix."""
-    return not (ref.exists() or len(ref.parts) != 1 or ref.suffix.lower() in (".yaml", ".yml", ".json"))
+    """Whether ``run REF`` may mean a stored batch: no such file, a bare name, no manifest suffix.
+
+    A name that cannot be looked at as a file (longer than a file name may be, a symlink loop)
+    is no file: it may still name a batch, whose name has no such limit.
+    """
+    from jobs.fs import file_kind
+
+    if len(ref.parts) != 1 or ref.suffix.lower() in (".yaml", ".yml", ".json"):
+        return False
+    return isinstance(file_kind(ref), OSError)
 
 
 def _refuse_unknown_ref(ref: Path, settings: Settings) -> None:

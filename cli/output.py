@@ -31,7 +31,8 @@ from rich.markup import escape as markup_escape
 from rich.table import Table
 from rich.text import Text
 
-from jobs.errors import Issue, ManifestError, WanbatchError
+from jobs.errors import Issue, ManifestError, UsageError, WanbatchError
+from jobs.fs import path_error
 from jobs.money import usd_text
 from jobs.printable import one_line, printable
 from jobs.states import JobState
@@ -94,12 +95,25 @@ def fail(exc: WanbatchError, as_json: bool) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+def path_failure(exc: OSError) -> UsageError | None:
+    """The last resort for an OSError about a path that no check before it explained (a name
+    longer than the file system allows, a folder without permission): a usage error, exit 2,
+    ``<path>: <reason>``. None for one that names no path: that is a fault, not bad input."""
+    message = path_error(exc)
+    return None if message is None else UsageError(message)
+
+
 def guarded(as_json: bool, action: Callable[[], int | None]) -> None:
-    """Run ``action``; turn deliberate errors into a message and the contract's exit code."""
+    """Run ``action``; turn deliberate errors — and an OSError about a path the user gave
+    (:func:`path_failure`) — into a message and the contract's exit code."""
     try:
         code = action()
     except WanbatchError as exc:
         fail(exc, as_json)
+    except OSError as exc:
+        if (usage := path_failure(exc)) is None:
+            raise
+        fail(usage, as_json)
     sys.exit(code or EXIT_OK)
 
 

@@ -48,6 +48,7 @@ from sqlalchemy.orm import Session
 from jobs import store
 from jobs.errors import UsageError, WanbatchError
 from jobs.export import FIELDS, record, write_atomically
+from jobs.fs import file_kind, is_missing, os_reason, shown_path
 from jobs.models import Batch, Job
 from jobs.money import usd_json, usd_text
 from jobs.pricing import add_units, unit_symbol, units_text
@@ -405,8 +406,7 @@ def write_hf(
     """Write the batch (a Batch, or its id, id prefix or name) as a Hugging Face ``videofolder``
     at ``dest`` (see the module docstring)."""
     batch = batch_ref if isinstance(batch_ref, Batch) else store.get_batch(session, batch_ref)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise UsageError(f"-o {str(dest)!r} exists and is not an empty folder; choose a new folder")
+    _refuse_taken(dest)
     made = _missing_folders(dest.parent)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -435,6 +435,24 @@ def write_hf(
         _remove_empty(made)
         raise
     return summary
+
+
+def _refuse_taken(dest: Path) -> None:
+    """:class:`UsageError` unless ``dest`` is missing or an empty folder. What cannot be looked
+    at (a name too long for the file system, a folder without permission, a symlink loop) is
+    refused with the system's reason, before anything is made."""
+    kind: str | OSError = file_kind(dest)
+    if isinstance(kind, OSError) and is_missing(kind):
+        return
+    if kind == "folder":
+        try:
+            if not any(dest.iterdir()):
+                return
+        except OSError as exc:  # a folder it may not list
+            kind = exc
+    if isinstance(kind, OSError):
+        raise UsageError(f"cannot write the export to {shown_path(dest)!r}: {os_reason(kind)}")
+    raise UsageError(f"-o {str(dest)!r} exists and is not an empty folder; choose a new folder")
 
 
 def _folder_bytes(folder: Path) -> int:

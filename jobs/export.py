@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.errors import UsageError
+from jobs.fs import file_kind, is_missing, os_reason, shown_path
 from jobs.models import Batch, Job
 
 #: First characters that make a spreadsheet treat a cell as a formula (OWASP CSV Injection).
@@ -198,17 +199,6 @@ def write_file(rows: Iterator[dict[str, Any]], fmt: str, output: Path) -> int:
     return write_atomically(output, f"export.{fmt}", text)
 
 
-def _is_special(output: Path) -> bool:
-    """Whether ``output`` exists and is no regular file: a device (``/dev/null``,
-    ``/dev/stdout``'s terminal), a named pipe, a socket. Renaming a temporary file over one would
-    replace it (as root, ``-o /dev/null`` turned ``/dev/null`` into a regular file)."""
-    try:
-        mode = output.stat().st_mode  # follows links: /dev/stdout → /proc/self/fd/1 → a pipe
-    except OSError:
-        return False
-    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
-
-
 def _write_through(output: Path, fill: Callable[[IO[bytes]], int]) -> int:
     """Write straight into a device or pipe (no temporary file, no rename, no fsync: neither
     has a name to publish nor a disk to sync); its errors are one line, like a file's."""
@@ -230,9 +220,13 @@ def write_atomically(output: Path, example_name: str, fill: Callable[[IO[bytes]]
     :class:`UsageError` (one line) when ``output`` is a folder (``example_name`` shows what a
     file name could be) or cannot be created or written.
     """
-    if output.is_dir():
+    kind = file_kind(output)
+    if isinstance(kind, OSError) and not is_missing(kind):  # too long a name, no permission, a loop
+        raise UsageError(f"cannot write the export to {shown_path(output)!r}: {os_reason(kind)}")
+    if kind == "folder":
         raise UsageError(f"-o {str(output)!r} is a folder; give a file name such as {output / example_name}")
-    if _is_special(output):
+    if kind == "other":  # a device (/dev/null, /dev/stdout → a pipe), a FIFO, a socket: renaming
+        # a temporary file over one would replace it (as root, -o /dev/null made it a regular file)
         return _write_through(output, fill)
     if output.is_symlink():  # replace the file it points at; the link stays a link
         output = output.resolve()

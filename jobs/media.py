@@ -26,6 +26,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from enum import Enum
@@ -35,6 +36,7 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from jobs.endpoints import FieldType, MediaConstraints
+from jobs.fs import is_missing, os_reason, shown_path
 
 ALLOWED_FORMS = "a local file path (inside the manifest's folder), an http(s) URL or a base64 data URI"
 #: What a local path outside the allowed folders could be instead.
@@ -209,12 +211,22 @@ def check_data_uri(value: str, kind: FieldType, limits: MediaConstraints) -> lis
 def check_file(path: Path, kind: FieldType, limits: MediaConstraints) -> list[MediaProblem]:
     """Check a local file (cached by path, size and modification time)."""
     try:
-        stat = path.stat()
-    except (OSError, ValueError):  # ValueError: a NUL in the path
+        info = path.stat()
+    except ValueError:  # a NUL in the path
         return [MediaProblem(f"file not found: {path}", "an existing file " + _formats(limits))]
-    if not path.is_file():
+    except OSError as exc:  # missing, or there but not to be read (permissions, a symlink loop)
+        if is_missing(exc):
+            return [
+                MediaProblem(f"file not found: {shown_path(path)}", "an existing file " + _formats(limits))
+            ]
+        return [
+            MediaProblem(
+                f"cannot read {shown_path(path)}: {os_reason(exc)}", "a readable file " + _formats(limits)
+            )
+        ]
+    if not stat.S_ISREG(info.st_mode):
         return [MediaProblem(f"not a regular file: {path}", "a regular file " + _formats(limits))]
-    return list(_check_file_cached(str(path), stat.st_size, stat.st_mtime_ns, kind, limits))
+    return list(_check_file_cached(str(path), info.st_size, info.st_mtime_ns, kind, limits))
 
 
 @lru_cache(maxsize=4096)
@@ -305,12 +317,12 @@ def _mb(size: int) -> str:
 def file_sha256(path: Path) -> str | None:
     """Hex sha256 of a file's bytes, cached by path, size and mtime; None when unreadable."""
     try:
-        stat = path.stat()
+        info = path.stat()
     except (OSError, ValueError):
         return None
-    if not path.is_file():
+    if not stat.S_ISREG(info.st_mode):
         return None
-    return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
+    return _sha256_cached(str(path), info.st_size, info.st_mtime_ns)
 
 
 @lru_cache(maxsize=65536)

@@ -52,6 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from jobs import outputs
 from jobs.errors import WanbatchError
+from jobs.fs import file_kind, os_reason, shown_path
 from jobs.output_location import CONTROL_CHARS, is_s3_url, parse_s3_url, split_uri
 from jobs.outputs import OutputWriteError
 
@@ -236,7 +237,8 @@ class LocalOutputStore(OutputStore):
 
     def free_bytes(self) -> int | None:
         folder = self.root.resolve()
-        while not folder.exists() and folder != folder.parent:  # not created yet: its disk is the parent's
+        # Not created yet (or not to be looked at): its disk is the parent's.
+        while isinstance(file_kind(folder), OSError) and folder != folder.parent:
             folder = folder.parent
         try:
             return shutil.disk_usage(folder).free
@@ -589,8 +591,8 @@ def _probe_folder(folder: Path, name: str) -> None:
             os.close(fd)
             Path(probe).unlink(missing_ok=True)
     except OSError as exc:
-        reason = "it is a file, not a folder" if folder.is_file() else (exc.strerror or str(exc))
-        raise OutputWriteError(f"{name} {str(folder)!r} cannot take the outputs: {reason}") from None
+        reason = "it is a file, not a folder" if file_kind(folder) == "file" else os_reason(exc)
+        raise OutputWriteError(f"{name} {shown_path(folder)!r} cannot take the outputs: {reason}") from None
 
 
 def _check_echo(answer: Any, checksum: str, where: str) -> None:

@@ -156,6 +156,21 @@ def _listed(value: object, separators: str) -> object:
     return [part.strip() for part in text.split(separators[0]) if part.strip()]
 
 
+def _home_expanded(path: Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded, as a shell would have done it (and as a
+    manifest's own paths are): taken literally, ``WANBATCH_OUTPUT_DIR='~/out'`` (quoted, or set in
+    a ``.env`` or a compose file, where no shell expands it) made a folder named ``~`` wherever the
+    command ran. ValueError when the home folder is unknown: the setting names a folder nobody meant."""
+    if not str(path).startswith("~"):
+        return path
+    try:
+        return path.expanduser()
+    except RuntimeError:  # "~nosuchuser", or no HOME and no password entry
+        raise ValueError(
+            f"starts with {path.parts[0]!r}, whose home folder is unknown: give the folder in full"
+        ) from None
+
+
 class FalSettings(_Section):
     """Where fal is, the key that pays for it, and how long to wait for it."""
 
@@ -454,6 +469,12 @@ class DownloadSettings(_Section):
             data["output_dir"] = data.get("output_staging_dir") or DEFAULT_STATE_DIR / "staging"
         return data
 
+    @field_validator("output_dir", "output_staging_dir")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        """``~/out`` is the home folder's ``out``, not ``./~/out`` (:func:`_home_expanded`)."""
+        return None if value is None else _home_expanded(value)
+
     @field_validator("output_dir", mode="before")
     @classmethod
     def _refuse_bad_url(cls, value: object) -> object:
@@ -485,6 +506,13 @@ class InputSettings(_Section):
     @classmethod
     def _split_dirs(cls, value: object) -> object:
         return _listed(value, os.pathsep + ",")
+
+    @field_validator("allowed_input_dirs")
+    @classmethod
+    def _expand_homes(cls, value: list[Path]) -> list[Path]:
+        """``~/media`` is the home folder's ``media`` (:func:`_home_expanded`), as ``--allow-dir``
+        takes it from a shell."""
+        return [_home_expanded(folder) for folder in value]
 
 
 class WebhookSettings(_Section):

@@ -17,6 +17,7 @@ from typing import Any
 
 from jobs.endpoints import EndpointSpec, get_endpoint, known_endpoint_ids
 from jobs.errors import Issue, ManifestError, did_you_mean
+from jobs.fs import file_kind, os_reason, shown_path
 from jobs.manifest.checks import DuplicateJobs, outside_issues, resolve_input
 from jobs.manifest.items_from import csv_value, read_items
 from jobs.manifest.keys import job_key
@@ -191,10 +192,30 @@ class Manifest:
                     )
                 )
             index += 1
-        if self.items_from is None or not self.items_from.is_file():
+        if self.items_from is None:
+            return
+        kind = file_kind(self.items_from)  # again: it may have changed since the manifest was parsed
+        if kind != "file":  # gone or unreadable: said; a folder or a FIFO now (reading would block): skipped
+            if isinstance(kind, OSError):
+                sink.append(self._unreadable(kind))
             return
         display = self.items_from_display or str(self.items_from)
-        yield from read_items(self.items_from, display, index, sink)
+        try:
+            yield from read_items(self.items_from, display, index, sink)
+        except OSError as exc:  # unreadable (permissions), or gone since the manifest was parsed
+            sink.append(self._unreadable(exc))
+
+    def _unreadable(self, exc: OSError) -> Issue:
+        """The ``items_from`` file could not be read: said where the manifest names it, with the
+        system's reason ("permission denied"), like an unreadable image — not a traceback."""
+        return Issue(
+            file=self.display,
+            line=self.items_from_line,
+            item=None,
+            field="items_from",
+            message=f"cannot read the items_from file {shown_path(str(self.items_from))}: {os_reason(exc)}",
+            allowed="a readable JSONL or CSV file",
+        )
 
     def _expand(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import stat
 import zoneinfo
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 
 from jobs.endpoints import known_endpoint_ids
 from jobs.errors import DEADLINE_PASSED, NEVER_OPENS, Issue, ManifestError, did_you_mean
+from jobs.fs import file_kind, is_missing, os_reason, shown_path
 from jobs.manifest.checks import duplicate_key_issues, outside_message
 from jobs.manifest.expand import MAX_JOBS, Manifest, too_many_jobs_message
 from jobs.manifest.items_from import ITEMS_FROM_SUFFIXES
@@ -77,17 +79,23 @@ def parse_manifest(
         issues.append(Issue(file=display, line=line, item=None, field=fld, message=message, **kw))
 
     try:
-        size = p.stat().st_size
-    except OSError:
+        info = p.stat()
+        if not stat.S_ISREG(info.st_mode):
+            top("not a regular file")
+            return None, issues
+        if info.st_size > MAX_MANIFEST_BYTES:
+            top(
+                f"the manifest is {info.st_size:,} bytes; refused (at most {MAX_MANIFEST_BYTES:,}); "
+                "use items_from"
+            )
+            return None, issues
+        data = p.read_bytes()
+    except OSError as exc:  # missing, or there but unreadable: say which
+        top("manifest file not found" if is_missing(exc) else f"cannot read the manifest: {os_reason(exc)}")
+        return None, issues
+    except ValueError:  # a NUL in the path
         top("manifest file not found")
         return None, issues
-    if not p.is_file():
-        top("not a regular file")
-        return None, issues
-    if size > MAX_MANIFEST_BYTES:
-        top(f"the manifest is {size:,} bytes; refused (at most {MAX_MANIFEST_BYTES:,}); use items_from")
-        return None, issues
-    data = p.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
         text = data.decode("utf-8-sig")
@@ -315,19 +323,22 @@ def _parse_items(root: LMap, manifest: Manifest, top: _Report) -> None:
                         "WANBATCH_ALLOWED_INPUT_DIRS"
                     ),
                 )
-            elif not resolved.is_file():
-                there = resolved.exists()  # a folder, a named pipe (reading it would block), a device
-                top(
-                    f"items_from is not a regular file: {resolved}"
-                    if there
-                    else f"items_from file not found: {resolved}",
-                    where,
-                    "items_from",
-                    value=source,
-                    allowed=(
-                        "a regular JSONL or CSV file" if there else "a path relative to the manifest's folder"
-                    ),
-                )
+            elif (kind := file_kind(resolved)) != "file":
+                if isinstance(kind, OSError):  # missing, or there but not to be read: say which
+                    message = (
+                        f"items_from file not found: {shown_path(resolved)}"
+                        if is_missing(kind)
+                        else f"cannot read the items_from file {shown_path(resolved)}: {os_reason(kind)}"
+                    )
+                    allowed = (
+                        "a path relative to the manifest's folder"
+                        if is_missing(kind)
+                        else "a readable JSONL or CSV file"
+                    )
+                else:  # a folder, a named pipe (reading it would block), a device
+                    message = f"items_from is not a regular file: {shown_path(resolved)}"
+                    allowed = "a regular JSONL or CSV file"
+                top(message, where, "items_from", value=source, allowed=allowed)
             else:
                 manifest.items_from = resolved
                 manifest.items_from_display = str(Path(manifest.display).parent / source)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,49 @@ from jobs.settings import get_settings
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "manifests" / "examples"
 FAL_KEY = "test-key-e2e-5f0c1d9a"  # distinctive, so a leak is found by a plain substring search
+
+#: The installed console script: what a user runs (``cli.main``, exit codes, one line on stderr).
+WANBATCH = str(Path(sys.executable).with_name("wanbatch"))
+
+
+def wanbatch(
+    *args: str | Path, env: dict[str, str] | None = None, timeout: float = 60, prefix: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run the console script with the test's environment (plus ``env``), behind ``prefix``
+    (such as :func:`without_read_override`)."""
+    return subprocess.run(
+        [*prefix, WANBATCH, *map(str, args)],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_one_line(done: subprocess.CompletedProcess[str], *phrases: str, code: int = 2) -> str:
+    """Exit ``code``, one non-empty stderr line containing every phrase, no traceback."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert len(lines) == 1, done.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]
+
+
+def without_read_override() -> list[str]:
+    """A command prefix under which a mode-000 file or folder is unreadable, as it is to a user.
+
+    Root reads any file (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so a test run as root (a
+    container, CI) would never see "permission denied": there ``setpriv`` (util-linux) drops
+    both capabilities for the command it runs. Anyone else lacks them already: no prefix.
+    """
+    if os.geteuid() != 0:
+        return []
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
 
 #: Timing that keeps a simulated run well under a second per job.
 #: Two unseeded image-to-video jobs (fal picks the seeds); ``{name}`` is the batch name. Used by

@@ -15,35 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.e2e_helpers import EXAMPLES, Wb
+from tests.e2e.e2e_helpers import EXAMPLES, WANBATCH, Wb, assert_one_line, wanbatch
 
-WANBATCH = str(Path(sys.executable).with_name("wanbatch"))
 QUICKSTART = EXAMPLES / "quickstart.yaml"
-
-
-def wanbatch(
-    *args: str | Path, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Run the console script with the test's environment (plus ``env``)."""
-    return subprocess.run(
-        [WANBATCH, *map(str, args)],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def assert_one_line(done: subprocess.CompletedProcess[str], *phrases: str, code: int = 2) -> str:
-    """Exit ``code``, one non-empty stderr line containing every phrase, no traceback."""
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in done.stderr + done.stdout, done.stderr
-    assert done.returncode == code, (done.returncode, done.stderr)
-    assert len(lines) == 1, done.stderr
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ variable and what is allowed, never a failure found by the first job (or never f
 - the fal URLs (queue, REST, webhook, JWKS): ``abc``, ``ftp://x`` or an empty queue URL once
   made every job fail with "unsupported URL";
 - an in-memory SQLite database: each connection saw its own empty database ("no such table");
-- an empty ``WANBATCH_OUTPUT_DIR``: outputs landed in whatever folder the command ran in;
+- an empty ``WANBATCH_OUTPUT_DIR``: outputs landed in whatever folder the command ran in; and
+  ``~/out`` in a folder setting made a folder named ``~`` there;
 - the chaos points: a typo was a traceback in a worker's log the first time a job reached the
   point, and ``run`` waited forever.
 """
@@ -12,6 +13,7 @@ variable and what is allowed, never a failure found by the first job (or never f
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -107,6 +109,30 @@ def test_database_files_and_servers_are_taken(url: str, monkeypatch: pytest.Monk
 @pytest.mark.parametrize("value", ["", "   "])
 def test_an_empty_output_dir_is_refused(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "is empty" in _refused(monkeypatch, "WANBATCH_OUTPUT_DIR", value)
+
+
+def test_a_leading_tilde_in_a_folder_setting_is_the_home_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``WANBATCH_OUTPUT_DIR='~/out'`` (quoted, or from a .env: no shell expands it) wrote to
+    ``./~/out``; a manifest's paths expand ``~``, and so do the folder settings now."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", "~/out")
+    monkeypatch.setenv("WANBATCH_ALLOWED_INPUT_DIRS", "~/media,/srv/media")
+    settings = get_settings()
+    assert settings.output_dir == tmp_path / "out"
+    assert settings.allowed_input_dirs == [tmp_path / "media", Path("/srv/media")]
+    get_settings.cache_clear()
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", "s3://bucket/prefix")
+    monkeypatch.setenv("WANBATCH_OUTPUT_STAGING_DIR", "~/staging")
+    settings = get_settings()
+    assert settings.output_dir == settings.output_staging_dir == tmp_path / "staging"
+
+
+@pytest.mark.parametrize("variable", ["WANBATCH_OUTPUT_DIR", "WANBATCH_ALLOWED_INPUT_DIRS"])
+def test_a_tilde_of_an_unknown_user_is_refused(variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _refused(monkeypatch, variable, "~no-such-user-wanbatch/out")
+    assert "'~no-such-user-wanbatch', whose home folder is unknown" in message
 
 
 @pytest.mark.parametrize("variable", ["WANBATCH_CHAOS_CRASH_POINTS", "WANBATCH_CHAOS_STOP_POINTS"])

@@ -1,0 +1,78 @@
+"""Why a local path cannot be used, in the operating system's own words — never a guess.
+
+``Path.exists()`` and ``Path.is_file()`` raise for some errors (a name longer than the file
+system allows, a folder the user may not search) and answer False for others (missing, a
+symlink loop). A caller that asks them either crashes with a traceback, or calls a file that is
+there but unreadable, or a link that leads back to itself, "not found". :func:`file_kind`
+looks once and keeps the error; :func:`os_reason` says what it means; :func:`path_error` is the
+one line for an OSError about a path that nothing else explained.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+#: Errors that mean "there is nothing at this path" (a missing file, or a part of the path that
+#: is a file where a folder should be).
+_MISSING = frozenset({errno.ENOENT, errno.ENOTDIR})
+_REASONS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ELOOP: "a symlink loop (a link that leads back to itself)",
+    errno.ENAMETOOLONG: "the name is too long for the file system",
+}
+#: Longest path shown in a message; a longer one keeps its start and its end around ``…``.
+SHOWN_PATH_CHARS = 120
+
+
+def is_missing(exc: OSError) -> bool:
+    """Whether ``exc`` says there is nothing at the path (not: it is there, but unusable)."""
+    return exc.errno in _MISSING
+
+
+def os_reason(exc: OSError) -> str:
+    """What ``exc`` means: "not found", "permission denied", "a symlink loop …", "the name is
+    too long …", else the system's own words (``strerror``, "No space left on device")."""
+    if is_missing(exc):
+        return "not found"
+    if exc.errno in _REASONS:
+        return _REASONS[exc.errno]
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def file_kind(path: str | os.PathLike[str]) -> str | OSError:
+    """``"file"``, ``"folder"`` or ``"other"`` (a named pipe, a device, a socket) for what
+    ``path`` leads to (symlinks followed); the OSError when it cannot be looked at, which says
+    why (:func:`os_reason`). A NUL in the path is an OSError too (EINVAL), not a ValueError."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError as exc:
+        return exc
+    except ValueError:
+        return OSError(errno.EINVAL, "the path contains a NUL character", os.fspath(path))
+    if stat.S_ISREG(mode):
+        return "file"
+    return "folder" if stat.S_ISDIR(mode) else "other"
+
+
+def shown_path(path: str | os.PathLike[str] | bytes, limit: int = SHOWN_PATH_CHARS) -> str:
+    """``path`` as text for a message, cut in the middle (``/tmp/bbbb…bbbb.yaml``) when longer
+    than ``limit``: its start says where, its end which file."""
+    text = os.fsdecode(path)
+    if len(text) <= limit:
+        return text
+    tail = limit // 3
+    return text[: limit - tail - 1] + "…" + text[-tail:]
+
+
+def path_error(exc: OSError) -> str | None:
+    """``<path>: <reason>`` for an OSError that names a path (a file that could not be opened,
+    a folder that could not be made), or None when it names none: that is not the user's input
+    but a fault of the program or the machine."""
+    name = exc.filename
+    if name is None or not isinstance(name, str | bytes | os.PathLike):
+        return None
+    return f"{shown_path(name)}: {os_reason(exc)}"
