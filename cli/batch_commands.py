@@ -37,8 +37,8 @@ from cli.output import (
     print_report,
     print_summary,
     print_warnings,
+    report_ref,
     say,
-    shell_ref,
     short_id,
     usd,
 )
@@ -484,7 +484,7 @@ def _run_and_report(
     # Stopped because its user paused it meanwhile: the same as a run of a paused batch (exit 2,
     # saying how to go on), not exit 1, which says jobs failed or were cancelled.
     paused = command != "cancel" and _held_by_user(report)
-    extra = {"ok": False, "error": batches.paused_line(report["name"], shell_ref(report))} if paused else {}
+    extra = {"ok": False, "error": batches.paused_line(report["name"], report_ref(report))} if paused else {}
     if as_json:
         emit_json(
             {

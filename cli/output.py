@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -34,7 +33,7 @@ from rich.text import Text
 from jobs.errors import Issue, ManifestError, UsageError, WanbatchError
 from jobs.fs import path_error
 from jobs.money import usd_text
-from jobs.printable import one_line, printable
+from jobs.printable import one_line, printable, shell_ref
 from jobs.states import JobState
 
 if TYPE_CHECKING:
@@ -318,11 +317,9 @@ GAP = 2
 # --------------------------------------------------------------------------- one batch
 
 
-def shell_ref(report: BatchReport) -> str:
-    """How to name the batch in a command to type: its name, unless the shell would need quotes."""
-    return (
-        report["name"] if re.fullmatch(r"[\w.@+-]+", report["name"], re.ASCII) else short_id(report["batch"])
-    )
+def report_ref(report: BatchReport) -> str:
+    """How to name the reported batch in a command to type (:func:`jobs.printable.shell_ref`)."""
+    return shell_ref(report["name"], report["batch"])
 
 
 def batch_heading(report: BatchReport) -> str:
@@ -381,10 +378,10 @@ def idle_text(report: BatchReport) -> str:
     seen = report["processed_at"]
     words = not_processing(datetime.fromisoformat(seen) if seen else None, now=datetime.now(UTC))
     # A user's pause is ended by `resume` only: a run (or a worker) of a paused batch sends nothing.
-    first = f"after `wanbatch resume {shell_ref(report)}`, " if _paused_by_user(report) else ""
+    first = f"after `wanbatch resume {report_ref(report)}`, " if _paused_by_user(report) else ""
     if report["simulated"]:  # only a --simulate run sends a simulation; workers never do
-        return f"{words}: {first}`wanbatch run {shell_ref(report)} --simulate` goes on"
-    return f"{words}: {first}`wanbatch run {shell_ref(report)}`, or a worker, goes on"
+        return f"{words}: {first}`wanbatch run {report_ref(report)} --simulate` goes on"
+    return f"{words}: {first}`wanbatch run {report_ref(report)}`, or a worker, goes on"
 
 
 def _paused_by_user(report: BatchReport) -> bool:
@@ -484,7 +481,7 @@ def print_report(report: BatchReport) -> None:
     out.print(batch_heading(report))
     if report["state"] == "paused":  # fal refused the account, or the outputs could not be written
         reason = report["pause_reason"] or "see the log"
-        say(escape(f"paused: {reason}; fix it, then `wanbatch run {shell_ref(report)}` goes on"), "yellow")
+        say(escape(f"paused: {reason}; fix it, then `wanbatch run {report_ref(report)}` goes on"), "yellow")
     out.print(status_table(report))
     say(escape(progress_text(report)))
     for line in money_line(report).splitlines():
@@ -492,7 +489,7 @@ def print_report(report: BatchReport) -> None:
     # "schedule: paused by user", "…: waiting for window (opens …)", "…: past deadline: …"
     schedule = [f"schedule: {report['schedule_state']}"] if report["schedule_state"] else []
     if report["schedule_state"] == PAUSED_BY_USER:  # work is left, and `resume` lets it go on
-        schedule[-1] += f" (`wanbatch resume {shell_ref(report)}` goes on)"
+        schedule[-1] += f" (`wanbatch resume {report_ref(report)}` goes on)"
     elif _paused_by_user(report) and report["schedule_state"].startswith(SCHEDULE_OVER):
         schedule.append(pause_over_text(report))
     if report["priority"] != "normal":

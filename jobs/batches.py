@@ -6,7 +6,6 @@ functions, so "what `submit` does" has exactly one definition.
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,6 +35,7 @@ from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import too_much_usd, usd_json, usd_text
 from jobs.pricing import Totals, estimate_job
+from jobs.printable import shell_ref
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
 from jobs.states import UNFINISHED_STATES, JobState
@@ -926,7 +926,7 @@ def refuse_cancel_without_key(session: Session, batch: Batch, settings: Settings
         raise ConfigError(
             f"FAL_KEY is not set: {held} job(s) of batch {batch.name} are at fal, and cancelling "
             f"them there needs the key; nothing was cancelled (export FAL_KEY=<your fal API key>, "
-            f"then run `wanbatch cancel {shell_ref(batch)}` again)"
+            f"then run `wanbatch cancel {shell_ref(batch.name, batch.id)}` again)"
         )
 
 
@@ -946,13 +946,7 @@ def refuse_paused(session: Session, batch: Batch) -> None:
     if not batch.paused_by_user or batch.state == BatchState.CANCELLED:
         return
     if store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id):
-        raise UsageError(paused_line(batch.name, shell_ref(batch)))
-
-
-def shell_ref(batch: Batch) -> str:
-    """How to name ``batch`` in a command to type: its name, unless the shell would need it
-    quoted (then its id's first 12 characters)."""
-    return batch.name if re.fullmatch(r"[\w.@+-]+", batch.name) else batch.id[:12]
+        raise UsageError(paused_line(batch.name, shell_ref(batch.name, batch.id)))
 
 
 def status(ref: str | None, settings: DatabaseSettings) -> list[BatchReport]:
@@ -1011,7 +1005,7 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
     with db.session_scope(engine) as session:
         batch = store.get_batch(session, ref)
         label = f"{batch.name} ({batch.id[:12]})"
-        short = shell_ref(batch)  # what to type in a hint
+        short = shell_ref(batch.name, batch.id)  # what to type in a hint
         counts = store.counts_by_state(session, batch.id)
         total = sum(counts.values())
         terminal = sum(counts[s.value] for s in JobState if s.terminal)
@@ -1181,7 +1175,7 @@ def rerun_batch(
         if not rows:
             raise NothingToRerun(_nothing_to_rerun(session, parent, failed_only))
         if unseeded:
-            raise UsageError(_still_running(parent.name, len(unseeded)))
+            raise UsageError(_still_running(parent, len(unseeded)))
         rows, warnings = _once_each(rows)
         name = _rerun_name(session, parent)
         batch, created = store.get_or_create_batch(
@@ -1227,13 +1221,14 @@ def _rerun_name(session: Session, parent: Batch) -> str:
     return f"{parent.name}-rerun-{number}"
 
 
-def _still_running(name: str, count: int) -> str:
+def _still_running(batch: Batch, count: int) -> str:
     """Why a rerun of a batch whose seeds are not all known yet would not reproduce it."""
     jobs = "job has" if count == 1 else "jobs have"
+    ref = shell_ref(batch.name, batch.id)
     return (
-        f"batch {name} is still running: {count} {jobs} not finished, and the seed fal picks for "
+        f"batch {batch.name} is still running: {count} {jobs} not finished, and the seed fal picks for "
         f"them is not known yet, so a rerun would draw other seeds and not reproduce them; wait "
-        f"until `wanbatch status {name}` says done, or pass --new-seeds for fresh seeds"
+        f"until `wanbatch status {ref}` says done, or pass --new-seeds for fresh seeds"
     )
 
 

@@ -13,6 +13,7 @@ this (``json.dumps`` escapes control characters itself).
 
 from __future__ import annotations
 
+import os
 import re
 
 #: C0 controls but tab and line feed, DEL, C1 controls, and the bidirectional embeddings,
@@ -50,3 +51,35 @@ def control_character(text: str) -> str | None:
     character, line break, tab or bidirectional override), or None when there is none."""
     found = _NOT_ONE_LINE.search(text)
     return None if found is None else _escaped_one_line(found)
+
+
+#: A batch name a shell passes as one word, unchanged: no quoting, globbing or expansion needed.
+_SHELL_WORD = re.compile(r"[\w.@+-]+", re.ASCII)
+#: The suffixes that make ``wanbatch run REF`` read REF as a manifest file, never a batch name.
+_FILE_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".csv")
+#: Characters of the batch id a hint shows instead of the name: unique in practice, and long
+#: enough (``store.MIN_ID_PREFIX`` is 6) for every command that takes a batch.
+SHELL_ID_CHARS = 12
+
+
+def shell_ref(name: str, batch_id: str) -> str:
+    """How to name a batch in a command the user copies from a hint (``wanbatch resume REF``):
+    its name when that is one shell word every command reads as this batch, else its id's first
+    :data:`SHELL_ID_CHARS` characters.
+
+    A name is not enough when the shell would need it quoted, when click would read it as an
+    option (``-h`` printed help; ``--json`` was "Missing argument"), or when ``run REF`` would
+    read it as a file instead of the batch: ``.`` and ``..``, a manifest or items suffix
+    (``base.yaml`` ran that file), a name longer than a file name may be, or a file of that name
+    in the current folder (where the user types the hint).
+    """
+    if (
+        _SHELL_WORD.fullmatch(name)
+        and not name.startswith("-")
+        and name not in (".", "..")
+        and not name.lower().endswith(_FILE_SUFFIXES)
+        and len(name.encode()) <= 255
+        and not os.path.lexists(name)
+    ):
+        return name
+    return batch_id[:SHELL_ID_CHARS]

@@ -46,6 +46,7 @@ from jobs.digits import ascii_int
 from jobs.errors import NotFoundError, UsageError, WanbatchError
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import usd_text
+from jobs.printable import shell_ref
 from jobs.settings import Settings
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 from web.auth import SESSION_COOKIE, Access, TokenGate, safe_next, session_value
@@ -491,13 +492,13 @@ class Dashboard:
         if at_fal and simulated:  # at a --simulate run's simulator: no worker touches them
             message += (
                 f"; {at_fal} job(s) its simulator holds are cancelled there by the `wanbatch run "
-                f"--simulate` processing it, or by `wanbatch cancel {name} --simulate`"
+                f"--simulate` processing it, or by `wanbatch cancel {shell_ref(name, batch_id)} --simulate`"
             )
         elif at_fal:
             by = (
                 "the workers"
                 if self.settings.broker_url
-                else f"the `wanbatch run` processing it, or by `wanbatch cancel {name}`"
+                else f"the `wanbatch run` processing it, or by `wanbatch cancel {shell_ref(name, batch_id)}`"
             )
             message += f"; {at_fal} job(s) fal holds are cancelled there by {by}"
         return Outcome(message, batch_id, {"batch": batch_id, "cancelled_at_once": at_once, "at_fal": at_fal})
@@ -517,12 +518,13 @@ class Dashboard:
         result = batches.rerun_batch(
             batch.id, failed_only=True, settings=self.settings, simulated=batch.simulated
         )
+        ref = shell_ref(result.name, result.batch_id)
         if result.simulated:
-            then = f"a simulation: nothing sends it until `wanbatch run {result.name} --simulate`"
+            then = f"a simulation: nothing sends it until `wanbatch run {ref} --simulate`"
         elif self.settings.broker_url:
             then = "the workers send it"
         else:
-            then = f"nothing sends it until `wanbatch run {result.name}` (no workers: no WANBATCH_BROKER_URL)"
+            then = f"nothing sends it until `wanbatch run {ref}` (no workers: no WANBATCH_BROKER_URL)"
         message = f"created batch {result.name} with {result.added} job(s) of {batch.name}: {then}"
         return Outcome(message, result.batch_id, result.as_dict())
 

@@ -33,7 +33,7 @@ from jobs import db, store
 from jobs.batches import BatchReport, batch_progress, batch_report, progress_forecast
 from jobs.db import open_engine
 from jobs.errors import ConfigError, WanbatchError
-from jobs.printable import printable
+from jobs.printable import printable, shell_ref
 from jobs.settings import Settings
 from jobs.states import JobState
 from worker.limits import unreachable_note
@@ -566,8 +566,9 @@ def _watch(
             )
             return True
         if current["paused_by_user"] and at_provider == 0:
+            ref = shell_ref(current["name"], batch_id)
             progress.console.print(
-                f"[yellow]batch paused by its user: `wanbatch resume {shown(current['name'])}`, "
+                f"[yellow]batch paused by its user: `wanbatch resume {ref}`, "
                 "then run the same command again to go on[/yellow]"
             )
             return True

@@ -7,6 +7,8 @@ send any more (a cancelled or finished batch) is a usage error (exit 2) in one l
 
 from __future__ import annotations
 
+import re
+import shlex
 from datetime import timedelta
 from pathlib import Path
 
@@ -292,3 +294,45 @@ def test_status_of_a_paused_batch_says_resume_goes_on(wb: Wb, manifest: MakeMani
     assert "nothing is processing it: after `wanbatch resume night`, `wanbatch run" in wb("status").stdout
     assert wb("resume", "night").code == 0
     assert "after `wanbatch resume" not in wb("status", "night").stdout
+
+
+ONE_JOB = """\
+name: {name}
+endpoint: fal-ai/wan-i2v
+items:
+  - {{prompt: a, image_url: images/landscape.jpg, resolution: 480p, seed: 1}}
+"""
+
+
+@pytest.mark.parametrize(
+    "name",
+    # An option (help; "Missing argument"), a folder ("not a regular file"), a manifest file
+    # beside it (it ran that file), an items suffix, a name the shell splits, a folder of that name.
+    ["-h", "--json", "..", ".", "base.yaml", "rows.jsonl", "my batch", "images"],
+)
+def test_the_commands_hints_suggest_work_for_any_batch_name(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, name: str
+) -> None:
+    """Copied from `status`, `run` and `resume`, each suggested command acts on the batch, not
+    on a file of that name (`base.yaml`, another batch's manifest, is never sent)."""
+    manifest("base", ONE_JOB.format(name="decoy"))
+    (manifest("m", "").parent / "rows.jsonl").write_text('{"prompt": "b"}\n', encoding="utf-8")
+    batch = _submitted(wb, manifest("m", ONE_JOB.format(name=f"{name!r}".replace("'", '"'))))
+    assert wb("pause", batch).code == 0
+
+    hint = re.search(r"`wanbatch resume ([^`]+)` goes on", " ".join(wb("status", batch).stdout.split()))
+    assert hint is not None
+    ref = shlex.split(hint.group(1))
+    refused = wb("run", *ref, "--no-progress")
+    assert refused.code == 2, refused.stderr
+    assert f"nothing of it is sent until `wanbatch resume {hint.group(1)}`" in refused.stderr
+
+    resumed = wb("resume", *ref)
+    assert resumed.code == 0, resumed.stderr
+    assert resumed.stdout.startswith(f"resumed batch {name} ({batch[:12]})")
+    run_hint = re.search(r"`wanbatch run ([^`]+)` \(or the workers", " ".join(resumed.stdout.split()))
+    assert run_hint is not None
+    done = wb("run", *shlex.split(run_hint.group(1)), "--no-progress", "--json")
+    assert done.code == 0, done.stderr
+    assert (done.json()["batch"], done.json()["counts"]["succeeded"]) == (batch, 1)
+    assert sim.ledger()["accepted"] == 1

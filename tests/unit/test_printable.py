@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from cli.output import escape
-from jobs.printable import printable
+from jobs.printable import printable, shell_ref
 from worker.logs import formatter_for
 
 HOSTILE = "done\x1b]0;pwned\x07\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J\x9b31m\u202eevil\x00\x7f"
@@ -68,3 +68,20 @@ def test_one_line_escapes_line_breaks_and_tabs_too() -> None:
     assert control_character("tokyo sweep") is None
     assert control_character("tokyo\tsweep\n") == "\\t"
     assert control_character("a\u2028b") == "\\u2028"
+
+
+BATCH_ID = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("name", ["night", "seed-sweep_2.v1", "a@b+c", "rows.jsonlx"])
+def test_a_hint_names_a_batch_by_a_name_that_is_one_plain_word(name: str) -> None:
+    assert shell_ref(name, BATCH_ID) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["-h", "--json", ".", "..", "a/b", "x.YAML", "x.yml", "x.json", "x.csv", "my batch", "$HOME", "b" * 300],
+)
+def test_a_hint_names_a_batch_by_its_id_when_the_name_would_be_read_otherwise(name: str) -> None:
+    """An option, a path, a manifest or items file, shell syntax, or longer than a file name."""
+    assert shell_ref(name, BATCH_ID) == BATCH_ID[:12]
