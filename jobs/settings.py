@@ -16,8 +16,10 @@ settings object can be logged without leaking the key.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from functools import lru_cache
@@ -144,13 +146,22 @@ def _http_url(value: str, example: str) -> str:
     return url.rstrip("/")
 
 
+#: What starts a JSON list: ``[`` then a string, the end of the list, or nothing (a broken list).
+#: ``[::1]:8443`` (an IPv6 host, as the README writes one) starts with ``[`` too and is no JSON.
+_JSON_LIST = re.compile(r'\[\s*(?:"|\]|$)')
+
+
 def _listed(value: object, separators: str) -> object:
-    """A JSON list, or text split at any of ``separators`` (blanks dropped); other values as is."""
+    """A JSON list of strings, or text split at any of ``separators`` (blanks dropped); other
+    values as is."""
     if not isinstance(value, str):
         return value
     text = value.strip()
-    if text.startswith("["):
-        return json.loads(text)
+    if _JSON_LIST.match(text):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"starts like a JSON list but is not one ({exc})") from None
     for separator in separators[1:]:
         text = text.replace(separator, separators[0])
     return [part.strip() for part in text.split(separators[0]) if part.strip()]
@@ -169,6 +180,68 @@ def _home_expanded(path: Path) -> Path:
         raise ValueError(
             f"starts with {path.parts[0]!r}, whose home folder is unknown: give the folder in full"
         ) from None
+
+
+#: The forms of a ``WANBATCH_DOWNLOAD_ALLOWED_HOSTS`` entry, as an error message lists them.
+ALLOWED_HOST_FORMS = (
+    "each entry is host, host:port, *.suffix, [IPv6] or [IPv6]:port, comma-separated "
+    "(e.g. *.fal.media,media.example:8443)"
+)
+#: A host name (or an IPv4 address): dot-separated labels of letters, digits, ``-`` and ``_``
+#: (some storage hosts use it), neither starting nor ending with ``-``; a final dot is allowed.
+_HOST_NAME = re.compile(
+    r"(?=[^:]{1,254}$)(?!-)[a-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9_-]{1,63}(?<!-))*\.?",
+    re.ASCII | re.IGNORECASE,
+)
+
+
+def allowed_host_entry(entry: str) -> tuple[str, int | None]:
+    """A ``WANBATCH_DOWNLOAD_ALLOWED_HOSTS`` entry as ``(host as compared, port or None for any)``.
+
+    ``host``, ``*.suffix``, ``host:port``, ``[v6]`` and ``[v6]:port`` (RFC 3986 §3.2.2 brackets an
+    IPv6 literal so its colons are not read as a port); a bare IPv6 literal is a host, any port.
+    Anything else (``*``, ``host:abc``, a URL) is a ValueError naming the entry: such an entry
+    matched no host, so the downloads it was meant to allow were refused after fal had been paid.
+    The host is compared in lower case, without brackets or a final dot.
+    """
+    text = entry.strip()
+    if text.startswith("["):
+        inside, closed, rest = text[1:].partition("]")
+        if not closed or not _is_ipv6(inside):
+            raise _bad_host_entry(entry, "not an IPv6 address in brackets")
+        if rest and not rest.startswith(":"):
+            raise _bad_host_entry(entry, "not [IPv6] or [IPv6]:port")
+        return inside.lower(), _entry_port(entry, rest[1:]) if rest else None
+    if text.count(":") > 1:
+        if _is_ipv6(text):  # its last group is no port
+            return text.lower(), None
+        raise _bad_host_entry(entry, "a URL, not a host" if "://" in text else "not a host or host:port")
+    name, colon, port = text.partition(":")
+    if "/" in text or "@" in text:
+        raise _bad_host_entry(entry, "a URL, not a host")
+    if not _HOST_NAME.fullmatch(name.removeprefix("*.")):
+        raise _bad_host_entry(entry, "not a host name")
+    return name.lower().rstrip("."), _entry_port(entry, port) if colon else None
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _entry_port(entry: str, port: str) -> int:
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise _bad_host_entry(entry, f"its port {port!r} is not a number from 1 to 65535")
+    return int(port)
+
+
+def _bad_host_entry(entry: str, reason: str) -> ValueError:
+    # A URL's user and password are not echoed: settings may be shown where others read them.
+    shown = re.sub(r"^([a-z][a-z0-9+.-]*://)?[^/]*@", r"\1***@", entry.strip(), flags=re.IGNORECASE)
+    return ValueError(f"entry {shown!r}: {reason}; {ALLOWED_HOST_FORMS}")
 
 
 class FalSettings(_Section):
@@ -443,7 +516,12 @@ class DownloadSettings(_Section):
     @field_validator("download_allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
+        """Comma-separated (or a JSON list), each entry checked: one that matches no host is
+        refused here, not found when the paid outputs cannot be downloaded."""
         hosts = _listed(value, ",")
+        for entry in hosts if isinstance(hosts, list) else ():
+            if isinstance(entry, str):
+                allowed_host_entry(entry)
         return (hosts or None) if isinstance(value, str) else hosts
 
     @model_validator(mode="before")
@@ -635,7 +713,10 @@ def get_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(f"{_setting_name(err['loc'])}: {err['msg']}" for err in exc.errors())
+        # A validator's own words, without pydantic's "Value error, " before them.
+        problems = "; ".join(
+            f"{_setting_name(err['loc'])}: {err['msg'].removeprefix('Value error, ')}" for err in exc.errors()
+        )
         raise ConfigError(f"invalid configuration: {problems}") from None
     except SettingsError as exc:  # a source pydantic-settings could not read
         raise ConfigError(f"invalid configuration: {exc}") from None

@@ -84,6 +84,7 @@ def test_an_unsupported_sqlite_url_option_is_one_line(tmp_path: Path) -> None:
         ("WANBATCH_OUTPUT_DIR", ""),
         ("WANBATCH_CHAOS_CRASH_POINTS", "abc"),
         ("WANBATCH_CHAOS_STOP_POINTS", "after_post:abc"),
+        ("WANBATCH_DOWNLOAD_ALLOWED_HOSTS", "https://media.example:8443/"),
     ],
 )
 def test_malformed_settings_stop_run_before_anything_is_stored(

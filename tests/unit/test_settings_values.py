@@ -155,3 +155,58 @@ def test_malformed_chaos_points_are_refused_at_load(
 def test_well_formed_chaos_points_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANBATCH_CHAOS_CRASH_POINTS", "before_post:0.1, after_post : 1,mid_download")
     assert get_settings().chaos_crash_points
+
+
+@pytest.mark.parametrize(
+    ("value", "hosts"),
+    [
+        # The README's own forms; an IPv6 entry first was read as JSON ("Expecting value").
+        ("[::1]:8443,*.fal.media", ["[::1]:8443", "*.fal.media"]),
+        ("[::1]", ["[::1]"]),
+        (
+            "::1, media.internal.example:8443, CDN.Example.",
+            ["::1", "media.internal.example:8443", "CDN.Example."],
+        ),
+        ('["storage.googleapis.com", "[fe80::1]:9000"]', ["storage.googleapis.com", "[fe80::1]:9000"]),
+        ("127.0.0.1:8000,files_1.example", ["127.0.0.1:8000", "files_1.example"]),
+    ],
+)
+def test_allowed_hosts_take_every_documented_form(
+    value: str, hosts: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANBATCH_DOWNLOAD_ALLOWED_HOSTS", value)
+    assert get_settings().download_allowed_hosts == hosts
+
+
+@pytest.mark.parametrize(
+    ("value", "phrase"),
+    [
+        ("*", "entry '*': not a host name"),
+        ("*.fal.media,host:abc", "entry 'host:abc': its port 'abc' is not a number from 1 to 65535"),
+        ("media.example:0", "its port '0' is not a number"),
+        ("https://media.example:8443/", "entry 'https://media.example:8443/': a URL, not a host"),
+        ("media.example/videos", "a URL, not a host"),
+        ("[media.example]:443", "not an IPv6 address in brackets"),
+        ("[::1]8443", "not [IPv6] or [IPv6]:port"),
+        ("media example", "not a host name"),
+        ('["a.example",', "starts like a JSON list but is not one"),
+    ],
+)
+def test_allowed_hosts_refuse_an_entry_that_matches_no_host(
+    value: str, phrase: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Such an entry was taken without a word and matched nothing: the downloads it was meant
+    to allow were refused after fal had been paid."""
+    message = _refused(monkeypatch, "WANBATCH_DOWNLOAD_ALLOWED_HOSTS", value)
+    assert phrase in message
+    if "JSON" not in phrase:
+        assert message.endswith(
+            "each entry is host, host:port, *.suffix, [IPv6] or [IPv6]:port, comma-separated "
+            "(e.g. *.fal.media,media.example:8443)"
+        )
+
+
+def test_an_allowed_hosts_url_is_refused_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _refused(monkeypatch, "WANBATCH_DOWNLOAD_ALLOWED_HOSTS", "https://user:hunter2@media.example/")
+    assert "hunter2" not in message
+    assert "entry 'https://***@media.example/': a URL, not a host" in message

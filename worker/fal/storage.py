@@ -46,6 +46,7 @@ import httpx
 
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
 from jobs.outputs import OutputWriteError, fsync_dir
+from jobs.settings import allowed_host_entry
 from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transport_errors, parse_body
 from worker.fal.http import NoCookies, origin, with_body
@@ -283,28 +284,10 @@ def _norm_host(host: str) -> str:
     return host.strip("[]").lower().rstrip(".")
 
 
-def _allow_entry(entry: str) -> tuple[str, int | None]:
-    """An allow-list entry as ``(host pattern, port or None for any port)``.
-
-    ``host``, ``*.suffix``, ``host:port``, ``[v6]`` and ``[v6]:port`` (RFC 3986 §3.2.2
-    brackets an IPv6 literal so its colons are not read as a port); a bare IPv6 literal is a
-    host, any port.
-    """
-    entry = entry.strip()
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-        return _norm_host(host), int(port) if port.isdigit() else None
-    name, colon, port = entry.rpartition(":")
-    if colon and ":" not in name and port.isdigit():
-        return _norm_host(name), int(port)
-    return _norm_host(entry), None
-
-
 def _host_allowed(host: str, port: int | None, allowed: Collection[str]) -> bool:
     host = _norm_host(host)
     for entry in allowed:
-        pattern, only_port = _allow_entry(entry)
+        pattern, only_port = allowed_host_entry(entry)
         if only_port is not None and only_port != port:
             continue
         if pattern.startswith("*."):
