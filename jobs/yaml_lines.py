@@ -72,6 +72,30 @@ class YamlProblem(Exception):
         self.line = line
 
 
+#: Where a value sits in the document: the keys and list indexes from the root
+#: (``("items", 0, "seed")``).
+Where = tuple[str | int, ...]
+
+
+class WholeNumbersTooLong(YamlProblem):
+    """Whole numbers of more than :data:`~jobs.digits.MAX_WHOLE_DIGITS` digits, each with where
+    it is (``numbers``: path and line; the first is the exception's own line).
+
+    The document is read to its end first (each such number as None, ``root``), so the caller
+    can name the item, the field and what the field allows (the endpoint is in the document),
+    rather than the line alone. ``root`` is for that message only: the document is refused.
+    """
+
+    def __init__(self, numbers: list[tuple[Where, int]], root: Any) -> None:
+        super().__init__(TOO_MANY_DIGITS, numbers[0][1])
+        self.numbers = numbers
+        self.root = root
+
+
+#: At most this many too-long numbers are listed (an alias may repeat one a hundred thousand times).
+MAX_NUMBERS_LISTED = 20
+
+
 class LMap(dict[str, Any]):
     """A mapping that knows its own line, the line of each key and of each key's value."""
 
@@ -142,6 +166,8 @@ class _Builder:
         self.seen: set[int] = set()
         self.alias_nodes = 0
         self.duplicates: list[tuple[str, int, int]] = []  # (key, first line, second line)
+        self.path: list[str | int] = []  # where the node being built is
+        self.too_long: list[tuple[Where, int]] = []  # whole numbers of too many digits
 
     def build(self, node: Node, depth: int = 0, via_alias: bool = False) -> Any:
         if depth > MAX_DEPTH:
@@ -165,8 +191,10 @@ class _Builder:
         if isinstance(node, SequenceNode):
             self._check_tag(node, _TAG + "seq")
             seq = LList(line_of(node))
-            for child in node.value:
+            for i, child in enumerate(node.value):
+                self.path.append(i)
                 seq.append(self.build(child, depth + 1, via_alias))
+                self.path.pop()
                 seq.lines.append(line_of(child))
             return seq
         if isinstance(node, MappingNode):
@@ -189,9 +217,14 @@ class _Builder:
         try:
             value = builder(_SCALARS, node)
         except ValueError:  # more than Python's 4,300 digits for an int written in decimal
-            raise YamlProblem(TOO_MANY_DIGITS, line_of(node)) from None
-        if too_many_digits(value):  # hex and octal get past Python's limit; refused all the same
-            raise YamlProblem(TOO_MANY_DIGITS, line_of(node))
+            value = None
+            too_long = True
+        else:  # hex and octal get past Python's limit; refused all the same
+            too_long = too_many_digits(value)
+        if too_long:  # noted, and the document read on: the refusal can then name its field
+            if len(self.too_long) < MAX_NUMBERS_LISTED:
+                self.too_long.append((tuple(self.path), line_of(node)))
+            return None
         return value
 
     def _check_tag(self, node: Node, expected: str) -> None:
@@ -206,13 +239,18 @@ class _Builder:
             if key_node.tag == _MERGE:
                 merges.append(value_node)
                 continue
+            noted = len(self.too_long)
             key = self.build(key_node, depth + 1, via_alias)
+            if key is None and len(self.too_long) > noted:  # the key itself: no field to name
+                raise YamlProblem(TOO_MANY_DIGITS, line_of(key_node))
             if not isinstance(key, str):
                 raise YamlProblem(f"mapping keys must be text, got {key!r} (quote it)", line_of(key_node))
             if key in key_lines:
                 self.duplicates.append((key, key_lines[key], line_of(key_node)))
             key_lines[key] = line_of(key_node)
+            self.path.append(key)
             out[key] = self.build(value_node, depth + 1, via_alias)
+            self.path.pop()
             out.lines[key] = line_of(value_node)
             out.key_lines[key] = line_of(key_node)
         for merge in merges:  # explicit keys win over merged ones, as in YAML's merge spec
@@ -257,7 +295,8 @@ def load_located(text: str) -> tuple[Any, list[tuple[str, int, int]]]:
     """Parse one YAML document into plain values with lines (:class:`LMap`/:class:`LList`).
 
     Returns the value (``None`` for an empty document) and the duplicate keys found, as
-    ``(key, first line, second line)``. Raises :class:`YamlProblem` for anything else wrong.
+    ``(key, first line, second line)``. Raises :class:`YamlProblem` for anything else wrong
+    (:class:`WholeNumbersTooLong` for whole numbers of too many digits, with where they are).
     """
     loader = _Loader(text)
     try:
@@ -281,4 +320,7 @@ def load_located(text: str) -> tuple[Any, list[tuple[str, int, int]]]:
     if node is None:
         return None, []
     builder = _Builder()
-    return builder.build(node), builder.duplicates
+    root = builder.build(node)
+    if builder.too_long:
+        raise WholeNumbersTooLong(builder.too_long, root)
+    return root, builder.duplicates

@@ -201,7 +201,7 @@ class Manifest:
             return
         display = self.items_from_display or str(self.items_from)
         try:
-            yield from read_items(self.items_from, display, index, sink)
+            yield from read_items(self.items_from, display, index, sink, self._spec_named)
         except OSError as exc:  # unreadable (permissions), or gone since the manifest was parsed
             sink.append(self._unreadable(exc))
 
@@ -216,6 +216,13 @@ class Manifest:
             message=f"cannot read the items_from file {shown_path(str(self.items_from))}: {os_reason(exc)}",
             allowed="a readable JSONL or CSV file",
         )
+
+    def _spec_named(self, endpoint: object) -> EndpointSpec | None:
+        """The spec of a row's ``endpoint`` (None: the manifest's), or None when it is unknown."""
+        if endpoint is None:
+            endpoint = self.endpoint if self.endpoint_known else None
+        known = isinstance(endpoint, str) and endpoint in known_endpoint_ids()
+        return get_endpoint(endpoint) if known and isinstance(endpoint, str) else None
 
     def _expand(
         self,

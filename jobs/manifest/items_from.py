@@ -11,10 +11,10 @@ boolean) during expansion. A cell that does not convert stays text, and validati
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +38,50 @@ _TRUE = frozenset({"true", "yes", "y", "on", "1"})
 _FALSE = frozenset({"false", "no", "n", "off", "0"})
 
 
-def read_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iterator[RawItem]:
+#: The endpoint a row's fields are checked against, from the row's ``endpoint`` value (None:
+#: the manifest's); None when it is unknown. Only the "allowed" of a message needs it here.
+SpecFor = Callable[[object], EndpointSpec | None]
+
+
+def _no_spec(endpoint: object) -> EndpointSpec | None:
+    return None
+
+
+def read_items(
+    path: Path, display: str, index: int, sink: list[Issue], spec_for: SpecFor = _no_spec
+) -> Iterator[RawItem]:
     """The rows of a JSONL or CSV file (by suffix), numbered from ``index``; problems to ``sink``."""
     if path.suffix.lower() == ".csv":
-        return csv_items(path, display, index, sink)
-    return jsonl_items(path, display, index, sink)
+        return csv_items(path, display, index, sink, spec_for)
+    return jsonl_items(path, display, index, sink, spec_for)
 
 
-def jsonl_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iterator[RawItem]:
+@dataclass(frozen=True, slots=True)
+class WholeTooLong:
+    """What a JSON whole number of more than :data:`MAX_WHOLE_DIGITS` digits is read as: never
+    converted, as Python refuses to convert more than 4,300 digits ("use
+    sys.set_int_max_str_digits()", which was all a row of 5,000 said) and no field takes even
+    101. :func:`value_problem` reports it with its field."""
+
+    digits: int
+
+
+def _whole(text: str) -> int | WholeTooLong:
+    """A JSON integer literal (``json.loads``' ``parse_int``)."""
+    digits = digits_in(text)
+    return WholeTooLong(digits) if digits > MAX_WHOLE_DIGITS else int(text)
+
+
+def whole_number_allowed(spec: EndpointSpec | None, name: object) -> str:
+    """What a field given a whole number of too many digits allows: the endpoint field's values,
+    else any whole number short enough."""
+    fld = spec.field(name) if spec is not None and isinstance(name, str) else None
+    return fld.allowed() if fld is not None else f"a whole number of at most {MAX_WHOLE_DIGITS} digits"
+
+
+def jsonl_items(
+    path: Path, display: str, index: int, sink: list[Issue], spec_for: SpecFor = _no_spec
+) -> Iterator[RawItem]:
     """One item per JSON-object line; blank lines skipped, a leading BOM ignored."""
     base_dir = path.parent
     with path.open("rb") as fh:
@@ -68,7 +104,7 @@ def jsonl_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iter
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+                obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_whole)
             except UnicodeDecodeError:
                 sink.append(row_issue(display, lineno, index, "not UTF-8 text"))
             except ValueError as exc:
@@ -78,8 +114,18 @@ def jsonl_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iter
                     row_issue(display, lineno, index, f"nesting deeper than {MAX_DEPTH} levels is refused")
                 )
             else:
-                if (problem := value_problem(obj)) is not None:
-                    sink.append(row_issue(display, lineno, index, problem))
+                if (found := value_problem(obj)) is not None:
+                    problem, where = found
+                    sink.append(
+                        Issue(
+                            file=display,
+                            line=lineno,
+                            item=index,
+                            field=where or None,
+                            message=problem,
+                            allowed=_allowed(problem, obj, where, spec_for),
+                        )
+                    )
                 elif isinstance(obj, dict):
                     yield RawItem(index, display, lineno, obj, {}, base_dir)
                 else:
@@ -91,25 +137,38 @@ def jsonl_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iter
             index += 1
 
 
-def value_problem(value: object, depth: int = 0) -> str | None:
+def value_problem(value: object, depth: int = 0, where: str = "") -> tuple[str, str] | None:
     """What the YAML loader would refuse in a value read from JSON: nesting deeper than
     :data:`~jobs.yaml_lines.MAX_DEPTH`, a whole number of too many digits, or a lone surrogate
-    (``"\\ud800"``: valid JSON, but no UTF-8 text can hold it); None when there is none."""
+    (``"\\ud800"``: valid JSON, but no UTF-8 text can hold it), with where it is (``seed``,
+    ``loras[0].scale``; ``""`` for the row itself); None when there is none."""
     if depth > MAX_DEPTH:
-        return f"nesting deeper than {MAX_DEPTH} levels is refused"
-    if too_many_digits(value):
-        return TOO_MANY_DIGITS
+        return f"nesting deeper than {MAX_DEPTH} levels is refused", where
+    if isinstance(value, WholeTooLong) or too_many_digits(value):
+        return TOO_MANY_DIGITS, where
     if isinstance(value, str):
-        return None if _SURROGATE.search(value) is None else _SURROGATE_MESSAGE
-    children: Iterable[object] = ()
+        return None if _SURROGATE.search(value) is None else (_SURROGATE_MESSAGE, where)
+    children: Iterable[tuple[str, object]] = ()
     if isinstance(value, dict):
-        children = itertools.chain.from_iterable(value.items())
+        for key in value:
+            if isinstance(key, str) and _SURROGATE.search(key) is not None:
+                return _SURROGATE_MESSAGE, where
+        children = ((f"{where}.{key}" if where else str(key), child) for key, child in value.items())
     elif isinstance(value, list):
-        children = value
-    for child in children:
-        if (problem := value_problem(child, depth + 1)) is not None:
-            return problem
+        children = ((f"{where}[{i}]", child) for i, child in enumerate(value))
+    for place, child in children:
+        if (found := value_problem(child, depth + 1, place)) is not None:
+            return found
     return None
+
+
+def _allowed(problem: str, row: object, where: str, spec_for: SpecFor) -> str | None:
+    """The allowed values a too-long number's message names (None for the other problems): the
+    field's, when the number is the field's whole value."""
+    if problem != TOO_MANY_DIGITS:
+        return None
+    spec = spec_for(row.get("endpoint")) if isinstance(row, dict) and where in row else None
+    return whole_number_allowed(spec, where)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -121,7 +180,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def csv_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iterator[RawItem]:
+def csv_items(
+    path: Path, display: str, index: int, sink: list[Issue], spec_for: SpecFor = _no_spec
+) -> Iterator[RawItem]:
     """One item per row under a header of field names; blank rows skipped.
 
     Read strictly: a quote left open at the end of the file, or text right after a closing
@@ -153,8 +214,18 @@ def csv_items(path: Path, display: str, index: int, sink: list[Issue]) -> Iterat
                             display, line, index, f"{len(row)} cells but only {len(names)} header names"
                         )
                     )
-                elif problem := next((p for cell in row if (p := cell_problem(cell)) is not None), None):
-                    sink.append(row_issue(display, line, index, problem))
+                elif bad := next((n for n, c in zip(names, row, strict=False) if cell_problem(c)), None):
+                    fields = dict(zip(names, row, strict=False))
+                    sink.append(
+                        Issue(
+                            file=display,
+                            line=line,
+                            item=index,
+                            field=bad,
+                            message=TOO_MANY_DIGITS,
+                            allowed=whole_number_allowed(spec_for(fields.get("endpoint") or None), bad),
+                        )
+                    )
                 else:
                     yield RawItem(
                         index, display, line, dict(zip(names, row, strict=False)), {}, base_dir, True
@@ -183,7 +254,7 @@ def csv_value(spec: EndpointSpec, key: str, value: Any) -> Any:
         return value
     text = value.strip()
     if _INT.match(text) and digits_in(text) > MAX_WHOLE_DIGITS:
-        return value  # stays text: :func:`value_problem` refuses the row first
+        return value  # stays text: :func:`cell_problem` refused the row first
     if fld.type is FieldType.INTEGER and _INT.match(text):
         return int(text)
     if fld.type is FieldType.NUMBER:

@@ -19,18 +19,19 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
-from jobs.endpoints import known_endpoint_ids
+from jobs.digits import TOO_MANY_DIGITS
+from jobs.endpoints import get_endpoint, known_endpoint_ids
 from jobs.errors import DEADLINE_PASSED, NEVER_OPENS, Issue, ManifestError, did_you_mean
 from jobs.fs import file_kind, is_missing, os_reason, shown_path
 from jobs.manifest.checks import duplicate_key_issues, outside_message
 from jobs.manifest.expand import MAX_JOBS, Manifest, too_many_jobs_message
-from jobs.manifest.items_from import ITEMS_FROM_SUFFIXES
+from jobs.manifest.items_from import ITEMS_FROM_SUFFIXES, whole_number_allowed
 from jobs.manifest.model import describe, error_count
 from jobs.media import NUL_ALLOWED, NUL_MESSAGE, allowed_roots, resolve_local
 from jobs.money import MAX_USD, too_much_usd
 from jobs.printable import control_character
 from jobs.schedule import Schedule, parse_instant, parse_window, zone
-from jobs.yaml_lines import LList, LMap, YamlProblem, load_located
+from jobs.yaml_lines import LList, LMap, Where, WholeNumbersTooLong, YamlProblem, load_located
 
 #: Manifest files above this size are refused before parsing.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
@@ -54,6 +55,7 @@ SCHEDULE_KEYS = ("not_before", "deadline", "window", "timezone")
 PRIORITIES = ("normal", "low")
 _TIMESTAMP_ALLOWED = "an ISO 8601 timestamp with an offset, such as 2026-12-01T22:00:00+01:00 or …Z for UTC"
 _WINDOW_ALLOWED = '"HH:MM-HH:MM" in the schedule\'s timezone, such as "22:00-06:00" (may cross midnight)'
+_MAX_USD_ALLOWED = "a positive number such as 25.00"
 _ZONE_ALLOWED = "an IANA time zone name, such as Europe/Berlin, America/New_York or UTC"
 
 
@@ -104,6 +106,9 @@ def parse_manifest(
         return None, issues
     try:
         root, duplicates = load_located(text)
+    except WholeNumbersTooLong as exc:
+        issues.extend(_too_long_issue(display, exc.root, where, line) for where, line in exc.numbers)
+        return None, issues
     except YamlProblem as exc:
         top(exc.message, exc.line)
         return None, issues
@@ -172,6 +177,7 @@ def parse_manifest(
             line("description"),
             "description",
             value=desc,
+            allowed='text; quote it when it starts with [ or {, as in description: "[draft] spring teaser"',
         )
     elif isinstance(desc, str) and "\0" in desc:
         top(
@@ -223,6 +229,51 @@ def parse_manifest(
     _parse_priority(root, manifest, top)
     _parse_reuse_outputs(root, manifest, top)
     return manifest, issues
+
+
+def _too_long_issue(display: str, root: Any, where: Where, line: int) -> Issue:
+    """A whole number of too many digits, named as the manifest's other errors name a value:
+    ``item 0: field 'seed'`` in ``items``, ``field 'defaults.seed'`` elsewhere, with what the
+    endpoint's field allows when the number is that field's value."""
+    item = where[1] if len(where) > 2 and where[0] == "items" and isinstance(where[1], int) else None
+    rest = where[2:] if item is not None else where
+    # The endpoint field the number is the whole value of: an item's, a default's, a matrix value.
+    default = where[:1] == ("defaults",) and len(where) == 2
+    matrix_value = where[:1] == ("matrix",) and len(where) == 3 and isinstance(where[2], int)
+    name: object = None
+    if item is not None:
+        name = rest[0] if len(rest) == 1 else None
+    elif default or matrix_value:
+        name = where[1]
+    endpoint = _item_endpoint(root, item)
+    spec = get_endpoint(endpoint) if name is not None and endpoint in known_endpoint_ids() else None
+    return Issue(
+        file=display,
+        line=line,
+        item=item,
+        field=_dotted(rest) or None,
+        message=TOO_MANY_DIGITS,
+        allowed=_MAX_USD_ALLOWED if where == ("budget", "max_usd") else whole_number_allowed(spec, name),
+    )
+
+
+def _item_endpoint(root: Any, item: int | None) -> object:
+    """The endpoint an item uses (its own ``endpoint:``, else the manifest's), as written."""
+    if not isinstance(root, dict):
+        return None
+    items = root.get("items")
+    own = items[item] if item is not None and isinstance(items, list) and item < len(items) else None
+    if isinstance(own, dict) and "endpoint" in own:
+        return own["endpoint"]
+    return root.get("endpoint")
+
+
+def _dotted(where: Where) -> str:
+    """``("loras", 0, "scale")`` → ``loras[0].scale``."""
+    text = ""
+    for part in where:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
 
 
 def _mapping(root: LMap, key: str, top: _Report, what: str, allowed: str) -> LMap | None:
@@ -374,7 +425,7 @@ def _parse_budget(root: LMap, manifest: Manifest, top: _Report) -> None:
             where,
             "budget.max_usd",
             value=value,
-            allowed="a positive number such as 25.00",
+            allowed=_MAX_USD_ALLOWED,
         )
     elif value <= 0:
         top(
@@ -382,7 +433,7 @@ def _parse_budget(root: LMap, manifest: Manifest, top: _Report) -> None:
             where,
             "budget.max_usd",
             value=value,
-            allowed="a positive number such as 25.00",
+            allowed=_MAX_USD_ALLOWED,
         )
     elif (problem := too_much_usd(value)) is not None:
         top(

@@ -10,7 +10,7 @@ import pytest
 
 from jobs.digits import TOO_MANY_DIGITS
 from jobs.endpoints import get_endpoint
-from jobs.errors import UsageError
+from jobs.errors import Issue, UsageError
 from jobs.manifest import validate_manifest
 from jobs.vary import checked_values, parse_vary
 from jobs.yaml_lines import YamlProblem, load_located
@@ -21,9 +21,16 @@ HEAD = "name: x\nendpoint: fal-ai/wan-22\n"
 
 
 def errors_of(folder: Path, text: str) -> list[str]:
+    return [str(issue) for issue in issues_of(folder, text)]
+
+
+def issues_of(folder: Path, text: str) -> list[Issue]:
     path = folder / "m.yaml"
     path.write_text(text, encoding="utf-8")
-    return [str(issue) for issue in validate_manifest(path).errors]
+    return validate_manifest(path).errors
+
+
+SEED_ALLOWED = "an integer from 0 to 18446744073709551615"
 
 
 @pytest.mark.parametrize(
@@ -104,3 +111,72 @@ def test_jsonl_rows_too_deep_or_with_a_lone_surrogate_are_located_errors(
     (error,) = errors_of(tmp_path, HEAD + "items_from: rows.jsonl\n")
     assert "rows.jsonl:1" in error
     assert expected in error
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        # (line, item, field, allowed): it said the file and line only.
+        (f"items:\n  - prompt: a\n    seed: {'1' * 150}\n", (5, 0, "seed", SEED_ALLOWED)),
+        (f"items:\n  - prompt: a\n  - prompt: b\n    seed: {BIG}\n", (6, 1, "seed", SEED_ALLOWED)),
+        (f"items:\n  - {{prompt: a, num_frames: {HEX}}}\n", (4, 0, "num_frames", "an integer from 81 to")),
+        (f"defaults:\n  seed: {BIG}\nitems:\n  - prompt: a\n", (4, None, "defaults.seed", SEED_ALLOWED)),
+        (f"matrix:\n  seed: [1, {BIG}]\nitems:\n  - prompt: a\n", (4, None, "matrix.seed[1]", SEED_ALLOWED)),
+        (
+            f"budget:\n  max_usd: {BIG}\nitems:\n  - prompt: a\n",
+            (4, None, "budget.max_usd", "a positive number"),
+        ),
+        (
+            f"items:\n  - prompt: a\n    foo: {{bar: [{BIG}]}}\n",
+            (5, 0, "foo.bar[0]", "a whole number of at most 100 digits"),
+        ),
+    ],
+    ids=["seed-150", "second-item", "hex", "defaults", "matrix", "budget", "nested"],
+)
+def test_a_yaml_number_of_too_many_digits_names_its_item_and_field(
+    tmp_path: Path, body: str, where: tuple[int, int | None, str, str]
+) -> None:
+    (issue,) = issues_of(tmp_path, HEAD + body)
+    assert (issue.line, issue.item, issue.field, issue.message) == (*where[:3], TOO_MANY_DIGITS)
+    assert issue.allowed is not None
+    assert issue.allowed.startswith(where[3])
+
+
+def test_every_yaml_number_of_too_many_digits_is_named(tmp_path: Path) -> None:
+    issues = issues_of(
+        tmp_path, HEAD + f"items:\n  - {{prompt: a, seed: {BIG}}}\n  - {{prompt: b, seed: {BIG}}}\n"
+    )
+    assert [(i.line, i.item, i.field) for i in issues] == [(4, 0, "seed"), (5, 1, "seed")]
+
+
+@pytest.mark.parametrize(
+    ("rows", "name", "field", "allowed"),
+    [
+        # More than Python's 4,300: it said "not valid JSON (… use sys.set_int_max_str_digits() …)".
+        (f'{{"prompt": "a", "seed": {BIG}}}\n', "rows.jsonl", "seed", SEED_ALLOWED),
+        (f'{{"prompt": "a", "seed": -{"9" * 400}}}\n', "rows.jsonl", "seed", SEED_ALLOWED),
+        (
+            f'{{"prompt": "a", "x": {{"y": [1, {BIG}]}}}}\n',
+            "rows.jsonl",
+            "x.y[1]",
+            "a whole number of at most 100",
+        ),
+        (f"prompt,seed\na,{BIG}\n", "rows.csv", "seed", SEED_ALLOWED),
+    ],
+    ids=["jsonl-5000", "jsonl-400", "jsonl-nested", "csv"],
+)
+def test_an_items_from_number_of_too_many_digits_names_its_field(
+    tmp_path: Path, rows: str, name: str, field: str, allowed: str
+) -> None:
+    (tmp_path / name).write_text(rows + '{"prompt": "b"}\n' * (name == "rows.jsonl"), encoding="utf-8")
+    (issue,) = issues_of(tmp_path, HEAD + f"items_from: {name}\n")
+    assert (Path(issue.file).name, issue.line, issue.item, issue.field, issue.message) == (
+        name,
+        2 - (name == "rows.jsonl"),
+        0,
+        field,
+        TOO_MANY_DIGITS,
+    )
+    assert issue.allowed is not None
+    assert issue.allowed.startswith(allowed)
+    assert "set_int_max_str_digits" not in str(issue)

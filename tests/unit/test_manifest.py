@@ -671,6 +671,19 @@ def test_nul_characters_are_located_errors(folder: Path, body: str, where: str) 
     assert any(where in t and "NUL character" in t for t in texts), texts
 
 
+@pytest.mark.parametrize("description", ["[a]", "{a: 1}", "12"])
+def test_a_description_that_is_no_text_says_what_is_allowed(folder: Path, description: str) -> None:
+    """`description: [a]` said "must be text, got a list" without what to write instead."""
+    path = write(
+        folder, f"name: a\ndescription: {description}\nendpoint: fal-ai/wan-22\nitems: [{{prompt: x}}]\n"
+    )
+    (issue,) = validate_manifest(path).errors
+    assert (issue.line, issue.field) == (2, "description")
+    assert str(issue).endswith(
+        '(allowed: text; quote it when it starts with [ or {, as in description: "[draft] spring teaser")'
+    )
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "csv"])
 def test_nul_characters_in_items_from_rows_are_located(folder: Path, kind: str) -> None:
     if kind == "jsonl":
