@@ -105,6 +105,20 @@ def test_vary_resolution_and_the_product_of_two_options(
         )
 
 
+def test_a_value_listed_twice_is_one_job_with_the_repeat_warning(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """`resolution=480p,480p` silently made one job per job; README: a warning counts repeats."""
+    parent, _ = _parent(wb, manifest, "twice")
+    done = wb("rerun", parent, "--vary", "resolution=480p,480p", "--json", "--no-progress")
+    assert done.code == 0, done.stderr
+    assert done.json()["total"] == 2
+    assert "warning" in done.stderr
+    assert "2 of the rerun's 4 jobs repeat another one's exact input and are stored once" in " ".join(
+        done.stderr.split()
+    )
+
+
 @pytest.mark.parametrize(
     ("option", "phrases"),
     [
