@@ -66,8 +66,13 @@ def status(batch: str | None, as_json: bool) -> None:
     def action() -> int:
         from jobs import batches
         from jobs.settings import get_settings
+        from worker.limits import api_key_id
 
-        reports = batches.status(batch, get_settings())
+        settings = get_settings()
+        # Which cap holds an active batch's unsent jobs back, counted as a run started from
+        # here (or the workers, with a broker) counts it: this environment's key and caps.
+        caps = batches.CapCheck.of(settings, api_key_id(settings))
+        reports = batches.status(batch, settings, caps)
         if as_json:
             emit_json(reports[0] if batch is not None else {"batches": reports})
             return EXIT_OK

@@ -482,6 +482,8 @@ def print_report(report: BatchReport) -> None:
     if report["state"] == "paused":  # fal refused the account, or the outputs could not be written
         reason = report["pause_reason"] or "see the log"
         say(escape(f"paused: {reason}; fix it, then `wanbatch run {report_ref(report)}` goes on"), "yellow")
+    if report["phase"] == "active" and report["phase_reason"]:  # a cap holds its unsent jobs back
+        say(escape(report["phase_reason"]), "yellow")
     out.print(status_table(report))
     say(escape(progress_text(report)))
     for line in money_line(report).splitlines():
@@ -572,9 +574,9 @@ def batches_table(reports: list[BatchReport]) -> Table:
 
 
 def print_batches(reports: list[BatchReport]) -> None:
-    """``wanbatch status``: the table, then why each paused or waiting batch is held back, and
-    which batches with work left no process works on; each note wrapped, never cut (a window's
-    time, a command to type)."""
+    """``wanbatch status``: the table, then why each paused or waiting batch is held back (and
+    each active one whose unsent jobs a cap holds back), and which batches with work left no
+    process works on; each note wrapped, never cut (a window's time, a command to type)."""
     out.print(batches_table(reports))
     ids = short_ids([r["batch"] for r in reports])
     notes = []
@@ -582,6 +584,8 @@ def print_batches(reports: list[BatchReport]) -> None:
         label, reason = r["phase"], r["phase_reason"]
         if reason and label in ("paused", "waiting"):
             notes.append(f"{ids[r['batch']]} {label}: {reason}")
+        elif reason and label == "active":  # a cap holds its unsent jobs back: which, and whose jobs
+            notes.append(f"{ids[r['batch']]} {reason}")
         if not r["processing"] and label not in ("done", "cancelled"):
             notes.append(f"{ids[r['batch']]} {idle_text(r)}")
     simulations = [ids[r["batch"]] for r in reports if r["simulated"]]

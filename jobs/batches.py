@@ -580,7 +580,8 @@ class BatchReport(TypedDict):
     #: What a person reads as the batch's state (:func:`batch_phase`, the ``state`` column of
     #: ``status``): ``active``, ``done``, ``paused``, ``waiting``, ``deadline`` or ``cancelled``.
     phase: str
-    #: Why the batch is held back (``paused``, ``waiting``, ``deadline``), else None.
+    #: Why the batch is held back (``paused``, ``waiting``, ``deadline``; or, ``active``, a cap
+    #: that holds its unsent jobs back: :func:`cap_holds`), else None.
     phase_reason: str | None
     #: ``Schedule.as_json()`` (``not_before``, ``deadline``, ``window``, ``timezone``), or None.
     schedule: dict[str, Any] | None
@@ -806,8 +807,159 @@ def batch_phase(
     return "active", None
 
 
-def batch_report(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchReport:
-    """The contract's ``status BATCH --json`` object for one batch (``now``: for the schedule)."""
+# --------------------------------------------------------------------------- caps that hold submits back
+
+
+@dataclass(frozen=True, slots=True)
+class CapHold:
+    """A cap that holds a batch's submits back now, and whose jobs fill it (:func:`cap_holds`)."""
+
+    #: ``downloads`` (the download backlog) or ``outstanding`` (fal's account, or ``endpoint``'s).
+    kind: str
+    #: The setting that sets the cap, named so that the user knows what to raise.
+    setting: str
+    limit: int
+    #: ``(batch id, name, jobs)`` of each batch whose jobs count against it, the most first.
+    holders: tuple[tuple[str, str, int], ...]
+    endpoint: str | None = None
+
+    @property
+    def total(self) -> int:
+        """The jobs that count against the cap."""
+        return sum(n for _id, _name, n in self.holders)
+
+
+@dataclass(frozen=True, slots=True)
+class CapCheck:
+    """How a process with these settings counts the caps: its key (a hash of ``FAL_KEY``), its
+    caps, and whether the distributed workers process the batches (``WANBATCH_BROKER_URL``)."""
+
+    api_key_id: str
+    max_outstanding: int
+    download_backlog: int
+    per_endpoint: dict[str, int]
+    distributed: bool
+
+    @classmethod
+    def of(cls, settings: Settings, api_key_id: str) -> CapCheck:
+        """The caps ``run`` (or the workers, with a broker) would apply with ``settings``."""
+        return cls(
+            api_key_id=api_key_id,
+            max_outstanding=settings.max_outstanding,
+            download_backlog=settings.download_backlog,
+            per_endpoint={
+                endpoint: int(cap) for endpoint, cap in settings.max_outstanding_per_endpoint.items()
+            },
+            distributed=bool(settings.broker_url),
+        )
+
+    def scope(self, batch: Batch) -> store.CapScope:
+        """What the caps count for a process sending ``batch``: an embedded ``run`` (its own
+        batch), the workers (every batch) or a ``--simulate`` run (its own simulator)."""
+        own = None if self.distributed and not batch.simulated else {batch.id}
+        return store.CapScope.of(api_key_id=self.api_key_id, batch_ids=own, simulated=batch.simulated)
+
+
+def cap_holds(session: Session, batch_id: str, scope: store.CapScope, check: CapCheck) -> list[CapHold]:
+    """The caps that hold ``batch_id``'s submits back, as a dispatcher counting ``scope`` with
+    ``check``'s caps finds them (dispatch's own counts: :func:`jobs.store.cap_holders`).
+
+    The download backlog whenever it is full. An outstanding cap (the account's, or that of an
+    endpoint the batch has jobs waiting for) when it is full and not only of the batch's own
+    requests: full of its own, the cap is simply at work for it, and its counts say so.
+    """
+    holders = store.cap_holders(session, scope)
+    holds: list[CapHold] = []
+    downloads = CapHold(
+        "downloads",
+        "WANBATCH_MAX_DOWNLOAD_BACKLOG",
+        check.download_backlog,
+        _per_batch((h.batch_id, h.name, h.downloads) for h in holders),
+    )
+    if downloads.total >= downloads.limit:
+        holds.append(downloads)
+    caps: list[tuple[str, int, str | None]] = [("WANBATCH_MAX_OUTSTANDING", check.max_outstanding, None)]
+    if check.per_endpoint:
+        waiting = store.batch_endpoints(session, batch_id, [JobState.PENDING])
+        caps += [
+            ("WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT", check.per_endpoint[e], e)
+            for e in sorted(waiting & check.per_endpoint.keys())
+        ]
+    for setting, limit, endpoint in caps:
+        rows = ((h.batch_id, h.name, h.requests) for h in holders if endpoint in (None, h.endpoint))
+        requests = CapHold("outstanding", setting, limit, _per_batch(rows), endpoint)
+        if requests.total >= limit and any(held != batch_id for held, _name, _n in requests.holders):
+            holds.append(requests)
+    return holds
+
+
+def _per_batch(rows: Iterable[tuple[str, str, int]]) -> tuple[tuple[str, str, int], ...]:
+    """``(batch id, name, jobs)`` summed per batch (rows come per batch and endpoint), the most first."""
+    per: dict[tuple[str, str], int] = {}
+    for held_id, name, n in rows:
+        if n:
+            per[(held_id, name)] = per.get((held_id, name), 0) + n
+    ordered = sorted(per.items(), key=lambda item: (-item[1], item[0][1], item[0][0]))
+    return tuple((held_id, name, n) for (held_id, name), n in ordered)
+
+
+#: The holders a note names; the rest are counted ("and 3 more batches").
+NAMED_HOLDERS = 3
+
+
+def cap_note(holds: Sequence[CapHold], batch_id: str, *, short: bool = False) -> str:
+    """What ``status`` says (and ``run``, once, when it begins) of the caps that hold
+    ``batch_id`` back: which cap, how many jobs of which batches fill it, and what frees it.
+    ``short``: the progress line's few words ("held: outstanding cap full (3 of c)")."""
+    if short:
+        return "; ".join(f"held: {_cap_name(h)} full ({_who(h, batch_id, short=True)})" for h in holds)
+    return "; ".join(_hold_text(h, batch_id) for h in holds)
+
+
+def _cap_name(hold: CapHold) -> str:
+    if hold.kind == "downloads":
+        return "download backlog"
+    return f"outstanding cap of {hold.endpoint}" if hold.endpoint else "outstanding cap"
+
+
+def _who(hold: CapHold, batch_id: str, *, short: bool = False) -> str:
+    """``7 of batch c, 3 of this batch`` (``7 of c, 3 of this batch`` when ``short``)."""
+    parts = []
+    for held_id, name, n in hold.holders[:NAMED_HOLDERS]:
+        if held_id == batch_id:
+            parts.append(f"{n} of this batch")
+        else:
+            ref = shell_ref(name, held_id)
+            parts.append(f"{n} of {ref}" if short else f"{n} of batch {ref}")
+    rest = len(hold.holders) - NAMED_HOLDERS
+    if rest > 0:
+        parts.append(f"{sum(n for _i, _m, n in hold.holders[NAMED_HOLDERS:])} of {rest} more batch(es)")
+    return ", ".join(parts)
+
+
+def _hold_text(hold: CapHold, batch_id: str) -> str:
+    full = f"{hold.total} of {hold.limit}, {hold.setting}"
+    if hold.kind == "downloads":
+        return (
+            f"submits held back: the download backlog is full ({full}): jobs wait for their download "
+            f"({_who(hold, batch_id)}); sending resumes as they are stored (a full disk or a slow "
+            f"link stalls them), or raise {hold.setting}"
+        )
+    return (
+        f"submits held back: the {_cap_name(hold)} is full ({full}): requests at fal "
+        f"({_who(hold, batch_id)}); sending resumes as fal finishes them, or raise {hold.setting} "
+        "if your fal account runs more at once"
+    )
+
+
+def batch_report(
+    session: Session, batch_id: str, *, now: datetime | None = None, caps: CapCheck | None = None
+) -> BatchReport:
+    """The contract's ``status BATCH --json`` object for one batch (``now``: for the schedule).
+
+    ``caps``: how a process sending the batch from here counts the caps; an active batch with
+    jobs waiting to be sent that one holds back gets it as its ``phase_reason``
+    (:func:`cap_holds`), instead of a ``pending`` that waits in silence."""
     batch = store.get_batch(session, batch_id)
     now = now or utcnow()
     # One pass over the batch's jobs for every figure (the dashboard's query): a 100k-job
@@ -828,6 +980,8 @@ def batch_report(session: Session, batch_id: str, *, now: datetime | None = None
         paused_by_user=batch.paused_by_user,
         schedule_state=shown_schedule,
     )
+    if caps is not None and phase == "active" and counts.get(JobState.PENDING.value, 0):
+        phase_reason = cap_note(cap_holds(session, batch.id, caps.scope(batch), caps), batch.id) or None
     beat = store.last_heartbeat(session, batch.id)
     processing = listing.is_processing(beat, now=now)
     # The dashboard's forecast, to the second: the pace of the last minutes, and none for a batch
@@ -949,13 +1103,14 @@ def refuse_paused(session: Session, batch: Batch) -> None:
         raise UsageError(paused_line(batch.name, shell_ref(batch.name, batch.id)))
 
 
-def status(ref: str | None, settings: DatabaseSettings) -> list[BatchReport]:
-    """Reports for one batch (``ref`` = id, id prefix or name) or, with no ref, for every batch."""
+def status(ref: str | None, settings: DatabaseSettings, caps: CapCheck | None = None) -> list[BatchReport]:
+    """Reports for one batch (``ref`` = id, id prefix or name) or, with no ref, for every batch;
+    ``caps``: say which cap holds an active batch's submits back (:func:`batch_report`)."""
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
         if ref is not None:
-            return [batch_report(session, store.get_batch(session, ref).id)]
-        return [batch_report(session, b.id) for b in store.list_batches(session)]
+            return [batch_report(session, store.get_batch(session, ref).id, caps=caps)]
+        return [batch_report(session, b.id, caps=caps) for b in store.list_batches(session)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -380,6 +380,11 @@ class LimitSettings(_Section):
     #: than our cap: send only enough to keep one request waiting at fal (0 turns this off).
     queue_wait_backoff: float = Field(default=60.0, ge=0, le=MAX_SECONDS)
 
+    @property
+    def download_backlog(self) -> int:
+        """The download backlog's bound in effect: ``max_download_backlog``, else the outstanding cap."""
+        return self.max_download_backlog or self.max_outstanding
+
     @field_validator("submit_rate_per_endpoint", "max_outstanding_per_endpoint")
     @classmethod
     def _check_endpoints(cls, value: dict[str, Any]) -> dict[str, Any]:

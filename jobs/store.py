@@ -96,6 +96,8 @@ __all__ = [
     "HEARTBEAT_KEPT",
     "BatchCost",
     "BatchMoney",
+    "CapHolder",
+    "CapScope",
     "Fence",
     "InFlight",
     "JobHead",
@@ -109,6 +111,7 @@ __all__ = [
     "adopt_request",
     "batch_committed_usd",
     "batch_cost",
+    "batch_endpoints",
     "batch_estimated_usd",
     "batch_money",
     "batch_schedule",
@@ -116,6 +119,7 @@ __all__ = [
     "batch_states",
     "cancel_unsent_jobs",
     "cancelled_batches_with_work",
+    "cap_holders",
     "claim_due",
     "claim_jobs",
     "committed_usd_since",
@@ -125,6 +129,7 @@ __all__ = [
     "count_in_states",
     "count_in_states_by_endpoint",
     "count_media_mismatches",
+    "count_requests",
     "count_waiting_since",
     "counts_by_state",
     "defer_delivery",
@@ -2519,13 +2524,52 @@ def count_in_states(
 
 
 @dataclass(frozen=True, slots=True)
+class CapScope:
+    """Which jobs a dispatcher's caps count (:meth:`of`): those it shares a limit with, never
+    jobs that cannot hold it back.
+
+    The outstanding cap guards fal's account, so it counts the requests really at that
+    provider with this key, whatever their batch; the download backlog guards this process's
+    own downloads piling up, so it counts the downloads this process makes. Counting more held
+    every later run back for ever: a batch interrupted during its downloads (whose own run
+    alone downloads them) or a simulation whose simulator had exited (its requests are at no
+    provider this run talks to) left ``pending`` jobs of every other batch waiting in silence.
+    """
+
+    #: The key whose requests count against the outstanding cap; None: whatever key (a
+    #: simulation's requests, which only its own simulator holds).
+    api_key_id: str | None
+    #: Only these batches' requests count against the outstanding cap; None: every batch's.
+    requests_of: frozenset[str] | None = None
+    #: Only these batches' downloads count in the backlog; None: every batch sent to fal (the
+    #: distributed workers download all of them, and never a simulation's).
+    downloads_of: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, *, api_key_id: str, batch_ids: Collection[str] | None, simulated: bool) -> CapScope:
+        """The caps' scope of a process working on ``batch_ids`` (None: every batch, the
+        distributed workers) with the key ``api_key_id``; ``simulated``: its fal is the
+        simulator of a ``run --simulate``.
+
+        A simulator holds the requests of the one batch its run processes and nothing else,
+        so only that batch's requests and downloads count; an embedded run downloads its own
+        batch only (other batches' results wait for their own run), while its requests share
+        fal's account with every batch sent with the key.
+        """
+        own = frozenset(batch_ids) if batch_ids is not None else None
+        if simulated:
+            return cls(api_key_id=None, requests_of=own or frozenset(), downloads_of=own or frozenset())
+        return cls(api_key_id=api_key_id, requests_of=None, downloads_of=own)
+
+
+@dataclass(frozen=True, slots=True)
 class InFlight:
     """What a dispatch round needs to know of the jobs in flight, read in one query
     (:func:`in_flight`)."""
 
-    #: Requests at fal (or being sent) with the API key: the outstanding cap counts these.
+    #: Requests at fal (or being sent) within the scope: the outstanding cap counts these.
     outstanding: int
-    #: Jobs done at fal and waiting for their download, any key (the download backlog).
+    #: Jobs done at fal and waiting for a download within the scope (the download backlog).
     downloading: int
     #: Of ``outstanding``, those still ``queued`` that were sent before the given moment.
     waiting_long: int
@@ -2533,23 +2577,55 @@ class InFlight:
     retry_wait: int
 
 
-def in_flight(session: Session, *, api_key_id: str, sent_before: datetime) -> InFlight:
-    """The counts of :class:`InFlight` in one pass over the in-flight states' index entries.
+def _requests_in(scope: CapScope) -> list[ColumnElement[bool]]:
+    """The conditions of :attr:`CapScope.api_key_id` and :attr:`CapScope.requests_of`, their
+    values bound as ``api_key_id`` and ``requests_of``."""
+    conditions: list[ColumnElement[bool]] = []
+    if scope.api_key_id is not None:
+        conditions.append(_sent_with(bindparam("api_key_id")))
+    if scope.requests_of is not None:
+        conditions.append(Job.batch_id.in_(bindparam("requests_of", expanding=True)))
+    return conditions
+
+
+def _downloads_in(scope: CapScope) -> ColumnElement[bool]:
+    """The condition of :attr:`CapScope.downloads_of`, bound as ``downloads_of``."""
+    if scope.downloads_of is not None:
+        return Job.batch_id.in_(bindparam("downloads_of", expanding=True))
+    return _paid(Job.batch_id)
+
+
+def _scope_params(scope: CapScope) -> dict[str, Any]:
+    return {
+        "api_key_id": scope.api_key_id,
+        "requests_of": sorted(scope.requests_of or ()),
+        "downloads_of": sorted(scope.downloads_of or ()),
+    }
+
+
+def _scope_shape(scope: CapScope) -> tuple[bool, bool, bool]:
+    """What tells the statements of different scopes apart (:func:`_prepared`'s key)."""
+    return scope.api_key_id is None, scope.requests_of is None, scope.downloads_of is None
+
+
+def in_flight(session: Session, *, scope: CapScope, sent_before: datetime) -> InFlight:
+    """The counts of :class:`InFlight` in ``scope``, in one pass over the in-flight states' index
+    entries.
 
     A dispatch round runs on every completion; the three counts it used to ask one by one,
     and a claim query for retries when there were none, were a third of its statements.
     """
 
     def build() -> Any:
-        keyed = _sent_with(bindparam("api_key_id"))
+        requests = _requests_in(scope)
         return select(
-            func.count().filter(Job.state.in_(bindparam("at_fal", expanding=True)), keyed),
-            func.count().filter(Job.state == JobState.DOWNLOADING),
+            func.count().filter(Job.state.in_(bindparam("at_fal", expanding=True)), *requests),
+            func.count().filter(Job.state == JobState.DOWNLOADING, _downloads_in(scope)),
             func.count().filter(
                 Job.state == JobState.QUEUED,
                 Job.submitted_at.is_not(None),
                 Job.submitted_at <= bindparam("before"),
-                keyed,
+                *requests,
             ),
             func.count().filter(Job.state == JobState.RETRY_WAIT),
         ).where(Job.state.in_(bindparam("states", expanding=True)))
@@ -2558,11 +2634,46 @@ def in_flight(session: Session, *, api_key_id: str, sent_before: datetime) -> In
     params = {
         "at_fal": at_fal,
         "states": [*at_fal, JobState.DOWNLOADING, JobState.RETRY_WAIT],
-        "api_key_id": api_key_id,
         "before": sent_before,
+        **_scope_params(scope),
     }
-    row: Any = _run(session, _prepared(("in_flight",), build), params).one()
+    row: Any = _run(session, _prepared(("in_flight", *_scope_shape(scope)), build), params).one()
     return InFlight(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+
+@dataclass(frozen=True, slots=True)
+class CapHolder:
+    """One batch's jobs that count against a dispatcher's caps (:func:`cap_holders`)."""
+
+    batch_id: str
+    name: str
+    endpoint: str
+    #: Its requests at fal (or being sent) within the scope: the outstanding caps'.
+    requests: int
+    #: Its jobs waiting for their download within the scope: the download backlog's.
+    downloads: int
+
+
+def cap_holders(session: Session, scope: CapScope) -> list[CapHolder]:
+    """Who holds the caps of ``scope``, per batch and endpoint, in one pass over the in-flight
+    jobs (the same counts as :func:`in_flight`): what ``run`` and ``status`` name when a cap
+    holds submits back."""
+    at_fal = sorted(AT_PROVIDER_STATES, key=lambda state: state.value)
+    requests = func.count().filter(Job.state.in_(at_fal), *_requests_in(scope))
+    downloads = func.count().filter(Job.state == JobState.DOWNLOADING, _downloads_in(scope))
+    query = (
+        select(Job.batch_id, Batch.name, Job.endpoint, requests, downloads)
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(Job.state.in_([*at_fal, JobState.DOWNLOADING]))
+        .group_by(Job.batch_id, Batch.name, Job.endpoint)
+        .order_by(Job.batch_id, Job.endpoint)
+    )
+    rows = session.execute(query, _scope_params(scope))
+    return [
+        CapHolder(str(batch_id), str(name), str(endpoint), int(n_requests), int(n_downloads))
+        for batch_id, name, endpoint, n_requests, n_downloads in rows
+        if n_requests or n_downloads
+    ]
 
 
 def count_cancelled(session: Session, batch_id: str, error_type: str) -> int:
@@ -2612,13 +2723,25 @@ def count_waiting_since(
 
 
 def count_in_states_by_endpoint(
-    session: Session, states: Iterable[JobState], *, api_key_id: str | None = None
+    session: Session, states: Iterable[JobState], *, scope: CapScope
 ) -> dict[str, int]:
-    """How many jobs are in ``states`` per endpoint (per-endpoint outstanding caps)."""
-    query = select(Job.endpoint, func.count()).where(Job.state.in_(list(states)))
-    if api_key_id is not None:
-        query = query.where(_sent_with(api_key_id))
-    return {str(endpoint): int(n) for endpoint, n in session.execute(query.group_by(Job.endpoint))}
+    """How many jobs of ``scope``'s requests are in ``states`` per endpoint (per-endpoint
+    outstanding caps)."""
+    query = select(Job.endpoint, func.count()).where(Job.state.in_(list(states)), *_requests_in(scope))
+    rows = session.execute(query.group_by(Job.endpoint), _scope_params(scope))
+    return {str(endpoint): int(n) for endpoint, n in rows}
+
+
+def batch_endpoints(session: Session, batch_id: str, states: Iterable[JobState]) -> set[str]:
+    """The endpoints of the batch's jobs in ``states`` (whose per-endpoint caps may hold them)."""
+    query = select(Job.endpoint).where(Job.batch_id == batch_id, Job.state.in_(list(states))).distinct()
+    return {str(endpoint) for endpoint in session.scalars(query)}
+
+
+def count_requests(session: Session, states: Iterable[JobState], *, scope: CapScope) -> int:
+    """How many of ``scope``'s requests are in ``states`` (fal's queue back-off)."""
+    query = select(func.count()).select_from(Job).where(Job.state.in_(list(states)), *_requests_in(scope))
+    return int(session.execute(query, _scope_params(scope)).scalar() or 0)
 
 
 def _paid(batch_id: Any) -> ColumnElement[bool]:

@@ -56,9 +56,11 @@ def make_runtime(
     enqueue_submit: Callable[[str], None] = _not_run,
     enqueue_download: Callable[[str], None] = _not_run,
     batch_ids: frozenset[str] | None = None,
+    simulated: bool = False,
 ) -> Runtime:
     """A runtime whose submit and download "tasks" are not run (tests call the steps themselves),
     unless the test passes its own hand-offs (e.g. ``list.append`` to see what was handed on).
+    ``batch_ids`` and ``simulated``: as an embedded ``run`` (``--simulate``) of those batches.
 
     Without ``client``, one is built from ``settings``; a missing FAL_KEY is allowed, for steps
     that never call fal (dispatch, scheduling downloads)."""
@@ -68,6 +70,7 @@ def make_runtime(
         settings=settings,
         allow_missing_key=True,
         batch_ids=batch_ids,
+        simulated=simulated,
         engine=engine,
         client=client,
     )

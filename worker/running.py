@@ -30,16 +30,29 @@ from rich.markup import escape
 from rich.progress import TaskID
 
 from jobs import db, store
-from jobs.batches import BatchReport, batch_progress, batch_report, progress_forecast
+from jobs.batches import (
+    BatchProgress,
+    BatchReport,
+    CapCheck,
+    CapHold,
+    batch_progress,
+    batch_report,
+    cap_holds,
+    cap_note,
+    progress_forecast,
+)
 from jobs.db import open_engine
 from jobs.errors import ConfigError, WanbatchError
 from jobs.printable import printable, shell_ref
 from jobs.settings import Settings
 from jobs.states import JobState
-from worker.limits import unreachable_note
+from jobs.store import CapScope
+from worker.limits import api_key_id, unreachable_note
 from worker.progress_line import PlainProgress, batch_progress_display, money_text, plain_line
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from worker.conductor import Conductor
     from worker.steps import Runtime
 
@@ -486,6 +499,49 @@ def _give_back(rt: Runtime, batch_id: str) -> str:
     return "; ".join(parts)
 
 
+class _CapWatch:
+    """Which caps hold the batch's unsent jobs back, for the progress line (:func:`cap_holds`,
+    what ``status`` says too): asked only while jobs wait ``pending`` and nothing else (a pause,
+    the schedule) holds them, and embedded only after dispatch found a cap full."""
+
+    def __init__(self, batch_id: str, settings: Settings, rt: Runtime | None) -> None:
+        self.batch_id = batch_id
+        self.rt = rt
+        self.check = CapCheck.of(settings, api_key_id(settings))
+        # Embedded, what this process's dispatch counts; watching, what the workers' counts.
+        self.scope = (
+            rt.cap_scope()
+            if rt is not None
+            else CapScope.of(api_key_id=self.check.api_key_id, batch_ids=None, simulated=False)
+        )
+        #: The caps (and whose jobs) last said in full: said again only when that changes.
+        self._said: tuple[tuple[str, str | None, tuple[str, ...]], ...] = ()
+
+    def holds(self, session: Session, current: BatchProgress) -> list[CapHold]:
+        """The caps holding the batch back now (empty: none, or not worth a query)."""
+        if current["held"] or not current["counts"].get(JobState.PENDING.value, 0):
+            return []
+        if self.rt is not None and not self.rt.capped:
+            return []
+        return cap_holds(session, self.batch_id, self.scope, self.check)
+
+    @staticmethod
+    def alert(holds: list[CapHold]) -> str | None:
+        """Which caps hold the batch back, without their counts: a plain line goes out when
+        this changes (:meth:`PlainProgress.due`), not at every count that moves."""
+        return " ".join(h.endpoint or h.kind for h in holds) or None
+
+    def first_said(self, holds: list[CapHold]) -> str | None:
+        """The full note of ``holds`` when they differ from the caps last said (None: the same,
+        or none), so that a hold is explained once, not at every refresh."""
+        key = tuple((h.kind, h.endpoint, tuple(i for i, _n, _j in h.holders)) for h in holds)
+        if key == self._said or not holds:
+            self._said = key
+            return None
+        self._said = key
+        return cap_note(holds, self.batch_id)
+
+
 def _watch(
     batch_id: str,
     settings: Settings,
@@ -516,6 +572,7 @@ def _watch(
         return escape(printable(text))
 
     budget = RefreshBudget()
+    caps = _CapWatch(batch_id, settings, conductor.rt if conductor is not None else None)
 
     def refresh(task_id: TaskID) -> bool:
         """Show where the batch is; True when there is nothing more to wait for (False, with
@@ -525,11 +582,16 @@ def _watch(
             return False
         with db.read_scope(engine) as session:
             current = batch_progress(session, batch_id)
+            holds = caps.holds(session, current)
         budget.spent(started, time.monotonic())
         done = current["finished"]
         waiting = compact_note(current["schedule_state"]) if not current["schedule_open"] else ""
         # Embedded, this process submits: while its limiter's Redis does not answer, say so.
         held = unreachable_note(conductor.rt.limiter) if conductor is not None else None
+        # A cap that holds the unsent jobs back, and whose jobs fill it: in full once, then short.
+        if (line := caps.first_said(holds)) is not None:
+            progress.console.print(f"[yellow]{shown(line)}[/yellow]")
+        capped = printable(cap_note(holds, batch_id, short=True))
         progress.update(
             task_id,
             total=current["total"],
@@ -543,7 +605,7 @@ def _watch(
         task = next(t for t in progress.tasks if t.id == task_id)
         speed = task.speed  # jobs a second, None before two samples
         eta, eta_note = progress_forecast(current, speed * 60 if speed else None)
-        notes = " · ".join(n for n in (waiting, held, eta_note) if n)
+        notes = " · ".join(n for n in (waiting, held, capped, eta_note) if n)
         progress.update(
             task_id,
             # A scheduled batch outside its window says so, with the time left (the countdown).
@@ -555,7 +617,9 @@ def _watch(
         ends = done >= current["total"] or (
             at_provider == 0 and (current["state"] == "paused" or current["paused_by_user"])
         )
-        if plain is not None and plain.due(time.monotonic(), done, current["total"], final=ends, alert=held):
+        if plain is not None and plain.due(
+            time.monotonic(), done, current["total"], final=ends, alert=held or caps.alert(holds)
+        ):
             console.print(plain_line(task), markup=False, highlight=False, soft_wrap=True)
         if done >= current["total"]:
             return True

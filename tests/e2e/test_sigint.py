@@ -8,6 +8,15 @@ that running again resumes; a second signal exits at once.
 `wanbatch run` runs as a real subprocess (signals need one) against a simulator in this test
 process, so its ledger — what fal accepted — is observable across the interrupted run and the
 run that resumes it.
+
+What a stopped run leaves behind holds no other batch's run back in silence (audit s26
+"hostile", item 4): a `--simulate` run stopped during its downloads left every later embedded
+run at `pending:1` for ever, saying nothing. The download backlog counted every batch's
+downloads, though only a batch's own run makes them, and the outstanding cap counted the
+requests a stopped simulation had left at its simulator, gone with its process (every
+simulation sends the same key). Now the backlog counts the downloads a run makes, and a
+simulation's caps its own batch only; a cap that does hold a run back is named, with whose jobs
+fill it, on the progress line and in `status`.
 """
 
 from __future__ import annotations
@@ -143,13 +152,25 @@ def _count(db: str, where: str) -> int:
         return 0
 
 
-def _status(env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    """``wanbatch status sigint --json``, run as a user would, from another process."""
-    argv = [*_command(), "status", "sigint", "--json"]
-    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    report: dict[str, Any] = json.loads(done.stdout)
+def _status(env: dict[str, str], cwd: Path, batch: str = "sigint") -> dict[str, Any]:
+    """``wanbatch status BATCH --json``, run as a user would, from another process."""
+    report: dict[str, Any] = json.loads(_status_of(env, cwd, batch, "--json").stdout)
     return report
+
+
+def _status_of(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``wanbatch status ARGS`` from another process, as a user would ask."""
+    done = subprocess.run(
+        [*_command(), "status", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 def _signal_and_wait(proc: Proc, sig: signal.Signals, within: float) -> float:
@@ -342,3 +363,101 @@ def test_interrupted_json_run_prints_one_object(
     # Requests at fal stay tracked (the next run polls them); none is left leased.
     assert _count(db, "state IN ('queued', 'running')") == 3
     assert _count(db, "lease_owner IS NOT NULL") == 0
+
+
+STOPPED = "name: c\nendpoint: fal-ai/wan-22\nitems:\n" + "".join(
+    f"  - prompt: stopped {i}\n" for i in range(10)
+)
+LATER = "name: b\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: the later run\n"
+
+
+def _stop_midway(args: list[str], env: dict[str, str], cwd: Path, where: str) -> None:
+    """Start `wanbatch ARGS`, Ctrl-C it once a job of it is in ``where`` (SQL), and check that
+    one is still there: nothing but that batch's own run moves it on."""
+    db = env["WANBATCH_DATABASE_URL"]
+    first = Proc(args, env, cwd, "stopped")
+    try:
+        _wait_for(where, lambda: _count(db, where) >= 1, first)
+        _signal_and_wait(first, signal.SIGINT, within=10)
+    finally:
+        first.kill()
+    assert first.popen.returncode == 130, first.stderr()
+    assert _count(db, where) >= 1, "nothing was left: the test did not stop the run midway"
+
+
+def _states(db: str, batch: str) -> dict[str, int]:
+    rows = db_rows(
+        db,
+        "SELECT j.state, count(*) FROM jobs j JOIN batches b ON b.id = j.batch_id "
+        f"WHERE b.name = '{batch}' GROUP BY j.state",
+    )
+    return {state: n for state, n in rows}
+
+
+@pytest.mark.parametrize("left", ["downloading", "at its simulator"])
+def test_a_simulation_stopped_midway_holds_no_later_run_back(
+    left: str, manifest: MakeManifest, env: dict[str, str], e2e_env: Path
+) -> None:
+    db = env["WANBATCH_DATABASE_URL"]
+    if left == "downloading":  # every download times out and waits for its retry, `downloading`
+        stopped_env, where = {**env, "WANBATCH_DOWNLOAD_TIMEOUT": "0.000001"}, "state = 'downloading'"
+    else:  # Ctrl-C while requests are queued or running at the run's own simulator
+        stopped_env, where = env, "state IN ('queued', 'running')"
+    _stop_midway(
+        ["run", str(manifest("c", STOPPED)), "--simulate", "--no-progress"], stopped_env, e2e_env, where
+    )
+    left_over = _states(db, "c")
+
+    # One stopped job is enough to fill caps of 1: before, the run below waited for ever.
+    capped = {**env, "WANBATCH_MAX_OUTSTANDING": "1", "WANBATCH_MAX_DOWNLOAD_BACKLOG": "1"}
+    later = Proc(["run", str(manifest("b", LATER)), "--simulate", "--no-progress"], capped, e2e_env, "later")
+    _wait_done(later, timeout=60)
+    assert later.popen.returncode == 0, later.stderr()
+    assert _states(db, "b") == {"succeeded": 1}
+    assert _states(db, "c") == left_over  # left for `wanbatch run c --simulate`
+    assert "held" not in later.stderr()
+
+
+def test_a_cap_that_holds_a_run_back_is_named_with_whose_jobs_fill_it(
+    manifest: MakeManifest, sim: SimulatorHandle, env: dict[str, str], e2e_env: Path
+) -> None:
+    """A request another batch left at fal fills an outstanding cap of 1 (fal's account is
+    shared whatever the batch): the run says so, and what frees it, instead of a silent
+    `pending:1`; `status` says the same; it goes on once that request ends."""
+    env = {**env, "WANBATCH_MAX_OUTSTANDING": "1"}
+    db = env["WANBATCH_DATABASE_URL"]
+    sim.update_options(latency_seconds=600.0)  # c's request stays at fal
+    _stop_midway(
+        ["run", str(manifest("c", STOPPED)), "--no-progress"], env, e2e_env, "state IN ('queued', 'running')"
+    )
+    sim.update_options(latency_seconds=0.1)  # what is sent from now on finishes at once
+
+    # stderr is a file: the progress goes out as plain lines, the cap's note in them
+    later = Proc(["run", str(manifest("b", LATER))], env, e2e_env, "later")
+    try:
+        _wait_for("the cap's note", lambda: "held: outstanding cap full (1 of c)" in later.stderr(), later)
+        said = (
+            "submits held back: the outstanding cap is full (1 of 1, WANBATCH_MAX_OUTSTANDING): "
+            "requests at fal (1 of batch c); sending resumes as fal finishes them"
+        )
+        assert said in later.stderr()  # once in full, when the hold begins
+        report = _status(env, e2e_env, "b")
+        assert (report["phase"], report["processing"]) == ("active", True)
+        assert report["phase_reason"].startswith(said)
+        assert said in _status_of(env, e2e_env, "b").stdout
+        assert said in _status_of(env, e2e_env).stdout  # the list of every batch too
+        assert _states(db, "b") == {"pending": 1}
+
+        cancel = subprocess.run(
+            [*_command(), "cancel", "c", "--no-progress"],
+            env=env,
+            cwd=e2e_env,
+            capture_output=True,
+            timeout=90,
+        )
+        assert cancel.returncode in (0, 1), cancel.stderr
+        _wait_done(later)
+    finally:
+        later.kill()
+    assert later.popen.returncode == 0, later.stderr()
+    assert _states(db, "b") == {"succeeded": 1}

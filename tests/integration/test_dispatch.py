@@ -1,4 +1,5 @@
-"""Dispatch against a real database: the outstanding cap, and its back-off when fal queues.
+"""Dispatch against a real database: the outstanding cap, and its back-off when fal queues;
+which jobs count against the caps, and what `status` says when one holds a batch back.
 
 fal queues whatever it cannot run (accounts run 2 to 40 at once). When requests we sent are
 still IN_QUEUE long after, dispatch keeps just one waiting at fal instead of filling the cap.
@@ -12,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from jobs import db, store
+from jobs import batches, db, store
 from jobs.models import utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -23,16 +24,32 @@ from worker.steps import Runtime, dispatch
 S = JobState
 
 
-def _runtime(engine: Engine, sent: list[str], **settings: Any) -> Runtime:
-    """Dispatch hands each claimed job to ``sent`` (it never calls fal)."""
-    config = Settings(submit_rate=1000, max_outstanding=10, **settings)
-    return make_runtime(engine, config, enqueue_submit=sent.append)
+def _runtime(
+    engine: Engine,
+    sent: list[str],
+    *,
+    batch_ids: frozenset[str] | None = None,
+    simulated: bool = False,
+    **settings: Any,
+) -> Runtime:
+    """Dispatch hands each claimed job to ``sent`` (it never calls fal). ``batch_ids``: an
+    embedded run's (``simulated``: a ``--simulate`` run's); None: the distributed workers'."""
+    config = Settings(**{"submit_rate": 1000, "max_outstanding": 10, **settings})
+    return make_runtime(engine, config, enqueue_submit=sent.append, batch_ids=batch_ids, simulated=simulated)
 
 
-def _batch_of(engine: Engine, n: int) -> list[str]:
+def _batch_of(engine: Engine, n: int, name: str = "dispatch", *, simulated: bool = False) -> list[str]:
     jobs = [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(n)]
-    batch_id = add_batch(engine, "dispatch", jobs, est_billing_units=Decimal(1), est_usd=Decimal("0.1"))
+    batch_id = add_batch(
+        engine, name, jobs, est_billing_units=Decimal(1), est_usd=Decimal("0.1"), simulated=simulated
+    )
     return job_ids(engine, batch_id)
+
+
+def _batch_id(engine: Engine, job_id: str) -> frozenset[str]:
+    """The batch of ``job_id``, as a runtime's ``batch_ids``."""
+    with db.read_scope(engine) as session:
+        return frozenset({store.get_job(session, job_id).batch_id})
 
 
 def _at_fal(engine: Engine, job_ids: list[str], state: JobState, waited: float) -> None:
@@ -133,3 +150,99 @@ def test_the_download_backlog_defaults_to_the_outstanding_cap(engine: Engine) ->
     ids = _batch_of(engine, 30)
     _downloading(engine, ids[:7])
     assert len(dispatch(_runtime(engine, []))) == 3  # max_outstanding 10 - 7 waiting for download
+
+
+def test_an_embedded_run_counts_only_the_downloads_it_makes_in_the_backlog(engine: Engine) -> None:
+    """Another batch's results wait, undownloaded, for that batch's own run (an embedded run
+    downloads its own batch only): they must not hold this run's submits back. They held every
+    later run back for ever, `pending` and silent, after a run was stopped during its downloads."""
+    _downloading(engine, _batch_of(engine, 5, "stopped-during-downloads"))
+    mine = _batch_of(engine, 3, "mine")
+    workers = _runtime(engine, [], max_download_backlog=5)
+    assert dispatch(workers) == []  # the workers download every batch: theirs count
+    sent: list[str] = []
+    run = _runtime(engine, sent, batch_ids=_batch_id(engine, mine[0]), max_download_backlog=5)
+    assert sorted(dispatch(run)) == sorted(mine)
+
+
+def test_the_workers_are_not_held_back_by_a_simulations_downloads(engine: Engine) -> None:
+    """Only its own `--simulate` run downloads a simulation's videos (from its simulator)."""
+    _downloading(engine, _batch_of(engine, 5, "rehearsal", simulated=True))
+    paid = _batch_of(engine, 5, "paid")
+    sent: list[str] = []
+    assert len(dispatch(_runtime(engine, sent, max_download_backlog=5))) == 5  # the backlog is empty
+    assert sorted(sent) == sorted(paid)
+
+
+def test_jobs_waiting_for_their_download_hold_no_outstanding_slot(engine: Engine) -> None:
+    """Done at fal, a job is no longer at fal: only the download backlog counts it."""
+    _downloading(engine, _batch_of(engine, 8, "done-at-fal"))
+    assert len(dispatch(_runtime(engine, [], max_download_backlog=100))) == 0  # nothing else pending
+    mine = _batch_of(engine, 20, "mine")
+    run = _runtime(engine, [], batch_ids=_batch_id(engine, mine[0]), max_download_backlog=100)
+    assert len(dispatch(run)) == 10  # the whole outstanding cap
+
+
+def test_a_simulation_counts_only_its_own_requests_and_downloads(engine: Engine) -> None:
+    """Every simulation sends the simulator's key, but each `--simulate` run has a simulator of
+    its own: the requests and results an earlier one left (its simulator exited with its process)
+    are at no provider this run talks to, and never move on while it runs."""
+    earlier = _batch_of(engine, 4, "interrupted-rehearsal", simulated=True)
+    _at_fal(engine, earlier[:2], S.RUNNING, waited=1)
+    _downloading(engine, earlier[2:])
+    mine = _batch_of(engine, 5, "rehearsal", simulated=True)
+    sent: list[str] = []
+    config = {"max_outstanding": 2, "max_download_backlog": 2}
+    run = _runtime(engine, sent, batch_ids=_batch_id(engine, mine[0]), simulated=True, **config)
+    assert len(dispatch(run)) == 2  # both caps hold 2: none of the earlier simulation's counts
+    assert set(sent) <= set(mine)
+    assert dispatch(run) == []  # its own two requests fill its cap
+
+
+def _held(engine: Engine, job_id: str, **settings: Any) -> str | None:
+    """The ``phase_reason`` `status` gives the batch of ``job_id`` with ``settings`` (and its key)."""
+    config = Settings(**settings)
+    check = batches.CapCheck.of(config, api_key_id(config))
+    with db.read_scope(engine) as session:
+        report = batches.batch_report(session, store.get_job(session, job_id).batch_id, caps=check)
+    assert report["phase"] == "active"
+    return report["phase_reason"]
+
+
+def test_status_says_which_cap_holds_a_batch_back_and_whose_jobs_fill_it(engine: Engine) -> None:
+    other = _batch_of(engine, 2, "other")
+    _at_fal(engine, other, S.RUNNING, waited=1)
+    mine = _batch_of(engine, 3, "mine")
+    run = _runtime(engine, [], batch_ids=_batch_id(engine, mine[0]), max_outstanding=2)
+    assert dispatch(run) == []
+    assert run.capped
+    assert _held(engine, mine[0], max_outstanding=2) == (
+        "submits held back: the outstanding cap is full (2 of 2, WANBATCH_MAX_OUTSTANDING): requests "
+        "at fal (2 of batch other); sending resumes as fal finishes them, or raise "
+        "WANBATCH_MAX_OUTSTANDING if your fal account runs more at once"
+    )
+    assert _held(engine, mine[0], max_outstanding=3) is None  # room for one more
+    assert _held(engine, other[0], max_outstanding=2) is None  # nothing of its own waits to be sent
+    # An endpoint's own cap, with this batch's jobs waiting for it.
+    per_endpoint = {"max_outstanding_per_endpoint": {"fal-ai/wan-22": 1}}
+    assert _held(engine, mine[0], **per_endpoint) == (
+        "submits held back: the outstanding cap of fal-ai/wan-22 is full (2 of 1, "
+        "WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT): requests at fal (2 of batch other); sending "
+        "resumes as fal finishes them, or raise WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT if your fal "
+        "account runs more at once"
+    )
+
+
+def test_status_says_when_the_batchs_own_downloads_hold_it_back_but_not_its_own_requests(
+    engine: Engine,
+) -> None:
+    mine = _batch_of(engine, 6, "mine")
+    _downloading(engine, mine[:2])
+    assert _held(engine, mine[0], max_download_backlog=2) == (
+        "submits held back: the download backlog is full (2 of 2, WANBATCH_MAX_DOWNLOAD_BACKLOG): "
+        "jobs wait for their download (2 of this batch); sending resumes as they are stored (a full "
+        "disk or a slow link stalls them), or raise WANBATCH_MAX_DOWNLOAD_BACKLOG"
+    )
+    _at_fal(engine, mine[2:4], S.RUNNING, waited=1)
+    # Full of its own requests, the cap is at work for the batch: its counts say so already.
+    assert _held(engine, mine[0], max_outstanding=2, max_download_backlog=3) is None

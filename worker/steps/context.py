@@ -20,11 +20,11 @@ from jobs.models import BatchRecord, JobRecord, JobView, utcnow
 from jobs.schedule import Schedule
 from jobs.settings import Settings
 from jobs.states import JobState
-from jobs.store import Fence, batch_schedule, simulated_batch_ids
+from jobs.store import CapScope, Fence, batch_schedule, simulated_batch_ids
 from worker.fal.client import FalClient
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
-from worker.limits import SubmitLimiter, limiter_for
+from worker.limits import SubmitLimiter, api_key_id, limiter_for
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +214,11 @@ class Runtime:
     #: download backlog (``WANBATCH_MAX_DOWNLOAD_BACKLOG``) was full: then a finished download
     #: (``notify("downloaded")``) is what frees the next submit, not a completion at fal.
     downloads_held: bool = False
-    #: Whether the last dispatch round saw nothing at fal and nothing to download (for the API
-    #: key, every batch): with nothing dispatched either, a tick had nothing to look after, and the
+    #: Whether the last dispatch round found a cap full: the outstanding cap (the account's, or
+    #: an endpoint's) or the download backlog. ``run`` then asks who holds it, to say so.
+    capped: bool = False
+    #: Whether the last dispatch round saw nothing at fal and nothing to download (what its caps
+    #: count: :meth:`cap_scope`): with nothing dispatched either, a tick had nothing to look after, and the
     #: conductor lets the next one come later (:func:`worker.conductor.idle_interval`).
     nothing_in_flight: bool = False
     #: Called in the submit step's thread the moment fal's acceptance is recorded, with the
@@ -256,6 +259,14 @@ class Runtime:
         if self.simulated:
             return Reach(batch_ids=self.batch_ids or frozenset(), exclude_batch_ids=frozenset())
         return Reach(batch_ids=None, exclude_batch_ids=simulated_batch_ids(session))
+
+    def cap_scope(self) -> CapScope:
+        """Which jobs this runtime's caps count (:meth:`jobs.store.CapScope.of`): the requests
+        its provider holds for its key and the downloads it makes itself, never jobs that only
+        another process (another batch's run, another simulator) can move on."""
+        return CapScope.of(
+            api_key_id=api_key_id(self.settings), batch_ids=self.batch_ids, simulated=self.simulated
+        )
 
     def fence(self, job: JobRecord) -> Fence:
         """``job`` as this runtime just read (or claimed) it, held by this runtime's worker."""

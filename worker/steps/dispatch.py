@@ -36,7 +36,9 @@ def dispatch(rt: Runtime) -> list[str]:
     The budget is checked in the same transaction that claims: a job's estimate counts as
     reserved from the moment it is ``submitting``, so the cap holds even with many in flight.
     Only jobs of ``rt.batch_ids`` are claimed, but the outstanding caps count every batch's
-    requests at fal for the key: the account's limit is global.
+    requests at fal for the key: the account's limit is global. The download backlog counts the
+    downloads this runtime makes, and a simulation its own batch only
+    (:meth:`~worker.steps.context.Runtime.cap_scope`).
     """
     with db.session_scope(rt.engine) as session:
         claimed = dispatch_in(session, rt)
@@ -77,11 +79,14 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     assert rt.bucket is not None
     rt.bucket.short = False  # set again below when jobs are left waiting for the rate
     rt.downloads_held = False  # likewise, when the download backlog holds jobs back
+    scope = rt.cap_scope()  # what the caps count: never jobs that only another process moves on
     waited = timedelta(seconds=min(rt.settings.queue_wait_backoff, LONGEST_WAIT_SECONDS))
-    flight = store.in_flight(session, api_key_id=key_id, sent_before=now - waited)
+    flight = store.in_flight(session, scope=scope, sent_before=now - waited)
     rt.nothing_in_flight = flight.outstanding == 0 and flight.downloading == 0
-    free = _room_at_fal(session, rt, flight, rt.settings.max_outstanding - flight.outstanding, key_id)
+    free = _room_at_fal(session, rt, flight, rt.settings.max_outstanding - flight.outstanding, scope)
     room = _room_for_downloads(rt, flight.downloading)
+    # `run` then says which cap holds jobs back, and whose jobs fill it (jobs.batches.cap_holds)
+    rt.capped = flight.outstanding >= rt.settings.max_outstanding or room <= 0
     rt.downloads_held = room < free  # until the claim below shows whether any job is left waiting
     free = min(free, room)
     if free <= 0:
@@ -96,7 +101,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     batches = _RoundBatches(session, rt.batch_ids or ())
     closed = batches.closed(now)
     states = [S.PENDING, S.RETRY_WAIT] if flight.retry_wait else [S.PENDING]
-    jobs = _claim_within_caps(session, rt, free, now, key_id, closed, states)
+    jobs = _claim_within_caps(session, rt, free, now, scope, closed, states)
     rt.downloads_held = rt.downloads_held and len(jobs) >= free  # fewer: nothing else waited
     batches.read({job.batch_id for job in jobs})
     if len(jobs) < free:
@@ -243,7 +248,9 @@ def _reuse(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches
     return store.mark_reused(session, rt.fence(job), source)
 
 
-def _room_at_fal(session: Session, rt: Runtime, flight: store.InFlight, free: int, key_id: str) -> int:
+def _room_at_fal(
+    session: Session, rt: Runtime, flight: store.InFlight, free: int, scope: store.CapScope
+) -> int:
     """Keep a small queue waiting at fal beyond the requests it runs, sized from what is seen.
 
     fal runs 2 to 40 requests at once per account, depending on its tier, and queues the rest
@@ -258,8 +265,8 @@ def _room_at_fal(session: Session, rt: Runtime, flight: store.InFlight, free: in
     threshold = rt.settings.queue_wait_backoff
     if threshold <= 0 or free <= 0 or flight.waiting_long == 0:
         return free
-    waiting = store.count_in_states(session, [S.SUBMITTING, S.SUBMIT_UNKNOWN, S.QUEUED], api_key_id=key_id)
-    running = store.count_in_states(session, [S.RUNNING], api_key_id=key_id)
+    waiting = store.count_requests(session, [S.SUBMITTING, S.SUBMIT_UNKNOWN, S.QUEUED], scope=scope)
+    running = store.count_requests(session, [S.RUNNING], scope=scope)
     depth = max(1, math.ceil(running * QUEUE_DEPTH_SHARE))
     room = max(0, depth - waiting)
     if room < free:
@@ -282,7 +289,7 @@ def _room_for_downloads(rt: Runtime, backlog: int) -> int:
     expire. So the download backlog (``WANBATCH_MAX_DOWNLOAD_BACKLOG``, by default the outstanding
     cap) holds submits back, and they resume as downloads drain.
     """
-    bound = rt.settings.max_download_backlog or rt.settings.max_outstanding
+    bound = rt.settings.download_backlog
     if backlog >= bound:
         log.info(
             "%d jobs wait for their download (bound %d): holding submits",
@@ -298,7 +305,7 @@ def _claim_within_caps(
     rt: Runtime,
     free: int,
     now: datetime,
-    key_id: str,
+    scope: store.CapScope,
     closed: set[str],
     states: list[JobState],
 ) -> list[JobRecord]:
@@ -314,9 +321,10 @@ def _claim_within_caps(
     caps = rt.settings.max_outstanding_per_endpoint
     if not caps:
         return store.claim_due(session, limit=free, **claim)
-    outstanding = store.count_in_states_by_endpoint(session, states_at_provider(), api_key_id=key_id)
+    outstanding = store.count_in_states_by_endpoint(session, states_at_provider(), scope=scope)
     jobs: list[JobRecord] = []
     for endpoint, cap in sorted(caps.items()):
+        rt.capped = rt.capped or outstanding.get(endpoint, 0) >= cap
         room = min(free - len(jobs), cap - outstanding.get(endpoint, 0))
         if room > 0:
             jobs += store.claim_due(session, limit=room, endpoints=[endpoint], **claim)
