@@ -125,6 +125,7 @@ def _internal_error(exc: BaseException) -> NoReturn:
     import tempfile
     import traceback
 
+    from jobs.url_secrets import mask_urls
     from worker.fal.redact import redact_text
 
     detail = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -132,12 +133,12 @@ def _internal_error(exc: BaseException) -> NoReturn:
     try:
         fd, name = tempfile.mkstemp(prefix="wanbatch-crash-", suffix=".txt")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(redact_text("".join(traceback.format_exception(exc))))
+            fh.write(mask_urls(redact_text("".join(traceback.format_exception(exc)))))
         where = f" (details in {name})"
     except OSError:
         pass
     text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    print(f"internal error: {redact_text(text)}; please report it{where}", file=sys.stderr)
+    print(f"internal error: {mask_urls(redact_text(text))}; please report it{where}", file=sys.stderr)
     sys.exit(EXIT_INTERNAL)
 
 

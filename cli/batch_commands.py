@@ -410,6 +410,11 @@ def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> I
     else a Redis broker) is a :class:`~jobs.errors.ConfigError` (exit 2) at once, rather than a
     silent wait. The simulator runs in this process for the ``with`` block: it
     accepts any key, answers within a fraction of a second and bills nothing.
+
+    Embedded (no broker), this process's metrics are served on ``WANBATCH_METRICS_PORT`` for the
+    ``with`` block, from before anything is stored: a port in use is refused like the rest, where
+    it used to be found only when the work began, the batch (or ``r-rerun-N``) stored and left
+    pending. :func:`_run_and_report` therefore has ``process_batch`` serve none of its own.
     """
     refuse_simulate_with_broker(settings, simulate)
     if check:
@@ -420,6 +425,23 @@ def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> I
             settings.require_fal_key()
         check_broker(settings)
         check_limiter(settings)
+    stop_metrics = None
+    if not settings.broker_url:  # with a broker the workers do the work, and serve theirs
+        from worker.running import serve_run_metrics
+
+        stop_metrics = serve_run_metrics(settings)
+    try:
+        with _simulated(settings, simulate) as target:
+            yield target
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
+
+
+@contextlib.contextmanager
+def _simulated(settings: Settings, simulate: bool) -> Iterator[Settings]:
+    """``settings``, or with ``simulate`` a simulator's started for the ``with`` block (see
+    :func:`fal_settings`)."""
     if not simulate:
         yield settings
         return
@@ -485,7 +507,13 @@ def _run_and_report(
         err.print(f"[yellow]warning: {escape(room)}[/yellow]")
     _resume_at_simulator(batch_id, settings)
     startup.resume()  # the machinery is loaded: freeze it, collect from here on
-    report, stats = process_batch(batch_id, settings, console=err, show_progress=progress and not as_json)
+    report, stats = process_batch(
+        batch_id,
+        settings,
+        console=err,
+        show_progress=progress and not as_json,
+        serve_metrics=False,  # fal_settings serves them, bound before anything was stored
+    )
     # Stopped because its user paused it meanwhile: the same as a run of a paused batch (exit 2,
     # saying how to go on), not exit 1, which says jobs failed or were cancelled.
     paused = command != "cancel" and _held_by_user(report)

@@ -41,6 +41,36 @@ if TYPE_CHECKING:
     from jobs.cost import CostLine, CostReport
     from jobs.pricing import EstimateReport
 
+#: The widest ``COLUMNS`` (and tallest ``LINES``) taken: wider than any screen; a larger value is
+#: taken as this. Layout loops over the width (:func:`distinct_fits`): a billion never ended.
+MAX_TERMINAL_CELLS = 10_000
+
+
+def _sane_terminal_size() -> None:
+    """Make ``COLUMNS`` and ``LINES`` sizes rich can use, or remove them, before any console reads them.
+
+    rich takes any string of digits as the size, each time it measures: ``COLUMNS=0`` made every
+    width 0 (``range() arg 3 must not be zero`` in :func:`distinct_fits`), a billion made the
+    layout run for ever, and ``²`` (a digit to :meth:`str.isdigit`, not to :func:`int`) or 5,000
+    digits a traceback when the first console was made, before any command ran. A size that is no
+    whole number above 0 is removed, as if unset (the terminal's size, or 80 columns, then); a
+    larger one than :data:`MAX_TERMINAL_CELLS` becomes that. Changed in this process's
+    environment, so every console of it (``run``'s progress too) reads the same.
+    """
+    for name in ("COLUMNS", "LINES"):
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        text = value.strip()
+        if not (text.isascii() and text.isdigit()) or not text.strip("0"):
+            del os.environ[name]
+        elif len(text.lstrip("0")) > len(str(MAX_TERMINAL_CELLS)) or int(text) > MAX_TERMINAL_CELLS:
+            os.environ[name] = str(MAX_TERMINAL_CELLS)
+        elif text != value:
+            os.environ[name] = text
+
+
+_sane_terminal_size()
 # ``emoji=False``: rich would turn ``:x:`` in a user's path, prompt or batch name into an emoji,
 # so a message (or a suggested command) would show text the user never wrote.
 out = Console(soft_wrap=True, highlight=False, emoji=False)

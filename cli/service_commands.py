@@ -21,6 +21,7 @@ import click
 
 from cli import startup
 from cli.output import EXIT_OK, guarded
+from jobs.bounds import MAX_THREADS
 
 #: ``wanbatch worker``'s Celery pool unless ``--pool`` says otherwise (see :func:`worker`).
 DEFAULT_POOL = "threads"
@@ -30,11 +31,20 @@ POOLS = ("threads", "prefork", "processes", "solo")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
 
 
+class _Count(click.IntRange):
+    """A bounded whole number: ``-c x`` is "not a valid integer", not "not a valid integer range"
+    (which read as if a range such as ``1..4`` were wanted)."""
+
+    name = "integer"
+
+
 @click.command()
 @click.option(
     "--concurrency",
     "-c",
-    type=int,
+    # Checked here, before anything connects: Celery took -1 (prefork: a traceback at every
+    # restart; threads: an internal error), 0 as "the CPU count", and any number of threads.
+    type=_Count(1, MAX_THREADS),
     default=None,
     help="Tasks run at once: threads or processes (default: CPU count).",
 )
@@ -110,8 +120,16 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
             tasks.set_runtime(None)
             startup.resume()  # forked while start-up had the GC paused (no timer in a child)
 
+        # What stopped a worker before it was ever ready (see _StartFailure): the same start would
+        # stop it again the same way, so it is one line and exit 2, never a restart.
+        start_failure = _StartFailure()
+        with app.connection_for_read() as connection:  # made, not connected
+            start_failure.transient = (*connection.connection_errors, *connection.channel_errors)
+        logging.getLogger("celery.worker").addFilter(start_failure)  # "Unrecoverable error: …"
+
         @worker_ready.connect(weak=False)
         def _start_ticker(**_: object) -> None:
+            start_failure.ready = True
             startup.resume()  # Celery has loaded what it runs with
             t = Ticker(lambda: tasks.runtime(app), settings.tick_interval)
             t.start()
@@ -136,14 +154,18 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
             asked_to_stop.append(sig)
 
         quiet = settings.log_format == "json"  # no banner amid JSON lines
+        streams = sys.stdout, sys.stderr  # Celery makes them log records ("celery.redirected")
         try:
             run_worker(
                 app, pool=pool.lower(), concurrency=concurrency, loglevel=loglevel.upper(), quiet=quiet
             )
         finally:
             _stop_ticker()  # however the worker ended (worker_shutdown did it already, as a rule)
+            sys.stdout, sys.stderr = streams  # what ends the command is said as every command says it
         if stop_metrics is not None:
             stop_metrics()
+        if start_failure.failed_for_good(bool(asked_to_stop)):
+            raise ConfigError(start_failure.message())
         if not asked_to_stop:
             # Celery ends its worker cleanly after some broker-connection losses (kombu's redis
             # transport raising on a closed channel, logged as "Unrecoverable error"), though
@@ -156,6 +178,51 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
         return EXIT_OK
 
     guarded(False, action)
+
+
+class _StartFailure(logging.Filter):
+    """Why Celery's worker stopped before it was ever ready, kept instead of its traceback.
+
+    Celery logs whatever stops its worker (``Unrecoverable error: …``, with the traceback) and
+    returns. Some broker-connection losses end it so, and ``wanbatch worker`` then starts afresh
+    (a worker must outlive a broker restart); but a start that failed otherwise before the worker
+    was ever ready (a pool that cannot be built, a value Celery refuses) fails the very same way
+    at every restart: it printed a traceback and "restarting it" every few seconds, forever. A
+    broker that is down at start-up is not such a failure: Celery waits for it
+    (``broker_connection_retry_on_startup``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Set when Celery says the worker is ready (``worker_ready``).
+        self.ready = False
+        #: The broker transport's connection and channel errors: those are restarted after.
+        self.transient: tuple[type[BaseException], ...] = ()
+        self.reason: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.ready or record.levelno < logging.CRITICAL or not record.exc_info:
+            return True
+        exc = record.exc_info[1]
+        if exc is None or isinstance(exc, self.transient):
+            return True  # the broker's: logged as before, and the worker starts afresh
+        self.reason = f"{type(exc).__name__}: {exc}"
+        return False  # said once, in the one line that ends the command
+
+    def failed_for_good(self, asked_to_stop: bool) -> bool:
+        """Whether the worker ended before it was ready, nobody asked, and not for the broker."""
+        return not (asked_to_stop or self.ready) and self.reason is not None
+
+    def message(self) -> str:
+        """The one line that ends ``wanbatch worker``: the reason's first line, any key masked."""
+        from jobs.printable import one_line
+        from worker.fal.redact import redact_text
+
+        why = one_line(redact_text(self.reason or ""))[:300]
+        return (
+            f"the Celery worker could not start ({why}); not restarting it, as the same start "
+            "would fail the same way"
+        )
 
 
 def uvicorn_log_config(log_format: str) -> dict[str, Any] | None:

@@ -70,6 +70,7 @@ from sqlalchemy.sql.sqltypes import TupleType
 
 from jobs.errors import ConfigError
 from jobs.settings import DatabaseSettings
+from jobs.url_secrets import masked_url
 
 if TYPE_CHECKING:
     import psycopg
@@ -155,9 +156,11 @@ def _sqlite_options(parsed: URL) -> URL:
 
 
 def safe_url(url: str | URL) -> str:
-    """The URL with its password masked, for messages (never the raw setting)."""
+    """The URL with its password (and any query value that looks secret, ``sslpassword=``)
+    masked, for messages (never the raw setting): :func:`jobs.url_secrets.masked_url` over
+    SQLAlchemy's rendering, with SQLAlchemy's mask."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return masked_url(make_url(url).render_as_string(hide_password=False), mask="***")
     except (ArgumentError, ValueError):
         return "(not a URL)"
 

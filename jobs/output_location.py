@@ -33,6 +33,11 @@ def parse_s3_url(value: str) -> tuple[str, str]:
     if "?" in rest or "#" in rest:
         raise ValueError("an s3:// URL takes no query or fragment (?, #)")
     bucket, _, prefix = rest.partition("/")
+    if "@" in bucket:  # not echoed: the part before the "@" is a key and its secret
+        raise ValueError(
+            "an s3:// URL takes no credentials (KEY:SECRET@bucket): give them as "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     if not _BUCKET.match(bucket) or ".." in bucket:
         raise ValueError(
             f"{bucket!r} is not a valid bucket name (3-63 lower-case letters, digits, dots and hyphens)"

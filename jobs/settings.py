@@ -38,6 +38,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from jobs.bounds import MAX_THREADS
 from jobs.chaos_points import parse_points
 from jobs.endpoints import get_endpoint, known_endpoint_ids
 from jobs.errors import ConfigError
@@ -65,9 +66,6 @@ _EndpointRate = Annotated[float, Field(gt=0, le=MAX_RATE)]
 _EndpointCap = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 #: The most attempts (submissions, downloads) a setting may name: like a cap, beyond is a typo.
 MAX_ATTEMPTS = MAX_COUNT
-#: The most worker threads the embedded mode may start (one pool for submits, one for downloads):
-#: far more than fal runs at once for any account; a million would exhaust the host first.
-MAX_THREADS = 1024
 #: The largest output a download may accept: 1 TiB, far beyond any video fal returns (2 GiB default).
 MAX_DOWNLOAD_BYTES = 1024**4
 #: The largest local file sent inline as a data URI: 64 MiB, beyond the largest image or audio

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from jobs.digits import ascii_int
+from jobs.url_secrets import mask_urls, masked_url
 
 if TYPE_CHECKING:
     from jobs.settings import Settings
@@ -69,15 +70,17 @@ class Check:
 
 
 def _ok(name: str, detail: str) -> Check:
-    return Check(name, "ok", detail)
+    return Check(name, "ok", mask_urls(detail))
 
 
 def _fail(name: str, detail: str, fix: str) -> Check:
-    return Check(name, "fail", detail, fix)
+    # Every URL masked once more, whatever said it: a setting's own validation error, a client's
+    # exception (each check masks the URLs it names itself, too).
+    return Check(name, "fail", mask_urls(detail), mask_urls(fix))
 
 
 def _skip(name: str, detail: str) -> Check:
-    return Check(name, "skip", detail)
+    return Check(name, "skip", mask_urls(detail))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -157,12 +160,12 @@ def check_database(settings: Settings) -> Check:
 def check_broker(settings: Settings) -> Check:
     """With a broker: it answers, and at least one ``wanbatch worker`` answers a ping."""
     from jobs.errors import WanbatchError
-    from worker.running import _sanitized, check_broker, live_workers
+    from worker.running import check_broker, live_workers
 
     name = "broker"
     if not settings.broker_url:
         return _skip(name, "no WANBATCH_BROKER_URL: embedded mode, `wanbatch run` does the work itself")
-    where = _sanitized(settings.broker_url)
+    where = masked_url(settings.broker_url)
     try:
         check_broker(settings, timeout=3.0)
     except WanbatchError as exc:
@@ -194,8 +197,10 @@ def check_provider(settings: Settings) -> Check:
         )
     from jobs.endpoints.registry import app_base
 
-    base = settings.fal_queue_url.rstrip("/")
-    url = f"{base}/{app_base(PROBE_ENDPOINT)}/requests/{PROBE_REQUEST_ID}/status"
+    url = (
+        f"{settings.fal_queue_url.rstrip('/')}/{app_base(PROBE_ENDPOINT)}/requests/{PROBE_REQUEST_ID}/status"
+    )
+    base = masked_url(settings.fal_queue_url.rstrip("/"))  # as printed: a password or token masked
     try:
         with httpx.Client(timeout=TIMEOUT, follow_redirects=False, trust_env=True) as client:
             answer = client.get(url, headers={"Authorization": f"Key {key}", "Accept": "application/json"})
@@ -284,7 +289,6 @@ def check_receiver(settings: Settings) -> Check:
     from jobs.printable import one_line
     from jobs.settings import Settings
     from worker.fal.webhooks import JwksKeys
-    from worker.running import _sanitized
 
     name = "receiver"
     if not settings.webhook_url:
@@ -293,16 +297,17 @@ def check_receiver(settings: Settings) -> Check:
             "no WANBATCH_WEBHOOK_URL: completions come from fal's status streams, "
             "the few requests no stream follows are polled (fine)",
         )
-    probe = healthz_url(settings.webhook_url)
-    if probe is None:
+    healthz = healthz_url(settings.webhook_url)
+    if healthz is None:
         return _fail(
             name,
-            f"WANBATCH_WEBHOOK_URL {settings.webhook_url!r} does not end in /webhooks/fal",
+            f"WANBATCH_WEBHOOK_URL {masked_url(settings.webhook_url)!r} does not end in /webhooks/fal",
             "point it at the receiver: https://YOUR-HOST/webhooks/fal (`wanbatch serve`)",
         )
+    probe = masked_url(healthz)  # as printed: the receiver's password masked
     try:
         with httpx.Client(timeout=TIMEOUT, follow_redirects=True, trust_env=True) as client:
-            answer = client.get(probe)
+            answer = client.get(healthz)
     except httpx.HTTPError as exc:
         return _fail(
             name,
@@ -320,7 +325,7 @@ def check_receiver(settings: Settings) -> Check:
             "make WANBATCH_WEBHOOK_URL lead to `wanbatch serve` (path /webhooks/fal)",
         )
     # Without fal's signing keys the receiver refuses every delivery (503) though it answers.
-    jwks_url = _sanitized(settings.webhook_jwks_url)  # as printed: a password masked
+    jwks_url = masked_url(settings.webhook_jwks_url)  # as printed: a password or token masked
     here = JwksKeys(settings.webhook_jwks_url, timeout=TIMEOUT).health()
     if not here.can_verify:
         fal_jwks = Settings.model_fields["webhook_jwks_url"].default

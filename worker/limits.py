@@ -43,10 +43,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 from jobs.errors import ConfigError, WanbatchError
 from jobs.settings import Settings
+from jobs.url_secrets import masked_url
 from worker import telemetry
 
 if TYPE_CHECKING:
@@ -188,26 +189,6 @@ def client_error() -> type[Exception]:
 
 
 # --------------------------------------------------------------------------- where the limiter is
-
-
-def masked_url(url: str) -> str:
-    """``url`` with its password masked (``redis://:**@host:6379/0``; a ``password=`` query
-    parameter likewise), for messages: never the raw setting."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(not a URL)"
-    shown = url
-    if "@" in parts.netloc:
-        userinfo, host = parts.netloc.rsplit("@", 1)
-        user, colon, _password = userinfo.partition(":")
-        if colon:
-            shown = shown.replace(f"//{parts.netloc}", f"//{user}:**@{host}", 1)
-    if "password" in parts.query.lower():
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        query = urlencode([(k, "**" if k.lower() == "password" else v) for k, v in pairs], safe="*/")
-        shown = shown.replace(f"?{parts.query}", f"?{query}", 1)
-    return shown
 
 
 def backend(settings: Settings) -> tuple[str, str] | None:

@@ -47,6 +47,7 @@ from jobs.printable import printable, shell_ref
 from jobs.settings import Settings
 from jobs.states import JobState
 from jobs.store import CapScope
+from jobs.url_secrets import masked_url
 from worker.limits import api_key_id, unreachable_note
 from worker.progress_line import PlainProgress, batch_progress_display, money_text, plain_line
 
@@ -185,12 +186,6 @@ def stop_on_signals() -> Iterator[None]:
 # --------------------------------------------------------------------------- the broker
 
 
-def _sanitized(url: str) -> str:
-    from kombu.utils.url import maybe_sanitize_url
-
-    return str(maybe_sanitize_url(url))
-
-
 def check_broker(settings: Settings, timeout: float = 3.0) -> None:
     """Raise :class:`ConfigError` (exit 2) unless ``WANBATCH_BROKER_URL`` answers within ``timeout``.
 
@@ -228,7 +223,7 @@ def check_broker(settings: Settings, timeout: float = 3.0) -> None:
     else:
         return
     raise ConfigError(
-        f"cannot reach the broker at {_sanitized(url)} (WANBATCH_BROKER_URL): {reason}. "
+        f"cannot reach the broker at {masked_url(url)} (WANBATCH_BROKER_URL): {reason}. "
         "Start it or fix the URL; unset WANBATCH_BROKER_URL to run in this process"
     )
 
@@ -255,7 +250,7 @@ def no_worker_warning(settings: Settings, *, waiting: bool = True) -> str:
     assert settings.broker_url
     then = "still waiting" if waiting else "it is carried out then"
     return (
-        f"warning: no wanbatch worker answers on the broker {_sanitized(settings.broker_url)}: "
+        f"warning: no wanbatch worker answers on the broker {masked_url(settings.broker_url)}: "
         f"nothing is processed until one runs (start `wanbatch worker`); {then}"
     )
 
@@ -264,7 +259,7 @@ def broker_down_warning(settings: Settings) -> str:
     """The line printed while the broker cannot be reached to ask for the workers."""
     assert settings.broker_url
     return (
-        f"warning: cannot reach the broker {_sanitized(settings.broker_url)} (WANBATCH_BROKER_URL): "
+        f"warning: cannot reach the broker {masked_url(settings.broker_url)} (WANBATCH_BROKER_URL): "
         "no work reaches the workers until it is back (jobs already at fal finish there); still waiting"
     )
 
@@ -355,11 +350,16 @@ def process_batch(
     *,
     console: Console | None = None,
     show_progress: bool = True,
+    serve_metrics: bool = True,
 ) -> tuple[BatchReport, RunStats]:
     """Drive ``batch_id`` to the end; returns its final status report and run statistics.
 
     Raises :class:`Interrupted` after SIGINT/SIGTERM (under :func:`stop_on_signals`), once this
     process has stopped sending and given its leases back.
+
+    Embedded, it serves this process's metrics while it works (:func:`serve_run_metrics`) unless
+    ``serve_metrics`` is False: the caller serves them already (``run`` and ``rerun`` bind the
+    port before they store anything).
     """
     stats = RunStats()
     started = time.monotonic()
@@ -378,7 +378,7 @@ def process_batch(
         finally:
             watch.stopping.set()
     else:
-        _process_embedded(batch_id, settings, console, show_progress, stats)
+        _process_embedded(batch_id, settings, console, show_progress, stats, serve_metrics)
     stats.wall_seconds = time.monotonic() - started
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
@@ -387,7 +387,12 @@ def process_batch(
 
 
 def _process_embedded(
-    batch_id: str, settings: Settings, console: Console, show_progress: bool, stats: RunStats
+    batch_id: str,
+    settings: Settings,
+    console: Console,
+    show_progress: bool,
+    stats: RunStats,
+    serve_metrics: bool,
 ) -> None:
     from worker.conductor import Conductor, listening
     from worker.embedded import InProcessWorker
@@ -400,14 +405,21 @@ def _process_embedded(
     # batch says which provider this runtime talks to: it then reaches that provider's requests only.
     with db.read_scope(open_engine(settings)) as session:
         simulated = store.get_batch(session, batch_id).simulated
+    # WANBATCH_METRICS_PORT: this process does the work. Before the runtime: a port in use
+    # leaves nothing to close.
+    stop_metrics = serve_run_metrics(settings) if serve_metrics else _nothing_to_stop
     worker = InProcessWorker(settings.embedded_concurrency)
-    rt = build_runtime(
-        settings=settings,
-        enqueue_submit=worker.submit,
-        enqueue_download=worker.download,
-        batch_ids=frozenset({batch_id}),
-        simulated=simulated,
-    )
+    try:
+        rt = build_runtime(
+            settings=settings,
+            enqueue_submit=worker.submit,
+            enqueue_download=worker.download,
+            batch_ids=frozenset({batch_id}),
+            simulated=simulated,
+        )
+    except BaseException:
+        stop_metrics()
+        raise
     # The steps run on this process's threads: dispatch and the conductor hand them what they read.
     rt.submit_tickets, rt.download_claims = {}, {}
     conductor = Conductor(rt)
@@ -415,7 +427,6 @@ def _process_embedded(
     rt.on_accepted = conductor.watch_accepted
     worker.bind(rt)
     abandoned = False
-    stop_metrics = _serve_metrics(settings, rt)  # WANBATCH_METRICS_PORT: this process does the work
     try:
         with worker, listening(rt.engine, conductor.notify):
             try:
@@ -432,20 +443,19 @@ def _process_embedded(
             close_runtime(rt)
 
 
-def _serve_metrics(settings: Settings, rt: Runtime) -> Callable[[], None]:
-    """This process's metrics on ``WANBATCH_METRICS_PORT`` (a port in use: the runtime is closed
-    and the ConfigError says which variable to change); without the setting nobody can read
-    them, so nothing is counted (:func:`~worker.telemetry.count_nothing`). Returns what undoes
-    either. With a broker, ``run`` only watches: the workers serve theirs."""
+def serve_run_metrics(settings: Settings) -> Callable[[], None]:
+    """This process's metrics on ``WANBATCH_METRICS_PORT`` for an embedded run (a port in use: a
+    ConfigError that says which variable to change); without the setting nobody can read them,
+    so nothing is counted (:func:`~worker.telemetry.count_nothing`). Returns what undoes either.
+    With a broker, ``run`` only watches: the workers serve theirs."""
     from worker import telemetry
-    from worker.runtime import close_runtime
 
-    try:
-        stop = telemetry.serve_configured(settings)
-    except ConfigError:
-        close_runtime(rt)
-        raise
+    stop = telemetry.serve_configured(settings)
     return stop if stop is not None else telemetry.count_nothing()
+
+
+def _nothing_to_stop() -> None:
+    """What :func:`_process_embedded` stops when its caller serves the metrics."""
 
 
 def _give_back(rt: Runtime, batch_id: str) -> str:

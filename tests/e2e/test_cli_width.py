@@ -9,7 +9,11 @@ failures with long messages, a budget cap that cancels, a paused batch.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from rich.cells import cell_len
@@ -120,3 +124,26 @@ def test_reports_fit_80_columns(wb: Wb, sim: SimulatorHandle, manifest: MakeMani
     assert money in line
     assert re.search(r"\b\d+:\d\d:\d\d\b", line), line
     assert_fits(shown.stdout, "run summary")
+
+
+#: ``COLUMNS`` values that are no width: 0 was ``range() arg 3 must not be zero`` (exit 70), a
+#: billion a layout that never ended, ``²`` (a digit to ``str.isdigit``) and 5,000 digits a
+#: traceback before any command ran; the others were fine and must stay so.
+ODD_COLUMNS = ["0", "000", "-3", "junk", "²", " 80 ", "1", "1000000000", "9" * 5000]
+
+
+def test_any_columns_value_lays_out_or_is_ignored(manifest: MakeManifest, wb: Wb) -> None:
+    path = manifest("columns", MIXED.format(name="columns-of-any-width", cap="100"))
+    assert wb("submit", path).code == 0
+    wanbatch = str(Path(sys.executable).with_name("wanbatch"))  # a process of its own: rich reads
+    for columns in ODD_COLUMNS:  # COLUMNS when the consoles are made, at import
+        for args in (["status"], ["status", "columns-of-any-width"], ["cost", "columns-of-any-width"]):
+            env = {**os.environ, "COLUMNS": columns, "LINES": columns}
+            done = subprocess.run(
+                [wanbatch, *args], capture_output=True, text=True, timeout=60, check=False, env=env
+            )
+            said = f"COLUMNS={columns[:12]!r} wanbatch {' '.join(args)}: {done.stderr}"
+            assert done.returncode == 0, said
+            assert done.stderr == "", said
+            if columns != "1":  # one column is a width, and it is used: a letter a line
+                assert "columns" in done.stdout, said

@@ -420,3 +420,67 @@ def test_broker_with_and_without_workers(
             stop_processes(workers)
         assert code == 0, checks
         assert "1 worker(s) answer a ping" in checks["broker"]["detail"]
+
+
+#: Credentials that must never be printed, in every URL setting the doctor names.
+PASSWORD, TOKEN = "pw-4f9c1e", "tok-8d2b7a"
+
+
+def _with_credentials(setting: str) -> str:
+    """A value of ``setting`` with a password and a secret query value, pointing nowhere."""
+    port = unused_port()
+    return {
+        "WANBATCH_FAL_QUEUE_URL": f"http://u:{PASSWORD}@127.0.0.1:{port}/q?token={TOKEN}",
+        "WANBATCH_WEBHOOK_URL": f"http://u:{PASSWORD}@127.0.0.1:{port}/webhooks/fal?token={TOKEN}",
+        "WANBATCH_LIMITS_URL": f"redis://:{PASSWORD}@127.0.0.1:{port}/0?token={TOKEN}",
+        "WANBATCH_BROKER_URL": f"redis://:{PASSWORD}@127.0.0.1:{port}/0?token={TOKEN}",
+        "WANBATCH_DATABASE_URL": f"postgresql://u:{PASSWORD}@127.0.0.1:{port}/db?sslpassword={TOKEN}",
+        "WANBATCH_OUTPUT_DIR": f"s3://AKIA{TOKEN}:{PASSWORD}@bucket/outputs",
+    }[setting]
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "WANBATCH_FAL_QUEUE_URL",
+        "WANBATCH_WEBHOOK_URL",
+        "WANBATCH_LIMITS_URL",
+        "WANBATCH_BROKER_URL",
+        "WANBATCH_DATABASE_URL",
+        "WANBATCH_OUTPUT_DIR",
+    ],
+)
+def test_no_password_or_token_of_a_url_is_printed(
+    setting: str, wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue URL's password and every ``?token=`` were printed as written."""
+    monkeypatch.setenv(setting, _with_credentials(setting))
+    for args in (["doctor"], ["doctor", "--json"], ["status"]):
+        run = wb(*args)
+        said = run.stdout + run.stderr
+        assert PASSWORD not in said, said
+        assert TOKEN not in said, said
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    failed = [c for c in checks.values() if c["status"] == "fail"]
+    assert failed, checks
+    if setting != "WANBATCH_OUTPUT_DIR":  # refused as a whole: no URL is shown
+        assert any(":**@" in c["detail"] or ":***@" in c["detail"] for c in failed), failed
+
+
+def test_the_jwks_url_s_credentials_are_not_printed(
+    wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nowhere = f"http://u:{PASSWORD}@127.0.0.1:{unused_port()}/jwks.json?sig={TOKEN}"
+    monkeypatch.setenv("WANBATCH_WEBHOOK_JWKS_URL", nowhere)
+    get_settings.cache_clear()
+    with _serving(get_settings()) as receiver:
+        monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{receiver}/webhooks/fal")
+        code, checks, _ = _doctor(wb)
+        assert (code, checks["receiver"]["status"]) == (1, "fail")
+        assert checks["receiver"]["detail"].startswith(
+            f"WANBATCH_WEBHOOK_JWKS_URL {nowhere.replace(PASSWORD, '**').replace(TOKEN, '**')}: "
+        )
+        human = wb("doctor")
+        assert PASSWORD not in human.stdout + human.stderr
+        assert TOKEN not in human.stdout + human.stderr

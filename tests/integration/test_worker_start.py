@@ -4,8 +4,9 @@ Importing ``celery.bin.celery`` brings every Celery subcommand, ``click_repl`` a
 ``prompt_toolkit`` among them: about a tenth of a worker's start-up CPU for a shell nobody
 opens. :func:`worker.app.run_worker` does what ``celery worker`` does without it. These tests
 pin down that the worker it starts is the one ``celery worker -Q wanbatch --without-gossip
---without-mingle`` started (a real Celery worker on kombu's in-memory transport), and that a
-bad ``--pool`` or ``--loglevel`` is one line naming what is allowed, as Celery's own option said.
+--without-mingle`` started (a real Celery worker on kombu's in-memory transport), that a
+bad ``--pool``, ``--loglevel`` or ``--concurrency`` is one line naming what is allowed, and that a
+worker that cannot start is one line and exit 2, not restarted (and failing) forever.
 """
 
 from __future__ import annotations
@@ -87,3 +88,73 @@ def test_a_bad_pool_or_log_level_is_one_line_naming_the_choices(
     assert f"Invalid value for {option!r}" in done.stderr.replace('"', "'")
     assert allowed in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def _env(**settings: str) -> dict[str, str]:
+    """This process's environment without its WANBATCH_* settings, plus ``settings``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("WANBATCH_")}, **settings}
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "1025", "100000000", "x"])
+def test_a_concurrency_out_of_range_is_one_line_before_anything_connects(value: str) -> None:
+    """-1 was a Celery traceback at every restart (prefork) or an internal error (threads), 0
+    the CPU count, 100000000 threads taken; WANBATCH_EMBEDDED_CONCURRENCY's bound (1 to 1,024)
+    holds here too. Nothing listens on the broker's port: the option is refused before anything
+    tries it (the limiter's Redis, the broker's, used to be what was refused)."""
+    env = _env(WANBATCH_BROKER_URL="redis://127.0.0.1:1/0", FAL_KEY="k-worker-test")
+    done = subprocess.run(
+        [WANBATCH, "worker", "--pool", "prefork", "-c", value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Invalid value for '--concurrency'" in done.stderr.replace('"', "'")
+    assert "1<=x<=1024" in done.stderr or "not a valid integer" in done.stderr
+
+
+#: ``wanbatch worker`` with Celery's thread pool unable to start (as a pool Celery refuses a value
+#: of), and a restart (``os.execv``) that ends the process with 99 instead of starting it again.
+_UNSTARTABLE = """
+import os, sys
+from celery.concurrency import thread
+
+def _refuse(self):
+    raise ValueError("the pool refuses to start")
+
+thread.TaskPool.on_start = _refuse
+os.execv = lambda *_: os._exit(99)
+sys.argv = ["wanbatch", "worker", "--pool", "threads", "-c", "2"]
+from cli import main
+main()
+"""
+
+
+def test_a_worker_that_cannot_start_says_why_once_and_is_not_restarted(tmp_path: Path) -> None:
+    """It printed Celery's traceback, "restarting it", and again every few seconds, forever."""
+    env = _env(
+        WANBATCH_BROKER_URL="memory://",  # kombu's in-memory transport: no broker to run
+        WANBATCH_DATABASE_URL=f"sqlite:///{tmp_path / 'wanbatch.db'}",
+        WANBATCH_OUTPUT_DIR=str(tmp_path / "out"),
+        FAL_KEY="k-worker-test",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _UNSTARTABLE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr  # 99: it was restarted
+    assert "Traceback" not in done.stderr
+    assert "restarting it\n" not in done.stderr  # "the Celery worker stopped on its own; restarting it"
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: the Celery worker could not start (ValueError: the pool refuses to start); "
+        "not restarting it, as the same start would fail the same way"
+    ], done.stderr

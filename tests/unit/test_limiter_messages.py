@@ -9,7 +9,8 @@ import pytest
 from pydantic import SecretStr
 
 from jobs.settings import Settings
-from worker.limits import UNREACHABLE_WARN_EVERY_SECONDS, Outage, backend, describe, masked_url
+from jobs.url_secrets import masked_url
+from worker.limits import UNREACHABLE_WARN_EVERY_SECONDS, Outage, backend, describe
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ from jobs.errors import (
     WanbatchError,
 )
 from jobs.settings import FalSettings
+from jobs.url_secrets import masked_url
 from worker import telemetry
 from worker.fal.errors import (
     ProviderProtocolError,
@@ -147,7 +148,8 @@ class FalClient:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(queue_url={self.queue_url!r}, rest_url={self.rest_url!r}, "
+            f"{type(self).__name__}(queue_url={masked_url(self.queue_url)!r}, "
+            f"rest_url={masked_url(self.rest_url)!r}, "
             f"key={'set' if self._key else 'unset'})"
         )
 

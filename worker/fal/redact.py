@@ -12,7 +12,9 @@ Two layers, because each one alone has a gap:
 Besides the literal key (and its encoded forms: :func:`key_variants`; a form shorter than
 :data:`_ANYWHERE_MIN` only where it stands as a word of its own), ``Authorization: Key …``
 /``Bearer …`` values and bare strings of a fal key's shape (:data:`_BARE_KEY`) are masked by
-shape, whatever key this process knows.
+shape, whatever key this process knows. A log record's URLs are masked too
+(:func:`jobs.url_secrets.mask_urls`): httpx logs every request's URL, and a queue, JWKS or
+webhook URL may carry a password or a ``?token=``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, quote_plus
+
+from jobs.url_secrets import mask_urls
 
 MASK = "***"
 
@@ -299,7 +303,8 @@ class KeyRedactionFilter(logging.Filter):
 
 
 def redact_record(record: logging.LogRecord, keys: Iterable[str] = ()) -> None:
-    """Render the record's message once (dropping the args that fed it), then redact it.
+    """Render the record's message once (dropping the args that fed it), then redact it: the
+    key, and the credentials of every URL in it.
 
     Safe to call repeatedly: each call applies its own keys to the already-rendered text.
     """
@@ -313,11 +318,11 @@ def redact_record(record: logging.LogRecord, keys: Iterable[str] = ()) -> None:
         if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
             record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
         record._wanbatch_rendered = True
-    record.msg = redact_text(str(record.msg), keys)
+    record.msg = mask_urls(redact_text(str(record.msg), keys))
     if record.exc_text:
-        record.exc_text = redact_text(record.exc_text, keys)
+        record.exc_text = mask_urls(redact_text(record.exc_text, keys))
     if record.stack_info:
-        record.stack_info = redact_text(record.stack_info, keys)
+        record.stack_info = mask_urls(redact_text(record.stack_info, keys))
 
 
 def install_redaction(key: str | None) -> KeyRedactionFilter:

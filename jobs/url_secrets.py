@@ -1,0 +1,107 @@
+"""URLs made safe to show: the credentials a setting's URL may carry, masked.
+
+Every URL wanbatch is configured with can carry a secret: ``redis://:password@host``,
+``postgresql://user:password@host/db``, a queue or JWKS URL behind a proxy that wants
+``https://user:password@proxy/…`` or ``?token=…``. A message, a log line or ``doctor``'s report
+names the URL so the operator knows which one failed, and ends up in CI logs and tickets: the
+secret in it must not. :func:`masked_url` is the one helper for every such URL (the database's,
+the broker's, the limiter's, fal's, the webhook receiver's, the JWKS'), and :func:`mask_urls`
+applies it to each URL inside a longer text (a log record).
+
+What is masked: the password of the userinfo (over HTTP a userinfo without one is masked whole:
+a name alone authenticates nothing there unless it is the secret, ``https://TOKEN@host``), and the
+value of every query (and fragment) parameter whose name looks like a credential
+(:data:`_SECRET_NAME`). Masking a harmless value costs a reader nothing; showing a secret cannot
+be undone. Nothing else is changed, so the URL still says where it points.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote, urlsplit
+
+#: What a masked credential is shown as (Celery's and kombu's form, ``redis://:**@host``).
+MASK = "**"
+
+#: A query or fragment parameter whose name holds any of these (any case) is a credential:
+#: ``token``, ``access_token``, ``api_key``, ``key``, ``secret``, ``client_secret``, ``password``,
+#: ``sslpassword``, ``pwd``, ``sig``/``signature`` (S3's ``X-Amz-Signature``, Azure's ``sig``),
+#: ``auth``, ``X-Amz-Credential``, ``X-Amz-Security-Token``, ``jwt``, ``session``.
+_SECRET_NAME = re.compile(r"token|secret|pass|pwd|key|sig|auth|cred|jwt|session", re.IGNORECASE)
+
+#: Schemes whose userinfo without a password is a token (``https://TOKEN@host``): a database's or
+#: Redis' is a user name (``postgresql://postgres@host/db``), shown as it is.
+_WEB_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+
+#: ``scheme://user:password@`` whose password holds a ``/``, ``?`` or ``#`` (not URL-encoded).
+_RAW_PASSWORD = re.compile(
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)(?P<password>[^@\s]*[/?#][^@\s]*)@"
+)
+
+#: A URL inside free text: a scheme, ``://``, then up to white space or a quote or bracket, less
+#: the punctuation of the sentence around it (``…/db?sslpassword=***: cannot connect``).
+_URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]*[^\s'\"<>`.,:;!?)\]]")
+
+
+def masked_url(url: str, *, mask: str = MASK) -> str:
+    """``url`` with its credentials masked (``redis://:**@host:6379/0``,
+    ``https://queue.example/?token=**``), for messages: never the raw setting.
+
+    ``(not a URL)`` for text that does not even parse as one (it is not shown: it may be the
+    secret itself, pasted into the wrong variable).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(not a URL)"
+    shown = url
+    if "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        user, colon, password = userinfo.partition(":")
+        if colon:
+            hidden = f"{user}:{_mask_of(password, mask)}"
+        else:  # a name alone: over HTTP the token itself (https://TOKEN@host), elsewhere a user name
+            hidden = _mask_of(user, mask) if parts.scheme.lower() in _WEB_SCHEMES else user
+        shown = shown.replace(f"//{parts.netloc}", f"//{hidden}@{host}", 1)
+    elif (found := _RAW_PASSWORD.match(url)) and not found.group("password").split("/", 1)[0].isdigit():
+        # A password with a "/", "?" or "#" written as is: URL parsing ends the host there and
+        # would show the rest of it as the path. Masked up to its "@" (a port is no password).
+        shown = f"{found.group('head')}{mask}{url[found.end('password') :]}"
+        parts = urlsplit(shown)
+    if parts.query:
+        shown = shown.replace(f"?{parts.query}", f"?{_masked_params(parts.query, mask)}", 1)
+    if parts.fragment:
+        shown = shown.replace(f"#{parts.fragment}", f"#{_masked_params(parts.fragment, mask)}", 1)
+    return shown
+
+
+def _masked_params(text: str, mask: str) -> str:
+    """``a=1&token=x`` → ``a=1&token=**``: each parameter whose name looks secret, the rest as written."""
+    pairs = []
+    for pair in re.split(r"([&;])", text):
+        name, equals, value = pair.partition("=")
+        secret = equals and value and _SECRET_NAME.search(unquote(name))
+        pairs.append(f"{name}={_mask_of(value, mask)}" if secret else pair)
+    return "".join(pairs)
+
+
+def _mask_of(secret: str, mask: str) -> str:
+    """``mask`` for ``secret``; a value masked already (only ``*``) stays as it is, so a URL
+    masked twice (``postgresql://u:***@…`` in a message that is masked again) reads the same."""
+    return secret if secret and not secret.strip("*") else mask
+
+
+def mask_urls(text: str, *, mask: str = MASK) -> str:
+    """``text`` with every URL in it masked (:func:`masked_url`); a text without ``://`` as it is.
+
+    For text that is not only a URL: a log record (httpx logs every request's URL), an error
+    message quoting one. A URL that does not parse is masked whole.
+    """
+    if "://" not in text:
+        return text
+
+    def one(match: re.Match[str]) -> str:
+        shown = masked_url(match.group(), mask=mask)
+        return mask if shown == "(not a URL)" else shown
+
+    return _URL_IN_TEXT.sub(one, text)

@@ -1,0 +1,89 @@
+"""A URL's credentials never reach a message, a log line or ``doctor``'s report.
+
+The doctor printed ``cannot reach http://u:SECRETPW@…`` for ``WANBATCH_FAL_QUEUE_URL``, and a
+``?token=`` in any URL as written, while the database's and Redis' passwords were masked (each by
+a helper of its own). :func:`jobs.url_secrets.masked_url` is now the one helper for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import pytest
+
+from jobs.db import safe_url
+from jobs.output_location import parse_s3_url
+from jobs.url_secrets import mask_urls, masked_url
+from worker.fal.client import FalClient
+from worker.fal.redact import KeyRedactionFilter
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://queue.fal.run", "https://queue.fal.run"),
+        ("http://u:SECRET@127.0.0.1:1", "http://u:**@127.0.0.1:1"),
+        ("https://proxy/q?token=SECRET&region=eu", "https://proxy/q?token=**&region=eu"),
+        ("https://h/jwks.json?api_key=SECRET;sig=SECRET", "https://h/jwks.json?api_key=**;sig=**"),
+        (
+            "https://b.s3.example/o?X-Amz-Credential=SECRET&X-Amz-Signature=SECRET&X-Amz-Expires=60",
+            "https://b.s3.example/o?X-Amz-Credential=**&X-Amz-Signature=**&X-Amz-Expires=60",
+        ),
+        ("https://h/cb#access_token=SECRET", "https://h/cb#access_token=**"),
+        ("https://SECRET@hooks.example/webhooks/fal", "https://**@hooks.example/webhooks/fal"),
+        ("redis://:pa/SECRET@h:6379/0", "redis://:**@h:6379/0"),  # a "/" in the password
+        ("postgresql://postgres@127.0.0.1/test", "postgresql://postgres@127.0.0.1/test"),  # a user
+        ("http://h:8080/users/@me?page=2", "http://h:8080/users/@me?page=2"),  # a port, no password
+        ("http://[::1", "(not a URL)"),
+    ],
+)
+def test_a_url_is_shown_without_its_credentials(url: str, shown: str) -> None:
+    assert masked_url(url) == shown
+    assert masked_url(shown) == shown  # masking again changes nothing
+
+
+def test_every_helper_that_shows_a_setting_s_url_masks_the_same() -> None:
+    """The database's (SQLAlchemy's mask) and fal's client's repr; the broker's messages used
+    kombu's sanitizer, which showed a ``?token=`` (``doctor``'s test covers them)."""
+    assert (
+        safe_url("postgresql://u:SECRET@h:5432/db?sslpassword=SECRET&sslmode=require")
+        == "postgresql://u:***@h:5432/db?sslmode=require&sslpassword=***"  # SQLAlchemy's order
+    )
+    client = FalClient(
+        queue_url="http://u:SECRET@q", rest_url="http://r/?token=SECRET", key="k", timeout=httpx.Timeout(1.0)
+    )
+    try:
+        assert "SECRET" not in repr(client)
+    finally:
+        client.close()
+
+
+def test_urls_inside_a_text_are_masked() -> None:
+    text = 'HTTP Request: GET http://u:SECRET@q:1/x/status?token=SECRET "HTTP/1.1 200 OK"; at redis://:SECRET@r/0.'
+    assert mask_urls(text) == (
+        'HTTP Request: GET http://u:**@q:1/x/status?token=** "HTTP/1.1 200 OK"; at redis://:**@r/0.'
+    )
+    assert mask_urls("no URL: a:b@c?token=x") == "no URL: a:b@c?token=x"
+
+
+def test_a_log_record_s_urls_are_masked() -> None:
+    """httpx logs every request's URL at INFO (``wanbatch worker -l INFO``)."""
+    record = logging.LogRecord(
+        "httpx",
+        logging.INFO,
+        __file__,
+        1,
+        "HTTP Request: %s %s",
+        ("GET", "http://u:SECRET@q/?key=SECRET"),
+        None,
+    )
+    KeyRedactionFilter().filter(record)
+    assert record.getMessage() == "HTTP Request: GET http://u:**@q/?key=**"
+
+
+def test_an_s3_url_with_credentials_is_refused_without_echoing_them() -> None:
+    with pytest.raises(ValueError, match="AWS_ACCESS_KEY_ID") as refused:
+        parse_s3_url("s3://AKIAEXAMPLE:hunter2@bucket/prefix")
+    assert "hunter2" not in str(refused.value)
+    assert "AKIAEXAMPLE" not in str(refused.value)
