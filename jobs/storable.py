@@ -3,9 +3,12 @@
 Python's ``json`` reads text PostgreSQL's ``jsonb`` refuses: ``\\u0000`` (a NUL: "unsupported
 Unicode escape sequence"), a lone UTF-16 surrogate such as ``\\ud800`` (no Unicode character;
 "invalid input syntax for type json", or not even encodable as UTF-8), and ``NaN`` or
-``Infinity`` (no JSON numbers at all). A document from outside (fal's signed webhook body) that
-holds one would be refused by the database on every try, though nothing is wrong with the
-database, so it is made storable first: the same on SQLite, so both keep the same text.
+``Infinity`` (no JSON numbers at all). A document from outside that holds one would be refused
+by the database on every try, though nothing is wrong with the database, so it is made storable
+first: the same on SQLite, so both keep the same text (a lone surrogate, no UTF-8, would fail
+there too, and in any file it is written to). The documents from outside are fal's: its signed
+webhook bodies (:func:`jobs.store.store_delivery`) and every answer the fal client reads
+(``worker.fal.errors.load_json``, and for the text of an answer that is not JSON, ``_short``).
 """
 
 from __future__ import annotations

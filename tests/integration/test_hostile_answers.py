@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import Engine, inspect, text
 
 from jobs import db, store
-from tests.hostile import HostileProvider, Recorded, json_reply
+from jobs.outputs import sidecar_path
+from tests.hostile import Behaviour, HostileProvider, Recorded, json_reply, raw_reply
 from tests.hostile_fal import FakeFal
 from tests.step_runtime import add_batch, completion_heard, job_ids, make_runtime, settings_for
 from worker.fal.redact import redact_text
@@ -164,3 +165,99 @@ def test_the_key_is_masked_percent_encoded_and_by_its_secret_half() -> None:
     assert quote(SECRET, safe="") not in masked
     assert masked.count("***") == 3
     assert redact_text("8c1f0a9", [KEY]) == "8c1f0a9"  # seven characters of it are ordinary text
+
+
+# Text PostgreSQL refuses, in a string: ``\u0000`` (in ``jsonb``, and in a text column as a NUL
+# byte) and a lone surrogate (no UTF-8 at all: SQLite's driver refuses it in a text column too).
+# Python's json reads both, and ``NaN``, without complaint.
+NUL, LONE = "\u0000", "\ud800"
+SHOWN = "\ufffd"  # what each of them is stored as (jobs.storable)
+
+
+def _submitted(engine: Engine, hostile: HostileProvider, tmp_path: Path) -> tuple[FakeFal, str, str, Runtime]:
+    """A job fal (``FakeFal``) accepted: the fake, the job, its request id and the runtime."""
+    fal = FakeFal(hostile)
+    job_id, rt = _one_job(engine, hostile, tmp_path, retry_base_delay=0)
+    assert submit(rt, job_id) == "submitted"
+    with db.read_scope(engine) as session:
+        request_id = store.get_job(session, job_id).request_id
+    assert request_id is not None
+    return fal, job_id, request_id, rt
+
+
+def test_a_result_with_text_no_database_holds_succeeds_with_the_text_made_storable(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    fal, job_id, request_id, rt = _submitted(engine, hostile, tmp_path)
+    prompt = f"a fox{NUL} at {LONE}dusk"
+    body = fal.result_for(request_id, actual_prompt=prompt, timings={"inference": float("nan")})
+    body[f"note{NUL}"] = [f"x{NUL}", float("inf")]
+    fal.on_result(request_id, json_reply(body))
+    assert apply_seen(rt, [completion_heard(engine, rt, job_id)]) == 1
+
+    assert download(rt, job_id) == "succeeded"
+
+    cleaned = f"a fox{SHOWN} at {SHOWN}dusk"
+    with db.read_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert (job.state.value, job.actual_prompt, job.seed) == ("succeeded", cleaned, 42)
+    assert job.provider_output is not None
+    assert job.provider_output["actual_prompt"] == cleaned
+    assert job.provider_output["timings"] == {"inference": None}
+    assert job.provider_output[f"note{SHOWN}"] == [f"x{SHOWN}", None]
+    assert job.output_path is not None
+    sidecar = json.loads(sidecar_path(Path(job.output_path)).read_text(encoding="utf-8"))
+    assert sidecar["actual_prompt"] == cleaned
+
+
+def test_a_failed_status_and_error_with_text_no_database_holds_fail_the_job_for_its_reason(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    fal, job_id, request_id, rt = _submitted(engine, hostile, tmp_path)
+    status = {
+        "status": "COMPLETED",
+        "logs": [{"message": f"a{NUL}b{LONE}", "level": "INFO"}],
+        "metrics": {"inference_time": float("nan"), f"k{NUL}": 1},
+        "error": f"it failed{NUL} at fal",
+        "error_type": "content_policy_violation",
+    }
+    fal.on_status(request_id, json_reply(status))
+    refused = {"detail": f"the prompt{NUL} was{LONE} refused", "error_type": "content_policy_violation"}
+    fal.on_result(request_id, json_reply(refused, status=422))
+    assert apply_seen(rt, [completion_heard(engine, rt, job_id)]) == 1
+
+    assert download(rt, job_id) == "failed"
+
+    with db.read_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        details = [e.details for e in store.job_events(session, job_id) if e.details]
+    assert (job.state.value, job.error_type) == ("failed", "content_policy_violation")
+    assert job.error is not None
+    assert f"the prompt{SHOWN} was{SHOWN} refused" in job.error
+    assert job.provider_metrics == {"inference_time": None, f"k{SHOWN}": 1}
+    assert {"error": f"it failed{SHOWN} at fal", "error_type": "content_policy_violation"} in details
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        json_reply({"detail": f"invalid{NUL} input{LONE}"}, status=422),
+        raw_reply(b"invalid\x00 input\xed\xa0\x80", status=422, headers={"Content-Type": "text/plain"}),
+    ],
+    ids=["json", "text"],
+)
+def test_a_refused_submit_whose_reason_no_database_holds_fails_the_job_with_it_made_storable(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, answer: Behaviour
+) -> None:
+    FakeFal(hostile)
+    hostile.route("POST", re.escape("/fal-ai/wan-22"), answer)
+    job_id, rt = _one_job(engine, hostile, tmp_path)
+
+    assert submit(rt, job_id) == "failed"
+
+    with db.read_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.state.value == "failed"
+    assert job.error is not None
+    assert job.error.startswith(f"HTTP 422: invalid{SHOWN} input")
+    assert NUL not in job.error

@@ -28,6 +28,7 @@ from worker.fal.errors import (
     ResultNotReadyError,
     StartTimeoutError,
     format_detail,
+    load_json,
 )
 from worker.fal.http import RetryPolicy
 from worker.fal.models import CancelOutcome, RequestHandle
@@ -539,6 +540,35 @@ def test_stream_status_network_error_is_retryable() -> None:
     rec = Recorder(httpx.ReadError("connection reset"))
     with make_client(rec) as client, pytest.raises(RetryableProviderError, match="network error"):
         list(client.stream_status(HANDLE))
+
+
+def test_stream_status_events_are_read_as_a_database_can_store_them() -> None:
+    # An event's data is text, not bytes: a NUL or lone surrogate escape, and NaN, read from it
+    # become U+FFFD and None (jobs.storable), as in every other answer the client reads.
+    body = (
+        'data: {"status": "IN_PROGRESS", "logs": [{"message": "a\\u0000b\\ud800"}]}\n\n',
+        'data: {"status": "COMPLETED", "metrics": {"inference_time": NaN}, "error": "x\\u0000",'
+        ' "error_type": "internal_error"}\n\n',
+    )
+    with make_client(Recorder(sse(*body))) as client:
+        running, completed = list(client.stream_status(HANDLE, logs=True))
+    assert running.logs == [{"message": "a\ufffdb\ufffd"}]
+    assert (completed.metrics, completed.error) == ({"inference_time": None}, "x\ufffd")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        (b'{"a\\u0000": ["\\uD800", NaN, -Infinity, 1.5]}', {"a\ufffd": ["\ufffd", None, None, 1.5]}),
+        (b'"raw \xed\xa0\x80"', "raw \ufffd"),  # a surrogate encoded raw: json reads it too
+        ('"\\udfff"'.encode("utf-16-le"), "\ufffd"),  # json detects UTF-16 and reads it
+        ('{"s": "\ud800", "n": NaN}', {"s": "\ufffd", "n": None}),  # text, as an event's data
+        (b'{"emoji": "\\ud83d\\ude00", "word": "NaN"}', {"emoji": "\U0001f600", "word": "NaN"}),
+    ],
+    ids=["escapes", "raw-bytes", "utf-16", "text", "whole-characters"],
+)
+def test_answers_are_read_as_a_database_can_store_them(text: str | bytes, value: object) -> None:
+    assert load_json(text, "answer") == value
 
 
 # ------------------------------------------------------------------------------------ result

@@ -16,7 +16,9 @@ Retry policy, in one place:
 
 The client knows nothing of the database; it takes and returns plain values. Every error
 and every body it hands back has the key scrubbed out (recursively, through ``detail`` lists),
-so nothing a provider echoes can reach the database, ``status`` or an export.
+so nothing a provider echoes can reach the database, ``status`` or an export. Every one of
+them is also storable as it is: a ``\\u0000``, a lone surrogate or ``NaN`` in fal's answer, which
+PostgreSQL would refuse on every try, is read as U+FFFD or null (:func:`~worker.fal.errors.load_json`).
 
 Status, result and cancel go to URLs built from the configured queue URL (see
 :meth:`RequestHandle.trusted`), never to a host a submit answer names: those calls carry the key.

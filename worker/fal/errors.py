@@ -30,6 +30,11 @@ Decisions (documented here because the worker's state machine depends on them):
   the body went out — before that nothing can be queued (:class:`SubmitNotSentError`, or a
   retryable "not sent"), after it a lost answer is :class:`AmbiguousSubmitError`.
 * FastAPI's list of field errors is put in words in one place, :func:`format_detail`.
+* Every answer becomes values here (:func:`load_json` for JSON, :func:`_short` for the text of
+  one that is not) as both databases can store them (:mod:`jobs.storable`): fal's text may hold
+  a ``\\u0000``, a lone surrogate, ``NaN``, which Python reads and PostgreSQL refuses (a NUL in
+  ``jsonb`` and in text columns, a surrogate anywhere: not even UTF-8, which SQLite's driver and
+  the sidecar file refuse too). Stored as they came, they would fail the step on every try.
 
 fal's queue protocol: https://docs.fal.ai/documentation/model-apis/inference/queue; its error types:
 https://fal.ai/docs/documentation/model-apis/request-errors.
@@ -54,6 +59,7 @@ from jobs.errors import (
     RetryableProviderError,
     WanbatchError,
 )
+from jobs.storable import storable_json, storable_text
 from worker.fal.models import request_id_or_none
 
 #: fal's request-error types that are infrastructure failures: a new attempt may succeed, and
@@ -163,9 +169,47 @@ def json_body(response: httpx.Response, what: str) -> Any:
     return load_json(response.content, what, status_code=response.status_code)
 
 
+#: A ``\u0000`` or surrogate (``\ud800``) escape in JSON text: what :func:`json.loads` reads as
+#: a NUL or a lone surrogate (an escaped pair is one character, but a text holding one is walked).
+_UNSTORABLE_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+_UNSTORABLE_ESCAPE_BYTES = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _may_be_unstorable(text: str | bytes) -> bool:
+    """Whether :func:`json.loads` may read from ``text`` a value no database here can store
+    (:mod:`jobs.storable`): one with such an escape, ``NaN``/``Infinity``, or raw, a NUL or a
+    surrogate (in bytes a 0xED byte starts one in UTF-8, which json decodes with
+    ``surrogatepass``; a NUL byte is in every UTF-16/32 text it detects). False: nothing there
+    to make storable. Substring tests that run in C, the escapes' expression only after a
+    backslash: every answer of fal's comes through here, and nearly none holds any of them (one
+    regular expression for all of it took longer than parsing the answer).
+    """
+    if isinstance(text, bytes):
+        return (
+            b"\x00" in text
+            or b"\xed" in text
+            or (b"\\" in text and _UNSTORABLE_ESCAPE_BYTES.search(text) is not None)
+            or b"NaN" in text
+            or b"Infinity" in text
+        )
+    return (
+        "\x00" in text
+        or ("\\" in text and _UNSTORABLE_ESCAPE.search(text) is not None)
+        or "NaN" in text
+        or "Infinity" in text
+        or (not text.isascii() and _SURROGATE.search(text) is not None)
+    )
+
+
 def load_json(text: str | bytes, what: str, *, status_code: int | None = None) -> Any:
     """Parse JSON from fal: ``None`` when it is not JSON, :class:`ProviderProtocolError` when it
-    nests more than :data:`MAX_JSON_DEPTH` levels (json itself would hit ``RecursionError``)."""
+    nests more than :data:`MAX_JSON_DEPTH` levels (json itself would hit ``RecursionError``).
+
+    The value is storable (:func:`jobs.storable.storable_json`: NUL and lone surrogates as
+    U+FFFD, ``NaN``/``Infinity`` as ``None``, in keys too): every answer of fal's the client
+    reads comes through here, and what it holds may be stored, written to a sidecar or printed.
+    """
     try:
         value = json.loads(text)
     except RecursionError:
@@ -177,7 +221,7 @@ def load_json(text: str | bytes, what: str, *, status_code: int | None = None) -
             f"fal {what}: the JSON body is nested more than {MAX_JSON_DEPTH} levels deep",
             status_code=status_code,
         )
-    return value
+    return storable_json(value) if _may_be_unstorable(text) else value
 
 
 _TOO_DEEP = object()
@@ -198,7 +242,10 @@ def _deeper_than(value: Any, limit: int) -> bool:
 
 
 def _short(text: str) -> str:
-    text = " ".join(text.split())
+    """``text`` (a provider's words for an error message) on one line, at most :data:`_MAX_TEXT`
+    characters, and storable (:func:`jobs.storable.storable_text`): an answer that is not JSON
+    (a gateway's page) reaches the job's ``error`` only through here."""
+    text = storable_text(" ".join(text.split()))
     return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "…"
 
 
