@@ -25,7 +25,9 @@ read the same database. :class:`web.auth.DashboardAuth` guards everything but th
 ``/healthz``: ``WANBATCH_SERVE_TOKEN`` from beyond loopback and for every action, so the
 receiver can face the internet while the dashboard stays private. A page or action that meets
 a locked or unreachable database is answered 503 with one line (and logs one warning), not an
-internal error.
+internal error; one whose request carries a value the database refuses (a data error: a NUL
+character in a batch reference, say) 400 with one line (and one warning); any other database
+error 500 with one line (logged as an error, with its traceback) — never "unavailable".
 
 The receiver only writes to the database: it needs no fal key and may run on any host that
 reaches the database. The downloads of the jobs it completes are queued by the workers' tick
@@ -73,6 +75,15 @@ RECEIVER_THREADS = 8
 HEALTHZ_KEYS_WAIT = 2.0
 #: What a client is told when the database cannot be used; the log line says why.
 DATABASE_UNAVAILABLE = "the database is unavailable (locked or unreachable): try again in a moment"
+#: What a dashboard client is told when the database refuses a value its request carries (a NUL
+#: character in a batch reference or filter, which PostgreSQL's text cannot hold): a data error,
+#: the same request fails the same way, so a 400, not an outage's 503; the log line says what.
+REQUEST_NOT_STORABLE = (
+    "the database refuses a value of this request (a NUL character, say): the same request fails the same way"
+)
+#: What a dashboard client is told when a page or action failed on any other database error (a
+#: bug of the dashboard's: the log has its traceback).
+DASHBOARD_FAILED = "the dashboard failed on a database error (an error of the dashboard: see its log)"
 #: What fal is told when the database refuses a verified delivery's data (a data error: the
 #: same body again fails the same way, so a 4xx, not an outage's 503); the log line says what.
 DELIVERY_NOT_STORABLE = "the database refuses this delivery's data: sending it again cannot help"
@@ -232,19 +243,37 @@ def create_app(
             }
         )
 
-    async def database_unavailable(request: Request, exc: Exception) -> Response:
-        """A dashboard page or action met a locked or unreachable database: 503, one line."""
+    async def database_error(request: Request, exc: Exception) -> Response:
+        """A dashboard page or action that failed on a database error, answered for what it was (as
+        :func:`not_stored` answers a delivery): only a locked or unreachable database is
+        "unavailable" (503, one warning: the same request may succeed in a moment); a data error
+        is the request's (400, one warning: it carries a value the database refuses, such as a
+        NUL character in a batch reference or a filter, and fails the same way again); anything
+        else is the dashboard's (500, one line; the log has the traceback)."""
         assert isinstance(exc, DBAPIError)
         client = request.client.host if request.client else "?"
-        log.warning(
-            "dashboard: %s %s from %s: the database is unavailable: %s",
-            request.method,
-            request.url.path,
-            client,
-            database_problem(exc),
-            extra={"event": "dashboard.database_unavailable", "status": 503},
+        where = (request.method, request.url.path, client, database_problem(exc))
+        if db.is_unavailable(exc):
+            log.warning(
+                "dashboard: %s %s from %s: the database is unavailable: %s",
+                *where,
+                extra={"event": "dashboard.database_unavailable", "status": 503},
+            )
+            return dashboard.unavailable(request, DATABASE_UNAVAILABLE)
+        if isinstance(exc, DataError):
+            log.warning(
+                "dashboard: %s %s from %s: the database refuses a value of the request: %s",
+                *where,
+                extra={"event": "dashboard.request_refused", "status": 400},
+            )
+            return dashboard.error(request, REQUEST_NOT_STORABLE, 400, "Bad request")
+        log.error(
+            "dashboard: %s %s from %s failed on a database error: %s",
+            *where,
+            exc_info=exc,
+            extra={"event": "dashboard.database_error", "status": 500},
         )
-        return dashboard.unavailable(request, DATABASE_UNAVAILABLE)
+        return dashboard.error(request, DASHBOARD_FAILED, 500, "Internal error")
 
     app = Starlette(
         routes=[
@@ -254,7 +283,7 @@ def create_app(
             *dashboard.routes(),
         ],
         middleware=[Middleware(DashboardAuth, gate=gate)],
-        exception_handlers={DBAPIError: database_unavailable},
+        exception_handlers={DBAPIError: database_error},
     )
     app.state.counts = counts
     app.state.inbox = inbox

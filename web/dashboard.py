@@ -321,9 +321,13 @@ class Dashboard:
 
     def unavailable(self, request: Request, message: str) -> Response:
         """503: the database could not be used (locked, unreachable); a page for browsers."""
+        return self.error(request, message, 503, "Unavailable")
+
+    def error(self, request: Request, message: str, status_code: int, title: str) -> Response:
+        """An error answered with one line: a page for browsers, plain text for other clients."""
         if not _wants_html(request):
-            return plain_error(message, 503)
-        return self.render(request, "error.html", status_code=503, title="Unavailable", message=message)
+            return plain_error(message, status_code)
+        return self.render(request, "error.html", status_code=status_code, title=title, message=message)
 
     # ---------------------------------------------------------------- pages
 
