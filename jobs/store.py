@@ -1710,9 +1710,9 @@ def requeue_after_cancel(
     error_type: str | None,
     **cost: Any,
 ) -> bool:
-    """``cancelling``/``queued`` → ``pending`` (cancelled, or timed out, while still in fal's
-    queue: nothing billed) or ``retry_wait`` (fal had started it: billed), for a later window
-    to send again. ``error`` says what ended the request.
+    """``cancelling``/``queued``/``running`` → ``pending`` (cancelled, or timed out, while still
+    in fal's queue: nothing billed) or ``retry_wait`` (fal had started it: billed), for a later
+    window to send again. ``error`` says what ended the request.
 
     The request was sent: the job keeps its ``submitted_at``, its request id and the input it
     sent (what the export and the history show of it, until a later attempt replaces them),

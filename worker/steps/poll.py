@@ -29,6 +29,7 @@ from worker.steps.failures import billed, describe, kind_of, pause_for_account
 from worker.steps.schedule import (
     DEADLINE,
     WINDOW_CLOSED,
+    closed_by,
     end_unstarted,
     start_timeout_expired,
     timed_out_unstarted,
@@ -224,17 +225,33 @@ def _seen_running(session: Session, fence: Fence) -> bool:
     return False
 
 
-def _ended_by_our_cancel(session: Session, fence: Fence, status: Status) -> bool:
-    """Whether ``status`` is fal's answer to a cancel we asked for: the job is ``cancelling``, or
-    fal ended its request as ``client_cancelled`` while its batch is cancelled — our cancel was
-    sent, and fal's answer (a webhook, a poll) came before the job's own ``queued``/``running``
-    → ``cancelling`` was stored (it is sent first, then stored), or instead of it."""
-    if fence.state == S.CANCELLING:
-        return True
-    if fence.state not in (S.QUEUED, S.RUNNING) or status.error_type != CLIENT_CANCELLED:
-        return False
+#: What :func:`_ended_by_our_cancel` answers for the user's cancel (``wanbatch cancel``); the
+#: schedule's are :data:`~worker.steps.schedule.WINDOW_CLOSED` and
+#: :data:`~worker.steps.schedule.DEADLINE`.
+USER_CANCEL = "user"
+
+
+def _ended_by_our_cancel(session: Session, fence: Fence, status: Status, *, now: datetime) -> str | None:
+    """Why ``status`` is fal's answer to a cancel we asked for — :data:`USER_CANCEL`, or the
+    batch's schedule (``window_closed``, ``deadline``) — or None when it is not ours.
+
+    The job is ``cancelling`` (its ``error_type`` says whether the schedule asked: only a
+    ``cancelling`` job's does, an earlier attempt's may linger otherwise); or fal ended its
+    ``queued``/``running`` request as ``client_cancelled`` while the batch is cancelled, or while
+    its schedule has closed (:func:`~worker.steps.schedule.closed_by` at ``now``). Our cancel was
+    sent, and fal's answer (a status stream, a poll) came before the job's own move to
+    ``cancelling`` was stored (it is sent first, then stored), or instead of it: the move found
+    the job ``running`` (seen so after the cancel's step read it ``queued``), or was never made.
+    """
     job = store.get_job(session, fence.job_id)
-    return store.get_batch(session, job.batch_id).state == BatchState.CANCELLED
+    if fence.state == S.CANCELLING:
+        return job.error_type if job.error_type in (WINDOW_CLOSED, DEADLINE) else USER_CANCEL
+    if fence.state not in (S.QUEUED, S.RUNNING) or status.error_type != CLIENT_CANCELLED:
+        return None
+    batch = store.get_batch(session, job.batch_id)
+    if batch.state == BatchState.CANCELLED:
+        return USER_CANCEL
+    return closed_by(store.batch_schedule(batch), now)
 
 
 def record_completion(
@@ -256,14 +273,12 @@ def record_completion(
     worker when the download runs in its process); None leaves it unleased for the tick's
     ``schedule_downloads``. True when the caller must now queue the download.
     """
-    if status.failed and _ended_by_our_cancel(session, fence, status):
+    why = _ended_by_our_cancel(session, fence, status, now=now) if status.failed else None
+    if why is not None:
         job = store.get_job(session, fence.job_id)
         outcome = _cancel_outcome(status, seen_running=_seen_running(session, fence))
         ended = f"cancelled at fal ({status.error_type or status.error})"
-        # The batch's schedule asked the cancel (only a ``cancelling`` job says so: a job's
-        # error_type may be an earlier attempt's otherwise).
-        if fence.state == S.CANCELLING and job.error_type in (WINDOW_CLOSED, DEADLINE):
-            why = job.error_type
+        if why != USER_CANCEL:  # the batch's schedule asked the cancel
             end_unstarted(session, fence, job, status, why=why, how=ended, now=now, outcome=outcome)
             return False
         store.mark_cancelled(

@@ -15,6 +15,13 @@ step, run every tick, handles the moments it closes:
 A cancel is only asked of requests we believe are still ``queued``: cancelling a running one
 would throw away work fal bills anyway.
 
+The cancel is sent first, then the job's ``queued`` → ``cancelling`` is stored. fal's answer
+(``client_cancelled``) may be heard in between, by a status stream or a poll, or the job may
+have been seen ``running`` meanwhile (fal had started it), so that the move finds it moved: a
+``client_cancelled`` end of a ``queued``/``running`` job whose batch's schedule has closed
+(:func:`closed_by`) is read as this cancel's answer, as a ``cancelling`` job's is, and settled
+the same way — never as a failed request to download.
+
 fal usually gets there first: the start timeout every such submit carried ends at the window's
 end (or the deadline), so fal itself ends the requests still in its queue then, as
 ``request_timeout`` — never started, not billed. That is the same event as our cancel, seen from
@@ -34,6 +41,7 @@ from sqlalchemy.orm import Session
 from jobs import billing, db, store
 from jobs.errors import ProviderError
 from jobs.models import BatchState, Job, utcnow
+from jobs.schedule import Schedule
 from jobs.store import Fence
 from worker.fal.models import RequestHandle, Status
 from worker.steps.context import Runtime, S, handle_of
@@ -51,6 +59,23 @@ DEADLINE = "deadline"
 START_TIMED_OUT = "request_timeout"
 
 
+def closed_by(schedule: Schedule, now: datetime) -> str | None:
+    """Why the schedule has closed on what its batch sent at ``now``: :data:`DEADLINE` (passed),
+    :data:`WINDOW_CLOSED` (outside the window, or nothing opens before the deadline any more), or
+    None — open, or not started yet (before ``not_before`` nothing of it can be at fal).
+
+    What :func:`enforce_schedules` cancels requests for, and so also how a cancel's answer that
+    comes before the job's own move to ``cancelling`` is read
+    (:func:`worker.steps.poll.record_completion`)."""
+    if schedule.is_open(now):
+        return None
+    if schedule.past_deadline(now):
+        return DEADLINE
+    if schedule.not_before is not None and now < schedule.not_before:
+        return None
+    return WINDOW_CLOSED
+
+
 def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
     """Apply every scheduled batch's deadline and window end; returns how many jobs it moved."""
     now = now or utcnow()
@@ -63,9 +88,9 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
             if batch.simulated != rt.simulated:  # its requests are another provider's (Runtime.reach)
                 continue
             schedule = store.batch_schedule(batch)
-            if schedule.is_open(now):
+            why = closed_by(schedule, now)
+            if why is None:  # open, or not started yet: nothing of it can be at fal
                 continue
-            why = DEADLINE if schedule.past_deadline(now) else WINDOW_CLOSED
             if why == DEADLINE:
                 deadline = f"the batch's deadline ({schedule.deadline:%Y-%m-%d %H:%M %Z})"
                 moved += store.cancel_unsent_jobs(
@@ -78,8 +103,6 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
                     # A job sent before: what ended its request, then this.
                     sent_error=f"not sent again before {deadline}",
                 )
-            elif schedule.not_before is not None and now < schedule.not_before:
-                continue  # not started yet: nothing of it can be at fal
             for job in store.jobs_of_batch(session, batch.id, states=[S.QUEUED]):
                 plan.append((rt.fence(job), handle_of(job, rt.settings.fal_queue_url), why))
     for fence, handle, why in plan:
@@ -163,7 +186,8 @@ def end_unstarted(
     outcome: billing.Outcome = billing.Outcome.CANCELLED_IN_QUEUE,
 ) -> bool:
     """Move the job whose request fal ended at the batch's window end (``why`` ``window_closed``)
-    or deadline (``deadline``) — cancelled at our request, or timed out by the start timeout it
+    or deadline (``deadline``) — cancelled at our request (the job ``cancelling``, or still
+    ``queued``/``running`` when fal's answer came first), or timed out by the start timeout it
     carried — the one place both go through. ``how``: what fal did, for the event's reason;
     ``outcome``: how it is billed (a cancel may have reached it running).
 
