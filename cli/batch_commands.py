@@ -406,9 +406,9 @@ def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> I
     """The settings to process with: fal's, or with ``--simulate`` a simulator's started for now.
 
     With ``check`` (before anything is stored or sent) a missing ``FAL_KEY`` (real fal only), a
-    broker that does not answer, or a submit-rate limiter whose Redis does not (``WANBATCH_LIMITS_URL``,
-    else a Redis broker) is a :class:`~jobs.errors.ConfigError` (exit 2) at once, rather than a
-    silent wait. The simulator runs in this process for the ``with`` block: it
+    broker that does not answer, or a submit-rate limiter whose Redis does not or refuses its
+    writes (``WANBATCH_LIMITS_URL``, else a Redis broker) is a :class:`~jobs.errors.ConfigError`
+    (exit 2) at once, rather than a silent wait. The simulator runs in this process for the ``with`` block: it
     accepts any key, answers within a fraction of a second and bills nothing.
 
     Embedded (no broker), this process's metrics are served on ``WANBATCH_METRICS_PORT`` for the

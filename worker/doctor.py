@@ -22,7 +22,8 @@ each what is wrong and what to do about it:
   ``WANBATCH_WEBHOOK_JWKS_URL`` here, and the receiver says (``/healthz``) it can verify
   signatures: without keys it refuses every delivery;
 - **limiter**: the submit-rate limiter's Redis (``WANBATCH_LIMITS_URL``, else a Redis broker)
-  answers the limiter's own read-only script, as ``run`` and ``worker`` check at start-up
+  answers the limiter's own check script and takes its write (a read-only replica does not),
+  as ``run`` and ``worker`` check at start-up
   (:func:`worker.limits.probe_limiter`); embedded without one, the limiter is in process.
 
 A check is ``ok``, ``fail`` or ``skip`` (does not apply), with a ``detail`` and, unless ok, a
@@ -354,22 +355,22 @@ def check_receiver(settings: Settings) -> Check:
 
 
 def check_limiter(settings: Settings) -> Check:
-    """The submit-rate limiter's Redis answers, as ``run`` and ``worker`` check before sending."""
-    from worker.limits import backend, probe_limiter
+    """The submit-rate limiter's Redis answers and takes its write, as ``run`` and ``worker`` check
+    before sending."""
+    from worker.limits import probe_limiter
 
     name = "limiter"
     probed = probe_limiter(settings)
-    found = backend(settings)
-    if probed is None or found is None:
+    if probed is None:
         return _skip(name, "no WANBATCH_LIMITS_URL and no Redis broker: the submit rate is kept in process")
-    where, why = probed
-    if why is not None:
-        return _fail(
-            name,
-            f"cannot reach the submit-rate limiter's Redis at {where}: {why}",
-            f"start that Redis or fix {found[0]}: `run` and `worker` refuse to start without it",
-        )
-    return _ok(name, f"{where} answers")
+    problem = probed.problem()
+    if problem is not None:
+        if probed.refused:
+            fix = f"{probed.remedy()}: `run` and `worker` refuse to start with this one"
+        else:
+            fix = f"start that Redis or fix {probed.setting}: `run` and `worker` refuse to start without it"
+        return _fail(name, problem, fix)
+    return _ok(name, f"{probed.where} answers")
 
 
 # --------------------------------------------------------------------------- all of them

@@ -24,11 +24,13 @@ token from every key that applies, granted all together or not at all.
 Embedded mode (no Redis) uses :class:`LocalGCRA`, the same algorithm on this process's
 monotonic clock — in that mode this process is the only submitter.
 
-If Redis is unreachable :meth:`SubmitLimiter.acquire` raises :class:`LimiterUnavailableError`
-and the caller must not submit (fail closed): the database's outstanding cap and budget
-still bound what is in flight, but the rate can no longer be proven. Such an outage is
-said, not hidden: a ``run`` or ``worker`` refuses to start without its limiter
-(:func:`check_limiter`, exit 2), and mid-run :class:`RedisGCRA` logs one warning at most every
+If Redis is unreachable, or answers but refuses the limiter's script (a read-only replica, an
+ACL without writes, ``maxmemory`` full), :meth:`SubmitLimiter.acquire` raises
+:class:`LimiterUnavailableError` and the caller must not submit (fail closed): the database's
+outstanding cap and budget still bound what is in flight, but the rate can no longer be
+proven. Such an outage is said, not hidden: a ``run`` or ``worker`` refuses to start without
+its limiter (:func:`check_limiter`, exit 2; the check writes, as a submit does, so a Redis
+that only reads is refused too), and mid-run :class:`RedisGCRA` logs one warning at most every
 :data:`UNREACHABLE_WARN_EVERY_SECONDS` while it lasts and one line when it ends
 (:class:`Outage`); dispatch claims nothing meanwhile, so jobs wait ``pending``, none fails.
 """
@@ -38,6 +40,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -111,6 +114,22 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 return {tonumber(redis.call('GET', KEYS[1])) or now, now}
 """
+
+
+#: :data:`PAUSE_LEFT_LUA`'s answer, after writing ``KEYS[2]`` (a key of its own, gone in a
+#: second): whether Redis takes the writes a submit's token needs. The start-up check asks it,
+#: and dispatch while the limiter is said to be down (a Redis that reads but refuses writes,
+#: such as a read-only replica, must not pass for back). It grants nothing and changes no limit.
+CHECK_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('SET', KEYS[2], '1', 'PX', 1000)
+return {tonumber(redis.call('GET', KEYS[1])) or now, now}
+"""
+
+#: The key :data:`CHECK_LUA` writes, after the API key's own: beside its limits, so an ACL that
+#: lets the limiter write those lets it write this (no endpoint's key: an endpoint id has a /).
+CHECK_KEY_SUFFIX = ":limiter-check"
 
 
 class LimiterUnavailableError(WanbatchError):
@@ -204,9 +223,14 @@ def describe(setting: str, url: str) -> str:
     return f"{masked_url(url)} ({setting})"
 
 
+#: What Redis adds to an error raised inside a script: its SHA and line, no help to anyone.
+_SCRIPT_SUFFIX = re.compile(r"[.\s]*\bscript: [0-9a-f]{40}\b.*$")
+
+
 def _reason(exc: BaseException, url: str) -> str:
     """The first line of a Redis client's error, never a password that was in ``url``."""
-    text = (str(exc).strip().splitlines() or [""])[0].rstrip(".") or type(exc).__name__
+    text = (str(exc).strip().splitlines() or [""])[0]
+    text = _SCRIPT_SUFFIX.sub("", text).rstrip(".") or type(exc).__name__
     try:
         password = urlsplit(url).password
     except ValueError:
@@ -220,51 +244,93 @@ def _client(url: str) -> redis.Redis[bytes]:
     return redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT_SECONDS, socket_timeout=TIMEOUT_SECONDS)
 
 
-def probe_limiter(settings: Settings) -> tuple[str, str | None] | None:
-    """Ask the limiter's Redis once, as a submit would (its read-only script: the connection,
-    the password, and the right to run scripts); ``(where, None)`` when it answered, ``(where,
-    why not)`` when not, None when the limiter is in process. Bounded: the client's timeouts,
-    and a thread for what they do not cover (a name that takes long to resolve)."""
+def _refused(exc: BaseException) -> bool:
+    """Whether Redis answered and refused (an error reply: read-only replica, ACL, out of
+    memory), rather than not answering (refused connection, timeout, password, loading)."""
+    import redis
+
+    return isinstance(exc, redis.ResponseError)
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterProbe:
+    """What asking the limiter's Redis once found (:func:`probe_limiter`)."""
+
+    #: The setting that names it (``WANBATCH_LIMITS_URL`` or ``WANBATCH_BROKER_URL``).
+    setting: str
+    #: Its URL, password masked, and the setting: :func:`describe`.
+    where: str
+    #: None when it answered and took the write; else the client's error, one line.
+    error: str | None = None
+    #: Whether it answered and refused the limiter's script (rather than not answering).
+    refused: bool = False
+
+    def problem(self) -> str | None:
+        """One line saying what is wrong; None when nothing is."""
+        if self.error is None:
+            return None
+        if self.refused:
+            return (
+                f"the submit-rate limiter's Redis at {self.where} answers but refuses the limiter's "
+                f"script: {self.error}"
+            )
+        return f"cannot reach the submit-rate limiter's Redis at {self.where}: {self.error}"
+
+    def remedy(self) -> str:
+        """What to do about :meth:`problem`, lower case."""
+        if self.refused:
+            return (
+                f"point {self.setting} at a Redis the limiter may write to (a primary, not a read-only "
+                f"replica; Lua scripts and {KEY_PREFIX}* keys allowed; memory to spare)"
+            )
+        return f"start it or fix {self.setting}"
+
+
+def probe_limiter(settings: Settings) -> LimiterProbe | None:
+    """Ask the limiter's Redis once, as a submit would (the connection, the password, the right
+    to run scripts and to write beside its keys: :data:`CHECK_LUA`, which grants nothing), None
+    when the limiter is in process. Bounded: the client's timeouts, and a thread for what they
+    do not cover (a name that takes long to resolve)."""
     found = backend(settings)
     if found is None:
         return None
     setting, url = found
     where = describe(setting, url)
-    failure: list[str] = []
+    failure: list[BaseException] = []
 
     def attempt() -> None:
         try:
             limiter = RedisGCRA(settings, _client(url), where=where, url=url)
             try:
-                limiter._pause_left(keys=[api_key_rate(settings).key])
+                limiter._check_now()
             finally:
                 limiter.close()
-        except Exception as exc:  # any client error (refused, auth, ACL, a bad answer): one line
-            failure.append(_reason(exc, url))
+        except Exception as exc:  # any client error (refused, auth, ACL, read-only, a bad answer): one line
+            failure.append(exc)
 
     thread = threading.Thread(target=attempt, name="wanbatch-limiter-check", daemon=True)
     thread.start()
     thread.join(2 * TIMEOUT_SECONDS + 2.0)
     if thread.is_alive():
-        return where, f"no answer within {2 * TIMEOUT_SECONDS + 2.0:.0f}s"
-    return where, (failure[0] if failure else None)
+        return LimiterProbe(setting, where, f"no answer within {2 * TIMEOUT_SECONDS + 2.0:.0f}s")
+    if not failure:
+        return LimiterProbe(setting, where)
+    return LimiterProbe(setting, where, _reason(failure[0], url), refused=_refused(failure[0]))
 
 
 def check_limiter(settings: Settings) -> None:
-    """Raise :class:`ConfigError` (exit 2, one line) unless the limiter's Redis answers.
+    """Raise :class:`ConfigError` (exit 2, one line) unless the limiter's Redis answers and
+    takes the limiter's writes.
 
     Called by ``run``/``rerun`` and ``worker`` before anything is stored or sent: without it a
-    run whose ``WANBATCH_LIMITS_URL`` led nowhere held every job back without end."""
+    run whose ``WANBATCH_LIMITS_URL`` led nowhere, or to a read-only replica, held every job
+    back without end."""
     probed = probe_limiter(settings)
-    if probed is None or probed[1] is None:
+    problem = probed.problem() if probed is not None else None
+    if probed is None or problem is None:
         return
-    where, why = probed
-    found = backend(settings)
-    assert found is not None
-    raise ConfigError(
-        f"cannot reach the submit-rate limiter's Redis at {where}: {why}. "
-        f"Start it or fix {found[0]}; nothing was sent"
-    )
+    remedy = probed.remedy()
+    raise ConfigError(f"{problem}. {remedy[0].upper()}{remedy[1:]}; nothing was sent")
 
 
 class Outage:
@@ -272,7 +338,9 @@ class Outage:
 
     Every failed call is :meth:`failed`, every answered one :meth:`answered`. The first failure
     is a warning at once, then one every ``every`` seconds while the outage lasts (not one per
-    job and retry); the first answer after it a line saying that sending resumes.
+    job and retry); the first answer after it a line saying that sending resumes. ``refused``:
+    Redis answered with an error (a read-only replica, an ACL, ``maxmemory``) rather than not
+    at all, and the words say so.
     """
 
     def __init__(
@@ -288,25 +356,34 @@ class Outage:
         #: Since when (``clock``) nothing answered; None while the limiter answers.
         self.since: float | None = None
         self.error = ""
+        #: Whether the last failure was an error reply (Redis answered and refused).
+        self.refused = False
         self._said_at: float | None = None
 
-    def failed(self, error: str) -> None:
+    def failed(self, error: str, *, refused: bool = False) -> None:
         now = self.clock()
         with self._lock:
             if self.since is None:
                 self.since = now
             self.error = error
+            self.refused = refused
             due = self._said_at is None or now - self._said_at >= self.every
             if due:
                 self._said_at = now
             down_for = now - self.since
         if due:
+            lasted = f" for {down_for:.0f}s" if down_for >= 1 else ""
+            if refused:
+                what, until = f"answers but refuses the limiter's script{lasted}", "accepts it"
+            else:
+                what, until = f"is unreachable{lasted}", "answers"
             log.warning(
-                "the submit-rate limiter's Redis at %s is unreachable%s: %s; nothing is submitted "
-                "until it answers (jobs wait, none fails)",
+                "the submit-rate limiter's Redis at %s %s: %s; nothing is submitted until it %s "
+                "(jobs wait, none fails)",
                 self.where,
-                f" for {down_for:.0f}s" if down_for >= 1 else "",
+                what,
                 error,
+                until,
                 extra={"event": "limiter.unavailable"},
             )
 
@@ -315,17 +392,28 @@ class Outage:
             return
         with self._lock:
             since, self.since, self._said_at = self.since, None, None
+            refused = self.refused
         if since is not None:
             log.warning(
-                "the submit-rate limiter's Redis at %s answers again after %.0fs: sending resumes",
+                "the submit-rate limiter's Redis at %s %s again after %.0fs: sending resumes",
                 self.where,
+                "accepts the limiter's script" if refused else "answers",
                 self.clock() - since,
                 extra={"event": "limiter.recovered"},
             )
 
+    @property
+    def down(self) -> bool:
+        """Whether the limiter is said to be unreachable or refusing (until it answers again)."""
+        return self.since is not None
+
     def note(self) -> str | None:
         """What the progress line says while the limiter is unreachable; None while it answers."""
-        return None if self.since is None else "limiter unreachable: submits held"
+        if self.since is None:
+            return None
+        if self.refused:
+            return "limiter refused by its Redis: submits held"
+        return "limiter unreachable: submits held"
 
 
 class RedisGCRA:
@@ -352,6 +440,7 @@ class RedisGCRA:
         self._script = client.register_script(GCRA_LUA)
         self._hold_off = client.register_script(HOLD_OFF_LUA)
         self._pause_left = client.register_script(PAUSE_LEFT_LUA)
+        self._check = client.register_script(CHECK_LUA)
 
     @classmethod
     def from_url(cls, settings: Settings, url: str, *, prefix: str = "") -> RedisGCRA:
@@ -362,10 +451,19 @@ class RedisGCRA:
 
     def _unreachable(self, exc: Exception) -> LimiterUnavailableError:
         why = _reason(exc, self._url)
-        self.outage.failed(why)
+        refused = _refused(exc)
+        self.outage.failed(why, refused=refused)
+        what = "answers but refuses the limiter's script" if refused else "is unreachable"
         return LimiterUnavailableError(
-            f"the submit-rate limiter's Redis at {self.outage.where} is unreachable: {why}"
+            f"the submit-rate limiter's Redis at {self.outage.where} {what}: {why}"
         )
+
+    def _check_now(self) -> tuple[int, int]:
+        """:data:`CHECK_LUA` on the API key's key: its TAT and Redis' clock (µs), after a write
+        as a grant makes. Raises the client's own error."""
+        key = self.prefix + api_key_rate(self.settings).key
+        tat_us, now_us = self._check(keys=[key, key + CHECK_KEY_SUFFIX])
+        return int(tat_us), int(now_us)
 
     def acquire(self, endpoint: str) -> float:
         return self.acquire_at(endpoint)[0]
@@ -386,7 +484,13 @@ class RedisGCRA:
     def pause_left(self) -> float:
         key = self.prefix + api_key_rate(self.settings).key
         try:
-            tat_us, now_us = self._pause_left(keys=[key])
+            if self.outage.down:
+                # Back only when Redis takes a write again, as a submit's token needs: a Redis
+                # that answers reads and refuses writes (a read-only replica) would otherwise
+                # pass for back each round, and each claim be given back.
+                tat_us, now_us = self._check_now()
+            else:
+                tat_us, now_us = self._pause_left(keys=[key])
         except client_error() as exc:
             raise self._unreachable(exc) from exc
         self.outage.answered()

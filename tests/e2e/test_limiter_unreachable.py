@@ -18,12 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy.exc import OperationalError
 
 from bench.distributed import wanbatch_command
 from falsim.server import SimulatorHandle
 from tests.chaos.chaos_harness import RedisServer
-from tests.e2e.e2e_helpers import MakeManifest, Wb, counts, db_rows
+from tests.e2e.e2e_helpers import MakeManifest, Wb, assert_one_line, counts, db_rows, wanbatch
 from tests.ports import unused_port
 from tests.sliding_window import max_in_window
 
@@ -96,6 +97,56 @@ def test_the_limiter_password_is_not_printed_and_json_is_one_object(
     assert report["ok"] is False
     assert f"redis://:**@127.0.0.1:{port}/0 (WANBATCH_LIMITS_URL)" in report["error"]
     assert sim.ledger()["accepted"] == 0
+
+
+def test_a_limiter_redis_that_refuses_writes_is_one_line_and_exit_2(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A limiter Redis that answers but refuses writes (a read-only replica): before, the
+    start-up check (a read) passed, and `run` then warned and waited for ever, every job
+    claimed and given back every 5 s. Now the check makes a write, as a submit would: one
+    line saying what Redis refused and what to do, exit 2, nothing stored or sent; `doctor`
+    says the same. A private ``redis-server`` (the shared one is never made read-only)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    admin = redis.Redis(port=server.port, socket_timeout=5)
+    try:
+        # A replica of a master nobody runs: it answers reads, and refuses every write.
+        admin.execute_command("REPLICAOF", "127.0.0.1", str(unused_port()))
+        monkeypatch.setenv("WANBATCH_LIMITS_URL", server.url)
+        db = os.environ["WANBATCH_DATABASE_URL"]
+        before = _stored(db)
+        done = wanbatch("run", manifest("small", SMALL), "--no-progress", timeout=60)  # before: never ended
+        where = f"{server.url} (WANBATCH_LIMITS_URL)"
+        assert_one_line(
+            done,
+            f"the submit-rate limiter's Redis at {where} answers but refuses the limiter's script: ",
+            "read only replica",
+            "WANBATCH_LIMITS_URL",
+            "nothing was sent",
+        )
+        assert "@user_script" not in done.stderr  # the Lua script's SHA and line are no help
+        assert _stored(db) == before  # nothing stored
+        assert sim.ledger()["accepted"] == 0  # nothing sent
+
+        report = wb("doctor", "--json")
+        assert report.code == 1
+        limiter = next(c for c in report.json()["checks"] if c["name"] == "limiter")
+        assert limiter["status"] == "fail"
+        assert limiter["detail"].startswith(
+            f"the submit-rate limiter's Redis at {where} answers but refuses the limiter's script: "
+        )
+        assert "read only replica" in limiter["detail"]
+        assert "WANBATCH_LIMITS_URL" in limiter["fix"]
+        assert "replica" in limiter["fix"]
+
+        admin.execute_command("REPLICAOF", "NO", "ONE")  # writable: the same check passes
+        report = wb("doctor", "--json")
+        limiter = next(c for c in report.json()["checks"] if c["name"] == "limiter")
+        assert (limiter["status"], limiter["detail"]) == ("ok", f"{where} answers")
+    finally:
+        admin.close()
+        server.kill()
 
 
 @pytest.mark.parametrize("which", ["limits", "broker"])

@@ -11,6 +11,7 @@ private ``redis-server`` killed under a running ``wanbatch run``) is in
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,8 @@ from falsim import SimulatorOptions, running_simulator
 from jobs import db, store
 from jobs.models import Job
 from jobs.states import JobState
+from tests.chaos.chaos_harness import RedisServer
+from tests.ports import unused_port
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.limits import UNREACHABLE_RETRY_SECONDS, RedisGCRA, api_key_rate, unreachable_note
 from worker.steps import dispatch, submit
@@ -131,3 +134,80 @@ def test_a_limiter_outage_holds_jobs_back_then_lets_them_through(
             down[0] = False
             limiter.client.delete(api_key_rate(settings).key)
             limiter.close()
+
+
+def _read_only(client: redis.Redis[bytes], read_only: bool) -> None:
+    """Make a private Redis a replica of a master nobody runs (it still answers reads, and
+    refuses every write: a failover that left the limiter pointing at a demoted primary), or a
+    primary again."""
+    if read_only:
+        client.execute_command("REPLICAOF", "127.0.0.1", str(unused_port()))
+    else:
+        client.execute_command("REPLICAOF", "NO", "ONE")
+
+
+def test_a_limiter_redis_that_refuses_writes_holds_jobs_back_without_flapping(
+    engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A limiter Redis that answers reads but refuses writes (a read-only replica) mid-run.
+
+    Before, dispatch's read-only question (``pause_left``) passed, so every round claimed the
+    jobs, each submit failed to take its token and gave its job back, and the log flapped
+    between "is unreachable" and "answers again after 0s: sending resumes" every 5 s, for
+    ever. Now it is one warning saying what Redis refuses, dispatch claims nothing until Redis
+    takes a write again, and then one line says that sending resumes."""
+    caplog.set_level(logging.WARNING, logger="worker.limits")
+    server = RedisServer(tmp_path / "redis")  # our own: the shared Redis is never made read-only
+    server.start()
+    admin = redis.Redis(port=server.port, socket_timeout=5)
+    options = SimulatorOptions(latency_seconds=0.0, latency_jitter=0.0, concurrency_limit=40)
+    try:
+        with running_simulator(options) as sim:
+            settings = settings_for(sim.url, "read-only-limiter", limits_url=server.url)
+            rt = make_runtime(engine, settings)
+            limiter = rt.limiter
+            assert isinstance(limiter, RedisGCRA)
+            clock = Clock()
+            limiter.outage.clock = clock
+            add_batch(engine, "refused", [(T2V, {"prompt": f"a lighthouse {i}"}) for i in range(3)])
+            claimed = dispatch(rt)  # Redis took writes: all three are claimed
+            assert len(claimed) == 3
+
+            _read_only(admin, True)
+            assert [submit(rt, job_id) for job_id in claimed] == ["rate-limited"] * 3
+            assert set(_states(engine).values()) == {(JobState.PENDING, 0)}
+            warned = _said(caplog, "limiter.unavailable")
+            assert len(warned) == 1, warned
+            assert "refuses the limiter's script" in warned[0]
+            assert "read only replica" in warned[0]
+            assert "@user_script" not in warned[0]  # not the script's SHA and line
+            assert unreachable_note(limiter) == "limiter refused by its Redis: submits held"
+
+            # Rounds go on: none claims a job (the reads pass, but a submit needs a write), and
+            # none says that sending resumes.
+            assert rt.bucket is not None
+            with db.session_scope(engine) as session:  # due now, not in 5 s
+                session.execute(update(Job).values(next_attempt_at=None))
+            for _ in range(3):
+                clock.now += 6
+                rt.bucket.tokens = rt.bucket.capacity
+                assert dispatch(rt) == []
+            assert _said(caplog, "limiter.recovered") == []
+            assert len(_said(caplog, "limiter.unavailable")) == 1  # within 30 s: said once
+            assert set(_states(engine).values()) == {(JobState.PENDING, 0)}
+            assert sim.ledger()["accepted"] == 0
+
+            _read_only(admin, False)  # writable again: every job goes out exactly once
+            rt.bucket.tokens = rt.bucket.capacity
+            again = dispatch(rt)
+            assert len(again) == 3
+            assert [submit(rt, job_id) for job_id in again] == ["submitted"] * 3
+            assert sim.ledger()["accepted"] == 3
+            recovered = _said(caplog, "limiter.recovered")
+            assert len(recovered) == 1, recovered
+            assert "sending resumes" in recovered[0]
+            assert unreachable_note(limiter) is None
+            limiter.close()
+    finally:
+        admin.close()
+        server.kill()

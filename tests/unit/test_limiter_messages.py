@@ -79,3 +79,22 @@ def test_an_outage_is_said_at_most_every_30_seconds_and_its_end_once(
     now[0] = 43.0
     outage.failed("Connection refused")  # a new outage is said at once
     assert len(caplog.records) == 1
+
+
+def test_a_redis_that_answers_and_refuses_is_said_as_such(caplog: pytest.LogCaptureFixture) -> None:
+    """A read-only replica (or an ACL, or a full ``maxmemory``) answers: "unreachable" and
+    "answers again" would send its user looking for a network problem."""
+    caplog.set_level(logging.WARNING, logger="worker.limits")
+    now = [0.0]
+    outage = Outage("redis://h:1/0 (WANBATCH_LIMITS_URL)", clock=lambda: now[0])
+    outage.failed("You can't write against a read only replica", refused=True)
+    assert outage.note() == "limiter refused by its Redis: submits held"
+    now[0] = 12.0
+    outage.answered()
+    assert [r.getMessage() for r in caplog.records] == [
+        "the submit-rate limiter's Redis at redis://h:1/0 (WANBATCH_LIMITS_URL) answers but refuses the "
+        "limiter's script: You can't write against a read only replica; nothing is submitted until it "
+        "accepts it (jobs wait, none fails)",
+        "the submit-rate limiter's Redis at redis://h:1/0 (WANBATCH_LIMITS_URL) accepts the limiter's "
+        "script again after 12s: sending resumes",
+    ]
