@@ -174,7 +174,11 @@ def test_a_job_the_schedule_cancelled_ends_as_the_schedule_says_in_any_order(
         assert (job.actual_usd or 0) == (EST_USD * ran_fraction if ran else 0), job.actual_usd
         if why == "deadline":
             assert (job.state, job.error_type) == (S.CANCELLED, "deadline"), (job.state, job.error)
-            assert job.error == "cancelled in fal's queue at the batch's deadline"
+            assert job.error == (
+                "cancelled at the batch's deadline while running at fal"
+                if ran
+                else "cancelled in fal's queue at the batch's deadline"
+            )
         else:
             back = S.RETRY_WAIT if ran else S.PENDING
             assert (job.state, job.error_type) == (back, "window_closed"), (job.state, job.error)

@@ -204,7 +204,11 @@ def end_unstarted(
             session,
             fence,
             reason=f"deadline: {how}",
-            error="cancelled in fal's queue at the batch's deadline",
+            error=(
+                "cancelled in fal's queue at the batch's deadline"
+                if outcome == billing.Outcome.CANCELLED_IN_QUEUE
+                else "cancelled at the batch's deadline while running at fal"
+            ),
             error_type=DEADLINE,
             completed_at=now,
             provider_metrics=status.metrics or None,
