@@ -37,10 +37,11 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from sqlalchemy import (
     Column,
@@ -218,6 +219,73 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     if "pool_pre_ping" not in kwargs:
         _ping_after_idle(engine)
     return engine
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteFile:
+    """Where a SQLite URL keeps its database on disk, and what opening it creates."""
+
+    #: The file (a relative path is relative to the working folder, as SQLite opens it).
+    path: Path
+    #: Opening creates the file when it is missing (``mode=ro`` and ``mode=rw`` do not).
+    creates: bool
+    #: ... and its missing folders: a plain path (:func:`_prepare_sqlite_file`); SQLite's URI
+    #: form (``sqlite:///file:…``) creates the file only.
+    makes_folders: bool
+    #: SQLite's own URI options (``mode=ro`` among them: a plain path's becomes the URI form).
+    options: tuple[tuple[str, str], ...] = ()
+
+
+def sqlite_file(url: str | URL) -> SqliteFile | None:
+    """The file a SQLite URL keeps its database in; None for PostgreSQL and an in-memory SQLite.
+
+    Looks at nothing: :class:`ConfigError` for a URL :func:`normalize_url` refuses.
+    """
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if not database or database == ":memory:":
+        return None
+    if not database.startswith("file:"):
+        return SqliteFile(Path(database).expanduser(), creates=True, makes_folders=True)
+    # SQLite's URI form: file:PATH?options, PATH percent-encoded, after an optional empty or
+    # "localhost" authority (https://www.sqlite.org/uri.html).
+    body, _, query = database.removeprefix("file:").partition("?")
+    body = body.partition("#")[0]
+    if body.startswith("//"):
+        authority, slash, rest = body[2:].partition("/")
+        if authority not in ("", "localhost"):
+            return None  # SQLite refuses it: opening says so
+        body = slash + rest
+    options = tuple(parse_qsl(query.partition("#")[0], keep_blank_values=True))
+    mode = dict(options).get("mode", "rwc")
+    if not body or body == ":memory:" or mode == "memory":
+        return None
+    return SqliteFile(Path(unquote(body)), creates=mode == "rwc", makes_folders=False, options=options)
+
+
+def read_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """An engine that only reads the database, and creates and changes nothing, not even for
+    SQLite: none of :func:`make_engine`'s preparations (no folder or file made, no permission
+    tightened, no switch to WAL, no pragma), and the file opened with ``mode=rw``, so SQLite
+    opens an existing database and never creates one (a missing file: "unable to open database
+    file"). Read-write rather than ``mode=ro``: a read-only connection to a WAL database leaves
+    the ``-wal`` and ``-shm`` files it had to create behind, the last read-write one removes them.
+    What the caller runs on it is up to the caller: ``doctor`` runs only SELECTs.
+
+    Extra keyword arguments go to :func:`sqlalchemy.create_engine`, as for :func:`make_engine`.
+    """
+    parsed = normalize_url(url)
+    target = sqlite_file(parsed)
+    if target is None:
+        if parsed.get_backend_name() == "sqlite":  # in memory: there is no file to create
+            return create_engine(parsed, **kwargs)
+        return make_engine(parsed, **kwargs)
+    options = [(k, v) for k, v in target.options if k != "mode"] + [("mode", "rw")]
+    database = f"file:{quote(str(target.path))}?{urlencode(options)}"
+    query = {k: v for k, v in parsed.query.items() if k in _PYSQLITE_OPTIONS} | {"uri": "true"}
+    return create_engine(parsed.set(database=database, query=query), **kwargs)
 
 
 def _ping_after_idle(engine: Engine) -> None:

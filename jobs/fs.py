@@ -76,3 +76,33 @@ def path_error(exc: OSError) -> str | None:
     if name is None or not isinstance(name, str | bytes | os.PathLike):
         return None
     return f"{shown_path(name)}: {os_reason(exc)}"
+
+
+def creatable(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
+    """Whether this user could create ``path`` (not there yet) and the folders missing above it,
+    by looking only: nothing is created, not even a probe.
+
+    Returns the nearest ancestor of ``path`` that is there, and ``None`` when it is a folder this
+    user may write into and search, else why not, naming it (``/srv/x is a file, not a folder``,
+    ``/srv: permission denied``, ``/srv: a read-only file system``). Permissions are asked of the
+    system (``access(2)`` with the effective ids), so root is answered as root: any folder on a
+    writable file system will do.
+    """
+    folder = Path(path).absolute().parent
+    while True:
+        kind = file_kind(folder)
+        if not isinstance(kind, OSError):
+            break
+        if not is_missing(kind) or folder == folder.parent:
+            return folder, f"{shown_path(folder)}: {os_reason(kind)}"
+        folder = folder.parent
+    if kind != "folder":
+        return folder, f"{shown_path(folder)} is {'a file, ' if kind == 'file' else ''}not a folder"
+    effective = os.access in os.supports_effective_ids
+    if os.access(folder, os.W_OK | os.X_OK, effective_ids=effective):
+        return folder, None
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return folder, f"{shown_path(folder)}: {'a read-only file system' if read_only else 'permission denied'}"

@@ -52,7 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from jobs import outputs
 from jobs.errors import WanbatchError
-from jobs.fs import file_kind, os_reason, shown_path
+from jobs.fs import creatable, file_kind, is_missing, os_reason, shown_path
 from jobs.output_location import CONTROL_CHARS, is_s3_url, parse_s3_url, split_uri
 from jobs.outputs import OutputWriteError
 
@@ -130,10 +130,15 @@ class OutputStore(ABC):
         """Where outputs go, for people: the absolute folder, or ``s3://bucket/prefix``."""
 
     @abstractmethod
-    def check_writable(self) -> None:
+    def check_writable(self, *, create: bool = True) -> Path | None:
         """Prove an output can be stored before anything is paid for: write and remove a small
         probe. :class:`OutputWriteError` with a one-line reason (naming ``WANBATCH_OUTPUT_DIR``)
-        otherwise. Used by ``run``/``rerun`` at start-up and by ``doctor``."""
+        otherwise. Used by ``run``/``rerun`` at start-up and by ``doctor``.
+
+        A local folder (the output folder, or S3's staging folder) that is not there yet is
+        created, unless ``create`` is false (``doctor``, which changes nothing): then it is only
+        checked that it could be, and the nearest existing folder it would be created under is
+        returned. None: the folder is there and took the probe."""
 
     def free_bytes(self) -> int | None:
         """Bytes free where the outputs are kept; None when nothing finite limits them (a bucket)."""
@@ -232,8 +237,8 @@ class LocalOutputStore(OutputStore):
     def local_root(self) -> Path:
         return self.root
 
-    def check_writable(self) -> None:
-        _probe_folder(self.root, "WANBATCH_OUTPUT_DIR")
+    def check_writable(self, *, create: bool = True) -> Path | None:
+        return _probe_folder(self.root, "WANBATCH_OUTPUT_DIR", create=create)
 
     def free_bytes(self) -> int | None:
         folder = self.root.resolve()
@@ -308,8 +313,8 @@ class S3OutputStore(OutputStore):
         name = f"{outputs.job_stem(item_index, job_id)}{suffix}"
         return "/".join(p for p in (self.prefix, outputs.slug(batch_name), name) if p)
 
-    def check_writable(self) -> None:
-        _probe_folder(self.staging, "WANBATCH_OUTPUT_STAGING_DIR (the staging folder)")
+    def check_writable(self, *, create: bool = True) -> Path | None:
+        under = _probe_folder(self.staging, "WANBATCH_OUTPUT_STAGING_DIR (the staging folder)", create=create)
         key = "/".join(p for p in (self.prefix, f".wanbatch-probe-{secrets.token_hex(8)}") if p)
         body = b"\0" * PROBE_BYTES
         try:
@@ -331,6 +336,7 @@ class S3OutputStore(OutputStore):
             log.warning(
                 "could not remove the probe s3://%s/%s: %s", self.bucket, key, _reason(exc, self.bucket)
             )
+        return under
 
     def video_dest(self, batch_name: str, item_index: int, job_id: str) -> Path:
         return outputs.video_path(self.staging, batch_name, item_index, job_id)
@@ -579,10 +585,21 @@ def put_bytes(bucket: str, key: str, data: bytes, *, content_type: str) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _probe_folder(folder: Path, name: str) -> None:
-    """Create ``folder``, write, fsync and remove a probe; :class:`OutputWriteError` otherwise."""
+def _probe_folder(folder: Path, name: str, *, create: bool = True) -> Path | None:
+    """Create ``folder``, write, fsync and remove a probe; :class:`OutputWriteError` otherwise.
+
+    Without ``create``, a folder that is not there is left so: it is only checked that this user
+    could create it (:func:`jobs.fs.creatable`), and the existing folder it would be created
+    under is returned (None: the folder is there and took the probe)."""
+    kind = file_kind(folder)
+    if not create and isinstance(kind, OSError) and is_missing(kind) and not folder.is_symlink():
+        under, why = creatable(folder)
+        if why is not None:
+            raise OutputWriteError(f"{name} {shown_path(folder)!r} cannot be created: {why}")
+        return under
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".wanbatch-probe-", dir=folder)
         try:
             os.write(fd, b"\0" * OUTPUT_PROBE_BYTES)
@@ -593,6 +610,7 @@ def _probe_folder(folder: Path, name: str) -> None:
     except OSError as exc:
         reason = "it is a file, not a folder" if file_kind(folder) == "file" else os_reason(exc)
         raise OutputWriteError(f"{name} {shown_path(folder)!r} cannot take the outputs: {reason}") from None
+    return None
 
 
 def _check_echo(answer: Any, checksum: str, where: str) -> None:

@@ -8,7 +8,9 @@ each what is wrong and what to do about it:
 
 - **configuration**: every ``WANBATCH_*`` setting (and ``FAL_KEY``) parses;
 - **database**: ``WANBATCH_DATABASE_URL`` answers and its schema is the one this wanbatch
-  expects (:data:`jobs.db.SCHEMA_HEAD`); read only: the doctor never migrates;
+  expects (:data:`jobs.db.SCHEMA_HEAD`); read only: the doctor never migrates, and opens a
+  SQLite file without creating or changing it (:func:`jobs.db.read_engine`): one not there yet
+  is only found creatable;
 - **broker**: with ``WANBATCH_BROKER_URL``, the broker answers and ``wanbatch worker``
   processes answer a ping (none: nothing would be processed); embedded mode needs neither;
 - **provider**: one cheap authenticated call to ``WANBATCH_FAL_QUEUE_URL`` — the status of a
@@ -16,7 +18,8 @@ each what is wrong and what to do about it:
   401, the account refused on 403; it costs nothing and queues nothing. The bundled simulator
   answers exactly so;
 - **output storage**: ``WANBATCH_OUTPUT_DIR`` (folder or ``s3://``) takes a probe object
-  (:meth:`jobs.output_store.OutputStore.check_writable`, what ``run`` checks at start-up);
+  (:meth:`jobs.output_store.OutputStore.check_writable`, what ``run`` checks at start-up); a
+  local folder not there yet is only found creatable, not created;
 - **receiver**: with ``WANBATCH_WEBHOOK_URL``, the ``wanbatch serve`` behind it answers
   ``GET /healthz`` from this host, fal's signing keys can be fetched from
   ``WANBATCH_WEBHOOK_JWKS_URL`` here, and the receiver says (``/healthz``) it can verify
@@ -26,6 +29,7 @@ each what is wrong and what to do about it:
   as ``run`` and ``worker`` check at start-up
   (:func:`worker.limits.probe_limiter`); embedded without one, the limiter is in process.
 
+The doctor creates nothing: no database file or folder, no output folder, no probe left.
 A check is ``ok``, ``fail`` or ``skip`` (does not apply), with a ``detail`` and, unless ok, a
 ``fix``. No check raises and none prints ``FAL_KEY``: its value is only ever sent, to the queue
 URL, in the ``Authorization`` header.
@@ -43,6 +47,7 @@ from jobs.digits import ascii_int
 from jobs.url_secrets import mask_urls, masked_url
 
 if TYPE_CHECKING:
+    from jobs.db import SqliteFile
     from jobs.settings import Settings
 
 Status = Literal["ok", "fail", "skip"]
@@ -114,7 +119,9 @@ def check_configuration() -> tuple[Check, Settings | None]:
 
 
 def check_database(settings: Settings) -> Check:
-    """The database answers, and its schema is this wanbatch's (read only: nothing migrated)."""
+    """The database answers, and its schema is this wanbatch's (read only: nothing migrated,
+    and for SQLite no file or folder created: a database not there yet is fine when the first
+    command could create it)."""
     from sqlalchemy.pool import NullPool
 
     from jobs import db
@@ -124,8 +131,13 @@ def check_database(settings: Settings) -> Check:
     where = db.safe_url(settings.database_url)
     try:
         url = db.normalize_url(settings.database_url)
+        target = db.sqlite_file(url)
+        if target is not None:
+            missing = _missing_sqlite_file(name, where, target)
+            if missing is not None:
+                return missing
         connect_args = {"connect_timeout": int(TIMEOUT)} if url.get_backend_name() == "postgresql" else {}
-        engine = db.make_engine(url, poolclass=NullPool, connect_args=connect_args)
+        engine = db.read_engine(url, poolclass=NullPool, connect_args=connect_args)
     except WanbatchError as exc:
         return _fail(name, str(exc), "fix WANBATCH_DATABASE_URL")
     try:
@@ -156,6 +168,47 @@ def check_database(settings: Settings) -> Check:
         f"{db.SCHEMA_HEAD}): a newer wanbatch migrated it",
         "upgrade wanbatch on this host to the version that migrated the database",
     )
+
+
+def _missing_sqlite_file(name: str, where: str, target: SqliteFile) -> Check | None:
+    """The verdict on a SQLite database file that is not there (None: it is, go and read it).
+
+    Opening it would create it (and its folder), which the doctor does not do: instead it says
+    whether the first command could, by looking only (:func:`jobs.fs.creatable`)."""
+    from jobs.fs import creatable, file_kind, is_missing, os_reason, shown_path
+
+    path = target.path.absolute()
+    shown = shown_path(path)
+    kind = file_kind(path)
+    if not isinstance(kind, OSError) or target.path.is_symlink():
+        return None  # there (or a link): reading it says what it is
+    if not is_missing(kind):
+        return _fail(
+            name,
+            f"{where}: cannot look at {shown}: {os_reason(kind)}",
+            "make the database's folder searchable for this user, or fix WANBATCH_DATABASE_URL",
+        )
+    if not target.creates:
+        return _fail(
+            name,
+            f"{where}: {shown} does not exist, and mode=ro (or rw) opens only an existing database",
+            "point WANBATCH_DATABASE_URL at the existing database, or drop mode= so that the first "
+            "command creates it",
+        )
+    parent = file_kind(path.parent)
+    if not target.makes_folders and isinstance(parent, OSError) and is_missing(parent):
+        # SQLite's URI form: SQLite creates the file, not its folder.
+        why: str | None = f"its folder {shown_path(path.parent)} does not exist (SQLite creates no folder)"
+    else:
+        _under, why = creatable(path)
+    if why is not None:
+        return _fail(
+            name,
+            f"{where}: the database file {shown} does not exist and cannot be created: {why}",
+            "make the folder named above a folder this user can write to, or point "
+            "WANBATCH_DATABASE_URL at one",
+        )
+    return _ok(name, f"{where}: not created yet: the first command creates it at {shown}")
 
 
 def check_broker(settings: Settings) -> Check:
@@ -251,14 +304,17 @@ def _detail(answer: Any, key: str) -> str:
 
 
 def check_storage(settings: Settings) -> Check:
-    """The output folder or bucket takes a probe, as ``run`` checks before sending anything."""
+    """The output folder or bucket takes a probe, as ``run`` checks before sending anything. A
+    local folder (the output folder, or S3's staging folder) not there yet is not created: it is
+    fine when it could be (its nearest existing folder is writable)."""
     from jobs.errors import WanbatchError
+    from jobs.fs import shown_path
     from jobs.output_store import open_output_store
 
     name = "output storage"
     try:
         store = open_output_store(settings)
-        store.check_writable()
+        under = store.check_writable(create=False)
     except WanbatchError as exc:
         fix = (
             "check the bucket, the AWS_* credentials and AWS_ENDPOINT_URL, or fix WANBATCH_OUTPUT_DIR"
@@ -269,7 +325,13 @@ def check_storage(settings: Settings) -> Check:
         return _fail(name, str(exc), fix)
     except Exception as exc:  # a storage client's own error: still one line
         return _fail(name, f"{type(exc).__name__}: {_first_line(exc)}", "check WANBATCH_OUTPUT_DIR")
-    return _ok(name, f"{store.describe()} is writable")
+    if under is None:
+        return _ok(name, f"{store.describe()} is writable")
+    folder = shown_path(store.local_root().resolve())
+    created = f"not created yet: the first run creates it ({shown_path(under)} is writable)"
+    if store.is_remote:
+        return _ok(name, f"{store.describe()} is writable; the staging folder {folder}: {created}")
+    return _ok(name, f"{folder}: {created}")
 
 
 def healthz_url(webhook_url: str) -> str | None:

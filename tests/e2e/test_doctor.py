@@ -9,7 +9,10 @@ real web app on a loopback port. The key never appears in what the doctor prints
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +28,7 @@ from bench.distributed import Scenario, claimed_redis_db, environment, start_wor
 from falsim.server import SimulatorHandle
 from jobs.db import SCHEMA_HEAD
 from jobs.settings import Settings, get_settings
-from tests.e2e.e2e_helpers import FAL_KEY, Wb
+from tests.e2e.e2e_helpers import FAL_KEY, Wb, wanbatch, without_read_override
 from tests.hostile import HostileProvider, Recorded, json_reply
 from tests.ports import unused_port
 from web.app import create_app
@@ -97,8 +100,8 @@ def test_all_well_embedded_with_the_simulator(wb: Wb, sim: SimulatorHandle) -> N
     assert "found by polling" not in checks["receiver"]["detail"]
     assert all(c["fix"] is None for c in checks.values())
     assert sim.ledger()["accepted"] == 0  # nothing was submitted, so nothing billed
-    # The database is only read: doctor on a new SQLite file creates no schema.
-    assert "empty" in checks["database"]["detail"]
+    # The database is only read: doctor on a new SQLite file creates no schema, nor the file.
+    assert "not created yet: the first command creates it" in checks["database"]["detail"]
     human = wb("doctor")
     assert human.code == 0
     assert "all well" in human.stdout
@@ -484,3 +487,175 @@ def test_the_jwks_url_s_credentials_are_not_printed(
         human = wb("doctor")
         assert PASSWORD not in human.stdout + human.stderr
         assert TOKEN not in human.stdout + human.stderr
+
+
+# --------------------------------------------------------------------------- doctor creates nothing
+
+
+def _tree(root: Path) -> dict[str, tuple[str, int, bytes | None]]:
+    """Everything under ``root``: each file's and folder's kind, permission bits and (files)
+    bytes. Equal before and after: nothing was created, removed or changed."""
+    found: dict[str, tuple[str, int, bytes | None]] = {}
+    for folder, folders, files in os.walk(root):
+        for entry in [*folders, *files]:
+            path = Path(folder) / entry
+            info = path.lstat()
+            kind = "folder" if stat.S_ISDIR(info.st_mode) else "file"
+            content = path.read_bytes() if stat.S_ISREG(info.st_mode) else None
+            found[str(path.relative_to(root))] = (kind, stat.S_IMODE(info.st_mode), content)
+    return found
+
+
+#: Every form of the doctor: each must leave the folders exactly as they were.
+DOCTOR_FORMS = (
+    ("doctor",),
+    ("doctor", "--simulate"),
+    ("doctor", "--json"),
+    ("doctor", "--simulate", "--json"),
+)
+
+
+def _doctor_changes_nothing(wb: Wb, root: Path) -> dict[str, dict[str, Any]]:
+    """Run every form of the doctor; the tree under ``root`` is the same after each. The checks
+    of ``doctor --simulate --json``."""
+    before = _tree(root)
+    for form in DOCTOR_FORMS:
+        wb(*form)
+        assert _tree(root) == before, f"`wanbatch {' '.join(form)}` changed the files"
+    return {c["name"]: c for c in wb("doctor", "--simulate", "--json").json()["checks"]}
+
+
+def test_doctor_creates_nothing_with_the_default_database_and_output_folder(
+    wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, e2e_env: Path
+) -> None:
+    """In a new folder with neither WANBATCH_DATABASE_URL nor WANBATCH_OUTPUT_DIR, the doctor
+    left ./.wanbatch/wanbatch.db (and its folder) and ./outputs/ behind. It says instead that
+    the first command creates them, and creates nothing."""
+    monkeypatch.delenv("WANBATCH_DATABASE_URL")
+    monkeypatch.delenv("WANBATCH_OUTPUT_DIR")
+    work = e2e_env.resolve()
+    checks = _doctor_changes_nothing(wb, tmp_path)
+    assert list(work.iterdir()) == []
+    db = work / ".wanbatch" / "wanbatch.db"
+    assert checks["database"] == {
+        "name": "database",
+        "status": "ok",
+        "detail": f"sqlite:///.wanbatch/wanbatch.db: not created yet: the first command creates it at {db}",
+        "fix": None,
+    }
+    assert checks["output storage"] == {
+        "name": "output storage",
+        "status": "ok",
+        "detail": f"{work / 'outputs'}: not created yet: the first run creates it ({work} is writable)",
+        "fix": None,
+    }
+    code, plain, _ = _doctor(wb)
+    assert code == 0, plain
+    # As a user runs it: the console script, in the folder.
+    done = wanbatch("doctor", "--simulate")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list(work.iterdir()) == []
+    # And the first command does create the database where the doctor said.
+    assert wb("status").code == 0
+    assert db.is_file()
+
+
+def test_doctor_creates_nothing_at_a_database_and_output_folder_not_there_yet(
+    wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    root = tmp_path.resolve()
+    db = root / "state" / "deep" / "wanbatch.db"
+    out = root / "renders" / "deep"
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"sqlite:///{db}")
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(out))
+    checks = _doctor_changes_nothing(wb, tmp_path)
+    assert (checks["database"]["status"], checks["database"]["detail"]) == (
+        "ok",
+        f"sqlite:///{db}: not created yet: the first command creates it at {db}",
+    )
+    assert (checks["output storage"]["status"], checks["output storage"]["detail"]) == (
+        "ok",
+        f"{out}: not created yet: the first run creates it ({root} is writable)",
+    )
+    assert not (root / "state").exists()
+    assert not (root / "renders").exists()
+
+    # SQLite's URI form creates the file, not its folder: a missing folder fails, says why.
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"sqlite:///file:{db}")
+    checks = _doctor_changes_nothing(wb, tmp_path)
+    assert checks["database"]["status"] == "fail"
+    assert checks["database"]["detail"].endswith(
+        f"its folder {db.parent} does not exist (SQLite creates no folder)"
+    )
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"sqlite:///file:{root / 'uri.db'}")
+    checks = _doctor_changes_nothing(wb, tmp_path)
+    assert checks["database"]["status"] == "ok"
+    assert checks["database"]["detail"].endswith(
+        f"not created yet: the first command creates it at {root / 'uri.db'}"
+    )
+
+    # A read-only URL never creates the file: a missing one is a failure.
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"sqlite:///{root / 'ro.db'}?mode=ro")
+    checks = _doctor_changes_nothing(wb, tmp_path)
+    assert checks["database"]["status"] == "fail"
+    assert "does not exist, and mode=ro" in checks["database"]["detail"]
+    assert "WANBATCH_DATABASE_URL" in checks["database"]["fix"]
+
+
+def test_doctor_changes_nothing_in_an_existing_database_and_output_folder(
+    wb: Wb, sim: SimulatorHandle, tmp_path: Path
+) -> None:
+    """An existing database is read, not written: no -wal/-shm left, its permissions as they
+    were (the doctor tightened a world-readable one), its bytes the same; the output folder's
+    probe file is removed again."""
+    assert wb("status").code == 0  # creates and migrates the database
+    db = tmp_path / "wanbatch.db"
+    db.chmod(0o644)
+    (tmp_path / "outputs").mkdir()
+    checks = _doctor_changes_nothing(wb, tmp_path)
+    assert checks["database"]["detail"].endswith(f"reachable, schema {SCHEMA_HEAD} (current)")
+    assert checks["output storage"]["detail"] == f"{(tmp_path / 'outputs').resolve()} is writable"
+    assert stat.S_IMODE(db.stat().st_mode) == 0o644
+
+
+def test_a_database_or_output_folder_that_could_not_be_created_fails(
+    wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    root = tmp_path.resolve()
+    blocker = root / "blocker"
+    blocker.write_text("a file where a folder should be")
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"sqlite:///{blocker / 'state' / 'wanbatch.db'}")
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(blocker / "outputs"))
+    checks = _doctor_changes_nothing(wb, tmp_path)
+    database, storage = checks["database"], checks["output storage"]
+    assert database["status"] == storage["status"] == "fail"
+    assert database["detail"].endswith(f"cannot be created: {blocker} is a file, not a folder")
+    assert "WANBATCH_DATABASE_URL" in database["fix"]
+    assert storage["detail"] == (
+        f"WANBATCH_OUTPUT_DIR '{blocker / 'outputs'}' cannot be created: {blocker} is a file, not a folder"
+    )
+    assert "WANBATCH_OUTPUT_DIR" in storage["fix"]
+
+
+def test_a_folder_this_user_may_not_write_fails(
+    wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Not created yet, under a folder this user may not write to: the first command would
+    fail, so the doctor does. Run as a user sees it (root without its override, see
+    :func:`without_read_override`)."""
+    locked = tmp_path.resolve() / "locked"
+    locked.mkdir()
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"sqlite:///{locked / 'state' / 'wanbatch.db'}")
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(locked / "outputs"))
+    locked.chmod(0o555)
+    try:
+        before = _tree(tmp_path)
+        done = wanbatch("doctor", "--simulate", "--json", prefix=without_read_override())
+        assert _tree(tmp_path) == before
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == 1, done.stdout + done.stderr
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert checks["database"]["status"] == checks["output storage"]["status"] == "fail"
+    assert checks["database"]["detail"].endswith(f"cannot be created: {locked}: permission denied")
+    assert checks["output storage"]["detail"].endswith(f"cannot be created: {locked}: permission denied")

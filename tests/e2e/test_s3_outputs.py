@@ -169,6 +169,32 @@ def test_run_refuses_to_start_when_the_bucket_does_not_exist(
     assert _stored_jobs(tmp_path) == 0
 
 
+def test_doctor_checks_the_bucket_and_creates_no_staging_folder(
+    wb: Wb, sim: SimulatorHandle, s3: MotoS3, tmp_path: Path
+) -> None:
+    """The bucket takes the probe object (removed again), as before; the staging folder not
+    there yet is not created (the doctor creates nothing), only found creatable."""
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    staging = (tmp_path / "staging").resolve()
+    for form in (("doctor", "--json"), ("doctor", "--simulate", "--json")):
+        storage = next(c for c in wb(*form).json()["checks"] if c["name"] == "output storage")
+        assert storage == {
+            "name": "output storage",
+            "status": "ok",
+            "detail": f"{LOCATION} is writable; the staging folder {staging}: not created yet: "
+            f"the first run creates it ({tmp_path.resolve()} is writable)",
+            "fix": None,
+        }
+        assert not staging.exists()
+        assert keys(client, BUCKET) == []
+    staging.mkdir()
+    storage = next(c for c in wb("doctor", "--json").json()["checks"] if c["name"] == "output storage")
+    assert (storage["status"], storage["detail"]) == ("ok", f"{LOCATION} is writable")
+    assert list(staging.iterdir()) == []
+    assert keys(client, BUCKET) == []
+
+
 def test_run_refuses_to_start_when_the_storage_is_unreachable(
     wb: Wb, sim: SimulatorHandle, s3: MotoS3, examples_copy: Path
 ) -> None:
