@@ -121,8 +121,28 @@ def normalize_url(url: str | URL) -> URL:
             f"(supported: SQLite and PostgreSQL, e.g. {_URL_HELP})"
         )
     if parsed.get_backend_name() == "sqlite":
-        parsed = _sqlite_options(parsed)
+        parsed = _sqlite_options(_sqlite_home(parsed))
     return parsed
+
+
+def _sqlite_home(parsed: URL) -> URL:
+    """A SQLite path starting with ``~`` made the home folder's, as the folder settings are.
+
+    A ``.env`` file or a quoted value reaches wanbatch unexpanded; the file was prepared in the
+    home folder while SQLite, given the path as written, opened ``./~/…`` and failed. A ``~user``
+    whose home is unknown is a :class:`ConfigError` (it names a folder nobody meant).
+    """
+    database = parsed.database or ""
+    if not database.startswith("~"):
+        return parsed
+    try:
+        expanded = Path(database).expanduser()
+    except RuntimeError:  # pathlib's word for a home folder it cannot find
+        raise ConfigError(
+            f"WANBATCH_DATABASE_URL: the SQLite path starts with {database.split('/', 1)[0]!r}, whose home "
+            "folder is unknown: give the path in full"
+        ) from None
+    return parsed.set(database=str(expanded))
 
 
 #: Query options SQLAlchemy's pysqlite dialect takes itself (its ``create_connect_args``).

@@ -121,3 +121,34 @@ def test_a_bare_sqlite_error_while_opening_is_a_config_error(
     url = f"sqlite:///{tmp_path / 'wanbatch.db'}"
     with pytest.raises(ConfigError, match="cannot open the database: disk I/O error"):
         db.open_engine(DatabaseSettings(database_url=url))
+
+
+@pytest.mark.parametrize("query", ["", "?mode=ro"])
+def test_a_sqlite_path_starting_with_a_tilde_is_in_the_home_folder(
+    query: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sqlite:///~/x.db`` (from a .env file: no shell expands it) prepared ``$HOME/x.db`` while
+    SQLite opened ``./~/x.db`` and failed ("unable to open database file")."""
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    engine = make_engine("sqlite:///~/state/x.db")
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()
+    engine = make_engine(f"sqlite:///~/state/x.db{query}")
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM batches")).scalar() == 0
+    finally:
+        engine.dispose()
+    assert (home / "state" / "x.db").is_file()
+    assert not (elsewhere / "~").exists()
+
+
+def test_a_sqlite_path_of_an_unknown_users_home_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="'~no-such-user-wanbatch', whose home folder is unknown"):
+        make_engine("sqlite:///~no-such-user-wanbatch/x.db")
