@@ -18,7 +18,9 @@ instead of a traceback or an exhausted machine:
 
 Timestamps stay the text the user wrote (JSON has no date type, and a provider input is JSON), and
 so do YAML 1.1's base-60 numbers: ``aspect_ratio: 16:9`` means the text "16:9", not 969 (YAML 1.2
-dropped base 60 for exactly this reason).
+dropped base 60 for exactly this reason). Whole numbers are decimal only, as a CSV cell or a
+``--vary`` value reads them: ``0042`` is 42, not YAML 1.1's octal 34, and ``0x10`` or ``1_000``
+stay text.
 """
 
 from __future__ import annotations
@@ -153,10 +155,34 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."),
 )
 
+#: A whole number is decimal digits with an optional sign, and nothing else. YAML 1.1 (PyYAML)
+#: read ``0042`` and ``010`` as octal (34 and 8, with no word said), ``0x10`` as 16, ``0b11`` as
+#: 3, ``1_000`` as 1000 and ``1:30`` as base 60, while a CSV cell or a ``--vary`` value ``0042``
+#: is 42. Here leading zeros are decimal (``0042`` is 42, ``09`` is 9), as in YAML 1.2's core
+#: schema; every other spelling stays the text written, which a number field then refuses with
+#: its file, line, item and field. YAML 1.2's ``0x``/``0o`` forms are left out on purpose: CSV,
+#: JSONL and ``--vary`` have none, and the same text must be the same number everywhere.
+_DECIMAL = re.compile(r"[-+]?[0-9]+")
+_Loader.yaml_implicit_resolvers = {  # this class's own copy, without YAML 1.1's int resolver
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _TAG + "int"]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_TAG + "int", re.compile(f"^{_DECIMAL.pattern}$"), list("-+0123456789"))
+
+
+def _decimal_int(_: SafeConstructor, node: ScalarNode) -> int | str:
+    """A whole number written in decimal (leading zeros too); an explicit ``!!int`` of any other
+    spelling (``!!int 0x10``) stays text, as it would unmarked. ``ValueError`` beyond Python's
+    4,300 digits."""
+    text = str(node.value)
+    return int(text) if _DECIMAL.fullmatch(text) else text
+
+
 _SCALARS = SafeConstructor()
 _SCALAR_BUILDERS: dict[str, Callable[[SafeConstructor, ScalarNode], Any]] = {
     tag: SafeConstructor.yaml_constructors[tag] for tag in _SCALAR_TAGS
 }
+_SCALAR_BUILDERS[_TAG + "int"] = _decimal_int
 
 
 class _Builder:
@@ -219,7 +245,7 @@ class _Builder:
         except ValueError:  # more than Python's 4,300 digits for an int written in decimal
             value = None
             too_long = True
-        else:  # hex and octal get past Python's limit; refused all the same
+        else:  # 101 to 4,300 digits convert, and are refused all the same
             too_long = too_many_digits(value)
         if too_long:  # noted, and the document read on: the refusal can then name its field
             if len(self.too_long) < MAX_NUMBERS_LISTED:

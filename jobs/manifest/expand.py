@@ -244,8 +244,6 @@ class Manifest:
             if key == "endpoint":
                 continue
             if raw.from_csv:
-                if value == "":
-                    continue
                 value = csv_value(spec, key, value)
             base[key] = value
             origins.pop(key, None)

@@ -226,10 +226,9 @@ def csv_items(
                             allowed=whole_number_allowed(spec_for(fields.get("endpoint") or None), bad),
                         )
                     )
-                else:
-                    yield RawItem(
-                        index, display, line, dict(zip(names, row, strict=False)), {}, base_dir, True
-                    )
+                else:  # an empty cell is a field the row does not set (the endpoint too)
+                    cells = {name: cell for name, cell in zip(names, row, strict=False) if cell != ""}
+                    yield RawItem(index, display, line, cells, {}, base_dir, True)
                 index += 1
         except (csv.Error, UnicodeDecodeError) as exc:
             sink.append(row_issue(display, last + 1, index, f"unreadable CSV ({exc}); reading stopped"))

@@ -45,7 +45,11 @@ class JobSpec:
 
 @dataclass(slots=True)
 class RawItem:
-    """One item as written (an ``items`` entry or an ``items_from`` row), before expansion."""
+    """One item as written (an ``items`` entry or an ``items_from`` row), before expansion.
+
+    ``fields`` are the fields the item sets: a CSV row's empty cells are not among them (an
+    empty cell means "absent"), so an empty ``endpoint`` cell is the manifest's endpoint and an
+    empty ``seed`` cell no field the matrix overrides."""
 
     index: int
     source: str

@@ -1,5 +1,5 @@
 """Whole numbers too long for Python's int/str conversion (4,300 digits) or for a float, in
-every place a number comes from: YAML (decimal and hex), ``items_from`` JSONL and CSV, and
+every place a number comes from: YAML (leading zeros too), ``items_from`` JSONL and CSV, and
 ``--vary``. Each was an internal error (exit 70); each is now a located validation error."""
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from jobs.vary import checked_values, parse_vary
 from jobs.yaml_lines import YamlProblem, load_located
 
 BIG = "9" * 5000
+#: Octal in YAML 1.1; decimal now, and too long all the same (hex is text, see below).
+ZEROS = "0" + "7" * 4000
 HEX = "0x" + "f" * 4000
 HEAD = "name: x\nendpoint: fal-ai/wan-22\n"
 
@@ -34,7 +36,7 @@ SEED_ALLOWED = "an integer from 0 to 18446744073709551615"
 
 
 @pytest.mark.parametrize(
-    "written", [BIG, HEX, "1" + "0" * 400, "-" + BIG], ids=["dec", "hex", "10**400", "neg"]
+    "written", [BIG, ZEROS, "1" + "0" * 400, "-" + BIG], ids=["dec", "zeros", "10**400", "neg"]
 )
 def test_yaml_refuses_a_whole_number_of_too_many_digits_at_its_line(written: str) -> None:
     with pytest.raises(YamlProblem) as refused:
@@ -47,11 +49,11 @@ def test_yaml_refuses_a_whole_number_of_too_many_digits_at_its_line(written: str
     "body",
     [
         f"items:\n  - prompt: a\n    seed: {BIG}\n",
-        f"items:\n  - prompt: a\n    seed: {HEX}\n",
-        f"items:\n  - prompt: a\n    foo: {HEX}\n",
+        f"items:\n  - prompt: a\n    seed: {ZEROS}\n",
+        f"items:\n  - prompt: a\n    foo: {ZEROS}\n",
         f"items:\n  - prompt: a\n    guidance_scale: 1{'0' * 400}\n",
         f"budget:\n  max_usd: 1{'0' * 400}\nitems:\n  - prompt: a\n",
-        f"matrix:\n  seed: [1, {HEX}]\nitems:\n  - prompt: a\n",
+        f"matrix:\n  seed: [1, {ZEROS}]\nitems:\n  - prompt: a\n",
     ],
 )
 def test_a_manifest_with_such_a_number_is_a_located_error(tmp_path: Path, body: str) -> None:
@@ -59,6 +61,16 @@ def test_a_manifest_with_such_a_number_is_a_located_error(tmp_path: Path, body: 
     assert len(errors) == 1
     assert "m.yaml:" in errors[0]
     assert TOO_MANY_DIGITS in errors[0]
+
+
+def test_a_long_hex_is_text_that_an_integer_field_refuses_at_its_line(tmp_path: Path) -> None:
+    """YAML 1.1 read ``0x…`` as a number (and its digits were counted); a manifest reads whole
+    numbers in decimal only, so it is text, never converted, and refused as such."""
+    root, _ = load_located(f"a: 1\nb: {HEX}\n")
+    assert root["b"] == HEX
+    (issue,) = issues_of(tmp_path, HEAD + f"items:\n  - prompt: a\n    seed: {HEX}\n")
+    assert (issue.line, issue.item, issue.field) == (5, 0, "seed")
+    assert issue.message.startswith("expected an integer, got text '0xfff")
 
 
 def test_an_integer_field_without_a_maximum_still_refuses_what_no_provider_takes(tmp_path: Path) -> None:
@@ -119,7 +131,7 @@ def test_jsonl_rows_too_deep_or_with_a_lone_surrogate_are_located_errors(
         # (line, item, field, allowed): it said the file and line only.
         (f"items:\n  - prompt: a\n    seed: {'1' * 150}\n", (5, 0, "seed", SEED_ALLOWED)),
         (f"items:\n  - prompt: a\n  - prompt: b\n    seed: {BIG}\n", (6, 1, "seed", SEED_ALLOWED)),
-        (f"items:\n  - {{prompt: a, num_frames: {HEX}}}\n", (4, 0, "num_frames", "an integer from 81 to")),
+        (f"items:\n  - {{prompt: a, num_frames: {ZEROS}}}\n", (4, 0, "num_frames", "an integer from 81 to")),
         (f"defaults:\n  seed: {BIG}\nitems:\n  - prompt: a\n", (4, None, "defaults.seed", SEED_ALLOWED)),
         (f"matrix:\n  seed: [1, {BIG}]\nitems:\n  - prompt: a\n", (4, None, "matrix.seed[1]", SEED_ALLOWED)),
         (
@@ -131,7 +143,7 @@ def test_jsonl_rows_too_deep_or_with_a_lone_surrogate_are_located_errors(
             (5, 0, "foo.bar[0]", "a whole number of at most 100 digits"),
         ),
     ],
-    ids=["seed-150", "second-item", "hex", "defaults", "matrix", "budget", "nested"],
+    ids=["seed-150", "second-item", "zeros", "defaults", "matrix", "budget", "nested"],
 )
 def test_a_yaml_number_of_too_many_digits_names_its_item_and_field(
     tmp_path: Path, body: str, where: tuple[int, int | None, str, str]

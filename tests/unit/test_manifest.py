@@ -387,6 +387,53 @@ def test_csv_cells_are_coerced_by_field_type(folder: Path) -> None:
     assert (first.line, second.line) == (2, 3)
 
 
+def test_an_empty_csv_endpoint_cell_means_the_top_level_endpoint(folder: Path) -> None:
+    """An empty cell means "absent", the endpoint's too: it was "the item's endpoint is empty"."""
+    (folder / "rows.csv").write_text("prompt,seed,endpoint\nhi,3,fal-ai/wan-22\nho,4,\n")
+    path = write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.csv\n")
+    report = validate_manifest(path)
+    assert report.ok, [str(i) for i in report.issues]
+    assert report.issues == []
+    assert [(j.endpoint, j.input) for j in jobs_of(path)] == [
+        ("fal-ai/wan-22", {"prompt": "hi", "seed": 3}),
+        ("fal-ai/wan-22", {"prompt": "ho", "seed": 4}),
+    ]
+
+
+def test_an_empty_csv_endpoint_cell_without_a_top_level_endpoint_says_none_is_set(folder: Path) -> None:
+    (folder / "rows.csv").write_text("prompt,endpoint\nho,\n")
+    (error,) = validate_manifest(write(folder, "name: x\nitems_from: rows.csv\n")).errors
+    assert (error.line, error.item, error.field) == (2, 0, "endpoint")
+    assert error.message.startswith("no endpoint")
+
+
+@pytest.mark.parametrize("body", ["  - {prompt: a, endpoint: ''}\n", "  - {prompt: a, endpoint: }\n"])
+def test_an_explicit_empty_endpoint_in_yaml_is_still_an_error(folder: Path, body: str) -> None:
+    path = write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems:\n" + body)
+    (error,) = validate_manifest(path).errors
+    assert (error.line, error.item, error.field) == (4, 0, "endpoint")
+    assert "the item's endpoint is empty" in error.message
+
+
+def test_an_explicit_empty_endpoint_in_jsonl_is_still_an_error(folder: Path) -> None:
+    (folder / "rows.jsonl").write_text('{"prompt": "a", "endpoint": ""}\n')
+    path = write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.jsonl\n")
+    (error,) = validate_manifest(path).errors
+    assert "the item's endpoint is empty" in error.message
+
+
+def test_an_empty_csv_seed_cell_is_no_seed_the_matrix_overrides(folder: Path) -> None:
+    """The warning "the item sets seed, which the matrix also sets" came for every row whose seed
+    cell was empty; only a row that does set a seed gets it."""
+    (folder / "rows.csv").write_text("prompt,seed\nhi,\nho,5\n")
+    path = write(folder, "name: x\nendpoint: fal-ai/wan-22\nmatrix: {seed: [1, 2]}\nitems_from: rows.csv\n")
+    report = validate_manifest(path)
+    assert report.ok
+    assert [(w.line, w.item, w.field) for w in report.issues] == [(3, 1, "seed")]
+    assert "which the matrix also sets" in report.issues[0].message
+    assert [j.input["seed"] for j in jobs_of(path)] == [1, 2, 1, 2]
+
+
 def test_csv_extra_cells_are_refused(folder: Path) -> None:
     (folder / "rows.csv").write_text("prompt\na,b\n")
     report = validate_manifest(write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.csv\n"))
