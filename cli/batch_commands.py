@@ -610,9 +610,10 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
     """The id of the stored batch ``run REF`` names when REF is no file (None: treat it as a manifest).
 
     ``run BATCH`` resumes a batch that has no manifest of its own to run again (an interrupted
-    ``rerun``). Only a bare name is looked up, so a mistyped manifest path still gets the
-    manifest's "file not found", and no database is created for it. A bare name that names no
-    batch was refused already (:func:`_refuse_unknown_ref`).
+    ``rerun``); never one ``wanbatch cancel`` ended (:func:`jobs.batches.refuse_cancelled`). Only
+    a bare name is looked up, so a mistyped manifest path still gets the manifest's "file not
+    found", and no database is created for it. A bare name that names no batch was refused
+    already (:func:`_refuse_unknown_ref`).
     """
     if not _may_name_a_batch(ref):
         return None
@@ -623,6 +624,7 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
         target = store.get_batch(session, str(ref))
         # Refusals first: a refused command (exit 2) has changed nothing.
         batches.refuse_other_way(target, simulated=_simulator is not None)
+        batches.refuse_cancelled(session, target, manifest=False)
         batches.refuse_paused(session, target)
         if target.state == BatchState.PAUSED:  # running it again is the user saying "go on"
             store.resume_batch(session, target.id)

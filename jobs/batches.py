@@ -469,7 +469,8 @@ def submit_manifest(
     submitting again with a lower, higher or no ``budget.max_usd`` changes the stored cap (and
     the result says so in ``budget_changed``); so do its current ``schedule`` and ``priority``
     (``schedule_changed``), and ``reuse_outputs``. A user's ``wanbatch pause`` is left as it is:
-    only ``resume`` ends it.
+    only ``resume`` ends it. A batch ``wanbatch cancel`` ended is refused (:func:`refuse_cancelled`)
+    and nothing is stored: its new jobs would only be cancelled.
 
     ``simulated`` (``--simulate``): the batch is a simulation, stored apart from any batch of
     the same name sent to fal (:func:`jobs.store.name_for_batch`). ``refuse_paused_batch``
@@ -497,6 +498,8 @@ def submit_manifest(
             manifest_text=manifest.text,
             simulated=simulated,
         )
+        if not created:  # raised inside the transaction: nothing is stored
+            refuse_cancelled(session, batch, manifest=True)
         budget_changed = None if created else _apply_budget(session, batch, manifest.budget_max_usd)
         if not created and (batch.manifest_text, batch.manifest_sha256) != (manifest.text, manifest.sha256):
             # Provenance: the batch keeps the manifest it was last submitted from.
@@ -1090,6 +1093,33 @@ def paused_line(name: str, ref: str) -> str:
         f"batch {name} is paused (`wanbatch pause`): nothing of it is sent until "
         f"`wanbatch resume {ref}`; then run this command again to go on"
     )
+
+
+def cancelled_line(session: Session, batch: Batch, *, manifest: bool) -> str:
+    """What ``submit`` and ``run`` say of a batch ``wanbatch cancel`` ended: cancelled for good,
+    and the ways on (a rerun of its jobs as a new batch; for a manifest, a new ``name``).
+
+    While jobs of it are still being cancelled (an interrupted ``cancel``, or workers still at
+    it), ``rerun --failed-only`` would leave them out: the line says ``cancel`` finishes them."""
+    ref = shell_ref(batch.name, batch.id)
+    simulate = " --simulate" if batch.simulated else ""
+    line = f"batch {batch.name} is cancelled (`wanbatch cancel`) and cannot be resumed; "
+    if unfinished := store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id):
+        line += (
+            f"{unfinished} job(s) of it are still being cancelled (`wanbatch cancel {ref}{simulate}` "
+            "finishes that), then "
+        )
+    line += f"`wanbatch rerun {ref} --failed-only{simulate}` runs what failed or was cancelled again"
+    line += " as a new batch"
+    return line + (" (or give the manifest a new `name`)" if manifest else "")
+
+
+def refuse_cancelled(session: Session, batch: Batch, *, manifest: bool) -> None:
+    """``submit`` or ``run`` of a batch ``wanbatch cancel`` ended: a :class:`UsageError` (exit 2),
+    raised before anything changes. A cancel is for good: the jobs a new submit added were
+    cancelled "by user" at once (:mod:`worker.steps.reconcile`), and a run sent nothing."""
+    if batch.state == BatchState.CANCELLED:
+        raise UsageError(cancelled_line(session, batch, manifest=manifest))
 
 
 def refuse_paused(session: Session, batch: Batch) -> None:

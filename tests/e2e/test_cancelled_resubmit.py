@@ -1,0 +1,123 @@
+"""`submit` and `run` of a batch `wanbatch cancel` ended are refused: a cancel is for good.
+
+Submitting the edited manifest of a cancelled batch said "updated: … 1 new" with no warning, and
+the run that followed cancelled the new job at once ("cancelled by user", exit 1); running the
+unchanged manifest sent nothing and exited 1. Now both say the batch is cancelled and the ways on
+(a rerun as a new batch, or a new `name`): exit 2, one line, nothing stored, nothing sent.
+
+Embedded SQLite mode, the real click group in process, against the bundled simulator.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import update
+
+from falsim.server import SimulatorHandle
+from jobs import db, store
+from jobs.models import Batch, BatchState, Job
+from jobs.settings import get_settings
+from jobs.states import JobState
+from tests.e2e.e2e_helpers import MakeManifest, Wb
+
+NIGHT = """\
+name: night
+endpoint: fal-ai/wan-i2v
+defaults:
+  resolution: 480p
+  num_frames: 81
+matrix:
+  seed: [{seeds}]
+items:
+  - prompt: Clouds drifting past the peak
+    image_url: images/landscape.jpg
+"""
+
+CANCELLED = (
+    "batch night is cancelled (`wanbatch cancel`) and cannot be resumed; `wanbatch rerun night "
+    "--failed-only{simulate}` runs what failed or was cancelled again as a new batch"
+)
+#: What `submit` and `run` of the manifest add: a new `name` submits it as a new batch.
+NEW_NAME = " (or give the manifest a new `name`)"
+
+
+def _totals(wb: Wb, batch: str) -> tuple[int, dict[str, int]]:
+    report = wb("status", batch, "--json").json()
+    return report["total"], {state: n for state, n in report["counts"].items() if n}
+
+
+def test_submit_and_run_of_a_cancelled_batch_are_refused(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    path = manifest("night", NIGHT.format(seeds="1, 2"))
+    assert wb("submit", path).code == 0
+    assert wb("cancel", "night", "--no-progress").code == 1  # both jobs cancelled, never sent
+    path.write_text(NIGHT.format(seeds="1, 2, 3"), encoding="utf-8")  # one job more
+
+    line = CANCELLED.format(simulate="") + NEW_NAME
+    submitted = wb("submit", path)
+    assert submitted.code == 2
+    assert (submitted.stdout, submitted.stderr.strip().splitlines()) == ("", [f"error: {line}"])
+    as_json = wb("submit", path, "--json")
+    assert as_json.code == 2
+    assert as_json.json() == {"ok": False, "error": line}
+
+    ran = wb("run", path, "--no-progress", "--json")
+    assert ran.code == 2
+    assert ran.json() == {"ok": False, "error": line}
+
+    path.write_text(NIGHT.format(seeds="1, 2"), encoding="utf-8")  # the manifest as it was cancelled
+    unchanged = wb("run", path, "--no-progress")
+    assert unchanged.code == 2
+    assert unchanged.stderr.strip().splitlines() == [f"error: {line}"]
+
+    by_name = wb("run", "night", "--no-progress")  # no manifest to rename: the rerun only
+    assert by_name.code == 2
+    assert by_name.stderr.strip().splitlines() == [f"error: {CANCELLED.format(simulate='')}"]
+
+    assert _totals(wb, "night") == (2, {"cancelled": 2})  # the new job was never stored
+    assert sim.ledger()["accepted"] == 0
+
+    # The ways on that the line names go on.
+    rerun = wb("rerun", "night", "--failed-only", "--no-progress", "--json")
+    assert rerun.code == 0, rerun.stderr
+    assert (rerun.json()["name"], rerun.json()["counts"]["succeeded"]) == ("night-rerun-1", 2)
+    path.write_text(NIGHT.format(seeds="1, 2, 3").replace("name: night", "name: morning"), encoding="utf-8")
+    renamed = wb("run", path, "--no-progress", "--json")
+    assert renamed.code == 0, renamed.stderr
+    assert renamed.json()["counts"]["succeeded"] == 3
+
+
+def test_a_cancelled_simulation_is_refused_with_simulate_in_the_hint(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    path = manifest("night", NIGHT.format(seeds="1, 2"))
+    assert wb("run", path, "--simulate", "--no-progress").code == 0
+    with db.session_scope(db.open_engine(get_settings())) as session:  # a run stopped before its last job
+        batch_id = store.get_batch(session, "night").id
+        first = next(iter(store.jobs_of_batch(session, batch_id))).id
+        session.execute(update(Job).where(Job.id == first).values(state=JobState.PENDING))
+    assert wb("cancel", "night", "--simulate", "--no-progress").code == 1
+
+    path.write_text(NIGHT.format(seeds="1, 2, 3"), encoding="utf-8")
+    ran = wb("run", path, "--simulate", "--no-progress", "--json")
+    assert ran.code == 2
+    assert ran.json() == {"ok": False, "error": CANCELLED.format(simulate=" --simulate") + NEW_NAME}
+    assert _totals(wb, "night") == (2, {"succeeded": 1, "cancelled": 1})
+
+
+def test_a_cancel_still_under_way_is_named_first(wb: Wb, manifest: MakeManifest) -> None:
+    """Cancelled while its jobs were not all ended yet (an interrupted `cancel`, workers at it):
+    `rerun --failed-only` would leave those out, so the line says `cancel` finishes them first."""
+    path = manifest("night", NIGHT.format(seeds="1, 2"))
+    assert wb("submit", path).code == 0
+    with db.session_scope(db.open_engine(get_settings())) as session:  # what `cancel` records first
+        session.execute(update(Batch).where(Batch.name == "night").values(state=BatchState.CANCELLED))
+
+    submitted = wb("submit", path, "--json")
+    assert submitted.code == 2
+    assert submitted.json()["error"] == (
+        "batch night is cancelled (`wanbatch cancel`) and cannot be resumed; 2 job(s) of it are still "
+        "being cancelled (`wanbatch cancel night` finishes that), then `wanbatch rerun night "
+        "--failed-only` runs what failed or was cancelled again as a new batch" + NEW_NAME
+    )
+    assert _totals(wb, "night") == (2, {"pending": 2})
