@@ -6,6 +6,7 @@ functions, so "what `submit` does" has exactly one definition.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,7 @@ from jobs.errors import (
 )
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.manifest.expand import Manifest
+from jobs.media import MediaKind, classify
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import too_much_usd, usd_json, usd_text
 from jobs.pricing import Totals, estimate_job
@@ -1316,6 +1318,17 @@ def rerun_batch(
     value is checked against each endpoint's schema before the batch is stored: a bad one is a
     one-line :class:`UsageError` and nothing is stored. When no job qualifies (``failed_only``
     on a batch where every job succeeded) nothing is stored either: :class:`NothingToRerun`.
+
+    Variants: without ``vary`` (or with one combination) each job keeps its parent's ``variant``,
+    its place in the manifest, which ``diff`` pairs batches of one manifest by. With several
+    combinations they are numbered anew, densely per item (0, 1, … in the parent's order, then
+    the combinations'): numbers derived from the parent's would multiply with every generation
+    of reruns. ``rerun_of`` keeps each job's link to the job it repeats.
+
+    Every local file the jobs send must still hold the bytes whose SHA-256 the parent recorded
+    (``source_files``); otherwise every job would fail at submission (``input_file``) and each
+    later rerun too, since it copies the same record: a :class:`UsageError` names each such file
+    and nothing is stored (see :func:`_changed_sources`).
     """
     if new_seeds and any(v.field == "seed" for v in vary):
         raise UsageError("--new-seeds and --vary seed=… both choose the seeds: give only one of them")
@@ -1338,7 +1351,9 @@ def rerun_batch(
                 elif stored.get("seed") is None and not job.state.terminal:
                     unseeded.append(job.item_index)
                 combos = sweep.combos(spec)  # checked for this endpoint on first use
-                for number, combo in enumerate(combos):
+                if len(combos) > 1:
+                    swept.add(job.item_index)
+                for combo in combos:
                     resolved = {**stored, **combo}
                     yield _new_job(
                         job.endpoint,
@@ -1346,22 +1361,26 @@ def rerun_batch(
                         job_key(spec, resolved, digests),
                         resolved,
                         settings,
-                        # One per combination within the item, in the parent's order (a plain
-                        # rerun keeps the parent's variants); media fields are never varied,
-                        # so where the files came from carries over.
-                        variant=job.variant * len(combos) + number,
+                        # The parent's place in the manifest; a swept item's jobs are
+                        # numbered anew below (_placed). Media fields are never varied, so
+                        # where the files came from carries over.
+                        variant=job.variant,
                         source_files=job.source_files,
                         rerun_of=job.id,
                     )
 
         # Built (and the varied values checked) before the batch row exists: a bad value
         # leaves nothing stored.
+        swept: set[int] = set()  # items whose jobs --vary repeats more than once
         rows = list(new_jobs())
         if not rows:
             raise NothingToRerun(_nothing_to_rerun(session, parent, failed_only))
         if unseeded:
             raise UsageError(_still_running(parent, len(unseeded)))
-        rows, warnings = _once_each(rows)
+        changed = _changed_sources(rows, Path(parent.manifest_path).parent)
+        if changed:
+            raise UsageError(_sources_changed(parent, changed))
+        rows, warnings = _placed(rows, swept)
         name = _rerun_name(session, parent)
         batch, created = store.get_or_create_batch(
             session,
@@ -1417,9 +1436,14 @@ def _still_running(batch: Batch, count: int) -> str:
     )
 
 
-def _once_each(rows: list[store.NewJob]) -> tuple[list[store.NewJob], list[str]]:
-    """The rerun's jobs with each exact input once, and a warning when ``--vary`` made some
-    the same as others (``--vary seed=1..2`` over jobs already sweeping those seeds)."""
+def _placed(rows: list[store.NewJob], swept: set[int]) -> tuple[list[store.NewJob], list[str]]:
+    """The rerun's jobs with each exact input once, the jobs of ``swept`` items numbered
+    0, 1, … within their item in order, and a warning when ``--vary`` made some the same as
+    others (``--vary seed=1..2`` over jobs already sweeping those seeds).
+
+    Dense numbers keep ``variant`` as small as the batch: the product of the parent's number
+    and the combination count grew with every generation of reruns until the database refused
+    it. Items not swept keep the parent's numbers (their place in the manifest)."""
     kept: dict[str, store.NewJob] = {}
     repeats: list[store.NewJob] = []
     for row in rows:
@@ -1427,12 +1451,96 @@ def _once_each(rows: list[store.NewJob]) -> tuple[list[store.NewJob], list[str]]
             repeats.append(row)
         else:
             kept[row.key] = row
+    placed: list[store.NewJob] = []
+    taken: dict[int, int] = {}  # item → how many of its swept jobs are numbered
+    for row in kept.values():
+        if row.item_index in swept:
+            number = taken.get(row.item_index, 0)
+            taken[row.item_index] = number + 1
+            row = replace(row, variant=number)
+        placed.append(row)
     if not repeats:
-        return rows, []
+        return placed, []
     first = repeats[0]
-    twin = kept[first.key]
-    return list(kept.values()), [
+    twin = next(row for row in placed if row.key == first.key)
+    return placed, [
         f"{len(repeats)} of the rerun's {len(rows)} jobs repeat another one's exact input and are "
-        f"stored once (e.g. item {first.item_index} variant {first.variant} is item "
-        f"{twin.item_index} variant {twin.variant}); {len(kept)} jobs in all"
+        f"stored once (e.g. one of item {first.item_index}'s is item {twin.item_index} variant "
+        f"{twin.variant}); {len(placed)} jobs in all"
     ]
+
+
+def _changed_sources(rows: Iterable[store.NewJob], folder: Path) -> list[str]:
+    """One line per local file the rerun's jobs would send whose bytes are not the ones the
+    parent recorded (``source_files``): ``images/car.png: changed (…)``, ``…: missing``.
+
+    The path is shown relative to the manifest's ``folder`` (absolute when outside it). Each
+    file is read once, directly (as the submit step reads it, with no cache to be fooled by a
+    same-size rewrite). Only local paths with a recorded SHA-256 are checked: URLs are not
+    fetched here, data URIs carry their bytes, and jobs stored before hashes were recorded have
+    nothing to compare with (the submit step does not check those either).
+
+    Why refuse rather than resend the bytes the parent's jobs sent (``jobs.submitted_input``,
+    a data URI for a small file)? Only some jobs have them: a file above the inline limit went
+    as a fal storage URL whose content wanbatch cannot check (and fal may expire), and jobs
+    never sent (cancelled by a cap or a deadline, what ``--failed-only`` reruns) recorded
+    nothing. The rerun would be a mix of reproduced jobs and failures, its stored input a
+    multi-megabyte data URI whose job key no longer matches the parent's, while the folder holds
+    a file the user changed on purpose, maybe. The user decides instead: the original back, or
+    a new batch for the new image.
+    """
+    recorded: dict[str, set[str]] = {}  # path → the SHA-256 values the jobs recorded for it
+    for row in rows:
+        for fld in get_endpoint(row.endpoint).media_fields:
+            value = row.input.get(fld.name)
+            source = (row.source_files or {}).get(fld.name)
+            digest = source.get("sha256") if isinstance(source, dict) else None
+            if isinstance(value, str) and isinstance(digest, str) and classify(value) is MediaKind.PATH:
+                recorded.setdefault(value, set()).add(digest)
+    base = folder.resolve()
+    lines = []
+    for value, digests in recorded.items():
+        problem = _source_problem(Path(value), digests)
+        if problem is not None:
+            path = Path(value)
+            shown = str(path.relative_to(base)) if path.is_relative_to(base) else value
+            lines.append(f"{shown}: {problem}")
+    return lines
+
+
+def _source_problem(path: Path, recorded: set[str]) -> str | None:
+    """What keeps ``path`` from holding the bytes ``recorded`` (one SHA-256, or several when the
+    parent's jobs were made from different versions of it), else None."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return "cannot be resolved (a symlink loop?)"
+    if real != path:  # stored fully resolved: a symlink appeared since
+        return f"now leads to {real} (a symlink appeared since the batch was submitted)"
+    if not path.exists():
+        return "missing (deleted or moved since the batch was submitted)"
+    if not path.is_file():
+        return "no longer a file"
+    try:
+        with path.open("rb") as fh:
+            now = hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if recorded == {now}:
+        return None
+    then = ", ".join(sorted(f"{d[:12]}…" for d in recorded - {now}))
+    return f"changed since the batch was submitted (SHA-256 {then} then, {now[:12]}… now)"
+
+
+def _sources_changed(parent: Batch, lines: list[str]) -> str:
+    """Why a rerun of ``parent`` is refused: its first line says what to do (``--json`` shows
+    that line only), then one line per file."""
+    one = len(lines) == 1
+    files = "1 source file differs" if one else f"{len(lines)} source files differ"
+    return (
+        f"cannot rerun batch {parent.name}: {files} from what its jobs were validated with, so "
+        f"every job that sends {'it' if one else 'one of them'} would fail; nothing was stored. "
+        "Put the original file back to "
+        "reproduce the batch, or submit the edited manifest as a new batch (another `name:`) to "
+        "render the new image:\n" + "\n".join(f"  {line}" for line in lines)
+    )
