@@ -138,8 +138,28 @@ def _internal_error(exc: BaseException) -> NoReturn:
     except OSError:
         pass
     text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    print(f"internal error: {mask_urls(redact_text(text))}; please report it{where}", file=sys.stderr)
-    sys.exit(EXIT_INTERNAL)
+    _fail(f"internal error: {mask_urls(redact_text(text))}; please report it{where}", EXIT_INTERNAL)
+
+
+def _json_requested(args: list[str]) -> bool:
+    """Whether the command line asks for ``--json`` (before a ``--``)."""
+    options = args[: args.index("--")] if "--" in args else args
+    return "--json" in options
+
+
+def _fail(line: str, code: int, *, prefix: str = "") -> NoReturn:
+    """End the process with ``line`` on stderr and exit ``code``; with ``--json`` also the
+    contract's ``{"ok": false, "error": …}`` on stdout, so a script reading stdout learns of a
+    usage mistake or a bug as it learns of any other error, instead of reading nothing. ``prefix``
+    (``error: ``) is for the terminal only, as in :func:`cli.output.fail`."""
+    print(prefix + line, file=sys.stderr)
+    if _json_requested(sys.argv[1:]):
+        import json
+
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.write(json.dumps({"ok": False, "error": line}, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+    sys.exit(code)
 
 
 #: Options that make any command print and exit before it runs (click's eager options).
@@ -200,29 +220,23 @@ def _main() -> None:
         _interrupt_normally()
         code = cli.main(prog_name="wanbatch", standalone_mode=False)
     except KeyboardInterrupt:  # between the two handlers, outside click's own catching
-        print("interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        _fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:  # the reader went away (`wanbatch export B | head`): nothing to say
         _stdout_to_devnull()
         sys.exit(1)
     except click.UsageError as exc:  # unknown option, missing argument, bad value
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-        print(f"error: {exc.format_message().rstrip('.')}{hint}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _fail(f"{exc.format_message().rstrip('.')}{hint}", exc.exit_code, prefix="error: ")
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _fail(exc.format_message(), exc.exit_code, prefix="error: ")
     except click.Abort as exc:
         if isinstance(exc.__context__, KeyboardInterrupt):  # SIGINT raised (a caller's handler)
-            print("interrupted", file=sys.stderr)
-            sys.exit(EXIT_INTERRUPTED)
-        print("Aborted!", file=sys.stderr)
-        sys.exit(1)
+            _fail("interrupted", EXIT_INTERRUPTED)
+        _fail("Aborted!", 1)
     except OSError as exc:  # a path nothing before explained (outside guarded: a callback, an option)
         if (usage := path_failure(exc)) is None:
             _internal_error(exc)
-        print(f"error: {printable(str(usage))}", file=sys.stderr)
-        sys.exit(usage.exit_code)
+        _fail(printable(str(usage)), usage.exit_code, prefix="error: ")
     except Exception as exc:  # the safety net: a bug still gets one line, not a traceback
         _internal_error(exc)
     sys.exit(code if isinstance(code, int) else EXIT_OK)

@@ -1,0 +1,63 @@
+"""With ``--json``, every way a command can fail prints the contract's ``{"ok": false, "error": …}``.
+
+A command's own errors always did (:func:`cli.output.fail`); a usage mistake click caught, a path
+nothing explained or a bug (exit 70) printed only their line on stderr, so a script reading a
+command's stdout read nothing at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+import cli
+
+
+def _main(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(sys, "argv", ["wanbatch", *argv])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    return int(ended.value.code or 0)
+
+
+def _boom(*_args: object, **_kwargs: object) -> NoReturn:
+    raise RuntimeError("boom")
+
+
+def test_a_usage_mistake_under_json_is_a_json_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _main(["status", "--json", "--bogus"], monkeypatch) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {
+        "ok": False,
+        "error": "No such option '--bogus' (see `wanbatch status --help`)",
+    }
+    assert err == "error: No such option '--bogus' (see `wanbatch status --help`)\n"
+
+
+def test_without_json_stdout_stays_empty(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _main(["status", "--bogus", "--", "--json"], monkeypatch) == 2  # after --: an argument
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: No such option '--bogus'")
+
+
+def test_an_internal_error_under_json_is_a_json_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the crash report goes there
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setattr(cli.cli, "main", _boom)
+    assert _main(["status", "--json"], monkeypatch) == 70
+    out, err = capsys.readouterr()
+    error = json.loads(out)["error"]
+    assert error.startswith("internal error: RuntimeError: boom; please report it (details in ")
+    assert err == error + "\n"
+    assert list(tmp_path.glob("wanbatch-crash-*.txt"))
