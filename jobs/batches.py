@@ -1393,6 +1393,9 @@ def rerun_batch(
             schedule=_rerun_schedule(parent),
             manifest_text=parent.manifest_text,  # provenance: the manifest the jobs came from
             simulated=simulated,
+            rerun_options=rerun_options(
+                failed_only=failed_only, new_seeds=new_seeds, max_usd=max_usd, vary=vary
+            ),
         )
         if not created:  # another rerun took the free name at the same moment (PostgreSQL)
             raise UsageError(
@@ -1400,6 +1403,20 @@ def rerun_batch(
             )
         added, existing = store.add_jobs(session, batch.id, rows)
         return _submitted(session, batch, created, added, existing, warnings)
+
+
+def rerun_options(
+    *, failed_only: bool, new_seeds: bool, max_usd: Decimal | None, vary: Sequence[Vary]
+) -> dict[str, Any]:
+    """What a rerun batch stores of the options that made it (``batches.rerun_options``): enough
+    to write the command again (an ``hf`` export's dataset card shows it). ``max_usd`` only when
+    given (the batch's own cap is ``budget_max_usd``), ``vary`` as typed, in order."""
+    return {
+        "failed_only": failed_only,
+        "new_seeds": new_seeds,
+        "max_usd": None if max_usd is None else str(max_usd),
+        "vary": [v.text for v in vary],
+    }
 
 
 def _rerun_schedule(parent: Batch) -> Schedule | None:

@@ -19,9 +19,14 @@ filesystem, else copies; outputs in S3 are downloaded, each checked against its 
 SHA-256), ``metadata.jsonl`` (``file_name``, the video's path relative to DIR,
 then every export field, exactly as the JSONL export has them: ``seed_text`` is the seed those
 loaders read exactly, as they make ``seed`` float64 when one exceeds int64), the batch's manifest as
-``manifest.<ext>`` when it is still readable, and a ``README.md`` dataset card (counts,
-endpoints, cost, how it was made). Only succeeded jobs by default; ``include_failed`` adds the
-failed and cancelled ones with ``file_name: null`` (jobs still in flight are never exported).
+``manifest.<ext>`` (the text stored with the batch, which its jobs were made from; for a batch
+stored before that text was kept, the file when it is still readable), and a ``README.md``
+dataset card (counts, endpoints, cost, how it was made: ``wanbatch run``, or for a rerun its
+parent and the ``wanbatch rerun`` command with its options). Every file gets the user's usual
+mode (0666 less the umask; folders 0777 less it); a video is hard-linked only when the stored
+output is as readable, else copied (see :func:`_place_video`). Only succeeded jobs by default;
+``include_failed`` adds the failed and cancelled ones with ``file_name: null`` (jobs still in
+flight are never exported).
 The folder is built as a hidden sibling (``.DIR.*.part``) and renamed into place at the end, so
 a failed export never leaves a half dataset under the target name (nor the parent folders it
 created for it); an existing non-empty DIR is refused, never merged into.
@@ -31,6 +36,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import stat
 import tempfile
@@ -48,7 +55,7 @@ from sqlalchemy.orm import Session
 from jobs import store
 from jobs.errors import UsageError, WanbatchError
 from jobs.export import FIELDS, record, write_atomically
-from jobs.fs import file_kind, is_missing, os_reason, shown_path
+from jobs.fs import file_kind, file_mode, folder_mode, is_missing, os_reason, shown_path
 from jobs.models import Batch, Job
 from jobs.money import usd_json, usd_text
 from jobs.pricing import add_units, unit_symbol, units_text
@@ -181,6 +188,10 @@ class HfExport:
     #: Billed units per unit symbol (:func:`jobs.pricing.unit_symbol`): seconds and videos apart.
     billing_units: dict[str, Decimal] = field(default_factory=dict)
     manifest: str | None = None
+    #: Where ``manifest`` came from: ``"stored"`` (the text kept with the batch), ``"file"`` (the
+    #: manifest file, for a batch stored before its text was kept), None when not included.
+    manifest_source: str | None = None
+    #: Only for ``"file"``: the file differs from the one the batch was submitted with.
     manifest_changed: bool = False
     left_out: dict[str, int] = field(default_factory=dict)
     #: Bytes of every file in the published folder (a hard-linked video counts its full size).
@@ -201,6 +212,7 @@ class HfExport:
             "cost_usd": usd_json(self.cost_usd),
             "billing_units_by_unit": {u: float(n) for u, n in sorted(self.billing_units.items())},
             "manifest": self.manifest,
+            "manifest_source": self.manifest_source,
             "manifest_changed": self.manifest_changed,
         }
 
@@ -224,30 +236,52 @@ def _not_as_stored(source: Path, size: int | None) -> str | None:
     return None
 
 
-def _place_video(source: Path, target: Path) -> bool:
-    """Hard-link ``source`` at ``target`` (True), or copy it when linking is impossible (False);
-    never through a symlink (:func:`_not_as_stored` checked it is none)."""
-    try:
-        os.link(source, target, follow_symlinks=False)
-    except OSError:
-        shutil.copyfile(source, target, follow_symlinks=False)
-        return False
-    return True
+def _place_video(source: Path, target: Path, mode: int) -> bool:
+    """Hard-link ``source`` at ``target`` (True), or copy it (False) when linking is impossible
+    or the stored file lacks read permissions the user's new files get (``mode``,
+    :func:`jobs.fs.file_mode`); never through a symlink (:func:`_not_as_stored` checked it is none).
+
+    A link shares the stored file's mode. Outputs stored before wanbatch gave them the user's
+    usual mode are owner-only (``mkstemp``'s 0600): linked, they would be the only files of a
+    shared dataset its readers cannot open. A copy gets the usual mode (``open()``'s, 0666 less
+    the umask) and the stored output is left as it is. Only read bits count: a umask of 002
+    against outputs stored under 022 still links."""
+    unreadable = mode & 0o444 & ~stat.S_IMODE(source.lstat().st_mode)
+    if not unreadable:
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except OSError:
+            pass
+        else:
+            return True
+    shutil.copyfile(source, target, follow_symlinks=False)
+    return False
 
 
-def _copy_manifest(batch: Batch, folder: Path) -> tuple[str | None, bool]:
-    """Copy the batch's manifest into ``folder``; (its name there or None, changed since submit)."""
+def _write_manifest(batch: Batch, folder: Path, summary: HfExport) -> None:
+    """Write the batch's manifest into ``folder`` and note it in ``summary``.
+
+    The text stored with the batch (``manifest_text``: what its jobs were made from, and what
+    their ``item_index`` and ``variant`` number; a rerun's is its parent's), whatever the file
+    holds now or whether it still exists. A batch stored before that text was kept has none:
+    then the file at ``manifest_path`` is copied when still readable, and ``manifest_changed``
+    says whether it differs from the one submitted."""
     import hashlib
 
     source = Path(batch.manifest_path)
     suffix = source.suffix if source.suffix in (".yaml", ".yml", ".json") else ".yaml"
+    name = f"manifest{suffix}"
+    if batch.manifest_text is not None:
+        (folder / name).write_text(batch.manifest_text, encoding="utf-8", newline="")
+        summary.manifest, summary.manifest_source, summary.manifest_changed = name, "stored", False
+        return
     try:
         data = source.read_bytes()
     except OSError:
-        return None, False
-    name = f"manifest{suffix}"
+        return
     (folder / name).write_bytes(data)
-    return name, hashlib.sha256(data).hexdigest() != batch.manifest_sha256
+    summary.manifest, summary.manifest_source = name, "file"
+    summary.manifest_changed = hashlib.sha256(data).hexdigest() != batch.manifest_sha256
 
 
 def _dataset_rows(
@@ -257,6 +291,7 @@ def _dataset_rows(
     states = TERMINAL_STATES if include_failed else TERMINAL_STATES[:1]
     videos = folder / VIDEOS_DIR
     videos.mkdir()
+    mode = file_mode()  # what a copy gets, and what a stored video must let read to be linked
     for job in store.jobs_of_batch(session, batch.id, states=states):
         file_name: str | None = None
         if job.state is JobState.SUCCEEDED:
@@ -279,7 +314,7 @@ def _dataset_rows(
                         "nothing was exported"
                     )
                 file_name = f"{VIDEOS_DIR}/{source.name}"
-                if _place_video(source, folder / file_name):
+                if _place_video(source, folder / file_name, mode):
                     summary.linked += 1
                 else:
                     summary.copied += 1
@@ -318,7 +353,55 @@ def _fetch_object(job_id: str, uri: str, sha256: str | None, folder: Path) -> st
     return name
 
 
-def _card(batch: Batch, summary: HfExport, include_failed: bool) -> str:
+def _code(text: str) -> str:
+    """``text`` as one Markdown code span, whatever backticks it holds (a longer fence)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _rerun_command(batch: Batch, parent_id: str) -> str | None:
+    """The ``wanbatch rerun`` command that made ``batch`` (its parent by full id, the options as
+    stored in ``rerun_options``); None when the options were not recorded (an older rerun)."""
+    options = batch.rerun_options
+    if options is None:
+        return None
+    words = ["wanbatch", "rerun", parent_id]
+    if options.get("failed_only"):
+        words.append("--failed-only")
+    if options.get("new_seeds"):
+        words.append("--new-seeds")
+    if options.get("max_usd") is not None:
+        words += ["--max-usd", str(options["max_usd"])]
+    for text in options.get("vary") or ():
+        words += ["--vary", str(text)]
+    if batch.simulated:
+        words.append("--simulate")
+    return shlex.join(words)
+
+
+def _made_by(batch: Batch, parent: Batch | None) -> list[str]:
+    """The card's lines on the command that made the batch: ``run`` for a manifest's batch; for a
+    rerun its parent and the ``rerun`` command, options included."""
+    simulate = " --simulate" if batch.simulated else ""
+    if batch.parent_batch_id is None:
+        return [f"- generated: `wanbatch run{simulate} <manifest>`"]
+    parent_id = batch.parent_batch_id
+    named = f"batch {_code(parent.name)} ({_code(parent_id)})" if parent is not None else _code(parent_id)
+    command = _rerun_command(batch, parent_id)
+    if command is not None:
+        generated = f"- generated: {_code(command)}"
+    else:
+        generated = (
+            f"- generated: `wanbatch rerun {parent_id}{simulate}` with options that were not recorded "
+            "(a rerun stored by a wanbatch that did not keep them); each row's `input` and `seed` "
+            "are what was sent"
+        )
+    return [f"- rerun of: {named}", generated]
+
+
+def _card(batch: Batch, parent: Batch | None, summary: HfExport, include_failed: bool) -> str:
     """The ``README.md`` dataset card: what is in the folder and how it was made."""
     made = (
         "**Simulated** videos, made by wanbatch's bundled fal simulator (`--simulate`), not by "
@@ -353,18 +436,21 @@ def _card(batch: Batch, summary: HfExport, include_failed: bool) -> str:
     # The manifest's file name only: its folder on this machine (a home directory, a user name)
     # has no place in a card meant to be published.
     source = Path(batch.manifest_path).name
-    manifest = (
-        f"`{summary.manifest}` (copied from `{source}`"
-        + ("; **it changed after the batch was submitted**)" if summary.manifest_changed else ")")
-        if summary.manifest
-        else f"not included (`{source}` was not readable at export time)"
-    )
+    whose = "its parent batch was" if batch.parent_batch_id is not None else "the batch was"
+    if summary.manifest_source == "stored":
+        manifest = f"`{summary.manifest}` (the text of `{source}` {whose} made from, as stored with it)"
+    elif summary.manifest:
+        manifest = f"`{summary.manifest}` (copied from `{source}`" + (
+            "; **it changed after the batch was submitted**)" if summary.manifest_changed else ")"
+        )
+    else:
+        manifest = f"not included (`{source}` was not readable at export time)"
     lines += [
         "",
         "## How it was made",
         "",
         f"- manifest: {manifest}",
-        "- generated: `wanbatch run " + ("--simulate " if batch.simulated else "") + "<manifest>`",
+        *_made_by(batch, parent),
         f"- exported: `wanbatch export {batch.id} --format hf -o <folder>"
         + (" --include failed`" if include_failed else "`"),
         "",
@@ -389,9 +475,7 @@ def _card(batch: Batch, summary: HfExport, include_failed: bool) -> str:
 
 def _publish(tmp: Path, dest: Path) -> None:
     """Rename the finished folder into place with the user's usual permissions (mkdtemp's are 0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp.chmod(folder_mode())
     tmp.replace(dest)  # also replaces an empty folder; a non-empty one makes this fail
 
 
@@ -422,8 +506,9 @@ def write_hf(
         counts = store.counts_by_state(session, batch.id)
         exported = {s.value for s in (TERMINAL_STATES if include_failed else TERMINAL_STATES[:1])}
         summary.left_out = {state: n for state, n in counts.items() if state not in exported and n}
-        summary.manifest, summary.manifest_changed = _copy_manifest(batch, tmp)
-        (tmp / "README.md").write_text(_card(batch, summary, include_failed), encoding="utf-8")
+        _write_manifest(batch, tmp, summary)
+        parent = None if batch.parent_batch_id is None else store.get_batch(session, batch.parent_batch_id)
+        (tmp / "README.md").write_text(_card(batch, parent, summary, include_failed), encoding="utf-8")
         summary.bytes = _folder_bytes(tmp)
         _publish(tmp, dest)
     except OSError as exc:

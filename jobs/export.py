@@ -7,7 +7,9 @@ batch_name, seed_text, actual_prompt, registry_sha256, estimates, error_type, ti
 ``seed_text`` is ``seed`` as decimal text, exact in every reader: fal's seeds reach
 ``2**64 - 1``, and a JSON reader that makes numbers float64 (pyarrow's, hence
 ``datasets.load_dataset("json")`` and ``"videofolder"``) rounds any seed above ``2**53``. Rows are in
-item order, then matrix combination (``variant``).
+item order, then matrix combination (``variant``). ``media`` is the probed video under the
+contract's names (``width``, ``height``, ``frames``, ``fps``, ``duration``) plus ``codec`` and
+``duration_s`` (:func:`export_media`).
 ``input`` is the exact JSON submitted (image references as sent); for a job never submitted
 it is the validated input. Rows stream from the database, so a 100,000-job batch exports in
 constant memory. ``video_path`` is relative to ``WANBATCH_OUTPUT_DIR`` (or absolute) for a local
@@ -42,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.errors import UsageError
-from jobs.fs import file_kind, is_missing, os_reason, shown_path
+from jobs.fs import file_kind, file_mode, is_missing, os_reason, shown_path
 from jobs.models import Batch, Job
 
 #: First characters that make a spreadsheet treat a cell as a formula (OWASP CSV Injection).
@@ -115,6 +117,21 @@ def _unsent_input(job: Job) -> dict[str, Any]:
     return {**job.input, **named} if named else job.input
 
 
+def export_media(media: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``media`` field: the probed video (``worker.probe.MediaInfo``) as the contract names
+    it, ``width``, ``height``, ``frames``, ``fps``, ``duration`` (seconds), plus ``codec`` and
+    ``duration_s``, the same seconds under the name the database stores (and exports before
+    ``duration`` had). Mapped here, so jobs stored by any version export the same keys."""
+    if media is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in media.items():
+        if key == "duration_s" and "duration" not in media:
+            out["duration"] = value
+        out[key] = value
+    return out
+
+
 def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
     """The export record of one job."""
     return {
@@ -139,7 +156,7 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
         "video_path": _video_path(job, output_dir),
         "video_sha256": job.output_sha256,
         "video_bytes": job.output_bytes,
-        "media": job.media,  # the probed video (worker.probe.MediaInfo), null before success
+        "media": export_media(job.media),  # the probed video, null before it was probed
         "media_mismatch": job.media_mismatch,  # what differed from the request; null when fine
         "reused_from": job.reused_from,  # reuse_outputs: the job whose output this is; null if sent
         "registry_sha256": job.registry_sha256,  # the endpoint registry entry validated against
@@ -265,9 +282,7 @@ def _mode_for(output: Path) -> int:
     try:
         return stat.S_IMODE(output.stat().st_mode)
     except FileNotFoundError:
-        umask = os.umask(0)  # read it: there is no other portable way, and a CLI has one thread
-        os.umask(umask)
-        return 0o666 & ~umask
+        return file_mode()
 
 
 def write(rows: Iterator[dict[str, Any]], fmt: str, fh: TextIO) -> int:

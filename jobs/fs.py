@@ -6,6 +6,10 @@ symlink loop). A caller that asks them either crashes with a traceback, or calls
 there but unreadable, or a link that leads back to itself, "not found". :func:`file_kind`
 looks once and keeps the error; :func:`os_reason` says what it means; :func:`path_error` is the
 one line for an OSError about a path that nothing else explained.
+
+:func:`file_mode` and :func:`folder_mode` are the permissions a plain ``open()`` or ``mkdir()``
+would give (0666 or 0777 less the umask): what a file wanbatch makes through ``mkstemp`` (always
+0600) or ``mkdtemp`` (0700) must be given before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ _REASONS = {
     errno.ELOOP: "a symlink loop (a link that leads back to itself)",
     errno.ENAMETOOLONG: "the name is too long for the file system",
 }
+#: Where Linux (4.7 and later) shows a process's umask without changing it.
+_PROC_STATUS = Path("/proc/self/status")
+
 #: Longest path shown in a message; a longer one keeps its start and its end around ``…``.
 SHOWN_PATH_CHARS = 120
 
@@ -106,3 +113,49 @@ def creatable(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
     except OSError:
         read_only = False
     return folder, f"{shown_path(folder)}: {'a read-only file system' if read_only else 'permission denied'}"
+
+
+def _proc_umask() -> int | None:
+    """The umask from ``/proc/self/status`` (its ``Umask:`` line), None where there is none."""
+    try:
+        with _PROC_STATUS.open(encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _startup_umask() -> int:
+    """The umask when this module is imported (at start-up, before any thread writes files).
+
+    Only where ``/proc`` cannot say: ``os.umask`` can only be read by setting it, and between
+    the two calls a file another thread makes would get mode 0666."""
+    found = _proc_umask()
+    if found is not None:
+        return found
+    mask = os.umask(0o077)  # the strictest while it is changed, should a thread write meanwhile
+    os.umask(mask)
+    return mask
+
+
+_STARTUP_UMASK = _startup_umask()
+
+
+def umask() -> int:
+    """The process's umask, read without changing it: safe from any thread (``os.umask`` is
+    process-wide, so reading it by setting it races every thread that creates a file). On Linux
+    it is read anew each time; elsewhere it is the one the process started with."""
+    found = _proc_umask()
+    return _STARTUP_UMASK if found is None else found
+
+
+def file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: 0666 less the umask (0644 under 022)."""
+    return 0o666 & ~umask()
+
+
+def folder_mode() -> int:
+    """The mode a plain ``mkdir()`` gives a new folder: 0777 less the umask (0755 under 022)."""
+    return 0o777 & ~umask()

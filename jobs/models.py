@@ -288,6 +288,11 @@ class Batch(Base):
     #: survives the file being edited or deleted. NULL for batches stored before it was kept.
     #: Deferred: read only for provenance (re-submit, rerun), never on the hot paths that load a batch.
     manifest_text: Mapped[str | None] = mapped_column(Text, deferred=True)
+    #: How ``wanbatch rerun`` made this batch (:func:`jobs.batches.rerun_options`): ``failed_only``,
+    #: ``new_seeds``, ``max_usd`` (as given, or null) and ``vary`` (each option's text), for the
+    #: command an ``hf`` export's dataset card shows. NULL for a batch a manifest made, and for
+    #: reruns stored before it was kept. Deferred, as ``manifest_text``: provenance only.
+    rerun_options: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, deferred=True)
 
     def __repr__(self) -> str:
         return f"<Batch {self.id[:8]} {self.name!r} {self.state.value}>"

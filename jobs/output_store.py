@@ -52,7 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from jobs import outputs
 from jobs.errors import WanbatchError
-from jobs.fs import creatable, file_kind, is_missing, os_reason, shown_path
+from jobs.fs import creatable, file_kind, file_mode, is_missing, os_reason, shown_path
 from jobs.output_location import CONTROL_CHARS, is_s3_url, parse_s3_url, split_uri
 from jobs.outputs import OutputWriteError
 
@@ -513,7 +513,8 @@ def output_size(output_path: str) -> int | None:
 
 def fetch_output(output_path: str, target: Path, sha256: str | None = None) -> str:
     """Place a recorded output at ``target``: hard-link or copy a local file, download an object
-    (into a temporary file beside ``target``, SHA-256 checked, then renamed). Returns
+    (into a temporary file beside ``target``, SHA-256 checked, given the user's usual file mode
+    as a plain ``open()`` would, then renamed). Returns
     ``"linked"``, ``"copied"`` or ``"downloaded"``; :class:`OutputReadError` otherwise."""
     if not is_s3_url(output_path):
         source = Path(output_path)
@@ -548,6 +549,7 @@ def fetch_output(output_path: str, target: Path, sha256: str | None = None) -> s
                 missing = _code(exc) in ("404", "NoSuchKey", "NotFound")
                 why = "the object does not exist" if missing else _reason(exc, bucket)
                 raise OutputReadError(f"cannot download {output_path}: {why}") from None
+            os.fchmod(fh.fileno(), file_mode())  # the user's usual mode, not mkstemp's 0600
         if sha256 is not None and digest.hexdigest() != sha256:
             raise OutputReadError(
                 f"{output_path} changed since it was stored: its SHA-256 is {digest.hexdigest()}, "

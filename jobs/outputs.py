@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.errors import WanbatchError
+from jobs.fs import file_mode
 
 
 class OutputWriteError(WanbatchError):
@@ -195,7 +196,8 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     and the new one survives a power loss once this returns (the file, then its folder, synced).
 
     A sidecar is written after its video was renamed into the same folder: this one folder
-    sync makes both renames durable before the job is recorded as succeeded."""
+    sync makes both renames durable before the job is recorded as succeeded. It gets the user's
+    usual file mode (0666 less the umask), as its video does, not ``mkstemp``'s 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -203,6 +205,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
             json.dump(data, fh, indent=2, sort_keys=True, default=str, ensure_ascii=False)
             fh.write("\n")
             fh.flush()
+            os.fchmod(fh.fileno(), file_mode())  # mkstemp's is 0600: the user's usual mode instead
             os.fsync(fh.fileno())
         Path(tmp).replace(path)
     except BaseException:

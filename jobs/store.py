@@ -312,6 +312,7 @@ def get_or_create_batch(
     reuse_outputs: bool = False,
     manifest_text: str | None = None,
     simulated: bool = False,
+    rerun_options: dict[str, Any] | None = None,
 ) -> tuple[Batch, bool]:
     """The batch called ``name``, creating it if needed; ``True`` when it was created now.
     (:func:`name_for_batch` first: the name a simulated or a paid batch may take.)
@@ -337,6 +338,7 @@ def get_or_create_batch(
         paused_by_user=False,
         reuse_outputs=reuse_outputs,
         manifest_text=manifest_text,
+        rerun_options=rerun_options,
         simulated=simulated,
         created_at=utcnow(),
     )
@@ -671,9 +673,9 @@ def batch_records(session: Session, batch_ids: Collection[str]) -> list[BatchRec
 
 
 def _batch_columns() -> list[Any]:
-    """A batch's columns as a round reads them: all but the manifest's text (deferred on the
-    model too; it can be long and no round needs it)."""
-    return [c for c in Batch.__table__.c if c.key != "manifest_text"]
+    """A batch's columns as a round reads them: all but the provenance (the manifest's text and
+    a rerun's options, deferred on the model too; the text can be long and no round needs them)."""
+    return [c for c in Batch.__table__.c if c.key not in ("manifest_text", "rerun_options")]
 
 
 def _held_back_query(*, simulated: bool, whole: bool) -> Any:

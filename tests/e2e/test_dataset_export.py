@@ -7,8 +7,13 @@ pyarrow and must hold exactly the JSONL export's rows.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
+import os
+import stat
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -163,3 +168,106 @@ def test_hf_export_refuses_a_video_replaced_since_it_was_stored(
     assert run.code == 1
     assert ("replaced by a link" if tamper == "symlink" else "has 1,000 bytes instead of") in run.stderr
     assert not exports.exists()
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The process's umask for the test (the CLI runs in process), restored afterwards."""
+    mask: int = request.param
+    before = os.umask(mask)
+    try:
+        yield mask
+    finally:
+        os.umask(before)
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    """Permission bits of everything under ``folder``, by path relative to it."""
+    return {str(p.relative_to(folder)): stat.S_IMODE(p.lstat().st_mode) for p in sorted(folder.rglob("*"))}
+
+
+ONE_EACH = """\
+name: {name}
+endpoint: fal-ai/wan-22
+defaults:
+  resolution: 480p
+items:
+  - prompt: A paper boat on a rainy street
+    seed: 1
+  - prompt: A lantern over a calm lake
+    seed: 2
+"""
+
+
+def test_stored_outputs_and_the_hf_dataset_get_the_users_usual_modes(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path, umask: int
+) -> None:
+    """Videos and sidecars were written through ``mkstemp`` (0600) and kept that mode, so an
+    ``hf`` export, which hard-links the videos, had world-readable metadata and folders but
+    owner-only videos: the dataset's readers could open everything but the videos."""
+    files, folders = 0o666 & ~umask, 0o777 & ~umask
+    run = wb("run", manifest("modes", ONE_EACH.format(name="modes")), "--json", "--no-progress")
+    assert run.code == 0, run.stderr
+    batch = run.json()["batch"]
+    outputs = tmp_path / "outputs"
+    stored = {name: mode for name, mode in _modes(outputs).items() if (outputs / name).is_file()}
+    assert sorted(Path(name).suffix for name in stored) == [".json", ".json", ".mp4", ".mp4"]
+    assert stored == dict.fromkeys(stored, files)
+
+    folder = tmp_path / "exports" / "hf"
+    export = wb("export", batch, "--format", "hf", "-o", folder, "--json")
+    assert export.code == 0, export.stderr
+    assert export.json()["hard_linked"] == 2
+    modes = _modes(folder)
+    assert {Path(name).suffix for name in modes} == {"", ".jsonl", ".md", ".yaml", ".mp4"}
+    for name, mode in modes.items():
+        assert mode == (folders if (folder / name).is_dir() else files), (name, oct(mode))
+    assert stat.S_IMODE(folder.stat().st_mode) == folders
+
+    # An output stored by an earlier wanbatch (owner-only) is copied with the usual mode, not
+    # linked: the dataset stays readable, and the stored output is left as it was.
+    old = next(outputs / name for name in stored if name.endswith(".mp4"))
+    old.chmod(0o600)
+    again = tmp_path / "exports" / "again"
+    export = wb("export", batch, "--format", "hf", "-o", again, "--json")
+    assert export.code == 0, export.stderr
+    linked = 2 if umask == 0o077 else 1  # under 077 owner-only is the usual mode: still linked
+    assert (export.json()["hard_linked"], export.json()["copied"]) == (linked, 2 - linked)
+    assert {mode for name, mode in _modes(again / "videos").items()} == {files}
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
+
+
+def test_every_export_format_names_the_media_duration_as_the_contract_does(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    """The contract's ``media`` is "the probed width, height, frames, fps, duration": the
+    exports had ``duration_s`` only, and ``rec["media"]["duration"]`` was a KeyError. Jobs keep
+    ``duration_s`` in the database (older rows have nothing else): the export maps it."""
+    run = wb("run", manifest("media-keys", ONE_EACH.format(name="media-keys")), "--json", "--no-progress")
+    assert run.code == 0, run.stderr
+    batch = run.json()["batch"]
+    contract = {"width", "height", "frames", "fps", "duration"}
+
+    def check(media: dict[str, Any]) -> None:
+        assert contract <= media.keys(), media
+        assert media["duration"] == media["duration_s"] == pytest.approx(5.06, abs=0.01)
+        assert (media["width"], media["height"], media["frames"]) == (854, 480, 81)
+
+    records = export_jsonl(wb, batch)
+    assert len(records) == 2
+    for record in records:
+        check(record["media"])
+    csv_out = wb("export", batch, "--format", "csv")
+    assert csv_out.code == 0, csv_out.stderr
+    for row in csv.DictReader(io.StringIO(csv_out.stdout)):
+        check(json.loads(row["media"]))
+    target = tmp_path / "media.parquet"
+    assert wb("export", batch, "--format", "parquet", "-o", target).code == 0
+    table = pq.read_table(target)
+    assert str(table.schema.field("media").type) == "string"  # JSON text
+    for text in table.column("media").to_pylist():
+        check(json.loads(text))
+    folder = tmp_path / "hf"
+    assert wb("export", batch, "--format", "hf", "-o", folder).code == 0
+    for line in (folder / "metadata.jsonl").read_text().splitlines():
+        check(json.loads(line)["media"])

@@ -9,14 +9,16 @@ with ``pyarrow.json`` here pins that, as ``datasets`` itself would read it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.json as paj
 
 from falsim.server import SimulatorHandle
-from tests.e2e.e2e_helpers import MakeManifest, Wb, export_jsonl
+from tests.e2e.e2e_helpers import TWO_JOBS, MakeManifest, Wb, export_jsonl, processed
 
 MAX_SEED = 2**64 - 1
 
@@ -80,29 +82,115 @@ def test_every_export_format_has_seed_text(wb: Wb, sim: SimulatorHandle, manifes
     assert "seed,seed_text," in csv_out.stdout.splitlines()[0]
 
 
+def _sqlite(tmp_path: Path, sql: str) -> None:
+    """Change the test's database as an older wanbatch would have left it."""
+    with contextlib.closing(sqlite3.connect(tmp_path / "wanbatch.db")) as conn, conn:
+        conn.execute(sql)
+
+
 def test_hf_card_names_the_manifest_without_its_local_folder(
     wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
 ) -> None:
     """The card is the file meant to be published: the manifest's absolute path (a home
-    directory, a user name) must not be in it, whether the manifest was copied or not."""
-    path = manifest("hf-card-path", BIG_SEEDS.format(name="hf-card-path"))
+    directory, a user name) must not be in it, whether the manifest was included or not. The
+    manifest included is the text the batch was made from, stored with it: the file may have
+    been edited or deleted since."""
+    body = BIG_SEEDS.format(name="hf-card-path")
+    path = manifest("hf-card-path", body)
     run = wb("run", path, "--json", "--no-progress")
     assert run.code == 0, run.stderr
     batch = run.json()["batch"]
 
     copied = tmp_path / "exports" / "copied"
-    assert wb("export", batch, "--format", "hf", "-o", copied).code == 0
+    export = wb("export", batch, "--format", "hf", "-o", copied, "--json")
+    assert export.code == 0, export.stderr
+    assert (export.json()["manifest"], export.json()["manifest_source"]) == ("manifest.yaml", "stored")
     card = (copied / "README.md").read_text()
-    assert "- manifest: `manifest.yaml` (copied from `hf-card-path.yaml`)" in card
+    assert "- manifest: `manifest.yaml` (the text of `hf-card-path.yaml` the batch was made from" in card
     assert str(path.parent) not in card
     assert str(tmp_path) not in card
+    assert (copied / "manifest.yaml").read_text(encoding="utf-8") == body
 
+    # Edited (not submitted again), then deleted: the dataset still gets the text the batch was made from.
+    path.write_text(body.replace("huge seed", "an edit nobody submitted"), encoding="utf-8")
+    edited = tmp_path / "exports" / "edited"
+    assert wb("export", batch, "--format", "hf", "-o", edited).code == 0
+    assert (edited / "manifest.yaml").read_text(encoding="utf-8") == body
     path.unlink()
+    deleted = tmp_path / "exports" / "deleted"
+    assert wb("export", batch, "--format", "hf", "-o", deleted).code == 0
+    assert (deleted / "manifest.yaml").read_text(encoding="utf-8") == body
+
+    # A batch stored before its text was kept: the file when readable, else not included.
+    _sqlite(tmp_path, f"UPDATE batches SET manifest_text = NULL WHERE id = '{batch}'")
     missing = tmp_path / "exports" / "missing"
-    assert wb("export", batch, "--format", "hf", "-o", missing).code == 0
+    export = wb("export", batch, "--format", "hf", "-o", missing, "--json")
+    assert export.code == 0, export.stderr
+    assert (export.json()["manifest"], export.json()["manifest_source"]) == (None, None)
     card = (missing / "README.md").read_text()
     assert "- manifest: not included (`hf-card-path.yaml` was not readable at export time)" in card
     assert str(tmp_path) not in card
+    path.write_text(body, encoding="utf-8")
+    from_file = tmp_path / "exports" / "from-file"
+    export = wb("export", batch, "--format", "hf", "-o", from_file, "--json")
+    assert (export.json()["manifest_source"], export.json()["manifest_changed"]) == ("file", False)
+    assert (
+        "- manifest: `manifest.yaml` (copied from `hf-card-path.yaml`)"
+        in (from_file / "README.md").read_text()
+    )
+
+
+def _card_lines(folder: Path) -> list[str]:
+    return (folder / "README.md").read_text(encoding="utf-8").splitlines()
+
+
+def test_hf_card_of_a_rerun_names_its_parent_and_the_rerun_command(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    """A rerun batch was not made by ``wanbatch run <manifest>``: its card names the parent batch
+    and the ``rerun`` command with the options given, and its ``manifest.yaml`` is the text the
+    parent was made from (stored), not what the manifest file holds by the time of the export."""
+    body = TWO_JOBS.format(name="card-parent")
+    path = manifest("card-parent", body)
+    parent = processed(wb, "run", path)["batch"]
+    path.write_text(body.replace("Clouds drifting", "Edited after the run"), encoding="utf-8")
+    rerun = processed(
+        wb, "rerun", "card-parent", "--new-seeds", "--max-usd", "5", "--vary", "resolution=480p,720p"
+    )
+    child = rerun["batch"]
+    assert rerun["total"] == 4
+
+    folder = tmp_path / "exports" / "rerun"
+    assert wb("export", child, "--format", "hf", "-o", folder).code == 0
+    lines = _card_lines(folder)
+    assert f"- rerun of: batch `card-parent` (`{parent}`)" in lines
+    assert (
+        f"- generated: `wanbatch rerun {parent} --new-seeds --max-usd 5 --vary resolution=480p,720p`" in lines
+    )
+    assert not [line for line in lines if "wanbatch run" in line]
+    assert (
+        "- manifest: `manifest.yaml` (the text of `card-parent.yaml` its parent batch was made from, "
+        "as stored with it)" in lines
+    )
+    assert (folder / "manifest.yaml").read_text(encoding="utf-8") == body
+
+    # The parent's card still says `run`; a plain rerun's command has no options.
+    parent_folder = tmp_path / "exports" / "parent"
+    assert wb("export", parent, "--format", "hf", "-o", parent_folder).code == 0
+    assert "- generated: `wanbatch run <manifest>`" in _card_lines(parent_folder)
+    assert not [line for line in _card_lines(parent_folder) if line.startswith("- rerun of:")]
+    again = processed(wb, "rerun", parent)["batch"]
+    plain_folder = tmp_path / "exports" / "plain"
+    assert wb("export", again, "--format", "hf", "-o", plain_folder).code == 0
+    assert f"- generated: `wanbatch rerun {parent}`" in _card_lines(plain_folder)
+
+    # A rerun stored before its options were kept says so, not a command it cannot know.
+    _sqlite(tmp_path, f"UPDATE batches SET rerun_options = NULL WHERE id = '{child}'")
+    old = tmp_path / "exports" / "old"
+    assert wb("export", child, "--format", "hf", "-o", old).code == 0
+    (generated,) = [line for line in _card_lines(old) if line.startswith("- generated:")]
+    assert generated.startswith(f"- generated: `wanbatch rerun {parent}` with options that were not recorded")
+    assert f"- rerun of: batch `card-parent` (`{parent}`)" in _card_lines(old)
 
 
 #: Thirty jobs of $0.2025 each (wan-22 at 480p, 5.0625 s): $6.075 exactly, $6.08 rounded half up.

@@ -40,7 +40,8 @@ def test_a_bad_render_is_flagged_and_a_correct_one_is_not(
         "height": 480,
         "frames": 81,
         "fps": 16.0,
-        "duration_s": pytest.approx(5.06, abs=0.01),
+        "duration": pytest.approx(5.06, abs=0.01),  # the contract's name
+        "duration_s": good["media"]["duration"],  # the same, as exports before had it
         "codec": good["media"]["codec"],
     }
     assert wb("status", batch, "--json").json()["media_mismatches"] == 1

@@ -17,6 +17,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import stat
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -138,9 +140,14 @@ def test_outputs_land_in_s3_with_their_sha256_and_every_export_points_at_them(
         uri: job.output_sha256 for uri, job in by_uri.items()
     }
 
-    # The Hugging Face export downloads the objects into its folder, checked.
+    # The Hugging Face export downloads the objects into its folder, checked, each with the
+    # mode a plain open() gives (the download's temporary file is mkstemp's 0600).
     dataset = tmp_path / "dataset"
-    hf = wb("export", batch, "--format", "hf", "-o", dataset)
+    before = os.umask(0o022)
+    try:
+        hf = wb("export", batch, "--format", "hf", "-o", dataset)
+    finally:
+        os.umask(before)
     assert hf.code == 0, hf.stderr
     meta = [json.loads(line) for line in (dataset / "metadata.jsonl").read_text().splitlines()]
     assert len(meta) == 3
@@ -148,6 +155,8 @@ def test_outputs_land_in_s3_with_their_sha256_and_every_export_points_at_them(
         video = dataset / row["file_name"]
         assert hashlib.sha256(video.read_bytes()).hexdigest() == row["video_sha256"]
         assert row["video_path"] in by_uri
+        assert stat.S_IMODE(video.stat().st_mode) == 0o644
+        assert stat.S_IMODE((dataset / "metadata.jsonl").stat().st_mode) == 0o644
 
     # The credentials never reach the output, the logs, the database or the exports.
     seen = run.stdout + run.stderr + hf.stderr + caplog.text + (dataset / "metadata.jsonl").read_text()

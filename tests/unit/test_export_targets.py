@@ -105,3 +105,36 @@ def test_a_replaced_file_keeps_its_permissions_and_a_new_one_follows_the_umask(t
     finally:
         os.umask(umask)
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o640
+
+
+def test_media_carries_the_contracts_duration_beside_the_stored_duration_s() -> None:
+    """The database keeps ``duration_s`` (rows of every version have it); the export record's
+    ``media`` is the contract's "width, height, frames, fps, duration", ``duration_s`` kept too."""
+    from jobs.export import export_media
+
+    stored = {"width": 854, "height": 480, "frames": 81, "fps": 16.0, "duration_s": 5.0625, "codec": "h264"}
+    assert export_media(stored) == {**stored, "duration": 5.0625}
+    assert list(export_media(stored) or {}) == [
+        "width",
+        "height",
+        "frames",
+        "fps",
+        "duration",
+        "duration_s",
+        "codec",
+    ]
+    assert stored == {
+        "width": 854,
+        "height": 480,
+        "frames": 81,
+        "fps": 16.0,
+        "duration_s": 5.0625,
+        "codec": "h264",
+    }
+    assert export_media({"width": 1, "duration_s": None}) == {
+        "width": 1,
+        "duration": None,
+        "duration_s": None,
+    }
+    assert export_media({"duration": 2.0, "duration_s": 1.0}) == {"duration": 2.0, "duration_s": 1.0}
+    assert export_media(None) is None

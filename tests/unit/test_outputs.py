@@ -106,3 +106,30 @@ def test_a_partial_made_after_the_listing_is_found_once_the_listing_is_a_lease_o
     time.sleep(0.06)  # the attempt that wrote it could only lose its lease after this long
     assert outputs.remove_stale_partials(dest, older_than=0.05, version=9) == 1
     assert not superseded.exists()
+
+
+@pytest.fixture
+def umask_027() -> Any:
+    before = os.umask(0o027)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+def test_the_umask_is_read_without_changing_it(umask_027: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``os.umask`` is process-wide and can only be read by setting it: a thread creating a file
+    between the two calls got the wrong mode. ``jobs.fs`` reads ``/proc/self/status`` instead."""
+    from jobs import fs
+
+    assert (fs.umask(), fs.file_mode(), fs.folder_mode()) == (0o027, 0o640, 0o750)
+    assert os.umask(0o027) == 0o027  # untouched by the reads
+    # Where /proc cannot say: the umask the process started with (read once, at import).
+    monkeypatch.setattr(fs, "_PROC_STATUS", Path("/nonexistent/status"))
+    assert fs.umask() == fs._STARTUP_UMASK
+
+
+def test_a_sidecar_gets_the_users_usual_mode_not_mkstemps(umask_027: None, tmp_path: Path) -> None:
+    target = tmp_path / "000001-abc.json"
+    outputs.write_json_atomic(target, {"v": 1})
+    assert target.stat().st_mode & 0o777 == 0o640

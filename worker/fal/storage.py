@@ -9,7 +9,9 @@ module only offers the seam (:class:`MediaPreparer` takes lookup/record callback
 SHA-256) so it stays free of SQL.
 
 Downloads are written so a crash can never leave a half file under the final name: stream to a
-temp file of its own beside the destination, hash while streaming, fsync, ``os.replace``. Only
+temp file of its own beside the destination, hash while streaming, give it the user's usual
+file mode (``mkstemp`` makes it 0600; a plain ``open()`` would give 0666 less the umask), fsync,
+``os.replace``. Only
 http(s) URLs are fetched, redirects are followed by hand with every hop re-checked, and
 :class:`DownloadPolicy` refuses internal addresses (loopback, private, link-local, …) at connect
 time unless the URL is on a configured fal origin (scheme, host and port) or allow-listed
@@ -45,6 +47,7 @@ import httpcore
 import httpx
 
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
+from jobs.fs import file_mode
 from jobs.outputs import OutputWriteError, fsync_dir
 from jobs.settings import allowed_host_entry
 from worker.fal.client import FalClient
@@ -663,6 +666,9 @@ def download(
                 _PerRequest(timeout, on_response),
             )
             with _writing("write", tmp):
+                # The user's usual mode, not mkstemp's 0600: the output is theirs to share (an
+                # hf export hard-links it into a dataset); set before the fsync that makes it durable.
+                os.fchmod(fd, file_mode())
                 os.fsync(fd)
         finally:
             with _writing("close", tmp):
