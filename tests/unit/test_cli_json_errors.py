@@ -15,9 +15,12 @@ from typing import NoReturn
 import pytest
 
 import cli
+from cli import startup
 
 
 def _main(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    # In process: the GC pause of a real start-up would outlive the test (cli.startup).
+    monkeypatch.setattr(startup, "pause", lambda: None)
     monkeypatch.setattr(sys, "argv", ["wanbatch", *argv])
     with pytest.raises(SystemExit) as ended:
         cli.main()
