@@ -42,7 +42,7 @@ from cli.output import (
     short_id,
     usd,
 )
-from jobs.printable import one_line
+from jobs.printable import one_line, shell_ref
 
 if TYPE_CHECKING:
     from falsim.server import SimulatorHandle
@@ -511,7 +511,9 @@ def _run_and_report(
         batch_id,
         settings,
         console=err,
-        show_progress=progress and not as_json,
+        # With --json too: stdout holds the one JSON object, the progress goes to stderr (plain
+        # lines into a file, as without it); --no-progress is what silences it.
+        show_progress=progress,
         serve_metrics=False,  # fal_settings serves them, bound before anything was stored
     )
     # Stopped because its user paused it meanwhile: the same as a run of a paused batch (exit 2,
@@ -576,6 +578,12 @@ def _exit_interrupted(exc: Interrupted, as_json: bool, hint: str) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exc.exit_code)
+
+
+def _simulate_flag(simulate: bool) -> str:
+    """What a suggested command needs after its batch reference to go on as this one did: a
+    simulation is processed by ``--simulate`` commands only (:func:`jobs.batches.refuse_other_way`)."""
+    return " --simulate" if simulate else ""
 
 
 def _may_name_a_batch(ref: Path) -> bool:
@@ -726,6 +734,9 @@ def rerun(
     With `--failed-only` and no failed or cancelled job, it says so and creates nothing (exit 0).
     """
 
+    #: The new batch's name by id, for the hint an interruption prints.
+    names: dict[str, str] = {}
+
     def action() -> int:
         from jobs import batches
         from jobs.settings import get_settings
@@ -750,6 +761,7 @@ def rerun(
                 else:
                     say(escape(str(nothing)))
                 return nothing.exit_code
+            names[result.batch_id] = result.name
             print_warnings(result)
             print_budget_note(result)
             return _run_and_report(result.batch_id, target, as_json, not no_progress)
@@ -757,7 +769,10 @@ def rerun(
     def resume(batch_id: str | None) -> str:
         if batch_id is None:
             return "run the same command again to start over"
-        return f"`wanbatch run {batch_id}` resumes the new batch (running `rerun` again would start another)"
+        # What the user copies: a reference `run` reads as this batch (never the 32-character
+        # id), and `--simulate` for a simulation, which `run` refuses to go on with otherwise.
+        command = f"wanbatch run {shell_ref(names.get(batch_id, ''), batch_id)}{_simulate_flag(simulate)}"
+        return f"`{command}` resumes the new batch (running `rerun` again would start another)"
 
     _processing(as_json, action, resume)
 
@@ -773,6 +788,9 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
     Embedded, this waits until every job is terminal; with workers, they finish the cancel.
     """
 
+    #: The batch's name by id, for the hint an interruption prints.
+    names: dict[str, str] = {}
+
     def action() -> int:
         from jobs import batches, db, store
         from jobs.models import BatchState
@@ -786,6 +804,7 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
         with db.session_scope(engine) as session:
             found = store.get_batch(session, batch)
             batch_id = found.id
+            names[batch_id] = found.name
             finished = found.state != BatchState.CANCELLED and not store.count_in_states(
                 session, unfinished_states, batch_id=batch_id
             )
@@ -830,7 +849,16 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
         with fal_settings(settings, simulate, check=False) as target:
             return _run_and_report(batch_id, target, as_json, not no_progress, command="cancel")
 
-    _processing(as_json, action, lambda _: f"run `wanbatch cancel {batch}` again to finish cancelling")
+    def again(batch_id: str | None) -> str:
+        # The batch as `shell_ref` names it (what the user typed may have needed quotes), and
+        # `--simulate` for a simulation, which `cancel` refuses to go on with otherwise.
+        known = batch_id or next(iter(names), None)
+        if known is None:  # stopped before the batch was read
+            return "run the same command again to finish cancelling"
+        ref = shell_ref(names.get(known, ""), known)
+        return f"run `wanbatch cancel {ref}{_simulate_flag(simulate)}` again to finish cancelling"
+
+    _processing(as_json, action, again)
 
 
 def _pause_or_resume(batch: str, paused: bool, as_json: bool) -> None:

@@ -511,7 +511,9 @@ def print_report(report: BatchReport) -> None:
     out.print(batch_heading(report))
     if report["state"] == "paused":  # fal refused the account, or the outputs could not be written
         reason = report["pause_reason"] or "see the log"
-        say(escape(f"paused: {reason}; fix it, then `wanbatch run {report_ref(report)}` goes on"), "yellow")
+        simulate = " --simulate" if report["simulated"] else ""  # only a --simulate run sends one
+        again = f"`wanbatch run {report_ref(report)}{simulate}`"
+        say(escape(f"paused: {reason}; fix it, then {again} goes on"), "yellow")
     if report["phase"] == "active" and report["phase_reason"]:  # a cap holds its unsent jobs back
         say(escape(report["phase_reason"]), "yellow")
     out.print(status_table(report))

@@ -1057,8 +1057,8 @@ def refuse_other_way(batch: Batch, *, simulated: bool, command: str = "run") -> 
     if batch.simulated and not simulated:
         raise UsageError(
             f"batch {name} is a simulation (made by `--simulate`): nothing of it goes to fal; "
-            f"`wanbatch {command} {name} --simulate` goes on (run its manifest without `--simulate` "
-            "to send it to fal)"
+            f"`wanbatch {command} {shell_ref(name, batch.id)} --simulate` goes on (run its manifest "
+            "without `--simulate` to send it to fal)"
         )
     if simulated and not batch.simulated:
         raise UsageError(
@@ -1246,10 +1246,9 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
                 )
             if batch.state == BatchState.PAUSED:
                 reason = batch.pause_reason or "see the log"
-                line += (
-                    f"; it is still paused ({reason}): `wanbatch run {short}` or submitting its "
-                    "manifest again resumes that"
-                )
+                again = f"`wanbatch run {short}{' --simulate' if batch.simulated else ''}`"
+                line += f"; it is still paused ({reason}): {again} or submitting its manifest again "
+                line += "resumes that"
         state = schedule_state(session, batch, finished=total > 0 and terminal == total, now=utcnow())
         if state and not paused and batch.state != BatchState.PAUSED and over is None:
             line += f"; schedule: {state}"

@@ -365,6 +365,8 @@ def process_batch(
     started = time.monotonic()
     console = console or Console(stderr=True, emoji=False)
     if settings.broker_url:
+        with db.read_scope(open_engine(settings)) as session:  # for the hint, should Ctrl-C come
+            ref = shell_ref(store.get_batch(session, batch_id).name, batch_id)
         watch = _WorkerWatch(settings, console.print, WORKER_CHECK_SECONDS)
         watch.start()
         try:
@@ -373,7 +375,7 @@ def process_batch(
             raise Interrupted(
                 stopped_watching(batch_id, workers_seen=watch.seen_alive_recently()),
                 batch_id=batch_id,
-                hint=f"`wanbatch status {batch_id}` follows it; running the same command again watches it",
+                hint=f"`wanbatch status {ref}` follows it; running the same command again watches it",
             ) from None
         finally:
             watch.stopping.set()

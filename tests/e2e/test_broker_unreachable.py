@@ -154,6 +154,8 @@ def test_a_live_broker_without_workers_gets_a_warning_and_run_keeps_waiting(
         "; no wanbatch worker was seen alive lately, so nothing processes it until one starts "
         "(start `wanbatch worker`)"
     ) in " ".join(stderr.split())
+    # The way on names the batch as every hint does (its name here), not by its 32-character id.
+    assert "`wanbatch status broker-check` follows it" in stderr
     assert sim.ledger()["accepted"] == 0  # run itself sends nothing with a broker
 
 

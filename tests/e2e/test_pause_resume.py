@@ -191,6 +191,25 @@ def test_resume_leaves_an_account_pause_alone_and_says_so(wb: Wb, manifest: Make
     assert (report["state"], report["paused_by_user"]) == ("paused", False)
 
 
+def test_the_commands_said_of_a_paused_simulation_go_on_with_simulate(wb: Wb, manifest: MakeManifest) -> None:
+    """A simulation is processed by `--simulate` commands only: "`wanbatch run night` goes on",
+    as `resume` and `status` said of one paused for its outputs or by fal, was refused when copied."""
+    _submitted(wb, manifest("night", TWO_JOBS.format(extra="")))
+    assert wb("pause", "night").code == 0
+    _execute(
+        "UPDATE batches SET simulated = true, state = 'paused', "
+        "pause_reason = 'outputs cannot be written here'"
+    )
+
+    resumed = wb("resume", "night")
+    assert resumed.code == 0, resumed.stderr
+    assert "`wanbatch run night --simulate` or submitting its manifest again" in resumed.stdout
+    shown = wb("status", "night")
+    assert shown.code == 0, shown.stderr
+    said = " ".join(shown.stdout.split())
+    assert "cannot be written here; fix it, then `wanbatch run night --simulate` goes on" in said
+
+
 def test_submitting_again_keeps_the_pause_and_applies_the_schedule(wb: Wb, manifest: MakeManifest) -> None:
     path = manifest("night", TWO_JOBS.format(extra=SCHEDULED))
     first = wb("submit", path, "--json")

@@ -4,17 +4,21 @@ The progress bar is redrawn in place, which only a terminal can show: into a fil
 nothing at all until the run ended. There ``run`` now prints plain lines (no colours, no carriage
 returns) as it goes; ``--no-progress`` still silences them. The CLI runs in process here, its
 stderr a buffer: not a terminal, as under ``nohup``.
+
+``run --json 2> run.log`` wrote no progress at all: ``--json`` silenced it, though the contract
+says that with ``--json`` progress and logs go to stderr, and only ``--no-progress`` silences it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from falsim.server import SimulatorHandle
-from tests.e2e.e2e_helpers import Wb
+from tests.e2e.e2e_helpers import EXAMPLES, MakeManifest, Wb, wanbatch
 from worker import running
 from worker.progress_line import PlainProgress
 
@@ -58,3 +62,41 @@ def test_run_into_a_file_starts_and_ends_with_a_line_and_no_progress_silences_th
     again = wb("run", examples_copy / "quickstart.yaml", "--no-progress")
     assert again.code == 0, again.stderr
     assert _progress_lines(again.stderr) == [], again.stderr
+
+
+def _one_json_object(stdout: str) -> dict[str, object]:
+    """stdout is exactly one JSON object (one line), nothing else."""
+    lines = stdout.splitlines()
+    assert len(lines) == 1, stdout
+    report: dict[str, object] = json.loads(lines[0])
+    return report
+
+
+@pytest.mark.parametrize("command", ["run", "rerun"])
+def test_json_keeps_stdout_for_the_object_and_the_progress_on_stderr(
+    command: str, manifest: MakeManifest
+) -> None:
+    """A real process, its stderr a pipe (not a terminal): the plain progress lines go there
+    with `--json` as without it, stdout holds the one object; `--no-progress` silences them."""
+    body = (EXAMPLES / "quickstart.yaml").read_text()
+    first = manifest("first", body.replace("name: quickstart", "name: first"))
+    second = manifest("second", body.replace("name: quickstart", "name: second"))
+    if command == "run":
+        shown = wanbatch("run", first, "--simulate", "--json", timeout=120)
+        silent = wanbatch("run", second, "--simulate", "--json", "--no-progress", timeout=120)
+    else:
+        assert wanbatch("run", first, "--simulate", "--no-progress", timeout=120).returncode == 0
+        shown = wanbatch("rerun", "first", "--simulate", "--json", timeout=120)
+        silent = wanbatch("rerun", "first", "--simulate", "--json", "--no-progress", timeout=120)
+
+    assert shown.returncode == 0, shown.stderr
+    assert _one_json_object(shown.stdout)["total"] == 3
+    lines = _progress_lines(shown.stderr)
+    assert lines, shown.stderr
+    assert all(LINE.match(line) for line in lines), lines
+    assert "jobs: 3/3 (100%)" in lines[-1]
+    assert not {"\x1b", "\r", "━"} & set(shown.stderr), repr(shown.stderr)
+
+    assert silent.returncode == 0, silent.stderr
+    assert _one_json_object(silent.stdout)["total"] == 3
+    assert _progress_lines(silent.stderr) == [], silent.stderr

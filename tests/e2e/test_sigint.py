@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -461,3 +463,87 @@ def test_a_cap_that_holds_a_run_back_is_named_with_whose_jobs_fill_it(
         later.kill()
     assert later.popen.returncode == 0, later.stderr()
     assert _states(db, "b") == {"succeeded": 1}
+
+
+# --------------------------------------------------------------------------- hints that work when copied
+
+#: Every download times out and waits for its retry: a run or cancel of a batch cannot end on
+#: its own, so the Ctrl-C always comes while it works.
+STALLED = {"WANBATCH_DOWNLOAD_TIMEOUT": "0.000001"}
+
+
+def _copied(hint: str) -> list[str]:
+    """The command a hint suggests, as a user would paste it into a shell: the argv to run."""
+    words = shlex.split(hint)
+    assert words[0] == "wanbatch", hint
+    return [*_command(), *words[1:]]
+
+
+def _run_copied(hint: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _copied(hint), env=env, cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def _interrupt_after_progress(args: list[str], env: dict[str, str], cwd: Path, name: str) -> str:
+    """Start `wanbatch ARGS`, Ctrl-C it after its first progress line; its stderr."""
+    proc = Proc(args, env, cwd, name)
+    try:
+        _wait_for("the first progress line", lambda: " jobs: " in proc.stderr(), proc)
+        _signal_and_wait(proc, signal.SIGINT, within=10)
+    finally:
+        proc.kill()
+    assert proc.popen.returncode == 130, proc.stderr()
+    return proc.stderr()
+
+
+def test_an_interrupted_simulated_rerun_suggests_a_command_that_resumes_it(
+    manifest: MakeManifest, env: dict[str, str], e2e_env: Path
+) -> None:
+    """The hint named the new batch by its full id and left out `--simulate`: copied, it was
+    refused (exit 2, "batch sigint-rerun-1 is a simulation …"). Now it is the batch's name (or
+    12 characters of its id) and `--simulate`, and copied it finishes the batch."""
+    db = env["WANBATCH_DATABASE_URL"]
+    parent = subprocess.run(
+        [*_command(), "run", str(_manifest(manifest)), "--simulate", "--no-progress"],
+        env=env,
+        cwd=e2e_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert parent.returncode == 0, parent.stderr
+
+    err = _interrupt_after_progress(["rerun", "sigint", "--simulate"], {**env, **STALLED}, e2e_env, "rerun")
+    found = re.search(r"`(wanbatch run [^`]*)` resumes the new batch", err)
+    assert found, err
+    assert found.group(1) == "wanbatch run sigint-rerun-1 --simulate"
+    assert _states(db, "sigint-rerun-1").get("succeeded", 0) < JOBS  # stopped midway
+
+    resumed = _run_copied(found.group(1), env, e2e_env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _states(db, "sigint-rerun-1") == {"succeeded": JOBS}
+
+
+def test_an_interrupted_simulated_cancel_suggests_a_command_that_finishes_it(
+    manifest: MakeManifest, env: dict[str, str], e2e_env: Path
+) -> None:
+    """The hint repeated the batch as typed (`wanbatch cancel sig int`: two words to a shell)
+    and left out `--simulate`. Now it is what `shell_ref` names (12 characters of the id, for a
+    name the shell would split) and `--simulate`, and copied it finishes the cancel."""
+    db = env["WANBATCH_DATABASE_URL"]
+    path = manifest("spaced", _manifest(manifest).read_text().replace("name: sigint", 'name: "sig int"'))
+    stalled = {**env, **STALLED}
+    _stop_midway(["run", str(path), "--simulate", "--no-progress"], stalled, e2e_env, "state = 'downloading'")
+
+    err = _interrupt_after_progress(["cancel", "sig int", "--simulate"], stalled, e2e_env, "cancel")
+    found = re.search(r"run `(wanbatch cancel [^`]*)` again to finish cancelling", err)
+    assert found, err
+    batch_id = db_rows(db, "SELECT id FROM batches WHERE name = 'sig int'")[0][0]
+    assert found.group(1) == f"wanbatch cancel {batch_id[:12]} --simulate"
+    assert set(_states(db, "sig int")) - {"succeeded", "failed", "cancelled"}  # not finished yet
+
+    finished = _run_copied(found.group(1), env, e2e_env)
+    assert finished.returncode in (0, 1), finished.stderr  # 1: jobs were cancelled
+    assert not set(_states(db, "sig int")) - {"succeeded", "failed", "cancelled"}

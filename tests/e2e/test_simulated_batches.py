@@ -7,6 +7,8 @@ inside the command, which this ledger never sees.
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,25 @@ def test_processing_a_batch_the_other_way_is_refused(
     assert "`wanbatch run other --simulate` goes on" in refused.stderr
     assert sim.ledger()["accepted"] == 0  # fal never saw either batch
     assert "Traceback" not in wrong.stderr + refused.stderr
+
+
+def test_the_refusal_names_a_batch_the_shell_would_split_by_its_id(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """ "`wanbatch cancel two words --simulate` goes on" is two arguments to a shell: copied, it
+    was a usage error. The refusal names such a batch as every hint does (`shell_ref`)."""
+    spaced = manifest("spaced", CLIP.replace("name: clip", 'name: "two words"'))
+    assert wb("run", spaced, "--simulate", "--no-progress").code == 0
+    batch_id = _leave_one_pending("two words")
+
+    refused = wb("cancel", "two words", "--no-progress")
+    assert refused.code == 2
+    found = re.search(r"`(wanbatch cancel [^`]*)` goes on", refused.stderr)
+    assert found, refused.stderr
+    assert found.group(1) == f"wanbatch cancel {batch_id[:12]} --simulate"
+    copied = wb(*shlex.split(found.group(1))[1:], "--no-progress")
+    assert copied.code == 1, copied.stderr  # the job left pending is cancelled
+    assert _status(wb, "two words")["phase"] == "cancelled"
 
 
 def _leave_one_pending(batch: str) -> str:
