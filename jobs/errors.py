@@ -12,6 +12,7 @@ lives in this module unless ``[module]`` names another::
     WanbatchError                    exit 1 unless a branch says otherwise
     ├── UsageError                   exit 2: bad option, unknown batch, bad configuration
     │   ├── ConfigError              a WANBATCH_* setting (or FAL_KEY) is missing or malformed
+    │   │   └── DatabaseUnavailableError [worker.db_outage] the database stayed away mid-run past a lease
     │   ├── NotFoundError            a batch or job id that does not exist
     │   └── ManifestError            the manifest is invalid; carries every located issue
     ├── StateConflict                a fenced write found the job moved on (its lease lost mid-download)

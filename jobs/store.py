@@ -54,6 +54,7 @@ from sqlalchemy import (
     select,
     table,
     text,
+    true,
     type_coerce,
     update,
 )
@@ -2185,6 +2186,7 @@ def release_process_leases(
     batch_ids: Iterable[str] | None = None,
     queued_owner: str | None = None,
     worker: str | None = None,
+    job_ids: Collection[str] | None = None,
 ) -> ReleasedLeases:
     """Give back every lease held by one stopping process, so the next run picks its jobs up at once.
 
@@ -2195,14 +2197,19 @@ def release_process_leases(
     die with it. A job whose POST may be in flight is never touched: only the reconciler may decide
     what became of it. Each move is a compare-and-set, so a thread of the stopping process that
     takes a lease meanwhile (to send its POST) wins and is counted as in flight instead.
+
+    ``job_ids`` limits all of this to those jobs: a step of a running process that the database
+    failed (an embedded run gives its job back once the database answers again, rather than
+    leave it leased until the lease runs out).
     """
     if not owner_prefix:
         raise ValueError("release_process_leases needs an owner prefix")
     ours = Job.lease_owner.startswith(owner_prefix, autoescape=True)
+    only: ColumnElement[bool] = true() if job_ids is None else Job.id.in_(sorted(set(job_ids)))
     unsent = in_flight = 0
     submitting = session.execute(
         select(Job.id, Job.version, Job.submitted_input.is_(None))
-        .where(Job.state == JobState.SUBMITTING, ours)
+        .where(Job.state == JobState.SUBMITTING, ours, only)
         .order_by(Job.id)
     ).all()
     for job_id, version, not_sent in submitting:
@@ -2225,6 +2232,7 @@ def release_process_leases(
         update(Job)
         .where(
             holders,
+            only,
             Job.state.not_in([JobState.SUBMITTING, *(s for s in JobState if s.terminal)]),
         )
         .values(lease_owner=None, lease_expires_at=None, updated_at=utcnow())

@@ -34,6 +34,7 @@ from sqlalchemy import Engine
 from jobs import db, store
 from jobs.models import EVERY_BATCH, JobView, utcnow
 from worker import steps
+from worker.db_outage import DatabaseOutage, database_problem
 from worker.fal.models import RequestHandle, Status
 from worker.steps.context import Reach, Runtime, handle_of
 from worker.steps.poll import AT_FAL, Seen, apply_seen, apply_seen_in
@@ -122,6 +123,8 @@ class Conductor:
         self._beat_lock = threading.Lock()
         self._next_beat = 0.0  # monotonic; 0: never beat
         self._closed = False
+        #: What a database outage has done to the loop so far (:meth:`run` sets it up).
+        self._outage = DatabaseOutage("the conductor", patience=None, url=rt.settings.database_url)
 
     # ------------------------------------------------------------------ events (any thread)
 
@@ -215,8 +218,19 @@ class Conductor:
         error in a round is logged and the next round goes on (a long-lived worker, whose next
         round re-reads everything); otherwise it ends the run (a ``wanbatch run`` reports it) —
         but for a transaction the database ended to break a conflict with another process's
-        (:func:`jobs.db.is_transient_conflict`), which the next round simply does again.
+        (:func:`jobs.db.is_transient_conflict`), which the next round simply does again, and for
+        a database that is unavailable for a while (:func:`jobs.db.is_unavailable`: a killed
+        connection, a restart, a failover), which rounds wait out (:class:`DatabaseOutage`: one
+        warning, growing pauses). Not resilient, an outage longer than ``WANBATCH_LEASE_SECONDS``
+        ends the run with :class:`~worker.db_outage.DatabaseUnavailableError` (by then the
+        leases this process holds have run out, and nothing can be done without the database).
         """
+        settings = self.rt.settings
+        self._outage = DatabaseOutage(
+            "the run" if not resilient else "the conductor",
+            patience=None if resilient else settings.lease_seconds,
+            url=settings.database_url,
+        )
         while not stopping.is_set():
             try:
                 self._loop(stopping, on_progress, progress_every, leads)
@@ -229,6 +243,9 @@ class Conductor:
                         extra={"event": "conductor.conflict"},
                     )
                     stopping.wait(CONFLICT_PAUSE_SECONDS)
+                    continue
+                if db.is_unavailable(exc):  # gone for a while: no bug, and nothing is lost meanwhile
+                    self._outage.failed(exc, stopping)  # raises once it lasted too long (not resilient)
                     continue
                 if not resilient:
                     raise
@@ -257,6 +274,7 @@ class Conductor:
                     quiet = quiet + 1 if self._tick(stopping) else 0
                     if redispatch_at is None:  # the tick's dispatch left jobs waiting: as a round would
                         redispatch_at = self._redispatch_at()
+                self._outage.answered()  # the tick (or the leader lock's check) reached the database
                 next_tick = now + (idle_interval(interval, quiet) if leading else interval)
             if on_progress is not None and now >= next_progress:
                 # Idle (nothing at fal, nothing to do), nothing changes between two ticks either.
@@ -423,7 +441,7 @@ class Conductor:
             except Exception as exc:  # the database is gone: the rows go stale instead
                 log.warning(
                     "could not clear this process's heartbeat (%s); it goes stale by itself",
-                    exc,
+                    database_problem(exc),  # one line: what the database said
                     extra={"event": "conductor.heartbeat_left"},
                 )
 

@@ -48,6 +48,7 @@ from jobs.settings import Settings
 from jobs.states import JobState
 from jobs.store import CapScope
 from jobs.url_secrets import masked_url
+from worker.db_outage import DatabaseOutage, DatabaseUnavailableError
 from worker.limits import api_key_id, unreachable_note
 from worker.progress_line import PlainProgress, batch_progress_display, money_text, plain_line
 
@@ -377,6 +378,11 @@ def process_batch(
                 batch_id=batch_id,
                 hint=f"`wanbatch status {ref}` follows it; running the same command again watches it",
             ) from None
+        except DatabaseUnavailableError as exc:
+            raise DatabaseUnavailableError(
+                f"{exc}; stopped watching batch {batch_id}: the workers carry on with it once the "
+                "database answers, and running the same command again watches it"
+            ) from None
         finally:
             watch.stopping.set()
     else:
@@ -438,6 +444,16 @@ def _process_embedded(
                 worker.abandon()  # a step that starts from now on does nothing
                 conductor.close()
                 raise Interrupted(_give_back(rt, batch_id), batch_id=batch_id) from None
+            except DatabaseUnavailableError as exc:
+                # The database stayed away past a lease: stop as Ctrl-C does, giving back what
+                # can still be given back, and say so in one line (exit 2), never "internal error".
+                abandoned = True
+                worker.abandon()
+                conductor.close()
+                given_back = _give_back(rt, batch_id, stopped="stopped")
+                raise DatabaseUnavailableError(
+                    f"{exc}; {given_back}; run the same command again once the database answers, to resume"
+                ) from None
     finally:
         conductor.close()
         stop_metrics()
@@ -460,8 +476,9 @@ def _nothing_to_stop() -> None:
     """What :func:`_process_embedded` stops when its caller serves the metrics."""
 
 
-def _give_back(rt: Runtime, batch_id: str) -> str:
-    """Give back this process's leases; returns the line that says what became of its jobs.
+def _give_back(rt: Runtime, batch_id: str, *, stopped: str = "interrupted") -> str:
+    """Give back this process's leases; returns the line that says what became of its jobs,
+    beginning with ``stopped`` (what stopped the run).
 
     Waits up to :data:`IN_FLIGHT_GRACE_SECONDS` for POSTs already sent to be answered (their
     request ids recorded), so that the next run rarely has a ``submit_unknown`` to resolve.
@@ -493,10 +510,10 @@ def _give_back(rt: Runtime, batch_id: str) -> str:
     except Exception as exc:  # the database is unreachable: the leases expire on their own
         log.debug("giving leases back failed", exc_info=True, extra={"event": "run.give_back_failed"})
         return (
-            f"interrupted; could not give this process's jobs back ({type(exc).__name__}): they "
+            f"{stopped}; could not give this process's jobs back ({type(exc).__name__}): they "
             f"are picked up again after WANBATCH_LEASE_SECONDS ({rt.settings.lease_seconds:.0f}s)"
         )
-    parts = ["interrupted: nothing more is sent"]
+    parts = [f"{stopped}: nothing more is sent"]
     if unsent:
         parts.append(f"{unsent} job(s) not yet sent went back to pending")
     if released:
@@ -656,7 +673,21 @@ def _watch(
                 conductor.run(_stop_requested, on_progress=lambda: refresh(task_id))
                 stats.status_calls += conductor.stats.status_calls + conductor.stats.streams
                 return
-            while not _stop_requested.is_set() and not refresh(task_id):
+            # Watching the workers: a database that is unavailable for a while is waited out
+            # (the workers ride it out too), up to a lease (WANBATCH_LEASE_SECONDS).
+            outage = DatabaseOutage(
+                "the run (watching the workers)", patience=settings.lease_seconds, url=settings.database_url
+            )
+            while not _stop_requested.is_set():
+                try:
+                    if refresh(task_id):
+                        return
+                except Exception as exc:
+                    if not db.is_unavailable(exc):
+                        raise
+                    outage.failed(exc, _stop_requested)
+                    continue
+                outage.answered()
                 _stop_requested.wait(settings.tick_interval)
         except BaseException as exc:  # handed to the main thread, which raises it
             failure.append(exc)

@@ -27,6 +27,7 @@ from sqlalchemy import Engine
 from jobs import db
 from jobs.settings import Settings, get_settings
 from worker import logs, steps
+from worker.db_outage import database_problem
 from worker.runtime import build_runtime
 from worker.steps import Runtime
 from worker.task_events import sent_events
@@ -204,7 +205,23 @@ def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
     if not _accepting.is_set():
         return "stopping"
     with logs.job_context(job_id):  # every line the step logs names its job
-        outcome = step(runtime(task.app), job_id)
+        try:
+            outcome = step(runtime(task.app), job_id)
+        except Exception as exc:
+            if not db.is_unavailable(exc):
+                raise
+            # A killed connection, a restart, a failover: no bug, so one line and no traceback
+            # (Celery logged a task that raises with its traceback). The job keeps its lease; the
+            # tick's reconcile takes it over when that runs out, as for a worker that died.
+            log.warning(
+                "%s of job %s: the database is unavailable (%s); the job is taken up again when "
+                "its lease runs out",
+                step.__name__,
+                job_id,
+                database_problem(exc),
+                extra={"event": "step.database_unavailable"},
+            )
+            return "database-unavailable"
         logs.step_done(log, step.__name__, job_id, outcome)
     return outcome
 

@@ -90,5 +90,6 @@ def test_a_connection_killed_within_the_idle_second_fails_once_then_the_pool_rec
     with pytest.raises(OperationalError) as failed:
         _backend_pid(engine)
     assert failed.value.connection_invalidated
+    assert db.is_unavailable(failed.value)  # what the run's loops wait out (worker.db_outage)
     assert _backend_pid(engine) != first
     assert pings == []
