@@ -61,7 +61,7 @@ from typing import NoReturn  # noqa: E402
 import click  # noqa: E402
 
 from cli import batch_commands, doctor_command, manifest_commands, service_commands, startup  # noqa: E402
-from cli.output import EXIT_OK, path_failure  # noqa: E402
+from cli.output import EXIT_OK, EXIT_USAGE, path_failure  # noqa: E402
 from jobs.printable import printable  # noqa: E402
 
 
@@ -139,6 +139,24 @@ def _internal_error(exc: BaseException) -> NoReturn:
         pass
     text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
     _fail(f"internal error: {mask_urls(redact_text(text))}; please report it{where}", EXIT_INTERNAL)
+
+
+def _database_full(exc: BaseException) -> str | None:
+    """The one line for a write the database refused because its disk is full (SQLite's
+    ``SQLITE_FULL``, PostgreSQL's ``disk_full``), wherever in a command it happened; None for
+    anything else. The unit of work that failed was rolled back, as every failed one is
+    (:func:`jobs.db.session_scope`); the commands that write do so in one unit."""
+    from jobs import db
+
+    if not db.is_disk_full(exc):
+        return None
+    try:
+        from jobs.settings import get_settings
+
+        url: str | None = get_settings().database_url
+    except Exception:  # the settings were read before the command could write: not expected
+        url = None
+    return str(db.disk_full_error(url))
 
 
 def _json_requested(args: list[str]) -> bool:
@@ -238,5 +256,7 @@ def _main() -> None:
             _internal_error(exc)
         _fail(printable(str(usage)), usage.exit_code, prefix="error: ")
     except Exception as exc:  # the safety net: a bug still gets one line, not a traceback
+        if (full := _database_full(exc)) is not None:  # no bug: a write found no room
+            _fail(printable(full), EXIT_USAGE, prefix="error: ")
         _internal_error(exc)
     sys.exit(code if isinstance(code, int) else EXIT_OK)

@@ -29,6 +29,7 @@ from cli.output import (
     emit_json,
     err,
     escape,
+    fail,
     final_code,
     guarded,
     out,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from falsim.server import SimulatorHandle
     from jobs.batches import BatchReport
     from jobs.diff import JobSide, Pair
+    from jobs.errors import WanbatchError
     from jobs.settings import Settings
     from worker.running import Interrupted
 
@@ -554,6 +556,7 @@ def _processing(as_json: bool, action: Callable[[], int], resume: Callable[[str 
     """
 
     def interruptible() -> int:
+        from jobs.errors import DatabaseFullError
         from worker.running import Interrupted, stop_on_signals
 
         try:
@@ -561,8 +564,20 @@ def _processing(as_json: bool, action: Callable[[], int], resume: Callable[[str 
                 return action()
         except Interrupted as exc:
             _exit_interrupted(exc, as_json, exc.hint or resume(exc.batch_id))
+        except DatabaseFullError as exc:  # its one line; steps may still be on their way out
+            _exit_now(exc, as_json)
 
     guarded(as_json, interruptible)
+
+
+def _exit_now(exc: WanbatchError, as_json: bool) -> NoReturn:
+    """:func:`fail`, ending the process at once, as :func:`_exit_interrupted` does: a run the
+    database's full disk stopped may leave a download on its way in a worker thread."""
+    with contextlib.suppress(SystemExit):
+        fail(exc, as_json)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exc.exit_code)
 
 
 def _exit_interrupted(exc: Interrupted, as_json: bool, hint: str) -> NoReturn:

@@ -69,7 +69,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.sqltypes import TupleType
 
-from jobs.errors import ConfigError
+from jobs.errors import ConfigError, DatabaseFullError
 from jobs.settings import DatabaseSettings
 from jobs.url_secrets import masked_url
 
@@ -604,6 +604,71 @@ def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
+#: SQLite's primary result code for a write that found no room (``SQLITE_FULL``: the disk is
+#: full, or the database reached ``PRAGMA max_page_count``), and PostgreSQL's SQLSTATE
+#: ``disk_full`` (https://www.postgresql.org/docs/current/errcodes-appendix.html).
+_SQLITE_FULL = 13
+_PG_DISK_FULL = "53100"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database's disk is full: a write was refused for want of space
+    (SQLite's ``SQLITE_FULL``, PostgreSQL's ``disk_full``), and its transaction kept nothing.
+
+    :func:`is_unavailable` says True for it too (it is an ``OperationalError``: the same work
+    succeeds later), but unlike a restart or a dropped connection it does not pass by waiting
+    a second: someone must free space. So nothing more should be claimed or sent meanwhile,
+    while what only this process knows (an accepted request id) is kept until it can be
+    written (:mod:`worker.steps.unrecorded`).
+    """
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if isinstance(orig, sqlite3.Error):
+        return (getattr(orig, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_FULL
+    return getattr(orig, "sqlstate", None) == _PG_DISK_FULL
+
+
+def database_place(url: str | URL | None) -> str | None:
+    """Where the database keeps its data, for a message: a SQLite file's absolute path, else
+    the URL with its password masked (None without a URL)."""
+    if url is None:
+        return None
+    try:
+        target = sqlite_file(url)
+    except ConfigError:
+        return safe_url(url)
+    return str(target.path.absolute()) if target is not None else safe_url(url)
+
+
+def disk_full_error(
+    url: str | URL | None, *, then: str = "run the command again; nothing was changed"
+) -> DatabaseFullError:
+    """The one line for a database whose disk is full (:func:`is_disk_full`): where, and what to
+    do; ``then`` says what comes after freeing space (by default: the refused command again)."""
+    where = database_place(url)
+    on_server = ""
+    with contextlib.suppress(ConfigError):
+        on_server = "" if url is None or sqlite_file(url) is not None else " on the database server"
+    place = f" ({where})" if where else ""
+    return DatabaseFullError(
+        f"the database's disk is full{place}: free space{on_server}, then {then}", where=where
+    )
+
+
+def _no_room_beside(url: str | URL) -> bool:
+    """Whether the folder of a SQLite database has (next to) no free space left: opening it
+    then fails with "disk I/O error" (SQLite cannot create its ``-wal`` and ``-shm`` files)."""
+    with contextlib.suppress(ConfigError, OSError):
+        target = sqlite_file(url)
+        if target is not None:
+            info = os.statvfs(target.path.absolute().parent)
+            return info.f_bavail * info.f_frsize < _NO_ROOM_BYTES
+    return False
+
+
+#: Less free space than this beside a SQLite database that fails to open counts as a full disk.
+_NO_ROOM_BYTES = 1 << 20
+
+
 #: PostgreSQL's SQLSTATEs for a transaction the server ended to break a conflict, which the same
 #: work run again settles: ``deadlock_detected`` and ``serialization_failure``
 #: (https://www.postgresql.org/docs/current/errcodes-appendix.html).
@@ -1020,6 +1085,8 @@ def _engine_for(url: str) -> Engine:
     # sqlite3.Error: raised bare from a commit hook (`/dev/null` as the file: "disk I/O error")
     except (DBAPIError, OSError, sqlite3.Error) as exc:  # unreachable, refused, no such database, unwritable…
         engine.dispose()
+        if is_disk_full(exc) or (isinstance(exc, DBAPIError | sqlite3.Error) and _no_room_beside(url)):
+            raise disk_full_error(url) from None
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         raise ConfigError(
             f"WANBATCH_DATABASE_URL {safe_url(url)}: cannot open the database: "

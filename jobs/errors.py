@@ -13,6 +13,7 @@ lives in this module unless ``[module]`` names another::
     ├── UsageError                   exit 2: bad option, unknown batch, bad configuration
     │   ├── ConfigError              a WANBATCH_* setting (or FAL_KEY) is missing or malformed
     │   │   └── DatabaseUnavailableError [worker.db_outage] the database stayed away mid-run past a lease
+    │   ├── DatabaseFullError        the database's disk is full: nothing can be stored until space is freed
     │   ├── NotFoundError            a batch or job id that does not exist
     │   └── ManifestError            the manifest is invalid; carries every located issue
     ├── StateConflict                a fenced write found the job moved on (its lease lost mid-download)
@@ -64,6 +65,17 @@ class UsageError(WanbatchError):
 
 class ConfigError(UsageError):
     """A setting is missing or malformed; the message names the variable, never its secret value."""
+
+
+class DatabaseFullError(UsageError):
+    """The database's disk is full (SQLite's ``SQLITE_FULL``, PostgreSQL's ``disk_full``): the
+    write was refused and rolled back, and no write can succeed until someone frees space.
+    Not a bug and not an outage that passes by itself: one line (exit 2) saying where to free
+    space. ``where`` is the database's file, or its URL with the password masked."""
+
+    def __init__(self, message: str, *, where: str | None = None) -> None:
+        super().__init__(message)
+        self.where = where
 
 
 class NotFoundError(UsageError):

@@ -1456,15 +1456,18 @@ def adopt_request(
     gateway_request_id: str | None,
     submitted_at: datetime,
     next_poll_at: datetime,
+    proof: str = "proved by webhook",
 ) -> bool:
     """``submitting``/``submit_unknown`` → ``queued``: fal's signed webhook for this job's current
-    attempt proves it accepted the POST whose answer we never stored, as ``request_id``. The job
-    keeps that request (never resent); its URLs are derived from the configured queue."""
+    attempt proves it accepted the POST whose answer we never stored, as ``request_id`` — or
+    the journal of the process that sent it does, which had the answer but no database to
+    write it to (``proof`` says which). The job keeps that request (never resent); its URLs are
+    derived from the configured queue."""
     return _move(
         session,
         fence,
         JobState.QUEUED,
-        f"proved by webhook: accepted as {request_id}",
+        f"{proof}: accepted as {request_id}",
         request_id=request_id,
         gateway_request_id=gateway_request_id,
         status_url=None,

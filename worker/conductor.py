@@ -64,6 +64,10 @@ STARTED_BATCH_SECONDS = 0.2
 #: long before the next: that process finishes its transaction meanwhile. Whatever the round did
 #: not do, the next round or tick does (events it lost are found by the safety net's poll).
 CONFLICT_PAUSE_SECONDS = 0.05
+#: While the database's disk is full and a submit step of this process waits to record what
+#: fal accepted, how often the conductor looks whether it still waits (it sends nothing meanwhile).
+FULL_DISK_LOOK_SECONDS = 0.25
+
 #: Ticks in a row that found nothing to do before the tick slows down: a batch waiting for its
 #: window, or one whose every job waits out a long retry, needs no safety net every second.
 QUIET_TICKS = 5
@@ -224,6 +228,11 @@ class Conductor:
         warning, growing pauses). Not resilient, an outage longer than ``WANBATCH_LEASE_SECONDS``
         ends the run with :class:`~worker.db_outage.DatabaseUnavailableError` (by then the
         leases this process holds have run out, and nothing can be done without the database).
+
+        A database whose disk is full (:func:`jobs.db.is_disk_full`) stops every round — nothing
+        more is claimed or sent — for as long as a submit step of this process waits to record
+        a request fal accepted (:meth:`_hold_while_full`); then the round is tried again. With
+        nothing waiting, a run ends with the error; a resilient worker waits for space.
         """
         settings = self.rt.settings
         self._outage = DatabaseOutage(
@@ -244,6 +253,10 @@ class Conductor:
                     )
                     stopping.wait(CONFLICT_PAUSE_SECONDS)
                     continue
+                if db.is_disk_full(exc):  # before is_unavailable, which a full disk also is
+                    if self._hold_while_full(stopping, on_progress, progress_every, resilient):
+                        continue
+                    raise  # nothing waits to be recorded: the run ends, saying where to free space
                 if db.is_unavailable(exc):  # gone for a while: no bug, and nothing is lost meanwhile
                     self._outage.failed(exc, stopping)  # raises once it lasted too long (not resilient)
                     continue
@@ -253,6 +266,39 @@ class Conductor:
                     "conductor round failed; going on after a pause", extra={"event": "conductor.failed"}
                 )
                 stopping.wait(min(1.0, self.rt.settings.tick_interval))
+
+    def _hold_while_full(
+        self,
+        stopping: threading.Event,
+        on_progress: Callable[[], bool] | None,
+        progress_every: float,
+        resilient: bool,
+    ) -> bool:
+        """A round failed because the database's disk is full: no round (no claim, no send)
+        until no submit step of this process is under way any more — a step that holds a
+        request id fal accepted waits until it is recorded, however long freeing space takes,
+        and the progress line says so. True: try the round again; False: nothing was waiting,
+        so a run ends with the error (``run`` says where to free space)."""
+        waiting = self.rt.unrecorded
+        new = waiting.mark_full()
+        if resilient:  # a worker lives on: it waits for space, saying so now and then
+            if new or waiting.reminder_due():
+                log.warning(
+                    "the database's disk is full: nothing is claimed or sent until space is freed on %s",
+                    waiting.place,
+                    extra={"event": "conductor.database_full"},
+                )
+            stopping.wait(min(1.0, self.rt.settings.tick_interval))
+            return True
+        if not waiting.busy():
+            return False
+        next_progress = 0.0
+        while waiting.busy() and not stopping.is_set():
+            if on_progress is not None and time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + progress_every
+                on_progress()
+            stopping.wait(FULL_DISK_LOOK_SECONDS)
+        return True
 
     def _loop(
         self,
@@ -272,6 +318,7 @@ class Conductor:
                 leading = leads() if leads is not None else True
                 if leading:
                     quiet = quiet + 1 if self._tick(stopping) else 0
+                    self.rt.unrecorded.writable()  # the tick's writes worked: sending may go on
                     if redispatch_at is None:  # the tick's dispatch left jobs waiting: as a round would
                         redispatch_at = self._redispatch_at()
                 self._outage.answered()  # the tick (or the leader lock's check) reached the database
@@ -439,6 +486,8 @@ class Conductor:
                 with db.session_scope(self.rt.engine) as session:
                     store.drop_heartbeats(session, self.rt.owner)
             except Exception as exc:  # the database is gone: the rows go stale instead
+                if db.is_disk_full(exc):  # said already: the run ends with where to free space
+                    return
                 log.warning(
                     "could not clear this process's heartbeat (%s); it goes stale by itself",
                     database_problem(exc),  # one line: what the database said

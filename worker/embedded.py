@@ -75,6 +75,15 @@ class InProcessWorker:
             try:
                 logs.step_done(log, step.__name__, job_id, step(rt, job_id))
             except Exception as exc:
+                if db.is_disk_full(exc):  # no bug: `run` says where to free space, once
+                    rt.unrecorded.mark_full()
+                    log.info(
+                        "%s of job %s stopped: the database's disk is full",
+                        step.__name__,
+                        job_id,
+                        extra={"event": "step.database_full"},
+                    )
+                    return
                 if not db.is_unavailable(exc):  # the job keeps its lease; the tick's reconcile takes it over
                     log.exception(
                         "%s of job %s failed", step.__name__, job_id, extra={"event": "step.failed"}

@@ -42,7 +42,7 @@ from jobs.batches import (
     progress_forecast,
 )
 from jobs.db import open_engine
-from jobs.errors import ConfigError, WanbatchError
+from jobs.errors import ConfigError, DatabaseFullError, WanbatchError
 from jobs.printable import printable, shell_ref
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -443,7 +443,12 @@ def _process_embedded(
                 abandoned = True
                 worker.abandon()  # a step that starts from now on does nothing
                 conductor.close()
-                raise Interrupted(_give_back(rt, batch_id), batch_id=batch_id) from None
+                # Accepted ids the database could not take (its disk is full) stay in the journal.
+                lost = rt.unrecorded.give_up(IN_FLIGHT_GRACE_SECONDS)
+                said = _give_back(rt, batch_id, kept=len(lost))
+                if lost:
+                    said = f"{said}; {rt.unrecorded.lost_words(lost)}"
+                raise Interrupted(said, batch_id=batch_id) from None
             except DatabaseUnavailableError as exc:
                 # The database stayed away past a lease: stop as Ctrl-C does, giving back what
                 # can still be given back, and say so in one line (exit 2), never "internal error".
@@ -454,11 +459,32 @@ def _process_embedded(
                 raise DatabaseUnavailableError(
                     f"{exc}; {given_back}; run the same command again once the database answers, to resume"
                 ) from None
+            except Exception as exc:
+                if not db.is_disk_full(exc):
+                    raise
+                abandoned = True
+                worker.abandon()
+                conductor.close()
+                raise _stopped_by_full_disk(rt) from None
     finally:
         conductor.close()
         stop_metrics()
         if not abandoned:  # abandoned threads may still use them until the process exits
             close_runtime(rt)
+
+
+def _stopped_by_full_disk(rt: Runtime) -> DatabaseFullError:
+    """The line a run ends with when the database's disk is full and no submission of this
+    process waits to be recorded any more (the conductor waited for those): nothing more was
+    sent; what fal holds is collected by the next run. A submission accepted while stopping
+    (its POST was on its way) is kept in the journal, and named."""
+    lost = rt.unrecorded.lost_words(rt.unrecorded.give_up(IN_FLIGHT_GRACE_SECONDS))
+    then = (
+        "run the same command again: it goes on where this run stopped (nothing more was sent; "
+        "requests already at fal are collected then)"
+    )
+    full = db.disk_full_error(rt.settings.database_url, then=then)
+    return DatabaseFullError(f"{full}; {lost}" if lost else str(full), where=full.where)
 
 
 def serve_run_metrics(settings: Settings) -> Callable[[], None]:
@@ -476,12 +502,14 @@ def _nothing_to_stop() -> None:
     """What :func:`_process_embedded` stops when its caller serves the metrics."""
 
 
-def _give_back(rt: Runtime, batch_id: str, *, stopped: str = "interrupted") -> str:
+def _give_back(rt: Runtime, batch_id: str, *, kept: int = 0, stopped: str = "interrupted") -> str:
     """Give back this process's leases; returns the line that says what became of its jobs,
     beginning with ``stopped`` (what stopped the run).
 
     Waits up to :data:`IN_FLIGHT_GRACE_SECONDS` for POSTs already sent to be answered (their
     request ids recorded), so that the next run rarely has a ``submit_unknown`` to resolve.
+    ``kept``: submissions fal accepted whose ids the database could not take, kept for the next
+    run instead (:mod:`worker.steps.unrecorded`): not waited for, and not said to be unknown.
     """
     from worker.steps.context import DOWNLOAD_QUEUE, process_identity
 
@@ -500,7 +528,7 @@ def _give_back(rt: Runtime, batch_id: str, *, stopped: str = "interrupted") -> s
                 )
             unsent += got.unsent
             released += got.released
-            if got.in_flight == 0 or time.monotonic() >= deadline:
+            if got.in_flight <= kept or time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
         with db.session_scope(rt.engine) as session:
@@ -520,9 +548,9 @@ def _give_back(rt: Runtime, batch_id: str, *, stopped: str = "interrupted") -> s
         parts.append(f"{released} download(s)/status check(s) released")
     if at_fal:
         parts.append(f"{at_fal} request(s) still at fal: the next run fetches their results")
-    if got.in_flight:
+    if got.in_flight > kept:
         parts.append(
-            f"{got.in_flight} submission(s) were still in flight: the next run checks them "
+            f"{got.in_flight - kept} submission(s) were still in flight: the next run checks them "
             f"after WANBATCH_LEASE_SECONDS ({rt.settings.lease_seconds:.0f}s), never resending blindly"
         )
     return "; ".join(parts)
@@ -615,8 +643,10 @@ def _watch(
         budget.spent(started, time.monotonic())
         done = current["finished"]
         waiting = compact_note(current["schedule_state"]) if not current["schedule_open"] else ""
-        # Embedded, this process submits: while its limiter's Redis does not answer, say so.
+        # Embedded, this process submits: while its limiter's Redis does not answer, say so;
+        # while the database's disk is full, what waits to be recorded and where to free space.
         held = unreachable_note(conductor.rt.limiter) if conductor is not None else None
+        held = (conductor.rt.unrecorded.note() if conductor is not None else None) or held
         # A cap that holds the unsent jobs back, and whose jobs fill it: in full once, then short.
         if (line := caps.first_said(holds)) is not None:
             progress.console.print(f"[yellow]{shown(line)}[/yellow]")

@@ -25,6 +25,7 @@ from worker.fal.client import FalClient
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
 from worker.limits import SubmitLimiter, api_key_id, limiter_for
+from worker.steps.unrecorded import Unrecorded
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +234,12 @@ class Runtime:
     #: its download while recording its completion (``worker.steps.download.handed_claim``),
     #: when downloads run on this process's threads. None elsewhere.
     download_claims: dict[str, DownloadClaim] | None = None
+    #: Accepted submissions not recorded yet, and whether the database's disk is full (nothing
+    #: new is sent then): :mod:`worker.steps.unrecorded`.
+    unrecorded: Unrecorded = field(init=False)
 
     def __post_init__(self) -> None:
+        self.unrecorded = Unrecorded(self.settings.database_url)
         if self.bucket is None:
             self.bucket = RateBucket(self.settings.submit_rate / (1 + self.settings.submit_jitter_allowance))
         if self.limiter is None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 
+from sqlalchemy.orm import Session
+
 from jobs import db, store
 from jobs.errors import (
+    NotFoundError,
     ProviderError,
 )
 from jobs.models import utcnow
@@ -14,6 +17,8 @@ from jobs.store import Fence
 from worker.fal.models import RequestHandle
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of
 from worker.steps.failures import settle_unknown_submit, submit_outcome_unknown, unknown_submit_wait_over
+from worker.steps.poll import first_poll_at
+from worker.steps.unrecorded import Accepted, read_journal
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +39,8 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
     Neither touches another provider's jobs (:meth:`~worker.steps.context.Runtime.reach`): a
     simulation's are settled by its own ``--simulate`` run, a paid batch's by fal's runtimes.
     """
+    moved = adopt_unrecorded(rt)  # first: a job whose request id is known is never "unknown"
     now = utcnow()
-    moved = 0
     with db.session_scope(rt.engine) as session:
         lease = rt.settings.lease_seconds
         reach = rt.reach(session)
@@ -76,6 +81,77 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
         for job in unknown:
             moved += settle_unknown_submit(session, rt, job, unknown_submit_wait_over(rt.settings))
     return moved
+
+
+def adopt_unrecorded(rt: Runtime) -> int:
+    """Record the submissions fal accepted that the database could not take when they were
+    made (:mod:`worker.steps.unrecorded`): those this process's submit steps gave up on, and,
+    every :data:`~worker.steps.unrecorded.SCAN_SECONDS`, the journals that processes which
+    have ended left for this database on this host. Run before the reconciler could declare
+    such a job's outcome unknown (and, by its policy, fail it or pay for it again). A journal
+    file is removed once every entry in it is settled. Returns how many jobs were recorded."""
+    waiting = rt.unrecorded
+    adopted = 0
+    mine = waiting.left()
+    if mine:
+        with db.session_scope(rt.engine) as session:
+            adopted += sum(_adopt(session, rt, a, "recorded late by the process that sent it") for a in mine)
+        for accepted in mine:
+            waiting.recorded(accepted)
+    if not waiting.scan_due():
+        return adopted
+    for path in waiting.journal.left_by_others():
+        entries = read_journal(path)
+        if entries is None:
+            continue
+        proof = f"kept in {path} while the database could not take it"
+        with db.session_scope(rt.engine) as session:
+            adopted += sum(_adopt(session, rt, a, proof) for a in entries)
+        try:
+            path.unlink()
+        except OSError as exc:  # another process settled it first, or the folder went read-only
+            log.debug("could not remove %s: %s", path, exc, extra={"event": "reconcile.journal_left"})
+    return adopted
+
+
+def _adopt(session: Session, rt: Runtime, accepted: Accepted, proof: str) -> bool:
+    """Record ``accepted`` on its job, when the job still waits for that attempt's answer; say
+    what became of it otherwise. True when recorded now."""
+    try:
+        job = store.get_job(session, accepted.job_id)
+    except NotFoundError:
+        return False
+    if job.request_id == accepted.request_id:
+        return False  # recorded already (the step's own write landed after all)
+    state = S(job.state)
+    unanswered = state == S.SUBMIT_UNKNOWN or (state == S.SUBMITTING and job.submitted_input is not None)
+    if job.attempts == accepted.attempt and job.request_id is None and unanswered:
+        if store.adopt_request(
+            session,
+            rt.fence(job),
+            request_id=accepted.request_id,
+            gateway_request_id=accepted.gateway_request_id,
+            submitted_at=accepted.submitted_at,
+            next_poll_at=first_poll_at(rt.settings, utcnow()),
+            proof=proof,
+        ):
+            log.warning(
+                "%s recorded: %s",
+                accepted.line(),
+                proof,
+                extra={"event": "submit.adopted", "job_id": job.id, "request_id": accepted.request_id},
+            )
+            return True
+        return False
+    log.warning(
+        "fal accepted %s, but the job has moved on meanwhile (%s, attempt %d): that request may "
+        "be billed besides the job's own",
+        accepted.line(),
+        state.value,
+        job.attempts,
+        extra={"event": "submit.adopt_too_late", "job_id": job.id, "request_id": accepted.request_id},
+    )
+    return False
 
 
 def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:

@@ -2,8 +2,10 @@
 
 The exact input is recorded and committed before the POST; the POST is never retried; a lost
 answer makes the job ``submit_unknown``; an accepted request id is recorded even through a
-database outage, because only this process knows it. A failure before the request left this
-process is not ambiguous: the job goes back to ``pending`` (or fails with the reason)."""
+database outage or a full disk, because only this process knows it (kept in memory and in a
+journal meanwhile: :mod:`worker.steps.unrecorded`). A failure before the request left this
+process is not ambiguous: the job goes back to ``pending`` (or fails with the reason). While the
+database's disk is full nothing is sent."""
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ from worker.steps.failures import (
     submit_outcome_unknown,
 )
 from worker.steps.poll import first_poll_at
+from worker.steps.unrecorded import Accepted
 from worker.steps.webhooks import binding_token, webhook_secret
 
 log = logging.getLogger(__name__)
@@ -102,11 +105,25 @@ def submit(rt: Runtime, job_id: str) -> str:
 
     Whoever conducts this process hears of it at once (``rt.notify``): an accepted job is to
     be watched, any other end gave its outstanding slot back (dispatch again now).
+
+    A write the database refuses because its disk is full ends the step (``database-full``)
+    without a traceback: the job keeps its lease, and the conductor holds every round until
+    space is freed (:mod:`worker.steps.unrecorded`).
     """
-    outcome = _submit(rt, job_id)
+    with rt.unrecorded.step():
+        try:
+            outcome = _submit(rt, job_id)
+        except Exception as exc:
+            if not db.is_disk_full(exc):
+                raise
+            rt.unrecorded.mark_full()
+            log.info(
+                "job %s: not sent: the database's disk is full", job_id, extra={"event": "submit.db_full"}
+            )
+            outcome = "database-full"
     if outcome in ("submitted", "submitted-late"):
         rt.notify("submitted", job_id)
-    elif outcome not in ("skipped", "ambiguous"):
+    elif outcome not in ("skipped", "ambiguous", "database-full", "unrecorded"):
         rt.notify("freed", job_id)
     return outcome
 
@@ -140,6 +157,12 @@ def _submit(rt: Runtime, job_id: str) -> str:
     fence, endpoint, raw_input, attempt = ticket.fence, ticket.endpoint, ticket.input, ticket.attempt
     batch_id, schedule, priority = ticket.batch_id, ticket.schedule, ticket.priority
     logs.annotate(batch_id=batch_id)
+    if rt.unrecorded.full:  # an id fal gave now could not be recorded either: send nothing
+        with db.session_scope(rt.engine) as session:  # refused too, most likely: the lease runs out
+            store.give_back(
+                session, fence, reason="held back: the database's disk is full", due_at=in_seconds(0)
+            )
+        return "database-full"
 
     # The batch's schedule, checked again right before sending (dispatch checked it when it
     # claimed the job, but a window may have closed since): fal must not start the request
@@ -259,7 +282,18 @@ def _submit(rt: Runtime, job_id: str) -> str:
     logs.annotate(request_id=submitted.request_id)
     chaos.crash_point("after_post")
     now = utcnow()
-    outcome = _while_database_down(rt, lambda: _record_submission(rt, fence, submitted, now))
+    accepted = Accepted(
+        job_id=job_id,
+        attempt=attempt,
+        request_id=submitted.request_id,
+        gateway_request_id=submitted.gateway_request_id,
+        status_url=submitted.status_url,
+        response_url=submitted.response_url,
+        cancel_url=submitted.cancel_url,
+        running=submitted.status == "IN_PROGRESS",
+        submitted_at=now,
+    )
+    outcome = _until_recorded(rt, accepted, lambda: _record_submission(rt, fence, submitted, now))
     if outcome == "submitted":
         chaos.crash_point("after_commit")
     if outcome in ("submitted", "submitted-late") and rt.on_accepted is not None:
@@ -345,29 +379,92 @@ def _not_sent(session: Session, fence: Fence, why: str) -> None:
     )
 
 
-def _while_database_down(rt: Runtime, action: Callable[[], str]) -> str:
-    """Retry ``action`` while the database is unreachable, for a bounded time.
+def _until_recorded(rt: Runtime, accepted: Accepted, action: Callable[[], str]) -> str:
+    """Run ``action`` (recording ``accepted``) until the database takes it: this process alone
+    knows the request id of an accepted, paid submit, and giving up at the first refused write
+    would turn it into "submission outcome unknown" — and, by ``rerun --failed-only``, a second
+    payment.
 
-    Used where this process alone knows something fal has already acted on (the request id
-    of an accepted, paid submit): giving up at the first dropped connection would turn a
-    paid request into "submission outcome unknown". Retries back off to 1 s so the write
-    lands within a second of the database returning — before the reconciler's deadline.
+    * The disk is full (:func:`jobs.db.is_disk_full`): tried again every second for as long as
+      it lasts — it ends only when someone frees space — unless the run stops for good
+      (``given_up``: Ctrl-C). Nothing new is sent meanwhile (:attr:`Unrecorded.full`).
+    * The database is unreachable: tried again, backing off to 1 s so the write lands within a
+      second of its return, for up to the lease plus ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE``.
+
+    From the first refusal the submission is also kept in the journal, so what a step gives up
+    on is recorded by the next process instead (:mod:`worker.steps.unrecorded`). Said once per
+    submission with its request id, then every
+    :data:`~worker.steps.unrecorded.REMINDER_SECONDS` for all of them; ``unrecorded`` when given up.
     """
+    waiting = rt.unrecorded
     patience = time.monotonic() + max(60.0, rt.settings.lease_seconds + rt.settings.submit_unknown_deadline)
     delay = 0.1
+    kept = False
     while True:
         try:
-            return action()
-        except OperationalError:
-            if time.monotonic() > patience:
-                raise
-            log.warning(
-                "database unreachable while recording a submission; retrying in %.1fs",
-                delay,
-                extra={"event": "submit.record_retry"},
-            )
-            time.sleep(delay)
+            outcome = action()
+        except OperationalError as exc:
+            full = db.is_disk_full(exc)
+            what = "the database's disk is full" if full else "the database is unreachable"
+            if full:
+                waiting.mark_full()
+            if not kept:
+                kept = True
+                where = waiting.keep(accepted)
+                log.warning(
+                    "%s: fal accepted %s, which cannot be recorded yet; %s (%s)",
+                    what,
+                    accepted.line(),
+                    f"retrying until space is freed on {waiting.place}" if full else "retrying",
+                    f"kept in {where} meanwhile" if where else f"not kept on disk: {accepted.as_json()}",
+                    extra={
+                        "event": "submit.record_retry" if where else "submit.unrecorded",
+                        "job_id": accepted.job_id,
+                        "request_id": accepted.request_id,
+                    },
+                )
+            elif waiting.reminder_due():
+                log.warning(
+                    "%s: %d accepted submission(s) still waiting to be recorded%s",
+                    what,
+                    len(waiting.waiting()),
+                    f"; free space on {waiting.place}" if full else "",
+                    extra={"event": "submit.record_retry"},
+                )
+            stopping = waiting.given_up.is_set()  # the run stops, and its last line names them all
+            if stopping or (not full and time.monotonic() > patience):
+                waiting.leave(accepted)
+                log.log(
+                    logging.INFO if stopping else logging.ERROR,
+                    "%s: %s not recorded; %s",
+                    what,
+                    accepted.line(),
+                    f"kept in {waiting.journal.path}: the next run records it"
+                    if waiting.journal.path
+                    else f"not kept on disk either: {accepted.as_json()}",
+                    extra={
+                        "event": "submit.unrecorded",
+                        "job_id": accepted.job_id,
+                        "request_id": accepted.request_id,
+                    },
+                )
+                return "unrecorded"
+            waiting.given_up.wait(1.0 if full else delay)
             delay = min(1.0, delay * 2)
+            continue
+        if kept:
+            waiting.recorded(accepted)
+            waiting.writable()
+            log.warning(
+                "%s recorded after all",
+                accepted.line(),
+                extra={
+                    "event": "submit.recorded_late",
+                    "job_id": accepted.job_id,
+                    "request_id": accepted.request_id,
+                },
+            )
+        return outcome
 
 
 def _record_submission(rt: Runtime, fence: Fence, submitted: Submitted, now: datetime) -> str:

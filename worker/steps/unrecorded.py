@@ -1,0 +1,448 @@
+"""Accepted submissions the database could not take yet, and a database whose disk is full.
+
+A submit fal accepted is paid for, and until its request id is recorded only the process that
+sent it knows that id. When the database refuses the write — its disk is full, or it cannot be
+reached — the id must not be thrown away:
+
+* **In memory** (:class:`Unrecorded`): the submit step keeps the id and tries again, once a
+  second. A full disk does not heal by waiting, but nothing is lost by waiting either: the step
+  goes on until someone frees space (no give-up, however long), and meanwhile nothing more is
+  claimed or sent (:attr:`Unrecorded.full`; the conductor holds its rounds, ``run``'s progress
+  line says what waits and where to free space). An unreachable database is waited for up to
+  its old patience, then the id is left to the journal below.
+* **On the side** (:class:`Journal`): from the first refused write on, each such submission
+  (job, attempt, request id, fal's URLs) is also kept in a small owner-only file,
+  ``wanbatch-accepted-<database>-<process>.jsonl``, in the first of these folders that takes
+  it: the SQLite database's own folder, the system's temporary folder, ``/dev/shm`` (memory:
+  usually free when a disk is full). A few hundred bytes each; the file is removed once all are
+  recorded. What cannot be kept anywhere is still in the log (one warning per submission, with
+  its request id) and in the line a stopped run ends with.
+* **Adopted** (:func:`worker.steps.reconcile.adopt_unrecorded`): the next process that
+  reconciles this database on this host (the next ``run``, a worker's tick) records the files
+  left by processes that ended, before it would declare those jobs' outcome unknown — so a
+  job fal accepted is followed and downloaded, never sent (and paid for) again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jobs import db
+from jobs.errors import ConfigError
+from worker.fal.models import request_id_or_none, valid_request_id
+
+log = logging.getLogger(__name__)
+
+#: How often a step that waits to record accepted submissions says so again (the first refusal
+#: of each is said at once, with its request id).
+REMINDER_SECONDS = 30.0
+#: How often another process's journal files are looked for (:func:`saved_elsewhere`).
+SCAN_SECONDS = 30.0
+#: File names of the journal: ``wanbatch-accepted-<database key>-<process>.jsonl``.
+PREFIX = "wanbatch-accepted-"
+SUFFIX = ".jsonl"
+#: Bytes of a journal file read at most (thousands of entries): anything longer is not ours.
+MAX_JOURNAL_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A submit fal accepted: all that recording it needs."""
+
+    job_id: str
+    attempt: int
+    request_id: str
+    gateway_request_id: str | None
+    status_url: str | None
+    response_url: str | None
+    cancel_url: str | None
+    running: bool
+    submitted_at: datetime
+
+    def line(self) -> str:
+        """``job J (attempt A): request R``, for messages."""
+        return f"job {self.job_id} (attempt {self.attempt}): request {self.request_id}"
+
+    def as_json(self) -> str:
+        return json.dumps({**asdict(self), "submitted_at": self.submitted_at.isoformat()}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Accepted | None:
+        """One journal line read back; None for a line that is not one (never trusted blindly)."""
+        try:
+            raw = json.loads(text)
+            fields: dict[str, Any] = {
+                "job_id": raw["job_id"],
+                "attempt": raw["attempt"],
+                "request_id": raw["request_id"],
+                "gateway_request_id": request_id_or_none(raw.get("gateway_request_id")),
+                "status_url": _text_or_none(raw.get("status_url")),
+                "response_url": _text_or_none(raw.get("response_url")),
+                "cancel_url": _text_or_none(raw.get("cancel_url")),
+                "running": raw.get("running") is True,
+                "submitted_at": datetime.fromisoformat(raw["submitted_at"]),
+            }
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not isinstance(fields["job_id"], str) or not 0 < len(fields["job_id"]) <= 64:
+            return None
+        if type(fields["attempt"]) is not int or not valid_request_id(fields["request_id"]):
+            return None
+        if fields["submitted_at"].tzinfo is None:
+            return None
+        return cls(**fields)
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and len(value) <= 2048 else None
+
+
+# --------------------------------------------------------------------------- the journal
+
+
+def database_key(database_url: str) -> str:
+    """16 hex digits naming one database (a SQLite file's absolute path; a PostgreSQL URL
+    without its password), so a journal is adopted only by processes of the same database."""
+    try:
+        target = db.sqlite_file(database_url)
+        ident = (
+            str(target.path.absolute())
+            if target is not None
+            else db.normalize_url(database_url).set(password=None).render_as_string(hide_password=False)
+        )
+    except ConfigError:
+        ident = database_url
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def journal_folders(database_url: str) -> list[Path]:
+    """Where journals are kept, in order of preference (see the module docstring)."""
+    folders: list[Path] = []
+    with contextlib.suppress(ConfigError):
+        target = db.sqlite_file(database_url)
+        if target is not None:
+            folders.append(target.path.absolute().parent)
+    folders.append(Path(tempfile.gettempdir()))
+    shm = Path("/dev/shm")  # noqa: S108 (files made owner-only, O_EXCL; read back only if ours)
+    if shm.is_dir():
+        folders.append(shm)
+    unique: list[Path] = []
+    for folder in folders:
+        if folder not in unique:
+            unique.append(folder)
+    return unique
+
+
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``); None when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _owner_token() -> str:
+    """``<pid>-<start>``: this process, told apart from a later one that reuses its pid."""
+    return f"{os.getpid()}-{_started(os.getpid()) or 0}"
+
+
+def _ended(owner: str) -> bool:
+    """Whether the process that wrote a journal (``<pid>-<start>``) has ended. Anything else
+    (a file a user saved by hand) counts as ended: its entries are for the taking."""
+    pid_text, _, start = owner.partition("-")
+    if not pid_text.isdigit() or int(pid_text) <= 0:
+        return True
+    pid = int(pid_text)
+    if start not in ("", "0") and Path("/proc/self/stat").exists():
+        return _started(pid) != start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process of that pid: alive
+        return False
+    return False
+
+
+class Journal:
+    """This process's journal file of accepted submissions not yet recorded (module docstring)."""
+
+    def __init__(self, database_url: str, folders: Iterable[Path] | None = None) -> None:
+        self.key = database_key(database_url)
+        self.folders = list(folders) if folders is not None else journal_folders(database_url)
+        self.name = f"{PREFIX}{self.key}-{_owner_token()}{SUFFIX}"
+        #: Where the file is now (the last write that worked), None when nowhere.
+        self.path: Path | None = None
+        self._lock = threading.Lock()
+
+    def save(self, entries: Iterable[Accepted]) -> Path | None:
+        """Keep exactly ``entries`` (none: remove the file); where they are kept, or None when no
+        folder could take them. A new copy is written beside the old one and then renamed over
+        it, so a write cut short by the full disk leaves the previous copy whole."""
+        lines = "".join(e.as_json() + "\n" for e in entries)
+        with self._lock:
+            if not lines:
+                self._remove_all()
+                return None
+            tried = [self.path] if self.path is not None else []
+            for path in tried + [f / self.name for f in self.folders if f / self.name != self.path]:
+                if _write_file(path, lines):
+                    self._remove_all(keep=path)
+                    self.path = path
+                    return path
+            return None
+
+    def _remove_all(self, keep: Path | None = None) -> None:
+        for folder in self.folders:
+            path = folder / self.name
+            if path != keep:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        if keep is None:
+            self.path = None
+
+    def left_by_others(self) -> list[Path]:
+        """Journal files of this database that processes which have ended left behind (this
+        user's own only: another user's file could name any request)."""
+        found: list[Path] = []
+        head = f"{PREFIX}{self.key}-"
+        for folder in self.folders:
+            try:
+                names = [e.name for e in os.scandir(folder) if e.name.startswith(head)]
+            except OSError:
+                continue
+            for name in names:
+                owner = name[len(head) : -len(SUFFIX)] if name.endswith(SUFFIX) else None
+                if owner is None or name == self.name or not _ended(owner):
+                    continue
+                path = folder / name
+                with contextlib.suppress(OSError):
+                    info = path.lstat()
+                    if info.st_uid == os.geteuid() and (info.st_mode & 0o170000) == 0o100000:
+                        found.append(path)
+        return found
+
+
+def _write_file(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` (owner-only, synced) by way of a temporary file; False when
+    the folder cannot take it (full, read-only, missing)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()  # a copy a crash left; never followed (O_EXCL, O_NOFOLLOW below)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        temporary.replace(path)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        return False
+
+
+def read_journal(path: Path) -> list[Accepted] | None:
+    """The entries of a journal file; None when it cannot be read (it is left alone)."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_JOURNAL_BYTES + 1)
+    except OSError:
+        return None
+    if len(data) > MAX_JOURNAL_BYTES:
+        return None
+    entries = [Accepted.from_json(line) for line in data.decode("utf-8", errors="replace").splitlines()]
+    return [e for e in entries if e is not None]
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+class Unrecorded:
+    """What this process knows that the database does not have yet, and whether its disk is full.
+
+    Shared by the submit steps (which keep an accepted id until it is recorded), the conductor
+    (which holds its rounds while the disk is full and a step still waits) and ``run``'s progress
+    line and last words. Every method may be called from any thread.
+    """
+
+    def __init__(self, database_url: str, journal: Journal | None = None) -> None:
+        self.database_url = database_url
+        self.journal = journal if journal is not None else Journal(database_url)
+        #: Set when the run stops for good (Ctrl-C, or a full disk with nothing left to wait
+        #: for): steps stop retrying and leave their ids to the journal.
+        self.given_up = threading.Event()
+        self._lock = threading.Lock()
+        self._saving = threading.Lock()  # one journal write at a time, each of the latest list
+        self._waiting: dict[str, Accepted] = {}  # retried by their steps
+        self._left: dict[str, Accepted] = {}  # given up by their steps; kept in the journal
+        self._steps = 0  # submit steps under way
+        self._full_since: float | None = None
+        self._next_reminder = 0.0
+        self._next_scan = 0.0
+
+    # ------------------------------------------------------------------ the disk
+
+    @property
+    def full(self) -> bool:
+        """Whether the database's disk was found full and no write has worked since: nothing
+        new is sent meanwhile (an accepted id it could not record would only join the wait)."""
+        return self._full_since is not None
+
+    def mark_full(self) -> bool:
+        """A write was refused for want of space (:func:`jobs.db.is_disk_full`); True when the
+        disk was not known to be full before."""
+        with self._lock:
+            if self._full_since is not None:
+                return False
+            self._full_since = time.monotonic()
+            self._next_reminder = self._full_since + REMINDER_SECONDS
+            return True
+
+    def writable(self) -> None:
+        """A write worked: space was freed — unless submissions still wait to be recorded (the
+        write that worked may have needed less room than theirs): they tell, by landing."""
+        with self._lock:
+            if not self._waiting:
+                self._full_since = None
+
+    @property
+    def place(self) -> str:
+        """Where to free space: the SQLite file's folder, or the PostgreSQL server."""
+        with contextlib.suppress(ConfigError):
+            target = db.sqlite_file(self.database_url)
+            if target is not None:
+                return f"the disk of {target.path.absolute().parent}"
+        return f"the database server ({db.safe_url(self.database_url)})"
+
+    # ------------------------------------------------------------------ the steps
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """Count a submit step while it runs (:meth:`busy`)."""
+        with self._lock:
+            self._steps += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._steps -= 1
+
+    def busy(self) -> bool:
+        """Whether a submit step of this process is under way (one that waits to record an
+        accepted id stays under way until it is recorded, or :attr:`given_up`)."""
+        return self._steps > 0
+
+    def keep(self, accepted: Accepted) -> Path | None:
+        """``accepted`` could not be recorded: wait with it, and keep it in the journal too;
+        where it is kept (None: nowhere could take it)."""
+        with self._lock:
+            self._waiting[accepted.job_id] = accepted
+        return self._save()
+
+    def recorded(self, accepted: Accepted) -> None:
+        """``accepted`` is in the database now."""
+        with self._lock:
+            gone = self._waiting.pop(accepted.job_id, None) or self._left.pop(accepted.job_id, None)
+        if gone is not None:
+            self._save()
+
+    def leave(self, accepted: Accepted) -> None:
+        """Its step stops waiting: ``accepted`` stays in the journal (and in memory, for
+        :func:`worker.steps.reconcile.adopt_unrecorded` in this process)."""
+        with self._lock:
+            if self._waiting.pop(accepted.job_id, None) is not None:
+                self._left[accepted.job_id] = accepted
+
+    def left(self) -> list[Accepted]:
+        """The submissions their steps gave up on, not recorded yet."""
+        with self._lock:
+            return list(self._left.values())
+
+    def waiting(self) -> list[Accepted]:
+        """Every accepted submission not recorded yet (waited for, or given up on)."""
+        with self._lock:
+            return [*self._waiting.values(), *self._left.values()]
+
+    def _save(self) -> Path | None:
+        with self._saving:
+            return self.journal.save(self.waiting())
+
+    def give_up(self, grace: float) -> list[Accepted]:
+        """The run stops for good: steps stop waiting (within a second) and what they still
+        hold stays in the journal. Waits up to ``grace`` seconds for steps whose POST is on its
+        way (its answer joins the list); returns every submission not recorded."""
+        self.given_up.set()
+        deadline = time.monotonic() + grace
+        while self.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.waiting()
+
+    # ------------------------------------------------------------------ saying so
+
+    def note(self) -> str | None:
+        """The progress line's words while the disk is full (None otherwise)."""
+        if not self.full:
+            return None
+        count = len(self.waiting())
+        if count:
+            return (
+                f"database full: {count} accepted submission(s) waiting to be recorded; "
+                f"free space on {self.place}"
+            )
+        return f"database full: nothing is sent; free space on {self.place}"
+
+    def reminder_due(self) -> bool:
+        """True at most once every :data:`REMINDER_SECONDS` (for all threads together)."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_reminder:
+                return False
+            self._next_reminder = now + REMINDER_SECONDS
+            return True
+
+    def scan_due(self) -> bool:
+        """True at most once every :data:`SCAN_SECONDS`: time to look for journals others left."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_scan:
+                return False
+            self._next_scan = now + SCAN_SECONDS
+            return True
+
+    def lost_words(self, lost: list[Accepted]) -> str:
+        """What a stopping run says of the submissions it could not record (empty: none)."""
+        if not lost:
+            return ""
+        ids = ", ".join(a.line() for a in lost)
+        where = self.journal.path
+        if where is not None:
+            then = f"kept in {where}: the next run on this host records them (none is sent again)"
+        else:
+            folders = ", ".join(map(str, self.journal.folders))
+            saved = self.journal.folders[0] / f"{PREFIX}{self.journal.key}-saved{SUFFIX}"
+            then = (
+                f"they could not be kept on disk either (no room in {folders}); each is logged "
+                f"above as JSON (event submit.unrecorded): save those lines as {saved} once there "
+                "is room, and the next run records them"
+            )
+        return (
+            f"{len(lost)} accepted submission(s) could not be recorded (fal has them, and bills "
+            f"them): {ids}; {then}"
+        )
