@@ -155,6 +155,37 @@ def test_an_accepted_id_waits_for_room_for_as_long_as_it_takes_then_is_recorded(
     assert sim.ledger()["accepted"] == 1
 
 
+def test_the_tick_after_space_returns_records_a_waiting_id_rather_than_call_it_unknown(
+    sqlite_engine: Engine, sqlite_url: str, sim: SimulatorHandle, disk: FullDisk, tmp_path: Path
+) -> None:
+    """Space returns and the conductor's tick runs before the waiting step's next try: the job's
+    lease ran out long ago, and the reconciler declared its outcome unknown (and, with no
+    receiver, failed it at once) — the step then found the job moved on, and the request fal
+    accepted and billed was orphaned. The tick records the id the process holds instead."""
+    rt = _runtime(sqlite_engine, sim, sqlite_url, lease_seconds=0.5, submit_unknown_deadline=0.0)
+    add_batch(sqlite_engine, "tick-first", [(T2V, {"prompt": "a harbour at dusk"})])
+    (job_id,) = dispatch(rt)
+    sim.set_faults(submit_slow={"next": 1, "delay": 0.5})
+    outcome: list[str] = []
+    step = threading.Thread(target=lambda: outcome.append(submit(rt, job_id)), daemon=True)
+    step.start()
+    _wait("fal to accept the submit", lambda: sim.ledger()["accepted"] == 1)
+    disk.full = True
+    _wait("the accepted id to be kept aside", lambda: len(_journals(tmp_path)) == 1)
+    time.sleep(1.0)  # the lease (0.5 s) runs out while the disk is full
+    (fal,) = sim.ledger()["entries"]
+
+    disk.full = False
+    rt.unrecorded.writable()
+    reconcile(rt)  # the tick, before the step's next try (it waits a second between tries)
+    assert _job(sqlite_engine, job_id) == (S.QUEUED, fal["request_id"], 1)
+    step.join(30)
+    assert outcome == ["submitted"]
+    assert _job(sqlite_engine, job_id) == (S.QUEUED, fal["request_id"], 1)
+    assert _journals(tmp_path) == []
+    assert sim.ledger()["accepted"] == 1
+
+
 def test_the_next_process_records_a_journal_left_behind(
     sqlite_engine: Engine,
     sqlite_url: str,

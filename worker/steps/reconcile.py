@@ -85,14 +85,19 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
 
 def adopt_unrecorded(rt: Runtime) -> int:
     """Record the submissions fal accepted that the database could not take when they were
-    made (:mod:`worker.steps.unrecorded`): those this process's submit steps gave up on, and,
+    made (:mod:`worker.steps.unrecorded`): those this process holds (its submit steps wait
+    with them, or gave up on them), and,
     every :data:`~worker.steps.unrecorded.SCAN_SECONDS`, the journals that processes which
     have ended left for this database on this host. Run before the reconciler could declare
     such a job's outcome unknown (and, by its policy, fail it or pay for it again). A journal
     file is removed once every entry in it is settled. Returns how many jobs were recorded."""
     waiting = rt.unrecorded
     adopted = 0
-    mine = waiting.left()
+    # Every one this process holds, also those a step still waits to record itself: this runs
+    # once the database takes writes again, possibly before the step's next try — and past the
+    # job's lease the claim below would otherwise declare its outcome unknown. The step then
+    # finds its request id recorded (``_record_submission``).
+    mine = waiting.waiting()
     if mine:
         with db.session_scope(rt.engine) as session:
             adopted += sum(_adopt(session, rt, a, "recorded late by the process that sent it") for a in mine)
