@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,101 @@ def without_read_override() -> list[str]:
         return []
     caps = "-dac_override,-dac_read_search"
     return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+# --------------------------------------------------------------------------- wanbatch in a subprocess
+# The tests that signal a run, kill its database connections or fill its disk need `wanbatch` as a
+# real process (signals, exit codes, stderr), started in the background while the test acts on it.
+# These helpers are that, once: each such test file used to carry its own copy.
+
+
+def wanbatch_command() -> list[str]:
+    """The argv that runs ``wanbatch``: the installed console script next to ``sys.executable``,
+    else the same entry point (``cli.main``) through this interpreter."""
+    if Path(WANBATCH).exists():
+        return [WANBATCH]
+    return [sys.executable, "-c", "from cli import main; main()"]
+
+
+class Background:
+    """``wanbatch ARGV`` running in the background, its stdout and stderr in the files
+    ``NAME.stdout`` and ``NAME.stderr`` under ``cwd`` (a file never fills up and blocks it, as
+    an unread pipe would). A subclass overrides :meth:`command` to run the CLI another way."""
+
+    def __init__(self, argv: Sequence[str | Path], env: dict[str, str], cwd: Path, name: str) -> None:
+        self.name = name
+        self.out = cwd / f"{name}.stdout"
+        self.err = cwd / f"{name}.stderr"
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.popen = subprocess.Popen(
+                [*self.command(), *map(str, argv)], env=env, cwd=cwd, stdout=out, stderr=err
+            )
+
+    def command(self) -> list[str]:
+        """What runs the CLI (the arguments follow it)."""
+        return wanbatch_command()
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def wait(self, timeout: float = 120) -> int:
+        """Its exit code; killed, and the test failed with its stderr, when it does not end in time."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.name} did not finish within {timeout}s:\n{self.stderr()}")
+
+    def kill(self) -> None:
+        """Kill it if it still runs (for a ``finally``: nothing outlives its test)."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+def wait_for(
+    what: str, check: Callable[[], bool], proc: Background, timeout: float = 60.0, step: float = 0.05
+) -> None:
+    """Until ``check()`` holds; fails the test, with ``proc``'s stderr, if ``proc`` exits first or
+    ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc.popen.poll() is not None:
+            pytest.fail(f"wanbatch exited {proc.popen.returncode} before {what}:\n{proc.stderr()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}:\n{proc.stderr()}")
+        time.sleep(step)
+
+
+def subprocess_env(sim_url: str, database_url: str | None = None, **settings: str) -> dict[str, str]:
+    """The environment of a ``wanbatch`` subprocess: this process's, without any ``WANBATCH_*``
+    or ``FAL_KEY`` of its own, plus the test's database (``database_url``, else the one the
+    ``e2e_env`` fixture set) and outputs, the simulator at ``sim_url``, the tests' ``FAL_KEY``,
+    unbuffered output and fast timing. ``settings`` are set last, named without their
+    ``WANBATCH_`` prefix: ``subprocess_env(url, MAX_OUTSTANDING="3")`` sets
+    ``WANBATCH_MAX_OUTSTANDING=3``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("WANBATCH_") and k != "FAL_KEY"}
+    wanbatch_settings = {
+        "DATABASE_URL": database_url if database_url is not None else os.environ["WANBATCH_DATABASE_URL"],
+        "OUTPUT_DIR": os.environ["WANBATCH_OUTPUT_DIR"],
+        "FAL_QUEUE_URL": sim_url,
+        "FAL_REST_URL": sim_url,
+        "POLL_MIN_INTERVAL": "0.05",
+        "POLL_MAX_INTERVAL": "0.2",
+        "TICK_INTERVAL": "0.05",
+        "SUBMIT_RATE": "200",
+        **settings,
+    }
+    assert not any(k.startswith("WANBATCH_") for k in settings), "name settings without WANBATCH_"
+    return {
+        **base,
+        **{f"WANBATCH_{k}": v for k, v in wanbatch_settings.items()},
+        "FAL_KEY": FAL_KEY,
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 #: Timing that keeps a simulated run well under a second per job.

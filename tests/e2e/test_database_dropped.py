@@ -19,9 +19,6 @@ connections are killed, and only it is closed to new ones.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,16 +30,9 @@ import pytest
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
 from tests.conftest import PG_ADMIN_DSN
-from tests.e2e.e2e_helpers import FAL_KEY, MakeManifest
+from tests.e2e.e2e_helpers import Background, MakeManifest, subprocess_env, wait_for
 
 JOBS = 30
-
-
-def _command() -> list[str]:
-    script = Path(sys.executable).with_name("wanbatch")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from cli import main; main()"]
 
 
 @pytest.fixture
@@ -65,21 +55,7 @@ def database(new_pg_database: Callable[[], str]) -> Iterator[str]:
 
 @pytest.fixture
 def env(e2e_env: Path, sim: SimulatorHandle, database: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("WANBATCH_") and k != "FAL_KEY"}
-    return {
-        **base,
-        "WANBATCH_DATABASE_URL": database,
-        "WANBATCH_OUTPUT_DIR": os.environ["WANBATCH_OUTPUT_DIR"],
-        "WANBATCH_FAL_QUEUE_URL": sim.url,
-        "WANBATCH_FAL_REST_URL": sim.url,
-        "FAL_KEY": FAL_KEY,
-        "WANBATCH_POLL_MIN_INTERVAL": "0.05",
-        "WANBATCH_POLL_MAX_INTERVAL": "0.2",
-        "WANBATCH_TICK_INTERVAL": "0.05",
-        "WANBATCH_SUBMIT_RATE": "200",
-        "WANBATCH_MAX_OUTSTANDING": "10",
-        "PYTHONUNBUFFERED": "1",
-    }
+    return subprocess_env(sim.url, database, MAX_OUTSTANDING="10")
 
 
 def _name(url: str) -> str:
@@ -109,18 +85,11 @@ def _manifest(manifest: MakeManifest, name: str) -> Path:
     return manifest(name, body)
 
 
-class Run:
-    """`wanbatch run MANIFEST [OPTIONS]` in a subprocess, its output in files."""
+class Run(Background):
+    """`wanbatch run MANIFEST [OPTIONS]` in the background (:class:`Background`)."""
 
     def __init__(self, path: Path, env: dict[str, str], cwd: Path, name: str, *options: str) -> None:
-        self.out, self.err = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
-        with self.out.open("wb") as out, self.err.open("wb") as err:
-            self.popen = subprocess.Popen(
-                [*_command(), "run", str(path), *options], env=env, cwd=cwd, stdout=out, stderr=err
-            )
-
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
+        super().__init__(["run", path, *options], env, cwd, name)
 
     def report(self) -> dict[str, Any]:
         report: dict[str, Any] = json.loads(self.out.read_text())
@@ -128,13 +97,13 @@ class Run:
 
     def wait_for_accepted(self, sim: SimulatorHandle, accepted: int) -> None:
         """Until fal (the simulator) has accepted that many submits; the run must still be going."""
-        deadline = time.monotonic() + 120
-        while sim.ledger()["accepted"] < accepted:
-            if self.popen.poll() is not None:
-                pytest.fail(f"wanbatch exited {self.popen.returncode} mid-run:\n{self.stderr()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no progress to {accepted} accepted submits:\n{self.stderr()}")
-            time.sleep(0.02)
+        wait_for(
+            f"{accepted} accepted submits",
+            lambda: sim.ledger()["accepted"] >= accepted,
+            self,
+            timeout=120,
+            step=0.02,
+        )
 
     def wait_for_error_line(self) -> None:
         """Until the run has printed its ``error:`` line (or an internal error's, or ended)."""
@@ -145,19 +114,6 @@ class Run:
             if time.monotonic() > deadline:
                 pytest.fail(f"the run never said that the database is gone:\n{self.stderr()}")
             time.sleep(0.05)
-
-    def wait(self, timeout: float = 240) -> int:
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(10)
-            pytest.fail(f"the run did not finish:\n{self.stderr()}")
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
 
 
 def _assert_paid_once(sim: SimulatorHandle) -> None:
@@ -177,7 +133,7 @@ def test_connections_killed_mid_run_are_ridden_out_and_every_job_succeeds(
         for accepted in (5, 15, 25):
             run.wait_for_accepted(sim, accepted)
             assert _kill_connections(database) >= 1
-        code = run.wait()
+        code = run.wait(240)
     finally:
         run.kill()
     err = run.stderr()
@@ -208,7 +164,7 @@ def test_a_database_gone_longer_than_a_lease_ends_the_run_in_one_line_and_the_ne
         # Back: a submission fal accepted during the outage is recorded now, before the run
         # exits (it never became "outcome unknown").
         _admin(f'ALTER DATABASE "{_name(database)}" WITH ALLOW_CONNECTIONS true')
-        code = first.wait()
+        code = first.wait(240)
     finally:
         first.kill()
         _admin(f'ALTER DATABASE "{_name(database)}" WITH ALLOW_CONNECTIONS true')
@@ -224,7 +180,7 @@ def test_a_database_gone_longer_than_a_lease_ends_the_run_in_one_line_and_the_ne
 
     second = Run(path, env, e2e_env, "second", "--json")
     try:
-        code = second.wait()
+        code = second.wait(240)
     finally:
         second.kill()
     assert code == 0, second.stderr()

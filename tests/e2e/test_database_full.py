@@ -22,8 +22,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from falsim.server import SimulatorHandle
-from tests.e2e.e2e_helpers import FAL_KEY, MakeManifest, db_rows
+from tests.e2e.e2e_helpers import Background, MakeManifest, db_rows, subprocess_env, wait_for
 from tests.full_disk import cli_source, prepare
 
 JOBS = 6
@@ -61,23 +60,12 @@ def disk(tmp_path: Path) -> Iterator[Disk]:
 @pytest.fixture
 def env(e2e_env: Path, sim: SimulatorHandle, disk: Disk) -> dict[str, str]:
     """The subprocesses' environment: this test's database and outputs, the test's simulator."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("WANBATCH_") and k != "FAL_KEY"}
-    return {
-        **base,
-        "WANBATCH_DATABASE_URL": os.environ["WANBATCH_DATABASE_URL"],
-        "WANBATCH_OUTPUT_DIR": os.environ["WANBATCH_OUTPUT_DIR"],
-        "WANBATCH_FAL_QUEUE_URL": sim.url,
-        "WANBATCH_FAL_REST_URL": sim.url,
-        "FAL_KEY": FAL_KEY,
-        "WANBATCH_POLL_MIN_INTERVAL": "0.05",
-        "WANBATCH_POLL_MAX_INTERVAL": "0.2",
-        "WANBATCH_TICK_INTERVAL": "0.05",
-        "WANBATCH_SUBMIT_RATE": "200",
-        "WANBATCH_MAX_OUTSTANDING": "2",
-        "WANBATCH_EMBEDDED_CONCURRENCY": "2",
-        "WANBATCH_LEASE_SECONDS": "3",  # what was claimed but never sent is sent after this
-        "PYTHONUNBUFFERED": "1",
-    }
+    return subprocess_env(
+        sim.url,
+        MAX_OUTSTANDING="2",
+        EMBEDDED_CONCURRENCY="2",
+        LEASE_SECONDS="3",  # what was claimed but never sent is sent after this
+    )
 
 
 def cli(disk: Disk, *args: str | Path) -> list[str]:
@@ -93,42 +81,15 @@ def wanbatch(
     )
 
 
-class Proc:
-    """A `wanbatch run` in the background, its output in files (no pipe fills up and blocks it)."""
+class Proc(Background):
+    """A `wanbatch` in the background (:class:`Background`), its writes refused while ``disk`` is full."""
 
     def __init__(self, disk: Disk, args: list[str | Path], env: dict[str, str], cwd: Path, name: str) -> None:
-        self.out = cwd / f"{name}.stdout"
-        self.err = cwd / f"{name}.stderr"
-        with self.out.open("wb") as out, self.err.open("wb") as err:
-            self.popen = subprocess.Popen(cli(disk, *args), env=env, cwd=cwd, stdout=out, stderr=err)
+        self.disk = disk
+        super().__init__(args, env, cwd, name)
 
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def stdout(self) -> str:
-        return self.out.read_text(errors="replace")
-
-    def wait(self, timeout: float = 120) -> int:
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"{self.err.stem} did not end:\n{self.stderr()}")
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
-
-
-def wait_for(what: str, check: Callable[[], bool], proc: Proc, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if proc.popen.poll() is not None:
-            pytest.fail(f"wanbatch exited {proc.popen.returncode} before {what}:\n{proc.stderr()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}:\n{proc.stderr()}")
-        time.sleep(0.05)
+    def command(self) -> list[str]:
+        return cli(self.disk)
 
 
 def journals(folder: Path) -> list[Path]:

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shlex
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,16 +40,16 @@ from sqlalchemy.exc import OperationalError
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
 from falsim.storage import StoredFile
-from tests.e2e.e2e_helpers import FAL_KEY, MakeManifest, db_rows
+from tests.e2e.e2e_helpers import (
+    Background,
+    MakeManifest,
+    db_rows,
+    subprocess_env,
+    wait_for,
+    wanbatch_command,
+)
 
 JOBS = 8
-
-
-def _command() -> list[str]:
-    script = Path(sys.executable).with_name("wanbatch")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from cli import main; main()"]
 
 
 def _manifest(manifest: MakeManifest) -> Path:
@@ -96,55 +94,24 @@ def stalled_downloads(sim: SimulatorHandle) -> Iterator[threading.Event]:
 @pytest.fixture
 def env(e2e_env: Path, sim: SimulatorHandle) -> dict[str, str]:
     """The subprocess's environment: this test's database and outputs, the test's simulator."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("WANBATCH_") and k != "FAL_KEY"}
-    return {
-        **base,
-        "WANBATCH_DATABASE_URL": os.environ["WANBATCH_DATABASE_URL"],
-        "WANBATCH_OUTPUT_DIR": os.environ["WANBATCH_OUTPUT_DIR"],
-        "WANBATCH_FAL_QUEUE_URL": sim.url,
-        "WANBATCH_FAL_REST_URL": sim.url,
-        "FAL_KEY": FAL_KEY,
-        "WANBATCH_POLL_MIN_INTERVAL": "0.05",
-        "WANBATCH_POLL_MAX_INTERVAL": "0.2",
-        "WANBATCH_TICK_INTERVAL": "0.05",
-        "WANBATCH_SUBMIT_RATE": "200",
-        "WANBATCH_MAX_OUTSTANDING": "3",
-        "WANBATCH_EMBEDDED_CONCURRENCY": "3",
-        "WANBATCH_LEASE_SECONDS": "120",  # a lease left behind would stall the second run for 2 min
-        "PYTHONUNBUFFERED": "1",
-    }
+    return subprocess_env(
+        sim.url,
+        MAX_OUTSTANDING="3",
+        EMBEDDED_CONCURRENCY="3",
+        LEASE_SECONDS="120",  # a lease left behind would stall the second run for 2 min
+    )
 
 
-class Proc:
-    """A `wanbatch` subprocess with its output in files (no pipe can fill up and block it)."""
+class Proc(Background):
+    """A `wanbatch` subprocess, and the prefix of the lease owner it writes (``host:pid:``)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, name: str) -> None:
-        self.out = cwd / f"{name}.stdout"
-        self.err = cwd / f"{name}.stderr"
-        with self.out.open("wb") as out, self.err.open("wb") as err:
-            self.popen = subprocess.Popen([*_command(), *args], env=env, cwd=cwd, stdout=out, stderr=err)
-        self.owner_prefix = f"{socket.gethostname()}:{self.popen.pid}:"
-
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def stdout(self) -> str:
-        return self.out.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
+    @property
+    def owner_prefix(self) -> str:
+        return f"{socket.gethostname()}:{self.popen.pid}:"
 
 
-def _wait_for(what: str, check: Callable[[], bool], proc: Proc, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if proc.popen.poll() is not None:
-            pytest.fail(f"wanbatch exited {proc.popen.returncode} before {what}:\n{proc.stderr()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}:\n{proc.stderr()}")
-        time.sleep(0.1)
+def _wait_for(what: str, check: Callable[[], bool], proc: Proc) -> None:
+    wait_for(what, check, proc, step=0.1)  # each check queries the database: 10 a second is plenty
 
 
 def _count(db: str, where: str) -> int:
@@ -163,7 +130,7 @@ def _status(env: dict[str, str], cwd: Path, batch: str = "sigint") -> dict[str, 
 def _status_of(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``wanbatch status ARGS`` from another process, as a user would ask."""
     done = subprocess.run(
-        [*_command(), "status", *args],
+        [*wanbatch_command(), "status", *args],
         env=env,
         cwd=cwd,
         capture_output=True,
@@ -184,16 +151,6 @@ def _signal_and_wait(proc: Proc, sig: signal.Signals, within: float) -> float:
         proc.kill()
         pytest.fail(f"still running {within}s after {sig.name}:\n{proc.stderr()}")
     return time.monotonic() - started
-
-
-def _wait_done(proc: Proc, timeout: float = 90) -> None:
-    """Wait for ``proc`` to exit; fail with its stderr when it does not in time."""
-    try:
-        proc.popen.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the {proc.err.stem} run did not finish:\n{proc.stderr()}")
-    finally:
-        proc.kill()
 
 
 def test_ctrl_c_during_downloads_stops_in_seconds_and_the_next_run_resumes(
@@ -242,7 +199,7 @@ def test_ctrl_c_during_downloads_stops_in_seconds_and_the_next_run_resumes(
     stalled_downloads.set()
     started = time.monotonic()
     second = Proc(["run", str(path), "--no-progress"], env, e2e_env, "second")
-    _wait_done(second)
+    second.wait(90)
     assert second.popen.returncode == 0, second.stderr()
     assert time.monotonic() - started < 60  # not held up by leases of the dead process
     assert _count(db, "state = 'succeeded'") == JOBS
@@ -272,7 +229,7 @@ def test_a_simulated_run_stopped_with_requests_at_fal_resumes_them(
     assert left >= 1, "no request was left at fal: the test did not interrupt a run midway"
 
     second = Proc(["run", str(path), "--simulate", "--no-progress"], env, e2e_env, "sim-second")
-    _wait_done(second)
+    second.wait(90)
     assert second.popen.returncode == 0, second.stderr() + second.stdout()
     assert _count(db, "state = 'succeeded'") == JOBS
     assert _count(db, "state = 'failed'") == 0
@@ -413,7 +370,7 @@ def test_a_simulation_stopped_midway_holds_no_later_run_back(
     # One stopped job is enough to fill caps of 1: before, the run below waited for ever.
     capped = {**env, "WANBATCH_MAX_OUTSTANDING": "1", "WANBATCH_MAX_DOWNLOAD_BACKLOG": "1"}
     later = Proc(["run", str(manifest("b", LATER)), "--simulate", "--no-progress"], capped, e2e_env, "later")
-    _wait_done(later, timeout=60)
+    later.wait(60)
     assert later.popen.returncode == 0, later.stderr()
     assert _states(db, "b") == {"succeeded": 1}
     assert _states(db, "c") == left_over  # left for `wanbatch run c --simulate`
@@ -451,14 +408,14 @@ def test_a_cap_that_holds_a_run_back_is_named_with_whose_jobs_fill_it(
         assert _states(db, "b") == {"pending": 1}
 
         cancel = subprocess.run(
-            [*_command(), "cancel", "c", "--no-progress"],
+            [*wanbatch_command(), "cancel", "c", "--no-progress"],
             env=env,
             cwd=e2e_env,
             capture_output=True,
             timeout=90,
         )
         assert cancel.returncode in (0, 1), cancel.stderr
-        _wait_done(later)
+        later.wait(90)
     finally:
         later.kill()
     assert later.popen.returncode == 0, later.stderr()
@@ -476,7 +433,7 @@ def _copied(hint: str) -> list[str]:
     """The command a hint suggests, as a user would paste it into a shell: the argv to run."""
     words = shlex.split(hint)
     assert words[0] == "wanbatch", hint
-    return [*_command(), *words[1:]]
+    return [*wanbatch_command(), *words[1:]]
 
 
 def _run_copied(hint: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -505,7 +462,7 @@ def test_an_interrupted_simulated_rerun_suggests_a_command_that_resumes_it(
     12 characters of its id) and `--simulate`, and copied it finishes the batch."""
     db = env["WANBATCH_DATABASE_URL"]
     parent = subprocess.run(
-        [*_command(), "run", str(_manifest(manifest)), "--simulate", "--no-progress"],
+        [*wanbatch_command(), "run", str(_manifest(manifest)), "--simulate", "--no-progress"],
         env=env,
         cwd=e2e_env,
         capture_output=True,
