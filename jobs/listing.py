@@ -206,6 +206,12 @@ def eta_beyond_schedule(schedule: Schedule, eta: float | None, now: datetime) ->
         # "what is not sent" alone let a user think the jobs in flight were safe.
         cancelled = "what is not sent by then, or still queued at fal, is cancelled"
         return f"the deadline comes first (in {left}): {cancelled}"
+    if schedule.next_open(closes) is None:
+        # No window opens again before the deadline (worker.steps.schedule cancels at it).
+        return (
+            f"the window closes first (in {left}) and nothing opens before the deadline: "
+            "what is not sent by then is cancelled"
+        )
     return f"the window closes first (in {left}): the rest waits for the next one"
 
 

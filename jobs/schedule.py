@@ -271,8 +271,8 @@ class Schedule:
         if self.deadline is None or self.next_open(now) is not None:
             return None
         if self.past_deadline(now):
-            return f"its deadline {self._stamp(self.deadline)} has passed"
-        return f"nothing opens before its deadline {self._stamp(self.deadline)}"
+            return f"its deadline {self.stamp(self.deadline)} has passed"
+        return f"nothing opens before its deadline {self.stamp(self.deadline)}"
 
     def closes_at(self, now: datetime) -> datetime | None:
         """While open: when sending must stop, the window's end or the deadline, whichever is first.
@@ -303,17 +303,17 @@ class Schedule:
                 return "open"
             left = format_duration((close - now).total_seconds())
             if self.deadline is not None and close == self.deadline:
-                return f"open until the deadline {self._stamp(close)} (in {left})"
+                return f"open until the deadline {self.stamp(close)} (in {left})"
             return f"open until {self._clock(close)} (in {left})"
         opens = self.next_open(now)
         if opens is None and self.deadline is None:  # only an instant out of range gets here
             return "closed: its window never opens"
         if opens is None:
             assert self.deadline is not None
-            return f"closed: nothing opens before the deadline {self._stamp(self.deadline)}"
+            return f"closed: nothing opens before the deadline {self.stamp(self.deadline)}"
         left = format_duration((opens - now).total_seconds())
         if self.not_before is not None and opens == self.not_before:
-            return f"waiting until {self._stamp(opens)} (in {left})"
+            return f"waiting until {self.stamp(opens)} (in {left})"
         return f"waiting for window (opens {self._clock(opens)}, in {left})"
 
     def as_json(self) -> dict[str, Any]:
@@ -406,7 +406,7 @@ class Schedule:
         """``"22:00 Europe/Berlin"``: the wall-clock time in the schedule's zone."""
         return f"{instant.astimezone(self.tz):%H:%M} {self.timezone}"
 
-    def _stamp(self, instant: datetime) -> str:
+    def stamp(self, instant: datetime) -> str:
         """``"2026-12-01 22:00 +01:00"``: the date and time in the schedule's zone, with its offset."""
         local = instant.astimezone(self.tz)
         clock = f"{local:%H:%M:%S}" if local.second else f"{local:%H:%M}"

@@ -1135,6 +1135,9 @@ def transition(
         values = {"finished_at": now, "lease_owner": None, "lease_expires_at": None, **values}
     if expected == JobState.SUBMIT_UNKNOWN and new in UNPROVEN_EXITS:
         values["ambiguous_usd"] = _POSSIBLY_BILLED_MORE
+    if expected in UNSENT_STATES and new in _UNBILLED_ENDS and "actual_usd" not in fields:
+        # Ending without (another) send: a job never sent is billed nothing, for good.
+        values["actual_usd"] = _ZERO_IF_NEVER_SENT
     if new == JobState.SUBMIT_UNKNOWN and "submitted_at" not in fields:
         # The POST went out, and fal may have accepted (and billed) it: the job was sent, when
         # its POST left (``sent_at``). Its money is then counted under that day, as it would be
@@ -1762,6 +1765,14 @@ def record_result(
     )
 
 
+#: A job's ``actual_usd`` once it ends unsent (:data:`_UNBILLED_ENDS`): what earlier attempts
+#: were billed if it was ever sent, else 0 — it never will be billed, so it has no estimate left.
+_ZERO_IF_NEVER_SENT = func.coalesce(
+    _JOBS.c.actual_usd,
+    case((_JOBS.c.submitted_at.is_(None), literal(Decimal(0), _JOBS.c.actual_usd.type)), else_=None),
+)
+_UNBILLED_ENDS = frozenset({JobState.FAILED, JobState.CANCELLED})
+
 #: States of a job fal does not hold (or that we never heard back about): a cancel needs no call to fal.
 UNSENT_STATES: tuple[JobState, ...] = (JobState.PENDING, JobState.RETRY_WAIT, JobState.SUBMIT_UNKNOWN)
 
@@ -1804,6 +1815,7 @@ def cancel_unsent_jobs(
         "lease_expires_at": None,
         "error": error if sent_error is None else _error_if_sent(error, sent_error),
         "error_type": error_type,
+        "actual_usd": _ZERO_IF_NEVER_SENT,
     }
     session.flush()  # pending ORM changes first: the statements below bypass the unit of work
     conn = session.connection()

@@ -9,8 +9,10 @@ which raises one :class:`ManifestError` with all of them.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
+import re
 import stat
 import zoneinfo
 from collections.abc import Iterable
@@ -549,16 +551,43 @@ def _parse_schedule(root: LMap, manifest: Manifest, top: _Report, now: datetime)
         manifest.schedule = Schedule(not_before, deadline, window, timezone)
 
 
+#: Files of a host's tz database that ``ZoneInfo`` loads but that are no IANA zone: what they
+#: mean depends on the host (``localtime`` is its own zone), so a manifest must not name them.
+_HOST_ZONE_FILES = frozenset({"localtime", "factory", "posixrules"})
+_HOST_ZONE_DIRS = ("posix/", "right/")
+#: Spellings of UTC that are no zone name here (``Z`` of an ISO offset, ``utc``, ``gmt+0``, …).
+_UTC_LIKE = re.compile(r"(?:z|zulu|utc|gmt|ut|uct)(?:[+-]?0{1,2}(?::?00)?)?", re.IGNORECASE)
+
+
+def _host_zone_file(name: str) -> bool:
+    folded = name.casefold()
+    return folded in _HOST_ZONE_FILES or folded.startswith(_HOST_ZONE_DIRS)
+
+
 def _zone_problem(name: object) -> str | None:
     """Why ``name`` is not an IANA time zone name, or None when it is one."""
     if not isinstance(name, str):
         return f"schedule timezone must be a time zone name, got {describe(name)}"
+    if _host_zone_file(name):
+        return f"{name!r} is this host's tz database file, not an IANA time zone name{_zone_hint(name)}"
     try:
         zone(name)
     except ValueError:
-        # Listing every zone reads the tz database from disk: only worth it for a wrong name.
-        return f"unknown time zone {name!r}{did_you_mean(name, zoneinfo.available_timezones())}"
+        return f"unknown time zone {name!r}{_zone_hint(name)}"
     return None
+
+
+def _zone_hint(name: str) -> str:
+    """`` (did you mean 'X'?)`` for a wrong zone name: UTC for its other spellings, else the
+    closest IANA name, matched whatever the case."""
+    if _UTC_LIKE.fullmatch(name.strip()):
+        return " (did you mean 'UTC'?)"
+    # Listing every zone reads the tz database from disk: only worth it for a wrong name.
+    names = {z.casefold(): z for z in zoneinfo.available_timezones() if not _host_zone_file(z)}
+    if (same := names.get(name.casefold())) is not None:
+        return f" (did you mean {same!r}?)"
+    close = difflib.get_close_matches(name.casefold(), list(names), n=1, cutoff=0.6)
+    return f" (did you mean {names[close[0]]!r}?)" if close else ""
 
 
 def _parse_priority(root: LMap, manifest: Manifest, top: _Report) -> None:

@@ -377,11 +377,16 @@ def test_a_request_timed_out_at_the_window_end_then_cut_off_by_the_deadline_expo
     timed_out = {str(e["request_id"]) for e in _requests_fal_timed_out(busy_sim)}
 
     now = datetime.now(UTC)
-    _set_schedule(engine, batch_id, Schedule(deadline=now))
+    berlin = Schedule(deadline=now, timezone="Europe/Berlin")
+    _set_schedule(engine, batch_id, berlin)
     enforce_schedules(rt, now + timedelta(seconds=1))
     assert job_states(engine, batch_id) == {"running": 2, "cancelled": 4}
 
-    deadline = f"the batch's deadline ({now:%Y-%m-%d %H:%M %Z})"
+    # As the batch's ``schedule:`` line says it: in its zone, to the second, with the offset.
+    deadline = f"the batch's deadline ({berlin.stamp(now)})"
+    local = now.astimezone(berlin.tz)
+    assert f"{local:%Y-%m-%d %H:%M}" in deadline, deadline
+    assert deadline.endswith(" +01:00)"), deadline
     with db.session_scope(engine) as session:
         batch = store.get_batch(session, batch_id)
         rows = {

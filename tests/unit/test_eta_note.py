@@ -30,3 +30,17 @@ def test_no_forecast_no_schedule_or_a_closed_one_say_nothing() -> None:
     assert eta_beyond_schedule(Schedule(window=(time(22, 37), time(22, 38))), None, NOW) is None
     closed = Schedule(window=(time(1, 0), time(2, 0)))
     assert eta_beyond_schedule(closed, 600.0, NOW) is None  # "waiting for window" says it already
+
+
+def test_a_window_closing_with_none_before_the_deadline_says_the_rest_is_cancelled() -> None:
+    # Closes in 28 s; the next window (tomorrow 22:37) comes after the deadline in an hour.
+    last = Schedule(window=(time(22, 37), time(22, 38)), deadline=NOW + timedelta(hours=1))
+    assert eta_beyond_schedule(last, 100.0, NOW) == (
+        "the window closes first (in 28s) and nothing opens before the deadline: "
+        "what is not sent by then is cancelled"
+    )
+    # A deadline after the next window opens: the rest does wait for it.
+    later = Schedule(window=(time(22, 37), time(22, 38)), deadline=NOW + timedelta(days=2))
+    assert eta_beyond_schedule(later, 100.0, NOW) == (
+        "the window closes first (in 28s): the rest waits for the next one"
+    )

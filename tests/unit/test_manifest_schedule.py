@@ -342,3 +342,34 @@ def test_pinned_seeds_with_default_prompt_expansion_warn_once_per_endpoint(tmp_p
         "items:\n  - prompt: a boat\n"
     )
     assert not [w for w in validate_manifest(manifest).warnings if w.field == "enable_prompt_expansion"]
+
+
+@pytest.mark.parametrize("name", ["localtime", "Factory", "posixrules", "posix/Europe/Berlin", "right/UTC"])
+def test_host_tz_database_files_are_no_time_zone(tmp_path: Path, name: str) -> None:
+    # ZoneInfo loads them on this host, but what they mean depends on the host: refused.
+    issue = only_error(tmp_path, HEAD + f"schedule:\n  window: 22:00-06:00\n  timezone: {name}\n")
+    assert (issue.line, issue.field) == (7, "schedule.timezone")
+    assert f"{name!r} is this host's tz database file, not an IANA time zone name" in issue.message
+    assert "'localtime'" not in issue.message.replace(f"{name!r}", "")
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("Z", "UTC"),
+        ("utc", "UTC"),
+        ("gmt", "UTC"),
+        ("utc+00:00", "UTC"),
+        ("europe/berlin", "Europe/Berlin"),
+        ("AMERICA/NEW_YORK", "America/New_York"),
+    ],
+)
+def test_timezone_hints_ignore_case_and_know_utc(tmp_path: Path, name: str, hint: str) -> None:
+    issue = only_error(tmp_path, HEAD + f"schedule:\n  timezone: {name}\n")
+    assert issue.field == "schedule.timezone"
+    assert f"unknown time zone {name!r} (did you mean {hint!r}?)" in issue.message
+
+
+def test_local_is_not_pointed_at_the_hosts_zone_file(tmp_path: Path) -> None:
+    issue = only_error(tmp_path, HEAD + "schedule:\n  timezone: local\n")
+    assert "localtime" not in issue.message

@@ -122,7 +122,7 @@ def test_a_failure_reason_wraps_instead_of_cutting_money_or_time(shown: io.Strin
         "budget: submitting would commit $0.60 of the batch's $0.50 cap (already committed "
         "$0.40); raise budget.max_usd or rerun with --max-usd"
     )
-    deadline = "not sent before the batch's deadline (2026-12-02 20:36 UTC)"
+    deadline = "not sent before the batch's deadline (2026-12-02 20:36 +00:00)"
     report = _report(
         9,
         "audit",

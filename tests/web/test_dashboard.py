@@ -14,12 +14,12 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.db import session_factory
-from jobs.models import BatchState
+from jobs.models import BatchState, Job, utcnow
 from jobs.schedule import Schedule
 from jobs.states import JobState
 from tests.web.web_helpers import (
@@ -386,3 +386,34 @@ def test_batch_page_says_when_the_deadline_comes_before_the_forecast(
     assert "at this pace, but" in html
     assert "the deadline comes first (in 1m" in html
     assert "what is not sent by then, or still queued at fal, is cancelled" in html
+
+
+def test_jobs_cancelled_before_being_sent_cost_nothing_not_an_estimate(
+    engine: Engine, session: Session, output_dir: Path
+) -> None:
+    batch = make_batch(session, "unsent", [new_job(i, endpoint=ENDPOINTS[0], usd="0.20") for i in range(3)])
+    never, resent, failed = session.scalars(
+        select(Job).where(Job.batch_id == batch.id).order_by(Job.item_index)
+    ).all()
+    ids = (never.id, resent.id, failed.id)
+    # One waits to retry after an attempt fal billed; one failed unsent with no cost recorded.
+    billed = {"attempts": 1, "submitted_at": utcnow(), "actual_usd": Decimal("0.05")}
+    set_job(session, resent.id, state=JobState.RETRY_WAIT, **billed)
+    session.commit()
+    fence = store.Fence(failed.id, JobState.PENDING, failed.version, None)
+    assert store.fail_job(session, fence, error="bad input", error_type="validation")
+    session.commit()
+    app = app_for(engine, settings_for(engine, output_dir, token=TOKEN))
+    browser = client(app)
+    assert browser.post(f"/batches/{batch.id}/cancel", headers={**BEARER, **JSON}).status_code == 200
+
+    session.expire_all()
+    got = {j.id: (j.state, j.actual_usd) for j in session.scalars(select(Job).where(Job.id.in_(ids)))}
+    assert got[never.id] == (JobState.CANCELLED, Decimal(0))  # never sent: billed nothing, for good
+    assert got[resent.id] == (JobState.CANCELLED, Decimal("0.05"))  # what its earlier attempt cost
+    assert got[failed.id] == (JobState.FAILED, Decimal(0))
+    html = browser.get(f"/batches/{batch.id}", headers={**HTML, **BEARER}).text
+    cells = re.findall(r'<td class="num">([^<]*(?:<span[^>]*>[^<]*</span>)?)</td>\s*<td class="small">', html)
+    assert len(cells) == 3, html
+    assert not any("~" in c for c in cells), cells
+    assert store.batch_cost(session, batch.id).actual_usd == Decimal("0.05")

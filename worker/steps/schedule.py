@@ -91,8 +91,8 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
             why = closed_by(schedule, now)
             if why is None:  # open, or not started yet: nothing of it can be at fal
                 continue
-            if why == DEADLINE:
-                deadline = f"the batch's deadline ({schedule.deadline:%Y-%m-%d %H:%M %Z})"
+            if why == DEADLINE and schedule.deadline is not None:
+                deadline = f"the batch's deadline ({schedule.stamp(schedule.deadline)})"
                 moved += store.cancel_unsent_jobs(
                     session,
                     [batch.id],
