@@ -67,65 +67,102 @@ UNREACHABLE_WARN_EVERY_SECONDS = 30.0
 #: Seconds the limiter's Redis has to answer (connect, then each reply): at start-up and per call.
 TIMEOUT_SECONDS = 2.0
 
-#: Checks every key's theoretical arrival time (TAT) against Redis' clock; grants (advancing
-#: every TAT by its interval) only if all keys allow, else returns the wait in microseconds.
-#: Values are integer microseconds (< 2^53, exact in Lua's doubles); TTLs clean idle keys.
-GCRA_LUA = """
+#: What every script below shares. A key is a hash: ``tat``, its theoretical arrival time, and
+#: ``hold``, until when a 429 holds it (:data:`HOLD_OFF_LUA`; absent or past: no pause). The
+#: two are apart so that a submit's ordinary spacing (the TAT one interval ahead after any
+#: grant) is never read as fal's pause. A plain string is a key written before ``hold``
+#: existed: its TAT alone. Values are integer microseconds (< 2^53, exact in Lua's doubles) on
+#: Redis' clock; the TTL outlives both, so idle keys go.
+_LUA_STATE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function state(key)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'hash' then
+    local v = redis.call('HMGET', key, 'tat', 'hold')
+    return tonumber(v[1]) or now, tonumber(v[2]) or 0
+  elseif kind == 'string' then
+    return tonumber(redis.call('GET', key)) or now, 0
+  end
+  return now, 0
+end
+local function store(key, tat, hold)
+  if redis.call('TYPE', key)['ok'] ~= 'hash' then redis.call('DEL', key) end
+  if hold > now then
+    redis.call('HSET', key, 'tat', string.format('%.0f', tat), 'hold', string.format('%.0f', hold))
+  else
+    redis.call('HSET', key, 'tat', string.format('%.0f', tat))
+    redis.call('HDEL', key, 'hold')
+  end
+  redis.call('PEXPIRE', key, math.ceil((math.max(tat, hold) - now) / 1000) + 1000)
+end
+"""
+
+#: Checks every key's TAT against Redis' clock; grants (advancing every TAT by its interval)
+#: only if all keys allow, else returns the wait in microseconds.
+GCRA_LUA = (
+    _LUA_STATE
+    + """
 local wait = 0
-local tats = {}
+local tats, holds = {}, {}
 for i, key in ipairs(KEYS) do
-  local tat = tonumber(redis.call('GET', key)) or now
+  local tat, hold = state(key)
   if tat < now then tat = now end
-  tats[i] = tat
+  tats[i], holds[i] = tat, hold
   if tat - now > wait then wait = tat - now end
 end
 if wait > 0 then
   return {wait, now}
 end
 for i, key in ipairs(KEYS) do
-  local new = tats[i] + tonumber(ARGV[i])
-  redis.call('SET', key, string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+  store(key, tats[i] + tonumber(ARGV[i]), holds[i])
 end
 return {0, now}
 """
+)
 
 
-#: Pushes every key's TAT to at least ``now + ARGV[1]`` µs (never earlier than it was): no key
-#: grants again before then. Same clock, same TTL rule as :data:`GCRA_LUA`.
-HOLD_OFF_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+#: fal's 429: pushes every key's TAT to at least ``now + ARGV[1]`` µs (no key grants again
+#: before then) and records that pause as the key's ``hold``; neither ever earlier than it was.
+HOLD_OFF_LUA = (
+    _LUA_STATE
+    + """
 local until_ = now + tonumber(ARGV[1])
 for _, key in ipairs(KEYS) do
-  local tat = tonumber(redis.call('GET', key)) or now
-  if tat < until_ then
-    redis.call('SET', key, string.format('%.0f', until_), 'PX', math.ceil((until_ - now) / 1000) + 1000)
+  local tat, hold = state(key)
+  if tat < until_ or hold < until_ then
+    store(key, math.max(tat, until_), math.max(hold, until_))
   end
 end
 return now
 """
+)
 
 
-#: The API key's TAT and Redis' clock, both in microseconds: how long until it grants again.
-PAUSE_LEFT_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-return {tonumber(redis.call('GET', KEYS[1])) or now, now}
+#: The API key's 429 pause (its ``hold``; Redis' clock when none) and Redis' clock, both in
+#: microseconds: how long fal's pause still holds every submit. Not the TAT: a submit's
+#: ordinary spacing is no pause.
+PAUSE_LEFT_LUA = (
+    _LUA_STATE
+    + """
+local _, hold = state(KEYS[1])
+return {hold, now}
 """
+)
 
 
 #: :data:`PAUSE_LEFT_LUA`'s answer, after writing ``KEYS[2]`` (a key of its own, gone in a
 #: second): whether Redis takes the writes a submit's token needs. The start-up check asks it,
 #: and dispatch while the limiter is said to be down (a Redis that reads but refuses writes,
 #: such as a read-only replica, must not pass for back). It grants nothing and changes no limit.
-CHECK_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+CHECK_LUA = (
+    _LUA_STATE
+    + """
 redis.call('SET', KEYS[2], '1', 'PX', 1000)
-return {tonumber(redis.call('GET', KEYS[1])) or now, now}
+local _, hold = state(KEYS[1])
+return {hold, now}
 """
+)
 
 #: The key :data:`CHECK_LUA` writes, after the API key's own: beside its limits, so an ACL that
 #: lets the limiter write those lets it write this (no endpoint's key: an endpoint id has a /).
@@ -155,10 +192,13 @@ class SubmitLimiter(Protocol):
         ...
 
     def pause_left(self) -> float:
-        """Seconds until the API key's limit grants a submit again (0.0 when it would now).
+        """Seconds a 429's pause (:meth:`hold_off`), heard by any worker, still holds every
+        submit of the API key back (0.0 when none does).
 
-        Dispatch asks, to claim nothing while a 429's pause (:meth:`hold_off`), heard by any
-        worker, holds every submit back. Raises :class:`LimiterUnavailableError` like
+        Dispatch asks, to claim nothing meanwhile. Only such a pause counts, never the
+        ordinary spacing between two submits (after any grant the next is one interval away):
+        read as a pause, that spacing held dispatch back one interval more per job, and the
+        rate ran at half its setting. Raises :class:`LimiterUnavailableError` like
         :meth:`acquire`.
         """
         ...
@@ -459,11 +499,11 @@ class RedisGCRA:
         )
 
     def _check_now(self) -> tuple[int, int]:
-        """:data:`CHECK_LUA` on the API key's key: its TAT and Redis' clock (µs), after a write
-        as a grant makes. Raises the client's own error."""
+        """:data:`CHECK_LUA` on the API key's key: its 429 pause's end and Redis' clock (µs),
+        after a write as a grant makes. Raises the client's own error."""
         key = self.prefix + api_key_rate(self.settings).key
-        tat_us, now_us = self._check(keys=[key, key + CHECK_KEY_SUFFIX])
-        return int(tat_us), int(now_us)
+        hold_us, now_us = self._check(keys=[key, key + CHECK_KEY_SUFFIX])
+        return int(hold_us), int(now_us)
 
     def acquire(self, endpoint: str) -> float:
         return self.acquire_at(endpoint)[0]
@@ -488,13 +528,13 @@ class RedisGCRA:
                 # Back only when Redis takes a write again, as a submit's token needs: a Redis
                 # that answers reads and refuses writes (a read-only replica) would otherwise
                 # pass for back each round, and each claim be given back.
-                tat_us, now_us = self._check_now()
+                hold_us, now_us = self._check_now()
             else:
-                tat_us, now_us = self._pause_left(keys=[key])
+                hold_us, now_us = self._pause_left(keys=[key])
         except client_error() as exc:
             raise self._unreachable(exc) from exc
         self.outage.answered()
-        return max(0, int(tat_us) - int(now_us)) / 1_000_000
+        return max(0, int(hold_us) - int(now_us)) / 1_000_000
 
     def hold_off(self, endpoint: str, seconds: float) -> None:
         keys = rate_keys(self.settings, endpoint)
@@ -515,6 +555,9 @@ class LocalGCRA:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._tat: dict[str, float] = {}
+        #: Until when (monotonic) a 429 holds each key (:meth:`hold_off`): apart from the TAT,
+        #: which after any grant is one interval ahead and is no pause.
+        self._hold: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def acquire(self, endpoint: str) -> float:
@@ -532,13 +575,14 @@ class LocalGCRA:
     def pause_left(self) -> float:
         key = api_key_rate(self.settings).key
         with self._lock:
-            return max(0.0, self._tat.get(key, 0.0) - time.monotonic())
+            return max(0.0, self._hold.get(key, 0.0) - time.monotonic())
 
     def hold_off(self, endpoint: str, seconds: float) -> None:
         with self._lock:
             until = time.monotonic() + seconds
             for k in rate_keys(self.settings, endpoint):
                 self._tat[k.key] = max(self._tat.get(k.key, until), until)
+                self._hold[k.key] = max(self._hold.get(k.key, until), until)
 
 
 def limiter_for(settings: Settings) -> SubmitLimiter:

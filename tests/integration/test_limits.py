@@ -225,3 +225,45 @@ def test_wait_for_token_gives_up_beyond_max_wait() -> None:
     started = time.monotonic()
     assert wait_for_token(limiter, ENDPOINT, 0.1) > 1.0  # 2.1 s to the next token: give the job back
     assert time.monotonic() - started < 0.05
+
+
+@pytest.mark.parametrize("kind", ["redis", "local"])
+def test_only_a_hold_off_is_a_pause_never_the_spacing_between_submits(
+    redis_url: str, redis_namespace: str, kind: str
+) -> None:
+    """After any grant the next token is one interval away: that is the rate, not fal's 429.
+    Dispatch held itself back as long again when it read it as a pause, halving the rate."""
+    settings = _settings(0.5, submit_jitter_allowance=0.0)  # 2 s between submits
+    limiter: RedisGCRA | LocalGCRA = (
+        RedisGCRA.from_url(settings, redis_url, prefix=redis_namespace)
+        if kind == "redis"
+        else LocalGCRA(settings)
+    )
+    assert limiter.acquire(ENDPOINT) == 0
+    assert 1.5 < limiter.acquire(ENDPOINT) <= 2.0  # spaced...
+    assert limiter.pause_left() == 0  # ...and no pause
+    limiter.hold_off(ENDPOINT, 5.0)  # a 429, heard here or by any worker on the key
+    assert 4.5 < limiter.pause_left() <= 5.0
+    assert 4.5 < limiter.acquire(ENDPOINT) <= 5.0
+    if isinstance(limiter, RedisGCRA):
+        elsewhere = RedisGCRA.from_url(settings, redis_url, prefix=redis_namespace)
+        assert 4.5 < elsewhere.pause_left() <= 5.0  # shared by every process
+        elsewhere.close()
+        limiter.close()
+
+
+def test_a_key_written_before_the_pause_was_kept_apart_still_spaces(
+    client: redis.Redis[bytes], redis_url: str, redis_namespace: str
+) -> None:
+    """A key from before (a plain TAT) keeps its spacing, is no pause, and is rewritten."""
+    limiter = RedisGCRA.from_url(
+        _settings(0.5, submit_jitter_allowance=0.0), redis_url, prefix=redis_namespace
+    )
+    key = redis_namespace + rate_keys(limiter.settings, ENDPOINT)[0].key
+    client.set(key, str(int((_redis_now(client) + 1.0) * 1_000_000)), px=3000)
+    assert 0.5 < limiter.acquire(ENDPOINT) <= 1.0
+    assert limiter.pause_left() == 0
+    limiter.hold_off(ENDPOINT, 3.0)
+    assert client.hget(key, "hold") is not None  # rewritten as the limiter keeps keys now
+    assert 2.5 < limiter.pause_left() <= 3.0
+    limiter.close()

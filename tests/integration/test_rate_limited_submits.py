@@ -14,14 +14,18 @@
 
 from __future__ import annotations
 
+import itertools
+import statistics
 import threading
 import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import redis
 from PIL import Image
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
 
 from cli.output import money_line
 from falsim import SimulatorOptions, running_simulator
@@ -32,7 +36,7 @@ from jobs.states import JobState
 from tests.hostile import HostileProvider, json_reply
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.conductor import Conductor
-from worker.limits import RedisGCRA, api_key_rate
+from worker.limits import LocalGCRA, RedisGCRA, api_key_rate, limiter_for
 from worker.running import process_batch
 from worker.steps import RateBucket, dispatch, submit
 from worker.steps.submit import FREE_RATE_LIMIT_REFUSALS
@@ -256,7 +260,8 @@ def test_short_waits_for_a_token_do_not_hold_dispatch(engine: Engine, hostile: H
     add_batch(engine, "at-rate", [(T2V, {"prompt": p}) for p in ("a", "b")])
     assert rt.limiter is not None
     assert rt.limiter.acquire(T2V) == 0  # a submit just took a token: the next is 0.21 s away
-    assert 0 < rt.limiter.pause_left() < 0.5
+    assert 0 < rt.limiter.acquire(T2V) < 0.5  # the limiter spaces the next submit...
+    assert rt.limiter.pause_left() == 0  # ...and that spacing is no pause (it held dispatch)
     assert len(dispatch(rt)) == 2
 
 
@@ -321,3 +326,59 @@ def test_an_idle_conductor_does_not_dispatch_every_20_ms(engine: Engine, hostile
     assert not runner.is_alive()
     assert conductor.stats.ticks == 1
     assert conductor.stats.rounds <= 3  # the first tick's round, not ~75
+
+
+@pytest.mark.parametrize("limiter", ["local", "redis"])
+def test_ordinary_spacing_is_no_pause_and_the_rate_is_kept(
+    sqlite_url: str, tmp_path: Path, redis_url: str, limiter: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``WANBATCH_SUBMIT_WAIT_MAX`` below the interval between two submits, dispatch read
+    the limiter's ordinary spacing (the next token one interval away after every submit) as a
+    429's pause and held its bucket back as long again: every job waited two intervals, and the
+    rate ran at half its setting (21 s apart at 0.1 a second). No 429 here: dispatch is never
+    held, and the submits go out one interval apart, not two."""
+    rate, interval = 2.0, 1.05 / 2.0  # the default jitter allowance: 0.525 s between submits
+    held: list[float] = []
+    original = RateBucket.hold_off
+
+    def spy(bucket: RateBucket, seconds: float) -> None:
+        held.append(seconds)
+        original(bucket, seconds)
+
+    monkeypatch.setattr(RateBucket, "hold_off", spy)
+    key = f"spacing-{limiter}-{uuid.uuid4().hex}"  # its own limiter keys in the shared Redis
+    options = SimulatorOptions(latency_seconds=0.05, latency_jitter=0.0, concurrency_limit=8, rng_seed=5)
+    with running_simulator(options) as sim:
+        settings = settings_for(
+            sim.url,
+            key,
+            database_url=sqlite_url,
+            output_dir=tmp_path / "outputs",
+            submit_rate=rate,
+            submit_wait_max=0.05,
+            **({"limits_url": redis_url} if limiter == "redis" else {}),
+        )
+        assert isinstance(limiter_for(settings), RedisGCRA if limiter == "redis" else LocalGCRA)
+        manifest = tmp_path / "spacing.yaml"
+        manifest.write_text(MANIFEST.format(name=f"spacing-{limiter}"), encoding="utf-8")
+        submitted = batches.submit_manifest(manifest, settings)
+        try:
+            report, _stats = process_batch(submitted.batch_id, settings, show_progress=False)
+        finally:
+            client = redis.Redis.from_url(redis_url)
+            client.delete(api_key_rate(settings).key)
+            client.close()
+        assert sim.ledger()["accepted"] == 6
+    assert report["finished"] == report["total"] == 6
+    engine = db.make_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            query = select(Job.submitted_at).where(Job.batch_id == submitted.batch_id)
+            stamps = sorted(at for at in conn.execute(query).scalars() if at is not None)
+    finally:
+        engine.dispose()
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(stamps)]
+    assert len(gaps) == 5
+    # one interval apart (the limiter still spaces them), not two as before
+    assert statistics.median(gaps) < 1.5 * interval, gaps
+    assert held == []  # no 429, so dispatch was never held back (before: after every submit)

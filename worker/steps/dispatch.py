@@ -190,7 +190,10 @@ def _heed_pause(rt: Runtime) -> None:
     """Claim nothing while the shared limiter holds every submit back longer than a submit
     would wait for its token: fal answered a 429, maybe to a worker on another host
     (:meth:`~worker.limits.SubmitLimiter.hold_off`). Jobs claimed now would only be handed back,
-    one history entry each, until the pause ends; dispatch comes back when it does.
+    one history entry each, until the pause ends; dispatch comes back when it does. Only that
+    pause: the limiter's ordinary spacing (the next token one interval away after any submit) is
+    the rate, which this process's bucket already keeps; held back for it too, dispatch waited
+    two intervals per job and the rate ran at half its setting.
 
     Likewise while the limiter cannot be asked (its Redis is down): no submit could take a
     token, so claiming would only prepare (upload) each job's input and give it back, every few
