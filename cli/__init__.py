@@ -159,10 +159,14 @@ def _database_full(exc: BaseException) -> str | None:
     return str(db.disk_full_error(url))
 
 
+def _options(args: list[str]) -> list[str]:
+    """The command line's words before a ``--`` (after it, every word is an argument)."""
+    return args[: args.index("--")] if "--" in args else args
+
+
 def _json_requested(args: list[str]) -> bool:
-    """Whether the command line asks for ``--json`` (before a ``--``)."""
-    options = args[: args.index("--")] if "--" in args else args
-    return "--json" in options
+    """Whether the command line asks for ``--json``."""
+    return "--json" in _options(args)
 
 
 def _fail(line: str, code: int, *, prefix: str = "") -> NoReturn:
@@ -190,8 +194,7 @@ def _only_help(args: list[str]) -> bool:
     Then nothing can log, so the key redaction — which loads and validates every setting, a
     tenth of a second of pydantic — is skipped, and ``wanbatch --help`` answers at once.
     """
-    options = args[: args.index("--")] if "--" in args else args
-    return not args or any(a in _HELP_OPTIONS for a in options)
+    return not args or any(a in _HELP_OPTIONS for a in _options(args))
 
 
 def main() -> None:

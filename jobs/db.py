@@ -70,7 +70,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.sqltypes import TupleType
 
 from jobs.errors import ConfigError, DatabaseFullError
-from jobs.settings import DatabaseSettings
+from jobs.settings import DatabaseSettings, home_expanded
 from jobs.url_secrets import masked_url
 
 if TYPE_CHECKING:
@@ -136,12 +136,9 @@ def _sqlite_home(parsed: URL) -> URL:
     if not database.startswith("~"):
         return parsed
     try:
-        expanded = Path(database).expanduser()
-    except RuntimeError:  # pathlib's word for a home folder it cannot find
-        raise ConfigError(
-            f"WANBATCH_DATABASE_URL: the SQLite path starts with {database.split('/', 1)[0]!r}, whose home "
-            "folder is unknown: give the path in full"
-        ) from None
+        expanded = home_expanded(Path(database))
+    except ValueError as exc:  # it names a folder nobody meant
+        raise ConfigError(f"WANBATCH_DATABASE_URL: the SQLite path {exc}") from None
     return parsed.set(database=str(expanded))
 
 

@@ -165,7 +165,7 @@ def _listed(value: object, separators: str) -> object:
     return [part.strip() for part in text.split(separators[0]) if part.strip()]
 
 
-def _home_expanded(path: Path) -> Path:
+def home_expanded(path: Path) -> Path:
     """``path`` with a leading ``~`` or ``~user`` expanded, as a shell would have done it (and as a
     manifest's own paths are): taken literally, ``WANBATCH_OUTPUT_DIR='~/out'`` (quoted, or set in
     a ``.env`` or a compose file, where no shell expands it) made a folder named ``~`` wherever the
@@ -553,8 +553,8 @@ class DownloadSettings(_Section):
     @field_validator("output_dir", "output_staging_dir")
     @classmethod
     def _expand_home(cls, value: Path | None) -> Path | None:
-        """``~/out`` is the home folder's ``out``, not ``./~/out`` (:func:`_home_expanded`)."""
-        return None if value is None else _home_expanded(value)
+        """``~/out`` is the home folder's ``out``, not ``./~/out`` (:func:`home_expanded`)."""
+        return None if value is None else home_expanded(value)
 
     @field_validator("output_dir", mode="before")
     @classmethod
@@ -591,9 +591,9 @@ class InputSettings(_Section):
     @field_validator("allowed_input_dirs")
     @classmethod
     def _expand_homes(cls, value: list[Path]) -> list[Path]:
-        """``~/media`` is the home folder's ``media`` (:func:`_home_expanded`), as ``--allow-dir``
+        """``~/media`` is the home folder's ``media`` (:func:`home_expanded`), as ``--allow-dir``
         takes it from a shell."""
-        return [_home_expanded(folder) for folder in value]
+        return [home_expanded(folder) for folder in value]
 
 
 class WebhookSettings(_Section):
