@@ -53,6 +53,33 @@ def control_character(text: str) -> str | None:
     return None if found is None else _escaped_one_line(found)
 
 
+#: Characters of a value a message quotes (:func:`quoted`): enough to recognise it, few enough
+#: that its line stays a line.
+QUOTED_CHARS = 60
+
+
+def shortened(text: str, limit: int = QUOTED_CHARS) -> str:
+    """``text`` cut to its first ``limit`` characters and "…" when longer, with its length said:
+    a 5,000-character value quoted whole made its one-line error 5,000 characters long."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def quoted(value: object, limit: int = QUOTED_CHARS) -> str:
+    """``repr(value)`` for a message, shortened like :func:`shortened`: a long text by its first
+    ``limit`` characters (quoted, then "…"), a long list or mapping by its repr's start."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}… ({len(value):,} characters)"
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    count = f" ({len(value):,} items)" if isinstance(value, list | dict) else ""
+    return f"{text[:limit]}…{count}"
+
+
 #: A batch name a shell passes as one word, unchanged: no quoting, globbing or expansion needed.
 _SHELL_WORD = re.compile(r"[\w.@+-]+", re.ASCII)
 #: The suffixes that make ``wanbatch run REF`` read REF as a manifest file, never a batch name.

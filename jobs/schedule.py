@@ -25,10 +25,14 @@ from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from jobs.digits import foreign_digits
+from jobs.printable import quoted
+
 #: How many local days ahead a window is looked for (a zone may skip a whole day; none skips a week).
 _SEARCH_DAYS = 8
 
-_WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*[-\u2013]\s*(\d{1,2}):(\d{2})\s*$")
+#: ASCII digits only, as every number in a manifest: ``\d`` took ``٢٢:00-06:00`` as 22:00-06:00.
+_WINDOW = re.compile(r"^\s*([0-9]{1,2}):([0-9]{2})\s*[-\u2013]\s*([0-9]{1,2}):([0-9]{2})\s*$")
 
 
 def parse_window(text: str) -> tuple[time, time]:
@@ -39,7 +43,8 @@ def parse_window(text: str) -> tuple[time, time]:
     """
     match = _WINDOW.match(text)
     if match is None:
-        raise ValueError(f"window {text!r} is not two times HH:MM-HH:MM (such as 22:00-06:00)")
+        digits = "; write times with the ASCII digits 0-9" if foreign_digits(text) else ""
+        raise ValueError(f"window {quoted(text)} is not two times HH:MM-HH:MM (such as 22:00-06:00){digits}")
     hours_a, minutes_a, hours_b, minutes_b = (int(g) for g in match.groups())
     for hours, minutes in ((hours_a, minutes_a), (hours_b, minutes_b)):
         if hours > 23 or minutes > 59:
@@ -156,9 +161,9 @@ def parse_instant(value: object, *, bounded: bool = True) -> datetime:
             # YAML's timestamps allow a lowercase t/z; fromisoformat wants T/Z.
             parsed = datetime.fromisoformat(written.upper())
         except ValueError:
-            raise ValueError(f"{value!r} is not an ISO 8601 timestamp") from None
+            raise ValueError(f"{quoted(value)} is not an ISO 8601 timestamp") from None
     else:
-        raise ValueError(f"expected an ISO 8601 timestamp, got {type(value).__name__} {value!r}")
+        raise ValueError(f"expected an ISO 8601 timestamp, got {type(value).__name__} {quoted(value)}")
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise ValueError(
             f"{written!r} has no UTC offset, so the instant is ambiguous (local time in which zone?); "

@@ -23,10 +23,11 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.digits import TOO_MANY_DIGITS, too_many_digits
+from jobs.digits import TOO_MANY_DIGITS, foreign_digits, too_many_digits
 from jobs.endpoints import EndpointSpec, FieldSpec, FieldType
 from jobs.errors import Issue, did_you_mean
 from jobs.media import NUL_ALLOWED, NUL_MESSAGE, check_media
+from jobs.printable import quoted
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +147,17 @@ def check_value(fld: FieldSpec, value: Any) -> list[FieldProblem]:
         if too_many_digits(value):  # float() of it would raise OverflowError
             return [FieldProblem(fld.name, TOO_MANY_DIGITS, None, fld.allowed())]
         if not math.isfinite(value):
-            return [FieldProblem(fld.name, f"{value!r} is not a finite number", value, fld.allowed())]
+            return [FieldProblem(fld.name, _not_finite(value), value, fld.allowed())]
     return _check_range(fld, value)
+
+
+def _not_finite(value: float) -> str:
+    """Why an infinity or NaN is refused. No manifest spells one out (``.inf`` and ``inf`` are
+    text), so an infinity was written as a number too large for a float (``1e999``), or as
+    JSON's non-standard ``Infinity``."""
+    if math.isnan(value):
+        return f"{value!r} is not a finite number"
+    return f"{value!r} is not a finite number: a number beyond ±1.8e308 (such as 1e999) is infinite"
 
 
 def _check_string(fld: FieldSpec, value: Any) -> list[FieldProblem]:
@@ -156,7 +166,7 @@ def _check_string(fld: FieldSpec, value: Any) -> list[FieldProblem]:
             hint = _enum_hint(str(value), [str(v) for v in fld.enum])
             return [
                 FieldProblem(
-                    fld.name, f"{value!r} is not one of the allowed values{hint}", value, fld.allowed()
+                    fld.name, f"{quoted(value)} is not one of the allowed values{hint}", value, fld.allowed()
                 )
             ]
         return [_wrong_type(fld, value, "text")]
@@ -165,7 +175,7 @@ def _check_string(fld: FieldSpec, value: Any) -> list[FieldProblem]:
             hint = _enum_hint(value, [str(v) for v in fld.enum])
             return [
                 FieldProblem(
-                    fld.name, f"{value!r} is not one of the allowed values{hint}", value, fld.allowed()
+                    fld.name, f"{quoted(value)} is not one of the allowed values{hint}", value, fld.allowed()
                 )
             ]
         return []
@@ -183,7 +193,7 @@ def _check_string(fld: FieldSpec, value: Any) -> list[FieldProblem]:
     return []
 
 
-_DIGITS = re.compile(r"\d+")
+_DIGITS = re.compile(r"[0-9]+")  # ASCII digits, as everywhere a number is read
 
 
 def _enum_hint(text: str, choices: list[str]) -> str:
@@ -210,9 +220,10 @@ def _enum_hint(text: str, choices: list[str]) -> str:
 
 def _check_range(fld: FieldSpec, value: float) -> list[FieldProblem]:
     if fld.enum is not None and value not in fld.enum:
-        return [FieldProblem(fld.name, f"{value!r} is not one of the allowed values", value, fld.allowed())]
+        message = f"{quoted(value)} is not one of the allowed values"
+        return [FieldProblem(fld.name, message, value, fld.allowed())]
     if (fld.minimum is not None and value < fld.minimum) or (fld.maximum is not None and value > fld.maximum):
-        return [FieldProblem(fld.name, f"{value!r} is out of range", value, fld.allowed())]
+        return [FieldProblem(fld.name, f"{quoted(value)} is out of range", value, fld.allowed())]
     return []
 
 
@@ -227,11 +238,22 @@ def _wrong_type(fld: FieldSpec, value: Any, expected: str) -> FieldProblem:
         # The commonest way to get here: a sweep written in place (``seed: [1, 2, 3]`` in an item).
         return FieldProblem(
             fld.name,
-            f"expected {expected}, got {got} {value!r}; a list makes one job per value only under `matrix:`",
+            f"expected {expected}, got {got} {quoted(value)}; "
+            "a list makes one job per value only under `matrix:`",
             value,
             fld.allowed(),
         )
-    return FieldProblem(fld.name, f"expected {expected}, got {got} {value!r}", value, fld.allowed())
+    return FieldProblem(
+        fld.name, f"expected {expected}, got {got} {quoted(value)}", value, _allowed(fld, value)
+    )
+
+
+def _allowed(fld: FieldSpec, value: object) -> str:
+    """The field's allowed values, and for a number written in another script's digits (``٣``,
+    which ``int()`` takes, so a reader may well expect the field to) how to write it instead."""
+    if fld.type in (FieldType.INTEGER, FieldType.NUMBER) and isinstance(value, str) and foreign_digits(value):
+        return f"{fld.allowed()}, written with the ASCII digits 0-9"
+    return fld.allowed()
 
 
 def validate_input(

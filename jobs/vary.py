@@ -23,14 +23,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.digits import MAX_WHOLE_DIGITS, TOO_MANY_DIGITS, digits_in
+from jobs.digits import TOO_MANY_DIGITS, WHOLE, plain_number, whole_too_long
 from jobs.endpoints import EndpointSpec, FieldSpec, FieldType
 from jobs.errors import UsageError, did_you_mean
+from jobs.printable import shortened
 from jobs.validation import check_value
 
-#: ``1..8``: an inclusive integer range (negative ends allowed, as for any integer field).
-RANGE = re.compile(r"\s*([+-]?\d+)\s*\.\.\s*([+-]?\d+)\s*")
-INTEGER = re.compile(r"[+-]?\d+")
+#: ``1..8``: an inclusive integer range (negative ends allowed, as for any integer field), its
+#: ends whole numbers as a manifest writes them (:data:`jobs.digits.WHOLE`: ASCII digits only).
+RANGE = re.compile(rf"\s*({WHOLE.pattern})\s*\.\.\s*({WHOLE.pattern})\s*")
 #: Values one option, and combinations all options together, may make: far beyond any real
 #: sweep, small enough that a typo (``1..10000000``) is an error rather than a full disk.
 MAX_VALUES = 10_000
@@ -50,26 +51,35 @@ class Vary:
     @property
     def option(self) -> str:
         """The option as the user wrote it, for messages."""
-        return f"--vary {self.text}"
+        return option_text(self.text)
+
+
+def option_text(text: str) -> str:
+    """``--vary TEXT`` for a message, a long TEXT shortened (a value of 5,000 characters was
+    quoted whole, in each message about it)."""
+    return f"--vary {shortened(text)}"
 
 
 def parse_vary(text: str) -> Vary:
     """One ``FIELD=VALUES`` option; :class:`UsageError` (one line) when it is malformed."""
     name, sep, values = text.partition("=")
     name = name.strip()
+    option = option_text(text)
     if not sep or not name:
-        raise UsageError(f"--vary {text}: expected {SYNTAX}")
+        raise UsageError(f"{option}: expected {SYNTAX}")
     if found := RANGE.fullmatch(values):
+        if whole_too_long(found[1]) or whole_too_long(found[2]):  # int() stops at 4,300 digits
+            raise UsageError(f"{option}: {TOO_MANY_DIGITS}")
         low, high = int(found[1]), int(found[2])
         if high < low:
-            raise UsageError(f"--vary {text}: the range {low}..{high} is empty; write the smaller end first")
+            raise UsageError(f"{option}: the range {low}..{high} is empty; write the smaller end first")
         if high - low + 1 > MAX_VALUES:
-            raise UsageError(f"--vary {text}: {high - low + 1} values, more than {MAX_VALUES}")
+            raise UsageError(f"{option}: {high - low + 1} values, more than {MAX_VALUES}")
         tokens = [str(n) for n in range(low, high + 1)]
     else:
         tokens = [token.strip() for token in values.split(",")]
         if not all(tokens):
-            raise UsageError(f"--vary {text}: an empty value; expected {SYNTAX}")
+            raise UsageError(f"{option}: an empty value; expected {SYNTAX}")
     return Vary(field=name, tokens=tuple(tokens), text=text)
 
 
@@ -92,16 +102,14 @@ def parse_varies(texts: Iterable[str]) -> tuple[Vary, ...]:
 
 
 def typed(fld: FieldSpec, token: str) -> Any:
-    """``token`` as the field's schema type, or the text itself when it does not parse as that."""
-    if fld.type is FieldType.INTEGER and INTEGER.fullmatch(token):
-        return int(token)
-    if fld.type is FieldType.NUMBER:
-        if INTEGER.fullmatch(token):
-            return int(token)
-        try:
-            return float(token)
-        except ValueError:
-            return token
+    """``token`` as the field's schema type, or the text itself when it does not parse as that.
+
+    Numbers by the rule a manifest's YAML and CSV cells follow (:func:`jobs.digits.plain_number`),
+    a float for an integer field too, which the schema check then refuses in a manifest's words.
+    """
+    if fld.type in (FieldType.INTEGER, FieldType.NUMBER):
+        number = plain_number(token)
+        return token if number is None else number
     if fld.type is FieldType.BOOLEAN and token.lower() in ("true", "false"):
         return token.lower() == "true"
     return token
@@ -122,7 +130,7 @@ def checked_values(spec: EndpointSpec, vary: Vary) -> list[Any]:
             "use a `matrix` in a manifest to sweep files"
         )
     for token in vary.tokens:
-        if INTEGER.fullmatch(token) and digits_in(token) > MAX_WHOLE_DIGITS:
+        if whole_too_long(token):
             raise UsageError(f"{vary.option}: {vary.field}: {TOO_MANY_DIGITS} (allowed: {fld.allowed()})")
     values = [typed(fld, token) for token in vary.tokens]
     for value in values:

@@ -18,9 +18,9 @@ instead of a traceback or an exhausted machine:
 
 Timestamps stay the text the user wrote (JSON has no date type, and a provider input is JSON), and
 so do YAML 1.1's base-60 numbers: ``aspect_ratio: 16:9`` means the text "16:9", not 969 (YAML 1.2
-dropped base 60 for exactly this reason). Whole numbers are decimal only, as a CSV cell or a
-``--vary`` value reads them: ``0042`` is 42, not YAML 1.1's octal 34, and ``0x10`` or ``1_000``
-stay text.
+dropped base 60 for exactly this reason). Numbers are read as a CSV cell or a ``--vary`` value
+reads them (:data:`jobs.digits.WHOLE`, :data:`jobs.digits.NUMBER`): ``0042`` is 42, not YAML
+1.1's octal 34, ``+.5`` is 0.5, and ``0x10``, ``1_000``, ``1_0.5``, ``.inf`` and ``.nan`` stay text.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
-from jobs.digits import TOO_MANY_DIGITS, too_many_digits
+from jobs.digits import NUMBER, TOO_MANY_DIGITS, WHOLE, too_many_digits
 
 try:  # libyaml's scanner/parser is ~20x faster on big scalars; fall back when it is missing
     from yaml._yaml import CParser as _Parser
@@ -62,7 +62,6 @@ _TAG = "tag:yaml.org,2002:"
 _SCALAR_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "bool", "null"))
 _TIMESTAMP = _TAG + "timestamp"
 _MERGE = _TAG + "merge"
-_NUMBER_TAGS = frozenset((_TAG + "int", _TAG + "float"))
 
 
 class YamlProblem(Exception):
@@ -145,29 +144,23 @@ class _Loader(_DepthLimitedComposer, _Parser, Resolver):
         Resolver.__init__(self)
 
 
-#: YAML 1.1 (PyYAML) reads a float only with a dot and a signed exponent, so ``1e2``,
-#: ``2.5e3`` and ``1E-3`` were text, and a number field said "expected a number, got text
-#: '1e2'". YAML 1.2, JSON (``items_from`` rows) and the CSV reader all read them as numbers;
-#: so does a manifest. Quoted (``"1e2"``) they stay text.
-_Loader.add_implicit_resolver(
-    _TAG + "float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-#: A whole number is decimal digits with an optional sign, and nothing else. YAML 1.1 (PyYAML)
-#: read ``0042`` and ``010`` as octal (34 and 8, with no word said), ``0x10`` as 16, ``0b11`` as
-#: 3, ``1_000`` as 1000 and ``1:30`` as base 60, while a CSV cell or a ``--vary`` value ``0042``
-#: is 42. Here leading zeros are decimal (``0042`` is 42, ``09`` is 9), as in YAML 1.2's core
-#: schema; every other spelling stays the text written, which a number field then refuses with
-#: its file, line, item and field. YAML 1.2's ``0x``/``0o`` forms are left out on purpose: CSV,
-#: JSONL and ``--vary`` have none, and the same text must be the same number everywhere.
-_DECIMAL = re.compile(r"[-+]?[0-9]+")
-_Loader.yaml_implicit_resolvers = {  # this class's own copy, without YAML 1.1's int resolver
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _TAG + "int"]
+#: Numbers are what :data:`~jobs.digits.WHOLE` and :data:`~jobs.digits.NUMBER` say, as in a CSV
+#: cell or a ``--vary`` value, and nothing else. YAML 1.1 (PyYAML) read ``0042`` and ``010`` as
+#: octal (34 and 8, with no word said), ``0x10`` as 16, ``0b11`` as 3, ``1_000`` as 1000,
+#: ``1_0.5`` as 10.5 and ``1:30`` as base 60, ``.inf`` and ``.nan`` as floats no provider input
+#: takes, and ``1e2``, ``+.5`` or ``-.5`` as text, while a CSV cell ``0042`` was 42 and ``1_0.5``
+#: text. Here leading zeros are decimal (``0042`` is 42), as in YAML 1.2's core schema; every other
+#: spelling stays the text written, which a number field then refuses with its file, line, item
+#: and field. YAML 1.2's ``0x``/``0o`` forms and ``.inf``/``.nan`` are left out on purpose: CSV,
+#: JSONL and ``--vary`` have none, and the same text must be the same number everywhere. Quoted
+#: (``"1e2"``) a number stays text.
+_Loader.yaml_implicit_resolvers = {  # this class's own copy, without YAML 1.1's number resolvers
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_TAG + "int", _TAG + "float")]
     for first, resolvers in _Loader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver(_TAG + "int", re.compile(f"^{_DECIMAL.pattern}$"), list("-+0123456789"))
+# The whole-number resolver first: NUMBER matches whole numbers too, and they are ints.
+_Loader.add_implicit_resolver(_TAG + "int", re.compile(f"^{WHOLE.pattern}$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(_TAG + "float", re.compile(f"^{NUMBER.pattern}$"), list("-+0123456789."))
 
 
 def _decimal_int(_: SafeConstructor, node: ScalarNode) -> int | str:
@@ -175,7 +168,14 @@ def _decimal_int(_: SafeConstructor, node: ScalarNode) -> int | str:
     spelling (``!!int 0x10``) stays text, as it would unmarked. ``ValueError`` beyond Python's
     4,300 digits."""
     text = str(node.value)
-    return int(text) if _DECIMAL.fullmatch(text) else text
+    return int(text) if WHOLE.fullmatch(text) else text
+
+
+def _decimal_float(_: SafeConstructor, node: ScalarNode) -> float | str:
+    """A number written in plain decimal, as a float; an explicit ``!!float`` of any other
+    spelling (``!!float .inf``, ``!!float 1_0.5``) stays text, as it would unmarked."""
+    text = str(node.value)
+    return float(text) if NUMBER.fullmatch(text) else text
 
 
 _SCALARS = SafeConstructor()
@@ -183,6 +183,7 @@ _SCALAR_BUILDERS: dict[str, Callable[[SafeConstructor, ScalarNode], Any]] = {
     tag: SafeConstructor.yaml_constructors[tag] for tag in _SCALAR_TAGS
 }
 _SCALAR_BUILDERS[_TAG + "int"] = _decimal_int
+_SCALAR_BUILDERS[_TAG + "float"] = _decimal_float
 
 
 class _Builder:
@@ -235,8 +236,8 @@ class _Builder:
                 f"(at most {MAX_SCALAR_CHARS:,}; put large data in a file)",
                 line_of(node),
             )
-        if node.tag == _TIMESTAMP or (node.tag in _NUMBER_TAGS and ":" in node.value):
-            return node.value  # dates and YAML 1.1 base-60 numbers (16:9 → 969!) stay as written
+        if node.tag == _TIMESTAMP:
+            return node.value  # dates stay as written (base-60 numbers, 16:9, are no numbers here)
         builder = _SCALAR_BUILDERS.get(node.tag)
         if builder is None:
             raise _tag_problem(node)

@@ -5,7 +5,9 @@ a located issue for a row it cannot use (bad JSON, a duplicate key, too many cel
 longer than :data:`MAX_ITEMS_FROM_LINE`), then goes on with the next row.
 
 CSV cells are text; :func:`csv_value` converts a cell to its field's type (integer, number,
-boolean) during expansion. A cell that does not convert stays text, and validation reports it.
+boolean) during expansion, numbers by the rule a YAML value and a ``--vary`` value follow
+(:func:`jobs.digits.plain_number`). A cell that does not convert stays text, and validation
+reports it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.digits import MAX_WHOLE_DIGITS, TOO_MANY_DIGITS, digits_in, too_many_digits
+from jobs.digits import (
+    MAX_WHOLE_DIGITS,
+    TOO_MANY_DIGITS,
+    digits_in,
+    plain_number,
+    too_many_digits,
+    whole_too_long,
+)
 from jobs.endpoints import EndpointSpec, FieldType
 from jobs.errors import Issue
 from jobs.manifest.model import RawItem, describe
@@ -28,8 +37,6 @@ from jobs.yaml_lines import MAX_DEPTH
 MAX_ITEMS_FROM_LINE = 1024 * 1024
 ITEMS_FROM_SUFFIXES = (".jsonl", ".ndjson", ".csv")
 
-_INT = re.compile(r"^[+-]?\d+$")
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_MESSAGE = (
     "text with a lone UTF-16 surrogate (such as \\ud800) is refused: it is no Unicode character"
@@ -237,8 +244,7 @@ def csv_items(
 def cell_problem(cell: str) -> str | None:
     """A CSV cell's number of more digits than a whole number may have (its conversion would
     fail), or None."""
-    text = cell.strip()
-    return TOO_MANY_DIGITS if _INT.match(text) and digits_in(text) > MAX_WHOLE_DIGITS else None
+    return TOO_MANY_DIGITS if whole_too_long(cell.strip()) else None
 
 
 def row_issue(display: str, line: int, index: int | None, message: str, value: object = None) -> Issue:
@@ -252,15 +258,13 @@ def csv_value(spec: EndpointSpec, key: str, value: Any) -> Any:
     if fld is None or not isinstance(value, str):
         return value
     text = value.strip()
-    if _INT.match(text) and digits_in(text) > MAX_WHOLE_DIGITS:
+    if whole_too_long(text):
         return value  # stays text: :func:`cell_problem` refused the row first
-    if fld.type is FieldType.INTEGER and _INT.match(text):
-        return int(text)
-    if fld.type is FieldType.NUMBER:
-        if _INT.match(text):
-            return int(text)
-        if _FLOAT.match(text):
-            return float(text)
+    if fld.type in (FieldType.INTEGER, FieldType.NUMBER):
+        # A float for an integer field too: refused as "expected an integer, got float 1.5",
+        # in the words a YAML ``seed: 1.5`` or ``--vary seed=1.5`` gets.
+        number = plain_number(text)
+        return value if number is None else number
     if fld.type is FieldType.BOOLEAN:
         if text.lower() in _TRUE:
             return True

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.errors import Issue
+from jobs.printable import quoted
 from jobs.validation import Location
 
 
@@ -67,10 +68,10 @@ def describe(value: object) -> str:
     if isinstance(value, list):
         return "a list"
     if isinstance(value, str):
-        return f"the text {value[:60]!r}"
+        return f"the text {quoted(value)}"
     if value is None:
         return "nothing (null)"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {quoted(value)}"
 
 
 def error_count(issues: list[Issue]) -> int:
