@@ -37,6 +37,7 @@ from jobs.models import Batch, BatchState, Job, Money, utcnow
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
 from jobs.schedule import Schedule, format_duration
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
+from jobs.storable import holds_unstorable
 
 #: Finishes this recent make the throughput (jobs per minute) and the ETA: the current pace, not
 #: the average since a start that may have been hours (and a paused night) ago.
@@ -524,8 +525,11 @@ def list_jobs(
 
     With no position: the first page. ``after``: the page after that job; ``before``: the page
     before it; ``last``: the last page. Each reads at most ``limit + 1`` rows (the extra one
-    says whether there is more beyond), whichever page it is.
+    says whether there is more beyond), whichever page it is. An ``endpoint`` no database can
+    hold (a NUL) matches no job: an empty page, on every database alike, without a query.
     """
+    if endpoint is not None and holds_unstorable(endpoint):
+        return JobPage(rows=[], has_prev=False, has_next=False)
     order = tuple_(Job.item_index, Job.variant, Job.id)
     query = select(*_ROW_COLUMNS).where(Job.batch_id == batch_id)
     if states:
@@ -596,7 +600,10 @@ def _job_row(row: Any) -> JobRow:
 
 
 def job_output(session: Session, job_id: str) -> tuple[str, str | None] | None:
-    """``(batch_id, output_path)`` of a job, or None when there is no such job."""
+    """``(batch_id, output_path)`` of a job, or None when there is no such job (as for an id no
+    database can hold, a NUL in a URL: asked of none, which PostgreSQL would refuse)."""
+    if holds_unstorable(job_id):
+        return None
     row = session.execute(select(Job.batch_id, Job.output_path).where(Job.id == job_id)).first()
     return None if row is None else (str(row[0]), row[1])
 

@@ -24,6 +24,18 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 REPLACEMENT = "\ufffd"
 
 
+def holds_unstorable(text: str) -> bool:
+    """Whether ``text`` holds a character no text of any database wanbatch runs on can hold (a
+    NUL, a lone surrogate), so nothing stored can equal it.
+
+    A lookup by such a text (a batch reference, a job id, an endpoint filter: typed by a user,
+    or in a URL) finds nothing, and must say so without asking the database, which answers it
+    differently on each: PostgreSQL refuses a NUL (a data error), SQLite compares it and finds
+    nothing, and a lone surrogate (a command line that is not UTF-8) cannot even be sent.
+    """
+    return _UNSTORABLE.search(text) is not None
+
+
 def storable_text(text: str) -> str:
     """``text`` with NUL and lone surrogates replaced by U+FFFD (the same string when it has none)."""
     return _UNSTORABLE.sub(REPLACEMENT, text)

@@ -90,7 +90,7 @@ from jobs.models import (
 from jobs.money import BUDGET_ERRORS
 from jobs.schedule import Schedule
 from jobs.states import AT_PROVIDER_STATES, UNFINISHED_STATES, JobState, can_transition
-from jobs.storable import storable_json
+from jobs.storable import holds_unstorable, storable_json
 
 __all__ = [
     "DURATIONS",
@@ -359,8 +359,14 @@ ID_CHARS = 32
 
 
 def get_batch(session: Session, ref: str) -> Batch:
-    """A batch by full id, by name, or by a unique id prefix of at least 6 characters."""
+    """A batch by full id, by name, or by a unique id prefix of at least 6 characters.
+
+    A reference no database can hold (a NUL, a lone surrogate) names no batch: it is not found,
+    on every database alike, before any query (:func:`jobs.storable.holds_unstorable`).
+    """
     ref = ref.strip()
+    if holds_unstorable(ref):
+        raise _no_such_batch(ref)
     found = session.get(Batch, ref)
     if found is not None:
         return found
@@ -389,8 +395,13 @@ def get_batch(session: Session, ref: str) -> Batch:
             return matches[0]
         if len(matches) > 1:
             raise NotFoundError(f"batch id prefix {ref!r} is ambiguous: give more characters or the name")
+    raise _no_such_batch(ref)
+
+
+def _no_such_batch(ref: str) -> NotFoundError:
+    """What a reference that names no batch is told (``ref`` shortened, control characters escaped)."""
     shown = ref if len(ref) <= 80 else ref[:80] + "…"
-    raise NotFoundError(
+    return NotFoundError(
         f"no batch {shown!r}: give a batch name, its id, or an id prefix of at least {MIN_ID_PREFIX} "
         "characters (`wanbatch status` lists batches)"
     )

@@ -25,9 +25,12 @@ read the same database. :class:`web.auth.DashboardAuth` guards everything but th
 ``/healthz``: ``WANBATCH_SERVE_TOKEN`` from beyond loopback and for every action, so the
 receiver can face the internet while the dashboard stays private. A page or action that meets
 a locked or unreachable database is answered 503 with one line (and logs one warning), not an
-internal error; one whose request carries a value the database refuses (a data error: a NUL
-character in a batch reference, say) 400 with one line (and one warning); any other database
-error 500 with one line (logged as an error, with its traceback) — never "unavailable".
+internal error — an action whose write finds the database's disk full too, with a line that says
+so (pages only read, and go on working); one whose request carries a value the database refuses
+(a data error) 400 with one line (and one warning); any other database error 500 with one line
+(logged as an error, with its traceback) — never "unavailable". A batch reference, job id or
+endpoint filter no database can hold (a NUL) never reaches one: it names nothing (404, or an
+empty list), on SQLite and PostgreSQL alike.
 
 The receiver only writes to the database: it needs no fal key and may run on any host that
 reaches the database. The downloads of the jobs it completes are queued by the workers' tick
@@ -75,12 +78,15 @@ RECEIVER_THREADS = 8
 HEALTHZ_KEYS_WAIT = 2.0
 #: What a client is told when the database cannot be used; the log line says why.
 DATABASE_UNAVAILABLE = "the database is unavailable (locked or unreachable): try again in a moment"
-#: What a dashboard client is told when the database refuses a value its request carries (a NUL
-#: character in a batch reference or filter, which PostgreSQL's text cannot hold): a data error,
-#: the same request fails the same way, so a 400, not an outage's 503; the log line says what.
-REQUEST_NOT_STORABLE = (
-    "the database refuses a value of this request (a NUL character, say): the same request fails the same way"
-)
+#: What a dashboard client is told when an action's write finds the database's disk full: 503
+#: as for an outage, but waiting alone does not end it; the log line says where (the client is
+#: not told the database's place).
+DATABASE_FULL = "the database's disk is full: free space on it, then try again; nothing was changed"
+#: What a dashboard client is told when the database refuses a value its request carries: a data
+#: error, the same request fails the same way, so a 400, not an outage's 503; the log line says
+#: what. (A NUL in a reference or filter is not one: it is refused before any query, as naming
+#: nothing.)
+REQUEST_NOT_STORABLE = "the database refuses a value of this request: the same request fails the same way"
 #: What a dashboard client is told when a page or action failed on any other database error (a
 #: bug of the dashboard's: the log has its traceback).
 DASHBOARD_FAILED = "the dashboard failed on a database error (an error of the dashboard: see its log)"
@@ -246,13 +252,24 @@ def create_app(
     async def database_error(request: Request, exc: Exception) -> Response:
         """A dashboard page or action that failed on a database error, answered for what it was (as
         :func:`not_stored` answers a delivery): only a locked or unreachable database is
-        "unavailable" (503, one warning: the same request may succeed in a moment); a data error
-        is the request's (400, one warning: it carries a value the database refuses, such as a
-        NUL character in a batch reference or a filter, and fails the same way again); anything
-        else is the dashboard's (500, one line; the log has the traceback)."""
+        "unavailable" (503, one warning: the same request may succeed in a moment), and a full
+        disk says so (503, one warning naming the database: someone must free space); a data
+        error is the request's (400, one warning: it carries a value the database refuses, and
+        fails the same way again); anything else is the dashboard's (500, one line; the log has
+        the traceback)."""
         assert isinstance(exc, DBAPIError)
         client = request.client.host if request.client else "?"
         where = (request.method, request.url.path, client, database_problem(exc))
+        if db.is_disk_full(exc):  # before is_unavailable, which a full disk also is
+            full = db.disk_full_error(settings.database_url, then="try again")
+            log.warning(
+                "dashboard: %s %s from %s: %s: %s",
+                *where[:3],
+                full,
+                where[3],
+                extra={"event": "dashboard.database_full", "status": 503},
+            )
+            return dashboard.unavailable(request, DATABASE_FULL)
         if db.is_unavailable(exc):
             log.warning(
                 "dashboard: %s %s from %s: the database is unavailable: %s",

@@ -1,15 +1,18 @@
 """The dashboard's answer to a database error is the error's own: only a locked or unreachable
-database is "unavailable" (503, see ``test_serve_hardening``); a value of the request the
-database refuses is the request's (400, one line, one warning); any other database error is the
-dashboard's (500, one line; the log has the traceback). Never a traceback, the fal key or the
-database password in an answer.
+database is "unavailable" (503, see ``test_serve_hardening``), a full disk stops actions (503,
+saying so) but no page; a value of the request the database refuses is the request's (400, one
+line, one warning); any other database error is the dashboard's (500, one line; the log has the
+traceback). Never a traceback, the fal key or the database password in an answer. A NUL in a
+reference never reaches the database: it names nothing, on SQLite and PostgreSQL alike.
 """
 
 from __future__ import annotations
 
+import html
 import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from sqlalchemy import Engine, text
@@ -18,8 +21,10 @@ from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
 from jobs import store
+from jobs.db import session_factory
 from jobs.models import BatchState
 from jobs.settings import Settings
+from tests import full_disk
 from tests.web.web_helpers import FAL_KEY, HTML, JSON, TOKEN, app_for, client, mixed_batch, settings_for
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -52,22 +57,70 @@ def _dashboard_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogReco
     return [r for r in caplog.records if r.name == "web.app"]
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_a_value_postgresql_refuses_is_a_400_not_an_outage(
+def test_a_nul_in_a_reference_names_nothing_on_every_database(
     engine: Engine, session: Session, output_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """PostgreSQL's text cannot hold NUL: a batch reference, filter or job id carrying one is a
-    data error the same request meets again, so it is the request's (400), never "unavailable"."""
+    """PostgreSQL's text cannot hold NUL: a batch reference, job id or endpoint filter carrying
+    one was a data error there (400) while SQLite found nothing (404). It names nothing on both:
+    "no batch …" (404, or the batch page's flash), no such job, no job of that endpoint; no
+    warning, and nothing changed."""
     batch_id = mixed_batch(session, items=10).batch.id
     session.commit()
     browser: TestClient = client(app_for(engine, _settings(engine, output_dir)))
     with caplog.at_level(logging.INFO):
+        page = browser.get("/batches/ab%00cdef", headers=HTML)
+        as_json = browser.get(f"/batches/{batch_id}%00", headers=JSON)
+        video = browser.get("/jobs/ab%00cd/video", headers=HTML)
+        cancel = browser.post(f"/batches/{batch_id}%00/cancel", headers={**BEARER, **JSON})
+        pause = browser.post(f"/batches/{batch_id}%00/pause", headers={**BEARER, **HTML})
+        filtered = browser.get(f"/batches/{batch_id}?endpoint=fal-ai/wan-i2v%00", headers=HTML)
+    assert page.status_code == 404, page.text
+    assert "no batch &#39;ab\\x00cdef&#39;: give a batch name" in page.text
+    assert "Not found" in page.text
+    assert as_json.status_code == 404
+    assert as_json.json()["error"].startswith(f"no batch '{batch_id}\\x00': give a batch name")
+    assert video.status_code == 404, video.text
+    assert cancel.status_code == 404, cancel.text
+    assert cancel.json() == {"ok": False, "error": cancel.json()["error"]}
+    assert cancel.json()["error"].startswith("no batch")
+    assert pause.status_code == 303  # back to the batch page, which says "no batch"
+    assert "no batch" in unquote(pause.cookies["wanbatch_flash"])
+    assert filtered.status_code == 200, filtered.text
+    assert 'id="j-' not in filtered.text  # no job row
+    assert "0 matching jobs" in filtered.text
+    for answer in (page, video, filtered):
+        _one_line(answer)
+    assert not [r for r in _dashboard_records(caplog) if r.levelno >= logging.WARNING]
+    session.expire_all()  # what the dashboard's transactions left, not what this session read
+    with session.begin():
+        assert store.get_batch(session, batch_id).state == BatchState.ACTIVE
+        assert not store.get_batch(session, batch_id).paused_by_user
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_value_postgresql_refuses_is_a_400_not_an_outage(
+    engine: Engine,
+    session: Session,
+    output_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A value the database refuses (a data error: here a use case that sends a NUL, which no
+    request can make it do any more) fails the same way again, so it is the request's (400),
+    never "unavailable"; what the action did is rolled back."""
+    batch_id = mixed_batch(session, items=10).batch.id
+    session.commit()
+
+    def refused(session: Session, *_args: Any, **_kw: Any) -> Any:
+        return session.execute(text("SELECT CAST(:v AS text)"), {"v": "a\x00b"})
+
+    monkeypatch.setattr(store, "failure_reasons", refused)
+    monkeypatch.setattr(store, "cancel_unsent_jobs", refused)
+    browser: TestClient = client(app_for(engine, _settings(engine, output_dir)))
+    with caplog.at_level(logging.INFO):
         answers = [
-            browser.get("/batches/ab%00cdef", headers=HTML),
-            browser.get(f"/batches/{batch_id}?endpoint=fal-ai%00", headers=JSON),
-            browser.get("/jobs/ab%00cd/video", headers=HTML),
-            browser.post(f"/batches/{batch_id}%00/cancel", headers={**BEARER, **JSON}),
-            browser.post(f"/batches/{batch_id}%00/pause", headers={**BEARER, **HTML}),
+            browser.get(f"/batches/{batch_id}", headers=HTML),
+            browser.post(f"/batches/{batch_id}/cancel", headers={**BEARER, **JSON}),
         ]
     for answer in answers:
         assert answer.status_code == 400, (answer.request.url, answer.text)
@@ -87,8 +140,51 @@ def test_a_value_postgresql_refuses_is_a_400_not_an_outage(
     session.expire_all()  # what the dashboard's transactions left, not what this session read
     with session.begin():
         assert store.get_batch(session, batch_id).state == BatchState.ACTIVE
-        assert not store.get_batch(session, batch_id).paused_by_user
-    assert browser.get(f"/batches/{batch_id}", headers=HTML).status_code == 200
+
+
+def test_while_the_disk_is_full_pages_work_and_actions_say_so(
+    sqlite_engine: Engine, output_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reads need no space: every page (and ``/metrics``, a video) answers as usual while every
+    write is refused for a full disk (SQLite's own ``SQLITE_FULL``). An action is 503, as for an
+    outage, but with a line that says the disk is full (waiting alone does not end it; "locked or
+    unreachable: try again in a moment" sent people waiting); the warning names the database.
+    Once space is free, the same action works."""
+    with session_factory(sqlite_engine)() as session:
+        mixed = mixed_batch(session, items=10, output_dir=output_dir)
+    batch_id, job_id = mixed.batch.id, next(iter(mixed.videos))
+    database = sqlite_engine.url.database
+    assert database is not None
+    full_disk.prepare(database)
+    browser: TestClient = client(app_for(sqlite_engine, _settings(sqlite_engine, output_dir)))
+    pages = [
+        "/",
+        f"/batches/{batch_id}",
+        f"/batches/{batch_id}?state=failed",
+        "/metrics",
+        f"/jobs/{job_id}/video",
+    ]
+    with full_disk.FullDisk().attached(Engine) as disk, caplog.at_level(logging.INFO):
+        disk.full = True
+        for path in pages:
+            answer = browser.get(path, headers={**HTML, **BEARER})
+            assert answer.status_code == 200, (path, answer.text)
+        paused = browser.post(f"/batches/{batch_id}/pause", headers={**BEARER, **JSON})
+        cancelled = browser.post(f"/batches/{batch_id}/cancel", headers={**BEARER, **HTML})
+        disk.full = False
+        again = browser.post(f"/batches/{batch_id}/pause", headers={**BEARER, **JSON})
+    for answer in (paused, cancelled):
+        assert answer.status_code == 503, answer.text
+        body = html.unescape(_one_line(answer))
+        assert "the database's disk is full: free space on it, then try again" in body
+        assert "locked or unreachable" not in body
+        assert database not in body  # where it is, is for the log
+    assert "<html" in cancelled.text
+    records = [r for r in _dashboard_records(caplog) if r.levelno >= logging.WARNING]
+    assert [r.__dict__["event"] for r in records] == ["dashboard.database_full"] * 2
+    assert all(r.exc_info is None and database in r.getMessage() for r in records)
+    assert again.status_code == 200, again.text
+    assert again.json()["ok"] is True
 
 
 def test_any_other_database_error_is_a_500_logged_with_its_traceback(
