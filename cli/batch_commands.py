@@ -493,8 +493,19 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
 
 
 def _run_and_report(
-    batch_id: str, settings: Settings, as_json: bool, progress: bool, *, command: str = "run"
+    batch_id: str,
+    settings: Settings,
+    as_json: bool,
+    progress: bool,
+    *,
+    command: str = "run",
+    again: str | None = None,
 ) -> int:
+    """Process the batch, then its summary and exit code.
+
+    ``again``: how to go on once the batch is paused, for ``rerun`` (`wanbatch run NAME`: running
+    ``rerun`` again would store another batch); by default, the same command again.
+    """
     from jobs import batches
     from jobs.output_store import open_output_store
     from worker.running import process_batch
@@ -517,11 +528,10 @@ def _run_and_report(
         # lines into a file, as without it); --no-progress is what silences it.
         show_progress=progress,
         serve_metrics=False,  # fal_settings serves them, bound before anything was stored
+        **({"again": again} if again else {}),
     )
-    # Stopped because its user paused it meanwhile: the same as a run of a paused batch (exit 2,
-    # saying how to go on), not exit 1, which says jobs failed or were cancelled.
-    paused = command != "cancel" and _held_by_user(report)
-    extra = {"ok": False, "error": batches.paused_line(report["name"], report_ref(report))} if paused else {}
+    held = None if command == "cancel" else _held_line(report, again)
+    extra = {"ok": False, "error": held} if held else {}
     if as_json:
         emit_json(
             {
@@ -535,7 +545,23 @@ def _run_and_report(
         print_summary(report)
         where = open_output_store(settings).describe()
         say(escape(f"outputs in {where}; finished in {stats.wall_seconds:.1f}s"))
-    return EXIT_USAGE if paused else final_code(report)
+    return EXIT_USAGE if held else final_code(report)
+
+
+def _held_line(report: BatchReport, again: str | None) -> str | None:
+    """Why a run ended with jobs of its batch left unsent, when that is no job's failure: its
+    user paused it, or fal refused the key or the account (HTTP 401/402/403). Such a run exits
+    2, as a run of a paused batch or a missing FAL_KEY does, saying what to fix and how to go
+    on: exit 1 says jobs failed or were cancelled, and a script that reads it as "the batch is
+    over, rerun what failed" would never finish it. None: exit by the jobs' outcome."""
+    from jobs import batches
+
+    words = {"again": again} if again else {}
+    if _held_by_user(report):
+        return batches.paused_line(report["name"], report_ref(report), **words)
+    if batches.refused_by_fal(report):
+        return batches.refused_line(report, **words)
+    return None
 
 
 def _held_by_user(report: BatchReport) -> bool:
@@ -547,12 +573,20 @@ def _held_by_user(report: BatchReport) -> bool:
     )
 
 
-def _processing(as_json: bool, action: Callable[[], int], resume: Callable[[str | None], str]) -> None:
+def _processing(
+    as_json: bool,
+    action: Callable[[], int],
+    resume: Callable[[str | None], str],
+    *,
+    stored: Callable[[], str | None] = lambda: None,
+) -> None:
     """:func:`guarded`, plus what Ctrl-C and SIGTERM do to a command that processes a batch.
 
     The first signal stops the work within seconds (see :mod:`worker.running`) and exits 130
     with one line saying what was given back and how to resume (``resume(batch_id)``); a
-    second one exits at once.
+    second one exits at once. A signal before the processing began (while the batch was being
+    stored, or the run set up) carries no batch: ``stored()`` then says which batch the command
+    had stored, if any.
     """
 
     def interruptible() -> int:
@@ -563,6 +597,7 @@ def _processing(as_json: bool, action: Callable[[], int], resume: Callable[[str 
             with stop_on_signals():
                 return action()
         except Interrupted as exc:
+            exc.batch_id = exc.batch_id or stored()
             _exit_interrupted(exc, as_json, exc.hint or resume(exc.batch_id))
         except DatabaseFullError as exc:  # its one line; steps may still be on their way out
             _exit_now(exc, as_json)
@@ -749,8 +784,7 @@ def rerun(
     With `--failed-only` and no failed or cancelled job, it says so and creates nothing (exit 0).
     """
 
-    #: The new batch's name by id, for the hint an interruption prints.
-    names: dict[str, str] = {}
+    new = _NewRerun(simulate)
 
     def action() -> int:
         from jobs import batches
@@ -769,27 +803,93 @@ def rerun(
         }
         with fal_settings(settings, simulate) as target:
             try:
-                result = batches.rerun_batch(batch, settings=target, simulated=simulate, **options)
+                result = batches.rerun_batch(
+                    batch, settings=target, simulated=simulate, on_batch=new.storing, **options
+                )
             except batches.NothingToRerun as nothing:  # not an error: say so, create nothing
                 if as_json:
                     emit_json({"ok": True, "batch": None, "total": 0, "counts": {}, "message": str(nothing)})
                 else:
                     say(escape(str(nothing)))
                 return nothing.exit_code
-            names[result.batch_id] = result.name
             print_warnings(result)
             print_budget_note(result)
-            return _run_and_report(result.batch_id, target, as_json, not no_progress)
+            again = f"run `{new.run_command(result.batch_id)}`"  # never `rerun` again: another batch
+            return _run_and_report(result.batch_id, target, as_json, not no_progress, again=again)
 
-    def resume(batch_id: str | None) -> str:
+    _processing(as_json, action, new.hint, stored=new.stored)
+
+
+class _NewRerun:
+    """The batch a ``rerun`` makes, for the line Ctrl-C prints: how to go on with it.
+
+    ``rerun_batch`` names it (:meth:`storing`) before its jobs are stored, in the same
+    transaction, so a signal can land before, during or after the commit. Only a look at the
+    database then tells "stored: `wanbatch run NAME` resumes it" from "nothing was stored":
+    "run the same command again" after the commit would store a second batch of the same jobs,
+    paid twice if both run.
+    """
+
+    def __init__(self, simulate: bool) -> None:
+        self.simulate = simulate
+        self.batch_id: str | None = None
+        self.name = ""
+        #: Set once :meth:`stored` looked: True when the database could not say (not stored
+        #: is ``batch_id`` None then).
+        self.unsure = False
+
+    def storing(self, batch_id: str, name: str) -> None:
+        """``rerun_batch``'s ``on_batch``: the new batch, not committed yet."""
+        self.batch_id, self.name = batch_id, name
+
+    def stored(self) -> str | None:
+        """The new batch's id when it may be stored (found, or the database did not answer);
+        asked only of a signal that came before the batch was being processed."""
+        if self.batch_id is not None:
+            found = _batch_found(self.batch_id)
+            self.unsure = found is None
+            if found is False:  # its transaction was rolled back: nothing was stored
+                self.batch_id = None
+        return self.batch_id
+
+    def hint(self, batch_id: str | None) -> str:
+        """How to go on: run the stored batch (never ``rerun`` again), or start over."""
         if batch_id is None:
-            return "run the same command again to start over"
-        # What the user copies: a reference `run` reads as this batch (never the 32-character
-        # id), and `--simulate` for a simulation, which `run` refuses to go on with otherwise.
-        command = f"wanbatch run {shell_ref(names.get(batch_id, ''), batch_id)}{_simulate_flag(simulate)}"
-        return f"`{command}` resumes the new batch (running `rerun` again would start another)"
+            return "nothing was stored (no new batch); run the same command again to start over"
+        command = f"`{self.run_command(batch_id)}`"
+        again = "(running `rerun` again would start another)"
+        if self.unsure:
+            found = f"if `wanbatch status {self.ref(batch_id)}` finds it, {command} resumes it"
+            return f"the new batch may have been stored: {found} {again}"
+        return f"{command} resumes the new batch {again}"
 
-    _processing(as_json, action, resume)
+    def ref(self, batch_id: str) -> str:
+        """What the user types for the batch: a reference `run` reads as this batch (never the
+        32-character id)."""
+        return shell_ref(self.name if batch_id == self.batch_id else "", batch_id)
+
+    def run_command(self, batch_id: str) -> str:
+        """The command that goes on with the new batch: ``run`` of it, with `--simulate` for a
+        simulation, which `run` refuses to go on with otherwise."""
+        return f"wanbatch run {self.ref(batch_id)}{_simulate_flag(self.simulate)}"
+
+
+def _batch_found(batch_id: str) -> bool | None:
+    """Whether the database holds the batch ``batch_id``; None when it could not be asked."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from jobs import db, store
+    from jobs.errors import NotFoundError, WanbatchError
+    from jobs.settings import get_settings
+
+    try:
+        with db.read_scope(db.open_engine(get_settings())) as session:
+            store.get_batch(session, batch_id)
+    except NotFoundError:
+        return False
+    except (SQLAlchemyError, WanbatchError):  # what to check is said instead
+        return None
+    return True
 
 
 @click.command()

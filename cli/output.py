@@ -407,11 +407,36 @@ def idle_text(report: BatchReport) -> str:
 
     seen = report["processed_at"]
     words = not_processing(datetime.fromisoformat(seen) if seen else None, now=datetime.now(UTC))
+    from jobs.batches import refused_by_fal  # loaded already: it made the report
+
+    if report["phase"] == "deadline":  # nothing is sent any more, paused or not: `resume` does nothing
+        # The workers' deadline step skips a paused batch: only a run cancels its unsent jobs.
+        runner = _runner(report, workers=report["state"] != "paused")
+        return f"{words}: {runner} {deadline_run_text(report)}"
     # A user's pause is ended by `resume` only: a run (or a worker) of a paused batch sends nothing.
     first = f"after `wanbatch resume {report_ref(report)}`, " if _paused_by_user(report) else ""
-    if report["simulated"]:  # only a --simulate run sends a simulation; workers never do
-        return f"{words}: {first}`wanbatch run {report_ref(report)} --simulate` goes on"
-    return f"{words}: {first}`wanbatch run {report_ref(report)}`, or a worker, goes on"
+    # Only a run ends a pause fal's refusal of the key or the account caused: workers leave it.
+    return f"{words}: {first}{_runner(report, workers=not refused_by_fal(report))} goes on"
+
+
+def _runner(report: BatchReport, *, workers: bool) -> str:
+    """What processes the batch: `wanbatch run REF`, or (``workers``) a worker. Only a
+    ``--simulate`` run processes a simulation."""
+    if report["simulated"]:
+        return f"`wanbatch run {report_ref(report)} --simulate`"
+    if not workers:
+        return f"`wanbatch run {report_ref(report)}`"
+    return f"`wanbatch run {report_ref(report)}`, or a worker,"
+
+
+def deadline_run_text(report: BatchReport) -> str:
+    """What processing a batch past its deadline does: it sends nothing, collects what fal made
+    and cancels the unsent jobs (reason `deadline`)."""
+    unsent = report["counts"].get("pending", 0) + report["counts"].get("retry_wait", 0)
+    does = ["collects what fal made"] if report["in_flight"] else []
+    if unsent:
+        does.append(f"cancels its {unsent} unsent job(s) (deadline)")
+    return " and ".join(does) or "ends it"
 
 
 def _paused_by_user(report: BatchReport) -> bool:
@@ -510,10 +535,7 @@ def print_report(report: BatchReport) -> None:
 
     out.print(batch_heading(report))
     if report["state"] == "paused":  # fal refused the account, or the outputs could not be written
-        reason = report["pause_reason"] or "see the log"
-        simulate = " --simulate" if report["simulated"] else ""  # only a --simulate run sends one
-        again = f"`wanbatch run {report_ref(report)}{simulate}`"
-        say(escape(f"paused: {reason}; fix it, then {again} goes on"), "yellow")
+        say(escape(_paused_text(report)), "yellow")
     if report["phase"] == "active" and report["phase_reason"]:  # a cap holds its unsent jobs back
         say(escape(report["phase_reason"]), "yellow")
     out.print(status_table(report))
@@ -524,7 +546,11 @@ def print_report(report: BatchReport) -> None:
     schedule = [f"schedule: {report['schedule_state']}"] if report["schedule_state"] else []
     if report["schedule_state"] == PAUSED_BY_USER:  # work is left, and `resume` lets it go on
         schedule[-1] += f" (`wanbatch resume {report_ref(report)}` goes on)"
-    elif _paused_by_user(report) and report["schedule_state"].startswith(SCHEDULE_OVER):
+    elif (
+        _paused_by_user(report)
+        and report["phase"] != "done"  # finished: nothing is held back, as without a schedule
+        and report["schedule_state"].startswith(SCHEDULE_OVER)
+    ):
         schedule.append(pause_over_text(report))
     if report["priority"] != "normal":
         schedule.append(f"priority {report['priority']}")
@@ -533,6 +559,22 @@ def print_report(report: BatchReport) -> None:
     if report["low_priority_note"]:
         say(escape(report["low_priority_note"]), "yellow")
     print_failures(report)
+
+
+def _paused_text(report: BatchReport) -> str:
+    """Why a batch fal's refusal or its outputs paused is held back, and how to go on; past its
+    deadline, that nothing more is sent and what a run then does (fixing the cause only matters
+    for what fal holds)."""
+    reason = report["pause_reason"] or "see the log"
+    simulate = " --simulate" if report["simulated"] else ""  # only a --simulate run sends one
+    again = f"`wanbatch run {report_ref(report)}{simulate}`"
+    if report["phase"] != "deadline":
+        return f"paused: {reason}; fix it, then {again} goes on"
+    fix = "fix it, then " if report["in_flight"] else ""
+    return (
+        f"paused: {reason}; but its deadline has passed, so nothing more is sent: "
+        f"{fix}{again} {deadline_run_text(report)}"
+    )
 
 
 def print_summary(report: BatchReport) -> None:

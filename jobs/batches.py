@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -725,9 +725,11 @@ def _estimated_usd(session: Session, batch_id: str, jobs: int) -> Decimal:
 DEADLINE_ERROR = "deadline"
 #: :func:`schedule_state` of a batch its user paused (``wanbatch pause``) with work left.
 PAUSED_BY_USER = "paused by user"
+#: How :func:`schedule_state` starts for a batch whose deadline has passed.
+PAST_DEADLINE = "past deadline"
 #: How :func:`schedule_state` starts for a schedule that will never send again: its deadline
 #: passed, or comes before the window next opens (:meth:`Schedule.describe`).
-SCHEDULE_OVER = ("past deadline", "closed: nothing opens before the deadline")
+SCHEDULE_OVER = (PAST_DEADLINE, "closed: nothing opens before the deadline")
 
 
 def schedule_state(session: Session, batch: Batch, *, finished: bool, now: datetime) -> str:
@@ -749,7 +751,7 @@ def schedule_state(session: Session, batch: Batch, *, finished: bool, now: datet
     if schedule.is_empty():
         return ""
     if schedule.past_deadline(now):
-        return f"past deadline: {store.count_cancelled(session, batch.id, DEADLINE_ERROR)} cancelled"
+        return f"{PAST_DEADLINE}: {store.count_cancelled(session, batch.id, DEADLINE_ERROR)} cancelled"
     return "" if finished else schedule.describe(now)
 
 
@@ -793,19 +795,21 @@ def batch_phase(
     finished is still ``active`` there; a script polling ``status --json`` needs ``done``.
     ``paused`` covers both a batch fal's refusal paused (its ``pause_reason``) and a user's
     ``wanbatch pause``; ``waiting`` a schedule that is closed now; ``deadline`` a schedule whose
-    deadline passed; ``done`` every job finished.
+    deadline passed (paused or not: resuming sends nothing then); ``done`` every job finished.
     """
     if state == BatchState.CANCELLED:
         return "cancelled", None
     if total and finished >= total:
         return "done", None
-    if state == BatchState.PAUSED:
+    # Past its deadline the refusal holds nothing back either: nothing is sent any more, and the
+    # next run ends what is left (its unsent jobs cancelled, reason ``deadline``).
+    if state == BatchState.PAUSED and not schedule_state.startswith(PAST_DEADLINE):
         return "paused", pause_reason or "see the log"
     # Past its deadline (or the window opens only after it) the user's pause holds nothing back
     # any more: resuming would send nothing (see :func:`schedule_state`).
     if paused_by_user and not schedule_state.startswith(SCHEDULE_OVER):
         return "paused", "by its user"
-    if schedule_state.startswith("past deadline"):
+    if schedule_state.startswith(PAST_DEADLINE):
         return "deadline", schedule_state
     if schedule_state and not schedule_state.startswith("open"):
         return "waiting", schedule_state
@@ -1089,11 +1093,36 @@ def refuse_cancel_without_key(session: Session, batch: Batch, settings: Settings
         )
 
 
-def paused_line(name: str, ref: str) -> str:
+#: How a ``run`` goes on, said after what to fix first (``rerun`` names ``wanbatch run NAME``:
+#: running it again would store another batch).
+RUN_AGAIN = "run this command again"
+
+
+def paused_line(name: str, ref: str, again: str = RUN_AGAIN) -> str:
     """What a ``run`` says of a batch its user paused: paused, and how to go on."""
     return (
         f"batch {name} is paused (`wanbatch pause`): nothing of it is sent until "
-        f"`wanbatch resume {ref}`; then run this command again to go on"
+        f"`wanbatch resume {ref}`; then {again} to go on"
+    )
+
+
+def refused_by_fal(report: BatchReport) -> bool:
+    """Whether the batch has jobs left and is paused because fal refused the key or the account
+    (HTTP 401/402/403, :func:`worker.steps.failures.pause_for_account`), not for its outputs."""
+    return (
+        report["state"] == BatchState.PAUSED.value
+        and report["finished"] < report["total"]
+        and not (report["pause_reason"] or "").startswith(store.OUTPUTS_PAUSE_PREFIX)
+    )
+
+
+def refused_line(report: BatchReport, again: str = RUN_AGAIN) -> str:
+    """What a ``run`` that fal's refusal of the key or the account stopped says: nothing more is
+    sent, why, and how to go on (the same command resumes the batch once fal accepts the key)."""
+    reason = report["pause_reason"] or "fal refused the key or the account"
+    return (
+        f"batch {report['name']} is paused: {reason}: nothing more of it is sent; fix FAL_KEY "
+        f"or the fal account (`wanbatch doctor` checks both), then {again} to go on"
     )
 
 
@@ -1128,8 +1157,16 @@ def refuse_paused(session: Session, batch: Batch) -> None:
     """``run`` of a batch its user paused, with jobs left to send: a :class:`UsageError`
     (exit 2), raised before anything changes. Running it would send nothing, and a pause is
     ended by ``resume`` only (a pause fal's refusal or a full disk caused is ended by ``run``
-    itself: not this)."""
+    itself: not this).
+
+    Past its deadline the pause holds nothing back any more (``status`` shows it as
+    ``deadline``): the run sends nothing either way, collects what fal made and ends the unsent
+    jobs cancelled (reason ``deadline``), so it is not refused; refusing it said "`wanbatch
+    resume`, then run again", and resuming changed nothing.
+    """
     if not batch.paused_by_user or batch.state == BatchState.CANCELLED:
+        return
+    if store.batch_schedule(batch).past_deadline(utcnow()):
         return
     if store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id):
         raise UsageError(paused_line(batch.name, shell_ref(batch.name, batch.id)))
@@ -1220,35 +1257,9 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
                 else f"batch {label} was already paused; nothing changed"
             )
         else:
-            # Resuming only clears the flag: a run or the workers send the jobs, not this command.
-            sender = (
-                f"`wanbatch run {short} --simulate`"
-                if batch.simulated
-                else f"`wanbatch run {short}` (or the workers, with a broker)"
+            line, over = _resumed_line(
+                batch, label, short, changed=changed, waiting=waiting, in_flight=in_flight, now=utcnow()
             )
-            schedule, now = store.batch_schedule(batch), utcnow()
-            over = schedule.over(now) if changed else None
-            if over is not None:
-                # Past its deadline (or the window opens only after it): resuming sends nothing,
-                # and "may be sent again" would promise what the deadline takes away.
-                if not waiting:
-                    then = "nothing more is sent"
-                elif schedule.past_deadline(now):
-                    then = f"its {waiting} waiting job(s) will never be sent; {sender} cancels them"
-                else:
-                    then = f"its {waiting} waiting job(s) will never be sent; they end cancelled then"
-                line = f"resumed batch {label}, but {over}: {then}"
-            else:
-                line = (
-                    f"resumed batch {label}: {waiting} waiting job(s) may be sent again; {sender} sends them"
-                    if changed
-                    else f"batch {label} was not paused by `wanbatch pause`; nothing changed"
-                )
-            if batch.state == BatchState.PAUSED:
-                reason = batch.pause_reason or "see the log"
-                again = f"`wanbatch run {short}{' --simulate' if batch.simulated else ''}`"
-                line += f"; it is still paused ({reason}): {again} or submitting its manifest again "
-                line += "resumes that"
         state = schedule_state(session, batch, finished=total > 0 and terminal == total, now=utcnow())
         if state and not paused and batch.state != BatchState.PAUSED and over is None:
             line += f"; schedule: {state}"
@@ -1264,6 +1275,51 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
             schedule_state=state,
             message=line,
         )
+
+
+def _resumed_line(
+    batch: Batch, label: str, short: str, *, changed: bool, waiting: int, in_flight: int, now: datetime
+) -> tuple[str, str | None]:
+    """What ``resume`` says, and why the schedule will never send again (None while it may).
+
+    Resuming only clears the user's flag: a run or the workers send the jobs, not this command.
+    A batch fal's refusal or its outputs paused stays paused, and a run (or submitting again)
+    ends that — but past its deadline nothing is sent either way: the line says the deadline
+    passed and that a run cancels the waiting jobs, never that something "resumes" them.
+    """
+    simulate = " --simulate" if batch.simulated else ""
+    refused = batch.state == BatchState.PAUSED  # by fal's refusal, or its outputs
+    schedule = store.batch_schedule(batch)
+    past = schedule.past_deadline(now)
+    # Past its deadline the workers' deadline step skips a paused batch: a run cancels its jobs.
+    workers = "" if batch.simulated or (refused and past) else " (or the workers, with a broker)"
+    sender = f"`wanbatch run {short}{simulate}`{workers}"
+    over = schedule.over(now) if changed or (refused and past) else None
+    if over is not None:
+        # Past its deadline (or the window opens only after it): resuming sends nothing,
+        # and "may be sent again" would promise what the deadline takes away.
+        if not waiting:
+            then = "nothing more is sent"
+        elif past:
+            then = f"its {waiting} waiting job(s) will never be sent; {sender} cancels them"
+        else:
+            then = f"its {waiting} waiting job(s) will never be sent; they end cancelled then"
+        head = f"resumed batch {label}" if changed else f"batch {label} was not paused by `wanbatch pause`"
+        line = f"{head}, but {over}: {then}"
+    elif changed:
+        line = f"resumed batch {label}: {waiting} waiting job(s) may be sent again; {sender} sends them"
+    else:
+        line = f"batch {label} was not paused by `wanbatch pause`; nothing changed"
+    if refused:
+        reason = batch.pause_reason or "see the log"
+        if past:  # nothing to resume: what is at fal is collected once the cause is fixed
+            if in_flight:
+                line += f"; it is also paused ({reason}): fix that for {sender} to collect "
+                line += f"the {in_flight} job(s) at fal"
+        else:
+            line += f"; it is still paused ({reason}): `wanbatch run {short}{simulate}` or submitting "
+            line += "its manifest again resumes that"
+    return line, over
 
 
 class NothingToRerun(WanbatchError):
@@ -1298,6 +1354,7 @@ def rerun_batch(
     vary: Sequence[Vary] = (),
     settings: Settings,
     simulated: bool = False,
+    on_batch: Callable[[str, str], None] | None = None,
 ) -> SubmitResult:
     """A new batch from a stored one, linked to it as its parent.
 
@@ -1328,6 +1385,11 @@ def rerun_batch(
     (``source_files``); otherwise every job would fail at submission (``input_file``) and each
     later rerun too, since it copies the same record: a :class:`UsageError` names each such file
     and nothing is stored (see :func:`_changed_sources`).
+
+    ``on_batch(id, name)`` is called with the new batch before its jobs are stored, in the same
+    transaction (storing a large batch takes a while): should Ctrl-C stop the command, its hint
+    looks the batch up to tell "stored, run it" (never ``rerun`` again, which would make a second
+    batch of the same jobs, paid twice if both run) from "nothing was stored" (rolled back).
     """
     if new_seeds and any(v.field == "seed" for v in vary):
         raise UsageError("--new-seeds and --vary seed=… both choose the seeds: give only one of them")
@@ -1400,6 +1462,8 @@ def rerun_batch(
             raise UsageError(
                 f"another rerun of {parent.name} was stored as {name} just now; run this one again"
             )
+        if on_batch is not None:
+            on_batch(batch.id, batch.name)
         added, existing = store.add_jobs(session, batch.id, rows)
         return _submitted(session, batch, created, added, existing, warnings)
 

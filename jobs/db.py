@@ -551,6 +551,12 @@ def _configure_sqlite(engine: Engine, writers: threading.Lock | None = None) -> 
 
     @event.listens_for(engine, "rollback")
     def _on_rollback(connection: Any) -> None:
+        # Invalidated (Ctrl-C inside a statement: SQLAlchemy drops the connection on a
+        # BaseException): its DBAPI connection is closed, its transaction with it, and the
+        # checkin below released the lock. Its ``info`` would raise PendingRollbackError, which
+        # replaced the interruption with an internal error (exit 70 instead of 130).
+        if connection.invalidated:
+            return
         if connection.info.get(_WRITE_LOCK_HELD):
             try:
                 connection.connection.dbapi_connection.rollback()

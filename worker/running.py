@@ -43,6 +43,7 @@ from jobs.batches import (
 )
 from jobs.db import open_engine
 from jobs.errors import ConfigError, DatabaseFullError, WanbatchError
+from jobs.models import utcnow
 from jobs.printable import printable, shell_ref
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -352,8 +353,12 @@ def process_batch(
     console: Console | None = None,
     show_progress: bool = True,
     serve_metrics: bool = True,
+    again: str = "run the same command again",
 ) -> tuple[BatchReport, RunStats]:
     """Drive ``batch_id`` to the end; returns its final status report and run statistics.
+
+    ``again``: how the user goes on with the batch once it is paused (a ``rerun`` names
+    ``wanbatch run NAME``: running it again would store another batch), said on the last line.
 
     Raises :class:`Interrupted` after SIGINT/SIGTERM (under :func:`stop_on_signals`), once this
     process has stopped sending and given its leases back.
@@ -371,7 +376,7 @@ def process_batch(
         watch = _WorkerWatch(settings, console.print, WORKER_CHECK_SECONDS)
         watch.start()
         try:
-            _watch(batch_id, settings, console, show_progress, stats, conductor=None)
+            _watch(batch_id, settings, console, show_progress, stats, conductor=None, again=again)
         except _Stop:
             raise Interrupted(
                 stopped_watching(batch_id, workers_seen=watch.seen_alive_recently()),
@@ -386,7 +391,7 @@ def process_batch(
         finally:
             watch.stopping.set()
     else:
-        _process_embedded(batch_id, settings, console, show_progress, stats, serve_metrics)
+        _process_embedded(batch_id, settings, console, show_progress, stats, serve_metrics, again)
     stats.wall_seconds = time.monotonic() - started
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
@@ -401,6 +406,7 @@ def _process_embedded(
     show_progress: bool,
     stats: RunStats,
     serve_metrics: bool,
+    again: str,
 ) -> None:
     from worker.conductor import Conductor, listening
     from worker.embedded import InProcessWorker
@@ -438,7 +444,7 @@ def _process_embedded(
     try:
         with worker, listening(rt.engine, conductor.notify):
             try:
-                _watch(batch_id, settings, console, show_progress, stats, conductor=conductor)
+                _watch(batch_id, settings, console, show_progress, stats, conductor=conductor, again=again)
             except _Stop:
                 abandoned = True
                 worker.abandon()  # a step that starts from now on does nothing
@@ -606,8 +612,11 @@ def _watch(
     show_progress: bool,
     stats: RunStats,
     conductor: Conductor | None,
+    *,
+    again: str,
 ) -> None:
-    """Conduct (embedded) and show progress until the batch is done or paused.
+    """Conduct (embedded) and show progress until the batch is done or paused (``again``: how
+    to go on then, see :func:`process_batch`).
 
     The loop runs in a thread of its own while the main thread only waits, so a signal never
     has to interrupt a database call or an HTTP request to be noticed; raises :class:`_Stop`
@@ -673,8 +682,11 @@ def _watch(
             held=bool(current["held"]),
         )
         at_provider = sum(current["counts"].get(s.value, 0) for s in JobState if s.at_provider)
+        # Past its deadline a user's pause holds nothing back: the tick ends the unsent jobs
+        # (cancelled, reason `deadline`) and the run goes on until what fal made is collected.
+        held_by_user = current["paused_by_user"] and not current["schedule"].past_deadline(utcnow())
         ends = done >= current["total"] or (
-            at_provider == 0 and (current["state"] == "paused" or current["paused_by_user"])
+            at_provider == 0 and (current["state"] == "paused" or held_by_user)
         )
         if plain is not None and plain.due(
             time.monotonic(), done, current["total"], final=ends, alert=held or caps.alert(holds)
@@ -685,14 +697,14 @@ def _watch(
         if current["state"] == "paused" and at_provider == 0:
             reason = shown(current["pause_reason"] or "see status")  # fal's words, maybe
             progress.console.print(
-                f"[yellow]batch paused: {reason}; fix it, then run the same command again to resume[/yellow]"
+                f"[yellow]batch paused: {reason}; fix it, then {shown(again)} to resume[/yellow]"
             )
             return True
-        if current["paused_by_user"] and at_provider == 0:
+        if held_by_user and at_provider == 0:
             ref = shell_ref(current["name"], batch_id)
             progress.console.print(
                 f"[yellow]batch paused by its user: `wanbatch resume {ref}`, "
-                "then run the same command again to go on[/yellow]"
+                f"then {shown(again)} to go on[/yellow]"
             )
             return True
         return False

@@ -176,6 +176,76 @@ def test_a_batch_paused_past_its_deadline_says_the_deadline_passed(wb: Wb, manif
     assert (report["schedule_state"], report["paused_by_user"]) == ("past deadline: 0 cancelled", True)
 
 
+def _past_deadline(batch: str) -> None:
+    """The night is over: the batch's deadline passed an hour ago."""
+    engine = db.open_engine(get_settings())
+    with db.session_scope(engine) as session:
+        store.set_batch_schedule(session, batch, Schedule(deadline=utcnow() - timedelta(hours=1)), "low")
+
+
+def test_a_run_of_a_batch_paused_past_its_deadline_ends_it_instead_of_asking_for_resume(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """`status` said "after `wanbatch resume night`, `wanbatch run night` … goes on" and `run night`
+    was refused ("nothing of it is sent until `wanbatch resume night`"): past the deadline resuming
+    changes nothing, and the run only ends the batch. Now `status` says what a run does, and the
+    run does it: what fal made collected, the unsent jobs cancelled (reason `deadline`)."""
+    batch = _submitted(wb, manifest("night", TWO_JOBS.format(extra=SCHEDULED)))
+    assert wb("pause", "night").code == 0
+    _past_deadline(batch)
+
+    said = " ".join(wb("status", "night").stdout.split())
+    assert "`wanbatch resume night`" not in said
+    assert (
+        "nothing is processing it: `wanbatch run night`, or a worker, cancels its 2 unsent job(s) (deadline)"
+        in said
+    )
+
+    run = wb("run", "night", "--no-progress", "--json")
+    assert run.code == 1, run.stderr  # jobs were cancelled
+    body = run.json()
+    assert "ok" not in body
+    assert (body["phase"], body["counts"]["cancelled"]) == ("done", 2)
+    assert [f["error_type"] for f in body["failures"]] == ["deadline"]
+    assert "wanbatch resume" not in run.stderr
+    assert sim.ledger()["accepted"] == 0
+    # Finished, it is held back by nothing: no "paused by user, but resuming sends nothing".
+    assert "paused by user" not in wb("status", "night").stdout
+
+
+def test_a_batch_fal_refused_past_its_deadline_says_the_deadline_passed(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """Paused because fal refused the account, the batch's deadline then passed: `status` said
+    "paused: …; fix it, then `wanbatch run night` goes on" (and "or a worker", which leaves such a
+    batch alone), `resume` that `run` "resumes that". Nothing is sent any more: they say the
+    deadline passed and that a run cancels the unsent jobs."""
+    batch = _submitted(wb, manifest("night", TWO_JOBS.format(extra="")))
+    _execute("UPDATE batches SET state = 'paused', pause_reason = 'fal refused the account (403)'")
+    _past_deadline(batch)
+
+    shown = wb("status", "night")
+    said = " ".join(shown.stdout.split())
+    assert shown.stdout.splitlines()[0].endswith("· deadline")
+    assert (
+        "paused: fal refused the account (403); but its deadline has passed, so nothing more is sent: "
+        "`wanbatch run night` cancels its 2 unsent job(s) (deadline)"
+    ) in said
+    assert "goes on" not in said
+    assert "or a worker" not in said
+    report = wb("status", "night", "--json").json()
+    assert (report["phase"], report["state"]) == ("deadline", "paused")
+
+    resumed = " ".join(wb("resume", "night").stdout.split())
+    assert "has passed: its 2 waiting job(s) will never be sent; `wanbatch run night` cancels them" in resumed
+    assert "resumes that" not in resumed
+
+    run = wb("run", "night", "--no-progress", "--json")
+    assert run.code == 1, run.stderr
+    assert run.json()["counts"]["cancelled"] == 2
+    assert sim.ledger()["accepted"] == 0
+
+
 def test_resume_leaves_an_account_pause_alone_and_says_so(wb: Wb, manifest: MakeManifest) -> None:
     _submitted(wb, manifest("night", TWO_JOBS.format(extra="")))
     assert wb("pause", "night").code == 0

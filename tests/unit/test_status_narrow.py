@@ -38,6 +38,8 @@ def _report(n: int, name: str, **fields: Any) -> BatchReport:
         "processing": False,
         "processed_at": None,
         "simulated": False,
+        "state": "active",
+        "pause_reason": None,
         "paused_by_user": False,
         "failures": [],
     }
