@@ -141,14 +141,17 @@ def _internal_error(exc: BaseException) -> NoReturn:
     _fail(f"internal error: {mask_urls(redact_text(text))}; please report it{where}", EXIT_INTERNAL)
 
 
-def _database_full(exc: BaseException) -> str | None:
-    """The one line for a write the database refused because its disk is full (SQLite's
-    ``SQLITE_FULL``, PostgreSQL's ``disk_full``), wherever in a command it happened; None for
-    anything else. The unit of work that failed was rolled back, as every failed one is
+def _database_said(exc: BaseException) -> str | None:
+    """The one line for a database error that is the environment's, not a bug, wherever in a
+    command it happened; None for anything else: a write the database refused because its disk
+    is full (SQLite's ``SQLITE_FULL``, PostgreSQL's ``disk_full``), or a table that is not there
+    (the database is not wanbatch's, or its tables were dropped while the command ran: start-up
+    checks them). The unit of work that failed was rolled back, as every failed one is
     (:func:`jobs.db.session_scope`); the commands that write do so in one unit."""
     from jobs import db
 
-    if not db.is_disk_full(exc):
+    full, missing = db.is_disk_full(exc), db.is_schema_missing(exc)
+    if not (full or missing):
         return None
     try:
         from jobs.settings import get_settings
@@ -156,7 +159,10 @@ def _database_full(exc: BaseException) -> str | None:
         url: str | None = get_settings().database_url
     except Exception:  # the settings were read before the command could write: not expected
         url = None
-    return str(db.disk_full_error(url))
+    if full:
+        return str(db.disk_full_error(url))
+    said = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return str(db.schema_missing_error(url, said[0] if said else type(exc).__name__))
 
 
 def _options(args: list[str]) -> list[str]:
@@ -259,7 +265,7 @@ def _main() -> None:
             _internal_error(exc)
         _fail(printable(str(usage)), usage.exit_code, prefix="error: ")
     except Exception as exc:  # the safety net: a bug still gets one line, not a traceback
-        if (full := _database_full(exc)) is not None:  # no bug: a write found no room
-            _fail(printable(full), EXIT_USAGE, prefix="error: ")
+        if (said := _database_said(exc)) is not None:  # no bug: a full disk, a foreign database
+            _fail(printable(said), EXIT_USAGE, prefix="error: ")
         _internal_error(exc)
     sys.exit(code if isinstance(code, int) else EXIT_OK)

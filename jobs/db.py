@@ -600,11 +600,42 @@ def is_unavailable(exc: BaseException) -> bool:
 
     DB-API's own split: ``OperationalError`` ("errors related to the database's operation and
     not necessarily under the control of the programmer") and ``InterfaceError`` (the
-    connection), or any error that invalidated the connection.
+    connection), or any error that invalidated the connection — but for a missing table
+    (:func:`is_schema_missing`), which SQLite reports as an ``OperationalError`` too, though
+    waiting never brings it back.
     """
+    if is_schema_missing(exc):
+        return False
     if isinstance(exc, OperationalError | InterfaceError):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+#: PostgreSQL's SQLSTATE ``undefined_table`` (https://www.postgresql.org/docs/current/errcodes-appendix.html).
+_PG_UNDEFINED_TABLE = "42P01"
+
+
+def is_schema_missing(exc: BaseException) -> bool:
+    """Whether ``exc`` says a table wanbatch uses is not in the database: the file is not a
+    wanbatch database (another SQLite file put in its place), or its tables were dropped.
+    SQLite's ``no such table`` (an ``OperationalError``, like an outage), PostgreSQL's
+    ``undefined_table``. Not an outage: the same statement fails the same way until the
+    database is replaced, so nothing should wait for it (:func:`schema_missing_error`)."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if isinstance(orig, sqlite3.OperationalError):
+        return str(orig).startswith("no such table")
+    return getattr(orig, "sqlstate", None) == _PG_UNDEFINED_TABLE
+
+
+def schema_missing_error(url: str | URL | None, missing: str) -> ConfigError:
+    """The one line (exit 2) for a database without wanbatch's tables (:func:`is_schema_missing`);
+    ``missing`` is what was found missing (the database's words, or the tables' names)."""
+    where = f"WANBATCH_DATABASE_URL {safe_url(url)}" if url is not None else "the database"
+    return ConfigError(
+        f"{where} is not a wanbatch database, or its tables were dropped ({missing}): point "
+        "WANBATCH_DATABASE_URL at wanbatch's database, or at a new, empty one (wanbatch creates "
+        "its tables there)"
+    )
 
 
 #: SQLite's primary result code for a write that found no room (``SQLITE_FULL``: the disk is
@@ -996,12 +1027,31 @@ def alembic_config() -> Config:
     return cfg
 
 
-def _current_heads(engine: Engine) -> set[str]:
-    """The revisions the database is at (none for a new database), read without Alembic."""
+def _current_schema(engine: Engine) -> tuple[set[str], set[str]]:
+    """The revisions the database is at (none for a new database) and its tables, read without
+    Alembic."""
     with engine.connect() as conn:
-        if not inspect(conn).has_table("alembic_version"):
-            return set()
-        return {str(v) for v in conn.execute(text("SELECT version_num FROM alembic_version")).scalars()}
+        tables = set(inspect(conn).get_table_names())
+        if "alembic_version" not in tables:
+            return set(), tables
+        heads = {str(v) for v in conn.execute(text("SELECT version_num FROM alembic_version")).scalars()}
+        return heads, tables
+
+
+def _missing_tables(tables: set[str]) -> list[str]:
+    """The models' tables that are not among ``tables`` (a database's), sorted."""
+    from jobs.models import Base
+
+    return sorted(set(Base.metadata.tables) - tables)
+
+
+def _require_tables(engine: Engine, tables: set[str]) -> None:
+    """Raise :func:`schema_missing_error` unless ``tables`` has every table of the models: a
+    database stamped at the head whose tables were dropped would otherwise fail at its first
+    query, as an internal error (or, mid-run, as an outage waited out)."""
+    if missing := _missing_tables(tables):
+        url = engine.url.set(drivername=engine.url.get_backend_name())  # as it was set: no driver
+        raise schema_missing_error(url, f"no table {', '.join(missing)}")
 
 
 def migrate(engine: Engine, revision: str = "head", *, from_models: bool = True) -> None:
@@ -1020,8 +1070,11 @@ def migrate(engine: Engine, revision: str = "head", *, from_models: bool = True)
     migration tests pass ``from_models=False`` to run the history itself.
     """
     if revision == "head":
-        heads = _current_heads(engine)
-        if heads == {SCHEMA_HEAD} or (not heads and from_models and _create_from_models(engine)):
+        heads, tables = _current_schema(engine)
+        if heads == {SCHEMA_HEAD}:
+            _require_tables(engine, tables)  # a schema at the head has every table
+            return
+        if not heads and from_models and _create_from_models(engine):
             return
     from alembic import command
 
@@ -1085,15 +1138,20 @@ def _engine_for(url: str) -> Engine:
     engine = make_engine(url)  # ConfigError for a URL that is not SQLite or PostgreSQL
     try:
         migrate(engine)
+    except ConfigError:  # not a wanbatch database
+        engine.dispose()
+        raise
     # sqlite3.Error: raised bare from a commit hook (`/dev/null` as the file: "disk I/O error")
     except (DBAPIError, OSError, sqlite3.Error) as exc:  # unreachable, refused, no such database, unwritable…
         engine.dispose()
         if is_disk_full(exc) or (isinstance(exc, DBAPIError | sqlite3.Error) and _no_room_beside(url)):
             raise disk_full_error(url) from None
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
+        if is_schema_missing(exc):  # a migration met a table dropped since
+            raise schema_missing_error(url, reason) from None
         raise ConfigError(
-            f"WANBATCH_DATABASE_URL {safe_url(url)}: cannot open the database: "
-            f"{reason[0] if reason else type(exc).__name__}"
+            f"WANBATCH_DATABASE_URL {safe_url(url)}: cannot open the database: {reason}"
         ) from None
     return engine
 

@@ -54,7 +54,6 @@ from sqlalchemy import (
     select,
     table,
     text,
-    true,
     type_coerce,
     update,
 )
@@ -2192,7 +2191,7 @@ def release_lease(
 
 @dataclass(frozen=True, slots=True)
 class ReleasedLeases:
-    """What :func:`release_process_leases` did.
+    """What :func:`release_process_leases` (or :func:`release_step_jobs`) did.
 
     ``unsent``: ``submitting`` jobs whose POST had not started, back to ``pending``.
     ``released``: other jobs whose lease was cleared (downloads, status checks, queued downloads),
@@ -2212,7 +2211,6 @@ def release_process_leases(
     batch_ids: Iterable[str] | None = None,
     queued_owner: str | None = None,
     worker: str | None = None,
-    job_ids: Collection[str] | None = None,
 ) -> ReleasedLeases:
     """Give back every lease held by one stopping process, so the next run picks its jobs up at once.
 
@@ -2223,49 +2221,82 @@ def release_process_leases(
     die with it. A job whose POST may be in flight is never touched: only the reconciler may decide
     what became of it. Each move is a compare-and-set, so a thread of the stopping process that
     takes a lease meanwhile (to send its POST) wins and is counted as in flight instead.
-
-    ``job_ids`` limits all of this to those jobs: a step of a running process that the database
-    failed (an embedded run gives its job back once the database answers again, rather than
-    leave it leased until the lease runs out).
     """
     if not owner_prefix:
         raise ValueError("release_process_leases needs an owner prefix")
     ours = Job.lease_owner.startswith(owner_prefix, autoescape=True)
-    only: ColumnElement[bool] = true() if job_ids is None else Job.id.in_(sorted(set(job_ids)))
-    unsent = in_flight = 0
-    submitting = session.execute(
-        select(Job.id, Job.version, Job.submitted_input.is_(None))
-        .where(Job.state == JobState.SUBMITTING, ours, only)
-        .order_by(Job.id)
-    ).all()
-    for job_id, version, not_sent in submitting:
-        moved = not_sent and give_back(
-            session,
-            Fence(job_id, JobState.SUBMITTING, version, worker),
-            reason="given back: the process stopped before sending",
-        )
-        if moved:
-            unsent += 1
-        else:
-            in_flight += 1
+    unsent, in_flight = _give_back_unsent(
+        session, ours, worker, reason="given back: the process stopped before sending"
+    )
     holders: ColumnElement[bool] = ours
     if queued_owner is not None:
         queued = Job.lease_owner == queued_owner
         if batch_ids is not None:
             queued = queued & Job.batch_id.in_(sorted(set(batch_ids)))
         holders = or_(ours, queued)
+    released = _clear_leases(session, holders)
+    return ReleasedLeases(unsent=unsent, released=released, in_flight=in_flight)
+
+
+def release_step_jobs(
+    session: Session, job_ids: Collection[str], owner_prefix: str, *, queued_owner: str, worker: str
+) -> ReleasedLeases:
+    """Give back the jobs whose step the database failed (a killed connection, a restart), once
+    it answers again: the tick takes them up at once, not after their lease runs out.
+
+    A job not sent yet (``submitting``, no input recorded) goes back to ``pending`` whoever's
+    lease it is under: dispatch leased it, in this process or in the tick leader's, for the very
+    step that failed, and a copy of that step's message that might still run is fenced out (it
+    takes the lease by the version this moves on). A lease of this process (``owner_prefix``) or
+    of ``queued_owner`` (a download message not running yet) is cleared. A job whose POST may
+    have gone out is left alone (``in_flight``), for the reconciler.
+    """
+    if not owner_prefix:
+        raise ValueError("release_step_jobs needs an owner prefix")
+    only = Job.id.in_(sorted(set(job_ids)))
+    unsent, in_flight = _give_back_unsent(
+        session, only, worker, reason="given back: the database failed its submit before sending"
+    )
+    ours = Job.lease_owner.startswith(owner_prefix, autoescape=True)
+    released = _clear_leases(session, only & or_(ours, Job.lease_owner == queued_owner))
+    return ReleasedLeases(unsent=unsent, released=released, in_flight=in_flight)
+
+
+def _give_back_unsent(
+    session: Session, which: ColumnElement[bool], worker: str | None, *, reason: str
+) -> tuple[int, int]:
+    """``submitting`` jobs matching ``which``: those whose POST has not started (no input
+    recorded) back to ``pending``; returns how many moved, and how many may be in flight (their
+    input recorded, or moved on by someone else meanwhile) and were left alone."""
+    unsent = in_flight = 0
+    submitting = session.execute(
+        select(Job.id, Job.version, Job.submitted_input.is_(None))
+        .where(Job.state == JobState.SUBMITTING, which)
+        .order_by(Job.id)
+    ).all()
+    for job_id, version, not_sent in submitting:
+        moved = not_sent and give_back(
+            session,
+            Fence(job_id, JobState.SUBMITTING, version, worker),
+            reason=reason,
+        )
+        if moved:
+            unsent += 1
+        else:
+            in_flight += 1
+    return unsent, in_flight
+
+
+def _clear_leases(session: Session, holders: ColumnElement[bool]) -> int:
+    """Clear the lease of every job matching ``holders`` that is neither being submitted (the
+    reconciler's) nor finished: due again at once. How many."""
     cleared = session.execute(
         update(Job)
-        .where(
-            holders,
-            only,
-            Job.state.not_in([JobState.SUBMITTING, *(s for s in JobState if s.terminal)]),
-        )
+        .where(holders, Job.state.not_in([JobState.SUBMITTING, *(s for s in JobState if s.terminal)]))
         .values(lease_owner=None, lease_expires_at=None, updated_at=utcnow())
         .execution_options(synchronize_session=False)
     )
-    released = int(cleared.rowcount)  # type: ignore[attr-defined]
-    return ReleasedLeases(unsent=unsent, released=released, in_flight=in_flight)
+    return int(cleared.rowcount)  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- reading jobs

@@ -141,7 +141,7 @@ def check_database(settings: Settings) -> Check:
     except WanbatchError as exc:
         return _fail(name, str(exc), "fix WANBATCH_DATABASE_URL")
     try:
-        heads = db._current_heads(engine)  # read only: the doctor never migrates
+        heads, tables = db._current_schema(engine)  # read only: the doctor never migrates
     except Exception as exc:  # unreachable, refused, no such database, wrong password …
         return _fail(
             name,
@@ -151,6 +151,13 @@ def check_database(settings: Settings) -> Check:
     finally:
         engine.dispose()
     if heads == {db.SCHEMA_HEAD}:
+        if absent := db._missing_tables(tables):  # what every command refuses (exit 2)
+            return _fail(
+                name,
+                f"{where}: not a wanbatch database, or its tables were dropped "
+                f"(no table {', '.join(absent)})",
+                "point WANBATCH_DATABASE_URL at wanbatch's database, or at a new, empty one",
+            )
         return _ok(name, f"{where}: reachable, schema {db.SCHEMA_HEAD} (current)")
     if not heads:
         return _ok(name, f"{where}: reachable, empty (the first command creates the schema)")

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
-from jobs import db, store
+from jobs import db
 from worker import logs, steps
-from worker.db_outage import FIRST_PAUSE_SECONDS, MAX_PAUSE_SECONDS, database_problem
+from worker.step_outage import GiveBack, database_failed
 from worker.steps import Runtime
-from worker.steps.context import DOWNLOAD_QUEUE, process_identity
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +41,7 @@ class InProcessWorker:
         self._rt: Runtime | None = None
         self._accepting = threading.Event()
         self._accepting.set()
-        self._stopped = threading.Event()  # the run stops: no step waits for the database any more
+        self._give_back = GiveBack()  # jobs of steps the database failed, given back once it answers
 
     def bind(self, rt: Runtime) -> None:
         """The runtime the steps run with."""
@@ -84,72 +82,26 @@ class InProcessWorker:
                         extra={"event": "step.database_full"},
                     )
                     return
-                if not db.is_unavailable(exc):  # the job keeps its lease; the tick's reconcile takes it over
+                # An unavailable database: one line, and the job is given back once it answers.
+                if not database_failed(self._give_back, rt, step.__name__, job_id, exc):
+                    # A bug: the job keeps its lease; the tick's reconcile takes it over.
                     log.exception(
                         "%s of job %s failed", step.__name__, job_id, extra={"event": "step.failed"}
                     )
-                    return
-                # A killed connection, a restart, a failover: no bug (one line, no traceback), and
-                # the transaction that failed was rolled back; every write is fenced, so the
-                # step's job is simply taken up again.
-                log.warning(
-                    "%s of job %s: the database is unavailable (%s); the job is taken up again "
-                    "once it answers",
-                    step.__name__,
-                    job_id,
-                    database_problem(exc),
-                    extra={"event": "step.database_unavailable"},
-                )
-                self._give_back_when_it_answers(rt, job_id)
-
-    def _give_back_when_it_answers(self, rt: Runtime, job_id: str) -> None:
-        """Give back the lease of a job whose step the database failed, as soon as the database
-        answers again, so that the conductor takes it up at once rather than after the lease runs
-        out (``WANBATCH_LEASE_SECONDS``, two minutes by default, which a run then sat waiting).
-
-        A job not sent yet goes back to ``pending``; a download's lease is cleared for the tick
-        to hand it on; a job whose POST may have gone out is left alone, for the reconciler
-        (:func:`jobs.store.release_process_leases`). Tried with growing pauses for as long as
-        the lease lasts: past it, the lease has run out anyway. Stops when the run stops."""
-        deadline = time.monotonic() + rt.settings.lease_seconds
-        pause = FIRST_PAUSE_SECONDS
-        while not self._stopped.wait(pause):
-            try:
-                with db.session_scope(rt.engine) as session:
-                    store.release_process_leases(
-                        session,
-                        process_identity(),
-                        queued_owner=DOWNLOAD_QUEUE,
-                        worker=rt.owner,
-                        job_ids=[job_id],
-                    )
-            except Exception as exc:
-                if db.is_unavailable(exc) and time.monotonic() < deadline:
-                    pause = min(MAX_PAUSE_SECONDS, pause * 2)
-                    continue
-                log.debug(
-                    "could not give job %s back; its lease runs out by itself",
-                    job_id,
-                    exc_info=True,
-                    extra={"event": "step.give_back_failed"},
-                )
-                return
-            rt.notify("freed", job_id)  # dispatch (and the tick, which hands downloads on) now
-            return
 
     def abandon(self) -> None:
         """Stop taking work now; queued steps are dropped and running ones not waited for
         (the caller gives this process's leases back, then exits)."""
         self._accepting.clear()
-        self._stopped.set()
+        self._give_back.stop(wait=False)
         for pool in (self._submits, self._downloads):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Wait for the steps already running, then stop the threads."""
-        self._stopped.set()  # a step waiting for the database to give its job back stops waiting
         for pool in (self._submits, self._downloads):
             pool.shutdown(wait=True)
+        self._give_back.stop(wait=True)  # the run is over: a try under way ends, no other begins
 
     def __enter__(self) -> InProcessWorker:
         return self

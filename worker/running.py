@@ -393,10 +393,36 @@ def process_batch(
     else:
         _process_embedded(batch_id, settings, console, show_progress, stats, serve_metrics, again)
     stats.wall_seconds = time.monotonic() - started
+    return _final_report(batch_id, settings), stats
+
+
+def _final_report(batch_id: str, settings: Settings) -> BatchReport:
+    """The report of a batch whose run is over, read as the run's rounds read: a database that
+    is unavailable just then (a killed connection, a restart, a failover) is waited out, up to a
+    lease (``WANBATCH_LEASE_SECONDS``); past that, one line (exit 2) that says the run is over
+    and where its outcome is to be read, never "internal error"."""
     engine = open_engine(settings)
-    with db.session_scope(engine) as session:
-        report = batch_report(session, batch_id)
-    return report, stats
+    outage = DatabaseOutage(
+        "the run (reading its report)", patience=settings.lease_seconds, url=settings.database_url
+    )
+    waiting = threading.Event()  # never set: Ctrl-C raises in this (the main) thread meanwhile
+    while True:
+        try:
+            with db.read_scope(engine) as session:
+                report = batch_report(session, batch_id)
+        except Exception as exc:
+            if not db.is_unavailable(exc):
+                raise
+            try:
+                outage.failed(exc, waiting)
+            except DatabaseUnavailableError as gone:
+                raise DatabaseUnavailableError(
+                    f"{gone}; the run of batch {batch_id} is over, but its report could not be read: "
+                    f"`wanbatch status {batch_id}` shows it once the database answers"
+                ) from None
+            continue
+        outage.answered()
+        return report
 
 
 def _process_embedded(

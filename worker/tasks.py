@@ -27,8 +27,8 @@ from sqlalchemy import Engine
 from jobs import db
 from jobs.settings import Settings, get_settings
 from worker import logs, steps
-from worker.db_outage import database_problem
 from worker.runtime import build_runtime
+from worker.step_outage import GiveBack, database_failed
 from worker.steps import Runtime
 from worker.task_events import sent_events
 
@@ -49,6 +49,8 @@ _lock = threading.Lock()
 #: nothing, so no lease is taken after the process gave its leases back.
 _accepting = threading.Event()
 _accepting.set()
+#: The jobs of this process's tasks that the database failed, given back once it answers.
+_give_back = GiveBack()
 
 
 def task_runtime(app: Celery, settings: Settings, *, batch_ids: frozenset[str] | None = None) -> Runtime:
@@ -204,23 +206,16 @@ def accept_again() -> None:
 def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
     if not _accepting.is_set():
         return "stopping"
+    rt = runtime(task.app)
     with logs.job_context(job_id):  # every line the step logs names its job
         try:
-            outcome = step(runtime(task.app), job_id)
+            outcome = step(rt, job_id)
         except Exception as exc:
-            if not db.is_unavailable(exc):
-                raise
             # A killed connection, a restart, a failover: no bug, so one line and no traceback
-            # (Celery logged a task that raises with its traceback). The job keeps its lease; the
-            # tick's reconcile takes it over when that runs out, as for a worker that died.
-            log.warning(
-                "%s of job %s: the database is unavailable (%s); the job is taken up again when "
-                "its lease runs out",
-                step.__name__,
-                job_id,
-                database_problem(exc),
-                extra={"event": "step.database_unavailable"},
-            )
+            # (Celery logs a task that raises with its traceback), and the job is given back as
+            # soon as the database answers, as in an embedded run. Anything else raises: a bug.
+            if not database_failed(_give_back, rt, step.__name__, job_id, exc):
+                raise
             return "database-unavailable"
         logs.step_done(log, step.__name__, job_id, outcome)
     return outcome

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
-from jobs.db import AdvisoryLock
+from jobs.db import AdvisoryLock, is_unavailable
 from worker import steps
+from worker.db_outage import database_problem
 
 if TYPE_CHECKING:
     from worker.conductor import Conductor
@@ -42,6 +43,7 @@ class LeaderLock:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._lock = AdvisoryLock(engine, LEADER_LOCK_KEY)
+        self._unavailable = False  # the last try met an unavailable database (said once)
 
     def acquire(self) -> bool:
         """True while this process is the leader; re-tries after a lost connection."""
@@ -50,15 +52,36 @@ class LeaderLock:
         led = self._lock.held
         try:
             leads = self._lock.acquire()
-        except Exception:  # the database went away: we are not the leader until it is back
-            log.warning(
-                "leader lock connection lost; will retry", exc_info=True, extra={"event": "tick.lock_lost"}
-            )
+        except Exception as exc:  # we are not the leader until the lock can be taken again
             self.release()
+            self._failed(exc, led)
             return False
+        self._unavailable = False
         if leads and not led:
             log.info("this worker now leads the periodic tick", extra={"event": "tick.leading"})
         return leads
+
+    def _failed(self, exc: Exception, led: bool) -> None:
+        """Say why the lock could not be taken or checked: a database that is unavailable (a
+        killed connection, a restart, a failover) is expected, so it is one warning line per
+        outage without a traceback (what the driver said, then debug lines while it lasts);
+        anything else is a bug and keeps its traceback. Either way the next tick tries again."""
+        if not is_unavailable(exc):
+            log.exception(
+                "the leader lock failed; not leading the periodic tick, will retry",
+                extra={"event": "tick.lock_failed"},
+            )
+            return
+        if self._unavailable:
+            log.debug("leader lock: the database is still unavailable (%s)", database_problem(exc))
+            return
+        self._unavailable = True
+        log.warning(
+            "leader lock connection lost: the database is unavailable (%s); %s until it answers, will retry",
+            database_problem(exc),
+            "this worker stops leading the periodic tick" if led else "not leading the periodic tick",
+            extra={"event": "tick.lock_lost"},
+        )
 
     @property
     def held(self) -> bool:

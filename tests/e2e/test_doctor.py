@@ -26,7 +26,7 @@ from sqlalchemy import create_engine, text
 
 from bench.distributed import Scenario, claimed_redis_db, environment, start_workers, stop_processes, tail
 from falsim.server import SimulatorHandle
-from jobs.db import SCHEMA_HEAD
+from jobs.db import SCHEMA_HEAD, _engine_for
 from jobs.settings import Settings, get_settings
 from tests.e2e.e2e_helpers import FAL_KEY, Wb, wanbatch, without_read_override
 from tests.hostile import HostileProvider, Recorded, json_reply
@@ -272,6 +272,33 @@ def test_database_checks(
     assert code == 1
     assert "9999 is not one this wanbatch knows" in checks["database"]["detail"]
     assert "upgrade wanbatch" in checks["database"]["fix"]
+
+
+def test_a_database_whose_tables_were_dropped_is_not_called_current(
+    wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch, new_pg_database: Callable[[], str]
+) -> None:
+    """Was "reachable, schema … (current)", while every other command failed on a missing table."""
+    url = new_pg_database()
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", url)
+    assert wb("status").code == 0  # migrated: stamped at the head
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE jobs, batches CASCADE"))
+    finally:
+        engine.dispose()
+    code, checks, _ = _doctor(wb)
+    assert (code, checks["database"]["status"]) == (1, "fail")
+    assert (
+        "not a wanbatch database, or its tables were dropped (no table batches, jobs)"
+        in (checks["database"]["detail"])
+    )
+    assert "point WANBATCH_DATABASE_URL at wanbatch's database" in checks["database"]["fix"]
+    _engine_for.cache_clear()  # a new process opens the database afresh
+    status = wb("status")
+    assert status.code == 2
+    assert status.stderr.startswith(f"error: WANBATCH_DATABASE_URL {url} is not a wanbatch database")
+    assert "or its tables were dropped (no table batches, jobs)" in status.stderr
 
 
 def test_output_storage_that_cannot_take_files(wb: Wb, sim: SimulatorHandle, tmp_path: Path) -> None:

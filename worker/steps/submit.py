@@ -379,6 +379,15 @@ def _not_sent(session: Session, fence: Fence, why: str) -> None:
     )
 
 
+def _refused_by(*, full: bool, missing: bool) -> str:
+    """What keeps a submission fal accepted from being recorded, for its log lines."""
+    if full:
+        return "the database's disk is full"
+    if missing:
+        return "the database has no such table"
+    return "the database is unreachable"
+
+
 def _until_recorded(rt: Runtime, accepted: Accepted, action: Callable[[], str]) -> str:
     """Run ``action`` (recording ``accepted``) until the database takes it: this process alone
     knows the request id of an accepted, paid submit, and giving up at the first refused write
@@ -390,6 +399,8 @@ def _until_recorded(rt: Runtime, accepted: Accepted, action: Callable[[], str]) 
       (``given_up``: Ctrl-C). Nothing new is sent meanwhile (:attr:`Unrecorded.full`).
     * The database is unreachable: tried again, backing off to 1 s so the write lands within a
       second of its return, for up to the lease plus ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE``.
+    * Its tables are gone (:func:`jobs.db.is_schema_missing`: not wanbatch's database any more):
+      not tried again, since waiting never brings them back; the journal keeps the submission.
 
     From the first refusal the submission is also kept in the journal, so what a step gives up
     on is recorded by the next process instead (:mod:`worker.steps.unrecorded`). Said once per
@@ -404,25 +415,26 @@ def _until_recorded(rt: Runtime, accepted: Accepted, action: Callable[[], str]) 
         try:
             outcome = action()
         except OperationalError as exc:
-            full = db.is_disk_full(exc)
-            what = "the database's disk is full" if full else "the database is unreachable"
+            full, missing = db.is_disk_full(exc), db.is_schema_missing(exc)
+            what = _refused_by(full=full, missing=missing)
             if full:
                 waiting.mark_full()
             if not kept:
                 kept = True
                 where = waiting.keep(accepted)
-                log.warning(
-                    "%s: fal accepted %s, which cannot be recorded yet; %s (%s)",
-                    what,
-                    accepted.line(),
-                    f"retrying until space is freed on {waiting.place}" if full else "retrying",
-                    f"kept in {where} meanwhile" if where else f"not kept on disk: {accepted.as_json()}",
-                    extra={
-                        "event": "submit.record_retry" if where else "submit.unrecorded",
-                        "job_id": accepted.job_id,
-                        "request_id": accepted.request_id,
-                    },
-                )
+                if not missing:  # a missing table is nothing to wait for: given up at once, below
+                    log.warning(
+                        "%s: fal accepted %s, which cannot be recorded yet; %s (%s)",
+                        what,
+                        accepted.line(),
+                        f"retrying until space is freed on {waiting.place}" if full else "retrying",
+                        f"kept in {where} meanwhile" if where else f"not kept on disk: {accepted.as_json()}",
+                        extra={
+                            "event": "submit.record_retry" if where else "submit.unrecorded",
+                            "job_id": accepted.job_id,
+                            "request_id": accepted.request_id,
+                        },
+                    )
             elif waiting.reminder_due():
                 log.warning(
                     "%s: %d accepted submission(s) still waiting to be recorded%s",
@@ -432,7 +444,7 @@ def _until_recorded(rt: Runtime, accepted: Accepted, action: Callable[[], str]) 
                     extra={"event": "submit.record_retry"},
                 )
             stopping = waiting.given_up.is_set()  # the run stops, and its last line names them all
-            if stopping or (not full and time.monotonic() > patience):
+            if stopping or missing or (not full and time.monotonic() > patience):
                 waiting.leave(accepted)
                 log.log(
                     logging.INFO if stopping else logging.ERROR,

@@ -1,0 +1,140 @@
+"""The database at two edges of a command: when a finished run reads its report, and when it is
+not wanbatch's at all. Each is one line and exit 2, never "internal error" (exit 70).
+
+* The run is over and the database is unavailable right then (a killed connection, a restart):
+  the report was read once, unguarded, and its ``OperationalError`` ended the command as a bug.
+  Now it is waited out like any round of the run, up to ``WANBATCH_LEASE_SECONDS``; past that,
+  one line that says the run is over and how to read its outcome.
+* A database whose tables are not there (a SQLite file put in place of wanbatch's, or its tables
+  dropped) answered ``status`` or ``run`` with ``internal error: OperationalError: … no such
+  table: batches``, and SQLite's "no such table" counted as an outage, waited out as one. Now
+  start-up checks the tables, and a table that vanishes mid-command is the same one line.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from typing import Any, NoReturn
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+import cli
+from cli import startup
+from falsim.server import SimulatorHandle
+from jobs import db
+from jobs.batches import batch_report
+from jobs.settings import get_settings
+from tests.e2e.e2e_helpers import MakeManifest, Wb
+from worker import running
+
+MANIFEST = "name: edges\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: a lighthouse\n  - prompt: a harbour\n"
+#: The tables of wanbatch's data: dropping them leaves the schema's version stamp behind.
+DATA_TABLES = ("job_events", "webhook_deliveries", "batch_totals", "jobs", "uploads", "batches")
+
+
+def _gone() -> OperationalError:
+    """What a read meets when the database is unavailable (its file's folder vanished, here)."""
+    return OperationalError("SELECT 1", {}, sqlite3.OperationalError("unable to open database file"))
+
+
+def _report_read_fails(monkeypatch: pytest.MonkeyPatch, times: int) -> list[int]:
+    """The final report's read meets an unavailable database ``times`` times (-1: always)."""
+    real = batch_report
+    tries: list[int] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        tries.append(1)
+        if times < 0 or len(tries) <= times:
+            raise _gone()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(running, "batch_report", flaky)
+    return tries
+
+
+def test_a_database_unavailable_as_the_run_ends_is_waited_out(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: the OperationalError escaped the command (exit 70, "internal error")."""
+    tries = _report_read_fails(monkeypatch, times=2)
+    run = wb("run", manifest("edges", MANIFEST), "--json", "--no-progress")
+    assert run.code == 0, run.stderr
+    report = run.json()
+    assert (report["total"], report["counts"]["succeeded"]) == (2, 2)
+    assert len(tries) == 3
+
+
+def test_a_database_gone_longer_than_a_lease_as_the_run_ends_is_one_line_exit_2(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANBATCH_LEASE_SECONDS", "1")  # how long the report's read waits
+    _report_read_fails(monkeypatch, times=-1)
+    run = wb("run", manifest("edges", MANIFEST), "--json", "--no-progress")
+    assert run.code == 2, run.stderr
+    error = run.json()["error"]
+    assert error.startswith("the database stopped answering: WANBATCH_DATABASE_URL sqlite:///")
+    assert "unable to open database file" in error
+    assert "is over, but its report could not be read: `wanbatch status " in error
+    assert "Traceback" not in run.stderr
+
+
+def _drop_data_tables() -> None:
+    """What dropping wanbatch's tables (or a file put in place of its database) leaves."""
+    path = db.sqlite_file(get_settings().database_url)
+    assert path is not None
+    with sqlite3.connect(path.path) as conn:
+        conn.execute("PRAGMA foreign_keys = OFF")
+        for table in DATA_TABLES:
+            conn.execute(f"DROP TABLE {table}")
+    db._engine_for.cache_clear()  # a new process: it starts by opening the database
+
+
+NOT_OURS = "is not a wanbatch database, or its tables were dropped"
+
+
+def test_status_and_run_on_a_database_without_its_tables_say_so_in_one_line(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """Was: ``internal error: OperationalError: (sqlite3.OperationalError) no such table: batches``."""
+    path = manifest("edges", MANIFEST)
+    assert wb("submit", path).code == 0
+    _drop_data_tables()
+    for args in (("status",), ("run", path, "--no-progress")):
+        done = wb(*args)
+        assert done.code == 2, done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith("error: WANBATCH_DATABASE_URL sqlite:///")
+        assert NOT_OURS in line
+        assert "(no table batch_totals, batches, job_events, jobs, uploads, webhook_deliveries)" in line
+    status = wb("status", "--json")
+    assert status.code == 2
+    assert NOT_OURS in json.loads(status.stdout)["error"]
+
+
+def _main(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    # In process: the GC pause of a real start-up would outlive the test (cli.startup).
+    monkeypatch.setattr(startup, "pause", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["wanbatch", *argv])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    return int(ended.value.code or 0)
+
+
+def test_a_table_dropped_while_a_command_runs_is_one_line_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Past the start-up check, wherever it is met (the run's conductor, a step, a read)."""
+
+    def vanished(*_args: object, **_kwargs: object) -> NoReturn:
+        raise OperationalError("SELECT", {}, sqlite3.OperationalError("no such table: jobs"))
+
+    monkeypatch.setattr(cli.cli, "main", vanished)
+    assert _main(["status", "--json"], monkeypatch) == 2
+    out, err = capsys.readouterr()
+    error = json.loads(out)["error"]
+    assert err == f"error: {error}\n"
+    assert error.startswith("WANBATCH_DATABASE_URL sqlite:///")
+    assert f"{NOT_OURS} (no such table: jobs)" in error
