@@ -122,6 +122,7 @@ def test_a_submit_task_the_database_failed_gives_its_job_back_once_it_answers(
     back = _until(engine, job_id, lambda job: job.state == S.PENDING)
     assert (back.lease_owner, back.lease_expires_at) == (None, None)
     assert back.attempts == 0  # never sent: the attempt is not counted
+    step_outage_done(tasks._give_back)  # it tells the conductor after its commit
     assert f"freed:{job_id}" in told  # the leader dispatches it again now
     (line,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert line.exc_info is None  # one line, no traceback
@@ -151,6 +152,7 @@ def test_the_job_is_given_back_only_once_the_database_answers_again(
     monkeypatch.setattr(store, "release_step_jobs", still_down_twice)
     assert tasks.submit_job(_task(), job_id) == "database-unavailable"
     _until(engine, job_id, lambda job: job.state == S.PENDING)
+    step_outage_done(tasks._give_back)  # it tells the conductor after its commit: wait for that too
     assert len(tries) == 3
     assert told == [f"freed:{job_id}"]
 
@@ -196,6 +198,7 @@ def test_a_download_task_the_database_failed_hands_its_job_on_once_it_answers(
     assert tasks.download_job(_task(), job_id) == "database-unavailable"
     freed = _until(engine, job_id, lambda job: job.lease_owner is None)
     assert freed.state == S.DOWNLOADING  # the tick hands it on at once
+    step_outage_done(tasks._give_back)  # it tells the conductor after its commit
     assert f"freed:{job_id}" in told
 
 
