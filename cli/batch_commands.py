@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -198,6 +199,7 @@ def export(batch: str, fmt: str, output: Path | None, include: str | None, as_js
             raise UsageError("Parquet is binary: give -o FILE or redirect stdout")
         settings = get_settings()
         engine = db.open_engine(settings)
+        statuses: Counter[str] = Counter()  # the records written, by status: what the warnings say
         with db.session_scope(engine) as session:
             # Found before anything is written: an unknown batch leaves no header, file or folder.
             found = store.get_batch(session, batch)
@@ -223,8 +225,9 @@ def export(batch: str, fmt: str, output: Path | None, include: str | None, as_js
                             f"exported {hf.rows} record(s) and {hf.videos} video(s) "
                             f"({hf.linked} hard-linked, {hf.copied} copied) to {escape(str(output))}"
                         )
+                    _print_export_warnings(hf.warnings)
                     return EXIT_OK
-                rows = exporting.records(session, found, settings.output_dir)
+                rows = exporting.tallied(exporting.records(session, found, settings.output_dir), statuses)
                 if output is None:
                     with _writing_stdout():
                         n = dataset_export.write_parquet(rows, sys.stdout.buffer)
@@ -232,20 +235,29 @@ def export(batch: str, fmt: str, output: Path | None, include: str | None, as_js
                 else:
                     n = dataset_export.write_parquet_file(rows, output)
             else:
-                rows = exporting.records(session, found, settings.output_dir)
+                rows = exporting.tallied(exporting.records(session, found, settings.output_dir), statuses)
                 if output is None:
                     with _writing_stdout():
                         n = exporting.write(rows, fmt, sys.stdout)
                         sys.stdout.flush()
                 else:
                     n = exporting.write_file(rows, fmt, output)
+            warnings = exporting.record_warnings(found, statuses)
         if as_json:
-            emit_json({**summary, "records": n, "bytes": _file_bytes(output)})
+            emit_json({**summary, "records": n, "bytes": _file_bytes(output), "warnings": warnings})
         else:
             err.print(f"exported {n} record(s)" + (f" to {escape(str(output))}" if output else ""))
+        _print_export_warnings(warnings)
         return EXIT_OK
 
     guarded(as_json, action)
+
+
+def _print_export_warnings(warnings: list[str]) -> None:
+    """Say on stderr (under ``--json`` too, where the object also lists them) what an export
+    leaves out or holds unfinished: a partial dataset must never pass for a whole one."""
+    for warning in warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 def _is_stdout(output: Path | None) -> bool:

@@ -17,16 +17,20 @@ only rows held in memory at once.
 data_files="DIR/metadata.jsonl")`` read: ``videos/`` (hard links when the outputs are on the same
 filesystem, else copies; outputs in S3 are downloaded, each checked against its recorded
 SHA-256), ``metadata.jsonl`` (``file_name``, the video's path relative to DIR,
-then every export field, exactly as the JSONL export has them: ``seed_text`` is the seed those
+then every export field as the JSONL export has them, but ``video_path``, which is ``file_name``
+too: the stored output's path is one on this machine. ``seed_text`` is the seed those
 loaders read exactly, as they make ``seed`` float64 when one exceeds int64), the batch's manifest as
 ``manifest.<ext>`` (the text stored with the batch, which its jobs were made from; for a batch
-stored before that text was kept, the file when it is still readable), and a ``README.md``
-dataset card (counts, endpoints, cost, how it was made: ``wanbatch run``, or for a rerun its
-parent and the ``wanbatch rerun`` command with its options). Every file gets the user's usual
+stored before that text was kept, the file when it is still readable; an ``items_from`` file it
+names is not stored with the batch, so not included, and the card says so), and a ``README.md``
+dataset card (counts, endpoints, what the rows cost and what the whole batch was billed, how it
+was made: ``wanbatch run``, or for a rerun its parent and the ``wanbatch rerun`` command with its
+options, and for a rerun of a rerun every generation's command). Every file gets the user's usual
 mode (0666 less the umask; folders 0777 less it); a video is hard-linked only when the stored
 output is as readable, else copied (see :func:`_place_video`). Only succeeded jobs by default;
 ``include_failed`` adds the failed and cancelled ones with ``file_name: null`` (jobs still in
-flight are never exported).
+flight are never exported). What is left out is said (:func:`left_out_warnings`), and an export
+that would hold no row is refused before anything is made (:func:`refuse_empty`).
 The folder is built as a hidden sibling (``.DIR.*.part``) and renamed into place at the end, so
 a failed export never leaves a half dataset under the target name (nor the parent folders it
 created for it); an existing non-empty DIR is refused, never merged into.
@@ -53,13 +57,16 @@ from typing import IO, Any
 from sqlalchemy.orm import Session
 
 from jobs import store
-from jobs.errors import UsageError, WanbatchError
-from jobs.export import FIELDS, record, write_atomically
+from jobs.cost import cost_report
+from jobs.errors import NotFoundError, UsageError, WanbatchError
+from jobs.export import FIELDS, by_state, record, status_hint, unfinished_of, write_atomically
 from jobs.fs import file_kind, file_mode, folder_mode, is_missing, os_reason, shown_path
 from jobs.models import Batch, Job
 from jobs.money import usd_json, usd_text
 from jobs.pricing import add_units, unit_symbol, units_text
+from jobs.printable import one_line
 from jobs.states import JobState
+from jobs.yaml_lines import YamlProblem, load_located
 
 #: Rows per Parquet row group: what the writer holds in memory at once (a few MB of records).
 PARQUET_ROW_GROUP = 10_000
@@ -196,6 +203,17 @@ class HfExport:
     left_out: dict[str, int] = field(default_factory=dict)
     #: Bytes of every file in the published folder (a hard-linked video counts its full size).
     bytes: int = 0
+    #: What the whole batch was billed (failed, cancelled and unfinished jobs included), as
+    #: ``cost`` reports it: ``cost_usd`` alone under-reports the spend behind the dataset.
+    batch_billed_usd: Decimal = Decimal(0)
+    batch_billed_units: dict[str, Decimal] = field(default_factory=dict)
+    #: What submits of unknown outcome may have cost on top (``cost``'s "possibly billed").
+    batch_possibly_billed_usd: Decimal = Decimal(0)
+    #: The ``items_from`` file the manifest names (as written there): not in the dataset, since
+    #: the batch stores the manifest's text but not that file's (:func:`items_from_of`).
+    items_from: str | None = None
+    #: What the user must know about what the dataset leaves out (:func:`left_out_warnings`).
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """The figures of ``export --format hf --json`` (money as every ``--json`` has it)."""
@@ -214,6 +232,11 @@ class HfExport:
             "manifest": self.manifest,
             "manifest_source": self.manifest_source,
             "manifest_changed": self.manifest_changed,
+            "items_from": None if self.items_from is None else {"path": self.items_from, "included": False},
+            "batch_billed_usd": usd_json(self.batch_billed_usd),
+            "batch_billed_units_by_unit": {u: float(n) for u, n in sorted(self.batch_billed_units.items())},
+            "batch_possibly_billed_usd": usd_json(self.batch_possibly_billed_usd),
+            "warnings": list(self.warnings),
         }
 
 
@@ -274,6 +297,7 @@ def _write_manifest(batch: Batch, folder: Path, summary: HfExport) -> None:
     if batch.manifest_text is not None:
         (folder / name).write_text(batch.manifest_text, encoding="utf-8", newline="")
         summary.manifest, summary.manifest_source, summary.manifest_changed = name, "stored", False
+        summary.items_from = items_from_of(batch.manifest_text)
         return
     try:
         data = source.read_bytes()
@@ -282,13 +306,31 @@ def _write_manifest(batch: Batch, folder: Path, summary: HfExport) -> None:
     (folder / name).write_bytes(data)
     summary.manifest, summary.manifest_source = name, "file"
     summary.manifest_changed = hashlib.sha256(data).hexdigest() != batch.manifest_sha256
+    summary.items_from = items_from_of(data.decode("utf-8-sig", errors="replace"))
+
+
+def items_from_of(text: str | None) -> str | None:
+    """The ``items_from:`` path a manifest's text names (as written), else None.
+
+    The dataset's ``manifest.yaml`` names that file, but the batch keeps only the manifest's
+    text, not the rows file's: copying the file as it is now could put rows into the dataset
+    that its jobs were not made from. The card says it is not included instead (each row's
+    ``input`` holds what its job sent). A text that no longer parses names nothing."""
+    if text is None:
+        return None
+    try:
+        data, _duplicates = load_located(text)
+    except YamlProblem:
+        return None
+    source = data.get("items_from") if isinstance(data, dict) else None
+    return source if isinstance(source, str) and source.strip() else None
 
 
 def _dataset_rows(
     session: Session, batch: Batch, output_dir: Path, folder: Path, summary: HfExport, include_failed: bool
 ) -> Iterator[dict[str, Any]]:
     """The ``metadata.jsonl`` rows, placing each succeeded job's video in ``folder`` on the way."""
-    states = TERMINAL_STATES if include_failed else TERMINAL_STATES[:1]
+    states = _exported_states(include_failed)
     videos = folder / VIDEOS_DIR
     videos.mkdir()
     mode = file_mode()  # what a copy gets, and what a stored video must let read to be linked
@@ -319,7 +361,11 @@ def _dataset_rows(
                 else:
                     summary.copied += 1
             summary.videos += 1
-        yield {"file_name": file_name, **_summed(record(job, batch, output_dir), job, summary)}
+        row = record(job, batch, output_dir)
+        # The copy inside the dataset, as file_name names it: the stored output's path is a
+        # path on this machine (absolute when outside WANBATCH_OUTPUT_DIR), useless to a reader.
+        row["video_path"] = file_name
+        yield {"file_name": file_name, **_summed(row, job, summary)}
 
 
 def _summed(row: dict[str, Any], job: Job, summary: HfExport) -> dict[str, Any]:
@@ -381,27 +427,107 @@ def _rerun_command(batch: Batch, parent_id: str) -> str | None:
     return shlex.join(words)
 
 
+def _generated(batch: Batch) -> str:
+    """The command that made ``batch``, as the card shows it (a Markdown code span, or for a
+    rerun stored before its options were kept the command without them and a note saying so)."""
+    simulate = " --simulate" if batch.simulated else ""
+    if batch.parent_batch_id is None:
+        return f"`wanbatch run{simulate} <manifest>`"
+    command = _rerun_command(batch, batch.parent_batch_id)
+    if command is not None:
+        return _code(command)
+    return (
+        f"`wanbatch rerun {batch.parent_batch_id}{simulate}` with options that were not recorded "
+        "(a rerun stored by a wanbatch that did not keep them); each row's `input` and `seed` "
+        "are what was sent"
+    )
+
+
 def _made_by(batch: Batch, parent: Batch | None) -> list[str]:
     """The card's lines on the command that made the batch: ``run`` for a manifest's batch; for a
     rerun its parent and the ``rerun`` command, options included."""
-    simulate = " --simulate" if batch.simulated else ""
     if batch.parent_batch_id is None:
-        return [f"- generated: `wanbatch run{simulate} <manifest>`"]
+        return [f"- generated: {_generated(batch)}"]
     parent_id = batch.parent_batch_id
     named = f"batch {_code(parent.name)} ({_code(parent_id)})" if parent is not None else _code(parent_id)
-    command = _rerun_command(batch, parent_id)
-    if command is not None:
-        generated = f"- generated: {_code(command)}"
-    else:
-        generated = (
-            f"- generated: `wanbatch rerun {parent_id}{simulate}` with options that were not recorded "
-            "(a rerun stored by a wanbatch that did not keep them); each row's `input` and `seed` "
-            "are what was sent"
+    return [f"- rerun of: {named}", f"- generated: {_generated(batch)}"]
+
+
+def _ancestors(session: Session, batch: Batch) -> tuple[list[Batch], str | None]:
+    """``batch``'s generations, oldest first and ``batch`` last, following ``parent_batch_id``;
+    and the id of a parent no longer stored where the chain breaks off (else None). A chain that
+    comes back to a batch already seen (never made by wanbatch) stops there."""
+    chain = [batch]
+    seen = {batch.id}
+    missing = None
+    while (parent_id := chain[-1].parent_batch_id) is not None and parent_id not in seen:
+        try:
+            parent = store.get_batch(session, parent_id)
+        except NotFoundError:
+            missing = parent_id
+            break
+        chain.append(parent)
+        seen.add(parent.id)
+    return chain[::-1], missing
+
+
+def _lineage(session: Session, batch: Batch) -> list[str]:
+    """The card's lines on every generation of a rerun of a rerun (or deeper): each batch and
+    the command that made it, from the manifest's ``run`` on, so the options of every rerun on
+    the way are there (``generated`` shows only the last one's). Nothing for a batch made by
+    ``run`` or a rerun of it: ``rerun of`` and ``generated`` say it all."""
+    chain, missing = _ancestors(session, batch)
+    if len(chain) < 3 and missing is None:
+        return []
+    lines = ["- lineage (oldest first):"]
+    if missing is not None:
+        lines.append(f"  0. batch {_code(missing)}: no longer stored")
+    for n, generation in enumerate(chain, start=1):
+        this = ", this dataset" if generation is batch else ""
+        lines.append(
+            f"  {n}. batch {_code(generation.name)} ({_code(generation.id)}{this}): {_generated(generation)}"
         )
-    return [f"- rerun of: {named}", generated]
+    return lines
 
 
-def _card(batch: Batch, parent: Batch | None, summary: HfExport, include_failed: bool) -> str:
+def _cost_lines(summary: HfExport) -> list[str]:
+    """The card's money: what the dataset's rows were billed, and what the whole batch was
+    (failed, cancelled and unfinished jobs included), so that nobody reporting the spend behind
+    the dataset takes the first for the second."""
+    rows = f"{usd_text(summary.cost_usd)} (billing units: {units_text(summary.billing_units)})"
+    lines = [f"- cost of these rows: {rows}"]
+    billed = (
+        f"- billed for the whole batch: {usd_text(summary.batch_billed_usd)} "
+        f"(billing units: {units_text(summary.batch_billed_units)}), every job included"
+    )
+    others = summary.batch_billed_usd - summary.cost_usd
+    if others > 0:
+        billed += f"; {usd_text(others)} of it for jobs not in this dataset"
+    if summary.batch_possibly_billed_usd:
+        billed += (
+            f"; possibly up to {usd_text(summary.batch_possibly_billed_usd)} more, by submits whose "
+            "outcome is unknown"
+        )
+    if unfinished_of(summary.left_out):
+        billed += " (so far: the batch has not finished)"
+    return [*lines, billed]
+
+
+def _items_from_line(summary: HfExport) -> list[str]:
+    """The card's note that the ``items_from`` file ``manifest.yaml`` names is not in the dataset."""
+    if summary.items_from is None:
+        return []
+    return [
+        f"- items_from: {_code(summary.items_from)}, which `{summary.manifest}` names, is **not "
+        "included**: wanbatch keeps the manifest's text with the batch, not that file's, and the "
+        "file as it is now may not be what the jobs were made from. Each row's `input` is what "
+        "its job sent"
+    ]
+
+
+def _card(
+    batch: Batch, parent: Batch | None, summary: HfExport, include_failed: bool, lineage: list[str]
+) -> str:
     """The ``README.md`` dataset card: what is in the folder and how it was made."""
     made = (
         "**Simulated** videos, made by wanbatch's bundled fal simulator (`--simulate`), not by "
@@ -427,7 +553,7 @@ def _card(batch: Batch, parent: Batch | None, summary: HfExport, include_failed:
     lines += [f"- {status}: {n}" for status, n in sorted(summary.by_status.items())]
     lines += [f"- not exported ({state}): {n}" for state, n in sorted(summary.left_out.items()) if n]
     lines += [
-        f"- cost: {usd_text(summary.cost_usd)} (billing units: {units_text(summary.billing_units)})",
+        *_cost_lines(summary),
         "",
         "| endpoint | rows |",
         "|---|---:|",
@@ -450,7 +576,9 @@ def _card(batch: Batch, parent: Batch | None, summary: HfExport, include_failed:
         "## How it was made",
         "",
         f"- manifest: {manifest}",
+        *_items_from_line(summary),
         *_made_by(batch, parent),
+        *lineage,
         f"- exported: `wanbatch export {batch.id} --format hf -o <folder>"
         + (" --include failed`" if include_failed else "`"),
         "",
@@ -491,6 +619,7 @@ def write_hf(
     at ``dest`` (see the module docstring)."""
     batch = batch_ref if isinstance(batch_ref, Batch) else store.get_batch(session, batch_ref)
     _refuse_taken(dest)
+    refuse_empty(batch, store.counts_by_state(session, batch.id), include_failed)
     made = _missing_folders(dest.parent)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -504,11 +633,14 @@ def write_hf(
             for row in _dataset_rows(session, batch, output_dir, tmp, summary, include_failed):
                 fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         counts = store.counts_by_state(session, batch.id)
-        exported = {s.value for s in (TERMINAL_STATES if include_failed else TERMINAL_STATES[:1])}
+        exported = {s.value for s in _exported_states(include_failed)}
         summary.left_out = {state: n for state, n in counts.items() if state not in exported and n}
+        summary.warnings = left_out_warnings(batch, summary.left_out)
+        _add_batch_cost(session, batch, summary)
         _write_manifest(batch, tmp, summary)
         parent = None if batch.parent_batch_id is None else store.get_batch(session, batch.parent_batch_id)
-        (tmp / "README.md").write_text(_card(batch, parent, summary, include_failed), encoding="utf-8")
+        card = _card(batch, parent, summary, include_failed, _lineage(session, batch))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         summary.bytes = _folder_bytes(tmp)
         _publish(tmp, dest)
     except OSError as exc:
@@ -520,6 +652,63 @@ def write_hf(
         _remove_empty(made)
         raise
     return summary
+
+
+def _exported_states(include_failed: bool) -> tuple[JobState, ...]:
+    """The job states an ``hf`` export holds: succeeded, and failed and cancelled with ``include_failed``."""
+    return TERMINAL_STATES if include_failed else TERMINAL_STATES[:1]
+
+
+def _failed_of(counts: dict[str, int]) -> dict[str, int]:
+    """The failed and cancelled jobs of ``counts`` (by state); only states with jobs."""
+    return {s.value: counts[s.value] for s in TERMINAL_STATES[1:] if counts.get(s.value)}
+
+
+def refuse_empty(batch: Batch, counts: dict[str, int], include_failed: bool) -> None:
+    """:class:`UsageError` (exit 2, before anything is made) when the dataset would hold no row.
+
+    A folder with an empty ``metadata.jsonl`` looks like a dataset and is none:
+    ``datasets.load_dataset("json", …)`` fails on it (``StopIteration``). Said instead: what the
+    batch's jobs are, and what would export them (``--include failed``, or the batch finishing)."""
+    if any(counts.get(s.value) for s in _exported_states(include_failed)):
+        return
+    shown = by_state(counts) or "no jobs"
+    why = "none has finished" if include_failed else "none succeeded"
+    hints = []
+    if not include_failed and _failed_of(counts):
+        hints.append("`--include failed` exports the failed and cancelled ones (without videos)")
+    if unfinished_of(counts):
+        hints.append(f"export again once it has finished ({status_hint(batch)})")
+    raise UsageError(
+        f"batch {one_line(batch.name)} has nothing to export as a dataset: {why} ({shown}); "
+        "nothing was written" + "".join(f"; {hint}" for hint in hints)
+    )
+
+
+def left_out_warnings(batch: Batch, left_out: dict[str, int]) -> list[str]:
+    """What an ``hf`` export must say about the jobs it left out (``left_out``, by state): the
+    dataset then holds part of the batch, and nothing in the folder's name says so."""
+    warnings = []
+    if unfinished := unfinished_of(left_out):
+        warnings.append(
+            f"batch {one_line(batch.name)} has not finished: {sum(unfinished.values())} job(s) "
+            f"without a result yet are left out ({by_state(unfinished)}); export again once it has "
+            f"finished ({status_hint(batch)})"
+        )
+    if failed := _failed_of(left_out):
+        warnings.append(
+            f"{sum(failed.values())} job(s) that ended without a video are left out "
+            f"({by_state(failed)}): `--include failed` adds them (file_name null)"
+        )
+    return warnings
+
+
+def _add_batch_cost(session: Session, batch: Batch, summary: HfExport) -> None:
+    """What the whole batch was billed (every job, as ``cost`` reports it) into ``summary``."""
+    total = cost_report(session, batch.id).total
+    summary.batch_billed_usd = total.actual_usd
+    summary.batch_billed_units = dict(total.actual_by_unit)
+    summary.batch_possibly_billed_usd = total.possibly_billed_usd
 
 
 def _refuse_taken(dest: Path) -> None:

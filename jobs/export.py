@@ -12,8 +12,14 @@ contract's names (``width``, ``height``, ``frames``, ``fps``, ``duration``) plus
 ``duration_s`` (:func:`export_media`).
 ``input`` is the exact JSON submitted (image references as sent); for a job never submitted
 it is the validated input. Rows stream from the database, so a 100,000-job batch exports in
-constant memory. ``video_path`` is relative to ``WANBATCH_OUTPUT_DIR`` (or absolute) for a local
-output, and the object's ``s3://bucket/key`` URI for one stored in S3.
+constant memory. ``video_path`` is relative to ``WANBATCH_OUTPUT_DIR`` as the exporting process
+resolves it (a relative setting, like the default ``./outputs``, against its working folder)
+when the stored file lies inside it, else absolute; for one stored in S3 the object's
+``s3://bucket/key`` URI. (An ``hf`` dataset's ``metadata.jsonl`` has its own copy's path instead.)
+
+Every job is a record, finished or not: :func:`record_warnings` says what a reader must know
+beside them (the batch has not finished, or no job of it succeeded), counted from the records as
+they were written (:func:`tallied`).
 
 CSV cells are neutralised against formula injection (OWASP "CSV Injection",
 https://owasp.org/www-community/attacks/CSV_Injection): a text cell starting with ``=``, ``+``,
@@ -35,7 +41,8 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any, TextIO
@@ -46,6 +53,8 @@ from jobs import store
 from jobs.errors import UsageError
 from jobs.fs import file_kind, file_mode, is_missing, os_reason, shown_path
 from jobs.models import Batch, Job
+from jobs.printable import one_line, shell_ref
+from jobs.states import UNFINISHED_STATES, JobState
 
 #: First characters that make a spreadsheet treat a cell as a formula (OWASP CSV Injection).
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
@@ -188,6 +197,57 @@ def records(session: Session, batch: Batch | str, output_dir: Path) -> Iterator[
 def _records(session: Session, batch: Batch, output_dir: Path) -> Iterator[dict[str, Any]]:
     for job in store.jobs_of_batch(session, batch.id):
         yield record(job, batch, output_dir)
+
+
+def tallied(rows: Iterator[dict[str, Any]], statuses: Counter[str]) -> Iterator[dict[str, Any]]:
+    """``rows`` as they are, counting each one's ``status`` into ``statuses`` on the way: what
+    the written export holds, for :func:`record_warnings` (a count taken before the rows are
+    read would miss the jobs that finish while a mid-run export streams)."""
+    for row in rows:
+        statuses[row["status"]] += 1
+        yield row
+
+
+def by_state(counts: Mapping[str, int]) -> str:
+    """``"11 pending, 2 running"``: the states with jobs, in lifecycle order."""
+    order = {state.value: i for i, state in enumerate(JobState)}
+    shown = sorted((state for state, n in counts.items() if n), key=lambda s: order.get(s, len(order)))
+    return ", ".join(f"{counts[state]} {state}" for state in shown)
+
+
+def unfinished_of(counts: Mapping[str, int]) -> dict[str, int]:
+    """The jobs of ``counts`` (by state) that have not finished, by state; only states with jobs."""
+    return {s.value: counts[s.value] for s in UNFINISHED_STATES if counts.get(s.value)}
+
+
+def status_hint(batch: Batch) -> str:
+    """How the user sees when ``batch`` has finished, and finishes one nothing is processing."""
+    ref = shell_ref(batch.name, batch.id)
+    simulate = " --simulate" if batch.simulated else ""
+    return f"`wanbatch status {ref}`; `wanbatch run {ref}{simulate}` if nothing is processing it"
+
+
+def record_warnings(batch: Batch, statuses: Mapping[str, int]) -> list[str]:
+    """What a ``jsonl``, ``csv`` or ``parquet`` export of ``batch`` must say beside its records
+    (``statuses``: how many records of each status it wrote, :func:`tallied`).
+
+    Every job is a record, finished or not: a record of a job in flight has no result (no seed,
+    no video, no cost), which a dataset builder would read as a failure, or miss, unless told
+    that the batch has not finished. A batch of which no job succeeded has no video at all."""
+    warnings = []
+    unfinished = unfinished_of(statuses)
+    if unfinished:
+        total = sum(statuses.values())
+        warnings.append(
+            f"batch {one_line(batch.name)} has not finished: {sum(unfinished.values())} of {total} record(s) "
+            f"have no result yet ({by_state(unfinished)}); export again once it "
+            f"has finished ({status_hint(batch)})"
+        )
+    if statuses and not statuses.get(JobState.SUCCEEDED.value) and not unfinished:
+        warnings.append(
+            f"no job of batch {one_line(batch.name)} succeeded ({by_state(statuses)}): no record has a video"
+        )
+    return warnings
 
 
 def csv_safe(value: object) -> object:

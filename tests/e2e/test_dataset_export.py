@@ -101,8 +101,13 @@ def test_hf_folder_loads_with_datasets_and_parquet_equals_jsonl(
         assert _sha256(video) == row["video_sha256"] == by_id[row["job_id"]]["video_sha256"]
         assert row["status"] == "succeeded"
     lines = [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
-    for line in lines:  # every export field, exactly as the JSONL export has it
-        assert {k: v for k, v in line.items() if k != "file_name"} == by_id[line["job_id"]]
+    for line in lines:  # every export field, exactly as the JSONL export has it, but video_path:
+        # the copy inside the dataset (file_name), never the stored output's path on this machine
+        assert line["video_path"] == line["file_name"]
+        assert {k: v for k, v in line.items() if k != "file_name"} == {
+            **by_id[line["job_id"]],
+            "video_path": line["file_name"],
+        }
     assert (folder / "manifest.yaml").read_text().startswith("name: ds-export")
     card = (folder / "README.md").read_text()
     assert "succeeded: 3" in card

@@ -47,6 +47,7 @@ def test_export_to_a_file_reports_one_json_object(
         "path": str(target),
         "records": 2,
         "bytes": target.stat().st_size,
+        "warnings": [],
     }
     assert done.stderr == ""  # the object says it all; no "exported …" line beside it
 

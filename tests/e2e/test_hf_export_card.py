@@ -224,4 +224,5 @@ def test_hf_card_cost_is_the_exact_sum_that_cost_reports(
     folder = tmp_path / "exports" / "card30"
     assert wb("export", batch, "--format", "hf", "-o", folder).code == 0
     card = (folder / "README.md").read_text()
-    assert "- cost: $6.08 (billing units: 151.875 s)" in card
+    assert "- cost of these rows: $6.08 (billing units: 151.875 s)" in card
+    assert "- billed for the whole batch: $6.08 (billing units: 151.875 s), every job included" in card
