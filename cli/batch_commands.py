@@ -317,8 +317,7 @@ def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
     """
 
     def action() -> int:
-        from rich.table import Table
-
+        from cli.output import diff_table
         from jobs import db
         from jobs.diff import diff_batches
         from jobs.settings import get_settings
@@ -329,15 +328,12 @@ def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
         if as_json:
             emit_json(result.as_dict())
             return code
+        if (mixed := result.simulated_note()) is not None:
+            err.print(f"[yellow]warning[/yellow] {escape(mixed)}")
         shown = [p for p in result.pairs if p.outcome != "same"]
         if shown:
-            table = Table(show_header=True)
-            for column in ("item", "result", "differs", "seed A / B", "video A / B", "cost A / B"):
-                table.add_column(column)
-            varied = result.varied()
-            for pair in shown[:DIFF_ROWS]:
-                table.add_row(*(escape(cell) for cell in _diff_row(pair, varied)))
-            out.print(table)
+            labels = _diff_labels(result.varied(), shown[:DIFF_ROWS])
+            out.print(diff_table([_diff_row(pair, labels) for pair in shown[:DIFF_ROWS]]))
             if len(shown) > DIFF_ROWS:
                 out.print(f"… and {len(shown) - DIFF_ROWS} more (`--json` lists every job)")
         names = f"{one_line(result.batch_a['name'])} vs {one_line(result.batch_b['name'])}"
@@ -357,20 +353,44 @@ DIFF_VALUE_CHARS = 24
 
 
 def _diff_value(value: object) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= DIFF_VALUE_CHARS else text[: DIFF_VALUE_CHARS - 1] + "…"
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def _diff_job(pair: Pair, varied: dict[str, dict[str, Any]]) -> str:
+def _diff_labels(varied: dict[str, dict[str, Any]], pairs: list[Pair]) -> dict[str, dict[str, str]]:
+    """Job id → the varied fields of its item (:meth:`jobs.diff.BatchDiff.varied`) as the item
+    column shows them, for the jobs of ``pairs``: a value of up to :data:`DIFF_VALUE_CHARS`
+    whole, a longer one cut in the middle so that it could be no other value of that field in the
+    table (two prompts that start alike kept their start only and read the same), and whole when
+    no cut tells it apart."""
+    from cli.output import distinct_fits
+
+    texts = {
+        side.job_id: {name: one_line(_diff_value(v)) for name, v in varied.get(side.job_id, {}).items()}
+        for pair in pairs
+        for side in (pair.a, pair.b)
+        if side is not None
+    }
+    by_field: dict[str, list[str]] = {}
+    for fields in texts.values():
+        for name, text in fields.items():
+            by_field.setdefault(name, []).append(text)
+    shown = {name: distinct_fits(values, DIFF_VALUE_CHARS) for name, values in by_field.items()}
+    return {
+        job_id: {name: shown[name][text] or text for name, text in fields.items()}
+        for job_id, fields in texts.items()
+    }
+
+
+def _diff_job(pair: Pair, labels: dict[str, dict[str, str]]) -> str:
     """The row's job: its item, and the input fields that tell it from the item's other jobs
     (``0 resolution=720p``); ``A/B`` when the two sides of the pair ask different values."""
     side = pair.a or pair.b
     assert side is not None
-    a = varied.get(pair.a.job_id, {}) if pair.a else {}
-    b = varied.get(pair.b.job_id, {}) if pair.b else {}
+    a = labels.get(pair.a.job_id, {}) if pair.a else {}
+    b = labels.get(pair.b.job_id, {}) if pair.b else {}
     fields = []
     for name in sorted(a.keys() | b.keys()):
-        values = [_diff_value(v[name]) for v in (a, b) if name in v]
+        values = [v[name] for v in (a, b) if name in v]
         fields.append(f"{name}={'/'.join(dict.fromkeys(values))}")
     return " ".join([str(side.item_index), *fields])
 
@@ -382,15 +402,15 @@ def _diff_seed(side: JobSide) -> str:
     return "–" if side.pinned_seed is None else f"{side.pinned_seed} (pinned)"
 
 
-def _diff_row(pair: Pair, varied: dict[str, dict[str, Any]]) -> tuple[str, ...]:
-    """One ``diff`` table row: the job (item and varied fields), result, what differs, and seed,
-    video and cost of A and B."""
+def _diff_row(pair: Pair, labels: dict[str, dict[str, str]]) -> tuple[str, ...]:
+    """One ``diff`` table row: the job (item and varied fields, :func:`_diff_labels`), result,
+    what differs, and seed, video and cost of A and B."""
 
     def both(show: Callable[[JobSide], str]) -> str:
         return " / ".join("–" if s is None else show(s) for s in (pair.a, pair.b))
 
     return (
-        _diff_job(pair, varied),
+        _diff_job(pair, labels),
         pair.outcome,
         ", ".join(pair.differs()),
         both(_diff_seed),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -107,10 +108,23 @@ def issue_line(issue: Issue) -> str:
     return f"[{style}]{issue.severity}[/{style}] {escape(str(issue))}"
 
 
+def json_error(exc: WanbatchError) -> dict[str, Any]:
+    """The contract's ``{"ok": false, "error": …}`` for ``exc``: its first line as ``error``, and
+    the lines under it (files, issues, one per line; their common indent removed) as
+    ``details``. ``error`` alone left a script without the very lines that say what to fix (which
+    source files of a rerun changed), which the terminal shows."""
+    head, *rest = str(exc).splitlines() or [""]
+    payload: dict[str, Any] = {"ok": False, "error": head.rstrip(":")}
+    details = [line.rstrip() for line in textwrap.dedent("\n".join(rest)).splitlines() if line.strip()]
+    if details:
+        payload["details"] = details
+    return payload
+
+
 def fail(exc: WanbatchError, as_json: bool) -> NoReturn:
     """Report a deliberate error (no traceback) and exit with its code."""
     if as_json:
-        payload: dict[str, Any] = {"ok": False, "error": str(exc).splitlines()[0].rstrip(":")}
+        payload = json_error(exc)
         if isinstance(exc, ManifestError):
             payload["issues"] = [i.as_dict() for i in exc.issues]
         emit_json(payload)
@@ -755,3 +769,73 @@ def estimate_table(title: str, data: EstimateReport) -> Table:
     table.add_section()
     table.add_row(*total)
     return table
+
+
+# --------------------------------------------------------------------------- diff
+
+
+#: ``diff``'s columns, in order.
+DIFF_HEADERS = ("item", "result", "differs", "seed A / B", "video A / B", "cost A / B")
+#: The columns that wrap, in the order they narrow to their longest word: the item label last,
+#: as it is what tells two rows of a sweep apart (``0 resolution=480p`` / ``0 resolution=720p``).
+_DIFF_GIVE_WAY = (4, 3, 2, 5, 0)
+#: The columns folded (words broken) when even that is too wide, in turn: never cost (money).
+_DIFF_FOLD_FIRST, _DIFF_FOLD_LAST = (4, 3, 2), (0,)
+
+
+def diff_table(rows: list[tuple[str, ...]]) -> Table:
+    """``diff``'s rows (plain text, cells in :data:`DIFF_HEADERS` order) at the terminal's width.
+
+    The result is as wide as its widest cell. The other columns wrap at spaces, the A / B pairs
+    after their `` /`` (so an amount of money is never split): video, seed, what differs and cost
+    narrow to their longest piece first, then the item label. When that is still too wide,
+    video, seed and what differs fold (break words) before the label does. Nothing is cut with
+    an ellipsis (rich's default), which made two rows of a sweep read the same."""
+    table = compact_table()
+    room = width() - _natural(DIFF_HEADERS[1], rows, 1) - GAP * (len(DIFF_HEADERS) - 1)
+    natural = {i: _natural(DIFF_HEADERS[i], rows, i) for i in _DIFF_GIVE_WAY}
+    least = {i: _least(DIFF_HEADERS[i], rows, i) for i in _DIFF_GIVE_WAY}
+    widths = _give_way(natural, least, room)
+    for i, header in enumerate(DIFF_HEADERS):
+        if i == 1:
+            fixed_column(table, header, [row[i] for row in rows], right=False)
+        else:
+            table.add_column(header, width=widths[i], overflow="fold", justify="right" if i == 5 else "left")
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    return table
+
+
+def _natural(header: str, rows: list[tuple[str, ...]], column: int) -> int:
+    """The cells ``column`` takes unwrapped."""
+    return max([cell_len(header), *(cell_len(row[column]) for row in rows)])
+
+
+def _least(header: str, rows: list[tuple[str, ...]], column: int) -> int:
+    """The cells ``column`` needs to break no word: its longest word, the ``A /`` of an
+    ``A / B`` pair kept on one line (``2955667e27cd /``, then ``5a1dee404e17``)."""
+    words: list[str] = []
+    for text in [header, *(row[column] for row in rows)]:
+        *firsts, last = text.split(" / ")
+        words += last.split()
+        for part in firsts:
+            words += [*part.split(), f"{part.split()[-1] if part.split() else ''} /"]
+    return max([1, *(cell_len(word) for word in words)])
+
+
+def _give_way(natural: dict[int, int], least: dict[int, int], room: int) -> dict[int, int]:
+    """Widths within ``room`` cells: each column (in the dict's order) narrows to its ``least``
+    until they fit; when even that is too wide, :data:`_DIFF_FOLD_FIRST` narrow, the widest a
+    cell at a time, then :data:`_DIFF_FOLD_LAST` (folded: every character still shown)."""
+    widths = dict(natural)
+    over = sum(widths.values()) - room
+    for i in widths:
+        give = max(0, min(over, widths[i] - least[i]))
+        widths[i] -= give
+        over -= give
+    for folding in (_DIFF_FOLD_FIRST, _DIFF_FOLD_LAST):
+        while over > 0 and max(widths[i] for i in folding) > 1:
+            widest = max(folding, key=lambda i: widths[i])
+            widths[widest] -= 1
+            over -= 1
+    return widths

@@ -7,6 +7,7 @@ functions, so "what `submit` does" has exactly one definition.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,11 +38,11 @@ from jobs.media import MediaKind, classify
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import too_much_usd, usd_json, usd_text
 from jobs.pricing import Totals, estimate_job
-from jobs.printable import shell_ref
+from jobs.printable import shell_ref, shortened
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
 from jobs.states import UNFINISHED_STATES, JobState
-from jobs.vary import Sweep, Vary
+from jobs.vary import Sweep, Vary, checked_values
 
 
 def input_dirs(settings: InputSettings, allowed_dirs: Iterable[Path] = ()) -> tuple[Path, ...]:
@@ -183,6 +184,10 @@ def budget_issues(manifest: Manifest, totals: Totals) -> list[Issue]:
     ]
 
 
+#: Renamed reruns the ``run`` line names one by one (the others are counted).
+RERUNS_SHOWN = 3
+
+
 @dataclass(slots=True)
 class SubmitResult:
     """What ``submit`` did: the batch, and how many jobs were new vs already stored."""
@@ -209,6 +214,9 @@ class SubmitResult:
     simulated: bool = False
     #: The new name of a simulation that held this batch's name (a batch for fal takes it back).
     moved_aside: str | None = None
+    #: Its simulated reruns, renamed with it: ``(old, new)`` each (``NAME-rerun-1`` →
+    #: ``NAME-simulated-rerun-1``).
+    reruns_moved: list[tuple[str, str]] = field(default_factory=list)
     #: Of ``existing``, the jobs that took a new ``(item_index, variant)``: the edited manifest
     #: puts them elsewhere (an item inserted above, a matrix reordered).
     renumbered: int = 0
@@ -239,8 +247,13 @@ class SubmitResult:
         """The stderr line saying a simulation gave this batch its name, or None."""
         if self.moved_aside is None:
             return None
+        reruns = ""
+        if self.reruns_moved:
+            shown = ", ".join(f"{old} → {new}" for old, new in self.reruns_moved[:RERUNS_SHOWN])
+            more = len(self.reruns_moved) - RERUNS_SHOWN
+            reruns = f" with its simulated reruns ({shown}{f', and {more} more' if more > 0 else ''})"
         return (
-            f"batch {self.name} was a simulation (`--simulate`): renamed {self.moved_aside}; "
+            f"batch {self.name} was a simulation (`--simulate`): renamed {self.moved_aside}{reruns}; "
             f"a new batch {self.name} goes to fal"
         )
 
@@ -487,7 +500,7 @@ def submit_manifest(
         report.issues = [_deadline_note(i) if i.code in _SCHEDULE_OVER else i for i in report.issues]
     assert manifest is not None
     with db.session_scope(engine) as session:
-        name, moved_aside = store.name_for_batch(session, manifest.name, simulated=simulated)
+        name, moved = store.name_for_batch(session, manifest.name, simulated=simulated)
         batch, created = store.get_or_create_batch(
             session,
             name=name,
@@ -532,7 +545,8 @@ def submit_manifest(
         result = _submitted(
             session, batch, created, added, existing, warnings, budget_changed, schedule_changed
         )
-        result.moved_aside = moved_aside
+        if moved:
+            result.moved_aside, result.reruns_moved = moved[0][1], moved[1:]
         if stored is not None:
             result.renumbered, result.not_in_manifest = stored.renumbered, stored.not_in_manifest
         return result
@@ -1404,7 +1418,7 @@ def rerun_batch(
         def new_jobs() -> Iterator[store.NewJob]:
             for job in store.jobs_of_batch(session, parent.id, states=wanted):
                 spec = get_endpoint(job.endpoint)
-                stored = dict(job.input)
+                stored = before[job.id] = dict(job.input)
                 if new_seeds:
                     stored["seed"] = secrets.randbelow(2**31)
                 elif job.seed is not None:
@@ -1433,6 +1447,7 @@ def rerun_batch(
         # Built (and the varied values checked) before the batch row exists: a bad value
         # leaves nothing stored.
         swept: set[int] = set()  # items whose jobs --vary repeats more than once
+        before: dict[str, dict[str, Any]] = {}  # parent's job id → its input, seed as the rerun's
         rows = list(new_jobs())
         if not rows:
             raise NothingToRerun(_nothing_to_rerun(session, parent, failed_only))
@@ -1441,7 +1456,7 @@ def rerun_batch(
         changed = _changed_sources(rows, Path(parent.manifest_path).parent)
         if changed:
             raise UsageError(_sources_changed(parent, changed))
-        rows, warnings = _placed(rows, swept)
+        rows, warnings = _placed(rows, swept, lambda row, twin: _repeat_cause(row, twin, before, vary))
         name = _rerun_name(session, parent)
         batch, created = store.get_or_create_batch(
             session,
@@ -1498,7 +1513,9 @@ def _rerun_schedule(parent: Batch) -> Schedule | None:
 def _rerun_name(session: Session, parent: Batch) -> str:
     """``NAME-rerun-N``, N one more than the parent's reruns so far, or the next one no batch
     holds: a rerun is always a new batch, never jobs added to one that has the name already
-    (the user's own manifest may be called that, or a simulation renamed since took it)."""
+    (the user's own manifest may be called that, or a rerun sent to fal of a simulation that
+    held the parent's name: renamed, a simulation takes its simulated reruns along, see
+    :func:`jobs.store.name_for_batch`, but not those)."""
     number = sum(1 for b in store.list_batches(session) if b.parent_batch_id == parent.id) + 1
     while store.batch_name_taken(session, f"{parent.name}-rerun-{number}"):
         number += 1
@@ -1516,10 +1533,13 @@ def _still_running(batch: Batch, count: int) -> str:
     )
 
 
-def _placed(rows: list[store.NewJob], swept: set[int]) -> tuple[list[store.NewJob], list[str]]:
+def _placed(
+    rows: list[store.NewJob], swept: set[int], cause: Callable[[store.NewJob, store.NewJob], str]
+) -> tuple[list[store.NewJob], list[str]]:
     """The rerun's jobs with each exact input once, the jobs of ``swept`` items numbered
     0, 1, … within their item in order, and a warning when ``--vary`` made some the same as
-    others (``--vary seed=1..2`` over jobs already sweeping those seeds).
+    others (``--vary seed=1..2`` over jobs already sweeping those seeds), saying why with
+    ``cause(repeat, twin)`` for the first repeat (:func:`_repeat_cause`).
 
     Dense numbers keep ``variant`` as small as the batch: the product of the parent's number
     and the combination count grew with every generation of reruns until the database refused
@@ -1542,12 +1562,60 @@ def _placed(rows: list[store.NewJob], swept: set[int]) -> tuple[list[store.NewJo
     if not repeats:
         return placed, []
     first = repeats[0]
-    twin = next(row for row in placed if row.key == first.key)
     return placed, [
         f"{len(repeats)} of the rerun's {len(rows)} jobs repeat another one's exact input and are "
-        f"stored once (e.g. one of item {first.item_index}'s is item {twin.item_index} variant "
-        f"{twin.variant}); {len(placed)} jobs in all"
+        f"stored once ({cause(first, kept[first.key])}); {len(placed)} jobs in all"
     ]
+
+
+def _repeat_cause(
+    row: store.NewJob, twin: store.NewJob, before: dict[str, dict[str, Any]], vary: Sequence[Vary]
+) -> str:
+    """Why ``row`` asks exactly what ``twin`` asks, in the words of the option or the inputs:
+    ``resolution=480p is listed twice in --vary resolution=480p,480p``, or ``item 0's jobs with
+    seed=7 and with seed=8 both become seed=7``. ``before``: each parent job's input (seed
+    included) before ``--vary``. The place a job would have had (``item 0 variant 0``) told the
+    user nothing they could act on."""
+    if row.rerun_of == twin.rerun_of:  # one job's combinations: a value given twice
+        return _listed_twice(row, vary) or f"item {row.item_index}'s job is made twice by the --vary values"
+    a, b = before.get(twin.rerun_of or "", {}), before.get(row.rerun_of or "", {})
+    fields = sorted(name for name in a.keys() | b.keys() if a.get(name) != b.get(name))
+    one_item = twin.item_index == row.item_index
+    if not fields:
+        items = f"item {row.item_index}" if one_item else f"items {twin.item_index} and {row.item_index}"
+        return f"two jobs of {items} now ask exactly the same"
+    first, second = _fields_text(a, fields), _fields_text(b, fields)
+    if one_item:
+        jobs = f"item {row.item_index}'s jobs with {first} and with {second}"
+    else:
+        jobs = f"item {twin.item_index}'s job with {first} and item {row.item_index}'s job with {second}"
+    return f"{jobs} both become {_fields_text(row.input, fields)}"
+
+
+def _listed_twice(row: store.NewJob, vary: Sequence[Vary]) -> str | None:
+    """``resolution=480p is listed twice in --vary …``: the option whose values give ``row``'s
+    value more than once (as typed for its endpoint: ``81`` and ``081`` are one number)."""
+    spec = get_endpoint(row.endpoint)
+    for option in vary:
+        value = row.input.get(option.field)
+        times = checked_values(spec, option).count(value)
+        if times > 1:
+            said = "twice" if times == 2 else f"{times} times"
+            return f"{_fields_text(row.input, [option.field])} is listed {said} in {option.option}"
+    return None
+
+
+def _fields_text(values: dict[str, Any], fields: Iterable[str]) -> str:
+    """``seed=7 resolution=480p`` (``no seed`` for one the input leaves out), values shortened."""
+    shown = []
+    for name in fields:
+        if name not in values:
+            shown.append(f"no {name}")
+            continue
+        value = values[name]
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        shown.append(f"{name}={shortened(text)}")
+    return " ".join(shown)
 
 
 def _changed_sources(rows: Iterable[store.NewJob], folder: Path) -> list[str]:

@@ -35,6 +35,10 @@ input pinned (``pinned_seed``), if any. :meth:`BatchDiff.varied` names, for each
 fields that tell it from the other jobs of its item (a matrix's ``resolution``, say), which
 ``item_index`` alone cannot.
 
+Each side says whether it is a simulation (``simulated``): the simulator's placeholder videos say
+nothing about what fal renders, so a simulation compared with a batch sent to fal is said
+(:meth:`BatchDiff.simulated_note`), whatever the counts.
+
 Pure over the store: it reads the two batches and writes nothing.
 """
 
@@ -190,9 +194,10 @@ class Pair:
 class BatchDiff:
     """The comparison of batch A with batch B (``diff --json`` is :meth:`as_dict`)."""
 
-    #: ``{"batch": id, "name": name}`` of each side (plain values: usable after the session ends).
-    batch_a: dict[str, str]
-    batch_b: dict[str, str]
+    #: ``{"batch": id, "name": name, "simulated": bool}`` of each side (plain values: usable
+    #: after the session ends).
+    batch_a: dict[str, Any]
+    batch_b: dict[str, Any]
     pairs: list[Pair]
 
     def count(self, outcome: Outcome) -> int:
@@ -202,6 +207,23 @@ class BatchDiff:
     def identical(self) -> bool:
         """Every job matched and every pair the same video: what exit 0 means."""
         return all(p.outcome == "same" for p in self.pairs)
+
+    def simulated_note(self) -> str | None:
+        """What to say when one side is a simulation (``--simulate``) and the other was sent to
+        fal, else None. Simulated batches stay apart from paid ones: the simulator's placeholder
+        videos say nothing about what fal renders, so "same" or "different" across the two is
+        no verdict on reproducibility, which a user comparing by name (a simulation renamed
+        ``NAME-simulated``, its rerun still ``NAME-rerun-1``) would not see from the counts."""
+        sides = (self.batch_a, self.batch_b)
+        simulated = [side for side in sides if side["simulated"]]
+        if len(simulated) != 1:
+            return None
+        paid = next(side for side in sides if not side["simulated"])
+        return (
+            f"{simulated[0]['name']} is a simulation (`--simulate`) and {paid['name']} was sent to "
+            "fal: the simulator's videos are placeholders, so this comparison says nothing about "
+            "whether fal reproduces its results"
+        )
 
     def varied(self) -> dict[str, dict[str, Any]]:
         """Job id → the input fields (the seed aside: it has its own column) whose values differ
@@ -324,5 +346,7 @@ def diff_batches(session: Session, ref_a: str, ref_b: str) -> BatchDiff:
     return BatchDiff(_named(batch_a), _named(batch_b), match(a_jobs, b_jobs, by_place=same_manifest))
 
 
-def _named(batch: Batch) -> dict[str, str]:
-    return {"batch": batch.id, "name": batch.name}
+def _named(batch: Batch) -> dict[str, Any]:
+    """One side's ``batch_a`` / ``batch_b``: whether it is a simulation is part of its identity
+    (a paid batch and a simulation may carry the same manifest's name at different times)."""
+    return {"batch": batch.id, "name": batch.name, "simulated": bool(batch.simulated)}

@@ -229,9 +229,10 @@ SIMULATED_SUFFIX = "-simulated"
 _SIMULATED_NAME = re.compile(rf".*{re.escape(SIMULATED_SUFFIX)}(-\d+)?", re.DOTALL)
 
 
-def name_for_batch(session: Session, name: str, *, simulated: bool) -> tuple[str, str | None]:
-    """The name a batch of the manifest named ``name`` is stored (or found) under, and where a
-    simulation that held ``name`` was moved to make room (else None).
+def name_for_batch(session: Session, name: str, *, simulated: bool) -> tuple[str, list[tuple[str, str]]]:
+    """The name a batch of the manifest named ``name`` is stored (or found) under, and the
+    batches renamed to make room for it (``(old, new)`` each: a simulation that held ``name``
+    first, then its simulated reruns; empty when nothing moved).
 
     Simulated and paid videos never share a batch, and a batch's name says which one it is:
 
@@ -239,19 +240,56 @@ def name_for_batch(session: Session, name: str, *, simulated: bool) -> tuple[str
       (``NAME-simulated-2``, … when a batch sent to fal holds that too);
     * a batch for fal takes its name back from a simulation, which is renamed
       ``NAME-simulated`` (or the next free one). So "drop ``--simulate``" sends the manifest
-      to fal, instead of finding its simulated batch already done.
+      to fal, instead of finding its simulated batch already done. Its simulated reruns go
+      with it (:func:`_move_reruns`).
     """
     holder = session.scalar(select(Batch).where(Batch.name == name))
     if holder is None or holder.simulated == simulated:
-        return name, None
+        return name, []
     if simulated:  # a new simulation, or the one an earlier --simulate run made
-        return _simulation_slot(session, name)[0], None
+        return _simulation_slot(session, name)[0], []
     for candidate in _simulated_names(name):
         if session.scalar(select(Batch.id).where(Batch.name == candidate)) is None:
             holder.name = candidate
             session.flush()  # the name is free before the batch for fal is inserted
-            return name, candidate
+            return name, [(name, candidate), *_move_reruns(session, holder, name)]
     raise AssertionError("unreachable: the candidate names never end")  # pragma: no cover
+
+
+def _move_reruns(session: Session, moved: Batch, old: str) -> list[tuple[str, str]]:
+    """Rename the simulated reruns of ``moved`` (a simulation just renamed from ``old``) after
+    its new name, and theirs in turn: ``NAME-rerun-2`` becomes ``NAME-simulated-rerun-2``.
+
+    Left as they were, the rehearsal's ``NAME-rerun-N`` read as reruns of the batch for fal now
+    called ``NAME`` (``diff NAME NAME-rerun-1`` compared fal's videos with the simulator's), and
+    held the names that batch's own reruns take (its first rerun was ``NAME-rerun-6`` after five
+    rehearsed ones). Renamed, ``rerun NAME`` makes ``NAME-rerun-1`` as the rehearsal did, and the
+    simulation's family reads as one (``rerun NAME-simulated`` goes on with its numbers). Only
+    simulations named after their parent move: a rerun sent to fal keeps its name (its videos are
+    fal's; ``-simulated`` would misname it), and so does one whose new name a batch already holds.
+    Videos already downloaded stay where they are (each job stores its path); an unfinished
+    rerun's later ones are filed under its new name, in a folder that still ends in
+    ``-simulated`` (:func:`folder_name`), never beside fal's."""
+    renamed: list[tuple[str, str]] = []
+    todo = [(moved, old)]
+    while todo:
+        parent, before = todo.pop(0)
+        children = session.scalars(
+            select(Batch)
+            .where(Batch.parent_batch_id == parent.id, Batch.simulated.is_(True))
+            .order_by(Batch.created_at, Batch.id)
+        ).all()
+        for child in children:
+            if not child.name.startswith(f"{before}-rerun-"):
+                continue
+            was, new = child.name, parent.name + child.name[len(before) :]
+            if batch_name_taken(session, new):
+                continue
+            child.name = new
+            session.flush()
+            renamed.append((was, new))
+            todo.append((child, was))
+    return renamed
 
 
 def _simulation_slot(session: Session, name: str) -> tuple[str, Batch | None]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.cells import cell_len
 
 from falsim.server import SimulatorHandle
 from tests.e2e.e2e_helpers import FAST_ENV, TWO_JOBS, MakeManifest, Wb, export_jsonl, processed
@@ -156,7 +157,7 @@ def test_diff_rows_tell_an_items_jobs_apart_and_show_pinned_seeds_of_unsent_jobs
     assert unsent["a"]["job_key"] != unsent["b"]["job_key"]
 
     human = wb("diff", parent["batch"], fresh)
-    rows = [line for line in human.stdout.splitlines() if "different" in line and "│" in line]
+    rows = [line for line in human.stdout.splitlines() if line.startswith("0 ")]
     assert len(rows) == 2, human.stdout
     by_resolution = {res: row for row in rows for res in ("480p", "720p") if f"0 resolution={res}" in row}
     assert sorted(by_resolution) == ["480p", "720p"], human.stdout
@@ -171,6 +172,40 @@ def test_diff_rows_tell_an_items_jobs_apart_and_show_pinned_seeds_of_unsent_jobs
     assert unsent["b"]["seed"] == 7
     assert "seed" not in unsent["differs"]
     assert {"video", "status"} <= set(unsent["differs"])
+
+
+#: A sweep over resolutions, the seeds left to fal: a `--new-seeds` rerun differs in each job.
+SWEEP = """\
+name: {name}
+endpoint: fal-ai/wan-i2v
+defaults:
+  num_frames: 81
+matrix:
+  resolution: [480p, 720p]
+items:
+  - prompt: A calm mountain landscape, clouds drifting slowly past the peak
+    image_url: images/landscape.jpg
+"""
+
+
+def test_at_80_columns_the_item_label_is_never_cut(
+    wb: Wb, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Output into a pipe is 80 columns wide: the item column was cut to "0 resolutio…" in both
+    rows of the sweep, which then read the same."""
+    monkeypatch.setenv("COLUMNS", "80")  # what rich takes when stdout is no terminal
+    parent = _run(wb, manifest("sweep", SWEEP.format(name="sweep")), "--simulate")
+    fresh = _rerun(wb, parent, "--new-seeds", "--simulate")
+
+    human = wb("diff", parent, fresh)
+
+    assert human.code == 1, human.stdout + human.stderr
+    lines = human.stdout.splitlines()
+    assert max(cell_len(line.rstrip()) for line in lines) <= 80, human.stdout
+    assert "…" not in human.stdout
+    for label in ("0 resolution=480p", "0 resolution=720p"):
+        assert sum(line.startswith(label + " ") for line in lines) == 1, human.stdout
+    assert "sweep vs sweep-rerun-1: 0 same, 2 different, 0 only in A, 0 only in B" in human.stdout
 
 
 @pytest.mark.slow

@@ -154,6 +154,7 @@ def test_rerun_after_a_source_file_changed_is_refused_with_nothing_stored(
     error = as_json.json()
     assert error["ok"] is False
     assert "Put the original file back" in error["error"]
+    assert error["details"] == [files[0].strip()]  # the file, as the terminal lists it
 
     image.unlink()
     gone = wb("rerun", parent, "--simulate", "--vary", "seed=4..5", "--no-progress")

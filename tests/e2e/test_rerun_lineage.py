@@ -102,6 +102,8 @@ def test_vary_repeats_of_another_job_are_stored_once_with_a_warning(
     assert done.json()["total"] == 2  # seeds 7 and 8 once each, not four jobs
     assert "warning" in done.stderr
     assert "2 of the rerun's 4 jobs repeat another one's exact input" in done.stderr
+    # Why, plainly: the two jobs of the seed matrix end up with the same seed.
+    assert "(item 0's jobs with seed=7 and with seed=8 both become seed=7)" in " ".join(done.stderr.split())
 
 
 @pytest.mark.slow

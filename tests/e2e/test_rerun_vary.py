@@ -114,9 +114,11 @@ def test_a_value_listed_twice_is_one_job_with_the_repeat_warning(
     assert done.code == 0, done.stderr
     assert done.json()["total"] == 2
     assert "warning" in done.stderr
-    assert "2 of the rerun's 4 jobs repeat another one's exact input and are stored once" in " ".join(
-        done.stderr.split()
-    )
+    said = " ".join(done.stderr.split())
+    assert "2 of the rerun's 4 jobs repeat another one's exact input and are stored once" in said
+    # Which value repeats, in the option's words (it said "one of item 0's is item 0 variant 0").
+    assert "(resolution=480p is listed twice in --vary resolution=480p,480p); 2 jobs in all" in said
+    assert "variant" not in said
 
 
 @pytest.mark.parametrize(

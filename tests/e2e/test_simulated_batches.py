@@ -454,3 +454,43 @@ def test_simulate_settings_never_carry_fals_key_or_receiver() -> None:
         assert simulated.fal_key.get_secret_value() == SIMULATOR_KEY
         assert simulated.webhook_url is None
         assert simulated.fal_queue_url.startswith("http://127.0.0.1:")
+
+
+def test_a_rehearsed_sweep_sent_to_fal_keeps_its_rerun_names_apart(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """`run --simulate`, `rerun --simulate`, then the manifest for real: the rehearsal's
+    `clip-rerun-1` stayed, read as a rerun of the paid `clip`, and `diff clip clip-rerun-1`
+    compared fal's videos with the simulator's without a word ("2 same", exit 0)."""
+    path = manifest("clip", CLIP)
+    for command in (["run", str(path)], ["rerun", "clip"], ["rerun", "clip-rerun-1"]):
+        done = wb(*command, "--simulate", "--no-progress", "--json")
+        assert done.code == 0, done.stdout + done.stderr
+
+    paid = wb("run", path, "--no-progress", "--json")
+
+    assert paid.code == 0, paid.stdout + paid.stderr
+    assert (
+        "batch clip was a simulation (`--simulate`): renamed clip-simulated with its simulated reruns "
+        "(clip-rerun-1 → clip-simulated-rerun-1, clip-rerun-1-rerun-1 → clip-simulated-rerun-1-rerun-1); "
+        "a new batch clip goes to fal"
+    ) in " ".join(paid.stderr.split())
+    for name in ("clip-simulated-rerun-1", "clip-simulated-rerun-1-rerun-1"):
+        assert _status(wb, name)["simulated"] is True
+    assert wb("status", "clip-rerun-1", "--json").code == 2  # no batch holds the name now
+
+    rerun = wb("rerun", "clip", "--no-progress", "--json")  # the paid batch's first rerun
+    assert rerun.code == 0, rerun.stdout + rerun.stderr
+    assert (rerun.json()["name"], rerun.json()["simulated"]) == ("clip-rerun-1", False)
+    assert wb("diff", "clip", "clip-rerun-1").stderr == ""
+
+    # Compared across the two kinds all the same, diff says so.
+    mixed = wb("diff", "clip", "clip-simulated-rerun-1")
+    assert "Traceback" not in mixed.stderr
+    assert (
+        "warning clip-simulated-rerun-1 is a simulation (`--simulate`) and clip was sent to fal: "
+        "the simulator's videos are placeholders"
+    ) in " ".join(mixed.stderr.split())
+    report = wb("diff", "clip", "clip-simulated-rerun-1", "--json").json()
+    assert (report["batch_a"]["simulated"], report["batch_b"]["simulated"]) == (False, True)
+    assert wb("diff", "clip-simulated", "clip-simulated-rerun-1").stderr == ""  # two rehearsals

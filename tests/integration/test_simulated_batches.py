@@ -73,7 +73,9 @@ def test_a_simulation_finished_drops_out_of_the_rounds(engine: Engine) -> None:
         assert store.scheduled_batches(session) == []  # the schedule enforcer has no use for them
 
 
-def _create(session: Session, name: str, *, simulated: bool = False) -> tuple[Batch, bool]:
+def _create(
+    session: Session, name: str, *, simulated: bool = False, parent: Batch | None = None
+) -> tuple[Batch, bool]:
     return store.get_or_create_batch(
         session,
         name=name,
@@ -81,26 +83,68 @@ def _create(session: Session, name: str, *, simulated: bool = False) -> tuple[Ba
         manifest_sha256="0" * 64,
         budget_max_usd=None,
         simulated=simulated,
+        parent_batch_id=None if parent is None else parent.id,
     )
 
 
 def test_names_keep_simulations_apart_from_paid_batches(engine: Engine) -> None:
     with db.session_scope(engine) as session:
         # Nothing holds the name: either kind takes it.
-        assert store.name_for_batch(session, "clip", simulated=True) == ("clip", None)
+        assert store.name_for_batch(session, "clip", simulated=True) == ("clip", [])
         sim, _ = _create(session, "clip", simulated=True)
         # A second --simulate run finds the same simulation.
-        assert store.name_for_batch(session, "clip", simulated=True) == ("clip", None)
+        assert store.name_for_batch(session, "clip", simulated=True) == ("clip", [])
         # The batch for fal takes the name back; the simulation is renamed aside.
-        assert store.name_for_batch(session, "clip", simulated=False) == ("clip", "clip-simulated")
+        moved = store.name_for_batch(session, "clip", simulated=False)
+        assert moved == ("clip", [("clip", "clip-simulated")])
         assert sim.name == "clip-simulated"
         paid, created = _create(session, "clip")
         assert created
         assert not paid.simulated
         # From now on a --simulate run of the manifest resumes the renamed simulation ...
-        assert store.name_for_batch(session, "clip", simulated=True) == ("clip-simulated", None)
+        assert store.name_for_batch(session, "clip", simulated=True) == ("clip-simulated", [])
         # ... and the paid batch keeps its name.
-        assert store.name_for_batch(session, "clip", simulated=False) == ("clip", None)
+        assert store.name_for_batch(session, "clip", simulated=False) == ("clip", [])
+
+
+def test_a_simulation_moved_aside_takes_its_simulated_reruns_along(engine: Engine) -> None:
+    """Left behind, a rehearsal's ``clip-rerun-1`` read as a rerun of the paid ``clip`` (``diff``
+    compared fal's videos with the simulator's), and the paid batch's first rerun was numbered
+    after the rehearsal's (``clip-rerun-3`` here)."""
+    with db.session_scope(engine) as session:
+        sim, _ = _create(session, "clip", simulated=True)
+        first, _ = _create(session, "clip-rerun-1", simulated=True, parent=sim)
+        nested, _ = _create(session, "clip-rerun-1-rerun-1", simulated=True, parent=first)
+        paid_rerun, _ = _create(session, "clip-rerun-2", parent=sim)  # `rerun clip` without --simulate
+        unrelated, _ = _create(session, "clip-rerun-1-mine", simulated=True)  # no rerun of clip's
+
+        name, moved = store.name_for_batch(session, "clip", simulated=False)
+
+        assert name == "clip"
+        assert moved == [
+            ("clip", "clip-simulated"),
+            ("clip-rerun-1", "clip-simulated-rerun-1"),
+            ("clip-rerun-1-rerun-1", "clip-simulated-rerun-1-rerun-1"),
+        ]
+        assert (sim.name, first.name, nested.name) == (
+            "clip-simulated",
+            "clip-simulated-rerun-1",
+            "clip-simulated-rerun-1-rerun-1",
+        )
+        assert paid_rerun.name == "clip-rerun-2"  # fal's videos: never called -simulated
+        assert unrelated.name == "clip-rerun-1-mine"
+        assert not store.batch_name_taken(session, "clip-rerun-1")  # the paid clip's first rerun's
+
+
+def test_a_simulated_rerun_whose_new_name_is_taken_keeps_its_own(engine: Engine) -> None:
+    with db.session_scope(engine) as session:
+        sim, _ = _create(session, "clip", simulated=True)
+        first, _ = _create(session, "clip-rerun-1", simulated=True, parent=sim)
+        _create(session, "clip-simulated-rerun-1")  # a manifest of that very name, sent to fal
+
+        moved = store.name_for_batch(session, "clip", simulated=False)
+        assert moved == ("clip", [("clip", "clip-simulated")])
+        assert first.name == "clip-rerun-1"
 
 
 def test_a_paid_batch_holding_the_simulated_name_is_skipped(engine: Engine) -> None:
@@ -108,9 +152,9 @@ def test_a_paid_batch_holding_the_simulated_name_is_skipped(engine: Engine) -> N
     with db.session_scope(engine) as session:
         for name in ("clip", "clip-simulated"):
             _create(session, name)
-        assert store.name_for_batch(session, "clip", simulated=True) == ("clip-simulated-2", None)
+        assert store.name_for_batch(session, "clip", simulated=True) == ("clip-simulated-2", [])
         sim, _ = _create(session, "clip-simulated-2", simulated=True)
-        assert store.name_for_batch(session, "clip", simulated=True) == ("clip-simulated-2", None)
+        assert store.name_for_batch(session, "clip", simulated=True) == ("clip-simulated-2", [])
         assert sim.simulated
 
 

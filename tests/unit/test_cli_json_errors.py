@@ -64,3 +64,36 @@ def test_an_internal_error_under_json_is_a_json_error(
     assert error.startswith("internal error: RuntimeError: boom; please report it (details in ")
     assert err == error + "\n"
     assert list(tmp_path.glob("wanbatch-crash-*.txt"))
+
+
+def test_the_lines_under_an_error_are_its_details_under_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """`rerun --json` refused for changed source files said so without naming them: only the
+    first line of a message went into the JSON, while the terminal lists the files under it."""
+    from cli.output import fail
+    from jobs.errors import UsageError
+
+    message = (
+        "cannot rerun batch b: 2 source files differ …; render the new image:\n"
+        "  images/a.png: missing (deleted or moved since the batch was submitted)\n"
+        "\n"
+        "  images/ b.png: changed since the batch was submitted\n"
+    )
+    with pytest.raises(SystemExit) as ended:
+        fail(UsageError(message), as_json=True)
+    assert ended.value.code == 2
+    assert json.loads(capsys.readouterr().out) == {
+        "ok": False,
+        "error": "cannot rerun batch b: 2 source files differ …; render the new image",
+        "details": [
+            "images/a.png: missing (deleted or moved since the batch was submitted)",
+            "images/ b.png: changed since the batch was submitted",  # only the indent is removed
+        ],
+    }
+
+    with pytest.raises(SystemExit):
+        fail(UsageError(message), as_json=False)
+    assert " ".join(capsys.readouterr().err.split()) == "error: " + " ".join(message.split())
+
+    with pytest.raises(SystemExit):
+        fail(UsageError("one line"), as_json=True)
+    assert json.loads(capsys.readouterr().out) == {"ok": False, "error": "one line"}
