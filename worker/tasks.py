@@ -45,10 +45,6 @@ DOWNLOAD_TASK = "wanbatch.download_job"
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
-#: Cleared when this process is stopping (Ctrl-C in embedded mode): a task that starts then does
-#: nothing, so no lease is taken after the process gave its leases back.
-_accepting = threading.Event()
-_accepting.set()
 #: The jobs of this process's tasks that the database failed, given back once it answers.
 _give_back = GiveBack()
 
@@ -193,19 +189,7 @@ def set_runtime(rt: Runtime | None) -> None:
         _runtime = rt
 
 
-def stop_accepting() -> None:
-    """From now on tasks return at once without touching their job (the process is stopping)."""
-    _accepting.clear()
-
-
-def accept_again() -> None:
-    """Undo :func:`stop_accepting` (a new embedded run in the same process)."""
-    _accepting.set()
-
-
 def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
-    if not _accepting.is_set():
-        return "stopping"
     rt = runtime(task.app)
     with logs.job_context(job_id):  # every line the step logs names its job
         try:
