@@ -487,6 +487,11 @@ def money_line(report: BatchReport) -> str:
         )
     if report["possible_duplicate_charges"]:
         lines.append(f"[yellow]{report['possible_duplicate_charges']} possible duplicate charge(s)[/yellow]")
+    if report["confirmed_duplicate_charges"]:
+        lines.append(
+            f"[yellow]{report['confirmed_duplicate_charges']} confirmed duplicate charge(s)[/yellow] "
+            "(requests fal ran besides the ones the jobs kept: billed; each is on its job's history)"
+        )
     if report["rate_limited_submits"]:
         lines.append(
             f"[yellow]{report['rate_limited_submits']} submit(s) refused by fal with 429[/yellow] "

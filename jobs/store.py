@@ -3430,6 +3430,32 @@ def record_duplicate_charge(session: Session, job_id: str) -> None:
     )
 
 
+def note_request(
+    session: Session, job_id: str, request_id: str, *, reason: str, worker: str | None, billed: bool
+) -> bool:
+    """Put ``request_id``, a request of the job that the job does not keep, on its history (a
+    submit's late answer, after the job moved on), and count it as a confirmed duplicate charge
+    when fal bills it (``billed``). False when there is no such job, or the request is on its
+    history already (``reason`` must say "accepted as <request_id>": :func:`request_known`).
+
+    The note is an event that moves nothing: ``from_state`` and ``to_state`` are the job's state,
+    ``version`` its version. Bookkeeping only (no state change, no version bump), so it never
+    disturbs a worker's fence, and it may follow a terminal state, which nothing leaves. The
+    row is locked first (an UPDATE), so two notes of one request are one, the state noted is the
+    one after any move under way, and the note comes after that move's event.
+    """
+    locked = update(_JOBS).where(_JOBS.c.id == job_id).values(updated_at=utcnow())
+    row = _run(session, locked.returning(_JOBS.c.state, _JOBS.c.version)).first()
+    if row is None or request_known(session, job_id, request_id):
+        return False
+    if billed:
+        record_duplicate_charge(session, job_id)
+    event = {"job_id": job_id, "at": utcnow(), "from_state": row.state, "to_state": row.state}
+    event.update(version=row.version, reason=reason, details=None, worker=worker)
+    _run(session, _INSERT_EVENT, event)
+    return True
+
+
 def delivery_counts(session: Session) -> dict[str, int]:
     """The inbox in numbers: deliveries stored, repeats of them, still to apply, ignored."""
     row = session.execute(

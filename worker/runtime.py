@@ -96,6 +96,7 @@ def close_runtime(rt: Runtime) -> None:
     Call it where a runtime's life ends (instead of ``rt.client.close()`` alone). A runtime
     dropped without it still has its download client closed when it is garbage-collected.
     """
+    rt.submit_leases.close()  # a POST still in flight keeps its lease only until it runs out
     try:
         rt.client.close()
     finally:

@@ -18,7 +18,9 @@ input sent; every job of a chaos manifest has its own seed, so no two jobs share
   the ``resubmit`` policy, the orphans of ambiguous submits, which we cannot see by definition).
 * **History** each job's events chain: ``from_state`` of each equals ``to_state`` of the one
   before (the first starts at ``pending``), versions strictly increase, and the last event's
-  state is the job's state.
+  state is the job's state. A note (``from_state`` = ``to_state``: a request the job does not
+  keep, put on its history by ``jobs.store.note_request``) moves nothing: it repeats the state
+  of the move before it, at no lower a version, and may follow a terminal state.
 """
 
 from __future__ import annotations
@@ -192,6 +194,10 @@ def check(
         chain = history.get(job.id, [])
         previous_state, previous_version = "pending", -1
         for ev in chain:
+            if ev.from_state == ev.to_state:  # a note (a late answer's request): it moves nothing
+                if ev.to_state != previous_state or ev.version < previous_version:
+                    found.fail(f"job {job.id}: note in {ev.to_state} v{ev.version} after {previous_state}")
+                continue
             if previous_state in TERMINAL:
                 found.fail(f"job {job.id}: event {ev.from_state}->{ev.to_state} after terminal")
             if ev.from_state != previous_state:

@@ -25,6 +25,7 @@ from worker.fal.client import FalClient
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
 from worker.limits import SubmitLimiter, api_key_id, limiter_for
+from worker.steps.keepalive import SubmitLeases
 from worker.steps.unrecorded import Unrecorded
 
 log = logging.getLogger(__name__)
@@ -237,9 +238,13 @@ class Runtime:
     #: Accepted submissions not recorded yet, and whether the database's disk is full (nothing
     #: new is sent then): :mod:`worker.steps.unrecorded`.
     unrecorded: Unrecorded = field(init=False)
+    #: The leases of this runtime's POSTs in flight, kept alive while fal's answer is awaited
+    #: (:mod:`worker.steps.keepalive`).
+    submit_leases: SubmitLeases = field(init=False)
 
     def __post_init__(self) -> None:
         self.unrecorded = Unrecorded(self.settings.database_url)
+        self.submit_leases = SubmitLeases(self.engine, self.settings.lease_seconds)
         if self.bucket is None:
             self.bucket = RateBucket(self.settings.submit_rate / (1 + self.settings.submit_jitter_allowance))
         if self.limiter is None:

@@ -294,8 +294,13 @@ def _batch_name(session: Session, batch_id: str) -> str:
 def _status_verdict(session: Session, job_id: str) -> ProviderError | None:
     """fal's error from the ``COMPLETED`` status that moved the job to ``downloading`` (poll
     records ``error``/``error_type`` on that event), or None when fal reported none."""
-    entered = next(
-        (e for e in reversed(store.job_events(session, job_id)) if e.to_state == S.DOWNLOADING), None
+    entered = next(  # the move itself, not a note written while downloading (store.note_request)
+        (
+            e
+            for e in reversed(store.job_events(session, job_id))
+            if e.to_state == S.DOWNLOADING and e.from_state != S.DOWNLOADING
+        ),
+        None,
     )
     details = entered.details if entered is not None else None
     if not isinstance(details, dict):

@@ -4,6 +4,7 @@ outcome stayed unknown, and carry out ``wanbatch cancel`` at fal."""
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 from sqlalchemy.orm import Session
 
@@ -17,6 +18,7 @@ from jobs.store import Fence
 from worker.fal.models import RequestHandle
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of
 from worker.steps.failures import settle_unknown_submit, submit_outcome_unknown, unknown_submit_wait_over
+from worker.steps.late_answers import awaits_answer, settle_late_answer
 from worker.steps.poll import first_poll_at
 from worker.steps.unrecorded import Accepted, read_journal
 
@@ -28,6 +30,9 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
 
     * ``submitting`` past its lease: if the POST never started (no recorded input) the job goes
       back to ``pending`` — safe to send; otherwise its outcome is unknown (``submit_unknown``).
+      A live worker renews that lease while its POST is in flight (:mod:`worker.steps.keepalive`),
+      so a lapsed one means the worker died or stalled; should its answer still come, the job
+      keeps it or has it recorded (:mod:`worker.steps.late_answers`).
     * ``submit_unknown`` past its deadline: the policy decides — fail with "submission outcome
       unknown", or resubmit as a new attempt counted as a possible duplicate charge. Without a
       webhook receiver nothing can prove the outcome, so there is no deadline to wait for: the
@@ -98,39 +103,49 @@ def adopt_unrecorded(rt: Runtime) -> int:
     # job's lease the claim below would otherwise declare its outcome unknown. The step then
     # finds its request id recorded (``_record_submission``).
     mine = waiting.waiting()
+    late: list[_Late] = []
     if mine:
         with db.session_scope(rt.engine) as session:
-            adopted += sum(_adopt(session, rt, a, "recorded late by the process that sent it") for a in mine)
+            proof = "recorded late by the process that sent it"
+            adopted += sum(_adopt(session, rt, a, proof, late) for a in mine)
         for accepted in mine:
             waiting.recorded(accepted)
-    if not waiting.scan_due():
-        return adopted
-    for path in waiting.journal.left_by_others():
-        entries = read_journal(path)
-        if entries is None:
-            continue
-        proof = f"kept in {path} while the database could not take it"
-        with db.session_scope(rt.engine) as session:
-            adopted += sum(_adopt(session, rt, a, proof) for a in entries)
-        try:
-            path.unlink()
-        except OSError as exc:  # another process settled it first, or the folder went read-only
-            log.debug("could not remove %s: %s", path, exc, extra={"event": "reconcile.journal_left"})
+    if waiting.scan_due():
+        for path in waiting.journal.left_by_others():
+            entries = read_journal(path)
+            if entries is None:
+                continue
+            proof = f"kept in {path} while the database could not take it"
+            with db.session_scope(rt.engine) as session:
+                adopted += sum(_adopt(session, rt, a, proof, late) for a in entries)
+            try:
+                path.unlink()
+            except OSError as exc:  # another process settled it first, or the folder went read-only
+                log.debug("could not remove %s: %s", path, exc, extra={"event": "reconcile.journal_left"})
+    for accepted, endpoint, ours in late:  # after the transactions: a cancel is a call to fal
+        settle_late_answer(rt, accepted, endpoint, cancel=ours, event="submit.adopt_too_late")
     return adopted
 
 
-def _adopt(session: Session, rt: Runtime, accepted: Accepted, proof: str) -> bool:
-    """Record ``accepted`` on its job, when the job still waits for that attempt's answer; say
-    what became of it otherwise. True when recorded now."""
+class _Late(NamedTuple):
+    """An accepted submission whose job moved on without it: settled after the transaction."""
+
+    accepted: Accepted
+    endpoint: str
+    #: Whether this runtime's provider holds the request (so may cancel it).
+    ours: bool
+
+
+def _adopt(session: Session, rt: Runtime, accepted: Accepted, proof: str, late: list[_Late]) -> bool:
+    """Record ``accepted`` on its job, when the job still waits for that answer; else add it to
+    ``late`` (:func:`~worker.steps.late_answers.settle_late_answer`). True when recorded now."""
     try:
         job = store.get_job(session, accepted.job_id)
     except NotFoundError:
         return False
     if job.request_id == accepted.request_id:
         return False  # recorded already (the step's own write landed after all)
-    state = S(job.state)
-    unanswered = state == S.SUBMIT_UNKNOWN or (state == S.SUBMITTING and job.submitted_input is not None)
-    if job.attempts == accepted.attempt and job.request_id is None and unanswered:
+    if awaits_answer(job, accepted.attempt):
         if store.adopt_request(
             session,
             rt.fence(job),
@@ -148,14 +163,7 @@ def _adopt(session: Session, rt: Runtime, accepted: Accepted, proof: str) -> boo
             )
             return True
         return False
-    log.warning(
-        "fal accepted %s, but the job has moved on meanwhile (%s, attempt %d): that request may "
-        "be billed besides the job's own",
-        accepted.line(),
-        state.value,
-        job.attempts,
-        extra={"event": "submit.adopt_too_late", "job_id": job.id, "request_id": accepted.request_id},
-    )
+    late.append(_Late(accepted, job.endpoint, rt.reach(session).covers(job.batch_id)))
     return False
 
 

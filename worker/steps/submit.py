@@ -1,6 +1,7 @@
 """Submit: send one claimed job to fal exactly once.
 
-The exact input is recorded and committed before the POST; the POST is never retried; a lost
+The exact input is recorded and committed before the POST; the POST is never retried; the
+job's lease is renewed while fal's answer is awaited (:mod:`worker.steps.keepalive`); a lost
 answer makes the job ``submit_unknown``; an accepted request id is recorded even through a
 database outage or a full disk, because only this process knows it (kept in memory and in a
 journal meanwhile: :mod:`worker.steps.unrecorded`). A failure before the request left this
@@ -13,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import httpx
 from sqlalchemy import Engine
@@ -48,6 +49,7 @@ from worker.steps.failures import (
     settle,
     submit_outcome_unknown,
 )
+from worker.steps.late_answers import awaits_answer, settle_late_answer
 from worker.steps.poll import first_poll_at
 from worker.steps.unrecorded import Accepted
 from worker.steps.webhooks import binding_token, webhook_secret
@@ -242,14 +244,17 @@ def _submit(rt: Runtime, job_id: str) -> str:
 
     chaos.crash_point("before_post")
     try:
-        submitted = rt.client.submit(
-            endpoint,
-            to_send,
-            webhook_url=webhook,
-            priority="low" if priority == "low" else None,
-            start_timeout=start_timeout,
-            extra_headers=FALLBACKS_OFF if rt.settings.disable_fallbacks else None,
-        )
+        # The lease is renewed while fal's answer is awaited: a POST may take longer than the
+        # lease, and a lapsed one would make the reconciler call this live POST lost.
+        with rt.submit_leases.kept(fence):
+            submitted = rt.client.submit(
+                endpoint,
+                to_send,
+                webhook_url=webhook,
+                priority="low" if priority == "low" else None,
+                start_timeout=start_timeout,
+                extra_headers=FALLBACKS_OFF if rt.settings.disable_fallbacks else None,
+            )
     except (SubmitNotSentError, UsageError) as exc:
         # Failed inside this process before the request was written: fal cannot have it.
         log.error("job %s: not sent (%s); giving it back", job_id, exc, extra={"event": "submit.not_sent"})
@@ -293,7 +298,9 @@ def _submit(rt: Runtime, job_id: str) -> str:
         running=submitted.status == "IN_PROGRESS",
         submitted_at=now,
     )
-    outcome = _until_recorded(rt, accepted, lambda: _record_submission(rt, fence, submitted, now))
+    outcome = _until_recorded(
+        rt, accepted, lambda: _record_submission(rt, fence, submitted, accepted, endpoint)
+    )
     if outcome == "submitted":
         chaos.crash_point("after_commit")
     if outcome in ("submitted", "submitted-late") and rt.on_accepted is not None:
@@ -479,8 +486,23 @@ def _until_recorded(rt: Runtime, accepted: Accepted, action: Callable[[], str]) 
         return outcome
 
 
-def _record_submission(rt: Runtime, fence: Fence, submitted: Submitted, now: datetime) -> str:
-    """Store the request id fal gave us at ``now``: ``submitted``, ``submitted-late`` or ``orphaned``."""
+#: Reads of a job whose late answer finds it moving (a webhook, the reconciler) before giving up
+#: on adopting it; each failed compare-and-set means the job moved, so two nearly always do.
+LATE_TRIES = 3
+
+
+def _record_submission(
+    rt: Runtime, fence: Fence, submitted: Submitted, accepted: Accepted, endpoint: str
+) -> str:
+    """Store the request id fal gave us: ``submitted``, ``submitted-late`` or ``orphaned``.
+
+    ``submitted-late``: the lease was taken over while the POST was in flight (this worker
+    stalled past it) and the reconciler called the outcome unknown, but the job still waits for
+    proof (``submit_unknown``, no request): the answer is that proof, and the job keeps the
+    request — a compare-and-set from the state and version just read, tried again if the job
+    moves meanwhile. ``orphaned``: the job moved on without it (failed, sent again, cancelled):
+    the request is cancelled at fal and recorded (:mod:`worker.steps.late_answers`).
+    """
 
     def record(session: Session, held: Fence) -> bool:
         return store.mark_submitted(
@@ -492,26 +514,30 @@ def _record_submission(rt: Runtime, fence: Fence, submitted: Submitted, now: dat
             status_url=submitted.status_url,
             response_url=submitted.response_url,
             cancel_url=submitted.cancel_url,
-            submitted_at=now,
-            next_poll_at=first_poll_at(rt.settings, now),
+            submitted_at=accepted.submitted_at,
+            next_poll_at=first_poll_at(rt.settings, accepted.submitted_at),
         )
 
     with db.session_scope(rt.engine) as session:
         if record(session, fence):
             return "submitted"
-    with db.session_scope(rt.engine) as session:
-        job = store.get_job(session, fence.job_id)
-        if job.request_id == submitted.request_id:  # our commit landed though we saw an error (a retry)
-            return "submitted"
-        # Our lease ran out while the POST was in flight and the reconciler declared the
-        # outcome unknown. We hold the proof: the request exists. Record it.
-        if job.state == S.SUBMIT_UNKNOWN and job.request_id is None:
-            record(session, rt.fence(job))
-            return "submitted-late"
-    log.warning(
-        "job %s: fal accepted %s but the job moved on",
-        fence.job_id,
-        submitted.request_id,
-        extra={"event": "submit.orphaned", "job_id": fence.job_id, "request_id": submitted.request_id},
-    )
+    for _ in range(LATE_TRIES):
+        with db.session_scope(rt.engine) as session:
+            job = store.get_job(session, fence.job_id)
+            if job.request_id == submitted.request_id:  # our commit landed though we saw an error (a retry)
+                return "submitted"
+            if not awaits_answer(job, accepted.attempt):
+                break
+            if record(session, rt.fence(job)):
+                log.warning(
+                    "%s: fal's answer came after the job's lease had been taken over; recorded",
+                    accepted.line(),
+                    extra={
+                        "event": "submit.late_answer",
+                        "job_id": job.id,
+                        "request_id": submitted.request_id,
+                    },
+                )
+                return "submitted-late"
+    settle_late_answer(rt, accepted, endpoint)
     return "orphaned"

@@ -1,0 +1,103 @@
+"""fal's acceptance of a submit whose job has moved on: the proof of a request the job does not keep.
+
+A POST's answer can come after its job was settled without it: the worker stalled past its
+lease while the POST was in flight (a live one renews it: :mod:`worker.steps.keepalive`), the
+reconciler called the outcome unknown, and the policy failed the job or sent it again. A
+journal of accepted submits (:mod:`worker.steps.unrecorded`) can likewise be read after its job
+moved on. fal has that request and bills it once it runs; dropping the proof lost a paid video
+without a trace, and ``rerun --failed-only`` then paid for it again.
+
+Such a request is not adopted. A terminal job never moves again (:mod:`jobs.states`: a rerun
+makes a new batch; its money is already in its batch's totals and its run may have reported
+it), and a job sent again keeps the request of its new attempt. A job still in
+``submit_unknown`` does adopt the answer, by the compare-and-set edges ``submit_unknown`` →
+``queued``/``running`` (:func:`worker.steps.submit._record_submission`). Any other is:
+
+* cancelled at fal — free while it waits in fal's queue, so usually nothing is billed;
+* recorded on the job's history (:func:`jobs.store.note_request`: "accepted as <id>", so the
+  request is known and a webhook for it is not counted again);
+* counted in ``confirmed_duplicate_charges`` when fal bills it all the same: it was already
+  running when accepted, fal had already finished it, or the cancel did not go through.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from jobs import db, store
+from jobs.errors import WanbatchError
+from jobs.models import Job
+from worker.fal.models import CancelOutcome, RequestHandle
+from worker.steps.context import Runtime, S
+from worker.steps.unrecorded import Accepted
+
+log = logging.getLogger(__name__)
+
+
+def awaits_answer(job: Job, attempt: int) -> bool:
+    """Whether ``job`` still waits for the answer to its POST of ``attempt``, whoever holds it
+    now: its outcome declared unknown and nothing proved yet (an answer to an earlier attempt
+    proves a request of the job too; the later attempt's is then the possible duplicate), or
+    that very POST still recorded as in flight."""
+    if job.request_id is not None:
+        return False
+    if job.state == S.SUBMIT_UNKNOWN:
+        return True
+    return job.state == S.SUBMITTING and job.attempts == attempt and job.submitted_input is not None
+
+
+def settle_late_answer(
+    rt: Runtime, accepted: Accepted, endpoint: str, *, cancel: bool = True, event: str = "submit.orphaned"
+) -> bool:
+    """Cancel ``accepted`` at fal (unless ``cancel`` is False: another provider's request), put
+    it on its job's history and count it when billed; say so in a warning (``event``). True when
+    counted as billed.
+
+    Nothing is done twice: a request already on the job's history (a journal read again) is
+    left as it is, and one a webhook already counted is not counted again.
+    """
+    with db.read_scope(rt.engine) as session:
+        if store.request_known(session, accepted.job_id, accepted.request_id):
+            return False
+    if cancel:
+        fate, billed = _cancel(rt, accepted, endpoint)
+    else:
+        fate, billed = "not cancelled (another provider's request): it runs, and is billed", True
+    with db.session_scope(rt.engine) as session:
+        counted = billed and not store.duplicate_charge_recorded(session, accepted.request_id)
+        reason = (
+            f"late answer to attempt {accepted.attempt}, after the job had moved on: "
+            f"accepted as {accepted.request_id}; {fate}"
+        )
+        noted = store.note_request(
+            session, accepted.job_id, accepted.request_id, reason=reason, worker=rt.owner, billed=counted
+        )
+        if not noted:
+            return False
+        state = store.get_job(session, accepted.job_id).state.value
+    log.warning(
+        "fal accepted %s but the job moved on (%s): %s%s",
+        accepted.line(),
+        state,
+        fate,
+        "; counted as a confirmed duplicate charge" if counted else "",
+        extra={"event": event, "job_id": accepted.job_id, "request_id": accepted.request_id},
+    )
+    return counted
+
+
+def _cancel(rt: Runtime, accepted: Accepted, endpoint: str) -> tuple[str, bool]:
+    """Ask fal to cancel ``accepted``: what became of it, in words, and whether it is billed."""
+    # Built from the configured queue URL and the (validated) request id only: the key goes there.
+    handle = RequestHandle.from_request_id(rt.settings.fal_queue_url, endpoint, accepted.request_id)
+    try:
+        outcome = rt.client.cancel(handle)
+    except (WanbatchError, RuntimeError) as exc:  # refused, unreachable, or the client closed
+        return f"could not be cancelled at fal ({exc}): it runs, and is billed", True
+    if outcome == CancelOutcome.ALREADY_COMPLETED:
+        return "fal had already run it: billed", True
+    if outcome == CancelOutcome.NOT_FOUND:
+        return "fal no longer knows it: not billed", False
+    if accepted.running:
+        return "cancelled at fal, but it was already running: billed", True
+    return "cancelled at fal while it waited in its queue: not billed", False
