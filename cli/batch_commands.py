@@ -83,9 +83,10 @@ def status(batch: str | None, as_json: bool) -> None:
             out.print("no batches yet: try `wanbatch submit MANIFEST`")
             return EXIT_OK
         if batch is not None:
-            print_report(reports[0])  # paused: with the reason; an ETA only while work goes on
+            # paused: with the reason; an ETA only while work goes on
+            print_report(reports[0], distributed=bool(settings.broker_url))
             return EXIT_OK
-        print_batches(reports)
+        print_batches(reports, distributed=bool(settings.broker_url))
         return EXIT_OK
 
     guarded(as_json, action)
@@ -574,7 +575,7 @@ def _run_and_report(
             }
         )
     else:
-        print_summary(report)
+        print_summary(report, distributed=bool(settings.broker_url))
         where = open_output_store(settings).describe()
         say(escape(f"outputs in {where}; finished in {stats.wall_seconds:.1f}s"))
     return EXIT_USAGE if held else final_code(report)
@@ -724,17 +725,28 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
 
 
 def _broker_warnings(settings: Settings) -> None:
-    """Warn (never fail) when the workers that carry out a recorded change cannot be reached."""
+    """Warn (never fail) when the workers that carry out a recorded change cannot be reached,
+    or when those that answer work on another database (no heartbeat in this one)."""
     from jobs.errors import ConfigError
-    from worker.running import check_broker, live_workers, no_worker_warning
+    from worker.running import (
+        beating_here,
+        check_broker,
+        elsewhere_warning,
+        live_workers,
+        no_worker_warning,
+        workers_heartbeat,
+    )
 
     try:
         check_broker(settings)
     except ConfigError as exc:
         err.print(f"[yellow]warning: {escape(str(exc))}[/yellow]")
         return
-    if live_workers(settings) == 0:
+    workers = live_workers(settings)
+    if workers == 0:
         err.print(f"[yellow]{no_worker_warning(settings, waiting=False)}[/yellow]")
+    elif workers and not beating_here(last := workers_heartbeat(settings)):
+        err.print(f"[yellow]{escape(elsewhere_warning(settings, workers, last, waiting=False))}[/yellow]")
 
 
 @click.command()
@@ -963,7 +975,7 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
         if finished:  # nothing left to stop: a finished batch stays finished (`done`), not relabelled
             report = batches.status(batch_id, settings)[0]
             err.print(f"nothing to cancel: batch {escape(found.name)} ({short_id(batch_id)}) has finished")
-            emit_json(report) if as_json else print_summary(report)
+            emit_json(report) if as_json else print_summary(report, distributed=bool(settings.broker_url))
             return final_code(report)
         with db.session_scope(engine) as session:
             # What fal does not hold ends now, set-based (seconds for 100,000 jobs); the rest
@@ -986,12 +998,12 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
             if as_json:
                 emit_json(report)
             else:
-                print_summary(report)
+                print_summary(report, distributed=bool(settings.broker_url))
             return final_code(report)
         if settings.broker_url:
             _broker_warnings(settings)  # the cancel is recorded; the workers carry it out
             report = batches.status(batch_id, settings)[0]
-            emit_json(report) if as_json else print_summary(report)
+            emit_json(report) if as_json else print_summary(report, distributed=bool(settings.broker_url))
             return final_code(report)  # 1: jobs were cancelled (or are still being cancelled at fal)
         with fal_settings(settings, simulate, check=False) as target:
             return _run_and_report(batch_id, target, as_json, not no_progress, command="cancel")

@@ -396,9 +396,10 @@ def eta_text(seconds: float | None) -> str:
     return f"~{hours}h{minutes:02d}m left" if hours else f"~{minutes}m{secs:02d}s left"
 
 
-def progress_text(report: BatchReport) -> str:
+def progress_text(report: BatchReport, *, distributed: bool = False) -> str:
     """``6/10 done · 3 in flight · ~3m20s left``; no forecast for a batch nothing works on, and
-    what would go on with one that no process works on (a stopped ``run``)."""
+    what would go on with one that no process works on (a stopped ``run``; ``distributed``:
+    see :func:`idle_text`)."""
     parts = [f"{report['finished']}/{report['total']} done"]
     if report["finished"] < report["total"]:
         label = report["phase"]
@@ -411,12 +412,16 @@ def progress_text(report: BatchReport) -> str:
         elif report["processing"] and report["in_flight"] == 0:
             parts.append("no ETA: nothing in flight")
         if not report["processing"] and label != "cancelled":
-            parts.append(idle_text(report))
+            parts.append(idle_text(report, distributed=distributed))
     return " · ".join(parts)
 
 
-def idle_text(report: BatchReport) -> str:
-    """What a batch with work left but no process working on it needs, and since when."""
+def idle_text(report: BatchReport, *, distributed: bool = False) -> str:
+    """What a batch with work left but no process working on it needs, and since when.
+
+    ``distributed`` (``WANBATCH_BROKER_URL`` is set here): ``wanbatch run`` only watches the
+    workers then, so "`wanbatch run NAME` goes on" was a promise it does not keep: a worker on
+    this database goes on, and a run only ends a pause fal's refusal caused."""
     from jobs.listing import not_processing  # SQLAlchemy: loaded only once a report is shown
 
     seen = report["processed_at"]
@@ -425,22 +430,34 @@ def idle_text(report: BatchReport) -> str:
 
     if report["phase"] == "deadline":  # nothing is sent any more, paused or not: `resume` does nothing
         # The workers' deadline step skips a paused batch: only a run cancels its unsent jobs.
-        runner = _runner(report, workers=report["state"] != "paused")
+        runner = _runner(report, workers=report["state"] != "paused", distributed=distributed)
         return f"{words}: {runner} {deadline_run_text(report)}"
     # A user's pause is ended by `resume` only: a run (or a worker) of a paused batch sends nothing.
     first = f"after `wanbatch resume {report_ref(report)}`, " if _paused_by_user(report) else ""
     # Only a run ends a pause fal's refusal of the key or the account caused: workers leave it.
-    return f"{words}: {first}{_runner(report, workers=not refused_by_fal(report))} goes on"
+    runner = _runner(report, workers=not refused_by_fal(report), distributed=distributed)
+    return f"{words}: {first}{runner} goes on"
 
 
-def _runner(report: BatchReport, *, workers: bool) -> str:
+#: What processes a batch when a broker is configured: ``wanbatch run`` only watches then.
+ON_THIS_DATABASE = "a `wanbatch worker` on this database (WANBATCH_DATABASE_URL)"
+
+
+def _runner(report: BatchReport, *, workers: bool, distributed: bool = False) -> str:
     """What processes the batch: `wanbatch run REF`, or (``workers``) a worker. Only a
-    ``--simulate`` run processes a simulation."""
+    ``--simulate`` run processes a simulation. ``distributed``: a worker does, ``run`` only
+    watches — but for a pause fal's refusal caused (not ``workers``), which only a run ends."""
+    ref = report_ref(report)
     if report["simulated"]:
-        return f"`wanbatch run {report_ref(report)} --simulate`"
+        unset = " with WANBATCH_BROKER_URL unset" if distributed else ""  # refused with a broker
+        return f"`wanbatch run {ref} --simulate`{unset}"
+    if distributed:
+        if not workers:
+            return f"`wanbatch run {ref}` ends the pause, then {ON_THIS_DATABASE}"
+        return ON_THIS_DATABASE
     if not workers:
-        return f"`wanbatch run {report_ref(report)}`"
-    return f"`wanbatch run {report_ref(report)}`, or a worker,"
+        return f"`wanbatch run {ref}`"
+    return f"`wanbatch run {ref}`, or a worker,"
 
 
 def deadline_run_text(report: BatchReport) -> str:
@@ -547,9 +564,10 @@ def print_failures(report: BatchReport) -> None:
         out.print(line, soft_wrap=True)
 
 
-def print_report(report: BatchReport) -> None:
+def print_report(report: BatchReport, *, distributed: bool = False) -> None:
     """One batch for a human (``status BATCH``, and the end of ``run``): heading, why it is held
-    back, counts, progress, money, schedule notes and failure reasons."""
+    back, counts, progress, money, schedule notes and failure reasons (``distributed``: a broker
+    is configured, see :func:`idle_text`)."""
     from jobs.batches import PAUSED_BY_USER, SCHEDULE_OVER  # loaded already: they made the report
 
     out.print(batch_heading(report))
@@ -558,7 +576,7 @@ def print_report(report: BatchReport) -> None:
     if report["phase"] == "active" and report["phase_reason"]:  # a cap holds its unsent jobs back
         say(escape(report["phase_reason"]), "yellow")
     out.print(status_table(report))
-    say(escape(progress_text(report)))
+    say(escape(progress_text(report, distributed=distributed)))
     for line in money_line(report).splitlines():
         say(line)
     # "schedule: paused by user", "…: waiting for window (opens …)", "…: past deadline: …"
@@ -596,9 +614,9 @@ def _paused_text(report: BatchReport) -> str:
     )
 
 
-def print_summary(report: BatchReport) -> None:
+def print_summary(report: BatchReport, *, distributed: bool = False) -> None:
     """A finished batch for a human: the counts, the money lines and why jobs failed."""
-    print_report(report)
+    print_report(report, distributed=distributed)
 
 
 # --------------------------------------------------------------------------- every batch
@@ -666,7 +684,7 @@ def batches_table(reports: list[BatchReport]) -> Table:
     return table
 
 
-def print_batches(reports: list[BatchReport]) -> None:
+def print_batches(reports: list[BatchReport], *, distributed: bool = False) -> None:
     """``wanbatch status``: the table, then why each paused or waiting batch is held back (and
     each active one whose unsent jobs a cap holds back), and which batches with work left no
     process works on; each note wrapped, never cut (a window's time, a command to type)."""
@@ -680,7 +698,7 @@ def print_batches(reports: list[BatchReport]) -> None:
         elif reason and label == "active":  # a cap holds its unsent jobs back: which, and whose jobs
             notes.append(f"{ids[r['batch']]} {reason}")
         if not r["processing"] and label not in ("done", "cancelled"):
-            notes.append(f"{ids[r['batch']]} {idle_text(r)}")
+            notes.append(f"{ids[r['batch']]} {idle_text(r, distributed=distributed)}")
     simulations = [ids[r["batch"]] for r in reports if r["simulated"]]
     if simulations:  # their videos and money are the simulator's: say which rows those are
         notes.append(f"simulated (`--simulate`): {', '.join(simulations)}")

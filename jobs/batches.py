@@ -1005,7 +1005,7 @@ def batch_report(
     )
     if caps is not None and phase == "active" and counts.get(JobState.PENDING.value, 0):
         phase_reason = cap_note(cap_holds(session, batch.id, caps.scope(batch), caps), batch.id) or None
-    beat = store.last_heartbeat(session, batch.id)
+    beat = listing.heartbeat(session, batch.id, now=now)
     processing = listing.is_processing(beat, now=now)
     # The dashboard's forecast, to the second: the pace of the last minutes, and none for a batch
     # held back, with nothing in flight or that no process works on (it would only mislead).

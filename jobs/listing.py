@@ -21,7 +21,7 @@ of those definitions are applied per ``state`` group in Python, on a handful of 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -256,6 +256,21 @@ def eta_at_pace(remaining: int, per_minute: float | None, *, held: str, busy: in
 PROCESSING_STALE_SECONDS = 60.0
 
 
+def heartbeats(session: Session, batch_ids: Collection[str], *, now: datetime) -> dict[str, datetime]:
+    """When a process last said it works on each of ``batch_ids`` (:func:`jobs.store.last_heartbeats`):
+    the workers' beat from before a batch existed counts only while they are alive (as the
+    batch's creation), never as a "last seen" earlier than the batch."""
+    if not batch_ids:
+        return {}
+    live_since = now - timedelta(seconds=PROCESSING_STALE_SECONDS)
+    return store.last_heartbeats(session, batch_ids, live_since=live_since)
+
+
+def heartbeat(session: Session, batch_id: str, *, now: datetime) -> datetime | None:
+    """:func:`heartbeats` of one batch."""
+    return heartbeats(session, [batch_id], now=now).get(batch_id)
+
+
 def is_processing(last_beat: datetime | None, *, now: datetime) -> bool:
     """Whether a process said recently enough (``last_beat``) that it works on a batch."""
     return last_beat is not None and (now - last_beat).total_seconds() <= PROCESSING_STALE_SECONDS
@@ -346,7 +361,7 @@ def list_batches(
         )
         for batch_id, state, *figures in rows:
             totals[batch_id].add(JobState(state), figures)
-    beats = store.last_heartbeats(session, list(totals)) if batches else {}
+    beats = heartbeats(session, list(totals), now=now)
     return BatchList(
         rows=[
             BatchRow(

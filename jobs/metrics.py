@@ -179,7 +179,7 @@ def unattended_batches(session: Session) -> int:
     on: an overnight render whose run died in the evening."""
     now = utcnow()
     batches = store.unfinished_batches(session)
-    beats = store.last_heartbeats(session, list(batches)) if batches else {}
+    beats = listing.heartbeats(session, list(batches), now=now)
     unattended = 0
     for batch_id, batch in batches.items():
         if listing.is_processing(beats.get(batch_id), now=now):

@@ -202,6 +202,7 @@ __all__ = [
     "utc_day",
     "video_bytes_per_job",
     "wasted_usd",
+    "workers_last_beat",
 ]
 
 #: A batch id prefix must be at least this long to be accepted as a reference.
@@ -3222,10 +3223,32 @@ def find_upload(session: Session, content_sha256: str, *, now: datetime | None =
 HEARTBEAT_KEPT = timedelta(days=7)
 
 
-def record_heartbeat(session: Session, owner: str, scopes: Collection[str], now: datetime) -> None:
+def record_heartbeat(
+    session: Session,
+    owner: str,
+    scopes: Collection[str],
+    now: datetime,
+    *,
+    supersede_before: datetime | None = None,
+) -> None:
     """``owner`` works on ``scopes`` (batch ids, or :data:`~jobs.models.EVERY_BATCH`) as of ``now``;
-    rows of processes silent for :data:`HEARTBEAT_KEPT` go (each crash leaves its rows behind)."""
+    rows of processes silent for :data:`HEARTBEAT_KEPT` go (each crash leaves its rows behind).
+
+    ``supersede_before`` (with :data:`~jobs.models.EVERY_BATCH` among ``scopes``): the every-batch
+    rows of other owners last seen before it go too. Those workers stopped (a live one beats far
+    more often), and this one works on every batch since: left behind, a crashed worker's row
+    outlived this one's clean stop and made ``status`` say "last seen 32m ago" of batches this one
+    had just processed. A live peer that was passed over (SQLite, where every worker leads)
+    writes its row again at its next beat."""
     session.execute(delete(ConductorHeartbeat).where(ConductorHeartbeat.seen_at < now - HEARTBEAT_KEPT))
+    if supersede_before is not None and EVERY_BATCH in scopes:
+        session.execute(
+            delete(ConductorHeartbeat).where(
+                ConductorHeartbeat.scope == EVERY_BATCH,
+                ConductorHeartbeat.owner != owner,
+                ConductorHeartbeat.seen_at < supersede_before,
+            )
+        )
     dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     for scope in sorted(scopes):  # in key order: two processes beating never deadlock
         stmt = dialect_insert(ConductorHeartbeat).values(owner=owner, scope=scope, seen_at=now)
@@ -3274,15 +3297,23 @@ def drop_heartbeats(session: Session, owner: str) -> None:
     session.execute(delete(ConductorHeartbeat).where(ConductorHeartbeat.owner == owner))
 
 
-def last_heartbeat(session: Session, batch_id: str) -> datetime | None:
+def last_heartbeat(session: Session, batch_id: str, *, live_since: datetime | None = None) -> datetime | None:
     """When a process last said it works on ``batch_id`` (its own or every batch, a simulation
-    its own only); None: never."""
-    return last_heartbeats(session, [batch_id]).get(batch_id)
+    its own only); None: never. ``live_since``: see :func:`last_heartbeats`."""
+    return last_heartbeats(session, [batch_id], live_since=live_since).get(batch_id)
 
 
-def last_heartbeats(session: Session, batch_ids: Collection[str]) -> dict[str, datetime]:
+def last_heartbeats(
+    session: Session, batch_ids: Collection[str], *, live_since: datetime | None = None
+) -> dict[str, datetime]:
     """:func:`last_heartbeat` of each of ``batch_ids`` (those never beaten for are left out), in
-    one query."""
+    one query (and one more for the batches, when the workers ever beat).
+
+    The workers' every-batch beat counts for a batch from its creation on. One from before the
+    batch existed said nothing of it: it counts, as the batch's creation, only when it is no
+    older than ``live_since`` (the workers are alive, and take the new batch on at their next
+    tick); otherwise it is a worker's that stopped before the batch existed, and a "last seen"
+    earlier than the batch's creation is no answer (None: such beats never count)."""
     beats: dict[str, datetime] = {}
     rows = session.execute(
         select(ConductorHeartbeat.scope, func.max(ConductorHeartbeat.seen_at))
@@ -3292,15 +3323,30 @@ def last_heartbeats(session: Session, batch_ids: Collection[str]) -> dict[str, d
     for scope, seen in rows:
         beats[scope] = seen
     every = beats.pop(EVERY_BATCH, None)
-    if every is not None:
-        # The workers' beat covers every batch they may send: a simulation is not one of them.
-        simulated = set(
-            session.scalars(select(Batch.id).where(Batch.id.in_(list(batch_ids)), Batch.simulated.is_(True)))
-        )
-        for batch_id in batch_ids:
-            if batch_id not in simulated:
-                beats[batch_id] = max(beats.get(batch_id, every), every)
+    if every is None:
+        return beats
+    # The workers' beat covers every batch they may send: a simulation is not one of them.
+    created = session.execute(
+        select(Batch.id, Batch.created_at).where(Batch.id.in_(list(batch_ids)), Batch.simulated.isnot(True))
+    )
+    for batch_id, created_at in created:
+        if every >= created_at:
+            covered = every
+        elif live_since is not None and every >= live_since:
+            covered = created_at
+        else:
+            continue
+        beats[batch_id] = max(beats.get(batch_id, covered), covered)
     return beats
+
+
+def workers_last_beat(session: Session) -> datetime | None:
+    """When the distributed workers' tick leader last said, in this database, that it works
+    (on every batch); None: no worker ever did, or not within :data:`HEARTBEAT_KEPT`. Workers
+    that answer the broker but never beat here process another database."""
+    return session.scalar(
+        select(func.max(ConductorHeartbeat.seen_at)).where(ConductorHeartbeat.scope == EVERY_BATCH)
+    )
 
 
 # --------------------------------------------------------------------------- webhook inbox

@@ -366,7 +366,7 @@ class Dashboard:
             )
             pace = listing.pace(
                 totals,
-                held=listing.standing(batch, totals, store.last_heartbeat(session, batch.id), now=now),
+                held=listing.standing(batch, totals, listing.heartbeat(session, batch.id, now=now), now=now),
                 now=now,
             )
             context: dict[str, Any] = {

@@ -28,10 +28,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy import Engine
 
 from jobs import db, store
+from jobs.listing import PROCESSING_STALE_SECONDS
 from jobs.models import EVERY_BATCH, JobView, utcnow
 from worker import steps
 from worker.db_outage import DatabaseOutage, database_problem
@@ -469,8 +471,12 @@ class Conductor:
                 return
             self._next_beat = now + HEARTBEAT_SECONDS
             scopes = self.rt.batch_ids or frozenset({EVERY_BATCH})
+            at = utcnow()
+            # The workers' leader takes over from any every-batch beat gone stale (a crashed
+            # worker's): its own clean stop then leaves no "last seen" behind.
+            stale = at - timedelta(seconds=PROCESSING_STALE_SECONDS)
             with db.session_scope(self.rt.engine) as session:
-                store.record_heartbeat(session, self.rt.owner, scopes, utcnow())
+                store.record_heartbeat(session, self.rt.owner, scopes, at, supersede_before=stale)
 
     def close(self) -> None:
         """Stop reporting stream events (the streams end when the client closes), and say that

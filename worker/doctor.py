@@ -40,6 +40,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -219,9 +220,13 @@ def _missing_sqlite_file(name: str, where: str, target: SqliteFile) -> Check | N
 
 
 def check_broker(settings: Settings) -> Check:
-    """With a broker: it answers, and at least one ``wanbatch worker`` answers a ping."""
+    """With a broker: it answers, at least one ``wanbatch worker`` answers a ping, and the
+    workers work on this database (their leader's heartbeat in it is fresh). Workers that
+    answer but never beat here serve another database — two deployments sharing one Redis, a
+    typo in one host's URL — and a ``run`` here would wait forever."""
+    from jobs.db import safe_url as db_safe_url
     from jobs.errors import WanbatchError
-    from worker.running import check_broker, live_workers
+    from worker.running import beating_here, check_broker, live_workers
 
     name = "broker"
     if not settings.broker_url:
@@ -240,7 +245,57 @@ def check_broker(settings: Settings) -> Check:
             f"{where} answers; no `wanbatch worker` does: nothing would be processed",
             "start `wanbatch worker` (same WANBATCH_BROKER_URL and WANBATCH_DATABASE_URL) on a host",
         )
-    return _ok(name, f"{where} answers; {workers} worker(s) answer a ping")
+    pinged = f"{where} answers; {workers} worker(s) answer a ping"
+    beat = _workers_beat(settings)
+    if isinstance(beat, str):  # the database could not be read: its own check says why
+        return _ok(name, f"{pinged} (whether they work on this database is not known: {beat})")
+    if beat is None or not beating_here(beat):
+        seen = "none ever" if beat is None else f"the last {_ago(beat)} ago"
+        return _fail(
+            name,
+            f"{pinged}, but none works on this database {db_safe_url(settings.database_url)}: no "
+            f"worker heartbeat in it within the last minute ({seen}), so nothing would be processed",
+            "the workers likely use another WANBATCH_DATABASE_URL (another deployment sharing this "
+            "broker, or a typo on one host): give them and this host the same WANBATCH_DATABASE_URL, "
+            "or each deployment a broker of its own (another Redis database number); a worker started "
+            "just now beats within seconds: run `wanbatch doctor` again",
+        )
+    return _ok(name, f"{pinged}, and work on this database (heartbeat {_ago(beat)} ago)")
+
+
+def _workers_beat(settings: Settings) -> datetime | str | None:
+    """The workers' latest heartbeat in this database (None: none), read only — no file, folder
+    or table created; or why it could not be read. A SQLite file not there yet has none."""
+    from sqlalchemy.pool import NullPool
+
+    from jobs import db, store
+
+    try:
+        url = db.normalize_url(settings.database_url)
+        target = db.sqlite_file(url)
+        if target is not None and not target.path.exists():
+            return None  # no workers write to a database that does not exist
+        connect_args = {"connect_timeout": int(TIMEOUT)} if url.get_backend_name() == "postgresql" else {}
+        engine = db.read_engine(url, poolclass=NullPool, connect_args=connect_args)
+    except Exception as exc:
+        return f"cannot open the database: {_first_line(exc)}"
+    try:
+        with db.read_scope(engine) as session:
+            return store.workers_last_beat(session)
+    except Exception as exc:
+        if db.is_schema_missing(exc):  # no tables: no worker ever ran on this database
+            return None
+        return f"cannot read the database: {_first_line(exc)}"  # unreachable: its own check says so
+    finally:
+        engine.dispose()
+
+
+def _ago(moment: datetime) -> str:
+    """How long ago ``moment`` was, as ``status`` says it (``3m20s``)."""
+    from jobs.models import utcnow
+    from jobs.schedule import format_duration
+
+    return format_duration(max(0.0, (utcnow() - moment).total_seconds()))
 
 
 def check_provider(settings: Settings) -> Check:

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import TaskID
 
-from jobs import db, store
+from jobs import db, listing, store
 from jobs.batches import (
     BatchProgress,
     BatchReport,
@@ -45,6 +46,7 @@ from jobs.db import open_engine
 from jobs.errors import ConfigError, DatabaseFullError, WanbatchError
 from jobs.models import utcnow
 from jobs.printable import printable, shell_ref
+from jobs.schedule import format_duration
 from jobs.settings import Settings
 from jobs.states import JobState
 from jobs.store import CapScope
@@ -257,6 +259,40 @@ def no_worker_warning(settings: Settings, *, waiting: bool = True) -> str:
     )
 
 
+def workers_heartbeat(settings: Settings) -> datetime | None:
+    """When the workers' tick leader last said, in this command's database, that it works on
+    every batch (:func:`jobs.store.workers_last_beat`); None: never."""
+    with db.read_scope(open_engine(settings)) as session:
+        return store.workers_last_beat(session)
+
+
+def beating_here(last_beat: datetime | None, *, now: datetime | None = None) -> bool:
+    """Whether the workers' latest heartbeat in this database (``last_beat``) says they work on
+    it now: the same minute :func:`jobs.listing.is_processing` gives a batch's (``status``)."""
+    return listing.is_processing(last_beat, now=now or utcnow())
+
+
+def elsewhere_warning(
+    settings: Settings, workers: int, last_beat: datetime | None, *, waiting: bool = True
+) -> str:
+    """The line printed while workers answer on the broker but none works on this database:
+    they serve another one (two deployments sharing a broker, or a typo in one host's
+    ``WANBATCH_DATABASE_URL``), so nothing here is processed, however long the run waits."""
+    assert settings.broker_url
+    if last_beat is None:
+        seen = "none ever"
+    else:
+        seen = f"the last {format_duration((utcnow() - last_beat).total_seconds())} ago"
+    then = "still waiting" if waiting else "it is carried out once one does"
+    return (
+        f"warning: {workers} wanbatch worker(s) answer on the broker {masked_url(settings.broker_url)}, "
+        f"but none works on this database {db.safe_url(settings.database_url)} (no worker heartbeat in it "
+        f"within the last minute; {seen}): they likely use another WANBATCH_DATABASE_URL (another "
+        "deployment sharing this broker, or a typo on one host). Give the workers and this command the "
+        f"same WANBATCH_DATABASE_URL, or each deployment a broker of its own; {then}"
+    )
+
+
 def broker_down_warning(settings: Settings) -> str:
     """The line printed while the broker cannot be reached to ask for the workers."""
     assert settings.broker_url
@@ -280,14 +316,37 @@ def compact_note(note: str) -> str:
 #: (a ping takes about a second), so that what it says on the way out is what it found.
 FIRST_LOOK_WAIT_SECONDS = 3.0
 
+#: How long workers that answer the broker have, from the start of a run's watch, to show a
+#: heartbeat in its database before the run warns that they serve another one. Their leader
+#: beats at its first tick and every 10 s after (``worker.conductor.HEARTBEAT_SECONDS``): a
+#: worker started with the run has had time to.
+WORKER_BEAT_GRACE_SECONDS = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Look:
+    """One look at the workers: when it began (``time.monotonic()``), how many answered the
+    broker (None: it could not be asked), and whether they work on this database (None: not
+    asked, or the database could not be read), with their latest heartbeat in it."""
+
+    began: float
+    alive: int | None
+    here: bool | None = None
+    last_beat: datetime | None = None
+
 
 class _WorkerWatch(threading.Thread):
     """Warns, at once and then every ``every`` seconds, while no worker answers on the broker,
-    and remembers what it last found (:meth:`seen_alive_recently`).
+    or while the workers that answer work on another database; remembers what it last found
+    (:meth:`seen_alive_recently`, :meth:`seen_elsewhere`).
 
     A thread of its own: a ping takes a second, and a broker that stops answering must not
     freeze the progress display. ``ask`` counts the workers answering (None: the broker could
-    not be asked); :func:`live_workers` unless a test gives another.
+    not be asked); :func:`live_workers` unless a test gives another. ``heard`` reads the workers'
+    latest heartbeat in this database (:func:`workers_heartbeat`): workers that answer the ping
+    but never beat here serve another database — staging and production sharing one Redis, or a
+    typo in one host's URL — and the run waited in silence, "pending" forever. That is said
+    once ``grace`` seconds have passed (a worker started with the run beats within them).
     """
 
     def __init__(
@@ -296,47 +355,93 @@ class _WorkerWatch(threading.Thread):
         say: Callable[[str], None],
         every: float,
         ask: Callable[[Settings], int | None] = live_workers,
+        heard: Callable[[Settings], datetime | None] = workers_heartbeat,
+        grace: float = WORKER_BEAT_GRACE_SECONDS,
     ) -> None:
         super().__init__(name="wanbatch-worker-watch", daemon=True)
         self.settings = settings
         self.say = say
         self.every = every
         self.ask = ask
+        self.heard = heard
+        self.grace = grace
         self.stopping = threading.Event()
         self._looked = threading.Event()
-        #: ``(time.monotonic() when the latest look began, workers it found)``; None before one ended.
-        self._latest: tuple[float, int | None] | None = None
+        #: The latest look; None before one ended.
+        self._latest: _Look | None = None
 
     def run(self) -> None:
+        started = time.monotonic()
         while not self.stopping.is_set():
-            began = time.monotonic()
-            alive = self.ask(self.settings)
-            self._latest = (began, alive)  # one assignment: read whole by other threads
+            look = self._look()
+            self._latest = look  # one assignment: read whole by other threads
             self._looked.set()
-            if alive == 0 and not self.stopping.is_set():
+            if self.stopping.is_set():
+                return
+            wait = self.every
+            if look.alive == 0:
                 self.say(no_worker_warning(self.settings))
-            elif alive is None and not self.stopping.is_set():  # the broker itself is down
+            elif look.alive is None:  # the broker itself is down
                 self.say(broker_down_warning(self.settings))
-            self.stopping.wait(self.every)
+            elif look.here is False:
+                if look.began - started >= self.grace:
+                    self.say(elsewhere_warning(self.settings, look.alive, look.last_beat))
+                else:  # the workers may have just started: look again once they had time to beat
+                    wait = min(wait, started + self.grace - time.monotonic())
+            self.stopping.wait(max(0.0, wait))
 
-    def seen_alive_recently(self, wait: float = FIRST_LOOK_WAIT_SECONDS) -> bool:
-        """Whether the latest look at the workers found one, and was made within the last two
-        rounds (a look that hangs proves nothing). Before the first look ends, waits for it at
-        most ``wait`` seconds; none by then counts as no worker seen."""
+    def _look(self) -> _Look:
+        """Ask the broker for the workers and, when some answer, this database for their beat."""
+        began = time.monotonic()
+        alive = self.ask(self.settings)
+        if not alive:
+            return _Look(began, alive)
+        try:
+            last = self.heard(self.settings)
+        except Exception:  # the database is unavailable: the run's own loop says so
+            log.debug(
+                "could not read the workers' heartbeat", exc_info=True, extra={"event": "broker.beat_unread"}
+            )
+            return _Look(began, alive)
+        return _Look(began, alive, here=beating_here(last), last_beat=last)
+
+    def _recent(self, wait: float) -> _Look | None:
+        """The latest look, if made within the last two rounds (a look that hangs proves
+        nothing); before the first one ends, waits for it at most ``wait`` seconds."""
         self._looked.wait(wait)
         latest = self._latest
-        if latest is None:
-            return False
-        began, alive = latest
-        return bool(alive) and time.monotonic() - began <= 2 * self.every
+        if latest is None or time.monotonic() - latest.began > 2 * self.every:
+            return None
+        return latest
+
+    def seen_alive_recently(self, wait: float = FIRST_LOOK_WAIT_SECONDS) -> bool:
+        """Whether the latest look at the workers found one working on this database (or could
+        not read the database to tell), and was made within the last two rounds. Before the
+        first look ends, waits for it at most ``wait`` seconds; none by then counts as no
+        worker seen."""
+        latest = self._recent(wait)
+        return latest is not None and bool(latest.alive) and latest.here is not False
+
+    def seen_elsewhere(self, wait: float = FIRST_LOOK_WAIT_SECONDS) -> bool:
+        """Whether the latest look found workers answering the broker but none beating in this
+        database (they serve another one)."""
+        latest = self._recent(wait)
+        return latest is not None and bool(latest.alive) and latest.here is False
 
 
-def stopped_watching(batch_id: str, *, workers_seen: bool) -> str:
+def stopped_watching(batch_id: str, *, workers_seen: bool, elsewhere: bool = False) -> str:
     """What a distributed ``run`` says when Ctrl-C stops it watching: that the workers carry on
-    only when one was seen alive lately; otherwise nothing processes the batch, and saying
-    they carry on would contradict the "no wanbatch worker answers" warning just printed."""
+    only when one was seen alive lately, working on this database; otherwise nothing processes
+    the batch, and saying they carry on would contradict the warning just printed (no worker
+    answers, or ``elsewhere``: those that answer serve another database)."""
     if workers_seen:
         return f"interrupted: stopped watching batch {batch_id}; the workers carry on with it"
+    if elsewhere:
+        return (
+            f"interrupted: stopped watching batch {batch_id}; the workers that answer on the broker "
+            "work on another database (none beats in this one), so nothing processes it until a "
+            "worker runs with this WANBATCH_DATABASE_URL (`wanbatch doctor` checks it)"
+        )
     return (
         f"interrupted: stopped watching batch {batch_id}; no wanbatch worker was seen alive lately, "
         "so nothing processes it until one starts (start `wanbatch worker`)"
@@ -379,7 +484,11 @@ def process_batch(
             _watch(batch_id, settings, console, show_progress, stats, conductor=None, again=again)
         except _Stop:
             raise Interrupted(
-                stopped_watching(batch_id, workers_seen=watch.seen_alive_recently()),
+                stopped_watching(
+                    batch_id,
+                    workers_seen=watch.seen_alive_recently(),
+                    elsewhere=watch.seen_elsewhere(wait=0.0),
+                ),
                 batch_id=batch_id,
                 hint=f"`wanbatch status {ref}` follows it; running the same command again watches it",
             ) from None

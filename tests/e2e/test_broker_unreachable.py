@@ -164,12 +164,19 @@ def test_on_ctrl_c_the_workers_carry_on_only_when_one_was_seen_alive(
     found: int | None, carry_on: bool
 ) -> None:
     """What `run` says when Ctrl-C stops it watching follows its latest look at the workers:
-    some answered, none did, or the broker could not be asked."""
+    some answered (and beat in this database), none did, or the broker could not be asked."""
+    from jobs.models import utcnow
     from jobs.settings import Settings
     from worker.running import _WorkerWatch, stopped_watching
 
     said: list[str] = []
-    watch = _WorkerWatch(Settings(broker_url=DEAD_BROKER), said.append, every=60.0, ask=lambda _s: found)
+    watch = _WorkerWatch(
+        Settings(broker_url=DEAD_BROKER),
+        said.append,
+        every=60.0,
+        ask=lambda _s: found,
+        heard=lambda _s: utcnow(),  # the workers that answer work on this database
+    )
     watch.start()
     try:
         seen = watch.seen_alive_recently()
@@ -184,6 +191,7 @@ def test_on_ctrl_c_the_workers_carry_on_only_when_one_was_seen_alive(
 
 
 def test_a_ctrl_c_before_the_first_look_at_the_workers_ended_claims_none() -> None:
+    from jobs.models import utcnow
     from jobs.settings import Settings
     from worker.running import _WorkerWatch
 
@@ -193,7 +201,13 @@ def test_a_ctrl_c_before_the_first_look_at_the_workers_ended_claims_none() -> No
         answer.wait(30)
         return 1
 
-    watch = _WorkerWatch(Settings(broker_url=DEAD_BROKER), lambda _line: None, every=60.0, ask=slow_ping)
+    watch = _WorkerWatch(
+        Settings(broker_url=DEAD_BROKER),
+        lambda _line: None,
+        every=60.0,
+        ask=slow_ping,
+        heard=lambda _s: utcnow(),
+    )
     watch.start()
     try:
         assert watch.seen_alive_recently(wait=0.0) is False  # not seen (yet): not claimed

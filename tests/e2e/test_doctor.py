@@ -33,6 +33,7 @@ from tests.hostile import HostileProvider, Recorded, json_reply
 from tests.ports import unused_port
 from web.app import create_app
 from worker.doctor import healthz_url
+from worker.running import _WorkerWatch
 
 NAMES = ["configuration", "database", "broker", "provider", "output storage", "receiver", "limiter"]
 
@@ -446,10 +447,36 @@ def test_broker_with_and_without_workers(
                 assert workers[0].poll() is None, tail(logs / "worker-0.log")
                 assert time.monotonic() < deadline, tail(logs / "worker-0.log")
                 time.sleep(1.0)
+            # The same broker, another database (staging and production sharing one Redis, a
+            # typo in one host's URL): the worker answers the ping, but works on the first one.
+            other = new_pg_database()
+            monkeypatch.setenv("WANBATCH_DATABASE_URL", other)
+            elsewhere_code, elsewhere, _ = _doctor(wb)
+            said: list[str] = []
+            spoke = threading.Event()
+
+            def say(line: str) -> None:
+                said.append(line)
+                spoke.set()
+
+            watch = _WorkerWatch(get_settings(), say, every=60.0, grace=0.0)  # what `run` does
+            watch.start()
+            try:
+                assert spoke.wait(30), tail(logs / "worker-0.log")
+                assert watch.seen_elsewhere()
+            finally:
+                watch.stopping.set()
+                watch.join(15)
         finally:
             stop_processes(workers)
         assert code == 0, checks
-        assert "1 worker(s) answer a ping" in checks["broker"]["detail"]
+        assert "1 worker(s) answer a ping, and work on this database" in checks["broker"]["detail"]
+        assert elsewhere_code == 1, elsewhere
+        assert "1 worker(s) answer a ping, but none works on this database" in elsewhere["broker"]["detail"]
+        assert "another WANBATCH_DATABASE_URL" in elsewhere["broker"]["fix"]
+        assert [line.split(",")[0] for line in said] == [
+            f"warning: 1 wanbatch worker(s) answer on the broker {broker}"
+        ]
 
 
 #: Credentials that must never be printed, in every URL setting the doctor names.

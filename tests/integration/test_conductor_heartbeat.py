@@ -81,7 +81,8 @@ def test_a_worker_leader_beats_for_every_batch_through_its_tick(engine: Engine) 
         assert _beats(engine) == {EVERY_BATCH: rt.owner}
         with db.read_scope(engine) as session:
             assert store.last_heartbeat(session, batch_id) is not None
-            assert store.last_heartbeats(session, [batch_id, "unknown"]).keys() == {batch_id, "unknown"}
+            # A batch that does not exist has no creation the workers' beat could cover.
+            assert store.last_heartbeats(session, [batch_id, "unknown"]).keys() == {batch_id}
     finally:
         stopping.set()
         runner.join(20)
@@ -89,27 +90,124 @@ def test_a_worker_leader_beats_for_every_batch_through_its_tick(engine: Engine) 
     assert _beats(engine) == {}
 
 
+def _created(engine: Engine, batch_id: str, at: datetime) -> None:
+    """Backdate (or postdate) ``batch_id``'s creation."""
+    with db.session_scope(engine) as session:
+        store.get_batch(session, batch_id).created_at = at
+
+
 def test_the_newest_beat_of_a_batch_counts_its_own_and_every_batch(engine: Engine) -> None:
     now = utcnow()
+    b1, b3 = (add_batch(engine, name, [("fal-ai/wan-22", {"prompt": name})]) for name in ("b1", "b3"))
+    for batch_id in (b1, b3):
+        _created(engine, batch_id, now - timedelta(hours=1))
     with db.session_scope(engine) as session:
-        store.record_heartbeat(session, "run:1:", ["b1"], now - timedelta(minutes=10))
+        store.record_heartbeat(session, "run:1:", [b1], now - timedelta(minutes=10))
         store.record_heartbeat(session, "worker:2:", [EVERY_BATCH], now - timedelta(minutes=2))
         store.record_heartbeat(session, "run:3:", ["b2"], now)
     with db.read_scope(engine) as session:
-        beats = store.last_heartbeats(session, ["b1", "b2", "b3"])
+        beats = store.last_heartbeats(session, [b1, "b2", b3])
         assert beats == {
-            "b1": now - timedelta(minutes=2),
+            b1: now - timedelta(minutes=2),
             "b2": now,
-            "b3": now - timedelta(minutes=2),
+            b3: now - timedelta(minutes=2),
         }
     with db.session_scope(engine) as session:
         store.drop_heartbeats(session, "worker:2:")
     with db.read_scope(engine) as session:
-        assert store.last_heartbeats(session, ["b1", "b3"]) == {"b1": now - timedelta(minutes=10)}
+        assert store.last_heartbeats(session, [b1, b3]) == {b1: now - timedelta(minutes=10)}
 
     # A process that died a week ago left its row: the next beat of anyone forgets it.
     with db.session_scope(engine) as session:
         store.record_heartbeat(session, "died:4:", ["b4"], now - store.HEARTBEAT_KEPT - timedelta(seconds=1))
         store.record_heartbeat(session, "run:3:", ["b2"], now)
     with db.read_scope(engine) as session:
-        assert store.last_heartbeats(session, ["b1", "b4"]) == {"b1": now - timedelta(minutes=10)}
+        assert store.last_heartbeats(session, [b1, "b4"]) == {b1: now - timedelta(minutes=10)}
+
+
+def _rows(engine: Engine) -> set[tuple[str, str]]:
+    """Every heartbeat row, as ``(owner, scope)``."""
+    with db.read_scope(engine) as session:
+        return {
+            (o, s) for o, s in session.execute(select(ConductorHeartbeat.owner, ConductorHeartbeat.scope))
+        }
+
+
+def test_a_workers_beat_from_before_a_batch_existed_is_no_last_seen(engine: Engine) -> None:
+    """A worker that crashed 32 minutes ago left its every-batch beat; a batch created 2 minutes
+    ago was said "nothing is processing it (last seen 32m ago)", ``processed_at`` before its
+    ``created_at``: that beat said nothing of a batch that did not exist yet."""
+    now = utcnow()
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(session, "crashed:1:", [EVERY_BATCH], now - timedelta(minutes=32))
+    batch_id = add_batch(engine, "late1", [("fal-ai/wan-22", {"prompt": "late"})])
+    _created(engine, batch_id, now - timedelta(minutes=2))
+    with db.read_scope(engine) as session:
+        assert store.last_heartbeat(session, batch_id) is None
+        report = batches.batch_report(session, batch_id, now=now)
+    assert (report["processing"], report["processed_at"]) == (False, None)
+
+
+def test_a_live_workers_beat_covers_a_batch_created_since_as_of_its_creation(engine: Engine) -> None:
+    """Workers alive when a batch is created take it on at their next tick: processing at once
+    (no "nothing is processing it" for the seconds until then), and processed since the batch's
+    creation, never before. Should they have died meanwhile, their beat is no "last seen"."""
+    now = utcnow()
+    batch_id = add_batch(engine, "fresh", [("fal-ai/wan-22", {"prompt": "fresh"})])
+    created = now - timedelta(seconds=5)
+    _created(engine, batch_id, created)
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(session, "worker:1:", [EVERY_BATCH], now - timedelta(seconds=8))
+    with db.read_scope(engine) as session:
+        alive = batches.batch_report(session, batch_id, now=now)
+        dead = batches.batch_report(session, batch_id, now=now + timedelta(minutes=2))
+    assert alive["processing"] is True
+    assert alive["processed_at"] is not None
+    assert datetime.fromisoformat(alive["processed_at"]) == created
+    assert (dead["processing"], dead["processed_at"]) == (False, None)
+
+    # A beat since the batch's creation counts as it is, alive or not.
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(session, "worker:1:", [EVERY_BATCH], now - timedelta(seconds=1))
+    with db.read_scope(engine) as session:
+        later = batches.batch_report(session, batch_id, now=now + timedelta(minutes=2))
+    assert later["processing"] is False
+    assert later["processed_at"] is not None
+    assert datetime.fromisoformat(later["processed_at"]) == now - timedelta(seconds=1)
+
+
+def test_a_clean_stop_of_the_leader_leaves_no_last_seen_of_a_crashed_one(engine: Engine) -> None:
+    """A worker crashed and left its every-batch row; another took over, processed the batch and
+    was stopped cleanly (SIGTERM): its own row went, the crashed one's stayed, and ``status``
+    said "last seen 32m ago" seconds after. The new leader's beat supersedes stale every-batch
+    rows of others; a live peer's (SQLite: every worker leads) and a run's own rows stay."""
+    now = utcnow()
+    batch_id = add_batch(engine, "old", [("fal-ai/wan-22", {"prompt": "old"})])
+    _created(engine, batch_id, now - timedelta(hours=1))
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(session, "crashed:1:", [EVERY_BATCH], now - timedelta(minutes=32))
+        store.record_heartbeat(session, "peer:2:", [EVERY_BATCH], utcnow())
+        store.record_heartbeat(session, "run:3:", ["other"], now - timedelta(minutes=32))
+    rt = make_runtime(engine, settings_for(URL, KEY))  # no batch scope: a distributed worker
+    conductor = Conductor(rt, stream=False)
+    conductor._beat()
+    assert _rows(engine) == {(rt.owner, EVERY_BATCH), ("peer:2:", EVERY_BATCH), ("run:3:", "other")}
+    conductor.close()
+    with db.session_scope(engine) as session:
+        store.drop_heartbeats(session, "peer:2:")  # the peer stops cleanly too
+    with db.read_scope(engine) as session:
+        report = batches.batch_report(session, batch_id)
+    assert (report["processing"], report["processed_at"]) == (False, None)
+
+
+def test_workers_last_beat_is_the_every_batch_beat_only(engine: Engine) -> None:
+    """What ``run`` and ``doctor`` read to tell workers of this database from workers of another
+    one that answer on the same broker: a run's own beat is no worker's."""
+    now = utcnow()
+    with db.session_scope(engine) as session:
+        assert store.workers_last_beat(session) is None
+        store.record_heartbeat(session, "run:1:", ["b1"], now)
+        assert store.workers_last_beat(session) is None
+        store.record_heartbeat(session, "worker:2:", [EVERY_BATCH], now - timedelta(seconds=30))
+        store.record_heartbeat(session, "worker:3:", [EVERY_BATCH], now - timedelta(seconds=3))
+        assert store.workers_last_beat(session) == now - timedelta(seconds=3)

@@ -377,6 +377,97 @@ def test_every_wanbatch_variable_is_a_setting(raw: dict[str, Any]) -> None:
     assert used - known == set(), "not settings of jobs/settings.py"
 
 
+#: Settings the worker and `cli` containers set themselves: the compose network's services.
+FIXED_HERE = {
+    "WANBATCH_DATABASE_URL",
+    "WANBATCH_BROKER_URL",
+    "WANBATCH_OUTPUT_DIR",
+    "WANBATCH_FAL_QUEUE_URL",
+    "WANBATCH_FAL_REST_URL",
+}
+#: Settings the worker and `cli` containers never get, and why.
+NOT_PASSED = {
+    "WANBATCH_SERVE_TOKEN": "`serve`'s token, a secret the workers have no use for",
+    "WANBATCH_CHAOS_CRASH_POINTS": "fault injection for tests: never in production",
+    "WANBATCH_CHAOS_STOP_POINTS": "fault injection for tests: never in production",
+}
+#: Fields that are no environment setting of their own.
+DERIVED = {"WANBATCH_OUTPUT_URL"}  # always follows WANBATCH_OUTPUT_DIR (s3://…)
+README = ROOT / "README.md"
+
+
+def _setting_names() -> set[str]:
+    """The environment names of every setting of jobs/settings.py (``FAL_KEY`` aside)."""
+    return {
+        f"WANBATCH_{name.upper()}"
+        for name, field in Settings.model_fields.items()
+        if field.validation_alias is None
+    } - DERIVED
+
+
+def _documented() -> set[str]:
+    """Every setting the README names."""
+    named = set(re.findall(r"WANBATCH_[A-Z0-9_]*[A-Z0-9]", README.read_text(encoding="utf-8")))
+    return named & _setting_names()
+
+
+def test_every_documented_setting_reaches_the_workers_and_cli(raw: dict[str, Any]) -> None:
+    """Only a few WANBATCH_* names were passed: a WANBATCH_DAILY_BUDGET_USD (a money cap!),
+    MEDIA_MISMATCH, MAX_ATTEMPTS, DOWNLOAD_ALLOWED_HOSTS, LEASE_SECONDS, … set in .env or the
+    shell never reached a container, and the workers ran without them. Every setting the README
+    documents, and every setting of jobs/settings.py, must reach them from the host."""
+    documented = _documented()
+    assert {
+        "WANBATCH_DAILY_BUDGET_USD",
+        "WANBATCH_MEDIA_MISMATCH",
+        "WANBATCH_MAX_ATTEMPTS",
+        "WANBATCH_DOWNLOAD_ALLOWED_HOSTS",
+        "WANBATCH_LEASE_SECONDS",
+        "WANBATCH_LIMITS_URL",
+        "WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT",
+        "WANBATCH_SUBMIT_UNKNOWN_DEADLINE",
+    } <= documented  # the README is read as meant
+    wanted = (documented | _setting_names()) - set(NOT_PASSED)
+    host_value = "from-the-host"
+    for name in ("worker", "cli"):
+        missing = []
+        for setting in sorted(wanted):
+            env = _env(_services(interpolate(raw, {setting: host_value}))[name])
+            if setting not in env:
+                missing.append(setting)
+            elif setting not in FIXED_HERE:
+                # A bare name takes the host's value (Compose); ${NAME:-default} substitutes it.
+                assert env[setting] in (None, host_value), (name, setting, env[setting])
+        assert missing == [], f"{name}: these settings never reach the container"
+        for setting in NOT_PASSED:
+            assert setting not in _env(_services(raw)[name]), (name, setting, NOT_PASSED[setting])
+
+
+def _seconds(duration: str) -> float:
+    """A Compose duration (``90s``, ``1m30s``, ``2m``) in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", duration)
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_a_stopping_worker_has_time_for_a_submit_to_be_answered(raw: dict[str, Any]) -> None:
+    """On SIGTERM a worker finishes its running tasks, then its ticker; Docker kills it after
+    ``stop_grace_period``. It was 60 s, less than one submit's POST may take (connect 10 s +
+    read 60 s): killed mid-POST, the submit's outcome is unknown and fal may bill it twice."""
+    from worker.ticker import STOP_WAIT_SECONDS
+
+    fields = Settings.model_fields
+    worst = (
+        float(fields["connect_timeout"].default) + float(fields["read_timeout"].default) + STOP_WAIT_SECONDS
+    )
+    grace = _seconds(_services(interpolate(raw, {}))["worker"]["stop_grace_period"])
+    assert grace > worst, f"stop_grace_period {grace:.0f}s, but a stop may take {worst:.0f}s"
+    # Longer timeouts need a longer grace: a compose knob, not an edit of the file.
+    longer = _services(interpolate(raw, {"WORKER_STOP_GRACE_PERIOD": "5m"}))["worker"]["stop_grace_period"]
+    assert _seconds(longer) == 300
+
+
 def test_real_fal_is_two_variables_away(raw: dict[str, Any]) -> None:
     env = {"WANBATCH_FAL_QUEUE_URL": "https://queue.fal.run", "WANBATCH_FAL_REST_URL": "https://rest.fal.ai"}
     worker = _env(_services(interpolate(raw, env))["worker"])
