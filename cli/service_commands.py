@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -243,6 +244,43 @@ def uvicorn_log_config(log_format: str) -> dict[str, Any] | None:
     return config
 
 
+#: The request line inside an access log line already rendered: ``"POST /path?query HTTP/1.1"``.
+_REQUEST_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<target>\S+) HTTP/')
+#: Requests ``serve`` handles at once, at most; beyond it uvicorn answers 503 at once. Each may
+#: hold a body of up to 1 MiB for a few seconds: this bounds what a flood of connections costs.
+SERVE_LIMIT_CONCURRENCY = 100
+
+
+class AccessLogMasking(logging.Filter):
+    """Masks the secret query values (the webhook URL's ``token``) of uvicorn's access lines.
+
+    uvicorn logs each request's path with its query as sent; ``POST /webhooks/fal?…&token=…``
+    would put every job's webhook token in the log. The target is masked with
+    :func:`jobs.url_secrets.masked_url`, as every other URL in the log is: in the record's
+    args when it has them, and in its message when it was rendered already
+    (:func:`worker.fal.redact.install_redaction` renders every record when it is made).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from jobs.url_secrets import masked_url
+
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            record.args = (*args[:2], masked_url(args[2]), *args[3:])
+        if isinstance(record.msg, str):
+            record.msg = _REQUEST_LINE.sub(
+                lambda m: f'"{m.group("method")} {masked_url(m.group("target"))} HTTP/', record.msg
+            )
+        return True
+
+
+def mask_access_log() -> None:
+    """Install :class:`AccessLogMasking` on uvicorn's access logger (once)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, AccessLogMasking) for f in access.filters):
+        access.addFilter(AccessLogMasking())
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8788, show_default=True)
@@ -279,7 +317,11 @@ def serve(host: str, port: int) -> None:
         except OSError as exc:  # in use, not ours to bind, or an unknown host
             sock.close()
             raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
-        server = uvicorn.Server(uvicorn.Config(app, log_level="info", log_config=log_config))
+        config = uvicorn.Config(
+            app, log_level="info", log_config=log_config, limit_concurrency=SERVE_LIMIT_CONCURRENCY
+        )
+        mask_access_log()  # after the Config, which configures uvicorn's loggers
+        server = uvicorn.Server(config)
         # uvicorn says where it listens only for sockets it bound itself: the same line, as before.
         bound = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host

@@ -12,7 +12,9 @@ leader, wherever it runs) and, should that fail, by the tick. A
 rejected delivery is answered 4xx (503 when fal's keys cannot be fetched or the database is
 locked or unreachable: fal retries; 422 when the database refuses the delivery's data, which
 sending it again cannot change; 500 for a failure of the receiver's own) and changes nothing;
-rejections are counted and logged. What
+rejections are counted and logged. A body is read within a deadline (408 when it is not all in
+by then, a client gone mid-body is a rejection too) and all bodies held at once share a budget
+(503 beyond it): :mod:`web.bodies`. What
 ``jsonb`` cannot hold (``\\u0000``, lone surrogates) is stored as U+FFFD
 (:func:`jobs.storable.storable_json`), so no valid delivery is refused for it. ``GET /healthz``
 answers the counts, and whether fal's signatures can be verified now (keys held, or why not:
@@ -58,6 +60,7 @@ from jobs import db
 from jobs.digits import ascii_int
 from jobs.settings import Settings
 from web.auth import DashboardAuth, TokenGate
+from web.bodies import TOO_LARGE, BodyBudget, Refusal, read_body
 from web.dashboard import Dashboard
 from web.metrics import metrics_route
 from worker import telemetry
@@ -95,23 +98,6 @@ DASHBOARD_FAILED = "the dashboard failed on a database error (an error of the da
 DELIVERY_NOT_STORABLE = "the database refuses this delivery's data: sending it again cannot help"
 #: What fal is told when storing a delivery failed otherwise (our bug; the log has its traceback).
 DELIVERY_NOT_STORED = "the receiver could not store this delivery (an error of the receiver: see its log)"
-
-
-async def _capped_body(request: Request) -> bytes | None:
-    """The request's body, or None as soon as it grows past :data:`MAX_BODY_BYTES`.
-
-    Read chunk by chunk: a body sent without ``Content-Length`` (chunked) is not declared, and
-    ``request.body()`` would hold all of it in memory before its size could be checked — an
-    unauthenticated sender (the signature is checked after) could fill the receiver's memory.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 _JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
@@ -166,6 +152,7 @@ def create_app(
     jwks = keys or JwksKeys(settings.webhook_jwks_url, timeout=settings.connect_timeout)
     counts = Counts()
     receiver_threads = anyio.CapacityLimiter(RECEIVER_THREADS)
+    budget = BodyBudget()
     if gate is None:
         token = settings.serve_token
         gate = TokenGate(token.get_secret_value() if token is not None else None)
@@ -202,10 +189,15 @@ def create_app(
     async def fal_webhook(request: Request) -> Response:
         declared = ascii_int(request.headers.get("content-length"), max_digits=18)
         if declared is not None and declared > MAX_BODY_BYTES:
-            return reject(WebhookRejected("the body is too large", 413), request)
-        body = await _capped_body(request)
-        if body is None:
-            return reject(WebhookRejected("the body is too large", 413), request)
+            return reject(WebhookRejected(TOO_LARGE, 413), request)
+        with budget.tab() as tab:
+            body = await read_body(request, cap=MAX_BODY_BYTES, tab=tab)
+            if isinstance(body, Refusal):
+                return reject(WebhookRejected(body.reason, body.status), request)
+            return await verified_then_stored(request, body)
+
+    async def verified_then_stored(request: Request, body: bytes) -> Response:
+        """A body read whole: verified, bound to its job and stored (or rejected)."""
         try:
             delivery = await anyio.to_thread.run_sync(
                 verify_delivery, request.headers, body, jwks, limiter=receiver_threads
@@ -303,6 +295,7 @@ def create_app(
         exception_handlers={DBAPIError: database_error},
     )
     app.state.counts = counts
+    app.state.body_budget = budget
     app.state.inbox = inbox
     app.state.gate = gate
     return app

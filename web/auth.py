@@ -4,7 +4,8 @@
 signature is its authentication), and the dashboard and ``/metrics``, which must not. The rule,
 applied to every request by :class:`DashboardAuth` before any route runs:
 
-* ``POST /webhooks/fal`` and ``GET /healthz`` pass untouched: they never need the token.
+* ``POST /webhooks/fal`` and ``GET /healthz`` pass untouched: they never need the token. Any
+  other method on those paths is answered 405 (with ``Allow``) by the router, not refused here.
 * Reading (``GET``/``HEAD``): a client that presents the token (``Authorization: Bearer …`` or
   the login form's cookie) may read from anywhere; a loopback client may read without it.
   Anyone else is sent to ``/login`` (browsers) or answered 401 when a token is configured, and
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 SESSION_COOKIE = "wanbatch_session"
 #: Requests that never need the token: ``(method, path)``.
 PUBLIC_ROUTES = frozenset({("POST", "/webhooks/fal"), ("GET", "/healthz"), ("HEAD", "/healthz")})
+#: Their paths: any other method on them is passed on too, for the router to answer 405 with an
+#: ``Allow`` header (they hold no data and act on nothing, so no method there needs the token).
+PUBLIC_PATHS = frozenset(path for _method, path in PUBLIC_ROUTES)
 #: Paths any client that may reach the app at all can use (the login form, its stylesheet).
 OPEN_PREFIXES = ("/static/",)
 OPEN_PATHS = frozenset({"/login", "/logout"})
@@ -294,7 +298,7 @@ class DashboardAuth:
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
-        if (method, path) in PUBLIC_ROUTES:
+        if path in PUBLIC_PATHS:  # a route of them, or 405 from the router
             await self.app(scope, receive, send)
             return
         if path.startswith(OPEN_PREFIXES):

@@ -50,6 +50,7 @@ from jobs.printable import shell_ref
 from jobs.settings import Settings
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 from web.auth import SESSION_COOKIE, Access, TokenGate, safe_next, session_value
+from web.bodies import Refusal, read_body
 
 log = logging.getLogger(__name__)
 
@@ -540,11 +541,17 @@ class Dashboard:
         )
 
     async def login(self, request: Request) -> Response:
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                return plain_error("the form is too large", 413)
+        body = await read_body(request, cap=MAX_FORM_BYTES)
+        if isinstance(body, Refusal):
+            client = request.client.host if request.client else "?"
+            log.warning(
+                "dashboard: login form refused (%s) from %s: %s",
+                body.status,
+                client,
+                body.reason,
+                extra={"event": "dashboard.login_refused", "status": body.status},
+            )
+            return plain_error("the form is too large" if body.status == 413 else body.reason, body.status)
         form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
         target = safe_next(form.get("next"))
         token = self.gate.token

@@ -1,0 +1,214 @@
+"""``wanbatch serve`` against senders that never finish, vanish mid-body or knock on the wrong
+method, and its access log: a silent body is cut off (408), a vanished client is one line and a
+counted rejection, the bodies held at once have a budget (503), other methods on the public
+paths are 405, and the webhook token never reaches the access log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from starlette.applications import Starlette
+from starlette.types import Message
+
+import web.bodies
+from cli.service_commands import SERVE_LIMIT_CONCURRENCY, AccessLogMasking, mask_access_log
+from tests.web.web_helpers import LOOPBACK, REMOTE, TOKEN, app_for, client, settings_for
+from web.bodies import BUSY, DISCONNECTED, TOO_SLOW
+
+SECRET = "aa3b5c0ffee0123456789"
+WEBHOOK = f"/webhooks/fal?job_id=j1&attempt=1&token={SECRET}"
+
+
+def _scope(method: str, path: str, peer: tuple[str, int] = LOOPBACK) -> dict[str, Any]:
+    target, _, query = path.partition("?")
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": target,
+        "raw_path": target.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1:8788"), (b"content-type", b"application/json")],
+        "client": peer,
+        "server": ("127.0.0.1", 8788),
+    }
+
+
+def _call(app: Starlette, method: str, path: str, *, then: str) -> list[Message]:
+    """Send ``app`` one byte of body, then either disconnect (``then="disconnect"``) or go silent
+    for ever (``"silence"``); what the app sent back."""
+    sent: list[Message] = []
+    messages = [{"type": "http.request", "body": b"{", "more_body": True}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        if then == "disconnect":
+            return {"type": "http.disconnect"}
+        await asyncio.Event().wait()  # silent: never another byte
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        # The safety timeout only stops broken code from hanging the test; it is never reached.
+        await asyncio.wait_for(app(_scope(method, path), receive, send), timeout=30)
+
+    asyncio.run(run())
+    return sent
+
+
+def _status(sent: list[Message]) -> int:
+    return int(next(m["status"] for m in sent if m["type"] == "http.response.start"))
+
+
+@pytest.fixture
+def app(sqlite_engine: Engine, output_dir: Path) -> Starlette:
+    return app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+
+
+# ----------------------------------------------------------------------------- slow and vanishing
+
+
+def test_a_body_that_goes_silent_is_cut_off_with_408_and_counted(
+    app: Starlette, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(web.bodies, "BODY_DEADLINE", 0.01)
+    with caplog.at_level(logging.WARNING):
+        sent = _call(app, "POST", WEBHOOK, then="silence")
+    assert _status(sent) == 408
+    assert app.state.counts.rejected == 1
+    assert any(TOO_SLOW in r.getMessage() for r in caplog.records)
+
+
+def test_a_login_form_that_goes_silent_is_cut_off_with_408(
+    app: Starlette, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(web.bodies, "BODY_DEADLINE", 0.01)
+    assert _status(_call(app, "POST", "/login", then="silence")) == 408
+
+
+@pytest.mark.parametrize("path", [WEBHOOK, "/login"])
+def test_a_client_gone_mid_body_is_one_warning_not_a_traceback(
+    app: Starlette, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        sent = _call(app, "POST", path, then="disconnect")
+    assert _status(sent) == 400
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    (line,) = [r for r in caplog.records if DISCONNECTED in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert "\n" not in line.getMessage()
+    if path == WEBHOOK:
+        assert app.state.counts.rejected == 1
+
+
+def test_bodies_beyond_the_budget_are_answered_503_and_the_budget_is_given_back(app: Starlette) -> None:
+    app.state.body_budget.limit = 10
+    with client(app) as http:
+        refused = http.post(WEBHOOK, content=b"x" * 11)
+        small = http.post(WEBHOOK, content=b"{}")  # fits: read, then refused for its signature
+    assert refused.status_code == 503
+    assert refused.json()["error"] == BUSY
+    assert small.status_code != 503
+    assert app.state.body_budget.held == 0
+    assert app.state.counts.rejected == 2
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@pytest.mark.parametrize("token", [None, TOKEN])
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/webhooks/fal", {"POST"}),
+        ("DELETE", "/healthz", {"GET", "HEAD"}),
+        ("POST", "/healthz", {"GET", "HEAD"}),
+    ],
+)
+def test_other_methods_on_the_public_paths_are_405_with_allow(
+    sqlite_engine: Engine, output_dir: Path, token: str | None, method: str, path: str, allowed: set[str]
+) -> None:
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=token))
+    with client(app, peer=REMOTE) as http:
+        answer = http.request(method, path)
+    assert answer.status_code == 405
+    assert {m.strip() for m in answer.headers["allow"].split(",")} == allowed
+
+
+# ----------------------------------------------------------------------------- access log
+
+
+@pytest.fixture
+def access_logger() -> Iterator[logging.Logger]:
+    logger = logging.getLogger("uvicorn.access")
+    filters = logger.filters[:]
+    try:
+        yield logger
+    finally:
+        logger.filters[:] = filters
+
+
+def test_the_access_log_masks_the_webhook_token_in_args(
+    access_logger: logging.Logger, caplog: pytest.LogCaptureFixture
+) -> None:
+    mask_access_log()
+    mask_access_log()  # once, however often called
+    assert sum(isinstance(f, AccessLogMasking) for f in access_logger.filters) == 1
+    with caplog.at_level(logging.INFO, logger="uvicorn.access"):
+        access_logger.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "POST", WEBHOOK, "1.1", 200)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert SECRET not in line
+    assert line == '127.0.0.1:5000 - "POST /webhooks/fal?job_id=j1&attempt=1&token=** HTTP/1.1" 200'
+
+
+def test_the_access_log_masks_a_line_rendered_already() -> None:
+    """Under the key redaction every record is rendered when made: no args left to mask."""
+    rendered = f'127.0.0.1:5000 - "POST {WEBHOOK} HTTP/1.1" 200'
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, rendered, (), None)
+    assert AccessLogMasking().filter(record)
+    assert (
+        record.getMessage()
+        == '127.0.0.1:5000 - "POST /webhooks/fal?job_id=j1&attempt=1&token=** HTTP/1.1" 200'
+    )
+
+
+def test_serve_bounds_its_connections_and_masks_its_access_log(
+    access_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import uvicorn
+
+    import cli
+    from cli import startup
+
+    seen: dict[str, Any] = {}
+
+    def run(server: uvicorn.Server, sockets: list[Any]) -> None:
+        seen["limit"] = server.config.limit_concurrency
+        for sock in sockets:
+            sock.close()
+
+    import sys
+
+    monkeypatch.setattr(startup, "pause", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["wanbatch", "serve", "--port", "0"])
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"sqlite:///{tmp_path / 'serve.db'}")
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 0
+    assert seen["limit"] == SERVE_LIMIT_CONCURRENCY
+    assert any(isinstance(f, AccessLogMasking) for f in access_logger.filters)
