@@ -14,7 +14,7 @@ from sqlalchemy import Engine, inspect, text
 
 from jobs import db, store
 from jobs.outputs import sidecar_path
-from tests.hostile import Behaviour, HostileProvider, Recorded, json_reply, raw_reply
+from tests.hostile import Behaviour, HostileProvider, Recorded, drip, json_reply, raw_reply
 from tests.hostile_fal import FakeFal
 from tests.step_runtime import add_batch, completion_heard, job_ids, make_runtime, settings_for
 from worker.fal.redact import redact_text
@@ -261,3 +261,71 @@ def test_a_refused_submit_whose_reason_no_database_holds_fails_the_job_with_it_m
     assert job.error is not None
     assert job.error.startswith(f"HTTP 422: invalid{SHOWN} input")
     assert NUL not in job.error
+
+
+def _completed(engine: Engine, rt: Runtime, job_id: str) -> str:
+    """Submit the job and hear fal complete it; its request id."""
+    assert submit(rt, job_id) == "submitted"
+    with db.read_scope(engine) as session:
+        request_id = store.get_job(session, job_id).request_id
+    assert request_id is not None
+    assert apply_seen(rt, [completion_heard(engine, rt, job_id)]) == 1
+    return request_id
+
+
+@pytest.mark.timeout(120)  # before the fix the answer took 5 min to drip in
+def test_a_result_answer_dripped_in_is_given_up_on_and_asked_again_later(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """One byte every 0.1 s, read timeout 0.5 s: no read ever timed out and the job stayed
+    ``downloading`` for as long as the answer lasted. Now the read timeout is also the whole
+    answer's budget: each try fails, is retried, and the result is asked for again later."""
+    fal = FakeFal(hostile)
+    job_id, rt = _one_job(engine, hostile, tmp_path, read_timeout=0.5)
+    request_id = _completed(engine, rt, job_id)
+    answer = json.dumps(fal.result_for(request_id)).encode() + b" " * 3000
+    fal.on_result(request_id, drip(answer, every=0.1, headers={"Content-Type": "application/json"}))
+
+    assert download(rt, job_id) == "result-retry"
+
+    assert fal.result_calls(request_id) == 3  # the client's bounded retry of a failed call
+    with db.read_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.state.value == "downloading"
+    assert job.download_attempts == 1
+    assert fal.posts() == 1
+
+
+def test_a_padded_download_is_stopped_just_past_the_size_fal_described(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """The result says ``file_size`` N; the file has no Content-Length and never ends. Before,
+    each attempt read and wrote up to WANBATCH_DOWNLOAD_MAX_BYTES before failing."""
+    fal = FakeFal(hostile)
+    job_id, rt = _one_job(engine, hostile, tmp_path, download_attempts=2, download_max_bytes=64 * 1024 * 1024)
+    request_id = _completed(engine, rt, job_id)
+    sent: list[int] = []
+
+    def padded(req: Recorded, sock: socket.socket) -> None:
+        head = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: video/mp4\r\n\r\n"  # no length
+        sock.sendall(head + fal.video)
+        block = b"\0" * 65536
+        total = 0
+        try:
+            while not req.stop.is_set() and total < 256 * 1024 * 1024:
+                sock.sendall(block)
+                total += len(block)
+        finally:
+            sent.append(total)
+
+    fal.on_file(f"{request_id}.mp4", padded)
+
+    assert [download(rt, job_id) for _ in range(2)] == ["download-retry", "failed"]
+
+    with db.read_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.error_type == "download_failed"
+    assert f"padded: more than the {len(fal.video)} bytes fal described" in (job.error or "")
+    assert len(sent) == 2
+    assert max(sent) < 16 * 1024 * 1024  # what the sockets' buffers hold, far below the cap
+    assert not list((tmp_path / "out").rglob("*.part"))

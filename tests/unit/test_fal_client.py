@@ -924,6 +924,121 @@ def test_an_answer_just_under_the_cap_is_read_as_before() -> None:
         assert client.status(HANDLE).completed
 
 
+SUBMIT_CODES = [200, 503, 422]
+
+
+@pytest.mark.parametrize("code", SUBMIT_CODES)
+def test_a_submit_answer_over_the_cap_is_ambiguous_and_read_no_further(code: int) -> None:
+    """Before, the submit answer was read whole (a 400 MiB one took the process to 2.1 GB).
+    fal received the whole request, so an answer it cannot read leaves it maybe queued:
+    ambiguous (submit_unknown), never "not queued" — a 503 page would otherwise be resent."""
+    bodies: list[HugeBody] = []
+
+    def answer(_request: httpx.Request) -> httpx.Response:
+        bodies.append(HugeBody(16 * MAX_ANSWER_BYTES, start=json.dumps(submitted_body()).encode()[:-1]))
+        return httpx.Response(code, content=bodies[-1])
+
+    recorder = Recorder(answer)
+    with make_client(recorder) as client, pytest.raises(AmbiguousSubmitError) as info:
+        client.submit(EP, {"prompt": "p"})
+    assert f"HTTP {code} with an answer over {MAX_ANSWER_BYTES} bytes" in str(info.value)
+    assert "may be queued" in str(info.value)
+    assert info.value.status_code == code
+    (body,) = bodies
+    assert body.taken <= MAX_ANSWER_BYTES + HugeBody.CHUNK
+    assert recorder.count("POST") == 1
+
+
+class FakeClock:
+    """A monotonic clock that only moves when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class DrippedBody:
+    """A body of ``start`` then single spaces, each arriving ``every`` (fake) seconds later:
+    every read is well inside the read timeout, the answer never ends (ended after ``most``)."""
+
+    def __init__(self, clock: FakeClock, start: bytes, every: float = 2.0, most: int = 1000) -> None:
+        self.clock = clock
+        self.start = start
+        self.every = every
+        self.most = most
+        self.taken = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.start
+        while self.taken < self.most:
+            self.clock.now += self.every
+            self.taken += 1
+            yield b" "
+
+
+def client_with_clock(recorder: Recorder, clock: FakeClock, *, attempts: int = 3) -> FalClient:
+    return FalClient(
+        queue_url=QUEUE,
+        rest_url=REST,
+        key=KEY,
+        timeout=httpx.Timeout(30.0, read=5.0),
+        transport=httpx.MockTransport(recorder),
+        retry=RetryPolicy(attempts=attempts, base_delay=0.0),
+        sleep=lambda _s: None,
+        clock=clock,
+    )
+
+
+DRIPPED_CALLS: list[tuple[str, int, bytes]] = [
+    ("status", 200, b'{"status": "COMPLETED"}'),
+    ("result", 200, b'{"video": {"url": "https://v3.fal.media/files/x.mp4"}}'),
+    ("cancel", 202, b'{"status": "CANCELLATION_REQUESTED"}'),
+]
+
+
+@pytest.mark.parametrize(("call", "code", "start"), DRIPPED_CALLS, ids=[c for c, _, _ in DRIPPED_CALLS])
+def test_an_answer_dripped_in_forever_is_a_retryable_error_after_the_read_timeout(
+    call: str, code: int, start: bytes
+) -> None:
+    """Before, a result answer that sent one space every 2 s (read timeout 5 s) was read for
+    ever: the job stayed ``downloading``. Now the read timeout also bounds the whole answer."""
+    clock = FakeClock()
+    bodies: list[DrippedBody] = []
+
+    def answer(_request: httpx.Request) -> httpx.Response:
+        bodies.append(DrippedBody(clock, start))
+        return httpx.Response(code, content=bodies[-1])
+
+    recorder = Recorder(answer)
+    with client_with_clock(recorder, clock) as client, pytest.raises(RetryableProviderError) as info:
+        getattr(client, call)(HANDLE)
+    assert f"HTTP {code} with an answer not read whole within 5 s (WANBATCH_READ_TIMEOUT)" in str(info.value)
+    assert len(bodies) == (1 if call == "cancel" else 3)  # cancel is never retried; the others are
+    assert all(body.taken == 3 for body in bodies)  # 6 s > 5 s: stopped at the third space
+
+
+def test_a_dripped_submit_answer_is_ambiguous_and_posted_once() -> None:
+    clock = FakeClock()
+    body = DrippedBody(clock, json.dumps(submitted_body()).encode())
+    recorder = Recorder(httpx.Response(200, content=body))
+    with client_with_clock(recorder, clock) as client, pytest.raises(AmbiguousSubmitError) as info:
+        client.submit(EP, {"prompt": "p"})
+    assert "not read whole within 5 s" in str(info.value)
+    assert "may be queued" in str(info.value)
+    assert body.taken == 3
+    assert recorder.count("POST") == 1
+
+
+def test_an_answer_that_arrives_within_the_budget_is_read_as_before() -> None:
+    clock = FakeClock()
+    body = DrippedBody(clock, b'{"status": "COMPLETED"}', every=1.0, most=4)
+    with client_with_clock(Recorder(httpx.Response(200, content=body)), clock) as client:
+        assert client.status(HANDLE).completed
+    assert body.taken == 4
+
+
 # ------------------------------------------------------------------ what fal echoes in names
 
 SECRET = KEY.split(":", 1)[1]

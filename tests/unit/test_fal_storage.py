@@ -377,3 +377,33 @@ def test_a_download_error_keeps_the_start_of_its_body_in_the_message(tmp_path: P
     with pytest.raises(RetryableProviderError, match="HTTP 503: <center>nginx: upstream busy</center>"):
         download("https://cdn.test/f.mp4", tmp_path / "o.mp4", max_bytes=1 << 20, client=client)
     assert ERROR_BODY_BYTES <= 8192
+
+
+def test_a_body_longer_than_fal_described_is_stopped_as_soon_as_it_passes_the_size(tmp_path: Path) -> None:
+    """Before, a body with no Content-Length that never ended was read and written up to the
+    ``max_bytes`` cap (2 GiB by default), then compared with fal's ``file_size``. Now the
+    attempt stops at the first chunk past the size fal described."""
+    taken: list[int] = []
+
+    def padded() -> Iterator[bytes]:
+        yield VIDEO
+        while len(taken) < 100:  # long enough to tell; ended, so that the old code fails, not hangs
+            taken.append(64 * 1024)
+            yield b"\0" * (64 * 1024)
+
+    def handler(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=padded())  # streamed: no Content-Length
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    with pytest.raises(
+        DownloadIntegrityError, match=f"padded: more than the {len(VIDEO)} bytes fal described"
+    ):
+        download(
+            "https://cdn.test/f.mp4",
+            tmp_path / "o.mp4",
+            expected_size=len(VIDEO),
+            max_bytes=1 << 40,
+            client=client,
+        )
+    assert len(taken) == 1  # one chunk past the size, not the cap
+    assert leftovers(tmp_path) == []

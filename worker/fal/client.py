@@ -20,6 +20,10 @@ so nothing a provider echoes can reach the database, ``status`` or an export. Ev
 them is also storable as it is: a ``\\u0000``, a lone surrogate or ``NaN`` in fal's answer, which
 PostgreSQL would refuse on every try, is read as U+FFFD or null (:func:`~worker.fal.errors.load_json`).
 
+Every answer's body is read through :func:`read_capped`: at most :data:`MAX_ANSWER_BYTES`, and
+whole within the read timeout once its headers are in (:class:`AnswerBudget`). A submit answer
+that cannot be read so is ambiguous: fal received the request.
+
 Status, result and cancel go to URLs built from the configured queue URL (see
 :meth:`RequestHandle.trusted`), never to a host a submit answer names: those calls carry the key.
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
@@ -111,6 +116,7 @@ class FalClient:
         transport: httpx.BaseTransport | None = None,
         retry: RetryPolicy | None = None,
         sleep: Sleep = DEFAULT_SLEEP,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.queue_url = queue_url.rstrip("/")
         self.rest_url = rest_url.rstrip("/")
@@ -119,6 +125,9 @@ class FalClient:
         self.http = build_http_client(timeout=timeout, auth=self._auth, transport=transport)
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
+        # The read timeout bounds each read; a body dripped a byte at a time never trips it, so
+        # the same number of seconds also bounds the whole answer (:func:`read_capped`).
+        self._answer_budget = AnswerBudget(timeout.read, clock)
 
     @classmethod
     def from_settings(
@@ -241,7 +250,12 @@ class FalClient:
                     f"fal submit: not sent, the request could not be built ({type(exc).__name__}: {exc})"
                 ) from exc
             with map_transport_errors("submit", submit=trace), telemetry.fal_request("submit") as call:
-                response = call.done(self.http.send(request))
+                answer = self._read_submit_answer(call.done(self.http.send(request, stream=True)))
+            if isinstance(answer, ProviderError):
+                raise AmbiguousSubmitError(
+                    f"{answer}; the request may be queued", status_code=answer.status_code
+                ) from answer
+            response = answer
             if not response.is_success:
                 raise classify_submit(response)
             try:
@@ -254,6 +268,20 @@ class FalClient:
                     f"({type(exc).__name__}); the request may be queued",
                     status_code=response.status_code,
                 ) from exc
+
+    def _read_submit_answer(self, streamed: httpx.Response) -> httpx.Response | ProviderError:
+        """The submit answer read like every other (:func:`read_capped`: at most
+        :data:`MAX_ANSWER_BYTES`, within the answer budget), or the error saying why it was not.
+
+        Returned, not raised: raised inside :func:`map_transport_errors` it would be judged by
+        its type alone. Whatever the status line said, fal received the whole request, so an
+        answer that cannot be read leaves it possibly queued (ambiguous, never resent)."""
+        try:
+            return read_capped(streamed, "submit", budget=self._answer_budget)
+        except ProviderError as unread:
+            return unread
+        finally:
+            streamed.close()
 
     @staticmethod
     def _submit_headers(
@@ -368,7 +396,10 @@ class FalClient:
                 ) as source:
                     response = source.response
                     if not response.is_success:
-                        raise classify_poll("status stream", read_capped(response, "status stream"))
+                        raise classify_poll(
+                            "status stream",
+                            read_capped(response, "status stream", budget=self._answer_budget),
+                        )
                     events = source.iter_sse()
                     for event in events:
                         if not event.data.strip():
@@ -440,7 +471,7 @@ class FalClient:
                 telemetry.fal_request("cancel") as call,
                 self.http.stream("PUT", h.cancel_url) as streamed,
             ):
-                response = read_capped(call.done(streamed), "cancel")
+                response = read_capped(call.done(streamed), "cancel", budget=self._answer_budget)
             body = parse_body(response)
             said = body.get("status") if isinstance(body, dict) else None
             if response.is_success:
@@ -507,7 +538,7 @@ class FalClient:
                         method, url, params=params, follow_redirects=via is None, **kwargs
                     ) as streamed,
                 ):
-                    response = read_capped(call.done(streamed), what)
+                    response = read_capped(call.done(streamed), what, budget=self._answer_budget)
             except RetryableProviderError as failure:  # a network error: ask again (a final one raises)
                 last = failure
             else:
@@ -537,9 +568,36 @@ class FalClient:
 MAX_ANSWER_BYTES = 1024 * 1024
 
 
-def read_capped(response: httpx.Response, what: str, limit: int = MAX_ANSWER_BYTES) -> httpx.Response:
+class AnswerBudget:
+    """How long one answer's body may take to arrive whole, once its headers are in: ``seconds``
+    (the client's read timeout, ``WANBATCH_READ_TIMEOUT``; ``None``: no bound) on ``clock``.
+
+    httpx's read timeout bounds each read, not the answer: a body that sends one byte just
+    inside it every time never ends, and held a job in ``downloading`` forever.
+    """
+
+    __slots__ = ("clock", "seconds")
+
+    def __init__(self, seconds: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.clock = clock
+
+    def deadline(self) -> float | None:
+        """When an answer whose reading starts now must be read whole."""
+        return None if self.seconds is None else self.clock() + self.seconds
+
+
+def read_capped(
+    response: httpx.Response,
+    what: str,
+    limit: int = MAX_ANSWER_BYTES,
+    *,
+    budget: AnswerBudget | None = None,
+) -> httpx.Response:
     """A copy of the streamed ``response`` with its body read, or :class:`ProviderProtocolError`
-    when the body is over ``limit`` bytes (decoded; the rest is left unread).
+    when the body is over ``limit`` bytes (decoded; the rest is left unread), or
+    :class:`RetryableProviderError` when it is not read whole within ``budget`` (the caller's
+    usual retry of a failed call applies, as for a read timeout).
 
     httpx's ``Response.read()`` (which ``Client.request`` calls) reads a body whole, with no
     size limit of its own; streaming and counting is how to bound it
@@ -549,11 +607,14 @@ def read_capped(response: httpx.Response, what: str, limit: int = MAX_ANSWER_BYT
     declared = ascii_int(response.headers.get("content-length"), max_digits=18)
     if declared is not None and declared > limit and "content-encoding" not in response.headers:
         raise _too_large(what, response, limit)
+    deadline = budget.deadline() if budget is not None else None
     body = bytearray()
     for chunk in response.iter_bytes():
         body += chunk
         if len(body) > limit:
             raise _too_large(what, response, limit)
+        if deadline is not None and budget is not None and budget.clock() > deadline:
+            raise _too_slow(what, response, budget)
     return with_body(response, bytes(body), drop=("content-encoding",))
 
 
@@ -561,6 +622,15 @@ def _too_large(what: str, response: httpx.Response, limit: int) -> ProviderProto
     """Not an answer fal gives: asked again a bounded number of times by the caller, then failed."""
     return ProviderProtocolError(
         f"fal {what}: HTTP {response.status_code} with an answer over {limit} bytes; not read",
+        status_code=response.status_code,
+    )
+
+
+def _too_slow(what: str, response: httpx.Response, budget: AnswerBudget) -> RetryableProviderError:
+    """A body still arriving when the answer budget ran out: like a read timeout, for the whole answer."""
+    return RetryableProviderError(
+        f"fal {what}: HTTP {response.status_code} with an answer not read whole within "
+        f"{budget.seconds:g} s (WANBATCH_READ_TIMEOUT); left unread",
         status_code=response.status_code,
     )
 

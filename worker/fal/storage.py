@@ -20,7 +20,8 @@ counted and capped is what is written), and one attempt may take at most ``total
 seconds.
 
 Size-mismatch policy: the output was already paid for, so a size that differs from fal's
-``file_size`` (announced by ``Content-Length`` or counted while streaming) raises
+``file_size`` (announced by ``Content-Length`` or counted while streaming: a body is stopped
+as soon as it passes that size) raises
 :class:`~worker.fal.errors.DownloadIntegrityError`, which is *retryable* — a CDN object that is
 still propagating or a cut response heals on a later try, and the caller's bounded download
 attempts decide when to give up. Only going over ``max_bytes`` (or a refused URL) is final.
@@ -841,6 +842,7 @@ def _consume(
                 _check_video(head)  # an HTML error page is refused before it is all read
                 if mismatch is not None:
                     raise mismatch
+        _check_not_padded(size, limits)
         hasher.update(chunk)
         write(chunk)
         limits.check_time()
@@ -851,6 +853,17 @@ def _consume(
         if mismatch is not None:
             raise mismatch
     return hasher.hexdigest(), size
+
+
+def _check_not_padded(size: int, limits: _Limits) -> None:
+    """Stop a body the moment it passes the size fal described (its ``file_size``): a server
+    that sends no ``Content-Length`` and never ends would otherwise be read and written up to
+    the ``max_bytes`` cap (2 GiB by default) on every attempt before the size is compared.
+    Retryable, as any size mismatch: the next attempt asks again."""
+    if limits.expected_size is not None and size > limits.expected_size:
+        raise DownloadIntegrityError(
+            f"download padded: more than the {limits.expected_size} bytes fal described; stopped"
+        )
 
 
 def _content_length(response: httpx.Response) -> int | None:
