@@ -453,13 +453,16 @@ def _seconds(duration: str) -> float:
 
 def test_a_stopping_worker_has_time_for_a_submit_to_be_answered(raw: dict[str, Any]) -> None:
     """On SIGTERM a worker finishes its running tasks, then its ticker; Docker kills it after
-    ``stop_grace_period``. It was 60 s, less than one submit's POST may take (connect 10 s +
-    read 60 s): killed mid-POST, the submit's outcome is unknown and fal may bill it twice."""
+    ``stop_grace_period``. It was 60 s, less than one submit's POST may take (connect 10 s, then
+    the read timeout twice: once for the answer's headers, once as the budget of its whole body):
+    killed mid-POST, the submit's outcome is unknown and fal may bill it twice."""
     from worker.ticker import STOP_WAIT_SECONDS
 
     fields = Settings.model_fields
     worst = (
-        float(fields["connect_timeout"].default) + float(fields["read_timeout"].default) + STOP_WAIT_SECONDS
+        float(fields["connect_timeout"].default)
+        + 2 * float(fields["read_timeout"].default)
+        + STOP_WAIT_SECONDS
     )
     grace = _seconds(_services(interpolate(raw, {}))["worker"]["stop_grace_period"])
     assert grace > worst, f"stop_grace_period {grace:.0f}s, but a stop may take {worst:.0f}s"
