@@ -1208,20 +1208,28 @@ class AdvisoryLock:
             conn.close()
         return got
 
-    def release(self) -> None:
-        """Give the lock up: ending its session frees it.
+    def release(self, *, unlock: bool = True) -> None:
+        """Give the lock up: unlocked on its session, which then ends (``unlock=False``: just
+        ended, for a connection that just failed, where a round trip could only wait).
 
-        The connection is invalidated, not just closed: a plain close would hand the session,
-        lock and all, back to the engine's pool, and nobody else could take the lock until this
-        process exits.
+        Unlocked first, and answered, so that whoever asks next finds it free: a server frees
+        the lock of a closed connection only when that backend has exited, a moment after the
+        client hung up. The connection is then invalidated, not just closed: a plain close would
+        hand the session back to the engine's pool, and with it the lock if the unlock failed.
         """
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.invalidate()
-                conn.close()
-            except Exception:  # already gone: so is the lock
-                log.debug("closing the advisory lock's connection failed", exc_info=True)
+        if conn is None:
+            return
+        try:
+            if unlock:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+        except Exception:  # the connection is gone, and so is the lock once its backend exits
+            log.debug("unlocking the advisory lock failed", exc_info=True)
+        try:
+            conn.invalidate()
+            conn.close()
+        except Exception:  # already gone: so is the lock
+            log.debug("closing the advisory lock's connection failed", exc_info=True)
 
 
 # ----------------------------------------------------------------------------- events between processes

@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import re
 import threading
 import time
@@ -228,6 +229,19 @@ def api_key_rate(settings: Settings) -> RateKey:
     """The API key's own limit: every submit with the key, whatever the endpoint, passes it."""
     spread = 1.0 + settings.submit_jitter_allowance
     return RateKey(f"{KEY_PREFIX}{api_key_id(settings)}:submit", spread / settings.submit_rate)
+
+
+def stale_grant_seconds(settings: Settings) -> float:
+    """How old a granted submit may be when its POST is about to go out.
+
+    The spacing leaves ``submit_jitter_allowance`` seconds per window for the spread between
+    grant and fal's receipt; half of it is for this process (recording the lease), half for the
+    network. A grant older than that (a stalled commit) is void and the submit takes a fresh one:
+    otherwise several workers stalled on the same database would send their grants together,
+    more than the rate in one of fal's windows. No allowance, no check (every grant would be stale).
+    """
+    allowance = settings.submit_jitter_allowance
+    return allowance / 2 if allowance > 0 else math.inf
 
 
 def rate_keys(settings: Settings, endpoint: str) -> list[RateKey]:

@@ -149,7 +149,8 @@ def _build() -> _Metrics:
             "wanbatch_limiter_waits",
             "Times the submit-rate limiter made a submit wait, by outcome (slept: the token came "
             "within WANBATCH_SUBMIT_WAIT_MAX; held_back: the job went back to pending; "
-            "unavailable: the limiter could not be reached).",
+            "unavailable: the limiter could not be reached; stale: the grant aged while the "
+            "lease was recorded and a fresh token was taken).",
             ["outcome"],
             registry=registry,
         ),
@@ -227,7 +228,7 @@ def count_ambiguous_submit() -> None:
 
 
 def count_limiter_wait(outcome: str, seconds: float = 0.0) -> None:
-    """The limiter made a submit wait: ``slept`` (``seconds``), ``held_back`` or ``unavailable``."""
+    """The limiter made a submit wait: ``slept`` (``seconds``), ``held_back``, ``unavailable``, ``stale``."""
     if _silenced:
         return
     metrics = _metrics()

@@ -53,7 +53,7 @@ class LeaderLock:
         try:
             leads = self._lock.acquire()
         except Exception as exc:  # we are not the leader until the lock can be taken again
-            self.release()
+            self._lock.release(unlock=False)
             self._failed(exc, led)
             return False
         self._unavailable = False

@@ -153,12 +153,16 @@ def test_other_methods_on_the_public_paths_are_405_with_allow(
 
 @pytest.fixture
 def access_logger() -> Iterator[logging.Logger]:
+    """uvicorn's access logger, its records reaching caplog: a uvicorn started earlier in the
+    session (its default logging config) leaves it not propagating, so caplog saw nothing."""
     logger = logging.getLogger("uvicorn.access")
-    filters = logger.filters[:]
+    filters, propagate, disabled = logger.filters[:], logger.propagate, logger.disabled
+    logger.propagate, logger.disabled = True, False
     try:
         yield logger
     finally:
         logger.filters[:] = filters
+        logger.propagate, logger.disabled = propagate, disabled
 
 
 def test_the_access_log_masks_the_webhook_token_in_args(

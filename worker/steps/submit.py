@@ -39,7 +39,12 @@ from worker import chaos, logs, telemetry
 from worker.fal.errors import SubmitNotSentError
 from worker.fal.models import RequestHandle, Submitted
 from worker.fal.storage import prepare_input
-from worker.limits import UNREACHABLE_RETRY_SECONDS, LimiterUnavailableError, wait_for_token
+from worker.limits import (
+    UNREACHABLE_RETRY_SECONDS,
+    LimiterUnavailableError,
+    stale_grant_seconds,
+    wait_for_token,
+)
 from worker.steps.context import Runtime, S, SubmitTicket, in_seconds
 from worker.steps.failures import (
     backoff,
@@ -216,6 +221,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
         with db.session_scope(rt.engine) as session:
             store.give_back(session, fence, reason=reason, due_at=in_seconds(delay))
         return "rate-limited"
+    granted = time.monotonic()
 
     # Record what we are about to send, and when, before the POST goes out: if this process
     # dies from here on, the reconciler knows the submit's outcome is unknown, and a lost answer
@@ -234,6 +240,16 @@ def _submit(rt: Runtime, job_id: str) -> str:
     if taken is None:
         return "lost-lease"
     fence = taken
+    if time.monotonic() - granted > stale_grant_seconds(rt.settings):
+        # Recording the lease stalled (a checkpoint, a busy disk): other workers' grants went out
+        # meanwhile, and sending on this old one would bunch submits into one of fal's windows.
+        telemetry.count_limiter_wait("stale")
+        held_back = _take_submit_token(rt, endpoint)
+        if held_back is not None:
+            reason, delay = held_back
+            with db.session_scope(rt.engine) as session:
+                store.give_back(session, fence, reason=reason, due_at=in_seconds(delay))
+            return "rate-limited"
 
     # The start timeout again, from the moment of sending: preparing media, waiting for a rate
     # token and recording the lease all took time, and fal counts the timeout from receipt.
