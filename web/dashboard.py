@@ -46,7 +46,7 @@ from jobs.digits import ascii_int
 from jobs.errors import NotFoundError, UsageError, WanbatchError
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import usd_text
-from jobs.printable import shell_ref
+from jobs.printable import one_line, shell_ref
 from jobs.settings import Settings
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 from web.auth import SESSION_COOKIE, Access, TokenGate, safe_next, session_value
@@ -438,7 +438,7 @@ class Dashboard:
             log.info(
                 "dashboard: %s of %s refused for %s: %s",
                 action,
-                ref,
+                one_line(ref),  # a reference from the URL: its line breaks must not forge log lines
                 client,
                 message,
                 extra={"event": "dashboard.action_refused", "action": action},
@@ -450,7 +450,7 @@ class Dashboard:
         log.info(
             "dashboard: %s of %s by %s: %s",
             action,
-            ref,
+            one_line(ref),
             client,
             outcome.message,
             extra={"event": "dashboard.action", "action": action, "batch_id": outcome.batch_id},

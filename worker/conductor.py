@@ -325,6 +325,10 @@ class Conductor:
                         redispatch_at = self._redispatch_at()
                 self._outage.answered()  # the tick (or the leader lock's check) reached the database
                 next_tick = now + (idle_interval(interval, quiet) if leading else interval)
+            elif leading and self._next_beat and now >= self._next_beat:
+                # Between ticks too: an idle tick comes only every 8 × WANBATCH_TICK_INTERVAL, and
+                # a heartbeat older than a minute says nobody works on the batches.
+                self._beat()
             if on_progress is not None and now >= next_progress:
                 # Idle (nothing at fal, nothing to do), nothing changes between two ticks either.
                 next_progress = now + max(
@@ -333,6 +337,8 @@ class Conductor:
                 if on_progress():
                     return
             deadline = min(next_tick, next_progress if on_progress is not None else next_tick)
+            if leading and self._next_beat:
+                deadline = min(deadline, self._next_beat)
             if redispatch_at is not None:
                 deadline = min(deadline, redispatch_at)
             seen, submitted, wants_dispatch = self._take(max(0.0, deadline - time.monotonic()))

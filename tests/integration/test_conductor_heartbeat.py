@@ -90,6 +90,34 @@ def test_a_worker_leader_beats_for_every_batch_through_its_tick(engine: Engine) 
     assert _beats(engine) == {}
 
 
+def test_the_leader_beats_between_ticks_when_its_ticks_are_far_apart(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``WANBATCH_TICK_INTERVAL=10`` an idle leader ticks every 80 s; beating only at ticks
+    let its heartbeat pass a minute, and ``run``/``doctor``/``status`` then said no worker works
+    on this database. Beats come at their own pace, whatever the tick's."""
+    rt = make_runtime(engine, settings_for(URL, KEY, tick_interval=600.0))
+    monkeypatch.setattr(conductor_module, "HEARTBEAT_SECONDS", 0.2)
+    conductor = Conductor(rt, stream=False)
+    stopping = threading.Event()
+    runner = threading.Thread(target=conductor.run, args=(stopping,), kwargs={"resilient": True})
+    runner.start()
+    try:
+        deadline = utcnow() + timedelta(seconds=20)
+        while not _seen_at(engine) and utcnow() < deadline:  # the first tick's beat
+            stopping.wait(0.05)
+        (first,) = _seen_at(engine)
+        while _seen_at(engine) == [first] and utcnow() < deadline:
+            stopping.wait(0.05)
+        (later,) = _seen_at(engine)
+        assert later > first  # beaten again, ten minutes before the next tick
+        assert conductor.stats.ticks == 1
+    finally:
+        stopping.set()
+        runner.join(20)
+        conductor.close()
+
+
 def _created(engine: Engine, batch_id: str, at: datetime) -> None:
     """Backdate (or postdate) ``batch_id``'s creation."""
     with db.session_scope(engine) as session:

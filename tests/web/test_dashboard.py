@@ -417,3 +417,16 @@ def test_jobs_cancelled_before_being_sent_cost_nothing_not_an_estimate(
     assert len(cells) == 3, html
     assert not any("~" in c for c in cells), cells
     assert store.batch_cost(session, batch.id).actual_usd == Decimal("0.05")
+
+
+def test_a_refused_action_logs_its_reference_on_one_line(
+    sqlite_engine: Engine, output_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reference comes from the URL: a line break in it must not forge a second log line."""
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
+    with caplog.at_level("INFO", logger="web.dashboard"):
+        answer = client(app).post("/batches/nope%0A2026-12-03 INFO forged/pause", headers={**BEARER, **JSON})
+    assert answer.status_code == 404
+    (line,) = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert "\n" not in line
+    assert "nope\\n2026-12-03 INFO forged" in line
