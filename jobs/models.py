@@ -391,7 +391,14 @@ class Job(Base):
     actual_billing_units: Mapped[Decimal | None] = mapped_column(Money())
     actual_usd: Mapped[Decimal | None] = mapped_column(Money())
     #: Submissions resent after an ambiguous outcome: the provider may have billed each twice.
+    #: Counted when the resend's POST is recorded as sent (:func:`jobs.store.take_lease` with
+    #: ``sending``), not when the resend is decided: a job cancelled before it never resent.
     possible_duplicate_charges: Mapped[int] = mapped_column(Integer, default=0)
+    #: The attempt (a value of ``attempts``) that resends a submit whose outcome stayed unknown
+    #: (``WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit``), set when the resend is decided; NULL when
+    #: none was. Its POST, once recorded as sent, counts in ``possible_duplicate_charges``; a
+    #: POST of it given back unsent uncounts it, and the same attempt number sent later counts.
+    resend_attempt: Mapped[int | None] = mapped_column(Integer)
     #: Requests of this job fal proved (by a signed webhook) it accepted and ran besides the one
     #: the job kept: each was billed. ``server_default``: jobs stored before the column existed.
     confirmed_duplicate_charges: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

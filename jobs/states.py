@@ -98,7 +98,7 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
             S.QUEUED,  # a webhook or lookup proved the request exists
             S.RUNNING,
             S.DOWNLOADING,
-            S.RETRY_WAIT,  # policy: resubmit as a new attempt, counted as a possible duplicate charge
+            S.RETRY_WAIT,  # policy: resubmit as a new attempt, a possible duplicate charge once sent
             S.FAILED,  # policy: "submission outcome unknown"
             S.CANCELLED,
         }

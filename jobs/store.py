@@ -173,6 +173,7 @@ __all__ = [
     "record_duplicate_charge",
     "record_heartbeat",
     "record_result",
+    "record_send",
     "record_upload",
     "release_lease",
     "release_process_leases",
@@ -989,6 +990,19 @@ def _place_stored_sqlite(conn: Connection, batch_id: str, block: list[NewJob]) -
 
 
 _JOBS = cast(Table, Job.__table__)
+#: The attempt after the current one: a resend's number (:func:`retry_later`).
+_NEXT_ATTEMPT = _JOBS.c.attempts + 1
+#: Whether the attempt under way is the resend of a submit whose outcome stayed unknown.
+_IS_RESEND = _JOBS.c.resend_attempt == _JOBS.c.attempts
+#: ``possible_duplicate_charges`` once the attempt's POST is recorded as sent (:func:`record_send`).
+_RESEND_SENT: dict[str, ColumnElement[Any]] = {
+    "possible_duplicate_charges": _JOBS.c.possible_duplicate_charges + case((_IS_RESEND, 1), else_=0)
+}
+#: ``possible_duplicate_charges`` when the attempt is given back: a resend recorded as sent
+#: (its input written) that did not go out is uncounted (:func:`give_back`).
+_RESEND_UNSENT = _JOBS.c.possible_duplicate_charges - case(
+    (_IS_RESEND & _JOBS.c.submitted_input.is_not(None), 1), else_=0
+)
 #: ``ambiguous_usd`` grown by the job's estimate (:data:`UNPROVEN_EXITS`).
 _POSSIBLY_BILLED_MORE = _JOBS.c.ambiguous_usd + _JOBS.c.est_usd
 _NEW_JOB_COLUMNS = (
@@ -1567,12 +1581,15 @@ def retry_later(
 
     The new attempt is a new request, so its count of malformed status answers and failed
     result calls (``download_attempts``) starts afresh. ``possible_duplicate``: the attempt it
-    replaces may have been accepted and billed (an ambiguous submit), so it is counted in
-    ``possible_duplicate_charges``. ``fields`` (the error, the cost so far) are written too.
+    replaces may have been accepted and billed (an ambiguous submit), so the next attempt is
+    marked as its resend (``resend_attempt``). It is counted in ``possible_duplicate_charges``
+    only once its POST is recorded as sent (:func:`record_send`): a job cancelled, failed or
+    past its deadline before that never sent anything again. ``fields`` (the error, the cost
+    so far) are written too.
     """
     extra: dict[str, Any] = {"download_attempts": 0, **fields}
     if possible_duplicate:
-        extra["possible_duplicate_charges"] = incremented("possible_duplicate_charges")
+        extra["resend_attempt"] = _NEXT_ATTEMPT
     return _move(session, fence, JobState.RETRY_WAIT, reason, next_attempt_at=at, **_UNLEASED, **extra)
 
 
@@ -1602,8 +1619,12 @@ def give_back(
     session: Session, fence: Fence, *, reason: str, due_at: datetime | None = None, **fields: Any
 ) -> bool:
     """``submitting`` → ``pending``, the attempt not counted: its POST never left this process
-    (a limit held it back, its input could not be prepared, the process stopped). Due again at
-    ``due_at`` (at once when None)."""
+    (a limit held it back, its input could not be prepared, the process stopped), or fal
+    refused it unaccepted (429, the account). Due again at ``due_at`` (at once when None).
+
+    A resend of an unknown submit whose send was recorded (:func:`record_send`) is uncounted
+    from ``possible_duplicate_charges`` too: the same attempt number is sent again later, and
+    counted then."""
     not_counted = case((Job.attempts > 0, Job.attempts - 1), else_=0)
     return _move(
         session,
@@ -1611,6 +1632,7 @@ def give_back(
         JobState.PENDING,
         reason,
         attempts=not_counted,
+        possible_duplicate_charges=_RESEND_UNSENT,
         next_attempt_at=due_at,
         **_UNLEASED,
         **fields,
@@ -2173,6 +2195,34 @@ def take_lease(
     return None if row is None else fence.at(int(row.version))
 
 
+def record_send(
+    session: Session,
+    fence: Fence,
+    *,
+    now: datetime,
+    lease_seconds: float,
+    submitted_input: dict[str, Any],
+    sent_at: datetime,
+) -> Fence | None:
+    """:func:`take_lease` for a submit's POST, recording the exact input and send time right
+    before it goes out: the new fence, or None if lost.
+
+    This is the moment the job is *sent again*: when the attempt is the resend of a submit whose
+    outcome stayed unknown (``resend_attempt``), it counts in ``possible_duplicate_charges``
+    here, in the same UPDATE — not when the resend was decided, since a cancel, a budget or a
+    deadline may end the job before it goes. (:func:`give_back` uncounts it if it then does not.)
+    """
+    values = {
+        "lease_owner": fence.owner,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "updated_at": utcnow(),
+        "submitted_input": submitted_input,
+        "sent_at": sent_at,
+    }
+    row = _fenced_update(session, fence.job_id, fence.version, values, bump=True, counted=_RESEND_SENT)
+    return None if row is None else fence.at(int(row.version))
+
+
 def _fenced_update(
     session: Session,
     job_id: str,
@@ -2181,21 +2231,27 @@ def _fenced_update(
     *,
     bump: bool = False,
     owner: str | None = None,
+    counted: Mapping[str, ColumnElement[Any]] | None = None,
 ) -> Any:
     """``UPDATE jobs SET values [, version + 1] WHERE id, version [, lease_owner] RETURNING …``:
     the written row, or None when the job moved on. A prepared statement per set of columns
-    (see :func:`_prepared`); the session's copy of the job, if loaded, gets the values written."""
+    (see :func:`_prepared`); the session's copy of the job, if loaded, gets the values written.
+    ``counted``: columns set by SQL expressions as well — a module constant, since the prepared
+    statement is kept per its identity."""
+    computed = dict(counted or {})
 
     def build() -> Any:
         conditions = [_JOBS.c.id == bindparam("w_id"), _JOBS.c.version == bindparam("w_version")]
         if owner is not None:
             conditions.append(_JOBS.c.lease_owner == bindparam("w_owner"))
         written: dict[str, Any] = {k: bindparam(f"v_{k}", type_=_JOBS.c[k].type) for k in values}
+        written.update(computed)
         if bump:
             written["version"] = _JOBS.c.version + 1
         return update(_JOBS).where(*conditions).values(written).returning(*[_JOBS.c[k] for k in written])
 
-    statement = _prepared(("fenced", tuple(values), bump, owner is not None), build)
+    key = ("fenced", tuple(values), bump, owner is not None, id(counted) if counted else None)
+    statement = _prepared(key, build)
     params = {f"v_{k}": v for k, v in values.items()}
     params.update(w_id=job_id, w_version=version, w_owner=owner)
     row = _run(session, statement, params).first()

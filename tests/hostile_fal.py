@@ -27,20 +27,22 @@ def accept_submits(
 ) -> None:
     """fal accepts every submit to ``endpoint`` as ``request_id``; the answer's URLs point at
     ``urls_on`` when given (a host a hostile answer steers to), else at ``provider``."""
-    base = f"{urls_on or provider.url}/{endpoint}/requests/{request_id}"
-    provider.route(
-        "POST",
-        rf"/{endpoint}",
-        json_reply(
-            {
-                "request_id": request_id,
-                "status": "IN_QUEUE",
-                "queue_position": 0,
-                "status_url": f"{base}/status",
-                "response_url": base,
-                "cancel_url": f"{base}/cancel",
-            }
-        ),
+    provider.route("POST", rf"/{endpoint}", accepted_reply(urls_on or provider.url, request_id, endpoint))
+
+
+def accepted_reply(host: str, request_id: str, endpoint: str = "fal-ai/wan-22") -> Behaviour:
+    """fal's answer accepting a submit as ``request_id``, its URLs on ``host`` (for a
+    :func:`~tests.hostile.sequence` of answers)."""
+    base = f"{host}/{endpoint}/requests/{request_id}"
+    return json_reply(
+        {
+            "request_id": request_id,
+            "status": "IN_QUEUE",
+            "queue_position": 0,
+            "status_url": f"{base}/status",
+            "response_url": base,
+            "cancel_url": f"{base}/cancel",
+        }
     )
 
 

@@ -29,8 +29,8 @@ from jobs.errors import ConfigError
 from jobs.models import BatchState, Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
-from tests.hostile import HostileProvider, json_reply, reset
-from tests.hostile_fal import accept_submits
+from tests.hostile import Behaviour, HostileProvider, json_reply, reset, sequence
+from tests.hostile_fal import accept_submits, accepted_reply
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.fal.client import FalClient
 from worker.running import process_batch
@@ -191,10 +191,60 @@ def test_a_lost_answer_is_settled_at_once_without_a_receiver(
         assert "WANBATCH_WEBHOOK_URL" in (after.error or "")
         assert "may have accepted (and billed)" in (after.error or "")
     elif state == S.RETRY_WAIT:
-        assert after.possible_duplicate_charges == 1
+        assert after.possible_duplicate_charges == 0  # counted when the resend goes out
+        assert after.resend_attempt == after.attempts + 1
     else:  # a receiver may still prove it: wait for it, up to the deadline
         assert after.next_attempt_at is not None
         assert after.next_attempt_at > utcnow() + timedelta(seconds=500)
+
+
+def _resubmitting(engine: Engine, hostile: HostileProvider, *then: Behaviour) -> tuple[Runtime, str, str]:
+    """A job whose first POST's answer was lost, moved to ``retry_wait`` by the ``resubmit``
+    policy (no receiver): ``(runtime, batch id, job id)``. Later POSTs get ``then``."""
+    hostile.route("POST", rf"/{T2V}", sequence(reset(), *then))
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, submit_unknown_policy="resubmit"))
+    batch_id, job_id = one_job(engine, rt)
+    assert submit(rt, job_id) == "ambiguous"
+    assert job(engine, job_id).state == S.RETRY_WAIT
+    return rt, batch_id, job_id
+
+
+def test_a_resend_cancelled_before_it_went_out_is_no_possible_duplicate(
+    engine: Engine, hostile: HostileProvider
+) -> None:
+    """`possible_duplicate_charges` counts submissions *sent again* (CONTRACT): a job cancelled
+    in ``retry_wait`` (a cancel, a budget, a deadline) never was."""
+    rt, batch_id, job_id = _resubmitting(engine, hostile)
+    try:
+        with db.session_scope(engine) as session:
+            store.set_batch_state(session, batch_id, BatchState.CANCELLED)
+        assert cancel_jobs_of_cancelled_batches(rt) == 1
+    finally:
+        rt.client.close()
+    after = job(engine, job_id)
+    assert (after.state, after.possible_duplicate_charges) == (S.CANCELLED, 0)
+    assert hostile.count("POST", rf"/{T2V}") == 1
+    assert report(engine, batch_id)["possible_duplicate_charges"] == 0
+
+
+def test_a_resend_counts_once_when_it_goes_out(engine: Engine, hostile: HostileProvider) -> None:
+    """The resend counts when its POST is recorded as sent; a 429 that gives it back uncounts
+    it, and it counts again, once, when the same attempt is sent and accepted."""
+    rate_limited = json_reply({"detail": "slow down"}, 429)
+    rt, batch_id, job_id = _resubmitting(engine, hostile, rate_limited, accepted_reply(hostile.url, RID))
+    try:
+        assert dispatch(rt) == [job_id]
+        assert submit(rt, job_id) == "rate-limited"
+        refused = job(engine, job_id)
+        assert (refused.state, refused.possible_duplicate_charges) == (S.PENDING, 0)
+        assert dispatch(rt) == [job_id]
+        assert submit(rt, job_id) == "submitted"
+    finally:
+        rt.client.close()
+    after = job(engine, job_id)
+    assert (after.state, after.attempts, after.possible_duplicate_charges) == (S.QUEUED, 2, 1)
+    assert hostile.count("POST", rf"/{T2V}") == 3
+    assert report(engine, batch_id)["possible_duplicate_charges"] == 1
 
 
 # ------------------------------------------------------------------ 401/402/403 pause (item 12)

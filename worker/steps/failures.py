@@ -157,7 +157,9 @@ def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> 
     """Apply ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` to ``job`` (in ``submit_unknown`` at ``job.version``).
 
     ``resubmit`` (while attempts remain) sends it again as a new attempt, counted in
-    ``possible_duplicate_charges``; otherwise it fails with "submission outcome unknown" and why.
+    ``possible_duplicate_charges`` when that attempt's POST is recorded as sent
+    (:func:`jobs.store.record_send`), so a job cancelled before it is not; otherwise it fails
+    with "submission outcome unknown" and why.
     """
     fence = rt.fence(job)
     resubmit = rt.settings.submit_unknown_policy == "resubmit"

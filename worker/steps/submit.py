@@ -226,10 +226,11 @@ def _submit(rt: Runtime, job_id: str) -> str:
     # Record what we are about to send, and when, before the POST goes out: if this process
     # dies from here on, the reconciler knows the submit's outcome is unknown, and a lost answer
     # counts the money it may have cost under the day it was sent (``sent_at``).
-    # take_lease bumps the version: of two copies of this message, exactly one gets here.
+    # record_send (a take_lease) bumps the version: of two copies of this message, exactly one
+    # gets here. A resend of an unknown submit counts as a possible duplicate charge here, as it is sent.
     with db.session_scope(rt.engine) as session:
         sent_at = utcnow()
-        taken = store.take_lease(
+        taken = store.record_send(
             session,
             fence,
             now=sent_at,
