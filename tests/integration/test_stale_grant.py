@@ -53,13 +53,13 @@ def _grants(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 def _stall_lease_commits(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = store.take_lease
+    real = store.record_send
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         time.sleep(STALL)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(store, "take_lease", slow)
+    monkeypatch.setattr(store, "record_send", slow)
 
 
 def _one_claimed(engine: Engine, rt: Runtime) -> str:
