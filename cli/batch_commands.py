@@ -809,6 +809,12 @@ def run(
     help="Sweep an input field over a comma list (resolution=480p,720p) or an integer range "
     "(seed=1..8): every job once per value, the rest exact. Repeatable: the product.",
 )
+@click.option(
+    "--pay-again",
+    is_flag=True,
+    help="With --failed-only: also send the jobs an earlier rerun already rendered with the same "
+    "input (left out by default: they would be paid for twice).",
+)
 @json_option
 @simulate_option
 @progress_option
@@ -818,6 +824,7 @@ def rerun(
     new_seeds: bool,
     max_usd: str | None,
     vary: tuple[str, ...],
+    pay_again: bool,
     as_json: bool,
     simulate: bool,
     no_progress: bool,
@@ -826,6 +833,8 @@ def rerun(
 
     `--vary FIELD=VALUES` sweeps a field (values checked against each endpoint's schema first).
     With `--failed-only` and no failed or cancelled job, it says so and creates nothing (exit 0).
+    `--failed-only` leaves out jobs an earlier rerun already rendered with the same input (it
+    names that rerun) unless `--pay-again`.
     """
 
     new = _NewRerun(simulate)
@@ -844,6 +853,7 @@ def rerun(
             "new_seeds": new_seeds,
             "max_usd": cap,
             "vary": sweeps,
+            "pay_again": pay_again,
         }
         with fal_settings(settings, simulate) as target:
             try:

@@ -523,21 +523,42 @@ def money_line(report: BatchReport) -> str:
             f"[yellow]{report['cancelled_for_budget']} job(s) cancelled: budget cap reached[/yellow]"
         )
         lines.extend(_budget_advice(report))
+    if rendered := _rendered_line(report):
+        lines.append(rendered)
     return "\n".join(lines)
+
+
+def _rendered_line(report: BatchReport) -> str:
+    """Where the videos of the failed or cancelled jobs a rerun rendered since are: ``rerun
+    --failed-only`` leaves those jobs out, so advising it for them would mislead."""
+    from jobs.rendered import reruns_text  # loaded already: it made the report
+
+    rendered = report["rerun_rendered"]
+    if not rendered["jobs"]:
+        return ""
+    return escape(
+        f"{rendered['jobs']} failed or cancelled job(s) rendered since by a rerun: "
+        f"{reruns_text(rendered['reruns'])}"
+    )
 
 
 def _budget_advice(report: BatchReport) -> list[str]:
     """How to run what a cap cancelled: a new batch cap (``--max-usd``) for the jobs the batch's
     own cap stopped; a higher ``WANBATCH_DAILY_BUDGET_USD``, or the next UTC day, for those the
-    daily cap stopped — which no ``--max-usd`` can let through."""
+    daily cap stopped — which no ``--max-usd`` can let through. Jobs a rerun already rendered
+    are not counted: ``rerun --failed-only`` leaves them out (:func:`_rendered_line` says where
+    their videos are)."""
     # A simulation's jobs go to the simulator again: without --simulate the hint would send
     # them to fal (paid), or stop at the missing FAL_KEY.
     simulate = " --simulate" if report["simulated"] else ""
     rerun = f"wanbatch rerun {escape(short_id(report['batch']))} --failed-only{simulate}"
-    daily = report["cancelled_for_daily_budget"]
+    rendered = report["rerun_rendered"]
+    daily = report["cancelled_for_daily_budget"] - rendered["cancelled_for_daily_budget"]
+    capped = report["cancelled_for_budget"] - rendered["cancelled_for_budget"] - daily
     advice = []
-    if report["cancelled_for_budget"] > daily:
-        advice.append(f"  to run them: `{rerun} --max-usd AMOUNT`")
+    if capped:
+        them = f"the other {capped}" if rendered["cancelled_for_budget"] else "them"
+        advice.append(f"  to run {them}: `{rerun} --max-usd AMOUNT`")
     if daily:
         advice.append(
             f"  {daily} by today's cap (WANBATCH_DAILY_BUDGET_USD): raise it, or wait for the next "

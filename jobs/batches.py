@@ -39,6 +39,17 @@ from jobs.models import Batch, BatchState, utcnow
 from jobs.money import too_much_usd, usd_json, usd_text
 from jobs.pricing import Totals, estimate_job
 from jobs.printable import shell_ref, shortened
+from jobs.rendered import (
+    RERUN_FAILED_STATES,
+    RenderedBy,
+    RerunRendered,
+    rendered_by,
+    renders,
+    rerun_input,
+    rerun_rendered,
+    reruns_text,
+    tally,
+)
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
 from jobs.states import UNFINISHED_STATES, JobState
@@ -648,6 +659,10 @@ class BatchReport(TypedDict):
     created_at: str
     #: Made by ``--simulate``: its requests go to the bundled simulator, never to fal.
     simulated: bool
+    #: Its failed or cancelled jobs a rerun of it has rendered since (:mod:`jobs.rendered`):
+    #: ``rerun --failed-only`` leaves them out, and ``status`` names the rerun instead of
+    #: advising one.
+    rerun_rendered: RerunRendered
 
 
 class BatchProgress(TypedDict):
@@ -1052,6 +1067,7 @@ def batch_report(
         "parent_batch": batch.parent_batch_id,
         "created_at": batch.created_at.isoformat(),
         "simulated": batch.simulated,
+        "rerun_rendered": rerun_rendered(session, batch),
     }
 
 
@@ -1366,6 +1382,7 @@ def rerun_batch(
     new_seeds: bool = False,
     max_usd: Decimal | None = None,
     vary: Sequence[Vary] = (),
+    pay_again: bool = False,
     settings: Settings,
     simulated: bool = False,
     on_batch: Callable[[str, str], None] | None = None,
@@ -1389,6 +1406,13 @@ def rerun_batch(
     one-line :class:`UsageError` and nothing is stored. When no job qualifies (``failed_only``
     on a batch where every job succeeded) nothing is stored either: :class:`NothingToRerun`.
 
+    ``failed_only`` leaves out the jobs an earlier rerun of the batch (any generation, of the
+    same kind) already rendered with the very input this one would send (:mod:`jobs.rendered`),
+    with a warning that names that rerun — or, when that is all of them, :class:`NothingToRerun`
+    naming it: running the same command twice paid for the same videos twice. ``pay_again``
+    (``--pay-again``) sends them all the same. A plain rerun is a reproducibility run, paid again
+    on purpose: it never leaves anything out.
+
     Variants: without ``vary`` (or with one combination) each job keeps its parent's ``variant``,
     its place in the manifest, which ``diff`` pairs batches of one manifest by. With several
     combinations they are numbered anew, densely per item (0, 1, … in the parent's order, then
@@ -1411,18 +1435,16 @@ def rerun_batch(
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
         parent = store.get_batch(session, ref)
-        wanted = [JobState.FAILED, JobState.CANCELLED] if failed_only else None
+        wanted = list(RERUN_FAILED_STATES) if failed_only else None
         digests: dict[str, str | None] = {}
         unseeded: list[int] = []  # unfinished jobs whose seed nobody knows yet (their items)
 
         def new_jobs() -> Iterator[store.NewJob]:
             for job in store.jobs_of_batch(session, parent.id, states=wanted):
                 spec = get_endpoint(job.endpoint)
-                stored = before[job.id] = dict(job.input)
+                stored = before[job.id] = rerun_input(job.input, None if new_seeds else job.seed)
                 if new_seeds:
                     stored["seed"] = secrets.randbelow(2**31)
-                elif job.seed is not None:
-                    stored["seed"] = int(job.seed)
                 elif stored.get("seed") is None and not job.state.terminal:
                     unseeded.append(job.item_index)
                 combos = sweep.combos(spec)  # checked for this endpoint on first use
@@ -1451,12 +1473,19 @@ def rerun_batch(
         rows = list(new_jobs())
         if not rows:
             raise NothingToRerun(_nothing_to_rerun(session, parent, failed_only))
+        rendered: list[RenderedBy] = []
+        if failed_only and not pay_again:
+            rows, rendered = _not_rendered(session, parent, rows, simulated=simulated)
+            if not rows:
+                raise NothingToRerun(_all_rendered(parent, rendered))
         if unseeded:
             raise UsageError(_still_running(parent, len(unseeded)))
         changed = _changed_sources(rows, Path(parent.manifest_path).parent)
         if changed:
             raise UsageError(_sources_changed(parent, changed))
         rows, warnings = _placed(rows, swept, lambda row, twin: _repeat_cause(row, twin, before, vary))
+        if rendered:
+            warnings.insert(0, _left_out(parent, rendered))
         name = _rerun_name(session, parent)
         batch, created = store.get_or_create_batch(
             session,
@@ -1470,7 +1499,7 @@ def rerun_batch(
             manifest_text=parent.manifest_text,  # provenance: the manifest the jobs came from
             simulated=simulated,
             rerun_options=rerun_options(
-                failed_only=failed_only, new_seeds=new_seeds, max_usd=max_usd, vary=vary
+                failed_only=failed_only, new_seeds=new_seeds, max_usd=max_usd, vary=vary, pay_again=pay_again
             ),
         )
         if not created:  # another rerun took the free name at the same moment (PostgreSQL)
@@ -1484,17 +1513,65 @@ def rerun_batch(
 
 
 def rerun_options(
-    *, failed_only: bool, new_seeds: bool, max_usd: Decimal | None, vary: Sequence[Vary]
+    *,
+    failed_only: bool,
+    new_seeds: bool,
+    max_usd: Decimal | None,
+    vary: Sequence[Vary],
+    pay_again: bool = False,
 ) -> dict[str, Any]:
     """What a rerun batch stores of the options that made it (``batches.rerun_options``): enough
     to write the command again (an ``hf`` export's dataset card shows it). ``max_usd`` only when
-    given (the batch's own cap is ``budget_max_usd``), ``vary`` as typed, in order."""
-    return {
+    given (the batch's own cap is ``budget_max_usd``), ``vary`` as typed, in order;
+    ``pay_again`` only when given (batches stored before it existed have no such key)."""
+    options: dict[str, Any] = {
         "failed_only": failed_only,
         "new_seeds": new_seeds,
         "max_usd": None if max_usd is None else str(max_usd),
         "vary": [v.text for v in vary],
     }
+    if pay_again:
+        options["pay_again"] = True
+    return options
+
+
+def _not_rendered(
+    session: Session, parent: Batch, rows: list[store.NewJob], *, simulated: bool
+) -> tuple[list[store.NewJob], list[RenderedBy]]:
+    """The rerun's jobs without those an earlier rerun of ``parent`` (of this kind: a simulation
+    or a batch for fal) already rendered with the same input, and the reruns holding those."""
+    found = renders(session, parent.id, simulated=simulated)
+    if not found:
+        return rows, []
+    kept: list[store.NewJob] = []
+    rendered = []
+    for row in rows:
+        render = rendered_by(found.get(row.rerun_of or "", ()), row.input)
+        if render is None:
+            kept.append(row)
+        else:
+            rendered.append(render)
+    return kept, tally(rendered)
+
+
+def _all_rendered(parent: Batch, rendered: list[RenderedBy]) -> str:
+    """Why ``rerun --failed-only`` made no batch: every job it would send was rendered already."""
+    count = sum(r["jobs"] for r in rendered)
+    jobs = "failed or cancelled job" if count == 1 else f"{count} failed or cancelled jobs"
+    return (
+        f"nothing to rerun: the {jobs} of batch {parent.name} "
+        f"{'was' if count == 1 else 'were'} already rendered with the same input by "
+        f"{reruns_text(rendered)}; no batch was created (--pay-again renders and pays for them again)"
+    )
+
+
+def _left_out(parent: Batch, rendered: list[RenderedBy]) -> str:
+    """The warning of a ``rerun --failed-only`` that left out jobs an earlier rerun rendered."""
+    count = sum(r["jobs"] for r in rendered)
+    return (
+        f"{count} failed or cancelled job(s) of batch {parent.name} left out: already rendered "
+        f"with the same input by {reruns_text(rendered)}; --pay-again renders and pays for them again"
+    )
 
 
 def _rerun_schedule(parent: Batch) -> Schedule | None:

@@ -422,6 +422,8 @@ def _rerun_command(batch: Batch, parent_id: str) -> str | None:
         words += ["--max-usd", str(options["max_usd"])]
     for text in options.get("vary") or ():
         words += ["--vary", str(text)]
+    if options.get("pay_again"):
+        words.append("--pay-again")
     if batch.simulated:
         words.append("--simulate")
     return shlex.join(words)

@@ -289,7 +289,8 @@ class Batch(Base):
     #: Deferred: read only for provenance (re-submit, rerun), never on the hot paths that load a batch.
     manifest_text: Mapped[str | None] = mapped_column(Text, deferred=True)
     #: How ``wanbatch rerun`` made this batch (:func:`jobs.batches.rerun_options`): ``failed_only``,
-    #: ``new_seeds``, ``max_usd`` (as given, or null) and ``vary`` (each option's text), for the
+    #: ``new_seeds``, ``max_usd`` (as given, or null), ``vary`` (each option's text) and, only
+    #: when given, ``pay_again`` (``--pay-again``), for the
     #: command an ``hf`` export's dataset card shows. NULL for a batch a manifest made, and for
     #: reruns stored before it was kept. Deferred, as ``manifest_text``: provenance only.
     rerun_options: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, deferred=True)

@@ -2611,6 +2611,51 @@ def jobs_of_batch(
     yield from session.scalars(query)
 
 
+@dataclass(frozen=True, slots=True)
+class RerunRepeat:
+    """One job of a later rerun (any generation) that repeats a job of an earlier batch: what
+    :func:`rerun_repeats` gives, for ``rerun --failed-only`` and ``status`` to tell which failed
+    or cancelled jobs a rerun already rendered."""
+
+    job_id: str
+    #: The job it repeats: one of the batch's own, or a repeat of an earlier generation.
+    rerun_of: str
+    batch_id: str
+    batch_name: str
+    simulated: bool
+    succeeded: bool
+    input: dict[str, Any]
+
+
+def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -> list[RerunRepeat]:
+    """Every job of the reruns of ``batch_id`` (its reruns, theirs, …) that repeats one of its
+    jobs in ``states``, directly or through a repeat of a former generation; generation by
+    generation, so each row's ``rerun_of`` is the batch's job or a row before it.
+
+    Walked by the batches' ``parent_batch_id`` (few rows) and then each child batch's jobs
+    (``batch_id`` is indexed), never by a scan of every job's ``rerun_of``."""
+    found: list[RerunRepeat] = []
+    parents = [batch_id]
+    repeated: Any = select(Job.id).where(Job.batch_id == batch_id, Job.state.in_(list(states)))
+    while parents:
+        children = list(session.scalars(select(Batch.id).where(Batch.parent_batch_id.in_(parents))))
+        if not children:
+            break
+        generation = (
+            select(Job.id, Job.rerun_of, Job.batch_id, Batch.name, Batch.simulated, Job.state, Job.input)
+            .join(Batch, Batch.id == Job.batch_id)
+            .where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
+            .order_by(Batch.created_at, Job.item_index, Job.variant, Job.id)
+        )
+        for job_id, of, batch, name, simulated, state, data in session.execute(generation):
+            found.append(
+                RerunRepeat(job_id, of, batch, name, bool(simulated), state == JobState.SUCCEEDED, dict(data))
+            )
+        repeated = select(Job.id).where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
+        parents = children
+    return found
+
+
 def job_events(session: Session, job_id: str) -> list[JobEvent]:
     """A job's history, oldest first."""
     return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))

@@ -531,6 +531,8 @@ class Dashboard:
         else:
             then = f"nothing sends it until `wanbatch run {ref}` (no workers: no WANBATCH_BROKER_URL)"
         message = f"created batch {result.name} with {result.added} job(s) of {batch.name}: {then}"
+        for warning in result.warnings:  # the jobs an earlier rerun rendered, left out
+            message += f"; {warning}"
         return Outcome(message, result.batch_id, result.as_dict())
 
     # ---------------------------------------------------------------- login

@@ -7,10 +7,12 @@ from typing import Any, cast
 from cli.output import _budget_advice
 from jobs.batches import BatchReport
 
+NOTHING_RENDERED = {"jobs": 0, "cancelled_for_budget": 0, "cancelled_for_daily_budget": 0, "reruns": []}
+
 
 def _report(**fields: Any) -> BatchReport:
     base = {"batch": "a9262bde" + "0" * 24, "cancelled_for_budget": 3, "cancelled_for_daily_budget": 0}
-    return cast(BatchReport, {**base, "simulated": False, **fields})
+    return cast(BatchReport, {**base, "simulated": False, "rerun_rendered": NOTHING_RENDERED, **fields})
 
 
 def test_the_batch_cap_advises_a_new_cap() -> None:
@@ -28,5 +30,30 @@ def test_the_daily_cap_advises_the_setting_or_the_next_day() -> None:
     advice = _budget_advice(_report(cancelled_for_daily_budget=3))
     assert advice == [
         "  3 by today's cap (WANBATCH_DAILY_BUDGET_USD): raise it, or wait for the next UTC day, "
+        "then `wanbatch rerun a9262bde --failed-only`"
+    ]
+
+
+def _rendered(budget: int, daily: int = 0) -> dict[str, Any]:
+    rerun = {"batch": "b" * 32, "name": "sweep-rerun-1", "jobs": budget}
+    return {
+        "jobs": budget,
+        "cancelled_for_budget": budget,
+        "cancelled_for_daily_budget": daily,
+        "reruns": [rerun],
+    }
+
+
+def test_jobs_a_rerun_rendered_are_not_advised_again() -> None:
+    assert _budget_advice(_report(rerun_rendered=_rendered(3))) == []
+    assert _budget_advice(_report(rerun_rendered=_rendered(1))) == [
+        "  to run the other 2: `wanbatch rerun a9262bde --failed-only --max-usd AMOUNT`"
+    ]
+
+
+def test_daily_cap_jobs_a_rerun_rendered_are_not_advised_again() -> None:
+    advice = _budget_advice(_report(cancelled_for_daily_budget=3, rerun_rendered=_rendered(2, daily=2)))
+    assert advice == [
+        "  1 by today's cap (WANBATCH_DAILY_BUDGET_USD): raise it, or wait for the next UTC day, "
         "then `wanbatch rerun a9262bde --failed-only`"
     ]

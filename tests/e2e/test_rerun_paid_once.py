@@ -1,0 +1,127 @@
+"""``rerun --failed-only`` never pays twice for a video a rerun of the batch already rendered.
+
+The audit: a budget cap cancelled jobs of ``budget1``; ``wanbatch rerun budget1 --failed-only
+--max-usd 5``, run again from the shell history, made ``budget1-rerun-2``, ``-3``, … each
+rendering (and paying for) the same pinned-seed inputs, and ``status budget1`` kept advising
+that rerun. A plain ``rerun`` stays a reproducibility run: it pays again on purpose.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import MakeManifest, Wb, processed
+
+# 6 pinned-seed jobs × $0.20: a $0.60 cap lets 3 through and cancels 3.
+SIX_JOBS = """\
+name: budget1
+endpoint: fal-ai/wan-i2v
+defaults:
+  resolution: 480p
+  num_frames: 81
+matrix:
+  seed: [1, 2, 3, 4, 5, 6]
+items:
+  - prompt: Clouds drifting past the peak
+    image_url: images/landscape.jpg
+budget:
+  max_usd: 0.60
+"""
+
+
+def _capped_batch(wb: Wb, sim: SimulatorHandle, manifest: MakeManifest) -> str:
+    """``budget1``: 3 jobs succeeded, 3 cancelled by the cap; 3 renders paid."""
+    first = wb("run", manifest("budget1", SIX_JOBS), "--json", "--no-progress")
+    report: dict[str, Any] = first.json()
+    assert report["counts"]["succeeded"] == 3
+    assert report["cancelled_for_budget"] == 3
+    assert sim.ledger()["accepted"] == 3
+    return str(report["batch"])
+
+
+def _status(wb: Wb, batch: str) -> str:
+    """``status BATCH`` as one line of words (the table wraps it)."""
+    done = wb("status", batch)
+    assert done.code == 0, done.stderr
+    return " ".join(done.stdout.split())
+
+
+@pytest.mark.slow
+def test_failed_only_again_pays_nothing_and_status_names_the_rerun(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    parent = _capped_batch(wb, sim, manifest)
+    first = processed(wb, "rerun", "budget1", "--failed-only", "--max-usd", "5")
+    assert first["name"] == "budget1-rerun-1"
+    assert first["counts"]["succeeded"] == 3
+    assert sim.ledger()["accepted"] == 6
+
+    status = _status(wb, "budget1")
+    assert "to run them" not in status  # no rerun advised for what is rendered
+    assert "3 failed or cancelled job(s) rendered since by a rerun: budget1-rerun-1" in status
+    assert "`wanbatch export budget1-rerun-1` lists their videos" in status
+    rendered = wb("status", "budget1", "--json").json()["rerun_rendered"]
+    assert rendered["jobs"] == rendered["cancelled_for_budget"] == 3
+    assert [r["name"] for r in rendered["reruns"]] == ["budget1-rerun-1"]
+
+    again = wb("rerun", "budget1", "--failed-only", "--max-usd", "5", "--json", "--no-progress")
+
+    assert again.code == 0, again.stderr
+    nothing = again.json()
+    assert nothing["batch"] is None
+    message = " ".join(nothing["message"].split())
+    assert "already rendered with the same input by budget1-rerun-1" in message
+    assert "--pay-again" in message
+    assert sim.ledger()["accepted"] == 6  # nothing paid twice
+    names = [b["name"] for b in wb("status", "--json").json()["batches"]]
+    assert sorted(names) == ["budget1", "budget1-rerun-1"]  # no batch was created
+
+    # Asked for in so many words, it renders (and pays for) them again.
+    forced = processed(wb, "rerun", "budget1", "--failed-only", "--max-usd", "5", "--pay-again")
+    assert forced["counts"]["succeeded"] == 3
+    assert sim.ledger()["accepted"] == 9
+    # A plain rerun compares whole runs: every job is rendered again, on purpose.
+    sweep = processed(wb, "rerun", parent, "--max-usd", "5")
+    assert sweep["total"] == 6
+    assert sim.ledger()["accepted"] == 15
+
+
+@pytest.mark.slow
+def test_failed_only_leaves_out_only_what_a_rerun_rendered_in_any_generation(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    _capped_batch(wb, sim, manifest)
+    # A cap of $0.20 renders one of the three; the other two are cancelled again.
+    child = wb("rerun", "budget1", "--failed-only", "--max-usd", "0.20", "--json", "--no-progress")
+    assert child.code == 1, child.stderr  # jobs cancelled: exit 1
+    assert child.json()["counts"]["succeeded"] == 1
+    status = _status(wb, "budget1")
+    assert "to run the other 2: `wanbatch rerun" in status
+    assert "1 failed or cancelled job(s) rendered since by a rerun: budget1-rerun-1" in status
+
+    second = wb("rerun", "budget1", "--failed-only", "--max-usd", "0.20", "--json", "--no-progress")
+
+    assert second.code == 1, second.stderr  # one of the two cancelled by the cap
+    assert second.json()["total"] == 2  # the rendered one is left out, with a warning
+    warning = " ".join(second.stderr.split())
+    assert "1 failed or cancelled job(s) of batch budget1 left out" in warning
+    assert "budget1-rerun-1" in warning
+    assert second.json()["counts"]["succeeded"] == 1
+    assert sim.ledger()["accepted"] == 5
+
+    # The last one, rendered by a rerun of a rerun, counts as rendered too.
+    grandchild = processed(wb, "rerun", second.json()["name"], "--failed-only", "--max-usd", "1")
+    assert grandchild["counts"]["succeeded"] == 1
+    assert sim.ledger()["accepted"] == 6
+
+    last = wb("rerun", "budget1", "--failed-only", "--max-usd", "5", "--no-progress")
+
+    assert last.code == 0, last.stderr
+    said = " ".join(last.stdout.split())
+    assert "nothing to rerun: the 3 failed or cancelled jobs of batch budget1 were already rendered" in said
+    assert "budget1-rerun-1 (1 job), budget1-rerun-2 (1 job) and budget1-rerun-2-rerun-1 (1 job)" in said
+    assert sim.ledger()["accepted"] == 6
+    assert "--max-usd AMOUNT" not in _status(wb, "budget1")
