@@ -1079,11 +1079,36 @@ def migrate(engine: Engine, revision: str = "head", *, from_models: bool = True)
     from alembic import command
 
     cfg = alembic_config()
-    with engine.connect() as conn:
+    with engine.connect() as conn, _references_unchecked(conn):
         _lock_schema(conn)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
         conn.commit()
+
+
+@contextlib.contextmanager
+def _references_unchecked(conn: Connection) -> Iterator[None]:
+    """SQLite: foreign keys not enforced while the schema changes, on again after.
+
+    Batch mode rebuilds a table by copying it and dropping the old one; with foreign keys on,
+    that DROP fails as soon as any row of another table refers to it (a downgrade of ``jobs``
+    with one job event stored). The pragma has to be set outside a transaction, so on the
+    driver's connection before the change's transaction opens
+    (https://alembic.sqlalchemy.org/en/latest/batch.html#dealing-with-referencing-foreign-keys).
+    The rows copied are the rows dropped: nothing can dangle.
+    """
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    raw.execute("PRAGMA foreign_keys = OFF")
+    try:
+        yield
+    finally:
+        if conn.in_transaction():  # failed: a pragma inside the transaction would do nothing
+            conn.rollback()
+        raw.execute("PRAGMA foreign_keys = ON")
 
 
 def _lock_schema(conn: Connection) -> None:
@@ -1126,7 +1151,7 @@ def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
     cfg = alembic_config()
-    with engine.connect() as conn:
+    with engine.connect() as conn, _references_unchecked(conn):
         _lock_schema(conn)
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Column, Engine, Integer, MetaData, inspect, text
+from sqlalchemy import Column, Engine, Integer, MetaData, insert, inspect, text
 
 from jobs.db import SCHEMA_HEAD, alembic_config, downgrade, make_engine, migrate
 from jobs.models import Base
@@ -177,3 +177,47 @@ def test_a_new_database_from_the_models_is_the_migrated_one(
     finally:
         from_models.dispose()
         from_history.dispose()
+
+
+def test_migration_0019_uncounts_resends_that_never_went_out(empty_engine: Engine) -> None:
+    """Jobs stored before 0019 counted a resend of an unknown submit when it was decided: one
+    cancelled in ``retry_wait`` loses that count and owes it (a downgrade counts it again); one
+    whose resend went out keeps it."""
+    from jobs.models import JobEvent
+    from jobs.states import JobState as S
+    from tests.step_runtime import add_batch, job_ids
+
+    migrate(empty_engine, from_models=False)
+    batch_id = add_batch(empty_engine, "m19", [("fal-ai/wan-22", {"prompt": p}) for p in ("a", "b")])
+    cancelled, resent = job_ids(empty_engine, batch_id)
+    unknown = [(S.SUBMITTING, S.SUBMIT_UNKNOWN), (S.SUBMIT_UNKNOWN, S.RETRY_WAIT)]
+    moves = {
+        cancelled: [*unknown, (S.RETRY_WAIT, S.CANCELLED)],
+        resent: [*unknown, (S.RETRY_WAIT, S.SUBMITTING)],
+    }
+    downgrade(empty_engine, "0018")
+    with empty_engine.begin() as conn:
+        for job_id, steps in moves.items():
+            attempts = 1 if job_id == cancelled else 2
+            conn.execute(
+                text("UPDATE jobs SET possible_duplicate_charges = 1, attempts = :a WHERE id = :j"),
+                {"a": attempts, "j": job_id},
+            )
+            for version, (before, after) in enumerate(steps, start=10):
+                conn.execute(
+                    insert(JobEvent).values(job_id=job_id, from_state=before, to_state=after, version=version)
+                )
+
+    def counts() -> dict[str, tuple[int, int | None]]:
+        with empty_engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, possible_duplicate_charges, resend_attempt FROM jobs"))
+            return {r[0]: (r[1], r[2]) for r in rows}
+
+    migrate(empty_engine, from_models=False)
+    assert counts() == {cancelled: (0, 2), resent: (1, None)}
+    downgrade(empty_engine, "0018")
+    with empty_engine.connect() as conn:
+        again: dict[str, int] = dict(
+            conn.execute(text("SELECT id, possible_duplicate_charges FROM jobs")).all()
+        )
+    assert again == {cancelled: 1, resent: 1}
