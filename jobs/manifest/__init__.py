@@ -37,8 +37,10 @@ Then:
 - CSV cells are text; they are converted to the field's type (integer, number, boolean) and an
   empty cell means the field is absent. A cell that does not convert stays text and is reported
   by validation;
-- local media paths become absolute, relative to the manifest's folder (or to the
-  ``items_from`` file's folder for its rows), with ``~``, ``..`` and symlinks resolved. The result
+- local media paths become absolute, relative to the folder of the file the value was written
+  in: the manifest's for ``defaults``, ``matrix`` and ``items`` (whichever item the value lands
+  in), the ``items_from`` file's for the values a row sets itself; ``~``, ``..`` and symlinks
+  resolved. The result
   must lie inside the manifest's folder (or a folder the user allowed explicitly with
   ``--allow-dir`` / ``WANBATCH_ALLOWED_INPUT_DIRS``); anything else is a located error, and the
   file is never read. The same holds for ``items_from`` itself.

@@ -2,9 +2,10 @@
 
 - A YAML key written twice in one mapping is an error at its second line (the loader keeps
   both lines); identical jobs collapse to one, with a warning naming the first item.
-- Local media paths become absolute, relative to the item's folder, with ``~``, ``..`` and
-  symlinks resolved; a path that leads outside the allowed folders is a located error and its
-  file is never read.
+- Local media paths become absolute, relative to the folder of the file that wrote them (the
+  manifest's; an ``items_from`` row's own values: that file's), with ``~``, ``..`` and symlinks
+  resolved; a path that leads outside the allowed folders is a located error and its file is
+  never read.
 
 Per-value checks (types, ranges, media formats) live in :mod:`jobs.validation`.
 """
@@ -98,12 +99,16 @@ def resolve_input(
     base_dir: Path,
     roots: tuple[str, ...],
     paths: dict[tuple[str, str], LocalPath],
+    field_dirs: Mapping[str, Path] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The input with local paths made real; and the media fields whose path is outside ``roots``.
 
-    ``null`` values are dropped; an integer given for a text enum of numbers (``duration: 5``)
-    becomes that text. ``paths`` caches resolved paths for one pass. A value holding a NUL is
-    left as written (validation refuses it; the OS would raise on it).
+    A relative path is resolved from ``field_dirs[field]`` when given (the folder of the file
+    that wrote the value: an ``items_from`` row's own values), else from ``base_dir`` (the
+    manifest's folder). Either way it must land inside ``roots``. ``null`` values are dropped;
+    an integer given for a text enum of numbers (``duration: 5``) becomes that text. ``paths``
+    caches resolved paths for one pass. A value holding a NUL is left as written (validation
+    refuses it; the OS would raise on it).
     """
     out: dict[str, Any] = {}
     outside: dict[str, str] = {}
@@ -119,10 +124,11 @@ def resolve_input(
                     and "\0" not in value
                     and classify(value) is MediaKind.PATH
                 ):
-                    mark = (str(base_dir), value)
+                    folder = str((field_dirs or {}).get(key, base_dir))
+                    mark = (folder, value)
                     local = paths.get(mark)
                     if local is None:
-                        local = paths[mark] = resolve_local(value, str(base_dir), roots)
+                        local = paths[mark] = resolve_local(value, folder, roots)
                     value = local.path
                     if not local.inside:
                         outside[key] = local.path

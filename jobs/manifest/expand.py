@@ -265,13 +265,14 @@ class Manifest:
                     severity="warning",
                 )
             )
+        row_dirs = self._row_dirs(raw)
         for variant, combo in enumerate(combos):
             values = dict(base)
             job_origins = dict(origins)
             for key, value, line in combo:
                 values[key] = value
                 job_origins[key] = (self.display, line)
-            resolved, outside = resolve_input(spec, values, raw.base_dir, self.roots, paths)
+            resolved, outside = resolve_input(spec, values, self.base_dir, self.roots, paths, row_dirs)
             sink.extend(outside_issues(raw, values, outside, job_origins))
             yield JobSpec(
                 item_index=raw.index,
@@ -286,6 +287,14 @@ class Manifest:
                 variant=variant,
                 source_files=source_files(spec, values, resolved, digests, refused=outside),
             )
+
+    def _row_dirs(self, raw: RawItem) -> dict[str, Path]:
+        """The folder each field the item itself sets is resolved from (its file's: an
+        ``items_from`` row's is that file's folder), the matrix's fields left out (the matrix
+        wins over the item). A value written in the manifest (``defaults``, ``matrix``) resolves
+        from the manifest's folder whichever item it lands in: ``defaults: {image_url:
+        images/a.png}`` must not name ``data/images/a.png`` for the rows of ``data/rows.jsonl``."""
+        return {key: raw.base_dir for key in raw.fields if key != "endpoint" and key not in self.matrix}
 
     def _endpoint_for(self, raw: RawItem, sink: list[Issue]) -> EndpointSpec | None:
         if "endpoint" not in raw.fields:

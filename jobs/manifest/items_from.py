@@ -194,14 +194,22 @@ def csv_items(
 
     Read strictly: a quote left open at the end of the file, or text right after a closing
     quote, is an error, not a cell that swallowed the rest of its row (or of the file) into a
-    prompt that would then be paid for. Quotes inside an unquoted cell stay literal."""
+    prompt that would then be paid for. Quotes inside an unquoted cell stay literal.
+
+    Bytes that are not UTF-8 are kept as lone surrogates (``surrogateescape``) rather than
+    raised at once: the decoder reads ahead in blocks, so its error came before the row was
+    known and named line 1, item 0. The row holding them is refused instead, "not UTF-8 text"
+    at its own line as in JSONL, and reading goes on."""
     base_dir = path.parent
-    with path.open(encoding="utf-8-sig", newline="") as fh:
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.reader(fh, strict=True)
         last = 0  # the line the previous row ended on: the next one starts after it
         try:
             header = next(reader, None)
             if header is None:
+                return
+            if not_utf8(header):
+                sink.append(row_issue(display, 1, None, "the header row is not UTF-8 text"))
                 return
             names = [h.strip() for h in header]
             if any(not n for n in names) or len(set(names)) != len(names):
@@ -215,7 +223,9 @@ def csv_items(
                 last = reader.line_num
                 if not any(cell.strip() for cell in row):
                     continue
-                if len(row) > len(names):
+                if not_utf8(row):
+                    sink.append(row_issue(display, line, index, "not UTF-8 text"))
+                elif len(row) > len(names):
                     sink.append(
                         row_issue(
                             display, line, index, f"{len(row)} cells but only {len(names)} header names"
@@ -237,8 +247,14 @@ def csv_items(
                     cells = {name: cell for name, cell in zip(names, row, strict=False) if cell != ""}
                     yield RawItem(index, display, line, cells, {}, base_dir, True)
                 index += 1
-        except (csv.Error, UnicodeDecodeError) as exc:
+        except csv.Error as exc:
             sink.append(row_issue(display, last + 1, index, f"unreadable CSV ({exc}); reading stopped"))
+
+
+def not_utf8(row: list[str]) -> bool:
+    """Whether a CSV row read with ``surrogateescape`` held bytes that are not UTF-8: UTF-8 text
+    never decodes to a surrogate, so any surrogate is such a byte."""
+    return any(_SURROGATE.search(cell) is not None for cell in row)
 
 
 def cell_problem(cell: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -98,3 +99,30 @@ def test_a_job_never_sent_exports_its_images_as_the_manifest_named_them(
     assert [r["input"]["image_url"] for r in records] == ["images/landscape.jpg", "images/night.jpg"]
     assert all(str(path.parent) not in json.dumps(r) for r in records)  # no absolute path of ours
     assert records[0]["input"]["prompt"] == "Clouds drifting past the peak"
+
+
+@pytest.mark.slow
+def test_a_default_image_is_the_manifests_file_for_items_from_rows(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """``defaults: {image_url: images/landscape.jpg}`` names the manifest's file for the rows of
+    ``data/rows.jsonl`` too, never a ``data/images/landscape.jpg`` beside them: the export's
+    ``source_files`` says which bytes were sent, and both jobs sent the manifest's image."""
+    path = manifest(
+        "dfl",
+        "name: dfl\nendpoint: fal-ai/wan-i2v\n"
+        "defaults: {resolution: 480p, image_url: images/landscape.jpg}\n"
+        "items:\n  - prompt: the item\nitems_from: data/rows.jsonl\n",
+    )
+    data = path.parent / "data"
+    (data / "images").mkdir(parents=True)
+    shutil.copy(path.parent / "images" / "night.jpg", data / "images" / "landscape.jpg")  # the decoy
+    (data / "rows.jsonl").write_text(json.dumps({"prompt": "the row"}) + "\n")
+    done = wb("run", path, "--json", "--no-progress")
+    assert done.code == 0, done.stderr
+
+    records = export_jsonl(wb, str(done.json()["batch"]))
+    digest = hashlib.sha256((path.parent / "images" / "landscape.jpg").read_bytes()).hexdigest()
+    assert [r["input"]["prompt"] for r in records] == ["the item", "the row"]
+    for r in records:
+        assert r["source_files"] == {"image_url": {"source": "images/landscape.jpg", "sha256": digest}}

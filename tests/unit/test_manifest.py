@@ -434,6 +434,23 @@ def test_an_empty_csv_seed_cell_is_no_seed_the_matrix_overrides(folder: Path) ->
     assert [j.input["seed"] for j in jobs_of(path)] == [1, 2, 1, 2]
 
 
+def test_a_csv_row_not_utf8_is_refused_at_its_own_line_and_item(folder: Path) -> None:
+    """The decoder reads ahead in blocks: its error named line 1, item 0 and stopped reading.
+    The row holding the byte is refused where it is, as in JSONL, and the others still count."""
+    (folder / "rows.csv").write_bytes(b'prompt,seed\nr1,1\nr2,2\n"multi\nline",3\ncaf\xe9,4\nr5,5\n')
+    report = validate_manifest(write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.csv\n"))
+    (error,) = report.errors
+    assert "rows.csv:6: item 3: not UTF-8 text" in str(error), str(error)
+    assert report.job_count == 4
+
+
+def test_a_csv_header_not_utf8_is_refused_at_line_1(folder: Path) -> None:
+    (folder / "rows.csv").write_bytes(b"\xef\xbb\xbfprompt,s\xe9ed\nr1,1\n")
+    report = validate_manifest(write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.csv\n"))
+    (error,) = report.errors
+    assert "rows.csv:1: the header row is not UTF-8 text" in str(error), str(error)
+
+
 def test_csv_extra_cells_are_refused(folder: Path) -> None:
     (folder / "rows.csv").write_text("prompt\na,b\n")
     report = validate_manifest(write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.csv\n"))

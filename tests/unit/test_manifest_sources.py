@@ -14,7 +14,8 @@ from PIL import Image
 from jobs.diff import JobSide, match
 from jobs.endpoints import get_endpoint, registry_sha256
 from jobs.endpoints.registry import _DATA_DIR
-from jobs.manifest import JobSpec, load_manifest
+from jobs.errors import Issue
+from jobs.manifest import JobSpec, load_manifest, validate_manifest
 from jobs.manifest.sources import data_uri_sha256
 
 URL = "https://example.com/cat.png"
@@ -101,6 +102,64 @@ def test_items_from_rows_name_paths_relative_to_their_file(folder: Path) -> None
     (rows / "items.jsonl").write_text(json.dumps({"prompt": "row", "image_url": "b.png"}) + "\n")
     jobs = jobs_of(folder, "name: r\nendpoint: fal-ai/wan-i2v\nitems_from: rows/items.jsonl\n")
     assert jobs[0].source_files == {"image_url": {"source": "b.png", "sha256": sha(rows / "b.png")}}
+
+
+def _decoy_rows(folder: Path, *rows: dict[str, str]) -> Path:
+    """``data/rows.jsonl`` beside ``data/images/a.png``: another image of the same relative name
+    as the manifest's ``images/a.png``, which a manifest value must never resolve to."""
+    (folder / "data" / "images").mkdir(parents=True)
+    Image.new("RGB", (480, 480), (9, 9, 9)).save(folder / "data" / "images" / "a.png")
+    rows_file = folder / "data" / "rows.jsonl"
+    rows_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows_file
+
+
+def test_defaults_resolve_from_the_manifest_folder_in_items_from_rows(folder: Path) -> None:
+    """A default is written in the manifest: ``images/a.png`` is the manifest's file for every
+    item, never ``data/images/a.png`` for the rows of ``data/rows.jsonl``; a row's own value
+    still resolves from its file's folder."""
+    _decoy_rows(folder, {"prompt": "default image"}, {"prompt": "own image", "image_url": "images/a.png"})
+    jobs = jobs_of(
+        folder,
+        "name: d\nendpoint: fal-ai/wan-i2v\ndefaults: {image_url: images/a.png}\n"
+        "items:\n  - prompt: item\nitems_from: data/rows.jsonl\n",
+    )
+    mine, decoy = folder / "images" / "a.png", folder / "data" / "images" / "a.png"
+    assert [j.input["image_url"] for j in jobs] == [str(mine), str(mine), str(decoy)]
+    assert [j.source_files for j in jobs] == [
+        {"image_url": {"source": "images/a.png", "sha256": sha(path)}} for path in (mine, mine, decoy)
+    ]
+
+
+def test_matrix_values_resolve_from_the_manifest_folder_in_items_from_rows(folder: Path) -> None:
+    """A matrix value overrides the row's own (with a warning) and is the manifest's file."""
+    _decoy_rows(folder, {"prompt": "row", "image_url": "images/a.png"})
+    path = folder / "m.yaml"
+    path.write_text(
+        "name: d\nendpoint: fal-ai/wan-i2v\nmatrix: {image_url: [images/a.png]}\n"
+        "items_from: data/rows.jsonl\n"
+    )
+    issues: list[Issue] = []
+    (job,) = load_manifest(path).jobs(issues)
+    mine = folder / "images" / "a.png"
+    assert job.input["image_url"] == str(mine)
+    assert job.source_files == {"image_url": {"source": "images/a.png", "sha256": sha(mine)}}
+    assert [i.severity for i in issues] == ["warning"]  # the matrix overrides the row's value
+
+
+def test_a_default_only_in_the_manifest_folder_is_found_for_items_from_rows(folder: Path) -> None:
+    """Without a decoy the default was looked for in the data file's folder: "file not found"
+    at the manifest's line for a file that is there."""
+    rows = folder / "data"
+    rows.mkdir()
+    (rows / "rows.jsonl").write_text(json.dumps({"prompt": "row"}) + "\n")
+    path = folder / "m.yaml"
+    path.write_text(
+        "name: d\nendpoint: fal-ai/wan-i2v\ndefaults: {resolution: 480p, image_url: images/a.png}\n"
+        "items_from: data/rows.jsonl\n"
+    )
+    report = validate_manifest(path)
+    assert report.ok, [str(i) for i in report.issues]
 
 
 def test_a_missing_file_has_no_hash(folder: Path) -> None:
