@@ -17,6 +17,7 @@ a CSV cell, and a third on the command line.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -64,6 +65,17 @@ def foreign_digits(text: str) -> bool:
 MAX_WHOLE_DIGITS = 100
 _TOO_BIG = 10**MAX_WHOLE_DIGITS
 TOO_MANY_DIGITS = f"a whole number of more than {MAX_WHOLE_DIGITS} digits is refused"
+
+
+@dataclass(frozen=True, slots=True)
+class WholeTooLong:
+    """What a whole number of more than :data:`MAX_WHOLE_DIGITS` digits is read as, in a YAML
+    manifest or a JSON row: never converted (Python refuses more than 4,300 digits, and no
+    field takes even 101). The reader reports it, once, with where it is; whatever else sees
+    the placeholder stays silent about it (an issue whose ``value`` is one is that report
+    again), so the rest of the manifest is still checked and every other error listed."""
+
+    digits: int
 
 
 def too_many_digits(value: object) -> bool:

@@ -47,6 +47,7 @@ raises, live beside the code that raises them (``worker.fal.errors`` classifies 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -145,10 +146,26 @@ class Issue:
         }
 
 
+#: Runs of ASCII digits: the numbers in a name or value, as everywhere a number is read.
+_NUMBERS = re.compile(r"[0-9]+")
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest of ``choices``, or an empty string: an issue's hint."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` plainly meant, or an empty string:
+    an issue's hint, which the caller follows with the full list of what is allowed.
+
+    Plainly meant: a near spelling with the same numbers in it (:func:`same_numbers`). A near
+    spelling with other numbers is another thing, not a typo: ``fal-ai/wan-25`` is not
+    "``fal-ai/wan-22``?", another model, nor ``guidance_scale_3`` "``guidance_scale_2``?"."""
+    close = difflib.get_close_matches(word, same_numbers(word, choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def same_numbers(word: str, choices: Iterable[str]) -> list[str]:
+    """The ``choices`` with the same numbers as ``word``, in the same order (``wan/v2.6`` has
+    2 and 6; ``wan-26`` has 26): the only ones a near spelling may suggest."""
+    numbers = _NUMBERS.findall(word)
+    return [choice for choice in choices if _NUMBERS.findall(choice) == numbers]
 
 
 class ManifestError(UsageError):

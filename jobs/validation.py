@@ -214,8 +214,7 @@ def _enum_hint(text: str, choices: list[str]) -> str:
         ]
         if len(with_unit) == 1 and _DIGITS.findall(with_unit[0]) == _DIGITS.findall(text):
             return f" (did you mean {with_unit[0]!r}?)"
-    numbers = _DIGITS.findall(text)
-    return did_you_mean(text, [c for c in choices if _DIGITS.findall(c) == numbers])
+    return did_you_mean(text, choices)
 
 
 def _check_range(fld: FieldSpec, value: float) -> list[FieldProblem]:

@@ -35,7 +35,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
-from jobs.digits import NUMBER, TOO_MANY_DIGITS, WHOLE, too_many_digits
+from jobs.digits import NUMBER, TOO_MANY_DIGITS, WHOLE, WholeTooLong, digits_in, too_many_digits
 
 try:  # libyaml's scanner/parser is ~20x faster on big scalars; fall back when it is missing
     from yaml._yaml import CParser as _Parser
@@ -82,15 +82,20 @@ class WholeNumbersTooLong(YamlProblem):
     """Whole numbers of more than :data:`~jobs.digits.MAX_WHOLE_DIGITS` digits, each with where
     it is (``numbers``: path and line; the first is the exception's own line).
 
-    The document is read to its end first (each such number as None, ``root``), so the caller
-    can name the item, the field and what the field allows (the endpoint is in the document),
-    rather than the line alone. ``root`` is for that message only: the document is refused.
+    The document is read to its end first (each such number as a
+    :class:`~jobs.digits.WholeTooLong`, ``root``; the duplicate keys as :func:`load_located`
+    returns them), so the caller can name the item, the field and what the field allows (the
+    endpoint is in the document), and go on to check the rest of the document: one number too
+    long is one error among the others, not the only one said.
     """
 
-    def __init__(self, numbers: list[tuple[Where, int]], root: Any) -> None:
+    def __init__(
+        self, numbers: list[tuple[Where, int]], root: Any, duplicates: list[tuple[str, int, int]]
+    ) -> None:
         super().__init__(TOO_MANY_DIGITS, numbers[0][1])
         self.numbers = numbers
         self.root = root
+        self.duplicates = duplicates
 
 
 #: At most this many too-long numbers are listed (an alias may repeat one a hundred thousand times).
@@ -244,14 +249,13 @@ class _Builder:
         try:
             value = builder(_SCALARS, node)
         except ValueError:  # more than Python's 4,300 digits for an int written in decimal
-            value = None
             too_long = True
         else:  # 101 to 4,300 digits convert, and are refused all the same
             too_long = too_many_digits(value)
         if too_long:  # noted, and the document read on: the refusal can then name its field
             if len(self.too_long) < MAX_NUMBERS_LISTED:
                 self.too_long.append((tuple(self.path), line_of(node)))
-            return None
+            return WholeTooLong(digits_in(node.value))
         return value
 
     def _check_tag(self, node: Node, expected: str) -> None:
@@ -266,9 +270,8 @@ class _Builder:
             if key_node.tag == _MERGE:
                 merges.append(value_node)
                 continue
-            noted = len(self.too_long)
             key = self.build(key_node, depth + 1, via_alias)
-            if key is None and len(self.too_long) > noted:  # the key itself: no field to name
+            if isinstance(key, WholeTooLong):  # the key itself: no field to name
                 raise YamlProblem(TOO_MANY_DIGITS, line_of(key_node))
             if not isinstance(key, str):
                 raise YamlProblem(f"mapping keys must be text, got {key!r} (quote it)", line_of(key_node))
@@ -349,5 +352,5 @@ def load_located(text: str) -> tuple[Any, list[tuple[str, int, int]]]:
     builder = _Builder()
     root = builder.build(node)
     if builder.too_long:
-        raise WholeNumbersTooLong(builder.too_long, root)
+        raise WholeNumbersTooLong(builder.too_long, root, builder.duplicates)
     return root, builder.duplicates

@@ -16,13 +16,13 @@ import csv
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jobs.digits import (
     MAX_WHOLE_DIGITS,
     TOO_MANY_DIGITS,
+    WholeTooLong,
     digits_in,
     plain_number,
     too_many_digits,
@@ -63,18 +63,10 @@ def read_items(
     return jsonl_items(path, display, index, sink, spec_for)
 
 
-@dataclass(frozen=True, slots=True)
-class WholeTooLong:
-    """What a JSON whole number of more than :data:`MAX_WHOLE_DIGITS` digits is read as: never
-    converted, as Python refuses to convert more than 4,300 digits ("use
-    sys.set_int_max_str_digits()", which was all a row of 5,000 said) and no field takes even
-    101. :func:`value_problem` reports it with its field."""
-
-    digits: int
-
-
 def _whole(text: str) -> int | WholeTooLong:
-    """A JSON integer literal (``json.loads``' ``parse_int``)."""
+    """A JSON integer literal (``json.loads``' ``parse_int``): one of too many digits is never
+    converted (it said only "use sys.set_int_max_str_digits()"); :func:`value_problem`
+    reports it with its field."""
     digits = digits_in(text)
     return WholeTooLong(digits) if digits > MAX_WHOLE_DIGITS else int(text)
 

@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from jobs.digits import WholeTooLong
 from jobs.endpoints import EndpointSpec, FieldType, get_endpoint
 from jobs.media import MediaKind, classify, file_sha256
 
@@ -32,7 +33,15 @@ def resolvable_fields(endpoint_id: str) -> frozenset[str]:
 
 def canonical_json(value: Any) -> str:
     """Sorted keys, no whitespace, UTF-8 kept: the same input always gives the same text."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_refused)
+
+
+def _refused(value: object) -> str:
+    """A number too long (already an error: such a job is never stored) keyed by its length, so
+    the rest of its manifest can still be expanded and checked; anything else is no JSON."""
+    if isinstance(value, WholeTooLong):
+        return f"refused:{value.digits} digits"
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def job_key(

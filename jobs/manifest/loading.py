@@ -21,9 +21,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
-from jobs.digits import TOO_MANY_DIGITS
+from jobs.digits import TOO_MANY_DIGITS, WholeTooLong
 from jobs.endpoints import get_endpoint, known_endpoint_ids
-from jobs.errors import DEADLINE_PASSED, NEVER_OPENS, Issue, ManifestError, did_you_mean
+from jobs.errors import DEADLINE_PASSED, NEVER_OPENS, Issue, ManifestError, did_you_mean, same_numbers
 from jobs.fs import file_kind, is_missing, os_reason, shown_path
 from jobs.manifest.checks import duplicate_key_issues, outside_message
 from jobs.manifest.expand import MAX_JOBS, Manifest, too_many_jobs_message
@@ -80,6 +80,8 @@ def parse_manifest(
     issues: list[Issue] = []
 
     def top(message: str, line: int | None = None, fld: str | None = None, **kw: Any) -> None:
+        if isinstance(kw.get("value"), WholeTooLong):  # said already, as a number too long
+            return
         issues.append(Issue(file=display, line=line, item=None, field=fld, message=message, **kw))
 
     try:
@@ -109,8 +111,10 @@ def parse_manifest(
     try:
         root, duplicates = load_located(text)
     except WholeNumbersTooLong as exc:
+        # Each such number is one located error; the rest of the manifest is checked all the
+        # same (the numbers read as placeholders nothing else reports), so every error is said.
         issues.extend(_too_long_issue(display, exc.root, where, line) for where, line in exc.numbers)
-        return None, issues
+        root, duplicates = exc.root, exc.duplicates
     except YamlProblem as exc:
         top(exc.message, exc.line)
         return None, issues
@@ -586,7 +590,8 @@ def _zone_hint(name: str) -> str:
     names = {z.casefold(): z for z in zoneinfo.available_timezones() if not _host_zone_file(z)}
     if (same := names.get(name.casefold())) is not None:
         return f" (did you mean {same!r}?)"
-    close = difflib.get_close_matches(name.casefold(), list(names), n=1, cutoff=0.6)
+    # Same numbers only, as for any hint (jobs.errors.did_you_mean): Etc/GMT+13 is not "Etc/GMT+3?".
+    close = difflib.get_close_matches(name.casefold(), same_numbers(name.casefold(), names), n=1, cutoff=0.6)
     return f" (did you mean {names[close[0]]!r}?)" if close else ""
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.digits import WholeTooLong
 from jobs.endpoints import get_endpoint
 from jobs.errors import Issue, ManifestError, WanbatchError
 from jobs.manifest.expand import MAX_JOBS, Manifest, too_many_jobs_message
@@ -81,6 +82,8 @@ def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Va
     count = 0
 
     def add(issue: Issue) -> None:
+        if isinstance(issue.value, WholeTooLong):  # the loader said it: a number too long
+            return
         if issue.file == manifest.display and issue.line in shared:
             mark: tuple[object, ...] = (issue.file, issue.line, issue.field, issue.message)
         else:
