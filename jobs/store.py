@@ -103,6 +103,7 @@ __all__ = [
     "JobHead",
     "JobMoney",
     "JobTotals",
+    "LeaseHolder",
     "NewJob",
     "ReleasedLeases",
     "SubmitView",
@@ -138,6 +139,7 @@ __all__ = [
     "drop_heartbeats",
     "duplicate_charge_recorded",
     "duration_histogram",
+    "expire_leases",
     "extend_lease",
     "fail_job",
     "failure_reasons",
@@ -159,6 +161,7 @@ __all__ = [
     "jobs_of_batch",
     "last_heartbeat",
     "last_heartbeats",
+    "lease_holders",
     "list_batches",
     "lock_dispatch",
     "mark_cancelled",
@@ -1003,8 +1006,17 @@ _RESEND_SENT: dict[str, ColumnElement[Any]] = {
 _RESEND_UNSENT = _JOBS.c.possible_duplicate_charges - case(
     (_IS_RESEND & _JOBS.c.submitted_input.is_not(None), 1), else_=0
 )
-#: ``ambiguous_usd`` grown by the job's estimate (:data:`UNPROVEN_EXITS`).
-_POSSIBLY_BILLED_MORE = _JOBS.c.ambiguous_usd + _JOBS.c.est_usd
+#: ``ambiguous_usd`` grown by the job's estimate (:data:`UNPROVEN_EXITS`) — but not for a
+#: simulation's job: its POST went to the simulator of a ``--simulate`` run, never to a provider
+#: that bills, so nothing of it was possibly billed (``cost`` of a simulation says "nothing was
+#: paid", and must not say "possibly billed" beside it).
+_POSSIBLY_BILLED_MORE = case(
+    (
+        select(Batch.simulated).where(Batch.id == _JOBS.c.batch_id).scalar_subquery().is_(True),
+        _JOBS.c.ambiguous_usd,
+    ),
+    else_=_JOBS.c.ambiguous_usd + _JOBS.c.est_usd,
+)
 _NEW_JOB_COLUMNS = (
     "id",
     "batch_id",
@@ -2331,6 +2343,57 @@ def release_process_leases(
         holders = or_(ours, queued)
     released = _clear_leases(session, holders)
     return ReleasedLeases(unsent=unsent, released=released, in_flight=in_flight)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseHolder:
+    """Another process's live leases on a batch's unfinished jobs (:func:`lease_holders`)."""
+
+    #: The lease owner as stored (``host:pid:thread``, or a queue's name).
+    owner: str
+    jobs: int
+    #: When the last of them lapses, if nothing renews it.
+    until: datetime
+
+
+def lease_holders(session: Session, batch_id: str, *, now: datetime, excluding: str) -> list[LeaseHolder]:
+    """Who else holds live leases on ``batch_id``'s unfinished jobs: every owner not starting with
+    ``excluding`` (this process's ``host:pid:``). A ``--simulate`` run asks, to take back at once
+    what a dead simulated run held, or to say what it waits for (:mod:`worker.steps.dead_leases`)."""
+    rows = session.execute(
+        select(Job.lease_owner, func.count(), func.max(Job.lease_expires_at))
+        .where(
+            Job.batch_id == batch_id,
+            Job.state.in_(UNFINISHED_STATES),
+            Job.lease_owner.is_not(None),
+            Job.lease_expires_at > now,
+            ~Job.lease_owner.startswith(excluding, autoescape=True),
+        )
+        .group_by(Job.lease_owner)
+        .order_by(Job.lease_owner)
+    ).all()
+    return [LeaseHolder(str(owner), int(count), until) for owner, count, until in rows if until is not None]
+
+
+def expire_leases(session: Session, batch_id: str, owners: Collection[str], *, now: datetime) -> int:
+    """Let the leases ``owners`` hold on ``batch_id``'s unfinished jobs lapse now, as if their time
+    had run out: their owners are known to be gone, so the jobs are claimed again at once, through
+    the same paths as any expired lease (a ``submitting`` one by the reconciler). The owner stays
+    written, for the history. How many jobs."""
+    if not owners:
+        return 0
+    lapsed = session.execute(
+        update(Job)
+        .where(
+            Job.batch_id == batch_id,
+            Job.state.in_(UNFINISHED_STATES),
+            Job.lease_owner.in_(sorted(set(owners))),
+            Job.lease_expires_at > now,
+        )
+        .values(lease_expires_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(lapsed.rowcount)  # type: ignore[attr-defined]
 
 
 def release_step_jobs(

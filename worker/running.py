@@ -546,6 +546,7 @@ def _process_embedded(
     from worker.conductor import Conductor, listening
     from worker.embedded import InProcessWorker
     from worker.runtime import build_runtime, close_runtime
+    from worker.steps.dead_leases import DeadLeases
 
     # No allow_missing_key: a missing FAL_KEY is a ConfigError here, before anything is
     # claimed (a simulated run has the simulator's key). This batch only: never another one
@@ -574,6 +575,8 @@ def _process_embedded(
     conductor = Conductor(rt)
     rt.notify = conductor.notify
     rt.on_accepted = conductor.watch_accepted
+    if simulated:  # a killed --simulate run's leases: taken back at once when it is gone
+        rt.dead_leases = DeadLeases(rt, batch_id)
     worker.bind(rt)
     abandoned = False
     try:
@@ -637,6 +640,14 @@ def serve_run_metrics(settings: Settings) -> Callable[[], None]:
 
     stop = telemetry.serve_configured(settings)
     return stop if stop is not None else telemetry.count_nothing()
+
+
+def leases_note(conductor: Conductor | None) -> str:
+    """What a ``--simulate`` run waits for while another process, not known to be gone, holds
+    leases on its batch ("" when nothing): never a silent ``submitting:3`` for minutes."""
+    if conductor is None or conductor.rt.dead_leases is None:
+        return ""
+    return conductor.rt.dead_leases.note()
 
 
 def _nothing_to_stop() -> None:
@@ -791,6 +802,8 @@ def _watch(
         # while the database's disk is full, what waits to be recorded and where to free space.
         held = unreachable_note(conductor.rt.limiter) if conductor is not None else None
         held = (conductor.rt.unrecorded.note() if conductor is not None else None) or held
+        # A --simulate run waiting out another process's leases on its batch: whose, until when.
+        held = held or leases_note(conductor)
         # A cap that holds the unsent jobs back, and whose jobs fill it: in full once, then short.
         if (line := caps.first_said(holds)) is not None:
             progress.console.print(f"[yellow]{shown(line)}[/yellow]")

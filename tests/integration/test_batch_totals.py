@@ -211,6 +211,34 @@ def test_submits_of_unknown_outcome_stay_counted_however_they_leave(engine: Engi
         assert store.batch_money(session, batch_id).possibly_billed_usd == Decimal("1.00")
 
 
+def test_a_simulations_submits_of_unknown_outcome_are_never_possibly_billed(engine: Engine) -> None:
+    """A simulation's POST went to a ``--simulate`` run's own simulator, never to a provider that
+    bills: leaving ``submit_unknown`` without proof (failed, resent, cancelled one by one or
+    set-based) adds nothing "possibly billed" (``cost`` of it says "nothing was paid")."""
+    batch_id = add_batch(
+        engine, "totals-simulated", [("fal-ai/wan-22", {"prompt": f"s{i}"}) for i in range(4)]
+    )
+    with db.session_scope(engine) as session:
+        session.get_one(Batch, batch_id).simulated = True
+    for job in _jobs(engine, batch_id):
+        _move(engine, job, S.SUBMITTING, submitted_at=utcnow())
+    for job in _jobs(engine, batch_id):
+        _move(engine, job, S.SUBMIT_UNKNOWN)
+    failed, resent, cancelled, _swept = _jobs(engine, batch_id)
+    _move(engine, failed, S.FAILED, error_type="submit_unknown")
+    _move(engine, resent, S.RETRY_WAIT)
+    _move(engine, cancelled, S.CANCELLED)
+    with db.session_scope(engine) as session:
+        store.cancel_unsent_jobs(
+            session, [batch_id], reason="cancel", error="cancelled", error_type="cancelled"
+        )
+    assert all(j.ambiguous_usd == 0 for j in _jobs(engine, batch_id))
+    fast, full = _batch(engine, batch_id)
+    assert fast == full
+    with db.read_scope(engine) as session:
+        assert store.batch_money(session, batch_id).possibly_billed_usd == 0
+
+
 def test_the_budget_checks_read_no_pending_job_that_was_never_billed(tmp_path: Path) -> None:
     """On SQLite the query plans show it: every table is searched by an index, pending jobs by
     the partial one (a scan would read every job of the batch, or of the database)."""

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -27,6 +27,9 @@ from worker.fal.storage import MediaPreparer
 from worker.limits import SubmitLimiter, api_key_id, limiter_for
 from worker.steps.keepalive import SubmitLeases
 from worker.steps.unrecorded import Unrecorded
+
+if TYPE_CHECKING:
+    from worker.steps.dead_leases import DeadLeases
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +211,10 @@ class Runtime:
     #: ``downloaded`` (it left the download backlog: dispatch now if that backlog held it back). The tick
     #: remains the safety net, so a lost notice only costs latency. See :mod:`worker.conductor`.
     notify: Callable[[str, str], None] = field(default=lambda kind, job_id: None)
+    #: A ``--simulate`` run's watch on other processes' leases of its batch: the reconciler has
+    #: it take back a dead simulated run's at once (its simulator is gone with it), and the
+    #: progress line says what it still waits for. None elsewhere.
+    dead_leases: DeadLeases | None = None
     #: Which incarnation of the message broker this is (Redis's ``run_id``), or None when it
     #: cannot be told (unreachable, another broker, embedded). A new one lost the queued messages:
     #: the tick leader hands the waiting jobs on again (:func:`worker.steps.reconcile.hand_on_again`).

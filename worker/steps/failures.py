@@ -135,6 +135,8 @@ def submit_outcome_unknown(
     at once for the reconciler) and the reason says why. The event into ``submit_unknown`` is
     written either way: the history shows the ambiguity.
     """
+    if rt.simulated:
+        return resend_to_simulator(session, rt, fence, why)
     waits = bool(rt.settings.webhook_url)
     deadline = in_seconds(rt.settings.submit_unknown_deadline if waits else 0)
     moved = store.mark_submit_unknown(session, fence, why=why, due_at=deadline)
@@ -162,6 +164,8 @@ def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> 
     with "submission outcome unknown" and why.
     """
     fence = rt.fence(job)
+    if rt.simulated:
+        return resend_to_simulator(session, rt, fence, why)
     resubmit = rt.settings.submit_unknown_policy == "resubmit"
     if resubmit and job.counted_attempts < rt.settings.max_attempts:
         resent = store.retry_later(
@@ -180,6 +184,35 @@ def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> 
         reason=f"submission outcome unknown: {why}{spent}",
         error=f"submission outcome unknown ({why}){spent}: fal may have accepted (and billed) it; "
         "`wanbatch rerun --failed-only` sends it again",
+        error_type="submit_unknown",
+    )
+
+
+def resend_to_simulator(session: Session, rt: Runtime, fence: Fence, why: str) -> bool:
+    """A simulation's submit whose outcome is unknown (``submitting`` or ``submit_unknown``):
+    send it again, to this ``--simulate`` run's simulator, while attempts remain.
+
+    It went to a simulator, never to a provider that bills: nothing of it was possibly billed,
+    and sending it again costs nothing (:data:`jobs.store.UNPROVEN_EXITS` leaves a simulation's
+    money alone). The simulator that may have it lived in a process that stopped (a lost
+    worker), or is this run's own, where a request it keeps is only a placeholder render; so
+    neither the policy nor a possible duplicate charge applies. Only when no attempt is left
+    (``WANBATCH_MAX_ATTEMPTS``) does it fail, without words of billing.
+    """
+    attempts = store.get_job(session, fence.job_id).counted_attempts
+    if attempts < rt.settings.max_attempts:
+        return store.retry_later(
+            session,
+            fence,
+            reason=f"outcome unknown ({why}): a simulation's request, never at fal: "
+            "sent again to this run's simulator",
+        )
+    return store.fail_job(
+        session,
+        fence,
+        reason=f"submission outcome unknown: {why} (no attempt left)",
+        error=f"submission outcome unknown ({why}) after {attempts} attempt(s): a simulation, "
+        "nothing was billed; `wanbatch rerun --failed-only --simulate` sends it again",
         error_type="submit_unknown",
     )
 

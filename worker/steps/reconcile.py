@@ -33,6 +33,8 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
       A live worker renews that lease while its POST is in flight (:mod:`worker.steps.keepalive`),
       so a lapsed one means the worker died or stalled; should its answer still come, the job
       keeps it or has it recorded (:mod:`worker.steps.late_answers`).
+    * A simulation's (``--simulate``) is sent again instead, to this run's simulator: it was
+      never at fal, so nothing was possibly billed (:func:`~worker.steps.failures.resend_to_simulator`).
     * ``submit_unknown`` past its deadline: the policy decides — fail with "submission outcome
       unknown", or resubmit as a new attempt counted as a possible duplicate charge. Without a
       webhook receiver nothing can prove the outcome, so there is no deadline to wait for: the
@@ -45,6 +47,8 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
     simulation's are settled by its own ``--simulate`` run, a paid batch's by fal's runtimes.
     """
     moved = adopt_unrecorded(rt)  # first: a job whose request id is known is never "unknown"
+    if rt.dead_leases is not None:  # a dead --simulate run's: claimed below at once, not after the lease
+        rt.dead_leases.take_back()
     now = utcnow()
     with db.session_scope(rt.engine) as session:
         lease = rt.settings.lease_seconds
