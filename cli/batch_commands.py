@@ -724,6 +724,21 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
         return target.id
 
 
+def _say_collecting(batch_id: str, settings: Settings) -> None:
+    """Say, before the progress, that ``run`` of a batch its user paused only collects what was
+    paid for (:func:`jobs.batches.refuse_paused` let it through for that): without the line the
+    run looked as if it had ignored the pause."""
+    from jobs import batches, db, store
+
+    with db.read_scope(db.open_engine(settings)) as session:
+        batch = store.get_batch(session, batch_id)
+        collecting = batches.paused_collecting(session, batch)
+        if not collecting:
+            return
+        line = batches.collecting_line(batch.name, shell_ref(batch.name, batch.id), collecting)
+    err.print(f"[yellow]{escape(line)}[/yellow]")
+
+
 def _broker_warnings(settings: Settings) -> None:
     """Warn (never fail) when the workers that carry out a recorded change cannot be reached,
     or when those that answer work on another database (no heartbeat in this one)."""
@@ -785,6 +800,7 @@ def run(
                 if note := result.schedule_note():
                     err.print(f"[yellow]{escape(note)}[/yellow]")
                 stored = result.batch_id
+            _say_collecting(stored, target)
             return _run_and_report(stored, target, as_json, not no_progress)
 
     _processing(as_json, action, lambda _: "run the same command again to resume")

@@ -52,7 +52,7 @@ from jobs.rendered import (
 )
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
-from jobs.states import UNFINISHED_STATES, JobState
+from jobs.states import AT_PROVIDER_STATES, UNFINISHED_STATES, JobState
 from jobs.vary import Sweep, Vary, checked_values
 
 
@@ -730,6 +730,22 @@ def progress_forecast(
     return eta, listing.eta_beyond_schedule(progress["schedule"], eta, now or utcnow())
 
 
+def left_to_collect(progress: BatchProgress) -> int:
+    """Jobs a run whose batch sends nothing more (paused) still waits for before it ends: the
+    requests fal holds, and the videos of completed requests still being downloaded. Both are
+    paid for, and a download is made only while something runs the batch: ``wanbatch pause``
+    promises that they finish and are downloaded, and ``resume`` would also send new jobs.
+
+    A batch paused by fal's refusal of the key or by outputs that cannot be stored is the
+    exception for its downloads: they wait on that fix (a refused result, a full disk), tried
+    again for as long as it takes, and would hold the run for ever; the next run, which ends
+    that pause, fetches them (README: "`run` ends once nothing is left at fal").
+    """
+    counts = progress["counts"]
+    states = AT_PROVIDER_STATES if progress["state"] == BatchState.PAUSED.value else listing.BUSY_STATES
+    return sum(counts.get(s.value, 0) for s in states)
+
+
 #: Batch id → (its number of jobs, the sum of their estimates) as last read by this process.
 _ESTIMATES: dict[str, tuple[int, Decimal]] = {}
 
@@ -1184,10 +1200,14 @@ def refuse_cancelled(session: Session, batch: Batch, *, manifest: bool) -> None:
 
 
 def refuse_paused(session: Session, batch: Batch) -> None:
-    """``run`` of a batch its user paused, with jobs left to send: a :class:`UsageError`
-    (exit 2), raised before anything changes. Running it would send nothing, and a pause is
-    ended by ``resume`` only (a pause fal's refusal or a full disk caused is ended by ``run``
-    itself: not this).
+    """``run`` of a batch its user paused, with jobs left to send and nothing to collect: a
+    :class:`UsageError` (exit 2), raised before anything changes. Running it would send
+    nothing, and a pause is ended by ``resume`` only (a pause fal's refusal or a full disk
+    caused is ended by ``run`` itself: not this).
+
+    A paused batch with requests at fal or videos being downloaded is not refused
+    (:func:`paused_collecting`): those are paid for, and fal keeps a result for an hour only, so
+    the run collects them — sending nothing — and then ends as a run the pause stopped does.
 
     Past its deadline the pause holds nothing back any more (``status`` shows it as
     ``deadline``): the run sends nothing either way, collects what fal made and ends the unsent
@@ -1198,8 +1218,32 @@ def refuse_paused(session: Session, batch: Batch) -> None:
         return
     if store.batch_schedule(batch).past_deadline(utcnow()):
         return
+    if paused_collecting(session, batch):
+        return
     if store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id):
         raise UsageError(paused_line(batch.name, shell_ref(batch.name, batch.id)))
+
+
+def paused_collecting(session: Session, batch: Batch) -> int:
+    """How many jobs a ``run`` of a batch its user paused collects without sending anything:
+    requests at fal and videos being downloaded (0 when the batch is not held by its user's
+    pause, as past its deadline, or cancelled). A run ends a pause fal's refusal or a full disk
+    caused, so the downloads of such a batch count too."""
+    if not batch.paused_by_user or batch.state == BatchState.CANCELLED:
+        return 0
+    if store.batch_schedule(batch).past_deadline(utcnow()):
+        return 0
+    return store.count_in_states(session, listing.BUSY_STATES, batch_id=batch.id)
+
+
+def collecting_line(name: str, ref: str, collecting: int) -> str:
+    """What a ``run`` of a paused batch says before it collects what was paid for (see
+    :func:`refuse_paused`): nothing is sent, what it waits for, and how the run ends."""
+    return (
+        f"batch {name} is paused (`wanbatch pause`): nothing of it is sent; collecting its "
+        f"{collecting} job(s) at fal or downloading, then this run stops (`wanbatch resume {ref}` "
+        "sends the rest)"
+    )
 
 
 def status(ref: str | None, settings: DatabaseSettings, caps: CapCheck | None = None) -> list[BatchReport]:

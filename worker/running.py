@@ -40,6 +40,7 @@ from jobs.batches import (
     batch_report,
     cap_holds,
     cap_note,
+    left_to_collect,
     progress_forecast,
 )
 from jobs.db import open_engine
@@ -829,12 +830,20 @@ def _watch(
             eta=eta,
             held=bool(current["held"]),
         )
-        at_provider = sum(current["counts"].get(s.value, 0) for s in JobState if s.at_provider)
+        # A batch that sends nothing more ends its run once what it paid for is collected: the
+        # requests fal holds and the videos being downloaded (not only the former: paid videos
+        # were left undownloaded, and nothing fetched them until `resume`).
+        collecting = left_to_collect(current)
         # Past its deadline a user's pause holds nothing back: the tick ends the unsent jobs
         # (cancelled, reason `deadline`) and the run goes on until what fal made is collected.
-        held_by_user = current["paused_by_user"] and not current["schedule"].past_deadline(utcnow())
+        # Nor does it hold a cancelled batch's run back: that goes on until every job is terminal.
+        held_by_user = (
+            current["paused_by_user"]
+            and current["state"] != "cancelled"
+            and not current["schedule"].past_deadline(utcnow())
+        )
         ends = done >= current["total"] or (
-            at_provider == 0 and (current["state"] == "paused" or held_by_user)
+            collecting == 0 and (current["state"] == "paused" or held_by_user)
         )
         if plain is not None and plain.due(
             time.monotonic(), done, current["total"], final=ends, alert=held or caps.alert(holds)
@@ -842,13 +851,13 @@ def _watch(
             console.print(plain_line(task), markup=False, highlight=False, soft_wrap=True)
         if done >= current["total"]:
             return True
-        if current["state"] == "paused" and at_provider == 0:
+        if current["state"] == "paused" and collecting == 0:
             reason = shown(current["pause_reason"] or "see status")  # fal's words, maybe
             progress.console.print(
                 f"[yellow]batch paused: {reason}; fix it, then {shown(again)} to resume[/yellow]"
             )
             return True
-        if held_by_user and at_provider == 0:
+        if held_by_user and collecting == 0:
             ref = shell_ref(current["name"], batch_id)
             progress.console.print(
                 f"[yellow]batch paused by its user: `wanbatch resume {ref}`, "
