@@ -575,10 +575,16 @@ FAILURE_LINES = 3
 def print_failures(report: BatchReport) -> None:
     """Why jobs failed or were cancelled, commonest first, one line each (the full text is in
     `export` and `status --json`)."""
+    from jobs.batches import told_apart_by_sending  # loaded already: it made the report
+
+    split = told_apart_by_sending((f["state"], f["error_type"], f["sent"]) for f in report["failures"])
     for f in report["failures"]:
         kind = f["error_type"] or "error"
         # "880 cancelled: cancelled by user", not "880 cancelled (cancelled): …"
-        lead = f"{f['count']} {f['state']}" + ("" if kind == f["state"] else f" ({kind})") + ": "
+        lead = f"{f['count']} {f['state']}" + ("" if kind == f["state"] else f" ({kind})")
+        if (f["state"], f["error_type"]) in split:
+            lead += ", sent to fal" if f["sent"] else ", never sent"
+        lead += ": "
         example = " ".join(f["example"].split())
         # Wrapped, not cut: a cap's amount or a deadline's time is often at the end of the text.
         line = wrapped(example, width(), lead=lead, lead_style="red", max_lines=FAILURE_LINES)

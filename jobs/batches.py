@@ -589,6 +589,21 @@ class FailureReason(TypedDict):
     error_type: str | None
     count: int
     example: str
+    #: Whether these jobs were sent to fal (a request of each went out) or never were: one
+    #: ``error_type`` may cover both (``deadline``: cancelled in fal's queue, or not sent before
+    #: it), and they are counted apart.
+    sent: bool
+
+
+def told_apart_by_sending(groups: Iterable[tuple[str, str | None, bool]]) -> set[tuple[str, str | None]]:
+    """Of failure groups ``(state, error_type, sent)``, the ``(state, error_type)`` pairs that
+    come as two, for jobs sent to fal and jobs never sent: each of those says which it is where
+    it is shown (``status``, the dashboard), as the same words ("cancelled by user") may head
+    both; a pair that is all one or the other needs no such word."""
+    seen: dict[tuple[str, str | None], set[bool]] = {}
+    for state, error_type, sent in groups:
+        seen.setdefault((state, error_type), set()).add(sent)
+    return {pair for pair, kinds in seen.items() if len(kinds) > 1}
 
 
 class BatchReport(TypedDict):
@@ -1077,8 +1092,10 @@ def batch_report(
         "media_mismatches": totals.media_mismatches,
         "rate_limited_submits": totals.rate_limited_submits,
         "failures": [
-            FailureReason(state=st, error_type=et, count=n, example=ex)
-            for st, et, ex, n in store.failure_reasons(session, batch.id)
+            FailureReason(
+                state=g.state, error_type=g.error_type, count=g.count, example=g.example, sent=g.sent
+            )
+            for g in store.failure_reasons(session, batch.id)
         ],
         "parent_batch": batch.parent_batch_id,
         "created_at": batch.created_at.isoformat(),

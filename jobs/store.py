@@ -98,6 +98,7 @@ __all__ = [
     "BatchMoney",
     "CapHolder",
     "CapScope",
+    "FailureGroup",
     "Fence",
     "InFlight",
     "JobHead",
@@ -1810,10 +1811,16 @@ def requeue_after_cancel(
     sent (what the export and the history show of it, until a later attempt replaces them),
     and the attempt stays in ``attempts``. One that never ran is also counted in
     ``unstarted_requests``, so it does not count against ``WANBATCH_MAX_ATTEMPTS``
-    (:attr:`jobs.models.Job.counted_attempts`); one fal had started does."""
-    fields = {**_FORGET_URLS, **_UNLEASED, "error": error, "error_type": error_type}
+    (:attr:`jobs.models.Job.counted_attempts`); one fal had started does.
+
+    ``cost``: the job's ``actual_usd``/``actual_billing_units`` after this request
+    (:func:`jobs.billing.billed`: earlier attempts plus this one's bill), written either way. An
+    unbilled request is known to have cost nothing, so the job then holds what earlier attempts
+    cost, 0 when none did — not "unknown": should the deadline end it before it is sent again,
+    its cost is $0 like any other request that never ran, and a later attempt adds to it."""
+    fields = {**_FORGET_URLS, **_UNLEASED, "error": error, "error_type": error_type, **cost}
     if billed:
-        return _move(session, fence, JobState.RETRY_WAIT, reason, **fields, **cost)
+        return _move(session, fence, JobState.RETRY_WAIT, reason, **fields)
     return _move(
         session,
         fence,
@@ -2754,18 +2761,38 @@ def video_bytes_per_job(session: Session, batch_id: str) -> int | None:
     return None
 
 
-def failure_reasons(
-    session: Session, batch_id: str, *, limit: int = 5
-) -> list[tuple[str, str | None, str, int]]:
-    """The commonest reasons jobs ended failed or cancelled: ``(state, error_type, example, count)``."""
+@dataclass(frozen=True, slots=True)
+class FailureGroup:
+    """Jobs of a batch that ended failed or cancelled the same way (:func:`failure_reasons`).
+
+    ``sent``: whether a request of theirs went to fal (``submitted_at``): the same
+    ``error_type`` covers jobs fal held and jobs never sent (the deadline cancels both, and so
+    does a user's cancel), and one group's example would tell the other's story."""
+
+    state: str
+    error_type: str | None
+    sent: bool
+    example: str
+    count: int
+
+
+def failure_reasons(session: Session, batch_id: str, *, limit: int = 5) -> list[FailureGroup]:
+    """The commonest reasons jobs ended failed or cancelled, by state, ``error_type`` and
+    whether they were sent, each with one of its jobs' errors as its example."""
+    sent = Job.submitted_at.is_not(None)
     query = (
-        select(Job.state, Job.error_type, func.min(Job.error), func.count())
+        select(Job.state, Job.error_type, sent, func.min(Job.error), func.count())
         .where(Job.batch_id == batch_id, Job.state.in_([JobState.FAILED, JobState.CANCELLED]))
-        .group_by(Job.state, Job.error_type)
-        .order_by(func.count().desc())
+        .group_by(Job.state, Job.error_type, sent)
+        .order_by(func.count().desc(), Job.state, Job.error_type, sent)
         .limit(limit)
     )
-    return [(JobState(st).value, et, ex or "", int(n)) for st, et, ex, n in session.execute(query)]
+    return [
+        FailureGroup(
+            state=JobState(st).value, error_type=et, sent=bool(was_sent), example=ex or "", count=int(n)
+        )
+        for st, et, was_sent, ex, n in session.execute(query)
+    ]
 
 
 def count_in_states(

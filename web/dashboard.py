@@ -370,6 +370,7 @@ class Dashboard:
                 held=listing.standing(batch, totals, listing.heartbeat(session, batch.id, now=now), now=now),
                 now=now,
             )
+            failures = store.failure_reasons(session, batch.id)
             context: dict[str, Any] = {
                 "batch": batch,
                 "summary": summary,
@@ -377,7 +378,10 @@ class Dashboard:
                 "pace": pace,
                 "eta_note": listing.eta_beyond_schedule(store.batch_schedule(batch), pace.eta_seconds, now),
                 "schedule_state": batches.schedule_state(session, batch, finished=_finished(totals), now=now),
-                "failures": store.failure_reasons(session, batch.id),
+                "failures": failures,
+                "failures_split": batches.told_apart_by_sending(
+                    (f.state, f.error_type, f.sent) for f in failures
+                ),
                 "children": listing.child_batches(session, batch.id),
                 "parent": store.get_batch(session, batch.parent_batch_id) if batch.parent_batch_id else None,
                 "jobs": jobs,

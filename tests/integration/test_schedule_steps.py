@@ -9,26 +9,34 @@ takes ``now``; :class:`jobs.schedule.Schedule` is tested on its own in tests/uni
 from __future__ import annotations
 
 import importlib
+import io
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
+from cli import output
 from falsim.ledger import EntryRecord
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
-from jobs import db, export, store
+from jobs import batches, db, export, store
+from jobs.batches import FailureReason
+from jobs.billing import Outcome
 from jobs.errors import RetryableProviderError
 from jobs.models import Job, utcnow
 from jobs.schedule import Schedule
 from jobs.states import JobState
 from tests.step_runtime import add_batch, job_states, make_runtime, settings_for, wait_until
+from worker.fal.models import Status
 from worker.steps import Runtime, dispatch, poll, submit
 from worker.steps.failures import settle
-from worker.steps.schedule import enforce_schedules
+from worker.steps.schedule import START_TIMED_OUT, WINDOW_CLOSED, end_unstarted, enforce_schedules
 
 S = JobState
 KEY = "schedule-steps-key-5c2e"
@@ -413,6 +421,87 @@ def test_a_request_timed_out_at_the_window_end_then_cut_off_by_the_deadline_expo
         assert not any("accepted as" in str(e.reason) for e in histories[row["job_id"]])
 
 
+def _failures(engine: Engine, batch_id: str) -> dict[bool, FailureReason]:
+    """The batch's ``status --json`` failure groups, by whether their jobs were sent."""
+    with db.session_scope(engine) as session:
+        failures = batches.batch_report(session, batch_id)["failures"]
+    by_sending = {f["sent"]: f for f in failures}
+    assert len(by_sending) == len(failures), failures
+    return by_sending
+
+
+def _failure_lines(engine: Engine, batch_id: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The failure lines ``status BATCH`` (and a run's end) prints for the batch."""
+    with db.session_scope(engine) as session:
+        report = batches.batch_report(session, batch_id)
+    shown = io.StringIO()
+    monkeypatch.setattr(output, "out", Console(file=shown, soft_wrap=True, highlight=False))
+    monkeypatch.delenv("COLUMNS", raising=False)
+    output.print_failures(report)
+    return shown.getvalue().splitlines()
+
+
+def test_the_deadline_summary_counts_requests_cancelled_in_fals_queue_apart_from_jobs_never_sent(
+    engine: Engine, busy_sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An audit's overnight batch said "9 cancelled (deadline): cancelled in fal's queue at the
+    batch's deadline" when only 5 had been sent: the failures were grouped by state and
+    ``error_type`` alone, with one example for all. Sent and never sent are counted apart."""
+    batch_id, rt = _two_waiting_at_fal(engine, busy_sim, "deadline-summary")
+    wait_until(lambda: job_states(engine, batch_id).get("queued", 0) == 0, step=lambda: poll(rt))
+    enforce_schedules(rt)  # the two never sent end cancelled too
+    assert job_states(engine, batch_id) == {"running": 2, "cancelled": 4}
+
+    lines = _failure_lines(engine, batch_id, monkeypatch)
+    assert "2 cancelled (deadline), sent to fal: cancelled in fal's queue at the batch's deadline" in lines
+    assert any(line.startswith("2 cancelled (deadline), never sent: not sent before") for line in lines), (
+        lines
+    )
+    failures = _failures(engine, batch_id)
+    assert (failures[True]["error_type"], failures[True]["count"]) == ("deadline", 2)
+    assert failures[True]["example"] == "cancelled in fal's queue at the batch's deadline"
+    assert (failures[False]["error_type"], failures[False]["count"]) == ("deadline", 2)
+    assert failures[False]["example"].startswith("not sent before the batch's deadline (")
+
+
+def test_a_request_timed_out_at_the_window_end_then_cut_off_by_the_deadline_costs_nothing(
+    engine: Engine, busy_sim: SimulatorHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fal timed the request out unstarted at the window's end (not billed); the deadline then
+    ended its job before a later window sent it again. Its cost is $0, as for every request that
+    never ran — the export said null (unknown) — and the summary tells it from the jobs never
+    sent (it said "not sent before the batch's deadline" of all of them)."""
+    batch_id, rt = _two_waiting_at_fal(engine, busy_sim, "window-then-deadline-cost")
+    _set_schedule(engine, batch_id, _closed_window(datetime.now(UTC)))
+    wait_until(lambda: job_states(engine, batch_id).get("queued", 0) == 0, step=lambda: poll(rt))
+    for job in _jobs(engine, batch_id, S.PENDING):
+        if job.submitted_at is not None:  # timed out at fal: known to be unbilled, so $0
+            assert (job.actual_usd, job.actual_billing_units) == (Decimal(0), Decimal(0))
+    now = datetime.now(UTC)
+    _set_schedule(engine, batch_id, Schedule(deadline=now))
+    enforce_schedules(rt, now + timedelta(seconds=1))
+    assert job_states(engine, batch_id) == {"running": 2, "cancelled": 4}
+
+    with db.session_scope(engine) as session:
+        batch = store.get_batch(session, batch_id)
+        rows = [
+            export.record(job, batch, tmp_path)
+            for job in store.jobs_of_batch(session, batch_id)
+            if job.state == S.CANCELLED
+        ]
+    assert sorted(row["attempts"] for row in rows) == [0, 0, 1, 1]
+    assert [row["cost_usd"] for row in rows] == [0.0] * 4, rows
+    assert all(row["billing_units"] == 0.0 for row in rows if row["attempts"]), rows
+    failures = _failures(engine, batch_id)
+    assert failures[True]["count"] == 2
+    assert failures[True]["example"].startswith("window closed: fal timed it out in its queue")
+    assert failures[False]["count"] == 2
+    assert failures[False]["example"].startswith("not sent before the batch's deadline (")
+    lines = _failure_lines(engine, batch_id, monkeypatch)
+    assert sum(line.startswith("2 cancelled (deadline), sent to fal: window closed: ") for line in lines) == 1
+    assert sum(line.startswith("2 cancelled (deadline), never sent: not sent before ") for line in lines) == 1
+
+
 def test_a_request_ended_unstarted_at_a_window_end_costs_no_attempt_of_the_limit(engine: Engine) -> None:
     """Counted in ``attempts`` (it was sent), but not against WANBATCH_MAX_ATTEMPTS: with two
     attempts allowed, the job sent again in the next window may still fail once and be retried."""
@@ -451,3 +540,73 @@ def test_a_request_ended_unstarted_at_a_window_end_costs_no_attempt_of_the_limit
         settle(session, rt, fence, RetryableProviderError("HTTP 503", status_code=503))
         job = store.get_job(session, job.id)
         assert (job.state, job.attempts, job.counted_attempts) == (S.RETRY_WAIT, 2, 1)
+
+
+def _sent(session: Session, job_id: str, attempt: int) -> store.Fence:
+    """Send the job as attempt ``attempt`` (stored as submit would): its fence, ``queued``."""
+    fence = store.Fence.of(store.get_job(session, job_id), "test")
+    assert store.mark_submitting(session, fence, attempt=attempt, api_key_id="k", lease_expires_at=utcnow())
+    fence = fence.moved(S.SUBMITTING)
+    assert store.mark_submitted(
+        session,
+        fence,
+        running=False,
+        request_id=f"request-{attempt}",
+        gateway_request_id=None,
+        status_url=None,
+        response_url=None,
+        cancel_url=None,
+        submitted_at=utcnow(),
+        next_poll_at=utcnow(),
+    )
+    return fence.moved(S.QUEUED)
+
+
+def test_a_job_sent_again_after_unbilled_requests_costs_what_its_attempts_were_billed(engine: Engine) -> None:
+    """A request fal ended unstarted at a window's end is known to be unbilled: the job holds
+    $0, not "unknown", until a later attempt is billed, and then the sum of what each was billed
+    (nothing is reset): timed out unstarted ($0), cancelled running at the next window's end
+    (billed), timed out unstarted again, then ended unsent by the deadline."""
+    batch_id = add_batch(engine, "resent", [("fal-ai/wan-22", {"prompt": "resent"})])
+    (job_id,) = [j.id for j in _jobs(engine, batch_id, S.PENDING)]
+    timed_out = Status("COMPLETED", error="timed out", error_type=START_TIMED_OUT)
+    how = "fal timed it out in its queue before it started (request_timeout)"
+    with db.session_scope(engine) as session:
+        fence = _sent(session, job_id, 1)
+        job = store.get_job(session, job_id)
+        assert end_unstarted(session, fence, job, timed_out, why=WINDOW_CLOSED, how=how, now=utcnow())
+        job = store.get_job(session, job_id)
+        assert (job.state, job.actual_usd, job.actual_billing_units) == (S.PENDING, Decimal(0), Decimal(0))
+
+        fence = _sent(session, job_id, 2)
+        running = Outcome.CANCELLED_RUNNING
+        cancelled = Status("COMPLETED", error="cancelled", error_type="client_cancelled")
+        assert end_unstarted(
+            session, fence, job, cancelled, why=WINDOW_CLOSED, how="cancelled", now=utcnow(), outcome=running
+        )
+        job = store.get_job(session, job_id)
+        assert (job.state, job.actual_usd, job.actual_billing_units) == (
+            S.RETRY_WAIT,
+            Decimal("0.25"),
+            Decimal(5),
+        )
+
+        fence = _sent(session, job_id, 3)
+        assert end_unstarted(session, fence, job, timed_out, why=WINDOW_CLOSED, how=how, now=utcnow())
+        job = store.get_job(session, job_id)
+        assert (job.state, job.actual_usd, job.actual_billing_units) == (
+            S.PENDING,
+            Decimal("0.25"),
+            Decimal(5),
+        )
+
+        store.cancel_unsent_jobs(
+            session,
+            [batch_id],
+            reason="deadline",
+            error="not sent",
+            error_type="deadline",
+            sent_error="not again",
+        )
+    (job,) = _jobs(engine, batch_id, S.CANCELLED)
+    assert (job.actual_usd, job.actual_billing_units, job.attempts) == (Decimal("0.25"), Decimal(5), 3)

@@ -129,9 +129,21 @@ def test_a_failure_reason_wraps_instead_of_cutting_money_or_time(shown: io.Strin
         9,
         "audit",
         failures=[
-            {"state": "cancelled", "error_type": "budget", "count": 2, "example": budget},
-            {"state": "cancelled", "error_type": "deadline", "count": 921, "example": deadline},
-            {"state": "failed", "error_type": "model_error", "count": 1, "example": "word " * 200},
+            {"state": "cancelled", "error_type": "budget", "count": 2, "example": budget, "sent": False},
+            {
+                "state": "cancelled",
+                "error_type": "deadline",
+                "count": 921,
+                "example": deadline,
+                "sent": False,
+            },
+            {
+                "state": "failed",
+                "error_type": "model_error",
+                "count": 1,
+                "example": "word " * 200,
+                "sent": True,
+            },
         ],
     )
     output.print_failures(report)
@@ -152,7 +164,13 @@ def test_into_a_pipe_each_note_and_reason_is_one_whole_line(
 ) -> None:
     monkeypatch.delenv("COLUMNS")  # no width given: a script greps it, nothing to wrap at
     output.print_batches(REPORTS)
-    failure = {"state": "cancelled", "error_type": "deadline", "count": 3, "example": "x " * 100}
+    failure = {
+        "state": "cancelled",
+        "error_type": "deadline",
+        "count": 3,
+        "example": "x " * 100,
+        "sent": False,
+    }
     output.print_failures(_report(9, "audit", failures=[failure]))
     lines = shown.getvalue().splitlines()
     assert any(line.startswith("simulated (`--simulate`): ") and line.count(",") == 5 for line in lines)

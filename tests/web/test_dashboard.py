@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from datetime import time
 from decimal import Decimal
+from html import unescape as html_text
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -430,3 +431,31 @@ def test_a_refused_action_logs_its_reference_on_one_line(
     (line,) = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert "\n" not in line
     assert "nope\\n2026-12-03 INFO forged" in line
+
+
+def test_commonest_failures_count_jobs_sent_to_fal_apart_from_jobs_never_sent(
+    sqlite_engine: Engine, output_dir: Path
+) -> None:
+    """The deadline cancels requests in fal's queue and jobs never sent with the same
+    ``error_type``: two rows, each saying which it is, with its own count and example (one row
+    said "cancelled in fal's queue" of them all)."""
+    with session_factory(sqlite_engine)() as session:
+        batch = make_batch(session, "night", [new_job(i, endpoint=ENDPOINTS[0]) for i in range(5)])
+        for n, job in enumerate(store.jobs_of_batch(session, batch.id)):
+            sent = {"attempts": 1, "submitted_at": utcnow()} if n < 3 else {}
+            error = (
+                "cancelled in fal's queue at the batch's deadline"
+                if n < 3
+                else "not sent before the deadline"
+            )
+            set_job(session, job.id, state=JobState.CANCELLED, error=error, error_type="deadline", **sent)
+        session.commit()
+    html = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))).get(
+        f"/batches/{batch.id}", headers=HTML
+    )
+    table = html.text.split("Commonest failures", 1)[1].split("</table>", 1)[0]
+    rows = [" ".join(html_text(re.sub(r"<[^>]+>", " ", row)).split()) for row in table.split("<tr>")[2:]]
+    assert rows == [
+        "cancelled deadline · sent to fal cancelled in fal's queue at the batch's deadline 3",
+        "cancelled deadline · never sent not sent before the deadline 2",
+    ], rows
