@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -27,9 +27,6 @@ from worker.fal.storage import MediaPreparer
 from worker.limits import SubmitLimiter, api_key_id, limiter_for
 from worker.steps.keepalive import SubmitLeases
 from worker.steps.unrecorded import Unrecorded
-
-if TYPE_CHECKING:
-    from worker.steps.dead_leases import DeadLeases
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +178,18 @@ class Reach:
         return inside and batch_id not in self.exclude_batch_ids
 
 
+class LeaseReclaimer(Protocol):
+    """Takes back the jobs of dead processes' leases (:class:`worker.steps.dead_leases.DeadLeases`)."""
+
+    def take_back(self) -> int:
+        """Let the leases of processes known to be gone lapse now; how many jobs came back."""
+        ...
+
+    def note(self, now: datetime | None = None) -> str:
+        """What the progress line says about the leases still waited for ("" when none)."""
+        ...
+
+
 @dataclass
 class Runtime:
     """What a step needs: the database, the fal client, settings, and how to hand work on."""
@@ -214,7 +223,7 @@ class Runtime:
     #: A ``--simulate`` run's watch on other processes' leases of its batch: the reconciler has
     #: it take back a dead simulated run's at once (its simulator is gone with it), and the
     #: progress line says what it still waits for. None elsewhere.
-    dead_leases: DeadLeases | None = None
+    dead_leases: LeaseReclaimer | None = None
     #: Which incarnation of the message broker this is (Redis's ``run_id``), or None when it
     #: cannot be told (unreachable, another broker, embedded). A new one lost the queued messages:
     #: the tick leader hands the waiting jobs on again (:func:`worker.steps.reconcile.hand_on_again`).
