@@ -152,15 +152,18 @@ def test_other_methods_on_the_public_paths_are_405_with_allow(
 
 
 @pytest.fixture
-def access_logger() -> Iterator[logging.Logger]:
-    """uvicorn's access logger, its records reaching caplog: a uvicorn started earlier in the
-    session (its default logging config) leaves it not propagating, so caplog saw nothing."""
+def access_logger(caplog: pytest.LogCaptureFixture) -> Iterator[logging.Logger]:
+    """uvicorn's access logger, its records going to caplog's handler directly: a uvicorn started
+    earlier in the session (its default logging config) leaves ``uvicorn.access`` and ``uvicorn``
+    not propagating, so records never reached caplog on the root logger."""
     logger = logging.getLogger("uvicorn.access")
     filters, propagate, disabled = logger.filters[:], logger.propagate, logger.disabled
-    logger.propagate, logger.disabled = True, False
+    logger.propagate, logger.disabled = False, False
+    logger.addHandler(caplog.handler)
     try:
         yield logger
     finally:
+        logger.removeHandler(caplog.handler)
         logger.filters[:] = filters
         logger.propagate, logger.disabled = propagate, disabled
 
