@@ -473,6 +473,9 @@ class JobRow:
     error_type: str | None
     est_usd: Decimal
     actual_usd: Decimal | None
+    #: What its submits whose outcome stayed unknown may have cost (``Job.ambiguous_usd``): shown
+    #: apart from ``actual_usd``, as fal may or may not have billed it.
+    ambiguous_usd: Decimal
     media: dict[str, Any] | None
     media_mismatch: str | None
     output_path: str | None
@@ -516,6 +519,7 @@ _ROW_COLUMNS = (
     Job.error_type,
     Job.est_usd,
     Job.actual_usd,
+    Job.ambiguous_usd,
     Job.media,
     Job.media_mismatch,
     Job.output_path,
@@ -584,6 +588,7 @@ def _job_row(row: Any) -> JobRow:
         error_type,
         est_usd,
         actual_usd,
+        ambiguous_usd,
         media,
         media_mismatch,
         output_path,
@@ -605,6 +610,7 @@ def _job_row(row: Any) -> JobRow:
         error_type=error_type,
         est_usd=est_usd,
         actual_usd=actual_usd,
+        ambiguous_usd=ambiguous_usd or Decimal(0),
         media=media,
         media_mismatch=media_mismatch,
         output_path=output_path,

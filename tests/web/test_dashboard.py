@@ -459,3 +459,61 @@ def test_commonest_failures_count_jobs_sent_to_fal_apart_from_jobs_never_sent(
         "cancelled deadline · sent to fal cancelled in fal's queue at the batch's deadline 3",
         "cancelled deadline · never sent not sent before the deadline 2",
     ], rows
+
+
+def _cost_cell(html: str, job_id: str) -> str:
+    """The cost cell of a job's row (the ``num`` cell before the media check)."""
+    row = re.search(rf'<tr id="j-{job_id}".*?</tr>', html, re.S)
+    assert row is not None, html
+    cell = re.search(r'<td class="num">((?:(?!<td).)*)</td>\s*<td class="small">', row.group(0), re.S)
+    assert cell is not None, row.group(0)
+    return cell.group(1)
+
+
+def test_a_job_whose_submit_answer_was_lost_shows_what_it_may_have_cost(
+    engine: Engine, session: Session, output_dir: Path
+) -> None:
+    """$0.00 is only for a job never sent: a failed job fal may have billed says how much, as
+    the batch's "possibly billed" does, so the rows add up to the header."""
+    batch = make_batch(session, "lost", [new_job(i, endpoint=ENDPOINTS[0], usd="0.20") for i in range(4)])
+    lost, unknown, resent, never = session.scalars(
+        select(Job).where(Job.batch_id == batch.id).order_by(Job.item_index)
+    ).all()
+    sent = {"attempts": 1, "sent_at": utcnow(), "submitted_at": utcnow()}
+    set_job(session, lost.id, state=JobState.SUBMIT_UNKNOWN, **sent)
+    # Sent, ended with no cost recorded (and no unknown submit behind it): not known, not $0.00.
+    set_job(session, unknown.id, state=JobState.FAILED, **sent)
+    # Resent after a lost answer, then billed: both sums, apart.
+    set_job(
+        session,
+        resent.id,
+        state=JobState.SUCCEEDED,
+        attempts=2,
+        submitted_at=utcnow(),
+        actual_usd=Decimal("0.20"),
+        ambiguous_usd=Decimal("0.20"),
+    )
+    session.commit()
+    set_job(session, never.id, state=JobState.CANCELLED, actual_usd=Decimal(0))  # never sent
+    session.commit()
+    fence = store.Fence(lost.id, JobState.SUBMIT_UNKNOWN, lost.version, None)
+    assert store.fail_job(session, fence, error="submission outcome unknown", error_type="submit_unknown")
+    session.commit()
+    browser = client(app_for(engine, settings_for(engine, output_dir, token=TOKEN)))
+
+    html = browser.get(f"/batches/{batch.id}", headers={**HTML, **BEARER}).text
+    assert "$0.40 of it possibly billed" in html
+    cell = _cost_cell(html, lost.id)
+    assert "$0.00" not in cell
+    assert "≤ $0.20 possibly billed" in cell
+    cell = _cost_cell(html, unknown.id)
+    assert "$0.00" not in cell
+    assert "unknown" in cell
+    cell = _cost_cell(html, resent.id)
+    assert cell.startswith("$0.20")
+    assert "+ ≤ $0.20 possibly billed" in cell
+    assert _cost_cell(html, never.id) == "$0.00"  # cancelled before it was ever sent
+    session.expire_all()
+    failed = session.get(Job, lost.id)
+    assert failed is not None
+    assert (failed.actual_usd, failed.ambiguous_usd) == (None, Decimal("0.20"))  # as the audit found it
