@@ -26,6 +26,7 @@ from cli.output import (
     EXIT_SOME_FAILED,
     EXIT_USAGE,
     cost_heading,
+    cost_rounding_note,
     cost_table,
     emit_json,
     err,
@@ -118,6 +119,8 @@ def cost(batch: str, as_json: bool) -> None:
             return EXIT_OK
         out.print(cost_heading(report))
         out.print(cost_table(report))
+        if note := cost_rounding_note(report):
+            say(note)
         total = report.total
         if report.budget_max_usd is not None:
             say(f"budget {usd(report.budget_max_usd)}")

@@ -14,6 +14,7 @@ from cli.output import (
     emit_json,
     err,
     escape,
+    estimate_rounding_note,
     estimate_table,
     guarded,
     issue_line,
@@ -85,6 +86,8 @@ def estimate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
         for issue in budget:
             err.print(issue_line(issue))
         out.print(estimate_table(f"Estimate for {manifest}", data))
+        if note := estimate_rounding_note(data):
+            say(note)
         if data["price_assumptions"]:
             say(
                 "* price not published by fal: an assumption (see README, override with "

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import textwrap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -33,7 +33,7 @@ from rich.text import Text
 
 from jobs.errors import Issue, ManifestError, UsageError, WanbatchError
 from jobs.fs import path_error
-from jobs.money import usd_text
+from jobs.money import round_cents, usd_text
 from jobs.printable import one_line, printable, shell_ref
 from jobs.states import JobState
 
@@ -773,6 +773,43 @@ def cost_table(report: CostReport) -> Table:
     table.add_section()
     table.add_row("total", "", *total_cells)
     return table
+
+
+def rounding_note(
+    columns: Mapping[str, tuple[Sequence[Decimal | float | None], Decimal | float | None]],
+) -> str | None:
+    """The line under a money table whose rounded lines do not add up to its rounded total
+    (``$0.30 + $0.38 + $0.41`` against ``$1.08``: wan-2.2 prices have fractions of a cent), naming
+    those columns; None when every column adds up. Each figure stays rounded half up to the
+    cent, and the total is the exact sum rounded, so a payer checking the sum is told why."""
+    off = [
+        name
+        for name, (lines, total) in columns.items()
+        if sum((round_cents(v) for v in lines if v is not None), Decimal(0)) != round_cents(total or 0)
+    ]
+    if not off:
+        return None
+    return (
+        f"lines are rounded to the cent; the total is the exact sum, rounded ({', '.join(off)}), "
+        "so the lines may not add up to it"
+    )
+
+
+def cost_rounding_note(report: CostReport) -> str | None:
+    """:func:`rounding_note` of ``wanbatch cost``'s money columns."""
+    lines = list(report.lines.values())
+    return rounding_note(
+        {
+            "estimated": ([line.estimated_usd for line in lines], report.total.estimated_usd),
+            "actual": ([line.actual_usd for line in lines], report.total.actual_usd),
+            "wasted": ([line.wasted_usd for line in lines], report.total.wasted_usd),
+        }
+    )
+
+
+def estimate_rounding_note(data: EstimateReport) -> str | None:
+    """:func:`rounding_note` of ``wanbatch estimate``'s USD column."""
+    return rounding_note({"USD": ([line["usd"] for line in data["by_endpoint"].values()], data["usd"])})
 
 
 def _cost_cells(line: CostLine) -> tuple[str, ...]:
