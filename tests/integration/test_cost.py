@@ -305,3 +305,27 @@ def test_cost_counts_jobs_not_sent_yet_apart_from_those_in_flight(settings: Sett
     assert total["in_flight"] == status["in_flight"]  # the two commands agree
     table = CliRunner().invoke(cli, ["cost", "not-yet"], prog_name="wanbatch")
     assert "10 job(s) not finished (10 not sent yet): actual is not final yet" in table.stdout
+
+
+SUB_CENT = """
+name: sub-cent
+endpoint: fal-ai/wan-22
+items:
+  - {prompt: a fox, resolution: 480p, num_frames: 121}
+  - {prompt: a fox, resolution: 580p, num_frames: 100}
+  - {prompt: a fox, resolution: 720p}
+"""
+
+
+def test_cost_says_when_its_rounded_lines_do_not_add_up(settings: Settings, tmp_path: Path) -> None:
+    """wan-2.2's prices have fractions of a cent ($0.3025, $0.375, $0.405): the lines read $0.30,
+    $0.38 and $0.41 ($1.09), the exact total $1.0825 reads $1.08. Each is rounded as the README
+    says; the table says why they do not add up."""
+    batches.submit_manifest(_manifest(tmp_path, SUB_CENT), settings)
+    table = CliRunner().invoke(cli, ["cost", "sub-cent"], prog_name="wanbatch")
+    assert table.exit_code == 0, table.output
+    for line in ("$0.30", "$0.38", "$0.41", "$1.08"):
+        assert line in table.stdout
+    assert "lines are rounded to the cent; the total is the exact sum, rounded (estimated)" in " ".join(
+        table.stdout.split()
+    )

@@ -44,3 +44,17 @@ def test_json_money_is_a_number_rounded_half_up_to_the_micro_dollar() -> None:
     assert value == 2.835001
     assert Decimal(str(usd_json(Decimal("0.1") * 3))) == Decimal("0.3")  # exact once read back
     assert usd_json(Decimal("12")) == 12.0
+
+
+def test_a_rounding_note_names_only_the_columns_whose_lines_do_not_add_up() -> None:
+    from cli.output import rounding_note
+
+    assert rounding_note({"USD": ([Decimal("0.25"), Decimal("0.50")], Decimal("0.75"))}) is None
+    note = rounding_note(
+        {
+            "estimated": ([Decimal("0.3025"), Decimal("0.375"), Decimal("0.405")], Decimal("1.0825")),
+            "actual": ([Decimal("0.25"), None], Decimal("0.25")),
+        }
+    )
+    assert note is not None
+    assert "(estimated)" in note
