@@ -102,9 +102,13 @@ def endpoint_url() -> str | None:
     raw = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if not raw:
         return None
-    parts = urlsplit(raw)
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError:  # "[::1", ":99999", ":abc": the settings refuse these for S3 outputs
+        return "AWS_ENDPOINT_URL (not a valid URL)"
     host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    netloc = f"{host}:{port}" if port else host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 

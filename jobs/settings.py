@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -54,14 +62,39 @@ DEFAULT_SUBMIT_RATE = 5.0
 #: The longest time a setting may name, in seconds: a year. Anything longer is a typo (or a
 #: ``1e300``), and "now + that" would overflow every date it is added to.
 MAX_SECONDS = 366 * 24 * 3600.0
+#: The shortest time a setting may name, in seconds: a microsecond. A smaller positive number
+#: (``1e-320``) is no duration any clock measures, and dividing by it overflows.
+MIN_SECONDS = 1e-6
+#: The fewest submits per second a rate may name: one a day. ``1e-320`` passed and then
+#: overflowed the date a held-back job is due again (a traceback, and a run that never ended);
+#: ``1e-12`` held every job but the first back for thousands of years, without a word.
+MIN_RATE = 1 / 86400
 #: The most submits per second a setting may name: far beyond any account fal has, and small
 #: enough that the limiter's arithmetic (intervals in microseconds) stays exact.
 MAX_RATE = 100_000.0
 #: The most requests a cap may name (outstanding, download backlog): fal runs at most a few
 #: hundred at once for any account; beyond this a number is a typo.
 MAX_COUNT = 1_000_000
-#: A per-endpoint submit rate: like ``submit_rate``, above 0 (0 would never grant a submit).
-_EndpointRate = Annotated[float, Field(gt=0, le=MAX_RATE)]
+
+
+def _at_least_one_a_day(rate: float) -> float:
+    """``rate`` unless it is under :data:`MIN_RATE`; ValueError saying the bound in words (pydantic's
+    own "greater than or equal to 1.1574074074074073e-05" says nothing a reader can check)."""
+    if rate < MIN_RATE:
+        raise ValueError(
+            f"must be at least {MIN_RATE:.8f} submits per second (one a day; e.g. 0.5 is one every "
+            f"2 s), got {rate!r}"
+        )
+    return rate
+
+
+#: A submit rate (global or per endpoint): above 0 (0 would never grant a submit), and at least
+#: one a day (:data:`MIN_RATE`), at most :data:`MAX_RATE`.
+_Rate = Annotated[float, Field(gt=0, le=MAX_RATE), AfterValidator(_at_least_one_a_day)]
+#: A per-endpoint submit rate: bounded like ``submit_rate``.
+_EndpointRate = _Rate
+#: A duration in seconds that must be positive: from a microsecond (:data:`MIN_SECONDS`) to a year.
+_Seconds = Annotated[float, Field(ge=MIN_SECONDS, le=MAX_SECONDS)]
 #: A per-endpoint cap: like ``max_outstanding``, at least 1 (0 held the endpoint's jobs forever).
 _EndpointCap = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 #: The most attempts (submissions, downloads) a setting may name: like a cap, beyond is a typo.
@@ -75,10 +108,14 @@ MAX_INLINE_BYTES = 64 * 1024**2
 MIN_SERVE_TOKEN_LENGTH = 16
 
 
+#: The variables read without the ``WANBATCH_`` prefix: fal's and the AWS SDK's own names.
+_UNPREFIXED = frozenset({"FAL_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"})
+
+
 def _setting_name(loc: tuple[int | str, ...]) -> str:
     """The variable a validation error is about, and where inside its (JSON) value."""
     head = str(loc[0]).upper() if loc else "?"
-    name = head if head == "FAL_KEY" else f"WANBATCH_{head}"
+    name = head if head in _UNPREFIXED else f"WANBATCH_{head}"
     return name + (f" (at {'.'.join(str(p) for p in loc[1:])})" if len(loc) > 1 else "")
 
 
@@ -131,6 +168,7 @@ def _http_url(value: str, example: str) -> str:
     url = value.strip()
     if not url:
         raise ValueError(f"is empty; an http(s) URL such as {example} is needed (unset it for the default)")
+    _refuse_control_characters(url)
     parsed = urlsplit(url)
     if parsed.scheme.lower() not in ("http", "https"):
         scheme = f"scheme {parsed.scheme!r}" if parsed.scheme else "no scheme"
@@ -142,6 +180,14 @@ def _http_url(value: str, example: str) -> str:
     if not parsed.hostname or any(ch.isspace() for ch in url):
         raise ValueError(f"must be an http(s) URL with a host, such as {example}")
     return url.rstrip("/")
+
+
+def _refuse_control_characters(url: str) -> None:
+    """ValueError when ``url`` holds a control character (``\\x01``, DEL, …): httpx
+    refuses such a URL on the first request ("Invalid non-printable ASCII character"), which
+    surfaced as an internal error in the middle of a run. The value is not echoed (a token)."""
+    if any(not ch.isprintable() and not ch.isspace() for ch in url):  # spaces: "with a host" below
+        raise ValueError("contains a control (non-printable) character; write the URL again")
 
 
 #: What starts a JSON list: ``[`` then a string, the end of the list, or nothing (a broken list).
@@ -242,14 +288,48 @@ def _bad_host_entry(entry: str, reason: str) -> ValueError:
     return ValueError(f"entry {shown!r}: {reason}; {ALLOWED_HOST_FORMS}")
 
 
+#: The broker URLs taken, as an error message lists them.
+BROKER_URL_FORMS = (
+    "expected a Redis URL such as redis://127.0.0.1:6379/0 (rediss:// with TLS, "
+    "redis+socket:///path/to/redis.sock) or an AMQP URL such as amqp://user:password@host:5672//"
+)
+#: The Celery transports a broker URL may name: Redis (what the README documents and the
+#: submit-rate limiter shares) and AMQP (RabbitMQ, Celery's default transport).
+_BROKER_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp"})
+
+
+def broker_url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as ``WANBATCH_BROKER_URL``, or None. The value is not echoed:
+    it may hold a password. A Redis URL's database, when given, is a number (Celery's worker
+    refused ``/abc`` only once it had started)."""
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        return "contains a space or a control (non-printable) character"
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in _BROKER_SCHEMES:
+        return f"scheme {scheme!r} is not a supported broker" if sep else "not a URL"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises for a port that is no number, or out of range)
+    except ValueError:
+        return "not a valid URL (a broken [IPv6] host, or a port that is no number from 0 to 65535)"
+    if scheme.lower() == "redis+socket":
+        return None if parts.path.strip("/") else "names no socket path"
+    if not parts.hostname:
+        return "names no host"
+    database = parts.path.strip("/")
+    if scheme.lower().startswith("redis") and database and not database.isdigit():
+        return "its Redis database (after the host) is not a number"
+    return None
+
+
 class FalSettings(_Section):
     """Where fal is, the key that pays for it, and how long to wait for it."""
 
     fal_key: SecretStr | None = Field(default=None, validation_alias="FAL_KEY")
     fal_queue_url: str = "https://queue.fal.run"
     fal_rest_url: str = "https://rest.fal.ai"
-    connect_timeout: float = Field(default=10.0, gt=0, le=MAX_SECONDS)
-    read_timeout: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
+    connect_timeout: _Seconds = 10.0
+    read_timeout: _Seconds = 60.0
     #: Send ``X-Fal-Disable-Fallbacks: true`` with every submit: fal otherwise may reroute a
     #: request to another model after repeated failures, so "the same input" would not be the
     #: same request (reproducibility lock, issue #13). ``false`` lets fal fall back.
@@ -334,27 +414,42 @@ class BrokerSettings(_Section):
     #: Worker threads of the embedded (no broker) mode.
     embedded_concurrency: int = Field(default=4, ge=1, le=MAX_THREADS)
 
+    @field_validator("broker_url", mode="before")
+    @classmethod
+    def _check_broker(cls, value: object) -> object:
+        """Empty is unset (embedded mode, as docker-compose passes ``""``); anything else a broker
+        URL (:func:`broker_url_problem`). ``garbage`` passed: Celery read it as an AMQP host
+        and the worker retried "Cannot connect to amqp://guest:**@garbage:5672//" forever."""
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return None
+        problem = broker_url_problem(value.strip())
+        if problem:
+            raise ValueError(f"{problem}; {BROKER_URL_FORMS}")
+        return value.strip()
+
 
 class TickSettings(_Section):
     """The periodic tick, status polls and leases. Seconds throughout."""
 
     #: How often the dispatcher/poller/reconciler tick runs.
-    tick_interval: float = Field(default=1.0, gt=0, le=MAX_SECONDS)
+    tick_interval: _Seconds = 1.0
     #: Status polls start this often and back off with elapsed time up to poll_max_interval.
-    poll_min_interval: float = Field(default=2.0, gt=0, le=MAX_SECONDS)
-    poll_max_interval: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
+    poll_min_interval: _Seconds = 2.0
+    poll_max_interval: _Seconds = 30.0
     #: With a webhook receiver (``webhook_url``) completions arrive as webhooks and polling is
     #: only the safety net: a submitted job is first polled this long after its submit, and no
     #: more often than this afterwards.
-    webhook_poll_after: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
+    webhook_poll_after: _Seconds = 30.0
     #: A claimed job's lease; a worker that dies holding one gives the job back after this long.
-    lease_seconds: float = Field(default=120.0, gt=0, le=MAX_SECONDS)
+    lease_seconds: _Seconds = 120.0
 
 
 class LimitSettings(_Section):
     """How fast and how much is sent to fal (README "Limits, budgets and cost")."""
 
-    submit_rate: float = Field(default=DEFAULT_SUBMIT_RATE, gt=0, le=MAX_RATE)
+    submit_rate: _Rate = DEFAULT_SUBMIT_RATE
     max_outstanding: int = Field(default=DEFAULT_MAX_OUTSTANDING, ge=1, le=MAX_COUNT)
     #: Most jobs completed at fal and waiting for (or in) their download before dispatch stops
     #: sending: when downloads stall (a full disk, a slow link), paid outputs must not pile up at
@@ -510,11 +605,27 @@ class DownloadSettings(_Section):
     download_attempts: int = Field(default=5, ge=1, le=MAX_ATTEMPTS)
     #: Longest one download attempt may take, in seconds, on top of the read timeout (which
     #: bounds each wait for bytes): a host that trickles bytes cannot hold a worker slot forever.
-    download_timeout: float = Field(default=1800.0, gt=0, le=MAX_SECONDS)
+    download_timeout: _Seconds = 1800.0
     #: What a downloaded video that does not match the request (size, frame count, duration;
     #: see ``worker.probe``) leads to: "flag" (default: the job succeeds, the mismatch is
     #: recorded and shown) or "fail" (the job fails with the reason, its cost recorded as wasted).
     media_mismatch: str = Field(default="flag", pattern="^(flag|fail)$")
+    #: The AWS SDK's own endpoint variables, read here only to be checked (``jobs.output_store``
+    #: reads them from the environment, as boto3 does), and only when outputs go to S3.
+    aws_endpoint_url: str | None = Field(default=None, validation_alias="AWS_ENDPOINT_URL")
+    aws_endpoint_url_s3: str | None = Field(default=None, validation_alias="AWS_ENDPOINT_URL_S3")
+
+    @field_validator("aws_endpoint_url", "aws_endpoint_url_s3")
+    @classmethod
+    def _check_endpoint(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """With ``WANBATCH_OUTPUT_DIR=s3://…``, an http(s) URL with a host and a valid port: a
+        port of ``99999`` or ``abc`` passed and then ended ``run`` in an internal error ("Port
+        out of range"), and ``doctor`` blamed WANBATCH_OUTPUT_DIR. The password is never echoed
+        (:func:`_http_url` names what is wrong, not the value). Without S3 the variable is the
+        AWS SDK's business, not ours: it is left alone."""
+        if not value or not value.strip() or not info.data.get("output_url"):
+            return value
+        return _http_url(value, "http://127.0.0.1:9000")
 
     @field_validator("download_allowed_hosts", mode="before")
     @classmethod
@@ -573,6 +684,20 @@ class DownloadSettings(_Section):
         return value
 
 
+def _json_folders(text: str) -> list[str]:
+    """``text`` as a JSON list of folder names; ValueError saying what else it is."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"starts like JSON but is not JSON ({exc}); {_FOLDERS_FORMS}") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError(f"is JSON but not a list of folder names; {_FOLDERS_FORMS}")
+    return value
+
+
+_FOLDERS_FORMS = 'expected folders separated by ":" or ",", or a JSON list such as ["/data/in", "~/media"]'
+
+
 class InputSettings(_Section):
     """What a manifest's local files may be, and how they reach fal."""
 
@@ -586,6 +711,11 @@ class InputSettings(_Section):
     @field_validator("allowed_input_dirs", mode="before")
     @classmethod
     def _split_dirs(cls, value: object) -> object:
+        """Separated folders, or a JSON list of them. A value written as JSON (``[`` or ``{``
+        first) must be a list of folder names: ``{"a":1}``, ``[[1]]`` or ``[null]`` were split
+        at ``:`` and ``,`` into folders nobody meant, silently."""
+        if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+            value = _json_folders(value)
         return _listed(value, os.pathsep + ",")
 
     @field_validator("allowed_input_dirs")

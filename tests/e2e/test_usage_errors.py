@@ -337,3 +337,42 @@ def test_a_batch_reference_longer_than_any_id_is_no_batch(wb: Wb, command: str) 
     assert "no batch 'xxxx" in done.stderr
     assert "…'" in done.stderr
     assert len(done.stderr) < 400
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "said"),
+    [
+        # Was "internal error: InvalidURL: Invalid non-printable ASCII character in URL", exit 70.
+        ({"WANBATCH_FAL_QUEUE_URL": "http://h\x01x", "FAL_KEY": "k"}, ("run",), "WANBATCH_FAL_QUEUE_URL"),
+        ({"WANBATCH_FAL_REST_URL": "http://h\x01x", "FAL_KEY": "k"}, ("run",), "WANBATCH_FAL_REST_URL"),
+        # Was "internal error: ValueError: Port out of range", exit 70.
+        (
+            {"WANBATCH_OUTPUT_DIR": "s3://bucket", "AWS_ENDPOINT_URL": "http://u:hunter2@127.0.0.1:99999"},
+            ("run", "--simulate", "--json"),
+            "AWS_ENDPOINT_URL",
+        ),
+        # Was a traceback (OverflowError in a worker) and a run that never ended.
+        ({"WANBATCH_SUBMIT_RATE": "1e-320"}, ("run", "--simulate"), "WANBATCH_SUBMIT_RATE"),
+        # Was a run stuck with its downloads timing out.
+        ({"WANBATCH_DOWNLOAD_TIMEOUT": "1e-320"}, ("run", "--simulate"), "WANBATCH_DOWNLOAD_TIMEOUT"),
+        # Was "cannot reach the broker at garbage" (and a worker retrying for ever).
+        ({"WANBATCH_BROKER_URL": "garbage", "FAL_KEY": "k"}, ("run",), "WANBATCH_BROKER_URL"),
+        ({"WANBATCH_BROKER_URL": "foo://u:hunter2@x", "FAL_KEY": "k"}, ("worker",), "WANBATCH_BROKER_URL"),
+    ],
+    ids=["queue-url", "rest-url", "s3-endpoint", "tiny-rate", "tiny-timeout", "broker-run", "broker-worker"],
+)
+def test_settings_that_crashed_later_stop_every_command_at_start_up(
+    env: dict[str, str], args: tuple[str, ...], said: str, tmp_path: Path
+) -> None:
+    env = {**env, "WANBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'wb.db'}"}
+    target = () if args == ("worker",) else (QUICKSTART,)
+    done = wanbatch(*args, *target, env=env, timeout=30)
+    if "--json" in args:
+        assert done.returncode == 2, done.stderr
+        assert f"invalid configuration: {said}" in done.stdout
+        assert "hunter2" not in done.stdout
+        assert "Traceback" not in done.stderr
+    else:
+        line = assert_one_line(done, f"invalid configuration: {said}")
+        assert "hunter2" not in line
+    assert not (tmp_path / "wb.db").exists()

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from jobs.errors import ConfigError
-from jobs.settings import MAX_SECONDS, Settings, get_settings
+from jobs.models import utcnow
+from jobs.settings import MAX_SECONDS, MIN_RATE, MIN_SECONDS, Settings, get_settings
 
 #: Every float field, by its variable's name (found, not listed: a new one is covered too).
 FLOAT_FIELDS = sorted(
@@ -223,3 +224,71 @@ def test_redis_limits_urls_are_taken(value: str, monkeypatch: pytest.MonkeyPatch
 def test_an_empty_limits_url_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANBATCH_LIMITS_URL", "")
     assert not get_settings().limits_url
+
+
+#: Every duration that must be positive (a ``gt=0`` duration once): found, not listed.
+POSITIVE_DURATIONS = sorted(
+    name
+    for name, field in Settings.model_fields.items()
+    if any(getattr(m, "ge", None) == MIN_SECONDS for m in field.metadata)
+)
+
+
+def test_the_positive_durations_are_found() -> None:
+    assert {"download_timeout", "connect_timeout", "read_timeout", "lease_seconds", "tick_interval"} <= set(
+        POSITIVE_DURATIONS
+    )
+
+
+@pytest.mark.parametrize("field", POSITIVE_DURATIONS)
+@pytest.mark.parametrize("value", ["1e-320", "5e-324", "1e-9"])
+def test_no_duration_is_shorter_than_a_microsecond(
+    field: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``1e-320`` passed ``> 0``: a run with such a download timeout sat stuck."""
+    variable = f"WANBATCH_{field.upper()}"
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        get_settings()
+    assert str(caught.value).startswith(f"invalid configuration: {variable}: ")
+    monkeypatch.setenv(variable, str(MIN_SECONDS))
+    get_settings.cache_clear()
+    assert getattr(get_settings(), field) == MIN_SECONDS
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "where"),
+    [
+        ("WANBATCH_SUBMIT_RATE", "1e-320", ""),
+        ("WANBATCH_SUBMIT_RATE", "1e-12", ""),
+        ("WANBATCH_SUBMIT_RATE_PER_ENDPOINT", '{"fal-ai/wan-22": 1e-320}', " (at fal-ai/wan-22)"),
+    ],
+)
+def test_a_rate_is_at_least_one_submit_a_day(
+    variable: str, value: str, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``1e-320`` overflowed the date a held-back job was due again: a traceback, and ``run``
+    never ended; ``1e-12`` held the jobs back for ever without a word."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        get_settings()
+    message = str(caught.value)
+    assert message.startswith(f"invalid configuration: {variable}{where}: must be at least ")
+    assert "one a day" in message
+
+
+def test_one_submit_a_day_is_a_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_SUBMIT_RATE", str(MIN_RATE))
+    monkeypatch.setenv("WANBATCH_SUBMIT_RATE_PER_ENDPOINT", f'{{"fal-ai/wan-22": {MIN_RATE}}}')
+    settings = get_settings()
+    assert settings.submit_rate == MIN_RATE
+    assert settings.submit_rate_per_endpoint == {"fal-ai/wan-22": MIN_RATE}
+
+
+@pytest.mark.parametrize("seconds", [1 / 1e-320, 1e300, -1e300, float("inf"), float("nan")])
+def test_a_due_date_never_overflows(seconds: float) -> None:
+    """``in_seconds(1 / rate)`` raised OverflowError for a tiny rate: a worker's traceback."""
+    from worker.steps.context import in_seconds
+
+    due = in_seconds(seconds)
+    assert abs((due - utcnow()).total_seconds()) <= MAX_SECONDS + 60

@@ -210,3 +210,101 @@ def test_an_allowed_hosts_url_is_refused_without_its_password(monkeypatch: pytes
     message = _refused(monkeypatch, "WANBATCH_DOWNLOAD_ALLOWED_HOSTS", "https://user:hunter2@media.example/")
     assert "hunter2" not in message
     assert "entry 'https://***@media.example/': a URL, not a host" in message
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["WANBATCH_FAL_QUEUE_URL", "WANBATCH_FAL_REST_URL", "WANBATCH_WEBHOOK_URL", "WANBATCH_WEBHOOK_JWKS_URL"],
+)
+@pytest.mark.parametrize("url", ["http://h\x01x", "https://h/x\x7f", "http://h/\x1b[0m", "http://h/\u200b"])
+def test_urls_with_a_control_character_are_refused(
+    variable: str, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx refused them on the first request: ``run`` ended in an internal error (exit 70)."""
+    message = _refused(monkeypatch, variable, url)
+    assert "control" in message
+    assert url not in message
+
+
+S3_ENV = {"WANBATCH_OUTPUT_DIR": "s3://bucket/prefix", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+
+
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
+@pytest.mark.parametrize(
+    "url", ["http://u:hunter2@127.0.0.1:99999", "http://u:hunter2@h:abc", "ftp://u:hunter2@h", "http://[::1"]
+)
+def test_a_broken_s3_endpoint_is_refused_without_its_password(
+    variable: str, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port of 99999 ended ``run`` in "internal error: ValueError: Port out of range"."""
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    message = _refused(monkeypatch, variable, url)
+    assert "hunter2" not in message
+
+
+def test_the_aws_endpoint_is_left_alone_without_s3_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://h:abc")
+    assert get_settings().output_url is None
+
+
+def test_a_good_s3_endpoint_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    assert get_settings().output_url == "s3://bucket/prefix"
+
+
+@pytest.mark.parametrize(
+    ("url", "phrase"),
+    [
+        ("garbage", "not a URL"),
+        ("foo://u:hunter2@x", "scheme 'foo'"),
+        ("memory://", "scheme 'memory'"),
+        ("redis://[::1", "not a valid URL"),
+        ("redis://:hunter2@127.0.0.1:99999/0", "not a valid URL"),
+        ("redis://127.0.0.1:6379/abc", "not a number"),
+        ("redis:///0", "no host"),
+        ("redis+socket://", "no socket path"),
+        ("redis://h\x01:6379/0", "control"),
+    ],
+)
+def test_a_broker_url_must_name_a_broker(url: str, phrase: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``garbage`` was accepted: the worker retried "Cannot connect to amqp://…@garbage" forever."""
+    message = _refused(monkeypatch, "WANBATCH_BROKER_URL", url)
+    assert phrase in message
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://:pw@h:6379",
+        "rediss://h:6380/2",
+        "redis+socket:///run/redis.sock",
+        "amqp://guest:guest@127.0.0.1:5672//",
+        "amqp://x",
+    ],
+)
+def test_broker_urls_celery_takes_are_taken(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_BROKER_URL", url)
+    assert get_settings().broker_url == url
+
+
+def test_an_empty_broker_url_is_embedded_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_BROKER_URL", " ")
+    assert get_settings().broker_url is None
+
+
+@pytest.mark.parametrize("value", ['{"a":1}', "[[1]]", "[null]", '[""]', "[1, 2"])
+def test_allowed_input_dirs_written_as_json_must_be_a_list_of_folders(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each was split at ``:`` and ``,`` into folders nobody meant, silently."""
+    _refused(monkeypatch, "WANBATCH_ALLOWED_INPUT_DIRS", value)
+
+
+def test_allowed_input_dirs_take_a_json_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_ALLOWED_INPUT_DIRS", '["/a", "/b:c"]')
+    assert get_settings().allowed_input_dirs == [Path("/a"), Path("/b:c")]

@@ -4,6 +4,7 @@ worker's identity for leases, and how a stored job becomes a request handle agai
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from jobs.models import BatchRecord, JobRecord, JobView, utcnow
 from jobs.schedule import Schedule
-from jobs.settings import Settings
+from jobs.settings import MAX_SECONDS, Settings
 from jobs.states import JobState
 from jobs.store import CapScope, Fence, batch_schedule, simulated_batch_ids
 from worker.fal.client import FalClient
@@ -300,8 +301,13 @@ class Runtime:
 
 
 def in_seconds(seconds: float) -> datetime:
-    """The moment ``seconds`` from now (when a job is due again)."""
-    return utcnow() + timedelta(seconds=seconds)
+    """The moment ``seconds`` from now (when a job is due again), ``seconds`` clamped to a year
+    either way (:data:`~jobs.settings.MAX_SECONDS`): a delay derived from a setting (``1 / rate``)
+    can be ``inf`` or ``1e300``, and ``timedelta`` raised OverflowError on it mid-run — a
+    traceback, and a job given back never. A ``nan`` is taken as the longest delay."""
+    if math.isnan(seconds):
+        seconds = MAX_SECONDS
+    return utcnow() + timedelta(seconds=max(-MAX_SECONDS, min(seconds, MAX_SECONDS)))
 
 
 def handle_of(job: JobView, queue_url: str) -> RequestHandle:
