@@ -33,7 +33,7 @@ from jobs.errors import (
     WanbatchError,
 )
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
-from jobs.manifest.expand import Manifest
+from jobs.manifest.expand import MAX_JOBS, Manifest
 from jobs.media import MediaKind, classify
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import too_much_usd, usd_json, usd_text
@@ -1436,6 +1436,21 @@ def _nothing_to_rerun(session: Session, parent: Batch, failed_only: bool) -> str
     return f"nothing to rerun: {label} has no failed or cancelled job ({why}); no batch was created"
 
 
+def _refuse_too_many(session: Session, parent: Batch, wanted: list[JobState] | None, sweep: Sweep) -> None:
+    """Refuse, before a single row is built, a rerun with more jobs than a manifest may have
+    (:data:`jobs.manifest.expand.MAX_JOBS`): ``--vary`` caps combinations per job, and the jobs
+    it repeats multiply them (20,000 × ``seed=1..10000`` filled the memory, row by row)."""
+    counts = store.counts_by_state(session, parent.id)
+    jobs = sum(n for state, n in counts.items() if wanted is None or state in wanted)
+    total = jobs * sweep.size
+    if total > MAX_JOBS:
+        raise UsageError(
+            f"the rerun of {parent.name} would have {total:,} jobs ({jobs:,} job(s) × {sweep.size:,} "
+            f"combinations of --vary values), more than {MAX_JOBS:,}: vary fewer values"
+            + ("" if wanted is not None else ", or rerun only the failed jobs (--failed-only)")
+        )
+
+
 def rerun_batch(
     ref: str,
     *,
@@ -1497,6 +1512,7 @@ def rerun_batch(
     with db.session_scope(engine) as session:
         parent = store.get_batch(session, ref)
         wanted = list(RERUN_FAILED_STATES) if failed_only else None
+        _refuse_too_many(session, parent, wanted, sweep)
         digests: dict[str, str | None] = {}
         unseeded: list[int] = []  # unfinished jobs whose seed nobody knows yet (their items)
 

@@ -18,6 +18,7 @@ current folder, not the manifest's, and skip the folder checks a manifest's path
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -151,6 +152,11 @@ class Sweep:
 
     varies: Sequence[Vary]
     _combos: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """How many combinations there are: each job is repeated this many times."""
+        return math.prod(len(v.tokens) for v in self.varies)
 
     def combos(self, spec: EndpointSpec) -> list[dict[str, Any]]:
         """The field → value overrides of each combination (the product, first option slowest)."""
