@@ -831,8 +831,8 @@ def run(
 @click.option(
     "--pay-again",
     is_flag=True,
-    help="With --failed-only: also send the jobs an earlier rerun already rendered with the same "
-    "input (left out by default: they would be paid for twice).",
+    help="With --failed-only: also send the jobs an earlier rerun already rendered, or still "
+    "renders, with the same input (left out by default: they would be paid for twice).",
 )
 @json_option
 @simulate_option
@@ -852,8 +852,8 @@ def rerun(
 
     `--vary FIELD=VALUES` sweeps a field (values checked against each endpoint's schema first).
     With `--failed-only` and no failed or cancelled job, it says so and creates nothing (exit 0).
-    `--failed-only` leaves out jobs an earlier rerun already rendered with the same input (it
-    names that rerun) unless `--pay-again`.
+    `--failed-only` leaves out jobs an earlier rerun already rendered, or an unfinished one still
+    renders, with the same input (it names that rerun) unless `--pay-again`.
     """
 
     new = _NewRerun(simulate)

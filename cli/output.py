@@ -525,6 +525,8 @@ def money_line(report: BatchReport) -> str:
         lines.extend(_budget_advice(report))
     if rendered := _rendered_line(report):
         lines.append(rendered)
+    if pending := _pending_line(report):
+        lines.append(pending)
     return "\n".join(lines)
 
 
@@ -542,22 +544,33 @@ def _rendered_line(report: BatchReport) -> str:
     )
 
 
+def _pending_line(report: BatchReport) -> str:
+    """Which unfinished rerun repeats the batch's failed or cancelled jobs, and the command that
+    goes on with it: ``rerun --failed-only`` leaves those jobs out, and another rerun of them
+    would pay twice."""
+    reruns = report["rerun_pending"]["reruns"]
+    if not reruns:
+        return ""
+    parts = [f"{r['jobs']} job(s) are being rerun in {r['name']}: {r['command']} goes on" for r in reruns]
+    return escape("; ".join(parts))
+
+
 def _budget_advice(report: BatchReport) -> list[str]:
     """How to run what a cap cancelled: a new batch cap (``--max-usd``) for the jobs the batch's
     own cap stopped; a higher ``WANBATCH_DAILY_BUDGET_USD``, or the next UTC day, for those the
-    daily cap stopped — which no ``--max-usd`` can let through. Jobs a rerun already rendered
-    are not counted: ``rerun --failed-only`` leaves them out (:func:`_rendered_line` says where
-    their videos are)."""
+    daily cap stopped — which no ``--max-usd`` can let through. Jobs a rerun already rendered,
+    or an unfinished one is rendering, are not counted: ``rerun --failed-only`` leaves them out
+    (:func:`_rendered_line` says where their videos are, :func:`_pending_line` how to go on)."""
     # A simulation's jobs go to the simulator again: without --simulate the hint would send
     # them to fal (paid), or stop at the missing FAL_KEY.
     simulate = " --simulate" if report["simulated"] else ""
     rerun = f"wanbatch rerun {escape(short_id(report['batch']))} --failed-only{simulate}"
-    rendered = report["rerun_rendered"]
-    daily = report["cancelled_for_daily_budget"] - rendered["cancelled_for_daily_budget"]
-    capped = report["cancelled_for_budget"] - rendered["cancelled_for_budget"] - daily
+    covered = [report["rerun_rendered"], report["rerun_pending"]]
+    daily = report["cancelled_for_daily_budget"] - sum(c["cancelled_for_daily_budget"] for c in covered)
+    capped = report["cancelled_for_budget"] - sum(c["cancelled_for_budget"] for c in covered) - daily
     advice = []
     if capped:
-        them = f"the other {capped}" if rendered["cancelled_for_budget"] else "them"
+        them = f"the other {capped}" if any(c["cancelled_for_budget"] for c in covered) else "them"
         advice.append(f"  to run {them}: `{rerun} --max-usd AMOUNT`")
     if daily:
         advice.append(

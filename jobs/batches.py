@@ -41,14 +41,19 @@ from jobs.pricing import Totals, estimate_job
 from jobs.printable import shell_ref, shortened
 from jobs.rendered import (
     RERUN_FAILED_STATES,
+    Render,
     RenderedBy,
+    RerunBeing,
+    RerunPending,
     RerunRendered,
+    being_text,
     rendered_by,
     renders,
+    rerun_covered,
     rerun_input,
-    rerun_rendered,
     reruns_text,
     tally,
+    tally_being,
 )
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
@@ -678,6 +683,10 @@ class BatchReport(TypedDict):
     #: ``rerun --failed-only`` leaves them out, and ``status`` names the rerun instead of
     #: advising one.
     rerun_rendered: RerunRendered
+    #: Its failed or cancelled jobs an unfinished rerun of it is rendering (not rendered since):
+    #: ``rerun --failed-only`` leaves them out too, and ``status`` says which command goes on
+    #: with that rerun instead of advising another.
+    rerun_pending: RerunPending
 
 
 class BatchProgress(TypedDict):
@@ -1057,6 +1066,7 @@ def batch_report(
     # held back, with nothing in flight or that no process works on (it would only mislead).
     eta = listing.pace(totals, held=listing.standing(batch, totals, beat, now=now), now=now).eta_seconds
     eta_note = listing.eta_beyond_schedule(store.batch_schedule(batch), eta, now)
+    covered = rerun_covered(session, batch)
     return {
         "batch": batch.id,
         "name": batch.name,
@@ -1100,7 +1110,8 @@ def batch_report(
         "parent_batch": batch.parent_batch_id,
         "created_at": batch.created_at.isoformat(),
         "simulated": batch.simulated,
-        "rerun_rendered": rerun_rendered(session, batch),
+        "rerun_rendered": covered.rendered,
+        "rerun_pending": covered.pending,
     }
 
 
@@ -1483,9 +1494,11 @@ def rerun_batch(
     on a batch where every job succeeded) nothing is stored either: :class:`NothingToRerun`.
 
     ``failed_only`` leaves out the jobs an earlier rerun of the batch (any generation, of the
-    same kind) already rendered with the very input this one would send (:mod:`jobs.rendered`),
-    with a warning that names that rerun — or, when that is all of them, :class:`NothingToRerun`
-    naming it: running the same command twice paid for the same videos twice. ``pay_again``
+    same kind) already rendered, or still unfinished will render, with the very input this one
+    would send (:mod:`jobs.rendered`), with a warning that names that rerun (and, unfinished,
+    what goes on with it) — or, when that is all of them, :class:`NothingToRerun` naming it:
+    running the same command twice (or pressing the dashboard's button twice before the first
+    rerun ran) paid for the same videos twice. ``pay_again``
     (``--pay-again``) sends them all the same. A plain rerun is a reproducibility run, paid again
     on purpose: it never leaves anything out.
 
@@ -1550,19 +1563,18 @@ def rerun_batch(
         rows = list(new_jobs())
         if not rows:
             raise NothingToRerun(_nothing_to_rerun(session, parent, failed_only))
-        rendered: list[RenderedBy] = []
+        covered = Coverage()
         if failed_only and not pay_again:
-            rows, rendered = _not_rendered(session, parent, rows, simulated=simulated)
+            rows, covered = _not_covered(session, parent, rows, simulated=simulated)
             if not rows:
-                raise NothingToRerun(_all_rendered(parent, rendered))
+                raise NothingToRerun(_all_covered(parent, covered))
         if unseeded:
             raise UsageError(_still_running(parent, len(unseeded)))
         changed = _changed_sources(rows, Path(parent.manifest_path).parent)
         if changed:
             raise UsageError(_sources_changed(parent, changed))
         rows, warnings = _placed(rows, swept, lambda row, twin: _repeat_cause(row, twin, before, vary))
-        if rendered:
-            warnings.insert(0, _left_out(parent, rendered))
+        warnings[:0] = _left_out(parent, covered)
         name = _rerun_name(session, parent)
         batch, created = store.get_or_create_batch(
             session,
@@ -1612,43 +1624,77 @@ def rerun_options(
     return options
 
 
-def _not_rendered(
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """The jobs a ``rerun --failed-only`` left out: rendered already by earlier reruns
+    (``rendered``), or repeated by unfinished ones that will render them (``pending``)."""
+
+    rendered: list[RenderedBy] = field(default_factory=list)
+    pending: list[RerunBeing] = field(default_factory=list)
+
+
+def _not_covered(
     session: Session, parent: Batch, rows: list[store.NewJob], *, simulated: bool
-) -> tuple[list[store.NewJob], list[RenderedBy]]:
+) -> tuple[list[store.NewJob], Coverage]:
     """The rerun's jobs without those an earlier rerun of ``parent`` (of this kind: a simulation
-    or a batch for fal) already rendered with the same input, and the reruns holding those."""
+    or a batch for fal) already rendered, or still renders, with the same input, and the reruns
+    holding those: a rerun stored twice before either ran would pay twice."""
     found = renders(session, parent.id, simulated=simulated)
     if not found:
-        return rows, []
+        return rows, Coverage()
     kept: list[store.NewJob] = []
-    rendered = []
+    covering: list[Render] = []
     for row in rows:
         render = rendered_by(found.get(row.rerun_of or "", ()), row.input)
         if render is None:
             kept.append(row)
         else:
-            rendered.append(render)
-    return kept, tally(rendered)
-
-
-def _all_rendered(parent: Batch, rendered: list[RenderedBy]) -> str:
-    """Why ``rerun --failed-only`` made no batch: every job it would send was rendered already."""
-    count = sum(r["jobs"] for r in rendered)
-    jobs = "failed or cancelled job" if count == 1 else f"{count} failed or cancelled jobs"
-    return (
-        f"nothing to rerun: the {jobs} of batch {parent.name} "
-        f"{'was' if count == 1 else 'were'} already rendered with the same input by "
-        f"{reruns_text(rendered)}; no batch was created (--pay-again renders and pays for them again)"
+            covering.append(render)
+    return kept, Coverage(
+        tally(r for r in covering if not r.unfinished), tally_being(r for r in covering if r.unfinished)
     )
 
 
-def _left_out(parent: Batch, rendered: list[RenderedBy]) -> str:
-    """The warning of a ``rerun --failed-only`` that left out jobs an earlier rerun rendered."""
-    count = sum(r["jobs"] for r in rendered)
-    return (
-        f"{count} failed or cancelled job(s) of batch {parent.name} left out: already rendered "
-        f"with the same input by {reruns_text(rendered)}; --pay-again renders and pays for them again"
-    )
+def _all_covered(parent: Batch, covered: Coverage) -> str:
+    """Why ``rerun --failed-only`` made no batch: every job it would send was rendered already,
+    or is being rerun by an unfinished rerun (the message says what finishes that)."""
+    done = sum(r["jobs"] for r in covered.rendered)
+    going = sum(r["jobs"] for r in covered.pending)
+    rendered = f"already rendered with the same input by {reruns_text(covered.rendered)}" if done else ""
+    pending = f"being rerun with the same input in {being_text(covered.pending)}" if going else ""
+    if done and going:
+        was, are = ("was" if done == 1 else "were"), ("is" if going == 1 else "are")
+        why = (
+            f"of the {done + going} failed or cancelled jobs of batch {parent.name}, "
+            f"{done} {was} {rendered} and {going} {are} {pending}"
+        )
+    else:
+        count = done + going
+        jobs = "failed or cancelled job" if count == 1 else f"{count} failed or cancelled jobs"
+        verb = ("was" if count == 1 else "were") if done else ("is" if count == 1 else "are")
+        why = f"the {jobs} of batch {parent.name} {verb} {rendered or pending}"
+    return f"nothing to rerun: {why}; no batch was created (--pay-again renders and pays for them again)"
+
+
+def _left_out(parent: Batch, covered: Coverage) -> list[str]:
+    """The warnings of a ``rerun --failed-only`` that left out jobs an earlier rerun rendered, or
+    an unfinished one is rendering: one for each."""
+    warnings = []
+    if covered.rendered:
+        count = sum(r["jobs"] for r in covered.rendered)
+        warnings.append(
+            f"{count} failed or cancelled job(s) of batch {parent.name} left out: already rendered "
+            f"with the same input by {reruns_text(covered.rendered)}; --pay-again renders and pays "
+            "for them again"
+        )
+    if covered.pending:
+        count = sum(r["jobs"] for r in covered.pending)
+        warnings.append(
+            f"{count} failed or cancelled job(s) of batch {parent.name} left out: being rerun with "
+            f"the same input in {being_text(covered.pending)}, not finished yet; --pay-again "
+            "renders and pays for them again"
+        )
+    return warnings
 
 
 def _rerun_schedule(parent: Batch) -> Schedule | None:

@@ -8,6 +8,12 @@ the batch (any generation: a rerun of a rerun counts too) holds a succeeded job 
 with the input a rerun sends now (its stored input, with the seed fal returned), in a batch of
 the same kind (a simulation's placeholder never stands in for a paid video, nor the reverse).
 
+A rerun still unfinished covers a job as well: clicking "Rerun failed" twice (or running the
+command twice before the first rerun was run) stored ``NAME-rerun-2`` with the very jobs
+``NAME-rerun-1`` was still to send, and running both (workers send both on their own) paid
+twice. A job counts as being rerun when such a repeat is unfinished: not terminal, not being
+cancelled, its batch not cancelled. Once it fails or is cancelled it covers nothing any more.
+
 A plain ``rerun`` (a reproducibility run) is meant to pay again and never asks this.
 """
 
@@ -37,6 +43,18 @@ class RenderedBy(TypedDict):
     jobs: int
 
 
+class RerunBeing(TypedDict):
+    """A rerun batch, not finished yet, that holds unfinished repeats of some of the batch's
+    failed or cancelled jobs, and the command that goes on with it."""
+
+    batch: str
+    name: str
+    jobs: int
+    #: ``wanbatch run NAME`` (``--simulate`` for a simulation; after ``wanbatch resume NAME``
+    #: when ``wanbatch pause`` paused it).
+    command: str
+
+
 class RerunRendered(TypedDict):
     """``status BATCH --json``'s ``rerun_rendered``: the batch's failed or cancelled jobs that a
     rerun of it has rendered since (``jobs``), of those the ones a cap cancelled (as the
@@ -49,9 +67,21 @@ class RerunRendered(TypedDict):
     reruns: list[RenderedBy]
 
 
+class RerunPending(TypedDict):
+    """``status BATCH --json``'s ``rerun_pending``: the batch's failed or cancelled jobs (not
+    rendered since) that an unfinished rerun of it repeats with the same input (``jobs``), of
+    those the ones a cap cancelled, and which reruns hold them."""
+
+    jobs: int
+    cancelled_for_budget: int
+    cancelled_for_daily_budget: int
+    reruns: list[RerunBeing]
+
+
 @dataclass(frozen=True, slots=True)
 class Render:
-    """One rendered repeat of a job: the rerun batch that holds it."""
+    """One rendered (or, ``unfinished``, still to render) repeat of a job: the rerun batch that
+    holds it."""
 
     batch_id: str
     batch_name: str
@@ -59,6 +89,10 @@ class Render:
     #: The rerun's place among the batch's reruns, oldest generation first (then oldest rerun):
     #: the order in which messages name them.
     rank: int
+    #: Not rendered yet: the repeat is still to be sent, at fal or downloading.
+    unfinished: bool = False
+    #: The command that goes on with its batch (only for an unfinished repeat).
+    command: str = ""
 
 
 def rerun_input(stored: Mapping[str, Any], seed: int | None) -> dict[str, Any]:
@@ -70,29 +104,57 @@ def rerun_input(stored: Mapping[str, Any], seed: int | None) -> dict[str, Any]:
     return resolved
 
 
+def still_rendering(row: store.RerunRepeat) -> bool:
+    """Whether a repeat will still be sent or collected: unfinished, not being cancelled, in a
+    batch not cancelled (whose unsent jobs are never sent). One that failed or was cancelled
+    covers nothing: its job may be rerun again."""
+    return not row.state.terminal and row.state != JobState.CANCELLING and not row.batch_cancelled
+
+
+def go_on_command(name: str, batch_id: str, *, simulated: bool, paused: bool) -> str:
+    """``wanbatch run NAME`` (what sends and collects an unfinished rerun), with ``--simulate``
+    for a simulation and ``wanbatch resume NAME`` first when ``wanbatch pause`` paused it."""
+    ref = shell_ref(name, batch_id)
+    run = f"`wanbatch run {ref}{' --simulate' if simulated else ''}`"
+    return f"`wanbatch resume {ref}`, then {run}" if paused else run
+
+
 def renders(session: Session, batch_id: str, *, simulated: bool) -> dict[str, list[Render]]:
-    """The batch's failed or cancelled jobs (by id) → the succeeded repeats of them in its reruns
-    of that kind (``simulated``), oldest rerun first; jobs never rendered are left out."""
+    """The batch's failed or cancelled jobs (by id) → the succeeded and the still unfinished
+    repeats of them in its reruns of that kind (``simulated``), oldest rerun first; jobs neither
+    rendered nor being rerun are left out."""
     origin: dict[str, str] = {}  # a repeat's id → the batch's job it repeats, however many generations
     found: dict[str, list[Render]] = {}
     ranks: dict[str, int] = {}
     for row in store.rerun_repeats(session, batch_id, RERUN_FAILED_STATES):
         root = origin.get(row.rerun_of, row.rerun_of)
         origin[row.job_id] = root
-        if row.succeeded and row.simulated == simulated:
-            rank = ranks.setdefault(row.batch_id, len(ranks))
-            found.setdefault(root, []).append(Render(row.batch_id, row.batch_name, row.input, rank))
+        if row.simulated != simulated or not (row.succeeded or still_rendering(row)):
+            continue
+        rank = ranks.setdefault(row.batch_id, len(ranks))
+        unfinished = not row.succeeded
+        command = (
+            go_on_command(row.batch_name, row.batch_id, simulated=simulated, paused=row.batch_paused)
+            if unfinished
+            else ""
+        )
+        found.setdefault(root, []).append(
+            Render(row.batch_id, row.batch_name, row.input, rank, unfinished, command)
+        )
     return found
 
 
 def rendered_by(candidates: Iterable[Render], wanted: Mapping[str, Any]) -> Render | None:
     """The first repeat that rendered exactly ``wanted`` (another seed or a ``--vary`` value is
-    another video, not this one)."""
-    return next((r for r in candidates if r.input == wanted), None)
+    another video, not this one), else the first one still rendering it: a video already made
+    is where to look first."""
+    matching = [r for r in candidates if r.input == wanted]
+    return next((r for r in matching if not r.unfinished), None) or next(iter(matching), None)
 
 
 def tally(renders_: Iterable[Render]) -> list[RenderedBy]:
-    """How many of the jobs each rerun rendered, the reruns in their :attr:`Render.rank` order."""
+    """How many of the jobs each rerun rendered (or renders), the reruns in their
+    :attr:`Render.rank` order."""
     by_batch: dict[str, RenderedBy] = {}
     for render in sorted(renders_, key=lambda r: r.rank):
         entry = by_batch.setdefault(
@@ -102,25 +164,47 @@ def tally(renders_: Iterable[Render]) -> list[RenderedBy]:
     return list(by_batch.values())
 
 
-def rerun_rendered(session: Session, batch: Batch) -> RerunRendered:
-    """What ``status`` says of the batch's failed or cancelled jobs a rerun already rendered
-    (as ``rerun --failed-only`` would find them), instead of advising to rerun them again."""
-    report = RerunRendered(jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, reruns=[])
+def tally_being(renders_: Iterable[Render]) -> list[RerunBeing]:
+    """:func:`tally` of unfinished repeats, each rerun with the command that goes on with it."""
+    shown = list(renders_)
+    commands = {r.batch_id: r.command for r in shown}
+    return [
+        RerunBeing(batch=e["batch"], name=e["name"], jobs=e["jobs"], command=commands[e["batch"]])
+        for e in tally(shown)
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Covered:
+    """What ``status`` says of the batch's failed or cancelled jobs a rerun covers."""
+
+    rendered: RerunRendered
+    pending: RerunPending
+
+
+def rerun_covered(session: Session, batch: Batch) -> Covered:
+    """The batch's failed or cancelled jobs a rerun already rendered, and those an unfinished
+    rerun is rendering (as ``rerun --failed-only`` would find them): ``status`` names those
+    reruns instead of advising to rerun the jobs again."""
+    rendered = RerunRendered(jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, reruns=[])
+    pending = RerunPending(jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, reruns=[])
     found = renders(session, batch.id, simulated=batch.simulated)
-    if not found:  # no rerun, or none rendered any of them: the batch's jobs are not even read
-        return report
-    rendered: list[Render] = []
+    if not found:  # no rerun, or none covers any of them: the batch's jobs are not even read
+        return Covered(rendered, pending)
+    done: list[Render] = []
+    going: list[Render] = []
     for job in store.jobs_of_batch(session, batch.id, states=RERUN_FAILED_STATES):
         render = rendered_by(found.get(job.id, ()), rerun_input(job.input, job.seed))
         if render is None:
             continue
-        rendered.append(render)
+        (going if render.unfinished else done).append(render)
+        report = pending if render.unfinished else rendered
         if job.state == JobState.CANCELLED and job.error_type in BUDGET_ERRORS:
             report["cancelled_for_budget"] += 1
             report["cancelled_for_daily_budget"] += job.error_type == DAILY_CAP_ERROR
-    report["jobs"] = len(rendered)
-    report["reruns"] = tally(rendered)
-    return report
+    rendered["jobs"], rendered["reruns"] = len(done), tally(done)
+    pending["jobs"], pending["reruns"] = len(going), tally_being(going)
+    return Covered(rendered, pending)
 
 
 def reruns_text(reruns: Iterable[RenderedBy]) -> str:
@@ -134,3 +218,16 @@ def reruns_text(reruns: Iterable[RenderedBy]) -> str:
         names = ", ".join(parts[:-1]) + " and " + parts[-1]
     first = shown[0]
     return f"{names} (`wanbatch export {shell_ref(first['name'], first['batch'])}` lists their videos)"
+
+
+def being_text(reruns: Iterable[RerunBeing]) -> str:
+    """``sweep-rerun-1 (`wanbatch run sweep-rerun-1` goes on)``, or for several
+    ``sweep-rerun-1 (2 jobs; `wanbatch run sweep-rerun-1` goes on) and …``: where the jobs are
+    being rerun, and what finishes each rerun."""
+    shown = list(reruns)
+    if len(shown) == 1:
+        return f"{shown[0]['name']} ({shown[0]['command']} goes on)"
+    parts = [
+        f"{r['name']} ({r['jobs']} job{'' if r['jobs'] == 1 else 's'}; {r['command']} goes on)" for r in shown
+    ]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]

@@ -2685,7 +2685,7 @@ def jobs_of_batch(
 class RerunRepeat:
     """One job of a later rerun (any generation) that repeats a job of an earlier batch: what
     :func:`rerun_repeats` gives, for ``rerun --failed-only`` and ``status`` to tell which failed
-    or cancelled jobs a rerun already rendered."""
+    or cancelled jobs a rerun already rendered, or is rendering still."""
 
     job_id: str
     #: The job it repeats: one of the batch's own, or a repeat of an earlier generation.
@@ -2693,8 +2693,47 @@ class RerunRepeat:
     batch_id: str
     batch_name: str
     simulated: bool
-    succeeded: bool
+    state: JobState
     input: dict[str, Any]
+    #: Its batch was cancelled (``wanbatch cancel``): its unsent jobs are never sent.
+    batch_cancelled: bool = False
+    #: Its batch was paused by ``wanbatch pause``: nothing of it is sent until ``resume``.
+    batch_paused: bool = False
+
+    @property
+    def succeeded(self) -> bool:
+        """Its video was rendered (and paid for, unless simulated)."""
+        return self.state == JobState.SUCCEEDED
+
+
+#: What :func:`rerun_repeats` reads of each repeat, in :func:`_repeat`'s order.
+_REPEAT_COLUMNS = (
+    Job.id,
+    Job.rerun_of,
+    Job.batch_id,
+    Batch.name,
+    Batch.simulated,
+    Job.state,
+    Job.input,
+    Batch.state,
+    Batch.paused_by_user,
+)
+
+
+def _repeat(row: Any) -> RerunRepeat:
+    """A row of :data:`_REPEAT_COLUMNS` as a :class:`RerunRepeat`."""
+    job_id, of, batch, name, simulated, state, data, batch_state, paused = row
+    return RerunRepeat(
+        job_id,
+        of,
+        batch,
+        name,
+        bool(simulated),
+        JobState(state),
+        dict(data),
+        batch_cancelled=batch_state == BatchState.CANCELLED,
+        batch_paused=bool(paused),
+    )
 
 
 def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -> list[RerunRepeat]:
@@ -2712,15 +2751,12 @@ def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -
         if not children:
             break
         generation = (
-            select(Job.id, Job.rerun_of, Job.batch_id, Batch.name, Batch.simulated, Job.state, Job.input)
+            select(*_REPEAT_COLUMNS)
             .join(Batch, Batch.id == Job.batch_id)
             .where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
             .order_by(Batch.created_at, Job.item_index, Job.variant, Job.id)
         )
-        for job_id, of, batch, name, simulated, state, data in session.execute(generation):
-            found.append(
-                RerunRepeat(job_id, of, batch, name, bool(simulated), state == JobState.SUCCEEDED, dict(data))
-            )
+        found.extend(_repeat(row) for row in session.execute(generation))
         repeated = select(Job.id).where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
         parents = children
     return found

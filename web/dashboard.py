@@ -535,7 +535,7 @@ class Dashboard:
         else:
             then = f"nothing sends it until `wanbatch run {ref}` (no workers: no WANBATCH_BROKER_URL)"
         message = f"created batch {result.name} with {result.added} job(s) of {batch.name}: {then}"
-        for warning in result.warnings:  # the jobs an earlier rerun rendered, left out
+        for warning in result.warnings:  # the jobs an earlier rerun rendered (or renders), left out
             message += f"; {warning}"
         return Outcome(message, result.batch_id, result.as_dict())
 

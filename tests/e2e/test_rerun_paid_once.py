@@ -8,11 +8,14 @@ that rerun. A plain ``rerun`` stays a reproducibility run: it pays again on purp
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
 from falsim.server import SimulatorHandle
+from jobs import batches
+from jobs.settings import get_settings
 from tests.e2e.e2e_helpers import MakeManifest, Wb, processed
 
 # 6 pinned-seed jobs × $0.20: a $0.60 cap lets 3 through and cancels 3.
@@ -125,3 +128,43 @@ def test_failed_only_leaves_out_only_what_a_rerun_rendered_in_any_generation(
     assert "budget1-rerun-1 (1 job), budget1-rerun-2 (1 job) and budget1-rerun-2-rerun-1 (1 job)" in said
     assert sim.ledger()["accepted"] == 6
     assert "--max-usd AMOUNT" not in _status(wb, "budget1")
+
+
+@pytest.mark.slow
+def test_failed_only_again_before_the_first_rerun_ran_pays_once(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """The hole the audit found: a rerun stored but not run yet (the dashboard's button, or a
+    rerun Ctrl-C stopped) did not count, so the same command stored ``budget1-rerun-2`` with the
+    same jobs, and running both paid twice."""
+    _capped_batch(wb, sim, manifest)
+    # Stored, not run: what the dashboard's "Rerun failed" button does without workers.
+    stored = batches.rerun_batch("budget1", failed_only=True, max_usd=Decimal("5"), settings=get_settings())
+    assert (stored.name, stored.added) == ("budget1-rerun-1", 3)
+
+    again = wb("rerun", "budget1", "--failed-only", "--max-usd", "5", "--json", "--no-progress")
+
+    assert again.code == 0, again.stderr
+    nothing = again.json()
+    assert nothing["batch"] is None
+    message = " ".join(nothing["message"].split())
+    assert "the 3 failed or cancelled jobs of batch budget1 are being rerun with the same input" in message
+    assert "in budget1-rerun-1 (`wanbatch run budget1-rerun-1` goes on)" in message
+    assert "--pay-again" in message
+    assert sim.ledger()["accepted"] == 3  # nothing sent
+    names = [b["name"] for b in wb("status", "--json").json()["batches"]]
+    assert sorted(names) == ["budget1", "budget1-rerun-1"]  # no batch was created
+
+    status = _status(wb, "budget1")
+    assert "to run them" not in status  # no other rerun advised
+    assert "3 job(s) are being rerun in budget1-rerun-1: `wanbatch run budget1-rerun-1` goes on" in status
+    pending = wb("status", "budget1", "--json").json()["rerun_pending"]
+    assert pending["jobs"] == pending["cancelled_for_budget"] == 3
+    assert [(r["name"], r["jobs"]) for r in pending["reruns"]] == [("budget1-rerun-1", 3)]
+
+    # Cancelled, that rerun renders nothing: its jobs cover nothing any more.
+    assert wb("cancel", "budget1-rerun-1").code == 1  # its 3 jobs end cancelled: exit 1
+    assert "to run them: `wanbatch rerun" in _status(wb, "budget1")
+    second = processed(wb, "rerun", "budget1", "--failed-only", "--max-usd", "5")
+    assert (second["name"], second["counts"]["succeeded"]) == ("budget1-rerun-2", 3)
+    assert sim.ledger()["accepted"] == 6

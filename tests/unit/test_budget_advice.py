@@ -12,7 +12,8 @@ NOTHING_RENDERED = {"jobs": 0, "cancelled_for_budget": 0, "cancelled_for_daily_b
 
 def _report(**fields: Any) -> BatchReport:
     base = {"batch": "a9262bde" + "0" * 24, "cancelled_for_budget": 3, "cancelled_for_daily_budget": 0}
-    return cast(BatchReport, {**base, "simulated": False, "rerun_rendered": NOTHING_RENDERED, **fields})
+    covered = {"rerun_rendered": NOTHING_RENDERED, "rerun_pending": NOTHING_RENDERED}
+    return cast(BatchReport, {**base, "simulated": False, **covered, **fields})
 
 
 def test_the_batch_cap_advises_a_new_cap() -> None:
@@ -57,3 +58,10 @@ def test_daily_cap_jobs_a_rerun_rendered_are_not_advised_again() -> None:
         "  1 by today's cap (WANBATCH_DAILY_BUDGET_USD): raise it, or wait for the next UTC day, "
         "then `wanbatch rerun a9262bde --failed-only`"
     ]
+
+
+def test_jobs_an_unfinished_rerun_repeats_are_not_advised_again() -> None:
+    """Another rerun of them, before that one has run, would pay for them twice."""
+    assert _budget_advice(_report(rerun_pending=_rendered(3))) == []
+    advice = _budget_advice(_report(rerun_rendered=_rendered(1), rerun_pending=_rendered(1)))
+    assert advice == ["  to run the other 1: `wanbatch rerun a9262bde --failed-only --max-usd AMOUNT`"]

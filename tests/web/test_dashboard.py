@@ -240,9 +240,9 @@ def test_buttons_pause_resume_rerun_and_cancel(engine: Engine, session: Session,
     assert body["name"] == "mixed-rerun-1"
     assert body["total"] == 6
     assert "wanbatch run mixed-rerun-1" in body["message"]  # no broker: say what sends it
-    new_page = browser.post(f"{page}/rerun-failed", headers=act)
-    assert new_page.status_code == 303
-    assert new_page.headers["location"] != page
+    opened = browser.get(f"/batches/{body['batch']}", headers=HTML)
+    assert opened.status_code == 200
+    assert "mixed-rerun-1" in opened.text
 
     cancelled = browser.post(f"{page}/cancel", headers={**BEARER, **JSON})
     assert cancelled.status_code == 200
@@ -261,6 +261,46 @@ def test_buttons_pause_resume_rerun_and_cancel(engine: Engine, session: Session,
     assert "is cancelled" in browser.get(page, headers=HTML).text
     assert browser.post("/batches/nope/pause", headers={**BEARER, **JSON}).status_code == 404
     assert browser.post(f"{page}/explode", headers={**BEARER, **JSON}).status_code == 404
+
+
+def test_rerun_failed_twice_before_the_first_ran_pays_once(
+    engine: Engine, session: Session, output_dir: Path
+) -> None:
+    """The button pressed twice stored ``mixed-rerun-2`` with the very jobs ``mixed-rerun-1``
+    was still to send: run both (workers do, on their own) and each video is paid twice."""
+    mixed = mixed_batch(session)
+    session.commit()
+    browser = client(app_for(engine, settings_for(engine, output_dir, token=TOKEN)))
+    act = {**BEARER, **JSON}
+    page = f"/batches/{mixed.batch.id}"
+    first = browser.post(f"{page}/rerun-failed", headers=act).json()
+    assert (first["name"], first["total"]) == ("mixed-rerun-1", 6)
+
+    again = browser.post(f"{page}/rerun-failed", headers=act)
+
+    assert again.status_code == 409, again.text
+    error = again.json()["error"]
+    assert "nothing to rerun: the 6 failed or cancelled jobs of batch mixed are being rerun" in error
+    assert "in mixed-rerun-1 (`wanbatch run mixed-rerun-1` goes on)" in error
+    assert "--pay-again" in error
+    with session_factory(engine)() as look:
+        names = {b.name for b in store.list_batches(look)}
+    assert names == {"mixed", "mixed-rerun-1"}  # nothing stored twice
+
+    # Half of the rerun's jobs fail: those cover nothing any more and are rerun again; the
+    # unfinished others are left out, with a warning naming the rerun and how to finish it.
+    with session_factory(engine)() as change:
+        repeats = list(store.jobs_of_batch(change, first["batch"]))
+        for job in repeats[:3]:
+            set_job(change, job.id, state=JobState.FAILED, error_type="model_error")
+        change.commit()
+    third = browser.post(f"{page}/rerun-failed", headers=act)
+    assert third.status_code == 200, third.text
+    body = third.json()
+    assert (body["name"], body["total"]) == ("mixed-rerun-2", 3)
+    message = " ".join(body["message"].split())
+    assert "3 failed or cancelled job(s) of batch mixed left out: being rerun with the same input" in message
+    assert "in mixed-rerun-1 (`wanbatch run mixed-rerun-1` goes on)" in message
 
 
 def test_rerun_with_nothing_failed_is_refused(sqlite_engine: Engine, output_dir: Path) -> None:
