@@ -69,8 +69,15 @@ def _hammer(
 
 
 def _process_hammer(
-    url: str, prefix: str, rate: float, start: float, until: float, queue: multiprocessing.Queue[list[float]]
+    url: str,
+    prefix: str,
+    rate: float,
+    plan: multiprocessing.Queue[tuple[float, float]],
+    queue: multiprocessing.Queue[list[float]],
 ) -> None:
+    """Say it is up (an empty list), wait for the shared start and end, then hammer."""
+    queue.put([])
+    start, until = plan.get(timeout=120)
     grants: list[float] = []
     _hammer(url, prefix, rate, start, until, grants, threading.Lock())
     queue.put(grants)
@@ -181,16 +188,20 @@ def test_processes_share_one_limit_clocked_by_redis(
     redis_url: str, redis_namespace: str, client: redis.Redis[bytes]
 ) -> None:
     rate = 8.0
-    start = _redis_now(client) + 6.0  # every process is up and hammering by then
-    until = start + 3.0
     ctx = multiprocessing.get_context("spawn")
     queue: multiprocessing.Queue[list[float]] = ctx.Queue()
+    plan: multiprocessing.Queue[tuple[float, float]] = ctx.Queue()
     procs = [
-        ctx.Process(target=_process_hammer, args=(redis_url, redis_namespace, rate, start, until, queue))
+        ctx.Process(target=_process_hammer, args=(redis_url, redis_namespace, rate, plan, queue))
         for _ in range(4)
     ]
     for p in procs:
         p.start()
+    for _ in procs:  # every process up (spawning four takes long on a loaded box), then one start
+        assert queue.get(timeout=120) == []
+    start = _redis_now(client) + 1.0
+    for _ in procs:
+        plan.put((start, start + 3.0))
     grants: list[float] = []
     for _ in procs:
         grants += queue.get(timeout=60)

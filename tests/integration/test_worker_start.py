@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.distributed import claimed_redis_db
+
 WANBATCH = str(Path(sys.executable).with_name("wanbatch"))
 
 _WORKER = """
@@ -134,10 +136,17 @@ main()
 """
 
 
-def test_a_worker_that_cannot_start_says_why_once_and_is_not_restarted(tmp_path: Path) -> None:
+def test_a_worker_that_cannot_start_says_why_once_and_is_not_restarted(
+    tmp_path: Path, redis_url: str
+) -> None:
     """It printed Celery's traceback, "restarting it", and again every few seconds, forever."""
+    with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as broker:  # a Redis DB of its own
+        _unstartable(tmp_path, broker)
+
+
+def _unstartable(tmp_path: Path, broker: str) -> None:
     env = _env(
-        WANBATCH_BROKER_URL="memory://",  # kombu's in-memory transport: no broker to run
+        WANBATCH_BROKER_URL=broker,
         WANBATCH_DATABASE_URL=f"sqlite:///{tmp_path / 'wanbatch.db'}",
         WANBATCH_OUTPUT_DIR=str(tmp_path / "out"),
         FAL_KEY="k-worker-test",
