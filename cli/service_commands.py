@@ -288,9 +288,11 @@ def serve(host: str, port: int) -> None:
     """One web app: the dashboard at /, Prometheus metrics at /metrics, fal's webhooks at
     POST /webhooks/fal (put that behind WANBATCH_WEBHOOK_URL).
 
-    Beyond loopback the dashboard and /metrics need WANBATCH_SERVE_TOKEN (unset: read-only,
-    loopback only); the webhook endpoint never does: each delivery's signature is verified
-    against WANBATCH_WEBHOOK_JWKS_URL, stored and applied to its job.
+    Once WANBATCH_SERVE_TOKEN is set, the dashboard and /metrics need it from every client,
+    loopback included (unset: read-only, loopback only); the webhook endpoint never does: each
+    delivery's signature is verified against WANBATCH_WEBHOOK_JWKS_URL, stored and applied to
+    its job. Behind a proxy elsewhere than this host's loopback, name it in
+    WANBATCH_SERVE_FORWARDED_ALLOW_IPS.
     """
 
     def action() -> int:
@@ -318,7 +320,12 @@ def serve(host: str, port: int) -> None:
             sock.close()
             raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
         config = uvicorn.Config(
-            app, log_level="info", log_config=log_config, limit_concurrency=SERVE_LIMIT_CONCURRENCY
+            app,
+            log_level="info",
+            log_config=log_config,
+            limit_concurrency=SERVE_LIMIT_CONCURRENCY,
+            # The proxies whose X-Forwarded-For/-Proto are believed (None: uvicorn's default).
+            forwarded_allow_ips=settings.serve_forwarded_allow_ips,
         )
         mask_access_log()  # after the Config, which configures uvicorn's loggers
         server = uvicorn.Server(config)

@@ -757,11 +757,17 @@ class WebhookSettings(_Section):
 class ServeSettings(_Section):
     """The operator's side: ``wanbatch serve`` (dashboard, metrics), logs."""
 
-    #: Token the dashboard's pages and actions and ``/metrics`` require from clients beyond
-    #: loopback (``Authorization: Bearer …`` or the login form's cookie). Unset (or empty): the
-    #: dashboard is read-only and answers loopback clients only. The webhook receiver never
-    #: needs it. At least 16 visible ASCII characters (see :meth:`_check_token`).
+    #: Token the dashboard's pages and actions and ``/metrics`` require from every client,
+    #: loopback included (``Authorization: Bearer …`` or the login form's cookie): a reverse
+    #: proxy on this host looks like loopback. Unset (or empty): the dashboard is read-only and
+    #: answers loopback clients only. The webhook receiver never needs it. At least 16 visible
+    #: ASCII characters (see :meth:`_check_token`).
     serve_token: SecretStr | None = None
+    #: The proxies whose ``X-Forwarded-For`` and ``X-Forwarded-Proto`` ``wanbatch serve``
+    #: believes (uvicorn's ``forwarded_allow_ips``): addresses and networks, comma-separated, or
+    #: ``*`` for any peer. Unset: uvicorn's default (``$FORWARDED_ALLOW_IPS``, else 127.0.0.1),
+    #: which a proxy in another container or on another host is not.
+    serve_forwarded_allow_ips: str | None = None
     #: ``text`` (default) or ``json``: one JSON object per line with a stable ``event`` key.
     log_format: str = Field(default="text", pattern="^(text|json)$")
     #: A port on which ``wanbatch worker`` and ``wanbatch run`` serve their own process metrics
@@ -775,6 +781,29 @@ class ServeSettings(_Section):
     @classmethod
     def _lower_format(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("serve_forwarded_allow_ips", mode="before")
+    @classmethod
+    def _check_proxies(cls, value: object) -> object:
+        """Empty is unset (docker-compose passes ``""``); each entry must be ``*``, an address
+        or a network: uvicorn takes anything else as a literal that never matches a peer, and
+        the proxy would go on being distrusted without a word."""
+        if not isinstance(value, str):
+            return value
+        entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+        for entry in entries:
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry) if "/" in entry else ipaddress.ip_address(entry)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is no address or network: give addresses (10.0.0.7, ::1), networks "
+                    "(172.16.0.0/12, host bits zero) or *, comma-separated"
+                ) from None
+        if "*" in entries:  # uvicorn trusts any peer only for a lone "*"
+            return "*"
+        return ",".join(entries) or None
 
     @field_validator("serve_token", mode="before")
     @classmethod

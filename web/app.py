@@ -24,7 +24,7 @@ dashboard's pages run on.
 
 The dashboard (``/``, :mod:`web.dashboard`) and Prometheus ``/metrics`` (:mod:`web.metrics`)
 read the same database. :class:`web.auth.DashboardAuth` guards everything but the receiver and
-``/healthz``: ``WANBATCH_SERVE_TOKEN`` from beyond loopback and for every action, so the
+``/healthz``: ``WANBATCH_SERVE_TOKEN``, once set, from every client and for every action, so the
 receiver can face the internet while the dashboard stays private. A page or action that meets
 a locked or unreachable database is answered 503 with one line (and logs one warning), not an
 internal error — an action whose write finds the database's disk full too, with a line that says
@@ -58,9 +58,10 @@ from starlette.routing import Route
 
 from jobs import db
 from jobs.digits import ascii_int
+from jobs.printable import one_line
 from jobs.settings import Settings
 from web.auth import DashboardAuth, TokenGate
-from web.bodies import TOO_LARGE, BodyBudget, Refusal, read_body
+from web.bodies import TOO_LARGE, BodyBudget, Refusal, declares_more_than, read_body
 from web.dashboard import Dashboard
 from web.metrics import metrics_route
 from worker import telemetry
@@ -162,13 +163,13 @@ def create_app(
         """Count, log (with ``detail``, which the client is not told) and answer a rejection."""
         counts.add(accepted=False)
         telemetry.count_webhook(accepted=False)
-        client = request.client.host if request.client else "?"
+        client = one_line(request.client.host) if request.client else "?"  # X-Forwarded-For's, if trusted
         log.warning(
             "webhook rejected (%s) from %s: %s%s",
             why.status_code,
             client,
             why.reason,
-            f" ({detail})" if detail else "",
+            f" ({one_line(detail)})" if detail else "",  # the database's words may quote the body
             extra={"event": "webhook.rejected", "status": why.status_code},
         )
         return JSONResponse({"ok": False, "error": why.reason}, status_code=why.status_code)
@@ -187,9 +188,8 @@ def create_app(
         return reject(WebhookRejected(DELIVERY_NOT_STORED, 500), request, problem)
 
     async def fal_webhook(request: Request) -> Response:
-        declared = ascii_int(request.headers.get("content-length"), max_digits=18)
-        if declared is not None and declared > MAX_BODY_BYTES:
-            return reject(WebhookRejected(TOO_LARGE, 413), request)
+        if declares_more_than(request.headers.get("content-length"), MAX_BODY_BYTES):
+            return reject(WebhookRejected(TOO_LARGE, 413), request)  # before taking any budget
         with budget.tab() as tab:
             body = await read_body(request, cap=MAX_BODY_BYTES, tab=tab)
             if isinstance(body, Refusal):
@@ -250,8 +250,10 @@ def create_app(
         fails the same way again); anything else is the dashboard's (500, one line; the log has
         the traceback)."""
         assert isinstance(exc, DBAPIError)
-        client = request.client.host if request.client else "?"
-        where = (request.method, request.url.path, client, database_problem(exc))
+        client = one_line(request.client.host) if request.client else "?"
+        # The path and the database's words may carry the request's text: one line each, so a
+        # %0A in the URL cannot forge a log line.
+        where = (request.method, one_line(request.url.path), client, one_line(database_problem(exc)))
         if db.is_disk_full(exc):  # before is_unavailable, which a full disk also is
             full = db.disk_full_error(settings.database_url, then="try again")
             log.warning(

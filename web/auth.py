@@ -6,10 +6,13 @@ applied to every request by :class:`DashboardAuth` before any route runs:
 
 * ``POST /webhooks/fal`` and ``GET /healthz`` pass untouched: they never need the token. Any
   other method on those paths is answered 405 (with ``Allow``) by the router, not refused here.
-* Reading (``GET``/``HEAD``): a client that presents the token (``Authorization: Bearer …`` or
-  the login form's cookie) may read from anywhere; a loopback client may read without it.
-  Anyone else is sent to ``/login`` (browsers) or answered 401 when a token is configured, and
-  403 when none is: without a token the dashboard answers loopback clients only.
+* Reading (``GET``/``HEAD``): once a token is configured, only a client that presents it
+  (``Authorization: Bearer …`` or the login form's cookie) may read, from anywhere — loopback
+  included: a reverse proxy on this host (nginx's default ``proxy_pass http://127.0.0.1:8788``,
+  HAProxy without ``option forwardfor``) connects from 127.0.0.1 with a loopback ``Host`` and no
+  forwarding header, so "loopback" cannot tell this machine's browser from the internet behind
+  such a proxy. Everyone else is sent to ``/login`` (browsers) or answered 401. Without a token
+  the dashboard answers loopback clients only (read-only), and anyone else 403.
 * Acting (any other method: pause, resume, cancel, rerun): always needs the token, from
   loopback too; without one configured every action is 403 with a message saying to set
   ``WANBATCH_SERVE_TOKEN``. A browser's action must also come from the dashboard's own pages
@@ -18,10 +21,12 @@ applied to every request by :class:`DashboardAuth` before any route runs:
 * ``/login`` and ``/static/…`` (stylesheet and script, no data) are open to any client that may
   reach the app at all.
 
-"Loopback" is strict: the peer address is a loopback address, no proxy header
-(``Forwarded``, ``X-Forwarded-For``, ``X-Real-IP``) says the request came from further away, and
-the ``Host`` header names a loopback host — a web page cannot rebind a DNS name of its own to
-127.0.0.1 to read the dashboard through its visitor's browser.
+"Loopback" (which matters only while no token is configured) is strict: the peer address is a
+loopback address, no proxy header (``Forwarded``, ``X-Forwarded-For``, ``X-Real-IP``) says the
+request came from further away, and the ``Host`` header names a loopback host — a web page
+cannot rebind a DNS name of its own to 127.0.0.1 to read the dashboard through its visitor's
+browser. A proxy on this host that adds none of those headers still looks like loopback: with
+no token, everyone behind it reads; set one there.
 
 The cookie holds an HMAC of the token, never the token itself; tokens are compared with
 :func:`hmac.compare_digest`. Changing the token logs every browser out.
@@ -50,6 +55,8 @@ from urllib.parse import quote, urlsplit
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from jobs.printable import one_line
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +129,26 @@ def is_loopback(scope: Scope, headers: Headers) -> bool:
     return host in _LOOPBACK_NAMES or _is_loopback_address(host)
 
 
+def sent_over_https(scheme: str, headers: Headers) -> bool:
+    """Whether the browser reached us over HTTPS, so the login cookie gets ``Secure``: the
+    request's own scheme (uvicorn sets it from ``X-Forwarded-Proto`` for the proxies
+    ``WANBATCH_SERVE_FORWARDED_ALLOW_IPS`` trusts), or any proxy's ``X-Forwarded-Proto: https``
+    or ``Forwarded: proto=https``. Those headers are believed from anyone here: ``Secure`` only
+    narrows where a cookie goes, and a client that lies about them only keeps its own cookie
+    off plain HTTP."""
+    if scheme == "https":
+        return True
+    forwarded_proto = headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    if forwarded_proto == "https":
+        return True
+    first_hop = headers.get("forwarded", "").split(",")[0]
+    pairs = (part.strip().partition("=") for part in first_hop.split(";"))
+    return any(
+        key.strip().lower() == "proto" and value.strip().strip('"').lower() == "https"
+        for key, _, value in pairs
+    )
+
+
 def same_origin(headers: Headers) -> bool:
     """Whether ``Origin`` (else ``Referer``) names the host this request was sent to (one that
     does not parse as a URL, such as ``http://[``, names no host: not the same origin)."""
@@ -157,7 +184,11 @@ class Access:
 
     @property
     def can_read(self) -> bool:
-        return self.authenticated or self.loopback
+        """With a token configured, only its bearer reads (a local proxy looks like loopback);
+        without one, loopback clients do."""
+        if self.token_configured:
+            return self.authenticated
+        return self.loopback
 
     @property
     def can_act(self) -> bool:
@@ -322,12 +353,14 @@ class DashboardAuth:
         headers = Headers(scope=scope)
         refused = self._refused_response(headers, method, path)
         client = scope.get("client")
-        who = client[0] if client else "?"
+        who = one_line(str(client[0])) if client else "?"  # X-Forwarded-For's, behind a trusted proxy
+        # The decoded path is the client's text: a %0A in it must not start a forged log line.
+        logged_path = one_line(path)
         if not access.token_configured and not access.loopback:
             log.warning(
                 "dashboard: refused %s %s from %s (no token configured)",
                 method,
-                path,
+                logged_path,
                 who,
                 extra={"event": "dashboard.refused", "status": 403},
             )
@@ -348,7 +381,7 @@ class DashboardAuth:
             log.warning(
                 "dashboard: refused cross-origin %s %s from %s",
                 method,
-                path,
+                logged_path,
                 who,
                 extra={"event": "dashboard.refused", "status": 403},
             )

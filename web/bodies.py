@@ -12,6 +12,7 @@ line by the caller, never a traceback).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ MAX_BUFFERED_BODY_BYTES = 32 * 1024 * 1024
 TOO_LARGE = "the body is too large"
 TOO_SLOW = "the body was not received in time"
 DISCONNECTED = "the client disconnected before sending the whole body"
+_DIGITS = re.compile(r"[0-9]+")
 BUSY = "the receiver holds too many bodies at once: try again in a moment"
 
 
@@ -75,12 +77,26 @@ class Tab:
         return True
 
 
+def declares_more_than(content_length: str | None, cap: int) -> bool:
+    """Whether a ``Content-Length`` declares more than ``cap`` bytes. Any number of ASCII digits
+    counts: 20 of them declare more than any cap, and are refused at once (413) rather than
+    taken for "no length" and waited on until the deadline (408). Anything else (absent, not
+    digits) declares nothing: the cap is then enforced as the chunks arrive."""
+    if content_length is None or _DIGITS.fullmatch(content_length) is None:
+        return False
+    digits = content_length.lstrip("0") or "0"
+    return len(digits) > len(str(cap)) or int(digits) > cap  # the length first: no 4,300-digit int()
+
+
 async def read_body(
     request: Request, *, cap: int, deadline: float | None = None, tab: Tab | None = None
 ) -> bytes | Refusal:
     """The request's body, or the :class:`Refusal` that stopped reading it: past ``cap`` bytes
     (413), not all in within ``deadline`` seconds (408; default :data:`BODY_DEADLINE`), past the
-    ``tab``'s budget (503), or the client gone (400, for the log: nobody reads the answer)."""
+    ``tab``'s budget (503), or the client gone (400, for the log: nobody reads the answer). A
+    ``Content-Length`` beyond ``cap`` is refused (413) before any byte is read."""
+    if declares_more_than(request.headers.get("content-length"), cap):
+        return Refusal(413, TOO_LARGE)
     chunks: list[bytes] = []
     size = 0
     with anyio.move_on_after(BODY_DEADLINE if deadline is None else deadline) as scope:

@@ -49,7 +49,7 @@ from jobs.money import usd_text
 from jobs.printable import one_line, shell_ref
 from jobs.settings import Settings
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
-from web.auth import SESSION_COOKIE, Access, TokenGate, safe_next, session_value
+from web.auth import SESSION_COOKIE, Access, TokenGate, safe_next, sent_over_https, session_value
 from web.bodies import Refusal, read_body
 
 log = logging.getLogger(__name__)
@@ -434,7 +434,7 @@ class Dashboard:
         handler = handlers.get(action)
         if handler is None:
             return self.not_found(request, f"no action {action!r}")
-        client = request.client.host if request.client else "?"
+        client = one_line(request.client.host) if request.client else "?"
         try:
             outcome = await run_in_threadpool(handler, ref)
         except WanbatchError as exc:
@@ -444,7 +444,7 @@ class Dashboard:
                 action,
                 one_line(ref),  # a reference from the URL: its line breaks must not forge log lines
                 client,
-                message,
+                one_line(message),  # it may quote the reference
                 extra={"event": "dashboard.action_refused", "action": action},
             )
             if not _wants_html(request):
@@ -549,7 +549,7 @@ class Dashboard:
     async def login(self, request: Request) -> Response:
         body = await read_body(request, cap=MAX_FORM_BYTES)
         if isinstance(body, Refusal):
-            client = request.client.host if request.client else "?"
+            client = one_line(request.client.host) if request.client else "?"
             log.warning(
                 "dashboard: login form refused (%s) from %s: %s",
                 body.status,
@@ -571,7 +571,7 @@ class Dashboard:
                 error="WANBATCH_SERVE_TOKEN is not set on the server: there is nothing to log in with.",
             )
         if not await self.gate.check_token(form.get("token", "")):
-            client = request.client.host if request.client else "?"
+            client = one_line(request.client.host) if request.client else "?"
             log.warning("dashboard: wrong token from %s", client, extra={"event": "dashboard.login_refused"})
             return self.render(
                 request,
@@ -587,7 +587,7 @@ class Dashboard:
             session_value(token),
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            secure=sent_over_https(request.url.scheme, request.headers),
             path="/",
         )
         return response

@@ -388,6 +388,7 @@ FIXED_HERE = {
 #: Settings the worker and `cli` containers never get, and why.
 NOT_PASSED = {
     "WANBATCH_SERVE_TOKEN": "`serve`'s token, a secret the workers have no use for",
+    "WANBATCH_SERVE_FORWARDED_ALLOW_IPS": "`serve`'s proxies: the workers answer no HTTP",
     "WANBATCH_CHAOS_CRASH_POINTS": "fault injection for tests: never in production",
     "WANBATCH_CHAOS_STOP_POINTS": "fault injection for tests: never in production",
 }

@@ -49,6 +49,8 @@ def test_serve_runs_the_web_app_on_all_interfaces_of_its_container() -> None:
     assert env["WANBATCH_OUTPUT_DIR"] == "/outputs"
     assert "FAL_KEY" not in env  # the receiver needs no key
     assert env["WANBATCH_SERVE_TOKEN"] == ""  # only from the host's environment or .env
+    assert "WANBATCH_SERVE_FORWARDED_ALLOW_IPS" in env  # its proxy is never 127.0.0.1 here
+    assert env["WANBATCH_SERVE_FORWARDED_ALLOW_IPS"] is None  # only from the host's environment
     assert any(str(v).endswith(":/outputs") for v in serve["volumes"])  # previews play the videos
 
 

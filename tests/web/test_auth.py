@@ -1,12 +1,14 @@
 """Who may read the dashboard and who may act on it (:mod:`web.auth`), through the real app.
 
-The webhook receiver and ``/healthz`` never need the token; every other path needs it from
-beyond loopback; actions need it always (read-only without one configured); a logged-in
+The webhook receiver and ``/healthz`` never need the token; every other path needs it
+from every client, loopback included, once it is configured (without one: loopback clients
+read, nobody else); actions need it always (read-only without one configured); a logged-in
 browser's actions must come from the dashboard's own origin.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -208,18 +210,44 @@ def test_a_bearer_token_needs_no_cookie_and_no_origin(
     assert remote.get("/", headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
 
 
-def test_with_a_token_loopback_still_reads_but_must_log_in_to_act(
+def test_with_a_token_loopback_must_log_in_to_read_and_to_act(
     sqlite_engine: Engine, output_dir: Path, batch_id: str
 ) -> None:
+    """Once a token is configured every client needs it, loopback included: a loopback browser
+    is sent to the login form like any other, and reads once logged in (the cookie lasts)."""
     app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
     local = client(app)
-    page = local.get(f"/batches/{batch_id}", headers=HTML)
-    assert page.status_code == 200
-    assert "log in" in page.text
+    first = local.get(f"/batches/{batch_id}", headers=HTML)
+    assert first.status_code == 303
+    assert first.headers["location"].startswith("/login?next=")
+    assert local.get("/metrics").status_code == 401
+    assert local.get("/login", headers=HTML).status_code == 200  # the form itself is open
     refused = local.post(f"/batches/{batch_id}/pause", headers={**HTML, "Origin": "http://127.0.0.1:8788"})
     assert refused.status_code == 401
     assert "log in at /login" in refused.text
     assert not _paused(sqlite_engine, batch_id)
+    logged = local.post(
+        "/login", data={"token": TOKEN, "next": "/"}, headers={**HTML, "Origin": "http://127.0.0.1:8788"}
+    )
+    assert logged.status_code == 303
+    local.cookies.set(SESSION_COOKIE, logged.cookies[SESSION_COOKIE])
+    assert local.get(f"/batches/{batch_id}", headers=HTML).status_code == 200
+    assert local.get("/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8788", "localhost:8788", "127.0.0.1"])
+def test_with_a_token_a_default_reverse_proxy_exposes_nothing(
+    sqlite_engine: Engine, output_dir: Path, batch_id: str, host: str
+) -> None:
+    """nginx's default ``proxy_pass http://127.0.0.1:8788;`` (HAProxy without ``option
+    forwardfor`` alike) connects from 127.0.0.1, sends ``Host: 127.0.0.1:8788`` and no
+    forwarding header: every request it passes on looks like loopback. With a token set none of
+    them may read without it (they used to read the dashboard, videos and /metrics)."""
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
+    proxied = client(app, peer=LOOPBACK, host=host)
+    for path in ("/", f"/batches/{batch_id}", "/metrics", "/jobs/anything/video"):
+        assert proxied.get(path, headers=JSON).status_code == 401, path
+        assert proxied.get(path, headers=HTML).status_code == 303, path
 
 
 def test_login_without_a_configured_token_says_so(sqlite_engine: Engine, output_dir: Path) -> None:
@@ -245,3 +273,53 @@ def test_safe_next_stays_on_this_site() -> None:
 def test_the_session_cookie_depends_on_the_token(session: Session) -> None:
     assert session_value(TOKEN) != session_value(TOKEN + "x")
     assert len(session_value(TOKEN)) == 64
+
+
+FORGED = "/x%0AWARNING%20web.app:%20webhook%20accepted%0D%1B[2J"
+
+
+@pytest.mark.parametrize("token", [None, TOKEN])
+def test_a_refused_path_is_logged_on_one_line(
+    sqlite_engine: Engine, output_dir: Path, caplog: pytest.LogCaptureFixture, token: str | None
+) -> None:
+    """The decoded path is the client's text: a ``%0A`` in it wrote a second, forged log line
+    (``WARNING web.app: webhook accepted``). It is logged escaped, on the refusal's one line."""
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=token))
+    remote = client(app, peer=REMOTE, host="dash.example.com")
+    if token is not None:  # a logged-in browser's action from another site: refused and logged
+        remote.cookies.set(SESSION_COOKIE, session_value(TOKEN))
+    with caplog.at_level(logging.WARNING, logger="web.auth"):
+        if token is None:
+            remote.get(FORGED, headers=HTML)
+        else:
+            remote.post(f"/batches{FORGED}/pause", headers={**HTML, "Origin": "https://evil.example"})
+    (record,) = [r for r in caplog.records if r.name == "web.auth"]
+    line = record.getMessage()
+    assert not any(ch in line for ch in "\n\r\x1b")
+    assert "x\\nWARNING web.app: webhook accepted\\x0d\\x1b[2J" in line
+
+
+@pytest.mark.parametrize(
+    ("headers", "secure"),
+    [
+        ({}, False),
+        ({"X-Forwarded-Proto": "https"}, True),
+        ({"X-Forwarded-Proto": "https, http"}, True),  # the first hop's, the browser's
+        ({"Forwarded": 'for=198.51.100.4;proto="https";host=dash.example.com'}, True),
+        ({"X-Forwarded-Proto": "http"}, False),
+    ],
+)
+def test_the_login_cookie_is_secure_when_a_proxy_says_https(
+    sqlite_engine: Engine, output_dir: Path, headers: dict[str, str], secure: bool
+) -> None:
+    """Over HTTPS behind a proxy that uvicorn does not trust (another container, a remote load
+    balancer: uvicorn believes ``X-Forwarded-Proto`` from 127.0.0.1 only) the request's scheme
+    is ``http``, and the cookie lacked ``Secure``. A proxy saying HTTPS is believed for it from
+    anyone: ``Secure`` only narrows where the cookie goes."""
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
+    remote = client(app, peer=("172.18.0.1", 40000), host="dash.example.com")
+    answer = remote.post(
+        "/login", data={"token": TOKEN}, headers={**HTML, "Origin": "http://dash.example.com", **headers}
+    )
+    assert answer.status_code == 303
+    assert ("; secure" in answer.headers["set-cookie"].lower()) is secure

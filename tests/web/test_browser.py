@@ -215,7 +215,7 @@ def _drive(
     runner: Procs,
     sim: SimulatorHandle,
 ) -> None:
-    # Log in with the token (the loopback browser could read without it, but not act).
+    # Log in with the token: with one set, a loopback browser needs it to read as well as to act.
     page.goto(f"{base}/login?next=/")
     page.fill("#token", TOKEN)
     page.click("button[type=submit]")

@@ -25,7 +25,17 @@ from jobs.db import session_factory
 from jobs.models import BatchState
 from jobs.settings import Settings
 from tests import full_disk
-from tests.web.web_helpers import FAL_KEY, HTML, JSON, TOKEN, app_for, client, mixed_batch, settings_for
+from tests.web.web_helpers import (
+    FAL_KEY,
+    HTML,
+    JSON,
+    TOKEN,
+    app_for,
+    client,
+    logged_in,
+    mixed_batch,
+    settings_for,
+)
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 #: The database URL's password (PostgreSQL's trust authentication never asks for it), which no
@@ -66,7 +76,7 @@ def test_a_nul_in_a_reference_names_nothing_on_every_database(
     warning, and nothing changed."""
     batch_id = mixed_batch(session, items=10).batch.id
     session.commit()
-    browser: TestClient = client(app_for(engine, _settings(engine, output_dir)))
+    browser: TestClient = logged_in(client(app_for(engine, _settings(engine, output_dir))))
     with caplog.at_level(logging.INFO):
         page = browser.get("/batches/ab%00cdef", headers=HTML)
         as_json = browser.get(f"/batches/{batch_id}%00", headers=JSON)
@@ -116,7 +126,7 @@ def test_a_value_postgresql_refuses_is_a_400_not_an_outage(
 
     monkeypatch.setattr(store, "failure_reasons", refused)
     monkeypatch.setattr(store, "cancel_unsent_jobs", refused)
-    browser: TestClient = client(app_for(engine, _settings(engine, output_dir)))
+    browser: TestClient = logged_in(client(app_for(engine, _settings(engine, output_dir))))
     with caplog.at_level(logging.INFO):
         answers = [
             browser.get(f"/batches/{batch_id}", headers=HTML),

@@ -26,7 +26,9 @@ SECRET = "aa3b5c0ffee0123456789"
 WEBHOOK = f"/webhooks/fal?job_id=j1&attempt=1&token={SECRET}"
 
 
-def _scope(method: str, path: str, peer: tuple[str, int] = LOOPBACK) -> dict[str, Any]:
+def _scope(
+    method: str, path: str, peer: tuple[str, int] = LOOPBACK, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> dict[str, Any]:
     target, _, query = path.partition("?")
     return {
         "type": "http",
@@ -38,13 +40,15 @@ def _scope(method: str, path: str, peer: tuple[str, int] = LOOPBACK) -> dict[str
         "raw_path": target.encode(),
         "query_string": query.encode(),
         "root_path": "",
-        "headers": [(b"host", b"127.0.0.1:8788"), (b"content-type", b"application/json")],
+        "headers": [(b"host", b"127.0.0.1:8788"), (b"content-type", b"application/json"), *headers],
         "client": peer,
         "server": ("127.0.0.1", 8788),
     }
 
 
-def _call(app: Starlette, method: str, path: str, *, then: str) -> list[Message]:
+def _call(
+    app: Starlette, method: str, path: str, *, then: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> list[Message]:
     """Send ``app`` one byte of body, then either disconnect (``then="disconnect"``) or go silent
     for ever (``"silence"``); what the app sent back."""
     sent: list[Message] = []
@@ -63,7 +67,7 @@ def _call(app: Starlette, method: str, path: str, *, then: str) -> list[Message]
 
     async def run() -> None:
         # The safety timeout only stops broken code from hanging the test; it is never reached.
-        await asyncio.wait_for(app(_scope(method, path), receive, send), timeout=30)
+        await asyncio.wait_for(app(_scope(method, path, headers=headers), receive, send), timeout=30)
 
     asyncio.run(run())
     return sent
@@ -97,6 +101,27 @@ def test_a_login_form_that_goes_silent_is_cut_off_with_408(
 ) -> None:
     monkeypatch.setattr(web.bodies, "BODY_DEADLINE", 0.01)
     assert _status(_call(app, "POST", "/login", then="silence")) == 408
+
+
+@pytest.mark.parametrize("path", [WEBHOOK, "/login"])
+@pytest.mark.parametrize(
+    "length", [b"9" * 20, b"1" + b"0" * 40, b"2" * 5000], ids=["20 digits", "41 digits", "5000 digits"]
+)
+def test_a_content_length_of_many_digits_is_413_at_once(
+    app: Starlette, monkeypatch: pytest.MonkeyPatch, path: str, length: bytes
+) -> None:
+    """A length of 19 digits or more was read as "no length": the body was waited on until the
+    deadline (10 s) and answered 408. It declares more than any cap: 413 before reading."""
+    monkeypatch.setattr(web.bodies, "BODY_DEADLINE", 0.01)  # a wait ends at once, as a 408
+    sent = _call(app, "POST", path, then="silence", headers=((b"content-length", length),))
+    assert _status(sent) == 413
+
+
+def test_a_content_length_with_leading_zeros_is_its_value() -> None:
+    assert not web.bodies.declares_more_than("0" * 30 + "4096", 4096)
+    assert web.bodies.declares_more_than("0" * 30 + "4097", 4096)
+    assert not web.bodies.declares_more_than("²", 4096)  # not digits: the cap applies as it arrives
+    assert not web.bodies.declares_more_than(None, 4096)
 
 
 @pytest.mark.parametrize("path", [WEBHOOK, "/login"])
@@ -190,6 +215,78 @@ def test_the_access_log_masks_a_line_rendered_already() -> None:
         record.getMessage()
         == '127.0.0.1:5000 - "POST /webhooks/fal?job_id=j1&attempt=1&token=** HTTP/1.1" 200'
     )
+
+
+@pytest.mark.parametrize(
+    ("given", "trusted"), [(None, None), ("172.16.0.0/12, 10.0.0.7", "172.16.0.0/12,10.0.0.7")]
+)
+def test_serve_trusts_the_proxies_it_is_told_to(
+    access_logger: logging.Logger,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    given: str | None,
+    trusted: str | None,
+) -> None:
+    """WANBATCH_SERVE_FORWARDED_ALLOW_IPS is uvicorn's ``forwarded_allow_ips``: unset, uvicorn's
+    default (this host's loopback), which a proxy in another container or on another host is not."""
+    import sys
+
+    import uvicorn
+
+    import cli
+    from cli import startup
+
+    seen: dict[str, Any] = {}
+
+    def run(server: uvicorn.Server, sockets: list[Any]) -> None:
+        seen["trusted"] = server.config.forwarded_allow_ips
+        for sock in sockets:
+            sock.close()
+
+    monkeypatch.setattr(startup, "pause", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["wanbatch", "serve", "--port", "0"])
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"sqlite:///{tmp_path / 'serve.db'}")
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(tmp_path))
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    if given is None:
+        monkeypatch.delenv("WANBATCH_SERVE_FORWARDED_ALLOW_IPS", raising=False)
+    else:
+        monkeypatch.setenv("WANBATCH_SERVE_FORWARDED_ALLOW_IPS", given)
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 0
+    if trusted is None:  # uvicorn's own default: this host's loopback only
+        assert set(seen["trusted"].split(",")) <= {"127.0.0.1", "::1"}
+    else:
+        assert seen["trusted"] == trusted
+
+
+@pytest.mark.parametrize("entry", ["proxy.local", "10.0.0.1/8", "10.0.0.300"])
+def test_a_proxy_that_is_no_address_is_refused_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], entry: str
+) -> None:
+    """uvicorn takes such an entry as a literal no peer matches: the proxy would stay distrusted
+    without a word."""
+    import sys
+
+    import uvicorn
+
+    import cli
+    from cli import startup
+
+    monkeypatch.setattr(startup, "pause", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["wanbatch", "serve", "--port", "0"])
+    # Were it not refused, it would serve: it must not serve for ever.
+    monkeypatch.setattr(uvicorn.Server, "run", lambda _server, sockets: [s.close() for s in sockets])
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"sqlite:///{tmp_path / 'serve.db'}")
+    monkeypatch.setenv("WANBATCH_SERVE_FORWARDED_ALLOW_IPS", f"127.0.0.1,{entry}")
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 2
+    err = capsys.readouterr().err
+    assert "WANBATCH_SERVE_FORWARDED_ALLOW_IPS" in err
+    assert entry in err
 
 
 def test_serve_bounds_its_connections_and_masks_its_access_log(
