@@ -19,11 +19,11 @@ import os
 import socket
 import time
 from datetime import datetime
-from pathlib import Path
 
 from jobs import db, store
 from jobs.models import utcnow
 from jobs.store import LeaseHolder
+from worker import processes
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, process_identity
 
 log = logging.getLogger(__name__)
@@ -44,23 +44,7 @@ def process_gone(owner: str) -> bool:
     pid = int(pid_text)
     if pid <= 0 or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # another user's process of that pid: alive
-        return False
-    return _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    """Whether ``pid`` has ended but its parent has not reaped it yet (it holds nothing)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return False
-    fields = stat.rpartition(")")[2].split()
-    return bool(fields) and fields[0] == "Z"
+    return not processes.exists(pid) or processes.zombie(pid)
 
 
 class DeadLeases:

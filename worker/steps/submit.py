@@ -96,6 +96,18 @@ def _take_submit_token(rt: Runtime, endpoint: str) -> tuple[str, float] | None:
     return None
 
 
+def _given_back_for_rate(rt: Runtime, fence: Fence, endpoint: str) -> bool:
+    """Take a submit token (:func:`_take_submit_token`); when there is none to be had now, the
+    job goes back to ``pending``, due when the limiter says, and True."""
+    held_back = _take_submit_token(rt, endpoint)
+    if held_back is None:
+        return False
+    reason, delay = held_back
+    with db.session_scope(rt.engine) as session:
+        store.give_back(session, fence, reason=reason, due_at=in_seconds(delay))
+    return True
+
+
 def webhook_for(settings: Settings, engine: Engine, job_id: str, attempt: int) -> str | None:
     """The ``fal_webhook`` URL for one attempt: the receiver learns which job and attempt a
     completion belongs to even when the submit's answer never reached us, and the token shows
@@ -215,11 +227,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
     # The global submit rate, taken right before the POST (every worker shares it). Before
     # take_lease on purpose: a worker that dies while waiting leaves a job that is plainly
     # "not sent" (no recorded input), not one whose submission looks ambiguous.
-    held_back = _take_submit_token(rt, endpoint)
-    if held_back is not None:
-        reason, delay = held_back
-        with db.session_scope(rt.engine) as session:
-            store.give_back(session, fence, reason=reason, due_at=in_seconds(delay))
+    if _given_back_for_rate(rt, fence, endpoint):
         return "rate-limited"
     granted = time.monotonic()
 
@@ -245,11 +253,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
         # Recording the lease stalled (a checkpoint, a busy disk): other workers' grants went out
         # meanwhile, and sending on this old one would bunch submits into one of fal's windows.
         telemetry.count_limiter_wait("stale")
-        held_back = _take_submit_token(rt, endpoint)
-        if held_back is not None:
-            reason, delay = held_back
-            with db.session_scope(rt.engine) as session:
-                store.give_back(session, fence, reason=reason, due_at=in_seconds(delay))
+        if _given_back_for_rate(rt, fence, endpoint):
             return "rate-limited"
 
     # The start timeout again, from the moment of sending: preparing media, waiting for a rate

@@ -41,6 +41,7 @@ from typing import Any
 
 from jobs import db
 from jobs.errors import ConfigError
+from worker import processes
 from worker.fal.models import request_id_or_none, valid_request_id
 
 log = logging.getLogger(__name__)
@@ -145,19 +146,9 @@ def journal_folders(database_url: str) -> list[Path]:
     return unique
 
 
-def _started(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, from ``/proc``); None when unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()
-    return fields[19] if len(fields) > 19 else None
-
-
 def _owner_token() -> str:
     """``<pid>-<start>``: this process, told apart from a later one that reuses its pid."""
-    return f"{os.getpid()}-{_started(os.getpid()) or 0}"
+    return f"{os.getpid()}-{processes.started(os.getpid()) or 0}"
 
 
 def _ended(owner: str) -> bool:
@@ -168,14 +159,8 @@ def _ended(owner: str) -> bool:
         return True
     pid = int(pid_text)
     if start not in ("", "0") and Path("/proc/self/stat").exists():
-        return _started(pid) != start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # another user's process of that pid: alive
-        return False
-    return False
+        return processes.started(pid) != start
+    return not processes.exists(pid)
 
 
 class Journal:

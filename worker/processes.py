@@ -1,0 +1,45 @@
+"""Other processes of this host, as ``/proc`` and ``kill(pid, 0)`` tell them: whether one still
+lives, and when it started (which tells it apart from a later process that reuses its pid).
+
+Used to take back what a process that has ended left behind (a killed ``--simulate`` run's
+leases, a crashed run's journal of unrecorded answers) at once rather than after a timeout.
+See proc(5) for the fields of ``/proc/PID/stat``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (``state`` first); None when the
+    process or ``/proc`` is not there. The name is in parentheses and may hold any character."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()
+
+
+def started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot); None when unknown."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
+
+
+def exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (another user's counts: it is there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's process of that pid
+        return True
+    return True
+
+
+def zombie(pid: int) -> bool:
+    """Whether ``pid`` has ended but its parent has not reaped it yet (it holds nothing)."""
+    fields = _stat_fields(pid)
+    return bool(fields) and fields is not None and fields[0] == "Z"
