@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -281,6 +282,71 @@ def test_another_port_of_fals_host_is_not_trusted(
     assert run.code == 1, run.stderr
     assert_billed_failure(record, "127.0.0.1: a loopback address", "WANBATCH_DOWNLOAD_ALLOWED_HOSTS")
     assert same_host.requests == []  # never even connected
+    assert fal.posts() == 1
+
+
+# ------------------------------------------------- fal's queue API answers directly: no redirects
+
+
+def test_a_redirected_result_call_is_not_followed_and_fails_the_job_with_the_reason(
+    wb: Wb,
+    fal: FakeFal,
+    manifest: MakeManifest,
+    same_host: HostileProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Before, the result GET followed a 302 to another port of fal's host, and the job
+    succeeded with that service's JSON stored as fal's output (database and sidecar)."""
+    monkeypatch.setenv("WANBATCH_DOWNLOAD_ATTEMPTS", "3")
+    foreign = fal.result_for("r1", planted="by-another-service")
+    same_host.route("GET", r"/internal/result", json_reply(foreign))
+    fal.on_result("r1", redirect(f"{same_host.url}/internal/result?token=do-not-show"))
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 1, run.stderr
+    assert same_host.requests == []  # never even connected
+    assert_billed_failure(record, "3 tries", "HTTP 302", f"{same_host.url}/internal/result", "not followed")
+    assert "do-not-show" not in str(record["error"])  # the location is shown masked
+    assert record["error_type"] == "provider_protocol_error"
+    assert fal.result_calls("r1") == 3  # WANBATCH_DOWNLOAD_ATTEMPTS, then no more
+    assert fal.posts() == 1
+    assert "by-another-service" not in json.dumps(record)
+    assert [p for p in (tmp_path / "outputs").rglob("*.json") if "by-another-service" in p.read_text()] == []
+
+
+def test_a_redirected_status_call_is_not_followed_and_fails_the_job_with_the_reason(
+    wb: Wb, fal: FakeFal, manifest: MakeManifest, hostile: HostileProvider, metadata: HostileProvider
+) -> None:
+    """Before, every status poll followed the 302 to the internal service and asked it."""
+    fal.on_status("r1", redirect(f"{metadata.url}/latest/meta-data/creds"))
+    hostile.route("PUT", r".*/requests/r1/cancel", json_reply({"status": "CANCELLATION_REQUESTED"}, 202))
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 1, run.stderr
+    assert metadata.requests == []  # never even connected
+    assert record["status"] == "failed"
+    assert record["error_type"] == "provider_protocol_error"
+    for word in ("HTTP 302", f"{metadata.url}/latest/meta-data/creds", "not followed"):
+        assert word in str(record["error"]), record["error"]
+    assert hostile.count("GET", r".*/requests/r1/status") == 5  # PROTOCOL_ERROR_LIMIT
+    assert hostile.count("PUT", r".*/requests/r1/cancel") == 1  # and fal is told to stop it
+    assert fal.posts() == 1
+
+
+@pytest.mark.timeout(90)
+def test_a_status_call_redirected_to_itself_fails_the_job_not_the_run(
+    wb: Wb, fal: FakeFal, manifest: MakeManifest, hostile: HostileProvider
+) -> None:
+    """Before, httpx's TooManyRedirects escaped every mapping: ``internal error``, exit 70, on
+    every run, and the job never moved."""
+    fal.on_status("r1", redirect(f"{hostile.url}/fal-ai/wan-22/requests/r1/status", 307))
+    run, (record,) = run_batch(wb, manifest, ONE_JOB)
+    assert run.code == 1, run.stderr
+    assert "internal error" not in run.stderr
+    assert record["status"] == "failed"
+    assert record["error_type"] == "provider_protocol_error"
+    for word in ("HTTP 307 redirect to", "not followed"):
+        assert word in str(record["error"]), record["error"]
+    assert hostile.count("GET", r".*/requests/r1/status") == 5  # each poll asked once, no loop
     assert fal.posts() == 1
 
 

@@ -29,6 +29,7 @@ from worker.fal.errors import (
     StartTimeoutError,
     format_detail,
     load_json,
+    map_transport_errors,
 )
 from worker.fal.http import RetryPolicy
 from worker.fal.models import CancelOutcome, RequestHandle
@@ -753,6 +754,60 @@ def test_cancel_is_not_retried() -> None:
     with make_client(rec) as client, pytest.raises(RetryableProviderError):
         client.cancel(HANDLE)
     assert rec.count("PUT") == 1
+
+
+# -------------------------------------------------------------------------------- redirects
+
+INTERNAL = "http://169.254.169.254/latest/meta-data/creds"
+
+
+def _moved(code: int = 302, location: str | None = f"{INTERNAL}?token=do-not-show&k={KEY}") -> httpx.Response:
+    return httpx.Response(code, headers={} if location is None else {"Location": location})
+
+
+@pytest.mark.parametrize("call", ["status", "result", "cancel", "stream"])
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_from_the_queue_api_is_not_followed(call: str, code: int) -> None:
+    """fal answers status, result and cancel itself: a 3xx is an answer its protocol cannot
+    produce, never a hop to a host nobody checked (before, status and result followed it)."""
+    rec = Recorder(_moved(code))
+    with make_client(rec) as client:
+        calls: dict[str, Callable[[RequestHandle], object]] = {
+            "status": client.status,
+            "result": client.result,
+            "cancel": client.cancel,
+            "stream": lambda handle: list(client.stream_status(handle)),
+        }
+        with pytest.raises(ProviderProtocolError) as info:
+            calls[call](HANDLE)
+    assert [r.url.host for r in rec.requests] == ["queue.test"]  # asked once, nowhere else
+    message = str(info.value)
+    assert f"HTTP {code} redirect to {INTERNAL}?token=" in message
+    assert "not followed" in message
+    assert "do-not-show" not in message  # masked
+    assert KEY.split(":")[1] not in message
+    assert info.value.status_code == code
+
+
+def test_a_relative_redirect_names_the_whole_location_and_one_without_says_so() -> None:
+    rec = Recorder(_moved(302, "/elsewhere"), _moved(304, None))
+    with make_client(rec) as client:
+        with pytest.raises(
+            ProviderProtocolError, match=r"HTTP 302 redirect to https://queue\.test/elsewhere,"
+        ):
+            client.result(HANDLE)
+        with pytest.raises(ProviderProtocolError, match=r"HTTP 304 redirect without a location"):
+            client.status(HANDLE)
+    assert len(rec.requests) == 2
+
+
+def test_too_many_redirects_is_a_protocol_error_not_an_internal_one() -> None:
+    """httpx's ``TooManyRedirects`` is no ``TransportError``: it escaped the mapping (exit 70)."""
+    with (
+        pytest.raises(ProviderProtocolError, match="fal status: too many redirects"),
+        map_transport_errors("status"),
+    ):
+        raise httpx.TooManyRedirects("Exceeded maximum allowed redirects.")
 
 
 # ----------------------------------------------------------------------------------- handles

@@ -26,6 +26,8 @@ that cannot be read so is ambiguous: fal received the request.
 
 Status, result and cancel go to URLs built from the configured queue URL (see
 :meth:`RequestHandle.trusted`), never to a host a submit answer names: those calls carry the key.
+No call follows a redirect: fal's API answers directly, so a 3xx is an answer its protocol
+cannot produce (:func:`~worker.fal.errors.redirect_error`), never a hop to an unchecked host.
 """
 
 from __future__ import annotations
@@ -507,9 +509,10 @@ class FalClient:
         key: storage uploads come through here too). Only for calls whose repetition cannot
         queue or bill anything twice (never the submit POST).
 
-        ``via``: another client to send it through, redirects not followed (a 3xx is then an
-        error): a storage upload's PUT goes to a host fal's answer names, through the address
-        guard of :func:`worker.fal.storage.guarded_client`, without the key.
+        Redirects are never followed (a 3xx is an error, see the module docstring).
+        ``via``: another client to send it through: a storage upload's PUT goes to a host
+        fal's answer names, through the address guard of
+        :func:`worker.fal.storage.guarded_client`, without the key.
         """
         with self.scrubbed():
             return self._send_with_retry(method, what, url, params, should_retry, classify, via, kwargs)
@@ -534,9 +537,8 @@ class FalClient:
                 with (
                     map_transport_errors(what),
                     telemetry.fal_request(what) as call,
-                    http.stream(
-                        method, url, params=params, follow_redirects=via is None, **kwargs
-                    ) as streamed,
+                    # Never followed: a 3xx is classified (see worker.fal.errors.redirect_error).
+                    http.stream(method, url, params=params, follow_redirects=False, **kwargs) as streamed,
                 ):
                     response = read_capped(call.done(streamed), what, budget=self._answer_budget)
             except RetryableProviderError as failure:  # a network error: ask again (a final one raises)

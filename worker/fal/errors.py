@@ -25,6 +25,8 @@ Decisions (documented here because the worker's state machine depends on them):
   submission; a failed request's ``COMPLETED`` status also carries its error.
 * An answer fal's protocol cannot produce (nested deeper than :data:`MAX_JSON_DEPTH`, an unknown
   status) is :class:`ProviderProtocolError`: asked again a bounded number of times by the caller.
+  So is a redirect (any 3xx) from the queue or REST API (:func:`redirect_error`): fal answers
+  status, result and cancel directly, and the client never follows one.
 * httpx's transport errors are mapped in one context manager, :func:`map_transport_errors`: on
   an idempotent call they are retryable; on the submit POST, httpcore's ``trace`` tells whether
   the body went out — before that nothing can be queued (:class:`SubmitNotSentError`, or a
@@ -60,6 +62,7 @@ from jobs.errors import (
     WanbatchError,
 )
 from jobs.storable import storable_json, storable_text
+from jobs.url_secrets import masked_url
 from worker.fal.models import request_id_or_none
 
 #: fal's request-error types that are infrastructure failures: a new attempt may succeed, and
@@ -359,6 +362,37 @@ def _account_error(what: str, response: httpx.Response, fields: dict[str, Any]) 
     )
 
 
+def redirect_error(what: str, response: httpx.Response) -> ProviderProtocolError | None:
+    """The error for a redirect (any 3xx) from fal's queue or REST API, or None for another answer.
+
+    fal's queue API answers status, result and cancel itself
+    (https://docs.fal.ai/documentation/model-apis/inference/queue); fal's own async client does
+    not follow redirects at all. A redirect is therefore not fal's protocol, and following one
+    would send a call that trusts its answer (a result is stored as the job's output) to a host
+    nobody checked — another port of fal's host, a cloud metadata address. So it is never
+    followed: like any answer fal cannot give, the caller asks again a bounded number of times,
+    then fails the job with this reason. The location is shown with its secrets masked
+    (:func:`~jobs.url_secrets.masked_url`).
+    """
+    code = response.status_code
+    if not 300 <= code < 400:
+        return None
+    location = response.headers.get("location")
+    if location is None:
+        where = "without a location"
+    else:
+        try:  # a relative location, shown whole (RFC 9110 §10.2.2)
+            target = str(response.url.join(location))
+        except (httpx.InvalidURL, RuntimeError):  # not a URL, or a response without its request
+            target = location
+        where = f"to {_short(masked_url(target))}"
+    return ProviderProtocolError(
+        f"fal {what}: HTTP {code} redirect {where}, not followed (fal's API does not redirect)",
+        status_code=code,
+        request_id=request_id_or_none(response.headers.get("x-fal-request-id")),
+    )
+
+
 def classify_submit(response: httpx.Response) -> ProviderError:
     """The error for a non-2xx answer to the submit POST (the client never resends it)."""
     fields = _fields(response)
@@ -383,6 +417,9 @@ def classify_submit(response: httpx.Response) -> ProviderError:
 
 def classify_poll(what: str, response: httpx.Response) -> ProviderError:
     """The error for a non-2xx answer to a status GET (safe to repeat)."""
+    redirected = redirect_error(what, response)
+    if redirected is not None:
+        return redirected
     fields = _fields(response)
     code = response.status_code
     text = _describe(fields["detail"], response)
@@ -412,6 +449,9 @@ def result_should_retry(response: httpx.Response) -> bool:
 
 def classify_result(response: httpx.Response) -> ProviderError:
     """The error for a non-2xx answer to the result GET: not ready, expired, or the replayed failure."""
+    redirected = redirect_error("result", response)
+    if redirected is not None:
+        return redirected
     fields = _fields(response)
     code = response.status_code
     detail = fields["detail"]
@@ -519,7 +559,8 @@ def map_transport_errors(what: str, *, submit: SendTrace | None = None) -> Itera
 
     * An idempotent call (status, status stream, result, cancel, storage, download — ``submit``
       left ``None``): a transport failure is :class:`RetryableProviderError` (ask again later),
-      except an unsupported URL scheme, a configuration error and final. Other exceptions pass.
+      except an unsupported URL scheme, a configuration error and final; httpx's
+      ``TooManyRedirects`` is :class:`ProviderProtocolError`. Other exceptions pass.
     * The submit POST (``submit`` is the request's :class:`SendTrace`): *any* exception raised
       while sending means "not sent" or "ambiguous" depending on whether the body went out
       (:func:`_submit_failure`); fal can only queue a request whose body it received whole.
@@ -531,6 +572,11 @@ def map_transport_errors(what: str, *, submit: SendTrace | None = None) -> Itera
             raise _submit_failure(exc, submit) from exc
         if isinstance(exc, httpx.TransportError):
             raise _transport_failure(what, exc) from exc
+        if isinstance(exc, httpx.TooManyRedirects):
+            # Not a TransportError to httpx, so it escaped every caller as an internal error
+            # (exit 70). The fal client follows no redirect; this keeps any call that does in
+            # the provider's tree: an answer fal's protocol cannot produce.
+            raise ProviderProtocolError(f"fal {what}: too many redirects, not followed") from exc
         raise
 
 
