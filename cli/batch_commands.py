@@ -329,12 +329,13 @@ def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
         with db.session_scope(db.open_engine(get_settings())) as session:
             result = diff_batches(session, batch_a, batch_b)
         code = EXIT_OK if result.identical else EXIT_SOME_FAILED
+        if (mixed := result.simulated_note()) is not None:  # with --json too: stderr is free
+            err.print(f"[yellow]warning[/yellow] {escape(mixed)}")
         if as_json:
             emit_json(result.as_dict())
             return code
-        if (mixed := result.simulated_note()) is not None:
-            err.print(f"[yellow]warning[/yellow] {escape(mixed)}")
-        shown = [p for p in result.pairs if p.outcome != "same"]
+        # A reused output's "same" is one render, not a reproduction: listed, and said below.
+        shown = [p for p in result.pairs if p.outcome != "same" or p.reused]
         if shown:
             labels = _diff_labels(result.varied(), shown[:DIFF_ROWS])
             out.print(diff_table([_diff_row(pair, labels) for pair in shown[:DIFF_ROWS]]))
@@ -347,6 +348,8 @@ def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
                 f"{result.count('only_a')} only in A, {result.count('only_b')} only in B"
             )
         )
+        if (reused := result.reused_note()) is not None:
+            out.print(escape(reused))
         return code
 
     guarded(as_json, action)
@@ -408,7 +411,8 @@ def _diff_seed(side: JobSide) -> str:
 
 def _diff_row(pair: Pair, labels: dict[str, dict[str, str]]) -> tuple[str, ...]:
     """One ``diff`` table row: the job (item and varied fields, :func:`_diff_labels`), result,
-    what differs, and seed, video and cost of A and B."""
+    what differs (first ``reused output`` for a pair that is one render, :attr:`Pair.reused`),
+    and seed, video and cost of A and B."""
 
     def both(show: Callable[[JobSide], str]) -> str:
         return " / ".join("–" if s is None else show(s) for s in (pair.a, pair.b))
@@ -416,7 +420,7 @@ def _diff_row(pair: Pair, labels: dict[str, dict[str, str]]) -> tuple[str, ...]:
     return (
         _diff_job(pair, labels),
         pair.outcome,
-        ", ".join(pair.differs()),
+        ", ".join(["reused output"] * pair.reused + pair.differs()),
         both(_diff_seed),
         both(lambda s: (s.video_sha256 or "no video")[:12]),
         both(lambda s: "–" if s.cost_usd is None else usd(s.cost_usd)),

@@ -18,17 +18,20 @@ paired by what was asked, never by when or where they ran:
    (``rerun --vary``, which also numbers each original's combinations anew).
 4. **by item and variant** — ``item_index`` and the matrix combination's index within the item
    (``variant``): the same place in the same manifest, for jobs whose input changed (an edited
-   prompt, a replaced image) and reruns stored before ``rerun_of`` existed. Only when both
-   batches come from the same manifest file (a rerun keeps its parent's): item 0 of two
-   unrelated manifests is no pair, and calling it "different" would hide that the batches are
-   unrelated. ``item_index`` alone would not do either: every matrix combination of an item
-   shares it. A job whose origin is in the other batch never pairs here: its place was
-   renumbered.
+   prompt, a replaced image) and reruns stored before ``rerun_of`` existed. Only for batches of
+   one manifest (:func:`_places_rule`): item 0 of two unrelated manifests is no pair, and
+   calling it "different" would hide that the batches are unrelated. ``item_index`` alone would
+   not do either: every matrix combination of an item shares it. Two jobs of different
+   endpoints never pair here (another model is no place of the same experiment), and a job
+   whose origin is in the other batch never does either: its place was renumbered.
 
 Jobs left unpaired are ``only_a`` / ``only_b``.
 
 A pair is ``same`` when both jobs have an output and its SHA-256 is equal (byte-for-byte the same
-video); anything else — another video, or a job of the pair without one — is ``different``. The
+video); anything else — another video, or a job of the pair without one — is ``different``. A
+``same`` pair whose two videos are one render (:attr:`Pair.reused`: a side took the other's
+output under ``reuse_outputs``, or both took the same original's) is still ``same`` — the bytes
+are — but flagged: nothing was rendered twice, so it is no evidence that fal reproduces it. The
 seeds, the prompts actually used and the costs are reported per pair, with the fields that differ.
 A job never sent (cancelled by a budget or a cancel) has no returned seed: its seed is the one its
 input pinned (``pinned_seed``), if any. :meth:`BatchDiff.varied` names, for each job, the input
@@ -59,6 +62,9 @@ from jobs.models import Batch, Job
 
 Outcome = Literal["same", "different", "only_a", "only_b"]
 MatchedBy = Literal["job_key", "input", "origin", "item"]
+#: When the fourth pass (item and variant) runs: always (``True``), never (``False``), or
+#: ``"if_shared"``, only when the first three paired at least one job (see :func:`_places_rule`).
+ByPlace = bool | Literal["if_shared"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +92,13 @@ class JobSide:
     pinned_seed: int | None = None
     #: The stored input (validated, or resolved for a rerun): what tells an item's jobs apart.
     input: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: ``reuse_outputs``: the job whose output this one took instead of being sent, else None.
+    reused_from: str | None = None
+
+    @property
+    def rendered_by(self) -> str:
+        """The job whose request made this job's video: the one it reused, else itself."""
+        return self.reused_from or self.job_id
 
     def filled_input(self) -> dict[str, Any]:
         """The input with the endpoint's documented defaults filled in."""
@@ -115,6 +128,7 @@ class JobSide:
             rerun_of=job.rerun_of,
             pinned_seed=_pinned(job.input.get("seed")),
             input=dict(job.input),
+            reused_from=job.reused_from,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -130,6 +144,7 @@ class JobSide:
             "prompt": self.prompt,
             "video_sha256": self.video_sha256,
             "cost_usd": self.cost_usd,
+            "reused_from": self.reused_from,
         }
 
 
@@ -166,12 +181,21 @@ class Pair:
         same = self.a.video_sha256 is not None and self.a.video_sha256 == self.b.video_sha256
         return "same" if same else "different"
 
+    @property
+    def reused(self) -> bool:
+        """Both sides' videos come from one render: one side reused the other's output, or both
+        reused the same original's (``reuse_outputs``). Equal bytes then say nothing about
+        whether the request reproduces: it was rendered once."""
+        return self.a is not None and self.b is not None and self.a.rendered_by == self.b.rendered_by
+
     def differs(self) -> list[str]:
-        """Which of video, status, seed, prompt and cost differ (empty for an unmatched job)."""
+        """Which of endpoint, video, status, seed, prompt and cost differ (empty for an unmatched
+        job)."""
         a, b = self.a, self.b
         if a is None or b is None:
             return []
         checks = {
+            "endpoint": a.endpoint != b.endpoint,
             "video": a.video_sha256 is None or a.video_sha256 != b.video_sha256,
             "status": a.status != b.status,
             "seed": a.effective_seed != b.effective_seed,
@@ -185,6 +209,7 @@ class Pair:
             "result": self.outcome,
             "matched_by": self.matched_by,
             "differs": self.differs(),
+            "reused": self.reused,
             "a": None if self.a is None else self.a.as_dict(),
             "b": None if self.b is None else self.b.as_dict(),
         }
@@ -207,6 +232,21 @@ class BatchDiff:
     def identical(self) -> bool:
         """Every job matched and every pair the same video: what exit 0 means."""
         return all(p.outcome == "same" for p in self.pairs)
+
+    @property
+    def reused(self) -> int:
+        """How many of the ``same`` pairs are one render, reused (:attr:`Pair.reused`)."""
+        return sum(1 for p in self.pairs if p.outcome == "same" and p.reused)
+
+    def reused_note(self) -> str | None:
+        """What to say when some ``same`` pairs reused an output rather than rendering it, else
+        None: the count of ``same`` would otherwise read as that many reproductions."""
+        if not self.reused:
+            return None
+        return (
+            f"{self.reused} of the same pairs reused an output rather than rendering it "
+            "(`reuse_outputs`): they say nothing about whether fal reproduces it"
+        )
 
     def simulated_note(self) -> str | None:
         """What to say when one side is a simulation (``--simulate``) and the other was sent to
@@ -258,16 +298,18 @@ class BatchDiff:
             "different": self.count("different"),
             "only_a": self.count("only_a"),
             "only_b": self.count("only_b"),
+            "reused": self.reused,
             "jobs": [p.as_dict() for p in self.pairs],
         }
 
 
-def match(a_jobs: list[JobSide], b_jobs: list[JobSide], *, by_place: bool = True) -> list[Pair]:
+def match(a_jobs: list[JobSide], b_jobs: list[JobSide], *, by_place: ByPlace = True) -> list[Pair]:
     """Pair two batches' jobs (see the module docstring), A's item order first, then B's leftovers.
 
     Both lists must be in item order (as :func:`store.jobs_of_batch` yields them): jobs that
-    differ only by seed are paired in that order. ``by_place`` enables the third pass (item and
-    variant), for batches of the same manifest.
+    differ only by seed are paired in that order. ``by_place`` enables the fourth pass (item,
+    variant and endpoint), for batches of the same manifest; ``"if_shared"`` only when the other
+    passes paired a job (:func:`_places_rule`).
     """
     matched: dict[str, tuple[JobSide, MatchedBy]] = {}  # A's job id → B's job, how
     by_key = {job.job_key: job for job in b_jobs}  # keys are unique within a batch
@@ -287,16 +329,18 @@ def match(a_jobs: list[JobSide], b_jobs: list[JobSide], *, by_place: bool = True
             matched[job.job_id] = (other, "input")
             taken.add(other.job_id)
     _pair_by_origin(a_jobs, b_jobs, matched, taken)
+    if by_place == "if_shared":
+        by_place = bool(matched)
     a_ids = {job.job_id for job in a_jobs}
     b_ids = {job.job_id for job in b_jobs}
-    places: dict[tuple[int, int], deque[JobSide]] = defaultdict(deque)
+    places: dict[tuple[int, int, str], deque[JobSide]] = defaultdict(deque)
     for other in b_jobs:
         if by_place and other.job_id not in taken and other.rerun_of not in a_ids:
-            places[other.item_index, other.variant].append(other)
+            places[other.item_index, other.variant, other.endpoint].append(other)
     for job in a_jobs:
         if job.rerun_of in b_ids:
             continue  # a rerun's job whose original is in B: its place was renumbered
-        place = (job.item_index, job.variant)
+        place = (job.item_index, job.variant, job.endpoint)
         if job.job_id not in matched and places[place]:
             other = places[place].popleft()
             matched[job.job_id] = (other, "item")
@@ -342,8 +386,38 @@ def diff_batches(session: Session, ref_a: str, ref_b: str) -> BatchDiff:
     batch_b = store.get_batch(session, ref_b)
     a_jobs = [JobSide.of(job) for job in store.jobs_of_batch(session, batch_a.id)]
     b_jobs = [JobSide.of(job) for job in store.jobs_of_batch(session, batch_b.id)]
-    same_manifest = batch_a.manifest_path == batch_b.manifest_path
-    return BatchDiff(_named(batch_a), _named(batch_b), match(a_jobs, b_jobs, by_place=same_manifest))
+    by_place = _places_rule(session, batch_a, batch_b)
+    return BatchDiff(_named(batch_a), _named(batch_b), match(a_jobs, b_jobs, by_place=by_place))
+
+
+def _places_rule(session: Session, batch_a: Batch, batch_b: Batch) -> ByPlace:
+    """Whether the two batches are of one manifest, so that jobs left over pair by place.
+
+    - ``True`` when one descends from the other by ``rerun`` or both from one batch (a rerun
+      keeps its parent's manifest, even when the parent is submitted again from an edited one),
+      or when both stored the very same manifest (SHA-256 of its bytes: a copy, or images
+      replaced behind the same text).
+    - ``"if_shared"`` when both were submitted from the same file and its text changed between
+      them (an edited copy under a new name): an edit when the other passes pair at least one of
+      their jobs (the two still ask something alike), a replacement by an unrelated manifest —
+      whose item 0 is no place of the other's — when they pair none.
+    - ``False`` otherwise: different files, different manifests.
+    """
+    if _root(session, batch_a) == _root(session, batch_b):
+        return True
+    if batch_a.manifest_sha256 == batch_b.manifest_sha256:
+        return True
+    return "if_shared" if batch_a.manifest_path == batch_b.manifest_path else False
+
+
+def _root(session: Session, batch: Batch) -> str:
+    """The id of the batch ``batch``'s ``rerun`` lineage starts from (itself if made from a
+    manifest), following ``parent_batch_id``."""
+    seen = {batch.id}
+    while batch.parent_batch_id is not None and batch.parent_batch_id not in seen:
+        batch = store.get_batch(session, batch.parent_batch_id)
+        seen.add(batch.id)
+    return batch.id
 
 
 def _named(batch: Batch) -> dict[str, Any]:

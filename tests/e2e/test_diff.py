@@ -229,3 +229,116 @@ def test_a_simulated_exact_rerun_of_uploaded_images_is_the_same(
     report = _diff(wb, parent, exact, 0)
     assert (report["same"], report["different"], report["only_a"], report["only_b"]) == (2, 0, 0, 0)
     assert all(job["a"]["video_sha256"] == job["b"]["video_sha256"] is not None for job in report["jobs"])
+
+
+def _simulated(wb: Wb, path: Path) -> str:
+    return _run(wb, path, "--simulate")
+
+
+def test_unrelated_manifests_saved_at_one_path_never_pair_by_place(
+    wb: Wb, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """expB overwrote expA's file: another name, endpoint, resolution and every prompt. Item 0
+    of each was paired with the other's ("different", matched by item), the endpoints unsaid."""
+    for name, value in FAST_ENV.items():
+        monkeypatch.setenv(name, value)
+    path = manifest(
+        "exp",
+        "name: expA\nendpoint: fal-ai/wan-22\ndefaults: {resolution: 480p}\nitems:\n"
+        "  - {prompt: A lighthouse in a storm}\n  - {prompt: A cat sleeping on a windowsill}\n",
+    )
+    _simulated(wb, path)
+    path.write_text(
+        "name: expB\nendpoint: fal-ai/wan-i2v\ndefaults: {resolution: 720p}\nitems:\n"
+        "  - {prompt: Totally unrelated experiment about cars, image_url: images/landscape.jpg}\n"
+        "  - {prompt: Another unrelated thing, image_url: images/night.jpg}\n",
+        encoding="utf-8",
+    )
+    _simulated(wb, path)
+
+    report = _diff(wb, "expA", "expB", 1)
+    assert (report["same"], report["different"], report["only_a"], report["only_b"]) == (0, 0, 2, 2)
+    assert all(job["matched_by"] is None for job in report["jobs"])
+
+    # The same endpoint throughout, but nothing the two ask in common: still no pairs.
+    path.write_text(
+        "name: expC\nendpoint: fal-ai/wan-22\ndefaults: {resolution: 720p}\nitems:\n"
+        "  - {prompt: A submarine under the ice}\n  - {prompt: A parade in the rain}\n",
+        encoding="utf-8",
+    )
+    _simulated(wb, path)
+    report = _diff(wb, "expA", "expC", 1)
+    assert (report["only_a"], report["only_b"]) == (2, 2)
+
+
+def test_diff_json_warns_that_a_simulation_is_compared_with_a_batch_sent_to_fal(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    paid = _run(wb, manifest("paid", TWO_JOBS.format(name="paid")))
+    rehearsal = _simulated(wb, manifest("rehearsal", TWO_JOBS.format(name="rehearsal")))
+
+    for options in ((), ("--json",)):
+        done = wb("diff", paid, rehearsal, *options)
+        assert "Traceback" not in done.stderr
+        assert "rehearsal is a simulation (`--simulate`) and paid was sent to fal" in " ".join(
+            done.stderr.split()
+        ), (options, done.stderr)
+    done = wb("diff", paid, rehearsal, "--json")
+    assert done.json()["batch_b"]["simulated"] is True  # stdout still holds the one JSON object
+
+
+#: Two pinned-seed jobs: with ``reuse_outputs: true`` a second batch takes the first's videos.
+REUSED = """\
+name: {name}
+endpoint: fal-ai/wan-i2v
+reuse_outputs: true
+defaults:
+  resolution: 480p
+items:
+  - prompt: Clouds drifting past the peak
+    image_url: images/landscape.jpg
+    seed: 7
+  - prompt: Night falls over the hills
+    image_url: images/night.jpg
+    seed: 8
+"""
+
+
+def test_a_reused_output_is_flagged_not_taken_for_a_reproduction(
+    wb: Wb, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    for name, value in FAST_ENV.items():
+        monkeypatch.setenv(name, value)
+    first = _simulated(wb, manifest("first", REUSED.format(name="first")))
+    again = _simulated(wb, manifest("again", REUSED.format(name="again")))
+    records = {r["job_id"]: r for r in export_jsonl(wb, again)}
+    assert all(r["reused_from"] is not None for r in records.values())  # nothing rendered
+
+    report = _diff(wb, first, again, 0)  # byte for byte the same videos: all matched
+    assert (report["same"], report["different"], report["reused"]) == (2, 0, 2)
+    for job in report["jobs"]:
+        assert job["result"] == "same"
+        assert job["reused"] is True
+        assert job["a"]["reused_from"] is None
+        assert job["b"]["reused_from"] == job["a"]["job_id"]
+
+    human = wb("diff", first, again)
+    assert human.code == 0, human.stderr
+    assert "2 same, 0 different, 0 only in A, 0 only in B" in human.stdout
+    assert "2 of the same pairs reused an output rather than rendering it" in " ".join(human.stdout.split())
+    rows = [line for line in human.stdout.splitlines() if line.startswith("0") or line.startswith("1")]
+    assert len(rows) == 2, human.stdout
+    assert all("reused output" in row for row in rows), human.stdout
+
+    # Two batches that both reused one original: no evidence either.
+    third = _simulated(wb, manifest("third", REUSED.format(name="third")))
+    report = _diff(wb, again, third, 0)
+    assert report["reused"] == 2
+    assert all(job["a"]["reused_from"] == job["b"]["reused_from"] is not None for job in report["jobs"])
+
+    # A render compared with a render is evidence: nothing flagged.
+    exact = _rerun(wb, first, "--simulate")
+    report = _diff(wb, first, exact, 0)
+    assert report["reused"] == 0
+    assert all(job["reused"] is False for job in report["jobs"]), report

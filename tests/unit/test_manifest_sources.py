@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jobs.diff import JobSide, match
+from jobs.diff import JobSide, Pair, match
 from jobs.endpoints import get_endpoint, registry_sha256
 from jobs.endpoints.registry import _DATA_DIR
 from jobs.errors import Issue
@@ -210,3 +210,26 @@ def test_diff_pairs_changed_jobs_by_item_and_variant_only_for_the_same_manifest(
         ("a1", "b1", "item"),
     ]
     assert [p.outcome for p in match(a, b, by_place=False)] == ["only_a", "only_a", "only_b", "only_b"]
+
+
+def test_diff_never_pairs_jobs_of_different_endpoints_by_place_and_names_the_endpoint() -> None:
+    from dataclasses import replace
+
+    a = [side("a0", 0, 0, "x"), side("a1", 1, 0, "y")]
+    b = [replace(side("b0", 0, 0, "x2"), endpoint="fal-ai/wan-22"), side("b1", 1, 0, "y2")]
+    pairs = match(a, b)
+    assert [(p.a and p.a.job_id, p.b and p.b.job_id, p.matched_by) for p in pairs] == [
+        ("a0", None, None),
+        ("a1", "b1", "item"),
+        (None, "b0", None),
+    ]
+    assert "endpoint" not in pairs[1].differs()
+    crossed = Pair(a[0], b[0], "origin")  # any other pass that joins two endpoints says so
+    assert crossed.differs()[0] == "endpoint"
+    # "if_shared": an edited file pairs by place only when something it asks is still asked.
+    assert [p.matched_by for p in match(a[1:], b[1:], by_place="if_shared")] == [None, None]
+    shared = [side("a2", 2, 0, "z"), *a[1:]]
+    assert [p.matched_by for p in match(shared, [side("b2", 2, 0, "z"), *b[1:]], by_place="if_shared")] == [
+        "input",
+        "item",
+    ]
