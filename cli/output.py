@@ -112,10 +112,14 @@ def json_error(exc: WanbatchError) -> dict[str, Any]:
     """The contract's ``{"ok": false, "error": …}`` for ``exc``: its first line as ``error``, and
     the lines under it (files, issues, one per line; their common indent removed) as
     ``details``. ``error`` alone left a script without the very lines that say what to fix (which
-    source files of a rerun changed), which the terminal shows."""
-    head, *rest = str(exc).splitlines() or [""]
+    source files of a rerun changed), which the terminal shows.
+
+    Lines are split at line feeds only, where the terminal breaks them (:func:`escape` shows a
+    CR, NEL or U+2028 as its escape): :meth:`str.splitlines` also split at those, so a value
+    holding one became entries of its own."""
+    head, *rest = str(exc).split("\n")
     payload: dict[str, Any] = {"ok": False, "error": head.rstrip(":")}
-    details = [line.rstrip() for line in textwrap.dedent("\n".join(rest)).splitlines() if line.strip()]
+    details = [line.rstrip() for line in textwrap.dedent("\n".join(rest)).split("\n") if line.strip()]
     if details:
         payload["details"] = details
     return payload

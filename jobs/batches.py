@@ -32,6 +32,7 @@ from jobs.errors import (
     UsageError,
     WanbatchError,
 )
+from jobs.fs import shown_path
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.manifest.expand import MAX_JOBS, Manifest
 from jobs.media import MediaKind, classify
@@ -1851,8 +1852,8 @@ def _changed_sources(rows: Iterable[store.NewJob], folder: Path) -> list[str]:
         problem = _source_problem(Path(value), digests)
         if problem is not None:
             path = Path(value)
-            shown = str(path.relative_to(base)) if path.is_relative_to(base) else value
-            lines.append(f"{shown}: {problem}")
+            shown = shown_path(path.relative_to(base) if path.is_relative_to(base) else value)
+            lines.append(f"{shown}: {problem}")  # one line each: a line feed in a name is escaped
     return lines
 
 
@@ -1864,7 +1865,7 @@ def _source_problem(path: Path, recorded: set[str]) -> str | None:
     except (OSError, RuntimeError):  # a symlink loop
         return "cannot be resolved (a symlink loop?)"
     if real != path:  # stored fully resolved: a symlink appeared since
-        return f"now leads to {real} (a symlink appeared since the batch was submitted)"
+        return f"now leads to {shown_path(real)} (a symlink appeared since the batch was submitted)"
     if not path.exists():
         return "missing (deleted or moved since the batch was submitted)"
     if not path.is_file():

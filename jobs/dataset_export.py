@@ -727,7 +727,7 @@ def _refuse_taken(dest: Path) -> None:
         except OSError as exc:  # a folder it may not list
             kind = exc
     if isinstance(kind, OSError):
-        raise UsageError(f"cannot write the export to {shown_path(dest)!r}: {os_reason(kind)}")
+        raise UsageError(f"cannot write the export to '{shown_path(dest)}': {os_reason(kind)}")
     raise UsageError(f"-o {str(dest)!r} exists and is not an empty folder; choose a new folder")
 
 

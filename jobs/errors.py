@@ -51,6 +51,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from jobs.printable import one_line
+
 
 class WanbatchError(Exception):
     """Root of every error wanbatch raises deliberately."""
@@ -122,10 +124,13 @@ class Issue:
         return ": ".join(parts)
 
     def __str__(self) -> str:
+        """The issue's one line (:func:`jobs.printable.one_line`): "one line per problem", so a
+        line break in what it quotes (a file name, a value) cannot forge a line of its own, on
+        the terminal or as an entry of ``--json``'s ``details``."""
         text = f"{self.location()}: {self.message}"
         if self.allowed:
             text += f" (allowed: {self.allowed})"
-        return text
+        return one_line(text)
 
     def as_dict(self) -> dict[str, object]:
         """The JSON form used by ``validate --json``."""

@@ -299,7 +299,7 @@ def write_atomically(output: Path, example_name: str, fill: Callable[[IO[bytes]]
     """
     kind = file_kind(output)
     if isinstance(kind, OSError) and not is_missing(kind):  # too long a name, no permission, a loop
-        raise UsageError(f"cannot write the export to {shown_path(output)!r}: {os_reason(kind)}")
+        raise UsageError(f"cannot write the export to '{shown_path(output)}': {os_reason(kind)}")
     if kind == "folder":
         raise UsageError(f"-o {str(output)!r} is a folder; give a file name such as {output / example_name}")
     if kind == "other":  # a device (/dev/null, /dev/stdout → a pipe), a FIFO, a socket: renaming

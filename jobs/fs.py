@@ -19,6 +19,8 @@ import os
 import stat
 from pathlib import Path
 
+from jobs.printable import one_line
+
 #: Errors that mean "there is nothing at this path" (a missing file, or a part of the path that
 #: is a file where a folder should be).
 _MISSING = frozenset({errno.ENOENT, errno.ENOTDIR})
@@ -67,12 +69,18 @@ def file_kind(path: str | os.PathLike[str]) -> str | OSError:
 
 def shown_path(path: str | os.PathLike[str] | bytes, limit: int = SHOWN_PATH_CHARS) -> str:
     """``path`` as text for a message, cut in the middle (``/tmp/bbbb…bbbb.yaml``) when longer
-    than ``limit``: its start says where, its end which file."""
+    than ``limit``: its start says where, its end which file.
+
+    On one line, inert (:func:`jobs.printable.one_line`): a file name may hold any character but
+    ``/`` and NUL, line breaks too, and a name such as ``x\\n✓ all valid\\ny.jpg`` printed raw made
+    one error three lines, the middle one forged. Cut first, then escaped, so that no escape is
+    cut in half. Already escaped: a message quotes it as ``'…'``, never with ``!r``, which
+    would double each escape's backslash."""
     text = os.fsdecode(path)
     if len(text) <= limit:
-        return text
+        return one_line(text)
     tail = limit // 3
-    return text[: limit - tail - 1] + "…" + text[-tail:]
+    return one_line(text[: limit - tail - 1]) + "…" + one_line(text[-tail:])
 
 
 def path_error(exc: OSError) -> str | None:

@@ -213,7 +213,7 @@ def check_file(path: Path, kind: FieldType, limits: MediaConstraints) -> list[Me
     try:
         info = path.stat()
     except ValueError:  # a NUL in the path
-        return [MediaProblem(f"file not found: {path}", "an existing file " + _formats(limits))]
+        return [MediaProblem(f"file not found: {shown_path(path)}", "an existing file " + _formats(limits))]
     except OSError as exc:  # missing, or there but not to be read (permissions, a symlink loop)
         if is_missing(exc):
             return [
@@ -225,7 +225,7 @@ def check_file(path: Path, kind: FieldType, limits: MediaConstraints) -> list[Me
             )
         ]
     if not stat.S_ISREG(info.st_mode):
-        return [MediaProblem(f"not a regular file: {path}", "a regular file " + _formats(limits))]
+        return [MediaProblem(f"not a regular file: {shown_path(path)}", "a regular file " + _formats(limits))]
     return list(_check_file_cached(str(path), info.st_size, info.st_mtime_ns, kind, limits))
 
 
@@ -240,7 +240,7 @@ def _check_file_cached(
         with Path(path).open("rb") as fh:
             return _check_image(fh, size, limits)
     except OSError as exc:
-        return (MediaProblem(f"cannot read {path}: {exc.strerror}", "a readable file"),)
+        return (MediaProblem(f"cannot read {shown_path(path)}: {exc.strerror}", "a readable file"),)
 
 
 def _formats(limits: MediaConstraints) -> str:

@@ -601,7 +601,7 @@ def _probe_folder(folder: Path, name: str, *, create: bool = True) -> Path | Non
     if not create and isinstance(kind, OSError) and is_missing(kind) and not folder.is_symlink():
         under, why = creatable(folder)
         if why is not None:
-            raise OutputWriteError(f"{name} {shown_path(folder)!r} cannot be created: {why}")
+            raise OutputWriteError(f"{name} '{shown_path(folder)}' cannot be created: {why}")
         return under
     try:
         if create:
@@ -615,7 +615,7 @@ def _probe_folder(folder: Path, name: str, *, create: bool = True) -> Path | Non
             Path(probe).unlink(missing_ok=True)
     except OSError as exc:
         reason = "it is a file, not a folder" if file_kind(folder) == "file" else os_reason(exc)
-        raise OutputWriteError(f"{name} {shown_path(folder)!r} cannot take the outputs: {reason}") from None
+        raise OutputWriteError(f"{name} '{shown_path(folder)}' cannot take the outputs: {reason}") from None
     return None
 
 

@@ -7,8 +7,9 @@ A terminal obeys control characters in what it prints: ``ESC ] 0 ; … BEL`` ret
 hostile provider's error message, or a shared manifest's name, must not do any of that to the
 operator's terminal when ``status`` or a log line shows it. So every such character is shown as
 its escape (``\\x1b``, ``\\u202e``) instead: visible, copyable, inert. Line breaks and tabs stay
-(:func:`one_line` escapes them too, for a table cell or a heading). JSON output needs none of
-this (``json.dumps`` escapes control characters itself).
+(:func:`one_line` escapes them too, for a table cell or a heading, and for what a one-line message
+quotes: a path, ``jobs.fs.shown_path``; a value, :func:`shortened`; a manifest issue). JSON output
+needs none of this (``json.dumps`` escapes control characters itself).
 """
 
 from __future__ import annotations
@@ -60,10 +61,13 @@ QUOTED_CHARS = 60
 
 def shortened(text: str, limit: int = QUOTED_CHARS) -> str:
     """``text`` cut to its first ``limit`` characters and "…" when longer, with its length said:
-    a 5,000-character value quoted whole made its one-line error 5,000 characters long."""
+    a 5,000-character value quoted whole made its one-line error 5,000 characters long.
+
+    Escaped like :func:`one_line` (after the cut, so no escape is cut in half): a value holding a
+    line break made its one-line message two."""
     if len(text) <= limit:
-        return text
-    return f"{text[:limit]}… ({len(text):,} characters)"
+        return one_line(text)
+    return f"{one_line(text[:limit])}… ({len(text):,} characters)"
 
 
 def quoted(value: object, limit: int = QUOTED_CHARS) -> str:

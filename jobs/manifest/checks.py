@@ -19,6 +19,7 @@ from typing import Any
 
 from jobs.endpoints import EndpointSpec
 from jobs.errors import Issue
+from jobs.fs import shown_path
 from jobs.manifest.keys import resolvable_fields
 from jobs.manifest.model import JobSpec, RawItem
 from jobs.media import OUTSIDE_ALLOWED, LocalPath, MediaKind, classify, resolve_local
@@ -90,7 +91,7 @@ def outside_message(value: object, real: str) -> str:
     """Why a local path is refused, naming where it really leads when that differs."""
     if str(value) == real:
         return f"{value!r} is outside the manifest's folder"
-    return f"{value!r} leads to {real}, outside the manifest's folder"
+    return f"{value!r} leads to {shown_path(real)}, outside the manifest's folder"
 
 
 def resolve_input(
