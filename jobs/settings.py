@@ -50,6 +50,7 @@ from jobs.bounds import MAX_THREADS
 from jobs.chaos_points import parse_points
 from jobs.endpoints import get_endpoint, known_endpoint_ids
 from jobs.errors import ConfigError
+from jobs.key_forms import MIN_KEY_LENGTH, contains_key
 from jobs.money import MAX_USD
 
 DEFAULT_STATE_DIR = Path(".wanbatch")
@@ -322,6 +323,54 @@ def broker_url_problem(url: str) -> str | None:
     return None
 
 
+#: The variable a field's raw value came from, where it is not the field's own: an ``s3://``
+#: output location is split off ``WANBATCH_OUTPUT_DIR`` (:meth:`DownloadSettings._split_output_location`).
+_FROM_VARIABLE = {"output_url": "output_dir"}
+
+
+def settings_holding_key(data: Mapping[str, Any]) -> list[str]:
+    """The variables, other than FAL_KEY, whose value in ``data`` (the settings as read, before
+    validation: field or alias → value) holds FAL_KEY's value or its secret half, plain or
+    percent-encoded (:func:`jobs.key_forms.contains_key`); in the order of ``data``, each once.
+
+    wanbatch sends the key as an ``Authorization`` header only. Written into a URL (a queue URL's
+    password, path or query, a webhook path, a Redis URL's query) or a folder, it went wherever
+    that setting goes: printed by ``doctor`` and by one-line errors, stored with every request's
+    status and result URLs. A key under :data:`jobs.key_forms.MIN_KEY_LENGTH` characters is never
+    found (too short to tell from ordinary text), so a test key such as ``k3y`` refuses nothing.
+    """
+    raw = data.get("FAL_KEY", data.get("fal_key"))
+    key = raw.get_secret_value() if isinstance(raw, SecretStr) else raw
+    if not isinstance(key, str) or len(key.strip()) < MIN_KEY_LENGTH:
+        return []
+    key = key.strip()
+    names: list[str] = []
+    for field, value in data.items():
+        if str(field).lower() == "fal_key":
+            continue
+        if any(contains_key(text, key) for text in _texts(value)):
+            name = _setting_name((_FROM_VARIABLE.get(str(field), str(field)),))
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _texts(value: object, depth: int = 0) -> list[str]:
+    """Every text in a raw setting: a string, a path, a secret, and those inside a decoded JSON
+    value (dict keys and values, list items); numbers and flags hold no key."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, str | Path):
+        return [str(value)]
+    if depth > 20:  # no setting is nested this deep: its own validation refuses it
+        return []
+    if isinstance(value, Mapping):
+        return [t for k, v in value.items() for item in (k, v) for t in _texts(item, depth + 1)]
+    if isinstance(value, list | tuple | set | frozenset):
+        return [t for item in value for t in _texts(item, depth + 1)]
+    return []
+
+
 class FalSettings(_Section):
     """Where fal is, the key that pays for it, and how long to wait for it."""
 
@@ -371,6 +420,21 @@ class FalSettings(_Section):
                 "copy it again from https://fal.ai/dashboard/keys"
             )
         return key
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_only_in_fal_key(cls, data: Any) -> Any:
+        """Refuse every other setting that holds FAL_KEY (:func:`settings_holding_key`).
+
+        Before any field is validated: a field's own error may quote its value (an allowed
+        host's entry, an endpoint's name), and that value would be the key."""
+        if isinstance(data, dict) and (names := settings_holding_key(data)):
+            verb = "contains" if len(names) == 1 else "contain"
+            raise ConfigError(
+                f"invalid configuration: {', '.join(names)} {verb} FAL_KEY: the key belongs in FAL_KEY "
+                "only (wanbatch sends it as an Authorization header); take it out of the setting"
+            )
+        return data
 
     def require_fal_key(self) -> str:
         """The key itself, for the one place that sends it; a clear error when it is unset."""

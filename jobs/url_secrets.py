@@ -12,13 +12,17 @@ What is masked: the password of the userinfo (over HTTP a userinfo without one i
 a name alone authenticates nothing there unless it is the secret, ``https://TOKEN@host``), and the
 value of every query (and fragment) parameter whose name looks like a credential
 (:data:`_SECRET_NAME`). Masking a harmless value costs a reader nothing; showing a secret cannot
-be undone. Nothing else is changed, so the URL still says where it points.
+be undone. Nothing else is changed, so the URL still says where it points — but for FAL_KEY, in
+any of its forms (:mod:`jobs.key_forms`), wherever it stands: in a path, a fragment, a parameter
+of any name. The settings refuse a URL that holds it, so this is the last line only.
 """
 
 from __future__ import annotations
 
 import re
 from urllib.parse import unquote, urlsplit
+
+from jobs.key_forms import hide_keys
 
 #: What a masked credential is shown as (Celery's and kombu's form, ``redis://:**@host``).
 MASK = "**"
@@ -47,6 +51,9 @@ def masked_url(url: str, *, mask: str = MASK) -> str:
     """``url`` with its credentials masked (``redis://:**@host:6379/0``,
     ``https://queue.example/?token=**``), for messages: never the raw setting.
 
+    FAL_KEY, when this process knows it (:func:`jobs.key_forms.remember_key`), is masked
+    wherever it stands, not only as a parameter whose name looks secret.
+
     ``(not a URL)`` for text that does not even parse as one (it is not shown: it may be the
     secret itself, pasted into the wrong variable).
     """
@@ -72,7 +79,7 @@ def masked_url(url: str, *, mask: str = MASK) -> str:
         shown = shown.replace(f"?{parts.query}", f"?{_masked_params(parts.query, mask)}", 1)
     if parts.fragment:
         shown = shown.replace(f"#{parts.fragment}", f"#{_masked_params(parts.fragment, mask)}", 1)
-    return shown
+    return hide_keys(shown, mask=mask)  # the process's FAL_KEY, whatever names it (or nothing)
 
 
 def _masked_params(text: str, mask: str) -> str:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -549,10 +549,22 @@ def run_checks(*, simulate: bool = False) -> list[Check]:
 
 
 def _guarded(name: str, check: Callable[[Settings], Check], settings: Settings) -> Check:
-    """A check that raised anyway (a bug) is still one failed line, never a traceback."""
+    """A check that raised anyway (a bug) is still one failed line, never a traceback; and no
+    check's lines hold FAL_KEY (:func:`_without_key`)."""
     try:
-        return check(settings)
+        verdict = check(settings)
     except Exception as exc:
-        return _fail(
+        verdict = _fail(
             name, f"the check itself failed: {type(exc).__name__}: {_first_line(exc)}", "please report it"
         )
+    return _without_key(verdict, settings.fal_key.get_secret_value() if settings.fal_key else "")
+
+
+def _without_key(verdict: Check, key: str) -> Check:
+    """``verdict`` with FAL_KEY, in any of its forms, masked in its detail and fix
+    (:func:`worker.fal.redact.redact_text`). The settings refuse a URL or folder that holds the
+    key, so no check should ever name it; this is the last line, whatever a check quotes."""
+    from worker.fal.redact import redact_text
+
+    fix = redact_text(verdict.fix, [key]) if verdict.fix else verdict.fix
+    return replace(verdict, detail=redact_text(verdict.detail, [key]), fix=fix)

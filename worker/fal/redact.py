@@ -9,7 +9,8 @@ Two layers, because each one alone has a gap:
 * A log-record factory wrapper applies the same filter when any record is created, so handlers
   added later (pytest's caplog, Celery's own) also receive redacted records.
 
-Besides the literal key (and its encoded forms: :func:`key_variants`; a form shorter than
+Besides the literal key (and its encoded forms: :func:`jobs.key_forms.key_variants`, the one
+definition of what counts as the key, which the settings use too; a form shorter than
 :data:`_ANYWHERE_MIN` only where it stands as a word of its own), ``Authorization: Key …``
 /``Bearer …`` values and bare strings of a fal key's shape (:data:`_BARE_KEY`) are masked by
 shape, whatever key this process knows. A log record's URLs are masked too
@@ -19,7 +20,6 @@ webhook URL may carry a password or a ``?token=``.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import re
@@ -28,8 +28,9 @@ import traceback
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
-from urllib.parse import quote, quote_plus
 
+from jobs.key_forms import forget_keys, remember_key, remembered_keys
+from jobs.key_forms import key_variants as key_variants  # re-exported: the forms redacted
 from jobs.url_secrets import mask_urls
 
 MASK = "***"
@@ -59,8 +60,6 @@ _BARE_KEY = re.compile(
 _BARE_SECRET = re.compile(r":[0-9a-fA-F]{32}")
 
 _lock = threading.Lock()
-#: The keys :func:`install_redaction` added (replaced, never changed in place: a cache key).
-_keys: frozenset[str] = frozenset()
 _previous_factory: Callable[..., logging.LogRecord] | None = None
 
 
@@ -82,59 +81,6 @@ def redact_text(text: str, keys: Iterable[str] = ()) -> str:
     return _apply_rules(text, known.variants) if _may_need_masking(text, known.triggers) else text
 
 
-#: The secret half of an ``id:secret`` key this long or longer is masked on its own.
-_SECRET_MIN = 8
-
-
-@lru_cache(maxsize=64)
-def key_variants(key: str) -> frozenset[str]:
-    """The forms in which ``key`` can travel in text: as it is, percent-encoded (in a URL, a
-    query, a form: ``id%3Asecret``), and for fal's ``id:secret`` keys the secret half alone,
-    which is all an attacker needs beside the id that fal shows in its dashboards anyway.
-
-    The key and the secret half are also looked for base64- and hex-encoded
-    (:func:`_encoded_forms`): a provider that echoes a request's headers or a token of its own
-    may encode them, and an encoded key is the key. The whole header value ``Key <key>``
-    needs no forms of its own: encoded, it holds the key's form at another byte alignment
-    (masked; what is left encodes ``Key ``), and each form is one more substring search for
-    every text and value that passes through here.
-
-    Computed once per key (cached): every status event and log record asks for them.
-    """
-    forms = {key, quote(key, safe=""), quote(key, safe=":"), quote_plus(key)}
-    payloads = [key]
-    _, colon, secret = key.partition(":")
-    if colon and len(secret) >= _SECRET_MIN:
-        forms |= {secret, quote(secret, safe="")}
-        payloads.append(secret)
-    forms |= {form for payload in payloads for form in _encoded_forms(payload.encode())}
-    return frozenset(f for f in forms if f)
-
-
-#: An encoded form shorter than this is not looked for: it would match ordinary text.
-_ENCODED_MIN = 16
-_URLSAFE = str.maketrans("+/", "-_")
-
-
-def _encoded_forms(data: bytes) -> set[str]:
-    """``data`` in hex (lower and upper case) and in base64 (standard and url-safe alphabets),
-    as it appears *inside* longer encoded text (RFC 4648, https://www.rfc-editor.org/rfc/rfc4648).
-
-    Base64 encodes 3 bytes as 4 characters, so the characters ``data`` turns into depend on
-    where it starts among the bytes before it: one form per byte alignment (0, 1, 2), each
-    keeping only the characters made of ``data``'s bits alone (those shared with the unknown
-    neighbouring bytes, and the padding, are left out).
-    """
-    forms = {data.hex(), data.hex().upper()}
-    for shift in range(3):
-        text = base64.b64encode(bytes(shift) + data).decode("ascii")
-        first = -(-8 * shift // 6)  # the first character with no bit of the filler bytes
-        end = 8 * (shift + len(data)) // 6  # past the last character made of data's bits alone
-        core = text[first:end]
-        forms |= {core, core.translate(_URLSAFE)}
-    return {form for form in forms if len(form) >= _ENCODED_MIN}
-
-
 class _Known:
     """The variants of a set of keys (longest first, as :func:`_apply_rules` applies them),
     what the key rules need to match at all (``triggers``: each variant's first
@@ -153,7 +99,7 @@ class _Known:
 def _known(keys: Iterable[str]) -> _Known:
     """The variants of ``keys`` and of the installed keys, built once per set of keys: every
     log record and status event comes here, so the per-call work is one cache look-up."""
-    return _known_for(tuple(keys), _keys)
+    return _known_for(tuple(keys), remembered_keys())
 
 
 @lru_cache(maxsize=64)
@@ -330,10 +276,10 @@ def install_redaction(key: str | None) -> KeyRedactionFilter:
 
     Idempotent: calling it again with another key adds that key too.
     """
-    global _previous_factory, _keys
+    global _previous_factory
     with _lock:
         if key:
-            _keys = _keys | {key}
+            remember_key(key)
         flt = KeyRedactionFilter([key] if key else [])
         root = logging.getLogger()
         if not any(isinstance(f, KeyRedactionFilter) for f in root.filters):
@@ -355,9 +301,9 @@ def install_redaction(key: str | None) -> KeyRedactionFilter:
 
 def uninstall_redaction() -> None:
     """Undo :func:`install_redaction` (for tests that must leave logging as they found it)."""
-    global _previous_factory, _keys
+    global _previous_factory
     with _lock:
-        _keys = frozenset()
+        forget_keys()
         root = logging.getLogger()
         for holder in (root, *root.handlers):
             for flt in [f for f in holder.filters if isinstance(f, KeyRedactionFilter)]:

@@ -1,0 +1,150 @@
+"""What counts as FAL_KEY in a text: the one definition, for the settings and for every redaction.
+
+fal keys are ``<key id>:<key secret>`` (fal_client sends FAL_KEY, or
+``FAL_KEY_ID:FAL_KEY_SECRET``, as ``Authorization: Key id:secret``:
+https://github.com/fal-ai/fal/blob/main/projects/fal_client/src/fal_client/auth.py). The key
+travels as it is, percent-encoded (a URL, a query, a form), base64- or hex-encoded (a provider
+echoing a header, a token of its own), and its secret half alone is all an attacker needs beside
+the id, which fal shows in its dashboards anyway: :func:`key_variants` lists those forms.
+
+Three users share that notion, so none of them can miss a form the others know:
+
+* :mod:`jobs.settings` refuses any setting other than FAL_KEY that holds the key
+  (:func:`contains_key`): the key belongs in FAL_KEY only, sent as a header, never in a URL
+  that is printed, logged and stored with every request;
+* :func:`jobs.url_secrets.masked_url` hides the process's known keys (:func:`hide_keys`) in
+  whatever URL it shows, whatever the parameter is called;
+* ``worker.fal.redact`` masks every form in every log record, error and provider answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import threading
+from collections.abc import Iterable
+from functools import lru_cache
+from urllib.parse import quote, quote_plus, unquote
+
+#: A key shorter than this is not looked for inside other text (:func:`contains_key`,
+#: :func:`hide_keys`): a test's ``k3y`` or a made-up ``a:b`` is part of ordinary words, folder
+#: names and port numbers, so every setting would "contain" it. fal's own keys are 69 characters.
+MIN_KEY_LENGTH = 8
+#: The secret half of an ``id:secret`` key this long or longer counts on its own.
+SECRET_MIN = 8
+#: An encoded form shorter than this is not looked for: it would match ordinary text.
+ENCODED_MIN = 16
+_URLSAFE = str.maketrans("+/", "-_")
+#: A percent-escape (RFC 3986 §2.1: ``%`` and two hex digits, either case meaning the same octet).
+_ESCAPE = re.compile(r"%[0-9A-F]{2}")
+
+
+@lru_cache(maxsize=64)
+def key_variants(key: str) -> frozenset[str]:
+    """The forms in which ``key`` can travel in text: as it is, percent-encoded (in a URL, a
+    query, a form: ``id%3Asecret``, or ``id%3asecret``, as RFC 3986 §2.1 allows either case),
+    and for fal's ``id:secret`` keys the secret half alone.
+
+    The key and the secret half are also looked for base64- and hex-encoded
+    (:func:`_encoded_forms`): a provider that echoes a request's headers or a token of its own
+    may encode them, and an encoded key is the key. The whole header value ``Key <key>``
+    needs no forms of its own: encoded, it holds the key's form at another byte alignment
+    (masked; what is left encodes ``Key ``), and each form is one more substring search for
+    every text and value that passes through a redaction.
+
+    Computed once per key (cached): every status event and log record asks for them.
+    """
+    forms = {key, quote(key, safe=""), quote(key, safe=":"), quote_plus(key)}
+    payloads = [key]
+    _, colon, secret = key.partition(":")
+    if colon and len(secret) >= SECRET_MIN:
+        forms |= {secret, quote(secret, safe="")}
+        payloads.append(secret)
+    forms |= {_ESCAPE.sub(lambda m: m.group().lower(), form) for form in forms}
+    forms |= {form for payload in payloads for form in _encoded_forms(payload.encode())}
+    return frozenset(f for f in forms if f)
+
+
+def _encoded_forms(data: bytes) -> set[str]:
+    """``data`` in hex (lower and upper case) and in base64 (standard and url-safe alphabets),
+    as it appears *inside* longer encoded text (RFC 4648, https://www.rfc-editor.org/rfc/rfc4648).
+
+    Base64 encodes 3 bytes as 4 characters, so the characters ``data`` turns into depend on
+    where it starts among the bytes before it: one form per byte alignment (0, 1, 2), each
+    keeping only the characters made of ``data``'s bits alone (those shared with the unknown
+    neighbouring bytes, and the padding, are left out).
+    """
+    forms = {data.hex(), data.hex().upper()}
+    for shift in range(3):
+        text = base64.b64encode(bytes(shift) + data).decode("ascii")
+        first = -(-8 * shift // 6)  # the first character with no bit of the filler bytes
+        end = 8 * (shift + len(data)) // 6  # past the last character made of data's bits alone
+        core = text[first:end]
+        forms |= {core, core.translate(_URLSAFE)}
+    return {form for form in forms if len(form) >= ENCODED_MIN}
+
+
+def contains_key(text: str, key: str) -> bool:
+    """Whether ``text`` holds ``key`` in any of its forms (:func:`key_variants`), also behind
+    percent-escapes of any characters (``%35f0c…`` decodes to the key as well).
+
+    Always False for a key under :data:`MIN_KEY_LENGTH` characters (see there). Cheap: a few
+    substring searches, in C, per text; the forms are computed once per key.
+    """
+    if len(key) < MIN_KEY_LENGTH:
+        return False
+    if any(form in text for form in key_variants(key)):
+        return True
+    if "%" not in text and "+" not in text:
+        return False
+    _, colon, secret = key.partition(":")
+    plain = [key, secret] if colon and len(secret) >= SECRET_MIN else [key]
+    decoded = {unquote(text), unquote(text.replace("+", " "))}
+    return any(p in d for p in plain for d in decoded)
+
+
+_lock = threading.Lock()
+#: The keys this process knows (replaced, never changed in place: redaction caches on it).
+_remembered: frozenset[str] = frozenset()
+
+
+def remember_key(key: str) -> None:
+    """Make ``key`` known to every redaction of this process (``worker.fal.redact``, and
+    :func:`hide_keys`, which :func:`jobs.url_secrets.masked_url` applies)."""
+    global _remembered
+    if key:
+        with _lock:
+            _remembered = _remembered | {key}
+
+
+def forget_keys() -> None:
+    """Forget every key :func:`remember_key` was told (for tests that leave the process as they found it)."""
+    global _remembered
+    with _lock:
+        _remembered = frozenset()
+
+
+def remembered_keys() -> frozenset[str]:
+    """The keys :func:`remember_key` was told."""
+    return _remembered
+
+
+def hide_keys(text: str, keys: Iterable[str] = (), *, mask: str = "***") -> str:
+    """``text`` with every form of ``keys`` and of the remembered keys replaced by ``mask``.
+
+    Whole forms only, and only of keys of :data:`MIN_KEY_LENGTH` characters or more: this is
+    the last line behind the settings' own refusal (a setting holding the key never loads), for
+    a URL built from what a provider said or a key learnt after the settings.
+    """
+    known = frozenset(k for k in (*keys, *_remembered) if len(k) >= MIN_KEY_LENGTH)
+    for form in _forms_of(known) if known else ():
+        if form in text:
+            text = text.replace(form, mask)
+    return text
+
+
+@lru_cache(maxsize=16)
+def _forms_of(keys: frozenset[str]) -> tuple[str, ...]:
+    """Every form of ``keys``, longest first (a form inside a longer one is masked with it);
+    once per set of keys: :func:`hide_keys` runs for every URL of every log record."""
+    return tuple(sorted({f for k in keys for f in key_variants(k)}, key=len, reverse=True))
