@@ -17,6 +17,7 @@ real databases were exercised.
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,6 +38,14 @@ from tests.hostile import HostileProvider
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_SERVER_URL = "postgresql://postgres@127.0.0.1:5432"
 REDIS_URL = "redis://127.0.0.1:6379/0"
+#: pytest-xdist's workers (``pytest -n 2``, the README's test command) were seen to start with
+#: ``COLUMNS=80`` and ``LINES=24`` in their environment, which a plain ``pytest`` never has: the
+#: commands the tests run would lay their output out for an 80-column terminal, in-process and in
+#: every subprocess. Tests that mean a width set ``COLUMNS`` themselves (``monkeypatch.setenv``).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("COLUMNS", "LINES"):
+        os.environ.pop(_name, None)
+
 #: Every table of the models, emptied after each PostgreSQL test: a table left out (as
 #: ``conductor_heartbeats`` once was) carries one test's rows into the next.
 #: What emptying the shared PostgreSQL database between tests truncates: every table but the
