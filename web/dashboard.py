@@ -103,13 +103,19 @@ def usd(value: Decimal | float | None) -> str:
 
 
 def duration(seconds: float | None) -> str:
-    """``45 s``, ``12 min``, ``3 h 05 min``, ``2 d 4 h``; "—" for None."""
+    """``45 s``, ``1 min 48 s``, ``12 min``, ``3 h 05 min``, ``2 d 4 h``; "—" for None.
+
+    Under ten minutes the seconds are kept: an ETA of 108 s read "1 min", nearly half of it lost;
+    from ten minutes on, whole minutes are closer than 10 % (and a countdown in seconds would only
+    flicker)."""
     if seconds is None:
         return "—"
     s = round(seconds)
     if s < 60:
         return f"{s} s"
-    minutes, _ = divmod(s, 60)
+    minutes, secs = divmod(s, 60)
+    if minutes < 10:
+        return f"{minutes} min {secs:02d} s"
     if minutes < 60:
         return f"{minutes} min"
     hours, minutes = divmod(minutes, 60)

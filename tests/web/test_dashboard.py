@@ -326,10 +326,13 @@ def test_money_is_rounded_half_up_to_cents(value: Decimal | None, text: str) -> 
 
 
 def test_durations_read_well() -> None:
-    assert [duration(s) for s in (None, 4.6, 125, 3 * 3600 + 300, 50 * 3600)] == [
+    assert [duration(s) for s in (None, 4.6, 108, 125, 599.6, 720, 3 * 3600 + 300, 50 * 3600)] == [
         "—",
         "5 s",
-        "2 min",
+        "1 min 48 s",  # not "1 min": nearly half of it lost
+        "2 min 05 s",
+        "10 min",
+        "12 min",
         "3 h 05 min",
         "2 d 2 h",
     ]
