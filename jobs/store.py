@@ -154,6 +154,7 @@ __all__ = [
     "in_flight",
     "incremented",
     "instance_secret",
+    "instance_secret_if_made",
     "job_events",
     "job_heads",
     "job_money",
@@ -3493,6 +3494,14 @@ def instance_secret(session: Session, name: str, make: Callable[[], str]) -> str
     stmt = dialect_insert(InstanceSecret).values(name=name, value=make(), created_at=utcnow())
     session.execute(stmt.on_conflict_do_nothing(index_elements=["name"]))
     return str(session.execute(select(InstanceSecret.value).where(InstanceSecret.name == name)).scalar_one())
+
+
+def instance_secret_if_made(session: Session, name: str) -> str | None:
+    """The database's secret ``name`` if some process made it (None: not yet), read only: what
+    ``wanbatch doctor``, which changes nothing, may ask."""
+    return session.execute(
+        select(InstanceSecret.value).where(InstanceSecret.name == name)
+    ).scalar_one_or_none()
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,10 @@ by then, a client gone mid-body is a rejection too) and all bodies held at once 
 (503 beyond it): :mod:`web.bodies`. What
 ``jsonb`` cannot hold (``\\u0000``, lone surrogates) is stored as U+FFFD
 (:func:`jobs.storable.storable_json`), so no valid delivery is refused for it. ``GET /healthz``
-answers the counts, and whether fal's signatures can be verified now (keys held, or why not:
-every delivery is refused while there are none). Deliveries are verified and stored on threads
+answers the counts, whether fal's signatures can be verified now (keys held, or why not:
+every delivery is refused while there are none), and which database it serves (a fingerprint
+that reveals no secret: a receiver of another database than the submitters' refuses every
+delivery, which ``wanbatch doctor`` tells by comparing). Deliveries are verified and stored on threads
 of their own (:data:`RECEIVER_THREADS`), so a flood of them never takes the threads the
 dashboard's pages run on.
 
@@ -45,6 +47,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -66,7 +69,14 @@ from web.dashboard import Dashboard
 from web.metrics import metrics_route
 from worker import telemetry
 from worker.fal.webhooks import JwksKeys, WebhookRejected, verify_delivery
-from worker.steps.webhooks import Inbox, binding_holds, database_problem, receive, webhook_secret
+from worker.steps.webhooks import (
+    Inbox,
+    binding_holds,
+    database_fingerprint,
+    database_problem,
+    receive,
+    webhook_secret,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +90,15 @@ RECEIVER_THREADS = 8
 #: Longest ``GET /healthz`` waits for fal's signing keys to be fetched (when none are held):
 #: a container health check gives it a few seconds in all.
 HEALTHZ_KEYS_WAIT = 2.0
+#: Longest ``GET /healthz`` waits for the database to say which one it is (the first time only:
+#: then it is known), alongside the keys' wait, not after it.
+HEALTHZ_DATABASE_WAIT = 2.0
+#: What ``/healthz`` says when the database did not answer in time (the log says nothing: a
+#: locked database is logged by the deliveries it holds up).
+DATABASE_SLOW = "the database did not answer within 2 s (locked or unreachable)"
+#: What ``/healthz`` says when reading the database failed otherwise; the log line says why (a
+#: public endpoint is not told the database's words, which may name its host or file).
+DATABASE_UNREADABLE = "the receiver could not read its database (see its log)"
 #: What a client is told when the database cannot be used; the log line says why.
 DATABASE_UNAVAILABLE = "the database is unavailable (locked or unreachable): try again in a moment"
 #: What a dashboard client is told when an action's write finds the database's disk full: 503
@@ -223,13 +242,54 @@ def create_app(
         telemetry.count_webhook(accepted=True)
         return JSONResponse({"ok": True})
 
+    fingerprint_thread = anyio.CapacityLimiter(1)  # a database that hangs holds one thread, no more
+
+    def fingerprint() -> str:
+        return database_fingerprint(webhook_secret(engine))
+
+    async def which_database() -> tuple[str | None, str | None]:
+        """The database's fingerprint (:func:`worker.steps.webhooks.database_fingerprint`), or
+        why it is not known: a receiver serving another database than the submitters' refuses
+        every delivery (403), and this is how ``wanbatch doctor`` tells. Made the first time
+        (the webhook secret, which the first delivery would make), then known without a query."""
+        with anyio.move_on_after(HEALTHZ_DATABASE_WAIT):
+            try:
+                found = await anyio.to_thread.run_sync(
+                    fingerprint, limiter=fingerprint_thread, abandon_on_cancel=True
+                )
+            except DBAPIError as exc:
+                if db.is_unavailable(exc):
+                    return None, DATABASE_UNAVAILABLE
+                log.warning(
+                    "healthz: the database could not be read: %s",
+                    database_problem(exc),
+                    extra={"event": "healthz.database_error"},
+                )
+                return None, DATABASE_UNREADABLE
+            return found, None
+        return None, DATABASE_SLOW
+
     async def healthz(_request: Request) -> Response:
-        """The process answers (``ok``), its counts, and whether it can verify fal's signatures
-        now: without keys every delivery is refused (503), which the counts alone would show
-        only once fal had retried in vain. Fetches the keys if a delivery would (none yet), for
-        at most :data:`HEALTHZ_KEYS_WAIT` (a fetch still under way is reported as such); after a
-        failed fetch, none again for 5 s, so asking often fetches no more often."""
-        keys = await anyio.to_thread.run_sync(jwks.health, HEALTHZ_KEYS_WAIT)
+        """The process answers (``ok``), its counts, whether it can verify fal's signatures now,
+        and which database it serves: without keys every delivery is refused (503), and with
+        another database than the submitters' too (403), which the counts alone would show only
+        once fal had retried in vain. Fetches the keys if a delivery would (none yet), for at
+        most :data:`HEALTHZ_KEYS_WAIT` (a fetch still under way is reported as such); after a
+        failed fetch, none again for 5 s, so asking often fetches no more often. The database
+        is asked meanwhile (:func:`which_database`)."""
+        found: dict[str, Any] = {}
+
+        async def keys_health() -> None:
+            found["keys"] = await anyio.to_thread.run_sync(jwks.health, HEALTHZ_KEYS_WAIT)
+
+        async def database() -> None:
+            found["database"] = await which_database()
+
+        async with anyio.create_task_group() as both:
+            both.start_soon(keys_health)
+            both.start_soon(database)
+        keys = found["keys"]
+        fingerprint_found, database_error = found["database"]
         return JSONResponse(
             {
                 "ok": True,
@@ -238,6 +298,8 @@ def create_app(
                 "can_verify_signatures": keys.can_verify,
                 "signing_keys": keys.keys,
                 "signing_keys_error": keys.error,
+                "database": fingerprint_found,
+                "database_error": database_error,
             }
         )
 

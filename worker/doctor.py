@@ -23,7 +23,9 @@ each what is wrong and what to do about it:
 - **receiver**: with ``WANBATCH_WEBHOOK_URL``, the ``wanbatch serve`` behind it answers
   ``GET /healthz`` from this host, fal's signing keys can be fetched from
   ``WANBATCH_WEBHOOK_JWKS_URL`` here, and the receiver says (``/healthz``) it can verify
-  signatures: without keys it refuses every delivery;
+  signatures (without keys it refuses every delivery) and serves this database (its fingerprint
+  is this database's: a receiver of another one refuses every delivery, its webhook secret is
+  not the one this database's submits keyed their tokens with);
 - **limiter**: the submit-rate limiter's Redis (``WANBATCH_LIMITS_URL``, else a Redis broker)
   answers the limiter's own check script and takes its write (a read-only replica does not),
   as ``run`` and ``worker`` check at start-up
@@ -449,6 +451,12 @@ def check_receiver(settings: Settings) -> Check:
             f"{probe} answered {answer.status_code}, not as `wanbatch serve` does",
             "make WANBATCH_WEBHOOK_URL lead to `wanbatch serve` (path /webhooks/fal)",
         )
+    # A receiver of another database refuses every delivery (403) though it answers: the tokens
+    # of this database's webhook URLs are keyed by this database's secret. Asked after its answer,
+    # so that a secret its first /healthz just made in this very database is found here.
+    serves = _serves_this_database(settings, body, probe)
+    if isinstance(serves, Check):
+        return serves
     # Without fal's signing keys the receiver refuses every delivery (503) though it answers.
     jwks_url = masked_url(settings.webhook_jwks_url)  # as printed: a password or token masked
     here = JwksKeys(settings.webhook_jwks_url, timeout=TIMEOUT).health()
@@ -473,9 +481,85 @@ def check_receiver(settings: Settings) -> Check:
         )
     return _ok(
         name,
-        f"{probe} answers (from this host; fal must reach it from the internet); "
+        f"{probe} answers (from this host; fal must reach it from the internet){serves}; "
         f"fal's signing keys fetched from {jwks_url}",
     )
+
+
+def _serves_this_database(settings: Settings, body: dict[str, Any], probe: str) -> Check | str:
+    """Whether the receiver that answered ``body`` (its ``/healthz``) serves this host's database:
+    a failed check if not (or if it cannot read its own), else what to add to the ok line.
+
+    Its ``database`` is a fingerprint of the database's webhook secret
+    (:func:`worker.steps.webhooks.database_fingerprint`), compared with this database's. A
+    receiver that does not say (an older wanbatch) is taken at its word, as before."""
+    from jobs.db import safe_url as db_safe_url
+    from jobs.printable import one_line
+
+    name = "receiver"
+    if "database" not in body:
+        return ""
+    theirs = body.get("database")
+    if not isinstance(theirs, str):
+        said = body.get("database_error")
+        why = f" ({one_line(said)[:200]})" if isinstance(said, str) and said else ""
+        return _fail(
+            name,
+            f"{probe} answers, but cannot use its database{why}: it refuses every delivery (503)",
+            "let `wanbatch serve` reach its database (its WANBATCH_DATABASE_URL: this host's), then "
+            "run `wanbatch doctor` again",
+        )
+    ours = _database_fingerprint(settings)
+    if isinstance(ours, _Unknown):  # this database cannot be read: its own check says why
+        return f" (whether it serves this database is not known: {ours.why})"
+    if ours != theirs:  # None: this database has no webhook secret, so no receiver serves it
+        return _fail(
+            name,
+            f"{probe} answers, but serves another database than this host's "
+            f"{db_safe_url(settings.database_url)}: it refuses every delivery of this host's "
+            "submits (403: their webhook tokens are keyed by this database's secret)",
+            f"the receiver at {masked_url(settings.webhook_url or '')} serves another database: start "
+            "`wanbatch serve` with this WANBATCH_DATABASE_URL (a changed setting needs a restart), or "
+            "point WANBATCH_WEBHOOK_URL at the receiver of this database",
+        )
+    return " and serves this database"
+
+
+@dataclass(frozen=True, slots=True)
+class _Unknown:
+    """This host's database could not be read, and why."""
+
+    why: str
+
+
+def _database_fingerprint(settings: Settings) -> str | _Unknown | None:
+    """This database's fingerprint (:func:`worker.steps.webhooks.database_fingerprint`; None: it
+    has no webhook secret yet, or does not exist), read only — no file, folder, table or secret
+    created; or why it could not be read."""
+    from sqlalchemy.pool import NullPool
+
+    from jobs import db, store
+    from worker.steps.webhooks import WEBHOOK_SECRET, database_fingerprint
+
+    try:
+        url = db.normalize_url(settings.database_url)
+        target = db.sqlite_file(url)
+        if target is not None and not target.path.exists():
+            return None  # no secret in a database that does not exist
+        connect_args = {"connect_timeout": int(TIMEOUT)} if url.get_backend_name() == "postgresql" else {}
+        engine = db.read_engine(url, poolclass=NullPool, connect_args=connect_args)
+    except Exception as exc:
+        return _Unknown(f"cannot open the database: {_first_line(exc)}")
+    try:
+        with db.read_scope(engine) as session:
+            secret = store.instance_secret_if_made(session, WEBHOOK_SECRET)
+    except Exception as exc:
+        if db.is_schema_missing(exc):  # no tables: no secret either
+            return None
+        return _Unknown(f"cannot read the database: {_first_line(exc)}")
+    finally:
+        engine.dispose()
+    return None if secret is None else database_fingerprint(bytes.fromhex(secret))
 
 
 def check_limiter(settings: Settings) -> Check:

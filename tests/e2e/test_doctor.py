@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import socket
+import sqlite3
 import stat
 import threading
 import time
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from rich.cells import cell_len
@@ -32,8 +34,9 @@ from tests.e2e.e2e_helpers import FAL_KEY, Wb, wanbatch, without_read_override
 from tests.hostile import HostileProvider, Recorded, json_reply
 from tests.ports import unused_port
 from web.app import create_app
-from worker.doctor import healthz_url
+from worker.doctor import Check, _serves_this_database, healthz_url
 from worker.running import _WorkerWatch
+from worker.steps.webhooks import binding_token, database_fingerprint, webhook_secret
 
 NAMES = ["configuration", "database", "broker", "provider", "output storage", "receiver", "limiter"]
 
@@ -369,6 +372,70 @@ def test_the_receiver_check_fails_while_fal_s_signing_keys_cannot_be_fetched(
             f"it refuses every delivery (503); this host fetched them from {_sim_jwks(sim)}"
         )
         assert "give `wanbatch serve` the WANBATCH_WEBHOOK_JWKS_URL above" in checks["receiver"]["fix"]
+
+
+def test_a_receiver_on_another_database_fails_the_check(
+    wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A receiver serving another database answers /healthz and holds fal's keys, yet refuses
+    every delivery (403: the webhook token's secret is the database's): that was "all well".
+    Its /healthz now says which database it serves (a fingerprint), and the doctor compares."""
+    monkeypatch.setenv("WANBATCH_WEBHOOK_JWKS_URL", _sim_jwks(sim))
+    here = os.environ["WANBATCH_DATABASE_URL"]
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    get_settings.cache_clear()
+    with _serving(get_settings()) as receiver:
+        monkeypatch.setenv("WANBATCH_DATABASE_URL", here)
+        monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{receiver}/webhooks/fal")
+        fix = (
+            f"the receiver at {receiver}/webhooks/fal serves another database: start `wanbatch "
+            "serve` with this WANBATCH_DATABASE_URL"
+        )
+        # This database not even created yet: the receiver cannot be serving it.
+        code, checks, _ = _doctor(wb)
+        assert (code, checks["receiver"]["status"]) == (1, "fail"), checks["receiver"]
+        assert checks["receiver"]["detail"].startswith(
+            f"{receiver}/healthz answers, but serves another database"
+        )
+        assert checks["receiver"]["fix"].startswith(fix)
+        # This database in use (its own webhook secret made, as a run with webhooks makes it).
+        webhook_secret(_engine_for(here))
+        code, checks, _ = _doctor(wb)
+        assert (code, checks["receiver"]["status"]) == (1, "fail"), checks["receiver"]
+        assert checks["receiver"]["fix"].startswith(fix)
+        # The fingerprint it shows is none of the secret's bytes, and no webhook token.
+        shown = httpx.get(f"{receiver}/healthz").json()["database"]
+        assert isinstance(shown, str)
+        assert len(shown) == 16
+        with sqlite3.connect(tmp_path / "elsewhere.db") as conn:
+            (secret,) = conn.execute("SELECT value FROM instance_secrets WHERE name = 'webhook'").fetchone()
+        assert shown not in secret
+        assert shown == database_fingerprint(bytes.fromhex(secret))
+        assert shown != binding_token(bytes.fromhex(secret), "j", 1)[:16]
+
+    # The same database on both sides: all well (test_receiver_checks), and its fingerprint matches.
+    get_settings.cache_clear()
+    with _serving(get_settings()) as receiver:
+        monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{receiver}/webhooks/fal")
+        code, checks, _ = _doctor(wb)
+        assert (code, checks["receiver"]["status"]) == (0, "ok"), checks["receiver"]
+        assert "serves this database" in checks["receiver"]["detail"]
+
+
+def test_a_receiver_that_cannot_read_its_database_or_does_not_say_which(wb: Wb) -> None:
+    """What the receiver's /healthz says of its database, as the doctor reads it."""
+    settings = get_settings()
+    probe = "http://127.0.0.1:1/healthz"
+    unavailable = {"ok": True, "database": None, "database_error": "the database is unavailable"}
+    verdict = _serves_this_database(settings, unavailable, probe)
+    assert isinstance(verdict, Check)
+    assert verdict.status == "fail"
+    assert verdict.detail == (
+        f"{probe} answers, but cannot use its database (the database is unavailable): it refuses "
+        "every delivery (503)"
+    )
+    # An older wanbatch says nothing of its database: taken at its word, as before.
+    assert _serves_this_database(settings, {"ok": True}, probe) == ""
 
 
 def test_healthz_url_keeps_a_path_prefix() -> None:

@@ -43,13 +43,24 @@ from worker.steps import Runtime, dispatch, download, poll, submit
 from worker.steps.context import handle_of
 from worker.steps.poll import _next_poll, first_poll_at
 from worker.steps.submit import webhook_for
-from worker.steps.webhooks import STATUS_DUE, apply_pending, binding_token
+from worker.steps.webhooks import (
+    STATUS_DUE,
+    apply_pending,
+    binding_token,
+    database_fingerprint,
+    webhook_secret,
+)
 
 S = JobState
 HOOK_URL = "https://hooks.example.test/webhooks/fal"
 RESULT = {"video": {"url": "https://v3.fal.media/files/x/out.mp4"}, "seed": 7}
 #: What ``/healthz`` adds while the receiver holds the signer's one key.
 VERIFIES = {"can_verify_signatures": True, "signing_keys": 1, "signing_keys_error": None}
+
+
+def _serves(engine: Engine) -> dict[str, Any]:
+    """What ``/healthz`` says of the database it serves: ``engine``'s fingerprint."""
+    return {"database": database_fingerprint(webhook_secret(engine)), "database_error": None}
 
 
 class JwksServer:
@@ -179,7 +190,13 @@ def test_a_valid_delivery_completes_the_job(
     assert after.state == S.DOWNLOADING
     assert after.lease_owner is None  # no runtime here: the tick's schedule_downloads takes it
     assert _deliveries(engine) == {"stored": 1, "repeats": 0, "unprocessed": 0, "ignored": 0}
-    assert client.get("/healthz").json() == {"ok": True, "accepted": 1, "rejected": 0, **VERIFIES}
+    assert client.get("/healthz").json() == {
+        "ok": True,
+        "accepted": 1,
+        "rejected": 0,
+        **VERIFIES,
+        **_serves(engine),
+    }
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -416,7 +433,13 @@ def test_a_delivery_for_another_accounts_request_naming_our_job_changes_nothing(
     assert (after.state, after.version, after.request_id) == (job.state, job.version, job.request_id)
     assert after.confirmed_duplicate_charges == 0
     assert _deliveries(engine)["stored"] == 0
-    assert client.get("/healthz").json() == {"ok": True, "accepted": 0, "rejected": len(forged), **VERIFIES}
+    assert client.get("/healthz").json() == {
+        "ok": True,
+        "accepted": 0,
+        "rejected": len(forged),
+        **VERIFIES,
+        **_serves(engine),
+    }
 
 
 def test_the_token_is_the_databases_and_every_process_agrees_on_it(engine: Engine, db_url: str) -> None:
@@ -489,10 +512,17 @@ def test_healthz_says_whether_signatures_can_be_verified(
             "can_verify_signatures": False,
             "signing_keys": 0,
             "signing_keys_error": "fal's signing keys could not be fetched: HTTP 503",
+            **_serves(engine),
         }
         assert _post(client, signer, _sent(engine, request_id="req-1"), "req-1") == 503  # as it said
         jwks.status = 200
-        assert client.get("/healthz").json() == {"ok": True, "accepted": 0, "rejected": 1, **VERIFIES}
+        assert client.get("/healthz").json() == {
+            "ok": True,
+            "accepted": 0,
+            "rejected": 1,
+            **VERIFIES,
+            **_serves(engine),
+        }
         assert keys.fetches == 3  # healthz, the delivery, healthz: one fetch each, none more
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,11 +22,16 @@ from starlette.types import Message
 
 import web.bodies
 from cli.service_commands import SERVE_LIMIT_CONCURRENCY, AccessLogMasking, mask_access_log
+from jobs.settings import get_settings
+from tests.ports import unused_port
 from tests.web.web_helpers import LOOPBACK, REMOTE, TOKEN, app_for, client, settings_for
 from web.bodies import BUSY, DISCONNECTED, TOO_SLOW
 
 SECRET = "aa3b5c0ffee0123456789"
 WEBHOOK = f"/webhooks/fal?job_id=j1&attempt=1&token={SECRET}"
+#: Longest a socket of these tests waits for an answer: only so that broken code fails the test
+#: instead of hanging it; never reached when the code is right.
+SAFETY = 30.0
 
 
 def _scope(
@@ -316,3 +324,92 @@ def test_serve_bounds_its_connections_and_masks_its_access_log(
     assert ended.value.code == 0
     assert seen["limit"] == SERVE_LIMIT_CONCURRENCY
     assert any(isinstance(f, AccessLogMasking) for f in access_logger.filters)
+
+
+# ----------------------------------------------------------------------------- the real server
+
+
+def _ask(port: int, request: bytes) -> bytes:
+    """``request`` sent over a raw socket to ``127.0.0.1:port``; all it answered, up to the close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=SAFETY) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_the_real_server_refuses_a_length_over_20_digits_before_the_app_sees_it(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The ASGI tests above call the app directly; ``wanbatch serve`` runs it under uvicorn's h11
+    parser, which refuses a ``Content-Length`` of more than 20 digits itself (h11's
+    ``CONTENT_LENGTH_MAX_DIGITS``): a 400 the app never sees, neither counted nor logged as a
+    rejection of the receiver's (uvicorn logs its own warning). Up to 20 digits: the app's 413,
+    counted. What the README says, pinned against the server `serve` really starts."""
+    import sys
+
+    import uvicorn
+
+    import cli
+    from cli import startup
+
+    started: dict[str, Any] = {}
+    real_run = uvicorn.Server.run
+
+    def capture(server: uvicorn.Server, sockets: list[Any]) -> None:
+        started["server"], started["sockets"] = server, sockets
+
+    monkeypatch.setattr(startup, "pause", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["wanbatch", "serve", "--port", "0"])
+    monkeypatch.setattr(uvicorn.Server, "run", capture)
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"sqlite:///{tmp_path / 'serve.db'}")
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setenv("WANBATCH_WEBHOOK_JWKS_URL", f"http://127.0.0.1:{unused_port()}/jwks.json")
+    get_settings.cache_clear()
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    get_settings.cache_clear()
+    assert ended.value.code == 0
+    server: uvicorn.Server = started["server"]
+    (sock,) = started["sockets"]
+    port = sock.getsockname()[1]
+    thread = threading.Thread(target=real_run, args=(server,), kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15  # only so that a server that never starts fails the test
+        while not server.started:
+            assert thread.is_alive(), "`wanbatch serve` did not start"
+            assert time.monotonic() < deadline, "`wanbatch serve` did not start"
+            time.sleep(0.01)
+        app = server.config.app
+        assert isinstance(app, Starlette)  # the app `serve` made, as uvicorn runs it
+        counts = app.state.counts
+
+        def post(length: bytes) -> bytes:
+            head = (
+                b"POST " + WEBHOOK.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: "
+                + length
+                + b"\r\n\r\n"
+            )
+            return _ask(port, head)
+
+        with caplog.at_level(logging.WARNING):
+            twenty = post(b"9" * 20)
+            assert twenty.startswith(b"HTTP/1.1 413 "), twenty
+            assert counts.rejected == 1
+            for length in (b"9" * 21, b"1" + b"0" * 40):
+                refused = post(length)
+                assert refused.startswith(b"HTTP/1.1 400 "), refused
+                assert refused.endswith(b"Invalid HTTP request received."), refused
+            assert counts.rejected == 1  # never reached the app
+        assert len([r for r in caplog.records if "webhook rejected" in r.getMessage()]) == 1
+        # uvicorn's own warning, on its own handler (its logger does not propagate): one each.
+        assert capfd.readouterr().err.count("Invalid HTTP request received.") == 2
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -26,9 +26,10 @@ from jobs import db
 from jobs.db import make_engine, session_factory
 from jobs.settings import Settings, get_settings
 from tests.web.web_helpers import HTML, JSON, LOOPBACK, REMOTE, TOKEN, mixed_batch, settings_for
-from web.app import RECEIVER_THREADS, create_app
+from web.app import DATABASE_UNAVAILABLE, RECEIVER_THREADS, create_app
 from web.auth import SESSION_COOKIE, TokenGate, same_origin, session_value
 from worker.fal.webhooks import JwksKeys
+from worker.steps.webhooks import database_fingerprint, webhook_secret
 
 #: Longest a blocked thread of these tests waits for the test to let it go: only so that broken
 #: code fails the test instead of hanging it; never reached when the code is right.
@@ -377,6 +378,35 @@ def test_a_locked_database_is_a_503_and_one_warning(
     assert len(warnings) == 3
     assert all(r.levelno == logging.WARNING and r.exc_info is None for r in warnings)
     assert all("database is locked" in r.getMessage() for r in warnings)
+
+
+def test_healthz_says_which_database_it_serves_or_that_it_cannot_tell(
+    quick_lock_engine: Engine, output_dir: Path
+) -> None:
+    """``wanbatch doctor`` compares ``database`` with its own (a receiver of another database
+    refuses every delivery); a locked database is said, in words that name neither its file nor
+    its host, never waited on for long, and never an internal error."""
+    signer = WebhookSigner()
+    app = _app(quick_lock_engine, settings_for(quick_lock_engine, output_dir), keys=_keys(signer))
+    assert quick_lock_engine.url.database is not None
+    locker = sqlite3.connect(quick_lock_engine.url.database, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+
+    async def healthz() -> httpx.Response:
+        async with _client(app, peer=REMOTE) as client:
+            return await client.get("/healthz")
+
+    try:
+        locked = asyncio.run(healthz())
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert locked.status_code == 200
+    assert (locked.json()["database"], locked.json()["database_error"]) == (None, DATABASE_UNAVAILABLE)
+    answer = asyncio.run(healthz()).json()
+    assert answer["database"] == database_fingerprint(webhook_secret(quick_lock_engine))
+    assert answer["database_error"] is None
+    assert answer["can_verify_signatures"] is True
 
 
 # ----------------------------------------------------------------------------- a flood of deliveries
