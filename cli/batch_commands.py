@@ -142,10 +142,17 @@ def cost(batch: str, as_json: bool) -> None:
                 f"whose outcome is unknown (fal may have accepted them); the budget counts it{also}",
                 "yellow",
             )
-        elif resent:  # jobs resent before ambiguous_usd was recorded (migration 0013)
+        elif total.possible_duplicate_usd:  # resent before ambiguous_usd was recorded (migration 0013)
             say(
                 f"possible duplicate charges: {resent} "
                 f"(up to {usd(total.possible_duplicate_usd)} more than actual)",
+                "yellow",
+            )
+        if confirmed := total.confirmed_duplicate_charges:  # proved: not "possibly" any more
+            say(
+                f"{confirmed} confirmed duplicate charge(s): requests fal ran besides the ones the "
+                "jobs kept, each on its job's history; those fal's webhooks reported done are in "
+                "actual and wasted",
                 "yellow",
             )
         if mismatches:

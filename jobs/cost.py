@@ -5,7 +5,9 @@
 bought no output: the actual cost of jobs that ended failed or cancelled (a billed 422, a
 request cancelled after it started), plus what a job that finally succeeded paid for earlier
 attempts. *Possible duplicates* are resubmissions after an ambiguous submit: fal may have billed
-each one again; we cannot know, so they are shown apart, at the estimate, never hidden.
+each one again; we cannot know, so they are shown apart, at the estimate, never hidden. A
+*confirmed* duplicate is an extra request fal's signed webhook proved it ran: a success is in
+actual (and wasted: it bought no output the job kept), no longer "possibly billed".
 
 All sums are exact :class:`~decimal.Decimal`; rounding happens only at the edge, by
 :mod:`jobs.money` (the same half-up rounding as ``status``; JSON money is a number there too).
@@ -49,7 +51,10 @@ class CostLine:
     actual_by_unit: dict[str, Decimal] = field(default_factory=dict)
     wasted_usd: Decimal = ZERO
     possible_duplicate_charges: int = 0
+    #: The resends no proof has resolved yet, at the estimate (what may come on top of actual).
     possible_duplicate_usd: Decimal = ZERO
+    #: Extra requests fal's signed webhooks proved it ran (billed ones are in actual and wasted).
+    confirmed_duplicate_charges: int = 0
     #: What submits whose outcome stayed unknown may have cost: fal may have billed them.
     possibly_billed_usd: Decimal = ZERO
 
@@ -77,7 +82,9 @@ class CostLine:
         else:
             self.in_flight += 1
         self.possible_duplicate_charges += job.possible_duplicate_charges
-        self.possible_duplicate_usd += job.est_usd * job.possible_duplicate_charges
+        self.confirmed_duplicate_charges += job.confirmed_duplicate_charges
+        unproven = max(0, job.possible_duplicate_charges - job.confirmed_duplicate_charges)
+        self.possible_duplicate_usd += job.est_usd * unproven
         self.possibly_billed_usd += job.ambiguous_usd
 
     @property
@@ -118,6 +125,7 @@ class CostLine:
             "wasted_usd": usd_json(self.wasted_usd),
             "possible_duplicate_charges": self.possible_duplicate_charges,
             "possible_duplicate_usd": usd_json(self.possible_duplicate_usd),
+            "confirmed_duplicate_charges": self.confirmed_duplicate_charges,
             "possibly_billed_usd": usd_json(self.possibly_billed_usd),
         }
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -65,7 +65,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 from sqlalchemy.sql.elements import BindParameter
 
-from jobs import db
+from jobs import billing, db
 from jobs.errors import NotFoundError
 from jobs.models import (
     EVERY_BATCH,
@@ -98,6 +98,7 @@ __all__ = [
     "BatchMoney",
     "CapHolder",
     "CapScope",
+    "DuplicateNote",
     "FailureGroup",
     "Fence",
     "InFlight",
@@ -175,6 +176,7 @@ __all__ = [
     "mark_submitting",
     "mark_succeeded",
     "name_for_batch",
+    "note_duplicate_charge",
     "record_duplicate_charge",
     "record_heartbeat",
     "record_result",
@@ -3368,6 +3370,8 @@ class JobMoney:
     possible_duplicate_charges: int
     #: What its submits of unknown outcome may have cost (``Job.ambiguous_usd``).
     ambiguous_usd: Decimal = Decimal(0)
+    #: Extra requests fal proved it ran (billed in ``actual_usd`` when a success).
+    confirmed_duplicate_charges: int = 0
 
 
 def job_money(session: Session, batch_id: str) -> Iterator[JobMoney]:
@@ -3384,6 +3388,7 @@ def job_money(session: Session, batch_id: str) -> Iterator[JobMoney]:
             Job.actual_billing_units,
             Job.possible_duplicate_charges,
             Job.ambiguous_usd,
+            Job.confirmed_duplicate_charges,
         )
         .where(Job.batch_id == batch_id)
         .execution_options(yield_per=1000)
@@ -3400,6 +3405,7 @@ def job_money(session: Session, batch_id: str) -> Iterator[JobMoney]:
             actual_units=row.actual_billing_units,
             possible_duplicate_charges=int(row.possible_duplicate_charges or 0),
             ambiguous_usd=row.ambiguous_usd or Decimal(0),
+            confirmed_duplicate_charges=int(row.confirmed_duplicate_charges or 0),
         )
 
 
@@ -3710,6 +3716,69 @@ def record_duplicate_charge(session: Session, job_id: str) -> None:
         .values(confirmed_duplicate_charges=Job.confirmed_duplicate_charges + 1, updated_at=utcnow())
         .execution_options(synchronize_session="fetch")
     )
+
+
+#: What :func:`note_duplicate_charge` did: ``counted``; ``known`` (the request is on the job's
+#: history already: a repeated proof, counted once); ``held`` (a worker holds the job: try later);
+#: ``missing`` (no such job).
+DuplicateNote = Literal["counted", "known", "held", "missing"]
+
+
+def note_duplicate_charge(
+    session: Session,
+    job_id: str,
+    request_id: str,
+    *,
+    reason: str,
+    worker: str | None,
+    outcome: billing.Outcome | None,
+    now: datetime,
+) -> DuplicateNote:
+    """A request of the job that fal proved it ran besides the one the job keeps (its signed
+    webhook), in the job's books: on its history (an event that moves nothing, ``reason``
+    saying "accepted as <request_id>", so :func:`request_known` finds it and a repeated proof
+    is counted once), one more ``confirmed_duplicate_charges``, and, when ``outcome`` says how
+    it ended (None: fal's webhook does not tell what it billed), its bill in the job's actual
+    cost: the job's estimate times the outcome's rule (:func:`jobs.billing.billed`), the price
+    each attempt of the job is billed at, for a request of the same input.
+
+    Such a request comes from a submit whose answer was lost: what it may have cost is in
+    ``ambiguous_usd`` (the "possibly billed" part of the money spent), which the proof resolves.
+    Its estimate leaves ``ambiguous_usd`` as far as it is there; the money stays spent, billed
+    now. A finished job's share of its batch's running totals moves by the difference.
+
+    ``held`` while a worker holds the job's lease: it bills the job from what it read when it
+    took the lease (a download writes the actual cost when it ends), which would overwrite this.
+    The row is locked first, so a lease taken meanwhile reads this after it commits.
+    """
+    found = _run(session, select(_JOBS).where(_JOBS.c.id == job_id).with_for_update()).first()
+    if found is None:
+        return "missing"
+    if found.lease_owner is not None and found.lease_expires_at is not None and found.lease_expires_at > now:
+        return "held"
+    if request_known(session, job_id, request_id):
+        return "known"
+    state = JobState(found.state)
+    written: dict[str, Any] = {"confirmed_duplicate_charges": found.confirmed_duplicate_charges + 1}
+    if outcome is not None:
+        own = state == JobState.SUCCEEDED  # billed its estimate when no cost was recorded (finished_usd)
+        prior_usd = found.actual_usd if found.actual_usd is not None else (found.est_usd if own else None)
+        units = found.actual_billing_units
+        prior_units = units if units is not None else (found.est_billing_units if own else None)
+        bill = billing.billed(
+            outcome, found.est_billing_units, found.est_usd, prior_units=prior_units, prior_usd=prior_usd
+        )
+        written.update(bill, ambiguous_usd=found.ambiguous_usd - min(found.ambiguous_usd, found.est_usd))
+        if state.terminal:
+            before = finished_usd(state, found.actual_usd, found.est_usd, found.ambiguous_usd)
+            after = finished_usd(state, written["actual_usd"], found.est_usd, written["ambiguous_usd"])
+            _add_finished(session, found.batch_id, found.submitted_at, after - before)
+    _run(session, update(_JOBS).where(_JOBS.c.id == job_id).values(**written, updated_at=now))
+    _refresh_loaded(session, job_id, written)
+    event = {"job_id": job_id, "at": now, "from_state": state, "to_state": state, "version": found.version}
+    event.update(reason=reason, details=None, worker=worker)
+    _run(session, _INSERT_EVENT, event)
+    return "counted"
 
 
 def note_request(

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,21 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from click.testing import CliRunner
 from sqlalchemy import Engine, inspect, select, text
 from starlette.testclient import TestClient
 
+from cli import cli
+from cli.output import money_line
 from falsim import SimulatorHandle, SimulatorOptions, running_simulator
 from falsim.faults import FaultRule
 from falsim.webhooks import WebhookSigner, webhook_body
 from jobs import db, store
 from jobs.batches import batch_report
+from jobs.billing import Outcome, billed
+from jobs.cost import cost_report
 from jobs.models import BatchState, Job, WebhookDelivery, utcnow
-from jobs.settings import Settings
+from jobs.settings import Settings, get_settings
 from jobs.states import JobState
 from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
 from web.app import DELIVERY_NOT_STORABLE, MAX_BODY_BYTES, create_app
@@ -44,7 +50,10 @@ from worker.steps.context import handle_of
 from worker.steps.poll import _next_poll, first_poll_at
 from worker.steps.submit import webhook_for
 from worker.steps.webhooks import (
+    DEFERRED,
     STATUS_DUE,
+    Inbox,
+    apply_delivery,
     apply_pending,
     binding_token,
     database_fingerprint,
@@ -396,6 +405,109 @@ def test_a_second_request_for_one_attempt_is_a_confirmed_duplicate_charge(
         assert batch_report(session, job.batch_id)["confirmed_duplicate_charges"] == 1
 
 
+def _succeeded(engine: Engine, request_id: str) -> Job:
+    """One job whose request ``request_id`` fal finished and whose video was saved, billed its
+    estimate (as the download step bills a success)."""
+    job = _sent(engine, request_id=request_id)
+    with db.session_scope(engine) as session:
+        completed = store.mark_completed(
+            session, store.Fence.of(job, "test-worker"), completed_at=utcnow(), provider_metrics=None
+        )
+        assert completed
+        done = store.get_job(session, job.id)
+        assert store.mark_succeeded(
+            session,
+            store.Fence.of(done, "test-worker"),
+            output_path="out.mp4",
+            output_sha256="0" * 64,
+            output_bytes=1,
+            **billed(Outcome.SUCCEEDED, done.est_billing_units, done.est_usd),
+        )
+    return _job(engine, job.batch_id)
+
+
+def _outcomes(engine: Engine, request_id: str) -> list[str | None]:
+    """What applying each stored delivery of ``request_id`` did, in the order received."""
+    with db.read_scope(engine) as session:
+        found = select(WebhookDelivery.outcome).where(WebhookDelivery.request_id == request_id)
+        return list(session.scalars(found.order_by(WebhookDelivery.id)))
+
+
+def test_a_proof_of_an_extra_request_after_the_job_succeeded_is_billed_once_and_on_its_history(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    """fal retries a webhook for two hours: the proof that it ran a request besides the job's
+    own often comes after the job finished. It is a confirmed duplicate charge all the same,
+    put on the job's history and billed in its actual (and wasted) cost, once however often
+    (and in whatever body) it is delivered."""
+    job = _succeeded(engine, "req-1")
+    assert (job.state, job.actual_usd, job.confirmed_duplicate_charges) == (S.SUCCEEDED, job.est_usd, 0)
+    assert _post(client, signer, job, "req-2") == 200
+    assert _post(client, signer, job, "req-2") == 200  # the very same body again
+    assert _post(client, signer, job, "req-2", ok=False) == 200  # another body of the same request
+    assert _post(client, signer, job, "req-1") == 200  # the job's own request: nothing to do
+    assert _outcomes(engine, "req-2") == ["duplicate-charge", "ignored: duplicate charge already counted"]
+    assert _outcomes(engine, "req-1") == ["ignored: job already succeeded"]
+
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.version, after.request_id) == (S.SUCCEEDED, job.version, "req-1")
+    assert after.confirmed_duplicate_charges == 1
+    assert after.actual_usd == 2 * job.est_usd
+    assert after.actual_billing_units == 2 * job.est_billing_units
+    with db.session_scope(engine) as session:
+        notes = [e for e in store.job_events(session, job.id) if "accepted as req-2" in (e.reason or "")]
+        report = batch_report(session, job.batch_id)
+        cost = cost_report(session, job.batch_id).total
+        # The finished jobs' running totals (what budget checks read) moved with the job.
+        assert (
+            store.batch_spent_usd(session, job.batch_id) == store.batch_money(session, job.batch_id).spent_usd
+        )
+    assert [(n.from_state, n.to_state) for n in notes] == [(S.SUCCEEDED, S.SUCCEEDED)]
+    assert report["confirmed_duplicate_charges"] == 1
+    assert Decimal(str(report["spent_usd"])) == 2 * job.est_usd
+    assert (cost.actual_usd, cost.wasted_usd) == (2 * job.est_usd, job.est_usd)
+    assert cost.possibly_billed_usd == 0
+    assert cost.confirmed_duplicate_charges == 1
+
+
+def test_a_proof_for_a_job_being_downloaded_waits_for_the_download_to_bill_the_job(
+    engine: Engine, client: TestClient, settings: Settings, signer: WebhookSigner
+) -> None:
+    """A download bills the job from what it read when it took the job: a proof applied meanwhile
+    would be overwritten by it. It waits in the inbox, and the tick applies it afterwards."""
+    job = _sent(engine, request_id="req-1")
+    with db.session_scope(engine) as session:
+        assert store.mark_completed(
+            session,
+            store.Fence.of(job, "test-worker"),
+            completed_at=utcnow(),
+            provider_metrics=None,
+            lease_owner="downloader",
+            lease_expires_at=utcnow() + timedelta(minutes=5),
+        )
+        claimed = store.get_job(session, job.id)
+        session.expunge(claimed)
+    assert _post(client, signer, job, "req-2") == 200
+    assert _outcomes(engine, "req-2") == [DEFERRED]
+    with db.session_scope(engine) as session:  # the download ends, billing what it read
+        assert store.mark_succeeded(
+            session,
+            store.Fence.of(claimed, "downloader"),
+            output_path="out.mp4",
+            output_sha256="0" * 64,
+            output_bytes=1,
+            **billed(
+                Outcome.SUCCEEDED, claimed.est_billing_units, claimed.est_usd, prior_usd=claimed.actual_usd
+            ),
+        )
+    with db.read_scope(engine) as session:
+        (pending,) = store.unprocessed_deliveries(session)
+    assert apply_delivery(Inbox(engine, settings), pending) == "duplicate-charge"
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.confirmed_duplicate_charges) == (S.SUCCEEDED, 1)
+    assert after.actual_usd == 2 * job.est_usd
+
+
 def test_unknown_and_finished_jobs_are_acknowledged_and_ignored(
     engine: Engine, client: TestClient, signer: WebhookSigner
 ) -> None:
@@ -626,6 +738,109 @@ def test_dropped_submit_answers_are_resolved_by_webhooks_and_nobody_pays_twice(t
     paid = Counter(e["input_sha256"] for e in ledger["entries"])
     assert len(paid) == 30
     assert set(paid.values()) == {1}, "a job was paid twice"
+
+
+@pytest.mark.slow
+def test_a_duplicate_charge_proved_after_the_run_is_counted_billed_and_on_its_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first submit's answer is lost, and its webhook cannot get through (the receiver is
+    down): after ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` the job is sent again and succeeds. Then
+    the receiver comes up and fal's retries deliver the first request's webhook, twice
+    (``webhook_duplicate``): the proof that fal ran and billed both requests. It is counted
+    once, put on the job's history, and ``cost`` bills it in actual and wasted, as the
+    simulator's ledger does, instead of calling it "possibly billed"."""
+    options = SimulatorOptions(
+        concurrency_limit=5,
+        latency_seconds=0.2,
+        rng_seed=11,
+        faults={"submit_drop": FaultRule(next=1), "webhook_duplicate": FaultRule(probability=1.0)},
+        webhook_attempts=200,
+        webhook_retry_base_seconds=0.2,
+        webhook_retry_max_seconds=0.5,
+    )
+    database_url = f"sqlite:///{tmp_path / 'w.db'}"
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", database_url)  # for `cost` run in this process
+    get_settings.cache_clear()
+    down = socket.socket()  # bound, not listening: fal's deliveries are refused until it serves
+    down.bind(("127.0.0.1", 0))
+    web_url = f"http://127.0.0.1:{down.getsockname()[1]}"
+    with running_simulator(options) as sim:
+        base = settings_for(sim.url, "sim-key", database_url=database_url)
+        engine = db.open_engine(base)
+        settings = base.model_copy(
+            update={
+                "webhook_url": f"{web_url}/webhooks/fal",
+                "submit_unknown_deadline": 5.0,
+                "submit_unknown_policy": "resubmit",
+                "webhook_poll_after": 3.0,
+                "output_dir": tmp_path / "out",
+            }
+        )
+        batch_id = add_batch(engine, "late-proof", [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(5)])
+        report, _stats = process_batch(batch_id, settings, show_progress=False)
+        assert report["counts"]["succeeded"] == 5, report["counts"]
+        jobs = _jobs(engine, batch_id)
+        (resent,) = [j for j in jobs if j.attempts == 2]
+        billed_ids = {e["request_id"] for e in sim.ledger()["entries"] if e["billed"]}
+        (extra,) = billed_ids - {j.request_id for j in jobs}  # attempt 1's: the job kept attempt 2's
+
+        receiver = base.model_copy(update={"webhook_jwks_url": f"{sim.url}/.well-known/jwks.json"})
+        server = uvicorn.Server(uvicorn.Config(create_app(receiver, engine=engine), log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [down]}, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: _delivered_twice(sim, extra), step=lambda: None, timeout=60)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+        ledger = sim.ledger()
+    assert _outcomes(engine, extra) == ["duplicate-charge"]  # delivered twice, stored and applied once
+    assert _deliveries(engine)["repeats"] >= 1
+    # Six requests billed for five jobs; each priced at its job's estimate (the simulator's own
+    # price list is not ours), the extra one at the resent job's.
+    assert sum(e["billed"] for e in ledger["entries"]) == 6
+    billed_usd = sum((j.est_usd for j in jobs), resent.est_usd)
+    after = _current(engine, resent.id)
+    counts = (after.possible_duplicate_charges, after.confirmed_duplicate_charges)
+    assert (after.state, counts) == (S.SUCCEEDED, (1, 1))  # the resend, and the proof it was billed
+    assert after.actual_usd == 2 * resent.est_usd
+    with db.session_scope(engine) as session:
+        history = [e.reason for e in store.job_events(session, resent.id)]
+        status = batch_report(session, batch_id)
+        cost = cost_report(session, batch_id).total
+        assert store.batch_spent_usd(session, batch_id) == billed_usd  # the running totals agree
+    assert sum(f"accepted as {extra}" in (reason or "") for reason in history) == 1
+    assert (status["possible_duplicate_charges"], status["confirmed_duplicate_charges"]) == (1, 1)
+    assert (Decimal(str(status["spent_usd"])), status["possibly_billed_usd"]) == (billed_usd, 0)
+    assert "1 confirmed duplicate charge(s)" in money_line(status)
+    assert "possibly billed" not in money_line(status)
+    assert (cost.actual_usd, cost.wasted_usd, cost.possibly_billed_usd) == (
+        billed_usd,
+        resent.est_usd,
+        Decimal(0),
+    )
+    table = CliRunner().invoke(cli, ["cost", "late-proof"], prog_name="wanbatch")
+    assert table.exit_code == 0, table.output
+    assert "possibly billed" not in table.stdout
+    assert "possible duplicate charges" not in table.stdout
+    assert "1 confirmed duplicate charge(s)" in table.stdout
+    get_settings.cache_clear()
+
+
+def _jobs(engine: Engine, batch_id: str) -> list[Job]:
+    with db.read_scope(engine) as session:
+        jobs = list(store.jobs_of_batch(session, batch_id))
+        for job in jobs:
+            session.expunge(job)
+    return jobs
+
+
+def _delivered_twice(sim: SimulatorHandle, request_id: str) -> bool:
+    """Whether both of the simulator's sends of ``request_id``'s webhook got their 2xx."""
+    hooks = [w for w in sim.ledger()["webhooks"] if w["request_id"] == request_id]
+    answered = [a for w in hooks for a in w["attempts"] if 200 <= a.get("status_code", 0) < 300]
+    return len(answered) == 2
 
 
 #: Jobs of the webhook-driven run, and the seed of its dropped deliveries: the simulator's fault

@@ -19,9 +19,12 @@ compare-and-set on the job's state and version), so a webhook and a poll racing 
   proof that fal accepted it. The job adopts the request id (``queued``, then as above) and
   is never sent again;
 * a request we never recorded otherwise (an earlier attempt resent after an ambiguous submit,
-  or a second request of one attempt): fal ran and billed it besides the one the job keeps, a
-  *confirmed* duplicate charge, counted once on the job;
-* an unknown job, a finished job, a request already handled: acknowledged and ignored.
+  or a second request of one attempt), whatever the job's state, a finished job's included:
+  fal ran and billed it besides the one the job keeps, a *confirmed* duplicate charge, counted
+  once on the job, put on its history and, when fal reports it done, billed in its actual cost
+  (:func:`_duplicate_charge`);
+* an unknown job, a finished job's own request, a request already handled: acknowledged and
+  ignored.
 
 Each delivery is applied once: taking it (``processed_at``) is itself a compare-and-set, in the
 transaction that applies it. The tick applies whatever the receiver stored but did not apply.
@@ -51,9 +54,9 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from jobs import db, store
+from jobs import billing, db, store
 from jobs.errors import NotFoundError
-from jobs.models import WebhookDelivery, utcnow
+from jobs.models import Job, WebhookDelivery, utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
 from worker.fal.models import Status, request_id_or_none
@@ -70,6 +73,8 @@ _AT_FAL = (S.QUEUED, S.RUNNING, S.CANCELLING)
 _TRIES = 3
 #: What applying a failure reported by webhook does: the job waits for fal's status, asked at once.
 STATUS_DUE = "status due: a failure by webhook says not whether the request ran"
+#: What a delivery not applied yet says: the tick applies it later.
+DEFERRED = "deferred: the job kept moving, or a worker holds it"
 #: Outcomes after which the tick leader has work (:func:`jobs.db.notify_events`, on PostgreSQL),
 #: in whichever process it runs: a moved job's download to queue and the slot it freed to fill,
 #: or a job due for its status call now.
@@ -232,7 +237,8 @@ def apply_pending(rt: Runtime, limit: int = 200) -> int:
 def apply_delivery(inbox: Inbox, delivery_id: int) -> str:
     """Apply one stored delivery to its job; returns what it did (stored as its ``outcome``):
     ``completed``, ``adopted``, :data:`STATUS_DUE`, ``duplicate-charge``, ``ignored: …``,
-    ``deferred`` (the job kept moving; the tick tries again) or ``taken`` (already applied)."""
+    ``deferred`` (the job kept moving, or a worker holds it; the tick tries again) or ``taken``
+    (already applied)."""
     queue: str | None = None
     with db.session_scope(inbox.engine) as session:
         delivery = store.take_delivery(session, delivery_id)
@@ -240,7 +246,7 @@ def apply_delivery(inbox: Inbox, delivery_id: int) -> str:
             return "taken"
         outcome, queue = _apply(session, inbox, delivery)
         if outcome is None:
-            store.defer_delivery(session, delivery_id, "deferred: the job kept moving")
+            store.defer_delivery(session, delivery_id, DEFERRED)
             return "deferred"
         store.settle_delivery(session, delivery_id, outcome)
         if outcome in _WAKES and delivery.job_id is not None:  # heard at commit, with the move
@@ -286,8 +292,6 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
         except NotFoundError:
             return "ignored: unknown job", None
         state = S(job.state)
-        if state.terminal:
-            return f"ignored: job already {state.value}", None
         now = utcnow()
         queued_until = (
             now + timedelta(seconds=inbox.settings.lease_seconds)
@@ -297,6 +301,8 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
         fence = Fence.of(job, inbox.owner)
         if store.request_known(session, job.id, delivery.request_id):
             if job.request_id != delivery.request_id:
+                if store.duplicate_charge_recorded(session, delivery.request_id):
+                    return "ignored: duplicate charge already counted", None
                 return "ignored: an earlier request of the job", None
             if state not in _AT_FAL:
                 return f"ignored: job already {state.value}", None
@@ -330,22 +336,7 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
             fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
             outcome = "adopted"
         else:
-            if store.duplicate_charge_recorded(session, delivery.request_id):
-                return "ignored: duplicate charge already counted", None
-            store.record_duplicate_charge(session, job.id)
-            log.warning(
-                "job %s: fal ran %s (attempt %s) besides the job's own request: a confirmed duplicate charge",
-                job.id,
-                delivery.request_id,
-                delivery.attempt,
-                extra={
-                    "event": "webhook.duplicate_charge",
-                    "job_id": job.id,
-                    "batch_id": job.batch_id,
-                    "request_id": delivery.request_id,
-                },
-            )
-            return "duplicate-charge", None
+            return _duplicate_charge(session, inbox, job, delivery, status, now=now), None
         if not settles(status):
             if not store.status_due(session, fence, at=now):
                 continue
@@ -368,3 +359,52 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
         if outcome == "adopted":  # adopted, but the completion lost a race: the poller finishes it
             return outcome, None
     return None, None
+
+
+def _duplicate_charge(
+    session: Session, inbox: Inbox, job: Job, delivery: WebhookDelivery, status: Status, *, now: datetime
+) -> str | None:
+    """A request of ``job`` that fal ran besides the one the job keeps (an earlier attempt resent
+    after its answer was lost, a second request of one attempt): a *confirmed* duplicate charge,
+    whatever the job's state. fal retries a webhook for two hours
+    (https://docs.fal.ai/model-apis/model-endpoints/webhooks), so the proof often comes after the
+    job finished, and it counts then too.
+
+    It goes in the job's books (:func:`jobs.store.note_duplicate_charge`): on its history, in
+    ``confirmed_duplicate_charges``, and, for a success, billed in full at the job's estimate
+    (fal's webhook carries no cost; the request ran the job's input, priced as its own attempts
+    are). A failure's bill depends on whether it ran, which the webhook does not say: it is
+    counted and noted, its money left as it was (possibly billed, when its submit's outcome was
+    unknown). The outcome (None: try again later, a worker holds the job and bills it itself).
+    """
+    if store.duplicate_charge_recorded(session, delivery.request_id):  # counted before it was noted
+        return "ignored: duplicate charge already counted"
+    outcome = None if status.failed else billing.Outcome.SUCCEEDED
+    fate = (
+        "billed" if outcome else f"failed at fal ({status.error_type or status.error}): its bill is unknown"
+    )
+    reason = (
+        f"webhook: fal ran attempt {delivery.attempt}'s request besides the job's own: "
+        f"accepted as {delivery.request_id}; {fate}"
+    )
+    noted = store.note_duplicate_charge(
+        session, job.id, delivery.request_id, reason=reason, worker=inbox.owner, outcome=outcome, now=now
+    )
+    if noted == "held":
+        return None
+    if noted != "counted":
+        return "ignored: unknown job" if noted == "missing" else "ignored: duplicate charge already counted"
+    log.warning(
+        "job %s: fal ran %s (attempt %s) besides the job's own request: a confirmed duplicate charge (%s)",
+        job.id,
+        delivery.request_id,
+        delivery.attempt,
+        fate,
+        extra={
+            "event": "webhook.duplicate_charge",
+            "job_id": job.id,
+            "batch_id": job.batch_id,
+            "request_id": delivery.request_id,
+        },
+    )
+    return "duplicate-charge"
