@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 from typing import Any, NoReturn
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
 import cli
-from cli import startup
 from falsim.server import SimulatorHandle
 from jobs import db
 from jobs.batches import batch_report
 from jobs.settings import get_settings
 from tests.e2e.e2e_helpers import MakeManifest, Wb
+from tests.in_process import run_main
 from worker import running
 
 MANIFEST = "name: edges\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: a lighthouse\n  - prompt: a harbour\n"
@@ -114,15 +113,6 @@ def test_status_and_run_on_a_database_without_its_tables_say_so_in_one_line(
     assert NOT_OURS in json.loads(status.stdout)["error"]
 
 
-def _main(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    # In process: the GC pause of a real start-up would outlive the test (cli.startup).
-    monkeypatch.setattr(startup, "pause", lambda: None)
-    monkeypatch.setattr(sys, "argv", ["wanbatch", *argv])
-    with pytest.raises(SystemExit) as ended:
-        cli.main()
-    return int(ended.value.code or 0)
-
-
 def test_a_table_dropped_while_a_command_runs_is_one_line_exit_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -132,7 +122,7 @@ def test_a_table_dropped_while_a_command_runs_is_one_line_exit_2(
         raise OperationalError("SELECT", {}, sqlite3.OperationalError("no such table: jobs"))
 
     monkeypatch.setattr(cli.cli, "main", vanished)
-    assert _main(["status", "--json"], monkeypatch) == 2
+    assert run_main(["status", "--json"], monkeypatch) == 2
     out, err = capsys.readouterr()
     error = json.loads(out)["error"]
     assert err == f"error: {error}\n"

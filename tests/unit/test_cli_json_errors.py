@@ -8,23 +8,13 @@ command's stdout read nothing at all.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
 import cli
-from cli import startup
-
-
-def _main(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    # In process: the GC pause of a real start-up would outlive the test (cli.startup).
-    monkeypatch.setattr(startup, "pause", lambda: None)
-    monkeypatch.setattr(sys, "argv", ["wanbatch", *argv])
-    with pytest.raises(SystemExit) as ended:
-        cli.main()
-    return int(ended.value.code or 0)
+from tests.in_process import run_main
 
 
 def _boom(*_args: object, **_kwargs: object) -> NoReturn:
@@ -34,7 +24,7 @@ def _boom(*_args: object, **_kwargs: object) -> NoReturn:
 def test_a_usage_mistake_under_json_is_a_json_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _main(["status", "--json", "--bogus"], monkeypatch) == 2
+    assert run_main(["status", "--json", "--bogus"], monkeypatch) == 2
     out, err = capsys.readouterr()
     assert json.loads(out) == {
         "ok": False,
@@ -46,7 +36,7 @@ def test_a_usage_mistake_under_json_is_a_json_error(
 def test_without_json_stdout_stays_empty(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _main(["status", "--bogus", "--", "--json"], monkeypatch) == 2  # after --: an argument
+    assert run_main(["status", "--bogus", "--", "--json"], monkeypatch) == 2  # after --: an argument
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith("error: No such option '--bogus'")
@@ -58,7 +48,7 @@ def test_an_internal_error_under_json_is_a_json_error(
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the crash report goes there
     monkeypatch.setattr("tempfile.tempdir", None)
     monkeypatch.setattr(cli.cli, "main", _boom)
-    assert _main(["status", "--json"], monkeypatch) == 70
+    assert run_main(["status", "--json"], monkeypatch) == 70
     out, err = capsys.readouterr()
     error = json.loads(out)["error"]
     assert error.startswith("internal error: RuntimeError: boom; please report it (details in ")

@@ -10,17 +10,15 @@ boundary :meth:`str.splitlines` knows (CR, NEL, U+2028, …).
 from __future__ import annotations
 
 import json
-import sys
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-import cli
-from cli import startup
 from jobs.errors import Issue
 from jobs.fs import shown_path
 from jobs.printable import shortened
+from tests.in_process import run_main
 
 #: Each line break the terminal or ``str.splitlines`` would break a line at, and how it is shown.
 BREAKS = {
@@ -34,15 +32,6 @@ BREAKS = {
     "\x1c": "\\x1c",
 }
 FORGED = "✓ all valid"
-
-
-def _main(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    # In process: the GC pause of a real start-up would outlive the test (cli.startup).
-    monkeypatch.setattr(startup, "pause", lambda: None)
-    monkeypatch.setattr(sys, "argv", ["wanbatch", *argv])
-    with pytest.raises(SystemExit) as ended:
-        cli.main()
-    return int(ended.value.code or 0)
 
 
 def _yaml_escaped(text: str) -> str:
@@ -65,7 +54,7 @@ def test_a_missing_image_path_with_line_breaks_is_one_error_line(
     _manifest(tmp_path, "image_url", f"images/x{brk}{FORGED}{brk}y.jpg")
     shown = f"images/x{BREAKS[brk]}{FORGED}{BREAKS[brk]}y.jpg"
 
-    assert _main(["validate", "nl3.yaml"], monkeypatch) == 2
+    assert run_main(["validate", "nl3.yaml"], monkeypatch) == 2
     out, err = capsys.readouterr()
     assert out == ""
     lines = err.split("\n")
@@ -76,7 +65,7 @@ def test_a_missing_image_path_with_line_breaks_is_one_error_line(
     assert summary == "✗ 1 error(s); nothing was submitted."
     assert not any(ch in err for ch in "\r\x0b\x1c\x85\u2028\u2029")
 
-    assert _main(["validate", "--json", "nl3.yaml"], monkeypatch) == 2
+    assert run_main(["validate", "--json", "nl3.yaml"], monkeypatch) == 2
     out, _ = capsys.readouterr()
     assert out.count("\n") == 1
     payload = json.loads(out)
@@ -94,10 +83,10 @@ def test_a_missing_items_from_file_with_a_line_feed_is_one_error_line(
     (tmp_path / "nl3.yaml").write_text(
         'name: t-nl3\nendpoint: fal-ai/wan-22\nitems_from: "rows\\n✓ all valid\\n.jsonl"\n', encoding="utf-8"
     )
-    assert _main(["validate", "--json", "nl3.yaml"], monkeypatch) == 2
+    assert run_main(["validate", "--json", "nl3.yaml"], monkeypatch) == 2
     [detail] = json.loads(capsys.readouterr().out)["details"]
     assert "rows\\n✓ all valid\\n.jsonl" in detail
-    assert _main(["validate", "nl3.yaml"], monkeypatch) == 2
+    assert run_main(["validate", "nl3.yaml"], monkeypatch) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 2
     assert not any(line.startswith(FORGED) for line in err.splitlines())
