@@ -4,7 +4,9 @@
   pace (jobs per minute over the last 10 minutes) and ETA, schedule state.
 * ``GET /batches/{batch}`` — one batch (by id, id prefix or name): its figures, its commonest
   failure reasons, and its jobs a page at a time, filtered by state and endpoint, each with its
-  state, attempts, error, seed, cost, media check and an inline preview of its video.
+  state, attempts, error, seed, cost, media check and an inline preview of its video. Its
+  failed or cancelled jobs an earlier rerun covers (:mod:`jobs.rendered`) are named with that
+  rerun, and "Rerun failed" offers only the others (none: no button).
 * ``GET /jobs/{job}/video`` — a job's video: a local file is served (with HTTP ranges, so the
   player can seek) only from inside the output folder; an ``s3://`` output is a redirect to a
   short-lived presigned URL.
@@ -35,6 +37,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode
 
 import jinja2
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -47,6 +50,7 @@ from jobs.errors import NotFoundError, UsageError, WanbatchError
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import usd_text
 from jobs.printable import one_line, shell_ref
+from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, rerun_covered
 from jobs.settings import Settings
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 from web.auth import SESSION_COOKIE, Access, TokenGate, safe_next, sent_over_https, session_value
@@ -377,6 +381,7 @@ class Dashboard:
                 now=now,
             )
             failures = store.failure_reasons(session, batch.id)
+            rerun = RerunOffer.of(session, batch, totals)
             context: dict[str, Any] = {
                 "batch": batch,
                 "summary": summary,
@@ -393,7 +398,8 @@ class Dashboard:
                 "jobs": jobs,
                 "filter": wanted,
                 "matching": summary.matching(wanted.states, wanted.endpoint),
-                "actions": _actions(batch, totals),
+                "actions": _actions(batch, totals, rerun),
+                "rerun": rerun,
                 "title": batch.name,
             }
         return self.render(request, "batch.html", **context)
@@ -621,9 +627,89 @@ class Action:
     label: str
     style: str
     confirm: str = ""
+    #: What the button does, in a sentence (its tooltip).
+    title: str = ""
 
 
-def _actions(batch: Batch, totals: listing.Totals) -> list[Action]:
+@dataclass(frozen=True, slots=True)
+class RenderedRerun:
+    """A rerun that rendered some of the batch's failed or cancelled jobs: where their videos are."""
+
+    batch_id: str
+    name: str
+    jobs: int
+    #: The command that lists the videos: ``wanbatch export NAME``, in backticks.
+    export: str
+
+
+@dataclass(frozen=True, slots=True)
+class RerunOffer:
+    """What "Rerun failed" (``rerun --failed-only``) would send now, and where the failed or
+    cancelled jobs it would leave out are: rendered by an earlier rerun, or being rerun by an
+    unfinished one. Decided by :func:`jobs.rendered.rerun_covered`, the very test ``rerun`` and
+    ``status`` apply, so the page never offers a rerun that ``rerun`` refuses."""
+
+    #: The batch's failed and cancelled jobs.
+    failed: int = 0
+    #: Of them, those no rerun covers: what the button would send.
+    left: int = 0
+    rendered: list[RenderedRerun] = field(default_factory=list)
+    pending: list[RerunBeing] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, session: Session, batch: Batch, totals: listing.Totals) -> RerunOffer:
+        failed = sum(totals.counts[s.value] for s in RERUN_FAILED_STATES)
+        if not failed:  # nothing to rerun: the reruns are not even looked up
+            return cls()
+        covered = rerun_covered(session, batch)
+        rendered: list[RenderedBy] = covered.rendered["reruns"]
+        return cls(
+            failed=failed,
+            left=max(0, failed - covered.rendered["jobs"] - covered.pending["jobs"]),
+            rendered=[
+                RenderedRerun(
+                    r["batch"], r["name"], r["jobs"], f"`wanbatch export {shell_ref(r['name'], r['batch'])}`"
+                )
+                for r in rendered
+            ],
+            pending=list(covered.pending["reruns"]),
+        )
+
+    @property
+    def rendered_jobs(self) -> int:
+        return sum(r.jobs for r in self.rendered)
+
+    @property
+    def covered(self) -> int:
+        return self.failed - self.left
+
+
+def _rerun_action(rerun: RerunOffer) -> Action | None:
+    """The "Rerun failed" button when some failed or cancelled job is left to rerun, saying how
+    many when an earlier rerun covers the others (``rerun --failed-only`` leaves those out); none
+    when it covers them all (``rerun`` would refuse: the page says where they are instead)."""
+    if not rerun.left:
+        return None
+    if not rerun.covered:
+        return Action(
+            "rerun-failed",
+            "Rerun failed",
+            "secondary",
+            "Create a new batch with the failed and cancelled jobs of this one?",
+        )
+    return Action(
+        "rerun-failed",
+        f"Rerun {rerun.left:,} failed",
+        "secondary",
+        f"Create a new batch with {rerun.left:,} of the {rerun.failed:,} failed and cancelled jobs of "
+        f"this one? The other {rerun.covered:,} are left out: an earlier rerun already rendered them, "
+        "or is rendering them, with the same input.",
+        f"{rerun.left:,} of the {rerun.failed:,} failed or cancelled jobs: an earlier rerun covers "
+        "the others",
+    )
+
+
+def _actions(batch: Batch, totals: listing.Totals, rerun: RerunOffer) -> list[Action]:
     """The buttons that make sense for ``batch`` as it is now."""
     found: list[Action] = []
     done = _finished(totals)
@@ -632,15 +718,8 @@ def _actions(batch: Batch, totals: listing.Totals) -> list[Action]:
             found.append(Action("resume", "Resume", "primary"))
         elif not done:
             found.append(Action("pause", "Pause", "secondary"))
-    if totals.counts[JobState.FAILED.value] + totals.counts[JobState.CANCELLED.value]:
-        found.append(
-            Action(
-                "rerun-failed",
-                "Rerun failed",
-                "secondary",
-                "Create a new batch with the failed and cancelled jobs of this one?",
-            )
-        )
+    if (offer := _rerun_action(rerun)) is not None:
+        found.append(offer)
     if batch.state != BatchState.CANCELLED and not done:
         found.append(
             Action(

@@ -303,6 +303,66 @@ def test_rerun_failed_twice_before_the_first_ran_pays_once(
     assert "in mixed-rerun-1 (`wanbatch run mixed-rerun-1` goes on)" in message
 
 
+def _actions_html(html: str) -> str:
+    """The text of the batch page's buttons and of what is said next to them (its ``actions``
+    block), on one line."""
+    block = html.split('class="actions"')[1].split('<section class="card" id="progress"')[0]
+    return " ".join(html_text(re.sub(r"<[^>]*>", "", block.partition(">")[2])).split())
+
+
+def test_rerun_button_offers_only_what_no_rerun_covers(sqlite_engine: Engine, output_dir: Path) -> None:
+    """Once every failed job is being rerun (or was rendered) by an earlier rerun, "Rerun failed"
+    is refused (``nothing to rerun``): the page must not offer it but say where those jobs are,
+    as ``wanbatch status`` does; when only some are covered, the button says how many it reruns."""
+    with session_factory(sqlite_engine)() as session:
+        mixed = mixed_batch(session)
+    browser = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN)))
+    browser.cookies.set(SESSION_COOKIE, session_value(TOKEN))
+    page = f"/batches/{mixed.batch.id}"
+    before = browser.get(page, headers=HTML).text
+    assert 'data-action="rerun-failed"' in before
+    assert ">Rerun failed<" in before  # none covered: the button as it always was
+    first = browser.post(f"{page}/rerun-failed", headers={**BEARER, **JSON}).json()
+    assert (first["name"], first["total"]) == ("mixed-rerun-1", 6)
+
+    # Every failed or cancelled job is being rerun in mixed-rerun-1: no button, but where they are.
+    html = browser.get(page, headers=HTML).text
+    assert 'data-action="rerun-failed"' not in html
+    shown = _actions_html(html)
+    assert "6 job(s) are being rerun in mixed-rerun-1: `wanbatch run mixed-rerun-1` goes on" in shown
+    assert f'<a href="/batches/{first["batch"]}">mixed-rerun-1</a>' in html.split('class="actions"')[1]
+    # Pressed anyway (a page open since before), it is still refused with the CLI's words.
+    pressed = browser.post(f"{page}/rerun-failed", headers={**HTML, "Origin": "http://127.0.0.1:8788"})
+    assert pressed.status_code == 303
+    assert "nothing to rerun" in html_text(browser.get(page, headers=HTML).text)
+
+    # Half of the repeats succeed, half fail: the failed ones are offered again, three of them.
+    with session_factory(sqlite_engine)() as change:
+        repeats = list(store.jobs_of_batch(change, first["batch"]))
+        for job in repeats[:3]:
+            set_job(change, job.id, state=JobState.SUCCEEDED, finished_at=utcnow())
+        for job in repeats[3:]:
+            set_job(change, job.id, state=JobState.FAILED, error_type="model_error", finished_at=utcnow())
+        change.commit()
+    html = browser.get(page, headers=HTML).text
+    shown = _actions_html(html)
+    assert 'data-action="rerun-failed"' in html
+    assert "Rerun 3 failed" in shown
+    assert (
+        "3 failed or cancelled job(s) rendered since by a rerun: mixed-rerun-1 "
+        "(`wanbatch export mixed-rerun-1` lists their videos)"
+    ) in shown
+    second = browser.post(f"{page}/rerun-failed", headers={**BEARER, **JSON}).json()
+    assert (second["name"], second["total"]) == ("mixed-rerun-2", 3)  # what the button said
+
+    # Now all six are covered: three rendered by mixed-rerun-1, three being rerun in mixed-rerun-2.
+    html = browser.get(page, headers=HTML).text
+    shown = _actions_html(html)
+    assert 'data-action="rerun-failed"' not in html
+    assert "3 failed or cancelled job(s) rendered since by a rerun: mixed-rerun-1" in shown
+    assert "3 job(s) are being rerun in mixed-rerun-2: `wanbatch run mixed-rerun-2` goes on" in shown
+
+
 def test_rerun_with_nothing_failed_is_refused(sqlite_engine: Engine, output_dir: Path) -> None:
     with session_factory(sqlite_engine)() as session:
         batch = make_batch(session, "clean", [new_job(0, endpoint=ENDPOINTS[0])])
