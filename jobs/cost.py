@@ -6,7 +6,8 @@ bought no output: the actual cost of jobs that ended failed or cancelled (a bill
 request cancelled after it started), plus what a job that finally succeeded paid for earlier
 attempts. *Possible duplicates* are resubmissions after an ambiguous submit: fal may have billed
 each one again; we cannot know, so they are shown apart, at the estimate, never hidden. A
-*confirmed* duplicate is an extra request fal's signed webhook proved it ran: a success is in
+*confirmed* duplicate is an extra request fal proved it ran — its signed webhook, or a submit's
+answer that came after the job had moved on and that fal bills all the same: a billed one is in
 actual (and wasted: it bought no output the job kept), no longer "possibly billed".
 
 All sums are exact :class:`~decimal.Decimal`; rounding happens only at the edge, by
@@ -53,7 +54,8 @@ class CostLine:
     possible_duplicate_charges: int = 0
     #: The resends no proof has resolved yet, at the estimate (what may come on top of actual).
     possible_duplicate_usd: Decimal = ZERO
-    #: Extra requests fal's signed webhooks proved it ran (billed ones are in actual and wasted).
+    #: Extra requests fal proved it ran: by a signed webhook, or by a submit's answer that came after
+    #: its job had moved on (billed ones are in actual and wasted).
     confirmed_duplicate_charges: int = 0
     #: What submits whose outcome stayed unknown may have cost: fal may have billed them.
     possibly_billed_usd: Decimal = ZERO

@@ -3161,7 +3161,8 @@ class BatchMoney:
       submit_unknown, queued, running, cancelling): money that may still be charged.
     * ``committed_usd`` (= spent + reserved) is what a budget cap is checked against.
     * ``possible_duplicate_charges``: resubmissions after an ambiguous submit (maybe billed twice).
-    * ``confirmed_duplicate_charges``: extra requests fal's signed webhooks proved it ran (billed).
+    * ``confirmed_duplicate_charges``: extra requests fal proved it ran (billed): by a signed
+      webhook, or by a submit's answer that came after the job had moved on.
     * ``possibly_billed_usd``: the part of ``spent_usd`` that submits of unknown outcome may have
       cost (``Job.ambiguous_usd``): counted against the budget, shown apart.
     """
@@ -3735,7 +3736,8 @@ def note_duplicate_charge(
     now: datetime,
 ) -> DuplicateNote:
     """A request of the job that fal proved it ran besides the one the job keeps (its signed
-    webhook), in the job's books: on its history (an event that moves nothing, ``reason``
+    webhook, or a submit's answer that came after the job had moved on and that fal bills all
+    the same), in the job's books: on its history (an event that moves nothing, ``reason``
     saying "accepted as <request_id>", so :func:`request_known` finds it and a repeated proof
     is counted once), one more ``confirmed_duplicate_charges``, and, when ``outcome`` says how
     it ended (None: fal's webhook does not tell what it billed), its bill in the job's actual
@@ -3786,7 +3788,8 @@ def note_request(
 ) -> bool:
     """Put ``request_id``, a request of the job that the job does not keep, on its history (a
     submit's late answer, after the job moved on), and count it as a confirmed duplicate charge
-    when fal bills it (``billed``). False when there is no such job, or the request is on its
+    when fal bills it (``billed``: its bill is not written; one that can be billed goes through
+    :func:`note_duplicate_charge`). False when there is no such job, or the request is on its
     history already (``reason`` must say "accepted as <request_id>": :func:`request_known`).
 
     The note is an event that moves nothing: ``from_state`` and ``to_state`` are the job's state,

@@ -139,7 +139,7 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
     )
     yield CounterMetricFamily(
         "wanbatch_confirmed_duplicate_charges",
-        "Extra requests fal's signed webhooks proved it ran (each was billed).",
+        "Extra requests fal proved it ran (a signed webhook, a submit's late answer): each was billed.",
         value=snap.confirmed_duplicate_charges,
     )
 

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,9 @@ from bench.distributed import (
 )
 from cli.output import money_line
 from falsim import SimulatorOptions, running_simulator
-from jobs import db, store
+from jobs import billing, db, store
 from jobs.batches import batch_report
+from jobs.cost import cost_report
 from jobs.models import Job, utcnow
 from jobs.states import JobState
 from tests.hostile import Behaviour, HostileProvider, Recorded, json_reply, sequence
@@ -50,6 +52,8 @@ from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.running import process_batch
 from worker.steps import Runtime, dispatch, reconcile, submit
 from worker.steps.keepalive import SubmitLeases
+from worker.steps.late_answers import settle_late_answer
+from worker.steps.unrecorded import Accepted
 
 S = JobState
 T2V = "fal-ai/wan-22"
@@ -254,6 +258,46 @@ def test_a_late_answer_for_a_failed_job_is_cancelled_recorded_and_counted(
     with db.read_scope(engine) as session:
         assert batch_report(session, batch_id)["confirmed_duplicate_charges"] == int(billed)
         assert store.request_known(session, job_id, FIRST)  # a webhook for it is not counted again
+    _assert_books(engine, batch_id, after.est_usd, billed=billed)
+
+    # Observed again (a journal read again, the same answer twice): nothing more.
+    assert not settle_late_answer(leader, _accepted(job_id, FIRST), T2V)
+    assert hostile.count("PUT", cancel) == 1
+    _assert_books(engine, batch_id, after.est_usd, billed=billed)
+    # Nor does fal's webhook proving the same request count or bill it again.
+    with db.session_scope(engine) as session:
+        noted = store.note_duplicate_charge(
+            session,
+            job_id,
+            FIRST,
+            reason=f"webhook: accepted as {FIRST}",
+            worker=None,
+            outcome=billing.Outcome.SUCCEEDED,
+            now=utcnow(),
+        )
+    assert noted == "known"
+    _assert_books(engine, batch_id, after.est_usd, billed=billed)
+
+
+def _accepted(job_id: str, request_id: str) -> Accepted:
+    return Accepted(job_id, 1, request_id, None, None, None, None, running=False, submitted_at=utcnow())
+
+
+def _assert_books(engine: Engine, batch_id: str, est: Decimal, *, billed: bool) -> None:
+    """The one job's late request in the batch's money: billed once at the job's estimate in
+    actual and wasted (``cost``, ``status``), no longer possibly billed — or, not billed, still
+    what its unknown submit may have cost. Spent is the same either way (it was counted already)."""
+    with db.read_scope(engine) as session:
+        cost = cost_report(session, batch_id).total
+        short = store.batch_cost(session, batch_id)
+        report = batch_report(session, batch_id)
+        money = store.batch_money(session, batch_id)
+        assert store.batch_spent_usd(session, batch_id) == money.spent_usd  # running totals moved too
+    assert cost.confirmed_duplicate_charges == int(billed)
+    assert (cost.actual_usd, cost.wasted_usd) == ((est, est) if billed else (0, 0))
+    assert (short.actual_usd, short.wasted_usd) == (cost.actual_usd, cost.wasted_usd)
+    assert cost.possibly_billed_usd == (0 if billed else est)
+    assert Decimal(str(report["spent_usd"])) == money.spent_usd == est
 
 
 def test_a_late_answer_after_a_resubmit_is_a_confirmed_duplicate_charge(
@@ -286,6 +330,48 @@ def test_a_late_answer_after_a_resubmit_is_a_confirmed_duplicate_charge(
         report = batch_report(session, batch_id)
     assert (report["possible_duplicate_charges"], report["confirmed_duplicate_charges"]) == (1, 1)
     assert "1 confirmed duplicate charge(s)" in money_line(report)  # `status` says so too
+    # Billed in the job's actual cost, no longer possibly billed (nor a possible duplicate).
+    assert (after.actual_usd, after.ambiguous_usd) == (after.est_usd, Decimal(0))
+    with db.read_scope(engine) as session:
+        cost = cost_report(session, batch_id).total
+    assert cost.actual_usd == after.est_usd
+    assert cost.possibly_billed_usd == cost.possible_duplicate_usd == 0
+    assert cost.confirmed_duplicate_charges == 1
+
+
+def test_a_late_answer_while_a_worker_holds_the_resent_job_is_counted_and_left_possibly_billed(
+    engine: Engine, hostile: HostileProvider, stepper: list[Runtime]
+) -> None:
+    """The resend's POST holds the job's lease (and would write the job's cost from what it
+    read): the late request is counted and noted at once, its money left possibly billed."""
+    held = HeldAnswer(hostile, FIRST)
+    hostile.route("POST", rf"/{T2V}", sequence(held, json_reply(_submit_answer(hostile, SECOND))))
+    _cancel_route(hostile, FIRST, json_reply({"status": "ALREADY_COMPLETED"}, 400))
+    worker, leader = _runtimes(engine, hostile.url, stepper, submit_unknown_policy="resubmit")
+    batch_id = add_batch(engine, "held", [(T2V, {"prompt": "a kite over dunes"})])
+    (job_id,) = dispatch(worker)
+    _stalled(worker)
+    step = SlowSubmit(worker, job_id, held)
+    expiry = step.start(engine)
+    _until("the lease to run out", _lease_passed(expiry))
+    assert reconcile(leader) == 1
+    assert dispatch(leader) == [job_id]  # attempt 2, leased to the leader's submit step
+
+    assert step.answer() == "orphaned"
+    during = _job(engine, job_id)
+    assert (during.state, during.lease_owner, during.confirmed_duplicate_charges) == (
+        S.SUBMITTING,
+        leader.owner,
+        1,
+    )
+    assert (during.actual_usd, during.ambiguous_usd) == (None, during.est_usd)
+    *_, note = _history(engine, job_id)
+    assert f"accepted as {FIRST}" in note[2]
+    assert "possibly billed" in note[2]
+    assert submit(leader, job_id) == "submitted"
+    with db.read_scope(engine) as session:
+        cost = cost_report(session, batch_id).total
+    assert (cost.confirmed_duplicate_charges, cost.possibly_billed_usd) == (1, during.est_usd)
 
 
 def test_a_late_answer_while_the_job_waits_for_proof_is_adopted(

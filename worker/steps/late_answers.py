@@ -16,17 +16,27 @@ it), and a job sent again keeps the request of its new attempt. A job still in
 * cancelled at fal — free while it waits in fal's queue, so usually nothing is billed;
 * recorded on the job's history (:func:`jobs.store.note_request`: "accepted as <id>", so the
   request is known and a webhook for it is not counted again);
-* counted in ``confirmed_duplicate_charges`` when fal bills it all the same: it was already
-  running when accepted, fal had already finished it, or the cancel did not go through.
+* a confirmed duplicate charge when fal bills it all the same (it was already running when
+  accepted, fal had already finished it, or the cancel did not go through), in the job's books
+  as one a signed webhook proves (:func:`jobs.store.note_duplicate_charge`): counted in
+  ``confirmed_duplicate_charges`` and billed at the job's estimate (fal's answer carries no
+  cost) in its actual cost — and in wasted, for the job keeps no output of it — while what its
+  submit may have cost leaves "possibly billed". Once, however often it is observed.
+
+While a worker holds the job (a resend's POST, a download) the bill cannot be written (that
+worker bills the job from what it read when it took the lease): the request is then put on the
+history and counted as before, its money left "possibly billed", where its unknown submit put it.
 """
 
 from __future__ import annotations
 
 import logging
 
-from jobs import db, store
+from sqlalchemy.orm import Session
+
+from jobs import billing, db, store
 from jobs.errors import WanbatchError
-from jobs.models import Job
+from jobs.models import Job, utcnow
 from worker.fal.models import CancelOutcome, RequestHandle
 from worker.steps.context import Runtime, S
 from worker.steps.unrecorded import Accepted
@@ -50,29 +60,29 @@ def settle_late_answer(
     rt: Runtime, accepted: Accepted, endpoint: str, *, cancel: bool = True, event: str = "submit.orphaned"
 ) -> bool:
     """Cancel ``accepted`` at fal (unless ``cancel`` is False: another provider's request), put
-    it on its job's history and count it when billed; say so in a warning (``event``). True when
-    counted as billed.
+    it on its job's history and, when billed, count and bill it; say so in a warning
+    (``event``). True when counted as billed.
 
-    Nothing is done twice: a request already on the job's history (a journal read again) is
-    left as it is, and one a webhook already counted is not counted again.
+    Nothing is done twice: a request already on the job's history (a journal read again, a
+    webhook's proof) is left as it is, and one a webhook already counted is not counted again.
     """
     with db.read_scope(rt.engine) as session:
         if store.request_known(session, accepted.job_id, accepted.request_id):
             return False
     if cancel:
-        fate, billed = _cancel(rt, accepted, endpoint)
+        fate, outcome = _cancel(rt, accepted, endpoint)
     else:
-        fate, billed = "not cancelled (another provider's request): it runs, and is billed", True
+        fate, outcome = (
+            "not cancelled (another provider's request): it runs, and is billed",
+            billing.Outcome.SUCCEEDED,
+        )
+    reason = (
+        f"late answer to attempt {accepted.attempt}, after the job had moved on: "
+        f"accepted as {accepted.request_id}; {fate}"
+    )
     with db.session_scope(rt.engine) as session:
-        counted = billed and not store.duplicate_charge_recorded(session, accepted.request_id)
-        reason = (
-            f"late answer to attempt {accepted.attempt}, after the job had moved on: "
-            f"accepted as {accepted.request_id}; {fate}"
-        )
-        noted = store.note_request(
-            session, accepted.job_id, accepted.request_id, reason=reason, worker=rt.owner, billed=counted
-        )
-        if not noted:
+        booked = _book(session, rt, accepted, reason, outcome)
+        if booked is None:
             return False
         state = store.get_job(session, accepted.job_id).state.value
     log.warning(
@@ -80,24 +90,61 @@ def settle_late_answer(
         accepted.line(),
         state,
         fate,
-        "; counted as a confirmed duplicate charge" if counted else "",
+        booked,
         extra={"event": event, "job_id": accepted.job_id, "request_id": accepted.request_id},
     )
-    return counted
+    return bool(booked)
 
 
-def _cancel(rt: Runtime, accepted: Accepted, endpoint: str) -> tuple[str, bool]:
-    """Ask fal to cancel ``accepted``: what became of it, in words, and whether it is billed."""
+def _book(
+    session: Session, rt: Runtime, accepted: Accepted, reason: str, outcome: billing.Outcome | None
+) -> str | None:
+    """Put ``accepted`` in its job's books: billed (``outcome``) as a confirmed duplicate charge,
+    as a webhook's proof is (:func:`jobs.store.note_duplicate_charge`), or only on the history.
+    What was done, in words for the warning ("": noted only), or None when it was known already
+    (or the job is gone): nothing done."""
+    if outcome is None or store.duplicate_charge_recorded(session, accepted.request_id):
+        noted = store.note_request(
+            session, accepted.job_id, accepted.request_id, reason=reason, worker=rt.owner, billed=False
+        )
+        return "" if noted else None
+    booked = store.note_duplicate_charge(
+        session,
+        accepted.job_id,
+        accepted.request_id,
+        reason=reason,
+        worker=rt.owner,
+        outcome=outcome,
+        now=utcnow(),
+    )
+    if booked == "counted":
+        return "; counted as a confirmed duplicate charge, billed at the job's estimate"
+    if booked != "held":
+        return None
+    # A worker holds the job and bills it from what it read (it would overwrite the bill): the
+    # request is counted now, its money left "possibly billed", where its unknown submit put it.
+    held = f"{reason}; counted, its bill left possibly billed (a worker held the job)"
+    if not store.note_request(
+        session, accepted.job_id, accepted.request_id, reason=held, worker=rt.owner, billed=True
+    ):
+        return None
+    return "; counted as a confirmed duplicate charge, its bill left possibly billed (a worker held the job)"
+
+
+def _cancel(rt: Runtime, accepted: Accepted, endpoint: str) -> tuple[str, billing.Outcome | None]:
+    """Ask fal to cancel ``accepted``: what became of it, in words, and how fal bills it (None:
+    not at all). fal's answer to a cancel says nothing of how a finished request ended: billed as
+    a success, in full, as a request that runs on is."""
     # Built from the configured queue URL and the (validated) request id only: the key goes there.
     handle = RequestHandle.from_request_id(rt.settings.fal_queue_url, endpoint, accepted.request_id)
     try:
         outcome = rt.client.cancel(handle)
     except (WanbatchError, RuntimeError) as exc:  # refused, unreachable, or the client closed
-        return f"could not be cancelled at fal ({exc}): it runs, and is billed", True
+        return f"could not be cancelled at fal ({exc}): it runs, and is billed", billing.Outcome.SUCCEEDED
     if outcome == CancelOutcome.ALREADY_COMPLETED:
-        return "fal had already run it: billed", True
+        return "fal had already run it: billed", billing.Outcome.SUCCEEDED
     if outcome == CancelOutcome.NOT_FOUND:
-        return "fal no longer knows it: not billed", False
+        return "fal no longer knows it: not billed", None
     if accepted.running:
-        return "cancelled at fal, but it was already running: billed", True
-    return "cancelled at fal while it waited in its queue: not billed", False
+        return "cancelled at fal, but it was already running: billed", billing.Outcome.CANCELLED_RUNNING
+    return "cancelled at fal while it waited in its queue: not billed", None
