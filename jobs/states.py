@@ -26,7 +26,11 @@ With ``reuse_outputs``, a pinned-seed ``pending``/``retry_wait`` job whose exact
 succeeded goes straight to ``succeeded``, taking that output (never sent, nothing billed).
 
 Terminal states are ``succeeded``, ``failed`` and ``cancelled``: nothing leaves them (a rerun
-makes a new batch).
+makes a new batch) — with one exception, paid work coming back: a job that failed only because
+its submit's outcome stayed unknown past ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` (``error_type``
+``submit_unknown``, no request kept, no output) goes ``failed ──► queued`` when fal's signed
+webhook later proves it accepted that very attempt and finished it: the request was billed, so
+its video is fetched (``jobs.store.adopt_late_proof``), and nothing is sent again.
 """
 
 from __future__ import annotations
@@ -127,7 +131,9 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
         }
     ),
     S.SUCCEEDED: frozenset(),
-    S.FAILED: frozenset(),
+    # → QUEUED only by jobs.store.adopt_late_proof: a late webhook proves the failed job's
+    # ambiguous submit was accepted and completed (paid): its video is fetched, nothing is sent.
+    S.FAILED: frozenset({S.QUEUED}),
     S.CANCELLED: frozenset(),
 }
 del S

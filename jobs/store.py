@@ -111,6 +111,7 @@ __all__ = [
     "SubmitView",
     "UnfinishedBatch",
     "add_jobs",
+    "adopt_late_proof",
     "adopt_request",
     "batch_committed_usd",
     "batch_cost",
@@ -1561,6 +1562,75 @@ def adopt_request(
         error_type=None,
         **_UNLEASED,
     )
+
+
+#: What a failed job's error type says when it failed only because its submit's outcome stayed
+#: unknown (:func:`adopt_late_proof`; ``worker.steps.failures.settle_unknown_submit``).
+SUBMIT_UNKNOWN_ERROR = "submit_unknown"
+
+
+def adopt_late_proof(
+    session: Session,
+    fence: Fence,
+    *,
+    request_id: str,
+    gateway_request_id: str | None,
+    attempt: int,
+    next_poll_at: datetime,
+    reason: str,
+    **fetched: Any,
+) -> bool:
+    """``failed`` → ``queued``: fal's signed webhook proves, after
+    ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` failed the job, that it accepted the job's last attempt
+    (``attempt``) as ``request_id`` — and finished it, so fal billed it. The one move out of a
+    terminal state (:mod:`jobs.states`): the job keeps that request and goes on to fetch its
+    video as any adopted request does; nothing is sent again.
+
+    Only a job that failed for that reason alone qualifies: ``error_type`` ``submit_unknown``,
+    still at ``attempt``, no request kept, no output (so a video is never fetched over another).
+    The money stays counted once: the estimate that the ambiguous submit put in
+    ``ambiguous_usd`` ("possibly billed") leaves it, and the job's share of its batch's finished
+    money is taken back (it is in flight again; its success counts it, billed in full). The row
+    is locked first, so the figures taken back are the ones the job was finished with.
+    ``fetched``: what the webhook already carries of fal's result (``provider_output``,
+    ``seed``, ``actual_prompt``), kept for the download. False when the job does not qualify or
+    moved on (compare-and-set on ``fence``).
+    """
+    if fence.state != JobState.FAILED:
+        return False
+    found = _run(session, select(_JOBS).where(_JOBS.c.id == fence.job_id).with_for_update()).first()
+    if (
+        found is None
+        or found.state != JobState.FAILED
+        or found.version != fence.version
+        or found.error_type != SUBMIT_UNKNOWN_ERROR
+        or found.attempts != attempt
+        or found.request_id is not None
+        or found.output_path is not None
+    ):
+        return False
+    before = finished_usd(JobState.FAILED, found.actual_usd, found.est_usd, found.ambiguous_usd)
+    moved = _move(
+        session,
+        fence,
+        JobState.QUEUED,
+        reason,
+        request_id=request_id,
+        gateway_request_id=gateway_request_id,
+        status_url=None,
+        response_url=None,
+        cancel_url=None,
+        next_attempt_at=next_poll_at,
+        error=None,
+        error_type=None,
+        finished_at=None,
+        ambiguous_usd=found.ambiguous_usd - min(found.ambiguous_usd, found.est_usd),
+        **fetched,
+        **_UNLEASED,
+    )
+    if moved:
+        _add_finished(session, found.batch_id, found.submitted_at, -before)
+    return moved
 
 
 def mark_submit_unknown(session: Session, fence: Fence, *, why: str, due_at: datetime) -> bool:

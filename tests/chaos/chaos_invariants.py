@@ -198,7 +198,9 @@ def check(
                 if ev.to_state != previous_state or ev.version < previous_version:
                     found.fail(f"job {job.id}: note in {ev.to_state} v{ev.version} after {previous_state}")
                 continue
-            if previous_state in TERMINAL:
+            moved = (ev.from_state, ev.to_state)
+            late_proof = moved == ("failed", "queued") and "late proof" in (ev.reason or "")
+            if previous_state in TERMINAL and not late_proof:
                 found.fail(f"job {job.id}: event {ev.from_state}->{ev.to_state} after terminal")
             if ev.from_state != previous_state:
                 found.fail(f"job {job.id}: event {ev.from_state}->{ev.to_state} after {previous_state}")

@@ -34,7 +34,7 @@ from falsim import SimulatorHandle, SimulatorOptions, running_simulator
 from falsim.faults import FaultRule
 from falsim.webhooks import WebhookSigner, webhook_body
 from jobs import db, store
-from jobs.batches import batch_report
+from jobs.batches import batch_report, rerun_batch
 from jobs.billing import Outcome, billed
 from jobs.cost import cost_report
 from jobs.models import BatchState, Job, WebhookDelivery, utcnow
@@ -50,6 +50,7 @@ from worker.steps.context import handle_of
 from worker.steps.poll import _next_poll, first_poll_at
 from worker.steps.submit import webhook_for
 from worker.steps.webhooks import (
+    ADOPTED_LATE,
     DEFERRED,
     STATUS_DUE,
     Inbox,
@@ -508,6 +509,107 @@ def test_a_proof_for_a_job_being_downloaded_waits_for_the_download_to_bill_the_j
     assert after.actual_usd == 2 * job.est_usd
 
 
+def _failed_for_unknown_outcome(engine: Engine) -> Job:
+    """One job whose attempt 1 went out and whose answer was lost, failed by
+    ``WANBATCH_SUBMIT_UNKNOWN_POLICY=fail`` once no webhook proved it within the deadline (as
+    :func:`worker.steps.failures.settle_unknown_submit` fails it): its estimate possibly billed."""
+    job = _sent(engine, request_id=None, unknown=True)
+    with db.session_scope(engine) as session:
+        assert store.fail_job(
+            session,
+            store.Fence.of(job, "reconciler"),
+            reason="submission outcome unknown: no webhook proved it within WANBATCH_SUBMIT_UNKNOWN_DEADLINE",
+            error="submission outcome unknown (…): fal may have accepted (and billed) it",
+            error_type="submit_unknown",
+        )
+    return _job(engine, job.batch_id)
+
+
+def _money_agrees(engine: Engine, batch_id: str) -> Decimal:
+    """The batch's spent money, once the running totals (what budgets read) agree with the jobs."""
+    with db.read_scope(engine) as session:
+        spent = store.batch_money(session, batch_id).spent_usd
+        assert store.batch_spent_usd(session, batch_id) == spent
+        return spent
+
+
+def test_a_proof_after_the_deadline_failed_the_job_brings_its_paid_video_back(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    """The submit's answer was lost and the job failed at the deadline; then fal's webhook proves
+    it ran that very request and finished it: fal billed it, so the job adopts the request and
+    goes on to fetch its video (from the result the webhook carries), once however often the
+    proof comes. Nothing is sent again, no duplicate charge is counted, and the money is counted
+    once: what was "possibly billed" is billed."""
+    job = _failed_for_unknown_outcome(engine)
+    assert (job.state, job.ambiguous_usd, job.request_id) == (S.FAILED, job.est_usd, None)
+    assert _money_agrees(engine, job.batch_id) == job.est_usd  # possibly billed, counted as spent
+
+    assert _post(client, signer, job, "req-late") == 200
+    assert _post(client, signer, job, "req-late") == 200  # fal's retry of the same delivery
+    assert _outcomes(engine, "req-late") == [ADOPTED_LATE]
+
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.attempts) == (S.DOWNLOADING, "req-late", 1)
+    assert (after.error, after.error_type, after.finished_at) == (None, None, None)
+    assert (after.provider_output, after.seed) == (RESULT, 7)  # the download needs no result call
+    assert (after.confirmed_duplicate_charges, after.possible_duplicate_charges) == (0, 0)
+    assert after.ambiguous_usd == 0
+    assert _money_agrees(engine, job.batch_id) == job.est_usd
+    with db.session_scope(engine) as session:
+        moves = [(e.from_state, e.to_state) for e in store.job_events(session, job.id)]
+        reasons = [e.reason or "" for e in store.job_events(session, job.id)]
+    assert moves[-2:] == [(S.FAILED, S.QUEUED), (S.QUEUED, S.DOWNLOADING)]
+    assert "late proof by webhook" in reasons[-2]
+    assert "accepted as req-late" in reasons[-2]
+
+    with db.session_scope(engine) as session:  # the download stores the video, billed once
+        done = store.get_job(session, job.id)
+        assert store.mark_succeeded(
+            session,
+            store.Fence.of(done, "downloader"),
+            output_path="out.mp4",
+            output_sha256="0" * 64,
+            output_bytes=1,
+            **billed(Outcome.SUCCEEDED, done.est_billing_units, done.est_usd, prior_usd=done.actual_usd),
+        )
+    finished = _job(engine, job.batch_id)
+    assert (finished.state, finished.actual_usd) == (S.SUCCEEDED, job.est_usd)
+    assert finished.ambiguous_usd == 0
+    assert _money_agrees(engine, job.batch_id) == job.est_usd
+    assert _post(client, signer, job, "req-late", ok=False) == 200  # another body, afterwards
+    assert _job(engine, job.batch_id).version == finished.version
+    with db.session_scope(engine) as session:
+        cost = cost_report(session, job.batch_id).total
+        report = batch_report(session, job.batch_id)
+    assert cost.actual_usd == job.est_usd
+    assert cost.wasted_usd == cost.possibly_billed_usd == 0
+    assert (report["confirmed_duplicate_charges"], report["counts"]["succeeded"]) == (0, 1)
+
+
+@pytest.mark.parametrize("why", ["failed", "not its last attempt", "kept a request"])
+def test_a_late_proof_never_reopens_a_job_that_failed_otherwise(
+    engine: Engine, client: TestClient, signer: WebhookSigner, why: str
+) -> None:
+    """Only a job failed for its unknown submit outcome comes back, and only for its last
+    attempt's request finished at fal: a failure fal reports has no video to fetch, and a job
+    that failed for another reason, or an earlier attempt's request, is the duplicate charge it
+    always was."""
+    kept = why == "kept a request"
+    job = _sent(engine, request_id="req-1") if kept else _failed_for_unknown_outcome(engine)
+    if kept:
+        with db.session_scope(engine) as session:
+            assert store.fail_job(
+                session, store.Fence.of(job, "w"), error="model error", error_type="submit_unknown"
+            )
+    attempt = 0 if why == "not its last attempt" else 1
+    assert _post(client, signer, job, "req-late", attempt=attempt, ok=why != "failed") == 200
+    after = _job(engine, job.batch_id)
+    assert after.state == S.FAILED
+    assert after.confirmed_duplicate_charges == 1
+    assert _outcomes(engine, "req-late") == ["duplicate-charge"]
+
+
 def test_unknown_and_finished_jobs_are_acknowledged_and_ignored(
     engine: Engine, client: TestClient, signer: WebhookSigner
 ) -> None:
@@ -826,6 +928,84 @@ def test_a_duplicate_charge_proved_after_the_run_is_counted_billed_and_on_its_hi
     assert "possible duplicate charges" not in table.stdout
     assert "1 confirmed duplicate charge(s)" in table.stdout
     get_settings.cache_clear()
+
+
+@pytest.mark.slow
+def test_a_video_proved_after_the_deadline_failed_its_job_is_fetched_beside_a_rerun_s(tmp_path: Path) -> None:
+    """The first submit's answer is lost and its webhook cannot get through (the receiver is
+    down): at ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` the ``fail`` policy fails the job, and the user
+    reruns it (``rerun --failed-only``), paying for it again. Then the receiver comes up and fal's
+    retries deliver the proof that the first request ran: billed, so ``run NAME`` fetches its
+    video into the job that failed — in the batch's own folder, the rerun's video untouched —
+    and every request fal billed is counted once, none as a duplicate."""
+    options = SimulatorOptions(
+        concurrency_limit=5,
+        latency_seconds=0.2,
+        rng_seed=11,
+        faults={"submit_drop": FaultRule(next=1)},
+        webhook_attempts=200,
+        webhook_retry_base_seconds=0.2,
+        webhook_retry_max_seconds=0.5,
+    )
+    down = socket.socket()  # bound, not listening: fal's deliveries are refused until it serves
+    down.bind(("127.0.0.1", 0))
+    web_url = f"http://127.0.0.1:{down.getsockname()[1]}"
+    with running_simulator(options) as sim:
+        base = settings_for(sim.url, "sim-key", database_url=f"sqlite:///{tmp_path / 'w.db'}")
+        engine = db.open_engine(base)
+        settings = base.model_copy(
+            update={
+                "webhook_url": f"{web_url}/webhooks/fal",
+                "submit_unknown_deadline": 2.0,
+                "webhook_poll_after": 3.0,
+                "output_dir": tmp_path / "out",
+            }
+        )
+        batch_id = add_batch(engine, "late", [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(4)])
+        report, _stats = process_batch(batch_id, settings, show_progress=False)
+        assert (report["counts"]["succeeded"], report["counts"]["failed"]) == (3, 1), report["counts"]
+        (lost,) = [j for j in _jobs(engine, batch_id) if j.state == S.FAILED]
+        assert (lost.error_type, lost.request_id) == ("submit_unknown", None)
+        (proved,) = {e["request_id"] for e in sim.ledger()["entries"]} - {
+            j.request_id for j in _jobs(engine, batch_id)
+        }
+
+        rerun = rerun_batch(batch_id, failed_only=True, settings=settings)
+        process_batch(rerun.batch_id, settings, show_progress=False)
+        (again,) = _jobs(engine, rerun.batch_id)
+        assert again.state == S.SUCCEEDED
+        rerun_video = Path(again.output_path or "").read_bytes()
+
+        receiver = base.model_copy(update={"webhook_jwks_url": f"{sim.url}/.well-known/jwks.json"})
+        server = uvicorn.Server(uvicorn.Config(create_app(receiver, engine=engine), log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [down]}, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: _outcomes(engine, proved) != [], step=lambda: None, timeout=60)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+        assert _outcomes(engine, proved) == [ADOPTED_LATE]
+        assert _current(engine, lost.id).state == S.DOWNLOADING
+        report, _stats = process_batch(batch_id, settings, show_progress=False)  # `run late` collects it
+        ledger = sim.ledger()
+    assert report["counts"]["succeeded"] == 4, report["counts"]
+    after = _current(engine, lost.id)
+    assert (after.state, after.request_id, after.attempts) == (S.SUCCEEDED, proved, 1)
+    assert Path(after.output_path or "").parent.name == "late"  # its own batch's folder
+    assert after.output_path != again.output_path
+    assert Path(again.output_path or "").read_bytes() == rerun_video  # the rerun's video untouched
+    assert _current(engine, again.id).output_sha256 == again.output_sha256
+    # Five requests billed (four, and the rerun's): each counted once, none possibly billed.
+    assert sum(e["billed"] for e in ledger["entries"]) == 5
+    with db.session_scope(engine) as session:
+        for batch, spent in ((batch_id, 4 * lost.est_usd), (rerun.batch_id, again.est_usd)):
+            status = batch_report(session, batch)
+            assert store.batch_spent_usd(session, batch) == spent
+            assert Decimal(str(status["spent_usd"])) == spent
+            assert (status["possibly_billed_usd"], status["confirmed_duplicate_charges"]) == (0, 0)
+        history = [e.reason or "" for e in store.job_events(session, lost.id)]
+    assert sum("late proof by webhook" in reason for reason in history) == 1
 
 
 def _jobs(engine: Engine, batch_id: str) -> list[Job]:

@@ -59,10 +59,12 @@ from jobs.errors import NotFoundError
 from jobs.models import Job, WebhookDelivery, utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
+from worker.fal.errors import ProviderProtocolError
 from worker.fal.models import Status, request_id_or_none
 from worker.fal.redact import redact_value
 from worker.fal.webhooks import VerifiedDelivery
 from worker.steps.context import Runtime, S, worker_identity
+from worker.steps.download import parse_result
 from worker.steps.poll import first_poll_at, record_completion
 
 log = logging.getLogger(__name__)
@@ -75,10 +77,13 @@ _TRIES = 3
 STATUS_DUE = "status due: a failure by webhook says not whether the request ran"
 #: What a delivery not applied yet says: the tick applies it later.
 DEFERRED = "deferred: the job kept moving, or a worker holds it"
+#: What applying a success proved for a job the deadline had failed does (:func:`_late_proof`).
+ADOPTED_LATE = "adopted: a late proof of a job failed for its unknown submit outcome"
 #: Outcomes after which the tick leader has work (:func:`jobs.db.notify_events`, on PostgreSQL),
 #: in whichever process it runs: a moved job's download to queue and the slot it freed to fill,
 #: or a job due for its status call now.
-_WAKES = ("completed", "adopted", STATUS_DUE)
+_WAKES = ("completed", "adopted", STATUS_DUE, ADOPTED_LATE)
+_ADOPTED = ("adopted", ADOPTED_LATE)
 
 
 #: The :class:`~jobs.models.InstanceSecret` that keys the webhook URLs' tokens.
@@ -335,6 +340,37 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
             )
             fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
             outcome = "adopted"
+        elif _late_proof(job, state, delivery, status):
+            gateway = delivery.body.get("gateway_request_id")
+            if not store.adopt_late_proof(
+                session,
+                fence,
+                request_id=delivery.request_id,
+                gateway_request_id=request_id_or_none(gateway),
+                attempt=job.attempts,
+                next_poll_at=first_poll_at(inbox.settings, now),
+                reason=(
+                    f"late proof by webhook, after the job failed for its unknown submit outcome: "
+                    f"attempt {job.attempts} accepted as {delivery.request_id} and finished at fal "
+                    "(billed): its video is fetched, nothing is sent again"
+                ),
+                **_fetched(delivery.body),
+            ):
+                continue
+            log.warning(
+                "job %s: a webhook proved, after the job failed for its unknown submit outcome, that "
+                "fal ran it as %s (billed): its video is fetched",
+                job.id,
+                delivery.request_id,
+                extra={
+                    "event": "webhook.adopted_late",
+                    "job_id": job.id,
+                    "batch_id": job.batch_id,
+                    "request_id": delivery.request_id,
+                },
+            )
+            fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
+            outcome = ADOPTED_LATE
         else:
             return _duplicate_charge(session, inbox, job, delivery, status, now=now), None
         if not settles(status):
@@ -352,13 +388,45 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                     "request_id": delivery.request_id,
                 },
             )
-            return (outcome if outcome == "adopted" else STATUS_DUE), None
+            return (outcome if outcome in _ADOPTED else STATUS_DUE), None
         queue = record_completion(session, fence, status, now=now, download_queued_until=queued_until)
         if S(store.get_job(session, job.id).state) != fence.state:
             return outcome, job.id if queue else None
-        if outcome == "adopted":  # adopted, but the completion lost a race: the poller finishes it
+        if outcome in _ADOPTED:  # adopted, but the completion lost a race: the poller finishes it
             return outcome, None
     return None, None
+
+
+def _late_proof(job: Job, state: S, delivery: WebhookDelivery, status: Status) -> bool:
+    """Whether ``delivery`` proves that fal ran and finished, billed, the very request of a job
+    that failed only because its submit's outcome stayed unknown (``WANBATCH_SUBMIT_UNKNOWN_POLICY``
+    ``fail``, or ``resubmit`` out of attempts, once ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` passed):
+    its last attempt, no request kept, no output. Such a job adopts the request and fetches its
+    video (:func:`jobs.store.adopt_late_proof`), whatever its batch's state: a cancel, a pause or
+    a deadline stops what is sent, and this sends nothing (a request that finished despite a
+    cancel is downloaded too). A failure fal reports is not adopted: there is no video to fetch,
+    and the job stays failed (the proof is noted as before, :func:`_duplicate_charge`)."""
+    return (
+        state == S.FAILED
+        and job.error_type == store.SUBMIT_UNKNOWN_ERROR
+        and delivery.attempt == job.attempts
+        and job.request_id is None
+        and job.output_path is None
+        and not status.failed
+    )
+
+
+def _fetched(body: dict[str, Any]) -> dict[str, Any]:
+    """What fal's result in a success's webhook gives the download (its ``payload``, the result
+    the result call would answer), so the video is fetched even once fal no longer keeps the
+    result (an hour; a webhook is retried for two); nothing when it is not a Wan result (the
+    download then asks fal for it)."""
+    payload = body.get("payload")
+    try:
+        video = parse_result(payload)
+    except ProviderProtocolError:
+        return {}
+    return {"provider_output": payload, "seed": video.seed, "actual_prompt": video.actual_prompt}
 
 
 def _duplicate_charge(
