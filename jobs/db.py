@@ -70,7 +70,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.sqltypes import TupleType
 
 from jobs.errors import ConfigError, DatabaseFullError
-from jobs.settings import DatabaseSettings, home_expanded
+from jobs.settings import SQLITE_DRIVER_OPTIONS, DatabaseSettings, home_expanded
 from jobs.url_secrets import masked_url
 
 if TYPE_CHECKING:
@@ -143,9 +143,7 @@ def _sqlite_home(parsed: URL) -> URL:
 
 
 #: Query options SQLAlchemy's pysqlite dialect takes itself (its ``create_connect_args``).
-_PYSQLITE_OPTIONS = frozenset(
-    {"timeout", "isolation_level", "detect_types", "check_same_thread", "cached_statements", "uri"}
-)
+_PYSQLITE_OPTIONS = frozenset(SQLITE_DRIVER_OPTIONS)
 
 
 def _sqlite_options(parsed: URL) -> URL:

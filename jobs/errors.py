@@ -93,6 +93,10 @@ DEADLINE_PASSED = "deadline_passed"
 #: deadline: nothing could be sent either, so it is treated like :data:`DEADLINE_PASSED`.
 NEVER_OPENS = "never_opens"
 
+#: :attr:`Issue.code` of a manifest over the job limit: one error that no cap on the number of
+#: errors shown may hide (a file of bad rows past the limit says both).
+TOO_MANY_JOBS = "too_many_jobs"
+
 
 @dataclass(frozen=True, slots=True)
 class Issue:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -25,7 +26,7 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -446,6 +447,100 @@ class FalSettings(_Section):
         return self.fal_key.get_secret_value()
 
 
+#: Where SQLAlchemy's URL parser (``sqlalchemy.engine.url.make_url``, whose pattern this is)
+#: finds a database URL's query: after the first ``?`` past the user, the password (which may
+#: hold a ``?``), the host, the port and the database.
+_DATABASE_URL = re.compile(
+    r"""[\w+]+://
+        (?:[^:/]*(?::[^@]*)?@)?
+        (?:(?:\[[^/?]+\]|[^/:?]+)?(?::[^/?]*)?)?
+        (?:/[^?]*)?
+        (?:\?(?P<query>.*))?""",
+    re.VERBOSE,
+)
+#: A ``%`` that does not start a percent escape (two hex digits).
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+#: The query options SQLAlchemy's SQLite driver (pysqlite) takes itself, and what each value is
+#: converted to when the first connection opens: a value that does not convert was an internal
+#: error there (``could not convert string to float: 'abc'``), exit 70.
+SQLITE_DRIVER_OPTIONS = {
+    "uri": "bool",
+    "timeout": "seconds",
+    "isolation_level": "text",
+    "detect_types": "whole",
+    "check_same_thread": "bool",
+    "cached_statements": "whole",
+}
+#: The words SQLAlchemy reads as true or false (``sqlalchemy.util.asbool``).
+_BOOLEAN_WORDS = frozenset({"true", "yes", "on", "y", "t", "1", "false", "no", "off", "n", "f", "0"})
+
+
+def database_url_problem(url: str) -> str | None:
+    """What is malformed in a database URL's query (after ``?``), or None. The URL's value is
+    never echoed (a query may hold a password, ``sslpassword=``); an option's name may be.
+
+    SQLAlchemy reads the query leniently: a part without ``=`` (``?%ZZ``, ``?mode``) is dropped
+    without a word, an invalid percent escape is kept as typed, a repeated option becomes a list
+    (``timeout=1&timeout=2``: an internal error when SQLite opened), and a SQLite driver option
+    that is no number or flag (``timeout=abc``) failed only at the first connection, as an
+    internal error. A URL that is no database URL at all is left to the database's own check."""
+    match = _DATABASE_URL.match(url)
+    query = match["query"] if match is not None else None
+    if not query:
+        return None
+    where = "its query (after '?')"
+    options: dict[str, str] = {}
+    for part in query.split("&"):
+        if not part:  # "?a=1&&b=2": nothing between
+            continue
+        if _BAD_ESCAPE.search(part):
+            return (
+                f"{where} has an invalid percent escape: '%' starts two hex digits (%2F), a '%' itself "
+                "is written %25"
+            )
+        name, equals, value = part.partition("=")
+        if not equals:
+            return (
+                f"{where} has a part with no '=', which would be ignored: each option is name=value, "
+                "options are joined by '&'"
+            )
+        try:
+            key, text = (unquote_to_bytes(x.replace("+", " ")).decode("utf-8") for x in (name, value))
+        except UnicodeDecodeError:
+            return f"{where} has percent escapes that are not UTF-8 text"
+        if not key:
+            return f"{where} has an option with no name ('=' first)"
+        if key in options:
+            return f"{where} gives the option {key!r} more than once"
+        options[key] = text
+    if url.partition("://")[0].split("+")[0].lower() != "sqlite":
+        return None
+    for key, text in options.items():
+        problem = _sqlite_option_problem(SQLITE_DRIVER_OPTIONS.get(key), text.strip())
+        if problem:
+            return f"the SQLite option {key}={text} is not {problem}"
+    return None
+
+
+def _sqlite_option_problem(kind: str | None, text: str) -> str | None:
+    """What a SQLite driver option's value should have been, when it is not."""
+    if kind == "bool" and text.lower() not in _BOOLEAN_WORDS:
+        return "true or false"
+    if kind == "whole":
+        try:
+            int(text)
+        except ValueError:
+            return "a whole number"
+    if kind == "seconds":
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = math.nan
+        if not 0 <= seconds <= MAX_SECONDS:  # nan and inf too
+            return "a number of seconds (0 or more)"
+    return None
+
+
 class DatabaseSettings(_Section):
     """The system of record."""
 
@@ -468,6 +563,16 @@ class DatabaseSettings(_Section):
                 "by every connection and process (run, workers, serve, status), so it must be a file, "
                 "e.g. sqlite:///path/to/wanbatch.db"
             )
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _refuse_malformed_query(cls, value: str) -> str:
+        """A malformed query (:func:`database_url_problem`): one line at start-up, not an option
+        silently dropped or an internal error at the first connection."""
+        problem = database_url_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
 

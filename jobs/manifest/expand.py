@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from jobs.endpoints import EndpointSpec, get_endpoint, known_endpoint_ids
-from jobs.errors import Issue, ManifestError, did_you_mean
+from jobs.errors import TOO_MANY_JOBS, Issue, ManifestError, did_you_mean
 from jobs.fs import file_kind, os_reason, shown_path
 from jobs.manifest.checks import DuplicateJobs, outside_issues, resolve_input
-from jobs.manifest.items_from import csv_value, read_items
+from jobs.manifest.items_from import RowLimit, csv_value, read_items
 from jobs.manifest.keys import job_key
 from jobs.manifest.model import JobSpec, RawItem, describe, error_count
 from jobs.manifest.sources import source_files
@@ -34,6 +34,11 @@ MAX_JOBS = 1_000_000
 def too_many_jobs_message() -> str:
     """What a manifest over :data:`MAX_JOBS` is told, whether found up front or while streaming."""
     return f"the manifest expands to more than {MAX_JOBS:,} jobs; split it"
+
+
+def jobs_allowed() -> str:
+    """What a manifest over :data:`MAX_JOBS` is told is allowed."""
+    return f"at most {MAX_JOBS:,} jobs per manifest"
 
 
 #: One matrix combination: (field, value, line of the value) for each matrix field.
@@ -201,9 +206,21 @@ class Manifest:
             return
         display = self.items_from_display or str(self.items_from)
         try:
-            yield from read_items(self.items_from, display, index, sink, self._spec_named)
+            yield from read_items(self.items_from, display, index, sink, self._spec_named, self._row_limit())
         except OSError as exc:  # unreadable (permissions), or gone since the manifest was parsed
             sink.append(self._unreadable(exc))
+
+    def _row_limit(self) -> RowLimit:
+        """The ``items_from`` rows past :data:`MAX_JOBS` (the items before them and each row's
+        matrix combinations counted): refused at the first one, where it stands, before it is
+        parsed or expanded and before the rest of the file is read."""
+        combinations = self.combination_count()
+        items = MAX_JOBS // combinations
+        allowed = jobs_allowed()
+        if combinations > 1:
+            noun = "item" if items == 1 else "items"
+            allowed += f": {items:,} {noun} with the matrix's {combinations:,} combinations each"
+        return RowLimit(items, too_many_jobs_message(), allowed, TOO_MANY_JOBS)
 
     def _unreadable(self, exc: OSError) -> Issue:
         """The ``items_from`` file could not be read: said where the manifest names it, with the

@@ -16,6 +16,7 @@ import csv
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,50 @@ def _no_spec(endpoint: object) -> EndpointSpec | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class RowLimit:
+    """The most items a manifest may have with its file's rows (the job limit over the matrix
+    combinations each item makes): the row that would be one more is refused at its line, and
+    nothing after it is read — a file of ten million rows is not read to the end, nor parsed,
+    to learn it was too long. Every row counts, one that is refused or repeats another too
+    (the limit is on the expansion before duplicates collapse, as the matrix's is)."""
+
+    #: Item indices below this are allowed; the row holding this index is refused.
+    items: int
+    message: str
+    allowed: str
+    code: str | None = None
+
+    def reached(self, index: int) -> bool:
+        """Whether the row numbered ``index`` is one too many."""
+        return index >= self.items
+
+    def issue(self, display: str, line: int) -> Issue:
+        """The one located error the row past the limit gets."""
+        return Issue(
+            file=display,
+            line=line,
+            item=None,
+            field=None,
+            message=self.message,
+            allowed=self.allowed,
+            code=self.code,
+        )
+
+
 def read_items(
-    path: Path, display: str, index: int, sink: list[Issue], spec_for: SpecFor = _no_spec
+    path: Path,
+    display: str,
+    index: int,
+    sink: list[Issue],
+    spec_for: SpecFor = _no_spec,
+    limit: RowLimit | None = None,
 ) -> Iterator[RawItem]:
-    """The rows of a JSONL or CSV file (by suffix), numbered from ``index``; problems to ``sink``."""
+    """The rows of a JSONL or CSV file (by suffix), numbered from ``index``; problems to ``sink``.
+    With a ``limit``, reading stops at the first row past it (said in ``sink``)."""
     if path.suffix.lower() == ".csv":
-        return csv_items(path, display, index, sink, spec_for)
-    return jsonl_items(path, display, index, sink, spec_for)
+        return csv_items(path, display, index, sink, spec_for, limit)
+    return jsonl_items(path, display, index, sink, spec_for, limit)
 
 
 def _whole(text: str) -> int | WholeTooLong:
@@ -79,7 +117,12 @@ def whole_number_allowed(spec: EndpointSpec | None, name: object) -> str:
 
 
 def jsonl_items(
-    path: Path, display: str, index: int, sink: list[Issue], spec_for: SpecFor = _no_spec
+    path: Path,
+    display: str,
+    index: int,
+    sink: list[Issue],
+    spec_for: SpecFor = _no_spec,
+    limit: RowLimit | None = None,
 ) -> Iterator[RawItem]:
     """One item per JSON-object line; blank lines skipped, a leading BOM ignored."""
     base_dir = path.parent
@@ -90,17 +133,21 @@ def jsonl_items(
             if not raw:
                 return
             lineno += 1
-            if len(raw) > MAX_ITEMS_FROM_LINE and not raw.endswith(b"\n"):
+            too_long = len(raw) > MAX_ITEMS_FROM_LINE and not raw.endswith(b"\n")
+            if lineno == 1 and not too_long and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not too_long and not raw.strip():
+                continue
+            if limit is not None and limit.reached(index):
+                sink.append(limit.issue(display, lineno))
+                return
+            if too_long:
                 while raw and not raw.endswith(b"\n"):  # skip the rest of the long line
                     raw = fh.readline(MAX_ITEMS_FROM_LINE)
                 sink.append(
                     row_issue(display, lineno, index, f"line longer than {MAX_ITEMS_FROM_LINE:,} bytes")
                 )
                 index += 1
-                continue
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
                 continue
             try:
                 obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_whole)
@@ -180,7 +227,12 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def csv_items(
-    path: Path, display: str, index: int, sink: list[Issue], spec_for: SpecFor = _no_spec
+    path: Path,
+    display: str,
+    index: int,
+    sink: list[Issue],
+    spec_for: SpecFor = _no_spec,
+    limit: RowLimit | None = None,
 ) -> Iterator[RawItem]:
     """One item per row under a header of field names; blank rows skipped.
 
@@ -215,6 +267,9 @@ def csv_items(
                 last = reader.line_num
                 if not any(cell.strip() for cell in row):
                     continue
+                if limit is not None and limit.reached(index):
+                    sink.append(limit.issue(display, line))
+                    return
                 if not_utf8(row):
                     sink.append(row_issue(display, line, index, "not UTF-8 text"))
                 elif len(row) > len(names):

@@ -23,10 +23,18 @@ from typing import Any, Protocol
 
 from jobs.digits import TOO_MANY_DIGITS, WholeTooLong
 from jobs.endpoints import get_endpoint, known_endpoint_ids
-from jobs.errors import DEADLINE_PASSED, NEVER_OPENS, Issue, ManifestError, did_you_mean, same_numbers
+from jobs.errors import (
+    DEADLINE_PASSED,
+    NEVER_OPENS,
+    TOO_MANY_JOBS,
+    Issue,
+    ManifestError,
+    did_you_mean,
+    same_numbers,
+)
 from jobs.fs import file_kind, is_missing, os_reason, shown_path
 from jobs.manifest.checks import duplicate_key_issues, outside_message
-from jobs.manifest.expand import MAX_JOBS, Manifest, too_many_jobs_message
+from jobs.manifest.expand import MAX_JOBS, Manifest, jobs_allowed, too_many_jobs_message
 from jobs.manifest.items_from import ITEMS_FROM_SUFFIXES, whole_number_allowed
 from jobs.manifest.model import describe, error_count
 from jobs.media import NUL_ALLOWED, NUL_MESSAGE, allowed_roots, resolve_local
@@ -229,7 +237,7 @@ def parse_manifest(
     if manifest.expansion_floor() > MAX_JOBS:  # from the list lengths: 1000³ combinations are never built
         where = "matrix" if manifest.matrix else "items"
         at = root.key_lines.get(where, root.line)
-        top(too_many_jobs_message(), at, where, allowed=f"at most {MAX_JOBS:,} jobs per manifest")
+        top(too_many_jobs_message(), at, where, allowed=jobs_allowed(), code=TOO_MANY_JOBS)
     _parse_budget(root, manifest, top)
     _parse_schedule(root, manifest, top, datetime.now(UTC) if now is None else now)
     _parse_priority(root, manifest, top)

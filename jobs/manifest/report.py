@@ -13,8 +13,8 @@ from pathlib import Path
 
 from jobs.digits import WholeTooLong
 from jobs.endpoints import get_endpoint
-from jobs.errors import Issue, ManifestError, WanbatchError
-from jobs.manifest.expand import MAX_JOBS, Manifest, too_many_jobs_message
+from jobs.errors import TOO_MANY_JOBS, Issue, ManifestError, WanbatchError
+from jobs.manifest.expand import MAX_JOBS, Manifest, jobs_allowed, too_many_jobs_message
 from jobs.manifest.loading import parse_manifest
 from jobs.manifest.model import JobSpec
 from jobs.validation import MediaCache, validate_input
@@ -92,7 +92,8 @@ def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Va
             return
         seen.add(mark)
         severity = "error" if issue.severity == "error" else "warning"
-        if kept[severity] >= (MAX_ERRORS if severity == "error" else MAX_ISSUES):
+        capped = issue.code != TOO_MANY_JOBS  # said past any number of other errors
+        if capped and kept[severity] >= (MAX_ERRORS if severity == "error" else MAX_ISSUES):
             dropped[severity] += 1
             return
         kept[severity] += 1
@@ -156,7 +157,15 @@ def _prompt_expansion_warning(job: JobSpec) -> Issue | None:
 
 
 def _too_many_jobs(manifest: Manifest) -> Issue:
-    return _about_whole(manifest, too_many_jobs_message())
+    return Issue(
+        file=manifest.display,
+        line=None,
+        item=None,
+        field=None,
+        message=too_many_jobs_message(),
+        allowed=jobs_allowed(),
+        code=TOO_MANY_JOBS,
+    )
 
 
 def _about_whole(manifest: Manifest, message: str, severity: str = "error") -> Issue:

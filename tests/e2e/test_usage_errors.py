@@ -45,6 +45,17 @@ def test_in_memory_database_url(url: str) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("query", "phrase"),
+    [("%ZZ", "invalid percent escape"), ("timeout=abc", "the SQLite option timeout=abc is not a number")],
+)
+def test_a_malformed_database_url_query(tmp_path: Path, query: str, phrase: str) -> None:
+    """``?%ZZ`` was ignored without a word; ``?timeout=abc`` was an internal error, exit 70."""
+    done = wanbatch("status", env={"WANBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}?{query}"})
+    assert_one_line(done, "invalid configuration: WANBATCH_DATABASE_URL", phrase)
+    assert not (tmp_path / "x.db").exists()
+
+
 def test_a_read_only_sqlite_url_reads_and_refuses_writes_in_one_line(tmp_path: Path) -> None:
     """`?mode=ro` was ignored with a multi-line SQLAlchemy warning on every command (and the
     database written all the same); with `uri=true` it made a file named `x.db?mode=ro`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
@@ -802,6 +803,129 @@ def test_items_times_matrix_over_the_limit_is_refused_up_front(folder: Path) -> 
     report = validate_manifest(path)
     assert report.job_count == 0
     assert any("more than 1,000,000 jobs; split it" in str(i) for i in report.errors)
+
+
+class _CountedLines:
+    """A data file as :mod:`jobs.manifest.items_from` reads it (``readline`` for JSONL, iteration
+    for CSV), counting the lines handed over: how far into the file the reader went."""
+
+    def __init__(self, fh: IO[Any]) -> None:
+        self.fh = fh
+        self.lines = 0
+
+    def __enter__(self) -> _CountedLines:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.fh.close()
+
+    def readline(self, size: int = -1) -> Any:
+        line = self.fh.readline(size)
+        self.lines += bool(line)
+        return line
+
+    def __iter__(self) -> _CountedLines:
+        return self
+
+    def __next__(self) -> Any:
+        line = next(self.fh)
+        self.lines += 1
+        return line
+
+
+def _count_reads_of(name: str, monkeypatch: pytest.MonkeyPatch) -> list[_CountedLines]:
+    """Every opening of the file ``name``, each counting the lines read from it."""
+    opened: list[_CountedLines] = []
+    real_open = Path.open
+
+    def counting_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        fh = real_open(self, *args, **kwargs)
+        if self.name != name:
+            return fh
+        opened.append(_CountedLines(fh))
+        return opened[-1]
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    return opened
+
+
+def _lower_the_job_limit(monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+    for module in ("expand", "loading", "report"):
+        monkeypatch.setattr(f"jobs.manifest.{module}.MAX_JOBS", limit)
+
+
+_ROWS: dict[str, Callable[[int], str]] = {
+    "jsonl": lambda i: json.dumps({"prompt": f"p{i}"}),
+    "csv": lambda i: f"p{i}",
+    "jsonl-duplicates": lambda i: json.dumps({"prompt": "the same"}),
+    "jsonl-bad": lambda i: "{not json",
+}
+
+
+@pytest.mark.parametrize("rows", list(_ROWS))
+def test_an_items_from_file_past_the_job_limit_is_refused_at_the_row_that_passes_it(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, rows: str
+) -> None:
+    """A data file of more rows than the job limit allows is refused at the first row too many,
+    with its file and line, and not one line after it is read: a 5 GB file was read to its end
+    (or, when its rows made no job, bad or repeated ones, never refused at all) before the
+    user heard "too many". Lowered here from 1,000,000 to 5; 10,000 rows follow the limit."""
+    _lower_the_job_limit(monkeypatch, 5)
+    kind = rows.partition("-")[0]
+    header = "prompt\n" if kind == "csv" else ""
+    data = folder / f"rows.{kind}"
+    data.write_text(header + "".join(_ROWS[rows](i) + "\n" for i in range(10_005)))
+    path = write(folder, f"name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.{kind}\n")
+    opened = _count_reads_of(data.name, monkeypatch)
+    report = validate_manifest(path)
+    line = 6 + len(header.splitlines())  # the sixth row
+    too_many = (
+        f"{data}:{line}: the manifest expands to more than 5 jobs; split it "
+        "(allowed: at most 5 jobs per manifest)"
+    )
+    assert [f.lines for f in opened] == [line]  # nothing past the row that passed the limit
+    assert [str(i) for i in report.errors if "more than 5 jobs" in str(i)] == [too_many]
+    assert report.job_count <= 5
+    with pytest.raises(ManifestError, match="more than 5 jobs"):
+        list(iter_valid_jobs(path))
+    assert all(f.lines == line for f in opened)
+
+
+def test_the_row_limit_counts_the_items_and_the_matrix_combinations(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 items and 3 rows × 2 combinations is 10 jobs, the limit: taken. One row more is 12."""
+    _lower_the_job_limit(monkeypatch, 10)
+    data = folder / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(3)))
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-22\nmatrix:\n  seed: [1, 2]\n"
+        "items:\n  - prompt: a\n  - prompt: b\nitems_from: rows.jsonl\n",
+    )
+    report = validate_manifest(path)
+    assert report.ok, [str(i) for i in report.issues]
+    assert report.job_count == 10
+    with data.open("a") as fh:
+        fh.write("\n" + json.dumps({"prompt": "p3"}) + "\n")  # a blank line is no row
+    report = validate_manifest(path)
+    assert [str(i) for i in report.errors] == [
+        f"{data}:5: the manifest expands to more than 10 jobs; split it "
+        "(allowed: at most 10 jobs per manifest: 5 items with the matrix's 2 combinations each)"
+    ]
+
+
+def test_the_job_limit_is_said_past_the_cap_on_errors_shown(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bad rows fill the errors shown; the limit, reached after them, is still said."""
+    _lower_the_job_limit(monkeypatch, 5)
+    monkeypatch.setattr("jobs.manifest.report.MAX_ERRORS", 2)
+    (folder / "rows.jsonl").write_text("{bad\n" * 100)
+    report = validate_manifest(write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems_from: rows.jsonl\n"))
+    messages = [i.message for i in report.errors]
+    assert "the manifest expands to more than 5 jobs; split it" in messages
+    assert "… and 3 more errors not shown (6 in all)" in messages
 
 
 @pytest.mark.parametrize("rows", ["", "\n\n"])

@@ -106,6 +106,49 @@ def test_database_files_and_servers_are_taken(url: str, monkeypatch: pytest.Monk
     assert get_settings().database_url == url
 
 
+@pytest.mark.parametrize(
+    ("url", "phrase"),
+    [
+        ("sqlite:///some.db?%ZZ", "invalid percent escape"),
+        ("sqlite:///some.db?mode=r%o", "invalid percent escape"),
+        ("postgresql://u@127.0.0.1/db?sslmode=%ZZ", "invalid percent escape"),
+        ("postgresql://u@127.0.0.1/db?application_name=%FF", "not UTF-8 text"),
+        ("sqlite:///some.db?mode", "a part with no '='"),
+        ("postgresql://u@127.0.0.1/db?=require", "an option with no name"),
+        ("sqlite:///some.db?timeout=1&timeout=2", "gives the option 'timeout' more than once"),
+        ("sqlite:///some.db?timeout=abc", "the SQLite option timeout=abc is not a number of seconds"),
+        ("sqlite:///some.db?timeout=inf", "the SQLite option timeout=inf is not a number of seconds"),
+        ("sqlite:///some.db?check_same_thread=maybe", "check_same_thread=maybe is not true or false"),
+        ("sqlite:///some.db?uri=true&cached_statements=x", "cached_statements=x is not a whole number"),
+    ],
+)
+def test_a_malformed_database_url_query_is_refused(
+    url: str, phrase: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``?%ZZ`` was dropped without a word (SQLAlchemy ignores a query part with no ``=``), and a
+    SQLite driver option that does not convert (``timeout=abc``, or given twice) was an internal
+    error, exit 70, at the first connection."""
+    message = _refused(monkeypatch, "WANBATCH_DATABASE_URL", url)
+    assert phrase in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///some.db?mode=ro",
+        "sqlite:///some.db?timeout=2.5&check_same_thread=false",
+        "sqlite:///some.db?",
+        "sqlite:///100%ZZ.db",  # the path, not the query: a file may be named so
+        "sqlite:///file:some.db?mode=ro&uri=true",
+        "postgresql://u:pa?ss%@127.0.0.1/db",  # a '?' and a '%' in the password: no query
+        "postgresql://u@127.0.0.1/db?application_name=a%20b+c&sslmode=prefer&",
+    ],
+)
+def test_well_formed_database_url_queries_are_taken(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", url)
+    assert get_settings().database_url == url
+
+
 @pytest.mark.parametrize("value", ["", "   "])
 def test_an_empty_output_dir_is_refused(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "is empty" in _refused(monkeypatch, "WANBATCH_OUTPUT_DIR", value)
