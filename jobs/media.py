@@ -5,7 +5,8 @@ request was queued. So local files and inline data URIs are checked here against
 :class:`~jobs.endpoints.MediaConstraints` before anything is sent: format, dimensions, alpha,
 size. Pillow's ``Image.open`` reads only the header, so a 4096x4096 image costs microseconds;
 decompression bombs are refused rather than decoded. URLs are checked for form only (wanbatch
-makes no network access while validating).
+makes no network access while validating). The format read here is also the type a local file
+is sent to fal as (:func:`media_type`), whatever its name says.
 
 Local paths are confined: :func:`resolve_local` resolves a path the way the operating system
 will when the file is read (``~`` expanded, ``..`` and every symlink followed) and says whether
@@ -24,6 +25,7 @@ import base64
 import binascii
 import hashlib
 import io
+import mimetypes
 import os
 import re
 import stat
@@ -247,6 +249,67 @@ def _formats(limits: MediaConstraints) -> str:
     return "in " + "/".join(limits.formats)
 
 
+#: What Pillow raises for bytes it cannot read as an image (besides a decompression bomb):
+#: ``UnidentifiedImageError`` is an ``OSError``.
+_UNREADABLE: tuple[type[Exception], ...] = (OSError, ValueError, SyntaxError)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageHeader:
+    """What validation reads in an image's header: its format as fal's docs name it
+    (``JPEG``, ``PNG``, ``WEBP``…), its size in pixels, and whether it has an alpha channel."""
+
+    format: str
+    width: int
+    height: int
+    alpha: bool
+
+    @property
+    def mime(self) -> str:
+        """The MIME type of the format (``image/jpeg``): what the image is sent as."""
+        from PIL import Image
+
+        return Image.MIME.get(self.format) or f"image/{self.format.lower()}"
+
+
+def _read_header(fh: BinaryIO) -> ImageHeader:
+    """The image's header, read by Pillow from its bytes (never from a file name), without
+    decoding the pixels. Raises for a decompression bomb and for bytes that are no image
+    (:data:`_UNREADABLE`)."""
+    # Here, not at the top: a manifest without images never needs Pillow (14 ms of start-up).
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(fh)  # reads the header only
+    with image:
+        fmt = _FORMAT_ALIASES.get(image.format or "", image.format or "unknown")
+        width, height = image.size
+        alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
+    return ImageHeader(fmt, width, height, alpha)
+
+
+def media_type(data: bytes, name: str, kind: FieldType | None = None) -> str:
+    """The MIME type ``data`` is sent to fal as (a data URI's type, an upload's content type).
+
+    An image's is the format validation detects in its bytes (:func:`_read_header`), never its
+    file name's: a JPEG saved as ``photo.heic`` or with no extension at all passes validation as
+    the JPEG it is, and goes as ``image/jpeg``. A ``kind`` of ``None`` is tried as an image first.
+    Audio is validated by its extension (:func:`_check_audio`), so its type comes from ``name``,
+    as does anything Pillow cannot read (validation refuses such an image);
+    ``application/octet-stream`` when the name says nothing either.
+    """
+    if kind is not FieldType.AUDIO:
+        from PIL import Image
+
+        bomb = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+        try:
+            return _read_header(io.BytesIO(data)).mime
+        except bomb + _UNREADABLE:
+            pass
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
 def _check_image(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[MediaProblem, ...]:
     problems: list[MediaProblem] = []
     if limits.max_bytes is not None and size > limits.max_bytes:
@@ -256,23 +319,17 @@ def _check_image(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[Med
                 f"at most {_mb(limits.max_bytes)}",
             )
         )
-    # Here, not at the top: a manifest without images never needs Pillow (14 ms of start-up).
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image  # here, not at the top: see _read_header
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(fh)  # reads the header only
-        with image:
-            fmt = _FORMAT_ALIASES.get(image.format or "", image.format or "unknown")
-            width, height = image.size
-            alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
+        header = _read_header(fh)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         problems.append(MediaProblem(f"refused as a decompression bomb ({exc})", _dims(limits)))
         return tuple(problems)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except _UNREADABLE:
         problems.append(MediaProblem("not a readable image", "an image " + _formats(limits)))
         return tuple(problems)
+    fmt, width, height, alpha = header.format, header.width, header.height, header.alpha
     if fmt not in limits.formats:
         problems.append(MediaProblem(f"image format {fmt} is not accepted", _formats(limits)))
     if (limits.min_width is not None and width < limits.min_width) or (

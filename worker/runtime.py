@@ -65,17 +65,23 @@ def _upload_cache(engine: Engine, *, simulated: bool) -> tuple[Lookup, Record]:
     remembers its uploads itself, and never sends the simulator one of fal's.
     """
     if simulated:
-        uploaded: dict[str, str] = {}
+        uploaded: dict[tuple[str, str], str] = {}
 
-        def remember(sha256: str, url: str, _size_bytes: int, _content_type: str) -> None:
-            uploaded[sha256] = url
+        def find(sha256: str, content_type: str) -> str | None:
+            return uploaded.get((sha256, content_type))
 
-        return uploaded.get, remember
+        def remember(sha256: str, url: str, _size_bytes: int, content_type: str) -> None:
+            uploaded[(sha256, content_type)] = url
 
-    def lookup(sha256: str) -> str | None:
+        return find, remember
+
+    def lookup(sha256: str, content_type: str) -> str | None:
+        # An upload recorded under another type (earlier versions took it from the file name,
+        # so a JPEG named photo.heic went up as image/heic) is not reused: uploaded again under
+        # its content's type, the new record replaces it.
         with db.session_scope(engine) as session:
             upload = store.find_upload(session, sha256)
-            return upload.provider_url if upload else None
+            return upload.provider_url if upload and upload.content_type == content_type else None
 
     def record(sha256: str, url: str, size_bytes: int, content_type: str) -> None:
         with db.session_scope(engine) as session:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
+from jobs.endpoints import FieldType
 from jobs.errors import AccountLockedError, FinalProviderError, RetryableProviderError, UsageError
+from jobs.manifest.report import validate_manifest
 from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError
 from worker.fal.http import RetryPolicy
@@ -132,7 +136,7 @@ def test_prepare_input_inlines_small_uploads_large_once_and_keeps_urls(tmp_path:
     preparer = MediaPreparer(
         uploader=uploader,
         inline_max_bytes=50,
-        lookup=cache.get,
+        lookup=lambda sha, _mime: cache.get(sha),
         record=lambda sha, url, size, mime: cache.__setitem__(sha, url),
         root=tmp_path,
     )
@@ -162,6 +166,99 @@ def test_prepare_input_inlines_small_uploads_large_once_and_keeps_urls(tmp_path:
     data, mime, name = uploads[0]
     assert (data, mime) == (b"b" * 100, "image/jpeg")
     assert name == f"{digest[:16]}.jpg"  # never the user's file name
+
+
+def _jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (480, 400), (200, 120, 40)).save(out, "JPEG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("name", ["noext", "photo.heic", "photo.png"])
+def test_a_local_image_is_sent_as_the_format_in_its_bytes_not_its_name(tmp_path: Path, name: str) -> None:
+    """JPEG bytes pass validation whatever the file is called (Pillow reads them): they are sent
+    as the JPEG they are, never as ``application/octet-stream`` or ``image/heic``."""
+    jpeg = _jpeg()
+    (tmp_path / name).write_bytes(jpeg)
+    preparer = MediaPreparer(uploader=lambda d, m, n: "u", inline_max_bytes=len(jpeg))
+    sent = prepare_input(
+        {"image_url": str(tmp_path / name)}, {"image_url": FieldType.IMAGE}, preparer=preparer
+    )
+    assert sent["image_url"] == to_data_uri(jpeg, "image/jpeg")
+    assert preparer.prepare(str(tmp_path / name)) == to_data_uri(jpeg, "image/jpeg")  # kind unknown
+
+
+@pytest.mark.parametrize("name", ["noext", "photo.heic"])
+def test_an_uploaded_image_gets_the_content_type_and_suffix_of_its_bytes(tmp_path: Path, name: str) -> None:
+    jpeg = _jpeg()
+    (tmp_path / name).write_bytes(jpeg)
+    fake = FakeStorage()
+    recorded: list[tuple[str, str]] = []
+    preparer = MediaPreparer.for_storage(
+        make_storage(fake),
+        inline_max_bytes=100,
+        record=lambda sha, url, size, mime: recorded.append((url, mime)),
+    )
+    assert preparer.prepare(str(tmp_path / name)) == FILE_URL
+    initiate, put = fake.requests
+    digest = hashlib.sha256(jpeg).hexdigest()
+    assert json.loads(initiate.content) == {"file_name": f"{digest[:16]}.jpg", "content_type": "image/jpeg"}
+    assert put.headers["content-type"] == "image/jpeg"
+    assert recorded == [(FILE_URL, "image/jpeg")]
+
+
+def test_an_upload_remembered_under_another_type_is_not_reused(tmp_path: Path) -> None:
+    """Earlier versions uploaded a JPEG named ``photo.heic`` as ``image/heic`` and remembered it:
+    that upload is not sent again; the file goes up anew under its content's type."""
+    jpeg = _jpeg()
+    (tmp_path / "photo.heic").write_bytes(jpeg)
+    digest = hashlib.sha256(jpeg).hexdigest()
+    cache = {(digest, "image/heic"): "https://v3.fal.media/files/old.heic"}
+    uploads: list[str] = []
+
+    def uploader(data: bytes, mime: str, name: str) -> str:
+        uploads.append(mime)
+        return "https://v3.fal.media/files/new.jpg"
+
+    preparer = MediaPreparer(
+        uploader=uploader,
+        inline_max_bytes=100,
+        lookup=lambda sha, mime: cache.get((sha, mime)),
+        record=lambda sha, url, size, mime: cache.__setitem__((sha, mime), url),
+    )
+    assert preparer.prepare(str(tmp_path / "photo.heic")) == "https://v3.fal.media/files/new.jpg"
+    assert preparer.prepare(str(tmp_path / "photo.heic")) == "https://v3.fal.media/files/new.jpg"
+    assert uploads == ["image/jpeg"]  # once, under its content's type
+
+
+def test_audio_keeps_the_type_of_its_extension(tmp_path: Path) -> None:
+    """Audio is validated by its extension, so that is the type it is sent as (never sniffed
+    as an image)."""
+    (tmp_path / "music.mp3").write_bytes(b"ID3" + b"\0" * 40)
+    preparer = MediaPreparer(uploader=lambda d, m, n: "u", inline_max_bytes=1000)
+    sent = preparer.prepare(str(tmp_path / "music.mp3"), kind=FieldType.AUDIO)
+    assert sent.startswith("data:audio/mpeg;base64,")
+
+
+def test_the_sent_input_replays_through_validation(tmp_path: Path) -> None:
+    """The export's ``input`` is the exact input sent: fed back as ``items_from`` rows it must
+    validate (a data URI of type application/octet-stream or image/heic is refused there)."""
+    jpeg = _jpeg()
+    rows = []
+    for name in ("noext", "photo.heic"):
+        (tmp_path / name).write_bytes(jpeg)
+        preparer = MediaPreparer(uploader=lambda d, m, n: "u", inline_max_bytes=len(jpeg))
+        sent = prepare_input(
+            {"prompt": name, "image_url": str(tmp_path / name)},
+            {"image_url": FieldType.IMAGE},
+            preparer=preparer,
+        )
+        rows.append(json.dumps(sent))
+    (tmp_path / "replay.jsonl").write_text("\n".join(rows) + "\n")
+    manifest = tmp_path / "replay.yaml"
+    manifest.write_text("name: replay\nendpoint: fal-ai/wan-i2v\nitems_from: replay.jsonl\n")
+    report = validate_manifest(manifest)
+    assert report.ok, [str(issue) for issue in report.issues]
 
 
 def test_prepare_refuses_files_outside_root_and_relative_paths(tmp_path: Path) -> None:

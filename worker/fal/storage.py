@@ -47,8 +47,10 @@ from typing import Any
 import httpcore
 import httpx
 
+from jobs.endpoints import FieldType
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
 from jobs.fs import file_mode
+from jobs.media import media_type
 from jobs.outputs import OutputWriteError, fsync_dir
 from jobs.settings import allowed_host_entry
 from worker.fal.client import FalClient
@@ -151,12 +153,15 @@ def to_data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def guess_mime(path: Path) -> str:
-    """The MIME type from the file suffix (the validator already checked the real format)."""
-    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+def upload_suffix(mime: str) -> str:
+    """The suffix of an upload's (content-derived) file name: its type's (``.jpg`` for
+    ``image/jpeg``), never the user's file's, which may be wrong (``photo.heic`` holding a
+    JPEG) or missing."""
+    return mimetypes.guess_extension(mime) or ""
 
 
-Lookup = Callable[[str], str | None]
+#: ``lookup(sha256, content_type) -> url | None``: an upload of this content under this type.
+Lookup = Callable[[str, str], str | None]
 #: ``record(sha256, url, size_bytes, content_type)``: remember an upload.
 Record = Callable[[str, str, int, str], None]
 Uploader = Callable[[bytes, str, str], str]
@@ -166,8 +171,10 @@ Uploader = Callable[[bytes, str, str], str]
 class MediaPreparer:
     """Turns local media paths into something fal can fetch, uploading each distinct file once.
 
-    ``lookup(sha256) -> url | None`` and ``record(sha256, url, size, type)`` are the cache (the
-    worker plugs in the ``Upload`` table). ``root``, when given, confines local files to that
+    ``lookup(sha256, type) -> url | None`` and ``record(sha256, url, size, type)`` are the cache
+    (the worker plugs in the ``Upload`` table); an upload remembered under another content type
+    (an earlier version took the type from the file name) is not reused: the file is uploaded
+    again, under the type of its content. ``root``, when given, confines local files to that
     folder so a manifest cannot publish ``~/.ssh/id_rsa`` to a public CDN.
 
     Concurrent submits of jobs sharing an image (threads of one worker) wait for one upload
@@ -200,8 +207,15 @@ class MediaPreparer:
     ) -> MediaPreparer:
         return cls(storage.upload_file, inline_max_bytes, lookup, record, root)
 
-    def prepare(self, value: str, *, expected_sha256: str | None = None) -> str:
+    def prepare(
+        self, value: str, *, kind: FieldType | None = None, expected_sha256: str | None = None
+    ) -> str:
         """A URL or data URI unchanged; a local absolute path as a data URI or an uploaded URL.
+
+        The type it is sent as (the data URI's, the upload's content type and file name suffix)
+        is that of its content, as validation detected it (:func:`jobs.media.media_type`; an
+        image's format, whatever its file name says); ``kind`` is the field's (``None``: tried
+        as an image first).
 
         ``expected_sha256``: the hash of the file's bytes when the manifest was validated (the
         job's ``source_files``). Bytes that differ now are refused, not sent: what was validated
@@ -234,16 +248,16 @@ class MediaPreparer:
                 f"media file {value!r} changed since the manifest was validated (its bytes differ); "
                 "not sent: put the original back, or submit the manifest again to validate the new one"
             )
-        mime = guess_mime(resolved)
+        mime = media_type(data, resolved.name, kind)
         if len(data) <= self.inline_max_bytes:
             return to_data_uri(data, mime)
         with self._lock_for(digest):
             if self.lookup is not None:
-                known = self.lookup(digest)
+                known = self.lookup(digest, mime)
                 if known:
                     return known
             # The public CDN gets a content-derived name, never the user's local file name.
-            url = self.uploader(data, mime, f"{digest[:16]}{resolved.suffix.lower()}")
+            url = self.uploader(data, mime, f"{digest[:16]}{upload_suffix(mime)}")
             if self.record is not None:
                 self.record(digest, url, len(data), mime)
             return url
@@ -251,26 +265,31 @@ class MediaPreparer:
 
 def prepare_input(
     input: Mapping[str, Any],
-    media_fields: Iterable[str],
+    media_fields: Iterable[str] | Mapping[str, FieldType],
     *,
     preparer: MediaPreparer,
     source_files: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A copy of ``input`` whose media fields hold URLs or data URIs instead of local paths.
 
+    ``media_fields``: the names, or each name with its field's type (image or audio: what
+    :meth:`MediaPreparer.prepare` takes the type to send from).
+
     ``source_files`` (the job's, :mod:`jobs.manifest.sources`): each local file must still hold
     the bytes whose SHA-256 was recorded when the manifest was validated.
     """
     out = dict(input)
+    kinds: Mapping[str, FieldType] = media_fields if isinstance(media_fields, Mapping) else {}
     for name in media_fields:
         value = out.get(name)
+        kind = kinds.get(name)
         if isinstance(value, str):
             recorded = (source_files or {}).get(name)
             expected = recorded.get("sha256") if isinstance(recorded, Mapping) else None
             digest = expected if isinstance(expected, str) else None
-            out[name] = preparer.prepare(value, expected_sha256=digest)
+            out[name] = preparer.prepare(value, kind=kind, expected_sha256=digest)
         elif isinstance(value, list):
-            out[name] = [preparer.prepare(v) if isinstance(v, str) else v for v in value]
+            out[name] = [preparer.prepare(v, kind=kind) if isinstance(v, str) else v for v in value]
     return out
 
 

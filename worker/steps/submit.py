@@ -194,7 +194,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
 
     spec = get_endpoint(endpoint)
     try:
-        fields = [f.name for f in spec.media_fields]
+        fields = {f.name: f.type for f in spec.media_fields}
         to_send = prepare_input(raw_input, fields, preparer=rt.media, source_files=ticket.source_files)
     except (UsageError, OSError) as exc:  # a local file vanished, changed or became unreadable
         with db.session_scope(rt.engine) as session:
