@@ -578,16 +578,23 @@ class InstanceSecret(Base):
 
 
 class Upload(Base):
-    """A local file already uploaded to fal's storage: each distinct content is uploaded once."""
+    """A local file already uploaded to fal's storage: each distinct content is uploaded once
+    per fal (its REST API's origin), and reused until ``expires_at``.
+
+    A file of one fal's storage means nothing to another (a simulator's loopback URL sent to
+    real fal, or a URL the other fal never stored), hence the origin in the key.
+    """
 
     __tablename__ = "uploads"
 
+    #: ``scheme://host:port`` of ``WANBATCH_FAL_REST_URL`` when it was uploaded (never credentials).
+    origin: Mapped[str] = mapped_column(String(255), primary_key=True)
     content_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     provider_url: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     content_type: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    #: When the provider may delete the file; a later job re-uploads after this.
+    #: When the provider may have deleted the file; a later job re-uploads after this.
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 

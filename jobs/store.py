@@ -94,6 +94,7 @@ from jobs.storable import holds_unstorable, storable_json
 __all__ = [
     "DURATIONS",
     "HEARTBEAT_KEPT",
+    "UPLOAD_REUSE",
     "BatchCost",
     "BatchMoney",
     "CapHolder",
@@ -149,6 +150,7 @@ __all__ = [
     "find_upload",
     "finished_usd",
     "first_submitted_at",
+    "forget_uploads",
     "get_batch",
     "get_job",
     "get_or_create_batch",
@@ -3483,42 +3485,67 @@ def job_money(session: Session, batch_id: str) -> Iterator[JobMoney]:
 # --------------------------------------------------------------------------- uploads
 
 
+#: How long an upload is reused: fal documents its storage's files as kept "for at least 7
+#: days by default" (https://docs.fal.ai/faq), configurable per upload, and its newer retention
+#: page promises no fixed period. A day stays well inside that, and an upload costs nothing.
+UPLOAD_REUSE = timedelta(hours=24)
+
+
 def record_upload(
     session: Session,
     *,
+    origin: str,
     content_sha256: str,
     provider_url: str,
     size_bytes: int,
     content_type: str,
     expires_at: datetime | None = None,
+    now: datetime | None = None,
 ) -> None:
-    """Remember that content with this hash now lives at ``provider_url`` (replaces an older upload)."""
+    """Remember that content with this hash now lives at ``provider_url`` in the storage of the
+    fal at ``origin`` (replaces an older upload there), until ``expires_at`` (default: ``now`` +
+    :data:`UPLOAD_REUSE`). Uploads already expired are forgotten."""
+    now = now or utcnow()
+    session.execute(delete(Upload).where(Upload.expires_at <= now))
     dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     values = {
+        "origin": origin,
         "content_sha256": content_sha256,
         "provider_url": provider_url,
         "size_bytes": size_bytes,
         "content_type": content_type,
-        "created_at": utcnow(),
-        "expires_at": expires_at,
+        "created_at": now,
+        "expires_at": expires_at if expires_at is not None else now + UPLOAD_REUSE,
     }
     stmt = dialect_insert(Upload).values(values)
     stmt = stmt.on_conflict_do_update(
-        index_elements=["content_sha256"],
-        set_={key: stmt.excluded[key] for key in values if key != "content_sha256"},
+        index_elements=["origin", "content_sha256"],
+        set_={key: stmt.excluded[key] for key in values if key not in ("origin", "content_sha256")},
     )
     session.execute(stmt)
 
 
-def find_upload(session: Session, content_sha256: str, *, now: datetime | None = None) -> Upload | None:
-    """The still-valid upload of this content, or ``None`` (never uploaded, or expired by ``now``)."""
+def find_upload(
+    session: Session, origin: str, content_sha256: str, *, now: datetime | None = None
+) -> Upload | None:
+    """The still-valid upload of this content to the fal at ``origin``, or ``None`` (never
+    uploaded there, or expired by ``now``; a row without an expiry is not trusted)."""
     now = now or utcnow()
     return session.scalar(
         select(Upload)
-        .where(Upload.content_sha256 == content_sha256)
-        .where(or_(Upload.expires_at.is_(None), Upload.expires_at > now))
+        .where(Upload.origin == origin, Upload.content_sha256 == content_sha256)
+        .where(Upload.expires_at > now)
         .execution_options(populate_existing=True)
     )
+
+
+def forget_uploads(session: Session, provider_urls: Collection[str]) -> int:
+    """Forget the uploads stored at any of ``provider_urls`` (fal could no longer download
+    them): the next job that needs the file uploads it again. Returns how many were forgotten."""
+    if not provider_urls:
+        return 0
+    result = session.execute(delete(Upload).where(Upload.provider_url.in_(list(provider_urls))))
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 # --------------------------------------------------------------------------- heartbeats

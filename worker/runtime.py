@@ -15,6 +15,7 @@ from jobs import db, store
 from jobs.db import open_engine
 from jobs.settings import Settings
 from worker.fal.client import FalClient
+from worker.fal.http import origin_text
 from worker.fal.storage import FalStorage, Lookup, MediaPreparer, Record
 from worker.steps import Runtime
 from worker.steps.download import close_download_client, download_policy
@@ -38,7 +39,7 @@ def build_runtime(
     engine = engine or open_engine(settings)
     client = client or FalClient.from_settings(settings, allow_missing_key=allow_missing_key)
 
-    lookup, record = _upload_cache(engine, simulated=simulated)
+    lookup, record = _upload_cache(engine, origin_text(client.rest_url), simulated=simulated)
     media = MediaPreparer.for_storage(
         FalStorage(client, download_policy(settings)),
         inline_max_bytes=settings.inline_max_bytes,
@@ -57,8 +58,10 @@ def build_runtime(
     )
 
 
-def _upload_cache(engine: Engine, *, simulated: bool) -> tuple[Lookup, Record]:
-    """Where uploaded images are remembered by content (to be uploaded once): the database.
+def _upload_cache(engine: Engine, origin: str, *, simulated: bool) -> tuple[Lookup, Record]:
+    """Where uploaded images are remembered by content (to be uploaded once): the database,
+    keyed by the fal they were uploaded to (``origin``: its REST API's ``scheme://host:port``)
+    and the content's SHA-256, for :data:`jobs.store.UPLOAD_REUSE` (fal's storage drops files).
 
     Not for a simulator: its storage URLs live as long as it does (one ``--simulate`` run), and
     remembered in the database a later run would send them to fal, dead. A simulated runtime
@@ -80,13 +83,14 @@ def _upload_cache(engine: Engine, *, simulated: bool) -> tuple[Lookup, Record]:
         # so a JPEG named photo.heic went up as image/heic) is not reused: uploaded again under
         # its content's type, the new record replaces it.
         with db.session_scope(engine) as session:
-            upload = store.find_upload(session, sha256)
+            upload = store.find_upload(session, origin, sha256)
             return upload.provider_url if upload and upload.content_type == content_type else None
 
     def record(sha256: str, url: str, size_bytes: int, content_type: str) -> None:
         with db.session_scope(engine) as session:
             store.record_upload(
                 session,
+                origin=origin,
                 content_sha256=sha256,
                 provider_url=url,
                 size_bytes=size_bytes,

@@ -136,7 +136,7 @@ def _build() -> _Metrics:
         retries=Counter(
             "wanbatch_worker_retries",
             "Jobs this process sent back to retry_wait for a new attempt, by cause (provider_error, "
-            "ambiguous_resubmit).",
+            "ambiguous_resubmit, upload_gone).",
             ["cause"],
             registry=registry,
         ),
@@ -214,7 +214,7 @@ def count_provider_error(exc: ProviderError) -> None:
 
 def count_retry(cause: str) -> None:
     """One job sent back to ``retry_wait`` for a new attempt (``provider_error``,
-    ``ambiguous_resubmit``)."""
+    ``ambiguous_resubmit``, ``upload_gone``)."""
     if _silenced:
         return
     _metrics().retries.labels(cause=cause).inc()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,21 @@ def test_migration_0019_uncounts_resends_that_never_went_out(empty_engine: Engin
             conn.execute(text("SELECT id, possible_duplicate_charges FROM jobs")).all()
         )
     assert again == {cancelled: 1, resent: 1}
+
+
+def test_migration_0020_drops_uploads_of_unknown_origin(empty_engine: Engine) -> None:
+    """Uploads remembered before 0020 do not say which fal stored them: none is reused after."""
+    migrate(empty_engine, from_models=False)
+    downgrade(empty_engine, "0019")
+    with empty_engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO uploads (content_sha256, provider_url, size_bytes, content_type, created_at) "
+                "VALUES (:sha, 'http://127.0.0.1:8787/files/k/a.png', 1, 'image/png', :at)"
+            ),
+            {"sha": "ab" * 32, "at": datetime(2026, 1, 1, tzinfo=UTC)},
+        )
+    migrate(empty_engine, from_models=False)
+    with empty_engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM uploads")).scalar_one() == 0
+    assert drift(empty_engine) == []

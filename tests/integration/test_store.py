@@ -641,36 +641,58 @@ def test_timestamps_come_back_aware_utc(session: Session) -> None:
 # --------------------------------------------------------------------------- uploads
 
 
-def test_uploads_are_remembered_until_they_expire(session: Session) -> None:
-    sha = "ab" * 32
-    assert store.find_upload(session, sha) is None
+def test_uploads_are_remembered_per_fal_until_they_expire(session: Session) -> None:
+    sha, fal, sim = "ab" * 32, "https://rest.fal.ai:443", "http://127.0.0.1:8787"
+    assert store.find_upload(session, fal, sha) is None
     store.record_upload(
         session,
+        origin=fal,
         content_sha256=sha,
         provider_url="https://v3.fal.media/files/a.png",
         size_bytes=1234,
         content_type="image/png",
-        expires_at=T0 + timedelta(days=7),
+        now=T0,
     )
     session.commit()
-    found = store.find_upload(session, sha, now=T0)
+    found = store.find_upload(session, fal, sha, now=T0)
     assert found is not None
     assert found.provider_url.endswith("a.png")
     assert found.size_bytes == 1234
-    assert store.find_upload(session, sha, now=T0 + timedelta(days=8)) is None
-    # Re-uploading after expiry replaces the record.
+    assert found.expires_at == T0 + store.UPLOAD_REUSE  # set, conservatively, when not given
+    assert store.find_upload(session, sim, sha, now=T0) is None  # another fal never stored it
+    assert store.find_upload(session, fal, sha, now=T0 + store.UPLOAD_REUSE) is None
+    # The same content uploaded to another fal is remembered beside it.
     store.record_upload(
         session,
+        origin=sim,
+        content_sha256=sha,
+        provider_url="http://127.0.0.1:8787/files/k/a.png",
+        size_bytes=1234,
+        content_type="image/png",
+        now=T0,
+    )
+    session.commit()
+    assert store.find_upload(session, fal, sha, now=T0) is not None
+    # Re-uploading after expiry replaces the record (and forgets what expired meanwhile).
+    later = T0 + timedelta(days=30)
+    store.record_upload(
+        session,
+        origin=fal,
         content_sha256=sha,
         provider_url="https://v3.fal.media/files/b.png",
         size_bytes=1234,
         content_type="image/png",
+        expires_at=later + timedelta(hours=1),
+        now=later,
     )
     session.commit()
-    again = store.find_upload(session, sha, now=T0 + timedelta(days=30))
+    again = store.find_upload(session, fal, sha, now=later)
     assert again is not None
     assert again.provider_url.endswith("b.png")
-    assert again.expires_at is None
+    assert store.find_upload(session, sim, sha, now=T0) is None  # expired by then: dropped
+    # A URL fal could not download is forgotten.
+    assert store.forget_uploads(session, ["https://v3.fal.media/files/b.png"]) == 1
+    assert store.find_upload(session, fal, sha, now=later) is None
 
 
 # --------------------------------------------------------------------------- scale

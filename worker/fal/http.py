@@ -24,6 +24,14 @@ def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
     return (parsed.scheme, parsed.host, port)
 
 
+def origin_text(url: str | httpx.URL) -> str:
+    """``scheme://host:port`` of ``url``, the default port made explicit, an IPv6 host in
+    brackets, and never its credentials, path or query: what the upload cache is keyed by."""
+    scheme, host, port = origin(url)
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host.lower()}:{port}" if port is not None else f"{scheme}://{host.lower()}"
+
+
 def with_body(response: httpx.Response, body: bytes, *, drop: Iterable[str]) -> httpx.Response:
     """A copy of the streamed ``response`` holding ``body`` (what was read of it), with its
     status, request and extensions, and its headers but those named in ``drop`` (any case):

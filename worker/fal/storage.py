@@ -59,7 +59,8 @@ from worker.fal.http import NoCookies, origin, with_body
 from worker.fal.models import DownloadResult
 
 STORAGE_TYPE = "fal-cdn-v3"
-_URL_PREFIXES = ("http://", "https://", "data:")
+#: What a media value that is not a local path starts with.
+URL_PREFIXES = ("http://", "https://", "data:")
 
 
 # ---------------------------------------------------------------------------------------- upload
@@ -223,7 +224,7 @@ class MediaPreparer:
         sent. A file rewritten in place since then would go out unchecked — empty, or too small
         for fal — to be paid for, with the wrong hash in the dataset.
         """
-        if value.startswith(_URL_PREFIXES):
+        if value.startswith(URL_PREFIXES):
             return value
         path = Path(value)
         if not path.is_absolute():

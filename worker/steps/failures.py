@@ -4,17 +4,20 @@ what the failed attempt cost (the billing rules are data: ``jobs/billing_rules.y
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from jobs import billing, store
+from jobs.endpoints import get_endpoint
 from jobs.errors import AccountLockedError, FinalProviderError, ProviderError, RetryableProviderError
 from jobs.models import BatchState, Job, JobView
 from jobs.settings import RetrySettings, Settings
 from jobs.store import Fence
 from worker import telemetry
 from worker.fal.errors import ResultExpiredError, error_type_or_none, format_detail
+from worker.fal.storage import URL_PREFIXES
 from worker.steps.context import Runtime, in_seconds
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,11 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
     reason = describe(exc)
     telemetry.count_provider_error(exc)
     if not isinstance(exc, RetryableProviderError):
+        gone = _forget_dead_uploads(session, fence.job_id, exc)
+        if gone and _upload_again(session, rt, fence, exc, gone, reason, cost):
+            return
+        if gone:
+            reason += f" ({UPLOAD_GONE}: the next attempt uploads it again)"
         store.fail_job(session, fence, error=reason, error_type=kind_of(exc), **cost)
         return
     # Requests fal ended unstarted at a window's end are not the job's failures: not counted.
@@ -94,6 +102,113 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
         **cost,
     ):
         telemetry.count_retry("provider_error")
+
+
+# ------------------------------------------------------------------ uploads fal's storage dropped
+
+#: fal's words for a media URL its model could not fetch (a 422's field error).
+_DOWNLOAD_FAILED = "Failed to download the file"
+#: Why a job's upload is forgotten, in its retry's reason or its error (the retry's event
+#: carries ``{"upload_gone": [urls]}``: a job is sent again for it once).
+UPLOAD_GONE = "fal's storage no longer had the uploaded copy of a local file"
+
+
+def _texts(value: object) -> Iterator[str]:
+    """Every string inside a JSON-like value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _texts(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _texts(item)
+
+
+def _uploaded_urls(job: Job) -> list[str]:
+    """The storage URLs this attempt sent in place of local files (uploads, from the cache or
+    new): the media fields whose stored input is a local path and whose sent input is a URL."""
+    sent = job.submitted_input or {}
+    urls: list[str] = []
+    for fld in get_endpoint(job.endpoint).media_fields:
+        raw, out = job.input.get(fld.name), sent.get(fld.name)
+        pairs = (
+            list(zip(raw, out, strict=False))
+            if isinstance(raw, list) and isinstance(out, list)
+            else [(raw, out)]
+        )
+        for local, url in pairs:
+            if (
+                isinstance(local, str)
+                and not local.startswith(URL_PREFIXES)
+                and isinstance(url, str)
+                and url.startswith(("http://", "https://"))
+            ):
+                urls.append(url)
+    return urls
+
+
+def _forget_dead_uploads(session: Session, job_id: str, exc: ProviderError) -> list[str]:
+    """The uploads of this attempt fal said it could not download (its 422 "Failed to download
+    the file from URL: 404 Not Found": fal's storage dropped the file), forgotten from the upload
+    cache so that no later job sends them again. A user's own URL is never among them."""
+    if exc.status_code not in (None, 422):
+        return []
+    if isinstance(exc.detail, list):
+        items = [item for item in exc.detail if any(_DOWNLOAD_FAILED in t for t in _texts(item))]
+        texts = [t for item in items for t in _texts(item)]
+    else:
+        texts = [t for t in _texts(exc.detail) if _DOWNLOAD_FAILED in t]
+    if not texts:
+        return []
+    job = store.get_job(session, job_id)
+    gone = [url for url in _uploaded_urls(job) if any(url in t for t in texts)]
+    if gone:
+        store.forget_uploads(session, gone)
+        log.warning(
+            "job %s: %s (%s); forgotten, uploaded again next time",
+            job_id,
+            UPLOAD_GONE,
+            ", ".join(gone),
+            extra={"event": "submit.upload_gone", "job_id": job_id},
+        )
+    return gone
+
+
+def _upload_again(
+    session: Session,
+    rt: Runtime,
+    fence: Fence,
+    exc: ProviderError,
+    gone: list[str],
+    reason: str,
+    cost: dict[str, Any],
+) -> bool:
+    """Send a job fal failed only because an upload it was given had expired from fal's
+    storage again, at once, as a new attempt that uploads the file anew — once per job (a
+    second such failure is not a stale cache), while attempts remain, and never for a
+    simulation (its uploads are remembered by the run itself). The failed attempt's cost, if
+    fal billed the 422, is recorded as for any failure."""
+    if rt.simulated:
+        return False
+    job = store.get_job(session, fence.job_id)
+    if job.counted_attempts >= rt.settings.max_attempts:
+        return False
+    events = store.job_events(session, fence.job_id)
+    if any(isinstance(e.details, dict) and "upload_gone" in e.details for e in events):
+        return False
+    retried = store.retry_later(
+        session,
+        fence,
+        reason=f"retry now: {UPLOAD_GONE}, uploading it again: {reason}",
+        error=reason,
+        error_type=kind_of(exc),
+        details={"upload_gone": gone},
+        **cost,
+    )
+    if retried:
+        telemetry.count_retry("upload_gone")
+    return retried
 
 
 def billed(job: JobView, outcome: billing.Outcome) -> dict[str, Any]:
