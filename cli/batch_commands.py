@@ -683,23 +683,36 @@ def _simulate_flag(simulate: bool) -> str:
     return " --simulate" if simulate else ""
 
 
-def _may_name_a_batch(ref: Path) -> bool:
-    """Whether ``run REF`` may mean a stored batch: no such file, a bare name, no manifest suffix.
+#: What :func:`_batch_ref` says of a bare name with nothing readable there (no file, or one
+#: that cannot be looked at), and of one where something other than a file is (a folder).
+_NO_FILE, _NOT_A_FILE = "no file", "not a file"
+
+
+def _batch_ref(ref: Path) -> str | None:
+    """Whether ``run REF`` may mean a stored batch: None when REF is a manifest (a file, or a
+    symlink to one; a path of several parts; a manifest suffix), else :data:`_NO_FILE` or
+    :data:`_NOT_A_FILE`.
 
     A name that cannot be looked at as a file (longer than a file name may be, a symlink loop)
-    is no file: it may still name a batch, whose name has no such limit.
+    is no file: it may still name a batch, whose name has no such limit. Nor is a folder (or a
+    pipe, a device) of that name a manifest: ``run sw`` beside a folder ``sw/`` resumes batch
+    ``sw``; only when no batch has that name is it the manifest's "not a regular file".
     """
     from jobs.fs import file_kind
 
     if len(ref.parts) != 1 or ref.suffix.lower() in (".yaml", ".yml", ".json"):
-        return False
-    return isinstance(file_kind(ref), OSError)
+        return None
+    kind = file_kind(ref)
+    if isinstance(kind, OSError):
+        return _NO_FILE
+    return None if kind == "file" else _NOT_A_FILE
 
 
 def _refuse_unknown_ref(ref: Path, settings: Settings) -> None:
     """``run REF`` where REF is neither a file nor a stored batch: say both, before anything else
-    (a missing ``FAL_KEY`` said first hid that REF was a typo). Only looks; never resumes."""
-    if not _may_name_a_batch(ref):
+    (a missing ``FAL_KEY`` said first hid that REF was a typo). Only looks; never resumes. A
+    folder of that name naming no batch either is left to the manifest's own error."""
+    if _batch_ref(ref) != _NO_FILE:
         return
     from jobs import db, store
     from jobs.errors import NotFoundError, UsageError
@@ -718,15 +731,23 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
     ``rerun``); never one ``wanbatch cancel`` ended (:func:`jobs.batches.refuse_cancelled`). Only
     a bare name is looked up, so a mistyped manifest path still gets the manifest's "file not
     found", and no database is created for it. A bare name that names no batch was refused
-    already (:func:`_refuse_unknown_ref`).
+    already (:func:`_refuse_unknown_ref`), unless something other than a file has that name (a
+    folder): then it is read as a manifest, which says it is not a regular file.
     """
-    if not _may_name_a_batch(ref):
+    kind = _batch_ref(ref)
+    if kind is None:
         return None
     from jobs import batches, db, store
+    from jobs.errors import NotFoundError
     from jobs.models import BatchState, utcnow
 
     with db.session_scope(db.open_engine(settings)) as session:
-        target = store.get_batch(session, str(ref))
+        try:
+            target = store.get_batch(session, str(ref))
+        except NotFoundError:
+            if kind == _NOT_A_FILE:
+                return None
+            raise
         # Refusals first: a refused command (exit 2) has changed nothing.
         batches.refuse_other_way(target, simulated=_simulator is not None)
         batches.refuse_cancelled(session, target, manifest=False)

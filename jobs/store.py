@@ -146,6 +146,7 @@ __all__ = [
     "expire_leases",
     "extend_lease",
     "fail_job",
+    "fail_unsent",
     "failure_reasons",
     "find_upload",
     "finished_usd",
@@ -1013,6 +1014,8 @@ _RESEND_SENT: dict[str, ColumnElement[Any]] = {
 _RESEND_UNSENT = _JOBS.c.possible_duplicate_charges - case(
     (_IS_RESEND & _JOBS.c.submitted_input.is_not(None), 1), else_=0
 )
+#: ``attempts`` once an attempt that was never sent is taken back (:func:`give_back`, :func:`fail_unsent`).
+_NOT_COUNTED = case((_JOBS.c.attempts > 0, _JOBS.c.attempts - 1), else_=0)
 #: ``ambiguous_usd`` grown by the job's estimate (:data:`UNPROVEN_EXITS`) — but not for a
 #: simulation's job: its POST went to the simulator of a ``--simulate`` run, never to a provider
 #: that bills, so nothing of it was possibly billed (``cost`` of a simulation says "nothing was
@@ -1703,6 +1706,24 @@ def fail_job(
     )
 
 
+def fail_unsent(session: Session, fence: Fence, *, error: str, error_type: str | None) -> bool:
+    """``submitting`` → ``failed``, for good, before the attempt's POST left this process (its
+    input file changed or vanished): like :func:`give_back`, the attempt is not counted — a job
+    never sent exports ``attempts`` 0 — and a job never sent is billed nothing
+    (``actual_usd`` 0; one sent before keeps what its earlier attempts cost)."""
+    return _move(
+        session,
+        fence,
+        JobState.FAILED,
+        error,
+        error=error,
+        error_type=error_type,
+        attempts=_NOT_COUNTED,
+        possible_duplicate_charges=_RESEND_UNSENT,
+        actual_usd=_ZERO_IF_NEVER_SENT,
+    )
+
+
 def give_back(
     session: Session, fence: Fence, *, reason: str, due_at: datetime | None = None, **fields: Any
 ) -> bool:
@@ -1713,13 +1734,12 @@ def give_back(
     A resend of an unknown submit whose send was recorded (:func:`record_send`) is uncounted
     from ``possible_duplicate_charges`` too: the same attempt number is sent again later, and
     counted then."""
-    not_counted = case((Job.attempts > 0, Job.attempts - 1), else_=0)
     return _move(
         session,
         fence,
         JobState.PENDING,
         reason,
-        attempts=not_counted,
+        attempts=_NOT_COUNTED,
         possible_duplicate_charges=_RESEND_UNSENT,
         next_attempt_at=due_at,
         **_UNLEASED,

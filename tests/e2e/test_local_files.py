@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -135,6 +136,11 @@ def test_a_file_rewritten_after_submit_is_not_sent(
     assert failure["error_type"] == "input_file"
     assert "changed since the manifest was validated" in failure["example"]
     assert sim.ledger()["accepted"] == 1
+    # Never sent: no attempt, no request, nothing billed (README: a job never sent has `attempts` 0).
+    records = [json.loads(line) for line in wb("export", "rewritten").stdout.splitlines()]
+    (unsent,) = [r for r in records if r["status"] == "failed"]
+    assert (unsent["attempts"], unsent["request_id"], unsent["submitted_at"]) == (0, None, None)
+    assert unsent["cost_usd"] == 0
 
 
 def test_nul_is_refused_before_postgresql_sees_it(

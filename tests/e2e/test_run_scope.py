@@ -124,3 +124,26 @@ def test_run_resumes_a_stored_batch_by_name(wb: Wb, sim: SimulatorHandle, manife
     assert missing.code == 2
     assert "no manifest file 'no-such-batch', and no batch 'no-such-batch'" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_run_resumes_a_stored_batch_beside_a_folder_of_its_name(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """`run BATCH` in a folder holding a sub-folder named like the batch resumes the batch: a
+    folder is no manifest file. A folder that names no batch either is the manifest's own error."""
+    submitted = wb("submit", manifest("mine", MINE), "--json")
+    assert submitted.code == 0, submitted.stderr
+    (Path.cwd() / "small-run").mkdir()
+    run = wb("run", "small-run", "--json", "--no-progress")
+    assert run.code == 0, run.stderr
+    report = run.json()
+    assert report["batch"] == submitted.json()["batch"]
+    assert report["counts"]["succeeded"] == 2
+
+    (Path.cwd() / "just-a-folder").mkdir()
+    folder = wb("run", "just-a-folder", "--no-progress")
+    assert folder.code == 2
+    assert "just-a-folder: not a regular file" in folder.stdout + folder.stderr
+    assert "nothing was submitted" in folder.stdout + folder.stderr
+    assert "Traceback" not in folder.stderr
+    assert len(_ledger_ids(sim)) == 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,65 @@ def test_a_header_httpx_refuses_is_not_sent_either(engine: Engine, hostile: Host
     assert (after.state, after.attempts, after.error_type) == (S.PENDING, 0, "not_sent")
     assert ("submitting", "submit_unknown") not in history(engine, job_id)
     assert hostile.count("POST", r".*") == 0
+
+
+I2V = "fal-ai/wan-i2v"
+
+
+def _i2v_job(engine: Engine, image: Path) -> str:
+    """A batch of one image-to-video job sending ``image`` (a local file); its id."""
+    return add_batch(
+        engine, "local-file", [(I2V, {"prompt": "p", "image_url": str(image), "resolution": "480p"})]
+    )
+
+
+def test_a_job_whose_file_is_gone_fails_unsent_and_uncounted(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """An input file gone (or changed) when the job is to be sent fails it (``input_file``) before
+    anything is sent: a job never sent has no attempt (README: exports) and cost nothing."""
+    accepted(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    try:
+        _i2v_job(engine, tmp_path / "gone.png")
+        (job_id,) = dispatch(rt)
+        assert job(engine, job_id).attempts == 1  # counted when claimed…
+        assert submit(rt, job_id) == "media-failed"
+    finally:
+        rt.client.close()
+    after = job(engine, job_id)
+    assert (after.state, after.error_type) == (S.FAILED, "input_file")
+    assert after.attempts == 0  # …and not any more: it never left
+    assert (after.submitted_at, after.request_id) == (None, None)
+    assert after.actual_usd == Decimal(0)
+    assert hostile.count("POST", r".*") == 0
+
+
+def test_a_resend_whose_file_is_gone_keeps_only_the_attempt_sent(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """A job sent before (its answer lost, resubmitted by the policy) whose file is gone when it
+    is to be sent again: the first attempt stays counted, the one never sent does not, and it is
+    no possible duplicate charge."""
+    image = tmp_path / "still.png"
+    Image.new("RGB", (64, 48), (20, 90, 160)).save(image)
+    hostile.route("POST", rf"/{I2V}", reset())
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, submit_unknown_policy="resubmit"))
+    try:
+        _i2v_job(engine, image)
+        (job_id,) = dispatch(rt)
+        assert submit(rt, job_id) == "ambiguous"
+        assert job(engine, job_id).state == S.RETRY_WAIT
+        image.unlink()
+        assert dispatch(rt) == [job_id]
+        assert submit(rt, job_id) == "media-failed"
+    finally:
+        rt.client.close()
+    after = job(engine, job_id)
+    assert (after.state, after.error_type) == (S.FAILED, "input_file")
+    assert (after.attempts, after.possible_duplicate_charges) == (1, 0)
+    assert after.submitted_at is not None  # the first attempt's POST went out
+    assert hostile.count("POST", rf"/{I2V}") == 1
 
 
 def test_a_connection_refused_is_a_counted_retry_not_an_unknown(

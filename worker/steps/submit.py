@@ -198,7 +198,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
         to_send = prepare_input(raw_input, fields, preparer=rt.media, source_files=ticket.source_files)
     except (UsageError, OSError) as exc:  # a local file vanished, changed or became unreadable
         with db.session_scope(rt.engine) as session:
-            store.fail_job(session, fence, error=str(exc), error_type="input_file")
+            store.fail_unsent(session, fence, error=str(exc), error_type="input_file")
         return "media-failed"
     except AccountLockedError as exc:  # the upload was refused for the account: pause, as a submit would
         with db.session_scope(rt.engine) as session:
