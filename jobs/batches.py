@@ -32,7 +32,7 @@ from jobs.errors import (
     UsageError,
     WanbatchError,
 )
-from jobs.fs import shown_path
+from jobs.fs import shown_in_folder, shown_path
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.manifest.expand import MAX_JOBS, Manifest
 from jobs.media import MediaKind, classify
@@ -1846,14 +1846,11 @@ def _changed_sources(rows: Iterable[store.NewJob], folder: Path) -> list[str]:
             digest = source.get("sha256") if isinstance(source, dict) else None
             if isinstance(value, str) and isinstance(digest, str) and classify(value) is MediaKind.PATH:
                 recorded.setdefault(value, set()).add(digest)
-    base = folder.resolve()
     lines = []
     for value, digests in recorded.items():
         problem = _source_problem(Path(value), digests)
-        if problem is not None:
-            path = Path(value)
-            shown = shown_path(path.relative_to(base) if path.is_relative_to(base) else value)
-            lines.append(f"{shown}: {problem}")  # one line each: a line feed in a name is escaped
+        if problem is not None:  # one line each: a line feed in a name is escaped
+            lines.append(f"{shown_in_folder(value, folder)}: {problem}")
     return lines
 
 

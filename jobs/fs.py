@@ -83,6 +83,21 @@ def shown_path(path: str | os.PathLike[str] | bytes, limit: int = SHOWN_PATH_CHA
     return one_line(text[: limit - tail - 1]) + "…" + one_line(text[-tail:])
 
 
+def shown_in_folder(path: str | os.PathLike[str], folder: str | os.PathLike[str] | None) -> str:
+    """A stored (absolute, resolved) input path as a message names it: relative to ``folder``
+    (the manifest's, where the user wrote ``images/car.png``) when it lies inside it, else
+    absolute (a file from an ``--allow-dir`` folder, or no folder known); on one line, as
+    :func:`shown_path`. Only ``folder`` is resolved (it may be reached through a symlink)."""
+    if folder is not None:
+        try:
+            base = Path(folder).resolve()
+        except (OSError, RuntimeError, ValueError):
+            base = None
+        if base is not None and Path(path).is_relative_to(base):
+            return shown_path(Path(path).relative_to(base))
+    return shown_path(path)
+
+
 def path_error(exc: OSError) -> str | None:
     """``<path>: <reason>`` for an OSError that names a path (a file that could not be opened,
     a folder that could not be made), or None when it names none: that is not the user's input

@@ -139,8 +139,14 @@ class MediaProblem:
     allowed: str
 
 
-def check_media(value: object, kind: FieldType, limits: MediaConstraints) -> list[MediaProblem]:
-    """Every problem with one media value (an absolute path once the manifest resolved it)."""
+def check_media(
+    value: object, kind: FieldType, limits: MediaConstraints, *, shown: str | None = None
+) -> list[MediaProblem]:
+    """Every problem with one media value (an absolute path once the manifest resolved it).
+
+    ``shown`` is how a message names a local file: the value as the user wrote it
+    (``images/x.jpg``, relative to the file that wrote it), not the absolute path it resolved to;
+    ``value`` itself when not given."""
     if not isinstance(value, str):
         # Named as the user wrote it: the loader's own classes (LList, LMap) mean nothing to them.
         got = (
@@ -169,7 +175,7 @@ def check_media(value: object, kind: FieldType, limits: MediaConstraints) -> lis
     if form is MediaKind.OTHER_SCHEME:
         scheme = value.split(":", 1)[0]
         return [MediaProblem(f"the URL scheme {scheme!r} is not supported", ALLOWED_FORMS)]
-    return check_file(Path(value), kind, limits)
+    return check_file(Path(value), kind, limits, shown=shown)
 
 
 def check_url(value: str) -> list[MediaProblem]:
@@ -210,31 +216,42 @@ def check_data_uri(value: str, kind: FieldType, limits: MediaConstraints) -> lis
     return list(_check_audio(ext, len(data), limits))
 
 
-def check_file(path: Path, kind: FieldType, limits: MediaConstraints) -> list[MediaProblem]:
-    """Check a local file (cached by path, size and modification time)."""
+def check_file(
+    path: Path, kind: FieldType, limits: MediaConstraints, *, shown: str | os.PathLike[str] | None = None
+) -> list[MediaProblem]:
+    """Check a local file (cached by path, size and modification time).
+
+    A message names the file as ``shown`` (the value as written; ``path`` when not given), on
+    one line (:func:`jobs.fs.shown_path`): a problem says where the user wrote it, and
+    ``/home/…/m1/images/x.jpg`` is not what they wrote."""
+
+    def name() -> str:  # only for a message: a file that is fine is never named
+        return shown_path(path if shown is None else shown)
+
     try:
         info = path.stat()
     except ValueError:  # a NUL in the path
-        return [MediaProblem(f"file not found: {shown_path(path)}", "an existing file " + _formats(limits))]
+        return [MediaProblem(f"file not found: {name()}", "an existing file " + _formats(limits))]
     except OSError as exc:  # missing, or there but not to be read (permissions, a symlink loop)
         if is_missing(exc):
-            return [
-                MediaProblem(f"file not found: {shown_path(path)}", "an existing file " + _formats(limits))
-            ]
+            return [MediaProblem(f"file not found: {name()}", "an existing file " + _formats(limits))]
         return [
-            MediaProblem(
-                f"cannot read {shown_path(path)}: {os_reason(exc)}", "a readable file " + _formats(limits)
-            )
+            MediaProblem(f"cannot read {name()}: {os_reason(exc)}", "a readable file " + _formats(limits))
         ]
     if not stat.S_ISREG(info.st_mode):
-        return [MediaProblem(f"not a regular file: {shown_path(path)}", "a regular file " + _formats(limits))]
-    return list(_check_file_cached(str(path), info.st_size, info.st_mtime_ns, kind, limits))
+        return [MediaProblem(f"not a regular file: {name()}", "a regular file " + _formats(limits))]
+    found = _check_file_cached(str(path), info.st_size, info.st_mtime_ns, kind, limits)
+    if isinstance(found, str):  # it could not be opened: why
+        return [MediaProblem(f"cannot read {name()}: {found}", "a readable file")]
+    return list(found)
 
 
 @lru_cache(maxsize=4096)
 def _check_file_cached(
     path: str, size: int, mtime_ns: int, kind: FieldType, limits: MediaConstraints
-) -> tuple[MediaProblem, ...]:
+) -> tuple[MediaProblem, ...] | str:
+    """The file's problems; or, when it cannot be opened, why (the caller names the file: the
+    cache is shared by every spelling of its path)."""
     del mtime_ns  # part of the cache key only
     if kind is FieldType.AUDIO:
         return _check_audio(Path(path).suffix.lstrip("."), size, limits)
@@ -242,7 +259,7 @@ def _check_file_cached(
         with Path(path).open("rb") as fh:
             return _check_image(fh, size, limits)
     except OSError as exc:
-        return (MediaProblem(f"cannot read {shown_path(path)}: {exc.strerror}", "a readable file"),)
+        return os_reason(exc)
 
 
 def _formats(limits: MediaConstraints) -> str:

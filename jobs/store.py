@@ -2635,6 +2635,8 @@ class SubmitView:
     schedule: dict[str, Any] | None
     priority: str
     source_files: dict[str, Any] | None = None
+    #: The batch's manifest (absolute), whose folder a refused input file is named relative to.
+    manifest_path: str | None = None
 
 
 def submit_view(session: Session, job_id: str) -> SubmitView:
@@ -2659,6 +2661,7 @@ def submit_view(session: Session, job_id: str) -> SubmitView:
                 Batch.schedule,
                 Batch.priority,
                 Job.source_files,
+                Batch.manifest_path,
             )
             .join(Batch, Batch.id == Job.batch_id)
             .where(Job.id == bindparam("job_id"))
@@ -2679,6 +2682,7 @@ def submit_view(session: Session, job_id: str) -> SubmitView:
         row.schedule,
         row.priority,
         row.source_files,
+        row.manifest_path,
     )
 
 

@@ -54,7 +54,9 @@ class Location:
     origins: Mapping[str, tuple[str, int | None]] = field(default_factory=dict)
 
 
-MediaCache = dict[tuple[str, str, str], list[FieldProblem]]
+#: Media verdicts of one pass by (endpoint, field, resolved value, value as written): a message
+#: names the file as written, so two spellings of one file are two entries.
+MediaCache = dict[tuple[str, str, str, str], list[FieldProblem]]
 
 
 def has_nul(value: object, depth: int = 0) -> bool:
@@ -76,13 +78,16 @@ def check_input(
     media_cache: MediaCache | None = None,
     *,
     skip: Collection[str] = (),
+    written: Mapping[str, Any] | None = None,
 ) -> list[FieldProblem]:
     """Every problem of ``values`` (a resolved input) against ``spec``, in a stable order.
 
-    ``media_cache`` remembers media verdicts by (endpoint, field, value) for one pass, so a
-    batch that reuses one image checks (and stats) it once. Fields in ``skip`` count as present
+    ``media_cache`` remembers media verdicts by (endpoint, field, value, value as written) for
+    one pass, so a batch that reuses one image checks (and stats) it once. Fields in ``skip`` count as present
     but their values are not checked (a path outside the allowed folders, already reported:
-    its file must not even be opened).
+    its file must not even be opened). ``written`` holds media values as the user wrote them
+    (``images/x.jpg``, where ``values`` has the absolute path it resolved to): a problem names
+    and quotes a file as written.
     """
     fields = spec.fields_by_name
     problems: list[FieldProblem] = []
@@ -103,14 +108,16 @@ def check_input(
         if has_nul(value):
             problems.append(FieldProblem(name, NUL_MESSAGE, value, NUL_ALLOWED))
             continue
+        shown = (written or {}).get(name) if fld.media is not None else None
+        shown = shown if isinstance(shown, str) else None
         if media_cache is not None and fld.media is not None and isinstance(value, str):
-            mark = (spec.id, name, value)
+            mark = (spec.id, name, value, value if shown is None else shown)
             found = media_cache.get(mark)
             if found is None:
-                found = media_cache[mark] = check_value(fld, value)
+                found = media_cache[mark] = check_value(fld, value, shown=shown)
             problems.extend(found)
         else:
-            problems.extend(check_value(fld, value))
+            problems.extend(check_value(fld, value, shown=shown))
     for fld in fields.values():
         if fld.required and fld.name not in values:
             problems.append(
@@ -119,14 +126,19 @@ def check_input(
     return problems
 
 
-def check_value(fld: FieldSpec, value: Any) -> list[FieldProblem]:
-    """Problems of one value for one field (type, range, enum, length, media)."""
+def check_value(fld: FieldSpec, value: Any, *, shown: str | None = None) -> list[FieldProblem]:
+    """Problems of one value for one field (type, range, enum, length, media).
+
+    ``shown``: a media value as the user wrote it (``value`` being the path it resolved to),
+    which its problems name and quote (``file not found: images/x.jpg``)."""
     kind = fld.type
     if value is None:
         return [FieldProblem(fld.name, "must not be null", value, fld.allowed())]
     if fld.media is not None:
+        quoted_value = value if shown is None else shown
         return [
-            FieldProblem(fld.name, p.message, value, p.allowed) for p in check_media(value, kind, fld.media)
+            FieldProblem(fld.name, p.message, quoted_value, p.allowed)
+            for p in check_media(value, kind, fld.media, shown=shown)
         ]
     if kind is FieldType.STRING:
         return _check_string(fld, value)
@@ -262,10 +274,12 @@ def validate_input(
     media_cache: MediaCache | None = None,
     *,
     skip: Collection[str] = (),
+    written: Mapping[str, Any] | None = None,
 ) -> list[Issue]:
-    """:func:`check_input`'s problems as issues, each at the line its offending value came from."""
+    """:func:`check_input`'s problems as issues, each at the line its offending value came from
+    (``written``: media values as the user wrote them, see :func:`check_input`)."""
     issues: list[Issue] = []
-    for problem in check_input(spec, values, media_cache, skip=skip):
+    for problem in check_input(spec, values, media_cache, skip=skip, written=written):
         file, line = where.origins.get(problem.field, (where.file, where.line))
         issues.append(
             Issue(

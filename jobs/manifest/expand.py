@@ -74,6 +74,8 @@ class Manifest:
     items: LList = field(default_factory=lambda: LList(1))
     items_from: Path | None = None
     items_from_display: str | None = None
+    #: ``items_from`` as the manifest wrote it: how a message about the file names it.
+    items_from_written: str | None = None
     #: The manifest line of ``items_from:`` (where an empty file is reported).
     items_from_line: int | None = None
     #: Top-level issues found while parsing (errors and warnings).
@@ -222,6 +224,11 @@ class Manifest:
             allowed += f": {items:,} {noun} with the matrix's {combinations:,} combinations each"
         return RowLimit(items, too_many_jobs_message(), allowed, TOO_MANY_JOBS)
 
+    @property
+    def _items_from_named(self) -> str:
+        """The ``items_from`` file as a message names it: as the manifest wrote it."""
+        return self.items_from_written or str(self.items_from)
+
     def _unreadable(self, exc: OSError) -> Issue:
         """The ``items_from`` file could not be read: said where the manifest names it, with the
         system's reason ("permission denied"), like an unreadable image — not a traceback."""
@@ -230,7 +237,7 @@ class Manifest:
             line=self.items_from_line,
             item=None,
             field="items_from",
-            message=f"cannot read the items_from file {shown_path(str(self.items_from))}: {os_reason(exc)}",
+            message=f"cannot read the items_from file {shown_path(self._items_from_named)}: {os_reason(exc)}",
             allowed="a readable JSONL or CSV file",
         )
 

@@ -389,11 +389,12 @@ def _parse_items(root: LMap, manifest: Manifest, top: _Report) -> None:
                     ),
                 )
             elif (kind := file_kind(resolved)) != "file":
+                shown = shown_path(source)  # as written, not as resolved: what the user can find
                 if isinstance(kind, OSError):  # missing, or there but not to be read: say which
                     message = (
-                        f"items_from file not found: {shown_path(resolved)}"
+                        f"items_from file not found: {shown}"
                         if is_missing(kind)
-                        else f"cannot read the items_from file {shown_path(resolved)}: {os_reason(kind)}"
+                        else f"cannot read the items_from file {shown}: {os_reason(kind)}"
                     )
                     allowed = (
                         "a path relative to the manifest's folder"
@@ -401,12 +402,13 @@ def _parse_items(root: LMap, manifest: Manifest, top: _Report) -> None:
                         else "a readable JSONL or CSV file"
                     )
                 else:  # a folder, a named pipe (reading it would block), a device
-                    message = f"items_from is not a regular file: {shown_path(resolved)}"
+                    message = f"items_from is not a regular file: {shown}"
                     allowed = "a regular JSONL or CSV file"
                 top(message, where, "items_from", value=source, allowed=allowed)
             else:
                 manifest.items_from = resolved
                 manifest.items_from_display = str(Path(manifest.display).parent / source)
+                manifest.items_from_written = source
     if items is None and source is None:
         top(
             "the manifest has no items: add 'items:' (a list) or 'items_from:' (a JSONL/CSV file)",

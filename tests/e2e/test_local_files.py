@@ -190,3 +190,32 @@ def test_run_checks_the_output_folder_before_anything_is_stored_or_sent(
     assert "WANBATCH_OUTPUT_DIR" in rerun.stderr
     assert counts(_db(tmp_path)) == (1, 2)  # no rerun batch was made, no job claimed
     assert sim.ledger()["accepted"] == 2
+
+
+def test_a_file_gone_or_changed_after_submit_is_named_as_the_manifest_wrote_it(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """The job's error (stored, shown by `status`, exported) named the absolute path stored
+    (`/tmp/…/images/…`), not the file as the manifest wrote it; a line feed in it stays escaped."""
+    body = LEAKY.replace("leaky", "named").format(reference="./images/../images/night.jpg")
+    body = body.replace("images/landscape.jpg", '"images/gone\\n✓ ok.jpg"')
+    path = manifest("named", body)
+    images = path.parent / "images"
+    gone = images / "gone\n✓ ok.jpg"
+    shutil.copy(images / "landscape.jpg", gone)
+    submitted = wb("submit", path, "--json")
+    assert submitted.code == 0, submitted.stderr
+    gone.unlink()
+    shutil.copy(images / "square.png", images / "night.jpg")
+    run = wb("run", "named", "--json", "--no-progress")
+    assert run.json()["counts"]["failed"] == 2, run.stderr
+    exported = wb("export", "named", "--format", "jsonl")
+    errors = sorted(json.loads(line)["error"] for line in exported.stdout.splitlines())
+    assert errors == [
+        "media file 'images/gone\\n✓ ok.jpg' does not exist",
+        "media file 'images/night.jpg' changed since the manifest was validated (its bytes differ); "
+        "not sent: put the original back, or submit the manifest again to validate the new one",
+    ]
+    status = wb("status", "named", "--json").json()
+    assert all(str(path.parent) not in f["example"] for f in status["failures"])
+    assert sim.ledger()["accepted"] == 0

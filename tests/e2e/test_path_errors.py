@@ -114,7 +114,10 @@ def test_an_unreadable_items_from_file_is_located(
     rows.write_text(ROW if suffix == "jsonl" else "prompt,image_url\na,images/landscape.jpg\n")
     path = manifest("rows", items_from(rows.name))
     lock(locked, rows)
-    expected = f"rows.yaml:3: field 'items_from': cannot read the items_from file {rows}: permission denied"
+    # Named as the manifest wrote it, not as it resolved (/tmp/…/p.jsonl).
+    expected = (
+        f"rows.yaml:3: field 'items_from': cannot read the items_from file {rows.name}: permission denied"
+    )
     plain = without_read_override()
     for command in ("validate", "estimate", "submit"):
         assert_manifest_error(wanbatch(command, path, prefix=plain), expected)
@@ -151,8 +154,9 @@ def test_an_image_there_but_unreadable_is_not_called_missing(
     done = wanbatch("validate", path, prefix=without_read_override())
     assert_manifest_error(
         done,
-        f"img.yaml:4: item 0: field 'image_url': cannot read {folder / 'a.jpg'}: permission denied",
-        f"img.yaml:5: item 1: field 'image_url': cannot read {e2e_env / 'loop1'}: a symlink loop",
+        # Named as the manifest wrote them, not as they resolved (/tmp/…/private/a.jpg).
+        "img.yaml:4: item 0: field 'image_url': cannot read private/a.jpg: permission denied",
+        "img.yaml:5: item 1: field 'image_url': cannot read loop1: a symlink loop",
     )
     assert "not found" not in done.stderr
 

@@ -49,7 +49,7 @@ import httpx
 
 from jobs.endpoints import FieldType
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
-from jobs.fs import file_mode
+from jobs.fs import file_kind, file_mode, is_missing, os_reason, shown_in_folder, shown_path
 from jobs.media import media_type
 from jobs.outputs import OutputWriteError, fsync_dir
 from jobs.settings import allowed_host_entry
@@ -209,7 +209,12 @@ class MediaPreparer:
         return cls(storage.upload_file, inline_max_bytes, lookup, record, root)
 
     def prepare(
-        self, value: str, *, kind: FieldType | None = None, expected_sha256: str | None = None
+        self,
+        value: str,
+        *,
+        kind: FieldType | None = None,
+        expected_sha256: str | None = None,
+        folder: str | os.PathLike[str] | None = None,
     ) -> str:
         """A URL or data URI unchanged; a local absolute path as a data URI or an uploaded URL.
 
@@ -223,30 +228,43 @@ class MediaPreparer:
         (size, format, the job key, the estimate) is what is sent, and what the export says was
         sent. A file rewritten in place since then would go out unchecked — empty, or too small
         for fal — to be paid for, with the wrong hash in the dataset.
+
+        ``folder``: the manifest's folder. A refusal (stored as the job's error, and exported)
+        names the file relative to it (``images/car.png``), as the manifest wrote it, and on one
+        line (:func:`jobs.fs.shown_in_folder`); absolute when outside it or not given.
         """
         if value.startswith(URL_PREFIXES):
             return value
         path = Path(value)
         if not path.is_absolute():
-            raise UsageError(f"media path must be absolute after manifest loading, got {value!r}")
+            raise UsageError(f"media path must be absolute after manifest loading, got '{shown_path(value)}'")
+        name = shown_in_folder(path, folder)
         resolved = path.resolve()
         if self.root is not None and not resolved.is_relative_to(self.root.resolve()):
-            raise UsageError(f"media file {value!r} is outside the manifest folder {str(self.root)!r}")
+            raise UsageError(f"media file '{name}' is outside the manifest folder '{shown_path(self.root)}'")
         if resolved != path:
             # The manifest stored this path fully resolved, after confining it to an allowed
             # folder (jobs.media.resolve_local). Leading elsewhere now means a symlink appeared
             # since then, and it could point anywhere: refuse rather than read it.
             raise UsageError(
-                f"media file {value!r} now leads to {str(resolved)!r} (a symlink appeared after "
+                f"media file '{name}' now leads to '{shown_path(resolved)}' (a symlink appeared after "
                 "validation); not sent"
             )
-        if not resolved.is_file():
-            raise UsageError(f"media file {value!r} does not exist")
-        data = resolved.read_bytes()
+        found = file_kind(resolved)
+        if isinstance(found, OSError):
+            if is_missing(found):
+                raise UsageError(f"media file '{name}' does not exist")
+            raise UsageError(f"media file '{name}' cannot be read: {os_reason(found)}")
+        if found != "file":
+            raise UsageError(f"media file '{name}' is not a regular file")
+        try:
+            data = resolved.read_bytes()
+        except OSError as exc:  # removed or locked since it was looked at
+            raise UsageError(f"media file '{name}' cannot be read: {os_reason(exc)}") from exc
         digest = hashlib.sha256(data).hexdigest()
         if expected_sha256 is not None and digest != expected_sha256:
             raise UsageError(
-                f"media file {value!r} changed since the manifest was validated (its bytes differ); "
+                f"media file '{name}' changed since the manifest was validated (its bytes differ); "
                 "not sent: put the original back, or submit the manifest again to validate the new one"
             )
         mime = media_type(data, resolved.name, kind)
@@ -270,6 +288,7 @@ def prepare_input(
     *,
     preparer: MediaPreparer,
     source_files: Mapping[str, Any] | None = None,
+    folder: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """A copy of ``input`` whose media fields hold URLs or data URIs instead of local paths.
 
@@ -278,6 +297,9 @@ def prepare_input(
 
     ``source_files`` (the job's, :mod:`jobs.manifest.sources`): each local file must still hold
     the bytes whose SHA-256 was recorded when the manifest was validated.
+
+    ``folder``: the manifest's folder, which a refused file is named relative to
+    (:meth:`MediaPreparer.prepare`).
     """
     out = dict(input)
     kinds: Mapping[str, FieldType] = media_fields if isinstance(media_fields, Mapping) else {}
@@ -288,9 +310,11 @@ def prepare_input(
             recorded = (source_files or {}).get(name)
             expected = recorded.get("sha256") if isinstance(recorded, Mapping) else None
             digest = expected if isinstance(expected, str) else None
-            out[name] = preparer.prepare(value, kind=kind, expected_sha256=digest)
+            out[name] = preparer.prepare(value, kind=kind, expected_sha256=digest, folder=folder)
         elif isinstance(value, list):
-            out[name] = [preparer.prepare(v, kind=kind) if isinstance(v, str) else v for v in value]
+            out[name] = [
+                preparer.prepare(v, kind=kind, folder=folder) if isinstance(v, str) else v for v in value
+            ]
     return out
 
 

@@ -123,6 +123,8 @@ class SubmitTicket:
     priority: str
     #: Each media field as validated, with its bytes' SHA-256 (``jobs.source_files``).
     source_files: dict[str, Any] | None = None
+    #: The batch's manifest: a refused input file is named relative to its folder.
+    manifest_path: str | None = None
 
     @classmethod
     def of(cls, fence: Fence, job: JobRecord, batch: BatchRecord, attempt: int) -> SubmitTicket:
@@ -136,6 +138,7 @@ class SubmitTicket:
             schedule=batch_schedule(batch),
             priority=batch.priority,
             source_files=job.source_files,
+            manifest_path=batch.manifest_path,
         )
 
 

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 from sqlalchemy import Engine
@@ -163,6 +164,7 @@ def _read_ticket(rt: Runtime, job_id: str) -> SubmitTicket | None:
         schedule=Schedule.from_json(view.schedule),
         priority=view.priority,
         source_files=view.source_files,
+        manifest_path=view.manifest_path,
     )
 
 
@@ -195,7 +197,12 @@ def _submit(rt: Runtime, job_id: str) -> str:
     spec = get_endpoint(endpoint)
     try:
         fields = {f.name: f.type for f in spec.media_fields}
-        to_send = prepare_input(raw_input, fields, preparer=rt.media, source_files=ticket.source_files)
+        # A refused file is named as the manifest wrote it, relative to its folder (the job's
+        # error is stored, shown by `status` and exported): not as the absolute path stored.
+        folder = Path(ticket.manifest_path).parent if ticket.manifest_path else None
+        to_send = prepare_input(
+            raw_input, fields, preparer=rt.media, source_files=ticket.source_files, folder=folder
+        )
     except (UsageError, OSError) as exc:  # a local file vanished, changed or became unreadable
         with db.session_scope(rt.engine) as session:
             store.fail_unsent(session, fence, error=str(exc), error_type="input_file")
