@@ -30,7 +30,13 @@ makes a new batch) — with one exception, paid work coming back: a job that fai
 its submit's outcome stayed unknown past ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` (``error_type``
 ``submit_unknown``, no request kept, no output) goes ``failed ──► queued`` when fal's signed
 webhook later proves it accepted that very attempt and finished it: the request was billed, so
-its video is fetched (``jobs.store.adopt_late_proof``), and nothing is sent again.
+its video is fetched (``jobs.store.adopt_late_proof``), and nothing is sent again. A late answer
+of the submit proves it as well (accepted: the request runs, and is billed).
+
+Under ``WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit`` the same proof may come while the resend waits
+(``retry_wait``, or ``pending`` when its claim was given back unsent, or ``submitting`` before its
+POST is recorded as sent): the job adopts the proved request instead, ``retry_wait``/``pending``/
+``submitting ──► queued`` (``jobs.store.adopt_before_resend``), and the resend is never sent.
 """
 
 from __future__ import annotations
@@ -85,7 +91,9 @@ AT_PROVIDER_STATES: frozenset[JobState] = frozenset(
 S = JobState
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # → SUCCEEDED: reuse_outputs, the job took an already succeeded job's output; never sent.
-    S.PENDING: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED, S.SUCCEEDED}),
+    # → QUEUED only by jobs.store.adopt_before_resend (as from retry_wait): proof that fal
+    # accepted the attempt a resend given back unsent was to replace.
+    S.PENDING: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED, S.SUCCEEDED, S.QUEUED}),
     S.SUBMITTING: frozenset(
         {
             S.QUEUED,  # accepted, IN_QUEUE
@@ -107,7 +115,9 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
             S.CANCELLED,
         }
     ),
-    S.RETRY_WAIT: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED, S.SUCCEEDED}),  # SUCCEEDED: reused
+    # → SUCCEEDED: reused. → QUEUED only by jobs.store.adopt_before_resend: proof (a webhook, a
+    # late answer) that fal accepted the attempt the pending resend of an unknown submit replaces.
+    S.RETRY_WAIT: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED, S.SUCCEEDED, S.QUEUED}),
     S.QUEUED: frozenset(
         {
             S.RUNNING,

@@ -112,6 +112,7 @@ __all__ = [
     "SubmitView",
     "UnfinishedBatch",
     "add_jobs",
+    "adopt_before_resend",
     "adopt_late_proof",
     "adopt_request",
     "batch_committed_usd",
@@ -189,6 +190,7 @@ __all__ = [
     "release_lease",
     "release_process_leases",
     "request_known",
+    "resend_unsent",
     "reserved_usd",
     "resume_after_outputs_stored",
     "resume_batch",
@@ -1585,11 +1587,12 @@ def adopt_late_proof(
     reason: str,
     **fetched: Any,
 ) -> bool:
-    """``failed`` → ``queued``: fal's signed webhook proves, after
-    ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` failed the job, that it accepted the job's last attempt
-    (``attempt``) as ``request_id`` — and finished it, so fal billed it. The one move out of a
-    terminal state (:mod:`jobs.states`): the job keeps that request and goes on to fetch its
-    video as any adopted request does; nothing is sent again.
+    """``failed`` → ``queued``: after ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` (or the policy at
+    once) failed the job, proof comes that fal accepted the job's last attempt (``attempt``) as
+    ``request_id``: fal's signed webhook (the request finished, so fal billed it) or the submit's
+    late answer (accepted: it runs, and is billed). The one move out of a terminal state
+    (:mod:`jobs.states`): the job keeps that request and goes on as any adopted request does —
+    polled, its video fetched; nothing is sent again.
 
     Only a job that failed for that reason alone qualifies: ``error_type`` ``submit_unknown``,
     still at ``attempt``, no request kept, no output (so a video is never fetched over another).
@@ -1636,6 +1639,86 @@ def adopt_late_proof(
     if moved:
         _add_finished(session, found.batch_id, found.submitted_at, -before)
     return moved
+
+
+#: The states of a job whose resend of an unknown submit has not gone out yet: decided
+#: (``retry_wait``), given back before its POST (``pending``), or claimed but its POST not
+#: recorded as sent (``submitting`` without ``submitted_input``) — :func:`resend_unsent`.
+_RESEND_WAITS = frozenset({JobState.RETRY_WAIT, JobState.PENDING, JobState.SUBMITTING})
+
+
+def resend_unsent(job: Any, attempt: int) -> bool:
+    """Whether ``job`` (a :class:`~jobs.models.Job` or a row of its columns) is to resend its
+    ``attempt``, a submit whose outcome stayed unknown (``WANBATCH_SUBMIT_UNKNOWN_POLICY``
+    ``resubmit``), and that resend has not gone out: proof that fal accepted ``attempt`` then
+    replaces it (:func:`adopt_before_resend`). Once the resend's POST is recorded as sent
+    (``submitting`` with its input, or any later state) a proof of ``attempt`` is a duplicate."""
+    state = JobState(job.state)
+    if state not in _RESEND_WAITS or job.request_id is not None or job.output_path is not None:
+        return False
+    if job.resend_attempt != attempt + 1:
+        return False
+    if state == JobState.SUBMITTING:
+        return bool(job.attempts == attempt + 1 and job.submitted_input is None)
+    return bool(job.attempts == attempt)
+
+
+def adopt_before_resend(
+    session: Session,
+    fence: Fence,
+    *,
+    request_id: str,
+    gateway_request_id: str | None,
+    attempt: int,
+    next_poll_at: datetime,
+    reason: str,
+    **fetched: Any,
+) -> bool:
+    """``retry_wait``/``pending``/``submitting`` → ``queued``: proof (fal's signed webhook, or the
+    submit's late answer) that fal accepted ``attempt`` as ``request_id`` comes while the job
+    waits to resend that attempt, whose outcome had stayed unknown, and before the resend went
+    out (:func:`resend_unsent`). The job keeps the proved request and the resend is dropped:
+    nothing is paid twice.
+
+    The attempts are those sent: ``attempt`` (a resend claimed but not sent is not counted, as
+    :func:`give_back` does), and no resend is pending any more (``resend_attempt`` cleared, so a
+    later retry of the request is no possible duplicate). The money stays counted once: the
+    estimate the unknown submit put in ``ambiguous_usd`` ("possibly billed") leaves it, as the
+    request is now the job's own, reserved while fal holds it and billed when it ends. A resend
+    claimed by a submit step loses its lease: its send (:func:`record_send`, fenced by version)
+    then finds the job moved and sends nothing. The row is locked first. ``fetched``: what a
+    webhook carries of fal's result (:func:`adopt_late_proof`). False when the job does not
+    qualify or moved on (compare-and-set on ``fence``).
+    """
+    if fence.state not in _RESEND_WAITS:
+        return False
+    found = _run(session, select(_JOBS).where(_JOBS.c.id == fence.job_id).with_for_update()).first()
+    if (
+        found is None
+        or found.state != fence.state
+        or found.version != fence.version
+        or not resend_unsent(found, attempt)
+    ):
+        return False
+    return _move(
+        session,
+        fence,
+        JobState.QUEUED,
+        reason,
+        request_id=request_id,
+        gateway_request_id=gateway_request_id,
+        status_url=None,
+        response_url=None,
+        cancel_url=None,
+        next_attempt_at=next_poll_at,
+        attempts=attempt,
+        resend_attempt=None,
+        error=None,
+        error_type=None,
+        ambiguous_usd=found.ambiguous_usd - min(found.ambiguous_usd, found.est_usd),
+        **fetched,
+        **_UNLEASED,
+    )
 
 
 def mark_submit_unknown(session: Session, fence: Fence, *, why: str, due_at: datetime) -> bool:

@@ -45,7 +45,7 @@ from falsim import SimulatorOptions, running_simulator
 from jobs import billing, db, store
 from jobs.batches import batch_report
 from jobs.cost import cost_report
-from jobs.models import Job, utcnow
+from jobs.models import BatchState, Job, utcnow
 from jobs.states import JobState
 from tests.hostile import Behaviour, HostileProvider, Recorded, json_reply, sequence
 from tests.step_runtime import add_batch, make_runtime, settings_for
@@ -231,9 +231,12 @@ def _cancel_route(hostile: HostileProvider, request_id: str, behaviour: Behaviou
     ],
     ids=["cancelled-while-queued", "already-completed"],
 )
-def test_a_late_answer_for_a_failed_job_is_cancelled_recorded_and_counted(
+def test_a_late_answer_for_a_failed_job_of_a_cancelled_batch_is_cancelled_first(
     engine: Engine, hostile: HostileProvider, stepper: list[Runtime], cancel_answer: Behaviour, billed: bool
 ) -> None:
+    """The batch was cancelled: the user wants nothing more run, so the request a late answer
+    proves is cancelled at fal first (free while it waits in fal's queue), and noted. One fal
+    had already run (billed) is kept: the job adopts it and its video is fetched, no duplicate."""
     held = HeldAnswer(hostile, FIRST)
     hostile.route("POST", rf"/{T2V}", held)
     cancel = _cancel_route(hostile, FIRST, cancel_answer)
@@ -246,7 +249,21 @@ def test_a_late_answer_for_a_failed_job_is_cancelled_recorded_and_counted(
     _until("the lease to run out", _lease_passed(expiry))
     assert reconcile(leader) == 1
     assert _job(engine, job_id).state == S.FAILED  # no receiver: the policy at once
+    with db.session_scope(engine) as session:
+        store.set_batch_state(session, batch_id, BatchState.CANCELLED, reason="cancelled by user")
 
+    if billed:
+        assert step.answer() == "adopted-late"
+        assert hostile.count("PUT", cancel) == 1
+        after = _job(engine, job_id)
+        assert (after.state, after.request_id, after.attempts) == (S.QUEUED, FIRST, 1)
+        assert after.confirmed_duplicate_charges == 0
+        *_, adopted = _history(engine, job_id)
+        assert adopted[:2] == ("failed", "queued")
+        assert "late proof by the submit's answer" in adopted[2]
+        assert "fal had already run it" in adopted[2]
+        _assert_adopted_books(engine, batch_id, after.est_usd)
+        return
     assert step.answer() == "orphaned"
     after = _job(engine, job_id)
     assert (after.state, after.error_type) == (S.FAILED, "submit_unknown")
@@ -254,16 +271,16 @@ def test_a_late_answer_for_a_failed_job_is_cancelled_recorded_and_counted(
     *_, note = _history(engine, job_id)
     assert note[:2] == ("failed", "failed")  # moves nothing: the job stays failed, for good
     assert f"accepted as {FIRST}" in note[2]
-    assert after.confirmed_duplicate_charges == int(billed)
+    assert after.confirmed_duplicate_charges == 0
     with db.read_scope(engine) as session:
-        assert batch_report(session, batch_id)["confirmed_duplicate_charges"] == int(billed)
+        assert batch_report(session, batch_id)["confirmed_duplicate_charges"] == 0
         assert store.request_known(session, job_id, FIRST)  # a webhook for it is not counted again
-    _assert_books(engine, batch_id, after.est_usd, billed=billed)
+    _assert_books(engine, batch_id, after.est_usd, billed=False)
 
     # Observed again (a journal read again, the same answer twice): nothing more.
-    assert not settle_late_answer(leader, _accepted(job_id, FIRST), T2V)
+    assert settle_late_answer(leader, _accepted(job_id, FIRST), T2V) == "known"
     assert hostile.count("PUT", cancel) == 1
-    _assert_books(engine, batch_id, after.est_usd, billed=billed)
+    _assert_books(engine, batch_id, after.est_usd, billed=False)
     # Nor does fal's webhook proving the same request count or bill it again.
     with db.session_scope(engine) as session:
         noted = store.note_duplicate_charge(
@@ -276,7 +293,105 @@ def test_a_late_answer_for_a_failed_job_is_cancelled_recorded_and_counted(
             now=utcnow(),
         )
     assert noted == "known"
-    _assert_books(engine, batch_id, after.est_usd, billed=billed)
+    _assert_books(engine, batch_id, after.est_usd, billed=False)
+
+
+def test_a_late_answer_for_a_job_failed_for_its_unknown_outcome_is_kept(
+    engine: Engine, hostile: HostileProvider, stepper: list[Runtime]
+) -> None:
+    """The policy failed the job (no receiver: at once), then fal's answer comes: fal has the
+    request and bills it when it runs. The job adopts it (``failed`` → ``queued``) and goes on to
+    fetch its video, as a webhook's late proof does — not cancelled, not a duplicate charge
+    (before: cancelled at fal, or, once fal had run it, billed as a duplicate and the video lost)."""
+    held = HeldAnswer(hostile, FIRST)
+    hostile.route("POST", rf"/{T2V}", held)
+    cancel = _cancel_route(hostile, FIRST, json_reply({"status": "ALREADY_COMPLETED"}, 400))
+    worker, leader = _runtimes(engine, hostile.url, stepper, submit_unknown_policy="fail")
+    batch_id = add_batch(engine, "kept", [(T2V, {"prompt": "a lighthouse at noon"})])
+    (job_id,) = dispatch(worker)
+    _stalled(worker)
+    step = SlowSubmit(worker, job_id, held)
+    expiry = step.start(engine)
+    _until("the lease to run out", _lease_passed(expiry))
+    assert reconcile(leader) == 1
+    assert _job(engine, job_id).state == S.FAILED
+
+    assert step.answer() == "adopted-late"
+    assert hostile.count("PUT", cancel) == 0
+    after = _job(engine, job_id)
+    assert (after.state, after.request_id, after.attempts, after.error) == (S.QUEUED, FIRST, 1, None)
+    assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (0, 0)
+    assert after.next_attempt_at is not None  # polled like any request at fal
+    *_, adopted = _history(engine, job_id)
+    assert adopted[:2] == ("failed", "queued")
+    proof = "late proof by the submit's answer, after the job failed for its unknown submit outcome"
+    assert f"{proof}: attempt 1 accepted as {FIRST}" in adopted[2]
+    _assert_adopted_books(engine, batch_id, after.est_usd)
+    # Observed again (a journal read again): nothing more.
+    assert settle_late_answer(leader, _accepted(job_id, FIRST), T2V) == "known"
+    assert _job(engine, job_id).version == after.version
+    assert hostile.count("POST", rf"/{T2V}") == 1
+
+
+def _assert_adopted_books(engine: Engine, batch_id: str, est: Decimal) -> None:
+    """The one job keeps the late request as its own: at fal, its estimate reserved and billed
+    when it ends; nothing possibly billed, no duplicate charge, the running totals agreeing."""
+    with db.read_scope(engine) as session:
+        cost = cost_report(session, batch_id).total
+        report = batch_report(session, batch_id)
+        money = store.batch_money(session, batch_id)
+        assert store.batch_spent_usd(session, batch_id) == money.spent_usd
+    assert (money.spent_usd, money.reserved_usd, money.possibly_billed_usd) == (Decimal(0), est, Decimal(0))
+    assert cost.confirmed_duplicate_charges == report["confirmed_duplicate_charges"] == 0
+    assert cost.possibly_billed_usd == cost.wasted_usd == 0
+
+
+@pytest.mark.parametrize("resend", ["waiting", "claimed"])
+def test_a_late_answer_before_the_resend_went_out_is_kept_and_nothing_is_resent(
+    engine: Engine, hostile: HostileProvider, stepper: list[Runtime], resend: str
+) -> None:
+    """``resubmit`` decided to send the job again (``retry_wait``), or a submit step claimed the
+    resend but has not sent it; then fal's answer to the first attempt comes. The job keeps that
+    request and the resend is dropped: one request, one charge (before: the resend went out too,
+    a second paid request, and the first was counted as a confirmed duplicate charge)."""
+    held = HeldAnswer(hostile, FIRST)
+    hostile.route("POST", rf"/{T2V}", sequence(held, json_reply(_submit_answer(hostile, SECOND))))
+    cancel = _cancel_route(hostile, FIRST, json_reply({"status": "ALREADY_COMPLETED"}, 400))
+    worker, leader = _runtimes(engine, hostile.url, stepper, submit_unknown_policy="resubmit")
+    batch_id = add_batch(engine, "not-resent", [(T2V, {"prompt": "a paper crane"})])
+    (job_id,) = dispatch(worker)
+    _stalled(worker)
+    step = SlowSubmit(worker, job_id, held)
+    expiry = step.start(engine)
+    _until("the lease to run out", _lease_passed(expiry))
+    assert reconcile(leader) == 1
+    waiting = _job(engine, job_id)
+    assert (waiting.state, waiting.resend_attempt, waiting.ambiguous_usd) == (
+        S.RETRY_WAIT,
+        2,
+        waiting.est_usd,
+    )
+    if resend == "claimed":
+        assert dispatch(leader) == [job_id]  # attempt 2 claimed, its POST not recorded as sent
+        assert (_job(engine, job_id).state, _job(engine, job_id).attempts) == (S.SUBMITTING, 2)
+
+    assert step.answer() == "adopted-late"
+    after = _job(engine, job_id)
+    assert (after.state, after.request_id, after.attempts, after.resend_attempt) == (S.QUEUED, FIRST, 1, None)
+    assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (0, 0)
+    assert after.lease_owner is None
+    *_, adopted = _history(engine, job_id)
+    assert adopted[:2] == (("submitting" if resend == "claimed" else "retry_wait"), "queued")
+    assert f"before the resend went out: attempt 1 accepted as {FIRST}" in adopted[2]
+    if resend == "claimed":  # the claimed resend's send finds the job moved: nothing goes out
+        assert submit(leader, job_id) in ("lost-lease", "skipped")
+    assert dispatch(leader) == []
+    assert hostile.count("POST", rf"/{T2V}") == 1
+    assert hostile.count("PUT", cancel) == 0
+    _assert_adopted_books(engine, batch_id, after.est_usd)
+    with db.read_scope(engine) as session:
+        report = batch_report(session, batch_id)
+    assert (report["possible_duplicate_charges"], report["confirmed_duplicate_charges"]) == (0, 0)
 
 
 def _accepted(job_id: str, request_id: str) -> Accepted:
@@ -344,8 +459,8 @@ def test_a_late_answer_while_a_worker_holds_the_resent_job_is_counted_and_left_p
 ) -> None:
     """The resend's POST holds the job's lease (and would write the job's cost from what it
     read): the late request is counted and noted at once, its money left possibly billed."""
-    held = HeldAnswer(hostile, FIRST)
-    hostile.route("POST", rf"/{T2V}", sequence(held, json_reply(_submit_answer(hostile, SECOND))))
+    held, resent = HeldAnswer(hostile, FIRST), HeldAnswer(hostile, SECOND)
+    hostile.route("POST", rf"/{T2V}", sequence(held, resent))
     _cancel_route(hostile, FIRST, json_reply({"status": "ALREADY_COMPLETED"}, 400))
     worker, leader = _runtimes(engine, hostile.url, stepper, submit_unknown_policy="resubmit")
     batch_id = add_batch(engine, "held", [(T2V, {"prompt": "a kite over dunes"})])
@@ -356,6 +471,8 @@ def test_a_late_answer_while_a_worker_holds_the_resent_job_is_counted_and_left_p
     _until("the lease to run out", _lease_passed(expiry))
     assert reconcile(leader) == 1
     assert dispatch(leader) == [job_id]  # attempt 2, leased to the leader's submit step
+    resend = SlowSubmit(leader, job_id, resent)
+    resend.start(engine)  # its POST is out (recorded as sent): a genuine second request
 
     assert step.answer() == "orphaned"
     during = _job(engine, job_id)
@@ -368,7 +485,7 @@ def test_a_late_answer_while_a_worker_holds_the_resent_job_is_counted_and_left_p
     *_, note = _history(engine, job_id)
     assert f"accepted as {FIRST}" in note[2]
     assert "possibly billed" in note[2]
-    assert submit(leader, job_id) == "submitted"
+    assert resend.answer() == "submitted"
     with db.read_scope(engine) as session:
         cost = cost_report(session, batch_id).total
     assert (cost.confirmed_duplicate_charges, cost.possibly_billed_usd) == (1, during.est_usd)

@@ -50,6 +50,7 @@ from worker.steps.context import handle_of
 from worker.steps.poll import _next_poll, first_poll_at
 from worker.steps.submit import webhook_for
 from worker.steps.webhooks import (
+    ADOPTED_BEFORE_RESEND,
     ADOPTED_LATE,
     DEFERRED,
     STATUS_DUE,
@@ -585,6 +586,127 @@ def test_a_proof_after_the_deadline_failed_the_job_brings_its_paid_video_back(
     assert cost.actual_usd == job.est_usd
     assert cost.wasted_usd == cost.possibly_billed_usd == 0
     assert (report["confirmed_duplicate_charges"], report["counts"]["succeeded"]) == (0, 1)
+
+
+def _resend_waiting(engine: Engine, where: str) -> tuple[Job, store.Fence | None]:
+    """One job whose attempt 1's answer was lost, sent again by ``WANBATCH_SUBMIT_UNKNOWN_POLICY=
+    resubmit`` (as :func:`worker.steps.failures.settle_unknown_submit` decides it), its resend
+    not gone out: ``waiting`` in ``retry_wait``, ``given back`` unsent to ``pending`` (a submit
+    rate held it back), ``claimed`` by a submit step (``submitting`` attempt 2, its POST not
+    recorded as sent: the fence that step holds is returned), or ``sent`` (its POST recorded as
+    sent: out, a genuine second request)."""
+    job = _sent(engine, request_id=None, unknown=True)
+    now = utcnow()
+    held: store.Fence | None = None
+    with db.session_scope(engine) as session:
+        assert store.retry_later(
+            session,
+            store.Fence.of(job, "reconciler"),
+            reason="outcome unknown: resubmitting (possible duplicate charge)",
+            possible_duplicate=True,
+        )
+        if where != "waiting":
+            waiting = store.Fence.of(store.get_job(session, job.id), "sender")
+            assert store.mark_submitting(
+                session, waiting, attempt=2, api_key_id="k", lease_expires_at=now + timedelta(seconds=60)
+            )
+            held = store.Fence(job.id, S.SUBMITTING, waiting.version + 1, "sender")
+        if where == "given back":
+            assert held is not None
+            assert store.give_back(session, held, reason="held back by the submit rate")
+            held = None
+        elif where == "sent":
+            assert held is not None
+            held = store.record_send(
+                session, held, now=now, lease_seconds=60, submitted_input={"prompt": "a cat"}, sent_at=now
+            )
+            assert held is not None
+    return _job(engine, job.batch_id), held
+
+
+@pytest.mark.parametrize("where", ["waiting", "given back", "claimed"])
+def test_a_proof_before_the_resend_went_out_is_kept_and_nothing_is_resent(
+    engine: Engine, client: TestClient, signer: WebhookSigner, where: str
+) -> None:
+    """``resubmit`` decided to send the job again, and before the resend goes out fal's webhook
+    proves it ran the first attempt: the job keeps that request (its video fetched from the
+    webhook's result) and the resend is dropped — one request paid, counted once (before: the
+    resend went out all the same, a second paid request, and the proof counted as a confirmed
+    duplicate charge)."""
+    job, claimed = _resend_waiting(engine, where)
+    assert (job.request_id, job.resend_attempt, job.ambiguous_usd) == (None, 2, job.est_usd)
+    assert _money_agrees(engine, job.batch_id) == job.est_usd  # possibly billed
+
+    assert _post(client, signer, job, "req-first", attempt=1) == 200
+    assert _post(client, signer, job, "req-first", attempt=1) == 200  # fal's retry of it
+    assert _outcomes(engine, "req-first") == [ADOPTED_BEFORE_RESEND]
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.attempts) == (S.DOWNLOADING, "req-first", 1)
+    assert (after.resend_attempt, after.error, after.lease_owner) == (None, None, None)
+    assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (0, 0)
+    assert (after.provider_output, after.seed) == (RESULT, 7)
+    assert after.ambiguous_usd == 0
+    assert _money_agrees(engine, job.batch_id) == job.est_usd  # billed now, not possibly
+    with db.session_scope(engine) as session:
+        events = store.job_events(session, job.id)
+        if claimed is not None:  # the claimed resend's send finds the job moved: nothing goes out
+            now = utcnow()
+            assert (
+                store.record_send(
+                    session,
+                    claimed,
+                    now=now,
+                    lease_seconds=60,
+                    submitted_input={"prompt": "a cat"},
+                    sent_at=now,
+                )
+                is None
+            )
+    came_from = {"waiting": S.RETRY_WAIT, "given back": S.PENDING, "claimed": S.SUBMITTING}[where]
+    assert (events[-2].from_state, events[-2].to_state) == (came_from, S.QUEUED)
+    assert "before the resend went out: attempt 1 accepted as req-first" in (events[-2].reason or "")
+
+    with db.session_scope(engine) as session:  # the download stores the video, billed once
+        done = store.get_job(session, job.id)
+        assert store.mark_succeeded(
+            session,
+            store.Fence.of(done, "downloader"),
+            output_path="out.mp4",
+            output_sha256="0" * 64,
+            output_bytes=1,
+            **billed(Outcome.SUCCEEDED, done.est_billing_units, done.est_usd, prior_usd=done.actual_usd),
+        )
+        cost = cost_report(session, job.batch_id).total
+        report = batch_report(session, job.batch_id)
+    assert _money_agrees(engine, job.batch_id) == job.est_usd
+    assert (cost.actual_usd, cost.wasted_usd, cost.possibly_billed_usd) == (
+        job.est_usd,
+        Decimal(0),
+        Decimal(0),
+    )
+    assert (report["possible_duplicate_charges"], report["confirmed_duplicate_charges"]) == (0, 0)
+
+
+def test_a_proof_after_the_resend_went_out_is_a_duplicate_charge(
+    engine: Engine, client: TestClient, settings: Settings, signer: WebhookSigner
+) -> None:
+    """Once the resend's POST is out, fal may run both: the proof of the first attempt is the
+    confirmed duplicate charge it always was (applied when the sender lets go of the job)."""
+    job, sending = _resend_waiting(engine, "sent")
+    assert sending is not None
+    assert _post(client, signer, job, "req-first", attempt=1) == 200
+    assert _outcomes(engine, "req-first") == [DEFERRED]  # the sender holds the job
+    with db.session_scope(engine) as session:
+        now = utcnow()
+        assert store.mark_submitted(
+            session, sending, running=False, request_id="req-second", gateway_request_id=None,
+            status_url=None, response_url=None, cancel_url=None, submitted_at=now, next_poll_at=now,
+        )  # fmt: skip
+        (pending,) = store.unprocessed_deliveries(session)
+    assert apply_delivery(Inbox(engine, settings), pending) == "duplicate-charge"
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.attempts) == (S.QUEUED, "req-second", 2)
+    assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (1, 1)
 
 
 @pytest.mark.parametrize("why", ["failed", "not its last attempt", "kept a request"])

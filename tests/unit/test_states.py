@@ -79,8 +79,15 @@ def test_unknown_submission_is_never_resent_directly() -> None:
 
 def test_submission_only_through_submitting() -> None:
     into_queued = {s for s, targets in ALLOWED_TRANSITIONS.items() if JobState.QUEUED in targets}
-    # failed → queued adopts a request a late webhook proved: nothing is sent.
-    assert into_queued == {JobState.SUBMITTING, JobState.SUBMIT_UNKNOWN, JobState.FAILED}
+    # failed → queued adopts a request a late proof proved, and retry_wait/pending → queued one
+    # proved before its pending resend went out: nothing is sent.
+    assert into_queued == {
+        JobState.SUBMITTING,
+        JobState.SUBMIT_UNKNOWN,
+        JobState.FAILED,
+        JobState.RETRY_WAIT,
+        JobState.PENDING,
+    }
 
 
 def test_provider_states() -> None:

@@ -7,11 +7,28 @@ journal of accepted submits (:mod:`worker.steps.unrecorded`) can likewise be rea
 moved on. fal has that request and bills it once it runs; dropping the proof lost a paid video
 without a trace, and ``rerun --failed-only`` then paid for it again.
 
-Such a request is not adopted. A terminal job never moves again (:mod:`jobs.states`: a rerun
-makes a new batch; its money is already in its batch's totals and its run may have reported
-it), and a job sent again keeps the request of its new attempt. A job still in
-``submit_unknown`` does adopt the answer, by the compare-and-set edges ``submit_unknown`` →
-``queued``/``running`` (:func:`worker.steps.submit._record_submission`). Any other is:
+A job still in ``submit_unknown`` adopts the answer, by the compare-and-set edges
+``submit_unknown`` → ``queued``/``running`` (:func:`worker.steps.submit._record_submission`).
+So, here (:func:`settle_late_answer`), does a job for which that request is still the one to
+keep — nothing paid twice, no paid video lost:
+
+* a job that failed only for its unknown submit outcome (``error_type`` ``submit_unknown``, the
+  answer is to its last attempt, no request kept, no output): ``failed`` → ``queued``
+  (:func:`jobs.store.adopt_late_proof`), as a webhook's late proof does;
+* a job whose resend of that attempt (``WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit``) has not gone
+  out yet (``retry_wait``, ``pending``, or ``submitting`` before its POST is recorded as sent):
+  ``queued`` with the proved request (:func:`jobs.store.adopt_before_resend`), never resent.
+
+The adopted request is then polled (or streamed) and its video fetched like any other; fal bills
+it once, and the money is counted once. A late answer proves acceptance, not completion: when
+the job's batch no longer sends — cancelled, or past its deadline — the request is cancelled at
+fal first (free while it waits in fal's queue, which is what the user asked for), and adopted
+only when fal ran it anyway (already finished, or the cancel did not go through): that one is
+billed, so its video is kept, as a request that finished despite a cancel always is.
+
+Any other (a job sent again whose resend went out, a job cancelled or finished otherwise, an
+earlier attempt's request) is not adopted — a terminal job leaves its state only as above, and
+a job sent again keeps the request of its new attempt — and is:
 
 * cancelled at fal — free while it waits in fal's queue, so usually nothing is billed;
 * recorded on the job's history (:func:`jobs.store.note_request`: "accepted as <id>", so the
@@ -31,17 +48,26 @@ history and counted as before, its money left "possibly billed", where its unkno
 from __future__ import annotations
 
 import logging
+from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
 from jobs import billing, db, store
-from jobs.errors import WanbatchError
-from jobs.models import Job, utcnow
+from jobs.errors import NotFoundError, WanbatchError
+from jobs.models import BatchState, Job, utcnow
 from worker.fal.models import CancelOutcome, RequestHandle
 from worker.steps.context import Runtime, S
+from worker.steps.poll import first_poll_at
 from worker.steps.unrecorded import Accepted
 
 log = logging.getLogger(__name__)
+
+#: What :func:`settle_late_answer` did: the job keeps the request (``adopted``); it is counted as
+#: a confirmed duplicate charge (``billed``); only put on the history (``noted``); or nothing,
+#: the request being known already or the job gone (``known``).
+Settled = Literal["adopted", "billed", "noted", "known"]
+#: Reads of a job that moves under an adoption's compare-and-set before giving up on it.
+_TRIES = 3
 
 
 def awaits_answer(job: Job, attempt: int) -> bool:
@@ -56,19 +82,42 @@ def awaits_answer(job: Job, attempt: int) -> bool:
     return job.state == S.SUBMITTING and job.attempts == attempt and job.submitted_input is not None
 
 
+def adoptable(job: Job, attempt: int) -> bool:
+    """Whether ``attempt``'s request, proved by its late answer, is still the one ``job`` is to
+    keep: the job failed only for that attempt's unknown outcome, or its resend of it has not
+    gone out (see the module's docstring)."""
+    return store.resend_unsent(job, attempt) or (
+        job.state == S.FAILED
+        and job.error_type == store.SUBMIT_UNKNOWN_ERROR
+        and job.attempts == attempt
+        and job.request_id is None
+        and job.output_path is None
+    )
+
+
 def settle_late_answer(
     rt: Runtime, accepted: Accepted, endpoint: str, *, cancel: bool = True, event: str = "submit.orphaned"
-) -> bool:
-    """Cancel ``accepted`` at fal (unless ``cancel`` is False: another provider's request), put
-    it on its job's history and, when billed, count and bill it; say so in a warning
-    (``event``). True when counted as billed.
+) -> Settled:
+    """Settle ``accepted``, a request whose answer came after its job moved on: adopt it when
+    the job is still to keep it (:func:`adoptable`; only a request of this runtime's provider,
+    ``cancel``); else cancel it at fal (unless ``cancel`` is False: another provider's request),
+    put it on its job's history and, when billed, count and bill it; say so in a warning
+    (``event``). What was done (:data:`Settled`).
 
     Nothing is done twice: a request already on the job's history (a journal read again, a
     webhook's proof) is left as it is, and one a webhook already counted is not counted again.
     """
     with db.read_scope(rt.engine) as session:
         if store.request_known(session, accepted.job_id, accepted.request_id):
-            return False
+            return "known"
+        try:
+            job = store.get_job(session, accepted.job_id)
+        except NotFoundError:
+            return "known"
+        keep = cancel and adoptable(job, accepted.attempt)
+        stopped = keep and _stops_sending(session, job)
+    if keep and not stopped and _adopt(rt, accepted, "fal accepted it"):
+        return "adopted"
     if cancel:
         fate, outcome = _cancel(rt, accepted, endpoint)
     else:
@@ -76,6 +125,9 @@ def settle_late_answer(
             "not cancelled (another provider's request): it runs, and is billed",
             billing.Outcome.SUCCEEDED,
         )
+    ran = outcome == billing.Outcome.SUCCEEDED  # fal ran it anyway (billed): its video is kept
+    if stopped and ran and _adopt(rt, accepted, f"its batch stops sending; {fate}"):
+        return "adopted"
     reason = (
         f"late answer to attempt {accepted.attempt}, after the job had moved on: "
         f"accepted as {accepted.request_id}; {fate}"
@@ -83,7 +135,7 @@ def settle_late_answer(
     with db.session_scope(rt.engine) as session:
         booked = _book(session, rt, accepted, reason, outcome)
         if booked is None:
-            return False
+            return "known"
         state = store.get_job(session, accepted.job_id).state.value
     log.warning(
         "fal accepted %s but the job moved on (%s): %s%s",
@@ -93,7 +145,68 @@ def settle_late_answer(
         booked,
         extra={"event": event, "job_id": accepted.job_id, "request_id": accepted.request_id},
     )
-    return bool(booked)
+    return "billed" if booked else "noted"
+
+
+def _stops_sending(session: Session, job: Job) -> bool:
+    """Whether ``job``'s batch sends nothing any more: cancelled, or past its deadline. A request
+    it did not keep is then cancelled at fal before anything else (:func:`settle_late_answer`)."""
+    batch = store.get_batch(session, job.batch_id)
+    return batch.state == BatchState.CANCELLED or store.batch_schedule(batch).past_deadline(utcnow())
+
+
+def _adopt(rt: Runtime, accepted: Accepted, fate: str) -> bool:
+    """The job keeps ``accepted`` (:func:`adoptable`): ``failed`` → ``queued``
+    (:func:`jobs.store.adopt_late_proof`) or the pending resend dropped
+    (:func:`jobs.store.adopt_before_resend`), by compare-and-set, read again while the job moves
+    under it. ``fate``: what became of the request, for the history. False when the job no
+    longer keeps it (its resend went out meanwhile, say)."""
+    for _ in range(_TRIES):
+        with db.session_scope(rt.engine) as session:
+            job = store.get_job(session, accepted.job_id)
+            if not adoptable(job, accepted.attempt):
+                return False
+            common: dict[str, Any] = {
+                "request_id": accepted.request_id,
+                "gateway_request_id": accepted.gateway_request_id,
+                "attempt": accepted.attempt,
+                "next_poll_at": first_poll_at(rt.settings, utcnow()),
+            }
+            if job.state == S.FAILED:
+                what = "after the job failed for its unknown submit outcome"
+                done = "it is followed and its video fetched, nothing is sent again"
+                moved = store.adopt_late_proof(
+                    session,
+                    rt.fence(job),
+                    reason=f"late proof by the submit's answer, {what}: attempt {accepted.attempt} "
+                    f"accepted as {accepted.request_id}; {fate}: {done}",
+                    **common,
+                )
+            else:
+                what = "before the resend went out"
+                done = "the resend is dropped, nothing is sent again"
+                moved = store.adopt_before_resend(
+                    session,
+                    rt.fence(job),
+                    reason=f"late answer, {what}: attempt {accepted.attempt} accepted as "
+                    f"{accepted.request_id}; {fate}: {done}",
+                    **common,
+                )
+            if moved:
+                log.warning(
+                    "fal accepted %s, %s: the job keeps it (%s)",
+                    accepted.line(),
+                    what,
+                    done,
+                    extra={
+                        "event": "submit.adopted_late",
+                        "job_id": accepted.job_id,
+                        "batch_id": job.batch_id,
+                        "request_id": accepted.request_id,
+                    },
+                )
+                return True
+    return False
 
 
 def _book(

@@ -127,7 +127,9 @@ def adopt_unrecorded(rt: Runtime) -> int:
             except OSError as exc:  # another process settled it first, or the folder went read-only
                 log.debug("could not remove %s: %s", path, exc, extra={"event": "reconcile.journal_left"})
     for accepted, endpoint, ours in late:  # after the transactions: a cancel is a call to fal
-        settle_late_answer(rt, accepted, endpoint, cancel=ours, event="submit.adopt_too_late")
+        # The job may keep it still (failed for its unknown outcome, its resend not sent yet).
+        settled = settle_late_answer(rt, accepted, endpoint, cancel=ours, event="submit.adopt_too_late")
+        adopted += settled == "adopted"
     return adopted
 
 

@@ -109,6 +109,10 @@ def _given_back_for_rate(rt: Runtime, fence: Fence, endpoint: str) -> bool:
     return True
 
 
+#: Outcomes of :func:`submit` after which the job keeps the request fal accepted: followed at fal.
+_KEPT = ("submitted", "submitted-late", "adopted-late")
+
+
 def webhook_for(settings: Settings, engine: Engine, job_id: str, attempt: int) -> str | None:
     """The ``fal_webhook`` URL for one attempt: the receiver learns which job and attempt a
     completion belongs to even when the submit's answer never reached us, and the token shows
@@ -141,7 +145,7 @@ def submit(rt: Runtime, job_id: str) -> str:
                 "job %s: not sent: the database's disk is full", job_id, extra={"event": "submit.db_full"}
             )
             outcome = "database-full"
-    if outcome in ("submitted", "submitted-late"):
+    if outcome in _KEPT:
         rt.notify("submitted", job_id)
     elif outcome not in ("skipped", "ambiguous", "database-full", "unrecorded"):
         rt.notify("freed", job_id)
@@ -331,7 +335,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
     )
     if outcome == "submitted":
         chaos.crash_point("after_commit")
-    if outcome in ("submitted", "submitted-late") and rt.on_accepted is not None:
+    if outcome in _KEPT and rt.on_accepted is not None:
         # Built from the configured queue URL and the (validated) request id only: the key goes there.
         rt.on_accepted(
             job_id, RequestHandle.from_request_id(rt.settings.fal_queue_url, endpoint, submitted.request_id)
@@ -522,14 +526,17 @@ LATE_TRIES = 3
 def _record_submission(
     rt: Runtime, fence: Fence, submitted: Submitted, accepted: Accepted, endpoint: str
 ) -> str:
-    """Store the request id fal gave us: ``submitted``, ``submitted-late`` or ``orphaned``.
+    """Store the request id fal gave us: ``submitted``, ``submitted-late``, ``adopted-late`` or
+    ``orphaned``.
 
     ``submitted-late``: the lease was taken over while the POST was in flight (this worker
     stalled past it) and the reconciler called the outcome unknown, but the job still waits for
     proof (``submit_unknown``, no request): the answer is that proof, and the job keeps the
     request — a compare-and-set from the state and version just read, tried again if the job
-    moves meanwhile. ``orphaned``: the job moved on without it (failed, sent again, cancelled):
-    the request is cancelled at fal and recorded (:mod:`worker.steps.late_answers`).
+    moves meanwhile. ``adopted-late``: the job had failed for the unknown outcome, or waits to
+    resend it and the resend has not gone out: it keeps the request all the same, nothing is
+    sent again. ``orphaned``: the job moved on without it (sent again, cancelled, finished
+    otherwise): the request is cancelled at fal and recorded (:mod:`worker.steps.late_answers`).
     """
 
     def record(session: Session, held: Fence) -> bool:
@@ -567,5 +574,6 @@ def _record_submission(
                     },
                 )
                 return "submitted-late"
-    settle_late_answer(rt, accepted, endpoint)
+    if settle_late_answer(rt, accepted, endpoint) == "adopted":
+        return "adopted-late"
     return "orphaned"

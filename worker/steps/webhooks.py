@@ -18,6 +18,12 @@ compare-and-set on the job's state and version), so a webhook and a poll racing 
   flight or its answer was lost (``submitting`` with its input recorded, ``submit_unknown``):
   proof that fal accepted it. The job adopts the request id (``queued``, then as above) and
   is never sent again;
+* a request we never recorded, for the attempt whose resend (``WANBATCH_SUBMIT_UNKNOWN_POLICY``
+  ``resubmit``) has not gone out yet (``retry_wait``, ``pending``, ``submitting`` before its POST
+  is recorded as sent): the job adopts it instead and the resend is dropped
+  (:func:`jobs.store.adopt_before_resend`), nothing paid twice;
+* a success for the last attempt of a job failed for its unknown submit outcome: adopted
+  (:func:`jobs.store.adopt_late_proof`), its video fetched;
 * a request we never recorded otherwise (an earlier attempt resent after an ambiguous submit,
   or a second request of one attempt), whatever the job's state, a finished job's included:
   fal ran and billed it besides the one the job keeps, a *confirmed* duplicate charge, counted
@@ -79,11 +85,14 @@ STATUS_DUE = "status due: a failure by webhook says not whether the request ran"
 DEFERRED = "deferred: the job kept moving, or a worker holds it"
 #: What applying a success proved for a job the deadline had failed does (:func:`_late_proof`).
 ADOPTED_LATE = "adopted: a late proof of a job failed for its unknown submit outcome"
+#: What applying a proof of the attempt a pending resend was to replace does
+#: (:func:`jobs.store.adopt_before_resend`).
+ADOPTED_BEFORE_RESEND = "adopted: a proof of the attempt its pending resend replaced; not resent"
 #: Outcomes after which the tick leader has work (:func:`jobs.db.notify_events`, on PostgreSQL),
 #: in whichever process it runs: a moved job's download to queue and the slot it freed to fill,
 #: or a job due for its status call now.
-_WAKES = ("completed", "adopted", STATUS_DUE, ADOPTED_LATE)
-_ADOPTED = ("adopted", ADOPTED_LATE)
+_WAKES = ("completed", "adopted", STATUS_DUE, ADOPTED_LATE, ADOPTED_BEFORE_RESEND)
+_ADOPTED = ("adopted", ADOPTED_LATE, ADOPTED_BEFORE_RESEND)
 
 
 #: The :class:`~jobs.models.InstanceSecret` that keys the webhook URLs' tokens.
@@ -340,6 +349,39 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
             )
             fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
             outcome = "adopted"
+        elif delivery.attempt is not None and store.resend_unsent(job, delivery.attempt):
+            # WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit decided to send the job again, and the
+            # resend has not gone out: the proved request replaces it, nothing is paid twice.
+            gateway = delivery.body.get("gateway_request_id")
+            if not store.adopt_before_resend(
+                session,
+                fence,
+                request_id=delivery.request_id,
+                gateway_request_id=request_id_or_none(gateway),
+                attempt=delivery.attempt,
+                next_poll_at=first_poll_at(inbox.settings, now),
+                reason=(
+                    f"proof by webhook before the resend went out: attempt {delivery.attempt} "
+                    f"accepted as {delivery.request_id}; the resend is dropped, nothing is sent again"
+                ),
+                **({} if status.failed else _fetched(delivery.body)),
+            ):
+                continue
+            log.warning(
+                "job %s: a webhook proved fal accepted attempt %s as %s before its resend went out: "
+                "kept, not resent",
+                job.id,
+                delivery.attempt,
+                delivery.request_id,
+                extra={
+                    "event": "webhook.adopted_before_resend",
+                    "job_id": job.id,
+                    "batch_id": job.batch_id,
+                    "request_id": delivery.request_id,
+                },
+            )
+            fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
+            outcome = ADOPTED_BEFORE_RESEND
         elif _late_proof(job, state, delivery, status):
             gateway = delivery.body.get("gateway_request_id")
             if not store.adopt_late_proof(
