@@ -1576,6 +1576,27 @@ def adopt_request(
 SUBMIT_UNKNOWN_ERROR = "submit_unknown"
 
 
+def _proved_request(
+    found: Any, request_id: str, gateway_request_id: str | None, next_poll_at: datetime
+) -> dict[str, Any]:
+    """What a job that adopts a request proved after the fact (:func:`adopt_late_proof`,
+    :func:`adopt_before_resend`) writes: the request (its URLs derived from the configured
+    queue), no error, unleased, and the estimate the unknown submit put in ``ambiguous_usd``
+    ("possibly billed") taken out of it — the request is now the job's own, counted once."""
+    return {
+        "request_id": request_id,
+        "gateway_request_id": gateway_request_id,
+        "status_url": None,
+        "response_url": None,
+        "cancel_url": None,
+        "next_attempt_at": next_poll_at,
+        "error": None,
+        "error_type": None,
+        "ambiguous_usd": found.ambiguous_usd - min(found.ambiguous_usd, found.est_usd),
+        **_UNLEASED,
+    }
+
+
 def adopt_late_proof(
     session: Session,
     fence: Fence,
@@ -1618,24 +1639,8 @@ def adopt_late_proof(
     ):
         return False
     before = finished_usd(JobState.FAILED, found.actual_usd, found.est_usd, found.ambiguous_usd)
-    moved = _move(
-        session,
-        fence,
-        JobState.QUEUED,
-        reason,
-        request_id=request_id,
-        gateway_request_id=gateway_request_id,
-        status_url=None,
-        response_url=None,
-        cancel_url=None,
-        next_attempt_at=next_poll_at,
-        error=None,
-        error_type=None,
-        finished_at=None,
-        ambiguous_usd=found.ambiguous_usd - min(found.ambiguous_usd, found.est_usd),
-        **fetched,
-        **_UNLEASED,
-    )
+    adopted = _proved_request(found, request_id, gateway_request_id, next_poll_at)
+    moved = _move(session, fence, JobState.QUEUED, reason, finished_at=None, **adopted, **fetched)
     if moved:
         _add_finished(session, found.batch_id, found.submitted_at, -before)
     return moved
@@ -1700,24 +1705,16 @@ def adopt_before_resend(
         or not resend_unsent(found, attempt)
     ):
         return False
+    adopted = _proved_request(found, request_id, gateway_request_id, next_poll_at)
     return _move(
         session,
         fence,
         JobState.QUEUED,
         reason,
-        request_id=request_id,
-        gateway_request_id=gateway_request_id,
-        status_url=None,
-        response_url=None,
-        cancel_url=None,
-        next_attempt_at=next_poll_at,
         attempts=attempt,
         resend_attempt=None,
-        error=None,
-        error_type=None,
-        ambiguous_usd=found.ambiguous_usd - min(found.ambiguous_usd, found.est_usd),
+        **adopted,
         **fetched,
-        **_UNLEASED,
     )
 
 
