@@ -597,15 +597,18 @@ def _run_and_report(
 
 def _held_line(report: BatchReport, again: str | None) -> str | None:
     """Why a run ended with jobs of its batch left unsent, when that is no job's failure: its
-    user paused it, or fal refused the key or the account (HTTP 401/402/403). Such a run exits
-    2, as a run of a paused batch or a missing FAL_KEY does, saying what to fix and how to go
-    on: exit 1 says jobs failed or were cancelled, and a script that reads it as "the batch is
-    over, rerun what failed" would never finish it. None: exit by the jobs' outcome."""
+    user paused it, fal refused the key or the account (HTTP 401/402/403), or its outputs could
+    not be stored (a full disk, a read-only folder). Such a run exits 2, as a run of a paused
+    batch or a missing FAL_KEY does, saying what to fix and how to go on: exit 1 says jobs
+    failed or were cancelled, and a script that reads it as "the batch is over, rerun what
+    failed" would never finish it. None: exit by the jobs' outcome."""
     from jobs import batches
 
     words = {"again": again} if again else {}
     if _held_by_user(report):
         return batches.paused_line(report["name"], report_ref(report), **words)
+    if batches.outputs_paused(report):
+        return batches.outputs_line(report, **words)
     if batches.refused_by_fal(report):
         return batches.refused_line(report, **words)
     return None

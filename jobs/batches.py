@@ -1191,6 +1191,23 @@ def refused_by_fal(report: BatchReport) -> bool:
     )
 
 
+def outputs_paused(report: BatchReport) -> bool:
+    """Whether the batch has jobs left and is paused because its outputs could not be stored
+    (a full disk, a read-only folder, storage that refuses writes:
+    :func:`worker.steps.download._pause_for_outputs`)."""
+    return (
+        report["state"] == BatchState.PAUSED.value
+        and report["finished"] < report["total"]
+        and (report["pause_reason"] or "").startswith(store.OUTPUTS_PAUSE_PREFIX)
+    )
+
+
+def outputs_line(report: BatchReport, again: str = RUN_AGAIN) -> str:
+    """What a ``run`` that unstorable outputs stopped says: paused, why (the reason says what to
+    fix), and how to go on."""
+    return f"batch {report['name']} is paused: {report['pause_reason']}; fix it, then {again} to go on"
+
+
 def refused_line(report: BatchReport, again: str = RUN_AGAIN) -> str:
     """What a ``run`` that fal's refusal of the key or the account stopped says: nothing more is
     sent, why, and how to go on (the same command resumes the batch once fal accepts the key)."""

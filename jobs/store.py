@@ -2578,6 +2578,53 @@ def expire_leases(session: Session, batch_id: str, owners: Collection[str], *, n
     return int(lapsed.rowcount)  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True, slots=True)
+class TakenBack:
+    """What :func:`take_back_dead_leases` did: jobs not sent yet back to ``pending``
+    (``unsent``), other leases lapsed now (``lapsed``: downloads, status checks, result
+    fetches), and submits whose POST may be out, left to their lease (``in_flight``)."""
+
+    unsent: int
+    lapsed: int
+    in_flight: int
+
+
+def take_back_dead_leases(
+    session: Session, batch_id: str, owners: Collection[str], *, now: datetime, worker: str
+) -> TakenBack:
+    """Take back at once what ``owners`` — processes known to have ended — hold on ``batch_id``'s
+    unfinished jobs, as far as that can never pay for anything twice:
+
+    * a job claimed but not sent (``submitting``, no input recorded) goes back to ``pending`` by a
+      fenced move: should its holder live after all, its own send is fenced out (it records the
+      send by the version this moves on), so the job goes out once;
+    * any other lease (a download, a status check, a result fetch) lapses now: the work is done
+      again at worst, and its outcome recorded once (fenced);
+    * a submit whose POST may be out (its input recorded) is left to its lease: its outcome is
+      unknown, and only the reconciler decides it once the lease lapses (``submit_unknown``,
+      never resent blindly). A live holder — one that merely looked gone — renews that lease
+      while its POST is in flight, so its answer is never declared unknown while it may come.
+    """
+    if not owners:
+        return TakenBack(0, 0, 0)
+    theirs = (
+        (Job.batch_id == batch_id) & Job.lease_owner.in_(sorted(set(owners))) & (Job.lease_expires_at > now)
+    )
+    unsent, in_flight = _give_back_unsent(
+        session,
+        theirs,
+        worker,
+        reason="taken back from a process of this host that has ended, before it sent",
+    )
+    lapsed = session.execute(
+        update(Job)
+        .where(theirs, Job.state.in_([s for s in UNFINISHED_STATES if s != JobState.SUBMITTING]))
+        .values(lease_expires_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return TakenBack(unsent, int(lapsed.rowcount), in_flight)  # type: ignore[attr-defined]
+
+
 def release_step_jobs(
     session: Session, job_ids: Collection[str], owner_prefix: str, *, queued_owner: str, worker: str
 ) -> ReleasedLeases:

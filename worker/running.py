@@ -6,10 +6,10 @@ sent, downloaded or cancelled by it. Distributed (a broker is configured): the
 ``wanbatch worker`` processes do the work (for every batch) and this only watches the database,
 warning when no worker answers. Either way the same steps run and the same rows tell the truth.
 
-Ctrl-C (SIGINT) or SIGTERM stops a run within seconds (:func:`stop_on_signals`): nothing more
-is sent, the leases this process holds are given back so the next run picks its jobs up at
-once, running downloads are abandoned (they write to per-attempt temporary files), and the
-command exits 130. A second Ctrl-C exits at once.
+Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal or SSH session closed) stops a run within
+seconds (:func:`stop_on_signals`): nothing more is sent, the leases this process holds are given
+back so the next run picks its jobs up at once, running downloads are abandoned (they write to
+per-attempt temporary files), and the command exits 130. A second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -150,7 +150,9 @@ _waiting = threading.Event()
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Turn the first SIGINT/SIGTERM into :class:`Interrupted`; a second one exits at once (130).
+    """Turn the first SIGINT/SIGTERM/SIGHUP into :class:`Interrupted`; a second SIGINT or SIGTERM
+    exits at once (130). A second SIGHUP is ignored: closing a terminal sends one from the shell and
+    one from the kernel, and the first is being acted on (:func:`_stop_signals`).
 
     Raising from a signal handler interrupts whatever Python code runs at that moment — even a
     finalizer, which swallows the exception ("Exception ignored in …"). So the handler's main
@@ -167,17 +169,24 @@ def stop_on_signals() -> Iterator[None]:
         return
     received: list[int] = []
     _stop_requested.clear()
+    # Which of stdout and stderr are terminals now: after a hangup they no longer are.
+    terminals = [fd for fd in (1, 2) if _isatty(fd)]
 
     def handle(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            _drop_hung_up_terminal(terminals)
+            if received:  # a hangup comes twice (the shell's, the kernel's): no second signal
+                return
         received.append(signum)
         if len(received) > 1:
-            os.write(2, b"\ninterrupted again: exiting now\n")
+            with contextlib.suppress(OSError):
+                os.write(2, b"\ninterrupted again: exiting now\n")
             os._exit(EXIT_INTERRUPTED)
         _stop_requested.set()
         if not _waiting.is_set():
             raise _Stop(signum)
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handle) for sig in _stop_signals()}
     try:
         yield
     except _Stop:
@@ -186,6 +195,40 @@ def stop_on_signals() -> Iterator[None]:
     _stop_requested.clear()
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+def _stop_signals() -> list[signal.Signals]:
+    """The signals that stop a run gracefully: SIGINT, SIGTERM, and SIGHUP — what closing the
+    terminal or the SSH session sends, the commonest way a run is interrupted (it killed the
+    process outright, exit 129: answers to POSTs in flight were lost, leases not given back).
+    A SIGHUP the parent set to be ignored (``nohup``) stays ignored: the run goes on."""
+    wanted = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        wanted.append(hangup)
+    return wanted
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def _drop_hung_up_terminal(terminals: list[int]) -> None:
+    """Point those of ``terminals`` (stdout, stderr) that are no longer terminals — the terminal
+    hung up: a write to it fails with EIO — at /dev/null, so that stopping (giving the leases
+    back, the last line) is not cut short by a write nobody can read. A ``kill -HUP`` with the
+    terminal still open changes nothing: the last line is shown there as after Ctrl-C."""
+    gone = [fd for fd in terminals if not _isatty(fd)]
+    if not gone:
+        return
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in gone:
+            os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 # --------------------------------------------------------------------------- the broker
@@ -576,8 +619,10 @@ def _process_embedded(
     conductor = Conductor(rt)
     rt.notify = conductor.notify
     rt.on_accepted = conductor.watch_accepted
-    if simulated:  # a killed --simulate run's leases: taken back at once when it is gone
-        rt.dead_leases = DeadLeases(rt, batch_id)
+    # A stopped run's leases that nothing gave back (killed, crashed, a second Ctrl-C): taken
+    # back at once when its process on this host is gone, as far as nothing is paid twice;
+    # what is waited for instead is said on the progress line (worker.steps.dead_leases).
+    rt.dead_leases = DeadLeases(rt, batch_id)
     worker.bind(rt)
     abandoned = False
     try:
@@ -644,8 +689,9 @@ def serve_run_metrics(settings: Settings) -> Callable[[], None]:
 
 
 def leases_note(conductor: Conductor | None) -> str:
-    """What a ``--simulate`` run waits for while another process, not known to be gone, holds
-    leases on its batch ("" when nothing): never a silent ``submitting:3`` for minutes."""
+    """What an embedded run waits for while another process holds leases on its batch that it
+    cannot take back ("" when nothing): never a silent ``submitting:3`` for minutes, nor a cap's
+    reason that is not the one."""
     if conductor is None or conductor.rt.dead_leases is None:
         return ""
     return conductor.rt.dead_leases.note()
@@ -793,9 +839,12 @@ def _watch(
         started = time.monotonic()
         if not budget.due(started):
             return False
+        # Another process's leases on the batch that this run waits out: whose, until when —
+        # said instead of a cap's reason (the jobs they hold fill it) and of a forecast.
+        leased = leases_note(conductor)
         with db.read_scope(engine) as session:
             current = batch_progress(session, batch_id)
-            holds = caps.holds(session, current)
+            holds = [] if leased else caps.holds(session, current)
         budget.spent(started, time.monotonic())
         done = current["finished"]
         waiting = compact_note(current["schedule_state"]) if not current["schedule_open"] else ""
@@ -803,8 +852,7 @@ def _watch(
         # while the database's disk is full, what waits to be recorded and where to free space.
         held = unreachable_note(conductor.rt.limiter) if conductor is not None else None
         held = (conductor.rt.unrecorded.note() if conductor is not None else None) or held
-        # A --simulate run waiting out another process's leases on its batch: whose, until when.
-        held = held or leases_note(conductor)
+        held = held or leased
         # A cap that holds the unsent jobs back, and whose jobs fill it: in full once, then short.
         if (line := caps.first_said(holds)) is not None:
             progress.console.print(f"[yellow]{shown(line)}[/yellow]")
@@ -822,6 +870,8 @@ def _watch(
         task = next(t for t in progress.tasks if t.id == task_id)
         speed = task.speed  # jobs a second, None before two samples
         eta, eta_note = progress_forecast(current, speed * 60 if speed else None)
+        if leased:  # the pace of the jobs it had says nothing of when the wait ends
+            eta, eta_note = None, None
         notes = " · ".join(n for n in (waiting, held, capped, eta_note) if n)
         progress.update(
             task_id,

@@ -454,10 +454,15 @@ def test_a_full_disk_pauses_the_batch_and_the_paid_video_is_downloaded_once_ther
     fal = FakeFal(hostile, video=sample_video() + b"\0" * padding)
     started = time.monotonic()
     run = wb("run", manifest("hostile", TWO_JOBS), "--json", "--no-progress")
-    assert run.code == 1, run.stderr
+    # Exit 2, as for any pause (no job failed or was cancelled: exit 1 would say so), with the
+    # contract's `ok: false` and the line that says what to fix.
+    assert run.code == 2, run.stderr
     assert time.monotonic() - started < 30
     report = run.json()
     assert report["phase"] == "paused"
+    assert report["ok"] is False
+    assert report["error"].startswith("batch hostile is paused: outputs cannot be written here")
+    assert report["error"].endswith("fix it, then run this command again to go on")
     for word in ("outputs cannot be written here", *words, "free space or fix WANBATCH_OUTPUT_DIR"):
         assert word in str(report["pause_reason"]), report["pause_reason"]
     assert "batch paused: outputs cannot be written here" in " ".join(run.stderr.split())
@@ -504,8 +509,8 @@ def test_run_warns_when_the_disk_looks_too_small_for_the_batch(
     assert "free; the 3 videos this batch still has to store need about" in said
     assert f"({size_text(size)} each, the average so far)" in said
     assert "If the disk fills, the batch pauses (nothing more is sent) until there is room" in said
-    assert run.code == 1, run.stderr  # and so it did
-    assert run.json()["phase"] == "paused"
+    assert run.code == 2, run.stderr  # and so it did: paused, not failed
+    assert (run.json()["phase"], run.json()["ok"]) == ("paused", False)
 
     monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(tmp_path / "big"))
     enough = wb("run", manifest("four", ONE_JOB.replace("name: hostile", "name: four")), "--no-progress")

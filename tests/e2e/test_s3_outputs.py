@@ -236,9 +236,10 @@ def test_refused_uploads_pause_the_batch_and_nothing_is_paid_twice(
         aws_env(monkeypatch, proxy.url)
         proxy.refuse_puts(f"/{BUCKET}/{PREFIX}/quickstart/")
         run = wb("run", examples_copy / "quickstart.yaml", "--json", "--no-progress")
-    assert run.code == 1, run.stderr
+    assert run.code == 2, run.stderr  # paused (ok false), not "some jobs failed"
     report = run.json()
-    assert report["phase"] == "paused"
+    assert (report["phase"], report["ok"]) == ("paused", False)
+    assert report["error"].startswith("batch quickstart is paused: outputs cannot be stored")
     assert report["counts"]["failed"] == 0
     reason = str(report["pause_reason"])
     assert reason.startswith("outputs cannot be stored: upload to s3://")

@@ -28,6 +28,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -267,6 +268,146 @@ def test_sigterm_leaves_a_post_in_flight_to_the_reconciler(
     assert len(in_flight) == 1
     assert str(in_flight[0][0]).startswith(proc.owner_prefix)
     assert in_flight[0][1] == 1
+
+
+def test_sighup_stops_as_sigterm_does_and_answers_in_flight_are_kept(
+    manifest: MakeManifest, sim: SimulatorHandle, env: dict[str, str], e2e_env: Path
+) -> None:
+    """SIGHUP (the terminal or SSH session closed, the commonest interrupt) killed the run outright
+    (exit 129): the answers to its POSTs in flight were lost, and the next run sat on
+    `submitting:3` for a lease, then failed them `submit_unknown` though fal had accepted (and
+    billed) them. Now it stops as SIGTERM does; a second SIGHUP (the kernel's, after the
+    shell's) does not cut that short."""
+    db = env["WANBATCH_DATABASE_URL"]
+    sim.set_faults(submit_slow={"next": 3, "delay": 1.5})  # answered within the stop's grace
+    path = _manifest(manifest)
+    first = Proc(["run", str(path), "--no-progress"], env, e2e_env, "hup")
+    in_flight = "state = 'submitting' AND submitted_input IS NOT NULL"
+    try:
+        _wait_for("3 POSTs in flight", lambda: _count(db, in_flight) >= 3, first)
+        first.popen.send_signal(signal.SIGHUP)
+        time.sleep(0.2)
+        assert first.popen.poll() is None, first.stderr()  # not killed outright
+        took = _signal_and_wait(first, signal.SIGHUP, within=10)  # the second: ignored
+    finally:
+        first.kill()
+    assert first.popen.returncode == 130, first.stderr()
+    assert took < 10
+    assert "run the same command again to resume" in first.stderr()
+    assert _count(db, "state = 'submitting'") == 0  # answers recorded, nothing left to guess
+    assert _count(db, f"lease_owner LIKE '{first.owner_prefix}%' AND state <> 'submitting'") == 0
+
+    second = Proc(["run", str(path), "--no-progress"], env, e2e_env, "hup-second")
+    assert second.wait(90) == 0, second.stderr() + second.stdout()
+    assert _count(db, "state = 'succeeded'") == JOBS
+    ledger = sim.ledger()
+    assert ledger["accepted"] == JOBS  # each job sent exactly once across both runs
+    assert ledger["duplicates"] == []
+
+
+def test_a_sighup_ignored_by_the_parent_stays_ignored(
+    manifest: MakeManifest, sim: SimulatorHandle, env: dict[str, str], e2e_env: Path
+) -> None:
+    """Under `nohup` (SIGHUP ignored) the run goes on through a hangup, to the end."""
+    db = env["WANBATCH_DATABASE_URL"]
+    sim.set_faults(submit_slow={"next": 1, "delay": 1.5})
+    argv = [*wanbatch_command(), "run", str(_manifest(manifest)), "--no-progress"]
+    ignore = (  # what `nohup` does before it starts the command
+        "import signal, os, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+        "os.execvp(sys.argv[1], sys.argv[1:])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ignore, *argv],
+        env=env,
+        cwd=e2e_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _count(db, "state = 'submitting' AND submitted_input IS NOT NULL") < 1:
+            assert proc.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGHUP)
+        _out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    assert _count(db, "state = 'succeeded'") == JOBS
+
+
+def test_a_killed_runs_downloads_and_unsent_jobs_are_taken_back_at_once(
+    manifest: MakeManifest,
+    sim: SimulatorHandle,
+    stalled_downloads: threading.Event,
+    env: dict[str, str],
+    e2e_env: Path,
+) -> None:
+    """After `kill -9` (or a second Ctrl-C, a crash) of a run for fal, the next run on the same
+    host sat for WANBATCH_LEASE_SECONDS on the dead process's downloads, its progress line saying
+    "held: download backlog full" with a forecast of seconds. Taking a dead process's leases back
+    at once was done for `--simulate` runs only; now a run for fal takes back its downloads and
+    status checks at once too (its lease here outlasts the second run's safety timeout)."""
+    db = env["WANBATCH_DATABASE_URL"]
+    env = {**env, "WANBATCH_MAX_DOWNLOAD_BACKLOG": "2"}  # the two stalled downloads hold the rest back
+    path = _manifest(manifest)
+    first = Proc(["run", str(path), "--no-progress"], env, e2e_env, "killed")
+    try:
+        _wait_for(
+            "downloads to hang, nothing being sent",
+            lambda: _count(db, "state = 'downloading'") >= 2 and _count(db, "state = 'submitting'") == 0,
+            first,
+        )
+        first.popen.send_signal(signal.SIGKILL)
+        first.popen.wait(10)
+    finally:
+        first.kill()
+    assert _count(db, f"lease_owner LIKE '{first.owner_prefix}%' AND state = 'downloading'") >= 2
+    stalled_downloads.set()
+
+    second = Proc(["run", str(path)], {**env, "COLUMNS": "200"}, e2e_env, "after-kill")
+    assert second.wait(90) == 0, second.stderr() + second.stdout()
+    assert "a process of this host that has ended: taken back now" in " ".join(second.stderr().split())
+    assert _count(db, "state = 'succeeded'") == JOBS
+    ledger = sim.ledger()
+    assert ledger["accepted"] == JOBS  # each job sent exactly once across both runs
+    assert ledger["duplicates"] == []
+
+
+def test_a_killed_runs_submit_in_flight_is_waited_for_aloud_never_resent(
+    manifest: MakeManifest, sim: SimulatorHandle, env: dict[str, str], e2e_env: Path
+) -> None:
+    """A submit whose POST may be out when its run was killed is not taken back early, even
+    from a process known to be gone: it waits for its lease, then the reconciler (fal may have
+    accepted and billed it; never resent blindly). The progress line says so, whose and until
+    when, with no forecast, instead of a cap's reason."""
+    db = env["WANBATCH_DATABASE_URL"]
+    env = {**env, "WANBATCH_LEASE_SECONDS": "6"}
+    sim.set_faults(submit_slow={"next": 1, "delay": 15})  # accepted at fal, the answer held
+    path = _manifest(manifest)
+    in_flight = "state = 'submitting' AND submitted_input IS NOT NULL"
+    first = Proc(["run", str(path), "--no-progress"], env, e2e_env, "killed-post")
+    try:
+        _wait_for("a POST in flight", lambda: _count(db, in_flight) >= 1, first)
+        first.popen.send_signal(signal.SIGKILL)
+        first.popen.wait(10)
+    finally:
+        first.kill()
+    assert _count(db, f"lease_owner LIKE '{first.owner_prefix}%' AND {in_flight}") >= 1
+
+    second = Proc(["run", str(path)], {**env, "COLUMNS": "250"}, e2e_env, "after-kill-post")
+    second.wait(90)
+    err = " ".join(second.stderr().split())
+    assert f"leased to {first.owner_prefix}" in err, err
+    assert "(a process that has ended; submits whose outcome is checked then) until" in err, err
+    assert "download backlog full" not in err
+    # Its outcome stayed unknown: the policy (fail, the default) decided, nothing was sent twice.
+    assert _count(db, "state = 'failed' AND error_type = 'submit_unknown'") >= 1
+    assert sim.ledger()["duplicates"] == []
+    assert _count(db, "attempts > 1") == 0
 
 
 def test_a_second_signal_exits_at_once(

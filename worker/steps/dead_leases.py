@@ -1,15 +1,28 @@
-"""Leases of a dead ``--simulate`` run: taken back at once, or said on the progress line.
+"""Leases of a dead process on this host: taken back at once, or said on the progress line.
 
-A simulation is processed only by a ``--simulate`` run, whose simulator lives in its own
-process. When that process is killed (``kill -9``, an OOM kill: nothing gives its leases back)
-its jobs stay leased to it for ``WANBATCH_LEASE_SECONDS``, and the next ``run --simulate`` of
-the batch sat silently on ``submitting:N`` for that long. Its owner strings are
-``host:pid:thread`` (:func:`~worker.steps.context.worker_identity`): on this host a pid that no
-longer runs is proof enough that the holder is gone, so its leases lapse now and the jobs are
-claimed again through the usual paths (the reconciler resends a simulation's lost submits to this
-run's simulator: :func:`~worker.steps.failures.resend_to_simulator`). A holder that cannot be told
-gone (another host, a live process, a queue's name) is waited for, and :func:`waiting_note` says
-for whom and until when.
+An embedded ``run`` stopped without giving its leases back — killed (``kill -9``, an OOM kill), a
+second Ctrl-C, a crash — left its jobs leased to it for ``WANBATCH_LEASE_SECONDS``, and the next
+run of the batch sat on them that long, its progress line giving a false reason ("download
+backlog full") and a false ETA. Lease owners are ``host:pid:thread``
+(:func:`~worker.steps.context.worker_identity`): on this host a pid that no longer runs is proof
+enough that the holder is gone (:func:`process_gone`), so what it held is taken back now.
+
+* A ``--simulate`` run's simulator lived in the dead process: every lease lapses now, and the
+  reconciler resends a simulation's lost submits to this run's simulator
+  (:func:`~worker.steps.failures.resend_to_simulator`) — never at fal, nothing was billed.
+* A run for fal takes back only what can never be paid for twice
+  (:func:`jobs.store.take_back_dead_leases`): jobs claimed but not sent go back to ``pending``
+  (fenced: a holder that only looked gone cannot send them too), downloads, status checks and
+  result fetches lapse now. A submit whose POST may be out is left to its lease, then to the
+  reconciler (``submit_unknown``: never resent blindly). Why wait for it when its process is gone:
+  "gone" rests on the hostname and the pid, and two processes may share a hostname without
+  sharing a pid namespace (containers on the host's network) — such a live holder renews the
+  lease while its POST is in flight, so waiting never declares an answer that may still come
+  unknown; and a dead holder's answer could only come from its journal
+  (:mod:`worker.steps.unrecorded`), which the reconciler reads before the lease lapses.
+
+A holder that cannot be told gone (another host, a live process, a queue's name), and a dead
+one's submits in flight, are waited for, and :func:`waiting_note` says for whom and until when.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Collection
 from datetime import datetime
 
 from jobs import db, store
@@ -48,14 +62,16 @@ def process_gone(owner: str) -> bool:
 
 
 class DeadLeases:
-    """What a ``--simulate`` run does about other processes' leases on its batch."""
+    """What an embedded run does about other processes' leases on its batch."""
 
     def __init__(self, rt: Runtime, batch_id: str) -> None:
         self.rt = rt
         self.batch_id = batch_id
         self._next_scan = 0.0
-        #: The holders last found alive, for :func:`waiting_note`.
+        #: The holders whose leases are waited for, for :func:`waiting_note`.
         self.waiting_for: list[LeaseHolder] = []
+        #: The owners last found gone (their submits in flight are waited for all the same).
+        self.gone: frozenset[str] = frozenset()
 
     def take_back(self) -> int:
         """Every :data:`SCAN_SECONDS`: let the leases of dead processes on this host lapse now.
@@ -64,37 +80,65 @@ class DeadLeases:
             return 0
         self._next_scan = time.monotonic() + SCAN_SECONDS
         now = utcnow()
+        mine = process_identity()
+        said: list[tuple[str, int, int]] = []  # owner, jobs taken back, submits left in flight
         with db.session_scope(self.rt.engine) as session:
-            holders = store.lease_holders(session, self.batch_id, now=now, excluding=process_identity())
-            gone = [h for h in holders if process_gone(h.owner)]
-            taken = store.expire_leases(session, self.batch_id, [h.owner for h in gone], now=now)
+            holders = store.lease_holders(session, self.batch_id, now=now, excluding=mine)
+            gone = [h.owner for h in holders if process_gone(h.owner)]
+            for owner in gone:
+                if self.rt.simulated:  # its simulator ended with it: everything, the POSTs out too
+                    said.append((owner, store.expire_leases(session, self.batch_id, [owner], now=now), 0))
+                else:
+                    back = store.take_back_dead_leases(
+                        session, self.batch_id, [owner], now=now, worker=self.rt.owner
+                    )
+                    said.append((owner, back.unsent + back.lapsed, back.in_flight))
+            # What stays leased (to live processes; to dead ones, submits whose POST may be out).
+            left = store.lease_holders(session, self.batch_id, now=now, excluding=mine) if gone else holders
         # This process's own queued downloads are leased to the queue's name: not another's.
-        self.waiting_for = [h for h in holders if h not in gone and h.owner != DOWNLOAD_QUEUE]
-        for holder in gone:
+        self.waiting_for = [h for h in left if h.owner != DOWNLOAD_QUEUE]
+        self.gone = frozenset(gone)
+        taken = 0
+        for owner, jobs, in_flight in said:
+            taken += jobs
+            if not jobs:
+                continue
+            waits = (
+                f"; {in_flight} submit(s) whose POST may be out wait for their lease, then the reconciler"
+                if in_flight
+                else ""
+            )
             log.warning(
-                "batch %s: %d job(s) were leased to %s, a process of this host that has ended "
-                "(a stopped --simulate run, whose simulator ended with it): taken back now",
+                "batch %s: %d job(s) were leased to %s, a process of this host that has ended: "
+                "taken back now%s",
                 self.batch_id,
-                holder.jobs,
-                holder.owner,
-                extra={"event": "reconcile.dead_leases", "owner": holder.owner, "jobs": holder.jobs},
+                jobs,
+                owner,
+                waits,
+                extra={"event": "reconcile.dead_leases", "owner": owner, "jobs": jobs},
             )
         return taken
 
     def note(self, now: datetime | None = None) -> str:
         """The progress line's words for the leases still waited for ("" when none)."""
-        return waiting_note(self.waiting_for, now or utcnow())
+        return waiting_note(self.waiting_for, now or utcnow(), gone=self.gone)
 
 
-def waiting_note(holders: list[LeaseHolder], now: datetime) -> str:
+def waiting_note(holders: list[LeaseHolder], now: datetime, *, gone: Collection[str] = ()) -> str:
     """``waiting for 3 job(s) leased to host:123:4 (another process) until 14:02:11 UTC``:
-    why jobs of the batch do not move while another process holds them."""
+    why jobs of the batch do not move while another process holds them (``gone``: owners known
+    to have ended, whose submits in flight are waited for: "a process that has ended")."""
     live = [h for h in holders if h.until > now]
     if not live:
         return ""
     jobs = sum(h.jobs for h in live)
     until = max(h.until for h in live)
     who = live[0].owner if len(live) == 1 else f"{live[0].owner} and {len(live) - 1} other(s)"
+    if all(h.owner in gone for h in live):
+        return (
+            f"waiting for {jobs} job(s) leased to {who} (a process that has ended; submits whose "
+            f"outcome is checked then) until {until:%H:%M:%S} UTC"
+        )
     # No countdown: the words stay the same while the wait lasts (a plain progress line is
     # printed again whenever they change).
     return f"waiting for {jobs} job(s) leased to {who} (another process) until {until:%H:%M:%S} UTC"
