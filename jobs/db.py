@@ -36,7 +36,7 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -1012,7 +1012,7 @@ def _migrations_dir() -> Path:
 #: The newest migration (``migrations/versions``). A database already there is used without
 #: loading Alembic and every migration script, a third of a second of each command's start;
 #: ``tests/integration/test_migrations.py`` keeps this equal to Alembic's own head.
-SCHEMA_HEAD = "0020"
+SCHEMA_HEAD = "0021"
 
 
 def alembic_config() -> Config:
@@ -1043,6 +1043,31 @@ def _missing_tables(tables: set[str]) -> list[str]:
     return sorted(set(Base.metadata.tables) - tables)
 
 
+#: What to do about a database a newer wanbatch migrated (``doctor`` says it too).
+NEWER_SCHEMA_FIX = "upgrade wanbatch on this host to the version that migrated the database"
+
+
+def newer_schema(heads: Iterable[str]) -> str:
+    """Why a database at revisions this wanbatch does not know cannot be used (``doctor``'s
+    words too)."""
+    return (
+        f"schema {', '.join(sorted(heads))} is not one this wanbatch knows (it expects "
+        f"{SCHEMA_HEAD}): a newer wanbatch migrated it"
+    )
+
+
+def _require_known(engine: Engine, cfg: Config, heads: set[str]) -> None:
+    """Raise :class:`ConfigError` (one line, exit 2) when the database is at a revision none of
+    this wanbatch's migrations is: a newer wanbatch migrated it. Alembic would fail with "Can't
+    locate revision", an internal error of every command."""
+    from alembic.script import ScriptDirectory
+
+    known = {script.revision for script in ScriptDirectory.from_config(cfg).walk_revisions()}
+    if heads - known:
+        url = engine.url.set(drivername=engine.url.get_backend_name())  # as it was set: no driver
+        raise ConfigError(f"WANBATCH_DATABASE_URL {safe_url(url)}: {newer_schema(heads)}; {NEWER_SCHEMA_FIX}")
+
+
 def _require_tables(engine: Engine, tables: set[str]) -> None:
     """Raise :func:`schema_missing_error` unless ``tables`` has every table of the models: a
     database stamped at the head whose tables were dropped would otherwise fail at its first
@@ -1067,8 +1092,8 @@ def migrate(engine: Engine, revision: str = "head", *, from_models: bool = True)
     proves, without loading Alembic — a fifth of a second of a first run's start-up. The
     migration tests pass ``from_models=False`` to run the history itself.
     """
+    heads, tables = _current_schema(engine)
     if revision == "head":
-        heads, tables = _current_schema(engine)
         if heads == {SCHEMA_HEAD}:
             _require_tables(engine, tables)  # a schema at the head has every table
             return
@@ -1077,7 +1102,8 @@ def migrate(engine: Engine, revision: str = "head", *, from_models: bool = True)
     from alembic import command
 
     cfg = alembic_config()
-    with engine.connect() as conn, _references_unchecked(conn):
+    _require_known(engine, cfg, heads)
+    with engine.connect() as conn, references_unchecked(conn):
         _lock_schema(conn)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
@@ -1085,7 +1111,7 @@ def migrate(engine: Engine, revision: str = "head", *, from_models: bool = True)
 
 
 @contextlib.contextmanager
-def _references_unchecked(conn: Connection) -> Iterator[None]:
+def references_unchecked(conn: Connection) -> Iterator[None]:
     """SQLite: foreign keys not enforced while the schema changes, on again after.
 
     Batch mode rebuilds a table by copying it and dropping the old one; with foreign keys on,
@@ -1093,7 +1119,8 @@ def _references_unchecked(conn: Connection) -> Iterator[None]:
     with one job event stored). The pragma has to be set outside a transaction, so on the
     driver's connection before the change's transaction opens
     (https://alembic.sqlalchemy.org/en/latest/batch.html#dealing-with-referencing-foreign-keys).
-    The rows copied are the rows dropped: nothing can dangle.
+    The rows copied are the rows dropped: nothing can dangle. :func:`migrate`, :func:`downgrade`
+    and the ``alembic`` command line (``migrations/env.py``) all change the schema through it.
     """
     if conn.dialect.name != "sqlite":
         yield
@@ -1149,7 +1176,8 @@ def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
     cfg = alembic_config()
-    with engine.connect() as conn, _references_unchecked(conn):
+    _require_known(engine, cfg, _current_schema(engine)[0])
+    with engine.connect() as conn, references_unchecked(conn):
         _lock_schema(conn)
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from jobs.db import make_engine, normalize_url
+from jobs.db import make_engine, normalize_url, references_unchecked
 from jobs.models import Base
 from jobs.settings import get_settings
 
@@ -56,7 +56,8 @@ def run_migrations_online() -> None:
         return
     engine = make_engine(_url())
     try:
-        with engine.connect() as connection:
+        # SQLite's foreign keys, on at connect, off while tables are rebuilt (as ``migrate`` does).
+        with engine.connect() as connection, references_unchecked(connection):
             _configure(connection)
             with context.begin_transaction():
                 context.run_migrations()

@@ -172,12 +172,7 @@ def check_database(settings: Settings) -> Check:
             f"{where}: reachable, schema {', '.join(sorted(heads))} (the next command upgrades it to "
             f"{db.SCHEMA_HEAD})",
         )
-    return _fail(
-        name,
-        f"{where}: schema {', '.join(sorted(heads))} is not one this wanbatch knows (it expects "
-        f"{db.SCHEMA_HEAD}): a newer wanbatch migrated it",
-        "upgrade wanbatch on this host to the version that migrated the database",
-    )
+    return _fail(name, f"{where}: {db.newer_schema(heads)}", db.NEWER_SCHEMA_FIX)
 
 
 def _missing_sqlite_file(name: str, where: str, target: SqliteFile) -> Check | None:

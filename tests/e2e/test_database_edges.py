@@ -128,3 +128,34 @@ def test_a_table_dropped_while_a_command_runs_is_one_line_exit_2(
     assert err == f"error: {error}\n"
     assert error.startswith("WANBATCH_DATABASE_URL sqlite:///")
     assert f"{NOT_OURS} (no such table: jobs)" in error
+
+
+def test_a_database_a_newer_wanbatch_migrated_is_one_line_exit_2_for_every_command(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """Was: ``internal error: CommandError: Can't locate revision identified by '0099'; please
+    report it`` (exit 70, a crash file) from every command but ``doctor``; ``serve`` too."""
+    path = manifest("edges", MANIFEST)
+    assert wb("submit", path).code == 0
+    target = db.sqlite_file(get_settings().database_url)
+    assert target is not None
+    with sqlite3.connect(target.path) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0099'")
+    db._engine_for.cache_clear()  # a new process: it starts by opening the database
+    for args in (
+        ("status",),
+        ("cost", "edges"),
+        ("export", "edges"),
+        ("run", path, "--no-progress"),
+        ("serve",),
+    ):
+        done = wb(*args)
+        assert done.code == 2, (args, done.stderr)
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith("error: WANBATCH_DATABASE_URL sqlite:///"), line
+        assert line.endswith(
+            f"schema 0099 is not one this wanbatch knows (it expects {db.SCHEMA_HEAD}): a newer wanbatch "
+            "migrated it; upgrade wanbatch on this host to the version that migrated the database"
+        ), line
+    with sqlite3.connect(target.path) as conn:  # nothing was migrated or written
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0099",)]

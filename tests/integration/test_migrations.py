@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +241,154 @@ def test_migration_0020_drops_uploads_of_unknown_origin(empty_engine: Engine) ->
     with empty_engine.connect() as conn:
         assert conn.execute(text("SELECT COUNT(*) FROM uploads")).scalar_one() == 0
     assert drift(empty_engine) == []
+
+
+def test_migration_0021_links_reruns_stored_before_rerun_of(empty_engine: Engine) -> None:
+    """Reruns stored before 0014 left ``rerun_of`` NULL (0015 to 0020 never touch it: a database
+    at 0020 with NULL links is what an upgrade from before 0014 brings). 0021 links each job to
+    its parent's job at the same place whose plain-rerun input it sends, and no other: after
+    it, ``rerun --failed-only`` knows the old rerun rendered those jobs."""
+    from decimal import Decimal
+
+    from jobs import db, store
+    from jobs.rendered import RERUN_FAILED_STATES, renders
+
+    migrate(empty_engine, "0020", from_models=False)
+    wan = "fal-ai/wan-22"
+
+    def batch(
+        name: str, jobs: list[tuple[int, int, dict[str, Any], str | None]], parent: str | None
+    ) -> list[str]:
+        """Jobs as ``(item, variant, input, rerun_of)``; their ids, in that order."""
+        with db.session_scope(empty_engine) as session:
+            made, _ = store.get_or_create_batch(
+                session,
+                name=name,
+                manifest_path="m.yaml",
+                manifest_sha256="0" * 64,
+                budget_max_usd=None,
+                parent_batch_id=parent,
+            )
+            rows = [
+                store.NewJob(
+                    f"{n:064x}", item, wan, payload, Decimal(1), Decimal("0.1"), variant, rerun_of=origin
+                )
+                for n, (item, variant, payload, origin) in enumerate(jobs)
+            ]
+            store.add_jobs(session, made.id, rows)
+            by_key = {j.job_key: j.id for j in store.jobs_of_batch(session, made.id)}
+            return [by_key[row.key] for row in rows]
+
+    a, b, c0, c1, _d, e = parent = batch(
+        "p",
+        [
+            (0, 0, {"prompt": "a", "seed": 7}, None),  # failed, its seed pinned
+            (1, 0, {"prompt": "b"}, None),  # failed after fal returned seed 123
+            (2, 0, {"prompt": "c", "resolution": "480p"}, None),  # failed, seed 5 returned
+            (2, 1, {"prompt": "c", "resolution": "720p"}, None),  # succeeded, seed 9
+            (3, 0, {"prompt": "d"}, None),  # failed, no seed known
+            (4, 0, {"prompt": "e"}, None),  # failed, no seed known
+        ],
+        None,
+    )
+    with empty_engine.begin() as conn:
+        parent_id = conn.execute(text("SELECT batch_id FROM jobs WHERE id = :j"), {"j": a}).scalar_one()
+        conn.execute(text("UPDATE jobs SET state = 'failed' WHERE batch_id = :b"), {"b": parent_id})
+        for job, seed in ((b, "123"), (c0, "5"), (c1, "9")):
+            conn.execute(text("UPDATE jobs SET seed = :s WHERE id = :j"), {"s": seed, "j": job})
+        conn.execute(text("UPDATE jobs SET state = 'succeeded' WHERE id = :j"), {"j": c1})
+    old = batch(
+        "p-rerun-1",
+        [
+            (0, 0, {"prompt": "a", "seed": 7}, None),  # a plain rerun: the stored input
+            (1, 0, {"prompt": "b", "seed": 123}, None),  # the seed fal returned
+            (2, 0, {"prompt": "c", "resolution": "480p", "seed": 5}, None),  # --vary resolution=480p,720p
+            (2, 1, {"prompt": "c", "resolution": "720p", "seed": 5}, None),  # … renumbered: c0's, not c1's
+            (3, 0, {"prompt": "d", "seed": 99}, None),  # --new-seeds: another video
+            (4, 0, {"prompt": "e"}, e),  # linked already (a rerun made since 0014)
+        ],
+        parent_id,
+    )
+    unrelated = batch("q", [(0, 0, {"prompt": "a", "seed": 7}, None)], None)
+    with empty_engine.begin() as conn:  # the old rerun rendered them all (e's repeat failed)
+        for job in old:
+            state = "failed" if job == old[5] else "succeeded"
+            conn.execute(text("UPDATE jobs SET state = :s WHERE id = :j"), {"s": state, "j": job})
+
+    migrate(empty_engine, from_models=False)
+
+    with empty_engine.connect() as conn:
+        links: dict[str, str | None] = dict(conn.execute(text("SELECT id, rerun_of FROM jobs")).all())
+    assert [links[j] for j in old] == [a, b, c0, None, None, e]
+    assert all(links[j] is None for j in [*parent, *unrelated])
+    with db.read_scope(empty_engine) as session:
+        covered = renders(session, parent_id, simulated=False)
+        assert {job for job, found in covered.items() if found} == {a, b, c0}
+        assert len(store.rerun_repeats(session, parent_id, RERUN_FAILED_STATES)) == 4
+    assert drift(empty_engine) == []
+
+
+def test_a_database_a_newer_wanbatch_migrated_is_refused_in_one_line(empty_engine: Engine) -> None:
+    """Alembic's "Can't locate revision" was an internal error of every command: now the one
+    line (exit 2) ``doctor`` gives, and nothing is changed."""
+    from jobs.errors import ConfigError
+
+    migrate(empty_engine, from_models=False)
+    with empty_engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    for change in (partial(migrate, empty_engine), partial(downgrade, empty_engine, "0020")):
+        with pytest.raises(ConfigError) as refused:
+            change()
+        assert "\n" not in str(refused.value)
+        assert str(refused.value).startswith("WANBATCH_DATABASE_URL ")
+        assert str(refused.value).endswith(
+            f"schema 0099 is not one this wanbatch knows (it expects {SCHEMA_HEAD}): a newer wanbatch "
+            "migrated it; upgrade wanbatch on this host to the version that migrated the database"
+        )
+    with empty_engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0099"
+
+
+def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path: Path) -> None:
+    """``alembic downgrade -1`` connects through ``make_engine``, which turns SQLite's foreign
+    keys on: a table rebuilt while another's rows refer to it (0019's ``jobs``, with a job event
+    stored) failed with "FOREIGN KEY constraint failed". The command line unchecks them as
+    ``migrate`` does, and turns them on again after."""
+    from alembic import command
+
+    from jobs.models import JobEvent
+    from jobs.states import JobState as S
+    from tests.step_runtime import add_batch, job_ids
+
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+    engine = make_engine(url)
+    try:
+        migrate(engine, from_models=False)
+        batch_id = add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": p}) for p in ("a", "b")])
+        jobs = job_ids(engine, batch_id)
+        with engine.begin() as conn:
+            for job_id in jobs:
+                conn.execute(
+                    insert(JobEvent).values(job_id=job_id, from_state=S.PENDING, to_state=S.QUEUED, version=1)
+                )
+    finally:
+        engine.dispose()
+    cfg = alembic_config()
+    cfg.set_main_option("sqlalchemy.url", url)
+    steps = ["0021", "0020", "0019", "0018", "0017", "0016", "0015"]
+    assert steps[0] == SCHEMA_HEAD
+    for below in steps[1:]:
+        command.downgrade(cfg, "-1")
+        command.upgrade(cfg, "+1")  # and up again from every revision on the way
+        command.downgrade(cfg, below)
+    command.upgrade(cfg, "head")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == SCHEMA_HEAD
+            assert conn.execute(text("SELECT COUNT(*) FROM job_events")).scalar_one() == 2
+            assert conn.execute(text("PRAGMA foreign_key_check")).all() == []
+            assert conn.execute(text("PRAGMA foreign_keys")).scalar_one() == 1
+        assert drift(engine) == []
+    finally:
+        engine.dispose()
