@@ -1044,7 +1044,7 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
         with db.session_scope(engine) as session:
             # What fal does not hold ends now, set-based (seconds for 100,000 jobs); the rest
             # needs a cancel call each, made by the tick (queued ones first: they are free).
-            at_once = store.cancel_unsent_jobs(
+            at_once = store.cancel_unsent(
                 session,
                 [batch_id],
                 reason="batch cancelled",
@@ -1054,9 +1054,8 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
             )
             at_fal = store.count_in_states(session, AT_PROVIDER_STATES, batch_id=batch_id)
             unfinished = store.count_in_states(session, unfinished_states, batch_id=batch_id)
-        err.print(
-            f"cancel: {at_once} job(s) cancelled at once (never sent); {at_fal} at fal being cancelled there"
-        )
+        ended = batches.cancelled_at_once(at_once)
+        err.print(f"cancel: {escape(ended)}; {at_fal} at fal being cancelled there")
         if unfinished == 0 and not settings.broker_url:
             report = batches.status(batch_id, settings)[0]
             if as_json:

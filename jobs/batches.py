@@ -1218,6 +1218,26 @@ def refused_line(report: BatchReport, again: str = RUN_AGAIN) -> str:
     )
 
 
+def cancelled_at_once(cancelled: store.UnsentCancelled) -> str:
+    """What ``wanbatch cancel`` and the dashboard's **Cancel batch** say of the jobs they ended
+    at once, fal holding no request of theirs: ``5 job(s) cancelled at once (never sent)``.
+
+    Jobs sent before are told apart, as ``status`` tells them: one waiting to be sent again
+    (``retry_wait``) was once at fal, and "never sent" said otherwise; one whose submit's
+    outcome is unknown may be at fal, billed."""
+    if not cancelled.sent_before and not cancelled.outcome_unknown:
+        return f"{cancelled.total} job(s) cancelled at once (never sent)"
+    parts = []
+    if cancelled.never_sent:
+        parts.append(f"{cancelled.never_sent} never sent")
+    if cancelled.sent_before:
+        parts.append(f"{cancelled.sent_before} sent before, waiting to be sent again, not at fal now")
+    if cancelled.outcome_unknown:
+        unknown = cancelled.outcome_unknown
+        parts.append(f"{unknown} sent with the outcome unknown, which fal may have accepted and billed")
+    return f"{cancelled.total} job(s) cancelled at once ({'; '.join(parts)})"
+
+
 def cancelled_line(session: Session, batch: Batch, *, manifest: bool) -> str:
     """What ``submit`` and ``run`` say of a batch ``wanbatch cancel`` ended: cancelled for good,
     and the ways on (a rerun of its jobs as a new batch; for a manifest, a new ``name``).

@@ -111,6 +111,7 @@ __all__ = [
     "ReleasedLeases",
     "SubmitView",
     "UnfinishedBatch",
+    "UnsentCancelled",
     "add_jobs",
     "adopt_before_resend",
     "adopt_late_proof",
@@ -123,6 +124,7 @@ __all__ = [
     "batch_schedule",
     "batch_spent_usd",
     "batch_states",
+    "cancel_unsent",
     "cancel_unsent_jobs",
     "cancelled_batches_with_work",
     "cap_holders",
@@ -2042,6 +2044,28 @@ _UNBILLED_ENDS = frozenset({JobState.FAILED, JobState.CANCELLED})
 UNSENT_STATES: tuple[JobState, ...] = (JobState.PENDING, JobState.RETRY_WAIT, JobState.SUBMIT_UNKNOWN)
 
 
+@dataclass(frozen=True, slots=True)
+class UnsentCancelled:
+    """The jobs :func:`cancel_unsent` ended, told apart as ``status`` tells them (``sent``:
+    ``submitted_at``): a cancel that said "never sent" of them all misled about those fal had
+    seen before.
+
+    * ``never_sent``: no request of theirs ever went to fal;
+    * ``sent_before``: sent before (a request of theirs failed, or was timed out in fal's queue),
+      waiting to be sent again (``retry_wait``, ``pending``): fal holds no request of theirs now;
+    * ``outcome_unknown``: in ``submit_unknown``, their POST's answer lost: fal may have
+      accepted (and billed) it.
+    """
+
+    never_sent: int = 0
+    sent_before: int = 0
+    outcome_unknown: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.never_sent + self.sent_before + self.outcome_unknown
+
+
 def cancel_unsent_jobs(
     session: Session,
     batch_ids: Sequence[str],
@@ -2052,7 +2076,30 @@ def cancel_unsent_jobs(
     worker: str | None = None,
     sent_error: str | None = None,
 ) -> int:
-    """Cancel every job of ``batch_ids`` in :data:`UNSENT_STATES`, set-based; returns how many.
+    """:func:`cancel_unsent`, for callers that need only how many it cancelled."""
+    return cancel_unsent(
+        session,
+        batch_ids,
+        reason=reason,
+        error=error,
+        error_type=error_type,
+        worker=worker,
+        sent_error=sent_error,
+    ).total
+
+
+def cancel_unsent(
+    session: Session,
+    batch_ids: Sequence[str],
+    *,
+    reason: str,
+    error: str,
+    error_type: str,
+    worker: str | None = None,
+    sent_error: str | None = None,
+) -> UnsentCancelled:
+    """Cancel every job of ``batch_ids`` in :data:`UNSENT_STATES`, set-based; returns how many,
+    told apart by whether they were sent before (:class:`UnsentCancelled`).
 
     ``sent_error``: the error of a job that was sent before (``submitted_at``: a request of it
     failed, was timed out in fal's queue at a window's end, or its outcome stayed unknown),
@@ -2068,7 +2115,7 @@ def cancel_unsent_jobs(
     writer at a time) the returned rows inserted with one executemany. Never commits.
     """
     if not batch_ids:
-        return 0
+        return UnsentCancelled()
     now = utcnow()
     values: dict[str, Any] = {
         "state": JobState.CANCELLED,
@@ -2084,7 +2131,19 @@ def cancel_unsent_jobs(
     }
     session.flush()  # pending ORM changes first: the statements below bypass the unit of work
     conn = session.connection()
-    total = 0
+    #: How many moved, by kind (the keys of :class:`UnsentCancelled`).
+    moved_by: dict[str, int] = {"never_sent": 0, "sent_before": 0, "outcome_unknown": 0}
+
+    def count(state: JobState, submitted_at: datetime | None, n: int) -> None:
+        kind = (
+            "outcome_unknown"
+            if state == JobState.SUBMIT_UNKNOWN
+            else "never_sent"
+            if submitted_at is None
+            else "sent_before"
+        )
+        moved_by[kind] += n
+
     for state in UNSENT_STATES:
         unproven = {"ambiguous_usd": _POSSIBLY_BILLED_MORE} if state == JobState.SUBMIT_UNKNOWN else {}
         moved = (
@@ -2125,14 +2184,15 @@ def cancel_unsent_jobs(
                 .group_by(cte.c.batch_id, cte.c.submitted_at)
                 .add_cte(logged)
             )
-            for batch_id, submitted_at, count, billed, ambiguous in conn.execute(per_batch):
-                total += int(count)
+            for batch_id, submitted_at, n, billed, ambiguous in conn.execute(per_batch):
+                count(state, submitted_at, int(n))
                 _add_finished(
                     session, batch_id, submitted_at, (billed or Decimal(0)) + (ambiguous or Decimal(0))
                 )
             continue
         rows = conn.execute(moved).all()
         for r in rows:
+            count(state, r.submitted_at, 1)
             _add_finished(session, r.batch_id, r.submitted_at, (r.actual_usd or Decimal(0)) + r.ambiguous_usd)
         if rows:
             conn.execute(
@@ -2148,10 +2208,10 @@ def cancel_unsent_jobs(
                     for r in rows
                 ],
             )
-        total += len(rows)
-    if total:
+    cancelled = UnsentCancelled(**moved_by)
+    if cancelled.total:
         session.expire_all()  # Job objects already loaded in this session must not show the old state
-    return total
+    return cancelled
 
 
 def _error_if_sent(error: str, sent_error: str) -> ColumnElement[str]:

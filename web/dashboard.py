@@ -149,10 +149,19 @@ def rate(per_minute: float | None) -> str:
 
 
 def percent(part: float | Decimal, whole: float | Decimal) -> float:
-    """``part`` of ``whole`` in percent, 0–100, for bar widths (0 when ``whole`` is 0)."""
+    """``part`` of ``whole`` in percent, 0–100, for bar widths (0 when ``whole`` is 0).
+    A figure to read uses :func:`share`: this one says 100 for twice the whole."""
     if whole <= 0:
         return 0.0
-    return max(0.0, min(100.0, float(part) * 100.0 / float(whole)))
+    return max(0.0, min(100.0, share(part, whole)))
+
+
+def share(part: float | Decimal, whole: float | Decimal) -> float:
+    """``part`` of ``whole`` in percent, as read: above 100 when ``part`` is more (a batch
+    committed past its budget cap is ``198``, not the bar's full 100); 0 when ``whole`` is 0."""
+    if whole <= 0:
+        return 0.0
+    return max(0.0, float(part) * 100.0 / float(whole))
 
 
 def media_text(media: Mapping[str, Any] | None) -> str:
@@ -181,7 +190,9 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters.update(usd=usd, duration=duration, ago=ago, number=number, rate=rate, media_text=media_text)
-    env.globals.update(percent=percent, STATE_ORDER=[s.value for s in STATE_ORDER], static=_static_url())
+    env.globals.update(
+        percent=percent, share=share, STATE_ORDER=[s.value for s in STATE_ORDER], static=_static_url()
+    )
     return env
 
 
@@ -499,7 +510,7 @@ class Dashboard:
             if sum(counts.values()) == sum(counts[s.value] for s in TERMINAL_STATES):
                 raise UsageError(f"batch {label} is finished: nothing to cancel")
             store.set_batch_state(session, batch.id, BatchState.CANCELLED, reason="cancelled by user")
-            at_once = store.cancel_unsent_jobs(
+            at_once = store.cancel_unsent(
                 session,
                 [batch.id],
                 reason="batch cancelled",
@@ -509,7 +520,7 @@ class Dashboard:
             )
             at_fal = store.count_in_states(session, AT_PROVIDER_STATES, batch_id=batch.id)
             batch_id, name, simulated = batch.id, batch.name, batch.simulated
-        message = f"cancelled batch {label}: {at_once} job(s) never sent are cancelled"
+        message = f"cancelled batch {label}: {batches.cancelled_at_once(at_once)}"
         if at_fal and simulated:  # at a --simulate run's simulator: no worker touches them
             message += (
                 f"; {at_fal} job(s) its simulator holds are cancelled there by the `wanbatch run "
@@ -522,7 +533,18 @@ class Dashboard:
                 else f"the `wanbatch run` processing it, or by `wanbatch cancel {shell_ref(name, batch_id)}`"
             )
             message += f"; {at_fal} job(s) fal holds are cancelled there by {by}"
-        return Outcome(message, batch_id, {"batch": batch_id, "cancelled_at_once": at_once, "at_fal": at_fal})
+        return Outcome(
+            message,
+            batch_id,
+            {
+                "batch": batch_id,
+                "cancelled_at_once": at_once.total,
+                "never_sent": at_once.never_sent,
+                "sent_before": at_once.sent_before,
+                "outcome_unknown": at_once.outcome_unknown,
+                "at_fal": at_fal,
+            },
+        )
 
     def _rerun_failed(self, ref: str) -> Outcome:
         """``wanbatch rerun BATCH --failed-only``: a new batch of the failed and cancelled jobs.

@@ -13,6 +13,7 @@ from jobs import billing, store
 from jobs.endpoints import get_endpoint
 from jobs.errors import AccountLockedError, FinalProviderError, ProviderError, RetryableProviderError
 from jobs.models import BatchState, Job, JobView
+from jobs.printable import SHELL_ID_CHARS, shell_ref
 from jobs.settings import RetrySettings, Settings
 from jobs.store import Fence
 from worker import telemetry
@@ -298,9 +299,24 @@ def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> 
         fence,
         reason=f"submission outcome unknown: {why}{spent}",
         error=f"submission outcome unknown ({why}){spent}: fal may have accepted (and billed) it; "
-        "`wanbatch rerun --failed-only` sends it again",
+        f"{_rerun_hint(session, job.batch_id, simulated=False)} sends it again",
         error_type="submit_unknown",
     )
+
+
+def _rerun_hint(session: Session, batch_id: str, *, simulated: bool) -> str:
+    """``wanbatch rerun REF --failed-only``, as a stored error says it: a command that still
+    works when copied from ``status``, the dashboard or an export long after it was written.
+
+    REF is the batch's name as :func:`~jobs.printable.shell_ref` gives it for a batch sent to
+    fal, whose name never changes. A simulation's may: one a batch for fal takes the name of is
+    renamed ``NAME-simulated`` (:func:`jobs.store.name_for_batch`), and its old name then names
+    the paid batch. So a simulation is named by its id's first characters, which stay its own.
+    """
+    if simulated:
+        return f"`wanbatch rerun {batch_id[:SHELL_ID_CHARS]} --failed-only --simulate`"
+    ref = shell_ref(store.get_batch(session, batch_id).name, batch_id)
+    return f"`wanbatch rerun {ref} --failed-only`"
 
 
 def resend_to_simulator(session: Session, rt: Runtime, fence: Fence, why: str) -> bool:
@@ -314,7 +330,8 @@ def resend_to_simulator(session: Session, rt: Runtime, fence: Fence, why: str) -
     neither the policy nor a possible duplicate charge applies. Only when no attempt is left
     (``WANBATCH_MAX_ATTEMPTS``) does it fail, without words of billing.
     """
-    attempts = store.get_job(session, fence.job_id).counted_attempts
+    job = store.get_job(session, fence.job_id)
+    attempts = job.counted_attempts
     if attempts < rt.settings.max_attempts:
         return store.retry_later(
             session,
@@ -327,7 +344,7 @@ def resend_to_simulator(session: Session, rt: Runtime, fence: Fence, why: str) -
         fence,
         reason=f"submission outcome unknown: {why} (no attempt left)",
         error=f"submission outcome unknown ({why}) after {attempts} attempt(s): a simulation, "
-        "nothing was billed; `wanbatch rerun --failed-only --simulate` sends it again",
+        f"nothing was billed; {_rerun_hint(session, job.batch_id, simulated=True)} sends it again",
         error_type="submit_unknown",
     )
 
