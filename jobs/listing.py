@@ -50,8 +50,6 @@ BATCHES_PER_PAGE = 50
 
 #: States whose finish is work done (a budget or deadline cancels thousands at once: not a pace).
 _WORK_DONE = (JobState.SUCCEEDED, JobState.FAILED)
-#: States in which fal has finished the work, so the job is billed (as :func:`store.batch_money`).
-_BILLED = (JobState.DOWNLOADING, JobState.SUCCEEDED)
 #: Jobs something is working on: fal holds them, or their video is being fetched.
 BUSY_STATES: frozenset[JobState] = AT_PROVIDER_STATES | {JobState.DOWNLOADING}
 #: Jobs waiting to be sent.
@@ -66,7 +64,7 @@ class Totals:
     """Jobs and money of a set of jobs (a batch, or its jobs of one endpoint), by state.
 
     Money as :class:`jobs.store.BatchMoney` and :class:`jobs.store.BatchCost` define it, all
-    exact USD: ``estimated``, ``spent`` (billed work at its actual cost, else its estimate),
+    exact USD: ``estimated``, ``spent`` (what fal billed or will bill: :func:`jobs.store.spent_usd`),
     ``reserved`` (estimates of jobs fal holds), ``actual`` (what fal billed), ``wasted`` (billed
     money that bought no output), ``possibly_billed`` (the part of ``spent`` that submits whose
     outcome stayed unknown may have cost: ``Job.ambiguous_usd``).
@@ -113,7 +111,7 @@ class Totals:
         (
             jobs,
             estimated,
-            billed,
+            spent,
             actual,
             overrun,
             possible,
@@ -129,8 +127,7 @@ class Totals:
         self.counts[state.value] += int(jobs)
         self.estimated_usd += estimated or 0
         self.actual_usd += actual or 0
-        # The state decides which figure counts, exactly as store.batch_money / batch_cost do.
-        self.spent_usd += ((billed or 0) if state in _BILLED else (actual or 0)) + (ambiguous or 0)
+        self.spent_usd += spent or 0  # store.spent_usd, as store.batch_money sums it
         self.possibly_billed_usd += ambiguous or 0
         if state in AT_PROVIDER_STATES:
             self.reserved_usd += estimated or 0
@@ -157,7 +154,7 @@ def _aggregates(since: datetime) -> tuple[ColumnElement[Any], ...]:
     return (
         func.count(),
         func.sum(Job.est_usd),
-        func.sum(type_coerce(func.coalesce(Job.actual_usd, Job.est_usd), Money())),
+        func.sum(store.spent_usd()),
         func.sum(type_coerce(func.coalesce(Job.actual_usd, zero), Money())),
         func.sum(type_coerce(overrun, Money())),
         func.sum(Job.possible_duplicate_charges),

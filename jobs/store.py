@@ -229,8 +229,12 @@ MIN_ID_PREFIX = 6
 _PROTECTED = frozenset({"id", "batch_id", "job_key", "state", "version", "created_at", "updated_at"})
 _SETTABLE = frozenset(Job.__table__.columns.keys()) - _PROTECTED
 
-#: States in which fal has finished the work, so the job is billed (actual cost, else estimate).
-_BILLED_STATES = frozenset({JobState.DOWNLOADING, JobState.SUCCEEDED})
+#: A job's ``actual_usd`` is what its attempts were billed, written as each attempt ends. In
+#: ``downloading`` fal has finished the current attempt (billed in full once its video is
+#: stored), but its bill is written only when the download ends: until then ``actual_usd`` holds
+#: only what the earlier attempts cost, and the current attempt counts at its estimate on top
+#: (:func:`finished_usd`, :func:`spent_usd`). A ``succeeded`` job without a recorded cost counts
+#: at its estimate.
 #: Where a job leaves ``submit_unknown`` without proof that fal has its request (a webhook, a
 #: late answer): failed, resent as a new attempt, cancelled. fal may have accepted (and billed)
 #: the request all the same, so its estimate moves into ``ambiguous_usd`` and stays counted.
@@ -1339,13 +1343,17 @@ def _with_event(moving: Any, returned: Iterable[str]) -> Any:
 def finished_usd(
     state: JobState, actual_usd: Decimal | None, est_usd: Decimal, ambiguous_usd: Decimal = Decimal(0)
 ) -> Decimal:
-    """A finished job's share of its batch's spent money (:class:`BatchMoney`): what fal billed,
-    or for a succeeded job fal reported no cost for, its estimate; plus what its submits whose
-    outcome stayed unknown may have cost (``ambiguous_usd``)."""
-    if state in _BILLED_STATES:
-        billed = actual_usd if actual_usd is not None else est_usd
-    else:
-        billed = actual_usd if actual_usd is not None else Decimal(0)
+    """A job's share of its batch's spent money (:class:`BatchMoney`; :func:`spent_usd` is the
+    same in SQL), and so, once it is finished, of its batch's running totals: what fal billed
+    its attempts (``actual_usd``) — for a succeeded job fal reported no cost for, its estimate;
+    in ``downloading``, what the earlier attempts cost plus the estimate of the one fal just
+    finished, whose bill is not written yet — plus what its submits whose outcome stayed
+    unknown may have cost (``ambiguous_usd``)."""
+    billed = actual_usd if actual_usd is not None else Decimal(0)
+    if state == JobState.DOWNLOADING:
+        billed += est_usd
+    elif state == JobState.SUCCEEDED and actual_usd is None:
+        billed = est_usd
     return billed + ambiguous_usd
 
 
@@ -3437,9 +3445,10 @@ class BatchMoney:
     """A batch's money, all exact Decimals in USD.
 
     * ``estimated_usd``: the sum of every job's estimate (what the whole batch should cost).
-    * ``spent_usd``: what fal has billed or will bill for work it finished: for jobs in
-      ``downloading``/``succeeded`` the actual cost when fal reported one, else the estimate;
-      for any other job, its actual cost if one was recorded.
+    * ``spent_usd``: what fal has billed or will bill for work it finished: what every job's
+      attempts were billed (its actual cost); for a job in ``downloading`` that plus the
+      estimate of the attempt fal just finished (its bill is written when the download ends);
+      for a ``succeeded`` job with no recorded cost, its estimate.
     * ``reserved_usd``: estimates of jobs fal holds or may hold right now (submitting,
       submit_unknown, queued, running, cancelling): money that may still be charged.
     * ``committed_usd`` (= spent + reserved) is what a budget cap is checked against.
@@ -3463,11 +3472,20 @@ class BatchMoney:
 
 
 def spent_usd() -> ColumnElement[Decimal]:
-    """One job's share of ``spent_usd`` (:class:`BatchMoney`): summed per batch by
-    :func:`batch_money`, over every job by ``/metrics`` (:mod:`jobs.metrics`)."""
+    """One job's share of ``spent_usd`` (:class:`BatchMoney`), :func:`finished_usd` in SQL:
+    summed per batch by :func:`batch_money` and the budget checks (:func:`batch_committed_usd`,
+    the daily cap's :func:`committed_usd_today`), per state by ``status``, the dashboard and
+    ``/metrics`` (:mod:`jobs.listing`).
+
+    A ``downloading`` job counts what its earlier attempts cost (``actual_usd``) plus its
+    estimate: fal finished the current attempt, but its bill is written only when the download
+    ends. Counting ``actual_usd`` alone there let a retried job whose failed attempt cost
+    nothing count $0 while its paid video was fetched, and a budget cap let one more job in."""
+    actual = func.coalesce(Job.actual_usd, type_coerce(0, Money()))
     billed = case(
-        (Job.state.in_(list(_BILLED_STATES)), func.coalesce(Job.actual_usd, Job.est_usd)),
-        else_=func.coalesce(Job.actual_usd, type_coerce(0, Money())),
+        (Job.state == JobState.DOWNLOADING, actual + Job.est_usd),
+        (Job.state == JobState.SUCCEEDED, func.coalesce(Job.actual_usd, Job.est_usd)),
+        else_=actual,
     )
     return type_coerce(billed + Job.ambiguous_usd, Money())
 

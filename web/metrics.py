@@ -155,7 +155,8 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
 
     money = {
         "estimated": "Estimated USD of every job (the sum of the estimates).",
-        "spent": "USD billed for finished work (actual cost, else the estimate of work fal finished); "
+        "spent": "USD billed for finished work (actual cost, plus the estimate of work fal finished "
+        "whose cost is not recorded yet); "
         "as status' spent_usd.",
         "reserved": "USD estimated for requests fal holds or may hold right now.",
         "wasted": "USD billed that bought no output (failed or cancelled jobs, earlier attempts of "

@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import Engine, MetaData, Table, column, event, insert, inspect, select, table
 
 from jobs import db, store
-from jobs.batches import batch_progress
+from jobs.batches import batch_progress, batch_report
 from jobs.db import downgrade, make_engine, migrate
 from jobs.models import Batch, BatchState, BatchTotals, Job, JobEvent, utcnow
 from jobs.states import ALLOWED_TRANSITIONS, JobState
@@ -237,6 +237,47 @@ def test_a_simulations_submits_of_unknown_outcome_are_never_possibly_billed(engi
     assert fast == full
     with db.read_scope(engine) as session:
         assert store.batch_money(session, batch_id).possibly_billed_usd == 0
+
+
+def _attempt(engine: Engine, batch_id: str, *ends: tuple[JobState, dict[str, Any]]) -> None:
+    """Send the batch's one job once more (claimed, its POST sent today, run at fal), then move
+    it through ``ends`` (a state and what the move writes)."""
+    sent: list[tuple[JobState, dict[str, Any]]] = [(S.SUBMITTING, {"submitted_at": utcnow()}), (S.QUEUED, {})]
+    for new, fields in [*sent, (S.RUNNING, {}), *ends]:
+        (job,) = _jobs(engine, batch_id)
+        _move(engine, job, new, **fields)
+
+
+@pytest.mark.parametrize("first_bill", [Decimal(0), Decimal("0.25")])
+def test_a_retried_job_being_downloaded_counts_its_estimate_on_top_of_earlier_attempts(
+    engine: Engine, first_bill: Decimal
+) -> None:
+    """A job whose first attempt failed (billed nothing: a model error; or in full: it ran) and
+    whose second fal finished: while its video is fetched, ``actual_usd`` holds the first
+    attempt's bill only (the second's is written when the download ends), and the job counts
+    that plus its estimate — in the budget checks (the batch's, the day's), the full sums and
+    what ``status`` shows — never less. It counted $0 with a free first attempt, and a budget
+    cap let one more job in while the paid video was being fetched."""
+    batch_id = add_batch(engine, "retried", [("fal-ai/wan-22", {"prompt": "r"})])
+    _attempt(engine, batch_id, (S.RETRY_WAIT, {"actual_usd": first_bill}))
+    assert _batch(engine, batch_id) == (first_bill, first_bill)
+    _attempt(engine, batch_id, (S.DOWNLOADING, {}))
+    (job,) = _jobs(engine, batch_id)
+    assert (job.state, job.actual_usd) == (S.DOWNLOADING, first_bill)
+    expected = first_bill + Decimal("0.25")
+    assert _batch(engine, batch_id) == (expected, expected)
+    assert _today(engine) == (expected, expected)
+    with db.read_scope(engine) as session:
+        assert store.batch_money(session, batch_id).spent_usd == expected
+        assert batch_progress(session, batch_id)["spent_usd"] == float(expected)
+        report = batch_report(session, batch_id)
+    assert (report["spent_usd"], report["reserved_usd"]) == (float(expected), 0.0)
+    # The download ends and bills the attempt: the same money, now the job's actual cost and
+    # its batch's finished total.
+    _move(engine, job, S.SUCCEEDED, actual_usd=expected)
+    assert _batch(engine, batch_id) == (expected, expected)
+    assert _today(engine) == (expected, expected)
+    assert _finished(engine, batch_id) == expected
 
 
 def test_the_budget_checks_read_no_pending_job_that_was_never_billed(tmp_path: Path) -> None:
