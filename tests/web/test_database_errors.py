@@ -125,7 +125,7 @@ def test_a_value_postgresql_refuses_is_a_400_not_an_outage(
         return session.execute(text("SELECT CAST(:v AS text)"), {"v": "a\x00b"})
 
     monkeypatch.setattr(store, "failure_reasons", refused)
-    monkeypatch.setattr(store, "cancel_unsent_jobs", refused)
+    monkeypatch.setattr(store, "cancel_unsent", refused)
     browser: TestClient = logged_in(client(app_for(engine, _settings(engine, output_dir))))
     with caplog.at_level(logging.INFO):
         answers = [
@@ -215,7 +215,7 @@ def test_any_other_database_error_is_a_500_logged_with_its_traceback(
         session.execute(twice, {"id": batch_ids[0]})
         return 0
 
-    monkeypatch.setattr(store, "cancel_unsent_jobs", broken)
+    monkeypatch.setattr(store, "cancel_unsent", broken)
     browser: TestClient = client(app_for(engine, _settings(engine, output_dir)))
     with caplog.at_level(logging.INFO):
         answers = [
