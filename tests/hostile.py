@@ -17,6 +17,7 @@ trivial and is something every client must cope with anyway.
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import re
@@ -25,8 +26,12 @@ import socketserver
 import struct
 import threading
 import time
-from collections.abc import Callable
+import tracemalloc
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from http import HTTPStatus
 from typing import Literal
 
@@ -34,14 +39,18 @@ __all__ = [
     "Behaviour",
     "HostileProvider",
     "Recorded",
+    "compression_bomb",
     "drip",
     "endless",
+    "event_flood",
+    "gzip_bomb",
     "json_reply",
     "nested_json",
     "raw_reply",
     "redirect",
     "reset",
     "sequence",
+    "traced_peak",
 ]
 
 
@@ -146,6 +155,64 @@ def endless(chunk: int = 65536) -> Behaviour:
             sock.sendall(block)
 
     return behave
+
+
+@cache
+def gzip_bomb(inflated: int, layers: int = 2) -> bytes:
+    """``inflated`` zero bytes gzipped ``layers`` times: 200 MiB twice gzipped is under 1 KB."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    block = b"\0" * (1 << 20)
+    data = b"".join(
+        packer.compress(block[: min(len(block), inflated - at)]) for at in range(0, inflated, len(block))
+    )
+    data += packer.flush()
+    for _ in range(layers - 1):
+        data = gzip.compress(data, 9)
+    return data
+
+
+def compression_bomb(
+    inflated: int = 200 << 20, layers: int = 2, status: int = 200, content_type: str = "application/json"
+) -> Behaviour:
+    """A small body that inflates to ``inflated`` bytes, sent as ``Content-Encoding: gzip, gzip``
+    (``layers`` codings): a client that inflates each chunk whole holds it all at once."""
+    headers = {"Content-Type": content_type, "Content-Encoding": ", ".join(["gzip"] * layers)}
+    return raw_reply(gzip_bomb(inflated, layers), status, headers)
+
+
+def event_flood(total: int = 200 << 20, chunk: int = 65536) -> Behaviour:
+    """A 200 ``text/event-stream`` whose one event never ends: ``data: `` then ``total`` bytes
+    of ``a`` without a newline (until the client hangs up)."""
+
+    def behave(req: Recorded, sock: socket.socket) -> None:
+        sock.sendall(_head(200, {"Content-Type": "text/event-stream"}, None) + b"data: ")
+        block = b"a" * chunk
+        for _ in range(0, total, chunk):
+            if req.stop.is_set():
+                return
+            sock.sendall(block)
+
+    return behave
+
+
+@contextmanager
+def traced_peak() -> Iterator[Callable[[], int]]:
+    """The most memory Python held at once (bytes, :mod:`tracemalloc`: every thread's objects,
+        zlib's output among them) from here on: ``with traced_peak() as peak: …``, then ``peak()``
+    (inside or after the block)."""
+    held = [0]
+
+    def peak() -> int:
+        if tracemalloc.is_tracing():
+            held[0] = tracemalloc.get_traced_memory()[1]
+        return held[0]
+
+    tracemalloc.start()
+    try:
+        yield peak
+    finally:
+        peak()
+        tracemalloc.stop()
 
 
 def redirect(location: str, status: int = 302) -> Behaviour:

@@ -315,13 +315,20 @@ def check_provider(settings: Settings) -> Check:
     )
     base = masked_url(settings.fal_queue_url.rstrip("/"))  # as printed: a password or token masked
     try:
-        with httpx.Client(timeout=TIMEOUT, follow_redirects=False, trust_env=True) as client:
-            answer = client.get(url, headers={"Authorization": f"Key {key}", "Accept": "application/json"})
+        answer = _get_capped(
+            url, {"Authorization": f"Key {key}", "Accept": "application/json"}, redirects=False
+        )
     except httpx.HTTPError as exc:
         return _fail(
             name,
             f"cannot reach {base}: {type(exc).__name__}: {_first_line(exc)}",
             "check WANBATCH_FAL_QUEUE_URL, the network and any proxy (HTTPS_PROXY)",
+        )
+    if isinstance(answer, str):
+        return _fail(
+            name,
+            f"{base}: {answer}",
+            "fal may be having trouble (https://status.fal.ai); or WANBATCH_FAL_QUEUE_URL is not fal's queue",
         )
     code = answer.status_code
     said = _detail(answer, key)
@@ -342,6 +349,35 @@ def check_provider(settings: Settings) -> Check:
         f"{base} answered {code}{said}",
         "fal may be having trouble (https://status.fal.ai); or WANBATCH_FAL_QUEUE_URL is not fal's queue",
     )
+
+
+def _get_capped(url: str, headers: dict[str, str], *, redirects: bool) -> Any:
+    """The answer to a GET of ``url``, its body read as every answer from fal is
+    (:func:`worker.fal.client.read_capped`: at most 1 MiB, a compressed one inflated a bounded
+    step at a time, whole within :data:`TIMEOUT`), or why it was not read (text). Transport
+    errors (``httpx.HTTPError``) pass.
+
+    ``Client.get`` read the body whole: a 2 KB ``gzip`` of a ``gzip`` of zeros from a host
+    playing fal took the check to gigabytes of memory."""
+    import httpx
+
+    from jobs.errors import ProviderError
+    from worker.fal.client import AnswerBudget, read_capped
+    from worker.fal.http import ACCEPT_ENCODING
+
+    with (
+        httpx.Client(
+            timeout=TIMEOUT,
+            follow_redirects=redirects,
+            trust_env=True,
+            headers={"Accept-Encoding": ACCEPT_ENCODING},
+        ) as client,
+        client.stream("GET", url, headers=headers) as streamed,
+    ):
+        try:
+            return read_capped(streamed, "check", budget=AnswerBudget(TIMEOUT))
+        except ProviderError as exc:
+            return str(exc).removeprefix("fal check: ")
 
 
 def _detail(answer: Any, key: str) -> str:
@@ -428,13 +464,18 @@ def check_receiver(settings: Settings) -> Check:
         )
     probe = masked_url(healthz)  # as printed: the receiver's password masked
     try:
-        with httpx.Client(timeout=TIMEOUT, follow_redirects=True, trust_env=True) as client:
-            answer = client.get(healthz)
+        answer = _get_capped(healthz, {}, redirects=True)
     except httpx.HTTPError as exc:
         return _fail(
             name,
             f"cannot reach {probe}: {type(exc).__name__}: {_first_line(exc)}",
             "start `wanbatch serve` and make WANBATCH_WEBHOOK_URL lead to it",
+        )
+    if isinstance(answer, str):
+        return _fail(
+            name,
+            f"{probe}: {answer}",
+            "make WANBATCH_WEBHOOK_URL lead to `wanbatch serve` (path /webhooks/fal)",
         )
     try:
         body = answer.json()

@@ -17,6 +17,7 @@ import pytest
 
 from falsim.webhooks import WebhookSigner, webhook_body
 from jobs.digits import ascii_int
+from tests.hostile import gzip_bomb, traced_peak
 from worker.fal.webhooks import (
     JWKS_MAX_BYTES,
     JwksKeys,
@@ -259,6 +260,16 @@ def test_a_huge_jwks_is_cut_off_at_the_cap_while_it_streams() -> None:
         keys.verify(*_signed(WebhookSigner()))
     assert "HTTP 200" not in refused.value.reason
     assert sent * 4096 <= JWKS_MAX_BYTES + 2 * 4096  # stopped at the cap, not at the end
+
+
+def test_a_compressed_jwks_is_cut_off_at_the_cap_not_inflated_whole() -> None:
+    """``identity`` was asked for; a ``gzip`` of a ``gzip`` came anyway. httpx inflated the one
+    chunk on the wire whole (200 MiB here, 2.1 GB in the audit) before the cap was looked at."""
+    bomb = gzip_bomb(200 << 20)
+    keys = JwksKeys(URL, transport=_streaming(iter([bomb]), {"Content-Encoding": "gzip, gzip"}))
+    with traced_peak() as peak, pytest.raises(JwksUnavailable, match="too large"):
+        keys.verify(*_signed(WebhookSigner()))
+    assert peak() < 8 << 20, f"{peak() >> 20} MiB held at once"
 
 
 def test_a_jwks_declared_too_large_is_not_read() -> None:

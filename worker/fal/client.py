@@ -76,6 +76,7 @@ from worker.fal.http import (
     RetryPolicy,
     Sleep,
     build_http_client,
+    decoded_chunks,
     timeout_from,
     with_body,
 )
@@ -90,6 +91,7 @@ from worker.fal.models import (
     valid_request_id,
 )
 from worker.fal.redact import redact_value
+from worker.fal.sse import event_data
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +383,10 @@ class FalClient:
         """Statuses as fal pushes them over SSE, ending with (and including) COMPLETED.
 
         A stream that breaks or ends early raises :class:`RetryableProviderError`: poll instead.
+        So does one that breaks a bound (:func:`worker.fal.sse.event_data`: an event over
+        :data:`~worker.fal.sse.MAX_EVENT_BYTES`, the stream over
+        :data:`~worker.fal.sse.MAX_STREAM_BYTES`, as :class:`ProviderProtocolError`; an event not
+        whole within the read timeout): what it sent is dropped, never held.
 
         A consumer that asks for more after COMPLETED lets the stream be read to its end (fal
         closes the stream after COMPLETED, https://fal.ai/docs/inference-api/queue/status-stream),
@@ -392,37 +398,51 @@ class FalClient:
         h = _handle(handle)
         url = f"{h.status_url.rstrip('/')}/stream"
         with self.scrubbed(), map_transport_errors("status stream"):
-            try:
-                with httpx_sse.connect_sse(
-                    self.http, "GET", url, params={"logs": "1" if logs else "0"}
-                ) as source:
-                    response = source.response
-                    if not response.is_success:
-                        raise classify_poll(
-                            "status stream",
-                            read_capped(response, "status stream", budget=self._answer_budget),
+            with httpx_sse.connect_sse(
+                self.http, "GET", url, params={"logs": "1" if logs else "0"}
+            ) as source:
+                response = source.response
+                if not response.is_success:
+                    raise classify_poll(
+                        "status stream",
+                        read_capped(response, "status stream", budget=self._answer_budget),
+                    )
+                content_type = response.headers.get("content-type", "").partition(";")[0]
+                if "text/event-stream" not in content_type:
+                    raise RetryableProviderError(
+                        f"fal status stream: not an event stream (Content-Type {content_type[:60]!r})",
+                        request_id=h.request_id,
+                    )
+                events = self._stream_events(response)
+                for data in events:
+                    if not data.strip():
+                        continue
+                    body = load_json(data, "status stream")
+                    if body is None:
+                        raise RetryableProviderError(
+                            "fal status stream: an event was not JSON", request_id=h.request_id
                         )
-                    events = source.iter_sse()
-                    for event in events:
-                        if not event.data.strip():
-                            continue
-                        body = load_json(event.data, "status stream")
-                        if body is None:
-                            raise RetryableProviderError(
-                                "fal status stream: an event was not JSON", request_id=h.request_id
-                            )
-                        status = _parse_status(self.scrub(body), h.request_id)
-                        yield status
-                        if status.completed:
-                            _read_to_end(events)
-                            return
-            except httpx_sse.SSEError as exc:  # a TransportError to httpx: said here, before the mapping
-                raise RetryableProviderError(
-                    f"fal status stream: not an event stream ({exc})", request_id=h.request_id
-                ) from exc
+                    status = _parse_status(self.scrub(body), h.request_id)
+                    yield status
+                    if status.completed:
+                        _read_to_end(events)
+                        return
             raise RetryableProviderError(
                 "fal status stream ended before COMPLETED; poll the status instead", request_id=h.request_id
             )
+
+    def _stream_events(self, response: httpx.Response) -> Iterator[str]:
+        """The data of each event of a status stream, each event and the stream bounded
+        (:func:`worker.fal.sse.event_data`); an encoding that does not decode is a protocol error."""
+        try:
+            yield from event_data(
+                decoded_chunks(response),
+                what="status stream",
+                seconds=self._answer_budget.seconds,
+                clock=self._answer_budget.clock,
+            )
+        except httpx.DecodingError as exc:
+            raise _undecodable("status stream", response, exc) from None
 
     # ------------------------------------------------------------------ result
 
@@ -597,26 +617,31 @@ def read_capped(
     budget: AnswerBudget | None = None,
 ) -> httpx.Response:
     """A copy of the streamed ``response`` with its body read, or :class:`ProviderProtocolError`
-    when the body is over ``limit`` bytes (decoded; the rest is left unread), or
-    :class:`RetryableProviderError` when it is not read whole within ``budget`` (the caller's
-    usual retry of a failed call applies, as for a read timeout).
+    when the body is over ``limit`` bytes (decoded; the rest is left unread) or cannot be
+    decoded, or :class:`RetryableProviderError` when it is not read whole within ``budget`` (the
+    caller's usual retry of a failed call applies, as for a read timeout).
 
     httpx's ``Response.read()`` (which ``Client.request`` calls) reads a body whole, with no
     size limit of its own; streaming and counting is how to bound it
-    (https://www.python-httpx.org/quickstart/#streaming-responses). The copy drops
-    ``Content-Encoding``, as its body is already decoded.
+    (https://www.python-httpx.org/quickstart/#streaming-responses). A compressed body is
+    inflated a bounded step at a time (:func:`~worker.fal.http.decoded_chunks`), so the count
+    stops a "zip bomb" at ``limit`` too. The copy drops ``Content-Encoding``, as its body is
+    already decoded.
     """
     declared = ascii_int(response.headers.get("content-length"), max_digits=18)
     if declared is not None and declared > limit and "content-encoding" not in response.headers:
         raise _too_large(what, response, limit)
     deadline = budget.deadline() if budget is not None else None
     body = bytearray()
-    for chunk in response.iter_bytes():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(what, response, limit)
-        if deadline is not None and budget is not None and budget.clock() > deadline:
-            raise _too_slow(what, response, budget)
+    try:
+        for chunk in decoded_chunks(response):
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(what, response, limit)
+            if deadline is not None and budget is not None and budget.clock() > deadline:
+                raise _too_slow(what, response, budget)
+    except httpx.DecodingError as exc:
+        raise _undecodable(what, response, exc) from None
     return with_body(response, bytes(body), drop=("content-encoding",))
 
 
@@ -624,6 +649,14 @@ def _too_large(what: str, response: httpx.Response, limit: int) -> ProviderProto
     """Not an answer fal gives: asked again a bounded number of times by the caller, then failed."""
     return ProviderProtocolError(
         f"fal {what}: HTTP {response.status_code} with an answer over {limit} bytes; not read",
+        status_code=response.status_code,
+    )
+
+
+def _undecodable(what: str, response: httpx.Response, exc: httpx.DecodingError) -> ProviderProtocolError:
+    """A body its ``Content-Encoding`` does not decode: asked again a bounded number of times, then failed."""
+    return ProviderProtocolError(
+        f"fal {what}: HTTP {response.status_code} with an answer that cannot be decoded: {exc}",
         status_code=response.status_code,
     )
 

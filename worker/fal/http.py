@@ -4,9 +4,11 @@ explicit timeouts, and the bounded, jittered retry used for idempotent calls onl
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
-from collections.abc import Callable, Generator, Iterable
+import zlib
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from http.cookiejar import Cookie, CookieJar
 
@@ -15,6 +17,15 @@ import httpx
 from jobs.settings import FalSettings
 
 USER_AGENT = "wanbatch (httpx)"
+
+#: The content codings every call to fal asks for (``Accept-Encoding``), fixed here rather
+#: than httpx's default, which grows with the decoders installed (brotli, zstandard).
+#: :func:`decoded_chunks` inflates them a bounded step at a time.
+ACCEPT_ENCODING = "gzip, deflate"
+#: The most codings one body may be wrapped in: ``gzip, gzip`` is two.
+MAX_CODINGS = 2
+#: The most bytes one step of inflating produces: a reader counts (and stops) between steps.
+INFLATE_STEP = 64 * 1024
 
 
 def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
@@ -45,6 +56,71 @@ def with_body(response: httpx.Response, body: bytes, *, drop: Iterable[str]) -> 
         request=response.request,
         extensions=response.extensions,
     )
+
+
+def decoded_chunks(response: httpx.Response) -> Iterator[bytes]:
+    """The body of the streamed ``response``, decoded, as it arrives, in pieces of at most
+    :data:`INFLATE_STEP` bytes once inflated: a reader that counts them can stop a body at its
+    cap however far it would inflate. :class:`httpx.DecodingError` for a body that cannot be
+    decoded: a coding not asked for (:data:`ACCEPT_ENCODING`), more than :data:`MAX_CODINGS`
+    of them, or bytes that are not what their coding says.
+
+    httpx's own decoders (``Response.iter_bytes()``) inflate each chunk from the wire whole:
+    1.8 KB of ``gzip`` of a ``gzip`` of zeros became 1 GiB in memory before any cap was
+    checked. Here the raw bytes (``iter_raw()``) go through :func:`zlib.decompressobj`, whose
+    ``max_length`` bounds each step (https://docs.python.org/3/library/zlib.html#zlib.Decompress.decompress);
+    the steps are pulled one at a time, so nothing is inflated beyond what the reader takes.
+    Unencoded bytes pass as they arrive (one network read each). A response read already (by a
+    test's transport: the stream of one from ``Client.stream`` never is) is in memory, decoded.
+    """
+    if response.is_stream_consumed:
+        return response.iter_bytes()
+    codings = _codings(response)
+    chunks: Iterator[bytes] = response.iter_raw()
+    for coding in reversed(codings):  # listed in the order applied: undone last first
+        chunks = _inflated(chunks, coding)
+    return chunks
+
+
+def _codings(response: httpx.Response) -> list[str]:
+    """The body's content codings (RFC 9110 §8.4), in the order applied, ``identity`` left out."""
+    listed = response.headers.get_list("content-encoding", split_commas=True)
+    codings = [c.strip().lower() for c in listed if c.strip().lower() not in ("", "identity")]
+    codings = ["gzip" if c == "x-gzip" else c for c in codings]
+    refused = [c for c in codings if c not in ("gzip", "deflate")]
+    if refused:
+        raise httpx.DecodingError(f"a {refused[0][:40]!r}-encoded body (Content-Encoding), not asked for")
+    if len(codings) > MAX_CODINGS:
+        raise httpx.DecodingError(f"a body in {len(codings)} content codings (at most {MAX_CODINGS} read)")
+    return codings
+
+
+def _inflated(chunks: Iterator[bytes], coding: str) -> Iterator[bytes]:
+    """``chunks`` of ``gzip`` or ``deflate`` data inflated, :data:`INFLATE_STEP` bytes at most a step.
+
+    ``deflate`` is meant to be zlib-wrapped (RFC 9110 §8.4.1.2), but some servers send it raw:
+    as httpx does, a body whose start is not zlib data is read again as raw deflate (its first
+    bytes, however the chunks split them, are kept until the first are inflated)."""
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS)
+    start: bytes | None = b"" if coding == "deflate" else None  # what a raw reading would start from
+    for chunk in itertools.chain(chunks, [b""]):  # the last, empty one takes what zlib still holds
+        if start is not None:
+            start = start + chunk if len(start) < 64 else None
+        data = chunk
+        while True:
+            try:
+                out = inflater.decompress(data, INFLATE_STEP)
+            except zlib.error as exc:
+                if start is None:
+                    raise httpx.DecodingError(f"a {coding!r}-encoded body that is not ({exc})") from exc
+                inflater, data, start = zlib.decompressobj(-zlib.MAX_WBITS), start, None
+                continue
+            if out:
+                start = None
+                yield out
+            data = inflater.unconsumed_tail
+            if not data and len(out) < INFLATE_STEP:  # all taken in, and nothing more held back
+                break
 
 
 class FalKeyAuth(httpx.Auth):
@@ -113,7 +189,7 @@ def build_http_client(
         timeout=timeout,
         transport=transport,
         follow_redirects=False,
-        headers={"User-Agent": USER_AGENT},
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
         cookies=NoCookies(),
     )
 

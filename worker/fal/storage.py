@@ -55,7 +55,7 @@ from jobs.outputs import OutputWriteError, fsync_dir
 from jobs.settings import allowed_host_entry
 from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transport_errors, parse_body
-from worker.fal.http import NoCookies, origin, with_body
+from worker.fal.http import ACCEPT_ENCODING, NoCookies, origin, with_body
 from worker.fal.models import DownloadResult
 
 STORAGE_TYPE = "fal-cdn-v3"
@@ -134,8 +134,15 @@ class FalStorage:
         cached by content, so a client of its own costs little)."""
         timeout = self._client.http.timeout
         if self._transport is None:
-            return guarded_client(self._policy, timeout)
-        return httpx.Client(transport=self._transport, timeout=timeout, trust_env=False, cookies=NoCookies())
+            uploads = guarded_client(self._policy, timeout)
+        else:
+            uploads = httpx.Client(
+                transport=self._transport, timeout=timeout, trust_env=False, cookies=NoCookies()
+            )
+        # The codings its answer is read in (read_capped), not httpx's default, which grows
+        # with the decoders installed.
+        uploads.headers["Accept-Encoding"] = ACCEPT_ENCODING
+        return uploads
 
 
 def _upload_error(response: httpx.Response) -> ProviderError:

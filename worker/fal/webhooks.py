@@ -165,7 +165,14 @@ class JwksKeys:
         self.fetches = 0
 
     def _fetch(self) -> list[Ed25519PublicKey]:
-        """The keys the JWKS publishes now; :class:`JwksUnavailable` when it cannot be read."""
+        """The keys the JWKS publishes now; :class:`JwksUnavailable` when it cannot be read.
+
+        Read as every answer from fal is (:func:`~worker.fal.http.decoded_chunks`): a body sent
+        compressed although ``identity`` was asked for is inflated a bounded step at a time, so
+        the size cap stops it; httpx's own decoder inflated one wire chunk of a "zip bomb" to
+        gigabytes before the cap was looked at."""
+        from worker.fal.http import decoded_chunks
+
         self.fetches += 1
         cut_off = time.monotonic() + self._deadline
         body = bytearray()
@@ -183,7 +190,7 @@ class JwksKeys:
                 declared = ascii_int(response.headers.get("content-length"), max_digits=18)
                 if declared is not None and declared > JWKS_MAX_BYTES:
                     raise JwksUnavailable(f"{_UNFETCHED}: the JWKS is too large ({declared} bytes)")
-                for chunk in itertools.chain([b""], response.iter_bytes()):  # checked before any read
+                for chunk in itertools.chain([b""], decoded_chunks(response)):  # checked before any read
                     body += chunk
                     if len(body) > JWKS_MAX_BYTES:
                         raise JwksUnavailable(
