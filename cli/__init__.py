@@ -122,23 +122,11 @@ EXIT_INTERNAL = 70
 
 def _internal_error(exc: BaseException) -> NoReturn:
     """One line on stderr for a bug; the traceback goes to an owner-only file the line names."""
-    import tempfile
-    import traceback
+    from worker.crash import crash_file, summary
 
-    from jobs.url_secrets import mask_urls
-    from worker.fal.redact import redact_text
-
-    detail = (str(exc).strip().splitlines() or [""])[0][:300]
-    where = ""
-    try:
-        fd, name = tempfile.mkstemp(prefix="wanbatch-crash-", suffix=".txt")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(mask_urls(redact_text("".join(traceback.format_exception(exc)))))
-        where = f" (details in {name})"
-    except OSError:
-        pass
-    text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    _fail(f"internal error: {mask_urls(redact_text(text))}; please report it{where}", EXIT_INTERNAL)
+    name = crash_file(exc)
+    where = f" (details in {name})" if name else ""
+    _fail(f"internal error: {summary(exc)}; please report it{where}", EXIT_INTERNAL)
 
 
 def _database_said(exc: BaseException) -> str | None:

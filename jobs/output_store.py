@@ -35,7 +35,6 @@ import base64
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
 import secrets
@@ -369,9 +368,7 @@ class S3OutputStore(OutputStore):
             raise
         except OSError as exc:  # reading the staged file back
             raise OutputWriteError(f"could not read the staged {video}: {exc.strerror or exc}") from exc
-        data = (
-            json.dumps(sidecar, indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n"
-        ).encode()
+        data = outputs.sidecar_json(sidecar).encode()
         try:
             put_bytes(bucket, side_key, data, content_type="application/json")
         except OutputUploadError:

@@ -19,6 +19,7 @@ from typing import Any
 
 from jobs.errors import WanbatchError
 from jobs.fs import file_mode
+from jobs.storable import storable_json
 
 
 class OutputWriteError(WanbatchError):
@@ -191,6 +192,23 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def sidecar_json(data: dict[str, Any]) -> str:
+    """``data`` as a sidecar's text: JSON any strict reader takes. A non-finite float, which
+    ``json`` would write as ``NaN``/``Infinity`` (no JSON), is written as ``null``
+    (:func:`jobs.storable.storable_json`): fal's answers are read so (see
+    ``worker.fal.errors.load_json``), but a job an earlier version stored may still hold one."""
+    try:
+        return _strict_json(data)
+    except ValueError as exc:  # also a circular reference: not ours to mend
+        if not str(exc).startswith("Out of range float"):
+            raise
+    return _strict_json(storable_json(data))
+
+
+def _strict_json(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON so that readers see the old file or the complete new one, never a torn one,
     and the new one survives a power loss once this returns (the file, then its folder, synced).
@@ -202,8 +220,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, default=str, ensure_ascii=False)
-            fh.write("\n")
+            fh.write(sidecar_json(data))
             fh.flush()
             os.fchmod(fh.fileno(), file_mode())  # mkstemp's is 0600: the user's usual mode instead
             os.fsync(fh.fileno())

@@ -4263,14 +4263,17 @@ def _seconds_between(dialect: str, start: Any, end: Any) -> ColumnElement[Any]:
 
 def _inference_seconds(dialect: str) -> ColumnElement[Any]:
     """fal's ``metrics.inference_time`` when it is a number; anything else a provider sent is
-    skipped, never cast (a bad value must not fail the query)."""
+    skipped, never cast (a bad value must not fail the query). On SQLite a document that is no
+    JSON is skipped before ``json_type`` reads it (which would fail the whole query): an
+    ``Infinity`` that earlier versions stored from a ``1e999`` in a fal answer."""
     if dialect == "postgresql":
         is_number = func.jsonb_typeof(Job.provider_metrics.op("->")("inference_time")) == "number"
         number: ColumnElement[Any] = Job.provider_metrics.op("->>")("inference_time").cast(Float)
-    else:
-        is_number = func.json_type(Job.provider_metrics, "$.inference_time").in_(["integer", "real"])
-        number = func.json_extract(Job.provider_metrics, "$.inference_time")
-    return case((is_number, number), else_=None)
+        return case((is_number, number), else_=None)
+    is_json = func.json_valid(Job.provider_metrics) == 1
+    is_number = func.json_type(Job.provider_metrics, "$.inference_time").in_(["integer", "real"])
+    number = func.json_extract(Job.provider_metrics, "$.inference_time")
+    return case((~is_json, None), (is_number, number), else_=None)
 
 
 #: What each duration histogram measures per job, in SQL (NULL: the job is not counted):

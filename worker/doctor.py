@@ -93,8 +93,12 @@ def _skip(name: str, detail: str) -> Check:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, escaped (:func:`jobs.printable.one_line`): a
+    server's words may be in it (a database's, a proxy's), and must not drive the terminal."""
+    from jobs.printable import one_line
+
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return text[0][:300] if text and text[0] else type(exc).__name__
+    return one_line(text[0][:300]) if text and text[0] else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- the checks
@@ -386,16 +390,21 @@ def _detail(answer: Any, key: str) -> str:
     The detail is the provider's text, and a queue host or a proxy may echo the Authorization
     header in a 401 or a 5xx: it is masked (:func:`worker.fal.redact.redact_text`) before it is
     cut to length, so no part of the key reaches the output, which ends up in CI logs and
-    tickets and passes through no log filter.
+    tickets and passes through no log filter. Then it is escaped
+    (:func:`jobs.printable.one_line`, as ``run`` and ``status`` show fal's words): a control
+    sequence in it (``ESC ] 0;`` retitling the window, ``ESC [ 2 J`` clearing the screen), a
+    bidirectional override or a line break is shown as its escape, never obeyed.
     """
+    from jobs.printable import one_line
+    from worker.fal.errors import parse_json
     from worker.fal.redact import redact_text
 
     try:
-        body = answer.json()
-    except ValueError:
+        body = parse_json(answer.content)
+    except (ValueError, RecursionError):
         return ""
     detail = body.get("detail") if isinstance(body, dict) else None
-    return f": {redact_text(str(detail), [key])[:200]}" if detail else ""
+    return f": {one_line(redact_text(str(detail), [key])[:200])}" if detail else ""
 
 
 def check_storage(settings: Settings) -> Check:
@@ -683,8 +692,10 @@ def _guarded(name: str, check: Callable[[Settings], Check], settings: Settings) 
 def _without_key(verdict: Check, key: str) -> Check:
     """``verdict`` with FAL_KEY, in any of its forms, masked in its detail and fix
     (:func:`worker.fal.redact.redact_text`). The settings refuse a URL or folder that holds the
-    key, so no check should ever name it; this is the last line, whatever a check quotes."""
+    key, so no check should ever name it; this is the last line, whatever a check quotes. And
+    whatever it quotes cannot drive the terminal (:func:`jobs.printable.printable`)."""
+    from jobs.printable import printable
     from worker.fal.redact import redact_text
 
-    fix = redact_text(verdict.fix, [key]) if verdict.fix else verdict.fix
-    return replace(verdict, detail=redact_text(verdict.detail, [key]), fix=fix)
+    fix = printable(redact_text(verdict.fix, [key])) if verdict.fix else verdict.fix
+    return replace(verdict, detail=printable(redact_text(verdict.detail, [key])), fix=fix)

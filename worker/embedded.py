@@ -19,12 +19,30 @@ from types import TracebackType
 
 from jobs import db
 from worker import logs, steps
+from worker.crash import crash_file, summary, traceback_text
 from worker.step_outage import GiveBack, database_failed
 from worker.steps import Runtime
 
 log = logging.getLogger(__name__)
 
 Step = Callable[[Runtime, str], str]
+
+
+def _report_bug(step: str, job_id: str, exc: Exception) -> None:
+    """A step that failed unexpectedly (a bug), in one line as ``run`` reports any bug: its
+    traceback goes to an owner-only file the line names (:mod:`worker.crash`; one per kind of
+    failure, not one per job), not onto the terminal under the progress bar. A JSON log line
+    carries it too, as its ``exc`` field."""
+    name = crash_file(exc, where=step)
+    where = f" (details in {name})" if name else ""
+    log.error(
+        "%s of job %s failed: %s; please report it%s",
+        step,
+        job_id,
+        summary(exc),
+        where,
+        extra={"event": "step.failed", "exc": traceback_text(exc)},
+    )
 
 
 class InProcessWorker:
@@ -85,9 +103,7 @@ class InProcessWorker:
                 # An unavailable database: one line, and the job is given back once it answers.
                 if not database_failed(self._give_back, rt, step.__name__, job_id, exc):
                     # A bug: the job keeps its lease; the tick's reconcile takes it over.
-                    log.exception(
-                        "%s of job %s failed", step.__name__, job_id, extra={"event": "step.failed"}
-                    )
+                    _report_bug(step.__name__, job_id, exc)
 
     def abandon(self) -> None:
         """Stop taking work now; queued steps are dropped and running ones not waited for

@@ -245,6 +245,29 @@ def test_a_provider_echoing_the_key_in_its_detail_is_masked(
     assert secret[:8] not in human.stdout + human.stderr
 
 
+@pytest.mark.parametrize("code", [401, 403, 500])
+def test_a_providers_detail_cannot_drive_the_terminal_or_break_the_line(
+    wb: Wb, hostile: HostileProvider, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """fal's (or a proxy's) ``detail`` was printed as it came: a window title set, the screen
+    cleared, the text reversed, a line of its own. Now shown escaped, as ``run`` and ``status``
+    show fal's words."""
+    detail = "bad key\x1b]0;PWNED\x07\x1b[2J\u202e\nline2"
+    hostile.route("GET", r"/.*", json_reply({"detail": detail}, status=code))
+    monkeypatch.setenv("FAL_KEY", FAL_SHAPED_KEY)
+    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", hostile.url)
+    run = wb("doctor", "--json")
+    provider = next(c for c in run.json()["checks"] if c["name"] == "provider")
+    assert provider["status"] == "fail"
+    assert f"{code}: bad key\\x1b]0;PWNED\\x07\\x1b[2J\\u202e\\nline2" in provider["detail"]
+    human = wb("doctor")
+    for unsafe in ("\x1b", "\x07", "\u202e"):
+        assert unsafe not in human.stdout + human.stderr
+    (line,) = [line for line in human.stdout.splitlines() if "PWNED" in line]
+    assert "line2" in line  # the detail's line break is shown, not obeyed
+    assert not any(line.startswith("line2") for line in human.stdout.splitlines())
+
+
 def test_database_checks(
     wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch, new_pg_database: Callable[[], str]
 ) -> None:

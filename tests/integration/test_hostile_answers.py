@@ -329,3 +329,78 @@ def test_a_padded_download_is_stopped_just_past_the_size_fal_described(
     assert len(sent) == 2
     assert max(sent) < 16 * 1024 * 1024  # what the sockets' buffers hold, far below the cap
     assert not list((tmp_path / "out").rglob("*.part"))
+
+
+def json_text(text: str, status: int = 200) -> Behaviour:
+    """Answer with ``text`` as it is: JSON that ``json.dumps`` never writes (``1e999``, an
+    integer of thousands of digits)."""
+    return raw_reply(text.encode(), status, {"Content-Type": "application/json"})
+
+
+def _with(body: dict[str, Any], **numbers: str) -> str:
+    """``body`` as JSON text, each of ``numbers`` (a field) set to the literal number given."""
+    text = json.dumps({**body, **{name: f"@{name}@" for name in numbers}})
+    for name, literal in numbers.items():
+        text = text.replace(f'"@{name}@"', literal)
+    return text
+
+
+#: JSON numbers Python's json reads as ±infinity (valid JSON: no ``Infinity`` in the text), and an
+#: integer longer than Python converts (4,300 digits): what a hostile fal may answer with.
+INFINITE = ["1e999", "-1e400"]
+HUGE = "9" * 5000
+
+
+def _strict(path: Path) -> Any:
+    """A sidecar as a strict JSON reader has it (``NaN``/``Infinity`` are no JSON)."""
+
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"{path} holds {name}, which is no JSON")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("number", [*INFINITE, HUGE], ids=["1e999", "-1e400", "5000-digits"])
+def test_a_number_no_database_holds_in_a_status_and_result_is_read_as_null(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, number: str
+) -> None:
+    """Before, ``1e999`` became ``inf``, which PostgreSQL refused (the download failed on every
+    try, the job stuck ``downloading``) and SQLite stored as ``Infinity`` (the sidecar no JSON);
+    an integer of 5,000 digits made the answer "not JSON": the status broke the protocol, the
+    paid video was never fetched."""
+    fal, job_id, request_id, rt = _submitted(engine, hostile, tmp_path)
+    status = _with({"status": "COMPLETED", "logs": None}, metrics=f'{{"inference_time": {number}}}')
+    fal.on_status(request_id, json_text(status))
+    fal.on_result(request_id, json_text(_with(fal.result_for(request_id), seed=number, timing=number)))
+    assert apply_seen(rt, [completion_heard(engine, rt, job_id)]) == 1
+
+    assert download(rt, job_id) == "succeeded"
+
+    with db.read_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert (job.state.value, job.seed) == ("succeeded", None)
+    assert job.provider_metrics == {"inference_time": None}
+    assert job.provider_output is not None
+    assert (job.provider_output["seed"], job.provider_output["timing"]) == (None, None)
+    assert job.output_path is not None
+    sidecar = _strict(sidecar_path(Path(job.output_path)))
+    assert sidecar["seed"] is None
+
+
+def test_a_queue_position_of_thousands_of_digits_is_no_broken_answer(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """Before, the submit answer was "not JSON" (``submit_unknown``: maybe queued, maybe billed)
+    and an IN_QUEUE status "not a JSON object", which failed the job after 5 of them."""
+    fal = FakeFal(hostile)
+    accepted = {"request_id": "r1", "status": "IN_QUEUE"}
+    hostile.route("POST", re.escape("/fal-ai/wan-22"), json_text(_with(accepted, queue_position=HUGE)))
+    job_id, rt = _one_job(engine, hostile, tmp_path)
+
+    assert submit(rt, job_id) == "submitted"
+
+    with db.read_scope(engine) as session:
+        assert store.get_job(session, job_id).request_id == "r1"
+    fal.on_status("r1", json_text(_with({"status": "IN_QUEUE"}, queue_position=HUGE)))
+    status = rt.client.status(rt.client.handle("fal-ai/wan-22", "r1"))
+    assert (status.state, status.queue_position) == ("IN_QUEUE", None)  # before: ProviderProtocolError

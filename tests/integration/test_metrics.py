@@ -297,6 +297,22 @@ def test_histogram_buckets_are_le_and_odd_provider_values_are_skipped(engine: En
     assert snap.durations["inference"].total == pytest.approx(32.5)
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_metrics_an_earlier_version_stored_as_no_json_are_skipped(engine: Engine) -> None:
+    """Before fal's ``1e999`` was read as null, SQLite stored it as ``Infinity``, which its
+    ``json_type`` refuses: the whole snapshot failed (``wanbatch_database_up 0``)."""
+    batch = add_batch(engine, "infinite", [("fal-ai/wan-22", {"prompt": f"i{i}"}) for i in range(2)])
+    with db.read_scope(engine) as session:
+        first, second = (job.id for job in store.jobs_of_batch(session, batch))
+    update_metrics = "UPDATE jobs SET provider_metrics = :m WHERE id = :id"
+    _set(engine, update_metrics, m='{"inference_time": Infinity}', id=first)
+    _set(engine, update_metrics, m='{"inference_time": 2.5}', id=second)
+
+    with db.read_scope(engine) as session:
+        snap = snapshot(session)
+    assert (snap.durations["inference"].count, snap.durations["inference"].total) == (1, 2.5)
+
+
 def test_errors_by_type_are_bounded(engine: Engine) -> None:
     count = MAX_ERROR_GROUPS + 15
     batch = add_batch(engine, "many-errors", [("fal-ai/wan-22", {"prompt": f"e{i}"}) for i in range(count)])

@@ -272,6 +272,26 @@ def test_a_delivery_holding_what_jsonb_cannot_is_stored_and_applied(
     assert _deliveries(engine) == {"stored": 1, "repeats": 0, "unprocessed": 0, "ignored": 0}
 
 
+def test_a_delivery_with_numbers_no_database_holds_is_stored_with_them_null(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    """An integer of 5,000 digits (which Python's json refuses to convert: the delivery was
+    refused as "not a fal webhook", 400, on every try) and ``1e999`` (read as infinity) in a
+    signed body: stored as null and applied."""
+    job = _sent(engine, request_id="req-1")
+    body = webhook_body("req-1", "req-1", True, {"seed": "@huge@", "t": "@inf@"}, None)
+    body = body.replace(b'"@huge@"', b"9" * 5000).replace(b'"@inf@"', b"1e999")
+    headers = signer.headers("req-1", "user-1", body)
+    params = hook_params(engine, job.id, 1)
+    response = client.post("/webhooks/fal", params=params, content=body, headers=headers)
+    assert (response.status_code, response.json()) == (200, {"ok": True})
+    assert _job(engine, job.batch_id).state == S.DOWNLOADING
+    with db.session_scope(engine) as session:
+        (stored,) = session.execute(text("SELECT body FROM webhook_deliveries")).scalars()
+    stored = json.loads(stored) if isinstance(stored, str) else stored
+    assert stored["payload"] == {"seed": None, "t": None}
+
+
 def test_a_delivery_the_database_refuses_is_not_called_database_unavailable(
     engine: Engine, client: TestClient, signer: WebhookSigner, caplog: pytest.LogCaptureFixture
 ) -> None:

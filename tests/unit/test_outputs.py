@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -133,3 +134,19 @@ def test_a_sidecar_gets_the_users_usual_mode_not_mkstemps(umask_027: None, tmp_p
     target = tmp_path / "000001-abc.json"
     outputs.write_json_atomic(target, {"v": 1})
     assert target.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_sidecar_is_json_a_strict_reader_takes(tmp_path: Path) -> None:
+    """A job an earlier version stored may hold ``inf`` or ``nan`` (SQLite kept fal's ``1e999``
+    as ``Infinity``): the sidecar said ``Infinity``, which no JSON reader but Python's takes."""
+    target = tmp_path / "a.json"
+    infinite = {"seed": float("inf"), "metrics": {"t": [float("-inf"), float("nan"), 2.5]}}
+    outputs.write_json_atomic(target, infinite)
+
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"the sidecar holds {name}")
+
+    assert json.loads(target.read_text(encoding="utf-8"), parse_constant=refuse) == {
+        "seed": None,
+        "metrics": {"t": [None, None, 2.5]},
+    }

@@ -34,9 +34,12 @@ Decisions (documented here because the worker's state machine depends on them):
 * FastAPI's list of field errors is put in words in one place, :func:`format_detail`.
 * Every answer becomes values here (:func:`load_json` for JSON, :func:`_short` for the text of
   one that is not) as both databases can store them (:mod:`jobs.storable`): fal's text may hold
-  a ``\\u0000``, a lone surrogate, ``NaN``, which Python reads and PostgreSQL refuses (a NUL in
-  ``jsonb`` and in text columns, a surrogate anywhere: not even UTF-8, which SQLite's driver and
-  the sidecar file refuse too). Stored as they came, they would fail the step on every try.
+  a ``\\u0000``, a lone surrogate, ``NaN``, ``1e999`` (a float Python reads as infinity), which
+  PostgreSQL refuses (a NUL in ``jsonb`` and in text columns, a surrogate anywhere: not even
+  UTF-8, which SQLite's driver and the sidecar file refuse too; no infinity in ``json``). Stored
+  as they came, they would fail the step on every try. A number that is no finite float, or an
+  integer of more than :data:`MAX_JSON_DIGITS` digits (which Python would not even convert past
+  4,300: the whole answer "not JSON"), is read as ``None``.
 
 fal's queue protocol: https://docs.fal.ai/documentation/model-apis/inference/queue; its error types:
 https://fal.ai/docs/documentation/model-apis/request-errors.
@@ -180,29 +183,68 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _may_be_unstorable(text: str | bytes) -> bool:
-    """Whether :func:`json.loads` may read from ``text`` a value no database here can store
-    (:mod:`jobs.storable`): one with such an escape, ``NaN``/``Infinity``, or raw, a NUL or a
-    surrogate (in bytes a 0xED byte starts one in UTF-8, which json decodes with
-    ``surrogatepass``; a NUL byte is in every UTF-16/32 text it detects). False: nothing there
-    to make storable. Substring tests that run in C, the escapes' expression only after a
-    backslash: every answer of fal's comes through here, and nearly none holds any of them (one
-    regular expression for all of it took longer than parsing the answer).
+    """Whether :func:`parse_json` may read from ``text`` a string no database here can store
+    (:mod:`jobs.storable`): one with such an escape, or raw, a NUL or a surrogate (in bytes a
+    0xED byte starts one in UTF-8, which json decodes with ``surrogatepass``; a NUL byte is in
+    every UTF-16/32 text it detects). Numbers need no such test: :func:`parse_json` reads none
+    that cannot be stored. False: nothing there to make storable. Substring tests that run in
+    C, the escapes' expression only after a backslash: every answer of fal's comes through
+    here, and nearly none holds any of them (one regular expression for all of it took longer
+    than parsing the answer).
     """
     if isinstance(text, bytes):
         return (
             b"\x00" in text
             or b"\xed" in text
             or (b"\\" in text and _UNSTORABLE_ESCAPE_BYTES.search(text) is not None)
-            or b"NaN" in text
-            or b"Infinity" in text
         )
     return (
         "\x00" in text
         or ("\\" in text and _UNSTORABLE_ESCAPE.search(text) is not None)
-        or "NaN" in text
-        or "Infinity" in text
         or (not text.isascii() and _SURROGATE.search(text) is not None)
     )
+
+
+#: The most digits an integer in fal's answers is read with; a longer one is read as ``None``.
+#: fal's integers (a seed, a queue position, a file size) have at most 20; Python refuses to
+#: convert more than 4,300 (``sys.int_max_str_digits``), which made the whole answer "not JSON".
+MAX_JSON_DIGITS = 40
+
+
+def _whole_or_none(literal: str) -> int | None:
+    """A JSON integer literal (``parse_int``), or ``None`` past :data:`MAX_JSON_DIGITS` digits
+    (JSON has no leading zeros, so its length less a sign is its digits)."""
+    return int(literal) if len(literal) - literal.startswith("-") <= MAX_JSON_DIGITS else None
+
+
+def _finite_or_none(literal: str) -> float | None:
+    """A JSON number literal with a fraction or exponent (``parse_float``), or ``None`` for one
+    too large for a float (``1e999``), which Python reads as infinity."""
+    value = float(literal)
+    return value if math.isfinite(value) else None
+
+
+def _no_constant(_literal: str) -> None:
+    """``NaN``, ``Infinity``, ``-Infinity`` (``parse_constant``: no JSON, but Python reads them)."""
+
+
+#: The decoder of :func:`parse_json`, built once and shared, as :func:`json.loads` shares its
+#: own: given hooks, ``json.loads`` builds a decoder for every call, twice the time of a parse.
+_DECODER = json.JSONDecoder(
+    parse_int=_whole_or_none, parse_float=_finite_or_none, parse_constant=_no_constant
+)
+
+
+def parse_json(text: str | bytes) -> Any:
+    """:func:`json.loads` for an answer of fal's, reading as ``None`` every number no database
+    (nor a strict JSON reader of a sidecar) can hold: ``NaN``/``Infinity``, a number that
+    overflows a float (``1e999``), an integer of more than :data:`MAX_JSON_DIGITS` digits.
+    Bytes are decoded as :func:`json.loads` decodes them (UTF-8, -16 or -32, lone surrogates
+    kept). Raises as it does (``ValueError``, ``UnicodeDecodeError`` among them: not JSON;
+    ``RecursionError``: nested too deep)."""
+    if isinstance(text, bytes | bytearray):
+        text = bytes(text).decode(json.detect_encoding(text), "surrogatepass")
+    return _DECODER.decode(text)
 
 
 def load_json(text: str | bytes, what: str, *, status_code: int | None = None) -> Any:
@@ -210,11 +252,12 @@ def load_json(text: str | bytes, what: str, *, status_code: int | None = None) -
     nests more than :data:`MAX_JSON_DEPTH` levels (json itself would hit ``RecursionError``).
 
     The value is storable (:func:`jobs.storable.storable_json`: NUL and lone surrogates as
-    U+FFFD, ``NaN``/``Infinity`` as ``None``, in keys too): every answer of fal's the client
-    reads comes through here, and what it holds may be stored, written to a sidecar or printed.
+    U+FFFD, in keys too; :func:`parse_json`: ``NaN``/``Infinity``, ``1e999`` and an integer of
+    absurdly many digits as ``None``): every answer of fal's the client reads comes through
+    here, and what it holds may be stored, written to a sidecar or printed.
     """
     try:
-        value = json.loads(text)
+        value = parse_json(text)
     except RecursionError:
         value = _TOO_DEEP
     except (ValueError, UnicodeDecodeError):
