@@ -9,13 +9,14 @@ import :mod:`worker` when they run, and :mod:`falsim` only with ``--simulate``
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import click
 
@@ -249,8 +250,7 @@ def export(batch: str, fmt: str, output: Path | None, include: str | None, as_js
                 rows = exporting.tallied(exporting.records(session, found, settings.output_dir), statuses)
                 if output is None:
                     with _writing_stdout():
-                        n = exporting.write(rows, fmt, sys.stdout)
-                        sys.stdout.flush()
+                        n = _write_utf8_stdout(lambda out: exporting.write(rows, fmt, out))
                 else:
                     n = exporting.write_file(rows, fmt, output)
             warnings = exporting.record_warnings(found, statuses)
@@ -295,6 +295,25 @@ def _file_bytes(output: Path | None) -> int | None:
     except OSError:
         return None
     return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+def _write_utf8_stdout(write: Callable[[TextIO], int]) -> int:
+    """Run ``write`` on standard output as UTF-8, whatever the locale says: an export is UTF-8
+    with or without ``-o`` (``PYTHONIOENCODING=ascii`` made a non-ASCII prompt an internal
+    error, the file half written). Falls back to ``sys.stdout`` when it has no byte stream."""
+    sys.stdout.flush()
+    raw = getattr(sys.stdout, "buffer", None)
+    if raw is None:
+        count = write(sys.stdout)
+        sys.stdout.flush()
+        return count
+    wrapper = io.TextIOWrapper(raw, encoding="utf-8", newline="", write_through=True)
+    try:
+        count = write(wrapper)
+        wrapper.flush()
+    finally:
+        wrapper.detach()  # sys.stdout keeps its byte stream
+    return count
 
 
 @contextlib.contextmanager

@@ -116,3 +116,25 @@ def test_json_refuses_an_output_that_is_standard_output(
         "ok": False,
         "error": "--json prints to standard output: -o '/dev/stdout' must be another file",
     }
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_records_on_standard_output_are_utf8_whatever_the_locale(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, fmt: str
+) -> None:
+    """With ``-o`` an export is UTF-8; on standard output it was the locale's encoding, and an
+    ASCII locale made a non-ASCII prompt an internal error (exit 70), the records half written
+    (audit s31)."""
+    name = "stdout-utf8"
+    text = TWO_JOBS.format(name=name).replace("Night falls over the hills", "Nuit d'été, 夜")
+    run = wb("run", manifest(name, text), "--json", "--no-progress")
+    assert run.code == 0, run.stderr
+    done = subprocess.run(
+        [WANBATCH, "export", name, "--format", fmt],
+        capture_output=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONIOENCODING": "ascii", "LC_ALL": "C"},
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert "Nuit d'été, 夜" in done.stdout.decode("utf-8")
