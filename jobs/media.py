@@ -388,6 +388,19 @@ def _mb(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MiB ({size:,} bytes)"
 
 
+def data_uri_sha256(value: str) -> str | None:
+    """SHA-256 hex of a base64 data URI's decoded bytes (the same image as a file has the same
+    hash, whatever the URI's media type says); None when it is not one that decodes."""
+    header, sep, payload = value.partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        return None
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
 def file_sha256(path: Path) -> str | None:
     """Hex sha256 of a file's bytes, cached by path, size and mtime; None when unreadable."""
     try:

@@ -56,7 +56,7 @@ warning naming both items.
 """
 
 from jobs.manifest.expand import Manifest
-from jobs.manifest.keys import canonical_json, job_key
+from jobs.manifest.keys import canonical_json, job_key, key_of, keyed_input
 from jobs.manifest.loading import load_manifest
 from jobs.manifest.model import JobSpec
 from jobs.manifest.report import ValidationReport, iter_valid_jobs, validate_job, validate_manifest
@@ -68,6 +68,8 @@ __all__ = [
     "canonical_json",
     "iter_valid_jobs",
     "job_key",
+    "key_of",
+    "keyed_input",
     "load_manifest",
     "validate_job",
     "validate_manifest",

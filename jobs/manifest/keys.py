@@ -1,9 +1,15 @@
 """Job keys: what makes two jobs the same job.
 
 A job's key is the sha256 of its endpoint and the canonical JSON of its resolved input, in which
-local files stand in by ``sha256:<content hash>`` (moving a file keeps the key; changing its
-bytes changes it). The key is how ``submit`` stays idempotent and how a manifest's identical jobs
-collapse to one, so the same input must always give the same key.
+images and audio stand in by ``sha256:<content hash>`` of their bytes, whatever form they were
+given in: a local file (moving it keeps the key; changing its bytes changes it) or a base64 data
+URI (decoded: its media type's spelling, ``image/jpg`` or ``image/jpeg``, says nothing about the
+bytes). So a replay that sends inline the image the original run read from a file (an exported
+record's ``input``) is the same job: ``reuse_outputs`` takes its output and ``diff`` pairs it.
+A data URI that does not decode (such a job is invalid, never stored) is keyed by its text. The
+key is how ``submit`` stays idempotent and how a manifest's identical jobs collapse to one, so
+the same input must always give the same key. (Before schema 0022 data URIs were keyed by their
+text; that migration rewrote the stored keys.)
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 from jobs.digits import WholeTooLong
 from jobs.endpoints import EndpointSpec, FieldType, get_endpoint
-from jobs.media import MediaKind, classify, file_sha256
+from jobs.media import MediaKind, classify, data_uri_sha256, file_sha256
 
 
 @lru_cache(maxsize=64)
@@ -51,12 +57,30 @@ def job_key(
     *,
     refused: Mapping[str, str] | frozenset[str] = frozenset(),
 ) -> str:
-    """sha256 hex of the endpoint and the input, local files standing in by their content hash.
+    """sha256 hex of the endpoint and the input, media standing in by their content hash.
 
-    ``digests`` caches file hashes by path for one pass (a batch reuses a few images many times).
-    Fields in ``refused`` (paths outside the allowed folders) are keyed by their path and never
-    read; such a job is invalid and never stored.
+    ``digests`` caches hashes by path (and by data URI) for one pass (a batch reuses a few
+    images many times). Fields in ``refused`` (paths outside the allowed folders) are keyed by
+    their path and never read; such a job is invalid and never stored.
     """
+    return key_of(spec.id, keyed_input(spec, resolved, digests, refused=refused))
+
+
+def key_of(endpoint_id: str, keyed: Mapping[str, Any]) -> str:
+    """sha256 hex of the endpoint and an input already in its keyed form (:func:`keyed_input`)."""
+    text = endpoint_id + "\n" + canonical_json(keyed)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def keyed_input(
+    spec: EndpointSpec,
+    resolved: Mapping[str, Any],
+    digests: dict[str, str | None] | None = None,
+    *,
+    refused: Mapping[str, str] | frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """The input as its key sees it: each file or data URI replaced by ``sha256:<content hash>``
+    (see :func:`job_key`)."""
     keyed = dict(resolved)
     for name in resolvable_fields(spec.id):
         value = keyed.get(name)
@@ -68,13 +92,16 @@ def job_key(
             # wanbatch runs in.
             if classify(value) is MediaKind.PATH:
                 keyed[name] = f"missing:{value}"
-        elif isinstance(value, str) and classify(value) is MediaKind.PATH:
-            if digests is None or value not in digests:
-                digest = file_sha256(Path(value))
+        elif isinstance(value, str) and (form := classify(value)) in (MediaKind.PATH, MediaKind.DATA_URI):
+            if digests is not None and value in digests:
+                digest = digests[value]
+            else:
+                digest = file_sha256(Path(value)) if form is MediaKind.PATH else data_uri_sha256(value)
                 if digests is not None:
                     digests[value] = digest
-            else:
-                digest = digests[value]
-            keyed[name] = f"sha256:{digest}" if digest else f"missing:{value}"
-    text = spec.id + "\n" + canonical_json(keyed)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+            if digest:
+                keyed[name] = f"sha256:{digest}"
+            elif form is MediaKind.PATH:
+                keyed[name] = f"missing:{value}"
+            # else: a data URI that does not decode stays its text (the job is invalid)
+    return keyed

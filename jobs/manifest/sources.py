@@ -19,30 +19,17 @@ A path refused for lying outside the allowed folders is never read (its job is n
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from jobs.endpoints import EndpointSpec
-from jobs.media import MediaKind, classify, file_sha256
+from jobs.media import MediaKind, classify, data_uri_sha256, file_sha256
 
 #: ``{field: {"source": as written, "sha256": hex or None}}``, as stored in ``jobs.source_files``.
 SourceFiles = dict[str, dict[str, str | None]]
 
-
-def data_uri_sha256(value: str) -> str | None:
-    """SHA-256 hex of a base64 data URI's decoded bytes; None when it is not one that decodes."""
-    header, sep, payload = value.partition(",")
-    if not sep or not header.lower().endswith(";base64"):
-        return None
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    return hashlib.sha256(data).hexdigest()
+__all__ = ["SourceFiles", "data_uri_sha256", "source_files"]
 
 
 def source_files(

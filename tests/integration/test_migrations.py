@@ -375,7 +375,7 @@ def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path:
         engine.dispose()
     cfg = alembic_config()
     cfg.set_main_option("sqlalchemy.url", url)
-    steps = ["0021", "0020", "0019", "0018", "0017", "0016", "0015"]
+    steps = ["0022", "0021", "0020", "0019", "0018", "0017", "0016", "0015"]
     assert steps[0] == SCHEMA_HEAD
     for below in steps[1:]:
         command.downgrade(cfg, "-1")
@@ -392,3 +392,66 @@ def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path:
         assert drift(engine) == []
     finally:
         engine.dispose()
+
+
+def test_migration_0022_keys_stored_data_uris_by_their_bytes(empty_engine: Engine, tmp_path: Path) -> None:
+    """Jobs stored when a data URI was keyed by its text get the key the same manifest gives now
+    (the image's bytes, as a file's): submitting it again to its batch adds nothing, and
+    ``reuse_outputs`` finds them. A key the former rule does not give for the stored input, or one
+    another job of the batch already holds, is left as it is; a downgrade gives the old keys back."""
+    import base64
+    import hashlib
+    from decimal import Decimal
+
+    from PIL import Image
+
+    from jobs import db, store
+    from jobs.endpoints import get_endpoint
+    from jobs.manifest import job_key, key_of, load_manifest
+
+    migrate(empty_engine, "0021", from_models=False)
+    wan = get_endpoint("fal-ai/wan-i2v")
+    image = tmp_path / "a.png"
+    Image.new("RGB", (480, 480), (100, 150, 200)).save(image)
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    uri = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    jpg = uri.replace("image/png", "image/x-png")  # the same bytes, another media type
+    inline = {"prompt": "p", "seed": 7, "image_url": uri}
+    local = {**inline, "seed": 9, "image_url": str(image)}
+    rows = [  # (input, stored key, source_files)
+        (inline, key_of(wan.id, inline), {"image_url": {"source": uri, "sha256": digest}}),
+        ({**inline, "image_url": jpg}, key_of(wan.id, {**inline, "image_url": jpg}), None),  # its twin
+        ({**inline, "seed": 8}, "f" * 64, None),  # a key the former rule does not give
+        (local, job_key(wan, local), None),  # a file: keyed by its bytes already
+    ]
+    with db.session_scope(empty_engine) as session:
+        made, _ = store.get_or_create_batch(
+            session, name="replay", manifest_path="m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
+        )
+        store.add_jobs(
+            session,
+            made.id,
+            [
+                store.NewJob(key, n, wan.id, payload, Decimal(1), Decimal("0.1"), source_files=sources)
+                for n, (payload, key, sources) in enumerate(rows)
+            ],
+        )
+
+    def keys() -> list[str]:
+        with empty_engine.connect() as conn:
+            return list(conn.execute(text("SELECT job_key FROM jobs ORDER BY item_index")).scalars())
+
+    old = [key for _, key, _ in rows]
+    assert keys() == old
+    migrate(empty_engine, from_models=False)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        f"name: replay\nendpoint: fal-ai/wan-i2v\nitems:\n  - {{prompt: p, seed: 7, image_url: '{uri}'}}\n",
+        encoding="utf-8",
+    )
+    (replayed,) = load_manifest(manifest).jobs()
+    assert replayed.key == job_key(wan, {**local, "seed": 7}) != old[0]
+    assert keys() == [replayed.key, *old[1:]]
+    assert drift(empty_engine) == []
+    downgrade(empty_engine, "0021")
+    assert keys() == old
