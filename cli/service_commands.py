@@ -281,6 +281,56 @@ def mask_access_log() -> None:
         access.addFilter(AccessLogMasking())
 
 
+def stopping_on_hangup(server_class: Any) -> Any:
+    """A subclass of ``server_class`` (:class:`uvicorn.Server`) that stops on SIGHUP as on SIGTERM.
+
+    uvicorn handles SIGINT and SIGTERM only (``uvicorn.server.HANDLED_SIGNALS``): a SIGHUP —
+    the terminal or SSH session closed, ``kill -HUP`` from a process manager — killed ``serve``
+    on the spot, cutting webhook deliveries and dashboard actions short mid-request. Now it is a
+    graceful shutdown like SIGTERM's: no new connection is taken, requests in progress finish,
+    then the process ends by the signal, as uvicorn ends it after SIGTERM (exit status 129). It
+    is not a reload (settings are read at start: a changed one needs a restart). A SIGHUP the
+    parent set to be ignored (``nohup``) stays ignored: it goes on serving. Output to a terminal
+    that hung up goes to /dev/null, so the last lines are not errors nobody can read
+    (:func:`worker.running.drop_hung_up_terminal`), as for ``run``.
+    """
+    import contextlib
+    import signal
+    import threading
+    from collections.abc import Iterator
+    from types import FrameType
+
+    from worker.running import drop_hung_up_terminal, open_terminals
+
+    class Server(server_class):  # type: ignore[misc]
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # Inside uvicorn's own: its handlers are restored, and a signal that stopped the
+            # server raised again, after this one's, so SIGHUP ends the process as SIGTERM does.
+            with super().capture_signals():
+                hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+                if (
+                    hangup is None
+                    or threading.current_thread() is not threading.main_thread()
+                    or signal.getsignal(hangup) is signal.SIG_IGN
+                ):
+                    yield
+                    return
+                terminals = open_terminals()
+
+                def hung_up(signum: int, frame: FrameType | None) -> None:
+                    drop_hung_up_terminal(terminals)
+                    self.handle_exit(signum, frame)
+
+                previous = signal.signal(hangup, hung_up)
+                try:
+                    yield
+                finally:
+                    signal.signal(hangup, previous)
+
+    return Server
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8788, show_default=True)
@@ -331,7 +381,7 @@ def serve(host: str, port: int) -> None:
             forwarded_allow_ips=settings.serve_forwarded_allow_ips,
         )
         mask_access_log()  # after the Config, which configures uvicorn's loggers
-        server = uvicorn.Server(config)
+        server = stopping_on_hangup(uvicorn.Server)(config)
         # uvicorn says where it listens only for sockets it bound itself: the same line, as before.
         bound = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host

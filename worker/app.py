@@ -120,7 +120,7 @@ def run_worker(app: Celery, *, pool: str, concurrency: int | None, loglevel: str
     options: dict[str, Any] = {}
     if concurrency:
         options["concurrency"] = concurrency
-    worker = app.Worker(
+    worker = _stopping_on_hangup(app.Worker)(
         pool_cls=pool_cls,
         loglevel=mlevel(loglevel),  # a number, as Celery's ``-l`` option makes it
         queues=[QUEUE],
@@ -131,3 +131,52 @@ def run_worker(app: Celery, *, pool: str, concurrency: int | None, loglevel: str
     )
     worker.start()
     return int(worker.exitcode or 0)
+
+
+def _stopping_on_hangup(worker_class: Any) -> Any:
+    """A subclass of Celery's ``worker_class`` (``app.Worker``) that stops on SIGHUP as on SIGTERM.
+
+    Celery's own SIGHUP: a worker whose stdout is no terminal (a container, systemd, ``nohup``,
+    a log file) restarts, ``execv`` of ``sys.executable`` with ``sys.argv`` after a warm
+    shutdown — a surprise in a container, and nothing that reloads anything wanbatch reads (the
+    settings of the process's environment are the same); ``nohup``'s ignoring of SIGHUP was
+    overridden. One whose stdout is a terminal gets no handler: closing the terminal killed it
+    outright, its tasks redelivered and its jobs' leases lapsing as after a crash
+    (https://docs.celeryq.dev/en/stable/userguide/workers.html#restarting-the-worker). Now SIGHUP
+    is Celery's warm shutdown, as SIGTERM (tasks in progress finish, the worker ends, exit 0),
+    unless it was ignored when the worker started (``nohup``): then it stays ignored. Prefork
+    children ignore it (:func:`_children_ignore_hangup`): closing a terminal signals the whole
+    process group, and the parent stops them itself.
+    """
+    import signal
+
+    from celery.apps.worker import install_worker_term_handler
+    from celery.platforms import signals
+    from celery.signals import worker_process_init
+
+    worker_process_init.connect(_children_ignore_hangup, weak=False)  # once: the same receiver
+
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    ignored = hangup is not None and signal.getsignal(hangup) is signal.SIG_IGN
+
+    class Worker(worker_class):  # type: ignore[misc]
+        def install_platform_tweaks(self, worker: Any) -> None:
+            super().install_platform_tweaks(worker)  # Celery's restart on SIGHUP among them
+            if hangup is None:
+                return
+            if ignored:
+                signals.ignore("SIGHUP")
+            else:
+                install_worker_term_handler(worker, sig="SIGHUP")
+
+    return Worker
+
+
+def _children_ignore_hangup(**_: object) -> None:
+    """In a prefork child: ignore SIGHUP. Celery resets it to the default there
+    (``celery.concurrency.prefork.process_initializer``), so a closed terminal, which signals the
+    whole process group, killed every child mid-task while the parent was still stopping warmly."""
+    import signal
+
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -61,6 +61,9 @@ PROBE_REQUEST_ID = "00000000-0000-4000-8000-000000000000"
 PROBE_ENDPOINT = "fal-ai/wan-i2v"
 #: Seconds each network check may take (the broker check adds its own thread's margin).
 TIMEOUT = 10.0
+#: The most of the receiver's ``/healthz`` answer that is read: ``wanbatch serve``'s is a few
+#: hundred bytes; whatever answers there instead must not fill the memory.
+HEALTHZ_MAX_BYTES = 64 * 1024
 KEYS_URL = "https://fal.ai/dashboard/keys"
 
 
@@ -319,9 +322,7 @@ def check_provider(settings: Settings) -> Check:
     )
     base = masked_url(settings.fal_queue_url.rstrip("/"))  # as printed: a password or token masked
     try:
-        answer = _get_capped(
-            url, {"Authorization": f"Key {key}", "Accept": "application/json"}, redirects=False
-        )
+        answer = _get_capped(url, {"Authorization": f"Key {key}", "Accept": "application/json"})
     except httpx.HTTPError as exc:
         return _fail(
             name,
@@ -355,33 +356,66 @@ def check_provider(settings: Settings) -> Check:
     )
 
 
-def _get_capped(url: str, headers: dict[str, str], *, redirects: bool) -> Any:
+def _get_capped(url: str, headers: dict[str, str], limit: int | None = None) -> Any:
     """The answer to a GET of ``url``, its body read as every answer from fal is
-    (:func:`worker.fal.client.read_capped`: at most 1 MiB, a compressed one inflated a bounded
-    step at a time, whole within :data:`TIMEOUT`), or why it was not read (text). Transport
-    errors (``httpx.HTTPError``) pass.
+    (:func:`worker.fal.client.read_capped`: at most ``limit`` bytes, 1 MiB by default, a
+    compressed one inflated a bounded step at a time, whole within :data:`TIMEOUT`), or why it
+    was not read (text). Transport errors (``httpx.HTTPError``) pass.
+
+    A redirect is not followed: it is the answer, its body unread (:func:`_redirected`). httpx
+    reads the body of every redirect it follows whole, uncapped (``Response.read()``), and
+    would carry the check to a host nobody configured.
 
     ``Client.get`` read the body whole: a 2 KB ``gzip`` of a ``gzip`` of zeros from a host
     playing fal took the check to gigabytes of memory."""
     import httpx
 
     from jobs.errors import ProviderError
-    from worker.fal.client import AnswerBudget, read_capped
-    from worker.fal.http import ACCEPT_ENCODING
+    from worker.fal.client import MAX_ANSWER_BYTES, AnswerBudget, read_capped
+    from worker.fal.http import ACCEPT_ENCODING, with_body
 
     with (
         httpx.Client(
             timeout=TIMEOUT,
-            follow_redirects=redirects,
+            follow_redirects=False,
             trust_env=True,
             headers={"Accept-Encoding": ACCEPT_ENCODING},
         ) as client,
         client.stream("GET", url, headers=headers) as streamed,
     ):
+        if streamed.is_redirect:  # its status and Location are what is told; its body is not read
+            return with_body(streamed, b"", drop=("content-encoding", "content-length"))
         try:
-            return read_capped(streamed, "check", budget=AnswerBudget(TIMEOUT))
+            return read_capped(
+                streamed, "check", MAX_ANSWER_BYTES if limit is None else limit, budget=AnswerBudget(TIMEOUT)
+            )
         except ProviderError as exc:
             return str(exc).removeprefix("fal check: ")
+
+
+def _redirected(answer: Any, url: str) -> str | None:
+    """``redirects (302) to HOST`` when ``answer`` (to a GET of ``url``) is a redirect, else None.
+
+    Only the host (and port) of its ``Location`` is told, escaped: its path, query and any
+    credentials may hold secrets (a token, a password), and the header is the server's text."""
+    from urllib.parse import urljoin
+
+    from jobs.printable import one_line
+
+    if not answer.is_redirect:
+        return None
+    location = answer.headers.get("location", "")
+    try:
+        target = urlsplit(urljoin(url, location))
+        host = target.hostname or ""
+        port = target.port
+    except ValueError:  # not a URL (a port out of range, a malformed IPv6 address)
+        host, port = "", None
+    shown = f"[{host}]" if ":" in host else host
+    if shown and port is not None:
+        shown += f":{port}"
+    where = f"to {one_line(shown)[:100]}" if shown else "with no usable Location"
+    return f"redirects ({answer.status_code}) {where}"
 
 
 def _detail(answer: Any, key: str) -> str:
@@ -473,7 +507,7 @@ def check_receiver(settings: Settings) -> Check:
         )
     probe = masked_url(healthz)  # as printed: the receiver's password masked
     try:
-        answer = _get_capped(healthz, {}, redirects=True)
+        answer = _get_capped(healthz, {}, HEALTHZ_MAX_BYTES)
     except httpx.HTTPError as exc:
         return _fail(
             name,
@@ -485,6 +519,14 @@ def check_receiver(settings: Settings) -> Check:
             name,
             f"{probe}: {answer}",
             "make WANBATCH_WEBHOOK_URL lead to `wanbatch serve` (path /webhooks/fal)",
+        )
+    redirected = _redirected(answer, healthz)
+    if redirected is not None:
+        return _fail(
+            name,
+            f"{probe} {redirected}; not followed",
+            "point WANBATCH_WEBHOOK_URL at the address `wanbatch serve` answers on itself "
+            "(e.g. https:// where http:// is redirected), not at one that redirects",
         )
     try:
         body = answer.json()

@@ -169,12 +169,11 @@ def stop_on_signals() -> Iterator[None]:
         return
     received: list[int] = []
     _stop_requested.clear()
-    # Which of stdout and stderr are terminals now: after a hangup they no longer are.
-    terminals = [fd for fd in (1, 2) if _isatty(fd)]
+    terminals = open_terminals()
 
     def handle(signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
-            _drop_hung_up_terminal(terminals)
+            drop_hung_up_terminal(terminals)
             if received:  # a hangup comes twice (the shell's, the kernel's): no second signal
                 return
         received.append(signum)
@@ -216,7 +215,13 @@ def _isatty(fd: int) -> bool:
         return False
 
 
-def _drop_hung_up_terminal(terminals: list[int]) -> None:
+def open_terminals() -> list[int]:
+    """Which of stdout and stderr (1, 2) are terminals now: after a hangup they no longer are
+    (:func:`drop_hung_up_terminal`)."""
+    return [fd for fd in (1, 2) if _isatty(fd)]
+
+
+def drop_hung_up_terminal(terminals: list[int]) -> None:
     """Point those of ``terminals`` (stdout, stderr) that are no longer terminals — the terminal
     hung up: a write to it fails with EIO — at /dev/null, so that stopping (giving the leases
     back, the last line) is not cut short by a write nobody can read. A ``kill -HUP`` with the

@@ -31,7 +31,7 @@ from falsim.server import SimulatorHandle
 from jobs.db import SCHEMA_HEAD, _engine_for
 from jobs.settings import Settings, get_settings
 from tests.e2e.e2e_helpers import FAL_KEY, Wb, wanbatch, without_read_override
-from tests.hostile import HostileProvider, Recorded, json_reply
+from tests.hostile import HostileProvider, Recorded, gzip_bomb, json_reply, raw_reply, traced_peak
 from tests.ports import unused_port
 from web.app import create_app
 from worker.doctor import Check, _serves_this_database, healthz_url
@@ -362,6 +362,50 @@ def test_receiver_checks(
     code, checks, _ = _doctor(wb)
     assert code == 1
     assert "does not end in /webhooks/fal" in checks["receiver"]["detail"]
+
+
+def test_the_receiver_check_follows_no_redirect_and_reads_a_bounded_answer(
+    wb: Wb, hostile: HostileProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/healthz`` was fetched following redirects: httpx read each redirect's body whole (a
+    few hundred bytes of ``gzip, gzip`` took the doctor to 200 MiB), and the check went on to a
+    host nobody configured. Now a redirect is the answer, told by its Location's host only, and
+    the answer is read to a small cap."""
+    target = f"http://someone:hunter2@127.0.0.1:{hostile.port}/elsewhere/healthz?token=s3cret"
+    bomb = gzip_bomb(200 << 20)  # made before memory is traced
+    headers = {"Location": target, "Content-Encoding": "gzip, gzip", "Content-Type": "application/json"}
+    hostile.route("GET", r"/moved/healthz", raw_reply(bomb, 302, headers))
+    hostile.route("GET", r"/elsewhere/healthz", json_reply({"ok": True}))
+    hostile.route("GET", r"/big/healthz", json_reply({"ok": True, "pad": "x" * (200 << 10)}))
+    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{hostile.url}/moved/webhooks/fal")
+    with traced_peak() as peak:
+        run = wb("doctor", "--json")
+    assert peak() < 32 << 20, f"{peak() >> 20} MiB held at once"
+    receiver = next(c for c in run.json()["checks"] if c["name"] == "receiver")
+    assert receiver["status"] == "fail"
+    assert receiver["detail"] == (
+        f"{hostile.url}/moved/healthz redirects (302) to 127.0.0.1:{hostile.port}; not followed"
+    )
+    assert "not at one that redirects" in receiver["fix"]
+    assert hostile.count("GET", r"/elsewhere/healthz") == 0
+    human = wb("doctor")
+    for secret in ("hunter2", "s3cret", "someone"):
+        assert secret not in run.stdout + run.stderr + human.stdout + human.stderr
+
+    # A relative Location names the receiver's own host.
+    hostile.route("GET", r"/relative/healthz", raw_reply(b"", 307, {"Location": "/elsewhere/healthz"}))
+    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{hostile.url}/relative/webhooks/fal")
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert checks["receiver"]["detail"].endswith(f"redirects (307) to 127.0.0.1:{hostile.port}; not followed")
+
+    # wanbatch serve's /healthz is a few hundred bytes: 200 KiB is not read, nor taken for it.
+    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{hostile.url}/big/webhooks/fal")
+    code, checks, _ = _doctor(wb)
+    assert code == 1
+    assert checks["receiver"]["detail"] == (
+        f"{hostile.url}/big/healthz: HTTP 200 with an answer over 65536 bytes; not read"
+    )
 
 
 def test_the_receiver_check_fails_while_fal_s_signing_keys_cannot_be_fetched(
