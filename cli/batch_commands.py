@@ -212,7 +212,9 @@ def export(batch: str, fmt: str, output: Path | None, include: str | None, as_js
         settings = get_settings()
         engine = db.open_engine(settings)
         statuses: Counter[str] = Counter()  # the records written, by status: what the warnings say
-        with db.session_scope(engine) as session:
+        # One snapshot for every statement: the rows, and the counts and money an hf dataset
+        # card states beside them, of a batch still running must add up (db.read_scope).
+        with db.read_scope(engine, snapshot=True) as session:
             # Found before anything is written: an unknown batch leaves no header, file or folder.
             found = store.get_batch(session, batch)
             summary: dict[str, Any] = {

@@ -19,7 +19,10 @@ filesystem, else copies; outputs in S3 are downloaded, each checked against its 
 SHA-256), ``metadata.jsonl`` (``file_name``, the video's path relative to DIR,
 then every export field as the JSONL export has them, but ``video_path``, which is ``file_name``
 too: the stored output's path is one on this machine. ``seed_text`` is the seed those
-loaders read exactly, as they make ``seed`` float64 when one exceeds int64), the batch's manifest as
+loaders read exactly, as they make ``seed`` float64 when one exceeds int64. Objects and lists
+(``input``, ``source_files``, ``media``) are JSON text, as in Parquet, and the rows that first
+give each column a value come first: those loaders type every column from the file's first
+10 MB, see :func:`metadata_row` and :func:`_write_metadata`), the batch's manifest as
 ``manifest.<ext>`` (the text stored with the batch, which its jobs were made from; for a batch
 stored before that text was kept, the file when it is still readable; an ``items_from`` file it
 names is not stored with the batch, so not included, and the card says so), and a ``README.md``
@@ -587,12 +590,17 @@ def _card(
         "Each row of `metadata.jsonl` is one job: `file_name` (the video, relative to this folder; "
         "null for a job without a video) and every field of wanbatch's export record (`input` is "
         "the exact JSON submitted, `seed` the one the provider used, `video_sha256` the video's "
-        "SHA-256).",
+        "SHA-256). Objects and lists (`input`, `source_files`, `media`) are JSON text, whose keys "
+        "differ between endpoints and rows: `json.loads` them. Rows are in the manifest's order, "
+        "but for a few that come first (the first to give each column a value), so that loaders "
+        "typing columns from the file's beginning type them all.",
         "",
         "```python",
+        "import json",
         "from datasets import load_dataset",
         'ds = load_dataset("json", data_files="metadata.jsonl")  # or ("videofolder", data_dir=".")',
         'seed = int(ds["train"]["seed_text"][0])  # the exact seed, to reproduce the video',
+        'prompt = json.loads(ds["train"]["input"][0])["prompt"]',
         "```",
         "",
         "Seeds go up to 18446744073709551615 (uint64). These loaders read JSON numbers as int64 or "
@@ -618,7 +626,11 @@ def write_hf(
     include_failed: bool = False,
 ) -> HfExport:
     """Write the batch (a Batch, or its id, id prefix or name) as a Hugging Face ``videofolder``
-    at ``dest`` (see the module docstring)."""
+    at ``dest`` (see the module docstring).
+
+    ``session`` should read one snapshot (``jobs.db.read_scope(engine, snapshot=True)``): the
+    rows, the jobs left out and the batch's cost are read by several statements, and of a batch
+    still running they add up only when all of them see the same jobs."""
     batch = batch_ref if isinstance(batch_ref, Batch) else store.get_batch(session, batch_ref)
     _refuse_taken(dest)
     refuse_empty(batch, store.counts_by_state(session, batch.id), include_failed)
@@ -631,9 +643,7 @@ def write_hf(
         raise UsageError(f"cannot write the export to {str(dest)!r}: {exc.strerror or exc}") from None
     summary = HfExport(folder=dest)
     try:
-        with (tmp / "metadata.jsonl").open("w", encoding="utf-8") as fh:
-            for row in _dataset_rows(session, batch, output_dir, tmp, summary, include_failed):
-                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        _write_metadata(_dataset_rows(session, batch, output_dir, tmp, summary, include_failed), tmp)
         counts = store.counts_by_state(session, batch.id)
         exported = {s.value for s in _exported_states(include_failed)}
         summary.left_out = {state: n for state, n in counts.items() if state not in exported and n}
@@ -654,6 +664,73 @@ def write_hf(
         _remove_empty(made)
         raise
     return summary
+
+
+#: The largest seed JSON readers type as int64; pyarrow makes a larger one (and its column) float64.
+_INT64_MAX = 2**63 - 1
+
+
+def metadata_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` as ``metadata.jsonl`` holds it: every object or list (``input``, ``source_files``,
+    ``media``, ``media_mismatch``) as JSON text, and the timestamps always with microseconds.
+
+    ``datasets`` reads JSON Lines in chunks of 10 MB and types every column from the first one:
+    an object whose keys differ in a later chunk (``input`` across endpoints) failed the whole
+    load ("Couldn't cast array of type struct<…> to …"), and so did a timestamp with
+    microseconds after ones without (``isoformat()`` drops ``.000000``; pyarrow types the latter
+    as ``timestamp[s]``). JSON text reads the same in every chunk (``json.loads`` it back)."""
+    out: dict[str, Any] = {}
+    for name, value in row.items():
+        if isinstance(value, dict | list):
+            value = json.dumps(value, ensure_ascii=False, default=str)
+        elif name in _TIME_FIELDS and isinstance(value, str):
+            value = datetime.fromisoformat(value).isoformat(timespec="microseconds")
+        out[name] = value
+    return out
+
+
+def _write_metadata(rows: Iterator[dict[str, Any]], folder: Path) -> None:
+    """Write ``metadata.jsonl`` into ``folder``: :func:`metadata_row` of each row, a few rows first.
+
+    ``datasets`` types a column from the file's first 10 MB chunk: one null there (``error`` of
+    succeeded jobs, ``media_mismatch``, ``reused_from``, ``actual_prompt`` of another endpoint)
+    is typed null, and a value in a later chunk failed the load ("Couldn't cast array of type
+    string to null"); a seed above int64 in a later chunk failed it too (the first chunk's
+    ``seed`` was int64). So the rows that first give each column a value (and the one with the
+    largest seed, when one exceeds int64) come first, in their own order, then every other row
+    in item order. The rows go to a scratch file first: only those few are held in memory."""
+    scratch = folder / ".metadata.unordered.jsonl"
+    firsts: dict[str, int] = {}  # column → the first row with a value in it
+    big_seed: tuple[int, int] | None = None  # (seed, row) of the largest seed above int64
+    held: dict[int, str] = {}
+    count = 0
+    with scratch.open("w", encoding="utf-8") as fh:
+        for index, row in enumerate(rows):
+            count += 1
+            line = json.dumps(metadata_row(row), ensure_ascii=False, default=str)
+            fh.write(line + "\n")
+            lead = False
+            for name, value in row.items():
+                if value is not None and name not in firsts:
+                    firsts[name] = index
+                    lead = True
+            seed = row.get("seed")
+            if isinstance(seed, int) and seed > _INT64_MAX and (big_seed is None or seed > big_seed[0]):
+                if big_seed is not None and big_seed[1] not in firsts.values():
+                    held.pop(big_seed[1], None)
+                big_seed = (seed, index)
+                lead = True
+            if lead:
+                held[index] = line
+    leads = set(firsts.values()) | ({big_seed[1]} if big_seed is not None else set())
+    with (folder / "metadata.jsonl").open("w", encoding="utf-8") as out:
+        for index in sorted(leads):
+            out.write(held[index] + "\n")
+        with scratch.open(encoding="utf-8") as fh:
+            for index, line in enumerate(fh):
+                if index not in leads:
+                    out.write(line)
+    scratch.unlink()
 
 
 def _exported_states(include_failed: bool) -> tuple[JobState, ...]:

@@ -770,7 +770,7 @@ def _unit_of_work(session: Session) -> Iterator[Session]:
 
 
 @contextlib.contextmanager
-def read_scope(engine: Engine) -> Iterator[Session]:
+def read_scope(engine: Engine, *, snapshot: bool = False) -> Iterator[Session]:
     """A unit of work that only reads: never commits, and on SQLite never takes the write lock.
 
     :func:`session_scope` opens every SQLite transaction with ``BEGIN IMMEDIATE`` (see the module
@@ -779,13 +779,23 @@ def read_scope(engine: Engine) -> Iterator[Session]:
     reads a snapshot while a writer holds the lock. On PostgreSQL this is an ordinary
     transaction. Objects read stay usable after the block (their loaded attributes are kept).
 
+    ``snapshot``: every statement of the block reads the same snapshot of the database, so
+    that what several statements read adds up (an export's rows, and the counts and money its
+    dataset card states, of a batch that is still running). SQLite's deferred read transaction
+    is one already (WAL: the snapshot of its first read, until it ends); on PostgreSQL an
+    ordinary transaction is READ COMMITTED, each statement seeing what had committed when it
+    started, so the block runs as one ``REPEATABLE READ`` read-only transaction instead.
+
     Nothing is written: autoflush is off and the transaction is rolled back, and changes left
     on the session's objects raise :class:`RuntimeError` (a bug: write in a session_scope).
     """
     session = Session(bind=engine, autoflush=False, expire_on_commit=False)
     try:
         # Marks this session's connection before its transaction begins (see _on_begin).
-        session.connection(execution_options={_READ_ONLY_OPTION: True})
+        options: dict[str, Any] = {_READ_ONLY_OPTION: True}
+        if snapshot and engine.dialect.name == "postgresql":
+            options.update(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        session.connection(execution_options=options)
         yield session
         if session.new or session.dirty or session.deleted:
             raise RuntimeError("read_scope is for reads only: changes were made and are discarded")

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from falsim.server import SimulatorHandle
-from jobs.dataset_export import arrow_schema
+from jobs.dataset_export import arrow_schema, metadata_row
 from tests.e2e.e2e_helpers import MakeManifest, Wb, export_jsonl
 
 #: Three endpoints (different input keys) and one job the provider fails for good (a 422: it
@@ -101,13 +101,14 @@ def test_hf_folder_loads_with_datasets_and_parquet_equals_jsonl(
         assert _sha256(video) == row["video_sha256"] == by_id[row["job_id"]]["video_sha256"]
         assert row["status"] == "succeeded"
     lines = [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
-    for line in lines:  # every export field, exactly as the JSONL export has it, but video_path:
-        # the copy inside the dataset (file_name), never the stored output's path on this machine
+    for line in lines:  # every export field as the JSONL export has it, but video_path: the
+        # copy inside the dataset (file_name), never the stored output's path on this machine;
+        # objects are JSON text and timestamps have microseconds (metadata_row)
         assert line["video_path"] == line["file_name"]
-        assert {k: v for k, v in line.items() if k != "file_name"} == {
-            **by_id[line["job_id"]],
-            "video_path": line["file_name"],
-        }
+        assert {k: v for k, v in line.items() if k != "file_name"} == metadata_row(
+            {**by_id[line["job_id"]], "video_path": line["file_name"]}
+        )
+        assert json.loads(line["input"]) == by_id[line["job_id"]]["input"]
     assert (folder / "manifest.yaml").read_text().startswith("name: ds-export")
     card = (folder / "README.md").read_text()
     assert "succeeded: 3" in card
@@ -275,4 +276,4 @@ def test_every_export_format_names_the_media_duration_as_the_contract_does(
     folder = tmp_path / "hf"
     assert wb("export", batch, "--format", "hf", "-o", folder).code == 0
     for line in (folder / "metadata.jsonl").read_text().splitlines():
-        check(json.loads(line)["media"])
+        check(json.loads(json.loads(line)["media"]))  # JSON text, as in Parquet

@@ -144,6 +144,7 @@ def test_inserting_an_item_above_others_keeps_the_export_and_the_hf_manifest_in_
     assert len(rows) == 3
     for row in rows:
         assert (out / row["file_name"]).is_file()
+        row["input"] = json.loads(row["input"])  # JSON text in metadata.jsonl
     _assert_named_by((out / "manifest.yaml").read_text(encoding="utf-8"), rows)
 
 
