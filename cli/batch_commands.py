@@ -78,6 +78,11 @@ def status(batch: str | None, as_json: bool) -> None:
         # here (or the workers, with a broker) counts it: this environment's key and caps.
         caps = batches.CapCheck.of(settings, api_key_id(settings))
         reports = batches.status(batch, settings, caps)
+        if settings.broker_url:  # the workers' leader's limits apply, not these: say when they differ
+            from worker.limits import mismatch, read_published
+
+            for line in mismatch(settings, read_published(settings)):
+                err.print(f"[yellow]warning: {escape(line)}[/yellow]")
         if as_json:
             emit_json(reports[0] if batch is not None else {"batches": reports})
             return EXIT_OK

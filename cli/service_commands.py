@@ -95,9 +95,11 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
                 "(use `wanbatch run MANIFEST` to process in this process)"
             )
         settings.require_fal_key()
-        from worker.limits import check_limiter
+        from worker.limits import check_limiter, mismatch, read_published
 
         check_limiter(settings)  # its Redis unreachable: one line, exit 2, before anything starts
+        for line in mismatch(settings, read_published(settings)):  # never silently: the leader's apply
+            logging.getLogger("worker.limits").warning(line, extra={"event": "limits.mismatch"})
         db.open_engine(settings)  # migrate before any worker process starts
         from worker import telemetry  # before anything counts: prefork children count in files
 

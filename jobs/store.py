@@ -2465,9 +2465,12 @@ def record_send(
     lease_seconds: float,
     submitted_input: dict[str, Any],
     sent_at: datetime,
+    api_key_id: str,
 ) -> Fence | None:
-    """:func:`take_lease` for a submit's POST, recording the exact input and send time right
-    before it goes out: the new fence, or None if lost.
+    """:func:`take_lease` for a submit's POST, recording the exact input, the send time and the
+    id of the API key the POST goes with right before it goes out: the new fence, or None if
+    lost. The key is the sending process's (dispatch recorded its own, which on distributed
+    workers is the tick leader's, not necessarily the key of the worker that sends).
 
     This is the moment the job is *sent again*: when the attempt is the resend of a submit whose
     outcome stayed unknown (``resend_attempt``), it counts in ``possible_duplicate_charges``
@@ -2480,6 +2483,7 @@ def record_send(
         "updated_at": utcnow(),
         "submitted_input": submitted_input,
         "sent_at": sent_at,
+        "api_key_id": api_key_id,
     }
     row = _fenced_update(session, fence.job_id, fence.version, values, bump=True, counted=_RESEND_SENT)
     return None if row is None else fence.at(int(row.version))

@@ -38,7 +38,8 @@ from jobs.models import EVERY_BATCH, JobView, utcnow
 from worker import steps
 from worker.db_outage import DatabaseOutage, database_problem
 from worker.fal.models import RequestHandle, Status
-from worker.steps.context import Reach, Runtime, handle_of
+from worker.limits import publish_limits
+from worker.steps.context import Reach, Runtime, handle_of, process_identity
 from worker.steps.poll import AT_FAL, Seen, apply_seen, apply_seen_in
 from worker.watcher import StatusWatcher
 
@@ -483,6 +484,8 @@ class Conductor:
             stale = at - timedelta(seconds=PROCESSING_STALE_SECONDS)
             with db.session_scope(self.rt.engine) as session:
                 store.record_heartbeat(session, self.rt.owner, scopes, at, supersede_before=stale)
+            if not self.rt.batch_ids:  # the workers' leader: its limits hold for every worker
+                publish_limits(self.rt.limiter, process_identity())
 
     def close(self) -> None:
         """Stop reporting stream events (the streams end when the client closes), and say that

@@ -665,6 +665,16 @@ def check_limiter(settings: Settings) -> Check:
         else:
             fix = f"start that Redis or fix {probed.setting}: `run` and `worker` refuse to start without it"
         return _fail(name, problem, fix)
+    from worker.limits import mismatch, read_published
+
+    differ = mismatch(settings, read_published(settings))
+    if differ:
+        return _fail(
+            name,
+            f"{probed.where} answers, but {differ[0]}",
+            "give every worker (and every host that runs wanbatch against them) the same FAL_KEY "
+            "and WANBATCH_SUBMIT_RATE*/WANBATCH_MAX_OUTSTANDING* settings",
+        )
     return _ok(name, f"{probed.where} answers")
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import re
@@ -101,22 +102,40 @@ end
 
 #: Checks every key's TAT against Redis' clock; grants (advancing every TAT by its interval)
 #: only if all keys allow, else returns the wait in microseconds.
+#:
+#: ``KEYS``: the rate keys, then :data:`POLICY_KEY`; ``ARGV``: each key's interval (µs) as this
+#: process's settings make it (0: no limit of its own), then each key's field in the policy, then
+#: this process's API key id. Every interval is the longer of this process's and the one the tick
+#: leader published for the same API key (:meth:`RedisGCRA.publish`), read in the same atomic
+#: call: no worker, whatever its own settings, grants faster than the leader's limits. A key whose
+#: interval is 0 both ways limits nothing here.
 GCRA_LUA = (
     _LUA_STATE
     + """
+local n = #KEYS - 1
+local policy = KEYS[n + 1]
+local same_key = redis.call('HGET', policy, 'key') == ARGV[2 * n + 1]
 local wait = 0
-local tats, holds = {}, {}
-for i, key in ipairs(KEYS) do
-  local tat, hold = state(key)
-  if tat < now then tat = now end
-  tats[i], holds[i] = tat, hold
-  if tat - now > wait then wait = tat - now end
+local tats, holds, ivs = {}, {}, {}
+for i = 1, n do
+  local iv = tonumber(ARGV[i])
+  if same_key then
+    local published = tonumber(redis.call('HGET', policy, ARGV[n + i]) or '0') or 0
+    if published > iv then iv = published end
+  end
+  ivs[i] = iv
+  if iv > 0 then
+    local tat, hold = state(KEYS[i])
+    if tat < now then tat = now end
+    tats[i], holds[i] = tat, hold
+    if tat - now > wait then wait = tat - now end
+  end
 end
 if wait > 0 then
   return {wait, now}
 end
-for i, key in ipairs(KEYS) do
-  store(key, tats[i] + tonumber(ARGV[i]), holds[i])
+for i = 1, n do
+  if ivs[i] > 0 then store(KEYS[i], tats[i] + ivs[i], holds[i]) end
 end
 return {0, now}
 """
@@ -170,6 +189,17 @@ return {hold, now}
 CHECK_KEY_SUFFIX = ":limiter-check"
 
 
+#: The tick leader's limits replace those published before (returned, as ``HGETALL`` gives them):
+#: ``KEYS[1]`` :data:`POLICY_KEY`; ``ARGV``: its TTL in seconds, then field, value, field, value…
+PUBLISH_LUA = """
+local before = redis.call('HGETALL', KEYS[1])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+return before
+"""
+
+
 class LimiterUnavailableError(WanbatchError):
     """The shared limiter cannot be reached: nothing may be submitted until it is back."""
 
@@ -180,6 +210,8 @@ class RateKey:
 
     key: str
     interval: float
+    #: The field of :data:`POLICY_KEY` that holds the tick leader's interval for this key.
+    field: str = "iv"
 
 
 class SubmitLimiter(Protocol):
@@ -251,7 +283,156 @@ def rate_keys(settings: Settings, endpoint: str) -> list[RateKey]:
     if per_endpoint is None or per_endpoint <= 0:
         return [own]
     spread = 1.0 + settings.submit_jitter_allowance
-    return [own, RateKey(f"{own.key}:{endpoint}", spread / per_endpoint)]
+    return [own, RateKey(f"{own.key}:{endpoint}", spread / per_endpoint, f"ep:{endpoint}")]
+
+
+def _with_endpoint_key(settings: Settings, endpoint: str) -> list[RateKey]:
+    """:func:`rate_keys`, always with the endpoint's key (interval 0 when this process sets no
+    limit there): the tick leader may have published one (:data:`GCRA_LUA`)."""
+    keys = rate_keys(settings, endpoint)
+    if len(keys) == 1:
+        keys.append(RateKey(f"{keys[0].key}:{endpoint}", 0.0, f"ep:{endpoint}"))
+    return keys
+
+
+# --------------------------------------------------------------------------- the published limits
+
+#: The Redis hash in which the tick leader publishes its limits for every worker
+#: (:meth:`RedisGCRA.publish`): the submit intervals every grant honours (:data:`GCRA_LUA`), and
+#: what it applies at dispatch, for the workers, ``doctor`` and ``status`` to compare with their own.
+POLICY_KEY = KEY_PREFIX + "policy"
+#: How long a published policy outlives the last beat of the leader that published it.
+POLICY_TTL_SECONDS = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The global limits as one process's settings make them, or as the tick leader published
+    them (``by``: the leader's process, ``host:pid:``)."""
+
+    key_id: str
+    submit_rate: float
+    jitter: float
+    max_outstanding: int
+    rate_per_endpoint: dict[str, float]
+    outstanding_per_endpoint: dict[str, int]
+    by: str = ""
+
+    @classmethod
+    def of(cls, settings: Settings, by: str = "") -> Limits:
+        return cls(
+            key_id=api_key_id(settings),
+            submit_rate=float(settings.submit_rate),
+            jitter=float(settings.submit_jitter_allowance),
+            max_outstanding=int(settings.max_outstanding),
+            rate_per_endpoint={k: float(v) for k, v in settings.submit_rate_per_endpoint.items() if v > 0},
+            outstanding_per_endpoint={k: int(v) for k, v in settings.max_outstanding_per_endpoint.items()},
+            by=by,
+        )
+
+    def fields(self) -> dict[str, str]:
+        """The hash :data:`POLICY_KEY` holds: the intervals :data:`GCRA_LUA` reads, and the rest."""
+        spread = 1.0 + self.jitter
+        out = {
+            "key": self.key_id,
+            "by": self.by,
+            "iv": str(round(spread / self.submit_rate * 1_000_000)),
+            "limits": json.dumps(
+                {
+                    "submit_rate": self.submit_rate,
+                    "jitter": self.jitter,
+                    "max_outstanding": self.max_outstanding,
+                    "rate_per_endpoint": self.rate_per_endpoint,
+                    "outstanding_per_endpoint": self.outstanding_per_endpoint,
+                },
+                sort_keys=True,
+            ),
+        }
+        for endpoint, rate in self.rate_per_endpoint.items():
+            out[f"ep:{endpoint}"] = str(round(spread / rate * 1_000_000))
+        return out
+
+    @classmethod
+    def parse(cls, raw: dict[bytes, bytes]) -> Limits | None:
+        """The limits of a :data:`POLICY_KEY` hash; None when there is none (or it is not ours)."""
+        try:
+            doc = json.loads(raw[b"limits"])
+            return cls(
+                key_id=raw[b"key"].decode(),
+                submit_rate=float(doc["submit_rate"]),
+                jitter=float(doc["jitter"]),
+                max_outstanding=int(doc["max_outstanding"]),
+                rate_per_endpoint={str(k): float(v) for k, v in doc["rate_per_endpoint"].items()},
+                outstanding_per_endpoint={str(k): int(v) for k, v in doc["outstanding_per_endpoint"].items()},
+                by=raw.get(b"by", b"").decode(),
+            )
+        except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
+            return None
+
+    def differences(self, other: Limits) -> list[str]:
+        """``NAME here, other there`` for each limit that differs (the API key apart)."""
+        out: list[str] = []
+
+        def differ(name: str, mine: object, theirs: object) -> None:
+            if mine != theirs:
+                out.append(f"{name} {_shown(mine)} here, {_shown(theirs)} there")
+
+        differ("WANBATCH_SUBMIT_RATE", self.submit_rate, other.submit_rate)
+        differ("WANBATCH_SUBMIT_JITTER_ALLOWANCE", self.jitter, other.jitter)
+        differ("WANBATCH_SUBMIT_RATE_PER_ENDPOINT", self.rate_per_endpoint, other.rate_per_endpoint)
+        differ("WANBATCH_MAX_OUTSTANDING", self.max_outstanding, other.max_outstanding)
+        differ(
+            "WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT",
+            self.outstanding_per_endpoint,
+            other.outstanding_per_endpoint,
+        )
+        return out
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return json.dumps({k: value[k] for k in sorted(value)}) if value else "(none)"
+    return str(value)
+
+
+def mismatch(settings: Settings, published: Limits | None) -> list[str]:
+    """What this process should say, one line each, when its settings are not the limits the
+    tick leader published (``published``; None: none published): nothing when they agree."""
+    if published is None:
+        return []
+    mine = Limits.of(settings)
+    leader = f"the tick leader ({published.by.rstrip(':') or 'unknown'})"
+    if mine.key_id != published.key_id:
+        return [
+            f"this process's FAL_KEY (key id {mine.key_id}) is not the key {leader} uses "
+            f"(key id {published.key_id}): its submits count against another fal account, outside "
+            "the limits the other workers keep; give every worker the same FAL_KEY"
+        ]
+    found = mine.differences(published)
+    if not found:
+        return []
+    return [
+        f"this process's limits differ from those {leader} applies to every worker: "
+        f"{'; '.join(found)}. The leader's apply to all (a submit rate set stricter here also "
+        "slows every submit this process makes); set the same values on every worker"
+    ]
+
+
+def read_published(settings: Settings) -> Limits | None:
+    """The limits the tick leader published on the limiter's Redis; None when none are there,
+    the limiter is in process, or its Redis does not answer (the start-up check says that)."""
+    found = backend(settings)
+    if found is None:
+        return None
+    client = _client(found[1])
+    try:
+        return Limits.parse(client.hgetall(POLICY_KEY))
+    except Exception:  # unreachable, refused: said by the limiter's own checks
+        return None
+    finally:
+        client.close()
 
 
 def client_error() -> type[Exception]:
@@ -495,6 +676,7 @@ class RedisGCRA:
         self._hold_off = client.register_script(HOLD_OFF_LUA)
         self._pause_left = client.register_script(PAUSE_LEFT_LUA)
         self._check = client.register_script(CHECK_LUA)
+        self._publish = client.register_script(PUBLISH_LUA)
 
     @classmethod
     def from_url(cls, settings: Settings, url: str, *, prefix: str = "") -> RedisGCRA:
@@ -524,11 +706,15 @@ class RedisGCRA:
 
     def acquire_at(self, endpoint: str) -> tuple[float, float]:
         """Like :meth:`acquire`, plus Redis' clock at the decision (epoch seconds), for audits."""
-        keys = rate_keys(self.settings, endpoint)
+        keys = _with_endpoint_key(self.settings, endpoint)
         try:
             wait_us, now_us = self._script(
-                keys=[self.prefix + k.key for k in keys],
-                args=[round(k.interval * 1_000_000) for k in keys],
+                keys=[*(self.prefix + k.key for k in keys), self.prefix + POLICY_KEY],
+                args=[
+                    *(round(k.interval * 1_000_000) for k in keys),
+                    *(k.field for k in keys),
+                    api_key_id(self.settings),
+                ],
             )
         except client_error() as exc:
             raise self._unreachable(exc) from exc
@@ -557,6 +743,19 @@ class RedisGCRA:
         except client_error() as exc:
             raise self._unreachable(exc) from exc
         self.outage.answered()
+
+    def publish(self, by: str) -> Limits | None:
+        """Publish this process's limits as every worker's (the tick leader does, at each beat):
+        the intervals every grant honours from now on (:data:`GCRA_LUA`). Returns the limits
+        published before (None: none). Raises :class:`LimiterUnavailableError` like :meth:`acquire`."""
+        flat = [part for pair in Limits.of(self.settings, by).fields().items() for part in pair]
+        try:
+            before = self._publish(keys=[self.prefix + POLICY_KEY], args=[POLICY_TTL_SECONDS, *flat])
+        except client_error() as exc:
+            raise self._unreachable(exc) from exc
+        self.outage.answered()
+        before = dict(zip(before[::2], before[1::2], strict=True))
+        return Limits.parse(before)
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -605,6 +804,30 @@ def limiter_for(settings: Settings) -> SubmitLimiter:
     if url:
         return RedisGCRA.from_url(settings, url)
     return LocalGCRA(settings)
+
+
+def publish_limits(limiter: SubmitLimiter | None, by: str) -> None:
+    """The tick leader's beat: publish its limits for every worker (:meth:`RedisGCRA.publish`),
+    and say so when they replace different ones another leader published. Nothing for the
+    in-process limiter; an unreachable Redis is said by the limiter (and retried at the next beat)."""
+    if not isinstance(limiter, RedisGCRA):
+        return
+    try:
+        before = limiter.publish(by)
+    except LimiterUnavailableError:
+        return
+    if before is None or before.by == by:
+        return
+    mine = Limits.of(limiter.settings, by)
+    changed = mine.differences(before) if before.key_id == mine.key_id else ["the API key"]
+    if changed:
+        log.warning(
+            "this worker now leads, and its limits replace those of the previous leader (%s) for "
+            "every worker: %s; give every worker the same settings",
+            before.by.rstrip(":") or "unknown",
+            "; ".join(changed),
+            extra={"event": "limits.changed"},
+        )
 
 
 def unreachable_note(limiter: SubmitLimiter | None) -> str | None:

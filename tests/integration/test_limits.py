@@ -21,10 +21,12 @@ from jobs.settings import Settings
 from tests.sliding_window import max_in_window
 from worker.limits import (
     LimiterUnavailableError,
+    Limits,
     LocalGCRA,
     RedisGCRA,
     api_key_id,
     limiter_for,
+    mismatch,
     rate_keys,
     wait_for_token,
 )
@@ -279,3 +281,73 @@ def test_a_key_written_before_the_pause_was_kept_apart_still_spaces(
     assert client.hget(key, "hold") is not None  # rewritten as the limiter keeps keys now
     assert 2.5 < limiter.pause_left() <= 3.0
     limiter.close()
+
+
+# --------------------------------------------------- the tick leader's limits hold for every worker
+
+
+def test_a_worker_with_a_laxer_rate_submits_no_faster_than_the_leader_publishes(
+    redis_url: str, redis_namespace: str
+) -> None:
+    """Workers started with different ``WANBATCH_SUBMIT_RATE`` (or per-endpoint rates): the
+    leader's published limits hold for every grant, whatever the worker's own settings."""
+    leader = RedisGCRA.from_url(
+        _settings(2, submit_jitter_allowance=0.0, submit_rate_per_endpoint={"fal-ai/wan-22": 1}),
+        redis_url,
+        prefix=redis_namespace,
+    )
+    worker = RedisGCRA.from_url(
+        _settings(100, submit_jitter_allowance=0.0), redis_url, prefix=redis_namespace
+    )
+    try:
+        assert leader.publish("leader-host:1:") is None
+        assert worker.acquire(ENDPOINT) == 0
+        assert 0.4 < worker.acquire(ENDPOINT) <= 0.5  # the leader's 2/s, not the worker's 100/s
+        # An endpoint rate only the leader sets holds for the worker too.
+        time.sleep(0.5)
+        assert worker.acquire("fal-ai/wan-22") == 0
+        time.sleep(0.5)
+        assert 0.4 < worker.acquire("fal-ai/wan-22") <= 0.5  # 1/s on that endpoint
+        # A stricter worker is not made laxer by the leader: the stricter of the two holds.
+        strict = RedisGCRA.from_url(
+            _settings(1, submit_jitter_allowance=0.0), redis_url, prefix=redis_namespace
+        )
+        time.sleep(0.6)
+        assert strict.acquire(ENDPOINT) == 0
+        assert 0.9 < strict.acquire(ENDPOINT) <= 1.0
+        strict.close()
+        # The policy is the leader's for its key only: another fal account keeps its own rate.
+        other = RedisGCRA.from_url(
+            Settings(FAL_KEY=SecretStr("another-key"), submit_rate=100, submit_jitter_allowance=0.0),
+            redis_url,
+            prefix=redis_namespace,
+        )
+        assert other.acquire(ENDPOINT) == 0
+        assert other.acquire(ENDPOINT) <= 0.01
+        other.close()
+        # Publishing again by another leader returns what was there.
+        before = worker.publish("new-leader:2:")
+        assert before is not None
+        assert (before.by, before.submit_rate) == ("leader-host:1:", 2)
+    finally:
+        leader.close()
+        worker.close()
+
+
+def test_differing_settings_are_said_never_silent() -> None:
+    leader = Limits.of(_settings(2, max_outstanding=5), by="leader-host:42:")
+    assert mismatch(_settings(2, max_outstanding=5), leader) == []
+    assert mismatch(_settings(2), None) == []
+    (line,) = mismatch(_settings(10, max_outstanding=50, submit_rate_per_endpoint={ENDPOINT: 1}), leader)
+    assert "leader-host:42" in line
+    assert "WANBATCH_SUBMIT_RATE 10 here, 2 there" in line
+    assert "WANBATCH_MAX_OUTSTANDING 50 here, 5 there" in line
+    assert "WANBATCH_SUBMIT_RATE_PER_ENDPOINT" in line
+    (line,) = mismatch(Settings(FAL_KEY=SecretStr("another-key"), submit_rate=2, max_outstanding=5), leader)
+    assert f"key id {leader.key_id}" in line
+    assert "same FAL_KEY" in line
+    assert "another-key" not in line
+    # What the leader publishes reads back the same.
+    raw = {k.encode(): v.encode() for k, v in leader.fields().items()}
+    assert Limits.parse(raw) == leader
+    assert Limits.parse({b"key": b"x"}) is None

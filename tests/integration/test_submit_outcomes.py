@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -34,6 +36,7 @@ from tests.hostile import Behaviour, HostileProvider, json_reply, reset, sequenc
 from tests.hostile_fal import accept_submits, accepted_reply
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.fal.client import FalClient
+from worker.limits import api_key_id
 from worker.running import process_batch
 from worker.steps import Runtime, cancel_jobs_of_cancelled_batches, dispatch, download, poll, submit
 
@@ -467,3 +470,45 @@ def test_stored_foreign_urls_are_not_followed(
     assert evil.requests == []
     assert hostile.count("GET", rf"{REQUESTS}/status") == 1
     assert job(engine, job_id).state == S.RUNNING
+
+
+# ------------------------------------------------- distributed: whose key sent it, who was refused
+
+OTHER_KEY = "0a1b2c3d-4e5f-4a6b-8c7d-9e8f0a1b2c3d:ffeeddccbbaa99887766554433221100"
+
+
+def test_a_job_records_the_key_its_post_went_with_not_the_dispatchers(
+    engine: Engine, hostile: HostileProvider
+) -> None:
+    """Distributed: the tick leader dispatches, another worker sends. The job's ``api_key_id``
+    (per-key caps and accounting) is the key of the POST, the sending worker's."""
+    accepted(hostile)
+    leader = make_runtime(engine, settings_for(hostile.url, KEY))
+    sender = make_runtime(engine, settings_for(hostile.url, OTHER_KEY))
+    try:
+        _, job_id = one_job(engine, leader)
+        assert job(engine, job_id).api_key_id == api_key_id(leader.settings)  # dispatch's, for now
+        assert submit(sender, job_id) == "submitted"
+    finally:
+        leader.client.close()
+        sender.client.close()
+    assert job(engine, job_id).api_key_id == api_key_id(sender.settings)
+    assert api_key_id(sender.settings) != api_key_id(leader.settings)
+
+
+def test_a_rejected_key_pause_names_the_worker_and_its_key_id(
+    engine: Engine, hostile: HostileProvider
+) -> None:
+    """A worker with a wrong FAL_KEY pauses the batch: the reason says which worker (host:pid)
+    and which key id, so the operator finds that worker rather than doubt a good key."""
+    hostile.route("POST", rf"/{T2V}", json_reply({"detail": "Invalid API key"}, 401))
+    rt = make_runtime(engine, settings_for(hostile.url, OTHER_KEY))
+    try:
+        batch_id, job_id = one_job(engine, rt)
+        assert submit(rt, job_id) == "account-locked"
+    finally:
+        rt.client.close()
+    reason = report(engine, batch_id)["pause_reason"] or ""
+    assert "401" in reason
+    assert f"{socket.gethostname()}:{os.getpid()}" in reason
+    assert f"key id {api_key_id(rt.settings)}" in reason

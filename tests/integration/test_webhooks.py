@@ -638,7 +638,13 @@ def _resend_waiting(engine: Engine, where: str) -> tuple[Job, store.Fence | None
         elif where == "sent":
             assert held is not None
             held = store.record_send(
-                session, held, now=now, lease_seconds=60, submitted_input={"prompt": "a cat"}, sent_at=now
+                session,
+                held,
+                now=now,
+                lease_seconds=60,
+                submitted_input={"prompt": "a cat"},
+                sent_at=now,
+                api_key_id="k",
             )
             assert held is not None
     return _job(engine, job.batch_id), held
@@ -679,6 +685,7 @@ def test_a_proof_before_the_resend_went_out_is_kept_and_nothing_is_resent(
                     lease_seconds=60,
                     submitted_input={"prompt": "a cat"},
                     sent_at=now,
+                    api_key_id="k",
                 )
                 is None
             )

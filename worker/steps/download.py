@@ -205,7 +205,7 @@ def _download(rt: Runtime, job_id: str) -> str:
         # The account, not the request: the result waits at fal; pause the batch, ask again later.
         telemetry.count_provider_error(exc)
         with db.session_scope(rt.engine) as session:
-            reason = pause_for_account(session, claim.batch_id, exc)
+            reason = pause_for_account(session, rt, claim.batch_id, exc)
             store.release_lease(
                 session, claim.fence, next_attempt_at=in_seconds(rt.settings.poll_max_interval)
             )

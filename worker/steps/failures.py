@@ -19,7 +19,8 @@ from jobs.store import Fence
 from worker import telemetry
 from worker.fal.errors import ResultExpiredError, error_type_or_none, format_detail
 from worker.fal.storage import URL_PREFIXES
-from worker.steps.context import Runtime, in_seconds
+from worker.limits import api_key_id
+from worker.steps.context import Runtime, in_seconds, process_identity
 
 log = logging.getLogger(__name__)
 
@@ -352,13 +353,29 @@ def resend_to_simulator(session: Session, rt: Runtime, fence: Fence, why: str) -
 # ------------------------------------------------------------------ failures that are not the job's
 
 
-def pause_for_account(session: Session, batch_id: str, exc: AccountLockedError) -> str:
+def pause_for_account(session: Session, rt: Runtime, batch_id: str, exc: AccountLockedError) -> str:
     """Pause ``batch_id`` because fal refused the account (401/402/403); returns the reason.
 
     The same refusal would meet every job, so none is failed for it: the batch stops sending,
     ``status`` shows the reason, and the jobs stay where they are (requests already at fal are
     still polled: they run and are billed regardless). Running the batch again resumes it.
+
+    The reason names the process that heard the refusal (``host:pid``) and the id of the key it
+    sent (:func:`~worker.limits.api_key_id`): with several workers, one given a wrong ``FAL_KEY``
+    pauses every batch it touches, and the operator must find that one, not doubt a good key.
     """
-    reason = f"{exc} (the key or the account)"  # `status` adds how to go on once it is fixed
+    # `status` adds how to go on once it is fixed
+    reason = f"{exc} (the key or the account; {refused_by(rt)})"
     store.set_batch_state(session, batch_id, BatchState.PAUSED, reason=reason)
+    log.warning(
+        "batch %s paused: %s",
+        batch_id,
+        reason,
+        extra={"event": "batch.account_refused", "batch_id": batch_id},
+    )
     return reason
+
+
+def refused_by(rt: Runtime) -> str:
+    """``worker host:pid with key id 1a2b…``: who sent what fal refused, for the operator to find it."""
+    return f"sent by worker {process_identity().rstrip(':')} with key id {api_key_id(rt.settings)}"

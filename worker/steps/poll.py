@@ -106,7 +106,7 @@ def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int
                 extra={"event": "poll.account_refused", "job_id": job_id, "batch_id": batch_of[job_id]},
             )
             with db.session_scope(rt.engine) as session:
-                pause_for_account(session, batch_of[job_id], exc)
+                pause_for_account(session, rt, batch_of[job_id], exc)
                 store.release_lease(session, fence, next_attempt_at=in_seconds(rt.settings.poll_max_interval))
             continue
         except ProviderProtocolError as exc:

@@ -43,6 +43,7 @@ from worker.fal.storage import prepare_input
 from worker.limits import (
     UNREACHABLE_RETRY_SECONDS,
     LimiterUnavailableError,
+    api_key_id,
     stale_grant_seconds,
     wait_for_token,
 )
@@ -213,7 +214,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
         return "media-failed"
     except AccountLockedError as exc:  # the upload was refused for the account: pause, as a submit would
         with db.session_scope(rt.engine) as session:
-            reason = pause_for_account(session, batch_id, exc)
+            reason = pause_for_account(session, rt, batch_id, exc)
             store.give_back(session, fence, reason=f"batch paused: {reason}", due_at=in_seconds(0))
         return "account-locked"
     except ProviderError as exc:
@@ -256,6 +257,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
             lease_seconds=rt.settings.lease_seconds,
             submitted_input=to_send,
             sent_at=sent_at,
+            api_key_id=api_key_id(rt.settings),  # the key this POST goes with, not dispatch's
         )
     if taken is None:
         return "lost-lease"
@@ -301,7 +303,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
     except AccountLockedError as exc:
         telemetry.count_submit(endpoint, "refused")
         with db.session_scope(rt.engine) as session:
-            reason = pause_for_account(session, batch_id, exc)
+            reason = pause_for_account(session, rt, batch_id, exc)
             store.give_back(session, fence, reason=f"batch paused: {reason}", due_at=in_seconds(0))
         return "account-locked"
     except (RetryableProviderError, FinalProviderError) as exc:
