@@ -400,7 +400,7 @@ def _shown(value: object) -> str:
 def mismatch(settings: Settings, published: Limits | None) -> list[str]:
     """What this process should say, one line each, when its settings are not the limits the
     tick leader published (``published``; None: none published): nothing when they agree."""
-    if published is None:
+    if published is None or settings.fal_key is None:  # no key: this process submits nothing
         return []
     mine = Limits.of(settings)
     leader = f"the tick leader ({published.by.rstrip(':') or 'unknown'})"

@@ -338,6 +338,7 @@ def test_differing_settings_are_said_never_silent() -> None:
     leader = Limits.of(_settings(2, max_outstanding=5), by="leader-host:42:")
     assert mismatch(_settings(2, max_outstanding=5), leader) == []
     assert mismatch(_settings(2), None) == []
+    assert mismatch(Settings(submit_rate=9), leader) == []  # no FAL_KEY: a host that only watches
     (line,) = mismatch(_settings(10, max_outstanding=50, submit_rate_per_endpoint={ENDPOINT: 1}), leader)
     assert "leader-host:42" in line
     assert "WANBATCH_SUBMIT_RATE 10 here, 2 there" in line
