@@ -568,7 +568,7 @@ def _budget_advice(report: BatchReport) -> list[str]:
     # A simulation's jobs go to the simulator again: without --simulate the hint would send
     # them to fal (paid), or stop at the missing FAL_KEY.
     simulate = " --simulate" if report["simulated"] else ""
-    rerun = f"wanbatch rerun {escape(short_id(report['batch']))} --failed-only{simulate}"
+    rerun = f"wanbatch rerun {escape(report_ref(report))} --failed-only{simulate}"
     covered = [report["rerun_rendered"], report["rerun_pending"]]
     daily = report["cancelled_for_daily_budget"] - sum(c["cancelled_for_daily_budget"] for c in covered)
     capped = report["cancelled_for_budget"] - sum(c["cancelled_for_budget"] for c in covered) - daily

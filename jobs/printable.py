@@ -91,6 +91,10 @@ _FILE_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".csv")
 #: Characters of the batch id a hint shows instead of the name: unique in practice, and long
 #: enough (``store.MIN_ID_PREFIX`` is 6) for every command that takes a batch.
 SHELL_ID_CHARS = 12
+#: A name a command may read as another batch's id prefix (``store.MIN_ID_PREFIX`` to
+#: ``store.ID_CHARS`` hexadecimal characters): ``store.get_batch`` refuses it as ambiguous when
+#: one exists, and one may be stored after the hint is printed.
+_ID_LIKE = re.compile(r"[0-9a-fA-F]{6,32}", re.ASCII)
 
 
 def shell_ref(name: str, batch_id: str) -> str:
@@ -102,10 +106,13 @@ def shell_ref(name: str, batch_id: str) -> str:
     option (``-h`` printed help; ``--json`` was "Missing argument"), or when ``run REF`` would
     read it as a file instead of the batch: ``.`` and ``..``, a manifest or items suffix
     (``base.yaml`` ran that file), a name longer than a file name may be, or a file of that name
-    in the current folder (where the user types the hint).
+    in the current folder (where the user types the hint). Nor when the name looks like a batch
+    id's prefix (``8e70d40c``): a command refuses it as ambiguous once another batch's id starts
+    with it, which a batch stored later may.
     """
     if (
         _SHELL_WORD.fullmatch(name)
+        and not _ID_LIKE.fullmatch(name)
         and not name.startswith("-")
         and name not in (".", "..")
         and not name.lower().endswith(_FILE_SUFFIXES)

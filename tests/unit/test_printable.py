@@ -73,15 +73,35 @@ def test_one_line_escapes_line_breaks_and_tabs_too() -> None:
 BATCH_ID = "0123456789abcdef0123456789abcdef"
 
 
-@pytest.mark.parametrize("name", ["night", "seed-sweep_2.v1", "a@b+c", "rows.jsonlx"])
+@pytest.mark.parametrize(
+    "name", ["night", "seed-sweep_2.v1", "a@b+c", "rows.jsonlx", "cafe1", "deadbeefx", "2026-12-04"]
+)
 def test_a_hint_names_a_batch_by_a_name_that_is_one_plain_word(name: str) -> None:
     assert shell_ref(name, BATCH_ID) == name
 
 
 @pytest.mark.parametrize(
     "name",
-    ["-h", "--json", ".", "..", "a/b", "x.YAML", "x.yml", "x.json", "x.csv", "my batch", "$HOME", "b" * 300],
+    [
+        *(
+            "-h",
+            "--json",
+            ".",
+            "..",
+            "a/b",
+            "x.YAML",
+            "x.yml",
+            "x.json",
+            "x.csv",
+            "my batch",
+            "$HOME",
+            "b" * 300,
+        ),
+        # What a command may read as another batch's id prefix (refused as ambiguous):
+        *("73116756", "8e70d40c", "ABCDEF", "0123456789abcdef0123456789abcdef"),
+    ],
 )
 def test_a_hint_names_a_batch_by_its_id_when_the_name_would_be_read_otherwise(name: str) -> None:
-    """An option, a path, a manifest or items file, shell syntax, or longer than a file name."""
+    """An option, a path, a manifest or items file, shell syntax, longer than a file name, or an id
+    prefix of 6 to 32 hexadecimal characters."""
     assert shell_ref(name, BATCH_ID) == BATCH_ID[:12]
