@@ -8,11 +8,14 @@ paired by what was asked, never by when or where they ran:
    same keys.
 2. **by input except the seed** — the endpoint and the stored resolved input with ``seed`` left
    out, the endpoint's documented defaults filled in (``num_frames: 81`` left out asks what
-   ``num_frames: 81`` given asks). A ``rerun`` writes the seed fal returned (or, with
-   ``--new-seeds``, a fresh one) into the input, so the key of a job whose seed fal picked
-   changes while everything else stays; this pass pairs those, and the one combination of a
-   ``rerun --vary`` that asks what its original asked. Jobs that differ only by seed (a
-   ``matrix: seed: [...]``) pair in item order.
+   ``num_frames: 81`` given asks), images and audio by their bytes as in the job key (the
+   SHA-256 ``source_files`` recorded: a file and a data URI of the same image are one input).
+   A ``rerun`` writes the seed fal returned (or, with ``--new-seeds``, a fresh one) into the
+   input, so the key of a job whose seed fal picked changes while everything else stays; this
+   pass pairs those, the one combination of a ``rerun --vary`` that asks what its original
+   asked, and a replay sending inline (a data URI) the image another run read from a file,
+   under new seeds. Jobs that differ only by seed (a ``matrix: seed: [...]``) pair in item
+   order.
 3. **by origin** — a rerun's job records the parent's job it repeats (``rerun_of``): a job left
    over pairs with the first of its own repeats left over, for jobs whose input changed
    (``rerun --vary``, which also numbers each original's combinations anew).
@@ -57,7 +60,7 @@ from sqlalchemy.orm import Session
 from jobs import store
 from jobs.endpoints import get_endpoint
 from jobs.errors import UsageError
-from jobs.manifest import canonical_json
+from jobs.manifest import canonical_json, stored_keyed_input
 from jobs.models import Batch, Job
 
 Outcome = Literal["same", "different", "only_a", "only_b"]
@@ -83,7 +86,8 @@ class JobSide:
     prompt: str | None
     video_sha256: str | None
     cost_usd: float | None
-    #: Endpoint and input without the seed, defaults filled in, as canonical JSON: the second pass.
+    #: Endpoint and input without the seed, defaults filled in, media by their bytes' SHA-256, as
+    #: canonical JSON: the second pass.
     unseeded: str
     #: The parent batch's job this one repeats (a rerun's), else None: the third pass.
     rerun_of: str | None = None
@@ -112,7 +116,6 @@ class JobSide:
     @classmethod
     def of(cls, job: Job) -> JobSide:
         prompt = job.actual_prompt if job.actual_prompt is not None else job.input.get("prompt")
-        rest = {k: v for k, v in {**_defaults(job.endpoint), **job.input}.items() if k != "seed"}
         return cls(
             job_id=job.id,
             job_key=job.job_key,
@@ -124,7 +127,7 @@ class JobSide:
             prompt=prompt if isinstance(prompt, str) else None,
             video_sha256=job.output_sha256,
             cost_usd=_usd(job.actual_usd),
-            unseeded=job.endpoint + "\n" + canonical_json(rest),
+            unseeded=_unseeded(job),
             rerun_of=job.rerun_of,
             pinned_seed=_pinned(job.input.get("seed")),
             input=dict(job.input),
@@ -154,6 +157,19 @@ def _defaults(endpoint: str) -> dict[str, Any]:
         return get_endpoint(endpoint).defaults()
     except UsageError:
         return {}
+
+
+def _unseeded(job: Job) -> str:
+    """The second pass's key: endpoint and input without the seed, defaults filled in, each
+    image or audio by the SHA-256 of its bytes as the job key has it (a file and a data URI of
+    the same image are one value; :func:`stored_keyed_input`)."""
+    filled = {**_defaults(job.endpoint), **job.input}
+    try:
+        keyed = stored_keyed_input(get_endpoint(job.endpoint), filled, job.source_files)
+    except UsageError:  # an endpoint the registry no longer has: its input as stored
+        keyed = filled
+    rest = {k: v for k, v in keyed.items() if k != "seed"}
+    return job.endpoint + "\n" + canonical_json(rest)
 
 
 def _pinned(value: object) -> int | None:

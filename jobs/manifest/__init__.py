@@ -56,7 +56,7 @@ warning naming both items.
 """
 
 from jobs.manifest.expand import Manifest
-from jobs.manifest.keys import canonical_json, job_key, key_of, keyed_input
+from jobs.manifest.keys import canonical_json, job_key, key_of, keyed_input, stored_keyed_input
 from jobs.manifest.loading import load_manifest
 from jobs.manifest.model import JobSpec
 from jobs.manifest.report import ValidationReport, iter_valid_jobs, validate_job, validate_manifest
@@ -71,6 +71,7 @@ __all__ = [
     "key_of",
     "keyed_input",
     "load_manifest",
+    "stored_keyed_input",
     "validate_job",
     "validate_manifest",
 ]

@@ -105,3 +105,30 @@ def keyed_input(
                 keyed[name] = f"missing:{value}"
             # else: a data URI that does not decode stays its text (the job is invalid)
     return keyed
+
+
+def stored_keyed_input(
+    spec: EndpointSpec, stored: Mapping[str, Any], sources: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """A stored job's input as its key sees it (:func:`keyed_input`), from the store alone.
+
+    Each media field stands in by the SHA-256 its ``source_files`` recorded (``sources``: a
+    local file's bytes as read at submission, a data URI's decoded bytes), so a file and a data
+    URI of the same image are the same value, as in the job key. The disk is never read again
+    (the file may have changed since): a local file with no recorded SHA-256 (a job stored
+    before they were, or unreadable then) is ``missing:<path>``; a data URI with none is
+    decoded.
+    """
+    recorded = sources if isinstance(sources, Mapping) else {}
+    digests: dict[str, str | None] = {}
+    for fld in spec.media_fields:
+        value = stored.get(fld.name)
+        if not isinstance(value, str):
+            continue
+        source = recorded.get(fld.name)
+        digest = source.get("sha256") if isinstance(source, Mapping) else None
+        if isinstance(digest, str):
+            digests[value] = digest
+        elif classify(value) is MediaKind.PATH:
+            digests[value] = None
+    return keyed_input(spec, stored, digests)

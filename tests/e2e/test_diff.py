@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -342,3 +343,43 @@ def test_a_reused_output_is_flagged_not_taken_for_a_reproduction(
     report = _diff(wb, first, exact, 0)
     assert report["reused"] == 0
     assert all(job["reused"] is False for job in report["jobs"]), report
+
+
+def test_a_file_and_a_data_uri_of_the_same_image_pair_by_input_under_new_seeds(
+    wb: Wb, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay sending inline (a data URI) the images another run read from files, with new
+    seeds: its keys differ by the seed only, so its jobs pair by input, image by image, as the
+    job key sees images (by their bytes), not by the text of the stored input. Different
+    manifests: nothing pairs by place, so only the input can pair them."""
+    for name, value in FAST_ENV.items():
+        monkeypatch.setenv(name, value)
+    body = "name: {name}\nendpoint: fal-ai/wan-i2v\ndefaults: {{resolution: 480p}}\nitems:\n"
+    item = "  - {{prompt: Clouds drifting, image_url: '{image}', seed: {seed}}}\n"
+    files = manifest(
+        "files",
+        body.format(name="files")
+        + item.format(image="images/landscape.jpg", seed=1)
+        + item.format(image="images/night.jpg", seed=3),
+    )
+    images = files.parent / "images"
+
+    def inline(image: str, media_type: str) -> str:
+        return f"data:{media_type};base64," + base64.b64encode((images / image).read_bytes()).decode("ascii")
+
+    inlined = manifest(  # the other order, and another spelling of the media type
+        "inlined",
+        body.format(name="inlined")
+        + item.format(image=inline("night.jpg", "image/jpg"), seed=4)
+        + item.format(image=inline("landscape.jpg", "image/jpeg"), seed=2),
+    )
+    a, b = _simulated(wb, files), _simulated(wb, inlined)
+
+    report = _diff(wb, a, b, 1)
+    assert (report["same"], report["different"], report["only_a"], report["only_b"]) == (0, 2, 0, 0)
+    seeds = {(job["a"]["pinned_seed"], job["b"]["pinned_seed"]) for job in report["jobs"]}
+    assert seeds == {(1, 2), (3, 4)}
+    for job in report["jobs"]:
+        assert job["matched_by"] == "input"
+        assert "seed" in job["differs"]
+        assert job["a"]["job_key"] != job["b"]["job_key"]
