@@ -739,16 +739,18 @@ def _batch_ref(ref: Path) -> str | None:
 
 def _refuse_unknown_ref(ref: Path, settings: Settings) -> None:
     """``run REF`` where REF is neither a file nor a stored batch: say both, before anything else
-    (a missing ``FAL_KEY`` said first hid that REF was a typo). Only looks; never resumes. A
-    folder of that name naming no batch either is left to the manifest's own error."""
+    (a missing ``FAL_KEY`` said first hid that REF was a typo). Likewise a batch ``wanbatch
+    cancel`` ended: its refusal comes before the key's, which only sent the user off to set a key
+    to be refused again. Only looks; never resumes. A folder of that name naming no batch either
+    is left to the manifest's own error."""
     if _batch_ref(ref) != _NO_FILE:
         return
-    from jobs import db, store
+    from jobs import batches, db, store
     from jobs.errors import NotFoundError, UsageError
 
     try:
         with db.read_scope(db.open_engine(settings)) as session:
-            store.get_batch(session, str(ref))
+            batches.refuse_cancelled(session, store.get_batch(session, str(ref)), manifest=False)
     except NotFoundError as exc:
         raise UsageError(f"no manifest file {str(ref)!r}, and {exc}") from None
 

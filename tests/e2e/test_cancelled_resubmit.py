@@ -10,6 +10,7 @@ Embedded SQLite mode, the real click group in process, against the bundled simul
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import update
 
 from falsim.server import SimulatorHandle
@@ -17,7 +18,7 @@ from jobs import db, store
 from jobs.models import Batch, BatchState, Job
 from jobs.settings import get_settings
 from jobs.states import JobState
-from tests.e2e.e2e_helpers import MakeManifest, Wb
+from tests.e2e.e2e_helpers import FAL_KEY, MakeManifest, Wb
 
 NIGHT = """\
 name: night
@@ -46,7 +47,7 @@ def _totals(wb: Wb, batch: str) -> tuple[int, dict[str, int]]:
 
 
 def test_submit_and_run_of_a_cancelled_batch_are_refused(
-    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = manifest("night", NIGHT.format(seeds="1, 2"))
     assert wb("submit", path).code == 0
@@ -73,6 +74,13 @@ def test_submit_and_run_of_a_cancelled_batch_are_refused(
     by_name = wb("run", "night", "--no-progress")  # no manifest to rename: the rerun only
     assert by_name.code == 2
     assert by_name.stderr.strip().splitlines() == [f"error: {CANCELLED.format(simulate='')}"]
+    # Without FAL_KEY the same: "FAL_KEY is not set" sent the user off to be refused again.
+    monkeypatch.delenv("FAL_KEY")
+    get_settings.cache_clear()
+    keyless = wb("run", "night", "--no-progress")
+    assert (keyless.code, keyless.stderr.strip().splitlines()) == (2, by_name.stderr.strip().splitlines())
+    monkeypatch.setenv("FAL_KEY", FAL_KEY)
+    get_settings.cache_clear()
 
     assert _totals(wb, "night") == (2, {"cancelled": 2})  # the new job was never stored
     assert sim.ledger()["accepted"] == 0
