@@ -484,6 +484,14 @@ class JobRow:
     def cursor(self) -> Cursor:
         return Cursor(self.item_index, self.variant, self.id)
 
+    @property
+    def counted_usd(self) -> Decimal:
+        """What the job counts in its batch's spent money (:func:`jobs.store.finished_usd`, the
+        rule of ``status``, the dashboard's totals and ``/metrics``) apart from ``ambiguous_usd``,
+        which the job list shows on its own line: in ``downloading``, what earlier attempts cost
+        plus the estimate of the one fal just finished, whose bill is not written yet."""
+        return store.finished_usd(JobState(self.state), self.actual_usd, self.est_usd)
+
 
 @dataclass(frozen=True, slots=True)
 class JobPage:

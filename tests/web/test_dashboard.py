@@ -620,3 +620,33 @@ def test_a_job_whose_submit_answer_was_lost_shows_what_it_may_have_cost(
     failed = session.get(Job, lost.id)
     assert failed is not None
     assert (failed.actual_usd, failed.ambiguous_usd) == (None, Decimal("0.20"))  # as the audit found it
+
+
+def test_a_downloading_job_shows_what_the_totals_count_it_at(sqlite_engine: Engine, output_dir: Path) -> None:
+    """A job fal just finished, after an earlier attempt was billed, counts the earlier bill plus
+    the estimate of the attempt being downloaded (``store.finished_usd``): its cost cell says
+    that sum, as the batch's spent money does, not the earlier bill alone."""
+    with session_factory(sqlite_engine)() as session:
+        batch = make_batch(session, "fetching", [new_job(0, endpoint=ENDPOINTS[0], usd="0.41")])
+        job = session.scalars(select(Job).where(Job.batch_id == batch.id)).one()
+        set_job(
+            session,
+            job.id,
+            state=JobState.DOWNLOADING,
+            attempts=2,
+            sent_at=utcnow(),
+            submitted_at=utcnow(),
+            actual_usd=Decimal("0.20"),
+        )
+        session.commit()
+        assert store.batch_spent_usd(session, batch.id) == Decimal("0.61")
+    browser = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir)))
+    html = browser.get(f"/batches/{batch.id}", headers=HTML).text
+    spend = re.search(r"<h3>Spend</h3>\s*<div class=\"value\">([^<]*)</div>", html)
+    assert spend is not None, html
+    assert spend.group(1) == "$0.61"
+    cell = _cost_cell(html, job.id)
+    assert "$0.61" in cell, cell
+    assert "$0.20" not in cell, cell
+    assert "$0.41" not in cell, cell
+    assert "bill is written" in cell
