@@ -375,7 +375,7 @@ def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path:
         engine.dispose()
     cfg = alembic_config()
     cfg.set_main_option("sqlalchemy.url", url)
-    steps = ["0022", "0021", "0020", "0019", "0018", "0017", "0016", "0015"]
+    steps = ["0023", "0022", "0021", "0020", "0019", "0018", "0017", "0016", "0015"]
     assert steps[0] == SCHEMA_HEAD
     for below in steps[1:]:
         command.downgrade(cfg, "-1")
@@ -455,3 +455,98 @@ def test_migration_0022_keys_stored_data_uris_by_their_bytes(empty_engine: Engin
     assert drift(empty_engine) == []
     downgrade(empty_engine, "0021")
     assert keys() == old
+
+
+def _strict(text_: str) -> Any:
+    """``text_`` read as JSON any strict reader takes (``NaN``/``Infinity`` refused)."""
+    import json
+
+    def refuse(literal: str) -> None:
+        raise ValueError(f"not JSON: {literal}")
+
+    return json.loads(text_, parse_constant=refuse)
+
+
+def test_migration_0023_nulls_the_non_finite_numbers_sqlite_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Earlier versions wrote a non-finite number of fal's answers to SQLite as Python's ``json``
+    writes it, ``NaN``/``Infinity``: no JSON (SQLite's JSON functions, exports and sidecars
+    refuse it). 0023 makes each ``null`` in every JSON column, a document that is nothing but one
+    SQL NULL, and leaves the rest, and a ``NaN`` in a string, as it was."""
+    from sqlalchemy import update
+
+    from jobs import db
+    from jobs.models import Batch, Job, JobEvent, WebhookDelivery, utcnow
+    from jobs.settings import get_settings
+    from jobs.states import JobState as S
+    from tests.in_process import run_main
+    from tests.step_runtime import add_batch, job_ids
+
+    nan, inf = float("nan"), float("inf")
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    try:
+        migrate(engine, "0022", from_models=False)
+        batch_id = add_batch(engine, "odd", [("fal-ai/wan-22", {"prompt": "NaN and Infinity, in words"})])
+        (job_id,) = job_ids(engine, batch_id)
+        with engine.begin() as conn:  # as the JSON type wrote them: json.dumps, NaN allowed
+            conn.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(
+                    state=S.SUCCEEDED,
+                    media={"width": 832, "fps": nan, "duration_s": 5.0},
+                    provider_metrics={"inference_time": inf},
+                    provider_output={"seed": 7, "timings": [1.5, -inf, {"deep": [nan]}], "note": "NaN"},
+                )
+            )
+            conn.execute(update(Batch).where(Batch.id == batch_id).values(rerun_options={"x": -inf}))
+            conn.execute(
+                insert(JobEvent).values(
+                    job_id=job_id, from_state=S.PENDING, to_state=S.QUEUED, version=1, details=nan
+                )
+            )
+            conn.execute(
+                insert(WebhookDelivery).values(
+                    request_id="r",
+                    body_sha256="0" * 64,
+                    status="OK",
+                    body={"payload": {"x": inf}},
+                    received_at=utcnow(),
+                    repeats=0,
+                )
+            )
+            assert "NaN" in conn.execute(text("SELECT media FROM jobs")).scalar_one()
+        migrate(engine, from_models=False)
+        with engine.connect() as conn:
+            job = conn.execute(text("SELECT input, media, provider_metrics, provider_output FROM jobs")).one()
+            assert _strict(job.input) == {"prompt": "NaN and Infinity, in words"}
+            assert _strict(job.media) == {"width": 832, "fps": None, "duration_s": 5.0}
+            assert _strict(job.provider_metrics) == {"inference_time": None}
+            assert _strict(job.provider_output) == {
+                "seed": 7,
+                "timings": [1.5, None, {"deep": [None]}],
+                "note": "NaN",
+            }
+            options = conn.execute(text("SELECT rerun_options FROM batches")).scalar_one()
+            assert _strict(options) == {"x": None}
+            assert conn.execute(text("SELECT details FROM job_events")).scalar_one() is None  # SQL NULL
+            body = conn.execute(text("SELECT body FROM webhook_deliveries")).scalar_one()
+            assert _strict(body) == {"payload": {"x": None}}
+            assert conn.execute(text("SELECT json_extract(media, '$.fps') FROM jobs")).scalar_one() is None
+        assert drift(engine) == []
+    finally:
+        engine.dispose()
+    out = tmp_path / "odd.jsonl"
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", url)
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(tmp_path / "outputs"))
+    get_settings.cache_clear()
+    db._engine_for.cache_clear()
+    try:
+        assert run_main(["export", batch_id, "--format", "jsonl", "-o", str(out)], monkeypatch) == 0
+    finally:
+        get_settings.cache_clear()
+        db._engine_for.cache_clear()
+    (exported,) = [_strict(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert exported["media"]["fps"] is None
