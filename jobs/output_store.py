@@ -84,7 +84,14 @@ class OutputUploadError(OutputWriteError):
 
 class OutputReadError(WanbatchError):
     """A stored output could not be read back (a missing object, unreachable storage, or bytes
-    whose SHA-256 is not the recorded one): an export that needs the video stops with the reason."""
+    whose SHA-256 is not the recorded one): an export that needs the video stops with the reason.
+
+    ``refused``: the storage answered and refused us (access denied, credentials refused or
+    missing), which waiting does not heal; otherwise the failure may pass (network, timeout)."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 def _object(uri: str) -> tuple[str, str]:
@@ -333,11 +340,23 @@ class S3OutputStore(OutputStore):
             raise OutputWriteError(
                 f"WANBATCH_OUTPUT_DIR {self.url!r} cannot take the outputs: {_reason(exc, self.bucket)}"
             ) from None
+        unreadable: str | None = None
+        try:  # read back too: reuse_outputs, `export --format hf` and the dashboard need it
+            client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            unreadable = _reason(exc, self.bucket)
         try:
             client.delete_object(Bucket=self.bucket, Key=key)
         except Exception as exc:  # writing works, which is what matters; say what is left
             log.warning(
                 "could not remove the probe s3://%s/%s: %s", self.bucket, key, _reason(exc, self.bucket)
+            )
+        if unreadable is not None:
+            raise OutputWriteError(
+                f"WANBATCH_OUTPUT_DIR {self.url!r} takes the outputs but cannot read them back: "
+                f"{unreadable}; reuse_outputs, `export --format hf` and the dashboard's previews "
+                "read them (s3:GetObject, and s3:ListBucket so that a missing object is told "
+                "from a refused one)"
             )
         return under
 
@@ -509,7 +528,9 @@ def output_size(output_path: str) -> int | None:
     except Exception as exc:
         if _code(exc) in ("404", "NoSuchKey", "NotFound"):
             return None
-        raise OutputReadError(f"cannot look up {output_path}: {_reason(exc, bucket)}") from None
+        raise OutputReadError(
+            f"cannot look up {output_path}: {_reason(exc, bucket)}", refused=_refused(exc)
+        ) from None
 
 
 def fetch_output(output_path: str, target: Path, sha256: str | None = None) -> str:
@@ -720,6 +741,30 @@ def _code(exc: BaseException) -> str:
     if isinstance(response, dict):
         return str(response.get("Error", {}).get("Code", ""))
     return ""
+
+
+#: What S3 answers when it refuses the credentials or their rights: waiting does not heal it.
+_REFUSALS = frozenset(
+    {
+        "AccessDenied",
+        "403",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+    }
+)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether an S3 call failed because the storage refused us (no rights, credentials refused
+    or missing), not because it could not be reached or answered late."""
+    from botocore import exceptions as bce
+
+    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
+        return True
+    return _code(exc) in _REFUSALS
 
 
 def _reason(exc: BaseException, bucket: str) -> str:

@@ -1924,15 +1924,18 @@ _REUSED_FIELDS = (
 )
 
 
-def find_reusable(session: Session, job: JobRecord, *, simulated: bool) -> Job | None:
-    """A succeeded job (any batch of ``job``'s kind, not ``job`` itself) with ``job``'s key and a
-    stored output; ``simulated``: whether ``job``'s batch was made by ``run --simulate``.
+def find_reusable(session: Session, job: JobRecord, *, simulated: bool, limit: int) -> list[Job]:
+    """Up to ``limit`` succeeded jobs (any batch of ``job``'s kind, not ``job`` itself) with
+    ``job``'s key and a stored output of their own, oldest first; ``simulated``: whether ``job``'s
+    batch was made by ``run --simulate``.
 
     Same key means same endpoint and same resolved input (files by content), seed included.
-    The oldest such job is taken, so every reuse of one render names the same original. The
-    caller checks that the file is still on disk. Same kind: a batch sent to fal takes only
-    videos fal made, never a ``--simulate`` batch's placeholders (and a simulation only
-    simulated ones, so it rehearses exactly what the paid run will do).
+    Oldest first, so every reuse of one render names the same original while its output is
+    there; the caller checks the outputs in that order and takes the first still intact (the
+    original's may be gone while a rerun's is not). Jobs that reused another's output are left
+    out: their output is their source's, which is a candidate itself. Same kind: a batch sent to
+    fal takes only videos fal made, never a ``--simulate`` batch's placeholders (and a
+    simulation only simulated ones, so it rehearses exactly what the paid run will do).
     """
     query = (
         select(Job)
@@ -1943,12 +1946,13 @@ def find_reusable(session: Session, job: JobRecord, *, simulated: bool) -> Job |
             Job.state == JobState.SUCCEEDED,
             Job.output_sha256.is_not(None),
             Job.output_path.is_not(None),
+            Job.reused_from.is_(None),
             Batch.simulated.is_(simulated),
         )
         .order_by(Job.finished_at, Job.id)
-        .limit(1)
+        .limit(limit)
     )
-    return session.scalar(query)
+    return list(session.scalars(query))
 
 
 def mark_reused(session: Session, fence: Fence, source: Job) -> bool:

@@ -7,7 +7,8 @@ boto3 — and so wanbatch — at it with made-up credentials, away from any real
 :class:`S3FaultProxy` stands between wanbatch and moto, forwarding every request, and answers
 ``403 AccessDenied`` to the ``PUT``\\ s whose path contains a given text (all of them, or only
 the first *n* per key): a storage outage of the outputs' keys while the writability probe still
-passes, i.e. an upload failure *during* a run, without touching wanbatch's code.
+passes, i.e. an upload failure *during* a run, without touching wanbatch's code. It can refuse
+``HEAD``\\ s too (credentials that may write but not read).
 """
 
 from __future__ import annotations
@@ -126,11 +127,16 @@ def b64(sha256_hex: str) -> str:
 class _Rules:
     refuse_text: str | None = None
     refuse_first: int | None = None  # None: every matching PUT
+    refuse_heads: str | None = None  # HEADs whose path contains it are refused, every one
     seen: Counter[str] = field(default_factory=Counter)
     refused: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def refuses(self, method: str, path: str) -> bool:
+        if method == "HEAD" and self.refuse_heads is not None and self.refuse_heads in path:
+            with self.lock:
+                self.refused.append(path.split("?", 1)[0])
+            return True
         if method != "PUT" or self.refuse_text is None or self.refuse_text not in path:
             return False
         key = path.split("?", 1)[0]
@@ -168,6 +174,10 @@ class S3FaultProxy:
                 if rules.refuses(self.command, self.path):
                     self.send_response(403)
                     self.send_header("Content-Type", "application/xml")
+                    if self.command == "HEAD":  # S3 answers a HEAD without a body
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                     self.send_header("Content-Length", str(len(_ACCESS_DENIED)))
                     self.end_headers()
                     self.wfile.write(_ACCESS_DENIED)
@@ -203,6 +213,11 @@ class S3FaultProxy:
         """Answer 403 to PUTs whose path contains ``containing``: every one, or the first
         ``first`` per key."""
         self.rules.refuse_text, self.rules.refuse_first = containing, first
+
+    def refuse_heads(self, containing: str) -> None:
+        """Answer 403 to every HEAD whose path contains ``containing`` (``""``: all of them):
+        credentials that may write but not read."""
+        self.rules.refuse_heads = containing
 
     def __enter__(self) -> S3FaultProxy:
         self._thread.start()

@@ -3,15 +3,21 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine
 
 from jobs import db, store
+from jobs.models import BatchState, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
+from tests.s3_helpers import MotoS3, S3FaultProxy, aws_env
 from tests.step_runtime import add_batch, job_ids, make_runtime
 from worker.steps import dispatch
 
@@ -22,8 +28,9 @@ JOBS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def _succeed(engine: Engine, job_id: str, video: Path) -> None:
-    """Take ``job_id`` through fal to ``succeeded`` with ``video`` as its output."""
+def _succeed(engine: Engine, job_id: str, video: Path | str, size: int | None = None) -> None:
+    """Take ``job_id`` through fal to ``succeeded`` with ``video`` as its output (a local file,
+    or an ``s3://`` URI of ``size`` bytes)."""
     with db.session_scope(engine) as session:
         assert store.transition(session, job_id, S.PENDING, S.SUBMITTING)
         assert store.transition(session, job_id, S.SUBMITTING, S.QUEUED, request_id=f"r-{job_id}")
@@ -35,7 +42,7 @@ def _succeed(engine: Engine, job_id: str, video: Path) -> None:
             S.SUCCEEDED,
             output_path=str(video),
             output_sha256="ab" * 32,
-            output_bytes=video.stat().st_size,
+            output_bytes=video.stat().st_size if isinstance(video, Path) else size,
             seed=5,
             actual_prompt="a fox, expanded",
             actual_usd=Decimal("0.4"),
@@ -113,3 +120,139 @@ def test_a_symlink_in_the_originals_place_is_not_reused(engine: Engine, tmp_path
         store.set_batch_reuse_outputs(session, third, True)
     rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10))
     assert dispatch(rt) == job_ids(engine, third)  # sent, not reused
+
+
+def _reusing(engine: Engine, name: str, jobs: list[tuple[str, dict[str, Any]]] = JOBS[:1]) -> str:
+    batch_id = add_batch(engine, name, jobs)
+    with db.session_scope(engine) as session:
+        store.set_batch_reuse_outputs(session, batch_id, True)
+    return batch_id
+
+
+def _reused_from(engine: Engine, job_id: str) -> str | None:
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        assert job.state == S.SUCCEEDED
+        return job.reused_from
+
+
+def test_a_later_twin_is_reused_when_the_originals_file_is_gone(engine: Engine, tmp_path: Path) -> None:
+    """The oldest twin's video is deleted, a rerun's is intact: the rerun's is taken, never paid
+    again (only the oldest was looked at, so every later batch paid for the render again)."""
+    first, rerun = tmp_path / "first.mp4", tmp_path / "rerun.mp4"
+    first.write_bytes(b"video bytes")
+    rerun.write_bytes(b"video bytes, rerun")
+    (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
+    _succeed(engine, original, first)
+    (again,) = job_ids(engine, add_batch(engine, "lc-rerun-1", JOBS[:1]))
+    _succeed(engine, again, rerun)
+    rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10))
+    (took_first,) = job_ids(engine, _reusing(engine, "copy"))
+    assert dispatch(rt) == []
+    assert _reused_from(engine, took_first) == original  # the oldest, while its file is there
+
+    first.unlink()  # the original's and its reuser's video are gone; the rerun's is not
+    (later,) = job_ids(engine, _reusing(engine, "later"))
+    assert dispatch(rt) == []  # not sent, not paid
+    assert _reused_from(engine, later) == again
+    with db.session_scope(engine) as session:
+        assert store.get_job(session, later).output_path == str(rerun)
+
+    rerun.unlink()  # every twin's video is gone: sent
+    (last,) = job_ids(engine, _reusing(engine, "last"))
+    assert dispatch(rt) == [last]
+
+
+# --------------------------------------------------------------------------- outputs in S3
+
+BUCKET = "reuse-checks"
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoS3]:
+    with MotoS3() as server:
+        aws_env(monkeypatch, server.url)
+        server.client().create_bucket(Bucket=BUCKET)
+        yield server
+
+
+def _stored(s3: MotoS3, key: str, body: bytes) -> str:
+    s3.client().put_object(Bucket=BUCKET, Key=key, Body=body)
+    return f"s3://{BUCKET}/{key}"
+
+
+@pytest.mark.s3
+def test_s3_a_later_twins_object_is_reused_when_the_originals_is_gone(engine: Engine, s3: MotoS3) -> None:
+    (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
+    _succeed(engine, original, _stored(s3, "tokyo/lc/0.mp4", b"video"), size=5)
+    (again,) = job_ids(engine, add_batch(engine, "lc-rerun-1", JOBS[:1]))
+    _succeed(engine, again, _stored(s3, "tokyo/lc-rerun-1/0.mp4", b"video"), size=5)
+    s3.client().delete_object(Bucket=BUCKET, Key="tokyo/lc/0.mp4")
+    (later,) = job_ids(engine, _reusing(engine, "later"))
+    rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10))
+    assert dispatch(rt) == []
+    assert _reused_from(engine, later) == again
+
+
+@pytest.mark.s3
+def test_s3_a_refused_check_pauses_the_batch_and_sends_nothing(
+    engine: Engine, s3: MotoS3, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Credentials that may not read (HEAD answers 403): not a reason to pay for the render
+    again. Nothing of the batch is sent (not even its unseeded job); it is paused, one line."""
+    (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
+    _succeed(engine, original, _stored(s3, "tokyo/lc/0.mp4", b"video"), size=5)
+    batch_id = _reusing(engine, "later", JOBS)
+    sent: list[str] = []
+    rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10), enqueue_submit=sent.append)
+    with S3FaultProxy(s3.port) as proxy, caplog.at_level(logging.WARNING):
+        aws_env(monkeypatch, proxy.url)
+        proxy.refuse_heads("")
+        assert dispatch(rt) == []
+        assert proxy.rules.refused == [f"/{BUCKET}/tokyo/lc/0.mp4"]
+    assert sent == []
+    with db.session_scope(engine) as session:
+        batch = store.get_batch(session, batch_id)
+        assert batch.state == BatchState.PAUSED
+        reason = batch.pause_reason or ""
+        assert [j.state for j in store.jobs_of_batch(session, batch_id)] == [S.PENDING, S.PENDING]
+    assert reason.startswith(store.OUTPUTS_PAUSE_PREFIX + "be read back to reuse them (reuse_outputs): ")
+    assert f"access denied to bucket '{BUCKET}'" in reason
+    assert "\n" not in reason
+    assert any(r.levelno == logging.WARNING and "batch paused" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.s3
+def test_s3_an_unreachable_storage_delays_the_job_then_pauses_its_batch(
+    engine: Engine, s3: MotoS3, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Storage that cannot be reached: the job waits (pending, checked again after the backoff),
+    up to WANBATCH_DOWNLOAD_ATTEMPTS checks; then its batch is paused. Never sent meanwhile."""
+    (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
+    _succeed(engine, original, _stored(s3, "tokyo/lc/0.mp4", b"video"), size=5)
+    batch_id = _reusing(engine, "later")
+    (later,) = job_ids(engine, batch_id)
+    settings = Settings(submit_rate=1000, max_outstanding=10, download_attempts=2, retry_base_delay=30)
+    rt = make_runtime(engine, settings)
+    s3.stop()
+    before = utcnow()
+    with caplog.at_level(logging.WARNING):
+        assert dispatch(rt) == []
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, later)
+        assert job.state == S.PENDING
+        assert job.next_attempt_at is not None
+        assert job.next_attempt_at >= before + timedelta(seconds=30)  # the backoff's first delay
+        assert store.get_batch(session, batch_id).state == BatchState.ACTIVE
+        store.update_job_fields(session, later, expected_version=job.version, next_attempt_at=None)
+    assert any(
+        r.levelno == logging.WARNING and "checking again in 30s (try 1 of 2)" in r.getMessage()
+        for r in caplog.records
+    )
+    assert dispatch(rt) == []
+    with db.session_scope(engine) as session:
+        assert store.get_job(session, later).state == S.PENDING
+        batch = store.get_batch(session, batch_id)
+        assert batch.state == BatchState.PAUSED
+        assert "cannot reach" in (batch.pause_reason or "")
+        assert "(after 2 tries)" in (batch.pause_reason or "")

@@ -311,6 +311,27 @@ def test_the_start_up_check_names_the_problem(
         _store(tmp_path).check_writable()
 
 
+def test_the_start_up_check_says_when_outputs_cannot_be_read_back(
+    tmp_path: Path, s3: MotoS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials that may write but not read: reuse_outputs, `export --format hf` and the
+    dashboard's previews need to read, so the probe reads its object back and says so."""
+    s3.client().create_bucket(Bucket=BUCKET)
+    with S3FaultProxy(s3.port) as proxy:
+        aws_env(monkeypatch, proxy.url)
+        proxy.refuse_heads(".wanbatch-probe-")
+        with pytest.raises(OutputWriteError) as unreadable:
+            _store(tmp_path).check_writable()
+        assert len(proxy.rules.refused) == 1
+    assert str(unreadable.value) == (
+        f"WANBATCH_OUTPUT_DIR 's3://{BUCKET}/p' takes the outputs but cannot read them back: "
+        f"access denied to bucket '{BUCKET}' (check the credentials' rights and the bucket policy); "
+        "reuse_outputs, `export --format hf` and the dashboard's previews read them (s3:GetObject, "
+        "and s3:ListBucket so that a missing object is told from a refused one)"
+    )
+    assert keys(s3.client(), BUCKET) == []  # the probe object is removed all the same
+
+
 # --------------------------------------------------------------------------- configuration
 
 

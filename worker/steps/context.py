@@ -255,6 +255,10 @@ class Runtime:
     #: its download while recording its completion (``worker.steps.download.handed_claim``),
     #: when downloads run on this process's threads. None elsewhere.
     download_claims: dict[str, DownloadClaim] | None = None
+    #: ``reuse_outputs`` checks that failed so far, per job still waiting for one
+    #: (:func:`worker.steps.dispatch._reuse`): dispatch runs in one process (the tick leader, or
+    #: the embedded run), and a count that starts over only means more tries, never a payment.
+    reuse_check_failures: dict[str, int] = field(default_factory=dict)
     #: Accepted submissions not recorded yet, and whether the database's disk is full (nothing
     #: new is sent then): :mod:`worker.steps.unrecorded`.
     unrecorded: Unrecorded = field(init=False)

@@ -15,12 +15,14 @@ from sqlalchemy.orm import Session
 
 from jobs import db, output_store, store
 from jobs.endpoints import all_endpoints
-from jobs.errors import WanbatchError
-from jobs.models import BatchRecord, JobRecord, utcnow
+from jobs.models import BatchRecord, BatchState, JobRecord, utcnow
 from jobs.money import BATCH_CAP_ERROR, DAILY_CAP_ERROR, usd_text
+from jobs.output_location import is_s3_url
+from jobs.output_store import OutputReadError
 from jobs.states import JobState
 from worker.limits import UNREACHABLE_RETRY_SECONDS, LimiterUnavailableError, api_key_id
 from worker.steps.context import Runtime, S, SubmitTicket
+from worker.steps.failures import backoff
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,16 @@ log = logging.getLogger(__name__)
 QUEUE_DEPTH_SHARE = 0.25
 #: ``WANBATCH_QUEUE_WAIT_BACKOFF`` beyond this (ten years) means "never": no date is that far back.
 LONGEST_WAIT_SECONDS = 10 * 365 * 86400.0
+#: With ``reuse_outputs``, how many succeeded twins' outputs a job checks (oldest first, one HEAD
+#: each for S3) before it is sent: the original's may be gone while a rerun's is intact.
+REUSE_CHECKS = 5
+#: Above this many jobs waiting for another reuse check, the counts start over (memory stays
+#: bounded; a count that starts over only means more tries).
+REUSE_FAILURES_KEPT = 10_000
+
+#: What :func:`_reuse` decided for a claimed job: it took a twin's output, it is to be sent, or it
+#: stays where it is (its check failed: tried again later, or its batch was paused).
+REUSED, SEND, WAIT = "reused", "send", "wait"
 
 
 def dispatch(rt: Runtime) -> list[str]:
@@ -111,9 +123,15 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
         rt.bucket.short = False
     done.unused = free
     committed = _Committed(session, batches, now, rt.settings.daily_budget_usd)
+    paused: set[str] = set()  # batches a failed reuse check paused in this round: send none of them
     for job in jobs:
-        if _reuse(session, rt, job, batches):
+        if job.batch_id in paused:
+            continue  # claimed, but left as it was (pending): due again once the batch resumes
+        verdict = _reuse(session, rt, job, batches, paused)
+        if verdict == REUSED:
             done.reused.append(job.id)
+            continue
+        if verdict == WAIT:
             continue
         refusal = _budget_refusal(committed, job)
         if refusal is not None:
@@ -212,43 +230,110 @@ def _heed_pause(rt: Runtime) -> None:
         rt.bucket.hold_off(left)
 
 
-def _reuse(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches) -> bool:
-    """With ``reuse_outputs``, give a claimed pinned-seed job the output of a succeeded twin.
+def _reuse(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches, paused: set[str]) -> str:
+    """With ``reuse_outputs``, give a claimed pinned-seed job the output of a succeeded twin:
+    :data:`REUSED`, :data:`SEND` (no intact twin: send it as usual) or :data:`WAIT`.
 
     Decided here, in the claim's transaction, so a reused job is never sent, holds no slot and
     reserves no budget. Only jobs whose input pins ``seed``: an unseeded request is a new draw,
-    and taking another job's video would silently stand in for it. The twin must still have its
-    file on disk (or its object in S3) at the recorded size (not re-hashed: that would read every
-    video inside the claim's transaction); otherwise the job is sent as usual. No sidecar is written for the
-    reusing job: it points at the original's file, and its export record carries ``reused_from``.
+    and taking another job's video would silently stand in for it. Up to :data:`REUSE_CHECKS`
+    twins are checked, oldest first (twins that reused another's output are their source's
+    stand-ins, not checked again); the first whose file is on disk (or whose object is in S3) at
+    the recorded size is taken (not re-hashed: that would read every video inside the claim's
+    transaction). Only when every one checked is gone or changed is the job sent. No sidecar is
+    written for the reusing job: it points at the original's file, and its export record
+    carries ``reused_from``.
+
+    A check that fails for another reason than "not there" (S3 refusing the HEAD, unreachable,
+    late) never turns into a paid render: the job stays ``pending`` (:data:`WAIT`) and is
+    checked again after the step's backoff, up to ``WANBATCH_DOWNLOAD_ATTEMPTS`` times (as an
+    upload is); a refusal (access denied, credentials refused), which waiting does not heal,
+    and a failure past those tries pause the batch like storage that refuses outputs
+    (``paused`` gets its id: the round sends none of its jobs).
     """
     batch = batches.get(job.batch_id)
     if job.input.get("seed") is None or not batch.reuse_outputs:
-        return False
-    source = store.find_reusable(session, job, simulated=batch.simulated)
-    if source is None or source.output_path is None:
-        return False
-    try:
-        # a local file's size, or the object's (one HEAD request) when outputs are in S3
-        intact = output_store.output_size(source.output_path) == source.output_bytes
-    except WanbatchError as exc:  # storage unreachable: sending is the safe way on
+        return SEND
+    sources = store.find_reusable(session, job, simulated=batch.simulated, limit=REUSE_CHECKS)
+    failed: OutputReadError | None = None
+    failing: set[str] = set()  # storages (buckets) whose check failed: not asked again this time
+    checked: set[str] = set()
+    for source in sources:
+        path = source.output_path
+        if path is None or path in checked or _storage(path) in failing:
+            continue
+        checked.add(path)
+        try:
+            # a local file's size, or the object's (one HEAD request) when outputs are in S3
+            intact = output_store.output_size(path) == source.output_bytes
+        except OutputReadError as exc:
+            failing.add(_storage(path))
+            failed = exc if failed is None or (exc.refused and not failed.refused) else failed
+            continue
+        if intact:
+            rt.reuse_check_failures.pop(job.id, None)
+            return REUSED if store.mark_reused(session, rt.fence(job), source) else WAIT
+    if failed is not None:
+        return _reuse_check_failed(session, rt, job, failed, paused)
+    rt.reuse_check_failures.pop(job.id, None)
+    if checked:
         log.info(
-            "job %s: cannot check the output of %s to reuse: %s",
+            "job %s: the output of its %d twin(s) to reuse is gone or changed; sending",
             job.id,
-            source.id,
-            exc,
-            extra={"event": "reuse.check_failed", "job_id": job.id, "batch_id": job.batch_id},
-        )
-        intact = False
-    if not intact:
-        log.info(
-            "job %s: the output of %s to reuse is gone or changed; sending",
-            job.id,
-            source.id,
+            len(checked),
             extra={"event": "reuse.output_gone", "job_id": job.id, "batch_id": job.batch_id},
         )
-        return False
-    return store.mark_reused(session, rt.fence(job), source)
+    return SEND
+
+
+def _storage(output_path: str) -> str:
+    """Where a recorded output lives, for telling storages apart: ``s3://bucket``, or ``""``
+    for a local file (whose check never fails: a file that cannot be looked at is gone)."""
+    if not is_s3_url(output_path):
+        return ""
+    return "/".join(output_path.split("/", 3)[:3])
+
+
+def _reuse_check_failed(
+    session: Session, rt: Runtime, job: JobRecord, exc: OutputReadError, paused: set[str]
+) -> str:
+    """No twin's output could be checked (:func:`_reuse`): keep the job, try again later, and
+    pause its batch once waiting will not help."""
+    failures = rt.reuse_check_failures.get(job.id, 0) + 1
+    tries = rt.settings.download_attempts
+    if not exc.refused and failures < tries:
+        if len(rt.reuse_check_failures) >= REUSE_FAILURES_KEPT:
+            rt.reuse_check_failures.clear()
+        rt.reuse_check_failures[job.id] = failures
+        delay = backoff(rt.settings, failures)
+        store.release_lease(session, rt.fence(job), next_attempt_at=utcnow() + timedelta(seconds=delay))
+        log.warning(
+            "job %s: cannot check the output to reuse: %s; not sent, checking again in %.0fs (try %d of %d)",
+            job.id,
+            exc,
+            delay,
+            failures,
+            tries,
+            extra={"event": "reuse.check_failed", "job_id": job.id, "batch_id": job.batch_id},
+        )
+        return WAIT
+    rt.reuse_check_failures.pop(job.id, None)
+    after = "" if exc.refused else f" (after {failures} tries)"
+    reason = (
+        f"{store.OUTPUTS_PAUSE_PREFIX}be read back to reuse them (reuse_outputs): {exc}{after} — "
+        "give the credentials read access (s3:GetObject, and s3:ListBucket so that a missing "
+        "object is told from a refused one) or fix the storage; nothing of the batch is sent "
+        "meanwhile, so no render that could be reused is paid for"
+    )
+    store.set_batch_state(session, job.batch_id, BatchState.PAUSED, reason=reason)
+    paused.add(job.batch_id)
+    log.warning(
+        "job %s: not sent; batch paused: %s",
+        job.id,
+        reason,
+        extra={"event": "reuse.check_paused", "job_id": job.id, "batch_id": job.batch_id},
+    )
+    return WAIT
 
 
 def _room_at_fal(
