@@ -47,13 +47,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from jobs import outputs
 from jobs.errors import WanbatchError
 from jobs.fs import creatable, file_kind, file_mode, is_missing, os_reason, shown_path
 from jobs.output_location import CONTROL_CHARS, is_s3_url, parse_s3_url, split_uri
 from jobs.outputs import OutputWriteError
+from jobs.url_secrets import MASK, mask_urls
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -768,7 +769,46 @@ def _refused(exc: BaseException) -> bool:
 
 
 def _reason(exc: BaseException, bucket: str) -> str:
-    """One line saying why an S3 call failed and what to do; never a credential."""
+    """One line saying why an S3 call failed and what to do; never a credential.
+
+    botocore's own texts quote the endpoint as configured (``Custom endpoint `http://u:pw@…`
+    was not a valid URI``, ``Invalid endpoint: …``), a server's message may echo a URL: the
+    line is masked (:func:`_masked`) whatever branch made it."""
+    return _masked(CONTROL_CHARS.sub(" ", _why(exc, bucket)))
+
+
+def _masked(text: str) -> str:
+    """``text`` with the configured S3 endpoint's credentials hidden: the endpoint variables'
+    values as written (spaces and all, which URL masking alone would cut short) shown with
+    their password masked, that password standing on its own masked too, then every URL left
+    masked (:func:`jobs.url_secrets.mask_urls`)."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        raw = os.environ.get(name) or ""
+        head, secret, tail = _endpoint_parts(raw)
+        if not secret:
+            continue
+        text = text.replace(raw, f"{head}{MASK}{tail}")
+        for written in {secret, unquote(secret)}:
+            if len(written) >= 4:  # masking every "a" of a message would hide the message
+                text = text.replace(written, MASK)
+    return mask_urls(text)
+
+
+def _endpoint_parts(raw: str) -> tuple[str, str, str]:
+    """``raw`` (an endpoint as written) cut around its secret: the password of its userinfo,
+    or over HTTP a user name alone (the token of ``https://TOKEN@host``); ``("", "", "")``
+    without one. The last ``@`` ends the userinfo (a password may hold ``/`` or ``@``)."""
+    scheme, sep, rest = raw.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or not userinfo:
+        return "", "", ""
+    user, colon, password = userinfo.partition(":")
+    if colon:
+        return f"{scheme}://{user}:", password, f"@{host}"
+    return f"{scheme}://", user, f"@{host}"
+
+
+def _why(exc: BaseException, bucket: str) -> str:
     from botocore import exceptions as bce
 
     where = endpoint_url() or "AWS S3"
@@ -791,6 +831,6 @@ def _reason(exc: BaseException, bucket: str) -> str:
         return f"the storage refused the upload's checksum ({code}): the bytes changed on the way"
     if code:
         message = str(getattr(exc, "response", {}).get("Error", {}).get("Message", "") or "")
-        return f"{code}: {CONTROL_CHARS.sub(' ', message)[:200]}".rstrip(": ")
-    text = CONTROL_CHARS.sub(" ", str(exc))[:200]
+        return f"{code}: {_masked(CONTROL_CHARS.sub(' ', message))[:200]}".rstrip(": ")
+    text = _masked(CONTROL_CHARS.sub(" ", str(exc)))[:200]  # masked whole, then cut
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -791,10 +791,28 @@ class DownloadSettings(_Section):
         port of ``99999`` or ``abc`` passed and then ended ``run`` in an internal error ("Port
         out of range"), and ``doctor`` blamed WANBATCH_OUTPUT_DIR. The password is never echoed
         (:func:`_http_url` names what is wrong, not the value). Without S3 the variable is the
-        AWS SDK's business, not ours: it is left alone."""
-        if not value or not value.strip() or not info.data.get("output_url"):
+        AWS SDK's business, not ours: it is left alone.
+
+        boto3 reads the variable as it is, not this checked copy: a space before or after it (a
+        ``.env`` file's ``AWS_ENDPOINT_URL="http://…:9000 "``), a query (``/?x``) or a fragment
+        passed here and then failed every upload with the SDK's message, which quotes the whole
+        URL, password included. Those are refused here too."""
+        if not value or not info.data.get("output_url"):
             return value
-        return _http_url(value, "http://127.0.0.1:9000")
+        if not value.strip():
+            raise ValueError("is blank; unset it, or write an http(s) URL such as http://127.0.0.1:9000")
+        if value != value.strip():
+            raise ValueError(
+                "has a space before or after the URL (the AWS SDK reads the variable as it is); "
+                "write it without, such as http://127.0.0.1:9000"
+            )
+        url = _http_url(value, "http://127.0.0.1:9000")
+        if "?" in url or "#" in url:
+            raise ValueError(
+                "has a query (?…) or a fragment (#…), which an S3 endpoint cannot take; "
+                "write only scheme://host:port (and a path), such as http://127.0.0.1:9000"
+            )
+        return url
 
     @field_validator("download_allowed_hosts", mode="before")
     @classmethod

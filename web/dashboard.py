@@ -53,6 +53,7 @@ from jobs.printable import one_line, shell_ref
 from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, rerun_covered
 from jobs.settings import Settings
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
+from jobs.url_secrets import mask_urls
 from web.auth import SESSION_COOKIE, Access, TokenGate, safe_next, sent_over_https, session_value
 from web.bodies import Refusal, read_body
 
@@ -427,8 +428,8 @@ class Dashboard:
         if output_path.startswith("s3://"):
             try:
                 url = outputs.presigned_url(output_path)
-            except WanbatchError as exc:
-                return plain_error(str(exc), 502)
+            except WanbatchError as exc:  # its reason is masked already; masked again, whatever made it
+                return plain_error(one_line(mask_urls(str(exc))), 502)
             if url is None:
                 return self.not_found(request, "the video cannot be linked")
             return RedirectResponse(url, status_code=307)

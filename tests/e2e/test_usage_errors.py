@@ -362,6 +362,16 @@ def test_a_batch_reference_longer_than_any_id_is_no_batch(wb: Wb, command: str) 
             ("run", "--simulate", "--json"),
             "AWS_ENDPOINT_URL",
         ),
+        # Was "…cannot take the outputs: EndpointResolutionError: Custom endpoint
+        # `http://u:hunter2@127.0.0.1:57009 ` was not a valid URI", password and all.
+        (
+            {
+                "WANBATCH_OUTPUT_DIR": "s3://renders/tokyo",
+                "AWS_ENDPOINT_URL": "http://u:hunter2@127.0.0.1:57009 ",
+            },
+            ("run", "--simulate"),
+            "AWS_ENDPOINT_URL",
+        ),
         # Was a traceback (OverflowError in a worker) and a run that never ended.
         ({"WANBATCH_SUBMIT_RATE": "1e-320"}, ("run", "--simulate"), "WANBATCH_SUBMIT_RATE"),
         # Was a run stuck with its downloads timing out.
@@ -370,7 +380,16 @@ def test_a_batch_reference_longer_than_any_id_is_no_batch(wb: Wb, command: str) 
         ({"WANBATCH_BROKER_URL": "garbage", "FAL_KEY": "k"}, ("run",), "WANBATCH_BROKER_URL"),
         ({"WANBATCH_BROKER_URL": "foo://u:hunter2@x", "FAL_KEY": "k"}, ("worker",), "WANBATCH_BROKER_URL"),
     ],
-    ids=["queue-url", "rest-url", "s3-endpoint", "tiny-rate", "tiny-timeout", "broker-run", "broker-worker"],
+    ids=[
+        "queue-url",
+        "rest-url",
+        "s3-endpoint",
+        "s3-endpoint-space",
+        "tiny-rate",
+        "tiny-timeout",
+        "broker-run",
+        "broker-worker",
+    ],
 )
 def test_settings_that_crashed_later_stop_every_command_at_start_up(
     env: dict[str, str], args: tuple[str, ...], said: str, tmp_path: Path

@@ -314,6 +314,12 @@ def test_an_unwritable_output_folder_fails_the_job_of_a_cancelled_batch(
     assert (job.state, job.error_type) == (JobState.FAILED, "output_not_kept")
     assert job.error is not None
     assert "Read-only file system" in job.error
+    # Not the pause's "wait at fal … downloaded by the next run, never made again": a cancelled
+    # batch has no next run (`run` refuses it), and nothing downloads the video any more.
+    assert job.error.startswith("the batch was cancelled while its outputs could not be stored: ")
+    assert "this paid video was not kept and nothing downloads it now" in job.error
+    assert "never made again" not in job.error
+    assert "next run" not in job.error
     assert job.actual_usd == job.est_usd  # fal made it: paid for
     assert fal.posts() == 1
 

@@ -194,6 +194,70 @@ def test_uploads_failing_until_the_tries_run_out_pause_the_batch_and_keep_the_st
     assert fal.file_gets("r1.mp4") == 1  # uploaded from the staged copy, never fetched again
 
 
+def test_an_upload_that_fails_in_a_cancelled_batch_says_where_the_paid_video_is_kept(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, s3: MotoS3
+) -> None:
+    """Audit: `cancel` during a storage outage failed the waiting jobs with the pause's text ("the
+    videos already made wait in … and are uploaded once it takes them … or by the next run, never
+    made again"): false — a cancelled batch is never run again, nothing uploads the staged copy.
+    The error says so, and names the file the paid video is kept in (which stays)."""
+    fal = FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=2)  # no bucket yet
+    try:
+        assert download(rt, job_id) == "upload-retry"
+        (staged,) = _staged(tmp_path)
+        with db.session_scope(engine) as session:
+            store.set_batch_state(
+                session, _job(engine, job_id).batch_id, BatchState.CANCELLED, "cancelled by user"
+            )
+        _make_due(engine, job_id)
+        assert download(rt, job_id) == "failed"
+    finally:
+        rt.client.close()
+    job = _job(engine, job_id)
+    assert (job.state, job.error_type, job.download_attempts) == (JobState.FAILED, "output_not_kept", 2)
+    error = job.error or ""
+    assert error.startswith(
+        "the batch was cancelled while its outputs could not be stored: this paid video is kept in "
+        f"{staged.parent} as {staged.name} and nothing uploads it now"
+    ), error
+    assert "never made again" not in error
+    assert "next run" not in error
+    assert f"upload to s3://{BUCKET}/out/steps/{staged.name} failed" in error  # and why
+    assert SECRET_KEY not in error
+    assert _staged(tmp_path) == [staged]  # kept, whole
+    assert staged.read_bytes() == fal.video
+    assert job.actual_usd == job.est_usd  # fal made it: paid for
+    assert fal.posts() == 1
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://u:PWSECRET1@127.0.0.1:9 ",  # a trailing space, as a .env file gives it
+        "http://u:PWSECRET1@127.0.0.1:9/?x",
+        " http://u:PW%20SECRET1@127.0.0.1:9/?x",
+        "http://PWSECRET1@127.0.0.1:9/?x",  # over HTTP a user alone is the token
+    ],
+)
+def test_botocores_messages_never_show_the_endpoints_password(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit: botocore's "Custom endpoint `http://u:PWSECRET1@…` was not a valid URI" reached
+    `run`, `export` and the dashboard as it was. Every reason is masked, whatever made it."""
+    aws_env(monkeypatch, endpoint)
+    outputs = _store(tmp_path)
+    with pytest.raises(OutputReadError) as signing:
+        outputs.presigned_url(f"s3://{BUCKET}/p/video.mp4")
+    with pytest.raises(OutputWriteError) as probing:
+        outputs.check_writable()
+    for caught in (signing, probing):
+        message = str(caught.value)
+        assert "SECRET1" not in message, message
+        assert "127.0.0.1:9" in message  # still says which endpoint
+        assert "\n" not in message
+
+
 def _store(tmp_path: Path, **options: int) -> S3OutputStore:
     return S3OutputStore(bucket=BUCKET, prefix="p", staging=tmp_path / "staging", **options)
 

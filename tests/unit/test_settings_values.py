@@ -286,6 +286,31 @@ def test_a_broken_s3_endpoint_is_refused_without_its_password(
     assert "hunter2" not in message
 
 
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
+@pytest.mark.parametrize(
+    ("url", "phrase"),
+    [
+        ("http://u:PWSECRET1@127.0.0.1:57009 ", "a space before or after"),  # from a .env file
+        (" http://u:PWSECRET1@127.0.0.1:57009", "a space before or after"),
+        ("http://u:PWSECRET1@127.0.0.1:57009\t", "a space before or after"),
+        ("   ", "is blank"),
+        ("http://u:PWSECRET1@127.0.0.1:57009/?x", "a query"),
+        ("http://u:PWSECRET1@127.0.0.1:57009?token=x", "a query"),
+        ("http://u:PWSECRET1@127.0.0.1:57009/#top", "a fragment"),
+    ],
+)
+def test_an_s3_endpoint_boto3_would_read_otherwise_is_refused_without_its_password(
+    variable: str, url: str, phrase: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit: the settings checked a stripped copy and took a query, boto3 then read the variable
+    as it was and failed every upload with a message quoting it, password included."""
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    message = _refused(monkeypatch, variable, url)
+    assert phrase in message
+    assert "PWSECRET1" not in message
+
+
 def test_the_aws_endpoint_is_left_alone_without_s3_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://h:abc")
     assert get_settings().output_url is None

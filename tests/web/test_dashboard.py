@@ -201,6 +201,28 @@ def test_s3_previews_redirect_to_a_presigned_url(
     assert "testing-secret" not in answer.headers["location"]
 
 
+def test_an_s3_preview_that_cannot_be_signed_never_shows_the_endpoints_password(
+    sqlite_engine: Engine, output_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit: botocore's "Custom endpoint `http://u:PWSECRET1@…` was not a valid URI" was the 502's
+    body as it was (the settings check the endpoint only when outputs go to S3; these are local)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://u:PWSECRET1@127.0.0.1:9 ")  # a trailing space
+    with session_factory(sqlite_engine)() as session:
+        mixed = mixed_batch(session)
+        job = mixed.jobs[0].id
+        set_job(session, job, output_path="s3://renders/night/00000-job.mp4")
+        session.commit()
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    answer = client(app).get(f"/jobs/{job}/video")
+    assert answer.status_code == 502
+    assert answer.text.startswith("cannot sign a URL for s3://renders/night/00000-job.mp4: ")
+    assert "PWSECRET1" not in answer.text
+    assert "testing-secret" not in answer.text
+
+
 def _state(engine: Engine, batch_id: str) -> tuple[str, bool, dict[str, int]]:
     with session_factory(engine)() as session:
         batch = store.get_batch(session, batch_id)

@@ -699,6 +699,10 @@ def _upload_failed(
             f"{store.OUTPUTS_PAUSE_PREFIX}be stored: {exc} (after {failures} tries) — fix the storage; "
             f"the videos already made wait in {staged.parent} and are uploaded once it takes them (the "
             "batch then resumes by itself) or by the next run, never made again",
+            # Where the paid video is first: a terminal shows 3 lines of a reason (`status`).
+            cancelled=f"{CANCELLED_UNSTORED}: this paid video is kept in {staged.parent} as {staged.name} "
+            "and nothing uploads it now (upload it yourself; `rerun --failed-only` would make and pay for "
+            f"it again); the upload failed {failures} times: {exc}",
             download_attempts=failures,
         )
     delay = backoff(rt.settings, failures)
@@ -728,10 +732,19 @@ def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWri
         f"{store.OUTPUTS_PAUSE_PREFIX}be written here: {exc} — free space or fix WANBATCH_OUTPUT_DIR; "
         "the videos already made wait at fal and are downloaded once there is room (the batch then "
         "resumes by itself) or by the next run, never made again",
+        cancelled=f"{CANCELLED_UNSTORED}: this paid video was not kept and nothing downloads it now "
+        "(fal may still serve it for a while at the video URL of the job's recorded result; "
+        f"`rerun --failed-only` would make and pay for it again); {exc}",
     )
 
 
-def _pause_for_outputs(rt: Runtime, job_id: str, claim: DownloadClaim, reason: str, **fields: Any) -> str:
+#: How the error of a job whose output could not be kept in a cancelled batch starts.
+CANCELLED_UNSTORED = "the batch was cancelled while its outputs could not be stored"
+
+
+def _pause_for_outputs(
+    rt: Runtime, job_id: str, claim: DownloadClaim, reason: str, *, cancelled: str, **fields: Any
+) -> str:
     """Outputs cannot be kept: pause the job's batch with ``reason``, and keep the job.
 
     The video was made and billed, and fal (or the staging folder) still has it, so the job is
@@ -741,13 +754,16 @@ def _pause_for_outputs(rt: Runtime, job_id: str, claim: DownloadClaim, reason: s
     (:func:`jobs.store.resume_after_outputs_stored`: workers run on with nobody to resume the
     batch); running the batch again once that is fixed resumes it and tries what waits at once
     (:func:`jobs.store.resume_batch`). A video fal no longer serves by then fails with that
-    reason. A cancelled batch has no next run to wait for: the job fails there, with the reason
-    and its billed cost.
+    reason. A cancelled batch has no next run to wait for: the job fails there with its billed
+    cost and ``cancelled`` as its error — not ``reason``, whose "wait … by the next run" a
+    cancelled batch never keeps (``run`` refuses it): it says where the paid video is, if kept.
     """
     with db.session_scope(rt.engine) as session:
         batch = store.get_batch(session, claim.batch_id)
         if batch.state == BatchState.CANCELLED:
-            _fail_paid(session, claim, error=reason, error_type="output_not_kept", **claim.fetched, **fields)
+            _fail_paid(
+                session, claim, error=cancelled, error_type="output_not_kept", **claim.fetched, **fields
+            )
             return "failed"
         if batch.state == BatchState.ACTIVE:
             store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
