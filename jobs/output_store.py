@@ -200,11 +200,12 @@ class OutputStore(ABC):
             return None
         bucket, key = _object(output_path)
         try:
-            return _client().generate_presigned_url(
+            url = _client().generate_presigned_url(
                 "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
             )
         except Exception as exc:  # botocore's errors: no credentials, no region, …
             raise OutputReadError(f"cannot sign a URL for {output_path}: {_reason(exc, bucket)}") from None
+        return _without_userinfo(url)
 
     def local_file(self, output_path: str) -> Path | None:
         """The resolved local file of a recorded ``output_path`` when it lies inside the output
@@ -766,6 +767,16 @@ def _refused(exc: BaseException) -> bool:
     if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
         return True
     return _code(exc) in _REFUSALS
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` its endpoint (``AWS_ENDPOINT_URL``) carried: a
+    presigned URL goes to a browser (the dashboard's preview redirects to it), and boto3 copies
+    the endpoint's userinfo into it. The signature does not cover it (SigV4 signs the host)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _reason(exc: BaseException, bucket: str) -> str:

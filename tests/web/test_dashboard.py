@@ -223,6 +223,30 @@ def test_an_s3_preview_that_cannot_be_signed_never_shows_the_endpoints_password(
     assert "testing-secret" not in answer.text
 
 
+def test_an_s3_preview_redirect_carries_no_endpoint_password(
+    sqlite_engine: Engine, output_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """boto3 copies the endpoint's userinfo into a presigned URL, and the preview sent it to the
+    browser in its Location header; the signature covers the host, not the userinfo."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://u:PWSECRET1@127.0.0.1:9")
+    with session_factory(sqlite_engine)() as session:
+        mixed = mixed_batch(session)
+        job = mixed.jobs[0].id
+        set_job(session, job, output_path="s3://renders/night/00000-job.mp4")
+        session.commit()
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    answer = client(app).get(f"/jobs/{job}/video", follow_redirects=False)
+    assert answer.status_code == 307
+    location = answer.headers["location"]
+    assert location.startswith("http://127.0.0.1:9/renders/night/00000-job.mp4?"), location
+    assert "X-Amz-Signature=" in location
+    assert "PWSECRET1" not in location
+    assert "@" not in location.split("?")[0]
+
+
 def _state(engine: Engine, batch_id: str) -> tuple[str, bool, dict[str, int]]:
     with session_factory(engine)() as session:
         batch = store.get_batch(session, batch_id)
