@@ -385,7 +385,11 @@ class Engine:
                 error_type=error_type,
             )
         resolved, errors = validate_input(
-            spec, req.payload, extra=self.options.extra_fields, local_file_exists=self.store.lookup_url
+            spec,
+            req.payload,
+            extra=self.options.extra_fields,
+            local_file_exists=self.store.lookup_url,
+            local_file_data=self.store.data_for_url,
         )
         if resolved is None:
             req.log("Input validation failed", "ERROR")

@@ -6,9 +6,16 @@ as FastAPI's 422 body: ``{"detail": [{"loc": ["body", field], "msg", "type", "in
 exactly those messages and types ("Field required", "Input should be less than or equal to
 100", "Input should be '480p' or '720p'", …) instead of a hand-written imitation.
 
-Media fields get one more check the model would do while downloading: a data URI must decode,
-and a URL on the simulator's own host must name a stored file. Other http(s) URLs are accepted
-without fetching (there is no internet here).
+Only what fal publishes is enforced: a range the registry marks ``wanbatch_only_range`` (the
+seed's 0..2**64-1, which only wanbatch's exports need) is not, nor media limits marked
+``assumed`` (fal publishes none for Wan 2.1's images).
+
+Media fields get the checks the model would do while downloading: a data URI must decode, and a
+URL on the simulator's own host must name a stored file. The bytes the simulator has (a data
+URI's, a stored upload's) are then checked against the endpoint's published limits, as
+:mod:`jobs.media` checks them: an image's format, pixels and alpha; an audio file's container
+(WAV or MP3) and duration. Other http(s) URLs are accepted without fetching (there is no
+internet here).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from jobs.endpoints import EndpointSpec, FieldSpec, FieldType, get_endpoint
+from jobs.media import check_bytes
 
 _DATA_URI = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.S
@@ -49,9 +57,9 @@ def input_model(endpoint_id: str, extra: str = "ignore") -> type[BaseModel]:
     definitions: dict[str, Any] = {}
     for fld in spec.fields:
         constraints: dict[str, Any] = {}
-        if fld.minimum is not None:
+        if fld.minimum is not None and not fld.wanbatch_only_range:
             constraints["ge"] = fld.minimum
-        if fld.maximum is not None:
+        if fld.maximum is not None and not fld.wanbatch_only_range:
             constraints["le"] = fld.maximum
         if fld.max_length is not None:
             constraints["max_length"] = fld.max_length
@@ -75,11 +83,14 @@ def validate_input(
     *,
     extra: str = "ignore",
     local_file_exists: Callable[[str], bool | None] | None = None,
+    local_file_data: Callable[[str], bytes | None] | None = None,
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """``(resolved input with defaults, [])`` when valid, else ``(None, FastAPI detail list)``.
 
     ``local_file_exists(url)`` answers True/False for a URL the simulator itself serves and None
     for any other URL (accepted unfetched); pass no callable to skip the check.
+    ``local_file_data(url)`` gives the bytes of such a URL (None for any other), checked like a
+    data URI's against the endpoint's published media limits.
     """
     if not isinstance(payload, dict):
         return None, [
@@ -116,6 +127,15 @@ def validate_input(
         problem = _media_problem(str(value), local_file_exists)
         if problem is not None:
             media_errors.append(_error([fld.name], problem[0], problem[1], value))
+            continue
+        data = decode_data_uri(str(value)) if str(value).startswith("data:") else None
+        if data is None and local_file_data is not None and str(value).startswith(("http://", "https://")):
+            data = local_file_data(str(value))
+        if data is not None and fld.media is not None:
+            for found in check_bytes(data, fld.type, fld.media):
+                if found.severity == "error":  # an assumed limit is not fal's: it only warns
+                    msg = found.message + (f" (allowed: {found.allowed})" if found.allowed else "")
+                    media_errors.append(_error([fld.name], msg, found.code or "value_error", value))
     if media_errors:
         return None, media_errors
     return resolved, []

@@ -4,9 +4,16 @@ A bad image is the most common reason a paid request fails, and fal reports it o
 request was queued. So local files and inline data URIs are checked here against the endpoint's
 :class:`~jobs.endpoints.MediaConstraints` before anything is sent: format, dimensions, alpha,
 size. Pillow's ``Image.open`` reads only the header, so a 4096x4096 image costs microseconds;
-decompression bombs are refused rather than decoded. URLs are checked for form only (wanbatch
-makes no network access while validating). The format read here is also the type a local file
-is sent to fal as (:func:`media_type`), whatever its name says.
+decompression bombs are refused rather than decoded. Audio is probed with PyAV for a WAV or MP3
+container (sniffed from its first bytes, then read by that demuxer alone: an untrusted file
+never picks FFmpeg's demuxer, a playlist never opens other files) and its duration, headers
+only, and only within the endpoint's byte limit. URLs are checked for form only (wanbatch makes
+no network access while validating). The format read here is also the type a local file is
+sent to fal as (:func:`media_type`), whatever its name says.
+
+Limits the provider does not publish (``MediaConstraints.assumed``, e.g. Wan 2.1's image
+limits) only warn: a problem of severity ``"warning"`` names them as wanbatch's assumption. An
+unreadable file and a decompression bomb stay errors everywhere: they protect the user.
 
 Local paths are confined: :func:`resolve_local` resolves a path the way the operating system
 will when the file is read (``~`` expanded, ``..`` and every symlink followed) and says whether
@@ -25,6 +32,7 @@ import base64
 import binascii
 import hashlib
 import io
+import math
 import mimetypes
 import os
 import re
@@ -56,13 +64,8 @@ _DATA_URI = re.compile(
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 #: Pillow names some formats differently from what people (and fal's docs) call them.
 _FORMAT_ALIASES = {"MPO": "JPEG"}  # camera JPEGs with an embedded preview open as MPO
-_AUDIO_MIME = {
-    "audio/mpeg": "mp3",
-    "audio/mp3": "mp3",
-    "audio/wav": "wav",
-    "audio/x-wav": "wav",
-    "audio/wave": "wav",
-}
+#: What each audio container is sent to fal as.
+_AUDIO_SENT_AS = {"wav": "audio/wav", "mp3": "audio/mpeg"}
 
 
 class MediaKind(Enum):
@@ -133,10 +136,14 @@ def resolve_local(value: str, base_dir: str, roots: tuple[str, ...]) -> LocalPat
 
 @dataclass(frozen=True, slots=True)
 class MediaProblem:
-    """Why a media value is refused, and what would be accepted."""
+    """Why a media value is refused (or, of severity ``"warning"``, only worth a word), and what
+    would be accepted. ``code`` names the kind of problem the way fal's 422 ``type`` does
+    (``image_too_small``, ``audio_duration_too_long``…), for the simulator's answers."""
 
     message: str
     allowed: str
+    severity: str = "error"
+    code: str | None = None
 
 
 def check_media(
@@ -212,8 +219,14 @@ def check_data_uri(value: str, kind: FieldType, limits: MediaConstraints) -> lis
         return [MediaProblem("the data URI is empty", allowed)]
     if kind is FieldType.IMAGE:
         return list(_check_image(io.BytesIO(data), len(data), limits))
-    ext = _AUDIO_MIME.get(mime, mime.removeprefix("audio/"))
-    return list(_check_audio(ext, len(data), limits))
+    return list(_check_audio(io.BytesIO(data), len(data), limits))
+
+
+def check_bytes(data: bytes, kind: FieldType, limits: MediaConstraints) -> list[MediaProblem]:
+    """The problems of a media file's bytes (the simulator's check of what the model downloads)."""
+    if kind is FieldType.IMAGE:
+        return list(_check_image(io.BytesIO(data), len(data), limits))
+    return list(_check_audio(io.BytesIO(data), len(data), limits))
 
 
 def check_file(
@@ -253,10 +266,10 @@ def _check_file_cached(
     """The file's problems; or, when it cannot be opened, why (the caller names the file: the
     cache is shared by every spelling of its path)."""
     del mtime_ns  # part of the cache key only
-    if kind is FieldType.AUDIO:
-        return _check_audio(Path(path).suffix.lstrip("."), size, limits)
     try:
         with Path(path).open("rb") as fh:
+            if kind is FieldType.AUDIO:
+                return _check_audio(fh, size, limits)
             return _check_image(fh, size, limits)
     except OSError as exc:
         return os_reason(exc)
@@ -312,11 +325,15 @@ def media_type(data: bytes, name: str, kind: FieldType | None = None) -> str:
     An image's is the format validation detects in its bytes (:func:`_read_header`), never its
     file name's: a JPEG saved as ``photo.heic`` or with no extension at all passes validation as
     the JPEG it is, and goes as ``image/jpeg``. A ``kind`` of ``None`` is tried as an image first.
-    Audio is validated by its extension (:func:`_check_audio`), so its type comes from ``name``,
-    as does anything Pillow cannot read (validation refuses such an image);
-    ``application/octet-stream`` when the name says nothing either.
+    Audio's is the container its first bytes show (WAV ``audio/wav``, MP3 ``audio/mpeg``, as
+    :func:`_check_audio` found it). Anything else takes its type from ``name`` (validation
+    refuses such a file); ``application/octet-stream`` when the name says nothing either.
     """
-    if kind is not FieldType.AUDIO:
+    if kind is FieldType.AUDIO:
+        container = audio_container(data[:16])
+        if container is not None:
+            return _AUDIO_SENT_AS[container]
+    else:
         from PIL import Image
 
         bomb = (Image.DecompressionBombError, Image.DecompressionBombWarning)
@@ -327,13 +344,30 @@ def media_type(data: bytes, name: str, kind: FieldType | None = None) -> str:
     return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
+#: Ends the warning for a limit the provider does not publish (``MediaConstraints.assumed``).
+ASSUMED_NOTE = "fal publishes no such limit for this endpoint, so it is sent as is"
+
+
+def _limit(limits: MediaConstraints, found: str, verdict: str, allowed: str, code: str) -> MediaProblem:
+    """``found`` + ``verdict`` (``the image is 6000x4000 pixels`` ``, too large``) as an error;
+    or, for a limit we assumed, a warning saying so — one line: what was found, what wanbatch
+    assumes, and that fal publishes no such limit."""
+    if limits.assumed:
+        message = f"{found}: outside wanbatch's own assumed limits ({allowed}); {ASSUMED_NOTE}"
+        return MediaProblem(message, "", "warning", code)
+    return MediaProblem(found + verdict, allowed, "error", code)
+
+
 def _check_image(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[MediaProblem, ...]:
     problems: list[MediaProblem] = []
     if limits.max_bytes is not None and size > limits.max_bytes:
         problems.append(
-            MediaProblem(
-                f"the image is {_mb(size)}, larger than the endpoint accepts",
+            _limit(
+                limits,
+                f"the image is {_mb(size)}",
+                ", larger than the endpoint accepts",
                 f"at most {_mb(limits.max_bytes)}",
+                "file_too_large",
             )
         )
     from PIL import Image  # here, not at the top: see _read_header
@@ -341,41 +375,208 @@ def _check_image(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[Med
     try:
         header = _read_header(fh)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        problems.append(MediaProblem(f"refused as a decompression bomb ({exc})", _dims(limits)))
+        # Always an error, assumed limits or not: it protects this machine (and the user's bill).
+        problems.append(
+            MediaProblem(f"refused as a decompression bomb ({exc})", _bomb_allowed(), code="image_load_error")
+        )
         return tuple(problems)
     except _UNREADABLE:
-        problems.append(MediaProblem("not a readable image", "an image " + _formats(limits)))
+        problems.append(
+            MediaProblem("not a readable image", "an image " + _formats(limits), code="image_load_error")
+        )
         return tuple(problems)
     fmt, width, height, alpha = header.format, header.width, header.height, header.alpha
     if fmt not in limits.formats:
-        problems.append(MediaProblem(f"image format {fmt} is not accepted", _formats(limits)))
+        problems.append(
+            _limit(
+                limits,
+                f"image format {fmt}",
+                " is not accepted",
+                _formats(limits),
+                "unsupported_image_format",
+            )
+        )
     if (limits.min_width is not None and width < limits.min_width) or (
         limits.min_height is not None and height < limits.min_height
     ):
-        problems.append(MediaProblem(f"the image is {width}x{height} pixels, too small", _dims(limits)))
+        problems.append(
+            _limit(
+                limits,
+                f"the image is {width}x{height} pixels",
+                ", too small",
+                _dims(limits),
+                "image_too_small",
+            )
+        )
     if (limits.max_width is not None and width > limits.max_width) or (
         limits.max_height is not None and height > limits.max_height
     ):
-        problems.append(MediaProblem(f"the image is {width}x{height} pixels, too large", _dims(limits)))
+        problems.append(
+            _limit(
+                limits,
+                f"the image is {width}x{height} pixels",
+                ", too large",
+                _dims(limits),
+                "image_too_large",
+            )
+        )
     if alpha and not limits.alpha_allowed:
         problems.append(
-            MediaProblem(
-                "the image has an alpha channel (transparency), which this endpoint refuses",
+            _limit(
+                limits,
+                "the image has an alpha channel (transparency)",
+                ", which this endpoint refuses",
                 "an image without alpha (flatten it, or save as JPEG)",
+                "image_has_alpha",
             )
         )
     return tuple(problems)
 
 
-def _check_audio(ext: str, size: int, limits: MediaConstraints) -> tuple[MediaProblem, ...]:
-    problems: list[MediaProblem] = []
-    if ext.lower() not in {f.lower() for f in limits.formats}:
-        problems.append(MediaProblem(f"audio format {ext or 'unknown'!r} is not accepted", _formats(limits)))
+def _bomb_allowed() -> str:
+    from PIL import Image
+
+    most = Image.MAX_IMAGE_PIXELS
+    return f"an image of at most {most or 0:,} pixels (Pillow's decompression-bomb guard)"
+
+
+def audio_container(head: bytes) -> str | None:
+    """``wav`` or ``mp3`` when the first bytes of a file are those of that container, else None.
+
+    WAV: ``RIFF…WAVE``. MP3: an ID3v2 tag, or an MPEG audio layer III frame sync (``FF Ex``/``FF Fx``
+    with layer bits ``01``; AAC's ADTS, layer ``00``, is not MP3)."""
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:3] == b"ID3":
+        return "mp3"
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0 and (head[1] >> 1) & 0x03 == 0x01:
+        return "mp3"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class AudioHeader:
+    """What validation reads of an audio file: its container (``wav``/``mp3``) and length."""
+
+    format: str
+    duration_s: float
+
+
+class UnreadableAudio(ValueError):
+    """The bytes are no WAV or MP3 audio this check can read; the message says why."""
+
+
+def read_audio_header(fh: BinaryIO) -> AudioHeader:
+    """The container and duration of the audio in ``fh``, from its headers (nothing decoded).
+
+    The container is sniffed from the first bytes (:func:`audio_container`) and the file is
+    opened with that demuxer only: an untrusted file never chooses FFmpeg's demuxer (no playlist
+    that opens other files, no exotic parser). :class:`UnreadableAudio` otherwise."""
+    head = fh.read(16)
+    fh.seek(0)
+    container_format = audio_container(head)
+    if container_format is None:
+        raise UnreadableAudio("its bytes are neither WAV nor MP3, whatever its name says")
+    import av  # here, not at the top: a manifest without audio never needs FFmpeg
+
+    try:
+        with av.open(fh, mode="r", format=container_format, metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                raise UnreadableAudio(f"the {container_format.upper()} file has no audio stream")
+            stream = container.streams.audio[0]
+            duration: float | None = None
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+    except UnreadableAudio:
+        raise
+    except (av.FFmpegError, OSError, ValueError, ZeroDivisionError, OverflowError) as exc:
+        raise UnreadableAudio(f"its {container_format.upper()} data cannot be read") from exc
+    if duration is None or not math.isfinite(duration) or duration <= 0:
+        raise UnreadableAudio(f"its {container_format.upper()} duration cannot be read")
+    return AudioHeader(container_format, duration)
+
+
+def _check_audio(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[MediaProblem, ...]:
     if limits.max_bytes is not None and size > limits.max_bytes:
+        # Not probed: the probe is bounded by the endpoint's own limit on bytes.
+        return (
+            _limit(
+                limits,
+                f"the audio is {_mb(size)}",
+                ", too large",
+                f"at most {_mb(limits.max_bytes)}",
+                "file_too_large",
+            ),
+        )
+    try:
+        header = read_audio_header(fh)
+    except UnreadableAudio as exc:
+        return (
+            MediaProblem(
+                f"not a readable WAV or MP3 audio file ({exc})",
+                _audio_allowed(limits),
+                code="unsupported_audio_format",
+            ),
+        )
+    problems: list[MediaProblem] = []
+    if header.format not in {f.lower() for f in limits.formats}:
         problems.append(
-            MediaProblem(f"the audio is {_mb(size)}, too large", f"at most {_mb(limits.max_bytes)}")
+            _limit(
+                limits,
+                f"audio format {header.format.upper()}",
+                " is not accepted",
+                _audio_allowed(limits),
+                "unsupported_audio_format",
+            )
+        )
+    seconds = header.duration_s
+    if limits.min_duration_s is not None and seconds < limits.min_duration_s:
+        problems.append(
+            _limit(
+                limits,
+                f"the audio is {_seconds(seconds)} long",
+                ", too short",
+                _audio_allowed(limits),
+                "audio_duration_too_short",
+            )
+        )
+    if limits.max_duration_s is not None and seconds > limits.max_duration_s:
+        problems.append(
+            _limit(
+                limits,
+                f"the audio is {_seconds(seconds)} long",
+                ", too long",
+                _audio_allowed(limits),
+                "audio_duration_too_long",
+            )
         )
     return tuple(problems)
+
+
+def _audio_allowed(limits: MediaConstraints) -> str:
+    """``WAV or MP3, 3 to 30 s, up to 15.0 MiB (15,728,640 bytes)``: what the endpoint accepts."""
+    text = " or ".join(f.upper() for f in limits.formats)
+    lo, hi = limits.min_duration_s, limits.max_duration_s
+    if lo is not None and hi is not None:
+        text += f", {_num(lo)} to {_num(hi)} s long"
+    elif lo is not None:
+        text += f", at least {_num(lo)} s long"
+    elif hi is not None:
+        text += f", at most {_num(hi)} s long"
+    if limits.max_bytes is not None:
+        text += f", up to {_mb(limits.max_bytes)}"
+    return text
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _seconds(value: float) -> str:
+    """``1 s``, ``2.96 s``: a duration to the hundredth, never rounded into the allowed range."""
+    return f"{value:.2f}".rstrip("0").rstrip(".") + " s"
 
 
 def _dims(limits: MediaConstraints) -> str:

@@ -32,12 +32,14 @@ from jobs.printable import quoted
 
 @dataclass(frozen=True, slots=True)
 class FieldProblem:
-    """One problem with one field of an input, not yet located in a file."""
+    """One problem with one field of an input, not yet located in a file; a ``"warning"`` (a
+    media limit wanbatch assumed, which fal does not publish) is reported but does not block."""
 
     field: str
     message: str
     value: object
     allowed: str | None
+    severity: str = "error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +139,7 @@ def check_value(fld: FieldSpec, value: Any, *, shown: str | None = None) -> list
     if fld.media is not None:
         quoted_value = value if shown is None else shown
         return [
-            FieldProblem(fld.name, p.message, quoted_value, p.allowed)
+            FieldProblem(fld.name, p.message, quoted_value, p.allowed or None, p.severity)
             for p in check_media(value, kind, fld.media, shown=shown)
         ]
     if kind is FieldType.STRING:
@@ -290,6 +292,7 @@ def validate_input(
                 message=problem.message,
                 value=problem.value,
                 allowed=problem.allowed,
+                severity=problem.severity,
             )
         )
     return issues

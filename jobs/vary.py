@@ -135,7 +135,7 @@ def checked_values(spec: EndpointSpec, vary: Vary) -> list[Any]:
             raise UsageError(f"{vary.option}: {vary.field}: {TOO_MANY_DIGITS} (allowed: {fld.allowed()})")
     values = [typed(fld, token) for token in vary.tokens]
     for value in values:
-        if problems := check_value(fld, value):
+        if problems := [p for p in check_value(fld, value) if p.severity == "error"]:
             raise UsageError(
                 f"{vary.option}: {vary.field} {problems[0].message} for {spec.id} "
                 f"(allowed: {problems[0].allowed or fld.allowed()})"

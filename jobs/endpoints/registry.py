@@ -37,7 +37,11 @@ class FieldType(StrEnum):
 class MediaConstraints(BaseModel):
     """What a provider accepts for one image or audio input; ``None`` means unconstrained.
 
-    ``assumed`` marks limits the provider does not publish: we chose them and say so.
+    ``assumed`` marks limits the provider does not publish: we chose them and say so. Assumed
+    limits never refuse an input: going past one is a warning that names it as wanbatch's
+    assumption, and the simulator does not enforce them (fal would not). Only the checks that
+    protect the user stay errors whatever the flag: the file must be a readable image or audio
+    file, and an image of more pixels than Pillow's decompression-bomb guard allows is refused.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -49,6 +53,9 @@ class MediaConstraints(BaseModel):
     max_height: int | None = None
     alpha_allowed: bool = True
     max_bytes: int | None = None
+    #: Audio only: the length in seconds fal accepts, read from the file's container (PyAV).
+    min_duration_s: float | None = None
+    max_duration_s: float | None = None
     assumed: bool = False
     source: str
 
@@ -69,6 +76,10 @@ class FieldSpec(BaseModel):
     enum: tuple[str | int, ...] | None = None
     max_length: int | None = None
     media: MediaConstraints | None = None
+    #: ``minimum``/``maximum`` are wanbatch's own rule, not fal's (a seed's 0..2**64-1, which
+    #: only exports need): wanbatch refuses values outside them, the simulator — which must
+    #: answer as fal does — does not.
+    wanbatch_only_range: bool = False
 
     @model_validator(mode="after")
     def _media_only_on_media(self) -> FieldSpec:

@@ -231,9 +231,8 @@ def test_an_upload_remembered_under_another_type_is_not_reused(tmp_path: Path) -
     assert uploads == ["image/jpeg"]  # once, under its content's type
 
 
-def test_audio_keeps_the_type_of_its_extension(tmp_path: Path) -> None:
-    """Audio is validated by its extension, so that is the type it is sent as (never sniffed
-    as an image)."""
+def test_audio_is_sent_as_its_container(tmp_path: Path) -> None:
+    """Audio is sent as the container its bytes show (MP3 here), never sniffed as an image."""
     (tmp_path / "music.mp3").write_bytes(b"ID3" + b"\0" * 40)
     preparer = MediaPreparer(uploader=lambda d, m, n: "u", inline_max_bytes=1000)
     sent = preparer.prepare(str(tmp_path / "music.mp3"), kind=FieldType.AUDIO)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import wave
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,16 @@ AUDIO_LIMITS = W25_AUDIO.media
 def png_bytes(size: tuple[int, int], mode: str = "RGB", fmt: str = "PNG", **kw: object) -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def wav_bytes(seconds: float, rate: int = 8000) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"\0\0" * int(rate * seconds))
     return buf.getvalue()
 
 
@@ -261,15 +272,21 @@ def test_missing_and_non_regular_files(tmp_path: Path) -> None:
 # -- media: audio ----------------------------------------------------------------------------------
 
 
-def test_audio_checks_extension_and_size(tmp_path: Path) -> None:
-    good = tmp_path / "music.mp3"
-    good.write_bytes(b"ID3" + b"\0" * 100)
+def test_audio_is_judged_by_its_bytes_and_size(tmp_path: Path) -> None:
+    good = tmp_path / "music.ogg"  # a WAV whatever its name says
+    good.write_bytes(wav_bytes(5))
     assert check_file(good, FieldType.AUDIO, AUDIO_LIMITS) == []
-    bad = tmp_path / "music.ogg"
-    bad.write_bytes(b"OggS")
-    assert "audio format 'ogg'" in check_file(bad, FieldType.AUDIO, AUDIO_LIMITS)[0].message
-    assert check_data_uri(data_uri(b"RIFF", "audio/wav"), FieldType.AUDIO, AUDIO_LIMITS) == []
-    assert check_data_uri(data_uri(b"RIFF", "image/png"), FieldType.AUDIO, AUDIO_LIMITS) != []
+    ogg = tmp_path / "music.wav"
+    ogg.write_bytes(b"OggS" + b"\0" * 100)
+    assert "neither WAV nor MP3" in check_file(ogg, FieldType.AUDIO, AUDIO_LIMITS)[0].message
+    assert check_data_uri(data_uri(wav_bytes(5), "audio/wav"), FieldType.AUDIO, AUDIO_LIMITS) == []
+    assert check_data_uri(data_uri(wav_bytes(5), "image/png"), FieldType.AUDIO, AUDIO_LIMITS) != []
+    big = tmp_path / "big.wav"
+    big.write_bytes(wav_bytes(5))
+    with big.open("ab") as fh:
+        fh.truncate(AUDIO_LIMITS.max_bytes + 1)  # type: ignore[operator]
+    (problem,) = check_file(big, FieldType.AUDIO, AUDIO_LIMITS)
+    assert "too large" in problem.message
 
 
 def test_file_sha256_is_the_content_hash(tmp_path: Path) -> None:
