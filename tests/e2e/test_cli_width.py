@@ -111,7 +111,8 @@ def test_reports_fit_80_columns(wb: Wb, sim: SimulatorHandle, manifest: MakeMani
     # Why jobs failed and the budget advice: on lines of their own, the advice whole.
     long_status = wb("status", mixed_report["batch"]).stdout
     assert "content_policy_violation" in long_status
-    assert f"wanbatch rerun {mixed_report['batch'][:8]} --failed-only --max-usd AMOUNT" in long_status
+    # The name is no shell word: the advice names the batch by 12 characters of its id.
+    assert f"wanbatch rerun {mixed_report['batch'][:12]} --failed-only --max-usd AMOUNT" in long_status
 
     # run's progress, into a file: plain lines, one each, never wrapped (a log is grepped, not
     # read at a width; the line drawn in a terminal fits it: tests/unit/test_progress_line.py),

@@ -7,31 +7,32 @@ from typing import Any, cast
 from cli.output import _budget_advice
 from jobs.batches import BatchReport
 
+BATCH_ID = "a9262bde" + "0" * 24
 NOTHING_RENDERED = {"jobs": 0, "cancelled_for_budget": 0, "cancelled_for_daily_budget": 0, "reruns": []}
 
 
 def _report(**fields: Any) -> BatchReport:
-    base = {"batch": "a9262bde" + "0" * 24, "cancelled_for_budget": 3, "cancelled_for_daily_budget": 0}
+    base = {"batch": BATCH_ID, "name": "sweep", "cancelled_for_budget": 3, "cancelled_for_daily_budget": 0}
     covered = {"rerun_rendered": NOTHING_RENDERED, "rerun_pending": NOTHING_RENDERED}
     return cast(BatchReport, {**base, "simulated": False, **covered, **fields})
 
 
 def test_the_batch_cap_advises_a_new_cap() -> None:
     assert _budget_advice(_report()) == [
-        "  to run them: `wanbatch rerun a9262bde --failed-only --max-usd AMOUNT`"
+        "  to run them: `wanbatch rerun sweep --failed-only --max-usd AMOUNT`"
     ]
 
 
 def test_a_simulation_is_rerun_on_the_simulator() -> None:
     (advice,) = _budget_advice(_report(simulated=True))
-    assert "`wanbatch rerun a9262bde --failed-only --simulate --max-usd AMOUNT`" in advice
+    assert "`wanbatch rerun sweep --failed-only --simulate --max-usd AMOUNT`" in advice
 
 
 def test_the_daily_cap_advises_the_setting_or_the_next_day() -> None:
     advice = _budget_advice(_report(cancelled_for_daily_budget=3))
     assert advice == [
         "  3 by today's cap (WANBATCH_DAILY_BUDGET_USD): raise it, or wait for the next UTC day, "
-        "then `wanbatch rerun a9262bde --failed-only`"
+        "then `wanbatch rerun sweep --failed-only`"
     ]
 
 
@@ -48,7 +49,7 @@ def _rendered(budget: int, daily: int = 0) -> dict[str, Any]:
 def test_jobs_a_rerun_rendered_are_not_advised_again() -> None:
     assert _budget_advice(_report(rerun_rendered=_rendered(3))) == []
     assert _budget_advice(_report(rerun_rendered=_rendered(1))) == [
-        "  to run the other 2: `wanbatch rerun a9262bde --failed-only --max-usd AMOUNT`"
+        "  to run the other 2: `wanbatch rerun sweep --failed-only --max-usd AMOUNT`"
     ]
 
 
@@ -56,7 +57,7 @@ def test_daily_cap_jobs_a_rerun_rendered_are_not_advised_again() -> None:
     advice = _budget_advice(_report(cancelled_for_daily_budget=3, rerun_rendered=_rendered(2, daily=2)))
     assert advice == [
         "  1 by today's cap (WANBATCH_DAILY_BUDGET_USD): raise it, or wait for the next UTC day, "
-        "then `wanbatch rerun a9262bde --failed-only`"
+        "then `wanbatch rerun sweep --failed-only`"
     ]
 
 
@@ -64,4 +65,13 @@ def test_jobs_an_unfinished_rerun_repeats_are_not_advised_again() -> None:
     """Another rerun of them, before that one has run, would pay for them twice."""
     assert _budget_advice(_report(rerun_pending=_rendered(3))) == []
     advice = _budget_advice(_report(rerun_rendered=_rendered(1), rerun_pending=_rendered(1)))
-    assert advice == ["  to run the other 1: `wanbatch rerun a9262bde --failed-only --max-usd AMOUNT`"]
+    assert advice == ["  to run the other 1: `wanbatch rerun sweep --failed-only --max-usd AMOUNT`"]
+
+
+def test_a_name_another_command_would_read_otherwise_is_advised_by_the_id() -> None:
+    """A name like an id prefix (refused as ambiguous once another batch's id starts with it), or
+    one the shell would split: 12 characters of the id, never 8 (which a name could shadow)."""
+    for name in ("73116756", "my sweep"):
+        assert _budget_advice(_report(name=name)) == [
+            "  to run them: `wanbatch rerun a9262bde0000 --failed-only --max-usd AMOUNT`"
+        ]
