@@ -48,6 +48,7 @@ from jobs.rendered import (
     RerunPending,
     RerunRendered,
     being_text,
+    by_input,
     rendered_by,
     renders,
     rerun_covered,
@@ -55,6 +56,7 @@ from jobs.rendered import (
     reruns_text,
     tally,
     tally_being,
+    wanted_key,
 )
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
@@ -1677,13 +1679,14 @@ def _not_covered(
     """The rerun's jobs without those an earlier rerun of ``parent`` (of this kind: a simulation
     or a batch for fal) already rendered, or still renders, with the same input, and the reruns
     holding those: a rerun stored twice before either ran would pay twice."""
-    found = renders(session, parent.id, simulated=simulated)
+    found = by_input(renders(session, parent.id, simulated=simulated))
     if not found:
         return rows, Coverage()
     kept: list[store.NewJob] = []
     covering: list[Render] = []
     for row in rows:
-        render = rendered_by(found.get(row.rerun_of or "", ()), row.input)
+        key = wanted_key(row.endpoint, row.input, row.source_files)
+        render = rendered_by(found.get(key, ()), key)
         if render is None:
             kept.append(row)
         else:

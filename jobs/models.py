@@ -233,6 +233,8 @@ class JobRecord(Protocol):
     @property
     def job_key(self) -> str: ...
     @property
+    def content_key(self) -> str | None: ...
+    @property
     def endpoint(self) -> str: ...
     @property
     def input(self) -> dict[str, Any]: ...
@@ -315,6 +317,8 @@ class Job(Base):
         Index("ix_jobs_request_id", "request_id"),
         # reuse_outputs looks up a succeeded job with the same key in any batch.
         Index("ix_jobs_job_key", "job_key"),
+        # … or a stored job whose key is an older rule's (content_key): see migration 0024.
+        Index("ix_jobs_content_key", "content_key"),
         # The dashboard pages a batch's jobs in item order (keyset): see jobs.listing.
         Index("ix_jobs_batch_id_item_order", "batch_id", "item_index", "variant", "id"),
     )
@@ -322,6 +326,11 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"))
     job_key: Mapped[str] = mapped_column(String(64))
+    #: The key its input gives now (:func:`jobs.manifest.keys.stored_content_key`), only when
+    #: ``job_key`` is another: a job stored before schema 0022 whose data URI's key another job
+    #: of its batch took (its twin: the same image under another spelling, or as a file). Set
+    #: by migration 0024 alone; ``reuse_outputs`` looks jobs up by either. None for every other.
+    content_key: Mapped[str | None] = mapped_column(String(64))
     item_index: Mapped[int] = mapped_column(Integer)
     #: The matrix combination's index within its item (0 for an item without a matrix).
     variant: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

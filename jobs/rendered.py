@@ -14,6 +14,12 @@ command twice before the first rerun was run) stored ``NAME-rerun-2`` with the v
 twice. A job counts as being rerun when such a repeat is unfinished: not terminal, not being
 cancelled, its batch not cancelled. Once it fails or is cancelled it covers nothing any more.
 
+Inputs are compared as their key sees them (:func:`jobs.manifest.keys.stored_content_key`): a
+file and a data URI of one image, or two media-type spellings of one data URI, ask the same. Two
+such jobs of one batch (twins that earlier versions stored apart) are stored once by a rerun,
+which repeats only the first: its repeat covers both, or a second ``rerun --failed-only`` sent the
+other and paid for the same video again.
+
 A plain ``rerun`` (a reproducibility run) is meant to pay again and never asks this.
 """
 
@@ -26,6 +32,7 @@ from typing import Any, TypedDict
 from sqlalchemy.orm import Session
 
 from jobs import store
+from jobs.manifest.keys import stored_content_key
 from jobs.models import Batch
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
 from jobs.printable import shell_ref
@@ -86,6 +93,8 @@ class Render:
     batch_id: str
     batch_name: str
     input: dict[str, Any]
+    #: Its input's key (:func:`jobs.manifest.keys.stored_content_key`): what it rendered.
+    key: str
     #: The rerun's place among the batch's reruns, oldest generation first (then oldest rerun):
     #: the order in which messages name them.
     rank: int
@@ -138,17 +147,34 @@ def renders(session: Session, batch_id: str, *, simulated: bool) -> dict[str, li
             if unfinished
             else ""
         )
+        key = stored_content_key(row.endpoint, row.input, row.source_files)
         found.setdefault(root, []).append(
-            Render(row.batch_id, row.batch_name, row.input, rank, unfinished, command)
+            Render(row.batch_id, row.batch_name, row.input, key, rank, unfinished, command)
         )
     return found
 
 
-def rendered_by(candidates: Iterable[Render], wanted: Mapping[str, Any]) -> Render | None:
-    """The first repeat that rendered exactly ``wanted`` (another seed or a ``--vary`` value is
-    another video, not this one), else the first one still rendering it: a video already made
-    is where to look first."""
-    matching = [r for r in candidates if r.input == wanted]
+def by_input(found: Mapping[str, Iterable[Render]]) -> dict[str, list[Render]]:
+    """:func:`renders`' repeats by what they render (:attr:`Render.key`), oldest rerun first,
+    whichever job they repeat: a repeat that stands for twins (the rerun stored their one input
+    once) covers each of them."""
+    grouped: dict[str, list[Render]] = {}
+    for render in sorted((r for rs in found.values() for r in rs), key=lambda r: r.rank):
+        grouped.setdefault(render.key, []).append(render)
+    return grouped
+
+
+def wanted_key(endpoint: str, wanted: Mapping[str, Any], sources: Mapping[str, Any] | None) -> str:
+    """The key of the input a rerun sends for a job (:func:`rerun_input`), to look up in
+    :func:`by_input`: files and data URIs by the SHA-256 their ``source_files`` recorded."""
+    return stored_content_key(endpoint, wanted, sources)
+
+
+def rendered_by(candidates: Iterable[Render], wanted: str) -> Render | None:
+    """The first repeat that rendered exactly the input whose key is ``wanted`` (another seed or
+    a ``--vary`` value is another video, not this one), else the first one still rendering it: a
+    video already made is where to look first."""
+    matching = [r for r in candidates if r.key == wanted]
     return next((r for r in matching if not r.unfinished), None) or next(iter(matching), None)
 
 
@@ -188,13 +214,14 @@ def rerun_covered(session: Session, batch: Batch) -> Covered:
     reruns instead of advising to rerun the jobs again."""
     rendered = RerunRendered(jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, reruns=[])
     pending = RerunPending(jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, reruns=[])
-    found = renders(session, batch.id, simulated=batch.simulated)
+    found = by_input(renders(session, batch.id, simulated=batch.simulated))
     if not found:  # no rerun, or none covers any of them: the batch's jobs are not even read
         return Covered(rendered, pending)
     done: list[Render] = []
     going: list[Render] = []
     for job in store.jobs_of_batch(session, batch.id, states=RERUN_FAILED_STATES):
-        render = rendered_by(found.get(job.id, ()), rerun_input(job.input, job.seed))
+        key = wanted_key(job.endpoint, rerun_input(job.input, job.seed), job.source_files)
+        render = rendered_by(found.get(key, ()), key)
         if render is None:
             continue
         (going if render.unfinished else done).append(render)

@@ -1929,7 +1929,10 @@ def find_reusable(session: Session, job: JobRecord, *, simulated: bool, limit: i
     ``job``'s key and a stored output of their own, oldest first; ``simulated``: whether ``job``'s
     batch was made by ``run --simulate``.
 
-    Same key means same endpoint and same resolved input (files by content), seed included.
+    Same key means same endpoint and same resolved input (files and data URIs by content), seed
+    included. A job stored before schema 0022 whose data URI's new key its twin took (see
+    :attr:`Job.content_key`) is looked up, and found, by the key its input gives now: the same
+    image given twice under two spellings, or as a file and inline, is rendered once.
     Oldest first, so every reuse of one render names the same original while its output is
     there; the caller checks the outputs in that order and takes the first still intact (the
     original's may be gone while a rerun's is not). Jobs that reused another's output are left
@@ -1937,11 +1940,12 @@ def find_reusable(session: Session, job: JobRecord, *, simulated: bool, limit: i
     fal takes only videos fal made, never a ``--simulate`` batch's placeholders (and a
     simulation only simulated ones, so it rehearses exactly what the paid run will do).
     """
+    key = job.content_key or job.job_key
     query = (
         select(Job)
         .join(Batch, Batch.id == Job.batch_id)
         .where(
-            Job.job_key == job.job_key,
+            or_(Job.job_key == key, Job.content_key == key),
             Job.id != job.id,
             Job.state == JobState.SUCCEEDED,
             Job.output_sha256.is_not(None),
@@ -2997,6 +3001,9 @@ class RerunRepeat:
     simulated: bool
     state: JobState
     input: dict[str, Any]
+    endpoint: str = ""
+    #: Where its images came from (:attr:`Job.source_files`): what its input asks, by content.
+    source_files: dict[str, Any] | None = None
     #: Its batch was cancelled (``wanbatch cancel``): its unsent jobs are never sent.
     batch_cancelled: bool = False
     #: Its batch was paused by ``wanbatch pause``: nothing of it is sent until ``resume``.
@@ -3017,6 +3024,8 @@ _REPEAT_COLUMNS = (
     Batch.simulated,
     Job.state,
     Job.input,
+    Job.endpoint,
+    Job.source_files,
     Batch.state,
     Batch.paused_by_user,
 )
@@ -3024,7 +3033,7 @@ _REPEAT_COLUMNS = (
 
 def _repeat(row: Any) -> RerunRepeat:
     """A row of :data:`_REPEAT_COLUMNS` as a :class:`RerunRepeat`."""
-    job_id, of, batch, name, simulated, state, data, batch_state, paused = row
+    job_id, of, batch, name, simulated, state, data, endpoint, sources, batch_state, paused = row
     return RerunRepeat(
         job_id,
         of,
@@ -3033,6 +3042,8 @@ def _repeat(row: Any) -> RerunRepeat:
         bool(simulated),
         JobState(state),
         dict(data),
+        endpoint,
+        dict(sources) if isinstance(sources, dict) else None,
         batch_cancelled=batch_state == BatchState.CANCELLED,
         batch_paused=bool(paused),
     )

@@ -56,7 +56,14 @@ warning naming both items.
 """
 
 from jobs.manifest.expand import Manifest
-from jobs.manifest.keys import canonical_json, job_key, key_of, keyed_input, stored_keyed_input
+from jobs.manifest.keys import (
+    canonical_json,
+    job_key,
+    key_of,
+    keyed_input,
+    stored_content_key,
+    stored_keyed_input,
+)
 from jobs.manifest.loading import load_manifest
 from jobs.manifest.model import JobSpec
 from jobs.manifest.report import ValidationReport, iter_valid_jobs, validate_job, validate_manifest
@@ -71,6 +78,7 @@ __all__ = [
     "key_of",
     "keyed_input",
     "load_manifest",
+    "stored_content_key",
     "stored_keyed_input",
     "validate_job",
     "validate_manifest",

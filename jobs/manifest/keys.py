@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.digits import WholeTooLong
-from jobs.endpoints import EndpointSpec, FieldType, get_endpoint
+from jobs.endpoints import EndpointSpec, FieldType, get_endpoint, known_endpoint_ids
 from jobs.media import MediaKind, classify, data_uri_sha256, file_sha256
 
 
@@ -132,3 +132,12 @@ def stored_keyed_input(
         elif classify(value) is MediaKind.PATH:
             digests[value] = None
     return keyed_input(spec, stored, digests)
+
+
+def stored_content_key(endpoint_id: str, stored: Mapping[str, Any], sources: Mapping[str, Any] | None) -> str:
+    """The key a stored job's input gives now, from the store alone (:func:`stored_keyed_input`):
+    two stored jobs asking the same (a file and a data URI of one image, or two spellings of one
+    data URI) have the same one. An endpoint no longer known keys its input as it is."""
+    if endpoint_id not in known_endpoint_ids():
+        return key_of(endpoint_id, stored)
+    return key_of(endpoint_id, stored_keyed_input(get_endpoint(endpoint_id), stored, sources))

@@ -13,9 +13,11 @@ exactly the one the former rule gives for its stored input (files standing in by
 ``source_files`` recorded; the disk is never read): a key that cannot be reproduced is left as it
 is. A new key another job of the same batch already holds (two spellings of one image, or the file
 and the URI, both stored in one batch before) is left as it is too: the batch's jobs stay
-distinct, and the first in manifest order (item, variant) takes the new key, as the manifest,
-which now collapses them, keeps its first. A downgrade does the
-reverse, under the same checks.
+distinct. A succeeded twin takes the new key first (``reuse_outputs`` looks its output up by it),
+then the first in manifest order (item, variant), as the manifest, which now collapses them,
+keeps its first: whichever twin holds it, the manifest's job resolves to that one key, so the
+batch stays idempotent. (Migration 0024 records the new key of the twins left behind.) A
+downgrade does the reverse, under the same checks.
 
 Revision ID: 0022
 Revises: 0021
@@ -43,6 +45,7 @@ _JOBS = sa.table(
     sa.column("batch_id", sa.String),
     sa.column("item_index", sa.Integer),
     sa.column("variant", sa.Integer),
+    sa.column("state", sa.String),
     sa.column("endpoint", sa.String),
     sa.column("job_key", sa.String),
     sa.column("input", _JSON),
@@ -90,9 +93,11 @@ def _rekey(pick: Callable[[tuple[str, str]], tuple[str, str]]) -> None:
     unless another job of its batch holds that key already."""
     bind = op.get_bind()
     lowered = sa.func.lower(sa.cast(_JOBS.c.input, sa.Text))
-    # In manifest order: of two jobs of a batch that now share a key, the first takes it, as the
-    # manifest, which collapses them, keeps its first.
-    order = (_JOBS.c.item_index, _JOBS.c.variant, _JOBS.c.id)
+    # Of two jobs of a batch that now share a key, a succeeded one takes it (reuse_outputs finds
+    # its output by it: a failed twin holding it hid the video), then the first in manifest
+    # order, as the manifest, which collapses them, keeps its first.
+    done = sa.case((_JOBS.c.state == "succeeded", 0), else_=1)
+    order = (done, _JOBS.c.item_index, _JOBS.c.variant, _JOBS.c.id)
     ids = list(bind.execute(sa.select(_JOBS.c.id).where(lowered.like("%data:%")).order_by(*order)).scalars())
     for start in range(0, len(ids), _CHUNK):
         rows = bind.execute(

@@ -276,7 +276,9 @@ def test_migration_0021_links_reruns_stored_before_rerun_of(empty_engine: Engine
                 for n, (item, variant, payload, origin) in enumerate(jobs)
             ]
             store.add_jobs(session, made.id, rows)
-            by_key = {j.job_key: j.id for j in store.jobs_of_batch(session, made.id)}
+            # Read by SQL: the models are a later schema's (their columns are not all there yet).
+            stored = session.execute(text("SELECT job_key, id FROM jobs WHERE batch_id = :b"), {"b": made.id})
+            by_key = {key: job_id for key, job_id in stored}
             return [by_key[row.key] for row in rows]
 
     a, b, c0, c1, _d, e = parent = batch(
@@ -375,7 +377,7 @@ def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path:
         engine.dispose()
     cfg = alembic_config()
     cfg.set_main_option("sqlalchemy.url", url)
-    steps = ["0023", "0022", "0021", "0020", "0019", "0018", "0017", "0016", "0015"]
+    steps = ["0024", "0023", "0022", "0021", "0020", "0019", "0018", "0017", "0016", "0015"]
     assert steps[0] == SCHEMA_HEAD
     for below in steps[1:]:
         command.downgrade(cfg, "-1")
@@ -452,6 +454,63 @@ def test_migration_0022_keys_stored_data_uris_by_their_bytes(empty_engine: Engin
     (replayed,) = load_manifest(manifest).jobs()
     assert replayed.key == job_key(wan, {**local, "seed": 7}) != old[0]
     assert keys() == [replayed.key, *old[1:]]
+    assert drift(empty_engine) == []
+    downgrade(empty_engine, "0021")
+    assert keys() == old
+
+
+def test_migration_0022_gives_the_key_to_a_succeeded_twin_and_0024_records_it_for_the_rest(
+    empty_engine: Engine, tmp_path: Path
+) -> None:
+    """Of twins (one image, two spellings) a succeeded one takes the new key, before the first in
+    manifest order: a failed twin holding it hid the video from ``reuse_outputs``. The twin left
+    on its old key records the new one (``content_key``, 0024); a downgrade gives the old keys
+    back."""
+    import base64
+    from decimal import Decimal
+
+    from PIL import Image
+
+    from jobs import db, store
+    from jobs.endpoints import get_endpoint
+    from jobs.manifest import job_key, key_of
+
+    migrate(empty_engine, "0021", from_models=False)
+    wan = get_endpoint("fal-ai/wan-i2v")
+    image = tmp_path / "a.png"
+    Image.new("RGB", (480, 480), (10, 150, 200)).save(image)
+    uri = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    first = {"prompt": "p", "seed": 7, "image_url": uri}
+    second = {**first, "image_url": uri.replace("image/png", "image/x-png")}
+    with db.session_scope(empty_engine) as session:
+        made, _ = store.get_or_create_batch(
+            session, name="twins", manifest_path="m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
+        )
+        store.add_jobs(
+            session,
+            made.id,
+            [
+                store.NewJob(key_of(wan.id, payload), n, wan.id, payload, Decimal(1), Decimal("0.1"))
+                for n, payload in enumerate([first, second])
+            ],
+        )
+    with empty_engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET state = 'failed' WHERE item_index = 0"))
+        conn.execute(text("UPDATE jobs SET state = 'succeeded' WHERE item_index = 1"))
+
+    def keys() -> list[tuple[str, ...]]:
+        with empty_engine.connect() as conn:
+            columns = (
+                "job_key, content_key"
+                if "content_key" in {c["name"] for c in inspect(conn).get_columns("jobs")}
+                else "job_key"
+            )
+            return [tuple(r) for r in conn.execute(text(f"SELECT {columns} FROM jobs ORDER BY item_index"))]
+
+    old = keys()
+    migrate(empty_engine, from_models=False)
+    new = job_key(wan, {**first, "image_url": str(image)})
+    assert keys() == [(old[0][0], new), (new, None)]
     assert drift(empty_engine) == []
     downgrade(empty_engine, "0021")
     assert keys() == old
