@@ -6,8 +6,9 @@ request was queued. So local files and inline data URIs are checked here against
 size. Pillow's ``Image.open`` reads only the header, so a 4096x4096 image costs microseconds;
 decompression bombs are refused rather than decoded. Audio is probed with PyAV for a WAV or MP3
 container (sniffed from its first bytes, then read by that demuxer alone: an untrusted file
-never picks FFmpeg's demuxer, a playlist never opens other files) and its duration, headers
-only, and only within the endpoint's byte limit. URLs are checked for form only (wanbatch makes
+never picks FFmpeg's demuxer, a playlist never opens other files; and by the MP3 or PCM
+decoders alone, see :func:`read_audio_header`) and its duration, only within the endpoint's
+byte limit. URLs are checked for form only (wanbatch makes
 no network access while validating). The format read here is also the type a local file is
 sent to fal as (:func:`media_type`), whatever its name says.
 
@@ -466,12 +467,30 @@ class UnreadableAudio(ValueError):
     """The bytes are no WAV or MP3 audio this check can read; the message says why."""
 
 
+#: The decoders FFmpeg may open while probing audio of each container: the MP3 decoder, or
+#: WAV's PCM sample formats. Any other (an ID3 picture's PNG or TIFF, a WAV tagged WMA) is
+#: refused before it reads a byte.
+_AUDIO_DECODERS: dict[str, frozenset[str]] = {
+    "mp3": frozenset({"mp3", "mp3float"}),
+    "wav": frozenset(
+        {
+            *("pcm_u8", "pcm_s16le", "pcm_s24le", "pcm_s32le", "pcm_s64le"),
+            *("pcm_f32le", "pcm_f64le", "pcm_alaw", "pcm_mulaw"),
+        }
+    ),
+}
+
+
 def read_audio_header(fh: BinaryIO) -> AudioHeader:
     """The container and duration of the audio in ``fh``, from its headers (nothing decoded).
 
     The container is sniffed from the first bytes (:func:`audio_container`) and the file is
     opened with that demuxer only: an untrusted file never chooses FFmpeg's demuxer (no playlist
-    that opens other files, no exotic parser). :class:`UnreadableAudio` otherwise."""
+    that opens other files, no exotic parser). Nor its decoders: opening a file probes its
+    streams, which opens a decoder for each, and the file names them (an MP3's ID3 picture
+    frame picks PNG, TIFF, …; a WAV's format tag any codec of FFmpeg's table). Only the MP3 or
+    PCM decoders may be opened (FFmpeg's ``codec_whitelist``), and a WAV whose audio is not PCM
+    is refused. :class:`UnreadableAudio` otherwise."""
     head = fh.read(16)
     fh.seek(0)
     container_format = audio_container(head)
@@ -479,11 +498,23 @@ def read_audio_header(fh: BinaryIO) -> AudioHeader:
         raise UnreadableAudio("its bytes are neither WAV nor MP3, whatever its name says")
     import av  # here, not at the top: a manifest without audio never needs FFmpeg
 
+    decoders = _AUDIO_DECODERS[container_format]
     try:
-        with av.open(fh, mode="r", format=container_format, metadata_errors="ignore") as container:
+        with av.open(
+            fh,
+            mode="r",
+            format=container_format,
+            metadata_errors="ignore",
+            options={"codec_whitelist": ",".join(sorted(decoders))},
+        ) as container:
             if not container.streams.audio:
                 raise UnreadableAudio(f"the {container_format.upper()} file has no audio stream")
             stream = container.streams.audio[0]
+            if stream.codec_context.name not in decoders:
+                raise UnreadableAudio(
+                    f"its {container_format.upper()} audio is {stream.codec_context.name}, "
+                    f"not {'MP3' if container_format == 'mp3' else 'PCM'}"
+                )
             duration: float | None = None
             if stream.duration is not None and stream.time_base is not None:
                 duration = float(stream.duration * stream.time_base)

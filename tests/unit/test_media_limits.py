@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import random
+import struct
 import wave
 from pathlib import Path
 
@@ -140,6 +142,51 @@ def test_bad_audio_is_refused(data: bytes, phrase: str) -> None:
 )
 def test_good_audio_passes(data: bytes) -> None:
     assert check_bytes(data, FieldType.AUDIO, W25_AUDIO) == []
+
+
+def _wav_tagged(format_tag: int, seconds: float = 5, rate: int = 8000) -> bytes:
+    """A WAV whose ``fmt`` chunk names ``format_tag``'s codec over bytes of noise."""
+    data = bytes(random.Random(7).getrandbits(8) for _ in range(int(rate * seconds) * 2))
+    fmt = struct.pack("<HHIIHH", format_tag, 1, rate, rate * 2, 2, 16)
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    body = b"WAVE" + chunks
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _id3_picture(mime: bytes, picture: bytes) -> bytes:
+    """An ID3v2.3 tag holding one APIC frame (an attached picture of type ``mime``)."""
+    frame_body = b"\0" + mime + b"\0" + b"\x03" + b"\0" + picture
+    frame = b"APIC" + struct.pack(">I", len(frame_body)) + b"\0\0" + frame_body
+    size = len(frame)
+    synchsafe = bytes([(size >> 21) & 0x7F, (size >> 14) & 0x7F, (size >> 7) & 0x7F, size & 0x7F])
+    return b"ID3\x03\0\0" + synchsafe + frame
+
+
+def test_a_wav_of_another_codec_than_pcm_is_refused() -> None:
+    """The format tag of a WAV names any codec of FFmpeg's table (0x0160: WMA): its decoder ran
+    on the file's bytes while probing, and noise tagged WMA passed as audio."""
+    (problem,) = check_bytes(_wav_tagged(0x0160), FieldType.AUDIO, W25_AUDIO)
+    assert problem.severity == "error"
+    assert "not a readable WAV or MP3" in problem.message
+    assert check_bytes(_wav_tagged(0x0001), FieldType.AUDIO, W25_AUDIO) == []  # PCM
+
+
+def test_an_mp3s_picture_never_reaches_an_image_decoder() -> None:
+    """An ID3 picture frame becomes a stream whose decoder the frame's type picks (TIFF, with its
+    EXIF parser, here); probing the audio opens none but the MP3 decoder's."""
+    tiff = b"II*\0" + struct.pack("<I", 8) + bytes(random.Random(3).getrandbits(8) for _ in range(200))
+    data = _id3_picture(b"image/tiff", tiff) + mp3_bytes(4)
+    with av.logging.Capture(local=False) as logs:
+        previous = av.logging.get_level()
+        av.logging.set_level(av.logging.DEBUG)
+        try:
+            problems = check_bytes(data, FieldType.AUDIO, W25_AUDIO)
+        finally:
+            av.logging.set_level(previous)
+    assert problems == []  # a picture in the tag is allowed: the audio is what counts
+    # FFmpeg's TIFF decoder logs under its name; all it may say is that it was not let in.
+    tiff_said = [message for _level, name, message in logs if name == "tiff"]
+    assert all("not on whitelist" in message for message in tiff_said), tiff_said
 
 
 def test_audio_is_sent_as_what_its_bytes_are() -> None:
