@@ -89,19 +89,36 @@ class Expectation:
     label: str = ""
 
 
+#: The one demuxer a downloaded output is read with: FFmpeg's MP4 (``mov``) reader. fal's Wan
+#: endpoints return ``video/mp4``; left to guess, FFmpeg picks a demuxer from the file's bytes,
+#: and a provider's "video" that is an HLS playlist or a concat script had it open and read
+#: other files of this machine (or wait on a device such as ``/dev/zero``).
+_CONTAINER = "mp4"
+#: The decoders that may read a stream of it: the video codecs an MP4 of a video model holds,
+#: and the usual audio ones (Wan 2.5 and 2.6 add sound). Opening a file probes each stream it
+#: declares with the decoder the file names (FFmpeg's ``codec_whitelist`` stops any other).
+_VIDEO_DECODERS = frozenset({"h264", "hevc", "mpeg4", "av1", "libdav1d", "vp9", "libvpx-vp9"})
+_DECODERS = ",".join(sorted(_VIDEO_DECODERS | {"aac", "mp3", "mp3float", "opus"}))
+
+
 def probe(path: Path | str) -> MediaInfo:
     """Width, height, frame count, fps, duration and codec of the video at ``path``.
 
     Headers only (``stream.frames``, ``average_rate``, ``duration × time_base``, falling back to
-    the container's duration), plus the first frame decoded. :class:`NotAVideoError` when the
-    file has no decodable video stream.
+    the container's duration), plus the first frame decoded, by FFmpeg's MP4 reader and a video
+    codec's decoder alone (:data:`_CONTAINER`, :data:`_VIDEO_DECODERS`). :class:`NotAVideoError`
+    when the file has no decodable video stream.
     """
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
+        with av.open(
+            str(path), format=_CONTAINER, metadata_errors="ignore", options={"codec_whitelist": _DECODERS}
+        ) as container:
             if not container.streams.video:
                 raise NotAVideoError(f"{Path(path).name}: no video stream")
             stream = container.streams.video[0]
             ctx = stream.codec_context
+            if ctx.name not in _VIDEO_DECODERS:
+                raise NotAVideoError(f"{Path(path).name}: a {ctx.name} stream, not a video fal renders")
             # One frame is decoded: a decoder thread pool (FFmpeg's default, one per core) would
             # cost more to start than the frame itself.
             ctx.thread_count = 1

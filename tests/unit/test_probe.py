@@ -136,3 +136,19 @@ def test_a_file_that_is_not_a_video_raises(tmp_path: Path, body: bytes) -> None:
     path.write_bytes(body)
     with pytest.raises(probe.NotAVideoError):
         probe.probe(path)
+
+
+def test_a_script_posing_as_the_video_is_not_one(tmp_path: Path) -> None:
+    """FFmpeg chose the demuxer from the file's bytes: a concat script sent as the output, naming
+    a video beside it (another job's, in the batch's folder), had the probe report *that* video,
+    and the text was stored as a succeeded job's. Only the MP4 reader reads an output now."""
+    spec = next(s for s in all_endpoints() if s.id == "fal-ai/wan-22")
+    real = clip(tmp_path, media.geometry(spec, resolved(spec, {"resolution": "480p"}), None))
+    assert probe.probe(real).width  # the video the script names is one
+    script = tmp_path / "000001-0123456789ab.mp4"
+    script.write_text(f"ffconcat version 1.0\nfile '{real.name}'\n")
+    playlist = tmp_path / "000002-0123456789ab.mp4"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:5.0,\n{real.name}\n#EXT-X-ENDLIST\n")
+    for posing in (script, playlist):
+        with pytest.raises(probe.NotAVideoError):
+            probe.probe(posing)
