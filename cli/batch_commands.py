@@ -79,9 +79,10 @@ def status(batch: str | None, as_json: bool) -> None:
         caps = batches.CapCheck.of(settings, api_key_id(settings))
         reports = batches.status(batch, settings, caps)
         if settings.broker_url:  # the workers' leader's limits apply, not these: say when they differ
+            from worker.doctor import database_id
             from worker.limits import mismatch, read_published
 
-            for line in mismatch(settings, read_published(settings)):
+            for line in mismatch(settings, read_published(settings, database_id(settings))):
                 err.print(f"[yellow]warning: {escape(line)}[/yellow]")
         if as_json:
             emit_json(reports[0] if batch is not None else {"batches": reports})

@@ -95,12 +95,15 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
                 "(use `wanbatch run MANIFEST` to process in this process)"
             )
         settings.require_fal_key()
-        from worker.limits import check_limiter, mismatch, read_published
+        from worker.limits import check_limiter, mismatch, read_published, say_mismatch
+        from worker.steps.webhooks import database_fingerprint, webhook_secret
 
         check_limiter(settings)  # its Redis unreachable: one line, exit 2, before anything starts
-        for line in mismatch(settings, read_published(settings)):  # never silently: the leader's apply
-            logging.getLogger("worker.limits").warning(line, extra={"event": "limits.mismatch"})
-        db.open_engine(settings)  # migrate before any worker process starts
+        engine = db.open_engine(settings)  # migrate before any worker process starts
+        # Never silently: the leader's limits apply. Said again if a leader publishes later.
+        say_mismatch(
+            mismatch(settings, read_published(settings, database_fingerprint(webhook_secret(engine))))
+        )
         from worker import telemetry  # before anything counts: prefork children count in files
 
         stop_metrics = telemetry.serve_configured(settings, child_processes=pool in ("prefork", "processes"))

@@ -3190,9 +3190,16 @@ class CapScope:
     #: Only these batches' downloads count in the backlog; None: every batch sent to fal (the
     #: distributed workers download all of them, and never a simulation's).
     downloads_of: frozenset[str] | None = None
+    #: The requests at fal of every key count against the outstanding cap, not only
+    #: ``api_key_id``'s (never a simulation's): the distributed workers' dispatch, where a worker
+    #: with another ``FAL_KEY`` sends a job with its own key (``record_send``). Counting them all
+    #: errs on the safe side: no account ever holds more than the cap.
+    every_key: bool = False
 
     @classmethod
-    def of(cls, *, api_key_id: str, batch_ids: Collection[str] | None, simulated: bool) -> CapScope:
+    def of(
+        cls, *, api_key_id: str, batch_ids: Collection[str] | None, simulated: bool, every_key: bool = False
+    ) -> CapScope:
         """The caps' scope of a process working on ``batch_ids`` (None: every batch, the
         distributed workers) with the key ``api_key_id``; ``simulated``: its fal is the
         simulator of a ``run --simulate``.
@@ -3205,7 +3212,7 @@ class CapScope:
         own = frozenset(batch_ids) if batch_ids is not None else None
         if simulated:
             return cls(api_key_id=None, requests_of=own or frozenset(), downloads_of=own or frozenset())
-        return cls(api_key_id=api_key_id, requests_of=None, downloads_of=own)
+        return cls(api_key_id=api_key_id, requests_of=None, downloads_of=own, every_key=every_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -3227,7 +3234,9 @@ def _requests_in(scope: CapScope) -> list[ColumnElement[bool]]:
     """The conditions of :attr:`CapScope.api_key_id` and :attr:`CapScope.requests_of`, their
     values bound as ``api_key_id`` and ``requests_of``."""
     conditions: list[ColumnElement[bool]] = []
-    if scope.api_key_id is not None:
+    if scope.every_key:
+        conditions.append(_paid(Job.batch_id))
+    elif scope.api_key_id is not None:
         conditions.append(_sent_with(bindparam("api_key_id")))
     if scope.requests_of is not None:
         conditions.append(Job.batch_id.in_(bindparam("requests_of", expanding=True)))
@@ -3249,9 +3258,9 @@ def _scope_params(scope: CapScope) -> dict[str, Any]:
     }
 
 
-def _scope_shape(scope: CapScope) -> tuple[bool, bool, bool]:
+def _scope_shape(scope: CapScope) -> tuple[bool, bool, bool, bool]:
     """What tells the statements of different scopes apart (:func:`_prepared`'s key)."""
-    return scope.api_key_id is None, scope.requests_of is None, scope.downloads_of is None
+    return scope.api_key_id is None, scope.requests_of is None, scope.downloads_of is None, scope.every_key
 
 
 def in_flight(session: Session, *, scope: CapScope, sent_before: datetime) -> InFlight:

@@ -38,7 +38,7 @@ from jobs.models import EVERY_BATCH, JobView, utcnow
 from worker import steps
 from worker.db_outage import DatabaseOutage, database_problem
 from worker.fal.models import RequestHandle, Status
-from worker.limits import publish_limits
+from worker.limits import publish_limits, unpublish_limits, watch_limits
 from worker.steps.context import Reach, Runtime, handle_of, process_identity
 from worker.steps.poll import AT_FAL, Seen, apply_seen, apply_seen_in
 from worker.watcher import StatusWatcher
@@ -129,6 +129,7 @@ class Conductor:
         self._broker_epoch: str | None = None  # the broker's run_id as last seen (_after_broker_restart)
         self._beat_lock = threading.Lock()
         self._next_beat = 0.0  # monotonic; 0: never beat
+        self._next_watch = 0.0  # monotonic: when a process that does not lead reads the leader's limits
         self._closed = False
         #: What a database outage has done to the loop so far (:meth:`run` sets it up).
         self._outage = DatabaseOutage("the conductor", patience=None, url=rt.settings.database_url)
@@ -324,6 +325,11 @@ class Conductor:
                     self.rt.unrecorded.writable()  # the tick's writes worked: sending may go on
                     if redispatch_at is None:  # the tick's dispatch left jobs waiting: as a round would
                         redispatch_at = self._redispatch_at()
+                if not leading and now >= self._next_watch:
+                    # Not leading: the leader's limits, when one first publishes or another takes
+                    # over, are compared with this process's (said once) and kept (fail safe).
+                    self._next_watch = now + HEARTBEAT_SECONDS
+                    watch_limits(self.rt.limiter)
                 self._outage.answered()  # the tick (or the leader lock's check) reached the database
                 next_tick = now + (idle_interval(interval, quiet) if leading else interval)
             elif leading and self._next_beat and now >= self._next_beat:
@@ -497,6 +503,8 @@ class Conductor:
                 self._closed = True
                 return  # cleared already, or never beat: nothing to clear
             self._closed = True
+            if not self.rt.batch_ids:  # the workers' leader: its published limits go with it
+                unpublish_limits(self.rt.limiter)
             try:
                 with db.session_scope(self.rt.engine) as session:
                     store.drop_heartbeats(session, self.rt.owner)

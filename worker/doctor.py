@@ -619,6 +619,12 @@ class _Unknown:
     why: str
 
 
+def database_id(settings: Settings) -> str | None:
+    """This database's fingerprint, read only; None when it has none or cannot be read."""
+    found = _database_fingerprint(settings)
+    return found if isinstance(found, str) else None
+
+
 def _database_fingerprint(settings: Settings) -> str | _Unknown | None:
     """This database's fingerprint (:func:`worker.steps.webhooks.database_fingerprint`; None: it
     has no webhook secret yet, or does not exist), read only — no file, folder, table or secret
@@ -668,7 +674,7 @@ def check_limiter(settings: Settings) -> Check:
     from worker.limits import mismatch, read_published
 
     # Said, not failed: a host that only watches (status, doctor) may differ on purpose.
-    differ = mismatch(settings, read_published(settings))
+    differ = mismatch(settings, read_published(settings, database_id(settings)))
     warning = f"; warning: {differ[0]}" if differ else ""
     return _ok(name, f"{probed.where} answers{warning}")
 

@@ -37,6 +37,7 @@ that only reads is refused too), and mid-run :class:`RedisGCRA` logs one warning
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -103,26 +104,37 @@ end
 #: Checks every key's TAT against Redis' clock; grants (advancing every TAT by its interval)
 #: only if all keys allow, else returns the wait in microseconds.
 #:
-#: ``KEYS``: the rate keys, then :data:`POLICY_KEY`; ``ARGV``: each key's interval (µs) as this
-#: process's settings make it (0: no limit of its own), then each key's field in the policy, then
-#: this process's API key id. Every interval is the longer of this process's and the one the tick
-#: leader published for the same API key (:meth:`RedisGCRA.publish`), read in the same atomic
-#: call: no worker, whatever its own settings, grants faster than the leader's limits. A key whose
-#: interval is 0 both ways limits nothing here.
+#: ``KEYS``: the rate keys, then the policy's key (:func:`policy_key`); ``ARGV``: each key's
+#: interval (µs) as this process's settings make it (0: no limit of its own), then each key's
+#: field in the policy, then this process's API key id, then the publish stamp (``at``) of the
+#: policy this process saw last (empty: none), then each key's interval in that policy (0: none).
+#: Every interval is the longer of this process's and the one the tick leader published for the
+#: same API key and database (:meth:`RedisGCRA.publish`), read in the same atomic call: no worker,
+#: whatever its own settings, grants faster than the leader's limits. When the policy is missing
+#: (the limiter's Redis flushed or restarted, the policy expired or deleted), the policy seen last
+#: stands in for it (fail safe) until the leader publishes again. A key whose interval is 0 every
+#: way limits nothing here.
+#:
+#: Returns the wait (µs), Redis' clock (µs), the policy as ``HGETALL`` gives it when its stamp is
+#: not the one this process saw last (else empty), and whether a policy is there (1) or not (0).
 GCRA_LUA = (
     _LUA_STATE
     + """
 local n = #KEYS - 1
 local policy = KEYS[n + 1]
-local same_key = redis.call('HGET', policy, 'key') == ARGV[2 * n + 1]
+local present = redis.call('EXISTS', policy) == 1
+local same_key = present and redis.call('HGET', policy, 'key') == ARGV[2 * n + 1]
 local wait = 0
 local tats, holds, ivs = {}, {}, {}
 for i = 1, n do
   local iv = tonumber(ARGV[i])
+  local published
   if same_key then
-    local published = tonumber(redis.call('HGET', policy, ARGV[n + i]) or '0') or 0
-    if published > iv then iv = published end
+    published = tonumber(redis.call('HGET', policy, ARGV[n + i]) or '0') or 0
+  else
+    published = tonumber(ARGV[2 * n + 2 + i]) or 0
   end
+  if published > iv then iv = published end
   ivs[i] = iv
   if iv > 0 then
     local tat, hold = state(KEYS[i])
@@ -131,13 +143,19 @@ for i = 1, n do
     if tat - now > wait then wait = tat - now end
   end
 end
+local seen = {}
+if same_key and (redis.call('HGET', policy, 'at') or '') ~= ARGV[2 * n + 2] then
+  seen = redis.call('HGETALL', policy)
+end
+local there = 0
+if present then there = 1 end
 if wait > 0 then
-  return {wait, now}
+  return {wait, now, seen, there}
 end
 for i = 1, n do
   if ivs[i] > 0 then store(KEYS[i], tats[i] + ivs[i], holds[i]) end
 end
-return {0, now}
+return {0, now, seen, there}
 """
 )
 
@@ -161,12 +179,13 @@ return now
 
 #: The API key's 429 pause (its ``hold``; Redis' clock when none) and Redis' clock, both in
 #: microseconds: how long fal's pause still holds every submit. Not the TAT: a submit's
-#: ordinary spacing is no pause.
+#: ordinary spacing is no pause. Then whether the policy ``KEYS[2]`` is there (1) or not (0): the
+#: leader, which asks at each dispatch round, publishes again at once when it is gone.
 PAUSE_LEFT_LUA = (
     _LUA_STATE
     + """
 local _, hold = state(KEYS[1])
-return {hold, now}
+return {hold, now, redis.call('EXISTS', KEYS[2])}
 """
 )
 
@@ -189,14 +208,31 @@ return {hold, now}
 CHECK_KEY_SUFFIX = ":limiter-check"
 
 
-#: The tick leader's limits replace those published before (returned, as ``HGETALL`` gives them):
-#: ``KEYS[1]`` :data:`POLICY_KEY`; ``ARGV``: its TTL in seconds, then field, value, field, value…
+#: The tick leader's limits replace those published before (returned, as ``HGETALL`` gives them,
+#: with Redis' clock in µs): ``KEYS[1]`` the policy (:func:`policy_key`); ``ARGV``: its TTL in
+#: seconds, then field, value, field, value… The field ``at`` is set to Redis' clock (µs): when it
+#: was published, by which :data:`POLICY_FRESH_SECONDS` tells a live leader's from a dead one's.
 PUBLISH_LUA = """
+local t = redis.call('TIME')
+local now = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
 local before = redis.call('HGETALL', KEYS[1])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], 'at', now)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
-return before
+return {before, now}
+"""
+
+#: The policy ``KEYS[1]`` as ``HGETALL`` gives it, and Redis' clock (µs).
+READ_POLICY_LUA = """
+local t = redis.call('TIME')
+return {redis.call('HGETALL', KEYS[1]), string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))}
+"""
+
+#: A leader's clean stop: deletes the policy ``KEYS[1]`` if the process ``ARGV[1]`` published it.
+UNPUBLISH_LUA = """
+if redis.call('HGET', KEYS[1], 'by') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 
@@ -210,7 +246,7 @@ class RateKey:
 
     key: str
     interval: float
-    #: The field of :data:`POLICY_KEY` that holds the tick leader's interval for this key.
+    #: The field of the policy (:func:`policy_key`) that holds the tick leader's interval for this key.
     field: str = "iv"
 
 
@@ -297,12 +333,24 @@ def _with_endpoint_key(settings: Settings, endpoint: str) -> list[RateKey]:
 
 # --------------------------------------------------------------------------- the published limits
 
-#: The Redis hash in which the tick leader publishes its limits for every worker
-#: (:meth:`RedisGCRA.publish`): the submit intervals every grant honours (:data:`GCRA_LUA`), and
-#: what it applies at dispatch, for the workers, ``doctor`` and ``status`` to compare with their own.
-POLICY_KEY = KEY_PREFIX + "policy"
 #: How long a published policy outlives the last beat of the leader that published it.
 POLICY_TTL_SECONDS = 3600
+#: How old a published policy may be (three of the leader's beats, ``HEARTBEAT_SECONDS``) and
+#: still be said to be a live leader's: older, it is a stopped or dead leader's, and no warning
+#: names it (the grants still honour it, :data:`GCRA_LUA`: erring on the strict side).
+POLICY_FRESH_SECONDS = 30.0
+
+
+def policy_key(key_id: str, database: str | None) -> str:
+    """The Redis hash in which the tick leader publishes its limits for every worker
+    (:meth:`RedisGCRA.publish`): the submit intervals every grant honours (:data:`GCRA_LUA`), and
+    what it applies at dispatch, for the workers, ``doctor`` and ``status`` to compare with their own.
+
+    One per API key id (fal's limits are per account) and per database (``database``: its
+    fingerprint, :func:`worker.steps.webhooks.database_fingerprint`; None: not known, a process
+    without one): two deployments sharing a limiter Redis (staging and production, several
+    SQLite runs) each keep their own leader's."""
+    return f"{KEY_PREFIX}{key_id}:{database or 'no-database'}:policy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +365,8 @@ class Limits:
     rate_per_endpoint: dict[str, float]
     outstanding_per_endpoint: dict[str, int]
     by: str = ""
+    #: When the leader published them (Redis' clock, epoch seconds); 0.0: not published.
+    at: float = 0.0
 
     @classmethod
     def of(cls, settings: Settings, by: str = "") -> Limits:
@@ -330,8 +380,12 @@ class Limits:
             by=by,
         )
 
+    def fresh(self, now: float) -> bool:
+        """Whether a live leader published these lately (``now``: Redis' clock, epoch seconds)."""
+        return now - self.at <= POLICY_FRESH_SECONDS
+
     def fields(self) -> dict[str, str]:
-        """The hash :data:`POLICY_KEY` holds: the intervals :data:`GCRA_LUA` reads, and the rest."""
+        """The hash :func:`policy_key` names holds: the intervals :data:`GCRA_LUA` reads, and the rest."""
         spread = 1.0 + self.jitter
         out = {
             "key": self.key_id,
@@ -354,7 +408,7 @@ class Limits:
 
     @classmethod
     def parse(cls, raw: dict[bytes, bytes]) -> Limits | None:
-        """The limits of a :data:`POLICY_KEY` hash; None when there is none (or it is not ours)."""
+        """The limits of a :func:`policy_key` hash; None when there is none (or it is not ours)."""
         try:
             doc = json.loads(raw[b"limits"])
             return cls(
@@ -365,6 +419,7 @@ class Limits:
                 rate_per_endpoint={str(k): float(v) for k, v in doc["rate_per_endpoint"].items()},
                 outstanding_per_endpoint={str(k): int(v) for k, v in doc["outstanding_per_endpoint"].items()},
                 by=raw.get(b"by", b"").decode(),
+                at=int(raw.get(b"at", b"0")) / 1_000_000,
             )
         except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
             return None
@@ -420,19 +475,25 @@ def mismatch(settings: Settings, published: Limits | None) -> list[str]:
     ]
 
 
-def read_published(settings: Settings) -> Limits | None:
-    """The limits the tick leader published on the limiter's Redis; None when none are there,
-    the limiter is in process, or its Redis does not answer (the start-up check says that)."""
+def read_published(settings: Settings, database: str | None) -> Limits | None:
+    """The limits the tick leader of ``database`` (its fingerprint) published on the limiter's
+    Redis for this process's API key; None when none are there, when they are older than
+    :data:`POLICY_FRESH_SECONDS` (a stopped or dead leader's), when the limiter is in process, or
+    when its Redis does not answer (the start-up check says that)."""
     found = backend(settings)
     if found is None:
         return None
     client = _client(found[1])
     try:
-        return Limits.parse(client.hgetall(POLICY_KEY))
+        raw, now_us = client.register_script(READ_POLICY_LUA)(
+            keys=[policy_key(api_key_id(settings), database)]
+        )
+        published = Limits.parse(dict(zip(raw[::2], raw[1::2], strict=True)))
     except Exception:  # unreachable, refused: said by the limiter's own checks
         return None
     finally:
         client.close()
+    return published if published is not None and published.fresh(int(now_us) / 1_000_000) else None
 
 
 def client_error() -> type[Exception]:
@@ -652,7 +713,10 @@ class Outage:
 
 
 class RedisGCRA:
-    """GCRA over Redis, clocked by Redis ``TIME``: one limit for every worker on every host."""
+    """GCRA over Redis, clocked by Redis ``TIME``: one limit for every worker on every host.
+
+    ``database``: the database's fingerprint (or a function giving it, asked once, when first
+    needed), which names the tick leader's policy with the API key (:func:`policy_key`)."""
 
     def __init__(
         self,
@@ -662,6 +726,7 @@ class RedisGCRA:
         prefix: str = "",
         where: str | None = None,
         url: str = "",
+        database: str | Callable[[], str | None] | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -672,18 +737,46 @@ class RedisGCRA:
         #: Whether the Redis answers; ``where`` names it in what is said (password masked).
         self.outage = Outage(where)
         self._url = url  # only to keep its password out of the messages
+        self._database = database
+        self._policy_key: str | None = None
         self._script = client.register_script(GCRA_LUA)
         self._hold_off = client.register_script(HOLD_OFF_LUA)
         self._pause_left = client.register_script(PAUSE_LEFT_LUA)
         self._check = client.register_script(CHECK_LUA)
         self._publish = client.register_script(PUBLISH_LUA)
+        self._read_policy = client.register_script(READ_POLICY_LUA)
+        self._unpublish = client.register_script(UNPUBLISH_LUA)
+        self._lock = threading.Lock()
+        #: The policy seen last (the leader's limits; its raw fields, its ``at`` stamp): what
+        #: the grants honour when the policy is gone from Redis (:data:`GCRA_LUA`, fail safe).
+        self.seen: Limits | None = None
+        self._seen_fields: dict[str, str] = {}
+        self._seen_at = ""
+        #: Who this process published as while it leads (None: it does not): it publishes
+        #: again at once when the policy is found gone or the limiter answers again.
+        self._leading_as: str | None = None
 
     @classmethod
-    def from_url(cls, settings: Settings, url: str, *, prefix: str = "") -> RedisGCRA:
+    def from_url(
+        cls,
+        settings: Settings,
+        url: str,
+        *,
+        prefix: str = "",
+        database: str | Callable[[], str | None] | None = None,
+    ) -> RedisGCRA:
         """A limiter on the Redis at ``url`` (short timeouts: a slow limiter must not stall submits)."""
         found = backend(settings)
         where = describe(found[0], url) if found is not None and found[1] == url else masked_url(url)
-        return cls(settings, _client(url), prefix=prefix, where=where, url=url)
+        return cls(settings, _client(url), prefix=prefix, where=where, url=url, database=database)
+
+    @property
+    def policy(self) -> str:
+        """The Redis key of the tick leader's policy for this API key and database."""
+        if self._policy_key is None:
+            database = self._database() if callable(self._database) else self._database
+            self._policy_key = self.prefix + policy_key(api_key_id(self.settings), database)
+        return self._policy_key
 
     def _unreachable(self, exc: Exception) -> LimiterUnavailableError:
         why = _reason(exc, self._url)
@@ -693,6 +786,17 @@ class RedisGCRA:
         return LimiterUnavailableError(
             f"the submit-rate limiter's Redis at {self.outage.where} {what}: {why}"
         )
+
+    def _answered(self, *, policy_there: bool = True) -> None:
+        """The limiter answered: say so when it had not (:meth:`Outage.answered`); a leader
+        publishes again at once after an outage, or when its policy is gone (a flushed or
+        restarted Redis), rather than at its next beat."""
+        recovered = self.outage.down
+        self.outage.answered()
+        leading_as = self._leading_as
+        if leading_as is not None and (recovered or not policy_there):
+            with contextlib.suppress(LimiterUnavailableError):
+                self.publish(leading_as)
 
     def _check_now(self) -> tuple[int, int]:
         """:data:`CHECK_LUA` on the API key's key: its 429 pause's end and Redis' clock (µs),
@@ -706,23 +810,66 @@ class RedisGCRA:
 
     def acquire_at(self, endpoint: str) -> tuple[float, float]:
         """Like :meth:`acquire`, plus Redis' clock at the decision (epoch seconds), for audits."""
+        wait_us, now_us = self.grant(endpoint)
+        return wait_us / 1_000_000, now_us / 1_000_000
+
+    def grant(self, endpoint: str) -> tuple[int, int]:
+        """:meth:`acquire`'s answer as the script gives it: the wait and Redis' clock, in µs."""
         keys = _with_endpoint_key(self.settings, endpoint)
+        with self._lock:
+            seen_at, seen_fields = self._seen_at, self._seen_fields
         try:
-            wait_us, now_us = self._script(
-                keys=[*(self.prefix + k.key for k in keys), self.prefix + POLICY_KEY],
+            wait_us, now_us, raw, there = self._script(
+                keys=[*(self.prefix + k.key for k in keys), self.policy],
                 args=[
                     *(round(k.interval * 1_000_000) for k in keys),
                     *(k.field for k in keys),
                     api_key_id(self.settings),
+                    seen_at,
+                    *(seen_fields.get(k.field, "0") for k in keys),
                 ],
             )
         except client_error() as exc:
             raise self._unreachable(exc) from exc
-        self.outage.answered()
-        return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
+        if raw:
+            self._heard(raw, int(now_us))
+        self._answered(policy_there=bool(there))
+        return int(wait_us), int(now_us)
+
+    def _heard(self, raw: list[bytes], now_us: int) -> None:
+        """A policy not seen before (``HGETALL``'s answer): kept, for the grants while the policy
+        is gone (fail safe), and compared with this process's settings when a leader first
+        appears or another one takes over: each distinct difference said once, never a stale one's
+        (a dead leader's, :data:`POLICY_FRESH_SECONDS`)."""
+        fields = {k.decode(): v.decode() for k, v in zip(raw[::2], raw[1::2], strict=True)}
+        published = Limits.parse({k.encode(): v.encode() for k, v in fields.items()})
+        if published is None:
+            return
+        with self._lock:
+            before = self.seen
+            self.seen = published
+            self._seen_fields = fields
+            self._seen_at = fields.get("at", "")
+            new_leader = before is None or before.by != published.by
+        if new_leader and published.fresh(now_us / 1_000_000) and published.by != self._leading_as:
+            say_mismatch(mismatch(self.settings, published))
+
+    def watch_policy(self) -> Limits | None:
+        """Read the tick leader's policy (a worker that does not lead, at its rounds): what
+        :meth:`_heard` keeps and says. Returns the policy seen last (None: none yet). Raises
+        :class:`LimiterUnavailableError` like :meth:`acquire`."""
+        try:
+            raw, now_us = self._read_policy(keys=[self.policy])
+        except client_error() as exc:
+            raise self._unreachable(exc) from exc
+        if raw and dict(zip(raw[::2], raw[1::2], strict=True)).get(b"at", b"").decode() != self._seen_at:
+            self._heard(raw, int(now_us))
+        self._answered(policy_there=bool(raw))
+        return self.seen
 
     def pause_left(self) -> float:
         key = self.prefix + api_key_rate(self.settings).key
+        there = 1
         try:
             if self.outage.down:
                 # Back only when Redis takes a write again, as a submit's token needs: a Redis
@@ -730,10 +877,10 @@ class RedisGCRA:
                 # pass for back each round, and each claim be given back.
                 hold_us, now_us = self._check_now()
             else:
-                hold_us, now_us = self._pause_left(keys=[key])
+                hold_us, now_us, there = self._pause_left(keys=[key, self.policy])
         except client_error() as exc:
             raise self._unreachable(exc) from exc
-        self.outage.answered()
+        self._answered(policy_there=bool(there))
         return max(0, int(hold_us) - int(now_us)) / 1_000_000
 
     def hold_off(self, endpoint: str, seconds: float) -> None:
@@ -742,20 +889,33 @@ class RedisGCRA:
             self._hold_off(keys=[self.prefix + k.key for k in keys], args=[round(seconds * 1_000_000)])
         except client_error() as exc:
             raise self._unreachable(exc) from exc
-        self.outage.answered()
+        self._answered()
 
     def publish(self, by: str) -> Limits | None:
         """Publish this process's limits as every worker's (the tick leader does, at each beat):
         the intervals every grant honours from now on (:data:`GCRA_LUA`). Returns the limits
-        published before (None: none). Raises :class:`LimiterUnavailableError` like :meth:`acquire`."""
+        published before if a live leader published them (None: none, or a stale policy, older
+        than :data:`POLICY_FRESH_SECONDS`). Raises :class:`LimiterUnavailableError` like :meth:`acquire`."""
         flat = [part for pair in Limits.of(self.settings, by).fields().items() for part in pair]
+        self._leading_as = by
         try:
-            before = self._publish(keys=[self.prefix + POLICY_KEY], args=[POLICY_TTL_SECONDS, *flat])
+            before, now_us = self._publish(keys=[self.policy], args=[POLICY_TTL_SECONDS, *flat])
         except client_error() as exc:
             raise self._unreachable(exc) from exc
         self.outage.answered()
-        before = dict(zip(before[::2], before[1::2], strict=True))
-        return Limits.parse(before)
+        found = Limits.parse(dict(zip(before[::2], before[1::2], strict=True)))
+        return found if found is not None and found.fresh(int(now_us) / 1_000_000) else None
+
+    def unpublish(self) -> None:
+        """A leader's clean stop: its policy goes with it (if still its own), so no later
+        warning names a process that is gone. The workers' grants keep to the policy they saw
+        last until the next leader publishes (:data:`GCRA_LUA`). Best effort, said by nothing:
+        the policy goes stale by itself."""
+        by, self._leading_as = self._leading_as, None
+        if by is None:
+            return
+        with contextlib.suppress(client_error()):
+            self._unpublish(keys=[self.policy], args=[by])
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -798,18 +958,20 @@ class LocalGCRA:
                 self._hold[k.key] = max(self._hold.get(k.key, until), until)
 
 
-def limiter_for(settings: Settings) -> SubmitLimiter:
-    """Redis GCRA when a Redis is configured (``WANBATCH_LIMITS_URL`` or a Redis broker), else local."""
+def limiter_for(settings: Settings, database: str | Callable[[], str | None] | None = None) -> SubmitLimiter:
+    """Redis GCRA when a Redis is configured (``WANBATCH_LIMITS_URL`` or a Redis broker), else
+    local. ``database``: the database's fingerprint, or how to find it (:class:`RedisGCRA`)."""
     url = settings.limits_backend_url()
     if url:
-        return RedisGCRA.from_url(settings, url)
+        return RedisGCRA.from_url(settings, url, database=database)
     return LocalGCRA(settings)
 
 
 def publish_limits(limiter: SubmitLimiter | None, by: str) -> None:
     """The tick leader's beat: publish its limits for every worker (:meth:`RedisGCRA.publish`),
-    and say so when they replace different ones another leader published. Nothing for the
-    in-process limiter; an unreachable Redis is said by the limiter (and retried at the next beat)."""
+    and say so when they replace different ones another live leader published (a stale policy,
+    a stopped or dead leader's, is replaced in silence). Nothing for the in-process limiter; an
+    unreachable Redis is said by the limiter (and retried at once when it answers again)."""
     if not isinstance(limiter, RedisGCRA):
         return
     try:
@@ -828,6 +990,35 @@ def publish_limits(limiter: SubmitLimiter | None, by: str) -> None:
             "; ".join(changed),
             extra={"event": "limits.changed"},
         )
+
+
+def unpublish_limits(limiter: SubmitLimiter | None) -> None:
+    """The tick leader's clean stop: its published limits go with it (:meth:`RedisGCRA.unpublish`)."""
+    if isinstance(limiter, RedisGCRA):
+        limiter.unpublish()
+
+
+def watch_limits(limiter: SubmitLimiter | None) -> None:
+    """A worker that does not lead, at its rounds: read the leader's policy, to keep it (fail
+    safe) and say once how this process's settings differ when a leader first publishes or
+    another takes over (:meth:`RedisGCRA.watch_policy`). An unreachable Redis is said by the limiter."""
+    if isinstance(limiter, RedisGCRA):
+        with contextlib.suppress(LimiterUnavailableError):
+            limiter.watch_policy()
+
+
+_said_lock = threading.Lock()
+#: The mismatch lines this process said already: each distinct difference once.
+_said: set[str] = set()
+
+
+def say_mismatch(lines: list[str]) -> None:
+    """Warn each of ``lines`` (:func:`mismatch`) this process has not said yet."""
+    with _said_lock:
+        new = [line for line in lines if line not in _said]
+        _said.update(new)
+    for line in new:
+        log.warning(line, extra={"event": "limits.mismatch"})
 
 
 def unreachable_note(limiter: SubmitLimiter | None) -> str | None:

@@ -17,8 +17,10 @@ from jobs.settings import Settings
 from worker.fal.client import FalClient
 from worker.fal.http import origin_text
 from worker.fal.storage import FalStorage, Lookup, MediaPreparer, Record
+from worker.limits import limiter_for
 from worker.steps import Runtime
 from worker.steps.download import close_download_client, download_policy
+from worker.steps.webhooks import database_fingerprint, webhook_secret
 
 
 def build_runtime(
@@ -46,6 +48,9 @@ def build_runtime(
         lookup=lookup,
         record=record,
     )
+    # The tick leader's published limits are per API key and database (worker.limits.policy_key):
+    # read now, never later inside a round's transaction.
+    database = database_fingerprint(webhook_secret(engine)) if settings.limits_backend_url() else None
     return Runtime(
         engine=engine,
         client=client,
@@ -55,6 +60,7 @@ def build_runtime(
         media=media,
         batch_ids=batch_ids,
         simulated=simulated,
+        limiter=limiter_for(settings, database=database),
     )
 
 

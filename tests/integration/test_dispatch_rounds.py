@@ -165,3 +165,23 @@ def test_a_refused_begin_is_sqlalchemys_operational_error(
             assert store.count_in_states(session, [S.PENDING]) == 0
     finally:
         engine.dispose()
+
+
+def test_the_distributed_leader_counts_every_keys_requests_against_the_cap(engine: Engine) -> None:
+    """A worker with another FAL_KEY sends a job with its own key (``record_send``): the
+    distributed leader's dispatch counts those requests too, so no account exceeds the cap."""
+    batch_id = add_batch(engine, "keys", [(T2V, {"prompt": f"p{i}"}) for i in range(4)])
+    ids = job_ids(engine, batch_id)
+    for n, job_id in enumerate(ids[:2]):  # sent by a worker whose key is not the leader's
+        _move(engine, job_id, S.PENDING, S.SUBMITTING, api_key_id="another-workers-key")
+        _move(engine, job_id, S.SUBMITTING, S.QUEUED, request_id=f"k{n}")
+    sent: list[str] = []
+    settings = settings_for("http://127.0.0.1:9", KEY, max_outstanding=2)
+    rt = make_runtime(engine, settings, enqueue_submit=sent.append)
+    assert rt.batch_ids is None  # the workers' leader
+    assert dispatch(rt) == sent == []  # the cap is full, whichever key the requests went with
+    # An embedded run of its own batch still counts its own key's requests only (as before).
+    own = make_runtime(
+        engine, settings_for("http://127.0.0.1:9", KEY, max_outstanding=2), batch_ids=frozenset({batch_id})
+    )
+    assert own.cap_scope().every_key is False

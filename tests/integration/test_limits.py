@@ -7,6 +7,7 @@ checked against the simulator's ledger) is in ``test_limits_distributed.py``.
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing
 import statistics
 import threading
@@ -27,7 +28,9 @@ from worker.limits import (
     api_key_id,
     limiter_for,
     mismatch,
+    policy_key,
     rate_keys,
+    read_published,
     wait_for_token,
 )
 
@@ -352,3 +355,170 @@ def test_differing_settings_are_said_never_silent() -> None:
     raw = {k.encode(): v.encode() for k, v in leader.fields().items()}
     assert Limits.parse(raw) == leader
     assert Limits.parse({b"key": b"x"}) is None
+
+
+# ------------------------------------- the leader's limits: fail safe, per key and database, fresh
+
+
+def _pair(
+    url: str, prefix: str, database: str = "db-a", **leader_settings: object
+) -> tuple[RedisGCRA, RedisGCRA]:
+    """A leader (2/s, 1/s on ``fal-ai/wan-22``, unless told) and a laxer worker, same key and database."""
+    limits: dict[str, object] = {
+        "submit_jitter_allowance": 0.0,
+        "submit_rate_per_endpoint": {"fal-ai/wan-22": 1},
+    }
+    limits.update(leader_settings)
+    leader = RedisGCRA.from_url(_settings(2, **limits), url, prefix=prefix, database=database)
+    lax = _settings(100, submit_jitter_allowance=0.0)
+    worker = RedisGCRA.from_url(lax, url, prefix=prefix, database=database)
+    return leader, worker
+
+
+def _flush(client: redis.Redis[bytes], prefix: str) -> None:
+    """What a flushed or restarted limiter Redis leaves of this test's keys: none."""
+    keys = list(client.scan_iter(match=prefix + "*"))
+    if keys:
+        client.delete(*keys)
+
+
+def test_a_flushed_limiter_keeps_the_leaders_limits_and_the_leader_publishes_again(
+    redis_url: str, redis_namespace: str, client: redis.Redis[bytes]
+) -> None:
+    leader, worker = _pair(redis_url, redis_namespace)
+    try:
+        leader.publish("leader-host:1:")
+        assert worker.acquire("fal-ai/wan-22") == 0  # the worker sees the policy with its grant
+        _flush(client, redis_namespace)  # the limiter's Redis flushed: policy and TATs gone
+        # The worker's grants keep the leader's 1/s (the policy it saw last), not its own 100/s.
+        assert worker.acquire("fal-ai/wan-22") == 0
+        assert 0.9 < worker.acquire("fal-ai/wan-22") <= 1.0
+        assert 0.4 < worker.acquire(ENDPOINT) <= 1.0  # the key's 2/s (the endpoint's TAT holds it too)
+        # The leader publishes again at its next dispatch round (pause_left), not at its next beat.
+        assert not client.exists(leader.policy)
+        leader.pause_left()
+        assert client.exists(leader.policy)
+        # ... and as soon as the limiter answers again after an outage.
+        client.delete(leader.policy)
+        leader.outage.failed("Connection refused")
+        leader.pause_left()
+        assert not leader.outage.down
+        assert client.exists(leader.policy)
+        # A process that never led publishes nothing.
+        client.delete(leader.policy)
+        worker.pause_left()
+        assert not client.exists(leader.policy)
+    finally:
+        leader.close()
+        worker.close()
+
+
+def test_each_deployment_and_key_keeps_its_own_leaders_limits(
+    redis_url: str, redis_namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Staging and production (two databases) share the limiter's Redis and the API key: each
+    leader's limits hold for its own workers, and neither replaces the other's."""
+    staging, staging_worker = _pair(redis_url, redis_namespace, "staging", submit_rate_per_endpoint={})
+    production, production_worker = _pair(redis_url, redis_namespace, "production")
+    other_key = RedisGCRA.from_url(
+        Settings(FAL_KEY=SecretStr("another-key"), submit_rate=5, submit_jitter_allowance=0.0),
+        redis_url,
+        prefix=redis_namespace,
+        database="production",
+    )
+    try:
+        assert staging.policy != production.policy != other_key.policy
+        assert staging.policy == redis_namespace + policy_key(api_key_id(staging.settings), "staging")
+        leaders = {staging: "staging-host:1:", production: "production-host:2:", other_key: "other-host:3:"}
+        with caplog.at_level(logging.WARNING, logger="worker.limits"):
+            assert [leader.publish(by) for leader, by in leaders.items()] == [None, None, None]
+            for leader, by in leaders.items():  # each leader's next beat finds its own limits
+                before = leader.publish(by)
+                assert before is not None
+                assert before.by == by
+        assert [r for r in caplog.records if getattr(r, "event", "") == "limits.changed"] == []
+        # Staging sets no rate on wan-22: its worker keeps the key's 2/s there.
+        assert staging_worker.acquire("fal-ai/wan-22") == 0
+        assert 0.4 < staging_worker.acquire("fal-ai/wan-22") <= 0.5
+        # Production's 1/s on wan-22 holds for its worker (the key's TAT is the account's: shared).
+        time.sleep(0.6)
+        assert production_worker.acquire("fal-ai/wan-22") == 0
+        assert 0.9 < production_worker.acquire("fal-ai/wan-22") <= 1.0
+    finally:
+        for limiter in (staging, staging_worker, production, production_worker, other_key):
+            limiter.close()
+
+
+def _mismatches(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "limits.mismatch"]
+
+
+def test_a_worker_started_before_the_leader_publishes_says_the_difference_once(
+    redis_url: str, redis_namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    leader, worker = _pair(redis_url, redis_namespace)
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.limits"):
+            assert worker.watch_policy() is None  # no leader yet: nothing to say (start-up said nothing)
+            assert _mismatches(caplog) == []
+            leader.publish("first-leader:7:")
+            assert worker.watch_policy() is not None  # the worker's round after the first publish
+            (line,) = _mismatches(caplog)
+            assert "first-leader:7" in line
+            assert "WANBATCH_SUBMIT_RATE 100 here, 2 there" in line
+            for _ in range(2):  # the leader's next beats, the worker's next rounds and grants: said once
+                leader.publish("first-leader:7:")
+                worker.watch_policy()
+                worker.acquire(ENDPOINT)
+            assert len(_mismatches(caplog)) == 1
+            # Another leader takes over: its difference is said, once, by a worker's grant too.
+            RedisGCRA.publish(leader, "second-leader:8:")
+            worker.acquire(ENDPOINT)
+            worker.watch_policy()
+            assert len(_mismatches(caplog)) == 2
+            assert "second-leader:8" in _mismatches(caplog)[1]
+    finally:
+        leader.close()
+        worker.close()
+
+
+def test_a_stopped_or_dead_leaders_limits_are_not_said(
+    redis_url: str, redis_namespace: str, client: redis.Redis[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _settings(100, submit_jitter_allowance=0.0, limits_url=redis_url)
+    leader, worker = _pair(redis_url, redis_namespace)
+    # read_published reads without the test's prefix: a leader of its own database, unprefixed.
+    database = f"test-db-{redis_namespace.rsplit(':', 2)[-2]}"
+    bare = RedisGCRA.from_url(_settings(2, submit_jitter_allowance=0.0), redis_url, database=database)
+    try:
+        # A clean stop takes the policy with it (only its own: another leader's stays).
+        leader.publish("stopping-leader:1:")
+        worker.unpublish()
+        assert client.exists(leader.policy)
+        leader.unpublish()
+        assert not client.exists(leader.policy)
+        # A dead leader's policy (older than three beats) is named by no warning ...
+        bare.publish("dead-leader:2:")
+        assert read_published(settings, database) is not None
+        client.hset(bare.policy, "at", str(round((_redis_now(client) - 60) * 1_000_000)))
+        assert read_published(settings, database) is None
+        with caplog.at_level(logging.WARNING, logger="worker.limits"):
+            leader.publish("dead-leader:3:")
+            client.hset(leader.policy, "at", str(round((_redis_now(client) - 60) * 1_000_000)))
+            worker.watch_policy()
+            assert _mismatches(caplog) == []
+            # ... nor replaced with a warning by the next leader.
+            successor = RedisGCRA.from_url(_settings(7), redis_url, prefix=redis_namespace, database="db-a")
+            assert successor.publish("next-leader:4:") is None
+            successor.close()
+            assert [r for r in caplog.records if getattr(r, "event", "") == "limits.changed"] == []
+        # The grants still honour the policy seen last while none is there (fail safe), stale or not.
+        client.delete(leader.policy)
+        assert worker.seen is not None
+        assert worker.seen.by == "dead-leader:3:"
+        assert worker.acquire(ENDPOINT) == 0
+        assert 0.4 < worker.acquire(ENDPOINT) <= 0.5  # the dead leader's 2/s, not the worker's 100/s
+    finally:
+        client.delete(bare.policy)
+        for limiter in (leader, worker, bare):
+            limiter.close()

@@ -297,9 +297,14 @@ class Runtime:
     def cap_scope(self) -> CapScope:
         """Which jobs this runtime's caps count (:meth:`jobs.store.CapScope.of`): the requests
         its provider holds for its key and the downloads it makes itself, never jobs that only
-        another process (another batch's run, another simulator) can move on."""
+        another process (another batch's run, another simulator) can move on. The distributed
+        workers' leader (every batch) counts every key's requests: a worker with another
+        ``FAL_KEY`` sends with its own (:attr:`jobs.store.CapScope.every_key`)."""
         return CapScope.of(
-            api_key_id=api_key_id(self.settings), batch_ids=self.batch_ids, simulated=self.simulated
+            api_key_id=api_key_id(self.settings),
+            batch_ids=self.batch_ids,
+            simulated=self.simulated,
+            every_key=self.batch_ids is None,
         )
 
     def fence(self, job: JobRecord) -> Fence:
