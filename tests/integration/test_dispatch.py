@@ -102,7 +102,10 @@ def test_backoff_off_when_zero(engine: Engine) -> None:
     assert len(dispatch(_runtime(engine, [], queue_wait_backoff=0))) == 7
 
 
-def test_the_outstanding_cap_is_per_api_key(engine: Engine) -> None:
+def test_an_embedded_runs_outstanding_cap_is_per_api_key(engine: Engine) -> None:
+    """An embedded run sends with its own key only, so another key's requests (another account)
+    leave its cap untouched; the distributed leader counts every key instead (its workers may
+    each hold another key: test_dispatch_rounds)."""
     ids = _batch_of(engine, 30)
     _at_fal(engine, ids[:8], S.RUNNING, waited=1)
     with db.session_scope(engine) as session:  # those 8 were sent with another account's key
@@ -112,7 +115,7 @@ def test_the_outstanding_cap_is_per_api_key(engine: Engine) -> None:
                 session, job_id, expected_version=job.version, api_key_id="other-key"
             )
     sent: list[str] = []
-    rt = _runtime(engine, sent, fal_key="key-of-this-deployment")
+    rt = _runtime(engine, sent, batch_ids=_batch_id(engine, ids[0]), fal_key="key-of-this-deployment")
     assert len(dispatch(rt)) == 10  # the other key's 8 leave this key's cap of 10 untouched
     with db.session_scope(engine) as session:
         mine = {store.get_job(session, job_id).api_key_id for job_id in sent}
