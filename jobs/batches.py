@@ -936,9 +936,19 @@ class CapCheck:
 
     def scope(self, batch: Batch) -> store.CapScope:
         """What the caps count for a process sending ``batch``: an embedded ``run`` (its own
-        batch), the workers (every batch) or a ``--simulate`` run (its own simulator)."""
-        own = None if self.distributed and not batch.simulated else {batch.id}
-        return store.CapScope.of(api_key_id=self.api_key_id, batch_ids=own, simulated=batch.simulated)
+        batch, its own key's requests), the workers (every batch; their leader's dispatch counts
+        every key's requests: :attr:`jobs.store.CapScope.every_key`) or a ``--simulate`` run
+        (its own simulator)."""
+        if self.distributed and not batch.simulated:
+            return self.workers_scope()
+        return store.CapScope.of(api_key_id=self.api_key_id, batch_ids={batch.id}, simulated=batch.simulated)
+
+    def workers_scope(self) -> store.CapScope:
+        """What the distributed workers' leader counts (``Runtime.cap_scope`` without a batch
+        scope): every batch's downloads, and the requests at fal of every key, since a worker
+        with another ``FAL_KEY`` sends with its own. An explanation counting only this key's
+        said "3 of 10" while dispatch saw 10 of 10 and sent nothing."""
+        return store.CapScope.of(api_key_id=self.api_key_id, batch_ids=None, simulated=False, every_key=True)
 
 
 def cap_holds(session: Session, batch_id: str, scope: store.CapScope, check: CapCheck) -> list[CapHold]:

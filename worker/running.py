@@ -769,12 +769,9 @@ class _CapWatch:
         self.batch_id = batch_id
         self.rt = rt
         self.check = CapCheck.of(settings, api_key_id(settings))
-        # Embedded, what this process's dispatch counts; watching, what the workers' counts.
-        self.scope = (
-            rt.cap_scope()
-            if rt is not None
-            else CapScope.of(api_key_id=self.check.api_key_id, batch_ids=None, simulated=False)
-        )
+        # Embedded, what this process's dispatch counts; watching, what the workers' leader
+        # counts (every key's requests: CapScope.every_key).
+        self.scope: CapScope = rt.cap_scope() if rt is not None else self.check.workers_scope()
         #: The caps (and whose jobs) last said in full: said again only when that changes.
         self._said: tuple[tuple[str, str | None, tuple[str, ...]], ...] = ()
 

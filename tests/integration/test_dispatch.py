@@ -249,3 +249,43 @@ def test_status_says_when_the_batchs_own_downloads_hold_it_back_but_not_its_own_
     _at_fal(engine, mine[2:4], S.RUNNING, waited=1)
     # Full of its own requests, the cap is at work for the batch: its counts say so already.
     assert _held(engine, mine[0], max_outstanding=2, max_download_backlog=3) is None
+
+
+def test_with_workers_the_explanation_counts_every_keys_requests_as_their_leader_does(
+    engine: Engine,
+) -> None:
+    """The workers' leader counts the requests of every key against WANBATCH_MAX_OUTSTANDING (a
+    worker with another FAL_KEY sends with its own): what `status` and a watching `run` say holds
+    the batch back counts the same, not only this process's key ("1 of 3" while dispatch saw 3
+    of 3 and sent nothing). An embedded run's note stays per key, as its dispatch is."""
+    from worker.running import _CapWatch
+
+    other = _batch_of(engine, 2, "other-key")
+    _at_fal(engine, other, S.RUNNING, waited=1)
+    with db.session_scope(engine) as session:  # sent by a worker with another FAL_KEY
+        for job_id in other:
+            job = store.get_job(session, job_id)
+            assert store.update_job_fields(
+                session, job_id, expected_version=job.version, api_key_id="another-workers-key"
+            )
+    mine = _batch_of(engine, 3, "mine")
+    _at_fal(engine, mine[:1], S.RUNNING, waited=1)
+    leader = _runtime(engine, [], max_outstanding=3)
+    assert dispatch(leader) == []  # 3 of 3 at fal, whichever key sent them
+    assert leader.capped
+    workers = {"broker_url": "redis://127.0.0.1:6379/15", "max_outstanding": 3}
+    note = (
+        "submits held back: the outstanding cap is full (3 of 3, WANBATCH_MAX_OUTSTANDING): requests "
+        "at fal (2 of batch other-key, 1 of this batch); sending resumes as fal finishes them, or "
+        "raise WANBATCH_MAX_OUTSTANDING if your fal account runs more at once"
+    )
+    assert _held(engine, mine[0], **workers) == note  # status
+    config = Settings(**workers)
+    watch = _CapWatch(next(iter(_batch_id(engine, mine[0]))), config, None)  # run, watching
+    with db.read_scope(engine) as session:
+        current = batches.batch_progress(session, watch.batch_id)
+        assert batches.cap_note(watch.holds(session, current), watch.batch_id) == note
+    # Embedded, a run sends with its own key only: the other key's requests hold it back nowhere.
+    assert _held(engine, mine[0], max_outstanding=3) is None
+    embedded = _runtime(engine, [], batch_ids=_batch_id(engine, mine[0]), max_outstanding=3)
+    assert len(dispatch(embedded)) == 2
