@@ -95,7 +95,7 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
                 "(use `wanbatch run MANIFEST` to process in this process)"
             )
         settings.require_fal_key()
-        from worker.limits import check_limiter, mismatch, read_published, say_mismatch
+        from worker.limits import check_limiter, in_pool_child, mismatch, read_published, say_mismatch
         from worker.steps.webhooks import database_fingerprint, webhook_secret
 
         check_limiter(settings)  # its Redis unreachable: one line, exit 2, before anything starts
@@ -125,6 +125,7 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
             db.open_engine(settings).dispose(close=False)
             tasks.set_runtime(None)
             startup.resume()  # forked while start-up had the GC paused (no timer in a child)
+            in_pool_child()  # the limits' differences: said once, by the main process, not per child
 
         # What stopped a worker before it was ever ready (see _StartFailure): the same start would
         # stop it again the same way, so it is one line and exit 2, never a restart.

@@ -1010,15 +1010,33 @@ def watch_limits(limiter: SubmitLimiter | None) -> None:
 _said_lock = threading.Lock()
 #: The mismatch lines this process said already: each distinct difference once.
 _said: set[str] = set()
+#: This process is a child of a ``wanbatch worker``'s prefork pool (:func:`in_pool_child`): its
+#: worker's main process says the differences, not it.
+_pool_child = False
+
+
+def in_pool_child(**_: object) -> None:
+    """In a prefork pool's child (Celery's ``worker_process_init``): leave the differences with
+    the leader's limits to the worker's main process.
+
+    Every child is forked from the main process, so it has the very settings the main process
+    compares, and it reads the same leader's policy (at its first submit after a leader appears
+    or another takes over): each of them said the main process's line again, a worker with 8
+    children 9 times. The main process's ticker reads the policy at each heartbeat when it does
+    not lead (:func:`watch_limits`) and says each difference once; a child logs it at debug level."""
+    global _pool_child
+    _pool_child = True
 
 
 def say_mismatch(lines: list[str]) -> None:
-    """Warn each of ``lines`` (:func:`mismatch`) this process has not said yet."""
+    """Warn each of ``lines`` (:func:`mismatch`) this process has not said yet (in a prefork
+    child, :func:`in_pool_child`, only at debug level: its worker's main process says it)."""
     with _said_lock:
         new = [line for line in lines if line not in _said]
         _said.update(new)
+    level = logging.DEBUG if _pool_child else logging.WARNING
     for line in new:
-        log.warning(line, extra={"event": "limits.mismatch"})
+        log.log(level, line, extra={"event": "limits.mismatch"})
 
 
 def unreachable_note(limiter: SubmitLimiter | None) -> str | None:

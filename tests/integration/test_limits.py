@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.synchronize
 import statistics
 import threading
 import time
@@ -26,6 +27,7 @@ from worker.limits import (
     LocalGCRA,
     RedisGCRA,
     api_key_id,
+    in_pool_child,
     limiter_for,
     mismatch,
     policy_key,
@@ -480,6 +482,72 @@ def test_a_worker_started_before_the_leader_publishes_says_the_difference_once(
     finally:
         leader.close()
         worker.close()
+
+
+def _pool_child(
+    url: str,
+    prefix: str,
+    published: multiprocessing.synchronize.Event,
+    said: multiprocessing.Queue[list[str]],
+) -> None:
+    """A prefork child of the worker of :func:`_pair` (forked from it: the same settings): what
+    Celery's ``worker_process_init`` runs in it, then its own limiter (its own runtime's) and a
+    submit once the leader has published; sends back the mismatch warnings it logged."""
+    from celery.signals import worker_process_init
+
+    worker_process_init.connect(in_pool_child, weak=False)  # as `wanbatch worker` connects it
+    worker_process_init.send(sender=None)
+    warnings: list[str] = []
+
+    class Kept(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "event", "") == "limits.mismatch" and record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    logging.getLogger("worker.limits").addHandler(Kept())
+    limiter = RedisGCRA.from_url(
+        _settings(100, submit_jitter_allowance=0.0), url, prefix=prefix, database="db-a"
+    )
+    try:
+        assert published.wait(30)
+        limiter.acquire(ENDPOINT)  # its first grant reads the new leader's policy
+    finally:
+        limiter.close()
+        said.put(warnings)
+
+
+def test_a_prefork_worker_says_the_difference_once_not_once_per_child(
+    redis_url: str, redis_namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every child of a prefork worker has the main process's settings and reads the same
+    leader's policy: a leader appearing after the children started was warned about by the main
+    process and again by each child. The main process says it (at its rounds); the children not."""
+    leader, worker = _pair(redis_url, redis_namespace)
+    ctx = multiprocessing.get_context("fork")  # as Celery's prefork pool makes its children
+    published = ctx.Event()
+    said: multiprocessing.Queue[list[str]] = ctx.Queue()
+    children = [
+        ctx.Process(target=_pool_child, args=(redis_url, redis_namespace, published, said)) for _ in range(3)
+    ]
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.limits"):
+            assert worker.watch_policy() is None  # no leader yet when the worker started
+            for child in children:
+                child.start()
+            leader.publish("pool-leader:9:")
+            published.set()
+            from_children = [said.get(timeout=60) for _ in children]
+            worker.watch_policy()  # the main process's round
+            (line,) = _mismatches(caplog)
+            assert "pool-leader:9" in line
+        assert from_children == [[], [], []]
+    finally:
+        published.set()
+        for child in children:
+            child.join(30)
+        leader.close()
+        worker.close()
+    assert [child.exitcode for child in children] == [0, 0, 0]
 
 
 def test_a_stopped_or_dead_leaders_limits_are_not_said(
