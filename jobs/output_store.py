@@ -167,6 +167,12 @@ class OutputStore(ABC):
     def sidecar_video_path(self, location: str) -> str:
         """The ``video_path`` the sidecar shows: relative to the output folder, or the URI."""
 
+    def placement(self, dest: Path, batch_name: str, item_index: int, job_id: str) -> tuple[str, str]:
+        """The ``output_path`` the job records and the ``video_path`` its sidecar shows, for the
+        video whose local file is ``dest`` (:meth:`video_dest` of the same job)."""
+        location = self.location(batch_name, item_index, job_id)
+        return location, self.sidecar_video_path(location)
+
     @abstractmethod
     def publish(
         self,
@@ -270,6 +276,14 @@ class LocalOutputStore(OutputStore):
 
     def sidecar_video_path(self, location: str) -> str:
         return outputs.relative_to_output(Path(location), self.root)
+
+    def placement(self, dest: Path, batch_name: str, item_index: int, job_id: str) -> tuple[str, str]:
+        # ``dest`` is the location, its folder already resolved and checked by video_dest: only
+        # the output folder is resolved again (not the whole path twice over, as the two calls do).
+        try:
+            return str(dest), str(dest.relative_to(self.root.resolve()))
+        except ValueError:
+            return str(dest), str(dest)
 
     def publish(
         self,

@@ -150,3 +150,34 @@ def test_a_sidecar_is_json_a_strict_reader_takes(tmp_path: Path) -> None:
         "seed": None,
         "metrics": {"t": [None, None, 2.5]},
     }
+
+
+def test_a_local_outputs_placement_is_the_location_and_its_sidecar_path_resolving_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output path and the sidecar's video path of a stored video are those location() and
+    sidecar_video_path() give (a symlinked output folder too), for one resolve of the output
+    folder instead of four: a resolve per job is a few stat calls each."""
+    from jobs.output_store import LocalOutputStore
+
+    real_resolve = Path.resolve
+    calls = 0
+
+    def counting(self: Path, strict: bool = False) -> Path:
+        nonlocal calls
+        calls += 1
+        return real_resolve(self, strict)
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    for root in (tmp_path / "real", tmp_path / "link", tmp_path / "link" / ".." / "link" / "sub"):
+        store = LocalOutputStore(root)
+        dest = store.video_dest("my batch", 3, "0123456789abcdef0123")
+        location = store.location("my batch", 3, "0123456789abcdef0123")
+        expected = (location, store.sidecar_video_path(location))
+
+        calls = 0
+        monkeypatch.setattr(Path, "resolve", counting)
+        assert store.placement(dest, "my batch", 3, "0123456789abcdef0123") == expected
+        monkeypatch.undo()
+        assert calls <= 1

@@ -481,10 +481,8 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: _Video) 
     if isinstance(checked, str):
         return checked
     cost = billed(job, billing.Outcome.SUCCEEDED)
-    location = outs.location(claim.batch_name, claim.item_index, job_id)
-    sidecar = sidecar_record(
-        job, claim.batch_name, outs.sidecar_video_path(location), result.sha256, result.size, cost
-    )
+    location, shown = outs.placement(dest, claim.batch_name, claim.item_index, job_id)
+    sidecar = sidecar_record(job, claim.batch_name, shown, result.sha256, result.size, cost)
     sidecar.update(checked)
     try:
         output_path = outs.publish(
