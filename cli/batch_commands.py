@@ -80,9 +80,9 @@ def status(batch: str | None, as_json: bool) -> None:
         reports = batches.status(batch, settings, caps)
         if settings.broker_url:  # the workers' leader's limits apply, not these: say when they differ
             from worker.doctor import database_id
-            from worker.limits import mismatch, read_published
+            from worker.limits import published_mismatch
 
-            for line in mismatch(settings, read_published(settings, database_id(settings))):
+            for line in published_mismatch(settings, database_id(settings)):
                 err.print(f"[yellow]warning: {escape(line)}[/yellow]")
         if as_json:
             emit_json(reports[0] if batch is not None else {"batches": reports})

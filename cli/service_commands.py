@@ -95,15 +95,14 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
                 "(use `wanbatch run MANIFEST` to process in this process)"
             )
         settings.require_fal_key()
-        from worker.limits import check_limiter, in_pool_child, mismatch, read_published, say_mismatch
+        from worker.limits import check_limiter, in_pool_child, published_mismatch, say_mismatch
         from worker.steps.webhooks import database_fingerprint, webhook_secret
 
         check_limiter(settings)  # its Redis unreachable: one line, exit 2, before anything starts
         engine = db.open_engine(settings)  # migrate before any worker process starts
-        # Never silently: the leader's limits apply. Said again if a leader publishes later.
-        say_mismatch(
-            mismatch(settings, read_published(settings, database_fingerprint(webhook_secret(engine))))
-        )
+        # Never silently: the leader's limits apply, and its FAL_KEY is the account the others
+        # use. Said again if a leader publishes later (or another takes over).
+        say_mismatch(published_mismatch(settings, database_fingerprint(webhook_secret(engine))))
         from worker import telemetry  # before anything counts: prefork children count in files
 
         stop_metrics = telemetry.serve_configured(settings, child_processes=pool in ("prefork", "processes"))

@@ -38,7 +38,7 @@ from jobs.models import EVERY_BATCH, JobView, utcnow
 from worker import steps
 from worker.db_outage import DatabaseOutage, database_problem
 from worker.fal.models import RequestHandle, Status
-from worker.limits import publish_limits, unpublish_limits, watch_limits
+from worker.limits import publish_limits, republish_through, resign_limits, unpublish_limits, watch_limits
 from worker.steps.context import Reach, Runtime, handle_of, process_identity
 from worker.steps.poll import AT_FAL, Seen, apply_seen, apply_seen_in
 from worker.watcher import StatusWatcher
@@ -131,6 +131,10 @@ class Conductor:
         self._next_beat = 0.0  # monotonic; 0: never beat
         self._next_watch = 0.0  # monotonic: when a process that does not lead reads the leader's limits
         self._closed = False
+        #: The limiter found the leader's policy gone, or answered after an outage: publish again
+        #: (after checking the leader lock), without waiting for the next beat.
+        self._limits_due = False
+        republish_through(rt.limiter, self._republish_limits)
         #: What a database outage has done to the loop so far (:meth:`run` sets it up).
         self._outage = DatabaseOutage("the conductor", patience=None, url=rt.settings.database_url)
 
@@ -161,6 +165,12 @@ class Conductor:
         if self.watcher is not None and self.watcher.watch(job_id, handle):
             self.stats.streams += 1
 
+    def _republish_limits(self) -> None:
+        """The limiter asks for the leader's limits to be published again (any thread)."""
+        with self._cond:
+            self._limits_due = True
+            self._cond.notify()
+
     def _on_status(self, job_id: str, request_id: str, status: Status) -> None:
         with self._cond:
             if status.completed:
@@ -182,7 +192,7 @@ class Conductor:
 
     def _pending(self) -> bool:
         started_due = bool(self._started) and time.monotonic() - self._started_since >= STARTED_BATCH_SECONDS
-        return bool(self._ended or self._submitted or self._wants_dispatch or started_due)
+        return bool(self._ended or self._submitted or self._wants_dispatch or started_due or self._limits_due)
 
     def _take(self, timeout: float) -> tuple[list[Seen], set[str], bool]:
         """Wait up to ``timeout`` for something to do; then (statuses to apply, jobs to watch,
@@ -325,6 +335,8 @@ class Conductor:
                     self.rt.unrecorded.writable()  # the tick's writes worked: sending may go on
                     if redispatch_at is None:  # the tick's dispatch left jobs waiting: as a round would
                         redispatch_at = self._redispatch_at()
+                if not leading:  # the lock is another's (or was lost): never publish meanwhile
+                    resign_limits(self.rt.limiter)
                 if not leading and now >= self._next_watch:
                     # Not leading: the leader's limits, when one first publishes or another takes
                     # over, are compared with this process's (said once) and kept (fail safe).
@@ -332,10 +344,22 @@ class Conductor:
                     watch_limits(self.rt.limiter)
                 self._outage.answered()  # the tick (or the leader lock's check) reached the database
                 next_tick = now + (idle_interval(interval, quiet) if leading else interval)
-            elif leading and self._next_beat and now >= self._next_beat:
+            elif self._limits_due or (leading and self._next_beat and now >= self._next_beat):
                 # Between ticks too: an idle tick comes only every 8 × WANBATCH_TICK_INTERVAL, and
-                # a heartbeat older than a minute says nobody works on the batches.
-                self._beat()
+                # a heartbeat older than a minute says nobody works on the batches; and at once
+                # when the limiter found the published limits gone. The lock may have passed to
+                # another worker since the tick: asked again, so that only the worker holding it
+                # beats and publishes its limits.
+                with self._cond:
+                    republish, self._limits_due = self._limits_due, False
+                if leading:
+                    leading = leads() if leads is not None else True
+                if not leading:
+                    resign_limits(self.rt.limiter)
+                elif self._next_beat and now >= self._next_beat:
+                    self._beat()  # publishes too
+                elif republish and not self.rt.batch_ids:
+                    publish_limits(self.rt.limiter, process_identity())
             if on_progress is not None and now >= next_progress:
                 # Idle (nothing at fal, nothing to do), nothing changes between two ticks either.
                 next_progress = now + max(

@@ -671,10 +671,10 @@ def check_limiter(settings: Settings) -> Check:
         else:
             fix = f"start that Redis or fix {probed.setting}: `run` and `worker` refuse to start without it"
         return _fail(name, problem, fix)
-    from worker.limits import mismatch, read_published
+    from worker.limits import published_mismatch
 
     # Said, not failed: a host that only watches (status, doctor) may differ on purpose.
-    differ = mismatch(settings, read_published(settings, database_id(settings)))
+    differ = published_mismatch(settings, database_id(settings))
     warning = f"; warning: {differ[0]}" if differ else ""
     return _ok(name, f"{probed.where} answers{warning}")
 

@@ -46,7 +46,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
@@ -75,11 +75,13 @@ TIMEOUT_SECONDS = 2.0
 #: two are apart so that a submit's ordinary spacing (the TAT one interval ahead after any
 #: grant) is never read as fal's pause. A plain string is a key written before ``hold``
 #: existed: its TAT alone. Values are integer microseconds (< 2^53, exact in Lua's doubles) on
-#: Redis' clock; the TTL outlives both, so idle keys go.
+#: Redis' clock; the TTL outlives both, so idle keys go. ``state(key, missing)``: a key that is
+#: not there reads as TAT ``missing`` (the TAT the caller saw last, :data:`GCRA_LUA`) or now, and
+#: says so (a third value, true).
 _LUA_STATE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function state(key)
+local function state(key, missing)
   local kind = redis.call('TYPE', key)['ok']
   if kind == 'hash' then
     local v = redis.call('HMGET', key, 'tat', 'hold')
@@ -87,7 +89,7 @@ local function state(key)
   elseif kind == 'string' then
     return tonumber(redis.call('GET', key)) or now, 0
   end
-  return now, 0
+  return missing or now, 0, true
 end
 local function store(key, tat, hold)
   if redis.call('TYPE', key)['ok'] ~= 'hash' then redis.call('DEL', key) end
@@ -107,16 +109,22 @@ end
 #: ``KEYS``: the rate keys, then the policy's key (:func:`policy_key`); ``ARGV``: each key's
 #: interval (µs) as this process's settings make it (0: no limit of its own), then each key's
 #: field in the policy, then this process's API key id, then the publish stamp (``at``) of the
-#: policy this process saw last (empty: none), then each key's interval in that policy (0: none).
+#: policy this process saw last (empty: none), then each key's interval in that policy (0: none),
+#: then each key's TAT as this process saw it last (µs; 0: none).
 #: Every interval is the longer of this process's and the one the tick leader published for the
 #: same API key and database (:meth:`RedisGCRA.publish`), read in the same atomic call: no worker,
 #: whatever its own settings, grants faster than the leader's limits. When the policy is missing
 #: (the limiter's Redis flushed or restarted, the policy expired or deleted), the policy seen last
 #: stands in for it (fail safe) until the leader publishes again. A key whose interval is 0 every
-#: way limits nothing here.
+#: way limits nothing here. A key that is missing (the limiter flushed or restarted) starts from
+#: the TAT this process saw last, not from now (fail safe): the grant after a flush keeps the
+#: spacing from the last one this process knows of, never comes early or in a burst; and the key is
+#: written back even when the answer is a wait, so that every other process keeps to it too. A TAT
+#: seen long ago is in the past and changes nothing.
 #:
 #: Returns the wait (µs), Redis' clock (µs), the policy as ``HGETALL`` gives it when its stamp is
-#: not the one this process saw last (else empty), and whether a policy is there (1) or not (0).
+#: not the one this process saw last (else empty), whether a policy is there (1) or not (0), and
+#: each key's TAT after the call (µs; 0 for a key that limits nothing), for the next call's fallback.
 GCRA_LUA = (
     _LUA_STATE
     + """
@@ -125,7 +133,7 @@ local policy = KEYS[n + 1]
 local present = redis.call('EXISTS', policy) == 1
 local same_key = present and redis.call('HGET', policy, 'key') == ARGV[2 * n + 1]
 local wait = 0
-local tats, holds, ivs = {}, {}, {}
+local tats, holds, ivs, restored = {}, {}, {}, {}
 for i = 1, n do
   local iv = tonumber(ARGV[i])
   local published
@@ -137,8 +145,9 @@ for i = 1, n do
   if published > iv then iv = published end
   ivs[i] = iv
   if iv > 0 then
-    local tat, hold = state(KEYS[i])
+    local tat, hold, missing = state(KEYS[i], tonumber(ARGV[3 * n + 2 + i]))
     if tat < now then tat = now end
+    restored[i] = missing and tat > now
     tats[i], holds[i] = tat, hold
     if tat - now > wait then wait = tat - now end
   end
@@ -149,13 +158,21 @@ if same_key and (redis.call('HGET', policy, 'at') or '') ~= ARGV[2 * n + 2] then
 end
 local there = 0
 if present then there = 1 end
+local after = {}
+for i = 1, n do after[i] = tats[i] or 0 end
 if wait > 0 then
-  return {wait, now, seen, there}
+  for i = 1, n do
+    if restored[i] then store(KEYS[i], tats[i], holds[i]) end
+  end
+  return {wait, now, seen, there, after}
 end
 for i = 1, n do
-  if ivs[i] > 0 then store(KEYS[i], tats[i] + ivs[i], holds[i]) end
+  if ivs[i] > 0 then
+    store(KEYS[i], tats[i] + ivs[i], holds[i])
+    after[i] = tats[i] + ivs[i]
+  end
 end
-return {0, now, seen, there}
+return {0, now, seen, there, after}
 """
 )
 
@@ -209,9 +226,12 @@ CHECK_KEY_SUFFIX = ":limiter-check"
 
 
 #: The tick leader's limits replace those published before (returned, as ``HGETALL`` gives them,
-#: with Redis' clock in µs): ``KEYS[1]`` the policy (:func:`policy_key`); ``ARGV``: its TTL in
-#: seconds, then field, value, field, value… The field ``at`` is set to Redis' clock (µs): when it
-#: was published, by which :data:`POLICY_FRESH_SECONDS` tells a live leader's from a dead one's.
+#: with Redis' clock in µs): ``KEYS[1]`` the policy (:func:`policy_key`), ``KEYS[2]`` the
+#: database's leader record (:func:`leader_key`); ``ARGV``: the TTL in seconds, then field, value,
+#: field, value… The field ``at`` is set to Redis' clock (µs): when it was published, by which
+#: :data:`POLICY_FRESH_SECONDS` tells a live leader's from a dead one's. The leader record gets the
+#: policy's ``key``, ``by`` and ``at``, with the same TTL: which API key the database's leader uses,
+#: for a worker with another ``FAL_KEY`` (whose policy is another key's) to learn that it differs.
 PUBLISH_LUA = """
 local t = redis.call('TIME')
 local now = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
@@ -220,19 +240,31 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('HSET', KEYS[1], 'at', now)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+redis.call('DEL', KEYS[2])
+local key, by = redis.call('HGET', KEYS[1], 'key'), redis.call('HGET', KEYS[1], 'by')
+redis.call('HSET', KEYS[2], 'key', key, 'by', by, 'at', now)
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
 return {before, now}
 """
 
-#: The policy ``KEYS[1]`` as ``HGETALL`` gives it, and Redis' clock (µs).
+#: The policy ``KEYS[1]`` as ``HGETALL`` gives it, Redis' clock (µs), and the leader record
+#: ``KEYS[2]`` (:func:`leader_key`) as ``HGETALL`` gives it (empty when none, or not asked).
 READ_POLICY_LUA = """
 local t = redis.call('TIME')
-return {redis.call('HGETALL', KEYS[1]), string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))}
+local now = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+local leader = {}
+if #KEYS > 1 then leader = redis.call('HGETALL', KEYS[2]) end
+return {redis.call('HGETALL', KEYS[1]), now, leader}
 """
 
-#: A leader's clean stop: deletes the policy ``KEYS[1]`` if the process ``ARGV[1]`` published it.
+#: A leader's clean stop: deletes the policy ``KEYS[1]`` and the leader record ``KEYS[2]``, each
+#: if the process ``ARGV[1]`` published it (another leader's stays).
 UNPUBLISH_LUA = """
-if redis.call('HGET', KEYS[1], 'by') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+local gone = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 'by') == ARGV[1] then gone = gone + redis.call('DEL', key) end
+end
+return gone
 """
 
 
@@ -353,6 +385,38 @@ def policy_key(key_id: str, database: str | None) -> str:
     return f"{KEY_PREFIX}{key_id}:{database or 'no-database'}:policy"
 
 
+def leader_key(database: str | None) -> str:
+    """The Redis hash naming the API key (its id, :func:`api_key_id`) the tick leader of
+    ``database`` (its fingerprint; None: not known) uses, who it is and when it last published
+    (:data:`PUBLISH_LUA`): one per database, whatever the key, so that a worker with another
+    ``FAL_KEY`` — which reads another key's policy (:func:`policy_key`) — learns of the leader too."""
+    return f"{KEY_PREFIX}{database or 'no-database'}:leader"
+
+
+@dataclass(frozen=True, slots=True)
+class Leader:
+    """The tick leader of a database as its record (:func:`leader_key`) names it."""
+
+    key_id: str
+    by: str
+    #: When it last published (Redis' clock, epoch seconds).
+    at: float
+
+    @classmethod
+    def parse(cls, raw: list[bytes] | dict[bytes, bytes]) -> Leader | None:
+        """The leader of a :func:`leader_key` hash (a dict, or ``HGETALL``'s flat list); None: none."""
+        fields = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=True))
+        try:
+            by = fields.get(b"by", b"").decode()
+            return cls(fields[b"key"].decode(), by, int(fields[b"at"]) / 1_000_000)
+        except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
+            return None
+
+    def fresh(self, now: float) -> bool:
+        """Whether it published lately (:data:`POLICY_FRESH_SECONDS`; ``now``: Redis' clock, s)."""
+        return now - self.at <= POLICY_FRESH_SECONDS
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """The global limits as one process's settings make them, or as the tick leader published
@@ -452,19 +516,30 @@ def _shown(value: object) -> str:
     return str(value)
 
 
-def mismatch(settings: Settings, published: Limits | None) -> list[str]:
+def _other_key(mine: str, by: str, theirs: str) -> str:
+    """The line saying this process's API key is not the tick leader's (key ids only, never a key)."""
+    return (
+        f"this process's FAL_KEY (key id {mine}) is not the key the tick leader "
+        f"({by.rstrip(':') or 'unknown'}) uses (key id {theirs}): its submits count against another "
+        "fal account, outside the limits the other workers keep; give every worker the same FAL_KEY"
+    )
+
+
+def mismatch(settings: Settings, published: Limits | None, leader_found: Leader | None = None) -> list[str]:
     """What this process should say, one line each, when its settings are not the limits the
-    tick leader published (``published``; None: none published): nothing when they agree."""
-    if published is None or settings.fal_key is None:  # no key: this process submits nothing
+    tick leader published (``published``; None: none published for this process's API key), or
+    when the database's leader (``leader_found``, its record: :func:`leader_key`) uses another
+    API key: nothing when they agree."""
+    if settings.fal_key is None:  # no key: this process submits nothing
         return []
     mine = Limits.of(settings)
+    if leader_found is not None and leader_found.key_id != mine.key_id:
+        return [_other_key(mine.key_id, leader_found.by, leader_found.key_id)]
+    if published is None:
+        return []
     leader = f"the tick leader ({published.by.rstrip(':') or 'unknown'})"
     if mine.key_id != published.key_id:
-        return [
-            f"this process's FAL_KEY (key id {mine.key_id}) is not the key {leader} uses "
-            f"(key id {published.key_id}): its submits count against another fal account, outside "
-            "the limits the other workers keep; give every worker the same FAL_KEY"
-        ]
+        return [_other_key(mine.key_id, published.by, published.key_id)]
     found = mine.differences(published)
     if not found:
         return []
@@ -475,25 +550,44 @@ def mismatch(settings: Settings, published: Limits | None) -> list[str]:
     ]
 
 
-def read_published(settings: Settings, database: str | None) -> Limits | None:
-    """The limits the tick leader of ``database`` (its fingerprint) published on the limiter's
-    Redis for this process's API key; None when none are there, when they are older than
+def read_leadership(settings: Settings, database: str | None) -> tuple[Limits | None, Leader | None]:
+    """What the tick leader of ``database`` (its fingerprint) published on the limiter's Redis:
+    its limits for this process's API key (:func:`policy_key`), and its record (:func:`leader_key`:
+    which API key it uses, whatever this process's). Either is None when not there, when older than
     :data:`POLICY_FRESH_SECONDS` (a stopped or dead leader's), when the limiter is in process, or
     when its Redis does not answer (the start-up check says that)."""
     found = backend(settings)
     if found is None:
-        return None
+        return None, None
     client = _client(found[1])
     try:
-        raw, now_us = client.register_script(READ_POLICY_LUA)(
-            keys=[policy_key(api_key_id(settings), database)]
+        raw, now_us, raw_leader = client.register_script(READ_POLICY_LUA)(
+            keys=[policy_key(api_key_id(settings), database), leader_key(database)]
         )
         published = Limits.parse(dict(zip(raw[::2], raw[1::2], strict=True)))
+        leader = Leader.parse(raw_leader)
     except Exception:  # unreachable, refused: said by the limiter's own checks
-        return None
+        return None, None
     finally:
         client.close()
-    return published if published is not None and published.fresh(int(now_us) / 1_000_000) else None
+    now = int(now_us) / 1_000_000
+    return (
+        published if published is not None and published.fresh(now) else None,
+        leader if leader is not None and leader.fresh(now) else None,
+    )
+
+
+def read_published(settings: Settings, database: str | None) -> Limits | None:
+    """The limits the tick leader of ``database`` published for this process's API key
+    (:func:`read_leadership`); None when there are none a live leader published."""
+    return read_leadership(settings, database)[0]
+
+
+def published_mismatch(settings: Settings, database: str | None) -> list[str]:
+    """What ``worker`` at start-up, ``status`` and ``doctor`` say (:func:`mismatch`) about the
+    tick leader of ``database``: its limits when they differ from this process's settings, or
+    that it uses another ``FAL_KEY``. Nothing when none is there or the limiter does not answer."""
+    return mismatch(settings, *read_leadership(settings, database))
 
 
 def client_error() -> type[Exception]:
@@ -739,6 +833,7 @@ class RedisGCRA:
         self._url = url  # only to keep its password out of the messages
         self._database = database
         self._policy_key: str | None = None
+        self._leader_key = ""
         self._script = client.register_script(GCRA_LUA)
         self._hold_off = client.register_script(HOLD_OFF_LUA)
         self._pause_left = client.register_script(PAUSE_LEFT_LUA)
@@ -747,14 +842,26 @@ class RedisGCRA:
         self._read_policy = client.register_script(READ_POLICY_LUA)
         self._unpublish = client.register_script(UNPUBLISH_LUA)
         self._lock = threading.Lock()
+        #: Held while ``_leading_as`` changes or a publish goes out for it.
+        self._leading_lock = threading.Lock()
+        #: Called (any thread) instead of publishing again at once when the policy is found gone
+        #: or the limiter answers again (:meth:`_answered`): the tick leader's conductor, which
+        #: publishes only right after checking that it still holds the leader lock. None: at once.
+        self.on_republish: Callable[[], None] | None = None
         #: The policy seen last (the leader's limits; its raw fields, its ``at`` stamp): what
         #: the grants honour when the policy is gone from Redis (:data:`GCRA_LUA`, fail safe).
         self.seen: Limits | None = None
         self._seen_fields: dict[str, str] = {}
         self._seen_at = ""
         #: Who this process published as while it leads (None: it does not): it publishes
-        #: again at once when the policy is found gone or the limiter answers again.
+        #: again at once when the policy is found gone or the limiter answers again. Cleared by
+        #: :meth:`resign` (the leader lock lost) and :meth:`unpublish` (a clean stop).
         self._leading_as: str | None = None
+        #: Each rate key's TAT as the limiter's answers showed it last (µs, Redis' clock): where
+        #: a key that is gone (a flushed limiter) starts from (:data:`GCRA_LUA`, fail safe).
+        self._tats: dict[str, int] = {}
+        #: The database leader's record seen last (:func:`leader_key`), by :meth:`watch_policy`.
+        self.leader: Leader | None = None
 
     @classmethod
     def from_url(
@@ -776,7 +883,14 @@ class RedisGCRA:
         if self._policy_key is None:
             database = self._database() if callable(self._database) else self._database
             self._policy_key = self.prefix + policy_key(api_key_id(self.settings), database)
+            self._leader_key = self.prefix + leader_key(database)
         return self._policy_key
+
+    @property
+    def leader_record(self) -> str:
+        """The Redis key of the database's leader record (:func:`leader_key`), whatever the API key."""
+        _ = self.policy  # resolves the database once, for both keys
+        return self._leader_key
 
     def _unreachable(self, exc: Exception) -> LimiterUnavailableError:
         why = _reason(exc, self._url)
@@ -789,14 +903,22 @@ class RedisGCRA:
 
     def _answered(self, *, policy_there: bool = True) -> None:
         """The limiter answered: say so when it had not (:meth:`Outage.answered`); a leader
-        publishes again at once after an outage, or when its policy is gone (a flushed or
-        restarted Redis), rather than at its next beat."""
+        publishes again after an outage, or when its policy is gone (a flushed or restarted
+        Redis), rather than at its next beat: through its conductor when one is attached
+        (:attr:`on_republish`, which checks the leader lock first), else at once."""
         recovered = self.outage.down
         self.outage.answered()
-        leading_as = self._leading_as
-        if leading_as is not None and (recovered or not policy_there):
-            with contextlib.suppress(LimiterUnavailableError):
-                self.publish(leading_as)
+        if self._leading_as is None or not (recovered or not policy_there):
+            return
+        ask = self.on_republish
+        if ask is not None:  # the conductor publishes, once it checked that it still holds the lock
+            ask()
+            return
+        with self._leading_lock:  # never after resign(): asked again under the lock it takes
+            leading_as = self._leading_as
+            if leading_as is not None:
+                with contextlib.suppress(LimiterUnavailableError):
+                    self._publish_as(leading_as)
 
     def _check_now(self) -> tuple[int, int]:
         """:data:`CHECK_LUA` on the API key's key: its 429 pause's end and Redis' clock (µs),
@@ -816,25 +938,36 @@ class RedisGCRA:
     def grant(self, endpoint: str) -> tuple[int, int]:
         """:meth:`acquire`'s answer as the script gives it: the wait and Redis' clock, in µs."""
         keys = _with_endpoint_key(self.settings, endpoint)
+        names = [self.prefix + k.key for k in keys]
         with self._lock:
             seen_at, seen_fields = self._seen_at, self._seen_fields
+            tats = [self._tats.get(name, 0) for name in names]
         try:
-            wait_us, now_us, raw, there = self._script(
-                keys=[*(self.prefix + k.key for k in keys), self.policy],
+            wait_us, now_us, raw, there, after = self._script(
+                keys=[*names, self.policy],
                 args=[
                     *(round(k.interval * 1_000_000) for k in keys),
                     *(k.field for k in keys),
                     api_key_id(self.settings),
                     seen_at,
                     *(seen_fields.get(k.field, "0") for k in keys),
+                    *tats,
                 ],
             )
         except client_error() as exc:
             raise self._unreachable(exc) from exc
+        self._saw_tats(zip(names, (int(tat) for tat in after), strict=True))
         if raw:
             self._heard(raw, int(now_us))
         self._answered(policy_there=bool(there))
         return int(wait_us), int(now_us)
+
+    def _saw_tats(self, tats: Iterable[tuple[str, int]]) -> None:
+        """Keep each key's latest TAT the limiter showed (0: none): the fallback of the next grant."""
+        with self._lock:
+            for name, tat in tats:
+                if tat > self._tats.get(name, 0):
+                    self._tats[name] = tat
 
     def _heard(self, raw: list[bytes], now_us: int) -> None:
         """A policy not seen before (``HGETALL``'s answer): kept, for the grants while the policy
@@ -856,14 +989,21 @@ class RedisGCRA:
 
     def watch_policy(self) -> Limits | None:
         """Read the tick leader's policy (a worker that does not lead, at its rounds): what
-        :meth:`_heard` keeps and says. Returns the policy seen last (None: none yet). Raises
-        :class:`LimiterUnavailableError` like :meth:`acquire`."""
+        :meth:`_heard` keeps and says; and the database's leader record (:func:`leader_key`),
+        to say once per leader when it uses another API key than this process (whose policy is
+        then another key's: :meth:`_heard` never sees it). Returns the policy seen last (None:
+        none yet). Raises :class:`LimiterUnavailableError` like :meth:`acquire`."""
         try:
-            raw, now_us = self._read_policy(keys=[self.policy])
+            raw, now_us, raw_leader = self._read_policy(keys=[self.policy, self.leader_record])
         except client_error() as exc:
             raise self._unreachable(exc) from exc
         if raw and dict(zip(raw[::2], raw[1::2], strict=True)).get(b"at", b"").decode() != self._seen_at:
             self._heard(raw, int(now_us))
+        leader = Leader.parse(raw_leader)
+        if leader is not None:
+            self.leader = leader
+            if leader.fresh(int(now_us) / 1_000_000) and leader.by != self._leading_as:
+                say_mismatch(mismatch(self.settings, None, leader))  # said once per leader
         self._answered(policy_there=bool(raw))
         return self.seen
 
@@ -885,10 +1025,13 @@ class RedisGCRA:
 
     def hold_off(self, endpoint: str, seconds: float) -> None:
         keys = rate_keys(self.settings, endpoint)
+        names = [self.prefix + k.key for k in keys]
+        pause_us = round(seconds * 1_000_000)
         try:
-            self._hold_off(keys=[self.prefix + k.key for k in keys], args=[round(seconds * 1_000_000)])
+            now_us = self._hold_off(keys=names, args=[pause_us])
         except client_error() as exc:
             raise self._unreachable(exc) from exc
+        self._saw_tats((name, int(now_us) + pause_us) for name in names)  # every TAT is that late at least
         self._answered()
 
     def publish(self, by: str) -> Limits | None:
@@ -896,10 +1039,17 @@ class RedisGCRA:
         the intervals every grant honours from now on (:data:`GCRA_LUA`). Returns the limits
         published before if a live leader published them (None: none, or a stale policy, older
         than :data:`POLICY_FRESH_SECONDS`). Raises :class:`LimiterUnavailableError` like :meth:`acquire`."""
+        with self._leading_lock:
+            self._leading_as = by
+            return self._publish_as(by)
+
+    def _publish_as(self, by: str) -> Limits | None:
+        """:meth:`publish`, for a process that leads already (``by``: as what)."""
         flat = [part for pair in Limits.of(self.settings, by).fields().items() for part in pair]
-        self._leading_as = by
         try:
-            before, now_us = self._publish(keys=[self.policy], args=[POLICY_TTL_SECONDS, *flat])
+            before, now_us = self._publish(
+                keys=[self.policy, self.leader_record], args=[POLICY_TTL_SECONDS, *flat]
+            )
         except client_error() as exc:
             raise self._unreachable(exc) from exc
         self.outage.answered()
@@ -911,11 +1061,27 @@ class RedisGCRA:
         warning names a process that is gone. The workers' grants keep to the policy they saw
         last until the next leader publishes (:data:`GCRA_LUA`). Best effort, said by nothing:
         the policy goes stale by itself."""
-        by, self._leading_as = self._leading_as, None
+        with self._leading_lock:
+            by, self._leading_as = self._leading_as, None
         if by is None:
             return
         with contextlib.suppress(client_error()):
-            self._unpublish(keys=[self.policy], args=[by])
+            self._unpublish(keys=[self.policy, self.leader_record], args=[by])
+
+    def resign(self) -> None:
+        """This process no longer holds the leader lock: it publishes nothing more (not even
+        after an outage or when the policy is found gone, :meth:`_answered`), so its limits never
+        fight the new leader's. What it published stays: the new leader replaces it, or it goes
+        stale by itself."""
+        if self._leading_as is None:  # the usual case: no lock
+            return
+        with self._leading_lock:  # waits out a publish under way (_answered)
+            self._leading_as = None
+
+    @property
+    def leading(self) -> bool:
+        """Whether this process publishes as the tick leader (:meth:`publish`, until :meth:`resign`)."""
+        return self._leading_as is not None
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -990,6 +1156,21 @@ def publish_limits(limiter: SubmitLimiter | None, by: str) -> None:
             "; ".join(changed),
             extra={"event": "limits.changed"},
         )
+
+
+def resign_limits(limiter: SubmitLimiter | None) -> None:
+    """The leader lock is not (or no longer) this process's: it stops publishing its limits
+    (:meth:`RedisGCRA.resign`)."""
+    if isinstance(limiter, RedisGCRA):
+        limiter.resign()
+
+
+def republish_through(limiter: SubmitLimiter | None, ask: Callable[[], None]) -> None:
+    """When ``limiter`` finds the tick leader's policy gone or answers again after an outage,
+    call ``ask`` rather than publish at once (:attr:`RedisGCRA.on_republish`): the conductor then
+    publishes after checking the leader lock, so a process that lost it publishes nothing."""
+    if isinstance(limiter, RedisGCRA):
+        limiter.on_republish = ask
 
 
 def unpublish_limits(limiter: SubmitLimiter | None) -> None:

@@ -18,9 +18,15 @@ from collections.abc import Iterator
 import pytest
 import redis
 from pydantic import SecretStr
+from sqlalchemy import Engine
 
-from jobs.settings import Settings
+from jobs.settings import Settings, get_settings
+from tests.in_process import run_main
 from tests.sliding_window import max_in_window
+from tests.step_runtime import make_runtime, settings_for
+from worker import conductor as conductor_module
+from worker import limits as limits_module
+from worker.conductor import Conductor
 from worker.limits import (
     LimiterUnavailableError,
     Limits,
@@ -31,6 +37,7 @@ from worker.limits import (
     limiter_for,
     mismatch,
     policy_key,
+    published_mismatch,
     rate_keys,
     read_published,
     wait_for_token,
@@ -390,12 +397,18 @@ def test_a_flushed_limiter_keeps_the_leaders_limits_and_the_leader_publishes_aga
     leader, worker = _pair(redis_url, redis_namespace)
     try:
         leader.publish("leader-host:1:")
-        assert worker.acquire("fal-ai/wan-22") == 0  # the worker sees the policy with its grant
+        wait_us, granted_us = worker.grant("fal-ai/wan-22")  # the worker sees the policy with its grant
+        assert wait_us == 0
         _flush(client, redis_namespace)  # the limiter's Redis flushed: policy and TATs gone
-        # The worker's grants keep the leader's 1/s (the policy it saw last), not its own 100/s.
-        assert worker.acquire("fal-ai/wan-22") == 0
-        assert 0.9 < worker.acquire("fal-ai/wan-22") <= 1.0
-        assert 0.4 < worker.acquire(ENDPOINT) <= 1.0  # the key's 2/s (the endpoint's TAT holds it too)
+        # The next grant keeps the spacing from the last one (the TAT the worker saw) ...
+        wait_us, now_us = worker.grant("fal-ai/wan-22")
+        assert now_us + wait_us == granted_us + 1_000_000
+        time.sleep(wait_us / 1_000_000)
+        # ... and the worker's grants keep the leader's 1/s (the policy it saw last), not its own 100/s.
+        wait_us, granted_us = worker.grant("fal-ai/wan-22")
+        assert wait_us == 0
+        wait_us, now_us = worker.grant("fal-ai/wan-22")
+        assert now_us + wait_us == granted_us + 1_000_000
         # The leader publishes again at its next dispatch round (pause_left), not at its next beat.
         assert not client.exists(leader.policy)
         leader.pause_left()
@@ -590,3 +603,232 @@ def test_a_stopped_or_dead_leaders_limits_are_not_said(
         client.delete(bare.policy)
         for limiter in (leader, worker, bare):
             limiter.close()
+
+
+# -------------------------------------------- a flushed limiter keeps the spacing from the last grant
+
+
+def test_a_flushed_limiter_keeps_the_spacing_from_the_last_grant_seen(
+    redis_url: str, redis_namespace: str, client: redis.Redis[bytes]
+) -> None:
+    """A flushed (or restarted) limiter Redis lost every TAT: the next grant came at once (a
+    burst, or a gap of a fraction of the interval after the last). Each process now gives the
+    script the TAT it saw last, which stands in for a missing key: never faster than the spacing."""
+    settings = _settings(0.5, submit_jitter_allowance=0.0)  # 2 s between two submits
+    interval_us = 2_000_000
+    granting = RedisGCRA.from_url(settings, redis_url, prefix=redis_namespace)
+    denied = RedisGCRA.from_url(settings, redis_url, prefix=redis_namespace)
+    try:
+        wait_us, granted_us = granting.grant(ENDPOINT)
+        assert wait_us == 0
+        _flush(client, redis_namespace)
+        wait_us, now_us = granting.grant(ENDPOINT)  # Redis' clock: the next grant is one interval after
+        assert now_us + wait_us == granted_us + interval_us
+        # A process refused a token learns the TAT too (another process's grant set it) ...
+        _flush(client, redis_namespace)
+        granting.grant(ENDPOINT)  # a wait: puts the TAT it saw back for every process
+        wait_us, now_us = denied.grant(ENDPOINT)
+        assert now_us + wait_us == granted_us + interval_us
+        # ... and keeps to it after a flush of its own.
+        _flush(client, redis_namespace)
+        wait_us, now_us = denied.grant(ENDPOINT)
+        assert now_us + wait_us == granted_us + interval_us
+        # fal's 429 (a hold-off) heard by this process outlives a flush as well.
+        granting.hold_off(ENDPOINT, 60.0)
+        (key,) = [k for k in client.scan_iter(match=redis_namespace + "*") if k.endswith(b":submit")]
+        held_until = int(client.hget(key, "tat") or 0)
+        assert held_until > granted_us + interval_us
+        _flush(client, redis_namespace)
+        wait_us, now_us = granting.grant(ENDPOINT)
+        assert now_us + wait_us == held_until
+        # A process that never saw a TAT has nothing to keep to (its first grant goes).
+        fresh = RedisGCRA.from_url(
+            _settings(0.5, submit_jitter_allowance=0.0), redis_url, prefix=redis_namespace + "x:"
+        )
+        assert fresh.grant(ENDPOINT)[0] == 0
+        fresh.close()
+    finally:
+        granting.close()
+        denied.close()
+
+
+# ---------------------------------------------- a worker that lost the leader lock stops publishing
+
+
+def test_a_worker_that_lost_the_leader_lock_publishes_its_limits_no_more(
+    engine: Engine,
+    redis_url: str,
+    redis_namespace: str,
+    client: redis.Redis[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its conductor published at its beats on the last tick's word (between two ticks the lock
+    may have passed to another worker), and its limiter kept publishing after an outage or when
+    the policy was found gone (any submit of that process): two leaders' policies fought."""
+    rt = make_runtime(engine, settings_for("https://queue.test", "limits-test-key-3f9a", tick_interval=600.0))
+    limiter = RedisGCRA.from_url(rt.settings, redis_url, prefix=redis_namespace, database="db-lock")
+    rt.limiter = limiter
+    monkeypatch.setattr(conductor_module, "HEARTBEAT_SECONDS", 0.05)  # beats between the ticks
+    holds = threading.Event()
+    holds.set()
+    asked_after_loss = threading.Event()
+
+    def leads() -> bool:
+        if not holds.is_set():
+            asked_after_loss.set()
+        return holds.is_set()
+
+    conductor = Conductor(rt, stream=False)
+    stopping = threading.Event()
+    runner = threading.Thread(
+        target=conductor.run, args=(stopping,), kwargs={"leads": leads, "resilient": True}
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not client.exists(limiter.policy) and time.monotonic() < deadline:  # the first tick's beat
+            stopping.wait(0.02)
+        assert client.exists(limiter.policy)
+        holds.clear()  # the lock passes to another worker (its connection died, say)
+        client.delete(limiter.policy, limiter.leader_record)
+        # The next beat asks for the lock (not the last tick's word), or — before the fix — publishes.
+        while (
+            not asked_after_loss.is_set()
+            and not client.exists(limiter.policy)
+            and time.monotonic() < deadline
+        ):
+            stopping.wait(0.02)
+        assert asked_after_loss.is_set()
+        assert not client.exists(limiter.policy)
+        assert not limiter.leading
+        # Nor does the limiter publish again: not when a submit finds the policy gone ...
+        limiter.pause_left()
+        limiter.grant(ENDPOINT)
+        # ... nor when the limiter answers again after an outage.
+        limiter.outage.failed("Connection refused")
+        limiter.pause_left()
+        assert not limiter.outage.down
+        assert not client.exists(limiter.policy)
+        assert not client.exists(limiter.leader_record)
+    finally:
+        stopping.set()
+        conductor.wake()  # as the ticker's stop does: the next tick is ten minutes away
+        runner.join(20)
+        assert not runner.is_alive()
+        conductor.close()
+        limiter.close()
+
+
+def test_a_limiter_that_resigned_publishes_nothing_more(
+    redis_url: str, redis_namespace: str, client: redis.Redis[bytes]
+) -> None:
+    leader, worker = _pair(redis_url, redis_namespace)
+    try:
+        leader.publish("old-leader:1:")
+        leader.resign()  # the lock went to the worker's process
+        worker.publish("new-leader:2:")
+        client.delete(worker.policy)  # gone (a flush): only the new leader may put it back
+        leader.pause_left()
+        assert not client.exists(worker.policy)
+        worker.pause_left()
+        published = read_published_as(client, worker.policy)
+        assert published is not None
+        assert published.by == "new-leader:2:"
+    finally:
+        leader.close()
+        worker.close()
+
+
+def read_published_as(client: redis.Redis[bytes], key: str) -> Limits | None:
+    return Limits.parse(client.hgetall(key))
+
+
+# ------------------------------------------ a worker with another FAL_KEY than the leader is told
+
+
+def _other_key_lines(lines: list[str]) -> list[str]:
+    return [line for line in lines if "FAL_KEY" in line and "is not the key the tick leader" in line]
+
+
+def test_a_worker_with_another_fal_key_than_the_leader_is_warned(
+    redis_url: str,
+    redis_namespace: str,
+    client: redis.Redis[bytes],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The policy is per API key: a worker with another FAL_KEY read its own key's (none) and
+    was told nothing, at start-up, in ``status``, ``doctor`` or its rounds. The database's leader
+    record names the leader's key id, whatever the key."""
+    monkeypatch.setattr(limits_module, "_said", set())  # what this process said before this test
+    other_key = "another-key-7c2e"
+    other = Settings(FAL_KEY=SecretStr(other_key), submit_rate=2, submit_jitter_allowance=0.0)
+    leader, same_key_worker = _pair(redis_url, redis_namespace)
+    worker = RedisGCRA.from_url(other, redis_url, prefix=redis_namespace, database="db-a")
+    try:
+        leader.publish("leader-host:1:")
+        assert client.hget(leader.leader_record, "key") == api_key_id(leader.settings).encode()
+        assert 0 < client.ttl(leader.leader_record) <= client.ttl(leader.policy)
+        with caplog.at_level(logging.WARNING, logger="worker.limits"):
+            for _ in range(2):  # the worker's rounds: said once per leader
+                assert worker.watch_policy() is None  # no policy for its key
+                same_key_worker.watch_policy()
+            (line,) = _other_key_lines(_mismatches(caplog))
+        assert "leader-host:1" in line
+        assert f"key id {api_key_id(other)}" in line
+        assert f"key id {api_key_id(leader.settings)}" in line
+        assert other_key not in caplog.text
+        assert "limits-test-key-3f9a" not in caplog.text
+        # The leader's clean stop takes its record along; a stale one (a dead leader's) is not said.
+        leader.unpublish()
+        assert not client.exists(leader.leader_record)
+        leader.publish("dead-leader:2:")
+        client.hset(leader.leader_record, "at", str(round((_redis_now(client) - 60) * 1_000_000)))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="worker.limits"):
+            worker.watch_policy()
+        assert _mismatches(caplog) == []
+    finally:
+        for limiter in (leader, same_key_worker, worker):
+            limiter.close()
+
+
+def test_start_up_status_and_doctor_say_when_the_leader_uses_another_fal_key(
+    engine: Engine,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from worker.doctor import check_limiter
+    from worker.steps.webhooks import database_fingerprint, webhook_secret
+
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the workers' database: PostgreSQL")
+    database = database_fingerprint(webhook_secret(engine))
+    leader = RedisGCRA.from_url(_settings(2), redis_url, database=database)  # unprefixed: as the CLI reads
+    other_key = "another-key-5d1b"
+    try:
+        leader.publish("leader-host:9:")
+        monkeypatch.setenv("WANBATCH_DATABASE_URL", engine.url.render_as_string(hide_password=False))
+        monkeypatch.setenv("WANBATCH_BROKER_URL", redis_url)
+        monkeypatch.setenv("FAL_KEY", other_key)
+        get_settings.cache_clear()
+        settings = get_settings()
+        (line,) = published_mismatch(settings, database)  # what `wanbatch worker` says at start-up
+        assert _other_key_lines([line]) == [line]
+        assert "leader-host:9" in line
+        assert other_key not in line
+        doctor = check_limiter(settings)
+        assert "is not the key the tick leader" in doctor.detail
+        assert run_main(["status"], monkeypatch) == 0
+        err = capsys.readouterr().err
+        assert "is not the key the tick leader" in " ".join(err.split())
+        assert other_key not in err
+        # The same key as the leader's: no word of the key (its limits are compared instead).
+        monkeypatch.setenv("FAL_KEY", "limits-test-key-3f9a")
+        get_settings.cache_clear()
+        assert _other_key_lines(published_mismatch(get_settings(), database)) == []
+    finally:
+        get_settings.cache_clear()
+        leader.unpublish()
+        leader.close()
