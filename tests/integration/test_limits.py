@@ -793,6 +793,7 @@ def test_a_worker_with_another_fal_key_than_the_leader_is_warned(
             limiter.close()
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # the workers' database
 def test_start_up_status_and_doctor_say_when_the_leader_uses_another_fal_key(
     engine: Engine,
     redis_url: str,
@@ -802,8 +803,7 @@ def test_start_up_status_and_doctor_say_when_the_leader_uses_another_fal_key(
     from worker.doctor import check_limiter
     from worker.steps.webhooks import database_fingerprint, webhook_secret
 
-    if engine.dialect.name != "postgresql":
-        pytest.skip("the workers' database: PostgreSQL")
+    assert engine.dialect.name == "postgresql"
     database = database_fingerprint(webhook_secret(engine))
     leader = RedisGCRA.from_url(_settings(2), redis_url, database=database)  # unprefixed: as the CLI reads
     other_key = "another-key-5d1b"
