@@ -93,7 +93,9 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # → SUCCEEDED: reuse_outputs, the job took an already succeeded job's output; never sent.
     # → QUEUED only by jobs.store.adopt_before_resend (as from retry_wait): proof that fal
     # accepted the attempt a resend given back unsent was to replace.
-    S.PENDING: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED, S.SUCCEEDED, S.QUEUED}),
+    # → DOWNLOADING: a rerun's job takes the paid video the job it reruns left in the staging
+    # folder (jobs.store.mark_taking_staged), and stores it; never sent. The same from retry_wait.
+    S.PENDING: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED, S.SUCCEEDED, S.QUEUED, S.DOWNLOADING}),
     S.SUBMITTING: frozenset(
         {
             S.QUEUED,  # accepted, IN_QUEUE
@@ -117,7 +119,7 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     ),
     # → SUCCEEDED: reused. → QUEUED only by jobs.store.adopt_before_resend: proof (a webhook, a
     # late answer) that fal accepted the attempt the pending resend of an unknown submit replaces.
-    S.RETRY_WAIT: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED, S.SUCCEEDED, S.QUEUED}),
+    S.RETRY_WAIT: frozenset({S.SUBMITTING, S.CANCELLED, S.FAILED, S.SUCCEEDED, S.QUEUED, S.DOWNLOADING}),
     S.QUEUED: frozenset(
         {
             S.RUNNING,

@@ -1978,6 +1978,76 @@ def mark_reused(session: Session, fence: Fence, source: Job) -> bool:
     )
 
 
+#: The ``error_type`` of a paid job whose video could not be kept (its batch was cancelled while
+#: its output could not be stored): a rerun may take the video it left in the staging folder.
+OUTPUT_NOT_KEPT = "output_not_kept"
+
+#: What a job taking a staged video copies from the job that left it (:func:`mark_taking_staged`).
+_TAKEN_FIELDS = ("seed", "actual_prompt", "provider_output", "completed_at")
+
+
+def staged_original(session: Session, job: JobRecord, *, simulated: bool) -> Job | None:
+    """The job ``job`` reruns (``rerun_of``) when that job failed with its paid video left
+    staged (:data:`OUTPUT_NOT_KEPT`, the video's SHA-256 and size recorded), in a batch of the
+    same kind as ``job``'s (``simulated``), and no other rerun of it is taking (``downloading``)
+    or took (``succeeded``) that video already; else None. Whether the staged file is still
+    there, and still those bytes, is the caller's to check."""
+    if job.rerun_of is None:
+        return None
+    original = session.scalar(
+        select(Job)
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(
+            Job.id == job.rerun_of,
+            Job.state == JobState.FAILED,
+            Job.error_type == OUTPUT_NOT_KEPT,
+            Job.output_sha256.is_not(None),
+            Job.output_bytes.is_not(None),
+            Batch.simulated.is_(simulated),
+        )
+    )
+    if original is None:
+        return None
+    taken = session.scalar(
+        select(Job.id)
+        .where(
+            Job.rerun_of == original.id,
+            Job.id != job.id,
+            Job.reused_from.is_not(None),
+            Job.state.in_([JobState.DOWNLOADING, JobState.SUCCEEDED]),
+        )
+        .limit(1)
+    )
+    return None if taken is not None else original
+
+
+def mark_taking_staged(session: Session, fence: Fence, original: Job, *, staged: str, **lease: Any) -> bool:
+    """``pending``/``retry_wait`` → ``downloading`` without sending: the job takes the paid video
+    ``original`` downloaded and left at ``staged`` (:func:`staged_original`), stores it like any
+    download, and succeeds with ``reused_from`` naming the job fal made it for. Nothing more is
+    billed, so its actual cost (and its estimate) is 0 (``original`` keeps what it was billed).
+    ``lease``: ``lease_owner``/``lease_expires_at`` of its queued download, as for a completion."""
+    source = original.reused_from or original.id  # a taker that failed in turn: the video's maker
+    return _move(
+        session,
+        fence,
+        JobState.DOWNLOADING,
+        f"takes the paid video job {original.id} left in the staging folder ({staged}); not sent",
+        details={"reused_from": source, "staged": staged},
+        reused_from=source,
+        actual_usd=Decimal(0),
+        actual_billing_units=Decimal(0),
+        # Not its estimate either: while it waits in ``downloading`` (storage down) a job counts at
+        # its estimate in the budgets (:func:`finished_usd`), and this one will cost nothing.
+        est_usd=Decimal(0),
+        download_attempts=0,
+        error=None,
+        error_type=None,
+        **{name: getattr(original, name) for name in _TAKEN_FIELDS},
+        **lease,
+    )
+
+
 def mark_cancelling(session: Session, fence: Fence, *, reason: str, error_type: str | None = None) -> bool:
     """``queued``/``running`` → ``cancelling``: a cancel was asked of fal; its status (how the
     request ended, and whether it was billed) is asked at once. ``error_type`` says why when it

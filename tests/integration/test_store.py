@@ -166,8 +166,8 @@ def test_transition_updates_loaded_objects(session: Session) -> None:
 
 def test_illegal_edge_raises_and_changes_nothing(session: Session) -> None:
     job = first_job(session, make_batch(session))
-    with pytest.raises(ValueError, match="illegal job transition pending -> downloading"):
-        store.transition(session, job.id, JobState.PENDING, JobState.DOWNLOADING)
+    with pytest.raises(ValueError, match="illegal job transition pending -> running"):
+        store.transition(session, job.id, JobState.PENDING, JobState.RUNNING)
     with pytest.raises(ValueError, match="not settable"):
         store.transition(session, job.id, JobState.PENDING, JobState.SUBMITTING, version=99)
     session.commit()

@@ -148,7 +148,8 @@ class DownloadClaim:
     process read when it leased the job for its download: :func:`handed_claim`)."""
 
     fence: Fence
-    handle: RequestHandle
+    #: None for a rerun's job that took a staged video (``reused_from``): it has no request at fal.
+    handle: RequestHandle | None
     output: dict[str, Any] | None
     item_index: int
     batch_id: str

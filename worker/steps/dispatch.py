@@ -19,10 +19,12 @@ from jobs.models import BatchRecord, BatchState, JobRecord, utcnow
 from jobs.money import BATCH_CAP_ERROR, DAILY_CAP_ERROR, usd_text
 from jobs.output_location import is_s3_url
 from jobs.output_store import OutputReadError
+from jobs.rendered import rerun_input
 from jobs.states import JobState
 from worker.limits import UNREACHABLE_RETRY_SECONDS, LimiterUnavailableError, api_key_id
-from worker.steps.context import Runtime, S, SubmitTicket
+from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, SubmitTicket
 from worker.steps.failures import backoff
+from worker.steps.staged import find_staged
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,10 @@ REUSE_CHECKS = 5
 REUSE_FAILURES_KEPT = 10_000
 
 #: What :func:`_reuse` decided for a claimed job: it took a twin's output, it is to be sent, or it
-#: stays where it is (its check failed: tried again later, or its batch was paused).
-REUSED, SEND, WAIT = "reused", "send", "wait"
+#: stays where it is (its check failed: tried again later, or its batch was paused). ``TAKEN``
+#: (:func:`_take_staged`): it takes the paid video the job it reruns left in the staging folder,
+#: and is to be downloaded (stored) instead.
+REUSED, SEND, WAIT, TAKEN = "reused", "send", "wait", "taken"
 
 
 def dispatch(rt: Runtime) -> list[str]:
@@ -63,6 +67,8 @@ class Dispatched:
 
     sent: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    #: Jobs moved to ``downloading`` to store a staged video they took (:func:`_take_staged`).
+    taken: list[str] = field(default_factory=list)
     tickets: list[SubmitTicket] = field(default_factory=list)
     #: Submit-rate tokens taken but not used (claimed fewer jobs than granted).
     unused: int = 0
@@ -78,6 +84,8 @@ class Dispatched:
             rt.enqueue_submit(job_id)
         for job_id in self.reused:
             rt.notify("done", job_id)
+        for job_id in self.taken:
+            rt.enqueue_download(job_id)
         return self.sent
 
 
@@ -127,7 +135,12 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     for job in jobs:
         if job.batch_id in paused:
             continue  # claimed, but left as it was (pending): due again once the batch resumes
-        verdict = _reuse(session, rt, job, batches, paused)
+        verdict = _take_staged(session, rt, job, batches)
+        if verdict == TAKEN:
+            done.taken.append(job.id)
+            continue
+        if verdict == SEND:
+            verdict = _reuse(session, rt, job, batches, paused)
         if verdict == REUSED:
             done.reused.append(job.id)
             continue
@@ -284,6 +297,52 @@ def _reuse(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches
             extra={"event": "reuse.output_gone", "job_id": job.id, "batch_id": job.batch_id},
         )
     return SEND
+
+
+def _take_staged(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches) -> str:
+    """A rerun's job whose original failed with its paid video left in the staging folder
+    (``output_not_kept``: its batch was cancelled while the storage was down) takes that video
+    instead of being sent to fal again: :data:`TAKEN` (moved to ``downloading``, where the
+    download step stores it, its cost 0, ``reused_from`` naming the job fal made it for), else
+    :data:`SEND` (the usual way on, :func:`_reuse` first).
+
+    Only for a job that repeats the original's input exactly (its stored input and the seed
+    fal returned: no ``--new-seeds``, no ``--vary``), in a batch of the same kind (a simulation
+    never takes a paid video), and only a file that is still exactly the one the original
+    downloaded: its size and SHA-256 as the download step recorded them. A file gone, or not
+    those bytes, is not taken (a warning says which and why) and the job is sent as usual.
+    Hashed here, in the claim's transaction: this concerns a handful of jobs after a storage
+    outage, never a batch's ordinary sends (a job that reruns nothing costs no query).
+    """
+    if job.rerun_of is None:
+        return SEND
+    original = store.staged_original(session, job, simulated=batches.get(job.batch_id).simulated)
+    if original is None or original.endpoint != job.endpoint:
+        return SEND
+    if dict(job.input) != rerun_input(original.input, original.seed):
+        return SEND  # --new-seeds or --vary: another input, another video
+    path, why = find_staged(session, rt.settings, original)
+    if path is None:
+        log.warning(
+            "job %s: the paid video job %s left in the staging folder is not taken: %s; sending it "
+            "to fal (rendered and paid again)",
+            job.id,
+            original.id,
+            why,
+            extra={"event": "rerun.staged_refused", "job_id": job.id, "batch_id": job.batch_id},
+        )
+        return SEND
+    queued = {"lease_owner": DOWNLOAD_QUEUE, "lease_expires_at": rt.lease_until(utcnow())}
+    if not store.mark_taking_staged(session, rt.fence(job), original, staged=str(path), **queued):
+        return WAIT
+    log.info(
+        "job %s: takes the paid video job %s left in the staging folder (%s); not sent",
+        job.id,
+        original.id,
+        path,
+        extra={"event": "rerun.staged_taken", "job_id": job.id, "batch_id": job.batch_id},
+    )
+    return TAKEN
 
 
 def _storage(output_path: str) -> str:

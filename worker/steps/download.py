@@ -21,7 +21,10 @@ What a failure leads to, by where it happened:
   paid for and meet the same disk.
 * Uploading it to object storage (``WANBATCH_OUTPUT_DIR=s3://…``, :mod:`jobs.output_store`):
   retried like a download, from the staged copy (never a new download or submission), then the
-  batch is paused likewise; the staged copy is removed once the success is stored.
+  batch is paused likewise; the staged copy is removed once the success is stored. Its SHA-256
+  and size are recorded on the job when an upload fails: should its batch be cancelled meanwhile
+  (the job fails ``output_not_kept``, the file kept), a rerun's job takes that very file back
+  (:mod:`worker.steps.staged`) and stores it here, without fal (:func:`_take_staged`).
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+import shutil
 import threading
 import time
 import weakref
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +56,7 @@ from jobs.errors import (
     WanbatchError,
 )
 from jobs.models import BatchState, JobView, utcnow
-from jobs.output_store import OutputUploadError, open_output_store
+from jobs.output_store import OutputStore, OutputUploadError, open_output_store
 from jobs.outputs import OutputWriteError
 from jobs.settings import Settings
 from jobs.store import Fence
@@ -76,6 +82,7 @@ from worker.steps.failures import (
     retry_after,
     settle,
 )
+from worker.steps.staged import find_staged
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +191,9 @@ def _download(rt: Runtime, job_id: str) -> str:
     claim = handed if handed is not None else _claim(rt, job_id)
     if isinstance(claim, str):
         return claim
+    if claim.handle is None:  # a rerun's job that took a staged video: nothing to ask fal
+        logs.annotate(batch_id=claim.batch_id)
+        return _take_staged(rt, job_id, claim)
     logs.annotate(batch_id=claim.batch_id, request_id=claim.handle.request_id)
     try:
         if claim.output is None:
@@ -248,7 +258,8 @@ def _claim(rt: Runtime, job_id: str) -> DownloadClaim | str:
 def _claim_of(session: Session, rt: Runtime, job: JobView, fence: Fence) -> DownloadClaim:
     return DownloadClaim(
         fence=fence,
-        handle=handle_of(job, rt.settings.fal_queue_url),
+        # None for a job that took a staged video (reused_from, never sent): no request at fal
+        handle=None if job.reused_from is not None else handle_of(job, rt.settings.fal_queue_url),
         output=job.provider_output,
         item_index=job.item_index,
         batch_id=job.batch_id,
@@ -472,7 +483,25 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: _Video) 
         if isinstance(fetched, str):
             return fetched
         result = fetched
+    return _store_video(rt, job_id, claim, outs, dest, result)
 
+
+def _store_video(
+    rt: Runtime,
+    job_id: str,
+    claim: DownloadClaim,
+    outs: OutputStore,
+    dest: Path,
+    result: DownloadResult,
+    *,
+    maker: JobView | None = None,
+    taken: Path | None = None,
+) -> str:
+    """Probe the video in ``result``, then store it with its sidecar and record the success.
+
+    ``maker`` and ``taken``: a rerun's job storing the paid video its original left staged, at
+    ``taken`` (:func:`_take_staged`); ``maker`` is the job fal made it for, whose request the
+    sidecar describes. That file is removed once the success is stored (as a staged copy is)."""
     chaos.crash_point("after_download")
     job = claim.job  # detached: setting what was fetched writes nothing
     for name, value in claim.fetched.items():
@@ -480,9 +509,13 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: _Video) 
     checked = _check_media(rt, job_id, claim, job, result.path)
     if isinstance(checked, str):
         return checked
-    cost = billed(job, billing.Outcome.SUCCEEDED)
     location, shown = outs.placement(dest, claim.batch_name, claim.item_index, job_id)
-    sidecar = sidecar_record(job, claim.batch_name, shown, result.sha256, result.size, cost)
+    if maker is None:
+        cost = billed(job, billing.Outcome.SUCCEEDED)
+        sidecar = sidecar_record(job, claim.batch_name, shown, result.sha256, result.size, cost)
+    else:
+        cost = dict(_NOTHING_MORE)
+        sidecar = taken_sidecar(maker, job, claim.batch_name, shown, result.sha256, result.size)
     sidecar.update(checked)
     try:
         output_path = outs.publish(
@@ -496,7 +529,7 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: _Video) 
     except StateConflict:
         return "lost-lease"  # the staged file stays: the lease's new holder uploads it
     except OutputUploadError as exc:
-        return _upload_failed(rt, job_id, claim, exc, result.path)
+        return _upload_failed(rt, job_id, claim, exc, result)
     except OutputWriteError as exc:
         return _write_failed(rt, job_id, claim, exc)
     resumed = False
@@ -518,6 +551,9 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: _Video) 
     if not stored:  # the lease moved on meanwhile: the job is its new holder's to finish
         return "lost-lease"
     outs.finish(result.path)  # the staged copy of an uploaded video: never left behind
+    if taken is not None and taken != result.path:  # copied into a local output folder
+        with contextlib.suppress(OSError):
+            taken.unlink()
     if resumed:
         log.warning(
             "job %s: its output is stored again; batch %s resumed",
@@ -527,6 +563,94 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: _Video) 
         )
         rt.notify("freed", job_id)  # sending may go on: dispatch again now
     return "succeeded"
+
+
+#: The cost of a job that stores a video another job paid for.
+_NOTHING_MORE: dict[str, Any] = {"actual_usd": Decimal(0), "actual_billing_units": Decimal(0)}
+
+#: The ``error_type`` of a rerun's job whose staged video was no longer the one its original
+#: downloaded when it came to store it (gone, or other bytes): nothing was sent, nothing paid.
+STAGED_CHANGED = "staged_output_changed"
+
+
+def _take_staged(rt: Runtime, job_id: str, claim: DownloadClaim) -> str:
+    """Store the paid video the job this rerun's job repeats left in the staging folder
+    (dispatch moved it here: :func:`worker.steps.dispatch._take_staged`), as a download would:
+    checked again against the SHA-256 and size its original recorded, probed, uploaded (or
+    placed in the output folder) with a sidecar describing the request fal made it for, then
+    the job succeeds, costing nothing. An upload that fails is retried, and pauses the batch,
+    like any other (:func:`_upload_failed`): the file stays where it is until the success.
+
+    A file gone or changed since dispatch checked it ends the job ``failed``
+    (:data:`STAGED_CHANGED`, cost 0): nothing was sent, and no other file is ever taken."""
+    settings = rt.settings
+    original_id = claim.job.rerun_of
+    maker_id = claim.job.reused_from
+    assert original_id is not None
+    assert maker_id is not None
+    with db.read_scope(rt.engine) as session:
+        original = store.get_job(session, original_id)
+        maker = store.get_job(session, maker_id)
+        path, why = find_staged(session, settings, original)
+    if path is None:
+        with db.session_scope(rt.engine) as session:
+            stored = store.fail_job(
+                session,
+                claim.fence,
+                error=f"the paid video job {original_id} left in the staging folder is not taken: {why}; "
+                "nothing was sent (`rerun --failed-only` renders it again, at its price)",
+                error_type=STAGED_CHANGED,
+                **_NOTHING_MORE,
+            )
+        return "failed" if stored else "lost-lease"
+    sha256, size = original.output_sha256, original.output_bytes
+    assert sha256 is not None  # find_staged matched them
+    assert size is not None
+    outs = open_output_store(settings)
+    dest = outs.video_dest(claim.batch_name, claim.item_index, job_id)
+    result = DownloadResult(path=path, sha256=sha256, size=size)
+    if not outs.is_remote:  # the output folder: a copy there is the output (the staged file stays)
+        try:
+            _copy_whole(path, dest)
+        except OSError as exc:
+            failed = OutputWriteError(f"could not write {dest}: {exc.strerror or exc}")
+            return _write_failed(rt, job_id, claim, failed)
+        result = DownloadResult(path=dest, sha256=sha256, size=size)
+    return _store_video(rt, job_id, claim, outs, dest, result, maker=maker, taken=path)
+
+
+def _copy_whole(source: Path, dest: Path) -> None:
+    """Copy ``source`` to ``dest`` through a temporary file renamed into place (never a partial
+    ``dest``); the output store makes the folder durable with the sidecar."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temp = dest.with_name(f".{dest.name}.taken")
+    try:
+        shutil.copyfile(source, temp)
+        with temp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        temp.replace(dest)
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+
+
+def taken_sidecar(
+    maker: JobView, job: JobView, batch_name: str, video_path: str, sha256: str, size: int
+) -> dict[str, Any]:
+    """The sidecar of a rerun's job that took the paid video ``maker``'s request made: what
+    reproduces it is ``maker``'s (its submitted input, the seed fal returned, request id, fal's
+    result and metrics, times); where it is filed and what it cost (nothing) are the job's own,
+    and ``reused_from`` names ``maker``."""
+    record = sidecar_record(maker, batch_name, video_path, sha256, size, _NOTHING_MORE)
+    record.update(
+        job_id=job.id,
+        batch=job.batch_id,
+        item_index=job.item_index,
+        est_usd=str(job.est_usd),
+        attempts=job.attempts,
+        reused_from=maker.id,
+    )
+    return record
 
 
 def _download_video(
@@ -610,13 +734,16 @@ def _check_media(
     Returns the ``media``/``media_mismatch`` fields to store with the success, or — when the
     file is not a decodable video, or it does not match and ``WANBATCH_MEDIA_MISMATCH=fail`` —
     fails the job with the reason and its billed cost (fal made it) and returns ``"failed"``.
-    The file of a failed job is removed: no output is kept that does not count.
+    The file of a failed job is removed: no output is kept that does not count — but for a
+    staged video a rerun's job took (``reused_from``), which it never deletes: it was paid for.
     """
+    keep = job.reused_from is not None
     try:
         info = probe.probe(path)
     except probe.NotAVideoError as exc:
-        with contextlib.suppress(OSError):
-            path.unlink()
+        if not keep:
+            with contextlib.suppress(OSError):
+                path.unlink()
         with db.session_scope(rt.engine) as session:
             error = f"output is not a video: {exc}"
             _fail_paid(session, claim, error=error, error_type="not_a_video", **claim.fetched)
@@ -638,8 +765,9 @@ def _check_media(
             extra={"event": "download.media_mismatch"},
         )
         return checked
-    with contextlib.suppress(OSError):
-        path.unlink()
+    if not keep:
+        with contextlib.suppress(OSError):
+            path.unlink()
     with db.session_scope(rt.engine) as session:
         _fail_paid(
             session,
@@ -680,14 +808,20 @@ def _download_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Provid
 
 
 def _upload_failed(
-    rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputUploadError, staged: Path
+    rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputUploadError, result: DownloadResult
 ) -> str:
     """The upload to object storage failed: like a failed download, try again later (the staged
     video is kept and uploaded again, fal is never asked again), up to
     ``WANBATCH_DOWNLOAD_ATTEMPTS`` tries. Meanwhile the job counts in the download backlog, so a
     storage outage holds new submits back (``WANBATCH_MAX_DOWNLOAD_BACKLOG``). When the tries run
     out the storage is down or refuses us for good: the batch is paused, as for a full disk
-    (:func:`_write_failed`), and the job waits with its staged copy for the batch's next run."""
+    (:func:`_write_failed`), and the job waits with its staged copy for the batch's next run.
+
+    Every failed try records the staged video's SHA-256 and size on the job: should its batch be
+    cancelled before it is uploaded, a rerun takes exactly that file back (never another one
+    under its name) instead of having it rendered again (:mod:`worker.steps.staged`)."""
+    staged = result.path
+    kept = {"output_sha256": result.sha256, "output_bytes": result.size}
     failures = claim.failures + 1
     if failures >= rt.settings.download_attempts:
         return _pause_for_outputs(
@@ -699,9 +833,11 @@ def _upload_failed(
             "batch then resumes by itself) or by the next run, never made again",
             # Where the paid video is first: a terminal shows 3 lines of a reason (`status`).
             cancelled=f"{CANCELLED_UNSTORED}: this paid video is kept in {staged.parent} as {staged.name} "
-            "and nothing uploads it now (upload it yourself; `rerun --failed-only` would make and pay for "
-            f"it again); the upload failed {failures} times: {exc}",
+            "and nothing uploads it now (`rerun --failed-only` takes this file back and stores it, "
+            "never makes or pays for it again, while it stays as it is); "
+            f"the upload failed {failures} times: {exc}",
             download_attempts=failures,
+            **kept,
         )
     delay = backoff(rt.settings, failures)
     with db.session_scope(rt.engine) as session:
@@ -711,6 +847,7 @@ def _upload_failed(
             next_attempt_at=in_seconds(delay),
             download_attempts=failures,
             **claim.fetched,
+            **kept,
         )
     log.warning(
         "job %s: %s; uploading again in %.0fs", job_id, exc, delay, extra={"event": "download.upload_retry"}
@@ -785,9 +922,10 @@ def _pause_for_outputs(
 
 def _fail_paid(session: Session, claim: DownloadClaim, *, error: str, error_type: str, **fields: Any) -> None:
     """Fail a job whose video fal made, and billed, but that we could not get or keep: the job
-    carries what fal billed (a COMPLETED request without an error is paid for)."""
+    carries what fal billed (a COMPLETED request without an error is paid for) — nothing for a
+    rerun's job that took the staged video of another (``reused_from``): that one was billed."""
     job = store.get_job(session, claim.fence.job_id)
-    cost = billed(job, billing.Outcome.SUCCEEDED)
+    cost = dict(_NOTHING_MORE) if job.reused_from is not None else billed(job, billing.Outcome.SUCCEEDED)
     store.fail_job(session, claim.fence, error=error, error_type=error_type, **fields, **cost)
 
 
