@@ -94,6 +94,7 @@ from jobs.storable import holds_unstorable, storable_json
 __all__ = [
     "DURATIONS",
     "HEARTBEAT_KEPT",
+    "PROVABLE_FAILURES",
     "UPLOAD_REUSE",
     "BatchCost",
     "BatchMoney",
@@ -109,12 +110,15 @@ __all__ = [
     "LeaseHolder",
     "NewJob",
     "ReleasedLeases",
+    "StoredProof",
     "SubmitView",
     "UnfinishedBatch",
     "UnsentCancelled",
     "add_jobs",
     "adopt_before_resend",
+    "adopt_earlier_proof",
     "adopt_late_proof",
+    "adopt_own_proof",
     "adopt_request",
     "batch_committed_usd",
     "batch_cost",
@@ -146,6 +150,7 @@ __all__ = [
     "drop_heartbeats",
     "duplicate_charge_recorded",
     "duration_histogram",
+    "earlier_proof_adoptable",
     "expire_leases",
     "extend_lease",
     "fail_job",
@@ -198,6 +203,7 @@ __all__ = [
     "resume_batch",
     "retry_later",
     "scheduled_batches",
+    "sent_attempts",
     "set_batch_budget",
     "set_batch_manifest",
     "set_batch_schedule",
@@ -208,6 +214,7 @@ __all__ = [
     "spent_usd",
     "status_due",
     "store_delivery",
+    "stored_proof",
     "submit_view",
     "take_delivery",
     "take_lease",
@@ -1557,12 +1564,14 @@ def adopt_request(
     submitted_at: datetime,
     next_poll_at: datetime,
     proof: str = "proved by webhook",
+    **fetched: Any,
 ) -> bool:
     """``submitting``/``submit_unknown`` → ``queued``: fal's signed webhook for this job's current
     attempt proves it accepted the POST whose answer we never stored, as ``request_id`` — or
     the journal of the process that sent it does, which had the answer but no database to
     write it to (``proof`` says which). The job keeps that request (never resent); its URLs are
-    derived from the configured queue."""
+    derived from the configured queue. ``fetched``: what a webhook carries of fal's result
+    (:func:`adopt_late_proof`)."""
     return _move(
         session,
         fence,
@@ -1578,6 +1587,7 @@ def adopt_request(
         error=None,
         error_type=None,
         **_UNLEASED,
+        **fetched,
     )
 
 
@@ -1619,19 +1629,20 @@ def adopt_late_proof(
     **fetched: Any,
 ) -> bool:
     """``failed`` → ``queued``: after ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` (or the policy at
-    once) failed the job, proof comes that fal accepted the job's last attempt (``attempt``) as
-    ``request_id``: fal's signed webhook (the request finished, so fal billed it) or the submit's
-    late answer (accepted: it runs, and is billed). The one move out of a terminal state
+    once) failed the job, proof comes that fal accepted one of the job's attempts (``attempt``:
+    its last, or an earlier one sent again by ``resubmit``) as ``request_id``: fal's signed
+    webhook (the request finished, so fal billed it) or the submit's late answer (accepted: it
+    runs, and is billed). The one move out of a terminal state
     (:mod:`jobs.states`): the job keeps that request and goes on as any adopted request does —
     polled, its video fetched; nothing is sent again.
 
     Only a job that failed for that reason alone qualifies: ``error_type`` ``submit_unknown``,
-    still at ``attempt``, no request kept, no output (so a video is never fetched over another).
-    The money stays counted once: the estimate that the ambiguous submit put in
-    ``ambiguous_usd`` ("possibly billed") leaves it, and the job's share of its batch's finished
-    money is taken back (it is in flight again; its success counts it, billed in full). The row
-    is locked first, so the figures taken back are the ones the job was finished with.
-    ``fetched``: what the webhook already carries of fal's result (``provider_output``,
+    ``attempt`` one it sent, no request kept, no output (so a video is never fetched over another).
+    The money stays counted once: the estimate that the proved submit put in ``ambiguous_usd``
+    ("possibly billed") leaves it (a later attempt's stays: still possibly billed), and the job's
+    share of its batch's finished money is taken back (it is in flight again; its success counts
+    it, billed in full). The row is locked first, so the figures taken back are the ones the job
+    was finished with. ``fetched``: what the webhook already carries of fal's result (``provider_output``,
     ``seed``, ``actual_prompt``), kept for the download. False when the job does not qualify or
     moved on (compare-and-set on ``fence``).
     """
@@ -1643,7 +1654,7 @@ def adopt_late_proof(
         or found.state != JobState.FAILED
         or found.version != fence.version
         or found.error_type != SUBMIT_UNKNOWN_ERROR
-        or found.attempts != attempt
+        or not 1 <= attempt <= found.attempts
         or found.request_id is not None
         or found.output_path is not None
     ):
@@ -1654,6 +1665,137 @@ def adopt_late_proof(
     if moved:
         _add_finished(session, found.batch_id, found.submitted_at, -before)
     return moved
+
+
+#: The errors of a job failed while its own request was at fal, billed as a cancel (or not at
+#: all) without knowing how fal ended it: the poller gave up on fal's malformed status answers
+#: (``provider_protocol_error``, after a best-effort cancel), or fal's status said it did not
+#: know the request (``request_not_found``). fal may have run and billed it all the same, and
+#: its signed webhook then proves it (:func:`adopt_own_proof`).
+PROVABLE_FAILURES = frozenset({"provider_protocol_error", "request_not_found"})
+
+
+def _failure_bill(session: Session, found: Any) -> dict[str, Decimal]:
+    """What the failure of ``found`` (a job in :data:`PROVABLE_FAILURES`) put in its actual cost
+    for the attempt it ended: a protocol error is billed as a cancel, in fal's queue (nothing) or
+    running (``worker.steps.poll._protocol_error``), by the state it failed from; a request fal
+    did not know, nothing."""
+    zero = {"actual_billing_units": Decimal(0), "actual_usd": Decimal(0)}
+    if found.error_type != "provider_protocol_error":
+        return zero
+    into_failed = (
+        select(JobEvent.from_state)
+        .where(JobEvent.job_id == found.id, JobEvent.to_state == JobState.FAILED)
+        .order_by(JobEvent.id.desc())
+        .limit(1)
+    )
+    came_from = session.scalar(into_failed)
+    queued = came_from is None or JobState(came_from) == JobState.QUEUED
+    outcome = billing.Outcome.CANCELLED_IN_QUEUE if queued else billing.Outcome.CANCELLED_RUNNING
+    return billing.billed(outcome, found.est_billing_units, found.est_usd)
+
+
+def adopt_own_proof(
+    session: Session,
+    fence: Fence,
+    *,
+    request_id: str,
+    next_poll_at: datetime,
+    reason: str,
+    **fetched: Any,
+) -> bool:
+    """``failed`` → ``queued``: fal's signed webhook proves that it ran and finished (so billed)
+    the job's own request ``request_id``, after the job failed without knowing how fal ended it
+    (:data:`PROVABLE_FAILURES`): the job goes on as any adopted request does, its video fetched
+    from the result the webhook carries (``fetched``), and billed as the success it is.
+
+    Only such a job qualifies: still keeping ``request_id``, no output. The money stays counted
+    once: what its failure billed for the attempt (a cancel: :func:`_failure_bill`) leaves its
+    actual cost, which the success then bills in full, and its share of its batch's finished
+    money is taken back (it is in flight again). Its count of malformed status answers
+    (``download_attempts``) starts afresh for the download. The row is locked first. False when
+    the job does not qualify or moved on (compare-and-set on ``fence``).
+    """
+    if fence.state != JobState.FAILED:
+        return False
+    found = _run(session, select(_JOBS).where(_JOBS.c.id == fence.job_id).with_for_update()).first()
+    if (
+        found is None
+        or found.state != JobState.FAILED
+        or found.version != fence.version
+        or found.error_type not in PROVABLE_FAILURES
+        or found.request_id != request_id
+        or found.output_path is not None
+    ):
+        return False
+    before = finished_usd(JobState.FAILED, found.actual_usd, found.est_usd, found.ambiguous_usd)
+    bill = _failure_bill(session, found)
+    prior: dict[str, Any] = {}
+    if found.actual_usd is not None:
+        prior["actual_usd"] = max(Decimal(0), found.actual_usd - bill["actual_usd"])
+    if found.actual_billing_units is not None:
+        units = found.actual_billing_units - bill["actual_billing_units"]
+        prior["actual_billing_units"] = max(Decimal(0), units)
+    moved = _move(
+        session,
+        fence,
+        JobState.QUEUED,
+        reason,
+        finished_at=None,
+        next_attempt_at=next_poll_at,
+        error=None,
+        error_type=None,
+        download_attempts=0,
+        **_UNLEASED,
+        **prior,
+        **fetched,
+    )
+    if moved:
+        _add_finished(session, found.batch_id, found.submitted_at, -before)
+    return moved
+
+
+@dataclass(frozen=True)
+class StoredProof:
+    """A stored success delivery (:func:`stored_proof`): which attempt of the job it proves, as
+    which request, and fal's body (its ``payload`` is the result)."""
+
+    delivery_id: int
+    attempt: int
+    request_id: str
+    gateway_request_id: str | None
+    body: dict[str, Any]
+
+
+def stored_proof(session: Session, job_id: str, *, attempts: int) -> StoredProof | None:
+    """The newest success fal's webhooks delivered for one of ``job_id``'s attempts 1 to
+    ``attempts`` whose request the job never recorded (:func:`request_known`: not adopted, not
+    counted as a duplicate charge): proof, in whatever order it came, that fal ran that attempt
+    (``worker.steps.failures.settle_unknown_submit`` reads it before resending or failing a job
+    whose submit's outcome stayed unknown). The latest attempt first."""
+    found = (
+        select(WebhookDelivery)
+        .where(
+            WebhookDelivery.job_id == job_id,
+            WebhookDelivery.status == "OK",
+            WebhookDelivery.attempt >= 1,
+            WebhookDelivery.attempt <= attempts,
+        )
+        .order_by(WebhookDelivery.attempt.desc(), WebhookDelivery.id)
+    )
+    for delivery in session.scalars(found):
+        if delivery.attempt is None or request_known(session, job_id, delivery.request_id):
+            continue
+        body = delivery.body if isinstance(delivery.body, dict) else {}
+        gateway = body.get("gateway_request_id")
+        return StoredProof(
+            delivery.id,
+            delivery.attempt,
+            delivery.request_id,
+            gateway if isinstance(gateway, str) else None,
+            body,
+        )
+    return None
 
 
 #: The states of a job whose resend of an unknown submit has not gone out yet: decided
@@ -1722,6 +1864,91 @@ def adopt_before_resend(
         JobState.QUEUED,
         reason,
         attempts=attempt,
+        resend_attempt=None,
+        **adopted,
+        **fetched,
+    )
+
+
+#: The states of a job that keeps no request of its own and may still send one, in which a proof
+#: of an earlier attempt is adopted (:func:`adopt_earlier_proof`).
+_EARLIER_PROOF_STATES = frozenset({JobState.SUBMIT_UNKNOWN, *_RESEND_WAITS})
+
+
+def sent_attempts(job: Any) -> int:
+    """How many of ``job``'s attempts went out: a resend claimed (``submitting``) whose POST is
+    not recorded as sent is not one (:func:`give_back` does not count it either)."""
+    unsent = JobState(job.state) == JobState.SUBMITTING and job.submitted_input is None
+    return int(job.attempts) - 1 if unsent else int(job.attempts)
+
+
+def earlier_proof_adoptable(job: Any, attempt: int) -> bool:
+    """Whether ``job`` (a :class:`~jobs.models.Job` or a row of its columns) is to keep a proved
+    success of its ``attempt``, an earlier one than the attempt it waits on or is to send: it
+    keeps no request of its own (no request id, no output) and is waiting on an unknown submit
+    (``submit_unknown``: then ``attempt`` is an earlier one than that submit, which a proof of
+    the very attempt adopts as its own, :func:`adopt_request`), or is to send again
+    (``retry_wait``, ``pending``, ``submitting`` before its POST is recorded as sent)."""
+    state = JobState(job.state)
+    if state not in _EARLIER_PROOF_STATES or job.request_id is not None or job.output_path is not None:
+        return False
+    if state == JobState.SUBMITTING and job.submitted_input is not None:
+        return False  # its POST is out: its answer or its outcome decides
+    last = sent_attempts(job)
+    return 1 <= attempt < last if state == JobState.SUBMIT_UNKNOWN else 1 <= attempt <= last
+
+
+def adopt_earlier_proof(
+    session: Session,
+    fence: Fence,
+    *,
+    request_id: str,
+    gateway_request_id: str | None,
+    attempt: int,
+    next_poll_at: datetime,
+    reason: str,
+    **fetched: Any,
+) -> bool:
+    """``submit_unknown``/``retry_wait``/``pending``/``submitting`` → ``queued``: fal's signed
+    webhook proves that it ran and finished (so billed) ``attempt``, an earlier submit of the job
+    whose answer was lost, while the job keeps no request of its own
+    (:func:`earlier_proof_adoptable`): ``WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit`` sent it again,
+    and that resend's answer was lost too, or failed, or it waits to send again. The job keeps
+    the proved request and its result (``fetched``, as :func:`adopt_late_proof`): nothing more is
+    sent, and no paid video is dropped.
+
+    The attempts are those sent (a resend claimed but not sent is not counted, as
+    :func:`give_back` does), and no resend is pending any more. The money stays counted once:
+    the proved attempt's estimate leaves ``ambiguous_usd`` ("possibly billed"; the request is
+    the job's own now, billed when it ends). A later attempt whose outcome is unknown stays a
+    *possible* duplicate charge: from ``submit_unknown`` its estimate moves into
+    ``ambiguous_usd``, as any exit of that state without proof does (a simulation's excepted,
+    never at a provider that bills); its own proof, if it comes, is a confirmed duplicate charge.
+    A resend claimed by a submit step loses its lease, and its send (fenced by version) finds the
+    job moved. The row is locked first. False when the job does not qualify or moved on
+    (compare-and-set on ``fence``).
+    """
+    if fence.state not in _EARLIER_PROOF_STATES:
+        return False
+    found = _run(session, select(_JOBS).where(_JOBS.c.id == fence.job_id).with_for_update()).first()
+    if (
+        found is None
+        or found.state != fence.state
+        or found.version != fence.version
+        or not earlier_proof_adoptable(found, attempt)
+    ):
+        return False
+    adopted = _proved_request(found, request_id, gateway_request_id, next_poll_at)
+    if fence.state == JobState.SUBMIT_UNKNOWN:
+        simulated = session.scalar(select(Batch.simulated).where(Batch.id == found.batch_id))
+        if not simulated:
+            adopted["ambiguous_usd"] += found.est_usd
+    return _move(
+        session,
+        fence,
+        JobState.QUEUED,
+        reason,
+        attempts=sent_attempts(found),
         resend_attempt=None,
         **adopted,
         **fetched,

@@ -47,11 +47,14 @@ from worker.notifications import EventListener
 from worker.running import process_batch
 from worker.steps import Runtime, dispatch, download, poll, submit
 from worker.steps.context import handle_of
+from worker.steps.failures import settle_unknown_submit
 from worker.steps.poll import _next_poll, first_poll_at
 from worker.steps.submit import webhook_for
 from worker.steps.webhooks import (
     ADOPTED_BEFORE_RESEND,
+    ADOPTED_EARLIER,
     ADOPTED_LATE,
+    ADOPTED_OWN,
     DEFERRED,
     STATUS_DUE,
     Inbox,
@@ -734,6 +737,165 @@ def test_a_proof_after_the_resend_went_out_is_a_duplicate_charge(
     after = _job(engine, job.batch_id)
     assert (after.state, after.request_id, after.attempts) == (S.QUEUED, "req-second", 2)
     assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (1, 1)
+
+
+def _resend_unknown_too(engine: Engine, where: str) -> Job:
+    """One job whose attempt 1's answer was lost, resent by ``resubmit`` as attempt 2, whose
+    answer was lost too: ``submit_unknown`` at attempt 2, no request kept; or, past the deadline,
+    ``resubmit`` decided to send it a third time (``retry_wait``), or ``fail`` failed it."""
+    job, sending = _resend_waiting(engine, "sent")
+    assert sending is not None
+    with db.session_scope(engine) as session:
+        assert store.mark_submit_unknown(
+            session, sending, why="reset again", due_at=utcnow() + timedelta(hours=1)
+        )
+        unknown = store.Fence.of(store.get_job(session, job.id), "reconciler")
+        if where == "resend decided":
+            assert store.retry_later(session, unknown, reason="resubmitting", possible_duplicate=True)
+        elif where == "failed":
+            assert store.fail_job(
+                session, unknown, error="submission outcome unknown", error_type=store.SUBMIT_UNKNOWN_ERROR
+            )
+    return _job(engine, job.batch_id)
+
+
+def _succeed(engine: Engine, job_id: str) -> None:
+    """The download stores the video of a job fal finished, billed as the download bills it."""
+    with db.session_scope(engine) as session:
+        done = store.get_job(session, job_id)
+        assert done.state == S.DOWNLOADING
+        assert store.mark_succeeded(
+            session,
+            store.Fence.of(done, "downloader"),
+            output_path="out.mp4",
+            output_sha256="0" * 64,
+            output_bytes=1,
+            **billed(Outcome.SUCCEEDED, done.est_billing_units, done.est_usd, prior_usd=done.actual_usd),
+        )
+
+
+@pytest.mark.parametrize("where", ["submit_unknown", "resend decided", "failed"])
+def test_a_proof_of_an_earlier_attempt_is_kept_when_the_later_one_s_answer_was_lost_too(
+    engine: Engine, client: TestClient, signer: WebhookSigner, where: str
+) -> None:
+    """Attempt 1's answer was lost, its resend (attempt 2) went out and its answer was lost too;
+    then fal's webhook proves it ran attempt 1 and finished it. fal billed that one: the job
+    keeps it and its video (from the webhook's result) and sends nothing more (before: counted
+    as a confirmed duplicate charge, the paid video left in the inbox, and the deadline sent the
+    job a third time or failed it). Attempt 2 stays a *possible* duplicate charge, until its own
+    proof comes: then a confirmed one."""
+    job = _resend_unknown_too(engine, where)
+    assert (job.request_id, job.attempts, job.possible_duplicate_charges) == (None, 2, 1)
+
+    assert _post(client, signer, job, "req-first", attempt=1) == 200
+    assert _post(client, signer, job, "req-first", attempt=1) == 200  # fal's retry of it
+    expected = ADOPTED_LATE if where == "failed" else ADOPTED_EARLIER
+    assert _outcomes(engine, "req-first") == [expected]
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.attempts) == (S.DOWNLOADING, "req-first", 2)
+    assert (after.error, after.error_type, after.lease_owner) == (None, None, None)
+    assert (after.provider_output, after.seed) == (RESULT, 7)
+    assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (1, 0)
+    assert after.ambiguous_usd == job.est_usd  # attempt 2: possibly billed
+    assert _money_agrees(engine, job.batch_id) == 2 * job.est_usd
+    with db.session_scope(engine) as session:
+        reasons = [e.reason or "" for e in store.job_events(session, job.id)]
+    assert any("attempt 1 accepted as req-first" in r for r in reasons)
+
+    _succeed(engine, job.id)
+    finished = _job(engine, job.batch_id)
+    assert (finished.state, finished.actual_usd, finished.ambiguous_usd) == (
+        S.SUCCEEDED,
+        job.est_usd,
+        job.est_usd,
+    )
+    assert _money_agrees(engine, job.batch_id) == 2 * job.est_usd
+
+    assert _post(client, signer, job, "req-second", attempt=2) == 200  # attempt 2 proved too
+    assert _outcomes(engine, "req-second") == ["duplicate-charge"]
+    proved = _job(engine, job.batch_id)
+    assert (proved.possible_duplicate_charges, proved.confirmed_duplicate_charges) == (1, 1)
+    assert (proved.actual_usd, proved.ambiguous_usd) == (2 * job.est_usd, 0)
+    assert _money_agrees(engine, job.batch_id) == 2 * job.est_usd
+
+
+@pytest.mark.parametrize("policy", ["resubmit", "fail"])
+def test_the_deadline_keeps_a_stored_proof_of_an_earlier_attempt_instead_of_its_policy(
+    engine: Engine, settings: Settings, policy: str
+) -> None:
+    """At the deadline of attempt 2's unknown submit, the policy neither resends nor fails a job
+    whose inbox holds fal's success for attempt 1 (stored, not applied: it came in whatever
+    order): the job keeps that request and its result, and nothing is sent again."""
+    job = _resend_unknown_too(engine, "submit_unknown")
+    body = json.loads(webhook_body("req-first", "req-first", True, RESULT, None))
+    with db.session_scope(engine) as session:
+        store.store_delivery(
+            session,
+            request_id="req-first",
+            body_sha256="0" * 64,
+            job_id=job.id,
+            attempt=1,
+            status="OK",
+            body=body,
+        )
+    rt = make_runtime(
+        engine, settings.model_copy(update={"submit_unknown_policy": policy, "max_attempts": 3})
+    )
+    with db.session_scope(engine) as session:
+        assert settle_unknown_submit(session, rt, store.get_job(session, job.id), "no webhook proved it")
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.attempts, after.error) == (S.QUEUED, "req-first", 2, None)
+    assert (after.provider_output, after.seed) == (RESULT, 7)
+    assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (1, 0)
+    assert after.ambiguous_usd == job.est_usd
+    assert apply_pending(rt) == 1  # the stored delivery, applied now: the job's own request, done
+    assert _job(engine, job.batch_id).state == S.DOWNLOADING
+    assert _money_agrees(engine, job.batch_id) == 2 * job.est_usd
+
+
+@pytest.mark.parametrize("seen", [S.QUEUED, S.RUNNING])
+def test_a_proof_of_a_request_the_poller_gave_up_on_brings_its_paid_video_back(
+    engine: Engine, client: TestClient, signer: WebhookSigner, seen: JobState
+) -> None:
+    """After fal's malformed status answers the poller failed the job, billed as a cancel (in
+    fal's queue: nothing; running: in full), its best-effort cancel may not have gone through.
+    fal's signed webhook then proves it ran the request and finished it: the job adopts it back
+    and fetches its video, billed once, as the success it is (before: ignored, the spend
+    understated and the video lost)."""
+    job = _sent(engine, request_id="req-A")
+    with db.session_scope(engine) as session:
+        if seen == S.RUNNING:
+            assert store.mark_running(session, store.Fence.of(job, "poller"), next_poll_at=utcnow())
+        polled = store.get_job(session, job.id)
+        cancel = Outcome.CANCELLED_IN_QUEUE if seen == S.QUEUED else Outcome.CANCELLED_RUNNING
+        assert store.fail_job(
+            session,
+            store.Fence.of(polled, "poller"),
+            error="fal's status answers broke its protocol 5 times",
+            error_type="provider_protocol_error",
+            download_attempts=5,
+            **billed(cancel, polled.est_billing_units, polled.est_usd),
+        )
+    failed = _job(engine, job.batch_id)
+    assert _money_agrees(engine, job.batch_id) == (0 if seen == S.QUEUED else job.est_usd)
+
+    assert _post(client, signer, job, "req-A") == 200
+    assert _post(client, signer, job, "req-A") == 200  # fal's retry of it
+    assert _outcomes(engine, "req-A") == [ADOPTED_OWN]
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.error, after.error_type) == (
+        S.DOWNLOADING,
+        "req-A",
+        None,
+        None,
+    )
+    assert (after.provider_output, after.seed, after.download_attempts) == (RESULT, 7, 0)
+    assert after.confirmed_duplicate_charges == 0
+    assert _money_agrees(engine, job.batch_id) == job.est_usd
+    _succeed(engine, job.id)
+    finished = _job(engine, job.batch_id)
+    assert (finished.state, finished.actual_usd) == (S.SUCCEEDED, failed.est_usd)
+    assert _money_agrees(engine, job.batch_id) == job.est_usd
 
 
 @pytest.mark.parametrize("why", ["failed", "not its last attempt", "kept a request"])

@@ -37,7 +37,7 @@ import shutil
 import threading
 import time
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -62,13 +62,13 @@ from jobs.settings import Settings
 from jobs.store import Fence
 from worker import chaos, logs, probe, telemetry
 from worker.fal.errors import (
-    ProviderProtocolError,
     RequestFailedError,
     ResultExpiredError,
     ResultNotReadyError,
     status_failure,
 )
 from worker.fal.models import DownloadResult
+from worker.fal.results import Video, parse_result
 from worker.fal.storage import DownloadPolicy, SharedDownloadClient
 from worker.fal.storage import download as download_file
 from worker.steps.context import DOWNLOAD_QUEUE, DownloadClaim, Runtime, S, handle_of, in_seconds
@@ -111,55 +111,6 @@ def schedule_downloads(rt: Runtime, limit: int = 200) -> list[str]:
     for job_id in ids:
         rt.enqueue_download(job_id)
     return ids
-
-
-@dataclass(frozen=True)
-class _Video:
-    """The parts of fal's result the download needs, checked (see :func:`parse_result`)."""
-
-    url: str
-    file_size: int | None
-    seed: int | None
-    actual_prompt: str | None
-
-
-def parse_result(output: object) -> _Video:
-    """The video reference of a Wan result, or :class:`ProviderProtocolError` naming what is wrong.
-
-    fal's Wan endpoints answer ``{"video": {"url", "content_type", "file_name", "file_size"},
-    "seed": int, "actual_prompt"?: str}`` (https://fal.ai/models/fal-ai/wan-i2v/api). Anything
-    else is refused here, before it is stored (a JSON object in the text column ``actual_prompt``
-    would fail every later write of the job).
-    """
-    if not isinstance(output, dict):
-        raise ProviderProtocolError("fal result: the body is not a JSON object")
-    video = output.get("video")
-    if not isinstance(video, dict):
-        got = "missing" if video is None else f"a {type(video).__name__}"
-        raise ProviderProtocolError(f"fal result: 'video' is {got}, not an object")
-    url = video.get("url")
-    if not isinstance(url, str) or not url:
-        raise ProviderProtocolError("fal result: the video has no URL")
-    prompt = output.get("actual_prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        raise ProviderProtocolError(f"fal result: 'actual_prompt' is a {type(prompt).__name__}, not text")
-    size, seed = video.get("file_size"), output.get("seed")
-    return _Video(
-        url=url,
-        file_size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
-        seed=seed if _is_seed(seed) else None,
-        actual_prompt=prompt,
-    )
-
-
-#: The seeds a job can carry: what validation admits (``jobs/endpoints/*.yaml``) and the exports'
-#: uint64 column holds. A result's seed outside it is no seed fal draws; kept, it would break the
-#: Parquet export and be sent again by ``rerun``, so it is recorded as unknown.
-SEED_RANGE = range(2**64)
-
-
-def _is_seed(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value in SEED_RANGE
 
 
 #: Outcomes of :func:`download` after which the job no longer waits for its download.
@@ -472,7 +423,7 @@ def _discard_download_client(key: int) -> None:
         shared.close()
 
 
-def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: _Video) -> str:
+def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video) -> str:
     """Download (or, for object storage, find already staged), probe, then store the output."""
     settings = rt.settings
     outs = open_output_store(settings)
@@ -654,7 +605,7 @@ def taken_sidecar(
 
 
 def _download_video(
-    rt: Runtime, job_id: str, claim: DownloadClaim, video: _Video, dest: Path
+    rt: Runtime, job_id: str, claim: DownloadClaim, video: Video, dest: Path
 ) -> DownloadResult | str:
     """Fetch the video into ``dest`` (atomically); an outcome string when that did not work."""
     settings = rt.settings
@@ -692,7 +643,7 @@ def _download_video(
         return _download_failed(rt, job_id, claim, exc)
 
 
-def _staged(job_id: str, dest: Path, video: _Video) -> DownloadResult | None:
+def _staged(job_id: str, dest: Path, video: Video) -> DownloadResult | None:
     """The video an earlier try of this job downloaded and staged but could not upload, hashed
     again — so a failed upload is retried without a new download (fal's file may have expired
     meanwhile; the video is paid for). None when there is none (or it is not the size fal

@@ -12,12 +12,14 @@ from sqlalchemy.orm import Session
 from jobs import billing, store
 from jobs.endpoints import get_endpoint
 from jobs.errors import AccountLockedError, FinalProviderError, ProviderError, RetryableProviderError
-from jobs.models import BatchState, Job, JobView
+from jobs.models import BatchState, Job, JobView, utcnow
 from jobs.printable import SHELL_ID_CHARS, shell_ref
 from jobs.settings import RetrySettings, Settings
 from jobs.store import Fence
 from worker import telemetry
 from worker.fal.errors import ResultExpiredError, error_type_or_none, format_detail
+from worker.fal.models import request_id_or_none
+from worker.fal.results import fetched_fields
 from worker.fal.storage import URL_PREFIXES
 from worker.limits import api_key_id
 from worker.steps.context import Runtime, in_seconds, process_identity
@@ -279,10 +281,18 @@ def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> 
     ``possible_duplicate_charges`` when that attempt's POST is recorded as sent
     (:func:`jobs.store.record_send`), so a job cancelled before it is not; otherwise it fails
     with "submission outcome unknown" and why.
+
+    First the inbox is read: a success fal's webhook delivered for one of the job's attempts,
+    whatever the order it came in (:func:`jobs.store.stored_proof`), proves that fal ran and
+    billed it, and the job keeps that request and its result instead (:func:`_adopt_stored`):
+    nothing is sent again, nothing is failed.
     """
     fence = rt.fence(job)
     if rt.simulated:
         return resend_to_simulator(session, rt, fence, why)
+    proof = store.stored_proof(session, job.id, attempts=job.attempts)
+    if proof is not None and _adopt_stored(session, fence, job, proof):
+        return True
     resubmit = rt.settings.submit_unknown_policy == "resubmit"
     if resubmit and job.counted_attempts < rt.settings.max_attempts:
         resent = store.retry_later(
@@ -303,6 +313,57 @@ def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> 
         f"{_rerun_hint(session, job.batch_id, simulated=False)} sends it again",
         error_type="submit_unknown",
     )
+
+
+def _adopt_stored(session: Session, fence: Fence, job: Job, proof: store.StoredProof) -> bool:
+    """``submit_unknown`` → ``queued`` with the request a stored webhook proved fal ran and
+    finished (billed): the job's current attempt (:func:`jobs.store.adopt_request`) or an
+    earlier one (:func:`jobs.store.adopt_earlier_proof`; the current one stays a possible
+    duplicate charge), its result kept for the download, its status asked at once. Fenced by
+    the job's version: False when it moved meanwhile (a webhook applied, say)."""
+    now = utcnow()
+    fetched = fetched_fields(proof.body.get("payload"))
+    common: dict[str, Any] = {
+        "request_id": proof.request_id,
+        "gateway_request_id": request_id_or_none(proof.gateway_request_id),
+        "next_poll_at": now,
+    }
+    if proof.attempt == job.attempts:
+        moved = store.adopt_request(
+            session,
+            fence,
+            submitted_at=job.sent_at or job.updated_at or now,
+            proof="proved by a stored webhook",
+            **common,
+            **fetched,
+        )
+    else:
+        moved = store.adopt_earlier_proof(
+            session,
+            fence,
+            attempt=proof.attempt,
+            reason=(
+                f"proof by a stored webhook of an earlier attempt: attempt {proof.attempt} accepted "
+                f"as {proof.request_id} and finished at fal (billed): its video is fetched, nothing "
+                "is sent again"
+            ),
+            **common,
+            **fetched,
+        )
+    if moved:
+        log.warning(
+            "job %s: a stored webhook proved fal ran attempt %s as %s (billed): kept, nothing is sent again",
+            job.id,
+            proof.attempt,
+            proof.request_id,
+            extra={
+                "event": "submit.adopted_stored_proof",
+                "job_id": job.id,
+                "batch_id": job.batch_id,
+                "request_id": proof.request_id,
+            },
+        )
+    return moved
 
 
 def _rerun_hint(session: Session, batch_id: str, *, simulated: bool) -> str:

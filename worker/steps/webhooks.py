@@ -65,12 +65,11 @@ from jobs.errors import NotFoundError
 from jobs.models import Job, WebhookDelivery, utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
-from worker.fal.errors import ProviderProtocolError
 from worker.fal.models import Status, request_id_or_none
 from worker.fal.redact import redact_value
+from worker.fal.results import fetched_fields
 from worker.fal.webhooks import VerifiedDelivery
 from worker.steps.context import Runtime, S, worker_identity
-from worker.steps.download import parse_result
 from worker.steps.poll import first_poll_at, record_completion
 
 log = logging.getLogger(__name__)
@@ -88,11 +87,16 @@ ADOPTED_LATE = "adopted: a late proof of a job failed for its unknown submit out
 #: What applying a proof of the attempt a pending resend was to replace does
 #: (:func:`jobs.store.adopt_before_resend`).
 ADOPTED_BEFORE_RESEND = "adopted: a proof of the attempt its pending resend replaced; not resent"
+#: What applying a success of an earlier attempt does, for a job that keeps no request of its
+#: own (:func:`jobs.store.adopt_earlier_proof`).
+ADOPTED_EARLIER = "adopted: a proof of an earlier attempt; nothing is sent again"
+#: What applying a success of a failed job's own request does (:func:`jobs.store.adopt_own_proof`).
+ADOPTED_OWN = "adopted: a proof that the failed job's own request finished at fal"
 #: Outcomes after which the tick leader has work (:func:`jobs.db.notify_events`, on PostgreSQL),
 #: in whichever process it runs: a moved job's download to queue and the slot it freed to fill,
 #: or a job due for its status call now.
-_WAKES = ("completed", "adopted", STATUS_DUE, ADOPTED_LATE, ADOPTED_BEFORE_RESEND)
-_ADOPTED = ("adopted", ADOPTED_LATE, ADOPTED_BEFORE_RESEND)
+_ADOPTED = ("adopted", ADOPTED_LATE, ADOPTED_BEFORE_RESEND, ADOPTED_EARLIER, ADOPTED_OWN)
+_WAKES = ("completed", STATUS_DUE, *_ADOPTED)
 
 
 #: The :class:`~jobs.models.InstanceSecret` that keys the webhook URLs' tokens.
@@ -319,8 +323,37 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                     return "ignored: duplicate charge already counted", None
                 return "ignored: an earlier request of the job", None
             if state not in _AT_FAL:
-                return f"ignored: job already {state.value}", None
-            outcome = "completed"
+                if not _own_proof(job, state, status):
+                    return f"ignored: job already {state.value}", None
+                if not store.adopt_own_proof(
+                    session,
+                    fence,
+                    request_id=delivery.request_id,
+                    next_poll_at=first_poll_at(inbox.settings, now),
+                    reason=(
+                        f"proof by webhook, after the job failed ({job.error_type}): its request "
+                        f"{delivery.request_id} finished at fal (billed): its video is fetched"
+                    ),
+                    **_fetched(delivery.body),
+                ):
+                    continue
+                log.warning(
+                    "job %s: a webhook proved, after the job failed (%s), that fal ran its request %s "
+                    "(billed): its video is fetched",
+                    job.id,
+                    job.error_type,
+                    delivery.request_id,
+                    extra={
+                        "event": "webhook.adopted_own",
+                        "job_id": job.id,
+                        "batch_id": job.batch_id,
+                        "request_id": delivery.request_id,
+                    },
+                )
+                fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
+                outcome = ADOPTED_OWN
+            else:
+                outcome = "completed"
         elif delivery.attempt == job.attempts and (
             state == S.SUBMIT_UNKNOWN or (state == S.SUBMITTING and job.submitted_input is not None)
         ):
@@ -382,6 +415,46 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
             )
             fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
             outcome = ADOPTED_BEFORE_RESEND
+        elif (
+            delivery.attempt is not None
+            and not status.failed
+            and store.earlier_proof_adoptable(job, delivery.attempt)
+        ):
+            # fal ran and finished (billed) an earlier attempt, sent again after its answer was
+            # lost, and the job keeps no request of its own: it keeps that one and its video,
+            # and sends nothing more. A later attempt whose outcome is unknown stays a possible
+            # duplicate charge (a confirmed one if its own proof comes).
+            gateway = delivery.body.get("gateway_request_id")
+            if not store.adopt_earlier_proof(
+                session,
+                fence,
+                request_id=delivery.request_id,
+                gateway_request_id=request_id_or_none(gateway),
+                attempt=delivery.attempt,
+                next_poll_at=first_poll_at(inbox.settings, now),
+                reason=(
+                    f"proof by webhook of an earlier attempt: attempt {delivery.attempt} accepted as "
+                    f"{delivery.request_id} and finished at fal (billed): its video is fetched, "
+                    f"nothing is sent again"
+                ),
+                **_fetched(delivery.body),
+            ):
+                continue
+            log.warning(
+                "job %s: a webhook proved fal ran its earlier attempt %s as %s (billed): kept, "
+                "nothing is sent again",
+                job.id,
+                delivery.attempt,
+                delivery.request_id,
+                extra={
+                    "event": "webhook.adopted_earlier",
+                    "job_id": job.id,
+                    "batch_id": job.batch_id,
+                    "request_id": delivery.request_id,
+                },
+            )
+            fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
+            outcome = ADOPTED_EARLIER
         elif _late_proof(job, state, delivery, status):
             gateway = delivery.body.get("gateway_request_id")
             if not store.adopt_late_proof(
@@ -389,11 +462,11 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                 fence,
                 request_id=delivery.request_id,
                 gateway_request_id=request_id_or_none(gateway),
-                attempt=job.attempts,
+                attempt=delivery.attempt,
                 next_poll_at=first_poll_at(inbox.settings, now),
                 reason=(
                     f"late proof by webhook, after the job failed for its unknown submit outcome: "
-                    f"attempt {job.attempts} accepted as {delivery.request_id} and finished at fal "
+                    f"attempt {delivery.attempt} accepted as {delivery.request_id} and finished at fal "
                     "(billed): its video is fetched, nothing is sent again"
                 ),
                 **_fetched(delivery.body),
@@ -443,32 +516,39 @@ def _late_proof(job: Job, state: S, delivery: WebhookDelivery, status: Status) -
     """Whether ``delivery`` proves that fal ran and finished, billed, the very request of a job
     that failed only because its submit's outcome stayed unknown (``WANBATCH_SUBMIT_UNKNOWN_POLICY``
     ``fail``, or ``resubmit`` out of attempts, once ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` passed):
-    its last attempt, no request kept, no output. Such a job adopts the request and fetches its
-    video (:func:`jobs.store.adopt_late_proof`), whatever its batch's state: a cancel, a pause or
-    a deadline stops what is sent, and this sends nothing (a request that finished despite a
-    cancel is downloaded too). A failure fal reports is not adopted: there is no video to fetch,
-    and the job stays failed (the proof is noted as before, :func:`_duplicate_charge`)."""
+    any attempt it sent (its last, or an earlier one sent again), no request kept, no output.
+    Such a job adopts the request and fetches its video (:func:`jobs.store.adopt_late_proof`),
+    whatever its batch's state: a cancel, a pause or a deadline stops what is sent, and this
+    sends nothing (a request that finished despite a cancel is downloaded too). A failure fal
+    reports is not adopted: there is no video to fetch, and the job stays failed (the proof is
+    noted as before, :func:`_duplicate_charge`)."""
     return (
         state == S.FAILED
         and job.error_type == store.SUBMIT_UNKNOWN_ERROR
-        and delivery.attempt == job.attempts
+        and delivery.attempt is not None
+        and 1 <= delivery.attempt <= job.attempts
         and job.request_id is None
         and job.output_path is None
         and not status.failed
     )
 
 
+def _own_proof(job: Job, state: S, status: Status) -> bool:
+    """Whether a success of the job's own request proves a paid video the job dropped: it failed
+    without knowing how fal ended that request (:data:`jobs.store.PROVABLE_FAILURES`: the poller
+    gave up on fal's malformed status answers, billing a cancel, or fal's status did not know
+    the request), no output. The job adopts it back (:func:`jobs.store.adopt_own_proof`)."""
+    return (
+        state == S.FAILED
+        and job.error_type in store.PROVABLE_FAILURES
+        and job.output_path is None
+        and not status.failed
+    )
+
+
 def _fetched(body: dict[str, Any]) -> dict[str, Any]:
-    """What fal's result in a success's webhook gives the download (its ``payload``, the result
-    the result call would answer), so the video is fetched even once fal no longer keeps the
-    result (an hour; a webhook is retried for two); nothing when it is not a Wan result (the
-    download then asks fal for it)."""
-    payload = body.get("payload")
-    try:
-        video = parse_result(payload)
-    except ProviderProtocolError:
-        return {}
-    return {"provider_output": payload, "seed": video.seed, "actual_prompt": video.actual_prompt}
+    """What fal's result in a success's webhook gives the download (:func:`fetched_fields`)."""
+    return fetched_fields(body.get("payload"))
 
 
 def _duplicate_charge(
