@@ -815,7 +815,7 @@ def test_a_proof_of_an_earlier_attempt_is_kept_when_the_later_one_s_answer_was_l
     assert _outcomes(engine, "req-second") == ["duplicate-charge"]
     proved = _job(engine, job.batch_id)
     assert (proved.possible_duplicate_charges, proved.confirmed_duplicate_charges) == (1, 1)
-    assert (proved.actual_usd, proved.ambiguous_usd) == (2 * job.est_usd, 0)
+    assert (proved.actual_usd, proved.ambiguous_usd) == (2 * job.est_usd, Decimal(0))
     assert _money_agrees(engine, job.batch_id) == 2 * job.est_usd
 
 
@@ -868,13 +868,14 @@ def test_a_proof_of_a_request_the_poller_gave_up_on_brings_its_paid_video_back(
             assert store.mark_running(session, store.Fence.of(job, "poller"), next_poll_at=utcnow())
         polled = store.get_job(session, job.id)
         cancel = Outcome.CANCELLED_IN_QUEUE if seen == S.QUEUED else Outcome.CANCELLED_RUNNING
+        cost: dict[str, Any] = billed(cancel, polled.est_billing_units, polled.est_usd)
         assert store.fail_job(
             session,
             store.Fence.of(polled, "poller"),
             error="fal's status answers broke its protocol 5 times",
             error_type="provider_protocol_error",
             download_attempts=5,
-            **billed(cancel, polled.est_billing_units, polled.est_usd),
+            **cost,
         )
     failed = _job(engine, job.batch_id)
     assert _money_agrees(engine, job.batch_id) == (0 if seen == S.QUEUED else job.est_usd)

@@ -22,8 +22,14 @@ compare-and-set on the job's state and version), so a webhook and a poll racing 
   ``resubmit``) has not gone out yet (``retry_wait``, ``pending``, ``submitting`` before its POST
   is recorded as sent): the job adopts it instead and the resend is dropped
   (:func:`jobs.store.adopt_before_resend`), nothing paid twice;
-* a success for the last attempt of a job failed for its unknown submit outcome: adopted
+* a success for an earlier attempt of a job that keeps no request of its own (its resend's
+  answer lost too, ``submit_unknown``; or to be sent again): adopted with its result
+  (:func:`jobs.store.adopt_earlier_proof`), nothing more sent; the later attempt stays a
+  possible duplicate charge;
+* a success for any attempt of a job failed for its unknown submit outcome: adopted
   (:func:`jobs.store.adopt_late_proof`), its video fetched;
+* a success of a failed job's own request, when the poller failed it without knowing how fal
+  ended it (:data:`jobs.store.PROVABLE_FAILURES`): adopted back (:func:`jobs.store.adopt_own_proof`);
 * a request we never recorded otherwise (an earlier attempt resent after an ambiguous submit,
   or a second request of one attempt), whatever the job's state, a finished job's included:
   fal ran and billed it besides the one the job keeps, a *confirmed* duplicate charge, counted
@@ -462,7 +468,7 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                 fence,
                 request_id=delivery.request_id,
                 gateway_request_id=request_id_or_none(gateway),
-                attempt=delivery.attempt,
+                attempt=delivery.attempt or 0,  # never None here (_late_proof)
                 next_poll_at=first_poll_at(inbox.settings, now),
                 reason=(
                     f"late proof by webhook, after the job failed for its unknown submit outcome: "
