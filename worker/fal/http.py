@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from http.cookiejar import Cookie, CookieJar
+from typing import Any
 
 import httpx
 
@@ -177,6 +178,43 @@ class NoCookies(CookieJar):
         return None
 
 
+class _Refused(httpx.Cookies):
+    """The cookies of a :class:`CookielessClient`: none, and no look at a response for any.
+
+    httpx hands every response to ``client.cookies.extract_cookies``, which builds urllib's
+    request and response stand-ins (a ``urllib.request.Request``, its URL parsed again) before
+    the jar is even asked: about 50 µs of CPU per response, four or more per job, although
+    :class:`NoCookies` then keeps nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(NoCookies())
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+    def set_cookie_header(self, request: httpx.Request) -> None:
+        return None
+
+
+class CookielessClient(httpx.Client):
+    """An :class:`httpx.Client` that neither keeps nor sends cookies (fal's queue API and its
+    CDN need none; a client shared by many calls must carry nothing a provider set from one
+    call to the next), and spends no CPU on the ``Set-Cookie`` headers of its responses."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.pop("cookies", None)
+        super().__init__(**kwargs)
+        self._refused = _Refused()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._refused
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        return None  # kept empty
+
+
 def build_http_client(
     *,
     timeout: httpx.Timeout,
@@ -184,13 +222,12 @@ def build_http_client(
     transport: httpx.BaseTransport | None = None,
 ) -> httpx.Client:
     """A sync client (Celery tasks are sync) that never follows redirects unless asked per call."""
-    return httpx.Client(
+    return CookielessClient(
         auth=auth,
         timeout=timeout,
         transport=transport,
         follow_redirects=False,
         headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
-        cookies=NoCookies(),
     )
 
 

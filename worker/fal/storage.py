@@ -55,7 +55,7 @@ from jobs.outputs import OutputWriteError, fsync_dir
 from jobs.settings import allowed_host_entry
 from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transport_errors, parse_body
-from worker.fal.http import ACCEPT_ENCODING, NoCookies, origin, with_body
+from worker.fal.http import ACCEPT_ENCODING, CookielessClient, origin, with_body
 from worker.fal.models import DownloadResult
 
 STORAGE_TYPE = "fal-cdn-v3"
@@ -136,9 +136,7 @@ class FalStorage:
         if self._transport is None:
             uploads = guarded_client(self._policy, timeout)
         else:
-            uploads = httpx.Client(
-                transport=self._transport, timeout=timeout, trust_env=False, cookies=NoCookies()
-            )
+            uploads = CookielessClient(transport=self._transport, timeout=timeout, trust_env=False)
         # The codings its answer is read in (read_capped), not httpx's default, which grows
         # with the decoders installed.
         uploads.headers["Accept-Encoding"] = ACCEPT_ENCODING
@@ -549,11 +547,10 @@ def guarded_client(
     resolved, and the address reached, by the proxy, beyond the reach of the check. Cookies are
     refused, so a client shared by many downloads carries nothing from one to the next.
     """
-    return httpx.Client(
+    return CookielessClient(
         transport=_GuardedTransport(policy),
         timeout=timeout,
         trust_env=False,
-        cookies=NoCookies(),
         event_hooks=dict(event_hooks or {}),
     )
 
