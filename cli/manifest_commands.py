@@ -112,6 +112,7 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
         settings = get_settings()
         with err.status(f"validating {escape(str(manifest))}, then storing its jobs …"):
             result = batches.submit_manifest(manifest, settings, allow_dirs)
+        print_warnings(result)  # on stderr, with --json too: a script sees them in its log
         if note := result.simulation_note():
             err.print(escape(note))
         print_budget_note(result)
@@ -120,7 +121,6 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
         if as_json:
             emit_json(result.as_dict())
         else:
-            print_warnings(result)
             verb = "created" if result.created else "updated"
             out.print(
                 f"batch [bold]{result.batch_id}[/bold] ({escape(result.name)}) {verb}: "

@@ -260,6 +260,7 @@ class SubmitResult:
             "simulated": self.simulated,
             "renumbered": self.renumbered,
             "not_in_manifest": self.not_in_manifest,
+            "warnings": list(self.warnings),
         }
 
     def simulation_note(self) -> str | None:

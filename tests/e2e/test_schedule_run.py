@@ -137,3 +137,20 @@ def test_a_run_interrupted_before_its_deadline_is_resumed_after_it(
     refused = wb("run", other, "--no-progress")
     assert refused.code == 2
     assert "has already passed" in refused.stderr
+
+
+def test_submit_json_says_a_past_deadline_too(wb: Wb, e2e_env: Path) -> None:
+    """``submit --json`` says what storing the batch warned of, on stderr and as ``warnings``: a
+    script re-submitting with a mistyped past deadline learns its unsent jobs will be cancelled."""
+    body = f"name: nightly\nendpoint: fal-ai/wan-22\nschedule:\n  window: '22:00-06:00'\nitems:\n{_items(2)}"
+    manifest = write_manifest(e2e_env, "nightly", body)
+    first = wb("submit", manifest, "--json")
+    assert first.code == 0, first.stderr
+    assert first.json()["warnings"] == []
+    manifest.write_text(body.replace("schedule:\n", "schedule:\n  deadline: 2020-01-02T00:00:00Z\n"))
+
+    again = wb("submit", manifest, "--json")
+
+    assert again.code == 0, again.stderr
+    assert "has already passed" in again.stderr
+    assert any("has already passed" in w for w in again.json()["warnings"])
