@@ -553,17 +553,36 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
     """With ``--simulate``, give the simulator of this run the batch's requests that an earlier,
     stopped run left "at fal" (queued, running, being cancelled, or finished and not yet
     downloaded): real fal still has them after a Ctrl-C, and "run again to resume" must hold
-    against the simulator too, instead of every such job failing as a request fal lost."""
+    against the simulator too, instead of every such job failing as a request fal lost.
+
+    A request still queued goes back with what is left of the start timeout its submit carried
+    (``X-Fal-Request-Start-Timeout``: the time to the batch's window end or deadline as of its
+    sending): fal never starts such a request after that, and one whose start deadline passed
+    while the run was stopped is timed out in the simulator's queue at once, unbilled, as fal
+    does — rather than run (and billed) after the deadline."""
     if _simulator is None:
         return
     from jobs import db, store
+    from jobs.models import utcnow
     from jobs.states import JobState
 
     at_fal = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING, JobState.DOWNLOADING)
     with db.read_scope(db.open_engine(settings)) as session:
         requests = store.batch_requests(session, batch_id, at_fal)
-    if requests:
-        _simulator.resume(requests)
+        schedule = store.batch_schedule(store.get_batch(session, batch_id)) if requests else None
+    if not requests or schedule is None:
+        return
+    now = utcnow()
+    resumed: list[tuple[str, str, Any, float | None]] = []
+    for endpoint, request_id, payload, state, sent_at in requests:
+        start_timeout = None
+        if state == JobState.QUEUED and sent_at is not None:
+            # As worker.steps.submit computed it when sending: the window's end or the deadline.
+            closes = schedule.closes_at(sent_at)
+            if closes is not None:
+                start_timeout = max((closes - now).total_seconds(), 0.0)
+        resumed.append((endpoint, request_id, payload, start_timeout))
+    _simulator.resume(resumed)
 
 
 def _run_and_report(

@@ -139,19 +139,31 @@ class SimulatorHandle:
 
         self._call(apply())
 
-    def resume(self, requests: Iterable[tuple[str, str, Any]]) -> None:
-        """Take back ``(endpoint id, request id, input)`` requests an earlier simulator accepted.
+    def resume(self, requests: Iterable[tuple[Any, ...]]) -> None:
+        """Take back ``(endpoint id, request id, input[, start timeout])`` requests an earlier
+        simulator accepted.
 
         fal keeps a request whatever becomes of the client that sent it, so a batch stopped with
         Ctrl-C finds its requests still there when it is run again. A simulator that lived in
         the stopped process (``--simulate``) took them with it; given them back here, it runs
         them again under their own ids, as if they had been in its queue all along, and their
         results are there once they finish. A request it already knows is left as it is.
+
+        ``start timeout``: the seconds left of the ``X-Fal-Request-Start-Timeout`` the request
+        was sent with (None: it had none, or it had started). At 0 (its start deadline passed
+        meanwhile) it is timed out in the queue at once, never started and not billed, as fal
+        does with a request whose start timeout expires.
         """
 
         async def take() -> None:
-            for endpoint_id, request_id, payload in requests:
-                self.engine.submit(get_endpoint(endpoint_id), payload, request_id=request_id)
+            for endpoint_id, request_id, payload, *rest in requests:
+                start_timeout = rest[0] if rest else None
+                self.engine.submit(
+                    get_endpoint(endpoint_id),
+                    payload,
+                    request_id=request_id,
+                    start_timeout=None if start_timeout is None else max(float(start_timeout), 0.0),
+                )
 
         self._call(take())
 

@@ -3252,15 +3252,26 @@ def simulated_batch_ids(session: Session) -> frozenset[str]:
 
 def batch_requests(
     session: Session, batch_id: str, states: Collection[JobState]
-) -> list[tuple[str, str, Any]]:
-    """``(endpoint, request id, submitted input)`` of the batch's jobs in ``states`` that have a
-    request at fal, oldest first (a ``--simulate`` run gives them back to its simulator)."""
+) -> list[tuple[str, str, Any, JobState, datetime | None]]:
+    """``(endpoint, request id, submitted input, state, sent at)`` of the batch's jobs in
+    ``states`` that have a request at fal, oldest first (a ``--simulate`` run gives them back to
+    its simulator). ``sent at``: when the request's POST went out (``sent_at``, else
+    ``submitted_at``), what its start timeout was counted from."""
     query = (
-        select(Job.endpoint, Job.request_id, Job.submitted_input)
+        select(
+            Job.endpoint,
+            Job.request_id,
+            Job.submitted_input,
+            Job.state,
+            func.coalesce(Job.sent_at, Job.submitted_at),
+        )
         .where(Job.batch_id == batch_id, Job.state.in_(sorted(states)), Job.request_id.is_not(None))
         .order_by(Job.submitted_at, Job.id)
     )
-    return [(endpoint, request_id, data) for endpoint, request_id, data in session.execute(query)]
+    return [
+        (endpoint, request_id, data, JobState(state), sent)
+        for endpoint, request_id, data, state, sent in session.execute(query)
+    ]
 
 
 def get_job(session: Session, job_id: str) -> Job:

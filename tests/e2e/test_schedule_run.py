@@ -17,7 +17,7 @@ import pytest
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
 from jobs.settings import get_settings
-from tests.e2e.e2e_helpers import FAL_KEY, Wb, export_jsonl, write_manifest
+from tests.e2e.e2e_helpers import FAL_KEY, Wb, db_rows, export_jsonl, write_manifest
 
 
 @pytest.fixture
@@ -154,3 +154,52 @@ def test_submit_json_says_a_past_deadline_too(wb: Wb, e2e_env: Path) -> None:
     assert again.code == 0, again.stderr
     assert "has already passed" in again.stderr
     assert any("has already passed" in w for w in again.json()["warnings"])
+
+
+def test_a_simulated_request_left_queued_past_its_deadline_times_out_unbilled_on_resume(
+    e2e_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit (night, r1): a `--simulate` run stopped with requests queued at its simulator, run
+    again after the batch's deadline, gave them back to the new simulator without the start
+    timeout they were sent with: it started them past the deadline and the run cancelled them
+    while running, billed. fal would have timed them out in its queue, unbilled: so does the
+    simulator now, from what is left of the start timeout (nothing here)."""
+    import json
+    import os
+
+    from sqlalchemy import create_engine, text
+
+    from jobs.schedule import Schedule
+    from tests.in_process import run_main
+
+    manifest, _ = _due(e2e_env, "lapsed", 2, 3600)
+    assert run_main(["submit", str(manifest)], monkeypatch) == 0
+    # The deadline has passed since (a batch is never stored with a past one).
+    deadline = datetime(2020, 1, 2, tzinfo=UTC)
+    lapsed = json.dumps(Schedule(deadline=deadline).as_json())
+    # What a stopped `--simulate` run leaves: its requests queued "at fal", sent before the deadline.
+    sent = (deadline - timedelta(minutes=5)).replace(tzinfo=None)
+    url = os.environ["WANBATCH_DATABASE_URL"]
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE batches SET simulated = :t, schedule = :s"), {"t": True, "s": lapsed})
+            conn.execute(
+                text(
+                    "UPDATE jobs SET state = 'queued', request_id = 'sim-' || id, attempts = 1, "
+                    "submitted_input = input, sent_at = :sent, submitted_at = :sent"
+                ),
+                {"sent": sent},
+            )
+    finally:
+        engine.dispose()
+
+    code = run_main(["run", "lapsed", "--simulate", "--no-progress"], monkeypatch)
+
+    assert code == 1  # ended, cancelled: not a usage error
+    rows = db_rows(url, "SELECT state, error, actual_usd FROM jobs")
+    assert len(rows) == 2
+    for state, error, actual in rows:
+        assert state == "cancelled", rows
+        assert "while running" not in (error or ""), rows  # never started at the simulator
+        assert not actual, rows  # nothing billed
