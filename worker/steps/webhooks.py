@@ -343,18 +343,16 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                     **_fetched(delivery.body),
                 ):
                     continue
-                log.warning(
+                _say(
+                    logging.WARNING,
+                    "webhook.adopted_own",
+                    job,
+                    delivery,
                     "job %s: a webhook proved, after the job failed (%s), that fal ran its request %s "
                     "(billed): its video is fetched",
                     job.id,
                     job.error_type,
                     delivery.request_id,
-                    extra={
-                        "event": "webhook.adopted_own",
-                        "job_id": job.id,
-                        "batch_id": job.batch_id,
-                        "request_id": delivery.request_id,
-                    },
                 )
                 fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
                 outcome = ADOPTED_OWN
@@ -375,16 +373,14 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                 next_poll_at=first_poll_at(inbox.settings, now),
             ):
                 continue
-            log.info(
+            _say(
+                logging.INFO,
+                "webhook.adopted",
+                job,
+                delivery,
                 "job %s: webhook proved fal accepted it as %s",
                 job.id,
                 delivery.request_id,
-                extra={
-                    "event": "webhook.adopted",
-                    "job_id": job.id,
-                    "batch_id": job.batch_id,
-                    "request_id": delivery.request_id,
-                },
             )
             fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
             outcome = "adopted"
@@ -406,18 +402,16 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                 **({} if status.failed else _fetched(delivery.body)),
             ):
                 continue
-            log.warning(
+            _say(
+                logging.WARNING,
+                "webhook.adopted_before_resend",
+                job,
+                delivery,
                 "job %s: a webhook proved fal accepted attempt %s as %s before its resend went out: "
                 "kept, not resent",
                 job.id,
                 delivery.attempt,
                 delivery.request_id,
-                extra={
-                    "event": "webhook.adopted_before_resend",
-                    "job_id": job.id,
-                    "batch_id": job.batch_id,
-                    "request_id": delivery.request_id,
-                },
             )
             fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
             outcome = ADOPTED_BEFORE_RESEND
@@ -446,18 +440,16 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                 **_fetched(delivery.body),
             ):
                 continue
-            log.warning(
+            _say(
+                logging.WARNING,
+                "webhook.adopted_earlier",
+                job,
+                delivery,
                 "job %s: a webhook proved fal ran its earlier attempt %s as %s (billed): kept, "
                 "nothing is sent again",
                 job.id,
                 delivery.attempt,
                 delivery.request_id,
-                extra={
-                    "event": "webhook.adopted_earlier",
-                    "job_id": job.id,
-                    "batch_id": job.batch_id,
-                    "request_id": delivery.request_id,
-                },
             )
             fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
             outcome = ADOPTED_EARLIER
@@ -478,17 +470,15 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                 **_fetched(delivery.body),
             ):
                 continue
-            log.warning(
+            _say(
+                logging.WARNING,
+                "webhook.adopted_late",
+                job,
+                delivery,
                 "job %s: a webhook proved, after the job failed for its unknown submit outcome, that "
                 "fal ran it as %s (billed): its video is fetched",
                 job.id,
                 delivery.request_id,
-                extra={
-                    "event": "webhook.adopted_late",
-                    "job_id": job.id,
-                    "batch_id": job.batch_id,
-                    "request_id": delivery.request_id,
-                },
             )
             fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
             outcome = ADOPTED_LATE
@@ -497,17 +487,15 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
         if not settles(status):
             if not store.status_due(session, fence, at=now):
                 continue
-            log.info(
+            _say(
+                logging.INFO,
+                "webhook.status_due",
+                job,
+                delivery,
                 "job %s: fal reported %s failed (%s); its status says whether it ran: asked now",
                 job.id,
                 delivery.request_id,
                 status.error_type or status.error,
-                extra={
-                    "event": "webhook.status_due",
-                    "job_id": job.id,
-                    "batch_id": job.batch_id,
-                    "request_id": delivery.request_id,
-                },
             )
             return (outcome if outcome in _ADOPTED else STATUS_DUE), None
         queue = record_completion(session, fence, status, now=now, download_queued_until=queued_until)
@@ -516,6 +504,16 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
         if outcome in _ADOPTED:  # adopted, but the completion lost a race: the poller finishes it
             return outcome, None
     return None, None
+
+
+def _say(level: int, event: str, job: Job, delivery: WebhookDelivery, message: str, *args: object) -> None:
+    """Log what a delivery did to ``job``, with the fields every such line carries."""
+    log.log(
+        level,
+        message,
+        *args,
+        extra={"event": event, "job_id": job.id, "batch_id": job.batch_id, "request_id": delivery.request_id},
+    )
 
 
 def _late_proof(job: Job, state: S, delivery: WebhookDelivery, status: Status) -> bool:
@@ -590,17 +588,15 @@ def _duplicate_charge(
         return None
     if noted != "counted":
         return "ignored: unknown job" if noted == "missing" else "ignored: duplicate charge already counted"
-    log.warning(
+    _say(
+        logging.WARNING,
+        "webhook.duplicate_charge",
+        job,
+        delivery,
         "job %s: fal ran %s (attempt %s) besides the job's own request: a confirmed duplicate charge (%s)",
         job.id,
         delivery.request_id,
         delivery.attempt,
         fate,
-        extra={
-            "event": "webhook.duplicate_charge",
-            "job_id": job.id,
-            "batch_id": job.batch_id,
-            "request_id": delivery.request_id,
-        },
     )
     return "duplicate-charge"
