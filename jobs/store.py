@@ -60,7 +60,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import Session, SessionTransaction, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 from sqlalchemy.sql.elements import BindParameter
@@ -2163,11 +2163,16 @@ def find_reusable(session: Session, job: JobRecord, *, simulated: bool, limit: i
     Oldest first, so every reuse of one render names the same original while its output is
     there; the caller checks the outputs in that order and takes the first still intact (the
     original's may be gone while a rerun's is not). Jobs that reused another's output are left
-    out: their output is their source's, which is a candidate itself. Same kind: a batch sent to
-    fal takes only videos fal made, never a ``--simulate`` batch's placeholders (and a
-    simulation only simulated ones, so it rehearses exactly what the paid run will do).
+    out: their output is their source's (the same ``output_path``), which is a candidate itself.
+    A rerun's job that took back the paid video its original left staged
+    (:func:`mark_taking_staged`) names that original in ``reused_from`` too, but stored the
+    video itself, under its own path: it is a candidate — often the only copy there is, its
+    original having failed without an output. Same kind: a batch sent to fal takes only videos
+    fal made, never a ``--simulate`` batch's placeholders (and a simulation only simulated ones,
+    so it rehearses exactly what the paid run will do).
     """
     key = job.content_key or job.job_key
+    source = aliased(Job)
     query = (
         select(Job)
         .join(Batch, Batch.id == Job.batch_id)
@@ -2177,7 +2182,10 @@ def find_reusable(session: Session, job: JobRecord, *, simulated: bool, limit: i
             Job.state == JobState.SUCCEEDED,
             Job.output_sha256.is_not(None),
             Job.output_path.is_not(None),
-            Job.reused_from.is_(None),
+            or_(
+                Job.reused_from.is_(None),
+                ~exists().where(source.id == Job.reused_from, source.output_path == Job.output_path),
+            ),
             Batch.simulated.is_(simulated),
         )
         .order_by(Job.finished_at, Job.id)
@@ -2251,8 +2259,10 @@ def staged_original(session: Session, job: JobRecord, *, simulated: bool) -> Job
 def mark_taking_staged(session: Session, fence: Fence, original: Job, *, staged: str, **lease: Any) -> bool:
     """``pending``/``retry_wait`` → ``downloading`` without sending: the job takes the paid video
     ``original`` downloaded and left at ``staged`` (:func:`staged_original`), stores it like any
-    download, and succeeds with ``reused_from`` naming the job fal made it for. Nothing more is
-    billed, so its actual cost (and its estimate) is 0 (``original`` keeps what it was billed).
+    download, and succeeds with ``reused_from`` naming the job fal made it for. Taking it bills
+    nothing more (``original`` keeps what it was billed): the job keeps what fal billed its own
+    earlier attempts, if it was sent before (a ``retry_wait`` after a request fal ran, cancelled
+    or failed), else costs 0; its estimate becomes 0.
     ``lease``: ``lease_owner``/``lease_expires_at`` of its queued download, as for a completion."""
     source = original.reused_from or original.id  # a taker that failed in turn: the video's maker
     return _move(
@@ -2262,10 +2272,11 @@ def mark_taking_staged(session: Session, fence: Fence, original: Job, *, staged:
         f"takes the paid video job {original.id} left in the staging folder ({staged}); not sent",
         details={"reused_from": source, "staged": staged},
         reused_from=source,
-        actual_usd=Decimal(0),
-        actual_billing_units=Decimal(0),
-        # Not its estimate either: while it waits in ``downloading`` (storage down) a job counts at
-        # its estimate in the budgets (:func:`finished_usd`), and this one will cost nothing.
+        actual_usd=_KEPT_USD,
+        actual_billing_units=_KEPT_UNITS,
+        # Not its estimate: while it waits in ``downloading`` (storage down) a job counts at what
+        # it was billed plus its estimate in the budgets (:func:`finished_usd`), and this taking
+        # will cost nothing more.
         est_usd=Decimal(0),
         download_attempts=0,
         error=None,
@@ -2352,6 +2363,12 @@ _ZERO_IF_NEVER_SENT = func.coalesce(
     case((_JOBS.c.submitted_at.is_(None), literal(Decimal(0), _JOBS.c.actual_usd.type)), else_=None),
 )
 _UNBILLED_ENDS = frozenset({JobState.FAILED, JobState.CANCELLED})
+#: What a job's earlier attempts cost, 0 when none was billed: its cost once it takes a video
+#: that costs it nothing more (:func:`mark_taking_staged`).
+_KEPT_USD = func.coalesce(_JOBS.c.actual_usd, literal(Decimal(0), _JOBS.c.actual_usd.type))
+_KEPT_UNITS = func.coalesce(
+    _JOBS.c.actual_billing_units, literal(Decimal(0), _JOBS.c.actual_billing_units.type)
+)
 
 #: States of a job fal does not hold (or that we never heard back about): a cancel needs no call to fal.
 UNSENT_STATES: tuple[JobState, ...] = (JobState.PENDING, JobState.RETRY_WAIT, JobState.SUBMIT_UNKNOWN)

@@ -303,7 +303,8 @@ def _take_staged(session: Session, rt: Runtime, job: JobRecord, batches: _RoundB
     """A rerun's job whose original failed with its paid video left in the staging folder
     (``output_not_kept``: its batch was cancelled while the storage was down) takes that video
     instead of being sent to fal again: :data:`TAKEN` (moved to ``downloading``, where the
-    download step stores it, its cost 0, ``reused_from`` naming the job fal made it for), else
+    download step stores it, costing nothing more than what fal billed the job's own earlier
+    attempts, if any; ``reused_from`` naming the job fal made it for), else
     :data:`SEND` (the usual way on, :func:`_reuse` first).
 
     Only for a job that repeats the original's input exactly (its stored input and the seed

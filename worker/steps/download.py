@@ -465,7 +465,7 @@ def _store_video(
         cost = billed(job, billing.Outcome.SUCCEEDED)
         sidecar = sidecar_record(job, claim.batch_name, shown, result.sha256, result.size, cost)
     else:
-        cost = dict(_NOTHING_MORE)
+        cost = nothing_more(job)
         sidecar = taken_sidecar(maker, job, claim.batch_name, shown, result.sha256, result.size)
     sidecar.update(checked)
     try:
@@ -516,8 +516,17 @@ def _store_video(
     return "succeeded"
 
 
-#: The cost of a job that stores a video another job paid for.
-_NOTHING_MORE: dict[str, Any] = {"actual_usd": Decimal(0), "actual_billing_units": Decimal(0)}
+def nothing_more(job: JobView) -> dict[str, Any]:
+    """The cost of a job that stores a video another job paid for: what fal billed its own
+    earlier attempts (a rerun's job sent before it took the staged video: fal ran, and billed,
+    a request of its own), 0 when nothing was — taking the video adds nothing to it."""
+    return {
+        "actual_usd": job.actual_usd if job.actual_usd is not None else Decimal(0),
+        "actual_billing_units": (
+            job.actual_billing_units if job.actual_billing_units is not None else Decimal(0)
+        ),
+    }
+
 
 #: The ``error_type`` of a rerun's job whose staged video was no longer the one its original
 #: downloaded when it came to store it (gone, or other bytes): nothing was sent, nothing paid.
@@ -529,11 +538,13 @@ def _take_staged(rt: Runtime, job_id: str, claim: DownloadClaim) -> str:
     (dispatch moved it here: :func:`worker.steps.dispatch._take_staged`), as a download would:
     checked again against the SHA-256 and size its original recorded, probed, uploaded (or
     placed in the output folder) with a sidecar describing the request fal made it for, then
-    the job succeeds, costing nothing. An upload that fails is retried, and pauses the batch,
-    like any other (:func:`_upload_failed`): the file stays where it is until the success.
+    the job succeeds, costing nothing more (:func:`nothing_more`). An upload that fails is
+    retried, and pauses the batch, like any other (:func:`_upload_failed`): the file stays where
+    it is until the success.
 
     A file gone or changed since dispatch checked it ends the job ``failed``
-    (:data:`STAGED_CHANGED`, cost 0): nothing was sent, and no other file is ever taken."""
+    (:data:`STAGED_CHANGED`, nothing more billed: :func:`nothing_more`): nothing was sent, and
+    no other file is ever taken."""
     settings = rt.settings
     original_id = claim.job.rerun_of
     maker_id = claim.job.reused_from
@@ -551,7 +562,7 @@ def _take_staged(rt: Runtime, job_id: str, claim: DownloadClaim) -> str:
                 error=f"the paid video job {original_id} left in the staging folder is not taken: {why}; "
                 "nothing was sent (`rerun --failed-only` renders it again, at its price)",
                 error_type=STAGED_CHANGED,
-                **_NOTHING_MORE,
+                **nothing_more(claim.job),
             )
         return "failed" if stored else "lost-lease"
     sha256, size = original.output_sha256, original.output_bytes
@@ -590,9 +601,10 @@ def taken_sidecar(
 ) -> dict[str, Any]:
     """The sidecar of a rerun's job that took the paid video ``maker``'s request made: what
     reproduces it is ``maker``'s (its submitted input, the seed fal returned, request id, fal's
-    result and metrics, times); where it is filed and what it cost (nothing) are the job's own,
-    and ``reused_from`` names ``maker``."""
-    record = sidecar_record(maker, batch_name, video_path, sha256, size, _NOTHING_MORE)
+    result and metrics, times); where it is filed and what it cost (:func:`nothing_more`: only
+    what its own earlier attempts were billed, if any) are the job's own, and ``reused_from``
+    names ``maker``."""
+    record = sidecar_record(maker, batch_name, video_path, sha256, size, nothing_more(job))
     record.update(
         job_id=job.id,
         batch=job.batch_id,
@@ -873,10 +885,11 @@ def _pause_for_outputs(
 
 def _fail_paid(session: Session, claim: DownloadClaim, *, error: str, error_type: str, **fields: Any) -> None:
     """Fail a job whose video fal made, and billed, but that we could not get or keep: the job
-    carries what fal billed (a COMPLETED request without an error is paid for) — nothing for a
-    rerun's job that took the staged video of another (``reused_from``): that one was billed."""
+    carries what fal billed (a COMPLETED request without an error is paid for) — nothing more for
+    a rerun's job that took the staged video of another (``reused_from``): that one was billed
+    (:func:`nothing_more`)."""
     job = store.get_job(session, claim.fence.job_id)
-    cost = dict(_NOTHING_MORE) if job.reused_from is not None else billed(job, billing.Outcome.SUCCEEDED)
+    cost = nothing_more(job) if job.reused_from is not None else billed(job, billing.Outcome.SUCCEEDED)
     store.fail_job(session, claim.fence, error=error, error_type=error_type, **fields, **cost)
 
 
