@@ -70,18 +70,40 @@ UNREACHABLE_WARN_EVERY_SECONDS = 30.0
 #: Seconds the limiter's Redis has to answer (connect, then each reply): at start-up and per call.
 TIMEOUT_SECONDS = 2.0
 
+#: How long a rate key outlives its TAT and hold (``store`` below). Long on purpose: a key a
+#: process saw, found missing, then means that the limiter lost its state (a flush, a restart
+#: without persistence, an eviction) — the rare case where the next grant waits one interval
+#: (``restore``) — and not that nobody submitted for a second. A few keys per API key, kept an hour.
+KEY_KEEP_SECONDS = 3600
+
 #: What every script below shares. A key is a hash: ``tat``, its theoretical arrival time, and
 #: ``hold``, until when a 429 holds it (:data:`HOLD_OFF_LUA`; absent or past: no pause). The
 #: two are apart so that a submit's ordinary spacing (the TAT one interval ahead after any
 #: grant) is never read as fal's pause. A plain string is a key written before ``hold``
 #: existed: its TAT alone. Values are integer microseconds (< 2^53, exact in Lua's doubles) on
-#: Redis' clock; the TTL outlives both, so idle keys go. ``state(key, missing)``: a key that is
-#: not there reads as TAT ``missing`` (the TAT the caller saw last, :data:`GCRA_LUA`) or now, and
-#: says so (a third value, true).
-_LUA_STATE = """
+#: Redis' clock; the TTL outlives both by :data:`KEY_KEEP_SECONDS`, so idle keys go.
+#: ``state(key)``: a key that is not there reads as TAT now, and says so (a third value, true).
+#:
+#: ``restore(tat, last, iv)``: where a key that is not there starts, for a process that saw the
+#: limiter's state (``last``: the key's TAT as it saw it last, µs; 1 when it saw other keys but
+#: not this one; 0 when it saw none). Its TAT as seen last is no floor: another process may have
+#: granted after it, unseen here, and that grant's time is lost with the key. What is known is
+#: that every grant came before the key was lost, so before now: the key restarts at the later of
+#: the TAT seen last (a 429's pause heard here) and now plus one interval — never a shorter gap
+#: after anyone's last grant, at the cost of at most one interval after the limiter lost its
+#: state (or after :data:`KEY_KEEP_SECONDS` without a submit, or at the first submit under a
+#: key this process never saw, such as a new endpoint's own limit: a key never written and one
+#: lost look the same). A process that saw no state (``last`` 0: a first start) has nothing to
+#: keep to and grants at once; so does one started after the loss, before any process that saw
+#: the state asked again (the next such ask writes the restored key back for every process).
+#: Why not a shadow copy of the last grant instead: one in the limiter's Redis (the leader's
+#: policy hash) is lost with the keys by the same flush or restart; one anywhere else is a
+#: second store that every grant would write to, outside the one atomic script.
+_LUA_STATE = (
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function state(key, missing)
+local function state(key)
   local kind = redis.call('TYPE', key)['ok']
   if kind == 'hash' then
     local v = redis.call('HMGET', key, 'tat', 'hold')
@@ -89,7 +111,11 @@ local function state(key, missing)
   elseif kind == 'string' then
     return tonumber(redis.call('GET', key)) or now, 0
   end
-  return missing or now, 0, true
+  return now, 0, true
+end
+local function restore(tat, last, iv)
+  if last > 0 then return math.max(tat, last, now + iv) end
+  return tat
 end
 local function store(key, tat, hold)
   if redis.call('TYPE', key)['ok'] ~= 'hash' then redis.call('DEL', key) end
@@ -99,9 +125,12 @@ local function store(key, tat, hold)
     redis.call('HSET', key, 'tat', string.format('%.0f', tat))
     redis.call('HDEL', key, 'hold')
   end
-  redis.call('PEXPIRE', key, math.ceil((math.max(tat, hold) - now) / 1000) + 1000)
+  redis.call('PEXPIRE', key, math.ceil((math.max(tat, hold) - now) / 1000) + """
+    + str(KEY_KEEP_SECONDS * 1000)
+    + """)
 end
 """
+)
 
 #: Checks every key's TAT against Redis' clock; grants (advancing every TAT by its interval)
 #: only if all keys allow, else returns the wait in microseconds.
@@ -110,17 +139,18 @@ end
 #: interval (µs) as this process's settings make it (0: no limit of its own), then each key's
 #: field in the policy, then this process's API key id, then the publish stamp (``at``) of the
 #: policy this process saw last (empty: none), then each key's interval in that policy (0: none),
-#: then each key's TAT as this process saw it last (µs; 0: none).
+#: then each key's TAT as this process saw it last (µs; 1: none, but other keys' seen; 0: none
+#: at all), for ``restore``.
 #: Every interval is the longer of this process's and the one the tick leader published for the
 #: same API key and database (:meth:`RedisGCRA.publish`), read in the same atomic call: no worker,
 #: whatever its own settings, grants faster than the leader's limits. When the policy is missing
 #: (the limiter's Redis flushed or restarted, the policy expired or deleted), the policy seen last
 #: stands in for it (fail safe) until the leader publishes again. A key whose interval is 0 every
-#: way limits nothing here. A key that is missing (the limiter flushed or restarted) starts from
-#: the TAT this process saw last, not from now (fail safe): the grant after a flush keeps the
-#: spacing from the last one this process knows of, never comes early or in a burst; and the key is
-#: written back even when the answer is a wait, so that every other process keeps to it too. A TAT
-#: seen long ago is in the past and changes nothing.
+#: way limits nothing here. A key that is missing (the limiter flushed or restarted) starts,
+#: for a process that saw the limiter's state, one interval from now or later (``restore``, fail
+#: safe): the grant after a flush never comes early or in a burst after the last one any process
+#: made, whether this process saw that grant or not; and the key is written back even when the
+#: answer is a wait (it always is then), so that every other process keeps to it too.
 #:
 #: Returns the wait (µs), Redis' clock (µs), the policy as ``HGETALL`` gives it when its stamp is
 #: not the one this process saw last (else empty), whether a policy is there (1) or not (0), and
@@ -145,7 +175,8 @@ for i = 1, n do
   if published > iv then iv = published end
   ivs[i] = iv
   if iv > 0 then
-    local tat, hold, missing = state(KEYS[i], tonumber(ARGV[3 * n + 2 + i]))
+    local tat, hold, missing = state(KEYS[i])
+    if missing then tat = restore(tat, tonumber(ARGV[3 * n + 2 + i]) or 0, iv) end
     if tat < now then tat = now end
     restored[i] = missing and tat > now
     tats[i], holds[i] = tat, hold
@@ -179,17 +210,25 @@ return {0, now, seen, there, after}
 
 #: fal's 429: pushes every key's TAT to at least ``now + ARGV[1]`` µs (no key grants again
 #: before then) and records that pause as the key's ``hold``; neither ever earlier than it was.
+#: Then ``ARGV``: each key's interval (µs), then its TAT as this process saw it last (as
+#: :data:`GCRA_LUA`'s): a key that is missing starts where a grant would restore it (``restore``),
+#: so that a pause shorter than the interval, heard right after a flush, cannot open a shorter
+#: gap. Returns Redis' clock and each key's TAT after the call (µs).
 HOLD_OFF_LUA = (
     _LUA_STATE
     + """
 local until_ = now + tonumber(ARGV[1])
-for _, key in ipairs(KEYS) do
-  local tat, hold = state(key)
+local n = #KEYS
+local after = {}
+for i, key in ipairs(KEYS) do
+  local tat, hold, missing = state(key)
+  if missing then tat = restore(tat, tonumber(ARGV[1 + n + i]) or 0, tonumber(ARGV[1 + i]) or 0) end
   if tat < until_ or hold < until_ then
     store(key, math.max(tat, until_), math.max(hold, until_))
   end
+  after[i] = math.max(tat, until_)
 end
-return now
+return {now, after}
 """
 )
 
@@ -342,6 +381,14 @@ def stale_grant_seconds(settings: Settings) -> float:
     """
     allowance = settings.submit_jitter_allowance
     return allowance / 2 if allowance > 0 else math.inf
+
+
+def _int(value: str | None) -> int:
+    """A published interval (µs) as the policy holds it; 0 when none or unreadable."""
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
 
 
 def rate_keys(settings: Settings, endpoint: str) -> list[RateKey]:
@@ -857,8 +904,9 @@ class RedisGCRA:
         #: again at once when the policy is found gone or the limiter answers again. Cleared by
         #: :meth:`resign` (the leader lock lost) and :meth:`unpublish` (a clean stop).
         self._leading_as: str | None = None
-        #: Each rate key's TAT as the limiter's answers showed it last (µs, Redis' clock): where
-        #: a key that is gone (a flushed limiter) starts from (:data:`GCRA_LUA`, fail safe).
+        #: Each rate key's TAT as the limiter's answers showed it last (µs, Redis' clock): that
+        #: this process saw the limiter's state, so a key found gone (a flushed limiter) restarts
+        #: one interval from now, or at this TAT if later (``restore`` in :data:`_LUA_STATE`).
         self._tats: dict[str, int] = {}
         #: The database leader's record seen last (:func:`leader_key`), by :meth:`watch_policy`.
         self.leader: Leader | None = None
@@ -941,7 +989,7 @@ class RedisGCRA:
         names = [self.prefix + k.key for k in keys]
         with self._lock:
             seen_at, seen_fields = self._seen_at, self._seen_fields
-            tats = [self._tats.get(name, 0) for name in names]
+            tats = self._last_tats(names)
         try:
             wait_us, now_us, raw, there, after = self._script(
                 keys=[*names, self.policy],
@@ -961,6 +1009,13 @@ class RedisGCRA:
             self._heard(raw, int(now_us))
         self._answered(policy_there=bool(there))
         return int(wait_us), int(now_us)
+
+    def _last_tats(self, names: list[str]) -> list[int]:
+        """Each key's TAT as this process saw it last, for ``restore`` (:data:`_LUA_STATE`): 1 for
+        a key it never saw when it saw others (the limiter had state: a key found missing may be
+        one lost with it), 0 when it saw none (a first start). Under ``_lock``."""
+        known = 1 if self._tats else 0
+        return [self._tats.get(name, known) for name in names]
 
     def _saw_tats(self, tats: Iterable[tuple[str, int]]) -> None:
         """Keep each key's latest TAT the limiter showed (0: none): the fallback of the next grant."""
@@ -1027,11 +1082,16 @@ class RedisGCRA:
         keys = rate_keys(self.settings, endpoint)
         names = [self.prefix + k.key for k in keys]
         pause_us = round(seconds * 1_000_000)
+        with self._lock:
+            seen_fields = self._seen_fields
+            tats = self._last_tats(names)
+        # The interval a grant would keep (the leader's seen last, if longer), for a missing key.
+        intervals = [max(round(k.interval * 1_000_000), _int(seen_fields.get(k.field))) for k in keys]
         try:
-            now_us = self._hold_off(keys=names, args=[pause_us])
+            _, after = self._hold_off(keys=names, args=[pause_us, *intervals, *tats])
         except client_error() as exc:
             raise self._unreachable(exc) from exc
-        self._saw_tats((name, int(now_us) + pause_us) for name in names)  # every TAT is that late at least
+        self._saw_tats(zip(names, (int(tat) for tat in after), strict=True))
         self._answered()
 
     def publish(self, by: str) -> Limits | None:

@@ -28,6 +28,7 @@ from worker import conductor as conductor_module
 from worker import limits as limits_module
 from worker.conductor import Conductor
 from worker.limits import (
+    KEY_KEEP_SECONDS,
     LimiterUnavailableError,
     Limits,
     LocalGCRA,
@@ -119,10 +120,12 @@ def test_limiter_choice_follows_settings(redis_url: str) -> None:
 def test_one_token_per_interval_and_the_wait_is_exact(redis_url: str, redis_namespace: str) -> None:
     limiter = RedisGCRA.from_url(_settings(4, submit_jitter_allowance=0.0), redis_url, prefix=redis_namespace)
     assert limiter.acquire(ENDPOINT) == 0
-    # The state lives in Redis under the hashed API key, with a TTL (no immortal keys).
+    # The state lives in Redis under the hashed API key, with a TTL (no immortal keys): kept
+    # KEY_KEEP_SECONDS after its TAT, so that a key gone sooner means a limiter that lost it.
     (key,) = list(limiter.client.scan_iter(match=redis_namespace + "*"))
     assert api_key_id(limiter.settings).encode() in key
-    assert 0 < limiter.client.pttl(key) <= 1250
+    keep_ms = KEY_KEEP_SECONDS * 1000
+    assert keep_ms < limiter.client.pttl(key) <= keep_ms + 250
     wait = limiter.acquire(ENDPOINT)
     assert 0.2 < wait <= 0.25  # 1/4 s minus the round trip
     time.sleep(wait)
@@ -150,7 +153,8 @@ def test_a_hold_off_pauses_every_key_of_the_api_key_and_never_shortens_a_wait(
     assert limiter.acquire(ENDPOINT) > 2.5
     if isinstance(limiter, RedisGCRA):
         (key,) = list(limiter.client.scan_iter(match=redis_namespace + "*"))
-        assert 3000 < limiter.client.pttl(key) <= 4000  # the pause's key expires after it
+        keep_ms = KEY_KEEP_SECONDS * 1000
+        assert keep_ms + 2500 < limiter.client.pttl(key) <= keep_ms + 3000  # kept after the pause
         limiter.close()
 
 
@@ -315,8 +319,13 @@ def test_a_worker_with_a_laxer_rate_submits_no_faster_than_the_leader_publishes(
         assert leader.publish("leader-host:1:") is None
         assert worker.acquire(ENDPOINT) == 0
         assert 0.4 < worker.acquire(ENDPOINT) <= 0.5  # the leader's 2/s, not the worker's 100/s
-        # An endpoint rate only the leader sets holds for the worker too.
+        # An endpoint rate only the leader sets holds for the worker too. Its key is new to this
+        # worker, which saw the limiter's state: it starts one interval out, as a key lost in a
+        # flush would (the two look the same).
         time.sleep(0.5)
+        first = worker.acquire("fal-ai/wan-22")
+        assert 0.9 < first <= 1.0
+        time.sleep(first)
         assert worker.acquire("fal-ai/wan-22") == 0
         time.sleep(0.5)
         assert 0.4 < worker.acquire("fal-ai/wan-22") <= 0.5  # 1/s on that endpoint
@@ -400,9 +409,10 @@ def test_a_flushed_limiter_keeps_the_leaders_limits_and_the_leader_publishes_aga
         wait_us, granted_us = worker.grant("fal-ai/wan-22")  # the worker sees the policy with its grant
         assert wait_us == 0
         _flush(client, redis_namespace)  # the limiter's Redis flushed: policy and TATs gone
-        # The next grant keeps the spacing from the last one (the TAT the worker saw) ...
+        # The next grant keeps the full spacing after the last (one interval from now) ...
         wait_us, now_us = worker.grant("fal-ai/wan-22")
-        assert now_us + wait_us == granted_us + 1_000_000
+        assert wait_us == 1_000_000
+        assert now_us + wait_us > granted_us + 1_000_000
         time.sleep(wait_us / 1_000_000)
         # ... and the worker's grants keep the leader's 1/s (the policy it saw last), not its own 100/s.
         wait_us, granted_us = worker.grant("fal-ai/wan-22")
@@ -612,8 +622,9 @@ def test_a_flushed_limiter_keeps_the_spacing_from_the_last_grant_seen(
     redis_url: str, redis_namespace: str, client: redis.Redis[bytes]
 ) -> None:
     """A flushed (or restarted) limiter Redis lost every TAT: the next grant came at once (a
-    burst, or a gap of a fraction of the interval after the last). Each process now gives the
-    script the TAT it saw last, which stands in for a missing key: never faster than the spacing."""
+    burst, or a gap of a fraction of the interval after the last). A process that saw the
+    limiter's state now restarts a missing key one interval from now, or at the TAT it saw last
+    (a 429's pause) when that is later: never faster than the spacing."""
     settings = _settings(0.5, submit_jitter_allowance=0.0)  # 2 s between two submits
     interval_us = 2_000_000
     granting = RedisGCRA.from_url(settings, redis_url, prefix=redis_namespace)
@@ -622,26 +633,26 @@ def test_a_flushed_limiter_keeps_the_spacing_from_the_last_grant_seen(
         wait_us, granted_us = granting.grant(ENDPOINT)
         assert wait_us == 0
         _flush(client, redis_namespace)
-        wait_us, now_us = granting.grant(ENDPOINT)  # Redis' clock: the next grant is one interval after
-        assert now_us + wait_us == granted_us + interval_us
-        # A process refused a token learns the TAT too (another process's grant set it) ...
-        _flush(client, redis_namespace)
-        granting.grant(ENDPOINT)  # a wait: puts the TAT it saw back for every process
+        wait_us, now_us = granting.grant(ENDPOINT)  # Redis' clock: one interval from now
+        assert wait_us == interval_us
+        restored_us = now_us + wait_us
+        assert restored_us > granted_us + interval_us
+        # The wait wrote the key back: a process refused a token learns the TAT too ...
         wait_us, now_us = denied.grant(ENDPOINT)
-        assert now_us + wait_us == granted_us + interval_us
-        # ... and keeps to it after a flush of its own.
+        assert now_us + wait_us == restored_us
+        # ... and after a flush of its own restarts one interval from now (later than that TAT).
         _flush(client, redis_namespace)
         wait_us, now_us = denied.grant(ENDPOINT)
-        assert now_us + wait_us == granted_us + interval_us
+        assert wait_us == interval_us
         # fal's 429 (a hold-off) heard by this process outlives a flush as well.
         granting.hold_off(ENDPOINT, 60.0)
         (key,) = [k for k in client.scan_iter(match=redis_namespace + "*") if k.endswith(b":submit")]
         held_until = int(client.hget(key, "tat") or 0)
-        assert held_until > granted_us + interval_us
+        assert held_until > restored_us + interval_us
         _flush(client, redis_namespace)
         wait_us, now_us = granting.grant(ENDPOINT)
         assert now_us + wait_us == held_until
-        # A process that never saw a TAT has nothing to keep to (its first grant goes).
+        # A process that never saw a TAT (a first start) has nothing to keep to: its first grant goes.
         fresh = RedisGCRA.from_url(
             _settings(0.5, submit_jitter_allowance=0.0), redis_url, prefix=redis_namespace + "x:"
         )
@@ -650,6 +661,84 @@ def test_a_flushed_limiter_keeps_the_spacing_from_the_last_grant_seen(
     finally:
         granting.close()
         denied.close()
+
+
+def _granted(limiter: RedisGCRA, endpoint: str) -> int:
+    """Wait for a token as long as the limiter says, then take it: when it was granted (µs, Redis' clock)."""
+    while True:
+        wait_us, now_us = limiter.grant(endpoint)
+        if wait_us == 0:
+            return now_us
+        time.sleep(wait_us / 1_000_000)
+
+
+def test_after_a_flush_no_process_grants_sooner_than_one_interval_after_anyones_last_grant(
+    redis_url: str, redis_namespace: str, client: redis.Redis[bytes]
+) -> None:
+    """Two workers: B made the last grant, A saw only its own earlier one. After a flush A went
+    from the TAT it saw (long past) and was granted at once, right after B's grant. Now no
+    grant, by either, comes sooner than one interval after the last one any process made."""
+    settings = _settings(1, submit_jitter_allowance=0.0)  # 1 s between two submits
+    interval_us = 1_000_000
+    a = RedisGCRA.from_url(settings, redis_url, prefix=redis_namespace)
+    b = RedisGCRA.from_url(settings, redis_url, prefix=redis_namespace)
+    late = RedisGCRA.from_url(settings, redis_url, prefix=redis_namespace)
+    try:
+        granted_a = _granted(a, ENDPOINT)
+        granted_b = _granted(b, ENDPOINT)  # the last grant, one interval after A's
+        assert granted_b >= granted_a + interval_us
+        _flush(client, redis_namespace)  # the limiter's Redis flushed or restarted
+        wait_us, now_us = a.grant(ENDPOINT)
+        assert wait_us == interval_us
+        assert now_us + wait_us >= granted_b + interval_us
+        # A's answer wrote the key back: a process started after the flush keeps to it too.
+        wait_us, now_us = late.grant(ENDPOINT)
+        assert now_us + wait_us >= granted_b + interval_us
+        assert _granted(a, ENDPOINT) >= granted_b + interval_us
+    finally:
+        a.close()
+        b.close()
+        late.close()
+
+
+def test_after_a_flush_an_endpoints_own_limit_holds_for_a_process_that_never_used_it(
+    redis_url: str, redis_namespace: str, client: redis.Redis[bytes]
+) -> None:
+    """A process that saw the limiter's state but never the endpoint's key (it submitted to
+    another endpoint) restarts that key one endpoint interval out too: the endpoint's last grant,
+    another process's, is lost with the flush, and the API key's shorter spacing is no bound."""
+    settings = _settings(100, submit_jitter_allowance=0.0, submit_rate_per_endpoint={"fal-ai/wan-22": 0.5})
+    endpoint_interval_us = 2_000_000
+    a = RedisGCRA.from_url(settings, redis_url, prefix=redis_namespace)
+    b = RedisGCRA.from_url(settings, redis_url, prefix=redis_namespace)
+    try:
+        _granted(a, ENDPOINT)  # A knows the API key's TAT only
+        granted_b = _granted(b, "fal-ai/wan-22")  # the endpoint's last grant
+        _flush(client, redis_namespace)
+        wait_us, now_us = a.grant("fal-ai/wan-22")
+        assert wait_us == endpoint_interval_us
+        assert now_us + wait_us >= granted_b + endpoint_interval_us
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_short_pause_heard_right_after_a_flush_opens_no_shorter_gap(
+    redis_url: str, redis_namespace: str, client: redis.Redis[bytes]
+) -> None:
+    """fal's 429 with a pause shorter than the interval, heard right after a flush: the hold-off
+    recreates the key, and it starts where a grant would restore it, not at the short pause's end."""
+    settings = _settings(0.5, submit_jitter_allowance=0.0)  # 2 s between two submits
+    interval_us = 2_000_000
+    limiter = RedisGCRA.from_url(settings, redis_url, prefix=redis_namespace)
+    try:
+        granted_us = _granted(limiter, ENDPOINT)
+        _flush(client, redis_namespace)
+        limiter.hold_off(ENDPOINT, 0.5)
+        wait_us, now_us = limiter.grant(ENDPOINT)
+        assert now_us + wait_us >= granted_us + interval_us
+    finally:
+        limiter.close()
 
 
 # ---------------------------------------------- a worker that lost the leader lock stops publishing
