@@ -1679,13 +1679,23 @@ def _failure_bill(session: Session, found: Any) -> dict[str, Decimal]:
     """What the failure of ``found`` (a job in :data:`PROVABLE_FAILURES`) put in its actual cost
     for the attempt it ended: a protocol error is billed as a cancel, in fal's queue (nothing) or
     running (``worker.steps.poll._protocol_error``), by the state it failed from; a request fal
-    did not know, nothing."""
+    did not know, nothing.
+
+    The failure is the job's last move into ``failed``: an event from another state. A note on
+    the failed job's history moves nothing (``failed`` → ``failed``: a confirmed duplicate
+    charge, :func:`note_duplicate_charge`; a late answer, :func:`note_request`) and says
+    nothing of that attempt: read as the failure, its ``failed`` would pass for "not queued",
+    and a cancel while running would be taken back — from money a duplicate charge billed."""
     zero = {"actual_billing_units": Decimal(0), "actual_usd": Decimal(0)}
     if found.error_type != "provider_protocol_error":
         return zero
     into_failed = (
         select(JobEvent.from_state)
-        .where(JobEvent.job_id == found.id, JobEvent.to_state == JobState.FAILED)
+        .where(
+            JobEvent.job_id == found.id,
+            JobEvent.to_state == JobState.FAILED,
+            or_(JobEvent.from_state.is_(None), JobEvent.from_state != JobState.FAILED),
+        )
         .order_by(JobEvent.id.desc())
         .limit(1)
     )
@@ -1870,8 +1880,8 @@ def adopt_before_resend(
     )
 
 
-#: The states of a job that keeps no request of its own and may still send one, in which a proof
-#: of an earlier attempt is adopted (:func:`adopt_earlier_proof`).
+#: The states of a job that has no live request of its own and may still send one, in which a
+#: proof of an earlier attempt is adopted (:func:`adopt_earlier_proof`).
 _EARLIER_PROOF_STATES = frozenset({JobState.SUBMIT_UNKNOWN, *_RESEND_WAITS})
 
 
@@ -1885,13 +1895,24 @@ def sent_attempts(job: Any) -> int:
 def earlier_proof_adoptable(job: Any, attempt: int) -> bool:
     """Whether ``job`` (a :class:`~jobs.models.Job` or a row of its columns) is to keep a proved
     success of its ``attempt``, an earlier one than the attempt it waits on or is to send: it
-    keeps no request of its own (no request id, no output) and is waiting on an unknown submit
-    (``submit_unknown``: then ``attempt`` is an earlier one than that submit, which a proof of
-    the very attempt adopts as its own, :func:`adopt_request`), or is to send again
-    (``retry_wait``, ``pending``, ``submitting`` before its POST is recorded as sent)."""
+    has no live request of its own and no output, and is waiting on an unknown submit
+    (``submit_unknown``, no request id: then ``attempt`` is an earlier one than that submit,
+    which a proof of the very attempt adopts as its own, :func:`adopt_request`), or is to send
+    again (``retry_wait``, ``pending``, ``submitting`` before its POST is recorded as sent).
+
+    A job waiting to send again may keep the id of its last accepted request (:func:`retry_later`,
+    :func:`requeue_after_cancel`, :func:`give_back` keep it as history), but that request has
+    ended: every move into those states is taken on fal's verdict that it ended (a failure it
+    reported, a cancel or start timeout it reported done), on a POST it refused or that never
+    went out (the id then an earlier, ended attempt's), or forgets the id (an unknown submit,
+    :func:`mark_submit_unknown`). The job sends again, paying again: a paid success of an
+    earlier attempt is kept instead. The kept request itself is never this proof
+    (:func:`request_known` finds it first)."""
     state = JobState(job.state)
-    if state not in _EARLIER_PROOF_STATES or job.request_id is not None or job.output_path is not None:
+    if state not in _EARLIER_PROOF_STATES or job.output_path is not None:
         return False
+    if state == JobState.SUBMIT_UNKNOWN and job.request_id is not None:
+        return False  # never so (its request forgotten): a request kept is one fal may hold
     if state == JobState.SUBMITTING and job.submitted_input is not None:
         return False  # its POST is out: its answer or its outcome decides
     last = sent_attempts(job)
@@ -1911,9 +1932,10 @@ def adopt_earlier_proof(
 ) -> bool:
     """``submit_unknown``/``retry_wait``/``pending``/``submitting`` → ``queued``: fal's signed
     webhook proves that it ran and finished (so billed) ``attempt``, an earlier submit of the job
-    whose answer was lost, while the job keeps no request of its own
+    whose answer was lost, while the job has no live request of its own
     (:func:`earlier_proof_adoptable`): ``WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit`` sent it again,
-    and that resend's answer was lost too, or failed, or it waits to send again. The job keeps
+    and that resend's answer was lost too, or failed, or it waits to send again (keeping, maybe,
+    the id of a resend fal accepted and then ended without a video). The job keeps
     the proved request and its result (``fetched``, as :func:`adopt_late_proof`): nothing more is
     sent, and no paid video is dropped.
 

@@ -37,18 +37,21 @@ from jobs import db, store
 from jobs.batches import batch_report, rerun_batch
 from jobs.billing import Outcome, billed
 from jobs.cost import cost_report
+from jobs.errors import RetryableProviderError
 from jobs.models import BatchState, Job, WebhookDelivery, utcnow
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
 from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
 from web.app import DELIVERY_NOT_STORABLE, MAX_BODY_BYTES, create_app
+from worker.fal.models import Status
 from worker.fal.webhooks import JwksKeys, JwksUnavailable, signed_message
 from worker.notifications import EventListener
 from worker.running import process_batch
 from worker.steps import Runtime, dispatch, download, poll, submit
 from worker.steps.context import handle_of
-from worker.steps.failures import settle_unknown_submit
-from worker.steps.poll import _next_poll, first_poll_at
+from worker.steps.failures import cost_of_failure, settle, settle_unknown_submit
+from worker.steps.poll import _next_poll, first_poll_at, record_completion
+from worker.steps.schedule import WINDOW_CLOSED, end_unstarted
 from worker.steps.submit import webhook_for
 from worker.steps.webhooks import (
     ADOPTED_BEFORE_RESEND,
@@ -819,6 +822,99 @@ def test_a_proof_of_an_earlier_attempt_is_kept_when_the_later_one_s_answer_was_l
     assert _money_agrees(engine, job.batch_id) == 2 * job.est_usd
 
 
+def _resend_ended(engine: Engine, settings: Settings, where: str) -> tuple[Job, store.Fence | None]:
+    """One job whose attempt 1's answer was lost, resent by ``resubmit`` as attempt 2, which fal
+    accepted as ``req-second`` and then ended without a video, so the job waits to be sent yet
+    again, keeping ``req-second`` (ended) as its request id: ``retry_wait`` after fal failed it
+    retryably (a runner that died, a 503: unbilled), as the download step settles fal's verdict;
+    ``pending`` after the batch's window closed and fal cancelled it in its queue; ``claimed``:
+    the retry claimed by a submit step (``submitting`` attempt 3, its POST not recorded as sent:
+    the fence that step holds is returned)."""
+    job, sending = _resend_waiting(engine, "sent")
+    assert sending is not None
+    now = utcnow()
+    held: store.Fence | None = None
+    with db.session_scope(engine) as session:
+        assert store.mark_submitted(
+            session, sending, running=False, request_id="req-second", gateway_request_id=None,
+            status_url=None, response_url=None, cancel_url=None, submitted_at=now, next_poll_at=now,
+        )  # fmt: skip
+        at_fal = store.get_job(session, job.id)
+        if where == "pending":
+            assert store.mark_cancelling(
+                session, store.Fence.of(at_fal, "scheduler"), reason="window closed", error_type=WINDOW_CLOSED
+            )
+            cancelling = store.get_job(session, job.id)
+            status = Status(state="COMPLETED", error_type="client_cancelled")
+            assert end_unstarted(
+                session, store.Fence.of(cancelling, "poller"), cancelling, status,
+                why=WINDOW_CLOSED, how="cancelled at fal (client_cancelled)", now=now,
+            )  # fmt: skip
+        else:
+            status = Status(state="COMPLETED", error="runner died", raw={"status": "ERROR"})
+            assert record_completion(session, store.Fence.of(at_fal, "poller"), status, now=now) is False
+            fetching = store.get_job(session, job.id)
+            assert fetching.state == S.DOWNLOADING
+            exc = RetryableProviderError("runner died", status_code=503)
+            settle(session, make_runtime(engine, settings), store.Fence.of(fetching, "downloader"), exc,
+                   **cost_of_failure(fetching, exc))  # fmt: skip
+        if where == "claimed":
+            waiting = store.Fence.of(store.get_job(session, job.id), "sender")
+            assert store.mark_submitting(
+                session, waiting, attempt=3, api_key_id="k", lease_expires_at=now + timedelta(seconds=60)
+            )
+            held = store.Fence(job.id, S.SUBMITTING, waiting.version + 1, "sender")
+    return _job(engine, job.batch_id), held
+
+
+@pytest.mark.parametrize("where", ["retry_wait", "pending", "claimed"])
+def test_a_proof_of_an_earlier_attempt_is_kept_when_the_resend_ended_and_waits_to_go_again(
+    engine: Engine, client: TestClient, settings: Settings, signer: WebhookSigner, where: str
+) -> None:
+    """Attempt 1's answer was lost; its resend (attempt 2) went out, fal accepted it and ended it
+    without a video; the job waits to be sent a third time, still keeping attempt 2's ended
+    request id. Then fal's webhook proves it ran attempt 1 and finished it: the job keeps that
+    request and its video, and sends nothing more (before: counted as a confirmed duplicate
+    charge, the paid video dropped, and attempt 3 sent and paid for)."""
+    job, claimed = _resend_ended(engine, settings, where)
+    came_from = {"retry_wait": S.RETRY_WAIT, "pending": S.PENDING, "claimed": S.SUBMITTING}[where]
+    assert (job.state, job.request_id, job.resend_attempt) == (came_from, "req-second", 2)
+    assert (job.possible_duplicate_charges, job.ambiguous_usd) == (1, job.est_usd)  # attempt 1's
+
+    assert _post(client, signer, job, "req-first", attempt=1) == 200
+    assert _post(client, signer, job, "req-first", attempt=1) == 200  # fal's retry of it
+    assert _outcomes(engine, "req-first") == [ADOPTED_EARLIER]
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.attempts) == (S.DOWNLOADING, "req-first", 2)
+    assert (after.error, after.error_type, after.lease_owner) == (None, None, None)
+    assert after.resend_attempt is None  # no resend pending: attempt 3 is never sent
+    assert (after.provider_output, after.seed) == (RESULT, 7)
+    assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (1, 0)
+    assert after.ambiguous_usd == 0  # attempt 1: billed now, not possibly
+    with db.session_scope(engine) as session:
+        events = store.job_events(session, job.id)
+        if claimed is not None:  # the claimed retry's send finds the job moved: nothing goes out
+            now = utcnow()
+            assert store.record_send(
+                session, claimed, now=now, lease_seconds=60, submitted_input={"prompt": "a cat"},
+                sent_at=now, api_key_id="k",
+            ) is None  # fmt: skip
+    assert (events[-2].from_state, events[-2].to_state) == (came_from, S.QUEUED)
+    assert "earlier attempt: attempt 1 accepted as req-first" in (events[-2].reason or "")
+
+    _succeed(engine, job.id)
+    finished = _job(engine, job.batch_id)
+    assert (finished.state, finished.actual_usd, finished.ambiguous_usd) == (
+        S.SUCCEEDED,
+        job.est_usd,  # attempt 1's video; attempt 2 ended unbilled
+        Decimal(0),
+    )
+    assert _money_agrees(engine, job.batch_id) == job.est_usd
+    assert _post(client, signer, job, "req-second", attempt=2, ok=False) == 200  # its own end, late
+    assert _outcomes(engine, "req-second") == ["ignored: an earlier request of the job"]
+    assert _job(engine, job.batch_id).confirmed_duplicate_charges == 0
+
+
 @pytest.mark.parametrize("policy", ["resubmit", "fail"])
 def test_the_deadline_keeps_a_stored_proof_of_an_earlier_attempt_instead_of_its_policy(
     engine: Engine, settings: Settings, policy: str
@@ -897,6 +993,54 @@ def test_a_proof_of_a_request_the_poller_gave_up_on_brings_its_paid_video_back(
     finished = _job(engine, job.batch_id)
     assert (finished.state, finished.actual_usd) == (S.SUCCEEDED, failed.est_usd)
     assert _money_agrees(engine, job.batch_id) == job.est_usd
+
+
+def test_a_proof_of_the_failed_job_s_own_request_keeps_a_duplicate_charge_billed_before_it(
+    engine: Engine, client: TestClient, signer: WebhookSigner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attempt 1's answer was lost, its resend (attempt 2) was accepted, and the poller gave up
+    on fal's malformed status answers while it was queued (billed as a cancel in fal's queue:
+    nothing). fal's webhook proves attempt 1 ran: a confirmed duplicate charge, billed on the
+    failed job (a note ``failed`` → ``failed`` on its history). Then attempt 2's own success
+    comes: the job adopts it back, taking back only its failure's bill (nothing) — not the
+    duplicate charge's, which that note's ``failed`` passed off as a cancel while running."""
+    job, sending = _resend_waiting(engine, "sent")
+    assert sending is not None
+    now = utcnow()
+    with db.session_scope(engine) as session:
+        assert store.mark_submitted(
+            session, sending, running=False, request_id="req-second", gateway_request_id=None,
+            status_url=None, response_url=None, cancel_url=None, submitted_at=now, next_poll_at=now,
+        )  # fmt: skip
+        queued = store.get_job(session, job.id)
+        cancel: dict[str, Any] = billed(Outcome.CANCELLED_IN_QUEUE, queued.est_billing_units, queued.est_usd)
+        assert store.fail_job(
+            session,
+            store.Fence.of(queued, "poller"),
+            error="fal's status answers broke its protocol 5 times",
+            error_type="provider_protocol_error",
+            download_attempts=5,
+            **cancel,
+        )
+    assert _post(client, signer, job, "req-first", attempt=1) == 200  # attempt 1 ran too
+    assert _outcomes(engine, "req-first") == ["duplicate-charge"]
+    noted = _job(engine, job.batch_id)
+    assert (noted.state, noted.actual_usd, noted.confirmed_duplicate_charges) == (S.FAILED, job.est_usd, 1)
+    assert _money_agrees(engine, job.batch_id) == job.est_usd
+
+    with caplog.at_level(logging.WARNING, logger="worker.steps.webhooks"):
+        assert _post(client, signer, job, "req-second", attempt=2) == 200  # its own request, done
+    assert _outcomes(engine, "req-second") == [ADOPTED_OWN]
+    said = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "webhook.adopted_own"]
+    assert len(said) == 1
+    assert "after the job failed (provider_protocol_error)" in said[0]
+    back = _job(engine, job.batch_id)
+    assert (back.state, back.request_id, back.actual_usd) == (S.DOWNLOADING, "req-second", job.est_usd)
+    assert back.confirmed_duplicate_charges == 1
+    _succeed(engine, job.id)
+    finished = _job(engine, job.batch_id)
+    assert (finished.state, finished.actual_usd) == (S.SUCCEEDED, 2 * job.est_usd)  # both fal ran
+    assert _money_agrees(engine, job.batch_id) == 2 * job.est_usd
 
 
 @pytest.mark.parametrize("why", ["failed", "not its last attempt", "kept a request"])

@@ -22,8 +22,9 @@ compare-and-set on the job's state and version), so a webhook and a poll racing 
   ``resubmit``) has not gone out yet (``retry_wait``, ``pending``, ``submitting`` before its POST
   is recorded as sent): the job adopts it instead and the resend is dropped
   (:func:`jobs.store.adopt_before_resend`), nothing paid twice;
-* a success for an earlier attempt of a job that keeps no request of its own (its resend's
-  answer lost too, ``submit_unknown``; or to be sent again): adopted with its result
+* a success for an earlier attempt of a job that has no live request of its own (its resend's
+  answer lost too, ``submit_unknown``; or to be sent again, any request id it keeps one that
+  ended): adopted with its result
   (:func:`jobs.store.adopt_earlier_proof`), nothing more sent; the later attempt stays a
   possible duplicate charge;
 * a success for any attempt of a job failed for its unknown submit outcome: adopted
@@ -93,8 +94,8 @@ ADOPTED_LATE = "adopted: a late proof of a job failed for its unknown submit out
 #: What applying a proof of the attempt a pending resend was to replace does
 #: (:func:`jobs.store.adopt_before_resend`).
 ADOPTED_BEFORE_RESEND = "adopted: a proof of the attempt its pending resend replaced; not resent"
-#: What applying a success of an earlier attempt does, for a job that keeps no request of its
-#: own (:func:`jobs.store.adopt_earlier_proof`).
+#: What applying a success of an earlier attempt does, for a job that has no live request of
+#: its own (:func:`jobs.store.adopt_earlier_proof`).
 ADOPTED_EARLIER = "adopted: a proof of an earlier attempt; nothing is sent again"
 #: What applying a success of a failed job's own request does (:func:`jobs.store.adopt_own_proof`).
 ADOPTED_OWN = "adopted: a proof that the failed job's own request finished at fal"
@@ -331,13 +332,14 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
             if state not in _AT_FAL:
                 if not _own_proof(job, state, status):
                     return f"ignored: job already {state.value}", None
+                failed_as = job.error_type  # the adoption clears it, on this very object too
                 if not store.adopt_own_proof(
                     session,
                     fence,
                     request_id=delivery.request_id,
                     next_poll_at=first_poll_at(inbox.settings, now),
                     reason=(
-                        f"proof by webhook, after the job failed ({job.error_type}): its request "
+                        f"proof by webhook, after the job failed ({failed_as}): its request "
                         f"{delivery.request_id} finished at fal (billed): its video is fetched"
                     ),
                     **_fetched(delivery.body),
@@ -351,7 +353,7 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                     "job %s: a webhook proved, after the job failed (%s), that fal ran its request %s "
                     "(billed): its video is fetched",
                     job.id,
-                    job.error_type,
+                    failed_as,
                     delivery.request_id,
                 )
                 fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
@@ -421,9 +423,10 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
             and store.earlier_proof_adoptable(job, delivery.attempt)
         ):
             # fal ran and finished (billed) an earlier attempt, sent again after its answer was
-            # lost, and the job keeps no request of its own: it keeps that one and its video,
-            # and sends nothing more. A later attempt whose outcome is unknown stays a possible
-            # duplicate charge (a confirmed one if its own proof comes).
+            # lost, and the job has no live request of its own (one it waits to send again keeps
+            # at most an ended one's id): it keeps that one and its video, and sends nothing
+            # more. A later attempt whose outcome is unknown stays a possible duplicate charge (a
+            # confirmed one if its own proof comes).
             gateway = delivery.body.get("gateway_request_id")
             if not store.adopt_earlier_proof(
                 session,
