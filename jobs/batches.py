@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from jobs import db, listing, store
 from jobs.db import open_engine
+from jobs.digits import NUMBER
 from jobs.endpoints import get_endpoint, registry_sha256
 from jobs.errors import (
     DEADLINE_PASSED,
@@ -317,15 +319,29 @@ def _cap_text(value: float | None) -> str:
     return "no cap" if value is None else usd_text(value)
 
 
+#: ``--max-usd``'s thousands separators: a comma before every group of exactly three digits of
+#: the whole part (``1,000``, ``12,345.50``), never anywhere else (``2,50`` is no amount).
+_GROUPED = re.compile(r"[+]?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]*)?")
+_USD_ALLOWED = (
+    "a positive amount of US dollars in ASCII digits such as 25, 25.00, $25 or 1,000.50 "
+    "(commas only between groups of three digits)"
+)
+
+
 def parse_usd(text: str, option: str = "--max-usd") -> Decimal:
-    """A positive, finite amount of US dollars (``25``, ``25.00``, ``$25``); UsageError otherwise."""
-    cleaned = text.strip().removeprefix("$").replace(",", "")
-    try:
-        value = Decimal(cleaned)
-    except ArithmeticError:
-        value = Decimal("NaN")
+    """A positive, finite amount of US dollars (``25``, ``25.00``, ``$25``, ``1,000``); UsageError otherwise.
+
+    The number is read as a manifest's ``budget.max_usd`` is (:data:`jobs.digits.NUMBER`: ASCII
+    digits, no ``_``), after an optional ``$``; commas are accepted only as thousands separators
+    (:data:`_GROUPED`). ``2,50`` was read as 250 (every comma dropped) and ``٣`` or ``1_0`` as
+    numbers (``Decimal()`` takes them): all three are refused.
+    """
+    cleaned = text.strip().removeprefix("$")
+    if _GROUPED.fullmatch(cleaned):
+        cleaned = cleaned.replace(",", "")
+    value = Decimal(cleaned) if NUMBER.fullmatch(cleaned) else Decimal("NaN")
     if not value.is_finite() or value <= 0:
-        raise UsageError(f"{option} takes a positive amount of US dollars such as 25.00, got {text!r}")
+        raise UsageError(f"{option} takes {_USD_ALLOWED}, got {text!r}")
     if (problem := too_much_usd(value)) is not None:
         raise UsageError(f"{option} {text.strip()} {problem}")
     return value

@@ -70,6 +70,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.sqltypes import TupleType
 
 from jobs.errors import ConfigError, DatabaseFullError
+from jobs.printable import one_line
 from jobs.settings import SQLITE_DRIVER_OPTIONS, DatabaseSettings, home_expanded
 from jobs.url_secrets import masked_url
 
@@ -1053,6 +1054,47 @@ def _missing_tables(tables: set[str]) -> list[str]:
     return sorted(set(Base.metadata.tables) - tables)
 
 
+#: Tables a foreign database's refusal names (:func:`foreign_tables`); more are counted.
+_FOREIGN_NAMED = 5
+
+
+def foreign_tables(heads: set[str], tables: set[str]) -> list[str]:
+    """The tables of a database that is no wanbatch database — no schema revision recorded, yet
+    tables other than Alembic's empty version table — sorted; empty for wanbatch's and for a new,
+    empty database (or one every migration was taken down from: ``downgrade base``).
+
+    wanbatch has always recorded its revision in the transaction that created its tables (the
+    migrations, then :func:`_create_from_models`), so every database it made has one: tables
+    without it are someone else's, which the upgrade from nothing used to take over silently,
+    adding wanbatch's tables beside them (or failed on a table of the same name, an internal
+    error)."""
+    return [] if heads else sorted(tables - {"alembic_version"})
+
+
+def foreign_database(foreign: list[str]) -> str:
+    """Why a database holding ``foreign`` tables (:func:`foreign_tables`) is not used (``doctor``'s
+    words too)."""
+    named = ", ".join(one_line(name) for name in foreign[:_FOREIGN_NAMED])
+    more = f" and {len(foreign) - _FOREIGN_NAMED:,} more" if len(foreign) > _FOREIGN_NAMED else ""
+    return (
+        f"not a wanbatch database: it holds tables of its own ({named}{more}) and no wanbatch "
+        "schema (wanbatch creates its tables only in a new, empty database)"
+    )
+
+
+#: What to do about a database that is not wanbatch's (``doctor`` says it too).
+FOREIGN_DATABASE_FIX = "point WANBATCH_DATABASE_URL at wanbatch's database, or at a new, empty one"
+
+
+def _require_own(engine: Engine, heads: set[str], tables: set[str]) -> None:
+    """Raise :class:`ConfigError` (one line, exit 2) for a database with tables of its own and no
+    wanbatch schema (:func:`foreign_tables`), before anything is created in it."""
+    if foreign := foreign_tables(heads, tables):
+        url = engine.url.set(drivername=engine.url.get_backend_name())  # as it was set: no driver
+        why = foreign_database(foreign)
+        raise ConfigError(f"WANBATCH_DATABASE_URL {safe_url(url)} is {why}: {FOREIGN_DATABASE_FIX}")
+
+
 #: What to do about a database a newer wanbatch migrated (``doctor`` says it too).
 NEWER_SCHEMA_FIX = "upgrade wanbatch on this host to the version that migrated the database"
 
@@ -1103,6 +1145,7 @@ def migrate(engine: Engine, revision: str = "head", *, from_models: bool = True)
     migration tests pass ``from_models=False`` to run the history itself.
     """
     heads, tables = _current_schema(engine)
+    _require_own(engine, heads, tables)  # someone else's tables: never taken over
     if revision == "head":
         if heads == {SCHEMA_HEAD}:
             _require_tables(engine, tables)  # a schema at the head has every table
@@ -1166,7 +1209,9 @@ _ALEMBIC_VERSION = Table(
 def _create_from_models(engine: Engine) -> bool:
     """Create the models' tables in a database that has none, stamped at :data:`SCHEMA_HEAD`;
     False (nothing done) when, under the lock, the database turns out to have tables (another
-    process created them first, or it holds something else: Alembic decides then)."""
+    process created them first: Alembic finds it at the head then). A database with tables of
+    its own was refused before (:func:`_require_own`): read outside the lock, the tables seen are
+    committed ones, and wanbatch creates its own with their revision in one transaction."""
     from jobs.models import Base
 
     with engine.connect() as conn:

@@ -169,6 +169,8 @@ def check_database(settings: Settings) -> Check:
                 "point WANBATCH_DATABASE_URL at wanbatch's database, or at a new, empty one",
             )
         return _ok(name, f"{where}: reachable, schema {db.SCHEMA_HEAD} (current)")
+    if foreign := db.foreign_tables(heads, tables):  # what every command refuses (exit 2)
+        return _fail(name, f"{where}: {db.foreign_database(foreign)}", db.FOREIGN_DATABASE_FIX)
     if not heads:
         return _ok(name, f"{where}: reachable, empty (the first command creates the schema)")
     revisions = [ascii_int(h, max_digits=12) for h in heads]

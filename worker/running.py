@@ -200,11 +200,17 @@ def _stop_signals() -> list[signal.Signals]:
     """The signals that stop a run gracefully: SIGINT, SIGTERM, and SIGHUP — what closing the
     terminal or the SSH session sends, the commonest way a run is interrupted (it killed the
     process outright, exit 129: answers to POSTs in flight were lost, leases not given back).
-    A SIGHUP the parent set to be ignored (``nohup``) stays ignored: the run goes on."""
-    wanted = [signal.SIGINT, signal.SIGTERM]
-    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
-    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
-        wanted.append(hangup)
+
+    A signal the parent set to be ignored stays ignored: the run goes on. SIGHUP under
+    ``nohup``; SIGINT (and SIGTERM) in a job a non-interactive shell started in the background
+    (``cmd &`` in a script), or under a parent that ignores them on purpose. Only SIGHUP was
+    checked: SIGINT then stayed ignored until the run installed its handlers, and stopped it from
+    then on, so one ``kill -INT`` was ignored or obeyed by when it came."""
+    wanted: list[signal.Signals] = []
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # no SIGHUP on Windows
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            wanted.append(sig)
     return wanted
 
 

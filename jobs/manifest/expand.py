@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -110,12 +110,17 @@ class Manifest:
             lines.update(values.lines)
         return frozenset(lines)
 
-    def jobs(self, issues: list[Issue] | None = None) -> Iterator[JobSpec]:
+    def jobs(
+        self, issues: list[Issue] | None = None, *, dropped: Callable[[JobSpec], None] | None = None
+    ) -> Iterator[JobSpec]:
         """Stream every expanded job: items, then ``items_from`` rows. Not validated.
 
         Expansion problems (an item that is not a mapping, an unknown endpoint, a bad JSONL
         line…) skip that item and are appended to ``issues``; without a list, the first error
-        raises :class:`ManifestError`. Duplicate jobs are dropped with a warning.
+        raises :class:`ManifestError`. Duplicate jobs are dropped with a warning, each handed to
+        ``dropped`` first: validation checks it all the same (an item whose job is identical to
+        an earlier one, by its bytes, may still be wrong in its own way — a zero-byte local file
+        beside an empty data URI — and its error was never said).
         """
         sink: list[Issue] = [] if issues is None else issues
         duplicates = DuplicateJobs(self._source_of)
@@ -132,6 +137,8 @@ class Manifest:
             for job in self._expand(raw, combos, sink, digests, paths):
                 warning = duplicates.warning(job)
                 if warning is not None:
+                    if dropped is not None:
+                        dropped(job)
                     sink.append(warning)
                     continue
                 produced = True

@@ -105,7 +105,13 @@ def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Va
 
     media_cache: MediaCache = {}
     warned_expansion: set[str] = set()
-    for job in manifest.jobs(expansion):
+
+    def check_dropped(job: JobSpec) -> None:
+        """A job dropped as identical to an earlier one is validated too: its own errors are said."""
+        for issue in validate_job(job, media_cache):
+            add(issue)
+
+    for job in manifest.jobs(expansion, dropped=check_dropped):
         count += 1
         for issue in expansion:
             add(issue)

@@ -113,6 +113,28 @@ def test_status_and_run_on_a_database_without_its_tables_say_so_in_one_line(
     assert NOT_OURS in json.loads(status.stdout)["error"]
 
 
+def test_a_database_with_tables_of_its_own_is_refused_in_one_line(wb: Wb, manifest: MakeManifest) -> None:
+    """Was: ``submit`` exited 0 and added wanbatch's tables to someone else's SQLite file."""
+    path = db.sqlite_file(get_settings().database_url)
+    assert path is not None
+    path.path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path.path) as conn:
+        conn.execute("CREATE TABLE x (a)")
+    db._engine_for.cache_clear()  # a new process: it starts by opening the database
+    done = wb("submit", manifest("edges", MANIFEST))
+    assert done.code == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: WANBATCH_DATABASE_URL sqlite:///")
+    assert "is not a wanbatch database: it holds tables of its own (x) and no wanbatch schema" in line
+    with sqlite3.connect(path.path) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [("x",)]
+    doctor = wb("doctor", "--json")
+    assert doctor.code == 1
+    (check,) = [c for c in doctor.json()["checks"] if c["name"] == "database"]
+    assert check["status"] == "fail"
+    assert "not a wanbatch database: it holds tables of its own (x)" in check["detail"]
+
+
 def test_a_table_dropped_while_a_command_runs_is_one_line_exit_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -339,6 +339,44 @@ def test_a_sighup_ignored_by_the_parent_stays_ignored(
     assert _count(db, "state = 'succeeded'") == JOBS
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_sigint_or_sigterm_ignored_by_the_parent_stays_ignored(
+    manifest: MakeManifest, sim: SimulatorHandle, env: dict[str, str], e2e_env: Path, stop: signal.Signals
+) -> None:
+    """Started with the signal ignored (``cmd &`` in a script ignores SIGINT), the run goes on
+    through it, to the end, as under `nohup` for SIGHUP. Was: ignored only until the run set its
+    handlers, and from then on the same signal stopped it (exit 130), whichever came first."""
+    db = env["WANBATCH_DATABASE_URL"]
+    sim.set_faults(submit_slow={"next": 1, "delay": 1.5})
+    argv = [*wanbatch_command(), "run", str(_manifest(manifest)), "--no-progress"]
+    ignore = (  # what a shell does for a background job (SIGINT), or a parent ignoring SIGTERM
+        f"import signal, os, sys; signal.signal({int(stop)}, signal.SIG_IGN); "
+        "os.execvp(sys.argv[1], sys.argv[1:])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ignore, *argv],
+        env=env,
+        cwd=e2e_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        # A POST on its way: the run's own handlers (if any) are installed by now.
+        while _count(db, "state = 'submitting' AND submitted_input IS NOT NULL") < 1:
+            assert proc.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(stop)
+        _out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    assert _count(db, "state = 'succeeded'") == JOBS
+
+
 def test_a_killed_runs_downloads_and_unsent_jobs_are_taken_back_at_once(
     manifest: MakeManifest,
     sim: SimulatorHandle,

@@ -239,9 +239,12 @@ def test_absurd_numbers_in_settings(variable: str, value: str, tmp_path: Path) -
     assert_one_line(done, f"invalid configuration: {variable}")
 
 
-@pytest.mark.parametrize("amount", ["abc", "0", "-5", "nan", "inf"])
+@pytest.mark.parametrize("amount", ["abc", "0", "-5", "nan", "inf", "2,50", "1,0000", "1_0", "\u0663"])
 def test_rerun_max_usd_must_be_a_positive_amount(amount: str) -> None:
-    assert_one_line(wanbatch("rerun", "whatever", "--max-usd", amount), "--max-usd", repr(amount))
+    """``2,50`` was $250 (every comma dropped), ``1_0`` $10 and ``٣`` $3 (``Decimal()`` reads them)."""
+    line = assert_one_line(wanbatch("rerun", "whatever", "--max-usd", amount), "--max-usd", repr(amount))
+    assert "ASCII digits" in line
+    assert "groups of three digits" in line
 
 
 @pytest.mark.parametrize("amount", ["99999999999999999999", "1e9", "1000000000.00"])

@@ -351,6 +351,38 @@ def test_a_database_a_newer_wanbatch_migrated_is_refused_in_one_line(empty_engin
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0099"
 
 
+@pytest.mark.parametrize("from_models", [True, False], ids=["from-models", "from-history"])
+def test_a_database_with_tables_of_its_own_is_refused_not_taken_over(
+    empty_engine: Engine, from_models: bool
+) -> None:
+    """Someone else's database (tables, no alembic_version) got wanbatch's tables added beside
+    its own in silence: the upgrade from nothing ran. Now the one line (exit 2), nothing created."""
+    from jobs.errors import ConfigError
+
+    with empty_engine.begin() as conn:
+        conn.execute(text("CREATE TABLE inventory (sku INTEGER)"))
+    with pytest.raises(ConfigError) as refused:
+        migrate(empty_engine, from_models=from_models)
+    line = str(refused.value)
+    assert "\n" not in line
+    assert line.startswith("WANBATCH_DATABASE_URL ")
+    assert "is not a wanbatch database: it holds tables of its own (inventory) and no wanbatch schema" in line
+    assert line.endswith("point WANBATCH_DATABASE_URL at wanbatch's database, or at a new, empty one")
+    assert set(inspect(empty_engine).get_table_names()) == {"inventory"}
+
+
+def test_an_empty_database_and_one_taken_down_to_base_are_still_adopted(empty_engine: Engine) -> None:
+    """What the refusal above must not catch: a new, empty database, and one every migration was
+    taken down from (Alembic's version table left behind, empty)."""
+    migrate(empty_engine)
+    assert tables(empty_engine) == set(Base.metadata.tables)
+    downgrade(empty_engine, "base")
+    assert set(inspect(empty_engine).get_table_names()) == {"alembic_version"}
+    migrate(empty_engine)
+    assert tables(empty_engine) == set(Base.metadata.tables)
+    assert drift(empty_engine) == []
+
+
 def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path: Path) -> None:
     """``alembic downgrade -1`` connects through ``make_engine``, which turns SQLite's foreign
     keys on: a table rebuilt while another's rows refer to it (0019's ``jobs``, with a job event

@@ -318,6 +318,36 @@ def test_identical_jobs_collapse_with_a_warning(folder: Path) -> None:
     assert [j.item_index for j in jobs_of(path)] == [0, 1]
 
 
+def test_a_job_dropped_as_identical_is_still_validated(folder: Path) -> None:
+    """An empty data URI and a zero-byte file are the same bytes, so the same job: the second was
+    dropped before validation, and its own error (the file) was never said, only "it runs once"."""
+    (folder / "empty.png").write_bytes(b"")
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-i2v\nitems:\n"
+        '  - {prompt: a, image_url: "data:image/png;base64,"}\n'
+        "  - {prompt: a, image_url: empty.png}\n",
+    )
+    report = validate_manifest(path)
+    assert report.job_count == 1
+    assert [(e.item, e.field) for e in report.errors] == [(0, "image_url"), (1, "image_url")]
+    assert "the data URI is empty" in report.errors[0].message
+    assert "not a readable image" in report.errors[1].message
+    (warning,) = report.warnings
+    assert (warning.item, "identical to the job of item 0" in warning.message) == (1, True)
+
+
+def test_identical_invalid_jobs_each_say_their_error(folder: Path) -> None:
+    """Each item's error at its own line, not only the first's."""
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-22\nitems:\n  - {prompt: a, num_frames: 5000}\n"
+        "  - {prompt: a, num_frames: 5000}\n",
+    )
+    report = validate_manifest(path)
+    assert [(e.item, e.line, e.field) for e in report.errors] == [(0, 4, "num_frames"), (1, 5, "num_frames")]
+
+
 # -- items_from ----------------------------------------------------------------------------------
 
 
