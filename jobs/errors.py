@@ -23,11 +23,12 @@ lives in this module unless ``[module]`` names another::
     │   └── OutputUploadError        [jobs.output_store] an upload to S3 failed (retried, staged copy kept)
     ├── OutputReadError              [jobs.output_store] a stored output could not be read back (export)
     ├── SubmitNotSentError           [worker.fal.errors] the submit failed here before it was sent
+    │   └── FalUnreachableError      [worker.fal.errors] the connection to fal failed: nothing sent
     ├── NotAVideoError               [worker.probe] a downloaded output is not a decodable video
     ├── MissingVideoError            [jobs.dataset_export] a succeeded job's video is gone: no dataset
     ├── NothingToRerun               [jobs.batches] exit 0: `rerun --failed-only` found no job to repeat
     └── ProviderError                anything the provider (fal) said or did not say
-        ├── RetryableProviderError   transient: try again later (429, gateway 5xx, connect errors)
+        ├── RetryableProviderError   transient: try again later (429, gateway 5xx, network errors)
         │   ├── ResultNotReadyError      [worker.fal.errors] the result endpoint said "not finished yet"
         │   ├── DownloadIntegrityError   [worker.fal.errors] the output's size is not what fal described
         │   └── RequestFailedError       [worker.fal.errors] fal's verdict: a new attempt may succeed

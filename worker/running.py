@@ -857,9 +857,11 @@ def _watch(
         done = current["finished"]
         waiting = compact_note(current["schedule_state"]) if not current["schedule_open"] else ""
         # Embedded, this process submits: while its limiter's Redis does not answer, say so;
-        # while the database's disk is full, what waits to be recorded and where to free space.
+        # while the database's disk is full, what waits to be recorded and where to free space;
+        # while fal cannot be reached, since when and how often a submit tries.
         held = unreachable_note(conductor.rt.limiter) if conductor is not None else None
         held = (conductor.rt.unrecorded.note() if conductor is not None else None) or held
+        held = held or (conductor.rt.fal_reach.note() if conductor is not None else None)
         held = held or leased
         # A cap that holds the unsent jobs back, and whose jobs fill it: in full once, then short.
         if (line := caps.first_said(holds)) is not None:

@@ -187,21 +187,57 @@ def test_a_resend_whose_file_is_gone_keeps_only_the_attempt_sent(
     assert hostile.count("POST", rf"/{I2V}") == 1
 
 
-def test_a_connection_refused_is_a_counted_retry_not_an_unknown(
+def test_a_connection_refused_is_given_back_unsent_uncounted_and_holds_the_submits(
     engine: Engine, hostile: HostileProvider
 ) -> None:
+    """A closed loopback port: fal was never reached, so it is no submission — not counted
+    against WANBATCH_MAX_ATTEMPTS, nothing possibly billed — and this process holds its
+    submits until fal answers: a second job claimed meanwhile goes back without a POST."""
     port = hostile.port
     hostile.close()  # nothing listens there any more
-    rt = make_runtime(engine, settings_for(f"http://127.0.0.1:{port}", KEY))
+    settings = settings_for(f"http://127.0.0.1:{port}", KEY).model_copy(update={"max_attempts": 1})
+    rt = make_runtime(engine, settings)
+    try:
+        batch_id = add_batch(engine, "refused", [(T2V, {"prompt": "a"}), (T2V, {"prompt": "b"})])
+        first, second = dispatch(rt)
+        assert submit(rt, first) == "fal-unreachable"
+        assert rt.fal_reach.down
+        assert submit(rt, second) == "fal-unreachable"  # held: not even tried
+    finally:
+        rt.client.close()
+    for job_id in (first, second):
+        after = job(engine, job_id)
+        assert after.state == S.PENDING  # not failed, though max_attempts is 1
+        assert after.attempts == 0
+        assert after.submitted_input is None
+        assert (after.possible_duplicate_charges, after.ambiguous_usd) == (0, Decimal(0))
+        assert ("submitting", "submit_unknown") not in history(engine, job_id)
+    assert job(engine, first).error_type == "fal_unreachable"
+    assert "could not connect" in (job(engine, first).error or "")
+    totals = report(engine, batch_id)
+    assert not totals["possibly_billed_usd"]
+    assert totals["possible_duplicate_charges"] == 0
+    note = rt.fal_reach.note() or ""
+    assert note.startswith("fal unreachable since ")
+    assert "retrying every 1s" in note
+
+
+def test_a_submit_failure_without_fals_error_type_still_has_one(
+    engine: Engine, hostile: HostileProvider
+) -> None:
+    """A gateway 503 to the last attempt fails the job; `status --json` named its type null
+    (text showed "(error)"): it is the failure's kind now."""
+    hostile.route("POST", rf"/{T2V}", json_reply({"detail": "upstream unavailable"}, status=503))
+    settings = settings_for(hostile.url, KEY).model_copy(update={"max_attempts": 1})
+    rt = make_runtime(engine, settings)
     try:
         _, job_id = one_job(engine, rt)
         assert submit(rt, job_id) == "retry"
     finally:
         rt.client.close()
     after = job(engine, job_id)
-    assert after.state == S.RETRY_WAIT
-    assert "not sent" in (after.error or "")
-    assert ("submitting", "submit_unknown") not in history(engine, job_id)
+    assert after.state == S.FAILED
+    assert after.error_type == "http_503"
 
 
 def test_the_runtime_refuses_to_start_without_a_key(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:

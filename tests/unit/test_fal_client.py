@@ -21,12 +21,14 @@ from jobs.errors import (
 from jobs.settings import Settings
 from worker.fal.client import MAX_ANSWER_BYTES, STREAM_TAIL_EVENTS, FalClient
 from worker.fal.errors import (
+    FalUnreachableError,
     ProviderProtocolError,
     RequestCancelledError,
     RequestFailedError,
     ResultExpiredError,
     ResultNotReadyError,
     StartTimeoutError,
+    SubmitNotSentError,
     format_detail,
     load_json,
     map_transport_errors,
@@ -283,10 +285,12 @@ def test_submit_other_4xx_is_final() -> None:
         httpx.PoolTimeout("pool exhausted"),
     ],
 )
-def test_submit_never_sent_is_retryable(exc: Exception) -> None:
+def test_submit_that_could_not_connect_is_unreached_not_a_submission(exc: Exception) -> None:
     rec = Recorder(exc)
-    with make_client(rec) as client, pytest.raises(RetryableProviderError) as info:
+    with make_client(rec) as client, pytest.raises(FalUnreachableError) as info:
         client.submit(EP, {})
+    assert isinstance(info.value, SubmitNotSentError)  # given back uncounted, never "maybe billed"
+    assert not isinstance(info.value, ProviderError)
     assert isinstance(info.value.__cause__, httpx.TransportError)
     assert rec.count("POST") == 1
 

@@ -146,6 +146,26 @@ class SubmitNotSentError(WanbatchError):
     :class:`~jobs.errors.ProviderError`: fal never saw it."""
 
 
+class FalUnreachableError(SubmitNotSentError):
+    """The submit could not reach fal at all: the connection was refused or timed out, or no
+    pooled connection was free (httpx ``ConnectError``, ``ConnectTimeout``, ``PoolTimeout``).
+    Not a byte of the request left, so it is no submission: the job goes back uncounted, and
+    the process holds its submits while fal stays unreachable (:mod:`worker.steps.fal_reach`)."""
+
+
+#: httpx's failures that happen before any byte of a request is written: fal was not reached.
+UNREACHED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def unreached(exc: BaseException) -> bool:
+    """Whether ``exc`` says fal could not be reached at all (nothing sent): a submit's
+    :class:`FalUnreachableError`, or an upload's retryable network error caused by a connect
+    failure (:data:`UNREACHED`)."""
+    if isinstance(exc, FalUnreachableError):
+        return True
+    return isinstance(exc, RetryableProviderError) and isinstance(exc.__cause__, UNREACHED)
+
+
 class ProviderProtocolError(ProviderError):
     """fal answered with something its protocol cannot produce: an unknown status, a body nested
     absurdly deep, a result whose ``video`` is not an object. Neither "retry" nor "give up" is
@@ -630,15 +650,19 @@ def _transport_failure(what: str, exc: httpx.TransportError) -> RetryableProvide
     return RetryableProviderError(f"fal {what}: network error ({type(exc).__name__}): {_short(str(exc))}")
 
 
-def _submit_transport_failure(exc: httpx.TransportError) -> ProviderError:
+def _submit_transport_failure(exc: httpx.TransportError) -> WanbatchError:
     """A transport failure on the submit POST, judged by its type alone: was the request possibly sent?
 
-    Connect errors and pool timeouts happen before a byte of the request leaves: retryable. Once
-    the request may have been written (write/read timeouts, resets, protocol errors), fal may
-    have queued it: ambiguous, never resent blindly.
+    Connect errors and pool timeouts happen before a byte of the request leaves: fal was not
+    reached, which is no submission (:class:`FalUnreachableError`: not counted as an attempt).
+    A proxy that refused the tunnel is retryable. Once the request may have been written
+    (write/read timeouts, resets, protocol errors), fal may have queued it: ambiguous, never
+    resent blindly.
     """
     name = type(exc).__name__
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout | httpx.ProxyError):
+    if isinstance(exc, UNREACHED):
+        return FalUnreachableError(f"fal submit: not sent, could not connect ({name}): {_short(str(exc))}")
+    if isinstance(exc, httpx.ProxyError):
         return RetryableProviderError(f"fal submit: not sent, could not connect ({name}): {_short(str(exc))}")
     if isinstance(exc, httpx.UnsupportedProtocol):
         return FinalProviderError(f"fal submit: unsupported URL ({name})")

@@ -26,6 +26,7 @@ from worker.fal.client import FalClient
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
 from worker.limits import SubmitLimiter, api_key_id, limiter_for
+from worker.steps.fal_reach import FalReach
 from worker.steps.keepalive import SubmitLeases
 from worker.steps.unrecorded import Unrecorded
 
@@ -266,6 +267,9 @@ class Runtime:
     #: The leases of this runtime's POSTs in flight, kept alive while fal's answer is awaited
     #: (:mod:`worker.steps.keepalive`).
     submit_leases: SubmitLeases = field(init=False)
+    #: Whether fal answers this process's submits, and the hold on them while it does not
+    #: (:mod:`worker.steps.fal_reach`).
+    fal_reach: FalReach = field(default_factory=FalReach)
 
     def __post_init__(self) -> None:
         self.unrecorded = Unrecorded(self.settings.database_url)

@@ -112,6 +112,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     if free <= 0:
         return done
     _heed_pause(rt)
+    free = _heed_fal_reach(rt, free)
     free = rt.bucket.take(free)
     if free <= 0:
         return done
@@ -241,6 +242,21 @@ def _heed_pause(rt: Runtime) -> None:
         return
     if left > rt.settings.submit_wait_max:
         rt.bucket.hold_off(left)
+
+
+def _heed_fal_reach(rt: Runtime, free: int) -> int:
+    """Of ``free`` submits, those this process may hand on while fal is unreachable from it
+    (:class:`~worker.steps.fal_reach.FalReach`): none until the next probe may go (the bucket
+    grants nothing until then, and dispatch comes back then), then one — the probe. Claimed
+    now, the others would only go back, one history entry each. Only this process's submits
+    are held: a distributed leader, whose workers send, hears nothing here, and their submit
+    steps hold the jobs instead."""
+    assert rt.bucket is not None
+    left = rt.fal_reach.held_for()
+    if left > 0:
+        rt.bucket.hold_off(left)
+        return free
+    return min(free, 1) if rt.fal_reach.down else free
 
 
 def _reuse(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches, paused: set[str]) -> str:

@@ -4,9 +4,11 @@ what the failed attempt cost (the billing rules are data: ``jobs/billing_rules.y
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 from sqlalchemy.orm import Session
 
 from jobs import billing, store
@@ -65,6 +67,21 @@ def kind_of(exc: ProviderError) -> str | None:
     return None
 
 
+def failure_type(exc: ProviderError) -> str:
+    """The ``error_type`` a job that failed (or waits to retry) for ``exc`` is stored with: what
+    :func:`kind_of` knows, else the kind of failure — ``network_error`` (the connection failed),
+    ``http_<status>`` (fal answered with an error but named none), else the error's class in
+    snake case — so `status` and ``status --json`` never show a failure without a type."""
+    known = kind_of(exc)
+    if known:
+        return known
+    if isinstance(exc.__cause__, httpx.TransportError):
+        return "network_error"
+    if exc.status_code:
+        return f"http_{exc.status_code}"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
 def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **cost: Any) -> None:
     """What an attempt that fal failed leads to, for submit and download alike: a retry or the end.
 
@@ -81,7 +98,7 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
             return
         if gone:
             reason += f" ({UPLOAD_GONE}: the next attempt uploads it again)"
-        store.fail_job(session, fence, error=reason, error_type=kind_of(exc), **cost)
+        store.fail_job(session, fence, error=reason, error_type=failure_type(exc), **cost)
         return
     # Requests fal ended unstarted at a window's end are not the job's failures: not counted.
     attempts = store.get_job(session, fence.job_id).counted_attempts
@@ -91,7 +108,7 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
             fence,
             reason=f"gave up after {attempts} attempt(s): {reason}",
             error=f"after {attempts} attempt(s): {reason}",
-            error_type=kind_of(exc),
+            error_type=failure_type(exc),
             **cost,
         )
         return
@@ -102,7 +119,7 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
         reason=f"retry in {delay:.0f}s: {reason}",
         at=in_seconds(delay),
         error=reason,
-        error_type=kind_of(exc),
+        error_type=failure_type(exc),
         **cost,
     ):
         telemetry.count_retry("provider_error")
@@ -206,7 +223,7 @@ def _upload_again(
         fence,
         reason=f"retry now: {UPLOAD_GONE}, uploading it again: {reason}",
         error=reason,
-        error_type=kind_of(exc),
+        error_type=failure_type(exc),
         details={"upload_gone": gone},
         **cost,
     )

@@ -37,7 +37,7 @@ from jobs.schedule import Schedule
 from jobs.settings import Settings
 from jobs.store import Fence
 from worker import chaos, logs, telemetry
-from worker.fal.errors import SubmitNotSentError
+from worker.fal.errors import FalUnreachableError, SubmitNotSentError, unreached
 from worker.fal.models import RequestHandle, Submitted
 from worker.fal.storage import prepare_input
 from worker.limits import (
@@ -199,6 +199,19 @@ def _submit(rt: Runtime, job_id: str) -> str:
     if start_timeout is not None and start_timeout < MIN_START_TIMEOUT_SECONDS:
         return _hold_for_schedule(rt, fence, schedule)
 
+    # fal unreachable a moment ago (a connect failure): only one submit at a time goes, as the
+    # probe, after each pause; the others go back uncounted, due when the hold ends.
+    held, probe = rt.fal_reach.admit()
+    if held > 0:
+        with db.session_scope(rt.engine) as session:
+            store.give_back(
+                session,
+                fence,
+                reason=f"held back: {rt.fal_reach.note() or 'fal unreachable'}",
+                due_at=in_seconds(held),
+            )
+        return "fal-unreachable"
+
     spec = get_endpoint(endpoint)
     try:
         fields = {f.name: f.type for f in spec.media_fields}
@@ -218,6 +231,8 @@ def _submit(rt: Runtime, job_id: str) -> str:
             store.give_back(session, fence, reason=f"batch paused: {reason}", due_at=in_seconds(0))
         return "account-locked"
     except ProviderError as exc:
+        if unreached(exc):  # fal's storage could not be reached: nothing was sent either
+            return _fal_unreachable(rt, fence, exc, probe=probe)
         if _rate_limited(exc):  # the upload was refused for the account's pace, as a submit may be
             return _refused_for_rate(rt, fence, endpoint, exc)
         with db.session_scope(rt.engine) as session:
@@ -289,6 +304,9 @@ def _submit(rt: Runtime, job_id: str) -> str:
                 start_timeout=start_timeout,
                 extra_headers=FALLBACKS_OFF if rt.settings.disable_fallbacks else None,
             )
+    except FalUnreachableError as exc:
+        # The connection to fal failed before a byte went out: no submission, nothing billed.
+        return _fal_unreachable(rt, fence, exc, probe=probe)
     except (SubmitNotSentError, UsageError) as exc:
         # Failed inside this process before the request was written: fal cannot have it.
         log.error("job %s: not sent (%s); giving it back", job_id, exc, extra={"event": "submit.not_sent"})
@@ -296,17 +314,20 @@ def _submit(rt: Runtime, job_id: str) -> str:
             _not_sent(session, fence, f"not sent: {exc}")
         return "not-sent"
     except AmbiguousSubmitError as exc:
+        rt.fal_reach.answered()  # connected: whatever became of the POST, fal is reachable
         telemetry.count_submit(endpoint, "ambiguous")
         with db.session_scope(rt.engine) as session:
             submit_outcome_unknown(session, rt, fence, str(exc))
         return "ambiguous"
     except AccountLockedError as exc:
+        rt.fal_reach.answered()
         telemetry.count_submit(endpoint, "refused")
         with db.session_scope(rt.engine) as session:
             reason = pause_for_account(session, rt, batch_id, exc)
             store.give_back(session, fence, reason=f"batch paused: {reason}", due_at=in_seconds(0))
         return "account-locked"
     except (RetryableProviderError, FinalProviderError) as exc:
+        rt.fal_reach.answered()
         if _rate_limited(exc):
             telemetry.count_submit(endpoint, "rate_limited")
             return _refused_for_rate(rt, fence, endpoint, exc)
@@ -317,6 +338,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
             settle(session, rt, fence, exc)
         return "retry" if isinstance(exc, RetryableProviderError) else "failed"
 
+    rt.fal_reach.answered()
     telemetry.count_submit(endpoint, "accepted")
     logs.annotate(request_id=submitted.request_id)
     chaos.crash_point("after_post")
@@ -391,6 +413,29 @@ def _refused_for_rate(rt: Runtime, fence: Fence, endpoint: str, exc: ProviderErr
             error_type=exc.error_type or "rate_limited",
         )
     return "rate-limited"
+
+
+def _fal_unreachable(rt: Runtime, fence: Fence, exc: Exception, *, probe: bool) -> str:
+    """fal could not be reached (the connection failed before anything was sent): no submission.
+
+    The job goes back to ``pending`` uncounted — nothing was queued, nothing is possibly billed —
+    and this process holds its submits (:class:`~worker.steps.fal_reach.FalReach`): one probe
+    after each growing pause, until fal answers. The job is due when the next probe may go.
+    """
+    said = str(exc).removeprefix("fal submit: not sent, ")
+    left = rt.fal_reach.failed(said, probe=probe)
+    why = f"not sent: {exc}"
+    with db.session_scope(rt.engine) as session:
+        store.give_back(
+            session,
+            fence,
+            reason=f"{why}; not counted as an attempt: {rt.fal_reach.note() or 'fal unreachable'}",
+            due_at=in_seconds(left),
+            submitted_input=None,  # recorded when the lease was taken; it never left
+            error=why,
+            error_type="fal_unreachable",
+        )
+    return "fal-unreachable"
 
 
 def _hold_for_schedule(rt: Runtime, fence: Fence, schedule: Schedule) -> str:

@@ -1,0 +1,86 @@
+"""The hold on a process's submits while fal is unreachable, and a failure's error_type.
+
+A fake clock drives the hold: no test waits for the pauses it describes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import httpx
+
+from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError
+from worker.fal.errors import FalUnreachableError, unreached
+from worker.steps.failures import failure_type
+from worker.steps.fal_reach import LONGEST_PAUSE_SECONDS, FalReach
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reach() -> tuple[FalReach, Clock]:
+    clock = Clock()
+    return FalReach(clock=clock, wall=lambda: datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)), clock
+
+
+def test_fal_answering_holds_nothing() -> None:
+    fal, _ = reach()
+    assert fal.admit() == (0.0, False)
+    assert (fal.down, fal.held_for(), fal.note()) == (False, 0.0, None)
+
+
+def test_one_probe_after_each_pause_the_pause_doubling_up_to_a_minute() -> None:
+    fal, clock = reach()
+    assert fal.failed("could not connect (ConnectError): refused", probe=False) == 1.0
+    assert fal.note() == (
+        "fal unreachable since 03:04:05 UTC: could not connect (ConnectError): refused; retrying every 1s"
+    )
+    assert fal.admit() == (1.0, False)  # held
+    # a submit sent before the hold was seen fails too: it does not lengthen the pause
+    assert fal.failed("refused", probe=False) == 1.0
+    pauses = []
+    for _ in range(9):
+        clock.now += fal.held_for()
+        assert fal.admit() == (0.0, True)  # the probe
+        assert fal.admit()[1] is False  # and only it: the next waits for its outcome
+        fal.failed("refused", probe=True)
+        pauses.append(fal.pause)
+    assert pauses == [2, 4, 8, 16, 32, 60, 60, 60, 60]
+    assert fal.pause == LONGEST_PAUSE_SECONDS
+    assert (fal.note() or "").endswith("retrying every 60s")
+
+
+def test_the_first_answer_ends_the_hold() -> None:
+    fal, clock = reach()
+    fal.failed("refused", probe=False)
+    clock.now += 1
+    assert fal.admit() == (0.0, True)
+    fal.answered()
+    assert (fal.down, fal.note(), fal.admit()) == (False, None, (0.0, False))
+    fal.failed("refused", probe=False)  # a new outage starts from the first pause again
+    assert fal.pause == 1.0
+
+
+def test_only_a_connect_failure_is_unreached() -> None:
+    def caused(exc: ProviderError, cause: Exception) -> ProviderError:
+        exc.__cause__ = cause
+        return exc
+
+    assert unreached(FalUnreachableError("fal submit: not sent, could not connect"))
+    assert unreached(caused(RetryableProviderError("upload: network error"), httpx.ConnectTimeout("t")))
+    assert not unreached(caused(RetryableProviderError("upload: network error"), httpx.ReadTimeout("t")))
+    assert not unreached(RetryableProviderError("HTTP 503", status_code=503))
+
+
+def test_every_failure_of_a_step_has_an_error_type() -> None:
+    network = RetryableProviderError("fal status: network error (ReadError)")
+    network.__cause__ = httpx.ReadError("reset")
+    assert failure_type(network) == "network_error"
+    assert failure_type(RetryableProviderError("gateway", status_code=502)) == "http_502"
+    assert failure_type(FinalProviderError("refused", status_code=422, error_type="bad_input")) == "bad_input"
+    assert failure_type(RetryableProviderError("something else")) == "retryable_provider_error"

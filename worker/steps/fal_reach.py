@@ -1,0 +1,140 @@
+"""Whether fal answers this process's submits, and holding them while it does not.
+
+A submit whose connection to fal failed before a byte went out (refused, timed out, no pooled
+connection: :class:`~worker.fal.errors.FalUnreachableError`) is no submission: its job goes back
+to ``pending`` uncounted. Were that all, an outage of fal or of this host's network would turn
+the whole batch over every few seconds. So from the first such failure this process holds its
+submits: a job claimed meanwhile goes back, uncounted, due when the hold ends. After each pause
+one submit goes through as a probe; when the probe cannot connect either, the pause doubles
+(:data:`FIRST_PAUSE_SECONDS` up to :data:`LONGEST_PAUSE_SECONDS`). The first answer fal gives a
+submit — whatever it says — ends the hold.
+
+Per process, on purpose: one worker whose fal URL is wrong, or whose host lost its network,
+holds its own submits, not every other worker's (unlike a 429, which is the account's and is
+shared through the limiter). The batch's schedule and deadline go on as ever: the jobs held
+are ``pending``, and the tick ends them at the deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+log = logging.getLogger(__name__)
+
+#: The first pause after fal is found unreachable; each failed probe doubles it, up to the next.
+FIRST_PAUSE_SECONDS = 1.0
+LONGEST_PAUSE_SECONDS = 60.0
+#: While fal stays unreachable, it is said again (one warning) at most this often.
+WARN_EVERY_SECONDS = 30.0
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class FalReach:
+    """This process's view of whether fal can be reached, and the hold on its submits.
+
+    Thread-safe: the submit step runs on several threads (an embedded run) at once.
+    ``clock`` (monotonic seconds) and ``wall`` (for the time shown) may be replaced in tests.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._clock = clock
+        self._wall = wall
+        self._lock = threading.Lock()
+        #: Since when (``wall``) fal was unreachable; None while it answers.
+        self.since: datetime | None = None
+        self._since_clock = 0.0
+        #: The last connect failure, in short.
+        self.error = ""
+        #: The pause now between probes.
+        self.pause = FIRST_PAUSE_SECONDS
+        #: Until when (``clock``) nothing is sent: the next probe may go then.
+        self._until = 0.0
+        self._said_at: float | None = None
+
+    @property
+    def down(self) -> bool:
+        """Whether fal is held unreachable (until a submit is answered)."""
+        return self.since is not None
+
+    def held_for(self) -> float:
+        """Seconds until the next probe may go (0 when it may go now, or fal answers)."""
+        if self.since is None:
+            return 0.0
+        return max(0.0, self._until - self._clock())
+
+    def admit(self) -> tuple[float, bool]:
+        """May a submit go now? ``(0, probe)`` when it may — ``probe``: it goes as the one probe
+        after a pause, which holds the next submit for another pause meanwhile — else
+        ``(seconds until the next probe, False)``."""
+        if self.since is None:  # the usual case: no lock
+            return 0.0, False
+        with self._lock:
+            now = self._clock()
+            if now < self._until:
+                return self._until - now, False
+            self._until = now + self.pause  # the probe's: the others wait for its outcome
+            return 0.0, True
+
+    def failed(self, error: str, *, probe: bool) -> float:
+        """A submit could not connect to fal: hold the submits; seconds until the next probe.
+
+        The pause doubles when ``probe`` failed; a submit sent before the outage was seen (not a
+        probe) only starts the hold or leaves it as it is."""
+        now = self._clock()
+        with self._lock:
+            first = self.since is None
+            if first:
+                self.since, self._since_clock = self._wall(), now
+                self.pause = FIRST_PAUSE_SECONDS
+            elif probe:
+                self.pause = min(LONGEST_PAUSE_SECONDS, self.pause * 2)
+            self.error = _short(error)
+            if first or probe:
+                self._until = now + self.pause
+            due = self._said_at is None or now - self._said_at >= WARN_EVERY_SECONDS
+            if due:
+                self._said_at = now
+            lasted, pause, left = now - self._since_clock, self.pause, max(0.0, self._until - now)
+        if due:
+            log.warning(
+                "fal is unreachable%s: %s; submits are held, one tried every %gs until fal answers "
+                "(the jobs wait uncounted, none fails)",
+                f" for {lasted:.0f}s" if lasted >= 1 else "",
+                error,
+                pause,
+                extra={"event": "submit.fal_unreachable"},
+            )
+        return left
+
+    def answered(self) -> None:
+        """fal answered a submit (whatever it said): the hold ends."""
+        if self.since is None:  # the usual case: no lock
+            return
+        with self._lock:
+            if not self.down:  # another thread heard the answer first
+                return
+            lasted = self._clock() - self._since_clock
+            self.since, self._said_at, self.pause, self._until = None, None, FIRST_PAUSE_SECONDS, 0.0
+        log.warning(
+            "fal answers again after %.0fs: submits resume",
+            lasted,
+            extra={"event": "submit.fal_reachable"},
+        )
+
+    def note(self) -> str | None:
+        """Why submits are held, for the progress line and a held job's reason; None when not."""
+        since = self.since
+        if since is None:
+            return None
+        return f"fal unreachable since {since:%H:%M:%S} UTC: {self.error}; retrying every {self.pause:g}s"
