@@ -1238,6 +1238,7 @@ def transition(
     if expected in UNSENT_STATES and new in _UNBILLED_ENDS and "actual_usd" not in fields:
         # Ending without (another) send: a job never sent is billed nothing, for good.
         values["actual_usd"] = _ZERO_IF_NEVER_SENT
+        values.setdefault("actual_billing_units", _ZERO_UNITS_IF_NEVER_SENT)
     if new == JobState.SUBMIT_UNKNOWN and "submitted_at" not in fields:
         # The POST went out, and fal may have accepted (and billed) it: the job was sent, when
         # its POST left (``sent_at``). Its money is then counted under that day, as it would be
@@ -2060,6 +2061,7 @@ def fail_unsent(session: Session, fence: Fence, *, error: str, error_type: str |
         attempts=_NOT_COUNTED,
         possible_duplicate_charges=_RESEND_UNSENT,
         actual_usd=_ZERO_IF_NEVER_SENT,
+        actual_billing_units=_ZERO_UNITS_IF_NEVER_SENT,
     )
 
 
@@ -2384,6 +2386,13 @@ _ZERO_IF_NEVER_SENT = func.coalesce(
     _JOBS.c.actual_usd,
     case((_JOBS.c.submitted_at.is_(None), literal(Decimal(0), _JOBS.c.actual_usd.type)), else_=None),
 )
+#: Its ``actual_billing_units`` alike: 0 units beside the $0 of a job never sent (exports show both).
+_ZERO_UNITS_IF_NEVER_SENT = func.coalesce(
+    _JOBS.c.actual_billing_units,
+    case(
+        (_JOBS.c.submitted_at.is_(None), literal(Decimal(0), _JOBS.c.actual_billing_units.type)), else_=None
+    ),
+)
 _UNBILLED_ENDS = frozenset({JobState.FAILED, JobState.CANCELLED})
 #: What a job's earlier attempts cost, 0 when none was billed: its cost once it takes a video
 #: that costs it nothing more (:func:`mark_taking_staged`).
@@ -2480,6 +2489,7 @@ def cancel_unsent(
         "error": error if sent_error is None else _error_if_sent(error, sent_error),
         "error_type": error_type,
         "actual_usd": _ZERO_IF_NEVER_SENT,
+        "actual_billing_units": _ZERO_UNITS_IF_NEVER_SENT,
     }
     session.flush()  # pending ORM changes first: the statements below bypass the unit of work
     conn = session.connection()

@@ -409,7 +409,7 @@ def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path:
         engine.dispose()
     cfg = alembic_config()
     cfg.set_main_option("sqlalchemy.url", url)
-    steps = ["0024", "0023", "0022", "0021", "0020", "0019", "0018", "0017", "0016", "0015"]
+    steps = ["0025", "0024", "0023", "0022", "0021", "0020", "0019", "0018", "0017", "0016", "0015"]
     assert steps[0] == SCHEMA_HEAD
     for below in steps[1:]:
         command.downgrade(cfg, "-1")
@@ -641,3 +641,60 @@ def test_migration_0023_nulls_the_non_finite_numbers_sqlite_holds(
         db._engine_for.cache_clear()
     (exported,) = [_strict(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert exported["media"]["fps"] is None
+
+
+def test_migration_0025_gives_jobs_never_sent_zero_billing_units(empty_engine: Engine) -> None:
+    """Jobs that ended failed or cancelled without being sent were stored with ``actual_usd`` 0
+    but ``actual_billing_units`` NULL (exports: ``cost_usd`` 0, ``billing_units`` null). 0025
+    gives them 0 units (and 0 USD where that was NULL too); a job sent, billed or still running
+    keeps what it holds."""
+    from tests.step_runtime import add_batch, job_ids
+
+    migrate(empty_engine, from_models=False)
+    batch_id = add_batch(empty_engine, "m25", [("fal-ai/wan-22", {"prompt": str(n)}) for n in range(7)])
+    jobs = job_ids(empty_engine, batch_id)
+    sent = datetime(2026, 1, 1, tzinfo=UTC)
+    #: (state, submitted_at, actual_usd, actual_billing_units) as stored before 0025.
+    before: list[tuple[str, datetime | None, str | None, str | None]] = [
+        ("cancelled", None, "0", None),  # a budget cancel: the case exports showed
+        ("failed", None, "0", None),  # failed before its POST left (its input file changed)
+        ("cancelled", None, None, None),  # stored before a job never sent got its $0
+        ("cancelled", sent, None, None),  # sent, its bill unknown: not "never sent"
+        ("failed", None, "0.5", None),  # billed something: left as it is
+        ("pending", None, None, None),  # not finished
+        ("succeeded", None, "0", "0"),  # reused: both set already
+    ]
+    downgrade(empty_engine, "0024")
+    with empty_engine.begin() as conn:
+        for job_id, (state, at, usd, units) in zip(jobs, before, strict=True):
+            conn.execute(
+                text(
+                    "UPDATE jobs SET state = :s, submitted_at = :at, actual_usd = :usd, "
+                    "actual_billing_units = :units WHERE id = :j"
+                ),
+                {"s": state, "at": at, "usd": usd, "units": units, "j": job_id},
+            )
+
+    def number(value: Any) -> float | None:
+        return None if value is None else float(value)
+
+    def stored() -> list[tuple[float | None, float | None]]:
+        with empty_engine.connect() as conn:
+            found = conn.execute(text("SELECT id, actual_usd, actual_billing_units FROM jobs"))
+            rows = {r[0]: (number(r[1]), number(r[2])) for r in found}
+        return [rows[j] for j in jobs]
+
+    migrate(empty_engine, from_models=False)
+    assert stored() == [
+        (0.0, 0.0),
+        (0.0, 0.0),
+        (0.0, 0.0),
+        (None, None),
+        (0.5, None),
+        (None, None),
+        (0.0, 0.0),
+    ]
+    downgrade(empty_engine, "0024")  # changes nothing: 0 is what they were meant to hold
+    assert stored()[:3] == [(0.0, 0.0)] * 3
+    migrate(empty_engine, from_models=False)
+    assert drift(empty_engine) == []
