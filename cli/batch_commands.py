@@ -184,7 +184,7 @@ def cost(batch: str, as_json: bool) -> None:
     "--output",
     type=click.Path(path_type=Path),
     default=None,
-    help="File to write (default: stdout); for hf, a new folder (required).",
+    help="File to write (default: stdout); for hf, a new or empty folder (required).",
 )
 @click.option(
     "--include",

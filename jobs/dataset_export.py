@@ -34,13 +34,19 @@ output is as readable, else copied (see :func:`_place_video`). Only succeeded jo
 ``include_failed`` adds the failed and cancelled ones with ``file_name: null`` (jobs still in
 flight are never exported). What is left out is said (:func:`left_out_warnings`), and an export
 that would hold no row is refused before anything is made (:func:`refuse_empty`).
-The folder is built as a hidden sibling (``.DIR.*.part``) and renamed into place at the end, so
-a failed export never leaves a half dataset under the target name (nor the parent folders it
-created for it); an existing non-empty DIR is refused, never merged into.
+A new folder is built as a hidden sibling (``.DIR.*.part``) and renamed into place at the end,
+so a failed export never leaves a half dataset under the target name (nor the parent folders it
+created for it). An existing empty DIR (a mount point or a symlink to a folder, which rename(2)
+cannot replace) is written into: built in a hidden ``DIR/.wanbatch-export.*.part``, its entries
+moved out at the end (:func:`_publish_into`); a failed export leaves it empty. An existing
+non-empty DIR is refused, never merged into, and so is a symlink leading nowhere, before any
+video is placed (:func:`_refuse_taken`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -612,9 +618,41 @@ def _card(
 
 
 def _publish(tmp: Path, dest: Path) -> None:
-    """Rename the finished folder into place with the user's usual permissions (mkdtemp's are 0700)."""
+    """Rename the finished folder (a sibling of ``dest``, which does not exist) into place with
+    the user's usual permissions (mkdtemp's are 0700)."""
     tmp.chmod(folder_mode())
-    tmp.replace(dest)  # also replaces an empty folder; a non-empty one makes this fail
+    tmp.replace(dest)  # an empty folder made there meanwhile is replaced; a non-empty one makes this fail
+
+
+#: What :func:`_publish_into` moves last: the file loaders read the dataset from.
+_LAST = "metadata.jsonl"
+
+
+def _publish_into(tmp: Path, dest: Path) -> None:
+    """Move the finished export's entries from ``tmp`` (a hidden folder inside ``dest``, an
+    existing empty folder) into ``dest``, ``metadata.jsonl`` last, then remove ``tmp``.
+
+    ``dest`` itself is never renamed over: it may be a mount point (rename(2) over one fails
+    with EBUSY) or a symlink to a folder (ENOTDIR). Each entry is renamed within ``dest``'s file
+    system, so this is quick whatever the videos weigh. An entry whose name something else took
+    in ``dest`` meanwhile fails the export; the entries moved before go back into ``tmp``, which
+    the caller removes, so ``dest`` is left as it was."""
+    names = sorted((entry.name for entry in tmp.iterdir()), key=lambda name: (name == _LAST, name))
+    moved: list[str] = []
+    try:
+        for name in names:
+            target = dest / name
+            if os.path.lexists(target):
+                taken = f"{name} was created in it during the export"
+                raise FileExistsError(errno.EEXIST, taken, str(target))
+            (tmp / name).rename(target)
+            moved.append(name)
+    except OSError:
+        for name in reversed(moved):
+            with contextlib.suppress(OSError):
+                (dest / name).rename(tmp / name)
+        raise
+    tmp.rmdir()
 
 
 def write_hf(
@@ -632,12 +670,18 @@ def write_hf(
     rows, the jobs left out and the batch's cost are read by several statements, and of a batch
     still running they add up only when all of them see the same jobs."""
     batch = batch_ref if isinstance(batch_ref, Batch) else store.get_batch(session, batch_ref)
-    _refuse_taken(dest)
+    existing = _refuse_taken(dest)
     refuse_empty(batch, store.counts_by_state(session, batch.id), include_failed)
-    made = _missing_folders(dest.parent)
+    # A new folder is built beside it and renamed into place: all or nothing. An existing empty
+    # one (a mount point, a symlink to a folder) cannot be renamed over: the export is built in a
+    # hidden folder inside it, on its own file system, and its entries moved out of it at the end.
+    made = [] if existing else _missing_folders(dest.parent)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+        if existing:
+            tmp = Path(tempfile.mkdtemp(prefix=".wanbatch-export.", suffix=".part", dir=dest))
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
     except OSError as exc:
         _remove_empty(made)
         raise UsageError(f"cannot write the export to {str(dest)!r}: {exc.strerror or exc}") from None
@@ -654,7 +698,10 @@ def write_hf(
         card = _card(batch, parent, summary, include_failed, _lineage(session, batch))
         (tmp / "README.md").write_text(card, encoding="utf-8")
         summary.bytes = _folder_bytes(tmp)
-        _publish(tmp, dest)
+        if existing:
+            _publish_into(tmp, dest)
+        else:
+            _publish(tmp, dest)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
@@ -790,17 +837,32 @@ def _add_batch_cost(session: Session, batch: Batch, summary: HfExport) -> None:
     summary.batch_possibly_billed_usd = total.possibly_billed_usd
 
 
-def _refuse_taken(dest: Path) -> None:
-    """:class:`UsageError` unless ``dest`` is missing or an empty folder. What cannot be looked
-    at (a name too long for the file system, a folder without permission, a symlink loop) is
-    refused with the system's reason, before anything is made."""
+def _refuse_taken(dest: Path) -> bool:
+    """Whether ``dest`` is an existing empty folder (True) or missing (False), else
+    :class:`UsageError`, before anything is made or fetched. An existing one may be reached
+    through a symlink or be a mount point: the export is written into it (:func:`write_hf`). A
+    symlink that leads nowhere is refused (the export would have to create its target, outside
+    the path given), as is what cannot be looked at (a name too long for the file system, a
+    folder without permission, a symlink loop), with the system's reason."""
+    try:
+        link = stat.S_ISLNK(dest.lstat().st_mode)
+    except OSError as exc:
+        if is_missing(exc):
+            return False
+        raise UsageError(f"cannot write the export to '{shown_path(dest)}': {os_reason(exc)}") from None
+    except ValueError:  # a NUL in the path
+        link = False
     kind: str | OSError = file_kind(dest)
-    if isinstance(kind, OSError) and is_missing(kind):
-        return
+    if link and isinstance(kind, OSError) and is_missing(kind):
+        target = shown_path(dest.readlink())
+        raise UsageError(
+            f"cannot write the export to '{shown_path(dest)}': it is a symlink to '{target}', which does "
+            "not exist; create that folder or choose another -o"
+        )
     if kind == "folder":
         try:
             if not any(dest.iterdir()):
-                return
+                return True
         except OSError as exc:  # a folder it may not list
             kind = exc
     if isinstance(kind, OSError):
