@@ -26,11 +26,14 @@ give each column a value come first: those loaders type every column from the fi
 ``manifest.<ext>`` (the text stored with the batch, which its jobs were made from; for a batch
 stored before that text was kept, the file when it is still readable; an ``items_from`` file it
 names is not stored with the batch, so not included, and the card says so), and a ``README.md``
-dataset card (counts, endpoints, what the rows cost and what the whole batch was billed, how it
-was made: ``wanbatch run``, or for a rerun its parent and the ``wanbatch rerun`` command with its
-options, and for a rerun of a rerun every generation's command). Every file gets the user's usual
-mode (0666 less the umask; folders 0777 less it); a video is hard-linked only when the stored
-output is as readable, else copied (see :func:`_place_video`). Only succeeded jobs by default;
+dataset card (counts by status that add up to the rows, with the rows that took another job's
+video, ``reused_from``, and those not as requested, ``media_mismatch``, nested under theirs;
+endpoints; what the rows cost and what the whole batch was billed; the batches the reused
+videos came from, whose spend they are; how it was made: ``wanbatch run``, or for a rerun its
+parent and the ``wanbatch rerun`` command with its options, and for a rerun of a rerun every
+generation's command). Every file gets the user's usual mode (0666 less the umask; folders
+0777 less it); a video is hard-linked only when the stored output is as readable, else copied
+(see :func:`_place_video`). Only succeeded jobs by default;
 ``include_failed`` adds the failed and cancelled ones with ``file_name: null`` (jobs still in
 flight are never exported). What is left out is said (:func:`left_out_warnings`), and an export
 that would hold no row is refused before anything is made (:func:`refuse_empty`).
@@ -65,7 +68,7 @@ from typing import IO, Any
 
 from sqlalchemy.orm import Session
 
-from jobs import store
+from jobs import listing, store
 from jobs.cost import cost_report
 from jobs.errors import NotFoundError, UsageError, WanbatchError
 from jobs.export import FIELDS, by_state, record, status_hint, unfinished_of, write_atomically
@@ -223,6 +226,16 @@ class HfExport:
     items_from: str | None = None
     #: What the user must know about what the dataset leaves out (:func:`left_out_warnings`).
     warnings: list[str] = field(default_factory=list)
+    #: Rows whose job took a video another job made instead of being sent (``reused_from``:
+    #: ``reuse_outputs``, or a rerun taking a staged video back), by status; and the batches
+    #: those jobs belong to (:func:`jobs.listing.reused_sources`): the spend behind those
+    #: videos is theirs, not this batch's.
+    reused: Counter[str] = field(default_factory=Counter)
+    reused_sources: list[listing.ReusedSource] = field(default_factory=list)
+    #: Rows whose video is not what was requested (``media_mismatch``), by status; and how many
+    #: jobs of the whole batch ``status`` counts so (some may not be exported).
+    mismatched: Counter[str] = field(default_factory=Counter)
+    batch_media_mismatches: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The figures of ``export --format hf --json`` (money as every ``--json`` has it)."""
@@ -245,6 +258,16 @@ class HfExport:
             "batch_billed_usd": usd_json(self.batch_billed_usd),
             "batch_billed_units_by_unit": {u: float(n) for u, n in sorted(self.batch_billed_units.items())},
             "batch_possibly_billed_usd": usd_json(self.batch_possibly_billed_usd),
+            "reused": {
+                "records": self.reused.total(),
+                "by_status": dict(sorted(self.reused.items())),
+                "sources": [
+                    {"batch": r.batch_id, "name": r.name, "records": r.jobs} for r in self.reused_sources
+                ],
+            },
+            "media_mismatches": self.mismatched.total(),
+            "media_mismatches_by_status": dict(sorted(self.mismatched.items())),
+            "batch_media_mismatches": self.batch_media_mismatches,
             "warnings": list(self.warnings),
         }
 
@@ -386,6 +409,10 @@ def _summed(row: dict[str, Any], job: Job, summary: HfExport) -> dict[str, Any]:
     summary.rows += 1
     summary.by_status[row["status"]] += 1
     summary.by_endpoint[row["endpoint"]] += 1
+    if job.reused_from is not None:
+        summary.reused[row["status"]] += 1
+    if job.media_mismatch is not None:
+        summary.mismatched[row["status"]] += 1
     summary.cost_usd += job.actual_usd or Decimal(0)
     add_units(summary.billing_units, unit_symbol(job.endpoint), job.actual_billing_units or Decimal(0))
     return row
@@ -524,6 +551,56 @@ def _cost_lines(summary: HfExport) -> list[str]:
     return [*lines, billed]
 
 
+#: Source batches a card names by name before it says "and N more".
+CARD_SOURCES = 3
+
+
+def _reused_lines(batch: Batch, summary: HfExport) -> list[str]:
+    """The card's paragraph on reused videos: how many rows hold a video another job made (not
+    rendered, nor billed, for this batch: its cost lines count them at $0) and the batches
+    those jobs belong to, the first :data:`CARD_SOURCES` by name, with their rows."""
+    total = summary.reused.total()
+    if not total:
+        return []
+
+    def named(source: listing.ReusedSource) -> str:
+        if source.batch_id is None:
+            return f"{source.jobs} from jobs no longer stored"
+        if source.batch_id == batch.id:
+            return f"{source.jobs} from jobs of this batch"
+        return f"{source.jobs} from batch {_code(source.name or '')} ({_code(source.batch_id)})"
+
+    shown = [named(source) for source in summary.reused_sources[:CARD_SOURCES]]
+    if more := summary.reused_sources[CARD_SOURCES:]:
+        shown.append(f"and {sum(s.jobs for s in more)} from {len(more)} more batch(es)")
+    return [
+        "",
+        f"**Reused videos:** {total} of these rows took a video another job made instead of "
+        "being sent (`reuse_outputs`, or a rerun taking back a video its parent paid for; "
+        f"`reused_from` names that job): {', '.join(shown)}. Those videos were not rendered or "
+        "billed for this batch (these rows cost $0.00): what they cost is counted in the batch "
+        "that made them (`wanbatch cost BATCH`).",
+    ]
+
+
+def _mismatch_lines(summary: HfExport) -> list[str]:
+    """The card's paragraph on videos not as requested (``media_mismatch``), with the count
+    ``wanbatch status`` gives for the whole batch when some of them are not exported."""
+    total = summary.mismatched.total()
+    if not total and not summary.batch_media_mismatches:
+        return []
+    text = (
+        f"**Videos not as requested:** {total} of these rows (`media_mismatch` says what differs "
+        "from the request: size, frames, duration, …)"
+    )
+    if (others := summary.batch_media_mismatches - total) > 0:
+        text += (
+            f"; `wanbatch status` counts {summary.batch_media_mismatches} video(s) not as requested "
+            f"in the whole batch, {others} of them in jobs not exported"
+        )
+    return ["", text + "."]
+
+
 def _items_from_line(summary: HfExport) -> list[str]:
     """The card's note that the ``items_from`` file ``manifest.yaml`` names is not in the dataset."""
     if summary.items_from is None:
@@ -561,7 +638,14 @@ def _card(
         "",
         f"- {summary.rows} row(s) in `metadata.jsonl`, {summary.videos} video(s) in `{VIDEOS_DIR}/`",
     ]
-    lines += [f"- {status}: {n}" for status, n in sorted(summary.by_status.items())]
+    for status, n in sorted(summary.by_status.items()):
+        # What some of a status's rows are besides, nested under it: the top-level counts
+        # still add up to the rows.
+        lines.append(f"- {status}: {n}")
+        if reused := summary.reused[status]:
+            lines.append(f"  - of them, took a video another job made (`reused_from`): {reused}")
+        if mismatched := summary.mismatched[status]:
+            lines.append(f"  - of them, with a video not as requested (`media_mismatch`): {mismatched}")
     lines += [f"- not exported ({state}): {n}" for state, n in sorted(summary.left_out.items()) if n]
     lines += [
         *_cost_lines(summary),
@@ -570,6 +654,7 @@ def _card(
         "|---|---:|",
     ]
     lines += [f"| `{endpoint}` | {n} |" for endpoint, n in sorted(summary.by_endpoint.items())]
+    lines += _reused_lines(batch, summary) + _mismatch_lines(summary)
     # The manifest's file name only: its folder on this machine (a home directory, a user name)
     # has no place in a card meant to be published.
     source = Path(batch.manifest_path).name
@@ -693,6 +778,11 @@ def write_hf(
         summary.left_out = {state: n for state, n in counts.items() if state not in exported and n}
         summary.warnings = left_out_warnings(batch, summary.left_out)
         _add_batch_cost(session, batch, summary)
+        if summary.reused:
+            summary.reused_sources = listing.reused_sources(
+                session, batch.id, _exported_states(include_failed)
+            )
+        summary.batch_media_mismatches = store.count_media_mismatches(session, batch.id)
         _write_manifest(batch, tmp, summary)
         parent = None if batch.parent_batch_id is None else store.get_batch(session, batch.parent_batch_id)
         card = _card(batch, parent, summary, include_failed, _lineage(session, batch))

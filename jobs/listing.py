@@ -28,7 +28,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import case, func, select, tuple_, type_coerce
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from jobs import store
@@ -642,3 +642,32 @@ def child_batches(session: Session, batch_id: str) -> list[tuple[str, str]]:
         .order_by(Batch.created_at, Batch.id)
     )
     return [(str(i), str(n)) for i, n in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class ReusedSource:
+    """Where some of a batch's reused videos were made: the batch of the jobs their
+    ``reused_from`` names (None when such a job is no longer stored), and how many."""
+
+    batch_id: str | None
+    name: str | None
+    jobs: int
+
+
+def reused_sources(session: Session, batch_id: str, states: Collection[JobState]) -> list[ReusedSource]:
+    """The batches whose jobs made the videos the batch's jobs in ``states`` took instead of
+    being sent (``reused_from``: ``reuse_outputs``, or a rerun taking a staged video back),
+    most jobs first, then by name (jobs no longer stored last): one ``GROUP BY`` over the
+    batch's reused jobs."""
+    source = aliased(Job)
+    jobs = func.count(Job.id)
+    rows = session.execute(
+        select(source.batch_id, Batch.name, jobs)
+        .select_from(Job)
+        .outerjoin(source, source.id == Job.reused_from)
+        .outerjoin(Batch, Batch.id == source.batch_id)
+        .where(Job.batch_id == batch_id, Job.reused_from.is_not(None), Job.state.in_(list(states)))
+        .group_by(source.batch_id, Batch.name)
+        .order_by(jobs.desc(), source.batch_id.is_(None), Batch.name, source.batch_id)  # gone ones last
+    )
+    return [ReusedSource(found, name, int(n)) for found, name, n in rows]

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sqlite3
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.json as paj
+import pytest
 
 from falsim.server import SimulatorHandle
+from jobs import dataset_export
 from tests.e2e.e2e_helpers import TWO_JOBS, MakeManifest, Wb, export_jsonl, processed
 
 MAX_SEED = 2**64 - 1
@@ -226,3 +229,120 @@ def test_hf_card_cost_is_the_exact_sum_that_cost_reports(
     card = (folder / "README.md").read_text()
     assert "- cost of these rows: $6.08 (billing units: 151.875 s)" in card
     assert "- billed for the whole batch: $6.08 (billing units: 151.875 s), every job included" in card
+
+
+#: One pinned-seed job per seed listed: a batch with ``reuse_outputs`` takes the video of an
+#: earlier batch's job with the same seed instead of sending its own.
+SEEDED = """\
+name: {name}
+endpoint: fal-ai/wan-i2v
+reuse_outputs: {reuse}
+defaults:
+  resolution: 480p
+  image_url: images/landscape.jpg
+matrix:
+  seed: [{seeds}]
+items:
+  - prompt: a lighthouse at dusk
+"""
+
+
+def _status_lines_add_up(lines: list[str]) -> None:
+    """The card's top-level counts (``- succeeded: 3``, …) add up to its rows; what some of a
+    status's rows are besides is nested under it, never counted twice."""
+    (rows,) = [int(line.split()[1]) for line in lines if line.startswith("- ") and "row(s) in" in line]
+    counted = [line for line in lines if re.fullmatch(r"- (succeeded|failed|cancelled): \d+", line)]
+    assert sum(int(line.rsplit(" ", 1)[1]) for line in counted) == rows
+
+
+def test_hf_card_counts_reused_videos_and_names_their_batches(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Export audit (session 34): a batch whose videos came from other batches (``reuse_outputs``)
+    had a card that said they were generated for it, cost $0.00, and never named where they came
+    from. The card counts them (under their status, so the counts still add up to the rows) and
+    names the source batches, the first few by name and then how many more."""
+    first = processed(wb, "run", manifest("src-a", SEEDED.format(name="src-a", reuse="false", seeds="1, 2")))
+    second = processed(wb, "run", manifest("src-b", SEEDED.format(name="src-b", reuse="false", seeds="3")))
+    third = processed(wb, "run", manifest("src-c", SEEDED.format(name="src-c", reuse="false", seeds="4")))
+    body = SEEDED.format(name="takes", reuse="true", seeds="1, 2, 3, 4, 5")
+    takes = processed(wb, "run", manifest("takes", body))
+    assert sum(r["reused_from"] is not None for r in export_jsonl(wb, takes["batch"])) == 4
+
+    folder = tmp_path / "exports" / "takes"
+    done = wb("export", takes["batch"], "--format", "hf", "-o", folder, "--json")
+    assert done.code == 0, done.stderr
+    lines = _card_lines(folder)
+    _status_lines_add_up(lines)
+    at = lines.index("- succeeded: 5")
+    assert lines[at + 1] == "  - of them, took a video another job made (`reused_from`): 4"
+    (reused,) = [line for line in lines if line.startswith("**Reused videos:**")]
+    assert reused.startswith(
+        "**Reused videos:** 4 of these rows took a video another job made instead of being sent"
+    )
+    assert (
+        f"`reused_from` names that job): 2 from batch `src-a` (`{first['batch']}`), "
+        f"1 from batch `src-b` (`{second['batch']}`), 1 from batch `src-c` (`{third['batch']}`). "
+    ) in reused
+    assert "counted in the batch that made them" in reused
+    assert done.json()["reused"] == {
+        "records": 4,
+        "by_status": {"succeeded": 4},
+        "sources": [
+            {"batch": first["batch"], "name": "src-a", "records": 2},
+            {"batch": second["batch"], "name": "src-b", "records": 1},
+            {"batch": third["batch"], "name": "src-c", "records": 1},
+        ],
+    }
+
+    # More source batches than the card names: the rest are counted, not listed.
+    monkeypatch.setattr(dataset_export, "CARD_SOURCES", 1)
+    fewer = tmp_path / "exports" / "fewer"
+    assert wb("export", takes["batch"], "--format", "hf", "-o", fewer).code == 0
+    (reused,) = [line for line in _card_lines(fewer) if line.startswith("**Reused videos:**")]
+    assert f"2 from batch `src-a` (`{first['batch']}`), and 2 from 2 more batch(es). " in reused
+
+
+def test_hf_card_counts_videos_not_as_requested_as_status_does(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Export audit (session 34): ``status`` said "1 video(s) not as requested" and the card of the
+    same batch said nothing. It counts the rows whose ``media_mismatch`` is set (nested under
+    their status), and says when ``status`` counts more in the whole batch than the dataset holds."""
+    sim.set_faults(bad_render={"next": 1, "frames": 33})
+    flagged = processed(wb, "run", manifest("flagged", TWO_JOBS.format(name="flagged")))["batch"]
+    assert wb("status", flagged, "--json").json()["media_mismatches"] == 1
+    folder = tmp_path / "exports" / "flagged"
+    done = wb("export", flagged, "--format", "hf", "-o", folder, "--json")
+    assert done.code == 0, done.stderr
+    assert (done.json()["media_mismatches"], done.json()["batch_media_mismatches"]) == (1, 1)
+    lines = _card_lines(folder)
+    _status_lines_add_up(lines)
+    assert "  - of them, with a video not as requested (`media_mismatch`): 1" in lines
+    assert (
+        "**Videos not as requested:** 1 of these rows (`media_mismatch` says what differs from the "
+        "request: size, frames, duration, …)."
+    ) in lines
+
+    # Failed for it (WANBATCH_MEDIA_MISMATCH=fail): not a row unless --include failed, and said so.
+    monkeypatch.setenv("WANBATCH_MEDIA_MISMATCH", "fail")
+    sim.set_faults(bad_render={"next": 1, "size": [320, 240]})
+    run = wb("run", manifest("strict", TWO_JOBS.format(name="strict")), "--json", "--no-progress")
+    strict = run.json()["batch"]
+    assert wb("status", strict, "--json").json()["media_mismatches"] == 1
+    folder = tmp_path / "exports" / "strict"
+    assert wb("export", strict, "--format", "hf", "-o", folder).code == 0
+    assert (
+        "**Videos not as requested:** 0 of these rows (`media_mismatch` says what differs from the "
+        "request: size, frames, duration, …); `wanbatch status` counts 1 video(s) not as requested "
+        "in the whole batch, 1 of them in jobs not exported."
+    ) in _card_lines(folder)
+    every = tmp_path / "exports" / "strict-all"
+    assert wb("export", strict, "--format", "hf", "-o", every, "--include", "failed").code == 0
+    lines = _card_lines(every)
+    _status_lines_add_up(lines)
+    assert (
+        lines[lines.index("- failed: 1") + 1]
+        == "  - of them, with a video not as requested (`media_mismatch`): 1"
+    )
+    assert "**Videos not as requested:** 1 of these rows" in "\n".join(lines)
