@@ -556,9 +556,10 @@ CARD_SOURCES = 3
 
 
 def _reused_lines(batch: Batch, summary: HfExport) -> list[str]:
-    """The card's paragraph on reused videos: how many rows hold a video another job made (not
-    rendered, nor billed, for this batch: its cost lines count them at $0) and the batches
-    those jobs belong to, the first :data:`CARD_SOURCES` by name, with their rows."""
+    """The card's paragraph on reused videos: how many rows took a video another job made (not
+    rendered, nor paid for, by this batch: its cost lines count only what such a job's own
+    earlier attempts were billed) and the batches those jobs belong to, the first
+    :data:`CARD_SOURCES` by name, with their rows."""
     total = summary.reused.total()
     if not total:
         return []
@@ -577,9 +578,10 @@ def _reused_lines(batch: Batch, summary: HfExport) -> list[str]:
         "",
         f"**Reused videos:** {total} of these rows took a video another job made instead of "
         "being sent (`reuse_outputs`, or a rerun taking back a video its parent paid for; "
-        f"`reused_from` names that job): {', '.join(shown)}. Those videos were not rendered or "
-        "billed for this batch (these rows cost $0.00): what they cost is counted in the batch "
-        "that made them (`wanbatch cost BATCH`).",
+        f"`reused_from` names that job): {', '.join(shown)}. Those videos were neither rendered "
+        "nor paid for by this batch (such a row's cost is only what its job's own earlier "
+        "attempts were billed, if any): what they cost is counted in the batch that made them "
+        "(`wanbatch cost BATCH`).",
     ]
 
 
