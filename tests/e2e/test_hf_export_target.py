@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import pytest
 
 from falsim.server import SimulatorHandle
 from jobs import dataset_export
-from tests.e2e.e2e_helpers import WANBATCH, MakeManifest, Wb
+from tests.e2e.e2e_helpers import MakeManifest, Wb
 
 TWO = """\
 name: {name}
@@ -158,36 +156,3 @@ def test_an_entry_taken_meanwhile_puts_back_what_was_moved(tmp_path: Path) -> No
     assert sorted(os.listdir(dest)) == [".wanbatch-export.x.part", "metadata.jsonl"]
     assert sorted(os.listdir(tmp)) == DATASET
     assert (dest / "metadata.jsonl").read_text() == "someone else's"
-
-
-def _can_bind_mount() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    done = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False)
-    return done.returncode == 0 and Path(WANBATCH).exists()
-
-
-@pytest.mark.skipif(
-    not _can_bind_mount(), reason="needs unshare (user and mount namespaces) and the console script"
-)
-def test_an_empty_bind_mount_gets_the_export(
-    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
-) -> None:
-    """The audit's Docker case for real: an empty folder bind-mounted at ``-o DIR``, in a mount
-    namespace of the export's own (nothing is mounted outside it)."""
-    batch = _batch(wb, manifest, "hf-bind")
-    volume, mount = tmp_path / "volume", tmp_path / "mnt"
-    volume.mkdir()
-    mount.mkdir()
-    script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
-    hf = ["--format", "hf", "-o", str(mount)]
-    done = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", script, "sh", volume, mount, WANBATCH, "export", batch, *hf],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert _dataset(volume) == DATASET  # what was written into the mount is in the mounted folder
-    assert os.listdir(mount) == []  # and the mount is gone with the namespace
