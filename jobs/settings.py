@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from pydantic import (
@@ -151,6 +151,25 @@ class _Section(BaseSettings):
         env_prefix="WANBATCH_", extra="ignore", frozen=True, allow_inf_nan=False, defer_build=True
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_numbers(cls, data: Any) -> Any:
+        """Refuse a number written with ``_`` or non-ASCII characters (``1_0``, ``٣``).
+
+        Python's and pydantic's number parsers accept both (``float("1_0")`` is 10), where a
+        manifest reads such a value as text and ``--max-usd`` refuses it: a money setting
+        ``WANBATCH_DAILY_BUDGET_USD=1_0`` was a budget of $10 that nobody wrote."""
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            value = data.get(name)
+            if isinstance(value, str) and _is_number(field.annotation) and not _plain_number_text(value):
+                raise ConfigError(
+                    f"invalid configuration: {_setting_name((name,))}: {value.strip()!r} is not a plain "
+                    "number: write it in ASCII digits, without `_` (such as 10 or 2.5)"
+                )
+        return data
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -161,6 +180,18 @@ class _Section(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, _EnvSource(settings_cls), dotenv_settings, file_secret_settings
+
+
+def _is_number(annotation: Any) -> bool:
+    """Whether a field's type is a number (int, float, Decimal), optional or not."""
+    if annotation in (int, float, Decimal):
+        return True
+    return any(arg in (int, float, Decimal) for arg in get_args(annotation))
+
+
+def _plain_number_text(value: str) -> bool:
+    """Whether ``value`` is written in ASCII without ``_`` (what a number setting may hold)."""
+    return value.isascii() and "_" not in value
 
 
 def _http_url(value: str, example: str) -> str:

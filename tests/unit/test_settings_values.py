@@ -376,3 +376,26 @@ def test_allowed_input_dirs_written_as_json_must_be_a_list_of_folders(
 def test_allowed_input_dirs_take_a_json_list(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANBATCH_ALLOWED_INPUT_DIRS", '["/a", "/b:c"]')
     assert get_settings().allowed_input_dirs == [Path("/a"), Path("/b:c")]
+
+
+@pytest.mark.parametrize(
+    "variable", ["WANBATCH_DAILY_BUDGET_USD", "WANBATCH_SUBMIT_RATE", "WANBATCH_EMBEDDED_CONCURRENCY"]
+)
+@pytest.mark.parametrize("value", ["1_0", "٣", "1_000.5", "１０"])
+def test_a_number_setting_is_written_in_ascii_digits_without_underscores(
+    variable: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``WANBATCH_DAILY_BUDGET_USD=1_0`` was a $10 budget and ``٣`` one of $3 (Python's number
+    parsers take both), where a manifest's ``budget.max_usd`` and ``--max-usd`` refuse them."""
+    message = _refused(monkeypatch, variable, value)
+    assert "not a plain number" in message
+
+
+def test_plain_number_settings_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_DAILY_BUDGET_USD", " 12.50 ")
+    monkeypatch.setenv("WANBATCH_SUBMIT_RATE", "2.5")
+    monkeypatch.setenv("WANBATCH_EMBEDDED_CONCURRENCY", "4")
+    settings = get_settings()
+    assert str(settings.daily_budget_usd) == "12.50"
+    assert settings.submit_rate == 2.5
+    assert settings.embedded_concurrency == 4
