@@ -24,10 +24,49 @@ import sys
 #: Exit code after Ctrl-C: 128 + SIGINT, what shells report for an interrupted command.
 EXIT_INTERRUPTED = 130
 
+#: The ``--json`` object of a Ctrl-C during start-up: what :func:`_fail` prints for one just after.
+_INTERRUPTED_JSON = b'{"ok": false, "error": "interrupted"}\n'
+
+
+def _options(args: list[str]) -> list[str]:
+    """The command line's words before a ``--`` (after it, every word is an argument)."""
+    return args[: args.index("--")] if "--" in args else args
+
+
+def _json_requested(args: list[str]) -> bool:
+    """Whether the command line asks for ``--json``."""
+    return "--json" in _options(args)
+
 
 def _exit_interrupted(signum: int, frame: object) -> None:
-    os.write(2, b"interrupted\n")
+    """Ctrl-C during start-up: ``interrupted`` on stderr (and, under ``--json``, its object on
+    stdout, as every other way a command ends prints one), then exit 130 on the spot. Raw
+    ``os.write``s, best effort: no Python stream may be used from here (the signal can come in
+    the middle of a write through one), and nothing may keep the exit from coming."""
+    with contextlib.suppress(OSError):
+        os.write(2, b"interrupted\n")
+    if _json_requested(sys.argv[1:]):
+        with contextlib.suppress(OSError):
+            os.write(1, _INTERRUPTED_JSON)
     os._exit(EXIT_INTERRUPTED)
+
+
+def _reserve_standard_descriptors() -> None:
+    """Open /dev/null as descriptor 1 and 2 when the process was started without them
+    (``wanbatch status >&-``). Else the next file opened (the SQLite database, a log) would get
+    the number, and whatever writes to "standard output" at that level — a raw ``os.write(1,
+    …)`` on the way out, a child process — would write into it. ``sys.stdout`` stays None
+    (Python found no standard output): a write to it is the error :class:`cli.output.GuardedStdout`
+    says it is."""
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                null = os.open(os.devnull, os.O_WRONLY)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
 
 
 def _exit_on_interrupt() -> object:
@@ -53,6 +92,7 @@ def _interrupt_normally() -> None:
 # The console script (``wanbatch``): at once, before the imports. Another launcher (``python -c
 # "from cli import main; main()"``, a test importing the package) gets it from main().
 if os.path.basename(sys.argv[0] if sys.argv else "") == "wanbatch":  # noqa: PTH119 (no pathlib yet)
+    _reserve_standard_descriptors()
     _exit_on_interrupt()
 
 import logging  # noqa: E402 (after the SIGINT handler, on purpose)
@@ -61,7 +101,16 @@ from typing import NoReturn  # noqa: E402
 import click  # noqa: E402
 
 from cli import batch_commands, doctor_command, manifest_commands, service_commands, startup  # noqa: E402
-from cli.output import EXIT_OK, EXIT_USAGE, path_failure  # noqa: E402
+from cli.output import (  # noqa: E402
+    EXIT_BROKEN_PIPE,
+    EXIT_OK,
+    EXIT_USAGE,
+    ReaderGone,
+    StdoutError,
+    emit_json,
+    guarded_stdout,
+    path_failure,
+)
 from jobs.printable import printable  # noqa: E402
 
 
@@ -153,29 +202,23 @@ def _database_said(exc: BaseException) -> str | None:
     return str(db.schema_missing_error(url, said[0] if said else type(exc).__name__))
 
 
-def _options(args: list[str]) -> list[str]:
-    """The command line's words before a ``--`` (after it, every word is an argument)."""
-    return args[: args.index("--")] if "--" in args else args
-
-
-def _json_requested(args: list[str]) -> bool:
-    """Whether the command line asks for ``--json``."""
-    return "--json" in _options(args)
-
-
 def _fail(line: str, code: int, *, prefix: str = "") -> NoReturn:
     """End the process with ``line`` on stderr and exit ``code``; with ``--json`` also the
     contract's ``{"ok": false, "error": …}`` on stdout, so a script reading stdout learns of a
     usage mistake or a bug as it learns of any other error, instead of reading nothing. ``prefix``
     (``error: ``) is for the terminal only, as in :func:`cli.output.fail`."""
-    print(prefix + line, file=sys.stderr)
+    _to_stderr(prefix + line)
     if _json_requested(sys.argv[1:]):
-        import json
-
-        with contextlib.suppress(OSError, ValueError):
-            sys.stdout.write(json.dumps({"ok": False, "error": line}, ensure_ascii=False) + "\n")
-            sys.stdout.flush()
+        with contextlib.suppress(OSError, ValueError, ReaderGone):  # stdout unwritable: the line above
+            emit_json({"ok": False, "error": line})
     sys.exit(code)
+
+
+def _to_stderr(line: str) -> None:
+    """``line`` on stderr, if there is one (``2>&-``: nowhere, and never on stdout instead)."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            print(line, file=sys.stderr, flush=True)
 
 
 #: Options that make any command print and exit before it runs (click's eager options).
@@ -198,14 +241,19 @@ def main() -> None:
     a usage mistake is one ``error:`` line (exit 2), ``--help``/``--version`` behave as always,
     Ctrl-C is one ``interrupted`` line (exit 130) until a command's own handling takes over
     (``run``'s says how to resume), an OSError about a path that no check explained is one
-    ``error: PATH: REASON`` line (exit 2: the user's path, not a bug), and anything else
+    ``error: PATH: REASON`` line (exit 2: the user's path, not a bug), a standard output that
+    cannot be written (full, failing, closed: see :class:`cli.output.GuardedStdout`) is one
+    ``error: cannot write to standard output: REASON`` line (exit 2), a reader that closed it
+    (``| head``) ends the command quietly with 141 (128 + SIGPIPE), and anything else
     unexpected — a bug — is one ``internal error`` line (exit 70) instead of a traceback.
     Deliberate errors never get here: every command turns :class:`~jobs.errors.WanbatchError`
     into its message and exit code.
     """
-    replaced = _exit_on_interrupt()  # already done at import for the console script
+    _reserve_standard_descriptors()  # already done at import for the console script
+    replaced = _exit_on_interrupt()
     try:
-        _main()
+        with guarded_stdout():  # a write to stdout fails as StdoutError or ReaderGone, below
+            _main()
     finally:  # only reached in process (tests): the caller's handler back
         if replaced is not None:
             signal.signal(signal.SIGINT, replaced)  # type: ignore[arg-type]
@@ -236,9 +284,13 @@ def _main() -> None:
         code = cli.main(prog_name="wanbatch", standalone_mode=False)
     except KeyboardInterrupt:  # between the two handlers, outside click's own catching
         _fail("interrupted", EXIT_INTERRUPTED)
-    except BrokenPipeError:  # the reader went away (`wanbatch export B | head`): nothing to say
-        _stdout_to_devnull()
-        sys.exit(1)
+    except (ReaderGone, BrokenPipeError):  # the reader went away (`export B | head`): nothing to say,
+        _stdout_to_devnull()  # and the exit status of a tool SIGPIPE ended (1 says jobs failed)
+        sys.exit(EXIT_BROKEN_PIPE)
+    except StdoutError as exc:  # a full disk behind `>`, an I/O error, no stdout (`>&-`)
+        _stdout_to_devnull()  # what is left in its buffer goes nowhere, not in an error at exit
+        _to_stderr(f"error: {exc}")  # no --json object: stdout is what cannot take it
+        sys.exit(EXIT_USAGE)
     except click.UsageError as exc:  # unknown option, missing argument, bad value
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
         _fail(f"{exc.format_message().rstrip('.')}{hint}", exc.exit_code, prefix="error: ")

@@ -26,6 +26,8 @@ from cli.output import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     EXIT_USAGE,
+    ReaderGone,
+    StdoutError,
     cost_heading,
     cost_rounding_note,
     cost_table,
@@ -35,6 +37,7 @@ from cli.output import (
     fail,
     final_code,
     guarded,
+    hard_exit_json,
     out,
     print_batches,
     print_budget_note,
@@ -45,6 +48,7 @@ from cli.output import (
     say,
     short_id,
     usd,
+    writing_stdout,
 )
 from jobs.printable import one_line, shell_ref
 
@@ -249,7 +253,7 @@ def export(batch: str, fmt: str, output: Path | None, include: str | None, as_js
                     return EXIT_OK
                 rows = exporting.tallied(exporting.records(session, found, settings.output_dir), statuses)
                 if output is None:
-                    with _writing_stdout():
+                    with writing_stdout("the export "):
                         n = dataset_export.write_parquet(rows, sys.stdout.buffer)
                         sys.stdout.buffer.flush()
                 else:
@@ -257,7 +261,7 @@ def export(batch: str, fmt: str, output: Path | None, include: str | None, as_js
             else:
                 rows = exporting.tallied(exporting.records(session, found, settings.output_dir), statuses)
                 if output is None:
-                    with _writing_stdout():
+                    with writing_stdout("the export "):
                         n = _write_utf8_stdout(lambda out: exporting.write(rows, fmt, out))
                 else:
                     n = exporting.write_file(rows, fmt, output)
@@ -322,21 +326,6 @@ def _write_utf8_stdout(write: Callable[[TextIO], int]) -> int:
     finally:
         wrapper.detach()  # sys.stdout keeps its byte stream
     return count
-
-
-@contextlib.contextmanager
-def _writing_stdout() -> Iterator[None]:
-    """An export written to standard output: a full disk or a failing device behind ``>`` is
-    the same one line (exit 2) as with ``-o``, not an internal error. A reader that closed the
-    pipe (``| head``) is left to the interpreter, which ends quietly."""
-    from jobs.errors import UsageError
-
-    try:
-        yield
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise UsageError(f"cannot write the export to standard output: {exc.strerror or exc}") from None
 
 
 #: Rows of non-matching jobs ``diff`` prints before saying how many more there are.
@@ -689,8 +678,10 @@ def _processing(
         from jobs.errors import DatabaseFullError
         from worker.running import Interrupted, stop_on_signals
 
+        # A second signal ends the process on the spot: under --json with the object too.
+        last_words = (lambda: hard_exit_json("interrupted again: exiting now")) if as_json else None
         try:
-            with stop_on_signals():
+            with stop_on_signals(last_words=last_words):
                 return action()
         except Interrupted as exc:
             exc.batch_id = exc.batch_id or stored()
@@ -704,11 +695,17 @@ def _processing(
 def _exit_now(exc: WanbatchError, as_json: bool) -> NoReturn:
     """:func:`fail`, ending the process at once, as :func:`_exit_interrupted` does: a run the
     database's full disk stopped may leave a download on its way in a worker thread."""
-    with contextlib.suppress(SystemExit):
+    with contextlib.suppress(SystemExit, StdoutError, ReaderGone):  # no stdout: exit all the same
         fail(exc, as_json)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush_both()
     os._exit(exc.exit_code)
+
+
+def _flush_both() -> None:
+    """Flush stdout and stderr before an ``os._exit``, as far as they can be."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError, ReaderGone):  # closed, full…
+            stream.flush()
 
 
 def _exit_interrupted(exc: Interrupted, as_json: bool, hint: str) -> NoReturn:
@@ -719,10 +716,10 @@ def _exit_interrupted(exc: Interrupted, as_json: bool, hint: str) -> NoReturn:
     """
     line = f"{exc}; {hint}"
     if as_json:
-        emit_json({"ok": False, "error": line, "interrupted": True, "batch": exc.batch_id})
+        with contextlib.suppress(StdoutError, ReaderGone):  # stdout unwritable: the line below still
+            emit_json({"ok": False, "error": line, "interrupted": True, "batch": exc.batch_id})
     err.print(f"[yellow]{escape(line)}[/yellow]")
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush_both()
     os._exit(exc.exit_code)
 
 

@@ -15,14 +15,19 @@ boundary or wrapped, never left to run off the edge.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
+import math
 import os
 import sys
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 from rich import box
 from rich.cells import cell_len, set_cell_size
@@ -80,10 +85,180 @@ err = Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+#: Exit code when the reader of standard output went away (``wanbatch export B | head``):
+#: 128 + SIGPIPE, what a shell reports for a tool SIGPIPE ended; 1 would say jobs failed.
+EXIT_BROKEN_PIPE = 141
+
+
+class StdoutError(OSError):
+    """Standard output cannot be written: a full disk or a failing device behind ``>``, or no
+    standard output at all (``>&-``). The environment's, not a bug: :func:`cli.main` says so in
+    one ``error:`` line on stderr and exits 2 (under ``--json`` too: no object can be printed)."""
+
+    def __init__(self, reason: str, what: str = "") -> None:
+        super().__init__(f"cannot write {what}to standard output: {reason}")
+
+
+class ReaderGone(Exception):
+    """The reader of standard output closed it (``| head``): :func:`cli.main` exits
+    :data:`EXIT_BROKEN_PIPE`, saying nothing. Not a BrokenPipeError on purpose: click and rich
+    each end the process with exit 1 on one (``sys.exit(1)``), before :func:`cli.main` sees it."""
+
+
+@contextlib.contextmanager
+def writing_stdout(what: str = "") -> Iterator[None]:
+    """Writes to standard output: their failure is :class:`ReaderGone` (a closed pipe) or
+    :class:`StdoutError` (``cannot write {what}to standard output: REASON``), never an
+    internal error. Every write to stdout goes through here: :class:`GuardedStdout` (which
+    :func:`cli.main` makes ``sys.stdout``), and ``export``'s bytes."""
+    try:
+        yield
+    except (ReaderGone, StdoutError):
+        raise
+    except BrokenPipeError:
+        raise ReaderGone from None
+    except OSError as exc:
+        raise StdoutError(exc.strerror or str(exc) or type(exc).__name__, what) from None
+
+
+#: Why a write to a closed standard output fails.
+_CLOSED = "Bad file descriptor (it is closed)"
+
+
+class _ClosedBytes(io.RawIOBase):
+    """The byte stream of a standard output that is closed: every write fails (EBADF)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: object) -> int:
+        raise OSError(errno.EBADF, _CLOSED)
+
+
+class _ClosedText(io.TextIOBase):
+    """Standard output when the process has none (``wanbatch status >&-``: Python makes
+    ``sys.stdout`` None): every write fails (EBADF), as ``ls >&-`` does, instead of an
+    AttributeError of None."""
+
+    encoding = "utf-8"
+    errors = "strict"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, _CLOSED)
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("standard output is closed")
+
+    @property
+    def buffer(self) -> io.RawIOBase:
+        return _ClosedBytes()
+
+
+class GuardedStdout:
+    """``sys.stdout`` while a command runs (:func:`cli.main`): ``target``'s writes and flushes
+    through :func:`writing_stdout`, so rich, click and :func:`emit_json` all fail the same way;
+    anything else is ``target``'s. ``target`` None (no standard output) is :class:`_ClosedText`."""
+
+    def __init__(self, target: TextIO | None) -> None:
+        self.target: TextIO = target if target is not None else cast(TextIO, _ClosedText())
+
+    def write(self, text: str) -> int:
+        with writing_stdout():
+            return self.target.write(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        with writing_stdout():
+            self.target.writelines(lines)
+
+    def flush(self) -> None:
+        with writing_stdout():
+            self.target.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.target, name)
+
+
+#: Set once a ``--json`` object has started on its way to stdout: an exit on the spot (a second
+#: Ctrl-C, :func:`hard_exit_json`) then adds no second one.
+_json_written = threading.Event()
+
+
+@contextlib.contextmanager
+def guarded_stdout() -> Iterator[None]:
+    """One command's standard output: ``sys.stdout`` is a :class:`GuardedStdout` of it (put
+    back after), and no ``--json`` object has been printed yet."""
+    previous = sys.stdout
+    _json_written.clear()
+    sys.stdout = cast(TextIO, GuardedStdout(previous))
+    try:
+        yield
+    finally:
+        sys.stdout = previous
+
+
+def _non_finite(value: object) -> str | None:
+    """``inf``, ``-inf`` or ``nan`` for a number (float or Decimal) that is not finite; else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Decimal) and not value.is_finite():
+        return "nan" if value.is_nan() else ("inf" if value > 0 else "-inf")
+    return None
+
+
+def _strict(value: object) -> object:
+    """``value`` with every non-finite number in it (keys too) as its :func:`_non_finite`
+    text, which strict JSON can hold."""
+    if (text := _non_finite(value)) is not None:
+        return text
+    if isinstance(value, Mapping):
+        return {_strict(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _json_default(value: object) -> str:
+    """What JSON has no type for (a Decimal, a datetime): its text; a non-finite Decimal as a
+    non-finite float is (:func:`_non_finite`)."""
+    return _non_finite(value) or str(value)
+
+
+def json_document(obj: Mapping[str, object]) -> str:
+    """``obj`` as strict JSON (RFC 8259), on one line: a non-finite number (``1e999`` in a
+    manifest, ``NaN`` in a JSONL item, quoted back in an issue's ``value``) is the string
+    ``"inf"``, ``"-inf"`` or ``"nan"``, never ``Infinity``/``NaN``, which ``json.loads`` of
+    other languages refuses. Anything else JSON has no type for is its ``str``."""
+    try:
+        return json.dumps(obj, default=_json_default, ensure_ascii=False, allow_nan=False)
+    except ValueError:  # a non-finite float somewhere: the rare case, so only then walked
+        return json.dumps(_strict(obj), default=_json_default, ensure_ascii=False, allow_nan=False)
+
+
 def emit_json(obj: Mapping[str, object]) -> None:
-    """Print one JSON object on stdout (the contract's ``--json`` output)."""
-    sys.stdout.write(json.dumps(obj, default=str, ensure_ascii=False) + "\n")
+    """Print one JSON object on stdout (the contract's ``--json`` output): the one place a
+    ``--json`` object is written (:func:`json_document`)."""
+    text = json_document(obj) + "\n"
+    _json_written.set()
+    sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def hard_exit_json(error: str) -> bytes | None:
+    """The ``--json`` object of a command that is about to end on the spot (``os._exit``, a
+    second Ctrl-C), ``{"ok": false, "error": ERROR, "interrupted": true, "batch": null}``, as
+    bytes for ``os.write`` (a signal handler must not write through ``sys.stdout``, which the
+    signal may have interrupted mid-write); None when an object was already printed."""
+    if _json_written.is_set():
+        return None
+    _json_written.set()
+    document = {"ok": False, "error": error, "interrupted": True, "batch": None}
+    return (json_document(document) + "\n").encode()
 
 
 def escape(text: str) -> str:

@@ -149,10 +149,14 @@ _waiting = threading.Event()
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
+def stop_on_signals(*, last_words: Callable[[], bytes | None] | None = None) -> Iterator[None]:
     """Turn the first SIGINT/SIGTERM/SIGHUP into :class:`Interrupted`; a second SIGINT or SIGTERM
     exits at once (130). A second SIGHUP is ignored: closing a terminal sends one from the shell and
     one from the kernel, and the first is being acted on (:func:`_stop_signals`).
+
+    ``last_words()``, when given, is what that exit on the spot writes to standard output first
+    (the command's ``--json`` object; None: nothing), with one ``os.write``, best effort: the
+    signal may have come in the middle of a write through ``sys.stdout``.
 
     Raising from a signal handler interrupts whatever Python code runs at that moment — even a
     finalizer, which swallows the exception ("Exception ignored in …"). So the handler's main
@@ -180,6 +184,7 @@ def stop_on_signals() -> Iterator[None]:
         if len(received) > 1:
             with contextlib.suppress(OSError):
                 os.write(2, b"\ninterrupted again: exiting now\n")
+            _say_last_words(last_words)
             os._exit(EXIT_INTERRUPTED)
         _stop_requested.set()
         if not _waiting.is_set():
@@ -194,6 +199,17 @@ def stop_on_signals() -> Iterator[None]:
     _stop_requested.clear()
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+def _say_last_words(last_words: Callable[[], bytes | None] | None) -> None:
+    """Write ``last_words()`` to standard output (fd 1) before an exit on the spot; whatever
+    fails (the object, a closed or full stdout) is let go: the exit comes first."""
+    if last_words is None:
+        return
+    with contextlib.suppress(Exception):
+        words = last_words()
+        if words:
+            os.write(1, words)
 
 
 def _stop_signals() -> list[signal.Signals]:
