@@ -155,6 +155,7 @@ def _stopping_on_hangup(worker_class: Any) -> Any:
     from celery.signals import worker_process_init
 
     worker_process_init.connect(_children_ignore_hangup, weak=False)  # once: the same receiver
+    _children_ignore_hangup_from_the_start()
 
     hangup = getattr(signal, "SIGHUP", None)  # not on Windows
     ignored = hangup is not None and signal.getsignal(hangup) is signal.SIG_IGN
@@ -170,6 +171,27 @@ def _stopping_on_hangup(worker_class: Any) -> Any:
                 install_worker_term_handler(worker, sig="SIGHUP")
 
     return Worker
+
+
+def _children_ignore_hangup_from_the_start() -> None:
+    """Have Celery's prefork child initializer ignore SIGHUP where it resets it to the default.
+
+    ``celery.concurrency.prefork.process_initializer`` resets the signals of its module-level
+    ``WORKER_SIGRESET`` (SIGHUP among them) first thing, then loads the app and sets up logging,
+    and only then sends ``worker_process_init`` (:func:`_children_ignore_hangup`). A hangup in
+    between — a child still starting on a loaded machine — killed it (``exited with 'signal 1
+    (SIGHUP)'``). The initializer reads both sets when it runs, so moving SIGHUP from the one
+    to ``WORKER_SIGIGNORE`` closes that window; the receiver stays for any pool that starts its
+    children otherwise.
+    """
+    try:
+        from celery.concurrency import prefork
+    except ImportError:  # pragma: no cover - a Celery without the prefork pool
+        return
+    resets, ignores = getattr(prefork, "WORKER_SIGRESET", None), getattr(prefork, "WORKER_SIGIGNORE", None)
+    if isinstance(resets, set) and isinstance(ignores, set):
+        resets.discard("SIGHUP")
+        ignores.add("SIGHUP")
 
 
 def _children_ignore_hangup(**_: object) -> None:

@@ -157,3 +157,17 @@ def test_a_worker_stops_warmly_on_sighup_and_is_never_restarted(
     # A prefork child killed by the hangup is "lost" (WorkerLostError) while the parent stops.
     assert "WorkerLostError" not in said, said
     assert "SIGHUP" not in said, said
+
+
+def test_a_prefork_child_ignores_sighup_from_its_first_signal_reset() -> None:
+    """Celery's child initializer resets SIGHUP to the default first thing and only later sends
+    ``worker_process_init``, where the child ignored it: a hangup in between (a child still
+    starting on a loaded machine) killed it, ``exited with 'signal 1 (SIGHUP)'``. The worker
+    class moves SIGHUP from the initializer's resets to its ignores."""
+    from celery.concurrency import prefork
+
+    from worker.app import _stopping_on_hangup
+
+    _stopping_on_hangup(object)
+    assert "SIGHUP" not in prefork.WORKER_SIGRESET
+    assert "SIGHUP" in prefork.WORKER_SIGIGNORE
