@@ -36,6 +36,7 @@ from jobs import db, store
 from jobs.listing import PROCESSING_STALE_SECONDS
 from jobs.models import EVERY_BATCH, JobView, utcnow
 from worker import steps
+from worker.broker_outage import BrokerOutage, broker_problem
 from worker.db_outage import DatabaseOutage, database_problem
 from worker.fal.models import RequestHandle, Status
 from worker.limits import publish_limits, republish_through, resign_limits, unpublish_limits, watch_limits
@@ -137,6 +138,7 @@ class Conductor:
         republish_through(rt.limiter, self._republish_limits)
         #: What a database outage has done to the loop so far (:meth:`run` sets it up).
         self._outage = DatabaseOutage("the conductor", patience=None, url=rt.settings.database_url)
+        self._broker_outage = BrokerOutage(rt.settings.broker_url)
 
     # ------------------------------------------------------------------ events (any thread)
 
@@ -242,6 +244,10 @@ class Conductor:
         warning, growing pauses). Not resilient, an outage longer than ``WANBATCH_LEASE_SECONDS``
         ends the run with :class:`~worker.db_outage.DatabaseUnavailableError` (by then the
         leases this process holds have run out, and nothing can be done without the database).
+        Resilient, a broker that cannot be reached (:func:`worker.broker_outage.broker_problem`:
+        kombu's ``OperationalError`` and the clients' connection errors) is an outage too
+        (:class:`~worker.broker_outage.BrokerOutage`: one warning line, at most every 30 s, no
+        traceback), and the next round goes on after a pause.
 
         A database whose disk is full (:func:`jobs.db.is_disk_full`) stops every round — nothing
         more is claimed or sent — for as long as a submit step of this process waits to record
@@ -276,6 +282,11 @@ class Conductor:
                     continue
                 if not resilient:
                     raise
+                problem = broker_problem(exc)
+                if problem is not None:  # the broker is down: an outage, as the database's, no bug
+                    self._broker_outage.failed(problem)
+                    stopping.wait(min(1.0, self.rt.settings.tick_interval))
+                    continue
                 log.exception(
                     "conductor round failed; going on after a pause", extra={"event": "conductor.failed"}
                 )
@@ -343,6 +354,7 @@ class Conductor:
                     self._next_watch = now + HEARTBEAT_SECONDS
                     watch_limits(self.rt.limiter)
                 self._outage.answered()  # the tick (or the leader lock's check) reached the database
+                self._broker_outage.answered()
                 next_tick = now + (idle_interval(interval, quiet) if leading else interval)
             elif self._limits_due or (leading and self._next_beat and now >= self._next_beat):
                 # Between ticks too: an idle tick comes only every 8 × WANBATCH_TICK_INTERVAL, and

@@ -18,13 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
-from jobs import db
+from jobs import db, store
+from jobs.errors import NotFoundError
 from jobs.settings import Settings, get_settings
 from worker import logs, steps
 from worker.runtime import build_runtime
@@ -42,6 +44,13 @@ log = logging.getLogger(__name__)
 
 SUBMIT_TASK = "wanbatch.submit_job"
 DOWNLOAD_TASK = "wanbatch.download_job"
+
+#: A message for a job this worker's database does not hold (:func:`_not_in_this_database`) is
+#: handed back to the broker after this pause — so a worker of the wrong database, which may
+#: take the copy again, does not spin on it — at most this many times in all; the header counts.
+HAND_BACK_PAUSE_SECONDS = 2.0
+HAND_BACK_LIMIT = 10
+HAND_BACK_HEADER = "wanbatch_handed_back"
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
@@ -194,6 +203,10 @@ def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
     with logs.job_context(job_id):  # every line the step logs names its job
         try:
             outcome = step(rt, job_id)
+        except NotFoundError:
+            if _holds_job(rt, job_id):
+                raise  # something else was missing: a bug
+            return _not_in_this_database(task, rt, job_id)
         except Exception as exc:
             # A killed connection, a restart, a failover: no bug, so one line and no traceback
             # (Celery logs a task that raises with its traceback), and the job is given back as
@@ -203,6 +216,77 @@ def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
             return "database-unavailable"
         logs.step_done(log, step.__name__, job_id, outcome)
     return outcome
+
+
+def _holds_job(rt: Runtime, job_id: str) -> bool:
+    """Whether this worker's database holds ``job_id`` (True when it cannot tell: the step's
+    error is then reported as it was)."""
+    try:
+        with db.read_scope(rt.engine) as session:
+            store.get_job(session, job_id)
+    except NotFoundError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def _not_in_this_database(task: Task, rt: Runtime, job_id: str) -> str:
+    """A message names a job this worker's database does not hold: no bug, but a worker given
+    another ``WANBATCH_DATABASE_URL`` than the process that sent the message, on the same broker
+    (jobs are never deleted). One warning line, no traceback, and the message goes back to the
+    broker for a worker of the right database — acknowledged and dropped, its job would sit
+    leased until ``WANBATCH_LEASE_SECONDS`` ran out.
+
+    Handed back as a copy (carrying a count in a header), not by Celery's ``Reject(requeue=True)``:
+    with ``task_acks_late`` that would requeue the message too, but Celery logs every rejection
+    as a warning *with a traceback*, and a requeued message carries nothing to count with. The
+    copy is sent after :data:`HAND_BACK_PAUSE_SECONDS` (this worker may take it again; the pause
+    also keeps it from taking other messages meanwhile), at most :data:`HAND_BACK_LIMIT` times in
+    all; then it is dropped, and the job's own deployment takes it up when its lease runs out.
+    A copy is harmless: each step takes the job's lease fenced by its version.
+    """
+    handed_back = _handed_back(task)
+    url = db.safe_url(rt.settings.database_url)
+    where = f"this worker's WANBATCH_DATABASE_URL {url} does not hold job {job_id}"
+    why = "it probably serves another database than the process that sent the message"
+    extra = {"event": "task.job_not_in_database", "job_id": job_id}
+    if handed_back >= HAND_BACK_LIMIT:
+        log.warning(
+            "%s — %s; the message was handed back %d times already: dropped (the job is taken up "
+            "again when its lease runs out)",
+            where,
+            why,
+            handed_back,
+            extra=extra,
+        )
+        return "not-in-this-database"
+    time.sleep(HAND_BACK_PAUSE_SECONDS)
+    try:
+        task.apply_async((job_id,), headers={HAND_BACK_HEADER: handed_back + 1})
+    except Exception as exc:  # the broker is down: the lease brings the job back
+        log.warning(
+            "%s — %s; could not hand the message back to the broker (%s): the job is taken up "
+            "again when its lease runs out",
+            where,
+            why,
+            exc,
+            extra=extra,
+        )
+        return "not-in-this-database"
+    log.warning(
+        "%s — %s; the message goes back to the broker for a worker of that database", where, why, extra=extra
+    )
+    return "not-in-this-database"
+
+
+def _handed_back(task: Task) -> int:
+    """How many times the message being run was handed back already (its header; 0 without)."""
+    value = getattr(task.request, HAND_BACK_HEADER, None)
+    try:
+        return max(0, int(value)) if value is not None else 0
+    except (TypeError, ValueError):
+        return HAND_BACK_LIMIT  # not ours to trust: no more hand-backs
 
 
 def submit_job(task: Task, job_id: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 
 import pytest
@@ -20,11 +21,13 @@ from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
 from jobs import db, store
 from jobs.models import BatchState, Job, JobEvent, utcnow
+from jobs.schedule import Schedule
 from jobs.states import JobState
 from tests.step_runtime import add_batch, job_states, make_runtime, settings_for, wait_until
 from worker.fal.models import Status
-from worker.steps import cancel_jobs_of_cancelled_batches, dispatch, poll, submit
+from worker.steps import Runtime, cancel_jobs_of_cancelled_batches, dispatch, poll, submit
 from worker.steps.poll import record_completion
+from worker.steps.schedule import enforce_schedules
 
 S = JobState
 KEY = "cancel-order-key-7d41a9"
@@ -76,6 +79,69 @@ def test_cancel_never_bills_a_request_that_was_queued(engine: Engine, slow_sim: 
         assert not entry["billed"], f"{request_id} was queued when the cancel began, yet billed"
     # Only the two that were already running may have cost anything.
     assert sum(e["billed"] for e in entries.values()) <= 2
+
+
+def _all_sent_none_polled(engine: Engine, sim: SimulatorHandle, name: str) -> tuple[str, Runtime, set[str]]:
+    """8 jobs sent to an account running 2 at once and never polled: all 8 ``queued`` in the
+    database, while fal runs the 2 oldest. Gives the request ids still in fal's queue."""
+    rt = make_runtime(engine, settings_for(sim.url, KEY, max_outstanding=8))
+    batch_id = add_batch(engine, name, [("fal-ai/wan-22", {"prompt": f"lag {i}"}) for i in range(8)])
+    claimed = dispatch(rt)
+    assert len(claimed) == 8
+    for job_id in claimed:
+        assert submit(rt, job_id) == "submitted"
+    assert job_states(engine, batch_id) == {"queued": 8}
+    waiting = {e["request_id"] for e in sim.ledger()["entries"] if e["started_at"] is None}
+    assert len(waiting) == 6
+    return batch_id, rt, waiting
+
+
+def _none_billed_of(sim: SimulatorHandle, waiting: set[str]) -> None:
+    entries = {e["request_id"]: e for e in sim.ledger()["entries"]}
+    for request_id in waiting:
+        entry = entries[request_id]
+        assert entry["outcome"] == "cancelled"
+        assert not entry["billed"], f"{request_id} was queued when the cancel began, yet billed"
+        assert entry["started_at"] is None, f"{request_id} was queued when the cancel began, then started"
+
+
+def test_a_cancel_from_a_lagging_database_bills_none_of_the_queued(
+    engine: Engine, slow_sim: SimulatorHandle
+) -> None:
+    """Our ``queued`` lags fal: the 2 oldest run there already. Cancelling oldest first would
+    free their slots to our next queued requests just before their own cancels arrive; newest
+    first (the tail of fal's FIFO queue), no request that waited is started, nor billed."""
+    batch_id, rt, waiting = _all_sent_none_polled(engine, slow_sim, "cancel-lag")
+    try:
+        with db.session_scope(engine) as session:
+            store.set_batch_state(session, batch_id, BatchState.CANCELLED, reason="cancelled by user")
+
+        def one_round() -> None:
+            cancel_jobs_of_cancelled_batches(rt)
+            poll(rt)
+
+        wait_until(lambda: job_states(engine, batch_id) == {"cancelled": 8}, step=one_round)
+    finally:
+        rt.client.close()
+    _none_billed_of(slow_sim, waiting)
+
+
+def test_a_deadline_from_a_lagging_database_bills_none_of_the_queued(
+    engine: Engine, slow_sim: SimulatorHandle
+) -> None:
+    """The same at a batch's deadline: its queued requests are cancelled from the tail of fal's queue."""
+    batch_id, rt, waiting = _all_sent_none_polled(engine, slow_sim, "deadline-lag")
+    try:
+        now = datetime.now(UTC)
+        with db.session_scope(engine) as session:
+            store.set_batch_schedule(
+                session, batch_id, schedule=Schedule(deadline=now + timedelta(seconds=1)), priority="normal"
+            )
+        assert enforce_schedules(rt, now + timedelta(seconds=2)) == 8
+        wait_until(lambda: job_states(engine, batch_id).get("cancelling", 0) == 0, step=lambda: poll(rt))
+    finally:
+        rt.client.close()
+    _none_billed_of(slow_sim, waiting)
 
 
 def test_unsent_jobs_are_cancelled_set_based_with_their_events(engine: Engine) -> None:

@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from jobs.models import BatchRecord, JobRecord, JobView, utcnow
+from jobs.models import BatchRecord, Job, JobRecord, JobView, utcnow
 from jobs.schedule import Schedule
 from jobs.settings import MAX_SECONDS, Settings
 from jobs.states import JobState
@@ -343,3 +343,19 @@ def handle_of(job: JobView, queue_url: str) -> RequestHandle:
         response_url=job.response_url,
         cancel_url=job.cancel_url,
     )
+
+
+def tail_of_fal_queue_first(jobs: Iterable[Job]) -> list[Job]:
+    """``jobs`` (requests we hold at fal, to be cancelled) in the order to cancel them: newest
+    submit first, the tail of fal's queue.
+
+    fal's queue is FIFO per account: when a running request ends (or is cancelled) a slot frees,
+    and fal starts the request at the *head* of the queue at once. What we call ``queued`` lags
+    fal: the oldest of them have often started already. Cancelling oldest first would cancel
+    such a request, free its slot, and let fal start our next queued one — which our next
+    cancel, a few milliseconds later, then ends *while running*: billed. Cancelling from the
+    tail, each cancel removes a request nothing is waiting behind (of ours); by the time a
+    cancel reaches one that in fact runs, every request of ours queued after it is cancelled
+    already, so the slot it frees goes to no request of ours.
+    """
+    return sorted(jobs, key=lambda j: (j.submitted_at or j.created_at, j.item_index, j.variant), reverse=True)

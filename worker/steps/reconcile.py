@@ -16,7 +16,7 @@ from jobs.errors import (
 from jobs.models import utcnow
 from jobs.store import Fence
 from worker.fal.models import RequestHandle
-from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of
+from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, tail_of_fal_queue_first
 from worker.steps.failures import settle_unknown_submit, submit_outcome_unknown, unknown_submit_wait_over
 from worker.steps.late_answers import awaits_answer, settle_late_answer
 from worker.steps.poll import first_poll_at
@@ -180,12 +180,19 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
     (:func:`jobs.store.cancel_unsent_jobs`), so a 100,000-job batch is cancelled in seconds.
 
     Then the requests at fal, in the order that bills nothing needlessly: every ``queued`` one
-    first, oldest first (the head of fal's queue starts next) — a cancel is free while a
-    request is IN_QUEUE — and the ``running`` ones only once no request of these batches can
-    still be waiting in fal's queue. Cancelling a running request frees one of the account's
-    slots and fal starts the next queued request at once; if that were ours, it would then be
-    cancelled while running, and billed. So while a queued cancel failed (it is tried again
-    next tick) or a submit of these batches is still in flight, running requests wait.
+    first — a cancel is free while a request is IN_QUEUE — and the ``running`` ones only once
+    no request of these batches can still be waiting in fal's queue. Cancelling a running
+    request frees one of the account's slots and fal starts the request at the head of its FIFO
+    queue at once; if that were ours, it would then be cancelled while running, and billed. So
+    while a queued cancel failed (it is tried again next tick) or a submit of these batches is
+    still in flight, running requests wait.
+
+    The ``queued`` ones go newest first, from the tail of fal's queue
+    (:func:`~worker.steps.context.tail_of_fal_queue_first`): our ``queued`` lags fal, and the
+    oldest of them may be running already. Oldest first, cancelling such a one would free a
+    slot into which fal starts our next queued request just before its own cancel arrives —
+    billed as cancelled while running. Newest first, every request of ours behind it in fal's
+    queue is cancelled before it.
 
     Cancelled requests become ``cancelling``; the poller then ends them ``cancelled`` — or, if
     fal finished them anyway (we pay for those), downloads them. Runs every tick, so a job that
@@ -210,10 +217,7 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
             worker=rt.owner,
         )
         at_fal = [j for b in cancelled for j in store.jobs_of_batch(session, b, states=[S.QUEUED, S.RUNNING])]
-        queued = sorted(
-            (j for j in at_fal if j.state == S.QUEUED),
-            key=lambda j: (j.submitted_at or j.created_at, j.item_index),
-        )
+        queued = tail_of_fal_queue_first(j for j in at_fal if j.state == S.QUEUED)
         running = [j for j in at_fal if j.state == S.RUNNING]
         in_flight = sum(store.count_in_states(session, [S.SUBMITTING], batch_id=b) for b in cancelled)
         plan: list[tuple[Fence, RequestHandle]] = [

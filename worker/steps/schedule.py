@@ -44,7 +44,7 @@ from jobs.models import BatchState, Job, utcnow
 from jobs.schedule import Schedule
 from jobs.store import Fence
 from worker.fal.models import RequestHandle, Status
-from worker.steps.context import Runtime, S, handle_of
+from worker.steps.context import Runtime, S, handle_of, tail_of_fal_queue_first
 from worker.steps.failures import billed
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,18 @@ def closed_by(schedule: Schedule, now: datetime) -> str | None:
 
 
 def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
-    """Apply every scheduled batch's deadline and window end; returns how many jobs it moved."""
+    """Apply every scheduled batch's deadline and window end; returns how many jobs it moved.
+
+    The ``queued`` requests of the batches it closes are cancelled newest first, from the tail
+    of fal's FIFO queue (:func:`~worker.steps.context.tail_of_fal_queue_first`): our ``queued``
+    lags fal, and cancelling one that in fact runs frees a slot into which fal starts the
+    request at the head of its queue — if that were ours, still to be cancelled, it would be
+    cancelled while running, and billed.
+    """
     now = now or utcnow()
     moved = 0
     plan: list[tuple[Fence, RequestHandle, str]] = []
+    closing: list[tuple[Job, str]] = []
     with db.session_scope(rt.engine) as session:
         for batch in store.scheduled_batches(session):
             if batch.state != BatchState.ACTIVE or not rt.in_scope(batch.id):
@@ -103,8 +111,10 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
                     # A job sent before: what ended its request, then this.
                     sent_error=f"not sent again before {deadline}",
                 )
-            for job in store.jobs_of_batch(session, batch.id, states=[S.QUEUED]):
-                plan.append((rt.fence(job), handle_of(job, rt.settings.fal_queue_url), why))
+            closing.extend((job, why) for job in store.jobs_of_batch(session, batch.id, states=[S.QUEUED]))
+        whys = {job.id: why for job, why in closing}
+        for job in tail_of_fal_queue_first(job for job, _why in closing):
+            plan.append((rt.fence(job), handle_of(job, rt.settings.fal_queue_url), whys[job.id]))
     for fence, handle, why in plan:
         try:
             outcome = rt.client.cancel(handle)

@@ -1,0 +1,98 @@
+"""A broker the workers' leader cannot reach is an outage, like the database's: one warning line.
+
+The bug (distributed-operator audit): while Redis was down the leader logged ``ERROR
+worker.conductor: conductor round failed; going on after a pause`` with the chained
+kombu/redis traceback about once a second (31 in 18 s). kombu's ``OperationalError`` was not
+recognised as an outage. Here a real Celery app publishes to a Redis port nothing listens on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from tests.ports import unused_port
+from tests.step_runtime import add_batch, make_runtime, settings_for
+from worker.app import make_app
+from worker.broker_outage import BrokerOutage, broker_problem
+from worker.conductor import Conductor
+from worker.limits import LocalGCRA
+from worker.tasks import SUBMIT_TASK, register_tasks
+
+KEY = "broker-outage-key-3f8a"
+SECRET = "broker-pass-91c4"
+
+
+def test_a_round_whose_hand_off_finds_the_broker_down_logs_one_warning_and_no_traceback(
+    engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = f"redis://:{SECRET}@127.0.0.1:{unused_port()}/0"  # nothing listens: connection refused
+    app = make_app(broker)
+    register_tasks(app)
+    stopping = threading.Event()
+    failed: list[BaseException] = []
+
+    def hand_off(job_id: str) -> None:
+        try:
+            app.tasks[SUBMIT_TASK].apply_async((job_id,))
+        except Exception as exc:
+            failed.append(exc)
+            if len(failed) == 1:  # a job for a later round to hand off: the loop must go on to it
+                add_batch(engine, "broker-down-later", [("fal-ai/wan-22", {"prompt": "later"})])
+            else:
+                stopping.set()
+            raise
+
+    settings = settings_for("http://127.0.0.1:9", KEY, output_dir=tmp_path / "out", broker_url=broker)
+    rt = make_runtime(engine, settings, enqueue_submit=hand_off)
+    # The limiter elsewhere (as with WANBATCH_LIMITS_URL): on the broker's Redis it would fail
+    # closed and nothing would be claimed; here the round's hand-off is what meets the outage.
+    rt.limiter = LocalGCRA(settings)
+    add_batch(engine, "broker-down", [("fal-ai/wan-22", {"prompt": "first"})])
+    caplog.set_level(logging.DEBUG)
+    guard = threading.Timer(60, stopping.set)  # never hang: the asserts below then fail
+    guard.start()
+    try:
+        Conductor(rt, stream=False).run(stopping, leads=lambda: True, resilient=True)
+    finally:
+        guard.cancel()
+        rt.client.close()
+
+    assert len(failed) == 2  # the round after the first failure went on, and met it again
+    assert broker_problem(failed[0]) is not None, repr(failed[0])
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    said = [r for r in caplog.records if getattr(r, "event", None) == "conductor.broker_unavailable"]
+    assert len(said) == 1  # once, then at most every 30 s: not once per round
+    text = said[0].getMessage()
+    assert said[0].levelno == logging.WARNING
+    assert "cannot be reached" in text
+    assert SECRET not in text
+    assert "127.0.0.1" in text
+
+
+def test_the_broker_warning_repeats_at_most_every_interval() -> None:
+    now = [0.0]
+    outage = BrokerOutage("redis://127.0.0.1:6379/0", every=30.0, clock=lambda: now[0])
+    said: list[float] = []
+    logger = logging.getLogger("worker.broker_outage")
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno == logging.WARNING:
+                said.append(now[0])
+
+    handler = Count()
+    logger.addHandler(handler)
+    try:
+        for second in range(0, 95, 1):
+            now[0] = float(second)
+            outage.failed("OperationalError: Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+            if second == 50:
+                outage.answered()  # a round went through: the next failure is a new outage
+    finally:
+        logger.removeHandler(handler)
+    assert said == [0.0, 30.0, 60.0, 90.0]
