@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -32,6 +33,7 @@ from worker.fal.errors import (
     format_detail,
     load_json,
     map_transport_errors,
+    unreached,
 )
 from worker.fal.http import RetryPolicy
 from worker.fal.models import CancelOutcome, RequestHandle
@@ -293,6 +295,37 @@ def test_submit_that_could_not_connect_is_unreached_not_a_submission(exc: Except
     assert not isinstance(info.value, ProviderError)
     assert isinstance(info.value.__cause__, httpx.TransportError)
     assert rec.count("POST") == 1
+
+
+def _connect_error_from(cause: ssl.SSLError) -> httpx.ConnectError:
+    """A connect error as httpx raises it for a TLS failure: the ``ssl`` error among its causes."""
+    try:
+        try:
+            raise cause
+        except ssl.SSLError as inner:
+            raise httpx.ConnectError(str(inner)) from inner
+    except httpx.ConnectError as exc:
+        return exc
+
+
+def test_submit_whose_tls_refused_fals_certificate_is_a_counted_retry_not_unreached() -> None:
+    """httpx raises ConnectError for a certificate that does not verify, too (a proxy re-signing
+    TLS, a wrong SSL_CERT_FILE): held "until fal answers", uncounted, a batch without a deadline
+    waited forever for a setting to change. It is a counted retry, as before the hold."""
+    verify = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    rec = Recorder(_connect_error_from(verify))
+    with make_client(rec) as client, pytest.raises(RetryableProviderError) as info:
+        client.submit(EP, {})
+    assert not isinstance(info.value, FalUnreachableError)
+    assert "TLS failed" in str(info.value)
+    assert not unreached(info.value)
+
+
+def test_submit_whose_tls_handshake_was_cut_short_is_unreached() -> None:
+    """The peer closing the connection mid-handshake is the network's, as a refused connection."""
+    rec = Recorder(_connect_error_from(ssl.SSLEOFError(8, "EOF occurred in violation of protocol")))
+    with make_client(rec) as client, pytest.raises(FalUnreachableError):
+        client.submit(EP, {})
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import ssl
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -155,15 +156,45 @@ class FalUnreachableError(SubmitNotSentError):
 
 #: httpx's failures that happen before any byte of a request is written: fal was not reached.
 UNREACHED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+#: TLS failures that are the network's, not the certificate's: the peer closed the connection
+#: mid-handshake (a load balancer restarting), as a refused connection would.
+_TRANSIENT_TLS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+
+def _tls_refused(exc: BaseException) -> bool:
+    """Whether a connect failure is TLS refusing fal's certificate or handshake (httpx raises
+    :class:`httpx.ConnectError` for those too, the :class:`ssl.SSLError` in its causes): a
+    certificate that does not verify (a proxy re-signing TLS, a wrong ``SSL_CERT_FILE``) or a
+    protocol mismatch is a setting, and waiting does not clear it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return not isinstance(current, _TRANSIENT_TLS)
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def could_not_connect(exc: BaseException) -> bool:
+    """Whether a transport error says fal was not reached at all, for a reason that may pass:
+    a refused or timed-out connection, no pooled connection — not a TLS refusal, which stays
+    a counted retry (:func:`_tls_refused`): held "until fal answers", a batch without a deadline
+    would wait forever for a certificate to change."""
+    return isinstance(exc, UNREACHED) and not _tls_refused(exc)
 
 
 def unreached(exc: BaseException) -> bool:
     """Whether ``exc`` says fal could not be reached at all (nothing sent): a submit's
     :class:`FalUnreachableError`, or an upload's retryable network error caused by a connect
-    failure (:data:`UNREACHED`)."""
+    failure (:func:`could_not_connect`)."""
     if isinstance(exc, FalUnreachableError):
         return True
-    return isinstance(exc, RetryableProviderError) and isinstance(exc.__cause__, UNREACHED)
+    return (
+        isinstance(exc, RetryableProviderError)
+        and exc.__cause__ is not None
+        and could_not_connect(exc.__cause__)
+    )
 
 
 class ProviderProtocolError(ProviderError):
@@ -660,8 +691,10 @@ def _submit_transport_failure(exc: httpx.TransportError) -> WanbatchError:
     resent blindly.
     """
     name = type(exc).__name__
-    if isinstance(exc, UNREACHED):
+    if could_not_connect(exc):
         return FalUnreachableError(f"fal submit: not sent, could not connect ({name}): {_short(str(exc))}")
+    if isinstance(exc, UNREACHED):  # TLS refused fal's certificate or handshake: a counted retry
+        return RetryableProviderError(f"fal submit: not sent, TLS failed ({name}): {_short(str(exc))}")
     if isinstance(exc, httpx.ProxyError):
         return RetryableProviderError(f"fal submit: not sent, could not connect ({name}): {_short(str(exc))}")
     if isinstance(exc, httpx.UnsupportedProtocol):
