@@ -807,6 +807,24 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
         return target.id
 
 
+def _refuse_simulation_early(ref: Path, settings: Settings) -> None:
+    """``run NAME`` of a simulation without ``--simulate``: its refusal (and the command that goes
+    on) before ``FAL_KEY`` is asked for — without a key, "FAL_KEY is not set" sent a newcomer off
+    to get one for a batch that never goes to fal. Read only: :func:`_stored_batch` refuses
+    again, and acts, once the settings to process with are known."""
+    if _batch_ref(ref) is None:
+        return
+    from jobs import batches, db, store
+    from jobs.errors import NotFoundError
+
+    with db.read_scope(db.open_engine(settings)) as session:
+        try:
+            batch = store.get_batch(session, str(ref))
+        except NotFoundError:
+            return  # a folder of that name, read as a manifest: its own words come later
+        batches.refuse_other_way(batch, simulated=False)
+
+
 def _say_collecting(batch_id: str, settings: Settings) -> None:
     """Say, before the progress, that ``run`` of a batch its user paused only collects what was
     paid for (:func:`jobs.batches.refuse_paused` let it through for that): without the line the
@@ -869,6 +887,8 @@ def run(
 
         settings = get_settings()
         _refuse_unknown_ref(manifest, settings)
+        if not simulate:
+            _refuse_simulation_early(manifest, settings)
         batches.check_output_dir(settings)  # before anything is stored or sent
         with fal_settings(settings, simulate) as target:
             stored = _stored_batch(manifest, target)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,6 +46,17 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _name in ("COLUMNS", "LINES"):
         os.environ.pop(_name, None)
+
+#: The suite interrupts and stops `wanbatch` (in process and as child processes) with SIGINT and
+#: SIGTERM, and a run leaves a signal its parent ignored ignored (a background job of a script:
+#: `pytest … &` in a non-interactive shell starts with SIGINT ignored, and so would every
+#: process it starts). Those tests mean an ordinary terminal: give this process, and through it
+#: every process it starts (a handler, unlike an ignore, is reset to the default by ``exec``),
+#: the default dispositions. The tests of an inherited ignore set it up themselves.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 #: Every table of the models, emptied after each PostgreSQL test: a table left out (as
 #: ``conductor_heartbeats`` once was) carries one test's rows into the next.

@@ -108,6 +108,25 @@ def test_processing_a_batch_the_other_way_is_refused(
     assert "Traceback" not in wrong.stderr + refused.stderr
 
 
+def test_run_of_a_simulation_without_a_key_says_simulate_not_get_a_key(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newcomer after the quickstart has no FAL_KEY: ``run NAME`` of the simulation said
+    "FAL_KEY is not set: export FAL_KEY=…", sending them off to get a key for a batch that never
+    goes to fal (and then the simulation's refusal). The refusal that says how to go on comes
+    first."""
+    other = manifest("other", CLIP.replace("name: clip", "name: other"))
+    assert wb("run", other, "--simulate", "--no-progress").code == 0
+    monkeypatch.delenv("FAL_KEY")
+    refused = wb("run", "other", "--no-progress")
+    assert refused.code == 2
+    assert refused.stderr.strip().splitlines() == [
+        "error: batch other is a simulation (made by `--simulate`): nothing of it goes to fal; "
+        "`wanbatch run other --simulate` goes on (run its manifest without `--simulate` to send it "
+        "to fal)"
+    ]
+
+
 def test_the_refusal_names_a_batch_the_shell_would_split_by_its_id(
     wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
 ) -> None:
