@@ -588,6 +588,8 @@ def progress_text(report: BatchReport, *, distributed: bool = False) -> str:
             parts.append(f"{eta} at this pace, but {note}" if note else eta)
         elif label in ("paused", "waiting", "deadline", "cancelled"):
             parts.append(f"no ETA: {label}")
+        elif report["broker_unreachable_since"]:  # said in full above (its phase_reason)
+            parts.append("no ETA: the workers cannot reach the broker")
         elif report["processing"] and report["in_flight"] == 0:
             parts.append("no ETA: nothing in flight")
         if not report["processing"] and label != "cancelled":
@@ -792,7 +794,8 @@ def print_report(report: BatchReport, *, distributed: bool = False) -> None:
     out.print(batch_heading(report))
     if report["state"] == "paused":  # fal refused the account, or the outputs could not be written
         say(escape(_paused_text(report)), "yellow")
-    if report["phase"] == "active" and report["phase_reason"]:  # a cap holds its unsent jobs back
+    # a cap holds its unsent jobs back, or the workers cannot reach the broker
+    if report["phase"] == "active" and report["phase_reason"]:
         say(escape(report["phase_reason"]), "yellow")
     out.print(status_table(report))
     say(escape(progress_text(report, distributed=distributed)))

@@ -12,7 +12,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -63,6 +63,7 @@ from jobs.rendered import (
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
 from jobs.states import AT_PROVIDER_STATES, UNFINISHED_STATES, JobState
+from jobs.url_secrets import masked_url
 from jobs.vary import Sweep, Vary, checked_values
 
 
@@ -675,6 +676,9 @@ class BatchReport(TypedDict):
     processing: bool
     #: When one last said so (ISO 8601, UTC); None when none ever did or it stopped cleanly.
     processed_at: str | None
+    #: Since when the workers' leader cannot reach the broker (ISO 8601, UTC): submits and
+    #: downloads wait for it, and there is no ETA; None when it can (or no worker is alive).
+    broker_unreachable_since: str | None
     counts: dict[str, int]
     estimated_usd: float | None
     spent_usd: float | None
@@ -1060,14 +1064,33 @@ def _hold_text(hold: CapHold, batch_id: str) -> str:
     )
 
 
+def broker_down_text(since: datetime, broker_url: str | None) -> str:
+    """What ``status`` says of a batch while the workers' leader cannot reach the broker."""
+    where = f"WANBATCH_BROKER_URL {masked_url(broker_url)}" if broker_url else "WANBATCH_BROKER_URL"
+    return (
+        f"the workers cannot reach the broker ({where}) since {since.astimezone(UTC):%H:%M:%S} UTC: "
+        "submits and downloads wait for it"
+    )
+
+
 def batch_report(
-    session: Session, batch_id: str, *, now: datetime | None = None, caps: CapCheck | None = None
+    session: Session,
+    batch_id: str,
+    *,
+    now: datetime | None = None,
+    caps: CapCheck | None = None,
+    broker_url: str | None = None,
 ) -> BatchReport:
     """The contract's ``status BATCH --json`` object for one batch (``now``: for the schedule).
 
     ``caps``: how a process sending the batch from here counts the caps; an active batch with
     jobs waiting to be sent that one holds back gets it as its ``phase_reason``
-    (:func:`cap_holds`), instead of a ``pending`` that waits in silence."""
+    (:func:`cap_holds`), instead of a ``pending`` that waits in silence.
+
+    While the workers' leader cannot reach the broker (:func:`jobs.listing.broker_down_since`),
+    an unfinished batch the workers process gets no ETA, and an active one that as its
+    ``phase_reason`` (:func:`broker_down_text`, naming ``broker_url`` masked): whatever a cap
+    seems to hold back, nothing moves until the broker answers."""
     batch = store.get_batch(session, batch_id)
     now = now or utcnow()
     # One pass over the batch's jobs for every figure (the dashboard's query): a 100k-job
@@ -1088,13 +1111,18 @@ def batch_report(
         paused_by_user=batch.paused_by_user,
         schedule_state=shown_schedule,
     )
-    if caps is not None and phase == "active" and counts.get(JobState.PENDING.value, 0):
+    # The workers cannot hand anything on: no batch they process moves (a simulation is a run's).
+    broker_down = None if done or batch.simulated else listing.broker_down_since(session, now=now)
+    if broker_down is not None and phase == "active":
+        phase_reason = broker_down_text(broker_down, broker_url)
+    elif caps is not None and phase == "active" and counts.get(JobState.PENDING.value, 0):
         phase_reason = cap_note(cap_holds(session, batch.id, caps.scope(batch), caps), batch.id) or None
     beat = listing.heartbeat(session, batch.id, now=now)
     processing = listing.is_processing(beat, now=now)
     # The dashboard's forecast, to the second: the pace of the last minutes, and none for a batch
     # held back, with nothing in flight or that no process works on (it would only mislead).
-    eta = listing.pace(totals, held=listing.standing(batch, totals, beat, now=now), now=now).eta_seconds
+    held = listing.standing(batch, totals, beat, now=now) or ("broker unreachable" if broker_down else "")
+    eta = listing.pace(totals, held=held, now=now).eta_seconds
     eta_note = listing.eta_beyond_schedule(store.batch_schedule(batch), eta, now)
     covered = rerun_covered(session, batch)
     return {
@@ -1117,6 +1145,7 @@ def batch_report(
         "eta_note": eta_note,
         "processing": processing,
         "processed_at": beat.isoformat() if beat is not None else None,
+        "broker_unreachable_since": broker_down.isoformat() if broker_down is not None else None,
         "counts": counts,
         "estimated_usd": _money(totals.estimated_usd),
         "spent_usd": _money(totals.spent_usd),
@@ -1341,14 +1370,21 @@ def collecting_line(name: str, ref: str, collecting: int) -> str:
     )
 
 
-def status(ref: str | None, settings: DatabaseSettings, caps: CapCheck | None = None) -> list[BatchReport]:
+def status(
+    ref: str | None,
+    settings: DatabaseSettings,
+    caps: CapCheck | None = None,
+    *,
+    broker_url: str | None = None,
+) -> list[BatchReport]:
     """Reports for one batch (``ref`` = id, id prefix or name) or, with no ref, for every batch;
-    ``caps``: say which cap holds an active batch's submits back (:func:`batch_report`)."""
+    ``caps``: say which cap holds an active batch's submits back; ``broker_url``: the broker a
+    broker outage names (:func:`batch_report`)."""
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
-        if ref is not None:
-            return [batch_report(session, store.get_batch(session, ref).id, caps=caps)]
-        return [batch_report(session, b.id, caps=caps) for b in store.list_batches(session)]
+        batches = [store.get_batch(session, ref)] if ref is not None else store.list_batches(session)
+        ids = [b.id for b in batches]
+        return [batch_report(session, batch_id, caps=caps, broker_url=broker_url) for batch_id in ids]
 
 
 @dataclass(frozen=True, slots=True)

@@ -268,6 +268,13 @@ def heartbeat(session: Session, batch_id: str, *, now: datetime) -> datetime | N
     return heartbeats(session, [batch_id], now=now).get(batch_id)
 
 
+def broker_down_since(session: Session, *, now: datetime) -> datetime | None:
+    """Since when the distributed workers' leader, alive (a beat within
+    :data:`PROCESSING_STALE_SECONDS`), cannot reach the broker; None: it can, or none is alive."""
+    live_since = now - timedelta(seconds=PROCESSING_STALE_SECONDS)
+    return store.workers_broker_down_since(session, live_since=live_since)
+
+
 def is_processing(last_beat: datetime | None, *, now: datetime) -> bool:
     """Whether a process said recently enough (``last_beat``) that it works on a batch."""
     return last_beat is not None and (now - last_beat).total_seconds() <= PROCESSING_STALE_SECONDS

@@ -550,6 +550,9 @@ class ConductorHeartbeat(Base):
     #: The batch it works on, or :data:`EVERY_BATCH`.
     scope: Mapped[str] = mapped_column(String(32), primary_key=True)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: The workers' leader could not reach the broker (Redis, RabbitMQ) since then: its
+    #: hand-offs fail, so submits and downloads wait (``status`` says so); None: it answers.
+    broker_down_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class SubmitRate(Base):

@@ -179,6 +179,7 @@ __all__ = [
     "lease_holders",
     "list_batches",
     "lock_dispatch",
+    "mark_broker_down",
     "mark_cancelled",
     "mark_cancelling",
     "mark_completed",
@@ -225,6 +226,7 @@ __all__ = [
     "utc_day",
     "video_bytes_per_job",
     "wasted_usd",
+    "workers_broker_down_since",
     "workers_last_beat",
 ]
 
@@ -4176,9 +4178,12 @@ def record_heartbeat(
     now: datetime,
     *,
     supersede_before: datetime | None = None,
+    broker_down_since: datetime | None = None,
 ) -> None:
     """``owner`` works on ``scopes`` (batch ids, or :data:`~jobs.models.EVERY_BATCH`) as of ``now``;
     rows of processes silent for :data:`HEARTBEAT_KEPT` go (each crash leaves its rows behind).
+    ``broker_down_since``: since when ``owner`` could not reach the broker (None: it can; see
+    :func:`mark_broker_down`).
 
     ``supersede_before`` (with :data:`~jobs.models.EVERY_BATCH` among ``scopes``): the every-batch
     rows of other owners last seen before it go too. Those workers stopped (a live one beats far
@@ -4197,11 +4202,36 @@ def record_heartbeat(
         )
     dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     for scope in sorted(scopes):  # in key order: two processes beating never deadlock
-        stmt = dialect_insert(ConductorHeartbeat).values(owner=owner, scope=scope, seen_at=now)
+        stmt = dialect_insert(ConductorHeartbeat).values(
+            owner=owner, scope=scope, seen_at=now, broker_down_since=broker_down_since
+        )
         beat = stmt.on_conflict_do_update(
-            index_elements=["owner", "scope"], set_={"seen_at": stmt.excluded.seen_at}
+            index_elements=["owner", "scope"],
+            set_={"seen_at": stmt.excluded.seen_at, "broker_down_since": stmt.excluded.broker_down_since},
         )
         session.execute(beat)
+
+
+def mark_broker_down(session: Session, owner: str, since: datetime | None) -> None:
+    """``owner`` (the workers' leader) could not reach the broker since ``since``, or (None) it
+    reaches it again: said on its heartbeat rows at once, not at its next beat, so ``status``
+    names the broker instead of what the outage holds back (:func:`workers_broker_down_since`).
+    A process that never beat has no row: its first beat carries it."""
+    session.execute(
+        update(ConductorHeartbeat).where(ConductorHeartbeat.owner == owner).values(broker_down_since=since)
+    )
+
+
+def workers_broker_down_since(session: Session, *, live_since: datetime) -> datetime | None:
+    """Since when the distributed workers' leader could not reach the broker, as its every-batch
+    heartbeat says (rows last seen before ``live_since`` are a stopped worker's: they say
+    nothing); None: it reaches it, or no worker beats."""
+    return session.scalar(
+        select(func.min(ConductorHeartbeat.broker_down_since)).where(
+            ConductorHeartbeat.scope == EVERY_BATCH,
+            ConductorHeartbeat.seen_at >= live_since,
+        )
+    )
 
 
 def instance_secret(session: Session, name: str, make: Callable[[], str]) -> str:

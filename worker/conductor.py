@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine
 
@@ -139,6 +139,9 @@ class Conductor:
         #: What a database outage has done to the loop so far (:meth:`run` sets it up).
         self._outage = DatabaseOutage("the conductor", patience=None, url=rt.settings.database_url)
         self._broker_outage = BrokerOutage(rt.settings.broker_url)
+        #: Since when (wall clock) the broker could not be reached, as the heartbeat rows say
+        #: (``status`` names the broker); None: it answers (:meth:`_broker_down`).
+        self._broker_down_since: datetime | None = None
 
     # ------------------------------------------------------------------ events (any thread)
 
@@ -285,6 +288,7 @@ class Conductor:
                 problem = broker_problem(exc)
                 if problem is not None:  # the broker is down: an outage, as the database's, no bug
                     self._broker_outage.failed(problem)
+                    self._broker_down(True)
                     stopping.wait(min(1.0, self.rt.settings.tick_interval))
                     continue
                 log.exception(
@@ -355,6 +359,8 @@ class Conductor:
                     watch_limits(self.rt.limiter)
                 self._outage.answered()  # the tick (or the leader lock's check) reached the database
                 self._broker_outage.answered()
+                if leading and self.rt.broker_epoch is None:  # nothing asks the broker: a tick
+                    self._broker_down(False)  # without a hand-off error is all there is to go by
                 next_tick = now + (idle_interval(interval, quiet) if leading else interval)
             elif self._limits_due or (leading and self._next_beat and now >= self._next_beat):
                 # Between ticks too: an idle tick comes only every 8 × WANBATCH_TICK_INTERVAL, and
@@ -464,6 +470,7 @@ class Conductor:
         epoch = self.rt.broker_epoch()
         if epoch is None:  # down, or cannot tell: look again at the next tick
             return
+        self._broker_down(False)  # it answered: an outage the heartbeat records is over
         known, self._broker_epoch = self._broker_epoch, epoch
         if known is None or known == epoch:
             return
@@ -525,9 +532,38 @@ class Conductor:
             # worker's): its own clean stop then leaves no "last seen" behind.
             stale = at - timedelta(seconds=PROCESSING_STALE_SECONDS)
             with db.session_scope(self.rt.engine) as session:
-                store.record_heartbeat(session, self.rt.owner, scopes, at, supersede_before=stale)
+                store.record_heartbeat(
+                    session,
+                    self.rt.owner,
+                    scopes,
+                    at,
+                    supersede_before=stale,
+                    broker_down_since=self._broker_down_since,
+                )
             if not self.rt.batch_ids:  # the workers' leader: its limits hold for every worker
                 publish_limits(self.rt.limiter, process_identity())
+
+    def _broker_down(self, down: bool) -> None:
+        """The broker could not be reached (``down``), or answered: when that changes, say so on
+        this process's heartbeat rows at once (:func:`jobs.store.mark_broker_down`), for
+        ``status`` to name the broker instead of blaming what the outage holds back. Best
+        effort: a database that cannot be written now gets it at the next beat."""
+        if down == (self._broker_down_since is not None):
+            return
+        since = utcnow() if down else None
+        with self._beat_lock:
+            self._broker_down_since = since
+            if self._closed or self._next_beat == 0:
+                return  # no row (yet, or any more): the first beat carries it
+            try:
+                with db.session_scope(self.rt.engine) as session:
+                    store.mark_broker_down(session, self.rt.owner, since)
+            except Exception as exc:
+                log.debug(
+                    "could not record the broker's state (%s); the next beat does",
+                    database_problem(exc),
+                    extra={"event": "conductor.broker_state_unrecorded"},
+                )
 
     def close(self) -> None:
         """Stop reporting stream events (the streams end when the client closes), and say that

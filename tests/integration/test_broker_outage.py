@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime
 from pathlib import Path
 
+import kombu.exceptions
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
+from cli.output import progress_text
+from jobs import batches, db
+from jobs.models import ConductorHeartbeat
 from tests.ports import unused_port
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.app import make_app
@@ -96,3 +101,71 @@ def test_the_broker_warning_repeats_at_most_every_interval() -> None:
     finally:
         logger.removeHandler(handler)
     assert said == [0.0, 30.0, 60.0, 90.0]
+
+
+def _broker_down_since(engine: Engine) -> list[datetime | None]:
+    with db.read_scope(engine) as session:
+        return list(session.scalars(select(ConductorHeartbeat.broker_down_since)))
+
+
+def test_status_names_the_broker_while_the_leader_cannot_reach_it_and_forgets_it_once_it_answers(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """The bug (distributed-operator audit, item 4): during a Redis outage ``status BATCH`` blamed
+    the download backlog, gave an ETA and said nothing of the broker, while ``run`` said "cannot
+    reach the broker". The leader records the outage on its heartbeat; ``status`` names it."""
+    broker = f"redis://:{SECRET}@127.0.0.1:6379/0"
+    down = [True]
+    handed: list[str] = []
+    stopping = threading.Event()
+
+    def hand_off(job_id: str) -> None:
+        if down[0]:
+            stopping.set()  # the round's failure is handled, then the run ends
+            raise kombu.exceptions.OperationalError(
+                "Error 111 connecting to 127.0.0.1:6379. Connection refused."
+            )
+        handed.append(job_id)
+
+    settings = settings_for("http://127.0.0.1:9", KEY, output_dir=tmp_path / "out", broker_url=broker)
+    rt = make_runtime(engine, settings, enqueue_submit=hand_off)
+    rt.limiter = LocalGCRA(settings)
+    rt.broker_epoch = lambda: None if down[0] else "run-id-1"  # Redis's INFO: no answer while down
+    batch_id = add_batch(
+        engine, "broker-down-status", [("fal-ai/wan-22", {"prompt": str(i)}) for i in range(3)]
+    )
+    conductor = Conductor(rt, stream=False)
+    guard = threading.Timer(60, stopping.set)  # never hang: the asserts below then fail
+    guard.start()
+    try:
+        conductor.run(stopping, leads=lambda: True, resilient=True)
+    finally:
+        guard.cancel()
+
+    (since,) = _broker_down_since(engine)
+    assert since is not None
+    with db.read_scope(engine) as session:
+        report = batches.batch_report(session, batch_id, broker_url=broker)
+    assert report["broker_unreachable_since"] == since.isoformat()
+    assert report["processing"] is True  # the leader still works: it is the broker that does not
+    assert report["eta_seconds"] is None
+    reason = report["phase_reason"] or ""
+    assert reason.startswith("the workers cannot reach the broker (WANBATCH_BROKER_URL redis://")
+    assert f"since {since:%H:%M:%S} UTC: submits and downloads wait for it" in reason
+    assert "127.0.0.1:6379" in reason
+    assert SECRET not in reason
+    assert "backlog" not in reason
+    assert "no ETA: the workers cannot reach the broker" in progress_text(report, distributed=True)
+
+    down[0] = False  # the broker answers again: the next tick clears it at once
+    try:
+        conductor._tick(threading.Event())
+        (cleared,) = _broker_down_since(engine)
+        assert cleared is None
+        with db.read_scope(engine) as session:
+            report = batches.batch_report(session, batch_id, broker_url=broker)
+        assert report["broker_unreachable_since"] is None
+        assert "broker" not in (report["phase_reason"] or "")
+    finally:
+        conductor.close()
+        rt.client.close()

@@ -37,6 +37,7 @@ def _report(n: int, name: str, **fields: Any) -> BatchReport:
         "estimated_usd": 1.8,
         "processing": False,
         "processed_at": None,
+        "broker_unreachable_since": None,
         "simulated": False,
         "state": "active",
         "pause_reason": None,
