@@ -62,12 +62,15 @@ def test_a_deadline_stops_sending_drains_fal_and_cancels_the_rest(
     entries = ledger["entries"]
     cutoff = deadline.timestamp()
     assert all(e["accepted_at"] <= cutoff for e in entries), "a submit was accepted after the deadline"
-    # Every submit told fal how long it may still start the request: never past the deadline.
+    # Every submit told fal how long it may still start the request: never past the deadline,
+    # counted from the moment of sending. fal counts from receipt, so the POST's own way there
+    # is allowed for: a loaded CI machine took 0.56 s for it once. The exact count from the POST
+    # is test_schedule_steps.py's test_the_start_timeout_is_counted_from_the_post_not_from_the_claim.
     for e in entries:
         assert e["start_timeout"] is not None
-        assert e["accepted_at"] + e["start_timeout"] <= cutoff + 0.5
+        assert e["accepted_at"] + e["start_timeout"] <= cutoff + 1.5
     # Nothing started after the deadline, and what fal never ran was not billed.
-    assert all(e["started_at"] is None or e["started_at"] <= cutoff + 0.5 for e in entries)
+    assert all(e["started_at"] is None or e["started_at"] <= cutoff + 1.5 for e in entries)  # as above
     for e in entries:
         if e["started_at"] is None:
             assert not e["billed"], e
