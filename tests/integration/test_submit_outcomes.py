@@ -413,6 +413,23 @@ def test_a_request_fal_lost_fails_as_request_not_found(engine: Engine, hostile: 
     assert (job(engine, lost).state, job(engine, lost).error_type) == (S.FAILED, "request_not_found")
 
 
+def test_a_status_refused_for_good_without_fals_error_type_still_has_one(
+    engine: Engine, hostile: HostileProvider
+) -> None:
+    """A status call fal refuses for good (a 410, no ``error_type`` of fal's) failed the job with
+    ``error_type`` null: `status` showed "(error)" and ``status --json`` null, as submits did."""
+    accepted(hostile)
+    hostile.route("GET", rf"{REQUESTS}/status", json_reply({"detail": "Gone"}, 410))
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    try:
+        _, lost = one_job(engine, rt)
+        assert submit(rt, lost) == "submitted"
+        poll_due(rt)
+    finally:
+        rt.client.close()
+    assert (job(engine, lost).state, job(engine, lost).error_type) == (S.FAILED, "http_410")
+
+
 def test_a_result_gone_fails_as_result_expired(engine: Engine, hostile: HostileProvider) -> None:
     accepted(hostile)
     hostile.route("GET", rf"{REQUESTS}/status", json_reply({"status": "COMPLETED", "metrics": {}}))

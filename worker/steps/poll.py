@@ -25,7 +25,7 @@ from worker.fal.errors import ProviderProtocolError
 from worker.fal.models import RequestHandle, Status
 from worker.steps.context import DOWNLOAD_QUEUE, DownloadClaim, Runtime, S, handle_of, in_seconds
 from worker.steps.download import handed_claim
-from worker.steps.failures import billed, describe, kind_of, pause_for_account
+from worker.steps.failures import billed, describe, failure_type, pause_for_account
 from worker.steps.schedule import (
     DEADLINE,
     WINDOW_CLOSED,
@@ -122,7 +122,7 @@ def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int
                     fence,
                     reason=f"status: {why}",
                     error=f"provider lost the request: {why}",
-                    error_type=kind_of(exc),
+                    error_type=failure_type(exc),
                 )
             continue
         except ProviderError as exc:
