@@ -1599,6 +1599,16 @@ def adopt_request(
 SUBMIT_UNKNOWN_ERROR = "submit_unknown"
 
 
+def _locked_unmoved(session: Session, fence: Fence) -> Any:
+    """The job's row, locked for the rest of the transaction, when it is still where ``fence``
+    saw it (same state, same version); None when it is gone or has moved on. What every adoption
+    of a proof checks first, before it reads the row's own conditions."""
+    found = _run(session, select(_JOBS).where(_JOBS.c.id == fence.job_id).with_for_update()).first()
+    if found is None or found.state != fence.state or found.version != fence.version:
+        return None
+    return found
+
+
 def _proved_request(
     found: Any, request_id: str, gateway_request_id: str | None, next_poll_at: datetime
 ) -> dict[str, Any]:
@@ -1651,11 +1661,9 @@ def adopt_late_proof(
     """
     if fence.state != JobState.FAILED:
         return False
-    found = _run(session, select(_JOBS).where(_JOBS.c.id == fence.job_id).with_for_update()).first()
+    found = _locked_unmoved(session, fence)
     if (
         found is None
-        or found.state != JobState.FAILED
-        or found.version != fence.version
         or found.error_type != SUBMIT_UNKNOWN_ERROR
         or not 1 <= attempt <= found.attempts
         or found.request_id is not None
@@ -1731,11 +1739,9 @@ def adopt_own_proof(
     """
     if fence.state != JobState.FAILED:
         return False
-    found = _run(session, select(_JOBS).where(_JOBS.c.id == fence.job_id).with_for_update()).first()
+    found = _locked_unmoved(session, fence)
     if (
         found is None
-        or found.state != JobState.FAILED
-        or found.version != fence.version
         or found.error_type not in PROVABLE_FAILURES
         or found.request_id != request_id
         or found.output_path is not None
@@ -1862,13 +1868,8 @@ def adopt_before_resend(
     """
     if fence.state not in _RESEND_WAITS:
         return False
-    found = _run(session, select(_JOBS).where(_JOBS.c.id == fence.job_id).with_for_update()).first()
-    if (
-        found is None
-        or found.state != fence.state
-        or found.version != fence.version
-        or not resend_unsent(found, attempt)
-    ):
+    found = _locked_unmoved(session, fence)
+    if found is None or not resend_unsent(found, attempt):
         return False
     adopted = _proved_request(found, request_id, gateway_request_id, next_poll_at)
     return _move(
@@ -1955,13 +1956,8 @@ def adopt_earlier_proof(
     """
     if fence.state not in _EARLIER_PROOF_STATES:
         return False
-    found = _run(session, select(_JOBS).where(_JOBS.c.id == fence.job_id).with_for_update()).first()
-    if (
-        found is None
-        or found.state != fence.state
-        or found.version != fence.version
-        or not earlier_proof_adoptable(found, attempt)
-    ):
+    found = _locked_unmoved(session, fence)
+    if found is None or not earlier_proof_adoptable(found, attempt):
         return False
     adopted = _proved_request(found, request_id, gateway_request_id, next_poll_at)
     if fence.state == JobState.SUBMIT_UNKNOWN:
