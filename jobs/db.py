@@ -1036,14 +1036,45 @@ def alembic_config() -> Config:
     return cfg
 
 
+#: PostgreSQL: the tables on the search path — where the inspector looks, ``get_table_names()``
+#: with no schema: every schema of ``search_path`` but ``pg_catalog`` — that are members of an
+#: installed extension (PostGIS's ``spatial_ref_sys``, pg_partman's configuration tables): its
+#: ``CREATE EXTENSION`` made them, not another application, and ``DROP EXTENSION`` takes them away
+#: (https://www.postgresql.org/docs/current/catalog-pg-depend.html, ``deptype`` ``e``).
+_EXTENSION_TABLES = text(
+    "SELECT c.relname FROM pg_catalog.pg_class c"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass"
+    " AND d.objid = c.oid AND d.objsubid = 0"
+    " AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass AND d.deptype = 'e'"
+    " WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'"
+    " AND pg_catalog.pg_table_is_visible(c.oid) AND n.nspname <> 'pg_catalog'"
+)
+
+
+def _extension_tables(conn: Connection) -> set[str]:
+    """The tables among the inspector's (:data:`_EXTENSION_TABLES`) that belong to a PostgreSQL
+    extension; none on SQLite, which has no extensions of that kind."""
+    if conn.dialect.name != "postgresql":
+        return set()
+    return {str(name) for name in conn.execute(_EXTENSION_TABLES).scalars()}
+
+
 def _current_schema(engine: Engine) -> tuple[set[str], set[str]]:
     """The revisions the database is at (none for a new database) and its tables, read without
-    Alembic."""
+    Alembic.
+
+    Without a revision, an extension's tables (:func:`_extension_tables`) are left out: a new
+    database with PostGIS installed is still empty to wanbatch (:func:`foreign_tables`). At a
+    revision they do not matter (only wanbatch's own are looked for), so the read of a current
+    database stays two small queries."""
     with engine.connect() as conn:
         tables = set(inspect(conn).get_table_names())
-        if "alembic_version" not in tables:
-            return set(), tables
-        heads = {str(v) for v in conn.execute(text("SELECT version_num FROM alembic_version")).scalars()}
+        heads: set[str] = set()
+        if "alembic_version" in tables:
+            heads = {str(v) for v in conn.execute(text("SELECT version_num FROM alembic_version")).scalars()}
+        if not heads and tables:
+            tables -= _extension_tables(conn)
         return heads, tables
 
 
@@ -1061,7 +1092,9 @@ _FOREIGN_NAMED = 5
 def foreign_tables(heads: set[str], tables: set[str]) -> list[str]:
     """The tables of a database that is no wanbatch database — no schema revision recorded, yet
     tables other than Alembic's empty version table — sorted; empty for wanbatch's and for a new,
-    empty database (or one every migration was taken down from: ``downgrade base``).
+    empty database (or one every migration was taken down from: ``downgrade base``). ``tables``
+    are :func:`_current_schema`'s: a PostgreSQL extension's tables are not among them, so a
+    database with only those (PostGIS's ``spatial_ref_sys``) is a new one.
 
     wanbatch has always recorded its revision in the transaction that created its tables (the
     migrations, then :func:`_create_from_models`), so every database it made has one: tables
@@ -1209,14 +1242,15 @@ _ALEMBIC_VERSION = Table(
 def _create_from_models(engine: Engine) -> bool:
     """Create the models' tables in a database that has none, stamped at :data:`SCHEMA_HEAD`;
     False (nothing done) when, under the lock, the database turns out to have tables (another
-    process created them first: Alembic finds it at the head then). A database with tables of
+    process created them first: Alembic finds it at the head then) — a PostgreSQL extension's
+    (:func:`_extension_tables`) do not count. A database with tables of
     its own was refused before (:func:`_require_own`): read outside the lock, the tables seen are
     committed ones, and wanbatch creates its own with their revision in one transaction."""
     from jobs.models import Base
 
     with engine.connect() as conn:
         _lock_schema(conn)
-        if inspect(conn).get_table_names():
+        if set(inspect(conn).get_table_names()) - _extension_tables(conn):
             conn.rollback()
             return False
         Base.metadata.create_all(conn)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import pytest
+from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
 import cli
@@ -133,6 +135,71 @@ def test_a_database_with_tables_of_its_own_is_refused_in_one_line(wb: Wb, manife
     (check,) = [c for c in doctor.json()["checks"] if c["name"] == "database"]
     assert check["status"] == "fail"
     assert "not a wanbatch database: it holds tables of its own (x)" in check["detail"]
+
+
+def _postgres_with(url: str, *statements: str) -> None:
+    """Run ``statements`` in the PostgreSQL database at ``url``, as its superuser."""
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
+def test_a_postgresql_database_with_an_extensions_table_takes_wanbatch_in(
+    manifest: MakeManifest,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    new_pg_database: Callable[[], str],
+) -> None:
+    """Was: PostGIS's ``spatial_ref_sys`` (a member of the ``postgis`` extension, plpgsql's here)
+    made ``doctor`` fail and ``submit`` exit 2, "it holds tables of its own (spatial_ref_sys)".
+    A table of another application beside it is still refused, and named alone."""
+    url = new_pg_database()
+    _postgres_with(
+        url,
+        "CREATE TABLE spatial_ref_sys (srid INTEGER PRIMARY KEY, auth_name VARCHAR(256))",
+        "ALTER EXTENSION plpgsql ADD TABLE spatial_ref_sys",
+    )
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", url)
+    get_settings.cache_clear()
+
+    def database_check() -> dict[str, Any]:
+        capsys.readouterr()
+        run_main(["doctor", "--json"], monkeypatch)
+        (check,) = [c for c in json.loads(capsys.readouterr().out)["checks"] if c["name"] == "database"]
+        return dict(check)
+
+    check = database_check()
+    assert check["status"] == "ok", check
+    assert "empty (the first command creates the schema)" in check["detail"]
+    submitted = run_main(["submit", str(manifest("edges", MANIFEST))], monkeypatch)
+    assert submitted == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert run_main(["status", "edges", "--json"], monkeypatch) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == 2
+    check = database_check()
+    current = f"{url}: reachable, schema {db.SCHEMA_HEAD} (current)"
+    assert (check["status"], check["detail"]) == ("ok", current)
+
+    other = new_pg_database()
+    _postgres_with(
+        other,
+        "CREATE TABLE spatial_ref_sys (srid INTEGER PRIMARY KEY)",
+        "ALTER EXTENSION plpgsql ADD TABLE spatial_ref_sys",
+        "CREATE TABLE inventory (sku INTEGER)",
+    )
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", other)
+    get_settings.cache_clear()
+    check = database_check()
+    assert check["status"] == "fail"
+    assert "it holds tables of its own (inventory) and no wanbatch schema" in check["detail"]
+    assert run_main(["submit", str(manifest("edges", MANIFEST))], monkeypatch) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: WANBATCH_DATABASE_URL {other} is not a wanbatch database: ")
+    assert "it holds tables of its own (inventory) and no wanbatch schema" in line
 
 
 def test_a_table_dropped_while_a_command_runs_is_one_line_exit_2(

@@ -371,6 +371,83 @@ def test_a_database_with_tables_of_its_own_is_refused_not_taken_over(
     assert set(inspect(empty_engine).get_table_names()) == {"inventory"}
 
 
+def _extension_member(engine: Engine, table: str) -> None:
+    """Make ``table`` a member of an installed extension, as PostGIS's ``spatial_ref_sys`` is of
+    ``postgis``: plpgsql stands in for it (installed in every PostgreSQL database; superuser)."""
+    with engine.begin() as conn:
+        conn.execute(text(f"ALTER EXTENSION plpgsql ADD TABLE {table}"))
+
+
+def _members(engine: Engine) -> set[str]:
+    """The tables that belong to an extension, as the catalogue says (not as ``jobs.db`` reads it)."""
+    with engine.connect() as conn:
+        return set(
+            conn.execute(
+                text(
+                    "SELECT objid::regclass::text FROM pg_depend WHERE classid = 'pg_class'::regclass "
+                    "AND refclassid = 'pg_extension'::regclass AND deptype = 'e'"
+                )
+            ).scalars()
+        )
+
+
+@pytest.mark.parametrize("from_models", [True, False], ids=["from-models", "from-history"])
+def test_an_extensions_tables_do_not_make_a_database_foreign(
+    new_pg_database: Callable[[], str], from_models: bool
+) -> None:
+    """A PostgreSQL database with an extension whose tables live in its schema (PostGIS's
+    ``spatial_ref_sys``) was refused as someone else's. Those tables are the extension's: the
+    database is adopted — created, migrated from an older revision with wanbatch's tables there,
+    taken down to base and adopted again — and the extension's table is left as it was. It is the
+    membership that counts, not the name: the same table, no extension's, is refused."""
+    from jobs.errors import ConfigError
+
+    engine = make_engine(new_pg_database())
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE spatial_ref_sys (srid INTEGER PRIMARY KEY, auth_name TEXT)"))
+            conn.execute(text("INSERT INTO spatial_ref_sys VALUES (4326, 'EPSG')"))
+        with pytest.raises(ConfigError, match=r"tables of its own \(spatial_ref_sys\)"):
+            migrate(engine, from_models=from_models)
+        _extension_member(engine, "spatial_ref_sys")
+
+        migrate(engine, from_models=from_models)
+        assert tables(engine) == set(Base.metadata.tables) | {"spatial_ref_sys"}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == SCHEMA_HEAD
+        downgrade(engine, "0020")  # wanbatch's tables there, at an older revision: the migrations
+        migrate(engine, from_models=from_models)
+        downgrade(engine, "base")
+        assert set(inspect(engine).get_table_names()) == {"alembic_version", "spatial_ref_sys"}
+        migrate(engine, from_models=from_models)
+        assert tables(engine) == set(Base.metadata.tables) | {"spatial_ref_sys"}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == SCHEMA_HEAD
+            assert conn.execute(text("SELECT srid, auth_name FROM spatial_ref_sys")).all() == [(4326, "EPSG")]
+        assert _members(engine) == {"spatial_ref_sys"}
+    finally:
+        engine.dispose()
+
+
+def test_a_table_of_its_own_beside_an_extensions_is_still_refused(new_pg_database: Callable[[], str]) -> None:
+    """An extension's table does not excuse another one: the refusal names only the other."""
+    from jobs.errors import ConfigError
+
+    engine = make_engine(new_pg_database())
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE spatial_ref_sys (srid INTEGER PRIMARY KEY)"))
+            conn.execute(text("CREATE TABLE inventory (sku INTEGER)"))
+        _extension_member(engine, "spatial_ref_sys")
+        for from_models in (True, False):
+            with pytest.raises(ConfigError) as refused:
+                migrate(engine, from_models=from_models)
+            assert "it holds tables of its own (inventory) and no wanbatch schema" in str(refused.value)
+        assert set(inspect(engine).get_table_names()) == {"inventory", "spatial_ref_sys"}
+    finally:
+        engine.dispose()
+
+
 def test_an_empty_database_and_one_taken_down_to_base_are_still_adopted(empty_engine: Engine) -> None:
     """What the refusal above must not catch: a new, empty database, and one every migration was
     taken down from (Alembic's version table left behind, empty)."""
