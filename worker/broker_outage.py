@@ -13,11 +13,11 @@ after a pause.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 from jobs.url_secrets import masked_url
+from worker.outage_log import OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -77,28 +77,18 @@ class BrokerOutage:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.where = masked_url(url) if url else "the broker"
-        self.every = every
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._since: float | None = None
-        self._said_at: float | None = None
+        # A round that went through is no proof the broker answers (it may have handed nothing
+        # on): the next failure is said once ``every`` has passed since the last warning.
+        self._log = OutageLog(every, clock, new_outage_said_at_once=False)
 
     def failed(self, problem: str) -> None:
-        now = self.clock()
-        with self._lock:
-            if self._since is None:
-                self._since = now
-            due = self._said_at is None or now - self._said_at >= self.every
-            if due:
-                self._said_at = now
-            down_for = now - self._since
-        if due:
-            lasted = f" for {down_for:.0f}s" if down_for >= 1 else ""
+        said = self._log.failed()
+        if said.due:
             log.warning(
                 "the broker at %s cannot be reached%s (%s): the conductor pauses and goes on; a job "
                 "it could not hand to the workers is taken up again when its lease runs out",
                 self.where,
-                lasted,
+                said.for_how_long,
                 problem,
                 extra={"event": "conductor.broker_unavailable"},
             )
@@ -109,4 +99,4 @@ class BrokerOutage:
 
     def answered(self) -> None:
         """A round went through without a broker error: an outage under way is over."""
-        self._since = None
+        self._log.answered()

@@ -55,6 +55,7 @@ from jobs.errors import ConfigError, WanbatchError
 from jobs.settings import Settings
 from jobs.url_secrets import masked_url
 from worker import telemetry
+from worker.outage_log import OutageLog
 
 if TYPE_CHECKING:
     import redis
@@ -787,33 +788,29 @@ class Outage:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.where = where
-        self.every = every
-        self.clock = clock
-        self._lock = threading.Lock()
-        #: Since when (``clock``) nothing answered; None while the limiter answers.
-        self.since: float | None = None
+        self._log = OutageLog(every, clock)
         self.error = ""
         #: Whether the last failure was an error reply (Redis answered and refused).
         self.refused = False
-        self._said_at: float | None = None
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Monotonic seconds (replaced in tests)."""
+        return self._log.clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self._log.clock = clock
 
     def failed(self, error: str, *, refused: bool = False) -> None:
-        now = self.clock()
-        with self._lock:
-            if self.since is None:
-                self.since = now
-            self.error = error
-            self.refused = refused
-            due = self._said_at is None or now - self._said_at >= self.every
-            if due:
-                self._said_at = now
-            down_for = now - self.since
-        if due:
-            lasted = f" for {down_for:.0f}s" if down_for >= 1 else ""
+        self.error = error
+        self.refused = refused
+        said = self._log.failed()
+        if said.due:
             if refused:
-                what, until = f"answers but refuses the limiter's script{lasted}", "accepts it"
+                what, until = f"answers but refuses the limiter's script{said.for_how_long}", "accepts it"
             else:
-                what, until = f"is unreachable{lasted}", "answers"
+                what, until = f"is unreachable{said.for_how_long}", "answers"
             log.warning(
                 "the submit-rate limiter's Redis at %s %s: %s; nothing is submitted until it %s "
                 "(jobs wait, none fails)",
@@ -825,28 +822,24 @@ class Outage:
             )
 
     def answered(self) -> None:
-        if self.since is None:  # the usual case: no lock
-            return
-        with self._lock:
-            since, self.since, self._said_at = self.since, None, None
-            refused = self.refused
-        if since is not None:
+        lasted = self._log.answered()
+        if lasted is not None:
             log.warning(
                 "the submit-rate limiter's Redis at %s %s again after %.0fs: sending resumes",
                 self.where,
-                "accepts the limiter's script" if refused else "answers",
-                self.clock() - since,
+                "accepts the limiter's script" if self.refused else "answers",
+                lasted,
                 extra={"event": "limiter.recovered"},
             )
 
     @property
     def down(self) -> bool:
         """Whether the limiter is said to be unreachable or refusing (until it answers again)."""
-        return self.since is not None
+        return self._log.down
 
     def note(self) -> str | None:
         """What the progress line says while the limiter is unreachable; None while it answers."""
-        if self.since is None:
+        if not self._log.down:
             return None
         if self.refused:
             return "limiter refused by its Redis: submits held"

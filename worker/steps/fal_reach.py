@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from worker.outage_log import OutageLog
+
 log = logging.getLogger(__name__)
 
 #: The first pause after fal is found unreachable; each failed probe doubles it, up to the next.
@@ -53,14 +55,14 @@ class FalReach:
         self._lock = threading.Lock()
         #: Since when (``wall``) fal was unreachable; None while it answers.
         self.since: datetime | None = None
-        self._since_clock = 0.0
+        #: When the outage began and was last said (``clock``), and its end.
+        self._outage = OutageLog(WARN_EVERY_SECONDS, clock)
         #: The last connect failure, in short.
         self.error = ""
         #: The pause now between probes.
         self.pause = FIRST_PAUSE_SECONDS
         #: Until when (``clock``) nothing is sent: the next probe may go then.
         self._until = 0.0
-        self._said_at: float | None = None
 
     @property
     def down(self) -> bool:
@@ -91,26 +93,23 @@ class FalReach:
 
         The pause doubles when ``probe`` failed; a submit sent before the outage was seen (not a
         probe) only starts the hold or leaves it as it is."""
-        now = self._clock()
         with self._lock:
-            first = self.since is None
-            if first:
-                self.since, self._since_clock = self._wall(), now
+            said = self._outage.failed()
+            now = said.at
+            if said.began:
+                self.since = self._wall()
                 self.pause = FIRST_PAUSE_SECONDS
             elif probe:
                 self.pause = min(LONGEST_PAUSE_SECONDS, self.pause * 2)
             self.error = _short(error)
-            if first or probe:
+            if said.began or probe:
                 self._until = now + self.pause
-            due = self._said_at is None or now - self._said_at >= WARN_EVERY_SECONDS
-            if due:
-                self._said_at = now
-            lasted, pause, left = now - self._since_clock, self.pause, max(0.0, self._until - now)
-        if due:
+            pause, left = self.pause, max(0.0, self._until - now)
+        if said.due:
             log.warning(
                 "fal is unreachable%s: %s; submits are held, one tried every %gs until fal answers "
                 "(the jobs wait uncounted, none fails)",
-                f" for {lasted:.0f}s" if lasted >= 1 else "",
+                said.for_how_long,
                 error,
                 pause,
                 extra={"event": "submit.fal_unreachable"},
@@ -122,10 +121,10 @@ class FalReach:
         if self.since is None:  # the usual case: no lock
             return
         with self._lock:
-            if not self.down:  # another thread heard the answer first
+            lasted = self._outage.answered()
+            if lasted is None:  # another thread heard the answer first
                 return
-            lasted = self._clock() - self._since_clock
-            self.since, self._said_at, self.pause, self._until = None, None, FIRST_PAUSE_SECONDS, 0.0
+            self.since, self.pause, self._until = None, FIRST_PAUSE_SECONDS, 0.0
         log.warning(
             "fal answers again after %.0fs: submits resume",
             lasted,
