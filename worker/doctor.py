@@ -677,7 +677,7 @@ def check_limiter(settings: Settings) -> Check:
 
     # Said, not failed: a host that only watches (status, doctor) may differ on purpose.
     differ = published_mismatch(settings, database_id(settings))
-    warning = f"; warning: {differ[0]}" if differ else ""
+    warning = "".join(f"; warning: {line}" for line in differ)
     return _ok(name, f"{probed.where} answers{warning}")
 
 

@@ -479,6 +479,13 @@ class Limits:
     by: str = ""
     #: When the leader published them (Redis' clock, epoch seconds); 0.0: not published.
     at: float = 0.0
+    #: Where the process's outputs go (:func:`output_location`) and fal's URLs it sends to
+    #: (credentials masked): no limits, nothing a grant reads, only compared with a worker's own
+    #: (:func:`elsewhere`), never enforced. None: not published (a leader of a version before they
+    #: were, whose policy has no ``where`` field): not compared.
+    output: str | None = None
+    fal_queue_url: str | None = None
+    fal_rest_url: str | None = None
 
     @classmethod
     def of(cls, settings: Settings, by: str = "") -> Limits:
@@ -490,6 +497,9 @@ class Limits:
             rate_per_endpoint={k: float(v) for k, v in settings.submit_rate_per_endpoint.items() if v > 0},
             outstanding_per_endpoint={k: int(v) for k, v in settings.max_outstanding_per_endpoint.items()},
             by=by,
+            output=output_location(settings),
+            fal_queue_url=masked_url(settings.fal_queue_url),
+            fal_rest_url=masked_url(settings.fal_rest_url),
         )
 
     def fresh(self, now: float) -> bool:
@@ -514,6 +524,9 @@ class Limits:
                 sort_keys=True,
             ),
         }
+        where = {name: getattr(self, name) for name in _WHERE if getattr(self, name) is not None}
+        if where:  # a field of its own: a previous version's reader takes ``limits`` alone
+            out["where"] = json.dumps(where, sort_keys=True)
         for endpoint, rate in self.rate_per_endpoint.items():
             out[f"ep:{endpoint}"] = str(round(spread / rate * 1_000_000))
         return out
@@ -523,6 +536,7 @@ class Limits:
         """The limits of a :func:`policy_key` hash; None when there is none (or it is not ours)."""
         try:
             doc = json.loads(raw[b"limits"])
+            where = _where(raw.get(b"where"))
             return cls(
                 key_id=raw[b"key"].decode(),
                 submit_rate=float(doc["submit_rate"]),
@@ -532,6 +546,9 @@ class Limits:
                 outstanding_per_endpoint={str(k): int(v) for k, v in doc["outstanding_per_endpoint"].items()},
                 by=raw.get(b"by", b"").decode(),
                 at=int(raw.get(b"at", b"0")) / 1_000_000,
+                output=where.get("output"),
+                fal_queue_url=where.get("fal_queue_url"),
+                fal_rest_url=where.get("fal_rest_url"),
             )
         except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
             return None
@@ -554,6 +571,38 @@ class Limits:
             other.outstanding_per_endpoint,
         )
         return out
+
+
+#: The fields of :class:`Limits` that say where a process works rather than how fast.
+_WHERE = ("output", "fal_queue_url", "fal_rest_url")
+
+
+def _where(raw: bytes | None) -> dict[str, str]:
+    """The ``where`` field of a published policy (:meth:`Limits.fields`), each value a string; a
+    value missing or not a string, or a field missing or not JSON (a leader of a version before
+    it, or a policy written by hand), is left out: not compared, never a crash nor a warning."""
+    if not raw:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {name: doc[name] for name in _WHERE if isinstance(doc.get(name), str) and doc[name]}
+
+
+def output_location(settings: Settings) -> str:
+    """Where this process's outputs go, as :func:`mismatch` compares it: ``WANBATCH_OUTPUT_DIR``'s
+    ``s3://bucket/prefix`` as given (normalised by the settings, no credentials: they are refused
+    there), else its folder resolved (symlinks and a relative path, which each process resolves
+    against its own working folder). Two hosts' same path is taken for the same (shared) folder."""
+    if settings.output_url:
+        return settings.output_url
+    try:
+        return str(settings.output_dir.resolve())
+    except (OSError, RuntimeError):  # a symlink loop, an unreadable parent: as written, made absolute
+        return str(settings.output_dir.absolute())
 
 
 def _shown(value: object) -> str:
@@ -588,14 +637,54 @@ def mismatch(settings: Settings, published: Limits | None, leader_found: Leader 
     leader = f"the tick leader ({published.by.rstrip(':') or 'unknown'})"
     if mine.key_id != published.key_id:
         return [_other_key(mine.key_id, published.by, published.key_id)]
-    found = mine.differences(published)
-    if not found:
-        return []
-    return [
-        f"this process's limits differ from those {leader} applies to every worker: "
-        f"{'; '.join(found)}. The leader's apply to all (a submit rate set stricter here also "
-        "slows every submit this process makes); set the same values on every worker"
+    lines = []
+    if found := mine.differences(published):
+        lines.append(
+            f"this process's limits differ from those {leader} applies to every worker: "
+            f"{'; '.join(found)}. The leader's apply to all (a submit rate set stricter here also "
+            "slows every submit this process makes); set the same values on every worker"
+        )
+    return lines + elsewhere(mine, published, leader)
+
+
+def elsewhere(mine: Limits, published: Limits, leader: str) -> list[str]:
+    """One line for each of what :func:`mismatch` says besides the limits, when this process's
+    settings differ from the tick leader's (``leader``: how the line names it): where its outputs
+    go (``WANBATCH_OUTPUT_DIR``), and which fal it sends to (``WANBATCH_FAL_QUEUE_URL``,
+    ``WANBATCH_FAL_REST_URL``; credentials masked on both sides). A value the leader did not
+    publish (a previous version's) is not compared. Said, never enforced, as the limits are:
+    either side may be the one to fix, and a host that only watches (``status``, ``doctor``)
+    may differ on purpose."""
+    lines = []
+    if published.output is not None and mine.output != published.output:
+        lines.append(
+            f"this process's outputs go elsewhere than those of {leader}: WANBATCH_OUTPUT_DIR "
+            f"{mine.output} here, {published.output} there. Each worker stores the videos it "
+            "downloads in its own location, so a batch's outputs are split between the two, while "
+            "`wanbatch export` and the dashboard, run with either setting, look for all of them in "
+            "one (and a local folder may be on one host's disk only); set the same "
+            "WANBATCH_OUTPUT_DIR on every worker and wherever those commands run: the same "
+            "s3:// URL, or an absolute path to one folder every host shares"
+        )
+    urls = [
+        (name, here, there)
+        for name, here, there in (
+            ("WANBATCH_FAL_QUEUE_URL", mine.fal_queue_url, published.fal_queue_url),
+            ("WANBATCH_FAL_REST_URL", mine.fal_rest_url, published.fal_rest_url),
+        )
+        if there is not None and here != there
     ]
+    if urls:
+        lines.append(
+            f"this process sends to another fal than {leader}: "
+            f"{'; '.join(f'{name} {here} here, {there} there' for name, here, there in urls)}. "
+            "The requests it submits (and the images it uploads) go to its URL, while the leader "
+            "follows every request at its own, where those are unknown: such jobs fail as "
+            "requests fal lost (and a simulator's are not real renders; real fal's are paid for "
+            "while the others simulate); set the same WANBATCH_FAL_QUEUE_URL and "
+            "WANBATCH_FAL_REST_URL on every worker"
+        )
+    return lines
 
 
 def read_leadership(settings: Settings, database: str | None) -> tuple[Limits | None, Leader | None]:

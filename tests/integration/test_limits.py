@@ -13,7 +13,9 @@ import multiprocessing.synchronize
 import statistics
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -29,12 +31,15 @@ from worker import limits as limits_module
 from worker.conductor import Conductor
 from worker.limits import (
     KEY_KEEP_SECONDS,
+    POLICY_TTL_SECONDS,
+    PUBLISH_LUA,
     LimiterUnavailableError,
     Limits,
     LocalGCRA,
     RedisGCRA,
     api_key_id,
     in_pool_child,
+    leader_key,
     limiter_for,
     mismatch,
     policy_key,
@@ -920,4 +925,173 @@ def test_start_up_status_and_doctor_say_when_the_leader_uses_another_fal_key(
     finally:
         get_settings.cache_clear()
         leader.unpublish()
+        leader.close()
+
+
+# ------------------- a worker whose outputs go elsewhere, or that sends to another fal, is told
+
+#: These tests' Redis database: the shared Redis, apart from the other tests' keys.
+REDIS_DB13 = "redis://127.0.0.1:6379/13"
+SIMULATOR = "http://127.0.0.1:8787"
+
+
+@pytest.fixture
+def redis13(redis_url: str) -> Iterator[tuple[str, str, redis.Redis[bytes]]]:
+    """Redis database 13's URL, a key prefix of this test's own and a client; its keys go after."""
+    prefix = f"wanbatch-test:{uuid.uuid4().hex[:12]}:"
+    client = redis.Redis.from_url(REDIS_DB13)
+    try:
+        yield REDIS_DB13, prefix, client
+    finally:
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def _where_lines(lines: list[str]) -> list[str]:
+    return [line for line in lines if "WANBATCH_OUTPUT_DIR" in line or "WANBATCH_FAL_" in line]
+
+
+def test_a_worker_writing_elsewhere_or_sending_to_another_fal_is_warned_once(
+    redis13: tuple[str, str, redis.Redis[bytes]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The leader publishes where its outputs go and which fal it sends to: a worker whose
+    WANBATCH_OUTPUT_DIR or fal URLs differ says so, once each, naming the setting and both
+    values, never FAL_KEY nor a URL's password (not even on the limiter's Redis)."""
+    url, prefix, client = redis13
+    monkeypatch.setattr(limits_module, "_said", set())  # what this process said before this test
+    same = {"submit_jitter_allowance": 0.0}  # the same limits: only where they work differs
+    proxied = "https://wanbatch:pr0xy-pass@queue.fal.run"
+    leader = RedisGCRA.from_url(
+        _settings(2, output_dir=tmp_path / "leader-out", fal_queue_url=proxied, **same),
+        url,
+        prefix=prefix,
+        database="db-a",
+    )
+    worker = RedisGCRA.from_url(
+        _settings(
+            2, output_dir=tmp_path / "worker-out", fal_queue_url=SIMULATOR, fal_rest_url=SIMULATOR, **same
+        ),
+        url,
+        prefix=prefix,
+        database="db-a",
+    )
+    try:
+        leader.publish("leader-host:1:")
+        assert b"pr0xy-pass" not in b"".join(client.hgetall(leader.policy).values())
+        with caplog.at_level(logging.WARNING, logger="worker.limits"):
+            for _ in range(2):  # the worker's rounds and grants, the leader's beats: said once
+                worker.watch_policy()
+                worker.acquire(ENDPOINT)
+                leader.publish("leader-host:1:")
+            output, fal = _mismatches(caplog)
+        assert output.startswith(
+            "this process's outputs go elsewhere than those of the tick leader (leader-host:1)"
+        )
+        here, there = (tmp_path / "worker-out").resolve(), (tmp_path / "leader-out").resolve()
+        assert f"WANBATCH_OUTPUT_DIR {here} here, {there} there" in output
+        assert "set the same WANBATCH_OUTPUT_DIR on every worker" in output
+        assert "leader-host:1" in fal
+        assert f"WANBATCH_FAL_QUEUE_URL {SIMULATOR} here, https://wanbatch:**@queue.fal.run there" in fal
+        assert f"WANBATCH_FAL_REST_URL {SIMULATOR} here, https://rest.fal.ai there" in fal
+        assert "set the same WANBATCH_FAL_QUEUE_URL and WANBATCH_FAL_REST_URL on every worker" in fal
+        assert "limits differ" not in caplog.text
+        assert "pr0xy-pass" not in caplog.text
+        assert "limits-test-key-3f9a" not in caplog.text
+    finally:
+        leader.close()
+        worker.close()
+
+
+def test_an_old_leaders_policy_without_where_it_works_is_read_and_warns_of_nothing_new(
+    redis13: tuple[str, str, redis.Redis[bytes]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A leader of the previous version publishes no ``where``: its policy is read (the grants
+    honour it), its limits compared as ever, and no output or fal difference is made up."""
+    url, prefix, client = redis13
+    monkeypatch.setattr(limits_module, "_said", set())
+    old_leader = Limits.of(
+        _settings(2, submit_jitter_allowance=0.0, output_dir=tmp_path / "a"), by="old-leader:5:"
+    )
+    fields = old_leader.fields()
+    del fields["where"]  # what the previous version published: no such field
+    worker = RedisGCRA.from_url(
+        _settings(3, submit_jitter_allowance=0.0, output_dir=tmp_path / "b", fal_queue_url=SIMULATOR),
+        url,
+        prefix=prefix,
+        database="db-a",
+    )
+    try:
+        flat = [part for pair in fields.items() for part in pair]
+        client.register_script(PUBLISH_LUA)(
+            keys=[worker.policy, worker.leader_record], args=[POLICY_TTL_SECONDS, *flat]
+        )
+        with caplog.at_level(logging.WARNING, logger="worker.limits"):
+            seen = worker.watch_policy()
+        assert seen is not None
+        assert (seen.by, seen.output, seen.fal_queue_url, seen.fal_rest_url) == (
+            "old-leader:5:",
+            None,
+            None,
+            None,
+        )
+        (line,) = _mismatches(caplog)  # the limits only
+        assert "WANBATCH_SUBMIT_RATE 3 here, 2 there" in line
+        assert _where_lines(_mismatches(caplog)) == []
+        # A ``where`` that is not what this version writes is not compared either, and breaks nothing.
+        for where in (b"not json", b"[1]", b'{"output": 7, "fal_queue_url": ""}'):
+            raw = {k.encode(): v.encode() for k, v in fields.items()} | {b"where": where}
+            parsed = Limits.parse(raw)
+            assert parsed is not None
+            assert (parsed.output, parsed.fal_queue_url, parsed.fal_rest_url) == (None, None, None)
+            assert _where_lines(mismatch(worker.settings, parsed)) == []
+    finally:
+        worker.close()
+
+
+def test_start_up_status_and_doctor_compare_the_output_location_as_each_process_resolves_it(
+    redis13: tuple[str, str, redis.Redis[bytes]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What ``worker`` at start-up, ``status`` and ``doctor`` say (:func:`published_mismatch`): a
+    relative WANBATCH_OUTPUT_DIR is the folder each process resolves it to; the same folder by a
+    symlink is the same; an s3:// location is compared as given (normalised), not as a folder."""
+    url, _, client = redis13
+    database = f"test-db-{uuid.uuid4().hex[:12]}"  # unprefixed keys, as the CLI reads them
+    here, there = tmp_path / "here", tmp_path / "there"
+    for folder in (here, there):
+        (folder / "outputs").mkdir(parents=True)
+    (here / "linked").symlink_to(there / "outputs")
+
+    def watcher(output: str) -> Settings:
+        return _settings(2, limits_url=url, output_dir=output)
+
+    monkeypatch.chdir(there)
+    leader = RedisGCRA.from_url(_settings(2, output_dir="outputs"), url, database=database)
+    try:
+        leader.publish("leader-host:3:")  # resolved where the leader runs: there/outputs
+        monkeypatch.chdir(here)
+        (line,) = published_mismatch(watcher("outputs"), database)
+        assert f"WANBATCH_OUTPUT_DIR {here / 'outputs'} here, {there / 'outputs'} there" in line
+        assert published_mismatch(watcher("linked"), database) == []
+        assert published_mismatch(watcher(str(there / "outputs")), database) == []
+        # Object storage: the same bucket and prefix (a trailing slash or not) is the same.
+        s3_leader = RedisGCRA.from_url(_settings(2, output_dir="s3://renders/night/"), url, database=database)
+        s3_leader.publish("leader-host:3:")
+        s3_leader.close()
+        assert published_mismatch(watcher("s3://renders/night"), database) == []
+        (line,) = published_mismatch(watcher("s3://renders/day"), database)
+        assert "WANBATCH_OUTPUT_DIR s3://renders/day here, s3://renders/night there" in line
+        (line,) = published_mismatch(watcher("outputs"), database)
+        assert f"WANBATCH_OUTPUT_DIR {here / 'outputs'} here, s3://renders/night there" in line
+    finally:
+        client.delete(policy_key(api_key_id(leader.settings), database), leader_key(database))
         leader.close()
