@@ -79,8 +79,40 @@ def _sane_terminal_size() -> None:
 _sane_terminal_size()
 # ``emoji=False``: rich would turn ``:x:`` in a user's path, prompt or batch name into an emoji,
 # so a message (or a suggested command) would show text the user never wrote.
+
+
+class _StderrConsole(Console):
+    """The console of messages, progress and errors (stderr), which outlives its reader.
+
+    A reader of stderr that goes away (``wanbatch run m.yaml 2>&1 | head -1``, a log shipper
+    that died) made rich's default :meth:`Console.on_broken_pipe` end the command with exit 1
+    — "some jobs failed", whatever happened — and point *stdout* at ``/dev/null``: a
+    ``--json`` object or an export on a healthy stdout was lost. Here the command goes on and
+    ends with its own exit code, its stdout intact: what it would have said on stderr goes
+    to ``/dev/null`` (descriptor 2 too, so logging's handler and the interpreter's last flush
+    of ``sys.stderr`` no longer fail either). See https://docs.python.org/3/library/signal.html#note-on-sigpipe.
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self.file.fileno() if _has_fileno(self.file) else 2)
+            finally:
+                os.close(devnull)
+
+
+def _has_fileno(stream: object) -> bool:
+    try:
+        stream.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
+
+
 out = Console(soft_wrap=True, highlight=False, emoji=False)
-err = Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)
+err: Console = _StderrConsole(stderr=True, soft_wrap=True, highlight=False, emoji=False)
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 

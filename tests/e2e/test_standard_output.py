@@ -126,3 +126,46 @@ def test_a_reader_gone_exits_141_quietly(args: list[str]) -> None:
     done = _into_a_pipe_nobody_reads(args)
     assert done.returncode == 141, done.stderr
     assert done.stderr == ""  # no "internal error", no "Exception ignored"
+
+
+def _stderr_into_a_pipe_nobody_reads(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """``wanbatch ARGS`` with stdout captured and stderr a pipe whose reader went away before it
+    started (``wanbatch … 2>&1 | head -1`` once ``head`` is done, a log shipper that died)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [WANBATCH, *args], stdout=subprocess.PIPE, stderr=write, text=True, timeout=300, check=False
+        )
+    finally:
+        os.close(write)
+
+
+BAD_MANIFEST = "name: bad\nendpoint: fal-ai/nope\nitems:\n  - prompt: a\n"
+
+
+def test_a_stderr_reader_gone_keeps_the_exit_code_of_bad_input(tmp_path: Path) -> None:
+    """Was exit 1 ("some jobs failed") from rich's broken-pipe handler, for any command whose
+    stderr broke: a bad manifest must still be exit 2."""
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text(BAD_MANIFEST)
+    assert _stderr_into_a_pipe_nobody_reads(["validate", str(manifest)]).returncode == 2
+
+
+def test_a_stderr_reader_gone_leaves_the_json_object_on_stdout() -> None:
+    """rich's handler also pointed *stdout* at /dev/null: the ``--json`` object of a run, whose
+    progress goes to stderr, was lost."""
+    done = _stderr_into_a_pipe_nobody_reads(["run", str(QUICKSTART), "--simulate", "--json"])
+    assert done.returncode == 0
+    found = json.loads(done.stdout)
+    assert found["phase"] == "done"
+    assert found["total"] == found["finished"] == 3
+
+
+def test_a_run_whose_stderr_reader_went_away_finishes_and_reports_on_stdout() -> None:
+    """Progress and logs go nowhere; the batch is processed and the summary printed, exit 0."""
+    done = _stderr_into_a_pipe_nobody_reads(["run", str(QUICKSTART), "--simulate"])
+    assert done.returncode == 0
+    assert "3/3 done" in done.stdout
+    status = wanbatch("status", "quickstart", "--json")
+    assert json.loads(status.stdout)["phase"] == "done"
