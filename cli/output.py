@@ -93,6 +93,18 @@ class _StderrConsole(Console):
     of ``sys.stderr`` no longer fail either). See https://docs.python.org/3/library/signal.html#note-on-sigpipe.
     """
 
+    def _check_buffer(self) -> None:
+        # rich calls on_broken_pipe for EPIPE only; a stderr that cannot take a write for another
+        # reason — a terminal gone (EIO: a disowned `run &` after logout), a full disk behind
+        # `2>log` (ENOSPC), a descriptor open for reading (EBADF) — made the command an
+        # "internal error" (exit 70), a `run` stopping with its batch unfinished. Any of them
+        # is the same as a reader gone.
+        try:
+            super()._check_buffer()
+        except OSError:
+            del self._buffer[:]
+            self.on_broken_pipe()
+
     def on_broken_pipe(self) -> None:
         self.quiet = True
         with contextlib.suppress(OSError):

@@ -10,7 +10,7 @@ applies it to each URL inside a longer text (a log record).
 
 What is masked: the password of the userinfo (over HTTP a userinfo without one is masked whole:
 a name alone authenticates nothing there unless it is the secret, ``https://TOKEN@host``), and the
-value of every query (and fragment) parameter whose name looks like a credential
+value of every query, fragment or path (``;name=value``) parameter whose name looks like a credential
 (:data:`_SECRET_NAME`). Masking a harmless value costs a reader nothing; showing a secret cannot
 be undone. Nothing else is changed, so the URL still says where it points — but for FAL_KEY, in
 any of its forms (:mod:`jobs.key_forms`), wherever it stands: in a path, a fragment, a parameter
@@ -75,6 +75,11 @@ def masked_url(url: str, *, mask: str = MASK) -> str:
         # would show the rest of it as the path. Masked up to its "@" (a port is no password).
         shown = f"{found.group('head')}{mask}{url[found.end('password') :]}"
         parts = urlsplit(shown)
+    if ";" in parts.path:  # path parameters (RFC 3986 §3.3): `/queue;token=…` is a credential too
+        at = shown.find(parts.path, shown.find("//") + 2 if parts.netloc else 0)
+        if at >= 0:
+            path = "/".join(_masked_segment(segment, mask) for segment in parts.path.split("/"))
+            shown = f"{shown[:at]}{path}{shown[at + len(parts.path) :]}"
     if parts.query:
         shown = shown.replace(f"?{parts.query}", f"?{_masked_params(parts.query, mask)}", 1)
     if parts.fragment:
@@ -90,6 +95,12 @@ def _masked_params(text: str, mask: str) -> str:
         secret = equals and value and _SECRET_NAME.search(unquote(name))
         pairs.append(f"{name}={_mask_of(value, mask)}" if secret else pair)
     return "".join(pairs)
+
+
+def _masked_segment(segment: str, mask: str) -> str:
+    """``queue;token=x`` → ``queue;token=**``: a path segment's parameters as :func:`_masked_params`."""
+    head, semicolon, params = segment.partition(";")
+    return f"{head};{_masked_params(params, mask)}" if semicolon else segment
 
 
 def _mask_of(secret: str, mask: str) -> str:

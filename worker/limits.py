@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -52,6 +53,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from jobs.errors import ConfigError, WanbatchError
+from jobs.key_forms import hide_keys
 from jobs.settings import Settings
 from jobs.url_secrets import masked_url
 from worker import telemetry
@@ -484,6 +486,8 @@ class Limits:
     #: (:func:`elsewhere`), never enforced. None: not published (a leader of a version before they
     #: were, whose policy has no ``where`` field): not compared.
     output: str | None = None
+    #: The same folder with its symlinks followed (:func:`output_real`); None for object storage.
+    output_real: str | None = None
     fal_queue_url: str | None = None
     fal_rest_url: str | None = None
 
@@ -498,8 +502,9 @@ class Limits:
             outstanding_per_endpoint={k: int(v) for k, v in settings.max_outstanding_per_endpoint.items()},
             by=by,
             output=output_location(settings),
-            fal_queue_url=masked_url(settings.fal_queue_url),
-            fal_rest_url=masked_url(settings.fal_rest_url),
+            output_real=output_real(settings),
+            fal_queue_url=fal_location(settings.fal_queue_url),
+            fal_rest_url=fal_location(settings.fal_rest_url),
         )
 
     def fresh(self, now: float) -> bool:
@@ -547,6 +552,7 @@ class Limits:
                 by=raw.get(b"by", b"").decode(),
                 at=int(raw.get(b"at", b"0")) / 1_000_000,
                 output=where.get("output"),
+                output_real=where.get("output_real"),
                 fal_queue_url=where.get("fal_queue_url"),
                 fal_rest_url=where.get("fal_rest_url"),
             )
@@ -574,7 +580,7 @@ class Limits:
 
 
 #: The fields of :class:`Limits` that say where a process works rather than how fast.
-_WHERE = ("output", "fal_queue_url", "fal_rest_url")
+_WHERE = ("output", "output_real", "fal_queue_url", "fal_rest_url")
 
 
 def _where(raw: bytes | None) -> dict[str, str]:
@@ -595,14 +601,53 @@ def _where(raw: bytes | None) -> dict[str, str]:
 def output_location(settings: Settings) -> str:
     """Where this process's outputs go, as :func:`mismatch` compares it: ``WANBATCH_OUTPUT_DIR``'s
     ``s3://bucket/prefix`` as given (normalised by the settings, no credentials: they are refused
-    there), else its folder resolved (symlinks and a relative path, which each process resolves
-    against its own working folder). Two hosts' same path is taken for the same (shared) folder."""
+    there), else its folder made absolute against this process's working folder and normalised
+    (``a/../b``), symlinks not followed: two hosts' same path is taken for the same (shared)
+    folder, whatever each host's symlinks lead to (``/data`` a symlink on one, a mount on the
+    other). Another path to the same folder on one host is matched by :func:`output_real`."""
     if settings.output_url:
         return settings.output_url
+    return os.path.normpath(settings.output_dir.absolute())
+
+
+def output_real(settings: Settings) -> str | None:
+    """The output folder with its symlinks followed, for :func:`same_output` (None for object
+    storage, or a path that cannot be resolved: a symlink loop, an unreadable parent)."""
+    if settings.output_url:
+        return None
     try:
         return str(settings.output_dir.resolve())
-    except (OSError, RuntimeError):  # a symlink loop, an unreadable parent: as written, made absolute
-        return str(settings.output_dir.absolute())
+    except (OSError, RuntimeError):
+        return None
+
+
+def same_output(mine: Limits, theirs: Limits) -> bool:
+    """Whether two processes' outputs go to one place: the same location as written (made
+    absolute: one path every host shares, whatever its symlinks lead to on each), or the same
+    folder once symlinks are followed (another path to it on one host)."""
+    if mine.output == theirs.output:
+        return True
+    return mine.output_real is not None and mine.output_real == theirs.output_real
+
+
+def fal_location(url: str) -> str:
+    """fal's URL as :func:`elsewhere` compares and the leader publishes it: scheme, host, port and
+    path only — no user, password, query, fragment or path parameters, where a proxy's token may
+    stand (nothing secret reaches Redis or a log line) — with the scheme and host in lower case and
+    a default port left out, so ``HTTPS://Queue.Fal.Run:443/`` is ``https://queue.fal.run``."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "(not a URL)"
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    default = {"https": 443, "http": 80}.get(scheme)
+    netloc = host if port is None or port == default else f"{host}:{port}"
+    path = "/".join(segment.split(";", 1)[0] for segment in parts.path.split("/")).rstrip("/")
+    return hide_keys(f"{scheme}://{netloc}{path}")  # refused in a URL by the settings: the last line
 
 
 def _shown(value: object) -> str:
@@ -656,7 +701,7 @@ def elsewhere(mine: Limits, published: Limits, leader: str) -> list[str]:
     either side may be the one to fix, and a host that only watches (``status``, ``doctor``)
     may differ on purpose."""
     lines = []
-    if published.output is not None and mine.output != published.output:
+    if published.output is not None and not same_output(mine, published):
         lines.append(
             f"this process's outputs go elsewhere than those of {leader}: WANBATCH_OUTPUT_DIR "
             f"{mine.output} here, {published.output} there. Each worker stores the videos it "

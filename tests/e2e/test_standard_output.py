@@ -169,3 +169,43 @@ def test_a_run_whose_stderr_reader_went_away_finishes_and_reports_on_stdout() ->
     assert "3/3 done" in done.stdout
     status = wanbatch("status", "quickstart", "--json")
     assert json.loads(status.stdout)["phase"] == "done"
+
+
+def _stderr_into(path: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """``wanbatch ARGS`` with stdout captured and stderr opened on ``path`` (``/dev/full``)."""
+    with Path(path).open("w") as err:
+        return subprocess.run(
+            [WANBATCH, *args], stdout=subprocess.PIPE, stderr=err, text=True, timeout=300, check=False
+        )
+
+
+def test_a_stderr_on_a_full_device_keeps_the_exit_code_and_the_json_object(tmp_path: Path) -> None:
+    """rich's handler covered a reader gone (EPIPE) only: ENOSPC (``2>log`` on a full disk) made
+    any command an internal error, exit 70, its ``--json`` object saying so."""
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text(BAD_MANIFEST)
+    assert _stderr_into("/dev/full", ["validate", str(manifest)]).returncode == 2
+    done = _stderr_into("/dev/full", ["validate", "--json", str(manifest)])
+    assert done.returncode == 2
+    assert json.loads(done.stdout)["error"] == "1 error(s) in manifest"
+
+
+def test_a_run_whose_terminal_went_away_processes_its_batch() -> None:
+    """``wanbatch run m.yaml &``, ``disown``, then the terminal closes: writes to it fail with EIO,
+    which made the run an internal error (exit 70), its batch left unfinished."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [WANBATCH, "run", str(QUICKSTART), "--simulate"],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+        start_new_session=True,
+    )
+    os.close(slave)
+    os.close(master)  # the terminal goes away: every later write to it fails with EIO
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "3/3 done" in out
+    assert json.loads(wanbatch("status", "quickstart", "--json").stdout)["phase"] == "done"

@@ -36,6 +36,10 @@ from worker.fal.redact import KeyRedactionFilter
         ("postgresql://postgres@127.0.0.1/test", "postgresql://postgres@127.0.0.1/test"),  # a user
         ("http://h:8080/users/@me?page=2", "http://h:8080/users/@me?page=2"),  # a port, no password
         ("http://[::1", "(not a URL)"),
+        # path parameters (RFC 3986 §3.3): a proxy's token there was shown as written
+        ("https://proxy.example/queue;token=SECRET", "https://proxy.example/queue;token=**"),
+        ("https://p/a;v=1/q;x=2;api_key=SECRET?sig=SECRET", "https://p/a;v=1/q;x=2;api_key=**?sig=**"),
+        ("https://p/x;y", "https://p/x;y"),
     ],
 )
 def test_a_url_is_shown_without_its_credentials(url: str, shown: str) -> None:
