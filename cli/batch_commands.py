@@ -371,6 +371,8 @@ def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
                 f"{result.count('only_a')} only in A, {result.count('only_b')} only in B"
             )
         )
+        if (itself := result.same_batch_note()) is not None:
+            out.print(escape(itself))
         if (reused := result.reused_note()) is not None:
             out.print(escape(reused))
         return code
@@ -434,16 +436,20 @@ def _diff_seed(side: JobSide) -> str:
 
 def _diff_row(pair: Pair, labels: dict[str, dict[str, str]]) -> tuple[str, ...]:
     """One ``diff`` table row: the job (item and varied fields, :func:`_diff_labels`), result,
-    what differs (first ``reused output`` for a pair that is one render, :attr:`Pair.reused`),
-    and seed, video and cost of A and B."""
+    what differs (first ``reused output`` for a pair that is one render, :attr:`Pair.reused`;
+    for a job compared with itself, which differs in nothing, ``no video (STATUS)`` when it has
+    none), and seed, video and cost of A and B."""
 
     def both(show: Callable[[JobSide], str]) -> str:
         return " / ".join("–" if s is None else show(s) for s in (pair.a, pair.b))
 
+    what = ["reused output"] * pair.reused + pair.differs()
+    if pair.same_job and pair.a is not None and pair.a.video_sha256 is None:
+        what.append(f"no video ({pair.a.status})")
     return (
         _diff_job(pair, labels),
         pair.outcome,
-        ", ".join(["reused output"] * pair.reused + pair.differs()),
+        ", ".join(what),
         both(_diff_seed),
         both(lambda s: (s.video_sha256 or "no video")[:12]),
         both(lambda s: "–" if s.cost_usd is None else usd(s.cost_usd)),

@@ -41,6 +41,12 @@ input pinned (``pinned_seed``), if any. :meth:`BatchDiff.varied` names, for each
 fields that tell it from the other jobs of its item (a matrix's ``resolution``, say), which
 ``item_index`` alone cannot.
 
+A batch compared with itself (``diff X X``) pairs every job with itself (:attr:`Pair.same_job`,
+by its key): nothing was reused between the two sides, and nothing differs between a job and
+itself, so such a pair is never flagged as reused and names nothing in ``differs``; its outcome
+keeps its meaning (``same`` when the job has a video, else ``different``: the exit code says
+whether every job of the batch has one). :meth:`BatchDiff.same_batch_note` says it in one line.
+
 Each side says whether it is a simulation (``simulated``): the simulator's placeholder videos say
 nothing about what fal renders, so a simulation compared with a batch sent to fal is said
 (:meth:`BatchDiff.simulated_note`), whatever the counts.
@@ -198,17 +204,26 @@ class Pair:
         return "same" if same else "different"
 
     @property
+    def same_job(self) -> bool:
+        """Both sides are one job (a batch compared with itself)."""
+        return self.a is not None and self.b is not None and self.a.job_id == self.b.job_id
+
+    @property
     def reused(self) -> bool:
         """Both sides' videos come from one render: one side reused the other's output, or both
         reused the same original's (``reuse_outputs``). Equal bytes then say nothing about
-        whether the request reproduces: it was rendered once."""
-        return self.a is not None and self.b is not None and self.a.rendered_by == self.b.rendered_by
+        whether the request reproduces: it was rendered once. Never for a job compared with
+        itself (:attr:`same_job`): nothing was reused between the two sides, whether or not the
+        job took its video from another."""
+        if self.a is None or self.b is None or self.same_job:
+            return False
+        return self.a.rendered_by == self.b.rendered_by
 
     def differs(self) -> list[str]:
         """Which of endpoint, video, status, seed, prompt and cost differ (empty for an unmatched
-        job)."""
+        job, and for a job compared with itself: nothing differs, with a video or without)."""
         a, b = self.a, self.b
-        if a is None or b is None:
+        if a is None or b is None or self.same_job:
             return []
         checks = {
             "endpoint": a.endpoint != b.endpoint,
@@ -250,9 +265,25 @@ class BatchDiff:
         return all(p.outcome == "same" for p in self.pairs)
 
     @property
+    def same_batch(self) -> bool:
+        """Both sides are one batch: every job is compared with itself."""
+        return bool(self.batch_a["batch"] == self.batch_b["batch"])
+
+    @property
     def reused(self) -> int:
         """How many of the ``same`` pairs are one render, reused (:attr:`Pair.reused`)."""
         return sum(1 for p in self.pairs if p.outcome == "same" and p.reused)
+
+    def same_batch_note(self) -> str | None:
+        """What to say when both sides are one batch, else None: the counts then say which of
+        its jobs have a video, not whether anything reproduces."""
+        if not self.same_batch:
+            return None
+        return (
+            f"both sides are the same batch ({self.batch_a['name']}): every job is compared with "
+            "itself, so `same` counts its jobs that have a video and `different` those without one; "
+            "this says nothing about whether fal reproduces them"
+        )
 
     def reused_note(self) -> str | None:
         """What to say when some ``same`` pairs reused an output rather than rendering it, else
@@ -309,6 +340,7 @@ class BatchDiff:
         return {
             "batch_a": self.batch_a,
             "batch_b": self.batch_b,
+            "same_batch": self.same_batch,
             "identical": self.identical,
             "same": self.count("same"),
             "different": self.count("different"),

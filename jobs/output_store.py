@@ -549,6 +549,49 @@ def output_size(output_path: str) -> int | None:
         ) from None
 
 
+#: How much of a stored output :func:`output_sha256` reads at a time.
+HASH_CHUNK = 1024 * 1024
+
+
+def output_sha256(output_path: str) -> str | None:
+    """SHA-256 of a recorded output's bytes as stored now (local path or ``s3://`` URI), read
+    streaming, one chunk at a time; None when it is gone.
+
+    As for :func:`output_size`, a local output is gone when anything but a regular file stands at
+    its path (the file is opened without following a symlink), or when it cannot be read: no job
+    may take what cannot be checked. An object that cannot be read for another reason than "not
+    there" (refused, unreachable) raises :class:`OutputReadError`."""
+    digest = hashlib.sha256()
+    if not is_s3_url(output_path):
+        try:
+            # never through a symlink, and never blocking on a pipe (fstat refuses it below)
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+            fd = os.open(output_path, flags)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            try:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    return None
+                while chunk := fh.read(HASH_CHUNK):
+                    digest.update(chunk)
+            except OSError:
+                return None
+        return digest.hexdigest()
+    bucket, key = _object(output_path)
+    try:
+        body = _client().get_object(Bucket=bucket, Key=key)["Body"]
+        for chunk in body.iter_chunks(HASH_CHUNK):
+            digest.update(chunk)
+    except Exception as exc:
+        if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise OutputReadError(
+            f"cannot read {output_path}: {_reason(exc, bucket)}", refused=_refused(exc)
+        ) from None
+    return digest.hexdigest()
+
+
 def fetch_output(output_path: str, target: Path, sha256: str | None = None) -> str:
     """Place a recorded output at ``target``: hard-link or copy a local file, download an object
     (into a temporary file beside ``target``, SHA-256 checked, given the user's usual file mode

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from datetime import timedelta
@@ -28,9 +29,13 @@ JOBS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def _succeed(engine: Engine, job_id: str, video: Path | str, size: int | None = None) -> None:
+def _succeed(engine: Engine, job_id: str, video: Path | str, body: bytes | None = None) -> None:
     """Take ``job_id`` through fal to ``succeeded`` with ``video`` as its output (a local file,
-    or an ``s3://`` URI of ``size`` bytes)."""
+    or an ``s3://`` URI holding ``body``), its size and SHA-256 recorded as the download step
+    records them."""
+    if isinstance(video, Path):
+        body = video.read_bytes()
+    assert body is not None
     with db.session_scope(engine) as session:
         assert store.transition(session, job_id, S.PENDING, S.SUBMITTING)
         assert store.transition(session, job_id, S.SUBMITTING, S.QUEUED, request_id=f"r-{job_id}")
@@ -41,12 +46,16 @@ def _succeed(engine: Engine, job_id: str, video: Path | str, size: int | None = 
             S.DOWNLOADING,
             S.SUCCEEDED,
             output_path=str(video),
-            output_sha256="ab" * 32,
-            output_bytes=video.stat().st_size if isinstance(video, Path) else size,
+            output_sha256=hashlib.sha256(body).hexdigest(),
+            output_bytes=len(body),
             seed=5,
             actual_prompt="a fox, expanded",
             actual_usd=Decimal("0.4"),
         )
+
+
+def _sha(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
 
 
 def _second_batch(engine: Engine, reuse: bool) -> list[str]:
@@ -76,7 +85,7 @@ def test_a_pinned_seed_twin_is_reused_and_an_unseeded_one_sent(engine: Engine, t
         job = store.get_job(session, seeded)
         assert job.state == S.SUCCEEDED
         assert job.reused_from == first[0]
-        assert (job.output_path, job.output_sha256, job.seed) == (str(video), "ab" * 32, 5)
+        assert (job.output_path, job.output_sha256, job.seed) == (str(video), _sha(b"video bytes"), 5)
         assert job.actual_prompt == "a fox, expanded"
         assert job.actual_usd == 0
         assert job.request_id is None
@@ -163,6 +172,70 @@ def test_a_later_twin_is_reused_when_the_originals_file_is_gone(engine: Engine, 
     assert dispatch(rt) == [last]
 
 
+def _flip_a_byte(video: Path, at: int = 3) -> None:
+    """Change one byte of ``video`` in place: the same size, other bytes."""
+    data = bytearray(video.read_bytes())
+    data[at] ^= 0xFF
+    video.write_bytes(bytes(data))
+
+
+def test_a_twin_whose_video_changed_since_it_was_stored_is_not_reused(
+    engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One byte of the stored video flipped (same size): its SHA-256 is no longer the recorded
+    one, so a reusing job would record a SHA-256 its file does not have. Not taken: the next
+    twin's intact video is, or the job is sent; one warning names the file."""
+    first, rerun = tmp_path / "first.mp4", tmp_path / "rerun.mp4"
+    first.write_bytes(b"video bytes")
+    rerun.write_bytes(b"video bytes, rerun")
+    (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
+    _succeed(engine, original, first)
+    (again,) = job_ids(engine, add_batch(engine, "lc-rerun-1", JOBS[:1]))
+    _succeed(engine, again, rerun)
+    _flip_a_byte(first)
+    rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10))
+
+    (later,) = job_ids(engine, _reusing(engine, "later"))
+    with caplog.at_level(logging.WARNING):
+        assert dispatch(rt) == []  # not sent: the rerun's video is intact
+    assert _reused_from(engine, later) == again
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, later)
+        assert (job.output_path, job.output_sha256) == (str(rerun), _sha(rerun.read_bytes()))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert str(first) in warnings[0]
+    assert "changed since it was stored" in warnings[0]
+    assert f"not reusing the output of job {original}" in warnings[0]
+
+    caplog.clear()
+    _flip_a_byte(rerun)  # every twin's video changed: sent, rendered again
+    (last,) = job_ids(engine, _reusing(engine, "last"))
+    with caplog.at_level(logging.WARNING):
+        assert dispatch(rt) == [last]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert all("changed since it was stored" in w for w in warnings), warnings
+
+
+def test_a_twin_whose_video_has_another_size_is_not_reused_and_said(
+    engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    video = tmp_path / "first.mp4"
+    video.write_bytes(b"video bytes")
+    (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
+    _succeed(engine, original, video)
+    video.write_bytes(b"video bytes and more")
+    (later,) = job_ids(engine, _reusing(engine, "later"))
+    rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10))
+    with caplog.at_level(logging.WARNING):
+        assert dispatch(rt) == [later]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert str(video) in warnings[0]
+    assert "20 bytes, not the 11 recorded" in warnings[0]
+
+
 # --------------------------------------------------------------------------- outputs in S3
 
 BUCKET = "reuse-checks"
@@ -184,9 +257,9 @@ def _stored(s3: MotoS3, key: str, body: bytes) -> str:
 @pytest.mark.s3
 def test_s3_a_later_twins_object_is_reused_when_the_originals_is_gone(engine: Engine, s3: MotoS3) -> None:
     (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
-    _succeed(engine, original, _stored(s3, "tokyo/lc/0.mp4", b"video"), size=5)
+    _succeed(engine, original, _stored(s3, "tokyo/lc/0.mp4", b"video"), b"video")
     (again,) = job_ids(engine, add_batch(engine, "lc-rerun-1", JOBS[:1]))
-    _succeed(engine, again, _stored(s3, "tokyo/lc-rerun-1/0.mp4", b"video"), size=5)
+    _succeed(engine, again, _stored(s3, "tokyo/lc-rerun-1/0.mp4", b"video"), b"video")
     s3.client().delete_object(Bucket=BUCKET, Key="tokyo/lc/0.mp4")
     (later,) = job_ids(engine, _reusing(engine, "later"))
     rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10))
@@ -201,7 +274,7 @@ def test_s3_a_refused_check_pauses_the_batch_and_sends_nothing(
     """Credentials that may not read (HEAD answers 403): not a reason to pay for the render
     again. Nothing of the batch is sent (not even its unseeded job); it is paused, one line."""
     (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
-    _succeed(engine, original, _stored(s3, "tokyo/lc/0.mp4", b"video"), size=5)
+    _succeed(engine, original, _stored(s3, "tokyo/lc/0.mp4", b"video"), b"video")
     batch_id = _reusing(engine, "later", JOBS)
     sent: list[str] = []
     rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10), enqueue_submit=sent.append)
@@ -229,7 +302,7 @@ def test_s3_an_unreachable_storage_delays_the_job_then_pauses_its_batch(
     """Storage that cannot be reached: the job waits (pending, checked again after the backoff),
     up to WANBATCH_DOWNLOAD_ATTEMPTS checks; then its batch is paused. Never sent meanwhile."""
     (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
-    _succeed(engine, original, _stored(s3, "tokyo/lc/0.mp4", b"video"), size=5)
+    _succeed(engine, original, _stored(s3, "tokyo/lc/0.mp4", b"video"), b"video")
     batch_id = _reusing(engine, "later")
     (later,) = job_ids(engine, batch_id)
     settings = Settings(submit_rate=1000, max_outstanding=10, download_attempts=2, retry_base_delay=30)
@@ -256,3 +329,27 @@ def test_s3_an_unreachable_storage_delays_the_job_then_pauses_its_batch(
         assert batch.state == BatchState.PAUSED
         assert "cannot reach" in (batch.pause_reason or "")
         assert "(after 2 tries)" in (batch.pause_reason or "")
+
+
+@pytest.mark.s3
+def test_s3_an_object_replaced_by_other_bytes_of_its_size_is_not_reused(
+    engine: Engine, s3: MotoS3, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The HEAD sees the recorded size; the object's bytes (read back and hashed) are others."""
+    (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
+    uri = _stored(s3, "tokyo/lc/0.mp4", b"video")
+    _succeed(engine, original, uri, b"video")
+    _stored(s3, "tokyo/lc/0.mp4", b"vidEo")
+    (later,) = job_ids(engine, _reusing(engine, "later"))
+    rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10))
+    with caplog.at_level(logging.WARNING):
+        assert dispatch(rt) == [later]  # sent
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert uri in warnings[0]
+    assert "changed since it was stored" in warnings[0]
+
+    _stored(s3, "tokyo/lc/0.mp4", b"video")  # the stored bytes back: reused again
+    (back,) = job_ids(engine, _reusing(engine, "back"))
+    assert dispatch(rt) == []
+    assert _reused_from(engine, back) == original

@@ -114,7 +114,7 @@ def _succeed(engine: Engine, job_id: str, video: Path) -> None:
             S.DOWNLOADING,
             S.SUCCEEDED,
             output_path=str(video),
-            output_sha256="ab" * 32,
+            output_sha256=hashlib.sha256(video.read_bytes()).hexdigest(),
             output_bytes=video.stat().st_size,
             seed=91,
             actual_usd=Decimal("0.2"),
@@ -180,7 +180,12 @@ def test_an_old_succeeded_video_is_reused_though_its_failed_twin_holds_the_key(
                     "UPDATE jobs SET state = 'succeeded', output_path = :p, output_sha256 = :s, "
                     "output_bytes = :b WHERE id = :j"
                 ),
-                {"p": str(video), "s": "ab" * 32, "b": video.stat().st_size, "j": done},
+                {
+                    "p": str(video),
+                    "s": hashlib.sha256(video.read_bytes()).hexdigest(),
+                    "b": video.stat().st_size,
+                    "j": done,
+                },
             )
         migrate(engine, from_models=False)
         new = _old_batch(old_url, "new", [(local, {"image_url": {"source": "x", "sha256": digest}})])

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from jobs import db, output_store, store
 from jobs.endpoints import all_endpoints
-from jobs.models import BatchRecord, BatchState, JobRecord, utcnow
+from jobs.models import BatchRecord, BatchState, Job, JobRecord, utcnow
 from jobs.money import BATCH_CAP_ERROR, DAILY_CAP_ERROR, usd_text
 from jobs.output_location import is_s3_url
 from jobs.output_store import OutputReadError
@@ -268,12 +268,15 @@ def _reuse(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches
     and taking another job's video would silently stand in for it. Up to :data:`REUSE_CHECKS`
     twins are checked, oldest first (twins that reused another's output are their source's
     stand-ins, not checked again); the first whose file is on disk (or whose object is in S3) at
-    the recorded size is taken (not re-hashed: that would read every video inside the claim's
-    transaction). Only when every one checked is gone or changed is the job sent. No sidecar is
-    written for the reusing job: it points at the original's file, and its export record
-    carries ``reused_from``.
+    the recorded size *and* with the recorded SHA-256 is taken (:func:`_verified`): the job then
+    records that SHA-256 as its video's, so it must be the bytes stored now. Hashing reads the
+    file once (downloads the object, for S3), inside the claim's transaction: the price of one
+    read per reused job, small next to the render it saves. A twin whose file changed since it
+    was stored is passed over with a warning naming the file. Only when every one checked is
+    gone or changed is the job sent. No sidecar is written for the reusing job: it points at the
+    original's file, and its export record carries ``reused_from``.
 
-    A check that fails for another reason than "not there" (S3 refusing the HEAD, unreachable,
+    A check that fails for another reason than "not there" (S3 refusing the HEAD or the GET, unreachable,
     late) never turns into a paid render: the job stays ``pending`` (:data:`WAIT`) and is
     checked again after the step's backoff, up to ``WANBATCH_DOWNLOAD_ATTEMPTS`` times (as an
     upload is); a refusal (access denied, credentials refused), which waiting does not heal,
@@ -293,8 +296,7 @@ def _reuse(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches
             continue
         checked.add(path)
         try:
-            # a local file's size, or the object's (one HEAD request) when outputs are in S3
-            intact = output_store.output_size(path) == source.output_bytes
+            intact = _verified(job, source, path)
         except OutputReadError as exc:
             failing.add(_storage(path))
             failed = exc if failed is None or (exc.refused and not failed.refused) else failed
@@ -313,6 +315,38 @@ def _reuse(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches
             extra={"event": "reuse.output_gone", "job_id": job.id, "batch_id": job.batch_id},
         )
     return SEND
+
+
+def _verified(job: JobRecord, source: Job, path: str) -> bool:
+    """Whether the output ``source`` recorded at ``path`` is still the video it stored: there,
+    of the recorded size (a local file's size, or the object's: one HEAD request, when outputs
+    are in S3), and then of the recorded SHA-256 (the whole file read, streaming). A file of
+    another size or other bytes changed since it was stored: one warning names it. A file gone
+    is said by the caller (sent, unless a later twin's is intact). :class:`OutputReadError` when
+    the storage cannot be asked."""
+    size = output_store.output_size(path)
+    if size is None:
+        return False
+    why = None
+    if size != source.output_bytes:
+        why = f"{size:,} bytes, not the {source.output_bytes or 0:,} recorded"
+    else:
+        digest = output_store.output_sha256(path)
+        if digest is None:
+            return False  # gone (or unreadable) since its size was looked at
+        if digest != source.output_sha256:
+            why = f"SHA-256 {digest[:12]}…, not the {(source.output_sha256 or '')[:12]}… recorded"
+    if why is None:
+        return True
+    log.warning(
+        "job %s: not reusing the output of job %s: %s changed since it was stored (%s)",
+        job.id,
+        source.id,
+        path,
+        why,
+        extra={"event": "reuse.output_changed", "job_id": job.id, "batch_id": job.batch_id},
+    )
+    return False
 
 
 def _take_staged(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches) -> str:
