@@ -905,6 +905,8 @@ def run(
                 print_warnings(result)
                 if note := result.simulation_note():
                     err.print(f"[yellow]{escape(note)}[/yellow]")
+                if note := result.moved_note():
+                    err.print(f"[yellow]{escape(note)}[/yellow]")
                 print_budget_note(result)
                 if note := result.schedule_note():
                     err.print(f"[yellow]{escape(note)}[/yellow]")

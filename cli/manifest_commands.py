@@ -115,6 +115,8 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
         print_warnings(result)  # on stderr, with --json too: a script sees them in its log
         if note := result.simulation_note():
             err.print(escape(note))
+        if note := result.moved_note():
+            err.print(escape(note))
         print_budget_note(result)
         if note := result.schedule_note():
             err.print(escape(note))

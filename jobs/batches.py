@@ -244,6 +244,11 @@ class SubmitResult:
     renumbered: int = 0
     #: Jobs of the batch the manifest no longer has (kept, numbered after its items).
     not_in_manifest: int = 0
+    #: ``{"from": old, "to": new}`` (absolute paths) when the batch's manifest was submitted
+    #: from somewhere else than last time (its folder moved): its files are read from there now.
+    manifest_moved: dict[str, str] | None = None
+    #: The manifest as the command was given it (how :meth:`moved_note` names the new place).
+    manifest_given: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The contract's ``submit --json`` object (batch, total, counts) plus what was added."""
@@ -263,8 +268,19 @@ class SubmitResult:
             "simulated": self.simulated,
             "renumbered": self.renumbered,
             "not_in_manifest": self.not_in_manifest,
+            "manifest_moved": self.manifest_moved,
             "warnings": list(self.warnings),
         }
+
+    def moved_note(self) -> str | None:
+        """The stderr line saying the batch's manifest (and so its files) is somewhere else now, or None."""
+        if self.manifest_moved is None:
+            return None
+        now = self.manifest_given or self.manifest_moved["to"]
+        return (
+            f"batch {self.name} moved: its manifest is now {shown_path(now)} "
+            f"(was {shown_path(self.manifest_moved['from'])})"
+        )
 
     def simulation_note(self) -> str | None:
         """The stderr line saying a simulation gave this batch its name, or None."""
@@ -522,7 +538,10 @@ def submit_manifest(
     the result says so in ``budget_changed``); so do its current ``schedule`` and ``priority``
     (``schedule_changed``), and ``reuse_outputs``. A user's ``wanbatch pause`` is left as it is:
     only ``resume`` ends it. A batch ``wanbatch cancel`` ended is refused (:func:`refuse_cancelled`)
-    and nothing is stored: its new jobs would only be cancelled.
+    and nothing is stored: its new jobs would only be cancelled. Submitted from another place
+    than last time (its folder moved, ``manifest_moved``), the batch takes the new manifest path,
+    and its stored jobs the paths the manifest now gives their files (the same bytes: the same
+    keys), so what is not sent yet, and a later ``rerun``, reads them from there.
 
     ``simulated`` (``--simulate``): the batch is a simulation, stored apart from any batch of
     the same name sent to fal (:func:`jobs.store.name_for_batch`). ``refuse_paused_batch``
@@ -536,12 +555,13 @@ def submit_manifest(
             raise ManifestError(report.issues)
         report.issues = [_deadline_note(i) if i.code in _SCHEDULE_OVER else i for i in report.issues]
     assert manifest is not None
+    manifest_path = str(Path(path).resolve())
     with db.session_scope(engine) as session:
         name, moved = store.name_for_batch(session, manifest.name, simulated=simulated)
         batch, created = store.get_or_create_batch(
             session,
             name=name,
-            manifest_path=str(Path(path).resolve()),
+            manifest_path=manifest_path,
             manifest_sha256=manifest.sha256,
             budget_max_usd=manifest.budget_max_usd,
             schedule=manifest.schedule,
@@ -552,6 +572,12 @@ def submit_manifest(
         )
         if not created:  # raised inside the transaction: nothing is stored
             refuse_cancelled(session, batch, manifest=True)
+        manifest_moved = None
+        if not created and batch.manifest_path != manifest_path:
+            # Submitted from another place (its folder moved): the manifest submitted now says
+            # where its files are; resubmit_jobs gives the stored jobs their new paths.
+            manifest_moved = {"from": batch.manifest_path, "to": manifest_path}
+            store.set_batch_manifest_path(session, batch.id, manifest_path)
         budget_changed = None if created else _apply_budget(session, batch, manifest.budget_max_usd)
         if not created and (batch.manifest_text, batch.manifest_sha256) != (manifest.text, manifest.sha256):
             # Provenance: the batch keeps the manifest it was last submitted from.
@@ -586,6 +612,7 @@ def submit_manifest(
             result.moved_aside, result.reruns_moved = moved[0][1], moved[1:]
         if stored is not None:
             result.renumbered, result.not_in_manifest = stored.renumbered, stored.not_in_manifest
+        result.manifest_moved, result.manifest_given = manifest_moved, str(path)
         return result
 
 
@@ -1967,7 +1994,7 @@ def _source_problem(path: Path, recorded: set[str]) -> str | None:
     if real != path:  # stored fully resolved: a symlink appeared since
         return f"now leads to {shown_path(real)} (a symlink appeared since the batch was submitted)"
     if not path.exists():
-        return "missing (deleted or moved since the batch was submitted)"
+        return _MISSING
     if not path.is_file():
         return "no longer a file"
     try:
@@ -1991,5 +2018,20 @@ def _sources_changed(parent: Batch, lines: list[str]) -> str:
         f"every job that sends {'it' if one else 'one of them'} would fail; nothing was stored. "
         "Put the original file back to "
         "reproduce the batch, or submit the edited manifest as a new batch (another `name:`) to "
-        "render the new image:\n" + "\n".join(f"  {line}" for line in lines)
+        f"render the new image{_moved_hint(parent, lines)}:\n" + "\n".join(f"  {line}" for line in lines)
     )
+
+
+def _moved_hint(parent: Batch, lines: list[str]) -> str:
+    """What :func:`_sources_changed` adds when a file is missing: the folder may have moved, and
+    submitting its manifest from the new place gives the batch its files back (a batch made
+    from a manifest: a rerun's jobs are its own, and submitting moves only its parent's)."""
+    if parent.parent_batch_id is not None or not any(line.endswith(_MISSING) for line in lines):
+        return ""
+    again = f"NEW-FOLDER/{Path(parent.manifest_path).name}"
+    command = f"wanbatch run {again} --simulate" if parent.simulated else f"wanbatch submit {again}"
+    return f"; moved the manifest's folder? give the batch its new place first (`{shown_path(command)}`)"
+
+
+#: What :func:`_source_problem` says of a file no longer there.
+_MISSING = "missing (deleted or moved since the batch was submitted)"

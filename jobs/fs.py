@@ -87,15 +87,25 @@ def shown_in_folder(path: str | os.PathLike[str], folder: str | os.PathLike[str]
     """A stored (absolute, resolved) input path as a message names it: relative to ``folder``
     (the manifest's, where the user wrote ``images/car.png``) when it lies inside it, else
     absolute (a file from an ``--allow-dir`` folder, or no folder known); on one line, as
-    :func:`shown_path`. Only ``folder`` is resolved (it may be reached through a symlink)."""
+    :func:`shown_path`. Only ``folder`` is resolved (it may be reached through a symlink).
+
+    Absolute too when ``folder`` is no longer there (the user moved the project): named relative
+    to it, a missing ``images/car.png`` would read as the file the user sees in the new folder."""
     if folder is not None:
         try:
             base = Path(folder).resolve()
         except (OSError, RuntimeError, ValueError):
             base = None
-        if base is not None and Path(path).is_relative_to(base):
+        if base is not None and Path(path).is_relative_to(base) and _is_dir(base):
             return shown_path(Path(path).relative_to(base))
     return shown_path(path)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def path_error(exc: OSError) -> str | None:

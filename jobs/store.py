@@ -66,6 +66,7 @@ from sqlalchemy.orm.util import identity_key
 from sqlalchemy.sql.elements import BindParameter
 
 from jobs import billing, db
+from jobs.endpoints import get_endpoint
 from jobs.errors import NotFoundError
 from jobs.models import (
     EVERY_BATCH,
@@ -207,6 +208,7 @@ __all__ = [
     "sent_attempts",
     "set_batch_budget",
     "set_batch_manifest",
+    "set_batch_manifest_path",
     "set_batch_schedule",
     "set_batch_state",
     "set_paused_by_user",
@@ -595,6 +597,17 @@ def _schedule_doc(schedule: Schedule | None) -> dict[str, Any] | None:
     return None if schedule is None or schedule.is_empty() else schedule.as_json()
 
 
+def set_batch_manifest_path(session: Session, batch_id: str, path: str) -> None:
+    """Record where the batch's manifest is now (its folder was moved, or it was submitted again
+    from a copy): the folder its files are named relative to, and ``rerun`` checks them from."""
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(manifest_path=path)
+        .execution_options(synchronize_session="fetch")
+    )
+
+
 def set_batch_schedule(session: Session, batch_id: str, schedule: Schedule | None, priority: str) -> None:
     """Replace a batch's schedule (``None`` or empty: none) and queue priority.
 
@@ -859,6 +872,9 @@ class Resubmitted:
     renumbered: int
     #: The batch's jobs whose key the manifest no longer has: kept, numbered after its items.
     not_in_manifest: int
+    #: Jobs already stored whose media the manifest now names elsewhere (the same bytes under
+    #: another path: its folder moved, or a file was renamed): they read them from there now.
+    relocated: int = 0
 
 
 def resubmit_jobs(
@@ -882,6 +898,12 @@ def resubmit_jobs(
     in the order those jobs had, each keeping its variant: no place names two jobs, and no place
     of the manifest names a job that is not there. The manifest's keys are kept in a temporary
     table of this transaction, not in memory, so a resubmit stays bounded like a submit.
+
+    A job's key stands for its files by their bytes, not their paths, so a manifest submitted
+    again from a folder it was moved to (or naming a file renamed since) finds its jobs stored
+    with the old paths: each takes the manifest's media values and ``source_files``
+    (:func:`_relocate_stored`): the manifest submitted now says where its files are, even when
+    the old path still holds them. ``submitted_input`` (what a sent job sent) is never touched.
     """
     conn = session.connection()
     pg = conn.dialect.name == "postgresql"
@@ -890,11 +912,13 @@ def resubmit_jobs(
     seen = table(_SEEN, column("job_key"))
     conn.execute(delete(seen))
     staged_keys = select(table(_STAGING, column("job_key")).c.job_key)
-    added = present = renumbered = 0
+    added = present = renumbered = relocated = 0
     for block in _chunks(jobs, chunk):
         inserted = _insert_jobs(conn, batch_id, block)
         added += inserted
         present += len(block) - inserted
+        if inserted < len(block):
+            relocated += _relocate_stored(conn, batch_id, block)
         if pg:  # the chunk is still in the staging table _insert_chunk_pg filled
             if inserted < len(block):
                 renumbered += _place_stored_pg(conn)
@@ -923,7 +947,42 @@ def resubmit_jobs(
                 moves,
             )
     conn.exec_driver_sql(f"DROP TABLE {_SEEN}")
-    return Resubmitted(added, present, renumbered, gone)
+    return Resubmitted(added, present, renumbered, gone, relocated)
+
+
+def _relocate_stored(conn: Connection, batch_id: str, block: list[NewJob]) -> int:
+    """Give the jobs of ``block`` stored already the media values the manifest now has, where
+    they differ (the same bytes under another path, or another spelling), with its
+    ``source_files``; how many changed.
+
+    Only the endpoint's media fields are replaced: the key matched, so the rest is the same
+    input, and a value stored since (never in the manifest) stays. Every such job, sent or not:
+    one never sent reads its files from the new path when it is sent, one sent keeps what it
+    sent (``submitted_input``) and is repeated by ``rerun`` from the new path."""
+    wanted = {job.key: job for job in block}
+    stored = conn.execute(
+        select(_JOBS.c.id, _JOBS.c.job_key, _JOBS.c.input, _JOBS.c.source_files).where(
+            _JOBS.c.batch_id == batch_id, _JOBS.c.job_key.in_(list(wanted))
+        )
+    ).all()
+    changes = []
+    for job_id, key, old_input, old_sources in stored:
+        new = wanted[key]
+        fields = [f.name for f in get_endpoint(new.endpoint).media_fields if f.name in new.input]
+        media = {name: new.input[name] for name in fields if old_input.get(name) != new.input[name]}
+        if media or old_sources != new.source_files:
+            changes.append({"b_id": job_id, "b_input": {**old_input, **media}, "b_sources": new.source_files})
+    if changes:
+        conn.execute(
+            update(_JOBS)
+            .where(_JOBS.c.id == bindparam("b_id"))
+            .values(
+                input=bindparam("b_input", type_=_JOBS.c.input.type),
+                source_files=bindparam("b_sources", type_=_JOBS.c.source_files.type),
+            ),
+            changes,
+        )
+    return len(changes)
 
 
 def places_after(jobs: Sequence[tuple[Any, int, int]], first_item: int) -> list[int]:

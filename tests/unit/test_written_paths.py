@@ -163,3 +163,12 @@ def test_a_run_time_refusal_outside_the_manifest_folder_is_absolute(tmp_path: Pa
         with pytest.raises(UsageError) as missing:
             prepare_input({"image_url": gone}, ["image_url"], preparer=_preparer(), folder=folder)
         assert str(missing.value) == f"media file '{gone}' does not exist"
+
+
+def test_a_run_time_refusal_in_a_folder_no_longer_there_is_absolute(tmp_path: Path) -> None:
+    """The project was moved and its batch run by name: ``images/a.jpg`` would name the file
+    the user sees in the new folder, which exists; the stored path is what is missing."""
+    gone = str(tmp_path / "proj" / "images" / "a.jpg")
+    with pytest.raises(UsageError) as missing:
+        prepare_input({"image_url": gone}, ["image_url"], preparer=_preparer(), folder=tmp_path / "proj")
+    assert str(missing.value) == f"media file '{gone}' does not exist"

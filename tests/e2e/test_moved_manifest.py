@@ -1,0 +1,161 @@
+"""A project folder (manifest and images) moved, and its manifest submitted again from there.
+
+Audit: the batch, found by its ``name:``, kept the old folder (``manifest_path``), and its jobs,
+found by their keys (which stand for the files by their bytes), kept the old absolute paths:
+``run proj2/m.yaml`` failed the unsent job ("media file 'images/landscape.jpg' does not exist",
+named relative to the old folder, so it named a file the user could see), and ``rerun`` refused
+("images/landscape.jpg: missing"). Submitted from its new place, the batch takes it: its
+manifest path, and every stored job's media paths; what a job sent stays what it sent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import EXAMPLES, db_rows
+from tests.in_process import run_main
+
+MANIFEST = """\
+name: {name}
+endpoint: fal-ai/wan-i2v
+defaults: {{resolution: 480p}}
+items:
+{items}"""
+ONE = "  - {prompt: moved before run, image_url: images/landscape.jpg, seed: 4}\n"
+TWO = ONE + "  - {prompt: a second one, image_url: images/night.jpg, seed: 5}\n"
+
+
+def _project(work: Path, name: str, items: str = ONE) -> Path:
+    """``work/proj``: a manifest beside a copy of the example images; its path."""
+    folder = work / "proj"
+    shutil.copytree(EXAMPLES / "images", folder / "images")
+    path = folder / "m.yaml"
+    path.write_text(MANIFEST.format(name=name, items=items), encoding="utf-8")
+    return path
+
+
+def _url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'wanbatch.db'}"
+
+
+def _jobs(tmp_path: Path, batch: str) -> list[tuple[str, dict[str, Any], str | None]]:
+    """The batch's jobs in item order: state, input, submitted input (its JSON text)."""
+    rows = db_rows(
+        _url(tmp_path),
+        "SELECT j.state, j.input, j.submitted_input FROM jobs j JOIN batches b ON b.id = j.batch_id "
+        f"WHERE b.name = '{batch}' ORDER BY j.item_index",
+    )
+    return [(state, json.loads(given), sent) for state, given, sent in rows]
+
+
+def _manifest_path(tmp_path: Path, batch: str) -> str:
+    return str(db_rows(_url(tmp_path), f"SELECT manifest_path FROM batches WHERE name = '{batch}'")[0][0])
+
+
+def _moved_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if " moved: its manifest is now " in line]
+
+
+def test_a_moved_project_sends_its_unsent_jobs_from_the_new_folder(
+    sim: SimulatorHandle,
+    e2e_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The audit's repro: submitted, moved before it ran, then run from the new folder."""
+    _project(e2e_env, "mv4")
+    assert run_main(["submit", "proj/m.yaml"], monkeypatch) == 0
+    capsys.readouterr()
+    (e2e_env / "proj").rename(e2e_env / "proj2")
+
+    assert run_main(["run", "proj2/m.yaml", "--no-progress"], monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert _moved_lines(err) == [
+        f"batch mv4 moved: its manifest is now proj2/m.yaml (was {e2e_env / 'proj' / 'm.yaml'})"
+    ], err
+    assert "does not exist" not in err
+    assert _manifest_path(tmp_path, "mv4") == str(e2e_env / "proj2" / "m.yaml")
+    [(state, given, sent)] = _jobs(tmp_path, "mv4")
+    assert state == "succeeded"
+    assert given["image_url"] == str(e2e_env / "proj2" / "images" / "landscape.jpg")
+    assert sent is not None
+    assert json.loads(sent)["image_url"].startswith("data:image/jpeg;base64,")
+    assert sim.ledger()["accepted"] == 1
+
+    # Submitted again from there: nothing moved, nothing said.
+    assert run_main(["submit", "proj2/m.yaml"], monkeypatch) == 0
+    assert _moved_lines(capsys.readouterr().err) == []
+
+    # The rerun finds its files in the new folder, and is stored as from there.
+    assert run_main(["rerun", "mv4", "--no-progress"], monkeypatch) == 0
+    assert _moved_lines(capsys.readouterr().err) == []
+    assert _manifest_path(tmp_path, "mv4-rerun-1") == str(e2e_env / "proj2" / "m.yaml")
+    [(state, given, _)] = _jobs(tmp_path, "mv4-rerun-1")
+    assert (state, given["image_url"]) == ("succeeded", str(e2e_env / "proj2" / "images" / "landscape.jpg"))
+
+
+def test_rerun_after_a_move_finds_the_files_once_the_manifest_was_run_from_there(
+    e2e_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run (a simulation) before the move: every job is done, and the rerun reads the stored
+    paths. Refused before the batch knows the new place, with the file's absolute path (its
+    old folder is gone: ``images/landscape.jpg`` would name the file in the new one)."""
+    _project(e2e_env, "mv2")
+    assert run_main(["run", "proj/m.yaml", "--simulate", "--no-progress"], monkeypatch) == 0
+    (e2e_env / "proj").rename(e2e_env / "proj2")
+    capsys.readouterr()
+
+    assert run_main(["rerun", "mv2", "--simulate", "--no-progress"], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert f"  {e2e_env / 'proj' / 'images' / 'landscape.jpg'}: missing" in err, err
+    assert "give the batch its new place first (`wanbatch run NEW-FOLDER/m.yaml --simulate`)" in err
+
+    assert run_main(["run", "proj2/m.yaml", "--simulate", "--no-progress"], monkeypatch) == 0
+    assert _moved_lines(capsys.readouterr().err) == [
+        f"batch mv2 moved: its manifest is now proj2/m.yaml (was {e2e_env / 'proj' / 'm.yaml'})"
+    ]
+    rerun = run_main(["rerun", "mv2", "--simulate", "--no-progress"], monkeypatch)
+    assert rerun == 0, capsys.readouterr().err
+    [(state, given, _)] = _jobs(tmp_path, "mv2-rerun-1")
+    assert (state, given["image_url"]) == ("succeeded", str(e2e_env / "proj2" / "images" / "landscape.jpg"))
+
+
+def test_the_manifest_submitted_now_defines_the_paths(
+    sim: SimulatorHandle,
+    e2e_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A copy, not a move: the old files are still there, and the copy's win. A job the copy no
+    longer has keeps its paths, named absolute when it fails: they are outside the new folder."""
+    _project(e2e_env, "cp1", TWO)
+    assert run_main(["submit", "proj/m.yaml"], monkeypatch) == 0
+    shutil.copytree(e2e_env / "proj", e2e_env / "copy")
+    (e2e_env / "copy" / "m.yaml").write_text(MANIFEST.format(name="cp1", items=ONE), encoding="utf-8")
+    capsys.readouterr()
+
+    assert run_main(["submit", "copy/m.yaml"], monkeypatch) == 0
+    assert _moved_lines(capsys.readouterr().err) == [
+        f"batch cp1 moved: its manifest is now copy/m.yaml (was {e2e_env / 'proj' / 'm.yaml'})"
+    ]
+    first, second = _jobs(tmp_path, "cp1")
+    assert first[1]["image_url"] == str(e2e_env / "copy" / "images" / "landscape.jpg")
+    assert second[1]["image_url"] == str(e2e_env / "proj" / "images" / "night.jpg")  # not in the copy
+
+    gone = e2e_env / "proj" / "images" / "night.jpg"
+    gone.unlink()  # still in copy/images: named relative to copy/, the error would point there
+    assert run_main(["run", "copy/m.yaml", "--no-progress"], monkeypatch) == 1
+    capsys.readouterr()
+    errors = db_rows(_url(tmp_path), "SELECT state, error FROM jobs ORDER BY item_index")
+    assert [tuple(row) for row in errors] == [
+        ("succeeded", None),
+        ("failed", f"media file '{gone}' does not exist"),
+    ]
