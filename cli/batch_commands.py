@@ -136,13 +136,18 @@ def cost(batch: str, as_json: bool) -> None:
         if report.budget_max_usd is not None:
             say(f"budget {usd(report.budget_max_usd)}")
         if total.in_flight or total.waiting:
+            # Waiting jobs sent before apart from those never sent, as `status` and `cancel` count them.
             parts = [
                 f"{n} {what}"
-                for n, what in ((total.in_flight, "in flight"), (total.waiting, "not sent yet"))
+                for n, what in (
+                    (total.in_flight, "in flight"),
+                    (total.waiting - total.waiting_sent_before, "not sent yet"),
+                    (total.waiting_sent_before, "sent before, waiting to be sent again, not at fal now"),
+                )
                 if n
             ]
             unfinished = total.in_flight + total.waiting
-            say(f"{unfinished} job(s) not finished ({', '.join(parts)}): actual is not final yet")
+            say(f"{unfinished} job(s) not finished ({'; '.join(parts)}): actual is not final yet")
         if total.cancelled_for_budget:
             say(f"{total.cancelled_for_budget} job(s) cancelled: budget cap reached", "yellow")
         resent = total.possible_duplicate_charges
@@ -473,12 +478,15 @@ def refuse_simulate_with_broker(settings: Settings, simulate: bool) -> None:
 
 
 @contextlib.contextmanager
-def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> Iterator[Settings]:
+def fal_settings(
+    settings: Settings, simulate: bool, *, check: bool = True, keyless: bool = False
+) -> Iterator[Settings]:
     """The settings to process with: fal's, or with ``--simulate`` a simulator's started for now.
 
-    With ``check`` (before anything is stored or sent) a missing ``FAL_KEY`` (real fal only), a
-    broker that does not answer, or a submit-rate limiter whose Redis does not or refuses its
-    writes (``WANBATCH_LIMITS_URL``, else a Redis broker) is a :class:`~jobs.errors.ConfigError`
+    With ``check`` (before anything is stored or sent) a missing ``FAL_KEY`` (real fal only; not
+    ``keyless``: a run that makes no call to fal, :func:`_ends_without_fal`), a broker that does
+    not answer, or a submit-rate limiter whose Redis does not or refuses its writes
+    (``WANBATCH_LIMITS_URL``, else a Redis broker) is a :class:`~jobs.errors.ConfigError`
     (exit 2) at once, rather than a silent wait. The simulator runs in this process for the ``with`` block: it
     accepts any key, answers within a fraction of a second and bills nothing.
 
@@ -492,7 +500,7 @@ def fal_settings(settings: Settings, simulate: bool, *, check: bool = True) -> I
         from worker.limits import check_limiter
         from worker.running import check_broker
 
-        if not simulate:
+        if not simulate and not keyless:
             settings.require_fal_key()
         check_broker(settings)
         check_limiter(settings)
@@ -588,11 +596,13 @@ def _run_and_report(
     *,
     command: str = "run",
     again: str | None = None,
+    keyless: bool = False,
 ) -> int:
     """Process the batch, then its summary and exit code.
 
     ``again``: how to go on once the batch is paused, for ``rerun`` (`wanbatch run NAME`: running
-    ``rerun`` again would store another batch); by default, the same command again.
+    ``rerun`` again would store another batch); by default, the same command again. ``keyless``:
+    the run makes no call to fal (:func:`_ends_without_fal`), and runs without ``FAL_KEY``.
     """
     from jobs import batches
     from jobs.output_store import open_output_store
@@ -616,6 +626,7 @@ def _run_and_report(
         # lines into a file, as without it); --no-progress is what silences it.
         show_progress=progress,
         serve_metrics=False,  # fal_settings serves them, bound before anything was stored
+        keyless=keyless,
         **({"again": again} if again else {}),
     )
     held = None if command == "cancel" else _held_line(report, again)
@@ -831,6 +842,25 @@ def _refuse_simulation_early(ref: Path, settings: Settings) -> None:
         batches.refuse_other_way(batch, simulated=False)
 
 
+def _ends_without_fal(ref: Path, settings: Settings) -> bool:
+    """Whether ``run REF`` names a stored batch whose processing makes no call to fal
+    (:func:`jobs.batches.ends_without_fal`: past its deadline, only unsent jobs left): the run
+    ends those jobs (reason ``deadline``), as ``status`` and ``resume`` advise, without
+    ``FAL_KEY``. Read only; a manifest (which may add jobs) always needs the key."""
+    if _batch_ref(ref) is None:
+        return False
+    from jobs import batches, db, store
+    from jobs.errors import NotFoundError
+    from jobs.models import utcnow
+
+    with db.read_scope(db.open_engine(settings)) as session:
+        try:
+            batch = store.get_batch(session, str(ref))
+        except NotFoundError:
+            return False  # a folder of that name, read as a manifest
+        return batches.ends_without_fal(session, batch, utcnow())
+
+
 def _say_collecting(batch_id: str, settings: Settings) -> None:
     """Say, before the progress, that ``run`` of a batch its user paused only collects what was
     paid for (:func:`jobs.batches.refuse_paused` let it through for that): without the line the
@@ -896,7 +926,9 @@ def run(
         if not simulate:
             _refuse_simulation_early(manifest, settings)
         batches.check_output_dir(settings)  # before anything is stored or sent
-        with fal_settings(settings, simulate) as target:
+        # A batch past its deadline with only unsent jobs left: the run ends them, keyless.
+        keyless = not simulate and _ends_without_fal(manifest, settings)
+        with fal_settings(settings, simulate, keyless=keyless) as target:
             stored = _stored_batch(manifest, target)
             if stored is None:
                 result = batches.submit_manifest(
@@ -912,7 +944,7 @@ def run(
                     err.print(f"[yellow]{escape(note)}[/yellow]")
                 stored = result.batch_id
             _say_collecting(stored, target)
-            return _run_and_report(stored, target, as_json, not no_progress)
+            return _run_and_report(stored, target, as_json, not no_progress, keyless=keyless)
 
     _processing(as_json, action, lambda _: "run the same command again to resume")
 

@@ -1253,6 +1253,19 @@ def refuse_cancel_without_key(session: Session, batch: Batch, settings: Settings
         )
 
 
+def ends_without_fal(session: Session, batch: Batch, now: datetime) -> bool:
+    """Whether processing ``batch`` now makes no call to fal, so needs no ``FAL_KEY``: its
+    deadline has passed (nothing of it is sent any more), and every unfinished job of it waits
+    to be sent (``pending``, ``retry_wait``): fal holds no request of it, and nothing of it waits
+    to be downloaded, cancelled or looked up there (a ``submit_unknown`` is). The run then only
+    ends those jobs cancelled (reason ``deadline``): what ``status`` and ``resume`` advise
+    ``wanbatch run NAME`` for (:func:`_resumed_line`, ``cli.output.deadline_run_text``)."""
+    if not store.batch_schedule(batch).past_deadline(now):
+        return False
+    at_fal = [s for s in UNFINISHED_STATES if s not in listing.WAITING_STATES]
+    return not store.count_in_states(session, at_fal, batch_id=batch.id)
+
+
 #: How a ``run`` goes on, said after what to fix first (``rerun`` names ``wanbatch run NAME``:
 #: running it again would store another batch).
 RUN_AGAIN = "run this command again"

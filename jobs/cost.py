@@ -42,8 +42,13 @@ class CostLine:
     cancelled_for_budget: int = 0
     #: Sent and not finished: at fal, or being downloaded (as ``status`` counts them).
     in_flight: int = 0
-    #: Not sent yet (``pending``, ``retry_wait``): nothing billed for them so far.
+    #: Waiting to be sent (``pending``, ``retry_wait``): fal holds no request of theirs now.
     waiting: int = 0
+    #: Of ``waiting``, those sent before (a request of theirs ended: timed out or cancelled in
+    #: fal's queue at a window's end, or failed), waiting to be sent again, as ``cancel`` counts
+    #: them (:func:`jobs.store.unsent_kind`); their earlier attempts may have been billed. The
+    #: rest were never sent.
+    waiting_sent_before: int = 0
     estimated_usd: Decimal = ZERO
     actual_usd: Decimal = ZERO
     #: Billing units per unit symbol (:func:`jobs.pricing.unit_symbol`): seconds of video and
@@ -81,6 +86,7 @@ class CostLine:
                 self.cancelled_for_budget += job.error_type in BUDGET_ERRORS
         elif job.state in (JobState.PENDING, JobState.RETRY_WAIT):
             self.waiting += 1
+            self.waiting_sent_before += store.unsent_kind(job.state, job.submitted_at) == "sent_before"
         else:
             self.in_flight += 1
         self.possible_duplicate_charges += job.possible_duplicate_charges
@@ -117,6 +123,7 @@ class CostLine:
             "cancelled_for_budget": self.cancelled_for_budget,
             "in_flight": self.in_flight,
             "waiting": self.waiting,
+            "waiting_sent_before": self.waiting_sent_before,
             "estimated_usd": usd_json(self.estimated_usd),
             "estimated_units": _units_json(self.estimated_units),
             "actual_usd": usd_json(self.actual_usd),

@@ -2484,6 +2484,17 @@ class UnsentCancelled:
         return self.never_sent + self.sent_before + self.outcome_unknown
 
 
+def unsent_kind(state: JobState, submitted_at: datetime | None) -> str:
+    """Which of :class:`UnsentCancelled`'s counts a job fal holds no request of is in, by its
+    ``state`` and ``submitted_at``: ``outcome_unknown`` (``submit_unknown``), ``never_sent`` (no
+    request of it ever went out), else ``sent_before`` (one did, and ended: it waits to be sent
+    again). The one place that tells them apart: :func:`cancel_unsent` counts by it, and
+    ``wanbatch cost`` its waiting jobs (:class:`jobs.cost.CostLine`)."""
+    if state == JobState.SUBMIT_UNKNOWN:
+        return "outcome_unknown"
+    return "never_sent" if submitted_at is None else "sent_before"
+
+
 def cancel_unsent_jobs(
     session: Session,
     batch_ids: Sequence[str],
@@ -2554,14 +2565,7 @@ def cancel_unsent(
     moved_by: dict[str, int] = {"never_sent": 0, "sent_before": 0, "outcome_unknown": 0}
 
     def count(state: JobState, submitted_at: datetime | None, n: int) -> None:
-        kind = (
-            "outcome_unknown"
-            if state == JobState.SUBMIT_UNKNOWN
-            else "never_sent"
-            if submitted_at is None
-            else "sent_before"
-        )
-        moved_by[kind] += n
+        moved_by[unsent_kind(state, submitted_at)] += n
 
     for state in UNSENT_STATES:
         unproven = {"ambiguous_usd": _POSSIBLY_BILLED_MORE} if state == JobState.SUBMIT_UNKNOWN else {}
@@ -4116,6 +4120,8 @@ class JobMoney:
     ambiguous_usd: Decimal = Decimal(0)
     #: Extra requests fal proved it ran (billed in ``actual_usd`` when a success).
     confirmed_duplicate_charges: int = 0
+    #: When its last request was sent; None when none ever was (:func:`unsent_kind`).
+    submitted_at: datetime | None = None
 
 
 def job_money(session: Session, batch_id: str) -> Iterator[JobMoney]:
@@ -4133,6 +4139,7 @@ def job_money(session: Session, batch_id: str) -> Iterator[JobMoney]:
             Job.possible_duplicate_charges,
             Job.ambiguous_usd,
             Job.confirmed_duplicate_charges,
+            Job.submitted_at,
         )
         .where(Job.batch_id == batch_id)
         .execution_options(yield_per=1000)
@@ -4150,6 +4157,7 @@ def job_money(session: Session, batch_id: str) -> Iterator[JobMoney]:
             possible_duplicate_charges=int(row.possible_duplicate_charges or 0),
             ambiguous_usd=row.ambiguous_usd or Decimal(0),
             confirmed_duplicate_charges=int(row.confirmed_duplicate_charges or 0),
+            submitted_at=row.submitted_at,
         )
 
 

@@ -530,11 +530,14 @@ def process_batch(
     show_progress: bool = True,
     serve_metrics: bool = True,
     again: str = "run the same command again",
+    keyless: bool = False,
 ) -> tuple[BatchReport, RunStats]:
     """Drive ``batch_id`` to the end; returns its final status report and run statistics.
 
     ``again``: how the user goes on with the batch once it is paused (a ``rerun`` names
     ``wanbatch run NAME``: running it again would store another batch), said on the last line.
+    ``keyless``: processing it makes no call to fal (:func:`jobs.batches.ends_without_fal`: past
+    its deadline, only unsent jobs left, which it ends), so it runs embedded without ``FAL_KEY``.
 
     Raises :class:`Interrupted` after SIGINT/SIGTERM (under :func:`stop_on_signals`), once this
     process has stopped sending and given its leases back.
@@ -571,7 +574,7 @@ def process_batch(
         finally:
             watch.stopping.set()
     else:
-        _process_embedded(batch_id, settings, console, show_progress, stats, serve_metrics, again)
+        _process_embedded(batch_id, settings, console, show_progress, stats, serve_metrics, again, keyless)
     stats.wall_seconds = time.monotonic() - started
     return _final_report(batch_id, settings), stats
 
@@ -613,15 +616,16 @@ def _process_embedded(
     stats: RunStats,
     serve_metrics: bool,
     again: str,
+    keyless: bool = False,
 ) -> None:
     from worker.conductor import Conductor, listening
     from worker.embedded import InProcessWorker
     from worker.runtime import build_runtime, close_runtime
     from worker.steps.dead_leases import DeadLeases
 
-    # No allow_missing_key: a missing FAL_KEY is a ConfigError here, before anything is
-    # claimed (a simulated run has the simulator's key). This batch only: never another one
-    # merely submitted.
+    # allow_missing_key only when keyless (the run makes no call to fal): otherwise a missing
+    # FAL_KEY is a ConfigError here, before anything is claimed (a simulated run has the
+    # simulator's key). This batch only: never another one merely submitted.
     # A simulation is processed only by a --simulate run (jobs.batches.check_simulation), so the
     # batch says which provider this runtime talks to: it then reaches that provider's requests only.
     with db.read_scope(open_engine(settings)) as session:
@@ -633,6 +637,7 @@ def _process_embedded(
     try:
         rt = build_runtime(
             settings=settings,
+            allow_missing_key=keyless,
             enqueue_submit=worker.submit,
             enqueue_download=worker.download,
             batch_ids=frozenset({batch_id}),

@@ -34,7 +34,8 @@ def build_runtime(
     client: FalClient | None = None,
     simulated: bool = False,
 ) -> Runtime:
-    """A runtime for this process. ``allow_missing_key`` is for the bundled simulator only;
+    """A runtime for this process. ``allow_missing_key`` is for the bundled simulator, and for a
+    run that makes no call to fal (:func:`jobs.batches.ends_without_fal`);
     ``batch_ids`` limits the work to those batches (an embedded run; None = every batch);
     ``simulated``: its fal is a ``run --simulate``'s simulator (:attr:`Runtime.simulated`).
     ``engine`` and ``client`` default to the settings' own; tests pass theirs."""

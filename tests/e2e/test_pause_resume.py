@@ -425,3 +425,47 @@ def test_the_commands_hints_suggest_work_for_any_batch_name(
     assert done.code == 0, done.stderr
     assert (done.json()["batch"], done.json()["counts"]["succeeded"]) == (batch, 1)
     assert sim.ledger()["accepted"] == 1
+
+
+_NO_KEY = (
+    "error: FAL_KEY is not set: export FAL_KEY=<your fal API key>, or use the bundled simulator "
+    "(`--simulate`: wanbatch run --simulate …, rerun --simulate …), which needs no key"
+)
+
+
+def test_a_run_past_its_deadline_with_only_unsent_jobs_needs_no_key(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status` and `resume` advise `wanbatch run night` to cancel the unsent jobs of a batch past
+    its deadline; without FAL_KEY that run said "FAL_KEY is not set" (exit 2), though it sends
+    nothing and nothing of the batch is at fal. It now ends them (reason `deadline`) keyless.
+    Before the deadline, or with a request at fal to collect, cancel or look up (or a video to
+    download), the key is still required: refused as ever, nothing changed."""
+    batch = _submitted(wb, manifest("night", TWO_JOBS.format(extra=SCHEDULED)))
+    assert wb("pause", "night").code == 0
+    monkeypatch.delenv("FAL_KEY")
+    assert wb("resume", "night").code == 0
+    before = wb("run", "night", "--no-progress")  # the deadline is still ahead
+    assert (before.code, before.stderr.strip().splitlines()) == (2, [_NO_KEY])
+    assert wb("pause", "night").code == 0
+    _past_deadline(batch)
+    for state in ("queued", "downloading", "submit_unknown", "submitting"):
+        _execute(
+            f"UPDATE jobs SET state = '{state}', request_id = 'req-1', submitted_at = '2020-01-01 00:00:00' "
+            "WHERE id = (SELECT min(id) FROM jobs)"
+        )
+        held = wb("run", "night", "--no-progress")
+        assert (held.code, held.stderr.strip().splitlines()) == (2, [_NO_KEY]), state
+        counts = wb("status", "night", "--json").json()["counts"]
+        assert (counts["pending"], counts[state]) == (1, 1), state
+    _execute("UPDATE jobs SET state = 'pending', request_id = NULL, submitted_at = NULL")
+    resumed = " ".join(wb("resume", "night").stdout.split())
+    assert "its 2 waiting job(s) will never be sent; `wanbatch run night`" in resumed
+
+    run = wb("run", "night", "--no-progress", "--json")
+
+    assert run.code == 1, run.stdout + run.stderr  # jobs were cancelled
+    body = run.json()
+    assert (body["phase"], body["counts"]["cancelled"], body["finished"]) == ("done", 2, 2)
+    assert [f["error_type"] for f in body["failures"]] == ["deadline"]
+    assert sim.ledger()["accepted"] == 0
