@@ -275,8 +275,8 @@ class SimulatorApp:
                 yield f"data: {json.dumps(body)}\n\n".encode()
                 if drop:
                     return
-            if req.state == COMPLETED:
-                return
+            if req.state == COMPLETED or engine.closing:
+                return  # closing: the server shuts down (Engine.close_streams)
             try:
                 await asyncio.wait_for(changed.wait(), engine.options.sse_keepalive_seconds)
             except TimeoutError:

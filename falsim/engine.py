@@ -133,6 +133,8 @@ class Engine:
         self._http: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.changed = asyncio.Event()
+        #: The server is shutting down: open status streams end (see :meth:`close_streams`).
+        self.closing = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -143,6 +145,7 @@ class Engine:
         self.store.base_url = self.base_url
         self._http = httpx.AsyncClient()
         self.changed = asyncio.Event()
+        self.closing = False
 
     async def stop(self) -> None:
         """Cancel runners and deliveries, close the webhook client."""
@@ -150,6 +153,14 @@ class Engine:
         if self._http is not None:
             await self._http.aclose()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def close_streams(self) -> None:
+        """The server is shutting down: every open status stream ends now, as if its client had
+        read to the end. Called in the serving loop before uvicorn waits for open responses; a
+        stream left open would be cancelled once ``timeout_graceful_shutdown`` passed, and
+        uvicorn prints a traceback for each."""
+        self.closing = True
+        self._notify()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

@@ -79,6 +79,24 @@ def build_app(engine: Engine, base_url: str) -> ASGIApp:
     return app
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which ends the simulator's open status streams as it begins to shut down.
+
+    uvicorn waits ``timeout_graceful_shutdown`` for open responses, then cancels them and logs
+    an error and a traceback for each: an SSE stream only ends when its request does, so every
+    stop with requests still running (Ctrl-C of ``run --simulate``) printed them. Ended first,
+    the streams complete as responses do, and an error uvicorn logs is a real one.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self._engine = engine
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._engine.close_streams()
+        await super().shutdown(sockets=sockets)
+
+
 def _server(
     engine: Engine, sock: socket.socket, base_url: str, certfile: Path | None, keyfile: Path | None
 ) -> uvicorn.Server:
@@ -91,7 +109,7 @@ def _server(
         ssl_keyfile=str(keyfile) if keyfile else None,
         timeout_graceful_shutdown=1,
     )
-    return uvicorn.Server(config)
+    return _Server(config, engine)
 
 
 def serve(host: str = "127.0.0.1", port: int = 8787, options: SimulatorOptions | None = None) -> None:
