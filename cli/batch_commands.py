@@ -53,10 +53,13 @@ from cli.output import (
 from jobs.printable import one_line, shell_ref
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from falsim.server import SimulatorHandle
     from jobs.batches import BatchReport
     from jobs.diff import JobSide, Pair
     from jobs.errors import WanbatchError
+    from jobs.models import Batch
     from jobs.settings import Settings
     from worker.running import Interrupted
 
@@ -815,6 +818,7 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
             raise
         # Refusals first: a refused command (exit 2) has changed nothing.
         batches.refuse_other_way(target, simulated=_simulator is not None)
+        _refuse_simulated_elsewhere(session, target)
         batches.refuse_cancelled(session, target, manifest=False)
         batches.refuse_paused(session, target)
         if target.state == BatchState.PAUSED:  # running it again is the user saying "go on"
@@ -822,6 +826,26 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
         if note := batches.schedule_over_note(target, utcnow()):  # as `run MANIFEST` warns
             err.print(f"[yellow]warning[/yellow] {escape(note)}")
         return target.id
+
+
+def _refuse_simulated_elsewhere(session: Session, batch: Batch) -> None:
+    """``--simulate`` of a batch another live process of this host processes: a
+    :class:`~jobs.errors.UsageError` (exit 2) before anything changes. That run's simulator, in
+    its own process, holds the requests it sent: this run's would get a copy of those "at fal"
+    now (:func:`_resume_at_simulator`) and answer every one sent later "not found", failing jobs
+    that were rendering fine. A run that was killed left its heartbeat and leases behind, but its
+    pid no longer runs: it holds nothing back (the next run takes over, as ever). Without
+    ``--simulate`` nothing is refused: fal holds every run's requests alike."""
+    if _simulator is None:
+        return
+    from jobs import batches
+    from jobs.errors import UsageError
+    from jobs.models import utcnow
+    from worker.steps.dead_leases import live_runs_here
+
+    pids = live_runs_here(session, batch.id, now=utcnow())
+    if pids:
+        raise UsageError(batches.simulated_elsewhere_line(batch.name, pids[0]))
 
 
 def _refuse_simulation_early(ref: Path, settings: Settings) -> None:
@@ -932,7 +956,12 @@ def run(
             stored = _stored_batch(manifest, target)
             if stored is None:
                 result = batches.submit_manifest(
-                    manifest, target, allow_dirs, simulated=simulate, refuse_paused_batch=True
+                    manifest,
+                    target,
+                    allow_dirs,
+                    simulated=simulate,
+                    refuse_paused_batch=True,
+                    refuse=_refuse_simulated_elsewhere,
                 )
                 print_warnings(result)
                 if note := result.simulation_note():

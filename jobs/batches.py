@@ -527,6 +527,7 @@ def submit_manifest(
     *,
     simulated: bool = False,
     refuse_paused_batch: bool = False,
+    refuse: Callable[[Session, Batch], None] | None = None,
 ) -> SubmitResult:
     """Validate the whole manifest, then store its batch and jobs in one transaction.
 
@@ -546,6 +547,8 @@ def submit_manifest(
     ``simulated`` (``--simulate``): the batch is a simulation, stored apart from any batch of
     the same name sent to fal (:func:`jobs.store.name_for_batch`). ``refuse_paused_batch``
     (``run``): a batch its user paused is refused (:func:`refuse_paused`) and nothing is stored.
+    ``refuse``: the caller's own refusal of a stored batch, raised likewise before anything is
+    (``run --simulate``: a batch another live process simulates, :func:`simulated_elsewhere_line`).
     """
     report = validate_manifest(path, input_dirs(settings, allowed_dirs))
     manifest = report.manifest
@@ -572,6 +575,8 @@ def submit_manifest(
         )
         if not created:  # raised inside the transaction: nothing is stored
             refuse_cancelled(session, batch, manifest=True)
+            if refuse is not None:
+                refuse(session, batch)
         manifest_moved = None
         if not created and batch.manifest_path != manifest_path:
             # Submitted from another place (its folder moved): the manifest submitted now says
@@ -1230,6 +1235,18 @@ def refuse_other_way(batch: Batch, *, simulated: bool, command: str = "run") -> 
             "go on without `--simulate` (`wanbatch run MANIFEST --simulate` simulates its manifest "
             "as a batch of its own)"
         )
+
+
+def simulated_elsewhere_line(name: str, pid: int) -> str:
+    """What ``run --simulate`` says (exit 2, nothing changed) of a batch that process ``pid`` of
+    this host is simulating now. Each simulation's simulator lives in its own process, and holds
+    the requests that run sent: a second one, given a copy of those "at fal" when it started,
+    knew nothing of those sent after, answered them "not found", and their jobs failed."""
+    return (
+        f"batch {name} is being simulated by process {pid} on this host, whose own simulator holds "
+        f"its requests: a second `--simulate` run cannot share them; nothing was changed (wait for "
+        f"process {pid} to finish, or stop it with Ctrl-C, then {RUN_AGAIN})"
+    )
 
 
 def refuse_cancel_without_key(session: Session, batch: Batch, settings: Settings, *, simulated: bool) -> None:

@@ -165,6 +165,7 @@ __all__ = [
     "get_job",
     "get_or_create_batch",
     "give_back",
+    "heartbeat_owners",
     "in_flight",
     "incremented",
     "instance_secret",
@@ -4342,6 +4343,17 @@ def unfinished_batches(session: Session) -> dict[str, UnfinishedBatch]:
 def drop_heartbeats(session: Session, owner: str) -> None:
     """``owner`` stopped working on anything (a clean exit)."""
     session.execute(delete(ConductorHeartbeat).where(ConductorHeartbeat.owner == owner))
+
+
+def heartbeat_owners(session: Session, batch_id: str, *, since: datetime) -> list[str]:
+    """The processes (``host:pid:``…) that said at ``since`` or later that they work on
+    ``batch_id`` itself (an embedded run of it; the workers' every-batch beat is not one)."""
+    rows = session.scalars(
+        select(ConductorHeartbeat.owner)
+        .where(ConductorHeartbeat.scope == batch_id, ConductorHeartbeat.seen_at >= since)
+        .order_by(ConductorHeartbeat.owner)
+    )
+    return [str(owner) for owner in rows]
 
 
 def last_heartbeat(session: Session, batch_id: str, *, live_since: datetime | None = None) -> datetime | None:

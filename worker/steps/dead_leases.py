@@ -32,9 +32,12 @@ import os
 import socket
 import time
 from collections.abc import Collection
-from datetime import datetime
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session
 
 from jobs import db, store
+from jobs.listing import PROCESSING_STALE_SECONDS
 from jobs.models import utcnow
 from jobs.store import LeaseHolder
 from worker import processes
@@ -59,6 +62,31 @@ def process_gone(owner: str) -> bool:
     if pid <= 0 or pid == os.getpid():
         return False
     return not processes.exists(pid) or processes.zombie(pid)
+
+
+def live_pid_here(owner: str) -> int | None:
+    """The pid of lease or heartbeat owner ``owner`` (``host:pid:``…) when it is a live process of
+    this host other than this one; None otherwise (ended, a zombie, another host, this process,
+    an owner of another shape). The converse of :func:`process_gone` for what it can tell."""
+    host, _, rest = owner.partition(":")
+    pid_text, sep, _ = rest.partition(":")
+    if not sep or host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    if pid <= 0 or pid == os.getpid() or not processes.exists(pid) or processes.zombie(pid):
+        return None
+    return pid
+
+
+def live_runs_here(session: Session, batch_id: str, *, now: datetime) -> list[int]:
+    """The pids of the live processes of this host, other than this one, that work on
+    ``batch_id``: they beat for it within :data:`~jobs.listing.PROCESSING_STALE_SECONDS`, or
+    hold live leases on its jobs (a run that has not beaten yet). A killed run's rows and leases
+    stay behind, but its pid no longer runs: it is not one (the next run takes its work over)."""
+    since = now - timedelta(seconds=PROCESSING_STALE_SECONDS)
+    owners = store.heartbeat_owners(session, batch_id, since=since)
+    owners += [h.owner for h in store.lease_holders(session, batch_id, now=now, excluding=process_identity())]
+    return sorted({pid for owner in owners if (pid := live_pid_here(owner)) is not None})
 
 
 class DeadLeases:
