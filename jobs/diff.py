@@ -66,7 +66,7 @@ from sqlalchemy.orm import Session
 from jobs import store
 from jobs.endpoints import get_endpoint
 from jobs.errors import UsageError
-from jobs.manifest import canonical_json, stored_keyed_input
+from jobs.manifest import canonical_json, stored_keyed_input, with_defaults
 from jobs.models import Batch, Job
 
 Outcome = Literal["same", "different", "only_a", "only_b"]
@@ -112,7 +112,7 @@ class JobSide:
 
     def filled_input(self) -> dict[str, Any]:
         """The input with the endpoint's documented defaults filled in."""
-        return {**_defaults(self.endpoint), **self.input}
+        return with_defaults(self.endpoint, self.input)
 
     @property
     def effective_seed(self) -> int | None:
@@ -157,19 +157,11 @@ class JobSide:
         }
 
 
-def _defaults(endpoint: str) -> dict[str, Any]:
-    """The endpoint's documented defaults (none for an endpoint the registry no longer has)."""
-    try:
-        return get_endpoint(endpoint).defaults()
-    except UsageError:
-        return {}
-
-
 def _unseeded(job: Job) -> str:
     """The second pass's key: endpoint and input without the seed, defaults filled in, each
     image or audio by the SHA-256 of its bytes as the job key has it (a file and a data URI of
     the same image are one value; :func:`stored_keyed_input`)."""
-    filled = {**_defaults(job.endpoint), **job.input}
+    filled = with_defaults(job.endpoint, job.input)
     try:
         keyed = stored_keyed_input(get_endpoint(job.endpoint), filled, job.source_files)
     except UsageError:  # an endpoint the registry no longer has: its input as stored

@@ -52,17 +52,22 @@ than by the database in the middle of ``submit``.
 Every job has a deterministic key: sha256 of the endpoint and the canonical JSON of the resolved
 input, in which local files are replaced by ``sha256:<content hash>`` (moving a file keeps the
 key; changing its bytes changes it). Identical jobs in one manifest collapse to one, with a
-warning naming both items.
+warning naming both items. Jobs whose keys differ only because one writes out an endpoint
+default that another leaves out (``resolution: 720p``) are kept (their keys are what was
+written), with one warning per group: both are sent and billed for the same video.
 """
 
 from jobs.manifest.expand import Manifest
 from jobs.manifest.keys import (
     canonical_json,
+    endpoint_defaults,
     job_key,
     key_of,
     keyed_input,
     stored_content_key,
     stored_keyed_input,
+    with_defaults,
+    written_defaults,
 )
 from jobs.manifest.loading import load_manifest
 from jobs.manifest.model import JobSpec
@@ -73,6 +78,7 @@ __all__ = [
     "Manifest",
     "ValidationReport",
     "canonical_json",
+    "endpoint_defaults",
     "iter_valid_jobs",
     "job_key",
     "key_of",
@@ -82,4 +88,6 @@ __all__ = [
     "stored_keyed_input",
     "validate_job",
     "validate_manifest",
+    "with_defaults",
+    "written_defaults",
 ]

@@ -1,7 +1,9 @@
 """The checks that need the whole manifest rather than one value: duplicates and confinement.
 
 - A YAML key written twice in one mapping is an error at its second line (the loader keeps
-  both lines); identical jobs collapse to one, with a warning naming the first item.
+  both lines); identical jobs collapse to one, with a warning naming the first item. Jobs whose
+  keys differ only because one writes out an endpoint default another leaves out stay two jobs
+  (the key is what was written), with one warning per group (:class:`DefaultedDuplicates`).
 - Local media paths become absolute, relative to the folder of the file that wrote them (the
   manifest's; an ``items_from`` row's own values: that file's), with ``~``, ``..`` and symlinks
   resolved; a path that leads outside the allowed folders is a located error and its file is
@@ -13,14 +15,15 @@ Per-value checks (types, ranges, media formats) live in :mod:`jobs.validation`.
 from __future__ import annotations
 
 import bisect
+import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from jobs.endpoints import EndpointSpec
+from jobs.endpoints import EndpointSpec, get_endpoint
 from jobs.errors import Issue
 from jobs.fs import shown_path
-from jobs.manifest.keys import resolvable_fields
+from jobs.manifest.keys import endpoint_defaults, job_key, resolvable_fields, written_defaults
 from jobs.manifest.model import JobSpec, RawItem
 from jobs.media import OUTSIDE_ALLOWED, LocalPath, MediaKind, classify, resolve_local
 from jobs.yaml_lines import LList, LMap
@@ -79,6 +82,96 @@ class DuplicateJobs:
             ),
             severity="warning",
         )
+
+
+class DefaultedDuplicates:
+    """Jobs of one pass that ask the same once the endpoint's documented defaults are filled in,
+    though their keys differ: one writes out a default (``resolution: 720p``) another leaves out.
+    Both are sent and billed, for the same video; the keys stay as written (they are stored), so
+    this is a warning, one per group, said at the end of the pass.
+
+    Only jobs that pin their seed (or whose endpoint has none) are compared: without one, fal
+    picks a seed per request and the two are different requests. Jobs are grouped by the key of
+    their input with its default-valued fields left out: the same grouping as by the input with
+    the defaults filled in (:func:`jobs.manifest.keys.with_defaults` adds the same values to
+    both), and a job that writes out no default keeps its own key, so most jobs cost no second
+    hash. Jobs with identical keys never get here (:class:`DuplicateJobs` drops them first)."""
+
+    def __init__(self, source_of: Callable[[int], str], matrix_of: Callable[[int], dict[str, Any]]) -> None:
+        self._source_of = source_of
+        self._matrix_of = matrix_of
+        # key digest -> written-defaults mask << 96 | variant << 64 | item_index << 32 | line
+        self._first: dict[bytes, int] = {}
+        # key digest -> (endpoint, every member packed as above), for keys seen more than once
+        self._groups: dict[bytes, tuple[str, list[int]]] = {}
+
+    def add(self, job: JobSpec, digests: dict[str, str | None]) -> None:
+        """Remember a job kept by the pass (not a collapsed duplicate)."""
+        if job.refused:  # an error already; its key holds an unread path
+            return
+        spec = get_endpoint(job.endpoint)
+        if spec.field("seed") is not None and "seed" not in job.input:
+            return
+        written = written_defaults(job.endpoint, job.input)
+        key = job.key
+        if written:
+            key = job_key(spec, {k: v for k, v in job.input.items() if k not in written}, digests)
+        names = list(endpoint_defaults(job.endpoint))
+        mask = sum(1 << names.index(name) for name in written)
+        packed = mask << 96 | job.variant << 64 | job.item_index << 32 | (job.line or 0)
+        digest = bytes.fromhex(key)
+        first = self._first.get(digest)
+        if first is None:
+            self._first[digest] = packed
+            return
+        self._groups.setdefault(digest, (job.endpoint, [first]))[1].append(packed)
+
+    def warnings(self) -> Iterator[Issue]:
+        """One warning per group, at its second job, naming every job and the defaults that make
+        the only difference."""
+        for endpoint, members in self._groups.values():
+            defaults = list(endpoint_defaults(endpoint).items())
+            masks = [packed >> 96 for packed in members]
+            union = intersection = masks[0]
+            for mask in masks[1:]:
+                union |= mask
+                intersection &= mask
+            differ = ", ".join(
+                f"{name}: {_shown(value)}"
+                for i, (name, value) in enumerate(defaults)
+                if (union & ~intersection) >> i & 1
+            )
+            second = members[1]
+            item, line = second >> 32 & 0xFFFFFFFF, second & 0xFFFFFFFF
+            matrix = _matrix_text(self._matrix_of(second >> 64 & 0xFFFFFFFF)).lstrip()
+            also = [self._named(packed) for packed in members[2:]]
+            as_do = f", as {'does' if len(also) == 1 else 'do'} {', '.join(also)}" if also else ""
+            yield Issue(
+                file=self._source_of(item),
+                line=line or None,
+                item=item,
+                field=None,
+                message=(
+                    f"{matrix + ', ' if matrix else ''}asks what {self._named(members[0])} asks"
+                    f"{as_do}, once the endpoint's defaults "
+                    f"are filled in: they differ only by {differ} (the endpoint's defaults); "
+                    f"{f'all {len(members)}' if also else 'both'} are sent and billed and should render "
+                    f"the same video; drop {'all but one' if also else 'one'}, or leave the default out"
+                ),
+                severity="warning",
+            )
+
+    def _named(self, packed: int) -> str:
+        """``item 0 (m.yaml:4) with resolution='720p'``, as the collapse warning names items."""
+        item, line = packed >> 32 & 0xFFFFFFFF, packed & 0xFFFFFFFF
+        matrix = _matrix_text(self._matrix_of(packed >> 64 & 0xFFFFFFFF))
+        return f"item {item} ({self._source_of(item)}:{line or None}){matrix}"
+
+
+def _shown(value: object) -> str:
+    """A default's value as written in YAML (``720p``, ``81``, ``true``), a long text cut short."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def _matrix_text(matrix: Mapping[str, Any]) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from jobs.endpoints import EndpointSpec, get_endpoint, known_endpoint_ids
 from jobs.errors import TOO_MANY_JOBS, Issue, ManifestError, did_you_mean
 from jobs.fs import file_kind, os_reason, shown_path
-from jobs.manifest.checks import DuplicateJobs, outside_issues, resolve_input
+from jobs.manifest.checks import DefaultedDuplicates, DuplicateJobs, outside_issues, resolve_input
 from jobs.manifest.items_from import RowLimit, csv_value, read_items
 from jobs.manifest.keys import job_key
 from jobs.manifest.model import JobSpec, RawItem, describe, error_count
@@ -120,10 +120,13 @@ class Manifest:
         raises :class:`ManifestError`. Duplicate jobs are dropped with a warning, each handed to
         ``dropped`` first: validation checks it all the same (an item whose job is identical to
         an earlier one, by its bytes, may still be wrong in its own way — a zero-byte local file
-        beside an empty data URI — and its error was never said).
+        beside an empty data URI — and its error was never said). Jobs that differ only by an
+        endpoint default written out in one and left out in another are kept, with one warning
+        per group once the pass ends (:class:`DefaultedDuplicates`).
         """
         sink: list[Issue] = [] if issues is None else issues
         duplicates = DuplicateJobs(self._source_of)
+        defaulted = DefaultedDuplicates(self._source_of, self._matrix_of)
         combos = self._combos()
         digests: dict[str, str | None] = {}
         # Resolved per pass, not per process: a file swapped for a symlink between validation
@@ -142,10 +145,12 @@ class Manifest:
                     sink.append(warning)
                     continue
                 produced = True
+                defaulted.add(job, digests)
                 yield job
             if issues is None and error_count(sink):
                 raise ManifestError(sink)
         self.item_count = items
+        sink.extend(defaulted.warnings())
         if not produced and self.items_from is not None and not error_count(sink) + error_count(self.issues):
             sink.append(self._no_rows())
         if issues is None and error_count(sink):
@@ -168,6 +173,15 @@ class Manifest:
         if item_index < len(self.items):
             return self.display
         return self.items_from_display or str(self.items_from)
+
+    def _matrix_of(self, variant: int) -> dict[str, Any]:
+        """The matrix combination numbered ``variant`` (as :meth:`_combos` yields them: the last
+        axis varies fastest), without building the others."""
+        combo: list[tuple[str, Any]] = []
+        for key, values in reversed(self.matrix.items()):
+            variant, i = divmod(variant, len(values))
+            combo.append((key, values[i]))
+        return dict(reversed(combo))
 
     def combination_count(self) -> int:
         """How many matrix combinations each item expands to (1 without a matrix), from the

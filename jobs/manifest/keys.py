@@ -37,6 +37,39 @@ def resolvable_fields(endpoint_id: str) -> frozenset[str]:
     )
 
 
+@lru_cache(maxsize=64)
+def _documented_defaults(endpoint_id: str) -> tuple[tuple[str, Any, str], ...]:
+    """Each documented default of an endpoint: its field, value and canonical JSON (none for an
+    endpoint the registry no longer has)."""
+    if endpoint_id not in known_endpoint_ids():
+        return ()
+    return tuple(
+        (name, value, canonical_json(value)) for name, value in get_endpoint(endpoint_id).defaults().items()
+    )
+
+
+def endpoint_defaults(endpoint_id: str) -> dict[str, Any]:
+    """The endpoint's documented defaults: what fal applies to a field left out. Never part of
+    the job key or of what is sent (fal applies its own, which it may change)."""
+    return {name: value for name, value, _ in _documented_defaults(endpoint_id)}
+
+
+def with_defaults(endpoint_id: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with the endpoint's documented defaults filled in where left out: what fal is
+    asked (``num_frames: 81`` left out asks what ``num_frames: 81`` given asks)."""
+    return {**endpoint_defaults(endpoint_id), **values}
+
+
+def written_defaults(endpoint_id: str, values: Mapping[str, Any]) -> list[str]:
+    """The fields of ``values`` that write out the endpoint's default (its canonical JSON), in
+    the endpoint's order: leaving them out changes the job key, not :func:`with_defaults`."""
+    return [
+        name
+        for name, _, text in _documented_defaults(endpoint_id)
+        if name in values and canonical_json(values[name]) == text
+    ]
+
+
 def canonical_json(value: Any) -> str:
     """Sorted keys, no whitespace, UTF-8 kept: the same input always gives the same text."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_refused)
