@@ -688,11 +688,10 @@ def _runner(report: BatchReport, *, workers: bool, distributed: bool = False) ->
 def deadline_run_text(report: BatchReport) -> str:
     """What processing a batch past its deadline does: it sends nothing, collects what fal made
     and cancels the unsent jobs (reason `deadline`)."""
+    from jobs.batches import deadline_run_words  # loaded already: it made the report
+
     unsent = report["counts"].get("pending", 0) + report["counts"].get("retry_wait", 0)
-    does = ["collects what fal made"] if report["in_flight"] else []
-    if unsent:
-        does.append(f"cancels its {unsent} unsent job(s) (deadline)")
-    return " and ".join(does) or "ends it"
+    return deadline_run_words(in_flight=report["in_flight"], unsent=unsent)
 
 
 def _paused_by_user(report: BatchReport) -> bool:

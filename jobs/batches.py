@@ -35,6 +35,10 @@ from jobs.errors import (
     WanbatchError,
 )
 from jobs.fs import shown_in_folder, shown_path
+from jobs.listing import PAST_DEADLINE as PAST_DEADLINE
+from jobs.listing import PAUSED_BY_USER as PAUSED_BY_USER
+from jobs.listing import SCHEDULE_OVER as SCHEDULE_OVER
+from jobs.listing import batch_phase as batch_phase
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.manifest.expand import MAX_JOBS, Manifest
 from jobs.media import MediaKind, classify
@@ -848,13 +852,16 @@ def _estimated_usd(session: Session, batch_id: str, jobs: int) -> Decimal:
 
 #: ``error_type`` of jobs a schedule's deadline cancelled before they were sent or started.
 DEADLINE_ERROR = "deadline"
-#: :func:`schedule_state` of a batch its user paused (``wanbatch pause``) with work left.
-PAUSED_BY_USER = "paused by user"
-#: How :func:`schedule_state` starts for a batch whose deadline has passed.
-PAST_DEADLINE = "past deadline"
-#: How :func:`schedule_state` starts for a schedule that will never send again: its deadline
-#: passed, or comes before the window next opens (:meth:`Schedule.describe`).
-SCHEDULE_OVER = (PAST_DEADLINE, "closed: nothing opens before the deadline")
+
+
+def deadline_run_words(*, in_flight: int, unsent: int) -> str:
+    """What processing a batch past its deadline does (``status`` and the dashboard say it after
+    the command): it sends nothing, collects what fal made and cancels the unsent jobs (reason
+    ``deadline``)."""
+    does = ["collects what fal made"] if in_flight else []
+    if unsent:
+        does.append(f"cancels its {unsent} unsent job(s) (deadline)")
+    return " and ".join(does) or "ends it"
 
 
 def schedule_state(session: Session, batch: Batch, *, finished: bool, now: datetime) -> str:
@@ -903,42 +910,6 @@ def low_priority_note(session: Session, batch: Batch, *, now: datetime) -> tuple
         f"{LOW_PRIORITY_WAIT_SECONDS / 60:.0f} min: fal serves low priority only when no normal "
         "request waits on the endpoint (`priority: normal` and submit again to stop waiting)"
     )
-
-
-def batch_phase(
-    *,
-    state: str,
-    total: int,
-    finished: int,
-    pause_reason: str | None,
-    paused_by_user: bool,
-    schedule_state: str,
-) -> tuple[str, str | None]:
-    """What a person should read as a batch's state, and why when it is held back.
-
-    The stored ``state`` says only whether jobs may be sent, so a batch whose every job
-    finished is still ``active`` there; a script polling ``status --json`` needs ``done``.
-    ``paused`` covers both a batch fal's refusal paused (its ``pause_reason``) and a user's
-    ``wanbatch pause``; ``waiting`` a schedule that is closed now; ``deadline`` a schedule whose
-    deadline passed (paused or not: resuming sends nothing then); ``done`` every job finished.
-    """
-    if state == BatchState.CANCELLED:
-        return "cancelled", None
-    if total and finished >= total:
-        return "done", None
-    # Past its deadline the refusal holds nothing back either: nothing is sent any more, and the
-    # next run ends what is left (its unsent jobs cancelled, reason ``deadline``).
-    if state == BatchState.PAUSED and not schedule_state.startswith(PAST_DEADLINE):
-        return "paused", pause_reason or "see the log"
-    # Past its deadline (or the window opens only after it) the user's pause holds nothing back
-    # any more: resuming would send nothing (see :func:`schedule_state`).
-    if paused_by_user and not schedule_state.startswith(SCHEDULE_OVER):
-        return "paused", "by its user"
-    if schedule_state.startswith(PAST_DEADLINE):
-        return "deadline", schedule_state
-    if schedule_state and not schedule_state.startswith("open"):
-        return "waiting", schedule_state
-    return "active", None
 
 
 # --------------------------------------------------------------------------- caps that hold submits back

@@ -302,18 +302,76 @@ def standing(batch: Batch, totals: Totals, last_beat: datetime | None, *, now: d
     return held_reason(batch, now=now) or idle_reason(totals, last_beat, now=now)
 
 
+#: :func:`jobs.batches.schedule_state` of a batch its user paused (``wanbatch pause``) with work
+#: left, and :func:`held_reason` of one.
+PAUSED_BY_USER = "paused by user"
+#: How :func:`jobs.batches.schedule_state` (and :meth:`Schedule.describe`) starts for a batch
+#: whose deadline has passed.
+PAST_DEADLINE = "past deadline"
+#: How :func:`jobs.batches.schedule_state` starts for a schedule that will never send again: its
+#: deadline passed, or comes before the window next opens (:meth:`Schedule.describe`).
+SCHEDULE_OVER = (PAST_DEADLINE, "closed: nothing opens before the deadline")
+
+
+def batch_phase(
+    *,
+    state: str,
+    total: int,
+    finished: int,
+    pause_reason: str | None,
+    paused_by_user: bool,
+    schedule_state: str,
+) -> tuple[str, str | None]:
+    """What a person should read as a batch's state, and why when it is held back: the one
+    decision ``status`` (its ``phase``), :func:`held_reason` and the dashboard go by.
+
+    The stored ``state`` says only whether jobs may be sent, so a batch whose every job
+    finished is still ``active`` there; a script polling ``status --json`` needs ``done``.
+    ``paused`` covers both a batch fal's refusal paused (its ``pause_reason``) and a user's
+    ``wanbatch pause``; ``waiting`` a schedule that is closed now; ``deadline`` a schedule whose
+    deadline passed (paused or not: resuming sends nothing then); ``done`` every job finished.
+    """
+    if state == BatchState.CANCELLED:
+        return "cancelled", None
+    if total and finished >= total:
+        return "done", None
+    # Past its deadline the refusal holds nothing back either: nothing is sent any more, and the
+    # next run ends what is left (its unsent jobs cancelled, reason ``deadline``).
+    if state == BatchState.PAUSED and not schedule_state.startswith(PAST_DEADLINE):
+        return "paused", pause_reason or "see the log"
+    # Past its deadline (or the window opens only after it) the user's pause holds nothing back
+    # any more: resuming would send nothing (see :func:`jobs.batches.schedule_state`).
+    if paused_by_user and not schedule_state.startswith(SCHEDULE_OVER):
+        return "paused", "by its user"
+    if schedule_state.startswith(PAST_DEADLINE):
+        return "deadline", schedule_state
+    if schedule_state and not schedule_state.startswith("open"):
+        return "waiting", schedule_state
+    return "active", None
+
+
 def held_reason(batch: Batch, *, now: datetime) -> str:
-    """Why no new job of ``batch`` is sent right now, in words ("" when they may be)."""
-    if batch.state == BatchState.CANCELLED:
-        return "cancelled"
-    if batch.paused_by_user:
-        return "paused by user"
-    if batch.state == BatchState.PAUSED:
-        return f"paused: {batch.pause_reason}" if batch.pause_reason else "paused"
+    """Why no new job of ``batch`` is sent right now, in words ("" when they may be).
+
+    Decided by :func:`batch_phase`, as ``status`` decides its phase: past its deadline (or with a
+    window that opens only after it) a batch is held by its schedule, not by a pause, whoever
+    paused it (resuming would send nothing); whether every job finished is not asked here."""
     schedule = store.batch_schedule(batch)
-    if not schedule.is_open(now):
-        return schedule.describe(now) or "outside its schedule"
-    return ""
+    phase, reason = batch_phase(
+        state=batch.state,
+        total=0,
+        finished=0,
+        pause_reason=batch.pause_reason,
+        paused_by_user=batch.paused_by_user,
+        schedule_state=schedule.describe(now),
+    )
+    if phase == "cancelled":
+        return "cancelled"
+    if phase == "paused":  # fal's refusal (or the outputs) first, as batch_phase decides
+        if batch.state == BatchState.PAUSED:
+            return f"paused: {batch.pause_reason}" if batch.pause_reason else "paused"
+        return PAUSED_BY_USER
+    return reason or ""  # "deadline" and "waiting": the schedule's words; "active": nothing
 
 
 # --------------------------------------------------------------------------- the batch list

@@ -394,13 +394,26 @@ class Dashboard:
             )
             failures = store.failure_reasons(session, batch.id)
             rerun = RerunOffer.of(session, batch, totals)
+            shown_schedule = batches.schedule_state(session, batch, finished=_finished(totals), now=now)
+            # What `status` reads as the batch's state, decided where it decides it.
+            phase, phase_reason = batches.batch_phase(
+                state=batch.state,
+                total=totals.total,
+                finished=totals.finished,
+                pause_reason=batch.pause_reason,
+                paused_by_user=batch.paused_by_user,
+                schedule_state=shown_schedule,
+            )
             context: dict[str, Any] = {
                 "batch": batch,
                 "summary": summary,
                 "totals": totals,
                 "pace": pace,
                 "eta_note": listing.eta_beyond_schedule(store.batch_schedule(batch), pace.eta_seconds, now),
-                "schedule_state": batches.schedule_state(session, batch, finished=_finished(totals), now=now),
+                "schedule_state": shown_schedule,
+                "phase": phase,
+                "phase_reason": phase_reason,
+                "deadline_advice": _deadline_advice(batch, totals) if phase == "deadline" else "",
                 "failures": failures,
                 "failures_split": batches.told_apart_by_sending(
                     (f.state, f.error_type, f.sent) for f in failures
@@ -410,7 +423,7 @@ class Dashboard:
                 "jobs": jobs,
                 "filter": wanted,
                 "matching": summary.matching(wanted.states, wanted.endpoint),
-                "actions": _actions(batch, totals, rerun),
+                "actions": _actions(batch, totals, rerun, phase),
                 "rerun": rerun,
                 "title": batch.name,
             }
@@ -732,11 +745,28 @@ def _rerun_action(rerun: RerunOffer) -> Action | None:
     )
 
 
-def _actions(batch: Batch, totals: listing.Totals, rerun: RerunOffer) -> list[Action]:
-    """The buttons that make sense for ``batch`` as it is now."""
+def _deadline_advice(batch: Batch, totals: listing.Totals) -> str:
+    """What a batch past its deadline needs, as ``status`` says it: nothing is sent any more
+    (resuming a user's pause sends nothing), and what processing it does."""
+    unsent = totals.waiting
+    in_flight = totals.total - totals.finished - unsent
+    simulate = " --simulate" if batch.simulated else ""  # only a --simulate run processes one
+    paused = ", so resuming sends nothing" if batch.paused_by_user else ""
+    return (
+        f"Its deadline has passed: nothing more is sent{paused}. "
+        f"`wanbatch run {shell_ref(batch.name, batch.id)}{simulate}` "
+        f"{batches.deadline_run_words(in_flight=in_flight, unsent=unsent)}."
+    )
+
+
+def _actions(batch: Batch, totals: listing.Totals, rerun: RerunOffer, phase: str) -> list[Action]:
+    """The buttons that make sense for ``batch`` as it is now (``phase``: :func:`batches.batch_phase`'s).
+
+    Past its deadline (phase ``deadline``) neither Resume nor Pause: nothing is sent any more, paused
+    or not, and the page says what goes on instead (:func:`_deadline_advice`)."""
     found: list[Action] = []
     done = _finished(totals)
-    if batch.state != BatchState.CANCELLED:
+    if batch.state != BatchState.CANCELLED and phase != "deadline":
         if batch.paused_by_user and not done:  # a finished batch has nothing left to go on with
             found.append(Action("resume", "Resume", "primary"))
         elif not done:

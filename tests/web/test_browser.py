@@ -289,3 +289,57 @@ def _drive(
     _shot(page, "06-finished")
     page.goto(f"{base}/")
     _shot(page, "07-batches-done")
+
+
+#: Valid names without a break point: the list's cell and the batch page must hold them.
+UNBROKEN_NAMES = (
+    "tokyo_night_sweep_720p_81f_seed_1_to_64_lora_v3_final_final2",
+    "very-long-" + "x" * 230 + "-end",
+)
+
+#: Where the name is drawn against its cell, and whether the page is wider than the window.
+_LAYOUT = """name => {
+    const link = [...document.querySelectorAll('td.name a')].find(a => a.textContent.trim() === name);
+    const cell = link.closest('td').getBoundingClientRect();
+    const page = document.documentElement;
+    return {title: link.title, link_right: link.getBoundingClientRect().right, cell_right: cell.right,
+            scroll: page.scrollWidth, client: page.clientWidth};
+}"""
+
+
+def test_names_without_break_points_stay_inside_the_layout(procs: tuple[Procs, str], tmp_path: Path) -> None:
+    """A long name with no space or hyphen to break at neither overflows its list cell (drawn
+    over the progress bar) nor widens the page: at 1280 px the list cuts it (its title holds it
+    whole) and the batch page wraps it."""
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: run .ci/run, or `apt-get install -y chromium`", pytrace=False)
+    runner, _url = procs
+    for i, name in enumerate(UNBROKEN_NAMES):
+        (tmp_path / f"m{i}.yaml").write_text(
+            f"name: {name}\nendpoint: fal-ai/wan-22\n"
+            "items:\n  - {prompt: a name, seed: 3, resolution: 480p}\n",
+            encoding="utf-8",
+        )
+        submitted = runner.start("submit", "submit", f"m{i}.yaml", "--json")
+        assert _wait(submitted, runner) == 0, runner.output()
+    base = _serve(runner)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            bearer = {"Authorization": f"Bearer {TOKEN}"}
+            context = browser.new_context(viewport={"width": 1280, "height": 900}, extra_http_headers=bearer)
+            page = context.new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.goto(f"{base}/")
+            for name in UNBROKEN_NAMES:
+                where = page.evaluate(_LAYOUT, name)
+                assert where["link_right"] <= where["cell_right"], (name[:20], where)
+                assert where["title"] == name  # cut with an ellipsis: the title holds it whole
+                assert where["scroll"] <= where["client"], (name[:20], where)
+            for name in UNBROKEN_NAMES:
+                page.goto(f"{base}/batches/{name}")
+                assert page.locator("h1").inner_text() == name  # wrapped, not cut
+                width = page.evaluate("(e => [e.scrollWidth, e.clientWidth])(document.documentElement)")
+                assert width[0] <= width[1], (name[:20], width)
+        finally:
+            browser.close()

@@ -696,3 +696,37 @@ def test_a_downloading_job_shows_what_the_totals_count_it_at(sqlite_engine: Engi
     assert "$0.20" not in cell, cell
     assert "$0.41" not in cell, cell
     assert "bill is written" in cell
+
+
+def test_a_paused_batch_past_its_deadline_reads_as_status_says(
+    sqlite_engine: Engine, output_dir: Path
+) -> None:
+    """A user's pause holds nothing back once the deadline has passed (resuming sends nothing):
+    the page says the deadline, as `status` does (phase ``deadline``), and what processing the
+    batch does instead of offering Resume."""
+    from datetime import timedelta
+
+    from jobs import batches, listing
+
+    with session_factory(sqlite_engine)() as session:
+        batch = make_batch(session, "overdue", [new_job(i, endpoint=ENDPOINTS[0]) for i in range(3)])
+        overdue = Schedule(deadline=utcnow() - timedelta(hours=1))
+        store.set_batch_schedule(session, batch.id, overdue, "normal")
+        store.set_paused_by_user(session, batch.id, True)
+        session.commit()
+        report = batches.batch_report(session, batch.id)
+        assert (report["phase"], report["phase_reason"]) == ("deadline", "past deadline: 0 cancelled")
+        stored = store.get_batch(session, batch.id)
+        assert listing.held_reason(stored, now=utcnow()) == "past deadline"
+    browser = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN)))
+    html = browser.get(f"/batches/{batch.id}", headers={**BEARER, **HTML}).text
+    text = " ".join(html_text(re.sub(r"<[^>]*>", "", html)).split())
+    assert "none — past deadline: 0 cancelled: nothing more is sent" in text
+    assert "paused by user" not in text.split("ETA", 1)[1].split("In flight", 1)[0]
+    assert 'data-action="resume"' not in html
+    assert 'data-action="pause"' not in html
+    assert (
+        "Its deadline has passed: nothing more is sent, so resuming sends nothing. "
+        "`wanbatch run overdue` cancels its 3 unsent job(s) (deadline)." in _actions_html(html)
+    )
+    assert 'data-action="cancel"' in html
