@@ -382,8 +382,10 @@ def serve(host: str, port: int) -> None:
             log_level="info",
             log_config=log_config,
             limit_concurrency=SERVE_LIMIT_CONCURRENCY,
-            # The proxies whose X-Forwarded-For/-Proto are believed (None: uvicorn's default).
-            forwarded_allow_ips=settings.serve_forwarded_allow_ips,
+            # The app believes the proxy headers itself (web.auth.ForwardedHeaders: the same
+            # rewrite, for WANBATCH_SERVE_FORWARDED_ALLOW_IPS's proxies), so that it can tell
+            # whether the peer was one of them, which uvicorn's rewrite hides.
+            proxy_headers=False,
         )
         mask_access_log()  # after the Config, which configures uvicorn's loggers
         server = stopping_on_hangup(uvicorn.Server)(config)

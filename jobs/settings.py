@@ -981,8 +981,9 @@ class ServeSettings(_Section):
     #: answers loopback clients only. The webhook receiver never needs it. At least 16 visible
     #: ASCII characters (see :meth:`_check_token`).
     serve_token: SecretStr | None = None
-    #: The proxies whose ``X-Forwarded-For`` and ``X-Forwarded-Proto`` ``wanbatch serve``
-    #: believes (uvicorn's ``forwarded_allow_ips``): addresses and networks, comma-separated, or
+    #: The proxies whose ``X-Forwarded-For``, ``X-Forwarded-Proto`` and ``X-Forwarded-Host``
+    #: ``wanbatch serve`` believes (uvicorn's ``forwarded_allow_ips``; the host for the dashboard's
+    #: Origin check, :func:`web.auth.origin_refusal`): addresses and networks, comma-separated, or
     #: ``*`` for any peer. Unset: uvicorn's default (``$FORWARDED_ALLOW_IPS``, else 127.0.0.1),
     #: which a proxy in another container or on another host is not.
     serve_forwarded_allow_ips: str | None = None

@@ -63,7 +63,7 @@ from jobs import db
 from jobs.digits import ascii_int
 from jobs.printable import one_line
 from jobs.settings import Settings
-from web.auth import DashboardAuth, TokenGate
+from web.auth import DashboardAuth, ForwardedHeaders, TokenGate, trusted_proxies
 from web.bodies import TOO_LARGE, BodyBudget, Refusal, declares_more_than, read_body
 from web.dashboard import Dashboard
 from web.metrics import metrics_route
@@ -355,7 +355,12 @@ def create_app(
             metrics_route(engine, settings),
             *dashboard.routes(),
         ],
-        middleware=[Middleware(DashboardAuth, gate=gate)],
+        # Outermost: the proxy headers of trusted proxies believed (uvicorn's rewrite, done here
+        # so that DashboardAuth can still tell whether the peer itself was such a proxy).
+        middleware=[
+            Middleware(ForwardedHeaders, allow_ips=trusted_proxies(settings.serve_forwarded_allow_ips)),
+            Middleware(DashboardAuth, gate=gate),
+        ],
         exception_handlers={DBAPIError: database_error},
     )
     app.state.counts = counts

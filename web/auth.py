@@ -16,7 +16,8 @@ applied to every request by :class:`DashboardAuth` before any route runs:
 * Acting (any other method: pause, resume, cancel, rerun): always needs the token, from
   loopback too; without one configured every action is 403 with a message saying to set
   ``WANBATCH_SERVE_TOKEN``. A browser's action must also come from the dashboard's own pages
-  (the ``Origin``, else ``Referer``, names the host the request was sent to; the cookie is
+  (the ``Origin``, else ``Referer``, names the host the request was sent to: the ``Host``, or a
+  trusted proxy's ``X-Forwarded-Host``, :func:`origin_refusal`; the cookie is
   ``SameSite=Strict`` besides), so another site cannot make a logged-in browser act (CSRF).
 * ``/login`` and ``/static/…`` (stylesheet and script, no data) are open to any client that may
   reach the app at all.
@@ -45,17 +46,21 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from jobs.digits import ascii_int
 from jobs.printable import one_line
 
 log = logging.getLogger(__name__)
@@ -149,18 +154,144 @@ def sent_over_https(scheme: str, headers: Headers) -> bool:
     )
 
 
-def same_origin(headers: Headers) -> bool:
-    """Whether ``Origin`` (else ``Referer``) names the host this request was sent to (one that
-    does not parse as a URL, such as ``http://[``, names no host: not the same origin)."""
-    host = headers.get("host", "").strip().lower()
-    source = headers.get("origin") or headers.get("referer")
-    if not host or not source or source == "null":
-        return False
+#: uvicorn's own default for ``forwarded_allow_ips`` (when ``$FORWARDED_ALLOW_IPS`` is unset).
+DEFAULT_TRUSTED_PROXIES = "127.0.0.1,::1"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def trusted_proxies(configured: str | None) -> str:
+    """The proxies ``serve`` believes: ``WANBATCH_SERVE_FORWARDED_ALLOW_IPS``, else uvicorn's
+    default (``$FORWARDED_ALLOW_IPS``, else this host's loopback)."""
+    return configured or os.environ.get("FORWARDED_ALLOW_IPS", DEFAULT_TRUSTED_PROXIES)
+
+
+class TrustedProxies:
+    """Whether a peer address is one of ``allow_ips`` (uvicorn's ``forwarded_allow_ips`` rule: a
+    lone ``*`` is any peer; addresses and networks match by value; anything else literally)."""
+
+    def __init__(self, allow_ips: str) -> None:
+        self.any = allow_ips.strip() == "*"
+        self.literals: set[str] = set()
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in (part.strip() for part in allow_ips.split(",")):
+            if not entry:
+                continue
+            try:
+                self.networks.append(ipaddress.ip_network(entry))
+            except ValueError:
+                self.literals.add(entry)
+
+    def __contains__(self, host: object) -> bool:
+        if self.any:
+            return True
+        if not isinstance(host, str) or not host:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return host in self.literals
+        return any(address in network for network in self.networks)
+
+
+class ForwardedHeaders:
+    """The proxy headers of the proxies ``allow_ips`` names, believed (outermost middleware).
+
+    uvicorn's :class:`ProxyHeadersMiddleware` does the believing, as it did when ``serve`` let
+    uvicorn apply it (``serve`` now turns uvicorn's off): the request's client becomes
+    ``X-Forwarded-For``'s and its scheme ``X-Forwarded-Proto``'s. First, though, this notes in
+    the request's state (``via_trusted_proxy``) whether the peer itself — the connection's other
+    end, which that rewrite hides — is one of those proxies: only then is ``X-Forwarded-Host``
+    believed as the host the browser sent the request to (:func:`origin_refusal`)."""
+
+    def __init__(self, app: ASGIApp, allow_ips: str) -> None:
+        self.trusted = TrustedProxies(allow_ips)
+        # uvicorn types ASGI apps its own way; the two protocols are the same at run time.
+        self.app = cast(ASGIApp, ProxyHeadersMiddleware(cast(Any, app), trusted_hosts=allow_ips))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            client = scope.get("client")
+            peer = str(client[0]) if client else None
+            scope.setdefault("state", {})["via_trusted_proxy"] = peer in self.trusted
+        await self.app(scope, receive, send)
+
+
+def _place(url: str) -> tuple[str, str, int | None] | None:
+    """``https://Dash.example.com/x`` → ``("https", "dash.example.com", None)``; None for what
+    names no host (``null``, ``http://[``, a port that is no number)."""
     try:
-        netloc = urlsplit(source).netloc
+        parts = urlsplit(url)
+        port = parts.port
     except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    return parts.scheme.lower(), parts.hostname.lower(), port
+
+
+def _first(headers: Headers, name: str) -> str:
+    """The first hop's value of a proxy header (``a, b`` → ``a``), stripped."""
+    return headers.get(name, "").split(",")[0].strip()
+
+
+def _names(origin: tuple[str, str, int | None], authority: str, port: int | None, scheme: str | None) -> bool:
+    """Whether the page origin ``origin`` is the place ``authority`` (a ``Host`` value) names:
+    the same host and port; a port left out is the default one of ``scheme`` (the browser's,
+    as a proxy says), else of the origin's own scheme."""
+    place = _place(f"//{authority}")
+    if place is None:
         return False
-    return netloc.lower() == host
+    origin_scheme, origin_host, origin_port = origin
+    _, host, explicit = place
+    default = _DEFAULT_PORTS.get(scheme or origin_scheme)
+    wanted = explicit or port or default
+    return host == origin_host and (origin_port or _DEFAULT_PORTS.get(origin_scheme)) == wanted
+
+
+def origin_refusal(scope: Scope, headers: Headers) -> str | None:
+    """Why this request did not come from the dashboard's own pages, or None when it did.
+
+    ``Origin`` (else ``Referer``) must name the host the request was sent to: the ``Host``
+    header, or — from a proxy ``WANBATCH_SERVE_FORWARDED_ALLOW_IPS`` trusts (see
+    :class:`ForwardedHeaders`) — ``X-Forwarded-Host``, its port (else ``X-Forwarded-Port``, else
+    the default of ``X-Forwarded-Proto``'s scheme) included. A proxy on this host that passes
+    neither the browser's ``Host`` nor an ``X-Forwarded-Host`` on (nginx's default) cannot be
+    told from a foreign page, and is refused with a line that says what to set. No origin,
+    ``null``, or one that does not parse as a URL (such as ``http://[``) names no host."""
+    host = headers.get("host", "").strip()
+    source = headers.get("origin") or headers.get("referer") or ""
+    origin = _place(source) if source != "null" else None
+    forwarded_host = _first(headers, "x-forwarded-host")
+    trusted = bool(scope.get("state", {}).get("via_trusted_proxy"))
+    if origin is not None:
+        if host and _names(origin, host, None, None):
+            return None
+        if forwarded_host and trusted:
+            port = _first(headers, "x-forwarded-port")
+            proto = _first(headers, "x-forwarded-proto").lower()
+            if _names(origin, forwarded_host, ascii_int(port, max_digits=5), proto or None):
+                return None
+    if not forwarded_host:
+        forwarded = "no X-Forwarded-Host"
+    elif trusted:
+        forwarded = f"X-Forwarded-Host {forwarded_host!r}"
+    else:
+        forwarded = (
+            f"X-Forwarded-Host {forwarded_host!r} ignored (its sender is no proxy "
+            "WANBATCH_SERVE_FORWARDED_ALLOW_IPS trusts)"
+        )
+    seen = f"{'Origin' if headers.get('origin') else 'Referer'} {source[:200]!r}" if source else "no Origin"
+    return one_line(
+        f"{CROSS_ORIGIN}: {seen}, Host {host[:200]!r}, {forwarded[:300]}. Behind a reverse proxy, "
+        "have it pass the browser's host on (nginx: `proxy_set_header Host $http_host;`, or "
+        "`proxy_set_header X-Forwarded-Host $http_host;` from a proxy "
+        "WANBATCH_SERVE_FORWARDED_ALLOW_IPS trusts)"
+    )
+
+
+def same_origin(scope: Scope, headers: Headers) -> bool:
+    """Whether the request came from the dashboard's own pages (:func:`origin_refusal`)."""
+    return origin_refusal(scope, headers) is None
 
 
 def _cookie(headers: Headers, name: str) -> str | None:
@@ -367,7 +498,7 @@ class DashboardAuth:
             return refused(LOOPBACK_ONLY, 403)
         if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             if method not in SAFE_METHODS and path == "/login" and "origin" in headers:
-                return None if same_origin(headers) else refused(CROSS_ORIGIN, 403)
+                return self._cross_origin(scope, headers, method, logged_path, who, refused)
             return None
         if method in SAFE_METHODS:
             if access.can_read:
@@ -377,16 +508,35 @@ class DashboardAuth:
             return refused(READ_ONLY, 403)
         if not access.authenticated:
             return self._login_needed(headers, scope, refused)
-        if not access.by_header and not same_origin(headers):
-            log.warning(
-                "dashboard: refused cross-origin %s %s from %s",
-                method,
-                logged_path,
-                who,
-                extra={"event": "dashboard.refused", "status": 403},
-            )
-            return refused(CROSS_ORIGIN, 403)
+        if not access.by_header:
+            return self._cross_origin(scope, headers, method, logged_path, who, refused)
         return None
+
+    @staticmethod
+    def _cross_origin(
+        scope: Scope,
+        headers: Headers,
+        method: str,
+        logged_path: str,
+        who: str,
+        refused: Callable[..., Response],
+    ) -> Response | None:
+        """403 for a request that did not come from the dashboard's own pages (CSRF), with the
+        line saying what was seen and what a reverse proxy should send; None for one that did."""
+        why = origin_refusal(scope, headers)
+        if why is None:
+            return None
+        peer = "a trusted proxy" if scope.get("state", {}).get("via_trusted_proxy") else "an untrusted peer"
+        log.warning(
+            "dashboard: refused cross-origin %s %s from %s (via %s): %s",
+            method,
+            logged_path,
+            who,
+            peer,
+            why,
+            extra={"event": "dashboard.refused", "status": 403},
+        )
+        return refused(why, 403)
 
     @staticmethod
     def _refused_response(headers: Headers, method: str, path: str) -> Callable[..., Response]:

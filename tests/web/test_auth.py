@@ -323,3 +323,144 @@ def test_the_login_cookie_is_secure_when_a_proxy_says_https(
     )
     assert answer.status_code == 303
     assert ("; secure" in answer.headers["set-cookie"].lower()) is secure
+
+
+#: What the README's nginx example sends: the browser's host and scheme, on a loopback connection
+#: (``proxy_pass http://127.0.0.1:8788;`` keeps ``Host: 127.0.0.1:8788``), with the browser's
+#: address in X-Forwarded-For (which hides the proxy's own from the app's routes).
+PUBLIC = "http://wanbatch.example.test:8080"
+VIA_PROXY = {
+    "X-Forwarded-Host": "wanbatch.example.test:8080",
+    "X-Forwarded-Proto": "http",
+    "X-Forwarded-For": "198.51.100.23",
+}
+
+
+@pytest.fixture
+def no_env_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+
+
+@pytest.mark.parametrize(
+    ("peer", "allow_ips", "forwarded"),
+    [
+        (LOOPBACK, None, VIA_PROXY),  # nginx on this host: trusted by default
+        (("::1", 40000), None, VIA_PROXY),
+        (("172.18.0.1", 40000), "172.18.0.0/16", VIA_PROXY),  # another container, named
+        # The port from X-Forwarded-Port, else the default one of the browser's scheme.
+        (LOOPBACK, None, {"X-Forwarded-Host": "wanbatch.example.test", "X-Forwarded-Port": "8080"}),
+    ],
+)
+def test_behind_a_trusted_proxy_its_forwarded_host_is_the_dashboards_origin(
+    sqlite_engine: Engine,
+    output_dir: Path,
+    batch_id: str,
+    no_env_proxies: None,
+    peer: tuple[str, int],
+    allow_ips: str | None,
+    forwarded: dict[str, str],
+) -> None:
+    """Behind nginx as the README advised (``Host`` left at ``127.0.0.1:8788``), the browser's
+    login and every action were refused 403 (Origin/Referer check): the Origin was compared
+    with the ``Host`` only. A trusted proxy's ``X-Forwarded-Host`` names the host too."""
+    extra = {"serve_forwarded_allow_ips": allow_ips} if allow_ips else {}
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN, **extra))
+    proxied = client(app, peer=peer, host="127.0.0.1:8788")
+    headers = {**HTML, **forwarded, "Origin": PUBLIC}
+    login = proxied.post("/login", data={"token": TOKEN, "next": f"/batches/{batch_id}"}, headers=headers)
+    assert login.status_code == 303, login.text
+    proxied.cookies.set(SESSION_COOKIE, login.cookies[SESSION_COOKIE])
+    done = proxied.post(f"/batches/{batch_id}/pause", headers=headers)
+    assert done.status_code == 303, done.text
+    assert _paused(sqlite_engine, batch_id)
+    # As the page's own Referer (no Origin) too.
+    referred = {**HTML, **forwarded, "Referer": f"{PUBLIC}/batches/{batch_id}"}
+    assert proxied.post(f"/batches/{batch_id}/resume", headers=referred).status_code == 303
+    assert not _paused(sqlite_engine, batch_id)
+
+
+@pytest.mark.parametrize("peer", [REMOTE, ("172.18.0.1", 40000)])
+def test_an_untrusted_clients_forwarded_host_is_ignored(
+    sqlite_engine: Engine, output_dir: Path, batch_id: str, no_env_proxies: None, peer: tuple[str, int]
+) -> None:
+    """``X-Forwarded-Host`` is believed only from the proxies WANBATCH_SERVE_FORWARDED_ALLOW_IPS
+    names (this host's loopback by default): from anyone else the Origin must name the Host."""
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
+    untrusted = client(app, peer=peer, host="127.0.0.1:8788")
+    headers = {**HTML, **VIA_PROXY, "Origin": PUBLIC}
+    login = untrusted.post("/login", data={"token": TOKEN}, headers=headers)
+    assert login.status_code == 403
+    assert SESSION_COOKIE not in login.cookies
+    assert "ignored" in login.text
+    untrusted.cookies.set(SESSION_COOKIE, session_value(TOKEN))
+    refused = untrusted.post(f"/batches/{batch_id}/pause", headers=headers)
+    assert refused.status_code == 403
+    assert "WANBATCH_SERVE_FORWARDED_ALLOW_IPS" in refused.text
+    assert not _paused(sqlite_engine, batch_id)
+
+
+@pytest.mark.parametrize("allow_ips", [None, "*"])
+@pytest.mark.parametrize(
+    "forwarded",
+    [{}, VIA_PROXY, {"X-Forwarded-Host": "127.0.0.1:8788"}],
+    ids=["host-only", "forwarded-host", "forwarded-loopback"],
+)
+def test_a_foreign_origin_is_refused_through_any_proxy(
+    sqlite_engine: Engine,
+    output_dir: Path,
+    batch_id: str,
+    no_env_proxies: None,
+    allow_ips: str | None,
+    forwarded: dict[str, str],
+) -> None:
+    """Whatever a proxy or client forwards, and whoever is trusted (``*``: any peer), an Origin
+    (or Referer) that is not the dashboard's — another site, another port, another scheme — is
+    refused: the login and every action."""
+    extra = {"serve_forwarded_allow_ips": allow_ips} if allow_ips else {}
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN, **extra))
+    for peer in (LOOPBACK, REMOTE):
+        browser = client(app, peer=peer, host="127.0.0.1:8788")
+        for origin in (
+            "https://evil.example",
+            "http://wanbatch.example.test:8081",
+            "https://wanbatch.example.test",
+        ):
+            headers = {**HTML, **forwarded, "Origin": origin}
+            login = browser.post("/login", data={"token": TOKEN}, headers=headers)
+            assert login.status_code == 403
+            assert SESSION_COOKIE not in login.cookies
+            browser.cookies.set(SESSION_COOKIE, session_value(TOKEN))
+            refused = browser.post(f"/batches/{batch_id}/pause", headers=headers)
+            assert refused.status_code == 403
+            assert f"Origin {origin!r}" in refused.text  # the refusal names what it saw
+            referred = {**HTML, **forwarded, "Referer": f"{origin}/batches/{batch_id}"}
+            assert browser.post(f"/batches/{batch_id}/pause", headers=referred).status_code == 403
+    assert not _paused(sqlite_engine, batch_id)
+
+
+def test_the_refusal_says_what_was_seen_and_what_to_set(
+    sqlite_engine: Engine,
+    output_dir: Path,
+    batch_id: str,
+    no_env_proxies: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """nginx's default passes neither the browser's ``Host`` nor an ``X-Forwarded-Host`` on: the
+    request cannot be told from a foreign page's, so it stays refused, with one line naming the
+    Origin and Host seen and the proxy setting that fixes it."""
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
+    proxied = client(app, peer=LOOPBACK, host="127.0.0.1:8788")
+    proxied.cookies.set(SESSION_COOKIE, session_value(TOKEN))
+    with caplog.at_level(logging.WARNING, logger="web.auth"):
+        refused = proxied.post(f"/batches/{batch_id}/pause", headers={**HTML, "Origin": PUBLIC})
+    assert refused.status_code == 403
+    line = refused.text
+    assert "\n" not in line
+    assert "Origin 'http://wanbatch.example.test:8080'" in line
+    assert "Host '127.0.0.1:8788'" in line
+    assert "proxy_set_header Host $http_host;" in line
+    assert "X-Forwarded-Host" in line
+    assert any("cross-origin" in record.getMessage() for record in caplog.records)
+    as_json = proxied.post(f"/batches/{batch_id}/pause", headers={**JSON, "Origin": PUBLIC})
+    assert as_json.status_code == 403
+    assert "proxy_set_header" in as_json.json()["error"]

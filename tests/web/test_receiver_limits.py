@@ -235,19 +235,28 @@ def test_serve_trusts_the_proxies_it_is_told_to(
     given: str | None,
     trusted: str | None,
 ) -> None:
-    """WANBATCH_SERVE_FORWARDED_ALLOW_IPS is uvicorn's ``forwarded_allow_ips``: unset, uvicorn's
-    default (this host's loopback), which a proxy in another container or on another host is not."""
+    """WANBATCH_SERVE_FORWARDED_ALLOW_IPS names the proxies the app believes (uvicorn's
+    ``forwarded_allow_ips``, applied by the app itself, uvicorn's own rewrite off): unset,
+    uvicorn's default (this host's loopback), which a proxy in another container or on another
+    host is not."""
     import sys
 
     import uvicorn
 
     import cli
     from cli import startup
+    from web.auth import ForwardedHeaders
 
     seen: dict[str, Any] = {}
 
     def run(server: uvicorn.Server, sockets: list[Any]) -> None:
-        seen["trusted"] = server.config.forwarded_allow_ips
+        seen["uvicorn_rewrites"] = server.config.proxy_headers
+        from starlette.applications import Starlette
+
+        app = server.config.app
+        assert isinstance(app, Starlette)
+        (believing,) = [m for m in app.user_middleware if getattr(m, "cls", None) is ForwardedHeaders]
+        seen["trusted"] = believing.kwargs["allow_ips"]
         for sock in sockets:
             sock.close()
 
@@ -264,6 +273,7 @@ def test_serve_trusts_the_proxies_it_is_told_to(
     with pytest.raises(SystemExit) as ended:
         cli.main()
     assert ended.value.code == 0
+    assert seen["uvicorn_rewrites"] is False  # the app does, and notes which peer was trusted
     if trusted is None:  # uvicorn's own default: this host's loopback only
         assert set(seen["trusted"].split(",")) <= {"127.0.0.1", "::1"}
     else:
