@@ -1159,7 +1159,7 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
         engine = db.open_engine(settings)
         unfinished_states = [s for s in JobState if s not in TERMINAL_STATES]
         with db.session_scope(engine) as session:
-            found = store.get_batch(session, batch)
+            found = store.lock_batch(session, batch)  # checked and cancelled as one, as the dashboard's
             batch_id = found.id
             names[batch_id] = found.name
             finished = found.state != BatchState.CANCELLED and not store.count_in_states(

@@ -1456,11 +1456,14 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
     is ``paused`` because fal refused the account (or its outputs could not be written) stays so
     after ``resume`` (``run`` or submitting again ends that), and the message says so. Pausing a
     cancelled or finished batch, or resuming a cancelled one, is a :class:`UsageError`: there is
-    nothing it could change.
+    nothing it could change. The batch's row is locked while it is checked and changed
+    (:func:`jobs.store.lock_batch`), so concurrent calls answer as sequential ones would.
     """
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
-        batch = store.get_batch(session, ref)
+        # Locked: of concurrent pauses of one batch exactly one changes it, the others find it
+        # paused already (changed: false), as they would one after the other.
+        batch = store.lock_batch(session, ref)
         label = f"{batch.name} ({batch.id[:12]})"
         short = shell_ref(batch.name, batch.id)  # what to type in a hint
         counts = store.counts_by_state(session, batch.id)

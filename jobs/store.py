@@ -180,6 +180,7 @@ __all__ = [
     "last_heartbeats",
     "lease_holders",
     "list_batches",
+    "lock_batch",
     "lock_dispatch",
     "mark_broker_down",
     "mark_cancelled",
@@ -466,6 +467,27 @@ def get_batch(session: Session, ref: str) -> Batch:
         if len(matches) > 1:
             raise NotFoundError(f"batch id prefix {ref!r} is ambiguous: give more characters or the name")
     raise _no_such_batch(ref)
+
+
+def lock_batch(session: Session, ref: str) -> Batch:
+    """:func:`get_batch`, its row then locked until the transaction ends and read again.
+
+    What a change that first checks the batch (``cancel``, ``pause``, ``resume``) reads: on
+    PostgreSQL ``SELECT … FOR UPDATE`` makes a concurrent change of the same batch wait for this
+    transaction, and then see what it committed (a second cancel finds the batch cancelled), so
+    exactly one of several concurrent calls changes it. SQLite ignores ``FOR UPDATE``: there
+    :func:`jobs.db.session_scope`'s ``BEGIN IMMEDIATE`` already serialises writing transactions.
+    """
+    found = get_batch(session, ref)
+    locked = session.scalar(
+        select(Batch)
+        .where(Batch.id == found.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)  # the row as it is now, not as first read
+    )
+    if locked is None:  # deleted between the two reads
+        raise _no_such_batch(ref)
+    return locked
 
 
 def _no_such_batch(ref: str) -> NotFoundError:

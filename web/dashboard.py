@@ -516,7 +516,9 @@ class Dashboard:
         """What ``wanbatch cancel`` records: the batch cancelled, its unsent jobs cancelled at once
         (set-based); the jobs fal holds are cancelled there by whatever processes the batch."""
         with db.session_scope(self.engine) as session:
-            batch = store.get_batch(session, ref)
+            # Locked until the cancel commits: of concurrent cancels of one batch exactly one
+            # cancels it; the others wait, then find it cancelled (409), as they would in turn.
+            batch = store.lock_batch(session, ref)
             label = f"{batch.name} ({batch.id[:12]})"
             if batch.state == BatchState.CANCELLED:
                 raise UsageError(f"batch {label} is already cancelled")
