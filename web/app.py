@@ -32,7 +32,9 @@ a locked or unreachable database is answered 503 with one line (and logs one war
 internal error — an action whose write finds the database's disk full too, with a line that says
 so (pages only read, and go on working); one whose request carries a value the database refuses
 (a data error) 400 with one line (and one warning); any other database error 500 with one line
-(logged as an error, with its traceback) — never "unavailable". A batch reference, job id or
+(logged as an error, with its traceback) — never "unavailable". The line is a page for a
+browser; for an action a script calls (``POST /batches/REF/ACTION``), one JSON object
+``{"ok": false, "error": …}``, the format of its every answer. A batch reference, job id or
 endpoint filter no database can hold (a NUL) never reaches one: it names nothing (404, or an
 empty list), on SQLite and PostgreSQL alike.
 

@@ -442,6 +442,14 @@ def _wants_html(headers: Headers) -> bool:
     return "text/html" in headers.get("accept", "")
 
 
+def answers_json(method: str, path: str, headers: Headers) -> bool:
+    """Whether a refusal or error of this request is one JSON object, ``{"ok": false, "error":
+    …}``: an action (``POST /batches/REF/ACTION``) that a script calls, whatever refused or broke
+    it (this middleware, the action, the database). A browser's form post (``Accept: text/html``)
+    gets what a browser gets: a page or its flash; anything else is plain text."""
+    return method not in SAFE_METHODS and _is_action(path) and not _wants_html(headers)
+
+
 class DashboardAuth:
     """ASGI middleware enforcing the rule of this module's docstring on every HTTP request.
 
@@ -541,7 +549,7 @@ class DashboardAuth:
     @staticmethod
     def _refused_response(headers: Headers, method: str, path: str) -> Callable[..., Response]:
         """How this request is refused: JSON for an action a script calls, else plain text."""
-        as_json = method not in SAFE_METHODS and _is_action(path) and not _wants_html(headers)
+        as_json = answers_json(method, path, headers)
 
         def refused(message: str, status: int, extra: dict[str, str] | None = None) -> Response:
             if as_json:

@@ -54,7 +54,15 @@ from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, rerun_cov
 from jobs.settings import Settings
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 from jobs.url_secrets import mask_urls
-from web.auth import SESSION_COOKIE, Access, TokenGate, safe_next, sent_over_https, session_value
+from web.auth import (
+    SESSION_COOKIE,
+    Access,
+    TokenGate,
+    answers_json,
+    safe_next,
+    sent_over_https,
+    session_value,
+)
 from web.bodies import Refusal, read_body
 
 log = logging.getLogger(__name__)
@@ -347,7 +355,11 @@ class Dashboard:
         return self.error(request, message, 503, "Unavailable")
 
     def error(self, request: Request, message: str, status_code: int, title: str) -> Response:
-        """An error answered with one line: a page for browsers, plain text for other clients."""
+        """An error answered with one line: a page for browsers; for other clients one JSON
+        object ``{"ok": false, "error": …}`` from an action (the format of its every answer,
+        :func:`web.auth.answers_json`), plain text from anything else."""
+        if answers_json(request.method, request.scope["path"], request.headers):
+            return JSONResponse({"ok": False, "error": message}, status_code=status_code)
         if not _wants_html(request):
             return plain_error(message, status_code)
         return self.render(request, "error.html", status_code=status_code, title=title, message=message)

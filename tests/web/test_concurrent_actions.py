@@ -10,12 +10,10 @@ sometimes did, so a check-then-act without the batch's row lock lets all six thr
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -48,10 +46,11 @@ def _all_read_first(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store, "get_batch", get_batch)
 
 
-def _at_once(engine: Engine, output_dir: Path, path: str) -> list[httpx.Response]:
+def _at_once(engine: Engine, output_dir: Path, path: str) -> list[Any]:
+    """The answers of :data:`CALLS` clients posting ``path`` at once."""
     app = app_for(engine, settings_for(engine, output_dir, token=TOKEN))
 
-    def call(_: int) -> httpx.Response:
+    def call(_: int) -> Any:
         return client(app).post(path, headers={**BEARER, **JSON})
 
     with ThreadPoolExecutor(CALLS) as pool:
@@ -98,8 +97,7 @@ def test_concurrent_pauses_or_resumes_change_the_batch_once(
     answers = _at_once(engine, output_dir, f"/batches/{batch_id}/{action}")
     monkeypatch.undo()
     assert [a.status_code for a in answers] == [200] * CALLS, [a.text for a in answers]
-    changed: Callable[[httpx.Response], bool] = lambda a: a.json()["changed"]  # noqa: E731
-    assert sum(map(changed, answers)) == 1, [a.json()["message"] for a in answers]
+    assert sum(a.json()["changed"] for a in answers) == 1, [a.json()["message"] for a in answers]
     for answer in answers:
         assert answer.json()["paused_by_user"] is (action == "pause")
     assert _batch(engine, batch_id) == ("active", action == "pause")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import html
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import psycopg
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError
@@ -21,10 +23,11 @@ from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
 from jobs import store
-from jobs.db import session_factory
+from jobs.db import make_engine, session_factory
 from jobs.models import BatchState
 from jobs.settings import Settings
 from tests import full_disk
+from tests.conftest import PG_ADMIN_DSN
 from tests.web.web_helpers import (
     FAL_KEY,
     HTML,
@@ -36,6 +39,7 @@ from tests.web.web_helpers import (
     mixed_batch,
     settings_for,
 )
+from web.app import DATABASE_UNAVAILABLE
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 #: The database URL's password (PostgreSQL's trust authentication never asks for it), which no
@@ -53,13 +57,24 @@ def _settings(engine: Engine, output_dir: Path) -> Settings:
 
 
 def _one_line(answer: Any) -> str:
+    """What ``answer`` says, checked to be one line and to leak nothing: a page for a browser,
+    the ``error`` of one JSON object ``{"ok": false, "error": …}`` for a script's action (the
+    format of its every answer, whatever broke), plain text for anything else."""
     body: str = answer.text
     assert "Traceback" not in body
     assert FAL_KEY not in body
     assert PASSWORD not in body
-    if "<html" not in body:
-        assert answer.headers["content-type"].startswith("text/plain")
-        assert "\n" not in body.strip()
+    if "<html" in body:
+        return body
+    if answer.request.method == "POST" and "text/html" not in answer.request.headers.get("accept", ""):
+        assert answer.headers["content-type"].startswith("application/json"), body
+        found = answer.json()
+        assert found == {"ok": False, "error": found["error"]}
+        error: str = found["error"]
+        assert "\n" not in error
+        return error
+    assert answer.headers["content-type"].startswith("text/plain")
+    assert "\n" not in body.strip()
     return body
 
 
@@ -239,3 +254,43 @@ def test_any_other_database_error_is_a_500_logged_with_its_traceback(
     session.expire_all()  # what the dashboard's transactions left, not what this session read
     with session.begin():
         assert store.get_batch(session, batch_id).state == BatchState.ACTIVE
+
+
+def test_an_action_answers_json_when_the_database_is_gone(
+    new_pg_database: Callable[[], str], output_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database dropped under a running dashboard: a script's action is 503 with one JSON
+    object, the format of every other answer of the action API (never plain text); a browser's
+    form post still gets the page; a page asked for without HTML stays one plain line."""
+    url = new_pg_database()
+    engine = make_engine(url)
+    try:
+        settings = settings_for(engine, output_dir, token=TOKEN)
+        browser: TestClient = client(app_for(engine, settings))  # migrated while it was there
+        with session_factory(engine)() as session:
+            batch_id = mixed_batch(session, items=10).batch.id
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        with caplog.at_level(logging.WARNING):
+            scripted = [
+                browser.post(f"/batches/{batch_id}/{action}", headers={**BEARER, **JSON})
+                for action in ("pause", "resume", "cancel", "rerun-failed")
+            ]
+            plain = browser.post(f"/batches/{batch_id}/pause", headers=BEARER)  # no Accept at all
+            form = browser.post(f"/batches/{batch_id}/cancel", headers={**BEARER, **HTML})
+            page = browser.get(f"/batches/{batch_id}", headers=BEARER)
+    finally:
+        engine.dispose()
+    for answer in [*scripted, plain]:
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["content-type"].startswith("application/json"), answer.text
+        assert answer.json() == {"ok": False, "error": DATABASE_UNAVAILABLE}
+    assert form.status_code == 503
+    assert "<html" in form.text
+    assert DATABASE_UNAVAILABLE in html.unescape(form.text)
+    assert page.status_code == 503
+    assert page.headers["content-type"].startswith("text/plain")
+    assert page.text == DATABASE_UNAVAILABLE
+    events = {r.__dict__.get("event") for r in _dashboard_records(caplog)}
+    assert events == {"dashboard.database_unavailable"}

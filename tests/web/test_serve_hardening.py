@@ -368,9 +368,9 @@ def test_a_locked_database_is_a_503_and_one_warning(
     assert hook.json() == {"ok": False, "error": hook.json()["error"]}
     assert "database is unavailable" in hook.json()["error"]
     assert app.state.counts.rejected == 1
-    assert paused.status_code == 503
-    assert paused.headers["content-type"].startswith("text/plain")
-    assert "\n" not in paused.text.strip()
+    assert paused.status_code == 503  # a script's action: one JSON object, as its every answer
+    assert paused.headers["content-type"].startswith("application/json")
+    assert paused.json() == {"ok": False, "error": DATABASE_UNAVAILABLE}
     assert cancelled.status_code == 503
     assert "database is unavailable" in cancelled.text
     assert "<html" in cancelled.text
