@@ -9,8 +9,9 @@ the same day. Both stream: rows come from the database in chunks and leave in ch
 ``float64``, timestamps ``timestamp[us, UTC]``. Dicts and lists (``input``, ``media``, …) are
 JSON text, because their keys differ between endpoints and one text column reads the same in
 pandas, DuckDB and Spark; a field this module does not know yet is text too (JSON for anything
-that is not already a string). Rows are written in row groups of :data:`PARQUET_ROW_GROUP`, the
-only rows held in memory at once.
+that is not already a string). Rows are written in row groups of at most :data:`PARQUET_ROW_GROUP`
+rows and about :data:`PARQUET_ROW_GROUP_BYTES` of values (an inline image in ``input`` makes a
+row hundreds of KB), the only rows held in memory at once.
 
 **Hugging Face** (``--format hf -o DIR``): the ``videofolder`` layout that
 ``datasets.load_dataset("videofolder", data_dir=DIR)`` and ``load_dataset("json",
@@ -80,8 +81,14 @@ from jobs.printable import one_line
 from jobs.states import JobState
 from jobs.yaml_lines import YamlProblem, load_located
 
-#: Rows per Parquet row group: what the writer holds in memory at once (a few MB of records).
+#: Rows per Parquet row group at most: what the writer holds in memory at once.
 PARQUET_ROW_GROUP = 10_000
+#: Bytes of values per Parquet row group, about: a row group is written once its buffered values
+#: reach this, before :data:`PARQUET_ROW_GROUP` rows when rows are large (an ``input`` carrying an
+#: inline image as a data URI is hundreds of KB), so memory stays bounded whatever the row size.
+PARQUET_ROW_GROUP_BYTES = 64 * 1024 * 1024
+#: What :func:`write_parquet` counts per buffered value on top of a text's length.
+_VALUE_OVERHEAD = 16
 
 _INT_FIELDS = frozenset(
     {"item_index", "variant", "seed", "video_bytes", "attempts", "possible_duplicate_charges"}
@@ -161,6 +168,9 @@ def write_parquet(rows: Iterator[dict[str, Any]], sink: str | IO[bytes]) -> int:
     names: list[str] = list(schema.names)
     columns: dict[str, list[object]] = {name: [] for name in names}
     count = 0
+    # Rows and (estimated) bytes of values buffered for the next row group.
+    buffered = 0
+    buffered_bytes = 0
 
     with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
 
@@ -171,11 +181,17 @@ def write_parquet(rows: Iterator[dict[str, Any]], sink: str | IO[bytes]) -> int:
 
         for row in rows:
             for name in names:
-                columns[name].append(arrow_value(name, row.get(name)))
+                value = arrow_value(name, row.get(name))
+                columns[name].append(value)
+                buffered_bytes += _VALUE_OVERHEAD
+                if isinstance(value, (str, bytes)):
+                    buffered_bytes += len(value)
             count += 1
-            if count % PARQUET_ROW_GROUP == 0:
+            buffered += 1
+            if buffered >= PARQUET_ROW_GROUP or buffered_bytes >= PARQUET_ROW_GROUP_BYTES:
                 flush()
-        if count % PARQUET_ROW_GROUP:
+                buffered = buffered_bytes = 0
+        if buffered:
             flush()
     return count
 
