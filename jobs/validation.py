@@ -121,7 +121,7 @@ def check_input(
         else:
             problems.extend(check_value(fld, value, shown=shown))
     for fld in fields.values():
-        if fld.required and fld.name not in values:
+        if fld.required and fld.name not in values and fld.name not in skip:
             problems.append(
                 FieldProblem(fld.name, f"required field {fld.name!r} is missing", None, fld.allowed())
             )

@@ -229,7 +229,9 @@ class Manifest:
             return
         display = self.items_from_display or str(self.items_from)
         try:
-            yield from read_items(self.items_from, display, index, sink, self._spec_named, self._row_limit())
+            yield from read_items(
+                self.items_from, display, index, sink, self._spec_named, self._row_limit(), self._check_header
+            )
         except OSError as exc:  # unreadable (permissions), or gone since the manifest was parsed
             sink.append(self._unreadable(exc))
 
@@ -261,6 +263,55 @@ class Manifest:
             message=f"cannot read the items_from file {shown_path(self._items_from_named)}: {os_reason(exc)}",
             allowed="a readable JSONL or CSV file",
         )
+
+    def _check_header(self, names: list[str], display: str) -> tuple[list[Issue], frozenset[str]]:
+        """A CSV header's columns checked once, at line 1: a column no row may carry (no field of
+        the endpoint, nor ``endpoint``), and, when every row uses the top-level endpoint, a
+        required field no column, default or matrix value gives. Without this, each mistake
+        was said again on every row, and none of it named the header. Returns the issues and
+        the fields they cover (the rows' validation leaves those out). A column the matrix also
+        sets is left to the matrix's own check (the matrix wins)."""
+        if "endpoint" in names:  # a row may name any endpoint: a column none has is wrong for all
+            specs = [get_endpoint(endpoint) for endpoint in known_endpoint_ids()]
+        else:
+            spec = self._spec_named(None)
+            specs = [] if spec is None else [spec]
+        if not specs:
+            return [], frozenset()
+        fields = list(dict.fromkeys(name for spec in specs for name in spec.fields_by_name))
+        choices = [*fields, "endpoint"]
+        where = f"for {specs[0].id}" if len(specs) == 1 else "for any endpoint"
+        if len(specs) == 1:
+            allowed = f"the fields of {specs[0].id}: {', '.join(fields)}; or endpoint"
+        else:
+            allowed = f"endpoint, or a field of the row's endpoint: {', '.join(sorted(fields))}"
+        issues: list[Issue] = []
+        reported: set[str] = set()
+        for name in names:
+            if name in choices or name in self.matrix:
+                continue
+            message = f"unknown column {name!r} in the header {where}{did_you_mean(name, choices)}"
+            issues.append(
+                Issue(file=display, line=1, item=None, field=name, message=message, allowed=allowed)
+            )
+            reported.add(name)
+        if len(specs) == 1:
+            for fld in specs[0].fields_by_name.values():
+                given = fld.name in names or fld.name in self.defaults or fld.name in self.matrix
+                if fld.required and not given:
+                    message = f"column {fld.name!r} is required and missing from the header"
+                    issues.append(
+                        Issue(
+                            file=display,
+                            line=1,
+                            item=None,
+                            field=fld.name,
+                            message=message,
+                            allowed=fld.allowed(),
+                        )
+                    )
+                    reported.add(fld.name)
+        return issues, frozenset(reported)
 
     def _spec_named(self, endpoint: object) -> EndpointSpec | None:
         """The spec of a row's ``endpoint`` (None: the manifest's), or None when it is unknown."""
@@ -331,6 +382,7 @@ class Manifest:
                 refused=frozenset(outside),
                 variant=variant,
                 source_files=source_files(spec, values, resolved, digests, refused=outside),
+                reported=raw.reported,
             )
 
     def _row_dirs(self, raw: RawItem) -> dict[str, Path]:

@@ -55,6 +55,15 @@ def _no_spec(endpoint: object) -> EndpointSpec | None:
     return None
 
 
+#: A check of a CSV header's column names (the file as displayed): its issues, said once at line
+#: 1, and the fields they cover, which each row's validation then does not repeat.
+HeaderCheck = Callable[[list[str], str], tuple[list[Issue], frozenset[str]]]
+
+
+def _no_header_check(names: list[str], display: str) -> tuple[list[Issue], frozenset[str]]:
+    return [], frozenset()
+
+
 @dataclass(frozen=True, slots=True)
 class RowLimit:
     """The most items a manifest may have with its file's rows (the job limit over the matrix
@@ -93,11 +102,13 @@ def read_items(
     sink: list[Issue],
     spec_for: SpecFor = _no_spec,
     limit: RowLimit | None = None,
+    check_header: HeaderCheck = _no_header_check,
 ) -> Iterator[RawItem]:
     """The rows of a JSONL or CSV file (by suffix), numbered from ``index``; problems to ``sink``.
-    With a ``limit``, reading stops at the first row past it (said in ``sink``)."""
+    With a ``limit``, reading stops at the first row past it (said in ``sink``). A CSV header's
+    names go to ``check_header`` (JSONL rows each carry their own keys: validated per row)."""
     if path.suffix.lower() == ".csv":
-        return csv_items(path, display, index, sink, spec_for, limit)
+        return csv_items(path, display, index, sink, spec_for, limit, check_header)
     return jsonl_items(path, display, index, sink, spec_for, limit)
 
 
@@ -233,8 +244,13 @@ def csv_items(
     sink: list[Issue],
     spec_for: SpecFor = _no_spec,
     limit: RowLimit | None = None,
+    check_header: HeaderCheck = _no_header_check,
 ) -> Iterator[RawItem]:
     """One item per row under a header of field names; blank rows skipped.
+
+    The header's names are checked once (``check_header``): a misspelt column is one error at
+    line 1, not the same error on every row; each row carries the fields so reported
+    (:attr:`RawItem.reported`), which its validation leaves out.
 
     Read strictly: a quote left open at the end of the file, or text right after a closing
     quote, is an error, not a cell that swallowed the rest of its row (or of the file) into a
@@ -261,6 +277,8 @@ def csv_items(
                     row_issue(display, 1, None, "the header row needs distinct, non-empty field names", names)
                 )
                 return
+            header_issues, reported = check_header(names, display)
+            sink.extend(header_issues)
             last = reader.line_num
             for row in reader:
                 line = last + 1
@@ -292,7 +310,7 @@ def csv_items(
                     )
                 else:  # an empty cell is a field the row does not set (the endpoint too)
                     cells = {name: cell for name, cell in zip(names, row, strict=False) if cell != ""}
-                    yield RawItem(index, display, line, cells, {}, base_dir, True)
+                    yield RawItem(index, display, line, cells, {}, base_dir, True, reported)
                 index += 1
         except csv.Error as exc:
             sink.append(row_issue(display, last + 1, index, f"unreadable CSV ({exc}); reading stopped"))

@@ -37,6 +37,9 @@ class JobSpec:
     #: Per media field, the reference as written and its SHA-256 (:mod:`jobs.manifest.sources`);
     #: None when the job has no media field.
     source_files: dict[str, dict[str, str | None]] | None = field(default=None, compare=False, repr=False)
+    #: Fields whose problem was said once for the item's whole file (:attr:`RawItem.reported`):
+    #: validation treats them as present and does not check them again.
+    reported: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
 
     @property
     def location(self) -> Location:
@@ -59,6 +62,9 @@ class RawItem:
     lines: Mapping[str, int]
     base_dir: Path
     from_csv: bool = False
+    #: Fields whose problem is said once for the whole file (a CSV header's unknown column, or
+    #: a required one it lacks): this row's validation does not repeat it.
+    reported: frozenset[str] = frozenset()
 
 
 def describe(value: object) -> str:

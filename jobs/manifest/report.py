@@ -29,10 +29,16 @@ MAX_ERRORS = 100_000
 
 def validate_job(job: JobSpec, media_cache: MediaCache | None = None) -> list[Issue]:
     """The located issues of one expanded job: each at the line its offending value came from,
-    a local file named as the manifest wrote it (its ``source_files``), not as it resolved."""
+    a local file named as the manifest wrote it (its ``source_files``), not as it resolved. A
+    field its file's CSV header was already faulted for (``reported``) is not faulted again."""
     written = {name: source.get("source") for name, source in (job.source_files or {}).items()}
     return validate_input(
-        get_endpoint(job.endpoint), job.input, job.location, media_cache, skip=job.refused, written=written
+        get_endpoint(job.endpoint),
+        job.input,
+        job.location,
+        media_cache,
+        skip=job.refused | job.reported,
+        written=written,
     )
 
 
