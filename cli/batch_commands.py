@@ -235,6 +235,12 @@ def export(batch: str, fmt: str, output: Path | None, include: str | None, as_js
         with db.read_scope(engine, snapshot=True) as session:
             # Found before anything is written: an unknown batch leaves no header, file or folder.
             found = store.get_batch(session, batch)
+            if output is not None:  # never over the database, a stored video or a source file
+                from jobs.export_target import refuse_own_file
+
+                refuse_own_file(
+                    session, output, found, database_url=settings.database_url, output_dir=settings.output_dir
+                )
             summary: dict[str, Any] = {
                 "ok": True,
                 "batch": found.id,

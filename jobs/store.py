@@ -3428,6 +3428,19 @@ def jobs_of_batch(
     yield from session.scalars(query)
 
 
+def media_inputs_of_batch(session: Session, batch_id: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each job of a batch that names media files: its input and its ``source_files``, streamed
+    (what :func:`jobs.export.refuse_own_file` looks the local files up in)."""
+    query = (
+        select(Job.input, Job.source_files)
+        .where(Job.batch_id == batch_id, Job.source_files.is_not(None))
+        .execution_options(yield_per=500)
+    )
+    for given, sources in session.execute(query):
+        if isinstance(given, dict) and isinstance(sources, dict):
+            yield given, sources
+
+
 @dataclass(frozen=True, slots=True)
 class RerunRepeat:
     """One job of a later rerun (any generation) that repeats a job of an earlier batch: what
