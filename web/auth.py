@@ -165,34 +165,6 @@ def trusted_proxies(configured: str | None) -> str:
     return configured or os.environ.get("FORWARDED_ALLOW_IPS", DEFAULT_TRUSTED_PROXIES)
 
 
-class TrustedProxies:
-    """Whether a peer address is one of ``allow_ips`` (uvicorn's ``forwarded_allow_ips`` rule: a
-    lone ``*`` is any peer; addresses and networks match by value; anything else literally)."""
-
-    def __init__(self, allow_ips: str) -> None:
-        self.any = allow_ips.strip() == "*"
-        self.literals: set[str] = set()
-        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        for entry in (part.strip() for part in allow_ips.split(",")):
-            if not entry:
-                continue
-            try:
-                self.networks.append(ipaddress.ip_network(entry))
-            except ValueError:
-                self.literals.add(entry)
-
-    def __contains__(self, host: object) -> bool:
-        if self.any:
-            return True
-        if not isinstance(host, str) or not host:
-            return False
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return host in self.literals
-        return any(address in network for network in self.networks)
-
-
 class ForwardedHeaders:
     """The proxy headers of the proxies ``allow_ips`` names, believed (outermost middleware).
 
@@ -204,9 +176,11 @@ class ForwardedHeaders:
     believed as the host the browser sent the request to (:func:`origin_refusal`)."""
 
     def __init__(self, app: ASGIApp, allow_ips: str) -> None:
-        self.trusted = TrustedProxies(allow_ips)
         # uvicorn types ASGI apps its own way; the two protocols are the same at run time.
-        self.app = cast(ASGIApp, ProxyHeadersMiddleware(cast(Any, app), trusted_hosts=allow_ips))
+        proxy_headers = ProxyHeadersMiddleware(cast(Any, app), trusted_hosts=allow_ips)
+        # The very rule the rewrite applies (addresses, networks, a lone `*`): one decision.
+        self.trusted = proxy_headers.trusted_hosts
+        self.app = cast(ASGIApp, proxy_headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
