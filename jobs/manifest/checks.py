@@ -18,7 +18,7 @@ import bisect
 import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from jobs.endpoints import EndpointSpec, get_endpoint
 from jobs.errors import Issue
@@ -84,6 +84,15 @@ class DuplicateJobs:
         )
 
 
+class _Member(NamedTuple):
+    """A job of a :class:`DefaultedDuplicates` group: the defaults it writes out, and where it is."""
+
+    written: frozenset[str]
+    variant: int
+    item_index: int
+    line: int | None
+
+
 class DefaultedDuplicates:
     """Jobs of one pass that ask the same once the endpoint's documented defaults are filled in,
     though their keys differ: one writes out a default (``resolution: 720p``) another leaves out.
@@ -100,10 +109,10 @@ class DefaultedDuplicates:
     def __init__(self, source_of: Callable[[int], str], matrix_of: Callable[[int], dict[str, Any]]) -> None:
         self._source_of = source_of
         self._matrix_of = matrix_of
-        # key digest -> written-defaults mask << 96 | variant << 64 | item_index << 32 | line
-        self._first: dict[bytes, int] = {}
-        # key digest -> (endpoint, every member packed as above), for keys seen more than once
-        self._groups: dict[bytes, tuple[str, list[int]]] = {}
+        # key digest -> the first job with that key
+        self._first: dict[bytes, _Member] = {}
+        # key digest -> (endpoint, every job with that key), for keys seen more than once
+        self._groups: dict[bytes, tuple[str, list[_Member]]] = {}
 
     def add(self, job: JobSpec, digests: dict[str, str | None]) -> None:
         """Remember a job kept by the pass (not a collapsed duplicate)."""
@@ -116,35 +125,29 @@ class DefaultedDuplicates:
         key = job.key
         if written:
             key = job_key(spec, {k: v for k, v in job.input.items() if k not in written}, digests)
-        names = list(endpoint_defaults(job.endpoint))
-        mask = sum(1 << names.index(name) for name in written)
-        packed = mask << 96 | job.variant << 64 | job.item_index << 32 | (job.line or 0)
+        member = _Member(frozenset(written), job.variant, job.item_index, job.line)
         digest = bytes.fromhex(key)
         first = self._first.get(digest)
         if first is None:
-            self._first[digest] = packed
+            self._first[digest] = member
             return
-        self._groups.setdefault(digest, (job.endpoint, [first]))[1].append(packed)
+        self._groups.setdefault(digest, (job.endpoint, [first]))[1].append(member)
 
     def warnings(self) -> Iterator[Issue]:
         """One warning per group, at its second job, naming every job and the defaults that make
         the only difference."""
         for endpoint, members in self._groups.values():
-            defaults = list(endpoint_defaults(endpoint).items())
-            masks = [packed >> 96 for packed in members]
-            union = intersection = masks[0]
-            for mask in masks[1:]:
-                union |= mask
-                intersection &= mask
+            some = frozenset().union(*(m.written for m in members))
+            every = frozenset.intersection(*(m.written for m in members))
             differ = ", ".join(
                 f"{name}: {_shown(value)}"
-                for i, (name, value) in enumerate(defaults)
-                if (union & ~intersection) >> i & 1
+                for name, value in endpoint_defaults(endpoint).items()
+                if name in some - every
             )
             second = members[1]
-            item, line = second >> 32 & 0xFFFFFFFF, second & 0xFFFFFFFF
-            matrix = _matrix_text(self._matrix_of(second >> 64 & 0xFFFFFFFF)).lstrip()
-            also = [self._named(packed) for packed in members[2:]]
+            item, line = second.item_index, second.line
+            matrix = _matrix_text(self._matrix_of(second.variant)).lstrip()
+            also = [self._named(member) for member in members[2:]]
             as_do = f", as {'does' if len(also) == 1 else 'do'} {', '.join(also)}" if also else ""
             yield Issue(
                 file=self._source_of(item),
@@ -161,11 +164,10 @@ class DefaultedDuplicates:
                 severity="warning",
             )
 
-    def _named(self, packed: int) -> str:
+    def _named(self, member: _Member) -> str:
         """``item 0 (m.yaml:4) with resolution='720p'``, as the collapse warning names items."""
-        item, line = packed >> 32 & 0xFFFFFFFF, packed & 0xFFFFFFFF
-        matrix = _matrix_text(self._matrix_of(packed >> 64 & 0xFFFFFFFF))
-        return f"item {item} ({self._source_of(item)}:{line or None}){matrix}"
+        item, matrix = member.item_index, _matrix_text(self._matrix_of(member.variant))
+        return f"item {item} ({self._source_of(item)}:{member.line or None}){matrix}"
 
 
 def _shown(value: object) -> str:
