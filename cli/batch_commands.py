@@ -1155,59 +1155,37 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
     names: dict[str, str] = {}
 
     def action() -> int:
-        from jobs import batches, db, store
-        from jobs.models import BatchState
+        from jobs import batches
         from jobs.settings import get_settings
-        from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 
         settings = get_settings()
         refuse_simulate_with_broker(settings, simulate)  # before anything changes
-        engine = db.open_engine(settings)
-        unfinished_states = [s for s in JobState if s not in TERMINAL_STATES]
-        with db.session_scope(engine) as session:
-            found = store.lock_batch(session, batch)  # checked and cancelled as one, as the dashboard's
-            batch_id = found.id
-            names[batch_id] = found.name
-            finished = found.state != BatchState.CANCELLED and not store.count_in_states(
-                session, unfinished_states, batch_id=batch_id
-            )
-            if not finished:
-                # Refused (exit 2) before the batch is touched: a refusal means nothing happened.
-                batches.refuse_other_way(found, simulated=simulate, command="cancel")
-                batches.refuse_cancel_without_key(session, found, settings, simulated=simulate)
-                store.set_batch_state(session, batch_id, BatchState.CANCELLED, reason="cancelled by user")
-        if finished:  # nothing left to stop: a finished batch stays finished (`done`), not relabelled
-            report = batches.status(batch_id, settings)[0]
-            err.print(f"nothing to cancel: batch {escape(found.name)} ({short_id(batch_id)}) has finished")
-            emit_json(report) if as_json else print_summary(report, distributed=bool(settings.broker_url))
-            return final_code(report)
-        with db.session_scope(engine) as session:
-            # What fal does not hold ends now, set-based (seconds for 100,000 jobs); the rest
-            # needs a cancel call each, made by the tick (queued ones first: they are free).
-            at_once = store.cancel_unsent(
-                session,
-                [batch_id],
-                reason="batch cancelled",
-                error="cancelled by user",
-                error_type="cancelled",
-                worker="cli",
-            )
-            at_fal = store.count_in_states(session, AT_PROVIDER_STATES, batch_id=batch_id)
-            unfinished = store.count_in_states(session, unfinished_states, batch_id=batch_id)
-        ended = batches.cancelled_at_once(at_once)
-        err.print(f"cancel: {escape(ended)}; {at_fal} at fal being cancelled there")
-        if unfinished == 0 and not settings.broker_url:
-            report = batches.status(batch_id, settings)[0]
-            if as_json:
-                emit_json(report)
-            else:
-                print_summary(report, distributed=bool(settings.broker_url))
-            return final_code(report)
-        if settings.broker_url:
-            _broker_warnings(settings)  # the cancel is recorded; the workers carry it out
+        # The one cancel the dashboard's makes too; what it refuses (exit 2) it refuses unchanged.
+        done = batches.cancel_batch(batch, settings, by="cli", simulate=simulate)
+        batch_id = done.batch_id
+        names[batch_id] = done.name
+
+        def reported() -> int:
             report = batches.status(batch_id, settings)[0]
             emit_json(report) if as_json else print_summary(report, distributed=bool(settings.broker_url))
             return final_code(report)  # 1: jobs were cancelled (or are still being cancelled at fal)
+
+        if not done.changed and not done.unfinished:  # nothing left to stop: a finished batch stays `done`
+            why = "has finished" if done.finished else "was already cancelled"
+            err.print(f"nothing to cancel: batch {escape(done.name)} ({short_id(batch_id)}) {why}")
+            return reported()
+        # What fal does not hold has ended; the rest needs a cancel call each, made by the tick
+        # (queued ones first, newest first: they are free).
+        ended = batches.cancelled_at_once(done.at_once)
+        earlier = ""
+        if done.already_cancelled:  # a cancel stopped half-way (or still at it elsewhere)
+            earlier = " (the batch was already cancelled: this finishes that cancel)"
+        err.print(f"cancel: {escape(ended)}; {done.at_fal} at fal being cancelled there{earlier}")
+        if settings.broker_url:
+            _broker_warnings(settings)  # the cancel is recorded; the workers carry it out
+            return reported()
+        if done.unfinished == 0:
+            return reported()
         with fal_settings(settings, simulate, check=False) as target:
             return _run_and_report(batch_id, target, as_json, not no_progress, command="cancel")
 

@@ -1324,6 +1324,111 @@ def cancelled_at_once(cancelled: store.UnsentCancelled) -> str:
     return f"{cancelled.total} job(s) cancelled at once ({'; '.join(parts)})"
 
 
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    """What :func:`cancel_batch` did to a batch; ``wanbatch cancel`` and the dashboard's
+    **Cancel batch** each say it in their own way."""
+
+    batch_id: str
+    name: str
+    #: A simulation (made by ``--simulate``): its requests are at its run's simulator.
+    simulated: bool
+    #: An earlier cancel had cancelled the batch: this one only ended what that one left unsent.
+    already_cancelled: bool
+    #: Every job was terminal and the batch not cancelled: nothing changed (it stays ``done``).
+    finished: bool
+    #: The jobs ended at once, fal holding no request of theirs.
+    at_once: store.UnsentCancelled
+    #: Jobs fal holds (or may hold): each needs a cancel call there, made by whatever processes
+    #: the batch.
+    at_fal: int
+    #: Jobs not terminal once the cancel is recorded (those at fal, those being downloaded).
+    unfinished: int
+
+    @property
+    def changed(self) -> bool:
+        """Whether this call changed anything: cancelled the batch, or ended jobs of it."""
+        return not self.finished and (not self.already_cancelled or self.at_once.total > 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counts the dashboard's JSON answer carries."""
+        return {
+            "batch": self.batch_id,
+            "name": self.name,
+            "already_cancelled": self.already_cancelled,
+            "cancelled_at_once": self.at_once.total,
+            "never_sent": self.at_once.never_sent,
+            "sent_before": self.at_once.sent_before,
+            "outcome_unknown": self.at_once.outcome_unknown,
+            "at_fal": self.at_fal,
+            "unfinished": self.unfinished,
+        }
+
+
+def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None = None) -> CancelResult:
+    """Cancel batch ``ref`` (id, id prefix or name): the one operation behind ``wanbatch cancel``
+    and the dashboard's **Cancel batch**, which differ only in how they say what it did (and in
+    that the CLI then processes the batch until it is over).
+
+    In one transaction, the batch's row locked (:func:`jobs.store.lock_batch`: of concurrent
+    cancels exactly one cancels it, the others find it cancelled, as they would in turn): the
+    batch becomes ``cancelled`` ("cancelled by user"), and every job fal holds no request of
+    ends ``cancelled`` at once, set-based (:func:`jobs.store.cancel_unsent`): ``pending`` and
+    ``retry_wait`` ones, never sent or sent before and waiting to be sent again, and
+    ``submit_unknown`` ones, told apart in :attr:`CancelResult.at_once` as ``status`` tells
+    them. Each such job's event names ``by`` (``cli``, ``dashboard``): who cancelled it.
+
+    No call to fal is made here: the requests fal holds are cancelled by the tick of whatever
+    processes the batch (:func:`worker.steps.reconcile.cancel_jobs_of_cancelled_batches`:
+    queued ones first, newest first from the tail of fal's FIFO queue, running ones only after
+    them) — the CLI's own run, the workers, or for a simulation the ``--simulate`` run whose
+    simulator holds them.
+
+    * A batch whose every job is terminal, not cancelled, is :attr:`~CancelResult.finished`:
+      nothing changes; it stays ``done``, not relabelled cancelled.
+    * A batch already cancelled is :attr:`~CancelResult.already_cancelled`; its jobs still
+      unsent (a cancel stopped half-way) end now. The CLI always finished such a cancel, while
+      the dashboard answered "already cancelled" and left them waiting: both finish it now, as a
+      user who cancels again expects. With nothing left unsent, nothing changes.
+
+    ``simulate``: None when the caller only records the cancel (the dashboard); else the caller
+    goes on to process the batch here, with ``--simulate`` or not (the CLI), and what that needs
+    is checked first (:func:`refuse_other_way`, :func:`refuse_cancel_without_key`). A refusal is
+    raised before anything changes.
+    """
+    with db.session_scope(open_engine(settings)) as session:
+        batch = store.lock_batch(session, ref)
+        already = batch.state == BatchState.CANCELLED
+        unfinished = store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id)
+        finished = not already and not unfinished
+        at_once, at_fal = store.UnsentCancelled(), 0
+        if unfinished:
+            if simulate is not None:
+                refuse_other_way(batch, simulated=simulate, command="cancel")
+                refuse_cancel_without_key(session, batch, settings, simulated=simulate)
+            store.set_batch_state(session, batch.id, BatchState.CANCELLED, reason="cancelled by user")
+            at_once = store.cancel_unsent(
+                session,
+                [batch.id],
+                reason="batch cancelled",
+                error="cancelled by user",
+                error_type="cancelled",
+                worker=by,
+            )
+            at_fal = store.count_in_states(session, AT_PROVIDER_STATES, batch_id=batch.id)
+            unfinished = store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id)
+        return CancelResult(
+            batch_id=batch.id,
+            name=batch.name,
+            simulated=batch.simulated,
+            already_cancelled=already,
+            finished=finished,
+            at_once=at_once,
+            at_fal=at_fal,
+            unfinished=unfinished,
+        )
+
+
 def cancelled_line(session: Session, batch: Batch, *, manifest: bool) -> str:
     """What ``submit`` and ``run`` say of a batch ``wanbatch cancel`` ended: cancelled for good,
     and the ways on (a rerun of its jobs as a new batch; for a manifest, a new ``name``).

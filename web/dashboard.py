@@ -52,7 +52,7 @@ from jobs.money import usd_text
 from jobs.printable import one_line, shell_ref
 from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, rerun_covered
 from jobs.settings import Settings
-from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
+from jobs.states import JobState
 from jobs.url_secrets import mask_urls
 from web.auth import (
     SESSION_COOKIE,
@@ -525,54 +525,40 @@ class Dashboard:
         return Outcome(result.message, result.batch_id, result.as_dict())
 
     def _cancel(self, ref: str) -> Outcome:
-        """What ``wanbatch cancel`` records: the batch cancelled, its unsent jobs cancelled at once
-        (set-based); the jobs fal holds are cancelled there by whatever processes the batch."""
-        with db.session_scope(self.engine) as session:
-            # Locked until the cancel commits: of concurrent cancels of one batch exactly one
-            # cancels it; the others wait, then find it cancelled (409), as they would in turn.
-            batch = store.lock_batch(session, ref)
-            label = f"{batch.name} ({batch.id[:12]})"
-            if batch.state == BatchState.CANCELLED:
-                raise UsageError(f"batch {label} is already cancelled")
-            counts = store.counts_by_state(session, batch.id)
-            if sum(counts.values()) == sum(counts[s.value] for s in TERMINAL_STATES):
-                raise UsageError(f"batch {label} is finished: nothing to cancel")
-            store.set_batch_state(session, batch.id, BatchState.CANCELLED, reason="cancelled by user")
-            at_once = store.cancel_unsent(
-                session,
-                [batch.id],
-                reason="batch cancelled",
-                error="cancelled by user",
-                error_type="cancelled",
-                worker="dashboard",
+        """``wanbatch cancel`` without the processing that follows it there: the one use case
+        (:func:`jobs.batches.cancel_batch`) records it; the jobs fal holds are cancelled there by
+        whatever processes the batch, which the message names. A cancel that changes nothing (a
+        finished batch, or one already cancelled with nothing left unsent) is refused (409)."""
+        done = batches.cancel_batch(ref, self.settings, by="dashboard")
+        label = f"{done.name} ({done.batch_id[:12]})"
+        if done.finished:
+            raise UsageError(f"batch {label} is finished: nothing to cancel")
+        if not done.changed:
+            raise UsageError(f"batch {label} is already cancelled{self._at_fal_words(done, 'still being ')}")
+        if done.already_cancelled:  # a cancel stopped half-way: this one ended what it left unsent
+            head = f"batch {label} was already cancelled; this ended what was left"
+        else:
+            head = f"cancelled batch {label}"
+        message = f"{head}: {batches.cancelled_at_once(done.at_once)}{self._at_fal_words(done)}"
+        return Outcome(message, done.batch_id, done.as_dict())
+
+    def _at_fal_words(self, done: batches.CancelResult, being: str = "") -> str:
+        """``; N job(s) fal holds are cancelled there by …``: who makes the calls to fal the
+        dashboard does not make (empty when fal holds none)."""
+        if not done.at_fal:
+            return ""
+        ref = shell_ref(done.name, done.batch_id)
+        if done.simulated:  # at a --simulate run's simulator: no worker touches them
+            return (
+                f"; {done.at_fal} job(s) its simulator holds are {being}cancelled there by the "
+                f"`wanbatch run --simulate` processing it, or by `wanbatch cancel {ref} --simulate`"
             )
-            at_fal = store.count_in_states(session, AT_PROVIDER_STATES, batch_id=batch.id)
-            batch_id, name, simulated = batch.id, batch.name, batch.simulated
-        message = f"cancelled batch {label}: {batches.cancelled_at_once(at_once)}"
-        if at_fal and simulated:  # at a --simulate run's simulator: no worker touches them
-            message += (
-                f"; {at_fal} job(s) its simulator holds are cancelled there by the `wanbatch run "
-                f"--simulate` processing it, or by `wanbatch cancel {shell_ref(name, batch_id)} --simulate`"
-            )
-        elif at_fal:
-            by = (
-                "the workers"
-                if self.settings.broker_url
-                else f"the `wanbatch run` processing it, or by `wanbatch cancel {shell_ref(name, batch_id)}`"
-            )
-            message += f"; {at_fal} job(s) fal holds are cancelled there by {by}"
-        return Outcome(
-            message,
-            batch_id,
-            {
-                "batch": batch_id,
-                "cancelled_at_once": at_once.total,
-                "never_sent": at_once.never_sent,
-                "sent_before": at_once.sent_before,
-                "outcome_unknown": at_once.outcome_unknown,
-                "at_fal": at_fal,
-            },
+        by = (
+            "the workers"
+            if self.settings.broker_url
+            else f"the `wanbatch run` processing it, or by `wanbatch cancel {ref}`"
         )
+        return f"; {done.at_fal} job(s) fal holds are {being}cancelled there by {by}"
 
     def _rerun_failed(self, ref: str) -> Outcome:
         """``wanbatch rerun BATCH --failed-only``: a new batch of the failed and cancelled jobs.
