@@ -532,21 +532,57 @@ def output_size(output_path: str) -> int | None:
 
     A local output is gone, too, when something other than the regular file wanbatch wrote stands
     at its path (a symlink, a pipe): no job may take that as its video."""
+    stamp = output_stamp(output_path)
+    return None if stamp is None else stamp.size
+
+
+@dataclass(frozen=True, slots=True)
+class OutputStamp:
+    """What can be learnt of a stored output without reading it (one ``lstat``, or one ``HEAD``),
+    and that changes whenever its bytes do: its size and ``version``. A local file's version is
+    its device, inode, modification and status-change times (``st_ctime_ns`` moves on every
+    write, rename or ``utime``, and cannot be set back: an ``mtime``-preserving copy or rewrite
+    changes it); an object's is its ETag (an MD5 of its bytes, or unique to each write), its
+    ``LastModified`` and ``VersionId``.
+
+    ``by_content``: the version names the bytes themselves (an ETag), so other bytes always show
+    in it. Otherwise it is only as fine as a clock, and a second change within the same clock
+    tick would not show: ``changed_ns`` says when the last change was, in wall-clock nanoseconds
+    (None: unknown)."""
+
+    size: int
+    version: tuple[object, ...]
+    by_content: bool
+    changed_ns: int | None
+
+
+def output_stamp(output_path: str) -> OutputStamp | None:
+    """The :class:`OutputStamp` of a recorded output (local path or ``s3://`` URI); None when it
+    is gone (for a local output: anything but a regular file at its path, see
+    :func:`output_size`). :class:`OutputReadError` when S3 cannot be asked."""
     if not is_s3_url(output_path):
         try:
             info = Path(output_path).lstat()
         except OSError:
             return None
-        return info.st_size if stat.S_ISREG(info.st_mode) else None
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        version: tuple[object, ...] = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
+        return OutputStamp(info.st_size, version, False, max(info.st_mtime_ns, info.st_ctime_ns))
     bucket, key = _object(output_path)
     try:
-        return int(_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        head = _client().head_object(Bucket=bucket, Key=key)
     except Exception as exc:
         if _code(exc) in ("404", "NoSuchKey", "NotFound"):
             return None
         raise OutputReadError(
             f"cannot look up {output_path}: {_reason(exc, bucket)}", refused=_refused(exc)
         ) from None
+    etag = head.get("ETag") or None
+    modified = head.get("LastModified")
+    changed = int(modified.timestamp() * 1_000_000_000) if modified is not None else None
+    version = (etag, modified.isoformat() if modified is not None else None, head.get("VersionId"))
+    return OutputStamp(int(head["ContentLength"]), version, etag is not None, changed)
 
 
 #: How much of a stored output :func:`output_sha256` reads at a time.

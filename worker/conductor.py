@@ -439,7 +439,10 @@ class Conductor:
             apply_seen(self.rt, seen)
             raise
         applied.hand_on(self.rt)
-        return dispatched.hand_on(self.rt)
+        sent = dispatched.hand_on(self.rt)
+        if dispatched.unverified:  # jobs wait for the twin's output just read: decide them now
+            sent = sent + steps.dispatch(self.rt)
+        return sent
 
     def _tick(self, stopping: threading.Event) -> bool:
         """The safety net: a full tick, polling only what no stream follows; then catch up on

@@ -1,10 +1,13 @@
 """``reuse_outputs`` in dispatch, on SQLite and PostgreSQL: a claimed pinned-seed job whose twin
-(same key, another batch) succeeded takes its output in the claim's transaction, never sent."""
+(same key, another batch) succeeded takes its output in the claim's transaction, never sent. The
+twin's video is read (hashed) with no transaction open, between two rounds."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import sqlite3
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
@@ -14,13 +17,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from jobs import db, store
+from jobs import db, output_store, store
 from jobs.models import BatchState, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
 from tests.s3_helpers import MotoS3, S3FaultProxy, aws_env
 from tests.step_runtime import add_batch, job_ids, make_runtime
-from worker.steps import dispatch
+from worker.steps import dispatch, dispatch_in, verified_outputs
 
 S = JobState
 JOBS: list[tuple[str, dict[str, Any]]] = [
@@ -236,6 +239,130 @@ def test_a_twin_whose_video_has_another_size_is_not_reused_and_said(
     assert "20 bytes, not the 11 recorded" in warnings[0]
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_twins_video_is_read_while_the_database_takes_writes(
+    engine: Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashing a twin's video reads all of it (a GET of the object, for S3). It used to happen in
+    the dispatch round's transaction: SQLite's write lock was held for the whole read of every
+    reused video, and any other writer waited on its busy timeout. While the video is read now,
+    another connection writes at once (busy timeout 0), and the job is reused all the same."""
+    video = tmp_path / "first.mp4"
+    video.write_bytes(b"video bytes")
+    (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
+    _succeed(engine, original, video)
+    (later,) = job_ids(engine, _reusing(engine, "later"))
+    writes: list[str] = []
+    real = output_store.output_sha256
+
+    def read_while_another_writes(path: str) -> str | None:
+        other = sqlite3.connect(db_url.removeprefix("sqlite:///"), timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("CREATE TABLE IF NOT EXISTS other_writer (n INTEGER)")
+            other.execute("INSERT INTO other_writer VALUES (1)")
+            other.execute("COMMIT")
+            writes.append("written")
+        except sqlite3.OperationalError as exc:
+            writes.append(str(exc))
+        finally:
+            other.close()
+        return real(path)
+
+    monkeypatch.setattr(output_store, "output_sha256", read_while_another_writes)
+    rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10))
+    assert dispatch(rt) == []
+    assert writes == ["written"]  # was: ["database is locked"]
+    assert _reused_from(engine, later) == original
+
+
+def _replace_keeping_times(video: Path) -> None:
+    """Put other bytes of the same size at ``video``'s path, its modification time kept (as a
+    copy with ``cp -p`` or ``rsync -t`` would): a new file renamed over it."""
+    info = video.stat()
+    data = bytearray(video.read_bytes())
+    data[3] ^= 0xFF
+    swap = video.with_name(video.name + ".swap")
+    swap.write_bytes(bytes(data))
+    os.utime(swap, ns=(info.st_atime_ns, info.st_mtime_ns))
+    os.replace(swap, video)
+
+
+@pytest.mark.parametrize("settled", [False, True], ids=["just-written", "settled"])
+def test_a_video_replaced_between_its_read_and_the_claim_is_not_reused(
+    engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    settled: bool,
+) -> None:
+    """The round that claims a reusing job reads no video: the job goes back (pending, due at
+    once), the twin's video is read after the round committed, and the next round decides on
+    what it sees *then*. A video replaced in between by other bytes of its size (its times
+    kept) is not taken for the bytes read before: it is read again, and passed over. ``settled``:
+    a video older than the clock's tick, whose digest the process keeps for later rounds too."""
+    if settled:
+        monkeypatch.setattr(verified_outputs, "RACY_SECONDS", 0.0)
+    video = tmp_path / "first.mp4"
+    video.write_bytes(b"video bytes")
+    (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
+    _succeed(engine, original, video)
+    (later,) = job_ids(engine, _reusing(engine, "later"))
+    reads: list[str] = []
+    real = output_store.output_sha256
+
+    def counted(path: str) -> str | None:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(output_store, "output_sha256", counted)
+    rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10))
+    with db.session_scope(engine) as session:
+        first = dispatch_in(session, rt)
+        assert reads == []  # nothing read in the transaction
+    assert (first.reused, first.sent) == ([], [])
+    assert first.hand_on(rt) == []
+    assert reads == [str(video)]  # read once the round committed
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, later)
+        assert (job.state, job.lease_owner, job.next_attempt_at, job.attempts) == (S.PENDING, None, None, 0)
+        assert store.job_events(session, later) == []
+
+    _replace_keeping_times(video)
+    with caplog.at_level(logging.WARNING):
+        assert dispatch(rt) == [later]  # sent: rendered again, not given the other bytes
+    assert reads == [str(video), str(video)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"not reusing the output of job {original}: {video} changed since it was stored" in warnings[0]
+
+
+def test_a_settled_video_is_read_once_for_its_twins(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A video many jobs reuse, older than the clock's tick when read: read once for the process,
+    its ``lstat`` checked by every claim after."""
+    monkeypatch.setattr(verified_outputs, "RACY_SECONDS", 0.0)
+    video = tmp_path / "first.mp4"
+    video.write_bytes(b"video bytes")
+    (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
+    _succeed(engine, original, video)
+    reads: list[str] = []
+    real = output_store.output_sha256
+
+    def counted(path: str) -> str | None:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(output_store, "output_sha256", counted)
+    rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10))
+    for name in ("one", "two", "three"):
+        (job_id,) = job_ids(engine, _reusing(engine, name))
+        assert dispatch(rt) == []
+        assert _reused_from(engine, job_id) == original
+    assert reads == [str(video)]
+
+
 # --------------------------------------------------------------------------- outputs in S3
 
 BUCKET = "reuse-checks"
@@ -353,3 +480,28 @@ def test_s3_an_object_replaced_by_other_bytes_of_its_size_is_not_reused(
     (back,) = job_ids(engine, _reusing(engine, "back"))
     assert dispatch(rt) == []
     assert _reused_from(engine, back) == original
+
+
+@pytest.mark.s3
+def test_s3_an_object_replaced_between_its_read_and_the_claim_is_not_reused(
+    engine: Engine, s3: MotoS3, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The object is read (GET, hashed) after the round that claimed the job committed; replaced
+    by other bytes of its size before the next round claims it, its ETag is another: not taken,
+    the new bytes read and passed over, the job sent."""
+    (original,) = job_ids(engine, add_batch(engine, "lc", JOBS[:1]))
+    uri = _stored(s3, "tokyo/lc/0.mp4", b"video")
+    _succeed(engine, original, uri, b"video")
+    (later,) = job_ids(engine, _reusing(engine, "later"))
+    rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10))
+    with db.session_scope(engine) as session:
+        first = dispatch_in(session, rt)
+    assert (first.reused, first.sent) == ([], [])  # nothing read in the transaction: not decided
+    assert [[c.path for c in job] for job in first.unverified] == [[uri]]
+    assert first.hand_on(rt) == []
+    _stored(s3, "tokyo/lc/0.mp4", b"vidEo")
+    with caplog.at_level(logging.WARNING):
+        assert dispatch(rt) == [later]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"{uri} changed since it was stored" in warnings[0]

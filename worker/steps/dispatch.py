@@ -17,7 +17,6 @@ from jobs import db, output_store, store
 from jobs.endpoints import all_endpoints
 from jobs.models import BatchRecord, BatchState, Job, JobRecord, utcnow
 from jobs.money import BATCH_CAP_ERROR, DAILY_CAP_ERROR, usd_text
-from jobs.output_location import is_s3_url
 from jobs.output_store import OutputReadError
 from jobs.rendered import rerun_input
 from jobs.states import JobState
@@ -25,6 +24,7 @@ from worker.limits import UNREACHABLE_RETRY_SECONDS, LimiterUnavailableError, ap
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, SubmitTicket
 from worker.steps.failures import backoff
 from worker.steps.staged import find_staged
+from worker.steps.verified_outputs import VERIFIED, Candidate, storage_of
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ REUSE_CHECKS = 5
 #: Above this many jobs waiting for another reuse check, the counts start over (memory stays
 #: bounded; a count that starts over only means more tries).
 REUSE_FAILURES_KEPT = 10_000
+#: How many rounds one :func:`dispatch` runs at most while rounds leave jobs whose twin's output
+#: is to be read first (:class:`~worker.steps.verified_outputs.VerifiedOutputs`): the read, then
+#: the round that decides; a third for a twin that changed in between.
+VERIFY_ROUNDS = 3
 
 #: What :func:`_reuse` decided for a claimed job: it took a twin's output, it is to be sent, or it
 #: stays where it is (its check failed: tried again later, or its batch was paused). ``TAKEN``
@@ -55,10 +59,19 @@ def dispatch(rt: Runtime) -> list[str]:
     requests at fal for the key: the account's limit is global. The download backlog counts the
     downloads this runtime makes, and a simulation its own batch only
     (:meth:`~worker.steps.context.Runtime.cap_scope`).
+
+    A round that let jobs go until their twin's output is read (``reuse_outputs``:
+    :attr:`Dispatched.unverified`) is followed by another at once, up to :data:`VERIFY_ROUNDS`
+    in all: the read happens between the two, with no transaction open.
     """
-    with db.session_scope(rt.engine) as session:
-        claimed = dispatch_in(session, rt)
-    return claimed.hand_on(rt)
+    sent: list[str] = []
+    for _ in range(VERIFY_ROUNDS):
+        with db.session_scope(rt.engine) as session:
+            claimed = dispatch_in(session, rt)
+        sent += claimed.hand_on(rt)
+        if not claimed.unverified:
+            break
+    return sent
 
 
 @dataclass
@@ -72,9 +85,14 @@ class Dispatched:
     tickets: list[SubmitTicket] = field(default_factory=list)
     #: Submit-rate tokens taken but not used (claimed fewer jobs than granted).
     unused: int = 0
+    #: Jobs let go (pending, due at once) until these twins' outputs are read, per job in the
+    #: order it would take them (:func:`_reuse`); :meth:`hand_on` reads them.
+    unverified: list[list[Candidate]] = field(default_factory=list)
 
     def hand_on(self, rt: Runtime) -> list[str]:
-        """Give the unused rate back and hand the jobs on; the ids sent."""
+        """Give the unused rate back and hand the jobs on; the ids sent. Then read the outputs
+        of :attr:`unverified`, outside the round's transaction (it has committed): run another
+        round (:func:`dispatch`) for the jobs that wait for them."""
         if self.unused > 0 and rt.bucket is not None:
             rt.bucket.tokens += self.unused
         if rt.submit_tickets is not None:  # committed: the submits may start from what was read
@@ -86,6 +104,8 @@ class Dispatched:
             rt.notify("done", job_id)
         for job_id in self.taken:
             rt.enqueue_download(job_id)
+        if self.unverified:
+            VERIFIED.verify(self.unverified)
         return self.sent
 
 
@@ -124,6 +144,8 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     states = [S.PENDING, S.RETRY_WAIT] if flight.retry_wait else [S.PENDING]
     jobs = _claim_within_caps(session, rt, free, now, scope, closed, states)
     rt.downloads_held = rt.downloads_held and len(jobs) >= free  # fewer: nothing else waited
+    if jobs:
+        VERIFIED.next_round()  # outputs read for the previous round only serve this one
     batches.read({job.batch_id for job in jobs})
     if len(jobs) < free:
         # Fewer due than tokens: nothing waits for the rate, whatever the bucket could not grant
@@ -141,7 +163,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
             done.taken.append(job.id)
             continue
         if verdict == SEND:
-            verdict = _reuse(session, rt, job, batches, paused)
+            verdict = _reuse(session, rt, job, batches, paused, done.unverified)
         if verdict == REUSED:
             done.reused.append(job.id)
             continue
@@ -259,7 +281,14 @@ def _heed_fal_reach(rt: Runtime, free: int) -> int:
     return min(free, 1) if rt.fal_reach.down else free
 
 
-def _reuse(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches, paused: set[str]) -> str:
+def _reuse(
+    session: Session,
+    rt: Runtime,
+    job: JobRecord,
+    batches: _RoundBatches,
+    paused: set[str],
+    unverified: list[list[Candidate]],
+) -> str:
     """With ``reuse_outputs``, give a claimed pinned-seed job the output of a succeeded twin:
     :data:`REUSED`, :data:`SEND` (no intact twin: send it as usual) or :data:`WAIT`.
 
@@ -269,12 +298,20 @@ def _reuse(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches
     twins are checked, oldest first (twins that reused another's output are their source's
     stand-ins, not checked again); the first whose file is on disk (or whose object is in S3) at
     the recorded size *and* with the recorded SHA-256 is taken (:func:`_verified`): the job then
-    records that SHA-256 as its video's, so it must be the bytes stored now. Hashing reads the
-    file once (downloads the object, for S3), inside the claim's transaction: the price of one
-    read per reused job, small next to the render it saves. A twin whose file changed since it
-    was stored is passed over with a warning naming the file. Only when every one checked is
-    gone or changed is the job sent. No sidecar is written for the reusing job: it points at the
-    original's file, and its export record carries ``reused_from``.
+    records that SHA-256 as its video's, so it must be the bytes stored now. A twin whose file
+    changed since it was stored is passed over with a warning naming the file. Only when every
+    one checked is gone or changed is the job sent. No sidecar is written for the reusing job: it
+    points at the original's file, and its export record carries ``reused_from``.
+
+    No video is read here: the transaction holds SQLite's write lock (on PostgreSQL, the claimed
+    rows), and hashing a video reads all of it. The round only looks at each twin's stamp (one
+    ``lstat``, or one ``HEAD`` for S3) and takes the SHA-256 read for exactly that stamp
+    (:class:`~worker.steps.verified_outputs.VerifiedOutputs`). When a twin it would come to is
+    not known so, the job is let go, due at once and nothing recorded (:data:`WAIT`), with the
+    twins to read in ``unverified``: :meth:`Dispatched.hand_on` reads them once the round has
+    committed, and the next round decides — on the stamp it sees then, so a file changed between
+    the read and the claim is read again, never taken for the bytes read before. Its warnings are
+    said by the round that decides, once.
 
     A check that fails for another reason than "not there" (S3 refusing the HEAD or the GET, unreachable,
     late) never turns into a paid render: the job stays ``pending`` (:data:`WAIT`) and is
@@ -290,20 +327,41 @@ def _reuse(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches
     failed: OutputReadError | None = None
     failing: set[str] = set()  # storages (buckets) whose check failed: not asked again this time
     checked: set[str] = set()
+    changed: list[tuple[Job, str, str]] = []  # (twin, path, why) passed over: said once decided
+    to_read: list[Candidate] = []
+    taken: Job | None = None
     for source in sources:
         path = source.output_path
-        if path is None or path in checked or _storage(path) in failing:
+        if path is None or path in checked or storage_of(path) in failing:
             continue
         checked.add(path)
         try:
-            intact = _verified(job, source, path)
+            intact = _verified(source, path, changed)
         except OutputReadError as exc:
-            failing.add(_storage(path))
+            failing.add(storage_of(path))
             failed = exc if failed is None or (exc.refused and not failed.refused) else failed
             continue
-        if intact:
-            rt.reuse_check_failures.pop(job.id, None)
-            return REUSED if store.mark_reused(session, rt.fence(job), source) else WAIT
+        if intact is None:  # to be read first
+            to_read.append(Candidate(path, source.output_sha256))
+        elif intact:
+            taken = source
+            break
+    if to_read:  # decided by the next round, once read: taken is the twin after them
+        unverified.append(to_read)
+        store.release_lease(session, rt.fence(job))
+        return WAIT
+    for source, path, why in changed:
+        log.warning(
+            "job %s: not reusing the output of job %s: %s changed since it was stored (%s)",
+            job.id,
+            source.id,
+            path,
+            why,
+            extra={"event": "reuse.output_changed", "job_id": job.id, "batch_id": job.batch_id},
+        )
+    if taken is not None:
+        rt.reuse_check_failures.pop(job.id, None)
+        return REUSED if store.mark_reused(session, rt.fence(job), taken) else WAIT
     if failed is not None:
         return _reuse_check_failed(session, rt, job, failed, paused)
     rt.reuse_check_failures.pop(job.id, None)
@@ -317,36 +375,32 @@ def _reuse(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches
     return SEND
 
 
-def _verified(job: JobRecord, source: Job, path: str) -> bool:
+def _verified(source: Job, path: str, changed: list[tuple[Job, str, str]]) -> bool | None:
     """Whether the output ``source`` recorded at ``path`` is still the video it stored: there,
-    of the recorded size (a local file's size, or the object's: one HEAD request, when outputs
-    are in S3), and then of the recorded SHA-256 (the whole file read, streaming). A file of
-    another size or other bytes changed since it was stored: one warning names it. A file gone
-    is said by the caller (sent, unless a later twin's is intact). :class:`OutputReadError` when
-    the storage cannot be asked."""
-    size = output_store.output_size(path)
-    if size is None:
+    of the recorded size (a local file's ``lstat``, or the object's HEAD when outputs are in S3),
+    and with the recorded SHA-256 as read for the stamp it has now — None when that is not known
+    yet (to be read, outside the transaction: :func:`_reuse`). A file of another size or other
+    bytes changed since it was stored: added to ``changed`` (with why), for one warning. A file
+    gone (or unreadable) is said by the caller (sent, unless a later twin's is intact).
+    :class:`OutputReadError` when the storage cannot be asked (now, or when it was to be read)."""
+    stamp = output_store.output_stamp(path)
+    if stamp is None:
         return False
-    why = None
-    if size != source.output_bytes:
-        why = f"{size:,} bytes, not the {source.output_bytes or 0:,} recorded"
-    else:
-        digest = output_store.output_sha256(path)
-        if digest is None:
-            return False  # gone (or unreadable) since its size was looked at
-        if digest != source.output_sha256:
-            why = f"SHA-256 {digest[:12]}…, not the {(source.output_sha256 or '')[:12]}… recorded"
-    if why is None:
-        return True
-    log.warning(
-        "job %s: not reusing the output of job %s: %s changed since it was stored (%s)",
-        job.id,
-        source.id,
-        path,
-        why,
-        extra={"event": "reuse.output_changed", "job_id": job.id, "batch_id": job.batch_id},
-    )
-    return False
+    if stamp.size != source.output_bytes:
+        changed.append((source, path, f"{stamp.size:,} bytes, not the {source.output_bytes or 0:,} recorded"))
+        return False
+    known = VERIFIED.known(path, stamp)
+    if known is None:
+        return None
+    if known.digest is None:
+        if known.why is not None:
+            changed.append((source, path, known.why))
+        return False  # unreadable, or changing
+    if known.digest != source.output_sha256:
+        why = f"SHA-256 {known.digest[:12]}…, not the {(source.output_sha256 or '')[:12]}… recorded"
+        changed.append((source, path, why))
+        return False
+    return True
 
 
 def _take_staged(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches) -> str:
@@ -394,14 +448,6 @@ def _take_staged(session: Session, rt: Runtime, job: JobRecord, batches: _RoundB
         extra={"event": "rerun.staged_taken", "job_id": job.id, "batch_id": job.batch_id},
     )
     return TAKEN
-
-
-def _storage(output_path: str) -> str:
-    """Where a recorded output lives, for telling storages apart: ``s3://bucket``, or ``""``
-    for a local file (whose check never fails: a file that cannot be looked at is gone)."""
-    if not is_s3_url(output_path):
-        return ""
-    return "/".join(output_path.split("/", 3)[:3])
 
 
 def _reuse_check_failed(
