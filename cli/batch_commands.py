@@ -84,7 +84,10 @@ def status(batch: str | None, as_json: bool) -> None:
         # Which cap holds an active batch's unsent jobs back, counted as a run started from
         # here (or the workers, with a broker) counts it: this environment's key and caps.
         caps = batches.CapCheck.of(settings, api_key_id(settings))
-        reports = batches.status(batch, settings, caps, broker_url=settings.broker_url)
+        # A hold on fal recorded by a process of this host that has ended is not shown.
+        from worker.processes import owner_gone
+
+        reports = batches.status(batch, settings, caps, broker_url=settings.broker_url, gone=owner_gone)
         if settings.broker_url:  # the workers' leader's limits apply, not these: say when they differ
             from worker.doctor import database_id
             from worker.limits import published_mismatch

@@ -840,6 +840,8 @@ def print_report(report: BatchReport, *, distributed: bool = False) -> None:
     # a cap holds its unsent jobs back, or the workers cannot reach the broker
     if report["phase"] == "active" and report["phase_reason"]:
         say(escape(report["phase_reason"]), "yellow")
+    if fal := report.get("fal_unreachable_note"):  # a process cannot connect to fal: it holds its submits
+        say(escape(fal), "yellow")
     out.print(status_table(report))
     say(escape(progress_text(report, distributed=distributed)))
     for line in money_line(report).splitlines():
@@ -962,6 +964,8 @@ def print_batches(reports: list[BatchReport], *, distributed: bool = False) -> N
             notes.append(f"{ids[r['batch']]} {label}: {reason}")
         elif reason and label == "active":  # a cap holds its unsent jobs back: which, and whose jobs
             notes.append(f"{ids[r['batch']]} {reason}")
+        if fal := r.get("fal_unreachable_note"):  # a process cannot connect to fal: it holds its submits
+            notes.append(f"{ids[r['batch']]} {fal}")
         if not r["processing"] and label not in ("done", "cancelled"):
             notes.append(f"{ids[r['batch']]} {idle_text(r, distributed=distributed)}")
     simulations = [ids[r["batch"]] for r in reports if r["simulated"]]

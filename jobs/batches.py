@@ -715,6 +715,13 @@ class BatchReport(TypedDict):
     #: Since when the workers' leader cannot reach the broker (ISO 8601, UTC): submits and
     #: downloads wait for it, and there is no ETA; None when it can (or no worker is alive).
     broker_unreachable_since: str | None
+    #: The processes that cannot connect to fal and hold their submits of this batch (an
+    #: embedded ``run`` of it, or distributed workers): each one's ``owner``, ``host``, ``pid``,
+    #: ``since``, ``next_probe_at`` (ISO 8601, UTC), ``pause_seconds`` and ``error``, the
+    #: longest-standing first (:func:`jobs.listing.fal_holds`); empty when none (or done).
+    fal_unreachable: list[dict[str, Any]]
+    #: That in one line (:func:`jobs.listing.fal_hold_text`); "" when none.
+    fal_unreachable_note: str
     counts: dict[str, int]
     estimated_usd: float | None
     spent_usd: float | None
@@ -1083,6 +1090,7 @@ def batch_report(
     now: datetime | None = None,
     caps: CapCheck | None = None,
     broker_url: str | None = None,
+    gone: Callable[[str], bool] | None = None,
 ) -> BatchReport:
     """The contract's ``status BATCH --json`` object for one batch (``now``: for the schedule).
 
@@ -1093,7 +1101,10 @@ def batch_report(
     While the workers' leader cannot reach the broker (:func:`jobs.listing.broker_down_since`),
     an unfinished batch the workers process gets no ETA, and an active one that as its
     ``phase_reason`` (:func:`broker_down_text`, naming ``broker_url`` masked): whatever a cap
-    seems to hold back, nothing moves until the broker answers."""
+    seems to hold back, nothing moves until the broker answers.
+
+    ``gone``: whether a process (``host:pid:``) is known to have ended, so that a hold on fal it
+    recorded before it died is not shown (:func:`jobs.listing.fal_holds`)."""
     batch = store.get_batch(session, batch_id)
     now = now or utcnow()
     # One pass over the batch's jobs for every figure (the dashboard's query): a 100k-job
@@ -1127,6 +1138,9 @@ def batch_report(
     held = listing.standing(batch, totals, beat, now=now) or ("broker unreachable" if broker_down else "")
     eta = listing.pace(totals, held=held, now=now).eta_seconds
     eta_note = listing.eta_beyond_schedule(store.batch_schedule(batch), eta, now)
+    fal_holds = (
+        [] if done else listing.fal_holds(session, batch.id, now=now, simulated=batch.simulated, gone=gone)
+    )
     covered = rerun_covered(session, batch)
     return {
         "batch": batch.id,
@@ -1149,6 +1163,8 @@ def batch_report(
         "processing": processing,
         "processed_at": beat.isoformat() if beat is not None else None,
         "broker_unreachable_since": broker_down.isoformat() if broker_down is not None else None,
+        "fal_unreachable": [hold.as_json() for hold in fal_holds],
+        "fal_unreachable_note": listing.fal_hold_text(fal_holds, now=now),
         "counts": counts,
         "estimated_usd": _money(totals.estimated_usd),
         "spent_usd": _money(totals.spent_usd),
@@ -1509,15 +1525,18 @@ def status(
     caps: CapCheck | None = None,
     *,
     broker_url: str | None = None,
+    gone: Callable[[str], bool] | None = None,
 ) -> list[BatchReport]:
     """Reports for one batch (``ref`` = id, id prefix or name) or, with no ref, for every batch;
     ``caps``: say which cap holds an active batch's submits back; ``broker_url``: the broker a
-    broker outage names (:func:`batch_report`)."""
+    broker outage names; ``gone``: processes known to have ended (:func:`batch_report`)."""
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
         batches = [store.get_batch(session, ref)] if ref is not None else store.list_batches(session)
         ids = [b.id for b in batches]
-        return [batch_report(session, batch_id, caps=caps, broker_url=broker_url) for batch_id in ids]
+        return [
+            batch_report(session, batch_id, caps=caps, broker_url=broker_url, gone=gone) for batch_id in ids
+        ]
 
 
 @dataclass(frozen=True, slots=True)

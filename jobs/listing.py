@@ -21,7 +21,7 @@ of those definitions are applied per ``state`` group in Python, on a handful of 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -33,7 +33,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from jobs import store
 from jobs.digits import ascii_int
-from jobs.models import Batch, BatchState, Job, Money, utcnow
+from jobs.models import EVERY_BATCH, Batch, BatchState, Job, Money, utcnow
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
 from jobs.schedule import Schedule, format_duration
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
@@ -273,6 +273,106 @@ def broker_down_since(session: Session, *, now: datetime) -> datetime | None:
     :data:`PROCESSING_STALE_SECONDS`), cannot reach the broker; None: it can, or none is alive."""
     live_since = now - timedelta(seconds=PROCESSING_STALE_SECONDS)
     return store.workers_broker_down_since(session, live_since=live_since)
+
+
+#: The longest pause between two probes of a process that cannot connect to fal
+#: (``worker.steps.fal_reach``: 1 s, doubling with each failed probe, up to this).
+FAL_PROBE_PAUSE_MAX = 60.0
+#: A process holding its submits renews its :class:`~jobs.models.FalHold` row at most this
+#: often, when a probe fails (the start and the end of a hold are written at once).
+FAL_HOLD_RENEW_SECONDS = 30.0
+#: A hold not renewed for this long is a process's that died holding (or that has nothing
+#: more to send): ``status`` and the dashboard no longer show it. Two of the longest pauses: a
+#: process that probes renews its row at least once per pause.
+FAL_HOLD_STALE_SECONDS = 2 * FAL_PROBE_PAUSE_MAX
+
+
+@dataclass(frozen=True, slots=True)
+class FalHoldView:
+    """A process that cannot connect to fal, holding its submits: what ``status`` shows."""
+
+    owner: str
+    since: datetime
+    #: When its next probe goes, as far as can be told (:func:`next_probe`).
+    next_probe_at: datetime
+    pause_seconds: float
+    error: str
+
+    @property
+    def host(self) -> str:
+        return self.owner.partition(":")[0]
+
+    @property
+    def pid(self) -> int | None:
+        pid = self.owner.partition(":")[2].partition(":")[0]
+        return int(pid) if pid.isascii() and pid.isdigit() else None
+
+    def who(self) -> str:
+        """``worker-3 (pid 4242)``."""
+        return f"{self.host} (pid {self.pid})" if self.pid is not None else self.host
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "owner": self.owner,
+            "host": self.host,
+            "pid": self.pid,
+            "since": self.since.isoformat(),
+            "next_probe_at": self.next_probe_at.isoformat(),
+            "pause_seconds": self.pause_seconds,
+            "error": self.error,
+        }
+
+
+def next_probe(at: datetime, pause: float, *, now: datetime) -> tuple[datetime, float]:
+    """The next probe at or after ``now`` of a process whose row says its next probe goes ``at``
+    with ``pause`` seconds between probes then: each probe due since failed (had one answered,
+    the row would be gone), doubling the pause up to :data:`FAL_PROBE_PAUSE_MAX`."""
+    pause = max(pause, 0.001)
+    while at < now and pause < FAL_PROBE_PAUSE_MAX:
+        pause = min(FAL_PROBE_PAUSE_MAX, pause * 2)
+        at += timedelta(seconds=pause)
+    if at < now:  # every pause the longest now: whole pauses until after now
+        steps = -(-(now - at).total_seconds() // pause)
+        at += timedelta(seconds=steps * pause)
+    return at, pause
+
+
+def fal_holds(
+    session: Session,
+    batch_id: str,
+    *,
+    now: datetime,
+    simulated: bool = False,
+    gone: Callable[[str], bool] | None = None,
+) -> list[FalHoldView]:
+    """The processes that hold submits of ``batch_id`` because they cannot connect to fal: an
+    embedded ``run`` of it, or distributed workers (every batch but a ``--simulate`` run's),
+    whose row was renewed within :data:`FAL_HOLD_STALE_SECONDS`; ``gone`` tells owners known to
+    have ended (a process of this host whose pid no longer runs: left out at once)."""
+    scopes = [batch_id] if simulated else [batch_id, EVERY_BATCH]
+    live_since = now - timedelta(seconds=FAL_HOLD_STALE_SECONDS)
+    shown: dict[str, FalHoldView] = {}
+    for row in store.fal_holds(session, scopes, live_since=live_since):
+        if row.owner in shown or (gone is not None and gone(row.owner)):
+            continue
+        at, pause = next_probe(row.next_probe_at, row.pause_seconds, now=now)
+        shown[row.owner] = FalHoldView(row.owner, row.since, at, pause, row.error)
+    return list(shown.values())
+
+
+def fal_hold_text(holds: Sequence[FalHoldView], *, now: datetime) -> str:
+    """``fal unreachable from worker-3 (pid 4242) since 14:02:11 UTC (submits held, next probe in
+    32s): could not connect (ConnectError): …``; "" when no process holds."""
+    if not holds:
+        return ""
+    first = holds[0]  # the longest-standing
+    who = first.who() if len(holds) == 1 else f"{first.who()} and {len(holds) - 1} other process(es)"
+    wait = max(0, round((first.next_probe_at - now).total_seconds()))
+    said = f": {first.error}" if first.error else ""
+    return (
+        f"fal unreachable from {who} since {first.since:%H:%M:%S} UTC "
+        f"(submits held, next probe in {wait}s){said}"
+    )
 
 
 def is_processing(last_beat: datetime | None, *, now: datetime) -> bool:

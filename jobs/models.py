@@ -555,6 +555,37 @@ class ConductorHeartbeat(Base):
     broker_down_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class FalHold(Base):
+    """A process that cannot connect to fal at all holds its submits: since when, and when it
+    tries again (:mod:`worker.steps.fal_reach`).
+
+    Written when a hold begins, renewed at most every
+    :data:`~jobs.listing.FAL_HOLD_RENEW_SECONDS` while the process keeps probing (its own
+    heartbeat: never once per probe), deleted the moment fal answers it. ``status`` and the
+    dashboard show a hold only while it is renewed (within
+    :data:`~jobs.listing.FAL_HOLD_STALE_SECONDS`) and its process is not known to have ended:
+    the row of one that died holding goes stale by itself.
+    """
+
+    __tablename__ = "fal_holds"
+
+    #: The process (``host:pid:``, the prefix of its lease owners).
+    owner: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: The batch whose submits it holds (an embedded ``run``'s), or :data:`EVERY_BATCH` (a
+    #: distributed worker's).
+    scope: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: Since when fal has not answered it.
+    since: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: When its next submit may go, as the probe; and the pause between probes then (doubling
+    #: with each failed probe, up to a minute).
+    next_probe_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    pause_seconds: Mapped[float] = mapped_column(Float)
+    #: The last connect failure, in short.
+    error: Mapped[str] = mapped_column(String(255), default="")
+    #: When the process last wrote this row (its renewal).
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class SubmitRate(Base):
     """The submit rate's token bucket of one API key, shared by every process that dispatches.
 

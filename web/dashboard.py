@@ -64,6 +64,7 @@ from web.auth import (
     session_value,
 )
 from web.bodies import Refusal, read_body
+from worker.processes import owner_gone
 
 log = logging.getLogger(__name__)
 
@@ -405,6 +406,13 @@ class Dashboard:
                 now=now,
             )
             failures = store.failure_reasons(session, batch.id)
+            # Processes that cannot connect to fal hold their submits: which, since when (as
+            # `status` says; a hold left by a process of this host that has ended is not shown).
+            fal_holds = (
+                []
+                if _finished(totals)
+                else listing.fal_holds(session, batch.id, now=now, simulated=batch.simulated, gone=owner_gone)
+            )
             rerun = RerunOffer.of(session, batch, totals)
             shown_schedule = batches.schedule_state(session, batch, finished=_finished(totals), now=now)
             # What `status` reads as the batch's state, decided where it decides it.
@@ -426,6 +434,8 @@ class Dashboard:
                 "phase": phase,
                 "phase_reason": phase_reason,
                 "deadline_advice": _deadline_advice(batch, totals) if phase == "deadline" else "",
+                "fal_holds": fal_holds,
+                "fal_unreachable": listing.fal_hold_text(fal_holds, now=now),
                 "failures": failures,
                 "failures_split": batches.told_apart_by_sending(
                     (f.state, f.error_type, f.sent) for f in failures

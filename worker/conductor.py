@@ -570,9 +570,12 @@ class Conductor:
 
     def close(self) -> None:
         """Stop reporting stream events (the streams end when the client closes), and say that
-        this process no longer works on its batches. Safe to call more than once, from any thread."""
+        this process no longer works on its batches (nor holds its submits because fal cannot be
+        reached: :meth:`~worker.steps.fal_reach.FalReach.release`). Safe to call more than once,
+        from any thread."""
         if self.watcher is not None:
             self.watcher.close()
+        self.rt.fal_reach.release()  # a hold on fal this process recorded ends with it
         with self._beat_lock:
             if self._closed or self._next_beat == 0:
                 self._closed = True

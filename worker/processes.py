@@ -9,6 +9,7 @@ See proc(5) for the fields of ``/proc/PID/stat``.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 
@@ -43,3 +44,23 @@ def zombie(pid: int) -> bool:
     """Whether ``pid`` has ended but its parent has not reaped it yet (it holds nothing)."""
     fields = _stat_fields(pid)
     return bool(fields) and fields is not None and fields[0] == "Z"
+
+
+def other_pid_here(owner: str) -> int | None:
+    """The pid of owner ``owner`` (a lease or heartbeat owner, ``host:pid:``…) when it names
+    another process of this host; None for another host, this process, or an owner of another
+    shape (nothing can be told)."""
+    host, _, rest = owner.partition(":")
+    pid_text, sep, _ = rest.partition(":")
+    if not sep or host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    return None if pid <= 0 or pid == os.getpid() else pid
+
+
+def owner_gone(owner: str) -> bool:
+    """Whether owner ``owner`` (``host:pid:``…) is a process of this host that has ended (or is a
+    zombie nobody reaped). Anything it cannot tell — another host, a live pid, this process, an
+    owner of another shape — counts as alive."""
+    pid = other_pid_here(owner)
+    return pid is not None and (not exists(pid) or zombie(pid))

@@ -10,9 +10,10 @@ from datetime import UTC, datetime
 import httpx
 
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError
+from jobs.listing import FAL_HOLD_RENEW_SECONDS
 from worker.fal.errors import FalUnreachableError, unreached
 from worker.steps.failures import failure_type
-from worker.steps.fal_reach import LONGEST_PAUSE_SECONDS, FalReach
+from worker.steps.fal_reach import LONGEST_PAUSE_SECONDS, FalReach, Hold
 
 
 class Clock:
@@ -84,3 +85,29 @@ def test_every_failure_of_a_step_has_an_error_type() -> None:
     assert failure_type(RetryableProviderError("gateway", status_code=502)) == "http_502"
     assert failure_type(FinalProviderError("refused", status_code=422, error_type="bad_input")) == "bad_input"
     assert failure_type(RetryableProviderError("something else")) == "retryable_provider_error"
+
+
+def test_the_hold_is_recorded_when_it_begins_renewed_now_and_then_and_ended_never_per_probe() -> None:
+    """What ``status`` reads (``fal_holds``): written when the hold begins, renewed by a failed
+    probe at most every FAL_HOLD_RENEW_SECONDS, ended when fal answers — not once per probe."""
+    fal, clock = reach()
+    written: list[Hold | None] = []
+    fal.recorder = written.append
+    fal.failed("refused", probe=False)
+    assert [h.since if h else None for h in written] == [datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)]
+    assert written[0] is not None
+    assert written[0].pause_seconds == 1.0
+    fal.failed("refused", probe=False)  # a submit sent before the hold was seen: nothing written
+    for _ in range(9):  # probes after 1, 2, 4, … 60 s: 243 s in all
+        clock.now += fal.held_for()
+        assert fal.admit()[1] is True
+        fal.failed("refused", probe=True)
+    renewals = written[1:]
+    assert 1 <= len(renewals) <= 243 // FAL_HOLD_RENEW_SECONDS < 9
+    assert all(h is not None and h.pause_seconds > 1 for h in renewals)
+    fal.answered()
+    assert written[-1] is None  # the hold is over
+    fal.answered()  # nothing more to say
+    fal.release()
+    assert written[-1] is None
+    assert len(written) == 2 + len(renewals)

@@ -17,7 +17,8 @@ from typing import Any, Protocol
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from jobs.models import BatchRecord, Job, JobRecord, JobView, utcnow
+from jobs import db, store
+from jobs.models import EVERY_BATCH, BatchRecord, Job, JobRecord, JobView, utcnow
 from jobs.schedule import Schedule
 from jobs.settings import MAX_SECONDS, Settings
 from jobs.states import JobState
@@ -26,7 +27,7 @@ from worker.fal.client import FalClient
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
 from worker.limits import SubmitLimiter, api_key_id, limiter_for
-from worker.steps.fal_reach import FalReach
+from worker.steps.fal_reach import FalReach, Hold
 from worker.steps.keepalive import SubmitLeases
 from worker.steps.unrecorded import Unrecorded
 
@@ -278,6 +279,30 @@ class Runtime:
             self.bucket = RateBucket(self.settings.submit_rate / (1 + self.settings.submit_jitter_allowance))
         if self.limiter is None:
             self.limiter = limiter_for(self.settings)
+        if self.fal_reach.recorder is None:
+            self.fal_reach.recorder = self.record_fal_hold
+
+    def record_fal_hold(self, hold: Hold | None) -> None:
+        """Record in the database that this process holds its submits because fal cannot be
+        reached from it (``hold``), or that it no longer does (None): for ``status`` and the
+        dashboard (:func:`jobs.listing.fal_holds`), under this process's name (``host:pid:``)
+        and this runtime's batches (every batch for a distributed worker)."""
+        owner = process_identity()
+        scopes = self.batch_ids or frozenset({EVERY_BATCH})
+        with db.session_scope(self.engine) as session:
+            if hold is None:
+                store.release_fal_hold(session, owner, scopes)
+                return
+            store.hold_fal(
+                session,
+                owner,
+                scopes,
+                since=hold.since,
+                next_probe_at=hold.next_probe_at,
+                pause_seconds=hold.pause_seconds,
+                error=hold.error,
+                now=utcnow(),
+            )
 
     def lease_until(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.settings.lease_seconds)

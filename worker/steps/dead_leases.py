@@ -28,8 +28,6 @@ one's submits in flight, are waited for, and :func:`waiting_note` says for whom 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from collections.abc import Collection
 from datetime import datetime, timedelta
@@ -50,30 +48,18 @@ log = logging.getLogger(__name__)
 SCAN_SECONDS = 2.0
 
 
-def _other_pid_here(owner: str) -> int | None:
-    """The pid of owner ``owner`` (``host:pid:``…) when it names another process of this host;
-    None for another host, this process, or an owner of another shape (nothing can be told)."""
-    host, _, rest = owner.partition(":")
-    pid_text, sep, _ = rest.partition(":")
-    if not sep or host != socket.gethostname() or not pid_text.isdigit():
-        return None
-    pid = int(pid_text)
-    return None if pid <= 0 or pid == os.getpid() else pid
-
-
 def process_gone(owner: str) -> bool:
     """Whether lease owner ``owner`` (``host:pid:thread``) is a process of this host that has
     ended (or is a zombie nobody reaped). Anything it cannot tell — another host, a live pid, this
     process, an owner of another shape — counts as alive: its lease is waited out, never taken."""
-    pid = _other_pid_here(owner)
-    return pid is not None and (not processes.exists(pid) or processes.zombie(pid))
+    return processes.owner_gone(owner)
 
 
 def live_pid_here(owner: str) -> int | None:
     """The pid of lease or heartbeat owner ``owner`` (``host:pid:``…) when it is a live process of
     this host other than this one; None otherwise (ended, a zombie, another host, this process,
     an owner of another shape). The converse of :func:`process_gone` for what it can tell."""
-    pid = _other_pid_here(owner)
+    pid = processes.other_pid_here(owner)
     return pid if pid is not None and processes.exists(pid) and not processes.zombie(pid) else None
 
 

@@ -13,6 +13,12 @@ Per process, on purpose: one worker whose fal URL is wrong, or whose host lost i
 holds its own submits, not every other worker's (unlike a 429, which is the account's and is
 shared through the limiter). The batch's schedule and deadline go on as ever: the jobs held
 are ``pending``, and the tick ends them at the deadline.
+
+The hold is also recorded in the database (:class:`~jobs.models.FalHold`, through
+:attr:`FalReach.recorder`), so that ``status`` and the dashboard say which process holds and
+since when, wherever it runs: written when the hold begins, renewed by a failed probe at most
+every :data:`~jobs.listing.FAL_HOLD_RENEW_SECONDS` (a process that died holding leaves a row
+that goes stale), deleted when fal answers. Never once per probe.
 """
 
 from __future__ import annotations
@@ -21,21 +27,37 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
+from jobs.listing import FAL_HOLD_RENEW_SECONDS, FAL_PROBE_PAUSE_MAX
 from worker.outage_log import OutageLog
 
 log = logging.getLogger(__name__)
 
 #: The first pause after fal is found unreachable; each failed probe doubles it, up to the next.
 FIRST_PAUSE_SECONDS = 1.0
-LONGEST_PAUSE_SECONDS = 60.0
+LONGEST_PAUSE_SECONDS = FAL_PROBE_PAUSE_MAX
 #: While fal stays unreachable, it is said again (one warning) at most this often.
 WARN_EVERY_SECONDS = 30.0
 
 
 def _short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A hold as recorded: since when (wall clock), the next probe, the pause, the last error."""
+
+    since: datetime
+    next_probe_at: datetime
+    pause_seconds: float
+    error: str
+
+
+#: Records a hold (a :class:`Hold`), or its end (None): :attr:`FalReach.recorder`.
+Recorder = Callable[[Hold | None], None]
 
 
 class FalReach:
@@ -63,6 +85,13 @@ class FalReach:
         self.pause = FIRST_PAUSE_SECONDS
         #: Until when (``clock``) nothing is sent: the next probe may go then.
         self._until = 0.0
+        #: Where the hold is recorded for ``status`` (the runtime sets it); None: nowhere.
+        self.recorder: Recorder | None = None
+        #: Serialises the records, each of the state as it is then: the last one written is
+        #: the latest state, whichever thread's change came first.
+        self._record_lock = threading.Lock()
+        #: When (``clock``) the hold was last recorded; None while no record stands.
+        self._recorded_at: float | None = None
 
     @property
     def down(self) -> bool:
@@ -105,6 +134,12 @@ class FalReach:
             if said.began or probe:
                 self._until = now + self.pause
             pause, left = self.pause, max(0.0, self._until - now)
+            recorded = self._recorded_at
+            # Recorded when the hold begins (or its record failed), renewed by a failed probe
+            # now and then: what keeps the record from going stale while the hold lasts.
+            record = said.began or recorded is None or (probe and now - recorded >= FAL_HOLD_RENEW_SECONDS)
+        if record:
+            self._record()
         if said.due:
             log.warning(
                 "fal is unreachable%s: %s; submits are held, one tried every %gs until fal answers "
@@ -119,17 +154,67 @@ class FalReach:
     def answered(self) -> None:
         """fal answered a submit (whatever it said): the hold ends."""
         if self.since is None:  # the usual case: no lock
+            if self._recorded_at is not None:  # a hold's end that could not be recorded then
+                self._record()
             return
         with self._lock:
             lasted = self._outage.answered()
             if lasted is None:  # another thread heard the answer first
                 return
             self.since, self.pause, self._until = None, FIRST_PAUSE_SECONDS, 0.0
+        self._record()
         log.warning(
             "fal answers again after %.0fs: submits resume",
             lasted,
             extra={"event": "submit.fal_reachable"},
         )
+
+    def _record(self) -> None:
+        """Record the hold as it stands now (or its end) through :attr:`recorder`. Best effort:
+        a database that cannot be written now gets it at the next failed submit."""
+        recorder = self.recorder
+        if recorder is None:
+            return
+        with self._record_lock:
+            with self._lock:
+                now = self._clock()
+                since, pause, error, until = self.since, self.pause, self.error, self._until
+            if since is None and self._recorded_at is None:
+                return  # nothing recorded, nothing to end
+            hold = None
+            if since is not None:
+                next_probe_at = self._wall() + timedelta(seconds=max(0.0, until - now))
+                hold = Hold(since=since, next_probe_at=next_probe_at, pause_seconds=pause, error=error)
+            try:
+                recorder(hold)
+            except Exception as exc:
+                log.debug(
+                    "could not record that fal is %s (%s)",
+                    "unreachable" if hold is not None else "reachable again",
+                    type(exc).__name__,  # the database's words may hold its URL
+                    extra={"event": "submit.fal_hold_unrecorded"},
+                )
+                return
+            self._recorded_at = now if hold is not None else None
+
+    def release(self) -> None:
+        """This process stops (its runtime or its conductor closes): a hold it recorded ends with
+        it, and nothing more is recorded, whatever its submits meet meanwhile. Best effort: a
+        record that cannot be deleted goes stale by itself."""
+        with self._record_lock:
+            recorder, self.recorder = self.recorder, None
+            if recorder is None or self._recorded_at is None:
+                return
+            try:
+                recorder(None)
+            except Exception as exc:
+                log.debug(
+                    "could not clear the record of the hold on fal (%s)",
+                    type(exc).__name__,
+                    extra={"event": "submit.fal_hold_unrecorded"},
+                )
+                return
+            self._recorded_at = None
 
     def note(self) -> str | None:
         """Why submits are held, for the progress line and a held job's reason; None when not."""
