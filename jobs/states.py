@@ -146,7 +146,9 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # → QUEUED only by jobs.store.adopt_late_proof: a late webhook proves the failed job's
     # ambiguous submit was accepted and completed (paid): its video is fetched, nothing is sent.
     S.FAILED: frozenset({S.QUEUED}),
-    S.CANCELLED: frozenset(),
+    # → QUEUED only by jobs.store.adopt_cancelled_proof: fal's signed webhook proves that it ran
+    # to the end (paid) the request our cancel was reported to have ended: its video is fetched.
+    S.CANCELLED: frozenset({S.QUEUED}),
 }
 del S
 

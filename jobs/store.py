@@ -94,6 +94,7 @@ from jobs.states import AT_PROVIDER_STATES, UNFINISHED_STATES, JobState, can_tra
 from jobs.storable import holds_unstorable, storable_json
 
 __all__ = [
+    "CANCEL_BILLED_AS",
     "DURATIONS",
     "HEARTBEAT_KEPT",
     "PROVABLE_FAILURES",
@@ -119,6 +120,7 @@ __all__ = [
     "UnsentCancelled",
     "add_jobs",
     "adopt_before_resend",
+    "adopt_cancelled_proof",
     "adopt_earlier_proof",
     "adopt_late_proof",
     "adopt_own_proof",
@@ -1836,6 +1838,105 @@ def adopt_own_proof(
         return False
     before = finished_usd(JobState.FAILED, found.actual_usd, found.est_usd, found.ambiguous_usd)
     bill = _failure_bill(session, found)
+    prior: dict[str, Any] = {}
+    if found.actual_usd is not None:
+        prior["actual_usd"] = max(Decimal(0), found.actual_usd - bill["actual_usd"])
+    if found.actual_billing_units is not None:
+        units = found.actual_billing_units - bill["actual_billing_units"]
+        prior["actual_billing_units"] = max(Decimal(0), units)
+    moved = _move(
+        session,
+        fence,
+        JobState.QUEUED,
+        reason,
+        finished_at=None,
+        next_attempt_at=next_poll_at,
+        error=None,
+        error_type=None,
+        download_attempts=0,
+        **_UNLEASED,
+        **prior,
+        **fetched,
+    )
+    if moved:
+        _add_finished(session, found.batch_id, found.submitted_at, -before)
+    return moved
+
+
+#: The key, in the details of the event that ends a job ``cancelled`` on fal's word that our
+#: cancel ended its request (``worker.steps.poll.record_completion``, a deadline's cancel), of
+#: the :class:`~jobs.billing.Outcome` that cancel was billed as: what :func:`adopt_cancelled_proof`
+#: takes back once fal proves it ran the request to the end after all.
+CANCEL_BILLED_AS = "billed_as"
+#: The states from which a job ends ``cancelled`` on fal's word about its own request.
+_CANCELLED_AT_FAL = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING})
+
+
+def _cancel_bill(session: Session, found: Any) -> dict[str, Decimal] | None:
+    """What the cancel that ended ``found`` (a ``cancelled`` job) put in its actual cost for its
+    request, or None when it was not ended there by fal's word on that request (a budget, or
+    ``wanbatch cancel`` of a job fal held none of: it keeps at most an ended request's id).
+
+    The cancel is the job's last move into ``cancelled`` (a note on its history moves nothing,
+    ``cancelled`` → ``cancelled``); its details say how it was billed. One recorded before they
+    did: billed as running when fal reported run time or it came from ``running``, else as in
+    fal's queue (the rule the poller applied, but for its sight of the request running while
+    ``cancelling``, which the event does not keep)."""
+    into_cancelled = (
+        select(JobEvent.from_state, JobEvent.details)
+        .where(
+            JobEvent.job_id == found.id,
+            JobEvent.to_state == JobState.CANCELLED,
+            or_(JobEvent.from_state.is_(None), JobEvent.from_state != JobState.CANCELLED),
+        )
+        .order_by(JobEvent.id.desc())
+        .limit(1)
+    )
+    event = session.execute(into_cancelled).first()
+    if event is None or event.from_state is None or JobState(event.from_state) not in _CANCELLED_AT_FAL:
+        return None
+    said = (event.details or {}).get(CANCEL_BILLED_AS) if isinstance(event.details, dict) else None
+    if said in {o.value for o in billing.Outcome}:
+        outcome = billing.Outcome(said)
+    elif billing.ran(found.provider_metrics) or JobState(event.from_state) == JobState.RUNNING:
+        outcome = billing.Outcome.CANCELLED_RUNNING
+    else:
+        outcome = billing.Outcome.CANCELLED_IN_QUEUE
+    return billing.billed(outcome, found.est_billing_units, found.est_usd)
+
+
+def adopt_cancelled_proof(
+    session: Session,
+    fence: Fence,
+    *,
+    request_id: str,
+    next_poll_at: datetime,
+    reason: str,
+    **fetched: Any,
+) -> bool:
+    """``cancelled`` → ``queued``: fal's signed webhook proves that it ran and finished (so billed
+    in full) the job's own request ``request_id``, which fal's status had said our cancel ended
+    (``wanbatch cancel``, the dashboard's, a deadline's): fal's cancel of a running request is
+    best effort, and the model may finish it anyway. The job goes on as any adopted request
+    does, its video fetched from the result the webhook carries (``fetched``), and billed as the
+    success it is — as a request that finishes while ``cancelling`` is (``cancelling`` →
+    ``downloading``). Its batch stays cancelled: nothing is sent.
+
+    Only such a job qualifies (:func:`_cancel_bill`): still keeping ``request_id``, no output.
+    The money stays counted once: what the cancel billed (nothing in fal's queue, in full
+    running) leaves its actual cost, which the success then bills in full, and its share of its
+    batch's finished money is taken back (it is in flight again). The row is locked first.
+    False when the job does not qualify or moved on (compare-and-set on ``fence``).
+    """
+    if fence.state != JobState.CANCELLED:
+        return False
+    found = _locked_unmoved(session, fence)
+    if found is None or found.request_id != request_id or found.output_path is not None:
+        return False
+    bill = _cancel_bill(session, found)
+    if bill is None:
+        return False
+    before = finished_usd(JobState.CANCELLED, found.actual_usd, found.est_usd, found.ambiguous_usd)
     prior: dict[str, Any] = {}
     if found.actual_usd is not None:
         prior["actual_usd"] = max(Decimal(0), found.actual_usd - bill["actual_usd"])

@@ -55,6 +55,7 @@ from worker.steps.schedule import WINDOW_CLOSED, end_unstarted
 from worker.steps.submit import webhook_for
 from worker.steps.webhooks import (
     ADOPTED_BEFORE_RESEND,
+    ADOPTED_CANCELLED,
     ADOPTED_EARLIER,
     ADOPTED_LATE,
     ADOPTED_OWN,
@@ -993,6 +994,121 @@ def test_a_proof_of_a_request_the_poller_gave_up_on_brings_its_paid_video_back(
     finished = _job(engine, job.batch_id)
     assert (finished.state, finished.actual_usd) == (S.SUCCEEDED, failed.est_usd)
     assert _money_agrees(engine, job.batch_id) == job.est_usd
+
+
+def _cancelled_by_user(engine: Engine, seen: JobState, metrics: dict[str, Any]) -> Job:
+    """One job sent as ``req-A`` (seen ``seen`` at fal) whose batch the user cancelled: our cancel
+    went to fal, the job went ``cancelling``, and fal's status then said ``client_cancelled``
+    (with ``metrics``): the poller ends it ``cancelled``, billed as a cancel."""
+    job = _sent(engine, request_id="req-A")
+    now = utcnow()
+    with db.session_scope(engine) as session:
+        store.set_batch_state(session, job.batch_id, BatchState.CANCELLED, reason="cancelled by user")
+        if seen == S.RUNNING:
+            assert store.mark_running(session, store.Fence.of(job, "poller"), next_poll_at=now)
+        at_fal = store.get_job(session, job.id)
+        assert store.mark_cancelling(session, store.Fence.of(at_fal, "canceller"), reason="cancel requested")
+        cancelling = store.get_job(session, job.id)
+        status = Status(
+            state="COMPLETED",
+            error="Request cancelled by client",
+            error_type="client_cancelled",
+            metrics=metrics,
+        )
+        assert record_completion(session, store.Fence.of(cancelling, "poller"), status, now=now) is False
+    return _job(engine, job.batch_id)
+
+
+@pytest.mark.parametrize(
+    ("seen", "metrics"),
+    [
+        (S.QUEUED, {}),
+        (S.QUEUED, {"inference_time": None}),
+        (S.RUNNING, {}),
+        (S.QUEUED, {"inference_time": 4.2}),
+    ],
+)
+def test_a_proof_that_fal_ran_a_request_the_user_s_cancel_ended_bills_it_and_keeps_its_video(
+    engine: Engine, client: TestClient, signer: WebhookSigner, seen: JobState, metrics: dict[str, Any]
+) -> None:
+    """``wanbatch cancel``: fal's status said our cancel ended the request (``client_cancelled``),
+    so the job ended ``cancelled`` with a cancel's bill — nothing when it seemed to wait in fal's
+    queue. fal's cancel of a running request is best effort, though: its signed webhook then
+    proves it ran the request to the end, with a result (billed in full). The job adopts it and
+    fetches its video, billed once as the success it is — as a request that finishes despite a
+    cancel always is (before: "ignored: job already cancelled", the spend understated, the paid
+    video lost)."""
+    job = _cancelled_by_user(engine, seen, metrics)
+    ran = seen == S.RUNNING or bool(metrics.get("inference_time"))
+    cancel_bill = job.est_usd if ran else Decimal(0)
+    assert (job.state, job.error, job.actual_usd) == (S.CANCELLED, "cancelled by user", cancel_bill)
+    assert _money_agrees(engine, job.batch_id) == cancel_bill
+
+    assert _post(client, signer, job, "req-A") == 200
+    assert _post(client, signer, job, "req-A") == 200  # fal's retry of it
+    assert _outcomes(engine, "req-A") == [ADOPTED_CANCELLED]  # stored once, applied once
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.error, after.error_type) == (
+        S.DOWNLOADING,
+        "req-A",
+        None,
+        None,
+    )
+    assert (after.provider_output, after.seed) == (RESULT, 7)
+    assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (0, 0)
+    assert _money_agrees(engine, job.batch_id) == job.est_usd  # counted once, in full
+
+    _succeed(engine, job.id)
+    finished = _job(engine, job.batch_id)
+    assert (finished.state, finished.actual_usd) == (S.SUCCEEDED, job.est_usd)
+    assert _money_agrees(engine, job.batch_id) == job.est_usd
+    with db.read_scope(engine) as session:
+        assert store.get_batch(session, job.batch_id).state == BatchState.CANCELLED  # still stops sending
+        total = cost_report(session, job.batch_id).total  # what `wanbatch cost` reports
+    assert (total.actual_usd, total.wasted_usd) == (job.est_usd, Decimal(0))
+    assert (total.succeeded, total.cancelled) == (1, 0)
+
+
+def test_a_failure_fal_reports_for_a_request_the_user_s_cancel_ended_leaves_the_job_cancelled(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    """Only a success is proof of a paid video: fal's webhook of the cancelled request's own end
+    (an error) changes nothing."""
+    job = _cancelled_by_user(engine, S.QUEUED, {})
+    assert _post(client, signer, job, "req-A", ok=False) == 200
+    assert _outcomes(engine, "req-A") == ["ignored: job already cancelled"]
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.actual_usd) == (S.CANCELLED, Decimal(0))
+    assert _money_agrees(engine, job.batch_id) == 0
+
+
+def test_a_success_of_a_request_a_cancelled_job_waited_to_replace_leaves_the_job_cancelled(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    """A job `wanbatch cancel` ended while it waited to be sent again keeps the id of a request
+    fal had ended otherwise (here a failure billed in full), not one our cancel ended: a webhook
+    of that request changes nothing."""
+    other = _sent(engine, request_id="req-B")
+    with db.session_scope(engine) as session:
+        queued = store.get_job(session, other.id)
+        failure: dict[str, Any] = billed(
+            Outcome.CLIENT_ERROR_AFTER_INFERENCE, queued.est_billing_units, queued.est_usd
+        )
+        assert store.retry_later(
+            session, store.Fence.of(queued, "downloader"), reason="result gone", **failure
+        )
+        store.set_batch_state(session, other.batch_id, BatchState.CANCELLED, reason="cancelled by user")
+        store.cancel_unsent_jobs(
+            session,
+            [other.batch_id],
+            reason="batch cancelled",
+            error="cancelled by user",
+            error_type="cancelled",
+        )
+    assert _post(client, signer, other, "req-B") == 200
+    assert _outcomes(engine, "req-B") == ["ignored: job already cancelled"]
+    kept = _job(engine, other.batch_id)
+    assert (kept.state, kept.request_id, kept.actual_usd) == (S.CANCELLED, "req-B", other.est_usd)
 
 
 def test_a_proof_of_the_failed_job_s_own_request_keeps_a_duplicate_charge_billed_before_it(

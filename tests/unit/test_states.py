@@ -35,10 +35,13 @@ def test_table_covers_every_state() -> None:
 
 def test_terminal_states_are_exactly_those_without_exits() -> None:
     assert {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED} == TERMINAL_STATES
-    # failed → queued: only a late webhook proving a failed ambiguous submit ran (paid work back).
-    exits = {s: t - {JobState.QUEUED} if s == JobState.FAILED else t for s, t in ALLOWED_TRANSITIONS.items()}
+    # failed/cancelled → queued: only a webhook proving that fal ran the job's request to the end
+    # after all (paid work back).
+    back = {JobState.FAILED, JobState.CANCELLED}
+    exits = {s: t - {JobState.QUEUED} if s in back else t for s, t in ALLOWED_TRANSITIONS.items()}
     assert {s for s, targets in exits.items() if not targets} == TERMINAL_STATES
     assert ALLOWED_TRANSITIONS[JobState.FAILED] == {JobState.QUEUED}
+    assert ALLOWED_TRANSITIONS[JobState.CANCELLED] == {JobState.QUEUED}
     for state in JobState:
         assert state.terminal == (state in TERMINAL_STATES)
 
@@ -79,12 +82,13 @@ def test_unknown_submission_is_never_resent_directly() -> None:
 
 def test_submission_only_through_submitting() -> None:
     into_queued = {s for s, targets in ALLOWED_TRANSITIONS.items() if JobState.QUEUED in targets}
-    # failed → queued adopts a request a late proof proved, and retry_wait/pending → queued one
-    # proved before its pending resend went out: nothing is sent.
+    # failed/cancelled → queued adopts a request a late proof proved, and retry_wait/pending →
+    # queued one proved before its pending resend went out: nothing is sent.
     assert into_queued == {
         JobState.SUBMITTING,
         JobState.SUBMIT_UNKNOWN,
         JobState.FAILED,
+        JobState.CANCELLED,
         JobState.RETRY_WAIT,
         JobState.PENDING,
     }

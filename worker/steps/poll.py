@@ -289,6 +289,7 @@ def record_completion(
             error_type=status.error_type,
             completed_at=now,
             provider_metrics=status.metrics or None,
+            details={store.CANCEL_BILLED_AS: outcome.value},  # taken back should fal prove a run
             **billed(job, outcome),
         )
         return False

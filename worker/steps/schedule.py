@@ -222,6 +222,7 @@ def end_unstarted(
             error_type=DEADLINE,
             completed_at=now,
             provider_metrics=status.metrics or None,
+            details={store.CANCEL_BILLED_AS: outcome.value},  # taken back should fal prove a run
             **cost,
         )
     if why == WINDOW_CLOSED:

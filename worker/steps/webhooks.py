@@ -31,6 +31,9 @@ compare-and-set on the job's state and version), so a webhook and a poll racing 
   (:func:`jobs.store.adopt_late_proof`), its video fetched;
 * a success of a failed job's own request, when the poller failed it without knowing how fal
   ended it (:data:`jobs.store.PROVABLE_FAILURES`): adopted back (:func:`jobs.store.adopt_own_proof`);
+* a success of a cancelled job's own request, which fal's status said our cancel ended (fal's
+  cancel of a running request is best effort): adopted back, its cancel's bill taken back and
+  the success billed in full (:func:`jobs.store.adopt_cancelled_proof`);
 * a request we never recorded otherwise (an earlier attempt resent after an ambiguous submit,
   or a second request of one attempt), whatever the job's state, a finished job's included:
   fal ran and billed it besides the one the job keeps, a *confirmed* duplicate charge, counted
@@ -99,10 +102,13 @@ ADOPTED_BEFORE_RESEND = "adopted: a proof of the attempt its pending resend repl
 ADOPTED_EARLIER = "adopted: a proof of an earlier attempt; nothing is sent again"
 #: What applying a success of a failed job's own request does (:func:`jobs.store.adopt_own_proof`).
 ADOPTED_OWN = "adopted: a proof that the failed job's own request finished at fal"
+#: What applying a success of a cancelled job's own request does
+#: (:func:`jobs.store.adopt_cancelled_proof`).
+ADOPTED_CANCELLED = "adopted: a proof that fal ran to the end the request our cancel was said to end"
 #: Outcomes after which the tick leader has work (:func:`jobs.db.notify_events`, on PostgreSQL),
 #: in whichever process it runs: a moved job's download to queue and the slot it freed to fill,
 #: or a job due for its status call now.
-_ADOPTED = ("adopted", ADOPTED_LATE, ADOPTED_BEFORE_RESEND, ADOPTED_EARLIER, ADOPTED_OWN)
+_ADOPTED = ("adopted", ADOPTED_LATE, ADOPTED_BEFORE_RESEND, ADOPTED_EARLIER, ADOPTED_OWN, ADOPTED_CANCELLED)
 _WAKES = ("completed", STATUS_DUE, *_ADOPTED)
 
 
@@ -329,7 +335,37 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                 if store.duplicate_charge_recorded(session, delivery.request_id):
                     return "ignored: duplicate charge already counted", None
                 return "ignored: an earlier request of the job", None
-            if state not in _AT_FAL:
+            if state not in _AT_FAL and _cancel_proof(job, state, status):
+                cancelled_as = job.error_type  # the adoption clears it, on this very object too
+                if not store.adopt_cancelled_proof(
+                    session,
+                    fence,
+                    request_id=delivery.request_id,
+                    next_poll_at=first_poll_at(inbox.settings, now),
+                    reason=(
+                        f"proof by webhook, after our cancel was said to have ended it ({cancelled_as}): "
+                        f"its request {delivery.request_id} ran to the end at fal (billed): its video "
+                        "is fetched"
+                    ),
+                    **_fetched(delivery.body),
+                ):
+                    if S(store.get_job(session, job.id).state) == state:
+                        return f"ignored: job already {state.value}", None  # not a cancel at fal
+                    continue
+                _say(
+                    logging.WARNING,
+                    "webhook.adopted_cancelled",
+                    job,
+                    delivery,
+                    "job %s: a webhook proved that fal ran its request %s to the end (billed) though "
+                    "our cancel was said to have ended it (%s): its video is fetched, billed in full",
+                    job.id,
+                    delivery.request_id,
+                    cancelled_as,
+                )
+                fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
+                outcome = ADOPTED_CANCELLED
+            elif state not in _AT_FAL:
                 if not _own_proof(job, state, status):
                     return f"ignored: job already {state.value}", None
                 failed_as = job.error_type  # the adoption clears it, on this very object too
@@ -550,6 +586,17 @@ def _own_proof(job: Job, state: S, status: Status) -> bool:
         and job.error_type in store.PROVABLE_FAILURES
         and job.output_path is None
         and not status.failed
+    )
+
+
+def _cancel_proof(job: Job, state: S, status: Status) -> bool:
+    """Whether a success of the job's own request proves a paid video a cancel dropped: the job
+    ended ``cancelled`` on fal's word that our cancel ended that request (the user's, or a
+    deadline's; :func:`jobs.store.adopt_cancelled_proof` checks it was), yet fal ran it to the
+    end — its cancel of a running request is best effort. No output. The job adopts it back, as
+    a ``cancelling`` job whose request fal finished anyway is downloaded."""
+    return (
+        state == S.CANCELLED and job.request_id is not None and job.output_path is None and not status.failed
     )
 
 
