@@ -116,10 +116,11 @@ def status(batch: str | None, as_json: bool) -> None:
 def cost(batch: str, as_json: bool) -> None:
     """Estimated vs actual (billed) vs wasted USD of BATCH, by endpoint and resolution.
 
-    Actual follows the billing rules (jobs/billing_rules.yaml: 5xx never billed, a 422 billed
-    when a runner spent time, a cancel billed once running). Wasted is billed money that bought
-    no output. Possible duplicates (resubmits after an unknown outcome), and what submits of
-    unknown outcome may have been billed, are shown apart.
+    Actual follows the billing rules (jobs/billing_rules.yaml: 5xx never billed, a 4xx (a 422,
+    a model error such as bad_request) billed when a runner spent time, a cancel billed once
+    running). Wasted is billed money that bought no output. Possible duplicates (resubmits
+    after an unknown outcome), and what submits of unknown outcome may have been billed, are
+    shown apart.
     """
 
     def action() -> int:

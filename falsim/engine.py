@@ -18,6 +18,9 @@ silent or vague:
 - An invalid input (422) is COMPLETED *without* ``error`` in the status (live fal was observed
   to surface validation errors only at the result), while model/infra errors carry
   ``error``/``error_type`` in the status too.
+- A model error (an ``error_type``) below HTTP 500 is billed when the status reports inference
+  time, as fal's FAQ says of client-side errors ("may still be charged if a runner spent GPU
+  time"); at 500 and above it never is ("Server errors (HTTP 500+) are never charged").
 - An expired result answers 404 ``{"detail": "Result of request … has expired"}``.
 - A start timeout (``X-Fal-Request-Start-Timeout``) that passes while queued completes the
   request with 504, ``error_type`` ``request_timeout`` and ``X-Fal-Request-Timeout-Type: user``.
@@ -33,7 +36,7 @@ import random
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -507,9 +510,27 @@ class Engine:
                 return None
         return None
 
+    def _inference_time(self, req: SimRequest) -> float | None:
+        """The ``metrics.inference_time`` the status reports: seconds a runner had it, or None."""
+        if req.started is None or req.completed is None:
+            return None
+        return round(req.completed - req.started, 6)
+
+    def _bill_model_error(self, req: SimRequest, outcome: Outcome) -> Outcome:
+        """``outcome`` as billed: a model error below 500 that a runner spent time on (the
+        status reports inference time) is charged at the request's price, as fal's FAQ says of
+        client-side errors; a 5xx, or one that never ran, is not."""
+        if outcome.kind != "error" or outcome.status_code >= 500 or outcome.billed:
+            return outcome
+        if not self._inference_time(req):
+            return outcome
+        units, usd = self._price(req.endpoint, req.payload if isinstance(req.payload, dict) else {})
+        return replace(outcome, billed=True, units=units, usd=usd)
+
     def _finish(self, req: SimRequest, outcome: Outcome, *, was_running: bool) -> None:
         req.state = COMPLETED
         req.completed = self.loop.time()
+        outcome = self._bill_model_error(req, outcome)
         req.outcome = outcome
         if was_running:
             self._running -= 1
@@ -571,8 +592,7 @@ class Engine:
         body["logs"] = list(req.logs[logs_from:]) if with_logs else None
         if req.state == COMPLETED:
             assert req.outcome is not None
-            inference = None if req.started is None or req.completed is None else req.completed - req.started
-            body["metrics"] = {"inference_time": None if inference is None else round(inference, 6)}
+            body["metrics"] = {"inference_time": self._inference_time(req)}
             if req.outcome.kind != "ok" and req.outcome.kind != "invalid":
                 body["error"] = req.outcome.error
                 body["error_type"] = req.outcome.error_type

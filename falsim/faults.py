@@ -39,7 +39,8 @@ FAULTS: dict[str, str] = {
     "status_stream_drop": "a status stream sends its first event, then ends before COMPLETED.",
     "model_error": (
         "the request completes with `error_type` (default runner_disconnected) and the result "
-        'replays {"detail", "error_type"} with fal\'s status for that type.'
+        'replays {"detail", "error_type"} with fal\'s status for that type (or `status`); billed '
+        "when that status is below 500 (the runner spent time on it), never at 500 and above."
     ),
     "result_expired": "the request's result is gone the moment it completes (404 on result).",
     "download_error": "an output-file GET answers `status` (default 500).",

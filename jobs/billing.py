@@ -1,6 +1,6 @@
 """What the provider bills for a finished request: an outcome class, then a rule from data.
 
-fal's billing depends on how a request ended (success, 5xx, 422 after GPU time, cancel while
+fal's billing depends on how a request ended (success, 5xx, a 4xx after GPU time, cancel while
 queued or while running). The *classification* is code — it reads what the provider told us —
 but the *fraction billed* per class lives in ``billing_rules.yaml`` beside this module, so a
 change in fal's billing (or a correction found by auditing fal's billing events) is a data edit.
@@ -23,12 +23,33 @@ from jobs.errors import ConfigError
 
 RULES_PATH = Path(__file__).with_name("billing_rules.yaml")
 
+#: fal's request-error types and the HTTP status each is replayed with ("Typical Status Code",
+#: https://fal.ai/docs/documentation/model-apis/request-errors): what a failure's status is
+#: taken to be when only its ``error_type`` is known (a ``COMPLETED`` status whose result could
+#: not be fetched, a cancelled request that ended in an error).
+ERROR_TYPE_STATUS: dict[str, int] = {
+    "request_timeout": 504,
+    "startup_timeout": 504,
+    "runner_scheduling_failure": 503,
+    "runner_connection_timeout": 503,
+    "runner_disconnected": 503,
+    "runner_connection_refused": 503,
+    "runner_connection_error": 503,
+    "runner_incomplete_response": 502,
+    "runner_server_error": 500,
+    "internal_error": 500,
+    "client_disconnected": 499,
+    "client_cancelled": 499,
+    "bad_request": 400,
+}
+
 
 class Outcome(StrEnum):
     """How one provider request ended, as far as billing is concerned."""
 
     SUCCEEDED = "succeeded"
     SERVER_ERROR = "server_error"
+    MODEL_ERROR_AFTER_INFERENCE = "model_error_after_inference"
     MODEL_ERROR = "model_error"
     VALIDATION_ERROR_AFTER_INFERENCE = "validation_error_after_inference"
     VALIDATION_ERROR = "validation_error"
@@ -71,18 +92,25 @@ def classify_failure(
 ) -> Outcome:
     """The billing class of a request that ended without an output.
 
-    ``status_code`` is the HTTP status fal replayed for the result, ``error_type`` fal's own
-    error type (set for model/infrastructure errors, unset for a plain 422 validation error),
-    ``metrics`` the status's metrics (``inference_time``).
+    ``status_code`` is the HTTP status fal replayed for the result (None when only the status
+    was seen: then the status fal documents for ``error_type``, :data:`ERROR_TYPE_STATUS`),
+    ``error_type`` fal's own error type (set for model/infrastructure errors, unset for a plain
+    422 validation error), ``metrics`` the status's metrics (``inference_time``).
+
+    fal: "Server errors (HTTP 500+) are never charged. Client-side errors like invalid inputs
+    (HTTP 422) may still be charged if a runner spent GPU time." So below 500 what decides is
+    whether fal reported inference time — with an ``error_type`` (400 ``bad_request``, a 422
+    content-policy rejection, 499 ``client_disconnected``) as without one.
     """
-    if status_code is not None and status_code >= 500:
+    status = status_code if status_code is not None else ERROR_TYPE_STATUS.get(error_type or "")
+    if status is not None and status >= 500:
         return Outcome.SERVER_ERROR
     if error_type in ("client_cancelled",):
         return Outcome.CANCELLED_RUNNING if ran(metrics) else Outcome.CANCELLED_IN_QUEUE
     if status_code == 422 and not error_type:
         return Outcome.VALIDATION_ERROR_AFTER_INFERENCE if ran(metrics) else Outcome.VALIDATION_ERROR
     if error_type:
-        return Outcome.MODEL_ERROR
+        return Outcome.MODEL_ERROR_AFTER_INFERENCE if ran(metrics) else Outcome.MODEL_ERROR
     return Outcome.CLIENT_ERROR_AFTER_INFERENCE if ran(metrics) else Outcome.CLIENT_ERROR
 
 

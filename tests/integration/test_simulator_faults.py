@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -112,6 +113,29 @@ def test_model_error(sim: SimulatorHandle, client: httpx.Client, error_type: str
     (entry,) = sim.ledger()["entries"]
     assert entry["billed"] is False  # 5xx are never charged
     assert entry["usd"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("fault", "status"),
+    [
+        ({"error_type": "bad_request"}, 400),
+        ({"error_type": "content_policy_violation", "status": 422}, 422),
+        ({"error_type": "client_disconnected"}, 499),
+    ],
+)
+def test_model_error_below_500_after_inference_is_billed(
+    sim: SimulatorHandle, client: httpx.Client, fault: dict[str, Any], status: int
+) -> None:
+    # fal's FAQ: client-side errors "may still be charged if a runner spent GPU time".
+    sim.set_faults(model_error={"next": 1, **fault})
+    sub = client.post(f"{sim.url}/{EP}", json=PAYLOAD).json()
+    done = wait_completed(client, sub["status_url"])
+    assert done["error_type"] == fault["error_type"]
+    assert done["metrics"]["inference_time"] > 0
+    assert client.get(sub["response_url"]).status_code == status
+    (entry,) = sim.ledger()["entries"]
+    assert entry["billed"] is True
+    assert Decimal(entry["usd"]) > 0
 
 
 def test_result_expired_fault(sim: SimulatorHandle, client: httpx.Client) -> None:

@@ -245,7 +245,8 @@ def billed(job: JobView, outcome: billing.Outcome) -> dict[str, Any]:
 
 def cost_of_failure(job: JobView, exc: ProviderError) -> dict[str, Any]:
     """What fal bills for an attempt that ended in ``exc``: the rule for its outcome class
-    (``jobs/billing_rules.yaml``: 5xx never, a 422 only when a runner spent inference time)."""
+    (``jobs/billing_rules.yaml``: 5xx never, a 4xx — a 422, a model error such as ``bad_request`` —
+    only when a runner spent inference time)."""
     return billed(job, billing.classify_failure(exc.status_code, exc.error_type, job.provider_metrics))
 
 

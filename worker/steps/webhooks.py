@@ -11,7 +11,7 @@ compare-and-set on the job's state and version), so a webhook and a poll racing 
 * the same request *failed* (``ERROR``, a cancel included): the job is made due for a status
   call at once instead (``status due``), and the poller settles it from fal's status. A webhook
   carries no run-time metrics (``{request_id, gateway_request_id, status, payload, error}``),
-  and what fal bills for a failure or a cancel depends on whether the request ran: a 422 after
+  and what fal bills for a failure or a cancel depends on whether the request ran: a 4xx after
   inference time or a cancel while running is billed, the same before a runner took it is not.
   settled from the webhook alone, each would be recorded as costing nothing;
 * a request we never recorded, for the job's current attempt, while that attempt's POST is in
