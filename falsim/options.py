@@ -13,23 +13,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from falsim.faults import FaultRule
+from jobs.billing import ERROR_TYPE_STATUS
 
-#: fal's request-error table: error_type → the HTTP status the result endpoint replays.
-ERROR_STATUS: dict[str, int] = {
-    "request_timeout": 504,
-    "startup_timeout": 504,
-    "runner_scheduling_failure": 503,
-    "runner_connection_timeout": 503,
-    "runner_disconnected": 503,
-    "runner_connection_refused": 503,
-    "runner_connection_error": 503,
-    "runner_incomplete_response": 502,
-    "runner_server_error": 500,
-    "internal_error": 500,
-    "client_disconnected": 499,
-    "client_cancelled": 499,
-    "bad_request": 400,
-}
+#: fal's request-error table: error_type → the HTTP status the result endpoint replays. One
+#: transcription of fal's documented table, shared with how wanbatch bills a failure.
+ERROR_STATUS: dict[str, int] = ERROR_TYPE_STATUS
 
 
 @dataclass
