@@ -139,6 +139,7 @@ __all__ = [
     "cap_holders",
     "claim_due",
     "claim_jobs",
+    "committed_usd",
     "committed_usd_since",
     "committed_usd_today",
     "count_cancelled",
@@ -3967,13 +3968,14 @@ def _paid(batch_id: Any) -> ColumnElement[bool]:
 
 
 def committed_usd_since(session: Session, since: datetime) -> Decimal:
-    """USD committed across every batch sent to fal since ``since`` (the daily budget): the
-    estimates of all jobs fal holds or may hold now (and what their earlier submits of unknown
-    outcome may have cost), plus what jobs submitted since then were (or may have been) billed.
-    Simulations are left out (:func:`_paid`)."""
+    """USD committed across every batch sent to fal since ``since`` (the daily budget): what
+    every job fal holds or may hold now commits (:func:`committed_usd`, as the batch cap counts
+    it: its estimate plus what its earlier attempts were, or may have been, billed), plus what
+    jobs submitted since then were (or may have been) billed. Simulations are left out
+    (:func:`_paid`)."""
     zero = type_coerce(0, Money())
     reserved = session.scalar(
-        select(func.coalesce(func.sum(_at_provider_usd()), zero)).where(
+        select(func.coalesce(func.sum(committed_usd()), zero)).where(
             Job.state.in_(list(AT_PROVIDER_STATES)), _paid(Job.batch_id)
         )
     )
@@ -4001,7 +4003,7 @@ def committed_usd_today(session: Session, now: datetime) -> Decimal:
             .scalar_subquery()
         )
         reserved = (
-            select(func.sum(_at_provider_usd()))
+            select(func.sum(committed_usd()))
             .where(Job.state.in_(list(AT_PROVIDER_STATES)), _paid(Job.batch_id))
             .scalar_subquery()
         )
@@ -4078,10 +4080,16 @@ def spent_usd() -> ColumnElement[Decimal]:
     return type_coerce(billed + Job.ambiguous_usd, Money())
 
 
-def _at_provider_usd() -> ColumnElement[Decimal]:
-    """A job fal holds or may hold: its estimate, and what its earlier submits of unknown
-    outcome may have cost (the daily budget's share of such a job)."""
-    return type_coerce(Job.est_usd + Job.ambiguous_usd, Money())
+def committed_usd() -> ColumnElement[Decimal]:
+    """What one job commits against a budget cap: ``spent_usd() + reserved_usd()`` (its share of
+    :attr:`BatchMoney.committed_usd`). The one definition both caps sum — a batch's
+    (:func:`batch_committed_usd`) and the day's (:func:`committed_usd_today`,
+    :func:`committed_usd_since`) — so that a job counts, whatever its state, at least what its
+    earlier attempts were (or may have been) billed plus its current attempt's estimate. A job
+    sent again to fal after a billed attempt (a window closed on it running, a 422 whose upload
+    was gone) used to count only its estimate in the day's sum, which let one more job past
+    ``WANBATCH_DAILY_BUDGET_USD``."""
+    return type_coerce(spent_usd() + reserved_usd(), Money())
 
 
 def _parked_usd() -> ColumnElement[Decimal]:
@@ -4133,9 +4141,7 @@ def batch_committed_usd(session: Session, batch_id: str) -> Decimal:
     ``ix_jobs_pending_billed`` for pending jobs an earlier attempt billed). A test keeps it
     equal to :func:`batch_money`'s sum through every kind of move."""
 
-    return _summed_by_totals(
-        session, batch_id, "batch_committed", lambda: type_coerce(spent_usd() + reserved_usd(), Money())
-    )
+    return _summed_by_totals(session, batch_id, "batch_committed", committed_usd)
 
 
 def _summed_by_totals(

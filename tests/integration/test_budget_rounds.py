@@ -101,6 +101,7 @@ def test_the_rounds_running_totals_equal_the_stores(engine: Engine) -> None:
             assert committed.batch(batch_id)[1] == store.batch_money(session, batch_id).committed_usd
             assert committed.today() == store.committed_usd_since(session, committed.since)
     assert committed.batch(batch_id) == (Decimal("100"), Decimal("0.75") + 4 * Decimal("0.30"))
-    # Today's billed attempt gave way to its estimate; yesterday's lost answer counts beside its
-    # estimate while the job is at fal again, as the store counts it.
-    assert committed.today() == 4 * Decimal("0.30") + Decimal("0.5")
+    # Each job at fal again counts what its earlier attempts were (or may have been) billed
+    # beside its estimate, as the batch counts it and the store counts it: today's billed
+    # attempt, yesterday's, and yesterday's lost answer alike.
+    assert committed.today() == 4 * Decimal("0.30") + Decimal("0.5") + 2 * Decimal("0.125")

@@ -623,20 +623,20 @@ class _Committed:
     def add(self, job: JobRecord) -> None:
         """``job`` (claimed ``pending``/``retry_wait``) was just marked ``submitting``.
 
-        Its estimate is now reserved, in its batch and in the day. What an earlier attempt was
-        billed stays in the batch's spent money, but the day's sum counts a job's billed money
-        only while it is not at fal (see :func:`jobs.store.committed_usd_since`), so there it
-        gives way to the estimate — and to what its earlier submits of unknown outcome may have
-        cost (``ambiguous_usd``), which the day counts for a job at fal whenever they were sent.
+        Its estimate is now reserved, in its batch and in the day, on top of what its earlier
+        attempts were (or may have been) billed: both sums count a job by
+        :func:`jobs.store.committed_usd`. That billed money stays counted in the batch; the day
+        counted it already when the job was last sent today, and counts it from now on
+        whenever it was (a job at fal counts, whatever day it was last sent: see
+        :func:`jobs.store.committed_usd_since`).
         """
         if job.batch_id in self._batches:
             cap, committed = self._batches[job.batch_id]
             self._batches[job.batch_id] = (cap, committed + job.est_usd)
         if self._today is not None and self.counts_today(job.batch_id):
             billed_today = job.submitted_at is not None and job.submitted_at >= self.since
-            possibly = job.ambiguous_usd or Decimal(0)
-            earlier = (job.actual_usd or Decimal(0)) + possibly if billed_today else Decimal(0)
-            self._today += job.est_usd + possibly - earlier
+            earlier = (job.actual_usd or Decimal(0)) + (job.ambiguous_usd or Decimal(0))
+            self._today += job.est_usd + (Decimal(0) if billed_today else earlier)
 
 
 def _budget_refusal(committed: _Committed, job: JobRecord) -> tuple[str, str] | None:
