@@ -58,7 +58,6 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
@@ -68,6 +67,7 @@ from jobs.endpoints import get_endpoint
 from jobs.errors import UsageError
 from jobs.manifest import canonical_json, stored_keyed_input, with_defaults
 from jobs.models import Batch, Job
+from jobs.money import usd_json
 
 Outcome = Literal["same", "different", "only_a", "only_b"]
 MatchedBy = Literal["job_key", "input", "origin", "item"]
@@ -132,7 +132,7 @@ class JobSide:
             seed=None if job.seed is None else int(job.seed),
             prompt=prompt if isinstance(prompt, str) else None,
             video_sha256=job.output_sha256,
-            cost_usd=_usd(job.actual_usd),
+            cost_usd=usd_json(job.actual_usd),
             unseeded=_unseeded(job),
             rerun_of=job.rerun_of,
             pinned_seed=_pinned(job.input.get("seed")),
@@ -172,10 +172,6 @@ def _unseeded(job: Job) -> str:
 
 def _pinned(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _usd(value: Decimal | None) -> float | None:
-    return None if value is None else float(value.quantize(Decimal("0.000001")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,7 @@ from jobs import store
 from jobs.errors import UsageError
 from jobs.fs import file_kind, file_mode, is_missing, os_reason, shown_path
 from jobs.models import Batch, Job
+from jobs.money import usd_json
 from jobs.printable import one_line, shell_ref
 from jobs.states import UNFINISHED_STATES, JobState
 
@@ -95,6 +96,7 @@ FIELDS = (
 
 
 def _num(value: Decimal | None) -> float | None:
+    """Billing units as a plain number (exact; units are not money)."""
     return None if value is None else float(value)
 
 
@@ -170,9 +172,11 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
         "reused_from": job.reused_from,  # reuse_outputs: the job whose output this is; null if sent
         "registry_sha256": job.registry_sha256,  # the endpoint registry entry validated against
         "billing_units": _num(job.actual_billing_units),
-        "cost_usd": _num(job.actual_usd),
+        # Money as every --json has it (jobs.money.usd_json: half up to the micro-dollar), so
+        # jsonl, csv, parquet and hf agree with `cost`, `status` and `diff` on every job.
+        "cost_usd": usd_json(job.actual_usd),
         "est_billing_units": _num(job.est_billing_units),
-        "est_usd": _num(job.est_usd),
+        "est_usd": usd_json(job.est_usd),
         "attempts": job.attempts,
         "possible_duplicate_charges": job.possible_duplicate_charges,
         "error": job.error if job.state.value != "succeeded" else None,

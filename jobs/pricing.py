@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import Any, TypedDict
 
 from jobs.endpoints import EndpointSpec, get_endpoint
 from jobs.errors import UsageError
-from jobs.money import MICRO
+from jobs.money import usd_json
 from jobs.settings import BudgetSettings
 
 
@@ -202,9 +202,11 @@ class Totals:
 
 
 def _usd(value: Decimal) -> float | int:
-    """Dollars as every ``--json`` shows them: rounded half up to the micro-dollar, and as
-    plain as :func:`_num` (2.00 stays 2)."""
-    return _num(value.quantize(MICRO, rounding=ROUND_HALF_UP))
+    """Dollars as every ``--json`` shows them (:func:`jobs.money.usd_json`: rounded half up to
+    the micro-dollar), and as plain as :func:`_num` (2.00 stays 2)."""
+    rounded = usd_json(value)
+    assert rounded is not None
+    return int(rounded) if rounded.is_integer() else rounded
 
 
 def _num(value: Decimal) -> float | int:

@@ -46,6 +46,7 @@ from starlette.routing import Route
 
 from jobs import db
 from jobs.metrics import Snapshot, snapshot
+from jobs.money import usd_json
 from jobs.settings import Settings
 from worker.telemetry import ProcessMetrics
 
@@ -165,7 +166,7 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
     for kind, doc in money.items():
         family = GaugeMetricFamily(f"wanbatch_{kind}_usd", doc + " By endpoint.", labels=["endpoint"])
         for endpoint, usd in sorted(snap.usd.items()):
-            family.add_metric([endpoint], float(getattr(usd, kind)))
+            family.add_metric([endpoint], usd_json(getattr(usd, kind)) or 0.0)
         yield family
 
     for name, histogram in snap.durations.items():
