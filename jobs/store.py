@@ -99,6 +99,7 @@ __all__ = [
     "HEARTBEAT_KEPT",
     "PROVABLE_FAILURES",
     "UPLOAD_REUSE",
+    "WINDOW_DUPLICATE",
     "BatchCost",
     "BatchMoney",
     "CapHolder",
@@ -118,6 +119,7 @@ __all__ = [
     "SubmitView",
     "UnfinishedBatch",
     "UnsentCancelled",
+    "WindowEnd",
     "add_jobs",
     "adopt_before_resend",
     "adopt_cancelled_proof",
@@ -125,6 +127,7 @@ __all__ = [
     "adopt_late_proof",
     "adopt_own_proof",
     "adopt_request",
+    "adopt_window_proof",
     "batch_committed_usd",
     "batch_cost",
     "batch_endpoints",
@@ -200,6 +203,7 @@ __all__ = [
     "mark_succeeded",
     "name_for_batch",
     "note_duplicate_charge",
+    "note_window_duplicate",
     "record_duplicate_charge",
     "record_heartbeat",
     "record_result",
@@ -238,6 +242,8 @@ __all__ = [
     "utc_day",
     "video_bytes_per_job",
     "wasted_usd",
+    "window_end",
+    "window_proof_adoptable",
     "workers_broker_down_since",
     "workers_last_beat",
 ]
@@ -1963,6 +1969,232 @@ def adopt_cancelled_proof(
     return moved
 
 
+#: The states a request is at fal in, as the job's history records it; the move out of them is
+#: how we recorded that request's end (:func:`window_end`).
+_AT_FAL_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING})
+#: Where a window's end (or fal's start timeout) puts a job whose request it ended
+#: (:func:`requeue_after_cancel`).
+_REQUEUED = frozenset({JobState.PENDING, JobState.RETRY_WAIT})
+
+
+@dataclass(frozen=True)
+class WindowEnd:
+    """How we recorded the end of a request of a job that a batch's window end (or fal's start
+    timeout) cancelled, the job put back to wait for the next window (:func:`window_end`):
+    ``requeued_to`` (``pending``: unbilled, counted in ``unstarted_requests``; ``retry_wait``:
+    billed, it had started) and what the cancel put in the job's actual cost for it (``bill``)."""
+
+    requeued_to: JobState
+    bill: dict[str, Decimal]
+
+
+def _names_request(reason: str | None, request_id: str) -> bool:
+    """Whether an event's ``reason`` says fal accepted ``request_id`` ("accepted as <id>"),
+    that id and not one it begins."""
+    text = reason or ""
+    marker = f"accepted as {request_id}"
+    start = text.find(marker)
+    while start >= 0:
+        end = start + len(marker)
+        if end == len(text) or not (text[end].isalnum() or text[end] in "-_"):
+            return True
+        start = text.find(marker, end)
+    return False
+
+
+def window_end(session: Session, found: Any, request_id: str) -> WindowEnd | None:
+    """How the job ``found`` recorded the end of its request ``request_id`` when a window's end
+    (or the start timeout its submit carried) cancelled it and the job went back to wait for
+    the next window (:func:`requeue_after_cancel`, from ``worker.steps.schedule.end_unstarted``);
+    None when that request ended otherwise (a failure, a success, the user's cancel), or has not
+    ended, or was never the job's.
+
+    The request's end is the latest move of the job out of fal's states (``queued``,
+    ``running``, ``cancelling``) since fal accepted it (the last move that says "accepted as
+    <id>"): a request adopted back once (:func:`adopt_window_proof`) has ended otherwise since.
+    The move says how the cancel was billed (its details' :data:`CANCEL_BILLED_AS`); one recorded
+    before it did is read as unbilled when it went to ``pending`` (only a request that never
+    ran goes there), and not at all otherwise (``retry_wait`` may be a failure's)."""
+    events = session.execute(
+        select(JobEvent.from_state, JobEvent.to_state, JobEvent.reason, JobEvent.details)
+        .where(JobEvent.job_id == found.id)
+        .order_by(JobEvent.id)
+    ).all()
+    accepted = False
+    last_exit: Any = None
+    for moved in events:
+        if moved.from_state is None or moved.from_state == moved.to_state:
+            continue  # a note (a duplicate charge, a late answer) moves nothing
+        moved_from, moved_to = JobState(moved.from_state), JobState(moved.to_state)
+        if moved_to in _AT_FAL_STATES and _names_request(moved.reason, request_id):
+            accepted, last_exit = True, None
+        elif moved_to in _AT_FAL_STATES and "accepted as " in (moved.reason or ""):
+            accepted = False  # another request of the job: the one asked for had ended before
+        elif accepted and moved_from in _AT_FAL_STATES and moved_to not in _AT_FAL_STATES:
+            last_exit = moved
+    if last_exit is None or JobState(last_exit.to_state) not in _REQUEUED:
+        return None
+    details = last_exit.details if isinstance(last_exit.details, dict) else {}
+    said = details.get(CANCEL_BILLED_AS)
+    requeued_to = JobState(last_exit.to_state)
+    if said in {o.value for o in billing.Outcome}:
+        outcome = billing.Outcome(said)
+    elif requeued_to == JobState.PENDING:
+        outcome = billing.Outcome.CANCELLED_IN_QUEUE
+    else:
+        return None
+    return WindowEnd(requeued_to, billing.billed(outcome, found.est_billing_units, found.est_usd))
+
+
+#: The states from which a job adopts its own request that a window's end was said to end
+#: (:func:`adopt_window_proof`): waiting for the next window, claimed for it but its POST not
+#: sent, or ended since without sending again (a cancel of its batch, the deadline).
+_WINDOW_PROOF_STATES = frozenset(
+    {JobState.PENDING, JobState.RETRY_WAIT, JobState.SUBMITTING, JobState.CANCELLED}
+)
+
+
+def window_proof_adoptable(job: Any) -> bool:
+    """Whether ``job`` (a :class:`~jobs.models.Job` or a row of its columns), still keeping the
+    request a window's end was said to end, has sent nothing since: it waits for the next window
+    (``pending``, ``retry_wait``, or ``submitting`` before its POST is recorded as sent) or ended
+    unsent (``cancelled``), no output. A proof that fal ran that request to the end is then
+    adopted (:func:`adopt_window_proof`); once the job sent again, it is a duplicate charge."""
+    state = JobState(job.state)
+    if state not in _WINDOW_PROOF_STATES or job.output_path is not None or job.request_id is None:
+        return False
+    return not (state == JobState.SUBMITTING and job.submitted_input is not None)
+
+
+def adopt_window_proof(
+    session: Session,
+    fence: Fence,
+    *,
+    request_id: str,
+    next_poll_at: datetime,
+    reason: str,
+    **fetched: Any,
+) -> bool:
+    """``pending``/``retry_wait``/``submitting``/``cancelled`` → ``queued``: fal's signed webhook
+    proves that it ran to the end (so billed in full) the job's own request ``request_id``, which
+    its batch's window end cancelled (:func:`window_end`): fal's cancel of a running request is
+    best effort. The job, which waited to send it again in the next window
+    (:func:`window_proof_adoptable`), keeps that request instead and goes on as any adopted
+    request does, its video fetched from the result the webhook carries (``fetched``): nothing is
+    sent again, nothing is paid twice. A resend claimed by a submit step loses its lease, and its
+    send (fenced by version) finds the job moved.
+
+    The attempts are those sent (a resend claimed but not sent is not counted, as
+    :func:`give_back` does); a request that was counted as never started
+    (``unstarted_requests``) ran. The money stays counted once: what the window's cancel billed
+    (nothing in fal's queue, in full running) leaves the job's actual cost, which the success
+    then bills in full; a ``cancelled`` job's share of its batch's finished money is taken back
+    (it is in flight again). The row is locked first. False when the job does not qualify or
+    moved on (compare-and-set on ``fence``).
+    """
+    if fence.state not in _WINDOW_PROOF_STATES:
+        return False
+    found = _locked_unmoved(session, fence)
+    if found is None or found.request_id != request_id or not window_proof_adoptable(found):
+        return False
+    ended = window_end(session, found, request_id)
+    if ended is None:
+        return False
+    bill = ended.bill
+    prior: dict[str, Any] = {}
+    if found.actual_usd is not None:
+        prior["actual_usd"] = max(Decimal(0), found.actual_usd - bill["actual_usd"])
+    if found.actual_billing_units is not None:
+        units = found.actual_billing_units - bill["actual_billing_units"]
+        prior["actual_billing_units"] = max(Decimal(0), units)
+    if ended.requeued_to == JobState.PENDING and found.unstarted_requests > 0:
+        prior["unstarted_requests"] = found.unstarted_requests - 1  # it ran
+    state = JobState(found.state)
+    before = (
+        finished_usd(state, found.actual_usd, found.est_usd, found.ambiguous_usd) if state.terminal else None
+    )
+    moved = _move(
+        session,
+        fence,
+        JobState.QUEUED,
+        reason,
+        attempts=sent_attempts(found),
+        finished_at=None,
+        next_attempt_at=next_poll_at,
+        error=None,
+        error_type=None,
+        download_attempts=0,
+        **_UNLEASED,
+        **prior,
+        **fetched,
+    )
+    if moved and before is not None:
+        _add_finished(session, found.batch_id, found.submitted_at, -before)
+    return moved
+
+
+#: The key, in the details of the note of a confirmed duplicate charge
+#: (:func:`note_window_duplicate`), of the request a window's end was said to end and fal ran.
+WINDOW_DUPLICATE = "duplicate_of_window_end"
+
+
+def note_window_duplicate(
+    session: Session,
+    job_id: str,
+    request_id: str,
+    *,
+    reason: str,
+    worker: str | None,
+    now: datetime,
+) -> DuplicateNote:
+    """fal's signed webhook proves that it ran to the end (billed in full) ``request_id``, a
+    request of the job that its batch's window end cancelled (:func:`window_end`), after the job
+    sent a new request in its place: fal ran and billed the job twice, a *confirmed* duplicate
+    charge. In the job's books, once: one more ``confirmed_duplicate_charges``, on its history
+    (an event that moves nothing, its details naming the request), and the success's bill in
+    its actual cost in place of what the window's cancel billed (nothing in fal's queue, in full
+    running). A finished job's share of its batch's running totals moves by the difference.
+
+    ``held`` while a worker holds the job's lease (it bills the job from what it read: try
+    later); ``known`` when the request was counted already, or did not end at a window's end;
+    ``missing``: no such job. The row is locked first."""
+    found = _run(session, select(_JOBS).where(_JOBS.c.id == job_id).with_for_update()).first()
+    if found is None:
+        return "missing"
+    if found.lease_owner is not None and found.lease_expires_at is not None and found.lease_expires_at > now:
+        return "held"
+    notes = session.execute(
+        select(JobEvent.details).where(JobEvent.job_id == job_id, JobEvent.from_state == JobEvent.to_state)
+    ).scalars()
+    if any(isinstance(d, dict) and d.get(WINDOW_DUPLICATE) == request_id for d in notes):
+        return "known"
+    ended = window_end(session, found, request_id)
+    if ended is None:
+        return "known"
+    state = JobState(found.state)
+    own = state == JobState.SUCCEEDED  # billed its estimate when no cost was recorded (finished_usd)
+    prior_usd = found.actual_usd if found.actual_usd is not None else (found.est_usd if own else Decimal(0))
+    units = found.actual_billing_units
+    prior_units = units if units is not None else (found.est_billing_units if own else Decimal(0))
+    success = billing.billed(billing.Outcome.SUCCEEDED, found.est_billing_units, found.est_usd)
+    written: dict[str, Any] = {
+        "confirmed_duplicate_charges": found.confirmed_duplicate_charges + 1,
+        "actual_usd": prior_usd + max(Decimal(0), success["actual_usd"] - ended.bill["actual_usd"]),
+        "actual_billing_units": prior_units
+        + max(Decimal(0), success["actual_billing_units"] - ended.bill["actual_billing_units"]),
+    }
+    if state.terminal:
+        before = finished_usd(state, found.actual_usd, found.est_usd, found.ambiguous_usd)
+        after = finished_usd(state, written["actual_usd"], found.est_usd, found.ambiguous_usd)
+        _add_finished(session, found.batch_id, found.submitted_at, after - before)
+    _run(session, update(_JOBS).where(_JOBS.c.id == job_id).values(**written, updated_at=now))
+    _refresh_loaded(session, job_id, written)
+    event = {"job_id": job_id, "at": now, "from_state": state, "to_state": state, "version": found.version}
+    event.update(reason=reason, details={WINDOW_DUPLICATE: request_id}, worker=worker)
+    _run(session, _INSERT_EVENT, event)
+    return "counted"
+
+
 @dataclass(frozen=True)
 class StoredProof:
     """A stored success delivery (:func:`stored_proof`): which attempt of the job it proves, as
@@ -2529,7 +2761,9 @@ def requeue_after_cancel(
     (:func:`jobs.billing.billed`: earlier attempts plus this one's bill), written either way. An
     unbilled request is known to have cost nothing, so the job then holds what earlier attempts
     cost, 0 when none did — not "unknown": should the deadline end it before it is sent again,
-    its cost is $0 like any other request that never ran, and a later attempt adds to it."""
+    its cost is $0 like any other request that never ran, and a later attempt adds to it.
+    The caller puts how the cancel was billed in the event's details (:data:`CANCEL_BILLED_AS`),
+    taken back should fal prove it ran the request to the end (:func:`adopt_window_proof`)."""
     fields = {**_FORGET_URLS, **_UNLEASED, "error": error, "error_type": error_type, **cost}
     if billed:
         return _move(session, fence, JobState.RETRY_WAIT, reason, **fields)

@@ -59,6 +59,7 @@ from worker.steps.webhooks import (
     ADOPTED_EARLIER,
     ADOPTED_LATE,
     ADOPTED_OWN,
+    ADOPTED_WINDOW,
     DEFERRED,
     STATUS_DUE,
     Inbox,
@@ -1109,6 +1110,178 @@ def test_a_success_of_a_request_a_cancelled_job_waited_to_replace_leaves_the_job
     assert _outcomes(engine, "req-B") == ["ignored: job already cancelled"]
     kept = _job(engine, other.batch_id)
     assert (kept.state, kept.request_id, kept.actual_usd) == (S.CANCELLED, "req-B", other.est_usd)
+
+
+def _window_closed(engine: Engine, metrics: dict[str, Any]) -> Job:
+    """One job sent as ``req-A`` whose batch's window closed while fal held it: the schedule's
+    cancel went to fal, the job went ``cancelling`` (``window_closed``), and fal's status then
+    said ``client_cancelled`` (with ``metrics``): the poller puts it back to wait for the next
+    window — ``pending`` when it seemed to wait in fal's queue (unbilled), ``retry_wait`` when
+    fal had started it (billed in full, as a cancel while running)."""
+    job = _sent(engine, request_id="req-A")
+    now = utcnow()
+    with db.session_scope(engine) as session:
+        at_fal = store.get_job(session, job.id)
+        assert store.mark_cancelling(
+            session,
+            store.Fence.of(at_fal, "scheduler"),
+            reason="window closed: cancel requested at fal: cancelled",
+            error_type=WINDOW_CLOSED,
+        )
+        cancelling = store.get_job(session, job.id)
+        status = Status(
+            state="COMPLETED",
+            error="Request cancelled by client",
+            error_type="client_cancelled",
+            metrics=metrics,
+        )
+        assert record_completion(session, store.Fence.of(cancelling, "poller"), status, now=now) is False
+    return _job(engine, job.batch_id)
+
+
+@pytest.mark.parametrize("where", ["waiting", "claimed", "cancelled"])
+@pytest.mark.parametrize("metrics", [{}, {"inference_time": 4.2}])
+def test_a_proof_that_fal_ran_a_request_a_window_end_cancelled_is_kept_and_nothing_is_resent(
+    engine: Engine,
+    client: TestClient,
+    settings: Settings,
+    signer: WebhookSigner,
+    metrics: dict[str, Any],
+    where: str,
+) -> None:
+    """A batch's window closed while fal held the job's request: our cancel went to fal, its
+    status said the cancel ended it, and the job went back to wait for the next window. fal's
+    cancel of a running request is best effort, though: its signed webhook then proves it ran
+    that request to the end, with a result (billed in full). The job takes that request back
+    and fetches its video, billed once — the window's cancel's bill taken back — and nothing is
+    sent again; also when the next window's dispatch had claimed it (its POST not sent yet), or
+    the user's cancel had ended it unsent meanwhile (before: "ignored: job already pending", the
+    job sent again in the next window and paid twice, the paid video dropped)."""
+    job = _window_closed(engine, metrics)
+    ran = bool(metrics)
+    cancel_bill = job.est_usd if ran else Decimal(0)
+    waits = S.RETRY_WAIT if ran else S.PENDING
+    assert (job.state, job.request_id, job.error_type) == (waits, "req-A", WINDOW_CLOSED)
+    assert (job.actual_usd, job.counted_attempts) == (cancel_bill, 1 if ran else 0)
+    assert _money_agrees(engine, job.batch_id) == cancel_bill
+    claimed: store.Fence | None = None
+    with db.session_scope(engine) as session:
+        waiting = store.Fence.of(store.get_job(session, job.id), "sender")
+        if where == "claimed":  # the next window opened: a submit step holds it, POST not sent
+            now = utcnow()
+            assert store.mark_submitting(
+                session, waiting, attempt=2, api_key_id="k", lease_expires_at=now + timedelta(seconds=60)
+            )
+            claimed = waiting.moved(S.SUBMITTING)
+        elif where == "cancelled":  # `wanbatch cancel` ended it while it waited: nothing sent
+            store.set_batch_state(session, job.batch_id, BatchState.CANCELLED, reason="cancelled by user")
+            store.cancel_unsent_jobs(
+                session,
+                [job.batch_id],
+                reason="batch cancelled",
+                error="cancelled by user",
+                error_type="cancelled",
+            )
+    assert _money_agrees(engine, job.batch_id) == cancel_bill
+
+    assert _post(client, signer, job, "req-A") == 200
+    assert _post(client, signer, job, "req-A") == 200  # fal's retry of it
+    assert _outcomes(engine, "req-A") == [ADOPTED_WINDOW]  # stored once, applied once
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.attempts) == (S.DOWNLOADING, "req-A", 1)
+    assert (after.error, after.error_type, after.lease_owner) == (None, None, None)
+    assert (after.provider_output, after.seed) == (RESULT, 7)
+    assert (after.unstarted_requests, after.counted_attempts) == (0, 1)  # it ran
+    assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (0, 0)
+    assert _money_agrees(engine, job.batch_id) == job.est_usd  # counted once, in full
+    with db.session_scope(engine) as session:
+        events = store.job_events(session, job.id)
+        if claimed is not None:  # the claimed resend's send finds the job moved: nothing goes out
+            now = utcnow()
+            assert store.record_send(
+                session, claimed, now=now, lease_seconds=60, submitted_input={"prompt": "a cat"},
+                sent_at=now, api_key_id="k",
+            ) is None  # fmt: skip
+    came_from = {"waiting": waits, "claimed": S.SUBMITTING, "cancelled": S.CANCELLED}[where]
+    assert (events[-2].from_state, events[-2].to_state) == (came_from, S.QUEUED)
+    assert "window's end was said to have ended it" in (events[-2].reason or "")
+    handed: list[str] = []  # what a dispatch round sends: nothing
+    assert dispatch(make_runtime(engine, settings, enqueue_submit=handed.append)) == []
+    assert handed == []
+
+    _succeed(engine, job.id)
+    finished = _job(engine, job.batch_id)
+    assert (finished.state, finished.actual_usd, finished.attempts) == (S.SUCCEEDED, job.est_usd, 1)
+    assert _money_agrees(engine, job.batch_id) == job.est_usd
+    with db.read_scope(engine) as session:
+        total = cost_report(session, job.batch_id).total
+        report = batch_report(session, job.batch_id)
+    assert (total.actual_usd, total.wasted_usd, total.possibly_billed_usd) == (
+        job.est_usd,
+        Decimal(0),
+        Decimal(0),
+    )
+    assert (total.succeeded, total.cancelled) == (1, 0)
+    assert (report["confirmed_duplicate_charges"], report["possible_duplicate_charges"]) == (0, 0)
+    assert _post(client, signer, job, "req-A", ok=False) == 200  # another body, afterwards
+    assert _job(engine, job.batch_id).version == finished.version
+
+
+@pytest.mark.parametrize("metrics", [{}, {"inference_time": 4.2}])
+def test_a_proof_that_fal_ran_a_request_a_window_end_cancelled_after_the_job_was_sent_again_is_a_duplicate(
+    engine: Engine, client: TestClient, signer: WebhookSigner, metrics: dict[str, Any]
+) -> None:
+    """The same proof after the next window sent the job again (``req-B``): fal ran and billed
+    the job twice, a confirmed duplicate charge — counted once, on the job's history, billed in
+    full in place of the window's cancel's bill, and wasted once the job keeps ``req-B``'s video
+    (before: "ignored: an earlier request of the job", the spend understated, nothing reported)."""
+    job = _window_closed(engine, metrics)
+    cancel_bill = job.est_usd if metrics else Decimal(0)
+    now = utcnow()
+    with db.session_scope(engine) as session:
+        waiting = store.Fence.of(store.get_job(session, job.id), "sender")
+        assert store.mark_submitting(
+            session, waiting, attempt=2, api_key_id="k", lease_expires_at=now + timedelta(seconds=60)
+        )
+        sending = store.record_send(
+            session, waiting.moved(S.SUBMITTING), now=now, lease_seconds=60,
+            submitted_input={"prompt": "a cat"}, sent_at=now, api_key_id="k",
+        )  # fmt: skip
+        assert sending is not None
+        assert store.mark_submitted(
+            session, sending, running=False, request_id="req-B", gateway_request_id=None,
+            status_url=None, response_url=None, cancel_url=None, submitted_at=now, next_poll_at=now,
+        )  # fmt: skip
+    assert _money_agrees(engine, job.batch_id) == cancel_bill
+
+    assert _post(client, signer, job, "req-A") == 200
+    assert _post(client, signer, job, "req-A") == 200  # fal's retry of it: stored once
+    assert _post(client, signer, job, "req-A", ok=False) == 200  # another body of it
+    assert _outcomes(engine, "req-A") == ["duplicate-charge", "ignored: duplicate charge already counted"]
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.attempts) == (S.QUEUED, "req-B", 2)
+    assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (0, 1)
+    assert after.actual_usd == job.est_usd  # req-A, billed in full (once)
+    assert _money_agrees(engine, job.batch_id) == job.est_usd
+    with db.session_scope(engine) as session:
+        notes = [e for e in store.job_events(session, job.id) if e.from_state == e.to_state]
+    assert len(notes) == 1
+    assert "confirmed duplicate charge" in (notes[0].reason or "")
+
+    assert _post(client, signer, job, "req-B") == 200  # the resend finishes too
+    _succeed(engine, job.id)
+    finished = _job(engine, job.batch_id)
+    assert (finished.state, finished.actual_usd, finished.confirmed_duplicate_charges) == (
+        S.SUCCEEDED,
+        2 * job.est_usd,
+        1,
+    )
+    assert _money_agrees(engine, job.batch_id) == 2 * job.est_usd
+    with db.read_scope(engine) as session:
+        total = cost_report(session, job.batch_id).total
+        report = batch_report(session, job.batch_id)
+    assert (total.actual_usd, total.wasted_usd) == (2 * job.est_usd, job.est_usd)
+    assert report["confirmed_duplicate_charges"] == 1
 
 
 def test_a_proof_of_the_failed_job_s_own_request_keeps_a_duplicate_charge_billed_before_it(

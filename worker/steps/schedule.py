@@ -11,6 +11,10 @@ step, run every tick, handles the moments it closes:
   as every submit carried ``X-Fal-Request-Start-Timeout`` (:mod:`worker.steps.submit`).
 * **At a window's end** requests still waiting in fal's queue are cancelled there and their
   jobs go back to ``pending`` for the next window, no attempt counted; running ones finish.
+  fal's cancel of a running request is best effort: should its signed webhook then prove that
+  it ran such a request to the end (billed), the job takes that request back and its video
+  instead of sending it again (:func:`jobs.store.adopt_window_proof`); a job already sent
+  again counts it as a confirmed duplicate charge (:func:`jobs.store.note_window_duplicate`).
 
 A cancel is only asked of requests we believe are still ``queued``: cancelling a running one
 would throw away work fal bills anyway.
@@ -238,5 +242,6 @@ def end_unstarted(
         billed=outcome != billing.Outcome.CANCELLED_IN_QUEUE,
         error=error,
         error_type=why,
+        details={store.CANCEL_BILLED_AS: outcome.value},  # taken back should fal prove a run
         **cost,
     )

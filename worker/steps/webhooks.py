@@ -34,6 +34,11 @@ compare-and-set on the job's state and version), so a webhook and a poll racing 
 * a success of a cancelled job's own request, which fal's status said our cancel ended (fal's
   cancel of a running request is best effort): adopted back, its cancel's bill taken back and
   the success billed in full (:func:`jobs.store.adopt_cancelled_proof`);
+* a success of a request a batch's window end was said to have cancelled, its job back to wait
+  for the next window (:func:`jobs.store.window_end`): the job takes it back instead of sending it
+  again (:func:`jobs.store.adopt_window_proof`), the cancel's bill taken back; once the job sent
+  again, a *confirmed* duplicate charge billed in place of that bill
+  (:func:`jobs.store.note_window_duplicate`);
 * a request we never recorded otherwise (an earlier attempt resent after an ambiguous submit,
   or a second request of one attempt), whatever the job's state, a finished job's included:
   fal ran and billed it besides the one the job keeps, a *confirmed* duplicate charge, counted
@@ -105,10 +110,21 @@ ADOPTED_OWN = "adopted: a proof that the failed job's own request finished at fa
 #: What applying a success of a cancelled job's own request does
 #: (:func:`jobs.store.adopt_cancelled_proof`).
 ADOPTED_CANCELLED = "adopted: a proof that fal ran to the end the request our cancel was said to end"
+#: What applying a success of the request a window's end was said to end, while the job waits to
+#: send it again, does (:func:`jobs.store.adopt_window_proof`).
+ADOPTED_WINDOW = "adopted: a proof that fal ran to the end the request a window's end was said to end"
 #: Outcomes after which the tick leader has work (:func:`jobs.db.notify_events`, on PostgreSQL),
 #: in whichever process it runs: a moved job's download to queue and the slot it freed to fill,
 #: or a job due for its status call now.
-_ADOPTED = ("adopted", ADOPTED_LATE, ADOPTED_BEFORE_RESEND, ADOPTED_EARLIER, ADOPTED_OWN, ADOPTED_CANCELLED)
+_ADOPTED = (
+    "adopted",
+    ADOPTED_LATE,
+    ADOPTED_BEFORE_RESEND,
+    ADOPTED_EARLIER,
+    ADOPTED_OWN,
+    ADOPTED_CANCELLED,
+    ADOPTED_WINDOW,
+)
 _WAKES = ("completed", STATUS_DUE, *_ADOPTED)
 
 
@@ -331,11 +347,47 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
         )
         fence = Fence.of(job, inbox.owner)
         if store.request_known(session, job.id, delivery.request_id):
-            if job.request_id != delivery.request_id:
+            own = job.request_id == delivery.request_id
+            # A success of a request a window's end cancelled and put the job back to wait for
+            # the next window: fal's cancel of a running request is best effort.
+            ended = (
+                store.window_end(session, job, delivery.request_id)
+                if not status.failed and not (own and state in _AT_FAL)
+                else None
+            )
+            if ended is not None and own and store.window_proof_adoptable(job):
+                if not store.adopt_window_proof(
+                    session,
+                    fence,
+                    request_id=delivery.request_id,
+                    next_poll_at=first_poll_at(inbox.settings, now),
+                    reason=(
+                        f"proof by webhook, after a window's end was said to have ended it "
+                        f"({job.error_type}): its request {delivery.request_id} ran to the end at fal "
+                        "(billed): its video is fetched, nothing is sent again"
+                    ),
+                    **_fetched(delivery.body),
+                ):
+                    continue
+                _say(
+                    logging.WARNING,
+                    "webhook.adopted_window",
+                    job,
+                    delivery,
+                    "job %s: a webhook proved that fal ran its request %s to the end (billed) though a "
+                    "window's end was said to have ended it: its video is fetched, nothing is sent again",
+                    job.id,
+                    delivery.request_id,
+                )
+                fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
+                outcome = ADOPTED_WINDOW
+            elif ended is not None:  # the job sent again since: fal ran and billed it twice
+                return _window_duplicate(session, inbox, job, delivery, now=now), None
+            elif job.request_id != delivery.request_id:
                 if store.duplicate_charge_recorded(session, delivery.request_id):
                     return "ignored: duplicate charge already counted", None
                 return "ignored: an earlier request of the job", None
-            if state not in _AT_FAL and _cancel_proof(job, state, status):
+            elif state not in _AT_FAL and _cancel_proof(job, state, status):
                 cancelled_as = job.error_type  # the adoption clears it, on this very object too
                 if not store.adopt_cancelled_proof(
                     session,
@@ -598,6 +650,38 @@ def _cancel_proof(job: Job, state: S, status: Status) -> bool:
     return (
         state == S.CANCELLED and job.request_id is not None and job.output_path is None and not status.failed
     )
+
+
+def _window_duplicate(
+    session: Session, inbox: Inbox, job: Job, delivery: WebhookDelivery, *, now: datetime
+) -> str | None:
+    """A success of a request of ``job`` that its batch's window end was said to have cancelled,
+    proved after the job sent a new request in its place: fal ran and billed the job twice, a
+    *confirmed* duplicate charge, counted and billed once (:func:`jobs.store.note_window_duplicate`;
+    the window's cancel's bill replaced by the success's). The outcome (None: try again later,
+    a worker holds the job and bills it itself)."""
+    reason = (
+        f"webhook: fal ran to the end (billed) {delivery.request_id}, the request a window's end was "
+        "said to have ended, after the job was sent again: a confirmed duplicate charge"
+    )
+    noted = store.note_window_duplicate(
+        session, job.id, delivery.request_id, reason=reason, worker=inbox.owner, now=now
+    )
+    if noted == "held":
+        return None
+    if noted != "counted":
+        return "ignored: unknown job" if noted == "missing" else "ignored: duplicate charge already counted"
+    _say(
+        logging.WARNING,
+        "webhook.duplicate_charge",
+        job,
+        delivery,
+        "job %s: fal ran %s to the end though a window's end was said to have ended it, and the job "
+        "was sent again: a confirmed duplicate charge (billed)",
+        job.id,
+        delivery.request_id,
+    )
+    return "duplicate-charge"
 
 
 def _fetched(body: dict[str, Any]) -> dict[str, Any]:
