@@ -1886,9 +1886,9 @@ def _cancel_bill(session: Session, found: Any) -> dict[str, Decimal] | None:
 
     The cancel is the job's last move into ``cancelled`` (a note on its history moves nothing,
     ``cancelled`` → ``cancelled``); its details say how it was billed. One recorded before they
-    did: billed as running when fal reported run time or it came from ``running``, else as in
-    fal's queue (the rule the poller applied, but for its sight of the request running while
-    ``cancelling``, which the event does not keep)."""
+    did: billed as running when fal reported run time or its history since the submit has it
+    ``running`` (:func:`seen_running_since_submit`, the rule the poller applied), else as in
+    fal's queue."""
     into_cancelled = (
         select(JobEvent.from_state, JobEvent.details)
         .where(
@@ -1905,7 +1905,7 @@ def _cancel_bill(session: Session, found: Any) -> dict[str, Decimal] | None:
     said = (event.details or {}).get(CANCEL_BILLED_AS) if isinstance(event.details, dict) else None
     if said in {o.value for o in billing.Outcome}:
         outcome = billing.Outcome(said)
-    elif billing.ran(found.provider_metrics) or JobState(event.from_state) == JobState.RUNNING:
+    elif billing.ran(found.provider_metrics) or seen_running_since_submit(session, found.id):
         outcome = billing.Outcome.CANCELLED_RUNNING
     else:
         outcome = billing.Outcome.CANCELLED_IN_QUEUE
@@ -3873,6 +3873,18 @@ def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -
 def job_events(session: Session, job_id: str) -> list[JobEvent]:
     """A job's history, oldest first."""
     return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def seen_running_since_submit(session: Session, job_id: str) -> bool:
+    """Whether the job's history since its last move into ``submitting`` (its current attempt)
+    has it ``running`` (fal said IN_PROGRESS): then its request ran, and a cancel of it is billed
+    as running whatever fal's metrics say (they can be missing)."""
+    for step in reversed(job_events(session, job_id)):
+        if JobState.RUNNING in (step.to_state, step.from_state):
+            return True
+        if step.to_state == JobState.SUBMITTING:  # the current attempt began here
+            return False
+    return False
 
 
 def counts_by_state(session: Session, batch_id: str | None = None) -> dict[str, int]:

@@ -1978,3 +1978,43 @@ def test_a_422_after_inference_reported_by_webhook_is_billed_as_fal_billed(
     assert (entry["outcome"], entry["billed"]) == ("invalid", True)
     assert ended.state == S.FAILED
     assert ended.actual_usd == job.est_usd
+
+
+def test_a_legacy_cancel_billed_as_running_is_not_billed_twice_on_adoption(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    """A cancel recorded by an earlier version (no ``billed_as`` detail on the event) of a request
+    seen running (``running`` -> ``cancelling`` -> ``cancelled``, billed in full), then proved run
+    by fal: the whole cancel bill is taken back (``store.seen_running_since_submit``, the poller's
+    rule), or the one request is billed twice."""
+    job = _sent(engine, request_id="req-A")
+    now = utcnow()
+    with db.session_scope(engine) as session:
+        store.set_batch_state(session, job.batch_id, BatchState.CANCELLED, reason="cancelled by user")
+        assert store.mark_running(session, store.Fence.of(job, "poller"), next_poll_at=now)
+        running = store.get_job(session, job.id)
+        assert store.mark_cancelling(session, store.Fence.of(running, "canceller"), reason="cancel requested")
+        cancelling = store.get_job(session, job.id)
+        # What the previous version's record_completion wrote: seen running -> billed in full,
+        # no ``billed_as`` detail on the event (no metrics in fal's answer).
+        assert store.mark_cancelled(
+            session,
+            store.Fence.of(cancelling, "poller"),
+            reason="cancelled at fal (client_cancelled)",
+            error="cancelled by user",
+            error_type="client_cancelled",
+            completed_at=now,
+            **billed(Outcome.CANCELLED_RUNNING, cancelling.est_billing_units, cancelling.est_usd),
+        )
+    cancelled = _job(engine, job.batch_id)
+    assert (cancelled.state, cancelled.actual_usd) == (S.CANCELLED, cancelled.est_usd)
+
+    assert _post(client, signer, cancelled, "req-A") == 200  # fal ran it to the end anyway
+    adopted = _job(engine, job.batch_id)
+    assert adopted.state == S.DOWNLOADING
+    _succeed(engine, job.id)
+    finished = _job(engine, job.batch_id)
+    assert finished.state == S.SUCCEEDED
+    # One request, billed once in full.
+    assert finished.actual_usd == job.est_usd, f"billed {finished.actual_usd} for one request"
+    assert _money_agrees(engine, job.batch_id) == job.est_usd

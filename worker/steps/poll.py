@@ -215,14 +215,7 @@ def _cancel_outcome(status: Status, *, seen_running: bool) -> billing.Outcome:
 def _seen_running(session: Session, fence: Fence) -> bool:
     """Whether the job's current request was seen IN_PROGRESS: it is ``running``, or its history
     since its last submit has it there (``running`` → ``cancelling``)."""
-    if fence.state == S.RUNNING:
-        return True
-    for event in reversed(store.job_events(session, fence.job_id)):
-        if S.RUNNING in (event.to_state, event.from_state):
-            return True
-        if event.to_state == S.SUBMITTING:  # the current attempt began here
-            return False
-    return False
+    return fence.state == S.RUNNING or store.seen_running_since_submit(session, fence.job_id)
 
 
 #: What :func:`_ended_by_our_cancel` answers for the user's cancel (``wanbatch cancel``); the

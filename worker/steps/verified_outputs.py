@@ -160,7 +160,10 @@ class VerifiedOutputs:
             entry = Verified(after, None, "it changed while it was read to check it", made, False)
         else:
             settled = after.changed_ns is not None and started - after.changed_ns >= RACY_SECONDS * 1e9
-            entry = Verified(after, digest, None, made, after.by_content or settled)
+            # A failed read (digest None) serves the next round only, never a later one: a
+            # passing EIO or a lagging store must not pass a good twin over for good.
+            lasting = digest is not None and (after.by_content or settled)
+            entry = Verified(after, digest, None, made, lasting)
         with self._lock:
             self._entries.pop(path, None)
             while len(self._entries) >= KEPT:
