@@ -21,7 +21,7 @@ of those definitions are applied per ``state`` group in Python, on a handful of 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -349,10 +349,42 @@ def fal_holds(
     embedded ``run`` of it, or distributed workers (every batch but a ``--simulate`` run's),
     whose row was renewed within :data:`FAL_HOLD_STALE_SECONDS`; ``gone`` tells owners known to
     have ended (a process of this host whose pid no longer runs: left out at once)."""
-    scopes = [batch_id] if simulated else [batch_id, EVERY_BATCH]
+    scopes = _hold_scopes(batch_id, simulated)
     live_since = now - timedelta(seconds=FAL_HOLD_STALE_SECONDS)
+    return _hold_views(store.fal_holds(session, scopes, live_since=live_since), now=now, gone=gone)
+
+
+def fal_holds_of_batches(
+    session: Session,
+    batches: Sequence[Batch],
+    *,
+    now: datetime,
+    gone: Callable[[str], bool] | None = None,
+) -> dict[str, list[FalHoldView]]:
+    """:func:`fal_holds` of each of ``batches`` (by id), from one query."""
+    if not batches:
+        return {}
+    live_since = now - timedelta(seconds=FAL_HOLD_STALE_SECONDS)
+    rows = store.fal_holds(session, [*(b.id for b in batches), EVERY_BATCH], live_since=live_since)
+    found = {}
+    for batch in batches:
+        scopes = set(_hold_scopes(batch.id, batch.simulated))
+        found[batch.id] = _hold_views([row for row in rows if row.scope in scopes], now=now, gone=gone)
+    return found
+
+
+def _hold_scopes(batch_id: str, simulated: bool) -> list[str]:
+    """The holds that hold a batch's submits: an embedded run's of it, and (unless it is a
+    simulation, which only its own run sends) the distributed workers'."""
+    return [batch_id] if simulated else [batch_id, EVERY_BATCH]
+
+
+def _hold_views(
+    rows: Iterable[store.FalHoldRow], *, now: datetime, gone: Callable[[str], bool] | None
+) -> list[FalHoldView]:
+    """One view per owner of ``rows`` (longest-standing first), owners ``gone`` left out."""
     shown: dict[str, FalHoldView] = {}
-    for row in store.fal_holds(session, scopes, live_since=live_since):
+    for row in rows:
         if row.owner in shown or (gone is not None and gone(row.owner)):
             continue
         at, pause = next_probe(row.next_probe_at, row.pause_seconds, now=now)
@@ -477,6 +509,22 @@ def held_reason(batch: Batch, *, now: datetime) -> str:
 # --------------------------------------------------------------------------- the batch list
 
 
+def totals_of_batches(session: Session, batch_ids: Sequence[str], *, now: datetime) -> dict[str, Totals]:
+    """:class:`Totals` of each of ``batch_ids`` (a batch without jobs: empty ones), from one
+    ``GROUP BY batch_id, state`` over their jobs: the figures :func:`batch_summary` gives one
+    batch (money is exact, so summed by state or by state and endpoint it is the same)."""
+    totals = {batch_id: Totals() for batch_id in batch_ids}
+    if totals:
+        rows = session.execute(
+            select(Job.batch_id, Job.state, *_aggregates(now - THROUGHPUT_WINDOW))
+            .where(Job.batch_id.in_(list(totals)))
+            .group_by(Job.batch_id, Job.state)
+        )
+        for batch_id, state, *figures in rows:
+            totals[batch_id].add(JobState(state), figures)
+    return totals
+
+
 @dataclass(frozen=True, slots=True)
 class BatchRow:
     """One batch as the batch list shows it (the ORM row is loaded and detached-safe)."""
@@ -514,15 +562,7 @@ def list_batches(
             .offset((page - 1) * per_page)
         )
     )
-    totals = {b.id: Totals() for b in batches}
-    if batches:
-        rows = session.execute(
-            select(Job.batch_id, Job.state, *_aggregates(now - THROUGHPUT_WINDOW))
-            .where(Job.batch_id.in_(list(totals)))
-            .group_by(Job.batch_id, Job.state)
-        )
-        for batch_id, state, *figures in rows:
-            totals[batch_id].add(JobState(state), figures)
+    totals = totals_of_batches(session, [b.id for b in batches], now=now)
     beats = heartbeats(session, list(totals), now=now)
     return BatchList(
         rows=[

@@ -25,7 +25,7 @@ A plain ``rerun`` (a reproducibility run) is meant to pay again and never asks t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.manifest.keys import stored_content_key
-from jobs.models import Batch
+from jobs.models import Batch, Job
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
 from jobs.printable import shell_ref
 from jobs.states import JobState
@@ -132,10 +132,15 @@ def renders(session: Session, batch_id: str, *, simulated: bool) -> dict[str, li
     """The batch's failed or cancelled jobs (by id) → the succeeded and the still unfinished
     repeats of them in its reruns of that kind (``simulated``), oldest rerun first; jobs neither
     rendered nor being rerun are left out."""
+    return _renders(store.rerun_repeats(session, batch_id, RERUN_FAILED_STATES), simulated=simulated)
+
+
+def _renders(rows: Iterable[store.RerunRepeat], *, simulated: bool) -> dict[str, list[Render]]:
+    """:func:`renders` from a batch's :func:`jobs.store.rerun_repeats` rows."""
     origin: dict[str, str] = {}  # a repeat's id → the batch's job it repeats, however many generations
     found: dict[str, list[Render]] = {}
     ranks: dict[str, int] = {}
-    for row in store.rerun_repeats(session, batch_id, RERUN_FAILED_STATES):
+    for row in rows:
         root = origin.get(row.rerun_of, row.rerun_of)
         origin[row.job_id] = root
         if row.simulated != simulated or not (row.succeeded or still_rendering(row)):
@@ -212,14 +217,33 @@ def rerun_covered(session: Session, batch: Batch) -> Covered:
     """The batch's failed or cancelled jobs a rerun already rendered, and those an unfinished
     rerun is rendering (as ``rerun --failed-only`` would find them): ``status`` names those
     reruns instead of advising to rerun the jobs again."""
-    rendered = RerunRendered(jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, reruns=[])
-    pending = RerunPending(jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, reruns=[])
     found = by_input(renders(session, batch.id, simulated=batch.simulated))
     if not found:  # no rerun, or none covers any of them: the batch's jobs are not even read
+        return _covered(found, ())
+    return _covered(found, store.jobs_of_batch(session, batch.id, states=RERUN_FAILED_STATES))
+
+
+def rerun_covered_of_batches(session: Session, batches: Sequence[Batch]) -> dict[str, Covered]:
+    """:func:`rerun_covered` of each of ``batches`` (by id), in a few queries however many
+    batches there are (:func:`jobs.store.rerun_repeats_of_batches`, then the failed or
+    cancelled jobs of the batches a rerun covers, in one query)."""
+    repeats = store.rerun_repeats_of_batches(session, [b.id for b in batches], RERUN_FAILED_STATES)
+    found = {b.id: by_input(_renders(repeats.get(b.id, ()), simulated=b.simulated)) for b in batches}
+    jobs: dict[str, list[Job]] = {}
+    for job in store.jobs_of_batches(session, [i for i, f in found.items() if f], RERUN_FAILED_STATES):
+        jobs.setdefault(job.batch_id, []).append(job)
+    return {batch_id: _covered(f, jobs.get(batch_id, ()) if f else ()) for batch_id, f in found.items()}
+
+
+def _covered(found: Mapping[str, Sequence[Render]], jobs: Iterable[Job]) -> Covered:
+    """:class:`Covered` of a batch's failed or cancelled ``jobs`` by :func:`by_input`'s ``found``."""
+    rendered = RerunRendered(jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, reruns=[])
+    pending = RerunPending(jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, reruns=[])
+    if not found:
         return Covered(rendered, pending)
     done: list[Render] = []
     going: list[Render] = []
-    for job in store.jobs_of_batch(session, batch.id, states=RERUN_FAILED_STATES):
+    for job in jobs:
         key = wanted_key(job.endpoint, rerun_input(job.input, job.seed), job.source_files)
         render = rendered_by(found.get(key, ()), key)
         if render is None:

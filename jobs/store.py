@@ -3870,6 +3870,75 @@ def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -
     return found
 
 
+def rerun_repeats_of_batches(
+    session: Session, batch_ids: Collection[str], states: Sequence[JobState]
+) -> dict[str, list[RerunRepeat]]:
+    """:func:`rerun_repeats` of each of ``batch_ids`` (those with no repeat left out): the same
+    rows in the same order, in two queries per generation of reruns (the longest chain of
+    reruns of reruns), however many batches there are (``status`` with no batch).
+
+    Each generation is read for every batch at once; a row counts for the batch ``g``
+    generations up its chain of parents when the job it repeats does: one of that batch's jobs
+    in ``states`` (the first generation), or a row counted for it one generation before."""
+    wanted = set(batch_ids)
+    children: dict[str, list[str]] = {}
+    for child, parent in session.execute(
+        select(Batch.id, Batch.parent_batch_id).where(Batch.parent_batch_id.is_not(None))
+    ):
+        children.setdefault(str(parent), []).append(str(child))
+    # Each batch's reruns generation by generation: level[root] = its batches ``g`` generations down.
+    level = {root: [root] for root in wanted if root in children}
+    root_of: dict[str, str] = {}  # a batch of this generation → the batch it is a rerun of, g generations up
+    counted: dict[str, set[str]] = {}  # root → ids of the rows counted for it in the generation before
+    found: dict[str, list[RerunRepeat]] = {}
+    of = aliased(Job)
+    repeated: Any = select(Job.id).where(Job.batch_id.in_(list(level)), Job.state.in_(list(states)))
+    first = True
+    while level:
+        level = {root: [c for b in batches for c in children.get(b, ())] for root, batches in level.items()}
+        level = {root: batches for root, batches in level.items() if batches}
+        if not level:
+            break
+        root_of = {b: root for root, batches in level.items() for b in batches}
+        generation = (
+            select(*_REPEAT_COLUMNS, of.batch_id, of.state)
+            .join(Batch, Batch.id == Job.batch_id)
+            .join(of, of.id == Job.rerun_of)
+            .where(Job.batch_id.in_(sorted(root_of)), Job.rerun_of.in_(repeated))
+            .order_by(Batch.created_at, Job.item_index, Job.variant, Job.id)
+        )
+        now_counted: dict[str, set[str]] = {}
+        for *row, of_batch, of_state in session.execute(generation):
+            repeat = _repeat(row)
+            root = root_of[repeat.batch_id]
+            if first:
+                if of_batch != root or JobState(of_state) not in states:
+                    continue
+            elif repeat.rerun_of not in counted.get(root, ()):
+                continue
+            found.setdefault(root, []).append(repeat)
+            now_counted.setdefault(root, set()).add(repeat.job_id)
+        repeated = select(Job.id).where(Job.batch_id.in_(sorted(root_of)), Job.rerun_of.in_(repeated))
+        counted, first = now_counted, False
+    return found
+
+
+def jobs_of_batches(
+    session: Session, batch_ids: Collection[str], states: Sequence[JobState]
+) -> Iterator[Job]:
+    """The jobs in ``states`` of every batch of ``batch_ids`` (:func:`jobs_of_batch` of each), in
+    one query, batch by batch in item order."""
+    if not batch_ids:
+        return
+    query = (
+        select(Job)
+        .where(Job.batch_id.in_(sorted(batch_ids)), Job.state.in_(list(states)))
+        .order_by(Job.batch_id, Job.item_index, Job.variant, Job.created_at, Job.id)
+        .execution_options(yield_per=500)
+    )
+    yield from session.scalars(query)
+
+
 def job_events(session: Session, job_id: str) -> list[JobEvent]:
     """A job's history, oldest first."""
     return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
@@ -3949,6 +4018,54 @@ def failure_reasons(session: Session, batch_id: str, *, limit: int = 5) -> list[
         )
         for st, et, was_sent, ex, n in session.execute(query)
     ]
+
+
+def failure_reasons_of_batches(
+    session: Session, batch_ids: Collection[str], *, limit: int = 5
+) -> dict[str, list[FailureGroup]]:
+    """:func:`failure_reasons` of each of ``batch_ids`` (batches with none left out), in one
+    query: each batch's groups ranked as :func:`failure_reasons` orders them (by the database,
+    so that NULLs sort as they do there), its first ``limit`` kept."""
+    if not batch_ids:
+        return {}
+    sent = Job.submitted_at.is_not(None)
+    rank = func.row_number().over(
+        partition_by=Job.batch_id, order_by=(func.count().desc(), Job.state, Job.error_type, sent)
+    )
+    ranked = (
+        select(
+            Job.batch_id.label("batch_id"),
+            Job.state.label("state"),
+            Job.error_type.label("error_type"),
+            sent.label("sent"),
+            func.min(Job.error).label("example"),
+            func.count().label("n"),
+            rank.label("rank"),
+        )
+        .where(Job.batch_id.in_(sorted(batch_ids)), Job.state.in_([JobState.FAILED, JobState.CANCELLED]))
+        .group_by(Job.batch_id, Job.state, Job.error_type, sent)
+        .subquery()
+    )
+    query = (
+        select(
+            ranked.c.batch_id,
+            ranked.c.state,
+            ranked.c.error_type,
+            ranked.c.sent,
+            ranked.c.example,
+            ranked.c.n,
+        )
+        .where(ranked.c.rank <= limit)
+        .order_by(ranked.c.batch_id, ranked.c.rank)
+    )
+    found: dict[str, list[FailureGroup]] = {}
+    for batch_id, st, et, was_sent, ex, n in session.execute(query):
+        found.setdefault(str(batch_id), []).append(
+            FailureGroup(
+                state=JobState(st).value, error_type=et, sent=bool(was_sent), example=ex or "", count=int(n)
+            )
+        )
+    return found
 
 
 def count_in_states(
@@ -4138,6 +4255,75 @@ def cap_holders(session: Session, scope: CapScope) -> list[CapHolder]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class CapCounts:
+    """One batch's in-flight jobs per endpoint as every :class:`CapScope` of one key may count
+    them (:func:`cap_counts`); :func:`holders_in` picks a scope's."""
+
+    batch_id: str
+    name: str
+    endpoint: str
+    #: Requests at fal (or being sent): sent with the key (or none recorded), of any key, and of
+    #: any key in a batch that is not a simulation.
+    requests_with_key: int
+    requests: int
+    requests_paid: int
+    #: Jobs waiting for their download: all, and those of batches that are not simulations.
+    downloads: int
+    downloads_paid: int
+
+
+def cap_counts(session: Session, api_key_id: str | None) -> list[CapCounts]:
+    """The in-flight jobs of every batch per endpoint, counted for every scope of
+    ``api_key_id`` at once (one pass, as :func:`cap_holders`): what ``status`` with no batch
+    reads once, and :func:`holders_in` answers each batch's scope from."""
+    at_fal = sorted(AT_PROVIDER_STATES, key=lambda state: state.value)
+    on_fal = Job.state.in_(at_fal)
+    downloading = Job.state == JobState.DOWNLOADING
+    query = (
+        select(
+            Job.batch_id,
+            Batch.name,
+            Job.endpoint,
+            func.count().filter(on_fal, _sent_with(bindparam("api_key_id"))),
+            func.count().filter(on_fal),
+            func.count().filter(on_fal, _paid(Job.batch_id)),
+            func.count().filter(downloading),
+            func.count().filter(downloading, _paid(Job.batch_id)),
+        )
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(Job.state.in_([*at_fal, JobState.DOWNLOADING]))
+        .group_by(Job.batch_id, Batch.name, Job.endpoint)
+        .order_by(Job.batch_id, Job.endpoint)
+    )
+    return [
+        CapCounts(str(batch_id), str(name), str(endpoint), *(int(n) for n in counts))
+        for batch_id, name, endpoint, *counts in session.execute(query, {"api_key_id": api_key_id})
+    ]
+
+
+def holders_in(counts: Iterable[CapCounts], scope: CapScope) -> list[CapHolder]:
+    """:func:`cap_holders` of ``scope`` from :func:`cap_counts` (read with ``scope``'s key, or
+    any key when ``scope`` has none): the same rows, without a query."""
+    holders = []
+    for c in counts:
+        if scope.every_key:
+            requests = c.requests_paid
+        elif scope.api_key_id is not None:
+            requests = c.requests_with_key
+        else:
+            requests = c.requests
+        if scope.requests_of is not None and c.batch_id not in scope.requests_of:
+            requests = 0
+        if scope.downloads_of is not None:
+            downloads = c.downloads if c.batch_id in scope.downloads_of else 0
+        else:
+            downloads = c.downloads_paid
+        if requests or downloads:
+            holders.append(CapHolder(c.batch_id, c.name, c.endpoint, requests, downloads))
+    return holders
+
+
 def count_cancelled(session: Session, batch_id: str, error_type: str) -> int:
     """How many jobs of a batch ended cancelled for ``error_type`` (``deadline``, ``budget``, …)."""
     query = (
@@ -4146,6 +4332,36 @@ def count_cancelled(session: Session, batch_id: str, error_type: str) -> int:
         .where(Job.batch_id == batch_id, Job.state == JobState.CANCELLED, Job.error_type == error_type)
     )
     return int(session.scalar(query) or 0)
+
+
+def count_cancelled_of_batches(
+    session: Session, batch_ids: Collection[str], error_type: str
+) -> dict[str, int]:
+    """:func:`count_cancelled` of each of ``batch_ids`` in one query (batches with none left out)."""
+    if not batch_ids:
+        return {}
+    query = (
+        select(Job.batch_id, func.count())
+        .where(
+            Job.batch_id.in_(sorted(batch_ids)),
+            Job.state == JobState.CANCELLED,
+            Job.error_type == error_type,
+        )
+        .group_by(Job.batch_id)
+    )
+    return {str(batch_id): int(n) for batch_id, n in session.execute(query)}
+
+
+def submitted_at_in_state(
+    session: Session, batch_ids: Collection[str], state: JobState
+) -> list[tuple[str, datetime | None]]:
+    """``(batch id, submitted_at)`` of every job in ``state`` of ``batch_ids``, in one query."""
+    if not batch_ids:
+        return []
+    query = select(Job.batch_id, Job.submitted_at).where(
+        Job.batch_id.in_(sorted(batch_ids)), Job.state == state
+    )
+    return [(str(batch_id), at) for batch_id, at in session.execute(query)]
 
 
 def _sent_with(api_key_id: str | BindParameter[Any]) -> ColumnElement[bool]:
@@ -4198,6 +4414,23 @@ def batch_endpoints(session: Session, batch_id: str, states: Iterable[JobState])
     """The endpoints of the batch's jobs in ``states`` (whose per-endpoint caps may hold them)."""
     query = select(Job.endpoint).where(Job.batch_id == batch_id, Job.state.in_(list(states))).distinct()
     return {str(endpoint) for endpoint in session.scalars(query)}
+
+
+def batches_endpoints(
+    session: Session, batch_ids: Collection[str], states: Iterable[JobState]
+) -> dict[str, set[str]]:
+    """:func:`batch_endpoints` of each of ``batch_ids``, in one query (batches with none left out)."""
+    if not batch_ids:
+        return {}
+    query = (
+        select(Job.batch_id, Job.endpoint)
+        .where(Job.batch_id.in_(sorted(batch_ids)), Job.state.in_(list(states)))
+        .distinct()
+    )
+    found: dict[str, set[str]] = {}
+    for batch_id, endpoint in session.execute(query):
+        found.setdefault(str(batch_id), set()).add(str(endpoint))
+    return found
 
 
 def count_requests(session: Session, states: Iterable[JobState], *, scope: CapScope) -> int:
