@@ -96,6 +96,7 @@ from jobs.storable import holds_unstorable, storable_json
 __all__ = [
     "CANCEL_BILLED_AS",
     "DURATIONS",
+    "FINISHED_EVENTS",
     "HEARTBEAT_KEPT",
     "PROVABLE_FAILURES",
     "UPLOAD_REUSE",
@@ -113,6 +114,7 @@ __all__ = [
     "JobMoney",
     "JobTotals",
     "LeaseHolder",
+    "MetricsScope",
     "NewJob",
     "ReleasedLeases",
     "StoredProof",
@@ -147,6 +149,7 @@ __all__ = [
     "committed_usd_today",
     "count_cancelled",
     "count_events_into",
+    "count_finished_changes",
     "count_in_states",
     "count_in_states_by_endpoint",
     "count_media_mismatches",
@@ -158,6 +161,7 @@ __all__ = [
     "dispatch_batches",
     "drop_heartbeats",
     "duplicate_charge_recorded",
+    "duration_buckets",
     "duration_histogram",
     "earlier_proof_adoptable",
     "expire_leases",
@@ -5341,6 +5345,73 @@ def delivery_counts(session: Session) -> dict[str, int]:
 # --------------------------------------------------------------------------- metrics (all batches)
 
 
+#: A job's ``state`` is terminal, in SQL: the literal list of :data:`FINISHED_EVENTS` as well.
+_TERMINAL_VALUES = tuple(sorted(s.value for s in JobState if s.terminal))
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsScope:
+    """Which jobs a ``/metrics`` aggregate (:func:`job_totals`, :func:`duration_buckets`) reads,
+    by when they finished (``finished_at``), so that a scrape need not read every job ever stored
+    (:class:`jobs.metrics.FinishedTotals` keeps the sums of the jobs finished long enough ago):
+
+    * ``sealed``: the jobs in a terminal state that finished before ``until`` (or hold no
+      ``finished_at``: rows stored before it was kept) — one full pass, when the sums are built;
+    * ``finished``: the jobs in a terminal state that finished at ``since`` or later (and before
+      ``until`` when given) — a range of ``ix_jobs_finished_at``;
+    * ``unfinished``: the jobs in any other state — ``ix_jobs_state_order``.
+
+    ``sealed`` until ``T``, ``finished`` since ``T`` and ``unfinished`` are every job, each once.
+    """
+
+    kind: Literal["sealed", "finished", "unfinished"]
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def _metrics_terms(scope: MetricsScope | None) -> list[ColumnElement[bool]]:
+    """The WHERE terms of ``scope`` (None: none), with the bound parameters ``m_since`` and
+    ``m_until``: plain terms on the jobs table that an index answers."""
+    if scope is None:
+        return []
+    terminal = Job.state.in_([JobState(v) for v in _TERMINAL_VALUES])
+    since = bindparam("m_since", type_=_JOBS.c.finished_at.type)
+    until = bindparam("m_until", type_=_JOBS.c.finished_at.type)
+    if scope.kind == "sealed":
+        return [terminal, or_(Job.finished_at < until, Job.finished_at.is_(None))]
+    if scope.kind == "finished":
+        return [terminal, Job.finished_at >= since, *([Job.finished_at < until] if scope.until else [])]
+    if scope.kind == "unfinished":
+        return [Job.state.in_([s for s in JobState if not s.terminal])]
+    raise ValueError(f"unknown metrics scope {scope.kind!r}")
+
+
+def _metrics_key(scope: MetricsScope | None) -> tuple[Any, ...]:
+    """What tells apart the statements of ``scope`` (:func:`_prepared`)."""
+    return ("all",) if scope is None else (scope.kind, scope.until is not None)
+
+
+def _metrics_params(scope: MetricsScope | None) -> dict[str, Any]:
+    if scope is None:
+        return {}
+    return {"m_since": scope.since, "m_until": scope.until}
+
+
+#: The events of jobs that were in a terminal state (``from_state``): a job leaving one
+#: (:func:`adopt_late_proof`, :func:`adopt_own_proof`, :func:`adopt_cancelled_proof`) or a note
+#: on a finished job's books (:func:`note_duplicate_charge`, :func:`note_request`). Every change
+#: of a finished job writes one; the partial index ``ix_job_events_from_finished`` holds them.
+FINISHED_EVENTS = "from_state IN (" + ", ".join(f"'{v}'" for v in _TERMINAL_VALUES) + ")"
+
+
+def count_finished_changes(session: Session) -> int:
+    """How many times a finished job changed (:data:`FINISHED_EVENTS`): it grows with every
+    change of a finished job, whichever process made it and whenever it commits. Written as the
+    partial index's own literal condition, so that SQLite uses the index too."""
+    query = select(func.count()).select_from(JobEvent).where(text(FINISHED_EVENTS))
+    return int(session.scalar(query) or 0)
+
+
 @dataclass(frozen=True, slots=True)
 class JobTotals:
     """Sums over the jobs of one ``(state, endpoint, error_type)``, every batch: what ``/metrics``
@@ -5361,8 +5432,9 @@ class JobTotals:
     wasted_usd: Decimal
 
 
-def job_totals(session: Session) -> list[JobTotals]:
-    """Every job's numbers, summed per ``(state, endpoint, error_type)`` in one pass over the table.
+def job_totals(session: Session, scope: MetricsScope | None = None) -> list[JobTotals]:
+    """Every job's numbers, summed per ``(state, endpoint, error_type)`` in one pass over the table
+    (or over the jobs of ``scope`` only: :class:`MetricsScope`).
 
     ``attempts``: submissions counted on the jobs (a request fal ended unstarted at a window's
     end and that was sent again counts once: ``Job.counted_attempts``); ``retries``: attempts
@@ -5394,6 +5466,7 @@ def job_totals(session: Session) -> list[JobTotals]:
                 ),
             )
             .join(Batch, Batch.id == Job.batch_id)
+            .where(*_metrics_terms(scope))
             .group_by(Job.state, Job.endpoint, Job.error_type)
         )
 
@@ -5412,7 +5485,9 @@ def job_totals(session: Session) -> list[JobTotals]:
             reserved_usd=row[10],
             wasted_usd=row[11],
         )
-        for row in session.execute(_prepared(("job_totals",), build))
+        for row in session.execute(
+            _prepared(("job_totals", *_metrics_key(scope)), build), _metrics_params(scope)
+        )
     ]
 
 
@@ -5504,25 +5579,40 @@ def _bucket(dialect: str, seconds: ColumnElement[Any], bounds: Sequence[float]) 
     return case(*((seconds <= bound, index) for index, bound in enumerate(bounds)), else_=len(bounds))
 
 
-def duration_histogram(session: Session, name: str, bounds: Sequence[float]) -> tuple[list[int], float]:
-    """Jobs per bucket of the duration ``name`` (a key of :data:`DURATIONS`) and the durations' sum.
-
-    ``counts[i]`` jobs took at most ``bounds[i]`` seconds and more than the bound before it (not
-    cumulative); the last entry counts those beyond every bound. One ``GROUP BY`` over the jobs:
-    the database returns a row per bucket, never a row per job. Negative durations (clocks
-    that stepped back) are left out.
-    """
+def duration_buckets(
+    session: Session, name: str, bounds: Sequence[float], scope: MetricsScope | None = None
+) -> list[tuple[int, int, float]]:
+    """``(bucket index, jobs, sum of their durations)`` per non-empty bucket of the duration
+    ``name`` (a key of :data:`DURATIONS`; the index as :func:`duration_histogram` counts them),
+    over every job or the jobs of ``scope`` (:class:`MetricsScope`). One ``GROUP BY``: the
+    database returns a row per bucket, never a row per job. Negative durations (clocks that
+    stepped back) are left out."""
     dialect = session.get_bind().dialect.name
     seconds = DURATIONS[name](dialect)
     bucket = _bucket(dialect, seconds, bounds)
     query = (
         select(bucket.label("bucket"), func.count(), func.sum(seconds))
-        .where(seconds.is_not(None), seconds >= 0)
+        .where(seconds.is_not(None), seconds >= 0, *_metrics_terms(scope))
         .group_by(literal_column("bucket"))
     )
+    return [
+        (int(index), int(n), float(seconds_sum or 0.0))
+        for index, n, seconds_sum in session.execute(query, _metrics_params(scope))
+    ]
+
+
+def duration_histogram(
+    session: Session, name: str, bounds: Sequence[float], scope: MetricsScope | None = None
+) -> tuple[list[int], float]:
+    """Jobs per bucket of the duration ``name`` (a key of :data:`DURATIONS`) and the durations' sum
+    (of the jobs of ``scope`` only, when given: :class:`MetricsScope`).
+
+    ``counts[i]`` jobs took at most ``bounds[i]`` seconds and more than the bound before it (not
+    cumulative); the last entry counts those beyond every bound (:func:`duration_buckets`).
+    """
     counts = [0] * (len(bounds) + 1)
     total = 0.0
-    for index, n, seconds_sum in session.execute(query):
-        counts[int(index)] += int(n)
-        total += float(seconds_sum or 0.0)
+    for index, n, seconds_sum in duration_buckets(session, name, bounds, scope):
+        counts[index] += n
+        total += seconds_sum
     return counts, total

@@ -3,7 +3,9 @@
 Two sources, one page:
 
 * :class:`DatabaseCollector` reads the system of record when Prometheus scrapes
-  (:func:`jobs.metrics.snapshot`: a handful of aggregate queries, fast on 100,000 jobs) — jobs
+  (:func:`jobs.metrics.snapshot`: a handful of aggregate queries over the unfinished jobs and
+  those finished lately; the sums of the rest are kept between scrapes,
+  :class:`jobs.metrics.FinishedTotals`) — jobs
   by state, batches, submissions, retries, ambiguous submits, errors by type, duplicate
   charges, money, and duration histograms. Every deployment gets complete numbers this way,
   whichever processes did the work and however often they restarted. Several ``serve``
@@ -45,7 +47,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs import db
-from jobs.metrics import Snapshot, snapshot
+from jobs.metrics import FinishedTotals, Snapshot, snapshot
 from jobs.money import usd_json
 from jobs.settings import Settings
 from worker.telemetry import ProcessMetrics
@@ -69,6 +71,8 @@ class DatabaseCollector(Collector):
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        #: The sums of the jobs finished long ago, kept between scrapes (:class:`FinishedTotals`).
+        self.finished = FinishedTotals()
 
     def describe(self) -> Iterable[Metric]:
         """Nothing: registering must not query the database (and the names are not fixed ahead
@@ -78,8 +82,8 @@ class DatabaseCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
         try:
-            with db.read_scope(self.engine) as session:
-                snap = snapshot(session)
+            with db.read_scope(self.engine, snapshot=True) as session:
+                snap = snapshot(session, self.finished)
         except SQLAlchemyError as exc:
             reason = (str(exc).strip().splitlines() or [""])[0][:200]
             log.warning(
