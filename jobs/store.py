@@ -2928,7 +2928,6 @@ def cancel_unsent(
         "actual_billing_units": _ZERO_UNITS_IF_NEVER_SENT,
     }
     session.flush()  # pending ORM changes first: the statements below bypass the unit of work
-    conn = session.connection()
     #: How many moved, by kind (the keys of :class:`UnsentCancelled`).
     moved_by: dict[str, int] = {"never_sent": 0, "sent_before": 0, "outcome_unknown": 0}
 
@@ -2937,72 +2936,207 @@ def cancel_unsent(
 
     for state in UNSENT_STATES:
         unproven = {"ambiguous_usd": _POSSIBLY_BILLED_MORE} if state == JobState.SUBMIT_UNKNOWN else {}
-        moved = (
-            update(_JOBS)
-            .where(_JOBS.c.batch_id.in_(list(batch_ids)), _JOBS.c.state == state)
-            .values({**values, **unproven})
-            .returning(
-                _JOBS.c.id,
-                _JOBS.c.version,
-                _JOBS.c.batch_id,
-                _JOBS.c.submitted_at,
-                _JOBS.c.actual_usd,
-                _JOBS.c.ambiguous_usd,
-            )
-        )
-        if conn.dialect.name == "postgresql":
-            cte = moved.cte(f"moved_{state.value}")
-            events = select(
-                cte.c.id,
-                literal(now, _EVENTS.c.at.type),
-                literal(state, _EVENTS.c.from_state.type),
-                literal(JobState.CANCELLED, _EVENTS.c.to_state.type),
-                cte.c.version,
-                literal(reason, _EVENTS.c.reason.type),
-                literal(worker, _EVENTS.c.worker.type),
-            )
-            logged = insert(_EVENTS).from_select(list(_EVENT_COLUMNS), events).cte(f"logged_{state.value}")
-            # How many moved, and what earlier attempts of theirs were (or may have been) billed,
-            # by batch and last submit (a row per job ever sent; one per batch for those never sent).
-            per_batch = (
-                select(
-                    cte.c.batch_id,
-                    cte.c.submitted_at,
-                    func.count(),
-                    func.sum(cte.c.actual_usd),
-                    func.sum(cte.c.ambiguous_usd),
-                )
-                .group_by(cte.c.batch_id, cte.c.submitted_at)
-                .add_cte(logged)
-            )
-            for batch_id, submitted_at, n, billed, ambiguous in conn.execute(per_batch):
-                count(state, submitted_at, int(n))
-                _add_finished(
-                    session, batch_id, submitted_at, (billed or Decimal(0)) + (ambiguous or Decimal(0))
-                )
-            continue
-        rows = conn.execute(moved).all()
-        for r in rows:
-            count(state, r.submitted_at, 1)
-            _add_finished(session, r.batch_id, r.submitted_at, (r.actual_usd or Decimal(0)) + r.ambiguous_usd)
-        if rows:
-            conn.execute(
-                insert(_EVENTS),
-                [
-                    dict(
-                        zip(
-                            _EVENT_COLUMNS,
-                            (r.id, now, state, JobState.CANCELLED, r.version, reason, worker),
-                            strict=True,
-                        )
-                    )
-                    for r in rows
-                ],
-            )
+        where = [_JOBS.c.batch_id.in_(list(batch_ids)), _JOBS.c.state == state]
+        for submitted_at, n in _cancel_in_state(
+            session, state, where, {**values, **unproven}, reason=reason, worker=worker, now=now
+        ):
+            count(state, submitted_at, n)
     cancelled = UnsentCancelled(**moved_by)
     if cancelled.total:
         session.expire_all()  # Job objects already loaded in this session must not show the old state
     return cancelled
+
+
+def _cancel_in_state(
+    session: Session,
+    state: JobState,
+    where: Sequence[ColumnElement[bool]],
+    values: Mapping[str, Any],
+    *,
+    reason: str,
+    worker: str | None,
+    now: datetime,
+) -> list[tuple[datetime | None, int]]:
+    """Move the jobs in ``state`` that match ``where`` to ``cancelled`` in one UPDATE writing
+    ``values`` (:func:`cancel_unsent`, :func:`cancel_unsent_over`), each with its
+    :class:`JobEvent` (``reason``, ``worker``) in the same statement on PostgreSQL (a
+    data-modifying CTE), in one executemany on SQLite; their earlier attempts' money is counted
+    into the batch's finished totals (:func:`_add_finished`), as :func:`transition` counts a job
+    it ends. Returns how many moved per ``submitted_at`` (one entry per distinct value)."""
+    conn = session.connection()
+    moved = (
+        update(_JOBS)
+        .where(*where)
+        .values(dict(values))
+        .returning(
+            _JOBS.c.id,
+            _JOBS.c.version,
+            _JOBS.c.batch_id,
+            _JOBS.c.submitted_at,
+            _JOBS.c.actual_usd,
+            _JOBS.c.ambiguous_usd,
+        )
+    )
+    counted: list[tuple[datetime | None, int]] = []
+    if conn.dialect.name == "postgresql":
+        cte = moved.cte(f"moved_{state.value}")
+        events = select(
+            cte.c.id,
+            literal(now, _EVENTS.c.at.type),
+            literal(state, _EVENTS.c.from_state.type),
+            literal(JobState.CANCELLED, _EVENTS.c.to_state.type),
+            cte.c.version,
+            literal(reason, _EVENTS.c.reason.type),
+            literal(worker, _EVENTS.c.worker.type),
+        )
+        logged = insert(_EVENTS).from_select(list(_EVENT_COLUMNS), events).cte(f"logged_{state.value}")
+        # How many moved, and what earlier attempts of theirs were (or may have been) billed,
+        # by batch and last submit (a row per job ever sent; one per batch for those never sent).
+        per_batch = (
+            select(
+                cte.c.batch_id,
+                cte.c.submitted_at,
+                func.count(),
+                func.sum(cte.c.actual_usd),
+                func.sum(cte.c.ambiguous_usd),
+            )
+            .group_by(cte.c.batch_id, cte.c.submitted_at)
+            .add_cte(logged)
+        )
+        for batch_id, submitted_at, n, billed, ambiguous in conn.execute(per_batch):
+            counted.append((submitted_at, int(n)))
+            _add_finished(session, batch_id, submitted_at, (billed or Decimal(0)) + (ambiguous or Decimal(0)))
+        return counted
+    rows = conn.execute(moved).all()
+    for r in rows:
+        counted.append((r.submitted_at, 1))
+        _add_finished(session, r.batch_id, r.submitted_at, (r.actual_usd or Decimal(0)) + r.ambiguous_usd)
+    if rows:
+        conn.execute(
+            insert(_EVENTS),
+            [
+                dict(
+                    zip(
+                        _EVENT_COLUMNS,
+                        (r.id, now, state, JobState.CANCELLED, r.version, reason, worker),
+                        strict=True,
+                    )
+                )
+                for r in rows
+            ],
+        )
+    return counted
+
+
+#: How many distinct estimates one UPDATE of :func:`cancel_unsent_over` names in its ``CASE``
+#: (each a bound parameter, twice): a batch has a handful; a sweep of durations may have hundreds.
+_OVER_PRICES_PER_STATEMENT = 200
+
+
+def cancel_unsent_over(
+    session: Session,
+    batch_id: str,
+    *,
+    over_usd: Decimal,
+    error_for: Callable[[Decimal], str],
+    error_type: str,
+    reason: str,
+    worker: str | None,
+    now: datetime,
+    keep_reusable: bool,
+) -> int:
+    """Cancel, for good and set-based, every unsent job of ``batch_id`` that dispatch would
+    claim (``pending``/``retry_wait``, not leased to anyone now) whose estimate is above
+    ``over_usd``: the room a budget cap has left (README, "Budgets are never exceeded"). Each is
+    moved as :func:`mark_cancelled` moves a job a budget refused when dispatch claimed it: the
+    same fields (``error`` from ``error_for(est_usd)``, ``error_type``, ``finished_at``, the
+    lease let go, ``actual_usd`` 0 unless earlier attempts were billed), ``version + 1``, one
+    :class:`JobEvent` each (``reason``, ``worker``), and its earlier attempts' money into
+    :class:`BatchTotals`. Returns how many.
+
+    Left alone, for dispatch to decide one by one when it claims them: a job that may never be
+    sent — it reruns a job that left its paid video staged (:func:`staged_original`), or, with
+    ``keep_reusable`` (the batch's ``reuse_outputs``), a succeeded twin may give it its output
+    (:func:`find_reusable`; any twin keeps it here, the finer checks are dispatch's) — costs no
+    budget, and is never cancelled for one.
+
+    One UPDATE per state (per :data:`_OVER_PRICES_PER_STATEMENT` distinct estimates, whose
+    words differ), after one read of the estimates: a budget reached on a 50,000-job batch
+    used to end its jobs one dispatch round of ten at a time, for hours. Never commits.
+    """
+    twin = _JOBS.alias("twin")
+    original = _JOBS.alias("original")
+    key = func.coalesce(_JOBS.c.content_key, _JOBS.c.job_key)
+    unsent = [JobState.PENDING, JobState.RETRY_WAIT]
+    where: list[ColumnElement[bool]] = [
+        _JOBS.c.batch_id == batch_id,
+        _JOBS.c.est_usd > literal(over_usd, _JOBS.c.est_usd.type),
+        or_(
+            _JOBS.c.lease_expires_at.is_(None),
+            _JOBS.c.lease_expires_at <= literal(now, _JOBS.c.lease_expires_at.type),
+        ),
+        or_(
+            _JOBS.c.rerun_of.is_(None),
+            ~exists().where(
+                original.c.id == _JOBS.c.rerun_of,
+                original.c.state == JobState.FAILED,
+                original.c.error_type == OUTPUT_NOT_KEPT,
+            ),
+        ),
+    ]
+    if keep_reusable:
+        where.append(
+            ~exists().where(
+                or_(twin.c.job_key == key, twin.c.content_key == key),
+                twin.c.id != _JOBS.c.id,
+                twin.c.state == JobState.SUCCEEDED,
+                twin.c.output_path.is_not(None),
+            )
+        )
+    session.flush()  # pending ORM changes first: the statements below bypass the unit of work
+    conn = session.connection()
+    prices = sorted(
+        conn.execute(select(_JOBS.c.est_usd).where(_JOBS.c.state.in_(unsent), *where).distinct()).scalars()
+    )
+    if not prices:
+        return 0
+    money, text_type = _JOBS.c.est_usd.type, _JOBS.c.error.type
+    values: dict[str, Any] = {
+        "state": JobState.CANCELLED,
+        "version": _JOBS.c.version + 1,
+        "updated_at": now,
+        "finished_at": now,
+        "next_attempt_at": None,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "error_type": error_type,
+        "actual_usd": _ZERO_IF_NEVER_SENT,
+        "actual_billing_units": _ZERO_UNITS_IF_NEVER_SENT,
+    }
+    moved = 0
+    for start in range(0, len(prices), _OVER_PRICES_PER_STATEMENT):
+        chunk = prices[start : start + _OVER_PRICES_PER_STATEMENT]
+        error = case(
+            *[(_JOBS.c.est_usd == literal(p, money), literal(error_for(p), text_type)) for p in chunk],
+            else_=literal(error_for(chunk[-1]), text_type),  # never taken: every estimate is named
+        )
+        priced = _JOBS.c.est_usd.in_([literal(p, money) for p in chunk])
+        for state in unsent:
+            for _, n in _cancel_in_state(
+                session,
+                state,
+                [_JOBS.c.state == state, priced, *where],
+                {**values, "error": error},
+                reason=reason,
+                worker=worker,
+                now=now,
+            ):
+                moved += n
+    if moved:
+        for loaded in list(session.identity_map.values()):  # not the old state, if any is loaded
+            if isinstance(loaded, Job) and loaded.batch_id == batch_id:
+                session.expire(loaded)
+    return moved
 
 
 def _error_if_sent(error: str, sent_error: str) -> ColumnElement[str]:

@@ -128,6 +128,8 @@ class Conductor:
         self._stream_failures: dict[str, int] = {}
         self._reach: Reach | None = None  # the runtime's reach as of the last tick (_watch)
         self._broker_epoch: str | None = None  # the broker's run_id as last seen (_after_broker_restart)
+        #: ``rt.budget_cancelled`` as :meth:`_redispatch_at` last saw it.
+        self._budget_cancelled_seen = rt.budget_cancelled
         self._beat_lock = threading.Lock()
         self._next_beat = 0.0  # monotonic; 0: never beat
         self._next_watch = 0.0  # monotonic: when a process that does not lead reads the leader's limits
@@ -410,18 +412,32 @@ class Conductor:
                 self._watch(submitted)
             if dispatching:
                 self.stats.dispatched += len(sent)
-                # Jobs left waiting for the submit rate (or for downloads elsewhere to finish):
-                # look again shortly, not at the next tick.
+                if quiet and self.rt.budget_cancelled > self._budget_cancelled_seen:
+                    # A budget ended jobs: a batch is being wound down, no idle time
+                    quiet = 0
+                    next_tick = min(next_tick, time.monotonic() + interval)
+                    next_progress = min(next_progress, time.monotonic() + progress_every)
+                # Jobs left waiting for the submit rate (or for downloads elsewhere to finish),
+                # or a batch a budget is winding down: look again shortly, not at the next tick.
                 redispatch_at = self._redispatch_at()
 
     def _redispatch_at(self) -> float | None:
         """When to dispatch again after a round that left jobs waiting, without an event: when the
         submit rate has a token again (a 429's pause included), or shortly while the download
         backlog holds them (downloads that end in other processes announce nothing). None when
-        no job was left waiting."""
+        no job was left waiting.
+
+        Also shortly after rounds that cancelled jobs for a budget cap (since the last call):
+        those jobs were work done, nothing sent, and a batch's jobs that still wait there (left
+        to their claim: :func:`worker.steps.dispatch._end_what_cannot_fit`) are decided round
+        after round, not one round per idle tick (eight tick intervals)."""
+        wound_down = self.rt.budget_cancelled > self._budget_cancelled_seen
+        self._budget_cancelled_seen = self.rt.budget_cancelled
         bucket = self.rt.bucket
         if bucket is not None and bucket.short:
             return time.monotonic() + max(REDISPATCH_SECONDS, bucket.until_next())
+        if wound_down:
+            return time.monotonic() + REDISPATCH_SECONDS
         if self.rt.downloads_held:
             return time.monotonic() + BACKLOG_RECHECK_SECONDS
         return None
@@ -460,7 +476,14 @@ class Conductor:
         self.stats.dispatched += report.dispatched
         if self.watcher is not None and not stopping.is_set():
             self._watch(set())
-        did = report.webhooks + report.reconciled + report.status_calls + report.dispatched + report.downloads
+        did = (
+            report.webhooks
+            + report.reconciled
+            + report.status_calls
+            + report.dispatched
+            + report.budget_cancelled
+            + report.downloads
+        )
         streams = self.watcher.watching() if self.watcher is not None else frozenset()
         return did == 0 and self.rt.nothing_in_flight and not streams
 

@@ -246,6 +246,10 @@ class Runtime:
     #: count: :meth:`cap_scope`): with nothing dispatched either, a tick had nothing to look after, and the
     #: conductor lets the next one come later (:func:`worker.conductor.idle_interval`).
     nothing_in_flight: bool = False
+    #: How many jobs dispatch rounds of this runtime have cancelled for a budget cap so far (a
+    #: counter that only grows): work done, though nothing was sent — the tick that did it is
+    #: not idle, and the conductor dispatches again at once while a batch is being wound down.
+    budget_cancelled: int = 0
     #: Called in the submit step's thread the moment fal's acceptance is recorded, with the
     #: request's handle: a conductor in this process starts following it without a read.
     on_accepted: Callable[[str, RequestHandle], None] | None = None

@@ -9,6 +9,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -85,6 +86,9 @@ class Dispatched:
     tickets: list[SubmitTicket] = field(default_factory=list)
     #: Submit-rate tokens taken but not used (claimed fewer jobs than granted).
     unused: int = 0
+    #: Jobs a budget cap ended (``cancelled``) in the round: those it claimed, and every other
+    #: unsent job of their batches that cannot fit either (:func:`_end_what_cannot_fit`).
+    cancelled: int = 0
     #: Jobs let go (pending, due at once) until these twins' outputs are read, per job in the
     #: order it would take them (:func:`_reuse`); :meth:`hand_on` reads them.
     unverified: list[list[Candidate]] = field(default_factory=list)
@@ -95,6 +99,7 @@ class Dispatched:
         round (:func:`dispatch`) for the jobs that wait for them."""
         if self.unused > 0 and rt.bucket is not None:
             rt.bucket.tokens += self.unused
+        rt.budget_cancelled += self.cancelled
         if rt.submit_tickets is not None:  # committed: the submits may start from what was read
             for ticket in self.tickets:
                 rt.submit_tickets[ticket.fence.job_id] = ticket
@@ -155,6 +160,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     done.unused = free
     committed = _Committed(session, batches, now, rt.settings.daily_budget_usd)
     paused: set[str] = set()  # batches a failed reuse check paused in this round: send none of them
+    refused: set[str] = set()  # batches a budget cap refused a job of in this round
     for job in jobs:
         if job.batch_id in paused:
             continue  # claimed, but left as it was (pending): due again once the batch resumes
@@ -172,7 +178,9 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
         refusal = _budget_refusal(committed, job)
         if refusal is not None:
             error, kind = refusal
-            store.mark_cancelled(session, rt.fence(job), reason="budget", error=error, error_type=kind)
+            if store.mark_cancelled(session, rt.fence(job), reason="budget", error=error, error_type=kind):
+                done.cancelled += 1
+            refused.add(job.batch_id)
             continue
         fence, attempt = rt.fence(job), job.attempts + 1
         moved = store.mark_submitting(
@@ -185,6 +193,8 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
             if rt.submit_tickets is not None:
                 ticket = SubmitTicket.of(fence.moved(S.SUBMITTING), job, batches.get(job.batch_id), attempt)
                 done.tickets.append(ticket)
+    for batch_id in sorted(refused - paused):
+        done.cancelled += _end_what_cannot_fit(session, rt, committed, batches.get(batch_id), now)
     if done.unused > 0:  # the shared bucket's too (the local one gets them in hand_on)
         store.return_submit_tokens(session, key_id, done.unused, capacity=rt.bucket.capacity)
     return done
@@ -649,19 +659,83 @@ def _budget_refusal(committed: _Committed, job: JobRecord) -> tuple[str, str] | 
     """
     cap, batch_committed = committed.batch(job.batch_id)
     if cap is not None and batch_committed + job.est_usd > cap:
-        return (
-            f"budget: submitting would commit {usd_text(batch_committed + job.est_usd)} "
-            f"of the batch's {usd_text(cap)} cap"
-        ), BATCH_CAP_ERROR
+        return _batch_cap_error(batch_committed, cap, job.est_usd), BATCH_CAP_ERROR
     daily_cap = committed.daily_cap
     if daily_cap is not None and committed.counts_today(job.batch_id):
         today = committed.today()
         if today + job.est_usd > daily_cap:
-            return (
-                f"budget: submitting would commit {usd_text(today + job.est_usd)} of today's "
-                f"{usd_text(daily_cap)} cap (WANBATCH_DAILY_BUDGET_USD)"
-            ), DAILY_CAP_ERROR
+            return _daily_cap_error(today, daily_cap, job.est_usd), DAILY_CAP_ERROR
     return None
+
+
+def _batch_cap_error(batch_committed: Decimal, cap: Decimal, est_usd: Decimal) -> str:
+    """The ``error`` of a job its batch's cap refused (:data:`~jobs.money.BATCH_CAP_ERROR`)."""
+    return (
+        f"budget: submitting would commit {usd_text(batch_committed + est_usd)} "
+        f"of the batch's {usd_text(cap)} cap"
+    )
+
+
+def _daily_cap_error(today: Decimal, daily_cap: Decimal, est_usd: Decimal) -> str:
+    """The ``error`` of a job the day's cap refused (:data:`~jobs.money.DAILY_CAP_ERROR`)."""
+    return (
+        f"budget: submitting would commit {usd_text(today + est_usd)} of today's "
+        f"{usd_text(daily_cap)} cap (WANBATCH_DAILY_BUDGET_USD)"
+    )
+
+
+def _end_what_cannot_fit(
+    session: Session, rt: Runtime, committed: _Committed, batch: BatchRecord, now: datetime
+) -> int:
+    """A budget cap refused a job of ``batch`` in this round: end, set-based, every other unsent
+    job of it that cannot fit either — what :func:`_budget_refusal` would say of each, were it
+    claimed now, at the end of the round (what is committed only grows within it). Returns how
+    many it cancelled.
+
+    Claimed one round at a time (as many as the outstanding cap has room for, ten by default)
+    and the tick idle meanwhile, a batch's unsent jobs took hours to end once its cap was
+    reached (50,000 jobs: about six). Exactly the jobs that would be refused are ended, with the
+    same words: the batch's cap first (its estimate above the room its cap has left), then the
+    day's; a cheaper job that still fits stays ``pending`` and is sent as usual. A job that may
+    be given an output without being sent (a twin's, or a staged video) is left to its claim
+    (:func:`jobs.store.cancel_unsent_over`).
+    """
+    ended = 0
+    common: dict[str, Any] = {
+        "reason": "budget",
+        "worker": rt.owner,
+        "now": now,
+        "keep_reusable": batch.reuse_outputs,
+    }
+    cap, batch_committed = committed.batch(batch.id)
+    if cap is not None:
+        ended += store.cancel_unsent_over(
+            session,
+            batch.id,
+            over_usd=cap - batch_committed,
+            error_for=partial(_batch_cap_error, batch_committed, cap),
+            error_type=BATCH_CAP_ERROR,
+            **common,
+        )
+    daily_cap = committed.daily_cap
+    if daily_cap is not None and committed.counts_today(batch.id):
+        today = committed.today()
+        ended += store.cancel_unsent_over(
+            session,
+            batch.id,
+            over_usd=daily_cap - today,
+            error_for=partial(_daily_cap_error, today, daily_cap),
+            error_type=DAILY_CAP_ERROR,
+            **common,
+        )
+    if ended:
+        log.info(
+            "batch %s: %d unsent job(s) cannot fit its budget: cancelled",
+            batch.id,
+            ended,
+            extra={"event": "dispatch.budget_cancelled", "batch_id": batch.id},
+        )
+    return ended
 
 
 def states_at_provider() -> list[JobState]:

@@ -26,6 +26,8 @@ class TickReport:
     reconciled: int = 0
     status_calls: int = 0
     dispatched: int = 0
+    #: Jobs its dispatch cancelled for a budget cap (nothing sent, yet work: the tick was not idle).
+    budget_cancelled: int = 0
     downloads: int = 0
 
 
@@ -51,7 +53,9 @@ def tick(
     if go_on():
         report.status_calls = poll(rt, exclude=exclude)
     if go_on():
+        before = rt.budget_cancelled
         report.dispatched = len(dispatch(rt))
+        report.budget_cancelled = rt.budget_cancelled - before
     if go_on():
         report.downloads = len(schedule_downloads(rt))
     return report
