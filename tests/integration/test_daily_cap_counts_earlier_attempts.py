@@ -10,6 +10,7 @@ sums now count a job by one definition (:func:`jobs.store.committed_usd`).
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 
 from sqlalchemy import Engine
@@ -132,3 +133,29 @@ def test_in_one_round_a_resent_job_keeps_its_bill_in_the_day(engine: Engine) -> 
     job = _job(engine, other)
     assert (job.state, job.error_type) == (S.CANCELLED, DAILY_CAP_ERROR)
     assert _today(engine) == (Decimal("0.50"), Decimal("0.50"))
+
+
+def test_a_job_billed_on_an_earlier_day_is_refused_when_its_bill_and_estimate_cross_the_days_cap(
+    engine: Engine,
+) -> None:
+    """The day counts a job at fal by the day it was last sent, its earlier bills with it: one
+    billed yesterday and sent again today adds both to today. The refusal checks that whole
+    amount, so sending it never takes today's committed sum past the cap (it checked the
+    estimate alone: $0.25 of $0.40 fitted, and the day then stood at $0.50)."""
+    settings = settings_for("http://127.0.0.1:9", KEY, max_outstanding=10, daily_budget_usd=Decimal("0.40"))
+    resent = add_batch(engine, "billed-yesterday", [WAN], est_usd=Decimal("0.25"))
+    _billed_and_back(engine, resent)
+    with db.session_scope(engine) as session:  # that attempt was sent (and billed) yesterday
+        job = session.get(Job, _job(engine, resent).id)
+        assert job is not None
+        assert job.submitted_at is not None
+        job.submitted_at -= timedelta(days=1)
+    assert _today(engine) == (Decimal(0), Decimal(0))
+
+    assert dispatch(make_runtime(engine, settings, batch_ids=frozenset({resent}))) == []
+    job = _job(engine, resent)
+    assert (job.state, job.error_type) == (S.CANCELLED, DAILY_CAP_ERROR)
+    assert job.error == (
+        "budget: submitting would commit $0.50 of today's $0.40 cap (WANBATCH_DAILY_BUDGET_USD)"
+    )
+    assert _today(engine)[0] <= Decimal("0.40")

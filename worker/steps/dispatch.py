@@ -644,9 +644,15 @@ class _Committed:
             cap, committed = self._batches[job.batch_id]
             self._batches[job.batch_id] = (cap, committed + job.est_usd)
         if self._today is not None and self.counts_today(job.batch_id):
-            billed_today = job.submitted_at is not None and job.submitted_at >= self.since
-            earlier = (job.actual_usd or Decimal(0)) + (job.ambiguous_usd or Decimal(0))
-            self._today += job.est_usd + (Decimal(0) if billed_today else earlier)
+            self._today += self.adds_today(job)
+
+    def adds_today(self, job: JobRecord) -> Decimal:
+        """What sending ``job`` adds to the day's committed sum: its estimate, and what its
+        earlier attempts were (or may have been) billed unless the day counts that already
+        (it was last sent today)."""
+        billed_today = job.submitted_at is not None and job.submitted_at >= self.since
+        earlier = (job.actual_usd or Decimal(0)) + (job.ambiguous_usd or Decimal(0))
+        return job.est_usd + (Decimal(0) if billed_today else earlier)
 
 
 def _budget_refusal(committed: _Committed, job: JobRecord) -> tuple[str, str] | None:
@@ -655,16 +661,18 @@ def _budget_refusal(committed: _Committed, job: JobRecord) -> tuple[str, str] | 
     else None.
 
     Checked in the claim's transaction, one round at a time: what is committed (spent +
-    the estimates of everything in flight) plus this job's estimate must stay within the cap.
+    the estimates of everything in flight) plus what sending this job adds must stay within
+    the cap (for the day, :meth:`_Committed.adds_today`: a job billed on an earlier day counts
+    that bill again today once it is sent).
     """
     cap, batch_committed = committed.batch(job.batch_id)
     if cap is not None and batch_committed + job.est_usd > cap:
         return _batch_cap_error(batch_committed, cap, job.est_usd), BATCH_CAP_ERROR
     daily_cap = committed.daily_cap
     if daily_cap is not None and committed.counts_today(job.batch_id):
-        today = committed.today()
-        if today + job.est_usd > daily_cap:
-            return _daily_cap_error(today, daily_cap, job.est_usd), DAILY_CAP_ERROR
+        today, adds = committed.today(), committed.adds_today(job)
+        if today + adds > daily_cap:
+            return _daily_cap_error(today, daily_cap, adds), DAILY_CAP_ERROR
     return None
 
 
