@@ -32,6 +32,7 @@ from cli.output import (
     cost_rounding_note,
     cost_table,
     emit_json,
+    emit_json_list,
     err,
     escape,
     fail,
@@ -364,21 +365,26 @@ def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
     def action() -> int:
         from cli.output import diff_table
         from jobs import db
-        from jobs.diff import diff_batches
+        from jobs.diff import diff_batches, varied_of
         from jobs.settings import get_settings
 
+        # A reused output's "same" is one render, not a reproduction: listed, and said below.
+        shown: list[Pair] = []
+        varied: dict[str, dict[str, Any]] = {}
         with db.session_scope(db.open_engine(get_settings())) as session:
             result = diff_batches(session, batch_a, batch_b)
+            if not as_json:
+                shown = [p for p in result.pairs if p.outcome != "same" or p.reused]
+                # The input fields that tell an item's jobs apart, of the rows shown only.
+                varied = varied_of(session, result, shown[:DIFF_ROWS]) if shown else {}
         code = EXIT_OK if result.identical else EXIT_SOME_FAILED
         if (mixed := result.simulated_note()) is not None:  # with --json too: stderr is free
             err.print(f"[yellow]warning[/yellow] {escape(mixed)}")
-        if as_json:
-            emit_json(result.as_dict())
+        if as_json:  # the jobs written one at a time: never the whole list in memory
+            emit_json_list(result.summary(), "jobs", result.job_dicts())
             return code
-        # A reused output's "same" is one render, not a reproduction: listed, and said below.
-        shown = [p for p in result.pairs if p.outcome != "same" or p.reused]
         if shown:
-            labels = _diff_labels(result.varied(), shown[:DIFF_ROWS])
+            labels = _diff_labels(varied, shown[:DIFF_ROWS])
             out.print(diff_table([_diff_row(pair, labels) for pair in shown[:DIFF_ROWS]]))
             if len(shown) > DIFF_ROWS:
                 out.print(f"… and {len(shown) - DIFF_ROWS} more (`--json` lists every job)")

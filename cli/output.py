@@ -286,10 +286,38 @@ def json_document(obj: Mapping[str, object]) -> str:
 
 def emit_json(obj: Mapping[str, object]) -> None:
     """Print one JSON object on stdout (the contract's ``--json`` output): the one place a
-    ``--json`` object is written (:func:`json_document`)."""
+    ``--json`` object is written (:func:`json_document`), with :func:`emit_json_list` for one
+    that ends in a long list."""
     text = json_document(obj) + "\n"
     _json_written.set()
     sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+#: Items :func:`emit_json_list` writes at a time.
+JSON_LIST_CHUNK = 200
+
+
+def emit_json_list(head: Mapping[str, object], key: str, items: Iterable[Mapping[str, object]]) -> None:
+    """:func:`emit_json` of ``{**head, key: list(items)}`` (``key`` last), byte for byte, with
+    the list written a few items at a time: a list of every job of two batches is never held
+    whole. Each item is one :func:`json_document` (a non-finite number in one is its text, as
+    in the whole object); ``head`` must not have ``key``."""
+    assert key not in head
+    opening = json_document({**head, key: []})
+    assert opening.endswith("[]}")
+    _json_written.set()
+    sys.stdout.write(opening[:-2])
+    chunk: list[str] = []
+    separator = ""
+    for item in items:
+        chunk.append(separator + json_document(item))
+        separator = ", "
+        if len(chunk) >= JSON_LIST_CHUNK:
+            sys.stdout.write("".join(chunk))
+            chunk.clear()
+    chunk.append("]}\n")
+    sys.stdout.write("".join(chunk))
     sys.stdout.flush()
 
 

@@ -56,9 +56,12 @@ Pure over the store: it reads the two batches and writes nothing.
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+import hashlib
+import sys
+from collections import defaultdict
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -66,7 +69,7 @@ from jobs import store
 from jobs.endpoints import get_endpoint
 from jobs.errors import UsageError
 from jobs.manifest import canonical_json, stored_keyed_input, with_defaults
-from jobs.models import Batch, Job
+from jobs.models import Batch
 from jobs.money import usd_json
 
 Outcome = Literal["same", "different", "only_a", "only_b"]
@@ -74,6 +77,9 @@ MatchedBy = Literal["job_key", "input", "origin", "item"]
 #: When the fourth pass (item and variant) runs: always (``True``), never (``False``), or
 #: ``"if_shared"``, only when the first three paired at least one job (see :func:`_places_rule`).
 ByPlace = bool | Literal["if_shared"]
+_K = TypeVar("_K")
+#: The input of a side read from the store: not kept (:meth:`JobSide.of`). Never mutated.
+_NO_INPUT: dict[str, Any] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +99,7 @@ class JobSide:
     video_sha256: str | None
     cost_usd: float | None
     #: Endpoint and input without the seed, defaults filled in, media by their bytes' SHA-256, as
-    #: canonical JSON: the second pass.
+    #: canonical JSON (read from the store: that text's SHA-256): the second pass.
     unseeded: str
     #: The parent batch's job this one repeats (a rerun's), else None: the third pass.
     rerun_of: str | None = None
@@ -101,6 +107,7 @@ class JobSide:
     #: never sent, which fal returned none for.
     pinned_seed: int | None = None
     #: The stored input (validated, or resolved for a rerun): what tells an item's jobs apart.
+    #: Empty for a side read from the store (:meth:`of`), which keeps no input: :func:`varied_of`.
     input: dict[str, Any] = field(default_factory=dict, compare=False)
     #: ``reuse_outputs``: the job whose output this one took instead of being sent, else None.
     reused_from: str | None = None
@@ -120,24 +127,28 @@ class JobSide:
         return self.seed if self.seed is not None else self.pinned_seed
 
     @classmethod
-    def of(cls, job: Job) -> JobSide:
-        prompt = job.actual_prompt if job.actual_prompt is not None else job.input.get("prompt")
+    def of(cls, row: store.DiffRow) -> JobSide:
+        """The side of the job ``row``: its input is read here (the second pass's key, the
+        pinned seed, the prompt) and not kept (:meth:`BatchDiff.varied` reads it again for the
+        rows a table shows, :func:`varied_of`), nor is any other JSON column."""
+        given = row.input if isinstance(row.input, dict) else {}
+        prompt = row.actual_prompt if row.actual_prompt is not None else given.get("prompt")
         return cls(
-            job_id=job.id,
-            job_key=job.job_key,
-            item_index=job.item_index,
-            variant=job.variant,
-            endpoint=job.endpoint,
-            status=job.state.value,
-            seed=None if job.seed is None else int(job.seed),
+            job_id=row.id,
+            job_key=row.job_key,
+            item_index=row.item_index,
+            variant=row.variant,
+            endpoint=sys.intern(row.endpoint),
+            status=sys.intern(row.state.value),
+            seed=None if row.seed is None else int(row.seed),
             prompt=prompt if isinstance(prompt, str) else None,
-            video_sha256=job.output_sha256,
-            cost_usd=usd_json(job.actual_usd),
-            unseeded=_unseeded(job),
-            rerun_of=job.rerun_of,
-            pinned_seed=_pinned(job.input.get("seed")),
-            input=dict(job.input),
-            reused_from=job.reused_from,
+            video_sha256=row.output_sha256,
+            cost_usd=usd_json(row.actual_usd),
+            unseeded=_unseeded(row.endpoint, given, row.source_files),
+            rerun_of=row.rerun_of,
+            pinned_seed=_pinned(given.get("seed")),
+            input=_NO_INPUT,
+            reused_from=row.reused_from,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -157,17 +168,18 @@ class JobSide:
         }
 
 
-def _unseeded(job: Job) -> str:
+def _unseeded(endpoint: str, given: dict[str, Any], sources: dict[str, Any] | None) -> str:
     """The second pass's key: endpoint and input without the seed, defaults filled in, each
     image or audio by the SHA-256 of its bytes as the job key has it (a file and a data URI of
-    the same image are one value; :func:`stored_keyed_input`)."""
-    filled = with_defaults(job.endpoint, job.input)
+    the same image are one value; :func:`stored_keyed_input`); as the SHA-256 of that text, so
+    that a job's whole input (a long prompt, an inline image) is not kept for it."""
+    filled = with_defaults(endpoint, given)
     try:
-        keyed = stored_keyed_input(get_endpoint(job.endpoint), filled, job.source_files)
+        keyed = stored_keyed_input(get_endpoint(endpoint), filled, sources)
     except UsageError:  # an endpoint the registry no longer has: its input as stored
         keyed = filled
     rest = {k: v for k, v in keyed.items() if k != "seed"}
-    return job.endpoint + "\n" + canonical_json(rest)
+    return hashlib.sha256((endpoint + "\n" + canonical_json(rest)).encode()).hexdigest()
 
 
 def _pinned(value: object) -> int | None:
@@ -305,26 +317,20 @@ class BatchDiff:
         between the jobs of its item within its batch, with this job's values, the endpoint's
         defaults filled in: ``{"resolution": "720p"}`` for a matrix over resolutions. A field
         that varies in either batch is named for both sides of the item. Empty for an item of one
-        job, or whose jobs differ only by seed."""
-        groups: dict[tuple[str, int], list[JobSide]] = defaultdict(list)
-        for pair in self.pairs:
-            for which, side in (("a", pair.a), ("b", pair.b)):
-                if side is not None:
-                    groups[which, side.item_index].append(side)
-        keys: dict[int, set[str]] = defaultdict(set)
-        for (_, item), sides in groups.items():
-            inputs = [side.filled_input() for side in sides]
-            names = {name for values in inputs for name in values} - {"seed"}
-            keys[item] |= {
-                name for name in names if len({canonical_json(values.get(name)) for values in inputs}) > 1
-            }
-        return {
-            side.job_id: {name: side.filled_input().get(name) for name in sorted(keys[item])}
-            for (_, item), sides in groups.items()
-            for side in sides
-        }
+        job, or whose jobs differ only by seed.
 
-    def as_dict(self) -> dict[str, Any]:
+        From the sides' own inputs: for sides made by hand. Sides read from the store keep none
+        (:meth:`JobSide.of`): :func:`varied_of` reads them for the rows shown."""
+        return _varied(
+            (which, side.item_index, side.job_id, side.endpoint, side.input)
+            for pair in self.pairs
+            for which, side in (("a", pair.a), ("b", pair.b))
+            if side is not None
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """:meth:`as_dict` without its ``jobs`` (its last field): what ``diff --json`` writes
+        before the jobs, which it writes one at a time (:meth:`job_dicts`)."""
         return {
             "batch_a": self.batch_a,
             "batch_b": self.batch_b,
@@ -335,8 +341,62 @@ class BatchDiff:
             "only_a": self.count("only_a"),
             "only_b": self.count("only_b"),
             "reused": self.reused,
-            "jobs": [p.as_dict() for p in self.pairs],
         }
+
+    def job_dicts(self) -> Iterator[dict[str, Any]]:
+        """``as_dict()["jobs"]``, one job at a time."""
+        return (p.as_dict() for p in self.pairs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.summary(), "jobs": list(self.job_dicts())}
+
+
+def _varied(
+    sides: Iterable[tuple[str, int, str, str, dict[str, Any]]], wanted: Collection[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """:meth:`BatchDiff.varied` of ``sides`` (``(which batch, item, job id, endpoint, input)``,
+    each job of the items once per side), for the jobs ``wanted`` (None: every one). Streamed:
+    of each item it keeps the first job's values and which fields differed, and only the inputs
+    of the jobs wanted."""
+    first: dict[tuple[str, int], dict[str, str]] = {}  # (side, item) → field → its first value
+    varying: dict[int, set[str]] = defaultdict(set)  # item → fields that vary in either side
+    kept: dict[str, tuple[int, dict[str, Any]]] = {}  # job id → item, filled input
+    for which, item, job_id, endpoint, given in sides:
+        filled = with_defaults(endpoint, given)
+        values = {name: canonical_json(value) for name, value in filled.items() if name != "seed"}
+        seen = first.get((which, item))
+        if seen is None:
+            first[which, item] = values
+        else:
+            for name, text in values.items():
+                if seen.setdefault(name, "null") != text:  # jobs before it had none: null
+                    varying[item].add(name)
+            varying[item].update(n for n, text in seen.items() if n not in values and text != "null")
+        if wanted is None or job_id in wanted:
+            kept[job_id] = (item, filled)
+    return {
+        job_id: {name: filled.get(name) for name in sorted(varying[item])}
+        for job_id, (item, filled) in kept.items()
+    }
+
+
+def varied_of(session: Session, diff: BatchDiff, pairs: Iterable[Pair]) -> dict[str, dict[str, Any]]:
+    """:meth:`BatchDiff.varied` for the jobs of ``pairs`` (the rows a table shows), of a diff
+    read from the store (:func:`diff_batches`), whose sides keep no input: the inputs of their
+    items' jobs are read again, streamed, and only the shown jobs' kept."""
+    wanted: set[str] = set()
+    items: set[int] = set()
+    for pair in pairs:
+        for side in (pair.a, pair.b):
+            if side is not None:
+                wanted.add(side.job_id)
+                items.add(side.item_index)
+    sides = (
+        (which, item, job_id, endpoint, given if isinstance(given, dict) else {})
+        for which, batch in (("a", diff.batch_a["batch"]), ("b", diff.batch_b["batch"]))
+        for job_id, item, endpoint, given in store.item_inputs_of_batch(session, batch, items)
+    )
+    return _varied(sides, wanted)
 
 
 def match(a_jobs: list[JobSide], b_jobs: list[JobSide], *, by_place: ByPlace = True) -> list[Pair]:
@@ -355,30 +415,30 @@ def match(a_jobs: list[JobSide], b_jobs: list[JobSide], *, by_place: ByPlace = T
         if other is not None:
             matched[job.job_id] = (other, "job_key")
             taken.add(other.job_id)
-    by_input: dict[str, deque[JobSide]] = defaultdict(deque)
-    for other in b_jobs:
-        if other.job_id not in taken:
-            by_input[other.unseeded].append(other)
+    del by_key
+    by_input = _queues((other.unseeded, other) for other in b_jobs if other.job_id not in taken)
     for job in a_jobs:
-        if job.job_id not in matched and by_input[job.unseeded]:
-            other = by_input[job.unseeded].popleft()
+        if job.job_id not in matched and (queue := by_input.get(job.unseeded)):
+            other = queue.pop()
             matched[job.job_id] = (other, "input")
             taken.add(other.job_id)
+    del by_input
     _pair_by_origin(a_jobs, b_jobs, matched, taken)
     if by_place == "if_shared":
         by_place = bool(matched)
     a_ids = {job.job_id for job in a_jobs}
     b_ids = {job.job_id for job in b_jobs}
-    places: dict[tuple[int, int, str], deque[JobSide]] = defaultdict(deque)
-    for other in b_jobs:
-        if by_place and other.job_id not in taken and other.rerun_of not in a_ids:
-            places[other.item_index, other.variant, other.endpoint].append(other)
+    places = _queues(
+        ((other.item_index, other.variant, other.endpoint), other)
+        for other in b_jobs
+        if by_place and other.job_id not in taken and other.rerun_of not in a_ids
+    )
     for job in a_jobs:
         if job.rerun_of in b_ids:
             continue  # a rerun's job whose original is in B: its place was renumbered
         place = (job.item_index, job.variant, job.endpoint)
-        if job.job_id not in matched and places[place]:
-            other = places[place].popleft()
+        if job.job_id not in matched and (queue := places.get(place)):
+            other = queue.pop()
             matched[job.job_id] = (other, "item")
             taken.add(other.job_id)
     pairs = [
@@ -386,6 +446,18 @@ def match(a_jobs: list[JobSide], b_jobs: list[JobSide], *, by_place: ByPlace = T
     ]
     pairs.extend(Pair(None, other, None) for other in b_jobs if other.job_id not in taken)
     return pairs
+
+
+def _queues(entries: Iterable[tuple[_K, JobSide]]) -> dict[_K, list[JobSide]]:
+    """Jobs by a key, each key's in reverse order: ``pop()`` takes the first one left. A list,
+    not a deque (a deque allocates a block of 64 slots: 600 bytes for a key of one job), and
+    only for the keys there are (looking one up adds none)."""
+    queues: dict[_K, list[JobSide]] = {}
+    for key, job in entries:
+        queues.setdefault(key, []).append(job)
+    for queue in queues.values():
+        queue.reverse()
+    return queues
 
 
 def _pair_by_origin(
@@ -396,16 +468,15 @@ def _pair_by_origin(
 ) -> None:
     """The third pass: an original left over with the first of its repeats left over, whichever
     side the rerun is on (``matched`` and ``taken`` are updated)."""
-    repeats: dict[str, deque[JobSide]] = defaultdict(deque)  # A's job id → B's repeats of it
-    for other in b_jobs:
-        if other.job_id not in taken and other.rerun_of is not None:
-            repeats[other.rerun_of].append(other)
-    originals = {other.job_id: other for other in b_jobs if other.job_id not in taken}
+    left = [other for other in b_jobs if other.job_id not in taken]
+    repeats = _queues((other.rerun_of, other) for other in left if other.rerun_of is not None)  # A's id → B's
+    originals = {other.job_id: other for other in left}
+    del left
     for job in a_jobs:
         if job.job_id in matched:
             continue
-        if repeats[job.job_id]:
-            other = repeats[job.job_id].popleft()
+        if queue := repeats.get(job.job_id):
+            other = queue.pop()
         elif job.rerun_of is not None and job.rerun_of in originals:
             other = originals.pop(job.rerun_of)
         else:
@@ -420,8 +491,11 @@ def diff_batches(session: Session, ref_a: str, ref_b: str) -> BatchDiff:
     """Compare the batches ``ref_a`` and ``ref_b`` (id, id prefix or name; NotFoundError if not)."""
     batch_a = store.get_batch(session, ref_a)
     batch_b = store.get_batch(session, ref_b)
-    a_jobs = [JobSide.of(job) for job in store.jobs_of_batch(session, batch_a.id)]
-    b_jobs = [JobSide.of(job) for job in store.jobs_of_batch(session, batch_b.id)]
+    # The columns compared, one small record per job: no ORM row, no input kept.
+    a_jobs = [JobSide.of(row) for row in store.diff_rows_of_batch(session, batch_a.id)]
+    b_jobs = a_jobs  # a batch compared with itself: read once
+    if batch_b.id != batch_a.id:
+        b_jobs = [JobSide.of(row) for row in store.diff_rows_of_batch(session, batch_b.id)]
     by_place = _places_rule(session, batch_a, batch_b)
     return BatchDiff(_named(batch_a), _named(batch_b), match(a_jobs, b_jobs, by_place=by_place))
 

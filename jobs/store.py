@@ -105,6 +105,7 @@ __all__ = [
     "BatchMoney",
     "CapHolder",
     "CapScope",
+    "DiffRow",
     "DuplicateNote",
     "FailureGroup",
     "FalHoldRow",
@@ -158,6 +159,7 @@ __all__ = [
     "counts_by_state",
     "defer_delivery",
     "delivery_counts",
+    "diff_rows_of_batch",
     "dispatch_batches",
     "drop_heartbeats",
     "duplicate_charge_recorded",
@@ -184,6 +186,7 @@ __all__ = [
     "incremented",
     "instance_secret",
     "instance_secret_if_made",
+    "item_inputs_of_batch",
     "job_events",
     "job_heads",
     "job_money",
@@ -3905,6 +3908,74 @@ def jobs_of_batch(
     query = query.order_by(Job.item_index, Job.variant, Job.created_at, Job.id)
     query = query.execution_options(yield_per=500)
     yield from session.scalars(query)
+
+
+@dataclass(frozen=True, slots=True)
+class DiffRow:
+    """The columns of one job that ``diff`` compares (:func:`diff_rows_of_batch`): no ORM row,
+    and none of the JSON columns it does not read (``submitted_input``, provider output, …)."""
+
+    id: str
+    job_key: str
+    item_index: int
+    variant: int
+    endpoint: str
+    state: JobState
+    seed: int | None
+    actual_prompt: str | None
+    output_sha256: str | None
+    actual_usd: Decimal | None
+    rerun_of: str | None
+    reused_from: str | None
+    input: dict[str, Any]
+    source_files: dict[str, Any] | None
+
+
+def diff_rows_of_batch(session: Session, batch_id: str) -> Iterator[DiffRow]:
+    """A batch's jobs as ``diff`` reads them (:class:`DiffRow`), in the order of
+    :func:`jobs_of_batch`, streamed (server-side cursor on PostgreSQL)."""
+    query = (
+        select(
+            Job.id,
+            Job.job_key,
+            Job.item_index,
+            Job.variant,
+            Job.endpoint,
+            Job.state,
+            Job.seed,
+            Job.actual_prompt,
+            Job.output_sha256,
+            Job.actual_usd,
+            Job.rerun_of,
+            Job.reused_from,
+            Job.input,
+            Job.source_files,
+        )
+        .where(Job.batch_id == batch_id)
+        .order_by(Job.item_index, Job.variant, Job.created_at, Job.id)
+        .execution_options(yield_per=500)
+    )
+    for row in session.execute(query):
+        yield DiffRow(*tuple(row))
+
+
+def item_inputs_of_batch(
+    session: Session, batch_id: str, items: Collection[int]
+) -> Iterator[tuple[str, int, str, dict[str, Any]]]:
+    """``(job id, item_index, endpoint, input)`` of a batch's jobs of the items ``items``, in
+    the order of :func:`jobs_of_batch`, streamed: what ``diff``'s table reads to name the fields
+    that tell an item's jobs apart, for the rows it shows."""
+    if not items:
+        return
+    query = (
+        select(Job.id, Job.item_index, Job.endpoint, Job.input)
+        .where(Job.batch_id == batch_id, Job.item_index.in_(sorted(set(items))))
+        .order_by(Job.item_index, Job.variant, Job.created_at, Job.id)
+        .execution_options(yield_per=500)
+    )
+    for row in session.execute(query):
+        job_id, item_index, endpoint, given = row
+        yield job_id, item_index, endpoint, given
 
 
 def media_inputs_of_batch(session: Session, batch_id: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
