@@ -130,6 +130,7 @@ __all__ = [
     "adopt_late_proof",
     "adopt_own_proof",
     "adopt_request",
+    "adopt_unknown_cancelled",
     "adopt_window_proof",
     "batch_committed_usd",
     "batch_cost",
@@ -210,6 +211,7 @@ __all__ = [
     "mark_succeeded",
     "name_for_batch",
     "note_duplicate_charge",
+    "note_own_request",
     "note_window_duplicate",
     "record_duplicate_charge",
     "record_heartbeat",
@@ -244,6 +246,7 @@ __all__ = [
     "take_lease",
     "transition",
     "unfinished_batches",
+    "unknown_cancel_adoptable",
     "unprocessed_deliveries",
     "update_job_fields",
     "utc_day",
@@ -1886,6 +1889,23 @@ CANCEL_BILLED_AS = "billed_as"
 _CANCELLED_AT_FAL = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING})
 
 
+def _into_cancelled(session: Session, job_id: str) -> Any:
+    """The job's last move into ``cancelled`` (its ``from_state`` and ``details``), or None: a
+    note on a cancelled job's history moves nothing (``cancelled`` → ``cancelled``) and is not
+    it."""
+    into_cancelled = (
+        select(JobEvent.from_state, JobEvent.details)
+        .where(
+            JobEvent.job_id == job_id,
+            JobEvent.to_state == JobState.CANCELLED,
+            or_(JobEvent.from_state.is_(None), JobEvent.from_state != JobState.CANCELLED),
+        )
+        .order_by(JobEvent.id.desc())
+        .limit(1)
+    )
+    return session.execute(into_cancelled).first()
+
+
 def _cancel_bill(session: Session, found: Any) -> dict[str, Decimal] | None:
     """What the cancel that ended ``found`` (a ``cancelled`` job) put in its actual cost for its
     request, or None when it was not ended there by fal's word on that request (a budget, or
@@ -1896,17 +1916,7 @@ def _cancel_bill(session: Session, found: Any) -> dict[str, Decimal] | None:
     did: billed as running when fal reported run time or its history since the submit has it
     ``running`` (:func:`seen_running_since_submit`, the rule the poller applied), else as in
     fal's queue."""
-    into_cancelled = (
-        select(JobEvent.from_state, JobEvent.details)
-        .where(
-            JobEvent.job_id == found.id,
-            JobEvent.to_state == JobState.CANCELLED,
-            or_(JobEvent.from_state.is_(None), JobEvent.from_state != JobState.CANCELLED),
-        )
-        .order_by(JobEvent.id.desc())
-        .limit(1)
-    )
-    event = session.execute(into_cancelled).first()
+    event = _into_cancelled(session, found.id)
     if event is None or event.from_state is None or JobState(event.from_state) not in _CANCELLED_AT_FAL:
         return None
     said = (event.details or {}).get(CANCEL_BILLED_AS) if isinstance(event.details, dict) else None
@@ -2257,7 +2267,11 @@ def resend_unsent(job: Any, attempt: int) -> bool:
     ``resubmit``), and that resend has not gone out: proof that fal accepted ``attempt`` then
     replaces it (:func:`adopt_before_resend`). Once the resend's POST is recorded as sent
     (``submitting`` with its input, or any later state) a proof of ``attempt`` is a duplicate."""
-    state = JobState(job.state)
+    return _resend_unsent_in(JobState(job.state), job, attempt)
+
+
+def _resend_unsent_in(state: JobState, job: Any, attempt: int) -> bool:
+    """:func:`resend_unsent` of ``job`` as it was in ``state`` (a cancel keeps its other columns)."""
     if state not in _RESEND_WAITS or job.request_id is not None or job.output_path is not None:
         return False
     if job.resend_attempt != attempt + 1:
@@ -2402,6 +2416,80 @@ def adopt_earlier_proof(
         **adopted,
         **fetched,
     )
+
+
+def unknown_cancel_adoptable(session: Session, job: Any, attempt: int) -> bool:
+    """Whether ``job`` (a :class:`~jobs.models.Job` or a row of its columns) ended ``cancelled``
+    (``wanbatch cancel``, the dashboard's, a deadline, a budget) while ``attempt``'s request was
+    the only one it had sent and not ended: its outcome unknown (from ``submit_unknown``, its
+    POST's answer lost: ``attempt`` is that POST's, the job's last), or a resend of it decided
+    but not sent (``retry_wait``, ``pending``, ``submitting`` before its POST was recorded as
+    sent: :func:`resend_unsent` as it was then). No request kept, no output. The cancel sent
+    nothing, and nothing was sent since (a cancelled job sends nothing): a proof that fal
+    accepted ``attempt`` (a success's webhook, the submit's late answer) is then of the job's
+    one request, adopted (:func:`adopt_unknown_cancelled`), not a duplicate charge. A proof of
+    an earlier attempt, a resend of which went out, is one of two requests: a duplicate.
+
+    The state the cancel came from is its move into ``cancelled`` (:func:`_into_cancelled`)."""
+    if JobState(job.state) != JobState.CANCELLED or job.request_id is not None or job.output_path is not None:
+        return False
+    event = _into_cancelled(session, job.id)
+    if event is None or event.from_state is None:
+        return False
+    came_from = JobState(event.from_state)
+    if came_from == JobState.SUBMIT_UNKNOWN:
+        return bool(attempt >= 1 and job.attempts == attempt)
+    return _resend_unsent_in(came_from, job, attempt)
+
+
+def adopt_unknown_cancelled(
+    session: Session,
+    fence: Fence,
+    *,
+    request_id: str,
+    gateway_request_id: str | None,
+    attempt: int,
+    next_poll_at: datetime,
+    reason: str,
+    **fetched: Any,
+) -> bool:
+    """``cancelled`` → ``queued``: proof that fal accepted ``attempt`` as ``request_id`` comes
+    after a cancel ended the job while that request was its only one, its outcome unknown
+    (:func:`unknown_cancel_adoptable`): fal's signed webhook (it ran the request to the end:
+    billed in full) or the submit's late answer once fal ran it anyway (a cancel of it did not
+    stop it). The job keeps that request and goes on as any adopted request does, its video
+    fetched (``fetched``: what a webhook carries of fal's result, :func:`adopt_late_proof`), and
+    billed once, as the success it is. Its batch stays cancelled: nothing is sent.
+
+    The attempts are those sent (``attempt``), no resend is pending any more. The money stays
+    counted once: the estimate the unknown submit put in ``ambiguous_usd`` ("possibly billed")
+    leaves it — the request is the job's own now, billed in full when its download ends — and
+    the job's share of its batch's finished money is taken back (it is in flight again). The
+    row is locked first. False when the job does not qualify or moved on (compare-and-set on
+    ``fence``).
+    """
+    if fence.state != JobState.CANCELLED:
+        return False
+    found = _locked_unmoved(session, fence)
+    if found is None or not unknown_cancel_adoptable(session, found, attempt):
+        return False
+    before = finished_usd(JobState.CANCELLED, found.actual_usd, found.est_usd, found.ambiguous_usd)
+    adopted = _proved_request(found, request_id, gateway_request_id, next_poll_at)
+    moved = _move(
+        session,
+        fence,
+        JobState.QUEUED,
+        reason,
+        attempts=attempt,
+        resend_attempt=None,
+        finished_at=None,
+        download_attempts=0,
+        **adopted,
+        **fetched,
+    )
+    if moved:
+        _add_finished(session, found.batch_id, found.submitted_at, -before)
+    return moved
 
 
 def mark_submit_unknown(session: Session, fence: Fence, *, why: str, due_at: datetime) -> bool:
@@ -5477,6 +5565,46 @@ def note_duplicate_charge(
     took the lease (a download writes the actual cost when it ends), which would overwrite this.
     The row is locked first, so a lease taken meanwhile reads this after it commits.
     """
+    return _note_billed(
+        session, job_id, request_id, reason=reason, worker=worker, outcome=outcome, now=now, duplicate=True
+    )
+
+
+def note_own_request(
+    session: Session,
+    job_id: str,
+    request_id: str,
+    *,
+    reason: str,
+    worker: str | None,
+    outcome: billing.Outcome,
+    now: datetime,
+) -> DuplicateNote:
+    """The job's one request ``request_id``, whose submit's answer came only after the job
+    ended without it (cancelled or failed while its outcome was unknown, no other request sent:
+    :func:`unknown_cancel_adoptable`, :func:`adopt_late_proof`), which fal then billed though
+    the job keeps no video of it (``outcome``: a cancel of it while running): in the job's books
+    as :func:`note_duplicate_charge` puts one (on its history, billed at the estimate times the
+    outcome's rule in its actual cost, its estimate out of "possibly billed"), but not counted as
+    a duplicate charge — it is the only request the job had fal run. ``counted`` when done; the
+    other outcomes as there."""
+    return _note_billed(
+        session, job_id, request_id, reason=reason, worker=worker, outcome=outcome, now=now, duplicate=False
+    )
+
+
+def _note_billed(
+    session: Session,
+    job_id: str,
+    request_id: str,
+    *,
+    reason: str,
+    worker: str | None,
+    outcome: billing.Outcome | None,
+    now: datetime,
+    duplicate: bool,
+) -> DuplicateNote:
+    """:func:`note_duplicate_charge` (``duplicate``) or :func:`note_own_request`."""
     found = _run(session, select(_JOBS).where(_JOBS.c.id == job_id).with_for_update()).first()
     if found is None:
         return "missing"
@@ -5485,7 +5613,9 @@ def note_duplicate_charge(
     if request_known(session, job_id, request_id):
         return "known"
     state = JobState(found.state)
-    written: dict[str, Any] = {"confirmed_duplicate_charges": found.confirmed_duplicate_charges + 1}
+    written: dict[str, Any] = (
+        {"confirmed_duplicate_charges": found.confirmed_duplicate_charges + 1} if duplicate else {}
+    )
     if outcome is not None:
         own = state == JobState.SUCCEEDED  # billed its estimate when no cost was recorded (finished_usd)
         prior_usd = found.actual_usd if found.actual_usd is not None else (found.est_usd if own else None)
@@ -5508,7 +5638,14 @@ def note_duplicate_charge(
 
 
 def note_request(
-    session: Session, job_id: str, request_id: str, *, reason: str, worker: str | None, billed: bool
+    session: Session,
+    job_id: str,
+    request_id: str,
+    *,
+    reason: str,
+    worker: str | None,
+    billed: bool,
+    unbilled: bool = False,
 ) -> bool:
     """Put ``request_id``, a request of the job that the job does not keep, on its history (a
     submit's late answer, after the job moved on), and count it as a confirmed duplicate charge
@@ -5521,13 +5658,27 @@ def note_request(
     disturbs a worker's fence, and it may follow a terminal state, which nothing leaves. The
     row is locked first (an UPDATE), so two notes of one request are one, the state noted is the
     one after any move under way, and the note comes after that move's event.
+
+    ``unbilled``: fal's answer says it bills nothing for the request (cancelled while it waited
+    in its queue, or no longer known), so what its submit, whose answer was lost, may have cost
+    is resolved: its estimate leaves ``ambiguous_usd`` ("possibly billed") as far as it is there
+    (a simulation put nothing there), and a finished job's share of its batch's running totals
+    moves by as much. Only ``ambiguous_usd`` is written, which no worker bills from what it read.
     """
     locked = update(_JOBS).where(_JOBS.c.id == job_id).values(updated_at=utcnow())
-    row = _run(session, locked.returning(_JOBS.c.state, _JOBS.c.version)).first()
+    returned = (_JOBS.c.state, _JOBS.c.version, _JOBS.c.ambiguous_usd, _JOBS.c.est_usd)
+    row = _run(session, locked.returning(*returned, _JOBS.c.batch_id, _JOBS.c.submitted_at)).first()
     if row is None or request_known(session, job_id, request_id):
         return False
     if billed:
         record_duplicate_charge(session, job_id)
+    elif unbilled and row.ambiguous_usd > 0:
+        resolved = min(row.ambiguous_usd, row.est_usd)
+        written = {"ambiguous_usd": row.ambiguous_usd - resolved}
+        _run(session, update(_JOBS).where(_JOBS.c.id == job_id).values(**written))
+        _refresh_loaded(session, job_id, written)
+        if JobState(row.state).terminal:
+            _add_finished(session, row.batch_id, row.submitted_at, -resolved)
     event = {"job_id": job_id, "at": utcnow(), "from_state": row.state, "to_state": row.state}
     event.update(version=row.version, reason=reason, details=None, worker=worker)
     _run(session, _INSERT_EVENT, event)

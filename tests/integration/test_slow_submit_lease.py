@@ -79,10 +79,10 @@ def _submit_answer(provider: HostileProvider, request_id: str) -> dict[str, obje
 class HeldAnswer:
     """A POST behaviour: fal has the request (``received``), and answers only on ``release``."""
 
-    def __init__(self, provider: HostileProvider, request_id: str) -> None:
+    def __init__(self, provider: HostileProvider, request_id: str, status: str = "IN_QUEUE") -> None:
         self.received = threading.Event()
         self.release = threading.Event()
-        self._reply = json_reply(_submit_answer(provider, request_id))
+        self._reply = json_reply({**_submit_answer(provider, request_id), "status": status})
 
     def __call__(self, req: Recorded, sock: socket.socket) -> None:
         self.received.set()
@@ -400,8 +400,9 @@ def _accepted(job_id: str, request_id: str) -> Accepted:
 
 def _assert_books(engine: Engine, batch_id: str, est: Decimal, *, billed: bool) -> None:
     """The one job's late request in the batch's money: billed once at the job's estimate in
-    actual and wasted (``cost``, ``status``), no longer possibly billed — or, not billed, still
-    what its unknown submit may have cost. Spent is the same either way (it was counted already)."""
+    actual and wasted (``cost``, ``status``), no longer possibly billed — or, fal's cancel answer
+    saying it billed nothing, neither billed nor possibly billed any more (before: left "possibly
+    billed", spent though fal said it billed nothing)."""
     with db.read_scope(engine) as session:
         cost = cost_report(session, batch_id).total
         short = store.batch_cost(session, batch_id)
@@ -411,8 +412,8 @@ def _assert_books(engine: Engine, batch_id: str, est: Decimal, *, billed: bool) 
     assert cost.confirmed_duplicate_charges == int(billed)
     assert (cost.actual_usd, cost.wasted_usd) == ((est, est) if billed else (0, 0))
     assert (short.actual_usd, short.wasted_usd) == (cost.actual_usd, cost.wasted_usd)
-    assert cost.possibly_billed_usd == (0 if billed else est)
-    assert Decimal(str(report["spent_usd"])) == money.spent_usd == est
+    assert cost.possibly_billed_usd == 0
+    assert Decimal(str(report["spent_usd"])) == money.spent_usd == (est if billed else 0)
 
 
 def test_a_late_answer_after_a_resubmit_is_a_confirmed_duplicate_charge(
@@ -584,3 +585,99 @@ def test_distributed_workers_with_a_post_slower_than_the_lease_lose_nothing(
     assert ledger["accepted"] == scenario.jobs
     assert ledger["max_outstanding"] <= scenario.cap
     assert (report["possible_duplicate_charges"], report["confirmed_duplicate_charges"]) == (0, 0)
+
+
+def _cancelled_while_unknown(engine: Engine, batch_id: str) -> None:
+    """``wanbatch cancel`` of the batch (:func:`jobs.batches.cancel_batch`'s moves): its job whose
+    submit's outcome is unknown ends ``cancelled`` at once, with no request id."""
+    with db.session_scope(engine) as session:
+        store.set_batch_state(session, batch_id, BatchState.CANCELLED, reason="cancelled by user")
+        cancelled = store.cancel_unsent(
+            session, [batch_id], reason="batch cancelled", error="cancelled by user", error_type="cancelled"
+        )
+    assert cancelled.outcome_unknown == 1
+
+
+@pytest.mark.parametrize(
+    ("fal_says", "ran"),
+    [
+        ("IN_QUEUE", False),  # cancelled while still queued: free
+        ("IN_PROGRESS", False),  # cancelled, but it was running: billed in full
+        ("IN_QUEUE", True),  # fal had already run it to the end: billed, its video kept
+    ],
+    ids=["cancelled-while-queued", "cancelled-while-running", "already-completed"],
+)
+def test_a_late_answer_for_a_job_cancelled_while_its_outcome_was_unknown_is_its_own_request(
+    engine: Engine, hostile: HostileProvider, stepper: list[Runtime], fal_says: str, ran: bool
+) -> None:
+    """With a receiver the job waits in ``submit_unknown`` for proof; the user cancels the batch
+    (the job ends ``cancelled``, no request id, its estimate "possibly billed"); then fal's
+    answer comes. That request is the job's only one: it is cancelled at fal first, as the
+    cancel asked, and then is what fal's answer says — never a duplicate charge. Free while it
+    waited in fal's queue (nothing possibly billed any more: before, left "possibly billed");
+    billed in full once running; kept, its video fetched, when fal had already run it (before:
+    a confirmed duplicate charge, billed, wasted, the paid video lost)."""
+    held = HeldAnswer(hostile, FIRST, status=fal_says)
+    hostile.route("POST", rf"/{T2V}", held)
+    cancel_answer = (
+        json_reply({"status": "ALREADY_COMPLETED"}, 400)
+        if ran
+        else json_reply({"status": "CANCELLATION_REQUESTED"}, 202)
+    )
+    cancel = _cancel_route(hostile, FIRST, cancel_answer)
+    worker, leader = _runtimes(
+        engine,
+        hostile.url,
+        stepper,
+        submit_unknown_policy="fail",
+        webhook_url="https://hooks.example.test/webhooks/fal",
+        submit_unknown_deadline=600.0,
+    )
+    batch_id = add_batch(engine, "cancelled-unknown", [(T2V, {"prompt": "a lantern in fog"})])
+    (job_id,) = dispatch(worker)
+    _stalled(worker)
+    step = SlowSubmit(worker, job_id, held)
+    expiry = step.start(engine)
+    _until("the lease to run out", _lease_passed(expiry))
+    assert reconcile(leader) == 1
+    assert _job(engine, job_id).state == S.SUBMIT_UNKNOWN
+    _cancelled_while_unknown(engine, batch_id)
+    cancelled = _job(engine, job_id)
+    est = cancelled.est_usd
+    assert (cancelled.state, cancelled.request_id, cancelled.ambiguous_usd) == (S.CANCELLED, None, est)
+
+    if ran:
+        assert step.answer() == "adopted-late"
+        after = _job(engine, job_id)
+        assert (after.state, after.request_id, after.attempts, after.error) == (S.QUEUED, FIRST, 1, None)
+        *_, adopted = _history(engine, job_id)
+        assert adopted[:2] == ("cancelled", "queued")
+        assert f"attempt 1 accepted as {FIRST}" in adopted[2]
+        assert "fal had already run it" in adopted[2]
+        _assert_adopted_books(engine, batch_id, est)
+    else:
+        assert step.answer() == "orphaned"
+        after = _job(engine, job_id)
+        assert (after.state, after.request_id) == (S.CANCELLED, None)
+        *_, note = _history(engine, job_id)
+        assert note[:2] == ("cancelled", "cancelled")  # moves nothing
+        assert f"accepted as {FIRST}" in note[2]
+        bill = est if fal_says == "IN_PROGRESS" else Decimal(0)  # a cancel while running: in full
+        assert (after.actual_usd or Decimal(0), after.ambiguous_usd) == (bill, Decimal(0))
+        with db.read_scope(engine) as session:
+            cost = cost_report(session, batch_id).total
+            money = store.batch_money(session, batch_id)
+            assert store.batch_spent_usd(session, batch_id) == money.spent_usd  # running totals too
+            report = batch_report(session, batch_id)
+        assert money.spent_usd == bill
+        assert (cost.actual_usd, cost.possibly_billed_usd) == (bill, Decimal(0))
+        assert cost.confirmed_duplicate_charges == report["confirmed_duplicate_charges"] == 0
+    assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (0, 0)
+    assert hostile.count("PUT", cancel) == 1  # the cancel asked for it: cancelled at fal first
+    with db.read_scope(engine) as session:
+        assert store.get_batch(session, batch_id).state == BatchState.CANCELLED
+    # Observed again (a journal read again): nothing more. Nothing was sent again.
+    assert settle_late_answer(leader, _accepted(job_id, FIRST), T2V) == "known"
+    assert _job(engine, job_id).version == after.version
+    assert dispatch(leader) == []
+    assert hostile.count("POST", rf"/{T2V}") == 1

@@ -59,6 +59,7 @@ from worker.steps.webhooks import (
     ADOPTED_EARLIER,
     ADOPTED_LATE,
     ADOPTED_OWN,
+    ADOPTED_UNKNOWN_CANCELLED,
     ADOPTED_WINDOW,
     DEFERRED,
     STATUS_DUE,
@@ -2018,3 +2019,111 @@ def test_a_legacy_cancel_billed_as_running_is_not_billed_twice_on_adoption(
     # One request, billed once in full.
     assert finished.actual_usd == job.est_usd, f"billed {finished.actual_usd} for one request"
     assert _money_agrees(engine, job.batch_id) == job.est_usd
+
+
+def _cancel_unsent(engine: Engine, batch_id: str) -> None:
+    """``wanbatch cancel`` of the batch (:func:`jobs.batches.cancel_batch`'s moves): every job fal
+    holds no request of we know ends ``cancelled`` at once."""
+    with db.session_scope(engine) as session:
+        store.set_batch_state(session, batch_id, BatchState.CANCELLED, reason="cancelled by user")
+        store.cancel_unsent(
+            session, [batch_id], reason="batch cancelled", error="cancelled by user", error_type="cancelled"
+        )
+
+
+@pytest.mark.parametrize("where", ["submit_unknown", "resend waiting", "resend given back"])
+def test_a_proof_of_the_only_request_of_a_job_cancelled_with_its_outcome_unknown_keeps_its_video(
+    engine: Engine, client: TestClient, signer: WebhookSigner, where: str
+) -> None:
+    """``wanbatch cancel`` while the job's submit outcome was unknown (its answer lost; or
+    ``resubmit`` decided to send it again and had not): the job ends ``cancelled`` without a
+    request id, its estimate "possibly billed". fal's signed webhook then proves it ran that
+    request to the end — the only one the job sent. The job adopts it, fetches its video and is
+    billed once in full; nothing is sent, the batch stays cancelled (before: a "confirmed
+    duplicate charge", billed as wasted, the paid video dropped, and `rerun --failed-only`
+    paying for it again)."""
+    if where == "submit_unknown":
+        job = _sent(engine, request_id=None, unknown=True)
+    else:
+        job, _ = _resend_waiting(engine, "waiting" if where == "resend waiting" else "given back")
+    _cancel_unsent(engine, job.batch_id)
+    cancelled = _job(engine, job.batch_id)
+    est = cancelled.est_usd
+    assert (cancelled.state, cancelled.request_id, cancelled.attempts) == (S.CANCELLED, None, 1)
+    assert cancelled.ambiguous_usd == est
+    assert _money_agrees(engine, job.batch_id) == est  # possibly billed, counted as spent
+
+    assert _post(client, signer, cancelled, "req-A", attempt=1) == 200
+    assert _post(client, signer, cancelled, "req-A", attempt=1) == 200  # fal's retry of it
+    assert _outcomes(engine, "req-A") == [ADOPTED_UNKNOWN_CANCELLED]  # stored once, applied once
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.attempts, after.resend_attempt) == (
+        S.DOWNLOADING,
+        "req-A",
+        1,
+        None,
+    )
+    assert (after.error, after.error_type, after.ambiguous_usd) == (None, None, Decimal(0))
+    assert (after.provider_output, after.seed) == (RESULT, 7)
+    assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (0, 0)
+    assert _money_agrees(engine, job.batch_id) == est  # counted once, in full
+    with db.session_scope(engine) as session:
+        moves = [(e.from_state, e.to_state) for e in store.job_events(session, job.id)]
+    assert moves[-2:] == [(S.CANCELLED, S.QUEUED), (S.QUEUED, S.DOWNLOADING)]
+
+    _succeed(engine, job.id)
+    finished = _job(engine, job.batch_id)
+    assert (finished.state, finished.request_id, finished.attempts) == (S.SUCCEEDED, "req-A", 1)
+    assert (finished.actual_usd, finished.ambiguous_usd) == (est, Decimal(0))
+    assert _money_agrees(engine, job.batch_id) == est
+    with db.read_scope(engine) as session:
+        assert store.get_batch(session, job.batch_id).state == BatchState.CANCELLED  # sends nothing
+        total = cost_report(session, job.batch_id).total  # what `wanbatch cost` reports
+        report = batch_report(session, job.batch_id)
+        moves = [(e.from_state, e.to_state) for e in store.job_events(session, job.id)]
+    assert (total.actual_usd, total.wasted_usd, total.possibly_billed_usd) == (est, Decimal(0), Decimal(0))
+    assert (total.succeeded, total.cancelled, total.confirmed_duplicate_charges) == (1, 0, 0)
+    assert (report["possible_duplicate_charges"], report["confirmed_duplicate_charges"]) == (0, 0)
+    # Nothing was sent again: one POST (attempt 1, its outcome unknown), and the request the job
+    # went on with is the one adopted from the cancel.
+    assert [m for m in moves if m[1] == S.SUBMIT_UNKNOWN] == [(S.SUBMITTING, S.SUBMIT_UNKNOWN)]
+    assert [m for m in moves if m[1] in (S.QUEUED, S.RUNNING)] == [(S.CANCELLED, S.QUEUED)]
+
+
+def test_a_proof_of_an_earlier_request_of_a_job_cancelled_with_its_outcome_unknown_is_a_duplicate(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    """Attempt 1's answer was lost, ``resubmit`` sent attempt 2, whose answer was lost too, and
+    the batch was cancelled. A proof that fal ran attempt 1 is of one of two requests the job
+    sent: it stays a confirmed duplicate charge (billed, the job still cancelled). A proof of
+    attempt 2, the job's last, is adopted: its video fetched, billed once; attempt 1 stays the
+    one duplicate."""
+    job = _resend_unknown_too(engine, "submit_unknown")
+    _cancel_unsent(engine, job.batch_id)
+    cancelled = _job(engine, job.batch_id)
+    est = cancelled.est_usd
+    assert (cancelled.state, cancelled.attempts, cancelled.possible_duplicate_charges) == (S.CANCELLED, 2, 1)
+    assert cancelled.ambiguous_usd == 2 * est
+
+    assert _post(client, signer, cancelled, "req-first", attempt=1) == 200
+    assert _outcomes(engine, "req-first") == ["duplicate-charge"]
+    duplicate = _job(engine, job.batch_id)
+    assert (duplicate.state, duplicate.request_id, duplicate.confirmed_duplicate_charges) == (
+        S.CANCELLED,
+        None,
+        1,
+    )
+    assert (duplicate.actual_usd, duplicate.ambiguous_usd) == (est, est)
+    assert _money_agrees(engine, job.batch_id) == 2 * est
+
+    assert _post(client, signer, cancelled, "req-second", attempt=2) == 200
+    assert _outcomes(engine, "req-second") == [ADOPTED_UNKNOWN_CANCELLED]
+    _succeed(engine, job.id)
+    finished = _job(engine, job.batch_id)
+    assert (finished.state, finished.request_id, finished.attempts) == (S.SUCCEEDED, "req-second", 2)
+    assert (finished.possible_duplicate_charges, finished.confirmed_duplicate_charges) == (1, 1)
+    assert (finished.actual_usd, finished.ambiguous_usd) == (2 * est, Decimal(0))
+    assert _money_agrees(engine, job.batch_id) == 2 * est
+    with db.read_scope(engine) as session:
+        total = cost_report(session, job.batch_id).total
+    assert (total.confirmed_duplicate_charges, total.wasted_usd) == (1, est)

@@ -17,20 +17,29 @@ keep — nothing paid twice, no paid video lost:
   (:func:`jobs.store.adopt_late_proof`), as a webhook's late proof does;
 * a job whose resend of that attempt (``WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit``) has not gone
   out yet (``retry_wait``, ``pending``, or ``submitting`` before its POST is recorded as sent):
-  ``queued`` with the proved request (:func:`jobs.store.adopt_before_resend`), never resent.
+  ``queued`` with the proved request (:func:`jobs.store.adopt_before_resend`), never resent;
+* a job a cancel ended (``wanbatch cancel``, a deadline, a budget) while that request was its
+  only one, its outcome unknown (from ``submit_unknown``, or its resend not sent yet:
+  :func:`jobs.store.unknown_cancel_adoptable`): ``cancelled`` → ``queued``
+  (:func:`jobs.store.adopt_unknown_cancelled`), once fal ran it anyway (below).
 
 The adopted request is then polled (or streamed) and its video fetched like any other; fal bills
 it once, and the money is counted once. A late answer proves acceptance, not completion: when
 the job's batch no longer sends — cancelled, or past its deadline — the request is cancelled at
 fal first (free while it waits in fal's queue, which is what the user asked for), and adopted
 only when fal ran it anyway (already finished, or the cancel did not go through): that one is
-billed, so its video is kept, as a request that finished despite a cancel always is.
+billed, so its video is kept, as a request that finished despite a cancel always is. (A job
+that was cancelled itself stops sending too.) One the cancel did stop is the job's own request
+all the same, never a duplicate charge: put on its history, and billed as fal bills the cancel
+(:func:`jobs.store.note_own_request`: nothing while it waited in fal's queue, in full once it
+ran), what its submit may have cost no longer "possibly billed".
 
 Any other (a job sent again whose resend went out, a job cancelled or finished otherwise, an
 earlier attempt's request) is not adopted — a terminal job leaves its state only as above, and
 a job sent again keeps the request of its new attempt — and is:
 
-* cancelled at fal — free while it waits in fal's queue, so usually nothing is billed;
+* cancelled at fal — free while it waits in fal's queue, so usually nothing is billed: what its
+  submit may have cost then leaves "possibly billed" (``note_request`` ``unbilled``);
 * recorded on the job's history (:func:`jobs.store.note_request`: "accepted as <id>", so the
   request is known and a webhook for it is not counted again);
 * a confirmed duplicate charge when fal bills it all the same (it was already running when
@@ -82,16 +91,21 @@ def awaits_answer(job: Job, attempt: int) -> bool:
     return job.state == S.SUBMITTING and job.attempts == attempt and job.submitted_input is not None
 
 
-def adoptable(job: Job, attempt: int) -> bool:
+def adoptable(session: Session, job: Job, attempt: int) -> bool:
     """Whether ``attempt``'s request, proved by its late answer, is still the one ``job`` is to
-    keep: the job failed only for that attempt's unknown outcome, or its resend of it has not
-    gone out (see the module's docstring)."""
-    return store.resend_unsent(job, attempt) or (
-        job.state == S.FAILED
-        and job.error_type == store.SUBMIT_UNKNOWN_ERROR
-        and job.attempts == attempt
-        and job.request_id is None
-        and job.output_path is None
+    keep: the job failed only for that attempt's unknown outcome, its resend of it has not
+    gone out, or a cancel ended it while that request was its only one
+    (:func:`jobs.store.unknown_cancel_adoptable`; see the module's docstring)."""
+    return (
+        store.resend_unsent(job, attempt)
+        or (
+            job.state == S.FAILED
+            and job.error_type == store.SUBMIT_UNKNOWN_ERROR
+            and job.attempts == attempt
+            and job.request_id is None
+            and job.output_path is None
+        )
+        or store.unknown_cancel_adoptable(session, job, attempt)
     )
 
 
@@ -114,7 +128,7 @@ def settle_late_answer(
             job = store.get_job(session, accepted.job_id)
         except NotFoundError:
             return "known"
-        keep = cancel and adoptable(job, accepted.attempt)
+        keep = cancel and adoptable(session, job, accepted.attempt)
         stopped = keep and _stops_sending(session, job)
     if keep and not stopped and _adopt(rt, accepted, "fal accepted it"):
         return "adopted"
@@ -133,7 +147,7 @@ def settle_late_answer(
         f"accepted as {accepted.request_id}; {fate}"
     )
     with db.session_scope(rt.engine) as session:
-        booked = _book(session, rt, accepted, reason, outcome)
+        booked = _book(session, rt, accepted, reason, outcome, own=keep)
         if booked is None:
             return "known"
         state = store.get_job(session, accepted.job_id).state.value
@@ -149,8 +163,11 @@ def settle_late_answer(
 
 
 def _stops_sending(session: Session, job: Job) -> bool:
-    """Whether ``job``'s batch sends nothing any more: cancelled, or past its deadline. A request
-    it did not keep is then cancelled at fal before anything else (:func:`settle_late_answer`)."""
+    """Whether ``job`` sends nothing any more: it was cancelled (a cancel, a deadline, a budget),
+    or its batch was, or is past its deadline. A request it did not keep is then cancelled at
+    fal before anything else (:func:`settle_late_answer`)."""
+    if job.state == S.CANCELLED:
+        return True
     batch = store.get_batch(session, job.batch_id)
     return batch.state == BatchState.CANCELLED or store.batch_schedule(batch).past_deadline(utcnow())
 
@@ -164,7 +181,7 @@ def _adopt(rt: Runtime, accepted: Accepted, fate: str) -> bool:
     for _ in range(_TRIES):
         with db.session_scope(rt.engine) as session:
             job = store.get_job(session, accepted.job_id)
-            if not adoptable(job, accepted.attempt):
+            if not adoptable(session, job, accepted.attempt):
                 return False
             common: dict[str, Any] = {
                 "request_id": accepted.request_id,
@@ -172,7 +189,17 @@ def _adopt(rt: Runtime, accepted: Accepted, fate: str) -> bool:
                 "attempt": accepted.attempt,
                 "next_poll_at": first_poll_at(rt.settings, utcnow()),
             }
-            if job.state == S.FAILED:
+            if job.state == S.CANCELLED:
+                what = "after the job was cancelled with its submit's outcome unknown"
+                done = "it is followed and its video fetched, nothing is sent"
+                moved = store.adopt_unknown_cancelled(
+                    session,
+                    rt.fence(job),
+                    reason=f"late proof by the submit's answer, {what}: attempt {accepted.attempt} "
+                    f"accepted as {accepted.request_id}; {fate}: {done}",
+                    **common,
+                )
+            elif job.state == S.FAILED:
                 what = "after the job failed for its unknown submit outcome"
                 done = "it is followed and its video fetched, nothing is sent again"
                 moved = store.adopt_late_proof(
@@ -210,18 +237,35 @@ def _adopt(rt: Runtime, accepted: Accepted, fate: str) -> bool:
 
 
 def _book(
-    session: Session, rt: Runtime, accepted: Accepted, reason: str, outcome: billing.Outcome | None
+    session: Session,
+    rt: Runtime,
+    accepted: Accepted,
+    reason: str,
+    outcome: billing.Outcome | None,
+    *,
+    own: bool = False,
 ) -> str | None:
     """Put ``accepted`` in its job's books: billed (``outcome``) as a confirmed duplicate charge,
-    as a webhook's proof is (:func:`jobs.store.note_duplicate_charge`), or only on the history.
-    What was done, in words for the warning ("": noted only), or None when it was known already
-    (or the job is gone): nothing done."""
-    if outcome is None or store.duplicate_charge_recorded(session, accepted.request_id):
+    as a webhook's proof is (:func:`jobs.store.note_duplicate_charge`) — or, ``own`` (the job's
+    one request, which the job kept but its cancel had fal stop: :func:`adoptable`), billed as
+    its own, no duplicate (:func:`jobs.store.note_own_request`) — or only on the history, what
+    its submit may have cost no longer "possibly billed" when fal bills it nothing. What was
+    done, in words for the warning ("": noted only), or None when it was known already (or the
+    job is gone): nothing done."""
+    counted = store.duplicate_charge_recorded(session, accepted.request_id)  # billed by a webhook's
+    if outcome is None or counted:
         noted = store.note_request(
-            session, accepted.job_id, accepted.request_id, reason=reason, worker=rt.owner, billed=False
+            session,
+            accepted.job_id,
+            accepted.request_id,
+            reason=reason,
+            worker=rt.owner,
+            billed=False,
+            unbilled=not counted,  # fal's cancel answer: nothing billed
         )
         return "" if noted else None
-    booked = store.note_duplicate_charge(
+    note = store.note_own_request if own else store.note_duplicate_charge
+    booked = note(
         session,
         accepted.job_id,
         accepted.request_id,
@@ -231,9 +275,17 @@ def _book(
         now=utcnow(),
     )
     if booked == "counted":
+        if own:
+            return "; the job's only request, billed as fal bills its cancel, no duplicate charge"
         return "; counted as a confirmed duplicate charge, billed at the job's estimate"
     if booked != "held":
         return None
+    if own:  # a worker bills the job from what it read: noted only, left possibly billed
+        held = f"{reason}; its bill left possibly billed (a worker held the job)"
+        noted = store.note_request(
+            session, accepted.job_id, accepted.request_id, reason=held, worker=rt.owner, billed=False
+        )
+        return "; its bill left possibly billed (a worker held the job)" if noted else None
     # A worker holds the job and bills it from what it read (it would overwrite the bill): the
     # request is counted now, its money left "possibly billed", where its unknown submit put it.
     held = f"{reason}; counted, its bill left possibly billed (a worker held the job)"

@@ -34,6 +34,10 @@ compare-and-set on the job's state and version), so a webhook and a poll racing 
 * a success of a cancelled job's own request, which fal's status said our cancel ended (fal's
   cancel of a running request is best effort): adopted back, its cancel's bill taken back and
   the success billed in full (:func:`jobs.store.adopt_cancelled_proof`);
+* a success of the request of a job a cancel ended while that request was its only one, its
+  outcome unknown (``submit_unknown``, or its resend not sent yet): adopted, its video fetched,
+  billed once in full, nothing sent (:func:`jobs.store.adopt_unknown_cancelled`); a proof of an
+  earlier attempt whose resend went out stays a duplicate charge;
 * a success of a request a batch's window end was said to have cancelled, its job back to wait
   for the next window (:func:`jobs.store.window_end`): the job takes it back instead of sending it
   again (:func:`jobs.store.adopt_window_proof`), the cancel's bill taken back; once the job sent
@@ -110,6 +114,11 @@ ADOPTED_OWN = "adopted: a proof that the failed job's own request finished at fa
 #: What applying a success of a cancelled job's own request does
 #: (:func:`jobs.store.adopt_cancelled_proof`).
 ADOPTED_CANCELLED = "adopted: a proof that fal ran to the end the request our cancel was said to end"
+#: What applying a success of the only request of a job cancelled while its outcome was unknown
+#: does (:func:`jobs.store.adopt_unknown_cancelled`).
+ADOPTED_UNKNOWN_CANCELLED = (
+    "adopted: a proof that fal ran to the end the only request of a job cancelled with its outcome unknown"
+)
 #: What applying a success of the request a window's end was said to end, while the job waits to
 #: send it again, does (:func:`jobs.store.adopt_window_proof`).
 ADOPTED_WINDOW = "adopted: a proof that fal ran to the end the request a window's end was said to end"
@@ -124,6 +133,7 @@ _ADOPTED = (
     ADOPTED_OWN,
     ADOPTED_CANCELLED,
     ADOPTED_WINDOW,
+    ADOPTED_UNKNOWN_CANCELLED,
 )
 _WAKES = ("completed", STATUS_DUE, *_ADOPTED)
 
@@ -505,6 +515,44 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
             )
             fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
             outcome = ADOPTED_BEFORE_RESEND
+        elif (
+            delivery.attempt is not None
+            and not status.failed
+            and state == S.CANCELLED
+            and store.unknown_cancel_adoptable(session, job, delivery.attempt)
+        ):
+            # A cancel ended the job while this request was its only one, its outcome unknown
+            # (its answer lost, or its resend not sent): fal ran it to the end and billed it.
+            # The job's one request, not a duplicate: its video is fetched, nothing is sent.
+            gateway = delivery.body.get("gateway_request_id")
+            if not store.adopt_unknown_cancelled(
+                session,
+                fence,
+                request_id=delivery.request_id,
+                gateway_request_id=request_id_or_none(gateway),
+                attempt=delivery.attempt,
+                next_poll_at=first_poll_at(inbox.settings, now),
+                reason=(
+                    f"proof by webhook, after the job was cancelled with its submit's outcome unknown "
+                    f"({job.error_type}): attempt {delivery.attempt} accepted as {delivery.request_id} "
+                    "and finished at fal (billed): its video is fetched, nothing is sent"
+                ),
+                **_fetched(delivery.body),
+            ):
+                continue
+            _say(
+                logging.WARNING,
+                "webhook.adopted_unknown_cancelled",
+                job,
+                delivery,
+                "job %s: a webhook proved that fal ran its only request %s (attempt %s, its outcome "
+                "unknown when the job was cancelled) to the end (billed): its video is fetched",
+                job.id,
+                delivery.request_id,
+                delivery.attempt,
+            )
+            fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
+            outcome = ADOPTED_UNKNOWN_CANCELLED
         elif (
             delivery.attempt is not None
             and not status.failed
