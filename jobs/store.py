@@ -1822,6 +1822,55 @@ def _failure_bill(session: Session, found: Any) -> dict[str, Decimal]:
     return billing.billed(outcome, found.est_billing_units, found.est_usd)
 
 
+def _taken_back(found: Any, bill: dict[str, Decimal]) -> dict[str, Any]:
+    """``found``'s actual cost and billing units with ``bill`` taken back: what the end it is
+    moved out of billed for the request fal now proves ran (the success bills it in full)."""
+    prior: dict[str, Any] = {}
+    if found.actual_usd is not None:
+        prior["actual_usd"] = max(Decimal(0), found.actual_usd - bill["actual_usd"])
+    if found.actual_billing_units is not None:
+        units = found.actual_billing_units - bill["actual_billing_units"]
+        prior["actual_billing_units"] = max(Decimal(0), units)
+    return prior
+
+
+def _requeue_proved(
+    session: Session,
+    fence: Fence,
+    found: Any,
+    reason: str,
+    next_poll_at: datetime,
+    fields: dict[str, Any],
+    fetched: dict[str, Any],
+) -> bool:
+    """Move ``found`` (locked, unmoved) to ``queued`` on the request fal proved it ran, to fetch
+    its video as any adopted request does: no error, no lease, a fresh count of malformed
+    answers (``download_attempts``), ``fields`` and ``fetched`` (what fal's result carries) set.
+    A job that had ended gives its share of its batch's finished money back (it is in flight
+    again). The one move the ``adopt_*_proof`` functions share; compare-and-set on ``fence``."""
+    state = JobState(found.state)
+    before = None
+    if state.terminal:
+        before = finished_usd(state, found.actual_usd, found.est_usd, found.ambiguous_usd)
+    moved = _move(
+        session,
+        fence,
+        JobState.QUEUED,
+        reason,
+        finished_at=None,
+        next_attempt_at=next_poll_at,
+        error=None,
+        error_type=None,
+        download_attempts=0,
+        **_UNLEASED,
+        **fields,
+        **fetched,
+    )
+    if moved and before is not None:
+        _add_finished(session, found.batch_id, found.submitted_at, -before)
+    return moved
+
+
 def adopt_own_proof(
     session: Session,
     fence: Fence,
@@ -1853,31 +1902,8 @@ def adopt_own_proof(
         or found.output_path is not None
     ):
         return False
-    before = finished_usd(JobState.FAILED, found.actual_usd, found.est_usd, found.ambiguous_usd)
     bill = _failure_bill(session, found)
-    prior: dict[str, Any] = {}
-    if found.actual_usd is not None:
-        prior["actual_usd"] = max(Decimal(0), found.actual_usd - bill["actual_usd"])
-    if found.actual_billing_units is not None:
-        units = found.actual_billing_units - bill["actual_billing_units"]
-        prior["actual_billing_units"] = max(Decimal(0), units)
-    moved = _move(
-        session,
-        fence,
-        JobState.QUEUED,
-        reason,
-        finished_at=None,
-        next_attempt_at=next_poll_at,
-        error=None,
-        error_type=None,
-        download_attempts=0,
-        **_UNLEASED,
-        **prior,
-        **fetched,
-    )
-    if moved:
-        _add_finished(session, found.batch_id, found.submitted_at, -before)
-    return moved
+    return _requeue_proved(session, fence, found, reason, next_poll_at, _taken_back(found, bill), fetched)
 
 
 #: The key, in the details of the event that ends a job ``cancelled`` on fal's word that our
@@ -1960,30 +1986,7 @@ def adopt_cancelled_proof(
     bill = _cancel_bill(session, found)
     if bill is None:
         return False
-    before = finished_usd(JobState.CANCELLED, found.actual_usd, found.est_usd, found.ambiguous_usd)
-    prior: dict[str, Any] = {}
-    if found.actual_usd is not None:
-        prior["actual_usd"] = max(Decimal(0), found.actual_usd - bill["actual_usd"])
-    if found.actual_billing_units is not None:
-        units = found.actual_billing_units - bill["actual_billing_units"]
-        prior["actual_billing_units"] = max(Decimal(0), units)
-    moved = _move(
-        session,
-        fence,
-        JobState.QUEUED,
-        reason,
-        finished_at=None,
-        next_attempt_at=next_poll_at,
-        error=None,
-        error_type=None,
-        download_attempts=0,
-        **_UNLEASED,
-        **prior,
-        **fetched,
-    )
-    if moved:
-        _add_finished(session, found.batch_id, found.submitted_at, -before)
-    return moved
+    return _requeue_proved(session, fence, found, reason, next_poll_at, _taken_back(found, bill), fetched)
 
 
 #: The states a request is at fal in, as the job's history records it; the move out of them is
@@ -2117,37 +2120,10 @@ def adopt_window_proof(
     ended = window_end(session, found, request_id)
     if ended is None:
         return False
-    bill = ended.bill
-    prior: dict[str, Any] = {}
-    if found.actual_usd is not None:
-        prior["actual_usd"] = max(Decimal(0), found.actual_usd - bill["actual_usd"])
-    if found.actual_billing_units is not None:
-        units = found.actual_billing_units - bill["actual_billing_units"]
-        prior["actual_billing_units"] = max(Decimal(0), units)
+    fields = _taken_back(found, ended.bill) | {"attempts": sent_attempts(found)}
     if ended.requeued_to == JobState.PENDING and found.unstarted_requests > 0:
-        prior["unstarted_requests"] = found.unstarted_requests - 1  # it ran
-    state = JobState(found.state)
-    before = (
-        finished_usd(state, found.actual_usd, found.est_usd, found.ambiguous_usd) if state.terminal else None
-    )
-    moved = _move(
-        session,
-        fence,
-        JobState.QUEUED,
-        reason,
-        attempts=sent_attempts(found),
-        finished_at=None,
-        next_attempt_at=next_poll_at,
-        error=None,
-        error_type=None,
-        download_attempts=0,
-        **_UNLEASED,
-        **prior,
-        **fetched,
-    )
-    if moved and before is not None:
-        _add_finished(session, found.batch_id, found.submitted_at, -before)
-    return moved
+        fields["unstarted_requests"] = found.unstarted_requests - 1  # it ran
+    return _requeue_proved(session, fence, found, reason, next_poll_at, fields, fetched)
 
 
 #: The key, in the details of the note of a confirmed duplicate charge
