@@ -86,7 +86,7 @@ def status(batch: str | None, as_json: bool) -> None:
         # here (or the workers, with a broker) counts it: this environment's key and caps.
         caps = batches.CapCheck.of(settings, api_key_id(settings))
         # A hold on fal recorded by a process of this host that has ended is not shown.
-        from worker.processes import owner_gone
+        from jobs.processes import owner_gone
 
         reports = batches.status(batch, settings, caps, broker_url=settings.broker_url, gone=owner_gone)
         if settings.broker_url:  # the workers' leader's limits apply, not these: say when they differ

@@ -38,6 +38,7 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,9 +52,13 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    column,
     create_engine,
     event,
+    func,
     inspect,
+    select,
+    table,
     text,
 )
 from sqlalchemy.engine import URL, make_url
@@ -1162,13 +1167,134 @@ def _require_tables(engine: Engine, tables: set[str]) -> None:
         raise schema_missing_error(url, f"no table {', '.join(missing)}")
 
 
+#: A process that works on batches beats every 10 s (``worker.conductor.HEARTBEAT_SECONDS``); one
+#: silent this long has stopped (``status`` says so: :data:`jobs.listing.PROCESSING_STALE_SECONDS`,
+#: which is this), and no longer keeps an upgrade of the schema waiting (:func:`live_processes`).
+HEARTBEAT_STALE_SECONDS = 60.0
+
+#: Processes a refused upgrade names (:func:`_require_unused`); more are counted.
+_LIVE_NAMED = 5
+
+
+@dataclass(frozen=True, slots=True)
+class LiveProcess:
+    """A wanbatch process that, as the database tells, works on it now (:func:`live_processes`)."""
+
+    #: ``host:pid``.
+    name: str
+    #: Its last heartbeat, if it beat within :data:`HEARTBEAT_STALE_SECONDS`.
+    seen_at: datetime | None
+    #: Until when it holds jobs, if it holds any.
+    lease_until: datetime | None
+
+
+def live_processes(conn: Connection, tables: Iterable[str], *, now: datetime) -> list[LiveProcess]:
+    """The wanbatch processes working on this database now, as far as the tables it has at its
+    schema, whichever that is, can tell: a heartbeat (``conductor_heartbeats``, schema 0010 on)
+    within :data:`HEARTBEAT_STALE_SECONDS`, or a job lease (``lease_owner``, every schema) not yet
+    expired. Read with the columns every schema has, never with the models (an older schema
+    lacks some of theirs).
+
+    A process of this host that has ended (:func:`jobs.processes.owner_gone`) and this process
+    itself are left out; one of another host counts while its rows say it lives (nothing here
+    can ask that host). An owner that names no process (``download-queue``: a download handed to
+    whichever worker takes it) is not one. Empty when nothing tells: a schema without heartbeats
+    whose processes hold no lease at that moment (a run waiting on fal holds none)."""
+    from jobs.models import UTCDateTime
+    from jobs.processes import owner_gone, process_prefix
+
+    names = set(tables)
+    when = UTCDateTime()
+    found: dict[str, tuple[datetime | None, datetime | None]] = {}
+    mine = process_prefix()
+
+    def note(owner: str, seen: datetime | None, until: datetime | None) -> None:
+        host, _, rest = owner.partition(":")
+        pid, sep, _ = rest.partition(":")
+        if not host or not sep or not pid.isdigit() or owner.startswith(mine) or owner_gone(owner):
+            return
+        name = f"{host}:{pid}"
+        was_seen, was_until = found.get(name, (None, None))
+        found[name] = (_latest(was_seen, seen), _latest(was_until, until))
+
+    if "conductor_heartbeats" in names:
+        beats = table("conductor_heartbeats", column("owner", String()), column("seen_at", when))
+        since = now - timedelta(seconds=HEARTBEAT_STALE_SECONDS)
+        for owner, seen in conn.execute(
+            select(beats.c.owner, func.max(beats.c.seen_at))
+            .where(beats.c.seen_at >= since)
+            .group_by(beats.c.owner)
+        ):
+            note(str(owner), seen, None)
+    if "jobs" in names:
+        jobs = table("jobs", column("lease_owner", String()), column("lease_expires_at", when))
+        for owner, until in conn.execute(
+            select(jobs.c.lease_owner, func.max(jobs.c.lease_expires_at))
+            .where(jobs.c.lease_owner.isnot(None), jobs.c.lease_expires_at > now)
+            .group_by(jobs.c.lease_owner)
+        ):
+            note(str(owner), None, until)
+    return [LiveProcess(name, *found[name]) for name in sorted(found)]
+
+
+def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def live_processes_said(live: list[LiveProcess], *, now: datetime) -> str:
+    """``live`` in a few words: "2 wanbatch processes are using it (host:41, last seen 3s ago; …)"."""
+
+    def one(process: LiveProcess) -> str:
+        if process.seen_at is not None:
+            ago = max(0, round((now - process.seen_at).total_seconds()))
+            return f"{one_line(process.name)}, last seen {ago}s ago"
+        assert process.lease_until is not None
+        left = max(0, round((process.lease_until - now).total_seconds()))
+        return f"{one_line(process.name)}, holding jobs for {left}s more"
+
+    named = "; ".join(one(p) for p in live[:_LIVE_NAMED])
+    more = f"; and {len(live) - _LIVE_NAMED:,} more" if len(live) > _LIVE_NAMED else ""
+    counted = "1 wanbatch process is" if len(live) == 1 else f"{len(live):,} wanbatch processes are"
+    return f"{counted} using it ({named}{more})"
+
+
+def live_processes_fix(live: list[LiveProcess]) -> str:
+    """What to do about an upgrade ``live`` processes hold back (``doctor`` says it too)."""
+    them = "it" if len(live) == 1 else "them"
+    return (
+        f"stop {them} (a killed one counts until it has been silent {HEARTBEAT_STALE_SECONDS:.0f} s "
+        "and its job leases expire), then run any command to upgrade the database"
+    )
+
+
+def _require_unused(engine: Engine, conn: Connection, heads: set[str], target: str) -> None:
+    """Raise :class:`ConfigError` (one line, exit 2) when wanbatch processes work on the database
+    whose schema is about to change (:func:`live_processes`), read under the schema's lock.
+
+    Those are of an older version (one of this version would have upgraded it): the tables and
+    columns they write would change under them. An older ``run`` whose database was upgraded
+    behind it sent nothing more, printed nothing and never ended, while the new ``status``
+    said nothing was processing its batch."""
+    now = datetime.now(UTC)
+    if live := live_processes(conn, inspect(conn).get_table_names(), now=now):
+        url = engine.url.set(drivername=engine.url.get_backend_name())  # as it was set: no driver
+        said, fix = live_processes_said(live, now=now), live_processes_fix(live)
+        raise ConfigError(
+            f"WANBATCH_DATABASE_URL {safe_url(url)}: the database is at schema {', '.join(sorted(heads))} "
+            f"and this wanbatch needs {target}; {said}: {fix}"
+        )
+
+
 def migrate(engine: Engine, revision: str = "head", *, from_models: bool = True) -> None:
     """Bring the schema to ``revision`` (default: the newest). Safe on every CLI start.
 
     When the schema is already current this costs one small query. Otherwise the upgrade runs in
     a single transaction that first takes a lock — a PostgreSQL advisory lock, or SQLite's
     write lock — so processes starting together migrate one after the other, and the later ones
-    find nothing left to do.
+    find nothing left to do. Under that lock, a database that has a schema already is changed
+    only while no wanbatch process works on it (:func:`_require_unused`): the later ones of
+    processes starting together find it current, and never take the first one's fresh
+    heartbeat for an older process.
 
     An empty database brought to the head is created from the models and stamped with
     :data:`SCHEMA_HEAD` (``from_models``; Alembic's recipe for a new database,
@@ -1189,8 +1315,13 @@ def migrate(engine: Engine, revision: str = "head", *, from_models: bool = True)
 
     cfg = alembic_config()
     _require_known(engine, cfg, heads)
+    target = SCHEMA_HEAD if revision == "head" else revision
     with engine.connect() as conn, references_unchecked(conn):
         _lock_schema(conn)
+        if heads:  # read again under the lock: another process may have upgraded it since
+            heads = {str(v) for v in conn.execute(text("SELECT version_num FROM alembic_version")).scalars()}
+            if heads and heads != {target}:
+                _require_unused(engine, conn, heads, target)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
         conn.commit()

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from jobs import store
+from jobs.db import HEARTBEAT_STALE_SECONDS
 from jobs.digits import ascii_int
 from jobs.models import EVERY_BATCH, Batch, BatchState, Job, Money, utcnow
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
@@ -249,8 +250,9 @@ def eta_at_pace(remaining: int, per_minute: float | None, *, held: str, busy: in
 
 
 #: A process working on a batch records so every 10 s (``worker.conductor.HEARTBEAT_SECONDS``);
-#: one silent this long has stopped (a Ctrl-C'd or killed ``run``, a closed SSH session).
-PROCESSING_STALE_SECONDS = 60.0
+#: one silent this long has stopped (a Ctrl-C'd or killed ``run``, a closed SSH session). An
+#: upgrade of the schema waits for the same silence (:func:`jobs.db.live_processes`).
+PROCESSING_STALE_SECONDS = HEARTBEAT_STALE_SECONDS
 
 
 def heartbeats(session: Session, batch_ids: Collection[str], *, now: datetime) -> dict[str, datetime]:

@@ -50,6 +50,7 @@ from jobs.errors import NotFoundError, UsageError, WanbatchError
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import usd_text
 from jobs.printable import one_line, shell_ref
+from jobs.processes import owner_gone
 from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, rerun_covered
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -64,7 +65,6 @@ from web.auth import (
     session_value,
 )
 from web.bodies import Refusal, read_body
-from worker.processes import owner_gone
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -150,8 +150,13 @@ def check_database(settings: Settings) -> Check:
         engine = db.read_engine(url, poolclass=NullPool, connect_args=connect_args)
     except WanbatchError as exc:
         return _fail(name, str(exc), "fix WANBATCH_DATABASE_URL")
+    live: list[db.LiveProcess] = []
+    now = datetime.now(UTC)
     try:
         heads, tables = db._current_schema(engine)  # read only: the doctor never migrates
+        if heads and heads != {db.SCHEMA_HEAD}:  # what holds an upgrade back
+            with engine.connect() as conn:
+                live = db.live_processes(conn, tables, now=now)
     except Exception as exc:  # unreachable, refused, no such database, wrong password …
         return _fail(
             name,
@@ -176,6 +181,13 @@ def check_database(settings: Settings) -> Check:
     revisions = [ascii_int(h, max_digits=12) for h in heads]
     numbers = [n for n in revisions if n is not None]
     if len(numbers) == len(revisions) and max(numbers) < int(db.SCHEMA_HEAD):
+        if live:  # what every command refuses (exit 2)
+            return _fail(
+                name,
+                f"{where}: schema {', '.join(sorted(heads))}, and this wanbatch needs {db.SCHEMA_HEAD}; "
+                f"{db.live_processes_said(live, now=now)}",
+                db.live_processes_fix(live),
+            )
         return _ok(
             name,
             f"{where}: reachable, schema {', '.join(sorted(heads))} (the next command upgrades it to "

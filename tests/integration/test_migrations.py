@@ -775,3 +775,174 @@ def test_migration_0025_gives_jobs_never_sent_zero_billing_units(empty_engine: E
     assert stored()[:3] == [(0.0, 0.0)] * 3
     migrate(empty_engine, from_models=False)
     assert drift(empty_engine) == []
+
+
+# --------------------------------------------------------------------------- live older processes
+
+_PREVIOUS = f"{int(SCHEMA_HEAD) - 1:04d}"
+
+
+@pytest.fixture
+def live_child() -> Iterator[subprocess.Popen[bytes]]:
+    """A process of this host that lives until the test ends it: an older wanbatch, as far as the
+    rows naming its pid tell."""
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _owner(pid: int) -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{pid}:"
+
+
+def _beat(engine: Engine, owner: str, seen_at: datetime) -> None:
+    """A heartbeat row, written with the columns every schema from 0010 on has."""
+    from sqlalchemy import String, column, table
+
+    from jobs.models import UTCDateTime
+
+    beats = table(
+        "conductor_heartbeats",
+        column("owner", String()),
+        column("scope", String()),
+        column("seen_at", UTCDateTime()),
+    )
+    with engine.begin() as conn:
+        conn.execute(insert(beats).values(owner=owner, scope="*", seen_at=seen_at))
+
+
+def _version(engine: Engine) -> str:
+    with engine.connect() as conn:
+        return str(conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one())
+
+
+def _status(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> int:
+    """``wanbatch status`` on ``engine``'s database, in process: its exit code."""
+    from jobs import db
+    from jobs.settings import get_settings
+    from tests.in_process import run_main
+
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", engine.url.render_as_string(hide_password=False))
+    get_settings.cache_clear()
+    db._engine_for.cache_clear()
+    try:
+        return run_main(["status"], monkeypatch)
+    finally:
+        get_settings.cache_clear()
+        db._engine_for.cache_clear()
+
+
+def test_an_upgrade_waits_for_an_older_process_that_beats(
+    empty_engine: Engine,
+    live_child: subprocess.Popen[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Any command, a read-only ``status`` too, upgraded the schema under an older ``run`` still
+    working on the database, which then sent nothing more and never ended. Now, while a process
+    beat within the last minute, every command refuses in one line (exit 2) and changes nothing,
+    and ``doctor`` says why; once its heartbeat is a minute old (a worker of another host that
+    was stopped: nothing here can ask that host about its pid), the next command upgrades."""
+    from datetime import timedelta
+
+    from jobs.db import HEARTBEAT_STALE_SECONDS
+    from jobs.models import utcnow
+    from jobs.settings import get_settings
+    from worker.doctor import check_database
+
+    migrate(empty_engine, from_models=False)
+    downgrade(empty_engine, _PREVIOUS)
+    owner = _owner(live_child.pid)
+    _beat(empty_engine, owner, utcnow())
+    capsys.readouterr()
+    assert _status(empty_engine, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: WANBATCH_DATABASE_URL ")
+    said = (
+        f"the database is at schema {_PREVIOUS} and this wanbatch needs {SCHEMA_HEAD}; 1 wanbatch "
+        f"process is using it ({owner[:-1]}, last seen "
+    )
+    assert f": {said}" in line
+    assert line.endswith(
+        "stop it (a killed one counts until it has been silent 60 s and its job leases expire), "
+        "then run any command to upgrade the database"
+    )
+    assert _version(empty_engine) == _PREVIOUS
+    check = check_database(get_settings())  # the env _status set
+    assert check.status == "fail"
+    assert (
+        f"schema {_PREVIOUS}, and this wanbatch needs {SCHEMA_HEAD}; 1 wanbatch process is using it"
+        in check.detail
+    )
+    assert (check.fix or "").startswith("stop it")
+
+    with empty_engine.begin() as conn:  # silent for over a minute: stopped
+        conn.execute(text("DELETE FROM conductor_heartbeats"))
+    _beat(empty_engine, owner, utcnow() - timedelta(seconds=HEARTBEAT_STALE_SECONDS + 5))
+    assert _status(empty_engine, monkeypatch) == 0
+    assert _version(empty_engine) == SCHEMA_HEAD
+    assert drift(empty_engine) == []
+
+
+def test_an_upgrade_of_a_schema_without_heartbeats_waits_for_a_live_lease(
+    empty_engine: Engine,
+    live_child: subprocess.Popen[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Schema 0008 has no heartbeats: a job leased to a live process until later is what tells
+    that an older run works on it. Refused while that process lives; once it has ended, its
+    lease (not expired yet) holds nothing back and the next command upgrades."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from jobs.models import Job, utcnow
+    from tests.step_runtime import add_batch
+
+    migrate(empty_engine, from_models=False)
+    add_batch(empty_engine, "old", [("fal-ai/wan-22", {"prompt": "a lease"})])
+    owner = _owner(live_child.pid)
+    with empty_engine.begin() as conn:
+        until = utcnow() + timedelta(minutes=5)
+        conn.execute(update(Job).values(lease_owner=f"{owner}123", lease_expires_at=until))
+    downgrade(empty_engine, "0008")
+    assert "conductor_heartbeats" not in tables(empty_engine)
+    capsys.readouterr()
+    assert _status(empty_engine, monkeypatch) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert (
+        f"the database is at schema 0008 and this wanbatch needs {SCHEMA_HEAD}; 1 wanbatch process is "
+        f"using it ({owner[:-1]}, holding jobs for "
+    ) in line
+    assert _version(empty_engine) == "0008"
+
+    live_child.kill()
+    live_child.wait()  # ended: the lease it left is no one's
+    assert _status(empty_engine, monkeypatch) == 0
+    assert _version(empty_engine) == SCHEMA_HEAD
+
+
+def test_a_process_that_upgraded_first_is_not_taken_for_an_older_one(
+    empty_engine: Engine, live_child: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes of this version starting together: the second read the older schema, then
+    waited for the lock while the first upgraded and began to beat. Under the lock it finds the
+    schema current and goes on; the first one's heartbeat is not an older process's."""
+    from jobs import db
+    from jobs.models import utcnow
+
+    migrate(empty_engine, from_models=False)
+    _beat(empty_engine, _owner(live_child.pid), utcnow())  # the first process, at work
+    read = db._current_schema
+    seen_before_the_lock = {_PREVIOUS}
+    monkeypatch.setattr(db, "_current_schema", lambda engine: (seen_before_the_lock, read(engine)[1]))
+    migrate(empty_engine, from_models=False)  # no refusal
+    assert _version(empty_engine) == SCHEMA_HEAD

@@ -1,4 +1,4 @@
-"""Whether another process of this host lives (:mod:`worker.processes`)."""
+"""Whether another process of this host lives (:mod:`jobs.processes`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from worker import processes
+from jobs import processes
 
 
 def test_a_live_process_exists_and_has_a_start() -> None:

@@ -34,11 +34,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from jobs import db, store
+from jobs import db, processes, store
 from jobs.listing import PROCESSING_STALE_SECONDS
 from jobs.models import utcnow
 from jobs.store import LeaseHolder
-from worker import processes
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, process_identity
 
 log = logging.getLogger(__name__)

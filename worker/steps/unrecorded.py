@@ -39,9 +39,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jobs import db
+from jobs import db, processes
 from jobs.errors import ConfigError
-from worker import processes
 from worker.fal.models import request_id_or_none, valid_request_id
 
 log = logging.getLogger(__name__)

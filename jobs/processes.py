@@ -46,6 +46,11 @@ def zombie(pid: int) -> bool:
     return bool(fields) and fields is not None and fields[0] == "Z"
 
 
+def process_prefix() -> str:
+    """``host:pid:``: how the owners this process writes (leases, heartbeats) begin."""
+    return f"{socket.gethostname()}:{os.getpid()}:"
+
+
 def other_pid_here(owner: str) -> int | None:
     """The pid of owner ``owner`` (a lease or heartbeat owner, ``host:pid:``…) when it names
     another process of this host; None for another host, this process, or an owner of another
