@@ -93,14 +93,23 @@ EXPIRED = json_reply({"detail": "Result of request r1 has expired"}, 404)
 
 
 @pytest.mark.parametrize(
-    ("error_type", "outcome", "state"),
+    ("error_type", "outcome", "state", "billed"),
     [
-        ("runner_disconnected", "retry", JobState.RETRY_WAIT),  # a 5xx at fal: tried again, unbilled
-        ("content_policy_violation", "failed", JobState.FAILED),  # the model's: final, unbilled
+        # a 5xx at fal: tried again, never billed
+        ("runner_disconnected", "retry", JobState.RETRY_WAIT, False),
+        # the model's, below 500, after 2.5 s of inference time: final, and billed (fal's FAQ:
+        # a client-side error "may still be charged if a runner spent GPU time")
+        ("content_policy_violation", "failed", JobState.FAILED, True),
     ],
 )
 def test_an_expired_result_of_a_request_fal_reported_failed_follows_fals_verdict(
-    engine: Engine, hostile: HostileProvider, tmp_path: Path, error_type: str, outcome: str, state: JobState
+    engine: Engine,
+    hostile: HostileProvider,
+    tmp_path: Path,
+    error_type: str,
+    outcome: str,
+    state: JobState,
+    billed: bool,
 ) -> None:
     # The run was interrupted past fal's retention: the COMPLETED status said the request failed,
     # and by the time the result is asked for it has expired. The status's verdict decides.
@@ -118,7 +127,7 @@ def test_an_expired_result_of_a_request_fal_reported_failed_follows_fals_verdict
     assert job.error_type == error_type  # not result_expired
     assert job.error is not None
     assert "it failed at fal" in job.error
-    assert job.actual_usd == 0  # nothing was made: fal bills neither
+    assert job.actual_usd == (job.est_usd if billed else 0)
     assert fal.posts() == 1
 
 
