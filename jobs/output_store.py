@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from jobs import outputs
-from jobs.errors import WanbatchError
+from jobs.errors import StateConflict, WanbatchError
 from jobs.fs import creatable, file_kind, file_mode, is_missing, os_reason, shown_path
 from jobs.output_location import CONTROL_CHARS, is_s3_url, parse_s3_url, split_uri
 from jobs.outputs import OutputWriteError
@@ -183,6 +183,7 @@ class OutputStore(ABC):
         size: int,
         sidecar: dict[str, Any],
         progress: Callable[[int], None] | None = None,
+        temp_tag: str | None = None,
     ) -> str:
         """Make the downloaded ``video`` (hashed, probed) the output at ``location``, its
         sidecar JSON beside it; returns the ``output_path`` to record. Both are durable when it
@@ -190,7 +191,11 @@ class OutputStore(ABC):
 
         Local: :class:`OutputWriteError` (the video is removed: no video without its sidecar).
         S3: :class:`OutputUploadError` (the staged video is kept for another try).
-        ``progress(bytes_sent)`` may raise to abort (a lost lease)."""
+        ``progress(bytes_sent)`` may raise to abort (a lost lease). ``temp_tag``: the lease's tag
+        (:func:`outputs.partial_tag`) in the name of a local sidecar's temporary file, so that the
+        job's next lease holder removes it should this process die before renaming it
+        (:func:`outputs.remove_stale_partials`); a temporary file removed so means this lease was
+        lost: :class:`StateConflict`, the video left to that holder."""
 
     @abstractmethod
     def finish(self, video: Path) -> None:
@@ -294,10 +299,18 @@ class LocalOutputStore(OutputStore):
         size: int,
         sidecar: dict[str, Any],
         progress: Callable[[int], None] | None = None,
+        temp_tag: str | None = None,
     ) -> str:
         target = outputs.sidecar_path(video)
         try:
-            outputs.write_json_atomic(target, sidecar)
+            outputs.write_json_atomic(target, sidecar, temp_tag=temp_tag)
+        except FileNotFoundError as exc:
+            if temp_tag is None:
+                self.discard(video)
+                raise OutputWriteError(f"could not write {target}: {exc.strerror or exc}") from exc
+            # The job's next lease holder swept our temporary file (this lease had lapsed): the
+            # video is the new holder's now, never removed from under it.
+            raise StateConflict(f"{target}: the job's lease moved on while its sidecar was written") from exc
         except OSError as exc:
             # a video without its sidecar is not an output: remove it (no half-finished outputs)
             self.discard(video)
@@ -394,6 +407,7 @@ class S3OutputStore(OutputStore):
         size: int,
         sidecar: dict[str, Any],
         progress: Callable[[int], None] | None = None,
+        temp_tag: str | None = None,
     ) -> str:
         bucket, key = split_uri(location)
         side_key = key.rsplit(".", 1)[0] + ".json"

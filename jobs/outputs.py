@@ -112,13 +112,22 @@ def partial_tag(version: int) -> str:
 _TAGGED = re.compile(r"v(\d+)-")
 
 
-#: Per folder: when it was last listed (monotonic) and the ``.part`` files it held then.
+#: The suffixes of temporary files: a download's (``.part``, :func:`partial_tag`) and a
+#: sidecar's (``.tmp``, :func:`write_json_atomic`). Both names start with a dot.
+PARTIAL_SUFFIX, SIDECAR_TEMP_SUFFIX = ".part", ".tmp"
+
+#: Per folder: when it was last listed (monotonic) and the temporary files it held then.
 _PARTIALS: dict[Path, tuple[float, set[str]]] = {}
 _PARTIALS_LOCK = threading.Lock()
 
 
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith((PARTIAL_SUFFIX, SIDECAR_TEMP_SUFFIX))
+
+
 def _partials_in(folder: Path, max_age: float) -> set[str] | None:
-    """The ``.part`` files of ``folder`` as last listed, listing it again once ``max_age`` passed.
+    """The temporary files (``.part``, ``.tmp``) of ``folder`` as last listed, listing it again
+    once ``max_age`` passed.
 
     Listing a batch's folder for every download made a batch quadratic: its folder holds every
     video so far, 100,000 at the end of a big batch. A stale partial is left by an attempt whose
@@ -133,7 +142,7 @@ def _partials_in(folder: Path, max_age: float) -> set[str] | None:
             return seen[1]
     try:
         with os.scandir(folder) as entries:
-            names = {e.name for e in entries if e.name.startswith(".") and e.name.endswith(".part")}
+            names = {e.name for e in entries if _is_temporary(e.name)}
     except (FileNotFoundError, NotADirectoryError):
         return None
     with _PARTIALS_LOCK:
@@ -144,25 +153,32 @@ def _partials_in(folder: Path, max_age: float) -> set[str] | None:
 def remove_stale_partials(
     dest: Path, *, older_than: float, version: int | None = None, now: float | None = None
 ) -> int:
-    """Delete temporary ``.<name>.*.part`` files left beside ``dest`` by attempts that are over.
+    """Delete temporary files left beside ``dest`` by attempts that are over: a download's
+    ``.<name>.*.part`` and its sidecar's ``.<name>.json.*.tmp`` (a process killed while writing
+    the sidecar, :func:`write_json_atomic`, leaves one; nothing else ever removes it).
 
     The caller holds the job's lease at ``version``. A file tagged with a lower version
     (:func:`partial_tag`) belongs to an attempt whose lease was taken over — which only happens
-    once that lease lapsed — so the attempt aborts at its next lease renewal without renaming
-    anything: its file goes. An untagged file goes only when untouched for ``older_than`` seconds
-    (the lease): a live download writes unbuffered and its mtime moves with every chunk. So the
-    file of a download still holding the job is never pulled from under it. The folder is listed
-    at most once per ``older_than`` (:func:`_partials_in`), not once per download.
+    once that lease lapsed, or its process ended — so the attempt aborts at its next lease
+    renewal (or, for a sidecar, at its rename) without storing anything: its file goes. An
+    untagged file goes only when untouched for ``older_than`` seconds (the lease): a live
+    download writes unbuffered and its mtime moves with every chunk, and a sidecar is written in
+    one go while its writer holds the lease. So the file of a download (or sidecar write) still
+    holding the job is never pulled from under it. The folder is listed at most once per
+    ``older_than`` (:func:`_partials_in`), not once per download.
     """
     removed = 0
     cutoff = (time.time() if now is None else now) - older_than
-    prefix = f".{dest.name}."
+    prefix, sidecar = f".{dest.name}.", f".{sidecar_path(dest).name}."
     names = _partials_in(dest.parent, older_than)
     if not names:
         return 0
-    for name in [n for n in names if n.startswith(prefix)]:
+    for name in [n for n in names if n.startswith(prefix) or n.startswith(sidecar)]:
+        partial = name.startswith(prefix) and name.endswith(PARTIAL_SUFFIX)
+        if not partial and not (name.startswith(sidecar) and name.endswith(SIDECAR_TEMP_SUFFIX)):
+            continue
         stale = dest.parent / name
-        tagged = _TAGGED.match(name[len(prefix) :])
+        tagged = _TAGGED.match(name[len(prefix if partial else sidecar) :])
         superseded = tagged is not None and version is not None and int(tagged.group(1)) < version
         try:
             if not superseded and stale.stat().st_mtime > cutoff:
@@ -209,15 +225,19 @@ def _strict_json(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any], *, temp_tag: str | None = None) -> None:
     """Write JSON so that readers see the old file or the complete new one, never a torn one,
     and the new one survives a power loss once this returns (the file, then its folder, synced).
 
     A sidecar is written after its video was renamed into the same folder: this one folder
     sync makes both renames durable before the job is recorded as succeeded. It gets the user's
-    usual file mode (0666 less the umask), as its video does, not ``mkstemp``'s 0600."""
+    usual file mode (0666 less the umask), as its video does, not ``mkstemp``'s 0600. A process
+    killed before the rename leaves its temporary ``.<name>.[<temp_tag>-]*.tmp``: the job's next
+    download removes it (:func:`remove_stale_partials`), at once when it carries the tag of the
+    lease it was written under (:func:`partial_tag`), which the next holder has outlived."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix = f".{path.name}." + (f"{temp_tag}-" if temp_tag else "")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=SIDECAR_TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(sidecar_json(data))

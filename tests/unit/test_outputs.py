@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -181,3 +182,47 @@ def test_a_local_outputs_placement_is_the_location_and_its_sidecar_path_resolvin
         assert store.placement(dest, "my batch", 3, "0123456789abcdef0123") == expected
         monkeypatch.undo()
         assert calls <= 1
+
+
+def test_a_sidecars_temporary_left_by_a_killed_write_goes_with_the_old_partials(tmp_path: Path) -> None:
+    """``write_json_atomic`` killed before its rename leaves ``.<sidecar>.XXXX.tmp``: swept by
+    the same rule as a download's partials (older than the lease), never a fresh one."""
+    dest = tmp_path / "000001-abc.mp4"
+
+    def temporary(prefix: str) -> Path:
+        fd, name = tempfile.mkstemp(dir=tmp_path, prefix=prefix, suffix=".tmp")
+        os.close(fd)
+        return Path(name)
+
+    killed = temporary(".000001-abc.json.")
+    live = temporary(".000001-abc.json.")  # a sidecar being written right now
+    other = temporary(".000002-def.json.")  # another job's
+    old = time.time() - 600
+    for p in (killed, other):
+        os.utime(p, (old, old))
+    superseded = temporary(f".000001-abc.json.{outputs.partial_tag(7)}-")  # killed a moment ago
+    current = temporary(f".000001-abc.json.{outputs.partial_tag(9)}-")  # the lease holder's own
+    assert outputs.remove_stale_partials(dest, older_than=120, version=9) == 2
+    assert not killed.exists()
+    assert not superseded.exists()  # its lease was taken over: its writer never renames it
+    assert live.exists()
+    assert current.exists()
+    assert other.exists()
+
+
+def test_a_sidecars_temporary_carries_the_tag_it_is_given(tmp_path: Path) -> None:
+    made: list[str] = []
+    real = tempfile.mkstemp
+
+    def recording(**kwargs: Any) -> tuple[int, str]:
+        fd, name = real(**kwargs)
+        made.append(Path(name).name)
+        return fd, name
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(tempfile, "mkstemp", recording)
+        outputs.write_json_atomic(tmp_path / "000001-abc.json", {"v": 1}, temp_tag=outputs.partial_tag(4))
+    (name,) = made
+    assert name.startswith(".000001-abc.json.v4-")
+    assert name.endswith(".tmp")
+    assert [p.name for p in tmp_path.iterdir()] == ["000001-abc.json"]

@@ -16,6 +16,9 @@ What a failure leads to, by where it happened:
 * The video download: retried ``WANBATCH_DOWNLOAD_ATTEMPTS`` times; a refused host, a body that
   is not a video or an expired file fails at once. One attempt lasts at most
   ``WANBATCH_DOWNLOAD_TIMEOUT`` seconds and renews the job's lease while bytes arrive.
+* A process that dies once the video is saved but before the job's success is stored: the next
+  try takes the file it left (hashed, probed) instead of downloading it again — fal may no
+  longer serve it (:func:`_downloaded_before`).
 * Writing the output here (disk full, read-only folder): the batch is paused with the reason and
   the job waits for its next run (:func:`_pause_for_outputs`): every job sent meanwhile would be
   paid for and meet the same disk.
@@ -34,11 +37,12 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 import weakref
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -424,11 +428,19 @@ def _discard_download_client(key: int) -> None:
 
 
 def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video) -> str:
-    """Download (or, for object storage, find already staged), probe, then store the output."""
+    """Download (or find already downloaded: :func:`_downloaded_before`), probe, then store the
+    output."""
     settings = rt.settings
     outs = open_output_store(settings)
     dest = outs.video_dest(claim.batch_name, claim.item_index, job_id)
-    result = _staged(job_id, dest, video) if outs.is_remote else None
+    try:
+        # debris of attempts that are over (temporary files of downloads and sidecars): never
+        # the file of a download that holds the job
+        outputs.remove_stale_partials(dest, older_than=settings.lease_seconds, version=claim.version)
+    except OSError as exc:
+        failed = OutputWriteError(f"could not clean up {dest.parent}: {exc.strerror or exc}")
+        return _write_failed(rt, job_id, claim, failed)
+    result = _downloaded_before(job_id, dest, video, claim.job.submitted_at, staged=outs.is_remote)
     if result is None:
         fetched = _download_video(rt, job_id, claim, video, dest)
         if isinstance(fetched, str):
@@ -476,6 +488,7 @@ def _store_video(
             size=result.size,
             sidecar=sidecar,
             progress=_LeaseKeeper(rt, claim.fence),
+            temp_tag=outputs.partial_tag(claim.version),
         )
     except StateConflict:
         return "lost-lease"  # the staged file stays: the lease's new holder uploads it
@@ -624,11 +637,6 @@ def _download_video(
     shared = download_client(rt)
     client = shared.get()
     try:
-        try:
-            # debris of attempts that are over: never the file of a download that holds the job
-            outputs.remove_stale_partials(dest, older_than=settings.lease_seconds, version=claim.version)
-        except OSError as exc:
-            raise OutputWriteError(f"could not clean up {dest.parent}: {exc.strerror or exc}") from exc
         return download_file(
             video.url,
             dest,
@@ -655,25 +663,53 @@ def _download_video(
         return _download_failed(rt, job_id, claim, exc)
 
 
-def _staged(job_id: str, dest: Path, video: Video) -> DownloadResult | None:
-    """The video an earlier try of this job downloaded and staged but could not upload, hashed
-    again — so a failed upload is retried without a new download (fal's file may have expired
-    meanwhile; the video is paid for). None when there is none (or it is not the size fal
-    described: it is removed and downloaded again).
+def _downloaded_before(
+    job_id: str, dest: Path, video: Video, sent_at: datetime | None, *, staged: bool
+) -> DownloadResult | None:
+    """The video an earlier try of this job already put at ``dest``, hashed again — so it is
+    not downloaded a second time: fal's file may have expired meanwhile, and the video is paid
+    for. None when there is none that is surely this request's (then it is downloaded).
 
-    The staged name holds only our ids, and a job only ever stages the video of the request it
-    is downloading (a new request means a new attempt, which starts before any download), so a
-    staged file is this request's. It was renamed into place whole (``download`` writes a
-    temporary file), so it is never a partial one. One staged under the job's item number before
-    a resubmit of an edited manifest renumbered the job is moved to ``dest`` first
-    (:func:`outputs.under_another_item`).
+    * ``staged`` (object storage): the video an earlier try downloaded and staged but could not
+      upload. A staged file of another size than fal described is removed.
+    * A local output folder: the video an earlier try renamed into place before it could record
+      the job's success (the process died in between: ``kill -9``, a power loss after the file
+      and its folder were synced). A file of another size is left alone (a download replaces it).
+
+    Why such a file is this request's: its name holds only our ids (:func:`outputs.video_path`),
+    and only a download of this job puts a file there, renamed into place whole (``download``
+    writes a temporary file first), so it is never a partial one. A job only ever downloads the
+    video of the request it holds, and a video that does not count is removed with its job's
+    failure (:func:`_check_media`). No other job writes under its name: a rerun's jobs have ids,
+    so names, of their own (one taking a staged video, ``reused_from``, never comes here), and
+    a job reusing an output (``reuse_outputs``) records the original's path and has no file.
+    One case is left: a try dies after the rename, the next one hears from fal that the request
+    failed, and the job is sent again as a new request — the file is then the earlier
+    request's. So a file is taken only when it was written (its mtime, which a rename keeps) at
+    or after the moment the job's current request was sent (``sent_at``: its ``submitted_at``):
+    a video of that request cannot be older, and one of an earlier request is. Without that
+    time nothing is taken from a local folder (a staged file is, as it always was).
+
+    One left under the job's item number before a resubmit of an edited manifest renumbered the
+    job is moved to ``dest`` first (:func:`outputs.under_another_item`), a sidecar beside it
+    removed (the success writes one under the new number). The probe that follows
+    (:func:`_check_media`) checks it as it checks any download.
     """
+    if sent_at is None and not staged:
+        return None
     try:
         if not dest.exists() and (earlier := outputs.under_another_item(dest, job_id)) is not None:
+            if not _written_since(earlier, sent_at):
+                return None
             earlier.replace(dest)
+            if not staged:
+                outputs.sidecar_path(earlier).unlink(missing_ok=True)
+        if not _written_since(dest, sent_at):
+            return None
         size = dest.stat().st_size
         if video.file_size is not None and size != video.file_size:
-            dest.unlink()
+            if staged:
+                dest.unlink()
             return None
         digest = hashlib.sha256()
         with dest.open("rb") as fh:
@@ -681,12 +717,29 @@ def _staged(job_id: str, dest: Path, video: Video) -> DownloadResult | None:
                 digest.update(chunk)
     except OSError:
         return None
-    log.info(
-        "job %s: uploading the video staged by an earlier try (no new download)",
-        job_id,
-        extra={"event": "download.upload_staged"},
-    )
+    if staged:
+        log.info(
+            "job %s: uploading the video staged by an earlier try (no new download)",
+            job_id,
+            extra={"event": "download.upload_staged"},
+        )
+    else:
+        log.info(
+            "job %s: taking the video an earlier try already saved as %s (no new download)",
+            job_id,
+            dest.name,
+            extra={"event": "download.already_saved"},
+        )
     return DownloadResult(path=dest, sha256=digest.hexdigest(), size=size)
+
+
+def _written_since(path: Path, sent_at: datetime | None) -> bool:
+    """Whether ``path`` is a regular file (not a link, nothing else) last written at or after
+    ``sent_at`` (no time: any). :class:`OSError` when it cannot be looked at (gone)."""
+    info = path.lstat()
+    if not stat.S_ISREG(info.st_mode):
+        return False
+    return sent_at is None or info.st_mtime >= sent_at.timestamp()
 
 
 def _check_media(
