@@ -63,12 +63,6 @@ def other_pid_here(owner: str) -> int | None:
     return None if pid <= 0 or pid == os.getpid() else pid
 
 
-def of_this_host(owner: str) -> bool:
-    """Whether owner ``owner`` (``host:pid:``…) names a process of this host (this one included)."""
-    host, sep, _ = owner.partition(":")
-    return bool(sep) and host == socket.gethostname()
-
-
 def owner_gone(owner: str) -> bool:
     """Whether owner ``owner`` (``host:pid:``…) is a process of this host that has ended (or is a
     zombie nobody reaped). Anything it cannot tell — another host, a live pid, this process, an

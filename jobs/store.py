@@ -114,7 +114,6 @@ __all__ = [
     "JobHead",
     "JobMoney",
     "JobTotals",
-    "LapsedSubmit",
     "LeaseHolder",
     "MetricsScope",
     "NewJob",
@@ -195,7 +194,6 @@ __all__ = [
     "job_snapshots",
     "job_totals",
     "jobs_of_batch",
-    "lapsed_submits",
     "last_heartbeat",
     "last_heartbeats",
     "lease_holders",
@@ -231,7 +229,6 @@ __all__ = [
     "retry_later",
     "scheduled_batches",
     "sent_attempts",
-    "sent_repeat",
     "set_batch_budget",
     "set_batch_manifest",
     "set_batch_manifest_path",
@@ -1756,9 +1753,7 @@ def adopt_late_proof(
     webhook (the request finished, so fal billed it) or the submit's late answer (accepted: it
     runs, and is billed). The one move out of a terminal state
     (:mod:`jobs.states`): the job keeps that request and goes on as any adopted request does —
-    polled, its video fetched; nothing is sent again. When a rerun of the job
-    (``rerun --failed-only``, another batch) was sent meanwhile (:func:`sent_repeat`), fal bills
-    that input twice: one more ``confirmed_duplicate_charges`` on this job, said in ``reason``.
+    polled, its video fetched; nothing is sent again.
 
     Only a job that failed for that reason alone qualifies: ``error_type`` ``submit_unknown``,
     ``attempt`` one it sent, no request kept, no output (so a video is never fetched over another).
@@ -1783,13 +1778,6 @@ def adopt_late_proof(
         return False
     before = finished_usd(JobState.FAILED, found.actual_usd, found.est_usd, found.ambiguous_usd)
     adopted = _proved_request(found, request_id, gateway_request_id, next_poll_at)
-    repeat = sent_repeat(session, found)
-    if repeat is not None:  # ``rerun --failed-only`` sent it too: the same input billed twice
-        adopted["confirmed_duplicate_charges"] = found.confirmed_duplicate_charges + 1
-        reason += (
-            f"; its rerun, job {repeat}, was sent too: fal renders and bills this input twice "
-            "(a confirmed duplicate charge)"
-        )
     moved = _move(session, fence, JobState.QUEUED, reason, finished_at=None, **adopted, **fetched)
     if moved:
         _add_finished(session, found.batch_id, found.submitted_at, -before)
@@ -3625,47 +3613,6 @@ def lease_holders(session: Session, batch_id: str, *, now: datetime, excluding: 
     return [LeaseHolder(str(owner), int(count), until) for owner, count, until in rows if until is not None]
 
 
-@dataclass(frozen=True, slots=True)
-class LapsedSubmit:
-    """A ``submitting`` job whose POST may be out (its input recorded) and whose lease has run
-    out (:func:`lapsed_submits`): the reconciler's to take over — unless its holder still lives."""
-
-    job_id: str
-    batch_id: str
-    #: The lease owner as stored (``host:pid:thread``).
-    owner: str
-    #: When its lease ran out.
-    until: datetime
-
-
-def lapsed_submits(
-    session: Session,
-    *,
-    now: datetime,
-    batch_ids: Iterable[str] | None = None,
-    exclude_batch_ids: Collection[str] = (),
-) -> list[LapsedSubmit]:
-    """Every ``submitting`` job whose input is recorded (its POST may be out) and whose lease ran
-    out by ``now``, of ``batch_ids`` (None: every batch) but not of ``exclude_batch_ids``: what
-    :func:`claim_jobs` would hand the reconciler, with who held it. Reads the index on
-    ``(state, …)``: such jobs are few (at most the POSTs in flight)."""
-    query = select(Job.id, Job.batch_id, Job.lease_owner, Job.lease_expires_at).where(
-        Job.state == JobState.SUBMITTING,
-        Job.submitted_input.is_not(None),
-        Job.lease_owner.is_not(None),
-        Job.lease_expires_at <= now,
-    )
-    if batch_ids is not None:
-        query = query.where(Job.batch_id.in_(sorted(set(batch_ids))))
-    if exclude_batch_ids:
-        query = query.where(Job.batch_id.not_in(sorted(set(exclude_batch_ids))))
-    return [
-        LapsedSubmit(str(job_id), str(batch_id), str(owner), until)
-        for job_id, batch_id, owner, until in session.execute(query.order_by(Job.id))
-        if owner is not None and until is not None
-    ]
-
-
 def expire_leases(session: Session, batch_id: str, owners: Collection[str], *, now: datetime) -> int:
     """Let the leases ``owners`` hold on ``batch_id``'s unfinished jobs lapse now, as if their time
     had run out: their owners are known to be gone, so the jobs are claimed again at once, through
@@ -4194,37 +4141,6 @@ def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -
         repeated = select(Job.id).where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
         parents = children
     return found
-
-
-def sent_repeat(session: Session, job: JobRecord) -> str | None:
-    """A job of a rerun of ``job``'s batch (any generation) that repeats ``job`` and was sent
-    (its POST recorded: ``sent_at``, or ``submitted_at`` once accepted), in a batch of the same
-    kind (a simulation's repeat bills nothing): its id, else None. ``rerun --failed-only`` sent
-    it for a job that failed because its submit's outcome was unknown; should that submit's
-    answer come after all, fal renders and bills the same input twice: a confirmed duplicate
-    charge (:func:`adopt_late_proof`), and a late answer is cancelled at fal first
-    (:func:`worker.steps.late_answers.settle_late_answer`). Walked as
-    :func:`rerun_repeats` walks (by ``parent_batch_id``, then each child batch's jobs), never a
-    scan of every job."""
-    simulated = bool(session.scalar(select(Batch.simulated).where(Batch.id == job.batch_id)))
-    parents = [job.batch_id]
-    repeated = [job.id]
-    while parents and repeated:
-        same_kind = select(Batch.id).where(Batch.parent_batch_id.in_(parents), Batch.simulated.is_(simulated))
-        children = list(session.scalars(same_kind))
-        if not children:
-            return None
-        rows = session.execute(
-            select(Job.id, Job.sent_at, Job.submitted_at).where(
-                Job.batch_id.in_(children), Job.rerun_of.in_(repeated)
-            )
-        ).all()
-        # ``sent_at`` is cleared while a next attempt is claimed; ``submitted_at`` stays.
-        sent = sorted(str(r.id) for r in rows if r.sent_at is not None or r.submitted_at is not None)
-        if sent:
-            return sent[0]
-        parents, repeated = children, [str(r.id) for r in rows]
-    return None
 
 
 def rerun_repeats_of_batches(

@@ -23,15 +23,6 @@ enough that the holder is gone (:func:`process_gone`), so what it held is taken 
 
 A holder that cannot be told gone (another host, a live process, a queue's name), and a dead
 one's submits in flight, are waited for, and :func:`waiting_note` says for whom and until when.
-
-A submit whose lease ran out while its holder is a live process of this host is not taken over
-either (:func:`live_submits`): the process was frozen or stalled past its lease — a SIGSTOP, a
-suspended laptop or VM, a long swap — and its POST may still be answered once it goes on (it then
-renews the lease and records the answer). Calling that outcome unknown would fail the job at once
-without a webhook receiver, with advice to rerun it that pays twice once the answer comes. The
-reconciler leaves such a job until its holder goes on or ends (then it is taken over at once), and
-the progress line says whose POSTs it waits for. A holder of another host cannot be told alive:
-its lapsed lease is taken over as before.
 """
 
 from __future__ import annotations
@@ -46,7 +37,7 @@ from sqlalchemy.orm import Session
 from jobs import db, processes, store
 from jobs.listing import PROCESSING_STALE_SECONDS
 from jobs.models import utcnow
-from jobs.store import LapsedSubmit, LeaseHolder
+from jobs.store import LeaseHolder
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, process_identity
 
 log = logging.getLogger(__name__)
@@ -71,30 +62,6 @@ def live_pid_here(owner: str) -> int | None:
     return pid if pid is not None and processes.exists(pid) and not processes.zombie(pid) else None
 
 
-def live_submits(
-    session: Session,
-    *,
-    now: datetime,
-    batch_ids: Collection[str] | None = None,
-    exclude_batch_ids: Collection[str] = (),
-) -> list[LapsedSubmit]:
-    """The ``submitting`` jobs whose POST may be out and whose lease ran out (of ``batch_ids``,
-    None: every batch, but not of ``exclude_batch_ids``) while the lease owner is a live process
-    of this host (:func:`live_pid_here`): frozen or stalled, its POST may still be answered, so
-    the reconciler does not take them over (see the module's docstring)."""
-    lapsed = store.lapsed_submits(session, now=now, batch_ids=batch_ids, exclude_batch_ids=exclude_batch_ids)
-    return held_by_live_processes(lapsed)
-
-
-def held_by_live_processes(lapsed: Collection[LapsedSubmit]) -> list[LapsedSubmit]:
-    """Those of ``lapsed`` whose lease owner is a live process of this host (:func:`live_pid_here`)."""
-    alive: dict[str, bool] = {}
-    for job in lapsed:
-        if job.owner not in alive:
-            alive[job.owner] = live_pid_here(job.owner) is not None
-    return [job for job in lapsed if alive[job.owner]]
-
-
 def live_runs_here(session: Session, batch_id: str, *, now: datetime) -> list[int]:
     """The pids of the live processes of this host, other than this one, that work on
     ``batch_id``: they beat for it within :data:`~jobs.listing.PROCESSING_STALE_SECONDS`, or
@@ -117,9 +84,6 @@ class DeadLeases:
         self.waiting_for: list[LeaseHolder] = []
         #: The owners last found gone (their submits in flight are waited for all the same).
         self.gone: frozenset[str] = frozenset()
-        #: Submits whose lease ran out while their holder, a live process of this host, was
-        #: frozen or stalled: waited for (:func:`live_submits`).
-        self.frozen: list[LapsedSubmit] = []
 
     def take_back(self) -> int:
         """Every :data:`SCAN_SECONDS`: let the leases of dead processes on this host lapse now.
@@ -143,12 +107,9 @@ class DeadLeases:
                     said.append((owner, back.unsent + back.lapsed, back.in_flight))
             # What stays leased (to live processes; to dead ones, submits whose POST may be out).
             left = store.lease_holders(session, self.batch_id, now=now, excluding=mine) if gone else holders
-            # And what a live process's lapsed lease still holds: its POSTs may yet be answered.
-            frozen = [] if self.rt.simulated else live_submits(session, now=now, batch_ids=[self.batch_id])
         # This process's own queued downloads are leased to the queue's name: not another's.
         self.waiting_for = [h for h in left if h.owner != DOWNLOAD_QUEUE]
         self.gone = frozenset(gone)
-        self.frozen = frozen
         taken = 0
         for owner, jobs, in_flight in said:
             taken += jobs
@@ -172,39 +133,13 @@ class DeadLeases:
 
     def note(self, now: datetime | None = None) -> str:
         """The progress line's words for the leases still waited for ("" when none)."""
-        return waiting_note(self.waiting_for, now or utcnow(), gone=self.gone, frozen=self.frozen)
+        return waiting_note(self.waiting_for, now or utcnow(), gone=self.gone)
 
 
-def waiting_note(
-    holders: list[LeaseHolder],
-    now: datetime,
-    *,
-    gone: Collection[str] = (),
-    frozen: Collection[LapsedSubmit] = (),
-) -> str:
+def waiting_note(holders: list[LeaseHolder], now: datetime, *, gone: Collection[str] = ()) -> str:
     """``waiting for 3 job(s) leased to host:123:4 (another process) until 14:02:11 UTC``:
     why jobs of the batch do not move while another process holds them (``gone``: owners known
-    to have ended, whose submits in flight are waited for: "a process that has ended";
-    ``frozen``: submits whose holder, a live process of this host, let its lease run out)."""
-    said = [note for note in (_frozen_note(frozen), _holders_note(holders, now, gone)) if note]
-    return "; ".join(said)
-
-
-def _frozen_note(frozen: Collection[LapsedSubmit]) -> str:
-    """``waiting for 3 submit(s) of host:123:4, a live process of this host (stopped or stalled
-    past its lease): its POSTs may still be answered``; "" when none."""
-    if not frozen:
-        return ""
-    owners = sorted({job.owner for job in frozen})
-    who = owners[0] if len(owners) == 1 else f"{owners[0]} and {len(owners) - 1} other(s)"
-    return (
-        f"waiting for {len(frozen)} submit(s) of {who}, a live process of this host (stopped or "
-        "stalled past its lease): its POSTs may still be answered; taken over once it ends"
-    )
-
-
-def _holders_note(holders: list[LeaseHolder], now: datetime, gone: Collection[str]) -> str:
-    """The words of :func:`waiting_note` for live leases ("" when none)."""
+    to have ended, whose submits in flight are waited for: "a process that has ended")."""
     live = [h for h in holders if h.until > now]
     if not live:
         return ""

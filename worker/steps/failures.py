@@ -252,32 +252,15 @@ def cost_of_failure(job: JobView, exc: ProviderError) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ submissions of unknown outcome
 
-#: Why waiting on an ambiguous submit cannot help when no webhook receiver is configured. (Said
-#: only when it is so: a POST whose connection broke, a worker of this host that has ended. A
-#: live process of this host that let its lease run out is waited for instead:
-#: :func:`worker.steps.dead_leases.live_submits`.)
+#: Why waiting on an ambiguous submit cannot help when no webhook receiver is configured.
 NO_RECEIVER = (
     "no webhook receiver is configured (WANBATCH_WEBHOOK_URL), so nothing can prove whether fal "
     "accepted it and waiting would change nothing"
 )
-#: The same for a POST lost with a worker of another host, which cannot be told gone from here.
-NO_RECEIVER_ELSEWHERE = (
-    "no webhook receiver is configured (WANBATCH_WEBHOOK_URL), so only that worker's own answer "
-    "could prove whether fal accepted it, and a worker of another host cannot be told gone from "
-    "here: should it still run (stopped, suspended), its answer is recorded when it comes, and a "
-    "rerun sent meanwhile makes it a duplicate charge (cancelled at fal when it still can be, "
-    "else counted in confirmed_duplicate_charges)"
-)
 
 
 def submit_outcome_unknown(
-    session: Session,
-    rt: Runtime,
-    fence: Fence,
-    why: str,
-    *,
-    settle_now: bool = True,
-    no_receiver: str = NO_RECEIVER,
+    session: Session, rt: Runtime, fence: Fence, why: str, *, settle_now: bool = True
 ) -> bool:
     """``submitting`` → ``submit_unknown`` for a POST that may have been accepted; then, unless
     something can still prove the outcome, ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` at once.
@@ -286,8 +269,8 @@ def submit_outcome_unknown(
     later whether such a request exists — fal has no "list my requests" call. With a receiver
     the job waits up to ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` for that proof; without one it
     would wait for nothing, so the policy is applied now (``settle_now``; else the job is due
-    at once for the reconciler) and the reason says why (``no_receiver``). The event into
-    ``submit_unknown`` is written either way: the history shows the ambiguity.
+    at once for the reconciler) and the reason says why. The event into ``submit_unknown`` is
+    written either way: the history shows the ambiguity.
     """
     if rt.simulated:
         return resend_to_simulator(session, rt, fence, why)
@@ -297,7 +280,7 @@ def submit_outcome_unknown(
     if moved:
         telemetry.count_ambiguous_submit()
     if moved and settle_now and not waits:
-        settle_unknown_submit(session, rt, store.get_job(session, fence.job_id), no_receiver)
+        settle_unknown_submit(session, rt, store.get_job(session, fence.job_id), NO_RECEIVER)
     return moved
 
 

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from sqlalchemy.orm import Session
 
-from jobs import db, processes, store
+from jobs import db, store
 from jobs.errors import (
     NotFoundError,
     ProviderError,
@@ -17,14 +17,7 @@ from jobs.models import utcnow
 from jobs.store import Fence
 from worker.fal.models import RequestHandle
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, tail_of_fal_queue_first
-from worker.steps.dead_leases import held_by_live_processes
-from worker.steps.failures import (
-    NO_RECEIVER,
-    NO_RECEIVER_ELSEWHERE,
-    settle_unknown_submit,
-    submit_outcome_unknown,
-    unknown_submit_wait_over,
-)
+from worker.steps.failures import settle_unknown_submit, submit_outcome_unknown, unknown_submit_wait_over
 from worker.steps.late_answers import awaits_answer, settle_late_answer
 from worker.steps.poll import first_poll_at
 from worker.steps.unrecorded import Accepted, read_journal
@@ -39,10 +32,7 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
       back to ``pending`` — safe to send; otherwise its outcome is unknown (``submit_unknown``).
       A live worker renews that lease while its POST is in flight (:mod:`worker.steps.keepalive`),
       so a lapsed one means the worker died or stalled; should its answer still come, the job
-      keeps it or has it recorded (:mod:`worker.steps.late_answers`). One whose holder is a live
-      process of this host (frozen or stalled: a SIGSTOP, a suspend, a long swap) is not taken
-      over: its POST may still be answered (:func:`~worker.steps.dead_leases.live_submits`); it is
-      once that process has ended. Another host's holder cannot be told alive: taken over.
+      keeps it or has it recorded (:mod:`worker.steps.late_answers`).
     * A simulation's (``--simulate``) is sent again instead, to this run's simulator: it was
       never at fal, so nothing was possibly billed (:func:`~worker.steps.failures.resend_to_simulator`).
     * ``submit_unknown`` past its deadline: the policy decides — fail with "submission outcome
@@ -63,24 +53,6 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
     with db.session_scope(rt.engine) as session:
         lease = rt.settings.lease_seconds
         reach = rt.reach(session)
-        # Read with the same ``now`` the claim compares leases with: a lease renewed meanwhile is
-        # not claimed, and no other lease can lapse by ``now`` in between. (A simulation's submit
-        # is resent to this run's simulator: nothing billed, nothing to wait for.)
-        lapsed = (
-            []
-            if rt.simulated
-            else store.lapsed_submits(
-                session, now=now, batch_ids=reach.batch_ids, exclude_batch_ids=reach.exclude_batch_ids
-            )
-        )
-        holders = {job.job_id: job.owner for job in lapsed}
-        frozen = held_by_live_processes(lapsed)
-        if frozen:
-            log.debug(
-                "%d submit(s) whose lease ran out are held by live processes of this host: waited for",
-                len(frozen),
-                extra={"event": "reconcile.frozen_submits", "jobs": len(frozen)},
-            )
         lost = store.claim_jobs(
             session,
             states=[S.SUBMITTING],
@@ -89,7 +61,6 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
             owner=rt.owner,
             lease_seconds=lease,
             batch_ids=reach.batch_ids,
-            exclude_ids={job.job_id for job in frozen},
             exclude_batch_ids=reach.exclude_batch_ids,
         )
         for job in lost:
@@ -98,17 +69,12 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
                     session, rt.fence(job), reason="worker lost before sending; safe to send"
                 )
             else:
-                holder = holders.get(job.id)
-                elsewhere = holder is not None and not processes.of_this_host(holder)
                 ok = submit_outcome_unknown(
                     session,
                     rt,
                     rt.fence(job),
-                    f"the worker was lost during the POST (its lease, held by {holder}, ran out)"
-                    if holder
-                    else "the worker was lost during the POST",
+                    "the worker was lost during the POST",
                     settle_now=rt.in_scope(job.batch_id),
-                    no_receiver=NO_RECEIVER_ELSEWHERE if elsewhere else NO_RECEIVER,
                 )
             moved += ok
         unknown = store.claim_jobs(
