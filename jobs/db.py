@@ -36,10 +36,10 @@ import stat
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
@@ -1404,8 +1404,8 @@ def downgrade(engine: Engine, revision: str) -> None:
         conn.commit()
 
 
-@lru_cache(maxsize=8)
-def _engine_for(url: str) -> Engine:
+def _opened_engine(url: str) -> Engine:
+    """A new engine for ``url``, migrated to head (:func:`migrate`); :class:`ConfigError` else."""
     engine = make_engine(url)  # ConfigError for a URL that is not SQLite or PostgreSQL
     try:
         migrate(engine)
@@ -1425,6 +1425,53 @@ def _engine_for(url: str) -> Engine:
             f"WANBATCH_DATABASE_URL {safe_url(url)}: cannot open the database: {reason}"
         ) from None
     return engine
+
+
+class _Engines:
+    """The engines :func:`open_engine` opened, one per URL, the latest :data:`KEPT` of them.
+
+    A process uses one database, so its engine (and its pool) is opened and migrated once. An
+    engine dropped from here is disposed of — its pooled connections closed — not left to the
+    garbage collector: an engine sits in reference cycles, and a collection frozen out
+    (:func:`cli.startup.resume` freezes what the start-up built) kept a dropped engine's idle
+    connections open for the life of the process (a test process opening many databases ran a
+    PostgreSQL server out of connections). :meth:`cache_clear` forgets them all (tests: "a new
+    process"); a disposed engine still in someone's hands opens new connections when used.
+    """
+
+    KEPT = 8
+
+    def __init__(self) -> None:
+        self._engines: OrderedDict[str, Engine] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, url: str) -> Engine:
+        with self._lock:
+            engine = self._engines.get(url)
+            if engine is not None:
+                self._engines.move_to_end(url)
+                return engine
+        engine = _opened_engine(url)
+        with self._lock:
+            kept = self._engines.setdefault(url, engine)
+            self._engines.move_to_end(url)
+            dropped = [self._engines.popitem(last=False)[1] for _ in range(len(self._engines) - self.KEPT)]
+        if kept is not engine:  # another thread opened it meanwhile
+            dropped.append(engine)
+        for old in dropped:
+            old.dispose()
+        return kept
+
+    def cache_clear(self) -> None:
+        """Dispose of every engine opened so far and forget them."""
+        with self._lock:
+            dropped = list(self._engines.values())
+            self._engines.clear()
+        for old in dropped:
+            old.dispose()
+
+
+_engine_for = _Engines()
 
 
 def open_engine(settings: DatabaseSettings | None = None) -> Engine:
