@@ -902,17 +902,20 @@ def _ends_without_fal(ref: Path, settings: Settings) -> bool:
 
 
 def _say_collecting(batch_id: str, settings: Settings) -> None:
-    """Say, before the progress, that ``run`` of a batch its user paused only collects what was
-    paid for (:func:`jobs.batches.refuse_paused` let it through for that): without the line the
-    run looked as if it had ignored the pause."""
+    """Say, before the progress, that ``run`` of a batch its user paused (or cancelled) only
+    collects what was paid for (:func:`jobs.batches.refuse_paused`,
+    :func:`jobs.batches.refuse_cancelled` let it through for that): without the line the run
+    looked as if it had ignored the pause."""
     from jobs import batches, db, store
 
     with db.read_scope(db.open_engine(settings)) as session:
         batch = store.get_batch(session, batch_id)
-        collecting = batches.paused_collecting(session, batch)
-        if not collecting:
+        if cancelled := batches.cancelled_collecting(session, batch):
+            line = batches.cancelled_collecting_line(batch.name, cancelled)
+        elif collecting := batches.paused_collecting(session, batch):
+            line = batches.collecting_line(batch.name, shell_ref(batch.name, batch.id), collecting)
+        else:
             return
-        line = batches.collecting_line(batch.name, shell_ref(batch.name, batch.id), collecting)
     err.print(f"[yellow]{escape(line)}[/yellow]")
 
 

@@ -666,7 +666,23 @@ def progress_text(report: BatchReport, *, distributed: bool = False) -> str:
             parts.append("no ETA: nothing in flight")
         if not report["processing"] and label != "cancelled":
             parts.append(idle_text(report, distributed=distributed))
+        elif not report["processing"] and report["in_flight"]:
+            parts.append(cancelled_idle_text(report, distributed=distributed))
     return " · ".join(parts)
+
+
+def cancelled_idle_text(report: BatchReport, *, distributed: bool = False) -> str:
+    """What a cancelled batch with jobs at fal or downloading needs when no process works on it:
+    a webhook ``wanbatch serve`` applied after its run ended may have proved that fal ran a
+    cancelled request to the end (billed), and its video waits to be fetched
+    (:func:`jobs.batches.cancelled_collecting`)."""
+    from jobs.listing import not_processing  # SQLAlchemy: loaded only once a report is shown
+
+    seen = report["processed_at"]
+    words = not_processing(datetime.fromisoformat(seen) if seen else None, now=datetime.now(UTC))
+    downloading = report["counts"].get("downloading", 0)
+    paid = f"{downloading} paid video(s) to fetch" if downloading else "requests at fal"
+    return f"{words}: {_runner(report, workers=True, distributed=distributed)} collects them ({paid})"
 
 
 def idle_text(report: BatchReport, *, distributed: bool = False) -> str:
@@ -996,6 +1012,8 @@ def print_batches(reports: list[BatchReport], *, distributed: bool = False) -> N
             notes.append(f"{ids[r['batch']]} {fal}")
         if not r["processing"] and label not in ("done", "cancelled"):
             notes.append(f"{ids[r['batch']]} {idle_text(r, distributed=distributed)}")
+        elif not r["processing"] and label == "cancelled" and r["in_flight"]:
+            notes.append(f"{ids[r['batch']]} {cancelled_idle_text(r, distributed=distributed)}")
     simulations = [ids[r["batch"]] for r in reports if r["simulated"]]
     if simulations:  # their videos and money are the simulator's: say which rows those are
         notes.append(f"simulated (`--simulate`): {', '.join(simulations)}")

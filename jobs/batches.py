@@ -1663,7 +1663,12 @@ def cancelled_line(session: Session, batch: Batch, *, manifest: bool) -> str:
     ref = shell_ref(batch.name, batch.id)
     simulate = " --simulate" if batch.simulated else ""
     line = f"batch {batch.name} is cancelled (`wanbatch cancel`) and cannot be resumed; "
-    if unfinished := store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id):
+    if collecting := cancelled_collecting(session, batch):
+        line += (
+            f"{collecting} job(s) of it are at fal or have a paid video to fetch (`wanbatch run "
+            f"{ref}{simulate}` collects them, sending nothing), then "
+        )
+    elif unfinished := store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id):
         line += (
             f"{unfinished} job(s) of it are still being cancelled (`wanbatch cancel {ref}{simulate}` "
             "finishes that), then "
@@ -1676,9 +1681,29 @@ def cancelled_line(session: Session, batch: Batch, *, manifest: bool) -> str:
 def refuse_cancelled(session: Session, batch: Batch, *, manifest: bool) -> None:
     """``submit`` or ``run`` of a batch ``wanbatch cancel`` ended: a :class:`UsageError` (exit 2),
     raised before anything changes. A cancel is for good: the jobs a new submit added were
-    cancelled "by user" at once (:mod:`worker.steps.reconcile`), and a run sent nothing."""
-    if batch.state == BatchState.CANCELLED:
-        raise UsageError(cancelled_line(session, batch, manifest=manifest))
+    cancelled "by user" at once (:mod:`worker.steps.reconcile`), and a run sent nothing.
+
+    Not ``run BATCH`` (not ``manifest``) of one with jobs at fal or downloading
+    (:func:`cancelled_collecting`): that run collects them, sending nothing. Refused, a video fal
+    finished (and billed) after the cancel stayed unfetched until the user thought of running
+    ``cancel`` again."""
+    if batch.state != BatchState.CANCELLED:
+        return
+    if not manifest and cancelled_collecting(session, batch):
+        return  # `run BATCH` collects what fal made or holds, sending nothing
+    raise UsageError(cancelled_line(session, batch, manifest=manifest))
+
+
+def cancelled_collecting(session: Session, batch: Batch) -> int:
+    """How many jobs of a batch ``wanbatch cancel`` ended are still at fal or downloading (0 for
+    a batch not cancelled): requests whose cancel is under way, and videos fal finished, paid
+    for, that nobody has fetched yet — a webhook applied by ``wanbatch serve`` after the batch's
+    run ended can prove that fal ran a cancelled (or lost) request to the end, and adopt it
+    (:mod:`worker.steps.webhooks`). ``run BATCH`` collects them (:func:`refuse_cancelled` lets it
+    through), sending nothing, as ``cancel BATCH`` does; ``status`` and the dashboard say so."""
+    if batch.state != BatchState.CANCELLED:
+        return 0
+    return store.count_in_states(session, listing.BUSY_STATES, batch_id=batch.id)
 
 
 def refuse_paused(session: Session, batch: Batch) -> None:
@@ -1716,6 +1741,16 @@ def paused_collecting(session: Session, batch: Batch) -> int:
     if store.batch_schedule(batch).past_deadline(utcnow()):
         return 0
     return store.count_in_states(session, listing.BUSY_STATES, batch_id=batch.id)
+
+
+def cancelled_collecting_line(name: str, collecting: int) -> str:
+    """What a ``run`` of a cancelled batch says before it collects its jobs at fal or
+    downloading (see :func:`cancelled_collecting`)."""
+    return (
+        f"batch {name} is cancelled (`wanbatch cancel`): nothing of it is sent; collecting its "
+        f"{collecting} job(s) at fal or downloading (a video fal finished is paid for: it is "
+        f"fetched), then this run stops"
+    )
 
 
 def collecting_line(name: str, ref: str, collecting: int) -> str:

@@ -432,8 +432,13 @@ def not_processing(last_beat: datetime | None, *, now: datetime) -> str:
 
 def standing(batch: Batch, totals: Totals, last_beat: datetime | None, *, now: datetime) -> str:
     """Why ``batch`` does not move now, in words ("" when it does): what holds it back
-    (:func:`held_reason`), else that nothing processes it (:func:`idle_reason`)."""
-    return held_reason(batch, now=now) or idle_reason(totals, last_beat, now=now)
+    (:func:`held_reason`), else that nothing processes it (:func:`idle_reason`). A cancelled
+    batch with jobs still at fal or downloading (a video fal finished despite the cancel, proved
+    by a webhook after its run ended) says both: ``run BATCH`` collects them."""
+    held = held_reason(batch, now=now)
+    if held == "cancelled" and totals.busy and (idle := idle_reason(totals, last_beat, now=now)):
+        return f"cancelled; {totals.busy} job(s) at fal or downloading and {idle}"
+    return held or idle_reason(totals, last_beat, now=now)
 
 
 #: :func:`jobs.batches.schedule_state` of a batch its user paused (``wanbatch pause``) with work

@@ -10,6 +10,8 @@ Embedded SQLite mode, the real click group in process, against the bundled simul
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sqlalchemy import update
 
@@ -129,3 +131,48 @@ def test_a_cancel_still_under_way_is_named_first(wb: Wb, manifest: MakeManifest)
         "--failed-only` runs what failed or was cancelled again as a new batch" + NEW_NAME
     )
     assert _totals(wb, "night") == (2, {"pending": 2})
+
+
+def test_a_paid_video_a_webhook_proved_after_the_cancel_is_named_by_status_and_collected_by_run(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """After the batch's run ended, `wanbatch serve` applied fal's webhook proving that a request
+    our cancel was said to end ran to the end (billed): the job was adopted back into
+    `downloading`, and no process was left to fetch its video. `status` said only "no ETA:
+    cancelled", and `run night` was refused as "still being cancelled": the paid video stayed
+    unfetched, silently, until fal's result expired. Now `status` says `run night` collects it,
+    and `run night` does, sending nothing."""
+    path = manifest("night", NIGHT.format(seeds="1, 2"))
+    assert wb("run", path, "--no-progress").code == 0
+    assert sim.ledger()["accepted"] == 2
+    with db.session_scope(db.open_engine(get_settings())) as session:
+        batch_id = store.get_batch(session, "night").id
+        proved = next(iter(store.jobs_of_batch(session, batch_id)))
+        Path(proved.output_path or "").unlink()
+        # What `cancel` then an adoption by webhook (jobs.store.adopt_cancelled_proof, then the
+        # completion) leave: the batch cancelled, the job's video at fal, nothing fetched.
+        session.execute(update(Batch).where(Batch.id == batch_id).values(state=BatchState.CANCELLED))
+        session.execute(
+            update(Job)
+            .where(Job.id == proved.id)
+            .values(state=JobState.DOWNLOADING, output_path=None, output_sha256=None, lease_owner=None)
+        )
+
+    status = wb("status", "night")
+    assert status.code == 0, status.stderr
+    shown = " ".join((status.stdout + status.stderr).split())
+    assert "nothing is processing it: `wanbatch run night`, or a worker, collects them" in shown, shown
+    assert "(1 paid video(s) to fetch)" in shown
+    listed = " ".join(wb("status").stdout.split())
+    assert "1 paid video(s) to fetch" in listed, listed
+
+    ran = wb("run", "night", "--no-progress", "--json")
+    assert ran.code == 0, ran.stderr
+    assert "collecting its 1 job(s) at fal or downloading" in " ".join(ran.stderr.split())
+    assert _totals(wb, "night") == (2, {"succeeded": 2})
+    assert sim.ledger()["accepted"] == 2  # nothing sent
+    with db.session_scope(db.open_engine(get_settings())) as session:
+        after = store.get_job(session, proved.id)
+        assert after.state == JobState.SUCCEEDED
+        assert Path(after.output_path or "").is_file()
+        assert store.get_batch(session, batch_id).state == BatchState.CANCELLED
