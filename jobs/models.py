@@ -694,5 +694,23 @@ class WebhookDelivery(Base):
     repeats: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class WebhookInboxTotals(Base):
+    """The webhook inbox's counters, kept as deliveries are stored and applied (one row, ``id``
+    1), so that ``/metrics`` reads one row instead of every stored delivery
+    (:func:`jobs.store.delivery_counts`), and pruning applied deliveries
+    (:func:`jobs.store.prune_deliveries`) takes nothing off them. One short update in the
+    transaction that stores (or settles) a delivery: the receiver's own, never a job's."""
+
+    __tablename__ = "webhook_inbox_totals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    #: Distinct deliveries ever stored.
+    stored: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: Repeats of stored deliveries (the very same body again).
+    repeats: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: Deliveries applied as ``ignored: …``.
+    ignored: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 #: A job as a step holds it: loaded whole by the ORM, or read as a :class:`JobSnapshot`.
 JobView = Job | JobSnapshot

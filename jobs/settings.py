@@ -97,6 +97,9 @@ _Rate = Annotated[float, Field(gt=0, le=MAX_RATE), AfterValidator(_at_least_one_
 _EndpointRate = _Rate
 #: A duration in seconds that must be positive: from a microsecond (:data:`MIN_SECONDS`) to a year.
 _Seconds = Annotated[float, Field(ge=MIN_SECONDS, le=MAX_SECONDS)]
+#: How long fal retries a webhook delivery (https://docs.fal.ai/model-apis/model-endpoints/webhooks):
+#: the least ``webhook_retention``, so that every retry of an applied delivery is known as one.
+WEBHOOK_RETRY_SECONDS = 2 * 3600.0
 #: A per-endpoint cap: like ``max_outstanding``, at least 1 (0 held the endpoint's jobs forever).
 _EndpointCap = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 #: The most attempts (submissions, downloads) a setting may name: like a cap, beyond is a typo.
@@ -953,6 +956,10 @@ class WebhookSettings(_Section):
     webhook_url: str | None = None
     #: fal's webhook-signing public keys (https://docs.fal.ai/model-endpoints/webhooks).
     webhook_jwks_url: str = "https://rest.fal.ai/.well-known/jwks.json"
+    #: How long an applied delivery stays in the receiver's inbox before the tick deletes it
+    #: (``jobs.store.prune_deliveries``); within it a repeat of the same body is recognised and
+    #: counted, not stored again. At least fal's two hours of webhook retries; 7 days by default.
+    webhook_retention: float = Field(default=7 * 24 * 3600.0, ge=WEBHOOK_RETRY_SECONDS, le=MAX_SECONDS)
 
     @field_validator("webhook_url", mode="before")
     @classmethod

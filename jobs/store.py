@@ -85,6 +85,7 @@ from jobs.models import (
     SubmitRate,
     Upload,
     WebhookDelivery,
+    WebhookInboxTotals,
     new_id,
     utcnow,
 )
@@ -5419,6 +5420,7 @@ def store_delivery(
     )
     new = session.execute(stmt).first()
     if new is not None:
+        _count_inbox(session, stored=1)
         return int(new.id), True
     row = session.execute(
         update(WebhookDelivery)
@@ -5427,7 +5429,22 @@ def store_delivery(
         .returning(WebhookDelivery.id)
         .execution_options(synchronize_session=False)
     ).one()
+    _count_inbox(session, repeats=1)
     return int(row.id), False
+
+
+def _count_inbox(session: Session, **added: int) -> None:
+    """Add to the inbox's counters (:class:`~jobs.models.WebhookInboxTotals`), its row made the
+    first time (a database made from the models starts without it)."""
+    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    table = WebhookInboxTotals.__table__
+    values = {"stored": 0, "repeats": 0, "ignored": 0, **added}
+    stmt = dialect_insert(WebhookInboxTotals).values(id=1, **values)
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["id"], set_={name: table.c[name] + stmt.excluded[name] for name in added}
+        )
+    )
 
 
 def take_delivery(session: Session, delivery_id: int) -> WebhookDelivery | None:
@@ -5446,13 +5463,50 @@ def take_delivery(session: Session, delivery_id: int) -> WebhookDelivery | None:
 
 
 def settle_delivery(session: Session, delivery_id: int, outcome: str) -> None:
-    """Record what applying a taken delivery did."""
+    """Record what applying a taken delivery did (each delivery is settled once: it was taken
+    by a compare-and-set, :func:`take_delivery`)."""
     session.execute(
         update(WebhookDelivery)
         .where(WebhookDelivery.id == delivery_id)
         .values(outcome=outcome[:255])
         .execution_options(synchronize_session=False)
     )
+    if outcome.startswith("ignored"):
+        _count_inbox(session, ignored=1)
+
+
+def prune_deliveries(session: Session, *, before: datetime, limit: int = 1000) -> int:
+    """Delete up to ``limit`` deliveries applied before ``before`` (``WANBATCH_WEBHOOK_RETENTION``
+    ago), oldest first, on ``ix_webhook_deliveries_processed_at``; how many.
+
+    A delivery not applied yet is kept, whatever its age, and so is one of a job that has not
+    finished (:func:`stored_proof` may still read it when the job's unknown submit is settled).
+    Nothing else reads an applied delivery: a repeat of a pruned one is stored again and applied
+    again, and applying is idempotent (the job's history says which requests it knows:
+    :func:`request_known`), so the retention only decides how long a repeat is counted as one
+    rather than stored anew. The inbox's counters are not lowered
+    (:class:`~jobs.models.WebhookInboxTotals`)."""
+    live = select(Job.id).where(Job.id == WebhookDelivery.job_id, Job.state.in_(UNFINISHED_STATES))
+    ids = [
+        int(row[0])
+        for row in session.execute(
+            select(WebhookDelivery.id)
+            .where(
+                WebhookDelivery.processed_at.is_not(None),
+                WebhookDelivery.processed_at < before,
+                ~live.exists(),
+            )
+            .order_by(WebhookDelivery.processed_at)
+            .limit(limit)
+        )
+    ]
+    if ids:
+        session.execute(
+            delete(WebhookDelivery)
+            .where(WebhookDelivery.id.in_(ids))
+            .execution_options(synchronize_session=False)
+        )
+    return len(ids)
 
 
 def defer_delivery(session: Session, delivery_id: int, why: str) -> None:
@@ -5662,16 +5716,25 @@ def note_request(
 
 
 def delivery_counts(session: Session) -> dict[str, int]:
-    """The inbox in numbers: deliveries stored, repeats of them, still to apply, ignored."""
-    row = session.execute(
-        select(
-            func.count(),
-            func.coalesce(func.sum(WebhookDelivery.repeats), 0),
-            func.coalesce(func.sum(case((WebhookDelivery.processed_at.is_(None), 1), else_=0)), 0),
-            func.coalesce(func.sum(case((WebhookDelivery.outcome.startswith("ignored"), 1), else_=0)), 0),
-        ).select_from(WebhookDelivery)
-    ).one()
-    return {"stored": int(row[0]), "repeats": int(row[1]), "unprocessed": int(row[2]), "ignored": int(row[3])}
+    """The inbox in numbers: deliveries ever stored, repeats of them, ignored (the counters kept
+    as they happen, :class:`~jobs.models.WebhookInboxTotals`: one row), and still to apply (a
+    range of ``ix_webhook_deliveries_processed_at``). Never a pass over every delivery: a
+    scrape read the whole inbox, which only grew."""
+    totals = session.execute(
+        select(WebhookInboxTotals.stored, WebhookInboxTotals.repeats, WebhookInboxTotals.ignored).where(
+            WebhookInboxTotals.id == 1
+        )
+    ).first()
+    unprocessed = session.scalar(
+        select(func.count()).select_from(WebhookDelivery).where(WebhookDelivery.processed_at.is_(None))
+    )
+    stored, repeats, ignored = totals if totals is not None else (0, 0, 0)
+    return {
+        "stored": int(stored),
+        "repeats": int(repeats),
+        "unprocessed": int(unprocessed or 0),
+        "ignored": int(ignored),
+    }
 
 
 # --------------------------------------------------------------------------- metrics (all batches)

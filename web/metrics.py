@@ -183,8 +183,8 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
 
     inbox = GaugeMetricFamily(
         "wanbatch_webhook_inbox",
-        "Webhook deliveries in the database's inbox: stored, repeats of stored ones, unprocessed "
-        "(still to apply), ignored.",
+        "Webhook deliveries of the database's inbox: ever stored, repeats of stored ones, ignored "
+        "(counters: pruning applied deliveries takes nothing off them); unprocessed (still to apply).",
         labels=["kind"],
     )
     for kind, n in snap.webhook_inbox.items():

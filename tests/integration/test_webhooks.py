@@ -25,7 +25,7 @@ import httpx
 import pytest
 import uvicorn
 from click.testing import CliRunner
-from sqlalchemy import Engine, inspect, select, text
+from sqlalchemy import Engine, func, inspect, select, text, update
 from starlette.testclient import TestClient
 
 from cli import cli
@@ -62,12 +62,14 @@ from worker.steps.webhooks import (
     ADOPTED_UNKNOWN_CANCELLED,
     ADOPTED_WINDOW,
     DEFERRED,
+    PRUNE_EVERY,
     STATUS_DUE,
     Inbox,
     apply_delivery,
     apply_pending,
     binding_token,
     database_fingerprint,
+    prune_applied,
     webhook_secret,
 )
 
@@ -2127,3 +2129,38 @@ def test_a_proof_of_an_earlier_request_of_a_job_cancelled_with_its_outcome_unkno
     with db.read_scope(engine) as session:
         total = cost_report(session, job.batch_id).total
     assert (total.confirmed_duplicate_charges, total.wasted_usd) == (1, est)
+
+
+def test_applied_deliveries_are_pruned_after_the_retention_and_the_counts_stay(
+    engine: Engine, client: TestClient, signer: WebhookSigner, settings: Settings
+) -> None:
+    """The inbox only grew, and each `/metrics` scrape summed all of it. Applied deliveries of
+    finished jobs are now pruned once older than WANBATCH_WEBHOOK_RETENTION, the counters the
+    scrape reads are kept apart (pruning takes nothing off them), and within the retention a
+    replay is still recognised as one."""
+    job = _sent(engine, request_id="req-1")
+    assert _post(client, signer, job, "req-1") == 200
+    assert _post(client, signer, job, "req-1") == 200  # fal's retry: a repeat
+    _succeed(engine, job.id)
+    rt = make_runtime(engine, settings)
+    assert prune_applied(rt, now=0.0) == 0  # within the retention: kept
+    assert _post(client, signer, job, "req-1") == 200
+    assert _deliveries(engine) == {"stored": 1, "repeats": 2, "unprocessed": 0, "ignored": 0}
+    with db.session_scope(engine) as session:  # the retention has passed
+        session.execute(update(WebhookDelivery).values(processed_at=utcnow() - timedelta(days=8)))
+    assert prune_applied(rt, now=1.0) == 0  # once per PRUNE_EVERY per process
+    assert prune_applied(rt, now=PRUNE_EVERY + 1.0) == 1
+    with db.read_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(WebhookDelivery)) == 0
+    assert _deliveries(engine) == {"stored": 1, "repeats": 2, "unprocessed": 0, "ignored": 0}
+    assert _current(engine, job.id).state == S.SUCCEEDED
+
+
+def test_a_delivery_of_a_job_not_finished_is_kept_past_the_retention(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    job = _sent(engine, request_id="req-1")
+    assert _post(client, signer, job, "req-1") == 200  # downloading: not finished
+    with db.session_scope(engine) as session:
+        session.execute(update(WebhookDelivery).values(processed_at=utcnow() - timedelta(days=8)))
+        assert store.prune_deliveries(session, before=utcnow() - timedelta(days=7)) == 0

@@ -13,7 +13,7 @@ from worker.steps.download import schedule_downloads
 from worker.steps.poll import poll
 from worker.steps.reconcile import cancel_jobs_of_cancelled_batches, reconcile
 from worker.steps.schedule import enforce_schedules
-from worker.steps.webhooks import apply_pending
+from worker.steps.webhooks import apply_pending, prune_applied
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def tick(
         return stopping is None or not stopping.is_set()
 
     report.webhooks = apply_pending(rt)
+    prune_applied(rt)
     report.reconciled = reconcile(rt) + cancel_jobs_of_cancelled_batches(rt) + enforce_schedules(rt)
     if go_on():
         report.status_calls = poll(rt, exclude=exclude)

@@ -70,6 +70,7 @@ import hmac
 import logging
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -289,6 +290,37 @@ def apply_pending(rt: Runtime, limit: int = 200) -> int:
     with db.read_scope(rt.engine) as session:
         ids = store.unprocessed_deliveries(session, limit=limit)
     return sum(apply_delivery(inbox, delivery_id) != "deferred" for delivery_id in ids)
+
+
+#: Seconds between two prunings of the inbox by one process (:func:`prune_applied`).
+PRUNE_EVERY = 600.0
+#: Most deliveries one pruning deletes (one short transaction); the next takes the rest.
+PRUNE_BATCH = 1000
+_pruned_at: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
+
+
+def prune_applied(rt: Runtime, *, now: float | None = None) -> int:
+    """Delete applied deliveries older than ``WANBATCH_WEBHOOK_RETENTION``
+    (:func:`jobs.store.prune_deliveries`), at most every :data:`PRUNE_EVERY` seconds per
+    process and engine; how many. The tick's: the receiver keeps no schedule of its own."""
+    clock = time.monotonic() if now is None else now
+    last = _pruned_at.get(rt.engine)
+    if last is not None and clock - last < PRUNE_EVERY:
+        return 0
+    _pruned_at[rt.engine] = clock
+    before = utcnow() - timedelta(seconds=rt.settings.webhook_retention)
+    with db.session_scope(rt.engine) as session:
+        pruned = store.prune_deliveries(session, before=before, limit=PRUNE_BATCH)
+    if pruned:
+        log.info(
+            "webhook inbox: %d applied deliveries older than %s pruned",
+            pruned,
+            timedelta(seconds=rt.settings.webhook_retention),
+            extra={"event": "webhook.pruned"},
+        )
+    if pruned == PRUNE_BATCH:
+        _pruned_at.pop(rt.engine, None)  # more to take: the next tick goes on
+    return pruned
 
 
 def apply_delivery(inbox: Inbox, delivery_id: int) -> str:
