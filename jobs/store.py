@@ -230,6 +230,7 @@ __all__ = [
     "retry_later",
     "scheduled_batches",
     "sent_attempts",
+    "sent_repeat",
     "set_batch_budget",
     "set_batch_manifest",
     "set_batch_manifest_path",
@@ -1704,6 +1705,9 @@ def adopt_request(
 #: What a failed job's error type says when it failed only because its submit's outcome stayed
 #: unknown (:func:`adopt_late_proof`; ``worker.steps.failures.settle_unknown_submit``).
 SUBMIT_UNKNOWN_ERROR = "submit_unknown"
+#: What a rerun's job cancelled before its POST says: the job it repeats kept fal's request of
+#: the same input after all (:func:`adopt_late_proof`), so sending it would pay twice.
+REPEAT_NOT_SENT_ERROR = "original_kept_late_request"
 
 
 def _locked_unmoved(session: Session, fence: Fence) -> Any:
@@ -1754,7 +1758,11 @@ def adopt_late_proof(
     webhook (the request finished, so fal billed it) or the submit's late answer (accepted: it
     runs, and is billed). The one move out of a terminal state
     (:mod:`jobs.states`): the job keeps that request and goes on as any adopted request does —
-    polled, its video fetched; nothing is sent again.
+    polled, its video fetched; nothing is sent again. When a rerun of the job
+    (``rerun --failed-only``, another batch) was sent meanwhile (:func:`sent_repeat`), fal bills
+    that input twice: one more ``confirmed_duplicate_charges`` on this job, said in ``reason``;
+    a rerun not sent yet is cancelled first instead (:func:`_cancel_unsent_repeats`), so the
+    input is paid once.
 
     Only a job that failed for that reason alone qualifies: ``error_type`` ``submit_unknown``,
     ``attempt`` one it sent, no request kept, no output (so a video is never fetched over another).
@@ -1779,6 +1787,17 @@ def adopt_late_proof(
         return False
     before = finished_usd(JobState.FAILED, found.actual_usd, found.est_usd, found.ambiguous_usd)
     adopted = _proved_request(found, request_id, gateway_request_id, next_poll_at)
+    # A rerun not sent yet is not sent at all (first: a send recorded before it is found below).
+    unsent = _cancel_unsent_repeats(session, found, request_id)
+    if unsent:
+        reason += f"; its rerun (job {', '.join(unsent)}), not sent yet, is cancelled: nothing paid twice"
+    repeat = sent_repeat(session, found)
+    if repeat is not None:  # ``rerun --failed-only`` sent it too: the same input billed twice
+        adopted["confirmed_duplicate_charges"] = found.confirmed_duplicate_charges + 1
+        reason += (
+            f"; its rerun, job {repeat}, was sent too: fal renders and bills this input twice "
+            "(a confirmed duplicate charge)"
+        )
     moved = _move(session, fence, JobState.QUEUED, reason, finished_at=None, **adopted, **fetched)
     if moved:
         _add_finished(session, found.batch_id, found.submitted_at, -before)
@@ -4142,6 +4161,78 @@ def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -
         repeated = select(Job.id).where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
         parents = children
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Repeat:
+    """A job of a rerun that repeats a given job (:func:`_repeats_of`)."""
+
+    id: str
+    state: JobState
+    version: int
+    #: Whether its POST went out (``sent_at``, cleared while a next attempt is claimed; or
+    #: ``submitted_at``, which stays once fal accepted one).
+    sent: bool
+
+
+def _repeats_of(session: Session, job: JobRecord) -> list[_Repeat]:
+    """The jobs of the reruns of ``job``'s batch (any generation) that repeat ``job``, in
+    batches of the same kind (a simulation's repeat bills nothing), generation by generation.
+    Walked as :func:`rerun_repeats` walks (by ``parent_batch_id``, then each child batch's jobs),
+    never a scan of every job."""
+    simulated = bool(session.scalar(select(Batch.simulated).where(Batch.id == job.batch_id)))
+    found: list[_Repeat] = []
+    parents = [job.batch_id]
+    repeated = [job.id]
+    while parents and repeated:
+        same_kind = select(Batch.id).where(Batch.parent_batch_id.in_(parents), Batch.simulated.is_(simulated))
+        children = list(session.scalars(same_kind))
+        if not children:
+            break
+        rows = session.execute(
+            select(Job.id, Job.state, Job.version, Job.sent_at, Job.submitted_at)
+            .where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
+            .order_by(Job.id)
+        ).all()
+        for r in rows:
+            sent = r.sent_at is not None or r.submitted_at is not None
+            found.append(_Repeat(str(r.id), JobState(r.state), int(r.version), sent))
+        parents, repeated = children, [str(r.id) for r in rows]
+    return found
+
+
+def sent_repeat(session: Session, job: JobRecord) -> str | None:
+    """A job of a rerun of ``job``'s batch (any generation, same kind: :func:`_repeats_of`) that
+    repeats ``job`` and was sent (its POST recorded): its id, else None. ``rerun --failed-only``
+    sent it for a job that failed because its submit's outcome was unknown; should that submit's
+    answer come after all, fal renders and bills the same input twice: a confirmed duplicate
+    charge (:func:`adopt_late_proof`), and a late answer is cancelled at fal first
+    (:func:`worker.steps.late_answers.settle_late_answer`)."""
+    return next((r.id for r in _repeats_of(session, job) if r.sent), None)
+
+
+#: The states of a repeat that was never sent and may still be (:func:`_cancel_unsent_repeats`).
+_UNSENT_REPEAT_STATES = frozenset({JobState.PENDING, JobState.RETRY_WAIT, JobState.SUBMITTING})
+
+
+def _cancel_unsent_repeats(session: Session, job: JobRecord, request_id: str) -> list[str]:
+    """Cancel every repeat of ``job`` (:func:`_repeats_of`) whose POST has not gone out, now
+    that ``job`` keeps fal's request ``request_id`` of the same input after all: sent, it would
+    render and bill that input twice. Fenced by each repeat's version: a submit that records
+    its send (:func:`take_lease`) first is not cancelled (it went out: :func:`sent_repeat` then
+    finds it), and one whose send comes after finds its job moved on and sends nothing."""
+    cancelled: list[str] = []
+    for repeat in _repeats_of(session, job):
+        if repeat.sent or repeat.state not in _UNSENT_REPEAT_STATES:
+            continue
+        reason = (
+            f"not sent: the job it repeats, {job.id}, keeps fal's request {request_id} of the same "
+            "input after all (its submit's late answer or proof came): sent, it would be billed twice"
+        )
+        fence = Fence(repeat.id, repeat.state, repeat.version)
+        if _move(session, fence, JobState.CANCELLED, reason, error=reason, error_type=REPEAT_NOT_SENT_ERROR):
+            cancelled.append(repeat.id)
+    return cancelled
 
 
 def rerun_repeats_of_batches(

@@ -1685,7 +1685,9 @@ def test_a_video_proved_after_the_deadline_failed_its_job_is_fetched_beside_a_re
     reruns it (``rerun --failed-only``), paying for it again. Then the receiver comes up and fal's
     retries deliver the proof that the first request ran: billed, so ``run NAME`` fetches its
     video into the job that failed — in the batch's own folder, the rerun's video untouched —
-    and every request fal billed is counted once, none as a duplicate."""
+    and every request fal billed is counted once. The input was rendered and billed twice (the
+    rerun's request and the proved one): the original batch counts it as a confirmed duplicate
+    charge (before: both batches said 0, and nothing warned the user)."""
     options = SimulatorOptions(
         concurrency_limit=5,
         latency_seconds=0.2,
@@ -1747,11 +1749,11 @@ def test_a_video_proved_after_the_deadline_failed_its_job_is_fetched_beside_a_re
     # Five requests billed (four, and the rerun's): each counted once, none possibly billed.
     assert sum(e["billed"] for e in ledger["entries"]) == 5
     with db.session_scope(engine) as session:
-        for batch, spent in ((batch_id, 4 * lost.est_usd), (rerun.batch_id, again.est_usd)):
+        for batch, spent, twice in ((batch_id, 4 * lost.est_usd, 1), (rerun.batch_id, again.est_usd, 0)):
             status = batch_report(session, batch)
             assert store.batch_spent_usd(session, batch) == spent
             assert Decimal(str(status["spent_usd"])) == spent
-            assert (status["possibly_billed_usd"], status["confirmed_duplicate_charges"]) == (0, 0)
+            assert (status["possibly_billed_usd"], status["confirmed_duplicate_charges"]) == (0, twice)
         history = [e.reason or "" for e in store.job_events(session, lost.id)]
     assert sum("late proof by webhook" in reason for reason in history) == 1
 

@@ -24,15 +24,26 @@ keep — nothing paid twice, no paid video lost:
   (:func:`jobs.store.adopt_unknown_cancelled`), once fal ran it anyway (below).
 
 The adopted request is then polled (or streamed) and its video fetched like any other; fal bills
-it once, and the money is counted once. A late answer proves acceptance, not completion: when
-the job's batch no longer sends — cancelled, or past its deadline — the request is cancelled at
-fal first (free while it waits in fal's queue, which is what the user asked for), and adopted
-only when fal ran it anyway (already finished, or the cancel did not go through): that one is
-billed, so its video is kept, as a request that finished despite a cancel always is. (A job
-that was cancelled itself stops sending too.) One the cancel did stop is the job's own request
-all the same, never a duplicate charge: put on its history, and billed as fal bills the cancel
-(:func:`jobs.store.note_own_request`: nothing while it waited in fal's queue, in full once it
-ran), what its submit may have cost no longer "possibly billed".
+it once, and the money is counted once.
+
+A failed job whose rerun (``rerun --failed-only``, a job of another batch) was sent meanwhile
+(:func:`jobs.store.sent_repeat`) would have fal render and bill the same input twice: its late
+request is cancelled at fal first (free while it waits in fal's queue: then nothing is paid
+twice, and it is only put on the history); when fal ran it anyway (billed), the job keeps it and
+its video and counts a confirmed duplicate charge (:func:`jobs.store.adopt_late_proof`); when
+it was cancelled while running (billed, no video), it is booked as one below. A rerun not sent
+yet when the job keeps its late request is cancelled before its POST
+(:func:`jobs.store.adopt_late_proof`): the input is paid once.
+
+A late answer proves acceptance, not completion: when the job's batch no longer sends —
+cancelled, or past its deadline — the request is cancelled at fal first (free while it waits in
+fal's queue, which is what the user asked for), and adopted only when fal ran it anyway (already
+finished, or the cancel did not go through): that one is billed, so its video is kept, as a
+request that finished despite a cancel always is. (A job that was cancelled itself stops sending
+too.) One the cancel did stop is the job's own request all the same, never a duplicate charge:
+put on its history, and billed as fal bills the cancel (:func:`jobs.store.note_own_request`:
+nothing while it waited in fal's queue, in full once it ran), what its submit may have cost no
+longer "possibly billed".
 
 Any other (a job sent again whose resend went out, a job cancelled or finished otherwise, an
 earlier attempt's request) is not adopted — a terminal job leaves its state only as above, and
@@ -130,7 +141,11 @@ def settle_late_answer(
             return "known"
         keep = cancel and adoptable(session, job, accepted.attempt)
         stopped = keep and _stops_sending(session, job)
-    if keep and not stopped and _adopt(rt, accepted, "fal accepted it"):
+        # ``rerun --failed-only`` sent the failed job again (another batch's job, billed there):
+        # this request would render and bill the same input twice — cancelled first, kept (and
+        # counted as a confirmed duplicate charge) only when fal ran it anyway.
+        rerun = store.sent_repeat(session, job) if keep and job.state == S.FAILED else None
+    if keep and not stopped and rerun is None and _adopt(rt, accepted, "fal accepted it"):
         return "adopted"
     if cancel:
         fate, outcome = _cancel(rt, accepted, endpoint)
@@ -142,12 +157,18 @@ def settle_late_answer(
     ran = outcome == billing.Outcome.SUCCEEDED  # fal ran it anyway (billed): its video is kept
     if stopped and ran and _adopt(rt, accepted, f"its batch stops sending; {fate}"):
         return "adopted"
+    if rerun is not None and ran and _adopt(rt, accepted, f"its rerun, job {rerun}, was sent; {fate}"):
+        return "adopted"
+    if rerun is not None:
+        fate = f"its rerun, job {rerun}, was sent; {fate}"
     reason = (
         f"late answer to attempt {accepted.attempt}, after the job had moved on: "
         f"accepted as {accepted.request_id}; {fate}"
     )
     with db.session_scope(rt.engine) as session:
-        booked = _book(session, rt, accepted, reason, outcome, own=keep)
+        # Beside a sent rerun, a request the cancel stopped while it ran is billed as well as the
+        # rerun's: the input paid twice, a confirmed duplicate charge (not the job's own one).
+        booked = _book(session, rt, accepted, reason, outcome, own=keep and rerun is None)
         if booked is None:
             return "known"
         state = store.get_job(session, accepted.job_id).state.value
