@@ -252,7 +252,9 @@ def main() -> None:
     _reserve_standard_descriptors()  # already done at import for the console script
     replaced = _exit_on_interrupt()
     try:
-        with guarded_stdout():  # a write to stdout fails as StdoutError or ReaderGone, below
+        # A write to stdout fails as StdoutError or ReaderGone, below; httpx and httpcore do
+        # without their optional imports wanbatch has no use for (cli.startup).
+        with guarded_stdout(), startup.without_unused_modules():
             _main()
     finally:  # only reached in process (tests): the caller's handler back
         if replaced is not None:

@@ -625,7 +625,7 @@ def _run_and_report(
     """
     from jobs import batches
     from jobs.output_store import open_output_store
-    from worker.running import process_batch
+    from worker.running import load_machinery, process_batch
 
     # Before the simulator adopts anything: a simulation is never sent to fal, nor a paid batch
     # to the simulator.
@@ -636,6 +636,7 @@ def _run_and_report(
     if sending and (room := batches.space_note(batch_id, settings)):
         err.print(f"[yellow]warning: {escape(room)}[/yellow]")
     _resume_at_simulator(batch_id, settings)
+    load_machinery(settings)  # imported before the GC comes back: frozen with the start-up
     startup.resume()  # the machinery is loaded: freeze it, collect from here on
     report, stats = process_batch(
         batch_id,

@@ -20,8 +20,11 @@ without it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import sys
 import threading
+from collections.abc import Iterator
 
 #: The collector is back on this long after :func:`pause` at the latest, whatever the command.
 RESUME_AFTER_SECONDS = 10.0
@@ -53,3 +56,30 @@ def resume() -> None:
         _paused = False
         gc.freeze()
         gc.enable()
+
+
+#: Modules that libraries wanbatch uses import only because they happen to be installed, for
+#: features wanbatch never uses: httpx imports its command-line client (``httpx._main``: Rich's
+#: progress bars and syntax highlighting, Pygments' lexers) whenever click, Rich and Pygments are
+#: installed — and wanbatch depends on the first two — and httpcore imports trio, when it is
+#: installed, for the async primitives of a program running under trio. wanbatch makes its HTTP
+#: calls from threads and never runs under trio. Together about a tenth of a second of each
+#: ``run``'s start-up CPU.
+UNUSED_OPTIONAL_MODULES = ("httpx._main", "trio")
+
+
+@contextlib.contextmanager
+def without_unused_modules() -> Iterator[None]:
+    """While a command runs, importing an :data:`UNUSED_OPTIONAL_MODULES` one fails as if it were
+    not installed (``None`` in :data:`sys.modules`: https://docs.python.org/3/reference/import.html#the-module-cache),
+    which httpx and httpcore both handle by doing without it. One already imported is left as it
+    is, and the stand-ins are taken out again afterwards (a test process runs commands in its own)."""
+    added = [name for name in UNUSED_OPTIONAL_MODULES if name not in sys.modules]
+    for name in added:
+        sys.modules[name] = None  # type: ignore[assignment]  # documented: "not installed"
+    try:
+        yield
+    finally:
+        for name in added:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]

@@ -522,6 +522,24 @@ def stopped_watching(batch_id: str, *, workers_seen: bool, elsewhere: bool = Fal
 # --------------------------------------------------------------------------- processing
 
 
+def load_machinery(settings: Settings) -> None:
+    """Import what :func:`process_batch` works with under ``settings``, without starting any of it.
+
+    Embedded, that is the conductor, the step pools and the runtime — with them httpx, httpcore,
+    PyAV and the fal client, over a hundred modules that :func:`process_batch` would otherwise
+    import itself, once it has begun. The CLI calls this before :func:`cli.startup.resume`, so
+    they are loaded with the cyclic GC still paused and frozen with the rest of the start-up,
+    instead of being imported under the collector and traversed by every full collection of
+    the run. With a broker the workers do the work: a watching run needs none of it.
+    """
+    if settings.broker_url:
+        return
+    import worker.conductor
+    import worker.embedded
+    import worker.runtime
+    import worker.steps.dead_leases  # noqa: F401 (imported for the side effect: loaded now)
+
+
 def process_batch(
     batch_id: str,
     settings: Settings,

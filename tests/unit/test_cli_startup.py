@@ -126,6 +126,82 @@ def test_a_run_collects_again_once_its_machinery_is_loaded(tmp_path: Path) -> No
     assert seen["frozen"] > 10_000
 
 
+_RESUME_PROBE = """
+import json, sys
+sys.argv = ["wanbatch", *json.loads(sys.argv[1])]
+from cli import main, startup
+resume = startup.resume
+def recording_resume():
+    print("AT-RESUME " + json.dumps(sorted(sys.modules)), file=sys.stderr)
+    resume()
+startup.resume = recording_resume
+try:
+    main()
+except SystemExit:
+    pass
+print("MODULES " + json.dumps(sorted(sys.modules)), file=sys.stderr)
+"""
+
+
+def _run_probe(tmp_path: Path) -> dict[str, set[str]]:
+    """The modules a one-job ``run --simulate`` had loaded when the GC came back, and at its end."""
+    manifest = tmp_path / "one.yaml"
+    manifest.write_text('name: gc-probe\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: "a red kite"\n')
+    args = ("run", str(manifest), "--simulate", "--no-progress", "--json")
+    done = subprocess.run(
+        [sys.executable, "-c", _RESUME_PROBE, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=_clean_env(tmp_path),
+        timeout=300,
+        check=False,
+    )
+    seen = {}
+    for line in done.stderr.splitlines():
+        tag, _, rest = line.partition(" ")
+        if tag in ("AT-RESUME", "MODULES"):
+            seen[tag] = set(json.loads(rest))
+    assert set(seen) == {"AT-RESUME", "MODULES"}, done.stderr
+    return seen
+
+
+def test_a_run_loads_its_machinery_before_the_gc_comes_back(tmp_path: Path) -> None:
+    """The conductor, its steps and the libraries they bring (httpx, httpcore, PyAV) are imported
+    while the GC is still paused, and frozen with the rest of the start-up: imported after
+    :func:`cli.startup.resume`, over a hundred modules were built under the collector and then
+    traversed by every full collection of the run."""
+    seen = _run_probe(tmp_path)
+    machinery = {"worker.conductor", "worker.embedded", "worker.steps.download", "httpcore", "av"}
+    assert machinery <= seen["MODULES"]
+    assert sorted(machinery - seen["AT-RESUME"]) == []
+    late = sorted(m for m in seen["MODULES"] - seen["AT-RESUME"] if m.split(".")[0] in ("worker", "jobs"))
+    assert late == [], f"imported after the GC came back: {late}"
+
+
+def test_a_run_loads_neither_httpx_command_line_nor_trio(tmp_path: Path) -> None:
+    """httpx's own command-line client (Rich, Pygments) and trio (httpcore's, when installed) are
+    never loaded: wanbatch uses neither (:data:`cli.startup.UNUSED_OPTIONAL_MODULES`)."""
+    loaded = _run_probe(tmp_path)["MODULES"]
+    assert {"httpx", "httpcore"} <= loaded  # it did talk HTTP
+    assert sorted({"httpx._main", "trio", "pygments.lexers"} & loaded) == []
+
+
+def test_unused_modules_are_stood_in_for_while_a_command_runs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import of one fails as "not installed" inside the block; afterwards nothing is left
+    behind, and a module already imported is never touched."""
+    from cli import startup
+
+    stand_in = "wanbatch_test_unused_module"
+    monkeypatch.setattr(startup, "UNUSED_OPTIONAL_MODULES", (stand_in, "json"))
+    with startup.without_unused_modules():
+        assert sys.modules[stand_in] is None
+        with pytest.raises(ImportError):
+            __import__(stand_in)
+        assert sys.modules["json"] is json
+    assert stand_in not in sys.modules
+    assert sys.modules["json"] is json
+
+
 def test_a_short_command_runs_without_the_gc_and_freezes_nothing(tmp_path: Path) -> None:
     """`validate` ends long before the safety timer: the collector stayed off, nothing frozen."""
     manifest = tmp_path / "one.yaml"
