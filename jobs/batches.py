@@ -255,6 +255,9 @@ class SubmitResult:
     manifest_moved: dict[str, str] | None = None
     #: The manifest as the command was given it (how :meth:`moved_note` names the new place).
     manifest_given: str | None = None
+    #: The batch's reruns (every generation, by name) that took its new place with it: their
+    #: jobs name their files where the batch's jobs do now (:func:`jobs.store.reruns_follow`).
+    reruns_followed: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """The contract's ``submit --json`` object (batch, total, counts) plus what was added."""
@@ -275,17 +278,29 @@ class SubmitResult:
             "renumbered": self.renumbered,
             "not_in_manifest": self.not_in_manifest,
             "manifest_moved": self.manifest_moved,
+            "reruns_followed": list(self.reruns_followed),
             "warnings": list(self.warnings),
         }
 
     def moved_note(self) -> str | None:
-        """The stderr line saying the batch's manifest (and so its files) is somewhere else now, or None."""
+        """The stderr line saying the batch's manifest (and so its files) is somewhere else now,
+        with the reruns that followed it, or None."""
+        reruns = ""
+        if self.reruns_followed:
+            shown = ", ".join(self.reruns_followed[:RERUNS_SHOWN])
+            more = len(self.reruns_followed) - RERUNS_SHOWN
+            reruns = f"{shown}{f', and {more} more' if more > 0 else ''}"
         if self.manifest_moved is None:
-            return None
+            if not reruns:
+                return None
+            # Reruns an older version left in the old folder when only the batch moved.
+            now = self.manifest_given or ""
+            return f"reruns of batch {self.name} moved to its place ({shown_path(now)}): {reruns}"
         now = self.manifest_given or self.manifest_moved["to"]
         return (
             f"batch {self.name} moved: its manifest is now {shown_path(now)} "
             f"(was {shown_path(self.manifest_moved['from'])})"
+            + (f"; its reruns moved with it: {reruns}" if reruns else "")
         )
 
     def simulation_note(self) -> str | None:
@@ -548,7 +563,10 @@ def submit_manifest(
     and nothing is stored: its new jobs would only be cancelled. Submitted from another place
     than last time (its folder moved, ``manifest_moved``), the batch takes the new manifest path,
     and its stored jobs the paths the manifest now gives their files (the same bytes: the same
-    keys), so what is not sent yet, and a later ``rerun``, reads them from there.
+    keys), so what is not sent yet, and a later ``rerun``, reads them from there. Its reruns (every
+    generation) follow: each rerun's job takes the paths of the job it repeats, where both record
+    the same SHA-256 (``reruns_followed``, :func:`jobs.store.reruns_follow`), so ``rerun`` of a
+    rerun finds them there too.
 
     ``simulated`` (``--simulate``): the batch is a simulation, stored apart from any batch of
     the same name sent to fal (:func:`jobs.store.name_for_batch`). ``refuse_paused_batch``
@@ -601,12 +619,15 @@ def submit_manifest(
         )
         new_jobs = _new_jobs(manifest.jobs(), settings)
         stored = None
+        followed: list[str] = []
         if created:
             added, existing = store.add_jobs(session, batch.id, new_jobs)
         else:
             # Jobs already stored take the places the manifest gives them now (see resubmit_jobs).
             stored = store.resubmit_jobs(session, batch.id, new_jobs, lambda: _item_count(manifest))
             added, existing = stored.added, stored.present
+            # Its reruns' jobs follow its own, now where the manifest names their files.
+            followed = store.reruns_follow(session, batch.id, manifest_path)
         if refuse_paused_batch:
             refuse_paused(session, batch)  # raised inside the transaction: nothing is stored
         if batch.state == BatchState.PAUSED:
@@ -624,6 +645,7 @@ def submit_manifest(
         if stored is not None:
             result.renumbered, result.not_in_manifest = stored.renumbered, stored.not_in_manifest
         result.manifest_moved, result.manifest_given = manifest_moved, str(path)
+        result.reruns_followed = followed
         return result
 
 
@@ -2080,7 +2102,7 @@ def rerun_batch(
             raise UsageError(_still_running(parent, len(unseeded)))
         changed = _changed_sources(rows, Path(parent.manifest_path).parent)
         if changed:
-            raise UsageError(_sources_changed(parent, changed))
+            raise UsageError(_sources_changed(parent, changed, store.root_batch(session, parent)))
         rows, warnings = _placed(rows, swept, lambda row, twin: _repeat_cause(row, twin, before, vary))
         warnings[:0] = _left_out(parent, covered)
         name = _rerun_name(session, parent)
@@ -2386,9 +2408,10 @@ def _source_problem(path: Path, recorded: set[str]) -> str | None:
     return f"changed since the batch was submitted (SHA-256 {then} then, {now[:12]}… now)"
 
 
-def _sources_changed(parent: Batch, lines: list[str]) -> str:
+def _sources_changed(parent: Batch, lines: list[str], root: Batch) -> str:
     """Why a rerun of ``parent`` is refused: its first line says what to do (``--json`` shows
-    that line only), then one line per file."""
+    that line only), then one line per file. ``root``: the batch ``parent`` is a rerun of (any
+    generation; ``parent`` itself when it is none), whose manifest gives them their place."""
     one = len(lines) == 1
     files = "1 source file differs" if one else f"{len(lines)} source files differ"
     return (
@@ -2396,19 +2419,33 @@ def _sources_changed(parent: Batch, lines: list[str]) -> str:
         f"every job that sends {'it' if one else 'one of them'} would fail; nothing was stored. "
         "Put the original file back to "
         "reproduce the batch, or submit the edited manifest as a new batch (another `name:`) to "
-        f"render the new image{_moved_hint(parent, lines)}:\n" + "\n".join(f"  {line}" for line in lines)
+        f"render the new image{_moved_hint(parent, root, lines)}:\n"
+        + "\n".join(f"  {line}" for line in lines)
     )
 
 
-def _moved_hint(parent: Batch, lines: list[str]) -> str:
+def _moved_hint(parent: Batch, root: Batch, lines: list[str]) -> str:
     """What :func:`_sources_changed` adds when a file is missing: the folder may have moved, and
-    submitting its manifest from the new place gives the batch its files back (a batch made
-    from a manifest: a rerun's jobs are its own, and submitting moves only its parent's)."""
-    if parent.parent_batch_id is not None or not any(line.endswith(_MISSING) for line in lines):
+    submitting its manifest from the new place gives the batch its files back. A rerun has no
+    manifest of its own: submitting its ``root``'s moves the root and its reruns with it
+    (:func:`jobs.store.reruns_follow`). A root already elsewhere (a rerun an older version left
+    behind) is named by its manifest there, which submitting again brings the rerun to."""
+    if not any(line.endswith(_MISSING) for line in lines):
         return ""
-    again = f"NEW-FOLDER/{Path(parent.manifest_path).name}"
-    command = f"wanbatch run {again} --simulate" if parent.simulated else f"wanbatch submit {again}"
-    return f"; moved the manifest's folder? give the batch its new place first (`{shown_path(command)}`)"
+    again = f"NEW-FOLDER/{Path(root.manifest_path).name}"
+    if (
+        root is not parent
+        and root.manifest_path != parent.manifest_path
+        and Path(root.manifest_path).is_file()
+    ):
+        again = root.manifest_path
+    command = f"wanbatch run {again} --simulate" if root.simulated else f"wanbatch submit {again}"
+    if root is parent:
+        return f"; moved the manifest's folder? give the batch its new place first (`{shown_path(command)}`)"
+    return (
+        f"; moved the manifest's folder? give batch {root.name}, which {parent.name} is a rerun of, "
+        f"its new place first (`{shown_path(command)}`): its reruns move with it"
+    )
 
 
 #: What :func:`_source_problem` says of a file no longer there.

@@ -32,6 +32,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import PurePath
 from typing import Any, Literal, cast
 
 from sqlalchemy import (
@@ -223,11 +224,13 @@ __all__ = [
     "release_lease",
     "release_process_leases",
     "request_known",
+    "reruns_follow",
     "resend_unsent",
     "reserved_usd",
     "resume_after_outputs_stored",
     "resume_batch",
     "retry_later",
+    "root_batch",
     "scheduled_batches",
     "sent_attempts",
     "sent_repeat",
@@ -655,6 +658,124 @@ def set_batch_manifest_path(session: Session, batch_id: str, path: str) -> None:
         .values(manifest_path=path)
         .execution_options(synchronize_session="fetch")
     )
+
+
+def root_batch(session: Session, batch: Batch) -> Batch:
+    """The batch a rerun (of any generation) was made from by following ``parent_batch_id`` up:
+    the batch its manifest stores, whose place (``manifest_path``) its reruns follow. ``batch``
+    itself when it is no rerun."""
+    seen = {batch.id}
+    while batch.parent_batch_id is not None:
+        parent = session.get(Batch, batch.parent_batch_id)
+        if parent is None or parent.id in seen:  # pragma: no cover - a foreign key keeps the parent
+            break
+        seen.add(parent.id)
+        batch = parent
+    return batch
+
+
+def reruns_follow(session: Session, batch_id: str, manifest_path: str, *, chunk: int = 5000) -> list[str]:
+    """Give the reruns of a batch (every generation) the batch's place: their ``manifest_path``,
+    and each of their jobs the paths the job it repeats (``rerun_of``) names its files by now;
+    the names of the reruns that moved, in generation order.
+
+    Called once the batch's own jobs took the paths its manifest, submitted from its new folder,
+    gives them (:func:`resubmit_jobs`): a rerun's jobs are its own copies, made with the paths of
+    then, so without this every rerun of a moved project named files of the old folder and could
+    not be rerun. A rerun follows only a rerun whose place differs (on each submit: reruns left
+    behind by an older version, which moved only the batch, catch up too), so a submit that
+    moved nothing reads one short query per generation. A job follows field by field, and only
+    when both name local files by absolute path and record the same SHA-256: the path comes
+    from a job the manifest placed (validated inside its folder or an allowed one), never from
+    a rewritten prefix, and the bytes stay checked where they are read (``rerun``, the submit
+    step) — a different file at the new path is refused as before.
+    """
+    followed: list[str] = []
+    todo = [batch_id]
+    while todo:
+        parent_id = todo.pop(0)
+        children = session.execute(
+            select(Batch.id, Batch.name, Batch.manifest_path)
+            .where(Batch.parent_batch_id == parent_id)
+            .order_by(Batch.created_at, Batch.id)
+        ).all()
+        for child_id, name, path in children:
+            todo.append(child_id)
+            if path == manifest_path:
+                continue
+            _follow_originals(session.connection(), child_id, chunk)
+            set_batch_manifest_path(session, child_id, manifest_path)
+            followed.append(name)
+    return followed
+
+
+def _follow_originals(conn: Connection, batch_id: str, chunk: int) -> None:
+    """Give each job of the rerun ``batch_id`` the media paths (and their ``source_files``
+    entries) of the job it repeats, where they differ and record the same bytes (see
+    :func:`reruns_follow`); read in pages of ``chunk`` jobs by id, so a large rerun stays bounded."""
+    original = _JOBS.alias("original")
+    after = ""
+    while True:
+        rows = conn.execute(
+            select(
+                _JOBS.c.id,
+                _JOBS.c.endpoint,
+                _JOBS.c.input,
+                _JOBS.c.source_files,
+                original.c.input,
+                original.c.source_files,
+            )
+            .join(original, original.c.id == _JOBS.c.rerun_of)
+            .where(_JOBS.c.batch_id == batch_id, _JOBS.c.source_files.is_not(None), _JOBS.c.id > after)
+            .order_by(_JOBS.c.id)
+            .limit(chunk)
+        ).all()
+        if not rows:
+            return
+        after = rows[-1][0]
+        changes = []
+        for job_id, endpoint, given, sources, their_input, their_sources in rows:
+            media, files = _followed_media(endpoint, given, sources, their_input, their_sources)
+            if media:
+                changes.append(
+                    {"b_id": job_id, "b_input": {**given, **media}, "b_sources": {**sources, **files}}
+                )
+        if changes:
+            conn.execute(
+                update(_JOBS)
+                .where(_JOBS.c.id == bindparam("b_id"))
+                .values(
+                    input=bindparam("b_input", type_=_JOBS.c.input.type),
+                    source_files=bindparam("b_sources", type_=_JOBS.c.source_files.type),
+                ),
+                changes,
+            )
+
+
+def _followed_media(
+    endpoint: str,
+    given: dict[str, Any],
+    sources: dict[str, Any],
+    their_input: dict[str, Any] | None,
+    their_sources: dict[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The media values (and ``source_files`` entries) a rerun's job takes from the job it
+    repeats: each local file named elsewhere there, with the same SHA-256 recorded."""
+    media: dict[str, Any] = {}
+    files: dict[str, Any] = {}
+    for fld in get_endpoint(endpoint).media_fields:
+        mine, theirs = given.get(fld.name), (their_input or {}).get(fld.name)
+        if not (isinstance(mine, str) and isinstance(theirs, str)) or mine == theirs:
+            continue
+        if not (PurePath(mine).is_absolute() and PurePath(theirs).is_absolute()):
+            continue  # URLs and data URIs name no folder
+        my_file, their_file = sources.get(fld.name), (their_sources or {}).get(fld.name)
+        if not (isinstance(my_file, dict) and isinstance(their_file, dict)):
+            continue
+        digest = my_file.get("sha256")
+        if isinstance(digest, str) and digest == their_file.get("sha256"):
+            media[fld.name], files[fld.name] = theirs, their_file
+    return media, files
 
 
 def set_batch_schedule(session: Session, batch_id: str, schedule: Schedule | None, priority: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from falsim.server import SimulatorHandle
 from tests.e2e.e2e_helpers import EXAMPLES, db_rows
@@ -159,3 +160,102 @@ def test_the_manifest_submitted_now_defines_the_paths(
         ("succeeded", None),
         ("failed", f"media file '{gone}' does not exist"),
     ]
+
+
+def _rerun_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "reruns" in line and " moved" in line]
+
+
+def test_the_reruns_of_a_moved_batch_move_with_it(
+    e2e_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Audit: submitting the manifest from its new folder moved only its batch. Its reruns kept
+    the old folder and their jobs the old absolute paths, so ``rerun mv5-rerun-1`` (and every
+    later generation) was refused for good ("…/proj/images/landscape.jpg: missing"), with no
+    hint: they have no manifest to submit. Now they follow the batch, and the refusal before
+    that names the manifest whose submit brings them along. Their files stay checked by their
+    SHA-256: a changed one is refused as before."""
+    _project(e2e_env, "mv5")
+    assert run_main(["run", "proj/m.yaml", "--simulate", "--no-progress"], monkeypatch) == 0
+    assert run_main(["rerun", "mv5", "--simulate", "--no-progress"], monkeypatch) == 0
+    assert run_main(["rerun", "mv5-rerun-1", "--simulate", "--no-progress"], monkeypatch) == 0
+    (e2e_env / "proj").rename(e2e_env / "proj2")
+    capsys.readouterr()
+
+    assert run_main(["rerun", "mv5-rerun-1", "--simulate", "--no-progress"], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert f"  {e2e_env / 'proj' / 'images' / 'landscape.jpg'}: missing" in err, err
+    assert (
+        "give batch mv5, which mv5-rerun-1 is a rerun of, its new place first "
+        "(`wanbatch run NEW-FOLDER/m.yaml --simulate`): its reruns move with it" in err
+    ), err
+
+    assert run_main(["run", "proj2/m.yaml", "--simulate", "--no-progress"], monkeypatch) == 0
+    assert _moved_lines(capsys.readouterr().err) == [
+        f"batch mv5 moved: its manifest is now proj2/m.yaml (was {e2e_env / 'proj' / 'm.yaml'}); "
+        "its reruns moved with it: mv5-rerun-1, mv5-rerun-1-rerun-1"
+    ]
+    moved = str(e2e_env / "proj2" / "images" / "landscape.jpg")
+    for name in ("mv5-rerun-1", "mv5-rerun-1-rerun-1"):
+        assert _manifest_path(tmp_path, name) == str(e2e_env / "proj2" / "m.yaml")
+        [(_, given, _)] = _jobs(tmp_path, name)
+        assert given["image_url"] == moved
+
+    for ref in ("mv5-rerun-1", "mv5-rerun-1-rerun-1"):
+        rerun = run_main(["rerun", ref, "--simulate", "--no-progress"], monkeypatch)
+        assert rerun == 0, capsys.readouterr().err
+    [(state, given, _)] = _jobs(tmp_path, "mv5-rerun-1-rerun-2")
+    assert (state, given["image_url"]) == ("succeeded", moved)
+    capsys.readouterr()
+
+    # Followed, not trusted: a different image at the new path is refused, with both hashes.
+    image = e2e_env / "proj2" / "images" / "landscape.jpg"
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert run_main(["rerun", "mv5-rerun-1", "--simulate", "--no-progress"], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "  images/landscape.jpg: changed since the batch was submitted (SHA-256 " in err, err
+    assert "new place" not in err
+
+
+def test_reruns_an_older_version_left_behind_catch_up_on_the_next_submit(
+    e2e_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch moved by a version that moved only the batch has its reruns in the old folder,
+    and submitting from the new one moves nothing any more: the refusal names that manifest,
+    and submitting it (again) brings the reruns there."""
+    _project(e2e_env, "mv6")
+    assert run_main(["run", "proj/m.yaml", "--simulate", "--no-progress"], monkeypatch) == 0
+    assert run_main(["rerun", "mv6", "--simulate", "--no-progress"], monkeypatch) == 0
+    old_manifest, old_image = e2e_env / "proj" / "m.yaml", e2e_env / "proj" / "images" / "landscape.jpg"
+    (e2e_env / "proj").rename(e2e_env / "proj2")
+    assert run_main(["run", "proj2/m.yaml", "--simulate", "--no-progress"], monkeypatch) == 0
+    # What the older version left: the rerun where the batch was.
+    engine = create_engine(_url(tmp_path))
+    try:
+        with engine.begin() as conn:
+            rerun_id = conn.execute(text("SELECT id FROM batches WHERE name = 'mv6-rerun-1'")).scalar_one()
+            conn.execute(
+                text("UPDATE batches SET manifest_path = :p WHERE id = :b"),
+                {"p": str(old_manifest), "b": rerun_id},
+            )
+            conn.execute(
+                text("UPDATE jobs SET input = :i WHERE batch_id = :b"),
+                {
+                    "i": json.dumps({**_jobs(tmp_path, "mv6-rerun-1")[0][1], "image_url": str(old_image)}),
+                    "b": rerun_id,
+                },
+            )
+    finally:
+        engine.dispose()
+    capsys.readouterr()
+
+    assert run_main(["rerun", "mv6-rerun-1", "--simulate", "--no-progress"], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert f"  {old_image}: missing" in err, err
+    assert f"(`wanbatch run {e2e_env / 'proj2' / 'm.yaml'} --simulate`): its reruns move with it" in err, err
+
+    assert run_main(["run", "proj2/m.yaml", "--simulate", "--no-progress"], monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert _moved_lines(err) == []
+    assert _rerun_lines(err) == ["reruns of batch mv6 moved to its place (proj2/m.yaml): mv6-rerun-1"], err
+    assert run_main(["rerun", "mv6-rerun-1", "--simulate", "--no-progress"], monkeypatch) == 0

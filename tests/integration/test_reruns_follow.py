@@ -1,0 +1,112 @@
+"""A batch's reruns follow it to the place its manifest was submitted from (its folder moved).
+
+Audit: submitting the manifest from its new folder moved only the batch; its reruns kept the old
+folder and their jobs the old absolute paths, so no rerun of theirs could ever be made again.
+:func:`jobs.store.reruns_follow` gives every generation the paths of the jobs they repeat, file
+by file where the same SHA-256 is recorded, never by rewriting a path prefix.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from jobs import db, store
+from jobs.models import Batch, Job
+
+I2V = "fal-ai/wan-i2v"
+OLD, NEW = "/old/proj", "/new/proj"
+
+
+def _job(key: str, image: str, sha: str, rerun_of: str | None = None, item: int = 0) -> store.NewJob:
+    return store.NewJob(
+        key=key * 64,
+        item_index=item,
+        endpoint=I2V,
+        input={"prompt": f"take {key}", "image_url": image},
+        est_billing_units=Decimal(1),
+        est_usd=Decimal(1),
+        source_files={
+            "image_url": {"source": image.rsplit("/", 2)[-2] + "/" + image.rsplit("/", 1)[-1], "sha256": sha}
+        },
+        rerun_of=rerun_of,
+    )
+
+
+def _batch(session: Any, name: str, parent: str | None, jobs: list[store.NewJob]) -> str:
+    batch, _ = store.get_or_create_batch(
+        session,
+        name=name,
+        manifest_path=f"{OLD}/m.yaml",
+        manifest_sha256="0" * 64,
+        budget_max_usd=None,
+        parent_batch_id=parent,
+    )
+    store.add_jobs(session, batch.id, jobs)
+    return batch.id
+
+
+def _ids(session: Any, batch_id: str) -> dict[str, str]:
+    """The batch's job ids by the first character of their key."""
+    return {job.job_key[0]: job.id for job in store.jobs_of_batch(session, batch_id)}
+
+
+def _image(session: Any, job_id: str) -> tuple[str, dict[str, Any]]:
+    job = session.get(Job, job_id)
+    session.refresh(job)
+    return job.input["image_url"], job.source_files["image_url"]
+
+
+def test_every_generation_takes_the_paths_of_the_jobs_it_repeats(engine: Engine) -> None:
+    a, b = "a" * 64, "b" * 64
+    with db.session_scope(engine) as session:
+        root = _batch(
+            session,
+            "clip",
+            None,
+            [_job("1", f"{OLD}/images/a.png", a), _job("2", f"{OLD}/images/b.png", b, item=1)],
+        )
+        originals = _ids(session, root)
+        rerun = _batch(
+            session,
+            "clip-rerun-1",
+            root,
+            [
+                _job("3", f"{OLD}/images/a.png", a, originals["1"]),
+                _job("4", f"{OLD}/images/b.png", b, originals["2"], item=1),
+                # Recorded with other bytes than its original's: never follows.
+                _job("5", f"{OLD}/images/b.png", "c" * 64, originals["1"], item=2),
+            ],
+        )
+        first = _ids(session, rerun)
+        second = _batch(
+            session, "clip-rerun-1-rerun-1", rerun, [_job("6", f"{OLD}/images/a.png", a, first["3"])]
+        )
+
+    with db.session_scope(engine) as session:
+        # The manifest, submitted from its new folder, still has the first item only.
+        store.resubmit_jobs(session, root, [_job("1", f"{NEW}/images/a.png", a)], lambda: 1)
+        store.set_batch_manifest_path(session, root, f"{NEW}/m.yaml")
+        followed = store.reruns_follow(session, root, f"{NEW}/m.yaml", chunk=1)
+    assert followed == ["clip-rerun-1", "clip-rerun-1-rerun-1"]
+
+    with db.session_scope(engine) as session:
+        moved = (f"{NEW}/images/a.png", {"source": "images/a.png", "sha256": a})
+        assert _image(session, first["3"]) == moved
+        assert _image(session, _ids(session, second)["6"]) == moved
+        # Its original is no longer in the manifest and kept its path: so does it.
+        assert _image(session, first["4"])[0] == f"{OLD}/images/b.png"
+        assert _image(session, first["5"]) == (
+            f"{OLD}/images/b.png",
+            {"source": "images/b.png", "sha256": "c" * 64},
+        )
+        paths = session.execute(select(Batch.name, Batch.manifest_path).order_by(Batch.name)).all()
+        assert [tuple(p) for p in paths] == [
+            ("clip", f"{NEW}/m.yaml"),
+            ("clip-rerun-1", f"{NEW}/m.yaml"),
+            ("clip-rerun-1-rerun-1", f"{NEW}/m.yaml"),
+        ]
+        # Submitted again from there: nothing left to follow.
+        assert store.reruns_follow(session, root, f"{NEW}/m.yaml") == []
