@@ -6,12 +6,13 @@ the same day. Both stream: rows come from the database in chunks and leave in ch
 
 **Parquet** (pyarrow): one typed column per export field, in ``FIELDS`` order. Counts are
 ``int64`` (``seed`` is ``uint64``: fal's seeds reach ``2**64 - 1``), money and billing units
-``float64``, timestamps ``timestamp[us, UTC]``. Dicts and lists (``input``, ``media``, …) are
-JSON text, because their keys differ between endpoints and one text column reads the same in
-pandas, DuckDB and Spark; a field this module does not know yet is text too (JSON for anything
-that is not already a string). Rows are written in row groups of at most :data:`PARQUET_ROW_GROUP`
-rows and about :data:`PARQUET_ROW_GROUP_BYTES` of values (an inline image in ``input`` makes a
-row hundreds of KB), the only rows held in memory at once.
+``float64``, timestamps ``timestamp[us, UTC]``. Dicts and lists (``input``, ``media``,
+``provider_metrics``, ``provider_output``, …) are JSON text, because their keys differ between
+endpoints and one text column reads the same in pandas, DuckDB and Spark; a field this module
+does not know yet is text too (JSON for anything that is not already a string). Rows are written
+in row groups of at most :data:`PARQUET_ROW_GROUP` rows and about :data:`PARQUET_ROW_GROUP_BYTES`
+of values (an inline image in ``input`` makes a row hundreds of KB), the only rows held in memory
+at once.
 
 **Hugging Face** (``--format hf -o DIR``): the ``videofolder`` layout that
 ``datasets.load_dataset("videofolder", data_dir=DIR)`` and ``load_dataset("json",
@@ -21,12 +22,13 @@ SHA-256), ``metadata.jsonl`` (``file_name``, the video's path relative to DIR,
 then every export field as the JSONL export has them, but ``video_path``, which is ``file_name``
 too: the stored output's path is one on this machine. ``seed_text`` is the seed those
 loaders read exactly, as they make ``seed`` float64 when one exceeds int64. Objects and lists
-(``input``, ``source_files``, ``media``) are JSON text, as in Parquet, and the rows that first
-give each column a value come first: those loaders type every column from the file's first
-10 MB, see :func:`metadata_row` and :func:`_write_metadata`), the batch's manifest as
-``manifest.<ext>`` (the text stored with the batch, which its jobs were made from; for a batch
-stored before that text was kept, the file when it is still readable; an ``items_from`` file it
-names is not stored with the batch, so not included, and the card says so), and a ``README.md``
+(``input``, ``source_files``, ``media``, ``provider_metrics``, ``provider_output``) are JSON
+text, as in Parquet, and the rows that first give each column a value come first: those
+loaders type every column from the file's first 10 MB, see :func:`metadata_row` and
+:func:`_write_metadata`), the batch's manifest as ``manifest.<ext>`` (the text stored with the
+batch, which its jobs were made from; for a batch stored before that text was kept, the file
+when it is still readable; an ``items_from`` file it names is not stored with the batch, so not
+included, and the card says so), and a ``README.md``
 dataset card (counts by status that add up to the rows, with the rows that took another job's
 video, ``reused_from``, and those not as requested, ``media_mismatch``, nested under theirs;
 endpoints; what the rows cost and what the whole batch was billed; the batches the reused
@@ -699,10 +701,11 @@ def _card(
         "Each row of `metadata.jsonl` is one job: `file_name` (the video, relative to this folder; "
         "null for a job without a video) and every field of wanbatch's export record (`input` is "
         "the exact JSON submitted, `seed` the one the provider used, `video_sha256` the video's "
-        "SHA-256). Objects and lists (`input`, `source_files`, `media`) are JSON text, whose keys "
-        "differ between endpoints and rows: `json.loads` them. Rows are in the manifest's order, "
-        "but for a few that come first (the first to give each column a value), so that loaders "
-        "typing columns from the file's beginning type them all.",
+        "SHA-256, `provider_metrics` and `provider_output` fal's metrics and result). Objects and "
+        "lists (`input`, `source_files`, `media`, `provider_metrics`, `provider_output`) are JSON "
+        "text, whose keys differ between endpoints and rows: `json.loads` them. Rows are in the "
+        "manifest's order, but for a few that come first (the first to give each column a "
+        "value), so that loaders typing columns from the file's beginning type them all.",
         "",
         "```python",
         "import json",

@@ -3,7 +3,10 @@
 Fields are the contract's (job_id, batch, endpoint, status, input, seed, request_id,
 video_path, video_sha256, billing_units, cost_usd, attempts, error, media, media_mismatch,
 source_files, reused_from) plus a few a dataset builder wants (item_index and variant,
-batch_name, seed_text, actual_prompt, registry_sha256, estimates, error_type, timestamps).
+batch_name, seed_text, actual_prompt, registry_sha256, estimates, error_type, timestamps) and
+the provider's metadata the sidecar keeps: ``provider_metrics`` (fal's ``metrics``, e.g.
+``inference_time``) and ``provider_output`` (fal's result JSON), each null when fal gave none,
+secrets masked and size bounded (:func:`export_provider_json`).
 ``seed_text`` is ``seed`` as decimal text, exact in every reader: fal's seeds reach
 ``2**64 - 1``, and a JSON reader that makes numbers float64 (pyarrow's, hence
 ``datasets.load_dataset("json")`` and ``"videofolder"``) rounds any seed above ``2**53``. Rows are in
@@ -38,6 +41,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import stat
 import tempfile
@@ -52,10 +56,12 @@ from sqlalchemy.orm import Session
 from jobs import store
 from jobs.errors import UsageError
 from jobs.fs import file_kind, file_mode, is_missing, os_reason, shown_path
+from jobs.key_forms import BARE_KEY, hide_keys
 from jobs.models import Batch, Job
 from jobs.money import usd_json
 from jobs.printable import one_line, shell_ref
 from jobs.states import UNFINISHED_STATES, JobState
+from jobs.url_secrets import MASK, mask_urls
 
 #: First characters that make a spreadsheet treat a cell as a formula (OWASP CSV Injection).
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
@@ -92,6 +98,8 @@ FIELDS = (
     "error_type",
     "submitted_at",
     "finished_at",
+    "provider_metrics",
+    "provider_output",
 )
 
 
@@ -143,6 +151,71 @@ def export_media(media: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
+#: Containers nested deeper than this in fal's metadata are exported as :data:`NESTED_TOO_DEEP`.
+#: The client refuses an answer nested deeper than 64 levels (``worker.fal.errors.MAX_JSON_DEPTH``),
+#: so only a value stored otherwise (a webhook's payload) is ever cut.
+PROVIDER_JSON_MAX_DEPTH = 64
+NESTED_TOO_DEEP = "[nested too deep]"
+#: About the most characters of JSON a provider field is exported with; a larger one is null.
+#: Every answer of fal's is read up to 1 MiB (``worker.fal.client.MAX_ANSWER_BYTES``, a webhook's
+#: body too), so only a value stored otherwise comes near it: it would swell every row group.
+PROVIDER_JSON_MAX_CHARS = 2 * 1024 * 1024
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def export_provider_json(value: Any) -> Any:
+    """``provider_metrics`` or ``provider_output`` as exported: fal's JSON as stored, with
+
+    * every string (keys too) scrubbed of secrets: the credentials of every URL in it
+      (:func:`jobs.url_secrets.mask_urls`: a signed URL's ``X-Amz-Signature``, ``?token=``, a
+      userinfo password), FAL_KEY in any of its forms when this process knows it
+      (:func:`jobs.key_forms.hide_keys`) and anything of a fal key's shape
+      (:data:`jobs.key_forms.BARE_KEY`). An export is made to be shared: the sidecar beside the
+      video is the operator's own and keeps fal's URLs as they were;
+    * containers deeper than :data:`PROVIDER_JSON_MAX_DEPTH` levels as :data:`NESTED_TOO_DEEP`,
+      a non-finite number (no JSON) as null, and the whole value null when it would take more
+      than about :data:`PROVIDER_JSON_MAX_CHARS` characters of JSON.
+
+    The walk never recurses deeper than the depth limit nor reads past the size limit."""
+    if value is None:
+        return None
+    budget = [PROVIDER_JSON_MAX_CHARS]
+    try:
+        return _scrubbed(value, 0, budget)
+    except _TooLarge:
+        return None
+
+
+def _scrubbed(value: Any, depth: int, budget: list[int]) -> Any:
+    if isinstance(value, str):
+        budget[0] -= len(value) + 3
+        if budget[0] < 0:
+            raise _TooLarge
+        return _scrubbed_text(value)
+    budget[0] -= 8
+    if budget[0] < 0:
+        raise _TooLarge
+    if isinstance(value, dict | list | tuple) and depth >= PROVIDER_JSON_MAX_DEPTH:
+        return NESTED_TOO_DEEP
+    if isinstance(value, dict):
+        deeper = depth + 1
+        return {_scrubbed(str(k), deeper, budget): _scrubbed(v, deeper, budget) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(v, depth + 1, budget) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _scrubbed_text(text: str) -> str:
+    """``text`` without a URL credential, FAL_KEY or a fal-key-shaped string (see above)."""
+    text = BARE_KEY.sub(MASK, hide_keys(text, mask=MASK))
+    return mask_urls(text)
+
+
 def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
     """The export record of one job."""
     return {
@@ -183,6 +256,10 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
         "error_type": job.error_type if job.state.value != "succeeded" else None,
         "submitted_at": job.submitted_at.isoformat() if job.submitted_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        # fal's metadata, as the sidecar has it: its ``metrics`` (``inference_time``, …) and its
+        # result JSON, secrets masked and bounded (export_provider_json).
+        "provider_metrics": export_provider_json(job.provider_metrics),
+        "provider_output": export_provider_json(job.provider_output),
     }
 
 

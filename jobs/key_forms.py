@@ -37,6 +37,15 @@ ENCODED_MIN = 16
 _URLSAFE = str.maketrans("+/", "-_")
 #: A percent-escape (RFC 3986 §2.1: ``%`` and two hex digits, either case meaning the same octet).
 _ESCAPE = re.compile(r"%[0-9A-F]{2}")
+#: A fal key standing alone: ``<key id>:<key secret>`` (fal_client sends FAL_KEY, or
+#: ``FAL_KEY_ID:FAL_KEY_SECRET``, as ``Key id:secret``:
+#: https://github.com/fal-ai/fal/blob/main/projects/fal_client/src/fal_client/auth.py), the id a
+#: UUID and the secret 32 or more hex digits. Masked wherever it appears, glued to other text
+#: too, so a process that does not know the key (the webhook receiver needs none; an export run
+#: with another FAL_KEY) still masks one echoed bare.
+BARE_KEY = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}:[0-9a-fA-F]{32,}"
+)
 
 
 @lru_cache(maxsize=64)

@@ -209,8 +209,10 @@ def fsync_dir(folder: Path) -> None:
 
 
 def sidecar_json(data: dict[str, Any]) -> str:
-    """``data`` as a sidecar's text: JSON any strict reader takes. A non-finite float, which
-    ``json`` would write as ``NaN``/``Infinity`` (no JSON), is written as ``null``
+    """``data`` as a sidecar's text: JSON any strict reader takes, its keys in ``data``'s order,
+    never sorted: ``input`` is the exact JSON submitted, its fields in the order they were sent
+    (as the export has them), the record's own fields in the order it lists them. A non-finite
+    float, which ``json`` would write as ``NaN``/``Infinity`` (no JSON), is written as ``null``
     (:func:`jobs.storable.storable_json`): fal's answers are read so (see
     ``worker.fal.errors.load_json``), but a job an earlier version stored may still hold one."""
     try:
@@ -222,7 +224,7 @@ def sidecar_json(data: dict[str, Any]) -> str:
 
 
 def _strict_json(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=False, allow_nan=False) + "\n"
+    return json.dumps(data, indent=2, default=str, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def write_json_atomic(path: Path, data: dict[str, Any], *, temp_tag: str | None = None) -> None:

@@ -64,13 +64,17 @@ def _run_batch(wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, name: str) 
     return report["batch"], report["counts"]["succeeded"]
 
 
+#: The fields Parquet holds as JSON text (objects and lists in the JSONL export).
+_JSON_TEXT = ("input", "media", "source_files", "provider_metrics", "provider_output")
+
+
 def _as_jsonl(row: dict[str, Any]) -> dict[str, Any]:
     """A Parquet row in the JSONL export's terms: JSON text back to objects, timestamps to ISO."""
     out: dict[str, Any] = {}
     for name, value in row.items():
         if isinstance(value, datetime):
             value = value.isoformat()
-        elif isinstance(value, str) and name in ("input", "media", "source_files") and value[:1] in "{[":
+        elif isinstance(value, str) and name in _JSON_TEXT and value[:1] in "{[":
             value = json.loads(value)
         out[name] = value
     return out

@@ -153,6 +153,18 @@ def test_a_sidecar_is_json_a_strict_reader_takes(tmp_path: Path) -> None:
     }
 
 
+def test_a_sidecar_keeps_the_submitted_inputs_order(tmp_path: Path) -> None:
+    """The sidecar's ``input`` is "the exact submitted input": its fields in the order they were
+    sent, as the export has them, not sorted (so is the record's own order, ``job_id`` first)."""
+    sent = {"prompt": "p", "resolution": "480p", "image_url": "data:…", "seed": 7}
+    target = tmp_path / "a.json"
+    outputs.write_json_atomic(target, {"job_id": "j", "input": sent, "actual_prompt": None})
+    text = target.read_text(encoding="utf-8")
+    assert list(json.loads(text)) == ["job_id", "input", "actual_prompt"]
+    assert list(json.loads(text)["input"]) == list(sent)
+    assert list(json.loads(outputs.sidecar_json({"input": sent, "x": float("inf")}))["input"]) == list(sent)
+
+
 def test_a_local_outputs_placement_is_the_location_and_its_sidecar_path_resolving_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
-from jobs.key_forms import forget_keys, remember_key, remembered_keys
+from jobs.key_forms import BARE_KEY, forget_keys, remember_key, remembered_keys
 from jobs.key_forms import key_variants as key_variants  # re-exported: the forms redacted
 from jobs.url_secrets import mask_urls
 
@@ -46,15 +46,9 @@ _AUTH_VALUE = re.compile(
 _AUTH_WORD = re.compile("authorization", re.IGNORECASE)
 #: fal keys look like ``<uuid>:<hex secret>``; mask ``Key <that>`` wherever it appears.
 _KEY_SHAPE = re.compile(r"\b(?P<scheme>Key|Bearer)\s+[0-9A-Za-z_-]{8,}:[0-9A-Za-z_-]{8,}")
-#: A fal key standing alone: ``<key id>:<key secret>`` (fal_client sends FAL_KEY, or
-#: ``FAL_KEY_ID:FAL_KEY_SECRET``, as ``Key id:secret``:
-#: https://github.com/fal-ai/fal/blob/main/projects/fal_client/src/fal_client/auth.py), the id a
-#: UUID and the secret 32 or more hex digits. Masked wherever it appears, glued to other text
-#: too, so a process that does not know the key (the webhook receiver needs none) still masks
-#: one echoed bare.
-_BARE_KEY = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}:[0-9a-fA-F]{32,}"
-)
+#: A fal key standing alone, ``<uuid>:<32+ hex digits>``, whatever key this process knows
+#: (:data:`jobs.key_forms.BARE_KEY`, which exports mask by as well).
+_BARE_KEY = BARE_KEY
 #: What :data:`_BARE_KEY` needs to match at all; it starts with a literal ``:``, which the
 #: regular expression engine looks for in C, so a text without a key is passed over fast.
 _BARE_SECRET = re.compile(r":[0-9a-fA-F]{32}")

@@ -1,0 +1,188 @@
+"""Every export format carries the provider's metadata the sidecar keeps: ``provider_metrics``
+(fal's ``metrics``, ``inference_time``) and ``provider_output`` (fal's result JSON).
+
+The README promises each output is stored "with its seed, the exact submitted input and the
+provider's metadata"; the database and the sidecar had both fields, but no export format did, so
+a shared dataset lost fal's timings and raw result. An export is made to be shared: the secrets a
+URL in fal's answer may carry (a signed URL's signature, a ``?token=``), FAL_KEY and anything of
+a fal key's shape are masked in it, and a hostile answer's nesting and size are bounded.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import Engine
+
+from jobs import db, store
+from jobs.export import (
+    NESTED_TOO_DEEP,
+    PROVIDER_JSON_MAX_CHARS,
+    PROVIDER_JSON_MAX_DEPTH,
+    export_provider_json,
+)
+from jobs.key_forms import forget_keys, remember_key
+from jobs.models import Job
+from jobs.settings import get_settings
+from jobs.states import JobState
+from tests.in_process import run_main
+from tests.step_runtime import add_batch
+
+KEY = "0b5c2d4e-1111-2222-3333-444455556666:abcdef0123456789abcdef0123456789"
+#: Another key's shape (an old key, one this process never knew): masked by its shape.
+OTHER_KEY = "9f8e7d6c-aaaa-bbbb-cccc-ddddeeeeffff:0123456789abcdef0123456789abcdef"
+SIGNATURE = "5ac7f00dbeefcafe5ac7f00dbeefcafe"
+TOKEN = "tok-0c4f1e2d3b"
+SIGNED_URL = (
+    "https://bucket.s3.amazonaws.com/out/v.mp4?X-Amz-Expires=3600"
+    f"&X-Amz-Signature={SIGNATURE}&X-Amz-Credential=AKIAEXAMPLE%2F20260101"
+)
+METRICS = {"inference_time": 41.25}
+OUTPUT = {
+    "video": {
+        "url": SIGNED_URL,
+        "content_type": "video/mp4",
+        "file_size": 12,
+        "preview": f"https://cdn.example/p.webp?token={TOKEN}",
+    },
+    "seed": 2**64 - 7,
+    "actual_prompt": "a paper boat",
+    "debug": {"echo": f"Authorization: Key {KEY}", "old": f"x{OTHER_KEY}y"},
+}
+SECRETS = (KEY, KEY.partition(":")[2], OTHER_KEY, SIGNATURE, TOKEN, "AKIAEXAMPLE")
+
+
+@pytest.fixture
+def known_key() -> Iterator[str]:
+    remember_key(KEY)  # what the CLI does with FAL_KEY at start-up (cli.install_key_redaction)
+    yield KEY
+    forget_keys()
+
+
+def _succeeded(engine: Engine, outputs: Path) -> str:
+    batch = add_batch(engine, "provider-meta", [("fal-ai/wan-22", {"prompt": "a paper boat"})])
+    data = b"video"
+    path = outputs / "v.mp4"
+    path.write_bytes(data)
+    with db.session_scope(engine) as session:
+        (job,) = store.jobs_of_batch(session, batch)
+        assert store.transition(
+            session,
+            job.id,
+            JobState.PENDING,
+            JobState.SUCCEEDED,
+            expected_version=job.version,
+            output_path=str(path),
+            output_sha256=hashlib.sha256(data).hexdigest(),
+            output_bytes=len(data),
+            seed=OUTPUT["seed"],
+        )
+        stored = session.get(Job, job.id)
+        assert stored is not None
+        stored.provider_metrics = METRICS  # JSON columns, set through the ORM
+        stored.provider_output = OUTPUT
+    return batch
+
+
+def _export(engine: Engine, argv: list[str], outputs: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    for name in ("WANBATCH_DATABASE_URL", "WANBATCH_OUTPUT_DIR", "FAL_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", engine.url.render_as_string(hide_password=False))
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(outputs))
+    get_settings.cache_clear()
+    db._engine_for.cache_clear()
+    try:
+        return run_main(["export", *argv], monkeypatch)
+    finally:
+        get_settings.cache_clear()
+        db._engine_for.cache_clear()
+
+
+def _records(fmt: str, target: Path) -> list[dict[str, Any]]:
+    """The records as the format holds them, nested fields decoded from their JSON text."""
+    if fmt == "jsonl":
+        return [json.loads(line) for line in target.read_text().splitlines()]
+    if fmt == "csv":
+        rows: list[dict[str, Any]] = list(csv.DictReader(io.StringIO(target.read_text())))
+    elif fmt == "parquet":
+        table = pq.read_table(target)
+        assert str(table.schema.field("provider_output").type) == "string"  # JSON text, as `input`
+        assert str(table.schema.field("provider_metrics").type) == "string"
+        rows = table.to_pylist()
+    else:
+        rows = [json.loads(line) for line in (target / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        for name in ("provider_metrics", "provider_output"):
+            row[name] = json.loads(row[name]) if row[name] else None
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "hf"])
+def test_every_format_carries_fals_metrics_and_result_without_its_secrets(
+    engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    known_key: str,
+    fmt: str,
+) -> None:
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    batch = _succeeded(engine, outputs)
+    target = tmp_path / ("hf" if fmt == "hf" else f"export.{fmt}")
+    code = _export(engine, [batch, "--format", fmt, "-o", str(target)], outputs, monkeypatch)
+    assert code == 0, capsys.readouterr().err
+
+    (row,) = _records(fmt, target)
+    assert row["provider_metrics"] == METRICS
+    output = row["provider_output"]
+    assert output["seed"] == OUTPUT["seed"]  # fal's result as received (an exact uint64 seed)
+    assert output["actual_prompt"] == "a paper boat"
+    assert output["video"]["content_type"] == "video/mp4"
+    url = output["video"]["url"]
+    assert url.startswith("https://bucket.s3.amazonaws.com/out/v.mp4?X-Amz-Expires=3600&")
+    assert "X-Amz-Signature=**" in url
+    assert "X-Amz-Credential=**" in url
+    assert output["video"]["preview"] == "https://cdn.example/p.webp?token=**"
+    written = b"".join(p.read_bytes() for p in ([target] if target.is_file() else target.rglob("*.jsonl")))
+    for secret in SECRETS:  # nowhere in the file, however encoded
+        assert secret.encode() not in written, secret
+
+
+def test_a_job_without_a_result_exports_null_provider_fields(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch = add_batch(engine, "unsent", [("fal-ai/wan-22", {"prompt": "p"})])
+    target = tmp_path / "export.csv"
+    code = _export(engine, [batch, "--format", "csv", "-o", str(target)], tmp_path / "outputs", monkeypatch)
+    assert code == 0, capsys.readouterr().err
+    (row,) = _records("csv", target)
+    assert (row["provider_metrics"], row["provider_output"]) == (None, None)
+
+
+def _nested(levels: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(levels):  # built without recursion: deeper than Python would recurse
+        value = {"a": [value]}
+    return value
+
+
+def test_a_hostile_answer_is_bounded_in_depth_and_size() -> None:
+    deep = export_provider_json(_nested(5000))
+    text = json.dumps(deep)  # as stored, json.dumps would recurse past Python's limit
+    assert NESTED_TOO_DEEP in text
+    containers = text.replace(NESTED_TOO_DEEP, "")
+    assert containers.count("[") + containers.count("{") == PROVIDER_JSON_MAX_DEPTH
+    assert export_provider_json(_nested(10)) == _nested(10)  # an ordinary answer as it is
+
+    assert export_provider_json({"blob": "x" * PROVIDER_JSON_MAX_CHARS}) is None
+    assert export_provider_json({"many": list(range(PROVIDER_JSON_MAX_CHARS // 4))}) is None
+    assert export_provider_json({"inference_time": float("nan"), "n": 1}) == {"inference_time": None, "n": 1}
