@@ -741,15 +741,21 @@ def _follow_originals(conn: Connection, batch_id: str, chunk: int) -> None:
                     {"b_id": job_id, "b_input": {**given, **media}, "b_sources": {**sources, **files}}
                 )
         if changes:
-            conn.execute(
-                update(_JOBS)
-                .where(_JOBS.c.id == bindparam("b_id"))
-                .values(
-                    input=bindparam("b_input", type_=_JOBS.c.input.type),
-                    source_files=bindparam("b_sources", type_=_JOBS.c.source_files.type),
-                ),
-                changes,
-            )
+            _set_media(conn, changes)
+
+
+def _set_media(conn: Connection, changes: list[dict[str, Any]]) -> None:
+    """One executemany: each ``b_id`` job's ``input`` and ``source_files`` become ``b_input`` and
+    ``b_sources`` (a batch given its new place, its reruns following it)."""
+    conn.execute(
+        update(_JOBS)
+        .where(_JOBS.c.id == bindparam("b_id"))
+        .values(
+            input=bindparam("b_input", type_=_JOBS.c.input.type),
+            source_files=bindparam("b_sources", type_=_JOBS.c.source_files.type),
+        ),
+        changes,
+    )
 
 
 def _followed_media(
@@ -1143,15 +1149,7 @@ def _relocate_stored(conn: Connection, batch_id: str, block: list[NewJob]) -> in
         if media or old_sources != new.source_files:
             changes.append({"b_id": job_id, "b_input": {**old_input, **media}, "b_sources": new.source_files})
     if changes:
-        conn.execute(
-            update(_JOBS)
-            .where(_JOBS.c.id == bindparam("b_id"))
-            .values(
-                input=bindparam("b_input", type_=_JOBS.c.input.type),
-                source_files=bindparam("b_sources", type_=_JOBS.c.source_files.type),
-            ),
-            changes,
-        )
+        _set_media(conn, changes)
     return len(changes)
 
 
