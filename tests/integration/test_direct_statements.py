@@ -1,5 +1,5 @@
-"""The store's kept statements run straight on SQLite's driver (:func:`jobs.db.run_reusable`):
-the same rows, values and errors as SQLAlchemy's own execution, on both dialects."""
+"""The store's kept statements run straight on the driver (:func:`jobs.db.run_reusable`), SQLite's
+and psycopg's: the same rows, values and errors as SQLAlchemy's own execution, on both dialects."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import pytest
 from sqlalchemy import Engine, Table, bindparam, event, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError, NoResultFound
+from sqlalchemy.exc import DBAPIError, IntegrityError, NoResultFound
 
 from jobs import db
 from jobs.models import Job, JobEvent
@@ -84,8 +84,7 @@ def test_a_move_returns_what_sqlalchemy_would_read_back(engine: Engine) -> None:
     }
     with engine.begin() as conn:
         result = db.run_reusable(conn, MOVE, params)
-        # On SQLite the driver's cursor is used directly; PostgreSQL goes through SQLAlchemy.
-        assert isinstance(result, db.DirectResult) == (engine.dialect.name == "sqlite")
+        assert isinstance(result, db.DirectResult)  # the driver's cursor, on either database
         direct = result.one()
         assert direct.version == 1
         assert direct.state == JobState.RETRY_WAIT
@@ -114,13 +113,12 @@ def test_an_in_list_runs_directly_with_the_same_rows(engine: Engine) -> None:
     twice — are expanded as SQLAlchemy expands them; an empty one is left to SQLAlchemy."""
     batch_id = add_batch(engine, "in-lists", [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(4)])
     ids = job_ids(engine, batch_id)
-    sqlite = engine.dialect.name == "sqlite"
     with engine.begin() as conn:
         conn.execute(update(JOBS).where(JOBS.c.id == ids[0]).values(state=JobState.QUEUED))
         for chosen in (ids[:1], ids[1:], ids, ids[::-1], ids[:1]):  # lengths 1, 3, 4, the cached one again
             params = {"ids": chosen, "states": [JobState.PENDING, JobState.QUEUED]}
             result = db.run_reusable(conn, IN_LISTS, params)
-            assert isinstance(result, db.DirectResult) == sqlite
+            assert isinstance(result, db.DirectResult)
             rows = result.all()
             assert _plain(rows) == _plain(conn.execute(IN_LISTS, params))
             assert [r.id for r in rows] == sorted(chosen)
@@ -207,3 +205,35 @@ def test_timestamps_keep_their_order_as_text(engine: Engine) -> None:
         ).scalar()
     assert [r.id for r in due] == [first]
     assert stored == 1
+
+
+def test_a_lost_postgresql_connection_is_invalidated_as_sqlalchemy_does(engine: Engine) -> None:
+    """A server that drops the connection mid-statement: the direct path hands the error to
+    SQLAlchemy's own handling, so it is a DBAPIError that says the connection was invalidated
+    (what :func:`jobs.db.is_unavailable` and the outage handling go by) and the pool does not
+    hand that dead connection out again."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("a server connection to lose")
+    with engine.connect() as other, engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        other.commit()
+        with pytest.raises(DBAPIError) as raised:
+            db.run_reusable(conn, ONE_JOB, {"job_id": "none"})
+        assert raised.value.connection_invalidated
+        assert conn.invalidated
+        conn.rollback()  # what a unit of work's scope does on its way out
+    with engine.begin() as conn:  # a fresh connection from the pool answers
+        assert db.run_reusable(conn, ONE_JOB, {"job_id": "none"}).first() is None
+
+
+def test_postgresql_outside_a_transaction_goes_through_sqlalchemy(engine: Engine) -> None:
+    """A connection with no transaction begun: SQLAlchemy's ``execute`` begins one (autobegin),
+    so it runs the statement rather than the driver's cursor behind SQLAlchemy's back."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's direct path needs a transaction begun")
+    with engine.connect() as conn:
+        result = db.run_reusable(conn, ONE_JOB, {"job_id": "none"})
+        assert not isinstance(result, db.DirectResult)
+        assert conn.in_transaction()
+        assert isinstance(db.run_reusable(conn, ONE_JOB, {"job_id": "none"}), db.DirectResult)
