@@ -1415,10 +1415,10 @@ def _run(session: Session, statement: Any, params: Mapping[str, Any] | None = No
     ``Session.execute`` costs about twice the CPU of ``Connection.execute`` for a statement
     that loads no ORM objects (it builds an ORM execution state and runs its hooks first);
     every job runs a few dozen such statements on its way, so the hot ones come here, and the
-    kept ones (:func:`_prepared`) go on to :func:`jobs.db.run_reusable`, which on SQLite runs
-    them on the driver directly. Changes pending on the session's objects are flushed first,
-    as ``Session.execute`` would. The result answers ``first``/``one``/``scalar``/``all`` and
-    iteration, its rows by index, by name and ``_mapping``.
+    kept ones (:func:`_prepared`) go on to :func:`jobs.db.run_reusable`, which on SQLite and
+    on PostgreSQL (psycopg) runs them on the driver directly. Changes pending on the session's
+    objects are flushed first, as ``Session.execute`` would. The result answers
+    ``first``/``one``/``scalar``/``all`` and iteration, its rows by index, by name and ``_mapping``.
     """
     if session.autoflush and (session.new or session.dirty or session.deleted):
         session.flush()
