@@ -923,7 +923,15 @@ class _Direct:
 
     def results(self, description: Any) -> list[Any]:
         """The result processors for the columns the driver describes (SQLAlchemy's choice for
-        each column's type and the driver's type code)."""
+        each column's type and the driver's type code; SQLite's are all None)."""
+        if self.dialect.name == "sqlite":
+            codes: tuple[Any, ...] = ()
+            processors = self.results_for.get(codes)
+            if processors is None:
+                processors = self.results_for[codes] = [
+                    t._cached_result_processor(self.dialect, None) for t in self.types
+                ]
+            return processors
         codes = tuple(d[1] for d in description)
         processors = self.results_for.get(codes)
         if processors is None:
