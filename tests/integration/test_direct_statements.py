@@ -207,13 +207,12 @@ def test_timestamps_keep_their_order_as_text(engine: Engine) -> None:
     assert stored == 1
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # PostgreSQL's path only
 def test_a_lost_postgresql_connection_is_invalidated_as_sqlalchemy_does(engine: Engine) -> None:
     """A server that drops the connection mid-statement: the direct path hands the error to
     SQLAlchemy's own handling, so it is a DBAPIError that says the connection was invalidated
     (what :func:`jobs.db.is_unavailable` and the outage handling go by) and the pool does not
     hand that dead connection out again."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("a server connection to lose")
     with engine.connect() as other, engine.connect() as conn:
         pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
         other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
@@ -227,11 +226,10 @@ def test_a_lost_postgresql_connection_is_invalidated_as_sqlalchemy_does(engine: 
         assert db.run_reusable(conn, ONE_JOB, {"job_id": "none"}).first() is None
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # PostgreSQL's path only
 def test_postgresql_outside_a_transaction_goes_through_sqlalchemy(engine: Engine) -> None:
     """A connection with no transaction begun: SQLAlchemy's ``execute`` begins one (autobegin),
     so it runs the statement rather than the driver's cursor behind SQLAlchemy's back."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("PostgreSQL's direct path needs a transaction begun")
     with engine.connect() as conn:
         result = db.run_reusable(conn, ONE_JOB, {"job_id": "none"})
         assert not isinstance(result, db.DirectResult)
