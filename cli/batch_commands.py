@@ -596,11 +596,12 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
         return
     now = utcnow()
     resumed: list[tuple[str, str, Any, float | None]] = []
-    for endpoint, request_id, payload, state, sent_at in requests:
+    for endpoint, request_id, payload, state, sent_at, start_timeout_at in requests:
         start_timeout = None
         if state == JobState.QUEUED and sent_at is not None:
-            # As worker.steps.submit computed it when sending: the window's end or the deadline.
-            closes = schedule.closes_at(sent_at)
+            # As worker.steps.submit computed it when sending: the window's end or the deadline
+            # (recorded with the POST; for one sent before that was, the batch's schedule now).
+            closes = start_timeout_at or schedule.closes_at(sent_at)
             if closes is not None:
                 start_timeout = max((closes - now).total_seconds(), 0.0)
         resumed.append((endpoint, request_id, payload, start_timeout))

@@ -438,6 +438,13 @@ class Job(Base):
     #: right before it, cleared when the next attempt is claimed. A submit whose answer is lost
     #: takes it as its ``submitted_at`` (:func:`jobs.store.transition`).
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: When the start timeout the current attempt's POST carried (``X-Fal-Request-Start-Timeout``,
+    #: the batch's window end or deadline as of its sending) ends: fal never starts the request
+    #: after it, and ends it unstarted (``request_timeout``, not billed). Written with
+    #: :attr:`sent_at`, cleared with it; NULL when the POST carried none (no window or deadline)
+    #: or the job was sent before schema 0030. What a ``request_timeout`` is judged by
+    #: (:func:`worker.steps.schedule.start_timeout_expired`), not the batch's schedule now.
+    start_timeout_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When fal reported the request completed.
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When the job reached a terminal state here.

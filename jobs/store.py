@@ -1745,6 +1745,7 @@ def mark_submitting(
         api_key_id=api_key_id,
         submitted_input=None,
         sent_at=None,
+        start_timeout_at=None,
         lease_owner=fence.owner,
         lease_expires_at=lease_expires_at,
     )
@@ -3589,11 +3590,14 @@ def record_send(
     submitted_input: dict[str, Any],
     sent_at: datetime,
     api_key_id: str,
+    start_timeout_at: datetime | None = None,
 ) -> Fence | None:
     """:func:`take_lease` for a submit's POST, recording the exact input, the send time and the
     id of the API key the POST goes with right before it goes out: the new fence, or None if
     lost. The key is the sending process's (dispatch recorded its own, which on distributed
     workers is the tick leader's, not necessarily the key of the worker that sends).
+    ``start_timeout_at``: when the start timeout the POST carries ends (None: it carries none),
+    what fal's ``request_timeout`` of it is judged by.
 
     This is the moment the job is *sent again*: when the attempt is the resend of a submit whose
     outcome stayed unknown (``resend_attempt``), it counts in ``possible_duplicate_charges``
@@ -3606,6 +3610,7 @@ def record_send(
         "updated_at": utcnow(),
         "submitted_input": submitted_input,
         "sent_at": sent_at,
+        "start_timeout_at": start_timeout_at,
         "api_key_id": api_key_id,
     }
     row = _fenced_update(session, fence.job_id, fence.version, values, bump=True, counted=_RESEND_SENT)
@@ -4070,11 +4075,13 @@ def simulated_batch_ids(session: Session) -> frozenset[str]:
 
 def batch_requests(
     session: Session, batch_id: str, states: Collection[JobState]
-) -> list[tuple[str, str, Any, JobState, datetime | None]]:
-    """``(endpoint, request id, submitted input, state, sent at)`` of the batch's jobs in
-    ``states`` that have a request at fal, oldest first (a ``--simulate`` run gives them back to
-    its simulator). ``sent at``: when the request's POST went out (``sent_at``, else
-    ``submitted_at``), what its start timeout was counted from."""
+) -> list[tuple[str, str, Any, JobState, datetime | None, datetime | None]]:
+    """``(endpoint, request id, submitted input, state, sent at, start timeout at)`` of the
+    batch's jobs in ``states`` that have a request at fal, oldest first (a ``--simulate`` run
+    gives them back to its simulator). ``sent at``: when the request's POST went out
+    (``sent_at``, else ``submitted_at``), what its start timeout was counted from; ``start
+    timeout at``: when that start timeout ends, as recorded with the POST (None: it carried
+    none, or was sent before schema 0030)."""
     query = (
         select(
             Job.endpoint,
@@ -4082,13 +4089,14 @@ def batch_requests(
             Job.submitted_input,
             Job.state,
             func.coalesce(Job.sent_at, Job.submitted_at),
+            Job.start_timeout_at,
         )
         .where(Job.batch_id == batch_id, Job.state.in_(sorted(states)), Job.request_id.is_not(None))
         .order_by(Job.submitted_at, Job.id)
     )
     return [
-        (endpoint, request_id, data, JobState(state), sent)
-        for endpoint, request_id, data, state, sent in session.execute(query)
+        (endpoint, request_id, data, JobState(state), sent, until)
+        for endpoint, request_id, data, state, sent, until in session.execute(query)
     ]
 
 

@@ -16,7 +16,7 @@ import re
 import stat
 import zoneinfo
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
@@ -516,6 +516,18 @@ def _parse_schedule(root: LMap, manifest: Manifest, top: _Report, now: datetime)
     timezone = schedule.get("timezone")
     if timezone is None:
         timezone = "UTC"
+        if window is not None and (offsets := _local_offsets(schedule, instants)):
+            # Valid, and maybe meant: but a window of local hours beside local instants is
+            # far likelier to be local too, and read in UTC it moves by the offset.
+            top(
+                f"schedule window {schedule['window']} is read in UTC (no timezone given), though "
+                f"{offsets}: add timezone: naming the zone they are local to (such as Europe/Paris), "
+                "or timezone: UTC if the window is meant in UTC",
+                schedule.lines.get("window"),
+                "schedule.window",
+                value=schedule["window"],
+                severity="warning",
+            )
     elif (problem := _zone_problem(timezone)) is not None:
         ok = False
         top(
@@ -524,6 +536,14 @@ def _parse_schedule(root: LMap, manifest: Manifest, top: _Report, now: datetime)
             "schedule.timezone",
             value=timezone,
             allowed=_ZONE_ALLOWED,
+        )
+    elif (reversed_sign := _etc_gmt_warning(timezone)) is not None:
+        top(
+            reversed_sign,
+            schedule.lines.get("timezone"),
+            "schedule.timezone",
+            value=timezone,
+            severity="warning",
         )
     not_before, deadline = instants["not_before"], instants["deadline"]
     if deadline is not None:
@@ -563,6 +583,61 @@ def _parse_schedule(root: LMap, manifest: Manifest, top: _Report, now: datetime)
             )
     if ok:
         manifest.schedule = Schedule(not_before, deadline, window, timezone)
+
+
+def _written_offset(value: object) -> timedelta | None:
+    """The UTC offset a schedule instant was written with (``parse_instant`` keeps only the
+    instant), or None when it cannot be read (the error is said already)."""
+    try:
+        parsed = value if isinstance(value, datetime) else datetime.fromisoformat(str(value).strip().upper())
+    except ValueError:
+        return None
+    return parsed.utcoffset()
+
+
+def _offset_text(offset: timedelta) -> str:
+    """``+01:00``, ``-05:30``: an offset as ISO 8601 writes it (seconds only when there are any)."""
+    sign = "-" if offset < timedelta(0) else "+"
+    seconds = int(abs(offset).total_seconds())
+    text = f"{sign}{seconds // 3600:02d}:{seconds % 3600 // 60:02d}"
+    return text + (f":{seconds % 60:02d}" if seconds % 60 else "")
+
+
+def _local_offsets(schedule: LMap, instants: dict[str, datetime | None]) -> str | None:
+    """What says that a schedule without ``timezone`` was written in local time: its instants
+    that carry a UTC offset other than zero ("not_before and deadline carry the offset +01:00"),
+    or None when none does."""
+    offsets = {
+        key: offset
+        for key, parsed in instants.items()
+        if parsed is not None and (offset := _written_offset(schedule[key]))
+    }
+    if not offsets:
+        return None
+    if len(set(offsets.values())) == 1:
+        (offset,) = set(offsets.values())
+        carry = "carries" if len(offsets) == 1 else "carry"
+        return f"{' and '.join(offsets)} {carry} the offset {_offset_text(offset)}"
+    return " and ".join(f"{key} carries {_offset_text(offset)}" for key, offset in offsets.items())
+
+
+#: ``Etc/GMT+1``-style zone names: POSIX signs, the reverse of ISO 8601's (Etc/GMT+1 is UTC-01:00).
+_ETC_GMT = re.compile(r"Etc/GMT([+-])0*(\d{1,2})", re.IGNORECASE)
+
+
+def _etc_gmt_warning(name: str) -> str | None:
+    """The warning for an ``Etc/GMT±N`` zone (N not 0): it means the opposite of how it reads."""
+    found = _ETC_GMT.fullmatch(name.strip())
+    if found is None or int(found[2]) == 0:
+        return None
+    sign, hours = found[1], int(found[2])
+    means = f"UTC{'-' if sign == '+' else '+'}{hours:02d}:00"
+    reads = f"UTC{sign}{hours:02d}:00"
+    flipped = f"Etc/GMT{'-' if sign == '+' else '+'}{hours}"
+    return (
+        f"schedule timezone {name} is {means}, not {reads}: Etc/GMT zones have the sign reversed "
+        f"(POSIX); for {reads} write {flipped} or a city zone (Area/City)"
+    )
 
 
 #: Files of a host's tz database that ``ZoneInfo`` loads but that are no IANA zone: what they

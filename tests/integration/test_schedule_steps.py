@@ -355,6 +355,33 @@ def test_a_request_fal_timed_out_while_the_window_is_still_open_here_costs_no_at
     assert len(dispatch(rt)) == 2
 
 
+def test_a_request_fal_timed_out_after_its_schedule_was_removed_costs_no_attempt(
+    engine: Engine, busy_sim: SimulatorHandle
+) -> None:
+    """The manifest submitted again without ``schedule`` while requests sent with a start timeout
+    wait at fal: fal still ends them at the old deadline, unstarted and unbilled. What they were
+    sent with decides, not the batch's schedule now: no attempt is counted (the tester allows one),
+    and with no schedule left they are due again at once."""
+    batch_id, rt = _two_waiting_at_fal(engine, busy_sim, "timed-out-unscheduled")
+    with db.session_scope(engine) as session:
+        queued = [j for j in store.jobs_of_batch(session, batch_id) if j.state == S.QUEUED]
+        assert all(j.start_timeout_at is not None for j in queued), "recorded with the POST"
+    _set_schedule(engine, batch_id, Schedule())  # the schedule removed
+
+    wait_until(lambda: job_states(engine, batch_id).get("queued", 0) == 0, step=lambda: poll(rt))
+
+    assert job_states(engine, batch_id) == {"running": 2, "pending": 4}
+    timed_out = {str(e["request_id"]) for e in _requests_fal_timed_out(busy_sim)}
+    back = [j for j in _jobs(engine, batch_id, S.PENDING) if j.request_id in timed_out]
+    assert len(back) == 2
+    for job in back:
+        assert (job.attempts, job.unstarted_requests, job.counted_attempts) == (1, 1, 0)
+        assert (job.actual_usd or 0) == 0
+        assert job.error_type is None
+    # Due at once: nothing holds them back now (within the two free places at fal).
+    assert len(dispatch(rt)) == 2
+
+
 def test_a_window_close_cancel_that_finds_the_request_timed_out_sends_it_back_uncounted(
     engine: Engine, busy_sim: SimulatorHandle
 ) -> None:

@@ -373,3 +373,127 @@ def test_timezone_hints_ignore_case_and_know_utc(tmp_path: Path, name: str, hint
 def test_local_is_not_pointed_at_the_hosts_zone_file(tmp_path: Path) -> None:
     issue = only_error(tmp_path, HEAD + "schedule:\n  timezone: local\n")
     assert "localtime" not in issue.message
+
+
+# -- valid, but likely not what was meant: warnings ----------------------------------------------
+
+
+def warnings(tmp_path: Path, text: str) -> list[Issue]:
+    manifest, issues = parse_manifest(write(tmp_path, text), now=NOW)
+    assert manifest is not None
+    assert [i for i in issues if i.severity == "error"] == []
+    return [i for i in issues if i.severity == "warning"]
+
+
+LOCAL_WITHOUT_ZONE = (
+    HEAD
+    + "schedule:\n"  # 5
+    + "  not_before: 2026-12-01T22:00:00+01:00\n"  # 6
+    + "  deadline: 2026-12-02T06:00:00+01:00\n"  # 7
+    + '  window: "22:00-06:00"\n'  # 8
+)
+
+
+def test_a_window_without_timezone_beside_local_instants_warns_it_is_read_in_utc(tmp_path: Path) -> None:
+    """The audit's trap: instants written in +01:00, the window's hours meant as the same local
+    time, no ``timezone``: the window is read in UTC, an hour off. Valid (it may be meant), so a
+    warning at the window's line, naming the offset and the fix."""
+    (warning,) = warnings(tmp_path, LOCAL_WITHOUT_ZONE)
+    assert (warning.line, warning.field) == (8, "schedule.window")
+    assert warning.message == (
+        "schedule window 22:00-06:00 is read in UTC (no timezone given), though not_before and deadline "
+        "carry the offset +01:00: add timezone: naming the zone they are local to (such as Europe/Paris), "
+        "or timezone: UTC if the window is meant in UTC"
+    )
+    assert str(warning).startswith(f"{tmp_path / 'm.yaml'}:8: field 'schedule.window': ")
+    # Only a warning: the schedule is kept as written, the window in UTC.
+    schedule = load_manifest(write(tmp_path, LOCAL_WITHOUT_ZONE), now=NOW).schedule
+    assert (schedule.timezone, schedule.window) == ("UTC", (time(22), time(6)))
+
+
+@pytest.mark.parametrize(
+    ("instants", "said"),
+    [
+        ("  deadline: 2026-12-02T06:00:00-05:30\n", "deadline carries the offset -05:30"),
+        (
+            "  not_before: 2026-12-01T22:00:00Z\n  deadline: 2026-12-02T06:00:00+02:00\n",
+            "deadline carries the offset +02:00",
+        ),
+        (
+            "  not_before: 2026-12-01T22:00:00+01:00\n  deadline: 2026-12-02T06:00:00+02:00\n",
+            "not_before carries +01:00 and deadline carries +02:00",
+        ),
+    ],
+)
+def test_the_warning_names_each_offset_written(tmp_path: Path, instants: str, said: str) -> None:
+    (warning,) = warnings(tmp_path, HEAD + "schedule:\n" + instants + "  window: 22:00-06:00\n")
+    assert f"though {said}: add timezone:" in warning.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A timezone said, whichever: the window is read where the manifest says.
+        "  deadline: 2026-12-02T06:00:00+01:00\n  window: 22:00-06:00\n  timezone: Europe/Berlin\n",
+        "  deadline: 2026-12-02T06:00:00+01:00\n  window: 22:00-06:00\n  timezone: UTC\n",
+        # Instants in UTC: nothing says the window was meant elsewhere.
+        "  not_before: 2026-12-01T22:00:00Z\n  deadline: 2026-12-02T06:00:00+00:00\n  window: 22:00-06:00\n",
+        # No window: the instants are instants, whatever their offset.
+        "  not_before: 2026-12-01T22:00:00+01:00\n  deadline: 2026-12-02T06:00:00+01:00\n",
+    ],
+)
+def test_no_warning_when_the_window_is_read_as_written(tmp_path: Path, body: str) -> None:
+    assert warnings(tmp_path, HEAD + "schedule:\n" + body) == []
+
+
+@pytest.mark.parametrize(
+    ("zone_name", "message"),
+    [
+        (
+            "Etc/GMT+1",
+            "schedule timezone Etc/GMT+1 is UTC-01:00, not UTC+01:00: Etc/GMT zones have the sign "
+            "reversed (POSIX); for UTC+01:00 write Etc/GMT-1 or a city zone (Area/City)",
+        ),
+        (
+            "Etc/GMT-10",
+            "schedule timezone Etc/GMT-10 is UTC+10:00, not UTC-10:00: Etc/GMT zones have the sign "
+            "reversed (POSIX); for UTC-10:00 write Etc/GMT+10 or a city zone (Area/City)",
+        ),
+    ],
+)
+def test_an_etc_gmt_zone_warns_what_its_reversed_sign_means(
+    tmp_path: Path, zone_name: str, message: str
+) -> None:
+    text = HEAD + f'schedule:\n  window: "22:00-06:00"\n  timezone: {zone_name}\n'  # timezone: line 7
+    (warning,) = warnings(tmp_path, text)
+    assert (warning.line, warning.field, warning.message) == (7, "schedule.timezone", message)
+    # Valid all the same: the zone is what it is.
+    assert load_manifest(write(tmp_path, text), now=NOW).schedule.timezone == zone_name
+
+
+@pytest.mark.parametrize("zone_name", ["Etc/GMT+0", "Etc/GMT-0", "Etc/GMT", "Etc/UTC", "Europe/Berlin"])
+def test_zones_whose_name_reads_right_do_not_warn(tmp_path: Path, zone_name: str) -> None:
+    assert warnings(tmp_path, HEAD + f"schedule:\n  window: 22:00-06:00\n  timezone: {zone_name}\n") == []
+
+
+def test_validate_prints_both_time_zone_warnings_and_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the audit ran them: ``wanbatch validate`` said nothing of either trap."""
+    from tests.in_process import run_main
+
+    later = LOCAL_WITHOUT_ZONE.replace("2026-12-0", "2099-12-0")
+    (tmp_path / "tz1.yaml").write_text(later, encoding="utf-8")
+    (tmp_path / "tz2.yaml").write_text(
+        HEAD + 'schedule:\n  window: "22:00-06:00"\n  timezone: Etc/GMT+1\n', encoding="utf-8"
+    )
+    for name, where, phrase in [
+        ("tz1.yaml", "tz1.yaml:8: field 'schedule.window'", "is read in UTC"),
+        ("tz2.yaml", "tz2.yaml:7: field 'schedule.timezone'", "Etc/GMT+1 is UTC-01:00"),
+    ]:
+        assert run_main(["validate", str(tmp_path / name)], monkeypatch) == 0
+        out = capsys.readouterr()
+        lines = [line for line in (out.out + out.err).splitlines() if line.startswith("warning")]
+        assert len(lines) == 1, out
+        assert where in lines[0]
+        assert phrase in lines[0]

@@ -157,25 +157,33 @@ def timed_out_unstarted(status: Status) -> bool:
 def start_timeout_expired(session: Session, fence: Fence, status: Status, *, now: datetime) -> bool:
     """fal ended the ``queued`` request of ``fence`` by the start timeout its submit carried
     (:func:`timed_out_unstarted`): settle it as the window's end or the deadline, where that
-    timeout came from. False (nothing done) when the batch's schedule gave no start timeout.
+    timeout came from. False (nothing done) when its submit carried no start timeout.
+
+    Whether it carried one is what the submit recorded (``Job.start_timeout_at``), not the
+    batch's schedule now: a schedule removed or changed while the request waited at fal does not
+    make fal's timeout of it a failure that counts an attempt. (With none recorded, the batch's
+    schedule now still decides: a job sent before schema 0030 recorded it.)
 
     Where the schedule stands at ``now`` decides, as for our own cancel:
 
     * past the deadline: ``cancelled`` with reason ``deadline``, as :func:`enforce_schedules`
       would have done had its cancel come first;
     * the window closed: back to ``pending`` for the next window, no attempt counted;
-    * still open here (our clock behind fal's, a schedule changed since the submit): nothing
-      ran and nothing was billed, so no attempt is counted either — back to ``pending``, due at
-      once. The next submit carries the time then left in the window as its start timeout (or
-      is held back for the next window when under a second is left), so the round is bounded
-      by this clock reaching the window's end.
+    * still open here (our clock behind fal's, a schedule changed or removed since the
+      submit): nothing ran and nothing was billed, so no attempt is counted either — back to
+      ``pending``, due at once. The next submit carries the time then left in the window as
+      its start timeout (or is held back for the next window when under a second is left), so
+      the round is bounded by this clock reaching the window's end.
 
-    Without a window or deadline no start timeout was sent (``worker.steps.submit``): a
-    ``request_timeout`` is then fal's own failure and takes the usual retry path.
+    A submit of a batch without a window or deadline carries no start timeout
+    (``worker.steps.submit``): a ``request_timeout`` of it is fal's own failure and takes the
+    usual retry path.
     """
     job = store.get_job(session, fence.job_id)
     schedule = store.batch_schedule(store.get_batch(session, job.batch_id))
-    if schedule.window is None and schedule.deadline is None:
+    if job.start_timeout_at is None and schedule.window is None and schedule.deadline is None:
+        # Recorded as carrying none, or sent before schema 0030 by a batch that has no window
+        # or deadline now either: fal's own failure.
         return False
     if schedule.past_deadline(now):
         why: str | None = DEADLINE

@@ -273,6 +273,8 @@ def _submit(rt: Runtime, job_id: str) -> str:
             submitted_input=to_send,
             sent_at=sent_at,
             api_key_id=api_key_id(rt.settings),  # the key this POST goes with, not dispatch's
+            # What fal's request_timeout of it is judged by, whatever the schedule becomes.
+            start_timeout_at=closes,
         )
     if taken is None:
         return "lost-lease"
