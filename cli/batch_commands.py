@@ -1024,6 +1024,13 @@ def run(
     help="With --failed-only: also send the jobs an earlier rerun already rendered, or still "
     "renders, with the same input (left out by default: they would be paid for twice).",
 )
+@click.option(
+    "--now",
+    "send_now",
+    is_flag=True,
+    help="Send the new batch at once: no window, deadline or not_before (by default a rerun "
+    "keeps the parent's daily window and waits for it).",
+)
 @json_option
 @simulate_option
 @progress_option
@@ -1034,6 +1041,7 @@ def rerun(
     max_usd: str | None,
     vary: tuple[str, ...],
     pay_again: bool,
+    send_now: bool,
     as_json: bool,
     simulate: bool,
     no_progress: bool,
@@ -1044,12 +1052,14 @@ def rerun(
     With `--failed-only` and no failed or cancelled job, it says so and creates nothing (exit 0).
     `--failed-only` leaves out jobs an earlier rerun already rendered, or an unfinished one still
     renders, with the same input (it names that rerun) unless `--pay-again`.
+    A rerun keeps the parent's daily window (and waits for it when closed): `--now` sends it at once.
     """
 
     new = _NewRerun(simulate)
 
     def action() -> int:
         from jobs import batches
+        from jobs.models import utcnow
         from jobs.settings import get_settings
         from jobs.vary import parse_varies
 
@@ -1063,6 +1073,7 @@ def rerun(
             "max_usd": cap,
             "vary": sweeps,
             "pay_again": pay_again,
+            "send_now": send_now,
         }
         with fal_settings(settings, simulate) as target:
             try:
@@ -1077,6 +1088,8 @@ def rerun(
                 return nothing.exit_code
             print_warnings(result)
             print_budget_note(result)
+            if note := batches.rerun_wait_note(result, utcnow()):
+                err.print(f"[yellow]{escape(note)}[/yellow]")
             again = f"run `{new.run_command(result.batch_id)}`"  # never `rerun` again: another batch
             return _run_and_report(result.batch_id, target, as_json, not no_progress, again=again)
 

@@ -750,10 +750,9 @@ def pause_over_text(report: BatchReport) -> str:
     words = "paused by user, but resuming sends nothing"
     if not unsent:
         return words
-    # Past the deadline, a run or a worker cancels them (`idle_text` says how, when none runs);
-    # before it (the window opens only after the deadline), the deadline does.
-    when = "when a run or a worker processes it" if report["phase"] == "deadline" else "at the deadline"
-    return f"{words}: its {unsent} unsent job(s) end cancelled {when}"
+    # Past the deadline, or with no window opening before it, a run or a worker cancels them
+    # (`idle_text` says how, when none runs).
+    return f"{words}: its {unsent} unsent job(s) end cancelled when a run or a worker processes it"
 
 
 def money_line(report: BatchReport) -> str:
@@ -791,6 +790,12 @@ def money_line(report: BatchReport) -> str:
             f"[yellow]{report['cancelled_for_budget']} job(s) cancelled: budget cap reached[/yellow]"
         )
         lines.extend(_budget_advice(report))
+    if report.get("cancelled_for_deadline") and report["finished"] == report["total"]:
+        lines.append(
+            f"[yellow]{report['cancelled_for_deadline']} job(s) cancelled: not sent before the "
+            "deadline[/yellow]"
+        )
+        lines.extend(_deadline_advice(report))
     if rendered := _rendered_line(report):
         lines.append(rendered)
     if pending := _pending_line(report):
@@ -846,6 +851,29 @@ def _budget_advice(report: BatchReport) -> list[str]:
             f"UTC day, then `{rerun}`"
         )
     return advice
+
+
+def _deadline_advice(report: BatchReport) -> list[str]:
+    """How to run what the batch's schedule cancelled (its deadline passed, or no window opened
+    before it): ``rerun --failed-only``, which keeps the batch's daily window and so waits for
+    it, and ``--now``, which sends them at once. Jobs a rerun already rendered, or an unfinished
+    one is rendering, are not counted (as in :func:`_budget_advice`)."""
+    simulate = " --simulate" if report["simulated"] else ""
+    rerun = f"wanbatch rerun {escape(report_ref(report))} --failed-only{simulate}"
+    covered = [report["rerun_rendered"], report["rerun_pending"]]
+    done = sum(c.get("cancelled_for_deadline", 0) for c in covered)
+    left = report.get("cancelled_for_deadline", 0) - done
+    if left <= 0:
+        return []
+    them = f"the other {left}" if done else "them"
+    window = (report.get("schedule") or {}).get("window")
+    if window is None:  # the rerun has no schedule: sent at once
+        return [f"  to run {them}: `{rerun}`"]
+    zone = escape(str((report.get("schedule") or {}).get("timezone") or "UTC"))
+    return [
+        f"  to run {them}: `{rerun} --now` sends them now; `{rerun}` keeps the window "
+        f"{escape(str(window))} ({zone}) and waits for it"
+    ]
 
 
 #: Lines at most that one reason jobs failed or were cancelled takes in a terminal (the full

@@ -66,7 +66,7 @@ from jobs.rendered import (
     tally_being,
     wanted_key,
 )
-from jobs.schedule import Schedule
+from jobs.schedule import Schedule, format_duration
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
 from jobs.states import AT_PROVIDER_STATES, UNFINISHED_STATES, JobState
 from jobs.url_secrets import masked_url
@@ -496,7 +496,7 @@ def _deadline_note(issue: Issue) -> Issue:
     said, not refused."""
     if issue.code == NEVER_OPENS:  # the message ends "nothing could ever be sent"
         message = f"{issue.message.removesuffix(': nothing could ever be sent')}: nothing more is sent; "
-        message += "what fal made is collected, the rest cancelled at the deadline"
+        message += "what fal made is collected, the rest cancelled"
     else:
         message = f"{issue.message}: nothing more is sent; what fal made is collected, the rest cancelled"
     return replace(issue, message=message, severity="warning", allowed=None)
@@ -510,8 +510,7 @@ def schedule_over_note(batch: Batch, now: datetime) -> str | None:
     over = schedule.over(now)
     if over is None:
         return None
-    rest = "the rest cancelled" if schedule.past_deadline(now) else "the rest cancelled at the deadline"
-    return f"batch {batch.name}: {over}: nothing more is sent; what fal made is collected, {rest}"
+    return f"batch {batch.name}: {over}: nothing more is sent; what fal made is collected, the rest cancelled"
 
 
 def _apply_budget(session: Session, batch: Batch, wanted: Decimal | None) -> dict[str, float | None] | None:
@@ -765,6 +764,9 @@ class BatchReport(TypedDict):
     cancelled_for_budget: int
     #: Of those, the jobs the daily cap (``WANBATCH_DAILY_BUDGET_USD``) cancelled.
     cancelled_for_daily_budget: int
+    #: Jobs the batch's schedule cancelled (reason ``deadline``: its deadline passed, or no
+    #: window opened before it): ``status`` advises ``rerun --failed-only`` (``--now``) for them.
+    cancelled_for_deadline: int
     failures: list[FailureReason]
     parent_batch: str | None
     created_at: str
@@ -1255,8 +1257,10 @@ class _AllBatches:
 
     def deadline_cancelled(self, batch: Batch) -> int:
         def read() -> dict[str, int]:
-            past = [b.id for b in self.batches if store.batch_schedule(b).past_deadline(self.now)]
-            return store.count_cancelled_of_batches(self.session, past, DEADLINE_ERROR)
+            # Every scheduled batch: one whose window opens only after its deadline ends its
+            # unsent jobs (reason `deadline`) before the deadline (``cancelled_for_deadline``).
+            scheduled = [b.id for b in self.batches if b.schedule is not None]
+            return store.count_cancelled_of_batches(self.session, scheduled, DEADLINE_ERROR)
 
         return int(self._once("deadline", read).get(batch.id, 0))
 
@@ -1408,6 +1412,7 @@ def _report(
         "wasted_usd": _money(totals.wasted_usd),
         "cancelled_for_budget": totals.cancelled_for_budget,
         "cancelled_for_daily_budget": totals.cancelled_for_daily_budget,
+        "cancelled_for_deadline": reads.deadline_cancelled(batch) if batch.schedule is not None else 0,
         "media_mismatches": totals.media_mismatches,
         "rate_limited_submits": totals.rate_limited_submits,
         "failures": [
@@ -1495,7 +1500,7 @@ def ends_without_fal(session: Session, batch: Batch, now: datetime) -> bool:
     to be downloaded, cancelled or looked up there (a ``submit_unknown`` is). The run then only
     ends those jobs cancelled (reason ``deadline``): what ``status`` and ``resume`` advise
     ``wanbatch run NAME`` for (:func:`_resumed_line`, ``cli.output.deadline_run_text``)."""
-    if not store.batch_schedule(batch).past_deadline(now):
+    if store.batch_schedule(batch).over(now) is None:
         return False
     at_fal = [s for s in UNFINISHED_STATES if s not in listing.WAITING_STATES]
     return not store.count_in_states(session, at_fal, batch_id=batch.id)
@@ -1745,7 +1750,7 @@ def refuse_paused(session: Session, batch: Batch) -> None:
     """
     if not batch.paused_by_user or batch.state == BatchState.CANCELLED:
         return
-    if store.batch_schedule(batch).past_deadline(utcnow()):
+    if store.batch_schedule(batch).over(utcnow()) is not None:
         return
     if paused_collecting(session, batch):
         return
@@ -1760,7 +1765,7 @@ def paused_collecting(session: Session, batch: Batch) -> int:
     caused, so the downloads of such a batch count too."""
     if not batch.paused_by_user or batch.state == BatchState.CANCELLED:
         return 0
-    if store.batch_schedule(batch).past_deadline(utcnow()):
+    if store.batch_schedule(batch).over(utcnow()) is not None:
         return 0
     return store.count_in_states(session, listing.BUSY_STATES, batch_id=batch.id)
 
@@ -1932,10 +1937,8 @@ def _resumed_line(
         # and "may be sent again" would promise what the deadline takes away.
         if not waiting:
             then = "nothing more is sent"
-        elif past:
-            then = f"its {waiting} waiting job(s) will never be sent; {sender} cancels them"
         else:
-            then = f"its {waiting} waiting job(s) will never be sent; they end cancelled then"
+            then = f"its {waiting} waiting job(s) will never be sent; {sender} cancels them"
         head = f"resumed batch {label}" if changed else f"batch {label} was not paused by `wanbatch pause`"
         line = f"{head}, but {over}: {then}"
     elif changed:
@@ -2000,6 +2003,7 @@ def rerun_batch(
     max_usd: Decimal | None = None,
     vary: Sequence[Vary] = (),
     pay_again: bool = False,
+    send_now: bool = False,
     settings: Settings,
     simulated: bool = False,
     on_batch: Callable[[str, str], None] | None = None,
@@ -2014,6 +2018,8 @@ def rerun_batch(
     parent's queue priority and daily window carry over; its ``not_before`` and deadline do
     not (the parent's deadline has usually passed: the jobs it cancelled are what is rerun).
     ``simulated`` (``--simulate``) makes the new batch a simulation, whatever the parent was.
+    ``send_now`` (``--now``) drops the schedule altogether (no window, no deadline, no
+    ``not_before``): the jobs a deadline cancelled are sent at once, not in the next window.
 
     ``vary`` (``--vary FIELD=VALUES``) sweeps fields: each job is repeated once per combination
     of the values (the product over the options), every other input field exactly as stored,
@@ -2114,11 +2120,16 @@ def rerun_batch(
             budget_max_usd=parent.budget_max_usd if max_usd is None else max_usd,
             parent_batch_id=parent.id,
             priority=parent.priority,
-            schedule=_rerun_schedule(parent),
+            schedule=None if send_now else _rerun_schedule(parent),
             manifest_text=parent.manifest_text,  # provenance: the manifest the jobs came from
             simulated=simulated,
             rerun_options=rerun_options(
-                failed_only=failed_only, new_seeds=new_seeds, max_usd=max_usd, vary=vary, pay_again=pay_again
+                failed_only=failed_only,
+                new_seeds=new_seeds,
+                max_usd=max_usd,
+                vary=vary,
+                pay_again=pay_again,
+                send_now=send_now,
             ),
         )
         if not created:  # another rerun took the free name at the same moment (PostgreSQL)
@@ -2138,6 +2149,7 @@ def rerun_options(
     max_usd: Decimal | None,
     vary: Sequence[Vary],
     pay_again: bool = False,
+    send_now: bool = False,
 ) -> dict[str, Any]:
     """What a rerun batch stores of the options that made it (``batches.rerun_options``): enough
     to write the command again (an ``hf`` export's dataset card shows it). ``max_usd`` only when
@@ -2151,6 +2163,8 @@ def rerun_options(
     }
     if pay_again:
         options["pay_again"] = True
+    if send_now:
+        options["now"] = True
     return options
 
 
@@ -2226,6 +2240,25 @@ def _left_out(parent: Batch, covered: Coverage) -> list[str]:
             "renders and pays for them again"
         )
     return warnings
+
+
+def rerun_wait_note(result: SubmitResult, now: datetime) -> str | None:
+    """What ``rerun`` says on stderr of a new batch that keeps its parent's window while that
+    window is closed: it waits for it (the jobs a deadline cancelled go out the next night, not
+    this morning), and ``--now`` sends it at once. None when it may send now (or has no window)."""
+    schedule = Schedule.from_json(result.schedule)
+    if schedule.window is None or schedule.is_open(now):
+        return None
+    opens = schedule.next_open(now)
+    if opens is None:  # pragma: no cover - a window without a deadline always opens again
+        return None
+    clock = f"{opens.astimezone(schedule.tz):%H:%M} {schedule.timezone}"
+    left = format_duration((opens - now).total_seconds())
+    ref = shell_ref(result.name, result.batch_id)
+    return (
+        f"batch {result.name} waits for its window: opens {clock}, in {left}; `--now` sends it "
+        f"now (Ctrl-C, `wanbatch cancel {ref}`, then the same rerun with `--now`)"
+    )
 
 
 def _rerun_schedule(parent: Batch) -> Schedule | None:

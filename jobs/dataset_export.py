@@ -478,6 +478,8 @@ def _rerun_command(batch: Batch, parent_id: str) -> str | None:
         words += ["--vary", str(text)]
     if options.get("pay_again"):
         words.append("--pay-again")
+    if options.get("now"):
+        words.append("--now")
     if batch.simulated:
         words.append("--simulate")
     return shlex.join(words)

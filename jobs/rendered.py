@@ -38,6 +38,10 @@ from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
 from jobs.printable import shell_ref
 from jobs.states import JobState
 
+#: The ``error_type`` of jobs a batch's schedule cancelled: its deadline, or a window's end that
+#: no window followed before it (``worker.steps.schedule.DEADLINE``, ``WINDOW_CLOSED``).
+SCHEDULE_ERRORS = ("deadline", "window_closed")
+
 #: What ``rerun --failed-only`` repeats.
 RERUN_FAILED_STATES = (JobState.FAILED, JobState.CANCELLED)
 
@@ -71,6 +75,8 @@ class RerunRendered(TypedDict):
     jobs: int
     cancelled_for_budget: int
     cancelled_for_daily_budget: int
+    #: Of those, the ones the batch's schedule (its deadline) cancelled.
+    cancelled_for_deadline: int
     reruns: list[RenderedBy]
 
 
@@ -82,6 +88,8 @@ class RerunPending(TypedDict):
     jobs: int
     cancelled_for_budget: int
     cancelled_for_daily_budget: int
+    #: Of those, the ones the batch's schedule (its deadline) cancelled.
+    cancelled_for_deadline: int
     reruns: list[RerunBeing]
 
 
@@ -237,8 +245,12 @@ def rerun_covered_of_batches(session: Session, batches: Sequence[Batch]) -> dict
 
 def _covered(found: Mapping[str, Sequence[Render]], jobs: Iterable[Job]) -> Covered:
     """:class:`Covered` of a batch's failed or cancelled ``jobs`` by :func:`by_input`'s ``found``."""
-    rendered = RerunRendered(jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, reruns=[])
-    pending = RerunPending(jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, reruns=[])
+    rendered = RerunRendered(
+        jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, cancelled_for_deadline=0, reruns=[]
+    )
+    pending = RerunPending(
+        jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, cancelled_for_deadline=0, reruns=[]
+    )
     if not found:
         return Covered(rendered, pending)
     done: list[Render] = []
@@ -253,6 +265,8 @@ def _covered(found: Mapping[str, Sequence[Render]], jobs: Iterable[Job]) -> Cove
         if job.state == JobState.CANCELLED and job.error_type in BUDGET_ERRORS:
             report["cancelled_for_budget"] += 1
             report["cancelled_for_daily_budget"] += job.error_type == DAILY_CAP_ERROR
+        if job.state == JobState.CANCELLED and job.error_type in SCHEDULE_ERRORS:
+            report["cancelled_for_deadline"] += 1
     rendered["jobs"], rendered["reruns"] = len(done), tally(done)
     pending["jobs"], pending["reruns"] = len(going), tally_being(going)
     return Covered(rendered, pending)

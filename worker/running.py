@@ -933,13 +933,14 @@ def _watch(
         # requests fal holds and the videos being downloaded (not only the former: paid videos
         # were left undownloaded, and nothing fetched them until `resume`).
         collecting = left_to_collect(current)
-        # Past its deadline a user's pause holds nothing back: the tick ends the unsent jobs
-        # (cancelled, reason `deadline`) and the run goes on until what fal made is collected.
-        # Nor does it hold a cancelled batch's run back: that goes on until every job is terminal.
+        # Past its deadline (or with no window opening before it) a user's pause holds nothing
+        # back: the tick ends the unsent jobs (cancelled, reason `deadline`) and the run goes on
+        # until what fal made is collected. Nor does it hold a cancelled batch's run back: that
+        # goes on until every job is terminal.
         held_by_user = (
             current["paused_by_user"]
             and current["state"] != "cancelled"
-            and not current["schedule"].past_deadline(utcnow())
+            and current["schedule"].over(utcnow()) is None
         )
         ends = done >= current["total"] or (
             collecting == 0 and (current["state"] == "paused" or held_by_user)

@@ -113,7 +113,7 @@ def test_a_stored_batch_whose_window_no_longer_opens_in_time_is_resumed_with_a_w
     again = wb("submit", path)
     assert again.code == 0, again.stderr
     assert f"warning {path}:8: field 'schedule.deadline': {NEVER_WHY}: nothing more is sent; " in again.stderr
-    assert "what fal made is collected, the rest cancelled at the deadline" in again.stderr
+    assert "what fal made is collected, the rest cancelled\n" in again.stderr
     stored = wb("status", "night", "--json").json()["schedule"]
     assert stored["window"] == "22:00-23:00"  # stored, for the batch to end as it says
     # A new batch with that schedule is still refused.
@@ -157,7 +157,7 @@ def test_resume_of_a_batch_whose_window_opens_only_after_its_deadline_says_so(
     message = wb("resume", "night", "--json").json()["message"]
     assert message.endswith(
         ", but nothing opens before its deadline 2099-12-02 06:00 +01:00: its 2 waiting job(s) will "
-        "never be sent; they end cancelled then"
+        "never be sent; `wanbatch run night` (or the workers, with a broker) cancels them"
     )
 
 
@@ -173,4 +173,32 @@ def test_run_of_a_stored_batch_past_its_deadline_warns_and_cancels_what_was_neve
         "what fal made is collected, the rest cancelled"
     ) in ran.stderr
     assert ran.json()["counts"]["cancelled"] == 2
+    assert sim.ledger()["entries"] == []
+
+
+@pytest.mark.timeout(60)  # without the fix the run waits for the deadline in 2099
+def test_run_of_a_stored_batch_whose_window_opens_only_after_its_deadline_ends_now(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """Nothing can be sent before the deadline (2099): the run ends the unsent jobs at once, as
+    the deadline would, instead of waiting for it (it would wait for decades)."""
+    assert wb("submit", manifest("night", HEAD + IN_TIME)).code == 0
+    never = Schedule(
+        not_before=datetime(2099, 12, 1, 22, 30, tzinfo=UTC),  # 23:30 in Berlin
+        deadline=datetime(2099, 12, 2, 5, tzinfo=UTC),
+        window=(time(22), time(23)),
+        timezone="Europe/Berlin",
+    )
+    _set_schedule("night", never)
+    ran = wb("run", "night", "--json", "--no-progress")
+    assert ran.code == 1, ran.stderr  # cancelled jobs
+    assert "nothing opens before its deadline 2099-12-02 06:00 +01:00" in ran.stderr
+    report = ran.json()
+    assert report["counts"]["cancelled"] == 2
+    [why] = [f for f in wb("status", "night", "--json").json()["failures"] if f["state"] == "cancelled"]
+    assert why["error_type"] == "deadline"
+    assert why["example"] == (
+        "not sent before the batch's deadline (2099-12-02 06:00 +01:00): the last window "
+        "(22:00-23:00 Europe/Berlin) closed and none opens before it"
+    )
     assert sim.ledger()["entries"] == []

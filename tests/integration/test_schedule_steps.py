@@ -122,6 +122,36 @@ def test_a_deadline_cancels_the_unsent_and_the_queued_and_lets_running_finish(
         assert all((j.actual_usd or 0) == 0 for j in cancelled)
 
 
+def test_no_window_before_the_deadline_ends_the_unsent_now_as_the_deadline_would(
+    engine: Engine, slow_sim: SimulatorHandle
+) -> None:
+    """The window has closed and the next opens only after the deadline: the unsent jobs end now
+    (reason ``deadline``), not at the deadline; the queued requests are cancelled at fal and end
+    the same way; the running ones finish."""
+    batch_id, rt = _six_at_fal(engine, slow_sim, "never-again")
+    now = datetime.now(UTC)
+    closed = _closed_window(now)  # opens in two hours
+    deadline = (now + timedelta(hours=1)).replace(second=0, microsecond=0)
+    _set_schedule(engine, batch_id, Schedule(deadline=deadline, window=closed.window, timezone="UTC"))
+
+    enforce_schedules(rt, now)
+    wait_until(lambda: job_states(engine, batch_id).get("cancelling", 0) == 0, step=lambda: poll(rt))
+    enforce_schedules(rt, now)  # the queued ones came back unsent: the next tick ends them too
+
+    assert job_states(engine, batch_id) == {"running": 2, "cancelled": 6}
+    with db.session_scope(engine) as session:
+        cancelled = [j for j in store.jobs_of_batch(session, batch_id) if j.state == S.CANCELLED]
+        assert {j.error_type for j in cancelled} == {"deadline"}
+        assert all((j.actual_usd or 0) == 0 for j in cancelled)
+        never_sent = [j for j in cancelled if j.submitted_at is None]
+        assert len(never_sent) == 2
+        window = closed.as_json()["window"]
+        assert {j.error for j in never_sent} == {
+            f"not sent before the batch's deadline ({deadline:%Y-%m-%d %H:%M} +00:00): "
+            f"the last window ({window} UTC) closed and none opens before it"
+        }
+
+
 def test_a_paused_batch_sends_nothing_until_resumed(engine: Engine, slow_sim: SimulatorHandle) -> None:
     rt = make_runtime(engine, settings_for(slow_sim.url, KEY, max_outstanding=6))
     batch_id = add_batch(engine, "paused", [("fal-ai/wan-22", {"prompt": f"p {i}"}) for i in range(3)])

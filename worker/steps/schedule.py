@@ -80,6 +80,16 @@ def closed_by(schedule: Schedule, now: datetime) -> str | None:
     return WINDOW_CLOSED
 
 
+def never_opens_words(schedule: Schedule) -> str:
+    """Why a schedule whose deadline has not come yet will send nothing more, for the error of
+    the jobs it ends early (:func:`enforce_schedules`): its last window has closed and none opens
+    before the deadline (or, without a window, ``not_before`` is not before the deadline)."""
+    if schedule.window is None:
+        return "not_before is not before it"
+    window = schedule.as_json()["window"]
+    return f"the last window ({window} {schedule.timezone}) closed and none opens before it"
+
+
 def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
     """Apply every scheduled batch's deadline and window end; returns how many jobs it moved.
 
@@ -101,10 +111,15 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
                 continue
             schedule = store.batch_schedule(batch)
             why = closed_by(schedule, now)
-            if why is None:  # open, or not started yet: nothing of it can be at fal
+            if why is None and schedule.over(now) is None:  # open, or not started yet
                 continue
-            if why == DEADLINE and schedule.deadline is not None:
+            if schedule.deadline is not None and schedule.over(now) is not None:
+                # Past the deadline, or no window opens before it any more: nothing will ever
+                # be sent, so the unsent jobs end now, as the deadline would end them (waiting
+                # for it would only keep the batch unfinished until then).
                 deadline = f"the batch's deadline ({schedule.stamp(schedule.deadline)})"
+                if not schedule.past_deadline(now):
+                    deadline += f": {never_opens_words(schedule)}"
                 moved += store.cancel_unsent_jobs(
                     session,
                     [batch.id],
@@ -115,6 +130,8 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
                     # A job sent before: what ended its request, then this.
                     sent_error=f"not sent again before {deadline}",
                 )
+            if why is None:  # before not_before, which the deadline comes first: nothing at fal
+                continue
             closing.extend((job, why) for job in store.jobs_of_batch(session, batch.id, states=[S.QUEUED]))
         whys = {job.id: why for job, why in closing}
         for job in tail_of_fal_queue_first(job for job, _why in closing):
