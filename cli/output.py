@@ -904,7 +904,11 @@ def print_report(report: BatchReport, *, distributed: bool = False) -> None:
     """One batch for a human (``status BATCH``, and the end of ``run``): heading, why it is held
     back, counts, progress, money, schedule notes and failure reasons (``distributed``: a broker
     is configured, see :func:`idle_text`)."""
-    from jobs.batches import PAUSED_BY_USER, SCHEDULE_OVER  # loaded already: they made the report
+    from jobs.batches import (  # loaded already: they made the report
+        PAUSED_BY_USER,
+        SCHEDULE_OVER,
+        paused_schedule_text,
+    )
 
     out.print(batch_heading(report))
     if report["state"] == "paused":  # fal refused the account, or the outputs could not be written
@@ -921,7 +925,10 @@ def print_report(report: BatchReport, *, distributed: bool = False) -> None:
     # "schedule: paused by user", "…: waiting for window (opens …)", "…: past deadline: …"
     schedule = [f"schedule: {report['schedule_state']}"] if report["schedule_state"] else []
     if report["schedule_state"] == PAUSED_BY_USER:  # work is left, and `resume` lets it go on
-        schedule[-1] += f" (`wanbatch resume {report_ref(report)}` goes on)"
+        # ... at once, or once its schedule opens: said now, not learnt after resuming.
+        closed = paused_schedule_text(report["paused_schedule_state"])
+        resume = f"`wanbatch resume {report_ref(report)}` goes on"
+        schedule[-1] += f"; {closed}: {resume} once it opens" if closed else f" ({resume})"
     elif (
         _paused_by_user(report)
         and report["phase"] != "done"  # finished: nothing is held back, as without a schedule
@@ -1027,13 +1034,16 @@ def print_batches(reports: list[BatchReport], *, distributed: bool = False) -> N
     """``wanbatch status``: the table, then why each paused or waiting batch is held back (and
     each active one whose unsent jobs a cap holds back), and which batches with work left no
     process works on; each note wrapped, never cut (a window's time, a command to type)."""
+    from jobs.batches import paused_schedule_text  # loaded already: it made the reports
+
     out.print(batches_table(reports))
     ids = short_ids([r["batch"] for r in reports])
     notes = []
     for r in reports:
         label, reason = r["phase"], r["phase_reason"]
         if reason and label in ("paused", "waiting"):
-            notes.append(f"{ids[r['batch']]} {label}: {reason}")
+            closed = paused_schedule_text(r["paused_schedule_state"]) if label == "paused" else ""
+            notes.append(f"{ids[r['batch']]} {label}: {reason}" + (f"; {closed}" if closed else ""))
         elif reason and label == "active":  # a cap holds its unsent jobs back: which, and whose jobs
             notes.append(f"{ids[r['batch']]} {reason}")
         if fal := r.get("fal_unreachable_note"):  # a process cannot connect to fal: it holds its submits

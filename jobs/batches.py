@@ -707,6 +707,11 @@ class BatchReport(TypedDict):
     #: In words: "paused by user", "waiting for window (opens …)", "past deadline: N cancelled",
     #: … (see :func:`schedule_state`); "" when nothing holds the batch back.
     schedule_state: str
+    #: For a batch its user paused (``schedule_state`` "paused by user"): what ``schedule_state``
+    #: would say without the pause, the schedule's own words ("waiting for window (opens 22:00
+    #: Europe/Berlin, in 23h57m)", "open until …"): resuming sends nothing before it opens.
+    #: "" otherwise, and without a schedule (:func:`paused_schedule_state`).
+    paused_schedule_state: str
     #: What a person reads as the batch's state (:func:`batch_phase`, the ``state`` column of
     #: ``status``): ``active``, ``done``, ``paused``, ``waiting``, ``deadline`` or ``cancelled``.
     phase: str
@@ -798,22 +803,37 @@ class BatchProgress(TypedDict):
     #: Whether the schedule lets the batch send now (always, without one), and in words.
     schedule_open: bool
     schedule_state: str
+    #: :func:`paused_schedule_state`, as ``status --json`` gives it.
+    paused_schedule_state: str
     #: Why no new job is sent now (:func:`jobs.listing.held_reason`: paused, cancelled, outside
     #: its schedule); "" when jobs may be sent. No time left is forecast while it is set.
     held: str
-    #: The batch's schedule (the empty one without), for :func:`progress_forecast`.
+    #: The batch's schedule (the empty one without).
     schedule: Schedule
+    #: :func:`batch_report`'s ``eta_seconds`` and ``eta_note``, by the same pace and rules
+    #: (:func:`jobs.listing.forecast`): what ``status`` would say now.
+    eta_seconds: float | None
+    eta_note: str | None
 
 
 def batch_progress(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchProgress:
-    """The part of :func:`batch_report` a progress display needs — state, counts, money — without
-    the cost report, failure reasons and ETA, which cost several aggregates each time (the
-    display measures its own pace: :func:`progress_forecast`). ``now``: for the schedule."""
+    """The part of :func:`batch_report` a progress display needs — state, counts, money, the
+    forecast — without the cost report and failure reasons, which cost several aggregates each
+    time. ``now``: for the schedule and the pace."""
     batch = store.get_batch(session, batch_id)
+    schedule, now = store.batch_schedule(batch), now or utcnow()
     counts = store.counts_by_state(session, batch.id)
+    # What status's pace goes by, without its pass over every job of the batch for the money.
+    totals = listing.Totals(
+        counts=counts,
+        recent=listing.recently_done(session, batch.id, now=now),
+        first_submitted_at=_first_submitted_at(session, batch.id, now),
+    )
     total = sum(counts.values())
     finished = sum(counts[s.value] for s in JobState if s.terminal)
-    schedule, now = store.batch_schedule(batch), now or utcnow()
+    held = listing.held_reason(batch, now=now)
+    eta, eta_note = listing.forecast(totals, held=held, schedule=schedule, now=now)
+    shown_schedule = schedule_state(session, batch, finished=total > 0 and finished == total, now=now)
     return {
         "batch": batch.id,
         "name": batch.name,
@@ -826,25 +846,13 @@ def batch_progress(session: Session, batch_id: str, *, now: datetime | None = No
         "spent_usd": _money(store.batch_spent_usd(session, batch.id)),
         "paused_by_user": batch.paused_by_user,
         "schedule_open": schedule.is_open(now) and not batch.paused_by_user,
-        "schedule_state": schedule_state(session, batch, finished=total > 0 and finished == total, now=now),
-        "held": listing.held_reason(batch, now=now),
+        "schedule_state": shown_schedule,
+        "paused_schedule_state": paused_schedule_state(shown_schedule, schedule, now),
+        "held": held,
         "schedule": schedule,
+        "eta_seconds": eta,
+        "eta_note": eta_note,
     }
-
-
-def progress_forecast(
-    progress: BatchProgress, per_minute: float | None, *, now: datetime | None = None
-) -> tuple[float | None, str | None]:
-    """The time left a progress display shows at its own pace (``per_minute``, jobs finished a
-    minute), by the rules of :func:`batch_report`'s ``eta_seconds`` and ``eta_note``
-    (:func:`jobs.listing.eta_at_pace`, :func:`jobs.listing.eta_beyond_schedule`): none while the
-    batch is paused, outside its schedule (a window that will not open again before the
-    deadline included) or has nothing in flight, and what its schedule cuts short."""
-    counts = progress["counts"]
-    busy = sum(counts.get(s.value, 0) for s in listing.BUSY_STATES)
-    remaining = progress["total"] - progress["finished"]
-    eta = listing.eta_at_pace(remaining, per_minute, held=progress["held"], busy=busy)
-    return eta, listing.eta_beyond_schedule(progress["schedule"], eta, now or utcnow())
 
 
 def left_to_collect(progress: BatchProgress) -> int:
@@ -881,6 +889,29 @@ def _estimated_usd(session: Session, batch_id: str, jobs: int) -> Decimal:
     estimated = store.batch_estimated_usd(session, batch_id)
     _ESTIMATES[batch_id] = (jobs, estimated)
     return estimated
+
+
+#: Batch id → its first submit, once that is older than :data:`jobs.listing.THROUGHPUT_WINDOW`.
+_FIRST_SENT: dict[str, datetime] = {}
+
+
+def _first_submitted_at(session: Session, batch_id: str, now: datetime) -> datetime | None:
+    """:func:`jobs.store.first_submitted_at`, read again only while it is recent enough to matter.
+
+    The pace is taken over the throughput window or since the first submit, when that is more
+    recent (:func:`jobs.listing.pace`); once the first submit is older than the window it no
+    longer changes the pace, and finding it is a pass over the batch's jobs (14 ms a refresh on a
+    20,000-job batch, twice the count by state). Only a batch whose every earlier request was
+    sent again could move it later, and that is where the line's pace would differ from status's."""
+    known = _FIRST_SENT.get(batch_id)
+    if known is not None:
+        return known
+    first = store.first_submitted_at(session, batch_id)
+    if first is not None and now - first >= listing.THROUGHPUT_WINDOW:
+        if len(_FIRST_SENT) > 256:
+            _FIRST_SENT.clear()
+        _FIRST_SENT[batch_id] = first
+    return first
 
 
 #: ``error_type`` of jobs a schedule's deadline cancelled before they were sent or started.
@@ -929,6 +960,33 @@ def _schedule_state(batch: Batch, *, finished: bool, now: datetime, cancelled: C
     if schedule.past_deadline(now):
         return f"{PAST_DEADLINE}: {cancelled()} cancelled"
     return "" if finished else schedule.describe(now)
+
+
+def paused_schedule_state(shown: str, schedule: Schedule, now: datetime) -> str:
+    """What the schedule says of a batch its user paused (``shown``, its :func:`schedule_state`,
+    is "paused by user"): :meth:`Schedule.describe`, what ``schedule_state`` would say without
+    the pause; "" for any other batch, and without a schedule. The pause said only "`wanbatch
+    resume` goes on", and a user learnt after resuming that the window had closed until the next
+    night."""
+    return schedule.describe(now) if shown == PAUSED_BY_USER else ""
+
+
+#: How :meth:`Schedule.describe` says that the window is closed, and that ``not_before`` is ahead.
+_WAITING_FOR_WINDOW, _WAITING_UNTIL = "waiting for window (", "waiting until "
+
+
+def paused_schedule_text(paused_schedule: str) -> str:
+    """A :func:`paused_schedule_state` that holds the batch back beside its user's pause, in the
+    words ``status`` and ``run`` add to "paused by user": "its window is closed (opens 22:00
+    Europe/Berlin, in 23h57m)", "nothing is sent before 2026-12-05 22:00 +01:00 (in 5h)"; ""
+    when the schedule is open (resuming goes on at once) or there is none."""
+    if not paused_schedule or paused_schedule.startswith("open"):
+        return ""
+    if paused_schedule.startswith(_WAITING_FOR_WINDOW):
+        return "its window is closed (" + paused_schedule.removeprefix(_WAITING_FOR_WINDOW)
+    if paused_schedule.startswith(_WAITING_UNTIL):
+        return "nothing is sent before " + paused_schedule.removeprefix(_WAITING_UNTIL)
+    return f"its schedule: {paused_schedule}"
 
 
 def schedule_states(
@@ -1373,8 +1431,8 @@ def _report(
     # The dashboard's forecast, to the second: the pace of the last minutes, and none for a batch
     # held back, with nothing in flight or that no process works on (it would only mislead).
     held = listing.standing(batch, totals, beat, now=now) or ("broker unreachable" if broker_down else "")
-    eta = listing.pace(totals, held=held, now=now).eta_seconds
-    eta_note = listing.eta_beyond_schedule(store.batch_schedule(batch), eta, now)
+    schedule = store.batch_schedule(batch)
+    eta, eta_note = listing.forecast(totals, held=held, schedule=schedule, now=now)
     fal_holds = [] if done else reads.fal_holds(batch, now, gone)
     covered = reads.covered(batch)
     return {
@@ -1384,6 +1442,7 @@ def _report(
         "pause_reason": batch.pause_reason,
         "paused_by_user": batch.paused_by_user,
         "schedule_state": shown_schedule,
+        "paused_schedule_state": paused_schedule_state(shown_schedule, schedule, now),
         "phase": phase,
         "phase_reason": phase_reason,
         "schedule": batch.schedule,

@@ -63,8 +63,9 @@ def _clock(seconds: float | None) -> str:
 
 def time_left(task: Task) -> float | None:
     """The seconds left that the line shows: the task's field ``eta``, which ``run`` sets by
-    ``status``'s rules (:func:`jobs.batches.progress_forecast`: none while the batch is paused or
-    outside its schedule); 0 once every job is finished. Never rich's own ``time_remaining``,
+    ``status``'s pace and rules (:func:`jobs.listing.forecast`, through
+    :func:`jobs.batches.batch_progress`: none while the batch is paused or outside its schedule);
+    0 once every job is finished. Never rich's own ``time_remaining``,
     which forecast a paused batch's waiting jobs at the pace they had before the pause."""
     total = int(task.total) if task.total is not None else None
     if total and int(task.completed) >= total:

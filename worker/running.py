@@ -41,7 +41,7 @@ from jobs.batches import (
     cap_holds,
     cap_note,
     left_to_collect,
-    progress_forecast,
+    paused_schedule_text,
 )
 from jobs.db import open_engine
 from jobs.errors import ConfigError, DatabaseFullError, WanbatchError
@@ -913,12 +913,13 @@ def _watch(
             money=money_text(current["spent_usd"], current["estimated_usd"]),
             counts=current["counts"],
         )
-        # The time left at the pace the display measures (the jobs finished over its last
-        # seconds), by status's rules: none for a batch paused or outside its schedule (it sends
-        # none of its waiting jobs), and the schedule's caveat when it stops sending first.
+        # The time left that `status` gives now (the pace of the last 10 minutes, by its rules,
+        # jobs.listing.forecast): none for a batch paused or outside its schedule (it sends none
+        # of its waiting jobs), and the schedule's caveat when it stops sending first. Not rich's
+        # task.speed: its 30-second sampling made two jobs finishing within a second look like
+        # a pace that ends the batch in seconds, before a window that closes first.
         task = next(t for t in progress.tasks if t.id == task_id)
-        speed = task.speed  # jobs a second, None before two samples
-        eta, eta_note = progress_forecast(current, speed * 60 if speed else None)
+        eta, eta_note = current["eta_seconds"], current["eta_note"]
         if leased:  # the pace of the jobs it had says nothing of when the wait ends
             eta, eta_note = None, None
         notes = " · ".join(n for n in (waiting, held, capped, eta_note) if n)
@@ -959,9 +960,12 @@ def _watch(
             return True
         if held_by_user and collecting == 0:
             ref = shell_ref(current["name"], batch_id)
+            # A schedule closed too (the window ended while paused): resuming sends nothing
+            # before it opens, which `status` says in the same words.
+            closed = paused_schedule_text(current["paused_schedule_state"])
+            paused = f"paused by its user; {shown(closed)}" if closed else "paused by its user"
             progress.console.print(
-                f"[yellow]batch paused by its user: `wanbatch resume {ref}`, "
-                f"then {shown(again)} to go on[/yellow]"
+                f"[yellow]batch {paused}: `wanbatch resume {ref}`, then {shown(again)} to go on[/yellow]"
             )
             return True
         return False

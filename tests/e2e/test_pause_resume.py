@@ -469,3 +469,69 @@ def test_a_run_past_its_deadline_with_only_unsent_jobs_needs_no_key(
     assert (body["phase"], body["counts"]["cancelled"], body["finished"]) == ("done", 2, 2)
     assert [f["error_type"] for f in body["failures"]] == ["deadline"]
     assert sim.ledger()["accepted"] == 0
+
+
+def _window_closed(batch: str) -> Schedule:
+    """The batch's window ended while it was paused: it opens again in two hours."""
+    opens = (utcnow() + timedelta(hours=2)).replace(second=0, microsecond=0)
+    window = Schedule(window=(opens.time(), (opens + timedelta(hours=1)).time()), timezone="UTC")
+    engine = db.open_engine(get_settings())
+    with db.session_scope(engine) as session:
+        store.set_batch_schedule(session, batch, window, "normal")
+    return window
+
+
+#: What the schedule adds to a user's pause when its window is closed (the countdown varies).
+WINDOW_CLOSED = r"its window is closed \(opens \d\d:\d\d UTC, in \dh\d*m?\)"
+
+
+def test_status_of_a_paused_batch_says_its_window_is_closed(wb: Wb, manifest: MakeManifest) -> None:
+    """Paused, then its window closed: `status` said only "paused by user (`wanbatch resume night`
+    goes on)", and the user learnt after resuming that nothing is sent until the window opens
+    again. The phase stays `paused`; the schedule is said beside it (and in `--json`)."""
+    batch = _submitted(wb, manifest("night", TWO_JOBS.format(extra="")))
+    assert wb("pause", "night").code == 0
+    _window_closed(batch)
+
+    said = " ".join(wb("status", "night").stdout.split())
+    assert re.search(
+        rf"schedule: paused by user; {WINDOW_CLOSED}: `wanbatch resume night` goes on once it opens", said
+    ), said
+    listed = " ".join(wb("status").stdout.split())
+    assert re.search(rf"paused: by its user; {WINDOW_CLOSED}", listed), listed
+    report = wb("status", "night", "--json").json()
+    assert (report["phase"], report["phase_reason"], report["schedule_state"]) == (
+        "paused",
+        "by its user",
+        "paused by user",
+    )
+    assert re.fullmatch(
+        r"waiting for window \(opens \d\d:\d\d UTC, in \dh\d*m?\)", report["paused_schedule_state"]
+    )
+
+    assert wb("resume", "night").code == 0
+    assert wb("status", "night", "--json").json()["paused_schedule_state"] == ""
+
+
+def test_a_run_stopped_by_a_pause_says_the_window_closed_meanwhile(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's closing line said only "`wanbatch resume night`, then … to go on" of a batch
+    whose window had closed while it was paused: it says the schedule too, as `status` does."""
+    import cli.batch_commands as commands
+
+    def pause_now(batch_id: str, settings: object) -> None:  # the user, in another terminal
+        _execute(f"UPDATE batches SET paused_by_user = true WHERE id = '{batch_id}'")
+        _window_closed(batch_id)
+
+    monkeypatch.setattr(commands, "_resume_at_simulator", pause_now)
+    run = wb("run", manifest("night", TWO_JOBS.format(extra="")), "--no-progress")
+
+    assert run.code == 2, run.stderr
+    said = " ".join(run.stderr.split())
+    assert re.search(
+        rf"batch paused by its user; {WINDOW_CLOSED}: `wanbatch resume night`, then run the same command "
+        "again to go on",
+        said,
+    ), said
+    assert sim.ledger()["accepted"] == 0

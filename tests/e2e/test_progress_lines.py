@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session
 
 from falsim.server import SimulatorHandle
 from tests.e2e.e2e_helpers import EXAMPLES, MakeManifest, Wb, wanbatch
@@ -100,3 +102,29 @@ def test_json_keeps_stdout_for_the_object_and_the_progress_on_stderr(
     assert silent.returncode == 0, silent.stderr
     assert _one_json_object(silent.stdout)["total"] == 3
     assert _progress_lines(silent.stderr) == [], silent.stderr
+
+
+def test_the_lines_forecast_what_status_forecasts(
+    wb: Wb, sim: SimulatorHandle, examples_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The line's time left came from rich's own pace (``task.speed``, sampled over 30 seconds):
+    two jobs finishing within a second promised "~0:00:18 left" while `status` said "~1m36s left
+    at this pace, but the window closes first (in 41s)". It shows the forecast the batch's
+    progress carries now — `status`'s, by the same pace and rules (tests/integration/
+    test_batch_schedule.py checks that they agree) — here a fixed one, whatever the jobs do."""
+    from jobs.batches import BatchProgress, batch_progress
+
+    note = "the window closes first (in 41s): the rest waits for the next one"
+
+    def as_status_says(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchProgress:
+        current = batch_progress(session, batch_id, now=now)
+        current["eta_seconds"], current["eta_note"] = 94.0, note
+        return current
+
+    monkeypatch.setattr(running, "batch_progress", as_status_says)
+    monkeypatch.setattr(running, "PlainProgress", lambda: PlainProgress(step_percent=1, min_gap=0, every=0))
+    run = wb("run", examples_copy / "quickstart.yaml")
+    assert run.code == 0, run.stderr
+    unfinished = [line for line in _progress_lines(run.stderr) if "jobs: 3/3" not in line]
+    assert unfinished, run.stderr
+    assert all(f" · ~0:01:34 left · {note} · " in line for line in unfinished), unfinished

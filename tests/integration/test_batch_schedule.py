@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from jobs import store
-from jobs.batches import batch_progress, batch_report, progress_forecast
+from jobs.batches import batch_progress, batch_report, paused_schedule_text
 from jobs.db import make_engine, migrate
 from jobs.models import Batch, BatchState
 from jobs.schedule import Schedule
@@ -231,49 +231,116 @@ def test_batches_stored_before_the_upgrade_read_normal_and_not_paused(
         engine.dispose()
 
 
+def _moved(
+    session: Session, batch_id: str, states: list[JobState], *, now: datetime, first_sent_ago: timedelta
+) -> None:
+    """The batch's jobs put in ``states`` (in item order), as a run that works on it (its
+    heartbeat) leaves them at ``now``: every one sent ``first_sent_ago`` (the first submit), the
+    finished ones a second before ``now``."""
+    store.record_heartbeat(session, "run:1:", [batch_id], now)
+    jobs = sorted(store.jobs_of_batch(session, batch_id), key=lambda j: j.item_index)
+    for job, state in zip(jobs, states, strict=True):
+        job.state = state
+        if state != JobState.PENDING:
+            job.submitted_at = now - first_sent_ago
+        if state.terminal:
+            job.finished_at = now - timedelta(seconds=1)
+    session.commit()
+
+
 def test_the_progress_line_forecasts_by_the_rules_of_status(session: Session) -> None:
     """``run``'s progress line promised "~0:00:45 left" for a batch its user paused, and for one
     whose window would not open again before its deadline (its waiting jobs ended cancelled).
-    It forecasts by ``status``'s rules now, at its own pace: none while the batch is held back,
-    and the schedule's caveat when sending stops before the work is done."""
-    night = make_batch(session, "night", n=4, schedule=NIGHT)
-    session.execute(
-        text("UPDATE jobs SET state = 'running' WHERE batch_id = :b AND item_index = 0"), {"b": night.id}
-    )
-    session.commit()
+    It forecasts by ``status``'s rules now, at ``status``'s pace: none while the batch is held
+    back, and the schedule's caveat when sending stops before the work is done."""
+    done, left = [JobState.SUCCEEDED] * 10, [JobState.RUNNING] + [JobState.PENDING] * 3
+    night = make_batch(session, "night", n=14, schedule=NIGHT)
     at_night = NOON + timedelta(hours=10)  # 23:00 in Berlin: open until the deadline (in 7h)
+    # 10 finished in the last 10 minutes: 1 a minute, 4 jobs left.
+    _moved(session, night.id, done + left, now=at_night, first_sent_ago=timedelta(minutes=20))
 
-    def forecast(batch_id: str, per_minute: float, now: datetime) -> tuple[float | None, str | None]:
-        return progress_forecast(batch_progress(session, batch_id, now=now), per_minute, now=now)
+    def forecast(batch_id: str, now: datetime) -> tuple[float | None, str | None]:
+        current = batch_progress(session, batch_id, now=now)
+        report = batch_report(session, batch_id, now=now)
+        assert (current["eta_seconds"], current["eta_note"]) == (report["eta_seconds"], report["eta_note"])
+        return current["eta_seconds"], current["eta_note"]
 
-    assert forecast(night.id, 1.0, at_night) == (240.0, None)  # 4 jobs left at 1 a minute
-    eta, note = forecast(night.id, 0.001, at_night)
-    assert eta is not None
-    assert (
-        note
-        == "the deadline comes first (in 7h): what is not sent by then, or still queued at fal, is cancelled"
+    assert forecast(night.id, at_night) == (240.0, None)  # 4 jobs left at 1 a minute
+    # Two minutes before the deadline, at the same pace.
+    near = DEADLINE - timedelta(minutes=2)
+    _moved(session, night.id, done + left, now=near, first_sent_ago=timedelta(minutes=20))
+    assert forecast(night.id, near) == (
+        240.0,
+        "the deadline comes first (in 2m): what is not sent by then, or still queued at fal, is cancelled",
     )
 
     store.set_paused_by_user(session, night.id, True)
     session.commit()
-    assert forecast(night.id, 1.0, at_night) == (None, None)  # was ~4 minutes: nothing is sent
-    assert batch_report(session, night.id, now=at_night)["eta_seconds"] is None  # as status says
+    assert forecast(night.id, near) == (None, None)  # was ~4 minutes: nothing is sent
 
     # A window that opens only after the deadline: closed for good, its waiting jobs never sent.
     over = make_batch(
         session,
         "too-late",
-        n=4,
+        n=14,
         schedule=Schedule(
             deadline=NOON + timedelta(hours=1), window=(time(22, 0), time(6, 0)), timezone="Europe/Berlin"
         ),
     )
-    session.execute(
-        text("UPDATE jobs SET state = 'running' WHERE batch_id = :b AND item_index = 0"), {"b": over.id}
-    )
-    session.commit()
+    _moved(session, over.id, done + left, now=NOON, first_sent_ago=timedelta(minutes=20))
     assert batch_progress(session, over.id, now=NOON)["held"].startswith("closed: nothing opens before")
-    assert forecast(over.id, 1.0, NOON) == (None, None)
+    assert forecast(over.id, NOON) == (None, None)
+
+
+def test_the_progress_line_goes_by_the_pace_of_status_not_by_the_last_seconds(session: Session) -> None:
+    """A night's audit: `run` printed "~0:00:18 left" with 4 jobs unfinished (2 queued at fal),
+    two of them having finished within a second, while `status` said "~1m36s left at this pace,
+    but the window closes first (in 41s)". The line measured its own pace (rich's 30-second
+    sampling); it gives what `status` gives now: the pace of the last 10 minutes (here, since
+    the first submit 47 s ago), and the window's caveat."""
+    now = NOON + timedelta(hours=10, seconds=19)  # 23:00:19 in Berlin
+    closing = Schedule(window=(time(22, 0), time(23, 1)), timezone="Europe/Berlin")  # closes in 41 s
+    batch = make_batch(session, "eta", n=6, schedule=closing)
+    states = [JobState.SUCCEEDED] * 2 + [JobState.RUNNING] * 2 + [JobState.QUEUED] * 2
+    _moved(session, batch.id, states, now=now, first_sent_ago=timedelta(seconds=47))
+
+    current = batch_progress(session, batch.id, now=now)
+    report = batch_report(session, batch.id, now=now)
+    assert current["eta_seconds"] == report["eta_seconds"] == 94.0  # 4 left at 2 in 47 s
+    assert current["eta_note"] == report["eta_note"]
+    assert current["eta_note"] == "the window closes first (in 41s): the rest waits for the next one"
+
+
+def test_a_pause_says_the_schedule_that_holds_the_batch_back_too(session: Session) -> None:
+    """Paused by its user, then its window closed: `status` said only "paused by user (`wanbatch
+    resume` goes on)", and the user learnt after resuming that nothing is sent until the next
+    night. The phase stays ``paused``; ``paused_schedule_state`` says what the schedule says."""
+    batch = make_batch(session, "night", n=3, schedule=NIGHT)
+    store.set_paused_by_user(session, batch.id, True)
+    session.commit()
+
+    report = batch_report(session, batch.id, now=NOON)  # 13:00 in Berlin: the window is closed
+    assert (report["phase"], report["phase_reason"]) == ("paused", "by its user")
+    assert report["schedule_state"] == "paused by user"
+    closed = "waiting for window (opens 22:00 Europe/Berlin, in 9h)"
+    assert report["paused_schedule_state"] == closed
+    assert batch_progress(session, batch.id, now=NOON)["paused_schedule_state"] == closed
+    assert paused_schedule_text(closed) == "its window is closed (opens 22:00 Europe/Berlin, in 9h)"
+    later = "waiting until 2026-12-05 22:00 +01:00 (in 5h)"  # a not_before ahead
+    assert paused_schedule_text(later) == "nothing is sent before 2026-12-05 22:00 +01:00 (in 5h)"
+
+    at_night = NOON + timedelta(hours=10)  # open: resuming goes on at once
+    report = batch_report(session, batch.id, now=at_night)
+    assert report["paused_schedule_state"].startswith("open until the deadline")
+    assert paused_schedule_text(report["paused_schedule_state"]) == ""
+
+    store.set_paused_by_user(session, batch.id, False)
+    session.commit()
+    assert batch_report(session, batch.id, now=NOON)["paused_schedule_state"] == ""  # not paused
+    unscheduled = make_batch(session, "plain", n=1)
+    store.set_paused_by_user(session, unscheduled.id, True)
+    session.commit()
+    assert batch_report(session, unscheduled.id, now=NOON)["paused_schedule_state"] == ""
 
 
 def test_a_finished_batch_its_user_paused_reads_as_done(session: Session) -> None:
