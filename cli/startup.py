@@ -61,11 +61,12 @@ def resume() -> None:
 #: Modules that libraries wanbatch uses import only because they happen to be installed, for
 #: features wanbatch never uses: httpx imports its command-line client (``httpx._main``: Rich's
 #: progress bars and syntax highlighting, Pygments' lexers) whenever click, Rich and Pygments are
-#: installed — and wanbatch depends on the first two — and httpcore imports trio, when it is
-#: installed, for the async primitives of a program running under trio. wanbatch makes its HTTP
-#: calls from threads and never runs under trio. Together about a tenth of a second of each
-#: ``run``'s start-up CPU.
-UNUSED_OPTIONAL_MODULES = ("httpx._main", "trio")
+#: installed — and wanbatch depends on the first two. About a tenth of a second of each ``run``'s
+#: start-up CPU. Only a module whose absence binds nothing another program in the process needs
+#: belongs here: httpx binds a stand-in ``httpx.main`` (its CLI) when this import fails. (trio,
+#: which httpcore imports when installed, does not: httpcore binds ``trio = None`` for good, and
+#: a later trio program in the same process could not use httpx.)
+UNUSED_OPTIONAL_MODULES = ("httpx._main",)
 
 
 @contextlib.contextmanager

@@ -178,12 +178,12 @@ def test_a_run_loads_its_machinery_before_the_gc_comes_back(tmp_path: Path) -> N
     assert late == [], f"imported after the GC came back: {late}"
 
 
-def test_a_run_loads_neither_httpx_command_line_nor_trio(tmp_path: Path) -> None:
-    """httpx's own command-line client (Rich, Pygments) and trio (httpcore's, when installed) are
-    never loaded: wanbatch uses neither (:data:`cli.startup.UNUSED_OPTIONAL_MODULES`)."""
+def test_a_run_does_not_load_httpx_command_line(tmp_path: Path) -> None:
+    """httpx's own command-line client (Rich, Pygments) is never loaded: wanbatch does not use it
+    (:data:`cli.startup.UNUSED_OPTIONAL_MODULES`)."""
     loaded = _run_probe(tmp_path)["MODULES"]
     assert {"httpx", "httpcore"} <= loaded  # it did talk HTTP
-    assert sorted({"httpx._main", "trio", "pygments.lexers"} & loaded) == []
+    assert sorted({"httpx._main", "pygments.lexers"} & loaded) == []
 
 
 def test_unused_modules_are_stood_in_for_while_a_command_runs_only(monkeypatch: pytest.MonkeyPatch) -> None:
