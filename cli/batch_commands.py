@@ -1052,7 +1052,8 @@ def rerun(
     With `--failed-only` and no failed or cancelled job, it says so and creates nothing (exit 0).
     `--failed-only` leaves out jobs an earlier rerun already rendered, or an unfinished one still
     renders, with the same input (it names that rerun) unless `--pay-again`.
-    A rerun keeps the parent's daily window (and waits for it when closed): `--now` sends it at once.
+    A rerun keeps the parent's daily window (and waits for it when closed): `--now` sends it at once,
+    and is refused (exit 2) while an earlier rerun of the same jobs waits for its window: cancel it first.
     """
 
     new = _NewRerun(simulate)

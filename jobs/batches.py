@@ -2093,7 +2093,10 @@ def rerun_batch(
     would send (:mod:`jobs.rendered`), with a warning that names that rerun (and, unfinished,
     what goes on with it) — or, when that is all of them, :class:`NothingToRerun` naming it:
     running the same command twice (or pressing the dashboard's button twice before the first
-    rerun ran) paid for the same videos twice. ``pay_again``
+    rerun ran) paid for the same videos twice. With ``send_now``, an unfinished one that holds
+    some of them and waits for its window (or ``not_before``) is a :class:`UsageError` that says
+    so and to cancel it first: sent now beside it they would be paid twice, and left to it they
+    would not go out now, which ``--now`` asked for. ``pay_again``
     (``--pay-again``) sends them all the same. A plain rerun is a reproducibility run, paid again
     on purpose: it never leaves anything out.
 
@@ -2161,6 +2164,8 @@ def rerun_batch(
         covered = Coverage()
         if failed_only and not pay_again:
             rows, covered = _not_covered(session, parent, rows, simulated=simulated)
+            if send_now and (waiting := _waiting_reruns(session, covered, utcnow())):
+                raise UsageError(_not_sent_now(parent, waiting, simulated=simulated))
             if not rows:
                 raise NothingToRerun(_all_covered(parent, covered))
         if unseeded:
@@ -2278,6 +2283,40 @@ def _all_covered(parent: Batch, covered: Coverage) -> str:
         verb = ("was" if count == 1 else "were") if done else ("is" if count == 1 else "are")
         why = f"the {jobs} of batch {parent.name} {verb} {rendered or pending}"
     return f"nothing to rerun: {why}; no batch was created (--pay-again renders and pays for them again)"
+
+
+def _waiting_reruns(session: Session, covered: Coverage, now: datetime) -> list[tuple[RerunBeing, str]]:
+    """The unfinished reruns among ``covered`` that wait for their schedule (a closed window, or
+    ``not_before`` ahead), each with how long, in words (``waits for its window (opens 22:00
+    Europe/Berlin, in 15h)``, ``waits until 2026-12-05 22:00 +01:00 (in 5h)``)."""
+    waiting = []
+    for rerun in covered.pending:
+        shown = store.batch_schedule(store.get_batch(session, rerun["batch"])).describe(now)
+        if shown.startswith(_WAITING_FOR_WINDOW):
+            waiting.append((rerun, "waits for its window (" + shown.removeprefix(_WAITING_FOR_WINDOW)))
+        elif shown.startswith(_WAITING_UNTIL):
+            waiting.append((rerun, "waits until " + shown.removeprefix(_WAITING_UNTIL)))
+    return waiting
+
+
+def _not_sent_now(parent: Batch, waiting: list[tuple[RerunBeing, str]], *, simulated: bool) -> str:
+    """Why ``rerun --failed-only --now`` sends nothing while an earlier rerun that holds the same
+    jobs waits for its window: sent now beside it, they would be paid for twice once it opens,
+    and "`wanbatch run` of it goes on" waits hours. The way to send them now is to cancel it."""
+    count = sum(rerun["jobs"] for rerun, _ in waiting)
+    jobs, verb, them = (
+        ("failed or cancelled job", "is", "it")
+        if count == 1
+        else (f"{count} failed or cancelled jobs", "are", "them")
+    )
+    where = " and ".join(f"{rerun['name']}, which {waits}" for rerun, waits in waiting)
+    flag = " --simulate" if simulated else ""
+    cancels = ", ".join(f"`wanbatch cancel {shell_ref(r['name'], r['batch'])}{flag}`" for r, _ in waiting)
+    return (
+        f"not sent now: the {jobs} of batch {parent.name} {verb} being rerun with the same input in "
+        f"{where}; to send {them} now: {cancels}, then this command again; no batch was created "
+        f"(a second one would pay for {them} twice)"
+    )
 
 
 def _left_out(parent: Batch, covered: Coverage) -> list[str]:

@@ -92,3 +92,40 @@ def test_a_rerun_that_keeps_a_closed_window_says_it_waits_and_how_to_send_it_now
     assert "`--now` sends it now" in said
     status = wb("status", "night-rerun-1", "--json").json()
     assert status["schedule"]["window"] == window
+
+
+def test_rerun_now_beside_a_rerun_waiting_for_its_window_says_to_cancel_it_first(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cli import batch_commands
+
+    window = _cancelled_at_the_deadline(wb, manifest)
+    # The first rerun keeps the closed window; the user stops its wait (Ctrl-C) and asks for --now.
+    processing = batch_commands._run_and_report
+    monkeypatch.setattr(batch_commands, "_run_and_report", lambda *_args, **_kwargs: 1)
+    assert wb("rerun", "night", "--failed-only", "--no-progress").code == 1
+    monkeypatch.setattr(batch_commands, "_run_and_report", processing)
+
+    now = wb("rerun", "night", "--failed-only", "--now", "--no-progress")
+
+    # Not "nothing to rerun … `wanbatch run night-rerun-1` goes on" (exit 0): that run waits hours,
+    # and the --pay-again it advised would send them now and again when night-rerun-1's window opens.
+    assert now.code == 2, now.stderr
+    said = " ".join(now.stderr.split())
+    assert (
+        "not sent now: the 2 failed or cancelled jobs of batch night are being rerun with the same "
+        f"input in night-rerun-1, which waits for its window (opens {window[:5]} UTC, in "
+    ) in said
+    assert "to send them now: `wanbatch cancel night-rerun-1`, then this command again" in said
+    assert "--pay-again" not in said
+    refused = wb("rerun", "night", "--failed-only", "--now", "--no-progress", "--json")
+    assert refused.code == 2
+    assert refused.json()["ok"] is False
+    assert "`wanbatch cancel night-rerun-1`" in refused.json()["error"]
+    with db.session_scope(db.open_engine(get_settings())) as session:
+        assert sorted(b.name for b in store.list_batches(session)) == ["night", "night-rerun-1"]
+
+    # The way out it gives works: cancelled, night-rerun-1 covers nothing, and --now sends them.
+    assert wb("cancel", "night-rerun-1").code == 1  # its jobs ended cancelled
+    sent = processed(wb, "rerun", "night", "--failed-only", "--now")
+    assert sent["counts"]["succeeded"] == 2
