@@ -56,12 +56,12 @@ from sqlalchemy.orm import Session
 from jobs import store
 from jobs.errors import UsageError
 from jobs.fs import file_kind, file_mode, is_missing, os_reason, shown_path
-from jobs.key_forms import BARE_KEY, hide_keys
+from jobs.key_forms import BARE_KEY, contains_key, decoded_text, hide_keys, remembered_keys
 from jobs.models import Batch, Job
 from jobs.money import usd_json
 from jobs.printable import one_line, shell_ref
 from jobs.states import UNFINISHED_STATES, JobState
-from jobs.url_secrets import MASK, mask_urls
+from jobs.url_secrets import MASK, is_secret_name, mask_params_in_text, mask_urls
 
 #: First characters that make a spreadsheet treat a cell as a formula (OWASP CSV Injection).
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
@@ -171,10 +171,16 @@ def export_provider_json(value: Any) -> Any:
 
     * every string (keys too) scrubbed of secrets: the credentials of every URL in it
       (:func:`jobs.url_secrets.mask_urls`: a signed URL's ``X-Amz-Signature``, ``?token=``, a
-      userinfo password), FAL_KEY in any of its forms when this process knows it
-      (:func:`jobs.key_forms.hide_keys`) and anything of a fal key's shape
-      (:data:`jobs.key_forms.BARE_KEY`). An export is made to be shared: the sidecar beside the
-      video is the operator's own and keeps fal's URLs as they were;
+      userinfo password, a parameter hiding a signed URL percent-encoded, a URL JSON-escaped),
+      the secret parameters of a query string standing alone
+      (:func:`jobs.url_secrets.mask_params_in_text`), FAL_KEY in any of its forms when this
+      process knows it (:func:`jobs.key_forms.hide_keys`; a string that still holds it encoded
+      otherwise, :func:`jobs.key_forms.contains_key`, is masked whole) and anything of a fal
+      key's shape (:data:`jobs.key_forms.BARE_KEY`, encoded too). An export is made to be
+      shared: the sidecar beside the video is the operator's own and keeps fal's URLs as they were;
+    * the string value of a field whose name looks secret (``access_token``, ``signature``:
+      :func:`jobs.url_secrets.is_secret_name`) masked whole; fields whose names are the same once
+      scrubbed (``…?token=A``, ``…?token=B``) all kept, the later ones suffixed ``~2``, ``~3``…;
     * containers deeper than :data:`PROVIDER_JSON_MAX_DEPTH` levels as :data:`NESTED_TOO_DEEP`,
       a non-finite number (no JSON) as null, and the whole value null when it would take more
       than about :data:`PROVIDER_JSON_MAX_CHARS` characters of JSON.
@@ -202,7 +208,24 @@ def _scrubbed(value: Any, depth: int, budget: list[int]) -> Any:
         return NESTED_TOO_DEEP
     if isinstance(value, dict):
         deeper = depth + 1
-        return {_scrubbed(str(k), deeper, budget): _scrubbed(v, deeper, budget) for k, v in value.items()}
+        out: dict[str, Any] = {}
+        suffixes: dict[str, int] = {}  # the next ~n to try per scrubbed name: linear in the fields
+        for k, v in value.items():
+            name = _scrubbed(str(k), deeper, budget)
+            if name in out:
+                n = suffixes.get(name, 2)
+                while f"{name}~{n}" in out:
+                    n += 1
+                suffixes[name] = n + 1
+                name = f"{name}~{n}"
+            if isinstance(v, str) and v.strip("*") and is_secret_name(str(k)):
+                budget[0] -= len(v) + 3
+                if budget[0] < 0:
+                    raise _TooLarge
+                out[name] = MASK
+            else:
+                out[name] = _scrubbed(v, deeper, budget)
+        return out
     if isinstance(value, list | tuple):
         return [_scrubbed(v, depth + 1, budget) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
@@ -213,7 +236,13 @@ def _scrubbed(value: Any, depth: int, budget: list[int]) -> Any:
 def _scrubbed_text(text: str) -> str:
     """``text`` without a URL credential, FAL_KEY or a fal-key-shaped string (see above)."""
     text = BARE_KEY.sub(MASK, hide_keys(text, mask=MASK))
-    return mask_urls(text)
+    plain, _ = decoded_text(text)  # a bounded number of passes
+    keys = remembered_keys()
+    if (plain != text and BARE_KEY.search(plain)) or any(
+        contains_key(t, k) for k in keys for t in {text, plain}
+    ):
+        return MASK  # a key encoded in a way hide_keys does not know: nothing of the text is safe
+    return mask_params_in_text(mask_urls(text))
 
 
 def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:

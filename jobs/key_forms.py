@@ -93,6 +93,32 @@ def _encoded_forms(data: bytes) -> set[str]:
     return {form for form in forms if len(form) >= ENCODED_MIN}
 
 
+#: How many layers of percent-encoding (and of JSON's ``\\/`` and ``\\u00XX`` escapes)
+#: :func:`decoded_text` peels: a URL inside a parameter is encoded once, a redirect's redirect
+#: twice; more than this is no URL a service builds but one made to hide what it holds.
+DECODE_ROUNDS = 8
+_JSON_ESCAPE = re.compile(r"\\u00([0-9a-fA-F]{2})")
+
+
+def decoded_text(text: str) -> tuple[str, bool]:
+    """``text`` percent-decoded, and its JSON escapes of ASCII (``\\/``, ``\\u0026``) undone,
+    until it no longer changes, and whether it stopped changing within :data:`DECODE_ROUNDS`
+    rounds (False: text still encoded after that many layers, to be treated as hiding a secret).
+
+    Each round is one linear pass (``unquote``, two substitutions), so a hostile text costs at
+    most :data:`DECODE_ROUNDS` passes over it."""
+    for rounds in range(DECODE_ROUNDS + 1):
+        if "%" not in text and "\\" not in text:
+            return text, True
+        plain = _JSON_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), unquote(text).replace("\\/", "/"))
+        if plain == text:
+            return text, True
+        if rounds == DECODE_ROUNDS:  # one layer more than allowed: not decoded further
+            break
+        text = plain
+    return text, False
+
+
 def contains_key(text: str, key: str) -> bool:
     """Whether ``text`` holds ``key`` in any of its forms (:func:`key_variants`), also behind
     percent-escapes of any characters (``%35f0c…`` decodes to the key as well).

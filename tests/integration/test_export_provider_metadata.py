@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pyarrow.parquet as pq
 import pytest
@@ -186,3 +187,66 @@ def test_a_hostile_answer_is_bounded_in_depth_and_size() -> None:
     assert export_provider_json({"blob": "x" * PROVIDER_JSON_MAX_CHARS}) is None
     assert export_provider_json({"many": list(range(PROVIDER_JSON_MAX_CHARS // 4))}) is None
     assert export_provider_json({"inference_time": float("nan"), "n": 1}) == {"inference_time": None, "n": 1}
+
+
+def _dumped(value: Any) -> str:
+    return json.dumps(export_provider_json(value))
+
+
+def test_a_signed_url_hidden_in_another_parameter_or_escaped_json_is_masked() -> None:
+    """fal-style redirect or proxy URLs carry the signed storage URL percent-encoded in a
+    parameter; a raw webhook body stored as text escapes its slashes (``https:\\/\\/``)."""
+    redirect = f"https://v3.fal.media/files/x.mp4?redirect={quote(SIGNED_URL, safe='')}"
+    escaped = json.dumps({"url": SIGNED_URL}).replace("/", "\\/")
+    text = _dumped({"video": {"url": redirect}, "raw": escaped})
+    assert SIGNATURE not in text
+    assert "AKIAEXAMPLE" not in text
+    assert export_provider_json({"url": redirect}) == {"url": "https://v3.fal.media/files/x.mp4?redirect=**"}
+
+
+def test_a_secret_outside_a_url_is_masked() -> None:
+    out = {
+        "video": {
+            "url": "https://bucket.s3.amazonaws.com/v.mp4",
+            "query": f"X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature={SIGNATURE}",
+            "access_token": TOKEN,
+            "keyframes": [{"index": 1}],  # a secret-sounding name over a container: walked, not masked
+        }
+    }
+    assert export_provider_json(out) == {
+        "video": {
+            "url": "https://bucket.s3.amazonaws.com/v.mp4",
+            "query": "X-Amz-Credential=**&X-Amz-Signature=**",
+            "access_token": "**",
+            "keyframes": [{"index": 1}],
+        }
+    }
+
+
+def test_a_known_key_encoded_past_its_known_forms_masks_the_whole_string() -> None:
+    key = "myteam-key-0001:" + "s3cr3t" * 6  # not of a fal key's shape: only known, not recognised
+    encoded = "".join(f"%{b:02X}" for b in key.encode())
+    remember_key(key)
+    try:
+        assert export_provider_json({"echo": f"the key was {encoded}"}) == {"echo": "**"}
+        assert export_provider_json({"echo": f"https://x.example/cb?state={encoded}"}) == {"echo": "**"}
+    finally:
+        forget_keys()
+    # an unknown key of a fal key's shape, percent-encoded: masked by its shape
+    assert export_provider_json({"echo": quote(OTHER_KEY, safe="")}) == {"echo": "**"}
+
+
+def test_fields_whose_names_mask_alike_are_all_kept() -> None:
+    out = {"https://a.example/?token=A": 1, "https://a.example/?token=B": 2, "https://a.example/?token=C": 3}
+    assert export_provider_json(out) == {
+        "https://a.example/?token=**": 1,
+        "https://a.example/?token=**~2": 2,
+        "https://a.example/?token=**~3": 3,
+    }
+    # a suffixed name another field already has is skipped, not overwritten
+    out = {"https://u:A@h/x~2": 1, "https://u:B@h/x": 2, "https://u:C@h/x": 3}
+    assert export_provider_json(out) == {
+        "https://u:**@h/x~2": 1,
+        "https://u:**@h/x": 2,
+        "https://u:**@h/x~3": 3,
+    }

@@ -7,14 +7,17 @@ a helper of its own). :func:`jobs.url_secrets.masked_url` is now the one helper 
 
 from __future__ import annotations
 
+import json
 import logging
+from urllib.parse import quote
 
 import httpx
 import pytest
 
 from jobs.db import safe_url
+from jobs.key_forms import forget_keys, remember_key
 from jobs.output_location import parse_s3_url
-from jobs.url_secrets import mask_urls, masked_url
+from jobs.url_secrets import mask_params_in_text, mask_urls, masked_url
 from worker.fal.client import FalClient
 from worker.fal.redact import KeyRedactionFilter
 
@@ -91,3 +94,78 @@ def test_an_s3_url_with_credentials_is_refused_without_echoing_them() -> None:
         parse_s3_url("s3://AKIAEXAMPLE:hunter2@bucket/prefix")
     assert "hunter2" not in str(refused.value)
     assert "AKIAEXAMPLE" not in str(refused.value)
+
+
+SIGNED = "https://b.s3.amazonaws.com/v.mp4?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=SECRET"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # a signed URL percent-encoded in another parameter (a redirect, a proxy's target)
+        (
+            f"https://v3.fal.media/x.mp4?redirect={quote(SIGNED, safe='')}&w=1",
+            "https://v3.fal.media/x.mp4?redirect=**&w=1",
+        ),
+        (f"https://h/?next={quote(quote(SIGNED, safe=''), safe='')}", "https://h/?next=**"),  # encoded twice
+        ("https://h/?next=https://u:SECRET@i/x", "https://h/?next=**"),  # written as is
+        (f"https://h/?next={quote('https://u:SECRET@i/x', safe='')}", "https://h/?next=**"),
+        # more layers of encoding than any service nests
+        ("https://h/?state=%" + "25" * 12 + "41", "https://h/?state=**"),
+        # a URL inside a parameter without a secret is shown as it is
+        (
+            f"https://h/?next={quote('https://i/x?a=1', safe='')}",
+            f"https://h/?next={quote('https://i/x?a=1', safe='')}",
+        ),
+    ],
+)
+def test_a_secret_hidden_in_a_parameter_s_value_is_masked(url: str, shown: str) -> None:
+    assert masked_url(url) == shown
+    assert masked_url(shown) == shown
+
+
+def test_a_json_escaped_url_is_masked_and_stays_escaped() -> None:
+    text = json.dumps({"url": SIGNED, "n": 1}).replace("/", "\\/")
+    masked = mask_urls(text)
+    assert "SECRET" not in masked
+    assert "AKIAEXAMPLE" not in masked
+    assert json.loads(masked) == {
+        "url": "https://b.s3.amazonaws.com/v.mp4?X-Amz-Credential=**&X-Amz-Signature=**",
+        "n": 1,
+    }
+
+
+def test_a_log_record_s_redirect_to_a_signed_url_is_masked() -> None:
+    record = logging.LogRecord(
+        "httpx",
+        logging.INFO,
+        __file__,
+        1,
+        "HTTP Request: GET %s",
+        (f"https://cdn/x?to={quote(SIGNED, safe='')}",),
+        None,
+    )
+    KeyRedactionFilter().filter(record)
+    assert record.getMessage() == "HTTP Request: GET https://cdn/x?to=**"
+
+
+def test_a_query_string_outside_a_url_is_masked() -> None:
+    assert mask_params_in_text("X-Amz-Credential=AKIA&X-Amz-Expires=60&X-Amz-Signature=SECRET") == (
+        "X-Amz-Credential=**&X-Amz-Expires=60&X-Amz-Signature=**"
+    )
+    assert (
+        mask_params_in_text("body: grant_type=code&client_secret=SECRET.")
+        == "body: grant_type=code&client_secret=**"
+    )
+    assert mask_params_in_text("a = b, x=1") == "a = b, x=1"
+
+
+def test_a_known_key_percent_encoded_whole_in_a_parameter_is_masked() -> None:
+    """hide_keys knows the key as written and with its ``:`` encoded, not every byte encoded."""
+    key = "myteam-key-0001:" + "s3cr3t" * 6
+    remember_key(key)
+    try:
+        encoded = "".join(f"%{b:02X}" for b in key.encode())
+        assert masked_url(f"https://x.example/cb?state={encoded}&n=1") == "https://x.example/cb?state=**&n=1"
+    finally:
+        forget_keys()
