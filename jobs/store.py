@@ -55,6 +55,8 @@ from sqlalchemy import (
     select,
     table,
     text,
+    true,
+    tuple_,
     type_coerce,
     update,
 )
@@ -692,6 +694,7 @@ def reruns_follow(session: Session, batch_id: str, manifest_path: str, *, chunk:
     """
     followed: list[str] = []
     todo = [batch_id]
+    seen = {batch_id}  # a chain edited by hand into a cycle is walked once, not forever
     while todo:
         parent_id = todo.pop(0)
         children = session.execute(
@@ -700,6 +703,9 @@ def reruns_follow(session: Session, batch_id: str, manifest_path: str, *, chunk:
             .order_by(Batch.created_at, Batch.id)
         ).all()
         for child_id, name, path in children:
+            if child_id in seen:
+                continue
+            seen.add(child_id)
             todo.append(child_id)
             if path == manifest_path:
                 continue
@@ -712,12 +718,19 @@ def reruns_follow(session: Session, batch_id: str, manifest_path: str, *, chunk:
 def _follow_originals(conn: Connection, batch_id: str, chunk: int) -> None:
     """Give each job of the rerun ``batch_id`` the media paths (and their ``source_files``
     entries) of the job it repeats, where they differ and record the same bytes (see
-    :func:`reruns_follow`); read in pages of ``chunk`` jobs by id, so a large rerun stays bounded."""
+    :func:`reruns_follow`); read in pages of ``chunk`` jobs, so a large rerun stays bounded.
+
+    The pages go in item order, ``(item_index, variant, id)``, after the last row of the page
+    before: ``ix_jobs_batch_id_item_order`` makes each page a short index range. Paged by ``id``
+    alone, every page read (and sorted) all the batch's jobs, so a large batch took minutes."""
     original = _JOBS.alias("original")
-    after = ""
+    order = tuple_(_JOBS.c.item_index, _JOBS.c.variant, _JOBS.c.id)
+    after: tuple[int, int, str] | None = None
     while True:
         rows = conn.execute(
             select(
+                _JOBS.c.item_index,
+                _JOBS.c.variant,
                 _JOBS.c.id,
                 _JOBS.c.endpoint,
                 _JOBS.c.input,
@@ -726,15 +739,19 @@ def _follow_originals(conn: Connection, batch_id: str, chunk: int) -> None:
                 original.c.source_files,
             )
             .join(original, original.c.id == _JOBS.c.rerun_of)
-            .where(_JOBS.c.batch_id == batch_id, _JOBS.c.source_files.is_not(None), _JOBS.c.id > after)
-            .order_by(_JOBS.c.id)
+            .where(
+                _JOBS.c.batch_id == batch_id,
+                _JOBS.c.source_files.is_not(None),
+                true() if after is None else order > tuple_(*after),
+            )
+            .order_by(_JOBS.c.item_index, _JOBS.c.variant, _JOBS.c.id)
             .limit(chunk)
         ).all()
         if not rows:
             return
-        after = rows[-1][0]
+        after = (rows[-1][0], rows[-1][1], rows[-1][2])
         changes = []
-        for job_id, endpoint, given, sources, their_input, their_sources in rows:
+        for _, _, job_id, endpoint, given, sources, their_input, their_sources in rows:
             media, files = _followed_media(endpoint, given, sources, their_input, their_sources)
             if media:
                 changes.append(

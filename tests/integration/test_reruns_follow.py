@@ -11,7 +11,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select, update
 
 from jobs import db, store
 from jobs.models import Batch, Job
@@ -110,3 +110,45 @@ def test_every_generation_takes_the_paths_of_the_jobs_it_repeats(engine: Engine)
         ]
         # Submitted again from there: nothing left to follow.
         assert store.reruns_follow(session, root, f"{NEW}/m.yaml") == []
+
+
+def test_a_rerun_chain_edited_into_a_cycle_is_walked_once(engine: Engine) -> None:
+    """A database edited by hand so that the root names its own rerun as its parent: the walk
+    down the chain comes back to the root; it must visit each batch once, not loop forever."""
+    a = "a" * 64
+    with db.session_scope(engine) as session:
+        root = _batch(session, "clip", None, [_job("1", f"{OLD}/images/a.png", a)])
+        rerun = _batch(
+            session, "clip-rerun-1", root, [_job("2", f"{OLD}/images/a.png", a, _ids(session, root)["1"])]
+        )
+        second = _batch(
+            session,
+            "clip-rerun-1-rerun-1",
+            rerun,
+            [_job("3", f"{OLD}/images/a.png", a, _ids(session, rerun)["2"])],
+        )
+        session.execute(update(Batch).where(Batch.id == root).values(parent_batch_id=second))
+
+    statements = 0
+
+    def count(*_: Any) -> None:
+        # Without the guard the walk never ends: stop it (and fail) instead of hanging the run.
+        nonlocal statements
+        statements += 1
+        if statements > 200:
+            raise RuntimeError("reruns_follow is still walking the chain")
+
+    with db.session_scope(engine) as session:
+        store.resubmit_jobs(session, root, [_job("1", f"{NEW}/images/a.png", a)], lambda: 1)
+        store.set_batch_manifest_path(session, root, f"{NEW}/m.yaml")
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            followed = store.reruns_follow(session, root, f"{NEW}/m.yaml")
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+    assert followed == ["clip-rerun-1", "clip-rerun-1-rerun-1"]
+
+    with db.session_scope(engine) as session:
+        assert _image(session, _ids(session, second)["3"])[0] == f"{NEW}/images/a.png"
+        paths = session.execute(select(Batch.name, Batch.manifest_path).order_by(Batch.name)).all()
+        assert {p.manifest_path for p in paths} == {f"{NEW}/m.yaml"}
