@@ -2134,12 +2134,18 @@ def test_a_proof_of_an_earlier_request_of_a_job_cancelled_with_its_outcome_unkno
 
 
 def test_applied_deliveries_are_pruned_after_the_retention_and_the_counts_stay(
-    engine: Engine, client: TestClient, signer: WebhookSigner, settings: Settings
+    engine: Engine,
+    client: TestClient,
+    signer: WebhookSigner,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The inbox only grew, and each `/metrics` scrape summed all of it. Applied deliveries of
     finished jobs are now pruned once older than WANBATCH_WEBHOOK_RETENTION, the counters the
     scrape reads are kept apart (pruning takes nothing off them), and within the retention a
     replay is still recognised as one."""
+    # The PostgreSQL engine is the session's: forget when an earlier test pruned through it.
+    monkeypatch.setattr("worker.steps.webhooks._pruned_at", {})
     job = _sent(engine, request_id="req-1")
     assert _post(client, signer, job, "req-1") == 200
     assert _post(client, signer, job, "req-1") == 200  # fal's retry: a repeat
