@@ -88,7 +88,8 @@ def test_leases_it_cannot_tell_gone_are_waited_for_aloud_then_sent_again_unbille
     db = env["WANBATCH_DATABASE_URL"]
     argv = ["run", str(manifest("simk", MANIFEST)), "--simulate"]
     _kill_midway(env, e2e_env, argv)
-    _lease_elsewhere(db, until=datetime.now(UTC) + timedelta(seconds=10))
+    # Long enough for a loaded machine to start the second run and print its note (10 s was not).
+    _lease_elsewhere(db, until=datetime.now(UTC) + timedelta(seconds=25))
 
     second = Background(argv, {**env, "COLUMNS": "200"}, e2e_env, "second")
     code = second.wait(90)

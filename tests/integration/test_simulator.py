@@ -449,12 +449,13 @@ def test_output_lifecycle_expires_media(sim: SimulatorHandle, client: httpx.Clie
         sim,
         "fal-ai/wan-22",
         INPUTS["fal-ai/wan-22"],
-        headers={"X-Fal-Object-Lifecycle-Preference": '{"expiration_duration_seconds": 0.2}'},
+        # Long enough for a loaded machine to fetch it once in time (0.2 s was not, in CI).
+        headers={"X-Fal-Object-Lifecycle-Preference": '{"expiration_duration_seconds": 2.0}'},
     )
     wait_completed(client, sub["status_url"])
     url = client.get(sub["response_url"]).json()["video"]["url"]
     assert httpx.get(url).status_code == 200
-    time.sleep(0.3)
+    time.sleep(2.1)
     assert httpx.get(url).status_code == 404
 
 
