@@ -918,6 +918,8 @@ def print_report(report: BatchReport, *, distributed: bool = False) -> None:
         say(escape(report["phase_reason"]), "yellow")
     if fal := report.get("fal_unreachable_note"):  # a process cannot connect to fal: it holds its submits
         say(escape(fal), "yellow")
+    if dead := report.get("dead_lease_holders_note"):  # a killed process's leases: whose, until when
+        say(escape(dead), "yellow")
     out.print(status_table(report))
     say(escape(progress_text(report, distributed=distributed)))
     for line in money_line(report).splitlines():
@@ -1048,6 +1050,8 @@ def print_batches(reports: list[BatchReport], *, distributed: bool = False) -> N
             notes.append(f"{ids[r['batch']]} {reason}")
         if fal := r.get("fal_unreachable_note"):  # a process cannot connect to fal: it holds its submits
             notes.append(f"{ids[r['batch']]} {fal}")
+        if dead := r.get("dead_lease_holders_note"):  # a killed process's leases: whose, until when
+            notes.append(f"{ids[r['batch']]} {dead}")
         if not r["processing"] and label not in ("done", "cancelled"):
             notes.append(f"{ids[r['batch']]} {idle_text(r, distributed=distributed)}")
         elif not r["processing"] and label == "cancelled" and r["in_flight"]:

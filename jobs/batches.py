@@ -46,6 +46,7 @@ from jobs.models import Batch, BatchState, utcnow
 from jobs.money import too_much_usd, usd_json, usd_text
 from jobs.pricing import Totals, estimate_job
 from jobs.printable import shell_ref, shortened
+from jobs.processes import process_prefix
 from jobs.rendered import (
     RERUN_FAILED_STATES,
     Covered,
@@ -750,6 +751,13 @@ class BatchReport(TypedDict):
     fal_unreachable: list[dict[str, Any]]
     #: That in one line (:func:`jobs.listing.fal_hold_text`); "" when none.
     fal_unreachable_note: str
+    #: The processes holding leases on its unfinished jobs that are gone — ended (a pid of
+    #: this host that no longer runs) or with a stale heartbeat: each one's ``owner``,
+    #: ``host``, ``pid``, ``jobs``, ``lease_until`` (when they are taken over), ``last_seen``
+    #: (ISO 8601, UTC; None when it never beat) and ``ended`` (:func:`jobs.listing.dead_holders`).
+    dead_lease_holders: list[dict[str, Any]]
+    #: That in one line (:func:`jobs.listing.dead_holders_text`); "" when none.
+    dead_lease_holders_note: str
     counts: dict[str, int]
     estimated_usd: float | None
     spent_usd: float | None
@@ -808,12 +816,39 @@ class BatchProgress(TypedDict):
     #: Why no new job is sent now (:func:`jobs.listing.held_reason`: paused, cancelled, outside
     #: its schedule); "" when jobs may be sent. No time left is forecast while it is set.
     held: str
+    #: Why the batch does not move now (:func:`batch_standing`, as ``status`` decides it): what
+    #: ``held`` says, else that nothing processes it or that the workers cannot reach the
+    #: broker; "" when it moves. No time left is forecast while it is set.
+    standing: str
+    #: Whether a process works on the batch now (``status --json``'s ``processing``).
+    processing: bool
     #: The batch's schedule (the empty one without).
     schedule: Schedule
     #: :func:`batch_report`'s ``eta_seconds`` and ``eta_note``, by the same pace and rules
     #: (:func:`jobs.listing.forecast`): what ``status`` would say now.
     eta_seconds: float | None
     eta_note: str | None
+
+
+#: :func:`batch_standing` of a batch the workers process while their leader cannot reach the broker.
+BROKER_UNREACHABLE = "broker unreachable"
+
+
+def batch_standing(
+    batch: Batch,
+    totals: listing.Totals,
+    last_beat: datetime | None,
+    broker_down: datetime | None,
+    *,
+    now: datetime,
+) -> str:
+    """Why ``batch`` does not move now, in words ("" when it does): the one rule ``status``
+    (:func:`batch_report`) and ``run``'s progress line (:func:`batch_progress`) forecast by —
+    what holds it back or that nothing processes it (:func:`jobs.listing.standing`), else that
+    the workers cannot reach the broker (``broker_down``: since when, None when they can).
+    The progress line once asked only what holds it back, and kept a growing "time left" while
+    no worker was alive, where ``status`` said "nothing is processing it" and gave none."""
+    return listing.standing(batch, totals, last_beat, now=now) or (BROKER_UNREACHABLE if broker_down else "")
 
 
 def batch_progress(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchProgress:
@@ -832,8 +867,14 @@ def batch_progress(session: Session, batch_id: str, *, now: datetime | None = No
     total = sum(counts.values())
     finished = sum(counts[s.value] for s in JobState if s.terminal)
     held = listing.held_reason(batch, now=now)
-    eta, eta_note = listing.forecast(totals, held=held, schedule=schedule, now=now)
-    shown_schedule = schedule_state(session, batch, finished=total > 0 and finished == total, now=now)
+    done = total > 0 and finished == total
+    beat = listing.heartbeat(session, batch.id, now=now)
+    broker_down = None if done or batch.simulated else listing.broker_down_since(session, now=now)
+    # status's rule, not only what holds the batch back: no forecast either while nothing
+    # processes it (no worker alive, a stopped run) or while the workers cannot reach the broker.
+    standing = batch_standing(batch, totals, beat, broker_down, now=now)
+    eta, eta_note = listing.forecast(totals, held=standing, schedule=schedule, now=now)
+    shown_schedule = schedule_state(session, batch, finished=done, now=now)
     return {
         "batch": batch.id,
         "name": batch.name,
@@ -849,6 +890,8 @@ def batch_progress(session: Session, batch_id: str, *, now: datetime | None = No
         "schedule_state": shown_schedule,
         "paused_schedule_state": paused_schedule_state(shown_schedule, schedule, now),
         "held": held,
+        "standing": standing,
+        "processing": listing.is_processing(beat, now=now),
         "schedule": schedule,
         "eta_seconds": eta,
         "eta_note": eta_note,
@@ -1232,6 +1275,9 @@ class _Reads(Protocol):
     def fal_holds(
         self, batch: Batch, now: datetime, gone: Callable[[str], bool] | None
     ) -> list[listing.FalHoldView]: ...
+    def dead_holders(
+        self, batch: Batch, now: datetime, gone: Callable[[str], bool] | None
+    ) -> list[listing.DeadHolder]: ...
     def failures(self, batch: Batch) -> list[store.FailureGroup]: ...
     def covered(self, batch: Batch) -> Covered: ...
 
@@ -1271,6 +1317,13 @@ class _OneBatch:
         self, batch: Batch, now: datetime, gone: Callable[[str], bool] | None
     ) -> list[listing.FalHoldView]:
         return listing.fal_holds(self.session, batch.id, now=now, simulated=batch.simulated, gone=gone)
+
+    def dead_holders(
+        self, batch: Batch, now: datetime, gone: Callable[[str], bool] | None
+    ) -> list[listing.DeadHolder]:
+        return listing.read_dead_holders(
+            self.session, [batch.id], now=now, excluding=process_prefix(), gone=gone
+        )[batch.id]
 
     def failures(self, batch: Batch) -> list[store.FailureGroup]:
         return store.failure_reasons(self.session, batch.id)
@@ -1348,6 +1401,17 @@ class _AllBatches:
             "fal_holds", lambda: listing.fal_holds_of_batches(self.session, self.batches, now=now, gone=gone)
         )
         return cast(list[listing.FalHoldView], found[batch.id])
+
+    def dead_holders(
+        self, batch: Batch, now: datetime, gone: Callable[[str], bool] | None
+    ) -> list[listing.DeadHolder]:
+        found = self._once(
+            "dead_holders",
+            lambda: listing.read_dead_holders(
+                self.session, self.ids, now=now, excluding=process_prefix(), gone=gone
+            ),
+        )
+        return cast(list[listing.DeadHolder], found[batch.id])
 
     def failures(self, batch: Batch) -> list[store.FailureGroup]:
         found = self._once("failures", lambda: store.failure_reasons_of_batches(self.session, self.ids))
@@ -1430,10 +1494,11 @@ def _report(
     processing = listing.is_processing(beat, now=now)
     # The dashboard's forecast, to the second: the pace of the last minutes, and none for a batch
     # held back, with nothing in flight or that no process works on (it would only mislead).
-    held = listing.standing(batch, totals, beat, now=now) or ("broker unreachable" if broker_down else "")
+    held = batch_standing(batch, totals, beat, broker_down, now=now)
     schedule = store.batch_schedule(batch)
     eta, eta_note = listing.forecast(totals, held=held, schedule=schedule, now=now)
     fal_holds = [] if done else reads.fal_holds(batch, now, gone)
+    dead = [] if done else reads.dead_holders(batch, now, gone)
     covered = reads.covered(batch)
     return {
         "batch": batch.id,
@@ -1459,6 +1524,8 @@ def _report(
         "broker_unreachable_since": broker_down.isoformat() if broker_down is not None else None,
         "fal_unreachable": [hold.as_json() for hold in fal_holds],
         "fal_unreachable_note": listing.fal_hold_text(fal_holds, now=now),
+        "dead_lease_holders": [holder.as_json() for holder in dead],
+        "dead_lease_holders_note": listing.dead_holders_text(dead, now=now),
         "counts": counts,
         "estimated_usd": _money(totals.estimated_usd),
         "spent_usd": _money(totals.spent_usd),

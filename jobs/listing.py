@@ -441,6 +441,143 @@ def fal_hold_text(holds: Sequence[FalHoldView], *, now: datetime) -> str:
     )
 
 
+# --------------------------------------------------------------------------- lease holders
+
+
+def owner_prefix(owner: str) -> str | None:
+    """``host:pid:`` of lease or heartbeat owner ``owner`` (``host:pid:thread``); None for an
+    owner of another shape (a queue's name, ``download-queue``): no process to speak of."""
+    host, _, rest = owner.partition(":")
+    pid, sep, _ = rest.partition(":")
+    return f"{host}:{pid}:" if host and sep and pid.isascii() and pid.isdigit() else None
+
+
+def holder_who(owner: str) -> str:
+    """``123@worker-3`` for lease owner ``worker-3:123:456`` (the owner as stored otherwise)."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    return f"{pid}@{host}" if owner_prefix(owner) is not None else owner
+
+
+def _held_jobs(
+    holders: Sequence[store.LeaseHolder | DeadHolder], name: Callable[[str], str] = str
+) -> tuple[int, datetime, str]:
+    """How many jobs ``holders`` hold, when the last lease ends, and whose (the first one's
+    owner as ``name`` puts it, and how many others): the words :func:`waiting_note` and
+    :func:`dead_holders_text` share."""
+    jobs = sum(h.jobs for h in holders)
+    until = max(h.until for h in holders)
+    first = name(holders[0].owner)
+    who = first if len(holders) == 1 else f"{first} and {len(holders) - 1} other(s)"
+    return jobs, until, who
+
+
+def waiting_note(holders: list[store.LeaseHolder], now: datetime, *, gone: Collection[str] = ()) -> str:
+    """``waiting for 3 job(s) leased to host:123:4 (another process) until 14:02:11 UTC``: why
+    jobs of the batch do not move while another process holds them (``gone``: owners known to
+    have ended, whose submits in flight are waited for: "a process that has ended"). What an
+    embedded run's progress line says (``worker.running.leases_note``); ``status`` says the
+    same of holders that are gone (:func:`dead_holders_text`)."""
+    live = [h for h in holders if h.until > now]
+    if not live:
+        return ""
+    jobs, until, who = _held_jobs(live)
+    if all(h.owner in gone for h in live):
+        return (
+            f"waiting for {jobs} job(s) leased to {who} (a process that has ended; submits whose "
+            f"outcome is checked then) until {until:%H:%M:%S} UTC"
+        )
+    # No countdown: the words stay the same while the wait lasts (a plain progress line is
+    # printed again whenever they change).
+    return f"waiting for {jobs} job(s) leased to {who} (another process) until {until:%H:%M:%S} UTC"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadHolder:
+    """A process that holds leases on a batch's unfinished jobs and is gone: it has ended (a
+    process of this host whose pid no longer runs) or its heartbeat went stale. Its jobs wait
+    for the lease to end, then are taken over (a submit's outcome checked by the reconciler)."""
+
+    owner: str
+    jobs: int
+    #: When the last of its leases ends.
+    until: datetime
+    #: Its last heartbeat; None when it never beat (a worker that did not lead the ticks).
+    last_seen: datetime | None
+    #: Known to have ended (its pid no longer runs on this host).
+    ended: bool
+
+    def as_json(self) -> dict[str, Any]:
+        host, _, rest = self.owner.partition(":")
+        pid = rest.partition(":")[0]
+        return {
+            "owner": self.owner,
+            "host": host,
+            "pid": int(pid) if pid.isascii() and pid.isdigit() else None,
+            "jobs": self.jobs,
+            "lease_until": self.until.isoformat(),
+            "last_seen": self.last_seen.isoformat() if self.last_seen is not None else None,
+            "ended": self.ended,
+        }
+
+
+def dead_holders(
+    holders: Sequence[store.LeaseHolder],
+    last_seen: dict[str, datetime],
+    *,
+    now: datetime,
+    gone: Callable[[str], bool] | None = None,
+) -> list[DeadHolder]:
+    """Those of ``holders`` that are gone: known to have ended (``gone``: a process of this host
+    whose pid no longer runs), or whose last heartbeat (``last_seen``, by ``host:pid:``) is
+    older than :data:`PROCESSING_STALE_SECONDS`. A holder with no heartbeat that cannot be told
+    gone (another host, a worker that never led) is not named: nothing says it died."""
+    found = []
+    for h in holders:
+        prefix = owner_prefix(h.owner)
+        if prefix is None or h.until <= now:
+            continue
+        seen = last_seen.get(prefix)
+        ended = gone is not None and gone(h.owner)
+        stale = seen is not None and (now - seen).total_seconds() > PROCESSING_STALE_SECONDS
+        if ended or stale:
+            found.append(DeadHolder(h.owner, h.jobs, h.until, seen, ended))
+    return found
+
+
+def read_dead_holders(
+    session: Session,
+    batch_ids: Collection[str],
+    *,
+    now: datetime,
+    excluding: str,
+    gone: Callable[[str], bool] | None = None,
+) -> dict[str, list[DeadHolder]]:
+    """:func:`dead_holders` of each of ``batch_ids`` (all of them keys), from two queries;
+    ``excluding``: this process's ``host:pid:``."""
+    holders = store.lease_holders_of_batches(session, batch_ids, now=now, excluding=excluding)
+    prefixes = {p for hs in holders.values() for h in hs if (p := owner_prefix(h.owner)) is not None}
+    seen = store.owners_last_seen(session, prefixes)
+    return {b: dead_holders(holders.get(b, []), seen, now=now, gone=gone) for b in batch_ids}
+
+
+def dead_holders_text(dead: Sequence[DeadHolder], *, now: datetime) -> str:
+    """``1 job held by worker 123@host, not seen for 40s: taken over at 23:41:07 UTC when its
+    lease ends``; "" when none. Without it ``status`` showed "1 in flight · ~0m02s left" for a
+    lease's length, and nothing of the killed worker holding it."""
+    if not dead:
+        return ""
+    jobs, until, who = _held_jobs(dead, holder_who)
+    first = dead[0]
+    if first.last_seen is not None:
+        state = f"not seen for {format_duration((now - first.last_seen).total_seconds())}"
+    else:
+        state = "which has ended"
+    noun = "job" if jobs == 1 else "jobs"
+    ends = "its lease ends" if len(dead) == 1 else "their leases end"
+    return f"{jobs} {noun} held by process {who}, {state}: taken over at {until:%H:%M:%S} UTC when {ends}"
+
+
 def is_processing(last_beat: datetime | None, *, now: datetime) -> bool:
     """Whether a process said recently enough (``last_beat``) that it works on a batch."""
     return last_beat is not None and (now - last_beat).total_seconds() <= PROCESSING_STALE_SECONDS

@@ -201,6 +201,7 @@ __all__ = [
     "last_heartbeat",
     "last_heartbeats",
     "lease_holders",
+    "lease_holders_of_batches",
     "list_batches",
     "lock_batch",
     "lock_dispatch",
@@ -217,6 +218,7 @@ __all__ = [
     "note_duplicate_charge",
     "note_own_request",
     "note_window_duplicate",
+    "owners_last_seen",
     "record_duplicate_charge",
     "record_heartbeat",
     "record_result",
@@ -3772,6 +3774,52 @@ def lease_holders(session: Session, batch_id: str, *, now: datetime, excluding: 
         .order_by(Job.lease_owner)
     ).all()
     return [LeaseHolder(str(owner), int(count), until) for owner, count, until in rows if until is not None]
+
+
+def lease_holders_of_batches(
+    session: Session, batch_ids: Collection[str], *, now: datetime, excluding: str
+) -> dict[str, list[LeaseHolder]]:
+    """:func:`lease_holders` of each of ``batch_ids`` (those with none left out), in one query:
+    what ``status`` reads to name the holders that are gone (:func:`jobs.listing.dead_holders`)."""
+    if not batch_ids:
+        return {}
+    rows = session.execute(
+        select(Job.batch_id, Job.lease_owner, func.count(), func.max(Job.lease_expires_at))
+        .where(
+            Job.batch_id.in_(sorted(set(batch_ids))),
+            Job.state.in_(UNFINISHED_STATES),
+            Job.lease_owner.is_not(None),
+            Job.lease_expires_at > now,
+            ~Job.lease_owner.startswith(excluding, autoescape=True),
+        )
+        .group_by(Job.batch_id, Job.lease_owner)
+        .order_by(Job.batch_id, Job.lease_owner)
+    ).all()
+    found: dict[str, list[LeaseHolder]] = {}
+    for batch_id, owner, count, until in rows:
+        if until is not None:
+            found.setdefault(str(batch_id), []).append(LeaseHolder(str(owner), int(count), until))
+    return found
+
+
+def owners_last_seen(session: Session, prefixes: Collection[str]) -> dict[str, datetime]:
+    """When each of the processes ``prefixes`` (``host:pid:``) last recorded a heartbeat, any
+    scope (:class:`~jobs.models.ConductorHeartbeat`); those without a row are left out (never
+    beat, or stopped cleanly: a process that stops cleanly deletes its rows)."""
+    wanted = sorted(set(prefixes))
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(ConductorHeartbeat.owner, func.max(ConductorHeartbeat.seen_at))
+        .where(or_(*(ConductorHeartbeat.owner.startswith(p, autoescape=True) for p in wanted)))
+        .group_by(ConductorHeartbeat.owner)
+    ).all()
+    seen: dict[str, datetime] = {}
+    for owner, at in rows:
+        prefix = next((p for p in wanted if str(owner).startswith(p)), None)
+        if prefix is not None and at is not None and (prefix not in seen or at > seen[prefix]):
+            seen[prefix] = at
+    return seen
 
 
 def expire_leases(session: Session, batch_id: str, owners: Collection[str], *, now: datetime) -> int:

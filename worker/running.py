@@ -922,13 +922,17 @@ def _watch(
         eta, eta_note = current["eta_seconds"], current["eta_note"]
         if leased:  # the pace of the jobs it had says nothing of when the wait ends
             eta, eta_note = None, None
-        notes = " · ".join(n for n in (waiting, held, capped, eta_note) if n)
+        # What `status` says when nothing moves the batch though nothing holds it back: nothing
+        # processes it (no worker alive, watching), the workers cannot reach the broker. Its
+        # forecast is none then (batch_progress, by status's rule), and the line says why.
+        stalled = current["standing"] if current["standing"] != current["held"] else ""
+        notes = " · ".join(n for n in (waiting, held, stalled, capped, eta_note) if n)
         progress.update(
             task_id,
             # A scheduled batch outside its window says so, with the time left (the countdown).
             description=f"jobs · {notes}" if notes else "jobs",
             eta=eta,
-            held=bool(current["held"]),
+            held=bool(current["standing"]),
         )
         # A batch that sends nothing more ends its run once what it paid for is collected: the
         # requests fal holds and the videos being downloaded (not only the former: paid videos
@@ -947,7 +951,11 @@ def _watch(
             collecting == 0 and (current["state"] == "paused" or held_by_user)
         )
         if plain is not None and plain.due(
-            time.monotonic(), done, current["total"], final=ends, alert=held or caps.alert(holds)
+            time.monotonic(),
+            done,
+            current["total"],
+            final=ends,
+            alert=held or stalled.partition(" (")[0] or caps.alert(holds),
         ):
             console.print(plain_line(task), markup=False, highlight=False, soft_wrap=True)
         if done >= current["total"]:

@@ -385,3 +385,26 @@ def test_a_pause_past_the_deadline_gives_way_to_the_deadline(session: Session) -
     report = batch_report(session, late.id, now=NOON)
     assert report["schedule_state"].startswith("closed: nothing opens before the deadline")
     assert (report["phase"], report["phase_reason"]) == ("waiting", report["schedule_state"])
+
+
+def test_the_progress_line_gives_no_time_left_while_nothing_processes_the_batch(session: Session) -> None:
+    """An audit: with a broker configured, `run` watched the workers, one of them was killed -9
+    and none was left; its line kept a growing "~0:21:59 left", then "~0:42:20 left", while
+    `status --json` said processing false and eta_seconds null. The line asked only what holds
+    the batch back (a pause, the schedule), not whether anything processes it: it goes by
+    status's one rule now (jobs.batches.batch_standing), and says why there is no forecast."""
+    now = NOON + timedelta(hours=10)
+    batch = make_batch(session, "orphan", n=14)
+    states = [JobState.SUCCEEDED] * 10 + [JobState.RUNNING] * 2 + [JobState.PENDING] * 2
+    _moved(session, batch.id, states, now=now, first_sent_ago=timedelta(minutes=20))
+
+    live = batch_progress(session, batch.id, now=now)
+    assert (live["processing"], live["standing"], live["eta_seconds"]) == (True, "", 240.0)
+
+    later = now + timedelta(seconds=90)  # the last beat is 90 s old: nothing processes it
+    current = batch_progress(session, batch.id, now=later)
+    report = batch_report(session, batch.id, now=later)
+    assert (report["processing"], report["eta_seconds"]) == (False, None)
+    assert (current["processing"], current["eta_seconds"], current["eta_note"]) == (False, None, None)
+    assert current["held"] == ""  # nothing holds it back: it is not moving, which the line says
+    assert current["standing"] == "nothing is processing it (last seen 1m ago)"

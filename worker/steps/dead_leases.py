@@ -22,20 +22,21 @@ enough that the holder is gone (:func:`process_gone`), so what it held is taken 
   (:mod:`worker.steps.unrecorded`), which the reconciler reads before the lease lapses.
 
 A holder that cannot be told gone (another host, a live process, a queue's name), and a dead
-one's submits in flight, are waited for, and :func:`waiting_note` says for whom and until when.
+one's submits in flight, are waited for, and :func:`jobs.listing.waiting_note` says for whom
+and until when (``status`` names holders that are gone the same way:
+:func:`jobs.listing.dead_holders_text`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
 from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
 from jobs import db, processes, store
-from jobs.listing import PROCESSING_STALE_SECONDS
+from jobs.listing import PROCESSING_STALE_SECONDS, waiting_note
 from jobs.models import utcnow
 from jobs.store import LeaseHolder
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, process_identity
@@ -134,23 +135,3 @@ class DeadLeases:
     def note(self, now: datetime | None = None) -> str:
         """The progress line's words for the leases still waited for ("" when none)."""
         return waiting_note(self.waiting_for, now or utcnow(), gone=self.gone)
-
-
-def waiting_note(holders: list[LeaseHolder], now: datetime, *, gone: Collection[str] = ()) -> str:
-    """``waiting for 3 job(s) leased to host:123:4 (another process) until 14:02:11 UTC``:
-    why jobs of the batch do not move while another process holds them (``gone``: owners known
-    to have ended, whose submits in flight are waited for: "a process that has ended")."""
-    live = [h for h in holders if h.until > now]
-    if not live:
-        return ""
-    jobs = sum(h.jobs for h in live)
-    until = max(h.until for h in live)
-    who = live[0].owner if len(live) == 1 else f"{live[0].owner} and {len(live) - 1} other(s)"
-    if all(h.owner in gone for h in live):
-        return (
-            f"waiting for {jobs} job(s) leased to {who} (a process that has ended; submits whose "
-            f"outcome is checked then) until {until:%H:%M:%S} UTC"
-        )
-    # No countdown: the words stay the same while the wait lasts (a plain progress line is
-    # printed again whenever they change).
-    return f"waiting for {jobs} job(s) leased to {who} (another process) until {until:%H:%M:%S} UTC"
