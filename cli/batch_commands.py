@@ -92,8 +92,10 @@ def status(batch: str | None, as_json: bool) -> None:
         if settings.broker_url:  # the workers' leader's limits apply, not these: say when they differ
             from worker.doctor import database_id
             from worker.limits import published_mismatch
+            from worker.peers import workers_mismatch
 
-            for line in published_mismatch(settings, database_id(settings)):
+            database = database_id(settings)
+            for line in published_mismatch(settings, database) + workers_mismatch(settings, database):
                 err.print(f"[yellow]warning: {escape(line)}[/yellow]")
         if as_json:
             emit_json(reports[0] if batch is not None else {"batches": reports})

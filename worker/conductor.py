@@ -40,6 +40,7 @@ from worker.broker_outage import BrokerOutage, broker_problem
 from worker.db_outage import DatabaseOutage, database_problem
 from worker.fal.models import RequestHandle, Status
 from worker.limits import publish_limits, republish_through, resign_limits, unpublish_limits, watch_limits
+from worker.peers import announce_settings, announcer_for, withdraw_settings
 from worker.steps.context import Reach, Runtime, handle_of, process_identity
 from worker.steps.poll import AT_FAL, Seen, apply_seen, apply_seen_in
 from worker.watcher import StatusWatcher
@@ -133,6 +134,10 @@ class Conductor:
         self._beat_lock = threading.Lock()
         self._next_beat = 0.0  # monotonic; 0: never beat
         self._next_watch = 0.0  # monotonic: when a process that does not lead reads the leader's limits
+        #: A worker (no batch of its own) publishes its outcome-deciding settings beside the
+        #: other workers' at each heartbeat, leader or not (:mod:`worker.peers`): when next.
+        self._announcer = None if rt.batch_ids else announcer_for(rt.limiter, process_identity())
+        self._next_announce = 0.0
         self._closed = False
         #: The limiter found the leader's policy gone, or answered after an outage: publish again
         #: (after checking the leader lock), without waiting for the next beat.
@@ -345,6 +350,9 @@ class Conductor:
         redispatch_at: float | None = None
         while not stopping.is_set():
             now = time.monotonic()
+            if self._announcer is not None and now >= self._next_announce:
+                self._next_announce = now + HEARTBEAT_SECONDS
+                announce_settings(self._announcer)
             if now >= next_tick:
                 leading = leads() if leads is not None else True
                 if leading:
@@ -392,6 +400,8 @@ class Conductor:
                 deadline = min(deadline, self._next_beat)
             if redispatch_at is not None:
                 deadline = min(deadline, redispatch_at)
+            if self._announcer is not None:
+                deadline = min(deadline, self._next_announce)
             seen, submitted, wants_dispatch = self._take(max(0.0, deadline - time.monotonic()))
             if stopping.is_set() or not leading:
                 continue
@@ -599,6 +609,7 @@ class Conductor:
         if self.watcher is not None:
             self.watcher.close()
         self.rt.fal_reach.release()  # a hold on fal this process recorded ends with it
+        withdraw_settings(self._announcer)  # its settings go with it: no later warning names it
         with self._beat_lock:
             if self._closed or self._next_beat == 0:
                 self._closed = True

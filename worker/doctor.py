@@ -686,10 +686,20 @@ def check_limiter(settings: Settings) -> Check:
             fix = f"start that Redis or fix {probed.setting}: `run` and `worker` refuse to start without it"
         return _fail(name, problem, fix)
     from worker.limits import published_mismatch
+    from worker.peers import workers_mismatch
 
+    database = database_id(settings)
     # Said, not failed: a host that only watches (status, doctor) may differ on purpose.
-    differ = published_mismatch(settings, database_id(settings))
+    differ = published_mismatch(settings, database)
     warning = "".join(f"; warning: {line}" for line in differ)
+    # Failed: the workers themselves disagree, so a job's outcome depends on which one ran it.
+    peers = workers_mismatch(settings, database)
+    if peers:
+        return _fail(
+            name,
+            f"{probed.where} answers; {' '.join(peers)}{warning}",
+            "give every `wanbatch worker` the same settings (the variables named) and restart the odd one",
+        )
     return _ok(name, f"{probed.where} answers{warning}")
 
 

@@ -1057,9 +1057,16 @@ class RedisGCRA:
         """The Redis key of the tick leader's policy for this API key and database."""
         if self._policy_key is None:
             database = self._database() if callable(self._database) else self._database
+            self._database = database  # asked once
             self._policy_key = self.prefix + policy_key(api_key_id(self.settings), database)
             self._leader_key = self.prefix + leader_key(database)
         return self._policy_key
+
+    @property
+    def database(self) -> str | None:
+        """The database's fingerprint (found once, when first needed; None: not known)."""
+        _ = self.policy
+        return self._database if isinstance(self._database, str) else None
 
     @property
     def leader_record(self) -> str:
