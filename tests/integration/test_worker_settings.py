@@ -185,7 +185,7 @@ def test_a_dead_workers_record_is_named_by_nothing(client14: redis.Redis[bytes])
     try:
         client14.hset(peers_key(database), "dead:1:", f"{stale} " + body % "fail")
         client14.hset(peers_key(database), "live:2:", f"{fresh} " + body % "flag")
-        settings = Settings(FAL_KEY=KEY, limits_url=REDIS_DB14)  # type: ignore[arg-type]
+        settings = Settings(FAL_KEY=KEY, limits_url=REDIS_DB14)
         assert [peer.owner for peer in read_peers(settings, database)] == ["live:2:"]
     finally:
         client14.delete(peers_key(database))
