@@ -435,13 +435,16 @@ class Job(Base):
     #: counts the job's money under (:class:`BatchTotals`).
     submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When the current attempt's POST went out (or may have): written with ``submitted_input``
-    #: right before it, cleared when the next attempt is claimed. A submit whose answer is lost
-    #: takes it as its ``submitted_at`` (:func:`jobs.store.transition`).
+    #: right before it, cleared when the next attempt is claimed or the POST is given back (fal
+    #: never accepted it: :func:`jobs.store.give_back`). A submit whose answer is lost takes it
+    #: as its ``submitted_at`` (:func:`jobs.store.transition`).
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When the start timeout the current attempt's POST carried (``X-Fal-Request-Start-Timeout``,
     #: the batch's window end or deadline as of its sending) ends: fal never starts the request
     #: after it, and ends it unstarted (``request_timeout``, not billed). Written with
-    #: :attr:`sent_at`, cleared with it; NULL when the POST carried none (no window or deadline)
+    #: :attr:`sent_at` by every POST (NULL too), and kept until the next POST: a resend dropped
+    #: for its earlier attempt's proof keeps that attempt's request and timeout. NULL when the
+    #: POST carried none (no window or deadline)
     #: or the job was sent before schema 0030. What a ``request_timeout`` is judged by
     #: (:func:`worker.steps.schedule.start_timeout_expired`), not the batch's schedule now.
     start_timeout_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

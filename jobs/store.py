@@ -1754,7 +1754,10 @@ def mark_submitting(
 ) -> bool:
     """``pending``/``retry_wait`` → ``submitting``: attempt number ``attempt`` is about to be sent
     with ``api_key_id``, leased to ``fence.owner``. An earlier attempt's input and send time are
-    forgotten: each attempt records them right before its POST (:func:`take_lease`)."""
+    forgotten: each attempt records them right before its POST (:func:`record_send`). Its
+    ``start_timeout_at`` is kept until then (:func:`record_send` writes the new one, None too):
+    a claimed resend dropped for the earlier attempt's proof (:func:`adopt_before_resend`) keeps
+    that attempt's request, which was sent with it."""
     return _move(
         session,
         fence,
@@ -1764,7 +1767,6 @@ def mark_submitting(
         api_key_id=api_key_id,
         submitted_input=None,
         sent_at=None,
-        start_timeout_at=None,
         lease_owner=fence.owner,
         lease_expires_at=lease_expires_at,
     )
@@ -2723,7 +2725,16 @@ def give_back(
 
     A resend of an unknown submit whose send was recorded (:func:`record_send`) is uncounted
     from ``possible_duplicate_charges`` too: the same attempt number is sent again later, and
-    counted then."""
+    counted then.
+
+    Every caller gives back a POST that fal never accepted (never sent, or refused): what
+    :func:`record_send` wrote of it (``submitted_input``, ``sent_at``) is cleared, so the job
+    reads as not sent — a rerun given back is no request at fal, cancelled when the job it
+    repeats keeps its late answer (:func:`_cancel_unsent_repeats`). ``start_timeout_at`` is
+    left: a claimed resend given back before its POST still holds the earlier attempt's
+    (:func:`mark_submitting`), which :func:`adopt_before_resend` may keep; the next POST writes
+    its own (:func:`record_send`)."""
+    unsent: dict[str, Any] = {"submitted_input": None, "sent_at": None, **fields}
     return _move(
         session,
         fence,
@@ -2733,7 +2744,7 @@ def give_back(
         possible_duplicate_charges=_RESEND_UNSENT,
         next_attempt_at=due_at,
         **_UNLEASED,
-        **fields,
+        **unsent,
     )
 
 
@@ -4357,65 +4368,106 @@ def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -
 
 @dataclass(frozen=True, slots=True)
 class _Repeat:
-    """A job of a rerun that repeats a given job (:func:`_repeats_of`)."""
+    """A job that repeats a given job's input through reruns (:func:`_repeats_of`)."""
 
     id: str
     state: JobState
     version: int
-    #: Whether its POST went out (``sent_at``, cleared while a next attempt is claimed; or
-    #: ``submitted_at``, which stays once fal accepted one).
+    #: Whether fal has (or may have) a request of it: one was accepted (``submitted_at``, which
+    #: stays; a submit whose outcome stayed unknown takes its send time as that), or its current
+    #: POST is out (``submitting`` with ``sent_at``: written right before the POST, cleared when
+    #: the next attempt is claimed and when fal refused it unaccepted, :func:`give_back`).
     sent: bool
+    #: Whether it is still to send (another) POST: waiting to (``pending``, ``retry_wait``), or
+    #: claimed with no POST recorded (``submitting`` without ``sent_at``). An earlier attempt
+    #: fal accepted does not stop it sending the next one.
+    sends: bool
+
+
+#: The states of a repeat that is still to send (:attr:`_Repeat.sends`, :func:`_cancel_unsent_repeats`).
+_UNSENT_REPEAT_STATES = frozenset({JobState.PENDING, JobState.RETRY_WAIT, JobState.SUBMITTING})
+
+
+def _repeated_root(session: Session, job: JobRecord) -> tuple[str, str, set[str]]:
+    """The job ``job`` repeats in the end (its ``rerun_of``, followed up while that job is
+    stored): that job's id and batch, and the ids of ``job`` and every job it repeats on the
+    way (the root included). A cycle, which no rerun makes, ends the walk."""
+    line = {job.id}
+    root, batch, up = job.id, job.batch_id, job.rerun_of
+    while up is not None and up not in line:
+        above = session.execute(select(Job.batch_id, Job.rerun_of).where(Job.id == up)).first()
+        if above is None:
+            break
+        line.add(up)
+        root, batch, up = up, str(above.batch_id), above.rerun_of
+    return root, batch, line
 
 
 def _repeats_of(session: Session, job: JobRecord) -> list[_Repeat]:
-    """The jobs of the reruns of ``job``'s batch (any generation) that repeat ``job``, in
-    batches of the same kind (a simulation's repeat bills nothing), generation by generation.
-    Walked as :func:`rerun_repeats` walks (by ``parent_batch_id``, then each child batch's jobs),
-    never a scan of every job."""
+    """Every other job that repeats ``job``'s input through reruns, in batches of the same kind
+    (a simulation's repeat bills nothing): the job ``job`` repeats in the end (its ``rerun_of``
+    followed up) is found first, and then every job of a rerun that repeats that one (any
+    generation): ``job``'s own reruns, and sibling reruns too — a second ``rerun --failed-only``
+    of the parent made while ``job``, the first rerun's, had failed as well. ``job`` itself and
+    the jobs it repeats are left out: each of those failed, or ``job`` would not have been made.
+    Walked generation by generation by the batches' ``parent_batch_id`` and then each child
+    batch's jobs, never a scan of every job; a cycle ends the walk."""
     simulated = bool(session.scalar(select(Batch.simulated).where(Batch.id == job.batch_id)))
+    root, top, line = _repeated_root(session, job)
     found: list[_Repeat] = []
-    parents = [job.batch_id]
-    repeated = [job.id]
+    seen_batches = {top}
+    seen_jobs = {root}
+    parents = [top]
+    repeated = [root]
     while parents and repeated:
-        same_kind = select(Batch.id).where(Batch.parent_batch_id.in_(parents), Batch.simulated.is_(simulated))
-        children = list(session.scalars(same_kind))
+        same_tree = session.scalars(select(Batch.id).where(Batch.parent_batch_id.in_(parents)))
+        children = [b for b in same_tree if b not in seen_batches]
         if not children:
             break
+        seen_batches.update(children)
         rows = session.execute(
-            select(Job.id, Job.state, Job.version, Job.sent_at, Job.submitted_at)
+            select(Job.id, Job.state, Job.version, Job.sent_at, Job.submitted_at, Batch.simulated)
+            .join(Batch, Batch.id == Job.batch_id)
             .where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
             .order_by(Job.id)
         ).all()
+        rows = [r for r in rows if str(r.id) not in seen_jobs]
+        seen_jobs.update(str(r.id) for r in rows)
         for r in rows:
-            sent = r.sent_at is not None or r.submitted_at is not None
-            found.append(_Repeat(str(r.id), JobState(r.state), int(r.version), sent))
+            if str(r.id) in line or bool(r.simulated) != simulated:
+                continue
+            state = JobState(r.state)
+            posted = state == JobState.SUBMITTING and r.sent_at is not None
+            sends = state in _UNSENT_REPEAT_STATES and not posted
+            sent = r.submitted_at is not None or posted
+            found.append(_Repeat(str(r.id), state, int(r.version), sent, sends))
         parents, repeated = children, [str(r.id) for r in rows]
     return found
 
 
 def sent_repeat(session: Session, job: JobRecord) -> str | None:
-    """A job of a rerun of ``job``'s batch (any generation, same kind: :func:`_repeats_of`) that
-    repeats ``job`` and was sent (its POST recorded): its id, else None. ``rerun --failed-only``
-    sent it for a job that failed because its submit's outcome was unknown; should that submit's
-    answer come after all, fal renders and bills the same input twice: a confirmed duplicate
-    charge (:func:`adopt_late_proof`), and a late answer is cancelled at fal first
-    (:func:`worker.steps.late_answers.settle_late_answer`)."""
+    """Another job that repeats ``job``'s input through reruns (``job``'s own reruns or sibling
+    ones, any generation, same kind: :func:`_repeats_of`) of which fal has a request (accepted,
+    or its POST out): its id, else None. ``rerun --failed-only`` sent it for a job that failed
+    because its submit's outcome was unknown; should that submit's answer come after all, fal
+    renders and bills the same input twice: a confirmed duplicate charge
+    (:func:`adopt_late_proof`), and a late answer is cancelled at fal first
+    (:func:`worker.steps.late_answers.settle_late_answer`). A POST fal refused unaccepted (429:
+    :func:`give_back`) is no request of it."""
     return next((r.id for r in _repeats_of(session, job) if r.sent), None)
 
 
-#: The states of a repeat that was never sent and may still be (:func:`_cancel_unsent_repeats`).
-_UNSENT_REPEAT_STATES = frozenset({JobState.PENDING, JobState.RETRY_WAIT, JobState.SUBMITTING})
-
-
 def _cancel_unsent_repeats(session: Session, job: JobRecord, request_id: str) -> list[str]:
-    """Cancel every repeat of ``job`` (:func:`_repeats_of`) whose POST has not gone out, now
-    that ``job`` keeps fal's request ``request_id`` of the same input after all: sent, it would
-    render and bill that input twice. Fenced by each repeat's version: a submit that records
-    its send (:func:`take_lease`) first is not cancelled (it went out: :func:`sent_repeat` then
-    finds it), and one whose send comes after finds its job moved on and sends nothing."""
+    """Cancel every repeat of ``job`` (:func:`_repeats_of`) that is still to send a POST
+    (:attr:`_Repeat.sends`: waiting, or claimed with its POST not recorded — an earlier attempt
+    of it fal accepted or refused does not matter), now that ``job`` keeps fal's request
+    ``request_id`` of the same input after all: sent, it would render and bill that input
+    twice. Fenced by each repeat's version: a submit that records its send (:func:`record_send`)
+    first is not cancelled (it went out: :func:`sent_repeat` then finds it), and one whose send
+    comes after finds its job moved on and sends nothing."""
     cancelled: list[str] = []
     for repeat in _repeats_of(session, job):
-        if repeat.sent or repeat.state not in _UNSENT_REPEAT_STATES:
+        if not repeat.sends:
             continue
         reason = (
             f"not sent: the job it repeats, {job.id}, keeps fal's request {request_id} of the same "

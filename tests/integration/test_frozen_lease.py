@@ -11,7 +11,12 @@ both batches said ``confirmed_duplicate_charges: 0``. Now:
   queued: nothing paid twice); kept when fal ran it anyway, counted then as a confirmed
   duplicate charge on the original batch;
 * a late answer that comes before the rerun is sent is kept, and the rerun is cancelled before
-  its POST (nothing paid twice).
+  its POST (nothing paid twice) — a rerun fal refused with 429 (given back, never accepted), one
+  waiting to send again after an attempt fal accepted, and a sibling rerun (a second
+  ``rerun --failed-only`` of the parent) too.
+
+A resend of an unknown submit dropped for its earlier attempt's late answer keeps the start
+timeout that attempt was sent with.
 
 The frozen holder is a real live child (``sleep``), its pid put in the lease owner; the lease is
 made to have run out by setting it in the past. No timing is asserted.
@@ -34,8 +39,10 @@ from jobs.models import Job, JobEvent, utcnow
 from jobs.states import JobState
 from tests.hostile import HostileProvider, json_reply
 from tests.step_runtime import add_batch, make_runtime, settings_for
+from worker.fal.models import Status
 from worker.steps import Runtime, dispatch, reconcile, submit
 from worker.steps.late_answers import settle_late_answer
+from worker.steps.schedule import start_timeout_expired
 from worker.steps.unrecorded import Accepted
 
 S = JobState
@@ -224,6 +231,174 @@ def test_a_late_answer_kept_before_the_rerun_is_sent_cancels_the_rerun(
     assert hostile.count("POST", rf"/{T2V}") == 0  # the input is sent (and billed) once: FIRST
     history = [e.reason or "" for e in _events(engine, job_id)]
     assert any(f"its rerun (job {again}), not sent yet, is cancelled" in reason for reason in history)
+
+
+def _failed_unknown(rt: Runtime, engine: Engine, owner: str, name: str) -> tuple[str, str]:
+    """A one-job batch whose job failed for its unknown submit outcome (its holder frozen past
+    its lease, taken over): ``(batch id, job id)``."""
+    batch_id = add_batch(engine, name, [(T2V, {"prompt": f"a paper {name}"})])
+    (job_id,) = dispatch(rt)
+    _post_out_lease_lapsed(engine, job_id, owner)
+    assert reconcile(rt) == 1
+    assert _job(engine, job_id).error_type == "submit_unknown"
+    return batch_id, job_id
+
+
+def _only_job(engine: Engine, batch_id: str) -> str:
+    with db.read_scope(engine) as session:
+        (job_id,) = [job.id for job in store.jobs_of_batch(session, batch_id)]
+        return job_id
+
+
+def test_a_rerun_fal_refused_with_429_is_unsent_and_cancelled_when_the_late_answer_is_kept(
+    engine: Engine, hostile: HostileProvider, made: list[Runtime], live_child: subprocess.Popen[bytes]
+) -> None:
+    """The rerun's POST was refused with 429 (nothing queued, nothing billed; given back to
+    ``pending``): then the original's late answer is kept. The rerun is no request at fal: it is
+    cancelled before it is sent again (was: the send recorded before the refused POST counted it
+    as sent, so it was left to send — the input billed twice — and called a confirmed duplicate)."""
+    database_url = engine.url.render_as_string(hide_password=False)
+    rt = _runtime(engine, hostile.url, made, database_url=database_url)
+    batch_id, job_id = _failed_unknown(rt, engine, _owner(live_child.pid), "kite")
+    again = _only_job(engine, rerun_batch(batch_id, failed_only=True, settings=rt.settings).batch_id)
+    hostile.route("POST", rf"/{T2V}", json_reply({"detail": "slow down"}, 429))
+    assert dispatch(rt) == [again]
+    assert submit(rt, again) == "rate-limited"
+    refused = _job(engine, again)
+    assert (refused.state, refused.request_id, refused.submitted_at) == (S.PENDING, None, None)
+    assert (refused.sent_at, refused.submitted_input) == (None, None)  # fal never accepted it
+
+    late = Accepted(job_id, 1, FIRST, None, None, None, None, running=False, submitted_at=utcnow())
+    assert settle_late_answer(rt, late, T2V) == "adopted"
+    after = _job(engine, job_id)
+    assert (after.state, after.request_id, after.confirmed_duplicate_charges) == (S.QUEUED, FIRST, 0)
+    cancelled = _job(engine, again)
+    assert (cancelled.state, cancelled.error_type) == (S.CANCELLED, store.REPEAT_NOT_SENT_ERROR)
+    hostile.route("POST", rf"/{T2V}", json_reply(_submit_answer(hostile, SECOND)))
+    assert dispatch(rt) == []  # its 429 backoff over or not: nothing left to send
+    assert hostile.count("POST", rf"/{T2V}") == 1  # the refused one only: the input is billed once
+    assert hostile.count("PUT", rf"/{T2V}/requests/{FIRST}/cancel") == 0  # kept, not cancelled first
+
+
+def test_a_rerun_waiting_to_send_again_after_an_accepted_attempt_is_cancelled_when_fal_ran_the_late_one(
+    engine: Engine, hostile: HostileProvider, made: list[Runtime], live_child: subprocess.Popen[bytes]
+) -> None:
+    """The rerun was accepted (SECOND), fal failed it, and it waits to send its next attempt
+    (``retry_wait``). The original's late answer is cancelled at fal first (the rerun was sent),
+    but fal had already run it: the job keeps it and counts the duplicate charge. The rerun's next
+    attempt is then cancelled before its POST (was: its earlier accepted request made it count
+    as sent, so the next attempt went out: the input billed a third time)."""
+    hostile.route("POST", rf"/{T2V}", json_reply(_submit_answer(hostile, SECOND)))
+    cancel = rf"/{T2V}/requests/{FIRST}/cancel"
+    hostile.route("PUT", cancel, json_reply({"status": "ALREADY_COMPLETED"}, 400))
+    database_url = engine.url.render_as_string(hide_password=False)
+    rt = _runtime(engine, hostile.url, made, database_url=database_url)
+    batch_id, job_id = _failed_unknown(rt, engine, _owner(live_child.pid), "swan")
+    again = _only_job(engine, rerun_batch(batch_id, failed_only=True, settings=rt.settings).batch_id)
+    assert dispatch(rt) == [again]
+    assert submit(rt, again) == "submitted"
+    with db.session_scope(engine) as session:  # fal failed SECOND: the rerun is to send again, due now
+        assert store.retry_later(session, rt.fence(store.get_job(session, again)), reason="fal: server error")
+
+    late = Accepted(job_id, 1, FIRST, None, None, None, None, running=False, submitted_at=utcnow())
+    assert settle_late_answer(rt, late, T2V) == "adopted"
+    assert hostile.count("PUT", cancel) == 1
+    after = _job(engine, job_id)
+    assert (after.state, after.request_id, after.confirmed_duplicate_charges) == (S.QUEUED, FIRST, 1)
+    cancelled = _job(engine, again)
+    assert (cancelled.state, cancelled.error_type) == (S.CANCELLED, store.REPEAT_NOT_SENT_ERROR)
+    assert dispatch(rt) == []
+    assert hostile.count("POST", rf"/{T2V}") == 1  # SECOND only
+
+
+def test_a_late_answer_of_a_rerun_cancels_the_unsent_sibling_rerun(
+    engine: Engine, hostile: HostileProvider, made: list[Runtime], live_child: subprocess.Popen[bytes]
+) -> None:
+    """The parent's job failed for its unknown outcome, its first rerun's job too; the user ran
+    ``rerun PARENT --failed-only`` again: a sibling rerun of the same job, not sent yet. Then the
+    first rerun's late answer is kept: the sibling is cancelled before its POST (was: only reruns
+    below the first rerun were looked at, so the sibling was sent — the input billed twice, with
+    no duplicate charge said)."""
+    hostile.route("POST", rf"/{T2V}", json_reply(_submit_answer(hostile, SECOND)))
+    database_url = engine.url.render_as_string(hide_password=False)
+    rt = _runtime(engine, hostile.url, made, database_url=database_url)
+    parent, p1 = _failed_unknown(rt, engine, _owner(live_child.pid), "fox")
+    rerun_batch(parent, failed_only=True, settings=rt.settings)
+    (r1,) = dispatch(rt)
+    _post_out_lease_lapsed(engine, r1, _owner(live_child.pid))
+    assert reconcile(rt) == 1
+    assert _job(engine, r1).error_type == "submit_unknown"
+    r2 = _only_job(engine, rerun_batch(parent, failed_only=True, settings=rt.settings).batch_id)
+    assert (_job(engine, r2).rerun_of, _job(engine, r2).state) == (p1, S.PENDING)
+
+    late = Accepted(r1, 1, FIRST, None, None, None, None, running=False, submitted_at=utcnow())
+    assert settle_late_answer(rt, late, T2V) == "adopted"
+    assert (_job(engine, r1).state, _job(engine, r1).confirmed_duplicate_charges) == (S.QUEUED, 0)
+    sibling = _job(engine, r2)
+    assert (sibling.state, sibling.error_type) == (S.CANCELLED, store.REPEAT_NOT_SENT_ERROR)
+    assert dispatch(rt) == []
+    assert hostile.count("POST", rf"/{T2V}") == 0  # the input is billed once: FIRST
+    assert _job(engine, p1).state == S.FAILED  # the job both repeat is left as it was
+
+
+@pytest.mark.parametrize("given_back", [False, True], ids=["claimed", "claimed-then-given-back"])
+def test_a_resend_dropped_for_the_earlier_attempts_late_answer_keeps_its_start_timeout(
+    engine: Engine,
+    hostile: HostileProvider,
+    made: list[Runtime],
+    live_child: subprocess.Popen[bytes],
+    given_back: bool,
+) -> None:
+    """Attempt 1 was sent with a start timeout (a window was open) and its outcome stayed
+    unknown; ``resubmit`` claimed its resend (``given_back``: and gave it back before its POST,
+    as a rate hold does). Attempt 1's late answer comes: the job keeps that request, and the
+    start timeout it was sent with — so, with the schedule removed afterwards, fal's unbilled
+    ``request_timeout`` of it is still no counted failure (was: claiming the resend forgot it)."""
+    url = engine.url.render_as_string(hide_password=False)
+    rt = make_runtime(
+        engine, settings_for(hostile.url, KEY, submit_unknown_policy="resubmit", database_url=url)
+    )
+    made.append(rt)
+    add_batch(engine, "resend-adopted", [(T2V, {"prompt": "a lantern"})])
+    (job_id,) = dispatch(rt)
+    past = utcnow() - timedelta(minutes=5)
+    closes = utcnow() + timedelta(minutes=30)
+    with db.session_scope(engine) as session:  # attempt 1's POST, sent with a start timeout, then frozen
+        job = store.get_job(session, job_id)
+        assert store.update_job_fields(
+            session,
+            job_id,
+            expected_version=job.version,
+            submitted_input=dict(job.input),
+            sent_at=past,
+            start_timeout_at=closes,
+            lease_owner=_owner(live_child.pid),
+            lease_expires_at=past + timedelta(seconds=30),
+        )
+    assert reconcile(rt) == 1
+    with db.session_scope(engine) as session:  # the resend is due now
+        job = store.get_job(session, job_id)
+        assert job.state == S.RETRY_WAIT
+        assert store.update_job_fields(session, job_id, expected_version=job.version, next_attempt_at=None)
+    assert dispatch(rt) == [job_id]  # the resend claimed: submitting, its POST not recorded
+    if given_back:
+        with db.session_scope(engine) as session:
+            assert store.give_back(session, rt.fence(store.get_job(session, job_id)), reason="held back")
+        assert _job(engine, job_id).state == S.PENDING
+
+    late = Accepted(job_id, 1, FIRST, None, None, None, None, running=False, submitted_at=past)
+    assert settle_late_answer(rt, late, T2V) == "adopted"
+    kept = _job(engine, job_id)
+    assert (kept.state, kept.request_id, kept.start_timeout_at) == (S.QUEUED, FIRST, closes)
+    # The batch has no window or deadline (the schedule removed): fal ends FIRST unstarted at `closes`.
+    timed_out = Status(state="COMPLETED", error="Request timed out", error_type="request_timeout")
+    with db.session_scope(engine) as session:
+        assert start_timeout_expired(
+            session, rt.fence(store.get_job(session, job_id)), timed_out, now=utcnow()
+        )
+    requeued = _job(engine, job_id)
+    assert (requeued.state, requeued.counted_attempts) == (S.PENDING, 0)  # not counted, sent again
+    assert hostile.count("POST", rf"/{T2V}") == 0
 
 
 def _events(engine: Engine, job_id: str) -> list[JobEvent]:
