@@ -443,11 +443,21 @@ class Job(Base):
     #: the batch's window end or deadline as of its sending) ends: fal never starts the request
     #: after it, and ends it unstarted (``request_timeout``, not billed). Written with
     #: :attr:`sent_at` by every POST (NULL too), and kept until the next POST: a resend dropped
-    #: for its earlier attempt's proof keeps that attempt's request and timeout. NULL when the
-    #: POST carried none (no window or deadline)
+    #: for its earlier attempt's proof keeps that attempt's request and timeout. A POST given
+    #: back (fal refused it, or it never went out: :func:`jobs.store.give_back`) leaves the
+    #: timeout of the request still possibly at fal — the earlier attempt's, for a resend of an
+    #: unknown submit (:attr:`earlier_start_timeout_at`) — and NULL when there is none. NULL
+    #: when the POST carried none (no window or deadline)
     #: or the job was sent before schema 0030. What a ``request_timeout`` is judged by
     #: (:func:`worker.steps.schedule.start_timeout_expired`), not the batch's schedule now.
     start_timeout_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: The :attr:`start_timeout_at` the job held when its current POST was recorded
+    #: (:func:`jobs.store.record_send`), which that POST replaced: the earlier attempt's, whose
+    #: request may still be at fal when the POST resends a submit whose outcome stayed unknown.
+    #: :func:`jobs.store.give_back` puts it back when fal refuses the POST (429) or it never goes
+    #: out, so a proof of that attempt adopted afterwards (:func:`jobs.store.adopt_before_resend`)
+    #: keeps the timeout it was sent with. Read only then (schema 0031).
+    earlier_start_timeout_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When fal reported the request completed.
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: When the job reached a terminal state here.

@@ -341,19 +341,23 @@ def test_a_late_answer_of_a_rerun_cancels_the_unsent_sibling_rerun(
     assert _job(engine, p1).state == S.FAILED  # the job both repeat is left as it was
 
 
-@pytest.mark.parametrize("given_back", [False, True], ids=["claimed", "claimed-then-given-back"])
+@pytest.mark.parametrize(
+    "given_back", [None, "held", "refused"], ids=["claimed", "claimed-then-given-back", "refused-429"]
+)
 def test_a_resend_dropped_for_the_earlier_attempts_late_answer_keeps_its_start_timeout(
     engine: Engine,
     hostile: HostileProvider,
     made: list[Runtime],
     live_child: subprocess.Popen[bytes],
-    given_back: bool,
+    given_back: str | None,
 ) -> None:
     """Attempt 1 was sent with a start timeout (a window was open) and its outcome stayed
-    unknown; ``resubmit`` claimed its resend (``given_back``: and gave it back before its POST,
-    as a rate hold does). Attempt 1's late answer comes: the job keeps that request, and the
+    unknown; ``resubmit`` claimed its resend (``held``: and gave it back before its POST, as a
+    rate hold does; ``refused``: sent it, carrying no start timeout as the schedule is gone, and
+    fal refused it with 429). Attempt 1's late answer comes: the job keeps that request, and the
     start timeout it was sent with — so, with the schedule removed afterwards, fal's unbilled
-    ``request_timeout`` of it is still no counted failure (was: claiming the resend forgot it)."""
+    ``request_timeout`` of it is still no counted failure (was: claiming the resend forgot it;
+    a resend refused with 429 left the refused POST's, none)."""
     url = engine.url.render_as_string(hide_password=False)
     rt = make_runtime(
         engine, settings_for(hostile.url, KEY, submit_unknown_policy="resubmit", database_url=url)
@@ -381,10 +385,15 @@ def test_a_resend_dropped_for_the_earlier_attempts_late_answer_keeps_its_start_t
         assert job.state == S.RETRY_WAIT
         assert store.update_job_fields(session, job_id, expected_version=job.version, next_attempt_at=None)
     assert dispatch(rt) == [job_id]  # the resend claimed: submitting, its POST not recorded
-    if given_back:
+    if given_back == "held":
         with db.session_scope(engine) as session:
             assert store.give_back(session, rt.fence(store.get_job(session, job_id)), reason="held back")
         assert _job(engine, job_id).state == S.PENDING
+    elif given_back == "refused":
+        hostile.route("POST", rf"/{T2V}", json_reply({"detail": "slow down"}, 429))
+        assert submit(rt, job_id) == "rate-limited"  # its POST recorded, carrying no start timeout
+        refused = _job(engine, job_id)
+        assert (refused.state, refused.sent_at, refused.start_timeout_at) == (S.PENDING, None, closes)
 
     late = Accepted(job_id, 1, FIRST, None, None, None, None, running=False, submitted_at=past)
     assert settle_late_answer(rt, late, T2V) == "adopted"
@@ -398,7 +407,7 @@ def test_a_resend_dropped_for_the_earlier_attempts_late_answer_keeps_its_start_t
         )
     requeued = _job(engine, job_id)
     assert (requeued.state, requeued.counted_attempts) == (S.PENDING, 0)  # not counted, sent again
-    assert hostile.count("POST", rf"/{T2V}") == 0
+    assert hostile.count("POST", rf"/{T2V}") == (1 if given_back == "refused" else 0)
 
 
 def _events(engine: Engine, job_id: str) -> list[JobEvent]:
@@ -407,3 +416,36 @@ def _events(engine: Engine, job_id: str) -> list[JobEvent]:
         for event in events:
             session.expunge(event)
         return events
+
+
+def test_a_refused_post_with_no_request_left_at_fal_keeps_no_start_timeout(
+    engine: Engine, hostile: HostileProvider, made: list[Runtime]
+) -> None:
+    """A first attempt's POST, carrying a start timeout, refused with 429 and given back: no
+    request of the job is at fal, so it has no start timeout (was: the refused POST's stayed)."""
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    made.append(rt)
+    add_batch(engine, "refused-first", [(T2V, {"prompt": "a kite"})])
+    (job_id,) = dispatch(rt)
+    now = utcnow()
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        sent = store.record_send(
+            session,
+            rt.fence(job),
+            now=now,
+            lease_seconds=60,
+            submitted_input=dict(job.input),
+            sent_at=now,
+            api_key_id="k",
+            start_timeout_at=now + timedelta(minutes=30),
+        )
+        assert sent is not None
+        assert store.give_back(session, sent, reason="rate limited by fal")
+    refused = _job(engine, job_id)
+    assert (refused.state, refused.attempts, refused.sent_at, refused.start_timeout_at) == (
+        S.PENDING,
+        0,
+        None,
+        None,
+    )
