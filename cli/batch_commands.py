@@ -680,8 +680,9 @@ def _held_line(report: BatchReport, again: str | None) -> str | None:
     from jobs import batches
 
     words = {"again": again} if again else {}
-    if _held_by_user(report):
-        return batches.paused_line(report["name"], report_ref(report), **words)
+    if _held_by_user(report):  # and when its schedule is closed too, until when (as `status`)
+        closed = batches.paused_schedule_text(report["paused_schedule_state"])
+        return batches.paused_line(report["name"], report_ref(report), **words, closed=closed)
     if batches.outputs_paused(report):
         return batches.outputs_line(report, **words)
     if batches.refused_by_fal(report):

@@ -818,13 +818,15 @@ def _rendered_line(report: BatchReport) -> str:
 
 
 def _pending_line(report: BatchReport) -> str:
-    """Which unfinished rerun repeats the batch's failed or cancelled jobs, and the command that
-    goes on with it: ``rerun --failed-only`` leaves those jobs out, and another rerun of them
-    would pay twice."""
+    """Which unfinished rerun repeats the batch's failed or cancelled jobs, and what finishes
+    it (:func:`jobs.rendered.going_on`: the command, after its window opens when it waits for
+    it): ``rerun --failed-only`` leaves those jobs out, and another rerun of them would pay twice."""
+    from jobs.rendered import going_on  # loaded already: it made the report
+
     reruns = report["rerun_pending"]["reruns"]
     if not reruns:
         return ""
-    parts = [f"{r['jobs']} job(s) are being rerun in {r['name']}: {r['command']} goes on" for r in reruns]
+    parts = [f"{r['jobs']} job(s) are being rerun in {r['name']}: {going_on(r)}" for r in reruns]
     return escape("; ".join(parts))
 
 
@@ -905,9 +907,8 @@ def print_report(report: BatchReport, *, distributed: bool = False) -> None:
     back, counts, progress, money, schedule notes and failure reasons (``distributed``: a broker
     is configured, see :func:`idle_text`)."""
     from jobs.batches import (  # loaded already: they made the report
-        PAUSED_BY_USER,
         SCHEDULE_OVER,
-        paused_schedule_text,
+        schedule_words,
     )
 
     out.print(batch_heading(report))
@@ -924,14 +925,11 @@ def print_report(report: BatchReport, *, distributed: bool = False) -> None:
     say(escape(progress_text(report, distributed=distributed)))
     for line in money_line(report).splitlines():
         say(line)
-    # "schedule: paused by user", "…: waiting for window (opens …)", "…: past deadline: …"
-    schedule = [f"schedule: {report['schedule_state']}"] if report["schedule_state"] else []
-    if report["schedule_state"] == PAUSED_BY_USER:  # work is left, and `resume` lets it go on
-        # ... at once, or once its schedule opens: said now, not learnt after resuming.
-        closed = paused_schedule_text(report["paused_schedule_state"])
-        resume = f"`wanbatch resume {report_ref(report)}` goes on"
-        schedule[-1] += f"; {closed}: {resume} once it opens" if closed else f" ({resume})"
-    elif (
+    # "schedule: paused by user (…)", "…: waiting for window (opens …)", "…: past deadline: …"
+    # (the dashboard's batch page says the same words)
+    words = schedule_words(report["schedule_state"], report["paused_schedule_state"], report_ref(report))
+    schedule = [f"schedule: {words}"] if words else []
+    if (  # paused by its user, but its schedule will never send again: resuming sends nothing
         _paused_by_user(report)
         and report["phase"] != "done"  # finished: nothing is held back, as without a schedule
         and report["schedule_state"].startswith(SCHEDULE_OVER)

@@ -851,6 +851,34 @@ def batch_standing(
     return listing.standing(batch, totals, last_beat, now=now) or (BROKER_UNREACHABLE if broker_down else "")
 
 
+@dataclass(frozen=True, slots=True)
+class Forecast:
+    """A batch's forecast as ``status`` gives it (:func:`batch_forecast`)."""
+
+    #: :func:`batch_standing`: why it does not move now ("" when it does).
+    standing: str
+    #: :func:`jobs.listing.forecast`: the time left, and what the schedule cuts short of it.
+    eta_seconds: float | None
+    eta_note: str | None
+    #: When a process last said it works on the batch (:func:`jobs.listing.heartbeat`).
+    last_beat: datetime | None
+
+
+def batch_forecast(session: Session, batch: Batch, totals: listing.Totals, *, now: datetime) -> Forecast:
+    """The forecast of one batch by ``status``'s rules: :func:`batch_standing` (what holds it
+    back, that nothing processes it, or that the workers cannot reach the broker — asked only of
+    an unfinished batch they would process, not of a simulation) and :func:`jobs.listing.forecast`.
+    ``run``'s progress line (:func:`batch_progress`) and the dashboard's batch page go by it; the
+    page once asked only what holds the batch back, and kept a time left while the workers could
+    not reach the broker, where ``status`` gave none."""
+    done = totals.total > 0 and totals.finished == totals.total
+    beat = listing.heartbeat(session, batch.id, now=now)
+    broker_down = None if done or batch.simulated else listing.broker_down_since(session, now=now)
+    standing = batch_standing(batch, totals, beat, broker_down, now=now)
+    eta, eta_note = listing.forecast(totals, held=standing, schedule=store.batch_schedule(batch), now=now)
+    return Forecast(standing, eta, eta_note, beat)
+
+
 def batch_progress(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchProgress:
     """The part of :func:`batch_report` a progress display needs — state, counts, money, the
     forecast — without the cost report and failure reasons, which cost several aggregates each
@@ -868,12 +896,9 @@ def batch_progress(session: Session, batch_id: str, *, now: datetime | None = No
     finished = sum(counts[s.value] for s in JobState if s.terminal)
     held = listing.held_reason(batch, now=now)
     done = total > 0 and finished == total
-    beat = listing.heartbeat(session, batch.id, now=now)
-    broker_down = None if done or batch.simulated else listing.broker_down_since(session, now=now)
     # status's rule, not only what holds the batch back: no forecast either while nothing
     # processes it (no worker alive, a stopped run) or while the workers cannot reach the broker.
-    standing = batch_standing(batch, totals, beat, broker_down, now=now)
-    eta, eta_note = listing.forecast(totals, held=standing, schedule=schedule, now=now)
+    forecast = batch_forecast(session, batch, totals, now=now)
     shown_schedule = schedule_state(session, batch, finished=done, now=now)
     return {
         "batch": batch.id,
@@ -890,11 +915,11 @@ def batch_progress(session: Session, batch_id: str, *, now: datetime | None = No
         "schedule_state": shown_schedule,
         "paused_schedule_state": paused_schedule_state(shown_schedule, schedule, now),
         "held": held,
-        "standing": standing,
-        "processing": listing.is_processing(beat, now=now),
+        "standing": forecast.standing,
+        "processing": listing.is_processing(forecast.last_beat, now=now),
         "schedule": schedule,
-        "eta_seconds": eta,
-        "eta_note": eta_note,
+        "eta_seconds": forecast.eta_seconds,
+        "eta_note": forecast.eta_note,
     }
 
 
@@ -1016,6 +1041,21 @@ def paused_schedule_state(shown: str, schedule: Schedule, now: datetime) -> str:
 
 #: How :meth:`Schedule.describe` says that the window is closed, and that ``not_before`` is ahead.
 _WAITING_FOR_WINDOW, _WAITING_UNTIL = "waiting for window (", "waiting until "
+
+
+def schedule_words(shown: str, paused_schedule: str, ref: str) -> str:
+    """What follows ``schedule:`` for a batch in ``status`` and on the dashboard's batch page:
+    ``shown`` (its :func:`schedule_state`), and for a batch its user paused how it goes on —
+    "paused by user (`wanbatch resume NAME` goes on)", or while its schedule is closed too
+    (``paused_schedule``: its :func:`paused_schedule_state`) "paused by user; its window is
+    closed (opens 22:00 Europe/Berlin, in 23h57m): `wanbatch resume NAME` goes on once it
+    opens". ``ref``: how to name the batch in a command (:func:`jobs.printable.shell_ref`)."""
+    if shown != PAUSED_BY_USER:  # work is left, and `resume` lets it go on ...
+        return shown
+    # ... at once, or once its schedule opens: said now, not learnt after resuming.
+    closed = paused_schedule_text(paused_schedule)
+    resume = f"`wanbatch resume {ref}` goes on"
+    return f"{shown}; {closed}: {resume} once it opens" if closed else f"{shown} ({resume})"
 
 
 def paused_schedule_text(paused_schedule: str) -> str:
@@ -1279,7 +1319,7 @@ class _Reads(Protocol):
         self, batch: Batch, now: datetime, gone: Callable[[str], bool] | None
     ) -> list[listing.DeadHolder]: ...
     def failures(self, batch: Batch) -> list[store.FailureGroup]: ...
-    def covered(self, batch: Batch) -> Covered: ...
+    def covered(self, batch: Batch, now: datetime) -> Covered: ...
 
 
 class _OneBatch:
@@ -1328,8 +1368,8 @@ class _OneBatch:
     def failures(self, batch: Batch) -> list[store.FailureGroup]:
         return store.failure_reasons(self.session, batch.id)
 
-    def covered(self, batch: Batch) -> Covered:
-        return rerun_covered(self.session, batch)
+    def covered(self, batch: Batch, now: datetime) -> Covered:
+        return rerun_covered(self.session, batch, now=now)
 
 
 class _AllBatches:
@@ -1417,8 +1457,8 @@ class _AllBatches:
         found = self._once("failures", lambda: store.failure_reasons_of_batches(self.session, self.ids))
         return cast(list[store.FailureGroup], found.get(batch.id, []))
 
-    def covered(self, batch: Batch) -> Covered:
-        found = self._once("covered", lambda: rerun_covered_of_batches(self.session, self.batches))
+    def covered(self, batch: Batch, now: datetime) -> Covered:
+        found = self._once("covered", lambda: rerun_covered_of_batches(self.session, self.batches, now=now))
         return cast(Covered, found[batch.id])
 
 
@@ -1499,7 +1539,7 @@ def _report(
     eta, eta_note = listing.forecast(totals, held=held, schedule=schedule, now=now)
     fal_holds = [] if done else reads.fal_holds(batch, now, gone)
     dead = [] if done else reads.dead_holders(batch, now, gone)
-    covered = reads.covered(batch)
+    covered = reads.covered(batch, now)
     return {
         "batch": batch.id,
         "name": batch.name,
@@ -1637,11 +1677,15 @@ def ends_without_fal(session: Session, batch: Batch, now: datetime) -> bool:
 RUN_AGAIN = "run this command again"
 
 
-def paused_line(name: str, ref: str, again: str = RUN_AGAIN) -> str:
-    """What a ``run`` says of a batch its user paused: paused, and how to go on."""
+def paused_line(name: str, ref: str, again: str = RUN_AGAIN, *, closed: str = "") -> str:
+    """What a ``run`` says of a batch its user paused: paused, and how to go on. ``closed``:
+    :func:`paused_schedule_text`, when its schedule is closed too ("its window is closed (opens
+    22:00 Europe/Berlin, in 23h57m)"), said as ``status`` says it: resuming sends nothing
+    before then, and a user learnt that only after resuming."""
+    schedule = f"; {closed}" if closed else ""
     return (
-        f"batch {name} is paused (`wanbatch pause`): nothing of it is sent until "
-        f"`wanbatch resume {ref}`; then {again} to go on"
+        f"batch {name} is paused (`wanbatch pause`){schedule}: nothing of it is sent until "
+        f"`wanbatch resume {ref}`{' and its schedule opens' if closed else ''}; then {again} to go on"
     )
 
 
@@ -1881,7 +1925,9 @@ def refuse_paused(session: Session, batch: Batch) -> None:
     if paused_collecting(session, batch):
         return
     if store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id):
-        raise UsageError(paused_line(batch.name, shell_ref(batch.name, batch.id)))
+        now = utcnow()
+        closed = paused_schedule_text(paused_schedule_state(PAUSED_BY_USER, store.batch_schedule(batch), now))
+        raise UsageError(paused_line(batch.name, shell_ref(batch.name, batch.id), closed=closed))
 
 
 def paused_collecting(session: Session, batch: Batch) -> int:
@@ -2230,8 +2276,8 @@ def rerun_batch(
             raise NothingToRerun(_nothing_to_rerun(session, parent, failed_only))
         covered = Coverage()
         if failed_only and not pay_again:
-            rows, covered = _not_covered(session, parent, rows, simulated=simulated)
-            if send_now and (waiting := _waiting_reruns(session, covered, utcnow())):
+            rows, covered = _not_covered(session, parent, rows, simulated=simulated, now=utcnow())
+            if send_now and (waiting := _waiting_reruns(covered)):
                 raise UsageError(_not_sent_now(parent, waiting, simulated=simulated))
             if not rows:
                 raise NothingToRerun(_all_covered(parent, covered))
@@ -2309,12 +2355,13 @@ class Coverage:
 
 
 def _not_covered(
-    session: Session, parent: Batch, rows: list[store.NewJob], *, simulated: bool
+    session: Session, parent: Batch, rows: list[store.NewJob], *, simulated: bool, now: datetime
 ) -> tuple[list[store.NewJob], Coverage]:
     """The rerun's jobs without those an earlier rerun of ``parent`` (of this kind: a simulation
     or a batch for fal) already rendered, or still renders, with the same input, and the reruns
-    holding those: a rerun stored twice before either ran would pay twice."""
-    found = by_input(renders(session, parent.id, simulated=simulated))
+    holding those: a rerun stored twice before either ran would pay twice. ``now``: for how long
+    the schedule of an unfinished one holds it back (:attr:`RerunBeing.waits`)."""
+    found = by_input(renders(session, parent.id, simulated=simulated, now=now))
     if not found:
         return rows, Coverage()
     kept: list[store.NewJob] = []
@@ -2352,18 +2399,12 @@ def _all_covered(parent: Batch, covered: Coverage) -> str:
     return f"nothing to rerun: {why}; no batch was created (--pay-again renders and pays for them again)"
 
 
-def _waiting_reruns(session: Session, covered: Coverage, now: datetime) -> list[tuple[RerunBeing, str]]:
+def _waiting_reruns(covered: Coverage) -> list[tuple[RerunBeing, str]]:
     """The unfinished reruns among ``covered`` that wait for their schedule (a closed window, or
-    ``not_before`` ahead), each with how long, in words (``waits for its window (opens 22:00
-    Europe/Berlin, in 15h)``, ``waits until 2026-12-05 22:00 +01:00 (in 5h)``)."""
-    waiting = []
-    for rerun in covered.pending:
-        shown = store.batch_schedule(store.get_batch(session, rerun["batch"])).describe(now)
-        if shown.startswith(_WAITING_FOR_WINDOW):
-            waiting.append((rerun, "waits for its window (" + shown.removeprefix(_WAITING_FOR_WINDOW)))
-        elif shown.startswith(_WAITING_UNTIL):
-            waiting.append((rerun, "waits until " + shown.removeprefix(_WAITING_UNTIL)))
-    return waiting
+    ``not_before`` ahead), each with how long, in words (:attr:`RerunBeing.waits`: ``waits for
+    its window (opens 22:00 Europe/Berlin, in 15h)``, ``waits until 2026-12-05 22:00 +01:00 (in
+    5h)``)."""
+    return [(rerun, rerun["waits"]) for rerun in covered.pending if rerun["waits"]]
 
 
 def _not_sent_now(parent: Batch, waiting: list[tuple[RerunBeing, str]], *, simulated: bool) -> str:

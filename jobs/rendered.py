@@ -27,15 +27,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypedDict
 
 from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.manifest.keys import stored_content_key
-from jobs.models import Batch, Job
+from jobs.models import Batch, Job, utcnow
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
 from jobs.printable import shell_ref
+from jobs.schedule import Schedule
 from jobs.states import JobState
 
 #: The ``error_type`` of jobs a batch's schedule cancelled: its deadline, or a window's end that
@@ -64,6 +66,10 @@ class RerunBeing(TypedDict):
     #: ``wanbatch run NAME`` (``--simulate`` for a simulation; after ``wanbatch resume NAME``
     #: when ``wanbatch pause`` paused it).
     command: str
+    #: While its schedule is closed (a rerun keeps its parent's window), until when:
+    #: ``waits for its window (opens 22:00 Europe/Berlin, in 23h57m)`` (:meth:`Schedule.waits`);
+    #: ``""`` when it may send now. Nothing of it is sent before then, whatever runs it.
+    waits: str
 
 
 class RerunRendered(TypedDict):
@@ -110,6 +116,9 @@ class Render:
     unfinished: bool = False
     #: The command that goes on with its batch (only for an unfinished repeat).
     command: str = ""
+    #: Until when its batch's schedule holds it back (only for an unfinished repeat):
+    #: :attr:`RerunBeing.waits`.
+    waits: str = ""
 
 
 def rerun_input(stored: Mapping[str, Any], seed: int | None) -> dict[str, Any]:
@@ -136,18 +145,23 @@ def go_on_command(name: str, batch_id: str, *, simulated: bool, paused: bool) ->
     return f"`wanbatch resume {ref}`, then {run}" if paused else run
 
 
-def renders(session: Session, batch_id: str, *, simulated: bool) -> dict[str, list[Render]]:
+def renders(
+    session: Session, batch_id: str, *, simulated: bool, now: datetime | None = None
+) -> dict[str, list[Render]]:
     """The batch's failed or cancelled jobs (by id) → the succeeded and the still unfinished
     repeats of them in its reruns of that kind (``simulated``), oldest rerun first; jobs neither
-    rendered nor being rerun are left out."""
-    return _renders(store.rerun_repeats(session, batch_id, RERUN_FAILED_STATES), simulated=simulated)
+    rendered nor being rerun are left out. ``now``: for how long an unfinished rerun's
+    schedule holds it back (:attr:`Render.waits`)."""
+    rows = store.rerun_repeats(session, batch_id, RERUN_FAILED_STATES)
+    return _renders(rows, simulated=simulated, now=now or utcnow())
 
 
-def _renders(rows: Iterable[store.RerunRepeat], *, simulated: bool) -> dict[str, list[Render]]:
+def _renders(rows: Iterable[store.RerunRepeat], *, simulated: bool, now: datetime) -> dict[str, list[Render]]:
     """:func:`renders` from a batch's :func:`jobs.store.rerun_repeats` rows."""
     origin: dict[str, str] = {}  # a repeat's id → the batch's job it repeats, however many generations
     found: dict[str, list[Render]] = {}
     ranks: dict[str, int] = {}
+    waits: dict[str, str] = {}  # a rerun batch's id → its Schedule.waits, read once per batch
     for row in rows:
         root = origin.get(row.rerun_of, row.rerun_of)
         origin[row.job_id] = root
@@ -160,9 +174,12 @@ def _renders(rows: Iterable[store.RerunRepeat], *, simulated: bool) -> dict[str,
             if unfinished
             else ""
         )
+        if unfinished and row.batch_id not in waits:
+            waits[row.batch_id] = Schedule.from_json(row.batch_schedule).waits(now)
+        waiting = waits.get(row.batch_id, "") if unfinished else ""
         key = stored_content_key(row.endpoint, row.input, row.source_files)
         found.setdefault(root, []).append(
-            Render(row.batch_id, row.batch_name, row.input, key, rank, unfinished, command)
+            Render(row.batch_id, row.batch_name, row.input, key, rank, unfinished, command, waiting)
         )
     return found
 
@@ -204,11 +221,18 @@ def tally(renders_: Iterable[Render]) -> list[RenderedBy]:
 
 
 def tally_being(renders_: Iterable[Render]) -> list[RerunBeing]:
-    """:func:`tally` of unfinished repeats, each rerun with the command that goes on with it."""
+    """:func:`tally` of unfinished repeats, each rerun with the command that goes on with it
+    and until when its schedule holds it back."""
     shown = list(renders_)
-    commands = {r.batch_id: r.command for r in shown}
+    of_batch = {r.batch_id: r for r in shown}
     return [
-        RerunBeing(batch=e["batch"], name=e["name"], jobs=e["jobs"], command=commands[e["batch"]])
+        RerunBeing(
+            batch=e["batch"],
+            name=e["name"],
+            jobs=e["jobs"],
+            command=of_batch[e["batch"]].command,
+            waits=of_batch[e["batch"]].waits,
+        )
         for e in tally(shown)
     ]
 
@@ -221,22 +245,25 @@ class Covered:
     pending: RerunPending
 
 
-def rerun_covered(session: Session, batch: Batch) -> Covered:
+def rerun_covered(session: Session, batch: Batch, *, now: datetime | None = None) -> Covered:
     """The batch's failed or cancelled jobs a rerun already rendered, and those an unfinished
     rerun is rendering (as ``rerun --failed-only`` would find them): ``status`` names those
-    reruns instead of advising to rerun the jobs again."""
-    found = by_input(renders(session, batch.id, simulated=batch.simulated))
+    reruns instead of advising to rerun the jobs again (``now``: for :attr:`RerunBeing.waits`)."""
+    found = by_input(renders(session, batch.id, simulated=batch.simulated, now=now))
     if not found:  # no rerun, or none covers any of them: the batch's jobs are not even read
         return _covered(found, ())
     return _covered(found, store.jobs_of_batch(session, batch.id, states=RERUN_FAILED_STATES))
 
 
-def rerun_covered_of_batches(session: Session, batches: Sequence[Batch]) -> dict[str, Covered]:
+def rerun_covered_of_batches(
+    session: Session, batches: Sequence[Batch], *, now: datetime | None = None
+) -> dict[str, Covered]:
     """:func:`rerun_covered` of each of ``batches`` (by id), in a few queries however many
     batches there are (:func:`jobs.store.rerun_repeats_of_batches`, then the failed or
     cancelled jobs of the batches a rerun covers, in one query)."""
     repeats = store.rerun_repeats_of_batches(session, [b.id for b in batches], RERUN_FAILED_STATES)
-    found = {b.id: by_input(_renders(repeats.get(b.id, ()), simulated=b.simulated)) for b in batches}
+    now = now or utcnow()
+    found = {b.id: by_input(_renders(repeats.get(b.id, ()), simulated=b.simulated, now=now)) for b in batches}
     jobs: dict[str, list[Job]] = {}
     for job in store.jobs_of_batches(session, [i for i, f in found.items() if f], RERUN_FAILED_STATES):
         jobs.setdefault(job.batch_id, []).append(job)
@@ -285,14 +312,23 @@ def reruns_text(reruns: Iterable[RenderedBy]) -> str:
     return f"{names} (`wanbatch export {shell_ref(first['name'], first['batch'])}` lists their videos)"
 
 
+def going_on(rerun: RerunBeing) -> str:
+    """What finishes an unfinished rerun, as ``status``, ``rerun`` and the dashboard say it:
+    ``"`wanbatch run sweep-rerun-1` goes on"``, or while its schedule holds it back (it kept its
+    parent's window, closed now), until when first: ``"it waits for its window (opens 22:00
+    Europe/Berlin, in 23h57m); then `wanbatch run sweep-rerun-1` sends them"`` — "goes on" said
+    of a rerun that sends nothing for hours was a promise nothing keeps."""
+    if not rerun["waits"]:
+        return f"{rerun['command']} goes on"
+    return f"it {rerun['waits']}; then {rerun['command']} sends them"
+
+
 def being_text(reruns: Iterable[RerunBeing]) -> str:
     """``sweep-rerun-1 (`wanbatch run sweep-rerun-1` goes on)``, or for several
     ``sweep-rerun-1 (2 jobs; `wanbatch run sweep-rerun-1` goes on) and …``: where the jobs are
-    being rerun, and what finishes each rerun."""
+    being rerun, and what finishes each rerun (:func:`going_on`)."""
     shown = list(reruns)
     if len(shown) == 1:
-        return f"{shown[0]['name']} ({shown[0]['command']} goes on)"
-    parts = [
-        f"{r['name']} ({r['jobs']} job{'' if r['jobs'] == 1 else 's'}; {r['command']} goes on)" for r in shown
-    ]
+        return f"{shown[0]['name']} ({going_on(shown[0])})"
+    parts = [f"{r['name']} ({r['jobs']} job{'' if r['jobs'] == 1 else 's'}; {going_on(r)})" for r in shown]
     return ", ".join(parts[:-1]) + " and " + parts[-1]

@@ -310,16 +310,39 @@ class Schedule:
             if self.deadline is not None and close == self.deadline:
                 return f"open until the deadline {self.stamp(close)} (in {left})"
             return f"open until {self._clock(close)} (in {left})"
-        opens = self.next_open(now)
-        if opens is None and self.deadline is None:  # only an instant out of range gets here
+        opening = self._opening(now)
+        if opening is None and self.deadline is None:  # only an instant out of range gets here
             return "closed: its window never opens"
-        if opens is None:
+        if opening is None:
             assert self.deadline is not None
             return f"closed: nothing opens before the deadline {self.stamp(self.deadline)}"
+        until, when = opening
+        return f"waiting until {when}" if until else f"waiting for window ({when})"
+
+    def waits(self, now: datetime) -> str:
+        """While closed and due to open again, until when, in :meth:`describe`'s words about
+        something that waits for it: ``"waits for its window (opens 22:00 Europe/Berlin, in
+        23h57m)"``, ``"waits until 2026-12-05 22:00 +01:00 (in 5h)"`` for a ``not_before``
+        ahead; ``""`` when open, empty, or never opening again (its deadline)."""
+        if self.is_empty() or self.past_deadline(now) or self.is_open(now):
+            return ""
+        opening = self._opening(now)
+        if opening is None:
+            return ""
+        until, when = opening
+        return f"waits until {when}" if until else f"waits for its window ({when})"
+
+    def _opening(self, now: datetime) -> tuple[bool, str] | None:
+        """When a closed schedule next opens, in words: ``(True, "2026-12-05 22:00 +01:00 (in
+        5h)")`` when ``not_before`` is what it waits for, else ``(False, "opens 22:00
+        Europe/Berlin, in 23h57m")`` (its window); None when it never opens again."""
+        opens = self.next_open(now)
+        if opens is None:
+            return None
         left = format_duration((opens - now).total_seconds())
         if self.not_before is not None and opens == self.not_before:
-            return f"waiting until {self.stamp(opens)} (in {left})"
-        return f"waiting for window (opens {self._clock(opens)}, in {left})"
+            return True, f"{self.stamp(opens)} (in {left})"
+        return False, f"opens {self._clock(opens)}, in {left}"
 
     def as_json(self) -> dict[str, Any]:
         """The stored form (a batch's ``schedule`` column): ISO instants, ``"22:00-06:00"``."""

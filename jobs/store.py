@@ -4349,6 +4349,9 @@ class RerunRepeat:
     batch_cancelled: bool = False
     #: Its batch was paused by ``wanbatch pause``: nothing of it is sent until ``resume``.
     batch_paused: bool = False
+    #: Its batch's schedule (:attr:`Batch.schedule`, as stored): a rerun keeps its parent's
+    #: window, and while that is closed nothing of it is sent (``status`` says until when).
+    batch_schedule: dict[str, Any] | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -4369,12 +4372,13 @@ _REPEAT_COLUMNS = (
     Job.source_files,
     Batch.state,
     Batch.paused_by_user,
+    Batch.schedule,
 )
 
 
 def _repeat(row: Any) -> RerunRepeat:
     """A row of :data:`_REPEAT_COLUMNS` as a :class:`RerunRepeat`."""
-    job_id, of, batch, name, simulated, state, data, endpoint, sources, batch_state, paused = row
+    job_id, of, batch, name, simulated, state, data, endpoint, sources, batch_state, paused, schedule = row
     return RerunRepeat(
         job_id,
         of,
@@ -4387,6 +4391,7 @@ def _repeat(row: Any) -> RerunRepeat:
         dict(sources) if isinstance(sources, dict) else None,
         batch_cancelled=batch_state == BatchState.CANCELLED,
         batch_paused=bool(paused),
+        batch_schedule=dict(schedule) if isinstance(schedule, dict) else None,
     )
 
 

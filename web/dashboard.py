@@ -51,7 +51,7 @@ from jobs.models import Batch, BatchState, utcnow
 from jobs.money import usd_text
 from jobs.printable import one_line, shell_ref
 from jobs.processes import owner_gone
-from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, rerun_covered
+from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, going_on, rerun_covered
 from jobs.settings import Settings
 from jobs.states import JobState
 from jobs.url_secrets import mask_urls
@@ -199,7 +199,15 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(usd=usd, duration=duration, ago=ago, number=number, rate=rate, media_text=media_text)
+    env.filters.update(
+        usd=usd,
+        duration=duration,
+        ago=ago,
+        number=number,
+        rate=rate,
+        media_text=media_text,
+        going_on=going_on,
+    )
     env.globals.update(
         percent=percent, share=share, STATE_ORDER=[s.value for s in STATE_ORDER], static=_static_url()
     )
@@ -398,11 +406,11 @@ class Dashboard:
                 last=wanted.last,
                 limit=wanted.per_page,
             )
-            pace = listing.pace(
-                totals,
-                held=listing.standing(batch, totals, listing.heartbeat(session, batch.id, now=now), now=now),
-                now=now,
-            )
+            # The forecast `status` and `run` give, by their rules (jobs.batches.batch_forecast):
+            # what holds the batch back, that nothing processes it, or that the workers cannot
+            # reach the broker; the time left and what the schedule cuts short of it.
+            forecast = batches.batch_forecast(session, batch, totals, now=now)
+            pace = listing.pace(totals, held=forecast.standing, now=now)  # its jobs per minute
             failures = store.failure_reasons(session, batch.id)
             # Processes that cannot connect to fal hold their submits: which, since when (as
             # `status` says; a hold left by a process of this host that has ended is not shown).
@@ -411,8 +419,15 @@ class Dashboard:
                 if _finished(totals)
                 else listing.fal_holds(session, batch.id, now=now, simulated=batch.simulated, gone=owner_gone)
             )
-            rerun = RerunOffer.of(session, batch, totals)
+            rerun = RerunOffer.of(session, batch, totals, now=now)
             shown_schedule = batches.schedule_state(session, batch, finished=_finished(totals), now=now)
+            # `status`'s words after "schedule:": for a batch its user paused, how it goes on, and
+            # until when its window is closed too.
+            schedule_words = batches.schedule_words(
+                shown_schedule,
+                batches.paused_schedule_state(shown_schedule, store.batch_schedule(batch), now),
+                shell_ref(batch.name, batch.id),
+            )
             # What `status` reads as the batch's state, decided where it decides it.
             phase, phase_reason = batches.batch_phase(
                 state=batch.state,
@@ -427,8 +442,9 @@ class Dashboard:
                 "summary": summary,
                 "totals": totals,
                 "pace": pace,
-                "eta_note": listing.eta_beyond_schedule(store.batch_schedule(batch), pace.eta_seconds, now),
+                "forecast": forecast,
                 "schedule_state": shown_schedule,
+                "schedule_words": schedule_words,
                 "phase": phase,
                 "phase_reason": phase_reason,
                 "deadline_advice": _deadline_advice(batch, totals) if phase == "deadline" else "",
@@ -701,11 +717,11 @@ class RerunOffer:
     pending: list[RerunBeing] = field(default_factory=list)
 
     @classmethod
-    def of(cls, session: Session, batch: Batch, totals: listing.Totals) -> RerunOffer:
+    def of(cls, session: Session, batch: Batch, totals: listing.Totals, *, now: datetime) -> RerunOffer:
         failed = sum(totals.counts[s.value] for s in RERUN_FAILED_STATES)
         if not failed:  # nothing to rerun: the reruns are not even looked up
             return cls()
-        covered = rerun_covered(session, batch)
+        covered = rerun_covered(session, batch, now=now)
         rendered: list[RenderedBy] = covered.rendered["reruns"]
         return cls(
             failed=failed,

@@ -1,0 +1,139 @@
+"""The batch page says what ``wanbatch status`` says of a batch's schedule and forecast.
+
+The page worked out its own forecast (what holds the batch back, without the broker) and its
+own words for a rerun and a pause, and so disagreed with ``status`` and ``run``:
+
+* of the jobs an unfinished rerun repeats it said "`wanbatch run NAME-rerun-1` goes on" while
+  that rerun waited hours for its window;
+* of a batch its user paused whose window is closed too it said only "paused by user";
+* while the workers could not reach the broker it kept a time left, where ``status`` gave none.
+
+Each is now read from the one place ``status`` reads it (:func:`jobs.batches.batch_forecast`,
+:func:`jobs.batches.schedule_words`, :func:`jobs.rendered.going_on`), and compared with what
+``status`` prints at the same instant.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, time, timedelta
+from html import unescape as html_text
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+import web.dashboard
+from cli.output import _pending_line, report_ref
+from jobs import batches, db, store
+from jobs.db import session_factory
+from jobs.models import EVERY_BATCH, utcnow
+from jobs.schedule import Schedule
+from tests.web.web_helpers import HTML, JSON, TOKEN, app_for, client, logged_in, mixed_batch, settings_for
+
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def frozen(monkeypatch: pytest.MonkeyPatch) -> datetime:
+    """One ``now`` for the page and for ``status`` (the countdowns are then the same)."""
+    now = utcnow()
+    monkeypatch.setattr(web.dashboard, "utcnow", lambda: now)
+    monkeypatch.setattr(batches, "utcnow", lambda: now)
+    return now
+
+
+def _closed_window(now: datetime) -> Schedule:
+    """A daily window that opens two hours after ``now``, in UTC."""
+    opens = (now + timedelta(hours=2)).time().replace(second=0, microsecond=0)
+    return Schedule(window=(opens, time((opens.hour + 3) % 24, opens.minute)), timezone="UTC")
+
+
+#: Where the page says it: the rerun's line, the "In flight" card's schedule line, the ETA.
+RERUN, SCHEDULE, ETA = (
+    r'data-testid="rerun-pending">(.*?)</p>',
+    r'<div class="meta">\s*((?:schedule:|no schedule).*?)</div>',
+    r'<div class="meta">\s*(ETA.*?)</div>',
+)
+
+
+def _said(html: str, where: str) -> str:
+    """The text the page says ``where`` (a pattern: its group), on one line."""
+    found = re.search(where, html, re.S)
+    assert found is not None, where
+    return " ".join(html_text(re.sub(r"<[^>]*>", "", found.group(1))).split())
+
+
+def _report(engine: Engine, batch_id: str, now: datetime) -> batches.BatchReport:
+    with db.read_scope(engine) as session:
+        return batches.batch_report(session, batch_id, now=now)
+
+
+def test_a_rerun_waiting_for_its_window_is_said_to_wait(
+    sqlite_engine: Engine, output_dir: Path, frozen: datetime
+) -> None:
+    with session_factory(sqlite_engine)() as session:
+        mixed = mixed_batch(session)
+    browser = logged_in(client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))))
+    page = f"/batches/{mixed.batch.id}"
+    rerun = browser.post(f"{page}/rerun-failed", headers={**BEARER, **JSON}).json()
+    assert (rerun["name"], rerun["total"]) == ("mixed-rerun-1", 6)
+    with db.session_scope(sqlite_engine) as session:  # it kept its parent's window, closed now
+        store.set_batch_schedule(session, rerun["batch"], _closed_window(frozen), "normal")
+
+    shown = _said(browser.get(page, headers=HTML).text, RERUN)
+
+    assert re.fullmatch(
+        r"6 job\(s\) are being rerun in mixed-rerun-1: it waits for its window \(opens \d\d:\d\d UTC, "
+        r"in [0-9hm]+\); then `wanbatch run mixed-rerun-1` sends them",
+        shown,
+    ), shown
+    assert shown == _pending_line(_report(sqlite_engine, mixed.batch.id, frozen))  # status's words
+
+
+def test_a_paused_batch_whose_window_is_closed_says_until_when(
+    sqlite_engine: Engine, output_dir: Path, frozen: datetime
+) -> None:
+    with session_factory(sqlite_engine)() as session:
+        mixed = mixed_batch(session)
+        store.set_batch_schedule(session, mixed.batch.id, _closed_window(frozen), "normal")
+        store.set_paused_by_user(session, mixed.batch.id, True)
+        session.commit()
+    browser = logged_in(client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))))
+
+    shown = _said(browser.get(f"/batches/{mixed.batch.id}", headers=HTML).text, SCHEDULE)
+
+    assert re.match(
+        r"schedule: paused by user; its window is closed \(opens \d\d:\d\d UTC, in [0-9hm]+\): "
+        r"`wanbatch resume mixed` goes on once it opens",
+        shown,
+    ), shown
+    report = _report(sqlite_engine, mixed.batch.id, frozen)
+    said = batches.schedule_words(
+        report["schedule_state"], report["paused_schedule_state"], report_ref(report)
+    )
+    assert shown == f"schedule: {said} · priority normal", (shown, said)  # status's words
+
+
+def test_no_time_left_while_the_workers_cannot_reach_the_broker(
+    sqlite_engine: Engine, output_dir: Path, frozen: datetime
+) -> None:
+    with session_factory(sqlite_engine)() as work:
+        mixed = mixed_batch(work)
+    browser = logged_in(client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))))
+    page = f"/batches/{mixed.batch.id}"
+    before = _said(browser.get(page, headers=HTML).text, ETA)
+    assert _report(sqlite_engine, mixed.batch.id, frozen)["eta_seconds"] is not None
+    assert not before.startswith("ETA none"), before  # it moves: a time left, as status gives
+
+    with session_factory(sqlite_engine)() as work:  # the workers' leader cannot reach the broker
+        store.record_heartbeat(
+            work, "worker-1:7:", [EVERY_BATCH], frozen, broker_down_since=frozen - timedelta(minutes=1)
+        )
+        work.commit()
+    report = _report(sqlite_engine, mixed.batch.id, frozen)
+    assert report["eta_seconds"] is None  # status: no forecast
+
+    after = _said(browser.get(page, headers=HTML).text, ETA)
+
+    assert after == f"ETA none — {batches.BROKER_UNREACHABLE}", after
