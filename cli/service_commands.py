@@ -39,6 +39,37 @@ class _Count(click.IntRange):
     name = "integer"
 
 
+#: What a node name may not hold: white space and control characters (it names the worker's
+#: reply queue on the broker and stands in every line that names the worker).
+_NOT_IN_NODE_NAME = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
+def node_name(value: str | None) -> str:
+    """``--name``'s value as Celery's ``--hostname`` makes it: ``NAME@HOST`` with ``%h`` (this
+    host's name), ``%n`` (its first label) and ``%d`` (its domain) expanded; a value without ``@``
+    is the host part. The name part defaults to ``wanbatch-PID`` (this process's id, which
+    ``status`` and the leases name too, ``host:pid:``) where Celery's is ``celery``: two workers on
+    one host then never share a node name (``celery@HOST`` for both: Celery warns of the duplicate
+    whenever they are pinged, and their log lines, Flower and ``celery inspect`` cannot tell them
+    apart). A bad value is a usage error (exit 2)."""
+    from celery.utils.nodenames import host_format, nodesplit
+
+    if value is not None and (not value.strip() or _NOT_IN_NODE_NAME.search(value)):
+        raise click.BadParameter("a node name is NAME@HOST, without spaces or control characters")
+    name, host = nodesplit(value or "")
+    try:
+        expanded: str = host_format(f"{name or f'wanbatch-{os.getpid()}'}@{host or socket.gethostname()}")
+    except ValueError:  # an abbreviation Celery does not know (%x)
+        raise click.BadParameter(f"{value!r}: unknown %-abbreviation (known: %h, %n, %d)") from None
+    if _NOT_IN_NODE_NAME.search(expanded) or expanded.startswith("@") or expanded.endswith("@"):
+        raise click.BadParameter("a node name is NAME@HOST, both parts not empty")
+    return expanded
+
+
+def _node_name_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    return node_name(value)
+
+
 @click.command()
 @click.option(
     "--concurrency",
@@ -59,7 +90,18 @@ class _Count(click.IntRange):
     show_default=True,
     help="Celery pool: threads (tasks on threads of this process) or prefork (child processes).",
 )
-def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
+@click.option(
+    "--name",
+    "-n",
+    "node_name",
+    metavar="NAME@HOST",
+    default=None,
+    callback=_node_name_option,
+    help="This worker's Celery node name, unique per worker (Celery's --hostname: %h is the host "
+    "name, %n its first label, %d its domain; a value without @ is the host part). "
+    "Default: wanbatch-PID@HOST.",
+)
+def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) -> None:
     """Start a distributed worker (Celery) against WANBATCH_BROKER_URL and WANBATCH_DATABASE_URL.
 
     Every worker also runs the periodic tick (dispatch, status checks, reconciliation); a
@@ -87,7 +129,9 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
         from jobs import db
         from jobs.errors import ConfigError
         from jobs.settings import get_settings
+        from worker.logs import celery_logs_through_ours, timestamp_text_lines
 
+        timestamp_text_lines()  # a worker's log is read hours later: every line says when
         settings = get_settings()
         if not settings.broker_url:
             raise ConfigError(
@@ -149,10 +193,10 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
             while ticker:
                 ticker.pop().shutdown()
 
-        if settings.log_format == "json":
-            from worker.logs import celery_console_as_json
+        from worker.logs import celery_console_as_log_lines
 
-            celery_console_as_json()  # its shutdown notices too: one JSON object per line
+        celery_logs_through_ours()  # its task and multiprocessing loggers: our format, our handler
+        celery_console_as_log_lines(settings.log_format)  # its shutdown notices too: log lines
         asked_to_stop: list[str] = []
 
         @worker_shutting_down.connect(weak=False)
@@ -163,7 +207,12 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
         streams = sys.stdout, sys.stderr  # Celery makes them log records ("celery.redirected")
         try:
             run_worker(
-                app, pool=pool.lower(), concurrency=concurrency, loglevel=loglevel.upper(), quiet=quiet
+                app,
+                pool=pool.lower(),
+                concurrency=concurrency,
+                loglevel=loglevel.upper(),
+                quiet=quiet,
+                hostname=node_name,
             )
         finally:
             _stop_ticker()  # however the worker ended (worker_shutdown did it already, as a rule)

@@ -59,6 +59,29 @@ def control_character(text: str) -> str | None:
 QUOTED_CHARS = 60
 
 
+#: A doubled full stop that ends a sentence (``refused.. Start it``, ``refused..`` at the end): not
+#: part of an ellipsis (``...``), nor a path's parent (``/srv/..``) or a lone ``..``.
+_DOUBLED_STOP = re.compile(r"(?<![.\s/\\])\.\.(?=\s|$)")
+
+
+def clause(text: str) -> str:
+    """``text`` without the full stop that ends it, for a message that goes on after it: a
+    client's error (``Error 111 connecting to 127.0.0.1:1. Connection refused.``) quoted before
+    ``. Start it…`` made ``refused.. Start it``. An ellipsis (``...``, ``…``) stays as it is."""
+    text = text.rstrip()
+    if text.endswith(".") and not text.endswith(".."):
+        return text[:-1]
+    return text
+
+
+def single_stops(text: str) -> str:
+    """``text`` with each doubled full stop that ends a sentence made one (``refused.. Start`` →
+    ``refused. Start``), wherever text quoted in it met a stop of its own; ellipses (``...``) and
+    paths (``/srv/..``) stay as they are. The last line behind :func:`clause`, for messages that
+    quote others' words (``doctor``'s)."""
+    return _DOUBLED_STOP.sub(".", text)
+
+
 def shortened(text: str, limit: int = QUOTED_CHARS) -> str:
     """``text`` cut to its first ``limit`` characters and "…" when longer, with its length said:
     a 5,000-character value quoted whole made its one-line error 5,000 characters long.

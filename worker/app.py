@@ -99,8 +99,19 @@ def get_app(settings: BrokerSettings) -> Celery:
     return _app_for(settings.broker_url)
 
 
-def run_worker(app: Celery, *, pool: str, concurrency: int | None, loglevel: str, quiet: bool) -> int:
+def run_worker(
+    app: Celery,
+    *,
+    pool: str,
+    concurrency: int | None,
+    loglevel: str,
+    quiet: bool,
+    hostname: str | None = None,
+) -> int:
     """Run a Celery worker consuming :data:`QUEUE` until it stops; its exit code.
+
+    ``hostname`` is its node name (``celery worker --hostname``, expanded already:
+    :func:`cli.service_commands.node_name`); None: Celery's default, ``celery@HOST``.
 
     What ``celery worker -Q wanbatch --without-gossip --without-mingle`` does
     (``celery.bin.worker.worker``: drop privileges if asked, ``app.Worker(...).start()``), without
@@ -120,6 +131,8 @@ def run_worker(app: Celery, *, pool: str, concurrency: int | None, loglevel: str
     options: dict[str, Any] = {}
     if concurrency:
         options["concurrency"] = concurrency
+    if hostname:
+        options["hostname"] = hostname
     worker = _stopping_on_hangup(app.Worker)(
         pool_cls=pool_cls,
         loglevel=mlevel(loglevel),  # a number, as Celery's ``-l`` option makes it

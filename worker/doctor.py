@@ -82,26 +82,38 @@ class Check:
 
 
 def _ok(name: str, detail: str) -> Check:
-    return Check(name, "ok", mask_urls(detail))
+    return Check(name, "ok", _said(detail))
 
 
 def _fail(name: str, detail: str, fix: str) -> Check:
-    # Every URL masked once more, whatever said it: a setting's own validation error, a client's
-    # exception (each check masks the URLs it names itself, too).
-    return Check(name, "fail", mask_urls(detail), mask_urls(fix))
+    return Check(name, "fail", _said(detail), _said(fix))
 
 
 def _skip(name: str, detail: str) -> Check:
-    return Check(name, "skip", mask_urls(detail))
+    return Check(name, "skip", _said(detail))
+
+
+def _said(text: str) -> str:
+    """A check's detail or fix as printed. Every URL masked once more, whatever said it: a
+    setting's own validation error, a client's exception (each check masks the URLs it names
+    itself, too). And no doubled full stop where a quoted message's own stop met the sentence
+    around it (``refused.. Start it``): each check quotes others' words through :func:`clause`
+    (:func:`_first_line`), and this is the last line for every check
+    (:func:`jobs.printable.single_stops`)."""
+    from jobs.printable import single_stops
+
+    return single_stops(mask_urls(text))
 
 
 def _first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message, escaped (:func:`jobs.printable.one_line`): a
-    server's words may be in it (a database's, a proxy's), and must not drive the terminal."""
-    from jobs.printable import one_line
+    server's words may be in it (a database's, a proxy's), and must not drive the terminal; and
+    without the full stop that ends it (:func:`jobs.printable.clause`)."""
+    from jobs.printable import clause, one_line
 
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return one_line(text[0][:300]) if text and text[0] else type(exc).__name__
+    first = clause(text[0][:300]) if text else ""  # its own full stop off: the sentence may go on
+    return one_line(first) if first else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- the checks

@@ -19,6 +19,13 @@ httpx's, uvicorn's when it leaves logging to us — into one line of JSON on std
   message and traceback before any handler sees it, and this formatter redacts every string it
   writes once more (extra fields included), Authorization values by their shape too.
 
+A text line of ``wanbatch worker`` (:func:`timestamp_text_lines`) starts with the time it was
+logged, in UTC to the millisecond as the JSON lines' ``ts``::
+
+    2026-05-01T22:14:03.512Z INFO celery.apps.worker: wanbatch-4242@worker-3 ready.
+
+The other commands' text lines (warnings and errors amid a command's own output) have none.
+
 The format is settled by :func:`configure_logging` (the CLI's entry point calls it before any
 command runs). Unless told, it reads ``WANBATCH_LOG_FORMAT`` from the settings when the first
 record is written, not before: ``wanbatch --help`` neither reads configuration nor imports more
@@ -41,6 +48,9 @@ from jobs.printable import printable
 
 #: The text format (the CLI's since its first version).
 TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
+#: The text format of the long-running worker: each line starts with its time
+#: (:meth:`TextFormatter.formatTime`: ISO 8601, UTC, milliseconds, as the JSON lines' ``ts``).
+TIMESTAMPED_TEXT_FORMAT = "%(asctime)s " + TEXT_FORMAT
 #: Fields about a job that a JSON line carries whenever they are known.
 JOB_FIELDS = ("job_id", "batch_id", "request_id")
 
@@ -88,6 +98,12 @@ def _redactor() -> Any:
     return redact_record, redact_value
 
 
+def utc_timestamp(created: float) -> str:
+    """``2026-05-01T22:14:03.512Z``: the time a record was made (``record.created``), ISO 8601 in
+    UTC to the millisecond — one form for the JSON lines' ``ts`` and the worker's text lines."""
+    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line (see the module docstring for its fields)."""
 
@@ -95,7 +111,7 @@ class JsonFormatter(logging.Formatter):
         redact_record, redact_value = _redactor()
         redact_record(record)  # renders the message once, masks the key in it and the traceback
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
+            "ts": utc_timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": None,
@@ -126,10 +142,12 @@ class _Deferred(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
         self._chosen: logging.Formatter | None = None
+        #: Whether text lines start with their time (:func:`timestamp_text_lines`).
+        self.timestamps = False
 
     def format(self, record: logging.LogRecord) -> str:
         if self._chosen is None:
-            self._chosen = formatter_for(_configured_format())
+            self._chosen = formatter_for(_configured_format(), timestamps=self.timestamps)
         return self._chosen.format(record)
 
 
@@ -143,9 +161,12 @@ def _configured_format() -> str:
         return "text"
 
 
-def formatter_for(log_format: str) -> logging.Formatter:
-    """The formatter of ``log_format`` (``text`` or ``json``)."""
-    return JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT)
+def formatter_for(log_format: str, *, timestamps: bool = False) -> logging.Formatter:
+    """The formatter of ``log_format`` (``text`` or ``json``); ``timestamps``: text lines start
+    with their time (:data:`TIMESTAMPED_TEXT_FORMAT`; a JSON line always has its ``ts``)."""
+    if log_format == "json":
+        return JsonFormatter()
+    return TextFormatter(TIMESTAMPED_TEXT_FORMAT if timestamps else TEXT_FORMAT)
 
 
 class TextFormatter(logging.Formatter):
@@ -155,6 +176,13 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return printable(super().format(record))
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """``%(asctime)s``: ISO 8601 in UTC to the millisecond (:func:`utc_timestamp`), not
+        logging's local ``2026-05-01 22:14:03,512``, which names no zone; ``datefmt`` if given."""
+        if datefmt:
+            return super().formatTime(record, datefmt)
+        return utc_timestamp(record.created)
 
 
 def configure_logging(log_format: str | None = None, *, level: int = logging.WARNING) -> None:
@@ -173,21 +201,76 @@ def configure_logging(log_format: str | None = None, *, level: int = logging.WAR
     logging.captureWarnings(True)
 
 
-def celery_console_as_json() -> None:
-    """Make the few lines Celery's worker writes straight to stdout/stderr JSON lines too.
+def timestamp_text_lines() -> None:
+    """From now on, the text lines of this process's log start with their time
+    (:data:`TIMESTAMPED_TEXT_FORMAT`), for a long-running process whose log is read hours later
+    (``wanbatch worker``). JSON lines have their ``ts`` already and are left as they are.
+
+    Changes the formatter :func:`configure_logging` installed on the root logger's handler (text
+    chosen already, or still to be chosen from ``WANBATCH_LOG_FORMAT``); a handler of someone
+    else's (a test's capture, an embedding application's) keeps its own format."""
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter
+        if isinstance(formatter, _Deferred):
+            formatter.timestamps = True
+            if isinstance(formatter._chosen, TextFormatter):
+                formatter._chosen = formatter_for("text", timestamps=True)
+        elif type(formatter) is TextFormatter and formatter._fmt == TEXT_FORMAT:
+            handler.setFormatter(formatter_for("text", timestamps=True))
+
+
+def celery_logs_through_ours() -> None:
+    """Have the two loggers Celery's worker gives handlers of its own log through the root
+    logger's handler instead, so that every line of a worker has one format: the time first in
+    text (:func:`timestamp_text_lines`), one JSON object in JSON, secrets masked the same way.
+
+    With ``worker_hijack_root_logger`` off (:func:`worker.app.make_app`) Celery leaves the root
+    logger's handler alone, but still adds a ``StreamHandler`` of its own format
+    (``worker_task_log_format``: ``[2026-05-01 22:14:03,512: WARNING/MainProcess] …``, local
+    time without a zone, and plain text even under ``WANBATCH_LOG_FORMAT=json``) to
+    ``celery.task`` (task loggers, made not to propagate) and to the ``multiprocessing`` logger
+    (billiard's, at ``ERROR``) when it sets its logging up — in the worker's process, and again
+    in each prefork child. The ``after_setup_logger`` and ``after_setup_task_logger`` signals it
+    sends right after are the documented hook for changing what it set up
+    (https://docs.celeryq.dev/en/stable/userguide/signals.html#logging-signals): their receivers
+    drop those handlers and let the loggers propagate. The levels Celery set stay."""
+    from celery.signals import after_setup_logger, after_setup_task_logger
+
+    after_setup_logger.connect(_own_handlers_only, weak=False)  # once: the same receiver
+    after_setup_task_logger.connect(_own_handlers_only, weak=False)
+
+
+def _own_handlers_only(**_: object) -> None:
+    """:func:`celery_logs_through_ours`'s receiver: Celery's stream handlers off ``celery.task``
+    and ``multiprocessing``, which propagate to the root logger's handler again."""
+    if not logging.getLogger().handlers:
+        return  # nothing to propagate to: Celery's handlers stay (no line lost)
+    for name in ("celery.task", "multiprocessing"):
+        logger = logging.getLogger(name)
+        celery_own = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+        for handler in celery_own:
+            logger.removeHandler(handler)
+        if celery_own:
+            logger.propagate = True
+
+
+def celery_console_as_log_lines(log_format: str) -> None:
+    """Make the few lines Celery's worker writes straight to stdout/stderr log lines of
+    ``log_format`` too: one JSON object each, or text with the time first (as
+    :func:`timestamp_text_lines` makes the others), so the log says when a worker stopped.
 
     Its signal handlers announce a shutdown ("worker: Warm shutdown (MainProcess)") with
     ``celery.apps.worker.safe_say``, a bare ``os.write`` that bypasses logging on purpose (no
     lock may be taken in a signal handler). The replacement keeps that property — it formats
     one record and writes it with one ``os.write``, taking no lock — so the stream stays one
-    JSON object per line. The destination (Celery's choice of stdout or stderr) is kept.
+    line per record. The destination (Celery's choice of stdout or stderr) is kept.
     """
     import contextlib
     import os
 
     from celery.apps import worker as celery_worker
 
-    formatter = JsonFormatter()
+    formatter = formatter_for(log_format, timestamps=True)
 
     def say(msg: str, f: Any = sys.__stderr__) -> None:
         text = str(msg).strip()

@@ -46,7 +46,7 @@ from jobs.batches import (
 from jobs.db import open_engine
 from jobs.errors import ConfigError, DatabaseFullError, WanbatchError
 from jobs.models import utcnow
-from jobs.printable import printable, shell_ref
+from jobs.printable import clause, printable, shell_ref
 from jobs.schedule import format_duration
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -294,7 +294,8 @@ def check_broker(settings: Settings, timeout: float = 3.0) -> None:
         reason = f"no answer within {timeout + 2.0:.0f}s"
     elif failure:
         exc = failure[0]
-        reason = (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
+        # Its own full stop dropped: the message's sentence goes on ("refused.. Start it" was said).
+        reason = clause((str(exc).strip().splitlines() or [""])[0]) or type(exc).__name__
     else:
         return
     raise ConfigError(
