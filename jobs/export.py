@@ -61,7 +61,7 @@ from jobs.models import Batch, Job
 from jobs.money import usd_json
 from jobs.printable import one_line, shell_ref
 from jobs.states import UNFINISHED_STATES, JobState
-from jobs.url_secrets import MASK, is_secret_name, mask_params_in_text, mask_urls
+from jobs.url_secrets import MASK, is_secret_name, mask_params_in_text, mask_secret_pairs, mask_urls
 
 #: First characters that make a spreadsheet treat a cell as a formula (OWASP CSV Injection).
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
@@ -160,6 +160,11 @@ NESTED_TOO_DEEP = "[nested too deep]"
 #: Every answer of fal's is read up to 1 MiB (``worker.fal.client.MAX_ANSWER_BYTES``, a webhook's
 #: body too), so only a value stored otherwise comes near it: it would swell every row group.
 PROVIDER_JSON_MAX_CHARS = 2 * 1024 * 1024
+#: A string value up to this long that is a JSON object or array (a raw body fal relayed, a
+#: debug echo) is parsed, scrubbed as a value of its own (secret-named fields masked) and written
+#: back as JSON text; a longer one is scrubbed as text only (:func:`jobs.url_secrets.mask_secret_pairs`
+#: still masks its ``"access_token": "…"``).
+JSON_IN_TEXT_MAX_CHARS = 256 * 1024
 
 
 class _TooLarge(Exception):
@@ -178,7 +183,12 @@ def export_provider_json(value: Any) -> Any:
       otherwise, :func:`jobs.key_forms.contains_key`, is masked whole) and anything of a fal
       key's shape (:data:`jobs.key_forms.BARE_KEY`, encoded too). An export is made to be
       shared: the sidecar beside the video is the operator's own and keeps fal's URLs as they were;
-    * the string value of a field whose name looks secret (``access_token``, ``signature``:
+      Inside a string, the value of a secret-named pair is masked too
+      (:func:`jobs.url_secrets.mask_secret_pairs`: ``access_token=abc``, ``"password": "…"``,
+      ``Authorization: Bearer abc``), and a string that is a JSON object or array (up to
+      :data:`JSON_IN_TEXT_MAX_CHARS`) is scrubbed as the value it encodes and written back as JSON;
+    * the string value of a field whose name looks secret (``access_token``, ``signature``,
+      ``apiKey``; whole words of the name, so ``author`` or ``keyframes`` are kept:
       :func:`jobs.url_secrets.is_secret_name`) masked whole; fields whose names are the same once
       scrubbed (``…?token=A``, ``…?token=B``) all kept, the later ones suffixed ``~2``, ``~3``…;
     * containers deeper than :data:`PROVIDER_JSON_MAX_DEPTH` levels as :data:`NESTED_TOO_DEEP`,
@@ -200,6 +210,10 @@ def _scrubbed(value: Any, depth: int, budget: list[int]) -> Any:
         budget[0] -= len(value) + 3
         if budget[0] < 0:
             raise _TooLarge
+        if depth < PROVIDER_JSON_MAX_DEPTH and (encoded := _json_in_text(value)) is not None:
+            budget[0] += len(value) + 3  # counted as what it encodes instead
+            scrubbed = _scrubbed(encoded, depth + 1, budget)
+            return value if scrubbed == encoded else json.dumps(scrubbed, ensure_ascii=False)
         return _scrubbed_text(value)
     budget[0] -= 8
     if budget[0] < 0:
@@ -233,6 +247,18 @@ def _scrubbed(value: Any, depth: int, budget: list[int]) -> Any:
     return value
 
 
+def _json_in_text(text: str) -> Any:
+    """The object or array ``text`` is JSON of (up to :data:`JSON_IN_TEXT_MAX_CHARS`), else None.
+    Nesting too deep for the decoder is no JSON here: the text is scrubbed as text."""
+    if len(text) > JSON_IN_TEXT_MAX_CHARS or text.lstrip()[:1] not in ("{", "["):
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict | list) else None
+
+
 def _scrubbed_text(text: str) -> str:
     """``text`` without a URL credential, FAL_KEY or a fal-key-shaped string (see above)."""
     text = BARE_KEY.sub(MASK, hide_keys(text, mask=MASK))
@@ -242,7 +268,7 @@ def _scrubbed_text(text: str) -> str:
         contains_key(t, k) for k in keys for t in {text, plain}
     ):
         return MASK  # a key encoded in a way hide_keys does not know: nothing of the text is safe
-    return mask_params_in_text(mask_urls(text))
+    return mask_secret_pairs(mask_params_in_text(mask_urls(text)), mask=MASK)
 
 
 def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:

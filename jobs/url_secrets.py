@@ -11,13 +11,13 @@ applies it to each URL inside a longer text (a log record).
 What is masked: the password of the userinfo (over HTTP a userinfo without one is masked whole:
 a name alone authenticates nothing there unless it is the secret, ``https://TOKEN@host``), and the
 value of every query, fragment or path (``;name=value``) parameter whose name looks like a credential
-(:data:`_SECRET_NAME`), or whose value holds a credential once percent-decoded (a signed URL
-carried in a ``?redirect=``: :func:`_hides_secret`, masked whole). A URL JSON text escapes
-(``https:\\/\\/…``) is masked as the URL it is. Masking a harmless value costs a reader nothing;
-showing a secret cannot be undone. Nothing else is changed, so the URL still says where it
-points — but for FAL_KEY, in any of its forms (:mod:`jobs.key_forms`), wherever it stands: in
-a path, a fragment, a parameter of any name. The settings refuse a URL that holds it, so this
-is the last line only.
+(:func:`is_secret_name`: by its words, not its letters), or whose value holds a credential once
+percent-decoded (a signed URL carried in a ``?redirect=``: :func:`_hides_secret`, masked
+whole). A URL JSON text escapes (``https:\\/\\/…``) is masked as the URL it is. Masking a
+harmless value costs a reader nothing; showing a secret cannot be undone. Nothing else is
+changed, so the URL still says where it points — but for FAL_KEY, in any of its forms
+(:mod:`jobs.key_forms`), wherever it stands: in a path, a fragment, a parameter of any name.
+The settings refuse a URL that holds it, so this is the last line only.
 """
 
 from __future__ import annotations
@@ -30,11 +30,128 @@ from jobs.key_forms import BARE_KEY, MIN_KEY_LENGTH, decoded_text, hide_keys
 #: What a masked credential is shown as (Celery's and kombu's form, ``redis://:**@host``).
 MASK = "**"
 
-#: A query or fragment parameter whose name holds any of these (any case) is a credential:
-#: ``token``, ``access_token``, ``api_key``, ``key``, ``secret``, ``client_secret``, ``password``,
-#: ``sslpassword``, ``pwd``, ``sig``/``signature`` (S3's ``X-Amz-Signature``, Azure's ``sig``),
-#: ``auth``, ``X-Amz-Credential``, ``X-Amz-Security-Token``, ``jwt``, ``session``.
-_SECRET_NAME = re.compile(r"token|secret|pass|pwd|key|sig|auth|cred|jwt|session", re.IGNORECASE)
+#: A name (of a query, fragment or path parameter, a JSON field, a ``name=value`` in text) is a
+#: credential's when one of its words is one of these (:func:`is_secret_name`). Its words are
+#: the name split at anything but a letter or digit (``access_token``, ``X-Amz-Signature``,
+#: ``headers.Authorization``), at a camelCase step (``sessionToken``, ``APIKey``) and between
+#: letters and digits, compared lower-cased and with a plural ``s`` dropped (``api_keys``).
+#: Whole words, not substrings: ``author``, ``design``, ``keyframes``, ``passes``, ``monkey``,
+#: ``credit``, ``X-Amz-SignedHeaders`` are no credentials.
+SECRET_WORDS = frozenset(
+    {
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "pass",
+        "pwd",
+        "passphrase",
+        "passcode",
+        "key",
+        "apikey",
+        "sig",
+        "signature",
+        "auth",
+        "authz",
+        "authn",
+        "authorization",
+        "authorisation",
+        "authentication",
+        "credential",
+        "cred",
+        "cookie",
+        "session",
+        "sessionid",
+        "sessid",
+        "jwt",
+        "bearer",
+    }
+)
+#: A word written as one with another (``sslpassword``, ``accesstoken``, ``clientsecret``,
+#: ``oauth``, ``setcookie``, ``jsessionid``) is a credential's when it ends with one of these
+#: (no ordinary word does)…
+_SECRET_ENDINGS = (
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "passphrase",
+    "pwd",
+    "signature",
+    "credential",
+    "cookie",
+    "sessionid",
+    "sessid",
+    "auth",
+    "jwt",
+)
+#: … or starts with one of these (``passwordhash``, ``apikeyid``)…
+_SECRET_STARTS = ("password", "passwd", "apikey", "accesskey", "secretkey", "privatekey", "authorization")
+#: … or is ``key`` after one of these (``privatekey``, ``accesskey``, ``falkey``; not
+#: ``monkey``, ``hockey``) or ``key`` before one of these (``keyid``, ``keysecret``).
+_KEY_BEFORE = frozenset(
+    {
+        "api",
+        "auth",
+        "secret",
+        "access",
+        "private",
+        "session",
+        "signing",
+        "master",
+        "client",
+        "encryption",
+        "app",
+        "service",
+        "account",
+        "fal",
+        "pass",
+        "shared",
+        "ssh",
+        "license",
+        "subscription",
+        "admin",
+        "user",
+        "sign",
+        "hmac",
+        "enc",
+        "crypto",
+    }
+)
+_KEY_AFTER = frozenset({"id", "secret", "value", "pair", "data"})
+#: A name whose last word is one of these names something *about* a credential, not the
+#: credential (``token_type: "Bearer"``, ``signature_style``, ``SignatureVersion``,
+#: ``session_name``): kept, when an earlier word made it look secret.
+_SECRET_DESCRIPTORS = frozenset(
+    {
+        "type",
+        "style",
+        "version",
+        "count",
+        "length",
+        "size",
+        "algorithm",
+        "method",
+        "scheme",
+        "format",
+        "kind",
+        "mode",
+        "name",
+        "expires",
+        "expiry",
+        "expiration",
+        "ttl",
+    }
+)
+#: What a secret name holds somewhere, whatever its case (a quick test before the words are
+#: split: most names hold none). ``re.IGNORECASE`` also takes ``ſ`` for an ``s``, ``ı``/``İ``
+#: for an ``i`` and the Kelvin sign for a ``k``: :data:`_ASCII_LOOKALIKES` maps them the same.
+_SECRET_STEM = re.compile(r"token|secret|pass|pwd|key|sig|auth|cred|cookie|sess|jwt|bearer", re.IGNORECASE)
+_ASCII_LOOKALIKES = str.maketrans({"\u017f": "s", "\u0131": "i", "\u0130": "I", "\u212a": "K"})
+#: A word of a name: an upper-case run not followed by a lower-case letter (``API`` of
+#: ``APIKey``), a capitalised or lower-case word, a number. One pass: each alternative reads
+#: a run of one class (at most one character given back).
+_NAME_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 
 #: Schemes whose userinfo without a password is a token (``https://TOKEN@host``): a database's or
 #: Redis' is a user name (``postgresql://postgres@host/db``), shown as it is.
@@ -110,7 +227,7 @@ def _masked_params(text: str, mask: str) -> str:
     pairs = []
     for pair in re.split(r"([&;])", text):
         name, equals, value = pair.partition("=")
-        secret = equals and value and (_SECRET_NAME.search(unquote(name)) or _hides_secret(value))
+        secret = equals and value and (is_secret_name(unquote(name)) or _hides_secret(value))
         pairs.append(f"{name}={_mask_of(value, mask)}" if secret else pair)
     return "".join(pairs)
 
@@ -136,8 +253,10 @@ def _holds_secret(plain: str) -> bool:
         return True  # (no key, nor a form of one, is shorter)
     for piece in _PARAM_END.split(plain):
         name, equals, value = piece.partition("=")
-        if equals and value.strip("*") and _SECRET_NAME.search(name):
+        if equals and value.strip("*") and is_secret_name(name):
             return True
+    if _find_secret_pairs(plain, 1):  # JSON's "name": "value", a header's Authorization: …
+        return True
     at = plain.find("://")
     while at >= 0:
         end = _AUTHORITY_END.search(plain, at + 3)  # stops at the next "://" at the latest
@@ -181,9 +300,31 @@ def mask_urls(text: str, *, mask: str = MASK) -> str:
 
 
 def is_secret_name(name: str) -> bool:
-    """Whether a parameter or field called ``name`` holds a credential (``access_token``,
-    ``X-Amz-Signature``, ``password``…: :data:`_SECRET_NAME`)."""
-    return bool(_SECRET_NAME.search(name))
+    """Whether a parameter or field called ``name`` holds a credential: one of its words is a
+    secret word (:data:`SECRET_WORDS`: ``access_token``, ``X-Amz-Signature``, ``apiKey``,
+    ``client_secret``, ``Authorization``, ``sessionToken``, ``password``, ``fal_key``), unless
+    its last word only describes one (``token_type``, ``signature_style``). Not a substring
+    test: ``author``, ``design``, ``keyframes``, ``passes``, ``monkey`` are kept."""
+    if not _SECRET_STEM.search(name):
+        return False
+    words = _name_words(name)
+    if not any(map(_is_secret_word, words)):
+        return False
+    return not (len(words) > 1 and words[-1] in _SECRET_DESCRIPTORS)
+
+
+def _name_words(name: str) -> list[str]:
+    """``name``'s words, lower-cased (``X-Amz-Signature`` → ``x``, ``amz``, ``signature``)."""
+    return [w.lower() for w in _NAME_WORD.findall(name.translate(_ASCII_LOOKALIKES))]
+
+
+def _is_secret_word(word: str) -> bool:
+    for w in (word, word[:-1]) if len(word) > 3 and word.endswith("s") else (word,):
+        if w in SECRET_WORDS or w.endswith(_SECRET_ENDINGS) or w.startswith(_SECRET_STARTS):
+            return True
+        if (w.endswith("key") and w[:-3] in _KEY_BEFORE) or (w.startswith("key") and w[3:] in _KEY_AFTER):
+            return True
+    return False
 
 
 def mask_params_in_text(text: str, *, mask: str = MASK) -> str:
@@ -200,3 +341,124 @@ def mask_params_in_text(text: str, *, mask: str = MASK) -> str:
         return _masked_params(word, mask)
 
     return _WORD.sub(one, text)
+
+
+#: The head of a ``name=value`` or ``"name": value`` pair in text: a name (up to 64 letters,
+#: digits, ``_``, ``.``, ``-``, starting where no such character stands before it), quoted or not
+#: (``"…"``, ``'…'``, JSON-escaped ``\\"…\\"`` in text holding JSON text), then ``=`` or ``:``.
+#: Every part has a bounded length, so no start reads more than about 100 characters.
+_PAIR_HEAD = re.compile(
+    r"(?<![A-Za-z0-9_.-])(?P<q>\\{0,7}+[\"'])?+(?P<name>[A-Za-z0-9_.-]{1,64}+)"
+    r"(?P<nq>\\{0,7}+[\"'])?+[ \t]{0,8}+(?P<sep>[:=])[ \t]{0,8}+"
+)
+#: A quoted value's opening quote, JSON-escaped or not.
+_VALUE_QUOTE = re.compile(r"\\{0,7}+[\"']")
+#: A quoted value's characters up to its closing quote (backslash escapes skipped): one pass.
+_QUOTED_BODY = {q: re.compile(rf"[^{q}\\]*+(?:\\.[^{q}\\]*+)*+", re.DOTALL) for q in ('"', "'")}
+#: An unquoted value: an optional HTTP authentication scheme and the word after it
+#: (``Bearer abc``), up to white space, a quote, a bracket or a parameter's end.
+_BARE_VALUE = re.compile(
+    r"(?:(?:Bearer|Basic|Digest|Key|Token|bearer|basic|digest|key|token)[ \t]++)?+[^\s\"'&;,<>()\[\]{}\\#]*+"
+)
+#: An unquoted header value that runs to the end of its line (``Cookie: a=1; sid=…``,
+#: ``Authorization: Digest username="…", response="…"``), or to a quote or angle bracket.
+_LINE_VALUE = re.compile(r"[^\r\n\"'<>]*+")
+#: Names masked after ``Name:`` unquoted although they are one word: headers and the words no
+#: sentence puts before a colon (a prompt's ``a golden key: …`` is no credential).
+_COLON_NAMES = frozenset({"authorization", "cookie", "password", "passwd", "pwd", "passphrase", "apikey"})
+#: Headers whose unquoted value runs to the end of the line.
+_LINE_HEADERS = ("authorization", "cookie")
+#: An HTTP authentication scheme at a masked value's start, shown (``Authorization: Bearer **``).
+_SCHEME = re.compile(r"(?:Bearer|Basic|Digest|Key|Token|bearer|basic|digest|key|token)[ \t]++")
+#: ``Bearer <token>`` anywhere (RFC 6750's b64token): masked when the token has a character other
+#: than a letter or 8 characters or more (``Bearer of bad news`` is prose).
+_BEARER = re.compile(r"(?<![A-Za-z0-9_-])(?:Bearer|BEARER)[ \t]{1,8}+(?P<token>[A-Za-z0-9._~+/-]++=*+)")
+
+
+def _find_secret_pairs(text: str, limit: int = 0) -> list[tuple[int, int]]:
+    """Where the values of secret-named pairs stand in ``text`` (see :func:`mask_secret_pairs`),
+    in order and not overlapping; at most ``limit`` of them (0: all).
+
+    Linear: each head is read once (a bounded length), each value once from its head, and a
+    head inside a value already found is passed over."""
+    spans: list[tuple[int, int]] = []
+    if not _SECRET_STEM.search(text) and "Bearer" not in text and "BEARER" not in text:
+        return spans
+    done = 0
+    for bearer in _BEARER.finditer(text):
+        token = bearer.group("token")
+        if len(token) >= 8 or not token.isalpha():
+            spans.append(bearer.span("token"))
+            if len(spans) == limit:
+                return spans
+    for head in _PAIR_HEAD.finditer(text):
+        if head.start() < done or not is_secret_name(name := head.group("name")):
+            continue
+        quoted_name = head.group("nq") is not None
+        colon = head.group("sep") == ":"
+        pos = head.end()
+        opening = _VALUE_QUOTE.match(text, pos)
+        if opening:
+            quote = opening.group()
+            start = opening.end()
+            if len(quote) == 1:
+                body = _QUOTED_BODY[quote].match(text, start)
+                end = body.end() if body else start
+            else:  # JSON text inside a string: its value ends at the same escaped quote
+                found = text.find(quote, start)
+                end = len(text) if found < 0 else found
+        elif quoted_name and colon:
+            continue  # JSON's number, true, false or null: no secret (nor masked in a field)
+        else:
+            lowered = name.lower()
+            if colon and not quoted_name and len(_name_words(name)) < 2 and lowered not in _COLON_NAMES:
+                continue
+            start = pos
+            line = colon and lowered.endswith(_LINE_HEADERS)
+            value = (_LINE_VALUE if line else _BARE_VALUE).match(text, pos)
+            end = value.end() if value else pos
+            if line:  # the white space before the line's end is no part of the value
+                end = start + len(text[start:end].rstrip(" \t"))
+        if scheme := _SCHEME.match(text, start, end):
+            start = scheme.end()
+        if not text[start:end].strip("*"):
+            continue
+        spans.append((start, end))
+        done = end
+        if len(spans) == limit:
+            return spans
+    return _merged(spans)
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``spans`` in order, overlapping ones made one."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(end, out[-1][1]))
+        else:
+            out.append((start, end))
+    return out
+
+
+def mask_secret_pairs(text: str, *, mask: str = MASK) -> str:
+    """``text`` with the value of every secret-named pair in it masked, outside URLs too:
+    ``access_token=abc`` (unquoted: up to white space, a quote, a bracket, ``&``, ``;``, ``,``),
+    ``"access_token": "abc"`` and ``'password': 'a b'`` (quoted: up to the closing quote;
+    JSON-escaped, ``\\"token\\": \\"abc\\"``, too), ``X-Api-Key: abc``, ``Authorization: Bearer abc``
+    and ``Cookie: …`` (a header's value to the end of its line), and ``Bearer <token>`` anywhere.
+    A name is secret as :func:`is_secret_name` says; ``Name: value`` unquoted counts only for a
+    name of two words or more or a header's (``Key: the golden one`` is prose), and a JSON
+    number, boolean or null is no secret. Linear in ``text`` (no pattern reads a character twice
+    but a bounded number of times)."""
+    spans = _find_secret_pairs(text)
+    if not spans:
+        return text
+    parts = []
+    at = 0
+    for start, end in spans:
+        parts.append(text[at:start])
+        parts.append(_mask_of(text[start:end], mask))
+        at = end
+    parts.append(text[at:])
+    return "".join(parts)

@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 
 from jobs import db, store
 from jobs.export import (
+    JSON_IN_TEXT_MAX_CHARS,
     NESTED_TOO_DEEP,
     PROVIDER_JSON_MAX_CHARS,
     PROVIDER_JSON_MAX_DEPTH,
@@ -42,6 +43,9 @@ KEY = "0b5c2d4e-1111-2222-3333-444455556666:abcdef0123456789abcdef0123456789"
 OTHER_KEY = "9f8e7d6c-aaaa-bbbb-cccc-ddddeeeeffff:0123456789abcdef0123456789abcdef"
 SIGNATURE = "5ac7f00dbeefcafe5ac7f00dbeefcafe"
 TOKEN = "tok-0c4f1e2d3b"
+#: Secrets inside strings, outside any URL: a JSON body fal relayed as text, a log line.
+RAW_TOKEN = "rawtok-7d1e9a"
+BEARER = "brr-5e6f7a8b9c"
 SIGNED_URL = (
     "https://bucket.s3.amazonaws.com/out/v.mp4?X-Amz-Expires=3600"
     f"&X-Amz-Signature={SIGNATURE}&X-Amz-Credential=AKIAEXAMPLE%2F20260101"
@@ -56,9 +60,16 @@ OUTPUT = {
     },
     "seed": 2**64 - 7,
     "actual_prompt": "a paper boat",
-    "debug": {"echo": f"Authorization: Key {KEY}", "old": f"x{OTHER_KEY}y"},
+    "debug": {
+        "echo": f"Authorization: Key {KEY}",
+        "old": f"x{OTHER_KEY}y",
+        "body": json.dumps({"access_token": RAW_TOKEN, "author": "Jane Doe"}),
+        "log": f"POST /token access_token={RAW_TOKEN}&x=1; Authorization: Bearer {BEARER}",
+    },
+    "author": "Jane Doe",  # harmless names that hold a secret word's letters: kept
+    "keyframes": "0,12,24",
 }
-SECRETS = (KEY, KEY.partition(":")[2], OTHER_KEY, SIGNATURE, TOKEN, "AKIAEXAMPLE")
+SECRETS = (KEY, KEY.partition(":")[2], OTHER_KEY, SIGNATURE, TOKEN, "AKIAEXAMPLE", RAW_TOKEN, BEARER)
 
 
 @pytest.fixture
@@ -153,6 +164,9 @@ def test_every_format_carries_fals_metrics_and_result_without_its_secrets(
     assert "X-Amz-Signature=**" in url
     assert "X-Amz-Credential=**" in url
     assert output["video"]["preview"] == "https://cdn.example/p.webp?token=**"
+    assert (output["author"], output["keyframes"]) == ("Jane Doe", "0,12,24")
+    assert json.loads(output["debug"]["body"]) == {"access_token": "**", "author": "Jane Doe"}
+    assert output["debug"]["log"] == "POST /token access_token=**&x=1; Authorization: Bearer **"
     written = b"".join(p.read_bytes() for p in ([target] if target.is_file() else target.rglob("*.jsonl")))
     for secret in SECRETS:  # nowhere in the file, however encoded
         assert secret.encode() not in written, secret
@@ -250,3 +264,80 @@ def test_fields_whose_names_mask_alike_are_all_kept() -> None:
         "https://u:**@h/x": 2,
         "https://u:**@h/x~3": 3,
     }
+
+
+def test_a_field_is_masked_by_the_words_of_its_name_not_its_letters() -> None:
+    """``author``, ``design``, ``keyframes``, ``passes``, ``monkey`` were masked for holding
+    ``auth``, ``sig``, ``key``, ``pass``: a dataset lost harmless fields."""
+    kept = {
+        "author": "Jane Doe",
+        "design": "minimal",
+        "keyframes": "0,12,24",
+        "passes": "2",
+        "monkey": "capuchin",
+        "signature_style": "cursive",
+        "token_type": "Bearer",
+        "X-Amz-SignedHeaders": "host",
+    }
+    masked = {
+        "signature": "s1",
+        "sig": "s2",
+        "access_token": "t1",
+        "X-Amz-Signature": "s3",
+        "apiKey": "k1",
+        "client_secret": "c1",
+        "Authorization": "Key a:b",
+        "sessionToken": "t2",
+        "password": "p1",
+        "fal_key": "k2",
+    }
+    out = export_provider_json({**kept, **masked, "nested": {"author": "A", "Password": "p2"}})
+    assert out == {**kept, **dict.fromkeys(masked, "**"), "nested": {"author": "A", "Password": "**"}}
+
+
+def test_a_secret_inside_a_string_is_masked() -> None:
+    """Only URLs and query strings were scrubbed inside a string: ``{"access_token": …}`` as JSON
+    text, ``access_token=…`` in a line of text and ``Authorization: Bearer …`` were exported as is."""
+    body = json.dumps({"access_token": "abc123", "n": 1, "inner": json.dumps({"password": "pw"})})
+    out = export_provider_json(
+        {
+            "debug": body,
+            "spaced": '{"access_token": "abc123"}',
+            "compact": '[{"apiKey":"abc123"}]',
+            "query": "access_token=abc123&x=1",
+            "header": "Authorization: Bearer abc",
+            "json_escaped": 'sent {\\"client_secret\\": \\"abc123\\"} to fal',
+            "harmless": '{"author": "Jane", "keyframes": [1, 2]}',  # as written, byte for byte
+            "not_json": "{ a golden key: the one }",
+        }
+    )
+    assert out is not None
+    assert json.loads(out["debug"]) == {"access_token": "**", "n": 1, "inner": json.dumps({"password": "**"})}
+    assert out["spaced"] == '{"access_token": "**"}'
+    assert json.loads(out["compact"]) == [{"apiKey": "**"}]
+    assert out["query"] == "access_token=**&x=1"
+    assert out["header"] == "Authorization: Bearer **"
+    assert out["json_escaped"] == 'sent {\\"client_secret\\": \\"**\\"} to fal'
+    assert out["harmless"] == '{"author": "Jane", "keyframes": [1, 2]}'
+    assert out["not_json"] == "{ a golden key: the one }"
+    assert "abc" not in json.dumps(out)
+
+
+def test_json_inside_a_string_is_bounded() -> None:
+    """A string of JSON is parsed only up to JSON_IN_TEXT_MAX_CHARS and within the depth limit;
+    past either it is scrubbed as text, its ``"name": "value"`` pairs masked all the same."""
+    big = json.dumps({"access_token": "abc123", "pad": "x" * JSON_IN_TEXT_MAX_CHARS})
+    out = export_provider_json({"raw": big})
+    assert out is not None
+    assert out["raw"].startswith('{"access_token": "**", "pad": "xxx')
+    deep = "[" * 100_000 + '{"password": "pw"}' + "]" * 100_000  # past the decoder's recursion
+    out = export_provider_json({"raw": deep})
+    assert out is not None
+    assert out["raw"] == "[" * 100_000 + '{"password": "**"}' + "]" * 100_000
+    nested: Any = {"password": "pw"}
+    for _ in range(6):  # each level JSON text inside a string of the one above
+        nested = {"s": json.dumps(nested)}
+    out = export_provider_json(nested)
+    for _ in range(6):
+        out = json.loads(out["s"])
+    assert out == {"password": "**"}

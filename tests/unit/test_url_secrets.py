@@ -17,7 +17,7 @@ import pytest
 from jobs.db import safe_url
 from jobs.key_forms import forget_keys, remember_key
 from jobs.output_location import parse_s3_url
-from jobs.url_secrets import mask_params_in_text, mask_urls, masked_url
+from jobs.url_secrets import is_secret_name, mask_params_in_text, mask_secret_pairs, mask_urls, masked_url
 from worker.fal.client import FalClient
 from worker.fal.redact import KeyRedactionFilter
 
@@ -169,3 +169,146 @@ def test_a_known_key_percent_encoded_whole_in_a_parameter_is_masked() -> None:
         assert masked_url(f"https://x.example/cb?state={encoded}&n=1") == "https://x.example/cb?state=**&n=1"
     finally:
         forget_keys()
+
+
+#: Whether a field or parameter name is a credential's: by its words (snake_case, camelCase,
+#: kebab-case, dots), not its letters. ``author``, ``keyframes``… were masked as containing
+#: ``auth``, ``key``…, which damaged exported datasets.
+SECRET_NAMES = {
+    # masked
+    "access_token": True,
+    "X-Amz-Signature": True,
+    "X-Amz-Credential": True,
+    "X-Amz-Security-Token": True,
+    "apiKey": True,
+    "APIKey": True,
+    "api_keys": True,
+    "x-api-key": True,
+    "client_secret": True,
+    "Authorization": True,
+    "headers.Authorization": True,
+    "sessionToken": True,
+    "session_id": True,
+    "password": True,
+    "sslpassword": True,
+    "passwd": True,
+    "pwd": True,
+    "pass": True,
+    "fal_key": True,
+    "FAL_KEY": True,
+    "key": True,
+    "Key-Pair-Id": True,
+    "privateKey": True,
+    "secretkey": True,
+    "signature": True,
+    "sig": True,
+    "oauth_signature": True,
+    "jwt": True,
+    "cookie": True,
+    "Set-Cookie": True,
+    "JSESSIONID": True,
+    "refreshtoken": True,
+    "bearer": True,
+    "credentials": True,
+    "auth": True,
+    "paſsword": True,  # what re.IGNORECASE took for "password" still is
+    # kept
+    "author": False,
+    "authority": False,
+    "design": False,
+    "keyframes": False,
+    "keyword": False,
+    "passes": False,
+    "bypass": False,
+    "monkey": False,
+    "hockey": False,
+    "credit": False,
+    "signal": False,
+    "assigned_to": False,
+    "X-Amz-SignedHeaders": False,
+    "X-Amz-Algorithm": False,
+    "SignatureVersion": False,
+    "signature_style": False,
+    "token_type": False,
+    "tokenizer": False,
+    "session_name": False,
+    "seed": False,
+    "url": False,
+}
+
+
+def test_a_name_is_secret_by_its_words_not_its_letters() -> None:
+    assert {name: is_secret_name(name) for name in SECRET_NAMES} == SECRET_NAMES
+
+
+def test_url_parameters_and_log_records_mask_by_the_same_words() -> None:
+    """A harmless parameter (``author``, ``keyframes``) is shown; every secret one still masked."""
+    url = "https://h/x?author=jane&keyframes=3&monkey=1&token=SECRET&X-Amz-Signature=SECRET&apiKey=SECRET"
+    shown = "https://h/x?author=jane&keyframes=3&monkey=1&token=**&X-Amz-Signature=**&apiKey=**"
+    assert masked_url(url) == shown
+    record = logging.LogRecord("httpx", logging.INFO, __file__, 1, "HTTP Request: GET %s", (url,), None)
+    KeyRedactionFilter().filter(record)
+    assert record.getMessage() == f"HTTP Request: GET {shown}"
+
+
+def test_a_parameter_holding_json_with_a_secret_field_is_masked() -> None:
+    """A percent-encoded ``{"access_token": …}`` (an OAuth ``state``) had no ``name=value`` to find."""
+    state = quote(json.dumps({"access_token": "SECRET", "n": 1}), safe="")
+    assert masked_url(f"https://h/cb?state={state}&n=1") == "https://h/cb?state=**&n=1"
+    harmless = quote(json.dumps({"author": "jane"}), safe="")
+    assert masked_url(f"https://h/cb?state={harmless}") == f"https://h/cb?state={harmless}"
+
+
+#: Text → the text with each secret-named pair's value masked, both directions.
+SECRET_PAIRS = [
+    ("access_token=abc123&x=1", "access_token=**&x=1"),
+    ("retry with password=hunter2, then", "retry with password=**, then"),
+    ('{"access_token": "abc123", "n": 1}', '{"access_token": "**", "n": 1}'),
+    ('{"client_secret":"a \\"quoted\\" b","n":1}', '{"client_secret":"**","n":1}'),
+    ("{'password': 'a b c'}", "{'password': '**'}"),
+    ('{\\"access_token\\": \\"abc123\\"}', '{\\"access_token\\": \\"**\\"}'),  # JSON in JSON text
+    ("Authorization: Bearer abc", "Authorization: Bearer **"),
+    ("authorization: Digest username=a, response=b\nnext", "authorization: Digest **\nnext"),
+    ("Cookie: a=1; sid=xyz", "Cookie: **"),
+    ("X-Api-Key: abc123 sent", "X-Api-Key: ** sent"),
+    ("sent Bearer eyJhbGciOi.x.y to it", "sent Bearer ** to it"),
+    ('"token": "abc', '"token": "**'),  # cut short: masked to the end
+    # kept: no secret name, prose, JSON scalars, masked already
+    ("author=jane&keyframes=3&monkey=1", "author=jane&keyframes=3&monkey=1"),
+    ("a golden key: the one that opens it", "a golden key: the one that opens it"),
+    ("the Bearer of bad news", "the Bearer of bad news"),
+    ('{"token": null, "token_type": "Bearer", "n": 1}', '{"token": null, "token_type": "Bearer", "n": 1}'),
+    ("token=**&x=1", "token=**&x=1"),
+]
+
+
+def test_a_secret_named_pair_inside_text_is_masked() -> None:
+    """Only URLs and query strings were masked in text: a JSON body's ``"access_token": "…"``,
+    ``password=…`` in a sentence, a header's ``Authorization: Bearer …`` were shown."""
+    assert [(text, mask_secret_pairs(text)) for text, _ in SECRET_PAIRS] == SECRET_PAIRS
+    assert [(shown, mask_secret_pairs(shown)) for _, shown in SECRET_PAIRS] == [
+        (s, s) for _, s in SECRET_PAIRS
+    ]
+
+
+def test_hostile_texts_are_masked_in_one_pass() -> None:
+    """Large adversarial texts for every pattern of :func:`mask_secret_pairs`: each is read a
+    bounded number of times per character (no nested quantifier; a value found is not read
+    again for heads), so a 40 KB string costs what any other does. Asserted on the output."""
+    n = 10_000
+    assert mask_secret_pairs('"token": "' + '\\"' * n) == '"token": "**'  # never closed
+    assert mask_secret_pairs('"token": "' + "\\" * (2 * n)) == '"token": "**'
+    assert mask_secret_pairs("token=" * n) == "token=**"  # one value swallows every later head
+    assert mask_secret_pairs("a_token: " * n) == "a_token: ** " * (n // 2)  # each value the next name
+    assert mask_secret_pairs('"token":' * n) == '"token":"**":' * (n // 2)
+    assert mask_secret_pairs('"token": 1, ' * n) == '"token": 1, ' * n  # a JSON non-string value: kept
+    assert mask_secret_pairs("'pwd'='" * n) == "'pwd'='" * n  # empty values: nothing to mask
+    escaped = '{\\"password\\": \\"'  # each value the "{" up to the next escaped quote
+    assert mask_secret_pairs(escaped * n) == escaped + '**\\"password\\": \\"' * (n - 1)
+    long_names = ("k" * 61 + "_key" + '"' + " " * 8 + ": " + '"x" ') * (n // 10)
+    assert mask_secret_pairs(long_names) == long_names  # a name over 64 characters is no head
+    assert mask_secret_pairs("Bearer " * n) == "Bearer " * n
+    assert mask_secret_pairs("Authorization: " + "x " * n) == "Authorization: ** "
+    assert mask_secret_pairs(("aB" * 30 + "Key=1 ") * n) == ("aB" * 30 + "Key=** ") * n  # camelCase words
+    assert mask_secret_pairs("aB" * n + "Key=1") == "aB" * n + "Key=1"  # a name over 64 characters
+    assert mask_secret_pairs("x" * 40_000 + " token=" + "y" * 40_000) == "x" * 40_000 + " token=**"
