@@ -338,6 +338,14 @@ class Job(Base):
     item_index: Mapped[int] = mapped_column(Integer)
     #: The matrix combination's index within its item (0 for an item without a matrix).
     variant: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: When a resubmit of an edited manifest last changed this job's ``item_index``
+    #: (:func:`jobs.store.resubmit_jobs`); NULL when it never did. Output file names hold the
+    #: number, so a video an earlier try saved before such a change waits under the old one:
+    #: only a job renumbered after its current request was sent can have one, and only its
+    #: download looks for it (``worker.steps.download._downloaded_before``), instead of every
+    #: download listing its batch's whole output folder. A job unfinished and sent when schema
+    #: 0031 added the column took its ``submitted_at``: it may have been renumbered before.
+    renumbered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     endpoint: Mapped[str] = mapped_column(String(255))
     #: The resolved input as validated (local image paths still local).
     input: Mapped[dict[str, Any]] = mapped_column(JSONDoc)

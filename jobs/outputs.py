@@ -86,7 +86,11 @@ def under_another_item(dest: Path, job_id: str) -> Path | None:
 
     A job's stem holds its item index, which a resubmit of an edited manifest may change (an
     item inserted above it): a video staged by an earlier try, before that, waits under the old
-    number. Temporary ``.part`` files are never taken (they start with a dot)."""
+    number. Temporary ``.part`` files are never taken (they start with a dot).
+
+    It lists the whole folder (every video of the batch so far): the download step asks only
+    for a job renumbered since its request was sent (``jobs.renumbered_at``), never for every
+    download, which made a batch quadratic in its size."""
     suffix = f"-{job_id[:12]}{dest.suffix}"
     try:
         with os.scandir(dest.parent) as entries:

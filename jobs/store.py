@@ -1118,6 +1118,10 @@ def resubmit_jobs(
     with the old paths: each takes the manifest's media values and ``source_files``
     (:func:`_relocate_stored`): the manifest submitted now says where its files are, even when
     the old path still holds them. ``submitted_input`` (what a sent job sent) is never touched.
+
+    Every statement that gives a stored job another item number stamps its ``renumbered_at``:
+    a video a try of it saved before (its name holds the number) is looked for under the old
+    number only then (``worker.steps.download._downloaded_before``).
     """
     conn = session.connection()
     pg = conn.dialect.name == "postgresql"
@@ -1157,7 +1161,9 @@ def resubmit_jobs(
         ]
         if moves:
             conn.execute(
-                update(_JOBS).where(_JOBS.c.id == bindparam("b_id")).values(item_index=bindparam("b_item")),
+                update(_JOBS)
+                .where(_JOBS.c.id == bindparam("b_id"))
+                .values(item_index=bindparam("b_item"), renumbered_at=utcnow()),
                 moves,
             )
     conn.exec_driver_sql(f"DROP TABLE {_SEEN}")
@@ -1249,9 +1255,19 @@ def _insert_jobs(conn: Connection, batch_id: str, block: list[NewJob]) -> int:
     return _insert_chunk_sqlite(conn, rows)
 
 
+def _renumbered_at(new_item: ColumnElement[Any]) -> ColumnElement[Any]:
+    """``renumbered_at`` of a job given the item number ``new_item``: now when that is another
+    number than its own (its output files' names change: :attr:`Job.renumbered_at`), else as it
+    was (only its variant moved). Stamped by each statement, right before it runs: a download
+    that read the old number is one of a request sent before that."""
+    now = literal(utcnow(), _JOBS.c.renumbered_at.type)
+    return case((_JOBS.c.item_index != new_item, now), else_=_JOBS.c.renumbered_at)
+
+
 def _place_stored_pg(conn: Connection) -> int:
     """Give the jobs of the staged chunk that were stored already the place staged for them
-    (one ``UPDATE … FROM`` the staging table); how many moved. Only a changed place is written."""
+    (one ``UPDATE … FROM`` the staging table); how many moved. Only a changed place is written,
+    and a changed item number stamps ``renumbered_at`` (:func:`_renumbered_at`)."""
     staged = table(_STAGING, column("batch_id"), column("job_key"), column("item_index"), column("variant"))
     moved = conn.execute(
         update(_JOBS)
@@ -1260,7 +1276,11 @@ def _place_stored_pg(conn: Connection) -> int:
             _JOBS.c.job_key == staged.c.job_key,
             or_(_JOBS.c.item_index != staged.c.item_index, _JOBS.c.variant != staged.c.variant),
         )
-        .values(item_index=staged.c.item_index, variant=staged.c.variant)
+        .values(
+            item_index=staged.c.item_index,
+            variant=staged.c.variant,
+            renumbered_at=_renumbered_at(staged.c.item_index),
+        )
         .execution_options(preserve_rowcount=True)
     )
     return int(moved.rowcount)
@@ -1275,7 +1295,11 @@ def _place_stored_sqlite(conn: Connection, batch_id: str, block: list[NewJob]) -
             _JOBS.c.job_key == bindparam("b_key"),
             or_(_JOBS.c.item_index != bindparam("b_item"), _JOBS.c.variant != bindparam("b_variant")),
         )
-        .values(item_index=bindparam("b_item"), variant=bindparam("b_variant"))
+        .values(
+            item_index=bindparam("b_item"),
+            variant=bindparam("b_variant"),
+            renumbered_at=_renumbered_at(bindparam("b_item")),
+        )
         .execution_options(preserve_rowcount=True),
         [{"b_key": job.key, "b_item": job.item_index, "b_variant": job.variant} for job in block],
     )

@@ -12,6 +12,7 @@ import tempfile
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
@@ -21,9 +22,10 @@ from jobs.models import Job, utcnow
 from jobs.states import JobState
 from tests.hostile import HostileProvider, json_reply
 from tests.hostile_fal import FakeFal
-from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
+from tests.step_runtime import add_batch, job_ids, make_runtime, settings_for, wait_until
 from worker import chaos
 from worker.steps import Runtime, dispatch, download, poll, submit
+from worker.steps.download import RENUMBER_MARGIN
 
 KEY = "download-resume-key-93be"
 #: fal's answer for an output file it no longer serves.
@@ -71,6 +73,13 @@ def restarted(engine: Engine, rt: Runtime, job_id: str) -> Runtime:
         )
     rt.client.close()
     return make_runtime(engine, rt.settings)
+
+
+def mark_renumbered(engine: Engine, job_id: str) -> None:
+    """As a resubmit that moved the job to another item would, now."""
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        store.update_job_fields(session, job_id, expected_version=job.version, renumbered_at=utcnow())
 
 
 def test_a_video_saved_before_a_crash_is_taken_when_fal_no_longer_serves_it(
@@ -161,6 +170,8 @@ def test_a_file_older_than_the_jobs_request_is_never_taken_for_its_video(
     earlier = folder / f"{number:06d}-{job_id[:12]}.mp4"
     earlier.write_bytes(b"\0" * len(fal.video))  # the size fal describes, not its bytes
     assert job.submitted_at is not None
+    if where == "under-another-item":  # looked for there only once renumbered since it was sent
+        mark_renumbered(engine, job_id)
     sent = job.submitted_at.timestamp()
     os.utime(earlier, (sent - 60, sent - 60))
     try:
@@ -172,3 +183,118 @@ def test_a_file_older_than_the_jobs_request_is_never_taken_for_its_video(
     assert fal.file_gets("r1.mp4") == 1  # downloaded, not taken
     assert job.output_path is not None
     assert Path(job.output_path).read_bytes() == fal.video
+
+
+def test_a_saved_video_of_a_job_dropped_from_its_manifest_is_taken_under_its_new_number(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job the edited manifest no longer has is numbered after its items (the resubmit's other
+    statement): it too finds the video an earlier try saved under its old number."""
+    fal = FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    crash_after_download(rt, job_id, monkeypatch)
+    folder = tmp_path / "outputs" / "steps"
+    (before,) = folder.glob("*.mp4")
+    assert before.name.startswith("000000-")
+    job = get(engine, job_id)
+    with db.session_scope(engine) as session:  # the manifest now has one other item, not the job's
+        other = store.NewJob(f"{1:064x}", 0, "fal-ai/wan-22", {"prompt": "new"}, Decimal(5), Decimal(1))
+        moved = store.resubmit_jobs(session, job.batch_id, [other], lambda: 1)
+    assert (moved.renumbered, moved.not_in_manifest) == (0, 1)
+    assert get(engine, job_id).item_index == 1
+
+    fal.on_file("r1.mp4", GONE)
+    rt = restarted(engine, rt, job_id)
+    try:
+        assert download(rt, job_id) == "succeeded"
+    finally:
+        rt.client.close()
+    after = folder / f"000001-{job_id[:12]}.mp4"
+    assert get(engine, job_id).output_path == str(after)
+    assert after.read_bytes() == fal.video
+    assert fal.file_gets("r1.mp4") == 1
+
+
+def test_downloads_of_jobs_never_renumbered_do_not_list_the_output_folder(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Looking for a video under another item number lists the batch's whole folder (every
+    video so far): done for every download, a batch was quadratic in its size. Only a job a
+    resubmit renumbered after its request was sent can have one there."""
+    FakeFal(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs"))
+    prompts = ["a paper boat", "a red kite", "a tin drum", "a glass owl"]
+    add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": p, "resolution": "480p"}) for p in prompts])
+    ids = dispatch(rt)
+    assert len(ids) == len(prompts)
+    for job_id in ids:
+        assert submit(rt, job_id) == "submitted"
+    wait_until(lambda: all(get(engine, j).state == JobState.DOWNLOADING for j in ids), step=lambda: poll(rt))
+    folder = (tmp_path / "outputs" / "steps").resolve()
+    lookups: list[str] = []
+    listed: list[Path] = []
+    real_lookup, real_scandir = outputs.under_another_item, os.scandir
+
+    def lookup(dest: Path, job_id: str) -> Path | None:
+        lookups.append(job_id)
+        return real_lookup(dest, job_id)
+
+    def scandir(path: Any) -> Any:
+        if Path(path).resolve() == folder:
+            listed.append(Path(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(outputs, "under_another_item", lookup)
+    monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        for job_id in ids:
+            assert download(rt, job_id) == "succeeded"
+    finally:
+        rt.client.close()
+    assert lookups == []
+    # What lists it is the clean-up of stale temporary files, at most once a lease (once the
+    # folder exists; the first download finds none), never once per download.
+    assert len(listed) <= 2
+    assert len(list(folder.glob("*.mp4"))) == len(prompts)
+
+
+def test_a_job_renumbered_before_its_request_was_sent_does_not_list_the_output_folder(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renumbering before the request was sent cannot have left a video of that request under
+    the old number: its downloads read the new one. So the folder is not listed for it either."""
+    FakeFal(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs"))
+    batch_id = add_batch(
+        engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})]
+    )
+    (job_id,) = job_ids(engine, batch_id)
+    job = get(engine, job_id)
+    with db.session_scope(engine) as session:  # an item inserted above the job's, before it is sent
+        above = store.NewJob(f"{1:064x}", 0, "fal-ai/wan-22", {"prompt": "new"}, Decimal(5), Decimal(1))
+        again = store.NewJob(job.job_key, 1, job.endpoint, job.input, job.est_billing_units, job.est_usd)
+        assert store.resubmit_jobs(session, batch_id, [above, again], lambda: 2).renumbered == 1
+    renumbered = get(engine, job_id).renumbered_at
+    assert renumbered is not None
+    with db.session_scope(engine) as session:  # long before it is sent
+        store.update_job_fields(
+            session,
+            job_id,
+            expected_version=job.version,
+            renumbered_at=renumbered - 2 * RENUMBER_MARGIN,
+        )
+    ids = dispatch(rt)
+    assert job_id in ids  # with the new item's
+    for sent in ids:
+        assert submit(rt, sent) == "submitted"
+    wait_until(lambda: get(engine, job_id).state == JobState.DOWNLOADING, step=lambda: poll(rt))
+    lookups: list[str] = []
+    monkeypatch.setattr(outputs, "under_another_item", lambda dest, j: lookups.append(j))
+    try:
+        assert download(rt, job_id) == "succeeded"
+    finally:
+        rt.client.close()
+    assert lookups == []
+    assert get(engine, job_id).output_path == str(
+        tmp_path / "outputs" / "steps" / f"000001-{job_id[:12]}.mp4"
+    )

@@ -837,6 +837,46 @@ def _status(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> int:
         db._engine_for.cache_clear()
 
 
+def test_migration_0031_lets_unfinished_sent_jobs_look_for_a_renumbered_video_once(
+    empty_engine: Engine,
+) -> None:
+    """A job may have been renumbered by a resubmit before 0031 recorded it (``renumbered_at``):
+    one sent and not finished takes its ``submitted_at``, so its download looks under another
+    number as every download did before; the others get NULL, and a downgrade drops it."""
+    from tests.step_runtime import add_batch, job_ids
+
+    migrate(empty_engine, from_models=False)
+    batch_id = add_batch(empty_engine, "m31", [("fal-ai/wan-22", {"prompt": str(n)}) for n in range(5)])
+    jobs = job_ids(empty_engine, batch_id)
+    sent = datetime(2026, 1, 1, tzinfo=UTC)
+    before: list[tuple[str, datetime | None]] = [
+        ("downloading", sent),  # may hold a video saved under its old number: looks once
+        ("queued", sent),  # its download is still to come: looks once too
+        ("pending", None),  # never sent: no video anywhere
+        ("succeeded", sent),  # finished: never downloads again
+        ("failed", sent),
+    ]
+    downgrade(empty_engine, "0030")
+    with empty_engine.begin() as conn:
+        for job_id, (state, at) in zip(jobs, before, strict=True):
+            conn.execute(
+                text("UPDATE jobs SET state = :s, submitted_at = :at WHERE id = :j"),
+                {"s": state, "at": at, "j": job_id},
+            )
+    migrate(empty_engine, from_models=False)
+    with empty_engine.connect() as conn:
+        rows: dict[str, Any] = dict(
+            conn.execute(
+                text("SELECT id, renumbered_at IS NOT NULL AND renumbered_at = submitted_at FROM jobs")
+            ).all()
+        )
+        unstamped = set(conn.execute(text("SELECT id FROM jobs WHERE renumbered_at IS NULL")).scalars())
+    assert [bool(rows[j]) for j in jobs] == [True, True, False, False, False]
+    assert unstamped == set(jobs[2:])
+    downgrade(empty_engine, "0030")
+    assert "renumbered_at" not in {c["name"] for c in inspect(empty_engine).get_columns("jobs")}
+
+
 def test_an_upgrade_waits_for_an_older_process_that_beats(
     empty_engine: Engine,
     live_child: subprocess.Popen[bytes],

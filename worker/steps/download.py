@@ -440,7 +440,9 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video) -
     except OSError as exc:
         failed = OutputWriteError(f"could not clean up {dest.parent}: {exc.strerror or exc}")
         return _write_failed(rt, job_id, claim, failed)
-    result = _downloaded_before(job_id, dest, video, claim.job.submitted_at, staged=outs.is_remote)
+    result = _downloaded_before(
+        job_id, dest, video, claim.job.submitted_at, claim.job.renumbered_at, staged=outs.is_remote
+    )
     if result is None:
         fetched = _download_video(rt, job_id, claim, video, dest)
         if isinstance(fetched, str):
@@ -664,7 +666,13 @@ def _download_video(
 
 
 def _downloaded_before(
-    job_id: str, dest: Path, video: Video, sent_at: datetime | None, *, staged: bool
+    job_id: str,
+    dest: Path,
+    video: Video,
+    sent_at: datetime | None,
+    renumbered_at: datetime | None,
+    *,
+    staged: bool,
 ) -> DownloadResult | None:
     """The video an earlier try of this job already put at ``dest``, hashed again — so it is
     not downloaded a second time: fal's file may have expired meanwhile, and the video is paid
@@ -693,12 +701,19 @@ def _downloaded_before(
     One left under the job's item number before a resubmit of an edited manifest renumbered the
     job is moved to ``dest`` first (:func:`outputs.under_another_item`), a sidecar beside it
     removed (the success writes one under the new number). The probe that follows
-    (:func:`_check_media`) checks it as it checks any download.
+    (:func:`_check_media`) checks it as it checks any download. That lookup lists the whole
+    folder (every video of the batch so far), so it is made only for a job that may have been
+    renumbered after a try of its current request saved its video (:func:`_renumbered_since_sent`):
+    made for every download, it made a batch quadratic in its size.
     """
     if sent_at is None and not staged:
         return None
     try:
-        if not dest.exists() and (earlier := outputs.under_another_item(dest, job_id)) is not None:
+        if (
+            not dest.exists()
+            and _renumbered_since_sent(renumbered_at, sent_at)
+            and (earlier := outputs.under_another_item(dest, job_id)) is not None
+        ):
             if not _written_since(earlier, sent_at):
                 return None
             earlier.replace(dest)
@@ -731,6 +746,26 @@ def _downloaded_before(
             extra={"event": "download.already_saved"},
         )
     return DownloadResult(path=dest, sha256=digest.hexdigest(), size=size)
+
+
+#: How much earlier than its request's ``submitted_at`` a job's ``renumbered_at`` may be and
+#: still count as after it (:func:`_renumbered_since_sent`): the two are stamped by different
+#: processes, perhaps hosts (a resubmit's, a worker's), and a resubmit's stamp is taken right
+#: before its statement locks the job's row. A job sent within this time after it was
+#: renumbered looks for an earlier file once per download; nothing else does.
+RENUMBER_MARGIN = timedelta(minutes=1)
+
+
+def _renumbered_since_sent(renumbered_at: datetime | None, sent_at: datetime | None) -> bool:
+    """Whether a try of the job's current request (sent at ``sent_at``) may have saved its video
+    under an item number the job no longer has: a resubmit renumbered the job (``renumbered_at``,
+    :func:`jobs.store.resubmit_jobs`) no earlier than that request was sent. A try renumbered
+    before it read its number after the renumbering (the job was claimed for its download after
+    it was sent), so saved its file under the current one. No ``sent_at`` (a staged file of a
+    job that never recorded one): any renumbering."""
+    if renumbered_at is None:
+        return False
+    return sent_at is None or renumbered_at >= sent_at - RENUMBER_MARGIN
 
 
 def _written_since(path: Path, sent_at: datetime | None) -> bool:
