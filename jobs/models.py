@@ -344,7 +344,7 @@ class Job(Base):
     #: only a job renumbered after its current request was sent can have one, and only its
     #: download looks for it (``worker.steps.download._downloaded_before``), instead of every
     #: download listing its batch's whole output folder. A job unfinished and sent when schema
-    #: 0031 added the column took its ``submitted_at``: it may have been renumbered before.
+    #: 0032 added the column took its ``submitted_at``: it may have been renumbered before.
     renumbered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     endpoint: Mapped[str] = mapped_column(String(255))
     #: The resolved input as validated (local image paths still local).

@@ -486,7 +486,7 @@ def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path:
         engine.dispose()
     cfg = alembic_config()
     cfg.set_main_option("sqlalchemy.url", url)
-    steps = [f"{n:04d}" for n in range(31, 14, -1)]  # 0031 (the head) down to 0015
+    steps = [f"{n:04d}" for n in range(32, 14, -1)]  # 0032 (the head) down to 0015
     assert steps[0] == SCHEMA_HEAD
     for below in steps[1:]:
         command.downgrade(cfg, "-1")
@@ -837,16 +837,16 @@ def _status(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> int:
         db._engine_for.cache_clear()
 
 
-def test_migration_0031_lets_unfinished_sent_jobs_look_for_a_renumbered_video_once(
+def test_migration_0032_lets_unfinished_sent_jobs_look_for_a_renumbered_video_once(
     empty_engine: Engine,
 ) -> None:
-    """A job may have been renumbered by a resubmit before 0031 recorded it (``renumbered_at``):
+    """A job may have been renumbered by a resubmit before 0032 recorded it (``renumbered_at``):
     one sent and not finished takes its ``submitted_at``, so its download looks under another
     number as every download did before; the others get NULL, and a downgrade drops it."""
     from tests.step_runtime import add_batch, job_ids
 
     migrate(empty_engine, from_models=False)
-    batch_id = add_batch(empty_engine, "m31", [("fal-ai/wan-22", {"prompt": str(n)}) for n in range(5)])
+    batch_id = add_batch(empty_engine, "m32", [("fal-ai/wan-22", {"prompt": str(n)}) for n in range(5)])
     jobs = job_ids(empty_engine, batch_id)
     sent = datetime(2026, 1, 1, tzinfo=UTC)
     before: list[tuple[str, datetime | None]] = [
@@ -856,7 +856,7 @@ def test_migration_0031_lets_unfinished_sent_jobs_look_for_a_renumbered_video_on
         ("succeeded", sent),  # finished: never downloads again
         ("failed", sent),
     ]
-    downgrade(empty_engine, "0030")
+    downgrade(empty_engine, "0031")
     with empty_engine.begin() as conn:
         for job_id, (state, at) in zip(jobs, before, strict=True):
             conn.execute(
@@ -873,7 +873,7 @@ def test_migration_0031_lets_unfinished_sent_jobs_look_for_a_renumbered_video_on
         unstamped = set(conn.execute(text("SELECT id FROM jobs WHERE renumbered_at IS NULL")).scalars())
     assert [bool(rows[j]) for j in jobs] == [True, True, False, False, False]
     assert unstamped == set(jobs[2:])
-    downgrade(empty_engine, "0030")
+    downgrade(empty_engine, "0031")
     assert "renumbered_at" not in {c["name"] for c in inspect(empty_engine).get_columns("jobs")}
 
 

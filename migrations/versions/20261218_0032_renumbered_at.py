@@ -12,8 +12,8 @@ renumbered before the column existed, so it takes its ``submitted_at`` (its curr
 send time), and its next download looks once, as every download did before. A job sent again
 later gets a later ``submitted_at`` and no longer looks.
 
-Revision ID: 0031
-Revises: 0030
+Revision ID: 0032
+Revises: 0031
 Create Date: 2026-12-17 12:00:00
 """
 
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0031"
-down_revision: str | Sequence[str] | None = "0030"
+revision: str = "0032"
+down_revision: str | Sequence[str] | None = "0031"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
