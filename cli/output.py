@@ -40,6 +40,7 @@ from jobs.errors import Issue, ManifestError, UsageError, WanbatchError
 from jobs.fs import path_error
 from jobs.money import round_cents, usd_text
 from jobs.printable import one_line, printable, shell_ref
+from jobs.schedule import eta_text
 from jobs.states import JobState
 
 if TYPE_CHECKING:
@@ -636,15 +637,6 @@ def status_table(report: BatchReport) -> Table:
     table.add_section()
     table.add_row("total", str(report["total"]))
     return table
-
-
-def eta_text(seconds: float | None) -> str:
-    """``~3m20s left`` style, or empty when there is no forecast."""
-    if seconds is None or seconds <= 0:
-        return ""
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"~{hours}h{minutes:02d}m left" if hours else f"~{minutes}m{secs:02d}s left"
 
 
 def progress_text(report: BatchReport, *, distributed: bool = False) -> str:

@@ -67,7 +67,7 @@ from jobs.rendered import (
     tally_being,
     wanted_key,
 )
-from jobs.schedule import Schedule, format_duration
+from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
 from jobs.states import AT_PROVIDER_STATES, UNFINISHED_STATES, JobState
 from jobs.url_secrets import masked_url
@@ -871,12 +871,35 @@ def batch_forecast(session: Session, batch: Batch, totals: listing.Totals, *, no
     ``run``'s progress line (:func:`batch_progress`) and the dashboard's batch page go by it; the
     page once asked only what holds the batch back, and kept a time left while the workers could
     not reach the broker, where ``status`` gave none."""
-    done = totals.total > 0 and totals.finished == totals.total
-    beat = listing.heartbeat(session, batch.id, now=now)
-    broker_down = None if done or batch.simulated else listing.broker_down_since(session, now=now)
-    standing = batch_standing(batch, totals, beat, broker_down, now=now)
-    eta, eta_note = listing.forecast(totals, held=standing, schedule=store.batch_schedule(batch), now=now)
-    return Forecast(standing, eta, eta_note, beat)
+    return batch_forecasts(session, [(batch, totals)], now=now)[batch.id]
+
+
+def batch_forecasts(
+    session: Session, shown: Iterable[tuple[Batch, listing.Totals]], *, now: datetime
+) -> dict[str, Forecast]:
+    """:func:`batch_forecast` of each ``(batch, totals)`` (by batch id), with one query for their
+    heartbeats and at most one for the broker: the dashboard's batch list. The list once asked
+    only what holds each batch back or that nothing processes it, and showed a time left while
+    the workers could not reach the broker, where ``status`` and the batch's page gave none."""
+    rows = list(shown)
+    beats = listing.heartbeats(session, [batch.id for batch, _totals in rows], now=now)
+    # Asked once, and only when some unfinished batch the workers would process is shown.
+    broker: list[datetime | None] = []
+
+    def broker_down(batch: Batch, totals: listing.Totals) -> datetime | None:
+        if (totals.total > 0 and totals.finished == totals.total) or batch.simulated:
+            return None
+        if not broker:
+            broker.append(listing.broker_down_since(session, now=now))
+        return broker[0]
+
+    found = {}
+    for batch, totals in rows:
+        beat = beats.get(batch.id)
+        standing = batch_standing(batch, totals, beat, broker_down(batch, totals), now=now)
+        eta, eta_note = listing.forecast(totals, held=standing, schedule=store.batch_schedule(batch), now=now)
+        found[batch.id] = Forecast(standing, eta, eta_note, beat)
+    return found
 
 
 def batch_progress(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchProgress:
@@ -2452,19 +2475,23 @@ def rerun_wait_note(result: SubmitResult, now: datetime) -> str | None:
     """What ``rerun`` says on stderr of a new batch that keeps its parent's window while that
     window is closed: it waits for it (the jobs a deadline cancelled go out the next night, not
     this morning), and ``--now`` sends it at once. None when it may send now (or has no window)."""
-    schedule = Schedule.from_json(result.schedule)
-    if schedule.window is None or schedule.is_open(now):
+    waits = rerun_waits(result, now)
+    if not waits:
         return None
-    opens = schedule.next_open(now)
-    if opens is None:  # pragma: no cover - a window without a deadline always opens again
-        return None
-    clock = f"{opens.astimezone(schedule.tz):%H:%M} {schedule.timezone}"
-    left = format_duration((opens - now).total_seconds())
     ref = shell_ref(result.name, result.batch_id)
     return (
-        f"batch {result.name} waits for its window: opens {clock}, in {left}; `--now` sends it "
-        f"now (Ctrl-C, `wanbatch cancel {ref}`, then the same rerun with `--now`)"
+        f"batch {result.name} {waits}; `--now` sends it now (Ctrl-C, `wanbatch cancel {ref}`, then "
+        "the same rerun with `--now`)"
     )
+
+
+def rerun_waits(result: SubmitResult, now: datetime) -> str:
+    """How long a new rerun waits for the window it kept, in the words ``status`` says it of a
+    rerun (:meth:`Schedule.waits`: ``waits for its window (opens 22:00 Europe/Berlin, in
+    15h)``); "" when it may send now. ``rerun``'s note and the dashboard's "Rerun failed" say it:
+    the note once wrote its own ("waits for its window: opens 22:00 …, in 15h"), and the
+    dashboard said "the workers send it" of a rerun that waited hours."""
+    return Schedule.from_json(result.schedule).waits(now)
 
 
 def _rerun_schedule(parent: Batch) -> Schedule | None:

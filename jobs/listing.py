@@ -703,11 +703,12 @@ def totals_of_batches(session: Session, batch_ids: Sequence[str], *, now: dateti
 
 @dataclass(frozen=True, slots=True)
 class BatchRow:
-    """One batch as the batch list shows it (the ORM row is loaded and detached-safe)."""
+    """One batch as the batch list shows it (the ORM row is loaded and detached-safe). Its
+    forecast is ``status``'s, by its rules (:func:`jobs.batches.batch_forecasts`): not decided
+    here, where the workers' broker was not asked."""
 
     batch: Batch
     totals: Totals
-    pace: Pace
 
 
 @dataclass(frozen=True, slots=True)
@@ -724,8 +725,8 @@ class BatchList:
 def list_batches(
     session: Session, *, page: int = 1, per_page: int = BATCHES_PER_PAGE, now: datetime | None = None
 ) -> BatchList:
-    """A page of batches, newest first, with their totals and pace: three queries in all, one
-    of them a single ``GROUP BY batch_id, state`` over the jobs of the batches shown."""
+    """A page of batches, newest first, with their totals: two queries in all, one of them a
+    single ``GROUP BY batch_id, state`` over the jobs of the batches shown."""
     now = now or utcnow()
     total_batches = int(session.scalar(select(func.count()).select_from(Batch)) or 0)
     pages = max(1, -(-total_batches // per_page))
@@ -739,20 +740,8 @@ def list_batches(
         )
     )
     totals = totals_of_batches(session, [b.id for b in batches], now=now)
-    beats = heartbeats(session, list(totals), now=now)
     return BatchList(
-        rows=[
-            BatchRow(
-                batch=b,
-                totals=totals[b.id],
-                pace=pace(
-                    totals[b.id],
-                    held=standing(b, totals[b.id], beats.get(b.id), now=now),
-                    now=now,
-                ),
-            )
-            for b in batches
-        ],
+        rows=[BatchRow(batch=b, totals=totals[b.id]) for b in batches],
         total_batches=total_batches,
         page=page,
         pages=pages,

@@ -87,6 +87,18 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def eta_text(seconds: float | None) -> str:
+    """A forecast's time left as ``status``, ``run``'s progress line and the dashboard write it:
+    ``~3m20s left``, ``~3h01m left``; empty when there is no forecast (None, or nothing left).
+    The dashboard wrote its own ("3 min 20 s"), so the page and ``status`` read differently
+    for the same batch at the same instant."""
+    if seconds is None or seconds <= 0:
+        return ""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"~{hours}h{minutes:02d}m left" if hours else f"~{minutes}m{secs:02d}s left"
+
+
 def _resolve(day: date, wall: time, tz: tzinfo) -> datetime:
     """The instant (UTC) the wall clock in ``tz`` shows ``wall`` on ``day``.
 

@@ -52,6 +52,7 @@ from jobs.money import usd_text
 from jobs.printable import one_line, shell_ref
 from jobs.processes import owner_gone
 from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, going_on, rerun_covered
+from jobs.schedule import eta_text, format_duration
 from jobs.settings import Settings
 from jobs.states import JobState
 from jobs.url_secrets import mask_urls
@@ -116,35 +117,13 @@ def usd(value: Decimal | float | None) -> str:
     return usd_text(value, none="—")
 
 
-def duration(seconds: float | None) -> str:
-    """``45 s``, ``1 min 48 s``, ``12 min``, ``3 h 05 min``, ``2 d 4 h``; "—" for None.
-
-    Under ten minutes the seconds are kept: an ETA of 108 s read "1 min", nearly half of it lost;
-    from ten minutes on, whole minutes are closer than 10 % (and a countdown in seconds would only
-    flicker)."""
-    if seconds is None:
-        return "—"
-    s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    minutes, secs = divmod(s, 60)
-    if minutes < 10:
-        return f"{minutes} min {secs:02d} s"
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {minutes:02d} min"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h"
-
-
 def ago(moment: datetime | None, now: datetime | None = None) -> str:
-    """``just now``, ``5 min ago``, ``3 h 10 min ago``."""
+    """``just now``, ``5m ago``, ``3h10m ago``: the durations ``status`` writes
+    (:func:`jobs.schedule.format_duration`, its "last seen 3m ago")."""
     if moment is None:
         return "—"
     seconds = ((now or utcnow()) - moment).total_seconds()
-    return "just now" if seconds < 10 else f"{duration(seconds)} ago"
+    return "just now" if seconds < 10 else f"{format_duration(seconds)} ago"
 
 
 def number(value: int | float | None) -> str:
@@ -201,7 +180,8 @@ def _environment() -> jinja2.Environment:
     )
     env.filters.update(
         usd=usd,
-        duration=duration,
+        # A forecast's time left as `status` writes it ("~5m15s left"), never in words of its own.
+        eta_text=eta_text,
         ago=ago,
         number=number,
         rate=rate,
@@ -380,11 +360,21 @@ class Dashboard:
         with db.read_scope(self.engine) as session:
             now = utcnow()
             found = listing.list_batches(session, page=page, now=now)
+            shown = [(row.batch, row.totals) for row in found.rows]
             # One query for the page's batches past their deadline, not one per batch.
             schedule = batches.schedule_states(
-                session, ((row.batch, _finished(row.totals)) for row in found.rows), now=now
+                session, ((batch, _finished(totals)) for batch, totals in shown), now=now
             )
-        return self.render(request, "batches.html", listing=found, schedule=schedule, title="Batches")
+            # `status`'s forecast of each (jobs.batches.batch_forecast's rules, the batch page's):
+            # no time left while the workers cannot reach the broker or nothing processes it.
+            forecasts = batches.batch_forecasts(session, shown, now=now)
+            rows = [
+                ListedBatch.of(batch, totals, forecasts[batch.id], schedule[batch.id], now=now)
+                for batch, totals in shown
+            ]
+        return self.render(
+            request, "batches.html", listing=found, rows=rows, schedule=schedule, title="Batches"
+        )
 
     def batch_page(self, request: Request) -> Response:
         wanted = Filter.parse(request.query_params)
@@ -429,14 +419,7 @@ class Dashboard:
                 shell_ref(batch.name, batch.id),
             )
             # What `status` reads as the batch's state, decided where it decides it.
-            phase, phase_reason = batches.batch_phase(
-                state=batch.state,
-                total=totals.total,
-                finished=totals.finished,
-                pause_reason=batch.pause_reason,
-                paused_by_user=batch.paused_by_user,
-                schedule_state=shown_schedule,
-            )
+            phase, phase_reason = _phase(batch, totals, shown_schedule)
             context: dict[str, Any] = {
                 "batch": batch,
                 "summary": summary,
@@ -600,7 +583,17 @@ class Dashboard:
             batch.id, failed_only=True, settings=self.settings, simulated=batch.simulated
         )
         ref = shell_ref(result.name, result.batch_id)
-        if result.simulated:
+        # It keeps its parent's window: while that is closed it waits, as `rerun` and `status` say
+        # (jobs.batches.rerun_waits: Schedule.waits), before anything sends it.
+        if waits := batches.rerun_waits(result, utcnow()):
+            if result.simulated:
+                sender = f"`wanbatch run {ref} --simulate` (a simulation)"
+            elif self.settings.broker_url:
+                sender = "the workers"
+            else:
+                sender = f"`wanbatch run {ref}` (no workers: no WANBATCH_BROKER_URL)"
+            then = f"it {waits}; then {sender} sends it"
+        elif result.simulated:
             then = f"a simulation: nothing sends it until `wanbatch run {ref} --simulate`"
         elif self.settings.broker_url:
             then = "the workers send it"
@@ -677,6 +670,48 @@ def plain_error(message: str, status_code: int) -> Response:
 
 def _finished(totals: listing.Totals) -> bool:
     return totals.total > 0 and totals.finished == totals.total
+
+
+def _phase(batch: Batch, totals: listing.Totals, schedule_state: str) -> tuple[str, str | None]:
+    """What ``status`` reads as the batch's state, and why it is held back
+    (:func:`jobs.batches.batch_phase`, given its :func:`jobs.batches.schedule_state`)."""
+    return batches.batch_phase(
+        state=batch.state,
+        total=totals.total,
+        finished=totals.finished,
+        pause_reason=batch.pause_reason,
+        paused_by_user=batch.paused_by_user,
+        schedule_state=schedule_state,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ListedBatch:
+    """A row of the batch list: its figures and the forecast ``status`` gives it, which the
+    list says in the batch page's words (the ``eta`` macro of ``_macros.html``)."""
+
+    batch: Batch
+    totals: listing.Totals
+    #: :func:`jobs.batches.batch_forecast`'s, by ``status``'s rules.
+    forecast: batches.Forecast
+    #: Its jobs finished per minute (:func:`jobs.listing.pace`).
+    per_minute: float | None
+    phase: str
+    phase_reason: str | None
+
+    @classmethod
+    def of(
+        cls,
+        batch: Batch,
+        totals: listing.Totals,
+        forecast: batches.Forecast,
+        schedule_state: str,
+        *,
+        now: datetime,
+    ) -> ListedBatch:
+        phase, reason = _phase(batch, totals, schedule_state)
+        per_minute = listing.pace(totals, held=forecast.standing, now=now).per_minute
+        return cls(batch, totals, forecast, per_minute, phase, reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,7 +88,7 @@ def test_a_rerun_that_keeps_a_closed_window_says_it_waits_and_how_to_send_it_now
 
     assert rerun.code == 1, rerun.stderr
     said = " ".join(rerun.stderr.split())
-    assert f"batch night-rerun-1 waits for its window: opens {window[:5]} UTC, in " in said
+    assert f"batch night-rerun-1 waits for its window (opens {window[:5]} UTC, in " in said
     assert "`--now` sends it now" in said
     status = wb("status", "night-rerun-1", "--json").json()
     assert status["schedule"]["window"] == window

@@ -50,7 +50,7 @@ def _rerun(schedule: dict[str, Any] | None) -> SubmitResult:
 def test_a_rerun_waiting_for_its_window_says_when_it_opens_and_how_to_send_it_now() -> None:
     morning = datetime(2026, 12, 2, 6, 0, tzinfo=UTC)  # 07:00 in Berlin: the window opens at 22:00
     assert rerun_wait_note(_rerun(BERLIN), morning) == (
-        "batch night-rerun-1 waits for its window: opens 22:00 Europe/Berlin, in 15h; `--now` sends it "
+        "batch night-rerun-1 waits for its window (opens 22:00 Europe/Berlin, in 15h); `--now` sends it "
         "now (Ctrl-C, `wanbatch cancel night-rerun-1`, then the same rerun with `--now`)"
     )
 

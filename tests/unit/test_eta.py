@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cli.output import eta_text
+from jobs.schedule import eta_text
 
 
 def test_eta_text() -> None:

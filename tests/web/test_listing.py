@@ -23,6 +23,17 @@ from tests.web.web_helpers import ENDPOINTS, make_batch, mixed_batch, new_job
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
+def _forecasts(session: Session, found: listing.BatchList, now: datetime) -> dict[str, batches.Forecast]:
+    """The batch list's forecasts, as the dashboard reads them (:func:`batches.batch_forecasts`)."""
+    return batches.batch_forecasts(session, [(r.batch, r.totals) for r in found.rows], now=now)
+
+
+def _listed(session: Session, batch_id: str, now: datetime | None = None) -> batches.Forecast:
+    """The forecast the batch list gives ``batch_id`` at ``now``."""
+    now = now or datetime.now(UTC)
+    return _forecasts(session, listing.list_batches(session, now=now), now)[batch_id]
+
+
 def test_summary_equals_the_stores_own_figures(session: Session) -> None:
     mixed = mixed_batch(session)
     other = mixed_batch(session, "other", items=7)  # another batch's jobs must not leak in
@@ -77,13 +88,16 @@ def test_batch_list_aggregates_every_batch_shown_at_once(session: Session) -> No
     row = next(r for r in found.rows if r.batch.id == mixed.batch.id)
     alone = listing.batch_summary(session, mixed.batch.id).all
     assert row.totals == alone
-    assert row.pace.per_minute is not None
-    assert row.pace.per_minute > 0
-    assert row.pace.eta_seconds is not None
-    assert row.pace.eta_seconds > 0
+    now = datetime.now(UTC)
+    per_minute = pace(row.totals, held="", now=now).per_minute
+    assert per_minute is not None
+    assert per_minute > 0
+    forecast = _forecasts(session, found, now)[mixed.batch.id]
+    assert forecast.eta_seconds is not None
+    assert forecast.eta_seconds > 0
     blank = next(r for r in found.rows if r.batch.id == empty.id)
     assert blank.totals.total == 0
-    assert blank.pace == Pace(None, None, "")
+    assert pace(blank.totals, held="", now=now) == Pace(None, None, "")
     paged = listing.list_batches(session, page=2, per_page=1)
     assert [r.batch.name for r in paged.rows] == ["mixed"]
     assert paged.pages == 2
@@ -92,26 +106,26 @@ def test_batch_list_aggregates_every_batch_shown_at_once(session: Session) -> No
 
 def test_a_held_batch_gets_no_eta_as_in_status(session: Session) -> None:
     mixed = mixed_batch(session)
-    assert listing.list_batches(session).rows[0].pace.eta_seconds is not None
+    assert _listed(session, mixed.batch.id).eta_seconds is not None
     store.set_paused_by_user(session, mixed.batch.id, True)
     session.commit()
-    row = listing.list_batches(session).rows[0]
-    assert row.pace.held == "paused by user"
-    assert row.pace.eta_seconds is None  # jobs still in flight, but the batch cannot finish while held
+    row = _listed(session, mixed.batch.id)
+    assert row.standing == "paused by user"
+    assert row.eta_seconds is None  # jobs still in flight, but the batch cannot finish while held
     report = batches.batch_report(session, mixed.batch.id)
     assert report["eta_seconds"] is None  # the dashboard and `status` agree
     store.set_batch_state(session, mixed.batch.id, BatchState.CANCELLED)
     session.commit()
-    assert listing.list_batches(session).rows[0].pace.held == "cancelled"
+    assert _listed(session, mixed.batch.id).standing == "cancelled"
 
 
 def test_status_forecasts_as_the_dashboard_at_the_recent_pace(session: Session) -> None:
     mixed = mixed_batch(session)
     now = datetime.now(UTC)
-    row = listing.list_batches(session, now=now).rows[0]
+    row = _listed(session, mixed.batch.id, now)
     report = batches.batch_report(session, mixed.batch.id, now=now)
     assert report["eta_seconds"] is not None
-    assert report["eta_seconds"] == row.pace.eta_seconds  # one forecast, wherever it is shown
+    assert report["eta_seconds"] == row.eta_seconds  # one forecast, wherever it is shown
 
     # Stopped overnight and resumed: first sent 8 hours ago, finishing jobs again for minutes.
     # The pace since the first submit would forecast most of a day; the recent pace does not.
@@ -129,22 +143,22 @@ def test_status_forecasts_as_the_dashboard_at_the_recent_pace(session: Session) 
 
 def test_a_batch_no_process_works_on_gets_no_eta_and_says_so(session: Session) -> None:
     stopped = mixed_batch(session, processing=False)  # its `run` was stopped: jobs wait at fal
-    row = listing.list_batches(session).rows[0]
-    assert row.totals.busy > 0
-    assert (row.pace.held, row.pace.eta_seconds) == ("nothing is processing it", None)
+    assert listing.list_batches(session).rows[0].totals.busy > 0
+    row = _listed(session, stopped.batch.id)
+    assert (row.standing, row.eta_seconds) == ("nothing is processing it", None)
     report = batches.batch_report(session, stopped.batch.id)
     assert (report["processing"], report["eta_seconds"]) == (False, None)  # `status` agrees
 
     now = datetime.now(UTC)
     store.record_heartbeat(session, "run:1:", [stopped.batch.id], now - timedelta(minutes=3))
     session.commit()
-    row = listing.list_batches(session, now=now).rows[0]
-    assert row.pace.held == "nothing is processing it (last seen 3m ago)"  # gone stale
+    row = _listed(session, stopped.batch.id, now)
+    assert row.standing == "nothing is processing it (last seen 3m ago)"  # gone stale
     store.record_heartbeat(session, "worker:2:", ["*"], now)  # a distributed worker: every batch
     session.commit()
-    row = listing.list_batches(session, now=now).rows[0]
-    assert row.pace.held == ""
-    assert row.pace.eta_seconds is not None
+    row = _listed(session, stopped.batch.id, now)
+    assert row.standing == ""
+    assert row.eta_seconds is not None
     assert batches.batch_report(session, stopped.batch.id)["processing"] is True
     store.drop_heartbeats(session, "worker:2:")  # it stopped cleanly
     session.commit()
