@@ -54,6 +54,8 @@ from cli.output import (
 from jobs.printable import one_line, shell_ref
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from sqlalchemy.orm import Session
 
     from falsim.server import SimulatorHandle
@@ -88,15 +90,29 @@ def status(batch: str | None, as_json: bool) -> None:
         # A hold on fal recorded by a process of this host that has ended is not shown.
         from jobs.processes import owner_gone
 
-        reports = batches.status(batch, settings, caps, broker_url=settings.broker_url, gone=owner_gone)
+        silent: dict[str, datetime] = {}
+        warnings: list[str] = []
         if settings.broker_url:  # the workers' leader's limits apply, not these: say when they differ
+            from jobs.models import utcnow
             from worker.doctor import database_id
             from worker.limits import published_mismatch
-            from worker.peers import workers_mismatch
+            from worker.peers import peer_warnings, read_records, silent_since, unread_warning
 
             database = database_id(settings)
-            for line in published_mismatch(settings, database) + workers_mismatch(settings, database):
-                err.print(f"[yellow]warning: {escape(line)}[/yellow]")
+            # Every worker's record, read once: whose settings differ, and which went silent (a
+            # worker killed on another host: the jobs it holds are named before its leases end).
+            records = read_records(settings, database)
+            silent = silent_since(records, utcnow())
+            unread = unread_warning(records)
+            if unread:  # Redis does not answer: one line, not the leader's limits' read as well
+                warnings.append(unread)
+            else:
+                warnings += published_mismatch(settings, database) + peer_warnings(records.peers)
+        reports = batches.status(
+            batch, settings, caps, broker_url=settings.broker_url, gone=owner_gone, silent=silent
+        )
+        for line in warnings:
+            err.print(f"[yellow]warning: {escape(line)}[/yellow]")
         if as_json:
             emit_json(reports[0] if batch is not None else {"batches": reports})
             return EXIT_OK

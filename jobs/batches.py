@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -752,9 +752,10 @@ class BatchReport(TypedDict):
     #: That in one line (:func:`jobs.listing.fal_hold_text`); "" when none.
     fal_unreachable_note: str
     #: The processes holding leases on its unfinished jobs that are gone — ended (a pid of
-    #: this host that no longer runs) or with a stale heartbeat: each one's ``owner``,
-    #: ``host``, ``pid``, ``jobs``, ``lease_until`` (when they are taken over), ``last_seen``
-    #: (ISO 8601, UTC; None when it never beat) and ``ended`` (:func:`jobs.listing.dead_holders`).
+    #: this host that no longer runs), with a stale heartbeat, or a worker whose record on the
+    #: workers' Redis went stale: each one's ``owner``, ``host``, ``pid``, ``jobs``,
+    #: ``lease_until`` (when they are taken over), ``last_seen`` (ISO 8601, UTC; None when it
+    #: never beat), ``ended`` and ``worker_record_stale`` (:func:`jobs.listing.dead_holders`).
     dead_lease_holders: list[dict[str, Any]]
     #: That in one line (:func:`jobs.listing.dead_holders_text`); "" when none.
     dead_lease_holders_note: str
@@ -1339,7 +1340,11 @@ class _Reads(Protocol):
         self, batch: Batch, now: datetime, gone: Callable[[str], bool] | None
     ) -> list[listing.FalHoldView]: ...
     def dead_holders(
-        self, batch: Batch, now: datetime, gone: Callable[[str], bool] | None
+        self,
+        batch: Batch,
+        now: datetime,
+        gone: Callable[[str], bool] | None,
+        silent: Mapping[str, datetime] | None,
     ) -> list[listing.DeadHolder]: ...
     def failures(self, batch: Batch) -> list[store.FailureGroup]: ...
     def covered(self, batch: Batch, now: datetime) -> Covered: ...
@@ -1382,10 +1387,14 @@ class _OneBatch:
         return listing.fal_holds(self.session, batch.id, now=now, simulated=batch.simulated, gone=gone)
 
     def dead_holders(
-        self, batch: Batch, now: datetime, gone: Callable[[str], bool] | None
+        self,
+        batch: Batch,
+        now: datetime,
+        gone: Callable[[str], bool] | None,
+        silent: Mapping[str, datetime] | None,
     ) -> list[listing.DeadHolder]:
         return listing.read_dead_holders(
-            self.session, [batch.id], now=now, excluding=process_prefix(), gone=gone
+            self.session, [batch.id], now=now, excluding=process_prefix(), gone=gone, silent=silent
         )[batch.id]
 
     def failures(self, batch: Batch) -> list[store.FailureGroup]:
@@ -1466,12 +1475,16 @@ class _AllBatches:
         return cast(list[listing.FalHoldView], found[batch.id])
 
     def dead_holders(
-        self, batch: Batch, now: datetime, gone: Callable[[str], bool] | None
+        self,
+        batch: Batch,
+        now: datetime,
+        gone: Callable[[str], bool] | None,
+        silent: Mapping[str, datetime] | None,
     ) -> list[listing.DeadHolder]:
         found = self._once(
             "dead_holders",
             lambda: listing.read_dead_holders(
-                self.session, self.ids, now=now, excluding=process_prefix(), gone=gone
+                self.session, self.ids, now=now, excluding=process_prefix(), gone=gone, silent=silent
             ),
         )
         return cast(list[listing.DeadHolder], found[batch.id])
@@ -1493,6 +1506,7 @@ def batch_report(
     caps: CapCheck | None = None,
     broker_url: str | None = None,
     gone: Callable[[str], bool] | None = None,
+    silent: Mapping[str, datetime] | None = None,
 ) -> BatchReport:
     """The contract's ``status BATCH --json`` object for one batch (``now``: for the schedule).
 
@@ -1506,10 +1520,19 @@ def batch_report(
     seems to hold back, nothing moves until the broker answers.
 
     ``gone``: whether a process (``host:pid:``) is known to have ended, so that a hold on fal it
-    recorded before it died is not shown (:func:`jobs.listing.fal_holds`)."""
+    recorded before it died is not shown (:func:`jobs.listing.fal_holds`); ``silent``: worker
+    processes (``host:pid:``) whose record on the workers' Redis went stale, and when each was
+    last seen, so that jobs one holds are named as held by a gone process
+    (:func:`jobs.listing.dead_holders`)."""
     batch = store.get_batch(session, batch_id)
     return _report(
-        batch, _OneBatch(session), now=now or utcnow(), caps=caps, broker_url=broker_url, gone=gone
+        batch,
+        _OneBatch(session),
+        now=now or utcnow(),
+        caps=caps,
+        broker_url=broker_url,
+        gone=gone,
+        silent=silent,
     )
 
 
@@ -1521,6 +1544,7 @@ def _report(
     caps: CapCheck | None,
     broker_url: str | None,
     gone: Callable[[str], bool] | None,
+    silent: Mapping[str, datetime] | None = None,
 ) -> BatchReport:
     """:func:`batch_report` of ``batch``, what it reads of the database read through ``reads``."""
     totals = reads.totals(batch, now)
@@ -1561,7 +1585,7 @@ def _report(
     schedule = store.batch_schedule(batch)
     eta, eta_note = listing.forecast(totals, held=held, schedule=schedule, now=now)
     fal_holds = [] if done else reads.fal_holds(batch, now, gone)
-    dead = [] if done else reads.dead_holders(batch, now, gone)
+    dead = [] if done else reads.dead_holders(batch, now, gone, silent)
     covered = reads.covered(batch, now)
     return {
         "batch": batch.id,
@@ -1992,22 +2016,27 @@ def status(
     *,
     broker_url: str | None = None,
     gone: Callable[[str], bool] | None = None,
+    silent: Mapping[str, datetime] | None = None,
 ) -> list[BatchReport]:
     """Reports for one batch (``ref`` = id, id prefix or name) or, with no ref, for every batch;
     ``caps``: say which cap holds an active batch's submits back; ``broker_url``: the broker a
-    broker outage names; ``gone``: processes known to have ended (:func:`batch_report`)."""
+    broker outage names; ``gone``: processes known to have ended; ``silent``: workers whose
+    Redis record went stale (:func:`batch_report`)."""
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
         if ref is not None:
             batch_id = store.get_batch(session, ref).id
-            return [batch_report(session, batch_id, caps=caps, broker_url=broker_url, gone=gone)]
+            return [
+                batch_report(session, batch_id, caps=caps, broker_url=broker_url, gone=gone, silent=silent)
+            ]
         # Every batch from a fixed number of grouped queries (not one report's ten per batch:
         # hundreds of scheduled batches made `status` take seconds), the same reports.
         now = utcnow()
         batches = store.list_batches(session)
         reads = _AllBatches(session, batches, now=now, api_key_id=caps.api_key_id if caps else None)
         return [
-            _report(batch, reads, now=now, caps=caps, broker_url=broker_url, gone=gone) for batch in batches
+            _report(batch, reads, now=now, caps=caps, broker_url=broker_url, gone=gone, silent=silent)
+            for batch in batches
         ]
 
 

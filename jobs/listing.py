@@ -21,7 +21,7 @@ of those definitions are applied per ``state`` group in Python, on a handful of 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -495,8 +495,10 @@ def waiting_note(holders: list[store.LeaseHolder], now: datetime, *, gone: Colle
 @dataclass(frozen=True, slots=True)
 class DeadHolder:
     """A process that holds leases on a batch's unfinished jobs and is gone: it has ended (a
-    process of this host whose pid no longer runs) or its heartbeat went stale. Its jobs wait
-    for the lease to end, then are taken over (a submit's outcome checked by the reconciler)."""
+    process of this host whose pid no longer runs), its heartbeat went stale, or (a worker that
+    does not lead, on any host) its own record on the workers' Redis was not refreshed
+    (``silent``, :func:`dead_holders`). Its jobs wait for the lease to end, then are taken over
+    (a submit's outcome checked by the reconciler): naming it changes nothing of that."""
 
     owner: str
     jobs: int
@@ -506,6 +508,8 @@ class DeadHolder:
     last_seen: datetime | None
     #: Known to have ended (its pid no longer runs on this host).
     ended: bool
+    #: Named because its worker record on Redis went stale (``silent`` of :func:`dead_holders`).
+    record_stale: bool = False
 
     def as_json(self) -> dict[str, Any]:
         host, _, rest = self.owner.partition(":")
@@ -518,6 +522,7 @@ class DeadHolder:
             "lease_until": self.until.isoformat(),
             "last_seen": self.last_seen.isoformat() if self.last_seen is not None else None,
             "ended": self.ended,
+            "worker_record_stale": self.record_stale,
         }
 
 
@@ -527,11 +532,16 @@ def dead_holders(
     *,
     now: datetime,
     gone: Callable[[str], bool] | None = None,
+    silent: Mapping[str, datetime] | None = None,
 ) -> list[DeadHolder]:
     """Those of ``holders`` that are gone: known to have ended (``gone``: a process of this host
-    whose pid no longer runs), or whose last heartbeat (``last_seen``, by ``host:pid:``) is
-    older than :data:`PROCESSING_STALE_SECONDS`. A holder with no heartbeat that cannot be told
-    gone (another host, a worker that never led) is not named: nothing says it died."""
+    whose pid no longer runs), whose last heartbeat (``last_seen``, by ``host:pid:``) is older
+    than :data:`PROCESSING_STALE_SECONDS`, or that are ``silent``: worker processes (by
+    ``host:pid:``, when each was last seen) whose own record on the workers' Redis has not been
+    refreshed for several of their beats (:data:`worker.peers.PEER_GONE_SECONDS`, decided by the
+    caller) and that have no fresher heartbeat here. A holder with neither that cannot be told
+    gone (another host, a worker that never led and has no record) is not named: nothing says
+    it died. Its last sighting is the later of the two."""
     found = []
     for h in holders:
         prefix = owner_prefix(h.owner)
@@ -540,8 +550,12 @@ def dead_holders(
         seen = last_seen.get(prefix)
         ended = gone is not None and gone(h.owner)
         stale = seen is not None and (now - seen).total_seconds() > PROCESSING_STALE_SECONDS
-        if ended or stale:
-            found.append(DeadHolder(h.owner, h.jobs, h.until, seen, ended))
+        record = silent.get(prefix) if silent else None
+        # A heartbeat fresher than the record's staleness says it is alive (its Redis writes fail).
+        quiet = record is not None and (seen is None or stale)
+        if ended or stale or quiet:
+            latest = max(at for at in (seen, record) if at is not None) if quiet else seen
+            found.append(DeadHolder(h.owner, h.jobs, h.until, latest, ended, record_stale=quiet))
     return found
 
 
@@ -552,13 +566,14 @@ def read_dead_holders(
     now: datetime,
     excluding: str,
     gone: Callable[[str], bool] | None = None,
+    silent: Mapping[str, datetime] | None = None,
 ) -> dict[str, list[DeadHolder]]:
     """:func:`dead_holders` of each of ``batch_ids`` (all of them keys), from two queries;
     ``excluding``: this process's ``host:pid:``."""
     holders = store.lease_holders_of_batches(session, batch_ids, now=now, excluding=excluding)
     prefixes = {p for hs in holders.values() for h in hs if (p := owner_prefix(h.owner)) is not None}
     seen = store.owners_last_seen(session, prefixes)
-    return {b: dead_holders(holders.get(b, []), seen, now=now, gone=gone) for b in batch_ids}
+    return {b: dead_holders(holders.get(b, []), seen, now=now, gone=gone, silent=silent) for b in batch_ids}
 
 
 def dead_holders_text(dead: Sequence[DeadHolder], *, now: datetime) -> str:

@@ -50,7 +50,7 @@ from jobs.errors import NotFoundError, UsageError, WanbatchError
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import usd_text
 from jobs.printable import one_line, shell_ref
-from jobs.processes import owner_gone
+from jobs.processes import owner_gone, process_prefix
 from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, going_on, rerun_covered
 from jobs.schedule import eta_text, format_duration
 from jobs.settings import Settings
@@ -376,8 +376,21 @@ class Dashboard:
             request, "batches.html", listing=found, rows=rows, schedule=schedule, title="Batches"
         )
 
+    def _silent_workers(self) -> tuple[dict[str, datetime], str]:
+        """Workers whose record on the limiter's Redis went stale, when each was last seen
+        (:func:`worker.peers.silent_since`), and the line saying the records could not be read
+        ("" when they were); nothing without a broker (no workers)."""
+        if not self.settings.broker_url:
+            return {}, ""
+        from worker.peers import read_records, silent_since, unread_warning
+        from worker.steps.webhooks import database_fingerprint, webhook_secret
+
+        records = read_records(self.settings, database_fingerprint(webhook_secret(self.engine)))
+        return silent_since(records, utcnow()), unread_warning(records)
+
     def batch_page(self, request: Request) -> Response:
         wanted = Filter.parse(request.query_params)
+        silent, workers_unread = self._silent_workers()
         with db.read_scope(self.engine) as session:
             try:
                 batch = store.get_batch(session, request.path_params["ref"])
@@ -409,6 +422,15 @@ class Dashboard:
                 if _finished(totals)
                 else listing.fal_holds(session, batch.id, now=now, simulated=batch.simulated, gone=owner_gone)
             )
+            # Jobs held by a process that is gone, and when they are taken over, as `status` says
+            # (a worker killed on another host too, from its stale record on Redis: ``silent``).
+            dead = (
+                []
+                if _finished(totals)
+                else listing.read_dead_holders(
+                    session, [batch.id], now=now, excluding=process_prefix(), gone=owner_gone, silent=silent
+                )[batch.id]
+            )
             rerun = RerunOffer.of(session, batch, totals, now=now)
             shown_schedule = batches.schedule_state(session, batch, finished=_finished(totals), now=now)
             # `status`'s words after "schedule:": for a batch its user paused, how it goes on, and
@@ -433,6 +455,8 @@ class Dashboard:
                 "deadline_advice": _deadline_advice(batch, totals) if phase == "deadline" else "",
                 "fal_holds": fal_holds,
                 "fal_unreachable": listing.fal_hold_text(fal_holds, now=now),
+                "dead_holders": listing.dead_holders_text(dead, now=now),
+                "workers_unread": workers_unread,
                 "failures": failures,
                 "failures_split": batches.told_apart_by_sending(
                     (f.state, f.error_type, f.sent) for f in failures

@@ -13,19 +13,25 @@ So every ``wanbatch worker`` (leader or not) writes its own record, at each hear
 Redis hash per database (:func:`peers_key`; a field per process, ``host:pid:``): Redis' clock
 and a JSON object of those settings (:func:`outcome_settings`; never a secret: ``FAL_KEY`` by its
 key id only, every URL by scheme, host, port and path, :func:`worker.limits.fal_location`). A
-worker deletes its field when it stops cleanly; a dead worker's goes stale
-(:data:`worker.limits.POLICY_FRESH_SECONDS`) and is named by nothing, then pruned. ``doctor`` (its
-``limiter`` check fails) and ``status`` read the live records and name the odd worker and the
-setting (:func:`disagreements`).
+worker deletes its field when it stops cleanly (and writes it no more: :meth:`Announcer.withdraw`);
+a dead worker's goes stale (:data:`worker.limits.POLICY_FRESH_SECONDS`) and its settings are named by
+nothing, then it is pruned (:data:`PEERS_KEEP_SECONDS`). ``doctor`` (its ``limiter`` check fails)
+and ``status`` read the live records and name the odd worker and the setting (:func:`disagreements`).
+
+A record not refreshed for :data:`PEER_GONE_SECONDS` is also how ``status`` and the dashboard
+tell that a worker on another host died (:func:`silent_since`): the database alone says so of a
+worker that does not lead the ticks only once its job leases end (it records no heartbeat there,
+and its pid cannot be looked up from here). Reporting only: its leases are taken over as before.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from jobs.settings import Settings
 from worker.limits import (
@@ -35,10 +41,12 @@ from worker.limits import (
     RedisGCRA,
     SubmitLimiter,
     _client,
+    _reason,
     _shown,
     api_key_id,
     backend,
     client_error,
+    describe,
     fal_location,
     output_location,
     output_real,
@@ -47,8 +55,19 @@ from worker.limits import (
 
 log = logging.getLogger(__name__)
 
-#: A stopped or dead worker's record is pruned this long after its last beat.
+#: A stopped or dead worker's record is pruned this long after its last beat (by the next
+#: worker's write, :data:`ANNOUNCE_LUA`; the whole hash expires so when no worker writes).
 PEERS_KEEP_SECONDS = 3600
+
+#: A worker writes its record every beat (``worker.conductor.HEARTBEAT_SECONDS``, 10 s), between
+#: two rounds of its loop. One not refreshed for this long is named gone by ``status`` and the
+#: dashboard when it holds job leases (:func:`silent_since`): three beats missed in a row, plus
+#: 15 s for a beat put off by a slow round (a non-leader's round is one leader-lock query; a
+#: database that does not answer makes it wait out its connect timeout) and the Redis round
+#: trips (:data:`worker.limits.TIMEOUT_SECONDS` each). Past :data:`POLICY_FRESH_SECONDS` (its
+#: settings are no longer compared) and well under a job lease (minutes), so a worker killed -9
+#: on another host is named within a minute instead of when its leases end.
+PEER_GONE_SECONDS = 3 * 10.0 + 15.0
 
 #: Write this process's record ``ARGV[1]`` = ``ARGV[2]`` (JSON) into the hash ``KEYS[1]``,
 #: stamped with Redis' clock (µs), prune records older than ``ARGV[3]`` seconds, and return the
@@ -239,20 +258,70 @@ def peer_warnings(peers: list[Peer]) -> list[str]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerRecords:
+    """What the workers' records for a database say (:func:`read_records`)."""
+
+    #: The live workers (written within :data:`POLICY_FRESH_SECONDS`), by owner.
+    peers: list[Peer] = field(default_factory=list)
+    #: Workers (``host:pid:``) whose record has not been refreshed for more than
+    #: :data:`PEER_GONE_SECONDS`: how long ago each last wrote it (s, by Redis' clock).
+    silent: dict[str, float] = field(default_factory=dict)
+    #: Why the records could not be read (one line, never a password); None: read, or no Redis.
+    error: str | None = None
+
+
+def _records(raw: list[bytes], now_us: bytes | int) -> WorkerRecords:
+    now = int(now_us) / 1_000_000
+    silent: dict[str, float] = {}
+    for owner, value in zip(raw[::2], raw[1::2], strict=True):
+        peer = Peer.parse(owner, value)
+        if peer is not None and now - peer.at > PEER_GONE_SECONDS:
+            silent[peer.owner] = now - peer.at
+    return WorkerRecords(_live(raw, now_us), silent)
+
+
+def read_records(settings: Settings, database: str | None) -> WorkerRecords:
+    """Every worker's record for ``database`` on the limiter's Redis, read once: the live ones
+    and the silent ones (ages by Redis' clock, never this host's). Nothing when there is no
+    Redis limiter; when it does not answer, why (``error``)."""
+    found = backend(settings)
+    if found is None:
+        return WorkerRecords()
+    setting, url = found
+    client = _client(url)
+    try:
+        raw, now_us = client.register_script(READ_PEERS_LUA)(keys=[peers_key(database)])
+        return _records(raw, now_us)
+    except Exception as exc:  # unreachable, refused: one line, never a traceback
+        return WorkerRecords(error=f"{describe(setting, url)}: {_reason(exc, url)}")
+    finally:
+        client.close()
+
+
 def read_peers(settings: Settings, database: str | None) -> list[Peer]:
     """The live workers' records for ``database`` on the limiter's Redis; empty when there is no
     Redis limiter, or it does not answer (the limiter's own check says that)."""
-    found = backend(settings)
-    if found is None:
-        return []
-    client = _client(found[1])
-    try:
-        raw, now_us = client.register_script(READ_PEERS_LUA)(keys=[peers_key(database)])
-        return _live(raw, now_us)
-    except Exception:  # unreachable, refused: said by the limiter's own checks
-        return []
-    finally:
-        client.close()
+    return read_records(settings, database).peers
+
+
+def silent_since(records: WorkerRecords, now: datetime) -> dict[str, datetime]:
+    """When each silent worker (``host:pid:``) was last seen, on ``now``'s clock (its record's
+    age by Redis' clock taken from ``now``: no two clocks compared): what ``status`` and the
+    dashboard pass as ``silent`` to name the jobs such a worker holds
+    (:func:`jobs.listing.dead_holders`)."""
+    return {owner: now - timedelta(seconds=age) for owner, age in records.silent.items()}
+
+
+def unread_warning(records: WorkerRecords) -> str:
+    """The line ``status`` prints when the records could not be read ("" when they were)."""
+    if records.error is None:
+        return ""
+    return (
+        f"could not read the workers' records on the limiter's Redis {records.error}: a worker "
+        "killed on another host is named only once its job leases end, and differing worker "
+        "settings are not checked"
+    )
 
 
 def workers_mismatch(settings: Settings, database: str | None) -> list[str]:
@@ -269,6 +338,9 @@ class Announcer:
         self._announce = limiter.client.register_script(ANNOUNCE_LUA)
         self._record = Peer.of(owner, limiter.settings).record()
         self._key: str | None = None
+        #: Held while writing or deleting the record; set once it was withdrawn.
+        self._lock = threading.Lock()
+        self._withdrawn = False
 
     @property
     def key(self) -> str:
@@ -278,14 +350,30 @@ class Announcer:
         return self._key
 
     def announce(self) -> list[Peer]:
-        """Write this worker's record; the live workers' (this one's included). Raises the client's error."""
-        raw, now_us = self._announce(keys=[self.key], args=[self.owner, self._record, PEERS_KEEP_SECONDS])
+        """Write this worker's record; the live workers' (this one's included). Nothing once it
+        was withdrawn. Raises the client's error."""
+        with self._lock:
+            if self._withdrawn:
+                return []
+            raw, now_us = self._announce(keys=[self.key], args=[self.owner, self._record, PEERS_KEEP_SECONDS])
         return _live(raw, now_us)
 
     def withdraw(self) -> None:
-        """A clean stop: this worker's record goes."""
-        with contextlib.suppress(client_error()):
-            self.limiter.client.hdel(self.key, self.owner)
+        """A clean stop: this worker's record goes, and is never written again. The loop that
+        writes it may still be in a round when the stop comes from another thread (a worker's
+        shutdown waits for it only so long): a beat after the delete would leave a record that
+        goes stale, and ``status`` would name a cleanly stopped worker gone. Safe to repeat."""
+        with self._lock:
+            self._withdrawn = True
+            try:
+                self.limiter.client.hdel(self.key, self.owner)
+            except client_error() as exc:
+                log.warning(
+                    "could not delete this worker's record on the limiter's Redis (%s); it goes "
+                    "stale by itself and is pruned",
+                    _reason(exc, ""),
+                    extra={"event": "peers.record_left"},
+                )
 
 
 def announcer_for(limiter: SubmitLimiter | None, owner: str) -> Announcer | None:

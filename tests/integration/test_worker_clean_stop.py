@@ -5,7 +5,8 @@ them to go stale". A worker stopped by SIGTERM or SIGINT (Celery's warm shutdown
 leader's row behind, so ``status`` said ``processing: true`` for a minute after the last worker
 stopped, and then "nothing is processing it (last seen 1m ago)" — the words the README keeps for
 a crash. One real ``wanbatch worker`` on PostgreSQL and a Redis DB of its own, a batch waiting
-for a window far away (so nothing is sent), then the signal.
+for a window far away (so nothing is sent), then the signal. Its record on Redis
+(:mod:`worker.peers`) goes too.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import create_engine, text
 
 from bench.distributed import Scenario, claimed_redis_db, environment, start_workers, stop_processes, tail
 from bench.distributed import wanbatch_command as wanbatch
 from falsim import SimulatorOptions, running_simulator
+from worker.limits import KEY_PREFIX
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
@@ -41,6 +44,15 @@ def _cli(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProc
     return subprocess.run(
         [*wanbatch(), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120, check=False
     )
+
+
+def _records(broker: str) -> list[bytes]:
+    """The workers' records (``host:pid:``) on the broker's Redis, every database's."""
+    client = redis.Redis.from_url(broker)
+    try:
+        return [field for key in client.scan_iter(f"{KEY_PREFIX}*:workers") for field in client.hkeys(key)]
+    finally:
+        client.close()
 
 
 def _json(env: dict[str, str], cwd: Path, *args: str) -> dict[str, Any]:
@@ -74,6 +86,11 @@ def test_a_worker_stopped_by_a_signal_leaves_no_heartbeat_and_status_says_so(
                 with engine.connect() as conn:
                     beats = conn.execute(text("SELECT count(*) FROM conductor_heartbeats")).scalar_one()
             assert beats > 0, "the worker's leader never beat:\n" + tail(logs / "worker-0.log")
+            # Its record on Redis (worker.peers): there while it runs, gone after a clean stop,
+            # or `status` would name it gone once the record went stale.
+            while not _records(broker) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert len(_records(broker)) == 1, _records(broker)
             assert _json(env, tmp_path, "status", batch)["processing"] is True
 
             workers[0].send_signal(sig)
@@ -86,6 +103,7 @@ def test_a_worker_stopped_by_a_signal_leaves_no_heartbeat_and_status_says_so(
             rows = conn.execute(text("SELECT owner, scope FROM conductor_heartbeats")).all()
         engine.dispose()
         assert rows == [], log
+        assert _records(broker) == [], log
 
         report = _json(env, tmp_path, "status", batch)
         assert (report["processing"], report["processed_at"]) == (False, None)
