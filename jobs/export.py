@@ -161,13 +161,20 @@ NESTED_TOO_DEEP = "[nested too deep]"
 #: body too), so only a value stored otherwise comes near it: it would swell every row group.
 PROVIDER_JSON_MAX_CHARS = 2 * 1024 * 1024
 #: A string value up to this long that is a JSON object or array (a raw body fal relayed, a
-#: debug echo) is parsed, scrubbed as a value of its own (secret-named fields masked) and written
-#: back as JSON text; a longer one is scrubbed as text only (:func:`jobs.url_secrets.mask_secret_pairs`
-#: still masks its ``"access_token": "…"``).
+#: debug echo) is parsed, scrubbed as a value of its own (secret-named fields masked) and, when
+#: a secret was masked in it, written back as JSON text; a longer one, one with a field twice in
+#: an object (a reader keeps one of them, the parsed value the last) or one whose parse outruns
+#: the budget is scrubbed as text only (:func:`jobs.url_secrets.mask_secret_pairs` still masks
+#: its ``"access_token": "…"``). Either way, one in which nothing was masked is exported as
+#: written, byte for byte (its ``NaN``, its nesting past the depth limit too).
 JSON_IN_TEXT_MAX_CHARS = 256 * 1024
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _RepeatedField(Exception):
     pass
 
 
@@ -186,7 +193,9 @@ def export_provider_json(value: Any) -> Any:
       Inside a string, the value of a secret-named pair is masked too
       (:func:`jobs.url_secrets.mask_secret_pairs`: ``access_token=abc``, ``"password": "…"``,
       ``Authorization: Bearer abc``), and a string that is a JSON object or array (up to
-      :data:`JSON_IN_TEXT_MAX_CHARS`) is scrubbed as the value it encodes and written back as JSON;
+      :data:`JSON_IN_TEXT_MAX_CHARS`, no field twice in an object) is scrubbed as the value it
+      encodes and, when a secret was masked in it, written back as JSON (else it is the text as
+      it was, scrubbed as text: a string is never exported unscrubbed);
     * the string value of a field whose name looks secret (``access_token``, ``signature``,
       ``apiKey``; whole words of the name, so ``author`` or ``keyframes`` are kept:
       :func:`jobs.url_secrets.is_secret_name`) masked whole; fields whose names are the same once
@@ -198,7 +207,7 @@ def export_provider_json(value: Any) -> Any:
     The walk never recurses deeper than the depth limit nor reads past the size limit."""
     if value is None:
         return None
-    budget = [PROVIDER_JSON_MAX_CHARS]
+    budget = [PROVIDER_JSON_MAX_CHARS, 0]  # characters left; secrets masked so far
     try:
         return _scrubbed(value, 0, budget)
     except _TooLarge:
@@ -211,10 +220,19 @@ def _scrubbed(value: Any, depth: int, budget: list[int]) -> Any:
         if budget[0] < 0:
             raise _TooLarge
         if depth < PROVIDER_JSON_MAX_DEPTH and (encoded := _json_in_text(value)) is not None:
+            left, masked = budget
             budget[0] += len(value) + 3  # counted as what it encodes instead
-            scrubbed = _scrubbed(encoded, depth + 1, budget)
-            return value if scrubbed == encoded else json.dumps(scrubbed, ensure_ascii=False)
-        return _scrubbed_text(value)
+            try:
+                scrubbed = _scrubbed(encoded, depth + 1, budget)
+            except _TooLarge:  # its value takes more than its text: scrubbed as text
+                scrubbed = encoded
+                budget[1] = masked
+            if budget[1] > masked:  # a secret masked in it: the scrubbed value, as JSON text
+                return json.dumps(scrubbed, ensure_ascii=False)
+            # Nothing secret in the value: the text as written (its NaN, its nesting past the
+            # depth limit, its spacing), scrubbed as text all the same.
+            budget[0] = left
+        return _scrubbed_text(value, budget)
     budget[0] -= 8
     if budget[0] < 0:
         raise _TooLarge
@@ -237,6 +255,7 @@ def _scrubbed(value: Any, depth: int, budget: list[int]) -> Any:
                 if budget[0] < 0:
                     raise _TooLarge
                 out[name] = MASK
+                budget[1] += 1
             else:
                 out[name] = _scrubbed(v, deeper, budget)
         return out
@@ -253,22 +272,37 @@ def _json_in_text(text: str) -> Any:
     if len(text) > JSON_IN_TEXT_MAX_CHARS or text.lstrip()[:1] not in ("{", "["):
         return None
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
+        value = json.loads(text, object_pairs_hook=_fields_once)
+    except (ValueError, RecursionError, _RepeatedField):
         return None
     return value if isinstance(value, dict | list) else None
 
 
-def _scrubbed_text(text: str) -> str:
-    """``text`` without a URL credential, FAL_KEY or a fal-key-shaped string (see above)."""
-    text = BARE_KEY.sub(MASK, hide_keys(text, mask=MASK))
-    plain, _ = decoded_text(text)  # a bounded number of passes
+def _fields_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object of JSON text as a dict; :class:`_RepeatedField` when a field is there twice
+    (``{"url": "…?token=…", "url": "x"}``: a dict keeps the last, and the first would be
+    exported as written)."""
+    fields = dict(pairs)
+    if len(fields) < len(pairs):
+        raise _RepeatedField
+    return fields
+
+
+def _scrubbed_text(text: str, budget: list[int] | None = None) -> str:
+    """``text`` without a URL credential, FAL_KEY or a fal-key-shaped string (see above); a
+    change counted in ``budget[1]`` (secrets masked)."""
+    shown = BARE_KEY.sub(MASK, hide_keys(text, mask=MASK))
+    plain, _ = decoded_text(shown)  # a bounded number of passes
     keys = remembered_keys()
-    if (plain != text and BARE_KEY.search(plain)) or any(
-        contains_key(t, k) for k in keys for t in {text, plain}
+    if (plain != shown and BARE_KEY.search(plain)) or any(
+        contains_key(t, k) for k in keys for t in {shown, plain}
     ):
-        return MASK  # a key encoded in a way hide_keys does not know: nothing of the text is safe
-    return mask_secret_pairs(mask_params_in_text(mask_urls(text)), mask=MASK)
+        shown = MASK  # a key encoded in a way hide_keys does not know: nothing of the text is safe
+    else:
+        shown = mask_secret_pairs(mask_params_in_text(mask_urls(shown)), mask=MASK)
+    if budget is not None and shown != text:
+        budget[1] += 1
+    return shown
 
 
 def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:

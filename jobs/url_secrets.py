@@ -31,12 +31,16 @@ from jobs.key_forms import BARE_KEY, MIN_KEY_LENGTH, decoded_text, hide_keys
 MASK = "**"
 
 #: A name (of a query, fragment or path parameter, a JSON field, a ``name=value`` in text) is a
-#: credential's when one of its words is one of these (:func:`is_secret_name`). Its words are
-#: the name split at anything but a letter or digit (``access_token``, ``X-Amz-Signature``,
-#: ``headers.Authorization``), at a camelCase step (``sessionToken``, ``APIKey``) and between
-#: letters and digits, compared lower-cased and with a plural ``s`` dropped (``api_keys``).
-#: Whole words, not substrings: ``author``, ``design``, ``keyframes``, ``passes``, ``monkey``,
-#: ``credit``, ``X-Amz-SignedHeaders`` are no credentials.
+#: credential's when one of its words is one of these (:func:`is_secret_name`), or starts or ends
+#: with one (``privkey``, ``sslpassword``, ``tokenid``, ``oauth``, ``xapikey``: words written as
+#: one), unless it is a word of :data:`HARMLESS_WORDS` (``author``, ``keyframes``, ``monkey``).
+#: Its words are the name split at anything but a letter or digit (``access_token``,
+#: ``X-Amz-Signature``, ``headers.Authorization``), at a camelCase step (``sessionToken``,
+#: ``APIKey``; an acronym before a lower-case word is read both ways, ``APIkey`` as ``AP``
+#: ``Ikey`` and as ``API`` ``key``, secret when either reading is) and between letters and digits, compared
+#: lower-cased and with a plural ``s`` dropped (``api_keys``). Masking a harmless value costs a
+#: reader little; showing a secret cannot be undone: an unknown word holding a secret word at
+#: its start or end is a secret.
 SECRET_WORDS = frozenset(
     {
         "token",
@@ -67,58 +71,73 @@ SECRET_WORDS = frozenset(
         "bearer",
     }
 )
-#: A word written as one with another (``sslpassword``, ``accesstoken``, ``clientsecret``,
-#: ``oauth``, ``setcookie``, ``jsessionid``) is a credential's when it ends with one of these
-#: (no ordinary word does)…
-_SECRET_ENDINGS = (
+#: A word starting or ending with a secret word (:data:`SECRET_WORDS`) is one…
+_SECRET_AFFIXES = tuple(sorted(SECRET_WORDS))
+#: … and one holding any of these anywhere (``clientsecretvalue``, ``myapikeyid``): no ordinary
+#: word does (but :data:`HARMLESS_WORDS`).
+_SECRET_INFIXES = (
     "token",
     "secret",
     "password",
     "passwd",
     "passphrase",
     "pwd",
+    "apikey",
     "signature",
     "credential",
     "cookie",
     "sessionid",
-    "sessid",
-    "auth",
     "jwt",
 )
-#: … or starts with one of these (``passwordhash``, ``apikeyid``)…
-_SECRET_STARTS = ("password", "passwd", "apikey", "accesskey", "secretkey", "privatekey", "authorization")
-#: … or is ``key`` after one of these (``privatekey``, ``accesskey``, ``falkey``; not
-#: ``monkey``, ``hockey``) or ``key`` before one of these (``keyid``, ``keysecret``).
-_KEY_BEFORE = frozenset(
+#: Ordinary words that start or end with a secret word (or hold one): no credential. Kept short
+#: on purpose (each one is a word a name is read as, plural ``s`` dropped, not a prefix): a word
+#: missing here is masked, which costs a reader a value, never a secret.
+HARMLESS_WORDS = frozenset(
     {
-        "api",
-        "auth",
-        "secret",
-        "access",
-        "private",
-        "session",
-        "signing",
-        "master",
-        "client",
-        "encryption",
-        "app",
-        "service",
-        "account",
-        "fal",
-        "pass",
-        "shared",
-        "ssh",
-        "license",
-        "subscription",
-        "admin",
-        "user",
-        "sign",
-        "hmac",
-        "enc",
-        "crypto",
+        # auth…
+        "author",
+        "authored",
+        "authoring",
+        "authority",
+        "authorities",
+        # key…, …key
+        "keyframe",
+        "keyword",
+        "keyboard",
+        "keynote",
+        "monkey",
+        "donkey",
+        "hockey",
+        "turkey",
+        "whiskey",
+        "jockey",
+        # pass…, …pass
+        "passe",  # "passes" less its plural "s"
+        "passed",
+        "passing",
+        "passage",
+        "passenger",
+        "passive",
+        "passthrough",
+        "bypass",
+        "compass",
+        "surpass",
+        "encompass",
+        # sig…
+        "signal",
+        "signed",
+        "sigma",
+        "sigmoid",
+        # cred…
+        "credit",
+        "credited",
+        # token…
+        "tokenizer",
+        "tokenize",
+        "tokenized",
+        "tokenization",
     }
 )
-_KEY_AFTER = frozenset({"id", "secret", "value", "pair", "data"})
 #: A name whose last word is one of these names something *about* a credential, not the
 #: credential (``token_type: "Bearer"``, ``signature_style``, ``SignatureVersion``,
 #: ``session_name``): kept, when an earlier word made it look secret.
@@ -152,6 +171,11 @@ _ASCII_LOOKALIKES = str.maketrans({"\u017f": "s", "\u0131": "i", "\u0130": "I", 
 #: ``APIKey``), a capitalised or lower-case word, a number. One pass: each alternative reads
 #: a run of one class (at most one character given back).
 _NAME_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+#: The same, but an upper-case run of two letters or more before a lower-case word is a word
+#: of its own (``API`` ``key`` of ``APIkey``, where :data:`_NAME_WORD` reads ``AP`` ``Ikey``).
+_ACRONYM_WORD = re.compile(r"[A-Z]{2,}+(?=[a-z])|[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+#: Where the two readings differ.
+_ACRONYM_BEFORE_WORD = re.compile(r"[A-Z]{2}[a-z]")
 
 #: Schemes whose userinfo without a password is a token (``https://TOKEN@host``): a database's or
 #: Redis' is a user name (``postgresql://postgres@host/db``), shown as it is.
@@ -302,12 +326,21 @@ def mask_urls(text: str, *, mask: str = MASK) -> str:
 def is_secret_name(name: str) -> bool:
     """Whether a parameter or field called ``name`` holds a credential: one of its words is a
     secret word (:data:`SECRET_WORDS`: ``access_token``, ``X-Amz-Signature``, ``apiKey``,
-    ``client_secret``, ``Authorization``, ``sessionToken``, ``password``, ``fal_key``), unless
-    its last word only describes one (``token_type``, ``signature_style``). Not a substring
-    test: ``author``, ``design``, ``keyframes``, ``passes``, ``monkey`` are kept."""
+    ``client_secret``, ``Authorization``, ``sessionToken``, ``password``, ``fal_key``) or starts
+    or ends with one (``APIkey``, ``privkey``, ``sslpassword``, ``tokenid``, ``DBpass``) and is
+    no :data:`HARMLESS_WORDS` word, unless its last word only describes one (``token_type``,
+    ``signature_style``). Not a substring test: ``author``, ``design``, ``keyframes``,
+    ``passes``, ``monkey`` are kept."""
     if not _SECRET_STEM.search(name):
         return False
-    words = _name_words(name)
+    name = name.translate(_ASCII_LOOKALIKES)
+    readings = [_NAME_WORD.findall(name)]
+    if _ACRONYM_BEFORE_WORD.search(name):  # ``APIkey``: ``AP`` ``Ikey`` or ``API`` ``key``
+        readings.append(_ACRONYM_WORD.findall(name))
+    return any(_holds_secret_word([w.lower() for w in words]) for words in readings)
+
+
+def _holds_secret_word(words: list[str]) -> bool:
     if not any(map(_is_secret_word, words)):
         return False
     return not (len(words) > 1 and words[-1] in _SECRET_DESCRIPTORS)
@@ -319,12 +352,16 @@ def _name_words(name: str) -> list[str]:
 
 
 def _is_secret_word(word: str) -> bool:
-    for w in (word, word[:-1]) if len(word) > 3 and word.endswith("s") else (word,):
-        if w in SECRET_WORDS or w.endswith(_SECRET_ENDINGS) or w.startswith(_SECRET_STARTS):
-            return True
-        if (w.endswith("key") and w[:-3] in _KEY_BEFORE) or (w.startswith("key") and w[3:] in _KEY_AFTER):
-            return True
-    return False
+    forms = (word, word[:-1]) if len(word) > 3 and word.endswith("s") else (word,)
+    if any(w in HARMLESS_WORDS for w in forms):
+        return False
+    return any(
+        w in SECRET_WORDS
+        or w.startswith(_SECRET_AFFIXES)
+        or w.endswith(_SECRET_AFFIXES)
+        or any(infix in w for infix in _SECRET_INFIXES)
+        for w in forms
+    )
 
 
 def mask_params_in_text(text: str, *, mask: str = MASK) -> str:
@@ -370,8 +407,9 @@ _COLON_NAMES = frozenset({"authorization", "cookie", "password", "passwd", "pwd"
 _LINE_HEADERS = ("authorization", "cookie")
 #: An HTTP authentication scheme at a masked value's start, shown (``Authorization: Bearer **``).
 _SCHEME = re.compile(r"(?:Bearer|Basic|Digest|Key|Token|bearer|basic|digest|key|token)[ \t]++")
-#: ``Bearer <token>`` anywhere (RFC 6750's b64token): masked when the token has a character other
-#: than a letter or 8 characters or more (``Bearer of bad news`` is prose).
+#: ``Bearer <token>`` anywhere (RFC 6750's b64token): masked when the token looks like one
+#: (:func:`_looks_like_token`); ``Bearer of bad news``, ``a Standard Bearer carrying a flag`` are
+#: prose. (After ``Authorization:`` any value is masked, a word of letters too.)
 _BEARER = re.compile(r"(?<![A-Za-z0-9_-])(?:Bearer|BEARER)[ \t]{1,8}+(?P<token>[A-Za-z0-9._~+/-]++=*+)")
 
 
@@ -386,8 +424,7 @@ def _find_secret_pairs(text: str, limit: int = 0) -> list[tuple[int, int]]:
         return spans
     done = 0
     for bearer in _BEARER.finditer(text):
-        token = bearer.group("token")
-        if len(token) >= 8 or not token.isalpha():
+        if _looks_like_token(bearer.group("token")):
             spans.append(bearer.span("token"))
             if len(spans) == limit:
                 return spans
@@ -428,6 +465,14 @@ def _find_secret_pairs(text: str, limit: int = 0) -> list[tuple[int, int]]:
         if len(spans) == limit:
             return spans
     return _merged(spans)
+
+
+def _looks_like_token(word: str) -> bool:
+    """Whether ``word``, after ``Bearer`` outside a header, is a token rather than prose: it has
+    a digit or one of ``._~+/-=`` (a JWT's ``xxx.yyy.zzz`` too) besides a sentence's final full
+    stop, or 20 characters or more (no English word has)."""
+    body = word.rstrip(".")
+    return len(body) >= 20 or not body.isalpha()
 
 
 def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -341,3 +341,53 @@ def test_json_inside_a_string_is_bounded() -> None:
     for _ in range(6):
         out = json.loads(out["s"])
     assert out == {"password": "**"}
+
+
+def test_json_text_with_a_repeated_field_is_masked() -> None:
+    """A dict keeps a repeated field's last value: ``{"url": "…?token=…", "url": "x"}`` parsed
+    as ``{"url": "x"}``, nothing was masked in it and the text was exported as written."""
+    out = export_provider_json(
+        {
+            "signed": '{"url": "https://cdn.example/v.mp4?token=SECRETTOKEN1", "url": "x"}',
+            "body": '{"n": 1, "inner": {"password": "hunter2hunter2", "password": "**"}}',
+        }
+    )
+    assert out == {
+        "signed": '{"url": "https://cdn.example/v.mp4?token=**", "url": "x"}',
+        "body": '{"n": 1, "inner": {"password": "**", "password": "**"}}',
+    }
+
+
+def test_an_acronym_named_field_is_masked() -> None:
+    """``APIkey`` was read as ``AP`` + ``Ikey`` and ``privkey`` as no secret word: both shown."""
+    out = export_provider_json(
+        {"APIkey": "SECRET-VALUE-1", "privkey": "SECRET-VALUE-2", "body": '{"AWSkey": "SECRET-VALUE-3"}'}
+    )
+    assert out == {"APIkey": "**", "privkey": "**", "body": '{"AWSkey": "**"}'}
+
+
+def test_json_text_without_a_secret_is_exported_as_written() -> None:
+    """JSON text was parsed and, when nothing in it was secret, compared with what it encodes:
+    ``NaN`` (never equal to itself), ``1e999`` and nesting past the depth limit differed, so a
+    string without a secret came out as ``null`` and ``"[nested too deep]"``."""
+    texts = ["[" * 70 + "]" * 70, '{"loss": NaN}', "[1e999]", '{"a": Infinity}', '{"a" :1,"b":[ 2 ]}']
+    out = export_provider_json({f"t{i}": text for i, text in enumerate(texts)})
+    assert out == {f"t{i}": text for i, text in enumerate(texts)}
+    # with a secret it is written back as JSON, scrubbed (a non-finite number as null)
+    out = export_provider_json({"raw": '{"loss": NaN, "password": "pw"}'})
+    assert out == {"raw": '{"loss": null, "password": "**"}'}
+
+
+def test_prose_with_bearer_is_exported_as_written() -> None:
+    text = "A Standard Bearer carrying a flag across the battlefield"
+    out = export_provider_json({"prompt": text, "echo": "Authorization: Bearer carrying"})
+    assert out == {"prompt": text, "echo": "Authorization: Bearer **"}
+
+
+def test_json_text_that_fits_as_text_is_not_dropped_for_what_it_encodes() -> None:
+    """Each container JSON text encodes is counted against the size limit as more than its two
+    characters: five strings of ``[[],[],…]`` (1.3 MB of text) made the whole field null."""
+    text = "[" + ",".join(["[]"] * (JSON_IN_TEXT_MAX_CHARS // 3 - 1)) + "]"
+    value = {f"r{i}": text for i in range(5)}
+    assert 5 * len(text) < PROVIDER_JSON_MAX_CHARS
+    assert export_provider_json(value) == value

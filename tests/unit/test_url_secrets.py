@@ -259,6 +259,82 @@ def test_a_parameter_holding_json_with_a_secret_field_is_masked() -> None:
     assert masked_url(f"https://h/cb?state={harmless}") == f"https://h/cb?state={harmless}"
 
 
+#: Acronyms before a lower-case word and words written as one: ``APIkey`` was read as ``AP`` +
+#: ``Ikey``, ``privkey`` and ``tokenid`` matched no rule, so all were shown (the substring rule
+#: before had masked them). A word starting or ending with a secret word is one now, but for a
+#: short list of ordinary words (kept below, and in the list above).
+GLUED_NAMES = {
+    # masked
+    "APIkey": True,
+    "AWSkey": True,
+    "SSHkey": True,
+    "privkey": True,
+    "xapikey": True,
+    "tokenid": True,
+    "DBpass": True,
+    "userAPIkey": True,
+    "HMACsecret": True,
+    "pubkey": True,
+    "clientsecretvalue": True,
+    "passwordHash": True,
+    "sign": True,  # a signature in many APIs' query strings
+    "oauth": True,
+    # kept: ordinary words, and acronyms before a harmless word
+    "HTTPServer": False,
+    "URLs": False,
+    "APIKeyType": False,
+    "keyframe": False,
+    "keywords": False,
+    "keyboard": False,
+    "donkey": False,
+    "turkey": False,
+    "passage": False,
+    "passed": False,
+    "compass": False,
+    "sigma": False,
+    "sigmas": False,
+    "signed_url": False,
+    "authors": False,
+    "credits": False,
+    "tokenizer": False,
+}
+
+
+def test_acronym_and_glued_secret_names_are_secret() -> None:
+    assert {name: is_secret_name(name) for name in GLUED_NAMES} == GLUED_NAMES
+
+
+def test_an_acronym_named_parameter_in_a_url_or_a_log_line_is_masked() -> None:
+    assert (
+        masked_url("https://api.example/v1?APIkey=SECRET123&privkey=PRIVSECRET&HTTPServer=a")
+        == "https://api.example/v1?APIkey=**&privkey=**&HTTPServer=a"
+    )
+    line = "GET https://api.example/v1?AWSkey=AWSSECRET1 200"
+    assert mask_urls(line) == "GET https://api.example/v1?AWSkey=** 200"
+    text = "retry with DBpass=hunter2 and tokenid=t1"
+    assert mask_secret_pairs(text) == "retry with DBpass=** and tokenid=**"
+
+
+#: ``Bearer`` outside a header: masked only before what looks like a token.
+BEARER_PROSE = [
+    ("A Standard Bearer carrying a flag across the battlefield", None),
+    ("he met the Bearer family.", None),
+    ("sent Bearer abc123 to it", "sent Bearer ** to it"),
+    ("sent Bearer eyJhbGciOi.eyJzdWIi.c2ln", "sent Bearer **"),
+    ("sent Bearer abc-def", "sent Bearer **"),
+    ("sent Bearer " + "a" * 20, "sent Bearer **"),
+    ("Authorization: Bearer carrying", "Authorization: Bearer **"),  # a header's value, whatever it is
+]
+
+
+def test_bearer_in_prose_is_kept() -> None:
+    """``Bearer`` before any word of 8 letters or more was masked: a prompt's "a Standard Bearer
+    carrying a flag" was exported as "a Standard Bearer ** a flag"."""
+    assert [(text, mask_secret_pairs(text)) for text, _ in BEARER_PROSE] == [
+        (text, text if shown is None else shown) for text, shown in BEARER_PROSE
+    ]
+
+
 #: Text → the text with each secret-named pair's value masked, both directions.
 SECRET_PAIRS = [
     ("access_token=abc123&x=1", "access_token=**&x=1"),
