@@ -151,6 +151,15 @@ class UTCDateTime(TypeDecorator[datetime]):
 #: Python ``None`` is SQL NULL (not JSON ``null``), so ``IS NULL`` means "not set" everywhere.
 JSONDoc = JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 
+#: How many earlier item numbers a job keeps (:attr:`Job.earlier_items`): a download makes at
+#: most this many ``stat`` calls looking for a video saved under one of them. The SQL that keeps
+#: them (``jobs.store._APPENDED_PG`` and ``_APPENDED_SQLITE``) says it literally.
+EARLIER_ITEMS_KEPT = 8
+#: In :attr:`Job.earlier_items`: numbers nobody recorded (a job sent before schema 0032 may have
+#: been renumbered): its download lists the output folder (``jobs.outputs.under_another_item``).
+#: No item number is negative.
+EARLIER_ITEMS_UNKNOWN = -1
+
 
 def _str_enum(enum_cls: type[StrEnum]) -> Enum:
     """Store a StrEnum by its value in a VARCHAR (no native enum: adding a state needs no DDL)."""
@@ -338,14 +347,17 @@ class Job(Base):
     item_index: Mapped[int] = mapped_column(Integer)
     #: The matrix combination's index within its item (0 for an item without a matrix).
     variant: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    #: When a resubmit of an edited manifest last changed this job's ``item_index``
-    #: (:func:`jobs.store.resubmit_jobs`); NULL when it never did. Output file names hold the
-    #: number, so a video an earlier try saved before such a change waits under the old one:
-    #: only a job renumbered after its current request was sent can have one, and only its
-    #: download looks for it (``worker.steps.download._downloaded_before``), instead of every
-    #: download listing its batch's whole output folder. A job unfinished and sent when schema
-    #: 0032 added the column took its ``submitted_at``: it may have been renumbered before.
-    renumbered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: The item numbers this job had before a resubmit of an edited manifest changed its
+    #: ``item_index`` (:func:`jobs.store.resubmit_jobs`), most recent last, each once, the last
+    #: :data:`EARLIER_ITEMS_KEPT` of them; NULL when it never had another. Output file names hold
+    #: the number, so a video an earlier try saved before such a change waits under an old one:
+    #: the download looks for it under exactly these names, one ``stat`` each
+    #: (``worker.steps.download._downloaded_before``), instead of listing its batch's whole
+    #: output folder. Numbers, not a time: a resubmit's clock and a worker's need not agree.
+    #: :data:`EARLIER_ITEMS_UNKNOWN` stands for numbers nobody recorded: a job unfinished and
+    #: sent when schema 0032 added the column (it may have been renumbered before), whose
+    #: download lists the folder as every download did before.
+    earlier_items: Mapped[list[int] | None] = mapped_column(JSONDoc)
     endpoint: Mapped[str] = mapped_column(String(255))
     #: The resolved input as validated (local image paths still local).
     input: Mapped[dict[str, Any]] = mapped_column(JSONDoc)

@@ -89,8 +89,9 @@ def under_another_item(dest: Path, job_id: str) -> Path | None:
     number. Temporary ``.part`` files are never taken (they start with a dot).
 
     It lists the whole folder (every video of the batch so far): the download step asks only
-    for a job renumbered since its request was sent (``jobs.renumbered_at``), never for every
-    download, which made a batch quadratic in its size."""
+    for a job whose earlier numbers nobody recorded (``jobs.earlier_items`` holds
+    ``EARLIER_ITEMS_UNKNOWN``: sent before schema 0032); every other job's earlier names are
+    known, each one ``stat`` away. Asked by every download, it made a batch quadratic in its size."""
     suffix = f"-{job_id[:12]}{dest.suffix}"
     try:
         with os.scandir(dest.parent) as entries:

@@ -1119,9 +1119,9 @@ def resubmit_jobs(
     (:func:`_relocate_stored`): the manifest submitted now says where its files are, even when
     the old path still holds them. ``submitted_input`` (what a sent job sent) is never touched.
 
-    Every statement that gives a stored job another item number stamps its ``renumbered_at``:
-    a video a try of it saved before (its name holds the number) is looked for under the old
-    number only then (``worker.steps.download._downloaded_before``).
+    Every statement that gives a stored job another item number adds the old one to its
+    ``earlier_items`` (:func:`_earlier_items`): a video a try of it saved before (its name holds
+    the number) is looked for under exactly those names (``worker.steps.download._downloaded_before``).
     """
     conn = session.connection()
     pg = conn.dialect.name == "postgresql"
@@ -1163,7 +1163,9 @@ def resubmit_jobs(
             conn.execute(
                 update(_JOBS)
                 .where(_JOBS.c.id == bindparam("b_id"))
-                .values(item_index=bindparam("b_item"), renumbered_at=utcnow()),
+                .values(
+                    item_index=bindparam("b_item"), earlier_items=_earlier_items(pg, bindparam("b_item"))
+                ),
                 moves,
             )
     conn.exec_driver_sql(f"DROP TABLE {_SEEN}")
@@ -1255,19 +1257,45 @@ def _insert_jobs(conn: Connection, batch_id: str, block: list[NewJob]) -> int:
     return _insert_chunk_sqlite(conn, rows)
 
 
-def _renumbered_at(new_item: ColumnElement[Any]) -> ColumnElement[Any]:
-    """``renumbered_at`` of a job given the item number ``new_item``: now when that is another
-    number than its own (its output files' names change: :attr:`Job.renumbered_at`), else as it
-    was (only its variant moved). Stamped by each statement, right before it runs: a download
-    that read the old number is one of a request sent before that."""
-    now = literal(utcnow(), _JOBS.c.renumbered_at.type)
-    return case((_JOBS.c.item_index != new_item, now), else_=_JOBS.c.renumbered_at)
+#: The statements' value of ``earlier_items`` once the row's own ``item_index`` is appended
+#: (:func:`_earlier_items`); 8 is :data:`EARLIER_ITEMS_KEPT`. PostgreSQL: the old list and the
+#: number, the number's earlier place dropped, the last 8 by position.
+_APPENDED_PG = (
+    "(SELECT jsonb_agg(kept.e ORDER BY kept.o) FROM ("
+    " SELECT t.e, t.o FROM jsonb_array_elements("
+    "COALESCE(jobs.earlier_items, '[]'::jsonb) || to_jsonb(jobs.item_index)"
+    ") WITH ORDINALITY AS t(e, o)"
+    " WHERE t.e <> to_jsonb(jobs.item_index)"
+    " OR t.o = jsonb_array_length(COALESCE(jobs.earlier_items, '[]'::jsonb)) + 1"
+    " ORDER BY t.o DESC LIMIT 8) AS kept)"
+)
+#: SQLite: the same; ``json_group_array`` takes the rows in the order of the subquery it reads.
+_APPENDED_SQLITE = (
+    "(SELECT json_group_array(kept.v) FROM ("
+    " SELECT last.v AS v, last.k AS k FROM ("
+    " SELECT t.value AS v, t.key AS k FROM json_each(COALESCE(jobs.earlier_items, '[]')) AS t"
+    " WHERE t.value IS NOT jobs.item_index"
+    " UNION ALL SELECT jobs.item_index, 2147483647"
+    " ORDER BY k DESC LIMIT 8) AS last ORDER BY last.k) AS kept)"
+)
+
+
+def _earlier_items(pg: bool, new_item: ColumnElement[Any]) -> ColumnElement[Any]:
+    """``earlier_items`` of a job given the item number ``new_item``: when that is another number
+    than its own (its output files' names change), its own number appended — moved to the end
+    if it was there, only the last :data:`EARLIER_ITEMS_KEPT` kept — else as it was (only its
+    variant moved). Computed by the statement from the row's own values, so a statement of many
+    jobs stays one statement, and ordered by nothing but the order of the statements: no clock
+    (:attr:`Job.earlier_items`). :data:`EARLIER_ITEMS_UNKNOWN` is kept like a number."""
+    earlier = _JOBS.c.earlier_items
+    appended = literal_column(_APPENDED_PG if pg else _APPENDED_SQLITE, earlier.type)
+    return case((_JOBS.c.item_index != new_item, appended), else_=earlier)
 
 
 def _place_stored_pg(conn: Connection) -> int:
     """Give the jobs of the staged chunk that were stored already the place staged for them
     (one ``UPDATE … FROM`` the staging table); how many moved. Only a changed place is written,
-    and a changed item number stamps ``renumbered_at`` (:func:`_renumbered_at`)."""
+    and a changed item number is added to ``earlier_items`` (:func:`_earlier_items`)."""
     staged = table(_STAGING, column("batch_id"), column("job_key"), column("item_index"), column("variant"))
     moved = conn.execute(
         update(_JOBS)
@@ -1279,7 +1307,7 @@ def _place_stored_pg(conn: Connection) -> int:
         .values(
             item_index=staged.c.item_index,
             variant=staged.c.variant,
-            renumbered_at=_renumbered_at(staged.c.item_index),
+            earlier_items=_earlier_items(True, staged.c.item_index),
         )
         .execution_options(preserve_rowcount=True)
     )
@@ -1298,7 +1326,7 @@ def _place_stored_sqlite(conn: Connection, batch_id: str, block: list[NewJob]) -
         .values(
             item_index=bindparam("b_item"),
             variant=bindparam("b_variant"),
-            renumbered_at=_renumbered_at(bindparam("b_item")),
+            earlier_items=_earlier_items(False, bindparam("b_item")),
         )
         .execution_options(preserve_rowcount=True),
         [{"b_key": job.key, "b_item": job.item_index, "b_variant": job.variant} for job in block],

@@ -10,6 +10,7 @@ import hashlib
 import os
 import tempfile
 import time
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,15 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
+import jobs.store as store_module
 from jobs import db, outputs, store
-from jobs.models import Job, utcnow
+from jobs.models import EARLIER_ITEMS_UNKNOWN, Job, utcnow
 from jobs.states import JobState
 from tests.hostile import HostileProvider, json_reply
 from tests.hostile_fal import FakeFal
 from tests.step_runtime import add_batch, job_ids, make_runtime, settings_for, wait_until
 from worker import chaos
 from worker.steps import Runtime, dispatch, download, poll, submit
-from worker.steps.download import RENUMBER_MARGIN
 
 KEY = "download-resume-key-93be"
 #: fal's answer for an output file it no longer serves.
@@ -75,11 +76,55 @@ def restarted(engine: Engine, rt: Runtime, job_id: str) -> Runtime:
     return make_runtime(engine, rt.settings)
 
 
-def mark_renumbered(engine: Engine, job_id: str) -> None:
-    """As a resubmit that moved the job to another item would, now."""
+def mark_renumbered(engine: Engine, job_id: str, earlier: list[int]) -> None:
+    """As resubmits that moved the job from the items ``earlier`` would have."""
     with db.session_scope(engine) as session:
         job = store.get_job(session, job_id)
-        store.update_job_fields(session, job_id, expected_version=job.version, renumbered_at=utcnow())
+        store.update_job_fields(session, job_id, expected_version=job.version, earlier_items=earlier)
+
+
+def renumber(engine: Engine, job_id: str, item: int) -> None:
+    """A resubmit of the manifest edited so that the job's item is now ``item`` (items inserted
+    above it, or taken away)."""
+    job = get(engine, job_id)
+    above = [
+        store.NewJob(f"{n + 1:064x}", n, "fal-ai/wan-22", {"prompt": f"new {n}"}, Decimal(5), Decimal(1))
+        for n in range(item)
+    ]
+    again = store.NewJob(job.job_key, item, job.endpoint, job.input, job.est_billing_units, job.est_usd)
+    with db.session_scope(engine) as session:
+        moved = store.resubmit_jobs(session, job.batch_id, [*above, again], lambda: item + 1)
+    assert moved.renumbered + moved.not_in_manifest >= 1
+    assert get(engine, job_id).item_index == item
+
+
+class Looks:
+    """What a download did to find the job's files under other names: folder listings
+    (``os.scandir``) and ``os.stat`` calls (``Path.stat``, ``lstat`` and ``exists`` make them)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+        self.folder = folder.resolve()
+        self.listed: list[Path] = []
+        self.stats: list[Path] = []
+        real_scandir, real_stat = os.scandir, os.stat
+
+        def scandir(path: Any) -> Any:
+            if Path(path).resolve() == self.folder:
+                self.listed.append(Path(path))
+            return real_scandir(path)
+
+        def stat(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(path, str | Path):
+                self.stats.append(Path(path))
+            return real_stat(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+        monkeypatch.setattr(os, "stat", stat)
+
+    def other_names(self, job_id: str, item: int) -> list[str]:
+        """The names of the job's videos, under another item than ``item``, that were looked at."""
+        own = f"{item:06d}-{job_id[:12]}.mp4"
+        return [p.name for p in self.stats if p.name.endswith(f"-{job_id[:12]}.mp4") and p.name != own]
 
 
 def test_a_video_saved_before_a_crash_is_taken_when_fal_no_longer_serves_it(
@@ -170,8 +215,8 @@ def test_a_file_older_than_the_jobs_request_is_never_taken_for_its_video(
     earlier = folder / f"{number:06d}-{job_id[:12]}.mp4"
     earlier.write_bytes(b"\0" * len(fal.video))  # the size fal describes, not its bytes
     assert job.submitted_at is not None
-    if where == "under-another-item":  # looked for there only once renumbered since it was sent
-        mark_renumbered(engine, job_id)
+    if where == "under-another-item":  # looked for there as an earlier number of the job
+        mark_renumbered(engine, job_id, [number])
     sent = job.submitted_at.timestamp()
     os.utime(earlier, (sent - 60, sent - 60))
     try:
@@ -215,12 +260,13 @@ def test_a_saved_video_of_a_job_dropped_from_its_manifest_is_taken_under_its_new
     assert fal.file_gets("r1.mp4") == 1
 
 
-def test_downloads_of_jobs_never_renumbered_do_not_list_the_output_folder(
+def test_downloads_of_jobs_never_renumbered_look_at_no_other_name(
     engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Looking for a video under another item number lists the batch's whole folder (every
-    video so far): done for every download, a batch was quadratic in its size. Only a job a
-    resubmit renumbered after its request was sent can have one there."""
+    """Looking for a video under another item number by listing the batch's whole folder (every
+    video so far), done for every download, made a batch quadratic in its size. A job never
+    renumbered has no earlier number: its download neither lists the folder nor looks at any
+    name of the job but its own."""
     FakeFal(hostile)
     rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs"))
     prompts = ["a paper boat", "a red kite", "a tin drum", "a glass owl"]
@@ -230,22 +276,16 @@ def test_downloads_of_jobs_never_renumbered_do_not_list_the_output_folder(
     for job_id in ids:
         assert submit(rt, job_id) == "submitted"
     wait_until(lambda: all(get(engine, j).state == JobState.DOWNLOADING for j in ids), step=lambda: poll(rt))
-    folder = (tmp_path / "outputs" / "steps").resolve()
+    folder = tmp_path / "outputs" / "steps"
     lookups: list[str] = []
-    listed: list[Path] = []
-    real_lookup, real_scandir = outputs.under_another_item, os.scandir
+    real_lookup = outputs.under_another_item
 
     def lookup(dest: Path, job_id: str) -> Path | None:
         lookups.append(job_id)
         return real_lookup(dest, job_id)
 
-    def scandir(path: Any) -> Any:
-        if Path(path).resolve() == folder:
-            listed.append(Path(path))
-        return real_scandir(path)
-
     monkeypatch.setattr(outputs, "under_another_item", lookup)
-    monkeypatch.setattr(os, "scandir", scandir)
+    looks = Looks(monkeypatch, folder)
     try:
         for job_id in ids:
             assert download(rt, job_id) == "succeeded"
@@ -254,47 +294,137 @@ def test_downloads_of_jobs_never_renumbered_do_not_list_the_output_folder(
     assert lookups == []
     # What lists it is the clean-up of stale temporary files, at most once a lease (once the
     # folder exists; the first download finds none), never once per download.
-    assert len(listed) <= 2
+    assert len(looks.listed) <= 2
+    for job_id in ids:
+        assert looks.other_names(job_id, get(engine, job_id).item_index) == []
     assert len(list(folder.glob("*.mp4"))) == len(prompts)
 
 
 def test_a_job_renumbered_before_its_request_was_sent_does_not_list_the_output_folder(
     engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A renumbering before the request was sent cannot have left a video of that request under
-    the old number: its downloads read the new one. So the folder is not listed for it either."""
+    """A job renumbered at any time looks only at the one name its earlier number gives (there
+    is none here: its request was sent after the renumbering), never at the whole folder."""
     FakeFal(hostile)
     rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs"))
     batch_id = add_batch(
         engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})]
     )
     (job_id,) = job_ids(engine, batch_id)
-    job = get(engine, job_id)
-    with db.session_scope(engine) as session:  # an item inserted above the job's, before it is sent
-        above = store.NewJob(f"{1:064x}", 0, "fal-ai/wan-22", {"prompt": "new"}, Decimal(5), Decimal(1))
-        again = store.NewJob(job.job_key, 1, job.endpoint, job.input, job.est_billing_units, job.est_usd)
-        assert store.resubmit_jobs(session, batch_id, [above, again], lambda: 2).renumbered == 1
-    renumbered = get(engine, job_id).renumbered_at
-    assert renumbered is not None
-    with db.session_scope(engine) as session:  # long before it is sent
-        store.update_job_fields(
-            session,
-            job_id,
-            expected_version=job.version,
-            renumbered_at=renumbered - 2 * RENUMBER_MARGIN,
-        )
+    renumber(engine, job_id, 1)  # an item inserted above the job's, before it is sent
+    assert get(engine, job_id).earlier_items == [0]
     ids = dispatch(rt)
     assert job_id in ids  # with the new item's
     for sent in ids:
         assert submit(rt, sent) == "submitted"
     wait_until(lambda: get(engine, job_id).state == JobState.DOWNLOADING, step=lambda: poll(rt))
+    folder = tmp_path / "outputs" / "steps"
+    folder.mkdir(parents=True, exist_ok=True)
     lookups: list[str] = []
     monkeypatch.setattr(outputs, "under_another_item", lambda dest, j: lookups.append(j))
+    looks = Looks(monkeypatch, folder)
     try:
         assert download(rt, job_id) == "succeeded"
     finally:
         rt.client.close()
     assert lookups == []
-    assert get(engine, job_id).output_path == str(
-        tmp_path / "outputs" / "steps" / f"000001-{job_id[:12]}.mp4"
-    )
+    assert looks.other_names(job_id, 1) == [f"000000-{job_id[:12]}.mp4"]  # one stat, none there
+    assert get(engine, job_id).output_path == str(folder.resolve() / f"000001-{job_id[:12]}.mp4")
+
+
+def test_a_video_saved_before_a_resubmit_from_a_host_whose_clock_is_behind_is_taken(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review A: the resubmit recorded when it renumbered the job by its own host's clock, and
+    the download compared that with the worker's ``submitted_at``: from a host 2 minutes behind
+    (an NTP-less laptop or VM), the job did not look under its old number, downloaded again,
+    fal answered 404 and the job failed, its paid video left under the old name. The old number
+    itself is recorded now: no clock is compared."""
+    fal = FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    crash_after_download(rt, job_id, monkeypatch)  # saved as 000000-<id>.mp4, success not recorded
+    folder = tmp_path / "outputs" / "steps"
+    (before,) = folder.glob("*.mp4")
+    assert before.name.startswith("000000-")
+    job = get(engine, job_id)
+    behind = lambda: utcnow() - timedelta(minutes=2)  # noqa: E731
+    with monkeypatch.context() as patched:
+        patched.setattr(store_module, "utcnow", behind)
+        with db.session_scope(engine) as session:
+            above = store.NewJob(f"{1:064x}", 0, "fal-ai/wan-22", {"prompt": "new"}, Decimal(5), Decimal(1))
+            again = store.NewJob(job.job_key, 1, job.endpoint, job.input, job.est_billing_units, job.est_usd)
+            assert store.resubmit_jobs(session, job.batch_id, [above, again], lambda: 2).renumbered == 1
+    assert get(engine, job_id).item_index == 1
+
+    fal.on_file("r1.mp4", GONE)  # fal no longer serves the video (it was paid for)
+    rt = restarted(engine, rt, job_id)
+    try:
+        outcome = download(rt, job_id)
+    finally:
+        rt.client.close()
+    assert outcome == "succeeded", (outcome, get(engine, job_id).error, [p.name for p in folder.iterdir()])
+    assert get(engine, job_id).output_path == str(folder / f"000001-{job_id[:12]}.mp4")
+    assert fal.file_gets("r1.mp4") == 1
+    assert not before.exists()
+
+
+def test_a_video_saved_before_two_renumberings_is_found_under_the_first_number(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Saved as item 0, then renumbered 0 → 2 → 1 before the next try: that try looks at the
+    names of its earlier numbers (1 stat each, the newest first), not at the whole folder."""
+    fal = FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    crash_after_download(rt, job_id, monkeypatch)
+    folder = tmp_path / "outputs" / "steps"
+    (before,) = folder.glob("*.mp4")
+    assert before.name == f"000000-{job_id[:12]}.mp4"
+    renumber(engine, job_id, 2)
+    renumber(engine, job_id, 1)
+    assert get(engine, job_id).earlier_items == [0, 2]
+
+    fal.on_file("r1.mp4", GONE)
+    rt = restarted(engine, rt, job_id)
+    lookups: list[str] = []
+    monkeypatch.setattr(outputs, "under_another_item", lambda dest, j: lookups.append(j))
+    looks = Looks(monkeypatch, folder)
+    try:
+        assert download(rt, job_id) == "succeeded"
+    finally:
+        rt.client.close()
+    after = folder / f"000001-{job_id[:12]}.mp4"
+    assert get(engine, job_id).output_path == str(after)
+    assert after.read_bytes() == fal.video
+    assert fal.file_gets("r1.mp4") == 1
+    assert not before.exists()
+    assert lookups == []
+    names = looks.other_names(job_id, 1)
+    assert names[:2] == [f"000002-{job_id[:12]}.mp4", f"000000-{job_id[:12]}.mp4"]
+    assert set(names) == {f"000002-{job_id[:12]}.mp4", f"000000-{job_id[:12]}.mp4"}
+
+
+def test_a_job_whose_earlier_numbers_are_unknown_lists_the_folder_for_its_video(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job sent before schema 0032 may have been renumbered with nothing recorded: migration
+    0032 marks it ``EARLIER_ITEMS_UNKNOWN``, and its download lists the folder (as every download
+    did before) and takes the video saved under whichever number."""
+    fal = FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    crash_after_download(rt, job_id, monkeypatch)
+    folder = tmp_path / "outputs" / "steps"
+    (saved,) = folder.glob("*.mp4")
+    before = saved.with_name(f"000007-{job_id[:12]}.mp4")  # its number before an unrecorded resubmit
+    saved.replace(before)
+    mark_renumbered(engine, job_id, [EARLIER_ITEMS_UNKNOWN])
+
+    fal.on_file("r1.mp4", GONE)
+    rt = restarted(engine, rt, job_id)
+    try:
+        assert download(rt, job_id) == "succeeded"
+    finally:
+        rt.client.close()
+    assert get(engine, job_id).output_path == str(saved)
+    assert saved.read_bytes() == fal.video
+    assert fal.file_gets("r1.mp4") == 1
+    assert not before.exists()

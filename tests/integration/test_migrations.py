@@ -837,12 +837,15 @@ def _status(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> int:
         db._engine_for.cache_clear()
 
 
-def test_migration_0032_lets_unfinished_sent_jobs_look_for_a_renumbered_video_once(
+def test_migration_0032_marks_the_earlier_numbers_of_unfinished_sent_jobs_unknown(
     empty_engine: Engine,
 ) -> None:
-    """A job may have been renumbered by a resubmit before 0032 recorded it (``renumbered_at``):
-    one sent and not finished takes its ``submitted_at``, so its download looks under another
-    number as every download did before; the others get NULL, and a downgrade drops it."""
+    """A job may have been renumbered by a resubmit before 0032 recorded its earlier numbers
+    (``earlier_items``): one sent and not finished gets ``[EARLIER_ITEMS_UNKNOWN]``, so its
+    download lists the folder as every download did before; the others get NULL (never
+    renumbered: no name looked at), and a downgrade drops it."""
+    from jobs import db, store
+    from jobs.models import EARLIER_ITEMS_UNKNOWN
     from tests.step_runtime import add_batch, job_ids
 
     migrate(empty_engine, from_models=False)
@@ -850,8 +853,8 @@ def test_migration_0032_lets_unfinished_sent_jobs_look_for_a_renumbered_video_on
     jobs = job_ids(empty_engine, batch_id)
     sent = datetime(2026, 1, 1, tzinfo=UTC)
     before: list[tuple[str, datetime | None]] = [
-        ("downloading", sent),  # may hold a video saved under its old number: looks once
-        ("queued", sent),  # its download is still to come: looks once too
+        ("downloading", sent),  # may hold a video saved under its old number: lists the folder
+        ("queued", sent),  # its download is still to come: lists it too
         ("pending", None),  # never sent: no video anywhere
         ("succeeded", sent),  # finished: never downloads again
         ("failed", sent),
@@ -864,17 +867,14 @@ def test_migration_0032_lets_unfinished_sent_jobs_look_for_a_renumbered_video_on
                 {"s": state, "at": at, "j": job_id},
             )
     migrate(empty_engine, from_models=False)
-    with empty_engine.connect() as conn:
-        rows: dict[str, Any] = dict(
-            conn.execute(
-                text("SELECT id, renumbered_at IS NOT NULL AND renumbered_at = submitted_at FROM jobs")
-            ).all()
-        )
-        unstamped = set(conn.execute(text("SELECT id FROM jobs WHERE renumbered_at IS NULL")).scalars())
-    assert [bool(rows[j]) for j in jobs] == [True, True, False, False, False]
-    assert unstamped == set(jobs[2:])
+    with db.session_scope(empty_engine) as session:  # read as the model reads it
+        earlier = {job.id: job.earlier_items for job in store.jobs_of_batch(session, batch_id)}
+    unknown = [EARLIER_ITEMS_UNKNOWN]
+    assert [earlier[j] for j in jobs] == [unknown, unknown, None, None, None]
     downgrade(empty_engine, "0031")
-    assert "renumbered_at" not in {c["name"] for c in inspect(empty_engine).get_columns("jobs")}
+    columns = {c["name"] for c in inspect(empty_engine).get_columns("jobs")}
+    assert "earlier_items" not in columns
+    assert "renumbered_at" not in columns
 
 
 def test_an_upgrade_waits_for_an_older_process_that_beats(

@@ -41,6 +41,7 @@ import stat
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -59,7 +60,7 @@ from jobs.errors import (
     StateConflict,
     WanbatchError,
 )
-from jobs.models import BatchState, JobView, utcnow
+from jobs.models import EARLIER_ITEMS_UNKNOWN, BatchState, JobView, utcnow
 from jobs.output_store import OutputStore, OutputUploadError, open_output_store
 from jobs.outputs import OutputWriteError
 from jobs.settings import Settings
@@ -441,7 +442,7 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video) -
         failed = OutputWriteError(f"could not clean up {dest.parent}: {exc.strerror or exc}")
         return _write_failed(rt, job_id, claim, failed)
     result = _downloaded_before(
-        job_id, dest, video, claim.job.submitted_at, claim.job.renumbered_at, staged=outs.is_remote
+        job_id, dest, video, claim.job.submitted_at, claim.job.earlier_items, staged=outs.is_remote
     )
     if result is None:
         fetched = _download_video(rt, job_id, claim, video, dest)
@@ -670,7 +671,7 @@ def _downloaded_before(
     dest: Path,
     video: Video,
     sent_at: datetime | None,
-    renumbered_at: datetime | None,
+    earlier_items: Sequence[int] | None,
     *,
     staged: bool,
 ) -> DownloadResult | None:
@@ -698,24 +699,15 @@ def _downloaded_before(
     a video of that request cannot be older, and one of an earlier request is. Without that
     time nothing is taken from a local folder (a staged file is, as it always was).
 
-    One left under the job's item number before a resubmit of an edited manifest renumbered the
-    job is moved to ``dest`` first (:func:`outputs.under_another_item`), a sidecar beside it
-    removed (the success writes one under the new number). The probe that follows
-    (:func:`_check_media`) checks it as it checks any download. That lookup lists the whole
-    folder (every video of the batch so far), so it is made only for a job that may have been
-    renumbered after a try of its current request saved its video (:func:`_renumbered_since_sent`):
-    made for every download, it made a batch quadratic in its size.
+    One left under an item number the job had before a resubmit of an edited manifest
+    renumbered it (``earlier_items``: :func:`_under_an_earlier_number`) is moved to ``dest``
+    first, a sidecar beside it removed (the success writes one under the new number). The probe
+    that follows (:func:`_check_media`) checks it as it checks any download.
     """
     if sent_at is None and not staged:
         return None
     try:
-        if (
-            not dest.exists()
-            and _renumbered_since_sent(renumbered_at, sent_at)
-            and (earlier := outputs.under_another_item(dest, job_id)) is not None
-        ):
-            if not _written_since(earlier, sent_at):
-                return None
+        if not dest.exists() and (earlier := _under_an_earlier_number(dest, job_id, earlier_items, sent_at)):
             earlier.replace(dest)
             if not staged:
                 outputs.sidecar_path(earlier).unlink(missing_ok=True)
@@ -748,24 +740,34 @@ def _downloaded_before(
     return DownloadResult(path=dest, sha256=digest.hexdigest(), size=size)
 
 
-#: How much earlier than its request's ``submitted_at`` a job's ``renumbered_at`` may be and
-#: still count as after it (:func:`_renumbered_since_sent`): the two are stamped by different
-#: processes, perhaps hosts (a resubmit's, a worker's), and a resubmit's stamp is taken right
-#: before its statement locks the job's row. A job sent within this time after it was
-#: renumbered looks for an earlier file once per download; nothing else does.
-RENUMBER_MARGIN = timedelta(minutes=1)
+def _under_an_earlier_number(
+    dest: Path, job_id: str, earlier_items: Sequence[int] | None, sent_at: datetime | None
+) -> Path | None:
+    """The job's file of ``dest``'s kind saved under an item number it had before (a resubmit of
+    an edited manifest renumbered it since: ``jobs.earlier_items``), written since ``sent_at``
+    (:func:`_written_since`), else None; the most recent number first.
 
-
-def _renumbered_since_sent(renumbered_at: datetime | None, sent_at: datetime | None) -> bool:
-    """Whether a try of the job's current request (sent at ``sent_at``) may have saved its video
-    under an item number the job no longer has: a resubmit renumbered the job (``renumbered_at``,
-    :func:`jobs.store.resubmit_jobs`) no earlier than that request was sent. A try renumbered
-    before it read its number after the renumbering (the job was claimed for its download after
-    it was sent), so saved its file under the current one. No ``sent_at`` (a staged file of a
-    job that never recorded one): any renumbering."""
-    if renumbered_at is None:
-        return False
-    return sent_at is None or renumbered_at >= sent_at - RENUMBER_MARGIN
+    Each earlier number is one ``stat`` of the name it gives (never more than
+    ``jobs.models.EARLIER_ITEMS_KEPT``), and a job never renumbered makes none: before, every
+    download listed the whole folder (every video of the batch so far), which made a batch
+    quadratic in its size. Only a job whose earlier numbers nobody recorded
+    (``EARLIER_ITEMS_UNKNOWN``: sent before schema 0032) still lists it
+    (:func:`outputs.under_another_item`)."""
+    if not earlier_items:
+        return None
+    if EARLIER_ITEMS_UNKNOWN in earlier_items:
+        found = outputs.under_another_item(dest, job_id)
+        return found if found is not None and _written_since(found, sent_at) else None
+    for old in reversed(earlier_items):
+        path = dest.with_name(f"{outputs.job_stem(old, job_id)}{dest.suffix}")
+        if path == dest:
+            continue  # renumbered back to a number it had: looked at already
+        try:
+            if _written_since(path, sent_at):
+                return path
+        except OSError:
+            continue  # none under that number
+    return None
 
 
 def _written_since(path: Path, sent_at: datetime | None) -> bool:
