@@ -21,7 +21,9 @@ without it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -31,6 +33,38 @@ RESUME_AFTER_SECONDS = 10.0
 
 _lock = threading.Lock()
 _paused = False
+
+
+#: glibc's ``mallopt`` parameter for the most malloc arenas a process may have (``M_ARENA_MAX``
+#: in glibc's malloc.h, https://man7.org/linux/man-pages/man3/mallopt.3.html).
+_M_ARENA_MAX = -8
+#: The malloc arenas wanbatch's own processes use (:func:`fewer_malloc_arenas`).
+MALLOC_ARENAS = 2
+
+
+def fewer_malloc_arenas() -> bool:
+    """Cap glibc's malloc at :data:`MALLOC_ARENAS` arenas, before the command starts threads;
+    whether it was capped here.
+
+    glibc gives each new thread an arena of its own, up to eight per core, and never hands the
+    free space of an arena back to the system. ``wanbatch run`` and the workers keep dozens of
+    threads (submits, downloads, one per status stream), each allocating HTTP bodies, SQLite
+    pages and TLS buffers and freeing them again: the free space kept across up to 16 arenas
+    grew with every job (peak RSS 165 MB at 1,000 jobs, 225 MB at 20,000; the memory in use
+    stayed at ~35 MB), where two arenas keep it flat (149 MB against 194 MB at 3,600 jobs) for
+    no measurable CPU (the interpreter lock already keeps the threads from allocating at once).
+    A ``MALLOC_ARENA_MAX`` in the environment (glibc's own tunable) is left to decide, and
+    another C library (musl: no ``mallopt`` to find, or one that ignores it) is left alone.
+    """
+    if sys.platform != "linux" or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
 
 
 def pause() -> None:
