@@ -21,7 +21,6 @@ without it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import os
 import sys
@@ -53,14 +52,18 @@ def fewer_malloc_arenas() -> bool:
     grew with every job (peak RSS 165 MB at 1,000 jobs, 225 MB at 20,000; the memory in use
     stayed at ~35 MB), where two arenas keep it flat (149 MB against 194 MB at 3,600 jobs) for
     no measurable CPU (the interpreter lock already keeps the threads from allocating at once).
-    A ``MALLOC_ARENA_MAX`` in the environment (glibc's own tunable) is left to decide, and
-    another C library (musl: no ``mallopt`` to find, or one that ignores it) is left alone.
+    An arena limit the user set for glibc (``MALLOC_ARENA_MAX``, or ``glibc.malloc.arena_max``
+    in ``GLIBC_TUNABLES``) is left to decide; another C library (musl: no ``mallopt`` to find,
+    or one that ignores it) and a Python built without :mod:`ctypes` are left alone.
     """
-    if sys.platform != "linux" or "MALLOC_ARENA_MAX" in os.environ:
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if sys.platform != "linux" or "MALLOC_ARENA_MAX" in os.environ or "malloc.arena_max" in tunables:
         return False
     try:
+        import ctypes  # here, not at the top: every command imports this module
+
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int

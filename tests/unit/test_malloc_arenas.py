@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 _PROBE = r"""
 import ctypes, json, re, sys, tempfile, threading
@@ -47,7 +48,7 @@ print("HEAPS " + json.dumps(heaps), file=sys.stderr)
 
 
 def _heaps(**env: str) -> int:
-    base = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    base = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
     done = subprocess.run(
         [sys.executable, "-c", _PROBE],
         capture_output=True,
@@ -68,3 +69,29 @@ def test_a_wanbatch_process_keeps_to_two_malloc_arenas_however_many_threads_allo
 def test_malloc_arena_max_in_the_environment_decides_instead() -> None:
     """glibc's own tunable wins: a user who set it gets what they set (here more than two)."""
     assert _heaps(MALLOC_ARENA_MAX="6") > 2
+
+
+def test_glibc_tunables_arena_max_decides_too() -> None:
+    assert _heaps(GLIBC_TUNABLES="glibc.malloc.arena_max=6") > 2
+
+
+def test_a_python_without_ctypes_still_runs_wanbatch(tmp_path: Path) -> None:
+    """No cap then, but the command runs (an interpreter built without libffi has no ctypes)."""
+    probe = (
+        "import sys; sys.modules['_ctypes'] = None; sys.modules['ctypes'] = None\n"
+        "sys.argv = ['wanbatch', 'validate', sys.argv[1]]\n"
+        "from cli import main\n"
+        "main()\n"
+    )
+    manifest = Path(__file__).resolve().parents[2] / "manifests" / "examples" / "quickstart.yaml"
+    env = {**os.environ, "WANBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'w.db'}"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "valid" in done.stdout
