@@ -1285,8 +1285,10 @@ class RedisGCRA:
 class LocalGCRA:
     """The same GCRA in this process, for embedded mode (one process is the whole deployment)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        #: Monotonic seconds (a test's own clock: a pause read without time passing meanwhile).
+        self.clock = clock
         self._tat: dict[str, float] = {}
         #: Until when (monotonic) a 429 holds each key (:meth:`hold_off`): apart from the TAT,
         #: which after any grant is one interval ahead and is no pause.
@@ -1296,7 +1298,7 @@ class LocalGCRA:
     def acquire(self, endpoint: str) -> float:
         keys = rate_keys(self.settings, endpoint)
         with self._lock:
-            now = time.monotonic()
+            now = self.clock()
             tats = [max(self._tat.get(k.key, now), now) for k in keys]
             wait = max(tat - now for tat in tats)
             if wait > 0:
@@ -1308,11 +1310,11 @@ class LocalGCRA:
     def pause_left(self) -> float:
         key = api_key_rate(self.settings).key
         with self._lock:
-            return max(0.0, self._hold.get(key, 0.0) - time.monotonic())
+            return max(0.0, self._hold.get(key, 0.0) - self.clock())
 
     def hold_off(self, endpoint: str, seconds: float) -> None:
         with self._lock:
-            until = time.monotonic() + seconds
+            until = self.clock() + seconds
             for k in rate_keys(self.settings, endpoint):
                 self._tat[k.key] = max(self._tat.get(k.key, until), until)
                 self._hold[k.key] = max(self._hold.get(k.key, until), until)

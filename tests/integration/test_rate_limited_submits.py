@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -31,7 +32,7 @@ from jobs import batches, db, store
 from jobs.batches import batch_report
 from jobs.models import Job, utcnow
 from jobs.states import JobState
-from tests.hostile import HostileProvider, json_reply
+from tests.hostile import HostileProvider, Recorded, json_reply
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.conductor import Conductor
 from worker.limits import LocalGCRA, RedisGCRA, api_key_rate, limiter_for
@@ -87,25 +88,54 @@ def test_a_429_gives_the_job_back_uncounted_and_holds_every_submit(
     assert hostile.count("POST", r".*") == 1
 
 
+class StopsAtTheRefusal:
+    """Monotonic time until fal refuses (:meth:`stop`), then that moment for ever: a pause set at
+    the refusal is read as it was set, however long the submit took to record it."""
+
+    def __init__(self) -> None:
+        self.stopped: float | None = None
+
+    def __call__(self) -> float:
+        return time.monotonic() if self.stopped is None else self.stopped
+
+    def stop(self) -> None:
+        if self.stopped is None:
+            self.stopped = time.monotonic()
+
+
 @pytest.mark.parametrize(("header", "pause"), [("7", 7.0), ("1e300", 60.0), ("inf", 2.0)])
 def test_retry_after_sets_the_pause_within_the_retry_ceiling(
     engine: Engine, hostile: HostileProvider, header: str, pause: float
 ) -> None:
     """fal's ``Retry-After`` is honoured, but it is the provider's word: capped at
     ``WANBATCH_RETRY_MAX_DELAY``, and ignored when it is not a finite number."""
-    refused(hostile, {"Retry-After": header})
     settings = settings_for(hostile.url, KEY, retry_base_delay=2, retry_max_delay=60)
     rt = make_runtime(engine, settings)
+    # The limiter's clock stops when fal refuses: the pause is read as the submit set it. On the
+    # real clock it was read after the submit had recorded the refusal, which a loaded machine
+    # stretched past the second the bound allowed. (Stopped from the start, it would leave the
+    # submit waiting for the next token for ever when it takes a fresh grant before the POST.)
+    clock = StopsAtTheRefusal()
+    limiter = rt.limiter
+    assert isinstance(limiter, LocalGCRA)
+    limiter.clock = clock
+    refusal = json_reply(TOO_MANY, 429, {"Retry-After": header})
+
+    def refuse(request: Recorded, sock: socket.socket) -> None:
+        clock.stop()
+        refusal(request, sock)
+
+    hostile.route("POST", rf"/{T2V}", refuse)
     add_batch(engine, "retry-after", [(T2V, {"prompt": "a lighthouse"})])
     (job_id,) = dispatch(rt)
     before = utcnow()
     assert submit(rt, job_id) == "rate-limited"
-    assert rt.limiter is not None
-    held = rt.limiter.acquire(T2V)
-    assert pause - 1 < held <= pause
+    assert hostile.count("POST", r".*") == 1  # refused by fal, not held back before sending
+    assert limiter.acquire(T2V) == pytest.approx(pause, abs=1e-6)
+    assert limiter.pause_left() == pytest.approx(pause, abs=1e-6)
     due = job(engine, job_id).next_attempt_at
     assert due is not None
-    assert before + timedelta(seconds=pause - 1) < due <= utcnow() + timedelta(seconds=pause)
+    assert before + timedelta(seconds=pause) <= due <= utcnow() + timedelta(seconds=pause)
 
 
 def test_refusals_past_the_free_ones_count_and_end_the_job(engine: Engine, hostile: HostileProvider) -> None:
@@ -199,6 +229,48 @@ def test_the_dispatch_bucket_says_when_its_next_token_comes() -> None:
     bucket.hold_off(2.0)
     assert bucket.take(1) == 0
     assert 2.0 < bucket.until_next() <= 2.1
+
+
+def test_a_pause_heard_after_an_idle_spell_holds_the_bucket_for_all_of_it() -> None:
+    """The hold starts when it is heard. Before, the next :meth:`RateBucket.take` refilled the
+    bucket for all the time since the last one, the seconds before the hold included: a 5 s
+    pause heard 10 s after the last round held nothing at all."""
+    now = [1000.0]
+    bucket = RateBucket(4.0, burst=1, clock=lambda: now[0])
+    assert bucket.take(1) == 1
+    now[0] += 10.0  # the next round, an idle spell later
+    bucket.hold_off(5.0)
+    assert bucket.take(1) == 0
+    assert bucket.until_next() == 5.25  # the pause, then a token at the rate (4 a second)
+    now[0] += 5.0
+    assert bucket.take(1) == 0
+    now[0] += 0.25
+    assert bucket.take(1) == 1
+
+
+def test_a_pause_heard_long_after_the_last_round_holds_dispatch(
+    engine: Engine, hostile: HostileProvider
+) -> None:
+    """A submit hears fal's 429 some seconds after dispatch's last round (a quiet worker's
+    rounds come a tick apart): the next round claims nothing until the pause ends. Before, the
+    bucket credited the seconds since the last round against the pause, so that round claimed
+    the jobs due and each submit gave its job back, one history entry apiece."""
+    now = [1000.0]
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    assert rt.bucket is not None
+    rt.bucket = RateBucket(rt.bucket.rate, clock=lambda: now[0])  # as built, on the test's clock
+    limiter = rt.limiter
+    assert isinstance(limiter, LocalGCRA)
+    limiter.clock = lambda: now[0]
+    assert dispatch(rt) == []  # a round with nothing due
+    now[0] += 10.0
+    limiter.hold_off(T2V, 5.0)  # a submit heard fal's 429
+    add_batch(engine, "after-a-quiet-spell", [(T2V, {"prompt": "a lighthouse"})])
+    assert dispatch(rt) == []
+    assert rt.bucket.until_next() >= 5.0
+    now[0] += 6.0  # the pause is over
+    assert len(dispatch(rt)) == 1
+    assert hostile.count("POST", r".*") == 0
 
 
 def test_a_held_dispatch_looks_again_when_the_pause_ends_not_every_20_ms(

@@ -63,22 +63,30 @@ class RateBucket:
     (:meth:`hold_off`) and what the next round waits for.
     """
 
-    def __init__(self, rate: float, burst: float | None = None) -> None:
+    def __init__(
+        self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rate = rate
         self.capacity = max(1.0, burst if burst is not None else rate)
+        #: Monotonic seconds (a test's own clock: the pauses it holds without waiting them out).
+        self.clock = clock
         self.tokens = self.capacity
-        self.stamp = time.monotonic()
+        self.stamp = clock()
         #: Whether the last :meth:`take` granted fewer tokens than wanted (jobs wait for the rate).
         self.short = False
         #: Until when (monotonic) the shared bucket of every dispatching process has no whole
         #: token (:meth:`shared_short`).
         self._shared_until = 0.0
 
-    def take(self, wanted: int) -> int:
-        """Take up to ``wanted`` whole tokens; returns how many were granted."""
-        now = time.monotonic()
+    def _refill(self) -> None:
+        """Add the tokens the time since the last refill brought (up to the capacity)."""
+        now = self.clock()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
+
+    def take(self, wanted: int) -> int:
+        """Take up to ``wanted`` whole tokens; returns how many were granted."""
+        self._refill()
         granted = max(0, min(wanted, int(self.tokens)))
         self.tokens -= granted
         self.short = granted < wanted
@@ -90,19 +98,25 @@ class RateBucket:
         seconds, when the shared bucket has a whole token."""
         self.tokens += unused
         self.short = True
-        self._shared_until = time.monotonic() + wait
+        self._shared_until = self.clock() + wait
 
     def until_next(self) -> float:
         """Seconds until a whole token is there (0.0 when one is now): when dispatch, left short
         by the rate, should look again — not sooner, when nothing could be claimed anyway."""
-        now = time.monotonic()
+        now = self.clock()
         missing = 1.0 - (self.tokens + (now - self.stamp) * self.rate)
         return max(0.0, missing / self.rate, self._shared_until - now)
 
     def hold_off(self, seconds: float) -> None:
         """Grant nothing for ``seconds`` (fal said 429, and the shared limiter holds every submit
         back as long): claiming jobs now would only hand them back. Unlocked, as :meth:`take`: a
-        lost update costs a few claims the limiter gives back, never a submit it did not grant."""
+        lost update costs a few claims the limiter gives back, never a submit it did not grant.
+
+        The time since the last refill is counted first, so the hold starts now. Counted after
+        (by the next :meth:`take`), the seconds between the previous round and this one were
+        taken off the hold: a 5 s pause heard 10 s after the last round (an idle tick) held
+        nothing, and that round claimed jobs only for their submits to give them back."""
+        self._refill()
         self.tokens = min(self.tokens, -seconds * self.rate)
 
 
