@@ -324,7 +324,9 @@ class Job(Base):
         # Claims read these in order (oldest first) and stop at their limit: see store.claim_jobs.
         Index("ix_jobs_batch_id_state_order", "batch_id", "state", "created_at", "item_index", "id"),
         Index("ix_jobs_state_order", "state", "created_at", "item_index", "id"),
+        # … but the due retries through these, not every retry still backing off: store._due_retries.
         Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),
+        Index("ix_jobs_batch_id_state_next_attempt_at", "batch_id", "state", "next_attempt_at"),
         Index("ix_jobs_request_id", "request_id"),
         # reuse_outputs looks up a succeeded job with the same key in any batch.
         Index("ix_jobs_job_key", "job_key"),

@@ -126,7 +126,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     rt.downloads_held = False  # likewise, when the download backlog holds jobs back
     scope = rt.cap_scope()  # what the caps count: never jobs that only another process moves on
     waited = timedelta(seconds=min(rt.settings.queue_wait_backoff, LONGEST_WAIT_SECONDS))
-    flight = store.in_flight(session, scope=scope, sent_before=now - waited)
+    flight = store.in_flight(session, scope=scope, sent_before=now - waited, now=now)
     rt.nothing_in_flight = flight.outstanding == 0 and flight.downloading == 0
     free = _room_at_fal(session, rt, flight, rt.settings.max_outstanding - flight.outstanding, scope)
     room = _room_for_downloads(rt, flight.downloading)
@@ -146,7 +146,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
         return done
     batches = _RoundBatches(session, rt.batch_ids or ())
     closed = batches.closed(now)
-    states = [S.PENDING, S.RETRY_WAIT] if flight.retry_wait else [S.PENDING]
+    states = [S.PENDING, S.RETRY_WAIT] if flight.retry_due else [S.PENDING]
     jobs = _claim_within_caps(session, rt, free, now, scope, closed, states)
     rt.downloads_held = rt.downloads_held and len(jobs) >= free  # fewer: nothing else waited
     if jobs:
