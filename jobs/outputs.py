@@ -14,11 +14,13 @@ import tempfile
 import threading
 import time
 import unicodedata
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from jobs.errors import WanbatchError
 from jobs.fs import file_mode
+from jobs.models import EARLIER_ITEMS_UNKNOWN
 from jobs.storable import storable_json
 
 
@@ -101,6 +103,30 @@ def under_another_item(dest: Path, job_id: str) -> Path | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return None
+
+
+def under_earlier_items(dest: Path, job_id: str, earlier_items: Sequence[int] | None) -> Iterator[Path]:
+    """Where the job's file of ``dest``'s kind may wait under an item number it had before a
+    resubmit of an edited manifest renumbered it (``jobs.earlier_items``): the names, the most
+    recent number first, never ``dest`` itself (its current name, which the caller looks at
+    first: a job renumbered back to a number it had gives no name for that number).
+
+    Each earlier number gives one name (never more than ``jobs.models.EARLIER_ITEMS_KEPT``),
+    nothing is looked up for it, and a job never renumbered gives none. Only for a job whose
+    earlier numbers nobody recorded (:data:`jobs.models.EARLIER_ITEMS_UNKNOWN`: sent before
+    schema 0032) is the folder listed (:func:`under_another_item`), once the caller asks for a
+    name. The download step and a rerun looking for a staged video both look under these."""
+    if not earlier_items:
+        return
+    if EARLIER_ITEMS_UNKNOWN in earlier_items:
+        found = under_another_item(dest, job_id)
+        if found is not None:
+            yield found
+        return
+    for old in reversed(earlier_items):
+        path = dest.with_name(f"{job_stem(old, job_id)}{dest.suffix}")
+        if path != dest:  # renumbered back to a number it had: that name is ``dest``, not an earlier one
+            yield path
 
 
 def sidecar_path(video: Path) -> Path:

@@ -230,6 +230,46 @@ def test_a_file_older_than_the_jobs_request_is_never_taken_for_its_video(
     assert Path(job.output_path).read_bytes() == fal.video
 
 
+def test_a_job_renumbered_back_over_a_stale_file_of_its_own_takes_its_video_under_the_other_number(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review C: an earlier request's video stands under the job's item 0 (a try saved it, fal
+    then said that request failed, the job was sent again); renumbered 0 → 2, the current
+    request's try saved its video under 2 and died before recording the success; the manifest
+    edit undone, 2 → 0. The download found the stale file under 0, rightly refused it and never
+    looked under 2: it downloaded again (fal no longer serving the paid video: failed)."""
+    fal = FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    crash_after_download(rt, job_id, monkeypatch)
+    folder = tmp_path / "outputs" / "steps"
+    (saved,) = folder.glob("*.mp4")
+    assert saved.name == f"000000-{job_id[:12]}.mp4"
+    under_two = saved.with_name(f"000002-{job_id[:12]}.mp4")
+    saved.replace(under_two)  # the current request's video, saved while the job was item 2
+    saved.write_bytes(b"\0" * len(fal.video))  # the earlier request's, written before this one was sent
+    saved.with_suffix(".json").write_text("{}")
+    sent = get(engine, job_id).submitted_at
+    assert sent is not None
+    os.utime(saved, (sent.timestamp() - 3600, sent.timestamp() - 3600))
+    renumber(engine, job_id, 2)
+    renumber(engine, job_id, 0)
+    assert 2 in (get(engine, job_id).earlier_items or [])
+
+    fal.on_file("r1.mp4", GONE)
+    rt = restarted(engine, rt, job_id)
+    try:
+        outcome = download(rt, job_id)
+    finally:
+        rt.client.close()
+    assert outcome == "succeeded", (outcome, get(engine, job_id).error)
+    job = get(engine, job_id)
+    assert job.output_path == str(saved)
+    assert saved.read_bytes() == fal.video
+    assert job.output_sha256 == hashlib.sha256(fal.video).hexdigest()
+    assert fal.file_gets("r1.mp4") == 1  # the first try's download only
+    assert not under_two.exists()
+
+
 def test_a_saved_video_of_a_job_dropped_from_its_manifest_is_taken_under_its_new_number(
     engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,17 +1,25 @@
 """``jobs.earlier_items``, on both dialects: every statement of :func:`jobs.store.resubmit_jobs`
 that gives a stored job another item number appends the old one (its output files' names hold
 the number: the download step looks under exactly those names), most recent last, each once,
-the last ``EARLIER_ITEMS_KEPT``; nothing else writes it, and no clock is read."""
+the last ``EARLIER_ITEMS_KEPT``; nothing else writes it, and no clock is read. A rerun looking
+for the paid video its original left staged looks under those numbers too."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from decimal import Decimal
+from pathlib import Path
 
+import pytest
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from jobs import store
-from jobs.models import EARLIER_ITEMS_KEPT, EARLIER_ITEMS_UNKNOWN
+from jobs import outputs, store
+from jobs.models import EARLIER_ITEMS_KEPT, EARLIER_ITEMS_UNKNOWN, Job
+from jobs.states import JobState
+from tests.step_runtime import settings_for
+from worker.steps.staged import find_staged
 
 
 def _job(i: int, item: int, variant: int = 0) -> store.NewJob:
@@ -114,3 +122,62 @@ def test_an_unknown_earlier_number_is_kept_with_the_ones_added_after_it(session:
     session.commit()
     got: Sequence[int] | None = _places(session, batch_id)[0][2]
     assert got == [EARLIER_ITEMS_UNKNOWN, 0]
+
+
+@pytest.mark.parametrize(
+    ("moves", "unknown", "earlier"),
+    [
+        ([1], False, [0]),  # an item inserted above it
+        ([2, 1], False, [0, 2]),  # renumbered twice: found under the first number
+        ([1], True, [EARLIER_ITEMS_UNKNOWN, 0]),  # numbers nobody recorded: the folder is listed
+    ],
+)
+def test_a_rerun_finds_the_video_staged_under_a_number_its_original_had_before(
+    session: Session, tmp_path: Path, moves: list[int], unknown: bool, earlier: list[int]
+) -> None:
+    """Review C: the original staged its paid video under item 0, its upload failed and its
+    batch was cancelled (``output_not_kept``); the manifest was then edited and submitted again,
+    renumbering it. A rerun looked only under its current number, missed the video and sent the
+    job to fal again (paid twice): it looks under its earlier numbers too."""
+    batch_id = _batch(session, "staged")
+    store.add_jobs(session, batch_id, [_job(0, 0)])
+    session.commit()
+    (original,) = store.jobs_of_batch(session, batch_id)
+    staging = tmp_path / "staging"
+    settings = settings_for(
+        "http://127.0.0.1:9",
+        "earlier-items-key-1234",
+        output_dir=tmp_path / "out",
+        output_staging_dir=staging,
+    )
+    video = b"\x00\x00\x00\x18ftypmp42" + b"x" * 1000
+    staged = outputs.video_path(
+        staging, store.folder_name(store.get_batch(session, batch_id)), 0, original.id
+    )
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(video)
+    session.execute(
+        update(Job)
+        .where(Job.id == original.id)
+        .values(
+            state=JobState.FAILED,
+            error_type=store.OUTPUT_NOT_KEPT,
+            output_sha256=hashlib.sha256(video).hexdigest(),
+            output_bytes=len(video),
+            earlier_items=[EARLIER_ITEMS_UNKNOWN] if unknown else None,
+        )
+    )
+    session.commit()
+    for number in moves:
+        above = [_job(100 + n, n) for n in range(number)]
+        store.resubmit_jobs(session, batch_id, [*above, _job(0, number)], _count(number + 1))
+        session.commit()
+    session.expire_all()
+    original = store.get_job(session, original.id)
+    assert (original.item_index, original.earlier_items) == (moves[-1], earlier)
+
+    path, why = find_staged(session, settings, original)
+    assert path == staged, why
+    # another file under an earlier name is refused, as one under the current name is
+    staged.write_bytes(video[:-1] + b"y")
+    assert find_staged(session, settings, original)[0] is None

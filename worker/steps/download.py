@@ -60,7 +60,7 @@ from jobs.errors import (
     StateConflict,
     WanbatchError,
 )
-from jobs.models import EARLIER_ITEMS_UNKNOWN, BatchState, JobView, utcnow
+from jobs.models import BatchState, JobView, utcnow
 from jobs.output_store import OutputStore, OutputUploadError, open_output_store
 from jobs.outputs import OutputWriteError
 from jobs.settings import Settings
@@ -701,14 +701,18 @@ def _downloaded_before(
 
     One left under an item number the job had before a resubmit of an edited manifest
     renumbered it (``earlier_items``: :func:`_under_an_earlier_number`) is moved to ``dest``
-    first, a sidecar beside it removed (the success writes one under the new number). The probe
-    that follows (:func:`_check_media`) checks it as it checks any download.
+    first, a sidecar beside it removed (the success writes one under the new number) — when
+    ``dest`` holds no video of the current request: none at all, or one written before it was
+    sent (a job renumbered back to a number under which an earlier request's video stands). The
+    probe that follows (:func:`_check_media`) checks it as it checks any download.
     """
     if sent_at is None and not staged:
         return None
     try:
-        if not dest.exists() and (earlier := _under_an_earlier_number(dest, job_id, earlier_items, sent_at)):
-            earlier.replace(dest)
+        if not _current(dest, sent_at) and (
+            earlier := _under_an_earlier_number(dest, job_id, earlier_items, sent_at)
+        ):
+            earlier.replace(dest)  # over a stale file of its own, if any: an earlier request's video
             if not staged:
                 outputs.sidecar_path(earlier).unlink(missing_ok=True)
         if not _written_since(dest, sent_at):
@@ -747,27 +751,28 @@ def _under_an_earlier_number(
     an edited manifest renumbered it since: ``jobs.earlier_items``), written since ``sent_at``
     (:func:`_written_since`), else None; the most recent number first.
 
-    Each earlier number is one ``stat`` of the name it gives (never more than
-    ``jobs.models.EARLIER_ITEMS_KEPT``), and a job never renumbered makes none: before, every
-    download listed the whole folder (every video of the batch so far), which made a batch
-    quadratic in its size. Only a job whose earlier numbers nobody recorded
+    Each earlier number is one ``stat`` of the name it gives (:func:`outputs.under_earlier_items`,
+    never more than ``jobs.models.EARLIER_ITEMS_KEPT``), and a job never renumbered makes none:
+    before, every download listed the whole folder (every video of the batch so far), which made
+    a batch quadratic in its size. Only a job whose earlier numbers nobody recorded
     (``EARLIER_ITEMS_UNKNOWN``: sent before schema 0032) still lists it
     (:func:`outputs.under_another_item`)."""
-    if not earlier_items:
-        return None
-    if EARLIER_ITEMS_UNKNOWN in earlier_items:
-        found = outputs.under_another_item(dest, job_id)
-        return found if found is not None and _written_since(found, sent_at) else None
-    for old in reversed(earlier_items):
-        path = dest.with_name(f"{outputs.job_stem(old, job_id)}{dest.suffix}")
-        if path == dest:
-            continue  # renumbered back to a number it had: looked at already
+    for path in outputs.under_earlier_items(dest, job_id, earlier_items):
         try:
             if _written_since(path, sent_at):
                 return path
         except OSError:
             continue  # none under that number
     return None
+
+
+def _current(dest: Path, sent_at: datetime | None) -> bool:
+    """Whether ``dest`` holds a file written since ``sent_at`` (:func:`_written_since`): not
+    when there is none."""
+    try:
+        return _written_since(dest, sent_at)
+    except FileNotFoundError:
+        return False
 
 
 def _written_since(path: Path, sent_at: datetime | None) -> bool:

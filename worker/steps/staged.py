@@ -8,6 +8,8 @@ the same input: no ``--new-seeds``, no ``--vary``) takes that file instead of se
 fal again (:func:`worker.steps.dispatch._take_staged`), and stores it like any download
 (:func:`worker.steps.download.download`) — but only a file that is still exactly the one the
 job downloaded: another one (changed, or a new file under that name) is refused, and said so.
+The file is looked for under the job's item number and under those it had before a resubmit of
+an edited manifest renumbered it (``jobs.earlier_items``), as the download step looks.
 """
 
 from __future__ import annotations
@@ -35,16 +37,23 @@ def staging_folder(settings: Settings) -> Path:
 
 
 def staged_copies(session: Session, settings: Settings, original: JobView) -> list[Path]:
-    """Where the paid video ``original`` left may be, first the likeliest: its own staged file;
+    """Where the paid video ``original`` left may be, first the likeliest: its own staged file,
+    under its item number and then under the numbers it had before (``jobs.earlier_items``, the
+    most recent first: a resubmit of an edited manifest renumbered it after its video was
+    staged, :func:`jobs.outputs.under_earlier_items`, the names the download step looks under);
     then, when ``original`` had itself taken the video from the job it reruns (and failed in
     turn: its batch was cancelled too), that job's, and so on (a taker uploads from the file it
     takes, never moves it)."""
     folder = staging_folder(settings)
     paths: list[Path] = []
     job: JobView | None = original
-    while job is not None and len(paths) < CHAIN:
+    for _ in range(CHAIN):
+        if job is None:
+            break
         name = store.folder_name(store.get_batch(session, job.batch_id))
-        paths.append(outputs.video_path(folder, name, job.item_index, job.id))
+        own = outputs.video_path(folder, name, job.item_index, job.id)
+        paths.append(own)
+        paths.extend(outputs.under_earlier_items(own, job.id, job.earlier_items))
         if job.reused_from is None or job.rerun_of is None:
             break
         job = store.get_job(session, job.rerun_of)
