@@ -61,7 +61,14 @@ from jobs.models import Batch, Job
 from jobs.money import usd_json
 from jobs.printable import one_line, shell_ref
 from jobs.states import UNFINISHED_STATES, JobState
-from jobs.url_secrets import MASK, is_secret_name, mask_params_in_text, mask_secret_pairs, mask_urls
+from jobs.url_secrets import (
+    MASK,
+    is_secret_name,
+    mask_jwts,
+    mask_params_in_text,
+    mask_secret_pairs,
+    mask_urls,
+)
 
 #: First characters that make a spreadsheet treat a cell as a formula (OWASP CSV Injection).
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
@@ -196,9 +203,15 @@ def export_provider_json(value: Any) -> Any:
       :data:`JSON_IN_TEXT_MAX_CHARS`, no field twice in an object) is scrubbed as the value it
       encodes and, when a secret was masked in it, written back as JSON (else it is the text as
       it was, scrubbed as text: a string is never exported unscrubbed);
-    * the string value of a field whose name looks secret (``access_token``, ``signature``,
+    * the value of a field whose name looks secret (``access_token``, ``signature``,
       ``apiKey``; whole words of the name, so ``author`` or ``keyframes`` are kept:
-      :func:`jobs.url_secrets.is_secret_name`) masked whole; fields whose names are the same once
+      :func:`jobs.url_secrets.is_secret_name`) masked whole, whatever its type: a string, a
+      number, a list (a multi-valued header, ``"Authorization": ["Basic …"]``) or an object (a
+      ``credentials`` object) is the mask string, so nothing of it, its structure included, is
+      left (null, a boolean, an empty list or object stay: they hold nothing); so is a ``code``
+      field beside an OAuth token request's fields (``grant_type``, ``code_verifier``…: the
+      authorization code), not an error's ``code``; a JSON Web Token is masked by its shape
+      (:func:`jobs.url_secrets.mask_jwts`) in any string; fields whose names are the same once
       scrubbed (``…?token=A``, ``…?token=B``) all kept, the later ones suffixed ``~2``, ``~3``…;
     * containers deeper than :data:`PROVIDER_JSON_MAX_DEPTH` levels as :data:`NESTED_TOO_DEEP`,
       a non-finite number (no JSON) as null, and the whole value null when it would take more
@@ -250,11 +263,13 @@ def _scrubbed(value: Any, depth: int, budget: list[int]) -> Any:
                     n += 1
                 suffixes[name] = n + 1
                 name = f"{name}~{n}"
-            if isinstance(v, str) and v.strip("*") and is_secret_name(str(k)):
-                budget[0] -= len(v) + 3
+            if _holds_something(v, str(k)) and (
+                is_secret_name(str(k)) or _is_authorization_code(str(k), value)
+            ):
+                budget[0] -= (len(v) if isinstance(v, str) else len(MASK)) + 3
                 if budget[0] < 0:
                     raise _TooLarge
-                out[name] = MASK
+                out[name] = MASK  # a list or an object too: the mask says nothing of it is left
                 budget[1] += 1
             else:
                 out[name] = _scrubbed(v, deeper, budget)
@@ -264,6 +279,35 @@ def _scrubbed(value: Any, depth: int, budget: list[int]) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+#: Fields of an OAuth token request (RFC 6749 §4.1.3, RFC 7636, RFC 7523) beside which a ``code``
+#: field is the authorization code, not an error code (:func:`_is_authorization_code`).
+_OAUTH_REQUEST_FIELDS = frozenset(
+    {"grant_type", "redirect_uri", "code_verifier", "client_id", "client_secret", "client_assertion"}
+)
+
+
+def _holds_something(value: Any, name: str) -> bool:
+    """Whether the value of a field called ``name``, when the name looks secret, can hold a
+    secret: a string (but one masked already), a number, a non-empty list or object. Null and a
+    boolean say nothing, and stay. A name that is a URL (``"https://…?token=A": 3``, its token
+    masked in the name) names no credential: only its string value is masked, as before."""
+    if value is None or isinstance(value, bool):
+        return False
+    if isinstance(value, str):
+        return bool(value.strip("*"))
+    if "://" in name:
+        return False
+    if isinstance(value, dict | list | tuple):
+        return bool(value)
+    return True
+
+
+def _is_authorization_code(name: str, fields: dict[Any, Any]) -> bool:
+    """A ``code`` field is an OAuth authorization code beside a token request's other fields
+    (``grant_type``, ``code_verifier``, ``redirect_uri``…); elsewhere an error's code, kept."""
+    return name == "code" and any(str(k) in _OAUTH_REQUEST_FIELDS for k in fields)
 
 
 def _json_in_text(text: str) -> Any:
@@ -299,7 +343,7 @@ def _scrubbed_text(text: str, budget: list[int] | None = None) -> str:
     ):
         shown = MASK  # a key encoded in a way hide_keys does not know: nothing of the text is safe
     else:
-        shown = mask_secret_pairs(mask_params_in_text(mask_urls(shown)), mask=MASK)
+        shown = mask_jwts(mask_secret_pairs(mask_params_in_text(mask_urls(shown)), mask=MASK))
     if budget is not None and shown != text:
         budget[1] += 1
     return shown

@@ -38,9 +38,12 @@ MASK = "**"
 #: ``X-Amz-Signature``, ``headers.Authorization``), at a camelCase step (``sessionToken``,
 #: ``APIKey``; an acronym before a lower-case word is read both ways, ``APIkey`` as ``AP``
 #: ``Ikey`` and as ``API`` ``key``, secret when either reading is) and between letters and digits, compared
-#: lower-cased and with a plural ``s`` dropped (``api_keys``). Masking a harmless value costs a
-#: reader little; showing a secret cannot be undone: an unknown word holding a secret word at
-#: its start or end is a secret.
+#: lower-cased and with a plural ``s`` dropped (``api_keys``); two neighbours that make a known
+#: word are read as one (``key`` ``Frames`` → ``keyframes``, ``SAML`` ``Response`` →
+#: ``samlresponse``). A count or a measure is no secret (``prompt_tokens``, ``max_tokens``,
+#: ``key_frame_interval``, ``pass_rate``: :data:`_COUNTED_PLURALS`, :data:`_MEASURE_WORDS`).
+#: Masking a harmless value costs a reader little; showing a secret cannot be undone: an unknown
+#: word holding a secret word at its start or end is a secret (``job_key``, ``cache_key`` too).
 SECRET_WORDS = frozenset(
     {
         "token",
@@ -69,6 +72,13 @@ SECRET_WORDS = frozenset(
         "sessid",
         "jwt",
         "bearer",
+        # OAuth's and SAML's: a signed client assertion (RFC 7521), a PKCE code_verifier
+        # (RFC 7636), OAuth 1.0a's oauth_verifier, a SAML response, a CSRF or XSRF token
+        "assertion",
+        "verifier",
+        "samlresponse",
+        "csrf",
+        "xsrf",
     }
 )
 #: A word starting or ending with a secret word (:data:`SECRET_WORDS`) is one…
@@ -136,6 +146,7 @@ HARMLESS_WORDS = frozenset(
         "tokenize",
         "tokenized",
         "tokenization",
+        "keypoint",
     }
 )
 #: A name whose last word is one of these names something *about* a credential, not the
@@ -162,10 +173,52 @@ _SECRET_DESCRIPTORS = frozenset(
         "ttl",
     }
 )
+#: Counts and measures: a word of these *after* a name's last secret word says the name is a
+#: measure of something, not a credential (``key_frame_interval``, ``key_points``, ``pass_rate``,
+#: ``token_refresh_interval``, ``tokens_per_second``); compared with a plural ``s`` dropped.
+#: Before the secret word it qualifies nothing (``second_key`` is a key).
+_MEASURE_WORDS = frozenset(
+    {
+        "count",
+        "interval",
+        "frame",
+        "point",
+        "rate",
+        "ratio",
+        "second",
+        "sec",
+        "minute",
+        "hour",
+        "ms",
+        "step",
+        "fps",
+    }
+)
+#: A plural secret word right after one of these is a count (``prompt_tokens``, ``num_tokens``,
+#: ``max_tokens``, ``text_tokens``, S3's ``max-keys``): ``tokens`` alone, ``access_tokens`` and
+#: ``api_keys`` stay secret.
+_NUMBER_WORDS = frozenset({"num", "number", "max", "min", "total", "n"})
+_COUNTED_PLURALS = {
+    "tokens": _NUMBER_WORDS
+    | {"prompt", "completion", "text", "input", "output", "cached", "reasoning", "image", "audio", "video"},
+    "keys": _NUMBER_WORDS,
+}
+#: A query or form parameter named ``code`` is an OAuth authorization code (RFC 6749 §4.1.2):
+#: masked in a URL's query or fragment and in a form body (``grant_type=…&code=…``), but not as a
+#: field's name (an error code, mostly) nor a lone ``code=1`` in a line of text (an exit code).
+_CODE_PARAM = "code"
+_CODE_IN_QUERY = re.compile(r"[?&#]code=[^&#\s]", re.IGNORECASE)
+#: A JSON Web Token by its shape (``eyJ`` is base64url of ``{"``): header, payload and a
+#: signature that may be empty, masked wherever it stands (:func:`mask_jwts`). Starting only
+#: where no base64url character stands before it, each part read once: linear.
+_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]++\.[A-Za-z0-9_-]++\.[A-Za-z0-9_-]*+")
 #: What a secret name holds somewhere, whatever its case (a quick test before the words are
 #: split: most names hold none). ``re.IGNORECASE`` also takes ``ſ`` for an ``s``, ``ı``/``İ``
 #: for an ``i`` and the Kelvin sign for a ``k``: :data:`_ASCII_LOOKALIKES` maps them the same.
-_SECRET_STEM = re.compile(r"token|secret|pass|pwd|key|sig|auth|cred|cookie|sess|jwt|bearer", re.IGNORECASE)
+_SECRET_STEM = re.compile(
+    r"token|secret|pass|pwd|key|sig|auth|cred|cookie|sess|jwt|bearer|assert|verif|saml|csrf|xsrf",
+    re.IGNORECASE,
+)
 _ASCII_LOOKALIKES = str.maketrans({"\u017f": "s", "\u0131": "i", "\u0130": "I", "\u212a": "K"})
 #: A word of a name: an upper-case run not followed by a lower-case letter (``API`` of
 #: ``APIKey``), a capitalised or lower-case word, a number. One pass: each alternative reads
@@ -244,14 +297,24 @@ def masked_url(url: str, *, mask: str = MASK) -> str:
     return hide_keys(shown, mask=mask)  # the process's FAL_KEY, whatever names it (or nothing)
 
 
-def _masked_params(text: str, mask: str) -> str:
+def _masked_params(text: str, mask: str, *, form: bool = True) -> str:
     """``a=1&token=x`` → ``a=1&token=**``: each parameter whose name looks secret, or whose value
     hides one (:func:`_hides_secret`: a signed URL percent-encoded in a ``?redirect=``), masked
-    whole; the rest as written."""
+    whole; the rest as written. ``form``: ``text`` is a query or form body, so a ``code`` is an
+    authorization code (:data:`_CODE_PARAM`)."""
     pairs = []
     for pair in re.split(r"([&;])", text):
         name, equals, value = pair.partition("=")
-        secret = equals and value and (is_secret_name(unquote(name)) or _hides_secret(value))
+        plain_name = unquote(name)
+        secret = (
+            equals
+            and value
+            and (
+                is_secret_name(plain_name)
+                or (form and plain_name.rpartition("?")[2].lower() == _CODE_PARAM)
+                or _hides_secret(value)
+            )
+        )
         pairs.append(f"{name}={_mask_of(value, mask)}" if secret else pair)
     return "".join(pairs)
 
@@ -279,6 +342,8 @@ def _holds_secret(plain: str) -> bool:
         name, equals, value = piece.partition("=")
         if equals and value.strip("*") and is_secret_name(name):
             return True
+    if _CODE_IN_QUERY.search(plain):  # an authorization code, ?code=… or &code=…
+        return True
     if _find_secret_pairs(plain, 1):  # JSON's "name": "value", a header's Authorization: …
         return True
     at = plain.find("://")
@@ -329,8 +394,13 @@ def is_secret_name(name: str) -> bool:
     ``client_secret``, ``Authorization``, ``sessionToken``, ``password``, ``fal_key``) or starts
     or ends with one (``APIkey``, ``privkey``, ``sslpassword``, ``tokenid``, ``DBpass``) and is
     no :data:`HARMLESS_WORDS` word, unless its last word only describes one (``token_type``,
-    ``signature_style``). Not a substring test: ``author``, ``design``, ``keyframes``,
-    ``passes``, ``monkey`` are kept."""
+    ``signature_style``), a measure word follows it (``key_frame_interval``, ``pass_rate``,
+    ``tokens_per_second``) or it is a plural counted (``prompt_tokens``, ``num_tokens``,
+    ``max-keys``). OAuth's and SAML's credentials are secret (``client_assertion``,
+    ``code_verifier``, ``SAMLResponse``, ``csrf``); ``code`` is not (a field's ``code`` is an
+    error's: only a query or form parameter ``code`` is masked, by :func:`masked_url` and
+    :func:`mask_params_in_text`). Not a substring test: ``author``, ``design``, ``keyframes``,
+    ``keyFrames``, ``passes``, ``monkey`` are kept."""
     if not _SECRET_STEM.search(name):
         return False
     name = name.translate(_ASCII_LOOKALIKES)
@@ -341,9 +411,42 @@ def is_secret_name(name: str) -> bool:
 
 
 def _holds_secret_word(words: list[str]) -> bool:
-    if not any(map(_is_secret_word, words)):
+    words = _joined(words)
+    secret = [i for i, word in enumerate(words) if _is_secret_word(word) and not _is_count(words, i)]
+    if not secret:
         return False
-    return not (len(words) > 1 and words[-1] in _SECRET_DESCRIPTORS)
+    if len(words) > 1 and words[-1] in _SECRET_DESCRIPTORS:
+        return False
+    return not any(_singular(word) in _MEASURE_WORDS for word in words[secret[-1] + 1 :])
+
+
+def _singular(word: str) -> str:
+    return word[:-1] if len(word) > 3 and word.endswith("s") else word
+
+
+def _joined(words: list[str]) -> list[str]:
+    """``words`` with two neighbours that make one known word written as one (``key`` ``frames``
+    → ``keyframes``, harmless; ``saml`` ``response`` → ``samlresponse``, secret)."""
+    if len(words) < 2:
+        return words
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        if i + 1 < len(words):
+            glued = words[i] + words[i + 1]
+            if {glued, _singular(glued)} & (HARMLESS_WORDS | SECRET_WORDS):
+                out.append(glued)
+                i += 2
+                continue
+        out.append(words[i])
+        i += 1
+    return out
+
+
+def _is_count(words: list[str], at: int) -> bool:
+    """Whether ``words[at]`` is a plural counted (``prompt_tokens``, ``max_keys``)."""
+    qualifiers = _COUNTED_PLURALS.get(words[at])
+    return qualifiers is not None and at > 0 and words[at - 1] in qualifiers
 
 
 def _name_words(name: str) -> list[str]:
@@ -366,8 +469,9 @@ def _is_secret_word(word: str) -> bool:
 
 def mask_params_in_text(text: str, *, mask: str = MASK) -> str:
     """``text`` with each word shaped like a query string (``a=1&X-Amz-Signature=…``, outside a
-    URL) masked as a URL's query is (:func:`_masked_params`); a word holding a URL is left to
-    :func:`mask_urls`, a text without ``=`` as it is."""
+    URL) masked as a URL's query is (:func:`_masked_params`; ``code=`` only in a word with a ``&``
+    or ``?``, a form body or a path's query: ``exit code=1`` is kept); a word holding a URL is
+    left to :func:`mask_urls`, a text without ``=`` as it is."""
     if "=" not in text:
         return text
 
@@ -375,7 +479,7 @@ def mask_params_in_text(text: str, *, mask: str = MASK) -> str:
         word = match.group()
         if "=" not in word or "://" in word or ":\\/\\/" in word:
             return word
-        return _masked_params(word, mask)
+        return _masked_params(word, mask, form="&" in word or "?" in word)
 
     return _WORD.sub(one, text)
 
@@ -444,8 +548,13 @@ def _find_secret_pairs(text: str, limit: int = 0) -> list[tuple[int, int]]:
             else:  # JSON text inside a string: its value ends at the same escaped quote
                 found = text.find(quote, start)
                 end = len(text) if found < 0 else found
+        elif quoted_name and colon and text[pos : pos + 1] in ("[", "{"):
+            # a list or an object (a multi-valued header, a credentials object): masked inside
+            # its brackets, to the one that closes it (or to the end)
+            start = pos + 1
+            end = _container_end(text, pos)
         elif quoted_name and colon:
-            continue  # JSON's number, true, false or null: no secret (nor masked in a field)
+            continue  # JSON's number, true, false or null: no secret (a field's is masked in export)
         else:
             lowered = name.lower()
             if colon and not quoted_name and len(_name_words(name)) < 2 and lowered not in _COLON_NAMES:
@@ -467,6 +576,33 @@ def _find_secret_pairs(text: str, limit: int = 0) -> list[tuple[int, int]]:
     return _merged(spans)
 
 
+#: What :func:`_container_end` looks at: an escape (skipped with what it escapes), a quote, a bracket.
+_CONTAINER_MARK = re.compile(r"\\.|[\"'\[\]{}]", re.DOTALL)
+
+
+def _container_end(text: str, at: int) -> int:
+    """Where the bracket that closes the one at ``text[at]`` stands (brackets inside quotes
+    passed over), or the text's end when none does. One pass from ``at``."""
+    depth = 0
+    quote = ""
+    for mark in _CONTAINER_MARK.finditer(text, at):
+        char = mark.group()
+        if len(char) == 2:
+            continue
+        if quote:
+            if char == quote:
+                quote = ""
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 0:
+                return mark.start()
+    return len(text)
+
+
 def _looks_like_token(word: str) -> bool:
     """Whether ``word``, after ``Bearer`` outside a header, is a token rather than prose: it has
     a digit or one of ``._~+/-=`` (a JWT's ``xxx.yyy.zzz`` too) besides a sentence's final full
@@ -486,6 +622,12 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def mask_jwts(text: str, *, mask: str = MASK) -> str:
+    """``text`` with every JSON Web Token in it masked, by its shape (:data:`_JWT`: a signed
+    client assertion, an ID token, an access token), whatever names it or stands around it."""
+    return _JWT.sub(mask, text) if "eyJ" in text else text
+
+
 def mask_secret_pairs(text: str, *, mask: str = MASK) -> str:
     """``text`` with the value of every secret-named pair in it masked, outside URLs too:
     ``access_token=abc`` (unquoted: up to white space, a quote, a bracket, ``&``, ``;``, ``,``),
@@ -494,8 +636,10 @@ def mask_secret_pairs(text: str, *, mask: str = MASK) -> str:
     and ``Cookie: …`` (a header's value to the end of its line), and ``Bearer <token>`` anywhere.
     A name is secret as :func:`is_secret_name` says; ``Name: value`` unquoted counts only for a
     name of two words or more or a header's (``Key: the golden one`` is prose), and a JSON
-    number, boolean or null is no secret. Linear in ``text`` (no pattern reads a character twice
-    but a bounded number of times)."""
+    number, boolean or null is no secret (in text: a field's is masked by the export). A quoted
+    secret name's list or object (``"X-Api-Key": ["…"]``, ``"credentials": {…}``) is masked
+    inside its brackets, to the one that closes it (``[**]``, ``{**}``). Linear in ``text`` (no
+    pattern reads a character twice but a bounded number of times)."""
     spans = _find_secret_pairs(text)
     if not spans:
         return text

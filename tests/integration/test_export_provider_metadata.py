@@ -391,3 +391,103 @@ def test_json_text_that_fits_as_text_is_not_dropped_for_what_it_encodes() -> Non
     value = {f"r{i}": text for i in range(5)}
     assert 5 * len(text) < PROVIDER_JSON_MAX_CHARS
     assert export_provider_json(value) == value
+
+
+#: Review C's OAuth credentials: a signed client assertion (a JWT), a PKCE verifier, an
+#: authorization code.
+CLIENT_JWT = (
+    "eyJhbGciOiJSUzI1NiIsImtpZCI6IjEifQ.eyJpc3MiOiJjbGllbnQtMTIzIiwic3ViIjoiY2xpZW50LTEyMyJ9"
+    ".c2lnbmVkLWJ5LXRoZS1wcml2YXRlLWtleQ"
+)
+VERIFIER = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
+AUTH_CODE = "SplxlOBeZQQYbYS6WxSbIA"
+
+
+def test_oauth_client_assertion_code_verifier_and_code_are_masked() -> None:
+    """A client assertion, a PKCE code_verifier and an authorization code are credentials, as
+    field names (``code`` beside an OAuth request's other fields), in a URL, in a form body; a
+    JWT is masked by its shape wherever it stands. An error's ``code`` field is kept."""
+    out = export_provider_json(
+        {
+            "request": {"client_assertion": CLIENT_JWT, "code_verifier": VERIFIER, "code": AUTH_CODE},
+            "url": f"https://login.example/oauth2/token?client_id=c&client_assertion={CLIENT_JWT}",
+            "callback": f"https://app.example/cb?code={AUTH_CODE}&state=xyz",
+            "body": f"grant_type=authorization_code&code={AUTH_CODE}&code_verifier={VERIFIER}",
+            "log": f"exchanged {CLIENT_JWT} at the token endpoint",
+            "saml": {"SAMLResponse": "PHNhbWxwOlJlc3BvbnNl", "csrf_token": "c1", "xsrf": "c2"},
+            "error": {"code": "E1042", "message": "retry later"},
+        }
+    )
+    text = json.dumps(out)
+    for secret in (CLIENT_JWT, VERIFIER, AUTH_CODE, "PHNhbWxwOlJlc3BvbnNl", '"c1"', '"c2"'):
+        assert secret not in text
+    assert out["error"] == {"code": "E1042", "message": "retry later"}
+    assert out["log"] == "exchanged ** at the token endpoint"
+
+
+def test_token_counts_and_key_frames_are_kept() -> None:
+    """Counts a dataset user wants (ML and video metadata, fal's log lines) are no credentials."""
+    line = "prompt_tokens=226 num_tokens=512 key_frame_interval=24 tokens_per_second=31.5"
+    kept = {
+        "logs": [{"message": line}],
+        "keyFrames": "0,48,96",  # camelCase of "keyframes", which is kept
+        "num_tokens": "512",
+        "usage": {"prompt_tokens": 226, "completion_tokens": 12, "max_tokens": 1024},
+        "keyFrameInterval": 24,
+        "key_points": [[1, 2], [3, 4]],
+        "pass_rate": "0.93",
+        "text_tokens": "40",
+    }
+    assert export_provider_json(kept) == kept
+    # names of credentials stay masked beside them
+    assert export_provider_json({"refresh_token": "r1", "id_token": "i1", "tokens": "t1"}) == {
+        "refresh_token": "**",
+        "id_token": "**",
+        "tokens": "**",
+    }
+
+
+def test_a_secret_named_field_holding_a_list_an_object_or_a_number_is_masked() -> None:
+    """Multi-valued headers are JSON lists (Go's http.Header, many proxies' debug echoes):
+    ``{"Authorization": ["Basic …"]}``; a credentials object holds its secret under a plain name;
+    a PIN or numeric secret is a number. Only a *string* value of a secret-named field was
+    masked, so these were exported as is. Now the whole value is the mask, whatever its type."""
+    out = export_provider_json(
+        {
+            "headers": {
+                "X-Api-Key": ["k_live_51HxYzAbCdEf"],
+                "Authorization": ["Basic dXNlcjpodW50ZXIy"],
+            },
+            "credentials": {"user": "svc", "value": "hunter2-prod"},
+            "secret": 12345678,
+            "debug": json.dumps(
+                {"headers": {"X-Api-Key": ["k_live_51HxYzAbCdEf"]}, "pin": 1, "password": 4242}
+            ),
+            "token": None,  # nothing to hide: kept
+            "session": {},
+            "keyframes": [{"index": 1}],  # a harmless name over a container: walked
+        }
+    )
+    text = json.dumps(out)
+    for secret in ("k_live_51HxYzAbCdEf", "dXNlcjpodW50ZXIy", "hunter2-prod", "12345678", "4242"):
+        assert secret not in text
+    assert out["headers"] == {"X-Api-Key": "**", "Authorization": "**"}
+    assert out["credentials"] == "**"
+    assert out["secret"] == "**"
+    assert json.loads(out["debug"]) == {"headers": {"X-Api-Key": "**"}, "pin": 1, "password": "**"}
+    assert out["token"] is None
+    assert out["session"] == {}
+    assert out["keyframes"] == [{"index": 1}]
+
+
+def test_a_secret_named_container_in_json_text_scrubbed_as_text_is_masked() -> None:
+    """JSON text scrubbed as text (a field twice in an object, so not parsed): a secret-named
+    field's list or object is masked to its closing bracket, nested brackets and quoted ones too."""
+    raw = (
+        '{"headers": {"X-Api-Key": ["k_live_1", "k_live_2"], "Accept": ["*/*"]},'
+        ' "credentials": {"user": "svc", "inner": {"a": "]}"}, "value": "hunter2-prod"}, "n": 1, "n": 2}'
+    )
+    out = export_provider_json({"raw": raw})
+    assert out == {
+        "raw": '{"headers": {"X-Api-Key": [**], "Accept": ["*/*"]}, "credentials": {**}, "n": 1, "n": 2}'
+    }

@@ -17,7 +17,14 @@ import pytest
 from jobs.db import safe_url
 from jobs.key_forms import forget_keys, remember_key
 from jobs.output_location import parse_s3_url
-from jobs.url_secrets import is_secret_name, mask_params_in_text, mask_secret_pairs, mask_urls, masked_url
+from jobs.url_secrets import (
+    is_secret_name,
+    mask_jwts,
+    mask_params_in_text,
+    mask_secret_pairs,
+    mask_urls,
+    masked_url,
+)
 from worker.fal.client import FalClient
 from worker.fal.redact import KeyRedactionFilter
 
@@ -388,3 +395,103 @@ def test_hostile_texts_are_masked_in_one_pass() -> None:
     assert mask_secret_pairs(("aB" * 30 + "Key=1 ") * n) == ("aB" * 30 + "Key=** ") * n  # camelCase words
     assert mask_secret_pairs("aB" * n + "Key=1") == "aB" * n + "Key=1"  # a name over 64 characters
     assert mask_secret_pairs("x" * 40_000 + " token=" + "y" * 40_000) == "x" * 40_000 + " token=**"
+
+
+#: OAuth and SAML credentials that were no secret names (review C): a signed client assertion,
+#: a PKCE verifier, a SAML response, a CSRF token; a name of a count or a measure (ML and video
+#: metadata, fal's log lines) that was masked for holding ``token`` or ``key``.
+OAUTH_AND_MEASURE_NAMES = {
+    # masked
+    "client_assertion": True,
+    "assertion": True,
+    "code_verifier": True,
+    "codeVerifier": True,
+    "oauth_verifier": True,
+    "SAMLResponse": True,
+    "saml_response": True,
+    "csrf": True,
+    "csrfmiddlewaretoken": True,
+    "xsrf": True,
+    "_xsrf": True,
+    # still masked: a credential's name, whatever counts near it
+    "tokens": True,  # a field of that name alone may hold tokens
+    "access_tokens": True,
+    "refresh_token": True,
+    "id_token": True,
+    "api_key": True,
+    "per_request_token": True,  # a measure word before the secret word qualifies nothing
+    "second_key": True,
+    "job_key": True,
+    "cache_key": True,
+    # kept: counts and measures
+    "client_assertion_type": False,
+    "prompt_tokens": False,
+    "num_tokens": False,
+    "max_tokens": False,
+    "text_tokens": False,
+    "completion_tokens": False,
+    "total_tokens": False,
+    "tokens_per_second": False,
+    "keyFrames": False,
+    "key_frames": False,
+    "keyFrameInterval": False,
+    "key_frame_interval": False,
+    "key_points": False,
+    "pass_rate": False,
+    "token_refresh_interval": False,
+    "max-keys": False,  # S3's ListObjects page size
+    "code": False,  # a field's name: an error code, mostly (a URL's or a form's ?code= is masked)
+}
+
+
+def test_oauth_credentials_are_secret_and_counts_are_not() -> None:
+    assert {name: is_secret_name(name) for name in OAUTH_AND_MEASURE_NAMES} == OAUTH_AND_MEASURE_NAMES
+
+
+AUTH_CODE = "SplxlOBeZQQYbYS6WxSbIA"
+
+
+def test_an_authorization_code_parameter_is_masked_but_not_an_error_code() -> None:
+    """``?code=`` in a URL or a form body is an OAuth authorization code; ``code=500`` alone in a
+    line of text is an error or exit code and kept."""
+    assert (
+        masked_url(f"https://app.example/cb?code={AUTH_CODE}&state=xyz")
+        == "https://app.example/cb?code=**&state=xyz"
+    )
+    assert masked_url(f"https://app.example/cb#code={AUTH_CODE}") == "https://app.example/cb#code=**"
+    body = f"grant_type=authorization_code&code={AUTH_CODE}&redirect_uri=x"
+    assert mask_params_in_text(body) == "grant_type=authorization_code&code=**&redirect_uri=x"
+    assert mask_params_in_text(f"GET /cb?code={AUTH_CODE} 302") == "GET /cb?code=** 302"
+    redirect = quote(f"https://app.example/cb?code={AUTH_CODE}", safe="")
+    assert masked_url(f"https://login.example/x?next={redirect}") == "https://login.example/x?next=**"
+    assert mask_params_in_text("exit code=1 after 3 s") == "exit code=1 after 3 s"
+    assert mask_secret_pairs('{"code": "E42", "message": "bad"}') == '{"code": "E42", "message": "bad"}'
+
+
+JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJjbGllbnQtMTIzIn0.c2lnbmVkLWJ5LWtleQ"
+
+
+def test_a_jwt_is_masked_wherever_it_stands() -> None:
+    assert mask_jwts(f"assertion {JWT} sent") == "assertion ** sent"
+    assert mask_jwts(f"[{JWT}]") == "[**]"
+    assert mask_jwts("eyJhbGciOiJub25lIn0.eyJzdWIiOiIxIn0.") == "**"  # unsigned: no third part
+    kept = ["eyJhbGciOiJSUzI1NiJ9", "a.eyJb.c", "xeyJa.b.c", "keyJam.b.c", "see eyJ docs. ok"]
+    assert [mask_jwts(t) for t in kept] == kept
+    n = 21_000
+    assert mask_jwts("eyJ" * n) == "eyJ" * n  # one run, read once
+    assert mask_jwts("eyJa." * n) == "**." * (n // 3)  # each three parts one token
+    assert mask_jwts("eyJa.b " * n) == "eyJa.b " * n
+
+
+def test_a_secret_named_list_or_object_in_text_is_masked_to_its_closing_bracket() -> None:
+    """``"X-Api-Key": ["k_live_…"]`` in text (JSON text not parsed) was passed over: only a
+    quoted or bare value was masked. Brackets inside quotes close nothing; hostile input is
+    read once (a value found is not read again for heads)."""
+    text = '{"X-Api-Key": ["k1", "]"], "credentials": {"a": {"b": "}"}, "c": "x"}, "n": [1]}'
+    assert mask_secret_pairs(text) == '{"X-Api-Key": [**], "credentials": {**}, "n": [1]}'
+    assert mask_secret_pairs('{\\"token\\": [\\"t1\\"]}') == '{\\"token\\": [**]}'  # JSON in JSON text
+    assert mask_secret_pairs('{"token": [], "key": {}}') == '{"token": [], "key": {}}'  # nothing in them
+    assert mask_secret_pairs('"token": [1, 2') == '"token": [**'  # never closed: to the end
+    n = 10_000
+    assert mask_secret_pairs('"token": [' * n) == '"token": [**'
+    assert mask_secret_pairs('"token": ["a"], ' * n) == '"token": [**], ' * n
