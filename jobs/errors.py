@@ -53,6 +53,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from jobs.printable import one_line
+from jobs.url_secrets import mask_urls
 
 
 class WanbatchError(Exception):
@@ -131,25 +132,29 @@ class Issue:
     def __str__(self) -> str:
         """The issue's one line (:func:`jobs.printable.one_line`): "one line per problem", so a
         line break in what it quotes (a file name, a value) cannot forge a line of its own, on
-        the terminal or as an entry of ``--json``'s ``details``."""
+        the terminal or as an entry of ``--json``'s ``details``. A URL it quotes shows no
+        credentials (:func:`jobs.url_secrets.mask_urls`), as in every message."""
         text = f"{self.location()}: {self.message}"
         if self.allowed:
             text += f" (allowed: {self.allowed})"
-        return one_line(text)
+        return one_line(mask_urls(text))
 
     def as_dict(self) -> dict[str, object]:
-        """The JSON form used by ``validate --json``."""
+        """The JSON form used by ``validate --json``: the value and message as the line shows
+        them, a URL's credentials masked."""
         value = self.value
         if not isinstance(value, str | int | float | bool | type(None)):
             value = repr(value)
-        elif isinstance(value, str) and len(value) > 200:
-            value = value[:200] + "…"
+        if isinstance(value, str):
+            value = mask_urls(value)
+            if len(value) > 200:
+                value = value[:200] + "…"
         return {
             "file": self.file,
             "line": self.line,
             "item": self.item,
             "field": self.field,
-            "message": self.message,
+            "message": mask_urls(self.message),
             "value": value,
             "allowed": self.allowed,
             "severity": self.severity,

@@ -252,7 +252,9 @@ def _wrong_type(fld: FieldSpec, value: Any, expected: str) -> FieldProblem:
         return FieldProblem(
             fld.name,
             f"expected {expected}, got {got} {quoted(value)}; "
-            "a list makes one job per value only under `matrix:`",
+            # Also reached from a matrix entry that lists lists (``seed: [[1, 2], [3]]``): the
+            # hint then says what its values must be.
+            "a list makes one job per value only under `matrix:`, whose entries list single values",
             value,
             fld.allowed(),
         )

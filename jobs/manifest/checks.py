@@ -26,6 +26,7 @@ from jobs.fs import shown_path
 from jobs.manifest.keys import endpoint_defaults, job_key, resolvable_fields, written_defaults
 from jobs.manifest.model import JobSpec, RawItem
 from jobs.media import OUTSIDE_ALLOWED, LocalPath, MediaKind, classify, resolve_local
+from jobs.printable import quoted
 from jobs.yaml_lines import LList, LMap
 
 
@@ -179,7 +180,8 @@ def _shown(value: object) -> str:
 def _matrix_text(matrix: Mapping[str, Any]) -> str:
     if not matrix:
         return ""
-    return " with " + ", ".join(f"{k}={v!r}" for k, v in matrix.items())
+    # Each value as an error quotes it (shortened: a matrix value may be a 100 KB prompt).
+    return " with " + ", ".join(f"{k}={quoted(v)}" for k, v in matrix.items())
 
 
 def outside_message(value: object, real: str) -> str:
