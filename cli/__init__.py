@@ -178,6 +178,25 @@ def _internal_error(exc: BaseException) -> NoReturn:
     _fail(f"internal error: {summary(exc)}; please report it{where}", EXIT_INTERNAL)
 
 
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether a Ctrl-C is what ``exc`` reports: Python wraps an exception raised inside some
+    machinery in another one (3.11's ``type.__new__`` turns one from a descriptor's
+    ``__set_name__``, such as a dataclass field being defined while a command imports Rich, into
+    ``RuntimeError("Error calling __set_name__ …")`` caused by it). The chain of causes and
+    contexts is followed, each exception once."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        todo += [current.__cause__, current.__context__]
+    return False
+
+
 def _database_said(exc: BaseException) -> str | None:
     """The one line for a database error that is the environment's, not a bug, wherever in a
     command it happened; None for anything else: a write the database refused because its disk
@@ -308,6 +327,8 @@ def _main() -> None:
             _internal_error(exc)
         _fail(printable(str(usage)), usage.exit_code, prefix="error: ")
     except Exception as exc:  # the safety net: a bug still gets one line, not a traceback
+        if _caused_by_interrupt(exc):  # Ctrl-C wrapped on its way up (an import's __set_name__)
+            _fail("interrupted", EXIT_INTERRUPTED)
         if (said := _database_said(exc)) is not None:  # no bug: a full disk, a foreign database
             _fail(printable(said), EXIT_USAGE, prefix="error: ")
         _internal_error(exc)

@@ -56,6 +56,33 @@ def test_an_internal_error_under_json_is_a_json_error(
     assert list(tmp_path.glob("wanbatch-crash-*.txt"))
 
 
+class _InterruptingField:
+    """A descriptor whose ``__set_name__`` is where Ctrl-C lands, as in a dataclass being defined."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        raise KeyboardInterrupt
+
+
+def _interrupted_while_importing(*_args: object, **_kwargs: object) -> NoReturn:
+    type("Task", (), {"start_time": _InterruptingField()})  # Python wraps it in a RuntimeError
+    raise AssertionError("not reached")
+
+
+def test_ctrl_c_wrapped_by_python_on_its_way_up_is_interrupted_not_a_bug(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """CI caught a Ctrl-C landing in ``rich.progress``'s dataclasses while ``run`` imported them:
+    "internal error: RuntimeError: Error calling __set_name__ …", exit 70, a crash report."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setattr(cli.cli, "main", _interrupted_while_importing)
+    assert run_main(["status", "--json"], monkeypatch) == 130
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"ok": False, "error": "interrupted"}
+    assert err == "interrupted\n"
+    assert not list(tmp_path.glob("wanbatch-crash-*.txt"))
+
+
 def test_the_lines_under_an_error_are_its_details_under_json(capsys: pytest.CaptureFixture[str]) -> None:
     """`rerun --json` refused for changed source files said so without naming them: only the
     first line of a message went into the JSON, while the terminal lists the files under it."""
