@@ -282,19 +282,26 @@ class _StartFailure(logging.Filter):
 
 def uvicorn_log_config(log_format: str) -> dict[str, Any] | None:
     """How ``serve`` has uvicorn log: for JSON logs, not at all (its records go to our root
-    handler); for text, uvicorn's own handlers, but every line formatted from its message.
+    handler); for text, uvicorn's own handlers (access lines on stdout, the rest on stderr), each
+    line in the long-running processes' text format: its time first, in UTC to the millisecond,
+    as a worker's (``2026-05-01T22:14:03.512Z INFO uvicorn.access: 127.0.0.1:5000 - "GET / …"
+    200``), so a receiver's log says when each delivery came.
 
-    Every record is rendered (and the key redacted from it) when it is made
-    (:func:`worker.fal.redact.install_redaction`), which leaves no ``args``; uvicorn's access
-    formatter builds its line from the args and failed on every request ("--- Logging error
+    The line is formatted from the record's message, never from uvicorn's own fields: every
+    record is rendered (and the key redacted from it) when it is made
+    (:func:`worker.fal.redact.install_redaction`), which leaves no ``args``, and uvicorn's access
+    formatter built its line from the args and failed on every request ("--- Logging error
     ---", a traceback per request). The rendered message is the same line.
     """
     if log_format == "json":
         return None
     from uvicorn.config import LOGGING_CONFIG
 
+    from worker.logs import TIMESTAMPED_TEXT_FORMAT
+
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["formatters"]["access"] = dict(config["formatters"]["default"])
+    ours = {"()": "worker.logs.TextFormatter", "fmt": TIMESTAMPED_TEXT_FORMAT}
+    config["formatters"] = {"default": dict(ours), "access": dict(ours)}
     return config
 
 
@@ -405,12 +412,14 @@ def serve(host: str, port: int) -> None:
         from jobs.errors import UsageError
         from jobs.settings import get_settings
         from web.app import create_app
+        from worker.logs import timestamp_text_lines
 
         if not 0 <= port <= 65535:
             raise UsageError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
         settings = get_settings()
         app = create_app(settings)
         log_config = uvicorn_log_config(settings.log_format)
+        timestamp_text_lines()  # the app's own lines too: a receiver's log is read hours later
         startup.resume()
         # Bound here, not by uvicorn: uvicorn logs a bind error and exits 3 itself (``[Errno 98]``
         # or ``Name or service not known`` on its own line), which the one-line error (exit 2)

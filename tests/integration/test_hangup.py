@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,9 @@ import pytest
 from tests.e2e.e2e_helpers import wanbatch_command
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+
+#: The start of a timestamped text log line (``worker.logs.TIMESTAMPED_TEXT_FORMAT``).
+TIMESTAMPED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z [A-Z]+ ")
 
 #: What `nohup` does before it starts the command: SIGHUP ignored, then exec.
 NOHUP = (
@@ -75,6 +79,9 @@ def test_serve_stops_on_sighup_as_on_sigterm(tmp_path: Path) -> None:
     assert "Finished server process" in said, said
     assert code == -signal.SIGHUP
     assert "Traceback" not in said
+    # A long-running process's log says when: every line starts with its time in UTC.
+    untimed = [line for line in said.splitlines() if line and not TIMESTAMPED.match(line)]
+    assert untimed == [], said
 
 
 def test_serve_under_nohup_goes_on_serving(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import logging.config
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,6 +50,7 @@ def test_every_request_is_one_line_and_never_a_traceback(capsys: pytest.CaptureF
     line, err = _access_line(config, capsys)
     assert "Logging error" not in err
     assert line.strip().endswith('127.0.0.1:5000 - "GET /batches/x?k=*** HTTP/1.1" 200')
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO uvicorn\.access: ", line), line
     assert KEY not in line
 
 
