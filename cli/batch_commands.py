@@ -109,7 +109,13 @@ def status(batch: str | None, as_json: bool) -> None:
             else:
                 warnings += published_mismatch(settings, database) + peer_warnings(records.peers)
         reports = batches.status(
-            batch, settings, caps, broker_url=settings.broker_url, gone=owner_gone, silent=silent
+            batch,
+            settings,
+            caps,
+            broker_url=settings.broker_url,
+            gone=owner_gone,
+            silent=silent,
+            policy=settings.submit_unknown_policy,
         )
         for line in warnings:
             err.print(f"[yellow]warning: {escape(line)}[/yellow]")
@@ -1214,7 +1220,7 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
         names[batch_id] = done.name
 
         def reported() -> int:
-            report = batches.status(batch_id, settings)[0]
+            report = batches.status(batch_id, settings, policy=settings.submit_unknown_policy)[0]
             emit_json(report) if as_json else print_summary(report, distributed=bool(settings.broker_url))
             return final_code(report)  # 1: jobs were cancelled (or are still being cancelled at fal)
 

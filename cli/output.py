@@ -913,6 +913,8 @@ def print_report(report: BatchReport, *, distributed: bool = False) -> None:
         say(escape(fal), "yellow")
     if dead := report.get("dead_lease_holders_note"):  # a killed process's leases: whose, until when
         say(escape(dead), "yellow")
+    if proof := report.get("proof_wait_note"):  # submits whose outcome fal's webhook may still prove
+        say(escape(proof), "yellow")
     out.print(status_table(report))
     say(escape(progress_text(report, distributed=distributed)))
     for line in money_line(report).splitlines():
@@ -1042,6 +1044,8 @@ def print_batches(reports: list[BatchReport], *, distributed: bool = False) -> N
             notes.append(f"{ids[r['batch']]} {fal}")
         if dead := r.get("dead_lease_holders_note"):  # a killed process's leases: whose, until when
             notes.append(f"{ids[r['batch']]} {dead}")
+        if proof := r.get("proof_wait_note"):  # submits whose outcome fal's webhook may still prove
+            notes.append(f"{ids[r['batch']]} {proof}")
         if not r["processing"] and label not in ("done", "cancelled"):
             notes.append(f"{ids[r['batch']]} {idle_text(r, distributed=distributed)}")
         elif not r["processing"] and label == "cancelled" and r["in_flight"]:

@@ -68,7 +68,7 @@ from jobs.rendered import (
     wanted_key,
 )
 from jobs.schedule import Schedule
-from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, Settings
+from jobs.settings import DatabaseSettings, DownloadSettings, InputSettings, RetrySettings, Settings
 from jobs.states import AT_PROVIDER_STATES, UNFINISHED_STATES, JobState
 from jobs.url_secrets import masked_url
 from jobs.vary import Sweep, Vary, checked_values
@@ -759,6 +759,14 @@ class BatchReport(TypedDict):
     dead_lease_holders: list[dict[str, Any]]
     #: That in one line (:func:`jobs.listing.dead_holders_text`); "" when none.
     dead_lease_holders_note: str
+    #: Jobs in ``submit_unknown`` that wait for fal's webhook to prove whether it accepted their
+    #: submit (:func:`jobs.listing.proof_waits`; 0 when none), when the last wait ends (ISO 8601,
+    #: UTC; None when none: ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` then applies), and that in one
+    #: line (:func:`jobs.listing.proof_wait_text`, with the policy; "" when none). ``eta_seconds``
+    #: never ends before that wait.
+    proof_waiting: int
+    proof_wait_until: str | None
+    proof_wait_note: str
     counts: dict[str, int]
     estimated_usd: float | None
     spent_usd: float | None
@@ -829,7 +837,13 @@ class BatchProgress(TypedDict):
     #: (:func:`jobs.listing.forecast`): what ``status`` would say now.
     eta_seconds: float | None
     eta_note: str | None
+    #: :func:`batch_report`'s ``proof_wait_note``: jobs waiting for fal's webhook proof of their
+    #: submit, until when, and what then ("" when none).
+    proof_wait_note: str
 
+
+#: ``WANBATCH_SUBMIT_UNKNOWN_POLICY``'s default, for a report asked without the settings.
+DEFAULT_UNKNOWN_POLICY = RetrySettings.model_fields["submit_unknown_policy"].default
 
 #: :func:`batch_standing` of a batch the workers process while their leader cannot reach the broker.
 BROKER_UNREACHABLE = "broker unreachable"
@@ -863,6 +877,14 @@ class Forecast:
     eta_note: str | None
     #: When a process last said it works on the batch (:func:`jobs.listing.heartbeat`).
     last_beat: datetime | None
+    #: Its jobs waiting for fal's webhook proof of their submit (:func:`jobs.listing.proof_waits`),
+    #: which ``eta_seconds`` never ends before; None when none.
+    proof: listing.ProofWait | None = None
+
+    def proof_note(self, policy: str) -> str:
+        """:func:`jobs.listing.proof_wait_text` of :attr:`proof` (``policy``:
+        ``WANBATCH_SUBMIT_UNKNOWN_POLICY``): the words ``status``, ``run`` and the dashboard share."""
+        return listing.proof_wait_text(self.proof, policy=policy)
 
 
 def batch_forecast(session: Session, batch: Batch, totals: listing.Totals, *, now: datetime) -> Forecast:
@@ -894,19 +916,31 @@ def batch_forecasts(
             broker.append(listing.broker_down_since(session, now=now))
         return broker[0]
 
+    # Asked only of batches with a job in ``submit_unknown`` (most have none): one query.
+    unknown = [batch.id for batch, totals in rows if totals.counts.get(JobState.SUBMIT_UNKNOWN.value)]
+    proofs = listing.proof_waits(session, unknown, now=now)
     found = {}
     for batch, totals in rows:
         beat = beats.get(batch.id)
         standing = batch_standing(batch, totals, beat, broker_down(batch, totals), now=now)
-        eta, eta_note = listing.forecast(totals, held=standing, schedule=store.batch_schedule(batch), now=now)
-        found[batch.id] = Forecast(standing, eta, eta_note, beat)
+        proof = proofs.get(batch.id)
+        schedule = store.batch_schedule(batch)
+        eta, eta_note = listing.forecast(totals, held=standing, schedule=schedule, now=now, proof=proof)
+        found[batch.id] = Forecast(standing, eta, eta_note, beat, proof)
     return found
 
 
-def batch_progress(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchProgress:
+def batch_progress(
+    session: Session,
+    batch_id: str,
+    *,
+    now: datetime | None = None,
+    policy: str = DEFAULT_UNKNOWN_POLICY,
+) -> BatchProgress:
     """The part of :func:`batch_report` a progress display needs — state, counts, money, the
     forecast — without the cost report and failure reasons, which cost several aggregates each
-    time. ``now``: for the schedule and the pace."""
+    time. ``now``: for the schedule and the pace; ``policy``: ``WANBATCH_SUBMIT_UNKNOWN_POLICY``,
+    for what ``proof_wait_note`` says comes after a wait for proof."""
     batch = store.get_batch(session, batch_id)
     schedule, now = store.batch_schedule(batch), now or utcnow()
     counts = store.counts_by_state(session, batch.id)
@@ -944,6 +978,7 @@ def batch_progress(session: Session, batch_id: str, *, now: datetime | None = No
         "schedule": schedule,
         "eta_seconds": forecast.eta_seconds,
         "eta_note": forecast.eta_note,
+        "proof_wait_note": forecast.proof_note(policy),
     }
 
 
@@ -1348,6 +1383,7 @@ class _Reads(Protocol):
     ) -> list[listing.DeadHolder]: ...
     def failures(self, batch: Batch) -> list[store.FailureGroup]: ...
     def covered(self, batch: Batch, now: datetime) -> Covered: ...
+    def proof_wait(self, batch: Batch, now: datetime) -> listing.ProofWait | None: ...
 
 
 class _OneBatch:
@@ -1402,6 +1438,9 @@ class _OneBatch:
 
     def covered(self, batch: Batch, now: datetime) -> Covered:
         return rerun_covered(self.session, batch, now=now)
+
+    def proof_wait(self, batch: Batch, now: datetime) -> listing.ProofWait | None:
+        return listing.proof_waits(self.session, [batch.id], now=now).get(batch.id)
 
 
 class _AllBatches:
@@ -1497,6 +1536,10 @@ class _AllBatches:
         found = self._once("covered", lambda: rerun_covered_of_batches(self.session, self.batches, now=now))
         return cast(Covered, found[batch.id])
 
+    def proof_wait(self, batch: Batch, now: datetime) -> listing.ProofWait | None:
+        found = self._once("proof", lambda: listing.proof_waits(self.session, self.ids, now=self.now))
+        return cast(listing.ProofWait | None, found.get(batch.id))
+
 
 def batch_report(
     session: Session,
@@ -1507,8 +1550,11 @@ def batch_report(
     broker_url: str | None = None,
     gone: Callable[[str], bool] | None = None,
     silent: Mapping[str, datetime] | None = None,
+    policy: str = DEFAULT_UNKNOWN_POLICY,
 ) -> BatchReport:
-    """The contract's ``status BATCH --json`` object for one batch (``now``: for the schedule).
+    """The contract's ``status BATCH --json`` object for one batch (``now``: for the schedule;
+    ``policy``: ``WANBATCH_SUBMIT_UNKNOWN_POLICY``, what ``proof_wait_note`` says comes after a
+    wait for fal's proof of a submit).
 
     ``caps``: how a process sending the batch from here counts the caps; an active batch with
     jobs waiting to be sent that one holds back gets it as its ``phase_reason``
@@ -1533,6 +1579,7 @@ def batch_report(
         broker_url=broker_url,
         gone=gone,
         silent=silent,
+        policy=policy,
     )
 
 
@@ -1545,6 +1592,7 @@ def _report(
     broker_url: str | None,
     gone: Callable[[str], bool] | None,
     silent: Mapping[str, datetime] | None = None,
+    policy: str = DEFAULT_UNKNOWN_POLICY,
 ) -> BatchReport:
     """:func:`batch_report` of ``batch``, what it reads of the database read through ``reads``."""
     totals = reads.totals(batch, now)
@@ -1583,7 +1631,9 @@ def _report(
     # held back, with nothing in flight or that no process works on (it would only mislead).
     held = batch_standing(batch, totals, beat, broker_down, now=now)
     schedule = store.batch_schedule(batch)
-    eta, eta_note = listing.forecast(totals, held=held, schedule=schedule, now=now)
+    # Jobs waiting for fal's proof of their submit: the time left never ends before their wait.
+    proof = reads.proof_wait(batch, now) if counts.get(JobState.SUBMIT_UNKNOWN.value) else None
+    eta, eta_note = listing.forecast(totals, held=held, schedule=schedule, now=now, proof=proof)
     fal_holds = [] if done else reads.fal_holds(batch, now, gone)
     dead = [] if done else reads.dead_holders(batch, now, gone, silent)
     covered = reads.covered(batch, now)
@@ -1613,6 +1663,9 @@ def _report(
         "fal_unreachable_note": listing.fal_hold_text(fal_holds, now=now),
         "dead_lease_holders": [holder.as_json() for holder in dead],
         "dead_lease_holders_note": listing.dead_holders_text(dead, now=now),
+        "proof_waiting": proof.jobs if proof is not None else 0,
+        "proof_wait_until": proof.until.isoformat() if proof is not None else None,
+        "proof_wait_note": listing.proof_wait_text(proof, policy=policy),
         "counts": counts,
         "estimated_usd": _money(totals.estimated_usd),
         "spent_usd": _money(totals.spent_usd),
@@ -2017,17 +2070,26 @@ def status(
     broker_url: str | None = None,
     gone: Callable[[str], bool] | None = None,
     silent: Mapping[str, datetime] | None = None,
+    policy: str = DEFAULT_UNKNOWN_POLICY,
 ) -> list[BatchReport]:
     """Reports for one batch (``ref`` = id, id prefix or name) or, with no ref, for every batch;
     ``caps``: say which cap holds an active batch's submits back; ``broker_url``: the broker a
     broker outage names; ``gone``: processes known to have ended; ``silent``: workers whose
-    Redis record went stale (:func:`batch_report`)."""
+    Redis record went stale; ``policy``: ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` (:func:`batch_report`)."""
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
         if ref is not None:
             batch_id = store.get_batch(session, ref).id
             return [
-                batch_report(session, batch_id, caps=caps, broker_url=broker_url, gone=gone, silent=silent)
+                batch_report(
+                    session,
+                    batch_id,
+                    caps=caps,
+                    broker_url=broker_url,
+                    gone=gone,
+                    silent=silent,
+                    policy=policy,
+                )
             ]
         # Every batch from a fixed number of grouped queries (not one report's ten per batch:
         # hundreds of scheduled batches made `status` take seconds), the same reports.
@@ -2035,7 +2097,16 @@ def status(
         batches = store.list_batches(session)
         reads = _AllBatches(session, batches, now=now, api_key_id=caps.api_key_id if caps else None)
         return [
-            _report(batch, reads, now=now, caps=caps, broker_url=broker_url, gone=gone, silent=silent)
+            _report(
+                batch,
+                reads,
+                now=now,
+                caps=caps,
+                broker_url=broker_url,
+                gone=gone,
+                silent=silent,
+                policy=policy,
+            )
             for batch in batches
         ]
 

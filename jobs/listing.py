@@ -252,15 +252,96 @@ def recently_done(session: Session, batch_id: str, *, now: datetime) -> int:
 
 
 def forecast(
-    totals: Totals, *, held: str, schedule: Schedule, now: datetime
+    totals: Totals,
+    *,
+    held: str,
+    schedule: Schedule,
+    now: datetime,
+    proof: ProofWait | None = None,
 ) -> tuple[float | None, str | None]:
     """The time left and what the schedule cuts short of it (:func:`pace`,
     :func:`eta_beyond_schedule`): the one forecast ``status``, its ``--json`` (``eta_seconds``,
     ``eta_note``) and ``run``'s progress line show, so that they never disagree. ``run`` measured
     its own pace once (rich's 30-second sampling): two jobs finishing within a second promised
-    "~0:00:18 left" while ``status`` said "~1m36s left at this pace, but the window closes first"."""
-    eta = pace(totals, held=held, now=now).eta_seconds
+    "~0:00:18 left" while ``status`` said "~1m36s left at this pace, but the window closes first".
+
+    ``proof``: jobs that wait for fal's webhook proof of their submit (:func:`proof_waits`). The
+    batch is not done before the last of them is settled, at the end of its wait at the earliest,
+    so a time left is never shorter than that wait (:func:`until_proof`): the pace of the other
+    jobs said "~0:00:15 left" of a job that waited ten minutes more."""
+    eta = until_proof(pace(totals, held=held, now=now).eta_seconds, proof, now=now)
     return eta, eta_beyond_schedule(schedule, eta, now)
+
+
+# --------------------------------------------------------------------------- proof of a submit
+
+
+@dataclass(frozen=True, slots=True)
+class ProofWait:
+    """A batch's jobs in ``submit_unknown`` that still wait for fal's webhook to prove whether it
+    accepted their submit (``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` after it was sent, with a
+    receiver: ``worker.steps.failures.submit_outcome_unknown``), and when the last wait ends:
+    ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` then applies (:func:`proof_wait_text`)."""
+
+    jobs: int
+    #: When the last of their waits ends (their ``next_attempt_at``).
+    until: datetime
+
+
+def proof_waits(session: Session, batch_ids: Collection[str], *, now: datetime) -> dict[str, ProofWait]:
+    """:class:`ProofWait` of each of ``batch_ids`` that has such jobs, from one query
+    (``ix_jobs_batch_id_state_next_attempt_at``). A ``submit_unknown`` job whose wait has ended
+    is the reconciler's to settle at once, no longer waiting for proof: it is not counted."""
+    if not batch_ids:
+        return {}
+    rows = session.execute(
+        select(Job.batch_id, func.count(), func.max(Job.next_attempt_at))
+        .where(
+            Job.batch_id.in_(list(batch_ids)),
+            Job.state == JobState.SUBMIT_UNKNOWN,
+            Job.next_attempt_at > now,
+        )
+        .group_by(Job.batch_id)
+    )
+    return {batch_id: ProofWait(int(jobs), until) for batch_id, jobs, until in rows if jobs and until}
+
+
+def until_proof(eta: float | None, proof: ProofWait | None, *, now: datetime) -> float | None:
+    """``eta`` (seconds), never shorter than the wait of jobs for fal's proof of their submit:
+    no such job is settled before its wait ends (unless the proof comes first), so a batch with
+    one is not done before. None stays None (no forecast is given)."""
+    if eta is None or proof is None or proof.until <= now:
+        return eta
+    return max(eta, round((proof.until - now).total_seconds(), 1))
+
+
+#: What ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` does with a job whose wait for proof ended without it.
+_PROOF_POLICY = {
+    "fail": (
+        "fail (WANBATCH_SUBMIT_UNKNOWN_POLICY=fail: submission outcome unknown; a later proof "
+        "still fetches its video)"
+    ),
+    "resubmit": (
+        "are sent again while attempts remain (WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit: a "
+        "possible duplicate charge), else fail"
+    ),
+}
+
+
+def proof_wait_text(proof: ProofWait | None, *, policy: str) -> str:
+    """``1 job(s) wait for fal's webhook proof of their submit until 14:02:11 UTC, then fail
+    (WANBATCH_SUBMIT_UNKNOWN_POLICY=fail: …)``: the one wording ``status`` (and its ``--json``'s
+    ``proof_wait_note``), ``run``'s progress line and the dashboard's batch page give; "" when no
+    job waits. ``policy``: ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` of the process that shows it (the
+    one that settles the job is assumed to have the same). Without it such a job was only a
+    ``submit_unknown`` count, and the time left ended long before its wait did."""
+    if proof is None:
+        return ""
+    then = _PROOF_POLICY.get(policy, f"WANBATCH_SUBMIT_UNKNOWN_POLICY={policy} applies")
+    return (
+        f"{proof.jobs} job(s) wait for fal's webhook proof of their submit until "
+        f"{proof.until:%H:%M:%S} UTC, then {then}"
+    )
 
 
 def eta_at_pace(remaining: int, per_minute: float | None, *, held: str, busy: int) -> float | None:

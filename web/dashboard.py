@@ -456,6 +456,9 @@ class Dashboard:
                 "fal_holds": fal_holds,
                 "fal_unreachable": listing.fal_hold_text(fal_holds, now=now),
                 "dead_holders": listing.dead_holders_text(dead, now=now),
+                # Jobs waiting for fal's webhook proof of their submit, until when, and what then:
+                # `status`'s and `run`'s words (its forecast's time left never ends before).
+                "proof_wait": forecast.proof_note(self.settings.submit_unknown_policy),
                 "workers_unread": workers_unread,
                 "failures": failures,
                 "failures_split": batches.told_apart_by_sending(

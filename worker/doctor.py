@@ -571,26 +571,49 @@ def check_receiver(settings: Settings) -> Check:
     if isinstance(serves, Check):
         return serves
     # Without fal's signing keys the receiver refuses every delivery (503) though it answers.
+    # Whether it holds them is its own word (/healthz's `can_verify_signatures`): this host's
+    # fetch says only what this host reaches. A failed fetch here once said "the receiver refuses
+    # every delivery" of a receiver that held its keys and accepted every one.
     jwks_url = masked_url(settings.webhook_jwks_url)  # as printed: a password or token masked
     here = JwksKeys(settings.webhook_jwks_url, timeout=TIMEOUT).health()
-    if not here.can_verify:
-        fal_jwks = Settings.model_fields["webhook_jwks_url"].default
-        return _fail(
-            name,
-            f"WANBATCH_WEBHOOK_JWKS_URL {jwks_url}: {here.error}; the receiver refuses every "
-            "delivery (503) while it has no keys",
-            f"fix WANBATCH_WEBHOOK_JWKS_URL here and for `wanbatch serve` (fal's: {fal_jwks}), "
-            "or let both hosts reach it (network, HTTPS_PROXY)",
+    there = body.get("can_verify_signatures")  # absent: a wanbatch that does not say
+    said = body.get("signing_keys_error")
+    why = f" ({one_line(said)[:200]})" if isinstance(said, str) and said else ""
+    fal_jwks = Settings.model_fields["webhook_jwks_url"].default
+    if there is False:
+        fetched = (
+            f"this host fetched them from {jwks_url}"
+            if here.can_verify
+            else f"this host could not fetch them either from {jwks_url}: {here.error}"
         )
-    if body.get("can_verify_signatures") is False:  # absent: a wanbatch that does not say
-        said = body.get("signing_keys_error")
-        why = f" ({one_line(said)[:200]})" if isinstance(said, str) and said else ""
         return _fail(
             name,
             f"{probe} answers, but cannot verify fal's signatures{why}: it refuses every "
-            f"delivery (503); this host fetched them from {jwks_url}",
+            f"delivery (503); {fetched}",
             "give `wanbatch serve` the WANBATCH_WEBHOOK_JWKS_URL above (a changed setting needs "
-            "a restart), and let its host reach it (network, HTTPS_PROXY)",
+            "a restart), and let its host reach it (network, HTTPS_PROXY)"
+            if here.can_verify
+            else f"fix WANBATCH_WEBHOOK_JWKS_URL here and for `wanbatch serve` (fal's: {fal_jwks}), "
+            "or let both hosts reach it (network, HTTPS_PROXY)",
+        )
+    if not here.can_verify:
+        if there is True:
+            receiver = (
+                f"{probe} says it can verify fal's signatures now (keys it holds), so it accepts "
+                "deliveries; it refuses them (503) if it must fetch the keys again (they age, or "
+                "fal changes them) and cannot"
+            ) + (f"; its own last fetch failed too{why}" if why else "")
+        else:
+            receiver = (
+                f"{probe} does not say whether it holds keys: if it cannot fetch them either, it "
+                "refuses every delivery (503)"
+            )
+        return _fail(
+            name,
+            f"this host could not fetch fal's signing keys from WANBATCH_WEBHOOK_JWKS_URL "
+            f"{jwks_url}: {here.error}; {receiver}",
+            f"fix WANBATCH_WEBHOOK_JWKS_URL here and for `wanbatch serve` (fal's: {fal_jwks}), "
+            "or let both hosts reach it (network, HTTPS_PROXY)",
         )
     return _ok(
         name,

@@ -611,7 +611,7 @@ def _final_report(batch_id: str, settings: Settings) -> BatchReport:
     while True:
         try:
             with db.read_scope(engine) as session:
-                report = batch_report(session, batch_id)
+                report = batch_report(session, batch_id, policy=settings.submit_unknown_policy)
         except Exception as exc:
             if not db.is_unavailable(exc):
                 raise
@@ -891,7 +891,7 @@ def _watch(
         # said instead of a cap's reason (the jobs they hold fill it) and of a forecast.
         leased = leases_note(conductor)
         with db.read_scope(engine) as session:
-            current = batch_progress(session, batch_id)
+            current = batch_progress(session, batch_id, policy=settings.submit_unknown_policy)
             holds = [] if leased else caps.holds(session, current)
         budget.spent(started, time.monotonic())
         done = current["finished"]
@@ -927,7 +927,10 @@ def _watch(
         # processes it (no worker alive, watching), the workers cannot reach the broker. Its
         # forecast is none then (batch_progress, by status's rule), and the line says why.
         stalled = current["standing"] if current["standing"] != current["held"] else ""
-        notes = " · ".join(n for n in (waiting, held, stalled, capped, eta_note) if n)
+        # Jobs waiting for fal's webhook proof of their submit: until when, and what then (the
+        # time left never ends before; status and the dashboard say the same words).
+        proof = current["proof_wait_note"]
+        notes = " · ".join(n for n in (waiting, held, stalled, capped, proof, eta_note) if n)
         progress.update(
             task_id,
             # A scheduled batch outside its window says so, with the time left (the countdown).

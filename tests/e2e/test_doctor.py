@@ -421,8 +421,9 @@ def test_the_receiver_check_fails_while_fal_s_signing_keys_cannot_be_fetched(
         code, checks, _ = _doctor(wb)
         assert (code, checks["receiver"]["status"]) == (1, "fail")
         assert checks["receiver"]["detail"] == (
-            f"WANBATCH_WEBHOOK_JWKS_URL {nowhere}: fal's signing keys could not be fetched: "
-            "ConnectError; the receiver refuses every delivery (503) while it has no keys"
+            f"{receiver}/healthz answers, but cannot verify fal's signatures (fal's signing keys "
+            "could not be fetched: ConnectError): it refuses every delivery (503); this host could "
+            f"not fetch them either from {nowhere}: fal's signing keys could not be fetched: ConnectError"
         )
         assert "fix WANBATCH_WEBHOOK_JWKS_URL here and for `wanbatch serve`" in checks["receiver"]["fix"]
 
@@ -439,6 +440,31 @@ def test_the_receiver_check_fails_while_fal_s_signing_keys_cannot_be_fetched(
             f"it refuses every delivery (503); this host fetched them from {_sim_jwks(sim)}"
         )
         assert "give `wanbatch serve` the WANBATCH_WEBHOOK_JWKS_URL above" in checks["receiver"]["fix"]
+
+
+def test_the_receiver_check_says_the_receiver_holds_its_keys_when_only_this_host_cannot_fetch_them(
+    wb: Wb, sim: SimulatorHandle, hostile: HostileProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An audit: the doctor's own fetch of the JWKS failed (HTTP 500) and it said "the receiver
+    refuses every delivery (503) while it has no keys" of a receiver that held its keys and
+    accepted every delivery. It reads the receiver's own word (its /healthz) and says that."""
+    hostile.route("GET", r"/jwks\.json", json_reply({"detail": "boom"}, status=500))
+    broken = f"{hostile.url}/jwks.json"
+    monkeypatch.setenv("WANBATCH_WEBHOOK_JWKS_URL", _sim_jwks(sim))
+    get_settings.cache_clear()
+    with _serving(get_settings()) as receiver:  # it fetches fal's keys from the simulator
+        monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{receiver}/webhooks/fal")
+        monkeypatch.setenv("WANBATCH_WEBHOOK_JWKS_URL", broken)  # this host's fetch: HTTP 500
+        code, checks, _ = _doctor(wb)
+    assert (code, checks["receiver"]["status"]) == (1, "fail"), checks["receiver"]
+    detail = checks["receiver"]["detail"]
+    assert detail == (
+        f"this host could not fetch fal's signing keys from WANBATCH_WEBHOOK_JWKS_URL {broken}: "
+        f"fal's signing keys could not be fetched: HTTP 500; {receiver}/healthz says it can verify "
+        "fal's signatures now (keys it holds), so it accepts deliveries; it refuses them (503) if it "
+        "must fetch the keys again (they age, or fal changes them) and cannot"
+    ), detail
+    assert "refuses every delivery" not in detail
 
 
 def test_a_receiver_on_another_database_fails_the_check(

@@ -363,3 +363,27 @@ def test_a_good_delivery_still_verifies() -> None:
 )
 def test_ascii_int_takes_ascii_digits_only(text: str | None, expected: int | None) -> None:
     assert ascii_int(text, max_digits=9) == expected
+
+
+def test_a_failed_refresh_is_no_longer_reported_once_the_keys_held_verify_a_delivery() -> None:
+    """An audit: ``/healthz`` said ``signing_keys_error`` (one failed refresh) beside
+    ``can_verify_signatures: true`` for up to a day, until the keys aged, while every delivery
+    was accepted. A delivery the held keys verify makes that failure old news; a later failure
+    is reported again, and the back-off still holds after it."""
+    fal, forger = WebhookSigner(), WebhookSigner()
+    jwks, clock = Jwks(fal), Clock()
+    keys = jwks.keys(clock, refresh_min_seconds=30.0, failure_backoff=5.0)
+    assert keys.health() == KeysHealth(True, 1, None)
+    clock.now += 40  # a forged delivery forces a refresh, which fails: the cache still verifies
+    jwks.status = 500
+    with pytest.raises(JwksUnavailable):
+        keys.verify(*_signed(forger))
+    failed = KeysHealth(True, 1, "fal's signing keys could not be fetched: HTTP 500")
+    assert keys.health() == failed
+    assert keys.verify(*_signed(fal))  # fal's own delivery: the keys held verify it
+    assert keys.health() == KeysHealth(True, 1, None)
+    clock.now += 40  # another forced refresh fails: said again
+    with pytest.raises(JwksUnavailable):
+        keys.verify(*_signed(forger))
+    assert keys.health() == failed
+    assert jwks.requests == 3

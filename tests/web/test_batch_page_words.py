@@ -29,6 +29,7 @@ from jobs import batches, db, store
 from jobs.db import session_factory
 from jobs.models import EVERY_BATCH, utcnow
 from jobs.schedule import Schedule
+from jobs.states import JobState
 from tests.web.web_helpers import HTML, JSON, TOKEN, app_for, client, logged_in, mixed_batch, settings_for
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -137,3 +138,34 @@ def test_no_time_left_while_the_workers_cannot_reach_the_broker(
     after = _said(browser.get(page, headers=HTML).text, ETA)
 
     assert after == f"ETA none — {batches.BROKER_UNREACHABLE}", after
+
+
+def test_jobs_waiting_for_proof_of_their_submit_are_said_to_wait(
+    sqlite_engine: Engine, output_dir: Path, frozen: datetime
+) -> None:
+    """An audit: a job whose submit's answer was lost waited ten minutes for fal's webhook proof,
+    while the page's time left ran out in seconds and nothing said it waited. The page says what
+    ``status`` says, with the policy configured, and its time left never ends before the wait."""
+    until = frozen + timedelta(hours=2)
+    with session_factory(sqlite_engine)() as work:
+        mixed = mixed_batch(work)
+        waiting = next(j for j in store.jobs_of_batch(work, mixed.batch.id) if not JobState(j.state).terminal)
+        waiting.state, waiting.next_attempt_at = JobState.SUBMIT_UNKNOWN, until
+        work.commit()
+    settings = settings_for(sqlite_engine, output_dir, token=TOKEN, submit_unknown_policy="resubmit")
+    html = (
+        logged_in(client(app_for(sqlite_engine, settings)))
+        .get(f"/batches/{mixed.batch.id}", headers=HTML)
+        .text
+    )
+
+    shown = _said(html, r'data-testid="proof-wait">(.*?)</p>')
+
+    with db.read_scope(sqlite_engine) as session:
+        report = batches.batch_report(session, mixed.batch.id, now=frozen, policy="resubmit")
+    assert shown == report["proof_wait_note"], shown  # status's words
+    said = f"1 job(s) wait for fal's webhook proof of their submit until {until:%H:%M:%S} UTC"
+    assert shown.startswith(said), shown
+    assert "WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit" in shown
+    eta = _said(html, ETA)
+    assert re.match(r"ETA ~[12]h", eta), eta  # the wait's two hours, not the pace's minutes

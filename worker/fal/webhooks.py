@@ -160,6 +160,9 @@ class JwksKeys:
         #: When the last fetch failed, and why (None: it did not).
         self._failed_at: float | None = None
         self._failure = ""
+        #: Whether a delivery verified since the last failed fetch: that failure is old news to
+        #: :meth:`health` then, the keys held verify (the back-off still goes by ``_failed_at``).
+        self._verified_since_failure = False
         #: Fetches finished, either way: a thread that waited for another's fetch tells by it.
         self._generation = 0
         #: Fetches started (for tests and diagnostics).
@@ -246,6 +249,7 @@ class JwksKeys:
             except JwksUnavailable as exc:
                 with self._state:
                     self._failed_at, self._failure = self._clock(), exc.reason
+                    self._verified_since_failure = False
                     self._generation += 1
                 raise
             with self._state:
@@ -265,7 +269,9 @@ class JwksKeys:
         it ends, itself bounded); a fetch still under way then goes on and is reported as such,
         so a health check with a short timeout still gets its answer in time. Usable keys count
         even after a failed fetch (one forced by a signature they did not verify); that failure
-        is still reported.
+        is still reported, until a later fetch succeeds or a delivery verifies with those keys:
+        ``/healthz`` kept one failed refresh's error for up to a day (until the keys aged)
+        beside ``can_verify_signatures: true``, while every delivery was accepted.
         """
         try:
             keys, due, seen = self._plan(force=False)
@@ -293,11 +299,19 @@ class JwksKeys:
                 return KeysHealth(can_verify=False, keys=0, error=fetched[0].reason)
             keys = fetched[0]
         with self._state:
-            failure = self._failure if self._failed_at is not None else None
+            current = self._failed_at is not None and not (keys and self._verified_since_failure)
+            failure = self._failure if current else None
         return KeysHealth(can_verify=bool(keys), keys=len(keys), error=failure)
 
     def verify(self, message: bytes, signature: bytes) -> bool:
         """Whether any of fal's keys signed ``message`` (refreshing the keys once if none did)."""
+        verified = self._verify(message, signature)
+        if verified:
+            with self._state:
+                self._verified_since_failure = True
+        return verified
+
+    def _verify(self, message: bytes, signature: bytes) -> bool:
         keys, due, seen = self._plan(force=False)
         if due:
             keys = self._refresh(seen)
