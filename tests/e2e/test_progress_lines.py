@@ -116,8 +116,10 @@ def test_the_lines_forecast_what_status_forecasts(
 
     note = "the window closes first (in 41s): the rest waits for the next one"
 
-    def as_status_says(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchProgress:
-        current = batch_progress(session, batch_id, now=now)
+    def as_status_says(
+        session: Session, batch_id: str, *, now: datetime | None = None, policy: str = "fail"
+    ) -> BatchProgress:
+        current = batch_progress(session, batch_id, now=now, policy=policy)
         current["eta_seconds"], current["eta_note"] = 94.0, note
         return current
 
