@@ -223,9 +223,11 @@ def cost(batch: str, as_json: bool) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    "output_given",
+    # As typed: a Path would collapse ``s3://b/k`` into the local ``s3:/b/k`` before it is seen.
+    type=click.Path(),
     default=None,
-    help="File to write (default: stdout); for hf, a new or empty folder (required).",
+    help="File to write (default: stdout); for hf, a new or empty folder (required). A local path.",
 )
 @click.option(
     "--include",
@@ -239,15 +241,19 @@ def cost(batch: str, as_json: bool) -> None:
     is_flag=True,
     help="Print one JSON object about the export on stdout (needs -o: else stdout carries the records).",
 )
-def export(batch: str, fmt: str, output: Path | None, include: str | None, as_json: bool) -> None:
+def export(batch: str, fmt: str, output_given: str | None, include: str | None, as_json: bool) -> None:
     """One record per job of BATCH (id, id prefix or name), as JSONL, CSV, Parquet or a HF dataset."""
+    output = None if output_given is None else Path(output_given)
 
     def action() -> int:
         from jobs import db, store
         from jobs import export as exporting
         from jobs.errors import UsageError
+        from jobs.export_target import refuse_uri
         from jobs.settings import get_settings
 
+        if output_given is not None:  # before anything is opened: s3://b/ds is not a folder ./s3:/b/ds
+            refuse_uri(output_given)
         if fmt == "hf" and output is None:
             raise UsageError("--format hf needs -o DIR (a new folder for the dataset)")
         if as_json and output is None:

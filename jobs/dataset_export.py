@@ -44,7 +44,10 @@ A new folder is built as a hidden sibling (``.DIR.*.part``) and renamed into pla
 so a failed export never leaves a half dataset under the target name (nor the parent folders it
 created for it). An existing empty DIR (a mount point or a symlink to a folder, which rename(2)
 cannot replace) is written into: built in a hidden ``DIR/.wanbatch-export.*.part``, its entries
-moved out at the end (:func:`_publish_into`); a failed export leaves it empty. An existing
+moved out at the end (:func:`_publish_into`); a failed export leaves it empty. The export
+holds an exclusive ``flock`` on that part folder while it writes: one a killed export left
+behind (nobody holds it) is removed by the next export into DIR, and a held one makes that
+export stop, naming it (two exports never fill one DIR). An existing
 non-empty DIR is refused, never merged into, and so is a symlink leading nowhere, before any
 video is placed (:func:`_refuse_taken`).
 """
@@ -53,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -784,9 +788,10 @@ def write_hf(
     # one (a mount point, a symlink to a folder) cannot be renamed over: the export is built in a
     # hidden folder inside it, on its own file system, and its entries moved out of it at the end.
     made = [] if existing else _missing_folders(dest.parent)
+    held: int | None = None  # the lock on the part folder inside an existing DIR, while it is written
     try:
         if existing:
-            tmp = Path(tempfile.mkdtemp(prefix=".wanbatch-export.", suffix=".part", dir=dest))
+            tmp, held = _part_inside(dest)
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
@@ -795,6 +800,8 @@ def write_hf(
         raise UsageError(f"cannot write the export to {str(dest)!r}: {exc.strerror or exc}") from None
     summary = HfExport(folder=dest)
     try:
+        if existing:
+            _refuse_another_writer(dest, tmp)
         _write_metadata(_dataset_rows(session, batch, output_dir, tmp, summary, include_failed), tmp)
         counts = store.counts_by_state(session, batch.id)
         exported = {s.value for s in _exported_states(include_failed)}
@@ -823,6 +830,9 @@ def write_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
         raise
+    finally:
+        if held is not None:
+            os.close(held)  # after the part folder is gone: never an unlocked one a retry could take
     return summary
 
 
@@ -974,13 +984,142 @@ def _refuse_taken(dest: Path) -> bool:
         )
     if kind == "folder":
         try:
-            if not any(dest.iterdir()):
+            if _clear_stale_parts(dest):
                 return True
         except OSError as exc:  # a folder it may not list
             kind = exc
     if isinstance(kind, OSError):
         raise UsageError(f"cannot write the export to '{shown_path(dest)}': {os_reason(kind)}")
     raise UsageError(f"-o {str(dest)!r} exists and is not an empty folder; choose a new folder")
+
+
+#: The hidden folder an export into an existing DIR is built in, inside DIR (``tempfile``'s
+#: random part between them).
+PART_PREFIX, PART_SUFFIX = ".wanbatch-export.", ".part"
+
+
+def _is_part(entry: os.DirEntry[str]) -> bool:
+    """Whether ``entry`` is a part folder an export into its folder made (a real folder)."""
+    return (
+        entry.name.startswith(PART_PREFIX)
+        and entry.name.endswith(PART_SUFFIX)
+        and entry.is_dir(follow_symlinks=False)
+    )
+
+
+def _clear_stale_parts(dest: Path) -> bool:
+    """Whether the existing folder ``dest`` is empty, once the part folders that exports which
+    ended without finishing left in it (killed: nothing removed them) are removed.
+
+    Each export into ``dest`` holds an exclusive ``flock`` on its part folder for as long as it
+    writes (:func:`_part_inside`); the kernel drops it when that process ends, however. A part
+    folder nobody holds is removed while this holds it (an export that made it a moment ago and
+    is about to take it finds it gone and makes another); one held is a running export's:
+    :class:`UsageError`, nothing touched. One that cannot be locked or removed (a file system
+    without ``flock``, no permission) is named in the refusal, for the user to judge."""
+    parts = []
+    with os.scandir(dest) as entries:
+        for entry in entries:  # stops at the first other entry: a full folder is not listed whole
+            if not _is_part(entry):
+                return False
+            parts.append(entry)
+    for entry in parts:
+        state = _take_stale(Path(entry.path))
+        if state == "held":
+            raise UsageError(
+                f"-o {str(dest)!r}: another export is writing into it now ({entry.name}); wait for it "
+                "to finish or choose another folder"
+            )
+        if state != "removed":
+            raise UsageError(
+                f"-o {str(dest)!r} holds {entry.name}, an export's unfinished folder ({state}); remove "
+                "it if no export is writing there, or choose another folder"
+            )
+    return True
+
+
+def _take_stale(part: Path) -> str:
+    """``"removed"`` when no export held ``part`` (removed meanwhile included), ``"held"`` when
+    one does, else why it could not be told or removed."""
+    try:
+        fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return "removed"
+    except OSError as exc:
+        return os_reason(exc)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "held"
+        except OSError as exc:  # no flock here (some network file systems): cannot tell
+            return f"cannot tell: {os_reason(exc)}"
+        try:
+            shutil.rmtree(part)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            return f"cannot remove it: {os_reason(exc)}"
+        return "removed"
+    finally:
+        os.close(fd)
+
+
+def _part_inside(dest: Path) -> tuple[Path, int | None]:
+    """A new hidden part folder inside ``dest`` and the descriptor holding its exclusive
+    ``flock`` (None where the file system has none: unheld, as before). The lock is taken after
+    the folder is made, so a retry clearing stale ones (:func:`_clear_stale_parts`) may remove
+    it in between: the folder at the path is checked to be the one locked, else another made."""
+    for _ in range(8):
+        tmp = Path(tempfile.mkdtemp(prefix=PART_PREFIX, suffix=PART_SUFFIX, dir=dest))
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a clearer holds it only for as long as it looks
+        except OSError:
+            os.close(fd)
+            return tmp, None
+        try:
+            same = os.path.samestat(tmp.lstat(), os.fstat(fd))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return tmp, fd
+        os.close(fd)
+    raise OSError(errno.EAGAIN, "its part folder kept being removed by another export", str(dest))
+
+
+def _refuse_another_writer(dest: Path, own: Path) -> None:
+    """:class:`UsageError` when another export holds a part folder in ``dest`` besides ``own``:
+    two exports that found ``dest`` empty at the same moment. Each checks after taking its own
+    lock, so at most one of them goes on (both stop when both hold theirs by then)."""
+    with os.scandir(dest) as entries:
+        others = [Path(e.path) for e in entries if _is_part(e) and e.name != own.name]
+    for part in others:
+        if _held(part):
+            raise UsageError(
+                f"-o {str(dest)!r}: another export is writing into it now ({part.name}); wait for it "
+                "to finish or choose another folder"
+            )
+
+
+def _held(part: Path) -> bool:
+    """Whether an export holds ``part``'s lock now (looked at without holding it)."""
+    try:
+        fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops a lock just taken
+    return False
 
 
 def _folder_bytes(folder: Path) -> int:

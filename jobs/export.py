@@ -527,9 +527,15 @@ def write_atomically(output: Path, example_name: str, fill: Callable[[IO[bytes]]
         )
     try:
         mode = _mode_for(output)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
     except OSError as exc:
         raise UsageError(f"cannot write the export to {str(output)!r}: {exc.strerror or exc}") from None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
+    except OSError as exc:  # e.g. /proc/version: the file is there, its folder takes no new file
+        raise UsageError(
+            f"cannot write the export to {str(output)!r}: cannot create its temporary file beside it "
+            f"(in {str(output.parent)!r}): {exc.strerror or exc}"
+        ) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:

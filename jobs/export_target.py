@@ -9,6 +9,7 @@ a stored video broke the batch's outputs, ``-o`` the manifest's ``items_from`` f
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +22,26 @@ from jobs.errors import UsageError
 from jobs.fs import shown_path
 from jobs.media import MediaKind, classify
 from jobs.models import Batch
+from jobs.output_location import is_s3_url
 from jobs.printable import one_line
 
 #: What SQLite keeps beside a database file (WAL mode's log and index, a rollback journal).
 SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")
+
+
+#: ``scheme://``: a URI (``s3://bucket/ds``, ``hf://datasets/…``, ``file:///…``), not a file name.
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def refuse_uri(given: str) -> None:
+    """:class:`UsageError` (one line) when ``-o`` as typed is a URI: an export writes a local
+    file or folder only, and ``s3://bucket/ds`` taken as a path became a folder ``./s3:/bucket/ds``
+    (the ``//`` collapsed) while the export reported success."""
+    if _URI.match(given):
+        raise UsageError(
+            f"-o takes a local path; {given!r} is a URI, and an export writes no remote destination: "
+            "export to a local file or folder, then copy it (e.g. with `aws s3 cp`)"
+        )
 
 
 def _resolved(path: Path | str) -> Path | None:
@@ -42,8 +59,11 @@ def refuse_own_file(
     """:class:`UsageError` (one line, nothing written) when ``output`` (an export's ``-o``, a file
     or an ``hf`` folder) is one of wanbatch's own files: the SQLite database of ``database_url``
     or its ``-wal``/``-shm``/``-journal`` file, anything inside ``output_dir`` (the stored outputs,
-    or an S3 location's local staging folder), or ``batch``'s manifest, its ``items_from`` file or
-    a media file one of its jobs names. Beside them is fine."""
+    or an S3 location's local staging folder), ``batch``'s manifest, its ``items_from`` file or
+    a media file one of its jobs names, or anything inside a folder its jobs' videos and sidecars
+    are stored in (as recorded for them: ``output_dir`` is the setting as this command sees it,
+    which a relative ``./outputs`` or a changed setting makes another folder). Beside them is
+    fine."""
     target = _resolved(output)
     if target is None:  # the writer says what is wrong with it
         return
@@ -65,6 +85,25 @@ def refuse_own_file(
             raise UsageError(
                 f"{shown}: this is {what} of batch {one_line(batch.name)}; choose another path for the export"
             )
+    for folder in _output_folders(session, batch):
+        if target == folder or folder in target.parents:
+            where = "the folder" if target == folder else "inside the folder"
+            raise UsageError(
+                f"{shown}: this is {where} where batch {one_line(batch.name)} stores its videos and "
+                f"their sidecars ({shown_path(folder)}); choose another path for the export"
+            )
+
+
+def _output_folders(session: Session, batch: Batch) -> Iterator[Path]:
+    """The local folders ``batch``'s jobs recorded their outputs in, as recorded (absolute) and
+    with symlinks followed as they are now; none for outputs in S3."""
+    for recorded in store.output_folders_of_batch(session, batch.id):
+        if not recorded or is_s3_url(recorded) or not Path(recorded).is_absolute():
+            continue
+        yield Path(recorded)
+        resolved = _resolved(recorded)
+        if resolved is not None and resolved != Path(recorded):
+            yield resolved
 
 
 def _batch_files(session: Session, batch: Batch) -> Iterator[tuple[Path, str]]:

@@ -4503,6 +4503,43 @@ def media_inputs_of_batch(session: Session, batch_id: str) -> Iterator[tuple[dic
             yield given, sources
 
 
+#: How many folders :func:`output_folders_of_batch` finds one query each before it lists the rest.
+OUTPUT_FOLDER_PROBES = 16
+
+
+def output_folders_of_batch(session: Session, batch_id: str) -> list[str]:
+    """The distinct folders the recorded outputs of a batch's jobs lie in (each ``output_path``
+    up to its last ``/``: a local folder, or an ``s3://bucket/prefix``), as recorded, in no set
+    order; what :func:`jobs.export_target.refuse_own_file` keeps an export out of.
+
+    A batch's videos and their sidecars share a folder or a few (another ``WANBATCH_OUTPUT_DIR``
+    for a later run, a reused job's source batch): each is found by one query that skips every
+    output inside the folders found before (an index range on the batch, no row sent back but
+    one), so a 100,000-job batch costs a few such queries, not 100,000 rows. Past
+    :data:`OUTPUT_FOLDER_PROBES` folders the remaining outputs are listed once instead. A
+    recorded path without a ``/`` has no folder and is skipped."""
+    folders: list[str] = []
+    query = select(Job.output_path).where(Job.batch_id == batch_id, Job.output_path.is_not(None))
+    for _ in range(OUTPUT_FOLDER_PROBES):
+        found = session.execute(query.limit(1)).scalar_one_or_none()
+        if found is None:
+            return folders
+        folder, slash, _name = found.rpartition("/")
+        if not slash:
+            query = query.where(Job.output_path != found)
+            continue
+        folders.append(folder)
+        prefix = folder + "/"
+        # An exact comparison (LIKE is case-insensitive in SQLite and needs escaping).
+        query = query.where(func.substr(Job.output_path, 1, len(prefix)) != prefix)
+    rest = {
+        path.rpartition("/")[0]
+        for path in session.execute(query.execution_options(yield_per=1000)).scalars()
+        if path is not None and "/" in path
+    }
+    return folders + sorted(rest)
+
+
 @dataclass(frozen=True, slots=True)
 class RerunRepeat:
     """One job of a later rerun (any generation) that repeats a job of an earlier batch: what

@@ -138,3 +138,15 @@ def test_media_carries_the_contracts_duration_beside_the_stored_duration_s() -> 
     }
     assert export_media({"duration": 2.0, "duration_s": 1.0}) == {"duration": 2.0, "duration_s": 1.0}
     assert export_media(None) is None
+
+
+@pytest.mark.skipif(not Path("/proc/version").is_file(), reason="Linux's /proc")
+def test_a_file_in_a_folder_that_takes_no_new_file_says_the_temporary_file_failed() -> None:
+    """``-o /proc/version``: the file exists, but no temporary file can be made beside it; the
+    error said "No such file or directory" of the file itself."""
+    with pytest.raises(UsageError) as refused:
+        write_file(iter(_rows(1)), "jsonl", Path("/proc/version"))
+    assert str(refused.value) == (
+        "cannot write the export to '/proc/version': cannot create its temporary file beside it "
+        "(in '/proc'): No such file or directory"
+    )
