@@ -307,9 +307,18 @@ def uvicorn_log_config(log_format: str) -> dict[str, Any] | None:
 
 #: The request line inside an access log line already rendered: ``"POST /path?query HTTP/1.1"``.
 _REQUEST_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<target>\S+) HTTP/')
-#: Requests ``serve`` handles at once, at most; beyond it uvicorn answers 503 at once. Each may
-#: hold a body of up to 1 MiB for a few seconds: this bounds what a flood of connections costs.
+#: Connections and requests ``serve`` handles at once, at most; beyond it uvicorn answers 503 at
+#: once. Each may hold a body of up to 1 MiB for a few seconds: this bounds what a flood of
+#: connections costs. uvicorn counts an open connection that has sent no request yet too: each
+#: must send its request's head within :data:`web.connections.HEAD_DEADLINE` or is closed.
 SERVE_LIMIT_CONCURRENCY = 100
+#: Connections one peer may hold open at once (a quarter of :data:`SERVE_LIMIT_CONCURRENCY`):
+#: one host cannot take every slot, even by reconnecting as its idle ones are closed. Each of
+#: fal's deliveries is one short request, so a sender of webhooks needs few connections at once.
+#: The proxies WANBATCH_SERVE_FORWARDED_ALLOW_IPS names have no such cap (everything behind one
+#: comes from its address); a connection beyond it is closed at once, a failed delivery to fal,
+#: which sends it again later.
+SERVE_CONNECTIONS_PER_PEER = 25
 
 
 class AccessLogMasking(logging.Filter):
@@ -412,6 +421,8 @@ def serve(host: str, port: int) -> None:
         from jobs.errors import UsageError
         from jobs.settings import get_settings
         from web.app import create_app
+        from web.auth import trusted_proxies
+        from web.connections import guarded_h11
         from worker.logs import timestamp_text_lines
 
         if not 0 <= port <= 65535:
@@ -440,6 +451,9 @@ def serve(host: str, port: int) -> None:
             log_level="info",
             log_config=log_config,
             limit_concurrency=SERVE_LIMIT_CONCURRENCY,
+            # uvicorn's h11 protocol, with a deadline for each request's head and a cap per peer
+            # (web.connections): otherwise idle connections hold the slots above for ever.
+            http=guarded_h11(SERVE_CONNECTIONS_PER_PEER, trusted_proxies(settings.serve_forwarded_allow_ips)),
             # The app believes the proxy headers itself (web.auth.ForwardedHeaders: the same
             # rewrite, for WANBATCH_SERVE_FORWARDED_ALLOW_IPS's proxies), so that it can tell
             # whether the peer was one of them, which uvicorn's rewrite hides.

@@ -165,6 +165,12 @@ def trusted_proxies(configured: str | None) -> str:
     return configured or os.environ.get("FORWARDED_ALLOW_IPS", DEFAULT_TRUSTED_PROXIES)
 
 
+def trusted_peer(allow_ips: str) -> Callable[[str | None], bool]:
+    """Whether a peer's address is one of those ``allow_ips`` names (addresses, networks, a lone
+    ``*``): the rule :class:`ForwardedHeaders` applies (uvicorn's own)."""
+    return ProxyHeadersMiddleware(cast(Any, None), trusted_hosts=allow_ips).trusted_hosts.__contains__
+
+
 class ForwardedHeaders:
     """The proxy headers of the proxies ``allow_ips`` names, believed (outermost middleware).
 

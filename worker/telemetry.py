@@ -4,7 +4,8 @@ The database says what became of every job, whichever process did the work (``/m
 ``wanbatch serve``, :mod:`jobs.metrics`). What only the process that did the work can count
 lives here: each submit POST and how it ended, each provider error by type, each retry
 scheduled, each ambiguous submit, each wait for the submit-rate limiter, the latency of every
-call to fal's API, and (in ``wanbatch serve``) each webhook delivery accepted or rejected.
+call to fal's API, and (in ``wanbatch serve``) each webhook delivery accepted or rejected and
+each connection it closed before a request (too slow a head, too many from one peer).
 ``wanbatch worker`` and an embedded ``wanbatch run`` serve them on ``WANBATCH_METRICS_PORT``
 (:func:`serve_configured`); ``wanbatch serve`` adds them to its ``/metrics``.
 
@@ -88,6 +89,7 @@ class _Metrics:
     limiter_wait_seconds: Histogram
     fal_requests: Histogram
     webhooks: Counter
+    connections_closed: Counter
 
 
 _lock = threading.Lock()
@@ -174,6 +176,13 @@ def _build() -> _Metrics:
             ["result"],
             registry=registry,
         ),
+        connections_closed=Counter(
+            "wanbatch_serve_connections_closed",
+            "Connections this process's serve closed before a request, by reason (head_timeout: "
+            "no whole request head in time; peer_limit: its peer had its share open already).",
+            ["reason"],
+            registry=registry,
+        ),
     )
 
 
@@ -242,6 +251,13 @@ def count_webhook(*, accepted: bool) -> None:
     if _silenced:
         return
     _metrics().webhooks.labels(result="accepted" if accepted else "rejected").inc()
+
+
+def count_connection_closed(reason: str) -> None:
+    """One connection ``serve`` closed before a request: ``head_timeout`` or ``peer_limit``."""
+    if _silenced:
+        return
+    _metrics().connections_closed.labels(reason=reason).inc()
 
 
 class FalCall:
