@@ -30,6 +30,8 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    ColumnElement,
+    Connection,
     DateTime,
     Dialect,
     Enum,
@@ -42,8 +44,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
 )
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
@@ -147,9 +149,29 @@ class UTCDateTime(TypeDecorator[datetime]):
         return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-#: JSON documents; JSONB on PostgreSQL (compact, comparable), JSON text on SQLite.
-#: Python ``None`` is SQL NULL (not JSON ``null``), so ``IS NULL`` means "not set" everywhere.
-JSONDoc = JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
+class JSONDocument(TypeDecorator[Any]):
+    """A JSON document: JSONB on PostgreSQL (compact, comparable), JSON text on SQLite.
+
+    Python ``None`` is SQL NULL (not JSON ``null``), so ``IS NULL`` means "not set" everywhere.
+    What ``JSON().with_variant(postgresql.JSONB(), "postgresql")`` would be, except that the
+    PostgreSQL dialect (with its asyncpg, pg8000 and psycopg modules, about 20 ms of every
+    process's start-up) is imported only when a PostgreSQL database uses the type.
+    """
+
+    impl = JSON(none_as_null=True)
+    cache_ok = True
+    hashable = False  # as JSON's: a dict or list value cannot be hashed (``Result.unique()``)
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            return dialect.type_descriptor(JSONB(none_as_null=True))
+        return dialect.type_descriptor(self.impl_instance)
+
+
+#: The type of every JSON column.
+JSONDoc = JSONDocument()
 
 #: How many earlier item numbers a job keeps (:attr:`Job.earlier_items`): a download makes at
 #: most this many ``stat`` calls looking for a video saved under one of them. The SQL that keeps
@@ -515,21 +537,33 @@ class JobEvent(Base):
     worker: Mapped[str | None] = mapped_column(String(255))
 
 
+def _partial_index(name: str, *columns: Any, where: ColumnElement[bool]) -> Index:
+    """An index of the rows for which ``where`` holds, on SQLite and PostgreSQL alike.
+
+    PostgreSQL is given the predicate as it creates the index (``create_all``; the migrations
+    spell theirs out), not as ``postgresql_where=`` here: SQLAlchemy would import its PostgreSQL
+    dialect to check that keyword, about 20 ms of every process's start-up, SQLite's included.
+    """
+    index = Index(name, *columns, sqlite_where=where)
+
+    def on_postgresql(target: Index, connection: Connection, **_: Any) -> None:
+        if connection.dialect.name == "postgresql":
+            target.dialect_options["postgresql"]["where"] = where
+
+    event.listen(index, "before_create", on_postgresql)
+    return index
+
+
 #: /metrics counts ambiguous submits (see store.count_events_into) without scanning every event.
-Index(
-    "ix_job_events_submit_unknown",
-    JobEvent.job_id,
-    postgresql_where=JobEvent.to_state == JobState.SUBMIT_UNKNOWN,
-    sqlite_where=JobEvent.to_state == JobState.SUBMIT_UNKNOWN,
+_partial_index(
+    "ix_job_events_submit_unknown", JobEvent.job_id, where=JobEvent.to_state == JobState.SUBMIT_UNKNOWN
 )
 
 #: /metrics keeps the sums of finished jobs between scrapes and counts the changes of finished
 #: jobs (store.count_finished_changes) without scanning every event: the rare events of a job
 #: that was finished (a late proof taking it back, a note on its books).
 _FROM_FINISHED = JobEvent.from_state.in_([JobState.CANCELLED, JobState.FAILED, JobState.SUCCEEDED])
-Index(
-    "ix_job_events_from_finished", JobEvent.id, postgresql_where=_FROM_FINISHED, sqlite_where=_FROM_FINISHED
-)
+_partial_index("ix_job_events_from_finished", JobEvent.id, where=_FROM_FINISHED)
 
 
 #: The budget checks sum the few pending jobs an earlier attempt billed, a batch's or the day's,
@@ -539,15 +573,14 @@ Index(
 #: would read every pending job of the batch (ix_jobs_batch_id_state_order) or of the database.
 #: A pending job counts when an earlier attempt was billed, or may have been (``ambiguous_usd``).
 _PENDING_BILLED = (Job.state == JobState.PENDING) & (Job.actual_usd.is_not(None) | (Job.ambiguous_usd > 0))
-Index(
+_partial_index(
     "ix_jobs_pending_billed",
     Job.state,
     Job.batch_id,
     Job.submitted_at,
     Job.actual_usd,
     Job.ambiguous_usd,
-    postgresql_where=_PENDING_BILLED,
-    sqlite_where=_PENDING_BILLED,
+    where=_PENDING_BILLED,
 )
 
 

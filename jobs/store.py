@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import PurePath
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -61,7 +61,7 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.compiler import compiles
@@ -99,6 +99,9 @@ from jobs.money import BUDGET_ERRORS
 from jobs.schedule import Schedule
 from jobs.states import AT_PROVIDER_STATES, UNFINISHED_STATES, JobState, can_transition
 from jobs.storable import holds_unstorable, storable_json
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql
 
 __all__ = [
     "CANCEL_BILLED_AS",
@@ -781,11 +784,13 @@ def _set_media(conn: Connection, changes: list[dict[str, Any]]) -> None:
         return
     dialect = conn.dialect
     if dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import JSONB
+
         doc = [{"id": c["b_id"], "i": c["b_input"], "s": c["b_sources"]} for c in changes]
         statement = text(
             "UPDATE jobs SET input = v.i, source_files = v.s "
             "FROM jsonb_to_recordset(:doc) AS v(id TEXT, i JSONB, s JSONB) WHERE jobs.id = v.id"
-        ).bindparams(bindparam("doc", type_=postgresql.JSONB))
+        ).bindparams(bindparam("doc", type_=JSONB))
     else:
         # Both columns are JSONDoc: stored as the text this makes of the value (NULL for None).
         as_text = _JOBS.c.input.type.dialect_impl(dialect).bind_processor(dialect)
@@ -949,9 +954,21 @@ def return_submit_tokens(session: Session, api_key_id: str, unused: int, *, capa
     _run(session, statement, {"key": api_key_id, "unused": float(unused), "capacity": float(capacity)})
 
 
+def _dialect_insert(dialect: str, target: Any) -> postgresql.Insert | sqlite.Insert:
+    """An ``INSERT`` into ``target`` that can take ``ON CONFLICT`` clauses, in ``dialect``'s
+    (``"postgresql"`` or ``"sqlite"``) form. SQLAlchemy's PostgreSQL dialect is imported here,
+    by a process that uses PostgreSQL, not by every one: about 20 ms of a SQLite process's
+    start-up (``sqlalchemy.dialects.postgresql`` loads its asyncpg, pg8000 and psycopg modules)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(target)
+    return sqlite.insert(target)
+
+
 def _rate_upsert(dialect: str) -> Any:
     """``INSERT … ON CONFLICT (api_key_id) DO UPDATE`` replacing the bucket's state."""
-    new = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_SUBMIT_RATE)
+    new = _dialect_insert(dialect, _SUBMIT_RATE)
     return new.on_conflict_do_update(
         index_elements=[_SUBMIT_RATE.c.api_key_id],
         set_={"tokens": new.excluded.tokens, "stamp": new.excluded.stamp},
@@ -1465,7 +1482,7 @@ def _insert_chunk_pg(conn: Connection, rows: list[dict[str, Any]]) -> int:
             )
     staged = table(_STAGING, *(column(name) for name in _NEW_JOB_COLUMNS))
     moved = conn.execute(
-        postgresql.insert(_JOBS)
+        _dialect_insert("postgresql", _JOBS)
         .from_select(list(_NEW_JOB_COLUMNS), select(*staged.c))
         .on_conflict_do_nothing(index_elements=["batch_id", "job_key"])
         .execution_options(preserve_rowcount=True)
@@ -1728,7 +1745,7 @@ _TOTALS = cast(Table, BatchTotals.__table__)
 
 def _totals_upsert(dialect: str) -> Any:
     """``INSERT … ON CONFLICT (batch_id, day) DO UPDATE`` adding to the row (both dialects)."""
-    new = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_TOTALS)
+    new = _dialect_insert(dialect, _TOTALS)
     return new.on_conflict_do_update(
         index_elements=[_TOTALS.c.batch_id, _TOTALS.c.day],
         set_={"finished_usd": _TOTALS.c.finished_usd + new.excluded.finished_usd},
@@ -5693,7 +5710,7 @@ def record_upload(
     :data:`UPLOAD_REUSE`). Uploads already expired are forgotten."""
     now = now or utcnow()
     session.execute(delete(Upload).where(Upload.expires_at <= now))
-    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    dialect = session.get_bind().dialect.name
     values = {
         "origin": origin,
         "content_sha256": content_sha256,
@@ -5703,7 +5720,7 @@ def record_upload(
         "created_at": now,
         "expires_at": expires_at if expires_at is not None else now + UPLOAD_REUSE,
     }
-    stmt = dialect_insert(Upload).values(values)
+    stmt = _dialect_insert(dialect, Upload).values(values)
     stmt = stmt.on_conflict_do_update(
         index_elements=["origin", "content_sha256"],
         set_={key: stmt.excluded[key] for key in values if key not in ("origin", "content_sha256")},
@@ -5770,9 +5787,9 @@ def record_heartbeat(
                 ConductorHeartbeat.seen_at < supersede_before,
             )
         )
-    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    dialect = session.get_bind().dialect.name
     for scope in sorted(scopes):  # in key order: two processes beating never deadlock
-        stmt = dialect_insert(ConductorHeartbeat).values(
+        stmt = _dialect_insert(dialect, ConductorHeartbeat).values(
             owner=owner, scope=scope, seen_at=now, broker_down_since=broker_down_since
         )
         beat = stmt.on_conflict_do_update(
@@ -5836,7 +5853,7 @@ def hold_fal(
     recorded, or renewed (``now`` as its ``seen_at``). Rows left for
     :data:`HEARTBEAT_KEPT` (a process that died holding) go."""
     session.execute(delete(FalHold).where(FalHold.seen_at < now - HEARTBEAT_KEPT))
-    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    dialect = session.get_bind().dialect.name
     values = {
         "since": since,
         "next_probe_at": next_probe_at,
@@ -5845,7 +5862,7 @@ def hold_fal(
         "seen_at": now,
     }
     for scope in sorted(scopes):  # in key order, as heartbeats: two writers never deadlock
-        stmt = dialect_insert(FalHold).values(owner=owner, scope=scope, **values)
+        stmt = _dialect_insert(dialect, FalHold).values(owner=owner, scope=scope, **values)
         session.execute(
             stmt.on_conflict_do_update(
                 index_elements=["owner", "scope"], set_={k: getattr(stmt.excluded, k) for k in values}
@@ -5881,8 +5898,8 @@ def instance_secret(session: Session, name: str, make: Callable[[], str]) -> str
     """The database's secret ``name`` (:class:`~jobs.models.InstanceSecret`), made by ``make`` and
     stored the first time it is asked for. Two processes asking at once agree: the insert of
     the second one does nothing, and both read the row that won."""
-    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    stmt = dialect_insert(InstanceSecret).values(name=name, value=make(), created_at=utcnow())
+    dialect = session.get_bind().dialect.name
+    stmt = _dialect_insert(dialect, InstanceSecret).values(name=name, value=make(), created_at=utcnow())
     session.execute(stmt.on_conflict_do_nothing(index_elements=["name"]))
     return str(session.execute(select(InstanceSecret.value).where(InstanceSecret.name == name)).scalar_one())
 
@@ -6008,9 +6025,9 @@ def store_delivery(
     delivery (maybe the only proof that a lost submit was accepted) would never be stored.
     ``body_sha256`` stays the digest of the bytes received, which is what makes a repeat one.
     """
-    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    dialect = session.get_bind().dialect.name
     stmt = (
-        dialect_insert(WebhookDelivery)
+        _dialect_insert(dialect, WebhookDelivery)
         .values(
             request_id=request_id,
             body_sha256=body_sha256,
@@ -6042,10 +6059,10 @@ def store_delivery(
 def _count_inbox(session: Session, **added: int) -> None:
     """Add to the inbox's counters (:class:`~jobs.models.WebhookInboxTotals`), its row made the
     first time (a database made from the models starts without it)."""
-    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    dialect = session.get_bind().dialect.name
     table = WebhookInboxTotals.__table__
     values = {"stored": 0, "repeats": 0, "ignored": 0, **added}
-    stmt = dialect_insert(WebhookInboxTotals).values(id=1, **values)
+    stmt = _dialect_insert(dialect, WebhookInboxTotals).values(id=1, **values)
     session.execute(
         stmt.on_conflict_do_update(
             index_elements=["id"], set_={name: table.c[name] + stmt.excluded[name] for name in added}

@@ -186,6 +186,15 @@ def test_a_run_does_not_load_httpx_command_line(tmp_path: Path) -> None:
     assert sorted({"httpx._main", "pygments.lexers"} & loaded) == []
 
 
+def test_a_sqlite_database_loads_no_postgresql_dialect(tmp_path: Path) -> None:
+    """SQLAlchemy's PostgreSQL dialect (its asyncpg, pg8000 and psycopg modules with it, about
+    20 ms of CPU) is imported by a process that uses PostgreSQL only: not by the JSON columns'
+    type (``jobs.models.JSONDoc``), the partial indexes' predicates or the store's upserts."""
+    for loaded in (_modules_loaded_for("status", env=_clean_env(tmp_path)), _run_probe(tmp_path)["MODULES"]):
+        assert {"jobs.store", "sqlalchemy.dialects.sqlite"} <= loaded  # it did use the database
+        assert sorted(m for m in loaded if m.startswith("sqlalchemy.dialects.postgresql")) == []
+
+
 def test_unused_modules_are_stood_in_for_while_a_command_runs_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """An import of one fails as "not installed" inside the block; afterwards nothing is left
     behind, and a module already imported is never touched."""
