@@ -148,6 +148,14 @@ def size_text(size: int) -> str:
     return f"{size} bytes"
 
 
+def fal_keys(settings: object) -> tuple[str, ...]:
+    """FAL_KEY's value when ``settings`` has one set: a manifest holding it is refused
+    (:mod:`jobs.manifest.fal_key`), whether or not this run sends anything to fal."""
+    key = getattr(settings, "fal_key", None)
+    value = key.get_secret_value() if key is not None else ""
+    return (value,) if value else ()
+
+
 def check_manifest(
     path: str | Path, settings: InputSettings, allowed_dirs: Iterable[Path] = ()
 ) -> ValidationReport:
@@ -155,7 +163,7 @@ def check_manifest(
 
     Local files may come from the manifest's folder and the folders :func:`input_dirs` names.
     """
-    report = validate_manifest(path, input_dirs(settings, allowed_dirs))
+    report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings))
     if not report.ok:
         raise ManifestError(report.issues)
     return report
@@ -574,7 +582,7 @@ def submit_manifest(
     ``refuse``: the caller's own refusal of a stored batch, raised likewise before anything is
     (``run --simulate``: a batch another live process simulates, :func:`simulated_elsewhere_line`).
     """
-    report = validate_manifest(path, input_dirs(settings, allowed_dirs))
+    report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings))
     manifest = report.manifest
     engine = open_engine(settings)
     if not report.ok:

@@ -78,7 +78,15 @@ from sqlalchemy.orm import Session
 from jobs import listing, store
 from jobs.cost import cost_report
 from jobs.errors import NotFoundError, UsageError, WanbatchError
-from jobs.export import FIELDS, by_state, record, status_hint, unfinished_of, write_atomically
+from jobs.export import (
+    FIELDS,
+    by_state,
+    export_manifest_text,
+    record,
+    status_hint,
+    unfinished_of,
+    write_atomically,
+)
 from jobs.fs import file_kind, file_mode, folder_mode, is_missing, os_reason, shown_path
 from jobs.models import Batch, Job
 from jobs.money import usd_json, usd_text
@@ -342,14 +350,17 @@ def _write_manifest(batch: Batch, folder: Path, summary: HfExport) -> None:
     their ``item_index`` and ``variant`` number; a rerun's is its parent's), whatever the file
     holds now or whether it still exists. A batch stored before that text was kept has none:
     then the file at ``manifest_path`` is copied when still readable, and ``manifest_changed``
-    says whether it differs from the one submitted."""
+    says whether it differs from the one submitted. Either way with the secrets the rows'
+    ``input`` masks masked too (:func:`jobs.export.export_manifest_text`: FAL_KEY, URL
+    credentials), so the two say the same."""
     import hashlib
 
     source = Path(batch.manifest_path)
     suffix = source.suffix if source.suffix in (".yaml", ".yml", ".json") else ".yaml"
     name = f"manifest{suffix}"
     if batch.manifest_text is not None:
-        (folder / name).write_text(batch.manifest_text, encoding="utf-8", newline="")
+        shown = export_manifest_text(batch.manifest_text)
+        (folder / name).write_text(shown, encoding="utf-8", newline="")
         summary.manifest, summary.manifest_source, summary.manifest_changed = name, "stored", False
         summary.items_from = items_from_of(batch.manifest_text)
         return
@@ -357,7 +368,9 @@ def _write_manifest(batch: Batch, folder: Path, summary: HfExport) -> None:
         data = source.read_bytes()
     except OSError:
         return
-    (folder / name).write_bytes(data)
+    text = data.decode("utf-8", errors="surrogateescape")
+    shown = export_manifest_text(text)
+    (folder / name).write_bytes(data if shown == text else shown.encode("utf-8", errors="surrogateescape"))
     summary.manifest, summary.manifest_source = name, "file"
     summary.manifest_changed = hashlib.sha256(data).hexdigest() != batch.manifest_sha256
     summary.items_from = items_from_of(data.decode("utf-8-sig", errors="replace"))

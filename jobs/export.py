@@ -14,11 +14,14 @@ item order, then matrix combination (``variant``). ``media`` is the probed video
 contract's names (``width``, ``height``, ``frames``, ``fps``, ``duration``) plus ``codec`` and
 ``duration_s`` (:func:`export_media`).
 ``input`` is the exact JSON submitted (image references as sent); for a job never submitted
-it is the validated input. Rows stream from the database, so a 100,000-job batch exports in
-constant memory. ``video_path`` is relative to ``WANBATCH_OUTPUT_DIR`` as the exporting process
-resolves it (a relative setting, like the default ``./outputs``, against its working folder)
-when the stored file lies inside it, else absolute; for one stored in S3 the object's
-``s3://bucket/key`` URI. (An ``hf`` dataset's ``metadata.jsonl`` has its own copy's path instead.)
+it is the validated input. One exception, as everywhere in an export: FAL_KEY and the
+credentials of its URLs are masked (:func:`export_input`; ``source_files`` likewise, and
+``actual_prompt`` is scrubbed as ``provider_output``'s strings are); the database keeps it
+exact. Rows stream from the database, so a 100,000-job batch exports in constant memory.
+``video_path`` is relative to ``WANBATCH_OUTPUT_DIR`` as the exporting process resolves it (a
+relative setting, like the default ``./outputs``, against its working folder) when the stored
+file lies inside it, else absolute; for one stored in S3 the object's ``s3://bucket/key`` URI.
+(An ``hf`` dataset's ``metadata.jsonl`` has its own copy's path instead.)
 
 Every job is a record, finished or not: :func:`record_warnings` says what a reader must know
 beside them (the batch has not finished, or no job of it succeeded), counted from the records as
@@ -335,18 +338,64 @@ def _fields_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _scrubbed_text(text: str, budget: list[int] | None = None) -> str:
     """``text`` without a URL credential, FAL_KEY or a fal-key-shaped string (see above); a
     change counted in ``budget[1]`` (secrets masked)."""
-    shown = BARE_KEY.sub(MASK, hide_keys(text, mask=MASK))
-    plain, _ = decoded_text(shown)  # a bounded number of passes
-    keys = remembered_keys()
-    if (plain != shown and BARE_KEY.search(plain)) or any(
-        contains_key(t, k) for k in keys for t in {shown, plain}
-    ):
+    shown = _without_keys(text)
+    if shown is None:
         shown = MASK  # a key encoded in a way hide_keys does not know: nothing of the text is safe
     else:
         shown = mask_jwts(mask_secret_pairs(mask_params_in_text(mask_urls(shown)), mask=MASK))
     if budget is not None and shown != text:
         budget[1] += 1
     return shown
+
+
+def _without_keys(text: str) -> str | None:
+    """``text`` with every form of FAL_KEY this process knows (:func:`jobs.key_forms.hide_keys`)
+    and anything of a fal key's shape (:data:`jobs.key_forms.BARE_KEY`) masked; None when a key
+    is still in it, encoded in a way those do not know (percent-escapes of any characters)."""
+    shown = BARE_KEY.sub(MASK, hide_keys(text, mask=MASK))
+    plain, _ = decoded_text(shown)  # a bounded number of passes
+    keys = remembered_keys()
+    if (plain != shown and BARE_KEY.search(plain)) or any(
+        contains_key(t, k) for k in keys for t in {shown, plain}
+    ):
+        return None
+    return shown
+
+
+def export_input(value: Any, depth: int = 0) -> Any:
+    """``input`` (and ``source_files``) as exported: the JSON as stored, exact but for the
+    secrets a dataset must not carry, in every string: FAL_KEY in any of its forms and anything
+    of a fal key's shape (a string still holding a key encoded otherwise is the mask whole), and
+    the credentials of every URL (:func:`jobs.url_secrets.mask_urls`: a userinfo password, a
+    signed URL's ``X-Amz-Signature``, a ``?token=``). Nothing else is touched: field names,
+    numbers, a data URI's bytes, a prompt's words stay as submitted. The database keeps the
+    exact input (``rerun`` reads it there, never from an export)."""
+    if isinstance(value, str):
+        shown = _without_keys(value)
+        return MASK if shown is None else mask_urls(shown, mask=MASK)
+    if depth >= PROVIDER_JSON_MAX_DEPTH:  # no input nests this deep (the manifest's YAML cannot)
+        return NESTED_TOO_DEEP if isinstance(value, dict | list | tuple) else value
+    if isinstance(value, dict):
+        return {k: export_input(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [export_input(v, depth + 1) for v in value]
+    return value
+
+
+def export_manifest_text(text: str) -> str:
+    """A batch's manifest text as a dataset carries it (``manifest.yaml``): with the secrets
+    :func:`export_input` masks in ``input``, masked here too, so the two agree; a line still
+    holding a key encoded otherwise is replaced by a comment saying so."""
+    shown = _without_keys(text)
+    if shown is not None:
+        return mask_urls(shown, mask=MASK)
+    lines = []
+    for line in text.splitlines(keepends=True):
+        kept = _without_keys(line)
+        body = "# (a line holding FAL_KEY, masked)" if kept is None else mask_urls(kept, mask=MASK)
+        ending = line[len(line.rstrip("\r\n")) :]
+        lines.append(body if kept is not None else body + ending)
+    return "".join(lines)
 
 
 def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
@@ -361,14 +410,17 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
         "variant": job.variant,  # the matrix combination within the item
         "endpoint": job.endpoint,
         "status": job.state.value,
-        "input": job.submitted_input if job.submitted_input is not None else _unsent_input(job),
+        # What was sent (the validated input, for a job never sent), FAL_KEY and URL
+        # credentials masked (export_input): the database keeps it exact, for reruns.
+        "input": export_input(job.submitted_input if job.submitted_input is not None else _unsent_input(job)),
         # Each media field as the manifest named it, with its SHA-256 (null for URLs).
-        "source_files": job.source_files,
+        "source_files": export_input(job.source_files),
         "seed": job.seed,
         # The same seed as decimal text: JSON readers that make numbers float64 (pyarrow's, so
         # ``datasets``' json and videofolder loaders; JavaScript) round seeds above 2**53.
         "seed_text": None if job.seed is None else str(job.seed),
-        "actual_prompt": job.actual_prompt,
+        # fal's rewrite of the prompt: scrubbed as its other strings are (export_provider_json).
+        "actual_prompt": export_provider_json(job.actual_prompt),
         "request_id": job.request_id,
         "video_path": _video_path(job, output_dir),
         "video_sha256": job.output_sha256,

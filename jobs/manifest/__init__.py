@@ -8,6 +8,7 @@ expanded jobs, so a 100,000-row ``items_from`` file is never held in memory.
 The package, in the order a manifest flows through it (each module imports only those above it):
 
 - ``model``: :class:`JobSpec` and the raw item every step shares;
+- ``fal_key``: FAL_KEY refused anywhere in a manifest, and masked in every issue;
 - ``keys``: :func:`job_key`, what makes two jobs the same job;
 - ``items_from``: streaming JSONL and CSV rows;
 - ``checks``: what needs the whole manifest (duplicate keys and jobs, local path confinement);
@@ -47,7 +48,9 @@ Then:
 
 No string anywhere (name, description, any field of any item, ``items_from`` rows) may contain
 a NUL character: PostgreSQL cannot store one, so it is refused here, with its location, rather
-than by the database in the middle of ``submit``.
+than by the database in the middle of ``submit``. Nor may any string (or line) hold FAL_KEY, in
+any of the forms :mod:`jobs.key_forms` knows, when the key is set: a manifest's values are
+stored, sent and exported, the key belongs in FAL_KEY only (:mod:`jobs.manifest.fal_key`).
 
 Every job has a deterministic key: sha256 of the endpoint and the canonical JSON of the resolved
 input, in which local files are replaced by ``sha256:<content hash>`` (moving a file keeps the

@@ -19,6 +19,7 @@ from jobs.endpoints import EndpointSpec, get_endpoint, known_endpoint_ids
 from jobs.errors import TOO_MANY_JOBS, Issue, ManifestError, did_you_mean
 from jobs.fs import file_kind, os_reason, shown_path
 from jobs.manifest.checks import DefaultedDuplicates, DuplicateJobs, outside_issues, resolve_input
+from jobs.manifest.fal_key import row_key_issues
 from jobs.manifest.items_from import RowLimit, csv_value, read_items
 from jobs.manifest.keys import job_key
 from jobs.manifest.model import JobSpec, RawItem, describe, error_count
@@ -96,6 +97,9 @@ class Manifest:
     #: whose jobs all repeat earlier ones yields none, yet holds its index. A resubmit numbers
     #: the batch's jobs no longer in the manifest from here (:func:`jobs.store.resubmit_jobs`).
     item_count: int | None = None
+    #: FAL_KEY's values (:func:`jobs.manifest.fal_key.known_keys`): an ``items_from`` row holding
+    #: one is an error as it is read (the manifest's own values are checked when it is parsed).
+    fal_keys: frozenset[str] = frozenset()
 
     @property
     def base_dir(self) -> Path:
@@ -328,6 +332,11 @@ class Manifest:
         digests: dict[str, str | None],
         paths: dict[tuple[str, str], LocalPath],
     ) -> Iterator[JobSpec]:
+        if self.fal_keys and raw.source != self.display:
+            held = row_key_issues(raw, self.fal_keys)
+            if held:  # said without the key; the row's other checks could quote its values
+                sink.extend(held)
+                return
         spec = self._endpoint_for(raw, sink)
         if spec is None:
             return

@@ -35,6 +35,7 @@ from jobs.errors import (
 from jobs.fs import file_kind, is_missing, os_reason, shown_path
 from jobs.manifest.checks import duplicate_key_issues, outside_message
 from jobs.manifest.expand import MAX_JOBS, Manifest, jobs_allowed, too_many_jobs_message
+from jobs.manifest.fal_key import text_key_issues, tree_key_issues
 from jobs.manifest.items_from import ITEMS_FROM_SUFFIXES, whole_number_allowed
 from jobs.manifest.model import describe, error_count
 from jobs.media import NUL_ALLOWED, NUL_MESSAGE, allowed_roots, resolve_local
@@ -76,12 +77,18 @@ class _Report(Protocol):
 
 
 def parse_manifest(
-    path: str | Path, allowed_dirs: Iterable[Path] = (), *, now: datetime | None = None
+    path: str | Path,
+    allowed_dirs: Iterable[Path] = (),
+    *,
+    now: datetime | None = None,
+    keys: frozenset[str] = frozenset(),
 ) -> tuple[Manifest | None, list[Issue]]:
     """Parse the top level; never raises for bad input. The manifest is None when unusable.
 
     ``allowed_dirs`` are folders, beyond the manifest's own, that local files may come from.
     ``now`` (aware; the current time by default) is what a schedule's deadline must lie after.
+    ``keys`` (FAL_KEY, :func:`jobs.manifest.fal_key.known_keys`): a value or line holding one is
+    an error (:mod:`jobs.manifest.fal_key`), and so is an ``items_from`` row's as it is read.
     """
     display = str(path)
     p = Path(path)
@@ -126,6 +133,8 @@ def parse_manifest(
     except YamlProblem as exc:
         top(exc.message, exc.line)
         return None, issues
+    held = tree_key_issues(root, display, keys)
+    issues.extend(held or text_key_issues(text, display, keys))
     if not isinstance(root, LMap):
         top(
             f"the manifest must be a mapping with name, endpoint and items; got {describe(root)}",
@@ -143,6 +152,7 @@ def parse_manifest(
         sha256=digest,
         issues=issues,
         text=text,
+        fal_keys=keys,
     )
     manifest.roots = allowed_roots(manifest.base_dir, tuple(allowed_dirs))
     issues.extend(duplicate_key_issues(root, duplicates, display))

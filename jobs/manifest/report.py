@@ -15,6 +15,7 @@ from jobs.digits import WholeTooLong
 from jobs.endpoints import get_endpoint
 from jobs.errors import TOO_MANY_JOBS, Issue, ManifestError, WanbatchError
 from jobs.manifest.expand import MAX_JOBS, Manifest, jobs_allowed, too_many_jobs_message
+from jobs.manifest.fal_key import keyless, known_keys
 from jobs.manifest.loading import parse_manifest
 from jobs.manifest.model import JobSpec
 from jobs.validation import MediaCache, validate_input
@@ -71,14 +72,26 @@ class ValidationReport:
             raise ManifestError(self.issues)
 
 
-def validate_manifest(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> ValidationReport:
+def validate_manifest(
+    path: str | Path, allowed_dirs: Iterable[Path] = (), keys: Iterable[str] = ()
+) -> ValidationReport:
     """Parse, expand and validate every job; never raises for bad input.
 
     Issues come in file order (the manifest's own first, then ``items_from`` rows). A problem in
     ``defaults`` or ``matrix`` is reported once, not once per job it reaches. Local files must
-    lie inside the manifest's folder or one of ``allowed_dirs``.
+    lie inside the manifest's folder or one of ``allowed_dirs``. A value (or line) holding
+    FAL_KEY, ``keys`` or one this process remembered, is an error, and no issue shows the key
+    (:mod:`jobs.manifest.fal_key`).
     """
-    manifest, issues = parse_manifest(path, allowed_dirs)
+    fal_keys = known_keys(keys)
+    report = _validated(path, allowed_dirs, fal_keys)
+    if fal_keys:
+        report.issues = [keyless(issue, fal_keys) for issue in report.issues]
+    return report
+
+
+def _validated(path: str | Path, allowed_dirs: Iterable[Path], keys: frozenset[str]) -> ValidationReport:
+    manifest, issues = parse_manifest(path, allowed_dirs, keys=keys)
     if manifest is None:
         return ValidationReport(None, issues, 0)
     if manifest.expansion_floor() > MAX_JOBS:  # reported by parse_manifest; never expanded
@@ -189,13 +202,15 @@ def _about_whole(manifest: Manifest, message: str, severity: str = "error") -> I
     return Issue(file=manifest.display, line=None, item=None, field=None, message=message, severity=severity)
 
 
-def iter_valid_jobs(path: str | Path, allowed_dirs: Iterable[Path] = ()) -> Iterator[JobSpec]:
+def iter_valid_jobs(
+    path: str | Path, allowed_dirs: Iterable[Path] = (), keys: Iterable[str] = ()
+) -> Iterator[JobSpec]:
     """Validate the whole manifest first, then stream its jobs; :class:`ManifestError` if invalid.
 
     Two passes over the file, so nothing is stored (and no money spent) for a manifest that is
     wrong anywhere — even on its last line.
     """
-    report = validate_manifest(path, allowed_dirs)
+    report = validate_manifest(path, allowed_dirs, keys)
     report.raise_for_errors()
     assert report.manifest is not None
     return report.manifest.jobs()
