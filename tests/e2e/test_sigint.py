@@ -672,10 +672,11 @@ def test_an_interrupted_simulated_cancel_suggests_a_command_that_finishes_it(
     name the shell would split) and `--simulate`, and copied it finishes the cancel."""
     db = env["WANBATCH_DATABASE_URL"]
     path = manifest("spaced", _manifest(manifest).read_text().replace("name: sigint", 'name: "sig int"'))
-    # The stalled download's retry comes 5 s later: its video was at the stopped run's simulator,
-    # so the cancel's attempt fails it for good, and with the tests' retry delay of 0 a loaded
-    # machine let that attempt (and the batch's end) come before the Ctrl-C.
-    stalled = {**env, **STALLED, "WANBATCH_RETRY_BASE_DELAY": "5"}
+    # The stalled download's retry comes 30 s later: its video was at the stopped run's simulator,
+    # so the cancel's attempt fails it for good, and with the tests' retry delay of 0 (and then
+    # with 5 s, in a CI run on a loaded machine) that attempt and the batch's end came before the
+    # Ctrl-C. The copied command below waits for the rest of it.
+    stalled = {**env, **STALLED, "WANBATCH_RETRY_BASE_DELAY": "30"}
     _stop_midway(["run", str(path), "--simulate", "--no-progress"], stalled, e2e_env, "state = 'downloading'")
 
     err = _interrupt_after_progress(["cancel", "sig int", "--simulate"], stalled, e2e_env, "cancel")
