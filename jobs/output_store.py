@@ -287,7 +287,7 @@ class LocalOutputStore(OutputStore):
         # the output folder is resolved again (not the whole path twice over, as the two calls do).
         try:
             return str(dest), str(dest.relative_to(self.root.resolve()))
-        except ValueError:
+        except (ValueError, OSError):  # OSError: a relative folder whose working folder is gone
             return str(dest), str(dest)
 
     def publish(

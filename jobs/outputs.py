@@ -27,8 +27,14 @@ from jobs.storable import storable_json
 class OutputWriteError(WanbatchError):
     """An output (video or sidecar) could not be written: disk full, folder not writable, ….
 
-    Not the provider's fault and not healed by asking fal again: the job fails with the reason.
+    Not the provider's fault and not healed by asking fal again: the download step pauses the
+    batch with the reason, and the paid video waits for a run that can keep it.
     """
+
+
+class OutputFolderError(OutputWriteError):
+    """The batch's output folder cannot be placed (:func:`batch_dir`): it resolves outside the
+    output folder, or the output folder cannot be resolved. No room frees it: the user must."""
 
 
 #: Longest folder name :func:`slug` makes, in characters and in UTF-8 bytes (file systems count
@@ -65,11 +71,35 @@ def slug(name: str) -> str:
 
 
 def batch_dir(output_dir: Path, batch_name: str) -> Path:
-    """``<output_dir>/<batch name>/``, guaranteed to be inside ``output_dir``."""
-    root = output_dir.resolve()
-    path = (root / slug(batch_name)).resolve()
+    """``<output_dir>/<batch name>/``, guaranteed to be inside ``output_dir``.
+
+    :class:`OutputWriteError` with the reason when it cannot be: the batch's folder resolves
+    outside ``output_dir`` (a symbolic link out of it, say to a folder on a bigger disk — which
+    would also let a link steer writes anywhere), or ``output_dir`` cannot be resolved at all (a
+    relative one, the default ``./outputs``, whose working folder was removed; a link loop). A
+    folder that cannot take the outputs, as a full or read-only one: the download step pauses
+    the batch with the reason, never a bug report."""
+    name = slug(batch_name)
+    try:
+        root = output_dir.resolve()
+        path = (root / name).resolve()
+    except FileNotFoundError as exc:  # os.getcwd(): the working folder is gone
+        if output_dir.is_absolute():
+            why = exc.strerror or exc
+            raise OutputFolderError(f"the output folder {output_dir} cannot be found: {why}") from exc
+        raise OutputFolderError(
+            f"the working folder that WANBATCH_OUTPUT_DIR {output_dir} is relative to is gone "
+            f"({exc.strerror or exc}) — run from a folder that exists, or set WANBATCH_OUTPUT_DIR "
+            "to an absolute path"
+        ) from exc
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop (Python < 3.13)
+        raise OutputFolderError(f"the output folder {output_dir / name} cannot be resolved: {exc}") from exc
     if root not in path.parents:
-        raise ValueError(f"refusing output folder outside {root}: {path}")
+        raise OutputFolderError(
+            f"the batch folder {root / name} resolves to {path}, outside WANBATCH_OUTPUT_DIR {root} "
+            "(a symbolic link out of it?) — outputs are only written inside it: replace the link "
+            "with a real folder (moving the batch's videos into it)"
+        )
     return path
 
 

@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 Step = Callable[[Runtime, str], str]
 
 
-def _report_bug(step: str, job_id: str, exc: Exception) -> None:
+def _report_bug(step: str, job_id: str, exc: Exception) -> str | None:
     """A step that failed unexpectedly (a bug), in one line as ``run`` reports any bug: its
     traceback goes to an owner-only file the line names (:mod:`worker.crash`; one per kind of
     failure, not one per job), not onto the terminal under the progress bar. A JSON log line
-    carries it too, as its ``exc`` field."""
+    carries it too, as its ``exc`` field. Returns the file's name (None: it could not be written)."""
     name = crash_file(exc, where=step)
     where = f" (details in {name})" if name else ""
     log.error(
@@ -43,6 +43,25 @@ def _report_bug(step: str, job_id: str, exc: Exception) -> None:
         where,
         extra={"event": "step.failed", "exc": traceback_text(exc)},
     )
+    return name
+
+
+def after_crash(rt: Runtime, step: Step, job_id: str, exc: BaseException, details: str | None) -> None:
+    """Bound what follows a crashed download (:func:`worker.steps.download.crashed`): the job is
+    given back, and its batch paused once it keeps crashing — never taken again for ever, which
+    hung the run. A submit that crashed is left to the reconciler (its POST may be out). Used by
+    an embedded run's threads and a distributed worker's tasks alike."""
+    if step is not steps.download:
+        return
+    try:
+        steps.crashed(rt, job_id, exc, details)
+    except Exception as again:  # the database failed too: the lease runs out, the job is taken again
+        log.warning(
+            "could not give back job %s after its download crashed: %s",
+            job_id,
+            summary(again),
+            extra={"event": "step.crash_unhandled"},
+        )
 
 
 class InProcessWorker:
@@ -102,8 +121,8 @@ class InProcessWorker:
                     return
                 # An unavailable database: one line, and the job is given back once it answers.
                 if not database_failed(self._give_back, rt, step.__name__, job_id, exc):
-                    # A bug: the job keeps its lease; the tick's reconcile takes it over.
-                    _report_bug(step.__name__, job_id, exc)
+                    # A bug: reported; a download is given back, its batch paused if it recurs.
+                    after_crash(rt, step, job_id, exc, _report_bug(step.__name__, job_id, exc))
 
     def abandon(self) -> None:
         """Stop taking work now; queued steps are dropped and running ones not waited for

@@ -29,6 +29,8 @@ from jobs import db, store
 from jobs.errors import NotFoundError
 from jobs.settings import Settings, get_settings
 from worker import logs, steps
+from worker.crash import crash_file
+from worker.embedded import after_crash
 from worker.runtime import build_runtime
 from worker.step_outage import GiveBack, database_failed
 from worker.steps import Runtime
@@ -212,6 +214,9 @@ def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
             # (Celery logs a task that raises with its traceback), and the job is given back as
             # soon as the database answers, as in an embedded run. Anything else raises: a bug.
             if not database_failed(_give_back, rt, step.__name__, job_id, exc):
+                # A bug: Celery logs it with its traceback; a download is given back, and its
+                # batch paused if it recurs, never taken again for ever (worker.embedded).
+                after_crash(rt, step, job_id, exc, crash_file(exc, where=step.__name__))
                 raise
             return "database-unavailable"
         logs.step_done(log, step.__name__, job_id, outcome)

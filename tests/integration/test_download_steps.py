@@ -6,6 +6,7 @@ download whose lease is taken over mid-stream, an output folder that refuses wri
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ def completed_job(
     engine: Engine, hostile: HostileProvider, tmp_path: Path, **overrides: Any
 ) -> tuple[Runtime, str]:
     """One job that fal (``FakeFal`` on ``hostile``) has completed: it is ``downloading`` now."""
-    settings = settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs", **overrides)
+    settings = settings_for(hostile.url, KEY, **{"output_dir": tmp_path / "outputs", **overrides})
     rt = make_runtime(engine, settings)
     add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})])
     (job_id,) = dispatch(rt)
@@ -372,3 +373,122 @@ def test_an_output_is_on_disk_for_good_before_its_success_is_recorded(
     folder_syncs = [i for i, step in enumerate(steps) if step == ("fsync", str(folder))]
     assert len(folder_syncs) == 1  # one sync makes both renames durable
     assert renames[-1] < folder_syncs[0] < steps.index(("succeeded", job_id))
+
+
+def _resume_and_download(engine: Engine, batch_id: str, rt: Runtime, job_id: str) -> None:
+    """The user fixed the folder and runs the batch again: the waiting video is downloaded now."""
+    with db.session_scope(engine) as session:
+        assert store.resume_batch(session, batch_id)
+    assert schedule_downloads(rt) == [job_id]
+    assert download(rt, job_id) == "succeeded"
+
+
+def _paused_waiting(engine: Engine, batch_id: str, job_id: str) -> str:
+    """The batch's pause reason, checking the job waits (downloading, no lease, not failed)."""
+    with db.session_scope(engine) as session:
+        waiting = store.get_job(session, job_id)
+        batch = store.get_batch(session, batch_id)
+    assert (waiting.state, waiting.lease_owner, waiting.error) == (JobState.DOWNLOADING, None, None)
+    assert batch.state == BatchState.PAUSED
+    assert batch.pause_reason is not None
+    return batch.pause_reason
+
+
+def test_a_batch_folder_linked_out_of_the_output_folder_pauses_the_batch(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """A batch folder that is a link out of WANBATCH_OUTPUT_DIR (moved to a bigger disk) is an
+    output folder that cannot be written: the batch pauses with why — it was a bug report and a
+    job taken again for ever (the run hung). Once the link is a real folder, the next run
+    downloads the paid video, never making it again."""
+    fal = FakeFal(hostile)
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "steps").symlink_to(elsewhere)
+    rt, job_id = completed_job(engine, hostile, tmp_path, output_dir=out)
+    with db.session_scope(engine) as session:
+        batch_id = store.get_job(session, job_id).batch_id
+    try:
+        assert download(rt, job_id) == "outputs-paused"
+        reason = _paused_waiting(engine, batch_id, job_id)
+        assert reason.startswith("outputs cannot be written here: the batch folder ")
+        assert f"resolves to {elsewhere.resolve()}, outside WANBATCH_OUTPUT_DIR {out.resolve()}" in reason
+        assert fal.file_gets("r1.mp4") == 0
+        (out / "steps").unlink()
+        (out / "steps").mkdir()
+        _resume_and_download(engine, batch_id, rt, job_id)
+    finally:
+        rt.client.close()
+    assert list(elsewhere.iterdir()) == []
+    assert fal.posts() == 1  # never made again
+
+
+def test_a_removed_working_folder_pauses_the_batch(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default relative ``./outputs`` whose working folder was removed mid-run: the batch
+    pauses with why (it was ``FileNotFoundError`` from ``getcwd``, reported as a bug, for ever)."""
+    fal = FakeFal(hostile)
+    gone = tmp_path / "work"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    rt, job_id = completed_job(engine, hostile, tmp_path, output_dir=Path("outputs"))
+    with db.session_scope(engine) as session:
+        batch_id = store.get_job(session, job_id).batch_id
+    try:
+        gone.rmdir()
+        assert download(rt, job_id) == "outputs-paused"
+        reason = _paused_waiting(engine, batch_id, job_id)
+        assert "the working folder that WANBATCH_OUTPUT_DIR outputs is relative to is gone" in reason
+        monkeypatch.chdir(tmp_path)  # the user runs again from a folder that exists
+        _resume_and_download(engine, batch_id, rt, job_id)
+    finally:
+        rt.client.close()
+    assert [p.suffix for p in sorted((tmp_path / "outputs" / "steps").iterdir())] == [".json", ".mp4"]
+    assert fal.posts() == 1
+
+
+def test_a_download_that_keeps_crashing_pauses_its_batch_and_keeps_the_paid_video(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the download step must not hang a run either: the job is given back at once, and
+    at the CRASH_LIMIT-th crash its batch is paused, naming the crash file (``run`` ends, exit 2,
+    ``status`` says why). The job is not failed: the next run (the bug fixed) downloads the paid
+    video without sending anything again."""
+    from worker import embedded
+    from worker import steps as all_steps
+
+    download_step = importlib.import_module("worker.steps.download")  # the module, not the step
+
+    fal = FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    with db.session_scope(engine) as session:
+        batch_id = store.get_job(session, job_id).batch_id
+
+    def bug(*_args: Any, **_kwargs: Any) -> str:
+        raise KeyError("a genuine bug")
+
+    monkeypatch.setattr(download_step, "_fetch_video", bug)
+    worker = embedded.InProcessWorker(1)
+    worker.bind(rt)
+    try:
+        for crash in (1, 2, 3):  # CRASH_LIMIT
+            worker._run(all_steps.download, job_id)  # as a download thread runs it
+            with db.session_scope(engine) as session:
+                job = store.get_job(session, job_id)
+                batch = store.get_batch(session, batch_id)
+            assert (job.state, job.lease_owner) == (JobState.DOWNLOADING, None)  # given back
+            last = crash == 3
+            assert batch.state == (BatchState.PAUSED if last else BatchState.ACTIVE)
+        reason = _paused_waiting(engine, batch_id, job_id)
+        assert reason.startswith(f"the download of job {job_id} crashed 3 times: KeyError: 'a genuine bug'")
+        assert "please report it (details in " in reason
+        assert "wanbatch-crash-" in reason
+        assert not reason.startswith(store.OUTPUTS_PAUSE_PREFIX)  # another job's success does not end it
+        monkeypatch.undo()
+        _resume_and_download(engine, batch_id, rt, job_id)
+    finally:
+        worker.close()
+        rt.client.close()
+    assert fal.posts() == 1

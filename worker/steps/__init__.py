@@ -22,7 +22,7 @@ read before the call, so a worker paused past its lease cannot overwrite newer s
 
 from worker.steps.context import DOWNLOAD_QUEUE, RateBucket, Runtime, worker_identity
 from worker.steps.dispatch import dispatch, dispatch_in
-from worker.steps.download import download, schedule_downloads, sidecar_record
+from worker.steps.download import crashed, download, schedule_downloads, sidecar_record
 from worker.steps.poll import poll
 from worker.steps.reconcile import cancel_jobs_of_cancelled_batches, hand_on_again, reconcile
 from worker.steps.submit import submit, webhook_for
@@ -34,6 +34,7 @@ __all__ = [
     "Runtime",
     "TickReport",
     "cancel_jobs_of_cancelled_batches",
+    "crashed",
     "dispatch",
     "dispatch_in",
     "download",

@@ -280,6 +280,9 @@ class Runtime:
     #: (:func:`worker.steps.dispatch._reuse`): dispatch runs in one process (the tick leader, or
     #: the embedded run), and a count that starts over only means more tries, never a payment.
     reuse_check_failures: dict[str, int] = field(default_factory=dict)
+    #: Download steps that crashed (a bug) so far, per job (:func:`worker.steps.download.crashed`):
+    #: past a few the job's batch is paused instead of the job being taken again for ever.
+    download_crashes: dict[str, int] = field(default_factory=dict)
     #: Accepted submissions not recorded yet, and whether the database's disk is full (nothing
     #: new is sent then): :mod:`worker.steps.unrecorded`.
     unrecorded: Unrecorded = field(init=False)

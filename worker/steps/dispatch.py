@@ -19,6 +19,7 @@ from jobs.endpoints import all_endpoints
 from jobs.models import BatchRecord, BatchState, Job, JobRecord, utcnow
 from jobs.money import BATCH_CAP_ERROR, DAILY_CAP_ERROR, usd_text
 from jobs.output_store import OutputReadError
+from jobs.outputs import OutputWriteError
 from jobs.rendered import rerun_input
 from jobs.states import JobState
 from worker.limits import UNREACHABLE_RETRY_SECONDS, LimiterUnavailableError, api_key_id
@@ -164,7 +165,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     for job in jobs:
         if job.batch_id in paused:
             continue  # claimed, but left as it was (pending): due again once the batch resumes
-        verdict = _take_staged(session, rt, job, batches)
+        verdict = _take_staged(session, rt, job, batches, paused)
         if verdict == TAKEN:
             done.taken.append(job.id)
             continue
@@ -413,7 +414,9 @@ def _verified(source: Job, path: str, changed: list[tuple[Job, str, str]]) -> bo
     return True
 
 
-def _take_staged(session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches) -> str:
+def _take_staged(
+    session: Session, rt: Runtime, job: JobRecord, batches: _RoundBatches, paused: set[str]
+) -> str:
     """A rerun's job whose original failed with its paid video left in the staging folder
     (``output_not_kept``: its batch was cancelled while the storage was down) takes that video
     instead of being sent to fal again: :data:`TAKEN` (moved to ``downloading``, where the
@@ -428,6 +431,10 @@ def _take_staged(session: Session, rt: Runtime, job: JobRecord, batches: _RoundB
     those bytes, is not taken (a warning says which and why) and the job is sent as usual.
     Hashed here, in the claim's transaction: this concerns a handful of jobs after a storage
     outage, never a batch's ordinary sends (a job that reruns nothing costs no query).
+
+    A staging folder that cannot be looked in (its batch folder a link out of it, a relative
+    folder whose working folder is gone) sends nothing: that would pay again for a video that
+    may well be there. The batch is paused with the reason (:data:`WAIT`).
     """
     if job.rerun_of is None:
         return SEND
@@ -436,7 +443,23 @@ def _take_staged(session: Session, rt: Runtime, job: JobRecord, batches: _RoundB
         return SEND
     if dict(job.input) != rerun_input(original.input, original.seed):
         return SEND  # --new-seeds or --vary: another input, another video
-    path, why = find_staged(session, rt.settings, original)
+    try:
+        path, why = find_staged(session, rt.settings, original)
+    except OutputWriteError as exc:
+        reason = (
+            f"{store.OUTPUTS_PAUSE_PREFIX}be looked for in the staging folder: {exc} — the paid "
+            f"video job {original.id} left there is taken by the next run once the folder can be "
+            "looked in, never made again"
+        )
+        store.set_batch_state(session, job.batch_id, BatchState.PAUSED, reason=reason)
+        paused.add(job.batch_id)
+        log.warning(
+            "job %s: not sent; batch paused: %s",
+            job.id,
+            reason,
+            extra={"event": "rerun.staged_paused", "job_id": job.id, "batch_id": job.batch_id},
+        )
+        return WAIT
     if path is None:
         log.warning(
             "job %s: the paid video job %s left in the staging folder is not taken: %s; sending it "

@@ -62,10 +62,11 @@ from jobs.errors import (
 )
 from jobs.models import BatchState, JobView, utcnow
 from jobs.output_store import OutputStore, OutputUploadError, open_output_store
-from jobs.outputs import OutputWriteError
+from jobs.outputs import OutputFolderError, OutputWriteError
 from jobs.settings import Settings
 from jobs.store import Fence
 from worker import chaos, logs, probe, telemetry
+from worker.crash import summary
 from worker.fal.errors import (
     RequestFailedError,
     ResultExpiredError,
@@ -433,7 +434,12 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video) -
     output."""
     settings = rt.settings
     outs = open_output_store(settings)
-    dest = outs.video_dest(claim.batch_name, claim.item_index, job_id)
+    try:
+        # The batch's folder resolved outside the output folder, or the folder cannot be resolved
+        # (its working folder removed): as any folder that cannot take outputs, never a bug.
+        dest = outs.video_dest(claim.batch_name, claim.item_index, job_id)
+    except OutputWriteError as exc:
+        return _write_failed(rt, job_id, claim, exc)
     try:
         # debris of attempts that are over (temporary files of downloads and sidecars): never
         # the file of a download that holds the job
@@ -566,10 +572,15 @@ def _take_staged(rt: Runtime, job_id: str, claim: DownloadClaim) -> str:
     maker_id = claim.job.reused_from
     assert original_id is not None
     assert maker_id is not None
-    with db.read_scope(rt.engine) as session:
-        original = store.get_job(session, original_id)
-        maker = store.get_job(session, maker_id)
-        path, why = find_staged(session, settings, original)
+    outs = open_output_store(settings)
+    try:
+        with db.read_scope(rt.engine) as session:
+            original = store.get_job(session, original_id)
+            maker = store.get_job(session, maker_id)
+            path, why = find_staged(session, settings, original)
+        dest = outs.video_dest(claim.batch_name, claim.item_index, job_id)
+    except OutputWriteError as exc:  # the staging or output folder cannot be placed: the file waits
+        return _write_failed(rt, job_id, claim, exc)
     if path is None:
         with db.session_scope(rt.engine) as session:
             stored = store.fail_job(
@@ -584,8 +595,6 @@ def _take_staged(rt: Runtime, job_id: str, claim: DownloadClaim) -> str:
     sha256, size = original.output_sha256, original.output_bytes
     assert sha256 is not None  # find_staged matched them
     assert size is not None
-    outs = open_output_store(settings)
-    dest = outs.video_dest(claim.batch_name, claim.item_index, job_id)
     result = DownloadResult(path=path, sha256=sha256, size=size)
     if not outs.is_remote:  # the output folder: a copy there is the output (the staged file stays)
         try:
@@ -794,8 +803,13 @@ def _check_media(
     fails the job with the reason and its billed cost (fal made it) and returns ``"failed"``.
     The file of a failed job is removed: no output is kept that does not count — but for a
     staged video a rerun's job took (``reused_from``), which it never deletes: it was paid for.
+    A file gone before it is probed (its folder removed mid-run) is no verdict on the video:
+    the batch is paused as for any output that cannot be kept (:func:`_write_failed`).
     """
     keep = job.reused_from is not None
+    if not path.exists():  # removed under us (its folder deleted mid-run): the disk's doing, not fal's
+        gone = OutputWriteError(f"the saved video {path} was removed before it could be stored")
+        return _write_failed(rt, job_id, claim, gone)
     try:
         info = probe.probe(path)
     except probe.NotAVideoError as exc:
@@ -917,14 +931,22 @@ def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWri
     """The output could not be written here (disk full, read-only folder): pause the batch, and
     keep the job for when it can be.
 
-    Not counted as a download attempt: the disk failed, not the download."""
+    Not counted as a download attempt: the disk failed, not the download. A batch folder that
+    cannot be placed (:class:`~jobs.outputs.OutputFolderError`: a link out of the output folder,
+    a working folder removed) is the user's to fix: no room frees it, so its reason says so."""
+    if isinstance(exc, OutputFolderError):
+        fix = "; the videos already made wait at fal and are downloaded by the next run, never made again"
+    else:
+        fix = (
+            " — free space or fix WANBATCH_OUTPUT_DIR; the videos already made wait at fal and are "
+            "downloaded once there is room (the batch then resumes by itself) or by the next run, "
+            "never made again"
+        )
     return _pause_for_outputs(
         rt,
         job_id,
         claim,
-        f"{store.OUTPUTS_PAUSE_PREFIX}be written here: {exc} — free space or fix WANBATCH_OUTPUT_DIR; "
-        "the videos already made wait at fal and are downloaded once there is room (the batch then "
-        "resumes by itself) or by the next run, never made again",
+        f"{store.OUTPUTS_PAUSE_PREFIX}be written here: {exc}{fix}",
         cancelled=f"{CANCELLED_UNSTORED}: this paid video was not kept and nothing downloads it now "
         "(fal may still serve it for a while at the video URL of the job's recorded result; "
         f"`rerun --failed-only` would make and pay for it again); {exc}",
@@ -976,6 +998,73 @@ def _pause_for_outputs(
         extra={"event": "download.outputs_paused", "job_id": job_id, "batch_id": claim.batch_id},
     )
     return "outputs-paused"
+
+
+#: How many times a job's download step may crash in one process (an exception no step expects:
+#: a bug) before its batch is paused (:func:`crashed`).
+CRASH_LIMIT = 3
+
+#: The ``error_type`` of a job whose download kept crashing in a cancelled batch.
+DOWNLOAD_CRASHED = "download_crashed"
+
+
+def crashed(rt: Runtime, job_id: str, exc: BaseException, details: str | None) -> str:
+    """The download step of ``job_id`` crashed on ``exc`` (a bug, already reported with its
+    traceback in the file ``details``): bound what follows, so that a bug never hangs a run.
+
+    Left as it was, the job kept its lease, the tick took it again once the lease ran out, and
+    the step crashed again — for ever: the run never ended, the batch never paused, and the
+    stuck jobs filled the download backlog. Instead the lease is given back at once, the job due
+    again after the usual backoff; at the :data:`CRASH_LIMIT`-th crash in this process its
+    batch is paused with the reason (naming the crash file): ``run`` ends (exit 2) and
+    ``status`` says why. The job is not failed: its video was made and paid for, and it waits
+    in ``downloading`` — at fal, or already in the output folder — for the next run (after an
+    upgrade that fixes the bug), which downloads it without sending anything again. A failed
+    job could only be rendered, and paid for, again. In a cancelled batch, which has no next
+    run, the job fails with ``error_type`` ``download_crashed`` (not fal's ``internal_error``,
+    which the billing rules read as fal's own 500) and its billed cost.
+
+    Returns what happened (``crash-retry``, ``crash-paused``, ``failed``, or ``left`` when the
+    job is no longer this process's to give back). The count is per process (a distributed
+    worker counts its own), and starts over once the batch is paused.
+    """
+    crashes = rt.download_crashes.get(job_id, 0) + 1
+    where = f" (details in {details})" if details else ""
+    with db.session_scope(rt.engine) as session:
+        job = store.get_job(session, job_id)
+        if job.state != S.DOWNLOADING or job.lease_owner not in (None, DOWNLOAD_QUEUE, rt.owner):
+            rt.download_crashes.pop(job_id, None)
+            return "left"  # finished meanwhile, or another worker holds it now
+        fence = rt.fence(job)
+        if crashes < CRASH_LIMIT:
+            if len(rt.download_crashes) >= 1024:
+                rt.download_crashes.clear()
+            rt.download_crashes[job_id] = crashes
+            store.release_lease(session, fence, next_attempt_at=in_seconds(backoff(rt.settings, crashes)))
+            return "crash-retry"
+        rt.download_crashes.pop(job_id, None)
+        what = f"the download of job {job_id} crashed {crashes} times: {summary(exc)}"
+        what += f"; please report it{where}"
+        batch = store.get_batch(session, job.batch_id)
+        if batch.state == BatchState.CANCELLED:
+            paid = billed(job, billing.Outcome.SUCCEEDED)
+            cost = nothing_more(job) if job.reused_from is not None else paid
+            store.fail_job(session, fence, error=what, error_type=DOWNLOAD_CRASHED, **cost)
+            return "failed"
+        reason = (
+            f"{what} — the batch is paused so that nothing more is sent; its paid videos wait (at "
+            "fal, or in the output folder) and the next run downloads them, never makes them again"
+        )
+        if batch.state == BatchState.ACTIVE:
+            store.set_batch_state(session, job.batch_id, BatchState.PAUSED, reason=reason)
+        store.release_lease(session, fence, next_attempt_at=in_seconds(rt.settings.retry_max_delay))
+    log.warning(
+        "job %s: its download keeps crashing; batch paused: %s",
+        job_id,
+        reason,
+        extra={"event": "download.crash_paused", "job_id": job_id, "batch_id": job.batch_id},
+    )
+    return "crash-paused"
 
 
 def _fail_paid(session: Session, claim: DownloadClaim, *, error: str, error_type: str, **fields: Any) -> None:
