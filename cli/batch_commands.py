@@ -611,7 +611,19 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
     (``X-Fal-Request-Start-Timeout``: the time to the batch's window end or deadline as of its
     sending): fal never starts such a request after that, and one whose start deadline passed
     while the run was stopped is timed out in the simulator's queue at once, unbilled, as fal
-    does — rather than run (and billed) after the deadline."""
+    does — rather than run (and billed) after the deadline.
+
+    A finished one (``downloading``: its video waited for room on a full disk, or the run
+    stopped before fetching it) goes back finished: fal keeps its result and video, never runs
+    or bills it again, and neither does the simulator (it makes the video again, unbilled, from
+    the seed its result carried, only to serve it). The result the earlier run fetched names
+    that run's simulator, gone with it: it is forgotten, and the download asks this run's
+    simulator for it again.
+
+    The submissions the earlier run's simulator accepted whose ids the database could not take
+    (its disk was full: :mod:`worker.steps.unrecorded`) go back too, from the journal that run
+    left: this run records them (:func:`worker.steps.reconcile.adopt_unrecorded`) and follows
+    them at its simulator, which must hold them."""
     if _simulator is None:
         return
     from jobs import db, store
@@ -621,12 +633,19 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
     at_fal = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING, JobState.DOWNLOADING)
     with db.read_scope(db.open_engine(settings)) as session:
         requests = store.batch_requests(session, batch_id, at_fal)
+        requests += _journaled_requests(session, batch_id, settings, {r[1] for r in requests})
+        results = store.simulated_results(session, batch_id) if requests else {}
         schedule = store.batch_schedule(store.get_batch(session, batch_id)) if requests else None
     if not requests or schedule is None:
         return
     now = utcnow()
     resumed: list[tuple[str, str, Any, float | None]] = []
+    finished: list[tuple[str, str, Any, int | None]] = []
     for endpoint, request_id, payload, state, sent_at, start_timeout_at in requests:
+        if state == JobState.DOWNLOADING:
+            seed = (results.get(request_id) or {}).get("seed")
+            finished.append((endpoint, request_id, payload, seed if type(seed) is int else None))
+            continue
         start_timeout = None
         if state == JobState.QUEUED and sent_at is not None:
             # As worker.steps.submit computed it when sending: the window's end or the deadline
@@ -635,7 +654,45 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
             if closes is not None:
                 start_timeout = max((closes - now).total_seconds(), 0.0)
         resumed.append((endpoint, request_id, payload, start_timeout))
-    _simulator.resume(resumed)
+    _simulator.resume(resumed, finished)
+    if finished:
+        with db.session_scope(db.open_engine(settings)) as session:
+            store.forget_simulated_results(session, batch_id, [f[1] for f in finished])
+
+
+def _journaled_requests(
+    session: Session, batch_id: str, settings: Settings, known: set[str]
+) -> list[tuple[str, str, Any, Any, datetime | None, datetime | None]]:
+    """The batch's submissions an earlier run's simulator accepted whose ids the database could
+    not take, from the journals ended processes left (:mod:`worker.steps.unrecorded`), as
+    :func:`jobs.store.batch_requests` gives them: those its jobs still wait for (the next
+    reconcile records them), each as queued (or running, when its answer said so) from its
+    sending. ``known``: request ids recorded already."""
+    from jobs import store
+    from jobs.errors import NotFoundError
+    from jobs.states import JobState
+    from worker.steps.late_answers import adoptable, awaits_answer
+    from worker.steps.unrecorded import Journal, read_journal
+
+    found: list[tuple[str, str, Any, Any, datetime | None, datetime | None]] = []
+    for path in Journal(settings.database_url).left_by_others():
+        for accepted in read_journal(path) or []:
+            if accepted.request_id in known:
+                continue
+            try:
+                job = store.get_job(session, accepted.job_id)
+            except NotFoundError:
+                continue
+            if job.batch_id != batch_id or job.submitted_input is None:
+                continue
+            if not (awaits_answer(job, accepted.attempt) or adoptable(session, job, accepted.attempt)):
+                continue
+            known.add(accepted.request_id)
+            state = JobState.RUNNING if accepted.running else JobState.QUEUED
+            sent = job.sent_at or accepted.submitted_at
+            payload, timeout_at = job.submitted_input, job.start_timeout_at
+            found.append((job.endpoint, accepted.request_id, payload, state, sent, timeout_at))
+    return found
 
 
 def _run_and_report(

@@ -105,6 +105,8 @@ class SimRequest:
     logs: list[dict[str, Any]] = field(default_factory=list)
     outcome: Outcome | None = None
     task: asyncio.Task[None] | None = None
+    #: Taken back finished (:meth:`Engine.take_back_finished`): made again only to serve its video.
+    finished_before: bool = False
 
     def log(self, message: str, level: str = "INFO") -> None:
         """Append a log line in fal's shape."""
@@ -278,6 +280,55 @@ class Engine:
         self._notify()
         return req
 
+    def take_back_finished(
+        self, endpoint: EndpointSpec, payload: Any, *, request_id: str, seed: int | None = None
+    ) -> SimRequest:
+        """Take back a request an earlier simulator process finished, whose result or video its
+        client has not downloaded yet (see :meth:`falsim.server.SimulatorHandle.resume`).
+
+        fal keeps a finished request's result and video: it never runs it again, nor bills it
+        twice. So the request is made again here only to serve its video (from ``seed``,
+        the seed its result carried, when known): under its own id, on no runner, no
+        fault fired, and unbilled — the earlier simulator billed it. Its result is there as soon
+        as the video is made again (until then the result call answers "still in progress"). One
+        already known is returned as it is.
+        """
+        if request_id in self._requests:
+            return self._requests[request_id]
+        req = SimRequest(
+            request_id=request_id,
+            gateway_request_id=request_id,
+            endpoint=endpoint,
+            payload=payload,
+            priority="normal",
+            webhook_url=None,
+            store_io=self.options.store_io_default,
+            file_ttl=None,
+            generation=self._generation,
+            state=IN_PROGRESS,
+            finished_before=True,
+        )
+        self._requests[request_id] = req
+        self.ledger.accept(
+            LedgerEntry(
+                request_id=request_id,
+                endpoint=endpoint.id,
+                input_sha256=canonical_sha256(payload),
+                accepted_at=time.time(),
+            )
+        )
+        req.started = self.loop.time()
+        req.task = self._spawn(self._remake(req, seed))
+        self._notify()
+        return req
+
+    async def _remake(self, req: SimRequest, seed: int | None) -> None:
+        """Make a taken-back finished request's video again (:meth:`take_back_finished`)."""
+        outcome = await self._run_model(req, seed=seed, faults=False)
+        outcome = replace(outcome, billed=False, units=Decimal(0), usd=Decimal(0))
+        if req.generation == self._generation:
+            self._finish(req, outcome, was_running=False)
+
     def get(self, request_id: str, app_base: str | None = None) -> SimRequest | None:
         """The request, if it exists (and belongs to ``app_base`` when given)."""
         req = self._requests.get(request_id)
@@ -382,9 +433,12 @@ class Engine:
             return Decimal(0), Decimal(0)
         return est.billing_units, est.usd
 
-    async def _run_model(self, req: SimRequest) -> Outcome:
+    async def _run_model(self, req: SimRequest, *, seed: int | None = None, faults: bool = True) -> Outcome:
+        """Validate the input and make the video. ``seed``: the one to make it with when the
+        input has none (a taken-back request's, :meth:`take_back_finished`); ``faults``: whether
+        the model's faults may fire (not for a request made again only to serve its video)."""
         spec = req.endpoint
-        fault = self.faults.fire("model_error")
+        fault = self.faults.fire("model_error") if faults else None
         if fault is not None:
             error_type = str(fault.get("error_type", "runner_disconnected"))
             status = int(fault.get("status", ERROR_STATUS.get(error_type, 500)))
@@ -412,11 +466,12 @@ class Engine:
             return Outcome(
                 kind="invalid", status_code=422, body={"detail": errors}, billed=billed, units=units, usd=usd
             )
-        seed = resolved.get("seed")
-        if seed is None:
+        if resolved.get("seed") is not None:
+            seed = resolved["seed"]
+        elif seed is None:
             seed = self.rng.getrandbits(32)
         geo = media.geometry(spec, resolved, self._image_size(spec, resolved))
-        bad_render = self.faults.fire("bad_render")
+        bad_render = self.faults.fire("bad_render") if faults else None
         if bad_render is not None:
             geo = media.bad_geometry(geo, bad_render)
         tag = media.output_tag(spec.id, self._content_identity(spec, resolved), seed)
@@ -428,7 +483,7 @@ class Engine:
             self._executor, self.videos.render, geo, tag, seed
         )
         render_seconds = time.perf_counter() - began
-        bad_name = self.faults.fire("bad_file_name")
+        bad_name = self.faults.fire("bad_file_name") if faults else None
         name = (
             str(bad_name.get("name", "../../escape.mp4")) if bad_name is not None else f"wan_{tag[:16]}.mp4"
         )
@@ -567,7 +622,7 @@ class Engine:
 
     def cancel(self, req: SimRequest) -> tuple[int, dict[str, Any]]:
         """fal's cancel: 202 CANCELLATION_REQUESTED, or 400 ALREADY_COMPLETED."""
-        if req.state == COMPLETED:
+        if req.state == COMPLETED or req.finished_before:
             return 400, {"status": "ALREADY_COMPLETED"}
         if req.state == IN_QUEUE:
             self._queue.remove(req)

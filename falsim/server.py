@@ -157,9 +157,14 @@ class SimulatorHandle:
 
         self._call(apply())
 
-    def resume(self, requests: Iterable[tuple[Any, ...]]) -> None:
+    def resume(
+        self,
+        requests: Iterable[tuple[Any, ...]],
+        finished: Iterable[tuple[str, str, Any, int | None]] = (),
+    ) -> None:
         """Take back ``(endpoint id, request id, input[, start timeout])`` requests an earlier
-        simulator accepted.
+        simulator accepted, and ``finished``: ``(endpoint id, request id, input, seed)`` requests
+        it finished whose result or video was not downloaded yet.
 
         fal keeps a request whatever becomes of the client that sent it, so a batch stopped with
         Ctrl-C finds its requests still there when it is run again. A simulator that lived in
@@ -171,9 +176,18 @@ class SimulatorHandle:
         was sent with (None: it had none, or it had started). At 0 (its start deadline passed
         meanwhile) it is timed out in the queue at once, never started and not billed, as fal
         does with a request whose start timeout expires.
+
+        A finished request is not run again, nor billed again: fal keeps its result and video.
+        Its video is made again here only to be served (with ``seed``, the one its result
+        carried, when known), and its result, with that video's URL on this simulator, is there
+        once it is (:meth:`falsim.engine.Engine.take_back_finished`).
         """
 
         async def take() -> None:
+            for endpoint_id, request_id, payload, seed in finished:
+                self.engine.take_back_finished(
+                    get_endpoint(endpoint_id), payload, request_id=request_id, seed=seed
+                )
             for endpoint_id, request_id, payload, *rest in requests:
                 start_timeout = rest[0] if rest else None
                 self.engine.submit(

@@ -4418,6 +4418,40 @@ def batch_requests(
     ]
 
 
+def simulated_results(session: Session, batch_id: str) -> dict[str, dict[str, Any] | None]:
+    """The simulation ``batch_id``'s ``downloading`` jobs' results as an earlier ``--simulate``
+    run fetched them from its own simulator (None: not fetched yet), by request id; empty for a
+    batch sent to fal. Read by the next ``--simulate`` run, which gives those requests back to its
+    simulator finished (:func:`forget_simulated_results`)."""
+    if not get_batch(session, batch_id).simulated:
+        return {}
+    query = select(Job.request_id, Job.provider_output).where(
+        Job.batch_id == batch_id, Job.state == JobState.DOWNLOADING, Job.request_id.is_not(None)
+    )
+    return {request_id: output for request_id, output in session.execute(query)}
+
+
+def forget_simulated_results(session: Session, batch_id: str, request_ids: Collection[str]) -> int:
+    """Forget the results an earlier ``--simulate`` run fetched for the simulation ``batch_id``'s
+    ``downloading`` jobs of ``request_ids``: their videos' URLs name that run's simulator, gone
+    with it; the next download asks this run's simulator, which was given the requests back
+    finished, for the result again (never run or billed anew). A batch sent
+    to fal is never touched: fal's stored result is used as it is. Returns how many were
+    forgotten."""
+    if not request_ids or not get_batch(session, batch_id).simulated:
+        return 0
+    query = select(Job.id, Job.version).where(
+        Job.batch_id == batch_id,
+        Job.state == JobState.DOWNLOADING,
+        Job.request_id.in_(sorted(request_ids)),
+        Job.provider_output.is_not(None),
+    )
+    return sum(
+        update_job_fields(session, job_id, expected_version=version, provider_output=None)
+        for job_id, version in session.execute(query).all()
+    )
+
+
 def get_job(session: Session, job_id: str) -> Job:
     """One job by id, freshly read (never a stale copy from the session)."""
     job = session.get(Job, job_id, populate_existing=True)

@@ -1,0 +1,173 @@
+"""`run --simulate` again after a pause for outputs, or a full database disk: the requests its
+earlier run's simulator held finish at the new one, never failed, never "paid" twice.
+
+The bug (disk-fault audit): a simulation paused because its videos could not be written kept
+the results its run had fetched, whose video URLs named that run's simulator (gone with it, on
+a port the next run's download allow-list refuses): `run NAME --simulate` failed every waiting
+job `download_failed` ("refusing to fetch from 127.0.0.1 …"), their videos "wasted". A request
+fal finished is kept with its result: the next run's simulator now takes such requests back
+finished (the same video, unbilled) and the run fetches their results from it again. And a
+submission the earlier simulator accepted whose id only the journal kept (the database's disk
+was full) was recorded by the next run after its simulator had been given the batch's requests:
+it answered "not found", and the job failed as a request fal lost. The journal's are given back
+too now.
+
+In process (:func:`~tests.in_process.run_main`); each `--simulate` run starts a simulator of its
+own, recorded here to read its ledger. The full output disk is the sidecar's write failing with
+``ENOSPC`` (the product's own pause for outputs, no mount needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+import falsim
+from falsim.server import SimulatorHandle
+from jobs import outputs
+from tests.e2e.e2e_helpers import MakeManifest, db_rows
+from tests.in_process import run_main
+from worker.steps.unrecorded import PREFIX, SUFFIX, Accepted, database_key
+
+JOBS = 6
+
+
+def _manifest(name: str, jobs: int) -> str:
+    items = "".join(f"  - prompt: resumed simulation item {i}\n" for i in range(jobs))
+    return f"name: {name}\nendpoint: fal-ai/wan-22\nitems:\n{items}"
+
+
+@pytest.fixture
+def simulators(monkeypatch: pytest.MonkeyPatch) -> list[SimulatorHandle]:
+    """The simulator of each `--simulate` run, in order (their ledgers outlive them)."""
+    started = falsim.running_simulator
+    handles: list[SimulatorHandle] = []
+
+    @contextlib.contextmanager
+    def recorded(*args: Any, **kwargs: Any) -> Iterator[SimulatorHandle]:
+        with started(*args, **kwargs) as sim:
+            handles.append(sim)
+            yield sim
+
+    monkeypatch.setattr(falsim, "running_simulator", recorded)
+    return handles
+
+
+def test_a_simulation_paused_for_its_outputs_resumes_and_downloads_the_waiting_videos(
+    e2e_env: Path, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch, simulators: list[SimulatorHandle]
+) -> None:
+    url = os.environ["WANBATCH_DATABASE_URL"]
+    writes = outputs.write_json_atomic
+
+    def no_room(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "write_json_atomic", no_room)  # the output disk is full
+    path = manifest("simfull", _manifest("simfull", JOBS))
+    first = run_main(["run", str(path), "--simulate", "--no-progress"], monkeypatch)
+
+    assert first == 2  # paused, nothing failed
+    waiting = db_rows(url, "SELECT request_id, provider_output FROM jobs WHERE state = 'downloading'")
+    assert waiting, db_rows(url, "SELECT state FROM jobs")
+    assert db_rows(url, "SELECT count(*) FROM jobs WHERE state = 'failed'")[0][0] == 0
+    old = simulators[0].url
+    fetched = [json.loads(o) if isinstance(o, str) else o for _, o in waiting if o is not None]
+    assert fetched, "no result was fetched before the pause"
+    assert all(o["video"]["url"].startswith(old + "/") for o in fetched)  # at the gone simulator
+    made = simulators[0].engine.ledger.snapshot()
+    assert made["accepted"] == JOBS
+
+    monkeypatch.setattr(outputs, "write_json_atomic", writes)  # space was freed
+    second = run_main(["run", "simfull", "--simulate", "--no-progress"], monkeypatch)
+
+    rows = db_rows(url, "SELECT state, error, actual_usd FROM jobs")
+    assert second == 0, rows
+    assert [state for state, _, _ in rows] == ["succeeded"] * JOBS, rows
+    again = simulators[1].engine.ledger.snapshot()
+    # The waiting requests were given back finished: none sent again, run again or billed again.
+    assert sorted(e["request_id"] for e in again["entries"]) == sorted(r for r, _ in waiting)
+    assert (again["billed_count"], again["billed_usd"]) == (0, "0"), again["entries"]
+    assert again["max_in_progress"] == 0  # never on a runner
+    # The videos are those the first simulator made (its seeds, their results).
+    seeds = {e["request_id"]: e["seed"] for e in made["entries"]}
+    assert all(e["seed"] == seeds[e["request_id"]] for e in again["entries"]), again["entries"]
+    assert len(list((e2e_env.parent / "outputs").rglob("*.mp4"))) == JOBS
+
+
+def test_a_submission_only_the_journal_kept_finishes_at_the_next_simulator(
+    e2e_env: Path, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch, simulators: list[SimulatorHandle]
+) -> None:
+    """What a `--simulate` run whose database disk filled leaves: a job `submitting`, its POST's
+    answer (the simulator's request id) kept in the journal only."""
+    url = os.environ["WANBATCH_DATABASE_URL"]
+    assert run_main(["submit", str(manifest("simjournal", _manifest("simjournal", 2)))], monkeypatch) == 0
+    sent = datetime.now(UTC)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE batches SET simulated = :t"), {"t": True})
+            job_id = conn.execute(text("SELECT id FROM jobs ORDER BY item_index LIMIT 1")).scalar_one()
+            conn.execute(
+                text(
+                    "UPDATE jobs SET state = 'submitting', attempts = 1, submitted_input = input, "
+                    "sent_at = :sent WHERE id = :id"
+                ),
+                {"sent": sent.replace(tzinfo=None), "id": job_id},
+            )
+    finally:
+        engine.dispose()
+    request_id = "0b7c1f9e-5a53-4f6e-9d1c-3c2f0e4a8b11"
+    accepted = Accepted(job_id, 1, request_id, None, None, None, None, False, sent)
+    journal = e2e_env.parent / f"{PREFIX}{database_key(url)}-saved{SUFFIX}"
+    journal.write_text(accepted.as_json() + "\n")
+    journal.chmod(0o600)
+
+    code = run_main(["run", "simjournal", "--simulate", "--no-progress"], monkeypatch)
+
+    rows = db_rows(url, "SELECT id, state, request_id, error FROM jobs ORDER BY item_index")
+    assert code == 0, rows
+    assert [(state, error) for _, state, _, error in rows] == [("succeeded", None)] * 2, rows
+    assert rows[0][2] == request_id  # recorded from the journal, never sent again
+    ledger = simulators[0].engine.ledger.snapshot()
+    assert ledger["accepted"] == 2, ledger["entries"]
+    assert request_id in {e["request_id"] for e in ledger["entries"]}
+    assert not journal.exists()
+
+
+def test_a_batch_sent_to_fal_keeps_the_result_it_fetched(
+    e2e_env: Path, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a simulation's fetched results name a simulator that is gone: fal's are used as
+    they are, never forgotten nor asked for again."""
+    from jobs import db, store
+    from jobs.settings import get_settings
+
+    url = os.environ["WANBATCH_DATABASE_URL"]
+    assert run_main(["submit", str(manifest("paid", _manifest("paid", 1)))], monkeypatch) == 0
+    result = {"video": {"url": "https://v3.fal.media/files/r1.mp4"}, "seed": 7}
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE jobs SET state = 'downloading', request_id = 'r1', provider_output = :o"),
+                {"o": json.dumps(result)},
+            )
+    finally:
+        engine.dispose()
+    (batch_id,) = db_rows(url, "SELECT id FROM batches")[0]
+
+    with db.session_scope(db.open_engine(get_settings())) as session:
+        assert store.simulated_results(session, batch_id) == {}
+        assert store.forget_simulated_results(session, batch_id, ["r1"]) == 0
+
+    (kept,) = db_rows(url, "SELECT provider_output FROM jobs")[0]
+    assert json.loads(kept) == result
