@@ -11,8 +11,9 @@ the same day. Both stream: rows come from the database in chunks and leave in ch
 endpoints and one text column reads the same in pandas, DuckDB and Spark; a field this module
 does not know yet is text too (JSON for anything that is not already a string). Rows are written
 in row groups of at most :data:`PARQUET_ROW_GROUP` rows and about :data:`PARQUET_ROW_GROUP_BYTES`
-of values (an inline image in ``input`` makes a row hundreds of KB), the only rows held in memory
-at once.
+of values (an inline image in ``input`` makes a row hundreds of KB), gathered as Arrow arrays: with
+the page of jobs being read (:func:`jobs.store.jobs_of_batch_bounded`), the only rows held in
+memory at once.
 
 **Hugging Face** (``--format hf -o DIR``): the ``videofolder`` layout that
 ``datasets.load_dataset("videofolder", data_dir=DIR)`` and ``load_dataset("json",
@@ -101,6 +102,9 @@ PARQUET_ROW_GROUP = 10_000
 #: reach this, before :data:`PARQUET_ROW_GROUP` rows when rows are large (an ``input`` carrying an
 #: inline image as a data URI is hundreds of KB), so memory stays bounded whatever the row size.
 PARQUET_ROW_GROUP_BYTES = 64 * 1024 * 1024
+#: Bytes of values :func:`write_parquet` holds as Python objects, about, before it converts them
+#: to Arrow arrays (the row group's rows are held as those until it is written).
+_PARQUET_CHUNK_BYTES = 4 * 1024 * 1024
 #: What :func:`write_parquet` counts per buffered value on top of a text's length.
 _VALUE_OVERHEAD = 16
 
@@ -174,37 +178,56 @@ def arrow_value(name: str, value: object) -> object:
 
 
 def write_parquet(rows: Iterator[dict[str, Any]], sink: str | IO[bytes]) -> int:
-    """Write ``rows`` as Parquet to ``sink`` (a path or a binary stream) in row groups; the count."""
+    """Write ``rows`` as Parquet to ``sink`` (a path or a binary stream) in row groups; the count.
+
+    A row group's values are gathered as Arrow arrays (compact), converted from Python values
+    every :data:`_PARQUET_CHUNK_BYTES` or so: Python objects for a whole row group are never held."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = arrow_schema()
     names: list[str] = list(schema.names)
     columns: dict[str, list[object]] = {name: [] for name in names}
+    chunks: list[Any] = []  # the row group's rows converted so far (pyarrow RecordBatches)
     count = 0
-    # Rows and (estimated) bytes of values buffered for the next row group.
+    # Rows and (estimated) bytes of values buffered for the next row group, and of them the
+    # bytes still Python values (not yet in ``chunks``).
     buffered = 0
     buffered_bytes = 0
+    unconverted_bytes = 0
 
     with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
 
+        def convert() -> None:
+            if columns[names[0]]:
+                chunks.append(pa.RecordBatch.from_pydict(columns, schema=schema))
+                for values in columns.values():
+                    values.clear()
+
         def flush() -> None:
-            writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=schema))
-            for values in columns.values():
-                values.clear()
+            convert()
+            # One row group of every chunk (row_group_size: all of them).
+            writer.write_table(pa.Table.from_batches(chunks, schema=schema), row_group_size=buffered)
+            chunks.clear()
 
         for row in rows:
+            size = 0
             for name in names:
                 value = arrow_value(name, row.get(name))
                 columns[name].append(value)
-                buffered_bytes += _VALUE_OVERHEAD
+                size += _VALUE_OVERHEAD
                 if isinstance(value, (str, bytes)):
-                    buffered_bytes += len(value)
+                    size += len(value)
             count += 1
             buffered += 1
+            buffered_bytes += size
+            unconverted_bytes += size
             if buffered >= PARQUET_ROW_GROUP or buffered_bytes >= PARQUET_ROW_GROUP_BYTES:
                 flush()
-                buffered = buffered_bytes = 0
+                buffered = buffered_bytes = unconverted_bytes = 0
+            elif unconverted_bytes >= _PARQUET_CHUNK_BYTES:
+                convert()
+                unconverted_bytes = 0
         if buffered:
             flush()
     return count
@@ -401,7 +424,7 @@ def _dataset_rows(
     videos = folder / VIDEOS_DIR
     videos.mkdir()
     mode = file_mode()  # what a copy gets, and what a stored video must let read to be linked
-    for job in store.jobs_of_batch(session, batch.id, states=states):
+    for job in store.jobs_of_batch_bounded(session, batch.id, states=states):
         file_name: str | None = None
         if job.state is JobState.SUCCEEDED:
             uri = job.output_path
@@ -881,17 +904,17 @@ def _write_metadata(rows: Iterator[dict[str, Any]], folder: Path) -> None:
     string to null"); a seed above int64 in a later chunk failed it too (the first chunk's
     ``seed`` was int64). So the rows that first give each column a value (and the one with the
     largest seed, when one exceeds int64) come first, in their own order, then every other row
-    in item order. The rows go to a scratch file first: only those few are held in memory."""
+    in item order. The rows go to a scratch file first: only where those few start
+    is held in memory (a row with an inline image is MBs)."""
     scratch = folder / ".metadata.unordered.jsonl"
     firsts: dict[str, int] = {}  # column → the first row with a value in it
     big_seed: tuple[int, int] | None = None  # (seed, row) of the largest seed above int64
-    held: dict[int, str] = {}
+    held: dict[int, int] = {}  # row → where its line starts in the scratch file (not the line:
+    # a row with an inline image is MBs, and up to a row per column leads)
     count = 0
     with scratch.open("w", encoding="utf-8") as fh:
         for index, row in enumerate(rows):
             count += 1
-            line = json.dumps(metadata_row(row), ensure_ascii=False, default=str)
-            fh.write(line + "\n")
             lead = False
             for name, value in row.items():
                 if value is not None and name not in firsts:
@@ -904,15 +927,17 @@ def _write_metadata(rows: Iterator[dict[str, Any]], folder: Path) -> None:
                 big_seed = (seed, index)
                 lead = True
             if lead:
-                held[index] = line
+                held[index] = fh.tell()
+            fh.write(json.dumps(metadata_row(row), ensure_ascii=False, default=str) + "\n")
     leads = set(firsts.values()) | ({big_seed[1]} if big_seed is not None else set())
-    with (folder / "metadata.jsonl").open("w", encoding="utf-8") as out:
+    with (folder / "metadata.jsonl").open("w", encoding="utf-8") as out, scratch.open(encoding="utf-8") as fh:
         for index in sorted(leads):
-            out.write(held[index] + "\n")
-        with scratch.open(encoding="utf-8") as fh:
-            for index, line in enumerate(fh):
-                if index not in leads:
-                    out.write(line)
+            fh.seek(held[index])
+            out.write(fh.readline())
+        fh.seek(0)
+        for index, line in enumerate(fh):
+            if index not in leads:
+                out.write(line)
     scratch.unlink()
 
 

@@ -17,11 +17,13 @@ contract's names (``width``, ``height``, ``frames``, ``fps``, ``duration``) plus
 it is the validated input. One exception, as everywhere in an export: FAL_KEY and the
 credentials of its URLs are masked (:func:`export_input`; ``source_files`` likewise, and
 ``actual_prompt`` is scrubbed as ``provider_output``'s strings are); the database keeps it
-exact. Rows stream from the database, so a 100,000-job batch exports in constant memory.
-``video_path`` is relative to ``WANBATCH_OUTPUT_DIR`` as the exporting process resolves it (a
-relative setting, like the default ``./outputs``, against its working folder) when the stored
-file lies inside it, else absolute; for one stored in S3 the object's ``s3://bucket/key`` URI.
-(An ``hf`` dataset's ``metadata.jsonl`` has its own copy's path instead.)
+exact. Rows stream from the database in pages bounded in rows and bytes
+(:func:`jobs.store.jobs_of_batch_bounded`), so a 100,000-job batch, or one whose inputs hold
+inline images of MBs, exports in bounded memory. ``video_path`` is relative to
+``WANBATCH_OUTPUT_DIR`` as the exporting process resolves it (a relative setting, like the
+default ``./outputs``, against its working folder) when the stored file lies inside it, else
+absolute; for one stored in S3 the object's ``s3://bucket/key`` URI. (An ``hf`` dataset's
+``metadata.jsonl`` has its own copy's path instead.)
 
 Every job is a record, finished or not: :func:`record_warnings` says what a reader must know
 beside them (the batch has not finished, or no job of it succeeded), counted from the records as
@@ -461,7 +463,7 @@ def records(session: Session, batch: Batch | str, output_dir: Path) -> Iterator[
 
 
 def _records(session: Session, batch: Batch, output_dir: Path) -> Iterator[dict[str, Any]]:
-    for job in store.jobs_of_batch(session, batch.id):
+    for job in store.jobs_of_batch_bounded(session, batch.id):
         yield record(job, batch, output_dir)
 
 

@@ -37,10 +37,13 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from sqlalchemy import (
+    JSON,
     ColumnElement,
     Connection,
     Float,
+    Select,
     Table,
+    Text,
     and_,
     bindparam,
     case,
@@ -61,6 +64,7 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
+from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
@@ -204,6 +208,7 @@ __all__ = [
     "job_snapshots",
     "job_totals",
     "jobs_of_batch",
+    "jobs_of_batch_bounded",
     "last_heartbeat",
     "last_heartbeats",
     "lease_holders",
@@ -4473,6 +4478,75 @@ def jobs_of_batch(
     yield from session.scalars(query)
 
 
+#: Rows a bounded read (:func:`jobs_of_batch_bounded`, …) reads in one page, at most.
+READ_PAGE_ROWS = 500
+#: Characters of JSON and text columns a bounded read holds in one page, about (a page holds at
+#: least one row, whatever its size): an input with an inline image (a data URI) is hundreds of
+#: KB to several MB, and :data:`READ_PAGE_ROWS` of those would be gigabytes.
+READ_PAGE_BYTES = 4 * 1024 * 1024
+
+#: The job's columns of unbounded size (JSON and text), what a page's size is counted from.
+_JOB_SIZED_COLUMNS = tuple(c for c in _JOBS.columns if isinstance(c.type, JSON | Text))
+
+_JOB_ORDER = (Job.item_index, Job.variant, Job.created_at, Job.id)
+
+
+def _size_of(columns: Sequence[Any]) -> ColumnElement[int]:
+    """SQL for the characters ``columns`` hold together (JSON as its text; NULL as 0): SQLite's
+    ``length`` of the stored text, PostgreSQL's of the value cast to text."""
+    sizes = [func.coalesce(func.length(sa_cast(c, Text)), 0) for c in columns]
+    return functools.reduce(lambda a, b: a + b, sizes)
+
+
+def _pages_of(session: Session, keys: Select[str, int]) -> Iterator[list[str]]:
+    """The ids ``keys`` selects (``(id, size)`` rows, in order), in pages of at most
+    :data:`READ_PAGE_ROWS` rows and about :data:`READ_PAGE_BYTES` of ``size`` (one row at
+    least). The ids stream (server-side cursor on PostgreSQL); each page is read by its own
+    statement while they do, so only one page of the wide rows is held at a time."""
+    page: list[str] = []
+    held = 0
+    for job_id, size in session.execute(keys.execution_options(yield_per=READ_PAGE_ROWS)):
+        if page and (len(page) >= READ_PAGE_ROWS or held + size > READ_PAGE_BYTES):
+            yield page
+            page, held = [], 0
+        page.append(job_id)
+        held += size
+    if page:
+        yield page
+
+
+def jobs_of_batch_bounded(
+    session: Session, batch_id: str, *, states: Sequence[JobState] | None = None
+) -> Iterator[Job]:
+    """:func:`jobs_of_batch`, for a reader that only reads (an export): held in memory a page at
+    a time bounded in bytes as well as rows (:func:`_pages_of`), not 500 whole rows whatever
+    their size; each job is expunged from ``session`` once the next one is asked for, so
+    nothing keeps the earlier pages alive. Meant for a read-only session (``db.read_scope``):
+    a job the caller read before in ``session`` is expunged as well."""
+    where = [Job.batch_id == batch_id]
+    if states is not None:
+        where.append(Job.state.in_(list(states)))
+    keys = select(Job.id, _size_of(_JOB_SIZED_COLUMNS)).where(*where).order_by(*_JOB_ORDER)
+    for ids in _pages_of(session, keys):
+        page = list(session.scalars(select(Job).where(Job.id.in_(ids), *where).order_by(*_JOB_ORDER)))
+        while page:
+            job = page.pop(0)
+            yield job
+            session.expunge(job)
+
+
+def _rows_bounded(
+    session: Session, columns: Sequence[Any], where: Sequence[ColumnElement[bool]], sized: Sequence[Any]
+) -> Iterator[Any]:
+    """``select(*columns).where(*where)`` in the order of :func:`jobs_of_batch`, as Core rows,
+    read in pages bounded by the size of the ``sized`` columns (:func:`_pages_of`)."""
+    keys = select(Job.id, _size_of(sized)).where(*where).order_by(*_JOB_ORDER)
+    for ids in _pages_of(session, keys):
+        page = list(session.execute(select(*columns).where(Job.id.in_(ids), *where).order_by(*_JOB_ORDER)))
+        while page:
+            yield page.pop(0)
+
+
 @dataclass(frozen=True, slots=True)
 class DiffRow:
     """The columns of one job that ``diff`` compares (:func:`diff_rows_of_batch`): no ORM row,
@@ -4496,29 +4570,25 @@ class DiffRow:
 
 def diff_rows_of_batch(session: Session, batch_id: str) -> Iterator[DiffRow]:
     """A batch's jobs as ``diff`` reads them (:class:`DiffRow`), in the order of
-    :func:`jobs_of_batch`, streamed (server-side cursor on PostgreSQL)."""
-    query = (
-        select(
-            Job.id,
-            Job.job_key,
-            Job.item_index,
-            Job.variant,
-            Job.endpoint,
-            Job.state,
-            Job.seed,
-            Job.actual_prompt,
-            Job.output_sha256,
-            Job.actual_usd,
-            Job.rerun_of,
-            Job.reused_from,
-            Job.input,
-            Job.source_files,
-        )
-        .where(Job.batch_id == batch_id)
-        .order_by(Job.item_index, Job.variant, Job.created_at, Job.id)
-        .execution_options(yield_per=500)
+    :func:`jobs_of_batch`, streamed in pages bounded in bytes (an input may hold an inline image)."""
+    columns = (
+        Job.id,
+        Job.job_key,
+        Job.item_index,
+        Job.variant,
+        Job.endpoint,
+        Job.state,
+        Job.seed,
+        Job.actual_prompt,
+        Job.output_sha256,
+        Job.actual_usd,
+        Job.rerun_of,
+        Job.reused_from,
+        Job.input,
+        Job.source_files,
     )
-    for row in session.execute(query):
+    sized = (Job.actual_prompt, Job.input, Job.source_files)
+    for row in _rows_bounded(session, columns, [Job.batch_id == batch_id], sized):
         yield DiffRow(*tuple(row))
 
 
@@ -4530,26 +4600,20 @@ def item_inputs_of_batch(
     that tell an item's jobs apart, for the rows it shows."""
     if not items:
         return
-    query = (
-        select(Job.id, Job.item_index, Job.endpoint, Job.input)
-        .where(Job.batch_id == batch_id, Job.item_index.in_(sorted(set(items))))
-        .order_by(Job.item_index, Job.variant, Job.created_at, Job.id)
-        .execution_options(yield_per=500)
-    )
-    for row in session.execute(query):
+    where = [Job.batch_id == batch_id, Job.item_index.in_(sorted(set(items)))]
+    columns = (Job.id, Job.item_index, Job.endpoint, Job.input)
+    for row in _rows_bounded(session, columns, where, [Job.input]):
         job_id, item_index, endpoint, given = row
         yield job_id, item_index, endpoint, given
 
 
 def media_inputs_of_batch(session: Session, batch_id: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """Each job of a batch that names media files: its input and its ``source_files``, streamed
-    (what :func:`jobs.export.refuse_own_file` looks the local files up in)."""
-    query = (
-        select(Job.input, Job.source_files)
-        .where(Job.batch_id == batch_id, Job.source_files.is_not(None))
-        .execution_options(yield_per=500)
-    )
-    for given, sources in session.execute(query):
+    (what :func:`jobs.export.refuse_own_file` looks the local files up in), in pages bounded
+    in bytes (an input may hold an inline image)."""
+    where = [Job.batch_id == batch_id, Job.source_files.is_not(None)]
+    sized = (Job.input, Job.source_files)
+    for given, sources in _rows_bounded(session, (Job.input, Job.source_files), where, sized):
         if isinstance(given, dict) and isinstance(sources, dict):
             yield given, sources
 
@@ -5683,26 +5747,23 @@ class JobMoney:
 
 
 def job_money(session: Session, batch_id: str) -> Iterator[JobMoney]:
-    """The money of every job of a batch, streamed (only the columns the cost report needs)."""
-    rows = session.execute(
-        select(
-            Job.endpoint,
-            Job.input,
-            Job.state,
-            Job.error_type,
-            Job.est_usd,
-            Job.est_billing_units,
-            Job.actual_usd,
-            Job.actual_billing_units,
-            Job.possible_duplicate_charges,
-            Job.ambiguous_usd,
-            Job.confirmed_duplicate_charges,
-            Job.submitted_at,
-        )
-        .where(Job.batch_id == batch_id)
-        .execution_options(yield_per=1000)
+    """The money of every job of a batch, streamed (only the columns the cost report needs) in
+    pages bounded in bytes (the input, read for its resolution, may hold an inline image)."""
+    columns = (
+        Job.endpoint,
+        Job.input,
+        Job.state,
+        Job.error_type,
+        Job.est_usd,
+        Job.est_billing_units,
+        Job.actual_usd,
+        Job.actual_billing_units,
+        Job.possible_duplicate_charges,
+        Job.ambiguous_usd,
+        Job.confirmed_duplicate_charges,
+        Job.submitted_at,
     )
-    for row in rows:
+    for row in _rows_bounded(session, columns, [Job.batch_id == batch_id], [Job.input]):
         yield JobMoney(
             endpoint=row.endpoint,
             input=row.input or {},

@@ -156,7 +156,7 @@ def test_a_job_finishing_while_the_rows_stream_is_counted_as_the_rows_saw_it(
         _walk(engine, job_id, S.PENDING, S.SUCCEEDED, **_video(outputs, f"v{n}"))
     _walk(engine, late, S.PENDING, S.SUBMITTING, S.RUNNING)
 
-    streamed = store.jobs_of_batch
+    streamed = store.jobs_of_batch_bounded
     finished: list[str] = []
 
     def finishes_after_the_rows(session: Any, batch_id: str, **kwargs: Any) -> Iterator[Job]:
@@ -165,7 +165,7 @@ def test_a_job_finishing_while_the_rows_stream_is_counted_as_the_rows_saw_it(
             _walk(engine, late, S.RUNNING, S.DOWNLOADING, S.SUCCEEDED, **_video(outputs, "late"))
             finished.append(late)
 
-    monkeypatch.setattr(store, "jobs_of_batch", finishes_after_the_rows)
+    monkeypatch.setattr(store, "jobs_of_batch_bounded", finishes_after_the_rows)
     folder = tmp_path / "hf"
     code = _export(engine, batch, folder, outputs, monkeypatch)
     out = capsys.readouterr()
