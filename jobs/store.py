@@ -91,6 +91,7 @@ from jobs.models import (
     JobEvent,
     JobRecord,
     JobSnapshot,
+    JSONDocument,
     Money,
     SubmitRate,
     Upload,
@@ -4486,7 +4487,7 @@ READ_PAGE_ROWS = 500
 READ_PAGE_BYTES = 4 * 1024 * 1024
 
 #: The job's columns of unbounded size (JSON and text), what a page's size is counted from.
-_JOB_SIZED_COLUMNS = tuple(c for c in _JOBS.columns if isinstance(c.type, JSON | Text))
+_JOB_SIZED_COLUMNS = tuple(c for c in _JOBS.columns if isinstance(c.type, JSONDocument | JSON | Text))
 
 _JOB_ORDER = (Job.item_index, Job.variant, Job.created_at, Job.id)
 
