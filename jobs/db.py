@@ -194,6 +194,11 @@ def _prepare_sqlite_file(path: Path) -> None:
     The file is created empty (SQLite treats a zero-length file as a new database). ``O_EXCL``
     makes two processes starting together harmless: the second finds the file and moves on.
     """
+    if not path.name or path.is_dir():  # "sqlite:///.", "sqlite:////", a folder's name
+        raise ConfigError(
+            f"WANBATCH_DATABASE_URL: the SQLite path {path} names a folder, not a file: add the database "
+            "file's name, e.g. sqlite:///path/to/wanbatch.db"
+        )
     folder = path.parent
     try:
         if not folder.exists():
@@ -227,19 +232,38 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         on_disk = bool(database) and database != ":memory:" and not database.startswith("file:")
+        # The engine first (it opens nothing): a driver that is not installed is one line, and
+        # no file is left behind for a database that cannot be opened.
+        engine = _create_engine(parsed, **kwargs)
         if on_disk:
-            _prepare_sqlite_file(Path(database).expanduser())
-        engine = create_engine(parsed, **kwargs)
+            try:
+                _prepare_sqlite_file(Path(database).expanduser())
+            except ConfigError:
+                engine.dispose()
+                raise
         writers = _configure_sqlite(engine)
         if on_disk and "poolclass" not in kwargs:
             _add_writer(engine, parsed, writers)
         return engine
-    try:
-        engine = create_engine(parsed, **kwargs)
-    except (ArgumentError, ImportError, TypeError) as exc:  # a bad query option, a missing driver
-        raise ConfigError(f"WANBATCH_DATABASE_URL {safe_url(parsed)} cannot be used: {exc}") from None
+    engine = _create_engine(parsed, **kwargs)
     if "pool_pre_ping" not in kwargs:
         _ping_after_idle(engine)
+    return engine
+
+
+def _create_engine(parsed: URL, **kwargs: Any) -> Engine:
+    """:func:`sqlalchemy.create_engine`; a :class:`ConfigError` for a URL it refuses (a bad query
+    option, a driver that is not installed: ``sqlite+pysqlcipher://``, ``postgresql+asyncpg://``)."""
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except (ArgumentError, ImportError, TypeError) as exc:
+        raise ConfigError(f"WANBATCH_DATABASE_URL {safe_url(parsed)} cannot be used: {exc}") from None
+    if engine.dialect.is_async:  # sqlite+aiosqlite://: every query would fail ("greenlet_spawn")
+        engine.dispose()
+        raise ConfigError(
+            f"WANBATCH_DATABASE_URL {safe_url(parsed)} cannot be used: {parsed.drivername} is an asyncio "
+            f"driver; name the database without it (sqlite:///…, postgresql://…)"
+        )
     return engine
 
 
@@ -302,12 +326,12 @@ def read_engine(url: str | URL, **kwargs: Any) -> Engine:
     target = sqlite_file(parsed)
     if target is None:
         if parsed.get_backend_name() == "sqlite":  # in memory: there is no file to create
-            return create_engine(parsed, **kwargs)
+            return _create_engine(parsed, **kwargs)
         return make_engine(parsed, **kwargs)
     options = [(k, v) for k, v in target.options if k != "mode"] + [("mode", "rw")]
     database = f"file:{quote(str(target.path))}?{urlencode(options)}"
     query = {k: v for k, v in parsed.query.items() if k in _PYSQLITE_OPTIONS} | {"uri": "true"}
-    return create_engine(parsed.set(database=database, query=query), **kwargs)
+    return _create_engine(parsed.set(database=database, query=query), **kwargs)
 
 
 def _ping_after_idle(engine: Engine) -> None:

@@ -26,10 +26,11 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, get_args
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     Field,
     SecretStr,
     ValidationError,
@@ -197,6 +198,24 @@ def _plain_number_text(value: str) -> bool:
     return value.isascii() and "_" not in value
 
 
+def _one_of(*words: str) -> BeforeValidator:
+    """A setting that is one of ``words``, in any case, with spaces around it dropped (as
+    ``WANBATCH_LOG_FORMAT=JSON`` always was; ``WANBATCH_MEDIA_MISMATCH=FAIL`` was refused with
+    pydantic's "String should match pattern '^(flag|fail)$'"). Anything else: one line saying
+    the words."""
+    allowed = " or ".join(repr(word) for word in words)
+
+    def check(value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        word = value.strip().lower()
+        if word not in words:
+            raise ValueError(f"must be {allowed} (any case), got {value.strip()!r}")
+        return word
+
+    return BeforeValidator(check)
+
+
 def _http_url(value: str, example: str) -> str:
     """``value`` as an http(s) URL with a host (trailing slashes dropped); ValueError saying what
     is wrong otherwise — checked when the settings load, not when the first job fails with
@@ -215,7 +234,74 @@ def _http_url(value: str, example: str) -> str:
         raise ValueError(f"has an invalid port; expected an http(s) URL such as {example}") from None
     if not parsed.hostname or any(ch.isspace() for ch in url):
         raise ValueError(f"must be an http(s) URL with a host, such as {example}")
+    problem = http_host_problem(parsed.hostname)
+    if problem:
+        raise ValueError(problem)
     return url.rstrip("/")
+
+
+def check_http_url(value: str, example: str) -> str:
+    """:func:`_http_url` for a URL given elsewhere than a setting (``sim --public-url``): the
+    URL without trailing slashes, or ValueError saying what is wrong (never echoing it)."""
+    return _http_url(value, example)
+
+
+#: What a URL's host may be, as an error message says it.
+HOST_FORMS = (
+    "a host is dot-separated labels of 1 to 63 letters, digits or hyphens, a name IDNA 2008 "
+    "allows (bücher.example), an IPv4 or an [IPv6] address"
+)
+#: What httpx takes for an IPv4 address (``httpx._urlparse.IPv4_STYLE_HOSTNAME``), and then
+#: requires to be one.
+_IPV4_STYLE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+", re.ASCII)
+
+
+def http_host_problem(host: str) -> str | None:
+    """What httpx, which sends every request, or the resolver refuses in a URL's host (as
+    :func:`urllib.parse.urlsplit` gives it: lower case, an IPv6 literal without brackets), or
+    None. The host is not echoed: it comes from a URL that may carry a token.
+
+    :func:`~urllib.parse.urlsplit` takes any host. httpx refuses (``InvalidURL``) a
+    non-ASCII name that IDNA 2008 does not allow (``☃.example``), an ``xn--`` name that is no
+    valid Punycode and a ``#.#.#.#`` that is no IPv4 address (``httpx._urlparse.encode_host``);
+    the resolver (Python's ``idna`` codec, in ``getaddrinfo``) refuses an empty label (``a..b``,
+    ``.a``) and one over 63 characters. Each passed the settings check, then crashed the first
+    request of a run, or held its jobs back for ever. ``idna`` is imported for a name that is
+    not plain ASCII only."""
+    if ":" in host:  # an IPv6 literal: urlsplit checked it
+        return None
+    if _IPV4_STYLE.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return "its host is no IPv4 address (four numbers from 0 to 255, no leading zeros)"
+        return None
+    name = host
+    if not host.isascii() or host.startswith("xn--"):
+        import idna  # httpx's own IDNA library
+
+        try:
+            name = host if host.isascii() else idna.encode(host.lower()).decode("ascii")
+            if name.startswith("xn--"):
+                idna.decode(name)  # what httpx does to give the URL's host
+        except (idna.IDNAError, UnicodeError):
+            return f"its host is no name IDNA 2008 allows (httpx refuses it); {HOST_FORMS}"
+    problem = resolvable_host_problem(name)
+    return f"{problem}; {HOST_FORMS}" if problem else None
+
+
+def resolvable_host_problem(host: str) -> str | None:
+    """What Python's resolver refuses in a host name (its ``idna`` codec, which
+    :func:`socket.getaddrinfo` applies to every name it is given), or None; not echoed. A name
+    the codec takes may still be unknown to DNS: that is the network's answer, not a setting's
+    mistake."""
+    if ":" in host:  # an IPv6 literal
+        return None
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return "its host has an empty label (as in a..b) or one over 63 characters, or is no name IDNA allows"
+    return None
 
 
 def _refuse_control_characters(url: str) -> None:
@@ -352,6 +438,8 @@ def broker_url_problem(url: str) -> str | None:
         return None if parts.path.strip("/") else "names no socket path"
     if not parts.hostname:
         return "names no host"
+    if problem := resolvable_host_problem(parts.hostname):
+        return problem
     database = parts.path.strip("/")
     if scheme.lower().startswith("redis") and database and not database.isdigit():
         return "its Redis database (after the host) is not a number"
@@ -431,9 +519,17 @@ class FalSettings(_Section):
     def _check_limits_url(cls, value: str | None) -> str | None:
         """A Redis URL (``redis://``, ``rediss://`` or ``unix://``): anything else passed here
         and then crashed ``run`` after it had stored the batch. Empty is unset, as before."""
-        if not value or (value.split("://", 1)[0].lower() in ("redis", "rediss", "unix") and "://" in value):
+        if not value:
             return value
-        raise ValueError("must be a Redis URL (redis://, rediss:// or unix://)")
+        if value.split("://", 1)[0].lower() not in ("redis", "rediss", "unix") or "://" not in value:
+            raise ValueError("must be a Redis URL (redis://, rediss:// or unix://)")
+        try:
+            host = urlsplit(value).hostname
+        except ValueError:  # a broken [IPv6] host: Redis' own check says so
+            return value
+        if host and (problem := resolvable_host_problem(host)):
+            raise ValueError(f"{problem}; expected a Redis URL such as redis://127.0.0.1:6379/0")
+        return value
 
     @field_validator("fal_key", mode="before")
     @classmethod
@@ -487,7 +583,7 @@ class FalSettings(_Section):
 _DATABASE_URL = re.compile(
     r"""[\w+]+://
         (?:[^:/]*(?::[^@]*)?@)?
-        (?:(?:\[[^/?]+\]|[^/:?]+)?(?::[^/?]*)?)?
+        (?:(?P<host>\[[^/?]+\]|[^/:?]+)?(?::[^/?]*)?)?
         (?:/[^?]*)?
         (?:\?(?P<query>.*))?""",
     re.VERBOSE,
@@ -597,6 +693,12 @@ class DatabaseSettings(_Section):
                 "by every connection and process (run, workers, serve, status), so it must be a file, "
                 "e.g. sqlite:///path/to/wanbatch.db"
             )
+        path = database.split("?")[0]
+        if not path.startswith("file:") and (path.endswith("/") or path.rsplit("/", 1)[-1] in (".", "..")):
+            raise ValueError(
+                "the SQLite path names a folder, not a file: add the database file's name, e.g. "
+                "sqlite:///path/to/wanbatch.db"
+            )
         return value
 
     @field_validator("database_url")
@@ -607,6 +709,21 @@ class DatabaseSettings(_Section):
         problem = database_url_problem(value)
         if problem:
             raise ValueError(problem)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_server_host(cls, value: str) -> str:
+        """A PostgreSQL host the resolver refuses (``a..b``, a label over 63 characters): it
+        passed here and then ended the first command in an internal error (UnicodeError)."""
+        match = _DATABASE_URL.match(value.strip())
+        host = (match["host"] or "") if match is not None else ""
+        if host and not host.startswith("[") and value.partition("://")[0].split("+")[0].lower() != "sqlite":
+            problem = resolvable_host_problem(unquote(host))
+            if problem:
+                raise ValueError(
+                    f"{problem}; expected a database URL such as postgresql://user:password@db-host:5432/wanbatch"
+                )
         return value
 
 
@@ -773,8 +890,16 @@ class RetrySettings(_Section):
     retry_max_delay: float = Field(default=300.0, ge=0, le=MAX_SECONDS)
     #: What to do with a submission whose outcome is unknown after ``submit_unknown_deadline``:
     #: "fail" (default: never risk paying twice) or "resubmit" (counted as a possible duplicate charge).
-    submit_unknown_policy: str = Field(default="fail", pattern="^(fail|resubmit)$")
+    submit_unknown_policy: Annotated[str, _one_of("fail", "resubmit")] = "fail"
     submit_unknown_deadline: float = Field(default=600.0, ge=0, le=MAX_SECONDS)
+
+
+#: The hosts the AWS SDK takes in an endpoint URL (``botocore.utils.is_valid_endpoint_url``,
+#: after a final dot is dropped); it refuses any other with "Invalid endpoint: <the whole URL>",
+#: password included.
+_S3_ENDPOINT_HOST = re.compile(
+    r"((?!-)[a-z\d-]{1,63}(?<!-)\.)*((?!-)[a-z\d-]{1,63}(?<!-))", re.ASCII | re.IGNORECASE
+)
 
 
 class DownloadSettings(_Section):
@@ -812,7 +937,7 @@ class DownloadSettings(_Section):
     #: What a downloaded video that does not match the request (size, frame count, duration;
     #: see ``worker.probe``) leads to: "flag" (default: the job succeeds, the mismatch is
     #: recorded and shown) or "fail" (the job fails with the reason, its cost recorded as wasted).
-    media_mismatch: str = Field(default="flag", pattern="^(flag|fail)$")
+    media_mismatch: Annotated[str, _one_of("flag", "fail")] = "flag"
     #: The AWS SDK's own endpoint variables, read here only to be checked (``jobs.output_store``
     #: reads them from the environment, as boto3 does), and only when outputs go to S3.
     aws_endpoint_url: str | None = Field(default=None, validation_alias="AWS_ENDPOINT_URL")
@@ -841,6 +966,13 @@ class DownloadSettings(_Section):
                 "write it without, such as http://127.0.0.1:9000"
             )
         url = _http_url(value, "http://127.0.0.1:9000")
+        host = urlsplit(url).hostname or ""
+        if ":" not in host and (len(host) > 255 or not _S3_ENDPOINT_HOST.fullmatch(host.removesuffix("."))):
+            raise ValueError(
+                "its host is not one the AWS SDK takes: dot-separated labels of 1 to 63 ASCII letters, "
+                "digits and hyphens (no '_', no international name), an IPv4 or an [IPv6] address, "
+                "such as http://127.0.0.1:9000"
+            )
         if "?" in url or "#" in url:
             raise ValueError(
                 "has a query (?…) or a fragment (#…), which an S3 endpoint cannot take; "
@@ -995,18 +1127,13 @@ class ServeSettings(_Section):
     #: which a proxy in another container or on another host is not.
     serve_forwarded_allow_ips: str | None = None
     #: ``text`` (default) or ``json``: one JSON object per line with a stable ``event`` key.
-    log_format: str = Field(default="text", pattern="^(text|json)$")
+    log_format: Annotated[str, _one_of("text", "json")] = "text"
     #: A port on which ``wanbatch worker`` and ``wanbatch run`` serve their own process metrics
     #: (submits, limiter waits, request latencies) for Prometheus; unset: none.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     #: The address that metrics port binds: loopback by default (process metrics are not for
     #: the internet); ``0.0.0.0`` in a container that Prometheus scrapes from outside.
     metrics_host: str = "127.0.0.1"
-
-    @field_validator("log_format", mode="before")
-    @classmethod
-    def _lower_format(cls, value: object) -> object:
-        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("serve_forwarded_allow_ips", mode="before")
     @classmethod

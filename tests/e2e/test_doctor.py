@@ -538,12 +538,23 @@ def test_healthz_url_keeps_a_path_prefix() -> None:
     assert healthz_url("ftp://example.com/webhooks/fal") is None
 
 
-def test_invalid_configuration_skips_the_rest(wb: Wb, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WANBATCH_SUBMIT_RATE", "fast")
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("WANBATCH_SUBMIT_RATE", "fast"),
+        # Was "✓ configuration", then "the check itself failed (InvalidURL …); please report it".
+        ("WANBATCH_WEBHOOK_URL", "https://\N{SNOWMAN}.example/webhooks/fal"),
+    ],
+    ids=["rate", "webhook-host"],
+)
+def test_invalid_configuration_skips_the_rest(
+    variable: str, value: str, wb: Wb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, value)
     code, checks, _ = _doctor(wb)
     assert code == 1
     assert checks["configuration"]["status"] == "fail"
-    assert "WANBATCH_SUBMIT_RATE" in checks["configuration"]["detail"]
+    assert variable in checks["configuration"]["detail"]
     assert [checks[n]["status"] for n in NAMES[1:]] == ["skip"] * 6
 
 

@@ -84,6 +84,27 @@ def test_an_unsupported_sqlite_url_option_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "phrase"),
+    [
+        ("sqlite:///.", "names a folder, not a file"),
+        ("sqlite:////", "names a folder, not a file"),
+        ("sqlite:///{tmp}/", "names a folder, not a file"),
+        ("sqlite:///{tmp}", "names a folder, not a file"),
+        ("sqlite+aiosqlite:///{tmp}/x.db", "cannot be used: No module named 'aiosqlite'"),
+        ("sqlite+pysqlcipher:///{tmp}/x.db", "cannot be used: No module named 'pysqlcipher3'"),
+    ],
+    ids=["dot", "root", "trailing-slash", "a-folder", "aiosqlite", "pysqlcipher"],
+)
+def test_a_sqlite_url_that_names_no_usable_file(url: str, phrase: str, tmp_path: Path) -> None:
+    """Each was an internal error, exit 70 ("PosixPath('.') has an empty name", "No module named
+    'aiosqlite'"), the last two after creating x.db."""
+    before = sorted(tmp_path.rglob("*"))
+    done = wanbatch("status", env={"WANBATCH_DATABASE_URL": url.format(tmp=tmp_path)})
+    assert_one_line(done, "WANBATCH_DATABASE_URL", phrase)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
     ("variable", "value"),
     [
         ("WANBATCH_FAL_QUEUE_URL", "abc"),
@@ -145,7 +166,9 @@ def test_export_into_a_folder_that_cannot_be_created(tmp_path: Path) -> None:
         (["--latency", "-5"], "--latency must be"),
         (["--latency", "nan"], "--latency must be"),
         (["--concurrency-limit", "0"], "--concurrency-limit must be"),
-        (["--public-url", "not-a-url"], "--public-url must be"),
+        (["--public-url", "not-a-url"], "--public-url: must be an http(s) URL"),
+        # The clients it serves crashed on every URL it handed out (a host httpx refuses).
+        (["--public-url", "http://a..b:8787"], "--public-url: its host has an empty label"),
         (["--host", "no.such.host.invalid", "--port", "0"], "cannot serve on no.such.host.invalid"),
     ],
     ids=[
@@ -155,6 +178,7 @@ def test_export_into_a_folder_that_cannot_be_created(tmp_path: Path) -> None:
         "latency-nan",
         "concurrency",
         "public-url",
+        "public-url-host",
         "host",
     ],
 )
@@ -379,6 +403,36 @@ def test_a_batch_reference_longer_than_any_id_is_no_batch(wb: Wb, command: str) 
         ({"WANBATCH_SUBMIT_RATE": "1e-320"}, ("run", "--simulate"), "WANBATCH_SUBMIT_RATE"),
         # Was a run stuck with its downloads timing out.
         ({"WANBATCH_DOWNLOAD_TIMEOUT": "1e-320"}, ("run", "--simulate"), "WANBATCH_DOWNLOAD_TIMEOUT"),
+        # Was "InvalidURL: Invalid IDNA hostname" at every submit, and a run that never ended.
+        (
+            {"WANBATCH_WEBHOOK_URL": "https://\N{SNOWMAN}.example/webhooks/fal", "FAL_KEY": "k"},
+            ("run",),
+            "WANBATCH_WEBHOOK_URL",
+        ),
+        # Was "internal error: InvalidURL: Invalid IDNA hostname", exit 70, the batch stored.
+        (
+            {"WANBATCH_FAL_QUEUE_URL": "https://\N{SNOWMAN}.example", "FAL_KEY": "k"},
+            ("run",),
+            "WANBATCH_FAL_QUEUE_URL",
+        ),
+        # Was "label empty or too long" at every submit, the jobs given back for ever.
+        ({"WANBATCH_FAL_QUEUE_URL": "https://a..b/", "FAL_KEY": "k"}, ("run",), "WANBATCH_FAL_QUEUE_URL"),
+        (
+            {"WANBATCH_FAL_REST_URL": f"https://{'a' * 64}.com", "FAL_KEY": "k"},
+            ("run",),
+            "WANBATCH_FAL_REST_URL",
+        ),
+        # Was "internal error: UnicodeError: encoding with 'idna' codec failed", exit 70.
+        ({"WANBATCH_DATABASE_URL": "postgresql://u:hunter2@a..b/x"}, ("status",), "WANBATCH_DATABASE_URL"),
+        # Was "cannot take the outputs: ValueError: Invalid endpoint: http://u:hunter2@minio_1:9000".
+        (
+            {
+                "WANBATCH_OUTPUT_DIR": "s3://renders/tokyo",
+                "AWS_ENDPOINT_URL": "http://u:hunter2@minio_1:9000",
+            },
+            ("run", "--simulate"),
+            "AWS_ENDPOINT_URL",
+        ),
         # Was "cannot reach the broker at garbage" (and a worker retrying for ever).
         ({"WANBATCH_BROKER_URL": "garbage", "FAL_KEY": "k"}, ("run",), "WANBATCH_BROKER_URL"),
         ({"WANBATCH_BROKER_URL": "foo://u:hunter2@x", "FAL_KEY": "k"}, ("worker",), "WANBATCH_BROKER_URL"),
@@ -390,6 +444,12 @@ def test_a_batch_reference_longer_than_any_id_is_no_batch(wb: Wb, command: str) 
         "s3-endpoint-space",
         "tiny-rate",
         "tiny-timeout",
+        "webhook-idna",
+        "queue-url-idna",
+        "queue-url-empty-label",
+        "rest-url-long-label",
+        "postgresql-host",
+        "s3-endpoint-host",
         "broker-run",
         "broker-worker",
     ],
@@ -397,8 +457,8 @@ def test_a_batch_reference_longer_than_any_id_is_no_batch(wb: Wb, command: str) 
 def test_settings_that_crashed_later_stop_every_command_at_start_up(
     env: dict[str, str], args: tuple[str, ...], said: str, tmp_path: Path
 ) -> None:
-    env = {**env, "WANBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'wb.db'}"}
-    target = () if args == ("worker",) else (QUICKSTART,)
+    env = {"WANBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'wb.db'}", **env}
+    target = () if args in (("worker",), ("status",)) else (QUICKSTART,)
     done = wanbatch(*args, *target, env=env, timeout=30)
     if "--json" in args:
         assert done.returncode == 2, done.stderr
