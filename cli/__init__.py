@@ -112,15 +112,63 @@ from cli.output import (  # noqa: E402
     path_failure,
 )
 from jobs.printable import printable  # noqa: E402
+from jobs.setting_notes import CONTRACT_SETTINGS, MORE_SETTINGS  # noqa: E402 (stdlib only)
+
+#: Width of the settings' name column: the longest name, WANBATCH_DOWNLOAD_ALLOWED_HOSTS, fits.
+_SETTING_COLUMN = max(len(note.name) for note in CONTRACT_SETTINGS)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _WanbatchGroup(click.Group):
+    """The ``wanbatch`` group: its help ends with the settings, as click lists the options."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The "Settings (environment variables)" section of ``wanbatch --help``, from
+        :data:`jobs.setting_notes.CONTRACT_SETTINGS` (a module that loads nothing)."""
+        with formatter.section("Settings (environment variables)"):
+            _write_settings(formatter)
+            formatter.write_paragraph()
+            formatter.write_text(MORE_SETTINGS)
+        super().format_epilog(ctx, formatter)
+
+
+def _write_settings(formatter: click.HelpFormatter) -> None:
+    """One row per setting, as click's ``write_dl`` writes the options, but wrapped between
+    words only (a default URL, ``https://rest.fal.ai/.well-known/jwks.json``, is never cut at
+    its hyphen, so it can be copied from the terminal), the ``[default: …]`` kept in one piece
+    after the words when it fits."""
+    import textwrap
+
+    indent = " " * formatter.current_indent
+    width = max(formatter.width - formatter.current_indent - _SETTING_COLUMN - 2, 20)
+    wrapper = textwrap.TextWrapper(width=width, break_on_hyphens=False, break_long_words=False)
+    for note in CONTRACT_SETTINGS:
+        lines = wrapper.wrap(note.words)
+        if lines and len(lines[-1]) + 2 + len(note.default_text) <= width:
+            lines[-1] += "  " + note.default_text
+        else:
+            lines += wrapper.wrap(note.default_text)
+        first, *rest = lines
+        formatter.write(f"{indent}{note.name:<{_SETTING_COLUMN}}  {first}\n")
+        for line in rest:
+            formatter.write(f"{indent}{'':<{_SETTING_COLUMN}}  {line}\n")
+
+
+@click.group(
+    cls=_WanbatchGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    # Bare `wanbatch` prints the help (as `--help` does) and exits 0, as docker does: click's
+    # own answer was the whole help as an "error: Usage: …" message, exit 2.
+    invoke_without_command=True,
+)
 @click.version_option(package_name="wanbatch")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """wanbatch: batch orchestration for fal.ai's Wan video endpoints.
 
     Validate a manifest, estimate its cost, submit it, run it, watch it, export it.
     """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 for _command in (

@@ -533,7 +533,8 @@ def fal_settings(
     """The settings to process with: fal's, or with ``--simulate`` a simulator's started for now.
 
     With ``check`` (before anything is stored or sent) a missing ``FAL_KEY`` (real fal only; not
-    ``keyless``: a run that makes no call to fal, :func:`_ends_without_fal`), a broker that does
+    ``keyless``: a run that makes no call to fal, :func:`_ends_without_fal`, or a ``rerun``, which
+    requires the key itself once it knows it has jobs to send), a broker that does
     not answer, or a submit-rate limiter whose Redis does not or refuses its writes
     (``WANBATCH_LIMITS_URL``, else a Redis broker) is a :class:`~jobs.errors.ConfigError`
     (exit 2) at once, rather than a silent wait. The simulator runs in this process for the ``with`` block: it
@@ -1164,10 +1165,18 @@ def rerun(
             "pay_again": pay_again,
             "send_now": send_now,
         }
-        with fal_settings(settings, simulate) as target:
+        # FAL_KEY is required once the rerun is known to send something (before_storing), not
+        # here: `--failed-only` of a batch with nothing failed answers "nothing to rerun" (exit
+        # 0) without a key, as it does with `--simulate` (whose target holds the simulator's).
+        with fal_settings(settings, simulate, keyless=True) as target:
             try:
                 result = batches.rerun_batch(
-                    batch, settings=target, simulated=simulate, on_batch=new.storing, **options
+                    batch,
+                    settings=target,
+                    simulated=simulate,
+                    on_batch=new.storing,
+                    before_storing=target.require_fal_key,
+                    **options,
                 )
             except batches.NothingToRerun as nothing:  # not an error: say so, create nothing
                 if as_json:

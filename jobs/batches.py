@@ -2310,6 +2310,7 @@ def rerun_batch(
     settings: Settings,
     simulated: bool = False,
     on_batch: Callable[[str, str], None] | None = None,
+    before_storing: Callable[[], object] | None = None,
 ) -> SubmitResult:
     """A new batch from a stored one, linked to it as its parent.
 
@@ -2359,6 +2360,11 @@ def rerun_batch(
     transaction (storing a large batch takes a while): should Ctrl-C stop the command, its hint
     looks the batch up to tell "stored, run it" (never ``rerun`` again, which would make a second
     batch of the same jobs, paid twice if both run) from "nothing was stored" (rolled back).
+
+    ``before_storing()`` is called once every check above has passed and the rerun is known to
+    have jobs, before anything is stored: the caller's last precondition for sending them (the
+    CLI requires ``FAL_KEY`` there), so that a rerun with nothing to do says so
+    (:class:`NothingToRerun`, exit 0) whether or not it could have sent anything.
     """
     if new_seeds and any(v.field == "seed" for v in vary):
         raise UsageError("--new-seeds and --vary seed=… both choose the seeds: give only one of them")
@@ -2419,6 +2425,8 @@ def rerun_batch(
             raise UsageError(_sources_changed(parent, changed, store.root_batch(session, parent)))
         rows, warnings = _placed(rows, swept, lambda row, twin: _repeat_cause(row, twin, before, vary))
         warnings[:0] = _left_out(parent, covered)
+        if before_storing is not None:
+            before_storing()
         name = _rerun_name(session, parent)
         batch, created = store.get_or_create_batch(
             session,

@@ -4,6 +4,7 @@ an empty rerun, case-insensitive formats and readable Unicode folder names."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
@@ -19,6 +20,7 @@ from jobs.models import BatchState, Job, utcnow
 from jobs.settings import get_settings
 from jobs.states import JobState
 from tests.e2e.e2e_helpers import TWO_JOBS, MakeManifest, Wb, counts, export_jsonl
+from tests.in_process import run_main
 
 FOUR_JOBS = """\
 name: {name}
@@ -246,3 +248,36 @@ def test_format_is_case_insensitive_and_a_unicode_name_makes_a_readable_folder(
     assert csv.stdout.startswith("job_id,")
     bad = wb("export", name, "--format", "xml")
     assert bad.code == 2
+
+
+def test_rerun_with_nothing_to_rerun_needs_no_key_and_one_with_jobs_asks_before_storing(
+    manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After the quickstart's way (`run --simulate`, no FAL_KEY), `rerun BATCH --failed-only` of a
+    batch with nothing failed answers "nothing to rerun" (exit 0), as its `--help` says: it sent
+    nothing, so it needs no key. It said "FAL_KEY is not set" (exit 2) instead, and the answer
+    was only to be had with `--simulate`. A rerun with jobs to send still asks for the key, and
+    before anything is stored."""
+    assert "FAL_KEY" not in os.environ  # e2e_env took it away
+    path = manifest("keyless", TWO_JOBS.format(name="keyless"))
+    assert run_main(["run", str(path), "--simulate", "--json", "--no-progress"], monkeypatch) == 0
+    url = get_settings().database_url
+    before = counts(url)
+    capsys.readouterr()
+
+    assert run_main(["rerun", "keyless", "--failed-only", "--no-progress"], monkeypatch) == 0
+    printed = capsys.readouterr()
+    said = " ".join(printed.out.split())
+    assert said.startswith("nothing to rerun: batch keyless ("), printed.err
+    assert "has no failed or cancelled job (all 2 succeeded); no batch was created" in said
+    assert "FAL_KEY" not in printed.err
+
+    assert run_main(["rerun", "keyless", "--failed-only", "--json", "--no-progress"], monkeypatch) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert (body["ok"], body["batch"], body["total"]) == (True, None, 0)
+
+    assert run_main(["rerun", "keyless", "--no-progress"], monkeypatch) == 2  # two jobs to send to fal
+    refused = capsys.readouterr()
+    assert "FAL_KEY is not set" in refused.err
+    assert "rerun --simulate" in refused.err  # the way without a key
+    assert counts(url) == before  # no keyless-rerun-1, not even an empty one

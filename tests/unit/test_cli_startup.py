@@ -50,7 +50,7 @@ def _modules_loaded_for(*args: str, env: dict[str, str] | None = None) -> set[st
 
 
 @pytest.mark.parametrize(
-    "args", [("--help",), ("--version",), ("status", "--help"), ("simulator", "--help"), ("doctor", "-h")]
+    "args", [(), ("--help",), ("--version",), ("status", "--help"), ("simulator", "--help"), ("doctor", "-h")]
 )
 def test_help_and_version_load_nothing_heavy(args: tuple[str, ...]) -> None:
     loaded = _modules_loaded_for(*args)
