@@ -1059,6 +1059,10 @@ def run(
         _refuse_unknown_ref(manifest, settings)
         if not simulate:
             _refuse_simulation_early(manifest, settings)
+        if simulate or not settings.broker_url:  # this process does the work: enough open files?
+            from jobs.open_files import require_open_files
+
+            require_open_files(settings.embedded_concurrency)
         batches.check_output_dir(settings)  # before anything is stored or sent
         # A batch past its deadline with only unsent jobs left: the run ends them, keyless.
         keyless = not simulate and _ends_without_fal(manifest, settings)
@@ -1156,6 +1160,10 @@ def rerun(
         cap = None if max_usd is None else batches.parse_usd(max_usd)  # one-line UsageError
         sweeps = parse_varies(vary)  # the syntax; the values are checked per endpoint by rerun_batch
         settings = get_settings()
+        if simulate or not settings.broker_url:  # this process does the work: enough open files?
+            from jobs.open_files import require_open_files
+
+            require_open_files(settings.embedded_concurrency)
         batches.check_output_dir(settings)  # before anything is stored or sent
         options: dict[str, Any] = {
             "failed_only": failed_only,

@@ -132,6 +132,9 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
 
         timestamp_text_lines()  # a worker's log is read hours later: every line says when
         settings = get_settings()
+        from jobs.open_files import raise_soft_limit
+
+        raise_soft_limit()  # toward the hard limit: each connection and output holds a descriptor
         if not settings.broker_url:
             raise ConfigError(
                 "WANBATCH_BROKER_URL is not set: `wanbatch worker` is the distributed mode "
@@ -459,6 +462,10 @@ def serve(host: str, port: int) -> None:
             proxy_headers=False,
         )
         mask_access_log()  # after the Config, which configures uvicorn's loggers
+        from jobs.open_files import quiet_accept_errors, raise_soft_limit
+
+        raise_soft_limit()  # toward the hard limit: each connection holds a file descriptor
+        quiet_accept_errors()  # none left: one line now and then, not a traceback per try
         server = stopping_on_hangup(uvicorn.Server)(config)
         # uvicorn says where it listens only for sockets it bound itself: the same line, as before.
         bound = sock.getsockname()[1]

@@ -100,6 +100,9 @@ class _Server(uvicorn.Server):
 def _server(
     engine: Engine, sock: socket.socket, base_url: str, certfile: Path | None, keyfile: Path | None
 ) -> uvicorn.Server:
+    from jobs.open_files import quiet_accept_errors
+
+    quiet_accept_errors()  # out of file descriptors: one line now and then, not a traceback per try
     config = uvicorn.Config(
         build_app(engine, base_url),
         log_level="warning",

@@ -38,7 +38,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -188,8 +188,9 @@ def safe_url(url: str | URL) -> str:
         return "(not a URL)"
 
 
-def _prepare_sqlite_file(path: Path) -> None:
+def _prepare_sqlite_file(path: Path) -> bool:
     """Create the database's folder (0700) and file (0600) before SQLite does; tighten old ones.
+    True when this call created the file.
 
     The file is created empty (SQLite treats a zero-length file as a new database). ``O_EXCL``
     makes two processes starting together harmless: the second finds the file and moves on.
@@ -200,17 +201,20 @@ def _prepare_sqlite_file(path: Path) -> None:
             "file's name, e.g. sqlite:///path/to/wanbatch.db"
         )
     folder = path.parent
+    created = False
     try:
         if not folder.exists():
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            created = True
     except OSError as exc:
         raise ConfigError(
             f"WANBATCH_DATABASE_URL: cannot create the SQLite database {path}: {exc.strerror or exc}"
         ) from None
     for candidate in (path, *(path.with_name(path.name + side) for side in _SQLITE_SIDE_FILES)):
         _owner_only(candidate)
+    return created
 
 
 def _owner_only(path: Path) -> None:
@@ -720,16 +724,35 @@ def disk_full_error(
 def _no_room_beside(url: str | URL) -> bool:
     """Whether the folder of a SQLite database has (next to) no free space left: opening it
     then fails with "disk I/O error" (SQLite cannot create its ``-wal`` and ``-shm`` files)."""
-    with contextlib.suppress(ConfigError, OSError):
+    with contextlib.suppress(ConfigError):
         target = sqlite_file(url)
         if target is not None:
-            info = os.statvfs(target.path.absolute().parent)
-            return info.f_bavail * info.f_frsize < _NO_ROOM_BYTES
+            free = free_bytes_beside(target.path)
+            return free is not None and free < NO_ROOM_BYTES
     return False
 
 
-#: Less free space than this beside a SQLite database that fails to open counts as a full disk.
-_NO_ROOM_BYTES = 1 << 20
+def free_bytes_beside(path: Path) -> int | None:
+    """The bytes this user may still write on the file system that holds ``path`` (a SQLite
+    database, there or still to be created: its nearest folder that exists is asked); None when
+    that cannot be told."""
+    folder = path.absolute().parent
+    while True:
+        try:
+            info = os.statvfs(folder)
+        except FileNotFoundError:
+            if folder.parent == folder:
+                return None
+            folder = folder.parent
+            continue
+        except (OSError, ValueError):
+            return None
+        return info.f_bavail * info.f_frsize
+
+
+#: Less free space than this beside a SQLite database counts as a full disk: one that fails to
+#: open, and for ``doctor`` (a write needs room for its journal, and a batch for its rows).
+NO_ROOM_BYTES = 1 << 20
 
 
 #: PostgreSQL's SQLSTATEs for a transaction the server ended to break a conflict, which the same
@@ -790,6 +813,7 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 def _unit_of_work(session: Session) -> Iterator[Session]:
     """``session`` as one unit of work: committed if the block succeeds, rolled back if it
     raises, closed either way."""
+    session.info[_AFTER_COMMIT] = []
     try:
         yield session
         session.commit()
@@ -797,7 +821,26 @@ def _unit_of_work(session: Session) -> Iterator[Session]:
         session.rollback()
         raise
     finally:
+        done = session.info.pop(_AFTER_COMMIT, [])
         session.close()
+    for callback in done:  # reached only once the commit succeeded
+        callback()
+
+
+#: ``Session.info`` key of what :func:`after_commit` runs once the unit of work committed.
+_AFTER_COMMIT = "wanbatch_after_commit"
+
+
+def after_commit(session: Session, callback: Callable[[], object]) -> None:
+    """Run ``callback`` once ``session``'s unit of work (:func:`session_scope`) has committed;
+    never if it rolls back. For what a step says it did ("recorded", "kept"): said before the
+    commit, a commit the database then refuses (its disk is full) made the line false. A
+    session that is no unit of work runs it at once, as before."""
+    waiting = session.info.get(_AFTER_COMMIT)
+    if waiting is None:
+        callback()
+    else:
+        waiting.append(callback)
 
 
 @contextlib.contextmanager
@@ -1529,7 +1572,11 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 
 def _opened_engine(url: str) -> Engine:
-    """A new engine for ``url``, migrated to head (:func:`migrate`); :class:`ConfigError` else."""
+    """A new engine for ``url``, migrated to head (:func:`migrate`); :class:`ConfigError` else.
+
+    A SQLite file this call created (:func:`_prepare_sqlite_file`) whose schema could not be
+    created for want of space is removed again: a full disk left an empty ``wb.db`` behind."""
+    created = _created_sqlite_file(url)
     engine = make_engine(url)  # ConfigError for a URL that is not SQLite or PostgreSQL
     try:
         migrate(engine)
@@ -1540,6 +1587,8 @@ def _opened_engine(url: str) -> Engine:
     except (DBAPIError, OSError, sqlite3.Error) as exc:  # unreachable, refused, no such database, unwritable…
         engine.dispose()
         if is_disk_full(exc) or (isinstance(exc, DBAPIError | sqlite3.Error) and _no_room_beside(url)):
+            if created is not None:
+                _remove_if_empty(created)
             raise disk_full_error(url) from None
         lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         reason = lines[0] if lines else type(exc).__name__
@@ -1549,6 +1598,44 @@ def _opened_engine(url: str) -> Engine:
             f"WANBATCH_DATABASE_URL {safe_url(url)}: cannot open the database: {reason}"
         ) from None
     return engine
+
+
+def _created_sqlite_file(url: str) -> Path | None:
+    """The SQLite database file of ``url`` when this call creates it (it is not there yet and
+    :func:`_prepare_sqlite_file` makes it, which it does alone: ``O_EXCL``); None otherwise."""
+    try:
+        parsed = normalize_url(url)
+    except ConfigError:
+        return None
+    database = parsed.database or "" if parsed.get_backend_name() == "sqlite" else ""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = Path(database).expanduser()
+    return path if _prepare_sqlite_file(path) else None  # ConfigError when it cannot be made
+
+
+def _remove_if_empty(path: Path) -> None:
+    """Remove the database file this process created, and the side files SQLite left, while
+    the database holds no table: no schema, no row, nobody's data (a full disk let none be
+    committed; SQLite may have written its header page before the commit failed)."""
+    if not _holds_no_table(path):
+        return
+    for candidate in (*(path.with_name(path.name + side) for side in _SQLITE_SIDE_FILES), path):
+        with contextlib.suppress(OSError):
+            candidate.unlink()
+
+
+def _holds_no_table(path: Path) -> bool:
+    """Whether the SQLite file ``path`` is empty, or a database without a single table (False
+    when that cannot be told: it is then left as it is)."""
+    try:
+        if path.stat().st_size == 0:
+            return True
+        uri = f"file:{quote(str(path.absolute()))}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+            return bool(conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0)
+    except (OSError, sqlite3.Error):
+        return False
 
 
 class _Engines:

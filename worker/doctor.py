@@ -10,7 +10,9 @@ each what is wrong and what to do about it:
 - **database**: ``WANBATCH_DATABASE_URL`` answers and its schema is the one this wanbatch
   expects (:data:`jobs.db.SCHEMA_HEAD`); read only: the doctor never migrates, and opens a
   SQLite file without creating or changing it (:func:`jobs.db.read_engine`): one not there yet
-  is only found creatable;
+  is only found creatable; and a SQLite database's disk is not full (the file system's free
+  space, :func:`_full_sqlite_disk`: on a full disk reading works and nothing the doctor may do
+  without leaving a trace would fail);
 - **broker**: with ``WANBATCH_BROKER_URL``, the broker answers and ``wanbatch worker``
   processes answer a ping (none: nothing would be processed); embedded mode needs neither;
 - **provider**: one cheap authenticated call to ``WANBATCH_FAL_QUEUE_URL`` — the status of a
@@ -156,6 +158,10 @@ def check_database(settings: Settings) -> Check:
         target = db.sqlite_file(url)
         if target is not None:
             missing = _missing_sqlite_file(name, where, target)
+            if missing is not None and missing.status == "fail":
+                return missing
+            if (full := _full_sqlite_disk(name, where, target)) is not None:
+                return full
             if missing is not None:
                 return missing
         connect_args = {"connect_timeout": int(TIMEOUT)} if url.get_backend_name() == "postgresql" else {}
@@ -247,6 +253,31 @@ def _missing_sqlite_file(name: str, where: str, target: SqliteFile) -> Check | N
             "WANBATCH_DATABASE_URL at one",
         )
     return _ok(name, f"{where}: not created yet: the first command creates it at {shown}")
+
+
+def _full_sqlite_disk(name: str, where: str, target: SqliteFile) -> Check | None:
+    """The verdict on a SQLite database whose disk is full (None: there is room).
+
+    Reading succeeds on a full disk, and so would a write rolled back before its commit (SQLite
+    keeps it in memory): only a commit meets the full disk, and the doctor commits nothing. So
+    it asks the file system holding the database how much this user may still write there: less
+    than :data:`jobs.db.NO_ROOM_BYTES` is what every command refuses ("the database's disk is
+    full")."""
+    from jobs.batches import size_text
+    from jobs.db import NO_ROOM_BYTES, free_bytes_beside
+    from jobs.fs import shown_path
+
+    free = free_bytes_beside(target.path)
+    if free is None or free >= NO_ROOM_BYTES:
+        return None
+    folder = shown_path(target.path.absolute().parent)
+    return _fail(
+        name,
+        f"{where}: the database's disk is full ({size_text(free)} free for {folder}): every "
+        "command that writes refuses to start",
+        "free space on that disk (or point WANBATCH_DATABASE_URL at a disk with room), then run "
+        "`wanbatch doctor` again",
+    )
 
 
 def check_broker(settings: Settings) -> Check:

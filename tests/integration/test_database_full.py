@@ -31,6 +31,7 @@ from jobs.states import JobState
 from tests.full_disk import FullDisk, prepare
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.steps import Runtime, dispatch, reconcile, submit
+from worker.steps.reconcile import adopt_unrecorded
 from worker.steps.unrecorded import PREFIX, SUFFIX, Accepted, database_key
 
 S = JobState
@@ -243,3 +244,60 @@ def test_the_next_process_records_a_journal_left_behind(
     assert len(said) == 1
     assert kept[1].request_id in said[0]
     assert [p.name for p in _journals(folder)] == [f"{PREFIX}{'0' * 16}-99999999-1{SUFFIX}"]
+
+
+def test_an_id_recorded_late_is_said_recorded_only_once_the_commit_took_it(
+    sqlite_engine: Engine,
+    sqlite_url: str,
+    sim: SimulatorHandle,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, "… recorded: kept in … while the database could not take it" was logged inside
+    the transaction: when its commit then met the full disk, the line was false (and the same
+    run later said the submission could not be recorded)."""
+    from sqlalchemy.orm import Session
+
+    rt = _runtime(sqlite_engine, sim, sqlite_url)
+    add_batch(sqlite_engine, "late", [(T2V, {"prompt": "a quiet bay"})])
+    (job_id,) = dispatch(rt)
+    now = utcnow()
+    with db.session_scope(sqlite_engine) as session:
+        job = store.get_job(session, job_id)
+        store.take_lease(
+            session, rt.fence(job), now=now, lease_seconds=0.0, submitted_input=dict(job.input), sent_at=now
+        )
+    kept = Accepted(
+        job_id=job_id,
+        attempt=1,
+        request_id="0b4f1c3e-5d6a-4b7c-8d9e-0f1a2b3c4d5e",
+        gateway_request_id=None,
+        status_url=None,
+        response_url=None,
+        cancel_url=None,
+        running=False,
+        submitted_at=now,
+    )
+    journal = tmp_path / f"{PREFIX}{database_key(sqlite_url)}-99999999-1{SUFFIX}"
+    journal.write_text(kept.as_json() + "\n")
+
+    real_commit = Session.commit
+    full = db.disk_full_error(sqlite_url)
+
+    def commit_on_a_full_disk(self: Session) -> None:
+        raise full  # the commit's write (SQLite's WAL append) finds no room
+
+    monkeypatch.setattr(Session, "commit", commit_on_a_full_disk)
+    with pytest.raises(type(full)):
+        adopt_unrecorded(rt)
+    assert [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "submit.adopted"] == []
+    assert _job(sqlite_engine, job_id)[1] is None
+    assert journal.exists()
+
+    monkeypatch.setattr(Session, "commit", real_commit)
+    rt = _runtime(sqlite_engine, sim, sqlite_url)
+    assert adopt_unrecorded(rt) == 1
+    (said,) = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "submit.adopted"]
+    assert said.endswith(f"recorded: kept in {journal} while the database could not take it")
+    assert _job(sqlite_engine, job_id)[1] == kept.request_id

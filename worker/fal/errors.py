@@ -65,6 +65,7 @@ from jobs.errors import (
     RetryableProviderError,
     WanbatchError,
 )
+from jobs.open_files import out_of_files
 from jobs.storable import storable_json, storable_text
 from jobs.url_secrets import masked_url
 from worker.fal.models import request_id_or_none
@@ -691,6 +692,8 @@ def _submit_transport_failure(exc: httpx.TransportError) -> WanbatchError:
     resent blindly.
     """
     name = type(exc).__name__
+    if could_not_connect(exc) and (short := out_of_files(exc)) is not None:  # not fal's doing
+        return FalUnreachableError(f"fal submit: not sent, could not connect: {short[0]}: {short[1]}")
     if could_not_connect(exc):
         return FalUnreachableError(f"fal submit: not sent, could not connect ({name}): {_short(str(exc))}")
     if isinstance(exc, UNREACHED):  # TLS refused fal's certificate or handshake: a counted retry

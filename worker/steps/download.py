@@ -33,6 +33,7 @@ What a failure leads to, by where it happened:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -61,6 +62,7 @@ from jobs.errors import (
     WanbatchError,
 )
 from jobs.models import BatchState, JobView, utcnow
+from jobs.open_files import os_errno, out_of_files
 from jobs.output_store import OutputStore, OutputUploadError, open_output_store
 from jobs.outputs import OutputFolderError, OutputWriteError
 from jobs.settings import Settings
@@ -446,6 +448,7 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video) -
         outputs.remove_stale_partials(dest, older_than=settings.lease_seconds, version=claim.version)
     except OSError as exc:
         failed = OutputWriteError(f"could not clean up {dest.parent}: {exc.strerror or exc}")
+        failed.__cause__ = exc  # what it was (out of file descriptors, a full disk) is told by its errno
         return _write_failed(rt, job_id, claim, failed)
     result = _downloaded_before(
         job_id, dest, video, claim.job.submitted_at, claim.job.earlier_items, staged=outs.is_remote
@@ -601,6 +604,7 @@ def _take_staged(rt: Runtime, job_id: str, claim: DownloadClaim) -> str:
             _copy_whole(path, dest)
         except OSError as exc:
             failed = OutputWriteError(f"could not write {dest}: {exc.strerror or exc}")
+            failed.__cause__ = exc
             return _write_failed(rt, job_id, claim, failed)
         result = DownloadResult(path=dest, sha256=sha256, size=size)
     return _store_video(rt, job_id, claim, outs, dest, result, maker=maker, taken=path)
@@ -935,22 +939,38 @@ def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWri
     cannot be placed (:class:`~jobs.outputs.OutputFolderError`: a link out of the output folder,
     a working folder removed) is the user's to fix: no room frees it, so its reason says so."""
     if isinstance(exc, OutputFolderError):
-        fix = "; the videos already made wait at fal and are downloaded by the next run, never made again"
+        then = "; the videos already made wait at fal and are downloaded by the next run, never made again"
     else:
-        fix = (
-            " — free space or fix WANBATCH_OUTPUT_DIR; the videos already made wait at fal and are "
-            "downloaded once there is room (the batch then resumes by itself) or by the next run, "
-            "never made again"
+        fix, once = _write_fix(exc)
+        then = (
+            f" — {fix}; the videos already made wait at fal and are downloaded once {once} (the batch "
+            "then resumes by itself) or by the next run, never made again"
         )
     return _pause_for_outputs(
         rt,
         job_id,
         claim,
-        f"{store.OUTPUTS_PAUSE_PREFIX}be written here: {exc}{fix}",
+        f"{store.OUTPUTS_PAUSE_PREFIX}be written here: {exc}{then}",
         cancelled=f"{CANCELLED_UNSTORED}: this paid video was not kept and nothing downloads it now "
         "(fal may still serve it for a while at the video URL of the job's recorded result; "
         f"`rerun --failed-only` would make and pay for it again); {exc}",
     )
+
+
+def _write_fix(exc: OutputWriteError) -> tuple[str, str]:
+    """What to do about an output that could not be written, by the operating system's error
+    behind it, and when the videos waiting at fal are downloaded: "free space or fix
+    WANBATCH_OUTPUT_DIR" is the fix of a full disk or an unwritable folder, not of a process out
+    of file descriptors (raise its open-file limit) or of a folder where the file goes."""
+    if (short := out_of_files(exc)) is not None:
+        return f"{short[0]}: {short[1]}", "they can be written"
+    if os_errno(exc) == errno.EISDIR:
+        return (
+            "a folder is in the way where the output file goes: move or remove it, or fix "
+            "WANBATCH_OUTPUT_DIR",
+            "they can be written",
+        )
+    return "free space or fix WANBATCH_OUTPUT_DIR", "there is room"
 
 
 #: How the error of a job whose output could not be kept in a cancelled batch starts.

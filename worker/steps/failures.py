@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import httpx
 from sqlalchemy.orm import Session
 
-from jobs import billing, store
+from jobs import billing, db, store
 from jobs.endpoints import get_endpoint
 from jobs.errors import AccountLockedError, FinalProviderError, ProviderError, RetryableProviderError
 from jobs.models import BatchState, Job, JobView, utcnow
@@ -369,18 +370,18 @@ def _adopt_stored(session: Session, fence: Fence, job: Job, proof: store.StoredP
             **fetched,
         )
     if moved:
-        log.warning(
-            "job %s: a stored webhook proved fal ran attempt %s as %s (billed): kept, nothing is sent again",
-            job.id,
-            proof.attempt,
-            proof.request_id,
-            extra={
-                "event": "submit.adopted_stored_proof",
-                "job_id": job.id,
-                "batch_id": job.batch_id,
-                "request_id": proof.request_id,
-            },
+        extra = {
+            "event": "submit.adopted_stored_proof",
+            "job_id": job.id,
+            "batch_id": job.batch_id,
+            "request_id": proof.request_id,
+        }
+        said = (
+            "job %s: a stored webhook proved fal ran attempt %s as %s (billed): kept, nothing is sent again"
         )
+        args = (job.id, proof.attempt, proof.request_id)
+        # Said once committed: a commit the database refuses (its disk is full) keeps nothing.
+        db.after_commit(session, partial(log.warning, said, *args, extra=extra))
     return moved
 
 

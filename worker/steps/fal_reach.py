@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from jobs.listing import FAL_HOLD_RENEW_SECONDS, FAL_PROBE_PAUSE_MAX
+from jobs.open_files import says_out_of_files
 from worker.outage_log import OutageLog
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,13 @@ class FalReach:
         if record:
             self._record()
         if said.due:
+            # Out of file descriptors, this process reaches nothing: not fal's outage.
+            local = says_out_of_files(error)
+            what = "fal cannot be reached from this process" if local else "fal is unreachable"
             log.warning(
-                "fal is unreachable%s: %s; submits are held, one tried every %gs until fal answers "
+                "%s%s: %s; submits are held, one tried every %gs until fal answers "
                 "(the jobs wait uncounted, none fails)",
+                what,
                 said.for_how_long,
                 error,
                 pause,

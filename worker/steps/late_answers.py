@@ -68,6 +68,7 @@ history and counted as before, its money left "possibly billed", where its unkno
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
@@ -241,18 +242,15 @@ def _adopt(rt: Runtime, accepted: Accepted, fate: str) -> bool:
                     **common,
                 )
             if moved:
-                log.warning(
-                    "fal accepted %s, %s: the job keeps it (%s)",
-                    accepted.line(),
-                    what,
-                    done,
-                    extra={
-                        "event": "submit.adopted_late",
-                        "job_id": accepted.job_id,
-                        "batch_id": job.batch_id,
-                        "request_id": accepted.request_id,
-                    },
-                )
+                extra = {
+                    "event": "submit.adopted_late",
+                    "job_id": accepted.job_id,
+                    "batch_id": job.batch_id,
+                    "request_id": accepted.request_id,
+                }
+                said = "fal accepted %s, %s: the job keeps it (%s)"
+                # Said once committed: a commit the database refuses (its disk is full) keeps nothing.
+                db.after_commit(session, partial(log.warning, said, accepted.line(), what, done, extra=extra))
                 return True
     return False
 

@@ -4,6 +4,7 @@ outcome stayed unknown, and carry out ``wanbatch cancel`` at fal."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import NamedTuple
 
 from sqlalchemy.orm import Session
@@ -161,12 +162,10 @@ def _adopt(session: Session, rt: Runtime, accepted: Accepted, proof: str, late: 
             next_poll_at=first_poll_at(rt.settings, utcnow()),
             proof=proof,
         ):
-            log.warning(
-                "%s recorded: %s",
-                accepted.line(),
-                proof,
-                extra={"event": "submit.adopted", "job_id": job.id, "request_id": accepted.request_id},
-            )
+            extra = {"event": "submit.adopted", "job_id": job.id, "request_id": accepted.request_id}
+            # Said once committed: a commit the database refuses (its disk is full) records nothing.
+            said = partial(log.warning, "%s recorded: %s", accepted.line(), proof, extra=extra)
+            db.after_commit(session, said)
             return True
         return False
     late.append(_Late(accepted, job.endpoint, rt.reach(session).covers(job.batch_id)))

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -613,15 +614,10 @@ def _record_submission(
             if not awaits_answer(job, accepted.attempt):
                 break
             if record(session, rt.fence(job)):
-                log.warning(
-                    "%s: fal's answer came after the job's lease had been taken over; recorded",
-                    accepted.line(),
-                    extra={
-                        "event": "submit.late_answer",
-                        "job_id": job.id,
-                        "request_id": submitted.request_id,
-                    },
-                )
+                extra = {"event": "submit.late_answer", "job_id": job.id, "request_id": submitted.request_id}
+                said = "%s: fal's answer came after the job's lease had been taken over; recorded"
+                # Said once committed: a commit the database refuses (its disk is full) records nothing.
+                db.after_commit(session, partial(log.warning, said, accepted.line(), extra=extra))
                 return "submitted-late"
     if settle_late_answer(rt, accepted, endpoint) == "adopted":
         return "adopted-late"

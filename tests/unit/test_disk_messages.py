@@ -1,0 +1,168 @@
+"""What a full database disk, a process out of file descriptors and a folder in an output's way
+are told as: the doctor sees the full disk, a failed first start leaves no empty database file,
+and "out of open files" is said as such (raise the limit), never as a full disk or fal's outage."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TypeVar
+
+import httpx
+import pytest
+
+from jobs import db
+from jobs.errors import DatabaseFullError
+from jobs.outputs import OutputWriteError
+from jobs.settings import DatabaseSettings, get_settings
+
+E = TypeVar("E", bound=Exception)
+
+
+def _sqlite_full() -> sqlite3.OperationalError:
+    """SQLite's own SQLITE_FULL: a write past ``max_page_count``."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE TABLE t (b BLOB)")
+        conn.execute("PRAGMA max_page_count = 1")
+        with pytest.raises(sqlite3.OperationalError) as raised:
+            conn.execute("INSERT INTO t VALUES (zeroblob(100000))")
+        return raised.value
+    finally:
+        conn.close()
+
+
+def _no_room(real: Callable[[str], os.statvfs_result]) -> Callable[[str], object]:
+    """``os.statvfs`` of a file system with no byte left (a tmpfs filled up)."""
+
+    def statvfs(path: str) -> object:
+        return SimpleNamespace(f_bavail=0, f_frsize=real(path).f_frsize)
+
+    return statvfs
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["database-there", "not-created-yet"])
+def test_the_doctor_says_the_databases_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exists: bool
+) -> None:
+    """Before: "reachable, schema … (current)" and all well, while every command refused to
+    start with "the database's disk is full"."""
+    from worker.doctor import check_database
+
+    path = tmp_path / "db" / "wb.db"
+    url = f"sqlite:///{path}"
+    if exists:
+        engine = db.make_engine(url)
+        db.migrate(engine)
+        engine.dispose()
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", url)
+    get_settings.cache_clear()
+    assert check_database(get_settings()).status == "ok"  # room: as before
+
+    monkeypatch.setattr(os, "statvfs", _no_room(os.statvfs))
+    check = check_database(get_settings())
+    assert check.status == "fail"
+    assert "the database's disk is full (0 bytes free for" in check.detail
+    assert (check.fix or "").startswith("free space on that disk")
+    assert path.exists() is exists  # the doctor creates nothing
+    get_settings.cache_clear()
+
+
+def test_a_first_start_on_a_full_disk_leaves_no_empty_database_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "wb.db"
+    full = _sqlite_full()
+
+    def migrate(engine: object, *args: object, **kwargs: object) -> None:
+        with engine.connect() as conn:  # type: ignore[attr-defined]
+            conn.exec_driver_sql("PRAGMA user_version = 0")  # SQLite touched the file, as it does
+        raise full
+
+    monkeypatch.setattr(db, "migrate", migrate)
+    with pytest.raises(DatabaseFullError):
+        db.open_engine(DatabaseSettings(database_url=f"sqlite:///{path}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    # A database that was there before is never removed, empty or not.
+    path.touch()
+    with pytest.raises(DatabaseFullError):
+        db.open_engine(DatabaseSettings(database_url=f"sqlite:///{path}"))
+    assert path.exists()
+
+
+def _caused(exc: E, cause: BaseException) -> E:
+    exc.__cause__ = cause
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("code", "said", "not_said"),
+    [
+        (errno.EMFILE, "this process ran out of file descriptors", "free space"),
+        (errno.EISDIR, "a folder is in the way where the output file goes", "free space"),
+        (errno.ENOSPC, "free space or fix WANBATCH_OUTPUT_DIR", "file descriptors"),
+    ],
+)
+def test_an_output_that_cannot_be_written_gets_the_fix_of_its_cause(
+    code: int, said: str, not_said: str
+) -> None:
+    from worker.steps.download import _write_fix
+
+    exc = _caused(OutputWriteError("could not clean up /out/b: …"), OSError(code, os.strerror(code)))
+    fix, _once = _write_fix(exc)
+    assert said in fix
+    assert not_said not in fix
+    if code == errno.EMFILE:
+        assert "ulimit -n" in fix
+
+
+def test_a_submit_out_of_file_descriptors_is_not_called_fals_outage(caplog: pytest.LogCaptureFixture) -> None:
+    from worker.fal.errors import FalUnreachableError, _submit_transport_failure
+    from worker.steps.fal_reach import FalReach
+
+    connect = _caused(httpx.ConnectError("[Errno 24] Too many open files"), OSError(errno.EMFILE, "Too many"))
+    error = _submit_transport_failure(connect)
+    assert isinstance(error, FalUnreachableError)  # nothing sent: uncounted, held as before
+    assert "this process ran out of file descriptors" in str(error)
+    assert "ulimit -n" in str(error)
+    with caplog.at_level(logging.WARNING):
+        FalReach().failed(str(error).removeprefix("fal submit: not sent, "), probe=False)
+    (line,) = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "submit.fal_unreachable"]
+    assert line.startswith("fal cannot be reached from this process: could not connect: this process ran out")
+    assert "fal is unreachable" not in line
+
+
+def test_the_accept_loops_out_of_files_error_is_one_line_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncio's accept loop logs it with a traceback for every connection in the backlog, every
+    second: 27 MB of stderr in 6.6 s from the bundled simulator under `ulimit -n 20`."""
+    from jobs.open_files import quiet_accept_errors
+
+    quiet_accept_errors()
+    quiet_accept_errors()  # once, however often
+    logger = logging.getLogger("asyncio")
+    exc = OSError(errno.EMFILE, "Too many open files")
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for _ in range(500):
+            logger.error(
+                "socket.accept() out of system resource\nsocket: <TransportSocket fd=3>",
+                exc_info=(OSError, exc, None),
+            )
+        logger.error("another error")
+    said = [r for r in caplog.records if r.name == "asyncio"]
+    assert [r.getMessage() for r in said][-1] == "another error"
+    (line,) = said[:-1]
+    assert line.exc_info is None
+    assert line.getMessage() == (
+        "a server of this process cannot accept connections: this process ran out of file "
+        "descriptors (too many open files, EMFILE); raise the open-file limit (`ulimit -n 4096` in "
+        "the shell that starts wanbatch; LimitNOFILE= for a systemd service, ulimits: nofile for a "
+        "container)"
+    )
