@@ -11,8 +11,11 @@ up on a webhook after 10 tries over about 2 hours). :class:`GuardedH11Protocol`,
 :data:`HEAD_DEADLINE` — from the moment it opens, and again from the end of each response for
 the next request on a keep-alive connection (nginx's ``client_header_timeout``) — and refuses a
 peer's connection beyond its share (:func:`guarded_h11`), so that one host cannot take every slot
-even by reconnecting. The proxies ``WANBATCH_SERVE_FORWARDED_ALLOW_IPS`` trusts have no share:
-everything behind such a proxy comes from its address.
+even by reconnecting. Only public (globally routed) addresses have a share: the proxies
+``WANBATCH_SERVE_FORWARDED_ALLOW_IPS`` trusts, and any private, loopback or link-local peer
+(a proxy or tunnel on this host, Docker's bridge gateway that every client of a published port
+comes through, a caller in the same cluster), have none: everything behind such a peer comes
+from its address, and a cap on it would let one client behind it lock every other one out.
 
 Each connection closed is counted (``wanbatch_serve_connections_closed_total``, by reason) and
 logged, one warning line per peer and reason at most every :data:`LOG_INTERVAL` seconds, never
@@ -55,6 +58,29 @@ HEAD_TIMEOUT = "head_timeout"
 PEER_LIMIT = "peer_limit"
 
 
+def _unmapped(host: str) -> str:
+    """``host`` as an address, an IPv4-mapped IPv6 one (``::ffff:10.0.0.5``, what a dual-stack
+    listener, ``serve --host ::``, sees of an IPv4 client) as IPv4, a zone left out; a name
+    that is no address as it is."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def capped(host: str) -> bool:
+    """Whether connections from ``host`` count toward a share: only a public (globally routed)
+    address's do (:mod:`ipaddress`'s ``is_global``). A private, loopback or link-local peer is a
+    proxy, a tunnel, a container network's gateway or a neighbour, with many clients behind it."""
+    try:
+        return ipaddress.ip_address(_unmapped(host)).is_global
+    except ValueError:
+        return False
+
+
 def peer_key(host: str) -> str:
     """Whose share a connection from ``host`` counts toward: the address itself (an IPv4-mapped
     IPv6 address as IPv4), but an IPv6 host's whole /64, which one subscriber usually holds."""
@@ -85,7 +111,7 @@ class PeerGuard:
         """Whether a new connection from ``host`` may stay (not when its peer has ``per_peer``
         open already), and the key it was counted under (None: a trusted proxy, or no address,
         has no share)."""
-        if host is None or self.trusted(host):
+        if host is None or self.trusted(host) or self.trusted(_unmapped(host)) or not capped(host):
             return True, None
         key = peer_key(host)
         held = self.open.get(key, 0)

@@ -244,6 +244,7 @@ def test_one_peer_cannot_take_every_slot(
     answered while 127.0.0.1's connections are open."""
     monkeypatch.setattr(web.connections, "HEAD_DEADLINE", 3600.0)
     monkeypatch.setenv("WANBATCH_SERVE_FORWARDED_ALLOW_IPS", "10.0.0.7")
+    monkeypatch.setattr(web.connections, "capped", lambda host: True)  # loopback stands for the internet
     before = _closed_total("peer_limit")
     flood: list[socket.socket] = []
     with caplog.at_level(logging.WARNING), _serving(monkeypatch, tmp_path) as port:
@@ -266,7 +267,9 @@ def test_one_peer_cannot_take_every_slot(
     )
 
 
-def test_a_peers_share_and_the_trusted_proxies() -> None:
+def test_a_peers_share_and_the_trusted_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Documentation addresses (203.0.113.0/24, 2001:db8::/32) stand for public ones here.
+    monkeypatch.setattr(web.connections, "capped", lambda host: not host.startswith(("10.", "192.168.")))
     guard = PeerGuard(2, trusted_peer("10.0.0.7,192.168.0.0/16"))
     for _ in range(5):  # a trusted proxy: everything behind it comes from its address
         assert guard.admit("10.0.0.7") == (True, None)
@@ -312,3 +315,29 @@ def test_a_flood_is_one_line_a_minute_per_peer(
     assert said[1].startswith("serve: closed a connection from 203.0.113.5: no whole request head")
     assert said[2].startswith("serve: refused a connection from 203.0.113.6: it has 2 open already")
     assert guard._logged == {}
+
+
+def test_only_public_addresses_have_a_share() -> None:
+    """Behind a private, loopback or link-local peer are many clients: Docker's bridge gateway,
+    which every client of the compose file's published port comes through (one client holding
+    its 25 connections would have locked fal's deliveries out), a proxy on this host, a
+    neighbour in the cluster. A public address has its share."""
+    guard = PeerGuard(SERVE_CONNECTIONS_PER_PEER, trusted_peer(""))
+    for peer in ("172.18.0.1", "127.0.0.1", "::1", "fd00::5", "169.254.1.1", "::ffff:10.1.2.3"):
+        for _ in range(SERVE_CONNECTIONS_PER_PEER + 1):
+            assert guard.admit(peer) == (True, None), peer
+    for _ in range(SERVE_CONNECTIONS_PER_PEER):
+        assert guard.admit("8.8.4.4") == (True, "8.8.4.4")
+    assert guard.admit("::ffff:8.8.4.4") == (False, None)  # the same IPv4 client, dual-stack
+    assert guard.admit("2a00:1450:4001:80b::200e") == (True, "2a00:1450:4001:80b::/64")
+
+
+def test_a_trusted_proxy_reaching_a_dual_stack_listener_over_ipv4_has_no_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``serve --host ::`` sees an IPv4 proxy as ``::ffff:10.0.0.5``: it is the proxy named
+    ``10.0.0.5`` all the same (before, it got a share of 25, its 26th connection refused)."""
+    monkeypatch.setattr(web.connections, "capped", lambda host: True)
+    guard = PeerGuard(SERVE_CONNECTIONS_PER_PEER, trusted_peer("10.0.0.5"))
+    for _ in range(SERVE_CONNECTIONS_PER_PEER + 1):
+        assert guard.admit("::ffff:10.0.0.5") == (True, None)
