@@ -162,6 +162,12 @@ class JSONDocument(TypeDecorator[Any]):
     cache_ok = True
     hashable = False  # as JSON's: a dict or list value cannot be hashed (``Result.unique()``)
 
+    def coerce_compared_value(self, op: Any, value: Any) -> Any:
+        """The other side of an operator as JSON's own rule types it: a ``->`` or ``->>`` key is
+        text or an integer, not a JSON document (a TypeDecorator's default would bind the key
+        ``'inference_time'`` as JSONB, and PostgreSQL has no ``jsonb -> jsonb``)."""
+        return self.impl_instance.coerce_compared_value(op, value)
+
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import JSONB
