@@ -32,6 +32,15 @@ from urllib.parse import quote, quote_plus, unquote
 MIN_KEY_LENGTH = 8
 #: The secret half of an ``id:secret`` key this long or longer counts on its own.
 SECRET_MIN = 8
+#: A key (or a form of it) this long is found wherever it appears, glued to other text too. A
+#: shorter one (``FAL_KEY=simulator``, a test's ``a:b``; fal's own keys are 69 characters) could
+#: be part of ordinary text — a prompt about "flight simulators", ``data:base64``, the logger
+#: ``worker.fal.client`` — so it counts only as a token of its own: between the start or end of
+#: the text, white space, quotes, brackets or ``= , ; & ? / |`` (``key=a:b``, ``"a:b"``). One
+#: rule for every user: the settings' refusal, a manifest's, an export's masking, the logs'.
+ANYWHERE_MIN = 16
+#: What may stand either side of a short key's token (:data:`ANYWHERE_MIN`).
+TOKEN_SEPARATORS = r"\s'\"`()\[\]{}<>=,;&?/|"  # noqa: S105 (characters, not a password)
 #: An encoded form shorter than this is not looked for: it would match ordinary text.
 ENCODED_MIN = 16
 _URLSAFE = str.maketrans("+/", "-_")
@@ -119,6 +128,21 @@ def decoded_text(text: str) -> tuple[str, bool]:
     return text, False
 
 
+@lru_cache(maxsize=256)
+def token_pattern(form: str) -> re.Pattern[str]:
+    """``form`` as a token of its own: nothing but a separator (:data:`TOKEN_SEPARATORS`) or
+    the text's end either side."""
+    return re.compile(rf"(?<![^{TOKEN_SEPARATORS}]){re.escape(form)}(?![^{TOKEN_SEPARATORS}])")
+
+
+def _holds(text: str, form: str) -> bool:
+    """Whether ``text`` holds ``form``: anywhere when it is :data:`ANYWHERE_MIN` characters or
+    longer, else only as a token of its own."""
+    if form not in text:
+        return False
+    return len(form) >= ANYWHERE_MIN or token_pattern(form).search(text) is not None
+
+
 def contains_key(text: str, key: str) -> bool:
     """Whether ``text`` holds ``key`` in any of its forms (:func:`key_variants`), also behind
     percent-escapes of any characters (``%35f0c…`` decodes to the key as well).
@@ -128,14 +152,14 @@ def contains_key(text: str, key: str) -> bool:
     """
     if len(key) < MIN_KEY_LENGTH:
         return False
-    if any(form in text for form in key_variants(key)):
+    if any(_holds(text, form) for form in key_variants(key)):
         return True
     if "%" not in text and "+" not in text:
         return False
     _, colon, secret = key.partition(":")
     plain = [key, secret] if colon and len(secret) >= SECRET_MIN else [key]
     decoded = {unquote(text), unquote(text.replace("+", " "))}
-    return any(p in d for p in plain for d in decoded)
+    return any(_holds(d, p) for p in plain for d in decoded)
 
 
 _lock = threading.Lock()
@@ -167,14 +191,18 @@ def remembered_keys() -> frozenset[str]:
 def hide_keys(text: str, keys: Iterable[str] = (), *, mask: str = "***") -> str:
     """``text`` with every form of ``keys`` and of the remembered keys replaced by ``mask``.
 
-    Whole forms only, and only of keys of :data:`MIN_KEY_LENGTH` characters or more: this is
+    Whole forms only (a form under :data:`ANYWHERE_MIN` characters only as a token of its
+    own), and only of keys of :data:`MIN_KEY_LENGTH` characters or more: this is
     the last line behind the settings' own refusal (a setting holding the key never loads), for
     a URL built from what a provider said or a key learnt after the settings.
     """
     known = frozenset(k for k in (*keys, *_remembered) if len(k) >= MIN_KEY_LENGTH)
     for form in _forms_of(known) if known else ():
         if form in text:
-            text = text.replace(form, mask)
+            if len(form) >= ANYWHERE_MIN:
+                text = text.replace(form, mask)
+            else:  # short enough to be part of ordinary words: masked where it stands alone
+                text = token_pattern(form).sub(mask, text)
     return text
 
 

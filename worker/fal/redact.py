@@ -29,7 +29,15 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
-from jobs.key_forms import BARE_KEY, forget_keys, remember_key, remembered_keys
+from jobs.key_forms import (
+    ANYWHERE_MIN,
+    BARE_KEY,
+    TOKEN_SEPARATORS,
+    forget_keys,
+    remember_key,
+    remembered_keys,
+    token_pattern,
+)
 from jobs.key_forms import key_variants as key_variants  # re-exported: the forms redacted
 from jobs.url_secrets import mask_urls
 
@@ -120,20 +128,13 @@ def _apply_rules(text: str, keys: Iterable[str]) -> str:
 
 #: A key's prefix this long, right where a text was cut, is taken for the cut key.
 _CUT_KEY_MIN = 8
-#: A key (or a form of it) this long is masked wherever it appears, glued to other text too. A
-#: shorter one (``FAL_KEY=a:b``, a test's ``k3y``; fal's own keys are 69 characters) could be
-#: part of ordinary text — ``data:base64``, the logger ``worker.fal.client`` — and masking it
-#: there garbled every line: it is masked only as a token of its own, between the start or end
-#: of the text, white space, quotes, brackets or ``= , ; & ? / |`` (``key=a:b``, ``"a:b"``).
-_ANYWHERE_MIN = 16
-_SEPARATORS = r"\s'\"`()\[\]{}<>=,;&?/|"
-_SEPARATOR = re.compile(f"[{_SEPARATORS}]")
-
-
-@lru_cache(maxsize=256)
-def _whole_word(key: str) -> re.Pattern[str]:
-    """``key`` as a token of its own: nothing but a separator (or the text's end) either side."""
-    return re.compile(rf"(?<![^{_SEPARATORS}]){re.escape(key)}(?![^{_SEPARATORS}])")
+#: A key (or a form of it) this long is masked wherever it appears; a shorter one only as a
+#: token of its own (:data:`jobs.key_forms.ANYWHERE_MIN`: masking it inside ordinary text —
+#: ``data:base64``, the logger ``worker.fal.client`` — garbled every line).
+_ANYWHERE_MIN = ANYWHERE_MIN
+_SEPARATOR = re.compile(f"[{TOKEN_SEPARATORS}]")
+#: ``key`` as a token of its own: nothing but a separator (or the text's end) either side.
+_whole_word = token_pattern
 
 
 def _may_need_masking(text: str, triggers: Iterable[str]) -> bool:
