@@ -451,15 +451,7 @@ def _take_staged(
             f"video job {original.id} left there is taken by the next run once the folder can be "
             "looked in, never made again"
         )
-        store.set_batch_state(session, job.batch_id, BatchState.PAUSED, reason=reason)
-        paused.add(job.batch_id)
-        log.warning(
-            "job %s: not sent; batch paused: %s",
-            job.id,
-            reason,
-            extra={"event": "rerun.staged_paused", "job_id": job.id, "batch_id": job.batch_id},
-        )
-        return WAIT
+        return _pause_unsent(session, job, reason, paused, "rerun.staged_paused")
     if path is None:
         log.warning(
             "job %s: the paid video job %s left in the staging folder is not taken: %s; sending it "
@@ -514,13 +506,19 @@ def _reuse_check_failed(
         "object is told from a refused one) or fix the storage; nothing of the batch is sent "
         "meanwhile, so no render that could be reused is paid for"
     )
+    return _pause_unsent(session, job, reason, paused, "reuse.check_paused")
+
+
+def _pause_unsent(session: Session, job: JobRecord, reason: str, paused: set[str], event: str) -> str:
+    """Pause ``job``'s batch for ``reason`` without sending the job (it waits, kept), note the
+    batch in ``paused`` (the round sends nothing more of it) and say so: :data:`WAIT`."""
     store.set_batch_state(session, job.batch_id, BatchState.PAUSED, reason=reason)
     paused.add(job.batch_id)
     log.warning(
         "job %s: not sent; batch paused: %s",
         job.id,
         reason,
-        extra={"event": "reuse.check_paused", "job_id": job.id, "batch_id": job.batch_id},
+        extra={"event": event, "job_id": job.id, "batch_id": job.batch_id},
     )
     return WAIT
 
