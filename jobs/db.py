@@ -1610,6 +1610,7 @@ def _created_sqlite_file(url: str) -> Path | None:
     database = parsed.database or "" if parsed.get_backend_name() == "sqlite" else ""
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
+    _create_engine(parsed).dispose()  # a driver that cannot be used: its ConfigError, no file made
     path = Path(database).expanduser()
     return path if _prepare_sqlite_file(path) else None  # ConfigError when it cannot be made
 
