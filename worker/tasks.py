@@ -205,9 +205,10 @@ def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
     with logs.job_context(job_id):  # every line the step logs names its job
         try:
             outcome = step(rt, job_id)
-        except NotFoundError:
-            if _holds_job(rt, job_id):
-                raise  # something else was missing: a bug
+        except NotFoundError as exc:
+            if _holds_job(rt, job_id):  # something else was missing: a bug, bounded as every one
+                after_crash(rt, step, job_id, exc, crash_file(exc, where=step.__name__))
+                raise
             return _not_in_this_database(task, rt, job_id)
         except Exception as exc:
             # A killed connection, a restart, a failover: no bug, so one line and no traceback

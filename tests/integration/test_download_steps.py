@@ -12,12 +12,13 @@ import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import Engine
 
 from jobs import db, store
+from jobs.errors import NotFoundError
 from jobs.models import BatchState, utcnow
 from jobs.states import JobState
 from tests.hostile import HostileProvider, drip, json_reply, raw_reply, wait_for
@@ -492,3 +493,37 @@ def test_a_download_that_keeps_crashing_pauses_its_batch_and_keeps_the_paid_vide
         worker.close()
         rt.client.close()
     assert fal.posts() == 1
+
+
+def test_a_distributed_download_whose_bug_is_a_missing_row_is_given_back_too(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's task whose step raised ``NotFoundError`` for a job its database holds (a bug:
+    something else was missing) re-raised it with the lease kept, so the job was taken again at
+    every lease's end, for ever; it now goes through the same crash bound as any other bug."""
+    from worker import steps as all_steps
+    from worker import tasks
+
+    download_step = importlib.import_module("worker.steps.download")
+    FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+
+    def bug(*_args: Any, **_kwargs: Any) -> str:
+        raise NotFoundError("no job 'a-missing-row': a genuine bug")
+
+    monkeypatch.setattr(download_step, "_fetch_video", bug)
+    monkeypatch.setattr(tasks, "runtime", lambda _app: rt)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the crash report goes there
+    monkeypatch.setattr("tempfile.tempdir", None)
+
+    class Task:
+        app = None
+
+    try:
+        with pytest.raises(NotFoundError):
+            tasks._run(cast(Any, Task()), job_id, all_steps.download)
+        with db.session_scope(engine) as session:
+            job = store.get_job(session, job_id)
+        assert (job.state, job.lease_owner) == (JobState.DOWNLOADING, None)  # given back at once
+    finally:
+        rt.client.close()
