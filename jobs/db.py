@@ -232,6 +232,12 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
 
     Extra keyword arguments go to :func:`sqlalchemy.create_engine` (tests use ``poolclass``).
     """
+    return _built_engine(url, **kwargs)[0]
+
+
+def _built_engine(url: str | URL, **kwargs: Any) -> tuple[Engine, Path | None]:
+    """:func:`make_engine`'s engine, and the SQLite database file it created (None: none, or
+    one already there; :func:`_prepare_sqlite_file` creates it alone, ``O_EXCL``)."""
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
@@ -239,20 +245,22 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
         # The engine first (it opens nothing): a driver that is not installed is one line, and
         # no file is left behind for a database that cannot be opened.
         engine = _create_engine(parsed, **kwargs)
+        created = None
         if on_disk:
+            path = Path(database).expanduser()
             try:
-                _prepare_sqlite_file(Path(database).expanduser())
+                created = path if _prepare_sqlite_file(path) else None
             except ConfigError:
                 engine.dispose()
                 raise
         writers = _configure_sqlite(engine)
         if on_disk and "poolclass" not in kwargs:
             _add_writer(engine, parsed, writers)
-        return engine
+        return engine, created
     engine = _create_engine(parsed, **kwargs)
     if "pool_pre_ping" not in kwargs:
         _ping_after_idle(engine)
-    return engine
+    return engine, None
 
 
 def _create_engine(parsed: URL, **kwargs: Any) -> Engine:
@@ -1576,8 +1584,7 @@ def _opened_engine(url: str) -> Engine:
 
     A SQLite file this call created (:func:`_prepare_sqlite_file`) whose schema could not be
     created for want of space is removed again: a full disk left an empty ``wb.db`` behind."""
-    created = _created_sqlite_file(url)
-    engine = make_engine(url)  # ConfigError for a URL that is not SQLite or PostgreSQL
+    engine, created = _built_engine(url)  # ConfigError for a URL that is not SQLite or PostgreSQL
     try:
         migrate(engine)
     except ConfigError:  # not a wanbatch database
@@ -1598,21 +1605,6 @@ def _opened_engine(url: str) -> Engine:
             f"WANBATCH_DATABASE_URL {safe_url(url)}: cannot open the database: {reason}"
         ) from None
     return engine
-
-
-def _created_sqlite_file(url: str) -> Path | None:
-    """The SQLite database file of ``url`` when this call creates it (it is not there yet and
-    :func:`_prepare_sqlite_file` makes it, which it does alone: ``O_EXCL``); None otherwise."""
-    try:
-        parsed = normalize_url(url)
-    except ConfigError:
-        return None
-    database = parsed.database or "" if parsed.get_backend_name() == "sqlite" else ""
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    _create_engine(parsed).dispose()  # a driver that cannot be used: its ConfigError, no file made
-    path = Path(database).expanduser()
-    return path if _prepare_sqlite_file(path) else None  # ConfigError when it cannot be made
 
 
 def _remove_if_empty(path: Path) -> None:
