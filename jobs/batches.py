@@ -889,10 +889,11 @@ class Forecast:
     #: which ``eta_seconds`` never ends before; None when none.
     proof: listing.ProofWait | None = None
 
-    def proof_note(self, policy: str) -> str:
+    def proof_note(self, policy: str, *, now: datetime) -> str:
         """:func:`jobs.listing.proof_wait_text` of :attr:`proof` (``policy``:
-        ``WANBATCH_SUBMIT_UNKNOWN_POLICY``): the words ``status``, ``run`` and the dashboard share."""
-        return listing.proof_wait_text(self.proof, policy=policy)
+        ``WANBATCH_SUBMIT_UNKNOWN_POLICY``; ``now``: the one the forecast was made at): the words
+        ``status``, ``run`` and the dashboard share."""
+        return listing.proof_wait_text(self.proof, policy=policy, now=now)
 
 
 def batch_forecast(session: Session, batch: Batch, totals: listing.Totals, *, now: datetime) -> Forecast:
@@ -986,7 +987,7 @@ def batch_progress(
         "schedule": schedule,
         "eta_seconds": forecast.eta_seconds,
         "eta_note": forecast.eta_note,
-        "proof_wait_note": forecast.proof_note(policy),
+        "proof_wait_note": forecast.proof_note(policy, now=now),
     }
 
 
@@ -1673,7 +1674,7 @@ def _report(
         "dead_lease_holders_note": listing.dead_holders_text(dead, now=now),
         "proof_waiting": proof.jobs if proof is not None else 0,
         "proof_wait_until": proof.until.isoformat() if proof is not None else None,
-        "proof_wait_note": listing.proof_wait_text(proof, policy=policy),
+        "proof_wait_note": listing.proof_wait_text(proof, policy=policy, now=now),
         "counts": counts,
         "estimated_usd": _money(totals.estimated_usd),
         "spent_usd": _money(totals.spent_usd),

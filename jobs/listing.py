@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -328,19 +328,30 @@ _PROOF_POLICY = {
 }
 
 
-def proof_wait_text(proof: ProofWait | None, *, policy: str) -> str:
+def utc_clock(instant: datetime, *, now: datetime) -> str:
+    """``"14:02:11 UTC"`` for an instant on ``now``'s UTC day, ``"2026-12-06 01:02:11 UTC"`` on
+    any other: a time of day alone names a day only when it is today's. A wait of hours (an
+    overnight render read the next morning) once said "until 01:02:11 UTC" of the next day's."""
+    at = instant.astimezone(UTC)
+    if at.date() == now.astimezone(UTC).date():
+        return f"{at:%H:%M:%S} UTC"
+    return f"{at:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def proof_wait_text(proof: ProofWait | None, *, policy: str, now: datetime) -> str:
     """``1 job(s) wait for fal's webhook proof of their submit until 14:02:11 UTC, then fail
     (WANBATCH_SUBMIT_UNKNOWN_POLICY=fail: …)``: the one wording ``status`` (and its ``--json``'s
     ``proof_wait_note``), ``run``'s progress line and the dashboard's batch page give; "" when no
     job waits. ``policy``: ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` of the process that shows it (the
     one that settles the job is assumed to have the same). Without it such a job was only a
-    ``submit_unknown`` count, and the time left ended long before its wait did."""
+    ``submit_unknown`` count, and the time left ended long before its wait did. ``now``: the
+    wait's end names its date when it is not on ``now``'s UTC day (:func:`utc_clock`)."""
     if proof is None:
         return ""
     then = _PROOF_POLICY.get(policy, f"WANBATCH_SUBMIT_UNKNOWN_POLICY={policy} applies")
     return (
         f"{proof.jobs} job(s) wait for fal's webhook proof of their submit until "
-        f"{proof.until:%H:%M:%S} UTC, then {then}"
+        f"{utc_clock(proof.until, now=now)}, then {then}"
     )
 
 

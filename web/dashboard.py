@@ -458,7 +458,7 @@ class Dashboard:
                 "dead_holders": listing.dead_holders_text(dead, now=now),
                 # Jobs waiting for fal's webhook proof of their submit, until when, and what then:
                 # `status`'s and `run`'s words (its forecast's time left never ends before).
-                "proof_wait": forecast.proof_note(self.settings.submit_unknown_policy),
+                "proof_wait": forecast.proof_note(self.settings.submit_unknown_policy, now=now),
                 "workers_unread": workers_unread,
                 "failures": failures,
                 "failures_split": batches.told_apart_by_sending(

@@ -32,9 +32,9 @@ T2V = "fal-ai/wan-22"
 WAIT = timedelta(seconds=570)
 
 
-def _audited(engine: Engine, now: datetime) -> str:
+def _audited(engine: Engine, now: datetime, wait: timedelta = WAIT) -> str:
     """The audit's batch at ``now``: two jobs succeeded (sent 31 s ago), the third in
-    ``submit_unknown`` until ``now + WAIT``, its run beating."""
+    ``submit_unknown`` until ``now + wait``, its run beating."""
     batch_id = add_batch(engine, "proof", [(T2V, {"prompt": p}) for p in "abc"])
     with db.session_scope(engine) as session:
         store.record_heartbeat(session, "run-host:42:", [batch_id], now)
@@ -55,7 +55,7 @@ def _audited(engine: Engine, now: datetime) -> str:
             .values(
                 state=JobState.SUBMIT_UNKNOWN.value,
                 submitted_at=now - timedelta(seconds=30),
-                next_attempt_at=now + WAIT,
+                next_attempt_at=now + wait,
                 error_type="submit_unknown",
             )
         )
@@ -63,7 +63,7 @@ def _audited(engine: Engine, now: datetime) -> str:
 
 
 def test_the_forecast_never_ends_before_the_wait_for_proof(engine: Engine) -> None:
-    now = utcnow()
+    now = utcnow().replace(hour=12)  # the wait ends the same UTC day: its time alone
     batch_id = _audited(engine, now)
     with db.read_scope(engine) as session:
         current = batch_progress(session, batch_id, now=now)
@@ -90,12 +90,47 @@ def test_the_forecast_never_ends_before_the_wait_for_proof(engine: Engine) -> No
 
 def test_the_policy_named_is_the_one_configured() -> None:
     wait = listing.ProofWait(2, datetime.fromisoformat("2026-12-02T14:02:11+00:00"))
-    assert listing.proof_wait_text(wait, policy="resubmit") == (
+    now = datetime.fromisoformat("2026-12-02T13:00:00+00:00")
+    assert listing.proof_wait_text(wait, policy="resubmit", now=now) == (
         "2 job(s) wait for fal's webhook proof of their submit until 14:02:11 UTC, then are sent "
         "again while attempts remain (WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit: a possible duplicate "
         "charge), else fail"
     )
-    assert listing.proof_wait_text(None, policy="fail") == ""
+    assert listing.proof_wait_text(None, policy="fail", now=now) == ""
+
+
+def test_a_wait_that_ends_on_another_day_names_its_date() -> None:
+    """An overnight render read the next morning: "until 01:02:11 UTC" did not say which day's
+    (``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` can be hours). The date is named when the wait ends on
+    another UTC day than ``now``'s; the time alone when it ends the same day."""
+    wait = listing.ProofWait(1, datetime.fromisoformat("2026-12-06T01:02:11+00:00"))
+    evening = datetime.fromisoformat("2026-12-05T23:40:00+00:00")
+    said = "1 job(s) wait for fal's webhook proof of their submit until 2026-12-06 01:02:11 UTC, then fail"
+    assert listing.proof_wait_text(wait, policy="fail", now=evening).startswith(said)
+    # The day is UTC's, whatever offset ``now`` is given in (00:40 in Berlin is still the 5th in UTC).
+    berlin = datetime.fromisoformat("2026-12-06T00:40:00+01:00")
+    assert listing.proof_wait_text(wait, policy="fail", now=berlin).startswith(said)
+    morning = datetime.fromisoformat("2026-12-06T00:10:00+00:00")
+    assert listing.proof_wait_text(wait, policy="fail", now=morning).startswith(
+        "1 job(s) wait for fal's webhook proof of their submit until 01:02:11 UTC, then fail"
+    )
+    assert listing.utc_clock(wait.until, now=morning) == "01:02:11 UTC"
+    assert listing.utc_clock(wait.until, now=evening) == "2026-12-06 01:02:11 UTC"
+
+
+def test_status_and_run_name_the_date_of_a_wait_past_midnight(engine: Engine) -> None:
+    """``status`` (:func:`jobs.batches.batch_report`) and ``run``'s progress line
+    (:func:`jobs.batches.batch_progress`) at 23:55 UTC of a job that waits for proof until
+    00:04:30 UTC the next day: both name the date, in the same words."""
+    now = utcnow().replace(hour=23, minute=55, second=0, microsecond=0)
+    batch_id = _audited(engine, now)
+    with db.read_scope(engine) as session:
+        current = batch_progress(session, batch_id, now=now)
+        report = batch_report(session, batch_id, now=now)
+    until = now + WAIT
+    said = f"wait for fal's webhook proof of their submit until {until:%Y-%m-%d} 00:04:30 UTC, then fail"
+    assert current["proof_wait_note"] == report["proof_wait_note"], current["proof_wait_note"]
+    assert report["proof_wait_note"].startswith(f"1 job(s) {said}"), report["proof_wait_note"]
 
 
 def _status(
@@ -119,7 +154,7 @@ def test_status_says_which_jobs_wait_for_proof_until_when_and_what_then(
 ) -> None:
     now = utcnow()
     batch_id = _audited(engine, now)
-    until = f"{now + WAIT:%H:%M:%S} UTC"
+    until = listing.utc_clock(now + WAIT, now=now)  # its date too when it ends after midnight
     said = f"1 job(s) wait for fal's webhook proof of their submit until {until}, then are sent again"
 
     found = json.loads(_status(engine, monkeypatch, capsys, batch_id, "--json"))
@@ -137,3 +172,19 @@ def test_status_says_which_jobs_wait_for_proof_until_when_and_what_then(
 
     every = " ".join(_status(engine, monkeypatch, capsys).split())  # every batch: the note too
     assert said in every, every
+
+
+def test_status_names_the_date_of_a_wait_that_ends_tomorrow(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``wanbatch status`` (text and ``--json``) of a job whose wait for proof ends at 00:30 UTC
+    tomorrow: the date is named, not a bare "00:30:00 UTC" that reads as tonight's or tomorrow's."""
+    now = utcnow()
+    ends = (now + timedelta(days=1)).replace(hour=0, minute=30, second=0, microsecond=0)
+    batch_id = _audited(engine, now, wait=ends - now)
+    said = f"1 job(s) wait for fal's webhook proof of their submit until {ends:%Y-%m-%d} 00:30:00 UTC, then"
+
+    found = json.loads(_status(engine, monkeypatch, capsys, batch_id, "--json"))
+    assert found["proof_wait_note"].startswith(said), found["proof_wait_note"]
+    text = " ".join(_status(engine, monkeypatch, capsys, batch_id).split())
+    assert said in text, text

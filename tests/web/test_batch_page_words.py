@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 
 import web.dashboard
 from cli.output import _pending_line, report_ref
-from jobs import batches, db, store
+from jobs import batches, db, listing, store
 from jobs.db import session_factory
 from jobs.models import EVERY_BATCH, utcnow
 from jobs.schedule import Schedule
@@ -164,8 +164,33 @@ def test_jobs_waiting_for_proof_of_their_submit_are_said_to_wait(
     with db.read_scope(sqlite_engine) as session:
         report = batches.batch_report(session, mixed.batch.id, now=frozen, policy="resubmit")
     assert shown == report["proof_wait_note"], shown  # status's words
-    said = f"1 job(s) wait for fal's webhook proof of their submit until {until:%H:%M:%S} UTC"
+    ends = listing.utc_clock(until, now=frozen)  # its date too when it ends after midnight
+    said = f"1 job(s) wait for fal's webhook proof of their submit until {ends}"
     assert shown.startswith(said), shown
     assert "WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit" in shown
     eta = _said(html, ETA)
     assert re.match(r"ETA ~[12]h", eta), eta  # the wait's two hours, not the pace's minutes
+
+
+def test_a_wait_for_proof_that_ends_tomorrow_names_its_date(
+    sqlite_engine: Engine, output_dir: Path, frozen: datetime
+) -> None:
+    """A job waits for fal's webhook proof until 00:30 UTC tomorrow: the page names the date, as
+    ``status`` does, not a bare "00:30:00 UTC" that reads as tonight's or tomorrow's."""
+    until = (frozen + timedelta(days=1)).replace(hour=0, minute=30, second=0, microsecond=0)
+    with session_factory(sqlite_engine)() as work:
+        mixed = mixed_batch(work)
+        waiting = next(j for j in store.jobs_of_batch(work, mixed.batch.id) if not JobState(j.state).terminal)
+        waiting.state, waiting.next_attempt_at = JobState.SUBMIT_UNKNOWN, until
+        work.commit()
+    settings = settings_for(sqlite_engine, output_dir, token=TOKEN)
+    browser = logged_in(client(app_for(sqlite_engine, settings)))
+    html = browser.get(f"/batches/{mixed.batch.id}", headers=HTML).text
+
+    shown = _said(html, r'data-testid="proof-wait">(.*?)</p>')
+
+    with db.read_scope(sqlite_engine) as session:
+        report = batches.batch_report(session, mixed.batch.id, now=frozen)
+    assert shown == report["proof_wait_note"], shown  # status's words
+    said = f"1 job(s) wait for fal's webhook proof of their submit until {until:%Y-%m-%d} 00:30:00 UTC"
+    assert shown.startswith(said), shown
