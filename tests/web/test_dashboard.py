@@ -729,3 +729,59 @@ def test_a_paused_batch_past_its_deadline_reads_as_status_says(
         "`wanbatch run overdue` cancels its 3 unsent job(s) (deadline)." in _actions_html(html)
     )
     assert 'data-action="cancel"' in html
+
+
+def _badges(html: str, where: str) -> list[str]:
+    """The badges' words of the batch at ``where`` (its row of the list, or the page's head)."""
+    start = html.index(where)
+    meta = re.search(r'<(?:div class="meta"|p class="sub")>(.*?)</(?:div|p)>', html[start:], re.S)
+    assert meta is not None, html[start : start + 2000]
+    found = re.findall(r'<span class="badge[^"]*"[^>]*>(.*?)</span>', meta.group(1))
+    return [html_text(badge).strip() for badge in found]
+
+
+@pytest.mark.parametrize("paused", ["by its user", "by fal's refusal"])
+def test_a_paused_batch_past_its_deadline_has_one_state_on_the_list_and_its_page(
+    sqlite_engine: Engine, output_dir: Path, paused: str
+) -> None:
+    """A batch paused (by its user, or by fal's refusal of the key) and past its deadline: the
+    list and the page showed a "paused" badge beside "past deadline", two states where `status`
+    gives one (phase ``deadline``: resuming or fixing the key sends nothing any more). They give
+    the deadline alone; the pause is said in the badge's tooltip, as `status` qualifies it."""
+    from jobs import batches
+
+    with session_factory(sqlite_engine)() as session:
+        batch = make_batch(session, "overdue", [new_job(i, endpoint=ENDPOINTS[0]) for i in range(3)])
+        overdue = Schedule(deadline=utcnow() - timedelta(hours=1))
+        store.set_batch_schedule(session, batch.id, overdue, "normal")
+        if paused == "by its user":
+            store.set_paused_by_user(session, batch.id, True)
+        else:
+            store.set_batch_state(session, batch.id, BatchState.PAUSED, reason="fal refused the key (401)")
+        session.commit()
+        report = batches.batch_report(session, batch.id)
+    assert report["phase"] == "deadline"  # status: the one state
+    browser = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir)))
+    listed = browser.get("/", headers=HTML).text
+    page = browser.get(f"/batches/{batch.id}", headers=HTML).text
+
+    said = ["past deadline: 0 cancelled"]
+    assert _badges(listed, f'id="b-{batch.id}"') == said
+    assert _badges(page, "<h1>") == said
+    why = "paused by user, but resuming sends nothing" if paused == "by its user" else "paused: fal refused"
+    tooltip = f'title="schedule · {why}'  # in the deadline's tooltip, not a state of its own
+    assert tooltip in listed
+    assert tooltip in page
+
+
+def test_a_batch_its_user_paused_still_shows_its_pause(sqlite_engine: Engine, output_dir: Path) -> None:
+    """Before its deadline a user's pause is the batch's state (`status`: phase ``paused``)."""
+    with session_factory(sqlite_engine)() as session:
+        batch = make_batch(session, "held", [new_job(i, endpoint=ENDPOINTS[0]) for i in range(2)])
+        ahead = Schedule(deadline=utcnow() + timedelta(hours=1))
+        store.set_batch_schedule(session, batch.id, ahead, "normal")
+        store.set_paused_by_user(session, batch.id, True)
+        session.commit()
+    browser = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir)))
+    assert _badges(browser.get("/", headers=HTML).text, f'id="b-{batch.id}"') == ["paused by user"]
+    assert _badges(browser.get(f"/batches/{batch.id}", headers=HTML).text, "<h1>") == ["paused by user"]
