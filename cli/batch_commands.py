@@ -579,27 +579,51 @@ def _simulated(settings: Settings, simulate: bool) -> Iterator[Settings]:
     from falsim import SimulatorOptions, running_simulator
 
     global _simulator
-    with running_simulator(SimulatorOptions(concurrency_limit=40, latency_seconds=0.3)) as sim:
-        _simulator = sim
-        try:
-            yield settings.model_copy(
-                update={
-                    "fal_queue_url": sim.url,
-                    "fal_rest_url": sim.url,
-                    # Never the user's FAL_KEY: it goes to fal only. A key of its own also keeps
-                    # the simulation's requests out of fal's outstanding cap (counted per key).
-                    "fal_key": SecretStr(SIMULATOR_KEY),
-                    # fal's webhook receiver is for fal: the simulator would post there (the
-                    # receiver rejects its signature, counted as forged), and the run, waiting for
-                    # webhooks instead of following status streams, would learn of each completion
-                    # only from the poll after WANBATCH_WEBHOOK_POLL_AFTER (30 s by default).
-                    "webhook_url": None,
-                    "poll_min_interval": min(settings.poll_min_interval, 0.2),
-                    "tick_interval": min(settings.tick_interval, 0.1),
-                }
-            )
-        finally:
-            _simulator = None
+    ran: SimulatorHandle | None = None
+    try:
+        with running_simulator(SimulatorOptions(concurrency_limit=40, latency_seconds=0.3)) as sim:
+            ran = _simulator = sim
+            try:
+                yield settings.model_copy(
+                    update={
+                        "fal_queue_url": sim.url,
+                        "fal_rest_url": sim.url,
+                        # Never the user's FAL_KEY: it goes to fal only. A key of its own also keeps
+                        # the simulation's requests out of fal's outstanding cap (counted per key).
+                        "fal_key": SecretStr(SIMULATOR_KEY),
+                        # fal's webhook receiver is for fal: the simulator would post there (the
+                        # receiver rejects its signature, counted as forged), and the run, waiting for
+                        # webhooks instead of following status streams, would learn of each completion
+                        # only from the poll after WANBATCH_WEBHOOK_POLL_AFTER (30 s by default).
+                        "webhook_url": None,
+                        "poll_min_interval": min(settings.poll_min_interval, 0.2),
+                        "tick_interval": min(settings.tick_interval, 0.1),
+                    }
+                )
+            finally:
+                _simulator = None
+    finally:
+        if ran is not None:
+            _hand_over_finished(settings, ran)
+
+
+def _hand_over_finished(settings: Settings, sim: SimulatorHandle) -> None:
+    """Once this run's simulator has stopped: mark, in the journal this process leaves (the
+    submissions the database could not take: :mod:`worker.steps.unrecorded`), those that
+    simulator finished successfully, with their seeds. It billed them; the next ``--simulate``
+    run gives them to its own simulator finished (:meth:`falsim.engine.Engine.take_back_finished`:
+    the same video, unbilled) instead of running and billing them a second time. Read after the
+    stop, so the ledger no longer changes (a request still running then was not billed:
+    :meth:`falsim.engine.Engine.stop`)."""
+    from worker.steps.unrecorded import Journal
+
+    finished = {
+        entry["request_id"]: entry["seed"]
+        for entry in sim.engine.ledger.snapshot()["entries"]
+        if entry["outcome"] == "ok"
+    }
+    if finished:
+        Journal(settings.database_url).note_finished(finished)
 
 
 def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
@@ -624,7 +648,11 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
     The submissions the earlier run's simulator accepted whose ids the database could not take
     (its disk was full: :mod:`worker.steps.unrecorded`) go back too, from the journal that run
     left: this run records them (:func:`worker.steps.reconcile.adopt_unrecorded`) and follows
-    them at its simulator, which must hold them."""
+    them at its simulator, which must hold them. Those the earlier run's simulator had finished
+    (the journal says so: :func:`_hand_over_finished`) go back finished, as the ``downloading``
+    ones do, never billed again; the others are run, and billed, by this one — the earlier
+    simulator billed none of them (a request it was still running when it stopped is not
+    billed there: :meth:`falsim.engine.Engine.stop`)."""
     if _simulator is None:
         return
     from jobs import db, store
@@ -634,8 +662,10 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
     at_fal = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING, JobState.DOWNLOADING)
     with db.read_scope(db.open_engine(settings)) as session:
         requests = store.batch_requests(session, batch_id, at_fal)
-        requests += _journaled_requests(session, batch_id, settings, {r[1] for r in requests})
+        seeds: dict[str, int | None] = {}
+        requests += _journaled_requests(session, batch_id, settings, {r[1] for r in requests}, seeds)
         results = store.simulated_results(session, batch_id) if requests else {}
+        results.update({request_id: {"seed": seed} for request_id, seed in seeds.items()})
         schedule = store.batch_schedule(store.get_batch(session, batch_id)) if requests else None
     if not requests or schedule is None:
         return
@@ -662,13 +692,14 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
 
 
 def _journaled_requests(
-    session: Session, batch_id: str, settings: Settings, known: set[str]
+    session: Session, batch_id: str, settings: Settings, known: set[str], seeds: dict[str, int | None]
 ) -> list[tuple[str, str, Any, Any, datetime | None, datetime | None]]:
     """The batch's submissions an earlier run's simulator accepted whose ids the database could
     not take, from the journals ended processes left (:mod:`worker.steps.unrecorded`), as
     :func:`jobs.store.batch_requests` gives them: those its jobs still wait for (the next
     reconcile records them), each as queued (or running, when its answer said so) from its
-    sending. ``known``: request ids recorded already."""
+    sending, or as ``downloading`` when that simulator finished it (its seed then goes into
+    ``seeds``, by request id). ``known``: request ids recorded already."""
     from jobs import store
     from jobs.errors import NotFoundError
     from jobs.states import JobState
@@ -690,6 +721,9 @@ def _journaled_requests(
                 continue
             known.add(accepted.request_id)
             state = JobState.RUNNING if accepted.running else JobState.QUEUED
+            if accepted.finished:
+                state = JobState.DOWNLOADING
+                seeds[accepted.request_id] = accepted.seed
             sent = job.sent_at or accepted.submitted_at
             payload, timeout_at = job.submitted_input, job.start_timeout_at
             found.append((job.endpoint, accepted.request_id, payload, state, sent, timeout_at))

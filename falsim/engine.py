@@ -140,6 +140,8 @@ class Engine:
         self.changed = asyncio.Event()
         #: The server is shutting down: open status streams end (see :meth:`close_streams`).
         self.closing = False
+        #: :meth:`stop` is under way: a runner it stops is not a client's cancel (nothing billed).
+        self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -151,9 +153,17 @@ class Engine:
         self._http = httpx.AsyncClient()
         self.changed = asyncio.Event()
         self.closing = False
+        self._stopping = False
 
     async def stop(self) -> None:
-        """Cancel runners and deliveries, close the webhook client."""
+        """Cancel runners and deliveries, close the webhook client.
+
+        A request still queued or running is left as it is in the ledger: accepted, not
+        completed, not billed. The simulator's process ends (a stopped ``run --simulate``), not
+        the request: fal would run it to the end and bill it once, and the next run's simulator,
+        given it back (:meth:`falsim.server.SimulatorHandle.resume`), does — billed there, once.
+        """
+        self._stopping = True
         await self._cancel_tasks()
         if self._http is not None:
             await self._http.aclose()
@@ -405,8 +415,8 @@ class Engine:
             assert req.started is not None
             await asyncio.sleep(max(0.0, req.started + wait - loop.time()))
         except asyncio.CancelledError:
-            if req.generation != self._generation:
-                raise
+            if req.generation != self._generation or self._stopping:
+                raise  # reset, or the simulator stops: no client cancelled it (:meth:`stop`)
             outcome = self._cancelled(req, billed=True)
         if req.generation == self._generation:
             self._finish(req, outcome, was_running=True)

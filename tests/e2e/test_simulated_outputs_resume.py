@@ -23,11 +23,13 @@ import contextlib
 import errno
 import json
 import os
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -141,6 +143,105 @@ def test_a_submission_only_the_journal_kept_finishes_at_the_next_simulator(
     assert ledger["accepted"] == 2, ledger["entries"]
     assert request_id in {e["request_id"] for e in ledger["entries"]}
     assert not journal.exists()
+
+
+def _journaled_at_a_stopped_simulation(
+    url: str, monkeypatch: pytest.MonkeyPatch, *, finish: bool
+) -> tuple[str, SimulatorHandle]:
+    """What a `run --simulate` of a batch of 2 jobs whose database disk was full leaves once
+    stopped: its simulator (the run's own, :func:`cli.batch_commands._simulated`) accepted the
+    first job's submit and ``finish``-ed it (else it was still running it when the run stopped);
+    the request id went to the journal only (:meth:`Journal.save`, as the submit step keeps it),
+    that of a process that has ended; the job is still `submitting`. The request id and that
+    simulator (stopped)."""
+    from cli import batch_commands
+    from jobs.settings import get_settings
+    from worker.steps import unrecorded
+
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE batches SET simulated = :t"), {"t": True})
+            job_id = conn.execute(text("SELECT id FROM jobs ORDER BY item_index LIMIT 1")).scalar_one()
+            sent = datetime.now(UTC)
+            conn.execute(
+                text(
+                    "UPDATE jobs SET state = 'submitting', attempts = 1, submitted_input = input, "
+                    "sent_at = :sent WHERE id = :id"
+                ),
+                {"sent": sent.replace(tzinfo=None), "id": job_id},
+            )
+            (payload,) = conn.execute(text("SELECT input FROM jobs WHERE id = :id"), {"id": job_id}).one()
+    finally:
+        engine.dispose()
+    payload = json.loads(payload) if isinstance(payload, str) else payload
+    with monkeypatch.context() as stopped:
+        stopped.setattr(unrecorded, "_owner_token", lambda: "4194303-1")  # a process that ended
+        with batch_commands._simulated(get_settings(), True) as settings:
+            sim = batch_commands._simulator
+            assert sim is not None
+            if not finish:
+                sim.update_options(latency_seconds=60.0)
+            answer = httpx.post(
+                f"{settings.fal_queue_url}/fal-ai/wan-22",
+                json=payload,
+                headers={"Authorization": f"Key {batch_commands.SIMULATOR_KEY}"},
+                timeout=10,
+            )
+            answer.raise_for_status()
+            request_id = answer.json()["request_id"]
+            accepted = Accepted(job_id, 1, request_id, None, None, None, None, False, sent)
+            assert unrecorded.Journal(url).save([accepted]) is not None
+
+            def reached() -> bool:
+                (entry,) = sim.engine.ledger.snapshot()["entries"]
+                return entry["outcome"] == "ok" if finish else entry["started_at"] is not None
+
+            deadline = time.monotonic() + 30
+            while not reached():
+                assert time.monotonic() < deadline, sim.engine.ledger.snapshot()
+                time.sleep(0.02)
+    return request_id, sim
+
+
+def _billed(sim: SimulatorHandle, request_id: str) -> list[bool]:
+    return [e["billed"] for e in sim.engine.ledger.snapshot()["entries"] if e["request_id"] == request_id]
+
+
+@pytest.mark.parametrize("finish", [True, False], ids=["finished", "running"])
+def test_a_journaled_submission_is_billed_once_across_the_pause(
+    e2e_env: Path,
+    manifest: MakeManifest,
+    monkeypatch: pytest.MonkeyPatch,
+    simulators: list[SimulatorHandle],
+    finish: bool,
+) -> None:
+    """Audit (simulated ledger): a submission only the journal kept whose request the stopped
+    run's simulator had finished (and billed) was given to the next run's simulator as queued:
+    run and billed a second time, the simulation's ledger counting its video twice. One it was
+    still running was billed there as cancelled when the run stopped, then run and billed again.
+    Now the finished one goes back finished (the same video, unbilled) and the running one is
+    billed by the simulator that finishes it only; the other job, a new submission, still is."""
+    url = os.environ["WANBATCH_DATABASE_URL"]
+    assert run_main(["submit", str(manifest("simledger", _manifest("simledger", 2)))], monkeypatch) == 0
+    request_id, first = _journaled_at_a_stopped_simulation(url, monkeypatch, finish=finish)
+    assert _billed(first, request_id) == [finish]
+
+    code = run_main(["run", "simledger", "--simulate", "--no-progress"], monkeypatch)
+
+    rows = db_rows(url, "SELECT state, request_id, error FROM jobs ORDER BY item_index")
+    assert code == 0, rows
+    assert [(state, error) for state, _, error in rows] == [("succeeded", None)] * 2, rows
+    assert rows[0][1] == request_id  # recorded from the journal, never sent again
+    second = simulators[-1]
+    assert second is not first
+    assert _billed(second, request_id) == [not finish]  # taken back: billed once in all
+    ledgers = [first.engine.ledger.snapshot(), second.engine.ledger.snapshot()]
+    assert sum(ledger["billed_count"] for ledger in ledgers) == 2, ledgers  # one video each
+    if finish:  # the video the first simulator made, from its seed
+        made, again = ({e["request_id"]: e["seed"] for e in ledger["entries"]} for ledger in ledgers)
+        assert again[request_id] == made[request_id]
+    assert list(e2e_env.parent.glob(f"{PREFIX}*{SUFFIX}")) == []
 
 
 def test_a_batch_sent_to_fal_keeps_the_result_it_fetched(

@@ -33,8 +33,8 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,12 @@ class Accepted:
     cancel_url: str | None
     running: bool
     submitted_at: datetime
+    #: The simulator of the ``run --simulate`` that sent it finished it (successfully) before it
+    #: stopped: the next run's simulator takes it back finished, never runs nor bills it again
+    #: (:meth:`Journal.note_finished`). Always False for fal's requests.
+    finished: bool = False
+    #: The seed that finished request's result carried (its video is made again from it).
+    seed: int | None = None
 
     def line(self) -> str:
         """``job J (attempt A): request R``, for messages."""
@@ -93,6 +99,8 @@ class Accepted:
                 "cancel_url": _text_or_none(raw.get("cancel_url")),
                 "running": raw.get("running") is True,
                 "submitted_at": datetime.fromisoformat(raw["submitted_at"]),
+                "finished": raw.get("finished") is True,
+                "seed": raw.get("seed") if type(raw.get("seed")) is int else None,
             }
         except (ValueError, TypeError, KeyError):
             return None
@@ -198,6 +206,31 @@ class Journal:
                     path.unlink()
         if keep is None:
             self.path = None
+
+    def note_finished(self, finished: Mapping[str, int | None]) -> int:
+        """Mark this process's entries whose request is in ``finished`` (request id → the seed
+        its result carried) as finished, in the journal file wherever it is kept; how many were
+        marked. Called by ``run --simulate`` once its simulator has stopped: that simulator
+        billed them, and the next run's simulator must take them back finished instead of
+        running (and billing) them again. A file that cannot be read or rewritten is left as
+        it is."""
+        marked = 0
+        with self._lock:
+            for folder in self.folders:
+                path = folder / self.name
+                entries = read_journal(path)  # None: no file there (or unreadable)
+                if not entries:
+                    continue
+                changed = [
+                    replace(e, finished=True, seed=finished[e.request_id])
+                    if e.request_id in finished and not e.finished
+                    else e
+                    for e in entries
+                ]
+                count = sum(1 for old, new in zip(entries, changed, strict=True) if old is not new)
+                if count and _write_file(path, "".join(e.as_json() + "\n" for e in changed)):
+                    marked += count
+        return marked
 
     def left_by_others(self) -> list[Path]:
         """Journal files of this database that processes which have ended left behind (this
