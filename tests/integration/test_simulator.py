@@ -429,13 +429,14 @@ def test_a_request_past_its_start_timeout_is_never_started_even_before_its_timer
 
 
 def test_result_retention(make_sim: Callable[..., SimulatorHandle], client: httpx.Client) -> None:
-    sim = make_sim(result_ttl_seconds=0.3, large_result_ttl_seconds=0.1)
+    # 1.5 s: long enough for a loaded machine to fetch it once in time (0.3 s was not).
+    sim = make_sim(result_ttl_seconds=1.5, large_result_ttl_seconds=0.1)
     kept = submit(client, sim, "fal-ai/wan-22", INPUTS["fal-ai/wan-22"])  # payload storage on: kept
     short = submit(client, sim, "fal-ai/wan-22", INPUTS["fal-ai/wan-22"], headers={"X-Fal-Store-IO": "0"})
     wait_completed(client, kept["status_url"])
     wait_completed(client, short["status_url"])
     assert client.get(short["response_url"]).status_code == 200
-    time.sleep(0.4)
+    time.sleep(1.6)
     gone = client.get(short["response_url"])
     assert gone.status_code == 404
     assert "expired" in gone.json()["detail"]
