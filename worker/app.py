@@ -133,6 +133,9 @@ def run_worker(
         options["concurrency"] = concurrency
     if hostname:
         options["hostname"] = hostname
+    from worker.peers import name_this_node
+
+    name_this_node(hostname)  # its record on the limiter's Redis names it (``doctor`` reads it)
     worker = _stopping_on_hangup(app.Worker)(
         pool_cls=pool_cls,
         loglevel=mlevel(loglevel),  # a number, as Celery's ``-l`` option makes it

@@ -14,7 +14,10 @@ each what is wrong and what to do about it:
   space, :func:`_full_sqlite_disk`: on a full disk reading works and nothing the doctor may do
   without leaving a trace would fail);
 - **broker**: with ``WANBATCH_BROKER_URL``, the broker answers and ``wanbatch worker``
-  processes answer a ping (none: nothing would be processed); embedded mode needs neither;
+  processes answer a ping (none: nothing would be processed); embedded mode needs neither. The
+  line names the workers that answer (their Celery node names, the first
+  :data:`NAMED_WORKERS`) and, from their records on the limiter's Redis (:mod:`worker.peers`),
+  when each was last seen; ``--json`` lists them all (:attr:`Check.workers`);
 - **provider**: one cheap authenticated call to ``WANBATCH_FAL_QUEUE_URL`` — the status of a
   request id that cannot exist. The key is accepted when fal says "not found" (404), refused on
   401, the account refused on 403; it costs nothing and queues nothing. The bundled simulator
@@ -67,6 +70,9 @@ TIMEOUT = 10.0
 #: hundred bytes; whatever answers there instead must not fill the memory.
 HEALTHZ_MAX_BYTES = 64 * 1024
 KEYS_URL = "https://fal.ai/dashboard/keys"
+#: How many of the workers that answer the broker check names in its line (then "and N more");
+#: ``doctor --json`` lists every one.
+NAMED_WORKERS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +83,17 @@ class Check:
     status: Status
     detail: str
     fix: str | None = None
+    #: The broker check's workers that answer a ping: each one's ``node`` (Celery node name) and
+    #: ``last_seen_seconds_ago`` (its record on the limiter's Redis; None: none read). None: the
+    #: check did not ask (no broker, or the broker did not answer); the other checks have none.
+    workers: list[dict[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON form (``doctor --json``'s ``checks`` entries)."""
-        return asdict(self)
+        """The JSON form (``doctor --json``'s ``checks`` entries): ``workers`` only where asked."""
+        found = asdict(self)
+        if self.workers is None:
+            del found["workers"]
+        return found
 
 
 def _ok(name: str, detail: str) -> Check:
@@ -287,7 +300,7 @@ def check_broker(settings: Settings) -> Check:
     typo in one host's URL — and a ``run`` here would wait forever."""
     from jobs.db import safe_url as db_safe_url
     from jobs.errors import WanbatchError
-    from worker.running import beating_here, check_broker, live_workers
+    from worker.running import beating_here, check_broker, worker_nodes
 
     name = "broker"
     if not settings.broker_url:
@@ -297,31 +310,79 @@ def check_broker(settings: Settings) -> Check:
         check_broker(settings, timeout=3.0)
     except WanbatchError as exc:
         return _fail(name, str(exc), "start the broker or fix WANBATCH_BROKER_URL")
-    workers = live_workers(settings, timeout=2.0)
-    if workers is None:
+    nodes = worker_nodes(settings, timeout=2.0)
+    if nodes is None:
         return _fail(name, f"{where} answers, but asking its workers failed", "run `wanbatch doctor` again")
-    if workers == 0:
-        return _fail(
-            name,
-            f"{where} answers; no `wanbatch worker` does: nothing would be processed",
-            "start `wanbatch worker` (same WANBATCH_BROKER_URL and WANBATCH_DATABASE_URL) on a host",
+    if not nodes:
+        return replace(
+            _fail(
+                name,
+                f"{where} answers; no `wanbatch worker` does: nothing would be processed",
+                "start `wanbatch worker` (same WANBATCH_BROKER_URL and WANBATCH_DATABASE_URL) on a host",
+            ),
+            workers=[],
         )
-    pinged = f"{where} answers; {workers} worker(s) answer a ping"
+    pinged = f"{where} answers; {len(nodes)} worker(s) answer a ping"
+    seen = _last_seen(settings, nodes)
+    named = f"; the workers: {_named(nodes, seen)}"
+    listed = [{"node": node, "last_seen_seconds_ago": _rounded(seen.get(node))} for node in nodes]
     beat = _workers_beat(settings)
     if isinstance(beat, str):  # the database could not be read: its own check says why
-        return _ok(name, f"{pinged} (whether they work on this database is not known: {beat})")
-    if beat is None or not beating_here(beat):
-        seen = "none ever" if beat is None else f"the last {_ago(beat)} ago"
-        return _fail(
+        verdict = _ok(name, f"{pinged} (whether they work on this database is not known: {beat}){named}")
+    elif beat is None or not beating_here(beat):
+        last = "none ever" if beat is None else f"the last {_ago(beat)} ago"
+        verdict = _fail(
             name,
             f"{pinged}, but none works on this database {db_safe_url(settings.database_url)}: no "
-            f"worker heartbeat in it within the last minute ({seen}), so nothing would be processed",
+            f"worker heartbeat in it within the last minute ({last}), so nothing would be processed{named}",
             "the workers likely use another WANBATCH_DATABASE_URL (another deployment sharing this "
             "broker, or a typo on one host): give them and this host the same WANBATCH_DATABASE_URL, "
             "or each deployment a broker of its own (another Redis database number); a worker started "
             "just now beats within seconds: run `wanbatch doctor` again",
         )
-    return _ok(name, f"{pinged}, and work on this database (heartbeat {_ago(beat)} ago)")
+    else:
+        verdict = _ok(name, f"{pinged}, and work on this database (heartbeat {_ago(beat)} ago){named}")
+    return replace(verdict, workers=listed)
+
+
+def _last_seen(settings: Settings, nodes: list[str]) -> dict[str, float | None]:
+    """How long ago (s, by Redis' clock) each worker of ``nodes`` last wrote its record for this
+    database on the limiter's Redis (:func:`worker.peers.last_seen`; None: it has none). Nothing
+    when there is no Redis limiter, it does not answer (the limiter check says so), or this
+    database cannot be read (which records are its own is then not known)."""
+    from worker.peers import last_seen, read_records
+
+    database = _database_fingerprint(settings)
+    if isinstance(database, _Unknown):
+        return {}
+    return last_seen(read_records(settings, database), nodes)
+
+
+def _named(nodes: list[str], seen: dict[str, float | None]) -> str:
+    """The first :data:`NAMED_WORKERS` of ``nodes``, each with when it was last seen when the
+    records were read (``seen``), then how many more (``doctor --json`` lists them all)."""
+
+    def one(node: str) -> str:
+        if node not in seen:
+            return node
+        age = seen[node]
+        if age is None:
+            return f"{node} (no record on the limiter's Redis for this database)"
+        return f"{node} (last seen {_seconds_ago(age)} ago)"
+
+    shown = ", ".join(one(node) for node in nodes[:NAMED_WORKERS])
+    more = len(nodes) - NAMED_WORKERS
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _rounded(age: float | None) -> float | None:
+    return None if age is None else round(age, 1)
+
+
+def _seconds_ago(age: float) -> str:
+    from jobs.schedule import format_duration
+
+    return format_duration(max(0.0, age))
 
 
 def _workers_beat(settings: Settings) -> datetime | str | None:

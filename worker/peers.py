@@ -18,6 +18,10 @@ a dead worker's goes stale (:data:`worker.limits.POLICY_FRESH_SECONDS`) and its 
 nothing, then it is pruned (:data:`PEERS_KEEP_SECONDS`). ``doctor`` (its ``limiter`` check fails)
 and ``status`` read the live records and name the odd worker and the setting (:func:`disagreements`).
 
+A record also carries the worker's Celery node name (``wanbatch-PID@HOST`` unless ``worker
+--name`` gave another; :func:`name_this_node`), so ``doctor`` can say when each worker that
+answers the broker's ping last wrote it (:func:`last_seen`).
+
 A record not refreshed for :data:`PEER_GONE_SECONDS` is also how ``status`` and the dashboard
 tell that a worker on another host died (:func:`silent_since`): the database alone says so of a
 worker that does not lead the ticks only once its job leases end (it records no heartbeat there,
@@ -159,14 +163,20 @@ class Peer:
     settings: Mapping[str, str]
     #: Its output folder with symlinks followed (:func:`worker.limits.output_real`); None: S3.
     output_real: str | None = None
+    #: Its Celery node name as it answers a ping; None: not recorded (an earlier version's
+    #: record, or a process that is no Celery worker): :attr:`node_name` then assumes the default.
+    node: str | None = None
 
     @classmethod
-    def of(cls, owner: str, settings: Settings, at: float = 0.0) -> Peer:
-        return cls(owner, at, outcome_settings(settings), output_real(settings))
+    def of(cls, owner: str, settings: Settings, at: float = 0.0, node: str | None = None) -> Peer:
+        return cls(owner, at, outcome_settings(settings), output_real(settings), node)
 
     def record(self) -> str:
         """The JSON stored in the hash (Redis stamps the time)."""
-        return json.dumps({"settings": dict(self.settings), "output_real": self.output_real}, sort_keys=True)
+        doc: dict[str, object] = {"settings": dict(self.settings), "output_real": self.output_real}
+        if self.node is not None:
+            doc["node"] = self.node
+        return json.dumps(doc, sort_keys=True)
 
     @classmethod
     def parse(cls, owner: bytes, raw: bytes) -> Peer | None:
@@ -176,7 +186,14 @@ class Peer:
             doc = json.loads(body)
             shown = {str(k): str(v) for k, v in doc["settings"].items()}
             real = doc.get("output_real")
-            return cls(owner.decode(), int(stamp) / 1_000_000, shown, real if isinstance(real, str) else None)
+            node = doc.get("node")
+            return cls(
+                owner.decode(),
+                int(stamp) / 1_000_000,
+                shown,
+                real if isinstance(real, str) else None,
+                node if isinstance(node, str) and node else None,
+            )
         except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
             return None
 
@@ -186,6 +203,16 @@ class Peer:
         host, _, rest = self.owner.partition(":")
         pid = rest.split(":", 1)[0]
         return f"worker pid {pid}@{host}" if pid else f"worker {self.owner}"
+
+    @property
+    def node_name(self) -> str | None:
+        """The Celery node name this worker answers a ping with: the recorded one, else the
+        default ``wanbatch-PID@HOST`` (``host:pid:``); None when the owner names no pid."""
+        if self.node is not None:
+            return self.node
+        host, _, rest = self.owner.partition(":")
+        pid = rest.split(":", 1)[0]
+        return f"wanbatch-{pid}@{host}" if pid and host else None
 
 
 def _live(raw: list[bytes], now_us: bytes | int) -> list[Peer]:
@@ -269,16 +296,28 @@ class WorkerRecords:
     silent: dict[str, float] = field(default_factory=dict)
     #: Why the records could not be read (one line, never a password); None: read, or no Redis.
     error: str | None = None
+    #: Every record's age (s, by Redis' clock), by the worker's node name (:attr:`Peer.node_name`;
+    #: two records of one name, a worker restarted under a ``--name`` of its own: the newer).
+    seen: dict[str, float] = field(default_factory=dict)
+    #: Whether the records were read (False: no Redis limiter, or it did not answer).
+    read: bool = False
 
 
 def _records(raw: list[bytes], now_us: bytes | int) -> WorkerRecords:
     now = int(now_us) / 1_000_000
     silent: dict[str, float] = {}
+    seen: dict[str, float] = {}
     for owner, value in zip(raw[::2], raw[1::2], strict=True):
         peer = Peer.parse(owner, value)
-        if peer is not None and now - peer.at > PEER_GONE_SECONDS:
-            silent[peer.owner] = now - peer.at
-    return WorkerRecords(_live(raw, now_us), silent)
+        if peer is None:
+            continue
+        age = max(0.0, now - peer.at)
+        if now - peer.at > PEER_GONE_SECONDS:
+            silent[peer.owner] = age
+        node = peer.node_name
+        if node is not None:
+            seen[node] = min(age, seen.get(node, age))
+    return WorkerRecords(_live(raw, now_us), silent, seen=seen, read=True)
 
 
 def read_records(settings: Settings, database: str | None) -> WorkerRecords:
@@ -324,19 +363,41 @@ def unread_warning(records: WorkerRecords) -> str:
     )
 
 
+def last_seen(records: WorkerRecords, nodes: list[str]) -> dict[str, float | None]:
+    """How long ago (s, by Redis' clock) each worker of ``nodes`` (Celery node names, as they
+    answer a ping) last wrote its record for this database; None: it has none (a worker of
+    another database, or of a version that wrote none). Nothing when the records were not read."""
+    if not records.read:
+        return {}
+    return {node: records.seen.get(node) for node in nodes}
+
+
 def workers_mismatch(settings: Settings, database: str | None) -> list[str]:
     """What ``doctor`` and ``status`` say about the workers of ``database`` disagreeing."""
     return peer_warnings(read_peers(settings, database))
 
 
+#: This process's Celery node name (:func:`name_this_node`); None: not a Celery worker.
+_this_node: str | None = None
+
+
+def name_this_node(node: str | None) -> None:
+    """Say which Celery node name this process's worker answers a ping with (``wanbatch
+    worker`` does, before it starts): its :class:`Announcer` records it."""
+    global _this_node
+    _this_node = node
+
+
 class Announcer:
     """A worker's record on the limiter's Redis (:func:`peers_key`), written at its beats."""
 
-    def __init__(self, limiter: RedisGCRA, owner: str) -> None:
+    def __init__(self, limiter: RedisGCRA, owner: str, node: str | None = None) -> None:
         self.limiter = limiter
         self.owner = owner
         self._announce = limiter.client.register_script(ANNOUNCE_LUA)
-        self._record = Peer.of(owner, limiter.settings).record()
+        #: Its Celery node name: the one given, else this process's (:func:`name_this_node`).
+        self.node = node if node is not None else _this_node
+        self._record = Peer.of(owner, limiter.settings, node=self.node).record()
         self._key: str | None = None
         #: Held while writing or deleting the record; set once it was withdrawn.
         self._lock = threading.Lock()

@@ -306,18 +306,28 @@ def check_broker(settings: Settings, timeout: float = 3.0) -> None:
 
 def live_workers(settings: Settings, timeout: float = 1.0) -> int | None:
     """How many ``wanbatch worker`` processes answer a ping on the broker (None: could not ask)."""
+    nodes = worker_nodes(settings, timeout)
+    return None if nodes is None else len(nodes)
+
+
+def worker_nodes(settings: Settings, timeout: float = 1.0) -> list[str] | None:
+    """The Celery node names (``wanbatch-PID@HOST`` unless ``worker --name`` gave another) of
+    the ``wanbatch worker`` processes that answer a ping on the broker, one per reply, sorted
+    (None: could not ask)."""
     if not settings.broker_url:
         return None
     from worker.app import make_app
 
     app = make_app(settings.broker_url)
     try:
-        return len(app.control.ping(timeout=timeout) or [])
+        replies = app.control.ping(timeout=timeout) or []
     except Exception:  # the broker went away meanwhile: not this check's to report
         log.debug("could not ping the workers", exc_info=True, extra={"event": "broker.ping_failed"})
         return None
     finally:
         app.close()
+    # Each reply is {node name: {"ok": "pong"}}; two workers sharing a name answer twice.
+    return sorted(str(node) for reply in replies if isinstance(reply, dict) for node in reply)
 
 
 def no_worker_warning(settings: Settings, *, waiting: bool = True) -> str:

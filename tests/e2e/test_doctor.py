@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import sqlite3
 import stat
@@ -613,7 +614,8 @@ def test_broker_with_and_without_workers(
             deadline = time.monotonic() + 90
             while True:
                 code, checks, _ = _doctor(wb)
-                if checks["broker"]["status"] == "ok":
+                # Its beat writes both its heartbeat in the database and its record in Redis.
+                if checks["broker"]["status"] == "ok" and "(last seen" in checks["broker"]["detail"]:
                     break
                 assert workers[0].poll() is None, tail(logs / "worker-0.log")
                 assert time.monotonic() < deadline, tail(logs / "worker-0.log")
@@ -642,6 +644,16 @@ def test_broker_with_and_without_workers(
             stop_processes(workers)
         assert code == 0, checks
         assert "1 worker(s) answer a ping, and work on this database" in checks["broker"]["detail"]
+        # Which worker, by its node name, and when its beat last wrote its record.
+        node = f"wanbatch-{workers[0].pid}@{socket.gethostname()}"
+        assert re.search(
+            rf"; the workers: {re.escape(node)} \(last seen \d+s ago\)$", checks["broker"]["detail"]
+        )
+        (listed,) = checks["broker"]["workers"]
+        assert listed["node"] == node
+        assert 0 <= listed["last_seen_seconds_ago"] < 30, listed
+        # The other database has no record of it: named, not seen there.
+        assert f"{node} (no record on the limiter's Redis for this database)" in elsewhere["broker"]["detail"]
         assert elsewhere_code == 1, elsewhere
         assert "1 worker(s) answer a ping, but none works on this database" in elsewhere["broker"]["detail"]
         assert "another WANBATCH_DATABASE_URL" in elsewhere["broker"]["fix"]

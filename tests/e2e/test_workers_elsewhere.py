@@ -134,6 +134,8 @@ def _pinged(monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
     """The broker answers and ``workers`` workers answer its ping (stood in for)."""
     monkeypatch.setattr(running, "check_broker", lambda *_a, **_k: None)
     monkeypatch.setattr(running, "live_workers", lambda *_a, **_k: workers)
+    nodes = [f"wanbatch-{n}@host" for n in range(workers)]
+    monkeypatch.setattr(running, "worker_nodes", lambda *_a, **_k: nodes)
 
 
 def test_doctor_fails_the_broker_when_the_workers_do_not_work_on_this_database(
