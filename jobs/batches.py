@@ -12,7 +12,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -1360,11 +1360,12 @@ def _hold_text(hold: CapHold, batch_id: str) -> str:
     )
 
 
-def broker_down_text(since: datetime, broker_url: str | None) -> str:
-    """What ``status`` says of a batch while the workers' leader cannot reach the broker."""
+def broker_down_text(since: datetime, broker_url: str | None, *, now: datetime) -> str:
+    """What ``status`` says of a batch while the workers' leader cannot reach the broker (since
+    when: its date too when not on ``now``'s UTC day, :func:`jobs.listing.utc_clock`)."""
     where = f"WANBATCH_BROKER_URL {masked_url(broker_url)}" if broker_url else "WANBATCH_BROKER_URL"
     return (
-        f"the workers cannot reach the broker ({where}) since {since.astimezone(UTC):%H:%M:%S} UTC: "
+        f"the workers cannot reach the broker ({where}) since {listing.utc_clock(since, now=now)}: "
         "submits and downloads wait for it"
     )
 
@@ -1625,7 +1626,7 @@ def _report(
     # The workers cannot hand anything on: no batch they process moves (a simulation is a run's).
     broker_down = None if done or batch.simulated else reads.broker_down(now)
     if broker_down is not None and phase == "active":
-        phase_reason = broker_down_text(broker_down, broker_url)
+        phase_reason = broker_down_text(broker_down, broker_url, now=now)
     elif caps is not None and phase == "active" and counts.get(JobState.PENDING.value, 0):
         holds = _cap_holds(
             reads.cap_holders(caps.scope(batch)),

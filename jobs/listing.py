@@ -520,7 +520,8 @@ def _hold_views(
 
 def fal_hold_text(holds: Sequence[FalHoldView], *, now: datetime) -> str:
     """``fal unreachable from worker-3 (pid 4242) since 14:02:11 UTC (submits held, next probe in
-    32s): could not connect (ConnectError): …``; "" when no process holds."""
+    32s): could not connect (ConnectError): …``; "" when no process holds. The hold's start
+    names its date when not on ``now``'s UTC day (:func:`utc_clock`)."""
     if not holds:
         return ""
     first = holds[0]  # the longest-standing
@@ -528,7 +529,7 @@ def fal_hold_text(holds: Sequence[FalHoldView], *, now: datetime) -> str:
     wait = max(0, round((first.next_probe_at - now).total_seconds()))
     said = f": {first.error}" if first.error else ""
     return (
-        f"fal unreachable from {who} since {first.since:%H:%M:%S} UTC "
+        f"fal unreachable from {who} since {utc_clock(first.since, now=now)} "
         f"(submits held, next probe in {wait}s){said}"
     )
 
@@ -569,7 +570,8 @@ def waiting_note(holders: list[store.LeaseHolder], now: datetime, *, gone: Colle
     jobs of the batch do not move while another process holds them (``gone``: owners known to
     have ended, whose submits in flight are waited for: "a process that has ended"). What an
     embedded run's progress line says (``worker.running.leases_note``); ``status`` says the
-    same of holders that are gone (:func:`dead_holders_text`)."""
+    same of holders that are gone (:func:`dead_holders_text`). The wait's end names its date
+    when not on ``now``'s UTC day (:func:`utc_clock`)."""
     live = [h for h in holders if h.until > now]
     if not live:
         return ""
@@ -577,11 +579,11 @@ def waiting_note(holders: list[store.LeaseHolder], now: datetime, *, gone: Colle
     if all(h.owner in gone for h in live):
         return (
             f"waiting for {jobs} job(s) leased to {who} (a process that has ended; submits whose "
-            f"outcome is checked then) until {until:%H:%M:%S} UTC"
+            f"outcome is checked then) until {utc_clock(until, now=now)}"
         )
     # No countdown: the words stay the same while the wait lasts (a plain progress line is
     # printed again whenever they change).
-    return f"waiting for {jobs} job(s) leased to {who} (another process) until {until:%H:%M:%S} UTC"
+    return f"waiting for {jobs} job(s) leased to {who} (another process) until {utc_clock(until, now=now)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -671,7 +673,8 @@ def read_dead_holders(
 def dead_holders_text(dead: Sequence[DeadHolder], *, now: datetime) -> str:
     """``1 job held by worker 123@host, not seen for 40s: taken over at 23:41:07 UTC when its
     lease ends``; "" when none. Without it ``status`` showed "1 in flight · ~0m02s left" for a
-    lease's length, and nothing of the killed worker holding it."""
+    lease's length, and nothing of the killed worker holding it. The takeover names its date
+    when not on ``now``'s UTC day (:func:`utc_clock`)."""
     if not dead:
         return ""
     jobs, until, who = _held_jobs(dead, holder_who)
@@ -682,7 +685,8 @@ def dead_holders_text(dead: Sequence[DeadHolder], *, now: datetime) -> str:
         state = "which has ended"
     noun = "job" if jobs == 1 else "jobs"
     ends = "its lease ends" if len(dead) == 1 else "their leases end"
-    return f"{jobs} {noun} held by process {who}, {state}: taken over at {until:%H:%M:%S} UTC when {ends}"
+    at = utc_clock(until, now=now)
+    return f"{jobs} {noun} held by process {who}, {state}: taken over at {at} when {ends}"
 
 
 def is_processing(last_beat: datetime | None, *, now: datetime) -> bool:

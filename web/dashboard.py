@@ -187,6 +187,8 @@ def _environment() -> jinja2.Environment:
         rate=rate,
         media_text=media_text,
         going_on=going_on,
+        # A time `status` writes ("14:02:11 UTC", dated when not on ``now``'s UTC day).
+        utc_clock=listing.utc_clock,
     )
     env.globals.update(
         percent=percent, share=share, STATE_ORDER=[s.value for s in STATE_ORDER], static=_static_url()

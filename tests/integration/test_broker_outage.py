@@ -19,7 +19,8 @@ from sqlalchemy import Engine, select
 
 from cli.output import progress_text
 from jobs import batches, db
-from jobs.models import ConductorHeartbeat
+from jobs.listing import utc_clock
+from jobs.models import ConductorHeartbeat, utcnow
 from tests.ports import unused_port
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.app import make_app
@@ -144,14 +145,15 @@ def test_status_names_the_broker_while_the_leader_cannot_reach_it_and_forgets_it
 
     (since,) = _broker_down_since(engine)
     assert since is not None
+    now = utcnow()  # one now for the report and the words expected (dated past midnight)
     with db.read_scope(engine) as session:
-        report = batches.batch_report(session, batch_id, broker_url=broker)
+        report = batches.batch_report(session, batch_id, now=now, broker_url=broker)
     assert report["broker_unreachable_since"] == since.isoformat()
     assert report["processing"] is True  # the leader still works: it is the broker that does not
     assert report["eta_seconds"] is None
     reason = report["phase_reason"] or ""
     assert reason.startswith("the workers cannot reach the broker (WANBATCH_BROKER_URL redis://")
-    assert f"since {since:%H:%M:%S} UTC: submits and downloads wait for it" in reason
+    assert f"since {utc_clock(since, now=now)}: submits and downloads wait for it" in reason
     assert "127.0.0.1:6379" in reason
     assert SECRET not in reason
     assert "backlog" not in reason

@@ -27,7 +27,7 @@ import pytest
 from sqlalchemy import Engine, select
 
 from jobs import db, store
-from jobs.listing import FAL_HOLD_STALE_SECONDS
+from jobs.listing import FAL_HOLD_STALE_SECONDS, utc_clock
 from jobs.models import EVERY_BATCH, FalHold, utcnow
 from jobs.settings import get_settings
 from tests.hostile import HostileProvider
@@ -91,6 +91,7 @@ def test_status_names_the_process_that_cannot_reach_fal_and_forgets_it_once_fal_
         assert _rows(engine) == [(process_identity(), EVERY_BATCH)]  # recorded as the hold began
         assert submit(rt, second) == "fal-unreachable"  # held: not even tried, nothing written
 
+        before = utcnow()
         report = _status_json(engine, monkeypatch, capsys, batch_id)
         (hold,) = report["fal_unreachable"]
         assert (hold["owner"], hold["host"], hold["pid"]) == (process_identity(), host, pid)
@@ -99,10 +100,10 @@ def test_status_names_the_process_that_cannot_reach_fal_and_forgets_it_once_fal_
         assert hold["pause_seconds"] >= 1
         assert "could not connect" in hold["error"]
         note = report["fal_unreachable_note"]
-        assert note.startswith(
-            f"fal unreachable from {host} (pid {pid}) since {rt.fal_reach.since:%H:%M:%S} UTC "
-            "(submits held, next probe in "
-        ), note
+        # Dated when the hold began on another UTC day than status's now (between the two).
+        said = {utc_clock(rt.fal_reach.since, now=at) for at in (before, utcnow())}
+        whose = f"fal unreachable from {host} (pid {pid}) since"
+        assert any(note.startswith(f"{whose} {at} (submits held, next probe in ") for at in said), note
         assert report["counts"]["pending"] == 2  # the jobs wait: now with a reason
 
         text = " ".join(_status(engine, monkeypatch, capsys, batch_id).split())

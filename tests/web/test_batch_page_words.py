@@ -27,7 +27,7 @@ import web.dashboard
 from cli.output import _pending_line, report_ref
 from jobs import batches, db, listing, store
 from jobs.db import session_factory
-from jobs.models import EVERY_BATCH, utcnow
+from jobs.models import EVERY_BATCH, FalHold, utcnow
 from jobs.schedule import Schedule
 from jobs.states import JobState
 from tests.web.web_helpers import HTML, JSON, TOKEN, app_for, client, logged_in, mixed_batch, settings_for
@@ -194,3 +194,40 @@ def test_a_wait_for_proof_that_ends_tomorrow_names_its_date(
     assert shown == report["proof_wait_note"], shown  # status's words
     said = f"1 job(s) wait for fal's webhook proof of their submit until {until:%Y-%m-%d} 00:30:00 UTC"
     assert shown.startswith(said), shown
+
+
+def test_a_hold_on_fal_since_yesterday_names_its_date(
+    sqlite_engine: Engine, output_dir: Path, frozen: datetime
+) -> None:
+    """A worker that cannot connect to fal since yesterday (fal down overnight): the page's line
+    and its tooltip name the date, as ``status`` does, not a bare time that reads as today's."""
+    since = (frozen - timedelta(days=1)).replace(microsecond=0)
+    with session_factory(sqlite_engine)() as work:
+        mixed = mixed_batch(work)
+        work.add(
+            FalHold(
+                owner="worker-3:4242:",
+                scope=EVERY_BATCH,
+                since=since,
+                next_probe_at=frozen + timedelta(seconds=30),
+                pause_seconds=60.0,
+                error="could not connect (ConnectError): refused",
+                seen_at=frozen,
+            )
+        )
+        work.commit()
+    settings = settings_for(sqlite_engine, output_dir, token=TOKEN)
+    html = (
+        logged_in(client(app_for(sqlite_engine, settings)))
+        .get(f"/batches/{mixed.batch.id}", headers=HTML)
+        .text
+    )
+
+    with db.read_scope(sqlite_engine) as session:
+        report = batches.batch_report(session, mixed.batch.id, now=frozen)
+    shown = _said(html, r'data-testid="fal-unreachable"[^>]*>(.*?)</p>')
+    assert shown == report["fal_unreachable_note"], shown  # status's words
+    dated = f"since {since:%Y-%m-%d %H:%M:%S} UTC"
+    assert shown.startswith(f"fal unreachable from worker-3 (pid 4242) {dated} (submits held"), shown
+    title = _said(html, r'data-testid="fal-unreachable" title="(.*?)"')
+    assert title == f"worker-3 (pid 4242) {dated}: could not connect (ConnectError): refused", title

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from jobs.listing import FAL_HOLD_RENEW_SECONDS, FAL_PROBE_PAUSE_MAX
+from jobs.listing import FAL_HOLD_RENEW_SECONDS, FAL_PROBE_PAUSE_MAX, utc_clock
 from jobs.open_files import says_out_of_files
 from worker.outage_log import OutageLog
 
@@ -221,9 +221,12 @@ class FalReach:
                 return
             self._recorded_at = None
 
-    def note(self) -> str | None:
-        """Why submits are held, for the progress line and a held job's reason; None when not."""
+    def note(self, now: datetime | None = None) -> str | None:
+        """Why submits are held, for the progress line and a held job's reason; None when not.
+        ``now`` (``wall`` when not given): the hold's start names its date when not on its UTC
+        day (:func:`jobs.listing.utc_clock`)."""
         since = self.since
         if since is None:
             return None
-        return f"fal unreachable since {since:%H:%M:%S} UTC: {self.error}; retrying every {self.pause:g}s"
+        began = utc_clock(since, now=now or self._wall())
+        return f"fal unreachable since {began}: {self.error}; retrying every {self.pause:g}s"

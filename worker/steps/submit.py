@@ -208,7 +208,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
             store.give_back(
                 session,
                 fence,
-                reason=f"held back: {rt.fal_reach.note() or 'fal unreachable'}",
+                reason=f"held back: {rt.fal_reach.note(now) or 'fal unreachable'}",
                 due_at=in_seconds(held),
             )
         return "fal-unreachable"
