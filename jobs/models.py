@@ -371,8 +371,10 @@ class Job(Base):
     job_key: Mapped[str] = mapped_column(String(64))
     #: The key its input gives now (:func:`jobs.manifest.keys.stored_content_key`), only when
     #: ``job_key`` is another: a job stored before schema 0022 whose data URI's key another job
-    #: of its batch took (its twin: the same image under another spelling, or as a file). Set
-    #: by migration 0024 alone; ``reuse_outputs`` looks jobs up by either. None for every other.
+    #: of its batch took (its twin: the same image under another spelling, or as a file), or
+    #: stored before schema 0034 with a whole-number float whose new key its twin took
+    #: (``guide_scale: 5.0`` beside ``5``). Set by migrations 0024 and 0034 alone;
+    #: ``reuse_outputs`` looks jobs up by either. None for every other.
     content_key: Mapped[str | None] = mapped_column(String(64))
     item_index: Mapped[int] = mapped_column(Integer)
     #: The matrix combination's index within its item (0 for an item without a matrix).

@@ -10,6 +10,12 @@ A data URI that does not decode (such a job is invalid, never stored) is keyed b
 key is how ``submit`` stays idempotent and how a manifest's identical jobs collapse to one, so
 the same input must always give the same key. (Before schema 0022 data URIs were keyed by their
 text; that migration rewrote the stored keys.)
+
+Numbers are keyed by their value, not their spelling (:func:`canonical_json`): ``5``, ``5.0``,
+``5.00`` and ``5e0`` are one value to fal (JSON has one number type; its inputs are read as the
+field's type, a float field's ``5`` being ``5.0``), so they are one job, and one default. The
+value sent stays as written. (Before schema 0034 a whole-number float was keyed by its float
+text, ``5.0``; that migration rewrote the stored keys.)
 """
 
 from __future__ import annotations
@@ -61,8 +67,9 @@ def with_defaults(endpoint_id: str, values: Mapping[str, Any]) -> dict[str, Any]
 
 
 def written_defaults(endpoint_id: str, values: Mapping[str, Any]) -> list[str]:
-    """The fields of ``values`` that write out the endpoint's default (its canonical JSON), in
-    the endpoint's order: leaving them out changes the job key, not :func:`with_defaults`."""
+    """The fields of ``values`` that write out the endpoint's default (its canonical JSON: a
+    number by its value, ``shift: 5.0`` writes out ``5``), in the endpoint's order: leaving them
+    out changes the job key, not :func:`with_defaults`."""
     return [
         name
         for name, _, text in _documented_defaults(endpoint_id)
@@ -70,9 +77,39 @@ def written_defaults(endpoint_id: str, values: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def canonical_json(value: Any) -> str:
-    """Sorted keys, no whitespace, UTF-8 kept: the same input always gives the same text."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_refused)
+def canonical_json(value: Any, *, numbers_as_written: bool = False) -> str:
+    """Sorted keys, no whitespace, UTF-8 kept, numbers by value: the same input always gives the
+    same text.
+
+    A float that is a whole number is written as that int (:func:`numbers_by_value`), so ``5``
+    and ``5.0`` (or ``1e2`` and ``100``) give one text. ``numbers_as_written`` keeps the rule
+    before schema 0034 (a float as its float text): the migrations that rewrite keys stored
+    then use it to recognise them.
+    """
+    plain = value if numbers_as_written else numbers_by_value(value)
+    return json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_refused)
+
+
+def numbers_by_value(value: Any) -> Any:
+    """``value`` with every float that is a whole number, at any depth, replaced by the int of
+    the same value (``5.0`` → ``5``, ``-0.0`` → ``0``, ``1e2`` → ``100``, ``1e300`` → its exact
+    301-digit int); any other value as it is (``true`` is no number; an infinite float or NaN,
+    already refused by the schema check, stays a float).
+
+    Every JSON number, not just those of the fields the schema calls a number: JSON has one
+    number type, and fal reads each one as its field's type (a float field's ``5`` is ``5.0``,
+    an integer field's ``5.0`` is ``5``), so no field tells the two apart, a nested value
+    (a list of numbers) or an endpoint the registry no longer has included. The int is exact
+    (``int()`` of a float loses nothing), so two numbers give one text exactly when they are
+    equal, at any size; a float that is not whole keeps its shortest round-trip text.
+    """
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {key: numbers_by_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [numbers_by_value(item) for item in value]
+    return value
 
 
 def _refused(value: object) -> str:
@@ -99,9 +136,10 @@ def job_key(
     return key_of(spec.id, keyed_input(spec, resolved, digests, refused=refused))
 
 
-def key_of(endpoint_id: str, keyed: Mapping[str, Any]) -> str:
-    """sha256 hex of the endpoint and an input already in its keyed form (:func:`keyed_input`)."""
-    text = endpoint_id + "\n" + canonical_json(keyed)
+def key_of(endpoint_id: str, keyed: Mapping[str, Any], *, numbers_as_written: bool = False) -> str:
+    """sha256 hex of the endpoint and an input already in its keyed form (:func:`keyed_input`).
+    ``numbers_as_written``: the key before schema 0034 (see :func:`canonical_json`)."""
+    text = endpoint_id + "\n" + canonical_json(keyed, numbers_as_written=numbers_as_written)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

@@ -85,7 +85,8 @@ def _keys(row: Any) -> tuple[str, str] | None:
         return None
     new = keyed_input(spec, row.input, digests)
     old = {**new, **uris}
-    return key_of(spec.id, old), key_of(spec.id, new)
+    # Numbers as written: the rule of both keys until 0034 keyed numbers by their value.
+    return key_of(spec.id, old, numbers_as_written=True), key_of(spec.id, new, numbers_as_written=True)
 
 
 def _rekey(pick: Callable[[tuple[str, str]], tuple[str, str]]) -> None:

@@ -73,7 +73,9 @@ def _stale(row: Any) -> str | None:
     if not uris:
         return None
     new = keyed_input(spec, row.input, digests)
-    old, now = key_of(spec.id, {**new, **uris}), key_of(spec.id, new)
+    # Numbers as written: the rule of both keys until 0034 keyed numbers by their value.
+    old = key_of(spec.id, {**new, **uris}, numbers_as_written=True)
+    now = key_of(spec.id, new, numbers_as_written=True)
     return now if row.job_key == old != now else None
 
 

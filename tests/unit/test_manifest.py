@@ -318,6 +318,63 @@ def test_identical_jobs_collapse_with_a_warning(folder: Path) -> None:
     assert [j.item_index for j in jobs_of(path)] == [0, 1]
 
 
+def test_a_number_is_one_job_and_one_default_however_it_is_written(folder: Path) -> None:
+    """The schema audit's ``num``: ``guide_scale: 5`` and ``5.0`` are one request to fal (it reads
+    a float), so they collapse, and ``shift: 5.0`` writes out the default ``5`` as ``shift: 5``
+    does; each was a job of its own, sent and billed, with no warning. The value sent stays as
+    written."""
+    path = write(
+        folder,
+        "name: num\nendpoint: fal-ai/wan-i2v\nitems:\n"
+        "  - {prompt: same, image_url: b.jpg, seed: 7, guide_scale: 5}\n"
+        "  - {prompt: same, image_url: b.jpg, seed: 7, guide_scale: 5.0}\n"
+        "  - {prompt: other, image_url: b.jpg, seed: 7, shift: 5.0}\n"
+        "  - {prompt: other, image_url: b.jpg, seed: 7}\n",
+    )
+    report = validate_manifest(path)
+    assert (report.ok, report.job_count) == (True, 3)
+    collapsed, defaults = report.warnings
+    assert (collapsed.item, "identical to the job of item 0" in collapsed.message) == (1, True)
+    assert defaults.item == 3
+    assert "they differ only by shift: 5 (the endpoint's defaults)" in defaults.message
+    jobs = jobs_of(path)
+    assert [j.item_index for j in jobs] == [0, 2, 3]
+    shift = jobs[1].input["shift"]
+    assert (shift, type(shift)) == (5.0, float)
+
+
+@pytest.mark.parametrize(
+    ("one", "other", "same"),
+    [
+        ("5", "5.0", True),
+        ("5", "5.00", True),
+        ("100", "1e2", True),
+        ("0", "-0.0", True),
+        ("-3", "-3.0", True),
+        ("12345678901234568", "1.2345678901234568e16", True),
+        # The float nearest 12345678901234567 is 12345678901234568: two values, two keys.
+        ("12345678901234567", "1.2345678901234567e16", False),
+        ("5", "5.5", False),
+    ],
+)
+def test_equal_numbers_give_one_key(folder: Path, one: str, other: str, same: bool) -> None:
+    """Numbers equal in value are one key at any size (a whole float is keyed as the int of its
+    exact value); numbers that differ never are."""
+
+    def key(value: str, name: str) -> str:
+        text = f"name: x\nendpoint: fal-ai/wan-22\nitems:\n  - {{prompt: a, guide_scale: {value}}}\n"
+        return jobs_of(write(folder, text, name))[0].key
+
+    assert (key(one, "a.yaml") == key(other, "b.yaml")) is same
+
+
+def test_numbers_not_equal_keep_their_own_keys(folder: Path) -> None:
+    """``true`` is no number and ``'5'`` is text: neither is the number 5."""
+    text = "name: x\nendpoint: fal-ai/wan-22\nitems:\n  - {{prompt: a, guide_scale: {}}}\n"
+    keys = {jobs_of(write(folder, text.format(v)))[0].key for v in ("5", "5.000001", "1", "true", "'5'")}
+    assert len(keys) == 5
+
+
 def test_a_job_dropped_as_identical_is_still_validated(folder: Path) -> None:
     """An empty data URI and a zero-byte file are the same bytes, so the same job: the second was
     dropped before validation, and its own error (the file) was never said, only "it runs once"."""
