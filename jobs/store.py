@@ -1958,6 +1958,24 @@ def adopt_request(
     )
 
 
+def request_holder(session: Session, job_id: str, request_id: str) -> str | None:
+    """The id of another job than ``job_id`` that holds fal's request ``request_id``, else None.
+
+    fal's request ids are UUIDs, one per accepted POST: no path gives two jobs one request (a
+    job taking another's output, ``reuse_outputs`` or a staged video, records ``reused_from``,
+    never the request; a rerun's job sends its own; a late answer or a webhook's proof is kept
+    by the job whose attempt it names). So a submit answered with an id another job holds is a
+    provider protocol error, and the job must not follow that request: its result is the other
+    job's video, billed to it once already. Checked in the transaction that records the
+    answer; on PostgreSQL a transaction-level advisory lock on the id makes two submits
+    answered with one id take turns (under READ COMMITTED neither would see the other's
+    uncommitted row). No unique index: simulations started with a fixed seed repeat their ids
+    in one database, and a database may already hold such duplicates."""
+    if session.connection().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(func.hashtext(request_id))))
+    return session.scalar(select(Job.id).where(Job.request_id == request_id, Job.id != job_id).limit(1))
+
+
 #: What a failed job's error type says when it failed only because its submit's outcome stayed
 #: unknown (:func:`adopt_late_proof`; ``worker.steps.failures.settle_unknown_submit``).
 SUBMIT_UNKNOWN_ERROR = "submit_unknown"

@@ -36,6 +36,7 @@ import av
 
 from jobs.endpoints import EndpointSpec, get_endpoint
 from jobs.errors import WanbatchError
+from worker.mp4 import file_truncation
 
 #: Relative difference allowed between the short side and the nominal height.
 SIZE_TOLERANCE = 0.10
@@ -107,8 +108,19 @@ def probe(path: Path | str) -> MediaInfo:
     Headers only (``stream.frames``, ``average_rate``, ``duration × time_base``, falling back to
     the container's duration), plus the first frame decoded, by FFmpeg's MP4 reader and a video
     codec's decoder alone (:data:`_CONTAINER`, :data:`_VIDEO_DECODERS`). :class:`NotAVideoError`
-    when the file has no decodable video stream.
+    when the file has no decodable video stream, or is cut short: its top-level boxes are
+    walked first (:func:`worker.mp4.truncation`, a few header reads), since FFmpeg takes the
+    frame count of a faststart MP4 from its ``moov`` and decodes its first frame however little
+    of the rest arrived. A fresh download was refused as truncated already (and downloaded
+    again: ``worker.fal.storage``); this catches a file that came another way (one an earlier
+    try left, a staged one a rerun takes).
     """
+    try:
+        cut = file_truncation(path)
+    except OSError as exc:
+        raise NotAVideoError(f"{Path(path).name}: cannot be read ({exc.strerror or exc})") from exc
+    if cut is not None:
+        raise NotAVideoError(f"{Path(path).name}: the MP4 is {cut}")
     try:
         with av.open(
             str(path), format=_CONTAINER, metadata_errors="ignore", options={"codec_whitelist": _DECODERS}

@@ -25,6 +25,9 @@ as soon as it passes that size) raises
 :class:`~worker.fal.errors.DownloadIntegrityError`, which is *retryable* — a CDN object that is
 still propagating or a cut response heals on a later try, and the caller's bounded download
 attempts decide when to give up. Only going over ``max_bytes`` (or a refused URL) is final.
+An MP4 cut short is refused the same way, from its top-level boxes (:mod:`worker.mp4`), whether
+or not fal gave a size: without one, a body ended by the connection closing (or by a short
+``Content-Length``) is otherwise indistinguishable from a whole one.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transport_errors, parse_body
 from worker.fal.http import ACCEPT_ENCODING, CookielessClient, origin, with_body
 from worker.fal.models import DownloadResult
+from worker.mp4 import fd_truncation
 
 STORAGE_TYPE = "fal-cdn-v3"
 #: What a media value that is not a local path starts with.
@@ -622,6 +626,20 @@ def _check_video(head: bytes) -> None:
         raise FinalProviderError(f"the output is not a video (it starts with '{shown}')")
 
 
+def _check_whole(fd: int) -> None:
+    """Refuse an MP4 cut short (:func:`worker.mp4.truncation`: its last box runs past its end,
+    or it has no ``moov``/``mdat``). When fal gave no ``file_size``, a body ended by the
+    connection closing, or by a ``Content-Length`` shorter than the file, is otherwise taken
+    whole, and FFmpeg reads the header of a faststart file cut after a third as the full clip.
+    Retryable, as any size mismatch: it is a download's fault, so the next attempt downloads
+    again (never a new submission), and the temporary file never takes the output's name."""
+    if os.pread(fd, len(_EBML_MAGIC), 0) == _EBML_MAGIC:
+        return  # WebM/Matroska: the probe's MP4 reader refuses it anyway
+    cut = fd_truncation(fd)
+    if cut is not None:
+        raise DownloadIntegrityError(f"download truncated: the MP4 is {cut}")
+
+
 def _download_error(response: httpx.Response) -> ProviderError:
     error = classify_poll("download", response)
     if response.status_code in (401, 403, 404, 410):
@@ -714,6 +732,9 @@ def download(
                 progress,
                 _PerRequest(timeout, on_response),
             )
+            if expect_video and (expected_size is None or size == expected_size):
+                with _writing("read back", tmp):
+                    _check_whole(fd)
             with _writing("write", tmp):
                 # The user's usual mode, not mkstemp's 0600: the output is theirs to share (an
                 # hf export hard-links it into a dataset); set before the fsync that makes it durable.
