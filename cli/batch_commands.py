@@ -608,10 +608,13 @@ def _simulated(settings: Settings, simulate: bool) -> Iterator[Settings]:
 
 
 def _hand_over_finished(settings: Settings, sim: SimulatorHandle) -> None:
-    """Once this run's simulator has stopped: mark, in the journal this process leaves (the
-    submissions the database could not take: :mod:`worker.steps.unrecorded`), those that
-    simulator finished successfully, with their seeds. It billed them; the next ``--simulate``
-    run gives them to its own simulator finished (:meth:`falsim.engine.Engine.take_back_finished`:
+    """Once this run's simulator has stopped: record which requests it finished successfully,
+    with their seeds, wherever this run left them unfinished — on the simulations' jobs the
+    database still has ``queued``, ``running`` or ``cancelling`` (the run stopped before it
+    learnt of the completion: :func:`jobs.store.note_simulated_finished`), and in the journal
+    this process leaves (the submissions the database could not take:
+    :mod:`worker.steps.unrecorded`). That simulator billed them; the next ``--simulate`` run
+    gives them to its own simulator finished (:meth:`falsim.engine.Engine.take_back_finished`:
     the same video, unbilled) instead of running and billing them a second time. Read after the
     stop, so the ledger no longer changes (a request still running then was not billed:
     :meth:`falsim.engine.Engine.stop`)."""
@@ -622,8 +625,32 @@ def _hand_over_finished(settings: Settings, sim: SimulatorHandle) -> None:
         for entry in sim.engine.ledger.snapshot()["entries"]
         if entry["outcome"] == "ok"
     }
-    if finished:
-        Journal(settings.database_url).note_finished(finished)
+    if not finished:
+        return
+    Journal(settings.database_url).note_finished(finished)  # local, at once
+    _note_finished_in_database(settings, finished)
+
+
+def _note_finished_in_database(settings: Settings, finished: dict[str, int | None]) -> None:
+    """:func:`jobs.store.note_simulated_finished` for :func:`_hand_over_finished`, as the run
+    ends: a database that cannot take it (its disk is full, it is gone) is said in one line, the
+    run's own outcome kept."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from jobs import db, store
+    from jobs.errors import WanbatchError
+
+    try:
+        with db.session_scope(db.open_engine(settings)) as session:
+            store.note_simulated_finished(session, finished)
+    except (SQLAlchemyError, WanbatchError, OSError) as exc:
+        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
+        said = "its disk is full" if db.is_disk_full(exc) else one_line(lines[0])
+        err.print(
+            "[yellow]warning: the database could not record which requests the simulator finished "
+            f"before it stopped ({escape(said)}): the next --simulate run runs them again, and the "
+            "simulation's ledger counts their videos twice[/yellow]"
+        )
 
 
 def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
@@ -643,7 +670,10 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
     or bills it again, and neither does the simulator (it makes the video again, unbilled, from
     the seed its result carried, only to serve it). The result the earlier run fetched names
     that run's simulator, gone with it: it is forgotten, and the download asks this run's
-    simulator for it again.
+    simulator for it again. So does one the database still has ``queued``, ``running`` or
+    ``cancelling`` that the earlier run's simulator had finished (and billed) before that run
+    learnt of it: the earlier run recorded it once its simulator had stopped, with its seed
+    (:func:`_hand_over_finished`), and it goes back finished too, its record then forgotten.
 
     The submissions the earlier run's simulator accepted whose ids the database could not take
     (its disk was full: :mod:`worker.steps.unrecorded`) go back too, from the journal that run
@@ -673,7 +703,8 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
     resumed: list[tuple[str, str, Any, float | None]] = []
     finished: list[tuple[str, str, Any, int | None]] = []
     for endpoint, request_id, payload, state, sent_at, start_timeout_at in requests:
-        if state == JobState.DOWNLOADING:
+        # Finished: downloading, or recorded so by the stopped run (queued, running, cancelling).
+        if state == JobState.DOWNLOADING or results.get(request_id) is not None:
             seed = (results.get(request_id) or {}).get("seed")
             finished.append((endpoint, request_id, payload, seed if type(seed) is int else None))
             continue

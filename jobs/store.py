@@ -4442,31 +4442,72 @@ def batch_requests(
     ]
 
 
+#: The states of a simulation's job whose request an earlier ``--simulate`` run's simulator may
+#: have finished unbeknown to the database (the run stopped first): :func:`note_simulated_finished`.
+_UNSEEN_FINISH_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING)
+
+
 def simulated_results(session: Session, batch_id: str) -> dict[str, dict[str, Any] | None]:
-    """The simulation ``batch_id``'s ``downloading`` jobs' results as an earlier ``--simulate``
-    run fetched them from its own simulator (None: not fetched yet), by request id; empty for a
-    batch sent to fal. Read by the next ``--simulate`` run, which gives those requests back to its
-    simulator finished (:func:`forget_simulated_results`)."""
+    """The results an earlier ``--simulate`` run knew of for the simulation ``batch_id``'s
+    finished requests, by request id; empty for a batch sent to fal: those of its
+    ``downloading`` jobs as that run fetched them from its own simulator (None: not fetched
+    yet), and those its simulator finished while the database still had them ``queued``,
+    ``running`` or ``cancelling`` (the run stopped before it learnt of it), as that run
+    recorded them once its simulator had stopped (:func:`note_simulated_finished`: the seed
+    only). Read by the next ``--simulate`` run, which gives those requests back to its simulator
+    finished (:func:`forget_simulated_results`)."""
     if not get_batch(session, batch_id).simulated:
         return {}
+    finished = or_(
+        Job.state == JobState.DOWNLOADING,
+        and_(Job.state.in_(sorted(_UNSEEN_FINISH_STATES)), Job.provider_output.is_not(None)),
+    )
     query = select(Job.request_id, Job.provider_output).where(
-        Job.batch_id == batch_id, Job.state == JobState.DOWNLOADING, Job.request_id.is_not(None)
+        Job.batch_id == batch_id, finished, Job.request_id.is_not(None)
     )
     return {request_id: output for request_id, output in session.execute(query)}
 
 
+def note_simulated_finished(session: Session, finished: Mapping[str, int | None]) -> int:
+    """Record, on the simulations' jobs still ``queued``, ``running`` or ``cancelling`` whose
+    request is in ``finished`` (request id → the seed its result carried), that the simulator of
+    the ``--simulate`` run that sent it finished it (successfully, and billed it) before it
+    stopped: their result, as far as it is known (``{"seed": …}``), goes where a fetched one
+    does (``provider_output``). The next ``--simulate`` run then gives them to its own simulator
+    finished (:func:`simulated_results`), the same video unbilled, instead of running and billing
+    them a second time. A batch sent to fal is never touched. Returns how many were recorded."""
+    if not finished:
+        return 0
+    query = (
+        select(Job.id, Job.version, Job.request_id)
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(
+            Batch.simulated.is_(True),
+            Job.state.in_(sorted(_UNSEEN_FINISH_STATES)),
+            Job.request_id.in_(sorted(finished)),
+        )
+    )
+    return sum(
+        update_job_fields(
+            session, job_id, expected_version=version, provider_output={"seed": finished[request_id]}
+        )
+        for job_id, version, request_id in session.execute(query).all()
+        if request_id is not None
+    )
+
+
 def forget_simulated_results(session: Session, batch_id: str, request_ids: Collection[str]) -> int:
-    """Forget the results an earlier ``--simulate`` run fetched for the simulation ``batch_id``'s
-    ``downloading`` jobs of ``request_ids``: their videos' URLs name that run's simulator, gone
-    with it; the next download asks this run's simulator, which was given the requests back
-    finished, for the result again (never run or billed anew). A batch sent
-    to fal is never touched: fal's stored result is used as it is. Returns how many were
-    forgotten."""
+    """Forget the results an earlier ``--simulate`` run knew of for the simulation
+    ``batch_id``'s finished requests of ``request_ids`` (:func:`simulated_results`): their videos'
+    URLs name that run's simulator, gone with it; the next download asks this run's simulator,
+    which was given the requests back finished, for the result again (never run or billed anew).
+    A batch sent to fal is never touched: fal's stored result is used as it is. Returns how many
+    were forgotten."""
     if not request_ids or not get_batch(session, batch_id).simulated:
         return 0
     query = select(Job.id, Job.version).where(
         Job.batch_id == batch_id,
-        Job.state == JobState.DOWNLOADING,
+        Job.state.in_(sorted((JobState.DOWNLOADING, *_UNSEEN_FINISH_STATES))),
         Job.request_id.in_(sorted(request_ids)),
         Job.provider_output.is_not(None),
     )

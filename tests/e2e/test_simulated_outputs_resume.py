@@ -32,11 +32,13 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
 
 import falsim
 from falsim.server import SimulatorHandle
 from jobs import outputs
 from tests.e2e.e2e_helpers import MakeManifest, db_rows
+from tests.full_disk import FullDisk, prepare
 from tests.in_process import run_main
 from worker.steps.unrecorded import PREFIX, SUFFIX, Accepted, database_key
 
@@ -272,3 +274,130 @@ def test_a_batch_sent_to_fal_keeps_the_result_it_fetched(
 
     (kept,) = db_rows(url, "SELECT provider_output FROM jobs")[0]
     assert json.loads(kept) == result
+
+    # Nor is a request of theirs a stopped simulator "finished" recorded on them.
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE jobs SET state = 'queued', provider_output = NULL"))
+    finally:
+        engine.dispose()
+    with db.session_scope(db.open_engine(get_settings())) as session:
+        assert store.note_simulated_finished(session, {"r1": 7}) == 0
+        assert store.simulated_results(session, batch_id) == {}
+    assert db_rows(url, "SELECT provider_output FROM jobs")[0] == (None,)
+
+
+def _recorded_at_a_stopped_simulation(
+    url: str, state: str, full: FullDisk | None = None
+) -> tuple[str, SimulatorHandle]:
+    """What a `run --simulate` of a batch of 2 jobs leaves when it stops (Ctrl-C, a pause) just
+    as its simulator finishes the first job's request: the database has the request (``state``:
+    `queued` or `running`, as the run last saw it), but the run stopped before it learnt of the
+    completion, which that simulator (the run's own, :func:`cli.batch_commands._simulated`)
+    billed. ``full``: made full as the run stops. The request id and that simulator (stopped)."""
+    from cli import batch_commands
+    from jobs.settings import get_settings
+
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE batches SET simulated = :t"), {"t": True})
+            job_id = conn.execute(text("SELECT id FROM jobs ORDER BY item_index LIMIT 1")).scalar_one()
+            (payload,) = conn.execute(text("SELECT input FROM jobs WHERE id = :id"), {"id": job_id}).one()
+    finally:
+        engine.dispose()
+    payload = json.loads(payload) if isinstance(payload, str) else payload
+    with batch_commands._simulated(get_settings(), True) as settings:
+        sim = batch_commands._simulator
+        assert sim is not None
+        answer = httpx.post(
+            f"{settings.fal_queue_url}/fal-ai/wan-22",
+            json=payload,
+            headers={"Authorization": f"Key {batch_commands.SIMULATOR_KEY}"},
+            timeout=10,
+        )
+        answer.raise_for_status()
+        request_id = answer.json()["request_id"]
+        sent = datetime.now(UTC).replace(tzinfo=None)
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "UPDATE jobs SET state = :state, attempts = 1, submitted_input = input, "
+                        "request_id = :rid, sent_at = :sent, submitted_at = :sent WHERE id = :id"
+                    ),
+                    {"state": state, "rid": request_id, "sent": sent, "id": job_id},
+                )
+        finally:
+            engine.dispose()
+
+        deadline = time.monotonic() + 30
+        while [e["outcome"] for e in sim.engine.ledger.snapshot()["entries"]] != ["ok"]:
+            assert time.monotonic() < deadline, sim.engine.ledger.snapshot()
+            time.sleep(0.02)
+        if full is not None:
+            full.full = True
+    return request_id, sim
+
+
+@pytest.mark.parametrize("state", ["queued", "running"])
+def test_a_request_the_stopped_simulator_finished_is_billed_once_across_the_stop(
+    e2e_env: Path,
+    manifest: MakeManifest,
+    monkeypatch: pytest.MonkeyPatch,
+    simulators: list[SimulatorHandle],
+    state: str,
+) -> None:
+    """Audit (simulated ledger): a request the stopped run's simulator finished (and billed)
+    while the database still had it `queued` or `running` was given to the next run's simulator
+    as queued (or running): run and billed a second time, the simulation's ledger counting its
+    video twice. Now the run records, once its simulator has stopped, which of the database's
+    requests it finished (with their seeds), and the next run takes them back finished (the
+    same video, unbilled); the other job, a new submission, is billed as ever."""
+    url = os.environ["WANBATCH_DATABASE_URL"]
+    assert run_main(["submit", str(manifest("simlag", _manifest("simlag", 2)))], monkeypatch) == 0
+    request_id, first = _recorded_at_a_stopped_simulation(url, state)
+    assert _billed(first, request_id) == [True]
+
+    code = run_main(["run", "simlag", "--simulate", "--no-progress"], monkeypatch)
+
+    rows = db_rows(url, "SELECT state, request_id, error FROM jobs ORDER BY item_index")
+    assert code == 0, rows
+    assert [(state, error) for state, _, error in rows] == [("succeeded", None)] * 2, rows
+    assert rows[0][1] == request_id  # never sent again
+    second = simulators[-1]
+    assert second is not first
+    assert _billed(second, request_id) == [False]  # taken back finished: billed once in all
+    ledgers = [first.engine.ledger.snapshot(), second.engine.ledger.snapshot()]
+    assert sum(ledger["billed_count"] for ledger in ledgers) == 2, ledgers  # one video each
+    made, again = ({e["request_id"]: e["seed"] for e in ledger["entries"]} for ledger in ledgers)
+    assert again[request_id] == made[request_id]  # the video the first simulator made, its seed
+    assert second.engine.ledger.snapshot()["max_in_progress"] == 1  # only the new submission ran
+
+
+def test_a_finish_the_full_database_cannot_record_is_one_warning_line(
+    e2e_env: Path,
+    manifest: MakeManifest,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    simulators: list[SimulatorHandle],
+) -> None:
+    """The run stops because the database's disk is full: what its simulator finished cannot be
+    recorded. One warning line says so (and what it costs the simulation), never a traceback;
+    the job is left as it was."""
+    url = os.environ["WANBATCH_DATABASE_URL"]
+    assert run_main(["submit", str(manifest("simfull", _manifest("simfull", 2)))], monkeypatch) == 0
+    prepare(url)
+    capsys.readouterr()
+    with FullDisk().attached(Engine) as full:
+        _recorded_at_a_stopped_simulation(url, "queued", full)
+
+    said = capsys.readouterr().err
+    lines = [line for line in said.splitlines() if line.strip()]
+    assert len(lines) == 1, said
+    assert lines[0].startswith("warning: the database could not record which requests the simulator"), said
+    assert "(its disk is full)" in lines[0], said
+    assert "counts their videos twice" in lines[0], said
+    assert db_rows(url, "SELECT state, provider_output FROM jobs ORDER BY item_index")[0] == ("queued", None)
