@@ -3548,6 +3548,7 @@ def claim_jobs(
     endpoints: Sequence[str] | None = None,
     exclude_ids: Collection[str] = (),
     exclude_batch_ids: Collection[str] = (),
+    sent_to: str | None = None,
 ) -> list[Job]:
     """Lease up to ``limit`` due jobs in ``states`` to ``owner``; no two claimers get the same job.
 
@@ -3559,7 +3560,8 @@ def claim_jobs(
     caps); ``batch_ids`` keeps only jobs of those batches (an embedded ``run`` works on its own
     batch, never on another one that was only submitted); ``exclude_ids`` skips those jobs (the
     ones a status stream already watches); ``exclude_batch_ids`` skips those batches' jobs (closed
-    by their schedule, paused by their user). Oldest jobs first.
+    by their schedule, paused by their user); ``sent_to`` keeps only jobs whose request went to
+    that fal queue origin, or to one not recorded (:func:`sent_to_origin`). Oldest jobs first.
     """
     found = _due(
         session,
@@ -3573,6 +3575,7 @@ def claim_jobs(
         endpoints=endpoints,
         exclude_ids=exclude_ids,
         exclude_batch_ids=exclude_batch_ids,
+        sent_to=sent_to,
     )
     ids = [r.id for r in found]
     if not ids:
@@ -3655,6 +3658,7 @@ def _due(
     endpoints: Sequence[str] | None = None,
     exclude_ids: Collection[str] = (),
     exclude_batch_ids: Collection[str] = (),
+    sent_to: str | None = None,
 ) -> list[Any]:
     """The oldest ``limit`` due jobs of :func:`claim_jobs`: their sort keys, or (``whole``) every
     column, as rows."""
@@ -3676,6 +3680,7 @@ def _due(
         endpoints is not None,
         bool(exclude_ids),
         bool(skip_batches),
+        sent_to is not None,
     )
     candidates = _prepared(("claim", whole, *shape), lambda: _claim_candidates(*shape, whole=whole))
     params: dict[str, Any] = {
@@ -3684,6 +3689,7 @@ def _due(
         "endpoints": list(endpoints or ()),
         "exclude_ids": sorted(exclude_ids),
         "exclude_batch_ids": skip_batches,
+        "sent_to": sent_to,
     }
     # One query per (state, batch), each reading the index on (batch_id, state, created_at,
     # item_index, id) — or (state, created_at, …) — in order and stopping at ``limit``; then
@@ -3817,6 +3823,7 @@ def _claim_candidates(
     by_endpoint: bool,
     excluding: bool,
     excluding_batches: bool,
+    by_origin: bool = False,
     *,
     whole: bool = False,
     due: str | None = None,
@@ -3843,6 +3850,8 @@ def _claim_candidates(
         conditions.append(_JOBS.c.batch_id.not_in(bindparam("exclude_batch_ids", expanding=True)))
     if active_only:
         conditions.append(exists().where(Batch.id == _JOBS.c.batch_id, Batch.state == BatchState.ACTIVE))
+    if by_origin:
+        conditions.append(sent_to_origin(bindparam("sent_to")))
     columns = list(_JOBS.c) if whole else [_JOBS.c.id, _JOBS.c.created_at, _JOBS.c.item_index]
     first: ColumnElement[Any] = _JOBS.c.created_at if due is None else _NotInIndexOrder(_JOBS.c.created_at)
     return (
@@ -3885,11 +3894,15 @@ def record_send(
     sent_at: datetime,
     api_key_id: str,
     start_timeout_at: datetime | None = None,
+    fal_origin: str | None = None,
 ) -> Fence | None:
     """:func:`take_lease` for a submit's POST, recording the exact input, the send time and the
     id of the API key the POST goes with right before it goes out: the new fence, or None if
     lost. The key is the sending process's (dispatch recorded its own, which on distributed
     workers is the tick leader's, not necessarily the key of the worker that sends).
+    ``fal_origin``: the origin of the fal queue the POST goes to (``Job.fal_origin``): only a
+    process configured with that queue asks about the request afterwards (:func:`claim_jobs`'s
+    ``sent_to``).
     ``start_timeout_at``: when the start timeout the POST carries ends (None: it carries none),
     what fal's ``request_timeout`` of it is judged by.
 
@@ -3908,6 +3921,7 @@ def record_send(
         "sent_at": sent_at,
         "start_timeout_at": start_timeout_at,
         "api_key_id": api_key_id,
+        "fal_origin": fal_origin,
     }
     row = _fenced_update(session, fence.job_id, fence.version, values, bump=True, counted=_RESEND_SENT)
     return None if row is None else fence.at(int(row.version))
@@ -4363,10 +4377,12 @@ def requests_at_fal(
     limit: int,
     batch_ids: Collection[str] | None = None,
     exclude_batch_ids: Collection[str] = (),
+    sent_to: str | None = None,
 ) -> list[Job]:
     """Jobs in ``states`` whose request fal has (a request id is recorded), oldest first,
     leaving out ``exclude_ids``: what a status watcher should follow and does not yet. Only
-    jobs of ``batch_ids`` (None: any batch) and of none of ``exclude_batch_ids``."""
+    jobs of ``batch_ids`` (None: any batch) and of none of ``exclude_batch_ids``, and (``sent_to``)
+    only requests sent to that fal queue origin or to one not recorded."""
     if limit <= 0 or (batch_ids is not None and not batch_ids):
         return []
     query = select(Job).where(Job.state.in_(list(states)), Job.request_id.is_not(None))
@@ -4376,6 +4392,8 @@ def requests_at_fal(
         query = query.where(Job.batch_id.in_(sorted(batch_ids)))
     if exclude_batch_ids:
         query = query.where(Job.batch_id.not_in(sorted(exclude_batch_ids)))
+    if sent_to is not None:
+        query = query.where(sent_to_origin(sent_to))
     return list(session.scalars(query.order_by(Job.submitted_at, Job.id).limit(limit)))
 
 
@@ -5417,6 +5435,12 @@ def submitted_at_in_state(
         Job.batch_id.in_(sorted(batch_ids)), Job.state == state
     )
     return [(str(batch_id), at) for batch_id, at in session.execute(query)]
+
+
+def sent_to_origin(origin: str | BindParameter[Any]) -> ColumnElement[bool]:
+    """Jobs whose request went to the fal queue at ``origin``, or to one not recorded (sent
+    before schema 0034): the requests a process configured with that queue may ask about."""
+    return or_(_JOBS.c.fal_origin == origin, _JOBS.c.fal_origin.is_(None))
 
 
 def _sent_with(api_key_id: str | BindParameter[Any]) -> ColumnElement[bool]:

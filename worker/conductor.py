@@ -537,7 +537,7 @@ class Conductor:
             jobs: Sequence[JobView]
             if job_ids:
                 found = store.job_snapshots(session, job_ids - exclude).values()  # rows, not objects
-                jobs = [j for j in found if j.state in AT_FAL and reach.covers(j.batch_id)]
+                jobs = [j for j in found if j.state in AT_FAL and reach.holds(j)]
             else:
                 jobs = store.requests_at_fal(
                     session,
@@ -546,6 +546,7 @@ class Conductor:
                     limit=watcher.room(),
                     batch_ids=reach.batch_ids,
                     exclude_batch_ids=reach.exclude_batch_ids,
+                    sent_to=reach.sent_to,
                 )
             handles = [
                 (j.id, handle_of(j, self.rt.settings.fal_queue_url)) for j in jobs if j.request_id is not None

@@ -24,6 +24,7 @@ from jobs.settings import MAX_SECONDS, Settings
 from jobs.states import JobState
 from jobs.store import CapScope, Fence, batch_schedule, simulated_batch_ids
 from worker.fal.client import FalClient
+from worker.fal.http import origin_text
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
 from worker.limits import SubmitLimiter, api_key_id, limiter_for
@@ -186,17 +187,28 @@ class DownloadClaim:
 
 @dataclass(frozen=True)
 class Reach:
-    """Which batches' requests a runtime may touch (:meth:`Runtime.reach`): those of
-    ``batch_ids`` (None: any) that are not in ``exclude_batch_ids``. Both are
+    """Which requests a runtime may touch (:meth:`Runtime.reach`): those of the batches of
+    ``batch_ids`` (None: any) that are not in ``exclude_batch_ids``, sent to the fal queue at
+    ``sent_to`` (None: any; a request whose origin was not recorded is anyone's). All three are
     :func:`jobs.store.claim_jobs`'s own filters, passed as they are."""
 
     batch_ids: frozenset[str] | None
     exclude_batch_ids: frozenset[str]
+    sent_to: str | None = None
 
     def covers(self, batch_id: str) -> bool:
-        """Whether the requests of ``batch_id`` are within reach."""
+        """Whether the requests of ``batch_id`` are within reach (as a batch: each request's
+        queue is :meth:`holds`'s to say)."""
         inside = self.batch_ids is None or batch_id in self.batch_ids
         return inside and batch_id not in self.exclude_batch_ids
+
+    def holds(self, job: JobView | JobRecord) -> bool:
+        """Whether the request of ``job`` is within reach: its batch is, and it went to this
+        runtime's fal queue (or to one not recorded)."""
+        if not self.covers(job.batch_id):
+            return False
+        sent_to = getattr(job, "fal_origin", None)
+        return self.sent_to is None or sent_to is None or sent_to == self.sent_to
 
 
 class LeaseReclaimer(Protocol):
@@ -292,8 +304,13 @@ class Runtime:
     #: Whether fal answers this process's submits, and the hold on them while it does not
     #: (:mod:`worker.steps.fal_reach`).
     fal_reach: FalReach = field(default_factory=FalReach)
+    #: The origin (``scheme://host:port``) of this runtime's fal queue (``WANBATCH_FAL_QUEUE_URL``):
+    #: recorded with every request it sends (``Job.fal_origin``), and the only requests it asks
+    #: about (:meth:`reach`).
+    queue_origin: str = field(init=False)
 
     def __post_init__(self) -> None:
+        self.queue_origin = queue_origin(self.settings.fal_queue_url)
         self.unrecorded = Unrecorded(self.settings.database_url)
         self.submit_leases = SubmitLeases(self.engine, self.settings.lease_seconds)
         if self.bucket is None:
@@ -333,17 +350,36 @@ class Runtime:
         return self.batch_ids is None or batch_id in self.batch_ids
 
     def reach(self, session: Session) -> Reach:
-        """The batches whose requests this runtime's provider holds: the only ones it may ask
-        about (status, stream, cancel) or download from.
+        """The requests this runtime's provider holds: the only ones it may ask about (status,
+        stream, cancel) or download from.
 
         A simulation's requests are its simulator's, and real fal's are fal's: asked about a
         request it never had, either answers 404, and the job would end "lost" — a paid one
-        while fal still runs and bills it. So a ``--simulate`` run reaches its own batch only,
-        and a runtime talking to fal every batch but the simulations.
+        while fal still runs and bills it. So a ``--simulate`` run reaches its own batch only
+        (whatever simulator sent it: a resumed run hands its requests to its new one), and a
+        runtime talking to fal every batch but the simulations — and of those, only the
+        requests sent to its own fal queue (``Job.fal_origin``): a run pointed at another queue
+        (another simulator, another deployment) on the same database follows its own, and this
+        one leaves them alone. The distributed workers share one queue URL, so they all reach
+        the same requests.
         """
         if self.simulated:
             return Reach(batch_ids=self.batch_ids or frozenset(), exclude_batch_ids=frozenset())
-        return Reach(batch_ids=None, exclude_batch_ids=simulated_batch_ids(session))
+        return Reach(
+            batch_ids=None, exclude_batch_ids=simulated_batch_ids(session), sent_to=self.queue_origin
+        )
+
+    def sent_elsewhere(self, job: JobView | JobRecord) -> str | None:
+        """Why a 404 (or a refusal) of fal about ``job``'s request proves nothing, or None when it
+        does: the request was sent with another API key than this runtime's. fal keeps a request
+        for the account, so another key of the same account may ask about it, but a key of
+        another account is told it does not exist: only a process with the key it was sent with
+        may take fal's "not found" as final. (A request sent with no key recorded, before the
+        key was kept, is taken as this key's, as before.)"""
+        sent_with = getattr(job, "api_key_id", None)
+        if sent_with is None or sent_with == api_key_id(self.settings):
+            return None
+        return f"sent with another API key (key id {sent_with}, this process has {api_key_id(self.settings)})"
 
     def cap_scope(self) -> CapScope:
         """Which jobs this runtime's caps count (:meth:`jobs.store.CapScope.of`): the requests
@@ -361,6 +397,15 @@ class Runtime:
     def fence(self, job: JobRecord) -> Fence:
         """``job`` as this runtime just read (or claimed) it, held by this runtime's worker."""
         return Fence.of(job, self.owner)
+
+
+def queue_origin(queue_url: str) -> str:
+    """``scheme://host:port`` of the fal queue URL (never its credentials, path or query): what
+    ``Job.fal_origin`` records. A URL that does not parse (settings refuse one) is kept as is."""
+    try:
+        return origin_text(queue_url)
+    except Exception:  # httpx.InvalidURL and its like: compared as text, never followed here
+        return queue_url[:255]
 
 
 def in_seconds(seconds: float) -> datetime:

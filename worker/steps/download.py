@@ -112,8 +112,10 @@ def schedule_downloads(rt: Runtime, limit: int = 200) -> list[str]:
             owner=DOWNLOAD_QUEUE,
             lease_seconds=rt.settings.lease_seconds,
             batch_ids=rt.batch_ids,  # an embedded run downloads its own batch only
-            # a simulation's videos are at its simulator: its own --simulate run fetches them
-            exclude_batch_ids=rt.reach(session).exclude_batch_ids,
+            # a simulation's videos are at its simulator: its own --simulate run fetches them;
+            # a result at another fal queue, a process of that queue
+            exclude_batch_ids=(reach := rt.reach(session)).exclude_batch_ids,
+            sent_to=reach.sent_to,
         )
         ids = [j.id for j in jobs]
     for job_id in ids:
@@ -171,6 +173,8 @@ def _download(rt: Runtime, job_id: str) -> str:
             )
         return "not-ready"
     except AccountLockedError as exc:
+        if (sent := rt.sent_elsewhere(claim.job)) is not None:  # this key's account, not the request's
+            return _not_ours(rt, claim, sent, exc)
         # The account, not the request: the result waits at fal; pause the batch, ask again later.
         telemetry.count_provider_error(exc)
         with db.session_scope(rt.engine) as session:
@@ -186,8 +190,12 @@ def _download(rt: Runtime, job_id: str) -> str:
         )
         return "paused"
     except ResultExpiredError as exc:
+        if (sent := rt.sent_elsewhere(claim.job)) is not None:
+            return _not_ours(rt, claim, sent, exc)
         return _result_expired(rt, job_id, claim, exc)
     except (RequestFailedError, FinalProviderError) as exc:
+        if not isinstance(exc, RequestFailedError) and (sent := rt.sent_elsewhere(claim.job)) is not None:
+            return _not_ours(rt, claim, sent, exc)
         return _fal_verdict(rt, job_id, claim, exc)
     except ProviderError as exc:
         return _result_unavailable(rt, job_id, claim, exc)
@@ -281,6 +289,25 @@ def _status_verdict(session: Session, job_id: str) -> ProviderError | None:
     return status_failure(
         error if isinstance(error, str) else None, error_type if isinstance(error_type, str) else None
     )
+
+
+def _not_ours(rt: Runtime, claim: DownloadClaim, sent: str, exc: ProviderError) -> str:
+    """fal said "not found" about the result of a request ``sent`` with another API key: no proof
+    the result is gone (a key of another account is told another account's request does not
+    exist). The job keeps waiting for its download, asked about again after the longest poll
+    interval, until a process with the key it was sent with fetches it."""
+    telemetry.count_provider_error(exc)
+    log.warning(
+        "job %s: fal answered %s about its result, %s: not taken as final; waiting for a process "
+        "with that key",
+        claim.fence.job_id,
+        exc,
+        sent,
+        extra={"event": "download.other_key"},
+    )
+    with db.session_scope(rt.engine) as session:
+        store.release_lease(session, claim.fence, next_attempt_at=in_seconds(rt.settings.poll_max_interval))
+    return "result-retry"
 
 
 def _fal_verdict(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ProviderError) -> str:

@@ -69,8 +69,11 @@ def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int
     ``downloading`` for a run of that batch (or a worker). ``exclude``: jobs a status stream
     already follows (:mod:`worker.watcher`); asking for them too would only cost calls.
     Never the requests of another provider (:meth:`~worker.steps.context.Runtime.reach`): a
-    ``--simulate`` run asks its simulator about its own batch only, and fal is never asked
-    about a simulation's requests.
+    ``--simulate`` run asks its simulator about its own batch only, fal is never asked about a
+    simulation's requests, and a request sent to another fal queue URL is left to a process of
+    that queue. A request sent with another API key is asked about (a key of the same account
+    may), but fal's "not found" or refusal of it is not final (:func:`_not_ours`): the job
+    waits for a process with its key.
     """
     now = utcnow()
     with db.session_scope(rt.engine) as session:
@@ -85,8 +88,10 @@ def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int
             exclude_ids=exclude,
             batch_ids=reach.batch_ids,
             exclude_batch_ids=reach.exclude_batch_ids,
+            sent_to=reach.sent_to,
         )
         snapshot = [(rt.fence(j), handle_of(j, rt.settings.fal_queue_url), j.submitted_at) for j in due]
+        other_key = {j.id: why for j in due if (why := rt.sent_elsewhere(j)) is not None}
         elsewhere = {j.id for j in due if not rt.in_scope(j.batch_id)}
         batch_of = {j.id: j.batch_id for j in due}
     calls = 0
@@ -99,6 +104,9 @@ def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int
             # The account, not the request: pause the batch, keep the job, and ask again later —
             # the request is still at fal, running and billed, whatever our key's state.
             telemetry.count_provider_error(exc)
+            if job_id in other_key:  # this key's account, not the one the request was sent with
+                _not_ours(rt, fence, handle, other_key[job_id], exc)
+                continue
             log.warning(
                 "job %s: status refused for the account (%s); batch paused",
                 job_id,
@@ -115,6 +123,9 @@ def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int
             continue
         except FinalProviderError as exc:
             telemetry.count_provider_error(exc)
+            if job_id in other_key:  # "not found" for this key: no proof the request is lost
+                _not_ours(rt, fence, handle, other_key[job_id], exc)
+                continue
             why = describe(exc)
             with db.session_scope(rt.engine) as session:
                 store.fail_job(
@@ -140,6 +151,25 @@ def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int
             continue
         _apply_status(rt, fence, status, submitted_at, download=job_id not in elsewhere)
     return calls
+
+
+def _not_ours(rt: Runtime, fence: Fence, handle: RequestHandle, sent: str, exc: WanbatchError) -> None:
+    """fal said "not found" (or refused) about a request ``sent`` with another API key: no proof
+    of anything — a key of another account is told that another account's request does not
+    exist. The job keeps its request (never failed, never resent, its batch never paused) and is
+    asked about again after the longest poll interval; a process with the key it was sent with
+    (its own run, or workers configured with it) settles it."""
+    log.warning(
+        "job %s: fal answered %s about request %s, %s: not taken as final; waiting for a process "
+        "with that key",
+        fence.job_id,
+        exc,
+        handle.request_id,
+        sent,
+        extra={"event": "poll.other_key", "job_id": fence.job_id, "request_id": handle.request_id},
+    )
+    with db.session_scope(rt.engine) as session:
+        store.release_lease(session, fence, next_attempt_at=in_seconds(rt.settings.poll_max_interval))
 
 
 def _protocol_error(

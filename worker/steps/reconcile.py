@@ -207,6 +207,7 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
     if not cancelled:
         return 0
     with db.session_scope(rt.engine) as session:
+        reach = rt.reach(session)
         moved = store.cancel_unsent_jobs(
             session,
             cancelled,
@@ -215,7 +216,13 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
             error_type="cancelled",
             worker=rt.owner,
         )
-        at_fal = [j for b in cancelled for j in store.jobs_of_batch(session, b, states=[S.QUEUED, S.RUNNING])]
+        # A request sent to another fal queue is that queue's processes' to cancel (Runtime.reach).
+        at_fal = [
+            j
+            for b in cancelled
+            for j in store.jobs_of_batch(session, b, states=[S.QUEUED, S.RUNNING])
+            if reach.holds(j)
+        ]
         queued = tail_of_fal_queue_first(j for j in at_fal if j.state == S.QUEUED)
         running = [j for j in at_fal if j.state == S.RUNNING]
         in_flight = sum(store.count_in_states(session, [S.SUBMITTING], batch_id=b) for b in cancelled)

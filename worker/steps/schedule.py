@@ -132,7 +132,12 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
                 )
             if why is None:  # before not_before, which the deadline comes first: nothing at fal
                 continue
-            closing.extend((job, why) for job in store.jobs_of_batch(session, batch.id, states=[S.QUEUED]))
+            reach = rt.reach(session)  # a request sent to another fal queue is its processes' to cancel
+            closing.extend(
+                (job, why)
+                for job in store.jobs_of_batch(session, batch.id, states=[S.QUEUED])
+                if reach.holds(job)
+            )
         whys = {job.id: why for job, why in closing}
         for job in tail_of_fal_queue_first(job for job, _why in closing):
             plan.append((rt.fence(job), handle_of(job, rt.settings.fal_queue_url), whys[job.id]))

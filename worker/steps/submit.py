@@ -276,6 +276,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
             submitted_input=to_send,
             sent_at=sent_at,
             api_key_id=api_key_id(rt.settings),  # the key this POST goes with, not dispatch's
+            fal_origin=rt.queue_origin,  # the queue it goes to: only a process of that queue asks about it
             # What fal's request_timeout of it is judged by, whatever the schedule becomes.
             start_timeout_at=closes,
         )
