@@ -406,7 +406,7 @@ class Job(Base):
     #: The origin (``scheme://host:port``) of the fal queue the current or last attempt was sent
     #: to. Only a process configured with that queue asks about the request (status, stream,
     #: result, cancel): any other fal never had it and answers 404. NULL: sent before schema
-    #: 0034, followed by any process as before.
+    #: 0035, followed by any process as before.
     fal_origin: Mapped[str | None] = mapped_column(String(255))
     #: Failed downloads of this job's output so far; the output is paid for, so a failed
     #: download is retried (never regenerated) until ``WANBATCH_DOWNLOAD_ATTEMPTS``.

@@ -1958,8 +1958,13 @@ def adopt_request(
     )
 
 
-def request_holder(session: Session, job_id: str, request_id: str) -> str | None:
+def request_holder(
+    session: Session, job_id: str, request_id: str, *, origin: str | None = None
+) -> str | None:
     """The id of another job than ``job_id`` that holds fal's request ``request_id``, else None.
+    ``origin``: the fal queue the answer came from (``Job.fal_origin``): an id is fal's within
+    one queue, so a job sent to another queue (another simulator, another deployment sharing the
+    database) holding the same id is not counted; one whose queue nobody recorded is.
 
     fal's request ids are UUIDs, one per accepted POST: no path gives two jobs one request (a
     job taking another's output, ``reuse_outputs`` or a staged video, records ``reused_from``,
@@ -1973,7 +1978,10 @@ def request_holder(session: Session, job_id: str, request_id: str) -> str | None
     in one database, and a database may already hold such duplicates."""
     if session.connection().dialect.name == "postgresql":
         session.execute(select(func.pg_advisory_xact_lock(func.hashtext(request_id))))
-    return session.scalar(select(Job.id).where(Job.request_id == request_id, Job.id != job_id).limit(1))
+    held = select(Job.id).where(Job.request_id == request_id, Job.id != job_id)
+    if origin is not None:
+        held = held.where(or_(Job.fal_origin == origin, Job.fal_origin.is_(None)))
+    return session.scalar(held.limit(1))
 
 
 #: What a failed job's error type says when it failed only because its submit's outcome stayed

@@ -640,7 +640,7 @@ def _record_submission(
         )
 
     with db.session_scope(rt.engine) as session:
-        holder = store.request_holder(session, fence.job_id, submitted.request_id)
+        holder = store.request_holder(session, fence.job_id, submitted.request_id, origin=rt.queue_origin)
         if holder is None and record(session, fence):
             return "submitted"
         if holder is not None and _held_elsewhere(session, rt, fence, accepted, holder):
@@ -652,7 +652,7 @@ def _record_submission(
                 return "submitted"
             if not awaits_answer(job, accepted.attempt):
                 break
-            holder = store.request_holder(session, job.id, submitted.request_id)
+            holder = store.request_holder(session, job.id, submitted.request_id, origin=rt.queue_origin)
             if holder is not None:
                 # Never cancelled at fal as an orphan: the request is the other job's.
                 _held_elsewhere(session, rt, rt.fence(job), accepted, holder)

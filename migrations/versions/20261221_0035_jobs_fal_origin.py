@@ -5,9 +5,9 @@ Only a process whose ``WANBATCH_FAL_QUEUE_URL`` has that origin asks about the r
 it and answers 404, which ended paid jobs as "provider lost the request". NULL for requests
 sent before this column: any process follows them, as before.
 
-Revision ID: 0034
-Revises: 0033
-Create Date: 2026-12-20 12:00:00
+Revision ID: 0035
+Revises: 0034
+Create Date: 2026-12-21 12:00:00
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0034"
-down_revision: str | Sequence[str] | None = "0033"
+revision: str = "0035"
+down_revision: str | Sequence[str] | None = "0034"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
