@@ -50,6 +50,7 @@ __all__ = [
     "redirect",
     "reset",
     "sequence",
+    "stale_stream",
     "traced_peak",
 ]
 
@@ -191,6 +192,26 @@ def event_flood(total: int = 200 << 20, chunk: int = 65536) -> Behaviour:
             if req.stop.is_set():
                 return
             sock.sendall(block)
+
+    return behave
+
+
+def stale_stream(
+    first: bytes, repeat: bytes, every: float, hung_up: threading.Event | None = None
+) -> Behaviour:
+    """A 200 ``text/event-stream`` that stays open and never ends its request: ``first``, then
+    ``repeat`` every ``every`` seconds (a keep-alive comment, an event that changes nothing),
+    until the client hangs up — then ``hung_up`` is set — or the provider closes."""
+
+    def behave(req: Recorded, sock: socket.socket) -> None:
+        try:
+            sock.sendall(_head(200, {"Content-Type": "text/event-stream"}, None) + first)
+            while not req.stop.wait(every):
+                sock.sendall(repeat)
+        except OSError:
+            if hung_up is not None:
+                hung_up.set()
+            raise
 
     return behave
 

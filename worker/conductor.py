@@ -471,19 +471,27 @@ class Conductor:
         return sent
 
     def _tick(self, stopping: threading.Event) -> bool:
-        """The safety net: a full tick, polling only what no stream follows; then catch up on
-        requests at fal that nothing watches (sent by another process, or a previous run).
+        """The safety net: a full tick, polling what no stream follows, and what a stream has
+        followed for ``WANBATCH_POLL_MAX_INTERVAL`` without saying it ended (every such interval:
+        an open stream is no proof that it ever will); then let go of the streams of requests a
+        poll found ended, and catch up on requests at fal that nothing watches (sent by another
+        process, or a previous run).
 
         True when it found nothing to do: nothing at fal or to download, nothing applied,
         reconciled, polled, sent or scheduled, no stream open (see :func:`idle_interval`)."""
         self.stats.ticks += 1
         self._beat()
         self._after_broker_restart()
-        exclude = self.watcher.watching() if self.watcher is not None else frozenset()
+        young: frozenset[str] = frozenset()
+        old: frozenset[str] = frozenset()
+        if self.watcher is not None:
+            young, old = self.watcher.by_age(self.rt.settings.poll_max_interval)
         self.rt.nothing_in_flight = False  # the tick's dispatch says otherwise, if it runs
-        report = steps.tick(self.rt, stopping, exclude=exclude)
+        report = steps.tick(self.rt, stopping, exclude=young, streamed=old)
         self.stats.status_calls += report.status_calls
         self.stats.dispatched += report.dispatched
+        if old:
+            self._let_go_of_ended(old)
         if self.watcher is not None and not stopping.is_set():
             self._watch(set())
         did = (
@@ -496,6 +504,33 @@ class Conductor:
         )
         streams = self.watcher.watching() if self.watcher is not None else frozenset()
         return did == 0 and self.rt.nothing_in_flight and not streams
+
+    def _let_go_of_ended(self, job_ids: frozenset[str]) -> None:
+        """Stop the streams among ``job_ids`` whose request no longer waits at fal (a poll, a
+        webhook or another process found it ended, or the job moved on): a stream that never
+        says so would hold its thread, its room and its connection for good."""
+        watcher = self.watcher
+        if watcher is None:
+            return
+        followed = watcher.requests(job_ids)
+        if not followed:
+            return
+        with db.read_scope(self.rt.engine) as session:
+            heads = store.job_heads(session, followed)
+        ended = [
+            job_id
+            for job_id, request_id in followed.items()
+            if (head := heads.get(job_id)) is None
+            or head.state not in AT_FAL
+            or head.request_id != request_id
+        ]
+        if ended:
+            log.debug(
+                "%d status stream(s) let go: their requests ended without the stream saying so",
+                len(ended),
+                extra={"event": "stream.let_go"},
+            )
+            watcher.let_go(ended)
 
     def _after_broker_restart(self) -> None:
         """When the broker came back as a new incarnation (a Redis restarted with nothing on

@@ -13,6 +13,14 @@ applies it to the database). A stream that breaks is reported as lost: the polle
 takes the job over. The number of streams is bounded; requests beyond it are left to polling.
 A thread whose stream ended waits a little for the next one rather than exit: a batch opens a
 stream for every job, and starting a thread costs more CPU than reading a short stream.
+
+A stream that stays open is not proof that it will ever say the request ended: one that sends
+only keep-alive comments, or event after event that never reaches COMPLETED, held its job
+``queued`` for good while ``/status`` said COMPLETED (and fal's result expires). So a stream
+vouches for its job only while it is young (:meth:`StatusWatcher.by_age`): the poller asks about
+the jobs of older streams too, on its own schedule, and a stream whose job turned out to have
+ended meanwhile is let go (:meth:`StatusWatcher.let_go`) — its reader stops at the stream's
+next chunk, keep-alives included, and nothing is reported for it.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 
 from jobs.errors import WanbatchError
 from worker.fal.client import FalClient
@@ -46,14 +55,36 @@ class StatusWatcher:
         self.max_streams = max_streams
         self._lock = threading.Lock()
         self._watching: dict[str, str] = {}  # job id -> request id
+        self._since: dict[str, float] = {}  # job id -> when its stream was asked for (monotonic)
+        self._let_go: set[str] = set()  # job ids whose reader is to stop at its next chunk
         self._closed = False
         self._work: queue.SimpleQueue[tuple[str, RequestHandle]] = queue.SimpleQueue()
         self._idle = 0  # reading threads waiting for a stream (under _lock)
 
     def watching(self) -> frozenset[str]:
-        """The jobs whose request is followed right now (the poller leaves them alone)."""
+        """The jobs whose request is followed right now."""
         with self._lock:
             return frozenset(self._watching)
+
+    def by_age(self, seconds: float) -> tuple[frozenset[str], frozenset[str]]:
+        """The jobs followed now, split: those whose stream was asked for less than ``seconds``
+        ago (their stream vouches for them: the poller leaves them alone), and the older ones (the
+        poller asks about them too, in case their stream never says the request ended)."""
+        now = time.monotonic()
+        with self._lock:
+            young = frozenset(j for j, since in self._since.items() if now - since < seconds)
+            return young, frozenset(self._watching) - young
+
+    def requests(self, job_ids: Collection[str]) -> dict[str, str]:
+        """The request each of ``job_ids`` is followed for (those followed now)."""
+        with self._lock:
+            return {j: self._watching[j] for j in job_ids if j in self._watching}
+
+    def let_go(self, job_ids: Collection[str]) -> None:
+        """Stop following ``job_ids`` (their requests ended, as a poll found): each reader stops at
+        its stream's next chunk, reports nothing, and its room is free again."""
+        with self._lock:
+            self._let_go.update(j for j in job_ids if j in self._watching)
 
     def follows(self, job_id: str) -> bool:
         """Whether ``job_id``'s request is followed right now."""
@@ -71,6 +102,7 @@ class StatusWatcher:
             if self._closed or job_id in self._watching or len(self._watching) >= self.max_streams:
                 return False
             self._watching[job_id] = handle.request_id
+            self._since[job_id] = time.monotonic()
             if self._idle:
                 self._idle -= 1  # that thread takes it: no new one
                 start = False
@@ -110,9 +142,13 @@ class StatusWatcher:
     def _follow(self, job_id: str, handle: RequestHandle) -> None:
         running_said = False
         ended = False
+
+        def stop() -> bool:  # asked at every chunk: a plain read of two values, no lock
+            return self._closed or job_id in self._let_go
+
         try:
-            for status in self.client.stream_status(handle):
-                if self._closed:
+            for status in self.client.stream_status(handle, stop=stop):
+                if stop():
                     return
                 if status.completed:
                     ended = True
@@ -140,17 +176,21 @@ class StatusWatcher:
                 extra={"event": "stream.failed", "job_id": job_id, "request_id": handle.request_id},
             )
         finally:
-            closed = self._done(job_id)
-            if not ended and not closed:
+            closed, let_go = self._done(job_id)
+            if not ended and not closed and not let_go:
                 self.on_lost(job_id)
 
-    def _done(self, job_id: str) -> bool:
+    def _done(self, job_id: str) -> tuple[bool, bool]:
         """``job_id`` is no longer followed (its room is free) and its thread is idle again, in
         one step: whoever sees the room free also finds the thread idle. Whether the watcher is
         closed (the thread then ends, not counted idle; one counted just before the close ends
-        too, and the count no longer matters: a closed watcher takes no stream)."""
+        too, and the count no longer matters: a closed watcher takes no stream), and whether the
+        stream was let go (:meth:`let_go`: nothing to report)."""
         with self._lock:
             self._watching.pop(job_id, None)
+            self._since.pop(job_id, None)
+            let_go = job_id in self._let_go
+            self._let_go.discard(job_id)
             if not self._closed:
                 self._idle += 1
-            return self._closed
+            return self._closed, let_go

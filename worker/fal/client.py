@@ -36,7 +36,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Literal
@@ -379,7 +379,9 @@ class FalClient:
             )
             return _parse_status(self.scrub(json_body(response, "status")), h.request_id)
 
-    def stream_status(self, handle: HandleLike, *, logs: bool = False) -> Iterator[Status]:
+    def stream_status(
+        self, handle: HandleLike, *, logs: bool = False, stop: Callable[[], bool] | None = None
+    ) -> Iterator[Status]:
         """Statuses as fal pushes them over SSE, ending with (and including) COMPLETED.
 
         A stream that breaks or ends early raises :class:`RetryableProviderError`: poll instead.
@@ -394,6 +396,10 @@ class FalClient:
         takes its connection with it, and every stream then paid a new TCP connection and TLS
         handshake (more CPU than the rest of the stream). A consumer that stops at COMPLETED
         closes the connection instead, as before.
+
+        ``stop``: asked at every chunk the stream sends (keep-alives included); once it says
+        True the statuses end there, without an error, and the connection is closed: the caller
+        no longer needs the stream (its request was found ended another way, or it closed).
         """
         h = _handle(handle)
         url = f"{h.status_url.rstrip('/')}/stream"
@@ -413,7 +419,7 @@ class FalClient:
                         f"fal status stream: not an event stream (Content-Type {content_type[:60]!r})",
                         request_id=h.request_id,
                     )
-                events = self._stream_events(response)
+                events = self._stream_events(response, stop)
                 for data in events:
                     if not data.strip():
                         continue
@@ -427,16 +433,21 @@ class FalClient:
                     if status.completed:
                         _read_to_end(events)
                         return
+                if stop is not None and stop():
+                    return  # let go by the caller: the connection closes, unread
             raise RetryableProviderError(
                 "fal status stream ended before COMPLETED; poll the status instead", request_id=h.request_id
             )
 
-    def _stream_events(self, response: httpx.Response) -> Iterator[str]:
+    def _stream_events(
+        self, response: httpx.Response, stop: Callable[[], bool] | None = None
+    ) -> Iterator[str]:
         """The data of each event of a status stream, each event and the stream bounded
         (:func:`worker.fal.sse.event_data`); an encoding that does not decode is a protocol error."""
         try:
+            chunks = decoded_chunks(response)
             yield from event_data(
-                decoded_chunks(response),
+                chunks if stop is None else _until(stop, chunks),
                 what="status stream",
                 seconds=self._answer_budget.seconds,
                 clock=self._answer_budget.clock,
@@ -681,6 +692,15 @@ def _read_to_end(events: Iterator[Any]) -> None:
     keep-alive comments ends at the client's read timeout — the caller has its status already."""
     for _ in itertools.islice(events, STREAM_TAIL_EVENTS):
         pass
+
+
+def _until(stop: Callable[[], bool], chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """``chunks`` until ``stop()`` says True, asked as each arrives: a stream that sends only
+    keep-alive comments yields no event to its reader, yet lets the reader stop."""
+    for chunk in chunks:
+        if stop():
+            return
+        yield chunk
 
 
 def _parse_status(body: object, request_id: str) -> Status:

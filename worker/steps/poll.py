@@ -49,9 +49,15 @@ def first_poll_at(settings: Settings, submitted_at: datetime) -> datetime:
     return submitted_at + timedelta(seconds=wait)
 
 
-def _next_poll(settings: Settings, submitted_at: datetime | None, now: datetime) -> datetime:
+def _next_poll(
+    settings: Settings, submitted_at: datetime | None, now: datetime, *, streamed: bool = False
+) -> datetime:
     """Poll often at first, then back off as the job waits (a quarter of the time waited);
-    with a webhook receiver, never more often than ``webhook_poll_after``."""
+    with a webhook receiver, never more often than ``webhook_poll_after``. A job a status
+    stream follows (``streamed``) is asked about only every ``poll_max_interval``: the stream
+    tells of its end, the poll is there for a stream that never does."""
+    if streamed:
+        return now + timedelta(seconds=settings.poll_max_interval)
     waited = (now - submitted_at).total_seconds() if submitted_at else 0.0
     interval = min(settings.poll_max_interval, max(settings.poll_min_interval, waited / 4))
     if settings.webhook_url:
@@ -59,7 +65,9 @@ def _next_poll(settings: Settings, submitted_at: datetime | None, now: datetime)
     return now + timedelta(seconds=interval)
 
 
-def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int:
+def poll(
+    rt: Runtime, limit: int = 200, *, exclude: Collection[str] = (), streamed: Collection[str] = ()
+) -> int:
     """Ask fal for the status of every due in-flight job; returns how many status calls were made.
 
     Every batch's, even with a batch scope (``rt.batch_ids``): a status call costs nothing, and
@@ -67,7 +75,10 @@ def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int
     at fal (an interrupted run) must still be seen to finish or they would hold the cap forever.
     Only the scope's completed jobs are downloaded here; another batch's wait, unleased, in
     ``downloading`` for a run of that batch (or a worker). ``exclude``: jobs a status stream
-    already follows (:mod:`worker.watcher`); asking for them too would only cost calls.
+    has followed for a short while (:mod:`worker.watcher`); asking for them too would only cost
+    calls. ``streamed``: jobs a stream has followed for longer, asked about when due like any
+    other, then again only after ``poll_max_interval`` (a stream that stays open without ever
+    saying COMPLETED must not hold its job).
     Never the requests of another provider (:meth:`~worker.steps.context.Runtime.reach`): a
     ``--simulate`` run asks its simulator about its own batch only, fal is never asked about a
     simulation's requests, and a request sent to another fal queue URL is left to a process of
@@ -149,7 +160,9 @@ def poll(rt: Runtime, limit: int = 200, *, exclude: Collection[str] = ()) -> int
                     session, fence, next_attempt_at=_next_poll(rt.settings, submitted_at, utcnow())
                 )
             continue
-        _apply_status(rt, fence, status, submitted_at, download=job_id not in elsewhere)
+        _apply_status(
+            rt, fence, status, submitted_at, download=job_id not in elsewhere, streamed=job_id in streamed
+        )
     return calls
 
 
@@ -345,6 +358,7 @@ def _apply_status(
     submitted_at: datetime | None,
     *,
     download: bool = True,
+    streamed: bool = False,
 ) -> None:
     now = utcnow()
     with db.session_scope(rt.engine) as session:
@@ -354,7 +368,7 @@ def _apply_status(
                 session.commit()
                 rt.enqueue_download(fence.job_id)
             return
-        next_poll = _next_poll(rt.settings, submitted_at, now)
+        next_poll = _next_poll(rt.settings, submitted_at, now, streamed=streamed)
         if status.state == "IN_PROGRESS" and fence.state == S.QUEUED:
             store.mark_running(session, fence, next_poll_at=next_poll)
             return

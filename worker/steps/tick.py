@@ -32,7 +32,11 @@ class TickReport:
 
 
 def tick(
-    rt: Runtime, stopping: threading.Event | None = None, *, exclude: Collection[str] = ()
+    rt: Runtime,
+    stopping: threading.Event | None = None,
+    *,
+    exclude: Collection[str] = (),
+    streamed: Collection[str] = (),
 ) -> TickReport:
     """One round of periodic work: apply stored webhooks, reconcile, poll, dispatch, schedule downloads.
 
@@ -41,7 +45,9 @@ def tick(
 
     ``stopping`` is checked between steps: once it is set (Ctrl-C) the round ends without
     claiming anything more, even when a slow status call kept it busy meanwhile. ``exclude``:
-    jobs a status stream follows, which the poll leaves alone.
+    jobs a status stream has just begun to follow, which the poll leaves alone; ``streamed``:
+    jobs a stream has followed for longer, polled only every ``poll_max_interval``
+    (:func:`~worker.steps.poll.poll`).
     """
     report = TickReport()
 
@@ -52,7 +58,7 @@ def tick(
     prune_applied(rt)
     report.reconciled = reconcile(rt) + cancel_jobs_of_cancelled_batches(rt) + enforce_schedules(rt)
     if go_on():
-        report.status_calls = poll(rt, exclude=exclude)
+        report.status_calls = poll(rt, exclude=exclude, streamed=streamed)
     if go_on():
         before = rt.budget_cancelled
         report.dispatched = len(dispatch(rt))
