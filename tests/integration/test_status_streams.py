@@ -82,7 +82,9 @@ def _watch_threads() -> list[threading.Thread]:
 
 
 def test_concurrent_streams_get_a_thread_each_and_idle_threads_exit(monkeypatch: Any) -> None:
-    monkeypatch.setattr(watcher_module, "IDLE_THREAD_SECONDS", 0.3)
+    monkeypatch.setattr(
+        watcher_module, "IDLE_THREAD_SECONDS", 2.0
+    )  # a loaded machine: 0.3 s let threads leave before the count
     assert wait_for(lambda: not _watch_threads(), timeout=10)  # none left by an earlier test
     options = SimulatorOptions(concurrency_limit=8, latency_seconds=0.3, latency_jitter=0.0)
     with running_simulator(options) as sim:
