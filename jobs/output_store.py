@@ -184,6 +184,8 @@ class OutputStore(ABC):
         sidecar: dict[str, Any],
         progress: Callable[[int], None] | None = None,
         temp_tag: str | None = None,
+        holds_lease: Callable[[], bool] | None = None,
+        stored_before: bool = False,
     ) -> str:
         """Make the downloaded ``video`` (hashed, probed) the output at ``location``, its
         sidecar JSON beside it; returns the ``output_path`` to record. Both are durable when it
@@ -195,7 +197,14 @@ class OutputStore(ABC):
         (:func:`outputs.partial_tag`) in the name of a local sidecar's temporary file, so that the
         job's next lease holder removes it should this process die before renaming it
         (:func:`outputs.remove_stale_partials`); a temporary file removed so means this lease was
-        lost: :class:`StateConflict`, the video left to that holder."""
+        lost: :class:`StateConflict`, the video left to that holder.
+
+        ``holds_lease()``: whether this attempt still holds the job's lease (a fenced check that
+        renews it), asked before a failure removes the video it stored: one whose lease was
+        taken over meanwhile never removes what is now the next holder's (who may have stored
+        the very same video and recorded the job's success) — :class:`StateConflict` instead.
+        ``stored_before``: an earlier attempt may have stored this output already (its video
+        was staged by one): what is stored with the same SHA-256 is not sent again."""
 
     @abstractmethod
     def finish(self, video: Path) -> None:
@@ -300,22 +309,32 @@ class LocalOutputStore(OutputStore):
         sidecar: dict[str, Any],
         progress: Callable[[int], None] | None = None,
         temp_tag: str | None = None,
+        holds_lease: Callable[[], bool] | None = None,
+        stored_before: bool = False,
     ) -> str:
         target = outputs.sidecar_path(video)
         try:
             outputs.write_json_atomic(target, sidecar, temp_tag=temp_tag)
         except FileNotFoundError as exc:
             if temp_tag is None:
-                self.discard(video)
+                self._take_back(video, target, holds_lease)
                 raise OutputWriteError(f"could not write {target}: {exc.strerror or exc}") from exc
             # The job's next lease holder swept our temporary file (this lease had lapsed): the
             # video is the new holder's now, never removed from under it.
             raise StateConflict(f"{target}: the job's lease moved on while its sidecar was written") from exc
         except OSError as exc:
             # a video without its sidecar is not an output: remove it (no half-finished outputs)
-            self.discard(video)
+            self._take_back(video, target, holds_lease)
             raise OutputWriteError(f"could not write {target}: {exc.strerror or exc}") from exc
         return str(video)
+
+    def _take_back(self, video: Path, target: Path, holds_lease: Callable[[], bool] | None) -> None:
+        """Remove the video whose sidecar could not be written — unless this attempt's lease was
+        taken over meanwhile: the file under that name is then the next holder's (its own
+        download, perhaps already its job's recorded output), never removed from under it."""
+        if holds_lease is not None and not holds_lease():
+            raise StateConflict(f"{target}: the job's lease moved on while its sidecar was written")
+        self.discard(video)
 
     def finish(self, video: Path) -> None:
         """Nothing to do: the downloaded file is the output."""
@@ -408,22 +427,55 @@ class S3OutputStore(OutputStore):
         sidecar: dict[str, Any],
         progress: Callable[[int], None] | None = None,
         temp_tag: str | None = None,
+        holds_lease: Callable[[], bool] | None = None,
+        stored_before: bool = False,
     ) -> str:
         bucket, key = split_uri(location)
         side_key = key.rsplit(".", 1)[0] + ".json"
-        try:
-            self.put_file(video, bucket=bucket, key=key, sha256=sha256, size=size, progress=progress)
-        except OutputUploadError:
-            raise
-        except OSError as exc:  # reading the staged file back
-            raise OutputWriteError(f"could not read the staged {video}: {exc.strerror or exc}") from exc
         data = outputs.sidecar_json(sidecar).encode()
+        # An earlier attempt that stored both and then lost the job's lease (a storage answering
+        # slower than WANBATCH_LEASE_SECONDS) left nothing to send again: two HEADs, not uploads.
+        etag = _stored_etag(bucket, key, sha256, size) if stored_before else None
+        if etag is not None:
+            log.info(
+                "s3://%s/%s is already stored with SHA-256 %s (by an earlier try): not sent again",
+                bucket,
+                key,
+                sha256,
+                extra={"event": "output.already_stored"},
+            )
+        else:
+            try:
+                etag = self.put_file(
+                    video, bucket=bucket, key=key, sha256=sha256, size=size, progress=progress
+                )
+            except OutputUploadError:
+                raise
+            except OSError as exc:  # reading the staged file back
+                raise OutputWriteError(f"could not read the staged {video}: {exc.strerror or exc}") from exc
+        if progress is not None:
+            progress(size)  # the lease still ours before the sidecar goes (raises when it is not)
+        if (
+            stored_before
+            and _stored_etag(bucket, side_key, hashlib.sha256(data).hexdigest(), len(data)) is not None
+        ):
+            return location
         try:
             put_bytes(bucket, side_key, data, content_type="application/json")
         except OutputUploadError:
-            # a video without its sidecar is not an output: take it back (both go up again next try)
+            # a video without its sidecar is not an output: take it back (both go up again next
+            # try) — only while this attempt holds the job's lease: once it moved on, the object
+            # under that key is the next holder's, who may have stored it and recorded the success.
+            if holds_lease is not None and not holds_lease():
+                raise StateConflict(
+                    f"s3://{bucket}/{side_key}: the job's lease moved on while its sidecar was uploaded"
+                ) from None
             with contextlib.suppress(Exception):
-                _client().delete_object(Bucket=bucket, Key=key)
+                # and only the object this attempt stored (S3 refuses the delete otherwise)
+                if etag:
+                    _client().delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+                else:
+                    _client().delete_object(Bucket=bucket, Key=key)
             raise
         return location
 
@@ -436,8 +488,9 @@ class S3OutputStore(OutputStore):
         sha256: str,
         size: int,
         progress: Callable[[int], None] | None = None,
-    ) -> None:
-        """Upload ``path`` (``size`` bytes, SHA-256 ``sha256`` hex) to ``bucket/key`` atomically.
+    ) -> str | None:
+        """Upload ``path`` (``size`` bytes, SHA-256 ``sha256`` hex) to ``bucket/key`` atomically;
+        the stored object's ETag (None when the storage did not say).
 
         Up to :attr:`multipart_threshold`: one ``PutObject`` with ``ChecksumSHA256``, which S3
         verifies. Beyond: a multipart upload, ``ChecksumSHA256`` on every part, aborted on any
@@ -464,8 +517,8 @@ class S3OutputStore(OutputStore):
             except Exception as exc:
                 raise OutputUploadError(f"upload to {where} failed: {_reason(exc, bucket)}") from None
             _check_echo(answer, checksum, where)
-            return
-        self._put_multipart(path, bucket=bucket, key=key, meta=meta, progress=progress)
+            return _etag(answer)
+        return self._put_multipart(path, bucket=bucket, key=key, meta=meta, progress=progress)
 
     def _put_multipart(
         self,
@@ -475,7 +528,7 @@ class S3OutputStore(OutputStore):
         key: str,
         meta: dict[str, str],
         progress: Callable[[int], None] | None,
-    ) -> None:
+    ) -> str | None:
         where = f"s3://{bucket}/{key}"
         client = _client()
         try:
@@ -506,7 +559,7 @@ class S3OutputStore(OutputStore):
                     if progress is not None:
                         progress(sent)
                     number += 1
-            client.complete_multipart_upload(
+            done = client.complete_multipart_upload(
                 Bucket=bucket,
                 Key=key,
                 UploadId=upload_id,
@@ -518,6 +571,7 @@ class S3OutputStore(OutputStore):
             if isinstance(exc, OSError | WanbatchError) or not isinstance(exc, Exception):
                 raise
             raise OutputUploadError(f"upload to {where} failed: {_reason(exc, bucket)}") from None
+        return _etag(done)
 
     def finish(self, video: Path) -> None:
         with contextlib.suppress(OSError):
@@ -744,6 +798,30 @@ def _probe_folder(folder: Path, name: str, *, create: bool = True) -> Path | Non
         reason = "it is a file, not a folder" if file_kind(folder) == "file" else os_reason(exc)
         raise OutputWriteError(f"{name} '{shown_path(folder)}' cannot take the outputs: {reason}") from None
     return None
+
+
+def _etag(answer: Any) -> str | None:
+    """The ETag an S3 write answered with, if any."""
+    etag = answer.get("ETag") if isinstance(answer, dict) else None
+    return str(etag) if etag else None
+
+
+def _stored_etag(bucket: str, key: str, sha256: str, size: int) -> str | None:
+    """The ETag of the object at ``bucket/key`` when it holds exactly these bytes: ``size``
+    bytes whose SHA-256 (hex) is ``sha256`` — as its ``sha256`` metadata says (only wanbatch
+    writes it, on an object S3 verified against that very checksum) and, when the storage
+    keeps one, S3's own whole-object ``ChecksumSHA256``. None otherwise, or when it cannot be
+    asked (then it is simply uploaded)."""
+    try:
+        head = _client().head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    except Exception:
+        return None
+    if head.get("Metadata", {}).get("sha256") != sha256 or head.get("ContentLength") != size:
+        return None
+    checksum = head.get("ChecksumSHA256")
+    if checksum and "-" not in checksum and checksum != base64.b64encode(bytes.fromhex(sha256)).decode():
+        return None  # a multipart object's checksum ("…-N") is of its parts' checksums
+    return _etag(head) or ""
 
 
 def _check_echo(answer: Any, checksum: str, where: str) -> None:

@@ -8,7 +8,8 @@ boto3 — and so wanbatch — at it with made-up credentials, away from any real
 ``403 AccessDenied`` to the ``PUT``\\ s whose path contains a given text (all of them, or only
 the first *n* per key): a storage outage of the outputs' keys while the writability probe still
 passes, i.e. an upload failure *during* a run, without touching wanbatch's code. It can refuse
-``HEAD``\\ s too (credentials that may write but not read).
+``HEAD``\\ s too (credentials that may write but not read), answer chosen ``PUT``\\ s late (a slow
+storage), or hold the first ``PUT`` of each chosen key until the test lets it fail.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import base64
 import hashlib
 import http.client
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -128,9 +130,29 @@ class _Rules:
     refuse_text: str | None = None
     refuse_first: int | None = None  # None: every matching PUT
     refuse_heads: str | None = None  # HEADs whose path contains it are refused, every one
+    delay_text: str | None = None  # PUTs whose path contains it are answered late
+    delay_seconds: float = 0.0
+    hold_text: str | None = None  # the first PUT per key whose path contains it waits, then 403
+    held: threading.Event = field(default_factory=threading.Event)  # set when one waits
+    release: threading.Event = field(default_factory=threading.Event)  # lets it fail
+    held_keys: set[str] = field(default_factory=set)
+    puts: Counter[str] = field(default_factory=Counter)  # PUTs forwarded to the server, per key
     seen: Counter[str] = field(default_factory=Counter)
     refused: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def holds(self, method: str, path: str) -> bool:
+        """Whether this is the first PUT of a held key (it then waits for :attr:`release`)."""
+        if method != "PUT" or self.hold_text is None or self.hold_text not in path:
+            return False
+        key = path.split("?", 1)[0]
+        with self.lock:
+            if key in self.held_keys:
+                return False
+            self.held_keys.add(key)
+        self.held.set()
+        self.release.wait(60)
+        return True
 
     def refuses(self, method: str, path: str) -> bool:
         if method == "HEAD" and self.refuse_heads is not None and self.refuse_heads in path:
@@ -171,7 +193,7 @@ class S3FaultProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                if rules.refuses(self.command, self.path):
+                if rules.holds(self.command, self.path) or rules.refuses(self.command, self.path):
                     self.send_response(403)
                     self.send_header("Content-Type", "application/xml")
                     if self.command == "HEAD":  # S3 answers a HEAD without a body
@@ -182,6 +204,9 @@ class S3FaultProxy:
                     self.end_headers()
                     self.wfile.write(_ACCESS_DENIED)
                     return
+                if self.command == "PUT":
+                    with rules.lock:
+                        rules.puts[self.path.split("?", 1)[0]] += 1
                 conn = http.client.HTTPConnection("127.0.0.1", upstream, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
@@ -190,6 +215,8 @@ class S3FaultProxy:
                     data = answer.read()
                 finally:
                     conn.close()
+                if self.command == "PUT" and rules.delay_text is not None and rules.delay_text in self.path:
+                    time.sleep(rules.delay_seconds)  # stored, and answered late
                 self.send_response(answer.status)
                 for name, value in answer.getheaders():
                     if name.lower() not in _HOP and name.lower() != "content-length":
@@ -214,6 +241,17 @@ class S3FaultProxy:
         ``first`` per key."""
         self.rules.refuse_text, self.rules.refuse_first = containing, first
 
+    def delay_puts(self, containing: str, seconds: float) -> None:
+        """Answer every PUT whose path contains ``containing`` ``seconds`` late (it is stored at
+        once, as a slow storage's is before its answer comes)."""
+        self.rules.delay_text, self.rules.delay_seconds = containing, seconds
+
+    def hold_first_puts(self, containing: str) -> None:
+        """Hold the first PUT of each key whose path contains ``containing`` (``rules.held`` is
+        set when one arrives) until ``rules.release`` is set, then answer it 403; later PUTs of
+        the key go through."""
+        self.rules.hold_text = containing
+
     def refuse_heads(self, containing: str) -> None:
         """Answer 403 to every HEAD whose path contains ``containing`` (``""``: all of them):
         credentials that may write but not read."""
@@ -226,6 +264,7 @@ class S3FaultProxy:
     def __exit__(
         self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
     ) -> None:
+        self.rules.release.set()  # a PUT still held fails now
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)

@@ -114,6 +114,7 @@ def close_runtime(rt: Runtime) -> None:
     dropped without it still has its download client closed when it is garbage-collected.
     """
     rt.submit_leases.close()  # a POST still in flight keeps its lease only until it runs out
+    rt.output_leases.close()  # likewise an output being stored
     rt.fal_reach.release()  # a hold on fal it recorded ends with it (best effort)
     try:
         rt.client.close()

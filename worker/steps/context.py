@@ -29,7 +29,7 @@ from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
 from worker.limits import SubmitLimiter, api_key_id, limiter_for
 from worker.steps.fal_reach import FalReach, Hold
-from worker.steps.keepalive import SubmitLeases
+from worker.steps.keepalive import StepLeases
 from worker.steps.unrecorded import Unrecorded
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,11 @@ class Runtime:
     unrecorded: Unrecorded = field(init=False)
     #: The leases of this runtime's POSTs in flight, kept alive while fal's answer is awaited
     #: (:mod:`worker.steps.keepalive`).
-    submit_leases: SubmitLeases = field(init=False)
+    submit_leases: StepLeases = field(init=False)
+    #: The leases of this runtime's downloads while their videos are fetched and their outputs
+    #: stored (an upload to object storage may wait on a slow answer past a lease):
+    #: :mod:`worker.steps.keepalive`.
+    output_leases: StepLeases = field(init=False)
     #: Whether fal answers this process's submits, and the hold on them while it does not
     #: (:mod:`worker.steps.fal_reach`).
     fal_reach: FalReach = field(default_factory=FalReach)
@@ -312,7 +316,9 @@ class Runtime:
     def __post_init__(self) -> None:
         self.queue_origin = queue_origin(self.settings.fal_queue_url)
         self.unrecorded = Unrecorded(self.settings.database_url)
-        self.submit_leases = SubmitLeases(self.engine, self.settings.lease_seconds)
+        self.submit_leases = StepLeases(self.engine, self.settings.lease_seconds)
+        lease = self.settings.lease_seconds
+        self.output_leases = StepLeases(self.engine, lease, what="output", linger=lease / 3, warn_lost=False)
         if self.bucket is None:
             self.bucket = RateBucket(self.settings.submit_rate / (1 + self.settings.submit_jitter_allowance))
         if self.limiter is None:

@@ -42,7 +42,7 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -90,6 +90,7 @@ from worker.steps.failures import (
     retry_after,
     settle,
 )
+from worker.steps.keepalive import HeldLease
 from worker.steps.staged import find_staged
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,8 @@ def _download(rt: Runtime, job_id: str) -> str:
         return claim
     if claim.handle is None:  # a rerun's job that took a staged video: nothing to ask fal
         logs.annotate(batch_id=claim.batch_id)
-        return _take_staged(rt, job_id, claim)
+        with rt.output_leases.kept(claim.fence) as held:
+            return _take_staged(rt, job_id, claim, held)
     logs.annotate(batch_id=claim.batch_id, request_id=claim.handle.request_id)
     try:
         if claim.output is None:
@@ -199,7 +201,10 @@ def _download(rt: Runtime, job_id: str) -> str:
         return _fal_verdict(rt, job_id, claim, exc)
     except ProviderError as exc:
         return _result_unavailable(rt, job_id, claim, exc)
-    return _fetch_video(rt, job_id, claim, video)
+    # The lease is kept from here until the job's success is stored (or the step gives it back):
+    # a download's bytes may arrive slowly, and an upload's answer come late.
+    with rt.output_leases.kept(claim.fence) as held:
+        return _fetch_video(rt, job_id, claim, video, held)
 
 
 def _claim(rt: Runtime, job_id: str) -> DownloadClaim | str:
@@ -458,7 +463,7 @@ def _discard_download_client(key: int) -> None:
         shared.close()
 
 
-def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video) -> str:
+def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video, held: HeldLease) -> str:
     """Download (or find already downloaded: :func:`_downloaded_before`), probe, then store the
     output."""
     settings = rt.settings
@@ -480,12 +485,15 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video) -
     result = _downloaded_before(
         job_id, dest, video, claim.job.submitted_at, claim.job.earlier_items, staged=outs.is_remote
     )
+    # A video staged by an earlier try may be stored already: that try lost its lease after the
+    # upload (a storage answering slowly), and what is stored is not sent again.
+    stored_before = result is not None and outs.is_remote
     if result is None:
         fetched = _download_video(rt, job_id, claim, video, dest)
         if isinstance(fetched, str):
             return fetched
         result = fetched
-    return _store_video(rt, job_id, claim, outs, dest, result)
+    return _store_video(rt, job_id, claim, outs, dest, result, held=held, stored_before=stored_before)
 
 
 def _store_video(
@@ -496,14 +504,22 @@ def _store_video(
     dest: Path,
     result: DownloadResult,
     *,
+    held: HeldLease,
     maker: JobView | None = None,
     taken: Path | None = None,
+    stored_before: bool = False,
 ) -> str:
     """Probe the video in ``result``, then store it with its sidecar and record the success.
 
     ``maker`` and ``taken``: a rerun's job storing the paid video its original left staged, at
     ``taken`` (:func:`_take_staged`); ``maker`` is the job fal made it for, whose request the
-    sidecar describes. That file is removed once the success is stored (as a staged copy is)."""
+    sidecar describes. That file is removed once the success is stored (as a staged copy is).
+    ``stored_before``: an earlier try may have stored the output already (``publish``).
+
+    ``held``: the job's lease as ``rt.output_leases`` keeps it (renewed every third of a lease
+    by one thread of the runtime) until the step ends: an upload waits on the storage's answer,
+    which may come later than ``WANBATCH_LEASE_SECONDS`` — the job was then taken over by
+    another try, which uploaded it again, and again (:func:`_stored_late`)."""
     chaos.crash_point("after_download")
     job = claim.job  # detached: setting what was fetched writes nothing
     for name, value in claim.fetched.items():
@@ -519,6 +535,7 @@ def _store_video(
         cost = nothing_more(job)
         sidecar = taken_sidecar(maker, job, claim.batch_name, shown, result.sha256, result.size)
     sidecar.update(checked)
+    started = time.monotonic()
     try:
         output_path = outs.publish(
             result.path,
@@ -526,11 +543,14 @@ def _store_video(
             sha256=result.sha256,
             size=result.size,
             sidecar=sidecar,
-            progress=_LeaseKeeper(rt, claim.fence),
+            progress=_still_held(held),
             temp_tag=outputs.partial_tag(claim.version),
+            holds_lease=lambda: _holds_lease(rt, held),
+            stored_before=stored_before,
         )
     except StateConflict:
-        return "lost-lease"  # the staged file stays: the lease's new holder uploads it
+        # the staged file stays: the lease's new holder uploads it (or finds it stored)
+        return _stored_late(rt, job_id, claim, outs, time.monotonic() - started, stored=False)
     except OutputUploadError as exc:
         return _upload_failed(rt, job_id, claim, exc, result)
     except OutputWriteError as exc:
@@ -552,7 +572,7 @@ def _store_video(
         if stored and claim.job.next_attempt_at is not None:
             resumed = store.resume_after_outputs_stored(session, claim.batch_id)
     if not stored:  # the lease moved on meanwhile: the job is its new holder's to finish
-        return "lost-lease"
+        return _stored_late(rt, job_id, claim, outs, time.monotonic() - started, stored=True)
     outs.finish(result.path)  # the staged copy of an uploaded video: never left behind
     if taken is not None and taken != result.path:  # copied into a local output folder
         with contextlib.suppress(OSError):
@@ -566,6 +586,61 @@ def _store_video(
         )
         rt.notify("freed", job_id)  # sending may go on: dispatch again now
     return "succeeded"
+
+
+def _still_held(held: HeldLease) -> Callable[[int], None]:
+    """``publish``'s progress: aborts the upload (:class:`StateConflict`) once the keeper found
+    the lease taken over; writes nothing (the keeper renews it)."""
+
+    def check(_bytes_so_far: int) -> None:
+        if held.lost:
+            raise StateConflict(f"job {held.fence.job_id}: the lease was lost while its output was stored")
+
+    return check
+
+
+def _holds_lease(rt: Runtime, held: HeldLease) -> bool:
+    """Whether this try still holds the job's lease, asked of the database (fenced by the
+    version and owner it took it with, and renewing it): before a failed upload removes the
+    video it stored. Not when the database cannot say: then nothing is removed (the next try
+    sends the video again, or finds it stored)."""
+    if held.lost:
+        return False
+    try:
+        with db.session_scope(rt.engine) as session:
+            return store.extend_lease(
+                session, held.fence, now=utcnow(), lease_seconds=rt.settings.lease_seconds
+            )
+    except Exception as exc:
+        log.warning(
+            "job %s: could not check its lease before removing its stored video (%s): left as it is",
+            held.fence.job_id,
+            summary(exc),
+            extra={"event": "download.lease_check_failed", "job_id": held.fence.job_id},
+        )
+        return False
+
+
+def _stored_late(
+    rt: Runtime, job_id: str, claim: DownloadClaim, outs: OutputStore, took: float, *, stored: bool
+) -> str:
+    """The job's lease was taken over while its output was being stored (``stored``: after it
+    was): say so — this was silent, and a storage slower than the lease had every try taken over
+    and the output uploaded again, for ever. The next holder finds what was stored and does
+    not send it again (``publish``'s ``stored_before``)."""
+    log.warning(
+        "job %s: its lease was taken over while its output was %s at %s (storing took %.1fs; "
+        "WANBATCH_LEASE_SECONDS=%g): the job's next try finishes it%s; if the storage is that slow, "
+        "raise WANBATCH_LEASE_SECONDS",
+        job_id,
+        "stored" if stored else "being stored",
+        outs.describe(),
+        took,
+        rt.settings.lease_seconds,
+        ", not uploading again what is stored" if outs.is_remote else "",
+        extra={"event": "download.lease_lost_storing", "job_id": job_id, "batch_id": claim.batch_id},
+    )
+    return "lost-lease"
 
 
 def nothing_more(job: JobView) -> dict[str, Any]:
@@ -585,7 +660,7 @@ def nothing_more(job: JobView) -> dict[str, Any]:
 STAGED_CHANGED = "staged_output_changed"
 
 
-def _take_staged(rt: Runtime, job_id: str, claim: DownloadClaim) -> str:
+def _take_staged(rt: Runtime, job_id: str, claim: DownloadClaim, held: HeldLease) -> str:
     """Store the paid video the job this rerun's job repeats left in the staging folder
     (dispatch moved it here: :func:`worker.steps.dispatch._take_staged`), as a download would:
     checked again against the SHA-256 and size its original recorded, probed, uploaded (or
@@ -634,7 +709,10 @@ def _take_staged(rt: Runtime, job_id: str, claim: DownloadClaim) -> str:
             failed.__cause__ = exc
             return _write_failed(rt, job_id, claim, failed)
         result = DownloadResult(path=dest, sha256=sha256, size=size)
-    return _store_video(rt, job_id, claim, outs, dest, result, maker=maker, taken=path)
+    remote = outs.is_remote
+    return _store_video(
+        rt, job_id, claim, outs, dest, result, held=held, maker=maker, taken=path, stored_before=remote
+    )
 
 
 def _copy_whole(source: Path, dest: Path) -> None:

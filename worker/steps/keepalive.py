@@ -15,6 +15,14 @@ version and owner the step took the lease with (:func:`jobs.store.extend_lease`)
 was really taken over — the worker stalled past it, or could not reach the database for a
 whole lease — is never taken back; the step's late answer is then settled by
 :mod:`worker.steps.late_answers`. The thread exists only while a POST is in flight.
+
+The same keeper holds the lease of a download from its claim until its output is stored
+(``Runtime.output_leases``, :func:`worker.steps.download._store_video`): an upload to object
+storage reads its whole body before it waits for the answer, and a slow storage answered after
+the lease had run out — the job was taken over and uploaded again, for ever. That keeper's thread
+lingers a third of a lease once idle, so that downloads one after the other reuse it (no thread
+per job), and it says nothing of a lease it finds gone: the download step does, once it knows
+whether its output was stored (the step's own success moves the version on too).
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ RETRY_SECONDS = 1.0
 
 @dataclass
 class HeldLease:
-    """One POST's lease as the keeper holds it."""
+    """One step's lease as the keeper holds it."""
 
     fence: Fence
     #: When (``time.monotonic``) it is renewed next.
@@ -49,31 +57,51 @@ class HeldLease:
     lost: bool = False
 
 
-class SubmitLeases:
-    """The leases of this runtime's POSTs in flight, renewed every third of a lease.
+class StepLeases:
+    """The leases of this runtime's steps that wait on someone else (a POST in flight, an
+    output being stored), renewed every third of a lease.
 
-    Use :meth:`kept` around the POST; :meth:`close` when the runtime ends (a POST still in
-    flight then keeps its lease only until it runs out, as a dead worker's would).
+    Use :meth:`kept` around the wait; :meth:`close` when the runtime ends (a step still waiting
+    then keeps its lease only until it runs out, as a dead worker's would). ``what`` names the
+    thread and the log events; ``linger``: how long the thread waits for the next step once
+    none is held (0: it ends at once); ``warn_lost``: whether a lease found gone is logged here
+    (the POST's), or only flagged on its :class:`HeldLease` for the step to say.
     """
 
-    def __init__(self, engine: Engine, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        lease_seconds: float,
+        *,
+        what: str = "submit",
+        linger: float = 0.0,
+        warn_lost: bool = True,
+    ) -> None:
         self._engine = engine
         self._lease = lease_seconds
         self._every = lease_seconds / 3
+        self._what = what
+        self._linger = linger
+        self._warn_lost = warn_lost
         self._held: dict[str, HeldLease] = {}
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
-        self._closed = threading.Event()
+        self._closed = False
 
     @contextmanager
     def kept(self, fence: Fence) -> Iterator[HeldLease]:
-        """Renew ``fence``'s lease (taken just now) for as long as the block runs."""
+        """Renew ``fence``'s lease (taken or renewed just now) for as long as the block runs."""
         held = HeldLease(fence, time.monotonic() + self._every)
         with self._lock:
             self._held[fence.job_id] = held
-            if self._thread is None and not self._closed.is_set():
-                self._thread = threading.Thread(target=self._run, name="wanbatch-submit-leases", daemon=True)
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"wanbatch-{self._what}-leases", daemon=True
+                )
                 self._thread.start()
+            else:
+                self._wake.notify()  # a lingering thread: due later than any other, but it may be idle
         try:
             yield held
         finally:
@@ -87,24 +115,32 @@ class SubmitLeases:
             return list(self._held)
 
     def close(self) -> None:
-        """Renew nothing any more; the thread ends at its next wake-up."""
-        self._closed.set()
+        """Renew nothing any more; the thread ends at once."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
 
     def _run(self) -> None:
-        """Until no POST is in flight: sleep to the next renewal due, then renew what is due."""
+        """Until no step is held (for ``linger`` seconds): sleep to the next renewal due, then
+        renew what is due."""
         while True:
             with self._lock:
-                if not self._held or self._closed.is_set():
+                if not self._held and not self._closed and self._linger > 0:
+                    self._wake.wait(self._linger)
+                if not self._held or self._closed:
                     self._thread = None
                     return
                 wait = min(h.due for h in self._held.values()) - time.monotonic()
-            if self._closed.wait(max(0.0, wait)):
-                continue
+                if wait > 0:
+                    self._wake.wait(wait)
+                    continue  # woken early (a step held, or closed), or due now: look again
             try:
                 self._renew_due()
             except Exception:  # a bug: said once per round, and the thread lives on
                 log.exception(
-                    "renewing the leases of POSTs in flight failed", extra={"event": "submit.renew_failed"}
+                    "renewing the leases of %s steps failed",
+                    self._what,
+                    extra={"event": f"{self._what}.renew_failed"},
                 )
                 with self._lock:
                     held = list(self._held.values())
@@ -126,11 +162,11 @@ class SubmitLeases:
                 raise
             # Tried again soon: the lease runs out only after a whole lease without a renewal.
             log.warning(
-                "could not renew the lease of %d POST(s) in flight: the database is unavailable (%s); "
-                "trying again",
+                "could not renew the lease of %d %s step(s): the database is unavailable (%s); trying again",
                 len(due),
+                self._what,
                 _first_line(exc),
-                extra={"event": "submit.renew_failed"},
+                extra={"event": f"{self._what}.renew_failed"},
             )
             self._postpone(due, min(self._every, RETRY_SECONDS))
             return
@@ -152,6 +188,8 @@ class SubmitLeases:
                 return
             del self._held[held.fence.job_id]
         held.lost = True
+        if not self._warn_lost:
+            return
         log.warning(
             "job %s: its lease was taken over while its POST was in flight; fal's answer, when it "
             "comes, is recorded on the job's history",
@@ -163,3 +201,7 @@ class SubmitLeases:
 def _first_line(exc: BaseException) -> str:
     lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+#: The keeper of POSTs in flight, by its first name.
+SubmitLeases = StepLeases
