@@ -15,6 +15,9 @@ Three column types exist because PostgreSQL and SQLite differ where it matters h
   largest ``BIGINT``; they are stored as decimal text and come back as ``int``.
 * :class:`UTCDateTime` — SQLite forgets time zones, so naive values are refused on the way in
   and every value comes back as an aware UTC datetime.
+
+And one for what the database must never hold: :class:`KeyFreeText`, the type of the columns
+that say why a job or a batch is where it is, masks FAL_KEY in every value written to them.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from jobs.redaction import redact_text
 from jobs.states import JobState
 
 #: Digits kept after the decimal point for money and billing units (nano-dollars): exact for every
@@ -174,6 +178,27 @@ class JSONDocument(TypeDecorator[Any]):
 
             return dialect.type_descriptor(JSONB(none_as_null=True))
         return dialect.type_descriptor(self.impl_instance)
+
+
+class KeyFreeText(TypeDecorator[str]):
+    """Text that never holds FAL_KEY: every value is masked as it is written
+    (:func:`jobs.redaction.redact_text`: the key in every form this process knows, and anything
+    of a fal key's shape or an ``Authorization`` value, whatever key it knows).
+
+    The type of the columns that say why a job or a batch is where it is (``jobs.error``,
+    ``job_events.reason``, ``batches.pause_reason``): their text is built from what a provider
+    answered (an error's detail, a redirect's location) on many paths — a download's error
+    never passes through the fal client's scrubbing — and is then shown by ``status``, ``run``,
+    the dashboard and exports. Masked here, at the one place every path writes through (ORM,
+    Core and the store's prepared statements all bind through the column's type), none can
+    miss it. A text without anything to mask costs a few substring tests.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return redact_text(value) if isinstance(value, str) else value
 
 
 #: The type of every JSON column.
@@ -309,7 +334,7 @@ class Batch(Base):
     parent_batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"))
     budget_max_usd: Mapped[Decimal | None] = mapped_column(Money())
     state: Mapped[BatchState] = mapped_column(_str_enum(BatchState), default=BatchState.ACTIVE)
-    pause_reason: Mapped[str | None] = mapped_column(Text)
+    pause_reason: Mapped[str | None] = mapped_column(KeyFreeText())
     #: When the batch may be sent (``schedule:`` in the manifest): ``Schedule.as_json()`` of
     #: :mod:`jobs.schedule`, NULL when it may be sent at any time. Read it with
     #: :func:`jobs.store.batch_schedule`.
@@ -481,7 +506,7 @@ class Job(Base):
     #: as "possibly billed". ``server_default``: jobs stored before the column existed.
     ambiguous_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0), server_default="0")
 
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(KeyFreeText())
     error_type: Mapped[str | None] = mapped_column(String(255))
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -545,7 +570,7 @@ class JobEvent(Base):
     to_state: Mapped[JobState] = mapped_column(_str_enum(JobState))
     #: The job's version after the transition.
     version: Mapped[int] = mapped_column(Integer)
-    reason: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(KeyFreeText())
     details: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
     worker: Mapped[str | None] = mapped_column(String(255))
 

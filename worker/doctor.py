@@ -478,7 +478,9 @@ def _get_capped(url: str, headers: dict[str, str], limit: int | None = None) -> 
     """The answer to a GET of ``url``, its body read as every answer from fal is
     (:func:`worker.fal.client.read_capped`: at most ``limit`` bytes, 1 MiB by default, a
     compressed one inflated a bounded step at a time, whole within :data:`TIMEOUT`), or why it
-    was not read (text). Transport errors (``httpx.HTTPError``) pass.
+    was not read (text). Transport errors (``httpx.HTTPError``) pass, but for a redirect whose
+    Location is no URL (:func:`worker.fal.errors.malformed_redirect`: httpx fails making its next
+    request even though it follows none), which is told as text, without the location.
 
     A redirect is not followed: it is the answer, its body unread (:func:`_redirected`). httpx
     reads the body of every redirect it follows whole, uncapped (``Response.read()``), and
@@ -488,19 +490,30 @@ def _get_capped(url: str, headers: dict[str, str], limit: int | None = None) -> 
     playing fal took the check to gigabytes of memory."""
     import httpx
 
+    from worker.fal.errors import malformed_redirect
+    from worker.fal.http import ACCEPT_ENCODING
+
+    with httpx.Client(
+        timeout=TIMEOUT,
+        follow_redirects=False,
+        trust_env=True,
+        headers={"Accept-Encoding": ACCEPT_ENCODING},
+    ) as client:
+        try:
+            return _read_capped_answer(client, url, headers, limit)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            if malformed_redirect(exc):  # its text unsaid: the server's, and it may hold the key
+                return "answered a redirect to a malformed location (not followed)"
+            raise
+
+
+def _read_capped_answer(client: Any, url: str, headers: dict[str, str], limit: int | None) -> Any:
+    """:func:`_get_capped`'s GET on ``client``."""
     from jobs.errors import ProviderError
     from worker.fal.client import MAX_ANSWER_BYTES, AnswerBudget, read_capped
-    from worker.fal.http import ACCEPT_ENCODING, with_body
+    from worker.fal.http import with_body
 
-    with (
-        httpx.Client(
-            timeout=TIMEOUT,
-            follow_redirects=False,
-            trust_env=True,
-            headers={"Accept-Encoding": ACCEPT_ENCODING},
-        ) as client,
-        client.stream("GET", url, headers=headers) as streamed,
-    ):
+    with client.stream("GET", url, headers=headers) as streamed:
         if streamed.is_redirect:  # its status and Location are what is told; its body is not read
             return with_body(streamed, b"", drop=("content-encoding", "content-length"))
         try:

@@ -847,6 +847,40 @@ def test_too_many_redirects_is_a_protocol_error_not_an_internal_one() -> None:
         raise httpx.TooManyRedirects("Exceeded maximum allowed redirects.")
 
 
+@pytest.mark.parametrize("call", ["status", "result", "cancel", "stream"])
+@pytest.mark.parametrize("location", ["data:text/plain,hi", "mailto:x", "http://x:{key}/"])
+def test_a_redirect_to_no_url_is_a_protocol_error_that_quotes_nothing(call: str, location: str) -> None:
+    """httpx makes the next request of every 3xx, followed or not: a location without a host
+    that is no path either raised :class:`httpx.InvalidURL` (no ``HTTPError``, so it escaped
+    as an internal error: exit 70 from ``run`` and ``cancel``), and one it cannot parse an
+    error quoting it (here the key, as a port)."""
+    rec = Recorder(_moved(302, location.format(key=KEY)))
+    with make_client(rec) as client:
+        calls: dict[str, Callable[[RequestHandle], object]] = {
+            "status": client.status,
+            "result": client.result,
+            "cancel": client.cancel,
+            "stream": lambda handle: list(client.stream_status(handle)),
+        }
+        with pytest.raises(ProviderProtocolError) as info:
+            calls[call](HANDLE)
+    what = "status stream" if call == "stream" else call
+    assert str(info.value) == (
+        f"fal {what}: redirect to a malformed location, not followed (fal's API does not redirect)"
+    )
+    assert len(rec.requests) == 1  # not retried by the client: the caller's bound applies
+
+
+def test_a_submit_redirected_to_no_url_is_refused_without_quoting_it() -> None:
+    rec = Recorder(_moved(302, f"http://x:{KEY}/"), _moved(307, "mailto:x"))
+    with make_client(rec) as client:
+        for _ in range(2):
+            with pytest.raises(FinalProviderError) as info:
+                client.submit(EP, {"prompt": "x", "image_url": "https://example.com/a.png"})
+            assert str(info.value) == "fal submit: refused, a redirect to a malformed location, not followed"
+            assert not isinstance(info.value, AmbiguousSubmitError)
+
+
 # ----------------------------------------------------------------------------------- handles
 
 EXPECTED_BASES = {

@@ -26,7 +26,9 @@ Decisions (documented here because the worker's state machine depends on them):
 * An answer fal's protocol cannot produce (nested deeper than :data:`MAX_JSON_DEPTH`, an unknown
   status) is :class:`ProviderProtocolError`: asked again a bounded number of times by the caller.
   So is a redirect (any 3xx) from the queue or REST API (:func:`redirect_error`): fal answers
-  status, result and cancel directly, and the client never follows one.
+  status, result and cancel directly, and the client never follows one. A redirect whose
+  location is no URL makes httpx fail before the answer is returned (:func:`malformed_redirect`):
+  the same protocol error, its location not quoted; final for a download.
 * httpx's transport errors are mapped in one context manager, :func:`map_transport_errors`: on
   an idempotent call they are retryable; on the submit POST, httpcore's ``trace`` tells whether
   the body went out — before that nothing can be queued (:class:`SubmitNotSentError`, or a
@@ -51,6 +53,7 @@ import json
 import math
 import re
 import ssl
+import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -663,6 +666,11 @@ def map_transport_errors(what: str, *, submit: SendTrace | None = None) -> Itera
     try:
         yield
     except Exception as exc:
+        if malformed_redirect(exc):
+            # First: httpx raises a RemoteProtocolError quoting the Location (a port made of
+            # the key), or an InvalidURL, which is no HTTPError at all and escaped every caller
+            # as an internal error (exit 70, on every run). An answer came: a redirect.
+            raise _malformed_redirect_failure("submit" if submit is not None else what) from exc
         if submit is not None:
             raise _submit_failure(exc, submit) from exc
         if isinstance(exc, httpx.TransportError):
@@ -673,6 +681,45 @@ def map_transport_errors(what: str, *, submit: SendTrace | None = None) -> Itera
             # the provider's tree: an answer fal's protocol cannot produce.
             raise ProviderProtocolError(f"fal {what}: too many redirects, not followed") from exc
         raise
+
+
+#: The start of httpx's message for a ``Location`` it cannot parse as a URL
+#: (``Client._redirect_url``); the rest quotes the header, which a hostile host fills.
+_BAD_LOCATION = "Invalid URL in location header"
+#: httpx's functions that make a redirect's URL from its ``Location`` (``httpx._client``).
+_REDIRECT_BUILDERS = frozenset({"_redirect_url", "_build_redirect_request"})
+
+
+def malformed_redirect(exc: BaseException) -> bool:
+    """Whether httpx raised ``exc`` making a redirect's target from a ``Location`` that is no
+    usable URL. httpx builds the next request of every 3xx that has a Location, even when it
+    follows none (``Response.next_request``): a location it cannot parse (``http://x:<text>/``)
+    is a :class:`httpx.RemoteProtocolError` that quotes it; one without a host that is no path
+    either (``data:text/plain,hi``, ``mailto:x``) an :class:`httpx.InvalidURL`, which is not
+    even an :class:`httpx.HTTPError`. Another InvalidURL (a URL this process built) is not one."""
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return str(exc).startswith(_BAD_LOCATION)
+    if isinstance(exc, httpx.InvalidURL):
+        frames = traceback.walk_tb(exc.__traceback__)
+        return any(frame.f_code.co_name in _REDIRECT_BUILDERS for frame, _ in frames)
+    return False
+
+
+def _malformed_redirect_failure(what: str) -> ProviderError:
+    """A redirect whose location is no URL (:func:`malformed_redirect`), told without its text
+    (the server's, and it may hold anything, the key among it).
+
+    The same verdict as for any redirect from fal's API (:func:`redirect_error`): an answer its
+    protocol cannot produce, asked again a bounded number of times; to a download it is final
+    (a redirect that leads nowhere will not lead anywhere next time); to the submit POST a
+    refusal, as :func:`classify_submit` takes any 3xx."""
+    if what == "download":
+        return FinalProviderError("fal download: refusing a malformed redirect (its location is no URL)")
+    if what == "submit":
+        return FinalProviderError("fal submit: refused, a redirect to a malformed location, not followed")
+    return ProviderProtocolError(
+        f"fal {what}: redirect to a malformed location, not followed (fal's API does not redirect)"
+    )
 
 
 def _transport_failure(what: str, exc: httpx.TransportError) -> RetryableProviderError | FinalProviderError:
