@@ -92,6 +92,7 @@ from jobs.models import (
     JobRecord,
     JobSnapshot,
     JSONDocument,
+    KeyFreeText,
     Money,
     SubmitRate,
     Upload,
@@ -4572,7 +4573,9 @@ READ_PAGE_ROWS = 500
 READ_PAGE_BYTES = 4 * 1024 * 1024
 
 #: The job's columns of unbounded size (JSON and text), what a page's size is counted from.
-_JOB_SIZED_COLUMNS = tuple(c for c in _JOBS.columns if isinstance(c.type, JSONDocument | JSON | Text))
+_JOB_SIZED_COLUMNS = tuple(
+    c for c in _JOBS.columns if isinstance(c.type, JSONDocument | JSON | Text | KeyFreeText)
+)
 
 _JOB_ORDER = (Job.item_index, Job.variant, Job.created_at, Job.id)
 
