@@ -205,21 +205,114 @@ class _ClosedText(io.TextIOBase):
         return _ClosedBytes()
 
 
-class GuardedStdout:
+#: What a glyph of wanbatch's own output (or of rich's) becomes on a stream whose encoding has
+#: no such character (``LC_ALL=C``: ASCII; ``PYTHONIOENCODING=latin-1``), as rich's tables already
+#: fall back to ASCII borders there. Any other character such a stream cannot take (a name's
+#: ``ñ`` under ASCII, a surrogate of a file name that is not UTF-8) is shown as its escape.
+_ASCII_GLYPHS = {
+    "✓": "ok",
+    "✗": "x",
+    "·": "-",
+    "…": "...",
+    "—": "--",
+    "–": "-",
+    "→": "->",
+    "←": "<-",
+    "×": "x",
+    "±": "+/-",
+    "─": "-",
+    "━": "-",
+    "│": "|",
+    "┃": "|",
+    "└": "+",
+    "┘": "+",
+    "├": "+",
+    "┤": "+",
+    "┌": "+",
+    "┐": "+",
+    "┼": "+",
+    "►": ">",
+    "◄": "<",
+    "▼": "v",
+    "▲": "^",
+    "•": "*",
+    "█": "#",
+    "░": ".",
+    "⚠": "!",
+}
+
+
+def encodable(text: str, encoding: str | None) -> bool:
+    """Whether a stream of ``encoding`` can take ``text`` as it is (strict)."""
+    try:
+        text.encode(encoding or "utf-8")
+    except UnicodeEncodeError:
+        return False
+    except LookupError:  # an encoding Python does not know: the stream's own business
+        return True
+    return True
+
+
+def fitted(text: str, encoding: str | None) -> str:
+    """``text`` as a stream of ``encoding`` can take it: unchanged when it can (the usual case,
+    and always under UTF-8 for text without surrogates); else each character it cannot hold
+    becomes its ASCII stand-in (:data:`_ASCII_GLYPHS`; a spinner's braille dot a ``*``) or its
+    backslash escape (``\\xf1``, ``\\udcc3``). Never raises: an ordinary command once ended as
+    an "internal error" (UnicodeEncodeError) on a stream that was not UTF-8."""
+    if encodable(text, encoding):
+        return text
+    enc = encoding or "utf-8"
+    shown: list[str] = []
+    for ch in text:
+        if encodable(ch, enc):
+            shown.append(ch)
+        elif (glyph := _ASCII_GLYPHS.get(ch)) is not None:
+            shown.append(glyph)
+        elif "\u2800" <= ch <= "\u28ff":  # rich's spinner frames
+            shown.append("*")
+        else:
+            shown.append(ch.encode("ascii", "backslashreplace").decode("ascii"))
+    return "".join(shown)
+
+
+class FittedText:
+    """A text stream whose writes never fail for its encoding: each is :func:`fitted` to it.
+    ``sys.stderr`` while a command runs (:func:`guarded_stdout`): rich's messages, log lines and
+    ``error:`` lines; anything else is ``target``'s."""
+
+    def __init__(self, target: TextIO) -> None:
+        self.target: TextIO = target
+
+    def _fit(self, text: str) -> str:
+        return fitted(text, getattr(self.target, "encoding", None))
+
+    def write(self, text: str) -> int:
+        self.target.write(self._fit(text))
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        self.target.writelines(self._fit(line) for line in lines)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.target, name)
+
+
+class GuardedStdout(FittedText):
     """``sys.stdout`` while a command runs (:func:`cli.main`): ``target``'s writes and flushes
-    through :func:`writing_stdout`, so rich, click and :func:`emit_json` all fail the same way;
+    through :func:`writing_stdout`, so rich, click and :func:`emit_json` all fail the same way,
+    each :func:`fitted` to its encoding (a ``--json`` object is made ASCII first: :func:`emit_json`);
     anything else is ``target``'s. ``target`` None (no standard output) is :class:`_ClosedText`."""
 
     def __init__(self, target: TextIO | None) -> None:
-        self.target: TextIO = target if target is not None else cast(TextIO, _ClosedText())
+        super().__init__(target if target is not None else cast(TextIO, _ClosedText()))
 
     def write(self, text: str) -> int:
         with writing_stdout():
-            return self.target.write(text)
+            return super().write(text)
 
     def writelines(self, lines: Iterable[str]) -> None:
         with writing_stdout():
-            self.target.writelines(lines)
+            super().writelines(lines)
 
     def flush(self) -> None:
         with writing_stdout():
@@ -236,15 +329,18 @@ _json_written = threading.Event()
 
 @contextlib.contextmanager
 def guarded_stdout() -> Iterator[None]:
-    """One command's standard output: ``sys.stdout`` is a :class:`GuardedStdout` of it (put
-    back after), and no ``--json`` object has been printed yet."""
-    previous = sys.stdout
+    """One command's standard output: ``sys.stdout`` is a :class:`GuardedStdout` of it and
+    ``sys.stderr`` a :class:`FittedText` of its own (both put back after), and no ``--json``
+    object has been printed yet."""
+    previous, previous_err = sys.stdout, sys.stderr
     _json_written.clear()
     sys.stdout = cast(TextIO, GuardedStdout(previous))
+    if previous_err is not None and not isinstance(previous_err, FittedText):
+        sys.stderr = cast(TextIO, FittedText(previous_err))
     try:
         yield
     finally:
-        sys.stdout = previous
+        sys.stdout, sys.stderr = previous, previous_err
 
 
 def _non_finite(value: object) -> str | None:
@@ -274,22 +370,34 @@ def _json_default(value: object) -> str:
     return _non_finite(value) or str(value)
 
 
-def json_document(obj: Mapping[str, object]) -> str:
+def json_document(obj: Mapping[str, object], *, ascii_only: bool = False) -> str:
     """``obj`` as strict JSON (RFC 8259), on one line: a non-finite number (``1e999`` in a
     manifest, ``NaN`` in a JSONL item, quoted back in an issue's ``value``) is the string
     ``"inf"``, ``"-inf"`` or ``"nan"``, never ``Infinity``/``NaN``, which ``json.loads`` of
-    other languages refuses. Anything else JSON has no type for is its ``str``."""
+    other languages refuses. Anything else JSON has no type for is its ``str``. ``ascii_only``:
+    every character beyond ASCII as its ``\\uXXXX`` escape (the same JSON, for any stream)."""
     try:
-        return json.dumps(obj, default=_json_default, ensure_ascii=False, allow_nan=False)
+        return json.dumps(obj, default=_json_default, ensure_ascii=ascii_only, allow_nan=False)
     except ValueError:  # a non-finite float somewhere: the rare case, so only then walked
-        return json.dumps(_strict(obj), default=_json_default, ensure_ascii=False, allow_nan=False)
+        return json.dumps(_strict(obj), default=_json_default, ensure_ascii=ascii_only, allow_nan=False)
+
+
+def stdout_json(obj: Mapping[str, object]) -> str:
+    """:func:`json_document` of ``obj`` as standard output can take it: as it is when its
+    encoding holds every character (UTF-8, nearly always), else in ASCII (``\\uXXXX`` escapes):
+    still the same valid JSON, where an ``ñ`` under ``LC_ALL=C`` made ``--json`` an "internal
+    error" and a stand-in (:func:`fitted`) would make it other text, or no JSON at all."""
+    text = json_document(obj)
+    if encodable(text, getattr(sys.stdout, "encoding", None)):
+        return text
+    return json_document(obj, ascii_only=True)
 
 
 def emit_json(obj: Mapping[str, object]) -> None:
     """Print one JSON object on stdout (the contract's ``--json`` output): the one place a
     ``--json`` object is written (:func:`json_document`), with :func:`emit_json_list` for one
     that ends in a long list."""
-    text = json_document(obj) + "\n"
+    text = stdout_json(obj) + "\n"
     _json_written.set()
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -305,14 +413,14 @@ def emit_json_list(head: Mapping[str, object], key: str, items: Iterable[Mapping
     whole. Each item is one :func:`json_document` (a non-finite number in one is its text, as
     in the whole object); ``head`` must not have ``key``."""
     assert key not in head
-    opening = json_document({**head, key: []})
+    opening = stdout_json({**head, key: []})
     assert opening.endswith("[]}")
     _json_written.set()
     sys.stdout.write(opening[:-2])
     chunk: list[str] = []
     separator = ""
     for item in items:
-        chunk.append(separator + json_document(item))
+        chunk.append(separator + stdout_json(item))
         separator = ", "
         if len(chunk) >= JSON_LIST_CHUNK:
             sys.stdout.write("".join(chunk))
@@ -331,7 +439,7 @@ def hard_exit_json(error: str) -> bytes | None:
         return None
     _json_written.set()
     document = {"ok": False, "error": error, "interrupted": True, "batch": None}
-    return (json_document(document) + "\n").encode()
+    return (json_document(document, ascii_only=True) + "\n").encode()  # any encoding takes it
 
 
 def escape(text: str) -> str:

@@ -58,6 +58,28 @@ OUTSIDE_ALLOWED = (
 #: Why a value holding a NUL character is refused (PostgreSQL cannot store it, fal cannot use it).
 NUL_MESSAGE = "contains a NUL character (\\x00), which cannot be stored or sent"
 NUL_ALLOWED = "text without NUL characters"
+#: Why a local path is refused whose name the file-system encoding cannot hold (``LC_ALL=C``:
+#: ASCII only), where the OS could not even be asked for it.
+UNREPRESENTABLE_MESSAGE = (
+    "file name cannot be represented in this system's file-name encoding (check LANG/LC_ALL)"
+)
+UNREPRESENTABLE_ALLOWED = (
+    "a file name in the system's file-name encoding; for other characters run wanbatch under a "
+    "UTF-8 locale (e.g. LANG=C.UTF-8)"
+)
+
+
+def representable(path: str) -> bool:
+    """Whether the OS can be given ``path``: the file-system encoding (ASCII under ``LC_ALL=C``
+    with UTF-8 mode off) holds every character of it. A path that is not raises
+    UnicodeEncodeError from any call that would open or resolve it."""
+    try:
+        os.fsencode(path)
+    except UnicodeError:
+        return False
+    return True
+
+
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _DATA_URI = re.compile(
     r"^data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*?)(?P<b64>;base64)?,(?P<data>.*)$", re.S
@@ -118,7 +140,8 @@ def resolve_local(value: str, base_dir: str, roots: tuple[str, ...]) -> LocalPat
     so a link inside the folder that points out of it is outside. A path that does not exist is
     resolved as far as it does (then lexically), so ``../x`` is refused whether or not ``x``
     exists — the message must not tell a shared manifest's author which private files exist.
-    ``roots`` must already be resolved (:func:`allowed_roots`). ``value`` must not contain NUL.
+    ``roots`` must already be resolved (:func:`allowed_roots`). ``value`` must not contain NUL
+    and must be :func:`representable` (joined to ``base_dir``).
     """
     try:
         candidate = Path(base_dir) / Path(value).expanduser()
@@ -183,6 +206,8 @@ def check_media(
     if form is MediaKind.OTHER_SCHEME:
         scheme = value.split(":", 1)[0]
         return [MediaProblem(f"the URL scheme {scheme!r} is not supported", ALLOWED_FORMS)]
+    if not representable(value):
+        return [MediaProblem(UNREPRESENTABLE_MESSAGE, UNREPRESENTABLE_ALLOWED)]
     return check_file(Path(value), kind, limits, shown=shown)
 
 

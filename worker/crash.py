@@ -37,7 +37,9 @@ def crash_file(exc: BaseException, *, where: str | None = None) -> str | None:
             return _written[kind]
         try:
             fd, name = tempfile.mkstemp(prefix="wanbatch-crash-", suffix=".txt")
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            with os.fdopen(
+                fd, "w", encoding="utf-8", errors="backslashreplace"
+            ) as fh:  # a surrogate of a non-UTF-8 name
                 fh.write(traceback_text(exc))
         except OSError:
             return None

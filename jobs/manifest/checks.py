@@ -25,7 +25,7 @@ from jobs.errors import Issue
 from jobs.fs import shown_path
 from jobs.manifest.keys import endpoint_defaults, job_key, resolvable_fields, written_defaults
 from jobs.manifest.model import JobSpec, RawItem
-from jobs.media import OUTSIDE_ALLOWED, LocalPath, MediaKind, classify, resolve_local
+from jobs.media import OUTSIDE_ALLOWED, LocalPath, MediaKind, classify, representable, resolve_local
 from jobs.printable import quoted
 from jobs.yaml_lines import LList, LMap
 
@@ -205,8 +205,8 @@ def resolve_input(
     that wrote the value: an ``items_from`` row's own values), else from ``base_dir`` (the
     manifest's folder). Either way it must land inside ``roots``. ``null`` values are dropped;
     an integer given for a text enum of numbers (``duration: 5``) becomes that text. ``paths``
-    caches resolved paths for one pass. A value holding a NUL is left as written (validation
-    refuses it; the OS would raise on it).
+    caches resolved paths for one pass. A value holding a NUL, or one the file-system encoding
+    cannot hold, is left as written (validation refuses it; the OS would raise on it).
     """
     out: dict[str, Any] = {}
     outside: dict[str, str] = {}
@@ -221,6 +221,7 @@ def resolve_input(
                     and value.strip()
                     and "\0" not in value
                     and classify(value) is MediaKind.PATH
+                    and representable(value)
                 ):
                     folder = str((field_dirs or {}).get(key, base_dir))
                     mark = (folder, value)

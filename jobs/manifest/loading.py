@@ -38,7 +38,15 @@ from jobs.manifest.expand import MAX_JOBS, Manifest, jobs_allowed, too_many_jobs
 from jobs.manifest.fal_key import text_key_issues, tree_key_issues
 from jobs.manifest.items_from import ITEMS_FROM_SUFFIXES, whole_number_allowed
 from jobs.manifest.model import describe, error_count
-from jobs.media import NUL_ALLOWED, NUL_MESSAGE, allowed_roots, resolve_local
+from jobs.media import (
+    NUL_ALLOWED,
+    NUL_MESSAGE,
+    UNREPRESENTABLE_ALLOWED,
+    UNREPRESENTABLE_MESSAGE,
+    allowed_roots,
+    representable,
+    resolve_local,
+)
 from jobs.money import MAX_USD, too_much_usd
 from jobs.printable import control_character
 from jobs.schedule import Schedule, parse_instant, parse_window, zone
@@ -375,6 +383,14 @@ def _parse_items(root: LMap, manifest: Manifest, top: _Report) -> None:
             )
         elif "\0" in source:
             top(f"the items_from path {NUL_MESSAGE}", where, "items_from", value=source, allowed=NUL_ALLOWED)
+        elif not representable(source):
+            top(
+                f"items_from: {UNREPRESENTABLE_MESSAGE}",
+                where,
+                "items_from",
+                value=source,
+                allowed=UNREPRESENTABLE_ALLOWED,
+            )
         elif not source.lower().endswith(ITEMS_FROM_SUFFIXES):
             top(
                 f"items_from {source!r} is neither JSONL nor CSV",

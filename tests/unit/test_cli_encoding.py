@@ -1,0 +1,131 @@
+"""A standard output or error, or a file-name encoding, that is not UTF-8 never makes a command an
+"internal error" (audit: exit 70 for ``validate``, ``status``, ``cost``, with and without ``--json``).
+
+The encodings are decided when the interpreter starts, so each command runs in a subprocess
+with the environment a user would have (``LC_ALL=C``, ``PYTHONIOENCODING=ascii``…).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WANBATCH = str(Path(sys.executable).with_name("wanbatch"))
+IMAGE = Path(__file__).resolve().parents[2] / "manifests" / "examples" / "images" / "landscape.jpg"
+NAME = "mañana-✓"
+#: A C locale with Python's UTF-8 mode and locale coercion off: file names are ASCII only.
+C_LOCALE = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+MANIFEST = """\
+name: {name}
+endpoint: fal-ai/wan-i2v
+items:
+  - prompt: A calm mountain landscape
+    image_url: {image}
+    seed: 42
+"""
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "PYTHONIOENCODING", "PYTHONUTF8"))}
+    env.update(
+        FAL_KEY="k-encoding-test",
+        WANBATCH_DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        WANBATCH_OUTPUT_DIR=str(tmp_path / "outputs"),
+        LANG="C.UTF-8",
+        **extra,
+    )
+    return env
+
+
+def _wb(tmp_path: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [WANBATCH, *args],
+        capture_output=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+        env=_env(tmp_path, **extra),
+    )
+
+
+def _manifest(tmp_path: Path, file: str, image: str, name: str = NAME) -> str:
+    shutil.copy(IMAGE, tmp_path / image)
+    (tmp_path / file).write_text(MANIFEST.format(name=name, image=image), encoding="utf-8")
+    return file
+
+
+def _no_bug(done: subprocess.CompletedProcess[bytes]) -> str:
+    err = done.stderr.decode("ascii", "replace")
+    assert "internal error" not in err, err
+    assert "Traceback" not in err, err
+    assert b"internal error" not in done.stdout
+    return err
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "ascii"])
+def test_validate_on_a_stdout_that_is_not_utf8(tmp_path: Path, encoding: str) -> None:
+    path = _manifest(tmp_path, "m.yaml", "a.jpg")
+    done = _wb(tmp_path, "validate", path, PYTHONIOENCODING=encoding)
+    _no_bug(done)
+    assert done.returncode == 0
+    assert done.stdout.decode(encoding).startswith("ok m.yaml: 1 job(s), all valid")
+
+
+def test_json_stays_valid_json_on_an_ascii_stdout(tmp_path: Path) -> None:
+    path = _manifest(tmp_path, "mañana.yaml", "a.jpg")
+    done = _wb(tmp_path, "validate", "--json", path, PYTHONIOENCODING="ascii")
+    _no_bug(done)
+    assert done.returncode == 0
+    report = json.loads(done.stdout.decode("ascii"))
+    assert report["ok"] is True
+    assert (report["manifest"], report["name"]) == ("mañana.yaml", NAME)
+
+
+@pytest.mark.parametrize("command", ["status", "cost"])
+@pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "ascii"}, C_LOCALE], ids=["ascii", "C"])
+def test_status_and_cost_of_a_non_ascii_batch(tmp_path: Path, command: str, env: dict[str, str]) -> None:
+    path = _manifest(tmp_path, "m.yaml", "a.jpg")
+    made = _wb(tmp_path, "submit", "--json", path)
+    assert made.returncode == 0, made.stderr.decode()
+    batch = json.loads(made.stdout)["batch"]
+    for args in ([command, batch[:8]], [command, batch[:8], "--json"], ["status"], ["status", "--json"]):
+        done = _wb(tmp_path, *args, **env)
+        _no_bug(done)
+        assert done.returncode == 0, (args, done.stderr)
+        text = done.stdout.decode("ascii")  # nothing beyond ASCII reached the stream
+        if "--json" in args:
+            document = json.loads(text)
+            names = [b["name"] for b in document["batches"]] if "batches" in document else [document["name"]]
+            assert names == [NAME]
+        else:
+            assert "ma\\xf1ana-ok" in text
+
+
+def test_a_path_the_file_name_encoding_cannot_hold_is_an_issue(tmp_path: Path) -> None:
+    path = _manifest(tmp_path, "mañana ✓.yaml", "pаysage é.jpg")
+    done = _wb(tmp_path, "validate", path, **C_LOCALE)
+    err = _no_bug(done)
+    assert done.returncode == 2
+    assert (
+        ":5: item 0: field 'image_url': file name cannot be represented in this system's file-name "
+        "encoding (check LANG/LC_ALL)"
+    ) in err
+    assert "x 1 error(s); nothing was submitted." in err  # not "\u2717"
+    done = _wb(tmp_path, "validate", "--json", path, **C_LOCALE)
+    _no_bug(done)
+    assert done.returncode == 2
+    (issue,) = json.loads(done.stdout.decode("ascii"))["issues"]
+    assert (issue["line"], issue["item"], issue["field"], issue["value"]) == (
+        5,
+        0,
+        "image_url",
+        "pаysage é.jpg",
+    )
+    assert issue["message"].startswith("file name cannot be represented")
