@@ -83,10 +83,54 @@ def _exit_on_interrupt() -> object:
         return None
 
 
+#: The commands a SIGTERM or a SIGHUP stops as Ctrl-C does (exit 130), start-up included: the
+#: README's **Ctrl-C**. The others keep the signals' default (``serve``: uvicorn's graceful
+#: shutdown, then the signal's own status; ``worker``: Celery's warm shutdown).
+_STOPPED_LIKE_CTRL_C = frozenset({"run", "rerun", "cancel"})
+
+
+def _command_name(args: list[str]) -> str | None:
+    """The command the command line names: its first word that is not an option (the group has
+    no option that takes a value)."""
+    return next((word for word in _options(args) if not word.startswith("-")), None)
+
+
+def _termination_signals() -> list[signal.Signals]:
+    """SIGTERM and SIGHUP, where the platform has them."""
+    names = ("SIGTERM", "SIGHUP")  # no SIGHUP on Windows
+    return [sig for name in names if (sig := getattr(signal, name, None)) is not None]
+
+
+def _exit_on_termination() -> dict[signal.Signals, object]:
+    """During the start-up of ``run``, ``rerun`` or ``cancel``, make SIGTERM and SIGHUP exit 130
+    with one line, as SIGINT (:func:`_exit_on_interrupt`); returns the handlers it replaced.
+
+    They killed the process by the signal (143, 129) without a word until the run's own handling
+    (:func:`worker.running.stop_on_signals`) took over, a second or two in, though the README
+    says they stop these commands as Ctrl-C does. Only over the default action, and only in the
+    main thread: one the parent set to be ignored (``nohup``) stays ignored, a caller's own stays.
+    """
+    if _command_name(sys.argv[1:]) not in _STOPPED_LIKE_CTRL_C:
+        return {}
+    replaced: dict[signal.Signals, object] = {}
+    for sig in _termination_signals():
+        if signal.getsignal(sig) is not signal.SIG_DFL:
+            continue
+        try:
+            replaced[sig] = signal.signal(sig, _exit_interrupted)
+        except ValueError:  # not the main thread
+            break
+    return replaced
+
+
 def _interrupt_normally() -> None:
-    """SIGINT raises KeyboardInterrupt again (if :func:`_exit_on_interrupt` had replaced that)."""
-    if signal.getsignal(signal.SIGINT) is _exit_interrupted:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    """SIGINT raises KeyboardInterrupt again (if :func:`_exit_on_interrupt` had replaced that),
+    and so do SIGTERM and SIGHUP where :func:`_exit_on_termination` had replaced theirs: until
+    the command's own handling takes over, they stop it as Ctrl-C does, what it holds cleaned up
+    on the way out."""
+    for sig in (signal.SIGINT, *_termination_signals()):
+        if signal.getsignal(sig) is _exit_interrupted:
+            signal.signal(sig, signal.default_int_handler)
 
 
 # The console script (``wanbatch``): at once, before the imports. Another launcher (``python -c
@@ -94,6 +138,7 @@ def _interrupt_normally() -> None:
 if os.path.basename(sys.argv[0] if sys.argv else "") == "wanbatch":  # noqa: PTH119 (no pathlib yet)
     _reserve_standard_descriptors()
     _exit_on_interrupt()
+    _exit_on_termination()
 
 import logging  # noqa: E402 (after the SIGINT handler, on purpose)
 from typing import NoReturn  # noqa: E402
@@ -108,6 +153,7 @@ from cli.output import (  # noqa: E402
     ReaderGone,
     StdoutError,
     emit_json,
+    guarded_stderr,
     guarded_stdout,
     path_failure,
 )
@@ -118,8 +164,20 @@ from jobs.setting_notes import CONTRACT_SETTINGS, MORE_SETTINGS  # noqa: E402 (s
 _SETTING_COLUMN = max(len(note.name) for note in CONTRACT_SETTINGS)
 
 
+class _Interrupted(BaseException):
+    """A Ctrl-C (KeyboardInterrupt, its cause) on its way from the command to :func:`_main`,
+    past click's main: that one writes an empty line to stderr first (a stray blank line before
+    ``interrupted`` in a log; an OSError instead of exit 130 when stderr cannot be written)."""
+
+
 class _WanbatchGroup(click.Group):
     """The ``wanbatch`` group: its help ends with the settings, as click lists the options."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Interrupted from exc
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The "Settings (environment variables)" section of ``wanbatch --help``, from
@@ -318,14 +376,40 @@ def main() -> None:
     """
     _reserve_standard_descriptors()  # already done at import for the console script
     replaced = _exit_on_interrupt()
+    replaced_termination = _exit_on_termination()
     try:
-        # A write to stdout fails as StdoutError or ReaderGone, below; httpx and httpcore do
-        # without their optional imports wanbatch has no use for (cli.startup).
-        with guarded_stdout(), startup.without_unused_modules():
+        # A write to stdout fails as StdoutError or ReaderGone, below, one to stderr is dropped;
+        # httpx and httpcore do without their optional imports wanbatch has no use for (cli.startup).
+        with guarded_stdout(), guarded_stderr(), startup.without_unused_modules():
             _main()
-    finally:  # only reached in process (tests): the caller's handler back
+    finally:  # only reached in process (tests): the caller's handlers back
         if replaced is not None:
             signal.signal(signal.SIGINT, replaced)  # type: ignore[arg-type]
+        for sig, handler in replaced_termination.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader closed it (what a write there fails of
+    with EPIPE): a BrokenPipeError from elsewhere is not a reason to exit 141."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(1, select.POLLOUT)
+        return any(revents & select.POLLERR for _, revents in poller.poll(0))
+    except (OSError, AttributeError):  # no poll (Windows), no descriptor 1
+        return False
+
+
+def _interrupted() -> NoReturn:
+    """End a command Ctrl-C (or SIGTERM, SIGHUP: see :func:`_interrupt_normally`) stopped:
+    ``interrupted``, exit 130. On a terminal the line starts a line of its own, after the ``^C``
+    the terminal echoed; in a log it has no blank line before it."""
+    terminal = False
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        terminal = sys.stderr.isatty()
+    _fail("interrupted", EXIT_INTERRUPTED, prefix="\n" if terminal else "")
 
 
 def _stdout_to_devnull() -> None:
@@ -351,11 +435,23 @@ def _main() -> None:
         # click turns it into Abort, answered below. Only the imports and the settings before
         # this point, which store nothing, end the process on the spot.
         _interrupt_normally()
-        code = cli.main(prog_name="wanbatch", standalone_mode=False)
-    except KeyboardInterrupt:  # between the two handlers, outside click's own catching
-        _fail("interrupted", EXIT_INTERRUPTED)
-    except (ReaderGone, BrokenPipeError):  # the reader went away (`export B | head`): nothing to say,
+        try:
+            code = cli.main(prog_name="wanbatch", standalone_mode=False)
+        except Exception as exc:
+            # A Ctrl-C wins over whatever failed on its way up (a write it caused, an import's
+            # __set_name__ wrapping it): the exit is 130, whatever failed next.
+            if _caused_by_interrupt(exc):
+                raise _Interrupted from exc
+            raise
+    except (KeyboardInterrupt, _Interrupted):  # click's main passes both on (see _WanbatchGroup)
+        _interrupted()
+    except ReaderGone:  # the reader went away (`export B | head`): nothing to say,
         _stdout_to_devnull()  # and the exit status of a tool SIGPIPE ended (1 says jobs failed)
+        sys.exit(EXIT_BROKEN_PIPE)
+    except BrokenPipeError as exc:  # not through sys.stdout: 141 only if stdout is what broke
+        if not _stdout_reader_gone():
+            _internal_error(exc)
+        _stdout_to_devnull()
         sys.exit(EXIT_BROKEN_PIPE)
     except StdoutError as exc:  # a full disk behind `>`, an I/O error, no stdout (`>&-`)
         _stdout_to_devnull()  # what is left in its buffer goes nowhere, not in an error at exit
@@ -368,15 +464,13 @@ def _main() -> None:
         _fail(exc.format_message(), exc.exit_code, prefix="error: ")
     except click.Abort as exc:
         if isinstance(exc.__context__, KeyboardInterrupt):  # SIGINT raised (a caller's handler)
-            _fail("interrupted", EXIT_INTERRUPTED)
+            _interrupted()
         _fail("Aborted!", 1)
     except OSError as exc:  # a path nothing before explained (outside guarded: a callback, an option)
         if (usage := path_failure(exc)) is None:
             _internal_error(exc)
         _fail(printable(str(usage)), usage.exit_code, prefix="error: ")
     except Exception as exc:  # the safety net: a bug still gets one line, not a traceback
-        if _caused_by_interrupt(exc):  # Ctrl-C wrapped on its way up (an import's __set_name__)
-            _fail("interrupted", EXIT_INTERRUPTED)
         if (said := _database_said(exc)) is not None:  # no bug: a full disk, a foreign database
             _fail(printable(said), EXIT_USAGE, prefix="error: ")
         _internal_error(exc)

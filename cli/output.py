@@ -322,6 +322,63 @@ class GuardedStdout(FittedText):
         return getattr(self.target, name)
 
 
+class GuardedStderr:
+    """``sys.stderr`` while a command runs (:func:`cli.main`): a write or flush that fails (a
+    reader gone, ``2>&1 | head``; a full disk behind ``2>log``; a terminal gone) is dropped, as
+    the README promises, and descriptor 2 is pointed at ``/dev/null`` from then on (as
+    :meth:`_StderrConsole.on_broken_pipe` does), so logging's handler and the interpreter's last
+    flush fail no more either. Else click's own write of a line on Ctrl-C, or any ``print(…,
+    file=sys.stderr)``, failed into an OSError that made the command an internal error (70) or a
+    reader of *stdout* gone (141). Anything else is ``target``'s."""
+
+    def __init__(self, target: TextIO) -> None:
+        self.target = target
+
+    def write(self, text: str) -> int:
+        try:
+            return self.target.write(text)
+        except (OSError, ValueError):
+            self._gone()
+            return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self.target.flush()
+        except (OSError, ValueError):
+            self._gone()
+
+    def _gone(self) -> None:
+        """What is left for stderr, and all that comes, goes to ``/dev/null``."""
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self.target.fileno() if _has_fileno(self.target) else 2)
+            finally:
+                os.close(devnull)
+        with contextlib.suppress(OSError, ValueError):
+            self.target.flush()  # the buffer that failed, now into /dev/null
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.target, name)
+
+
+@contextlib.contextmanager
+def guarded_stderr() -> Iterator[None]:
+    """One command's standard error: ``sys.stderr`` is a :class:`GuardedStderr` of it (put back
+    after); none at all (Python found no descriptor 2) stays None."""
+    previous = sys.stderr
+    if previous is not None and not isinstance(previous, GuardedStderr):
+        sys.stderr = cast(TextIO, GuardedStderr(previous))
+    try:
+        yield
+    finally:
+        sys.stderr = previous
+
+
 #: Set once a ``--json`` object has started on its way to stdout: an exit on the spot (a second
 #: Ctrl-C, :func:`hard_exit_json`) then adds no second one.
 _json_written = threading.Event()
