@@ -63,8 +63,9 @@ def validate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
 def estimate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
     """Job count, billing units and USD per endpoint and in total; submits nothing.
 
-    Warns when the estimate exceeds budget.max_usd, or when a batch of more than 100 jobs has
-    no budget at all.
+    Warns as validate does (on stderr, with --json too): when the estimate exceeds
+    budget.max_usd, when a batch of more than 100 jobs has no budget at all, and of whatever
+    else is valid but rarely what was meant.
     """
 
     def action() -> int:
@@ -76,15 +77,21 @@ def estimate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
         with err.status(f"validating and pricing {escape(str(manifest))} …"):
             report, totals = batches.estimate_manifest(manifest, settings, allow_dirs)
         data = totals.as_dict()
-        budget = [i for i in report.issues if i.field == "budget.max_usd" and i.severity == "warning"]
+        warnings = report.warnings
+        budget = [i for i in warnings if i.field == "budget.max_usd"]
+        for issue in warnings:  # on stderr, with --json too: a script sees them in its log
+            err.print(issue_line(issue))
         if as_json:
             cap = report.manifest.budget_max_usd if report.manifest else None
             emit_json(
-                {**data, "budget_max_usd": usd_json(cap), "budget_warnings": [i.message for i in budget]}
+                {
+                    **data,
+                    "budget_max_usd": usd_json(cap),
+                    "budget_warnings": [i.message for i in budget],
+                    "warnings": [str(i) for i in warnings],
+                }
             )
             return EXIT_OK
-        for issue in budget:
-            err.print(issue_line(issue))
         out.print(estimate_table(f"Estimate for {manifest}", data))
         if note := estimate_rounding_note(data):
             say(note)

@@ -170,11 +170,24 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``choices`` plainly meant, or an empty string:
     an issue's hint, which the caller follows with the full list of what is allowed.
 
-    Plainly meant: a near spelling with the same numbers in it (:func:`same_numbers`). A near
-    spelling with other numbers is another thing, not a typo: ``fal-ai/wan-25`` is not
-    "``fal-ai/wan-22``?", another model, nor ``guidance_scale_3`` "``guidance_scale_2``?"."""
+    Plainly meant: the same but for case or blanks (``NUM_FRAMES``, ``FAL-AI/WAN-22``,
+    ``max usd``: :func:`squeezed`), or a near spelling with the same numbers in it
+    (:func:`same_numbers`). A near spelling with other numbers is another thing, not a typo:
+    ``fal-ai/wan-25`` is not "``fal-ai/wan-22``?", another model, nor ``guidance_scale_3``
+    "``guidance_scale_2``?"."""
+    choices = list(choices)
+    folded = squeezed(word)
+    for choice in choices:
+        if squeezed(choice) == folded:
+            return f" (did you mean {choice!r}?)"
     close = difflib.get_close_matches(word, same_numbers(word, choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def squeezed(text: str) -> str:
+    """``text`` without its blanks, in lower case: what two spellings that differ only in case
+    or blanks have in common (``720P`` and ``720 p`` are ``720p``)."""
+    return "".join(text.split()).lower()
 
 
 def same_numbers(word: str, choices: Iterable[str]) -> list[str]:

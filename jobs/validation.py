@@ -25,7 +25,7 @@ from typing import Any
 
 from jobs.digits import TOO_MANY_DIGITS, foreign_digits, too_many_digits
 from jobs.endpoints import EndpointSpec, FieldSpec, FieldType
-from jobs.errors import Issue, did_you_mean
+from jobs.errors import Issue, did_you_mean, squeezed
 from jobs.media import NUL_ALLOWED, NUL_MESSAGE, check_media
 from jobs.printable import quoted
 
@@ -218,14 +218,9 @@ def _enum_hint(text: str, choices: list[str]) -> str:
     it. A near spelling with other numbers is another value, not a typo: ``1080p`` is not
     "``580p``?" (it shares three characters); the allowed list that follows says what there is.
     """
-    squeezed = "".join(text.split()).lower()
-    for choice in choices:
-        if "".join(choice.split()).lower() == squeezed:
-            return f" (did you mean {choice!r}?)"
-    if squeezed:
-        with_unit = [
-            c for c in choices if c.lower().startswith(squeezed) and not c[len(squeezed) :].isdigit()
-        ]
+    folded = squeezed(text)
+    if folded:  # the same but for case or blanks is did_you_mean's; it is the one choice here too
+        with_unit = [c for c in choices if c.lower().startswith(folded) and not c[len(folded) :].isdigit()]
         if len(with_unit) == 1 and _DIGITS.findall(with_unit[0]) == _DIGITS.findall(text):
             return f" (did you mean {with_unit[0]!r}?)"
     return did_you_mean(text, choices)

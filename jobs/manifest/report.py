@@ -8,7 +8,7 @@ is stored (and no money spent) for a manifest that is wrong anywhere.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from jobs.digits import WholeTooLong
@@ -104,22 +104,45 @@ def _validated(path: str | Path, allowed_dirs: Iterable[Path], keys: frozenset[s
     dropped = {"error": 0, "warning": 0}
     count = 0
 
-    def add(issue: Issue) -> None:
+    # A shared line's first issue of each kind: where it is in ``collected`` (None if capped
+    # out), the endpoint of its job, and whether its message names that endpoint yet.
+    first_shared: dict[tuple[object, ...], list[object]] = {}
+
+    def add(issue: Issue, endpoint: str | None = None) -> None:
         if isinstance(issue.value, WholeTooLong):  # the loader said it: a number too long
             return
+        base: tuple[object, ...] | None = None
         if issue.file == manifest.display and issue.line in shared:
-            mark: tuple[object, ...] = (issue.file, issue.line, issue.field, issue.message)
+            # Said once per rule, not once per job: a value of ``defaults`` (or the matrix) that
+            # breaks other rules on another endpoint (other allowed values) is said again, for
+            # the first item of that endpoint, both lines naming their endpoint — the allowed
+            # values of one only would send the user from one error to the next.
+            base = (issue.file, issue.line, issue.field, issue.message)
+            mark: tuple[object, ...] = (*base, issue.allowed)
         else:
             mark = (issue.file, issue.line, issue.item, issue.field, issue.message)
         if mark in seen:
             return
         seen.add(mark)
+        if base is not None and endpoint is not None and (first := first_shared.get(base)) is not None:
+            index, first_endpoint, named = first
+            if not named:
+                first[2] = True
+                if isinstance(index, int):
+                    collected[index] = replace(
+                        collected[index], message=f"{collected[index].message} on {first_endpoint}"
+                    )
+            issue = replace(issue, message=f"{issue.message} on {endpoint}")
         severity = "error" if issue.severity == "error" else "warning"
         capped = issue.code != TOO_MANY_JOBS  # said past any number of other errors
         if capped and kept[severity] >= (MAX_ERRORS if severity == "error" else MAX_ISSUES):
             dropped[severity] += 1
+            if base is not None:
+                first_shared.setdefault(base, [None, endpoint, endpoint is None])
             return
         kept[severity] += 1
+        if base is not None:
+            first_shared.setdefault(base, [len(collected), endpoint, endpoint is None])
         collected.append(issue)
 
     media_cache: MediaCache = {}
@@ -128,7 +151,7 @@ def _validated(path: str | Path, allowed_dirs: Iterable[Path], keys: frozenset[s
     def check_dropped(job: JobSpec) -> None:
         """A job dropped as identical to an earlier one is validated too: its own errors are said."""
         for issue in validate_job(job, media_cache):
-            add(issue)
+            add(issue, job.endpoint)
 
     for job in manifest.jobs(expansion, dropped=check_dropped):
         count += 1
@@ -136,7 +159,7 @@ def _validated(path: str | Path, allowed_dirs: Iterable[Path], keys: frozenset[s
             add(issue)
         expansion.clear()
         for issue in validate_job(job, media_cache):
-            add(issue)
+            add(issue, job.endpoint)
         if job.endpoint not in warned_expansion and (warning := _prompt_expansion_warning(job)) is not None:
             warned_expansion.add(job.endpoint)
             add(warning)
