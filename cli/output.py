@@ -33,13 +33,14 @@ from rich import box
 from rich.cells import cell_len, set_cell_size
 from rich.console import Console
 from rich.markup import escape as markup_escape
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from jobs.errors import Issue, ManifestError, UsageError, WanbatchError
 from jobs.fs import path_error
 from jobs.money import round_cents, usd_text
-from jobs.printable import one_line, printable, shell_ref
+from jobs.printable import is_a_terminal, one_line, printable, shell_ref
 from jobs.schedule import eta_text
 from jobs.states import JobState
 
@@ -696,7 +697,7 @@ def wrapped(
     or a file with no width given, one line, whole (see :func:`say`). ``text`` and ``lead`` are
     plain (escaped here)."""
     text, lead = printable(text), printable(lead)  # as shown: what is wrapped is what is printed
-    if not (out.is_terminal or os.environ.get("COLUMNS")):
+    if not (is_a_terminal(out.file) or os.environ.get("COLUMNS")):  # FORCE_COLOR: colour only
         lines = [lead + text]
     else:
         body = Text(lead + text)
@@ -733,7 +734,7 @@ def say(text: str, style: str | None = None, *, console: Console | None = None) 
     greps for it, and rich's stand-in width of 80 would break it mid-sentence."""
     target = console or out
     line = f"[{style}]{text}[/{style}]" if style else text
-    wrap = target.is_terminal or bool(os.environ.get("COLUMNS"))
+    wrap = is_a_terminal(target.file) or bool(os.environ.get("COLUMNS"))  # FORCE_COLOR: colour only
     if wrap:
         target.print(line, soft_wrap=False, overflow="fold")
     else:
@@ -752,6 +753,19 @@ def compact_table(title: str | None = None) -> Table:
         title_justify="left",
         title_style="bold",
     )
+
+
+def whole_columns(table: Table) -> Table:
+    """``table``, at least as wide as its columns need: when the terminal is narrower than its
+    fixed columns (ids, counts, money) and the name's fewest cells, it is laid out at that width
+    and the terminal wraps its lines. rich would squeeze the table into the terminal instead,
+    and a column it cannot wrap then shrank to nothing: ``COLUMNS=5 wanbatch status`` showed a
+    rule and blank rows, 8 columns dropped the money."""
+    options = out.options.update_width(MAX_TERMINAL_CELLS)
+    least = Measurement.get(out, options, table).minimum
+    if least > width():
+        table.width = least
+    return table
 
 
 def fixed_column(table: Table, header: str, cells: list[str], *, right: bool = True) -> int:
@@ -783,11 +797,23 @@ def report_ref(report: BatchReport) -> str:
     return shell_ref(report["name"], report["batch"])
 
 
+#: The fewest cells of a batch's name that a heading keeps (``status BATCH``, ``cost BATCH``),
+#: however narrow the terminal: the line then wraps, but says which batch it is about.
+HEADING_NAME_MIN = 10
+
+
+def heading_room(cells: int) -> int:
+    """The cells a heading gives the batch's name: what ``cells`` leaves, never below
+    :data:`HEADING_NAME_MIN` (``fit`` keeps its start, ``…`` then)."""
+    return max(cells, HEADING_NAME_MIN)
+
+
 def batch_heading(report: BatchReport) -> str:
     """``name (a1b2c3d4) · state``, the name shortened to fit the terminal."""
     label = report["phase"] + (" · simulated" if report["simulated"] else "")
     suffix = f" ({short_id(report['batch'])}) · {label}"
-    return f"[bold]{escape(fit(one_line(report['name']), width() - cell_len(suffix)))}[/bold]{escape(suffix)}"
+    name = fit(one_line(report["name"]), heading_room(width() - cell_len(suffix)))
+    return f"[bold]{escape(name)}[/bold]{escape(suffix)}"
 
 
 def status_table(report: BatchReport) -> Table:
@@ -801,7 +827,7 @@ def status_table(report: BatchReport) -> Table:
             table.add_row(state.value, str(n))
     table.add_section()
     table.add_row("total", str(report["total"]))
-    return table
+    return whole_columns(table)
 
 
 def progress_text(report: BatchReport, *, distributed: bool = False) -> str:
@@ -1186,7 +1212,7 @@ def batches_table(reports: list[BatchReport]) -> Table:
         name = one_line(row[1])  # a line break or tab (a name stored before they were refused) escaped
         row[1] = shown[name] or name  # None: no cut tells it apart, so whole (wrapped)
         table.add_row(*(escape(row[i]) for i in [0, 1, *columns[1:]]))
-    return table
+    return whole_columns(table)
 
 
 def print_batches(reports: list[BatchReport], *, distributed: bool = False) -> None:
@@ -1235,7 +1261,7 @@ def cost_heading(report: CostReport) -> str:
     suffix = f" ({short_id(report.batch_id)})"
     if report.simulated:
         suffix += " · simulated: nothing was paid"
-    name = fit(one_line(report.name), width() - cell_len("cost of ") - cell_len(suffix))
+    name = fit(one_line(report.name), heading_room(width() - cell_len("cost of ") - cell_len(suffix)))
     return f"[bold]cost of {escape(name)}[/bold]{suffix}"
 
 
@@ -1261,7 +1287,7 @@ def cost_table(report: CostReport) -> Table:
         table.add_row(escape(shown), escape(resolution), *cells)
     table.add_section()
     table.add_row("total", "", *total_cells)
-    return table
+    return whole_columns(table)
 
 
 def rounding_note(
@@ -1344,7 +1370,7 @@ def estimate_table(title: str, data: EstimateReport) -> Table:
         table.add_row(escape(label), *row[1:])
     table.add_section()
     table.add_row(*total)
-    return table
+    return whole_columns(table)
 
 
 # --------------------------------------------------------------------------- diff

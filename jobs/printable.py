@@ -144,3 +144,22 @@ def shell_ref(name: str, batch_id: str) -> str:
     ):
         return name
     return batch_id[:SHELL_ID_CHARS]
+
+
+def is_a_terminal(stream: object) -> bool:
+    """Whether ``stream`` writes to a terminal: its descriptor is a tty (a stream with none, a
+    ``StringIO``, answers with its own ``isatty``; one that cannot say is no terminal).
+
+    Not rich's ``Console.is_terminal``: that is True whenever ``FORCE_COLOR`` (or
+    ``TTY_COMPATIBLE=1``) is set, as it often is in CI, and a log file then got ``run``'s live
+    bar, cursor moves and carriage returns. Those variables ask for colour; whether a line may be
+    redrawn in place, or prose wrapped at the terminal's width, is for the stream to say.
+    """
+    try:
+        return os.isatty(stream.fileno())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False

@@ -46,7 +46,7 @@ from jobs.batches import (
 from jobs.db import open_engine
 from jobs.errors import ConfigError, DatabaseFullError, WanbatchError
 from jobs.models import utcnow
-from jobs.printable import clause, printable, shell_ref
+from jobs.printable import clause, is_a_terminal, printable, shell_ref
 from jobs.schedule import format_duration
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -877,8 +877,11 @@ def _watch(
     """
     engine = open_engine(settings)
     # Not a terminal (nohup, CI, `2> run.log`): a line redrawn in place would show only at the
-    # end, so the same facts go out as plain lines now and then instead (PlainProgress).
-    plain = PlainProgress() if show_progress and not console.is_terminal else None
+    # end, so the same facts go out as plain lines now and then instead (PlainProgress). Whether
+    # stderr really is one: FORCE_COLOR (common in CI) makes rich say so of any file; and a
+    # terminal rich will not redraw on (TTY_COMPATIBLE=0) gets the plain lines too.
+    live = is_a_terminal(console.file) and console.is_terminal
+    plain = PlainProgress() if show_progress and not live else None
     # Fits 80 columns.
     progress = batch_progress_display(console, disable=not show_progress or plain is not None)
     failure: list[BaseException] = []

@@ -1,0 +1,91 @@
+"""What decides the layout is the stream and ``COLUMNS``, never a collapsed column (CLI audit).
+
+``FORCE_COLOR=1`` (common in CI) made rich call any file a terminal: ``run``'s progress went into
+``2> run.log`` as the live bar (cursor moves, carriage returns), not as the plain lines the README
+promises when stderr is not a terminal. A ``COLUMNS`` narrower than the fixed columns made rich
+squeeze them to nothing: ``COLUMNS=5 wanbatch status`` printed a rule and blank rows, 8 dropped
+the money, and at 20 the headings of ``status NAME`` and ``cost NAME`` lost the batch's name.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.money import usd_text
+from tests.e2e.e2e_helpers import MakeManifest
+from tests.in_process import run_main
+
+SMALL = """\
+name: {name}
+items:
+  - {{endpoint: fal-ai/wan-22, prompt: a paper boat in the rain}}
+  - {{endpoint: fal-ai/wan-22, prompt: a lake at dawn}}
+"""
+
+NAME = "terminal-width-audit"
+
+
+def _run_into_files(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, folder: Path, tag: str
+) -> tuple[int, str, str]:
+    """``wanbatch ARGV`` with stdout and stderr real files (not terminals): exit code, texts."""
+    stdout_path, stderr_path = folder / f"{tag}.out", folder / f"{tag}.err"
+    with stdout_path.open("w", encoding="utf-8") as out, stderr_path.open("w", encoding="utf-8") as err:
+        monkeypatch.setattr(sys, "stdout", out)
+        monkeypatch.setattr(sys, "stderr", err)
+        code = run_main(argv, monkeypatch)
+    return code, stdout_path.read_text(encoding="utf-8"), stderr_path.read_text(encoding="utf-8")
+
+
+def test_force_color_into_a_file_gives_plain_progress_lines(
+    manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = manifest("small", SMALL.format(name=NAME))
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    with monkeypatch.context() as streams:
+        code, _out, err = _run_into_files(["run", "--simulate", str(path)], streams, tmp_path, "run")
+    assert code == 0, err
+    assert "\r" not in err, repr(err)  # no redraws
+    assert "\x1b[" not in err, repr(err)  # no cursor moves
+    lines = [line for line in err.splitlines() if " jobs: " in line]
+    assert lines, err
+    assert lines[-1].endswith("succeeded:2"), lines
+    assert "2/2 (100%)" in lines[-1], lines
+
+
+@pytest.fixture
+def simulated_batch(
+    manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = manifest("small", SMALL.format(name=NAME))
+    assert run_main(["run", "--simulate", "--no-progress", str(path)], monkeypatch) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("columns", [1, 5, 6, 7, 8, 20, 40])
+def test_a_narrow_terminal_never_loses_ids_counts_or_money(
+    simulated_batch: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], columns: int
+) -> None:
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert run_main(["status", "--json"], monkeypatch) == 0
+    report = json.loads(capsys.readouterr().out)["batches"][0]
+    assert run_main(["status"], monkeypatch) == 0
+    listing = capsys.readouterr()
+    assert listing.err == ""
+    row = next((line for line in listing.out.splitlines() if line.startswith(report["batch"][:8])), None)
+    assert row is not None, listing.out
+    for cell in ("done", "2/2", usd_text(report["spent_usd"]), usd_text(report["estimated_usd"])):
+        assert cell in row.split(), (cell, listing.out)
+    assert row.split()[1].startswith(NAME[:4]), listing.out  # the name's start at least
+
+    for command, lead in (["status", NAME], ""), (["cost", NAME], "cost of "):
+        assert run_main(command, monkeypatch) == 0
+        shown = capsys.readouterr().out
+        heading = shown.splitlines()[0]
+        assert heading.startswith(lead + NAME[:9]), (columns, shown)
+        if command[0] == "cost":
+            assert usd_text(report["spent_usd"]) in shown.split(), shown
