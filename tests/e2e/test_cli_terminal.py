@@ -89,3 +89,18 @@ def test_a_narrow_terminal_never_loses_ids_counts_or_money(
         assert heading.startswith(lead + NAME[:9]), (columns, shown)
         if command[0] == "cost":
             assert usd_text(report["spent_usd"]) in shown.split(), shown
+
+
+def test_force_color_into_a_pipe_keeps_each_note_on_one_line(
+    manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Into a pipe with no COLUMNS a note is one whole line (a script greps it); FORCE_COLOR made
+    # it wrap at rich's stand-in 80 columns, the command to type cut in two.
+    name = "a-batch-name-long-enough-that-its-note-runs-past-eighty-columns"
+    assert run_main(["submit", str(manifest("long", SMALL.format(name=name)))], monkeypatch) == 0
+    capsys.readouterr()
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert run_main(["status"], monkeypatch) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(f"`wanbatch run {name}`" in line for line in lines), lines
