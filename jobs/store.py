@@ -146,6 +146,7 @@ __all__ = [
     "adopt_late_proof",
     "adopt_own_proof",
     "adopt_request",
+    "adopt_requests_sent_elsewhere",
     "adopt_unknown_cancelled",
     "adopt_window_proof",
     "batch_committed_usd",
@@ -4196,6 +4197,35 @@ class TakenBack:
     unsent: int
     lapsed: int
     in_flight: int
+
+
+def adopt_requests_sent_elsewhere(
+    session: Session, batch_id: str, origin: str, *, now: datetime
+) -> dict[str, int]:
+    """Make ``batch_id``'s requests at fal that were sent to another fal queue than ``origin`` this
+    queue's to follow (``Job.fal_origin`` := ``origin``): how many, by the origin they had.
+
+    For an embedded ``run`` of the batch that nothing else follows (no other live process beats
+    for it, nor the distributed workers): a request sent to a queue URL nobody runs any more (the
+    user changed ``WANBATCH_FAL_QUEUE_URL`` between runs of the batch, a stand-in's port changed)
+    would otherwise never be asked about again, its job queued for good. Asked about here, fal
+    answers it as ever (a proxy and fal itself share requests), or says it never had it."""
+    held = (
+        (Job.batch_id == batch_id)
+        & Job.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING, JobState.DOWNLOADING])
+        & Job.request_id.is_not(None)
+        & Job.fal_origin.is_not(None)
+        & (Job.fal_origin != origin)
+    )
+    counts = {
+        str(was): int(n)
+        for was, n in session.execute(
+            select(Job.fal_origin, func.count()).where(held).group_by(Job.fal_origin)
+        )
+    }
+    if counts:
+        session.execute(update(Job).where(held).values(fal_origin=origin, updated_at=now))
+    return counts
 
 
 def take_back_dead_leases(

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from jobs import db, processes, store
 from jobs.listing import PROCESSING_STALE_SECONDS, waiting_note
-from jobs.models import utcnow
+from jobs.models import EVERY_BATCH, utcnow
 from jobs.store import LeaseHolder
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, process_identity
 
@@ -108,9 +108,20 @@ class DeadLeases:
                     said.append((owner, back.unsent + back.lapsed, back.in_flight))
             # What stays leased (to live processes; to dead ones, submits whose POST may be out).
             left = store.lease_holders(session, self.batch_id, now=now, excluding=mine) if gone else holders
+            adopted = self._adopt(session, now) if not self.rt.simulated else {}
         # This process's own queued downloads are leased to the queue's name: not another's.
         self.waiting_for = [h for h in left if h.owner != DOWNLOAD_QUEUE]
         self.gone = frozenset(gone)
+        for was, jobs in sorted(adopted.items()):
+            log.warning(
+                "batch %s: %d request(s) were sent to the fal queue at %s, which no live process of "
+                "this batch follows: asked about at this run's queue (%s) from now on",
+                self.batch_id,
+                jobs,
+                was,
+                self.rt.queue_origin,
+                extra={"event": "reconcile.adopt_origin", "origin": was, "jobs": jobs},
+            )
         taken = 0
         for owner, jobs, in_flight in said:
             taken += jobs
@@ -131,6 +142,25 @@ class DeadLeases:
                 extra={"event": "reconcile.dead_leases", "owner": owner, "jobs": jobs},
             )
         return taken
+
+    def _adopt(self, session: Session, now: datetime) -> dict[str, int]:
+        """This batch's requests sent to another fal queue than this run's, made this run's to
+        follow when nothing else can: no other live process beats for the batch, nor the
+        distributed workers (which follow every batch, maybe on that queue). Otherwise a request
+        sent to a queue URL nobody runs any more (``WANBATCH_FAL_QUEUE_URL`` changed between runs
+        of the batch, a stand-in's port changed) was never asked about again, and its job and the
+        run waited for good. How many were adopted, by the origin they had."""
+        since = now - timedelta(seconds=PROCESSING_STALE_SECONDS)
+        mine = process_identity()
+        others = [
+            owner
+            for scope in (self.batch_id, EVERY_BATCH)
+            for owner in store.heartbeat_owners(session, scope, since=since)
+            if not owner.startswith(mine) and not process_gone(owner)
+        ]
+        if others:
+            return {}
+        return store.adopt_requests_sent_elsewhere(session, self.batch_id, self.rt.queue_origin, now=now)
 
     def note(self, now: datetime | None = None) -> str:
         """The progress line's words for the leases still waited for ("" when none)."""

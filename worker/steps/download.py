@@ -133,7 +133,8 @@ def download(rt: Runtime, job_id: str) -> str:
 
     Returns what happened (``succeeded``, ``failed``, ``retry``, ``result-retry``,
     ``download-retry``, ``upload-retry``, ``outputs-paused``, ``not-ready``, ``paused``, ``busy``,
-    ``skipped``, ``lost-lease``), for logs and tests.
+    ``skipped``, ``lost-lease``, ``elsewhere``: a request sent to another fal queue, left to a
+    process of that queue), for logs and tests.
 
     A job the conductor of this process leased for its download, in the transaction that
     recorded its completion, comes with its claim (``rt.download_claims``): the step starts
@@ -221,6 +222,14 @@ def _claim(rt: Runtime, job_id: str) -> DownloadClaim | str:
             and job.lease_expires_at > now
         ):
             return "busy"  # another worker holds it (and renews it while its download progresses)
+        if job.reused_from is None and not rt.simulated and job.fal_origin not in (None, rt.queue_origin):
+            # Sent to another fal queue (Runtime.reach): only a process of that queue can
+            # fetch its result; asked here, this fal answers 404 and a paid video would end
+            # "result expired". Handed here straight (a webhook applied by this process), the
+            # job is let go at once, for that queue's download scheduler.
+            if job.lease_owner == DOWNLOAD_QUEUE:
+                store.release_lease(session, rt.fence(job))
+            return "elsewhere"
         taken = store.take_lease(session, rt.fence(job), now=now, lease_seconds=rt.settings.lease_seconds)
         if taken is None:
             return "lost-lease"
