@@ -4209,13 +4209,22 @@ def adopt_requests_sent_elsewhere(
     for it, nor the distributed workers): a request sent to a queue URL nobody runs any more (the
     user changed ``WANBATCH_FAL_QUEUE_URL`` between runs of the batch, a stand-in's port changed)
     would otherwise never be asked about again, its job queued for good. Asked about here, fal
-    answers it as ever (a proxy and fal itself share requests), or says it never had it."""
+    answers it as ever (a proxy and fal itself share requests), or says it never had it. A
+    request whose id a job of this queue holds too is left where it was."""
     held = (
         (Job.batch_id == batch_id)
         & Job.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING, JobState.DOWNLOADING])
         & Job.request_id.is_not(None)
         & Job.fal_origin.is_not(None)
         & (Job.fal_origin != origin)
+    )
+    # A request id is fal's within one queue: one a job of this queue holds (a seeded stand-in
+    # restarted on another port hands out its ids again) would be that job's request here.
+    other = aliased(Job)
+    held = held & ~exists().where(
+        other.request_id == Job.request_id,
+        other.id != Job.id,
+        or_(other.fal_origin == origin, other.fal_origin.is_(None)),
     )
     counts = {
         str(was): int(n)

@@ -15,7 +15,7 @@ from falsim.options import SimulatorOptions
 from falsim.server import running_simulator
 from jobs import db, store
 from jobs.models import EVERY_BATCH, Job, utcnow
-from tests.step_runtime import add_batch, job_states, make_runtime, settings_for, wait_until
+from tests.step_runtime import add_batch, job_ids, job_states, make_runtime, settings_for, wait_until
 from worker.steps import dispatch, poll, submit
 from worker.steps.dead_leases import DeadLeases
 
@@ -68,3 +68,25 @@ def test_requests_of_a_batch_another_live_process_follows_stay_its_own(engine: E
         rt.dead_leases.take_back()
         assert _origins(engine, batch_id) == {GONE}
         assert poll(rt) == 0
+
+
+def test_a_request_id_a_job_of_this_queue_holds_is_not_taken_over(engine: Engine) -> None:
+    with running_simulator(SimulatorOptions(latency_seconds=0.3, latency_jitter=0.0)) as sim:
+        settings = settings_for(sim.url, KEY)
+        batch_id = add_batch(
+            engine, "reused-ids", [("fal-ai/wan-22", {"prompt": f"p {i}"}) for i in range(2)]
+        )
+        rt = make_runtime(engine, settings, batch_ids=frozenset({batch_id}))
+        old, new = job_ids(engine, batch_id)
+        with engine.begin() as conn:  # a seeded stand-in on another port gave the same id again
+            for job_id, origin in ((old, GONE), (new, rt.queue_origin)):
+                conn.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(state="queued", attempts=1, request_id="same-id", fal_origin=origin)
+                )
+        rt.dead_leases = DeadLeases(rt, batch_id)
+        rt.dead_leases.take_back()
+        with engine.connect() as conn:
+            kept = conn.scalar(select(Job.fal_origin).where(Job.id == old))
+        assert kept == GONE
