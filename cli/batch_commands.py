@@ -294,9 +294,13 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
                     if as_json:
                         emit_json({**summary, "include_failed": include == "failed", **hf.as_dict()})
                     else:
+                        # ``copied`` counts the downloads too (as --json does): said apart here.
+                        ways = f"{hf.linked} hard-linked, {hf.copied - hf.downloaded} copied"
+                        if hf.downloaded:
+                            ways += f", {hf.downloaded} downloaded from S3"
                         err.print(
-                            f"exported {hf.rows} record(s) and {hf.videos} video(s) "
-                            f"({hf.linked} hard-linked, {hf.copied} copied) to {escape(str(output))}"
+                            f"exported {hf.rows} record(s) and {hf.videos} video(s) ({ways}) "
+                            f"to {escape(str(output))}"
                         )
                     _print_export_warnings(hf.warnings)
                     return EXIT_OK

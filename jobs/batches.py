@@ -103,6 +103,18 @@ def check_output_dir(settings: DownloadSettings) -> Path:
     return settings.output_dir
 
 
+def check_output_names(settings: DownloadSettings, batch_name: str) -> None:
+    """Prove the outputs of the batch named ``batch_name`` can be named where they go (an S3
+    key holds at most 1024 bytes): :class:`ConfigError` otherwise, before anything is sent."""
+    from jobs.output_store import open_output_store
+    from jobs.outputs import OutputWriteError
+
+    try:
+        open_output_store(settings).check_names(batch_name)
+    except OutputWriteError as exc:
+        raise ConfigError(f"{exc}; nothing was sent") from None
+
+
 #: How much more room than the estimate counts as enough (the estimate is an average).
 SPACE_MARGIN = 1.1
 #: What a video's sidecar JSON takes beside it (a few KB, one filesystem block or so).
@@ -593,6 +605,7 @@ def submit_manifest(
     manifest_path = str(Path(path).resolve())
     with db.session_scope(engine) as session:
         name, moved = store.name_for_batch(session, manifest.name, simulated=simulated)
+        check_output_names(settings, name)  # raised inside the transaction: nothing is stored
         batch, created = store.get_or_create_batch(
             session,
             name=name,
@@ -2430,6 +2443,7 @@ def rerun_batch(
         if before_storing is not None:
             before_storing()
         name = _rerun_name(session, parent)
+        check_output_names(settings, name)  # raised inside the transaction: nothing is stored
         batch, created = store.get_or_create_batch(
             session,
             name=name,

@@ -12,6 +12,22 @@ import re
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+#: Longest key S3 takes, in bytes of UTF-8 (https://docs.aws.amazon.com/AmazonS3/latest/userguide/object-keys.html).
+S3_KEY_MAX_BYTES = 1024
+
+
+def key_bytes(text: str) -> int:
+    """Bytes of UTF-8 ``text`` takes in a key (a lone surrogate counted as what it would take)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def prefix_room(prefix: str) -> int:
+    """Bytes of UTF-8 a key prefix may have so that the longest key wanbatch makes under it
+    (``<prefix>/<batch slug>/<item>-<job id>.json``, :func:`jobs.outputs.longest_name_bytes`)
+    stays within :data:`S3_KEY_MAX_BYTES`."""
+    from jobs.outputs import longest_name_bytes
+
+    return S3_KEY_MAX_BYTES - len("/") - longest_name_bytes()
 
 
 def is_s3_url(value: str) -> bool:
@@ -24,7 +40,9 @@ def parse_s3_url(value: str) -> tuple[str, str]:
 
     The prefix may be empty. Its segments may not be empty, ``.`` or ``..`` (S3 would store
     such keys literally, but most tools that sync buckets to disk would not), nor hold control
-    characters; a query or fragment is refused rather than silently dropped.
+    characters; a query or fragment is refused rather than silently dropped. It may not be so
+    long that the longest key wanbatch makes under it passes S3's :data:`S3_KEY_MAX_BYTES`
+    (:func:`prefix_room`): every upload would fail only after its video was paid for.
     """
     text = value.strip()
     if not is_s3_url(text):
@@ -49,6 +67,14 @@ def parse_s3_url(value: str) -> tuple[str, str]:
                 raise ValueError(
                     f"the key prefix {prefix!r} has an empty, '.', '..' or control character part"
                 )
+        room = prefix_room(prefix)
+        if key_bytes(prefix) > room:
+            raise ValueError(
+                f"the key prefix is {key_bytes(prefix):,} bytes long in UTF-8; S3 keys take at most "
+                f"{S3_KEY_MAX_BYTES:,} bytes and wanbatch adds up to {S3_KEY_MAX_BYTES - room:,} after "
+                f"the prefix (/<batch name>/<item>-<job id>.json), so the prefix may be at most "
+                f"{room:,} bytes: shorten it"
+            )
     return bucket, prefix
 
 

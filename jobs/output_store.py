@@ -19,7 +19,11 @@ next try uploads it again without asking fal for anything (a paid output is neve
 
 **Keys** are ``<prefix>/<batch slug>/<item index>-<job id prefix>.mp4`` (and ``.json``): only the
 configured prefix and names we made (``jobs.outputs.slug`` and our ids), never a name the
-provider supplied. ``job.output_path`` records ``s3://bucket/key``; exports show that URI.
+provider supplied. ``job.output_path`` records ``s3://bucket/key``; exports show that URI. S3
+takes keys of at most 1024 bytes of UTF-8: the settings refuse a prefix the longest key would
+not fit under (:func:`jobs.output_location.prefix_room`), ``submit``/``run``/``rerun`` the batch
+whose own keys would not (:meth:`S3OutputStore.check_names`), and a storage that still answers
+``KeyTooLongError`` pauses the batch at once (``OutputUploadError.too_long``).
 
 **Credentials** are boto3's own business (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
 ``AWS_PROFILE``, instance roles, ``AWS_ENDPOINT_URL`` for MinIO and other S3-compatible
@@ -52,7 +56,14 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from jobs import outputs
 from jobs.errors import StateConflict, WanbatchError
 from jobs.fs import creatable, file_kind, file_mode, is_missing, os_reason, shown_path
-from jobs.output_location import CONTROL_CHARS, is_s3_url, parse_s3_url, split_uri
+from jobs.output_location import (
+    CONTROL_CHARS,
+    S3_KEY_MAX_BYTES,
+    is_s3_url,
+    key_bytes,
+    parse_s3_url,
+    split_uri,
+)
 from jobs.outputs import OutputWriteError
 from jobs.url_secrets import MASK, mask_urls
 
@@ -80,7 +91,21 @@ class OutputUploadError(OutputWriteError):
     Unlike a full local disk this may heal (the network, a bucket created, a policy fixed), and
     the video is already paid for and staged locally: the download step tries the upload again
     like a failed download, keeping the staged file, and never asks fal again.
+
+    ``too_long``: the storage refused the key itself as too long (``KeyTooLongError``), which no
+    waiting heals: only a shorter prefix (``WANBATCH_OUTPUT_DIR``) or batch name does.
     """
+
+    def __init__(self, message: str, *, too_long: bool = False) -> None:
+        super().__init__(message)
+        self.too_long = too_long
+
+
+def _upload_error(where: str, exc: BaseException, bucket: str) -> OutputUploadError:
+    """The :class:`OutputUploadError` of an upload to ``where`` that failed with ``exc``."""
+    return OutputUploadError(
+        f"upload to {where} failed: {_reason(exc, bucket)}", too_long=_code(exc) == "KeyTooLongError"
+    )
 
 
 class OutputReadError(WanbatchError):
@@ -154,6 +179,12 @@ class OutputStore(ABC):
     def free_bytes(self) -> int | None:
         """Bytes free where the outputs are kept; None when nothing finite limits them (a bucket)."""
         return None
+
+    def check_names(self, batch_name: str) -> None:
+        """Prove the outputs of the batch named ``batch_name`` can be named here before any of
+        it is sent: :class:`OutputWriteError` with a one-line reason otherwise. A folder takes
+        any name (its slug is made to fit a file system: :func:`jobs.outputs.slug`)."""
+        del batch_name  # a folder takes any name
 
     @abstractmethod
     def video_dest(self, batch_name: str, item_index: int, job_id: str) -> Path:
@@ -371,6 +402,20 @@ class S3OutputStore(OutputStore):
         name = f"{outputs.job_stem(item_index, job_id)}{suffix}"
         return "/".join(p for p in (self.prefix, outputs.slug(batch_name), name) if p)
 
+    def check_names(self, batch_name: str) -> None:
+        """The batch's longest key (its slug, the highest item index, a ``.json`` sidecar) must
+        fit S3's :data:`~jobs.output_location.S3_KEY_MAX_BYTES`, or every upload would fail
+        after its video was paid for."""
+        longest = (
+            key_bytes(self.prefix) + len("/") * bool(self.prefix) + outputs.longest_name_bytes(batch_name)
+        )
+        if longest > S3_KEY_MAX_BYTES:
+            raise OutputWriteError(
+                f"WANBATCH_OUTPUT_DIR {self.url!r} cannot take the outputs of batch "
+                f"{outputs.slug(batch_name)!r}: its longest key would be {longest:,} bytes of UTF-8, "
+                f"S3 takes at most {S3_KEY_MAX_BYTES:,} — shorten the prefix or the batch name"
+            )
+
     def check_writable(self, *, create: bool = True) -> Path | None:
         under = _probe_folder(self.staging, "WANBATCH_OUTPUT_STAGING_DIR (the staging folder)", create=create)
         key = "/".join(p for p in (self.prefix, f".wanbatch-probe-{secrets.token_hex(8)}") if p)
@@ -515,7 +560,7 @@ class S3OutputStore(OutputStore):
             except (OSError, WanbatchError):
                 raise
             except Exception as exc:
-                raise OutputUploadError(f"upload to {where} failed: {_reason(exc, bucket)}") from None
+                raise _upload_error(where, exc, bucket) from None
             _check_echo(answer, checksum, where)
             return _etag(answer)
         return self._put_multipart(path, bucket=bucket, key=key, meta=meta, progress=progress)
@@ -536,7 +581,7 @@ class S3OutputStore(OutputStore):
                 Bucket=bucket, Key=key, ChecksumAlgorithm="SHA256", ContentType="video/mp4", Metadata=meta
             )["UploadId"]
         except Exception as exc:
-            raise OutputUploadError(f"upload to {where} failed: {_reason(exc, bucket)}") from None
+            raise _upload_error(where, exc, bucket) from None
         try:
             parts: list[dict[str, Any]] = []
             sent = 0
@@ -570,7 +615,7 @@ class S3OutputStore(OutputStore):
                 client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
             if isinstance(exc, OSError | WanbatchError) or not isinstance(exc, Exception):
                 raise
-            raise OutputUploadError(f"upload to {where} failed: {_reason(exc, bucket)}") from None
+            raise _upload_error(where, exc, bucket) from None
         return _etag(done)
 
     def finish(self, video: Path) -> None:
@@ -765,7 +810,7 @@ def put_bytes(bucket: str, key: str, data: bytes, *, content_type: str) -> None:
             Metadata={"sha256": hashlib.sha256(data).hexdigest()},
         )
     except Exception as exc:
-        raise OutputUploadError(f"upload to s3://{bucket}/{key} failed: {_reason(exc, bucket)}") from None
+        raise _upload_error(f"s3://{bucket}/{key}", exc, bucket) from None
     _check_echo(answer, checksum, f"s3://{bucket}/{key}")
 
 
@@ -1023,6 +1068,12 @@ def _why(exc: BaseException, bucket: str) -> str:
         return f"access denied to bucket {bucket!r} (check the credentials' rights and the bucket policy)"
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
         return f"{where} refused the credentials ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+    if code == "KeyTooLongError":
+        return (
+            f"the storage refused the key as too long (KeyTooLongError; S3 takes at most "
+            f"{S3_KEY_MAX_BYTES:,} bytes of UTF-8): shorten the prefix of WANBATCH_OUTPUT_DIR "
+            "or the batch name"
+        )
     if code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"):
         return f"the storage refused the upload's checksum ({code}): the bytes changed on the way"
     if code:

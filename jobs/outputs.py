@@ -20,7 +20,7 @@ from typing import Any
 
 from jobs.errors import WanbatchError
 from jobs.fs import file_mode
-from jobs.models import EARLIER_ITEMS_UNKNOWN
+from jobs.models import EARLIER_ITEMS_UNKNOWN, new_id
 from jobs.storable import storable_json
 
 
@@ -108,9 +108,26 @@ def job_stem(item_index: int, job_id: str) -> str:
     return f"{item_index:06d}-{job_id[:12]}"
 
 
+#: The suffixes of a job's outputs: its video, and the sidecar JSON beside it.
+VIDEO_SUFFIX, SIDECAR_SUFFIX = ".mp4", ".json"
+
+
+def longest_name_bytes(batch_name: str | None = None) -> int:
+    """Bytes of UTF-8 the longest output name wanbatch makes under an output location takes:
+    ``<batch slug>/<job stem><suffix>`` of ``batch_name`` (None: of the longest slug there is,
+    :data:`SLUG_MAX_BYTES`), for the highest item index a manifest has and a full-length job id.
+    An S3 key is the prefix, ``/`` and this (``jobs.output_store``)."""
+    from jobs.manifest.expand import MAX_JOBS
+
+    slug_bytes = SLUG_MAX_BYTES if batch_name is None else len(slug(batch_name).encode("utf-8"))
+    stem = job_stem(MAX_JOBS - 1, new_id())
+    suffix = max(len(s.encode("utf-8")) for s in (VIDEO_SUFFIX, SIDECAR_SUFFIX))
+    return slug_bytes + len("/") + len(stem.encode("utf-8")) + suffix
+
+
 def video_path(output_dir: Path, batch_name: str, item_index: int, job_id: str) -> Path:
     """Where the job's video is stored."""
-    return batch_dir(output_dir, batch_name) / f"{job_stem(item_index, job_id)}.mp4"
+    return batch_dir(output_dir, batch_name) / f"{job_stem(item_index, job_id)}{VIDEO_SUFFIX}"
 
 
 def under_another_item(dest: Path, job_id: str) -> Path | None:
@@ -161,7 +178,7 @@ def under_earlier_items(dest: Path, job_id: str, earlier_items: Sequence[int] | 
 
 def sidecar_path(video: Path) -> Path:
     """The JSON sidecar beside a video."""
-    return video.with_suffix(".json")
+    return video.with_suffix(SIDECAR_SUFFIX)
 
 
 def partial_tag(version: int) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -133,6 +134,7 @@ class _Rules:
     delay_text: str | None = None  # PUTs whose path contains it are answered late
     delay_seconds: float = 0.0
     hold_text: str | None = None  # the first PUT per key whose path contains it waits, then 403
+    key_limit: int | None = None  # PUTs of a longer key (bytes of UTF-8) get KeyTooLongError
     held: threading.Event = field(default_factory=threading.Event)  # set when one waits
     release: threading.Event = field(default_factory=threading.Event)  # lets it fail
     held_keys: set[str] = field(default_factory=set)
@@ -174,6 +176,10 @@ _ACCESS_DENIED = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
     b"<Message>Access Denied (injected by the test)</Message></Error>"
 )
+_KEY_TOO_LONG = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>KeyTooLongError</Code>'
+    b"<Message>Your key is too long</Message></Error>"
+)
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
 
@@ -193,6 +199,16 @@ class S3FaultProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if self.command == "PUT" and rules.key_limit is not None:
+                    # path-style: /bucket/key?query, the key percent-encoded
+                    key = unquote(self.path.split("?", 1)[0]).split("/", 2)[-1]
+                    if len(key.encode("utf-8")) > rules.key_limit:
+                        self.send_response(400)
+                        self.send_header("Content-Type", "application/xml")
+                        self.send_header("Content-Length", str(len(_KEY_TOO_LONG)))
+                        self.end_headers()
+                        self.wfile.write(_KEY_TOO_LONG)
+                        return
                 if rules.holds(self.command, self.path) or rules.refuses(self.command, self.path):
                     self.send_response(403)
                     self.send_header("Content-Type", "application/xml")
@@ -251,6 +267,11 @@ class S3FaultProxy:
         set when one arrives) until ``rules.release`` is set, then answer it 403; later PUTs of
         the key go through."""
         self.rules.hold_text = containing
+
+    def limit_keys(self, max_bytes: int) -> None:
+        """Answer ``400 KeyTooLongError`` to every PUT of a key longer than ``max_bytes`` bytes
+        of UTF-8, as S3 does past 1024 (a storage with a shorter limit, for a test)."""
+        self.rules.key_limit = max_bytes
 
     def refuse_heads(self, containing: str) -> None:
         """Answer 403 to every HEAD whose path contains ``containing`` (``""``: all of them):

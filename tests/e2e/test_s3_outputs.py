@@ -149,6 +149,11 @@ def test_outputs_land_in_s3_with_their_sha256_and_every_export_points_at_them(
     finally:
         os.umask(before)
     assert hf.code == 0, hf.stderr
+    # Said as --json says it: the videos were downloaded from the bucket (audit: "3 copied").
+    assert (
+        f"exported 3 record(s) and 3 video(s) (0 hard-linked, 0 copied, 3 downloaded from S3) to {dataset}"
+        in (" ".join(hf.stderr.split()))
+    )
     meta = [json.loads(line) for line in (dataset / "metadata.jsonl").read_text().splitlines()]
     assert len(meta) == 3
     for row in meta:
@@ -178,6 +183,35 @@ def test_run_refuses_to_start_when_the_bucket_does_not_exist(
     assert SECRET_KEY not in run.stderr
     assert sim.ledger()["accepted"] == 0
     assert _stored_jobs(tmp_path) == 0
+
+
+def test_a_prefix_too_long_for_the_keys_is_refused_before_anything_is_paid(
+    wb: Wb,
+    sim: SimulatorHandle,
+    s3: MotoS3,
+    examples_copy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Audit: ``s3://…/<990 × p>`` passed `doctor` ("✓ output storage … is writable": its probe
+    key is short) and `run`, which spent $0.60 before every upload failed with S3's
+    KeyTooLongError. Now the configuration is refused: one line naming WANBATCH_OUTPUT_DIR,
+    exit 2, nothing sent, nothing stored, nothing put in the bucket."""
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", f"s3://{BUCKET}/{'p' * 990}")
+    run = wb("run", examples_copy / "quickstart.yaml", "--no-progress")
+    assert run.code == 2
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("error: invalid configuration: WANBATCH_OUTPUT_DIR: the key prefix is 990 bytes")
+    assert line.endswith("so the prefix may be at most 798 bytes: shorten it")
+    assert sim.ledger()["accepted"] == 0
+    assert _stored_jobs(tmp_path) == 0
+    doctor = wb("doctor", "--json")
+    checks = {c["name"]: c for c in doctor.json()["checks"]}
+    assert checks["output storage"]["status"] != "ok"
+    assert "WANBATCH_OUTPUT_DIR: the key prefix is 990 bytes" in checks["configuration"]["detail"]
+    assert keys(client, BUCKET) == []
 
 
 def test_doctor_checks_the_bucket_and_creates_no_staging_folder(

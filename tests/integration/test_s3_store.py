@@ -22,7 +22,9 @@ from sqlalchemy import Engine
 
 from jobs import db, store
 from jobs.errors import ConfigError
-from jobs.models import BatchState, Job
+from jobs.manifest.expand import MAX_JOBS
+from jobs.models import BatchState, Job, new_id
+from jobs.output_location import S3_KEY_MAX_BYTES, prefix_room
 from jobs.output_store import (
     LocalOutputStore,
     OutputReadError,
@@ -192,6 +194,42 @@ def test_uploads_failing_until_the_tries_run_out_pause_the_batch_and_keep_the_st
     assert _staged(tmp_path) == []
     assert fal.posts() == 1
     assert fal.file_gets("r1.mp4") == 1  # uploaded from the staged copy, never fetched again
+
+
+def test_a_key_the_storage_refuses_as_too_long_pauses_at_once_and_says_to_shorten_it(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, s3: MotoS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit: an S3 ``KeyTooLongError`` was retried like an outage, then paused the batch saying
+    "fix the storage; … the batch then resumes by itself" — which it never would: the storage
+    takes no such key. Now it is its own reason, permanent: the batch pauses on the first try."""
+    fal = FakeFal(hostile)
+    s3.client().create_bucket(Bucket=BUCKET)
+    with S3FaultProxy(s3.port) as proxy:
+        aws_env(monkeypatch, proxy.url)
+        proxy.limit_keys(20)  # a storage with a shorter limit than wanbatch's keys (out/steps/…)
+        rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=5)
+        try:
+            assert download(rt, job_id) == "outputs-paused"
+        finally:
+            rt.client.close()
+    job = _job(engine, job_id)
+    assert job.download_attempts == 1
+    (staged,) = _staged(tmp_path)
+    assert staged.read_bytes() == fal.video  # the paid video is kept for a run that can store it
+    with db.session_scope(engine) as session:
+        batch = store.get_batch(session, job.batch_id)
+    assert batch.state == BatchState.PAUSED
+    reason = batch.pause_reason or ""
+    assert reason == (
+        f"outputs cannot be stored: upload to s3://{BUCKET}/out/steps/{staged.name} failed: the "
+        "storage refused the key as too long (KeyTooLongError; S3 takes at most 1,024 bytes of UTF-8): "
+        "shorten the prefix of WANBATCH_OUTPUT_DIR or the batch name (after 1 try) — the videos already "
+        f"made wait in {staged.parent} and are uploaded by the next run under a shorter "
+        "WANBATCH_OUTPUT_DIR prefix, never made again"
+    )
+    assert "fix the storage" not in reason
+    assert "by itself" not in reason
+    assert fal.posts() == 1
 
 
 def test_an_upload_that_fails_in_a_cancelled_batch_says_where_the_paid_video_is_kept(
@@ -428,6 +466,52 @@ def test_output_dir_takes_an_s3_url(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     finally:
         get_settings.cache_clear()
     assert Settings(output_dir="s3://renders").output_url == "s3://renders"
+
+
+def test_a_prefix_too_long_for_wanbatchs_keys_is_refused_by_the_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Audit: ``s3://renders/<990 × p>`` passed the settings and the start-up probe (whose key
+    is shorter than a real one), and every upload then failed after its video was paid for. The
+    bound is the longest key wanbatch makes (S3 takes 1024 bytes of UTF-8), counted in bytes."""
+    room = prefix_room("")
+    # The bound is the naming code's: a full-length slug, the highest item, a sidecar.
+    store_ = S3OutputStore(bucket="renders", prefix="p" * room, staging=tmp_path)
+    longest = store_.key("é" * 500, MAX_JOBS - 1, new_id(), ".json")  # slug: 100 chars, 200 bytes
+    assert len(longest.encode()) == S3_KEY_MAX_BYTES
+    monkeypatch.delenv("WANBATCH_OUTPUT_STAGING_DIR", raising=False)
+    get_settings.cache_clear()
+    try:
+        for prefix in ("p" * 990, "p" * (room + 1), "é" * (room // 2 + 1), f"a/{'b' * (room - 1)}"):
+            monkeypatch.setenv("WANBATCH_OUTPUT_DIR", f"s3://renders/{prefix}")
+            get_settings.cache_clear()
+            with pytest.raises(ConfigError) as refused:
+                get_settings()
+            message = str(refused.value)
+            assert message.startswith("invalid configuration: WANBATCH_OUTPUT_DIR: the key prefix is ")
+            assert f"so the prefix may be at most {room:,} bytes: shorten it" in message
+            assert "\n" not in message
+            assert prefix not in message
+        for prefix in ("p" * room, "é" * (room // 2)):
+            monkeypatch.setenv("WANBATCH_OUTPUT_DIR", f"s3://renders/{prefix}/")
+            get_settings.cache_clear()
+            assert get_settings().output_url == f"s3://renders/{prefix}"
+    finally:
+        get_settings.cache_clear()
+
+
+def test_a_batch_whose_keys_cannot_fit_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    """The same bound per batch, from its own slug (for a prefix that did not pass the settings)."""
+    store_ = S3OutputStore(bucket="renders", prefix="p" * 990, staging=tmp_path)
+    with pytest.raises(OutputWriteError) as refused:
+        store_.check_names("a long night")  # 990 + "/a-long-night/" + "000000-<12 hex>" + ".json"
+    assert str(refused.value) == (
+        "WANBATCH_OUTPUT_DIR 's3://renders/" + "p" * 990 + "' cannot take the outputs of batch "
+        "'a-long-night': its longest key would be 1,028 bytes of UTF-8, S3 takes at most 1,024 — "
+        "shorten the prefix or the batch name"
+    )
+    store_.check_names("n")  # 990 + "/n/" + 19 + 5 = 1,017 bytes
+    LocalOutputStore(root=tmp_path).check_names("n" * 500)  # a folder takes any name
 
 
 def test_a_local_result_is_not_mistaken_for_an_old_staged_copy(

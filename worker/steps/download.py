@@ -1013,14 +1013,21 @@ def _upload_failed(
     staged = result.path
     kept = {"output_sha256": result.sha256, "output_bytes": result.size}
     failures = claim.failures + 1
-    if failures >= rt.settings.download_attempts:
+    if failures >= rt.settings.download_attempts or exc.too_long:
+        # A key too long is refused for good: no try heals it, no storage fix either.
+        then = (
+            f"the videos already made wait in {staged.parent} and are uploaded by the next run "
+            "under a shorter WANBATCH_OUTPUT_DIR prefix, never made again"
+            if exc.too_long
+            else f"fix the storage; the videos already made wait in {staged.parent} and are uploaded "
+            "once it takes them (the batch then resumes by itself) or by the next run, never made again"
+        )
+        tries = "1 try" if failures == 1 else f"{failures} tries"
         return _pause_for_outputs(
             rt,
             job_id,
             claim,
-            f"{store.OUTPUTS_PAUSE_PREFIX}be stored: {exc} (after {failures} tries) — fix the storage; "
-            f"the videos already made wait in {staged.parent} and are uploaded once it takes them (the "
-            "batch then resumes by itself) or by the next run, never made again",
+            f"{store.OUTPUTS_PAUSE_PREFIX}be stored: {exc} (after {tries}) — {then}",
             # Where the paid video is first: a terminal shows 3 lines of a reason (`status`).
             cancelled=f"{CANCELLED_UNSTORED}: this paid video is kept in {staged.parent} as {staged.name} "
             "and nothing uploads it now (`rerun --failed-only` takes this file back and stores it, "
