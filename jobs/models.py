@@ -200,6 +200,12 @@ class KeyFreeText(TypeDecorator[str]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         return redact_text(value) if isinstance(value, str) else value
 
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        """Masked as it is read too: a row written before this type masked on write (an error
+        stored by an earlier version that echoed the key) shows no key in ``status``, the
+        dashboard or an export either."""
+        return redact_text(value) if isinstance(value, str) else value
+
 
 #: The type of every JSON column.
 JSONDoc = JSONDocument()

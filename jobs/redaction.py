@@ -9,7 +9,7 @@ One definition of *how* the key is masked, as :mod:`jobs.key_forms` is the one d
   batch is where it is (``jobs.error``, ``job_events.reason``, ``batches.pause_reason``),
   masks each value as it is written: an error text made from a provider's answer (a
   download's redirect naming the key) cannot reach the database, ``status`` or an export
-  whichever path built it.
+  whichever path built it; and as it is read, for rows an earlier version stored unmasked.
 
 Besides the literal key (and its encoded forms: :func:`jobs.key_forms.key_variants`; a form
 shorter than :data:`_ANYWHERE_MIN` only where it stands as a word of its own),

@@ -76,3 +76,26 @@ def test_errors_reasons_and_pause_reasons_are_stored_without_the_key(engine: Eng
     for secret in (KNOWN, SECRET, quote(KNOWN, safe=""), OTHER, OTHER.split(":")[1], "not-a-fal-shape"):
         assert secret not in stored
     assert base64.b64encode(SECRET.encode()).decode()[4:-4] not in stored
+
+
+def test_a_key_stored_before_the_masking_is_masked_as_it_is_read(engine: Engine) -> None:
+    """A row an earlier version wrote (its error, its event's reason, its batch's pause reason
+    holding a fal-shaped key) shows no key to ``status``, the dashboard or an export: the type
+    masks what it reads as well as what it writes."""
+    from jobs.models import JobEvent
+
+    batch_id = add_batch(engine, "before", [(T2V, INPUTS[T2V])])
+    with db.session_scope(engine) as session:
+        (job,) = store.jobs_of_batch(session, batch_id)
+        assert store.transition(session, job.id, S.PENDING, S.CANCELLED, reason="stopped", error="stopped")
+    old = f"fal said: bad key {OTHER}"
+    with engine.begin() as conn:  # as an earlier version stored them: no type in between
+        conn.execute(text("UPDATE jobs SET error = :t"), {"t": old})
+        conn.execute(text("UPDATE job_events SET reason = :t"), {"t": old})
+        conn.execute(text("UPDATE batches SET pause_reason = :t"), {"t": old})
+    with db.read_scope(engine) as session:
+        (read,) = store.jobs_of_batch(session, batch_id)
+        reasons = list(session.query(JobEvent.reason).filter(JobEvent.job_id == read.id).all())
+        shown = [read.error, store.get_batch(session, batch_id).pause_reason, *(r for (r,) in reasons)]
+    assert len(shown) >= 3
+    assert all(s == "fal said: bad key ***" for s in shown), shown
