@@ -92,6 +92,11 @@ def batch_dir(output_dir: Path, batch_name: str) -> Path:
             f"({exc.strerror or exc}) — run from a folder that exists, or set WANBATCH_OUTPUT_DIR "
             "to an absolute path"
         ) from exc
+    except UnicodeEncodeError as exc:  # LC_ALL=C without UTF-8 mode: a name of `ñ` is no file name
+        raise OutputFolderError(
+            f"the batch folder {str(output_dir / name)!a} cannot be represented in this system's "
+            "file-name encoding (check LANG/LC_ALL): run wanbatch under a UTF-8 locale (LANG=C.UTF-8)"
+        ) from exc
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop (Python < 3.13)
         raise OutputFolderError(f"the output folder {output_dir / name} cannot be resolved: {exc}") from exc
     if root not in path.parents:

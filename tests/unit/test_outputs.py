@@ -238,3 +238,31 @@ def test_a_sidecars_temporary_carries_the_tag_it_is_given(tmp_path: Path) -> Non
     assert name.startswith(".000001-abc.json.v4-")
     assert name.endswith(".tmp")
     assert [p.name for p in tmp_path.iterdir()] == ["000001-abc.json"]
+
+
+def test_a_batch_folder_the_file_name_encoding_cannot_hold_is_a_folder_error_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    """Under ``LC_ALL=C`` without UTF-8 mode, a batch named ``tiny-ñ`` made every download of it
+    crash (UnicodeEncodeError, "please report it"); it is an OutputFolderError saying the locale,
+    which the download step turns into a paused batch with that reason."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from jobs.outputs import batch_dir, OutputFolderError\n"
+        "try:\n    batch_dir(Path(sys.argv[1]), 'tiny-\\xf1')\n"
+        "except OutputFolderError as exc:\n    print('folder error:', exc)\n"
+    )
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        env=env,
+        cwd=Path(outputs.__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "folder error:" in done.stdout
+    assert "file-name encoding (check LANG/LC_ALL)" in done.stdout
