@@ -82,6 +82,7 @@ def status(batch: str | None, as_json: bool) -> None:
         from jobs import batches
         from jobs.settings import get_settings
         from worker.limits import api_key_id
+        from worker.steps.context import process_here
 
         settings = get_settings()
         # Which cap holds an active batch's unsent jobs back, counted as a run started from
@@ -116,6 +117,7 @@ def status(batch: str | None, as_json: bool) -> None:
             gone=owner_gone,
             silent=silent,
             policy=settings.submit_unknown_policy,
+            here=process_here(settings),
         )
         for line in warnings:
             err.print(f"[yellow]warning: {escape(line)}[/yellow]")

@@ -1106,6 +1106,8 @@ def print_report(report: BatchReport, *, distributed: bool = False) -> None:
         say(escape(dead), "yellow")
     if proof := report.get("proof_wait_note"):  # submits whose outcome fal's webhook may still prove
         say(escape(proof), "yellow")
+    if elsewhere := report.get("elsewhere_waiting_note"):  # requests only another key or queue can ask about
+        say(escape(elsewhere), "yellow")
     out.print(status_table(report))
     say(escape(progress_text(report, distributed=distributed)))
     for line in money_line(report).splitlines():
@@ -1237,6 +1239,8 @@ def print_batches(reports: list[BatchReport], *, distributed: bool = False) -> N
             notes.append(f"{ids[r['batch']]} {dead}")
         if proof := r.get("proof_wait_note"):  # submits whose outcome fal's webhook may still prove
             notes.append(f"{ids[r['batch']]} {proof}")
+        if elsewhere := r.get("elsewhere_waiting_note"):  # requests only another key or queue can ask about
+            notes.append(f"{ids[r['batch']]} {elsewhere}")
         if not r["processing"] and label not in ("done", "cancelled"):
             notes.append(f"{ids[r['batch']]} {idle_text(r, distributed=distributed)}")
         elif not r["processing"] and label == "cancelled" and r["in_flight"]:

@@ -788,6 +788,14 @@ class BatchReport(TypedDict):
     proof_waiting: int
     proof_wait_until: str | None
     proof_wait_note: str
+    #: Its unfinished jobs whose request this process cannot ask fal about, so they wait for
+    #: another: each group's ``reason`` (``"api_key"``: sent with another API key, named by its
+    #: ``key_id``, a hash, never the key; ``"fal_queue"``: sent to another fal queue, named by its
+    #: ``origin``) and ``jobs`` (:func:`jobs.listing.elsewhere_waits`); empty when none, or when
+    #: the report was asked without knowing this process's key and queue. That in one line
+    #: (:func:`jobs.listing.elsewhere_wait_text`; "" when none).
+    elsewhere_waiting: list[dict[str, Any]]
+    elsewhere_waiting_note: str
     counts: dict[str, int]
     estimated_usd: float | None
     spent_usd: float | None
@@ -861,6 +869,9 @@ class BatchProgress(TypedDict):
     #: :func:`batch_report`'s ``proof_wait_note``: jobs waiting for fal's webhook proof of their
     #: submit, until when, and what then ("" when none).
     proof_wait_note: str
+    #: :func:`batch_report`'s ``elsewhere_waiting_note``: requests sent with another API key or
+    #: to another fal queue, waiting for a process that has them ("" when none).
+    elsewhere_waiting_note: str
 
 
 #: ``WANBATCH_SUBMIT_UNKNOWN_POLICY``'s default, for a report asked without the settings.
@@ -958,11 +969,13 @@ def batch_progress(
     *,
     now: datetime | None = None,
     policy: str = DEFAULT_UNKNOWN_POLICY,
+    here: listing.Here | None = None,
 ) -> BatchProgress:
     """The part of :func:`batch_report` a progress display needs — state, counts, money, the
     forecast — without the cost report and failure reasons, which cost several aggregates each
     time. ``now``: for the schedule and the pace; ``policy``: ``WANBATCH_SUBMIT_UNKNOWN_POLICY``,
-    for what ``proof_wait_note`` says comes after a wait for proof."""
+    for what ``proof_wait_note`` says comes after a wait for proof; ``here``: the key and fal
+    queue of the process that shows it, for ``elsewhere_waiting_note`` (none without)."""
     batch = store.get_batch(session, batch_id)
     schedule, now = store.batch_schedule(batch), now or utcnow()
     counts = store.counts_by_state(session, batch.id)
@@ -1001,7 +1014,21 @@ def batch_progress(
         "eta_seconds": forecast.eta_seconds,
         "eta_note": forecast.eta_note,
         "proof_wait_note": forecast.proof_note(policy, now=now),
+        "elsewhere_waiting_note": elsewhere_note(session, batch, counts, here),
     }
+
+
+def elsewhere_note(
+    session: Session, batch: Batch, counts: Mapping[str, int], here: listing.Here | None
+) -> str:
+    """:func:`jobs.listing.elsewhere_wait_text` of one batch (``counts``: its jobs by state;
+    ``here``: the shown process's key and queue, "" without): its query is asked only when the
+    batch has a job in a state that waits for what fal says of its request (most have none at
+    the end), and never of a simulation (its requests are its run's simulator's). ``run``'s
+    progress line and the dashboard's batch page say it in ``status``'s words."""
+    if here is None or batch.simulated or not any(counts.get(state) for state in listing.FOLLOWED_STATES):
+        return ""
+    return listing.elsewhere_wait_text(listing.elsewhere_waits(session, [batch.id], here).get(batch.id, []))
 
 
 def left_to_collect(progress: BatchProgress) -> int:
@@ -1407,6 +1434,7 @@ class _Reads(Protocol):
     def failures(self, batch: Batch) -> list[store.FailureGroup]: ...
     def covered(self, batch: Batch, now: datetime) -> Covered: ...
     def proof_wait(self, batch: Batch, now: datetime) -> listing.ProofWait | None: ...
+    def elsewhere(self, batch: Batch, here: listing.Here) -> list[listing.ElsewhereWait]: ...
 
 
 class _OneBatch:
@@ -1464,6 +1492,9 @@ class _OneBatch:
 
     def proof_wait(self, batch: Batch, now: datetime) -> listing.ProofWait | None:
         return listing.proof_waits(self.session, [batch.id], now=now).get(batch.id)
+
+    def elsewhere(self, batch: Batch, here: listing.Here) -> list[listing.ElsewhereWait]:
+        return listing.elsewhere_waits(self.session, [batch.id], here).get(batch.id, [])
 
 
 class _AllBatches:
@@ -1563,6 +1594,10 @@ class _AllBatches:
         found = self._once("proof", lambda: listing.proof_waits(self.session, self.ids, now=self.now))
         return cast(listing.ProofWait | None, found.get(batch.id))
 
+    def elsewhere(self, batch: Batch, here: listing.Here) -> list[listing.ElsewhereWait]:
+        found = self._once("elsewhere", lambda: listing.elsewhere_waits(self.session, self.ids, here))
+        return cast(list[listing.ElsewhereWait], found.get(batch.id, []))
+
 
 def batch_report(
     session: Session,
@@ -1574,6 +1609,7 @@ def batch_report(
     gone: Callable[[str], bool] | None = None,
     silent: Mapping[str, datetime] | None = None,
     policy: str = DEFAULT_UNKNOWN_POLICY,
+    here: listing.Here | None = None,
 ) -> BatchReport:
     """The contract's ``status BATCH --json`` object for one batch (``now``: for the schedule;
     ``policy``: ``WANBATCH_SUBMIT_UNKNOWN_POLICY``, what ``proof_wait_note`` says comes after a
@@ -1592,7 +1628,9 @@ def batch_report(
     recorded before it died is not shown (:func:`jobs.listing.fal_holds`); ``silent``: worker
     processes (``host:pid:``) whose record on the workers' Redis went stale, and when each was
     last seen, so that jobs one holds are named as held by a gone process
-    (:func:`jobs.listing.dead_holders`)."""
+    (:func:`jobs.listing.dead_holders`). ``here``: the API key id and fal queue origin of the
+    process that shows it, to say which jobs wait for a process with another key or queue
+    (``elsewhere_waiting``; none without)."""
     batch = store.get_batch(session, batch_id)
     return _report(
         batch,
@@ -1603,6 +1641,7 @@ def batch_report(
         gone=gone,
         silent=silent,
         policy=policy,
+        here=here,
     )
 
 
@@ -1616,6 +1655,7 @@ def _report(
     gone: Callable[[str], bool] | None,
     silent: Mapping[str, datetime] | None = None,
     policy: str = DEFAULT_UNKNOWN_POLICY,
+    here: listing.Here | None = None,
 ) -> BatchReport:
     """:func:`batch_report` of ``batch``, what it reads of the database read through ``reads``."""
     totals = reads.totals(batch, now)
@@ -1660,6 +1700,11 @@ def _report(
     fal_holds = [] if done else reads.fal_holds(batch, now, gone)
     dead = [] if done else reads.dead_holders(batch, now, gone, silent)
     covered = reads.covered(batch, now)
+    # Requests only a process with another key or queue can ask about: asked only when some job
+    # waits for what fal says of its request.
+    # A simulation's requests are its run's simulator's: never another process's to follow.
+    followed = not batch.simulated and any(counts.get(state) for state in listing.FOLLOWED_STATES)
+    elsewhere = reads.elsewhere(batch, here) if here is not None and followed else []
     return {
         "batch": batch.id,
         "name": batch.name,
@@ -1689,6 +1734,8 @@ def _report(
         "proof_waiting": proof.jobs if proof is not None else 0,
         "proof_wait_until": proof.until.isoformat() if proof is not None else None,
         "proof_wait_note": listing.proof_wait_text(proof, policy=policy, now=now),
+        "elsewhere_waiting": [wait.as_json() for wait in elsewhere],
+        "elsewhere_waiting_note": listing.elsewhere_wait_text(elsewhere),
         "counts": counts,
         "estimated_usd": _money(totals.estimated_usd),
         "spent_usd": _money(totals.spent_usd),
@@ -2094,11 +2141,13 @@ def status(
     gone: Callable[[str], bool] | None = None,
     silent: Mapping[str, datetime] | None = None,
     policy: str = DEFAULT_UNKNOWN_POLICY,
+    here: listing.Here | None = None,
 ) -> list[BatchReport]:
     """Reports for one batch (``ref`` = id, id prefix or name) or, with no ref, for every batch;
     ``caps``: say which cap holds an active batch's submits back; ``broker_url``: the broker a
     broker outage names; ``gone``: processes known to have ended; ``silent``: workers whose
-    Redis record went stale; ``policy``: ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` (:func:`batch_report`)."""
+    Redis record went stale; ``policy``: ``WANBATCH_SUBMIT_UNKNOWN_POLICY``; ``here``: this
+    process's API key id and fal queue origin (:func:`batch_report`)."""
     engine = open_engine(settings)
     with db.session_scope(engine) as session:
         if ref is not None:
@@ -2112,6 +2161,7 @@ def status(
                     gone=gone,
                     silent=silent,
                     policy=policy,
+                    here=here,
                 )
             ]
         # Every batch from a fixed number of grouped queries (not one report's ten per batch:
@@ -2129,6 +2179,7 @@ def status(
                 gone=gone,
                 silent=silent,
                 policy=policy,
+                here=here,
             )
             for batch in batches
         ]

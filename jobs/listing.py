@@ -355,6 +355,99 @@ def proof_wait_text(proof: ProofWait | None, *, policy: str, now: datetime) -> s
     )
 
 
+# --------------------------------------------------------------------------- requests of another key or queue
+
+
+@dataclass(frozen=True, slots=True)
+class Here:
+    """What a process can ask fal about: its API key's id (``worker.limits.api_key_id``, a hash,
+    never the key) and its fal queue's origin (``Job.fal_origin``'s form). A request sent with
+    another key or to another queue is left to a process that has them."""
+
+    key_id: str
+    origin: str
+
+
+#: The states in which a job waits for what fal says of its request (status, result, cancel).
+_FOLLOWED_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.DOWNLOADING, JobState.CANCELLING)
+
+#: Unfinished states a request of another key or queue may wait in (any of them counts as
+#: relevant for the one query :func:`elsewhere_waits` makes).
+FOLLOWED_STATES: tuple[str, ...] = tuple(s.value for s in _FOLLOWED_STATES)
+
+
+@dataclass(frozen=True, slots=True)
+class ElsewhereWait:
+    """A batch's jobs whose request this process cannot ask about, so they wait for another:
+    ``reason`` ``"api_key"`` (sent with another API key: ``where`` is its key id) or
+    ``"fal_queue"`` (sent to another fal queue: ``where`` is its origin)."""
+
+    reason: str
+    where: str
+    jobs: int
+
+    def as_json(self) -> dict[str, Any]:
+        key = "key_id" if self.reason == "api_key" else "origin"
+        return {"reason": self.reason, key: self.where, "jobs": self.jobs}
+
+
+def elsewhere_waits(
+    session: Session, batch_ids: Collection[str], here: Here | None
+) -> dict[str, list[ElsewhereWait]]:
+    """:class:`ElsewhereWait` of each of ``batch_ids`` with such jobs, from one query: unfinished
+    jobs holding a request sent to another fal queue than ``here.origin`` (those first: a process
+    of that queue follows them, whatever its key) or with another API key than ``here.key_id``.
+    A request whose key or origin was not recorded is anyone's, not counted. ``here`` None: none."""
+    if not batch_ids or here is None:
+        return {}
+    other_queue = Job.fal_origin.is_not(None) & (Job.fal_origin != here.origin)
+    other_key = Job.api_key_id.is_not(None) & (Job.api_key_id != here.key_id)
+    rows = session.execute(
+        select(Job.batch_id, Job.fal_origin, Job.api_key_id, func.count())
+        .where(
+            Job.batch_id.in_(list(batch_ids)),
+            Job.state.in_(list(_FOLLOWED_STATES)),
+            Job.request_id.is_not(None),
+            other_queue | other_key,
+        )
+        .group_by(Job.batch_id, Job.fal_origin, Job.api_key_id)
+    )
+    found: dict[str, dict[tuple[str, str], int]] = {}
+    for batch_id, origin, key_id, jobs in rows:
+        if origin is not None and origin != here.origin:
+            where = ("fal_queue", str(origin))
+        else:
+            where = ("api_key", str(key_id))
+        waits = found.setdefault(str(batch_id), {})
+        waits[where] = waits.get(where, 0) + int(jobs)
+    return {
+        batch_id: [ElsewhereWait(reason, where, jobs) for (reason, where), jobs in sorted(waits.items())]
+        for batch_id, waits in found.items()
+    }
+
+
+def elsewhere_wait_text(waits: Sequence[ElsewhereWait]) -> str:
+    """``2 request(s) were sent with another API key (key id 0123abcd…) and wait for a process
+    with that key``; ``3 request(s) were sent to another fal queue (http://host:port) and wait
+    for the process that follows it``: the one wording ``status`` (its ``--json``'s
+    ``elsewhere_waiting_note``), ``run``'s progress line and the dashboard's batch page give;
+    "" when none. Such jobs are asked about again and again by no one here: without it they
+    stayed queued/running with nothing saying why, and a run never ended."""
+    parts = []
+    for wait in waits:
+        if wait.reason == "api_key":
+            parts.append(
+                f"{wait.jobs} request(s) were sent with another API key (key id {wait.where}) "
+                "and wait for a process with that key"
+            )
+        else:
+            parts.append(
+                f"{wait.jobs} request(s) were sent to another fal queue ({wait.where}) "
+                "and wait for the process that follows it"
+            )
+    return "; ".join(parts)
+
+
 def eta_at_pace(remaining: int, per_minute: float | None, *, held: str, busy: int) -> float | None:
     """When should ``remaining`` unfinished jobs be done at ``per_minute``, in seconds: the one
     rule of every forecast (``status``, the dashboard, ``run``'s progress line), whatever pace

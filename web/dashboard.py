@@ -66,6 +66,7 @@ from web.auth import (
     session_value,
 )
 from web.bodies import Refusal, read_body
+from worker.steps.context import process_here
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +462,11 @@ class Dashboard:
                 # Jobs waiting for fal's webhook proof of their submit, until when, and what then:
                 # `status`'s and `run`'s words (its forecast's time left never ends before).
                 "proof_wait": forecast.proof_note(self.settings.submit_unknown_policy, now=now),
+                # Requests sent with another API key or to another fal queue, waiting for a
+                # process that has them: `status`'s and `run`'s words.
+                "elsewhere_wait": batches.elsewhere_note(
+                    session, batch, totals.counts, process_here(self.settings)
+                ),
                 "workers_unread": workers_unread,
                 "failures": failures,
                 "failures_split": batches.told_apart_by_sending(

@@ -55,6 +55,7 @@ from jobs.url_secrets import masked_url
 from worker.db_outage import DatabaseOutage, DatabaseUnavailableError
 from worker.limits import api_key_id, unreachable_note
 from worker.progress_line import PlainProgress, batch_progress_display, money_text, plain_line
+from worker.steps.context import process_here
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -893,6 +894,8 @@ def _watch(
 
     budget = RefreshBudget()
     caps = _CapWatch(batch_id, settings, conductor.rt if conductor is not None else None)
+    # The key and fal queue this run asks about (its runtime's: a simulation's are its simulator's).
+    here = process_here(conductor.rt.settings if conductor is not None else settings)
 
     def refresh(task_id: TaskID) -> bool:
         """Show where the batch is; True when there is nothing more to wait for (False, with
@@ -904,7 +907,7 @@ def _watch(
         # said instead of a cap's reason (the jobs they hold fill it) and of a forecast.
         leased = leases_note(conductor)
         with db.read_scope(engine) as session:
-            current = batch_progress(session, batch_id, policy=settings.submit_unknown_policy)
+            current = batch_progress(session, batch_id, policy=settings.submit_unknown_policy, here=here)
             holds = [] if leased else caps.holds(session, current)
         budget.spent(started, time.monotonic())
         done = current["finished"]
@@ -943,7 +946,10 @@ def _watch(
         # Jobs waiting for fal's webhook proof of their submit: until when, and what then (the
         # time left never ends before; status and the dashboard say the same words).
         proof = current["proof_wait_note"]
-        notes = " · ".join(n for n in (waiting, held, stalled, capped, proof, eta_note) if n)
+        # Requests sent with another API key or to another fal queue: this run does not ask
+        # about them and does not end before another process settles them (status says so too).
+        elsewhere = current["elsewhere_waiting_note"]
+        notes = " · ".join(n for n in (waiting, held, stalled, capped, proof, elsewhere, eta_note) if n)
         progress.update(
             task_id,
             # A scheduled batch outside its window says so, with the time left (the countdown).

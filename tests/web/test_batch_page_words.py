@@ -21,6 +21,7 @@ from html import unescape as html_text
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import Engine
 
 import web.dashboard
@@ -31,6 +32,7 @@ from jobs.models import EVERY_BATCH, FalHold, utcnow
 from jobs.schedule import Schedule
 from jobs.states import JobState
 from tests.web.web_helpers import HTML, JSON, TOKEN, app_for, client, logged_in, mixed_batch, settings_for
+from worker.limits import api_key_id
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -231,3 +233,30 @@ def test_a_hold_on_fal_since_yesterday_names_its_date(
     assert shown.startswith(f"fal unreachable from worker-3 (pid 4242) {dated} (submits held"), shown
     title = _said(html, r'data-testid="fal-unreachable" title="(.*?)"')
     assert title == f"worker-3 (pid 4242) {dated}: could not connect (ConnectError): refused", title
+
+
+def test_requests_of_another_key_are_said_to_wait_for_a_process_with_it(
+    sqlite_engine: Engine, output_dir: Path
+) -> None:
+    """A request sent with another API key stays queued here, asked about by no process of this
+    key: the page says so in ``status``'s words, naming the key by its id, never the key."""
+    other = "another-account-key-6d1f"
+    settings = settings_for(sqlite_engine, output_dir, token=TOKEN)
+    other_id = api_key_id(settings.model_copy(update={"fal_key": SecretStr(other)}))
+    with session_factory(sqlite_engine)() as work:
+        mixed = mixed_batch(work)
+        waiting = next(j for j in store.jobs_of_batch(work, mixed.batch.id) if not JobState(j.state).terminal)
+        waiting.state, waiting.request_id, waiting.api_key_id = JobState.QUEUED, "req-other", other_id
+        work.commit()
+    html = (
+        logged_in(client(app_for(sqlite_engine, settings)))
+        .get(f"/batches/{mixed.batch.id}", headers=HTML)
+        .text
+    )
+
+    shown = _said(html, r'data-testid="elsewhere-wait">(.*?)</p>')
+    assert shown == (
+        f"1 request(s) were sent with another API key (key id {other_id}) "
+        "and wait for a process with that key"
+    ), shown
+    assert other not in html

@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from jobs import db, store
+from jobs.listing import Here
 from jobs.models import EVERY_BATCH, BatchRecord, Job, JobRecord, JobView, utcnow
 from jobs.schedule import Schedule
 from jobs.settings import MAX_SECONDS, Settings
@@ -403,6 +404,13 @@ class Runtime:
     def fence(self, job: JobRecord) -> Fence:
         """``job`` as this runtime just read (or claimed) it, held by this runtime's worker."""
         return Fence.of(job, self.owner)
+
+
+def process_here(settings: Settings) -> Here:
+    """What a process with ``settings`` can ask fal about (:class:`jobs.listing.Here`): its API
+    key's id (a hash, never the key) and its fal queue's origin, for the notes that say which
+    jobs wait for a process with another key or queue (``status``, ``run``, the dashboard)."""
+    return Here(key_id=api_key_id(settings), origin=queue_origin(settings.fal_queue_url))
 
 
 def queue_origin(queue_url: str) -> str:
