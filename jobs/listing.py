@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import case, func, select, tuple_, type_coerce
+from sqlalchemy import case, false, func, select, tuple_, type_coerce
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -362,9 +362,11 @@ def proof_wait_text(proof: ProofWait | None, *, policy: str, now: datetime) -> s
 class Here:
     """What a process can ask fal about: its API key's id (``worker.limits.api_key_id``, a hash,
     never the key) and its fal queue's origin (``Job.fal_origin``'s form). A request sent with
-    another key or to another queue is left to a process that has them."""
+    another key or to another queue is left to a process that has them. ``key_id`` None: the
+    process has no ``FAL_KEY`` (``status`` needs none, nor the dashboard): it cannot tell whose
+    key a request was sent with, so no request is said to wait for another key."""
 
-    key_id: str
+    key_id: str | None
     origin: str
 
 
@@ -401,7 +403,9 @@ def elsewhere_waits(
     if not batch_ids or here is None:
         return {}
     other_queue = Job.fal_origin.is_not(None) & (Job.fal_origin != here.origin)
-    other_key = Job.api_key_id.is_not(None) & (Job.api_key_id != here.key_id)
+    other_key = (
+        Job.api_key_id.is_not(None) & (Job.api_key_id != here.key_id) if here.key_id is not None else false()
+    )
     rows = session.execute(
         select(Job.batch_id, Job.fal_origin, Job.api_key_id, func.count())
         .where(

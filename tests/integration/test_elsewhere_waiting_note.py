@@ -120,3 +120,26 @@ def test_nothing_is_said_when_every_request_is_this_process_s(
     assert found["elsewhere_waiting"] == []
     assert found["elsewhere_waiting_note"] == ""
     assert "another API key" not in _status(engine, monkeypatch, capsys, batch_id)
+
+
+def test_a_status_without_fal_key_names_no_other_key(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``status`` needs no FAL_KEY (an operator's shell, the dashboard's host): without one it
+    cannot tell whose key a request went with, so no request is said to wait for another key
+    (every one would have been); another queue is still named."""
+    batch_id = _batch(engine)
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", engine.url.render_as_string(hide_password=False))
+    monkeypatch.delenv("FAL_KEY", raising=False)
+    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", QUEUE)
+    monkeypatch.delenv("WANBATCH_BROKER_URL", raising=False)
+    get_settings.cache_clear()
+    capsys.readouterr()
+    try:
+        assert run_main(["status", batch_id, "--json"], monkeypatch) == 0
+    finally:
+        get_settings.cache_clear()
+    found = json.loads(capsys.readouterr().out)
+    assert found["elsewhere_waiting"] == [
+        {"reason": "fal_queue", "origin": queue_origin(OTHER_QUEUE), "jobs": 1}
+    ]

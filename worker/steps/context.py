@@ -410,7 +410,8 @@ def process_here(settings: Settings) -> Here:
     """What a process with ``settings`` can ask fal about (:class:`jobs.listing.Here`): its API
     key's id (a hash, never the key) and its fal queue's origin, for the notes that say which
     jobs wait for a process with another key or queue (``status``, ``run``, the dashboard)."""
-    return Here(key_id=api_key_id(settings), origin=queue_origin(settings.fal_queue_url))
+    key_id = api_key_id(settings) if settings.fal_key is not None else None  # no key: cannot tell
+    return Here(key_id=key_id, origin=queue_origin(settings.fal_queue_url))
 
 
 def queue_origin(queue_url: str) -> str:
