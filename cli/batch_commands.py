@@ -81,8 +81,8 @@ def status(batch: str | None, as_json: bool) -> None:
     def action() -> int:
         from jobs import batches
         from jobs.settings import get_settings
+        from worker.here import process_here
         from worker.limits import api_key_id
-        from worker.steps.context import process_here
 
         settings = get_settings()
         # Which cap holds an active batch's unsent jobs back, counted as a run started from

@@ -66,7 +66,7 @@ from web.auth import (
     session_value,
 )
 from web.bodies import Refusal, read_body
-from worker.steps.context import process_here
+from worker.here import process_here
 
 log = logging.getLogger(__name__)
 

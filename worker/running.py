@@ -53,9 +53,9 @@ from jobs.states import JobState
 from jobs.store import CapScope
 from jobs.url_secrets import masked_url
 from worker.db_outage import DatabaseOutage, DatabaseUnavailableError
+from worker.here import process_here
 from worker.limits import api_key_id, unreachable_note
 from worker.progress_line import PlainProgress, batch_progress_display, money_text, plain_line
-from worker.steps.context import process_here
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

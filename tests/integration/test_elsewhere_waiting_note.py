@@ -19,8 +19,8 @@ from jobs.settings import get_settings
 from jobs.states import JobState
 from tests.in_process import run_main
 from tests.step_runtime import add_batch, job_ids, settings_for
+from worker.here import process_here, queue_origin
 from worker.limits import api_key_id
-from worker.steps.context import process_here, queue_origin
 
 KEY = "test-key-elsewhere-mine-71c2"
 OTHER_KEY = "test-key-elsewhere-other-0b9e"

@@ -18,16 +18,15 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from jobs import db, store
-from jobs.listing import Here
 from jobs.models import EVERY_BATCH, BatchRecord, Job, JobRecord, JobView, utcnow
 from jobs.schedule import Schedule
 from jobs.settings import MAX_SECONDS, Settings
 from jobs.states import JobState
 from jobs.store import CapScope, Fence, batch_schedule, simulated_batch_ids
 from worker.fal.client import FalClient
-from worker.fal.http import origin_text
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
+from worker.here import queue_origin
 from worker.limits import SubmitLimiter, api_key_id, limiter_for
 from worker.steps.fal_reach import FalReach, Hold
 from worker.steps.keepalive import StepLeases
@@ -404,23 +403,6 @@ class Runtime:
     def fence(self, job: JobRecord) -> Fence:
         """``job`` as this runtime just read (or claimed) it, held by this runtime's worker."""
         return Fence.of(job, self.owner)
-
-
-def process_here(settings: Settings) -> Here:
-    """What a process with ``settings`` can ask fal about (:class:`jobs.listing.Here`): its API
-    key's id (a hash, never the key) and its fal queue's origin, for the notes that say which
-    jobs wait for a process with another key or queue (``status``, ``run``, the dashboard)."""
-    key_id = api_key_id(settings) if settings.fal_key is not None else None  # no key: cannot tell
-    return Here(key_id=key_id, origin=queue_origin(settings.fal_queue_url))
-
-
-def queue_origin(queue_url: str) -> str:
-    """``scheme://host:port`` of the fal queue URL (never its credentials, path or query): what
-    ``Job.fal_origin`` records. A URL that does not parse (settings refuse one) is kept as is."""
-    try:
-        return origin_text(queue_url)
-    except Exception:  # httpx.InvalidURL and its like: compared as text, never followed here
-        return queue_url[:255]
 
 
 def in_seconds(seconds: float) -> datetime:
