@@ -5,8 +5,8 @@ without a limiter Redis) each kept fal's 429 pause in their own memory, so one p
 not slow the other. The pause is now written on the key's shared submit-rate row, and every
 dispatch round honours it. Existing rows get NULL (no pause).
 
-Revision ID: 0036
-Revises: 0035
+Revision ID: 0035
+Revises: 0034
 Create Date: 2026-12-21 12:00:00
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0036"
-down_revision: str | Sequence[str] | None = "0035"
+revision: str = "0035"
+down_revision: str | Sequence[str] | None = "0034"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
