@@ -721,23 +721,17 @@ class SubmitRate(Base):
     Each dispatch round takes its tokens here, inside the round's transaction (rounds of every
     process take turns: :func:`jobs.store.lock_dispatch`), so ``WANBATCH_SUBMIT_RATE`` holds for
     all of them together: two ``wanbatch run`` side by side, or one beside the workers' leader,
-    claimed twice the rate when each kept the bucket in its own memory. The bucket holds at
-    most a tenth of a second's submits (at least one), not a second's: with a second's burst on
-    top of the refill, two processes still sent up to twice the rate in one second.
+    claimed twice the rate when each kept the bucket in its own memory.
     """
 
     __tablename__ = "submit_rate"
 
     #: ``Job.api_key_id``: fal's limits are per account.
     api_key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    #: Whole and partial submits the bucket holds as of ``stamp`` (never below zero: a 429's
-    #: pause is ``hold_until``).
+    #: Whole and partial submits the bucket holds as of ``stamp`` (never below zero: each
+    #: process keeps a 429's pause in its own bucket).
     tokens: Mapped[float] = mapped_column(Float)
     stamp: Mapped[datetime] = mapped_column(UTCDateTime())
-    #: Until when fal's 429 (its ``Retry-After``) holds every process's submits of this key back
-    #: (:func:`jobs.store.hold_submits`); NULL or past: no pause. Only processes without a shared
-    #: limiter Redis set it (those with one hold each other back there).
-    hold_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class InstanceSecret(Base):

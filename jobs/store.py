@@ -916,18 +916,6 @@ def lock_dispatch(session: Session) -> None:
 _SUBMIT_RATE = cast(Table, SubmitRate.__table__)
 
 
-def _database_now(session: Session, now: datetime) -> datetime:
-    """The time processes that share the database compare: PostgreSQL's ``clock_timestamp()``
-    (the server's clock at this statement, not ``now()``, the transaction's start, which a round
-    that waited for :func:`lock_dispatch` would see late); on SQLite, which has no server,
-    ``now``, this process's clock (every process is on the one host that holds the file)."""
-    if session.connection().dialect.name != "postgresql":
-        return now
-    clock = _prepared(("db-clock",), lambda: select(func.clock_timestamp()))
-    moment: datetime = _run(session, clock, {}).scalar()
-    return moment.astimezone(UTC)
-
-
 def take_submit_tokens(
     session: Session, api_key_id: str, wanted: int, *, rate: float, capacity: float, now: datetime
 ) -> tuple[int, float]:
@@ -937,14 +925,11 @@ def take_submit_tokens(
     Called in a dispatch round, after :func:`lock_dispatch`: rounds of every process take turns,
     so read-modify-write is safe, and ``rate`` (``WANBATCH_SUBMIT_RATE``) holds for them all
     together. The bucket refills at ``rate`` up to ``capacity`` from the time last written (a
-    stamp ahead of the clock, another host's clock, refills nothing). Times are the database's
-    (:func:`_database_now`; ``now`` on SQLite). While a 429's pause holds the key
-    (:func:`hold_submits`), nothing is granted, and the wait is what is left of the pause.
+    stamp ahead of ``now``, another host's clock, refills nothing).
     """
-    now = _database_now(session, now)
     read = _prepared(
         ("rate-read",),
-        lambda: select(_SUBMIT_RATE.c.tokens, _SUBMIT_RATE.c.stamp, _SUBMIT_RATE.c.hold_until).where(
+        lambda: select(_SUBMIT_RATE.c.tokens, _SUBMIT_RATE.c.stamp).where(
             _SUBMIT_RATE.c.api_key_id == bindparam("key")
         ),
     )
@@ -952,8 +937,6 @@ def take_submit_tokens(
     if row is None:
         tokens = capacity
     else:
-        if row.hold_until is not None and row.hold_until > now:
-            return 0, (row.hold_until - now).total_seconds()
         elapsed = max(0.0, (now - row.stamp).total_seconds())
         tokens = min(capacity, float(row.tokens) + elapsed * rate)
     granted = max(0, min(wanted, int(tokens)))
@@ -962,33 +945,6 @@ def take_submit_tokens(
     write = _prepared(("rate-write", dialect), lambda: _rate_upsert(dialect))
     _run(session, write, {"api_key_id": api_key_id, "tokens": tokens, "stamp": now})
     return granted, (0.0 if tokens >= 1 else (1.0 - tokens) / rate)
-
-
-def hold_submits(session: Session, api_key_id: str, seconds: float, *, now: datetime) -> None:
-    """fal answered a submit of the key with 429: hold every process's dispatch of the key back
-    for ``seconds`` (:func:`take_submit_tokens` grants nothing until then), from the database's
-    clock (``now`` on SQLite). A pause already longer is kept (a shorter ``Retry-After`` heard
-    later does not cut it short); one that has passed is replaced. The bucket is left with one
-    submit at the pause's end: the probe, not a burst."""
-    until = _database_now(session, now) + timedelta(seconds=max(0.0, seconds))
-    dialect = session.connection().dialect.name
-
-    def build() -> Any:
-        new = _dialect_insert(dialect, _SUBMIT_RATE)
-        held = _SUBMIT_RATE.c.hold_until
-        later = case(
-            (held.is_(None), new.excluded.hold_until),
-            (held > new.excluded.hold_until, held),
-            else_=new.excluded.hold_until,
-        )
-        return new.on_conflict_do_update(
-            index_elements=[_SUBMIT_RATE.c.api_key_id],
-            set_={"tokens": new.excluded.tokens, "stamp": new.excluded.stamp, "hold_until": later},
-        )
-
-    statement = _prepared(("rate-hold", dialect), build)
-    values = {"api_key_id": api_key_id, "tokens": 1.0, "stamp": until, "hold_until": until}
-    _run(session, statement, values)
 
 
 def return_submit_tokens(session: Session, api_key_id: str, unused: int, *, capacity: float) -> None:

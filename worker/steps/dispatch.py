@@ -22,7 +22,7 @@ from jobs.output_store import OutputReadError
 from jobs.outputs import OutputWriteError
 from jobs.rendered import rerun_input
 from jobs.states import JobState
-from worker.limits import UNREACHABLE_RETRY_SECONDS, LimiterUnavailableError, RedisGCRA, api_key_id
+from worker.limits import UNREACHABLE_RETRY_SECONDS, LimiterUnavailableError, api_key_id
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, SubmitTicket
 from worker.steps.failures import backoff
 from worker.steps.staged import find_staged
@@ -197,7 +197,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     for batch_id in sorted(refused - paused):
         done.cancelled += _end_what_cannot_fit(session, rt, committed, batches.get(batch_id), now)
     if done.unused > 0:  # the shared bucket's too (the local one gets them in hand_on)
-        store.return_submit_tokens(session, key_id, done.unused, capacity=_shared_capacity(rt))
+        store.return_submit_tokens(session, key_id, done.unused, capacity=rt.bucket.capacity)
     return done
 
 
@@ -238,33 +238,13 @@ class _RoundBatches:
         }
 
 
-#: How many seconds of the rate the shared bucket may hold when no limiter Redis paces the submits
-#: (:func:`_shared_capacity`).
-SHARED_BURST_SECONDS = 0.1
-
-
-def _shared_capacity(rt: Runtime) -> float:
-    """The shared bucket's capacity: with a limiter Redis, this process's bucket's (a second's
-    submits: the shared limiter spaces every POST anyway). Without one, nothing but this bucket
-    paces processes that share only the database, and each process's own limiter spaces only
-    its own POSTs: a second's burst on top of the refill let two runs send up to twice the rate
-    in one second. So it holds a tenth of a second's submits, at least one: at rates up to 10/s
-    every claim is ``1/rate`` after the last one, whichever process makes it (at most the rate
-    in any second), and a faster rate is exceeded by at most a tenth while a round still claims
-    several jobs at once."""
-    assert rt.bucket is not None
-    if isinstance(rt.limiter, RedisGCRA):
-        return rt.bucket.capacity
-    return max(1.0, rt.bucket.rate * SHARED_BURST_SECONDS)
-
-
 def _shared_rate(session: Session, rt: Runtime, free: int, key_id: str, now: datetime) -> int:
     """Of the ``free`` submits this process's bucket grants, those the rate's bucket shared by
     every dispatching process grants too (``WANBATCH_SUBMIT_RATE`` is one cap for all of them:
     two ``wanbatch run`` side by side sent twice the rate); the rest go back to the local one."""
     assert rt.bucket is not None
     granted, wait = store.take_submit_tokens(
-        session, key_id, free, rate=rt.bucket.rate, capacity=_shared_capacity(rt), now=now
+        session, key_id, free, rate=rt.bucket.rate, capacity=rt.bucket.capacity, now=now
     )
     if granted < free:
         rt.bucket.shared_short(free - granted, wait)

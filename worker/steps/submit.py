@@ -44,7 +44,6 @@ from worker.fal.storage import prepare_input
 from worker.limits import (
     UNREACHABLE_RETRY_SECONDS,
     LimiterUnavailableError,
-    RedisGCRA,
     api_key_id,
     stale_grant_seconds,
     wait_for_token,
@@ -398,9 +397,6 @@ def _refused_for_rate(rt: Runtime, fence: Fence, endpoint: str, exc: ProviderErr
         with contextlib.suppress(LimiterUnavailableError):
             rt.limiter.hold_off(endpoint, pause)
     with db.session_scope(rt.engine) as session:
-        if pause > 0 and not isinstance(rt.limiter, RedisGCRA):
-            # No limiter Redis: the processes that share the database hear the pause there.
-            store.hold_submits(session, api_key_id(rt.settings), pause, now=utcnow())
         refusals = store.get_job(session, fence.job_id).rate_limited_submits + 1
         if refusals > FREE_RATE_LIMIT_REFUSALS:
             settle(session, rt, fence, exc)
