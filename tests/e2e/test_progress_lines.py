@@ -15,6 +15,7 @@ import json
 import re
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session
@@ -117,9 +118,14 @@ def test_the_lines_forecast_what_status_forecasts(
     note = "the window closes first (in 41s): the rest waits for the next one"
 
     def as_status_says(
-        session: Session, batch_id: str, *, now: datetime | None = None, policy: str = "fail"
+        session: Session,
+        batch_id: str,
+        *,
+        now: datetime | None = None,
+        policy: str = "fail",
+        here: Any = None,
     ) -> BatchProgress:
-        current = batch_progress(session, batch_id, now=now, policy=policy)
+        current = batch_progress(session, batch_id, now=now, policy=policy, here=here)
         current["eta_seconds"], current["eta_note"] = 94.0, note
         return current
 
