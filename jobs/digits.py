@@ -53,6 +53,24 @@ def plain_number(text: str) -> int | float | None:
     return float(text) if NUMBER.fullmatch(text) else None
 
 
+#: The words a text cell or option reads as a boolean (any case): the CSV habits of spreadsheets
+#: and YAML 1.1's words alike, so ``yes`` in an ``items_from`` CSV cell and ``--vary
+#: enable_safety_checker=yes`` are one value.
+TRUE_WORDS = frozenset({"true", "yes", "y", "on", "1"})
+FALSE_WORDS = frozenset({"false", "no", "n", "off", "0"})
+
+
+def boolean_word(text: str) -> bool | None:
+    """``text`` as a boolean (:data:`TRUE_WORDS`, :data:`FALSE_WORDS`, any case, blanks around
+    ignored), or None when it is no such word (it stays text, which a boolean field refuses)."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    return None
+
+
 def foreign_digits(text: str) -> bool:
     """Whether ``text`` holds a decimal digit of another script than ASCII (``٣``, ``३``): a
     number written with them is refused, and a message may say why."""

@@ -8,7 +8,8 @@ may mix endpoints whose fields differ (``resolution`` allows ``1080p`` on Wan 2.
 
 The option's text is untyped (``seed=1..3``, ``resolution=480p,720p``); a field's schema type
 decides what each value becomes: integers for ``integer`` fields (``seed``), numbers for
-``number`` ones, ``true``/``false`` for booleans, the text itself otherwise. A value that does
+``number`` ones, booleans by the words a CSV cell takes (:func:`jobs.digits.boolean_word`:
+``true``/``false``, ``yes``/``no``, ``on``/``off``, ``1``/``0``), the text itself otherwise. A value that does
 not parse stays text, so the schema check reports it in the same words as a manifest would.
 Image and audio fields are refused: a path typed on the command line would resolve against the
 current folder, not the manifest's, and skip the folder checks a manifest's paths get; a
@@ -24,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.digits import TOO_MANY_DIGITS, WHOLE, plain_number, whole_too_long
+from jobs.digits import TOO_MANY_DIGITS, WHOLE, boolean_word, plain_number, whole_too_long
 from jobs.endpoints import EndpointSpec, FieldSpec, FieldType
 from jobs.errors import UsageError, did_you_mean
 from jobs.printable import shortened
@@ -111,8 +112,9 @@ def typed(fld: FieldSpec, token: str) -> Any:
     if fld.type in (FieldType.INTEGER, FieldType.NUMBER):
         number = plain_number(token)
         return token if number is None else number
-    if fld.type is FieldType.BOOLEAN and token.lower() in ("true", "false"):
-        return token.lower() == "true"
+    if fld.type is FieldType.BOOLEAN:
+        word = boolean_word(token)
+        return token if word is None else word
     return token
 
 

@@ -24,6 +24,7 @@ from jobs.digits import (
     MAX_WHOLE_DIGITS,
     TOO_MANY_DIGITS,
     WholeTooLong,
+    boolean_word,
     digits_in,
     plain_number,
     too_many_digits,
@@ -42,8 +43,6 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_MESSAGE = (
     "text with a lone UTF-16 surrogate (such as \\ud800) is refused: it is no Unicode character"
 )
-_TRUE = frozenset({"true", "yes", "y", "on", "1"})
-_FALSE = frozenset({"false", "no", "n", "off", "0"})
 
 
 #: The endpoint a row's fields are checked against, from the row's ``endpoint`` value (None:
@@ -347,8 +346,6 @@ def csv_value(spec: EndpointSpec, key: str, value: Any) -> Any:
         number = plain_number(text)
         return value if number is None else number
     if fld.type is FieldType.BOOLEAN:
-        if text.lower() in _TRUE:
-            return True
-        if text.lower() in _FALSE:
-            return False
+        word = boolean_word(text)
+        return value if word is None else word
     return value

@@ -274,3 +274,29 @@ def test_quoted(value: object, shown: str) -> None:
 def test_shortened() -> None:
     assert shortened("abc") == "abc"
     assert shortened("x" * 5000, 10) == "xxxxxxxxxx… (5,000 characters)"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        *[("true", True), ("Yes", True), ("ON", True), ("y", True), ("1", True)],
+        *[("false", False), ("no", False), ("Off", False), ("N", False), ("0", False)],
+    ],
+)
+def test_a_boolean_word_is_the_same_value_in_a_csv_cell_and_vary(text: str, value: bool) -> None:
+    """``--vary enable_safety_checker=yes`` was refused ("expected a boolean, got str") while the
+    same word in an ``items_from`` CSV cell was ``True``: one rule now reads both."""
+    fld = SPEC.field("enable_safety_checker")
+    assert fld is not None
+    assert csv_value(SPEC, "enable_safety_checker", text) is value
+    assert typed(fld, text) is value
+    assert checked_values(SPEC, parse_vary(f"enable_safety_checker={text}")) == [value]
+
+
+def test_a_word_that_is_no_boolean_stays_text_in_a_csv_cell_and_vary() -> None:
+    fld = SPEC.field("enable_safety_checker")
+    assert fld is not None
+    assert csv_value(SPEC, "enable_safety_checker", "maybe") == "maybe"
+    assert typed(fld, "maybe") == "maybe"
+    with pytest.raises(UsageError, match="expected true or false"):
+        checked_values(SPEC, parse_vary("enable_safety_checker=maybe"))
