@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import yaml
+
 from jobs.endpoints import EndpointSpec, get_endpoint
 from jobs.errors import Issue
 from jobs.fs import shown_path
@@ -172,8 +174,20 @@ class DefaultedDuplicates:
 
 
 def _shown(value: object) -> str:
-    """A default's value as written in YAML (``720p``, ``81``, ``true``), a long text cut short."""
-    text = value if isinstance(value, str) else json.dumps(value)
+    """A default's value as written in YAML (``720p``, ``81``, ``true``), a long text cut short.
+
+    A text YAML would not read back as that text is quoted: an empty default (Wan 2.6's
+    ``negative_prompt``) printed as ``negative_prompt:`` and a blank, and ``duration: 5`` reads
+    as a number where the default is the text ``"5"``.
+    """
+    if not isinstance(value, str):
+        text = json.dumps(value)
+    else:
+        try:
+            plain = yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            plain = False
+        text = value if plain else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 40 else text[:39] + "…"
 
 

@@ -1130,3 +1130,18 @@ def test_an_image_given_as_a_list_names_no_internal_class(folder: Path) -> None:
     assert (issue.line, issue.field) == (5, "image_url")
     assert "expected text, got a list" in issue.message
     assert "LList" not in issue.message
+
+
+def test_a_default_written_out_is_named_as_yaml_would_read_it(folder: Path) -> None:
+    """Wan 2.6's default ``negative_prompt`` is empty: the warning named it ``negative_prompt:``
+    and a blank, which reads as null, and its ``duration`` default, the text ``"5"``, as a
+    number."""
+    path = write(
+        folder,
+        "name: d\nendpoint: wan/v2.6/image-to-video\nitems:\n"
+        "  - {prompt: same, image_url: b.jpg, seed: 7, negative_prompt: '', duration: '5'}\n"
+        "  - {prompt: same, image_url: b.jpg, seed: 7}\n",
+    )
+    report = validate_manifest(path)
+    (warning,) = [w for w in report.warnings if "differ only by" in w.message]
+    assert 'they differ only by duration: "5", negative_prompt: "" (the endpoint' in warning.message
