@@ -216,6 +216,17 @@ def stale_stream(
     return behave
 
 
+def breaking_stream(first: bytes, after: float) -> Behaviour:
+    """A 200 ``text/event-stream`` that sends ``first``, then hangs up ``after`` seconds later
+    without ending its request (or when the provider closes): a stream that keeps breaking."""
+
+    def behave(req: Recorded, sock: socket.socket) -> None:
+        sock.sendall(_head(200, {"Content-Type": "text/event-stream"}, None) + first)
+        req.stop.wait(after)
+
+    return behave
+
+
 @contextmanager
 def traced_peak() -> Iterator[Callable[[], int]]:
     """The most memory Python held at once (bytes, :mod:`tracemalloc`: every thread's objects,

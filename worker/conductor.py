@@ -201,6 +201,8 @@ class Conductor:
             if failures < STREAM_FAILURES_MAX:
                 self._submitted.add(job_id)
             self._cond.notify()
+        if failures >= STREAM_FAILURES_MAX and self.watcher is not None:
+            self.watcher.forget({job_id})  # polled from now on: followed no more
 
     def _pending(self) -> bool:
         started_due = bool(self._started) and time.monotonic() - self._started_since >= STARTED_BATCH_SECONDS
@@ -555,9 +557,22 @@ class Conductor:
         )
 
     def _watch(self, job_ids: set[str]) -> None:
-        """Follow ``job_ids`` (just submitted) and any other unwatched request at fal, room permitting."""
+        """Follow ``job_ids`` (just submitted, or their stream was lost) and any other unwatched
+        request at fal, room permitting. Those of ``job_ids`` not followed now are forgotten by
+        the watcher (:meth:`StatusWatcher.forget`): a later stream of theirs is a first one."""
         watcher = self.watcher
-        if watcher is None or watcher.room() <= 0:
+        if watcher is None:
+            return
+        taken: set[str] = set()
+        try:
+            self._open_streams(watcher, job_ids, taken)
+        finally:
+            if job_ids - taken:
+                watcher.forget(job_ids - taken)
+
+    def _open_streams(self, watcher: StatusWatcher, job_ids: set[str], taken: set[str]) -> None:
+        """:meth:`_watch`'s streams; the jobs whose stream it opened are added to ``taken``."""
+        if watcher.room() <= 0:
             return
         given_up = {j for j, n in self._stream_failures.items() if n >= STREAM_FAILURES_MAX}
         exclude = watcher.watching() | given_up
@@ -588,6 +603,7 @@ class Conductor:
             ]
         for job_id, handle in handles:
             if watcher.watch(job_id, handle):
+                taken.add(job_id)
                 self.stats.streams += 1
 
     def _beat(self) -> None:

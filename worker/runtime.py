@@ -15,7 +15,7 @@ from jobs import db, store
 from jobs.db import open_engine
 from jobs.settings import Settings
 from worker.fal.client import FalClient
-from worker.fal.http import origin_text
+from worker.fal.origin import url_origin_text
 from worker.fal.storage import FalStorage, Lookup, MediaPreparer, Record
 from worker.limits import limiter_for
 from worker.steps import Runtime
@@ -42,7 +42,7 @@ def build_runtime(
     engine = engine or open_engine(settings)
     client = client or FalClient.from_settings(settings, allow_missing_key=allow_missing_key)
 
-    lookup, record = _upload_cache(engine, origin_text(client.rest_url), simulated=simulated)
+    lookup, record = _upload_cache(engine, url_origin_text(client.rest_url), simulated=simulated)
     media = MediaPreparer.for_storage(
         FalStorage(client, download_policy(settings)),
         inline_max_bytes=settings.inline_max_bytes,

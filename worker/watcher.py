@@ -20,7 +20,9 @@ only keep-alive comments, or event after event that never reaches COMPLETED, hel
 vouches for its job only while it is young (:meth:`StatusWatcher.by_age`): the poller asks about
 the jobs of older streams too, on its own schedule, and a stream whose job turned out to have
 ended meanwhile is let go (:meth:`StatusWatcher.let_go`) — its reader stops at the stream's
-next chunk, keep-alives included, and nothing is reported for it.
+next chunk, keep-alives included, and nothing is reported for it. A stream that broke and was
+opened again is as old as the job's first: one that always breaks just before the poller's
+interval does not hold the job's poll back.
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ class StatusWatcher:
         self.max_streams = max_streams
         self._lock = threading.Lock()
         self._watching: dict[str, str] = {}  # job id -> request id
-        self._since: dict[str, float] = {}  # job id -> when its stream was asked for (monotonic)
+        #: job id -> when its first stream was asked for (monotonic): a stream that broke and is
+        #: opened again (:meth:`watch` after a loss) keeps it, so its job is not vouched for anew
+        #: (:meth:`by_age`); dropped when the job is no longer followed for good (:meth:`forget`).
+        self._since: dict[str, float] = {}
         self._let_go: set[str] = set()  # job ids whose reader is to stop at its next chunk
         self._closed = False
         self._work: queue.SimpleQueue[tuple[str, RequestHandle]] = queue.SimpleQueue()
@@ -67,12 +72,14 @@ class StatusWatcher:
             return frozenset(self._watching)
 
     def by_age(self, seconds: float) -> tuple[frozenset[str], frozenset[str]]:
-        """The jobs followed now, split: those whose stream was asked for less than ``seconds``
-        ago (their stream vouches for them: the poller leaves them alone), and the older ones (the
-        poller asks about them too, in case their stream never says the request ended)."""
+        """The jobs followed now, split: those whose first stream was asked for less than
+        ``seconds`` ago (their stream vouches for them: the poller leaves them alone), and the
+        older ones (the poller asks about them too, in case their stream never says the request
+        ended). A stream opened again after a loss counts from the first: one that always breaks
+        just before ``seconds`` would otherwise hold the job's poll back for ever longer."""
         now = time.monotonic()
         with self._lock:
-            young = frozenset(j for j, since in self._since.items() if now - since < seconds)
+            young = frozenset(j for j in self._watching if now - self._since[j] < seconds)
             return young, frozenset(self._watching) - young
 
     def requests(self, job_ids: Collection[str]) -> dict[str, str]:
@@ -86,6 +93,14 @@ class StatusWatcher:
         with self._lock:
             self._let_go.update(j for j in job_ids if j in self._watching)
 
+    def forget(self, job_ids: Collection[str]) -> None:
+        """``job_ids``' lost streams are not opened again (given up, or the job moved on): a later
+        stream for one of them is a first one again. Jobs followed now are left as they are."""
+        with self._lock:
+            for job_id in job_ids:
+                if job_id not in self._watching:
+                    self._since.pop(job_id, None)
+
     def follows(self, job_id: str) -> bool:
         """Whether ``job_id``'s request is followed right now."""
         with self._lock:
@@ -97,12 +112,13 @@ class StatusWatcher:
             return 0 if self._closed else self.max_streams - len(self._watching)
 
     def watch(self, job_id: str, handle: RequestHandle) -> bool:
-        """Start following ``handle`` for ``job_id``; False when it already is, or no room is left."""
+        """Start following ``handle`` for ``job_id``; False when it already is, or no room is left.
+        A job whose stream was lost keeps the time its first stream was asked for (:meth:`by_age`)."""
         with self._lock:
             if self._closed or job_id in self._watching or len(self._watching) >= self.max_streams:
                 return False
             self._watching[job_id] = handle.request_id
-            self._since[job_id] = time.monotonic()
+            self._since.setdefault(job_id, time.monotonic())
             if self._idle:
                 self._idle -= 1  # that thread takes it: no new one
                 start = False
@@ -176,20 +192,22 @@ class StatusWatcher:
                 extra={"event": "stream.failed", "job_id": job_id, "request_id": handle.request_id},
             )
         finally:
-            closed, let_go = self._done(job_id)
+            closed, let_go = self._done(job_id, ended=ended)
             if not ended and not closed and not let_go:
                 self.on_lost(job_id)
 
-    def _done(self, job_id: str) -> tuple[bool, bool]:
+    def _done(self, job_id: str, *, ended: bool) -> tuple[bool, bool]:
         """``job_id`` is no longer followed (its room is free) and its thread is idle again, in
         one step: whoever sees the room free also finds the thread idle. Whether the watcher is
         closed (the thread then ends, not counted idle; one counted just before the close ends
         too, and the count no longer matters: a closed watcher takes no stream), and whether the
-        stream was let go (:meth:`let_go`: nothing to report)."""
+        stream was let go (:meth:`let_go`: nothing to report). A stream lost (not ``ended``, not
+        let go) keeps its first time, for the stream that may be opened again."""
         with self._lock:
             self._watching.pop(job_id, None)
-            self._since.pop(job_id, None)
             let_go = job_id in self._let_go
+            if ended or let_go or self._closed:
+                self._since.pop(job_id, None)
             self._let_go.discard(job_id)
             if not self._closed:
                 self._idle += 1

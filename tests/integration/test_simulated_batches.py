@@ -265,6 +265,7 @@ class _Watcher:
 
     def __init__(self) -> None:
         self.followed: list[str] = []
+        self.forgotten: set[str] = set()
 
     def watching(self) -> frozenset[str]:
         return frozenset(self.followed)
@@ -275,6 +276,9 @@ class _Watcher:
     def watch(self, job_id: str, _handle: object) -> bool:
         self.followed.append(job_id)
         return True
+
+    def forget(self, job_ids: set[str]) -> None:
+        self.forgotten |= job_ids
 
 
 @pytest.mark.parametrize("runtime", ["worker", "simulate"])
@@ -298,5 +302,6 @@ def test_a_conductor_follows_only_its_own_providers_requests(engine: Engine, run
 
     conductor._watch(set(queued.values()))  # heard of both submits
     assert watcher.followed == [queued[ours]]
+    assert watcher.forgotten == set(queued.values()) - {queued[ours]}  # no stream of ours, ever
     conductor._watch(set())  # the tick's catch-up
     assert watcher.followed == [queued[ours]]

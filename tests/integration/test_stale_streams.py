@@ -6,24 +6,35 @@ COMPLETED, kept its job ``queued`` forever while ``/status`` said COMPLETED (a h
 audit). Now a stream vouches for its job for ``WANBATCH_POLL_MAX_INTERVAL``; then the tick polls
 the job too, and once the job has moved on, the stream is let go: its reader stops, its room is
 free, and it is not taken for a lost stream (no new one is opened for the job).
+
+A stream that breaks is opened again (a few times): the job's age counts from its first stream,
+or a stream that always broke just before the interval held the job's first poll back for
+about three intervals.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from sqlalchemy import Engine
 
 from jobs import db, store
+from jobs.errors import RetryableProviderError
 from jobs.states import JobState
-from tests.hostile import HostileProvider, stale_stream, wait_for
+from tests.hostile import HostileProvider, breaking_stream, stale_stream, wait_for
 from tests.hostile_fal import FakeFal
 from tests.step_runtime import add_batch, job_ids, make_runtime, settings_for, wait_until
 from worker.conductor import Conductor
+from worker.fal.client import FalClient
+from worker.fal.models import RequestHandle, Status
 from worker.steps import dispatch, submit
+from worker.watcher import StatusWatcher
 
 KEY = "stale-streams-key-7c1e"
 STREAM = r".*/requests/r1/status/stream"
@@ -82,3 +93,94 @@ def test_a_stream_that_never_completes_is_polled_past_then_let_go(
     finally:
         conductor.close()
         rt.client.close()
+
+
+#: How long a stream vouches for its job in the test of a stream that keeps breaking, and
+#: after how long each of its streams breaks: just before that.
+KEEPS_BREAKING_VOUCHES = 1.5
+BREAKS_AFTER = 0.9
+
+
+def test_a_stream_opened_again_vouches_only_as_long_as_the_first(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """Each stream breaks just before ``WANBATCH_POLL_MAX_INTERVAL`` and is opened again at once
+    (as the conductor's next round does): the job is polled once its first stream has vouched
+    that long, not an interval after its last stream (about three intervals, before)."""
+    FakeFal(hostile)  # /status answers COMPLETED
+    hostile.route("GET", STREAM, breaking_stream(KEEPALIVE[0], BREAKS_AFTER))
+    settings = settings_for(
+        hostile.url, KEY, output_dir=tmp_path / "out", poll_max_interval=KEEPS_BREAKING_VOUCHES
+    )
+    rt = make_runtime(engine, settings)
+    batch_id = add_batch(engine, "breaking", [("fal-ai/wan-22", {"prompt": "fog", "resolution": "480p"})])
+    (job,) = job_ids(engine, batch_id)
+    assert dispatch(rt) == [job]
+    assert submit(rt, job) == "submitted"
+    conductor = Conductor(rt)
+    stopping = threading.Event()
+
+    def round_then_tick() -> None:
+        _, lost, _ = conductor._take(0)  # a lost stream's job, to follow again (the loop's round)
+        if lost:
+            conductor._watch(lost)
+        conductor._tick(stopping)
+
+    try:
+        opened = time.monotonic()
+        conductor._watch({job})
+        wait_until(lambda: hostile.count("GET", STATUS) > 0, step=round_then_tick, timeout=15)
+        polled_after = time.monotonic() - opened
+        assert hostile.count("GET", STREAM) == 2  # the first broke and was opened again
+        assert conductor._stream_failures == {job: 1}
+        # The second stream had vouched for 0.6 of an interval: the first one's age counted.
+        assert polled_after < KEEPS_BREAKING_VOUCHES + 0.5 * BREAKS_AFTER
+    finally:
+        conductor.close()
+        rt.client.close()
+
+
+class _BreakingStreams:
+    """A client whose every status stream breaks when the test says (``opened``: one event per
+    stream, set to break it)."""
+
+    def __init__(self) -> None:
+        self.opened: queue.SimpleQueue[threading.Event] = queue.SimpleQueue()
+
+    def stream_status(self, handle: RequestHandle, *, stop: object = None) -> Iterator[Status]:
+        breaks = threading.Event()
+        self.opened.put(breaks)
+        breaks.wait(30)
+        raise RetryableProviderError("status stream broke")  # before any status
+
+
+def test_the_watcher_keeps_a_lost_stream_s_first_time_until_told_to_forget() -> None:
+    streams = _BreakingStreams()
+    lost: queue.SimpleQueue[str] = queue.SimpleQueue()
+    watcher = StatusWatcher(cast(FalClient, streams), lambda *_: None, lost.put, max_streams=2)
+    handle = RequestHandle.from_request_id("https://queue.test", "fal-ai/wan", "r-1")
+
+    def lose_the_stream() -> None:
+        streams.opened.get(timeout=10).set()
+        assert lost.get(timeout=10) == "j"
+        assert watcher.by_age(3600) == (frozenset(), frozenset())  # lost: neither young nor old
+
+    try:
+        assert watcher.watch("j", handle)
+        first = time.monotonic()  # the first stream was asked for before this
+        time.sleep(0.3)
+        lose_the_stream()
+        again = time.monotonic()  # the second is asked for after this
+        assert watcher.watch("j", handle)
+        # Older than the time since the second stream, younger than the time since the first.
+        seconds = time.monotonic() - (first + again) / 2
+        young, old = watcher.by_age(seconds)
+        assert (young, old) == (frozenset(), frozenset({"j"}))  # as old as its first stream
+        lose_the_stream()
+        watcher.forget({"j"})  # not followed again: polled from now on
+        assert watcher.watch("j", handle)
+        assert watcher.by_age(seconds) == (frozenset({"j"}), frozenset())  # a first stream again
+    finally:
+        watcher.close()
+        while not streams.opened.empty():
+            streams.opened.get().set()

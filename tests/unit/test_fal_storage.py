@@ -18,7 +18,8 @@ from jobs.errors import AccountLockedError, FinalProviderError, RetryableProvide
 from jobs.manifest.report import validate_manifest
 from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError
-from worker.fal.http import RetryPolicy, origin_text
+from worker.fal.http import RetryPolicy
+from worker.fal.origin import url_origin_text
 from worker.fal.storage import (
     ERROR_BODY_BYTES,
     FalStorage,
@@ -507,6 +508,6 @@ def test_a_body_longer_than_fal_described_is_stopped_as_soon_as_it_passes_the_si
 
 def test_the_upload_cache_key_is_the_rest_origin_without_credentials() -> None:
     """Uploads are remembered per fal: its REST URL's scheme, host and port, nothing else."""
-    assert origin_text("https://user:s3cret@REST.fal.ai/v1/?key=x") == "https://rest.fal.ai:443"
-    assert origin_text("http://127.0.0.1:8787") == "http://127.0.0.1:8787"
-    assert origin_text("http://[::1]/") == "http://[::1]:80"
+    assert url_origin_text("https://user:s3cret@REST.fal.ai/v1/?key=x") == "https://rest.fal.ai:443"
+    assert url_origin_text("http://127.0.0.1:8787") == "http://127.0.0.1:8787"
+    assert url_origin_text("http://[::1]/") == "http://[::1]:80"

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from jobs.settings import FalSettings
+from worker.fal.origin import Origin, origin_of, url_origin
 
 USER_AGENT = "wanbatch (httpx)"
 
@@ -29,19 +30,13 @@ MAX_CODINGS = 2
 INFLATE_STEP = 64 * 1024
 
 
-def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
-    """``(scheme, host, port)`` with default ports made explicit, for same-origin checks."""
-    parsed = httpx.URL(url)
-    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
-    return (parsed.scheme, parsed.host, port)
-
-
-def origin_text(url: str | httpx.URL) -> str:
-    """``scheme://host:port`` of ``url``, the default port made explicit, an IPv6 host in
-    brackets, and never its credentials, path or query: what the upload cache is keyed by."""
-    scheme, host, port = origin(url)
-    host = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{host.lower()}:{port}" if port is not None else f"{scheme}://{host.lower()}"
+def origin(url: str | httpx.URL) -> Origin:
+    """``(scheme, host, port)`` with default ports made explicit, for same-origin checks
+    (:mod:`worker.fal.origin`: a string is parsed there, as httpx would; ValueError when it
+    does not parse)."""
+    if isinstance(url, str):
+        return url_origin(url)
+    return origin_of(url.scheme, url.host, url.port)
 
 
 def with_body(response: httpx.Response, body: bytes, *, drop: Iterable[str]) -> httpx.Response:
@@ -143,7 +138,7 @@ class FalKeyAuth(httpx.Auth):
         """Whether ``url`` is on one of fal's configured origins (and so gets the key)."""
         try:
             return origin(url) in self._origins
-        except httpx.InvalidURL:
+        except ValueError:  # a URL that does not parse is on no origin of fal's
             return False
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:

@@ -108,7 +108,7 @@ def _queue_root(queue_url: str) -> tuple[tuple[str, str, int | None], str] | Non
     try:
         queue = httpx.URL(queue_url)
         return origin(queue), queue.raw_path.decode("ascii", "replace").rstrip("/") + "/"
-    except (httpx.InvalidURL, TypeError):
+    except (httpx.InvalidURL, TypeError, ValueError):  # ValueError: a host IDNA cannot decode
         return None
 
 
@@ -128,7 +128,7 @@ def _on_queue(url: str | None, queue_url: str, request_id: str, suffix: str) -> 
     try:
         parsed = httpx.URL(url)
         same_origin = origin(parsed) == queue_origin
-    except (httpx.InvalidURL, TypeError):
+    except (httpx.InvalidURL, TypeError, ValueError):  # ValueError: a host IDNA cannot decode
         return False
     path = parsed.raw_path.decode("ascii", "replace")
     return (

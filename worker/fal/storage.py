@@ -423,7 +423,7 @@ class DownloadPolicy:
         """The policy of a worker: the fal URLs' origins trusted, plus the configured allow-list."""
         origins = []
         for url in fal_urls:
-            with contextlib.suppress(httpx.InvalidURL):
+            with contextlib.suppress(ValueError):  # a URL that does not parse is no origin
                 scheme, host, port = origin(url)
                 if host:
                     origins.append((scheme, _norm_host(host), port))
