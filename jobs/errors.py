@@ -17,6 +17,7 @@ lives in this module unless ``[module]`` names another::
     │   ├── NotFoundError            a batch or job id that does not exist
     │   └── ManifestError            the manifest is invalid; carries every located issue
     ├── StateConflict                a fenced write found the job moved on (its lease lost mid-download)
+    ├── RequestHeldError             fal's request id is another job's of the same fal queue: not taken
     ├── Interrupted                  [worker.running] exit 130: SIGINT/SIGTERM stopped the command
     ├── LimiterUnavailableError      [worker.limits] the shared submit-rate limiter is unreachable: no submit
     ├── OutputWriteError             [jobs.outputs] a video or sidecar could not be written (disk full, …)
@@ -209,6 +210,22 @@ class ManifestError(UsageError):
 
 class StateConflict(WanbatchError):
     """A fenced write expected the job at one version (or lease) and found it moved on."""
+
+
+class RequestHeldError(WanbatchError):
+    """A request id fal gave for ``job_id`` (a submit's answer, a webhook's proof, a journal's
+    entry, a late answer) that job ``holder`` of the same fal queue already holds
+    (``jobs.store.request_holder``): a provider protocol error, since fal gives each accepted
+    POST a request of its own. Raised before anything is written; the request is never
+    recorded on a second job, which would take the other job's video and cost."""
+
+    def __init__(self, job_id: str, request_id: str, holder: str) -> None:
+        super().__init__(
+            f"fal's request {request_id} is job {holder}'s already: job {job_id} does not take it"
+        )
+        self.job_id = job_id
+        self.request_id = request_id
+        self.holder = holder
 
 
 class ProviderError(WanbatchError):

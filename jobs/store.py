@@ -77,7 +77,7 @@ from sqlalchemy.sql.visitors import InternalTraversal
 
 from jobs import billing, db
 from jobs.endpoints import get_endpoint
-from jobs.errors import NotFoundError
+from jobs.errors import NotFoundError, RequestHeldError
 from jobs.models import (
     EVERY_BATCH,
     Batch,
@@ -230,6 +230,7 @@ __all__ = [
     "mark_succeeded",
     "name_for_batch",
     "note_duplicate_charge",
+    "note_held_request",
     "note_own_request",
     "note_window_duplicate",
     "owners_last_seen",
@@ -238,9 +239,11 @@ __all__ = [
     "record_result",
     "record_send",
     "record_upload",
+    "refuse_held_request",
     "release_fal_hold",
     "release_lease",
     "release_process_leases",
+    "request_holder",
     "request_known",
     "reruns_follow",
     "resend_unsent",
@@ -1564,6 +1567,13 @@ def _run(session: Session, statement: Any, params: Mapping[str, Any] | None = No
     return connection.execute(statement, params)
 
 
+def _refuse_held_in(session: Session, job_id: str, fields: Mapping[str, Any]) -> None:
+    """:func:`refuse_held_request` for a write of ``fields`` that gives the job a request id."""
+    request_id = fields.get("request_id")
+    if isinstance(request_id, str):
+        refuse_held_request(session, job_id, request_id)
+
+
 def transition(
     session: Session,
     job_id: str,
@@ -1589,11 +1599,15 @@ def transition(
     unless given in ``fields``; the lease is kept for non-terminal states.
 
     Raises ``ValueError`` for an edge the lifecycle forbids or a field that may not be set:
-    both are programming errors, not races. Never commits.
+    both are programming errors, not races. A ``request_id`` another job of the job's fal queue
+    holds raises :class:`~jobs.errors.RequestHeldError` before anything is written
+    (:func:`refuse_held_request`): every path that gives a job a request comes through here.
+    Never commits.
     """
     if not can_transition(expected, new):
         raise ValueError(f"illegal job transition {expected.value} -> {new.value}")
     _check_fields(fields)
+    _refuse_held_in(session, job_id, fields)
     now = utcnow()
     values: dict[str, Any] = {"next_attempt_at": None, **fields}
     if new.terminal:
@@ -1802,6 +1816,7 @@ def update_job_fields(session: Session, job_id: str, *, expected_version: int, *
         raise ValueError("update_job_fields needs at least one field")
     if any(isinstance(v, ColumnElement) for v in fields.values()):
         raise ValueError("update_job_fields writes values, not SQL expressions")
+    _refuse_held_in(session, job_id, fields)
     return _fenced_update(session, job_id, expected_version, {**fields, "updated_at": utcnow()}) is not None
 
 
@@ -1960,30 +1975,92 @@ def adopt_request(
     )
 
 
-def request_holder(
-    session: Session, job_id: str, request_id: str, *, origin: str | None = None
-) -> str | None:
-    """The id of another job than ``job_id`` that holds fal's request ``request_id``, else None.
-    ``origin``: the fal queue the answer came from (``Job.fal_origin``): an id is fal's within
-    one queue, so a job sent to another queue (another simulator, another deployment sharing the
-    database) holding the same id is not counted; one whose queue nobody recorded is.
+def _same_request_elsewhere(other: Any, request_id: Any, job_id: Any, origin: Any) -> ColumnElement[bool]:
+    """The one rule of which jobs hold "the same request" as job ``job_id`` would with
+    ``request_id`` in fal queue ``origin``: ``other`` (:class:`~jobs.models.Job` or an alias of
+    it) is another job holding that id, sent to that queue or to one nobody recorded (sent
+    before schema 0034); an ``origin`` nobody recorded (NULL) matches every queue. An id is
+    fal's within one queue: a job of another queue (another simulator, another deployment
+    sharing the database) holding the same id holds another request.
+    :func:`request_holder` and :func:`adopt_requests_sent_elsewhere` both read it."""
+    origin_expr = origin if isinstance(origin, ColumnElement) else literal(origin, Job.fal_origin.type)
+    return and_(
+        other.request_id == request_id,
+        other.id != job_id,
+        or_(origin_expr.is_(None), other.fal_origin.is_(None), other.fal_origin == origin_expr),
+    )
+
+
+def request_holder(session: Session, job_id: str, request_id: str) -> str | None:
+    """The id of another job than ``job_id`` that holds fal's request ``request_id`` in the
+    fal queue ``job_id`` was sent to (its ``Job.fal_origin``: :func:`_same_request_elsewhere`),
+    else None.
 
     fal's request ids are UUIDs, one per accepted POST: no path gives two jobs one request (a
     job taking another's output, ``reuse_outputs`` or a staged video, records ``reused_from``,
     never the request; a rerun's job sends its own; a late answer or a webhook's proof is kept
-    by the job whose attempt it names). So a submit answered with an id another job holds is a
-    provider protocol error, and the job must not follow that request: its result is the other
-    job's video, billed to it once already. Checked in the transaction that records the
-    answer; on PostgreSQL a transaction-level advisory lock on the id makes two submits
-    answered with one id take turns (under READ COMMITTED neither would see the other's
-    uncommitted row). No unique index: simulations started with a fixed seed repeat their ids
-    in one database, and a database may already hold such duplicates."""
+    by the job whose attempt it names). So an id another job holds — in a submit's answer, a
+    webhook's proof, a journal's entry, a late answer — is a provider protocol error, and the
+    job must not follow that request: its result is the other job's video, billed to it once
+    already. Every write of a request id to a job checks it, in the transaction that writes it
+    (:func:`transition`, :func:`update_job_fields`: :class:`~jobs.errors.RequestHeldError`);
+    on PostgreSQL a transaction-level advisory lock on the id makes two jobs given one id take
+    turns (under READ COMMITTED neither would see the other's uncommitted row). No unique
+    index: simulations started with a fixed seed repeat their ids in one database (on
+    different queues), and a database may already hold such duplicates."""
     if session.connection().dialect.name == "postgresql":
         session.execute(select(func.pg_advisory_xact_lock(func.hashtext(request_id))))
-    held = select(Job.id).where(Job.request_id == request_id, Job.id != job_id)
-    if origin is not None:
-        held = held.where(or_(Job.fal_origin == origin, Job.fal_origin.is_(None)))
+    mine = aliased(Job)
+    origin = select(mine.fal_origin).where(mine.id == job_id).scalar_subquery()
+    held = select(Job.id).where(_same_request_elsewhere(Job, request_id, job_id, origin))
     return session.scalar(held.limit(1))
+
+
+def refuse_held_request(session: Session, job_id: str, request_id: str) -> None:
+    """Raise :class:`~jobs.errors.RequestHeldError` when another job of ``job_id``'s fal queue
+    holds ``request_id`` (:func:`request_holder`): what every write of a request id to a job
+    checks first, and what a path that would act on a request for a job (a late answer's
+    cancel at fal, a webhook's duplicate charge) asks before it does."""
+    holder = request_holder(session, job_id, request_id)
+    if holder is not None:
+        raise RequestHeldError(job_id, request_id, holder)
+
+
+def note_held_request(
+    session: Session,
+    job_id: str,
+    *,
+    reason: str,
+    worker: str | None,
+    error: str | None = None,
+    fence: Fence | None = None,
+) -> bool:
+    """Put on ``job_id``'s history that fal named, for one of its attempts, a request another
+    job holds (:class:`~jobs.errors.RequestHeldError`; ``reason`` names the request and that
+    job, never "accepted as <id>": the request is not the job's, :func:`request_known`), and
+    with ``error`` say so in the job's error too (a ``submit_unknown`` job stays there: the
+    error is what ``status`` shows of it). An event that moves nothing, as :func:`note_request`
+    writes, no version bump; once per ``reason`` (a journal read again notes nothing more).
+    ``fence``: only while the job is still where it saw it (state and version). False when
+    there is no such job (or it moved on), or the note is there already."""
+    locked = update(_JOBS).where(_JOBS.c.id == job_id).values(updated_at=utcnow())
+    if fence is not None:
+        locked = locked.where(_JOBS.c.state == fence.state, _JOBS.c.version == fence.version)
+    row = _run(session, locked.returning(_JOBS.c.state, _JOBS.c.version)).first()
+    if row is None:
+        return False
+    noted = select(JobEvent.id).where(
+        JobEvent.job_id == job_id, JobEvent.from_state == JobEvent.to_state, JobEvent.reason == reason
+    )
+    if session.scalar(noted.limit(1)) is not None:
+        return False
+    if error is not None:
+        _run(session, update(_JOBS).where(_JOBS.c.id == job_id).values(error=error))
+        _refresh_loaded(session, job_id, {"error": error})
+    event = {"job_id": job_id, "at": utcnow(), "from_state": row.state, "to_state": row.state}
+    event.update(version=row.version, reason=reason, details=None, worker=worker)
+    _run(session, _INSERT_EVENT, event)
+    return True
 
 
 #: What a failed job's error type says when it failed only because its submit's outcome stayed
@@ -2069,6 +2146,9 @@ def adopt_late_proof(
         or found.output_path is not None
     ):
         return False
+    # Before any write: a request another job holds is refused with nothing done (a rerun
+    # cancelled below for a request the job then does not keep would never be sent).
+    refuse_held_request(session, found.id, request_id)
     before = finished_usd(JobState.FAILED, found.actual_usd, found.est_usd, found.ambiguous_usd)
     adopted = _proved_request(found, request_id, gateway_request_id, next_poll_at)
     # A rerun not sent yet is not sent at all (first: a send recorded before it is found below).
@@ -2523,6 +2603,8 @@ def stored_proof(session: Session, job_id: str, *, attempts: int) -> StoredProof
     for delivery in session.scalars(found):
         if delivery.attempt is None or request_known(session, job_id, delivery.request_id):
             continue
+        if request_holder(session, job_id, delivery.request_id) is not None:
+            continue  # another job's request: no proof of this job's (a provider protocol error)
         body = delivery.body if isinstance(delivery.body, dict) else {}
         gateway = body.get("gateway_request_id")
         return StoredProof(
@@ -4177,11 +4259,7 @@ def adopt_requests_sent_elsewhere(
     # A request id is fal's within one queue: one a job of this queue holds (a seeded stand-in
     # restarted on another port hands out its ids again) would be that job's request here.
     other = aliased(Job)
-    held = held & ~exists().where(
-        other.request_id == Job.request_id,
-        other.id != Job.id,
-        or_(other.fal_origin == origin, other.fal_origin.is_(None)),
-    )
+    held = held & ~exists().where(_same_request_elsewhere(other, Job.request_id, Job.id, origin))
     counts = {
         str(was): int(n)
         for was, n in session.execute(

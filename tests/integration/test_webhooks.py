@@ -145,10 +145,10 @@ def _job(engine: Engine, batch_id: str) -> Job:
         return job
 
 
-def _sent(engine: Engine, *, request_id: str | None, unknown: bool = False) -> Job:
+def _sent(engine: Engine, *, request_id: str | None, unknown: bool = False, name: str = "hooks") -> Job:
     """One job, attempt 1 POSTed: ``queued`` as ``request_id``, or its answer not stored yet
-    (``submitting``, input recorded), or ``submit_unknown`` when ``unknown``."""
-    batch_id = add_batch(engine, "hooks", [("fal-ai/wan-22", {"prompt": "a cat"})])
+    (``submitting``, input recorded), or ``submit_unknown`` when ``unknown``; in batch ``name``."""
+    batch_id = add_batch(engine, name, [("fal-ai/wan-22", {"prompt": "a cat"})])
     job = _job(engine, batch_id)
     now = utcnow()
     with db.session_scope(engine) as session:
@@ -1356,6 +1356,68 @@ def test_a_late_proof_never_reopens_a_job_that_failed_otherwise(
     assert after.state == S.FAILED
     assert after.confirmed_duplicate_charges == 1
     assert _outcomes(engine, "req-late") == ["duplicate-charge"]
+
+
+def _job_now(engine: Engine, job_id: str) -> Job:
+    with db.read_scope(engine) as session:
+        found = store.get_job(session, job_id)
+        session.expunge(found)
+        return found
+
+
+@pytest.mark.parametrize("where", ["submitting", "submit_unknown", "failed", "resend waiting", "queued"])
+def test_a_webhook_naming_a_request_another_job_holds_is_acknowledged_and_ignored(
+    engine: Engine, client: TestClient, signer: WebhookSigner, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    """fal gives each accepted POST a request of its own: a webhook for one job's attempt that
+    names a request another job holds is a provider protocol error. Before, the job adopted
+    it (its answer lost, failed for that, or its resend pending: the other job's video stored
+    twice, its cost counted twice) or counted it as a confirmed duplicate charge, billed."""
+    holder = _sent(engine, request_id="req-1", name="holder")
+    if where == "failed":
+        job = _failed_for_unknown_outcome(engine)
+    elif where == "resend waiting":
+        job, _ = _resend_waiting(engine, "waiting")
+    elif where == "queued":
+        job = _sent(engine, request_id="req-own")
+    else:
+        job = _sent(engine, request_id=None, unknown=where == "submit_unknown")
+    assert job.id != holder.id
+    caplog.set_level(logging.ERROR, logger="worker.steps.webhooks")
+    assert _post(client, signer, job, "req-1") == 200
+    assert _outcomes(engine, "req-1") == [f"ignored: request held by job {holder.id}"]
+    after = _job_now(engine, job.id)
+    assert (after.state, after.request_id, after.version) == (job.state, job.request_id, job.version)
+    assert after.confirmed_duplicate_charges == 0
+    assert _job_now(engine, holder.id).version == holder.version
+    (said,) = [r for r in caplog.records if getattr(r, "event", "") == "webhook.request_held"]
+    assert f"which job {holder.id} already holds" in said.getMessage()
+
+
+def test_the_deadline_takes_no_stored_proof_of_a_request_another_job_holds(
+    engine: Engine, settings: Settings
+) -> None:
+    """A stored success naming a request another job holds proves nothing of this job's submit:
+    at the deadline the policy applies (before, the job took the other job's request)."""
+    holder = _sent(engine, request_id="req-1", name="holder")
+    job = _sent(engine, request_id=None, unknown=True)
+    body = json.loads(webhook_body("req-1", "req-1", True, RESULT, None))
+    with db.session_scope(engine) as session:
+        store.store_delivery(
+            session,
+            request_id="req-1",
+            body_sha256="1" * 64,
+            job_id=job.id,
+            attempt=1,
+            status="OK",
+            body=body,
+        )
+    rt = make_runtime(engine, settings.model_copy(update={"submit_unknown_policy": "fail"}))
+    with db.session_scope(engine) as session:
+        assert settle_unknown_submit(session, rt, store.get_job(session, job.id), "no webhook proved it")
+    after = _job_now(engine, job.id)
+    assert (after.state, after.request_id, after.error_type) == (S.FAILED, None, "submit_unknown")
+    assert _job_now(engine, holder.id).version == holder.version
 
 
 def test_unknown_and_finished_jobs_are_acknowledged_and_ignored(

@@ -18,6 +18,7 @@ from jobs.errors import AccountLockedError, FinalProviderError, ProviderError, R
 from jobs.models import BatchState, Job, JobView, utcnow
 from jobs.printable import SHELL_ID_CHARS, shell_ref
 from jobs.settings import RetrySettings, Settings
+from jobs.states import JobState
 from jobs.store import Fence
 from worker import telemetry
 from worker.fal.errors import ResultExpiredError, error_type_or_none, format_detail
@@ -282,6 +283,69 @@ def submit_outcome_unknown(
         telemetry.count_ambiguous_submit()
     if moved and settle_now and not waits:
         settle_unknown_submit(session, rt, store.get_job(session, fence.job_id), NO_RECEIVER)
+    return moved
+
+
+def held_request_why(request_id: str, holder: str, *, how: str = "answered the submit") -> str:
+    """Why a job does not take ``request_id``, fal's id for one of its submits that job
+    ``holder`` already holds (:class:`~jobs.errors.RequestHeldError`), for its history and
+    error. ``how``: how fal named it (its submit's answer, the journal that kept that answer)."""
+    return (
+        f"provider protocol error: fal {how} with request id {request_id}, "
+        f"which job {holder} already holds (each accepted submit gets a request of its own); "
+        "this job does not take that request's result, and its own request, if fal made one, is unknown"
+    )
+
+
+def request_held_elsewhere(
+    session: Session,
+    rt: Runtime,
+    fence: Fence,
+    request_id: str,
+    holder: str,
+    *,
+    how: str = "answered the submit",
+) -> bool:
+    """fal answered this job's POST (``how``: its answer, or the journal that kept it) with a
+    request id job ``holder`` already holds (:class:`~jobs.errors.RequestHeldError`): a provider
+    protocol error. The job must not follow that request — its result is the other job's video,
+    which would be stored twice and its cost counted twice — so it is not recorded, nor
+    cancelled at fal (it is the other job's).
+
+    The job is, or goes to, ``submit_unknown``, as for a POST whose answer was lost, not to
+    ``failed`` or ``retry_wait``: the POST went out and fal may well have accepted and billed a
+    request of its own for it, under an id we were never told. ``submit_unknown`` counts its
+    estimate as possibly billed (the budgets hold against it), waits for fal's webhook naming
+    this job's attempt (the one proof of its own request) where a receiver is configured, then
+    applies ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` (``fail`` by default: never a silent second
+    payment; ``resubmit`` counts a possible duplicate charge). A plain failure would leave that
+    money uncounted; a retry would send, and maybe pay, again without saying so. A job already
+    in ``submit_unknown`` (its answer came late, or from a journal) stays there, the clash on its
+    history and in its error (:func:`jobs.store.note_held_request`), its deadline as it was.
+    False when the job is in neither state, or moved from ``submitting`` meanwhile (its lease
+    lost)."""
+    why = held_request_why(request_id, holder, how=how)
+    log.error(
+        "job %s: fal named request id %s for it, already job %s's; not taken",
+        fence.job_id,
+        request_id,
+        holder,
+        extra={
+            "event": "submit.duplicate_request",
+            "job_id": fence.job_id,
+            "request_id": request_id,
+            "holder": holder,
+        },
+    )
+    if fence.state == JobState.SUBMIT_UNKNOWN:
+        error = f"submission outcome unknown: {why}"
+        store.note_held_request(session, fence.job_id, reason=why, worker=rt.owner, error=error, fence=fence)
+        return True
+    if fence.state != JobState.SUBMITTING:
+        return False
+    moved = submit_outcome_unknown(session, rt, fence, why, settle_now=False)
+    if moved and not rt.simulated and not rt.settings.webhook_url:  # nothing can prove it: settled now
+        settle_unknown_submit(session, rt, store.get_job(session, fence.job_id), f"{why}; {NO_RECEIVER}")
     return moved
 
 

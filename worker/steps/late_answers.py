@@ -74,7 +74,7 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 
 from jobs import billing, db, store
-from jobs.errors import NotFoundError, WanbatchError
+from jobs.errors import NotFoundError, RequestHeldError, WanbatchError
 from jobs.models import BatchState, Job, utcnow
 from worker.fal.models import CancelOutcome, RequestHandle
 from worker.steps.context import Runtime, S
@@ -84,9 +84,10 @@ from worker.steps.unrecorded import Accepted
 log = logging.getLogger(__name__)
 
 #: What :func:`settle_late_answer` did: the job keeps the request (``adopted``); it is counted as
-#: a confirmed duplicate charge (``billed``); only put on the history (``noted``); or nothing,
-#: the request being known already or the job gone (``known``).
-Settled = Literal["adopted", "billed", "noted", "known"]
+#: a confirmed duplicate charge (``billed``); only put on the history (``noted``); nothing, the
+#: request being known already or the job gone (``known``); or nothing but a note, another job
+#: of the same fal queue holding the request (``held``: a provider protocol error).
+Settled = Literal["adopted", "billed", "noted", "known", "held"]
 #: Reads of a job that moves under an adoption's compare-and-set before giving up on it.
 _TRIES = 3
 
@@ -132,7 +133,44 @@ def settle_late_answer(
 
     Nothing is done twice: a request already on the job's history (a journal read again, a
     webhook's proof) is left as it is, and one a webhook already counted is not counted again.
+
+    A request another job of the same fal queue holds (:func:`jobs.store.request_holder`) is
+    that job's, never this one's: a provider protocol error. It is neither adopted, nor
+    cancelled at fal, nor billed to this job; the clash goes on the job's history and in an
+    error line (``held``).
     """
+    try:
+        return _settle(rt, accepted, endpoint, cancel=cancel, event=event)
+    except RequestHeldError as held:  # raised before anything was written or sent
+        _note_held(rt, accepted, held)
+        return "held"
+
+
+def _note_held(rt: Runtime, accepted: Accepted, held: RequestHeldError) -> None:
+    """Say that ``accepted`` names a request another job holds: an error line and a note on the
+    job's history (:func:`jobs.store.note_held_request`), its state and money untouched."""
+    reason = (
+        f"late answer to attempt {accepted.attempt}: fal answered with request id {held.request_id}, "
+        f"which job {held.holder} already holds (a provider protocol error): not taken, not cancelled"
+    )
+    with db.session_scope(rt.engine) as session:
+        store.note_held_request(session, accepted.job_id, reason=reason, worker=rt.owner)
+    log.error(
+        "job %s: fal's late answer names request id %s, already job %s's; not taken",
+        accepted.job_id,
+        held.request_id,
+        held.holder,
+        extra={
+            "event": "submit.duplicate_request",
+            "job_id": accepted.job_id,
+            "request_id": held.request_id,
+            "holder": held.holder,
+        },
+    )
+
+
+def _settle(rt: Runtime, accepted: Accepted, endpoint: str, *, cancel: bool, event: str) -> Settled:
+    """:func:`settle_late_answer`, which handles a request another job holds."""
     with db.read_scope(rt.engine) as session:
         if store.request_known(session, accepted.job_id, accepted.request_id):
             return "known"
@@ -140,6 +178,8 @@ def settle_late_answer(
             job = store.get_job(session, accepted.job_id)
         except NotFoundError:
             return "known"
+        # Before anything is sent (a cancel at fal) or written: another job's request is not this one's.
+        store.refuse_held_request(session, job.id, accepted.request_id)
         keep = cancel and adoptable(session, job, accepted.attempt)
         stopped = keep and _stops_sending(session, job)
         # ``rerun --failed-only`` sent the failed job again (another batch's job, billed there):

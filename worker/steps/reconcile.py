@@ -13,12 +13,18 @@ from jobs import db, store
 from jobs.errors import (
     NotFoundError,
     ProviderError,
+    RequestHeldError,
 )
 from jobs.models import utcnow
 from jobs.store import Fence
 from worker.fal.models import RequestHandle
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, tail_of_fal_queue_first
-from worker.steps.failures import settle_unknown_submit, submit_outcome_unknown, unknown_submit_wait_over
+from worker.steps.failures import (
+    request_held_elsewhere,
+    settle_unknown_submit,
+    submit_outcome_unknown,
+    unknown_submit_wait_over,
+)
 from worker.steps.late_answers import awaits_answer, settle_late_answer
 from worker.steps.poll import first_poll_at
 from worker.steps.unrecorded import Accepted, read_journal
@@ -153,15 +159,23 @@ def _adopt(session: Session, rt: Runtime, accepted: Accepted, proof: str, late: 
     if job.request_id == accepted.request_id:
         return False  # recorded already (the step's own write landed after all)
     if awaits_answer(job, accepted.attempt):
-        if store.adopt_request(
-            session,
-            rt.fence(job),
-            request_id=accepted.request_id,
-            gateway_request_id=accepted.gateway_request_id,
-            submitted_at=accepted.submitted_at,
-            next_poll_at=first_poll_at(rt.settings, utcnow()),
-            proof=proof,
-        ):
+        try:
+            adopted = store.adopt_request(
+                session,
+                rt.fence(job),
+                request_id=accepted.request_id,
+                gateway_request_id=accepted.gateway_request_id,
+                submitted_at=accepted.submitted_at,
+                next_poll_at=first_poll_at(rt.settings, utcnow()),
+                proof=proof,
+            )
+        except RequestHeldError as held:  # raised before anything was written
+            # Another job of the queue holds that id: never this job's request, nor cancelled
+            # at fal (it is the other job's); the job is (or stays) submit_unknown, saying so.
+            how = "answered the submit (kept in the journal of accepted submits)"
+            request_held_elsewhere(session, rt, rt.fence(job), held.request_id, held.holder, how=how)
+            return False
+        if adopted:
             extra = {"event": "submit.adopted", "job_id": job.id, "request_id": accepted.request_id}
             # Said once committed: a commit the database refuses (its disk is full) records nothing.
             said = partial(log.warning, "%s recorded: %s", accepted.line(), proof, extra=extra)

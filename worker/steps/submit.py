@@ -30,6 +30,7 @@ from jobs.errors import (
     AmbiguousSubmitError,
     FinalProviderError,
     ProviderError,
+    RequestHeldError,
     RetryableProviderError,
     UsageError,
 )
@@ -50,13 +51,12 @@ from worker.limits import (
 )
 from worker.steps.context import Runtime, S, SubmitTicket, in_seconds
 from worker.steps.failures import (
-    NO_RECEIVER,
     backoff,
     describe,
     pause_for_account,
+    request_held_elsewhere,
     retry_after,
     settle,
-    settle_unknown_submit,
     submit_outcome_unknown,
 )
 from worker.steps.late_answers import awaits_answer, settle_late_answer
@@ -576,44 +576,13 @@ def _until_recorded(rt: Runtime, accepted: Accepted, action: Callable[[], str]) 
 LATE_TRIES = 3
 
 
-def _held_elsewhere(session: Session, rt: Runtime, fence: Fence, accepted: Accepted, holder: str) -> bool:
-    """fal answered this job's POST with a request id job ``holder`` already holds
-    (:func:`jobs.store.request_holder`): a provider protocol error. The job must not follow
-    that request — its result is the other job's video, which would be stored twice and its
-    cost counted twice — so it is not recorded, nor cancelled at fal (it is the other job's).
-
-    The job goes to ``submit_unknown``, as for a POST whose answer was lost, not to ``failed``
-    or ``retry_wait``: the POST went out and fal may well have accepted and billed a request
-    of its own for it, under an id we were never told. ``submit_unknown`` counts its estimate
-    as possibly billed (the budgets hold against it), waits for fal's webhook naming this
-    job's attempt (the one proof of its own request) where a receiver is configured, then
-    applies ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` (``fail`` by default: never a silent second
-    payment; ``resubmit`` counts a possible duplicate charge). A plain failure would leave that
-    money uncounted; a retry would send, and maybe pay, again without saying so.
-    False when the job moved on meanwhile (its lease lost)."""
-    why = (
-        f"provider protocol error: fal answered the submit with request id {accepted.request_id}, "
-        f"which job {holder} already holds (each accepted submit gets a request of its own); "
-        "this job does not take that request's result, and its own request, if fal made one, is unknown"
-    )
-    log.error(
-        "job %s: fal answered with request id %s, already job %s's; not taken",
-        fence.job_id,
-        accepted.request_id,
-        holder,
-        extra={"event": "submit.duplicate_request", "request_id": accepted.request_id, "holder": holder},
-    )
-    moved = submit_outcome_unknown(session, rt, fence, why, settle_now=False)
-    if moved and not rt.simulated and not rt.settings.webhook_url:  # nothing can prove it: settled now
-        settle_unknown_submit(session, rt, store.get_job(session, fence.job_id), f"{why}; {NO_RECEIVER}")
-    return moved
-
-
 def _record_submission(
     rt: Runtime, fence: Fence, submitted: Submitted, accepted: Accepted, endpoint: str
 ) -> str:
     """Store the request id fal gave us: ``submitted``, ``submitted-late``, ``adopted-late``,
-    ``orphaned`` or ``duplicate-request`` (another job holds that id: :func:`_held_elsewhere`).
+    ``orphaned`` or ``duplicate-request`` (another job of the same fal queue holds that id:
+    :func:`jobs.store.request_holder`, which every write of a request id checks; the job is
+    ``submit_unknown``, :func:`~worker.steps.failures.request_held_elsewhere`).
 
     ``submitted-late``: the lease was taken over while the POST was in flight (this worker
     stalled past it) and the reconciler called the outcome unknown, but the job still waits for
@@ -640,11 +609,12 @@ def _record_submission(
         )
 
     with db.session_scope(rt.engine) as session:
-        holder = store.request_holder(session, fence.job_id, submitted.request_id, origin=rt.queue_origin)
-        if holder is None and record(session, fence):
-            return "submitted"
-        if holder is not None and _held_elsewhere(session, rt, fence, accepted, holder):
-            return "duplicate-request"
+        try:
+            if record(session, fence):
+                return "submitted"
+        except RequestHeldError as held:  # raised before anything was written
+            if request_held_elsewhere(session, rt, fence, held.request_id, held.holder):
+                return "duplicate-request"
     for _ in range(LATE_TRIES):
         with db.session_scope(rt.engine) as session:
             job = store.get_job(session, fence.job_id)
@@ -652,17 +622,19 @@ def _record_submission(
                 return "submitted"
             if not awaits_answer(job, accepted.attempt):
                 break
-            holder = store.request_holder(session, job.id, submitted.request_id, origin=rt.queue_origin)
-            if holder is not None:
+            try:
+                recorded = record(session, rt.fence(job))
+            except RequestHeldError as held:
                 # Never cancelled at fal as an orphan: the request is the other job's.
-                _held_elsewhere(session, rt, rt.fence(job), accepted, holder)
+                request_held_elsewhere(session, rt, rt.fence(job), held.request_id, held.holder)
                 return "duplicate-request"
-            if record(session, rt.fence(job)):
+            if recorded:
                 extra = {"event": "submit.late_answer", "job_id": job.id, "request_id": submitted.request_id}
                 said = "%s: fal's answer came after the job's lease had been taken over; recorded"
                 # Said once committed: a commit the database refuses (its disk is full) records nothing.
                 db.after_commit(session, partial(log.warning, said, accepted.line(), extra=extra))
                 return "submitted-late"
-    if settle_late_answer(rt, accepted, endpoint) == "adopted":
+    settled = settle_late_answer(rt, accepted, endpoint)
+    if settled == "adopted":
         return "adopted-late"
-    return "orphaned"
+    return "duplicate-request" if settled == "held" else "orphaned"

@@ -48,6 +48,9 @@ compare-and-set on the job's state and version), so a webhook and a poll racing 
   fal ran and billed it besides the one the job keeps, a *confirmed* duplicate charge, counted
   once on the job, put on its history and, when fal reports it done, billed in its actual cost
   (:func:`_duplicate_charge`);
+* a request another job of the same fal queue holds (:func:`jobs.store.request_holder`): a
+  provider protocol error, never proof of this job's submit nor a duplicate charge of it (the
+  request is the other job's): acknowledged and ignored, said in an error line;
 * an unknown job, a finished job's own request, a request already handled: acknowledged and
   ignored.
 
@@ -490,6 +493,8 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
                 outcome = ADOPTED_OWN
             else:
                 outcome = "completed"
+        elif (holder := store.request_holder(session, job.id, delivery.request_id)) is not None:
+            return _held_elsewhere(job, delivery, holder), None
         elif delivery.attempt == job.attempts and (
             state == S.SUBMIT_UNKNOWN or (state == S.SUBMITTING and job.submitted_input is not None)
         ):
@@ -675,6 +680,27 @@ def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[s
         if outcome in _ADOPTED:  # adopted, but the completion lost a race: the poller finishes it
             return outcome, None
     return None, None
+
+
+def _held_elsewhere(job: Job, delivery: WebhookDelivery, holder: str) -> str:
+    """A delivery naming ``job`` for a request that job ``holder`` of the same fal queue holds
+    (:func:`jobs.store.request_holder`): fal gives each accepted POST a request of its own, so
+    this is a provider protocol error, never proof of ``job``'s submit nor a duplicate charge of
+    it (the request is the other job's, billed to it). Acknowledged and ignored, said in an
+    error line; the job is left as it is (a ``submit_unknown`` one waits on for its own proof)."""
+    _say(
+        logging.ERROR,
+        "webhook.request_held",
+        job,
+        delivery,
+        "job %s: a webhook for its attempt %s names request %s, which job %s already holds "
+        "(a provider protocol error): ignored",
+        job.id,
+        delivery.attempt,
+        delivery.request_id,
+        holder,
+    )
+    return f"ignored: request held by job {holder}"
 
 
 def _say(level: int, event: str, job: Job, delivery: WebhookDelivery, message: str, *args: object) -> None:
