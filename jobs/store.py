@@ -1977,9 +1977,10 @@ def adopt_request(
 
 def _same_request_elsewhere(other: Any, request_id: Any, job_id: Any, origin: Any) -> ColumnElement[bool]:
     """The one rule of which jobs hold "the same request" as job ``job_id`` would with
-    ``request_id`` in fal queue ``origin``: ``other`` (:class:`~jobs.models.Job` or an alias of
-    it) is another job holding that id, sent to that queue or to one nobody recorded (sent
-    before schema 0034); an ``origin`` nobody recorded (NULL) matches every queue. An id is
+    ``request_id`` in fal queue ``origin``: ``other`` (:class:`~jobs.models.Job`, an alias of it,
+    or the jobs table's columns) is another job holding that id, sent to that queue or to one
+    nobody recorded (sent before schema 0034); an ``origin`` nobody recorded (NULL) matches every
+    queue. An id is
     fal's within one queue: a job of another queue (another simulator, another deployment
     sharing the database) holding the same id holds another request.
     :func:`request_holder` and :func:`adopt_requests_sent_elsewhere` both read it."""
@@ -2008,12 +2009,29 @@ def request_holder(session: Session, job_id: str, request_id: str) -> str | None
     turns (under READ COMMITTED neither would see the other's uncommitted row). No unique
     index: simulations started with a fixed seed repeat their ids in one database (on
     different queues), and a database may already hold such duplicates."""
+    params = {"job_id": job_id, "request_id": request_id}
     if session.connection().dialect.name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(func.hashtext(request_id))))
-    mine = aliased(Job)
-    origin = select(mine.fal_origin).where(mine.id == job_id).scalar_subquery()
-    held = select(Job.id).where(_same_request_elsewhere(Job, request_id, job_id, origin))
-    return session.scalar(held.limit(1))
+        lock = _prepared(
+            ("request-lock",),
+            lambda: select(func.pg_advisory_xact_lock(func.hashtext(bindparam("request_id")))),
+        )
+        _run(session, lock, params)
+    holder: str | None = _run(
+        session, _prepared(("request-holder",), _request_holder_statement), params
+    ).scalar()
+    return holder
+
+
+def _request_holder_statement() -> Any:
+    """:func:`request_holder`'s query, built once (:func:`_prepared`): it runs in every submit's
+    transaction, and building it (an alias and a subquery) cost more than the submit's POST."""
+    mine = _JOBS.alias("mine")
+    origin = select(mine.c.fal_origin).where(mine.c.id == bindparam("job_id")).scalar_subquery()
+    return (
+        select(_JOBS.c.id)
+        .where(_same_request_elsewhere(_JOBS.c, bindparam("request_id"), bindparam("job_id"), origin))
+        .limit(1)
+    )
 
 
 def refuse_held_request(session: Session, job_id: str, request_id: str) -> None:
