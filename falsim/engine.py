@@ -52,6 +52,7 @@ from falsim.validation import decode_data_uri, validate_input
 from falsim.webhooks import Delivery, WebhookSigner, deliver, webhook_body
 from jobs.endpoints import EndpointSpec
 from jobs.errors import WanbatchError
+from jobs.media import MediaKind, classify
 from jobs.pricing import estimate_job
 
 IN_QUEUE, IN_PROGRESS, COMPLETED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED"
@@ -538,7 +539,7 @@ class Engine:
     def _media_bytes(self, url: str) -> bytes | None:
         """The bytes the model would download for a media value: a data URI's, or a file this
         simulator stores (its uploads); None for any other URL (there is no internet here)."""
-        return decode_data_uri(url) if url.startswith("data:") else self.store.data_for_url(url)
+        return decode_data_uri(url) if classify(url) is MediaKind.DATA_URI else self.store.data_for_url(url)
 
     def _content_identity(self, spec: EndpointSpec, resolved: dict[str, Any]) -> dict[str, Any]:
         """``resolved`` as the model sees it: each media value it can read stands for its bytes.

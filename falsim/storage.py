@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
+from jobs.media import sent_form
+
 
 @dataclass(frozen=True, slots=True)
 class StoredFile:
@@ -103,7 +105,9 @@ class FileStore:
         return self.put(data, name, content_type or reserved_type, key=key)
 
     def lookup_url(self, url: str) -> bool | None:
-        """True/False for a URL of this store (file present or not); None for any other URL."""
+        """True/False for a URL of this store (file present or not); None for any other URL.
+        Its scheme counts in any case (``HTTP://``), as a download reads it."""
+        url = sent_form(url)
         if not self.base_url or not url.startswith(self.base_url + "/files/"):
             return None
         parts = urlsplit(url).path.split("/")

@@ -11,7 +11,10 @@ seed's 0..2**64-1, which only wanbatch's exports need) is not, nor media limits 
 ``assumed`` (fal publishes none for Wan 2.1's images).
 
 Media fields get the checks the model would do while downloading: a data URI must decode, and a
-URL on the simulator's own host must name a stored file. The bytes the simulator has (a data
+URL on the simulator's own host must name a stored file. A value's form and a data URI's syntax
+are read as wanbatch's validation reads them (:func:`jobs.media.classify`,
+:func:`jobs.media.parse_data_uri`: a scheme in any case, a media type of ``type/subtype``
+tokens), so the two never disagree on what fal can decode. The bytes the simulator has (a data
 URI's, a stored upload's) are then checked against the endpoint's published limits, as
 :mod:`jobs.media` checks them: an image's format, pixels and alpha; an audio file's container
 (WAV or MP3) and duration. Other http(s) URLs are accepted without fetching (there is no
@@ -20,8 +23,6 @@ internet here).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Callable
 from functools import lru_cache
@@ -30,11 +31,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from jobs.endpoints import EndpointSpec, FieldSpec, FieldType, get_endpoint
-from jobs.media import check_bytes
-
-_DATA_URI = re.compile(
-    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.S
-)
+from jobs.media import MediaKind, check_bytes, classify, parse_data_uri
 
 
 def _annotation(spec: FieldSpec) -> Any:
@@ -128,8 +125,9 @@ def validate_input(
         if problem is not None:
             media_errors.append(_error([fld.name], problem[0], problem[1], value))
             continue
-        data = decode_data_uri(str(value)) if str(value).startswith("data:") else None
-        if data is None and local_file_data is not None and str(value).startswith(("http://", "https://")):
+        form = classify(str(value))
+        data = decode_data_uri(str(value)) if form is MediaKind.DATA_URI else None
+        if data is None and local_file_data is not None and form is MediaKind.URL:
             data = local_file_data(str(value))
         if data is not None and fld.media is not None:
             for found in check_bytes(data, fld.type, fld.media):
@@ -144,16 +142,15 @@ def validate_input(
 def _media_problem(
     url: str, local_file_exists: Callable[[str], bool | None] | None
 ) -> tuple[str, str] | None:
-    if url.startswith("data:"):
-        match = _DATA_URI.match(url)
-        if match is None:
+    form = classify(url)
+    if form is MediaKind.DATA_URI:
+        parts = parse_data_uri(url)
+        if parts is None or not parts.base64 or not parts.mime_ok:
             return "Failed to decode the data URI: expected data:<mime>;base64,<data>", "file_download_error"
-        try:
-            base64.b64decode(match.group("data"), validate=True)
-        except (binascii.Error, ValueError):
+        if parts.decoded() is None:
             return "Failed to decode the data URI: invalid base64", "file_download_error"
         return None
-    if url.startswith(("http://", "https://")):
+    if form is MediaKind.URL:
         if local_file_exists is not None and local_file_exists(url) is False:
             return f"Failed to download the file from {url}: 404 Not Found", "file_download_error"
         return None
@@ -161,14 +158,12 @@ def _media_problem(
 
 
 def decode_data_uri(url: str) -> bytes | None:
-    """The bytes of a base64 data URI, or None when ``url`` is not one."""
-    match = _DATA_URI.match(url)
-    if match is None:
+    """The bytes of a base64 data URI (its scheme in any case), or None when ``url`` is not one
+    that fal decodes (:func:`jobs.media.parse_data_uri`)."""
+    parts = parse_data_uri(url)
+    if parts is None or not parts.mime_ok:
         return None
-    try:
-        return base64.b64decode(match.group("data"), validate=True)
-    except (binascii.Error, ValueError):
-        return None
+    return parts.decoded()
 
 
 def _jsonable(value: Any) -> Any:

@@ -81,8 +81,14 @@ def representable(path: str) -> bool:
 
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-_DATA_URI = re.compile(
-    r"^data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*?)(?P<b64>;base64)?,(?P<data>.*)$", re.S
+#: RFC 2045's ``token``: US-ASCII letters, digits and ``!#$%&'*+-.^_`{|}~`` (no blank, no
+#: control character, none of its ``tspecials`` ``()<>@,;:\"/[]?=``).
+_MIME_PART = r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+"
+#: A media type as RFC 2397 takes it from RFC 2045: ``type/subtype``, each a token.
+_MEDIA_TYPE = re.compile(rf"{_MIME_PART}/{_MIME_PART}")
+#: What a data URI's media type may be, for a message.
+MEDIA_TYPE_ALLOWED = (
+    "a media type of two parts type/subtype, each ASCII letters, digits or !#$%&'*+-.^_`{|}~ with no blank"
 )
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 #: Pillow names some formats differently from what people (and fal's docs) call them.
@@ -101,7 +107,11 @@ class MediaKind(Enum):
 
 
 def classify(value: str) -> MediaKind:
-    """Which form a media value takes (a Windows drive letter is not a scheme)."""
+    """Which form a media value takes (a Windows drive letter is not a scheme).
+
+    The one place that decides it, for validation, the worker (what it sends as it is, what it
+    reads as a local file) and the simulator. A scheme is matched in any case (``HTTPS://``,
+    ``Data:``): RFC 3986 section 3.1 makes schemes case-insensitive."""
     lowered = value[:8].lower()
     if lowered.startswith(("http://", "https://")):
         return MediaKind.URL
@@ -110,6 +120,60 @@ def classify(value: str) -> MediaKind:
     if _SCHEME.match(value) and not re.match(r"^[A-Za-z]:[\\/]", value):
         return MediaKind.OTHER_SCHEME
     return MediaKind.PATH
+
+
+def sent_form(value: str) -> str:
+    """A URL or data URI as it is sent to fal: its scheme in lower case (``HTTPS://x/a.png`` →
+    ``https://x/a.png``, ``Data:image/png;…`` → ``data:image/png;…``), everything after the
+    colon exactly as written. RFC 3986 (section 6.2.2.1) makes the two the same URI, and the
+    lower-case scheme is the only one fal's docs show, so a server of fal's that compares
+    schemes case-sensitively (``startswith("data:")``) still reads it. Any other value is
+    returned unchanged."""
+    if classify(value) in (MediaKind.URL, MediaKind.DATA_URI):
+        scheme, _, rest = value.partition(":")
+        return f"{scheme.lower()}:{rest}"
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class DataUri:
+    """A data URI's parts (RFC 2397: ``data:[<mediatype>][;base64],<data>``), as written."""
+
+    mime: str  # the media type before any parameter; '' when none is written
+    params: tuple[str, ...]  # the parameters between it and ``;base64`` (``charset=…``)
+    base64: bool  # it ends its header with ``;base64``
+    data: str  # everything after the first comma
+
+    @property
+    def mime_ok(self) -> bool:
+        """Its media type is absent (RFC 2397's default) or a proper ``type/subtype`` of RFC
+        2045 tokens: ``image/png``, never ``image/webp `` (a blank), ``image/`` or ``png``."""
+        return not self.mime or _MEDIA_TYPE.fullmatch(self.mime) is not None
+
+    def decoded(self) -> bytes | None:
+        """The payload's bytes when it is base64 that decodes strictly; None otherwise."""
+        if not self.base64:
+            return None
+        try:
+            return base64.b64decode(self.data, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+
+
+def parse_data_uri(value: str) -> DataUri | None:
+    """A data URI's parts; None when ``value`` is none (no ``data:`` scheme in any case, or no
+    comma). The one reading of a data URI's syntax: validation (:func:`check_data_uri`) and
+    the simulator (what fal decodes) both judge a data URI from it."""
+    if classify(value) is not MediaKind.DATA_URI:
+        return None
+    header, comma, data = value[len("data:") :].partition(",")
+    if not comma:
+        return None
+    mime, *params = header.split(";")
+    is_base64 = bool(params) and params[-1] == "base64"
+    if is_base64:
+        params.pop()
+    return DataUri(mime, tuple(params), is_base64, data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,16 +294,22 @@ def check_url(value: str) -> list[MediaProblem]:
 def check_data_uri(value: str, kind: FieldType, limits: MediaConstraints) -> list[MediaProblem]:
     """Decode a ``data:<mime>;base64,…`` value and check its bytes exactly like a file's."""
     allowed = f"data:{'image/png' if kind is FieldType.IMAGE else 'audio/mpeg'};base64,<base64 data>"
-    match = _DATA_URI.match(value)
-    if match is None or not match.group("b64"):
+    parts = parse_data_uri(value)
+    if parts is None or not parts.base64:
         return [MediaProblem("not a base64 data URI", allowed)]
-    mime = match.group("mime").lower()
+    if not parts.mime_ok:
+        return [
+            MediaProblem(
+                f"the data URI's media type {parts.mime!r} is not a valid type/subtype (RFC 2397)",
+                f"{MEDIA_TYPE_ALLOWED}, as in {allowed}",
+            )
+        ]
+    mime = parts.mime.lower()
     family = "image/" if kind is FieldType.IMAGE else "audio/"
     if not mime.startswith(family):
         return [MediaProblem(f"a data URI of type {mime or 'unknown'!r} where {family}* is needed", allowed)]
-    try:
-        data = base64.b64decode(match.group("data"), validate=True)
-    except (binascii.Error, ValueError):
+    data = parts.decoded()
+    if data is None:
         return [MediaProblem("the data URI's base64 payload is malformed", allowed)]
     if not data:
         return [MediaProblem("the data URI is empty", allowed)]

@@ -53,7 +53,7 @@ import httpx
 from jobs.endpoints import FieldType
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
 from jobs.fs import file_kind, file_mode, is_missing, os_reason, shown_in_folder, shown_path
-from jobs.media import media_type
+from jobs.media import MediaKind, classify, media_type, sent_form
 from jobs.outputs import OutputWriteError, fsync_dir
 from jobs.settings import allowed_host_entry
 from worker.fal.client import FalClient
@@ -63,8 +63,6 @@ from worker.fal.models import DownloadResult
 from worker.mp4 import fd_truncation
 
 STORAGE_TYPE = "fal-cdn-v3"
-#: What a media value that is not a local path starts with.
-URL_PREFIXES = ("http://", "https://", "data:")
 
 
 # ---------------------------------------------------------------------------------------- upload
@@ -225,7 +223,10 @@ class MediaPreparer:
         expected_sha256: str | None = None,
         folder: str | os.PathLike[str] | None = None,
     ) -> str:
-        """A URL or data URI unchanged; a local absolute path as a data URI or an uploaded URL.
+        """A URL or data URI as written but for its scheme, sent in lower case
+        (:func:`jobs.media.sent_form`: ``HTTPS://`` goes as ``https://``); a local absolute path
+        as a data URI or an uploaded URL. Which form a value takes is decided by
+        :func:`jobs.media.classify`, as validation decided it (schemes in any case).
 
         The type it is sent as (the data URI's, the upload's content type and file name suffix)
         is that of its content, as validation detected it (:func:`jobs.media.media_type`; an
@@ -242,8 +243,8 @@ class MediaPreparer:
         names the file relative to it (``images/car.png``), as the manifest wrote it, and on one
         line (:func:`jobs.fs.shown_in_folder`); absolute when outside it or not given.
         """
-        if value.startswith(URL_PREFIXES):
-            return value
+        if classify(value) in (MediaKind.URL, MediaKind.DATA_URI):
+            return sent_form(value)
         path = Path(value)
         if not path.is_absolute():
             raise UsageError(f"media path must be absolute after manifest loading, got '{shown_path(value)}'")

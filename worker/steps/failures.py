@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from jobs import billing, db, store
 from jobs.endpoints import get_endpoint
 from jobs.errors import AccountLockedError, FinalProviderError, ProviderError, RetryableProviderError
+from jobs.media import MediaKind, classify
 from jobs.models import BatchState, Job, JobView, utcnow
 from jobs.printable import SHELL_ID_CHARS, shell_ref
 from jobs.settings import RetrySettings, Settings
@@ -24,7 +25,6 @@ from worker import telemetry
 from worker.fal.errors import ResultExpiredError, error_type_or_none, format_detail
 from worker.fal.models import request_id_or_none
 from worker.fal.results import fetched_fields
-from worker.fal.storage import URL_PREFIXES
 from worker.limits import api_key_id
 from worker.steps.context import Runtime, in_seconds, process_identity
 
@@ -163,9 +163,9 @@ def _uploaded_urls(job: Job) -> list[str]:
         for local, url in pairs:
             if (
                 isinstance(local, str)
-                and not local.startswith(URL_PREFIXES)
+                and classify(local) is MediaKind.PATH
                 and isinstance(url, str)
-                and url.startswith(("http://", "https://"))
+                and classify(url) is MediaKind.URL
             ):
                 urls.append(url)
     return urls
