@@ -722,6 +722,14 @@ class SubmitRate(Base):
     process take turns: :func:`jobs.store.lock_dispatch`), so ``WANBATCH_SUBMIT_RATE`` holds for
     all of them together: two ``wanbatch run`` side by side, or one beside the workers' leader,
     claimed twice the rate when each kept the bucket in its own memory.
+
+    The bucket paces *claims*, and holds a second's submits: on top of its refill, processes
+    that pace their POSTs in their own memory could still send up to about twice the rate in
+    one second. So, without a limiter Redis, while another live process shares the database
+    (``shared_until``), every submit takes its slot here right before its POST (``pace_at``:
+    :func:`jobs.store.take_pace_slot`), and a 429 any process hears holds them all
+    (``hold_until``). The three are epoch seconds on the database's clock (PostgreSQL's
+    ``clock_timestamp()``; on SQLite, where every process is on the file's host, theirs).
     """
 
     __tablename__ = "submit_rate"
@@ -732,6 +740,15 @@ class SubmitRate(Base):
     #: process keeps a 429's pause in its own bucket).
     tokens: Mapped[float] = mapped_column(Float)
     stamp: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: The next POST's slot, GCRA's theoretical arrival time (:func:`jobs.store.take_pace_slot`);
+    #: NULL: none taken yet.
+    pace_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Until when fal's 429 holds every process's submits of the key (:func:`jobs.store.hold_submits`);
+    #: NULL or past: no pause.
+    hold_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Until when processes share this key's pacing (:func:`jobs.store.share_pacing`): each
+    #: process without a limiter Redis that sees another live one renews it at its heartbeat.
+    shared_until: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class InstanceSecret(Base):

@@ -135,6 +135,7 @@ __all__ = [
     "NewJob",
     "ReleasedLeases",
     "StoredProof",
+    "SubmitTokens",
     "SubmitView",
     "UnfinishedBatch",
     "UnsentCancelled",
@@ -200,6 +201,7 @@ __all__ = [
     "give_back",
     "heartbeat_owners",
     "hold_fal",
+    "hold_submits",
     "in_flight",
     "incremented",
     "instance_secret",
@@ -234,6 +236,7 @@ __all__ = [
     "note_own_request",
     "note_window_duplicate",
     "owners_last_seen",
+    "pacing_peers",
     "record_duplicate_charge",
     "record_heartbeat",
     "record_result",
@@ -262,6 +265,7 @@ __all__ = [
     "set_batch_state",
     "set_paused_by_user",
     "settle_delivery",
+    "share_pacing",
     "simulated_batch_ids",
     "spent_usd",
     "status_due",
@@ -270,6 +274,8 @@ __all__ = [
     "submit_view",
     "take_delivery",
     "take_lease",
+    "take_pace_slot",
+    "take_submit_tokens",
     "transition",
     "unfinished_batches",
     "unknown_cancel_adoptable",
@@ -919,35 +925,207 @@ def lock_dispatch(session: Session) -> None:
 _SUBMIT_RATE = cast(Table, SubmitRate.__table__)
 
 
+@dataclass(frozen=True, slots=True)
+class SubmitTokens:
+    """What :func:`take_submit_tokens` granted, and what the key's row says besides."""
+
+    #: Whole submits granted.
+    granted: int
+    #: Seconds until the next whole one (0.0 when one is left), or what is left of a 429's
+    #: pause that held the grant back.
+    wait: float
+    #: Seconds a 429's pause, heard by any process (:func:`hold_submits`), still holds the key
+    #: (0.0: none).
+    held_for: float = 0.0
+    #: Seconds the processes still share the key's pacing (:func:`share_pacing`; 0.0: not shared).
+    shared_for: float = 0.0
+
+
+def _epoch_now(dialect: str) -> Any:
+    """Now, in epoch seconds, on the clock every process sharing the database compares:
+    PostgreSQL's ``clock_timestamp()`` (the server's, at this statement: not ``now()``, the
+    transaction's start); on SQLite, which has no server, the bound ``wall`` (the process's
+    ``time.time()``: every process is on the one host that holds the file)."""
+    if dialect == "postgresql":
+        return func.extract("epoch", func.clock_timestamp())
+    return bindparam("wall", type_=Float())
+
+
 def take_submit_tokens(
-    session: Session, api_key_id: str, wanted: int, *, rate: float, capacity: float, now: datetime
-) -> tuple[int, float]:
-    """Take up to ``wanted`` whole submits from the key's shared token bucket (:class:`SubmitRate`):
-    how many were granted, and the seconds until the next whole one (0.0 when one is left).
+    session: Session,
+    api_key_id: str,
+    wanted: int,
+    *,
+    rate: float,
+    capacity: float,
+    now: datetime,
+    wall: float,
+    hold_over: float = float("inf"),
+) -> SubmitTokens:
+    """Take up to ``wanted`` whole submits from the key's shared token bucket (:class:`SubmitRate`).
 
     Called in a dispatch round, after :func:`lock_dispatch`: rounds of every process take turns,
     so read-modify-write is safe, and ``rate`` (``WANBATCH_SUBMIT_RATE``) holds for them all
     together. The bucket refills at ``rate`` up to ``capacity`` from the time last written (a
-    stamp ahead of ``now``, another host's clock, refills nothing).
+    stamp ahead of ``now``, another host's clock, refills nothing). The same read says how long
+    a 429's pause (:func:`hold_submits`) still holds the key and how long the pacing is still
+    shared (:func:`share_pacing`), on the database's clock (``wall``: this process's epoch
+    seconds, for SQLite); a pause longer than ``hold_over`` seconds grants nothing and takes
+    nothing (its wait is what is left of it).
     """
-    read = _prepared(
-        ("rate-read",),
-        lambda: select(_SUBMIT_RATE.c.tokens, _SUBMIT_RATE.c.stamp).where(
-            _SUBMIT_RATE.c.api_key_id == bindparam("key")
-        ),
-    )
-    row = _run(session, read, {"key": api_key_id}).first()
+    dialect = session.connection().dialect.name
+
+    def build() -> Any:
+        clock = _epoch_now(dialect)
+        return select(
+            _SUBMIT_RATE.c.tokens,
+            _SUBMIT_RATE.c.stamp,
+            (_SUBMIT_RATE.c.hold_until - clock).label("held_for"),
+            (_SUBMIT_RATE.c.shared_until - clock).label("shared_for"),
+        ).where(_SUBMIT_RATE.c.api_key_id == bindparam("key"))
+
+    read = _prepared(("rate-read", dialect), build)
+    row = _run(session, read, {"key": api_key_id, "wall": wall}).first()
+    held_for = shared_for = 0.0
     if row is None:
         tokens = capacity
     else:
+        held_for = max(0.0, float(row.held_for or 0.0))
+        shared_for = max(0.0, float(row.shared_for or 0.0))
+        if held_for > hold_over:
+            return SubmitTokens(0, held_for, held_for, shared_for)
         elapsed = max(0.0, (now - row.stamp).total_seconds())
         tokens = min(capacity, float(row.tokens) + elapsed * rate)
     granted = max(0, min(wanted, int(tokens)))
     tokens -= granted
-    dialect = session.connection().dialect.name
     write = _prepared(("rate-write", dialect), lambda: _rate_upsert(dialect))
     _run(session, write, {"api_key_id": api_key_id, "tokens": tokens, "stamp": now})
-    return granted, (0.0 if tokens >= 1 else (1.0 - tokens) / rate)
+    wait = 0.0 if tokens >= 1 else (1.0 - tokens) / rate
+    return SubmitTokens(granted, wait, held_for, shared_for)
+
+
+#: The tokens of a row :func:`_rate_row_exists` makes: more than any capacity (a full bucket).
+_FULL_BUCKET = 1e9
+
+
+def _rate_row_exists(session: Session, api_key_id: str, now: datetime) -> None:
+    """The key's row, made when no dispatch round made it yet: a full bucket, as no row is (its
+    tokens are capped at the capacity by the next round, :func:`take_submit_tokens`)."""
+    dialect = session.connection().dialect.name
+
+    def build() -> Any:
+        new = _dialect_insert(dialect, _SUBMIT_RATE)
+        return new.on_conflict_do_nothing(index_elements=[_SUBMIT_RATE.c.api_key_id])
+
+    params = {"api_key_id": api_key_id, "tokens": _FULL_BUCKET, "stamp": now}
+    _run(session, _prepared(("rate-row", dialect), build), params)
+
+
+def _later_of(dialect: str, *values: Any) -> Any:
+    """The greatest of ``values`` (SQL): ``GREATEST`` on PostgreSQL, SQLite's scalar ``max``."""
+    return func.greatest(*values) if dialect == "postgresql" else func.max(*values)
+
+
+def hold_submits(session: Session, api_key_id: str, seconds: float, *, now: datetime, wall: float) -> None:
+    """fal answered a submit of the key with 429: hold every process's submits of the key back
+    for ``seconds`` from now on the database's clock (``wall``: this process's epoch seconds,
+    for SQLite). Dispatch rounds that read it (:func:`take_submit_tokens`) claim nothing while it
+    holds, and the slots taken before a POST (:func:`take_pace_slot`) come after it. A pause
+    already longer is kept (a shorter ``Retry-After`` heard later does not cut it short)."""
+    _rate_row_exists(session, api_key_id, now)
+    dialect = session.connection().dialect.name
+
+    def build() -> Any:
+        until = _epoch_now(dialect) + bindparam("seconds", type_=Float())
+        held = func.coalesce(_SUBMIT_RATE.c.hold_until, 0.0)
+        return (
+            update(_SUBMIT_RATE)
+            .where(_SUBMIT_RATE.c.api_key_id == bindparam("key"))
+            .values(hold_until=_later_of(dialect, held, until))
+        )
+
+    params = {"key": api_key_id, "seconds": max(0.0, float(seconds)), "wall": wall}
+    _run(session, _prepared(("rate-hold", dialect), build), params)
+
+
+def share_pacing(session: Session, api_key_id: str, seconds: float, *, now: datetime, wall: float) -> None:
+    """Another live process shares the database: every process without a limiter Redis takes
+    its submits' slots from the key's row (:func:`take_pace_slot`) for the next ``seconds``
+    (the database's clock; ``wall`` for SQLite). Never shortened; each process that still
+    sees another renews it at its heartbeat, and it lapses when none does."""
+    _rate_row_exists(session, api_key_id, now)
+    dialect = session.connection().dialect.name
+
+    def build() -> Any:
+        until = _epoch_now(dialect) + bindparam("seconds", type_=Float())
+        shared = func.coalesce(_SUBMIT_RATE.c.shared_until, 0.0)
+        return (
+            update(_SUBMIT_RATE)
+            .where(_SUBMIT_RATE.c.api_key_id == bindparam("key"))
+            .values(shared_until=_later_of(dialect, shared, until))
+        )
+
+    params = {"key": api_key_id, "seconds": float(seconds), "wall": wall}
+    _run(session, _prepared(("rate-share", dialect), build), params)
+
+
+#: :func:`take_pace_slot`'s statements: the slot is the latest of the key's next slot, the end
+#: of a 429's pause and now; it is taken (the next one moves an interval on) only when it comes
+#: within ``max_wait``. One statement: of two processes, the second waits for the first's row
+#: lock and then sees its slot (PostgreSQL re-reads the row it updates; SQLite writes one at a time).
+_PACE_SLOT_SQL = {
+    "postgresql": """
+WITH c AS (SELECT extract(epoch FROM clock_timestamp()) AS now)
+UPDATE submit_rate SET pace_at = greatest(coalesce(pace_at, 0), coalesce(hold_until, 0), c.now) + :interval
+FROM c
+WHERE api_key_id = :key
+  AND greatest(coalesce(pace_at, 0), coalesce(hold_until, 0), c.now) - c.now <= :max_wait
+RETURNING submit_rate.pace_at - :interval - c.now
+""",
+    "sqlite": """
+UPDATE submit_rate SET pace_at = max(coalesce(pace_at, 0), coalesce(hold_until, 0), :wall) + :interval
+WHERE api_key_id = :key AND max(coalesce(pace_at, 0), coalesce(hold_until, 0), :wall) - :wall <= :max_wait
+RETURNING pace_at - :interval - :wall
+""",
+}
+_PACE_WAIT_SQL = {
+    "postgresql": """
+SELECT greatest(coalesce(pace_at, 0), coalesce(hold_until, 0), extract(epoch FROM clock_timestamp()))
+       - extract(epoch FROM clock_timestamp())
+FROM submit_rate WHERE api_key_id = :key
+""",
+    "sqlite": """
+SELECT max(coalesce(pace_at, 0), coalesce(hold_until, 0), :wall) - :wall
+FROM submit_rate WHERE api_key_id = :key
+""",
+}
+
+
+def take_pace_slot(
+    session: Session, api_key_id: str, *, interval: float, max_wait: float, now: datetime, wall: float
+) -> tuple[bool, float]:
+    """Take the key's next submit slot (:class:`SubmitRate` ``pace_at``, GCRA's theoretical arrival
+    time, one ``interval`` apart whichever process takes it) if it comes within ``max_wait``
+    seconds: ``(True, seconds until it)`` (sleep that long, then POST); else ``(False, seconds
+    until the next slot)``, nothing taken. A 429's pause (:func:`hold_submits`) comes first.
+    Times are the database's (PostgreSQL's clock; ``wall``, this process's epoch seconds, on
+    SQLite). Called in a transaction of its own, right before the POST, only while processes
+    share the database's pacing (:func:`share_pacing`)."""
+    dialect = session.connection().dialect.name
+    slot = text(_PACE_SLOT_SQL["postgresql" if dialect == "postgresql" else "sqlite"])
+    params = {"key": api_key_id, "interval": float(interval), "max_wait": float(max_wait), "wall": wall}
+    for _ in range(2):
+        taken = session.execute(slot, params).scalar()
+        if taken is not None:
+            return True, max(0.0, float(taken))
+        wait = session.execute(
+            text(_PACE_WAIT_SQL["postgresql" if dialect == "postgresql" else "sqlite"]),
+            {"key": api_key_id, "wall": wall},
+        ).scalar()
+        if wait is not None:
+            return False, max(0.0, float(wait))
+        _rate_row_exists(session, api_key_id, now)  # no dispatch round made it yet
+    return False, float(interval)
 
 
 def return_submit_tokens(session: Session, api_key_id: str, unused: int, *, capacity: float) -> None:
@@ -6264,6 +6442,29 @@ def unfinished_batches(session: Session) -> dict[str, UnfinishedBatch]:
 def drop_heartbeats(session: Session, owner: str) -> None:
     """``owner`` stopped working on anything (a clean exit)."""
     session.execute(delete(ConductorHeartbeat).where(ConductorHeartbeat.owner == owner))
+
+
+def pacing_peers(session: Session, own: str, *, since: datetime) -> list[str]:
+    """The other processes (``host:pid:``) that work on this database now: a heartbeat of
+    theirs at ``since`` or later, as ``status`` and ``doctor`` tell live processes
+    (:func:`jobs.db.live_processes`). ``own``: this process's prefix, left out; a process of
+    this host that has ended is left out too. One short query, asked at a heartbeat, not per
+    submit: whether the submit pacing is to be shared through the database
+    (:func:`share_pacing`)."""
+    from jobs.processes import owner_gone
+
+    rows = session.scalars(
+        select(ConductorHeartbeat.owner).where(ConductorHeartbeat.seen_at >= since).distinct()
+    )
+    found: set[str] = set()
+    for owner in rows:
+        host, _, rest = str(owner).partition(":")
+        pid, sep, _ = rest.partition(":")
+        prefix = f"{host}:{pid}:"
+        if not sep or prefix == own or owner_gone(str(owner)):
+            continue
+        found.add(prefix)
+    return sorted(found)
 
 
 def heartbeat_owners(session: Session, batch_id: str, *, since: datetime) -> list[str]:

@@ -121,6 +121,25 @@ class RateBucket:
         self.tokens = min(self.tokens, -seconds * self.rate)
 
 
+class SharedPacing:
+    """Whether this process's POSTs take their slots from the database
+    (:mod:`worker.steps.shared_pacing`): until when (monotonic) another live process was last
+    known to share the database's pacing. Set at this process's heartbeat and by each dispatch
+    round (which reads the key's row anyway); read by each submit, with no query."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._until = 0.0
+
+    def shared_for(self, seconds: float) -> None:
+        """The database says the pacing is shared for ``seconds`` more (0: not, or no longer)."""
+        self._until = self.clock() + seconds if seconds > 0 else 0.0
+
+    @property
+    def shared(self) -> bool:
+        return self._until > self.clock()
+
+
 @dataclass(frozen=True, slots=True)
 class SubmitTicket:
     """What dispatch knew of a job it just marked ``submitting``: all the submit step reads.
@@ -308,6 +327,9 @@ class Runtime:
     #: Whether fal answers this process's submits, and the hold on them while it does not
     #: (:mod:`worker.steps.fal_reach`).
     fal_reach: FalReach = field(default_factory=FalReach)
+    #: Whether another live process shares the database's submit pacing, so that each POST of
+    #: this one takes its slot there (:mod:`worker.steps.shared_pacing`).
+    pacing: SharedPacing = field(default_factory=SharedPacing)
     #: The origin (``scheme://host:port``) of this runtime's fal queue (``WANBATCH_FAL_QUEUE_URL``):
     #: recorded with every request it sends (``Job.fal_origin``), and the only requests it asks
     #: about (:meth:`reach`).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -243,12 +244,22 @@ def _shared_rate(session: Session, rt: Runtime, free: int, key_id: str, now: dat
     every dispatching process grants too (``WANBATCH_SUBMIT_RATE`` is one cap for all of them:
     two ``wanbatch run`` side by side sent twice the rate); the rest go back to the local one."""
     assert rt.bucket is not None
-    granted, wait = store.take_submit_tokens(
-        session, key_id, free, rate=rt.bucket.rate, capacity=rt.bucket.capacity, now=now
+    took = store.take_submit_tokens(
+        session,
+        key_id,
+        free,
+        rate=rt.bucket.rate,
+        capacity=rt.bucket.capacity,
+        now=now,
+        wall=time.time(),
+        # A 429's pause another process heard (the database's pause), as :func:`_heed_pause`.
+        hold_over=rt.settings.submit_wait_max,
     )
-    if granted < free:
-        rt.bucket.shared_short(free - granted, wait)
-    return granted
+    # Whether another process shares the pacing, for this process's submits (no query of theirs).
+    rt.pacing.shared_for(took.shared_for)
+    if took.granted < free:
+        rt.bucket.shared_short(free - took.granted, took.wait)
+    return took.granted
 
 
 def _heed_pause(rt: Runtime) -> None:

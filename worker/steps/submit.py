@@ -49,6 +49,7 @@ from worker.limits import (
     stale_grant_seconds,
     wait_for_token,
 )
+from worker.steps import shared_pacing
 from worker.steps.context import Runtime, S, SubmitTicket, in_seconds
 from worker.steps.failures import (
     backoff,
@@ -98,6 +99,11 @@ def _take_submit_token(rt: Runtime, endpoint: str) -> tuple[str, float] | None:
         return f"held back: {exc}", UNREACHABLE_RETRY_SECONDS
     if wait > 0:
         return f"held back by the submit rate for {wait:.2f}s", wait
+    if shared_pacing.db_paced(rt):
+        # Another process shares the database and no limiter Redis: the slot is the database's.
+        wait = shared_pacing.take_slot(rt, rt.settings.submit_wait_max)
+        if wait > 0:
+            return f"held back by the submit rate shared through the database for {wait:.2f}s", wait
     return None
 
 
@@ -397,6 +403,8 @@ def _refused_for_rate(rt: Runtime, fence: Fence, endpoint: str, exc: ProviderErr
         with contextlib.suppress(LimiterUnavailableError):
             rt.limiter.hold_off(endpoint, pause)
     with db.session_scope(rt.engine) as session:
+        # The processes that share the database without a limiter Redis hear it there.
+        shared_pacing.hold(session, rt, pause)
         refusals = store.get_job(session, fence.job_id).rate_limited_submits + 1
         if refusals > FREE_RATE_LIMIT_REFUSALS:
             settle(session, rt, fence, exc)

@@ -1,0 +1,174 @@
+"""Processes that share only the database (no limiter Redis) share ``WANBATCH_SUBMIT_RATE``
+and fal's 429 pauses through it.
+
+* Two runtimes (two ``wanbatch run`` on one database, each with its own in-process limiter,
+  told apart by their process identities) sent up to about twice the rate in one second: the
+  shared bucket paces claims and holds a second's submits, and each spaced its POSTs in its own
+  memory. Once their heartbeats show each other, every POST takes its slot from the database.
+* A 429 heard by one paused only that one; it is now written on the shared row, and the
+  other's dispatch claims nothing until it ends.
+* A process alone on its database takes no slot there: no extra transaction per submit.
+"""
+
+from __future__ import annotations
+
+import bisect
+import socket
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import Engine, event
+
+from jobs import db
+from tests.hostile import HostileProvider, Recorded, json_reply
+from tests.step_runtime import add_batch, make_runtime, settings_for
+from worker.limits import LocalGCRA
+from worker.steps import Runtime, dispatch, submit
+from worker.steps.shared_pacing import db_paced, note_peers
+
+KEY = "db-pacing-key-7e1a:5b0c2d9e8f7a6b5c4d3e2f1a0b9c8d7e"
+T2V = "fal-ai/wan-22"
+RATE = 4.0
+
+
+def _runtime(engine: Engine, url: str, tmp_path: Path, owner: str, **overrides: float) -> Runtime:
+    settings = settings_for(url, KEY, output_dir=tmp_path / "out", **{"max_outstanding": 100, **overrides})
+    rt = make_runtime(engine, settings)
+    assert isinstance(rt.limiter, LocalGCRA)  # no limiter Redis: only the database is shared
+    rt.owner = owner  # another process
+    return rt
+
+
+def _beat(rt: Runtime) -> bool:
+    """The conductor's heartbeat of ``rt``'s process: its row, and whether it sees another."""
+    from jobs import store
+    from jobs.models import EVERY_BATCH, utcnow
+
+    with db.session_scope(rt.engine) as session:
+        store.record_heartbeat(session, rt.owner, {EVERY_BATCH}, utcnow())
+        return note_peers(session, rt)
+
+
+def densest_second(times: list[float]) -> int:
+    """The most POSTs in any window of one second (``[t, t + 1)``)."""
+    times = sorted(times)
+    return max((bisect.bisect_left(times, t + 1.0) - i for i, t in enumerate(times)), default=0)
+
+
+def _accept_and_time(hostile: HostileProvider, times: list[float]) -> None:
+    counter = iter(range(10_000))
+    lock = threading.Lock()
+
+    def reply(request: Recorded, sock: socket.socket) -> None:
+        with lock:
+            times.append(time.monotonic())
+            n = next(counter)
+        base = f"{hostile.url}/{T2V}/requests/req-{n}"
+        urls = {"status_url": f"{base}/status", "response_url": base, "cancel_url": f"{base}/cancel"}
+        # Running at once: fal queues nothing of ours, so dispatch keeps no room back for it.
+        json_reply({"request_id": f"req-{n}", "status": "IN_PROGRESS", **urls})(request, sock)
+
+    hostile.route("POST", rf"/{T2V}", reply)
+
+
+def test_two_runs_on_one_database_send_at_most_the_rate_in_any_second(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    times: list[float] = []
+    _accept_and_time(hostile, times)
+    first = _runtime(engine, hostile.url, tmp_path, "host-a:1:", submit_rate=RATE)
+    second = _runtime(engine, hostile.url, tmp_path, "host-b:2:", submit_rate=RATE)
+    assert dispatch(first) == []  # nothing due yet: the shared bucket is full, a second's submits
+    _beat(first)  # alone so far: nothing shared
+    assert not db_paced(first)
+    assert _beat(second)  # sees the first: the pacing is shared...
+    assert _beat(first)  # ...and the first sees the second at its next beat
+    assert db_paced(first)
+    assert db_paced(second)
+    add_batch(engine, "many", [(T2V, {"prompt": f"p{i}", "resolution": "480p"}) for i in range(60)])
+
+    sent: dict[str, int] = {"first": 0, "second": 0}
+    submits: list[threading.Thread] = []
+
+    def send(name: str, rt: Runtime, job_id: str) -> None:
+        if submit(rt, job_id) == "submitted":
+            sent[name] += 1
+
+    def run(name: str, rt: Runtime, end: float) -> None:
+        # As an embedded run does: each claimed job's submit on a thread of its own, so the jobs
+        # one round claims wait for their slots side by side.
+        while time.monotonic() < end:
+            for job_id in dispatch(rt):
+                thread = threading.Thread(target=send, args=(name, rt, job_id))
+                thread.start()
+                submits.append(thread)
+            time.sleep(0.01)
+
+    end = time.monotonic() + 3.0
+    pairs = (("first", first), ("second", second))
+    loops = [threading.Thread(target=run, args=(n, rt, end)) for n, rt in pairs]
+    for loop in loops:
+        loop.start()
+    for loop in loops:
+        loop.join(timeout=60)
+    for thread in submits:
+        thread.join(timeout=60)
+
+    assert sent["first"]  # both sent: the rate was shared, not hoarded
+    assert sent["second"]
+    # One slot per (1 + jitter) / rate in the database's time; these are the times fal heard
+    # them, so one POST slower on its way than the next can bring one more into a second.
+    assert densest_second(times) <= RATE + 1, sorted(round(t - min(times), 3) for t in times)
+    assert len(times) >= 9  # and the rate is used: about 3 s at 4/s
+
+
+def test_a_429_heard_by_one_run_holds_the_other(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    hostile.route("POST", rf"/{T2V}", json_reply({"detail": "Too many requests"}, 429, {"Retry-After": "30"}))
+    refused = _runtime(engine, hostile.url, tmp_path, "host-a:1:", submit_rate=100.0)
+    other = _runtime(engine, hostile.url, tmp_path, "host-b:2:", submit_rate=100.0)
+    _beat(refused)
+    assert _beat(other)
+    add_batch(engine, "first", [(T2V, {"prompt": "a lighthouse", "resolution": "480p"})])
+    (first,) = dispatch(refused)
+    add_batch(engine, "second", [(T2V, {"prompt": f"p{i}", "resolution": "480p"}) for i in range(2)])
+    claimed = dispatch(other)  # claimed before the 429
+    assert len(claimed) == 2
+    assert submit(refused, first) == "rate-limited"
+
+    assert isinstance(other.limiter, LocalGCRA)
+    assert other.limiter.pause_left() == 0  # its own limiter heard nothing: only the database did
+    # A job it claimed before the 429 does not go out: its slot comes after the pause.
+    assert submit(other, claimed[0]) == "rate-limited"
+    add_batch(engine, "later", [(T2V, {"prompt": f"q{i}", "resolution": "480p"}) for i in range(3)])
+    assert dispatch(other) == []  # and its dispatch claims nothing meanwhile
+    assert other.bucket is not None
+    assert 25 < other.bucket.until_next() <= 30.5  # it looks again when the pause ends
+    assert hostile.count("POST", r".*") == 1
+
+
+def test_a_run_alone_on_its_database_takes_no_slot_there(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """No other process: each submit costs what it did, no transaction more."""
+    times: list[float] = []
+    _accept_and_time(hostile, times)
+    add_batch(engine, "alone", [(T2V, {"prompt": f"p{i}", "resolution": "480p"}) for i in range(3)])
+    rt = _runtime(engine, hostile.url, tmp_path, "host-a:1:", submit_rate=RATE)
+    assert not _beat(rt)
+    assert not db_paced(rt)
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        for job_id in dispatch(rt):
+            assert submit(rt, job_id) == "submitted"
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len(times) == 3
+    assert not [s for s in statements if "pace_at" in s]
