@@ -209,9 +209,20 @@ def _at_provider(engine: Engine, batch_id: str) -> dict[JobState, str]:
     S = JobState
     past = utcnow() - timedelta(hours=1)
     ids = job_ids(engine, batch_id)
-    accepted = {"request_id": "r-" + batch_id[:8], "submitted_at": past}
-    _move(engine, ids[0], S.PENDING, S.SUBMITTING, S.QUEUED, **accepted)
-    _move(engine, ids[1], S.PENDING, S.SUBMITTING, S.QUEUED, S.DOWNLOADING, **accepted)
+    # One request id per job: two jobs never hold one request (store.RequestHeldError).
+    _move(
+        engine, ids[0], S.PENDING, S.SUBMITTING, S.QUEUED, request_id=f"r-{batch_id[:8]}-0", submitted_at=past
+    )
+    _move(
+        engine,
+        ids[1],
+        S.PENDING,
+        S.SUBMITTING,
+        S.QUEUED,
+        S.DOWNLOADING,
+        request_id=f"r-{batch_id[:8]}-1",
+        submitted_at=past,
+    )
     _move(engine, ids[2], S.PENDING, S.SUBMITTING, S.SUBMIT_UNKNOWN, submitted_input={"prompt": "x"})
     _move(
         engine,
