@@ -688,7 +688,13 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
     (the journal says so: :func:`_hand_over_finished`) go back finished, as the ``downloading``
     ones do, never billed again; the others are run, and billed, by this one — the earlier
     simulator billed none of them (a request it was still running when it stopped is not
-    billed there: :meth:`falsim.engine.Engine.stop`)."""
+    billed there: :meth:`falsim.engine.Engine.stop`).
+
+    A local file the earlier run uploaded (rather than sent inline) went with its simulator: the
+    input each request goes back with names the file uploaded again to this run's simulator
+    (:func:`_uploads_at`), so that the model sees the image the request was sent with (its size
+    gives the video's shape, its bytes the video) and makes the video an uninterrupted run would
+    have made. The job's ``submitted_input`` stays what was sent."""
     if _simulator is None:
         return
     from jobs import db, store
@@ -708,7 +714,9 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
     now = utcnow()
     resumed: list[tuple[str, str, Any, float | None]] = []
     finished: list[tuple[str, str, Any, int | None]] = []
-    for endpoint, request_id, payload, state, sent_at, start_timeout_at in requests:
+    upload_here = _uploads_at(_simulator)
+    for endpoint, request_id, sent, state, sent_at, start_timeout_at, stored, sources in requests:
+        payload = upload_here(endpoint, sent, stored, sources)
         # Finished: downloading, or recorded so by the stopped run (queued, running, cancelling).
         if state == JobState.DOWNLOADING or results.get(request_id) is not None:
             seed = (results.get(request_id) or {}).get("seed")
@@ -728,9 +736,42 @@ def _resume_at_simulator(batch_id: str, settings: Settings) -> None:
             store.forget_simulated_results(session, batch_id, [f[1] for f in finished])
 
 
+def _uploads_at(simulator: SimulatorHandle) -> Callable[[str, Any, Any, Any], Any]:
+    """``(endpoint, submitted input, stored input, source files) -> input`` for a request
+    given back to ``simulator``: the submitted input with each local file that went as an
+    upload to the earlier run's simulator uploaded again to this one, its bytes checked against
+    the SHA-256 recorded at validation (:func:`worker.fal.storage.upload_again`); each distinct
+    file once. The submitted input as it is when there is nothing to upload again."""
+    from jobs.endpoints import get_endpoint
+    from jobs.errors import UsageError
+    from worker.fal.storage import MediaPreparer, upload_again
+
+    urls: dict[tuple[str, str], str] = {}  # (SHA-256, content type) -> its URL at ``simulator``
+
+    def record(digest: str, url: str, size: int, content_type: str) -> None:
+        urls[digest, content_type] = url
+
+    # Always as an upload, however small: the request was sent with a URL.
+    preparer = MediaPreparer(
+        simulator.upload, inline_max_bytes=-1, lookup=lambda d, t: urls.get((d, t)), record=record
+    )
+
+    def upload_here(endpoint: str, sent: Any, stored: Any, sources: Any) -> Any:
+        if not (isinstance(sent, dict) and isinstance(stored, dict)):
+            return sent
+        try:
+            spec = get_endpoint(endpoint)
+        except UsageError:  # an endpoint this version no longer knows: sent as it was
+            return sent
+        fields = {fld.name: fld.type for fld in spec.media_fields}
+        return upload_again(sent, stored, fields, preparer=preparer, source_files=sources)
+
+    return upload_here
+
+
 def _journaled_requests(
     session: Session, batch_id: str, settings: Settings, known: set[str], seeds: dict[str, int | None]
-) -> list[tuple[str, str, Any, Any, datetime | None, datetime | None]]:
+) -> list[tuple[str, str, Any, Any, datetime | None, datetime | None, Any, Any]]:
     """The batch's submissions an earlier run's simulator accepted whose ids the database could
     not take, from the journals ended processes left (:mod:`worker.steps.unrecorded`), as
     :func:`jobs.store.batch_requests` gives them: those its jobs still wait for (the next
@@ -743,7 +784,7 @@ def _journaled_requests(
     from worker.steps.late_answers import adoptable, awaits_answer
     from worker.steps.unrecorded import Journal, read_journal
 
-    found: list[tuple[str, str, Any, Any, datetime | None, datetime | None]] = []
+    found: list[tuple[str, str, Any, Any, datetime | None, datetime | None, Any, Any]] = []
     for path in Journal(settings.database_url).left_by_others():
         for accepted in read_journal(path) or []:
             if accepted.request_id in known:
@@ -762,8 +803,10 @@ def _journaled_requests(
                 state = JobState.DOWNLOADING
                 seeds[accepted.request_id] = accepted.seed
             sent = job.sent_at or accepted.submitted_at
-            payload, timeout_at = job.submitted_input, job.start_timeout_at
-            found.append((job.endpoint, accepted.request_id, payload, state, sent, timeout_at))
+            payload, timeout_at, files = job.submitted_input, job.start_timeout_at, job.source_files
+            found.append(
+                (job.endpoint, accepted.request_id, payload, state, sent, timeout_at, job.input, files)
+            )
     return found
 
 

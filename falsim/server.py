@@ -202,6 +202,12 @@ class SimulatorHandle:
 
         self._call(take())
 
+    def upload(self, data: bytes, content_type: str, file_name: str) -> str:
+        """Store ``data`` as a file uploaded to this simulator (as its storage upload endpoints
+        do) and return the URL fal's flows would answer with."""
+        stored = self.engine.store.put(data, file_name, content_type)
+        return self.engine.store.file_url(stored.key, file_name)
+
     def reset(self) -> None:
         """Forget all requests, files, deliveries and faults; start a fresh ledger."""
         self._call(self.engine.reset())

@@ -182,6 +182,11 @@ class LocalPath:
 
     path: str  # absolute, ``~`` expanded, ``..`` and symlinks resolved (as far as the file exists)
     inside: bool  # within one of the allowed folders
+    #: Outside only: the value as written made absolute without touching the file system beyond
+    #: its own (allowed) folder: ``~`` expanded, ``..`` collapsed, no symlink followed.
+    written: str = ""
+    #: Outside only: written inside an allowed folder, so a symbolic link in it leads out.
+    via_link: bool = False
 
 
 def allowed_roots(base_dir: Path, extra: tuple[Path, ...] | list[Path] = ()) -> tuple[str, ...]:
@@ -203,14 +208,17 @@ def resolve_local(value: str, base_dir: str, roots: tuple[str, ...]) -> LocalPat
     Symlinks are followed exactly as a later read would follow them (``Path.resolve(strict=True)``),
     so a link inside the folder that points out of it is outside. A path that does not exist is
     resolved as far as it does (then lexically), so ``../x`` is refused whether or not ``x``
-    exists — the message must not tell a shared manifest's author which private files exist.
+    exists — the message must not tell a shared manifest's author which private files exist, nor
+    where a link points (``jobs.manifest.checks.outside_message`` says it from ``written`` and
+    ``via_link``, never from ``path``).
     ``roots`` must already be resolved (:func:`allowed_roots`). ``value`` must not contain NUL
     and must be :func:`representable` (joined to ``base_dir``).
     """
     try:
-        candidate = Path(base_dir) / Path(value).expanduser()
+        given = Path(value).expanduser()
     except RuntimeError:  # "~user" with no such user, or no home folder: taken literally
-        candidate = Path(base_dir) / value
+        given = Path(value)
+    candidate = Path(base_dir) / given
     try:
         real = candidate.resolve(strict=True)
     except (OSError, RuntimeError):  # missing, unreadable or a symlink loop
@@ -218,8 +226,14 @@ def resolve_local(value: str, base_dir: str, roots: tuple[str, ...]) -> LocalPat
             real = candidate.resolve()
         except (OSError, RuntimeError):
             real = Path(os.path.normpath(candidate))
-    inside = any(real.is_relative_to(root) for root in roots)
-    return LocalPath(str(real), inside)
+    if any(real.is_relative_to(root) for root in roots):
+        return LocalPath(str(real), True)
+    # Refused. What a message may say of it must not depend on anything outside the allowed
+    # folders (where a link there points, whether a file exists): the value taken lexically from
+    # the real place of its own folder (the manifest's, or an items_from file's, both allowed).
+    written = Path(os.path.normpath(Path(os.path.realpath(base_dir)) / given))
+    via_link = any(written.is_relative_to(root) for root in roots)
+    return LocalPath(str(real), False, str(written), via_link)
 
 
 @dataclass(frozen=True, slots=True)

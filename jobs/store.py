@@ -4757,13 +4757,14 @@ def simulated_batch_ids(session: Session) -> frozenset[str]:
 
 def batch_requests(
     session: Session, batch_id: str, states: Collection[JobState]
-) -> list[tuple[str, str, Any, JobState, datetime | None, datetime | None]]:
-    """``(endpoint, request id, submitted input, state, sent at, start timeout at)`` of the
-    batch's jobs in ``states`` that have a request at fal, oldest first (a ``--simulate`` run
-    gives them back to its simulator). ``sent at``: when the request's POST went out
-    (``sent_at``, else ``submitted_at``), what its start timeout was counted from; ``start
-    timeout at``: when that start timeout ends, as recorded with the POST (None: it carried
-    none, or was sent before schema 0030)."""
+) -> list[tuple[str, str, Any, JobState, datetime | None, datetime | None, Any, Any]]:
+    """``(endpoint, request id, submitted input, state, sent at, start timeout at, input, source
+    files)`` of the batch's jobs in ``states`` that have a request at fal, oldest first (a
+    ``--simulate`` run gives them back to its simulator). ``sent at``: when the request's POST
+    went out (``sent_at``, else ``submitted_at``), what its start timeout was counted from;
+    ``start timeout at``: when that start timeout ends, as recorded with the POST (None: it
+    carried none, or was sent before schema 0030); ``input`` and ``source files``: the job's
+    stored input (local files by path) and the SHA-256 of each file as validated."""
     query = (
         select(
             Job.endpoint,
@@ -4772,13 +4773,15 @@ def batch_requests(
             Job.state,
             func.coalesce(Job.sent_at, Job.submitted_at),
             Job.start_timeout_at,
+            Job.input,
+            Job.source_files,
         )
         .where(Job.batch_id == batch_id, Job.state.in_(sorted(states)), Job.request_id.is_not(None))
         .order_by(Job.submitted_at, Job.id)
     )
     return [
-        (endpoint, request_id, data, JobState(state), sent, until)
-        for endpoint, request_id, data, state, sent, until in session.execute(query)
+        (endpoint, request_id, data, JobState(state), sent, until, stored, sources)
+        for endpoint, request_id, data, state, sent, until, stored, sources in session.execute(query)
     ]
 
 

@@ -198,11 +198,17 @@ def _matrix_text(matrix: Mapping[str, Any]) -> str:
     return " with " + ", ".join(f"{k}={quoted(v)}" for k, v in matrix.items())
 
 
-def outside_message(value: object, real: str) -> str:
-    """Why a local path is refused, naming where it really leads when that differs."""
-    if str(value) == real:
+def outside_message(value: object, local: LocalPath) -> str:
+    """Why a local path (``local``, from :func:`~jobs.media.resolve_local`) is refused as outside
+    the allowed folders, from nothing outside them: the value as written and its lexical form,
+    or, when it is written inside and a symbolic link there leads out, just that. Never where
+    the link points nor where the path really leads, and the same whether the refused file
+    exists or not (the message must not tell a shared manifest's author about private files)."""
+    if local.via_link:
+        return f"{value!r} leads outside the manifest's folder through a symbolic link"
+    if str(value) == local.written:
         return f"{value!r} is outside the manifest's folder"
-    return f"{value!r} leads to {shown_path(real)}, outside the manifest's folder"
+    return f"{value!r} is {shown_path(local.written)}, outside the manifest's folder"
 
 
 def resolve_input(
@@ -213,7 +219,8 @@ def resolve_input(
     paths: dict[tuple[str, str], LocalPath],
     field_dirs: Mapping[str, Path] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The input with local paths made real; and the media fields whose path is outside ``roots``.
+    """The input with local paths made real; and the media fields whose path is outside ``roots``,
+    each with why (:func:`outside_message`).
 
     A relative path is resolved from ``field_dirs[field]`` when given (the folder of the file
     that wrote the value: an ``items_from`` row's own values), else from ``base_dir`` (the
@@ -242,9 +249,9 @@ def resolve_input(
                     local = paths.get(mark)
                     if local is None:
                         local = paths[mark] = resolve_local(value, folder, roots)
-                    value = local.path
                     if not local.inside:
-                        outside[key] = local.path
+                        outside[key] = outside_message(value, local)
+                    value = local.path
             elif type(value) is int and str(value) in {str(v) for v in fld.enum or ()}:
                 value = str(value)
         out[key] = value
@@ -258,14 +265,14 @@ def outside_issues(
     origins: Mapping[str, tuple[str, int | None]],
 ) -> Iterator[Issue]:
     """An error for each media path that leads outside the allowed folders, where it was written."""
-    for key, real in outside.items():
+    for key, message in outside.items():
         where = origins.get(key, (raw.source, raw.line))
         yield Issue(
             file=where[0],
             line=where[1],
             item=raw.index,
             field=key,
-            message=outside_message(values[key], real),
+            message=message,
             value=values[key],
             allowed=OUTSIDE_ALLOWED,
         )

@@ -404,7 +404,7 @@ def _parse_items(root: LMap, manifest: Manifest, top: _Report) -> None:
             resolved = Path(local.path)
             if not local.inside:
                 top(
-                    "items_from " + outside_message(source, str(resolved)),
+                    "items_from " + outside_message(source, local),
                     where,
                     "items_from",
                     value=source,

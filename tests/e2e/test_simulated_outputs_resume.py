@@ -401,3 +401,78 @@ def test_a_finish_the_full_database_cannot_record_is_one_warning_line(
     assert "(its disk is full)" in lines[0], said
     assert "counts their videos twice" in lines[0], said
     assert db_rows(url, "SELECT state, provider_output FROM jobs ORDER BY item_index")[0] == ("queued", None)
+
+
+@pytest.mark.parametrize("left", ["downloading", "queued"])
+def test_a_request_given_back_sees_the_image_its_earlier_run_uploaded(
+    e2e_env: Path,
+    manifest: MakeManifest,
+    monkeypatch: pytest.MonkeyPatch,
+    simulators: list[SimulatorHandle],
+    left: str,
+) -> None:
+    """Audit (resumed uploads): an image too big to go inline is uploaded to the run's
+    simulator, and the request names its URL there. Given back to the next run's simulator with
+    that URL (the earlier simulator, gone), the model could not read it: the video of a portrait
+    image came out landscape (854x480), other bytes than an uninterrupted run's. Now the file
+    is uploaded again to the new simulator, the request given back names that upload, and the
+    videos are those of an uninterrupted run; the stored submitted input stays what was sent.
+    ``left``: what the stopped run left the jobs as (finished and waiting for their download, or
+    still queued at fal)."""
+    from PIL import Image
+
+    url = os.environ["WANBATCH_DATABASE_URL"]
+    monkeypatch.setenv("WANBATCH_INLINE_MAX_BYTES", "100")  # the image is bigger: uploaded
+    body = (
+        "name: {name}\nendpoint: fal-ai/wan-i2v\ndefaults: {{resolution: 480p}}\nmatrix: {{seed: [1, 2]}}\n"
+        "items:\n  - {{prompt: a tall thing, image_url: images/tall.png}}\n"
+    )
+    path = manifest("tall", body.format(name="tall"))
+    Image.new("RGB", (480, 854), (30, 60, 90)).save(path.parent / "images" / "tall.png")
+    assert run_main(["run", str(path), "--simulate", "--no-progress"], monkeypatch) == 0
+    reference = dict(db_rows(url, "SELECT input->>'seed', output_sha256 FROM jobs"))
+
+    writes = outputs.write_json_atomic
+
+    def no_room(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "write_json_atomic", no_room)  # the output disk is full
+    again = manifest("tall2", body.format(name="tall2"))
+    assert run_main(["run", str(again), "--simulate", "--no-progress"], monkeypatch) == 2  # paused
+    batch = "(SELECT id FROM batches WHERE name = 'tall2')"
+    waiting = db_rows(url, f"SELECT request_id FROM jobs WHERE batch_id = {batch} AND state = 'downloading'")
+    assert waiting, db_rows(url, "SELECT state FROM jobs")
+    stopped = simulators[1].url
+    sent = db_rows(url, f"SELECT DISTINCT submitted_input->>'image_url' FROM jobs WHERE batch_id = {batch}")
+    assert [u for (u,) in sent if u is not None and u.startswith(stopped + "/files/")], sent  # uploaded
+    if left == "queued":  # as a run stopped before its simulator ran them leaves them
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "UPDATE jobs SET state = 'queued', provider_output = NULL "
+                        f"WHERE batch_id = {batch} AND state = 'downloading'"
+                    )
+                )
+        finally:
+            engine.dispose()
+
+    monkeypatch.setattr(outputs, "write_json_atomic", writes)  # space was freed
+    assert run_main(["run", "tall2", "--simulate", "--no-progress"], monkeypatch) == 0
+
+    rows = db_rows(
+        url,
+        "SELECT input->>'seed', output_sha256, media->>'width', media->>'height', "
+        f"submitted_input->>'image_url' FROM jobs WHERE batch_id = {batch} AND state = 'succeeded'",
+    )
+    assert len(rows) == 2, rows
+    assert {seed: sha for seed, sha, *_ in rows} == reference  # the videos of an uninterrupted run
+    assert {(int(w), int(h)) for _, _, w, h, _ in rows} == {(480, 854)}, rows  # portrait, as the image
+    new = simulators[2]
+    for (request_id,) in waiting:
+        given = new.engine._requests[request_id].payload["image_url"]
+        assert given.startswith(new.url + "/files/"), given  # uploaded again, to this simulator
+    # What was sent stays recorded as sent: the stopped simulator's upload.
+    assert all(u.startswith(stopped + "/files/") for *_, u in rows), rows

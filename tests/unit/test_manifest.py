@@ -696,6 +696,36 @@ def test_a_missing_outside_file_gets_the_same_answer_as_an_existing_one(tmp_path
     assert "not found" not in first.message + second.message
 
 
+def test_an_outside_message_names_no_link_target_and_not_whether_it_exists(tmp_path: Path) -> None:
+    """A symlink out of the folder (or into a private folder) is refused without naming where it
+    points, and a missing file beside an existing one gets the same words: only the value as
+    written and its lexical form, nothing read outside the allowed folders."""
+    shared = _victim(tmp_path)
+    (tmp_path / "private" / "keys").mkdir(parents=True)
+    (tmp_path / "private" / "keys" / "id_rsa").write_text("secret")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "cfg").symlink_to(tmp_path / "private" / "keys")
+    (shared / "keys").symlink_to(tmp_path / "private" / "keys")
+    (shared / "gone").symlink_to(tmp_path / "private" / "nothing")
+    path = write(
+        shared,
+        "name: x\nendpoint: fal-ai/wan-i2v\nitems:\n"
+        "  - {prompt: a, image_url: ../outside/cfg/id_rsa}\n"
+        "  - {prompt: b, image_url: ../outside/nocfg/id_rsa}\n"
+        "  - {prompt: c, image_url: keys/id_rsa}\n"
+        "  - {prompt: d, image_url: gone/id_rsa}\n",
+    )
+    messages = [i.message for i in validate_manifest(path).errors]
+    assert len(messages) == 4, messages
+    assert not any("private" in m or "nothing" in m for m in messages), messages
+    lexical = tmp_path.resolve() / "outside"
+    outside = "outside the manifest's folder"
+    assert messages[0] == f"'../outside/cfg/id_rsa' is {lexical}/cfg/id_rsa, {outside}"
+    assert messages[1] == f"'../outside/nocfg/id_rsa' is {lexical}/nocfg/id_rsa, {outside}"
+    assert messages[2] == "'keys/id_rsa' leads outside the manifest's folder through a symbolic link"
+    assert messages[3] == "'gone/id_rsa' leads outside the manifest's folder through a symbolic link"
+
+
 def test_an_outside_file_is_never_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shared = _victim(tmp_path)
     opened: list[str] = []

@@ -328,6 +328,42 @@ def prepare_input(
     return out
 
 
+def upload_again(
+    sent: Mapping[str, Any],
+    stored: Mapping[str, Any],
+    media_fields: Mapping[str, FieldType],
+    *,
+    preparer: MediaPreparer,
+    source_files: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A copy of ``sent`` (an input as it went to a fal, :func:`prepare_input`'s result) whose
+    uploads are made again through ``preparer``: each media field sent as a URL where the job's
+    ``stored`` input holds a local file, with the SHA-256 its ``source_files`` recorded, gets
+    the URL of the same bytes uploaded anew. For a ``run --simulate`` that gives an earlier,
+    stopped run's requests back to its own simulator: that run's uploads went with its
+    simulator, and the model must see the image the request was sent with, not a URL it cannot
+    read. A file gone, unreadable, or whose bytes differ from the recorded ones now keeps the URL
+    it was sent with (its bytes are not known any more); so does a field of any other kind."""
+    out = dict(sent)
+    for name, kind in media_fields.items():
+        value, local = sent.get(name), stored.get(name)
+        recorded = (source_files or {}).get(name)
+        digest = recorded.get("sha256") if isinstance(recorded, Mapping) else None
+        if not (
+            isinstance(value, str)
+            and value.startswith(("http://", "https://"))
+            and isinstance(local, str)
+            and not local.startswith(URL_PREFIXES)
+            and isinstance(digest, str)
+        ):
+            continue
+        try:
+            out[name] = preparer.prepare(local, kind=kind, expected_sha256=digest)
+        except UsageError:
+            continue
+    return out
+
+
 # -------------------------------------------------------------------------------------- download
 
 #: What a video container starts with: an ISO-BMFF box (MP4/MOV: ``ftyp`` first, or a QuickTime
