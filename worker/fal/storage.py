@@ -351,9 +351,9 @@ def upload_again(
         digest = recorded.get("sha256") if isinstance(recorded, Mapping) else None
         if not (
             isinstance(value, str)
-            and value.startswith(("http://", "https://"))
+            and classify(value) is MediaKind.URL
             and isinstance(local, str)
-            and not local.startswith(URL_PREFIXES)
+            and classify(local) is MediaKind.PATH
             and isinstance(digest, str)
         ):
             continue
