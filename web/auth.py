@@ -19,8 +19,10 @@ applied to every request by :class:`DashboardAuth` before any route runs:
   (the ``Origin``, else ``Referer``, names the host the request was sent to: the ``Host``, or a
   trusted proxy's ``X-Forwarded-Host``, :func:`origin_refusal`; the cookie is
   ``SameSite=Strict`` besides), so another site cannot make a logged-in browser act (CSRF).
-* ``/login`` and ``/static/…`` (stylesheet and script, no data) are open to any client that may
-  reach the app at all.
+* ``/login``, ``/logout`` and ``/static/…`` (stylesheet and script, no data) are open to any
+  client that may reach the app at all; but a ``POST /login`` or ``POST /logout`` that sends an
+  ``Origin`` (a browser's always does) must come from the dashboard's own pages
+  (:func:`origin_refusal`), so another site can neither log a browser in nor out.
 
 "Loopback" (which matters only while no token is configured) is strict: the peer address is a
 loopback address, no proxy header (``Forwarded``, ``X-Forwarded-For``, ``X-Real-IP``) says the
@@ -30,13 +32,18 @@ browser. A proxy on this host that adds none of those headers still looks like l
 no token, everyone behind it reads; set one there.
 
 The cookie holds an HMAC of the token, never the token itself; tokens are compared with
-:func:`hmac.compare_digest`. Changing the token logs every browser out.
+:func:`hmac.compare_digest`. Its name is the dashboard's own (:func:`session_cookie`: 8 hex of
+another HMAC of the token), since browsers scope cookies by host, not port: two dashboards on one
+host, each with its token, keep a cookie each, and neither takes the other's for a guess. The
+browser keeps it :data:`SESSION_MAX_AGE` (across restarts). Changing the token logs every browser
+out: the old cookie has another name, and would not match under this one.
 
 Guessing stays slow (:class:`TokenGate`): the token a request brings (``Authorization: Bearer``,
 the login form) is checked one request at a time, and a wrong one holds the next check back for
 :data:`TOKEN_FAILURE_DELAY` — however many guesses are sent at once, at most one a second is
-answered, in all. A wrong cookie waits its turn the same way. Requests that bring no credential
-never wait.
+answered, in all. A wrong cookie of this dashboard's name waits its turn the same way; a cookie
+of another name (another dashboard on this host, or this one's under an earlier token) is no
+credential. Requests that bring no credential never wait.
 """
 
 from __future__ import annotations
@@ -65,8 +72,11 @@ from jobs.printable import one_line
 
 log = logging.getLogger(__name__)
 
-#: The login cookie's name; its value is :func:`session_value` of the token.
-SESSION_COOKIE = "wanbatch_session"
+#: The login cookie's name begins so; :func:`session_cookie` of the token is the whole name, and
+#: :func:`session_value` of it the value.
+SESSION_COOKIE_PREFIX = "wanbatch_session_"
+#: How long a browser keeps the login cookie (seconds): 30 days, browser restarts included.
+SESSION_MAX_AGE = 30 * 24 * 60 * 60
 #: Requests that never need the token: ``(method, path)``.
 PUBLIC_ROUTES = frozenset({("POST", "/webhooks/fal"), ("GET", "/healthz"), ("HEAD", "/healthz")})
 #: Their paths: any other method on them is passed on too, for the router to answer 405 with an
@@ -98,6 +108,19 @@ TOKEN_FAILURE_DELAY = 1.0
 def session_value(token: str) -> str:
     """The cookie value that proves a browser logged in with ``token`` (an HMAC, not the token)."""
     return hmac.new(token.encode(), b"wanbatch dashboard session v1", hashlib.sha256).hexdigest()
+
+
+def session_cookie(token: str) -> str:
+    """The login cookie's name under ``token``: ``wanbatch_session_`` and the first 8 hex of an
+    HMAC keyed by the token (another message than :func:`session_value`'s).
+
+    Browsers scope cookies by host, not port: under one fixed name, logging into a second
+    dashboard on this host overwrote the first one's cookie, and each took the other's for a
+    wrong guess (and paced every check behind it). The name tells them apart. It helps no
+    guesser: only a browser that logged in (and anything on this host it sends its cookies to)
+    sees it, next to the cookie's value, a whole HMAC of the same token."""
+    tag = hmac.new(token.encode(), b"wanbatch dashboard cookie name v1", hashlib.sha256).hexdigest()
+    return SESSION_COOKIE_PREFIX + tag[:8]
 
 
 def token_matches(given: str, token: str) -> bool:
@@ -325,8 +348,10 @@ class TokenGate:
     without waiting for the others, that they were all wrong.) A wrong token's own answer waits
     ``delay`` too. A cookie is compared at once — it is an HMAC, unguessable, and a browser
     sends it with every request — and a wrong one then takes its turn and its ``delay`` like a
-    wrong token. A request that gives up while it waits frees the lock, never the pace: the
-    time of the last failure is kept, not a task's sleep. While no credential fails, nothing
+    wrong token. Only the cookie named :attr:`cookie_name` is one: a cookie minted under
+    another token has another name (:func:`session_cookie`), and is no credential at all, never
+    paced. A request that gives up while it waits frees the lock, never the pace: the time of
+    the last failure is kept, not a task's sleep. While no credential fails, nothing
     waits; a request with no credential never does. The price: while guesses pour in, a right
     token (not a right cookie) waits its turn behind them.
 
@@ -342,6 +367,8 @@ class TokenGate:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.token = token or None
+        #: The login cookie's name under this token (None without one).
+        self.cookie_name = session_cookie(self.token) if self.token is not None else None
         self.delay = delay
         self._clock = clock
         self._sleep = sleep
@@ -407,7 +434,8 @@ async def access_of(scope: Scope, gate: TokenGate) -> Access:
     scheme, _, given = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and given.strip() and await gate.check_token(given.strip()):
         return Access(token_configured=True, loopback=loopback, authenticated=True, by_header=True)
-    cookie = _cookie(headers, SESSION_COOKIE)
+    # Only this dashboard's own cookie: another's (another token's name) is no credential.
+    cookie = _cookie(headers, gate.cookie_name) if gate.cookie_name is not None else None
     authenticated = cookie is not None and await gate.check_cookie(cookie)
     return Access(token_configured=True, loopback=loopback, authenticated=authenticated)
 
@@ -485,7 +513,8 @@ class DashboardAuth:
             )
             return refused(LOOPBACK_ONLY, 403)
         if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
-            if method not in SAFE_METHODS and path == "/login" and "origin" in headers:
+            # A browser's login and logout alike: another site may not log it in or out.
+            if method not in SAFE_METHODS and path in OPEN_PATHS and "origin" in headers:
                 return self._cross_origin(scope, headers, method, logged_path, who, refused)
             return None
         if method in SAFE_METHODS:

@@ -57,12 +57,13 @@ from jobs.settings import Settings
 from jobs.states import JobState
 from jobs.url_secrets import mask_urls
 from web.auth import (
-    SESSION_COOKIE,
+    SESSION_MAX_AGE,
     Access,
     TokenGate,
     answers_json,
     safe_next,
     sent_over_https,
+    session_cookie,
     session_value,
 )
 from web.bodies import Refusal, read_body
@@ -281,6 +282,18 @@ class Outcome:
     message: str
     batch_id: str
     data: dict[str, Any] = field(default_factory=dict)
+
+
+def _session_attributes(request: Request) -> dict[str, Any]:
+    """The login cookie's attributes, the same when it is set and when it is deleted:
+    ``HttpOnly``, ``SameSite=Strict``, the whole site, ``Secure`` when the browser came over
+    HTTPS (:func:`web.auth.sent_over_https`)."""
+    return {
+        "httponly": True,
+        "samesite": "strict",
+        "secure": sent_over_https(request.url.scheme, request.headers),
+        "path": "/",
+    }
 
 
 def _access(request: Request) -> Access:
@@ -682,19 +695,16 @@ class Dashboard:
                 error="That is not the token.",
             )
         response = RedirectResponse(target, status_code=303)
-        response.set_cookie(
-            SESSION_COOKIE,
-            session_value(token),
-            httponly=True,
-            samesite="strict",
-            secure=sent_over_https(request.url.scheme, request.headers),
-            path="/",
-        )
+        name, value = session_cookie(token), session_value(token)
+        response.set_cookie(name, value, max_age=SESSION_MAX_AGE, **_session_attributes(request))
         return response
 
-    def logout(self, _request: Request) -> Response:
+    def logout(self, request: Request) -> Response:
+        """Forget this dashboard's login cookie (the middleware checked the ``Origin``)."""
         response = RedirectResponse("/", status_code=303)
-        response.delete_cookie(SESSION_COOKIE, path="/")
+        if self.gate.cookie_name is not None:
+            # With the attributes it was set with (HttpOnly, SameSite=Strict, Secure over HTTPS).
+            response.delete_cookie(self.gate.cookie_name, **_session_attributes(request))
         return response
 
 

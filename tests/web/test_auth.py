@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
+from starlette.testclient import TestClient
 
 from jobs import store
 from jobs.db import session_factory
@@ -30,7 +31,7 @@ from tests.web.web_helpers import (
     mixed_batch,
     settings_for,
 )
-from web.auth import SESSION_COOKIE, safe_next, session_value
+from web.auth import safe_next, session_cookie, session_value
 
 
 @pytest.fixture
@@ -82,7 +83,7 @@ def test_a_refused_action_answers_json_to_a_script(
     assert no_token.status_code == 401
     assert no_token.json()["ok"] is False
     assert no_token.headers["www-authenticate"] == 'Bearer realm="wanbatch"'
-    cookie = {"Cookie": f"{SESSION_COOKIE}={session_value(TOKEN)}"}
+    cookie = {"Cookie": f"{session_cookie(TOKEN)}={session_value(TOKEN)}"}
     cross = guarded.post(f"/batches/{batch_id}/pause", headers={**cookie, "Origin": "https://evil.example"})
     assert cross.status_code == 403
     assert cross.json()["ok"] is False
@@ -156,7 +157,7 @@ def test_with_a_token_remote_clients_log_in_and_act(
     # A wrong token is refused (after a pause) and sets no cookie.
     wrong = remote.post("/login", data={"token": "guess", "next": "/"}, headers={**HTML, "Origin": origin})
     assert wrong.status_code == 401
-    assert SESSION_COOKIE not in wrong.cookies
+    assert session_cookie(TOKEN) not in wrong.cookies
     assert "not the token" in wrong.text
     # The right one: a cookie holding an HMAC of the token, never the token.
     right = remote.post(
@@ -164,13 +165,13 @@ def test_with_a_token_remote_clients_log_in_and_act(
     )
     assert right.status_code == 303
     assert right.headers["location"] == f"/batches/{batch_id}"
-    cookie = right.cookies[SESSION_COOKIE]
+    cookie = right.cookies[session_cookie(TOKEN)]
     assert cookie == session_value(TOKEN)
     assert TOKEN not in cookie
     set_cookie = right.headers["set-cookie"].lower()
     assert "httponly" in set_cookie
     assert "samesite=strict" in set_cookie
-    remote.cookies.set(SESSION_COOKIE, cookie)
+    remote.cookies.set(session_cookie(TOKEN), cookie)
     page = remote.get(f"/batches/{batch_id}", headers=HTML)
     assert page.status_code == 200
     assert "signed in" in page.text
@@ -193,7 +194,7 @@ def test_with_a_token_remote_clients_log_in_and_act(
     # Logging out forgets the cookie.
     out = remote.post("/logout", headers={**HTML, "Origin": origin})
     assert out.status_code == 303
-    assert 'wanbatch_session=""' in out.headers["set-cookie"]
+    assert f'{session_cookie(TOKEN)}=""' in out.headers["set-cookie"]
 
 
 def test_a_bearer_token_needs_no_cookie_and_no_origin(
@@ -230,7 +231,7 @@ def test_with_a_token_loopback_must_log_in_to_read_and_to_act(
         "/login", data={"token": TOKEN, "next": "/"}, headers={**HTML, "Origin": "http://127.0.0.1:8788"}
     )
     assert logged.status_code == 303
-    local.cookies.set(SESSION_COOKIE, logged.cookies[SESSION_COOKIE])
+    local.cookies.set(session_cookie(TOKEN), logged.cookies[session_cookie(TOKEN)])
     assert local.get(f"/batches/{batch_id}", headers=HTML).status_code == 200
     assert local.get("/metrics").status_code == 200
 
@@ -261,7 +262,92 @@ def test_cross_origin_login_is_refused(sqlite_engine: Engine, output_dir: Path) 
     app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
     answer = client(app).post("/login", data={"token": TOKEN}, headers={"Origin": "https://evil.example"})
     assert answer.status_code == 403
-    assert SESSION_COOKIE not in answer.cookies
+    assert session_cookie(TOKEN) not in answer.cookies
+
+
+#: The token of a second dashboard on the same host (another `serve`, another port).
+OTHER_TOKEN = "other-dash-token-5e9b13d0aa"
+
+
+def _logged_in_cookie(
+    browser: TestClient, origin: str, token: str, extra: dict[str, str] | None = None
+) -> tuple[str, str, str]:
+    """Log ``browser`` in with ``token``: the cookie's name and value, and its whole Set-Cookie."""
+    headers = {**HTML, "Origin": origin, **(extra or {})}
+    answer = browser.post("/login", data={"token": token, "next": "/"}, headers=headers)
+    assert answer.status_code == 303, answer.text
+    set_cookie = answer.headers["set-cookie"]
+    name, _, value = set_cookie.split(";")[0].partition("=")
+    return name, value, set_cookie
+
+
+def _attributes(set_cookie: str) -> set[str]:
+    """A Set-Cookie's attributes but its lifetime (``Max-Age``, ``Expires``)."""
+    parts = (part.strip().lower() for part in set_cookie.split(";")[1:])
+    return {part for part in parts if not part.startswith(("max-age", "expires"))}
+
+
+def test_two_dashboards_on_one_host_keep_a_cookie_each(sqlite_engine: Engine, output_dir: Path) -> None:
+    """Browsers scope cookies by host, not port: two ``serve`` on one host (each its own token)
+    set one fixed cookie name, so logging into the second overwrote the first's cookie (and the
+    first then took the second's for a wrong guess). Each dashboard's cookie is named its own."""
+    first = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN)))
+    second_app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=OTHER_TOKEN))
+    second = client(second_app, host="127.0.0.1:8789")
+    jar: dict[str, str] = {}  # the browser's: one per name, whatever the port
+    for browser, origin, token in (
+        (first, "http://127.0.0.1:8788", TOKEN),
+        (second, "http://127.0.0.1:8789", OTHER_TOKEN),
+    ):
+        name, value, _ = _logged_in_cookie(browser, origin, token)
+        assert name.startswith("wanbatch_session")
+        assert token not in name
+        assert token not in value
+        jar[name] = value
+    assert len(jar) == 2
+    cookies = {"Cookie": "; ".join(f"{name}={value}" for name, value in jar.items())}
+    for browser in (first, second):
+        browser.cookies.clear()
+        assert browser.get("/", headers={**HTML, **cookies}).status_code == 200
+        assert browser.get("/metrics", headers=cookies).status_code == 200
+
+
+def test_the_login_cookie_lasts_until_the_token_changes(sqlite_engine: Engine, output_dir: Path) -> None:
+    """The README: a browser logs in once, "the cookie lasts" — but the cookie had no Max-Age, so
+    closing the browser logged it out. It lasts 30 days; a new token still logs everyone out."""
+    browser = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN)))
+    name, value, set_cookie = _logged_in_cookie(browser, "http://127.0.0.1:8788", TOKEN)
+    assert "max-age=2592000" in set_cookie.lower()
+    cookie = {"Cookie": f"{name}={value}"}
+    browser.cookies.clear()
+    assert browser.get("/", headers={**HTML, **cookie}).status_code == 200
+    renewed = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=OTHER_TOKEN)))
+    assert renewed.get("/", headers={**HTML, **cookie}).status_code == 303
+    # Under its own name too the old value is refused: the value is bound to the token.
+    renamed = {"Cookie": f"{session_cookie(OTHER_TOKEN)}={value}"}
+    assert renewed.get("/metrics", headers=renamed).status_code == 401
+
+
+def test_logging_out_from_another_site_is_refused(sqlite_engine: Engine, output_dir: Path) -> None:
+    """``POST /logout`` from another site's page (no credential needed) answered 303 and cleared
+    the cookie: a CSRF logout. Its Origin is checked as the login's; the deletion then carries the
+    attributes the cookie was set with (it said SameSite=lax, the cookie is Strict)."""
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
+    remote = client(app, peer=REMOTE, host="dash.example.com")
+    for origin in ("http://evil.example", "null", "http://dash.example.com:8080"):
+        evil = remote.post("/logout", headers={**HTML, "Origin": origin})
+        assert evil.status_code == 403, origin
+        assert "set-cookie" not in evil.headers
+        assert "Origin/Referer" in evil.text
+    https = {"X-Forwarded-Proto": "https"}
+    name, _, set_cookie = _logged_in_cookie(remote, "http://dash.example.com", TOKEN, https)
+    out = remote.post("/logout", headers={**HTML, "Origin": "http://dash.example.com", **https})
+    assert out.status_code == 303
+    deleted = out.headers["set-cookie"]
+    assert deleted.startswith(f'{name}=""')
+    assert "max-age=0" in deleted.lower()
+    assert _attributes(deleted) == _attributes(set_cookie)
+    assert {"httponly", "samesite=strict", "path=/", "secure"} <= _attributes(deleted)
 
 
 def test_safe_next_stays_on_this_site() -> None:
@@ -287,7 +373,7 @@ def test_a_refused_path_is_logged_on_one_line(
     app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=token))
     remote = client(app, peer=REMOTE, host="dash.example.com")
     if token is not None:  # a logged-in browser's action from another site: refused and logged
-        remote.cookies.set(SESSION_COOKIE, session_value(TOKEN))
+        remote.cookies.set(session_cookie(TOKEN), session_value(TOKEN))
     with caplog.at_level(logging.WARNING, logger="web.auth"):
         if token is None:
             remote.get(FORGED, headers=HTML)
@@ -369,7 +455,7 @@ def test_behind_a_trusted_proxy_its_forwarded_host_is_the_dashboards_origin(
     headers = {**HTML, **forwarded, "Origin": PUBLIC}
     login = proxied.post("/login", data={"token": TOKEN, "next": f"/batches/{batch_id}"}, headers=headers)
     assert login.status_code == 303, login.text
-    proxied.cookies.set(SESSION_COOKIE, login.cookies[SESSION_COOKIE])
+    proxied.cookies.set(session_cookie(TOKEN), login.cookies[session_cookie(TOKEN)])
     done = proxied.post(f"/batches/{batch_id}/pause", headers=headers)
     assert done.status_code == 303, done.text
     assert _paused(sqlite_engine, batch_id)
@@ -390,9 +476,9 @@ def test_an_untrusted_clients_forwarded_host_is_ignored(
     headers = {**HTML, **VIA_PROXY, "Origin": PUBLIC}
     login = untrusted.post("/login", data={"token": TOKEN}, headers=headers)
     assert login.status_code == 403
-    assert SESSION_COOKIE not in login.cookies
+    assert session_cookie(TOKEN) not in login.cookies
     assert "ignored" in login.text
-    untrusted.cookies.set(SESSION_COOKIE, session_value(TOKEN))
+    untrusted.cookies.set(session_cookie(TOKEN), session_value(TOKEN))
     refused = untrusted.post(f"/batches/{batch_id}/pause", headers=headers)
     assert refused.status_code == 403
     assert "WANBATCH_SERVE_FORWARDED_ALLOW_IPS" in refused.text
@@ -428,8 +514,8 @@ def test_a_foreign_origin_is_refused_through_any_proxy(
             headers = {**HTML, **forwarded, "Origin": origin}
             login = browser.post("/login", data={"token": TOKEN}, headers=headers)
             assert login.status_code == 403
-            assert SESSION_COOKIE not in login.cookies
-            browser.cookies.set(SESSION_COOKIE, session_value(TOKEN))
+            assert session_cookie(TOKEN) not in login.cookies
+            browser.cookies.set(session_cookie(TOKEN), session_value(TOKEN))
             refused = browser.post(f"/batches/{batch_id}/pause", headers=headers)
             assert refused.status_code == 403
             assert f"Origin {origin!r}" in refused.text  # the refusal names what it saw
@@ -450,7 +536,7 @@ def test_the_refusal_says_what_was_seen_and_what_to_set(
     Origin and Host seen and the proxy setting that fixes it."""
     app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
     proxied = client(app, peer=LOOPBACK, host="127.0.0.1:8788")
-    proxied.cookies.set(SESSION_COOKIE, session_value(TOKEN))
+    proxied.cookies.set(session_cookie(TOKEN), session_value(TOKEN))
     with caplog.at_level(logging.WARNING, logger="web.auth"):
         refused = proxied.post(f"/batches/{batch_id}/pause", headers={**HTML, "Origin": PUBLIC})
     assert refused.status_code == 403

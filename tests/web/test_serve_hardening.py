@@ -25,9 +25,10 @@ from falsim.webhooks import WebhookSigner, webhook_body
 from jobs import db
 from jobs.db import make_engine, session_factory
 from jobs.settings import Settings, get_settings
-from tests.web.web_helpers import HTML, JSON, LOOPBACK, REMOTE, TOKEN, mixed_batch, settings_for
+from tests.web.web_helpers import HTML, JSON, LOOPBACK, REMOTE, TOKEN, app_for, mixed_batch, settings_for
+from tests.web.web_helpers import client as sync_client
 from web.app import DATABASE_UNAVAILABLE, RECEIVER_THREADS, create_app
-from web.auth import SESSION_COOKIE, TokenGate, same_origin, session_value
+from web.auth import TokenGate, same_origin, session_cookie, session_value
 from worker.fal.webhooks import JwksKeys
 from worker.steps.webhooks import database_fingerprint, webhook_secret
 
@@ -145,7 +146,7 @@ def test_unparsable_origins_are_refused_not_crashed_on(
     sqlite_engine: Engine, output_dir: Path, batch_id: str
 ) -> None:
     app = _app(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
-    cookie = {"Cookie": f"{SESSION_COOKIE}={session_value(TOKEN)}"}
+    cookie = {"Cookie": f"{session_cookie(TOKEN)}={session_value(TOKEN)}"}
 
     async def main() -> list[httpx.Response]:
         async with _client(app, REMOTE, "dash.example.com") as client:
@@ -159,7 +160,7 @@ def test_unparsable_origins_are_refused_not_crashed_on(
     for answer in asyncio.run(main()):
         assert answer.status_code == 403
         assert "Origin/Referer" in answer.text
-        assert SESSION_COOKIE not in answer.cookies
+        assert session_cookie(TOKEN) not in answer.cookies
 
 
 # ----------------------------------------------------------------------------- token guessing
@@ -250,7 +251,7 @@ def test_a_wrong_cookie_takes_its_turn_and_no_credential_never_waits(
     fake, checks = virtual_time
     gate = TokenGate(TOKEN, clock=fake.clock, sleep=fake.sleep)
     app = _app(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN), gate=gate)
-    stale = {"Cookie": f"{SESSION_COOKIE}=stale"}
+    stale = {"Cookie": f"{session_cookie(TOKEN)}=stale"}
 
     async def main() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
         async with _client(app, REMOTE, "dash.example.com") as client:
@@ -287,6 +288,46 @@ def test_a_wrong_cookie_takes_its_turn_and_no_credential_never_waits(
     assert checks == [2 * gate.delay]
 
 
+def test_another_dashboards_cookie_is_no_guess(
+    sqlite_engine: Engine, output_dir: Path, virtual_time: tuple[VirtualTime, list[float]]
+) -> None:
+    """A browser logged into a second dashboard on this host (another port, another token) sends
+    its cookie here too: cookies are scoped by host, not port. It was taken for a wrong guess,
+    paced a second each, and a right bearer token (a /metrics scrape) waited behind them. It is
+    no credential here: answered at once, as no cookie is, and the pace stays untouched."""
+    fake, checks = virtual_time
+    other = "other-dash-token-5e9b13d0aa"
+    theirs_app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=other))
+    browser = sync_client(theirs_app, host="127.0.0.1:8789")
+    login = browser.post("/login", data={"token": other}, headers={**HTML, "Origin": "http://127.0.0.1:8789"})
+    assert login.status_code == 303
+    theirs = {"Cookie": login.headers["set-cookie"].split(";")[0]}
+    checks.clear()
+    gate = TokenGate(TOKEN, clock=fake.clock, sleep=fake.sleep)
+    app = _app(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN), gate=gate)
+
+    async def main() -> tuple[list[httpx.Response], httpx.Response]:
+        async with _client(app) as client:
+            tabs = [
+                *(asyncio.ensure_future(client.get("/", headers={**HTML, **theirs})) for _ in range(5)),
+                *(asyncio.ensure_future(client.get("/metrics", headers=theirs)) for _ in range(5)),
+            ]
+            await settle()
+            assert all(task.done() for task in tabs)  # no virtual time passed: nothing waited
+            assert fake.sleepers == []
+            scrape = asyncio.ensure_future(
+                client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+            )
+            await settle()
+            assert checks == [0.0]  # the right token is checked at once
+            return [task.result() for task in tabs], await asyncio.wait_for(scrape, SAFETY)
+
+    tabs, scrape = asyncio.run(main())
+    assert [a.status_code for a in tabs] == [303] * 5 + [401] * 5
+    assert scrape.status_code == 200
+    assert fake.sleepers == []
+
+
 # ----------------------------------------------------------------------------- the token setting
 
 
@@ -317,7 +358,7 @@ def test_an_empty_token_is_no_token(
     login = asyncio.run(main())
     assert login.status_code == 403
     assert "WANBATCH_SERVE_TOKEN is not set" in login.text
-    assert SESSION_COOKIE not in login.cookies
+    assert session_cookie(TOKEN) not in login.cookies
 
 
 # ----------------------------------------------------------------------------- a locked database

@@ -20,7 +20,7 @@ from jobs.models import Batch, Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
 from web.app import create_app
-from web.auth import SESSION_COOKIE, session_value
+from web.auth import session_cookie, session_value
 
 ENDPOINTS = ("fal-ai/wan-i2v", "fal-ai/wan-22")
 TOKEN = "dash-token-7c41e0f2b9"  # distinctive, so a leak is found by a plain substring search
@@ -170,7 +170,7 @@ def client(app: Starlette, *, peer: tuple[str, int] = LOOPBACK, host: str = "127
 def logged_in(browser: TestClient, token: str = TOKEN) -> TestClient:
     """``browser`` holding the login form's cookie for ``token``: with a token configured, every
     client (loopback too) needs it to read."""
-    browser.cookies.set(SESSION_COOKIE, session_value(token))
+    browser.cookies.set(session_cookie(token), session_value(token))
     return browser
 
 
