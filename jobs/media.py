@@ -3,8 +3,15 @@
 A bad image is the most common reason a paid request fails, and fal reports it only after the
 request was queued. So local files and inline data URIs are checked here against the endpoint's
 :class:`~jobs.endpoints.MediaConstraints` before anything is sent: format, dimensions, alpha,
-size. Pillow's ``Image.open`` reads only the header, so a 4096x4096 image costs microseconds;
-decompression bombs are refused rather than decoded. Audio is probed with PyAV for a WAV or MP3
+size. Pillow's ``Image.open`` reads the header first, and only with the readers of formats an
+endpoint accepts or validation names (:func:`opened_formats`): a file of another format (a DDS or
+SPIDER file named ``photo.jpg``) never reaches Pillow's less-travelled parsers, and whatever
+Pillow raises while reading is "not a readable image", never a crash. Decompression bombs are
+refused rather than decoded. An image that passes is then decoded once (within the same pixel
+limit), so a truncated or corrupt file (half a PNG, a JPEG cut short) is refused here rather than
+by fal after it was sent and billed; the verdict is cached by the bytes' SHA-256. Pillow's own
+warnings and log lines about a damaged file are kept off stderr (:func:`quiet_pillow`): the
+verdict is the one line validation prints. Audio is probed with PyAV for a WAV or MP3
 container (sniffed from its first bytes, then read by that demuxer alone: an untrusted file
 never picks FFmpeg's demuxer, a playlist never opens other files; and by the MP3 or PCM
 decoders alone, see :func:`read_audio_header`) and its duration, only within the endpoint's
@@ -24,7 +31,8 @@ with ``--allow-dir`` or ``WANBATCH_ALLOWED_INPUT_DIRS``. A shared manifest namin
 wanbatch read (and send to fal, and export) someone's private file.
 
 Results are cached per file (path, size and modification time), because a 100,000-job batch
-typically reuses a handful of images.
+typically reuses a handful of images; the full decode is cached by content too (the simulator
+checks each request's bytes, and one image often comes as a file and as a data URI).
 """
 
 from __future__ import annotations
@@ -32,13 +40,19 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import importlib
 import io
+import logging
 import math
 import mimetypes
 import os
 import re
 import stat
+import threading
 import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
@@ -46,8 +60,9 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-from jobs.endpoints import FieldType, MediaConstraints
+from jobs.endpoints import FieldType, MediaConstraints, all_endpoints
 from jobs.fs import is_missing, os_reason, shown_path
+from jobs.printable import clause, shortened
 
 ALLOWED_FORMS = "a local file path (inside the manifest's folder), an http(s) URL or a base64 data URI"
 #: What a local path outside the allowed folders could be instead.
@@ -389,9 +404,96 @@ def _formats(limits: MediaConstraints) -> str:
     return "in " + "/".join(limits.formats)
 
 
-#: What Pillow raises for bytes it cannot read as an image (besides a decompression bomb):
-#: ``UnidentifiedImageError`` is an ``OSError``.
-_UNREADABLE: tuple[type[Exception], ...] = (OSError, ValueError, SyntaxError)
+#: Formats no endpoint accepts that Pillow still opens, so that validation names them ("image
+#: format GIF is not accepted"; on Wan 2.1, whose limits are assumed, a warning and the image is
+#: sent) rather than calling a common file unreadable.
+_NAMED_FORMATS = ("GIF", "TIFF")
+#: The Pillow plugin module (``PIL.<name>ImagePlugin``) that reads each of those formats.
+_PLUGINS = {
+    "BMP": "Bmp",
+    "GIF": "Gif",
+    "JPEG": "Jpeg",
+    "PNG": "Png",
+    "TIFF": "Tiff",
+    "WEBP": "WebP",
+}
+
+
+@lru_cache(maxsize=1)
+def opened_formats() -> tuple[str, ...]:
+    """The Pillow formats an image is opened with: those any endpoint's image field accepts and
+    :data:`_NAMED_FORMATS` (a camera JPEG the JPEG reader opens as ``MPO`` itself). Any other of
+    Pillow's ~40 readers (DDS, SPIDER, …: rarely exercised parsers that crashed on crafted bytes)
+    is never tried on an untrusted file."""
+    from PIL import Image
+
+    accepted = {
+        fmt.upper()
+        for spec in all_endpoints()
+        for fld in spec.media_fields
+        if fld.type is FieldType.IMAGE and fld.media is not None
+        for fmt in fld.media.formats
+    }
+    wanted = accepted | set(_NAMED_FORMATS)
+    # Only these readers are imported (Image.init() would import all of them: 40 ms more).
+    for fmt in sorted(wanted):
+        plugin = _PLUGINS.get(fmt)
+        if plugin is not None and fmt not in Image.OPEN:
+            importlib.import_module(f"PIL.{plugin}ImagePlugin")
+    if not wanted <= Image.OPEN.keys():
+        Image.init()  # a format of another reader: every reader registers, so OPEN knows it
+    return tuple(sorted(fmt for fmt in wanted if fmt in Image.OPEN))
+
+
+class UnreadableImage(ValueError):
+    """The bytes are no image Pillow reads in :func:`opened_formats`; the message says why."""
+
+
+#: Threads inside :func:`quiet_pillow`, and what the first one found (restored by the last).
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: tuple[warnings.catch_warnings[None], int] | None = None
+
+
+@contextmanager
+def quiet_pillow() -> Iterator[None]:
+    """Pillow's warnings and log records kept off stderr while it reads an untrusted image.
+
+    A damaged TIFF makes Pillow warn ("Corrupt EXIF data") and log errors ("More samples per
+    pixel than can be decoded") before it fails; printed, they came before validation's one
+    located line about the file. Inside, Python's warnings are ignored, but a
+    ``DecompressionBombWarning`` is raised as the error it is, and the ``PIL`` loggers are
+    silenced. Both are process-wide (Python's warning filters are global): threads that check
+    images at once share one quiet window, opened by the first and closed by the last."""
+    global _quiet_depth, _quiet_saved
+    from PIL import Image
+
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            caught = warnings.catch_warnings()
+            caught.__enter__()
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            logger = logging.getLogger("PIL")
+            _quiet_saved = (caught, logger.level)
+            logger.setLevel(logging.CRITICAL + 1)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _quiet_saved is not None:
+                caught, level = _quiet_saved
+                _quiet_saved = None
+                logging.getLogger("PIL").setLevel(level)
+                caught.__exit__(None, None, None)
+
+
+def _why(exc: BaseException) -> str:
+    """Pillow's reason, on one short line (``image file is truncated (0 bytes not processed)``)."""
+    text = clause(str(exc).strip()) or type(exc).__name__
+    return shortened(text, 120)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,20 +515,60 @@ class ImageHeader:
 
 
 def _read_header(fh: BinaryIO) -> ImageHeader:
-    """The image's header, read by Pillow from its bytes (never from a file name), without
-    decoding the pixels. Raises for a decompression bomb and for bytes that are no image
-    (:data:`_UNREADABLE`)."""
+    """The image's header, read by Pillow from its bytes (never from a file name) with the
+    readers of :func:`opened_formats` only, without decoding the pixels. Raises Pillow's
+    ``DecompressionBombError``/``DecompressionBombWarning`` for a decompression bomb and
+    :class:`UnreadableImage` for anything else that goes wrong: bytes that are no image, or a
+    reader's own bug on crafted bytes (any exception, never a crash)."""
     # Here, not at the top: a manifest without images never needs Pillow (14 ms of start-up).
     from PIL import Image
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(fh)  # reads the header only
-    with image:
-        fmt = _FORMAT_ALIASES.get(image.format or "", image.format or "unknown")
-        width, height = image.size
-        alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
+    bomb = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+    try:
+        with quiet_pillow(), Image.open(fh, formats=opened_formats()) as image:  # the header only
+            fmt = _FORMAT_ALIASES.get(image.format or "", image.format or "unknown")
+            width, height = image.size
+            alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
+    except bomb:
+        raise
+    except Exception as exc:  # any failure of a reader: an unreadable file
+        raise UnreadableImage(_why(exc)) from exc
     return ImageHeader(fmt, width, height, alpha)
+
+
+#: Full-decode verdicts by the bytes' SHA-256 (None: it decodes), most recent last.
+_decoded: OrderedDict[bytes, str | None] = OrderedDict()
+_decoded_lock = threading.Lock()
+_DECODED_KEPT = 4096
+
+
+def _decode_problem(fh: BinaryIO) -> str | None:
+    """Why the whole image in ``fh`` cannot be decoded (truncated, corrupt), or None when it can.
+
+    Called only for an image whose header passed (a readable format, no decompression bomb), so
+    the pixels decoded are within Pillow's limit. Once per distinct content: the verdict is cached
+    by SHA-256, so a batch that sends one image a thousand times, as a file or as a data URI,
+    decodes it once."""
+    fh.seek(0)
+    data = fh.read()
+    digest = hashlib.sha256(data).digest()
+    with _decoded_lock:
+        if digest in _decoded:
+            _decoded.move_to_end(digest)
+            return _decoded[digest]
+    from PIL import Image
+
+    why: str | None = None
+    try:
+        with quiet_pillow(), Image.open(io.BytesIO(data), formats=opened_formats()) as image:
+            image.load()  # the first frame, as fal's model reads it
+    except Exception as exc:  # whatever stops this decode stops fal's
+        why = _why(exc)
+    with _decoded_lock:
+        _decoded[digest] = why
+        while len(_decoded) > _DECODED_KEPT:
+            _decoded.popitem(last=False)
+    return why
 
 
 def media_type(data: bytes, name: str, kind: FieldType | None = None) -> str:
@@ -449,7 +591,7 @@ def media_type(data: bytes, name: str, kind: FieldType | None = None) -> str:
         bomb = (Image.DecompressionBombError, Image.DecompressionBombWarning)
         try:
             return _read_header(io.BytesIO(data)).mime
-        except bomb + _UNREADABLE:
+        except (*bomb, UnreadableImage):
             pass
     return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
@@ -490,7 +632,7 @@ def _check_image(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[Med
             MediaProblem(f"refused as a decompression bomb ({exc})", _bomb_allowed(), code="image_load_error")
         )
         return tuple(problems)
-    except _UNREADABLE:
+    except UnreadableImage:
         problems.append(
             MediaProblem("not a readable image", "an image " + _formats(limits), code="image_load_error")
         )
@@ -540,6 +682,17 @@ def _check_image(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[Med
                 "image_has_alpha",
             )
         )
+    # Decoded only when nothing refuses it yet: a file over the byte limit is not even read whole.
+    if not any(problem.severity == "error" for problem in problems):
+        why = _decode_problem(fh)
+        if why is not None:
+            problems.append(
+                MediaProblem(
+                    f"the image is truncated or corrupt: {why}",
+                    "a complete image " + _formats(limits) + ": save or export it again",
+                    code="image_load_error",
+                )
+            )
     return tuple(problems)
 
 
