@@ -87,7 +87,7 @@ def status(batch: str | None, as_json: bool) -> None:
         settings = get_settings()
         # Which cap holds an active batch's unsent jobs back, counted as a run started from
         # here (or the workers, with a broker) counts it: this environment's key and caps.
-        caps = batches.CapCheck.of(settings, api_key_id(settings))
+        caps = batches.CapCheck.of(settings, api_key_id(settings), process_here(settings).origin)
         # A hold on fal recorded by a process of this host that has ended is not shown.
         from jobs.processes import owner_gone
 

@@ -1031,6 +1031,15 @@ def elsewhere_note(
     return listing.elsewhere_wait_text(listing.elsewhere_waits(session, [batch.id], here).get(batch.id, []))
 
 
+def held_note(session: Session, batch: Batch, counts: Mapping[str, int], phase: str, caps: CapCheck) -> str:
+    """What holds an ``active`` batch's unsent (``pending``) jobs back, counted as ``caps`` counts
+    (:func:`cap_holds`, :func:`cap_note`): ``status``'s ``phase_reason`` for it, for the
+    dashboard's batch page; "" when nothing does, or the batch is not active or has none pending."""
+    if phase != "active" or not counts.get(JobState.PENDING.value, 0):
+        return ""
+    return cap_note(cap_holds(session, batch.id, caps.scope(batch), caps), batch.id)
+
+
 def left_to_collect(progress: BatchProgress) -> int:
     """Jobs a run whose batch sends nothing more (paused) still waits for before it ends: the
     requests fal holds, and the videos of completed requests still being downloaded. Both are
@@ -1241,7 +1250,9 @@ def _low_priority_note(
 class CapHold:
     """A cap that holds a batch's submits back now, and whose jobs fill it (:func:`cap_holds`)."""
 
-    #: ``downloads`` (the download backlog) or ``outstanding`` (fal's account, or ``endpoint``'s).
+    #: ``downloads`` (the download backlog), ``outstanding`` (fal's account, or ``endpoint``'s) or
+    #: ``queue`` (the queue-wait back-off: requests wait long in fal's queue, and it keeps
+    #: ``limit`` waiting there; ``holders``: whose requests wait there).
     kind: str
     #: The setting that sets the cap, named so that the user knows what to raise.
     setting: str
@@ -1249,6 +1260,11 @@ class CapHold:
     #: ``(batch id, name, jobs)`` of each batch whose jobs count against it, the most first.
     holders: tuple[tuple[str, str, int], ...]
     endpoint: str | None = None
+    #: ``queue``: the requests ``queued`` at fal longer than the back-off's ``seconds``, and
+    #: those fal runs (the kept depth is a quarter of them, at least one).
+    waited_long: int = 0
+    running: int = 0
+    seconds: float = 0.0
 
     @property
     def total(self) -> int:
@@ -1266,10 +1282,18 @@ class CapCheck:
     download_backlog: int
     per_endpoint: dict[str, int]
     distributed: bool
+    #: The origin of the fal queue it sends to (:attr:`jobs.store.CapScope.origin`); None: it
+    #: counts every queue's requests, as before the origin was recorded.
+    origin: str | None = None
+    #: ``WANBATCH_QUEUE_WAIT_BACKOFF`` (0: off).
+    queue_wait_backoff: float = 0.0
+    #: The counting process's heartbeat owner (:attr:`jobs.store.CapScope.me`); "" for ``status``.
+    me: str = ""
 
     @classmethod
-    def of(cls, settings: Settings, api_key_id: str) -> CapCheck:
-        """The caps ``run`` (or the workers, with a broker) would apply with ``settings``."""
+    def of(cls, settings: Settings, api_key_id: str, origin: str | None = None, me: str = "") -> CapCheck:
+        """The caps ``run`` (or the workers, with a broker) would apply with ``settings``, sending
+        to the fal queue at ``origin`` (``worker.here.queue_origin`` of its queue URL)."""
         return cls(
             api_key_id=api_key_id,
             max_outstanding=settings.max_outstanding,
@@ -1278,7 +1302,15 @@ class CapCheck:
                 endpoint: int(cap) for endpoint, cap in settings.max_outstanding_per_endpoint.items()
             },
             distributed=bool(settings.broker_url),
+            origin=origin,
+            queue_wait_backoff=settings.queue_wait_backoff,
+            me=me,
         )
+
+    def waited_long_before(self, now: datetime) -> datetime:
+        """A request sent before this and still ``queued`` has waited long (the back-off's
+        threshold; beyond ten years, "never", as dispatch reads it)."""
+        return now - timedelta(seconds=min(self.queue_wait_backoff, store.LONGEST_WAIT_SECONDS))
 
     def scope(self, batch: Batch) -> store.CapScope:
         """What the caps count for a process sending ``batch``: an embedded ``run`` (its own
@@ -1287,14 +1319,27 @@ class CapCheck:
         (its own simulator)."""
         if self.distributed and not batch.simulated:
             return self.workers_scope()
-        return store.CapScope.of(api_key_id=self.api_key_id, batch_ids={batch.id}, simulated=batch.simulated)
+        return store.CapScope.of(
+            api_key_id=self.api_key_id,
+            batch_ids={batch.id},
+            simulated=batch.simulated,
+            origin=self.origin,
+            me=self.me,
+        )
 
     def workers_scope(self) -> store.CapScope:
         """What the distributed workers' leader counts (``Runtime.cap_scope`` without a batch
         scope): every batch's downloads, and the requests at fal of every key, since a worker
         with another ``FAL_KEY`` sends with its own. An explanation counting only this key's
         said "3 of 10" while dispatch saw 10 of 10 and sent nothing."""
-        return store.CapScope.of(api_key_id=self.api_key_id, batch_ids=None, simulated=False, every_key=True)
+        return store.CapScope.of(
+            api_key_id=self.api_key_id,
+            batch_ids=None,
+            simulated=False,
+            every_key=True,
+            origin=self.origin,
+            me=self.me,
+        )
 
 
 def cap_holds(session: Session, batch_id: str, scope: store.CapScope, check: CapCheck) -> list[CapHold]:
@@ -1303,21 +1348,57 @@ def cap_holds(session: Session, batch_id: str, scope: store.CapScope, check: Cap
 
     The download backlog whenever it is full. An outstanding cap (the account's, or that of an
     endpoint the batch has jobs waiting for) when it is full and not only of the batch's own
-    requests: full of its own, the cap is simply at work for it, and its counts say so.
+    requests: full of its own, the cap is simply at work for it, and its counts say so. The
+    queue-wait back-off whenever it lets nothing go (:func:`queue_hold`).
     """
     return _cap_holds(
         store.cap_holders(session, scope),
         batch_id,
         check,
         waiting=lambda: store.batch_endpoints(session, batch_id, [JobState.PENDING]),
+        queue=lambda: queue_waits(session, scope, check, now=utcnow()),
+    )
+
+
+def queue_waits(
+    session: Session, scope: store.CapScope, check: CapCheck, *, now: datetime
+) -> store.QueueWaits | None:
+    """The queue-wait back-off's counts as dispatch reads them with ``check``'s settings at
+    ``now`` (:func:`jobs.store.queue_waits`); None while the back-off is off."""
+    if check.queue_wait_backoff <= 0:
+        return None
+    return store.queue_waits(session, scope, sent_before=check.waited_long_before(now))
+
+
+def queue_hold(waits: store.QueueWaits | None, check: CapCheck) -> CapHold | None:
+    """The queue-wait back-off as a :class:`CapHold` when it lets nothing go: requests of the
+    process's fal queue wait there over ``WANBATCH_QUEUE_WAIT_BACKOFF`` and as many wait as it
+    keeps there (a quarter of those fal runs, at least one). Named whoever's requests wait:
+    nothing else shows why a batch's unsent jobs stay ``pending`` with the cap far from full."""
+    if waits is None or not waits.holds:
+        return None
+    return CapHold(
+        "queue",
+        "WANBATCH_QUEUE_WAIT_BACKOFF",
+        waits.depth,
+        waits.waiting_by_batch,
+        waited_long=waits.waiting_long,
+        running=waits.running,
+        seconds=check.queue_wait_backoff,
     )
 
 
 def _cap_holds(
-    holders: Sequence[store.CapHolder], batch_id: str, check: CapCheck, *, waiting: Callable[[], set[str]]
+    holders: Sequence[store.CapHolder],
+    batch_id: str,
+    check: CapCheck,
+    *,
+    waiting: Callable[[], set[str]],
+    queue: Callable[[], store.QueueWaits | None] = lambda: None,
 ) -> list[CapHold]:
     """:func:`cap_holds` from the scope's ``holders``; ``waiting``: the endpoints of the batch's
-    pending jobs (asked only when there are per-endpoint caps)."""
+    pending jobs (asked only when there are per-endpoint caps); ``queue``: the queue-wait
+    back-off's counts (asked only when no outstanding cap holds: that one goes first)."""
     holds: list[CapHold] = []
     downloads = CapHold(
         "downloads",
@@ -1338,6 +1419,9 @@ def _cap_holds(
         requests = CapHold("outstanding", setting, limit, _per_batch(rows), endpoint)
         if requests.total >= limit and any(held != batch_id for held, _name, _n in requests.holders):
             holds.append(requests)
+    account = next((h for h in holds if h.kind == "outstanding" and h.endpoint is None), None)
+    if account is None and (hold := queue_hold(queue(), check)) is not None:
+        holds.append(hold)
     return holds
 
 
@@ -1360,13 +1444,26 @@ def cap_note(holds: Sequence[CapHold], batch_id: str, *, short: bool = False) ->
     ``batch_id`` back: which cap, how many jobs of which batches fill it, and what frees it.
     ``short``: the progress line's few words ("held: outstanding cap full (3 of c)")."""
     if short:
-        return "; ".join(f"held: {_cap_name(h)} full ({_who(h, batch_id, short=True)})" for h in holds)
+        return "; ".join(_short_text(h, batch_id) for h in holds)
     return "; ".join(_hold_text(h, batch_id) for h in holds)
+
+
+def _short_text(hold: CapHold, batch_id: str) -> str:
+    """``held: outstanding cap full (3 of c)``; ``held: queue-wait backoff (2 waiting at fal
+    over 60s: 2 of c; keeps 1)``."""
+    if hold.kind == "queue":
+        return (
+            f"held: {_cap_name(hold)} ({hold.waited_long} waiting at fal over {hold.seconds:.0f}s: "
+            f"{_who(hold, batch_id, short=True)}; keeps {hold.limit})"
+        )
+    return f"held: {_cap_name(hold)} full ({_who(hold, batch_id, short=True)})"
 
 
 def _cap_name(hold: CapHold) -> str:
     if hold.kind == "downloads":
         return "download backlog"
+    if hold.kind == "queue":
+        return "queue-wait backoff"
     return f"outstanding cap of {hold.endpoint}" if hold.endpoint else "outstanding cap"
 
 
@@ -1386,6 +1483,14 @@ def _who(hold: CapHold, batch_id: str, *, short: bool = False) -> str:
 
 
 def _hold_text(hold: CapHold, batch_id: str) -> str:
+    if hold.kind == "queue":
+        return (
+            f"submits held back: {hold.waited_long} request(s) have waited in fal's queue over "
+            f"{hold.seconds:.0f}s ({hold.setting}), so the account runs fewer at once than the cap: "
+            f"only {hold.limit} is kept waiting there (a quarter of the {hold.running} fal runs, at "
+            f"least one) and {hold.total} wait ({_who(hold, batch_id)}); sending resumes as fal "
+            f"starts them, or set {hold.setting}=0 to keep the full cap at fal"
+        )
     full = f"{hold.total} of {hold.limit}, {hold.setting}"
     if hold.kind == "downloads":
         return (
@@ -1419,6 +1524,9 @@ class _Reads(Protocol):
     def deadline_cancelled(self, batch: Batch) -> int: ...
     def broker_down(self, now: datetime) -> datetime | None: ...
     def cap_holders(self, scope: store.CapScope) -> list[store.CapHolder]: ...
+    def queue_waits(
+        self, scope: store.CapScope, caps: CapCheck, now: datetime
+    ) -> store.QueueWaits | None: ...
     def pending_endpoints(self, batch: Batch) -> set[str]: ...
     def heartbeat(self, batch: Batch, now: datetime) -> datetime | None: ...
     def fal_holds(
@@ -1462,6 +1570,9 @@ class _OneBatch:
     def cap_holders(self, scope: store.CapScope) -> list[store.CapHolder]:
         return store.cap_holders(self.session, scope)
 
+    def queue_waits(self, scope: store.CapScope, caps: CapCheck, now: datetime) -> store.QueueWaits | None:
+        return queue_waits(self.session, scope, caps, now=now)
+
     def pending_endpoints(self, batch: Batch) -> set[str]:
         return store.batch_endpoints(self.session, batch.id, [JobState.PENDING])
 
@@ -1503,13 +1614,20 @@ class _AllBatches:
     makes as many queries for 750 batches as for 5. Same figures as :class:`_OneBatch`."""
 
     def __init__(
-        self, session: Session, batches: Sequence[Batch], *, now: datetime, api_key_id: str | None
+        self,
+        session: Session,
+        batches: Sequence[Batch],
+        *,
+        now: datetime,
+        api_key_id: str | None,
+        origin: str | None = None,
     ) -> None:
         self.session = session
         self.batches = list(batches)
         self.ids = [b.id for b in self.batches]
         self.now = now
         self.api_key_id = api_key_id
+        self.origin = origin
         self._read: dict[str, Any] = {}
 
     def _once(self, name: str, read: Callable[[], Any]) -> Any:
@@ -1546,8 +1664,16 @@ class _AllBatches:
         )
 
     def cap_holders(self, scope: store.CapScope) -> list[store.CapHolder]:
-        counts = self._once("caps", lambda: store.cap_counts(self.session, self.api_key_id))
+        counts = self._once("caps", lambda: store.cap_counts(self.session, self.api_key_id, self.origin))
         return store.holders_in(counts, scope)
+
+    def queue_waits(self, scope: store.CapScope, caps: CapCheck, now: datetime) -> store.QueueWaits | None:
+        # The same for every batch sent to fal (their scopes differ only in their downloads); a
+        # simulation's is its own batch's.
+        key = "queue:" + ",".join(sorted(scope.requests_of or ()))
+        return cast(
+            store.QueueWaits | None, self._once(key, lambda: queue_waits(self.session, scope, caps, now=now))
+        )
 
     def pending_endpoints(self, batch: Batch) -> set[str]:
         found = self._once(
@@ -1681,11 +1807,13 @@ def _report(
     if broker_down is not None and phase == "active":
         phase_reason = broker_down_text(broker_down, broker_url, now=now)
     elif caps is not None and phase == "active" and counts.get(JobState.PENDING.value, 0):
+        scope = caps.scope(batch)
         holds = _cap_holds(
-            reads.cap_holders(caps.scope(batch)),
+            reads.cap_holders(scope),
             batch.id,
             caps,
             waiting=lambda: reads.pending_endpoints(batch),
+            queue=lambda: reads.queue_waits(scope, caps, now),
         )
         phase_reason = cap_note(holds, batch.id) or None
     beat = reads.heartbeat(batch, now)
@@ -2168,7 +2296,13 @@ def status(
         # hundreds of scheduled batches made `status` take seconds), the same reports.
         now = utcnow()
         batches = store.list_batches(session)
-        reads = _AllBatches(session, batches, now=now, api_key_id=caps.api_key_id if caps else None)
+        reads = _AllBatches(
+            session,
+            batches,
+            now=now,
+            api_key_id=caps.api_key_id if caps else None,
+            origin=caps.origin if caps else None,
+        )
         return [
             _report(
                 batch,

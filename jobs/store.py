@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -5515,24 +5516,54 @@ class CapScope:
     #: with another ``FAL_KEY`` sends a job with its own key (``record_send``). Counting them all
     #: errs on the safe side: no account ever holds more than the cap.
     every_key: bool = False
+    #: The origin of the counting process's fal queue (``Job.fal_origin``'s form). A request sent
+    #: to another queue counts against the outstanding cap only while a live process other than
+    #: :attr:`me` works on its batch, or on every batch (:func:`_followed_elsewhere`): then its
+    #: state moves and its slot comes back when it ends, and if that queue is fal's under another
+    #: URL, it does hold one of the account's slots. Nobody following it, its row says ``queued``
+    #: for good (a stand-in stopped with requests waiting, a queue URL nobody runs any more): it
+    #: never frees a slot, and a stand-in's never held one at fal. The queue-wait back-off counts
+    #: this queue's requests only (:attr:`QueueWaits`). A request with no origin recorded counts
+    #: as this queue's. None: every queue's count (a simulation's scope: its requests are its
+    #: run's simulator's, whichever port that one had).
+    origin: str | None = None
+    #: The heartbeat owner of the counting process (``Runtime.owner``), whose own beats do not
+    #: make another queue's requests followed; "" for a process that does not beat (``status``).
+    me: str = ""
 
     @classmethod
     def of(
-        cls, *, api_key_id: str, batch_ids: Collection[str] | None, simulated: bool, every_key: bool = False
+        cls,
+        *,
+        api_key_id: str,
+        batch_ids: Collection[str] | None,
+        simulated: bool,
+        every_key: bool = False,
+        origin: str | None = None,
+        me: str = "",
     ) -> CapScope:
         """The caps' scope of a process working on ``batch_ids`` (None: every batch, the
-        distributed workers) with the key ``api_key_id``; ``simulated``: its fal is the
-        simulator of a ``run --simulate``.
+        distributed workers) with the key ``api_key_id`` and the fal queue at ``origin``
+        (:attr:`origin`; ``me``: its heartbeat owner); ``simulated``: its fal is the simulator
+        of a ``run --simulate``.
 
         A simulator holds the requests of the one batch its run processes and nothing else,
         so only that batch's requests and downloads count; an embedded run downloads its own
         batch only (other batches' results wait for their own run), while its requests share
-        fal's account with every batch sent with the key.
+        fal's account with every batch sent with the key to its queue, or to another one that
+        a live process follows.
         """
         own = frozenset(batch_ids) if batch_ids is not None else None
         if simulated:
             return cls(api_key_id=None, requests_of=own or frozenset(), downloads_of=own or frozenset())
-        return cls(api_key_id=api_key_id, requests_of=None, downloads_of=own, every_key=every_key)
+        return cls(
+            api_key_id=api_key_id,
+            requests_of=None,
+            downloads_of=own,
+            every_key=every_key,
+            origin=origin,
+            me=me,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -5544,7 +5575,8 @@ class InFlight:
     outstanding: int
     #: Jobs done at fal and waiting for a download within the scope (the download backlog).
     downloading: int
-    #: Of ``outstanding``, those still ``queued`` that were sent before the given moment.
+    #: Requests of the scope's own fal queue (:attr:`CapScope.origin`) still ``queued`` that were
+    #: sent before the given moment: the queue-wait back-off's signal.
     waiting_long: int
     #: Whether any job waiting for a retry is due (any batch, any key): none, and no claim need
     #: look for them. Not a count of them all: a 5xx outage leaves thousands waiting out their
@@ -5552,9 +5584,11 @@ class InFlight:
     retry_due: bool
 
 
-def _requests_in(scope: CapScope) -> list[ColumnElement[bool]]:
-    """The conditions of :attr:`CapScope.api_key_id` and :attr:`CapScope.requests_of`, their
-    values bound as ``api_key_id`` and ``requests_of``."""
+def _requests_in(scope: CapScope, *, own_queue: bool = False) -> list[ColumnElement[bool]]:
+    """The conditions of :attr:`CapScope.api_key_id`, :attr:`CapScope.requests_of` and
+    :attr:`CapScope.origin`, their values bound as ``api_key_id``, ``requests_of``, ``origin``,
+    ``me`` and ``live_since``. ``own_queue``: only the requests of the scope's own fal queue
+    (the queue-wait back-off's), not those another live process follows elsewhere."""
     conditions: list[ColumnElement[bool]] = []
     if scope.every_key:
         conditions.append(_paid(Job.batch_id))
@@ -5562,7 +5596,23 @@ def _requests_in(scope: CapScope) -> list[ColumnElement[bool]]:
         conditions.append(_sent_with(bindparam("api_key_id")))
     if scope.requests_of is not None:
         conditions.append(Job.batch_id.in_(bindparam("requests_of", expanding=True)))
+    if scope.origin is not None:
+        here = sent_to_origin(bindparam("origin"))
+        conditions.append(here if own_queue else or_(here, _followed_elsewhere()))
     return conditions
+
+
+def _followed_elsewhere() -> ColumnElement[bool]:
+    """A live process other than the counting one (bound as ``me``) beat, since ``live_since``,
+    for the job's batch or for every batch (the distributed workers): its requests at another
+    fal queue are followed (:attr:`CapScope.origin`). The rule the adoption of a batch's
+    requests at another queue goes by (``worker.steps.dead_leases``): nothing else beats for the
+    batch, and nobody follows them but its next run."""
+    return exists().where(
+        or_(ConductorHeartbeat.scope == Job.batch_id, ConductorHeartbeat.scope == EVERY_BATCH),
+        ConductorHeartbeat.seen_at >= bindparam("live_since"),
+        ConductorHeartbeat.owner != bindparam("me"),
+    )
 
 
 def _downloads_in(scope: CapScope) -> ColumnElement[bool]:
@@ -5572,17 +5622,28 @@ def _downloads_in(scope: CapScope) -> ColumnElement[bool]:
     return _paid(Job.batch_id)
 
 
-def _scope_params(scope: CapScope) -> dict[str, Any]:
+def _scope_params(scope: CapScope, now: datetime | None = None) -> dict[str, Any]:
+    """The values :func:`_requests_in` and :func:`_downloads_in` bind (``now``: when a beat
+    makes a process live, :data:`jobs.db.HEARTBEAT_STALE_SECONDS` before it; the clock when None)."""
     return {
         "api_key_id": scope.api_key_id,
         "requests_of": sorted(scope.requests_of or ()),
         "downloads_of": sorted(scope.downloads_of or ()),
+        "origin": scope.origin,
+        "me": scope.me,
+        "live_since": (now or utcnow()) - timedelta(seconds=db.HEARTBEAT_STALE_SECONDS),
     }
 
 
-def _scope_shape(scope: CapScope) -> tuple[bool, bool, bool, bool]:
+def _scope_shape(scope: CapScope) -> tuple[bool, bool, bool, bool, bool]:
     """What tells the statements of different scopes apart (:func:`_prepared`'s key)."""
-    return scope.api_key_id is None, scope.requests_of is None, scope.downloads_of is None, scope.every_key
+    return (
+        scope.api_key_id is None,
+        scope.requests_of is None,
+        scope.downloads_of is None,
+        scope.every_key,
+        scope.origin is None,
+    )
 
 
 def in_flight(session: Session, *, scope: CapScope, sent_before: datetime, now: datetime) -> InFlight:
@@ -5603,7 +5664,7 @@ def in_flight(session: Session, *, scope: CapScope, sent_before: datetime, now: 
                 Job.state == JobState.QUEUED,
                 Job.submitted_at.is_not(None),
                 Job.submitted_at <= bindparam("before"),
-                *requests,
+                *_requests_in(scope, own_queue=True),
             ),
             or_(*(_any_due_retry(due) for due in _DUE)),
         ).where(Job.state.in_(bindparam("states", expanding=True)))
@@ -5614,7 +5675,7 @@ def in_flight(session: Session, *, scope: CapScope, sent_before: datetime, now: 
         "states": [*at_fal, JobState.DOWNLOADING],
         "before": sent_before,
         "now": now,
-        **_scope_params(scope),
+        **_scope_params(scope, now),
     }
     row: Any = _run(session, _prepared(("in_flight", *_scope_shape(scope)), build), params).one()
     return InFlight(int(row[0]), int(row[1]), int(row[2]), bool(row[3]))
@@ -5664,7 +5725,8 @@ class CapCounts:
     name: str
     endpoint: str
     #: Requests at fal (or being sent): sent with the key (or none recorded), of any key, and of
-    #: any key in a batch that is not a simulation.
+    #: any key in a batch that is not a simulation; the first and the last of the fal queue
+    #: :func:`cap_counts` was given, or followed elsewhere (:attr:`CapScope.origin`).
     requests_with_key: int
     requests: int
     requests_paid: int
@@ -5673,21 +5735,26 @@ class CapCounts:
     downloads_paid: int
 
 
-def cap_counts(session: Session, api_key_id: str | None) -> list[CapCounts]:
+def cap_counts(session: Session, api_key_id: str | None, origin: str | None = None) -> list[CapCounts]:
     """The in-flight jobs of every batch per endpoint, counted for every scope of
-    ``api_key_id`` at once (one pass, as :func:`cap_holders`): what ``status`` with no batch
-    reads once, and :func:`holders_in` answers each batch's scope from."""
+    ``api_key_id`` and the fal queue at ``origin`` at once (one pass, as :func:`cap_holders`):
+    what ``status`` with no batch reads once, and :func:`holders_in` answers each batch's scope
+    from. ``origin`` (:attr:`CapScope.origin`) applies to the counts of a key's or every key's
+    requests, not to a simulation's (its scope has no origin); None: every queue's."""
     at_fal = sorted(AT_PROVIDER_STATES, key=lambda state: state.value)
     on_fal = Job.state.in_(at_fal)
+    on_fal_here: ColumnElement[bool] = on_fal
+    if origin is not None:  # as :func:`_requests_in` counts them for a scope with this origin
+        on_fal_here = on_fal & or_(sent_to_origin(bindparam("origin")), _followed_elsewhere())
     downloading = Job.state == JobState.DOWNLOADING
     query = (
         select(
             Job.batch_id,
             Batch.name,
             Job.endpoint,
-            func.count().filter(on_fal, _sent_with(bindparam("api_key_id"))),
+            func.count().filter(on_fal_here, _sent_with(bindparam("api_key_id"))),
             func.count().filter(on_fal),
-            func.count().filter(on_fal, _paid(Job.batch_id)),
+            func.count().filter(on_fal_here, _paid(Job.batch_id)),
             func.count().filter(downloading),
             func.count().filter(downloading, _paid(Job.batch_id)),
         )
@@ -5698,7 +5765,9 @@ def cap_counts(session: Session, api_key_id: str | None) -> list[CapCounts]:
     )
     return [
         CapCounts(str(batch_id), str(name), str(endpoint), *(int(n) for n in counts))
-        for batch_id, name, endpoint, *counts in session.execute(query, {"api_key_id": api_key_id})
+        for batch_id, name, endpoint, *counts in session.execute(
+            query, _scope_params(CapScope(api_key_id=api_key_id, origin=origin))
+        )
     ]
 
 
@@ -5840,9 +5909,82 @@ def batches_endpoints(
 
 
 def count_requests(session: Session, states: Iterable[JobState], *, scope: CapScope) -> int:
-    """How many of ``scope``'s requests are in ``states`` (fal's queue back-off)."""
+    """How many of ``scope``'s requests are in ``states``."""
     query = select(func.count()).select_from(Job).where(Job.state.in_(list(states)), *_requests_in(scope))
     return int(session.execute(query, _scope_params(scope)).scalar() or 0)
+
+
+#: ``WANBATCH_QUEUE_WAIT_BACKOFF`` beyond this (ten years) means "never": no date is that far back.
+LONGEST_WAIT_SECONDS = 10 * 365 * 86400.0
+#: Once fal is seen queueing our requests, how many to keep waiting there, as a share of those it
+#: runs (:attr:`QueueWaits.depth`).
+QUEUE_DEPTH_SHARE = 0.25
+#: The states in which a request waits to be run at fal (or to be known there): the queue-wait
+#: back-off keeps few of them (:class:`QueueWaits`).
+WAITING_AT_FAL = (JobState.SUBMITTING, JobState.SUBMIT_UNKNOWN, JobState.QUEUED)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueWaits:
+    """The queue-wait back-off's counts (:func:`queue_waits`), of the requests of a scope's own
+    fal queue only (:attr:`CapScope.origin`): what dispatch decides by, and ``run``, ``status``
+    and the dashboard name when it holds submits back. Requests at another queue say nothing of
+    how long one sent to this queue waits, and nothing moves those that no one follows."""
+
+    #: Requests still ``queued`` that were sent before the back-off's threshold.
+    waiting_long: int
+    #: Requests that fal runs.
+    running: int
+    #: ``(batch id, name, requests)`` waiting at fal (:data:`WAITING_AT_FAL`), the most first.
+    waiting_by_batch: tuple[tuple[str, str, int], ...] = ()
+
+    @property
+    def waiting(self) -> int:
+        return sum(n for _id, _name, n in self.waiting_by_batch)
+
+    @property
+    def depth(self) -> int:
+        """How many to keep waiting at fal: a quarter of those it runs, at least one."""
+        return max(1, math.ceil(self.running * QUEUE_DEPTH_SHARE))
+
+    def room(self, free: int) -> int:
+        """Of ``free`` submits, how many the back-off lets go: all while nothing waited long."""
+        if self.waiting_long == 0:
+            return free
+        return min(free, max(0, self.depth - self.waiting))
+
+    @property
+    def holds(self) -> bool:
+        """Whether the back-off lets nothing go now."""
+        return self.room(1) == 0
+
+
+def queue_waits(session: Session, scope: CapScope, *, sent_before: datetime) -> QueueWaits:
+    """:class:`QueueWaits` of ``scope``'s own fal queue (requests ``queued`` since before
+    ``sent_before`` count as waiting long), in one grouped pass over those requests."""
+    own = _requests_in(scope, own_queue=True)
+    long = (Job.state == JobState.QUEUED) & Job.submitted_at.is_not(None) & (Job.submitted_at <= sent_before)
+    query = (
+        select(
+            Job.batch_id,
+            Batch.name,
+            func.count().filter(Job.state.in_(WAITING_AT_FAL)),
+            func.count().filter(Job.state == JobState.RUNNING),
+            func.count().filter(long),
+        )
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(Job.state.in_([*WAITING_AT_FAL, JobState.RUNNING]), *own)
+        .group_by(Job.batch_id, Batch.name)
+    )
+    waiting: list[tuple[str, str, int]] = []
+    running = waiting_long = 0
+    for batch_id, name, n_waiting, n_running, n_long in session.execute(query, _scope_params(scope)):
+        running += int(n_running)
+        waiting_long += int(n_long)
+        if n_waiting:
+            waiting.append((str(batch_id), str(name), int(n_waiting)))
+    waiting.sort(key=lambda row: (-row[2], row[1], row[0]))
+    return QueueWaits(waiting_long, running, tuple(waiting))
 
 
 def _paid(batch_id: Any) -> ColumnElement[bool]:

@@ -404,6 +404,14 @@ class Dashboard:
         records = read_records(self.settings, database_fingerprint(webhook_secret(self.engine)))
         return silent_since(records, utcnow()), unread_warning(records)
 
+    def _caps(self) -> batches.CapCheck:
+        """How a run from this environment (or its workers, with a broker) counts the caps: its
+        key, caps and fal queue, as ``status`` counts them."""
+        from worker.limits import api_key_id
+
+        origin = process_here(self.settings).origin
+        return batches.CapCheck.of(self.settings, api_key_id(self.settings), origin)
+
     def batch_page(self, request: Request) -> Response:
         wanted = Filter.parse(request.query_params)
         silent, workers_unread = self._silent_workers()
@@ -480,6 +488,9 @@ class Dashboard:
                 "elsewhere_wait": batches.elsewhere_note(
                     session, batch, totals.counts, process_here(self.settings)
                 ),
+                # A cap (or the queue-wait back-off) holding its unsent jobs back, and whose jobs
+                # fill it: `status`'s phase_reason, counted as a run from this environment counts.
+                "cap_hold": batches.held_note(session, batch, totals.counts, phase, self._caps()),
                 "workers_unread": workers_unread,
                 "failures": failures,
                 "failures_split": batches.told_apart_by_sending(

@@ -53,7 +53,7 @@ from jobs.states import JobState
 from jobs.store import CapScope
 from jobs.url_secrets import masked_url
 from worker.db_outage import DatabaseOutage, DatabaseUnavailableError
-from worker.here import process_here
+from worker.here import process_here, queue_origin
 from worker.limits import api_key_id, unreachable_note
 from worker.progress_line import PlainProgress, batch_progress_display, money_text, plain_line
 
@@ -825,7 +825,9 @@ class _CapWatch:
     def __init__(self, batch_id: str, settings: Settings, rt: Runtime | None) -> None:
         self.batch_id = batch_id
         self.rt = rt
-        self.check = CapCheck.of(settings, api_key_id(settings))
+        # Its fal queue's (a simulation's: its simulator's) and its own heartbeat, as its dispatch.
+        origin = rt.queue_origin if rt is not None else queue_origin(settings.fal_queue_url)
+        self.check = CapCheck.of(settings, api_key_id(settings), origin, rt.owner if rt is not None else "")
         # Embedded, what this process's dispatch counts; watching, what the workers' leader
         # counts (every key's requests: CapScope.every_key).
         self.scope: CapScope = rt.cap_scope() if rt is not None else self.check.workers_scope()

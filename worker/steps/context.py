@@ -414,12 +414,16 @@ class Runtime:
         its provider holds for its key and the downloads it makes itself, never jobs that only
         another process (another batch's run, another simulator) can move on. The distributed
         workers' leader (every batch) counts every key's requests: a worker with another
-        ``FAL_KEY`` sends with its own (:attr:`jobs.store.CapScope.every_key`)."""
+        ``FAL_KEY`` sends with its own (:attr:`jobs.store.CapScope.every_key`). Requests at
+        another fal queue count against the outstanding cap only while another live process
+        follows them, and never in the queue-wait back-off (:attr:`jobs.store.CapScope.origin`)."""
         return CapScope.of(
             api_key_id=api_key_id(self.settings),
             batch_ids=self.batch_ids,
             simulated=self.simulated,
             every_key=self.batch_ids is None,
+            origin=self.queue_origin,
+            me=self.owner,
         )
 
     def fence(self, job: JobRecord) -> Fence:

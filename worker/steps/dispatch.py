@@ -4,7 +4,6 @@ mark them ``submitting`` and hand them to the submit task. Run by the tick leade
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -31,10 +30,6 @@ from worker.steps.verified_outputs import VERIFIED, Candidate, storage_of
 
 log = logging.getLogger(__name__)
 
-#: Once fal is seen queueing our requests, how many to keep waiting there, as a share of those it runs.
-QUEUE_DEPTH_SHARE = 0.25
-#: ``WANBATCH_QUEUE_WAIT_BACKOFF`` beyond this (ten years) means "never": no date is that far back.
-LONGEST_WAIT_SECONDS = 10 * 365 * 86400.0
 #: With ``reuse_outputs``, how many succeeded twins' outputs a job checks (oldest first, one HEAD
 #: each for S3) before it is sent: the original's may be gone while a rerun's is intact.
 REUSE_CHECKS = 5
@@ -127,13 +122,15 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     rt.bucket.short = False  # set again below when jobs are left waiting for the rate
     rt.downloads_held = False  # likewise, when the download backlog holds jobs back
     scope = rt.cap_scope()  # what the caps count: never jobs that only another process moves on
-    waited = timedelta(seconds=min(rt.settings.queue_wait_backoff, LONGEST_WAIT_SECONDS))
+    waited = timedelta(seconds=min(rt.settings.queue_wait_backoff, store.LONGEST_WAIT_SECONDS))
     flight = store.in_flight(session, scope=scope, sent_before=now - waited, now=now)
     rt.nothing_in_flight = flight.outstanding == 0 and flight.downloading == 0
-    free = _room_at_fal(session, rt, flight, rt.settings.max_outstanding - flight.outstanding, scope)
+    below_cap = rt.settings.max_outstanding - flight.outstanding
+    free = _room_at_fal(session, rt, flight, below_cap, scope, now - waited)
     room = _room_for_downloads(rt, flight.downloading)
-    # `run` then says which cap holds jobs back, and whose jobs fill it (jobs.batches.cap_holds)
-    rt.capped = flight.outstanding >= rt.settings.max_outstanding or room <= 0
+    # `run` then says which cap holds jobs back, and whose jobs fill it (jobs.batches.cap_holds):
+    # the queue-wait back-off too, when it lets nothing go though the cap has room
+    rt.capped = below_cap <= 0 or room <= 0 or free <= 0
     rt.downloads_held = room < free  # until the claim below shows whether any job is left waiting
     free = min(free, room)
     if free <= 0:
@@ -535,36 +532,40 @@ def _pause_unsent(session: Session, job: JobRecord, reason: str, paused: set[str
 
 
 def _room_at_fal(
-    session: Session, rt: Runtime, flight: store.InFlight, free: int, scope: store.CapScope
+    session: Session, rt: Runtime, flight: store.InFlight, free: int, scope: store.CapScope, before: datetime
 ) -> int:
     """Keep a small queue waiting at fal beyond the requests it runs, sized from what is seen.
 
     fal runs 2 to 40 requests at once per account, depending on its tier, and queues the rest
     (FIFO, not billed while queued). A few requests waiting there mean fal starts the next one
     the instant a slot frees, whatever our reaction time; many waiting only lengthen fal's
-    queue, losing control of cancel, budget and result expiry. So while no request we sent has
-    waited ``queue_wait_backoff`` seconds in fal's queue, the full cap applies; once one has
-    (the account runs fewer than our cap), dispatch keeps only a quarter of the requests fal
-    is seen running (at least one) waiting there. When nothing waits that long any more (jobs
-    start, or the tier was raised) the full cap applies again.
+    queue, losing control of cancel, budget and result expiry. So while no request we sent to
+    this process's fal queue has waited ``queue_wait_backoff`` seconds there (sent before
+    ``before``), the full cap applies; once one has (the account runs fewer than our cap),
+    dispatch keeps only a quarter of the requests fal is seen running (at least one) waiting
+    there (:class:`jobs.store.QueueWaits`). When nothing waits that long any more (jobs start,
+    or the tier was raised) the full cap applies again.
+
+    Only the requests of this process's own queue count (``Job.fal_origin``, or none recorded):
+    it follows them, so they move. One at another queue (a stand-in stopped with requests
+    waiting) stayed ``queued`` in the database for good, and every later run sent nothing.
     """
     threshold = rt.settings.queue_wait_backoff
     if threshold <= 0 or free <= 0 or flight.waiting_long == 0:
         return free
-    waiting = store.count_requests(session, [S.SUBMITTING, S.SUBMIT_UNKNOWN, S.QUEUED], scope=scope)
-    running = store.count_requests(session, [S.RUNNING], scope=scope)
-    depth = max(1, math.ceil(running * QUEUE_DEPTH_SHARE))
-    room = max(0, depth - waiting)
+    waits = store.queue_waits(session, scope, sent_before=before)
+    room = waits.room(free)
     if room < free:
         log.info(
-            "requests wait in fal's queue over %.0fs: keeping %d waiting (room %d of %d)",
+            "requests wait in fal's queue over %.0fs: keeping %d waiting (%d wait; room %d of %d)",
             threshold,
-            depth,
+            waits.depth,
+            waits.waiting,
             room,
             free,
             extra={"event": "dispatch.queue_backoff"},
         )
-    return min(free, room)
+    return room
 
 
 def _room_for_downloads(rt: Runtime, backlog: int) -> int:
