@@ -13,6 +13,7 @@ import io
 import json
 import os
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,6 +52,7 @@ from cli.output import (
     usd,
     writing_stdout,
 )
+from jobs.errors import UsageError
 from jobs.printable import one_line, shell_ref
 
 if TYPE_CHECKING:
@@ -70,6 +72,15 @@ if TYPE_CHECKING:
 SIMULATOR_KEY = "simulator-key"
 #: The simulator of the ``--simulate`` command running now (:func:`fal_settings`), else None.
 _simulator: SimulatorHandle | None = None
+
+
+class SimulatedElsewhere(UsageError):
+    """``--simulate`` of a batch another live process of this host simulates (exit 2, nothing
+    changed): ``pids``, those processes."""
+
+    def __init__(self, message: str, pids: list[int]) -> None:
+        super().__init__(message)
+        self.pids = pids
 
 
 @click.command()
@@ -611,6 +622,26 @@ def _simulated(settings: Settings, simulate: bool) -> Iterator[Settings]:
     finally:
         if ran is not None:
             _hand_over_finished(settings, ran)
+            _release_claims(settings, ran)
+
+
+def _release_claims(settings: Settings, sim: SimulatorHandle) -> None:
+    """This process's claims on the batches it simulated end with its simulator
+    (:func:`worker.steps.dead_leases.release_simulation`), once what it finished is handed over:
+    the next ``--simulate`` run of the batch goes on at once. A database that cannot take it
+    leaves the claim of a process that ends now: it holds nothing once the process is gone."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from jobs import db
+    from jobs.errors import WanbatchError
+    from worker.here import queue_origin
+    from worker.steps.dead_leases import release_simulation
+
+    with (
+        contextlib.suppress(SQLAlchemyError, WanbatchError, OSError),
+        db.session_scope(db.open_engine(settings)) as session,
+    ):
+        release_simulation(session, queue_origin(sim.url))
 
 
 def _hand_over_finished(settings: Settings, sim: SimulatorHandle) -> None:
@@ -833,6 +864,10 @@ def _run_and_report(
     # Before the simulator adopts anything: a simulation is never sent to fal, nor a paid batch
     # to the simulator.
     batches.check_simulation(batch_id, settings, simulated=_simulator is not None, command=command)
+    # Before the simulator is given the requests "at fal": a batch another live process
+    # simulates is that process's (refused), else this one's for its life (claimed).
+    if _simulator is not None:
+        _claim_simulation(batch_id, settings)
     # Not for cancel; not with workers (they write to their own disks); not for a simulation
     # (its placeholder videos are not the size of fal's).
     sending = command != "cancel" and not settings.broker_url and _simulator is None
@@ -1051,22 +1086,48 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
 
 def _refuse_simulated_elsewhere(session: Session, batch: Batch) -> None:
     """``--simulate`` of a batch another live process of this host processes: a
-    :class:`~jobs.errors.UsageError` (exit 2) before anything changes. That run's simulator, in
-    its own process, holds the requests it sent: this run's would get a copy of those "at fal"
-    now (:func:`_resume_at_simulator`) and answer every one sent later "not found", failing jobs
-    that were rendering fine. A run that was killed left its heartbeat and leases behind, but its
-    pid no longer runs: it holds nothing back (the next run takes over, as ever). Without
-    ``--simulate`` nothing is refused: fal holds every run's requests alike."""
+    :class:`SimulatedElsewhere` (a :class:`~jobs.errors.UsageError`, exit 2) before anything
+    changes; otherwise the batch is claimed for this process, in ``session``'s transaction
+    (:func:`worker.steps.dead_leases.claim_simulation`: the check and the claim are one step, so
+    of two runs started together exactly one goes on — a run still starting has neither
+    heartbeat nor lease, and both ran the batch). The claim holds while this process runs and
+    ends with its simulator (:func:`_simulated`). That run's simulator, in its own process,
+    holds the requests it sent: this run's would get a copy of those "at fal" now
+    (:func:`_resume_at_simulator`) and answer every one sent later "not found", failing jobs
+    that were rendering fine. A run that was killed left its claim, heartbeat and leases behind,
+    but its pid no longer runs: it holds nothing back (the next run takes over, as ever).
+    Without ``--simulate`` nothing is refused: fal holds every run's requests alike."""
     if _simulator is None:
         return
     from jobs import batches
-    from jobs.errors import UsageError
+    from jobs.models import utcnow
+    from worker.here import queue_origin
+    from worker.steps.dead_leases import claim_simulation
+
+    pids = claim_simulation(session, batch.id, queue_origin(_simulator.url), now=utcnow())
+    if pids:
+        raise SimulatedElsewhere(batches.simulated_elsewhere_line(batch.name, pids[0]), pids)
+
+
+def _claim_simulation(batch_id: str, settings: Settings) -> None:
+    """:func:`_refuse_simulated_elsewhere` in a transaction of its own, for a command that
+    processes a stored batch with ``--simulate`` (``run`` claimed it already, with its submit:
+    this renews that; ``rerun`` and ``cancel`` claim it here)."""
+    from jobs import db, store
+
+    with db.session_scope(db.open_engine(settings)) as session:
+        _refuse_simulated_elsewhere(session, store.get_batch(session, batch_id))
+
+
+def _simulating_elsewhere(batch_id: str, settings: Settings) -> list[int]:
+    """The pids of the other live processes of this host that work on ``batch_id`` (one that
+    simulates it holds its requests in its own simulator): a look, no claim."""
+    from jobs import db
     from jobs.models import utcnow
     from worker.steps.dead_leases import live_runs_here
 
-    pids = live_runs_here(session, batch.id, now=utcnow())
-    if pids:
-        raise UsageError(batches.simulated_elsewhere_line(batch.name, pids[0]))
+    with db.read_scope(db.open_engine(settings)) as session:
+        return live_runs_here(session, batch_id, now=utcnow())
 
 
 def _refuse_simulation_early(ref: Path, settings: Settings) -> None:
@@ -1434,6 +1495,8 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
             return reported()
         if done.unfinished == 0:
             return reported()
+        if simulate:
+            return _cancel_simulated(done.name, batch_id, settings, as_json, not no_progress, reported)
         with fal_settings(settings, simulate, check=False) as target:
             return _run_and_report(batch_id, target, as_json, not no_progress, command="cancel")
 
@@ -1447,6 +1510,69 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
         return f"run `wanbatch cancel {ref}{_simulate_flag(simulate)}` again to finish cancelling"
 
     _processing(as_json, action, again)
+
+
+#: How often (s) ``cancel --simulate`` looks whether the process it leaves the cancel to still runs.
+SIMULATING_LOOK_SECONDS = 1.0
+
+
+def _cancel_simulated(
+    name: str, batch_id: str, settings: Settings, as_json: bool, progress: bool, reported: Callable[[], int]
+) -> int:
+    """``cancel --simulate`` once the cancel is recorded: the requests at fal are cancelled by
+    the simulator that holds them.
+
+    When another live process of this host simulates the batch (its own simulator accepted its
+    requests: one here, given a copy of those "at fal" now, knew nothing of those it sent later,
+    answered them 404, and their jobs failed "provider lost the request"), that run's dispatch
+    sees the cancel and cancels them at its simulator: this one watches until the batch ends, as
+    a ``cancel`` of a batch for fal follows it until every job is terminal, then reports (exit 1:
+    jobs were cancelled). Should that process end first, or none simulate the batch, this one
+    claims the batch and cancels there itself, with its own simulator."""
+    while True:
+        pids = _simulating_elsewhere(batch_id, settings)
+        if not pids:
+            try:
+                with fal_settings(settings, True, check=False) as target:
+                    return _run_and_report(batch_id, target, as_json, progress, command="cancel")
+            except SimulatedElsewhere as exc:  # a run claimed it meanwhile: it cancels there
+                pids = exc.pids
+        if _watch_simulation(name, batch_id, settings, pids[0], progress):
+            return reported()
+        err.print(
+            f"cancel: process {pids[0]} ended before batch {escape(name)} did: "
+            "this cancel goes on with its own simulator"
+        )
+
+
+def _watch_simulation(name: str, batch_id: str, settings: Settings, pid: int, progress: bool) -> bool:
+    """Watch the batch process ``pid`` simulates until it ends (True) or no other live process
+    works on it any more (False), said first (:func:`_cancel_simulated`)."""
+    from worker.running import watch_batch
+
+    err.print(
+        f"cancel: batch {escape(name)} is being simulated by process {pid} on this host, whose own "
+        "simulator holds its requests: that run cancels them there; watching until the batch ends"
+    )
+    looked = time.monotonic()
+
+    def still() -> bool:
+        nonlocal looked
+        if time.monotonic() - looked < SIMULATING_LOOK_SECONDS:
+            return True
+        looked = time.monotonic()
+        return bool(_simulating_elsewhere(batch_id, settings))
+
+    ref = shell_ref(name, batch_id)
+    return watch_batch(
+        batch_id,
+        settings,
+        console=err,
+        show_progress=progress,
+        still=still,
+        stopped=f"stopped watching batch {name}: process {pid} goes on cancelling it",
+        hint=f"`wanbatch status {ref}` follows it; running the same command again watches it",
+    )
 
 
 def _pause_or_resume(batch: str, paused: bool, as_json: bool) -> None:

@@ -591,8 +591,11 @@ def submit_manifest(
     ``simulated`` (``--simulate``): the batch is a simulation, stored apart from any batch of
     the same name sent to fal (:func:`jobs.store.name_for_batch`). ``refuse_paused_batch``
     (``run``): a batch its user paused is refused (:func:`refuse_paused`) and nothing is stored.
-    ``refuse``: the caller's own refusal of a stored batch, raised likewise before anything is
-    (``run --simulate``: a batch another live process simulates, :func:`simulated_elsewhere_line`).
+    ``refuse``: the caller's own refusal of the batch (stored, or created now), raised likewise
+    before anything is; what it writes is committed with the batch, or not at all (``run
+    --simulate``: a batch another live process simulates is refused,
+    :func:`simulated_elsewhere_line`, else claimed for this process in the same transaction —
+    two runs started together both found no other and both ran it).
     """
     report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings))
     manifest = report.manifest
@@ -620,8 +623,8 @@ def submit_manifest(
         )
         if not created:  # raised inside the transaction: nothing is stored
             refuse_cancelled(session, batch, manifest=True)
-            if refuse is not None:
-                refuse(session, batch)
+        if refuse is not None:  # a new batch too: what it claims is claimed with the batch
+            refuse(session, batch)
         manifest_moved = None
         if not created and batch.manifest_path != manifest_path:
             # Submitted from another place (its folder moved): the manifest submitted now says

@@ -2,8 +2,9 @@
 lives, and when it started (which tells it apart from a later process that reuses its pid).
 
 Used to take back what a process that has ended left behind (a killed ``--simulate`` run's
-leases, a crashed run's journal of unrecorded answers) at once rather than after a timeout.
-See proc(5) for the fields of ``/proc/PID/stat``.
+leases, a crashed run's journal of unrecorded answers) at once rather than after a timeout,
+and to tell whether the process that claimed a batch it simulates still runs
+(:func:`simulation_owner`). See proc(5) for the fields of ``/proc/PID/stat``.
 """
 
 from __future__ import annotations
@@ -69,3 +70,44 @@ def owner_gone(owner: str) -> bool:
     owner of another shape — counts as alive."""
     pid = other_pid_here(owner)
     return pid is not None and (not exists(pid) or zombie(pid))
+
+
+#: What follows ``host:pid:`` in the heartbeat owner under which a ``--simulate`` process claims
+#: the batch it simulates (:func:`simulation_owner`).
+SIMULATING = "simulating"
+
+
+def simulation_owner(origin: str) -> str:
+    """The heartbeat owner (``conductor_heartbeats.owner``) under which this process claims a
+    batch it simulates: ``host:pid:simulating START ORIGIN``, where START is when the process
+    started (:func:`started`: a later process that reuses the pid holds no claim) and ORIGIN its
+    simulator's (each simulator has its own port; the requests it accepted record it as their
+    ``jobs.fal_origin``). The claim holds for the process's life, whatever its age
+    (:func:`claim_holder`)."""
+    return f"{process_prefix()}{SIMULATING} {started(os.getpid()) or 0} {origin}"
+
+
+def simulation_claim(owner: str) -> tuple[str, str] | None:
+    """``(start, origin)`` of a claim's owner (:func:`simulation_owner`); None for any other owner
+    (a heartbeat, a lease)."""
+    _host, _, rest = owner.partition(":")
+    _pid, _, tail = rest.partition(":")
+    word, _, more = tail.partition(" ")
+    start, _, origin = more.partition(" ")
+    if word != SIMULATING or not start or not origin:
+        return None
+    return start, origin
+
+
+def claim_holder(owner: str) -> int | None:
+    """The pid of the process of this host, other than this one, that holds the claim ``owner``
+    (:func:`simulation_owner`) and still runs: the same pid, started when the claim says (a pid
+    reused since is another process); None otherwise — ended, a zombie, this process, another
+    host, an owner that is no claim. A claim whose start was not known (``0``) holds while its
+    pid lives."""
+    claim = simulation_claim(owner)
+    pid = other_pid_here(owner)
+    if claim is None or pid is None or not exists(pid) or zombie(pid):
+        return None
+    start = claim[0]
+    return pid if start == "0" or started(pid) in (None, start) else None

@@ -220,6 +220,7 @@ __all__ = [
     "lease_holders",
     "lease_holders_of_batches",
     "list_batches",
+    "live_simulators",
     "lock_batch",
     "lock_dispatch",
     "mark_broker_down",
@@ -6612,15 +6613,28 @@ def pacing_peers(session: Session, own: str, *, since: datetime) -> list[str]:
     return sorted(found)
 
 
-def heartbeat_owners(session: Session, batch_id: str, *, since: datetime) -> list[str]:
-    """The processes (``host:pid:``…) that said at ``since`` or later that they work on
-    ``batch_id`` itself (an embedded run of it; the workers' every-batch beat is not one)."""
-    rows = session.scalars(
-        select(ConductorHeartbeat.owner)
-        .where(ConductorHeartbeat.scope == batch_id, ConductorHeartbeat.seen_at >= since)
-        .order_by(ConductorHeartbeat.owner)
-    )
-    return [str(owner) for owner in rows]
+def heartbeat_owners(session: Session, batch_id: str, *, since: datetime | None) -> list[str]:
+    """The processes (``host:pid:``…) that said at ``since`` or later (None: ever) that they work
+    on ``batch_id`` itself (an embedded run of it; the workers' every-batch beat is not one)."""
+    query = select(ConductorHeartbeat.owner).where(ConductorHeartbeat.scope == batch_id)
+    if since is not None:
+        query = query.where(ConductorHeartbeat.seen_at >= since)
+    return [str(owner) for owner in session.scalars(query.order_by(ConductorHeartbeat.owner))]
+
+
+def live_simulators(session: Session, batch_id: str) -> dict[str, int]:
+    """The simulators of the other live processes of this host that simulate ``batch_id``: their
+    origin (``jobs.fal_origin`` of the requests each accepted) → the pid that runs it, from the
+    claims those processes hold (:func:`jobs.processes.simulation_owner`), whatever their age; a
+    claim whose process ended (or whose pid another process took since) holds nothing."""
+    from jobs.processes import claim_holder, simulation_claim
+
+    found: dict[str, int] = {}
+    for owner in heartbeat_owners(session, batch_id, since=None):
+        claim = simulation_claim(owner)
+        if claim is not None and (pid := claim_holder(owner)) is not None:
+            found[claim[1]] = pid
+    return found
 
 
 def last_heartbeat(session: Session, batch_id: str, *, live_since: datetime | None = None) -> datetime | None:

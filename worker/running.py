@@ -609,6 +609,37 @@ def process_batch(
     return _final_report(batch_id, settings), stats
 
 
+def watch_batch(
+    batch_id: str,
+    settings: Settings,
+    *,
+    console: Console,
+    show_progress: bool,
+    still: Callable[[], bool],
+    stopped: str,
+    hint: str,
+) -> bool:
+    """Show the progress of ``batch_id`` that another process processes (a ``--simulate`` run,
+    whose simulator holds the batch's requests: ``cancel --simulate`` leaves them to it), sending
+    and asking nothing, until every job is terminal (True) or ``still()`` says that process is
+    no longer there (False: the caller goes on with the batch itself). ``still`` is asked
+    between refreshes. Ctrl-C stops the watch only: :class:`Interrupted` (``stopped``, ``hint``)."""
+    ended: list[bool] = []
+
+    def watching() -> bool:
+        if still():
+            return True
+        ended.append(True)
+        return False
+
+    try:
+        stats = RunStats()
+        _watch(batch_id, settings, console, show_progress, stats, conductor=None, again="", still=watching)
+    except _Stop:
+        raise Interrupted(stopped, batch_id=batch_id, hint=hint) from None
+    return not ended
+
+
 def _final_report(batch_id: str, settings: Settings) -> BatchReport:
     """The report of a batch whose run is over, read as the run's rounds read: a database that
     is unavailable just then (a killed connection, a restart, a failover) is waited out, up to a
@@ -868,9 +899,11 @@ def _watch(
     conductor: Conductor | None,
     *,
     again: str,
+    still: Callable[[], bool] | None = None,
 ) -> None:
     """Conduct (embedded) and show progress until the batch is done or paused (``again``: how
-    to go on then, see :func:`process_batch`).
+    to go on then, see :func:`process_batch`); only watching (no ``conductor``), also until
+    ``still()`` is False (:func:`watch_batch`).
 
     The loop runs in a thread of its own while the main thread only waits, so a signal never
     has to interrupt a database call or an HTTP request to be noticed; raises :class:`_Stop`
@@ -1016,7 +1049,7 @@ def _watch(
             )
             while not _stop_requested.is_set():
                 try:
-                    if refresh(task_id):
+                    if refresh(task_id) or (still is not None and not still()):
                         return
                 except Exception as exc:
                     if not db.is_unavailable(exc):

@@ -124,3 +124,98 @@ def test_a_batch_simulated_by_a_live_process_is_refused_and_a_killed_one_taken_o
     assert _count(db, "batch_id = (SELECT id FROM batches WHERE name = 'twice') AND state = 'succeeded'") == (
         JOBS + 1
     )
+
+
+#: Runs the CLI stopped for a minute once its batch is stored, before any work on it: a run still
+#: starting, with neither a heartbeat nor a lease yet.
+STARTING = """
+import sys, time
+sys.argv[0] = "wanbatch"
+from cli import batch_commands
+
+said = batch_commands._say_collecting
+
+def starting(*args, **kwargs):
+    print("stored", file=sys.stderr, flush=True)
+    time.sleep(60)
+    return said(*args, **kwargs)
+
+batch_commands._say_collecting = starting
+from cli import main
+main()
+"""
+
+
+class Starting(Background):
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", STARTING]
+
+
+def test_a_run_still_starting_has_claimed_its_simulation(
+    manifest: MakeManifest,
+    e2e_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two runs started together both found nothing (the check came before either had a heartbeat
+    or a lease) and both ran the batch, failing jobs with 404s: the first claims it as it stores it."""
+    env = subprocess_env("http://127.0.0.1:9", LEASE_SECONDS="300")
+    db = env["WANBATCH_DATABASE_URL"]
+    path = manifest("twice", _manifest(JOBS, 10))
+    first = Starting(["run", str(path), "--simulate", "--no-progress"], env, e2e_env, "starting")
+    pid = first.popen.pid
+    try:
+        wait_for("the first run's batch stored", lambda: "stored" in first.stderr(), first, step=0.1)
+        assert _count(db, "state = 'pending'") == JOBS  # nothing beats or is leased yet
+        for ref in (str(path), "twice"):
+            capsys.readouterr()
+            assert run_main(["run", ref, "--simulate", "--no-progress"], monkeypatch) == 2
+            err = capsys.readouterr().err
+            assert f"being simulated by process {pid}" in err, err
+        assert _count(db, "state = 'pending'") == JOBS
+        first.popen.send_signal(signal.SIGKILL)
+        first.popen.wait(10)
+    finally:
+        first.kill()
+    # Its claim stays behind, its pid is gone: the next run takes over.
+    capsys.readouterr()
+    assert run_main(["run", "twice", "--simulate", "--no-progress"], monkeypatch) == 0, capsys.readouterr()
+    assert _count(db, "state = 'succeeded'") == JOBS
+    assert _beats(db, f"{socket.gethostname()}:") == 0  # a clean end leaves no claim
+
+
+def test_cancel_simulate_leaves_the_requests_to_the_live_run_that_simulates_them(
+    manifest: MakeManifest,
+    e2e_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`cancel --simulate` of a batch a live run simulates started a simulator of its own, given a
+    copy of the requests "at fal": those the run sent later were unknown there, answered 404, and
+    their jobs failed "provider lost the request". It records the cancel, and that run cancels
+    them at its own simulator, while this one watches until the batch ends."""
+    env = subprocess_env("http://127.0.0.1:9", LEASE_SECONDS="300")
+    db = env["WANBATCH_DATABASE_URL"]
+    path = manifest("twice", _manifest(JOBS, 10))
+    first = Slow(["run", str(path), "--simulate", "--no-progress"], env, e2e_env, "first")
+    pid = first.popen.pid
+    try:
+        wait_for(
+            "the first run at work",
+            lambda: (
+                _beats(db, f"{socket.gethostname()}:{pid}:") > 0
+                and _count(db, "state IN ('queued', 'running')") == JOBS
+            ),
+            first,
+            step=0.1,
+        )
+        capsys.readouterr()
+        assert run_main(["cancel", "twice", "--simulate", "--no-progress"], monkeypatch) == 1
+        err = capsys.readouterr().err
+        assert f"being simulated by process {pid}" in err, err
+        assert first.wait(60) == 1, first.stderr()
+    finally:
+        first.kill()
+    assert _count(db, "state = 'cancelled'") == JOBS
+    assert _count(db, "state = 'failed'") == 0
+    assert "provider lost the request" not in first.stderr()

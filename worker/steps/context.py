@@ -399,15 +399,32 @@ class Runtime:
 
     def sent_elsewhere(self, job: JobView | JobRecord) -> str | None:
         """Why a 404 (or a refusal) of fal about ``job``'s request proves nothing, or None when it
-        does: the request was sent with another API key than this runtime's. fal keeps a request
+        does: the request was sent with another API key than this runtime's, or (a simulation) to
+        the simulator of another live process (:meth:`_other_simulator`). fal keeps a request
         for the account, so another key of the same account may ask about it, but a key of
         another account is told it does not exist: only a process with the key it was sent with
         may take fal's "not found" as final. (A request sent with no key recorded, before the
         key was kept, is taken as this key's, as before.)"""
-        sent_with = getattr(job, "api_key_id", None)
-        if sent_with is None or sent_with == api_key_id(self.settings):
+        sent_with, mine = getattr(job, "api_key_id", None), api_key_id(self.settings)
+        if sent_with is not None and sent_with != mine:
+            return f"sent with another API key (key id {sent_with}, this process has {mine})"
+        return self._other_simulator(job)
+
+    def _other_simulator(self, job: JobView | JobRecord) -> str | None:
+        """A simulation's request that the simulator of another live process of this host accepted
+        (its origin, ``Job.fal_origin``, is the one that process's claim on the batch names:
+        :func:`jobs.store.live_simulators`): this run's simulator, given the requests "at fal" when
+        it started, never had it, and its 404 proves nothing — that process follows the request.
+        None otherwise: a request this run's simulator was given, or one whose simulator ended
+        with its process (lost indeed). Asked only of an answer that would end the job: one read."""
+        origin = getattr(job, "fal_origin", None)
+        if not self.simulated or origin is None or origin == self.queue_origin:
             return None
-        return f"sent with another API key (key id {sent_with}, this process has {api_key_id(self.settings)})"
+        with db.read_scope(self.engine) as session:
+            pid = store.live_simulators(session, job.batch_id).get(origin)
+        if pid is None:
+            return None
+        return f"accepted by the simulator of process {pid} of this host ({origin}), which still runs"
 
     def cap_scope(self) -> CapScope:
         """Which jobs this runtime's caps count (:meth:`jobs.store.CapScope.of`): the requests

@@ -65,13 +65,50 @@ def live_pid_here(owner: str) -> int | None:
 
 def live_runs_here(session: Session, batch_id: str, *, now: datetime) -> list[int]:
     """The pids of the live processes of this host, other than this one, that work on
-    ``batch_id``: they beat for it within :data:`~jobs.listing.PROCESSING_STALE_SECONDS`, or
-    hold live leases on its jobs (a run that has not beaten yet). A killed run's rows and leases
-    stay behind, but its pid no longer runs: it is not one (the next run takes its work over)."""
+    ``batch_id``: they claimed it to simulate it (:func:`claim_simulation`: held for the
+    process's life, from before it stores or sends anything), beat for it within
+    :data:`~jobs.listing.PROCESSING_STALE_SECONDS`, or hold live leases on its jobs. A killed
+    run's rows and leases stay behind, but its pid no longer runs: it is not one (the next run
+    takes its work over)."""
     since = now - timedelta(seconds=PROCESSING_STALE_SECONDS)
-    owners = store.heartbeat_owners(session, batch_id, since=since)
+    beats = store.heartbeat_owners(session, batch_id, since=since)
+    owners = [o for o in beats if not processes.simulation_claim(o)]  # claims: live_simulators
     owners += [h.owner for h in store.lease_holders(session, batch_id, now=now, excluding=process_identity())]
-    return sorted({pid for owner in owners if (pid := live_pid_here(owner)) is not None})
+    pids = {pid for owner in owners if (pid := live_pid_here(owner)) is not None}
+    pids.update(store.live_simulators(session, batch_id).values())
+    return sorted(pids)
+
+
+def claim_simulation(session: Session, batch_id: str, origin: str, *, now: datetime) -> list[int]:
+    """Claim ``batch_id`` for this process, which simulates it with its simulator at ``origin``,
+    unless another live process of this host works on it (:func:`live_runs_here`): then nothing
+    is written and their pids are returned (empty: claimed).
+
+    The check and the claim are one step of the caller's transaction: the batch's row is locked
+    first (:func:`jobs.store.lock_batch`: on PostgreSQL a second starter waits for this
+    transaction, then sees its claim; SQLite's ``BEGIN IMMEDIATE`` already serialises them), so
+    of two ``--simulate`` runs started together exactly one claims the batch — a run still
+    starting has neither heartbeat nor lease to be seen by. The claim is a heartbeat row of the
+    batch (:func:`jobs.processes.simulation_owner`) that holds while its process runs, whatever
+    its age; :func:`release_simulation` deletes it, and a dead process's claim is free (and
+    deleted here)."""
+    store.lock_batch(session, batch_id)
+    pids = live_runs_here(session, batch_id, now=now)
+    if pids:
+        return pids
+    here = process_identity()  # this process's own claims end with its simulators
+    for owner in store.heartbeat_owners(session, batch_id, since=None):
+        gone = processes.claim_holder(owner) is None and not owner.startswith(here)
+        if gone and processes.simulation_claim(owner):
+            store.drop_heartbeats(session, owner)
+    store.record_heartbeat(session, processes.simulation_owner(origin), [batch_id], now)
+    return []
+
+
+def release_simulation(session: Session, origin: str) -> None:
+    """This process's simulator at ``origin`` has stopped: its claims (:func:`claim_simulation`)
+    end with it."""
+    store.drop_heartbeats(session, processes.simulation_owner(origin))
 
 
 class DeadLeases:

@@ -306,14 +306,16 @@ def _status_verdict(session: Session, job_id: str) -> ProviderError | None:
 
 
 def _not_ours(rt: Runtime, claim: DownloadClaim, sent: str, exc: ProviderError) -> str:
-    """fal said "not found" about the result of a request ``sent`` with another API key: no proof
-    the result is gone (a key of another account is told another account's request does not
-    exist). The job keeps waiting for its download, asked about again after the longest poll
-    interval, until a process with the key it was sent with fetches it."""
+    """fal said "not found" about the result of a request ``sent`` with another API key, or of a
+    simulation's request another live process's simulator accepted: no proof the result is gone
+    (a key of another account is told another account's request does not exist; a simulator
+    knows only its own). The job keeps waiting for its download, asked about again after the
+    longest poll interval, until a process that can ask about it (with the key it was sent with;
+    the process of that simulator) fetches it."""
     telemetry.count_provider_error(exc)
     log.warning(
         "job %s: fal answered %s about its result, %s: not taken as final; waiting for a process "
-        "with that key",
+        "that can ask about it",
         claim.fence.job_id,
         exc,
         sent,

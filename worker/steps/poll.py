@@ -102,7 +102,7 @@ def poll(
             sent_to=reach.sent_to,
         )
         snapshot = [(rt.fence(j), handle_of(j, rt.settings.fal_queue_url), j.submitted_at) for j in due]
-        other_key = {j.id: why for j in due if (why := rt.sent_elsewhere(j)) is not None}
+        job_of = {j.id: j for j in due}  # read as rows: usable after the session
         elsewhere = {j.id for j in due if not rt.in_scope(j.batch_id)}
         batch_of = {j.id: j.batch_id for j in due}
     calls = 0
@@ -115,8 +115,8 @@ def poll(
             # The account, not the request: pause the batch, keep the job, and ask again later —
             # the request is still at fal, running and billed, whatever our key's state.
             telemetry.count_provider_error(exc)
-            if job_id in other_key:  # this key's account, not the one the request was sent with
-                _not_ours(rt, fence, handle, other_key[job_id], exc)
+            if (sent := rt.sent_elsewhere(job_of[job_id])) is not None:  # not the sender's account
+                _not_ours(rt, fence, handle, sent, exc)
                 continue
             log.warning(
                 "job %s: status refused for the account (%s); batch paused",
@@ -134,8 +134,9 @@ def poll(
             continue
         except FinalProviderError as exc:
             telemetry.count_provider_error(exc)
-            if job_id in other_key:  # "not found" for this key: no proof the request is lost
-                _not_ours(rt, fence, handle, other_key[job_id], exc)
+            # "not found" for this key, or by this run's simulator: no proof the request is lost
+            if (sent := rt.sent_elsewhere(job_of[job_id])) is not None:
+                _not_ours(rt, fence, handle, sent, exc)
                 continue
             why = describe(exc)
             with db.session_scope(rt.engine) as session:
@@ -167,14 +168,17 @@ def poll(
 
 
 def _not_ours(rt: Runtime, fence: Fence, handle: RequestHandle, sent: str, exc: WanbatchError) -> None:
-    """fal said "not found" (or refused) about a request ``sent`` with another API key: no proof
-    of anything — a key of another account is told that another account's request does not
-    exist. The job keeps its request (never failed, never resent, its batch never paused) and is
-    asked about again after the longest poll interval; a process with the key it was sent with
-    (its own run, or workers configured with it) settles it."""
+    """fal said "not found" (or refused) about a request ``sent`` with another API key, or a
+    simulation's request another live process's simulator accepted
+    (:meth:`~worker.steps.context.Runtime.sent_elsewhere`): no proof of anything — a key of
+    another account is told that another account's request does not exist, and a simulator
+    knows only its own. The job keeps its request (never failed, never resent, its batch never
+    paused) and is asked about again after the longest poll interval; a process that can ask
+    about it (with the key it was sent with: its own run, or workers configured with it; the
+    process of that simulator) settles it."""
     log.warning(
         "job %s: fal answered %s about request %s, %s: not taken as final; waiting for a process "
-        "with that key",
+        "that can ask about it",
         fence.job_id,
         exc,
         handle.request_id,
