@@ -723,13 +723,8 @@ class SubmitRate(Base):
     all of them together: two ``wanbatch run`` side by side, or one beside the workers' leader,
     claimed twice the rate when each kept the bucket in its own memory.
 
-    The bucket paces *claims*, and holds a second's submits: on top of its refill, processes
-    that pace their POSTs in their own memory could still send up to about twice the rate in
-    one second. So, without a limiter Redis, while another live process shares the database
-    (``shared_until``), every submit takes its slot here right before its POST (``pace_at``:
-    :func:`jobs.store.take_pace_slot`), and a 429 any process hears holds them all
-    (``hold_until``). The three are epoch seconds on the database's clock (PostgreSQL's
-    ``clock_timestamp()``; on SQLite, where every process is on the file's host, theirs).
+    The bucket paces *claims*, and holds a second's submits: what paces the POSTs themselves
+    when processes share only the database is :class:`SubmitPace`.
     """
 
     __tablename__ = "submit_rate"
@@ -740,6 +735,29 @@ class SubmitRate(Base):
     #: process keeps a 429's pause in its own bucket).
     tokens: Mapped[float] = mapped_column(Float)
     stamp: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class SubmitPace(Base):
+    """The submit pacing of one API key shared through the database, for processes that share
+    it without a limiter Redis (:mod:`worker.steps.shared_pacing`).
+
+    :class:`SubmitRate`'s bucket paces *claims*, and holds a second's submits: on top of its
+    refill, processes that pace their POSTs in their own memory could still send up to about
+    twice the rate in one second. So, without a limiter Redis, while another live process shares
+    the database (``shared_until``), every submit takes its slot here right before its POST
+    (``pace_at``: :func:`jobs.store.take_pace_slot`), and a 429 any process hears holds them all
+    (``hold_until``). The three are epoch seconds on the database's clock (PostgreSQL's
+    ``clock_timestamp()``; on SQLite, where every process is on the file's host, theirs).
+
+    A row of its own, not :class:`SubmitRate`'s: each dispatch round writes the bucket early and
+    keeps its row locked through its claims until it commits, and a slot taken there waited for
+    the whole round. Dispatch only reads this row (a plain ``SELECT``, which takes no lock).
+    """
+
+    __tablename__ = "submit_pace"
+
+    #: ``Job.api_key_id``: fal's limits are per account.
+    api_key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     #: The next POST's slot, GCRA's theoretical arrival time (:func:`jobs.store.take_pace_slot`);
     #: NULL: none taken yet.
     pace_at: Mapped[float | None] = mapped_column(Float, nullable=True)

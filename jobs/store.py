@@ -30,6 +30,7 @@ import functools
 import itertools
 import math
 import re
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -95,6 +96,7 @@ from jobs.models import (
     JSONDocument,
     KeyFreeText,
     Money,
+    SubmitPace,
     SubmitRate,
     Upload,
     WebhookDelivery,
@@ -925,11 +927,12 @@ def lock_dispatch(session: Session) -> None:
 
 
 _SUBMIT_RATE = cast(Table, SubmitRate.__table__)
+_SUBMIT_PACE = cast(Table, SubmitPace.__table__)
 
 
 @dataclass(frozen=True, slots=True)
 class SubmitTokens:
-    """What :func:`take_submit_tokens` granted, and what the key's row says besides."""
+    """What :func:`take_submit_tokens` granted, and what the key's pacing row says besides."""
 
     #: Whole submits granted.
     granted: int
@@ -973,29 +976,40 @@ def take_submit_tokens(
     a 429's pause (:func:`hold_submits`) still holds the key and how long the pacing is still
     shared (:func:`share_pacing`), on the database's clock (``wall``: this process's epoch
     seconds, for SQLite); a pause longer than ``hold_over`` seconds grants nothing and takes
-    nothing (its wait is what is left of it).
+    nothing (its wait is what is left of it). That read of the key's :class:`SubmitPace` row
+    takes no lock: the round, which keeps the bucket's row locked until it commits, never holds
+    up a submit taking its slot there (:func:`take_pace_slot`).
     """
     dialect = session.connection().dialect.name
 
     def build() -> Any:
         clock = _epoch_now(dialect)
+        key: Any = bindparam("key")
+
+        def rate_of(column: Any) -> Any:
+            return select(column).where(_SUBMIT_RATE.c.api_key_id == key).scalar_subquery()
+
+        def pace_of(column: Any) -> Any:
+            return select(column - clock).where(_SUBMIT_PACE.c.api_key_id == key).scalar_subquery()
+
+        # One row whichever of the two rows is there (the pacing one is written by a heartbeat
+        # or a 429, the bucket's by a round).
         return select(
-            _SUBMIT_RATE.c.tokens,
-            _SUBMIT_RATE.c.stamp,
-            (_SUBMIT_RATE.c.hold_until - clock).label("held_for"),
-            (_SUBMIT_RATE.c.shared_until - clock).label("shared_for"),
-        ).where(_SUBMIT_RATE.c.api_key_id == bindparam("key"))
+            rate_of(_SUBMIT_RATE.c.tokens).label("tokens"),
+            rate_of(_SUBMIT_RATE.c.stamp).label("stamp"),
+            pace_of(_SUBMIT_PACE.c.hold_until).label("held_for"),
+            pace_of(_SUBMIT_PACE.c.shared_until).label("shared_for"),
+        )
 
     read = _prepared(("rate-read", dialect), build)
-    row = _run(session, read, {"key": api_key_id, "wall": wall}).first()
-    held_for = shared_for = 0.0
-    if row is None:
+    row = _run(session, read, {"key": api_key_id, "wall": wall}).one()
+    held_for = max(0.0, float(row.held_for or 0.0))
+    shared_for = max(0.0, float(row.shared_for or 0.0))
+    if held_for > hold_over:
+        return SubmitTokens(0, held_for, held_for, shared_for)
+    if row.tokens is None:
         tokens = capacity
     else:
-        held_for = max(0.0, float(row.held_for or 0.0))
-        shared_for = max(0.0, float(row.shared_for or 0.0))
-        if held_for > hold_over:
-            return SubmitTokens(0, held_for, held_for, shared_for)
         elapsed = max(0.0, (now - row.stamp).total_seconds())
         tokens = min(capacity, float(row.tokens) + elapsed * rate)
     granted = max(0, min(wanted, int(tokens)))
@@ -1006,128 +1020,106 @@ def take_submit_tokens(
     return SubmitTokens(granted, wait, held_for, shared_for)
 
 
-#: The tokens of a row :func:`_rate_row_exists` makes: more than any capacity (a full bucket).
-_FULL_BUCKET = 1e9
-
-
-def _rate_row_exists(session: Session, api_key_id: str, now: datetime) -> None:
-    """The key's row, made when no dispatch round made it yet: a full bucket, as no row is (its
-    tokens are capped at the capacity by the next round, :func:`take_submit_tokens`)."""
-    dialect = session.connection().dialect.name
-
-    def build() -> Any:
-        new = _dialect_insert(dialect, _SUBMIT_RATE)
-        return new.on_conflict_do_nothing(index_elements=[_SUBMIT_RATE.c.api_key_id])
-
-    params = {"api_key_id": api_key_id, "tokens": _FULL_BUCKET, "stamp": now}
-    _run(session, _prepared(("rate-row", dialect), build), params)
-
-
 def _later_of(dialect: str, *values: Any) -> Any:
     """The greatest of ``values`` (SQL): ``GREATEST`` on PostgreSQL, SQLite's scalar ``max``."""
     return func.greatest(*values) if dialect == "postgresql" else func.max(*values)
 
 
-def hold_submits(session: Session, api_key_id: str, seconds: float, *, now: datetime, wall: float) -> None:
+def _pace_mark(dialect: str, column: str) -> Any:
+    """``INSERT … ON CONFLICT DO UPDATE`` of the key's :class:`SubmitPace` row setting ``column``
+    to ``seconds`` from now (the database's clock), a later time already there kept."""
+    until = _epoch_now(dialect) + bindparam("seconds", type_=Float())
+    new = _dialect_insert(dialect, _SUBMIT_PACE).values({"api_key_id": bindparam("key"), column: until})
+    there = func.coalesce(_SUBMIT_PACE.c[column], 0.0)
+    return new.on_conflict_do_update(
+        index_elements=[_SUBMIT_PACE.c.api_key_id],
+        set_={column: _later_of(dialect, there, new.excluded[column])},
+    )
+
+
+def hold_submits(session: Session, api_key_id: str, seconds: float, *, wall: float) -> None:
     """fal answered a submit of the key with 429: hold every process's submits of the key back
     for ``seconds`` from now on the database's clock (``wall``: this process's epoch seconds,
     for SQLite). Dispatch rounds that read it (:func:`take_submit_tokens`) claim nothing while it
     holds, and the slots taken before a POST (:func:`take_pace_slot`) come after it. A pause
     already longer is kept (a shorter ``Retry-After`` heard later does not cut it short)."""
-    _rate_row_exists(session, api_key_id, now)
     dialect = session.connection().dialect.name
-
-    def build() -> Any:
-        until = _epoch_now(dialect) + bindparam("seconds", type_=Float())
-        held = func.coalesce(_SUBMIT_RATE.c.hold_until, 0.0)
-        return (
-            update(_SUBMIT_RATE)
-            .where(_SUBMIT_RATE.c.api_key_id == bindparam("key"))
-            .values(hold_until=_later_of(dialect, held, until))
-        )
-
-    params = {"key": api_key_id, "seconds": max(0.0, float(seconds)), "wall": wall}
-    _run(session, _prepared(("rate-hold", dialect), build), params)
+    statement = _prepared(("pace-hold", dialect), lambda: _pace_mark(dialect, "hold_until"))
+    _run(session, statement, {"key": api_key_id, "seconds": max(0.0, float(seconds)), "wall": wall})
 
 
-def share_pacing(session: Session, api_key_id: str, seconds: float, *, now: datetime, wall: float) -> None:
+def share_pacing(session: Session, api_key_id: str, seconds: float, *, wall: float) -> None:
     """Another live process shares the database: every process without a limiter Redis takes
-    its submits' slots from the key's row (:func:`take_pace_slot`) for the next ``seconds``
-    (the database's clock; ``wall`` for SQLite). Never shortened; each process that still
-    sees another renews it at its heartbeat, and it lapses when none does."""
-    _rate_row_exists(session, api_key_id, now)
+    its submits' slots from the key's :class:`SubmitPace` row (:func:`take_pace_slot`) for the
+    next ``seconds`` (the database's clock; ``wall`` for SQLite). Never shortened; each process
+    that still sees another renews it at its heartbeat, and it lapses when none does."""
     dialect = session.connection().dialect.name
+    statement = _prepared(("pace-share", dialect), lambda: _pace_mark(dialect, "shared_until"))
+    _run(session, statement, {"key": api_key_id, "seconds": float(seconds), "wall": wall})
 
-    def build() -> Any:
-        until = _epoch_now(dialect) + bindparam("seconds", type_=Float())
-        shared = func.coalesce(_SUBMIT_RATE.c.shared_until, 0.0)
-        return (
-            update(_SUBMIT_RATE)
-            .where(_SUBMIT_RATE.c.api_key_id == bindparam("key"))
-            .values(shared_until=_later_of(dialect, shared, until))
+
+def _pace_slot(dialect: str) -> Any:
+    """:func:`take_pace_slot`'s statement: the slot is the latest of the key's next slot, the
+    end of a 429's pause and now; it is taken (the next one moves an interval on) only when it
+    comes within ``max_wait``, and it returns the seconds until it (no row: not taken). A key
+    with no row yet gets one, its slot now.
+
+    One statement, its times read once it holds the row: of two processes, the second waits
+    for the first's lock, then sees its slot and reads the clock then (PostgreSQL evaluates
+    ``ON CONFLICT DO UPDATE``'s ``WHERE`` and ``SET`` on the row it locked, each
+    ``clock_timestamp()`` when it runs; on SQLite the bound ``wall`` is read once the
+    transaction holds the write lock)."""
+    clock = _epoch_now(dialect)
+    interval = bindparam("interval", type_=Float())
+    pace = _SUBMIT_PACE.c
+
+    def slot() -> Any:
+        return _later_of(
+            dialect, func.coalesce(pace.pace_at, 0.0), func.coalesce(pace.hold_until, 0.0), clock
         )
 
-    params = {"key": api_key_id, "seconds": float(seconds), "wall": wall}
-    _run(session, _prepared(("rate-share", dialect), build), params)
+    new = _dialect_insert(dialect, _SUBMIT_PACE).values(api_key_id=bindparam("key"), pace_at=clock + interval)
+    return new.on_conflict_do_update(
+        index_elements=[pace.api_key_id],
+        set_={"pace_at": slot() + interval},
+        where=slot() - clock <= bindparam("max_wait", type_=Float()),
+    ).returning((pace.pace_at - interval - clock).label("wait"))
 
 
-#: :func:`take_pace_slot`'s statements: the slot is the latest of the key's next slot, the end
-#: of a 429's pause and now; it is taken (the next one moves an interval on) only when it comes
-#: within ``max_wait``. One statement: of two processes, the second waits for the first's row
-#: lock and then sees its slot (PostgreSQL re-reads the row it updates; SQLite writes one at a time).
-_PACE_SLOT_SQL = {
-    "postgresql": """
-WITH c AS (SELECT extract(epoch FROM clock_timestamp()) AS now)
-UPDATE submit_rate SET pace_at = greatest(coalesce(pace_at, 0), coalesce(hold_until, 0), c.now) + :interval
-FROM c
-WHERE api_key_id = :key
-  AND greatest(coalesce(pace_at, 0), coalesce(hold_until, 0), c.now) - c.now <= :max_wait
-RETURNING submit_rate.pace_at - :interval - c.now
-""",
-    "sqlite": """
-UPDATE submit_rate SET pace_at = max(coalesce(pace_at, 0), coalesce(hold_until, 0), :wall) + :interval
-WHERE api_key_id = :key AND max(coalesce(pace_at, 0), coalesce(hold_until, 0), :wall) - :wall <= :max_wait
-RETURNING pace_at - :interval - :wall
-""",
-}
-_PACE_WAIT_SQL = {
-    "postgresql": """
-SELECT greatest(coalesce(pace_at, 0), coalesce(hold_until, 0), extract(epoch FROM clock_timestamp()))
-       - extract(epoch FROM clock_timestamp())
-FROM submit_rate WHERE api_key_id = :key
-""",
-    "sqlite": """
-SELECT max(coalesce(pace_at, 0), coalesce(hold_until, 0), :wall) - :wall
-FROM submit_rate WHERE api_key_id = :key
-""",
-}
+def _pace_wait(dialect: str) -> Any:
+    """The seconds until the key's next slot (:func:`_pace_slot`, none taken)."""
+    clock = _epoch_now(dialect)
+    pace = _SUBMIT_PACE.c
+    left = _later_of(
+        dialect, func.coalesce(pace.pace_at, 0.0) - clock, func.coalesce(pace.hold_until, 0.0) - clock, 0.0
+    )
+    return select(left.label("wait")).where(pace.api_key_id == bindparam("key"))
 
 
 def take_pace_slot(
-    session: Session, api_key_id: str, *, interval: float, max_wait: float, now: datetime, wall: float
+    session: Session,
+    api_key_id: str,
+    *,
+    interval: float,
+    max_wait: float,
+    wall: Callable[[], float] = time.time,
 ) -> tuple[bool, float]:
-    """Take the key's next submit slot (:class:`SubmitRate` ``pace_at``, GCRA's theoretical arrival
+    """Take the key's next submit slot (:class:`SubmitPace` ``pace_at``, GCRA's theoretical arrival
     time, one ``interval`` apart whichever process takes it) if it comes within ``max_wait``
     seconds: ``(True, seconds until it)`` (sleep that long, then POST); else ``(False, seconds
     until the next slot)``, nothing taken. A 429's pause (:func:`hold_submits`) comes first.
-    Times are the database's (PostgreSQL's clock; ``wall``, this process's epoch seconds, on
-    SQLite). Called in a transaction of its own, right before the POST, only while processes
-    share the database's pacing (:func:`share_pacing`)."""
-    dialect = session.connection().dialect.name
-    slot = text(_PACE_SLOT_SQL["postgresql" if dialect == "postgresql" else "sqlite"])
-    params = {"key": api_key_id, "interval": float(interval), "max_wait": float(max_wait), "wall": wall}
-    for _ in range(2):
-        taken = session.execute(slot, params).scalar()
-        if taken is not None:
-            return True, max(0.0, float(taken))
-        wait = session.execute(
-            text(_PACE_WAIT_SQL["postgresql" if dialect == "postgresql" else "sqlite"]),
-            {"key": api_key_id, "wall": wall},
-        ).scalar()
-        if wait is not None:
-            return False, max(0.0, float(wait))
-        _rate_row_exists(session, api_key_id, now)  # no dispatch round made it yet
-    return False, float(interval)
+    Times are the database's (PostgreSQL's clock; on SQLite ``wall()``, this process's epoch
+    seconds, read once the transaction holds the database's write lock). Called in a
+    transaction of its own, right before the POST, only while processes share the database's
+    pacing (:func:`share_pacing`): one statement, on a row no dispatch round locks."""
+    connection = session.connection()  # SQLite: the write lock is held from here (BEGIN IMMEDIATE)
+    dialect = connection.dialect.name
+    params = {"key": api_key_id, "interval": float(interval), "max_wait": float(max_wait), "wall": wall()}
+    taken = _run(session, _prepared(("pace-slot", dialect), lambda: _pace_slot(dialect)), params).first()
+    if taken is not None:
+        return True, max(0.0, float(taken.wait))
+    left = _run(session, _prepared(("pace-wait", dialect), lambda: _pace_wait(dialect)), params).first()
+    return False, (max(0.0, float(left.wait)) if left is not None else float(interval))
 
 
 def return_submit_tokens(session: Session, api_key_id: str, unused: int, *, capacity: float) -> None:

@@ -1,9 +1,9 @@
-"""``submit_rate``: submit pacing shared through the database when no limiter Redis is.
+"""``submit_pace``: submit pacing shared through the database when no limiter Redis is.
 
 Processes that share only the database (two embedded ``wanbatch run``, or one beside workers
 without a limiter Redis) each paced their POSTs in their own memory: together they could send
 up to about twice ``WANBATCH_SUBMIT_RATE`` in one second, and a 429 paused only the process
-that heard it. Three columns of the key's row, each in epoch seconds on the database's clock
+that heard it. One row per API key, three columns, each in epoch seconds on the database's clock
 (PostgreSQL's; on SQLite, the clock of the processes on the file's host):
 
 * ``pace_at``: the next submit's slot (GCRA's theoretical arrival time), taken right before
@@ -11,7 +11,9 @@ that heard it. Three columns of the key's row, each in epoch seconds on the data
 * ``hold_until``: until when fal's 429 holds every process's submits of the key;
 * ``shared_until``: until when the pacing is shared (another live process was seen).
 
-Existing rows get NULL (nothing shared, no pause).
+A table of its own, not columns of ``submit_rate``: each dispatch round writes that row early
+and keeps it locked until it commits, so a slot taken there waited for the whole round. No row:
+nothing shared, no pause.
 
 Revision ID: 0036
 Revises: 0035
@@ -32,14 +34,15 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("submit_rate") as batch:
-        batch.add_column(sa.Column("pace_at", sa.Float(), nullable=True))
-        batch.add_column(sa.Column("hold_until", sa.Float(), nullable=True))
-        batch.add_column(sa.Column("shared_until", sa.Float(), nullable=True))
+    op.create_table(
+        "submit_pace",
+        sa.Column("api_key_id", sa.String(length=32), nullable=False),
+        sa.Column("pace_at", sa.Float(), nullable=True),
+        sa.Column("hold_until", sa.Float(), nullable=True),
+        sa.Column("shared_until", sa.Float(), nullable=True),
+        sa.PrimaryKeyConstraint("api_key_id", name=op.f("pk_submit_pace")),
+    )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("submit_rate") as batch:
-        batch.drop_column("shared_until")
-        batch.drop_column("hold_until")
-        batch.drop_column("pace_at")
+    op.drop_table("submit_pace")

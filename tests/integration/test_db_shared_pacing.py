@@ -8,6 +8,8 @@ and fal's 429 pauses through it.
 * A 429 heard by one paused only that one; it is now written on the shared row, and the
   other's dispatch claims nothing until it ends.
 * A process alone on its database takes no slot there: no extra transaction per submit.
+* A slot is taken on a row no dispatch round locks (PostgreSQL: a submit waited for the whole
+  round that wrote the key's bucket), and its time is read once the slot's row is held.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, event
+import pytest
+from sqlalchemy import Engine
 
-from jobs import db
+from jobs import db, store
 from tests.hostile import HostileProvider, Recorded, json_reply
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.limits import LocalGCRA
-from worker.steps import Runtime, dispatch, submit
+from worker.steps import Runtime, dispatch, dispatch_in, shared_pacing, submit
 from worker.steps.shared_pacing import db_paced, note_peers
 
 KEY = "db-pacing-key-7e1a:5b0c2d9e8f7a6b5c4d3e2f1a0b9c8d7e"
@@ -150,7 +154,7 @@ def test_a_429_heard_by_one_run_holds_the_other(
 
 
 def test_a_run_alone_on_its_database_takes_no_slot_there(
-    engine: Engine, hostile: HostileProvider, tmp_path: Path
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No other process: each submit costs what it did, no transaction more."""
     times: list[float] = []
@@ -159,16 +163,81 @@ def test_a_run_alone_on_its_database_takes_no_slot_there(
     rt = _runtime(engine, hostile.url, tmp_path, "host-a:1:", submit_rate=RATE)
     assert not _beat(rt)
     assert not db_paced(rt)
-    statements: list[str] = []
+    # Counted where a slot is taken, not in the statements a listener sees: on SQLite a
+    # listener does not see every statement the store runs.
+    slots: list[str] = []
+    take_slot, take_pace_slot = shared_pacing.take_slot, store.take_pace_slot
 
-    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        statements.append(statement)
+    def counted_slot(*args: Any, **kwargs: Any) -> float:
+        slots.append("take_slot")
+        return take_slot(*args, **kwargs)
 
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
-        for job_id in dispatch(rt):
-            assert submit(rt, job_id) == "submitted"
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
+    def counted_pace_slot(*args: Any, **kwargs: Any) -> tuple[bool, float]:
+        slots.append("take_pace_slot")
+        return take_pace_slot(*args, **kwargs)
+
+    monkeypatch.setattr(shared_pacing, "take_slot", counted_slot)
+    monkeypatch.setattr(store, "take_pace_slot", counted_pace_slot)
+    for job_id in dispatch(rt):
+        assert submit(rt, job_id) == "submitted"
     assert len(times) == 3
-    assert not [s for s in statements if "pace_at" in s]
+    assert slots == []
+
+
+def _sharing(engine: Engine, url: str, tmp_path: Path, rate: float) -> tuple[Runtime, Runtime]:
+    """Two runs on ``engine`` that have seen each other: their POSTs take slots from the database."""
+    first = _runtime(engine, url, tmp_path, "host-a:1:", submit_rate=rate)
+    second = _runtime(engine, url, tmp_path, "host-b:2:", submit_rate=rate)
+    _beat(first)
+    assert _beat(second)
+    assert _beat(first)
+    assert db_paced(first)
+    assert db_paced(second)
+    return first, second
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # SQLite writes one at a time
+def test_a_slot_does_not_wait_for_a_dispatch_round(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """A dispatch round keeps the key's bucket row locked from its grant to its commit (its
+    claims in between): a slot taken on that row waited for the whole round."""
+    first, second = _sharing(engine, hostile.url, tmp_path, 200.0)
+    assert shared_pacing.take_slot(second, 10.0) == 0.0  # the key's rows are there
+    add_batch(engine, "many", [(T2V, {"prompt": f"p{i}", "resolution": "480p"}) for i in range(20)])
+    took: list[float] = []
+    slot = threading.Thread(target=lambda: took.append(shared_pacing.take_slot(second, 10.0)))
+    with db.session_scope(engine) as session:
+        round_ = dispatch_in(session, first)  # the round, not committed yet
+        assert round_.sent  # it took submits from the bucket
+        slot.start()
+        slot.join(timeout=5.0)
+        waited = slot.is_alive()  # still waiting: for this round's commit
+    slot.join(timeout=30.0)
+    assert not waited, "the submit's slot waited for the dispatch round to commit"
+    assert took == [0.0]
+
+
+def test_a_slot_is_timed_from_when_it_holds_the_row(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """A submit that waited for another transaction on the key's pacing row (a 429 being
+    written, another's slot) times its slot from when it got the row, not from before: it
+    slept on top of that wait until a slot already past."""
+    held, lock_for = 0.6, 0.9
+    first, second = _sharing(engine, hostile.url, tmp_path, 200.0)
+    assert shared_pacing.take_slot(second, 10.0) == 0.0  # the key's rows are there
+    took: list[float] = []
+    slot = threading.Thread(target=lambda: took.append(shared_pacing.take_slot(second, 10.0)))
+    with db.session_scope(engine) as session:
+        shared_pacing.hold(session, first, held)  # a 429: held for 0.6 s, from now
+        start = time.monotonic()
+        slot.start()
+        time.sleep(lock_for)  # the 429's transaction goes on, the row locked
+    slot.join(timeout=30.0)
+    elapsed = time.monotonic() - start
+    assert took == [0.0]
+    assert elapsed >= lock_for - 0.05  # it did wait for the row
+    # Its slot is when it got the row (the hold over by then): no sleep on top of the wait
+    # (timed from before it, it slept until 0.6 s after that, 1.5 s in all).
+    assert elapsed < lock_for + 0.3, elapsed

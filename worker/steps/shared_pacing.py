@@ -8,19 +8,23 @@ could send up to about twice ``WANBATCH_SUBMIT_RATE`` in one second, and a 429 p
 process that heard it.
 
 So, while another live process shares the database, each POST of a process without a limiter
-Redis takes its slot from the key's row first (:func:`jobs.store.take_pace_slot`: GCRA, one
+Redis takes its slot from the key's pacing row first (``submit_pace``,
+:func:`jobs.store.take_pace_slot`: GCRA, one
 ``(1 + WANBATCH_SUBMIT_JITTER_ALLOWANCE) / WANBATCH_SUBMIT_RATE`` apart, whichever process
-takes it, on the database's clock) and sleeps until it. Which processes share it is what the
-heartbeats say (:func:`note_peers`, at each of this process's heartbeats: one short query every
-10 s); the mark lives on the key's row (:data:`SHARED_SECONDS`, renewed by each process that
-still sees another), so each dispatch round, which reads that row anyway, learns of it too. A
-process alone on its database takes no slot: its submits cost no extra transaction.
-Distributed workers without a limiter Redis are several processes by nature (the pool's
-children submit): they always take their slots there.
+takes it, on the database's clock read once the row is held; one statement) and sleeps until
+it. That row is not the bucket's (``submit_rate``), which each dispatch round keeps locked from
+its grant to its commit: a dispatch round never holds up a slot. Which processes share it is
+what the heartbeats say (:func:`note_peers`, at each of this process's heartbeats: one short
+query every 10 s); the mark lives on the key's pacing row (:data:`SHARED_SECONDS`, renewed by
+each process that still sees another), so each dispatch round, which reads it with the bucket
+(in the same statement, without locking it), learns of it too. A process alone on its database
+takes no slot: its submits cost no extra transaction. Distributed workers without a limiter
+Redis are several processes by nature (the pool's children submit): they always take their
+slots there.
 
-A 429 is written on the row (:func:`jobs.store.hold_submits`) by whichever process hears it:
-every process's dispatch claims nothing while it lasts (:func:`jobs.store.take_submit_tokens`),
-and every slot comes after it.
+A 429 is written on the pacing row (:func:`jobs.store.hold_submits`) by whichever process
+hears it: every process's dispatch claims nothing while it lasts
+(:func:`jobs.store.take_submit_tokens`), and every slot comes after it.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ def note_peers(session: Session, rt: Runtime) -> bool:
     )
     if not peers:
         return False
-    store.share_pacing(session, api_key_id(rt.settings), SHARED_SECONDS, now=now, wall=time.time())
+    store.share_pacing(session, api_key_id(rt.settings), SHARED_SECONDS, wall=time.time())
     rt.pacing.shared_for(SHARED_SECONDS)
     return True
 
@@ -82,16 +86,9 @@ def take_slot(rt: Runtime, max_wait: float) -> float:
     """Take this POST's slot from the database (:func:`jobs.store.take_pace_slot`), sleeping
     until it when it comes within ``max_wait`` seconds: 0.0 then; else the seconds until the
     next slot (nothing taken: the job goes back, due then)."""
-    interval = api_key_rate(rt.settings).interval
+    key, interval = api_key_id(rt.settings), api_key_rate(rt.settings).interval
     with db.session_scope(rt.engine) as session:
-        taken, wait = store.take_pace_slot(
-            session,
-            api_key_id(rt.settings),
-            interval=interval,
-            max_wait=max_wait,
-            now=utcnow(),
-            wall=time.time(),
-        )
+        taken, wait = store.take_pace_slot(session, key, interval=interval, max_wait=max_wait)
     if not taken:
         telemetry.count_limiter_wait("held_back")
         return max(wait, 1e-3)
@@ -103,6 +100,6 @@ def take_slot(rt: Runtime, max_wait: float) -> float:
 
 def hold(session: Session, rt: Runtime, seconds: float) -> None:
     """fal answered 429: hold every process's submits of the key for ``seconds`` (the key's
-    row, in the caller's transaction): each one's dispatch, and each slot taken before a POST."""
+    pacing row, in the caller's transaction): each one's dispatch, and each slot taken before a POST."""
     if seconds > 0:
-        store.hold_submits(session, api_key_id(rt.settings), seconds, now=utcnow(), wall=time.time())
+        store.hold_submits(session, api_key_id(rt.settings), seconds, wall=time.time())
