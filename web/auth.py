@@ -32,11 +32,16 @@ browser. A proxy on this host that adds none of those headers still looks like l
 no token, everyone behind it reads; set one there.
 
 The cookie holds an HMAC of the token, never the token itself; tokens are compared with
-:func:`hmac.compare_digest`. Its name is the dashboard's own (:func:`session_cookie`: 8 hex of
-another HMAC of the token), since browsers scope cookies by host, not port: two dashboards on one
-host, each with its token, keep a cookie each, and neither takes the other's for a guess. The
-browser keeps it :data:`SESSION_MAX_AGE` (across restarts). Changing the token logs every browser
-out: the old cookie has another name, and would not match under this one.
+:func:`hmac.compare_digest`. Its name is the dashboard's own (:func:`session_cookie`), since
+browsers scope cookies by host, not port: two dashboards on one host, each with its token, keep a
+cookie each, and neither takes the other's for a guess. The name is 8 hex of an HMAC of the token
+keyed by a random secret of the database (:data:`COOKIE_SECRET` in ``instance_secrets``), so it
+tells nothing about the token to anyone who cannot read the database — an HMAC keyed by the token
+alone would be an offline check of token guesses, bypassing the pace below. And it is only ever
+sent to the browser that logged in: ``POST /logout`` deletes the cookie only when the request
+carries it, and no other answer names it. The browser keeps it :data:`SESSION_MAX_AGE` (across
+restarts). Changing the token logs every browser out: the old cookie has another name, and would
+not match under this one.
 
 Guessing stays slow (:class:`TokenGate`): the token a request brings (``Authorization: Bearer``,
 the login form) is checked one request at a time, and a wrong one holds the next check back for
@@ -54,6 +59,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import secrets
 import threading
 import time
 import weakref
@@ -62,11 +68,15 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
+import anyio.to_thread
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from jobs import db, store
 from jobs.digits import ascii_int
 from jobs.printable import one_line
 
@@ -75,6 +85,8 @@ log = logging.getLogger(__name__)
 #: The login cookie's name begins so; :func:`session_cookie` of the token is the whole name, and
 #: :func:`session_value` of it the value.
 SESSION_COOKIE_PREFIX = "wanbatch_session_"
+#: The name, in ``instance_secrets``, of the database's random key of the cookie's name.
+COOKIE_SECRET = "dashboard_cookie"  # noqa: S105 - the secret's name, not a secret
 #: How long a browser keeps the login cookie (seconds): 30 days, browser restarts included.
 SESSION_MAX_AGE = 30 * 24 * 60 * 60
 #: Requests that never need the token: ``(method, path)``.
@@ -101,6 +113,10 @@ LOGIN_NEEDED = (
     "the dashboard needs WANBATCH_SERVE_TOKEN: send `Authorization: Bearer <token>` or log in at /login"
 )
 CROSS_ORIGIN = "refused: the request did not come from the dashboard's own pages (Origin/Referer check)"
+NO_DATABASE = (
+    "the login cookie cannot be checked: the database is unavailable (locked or unreachable): "
+    "try again in a moment"
+)
 #: Seconds a wrong token (or cookie) holds the token check: guesses are one a second at most.
 TOKEN_FAILURE_DELAY = 1.0
 
@@ -110,17 +126,29 @@ def session_value(token: str) -> str:
     return hmac.new(token.encode(), b"wanbatch dashboard session v1", hashlib.sha256).hexdigest()
 
 
-def session_cookie(token: str) -> str:
+def session_cookie(token: str, secret: bytes) -> str:
     """The login cookie's name under ``token``: ``wanbatch_session_`` and the first 8 hex of an
-    HMAC keyed by the token (another message than :func:`session_value`'s).
+    HMAC of the token keyed by ``secret``, the database's :data:`COOKIE_SECRET`
+    (:func:`cookie_secret`).
 
     Browsers scope cookies by host, not port: under one fixed name, logging into a second
     dashboard on this host overwrote the first one's cookie, and each took the other's for a
-    wrong guess (and paced every check behind it). The name tells them apart. It helps no
-    guesser: only a browser that logged in (and anything on this host it sends its cookies to)
-    sees it, next to the cookie's value, a whole HMAC of the same token."""
-    tag = hmac.new(token.encode(), b"wanbatch dashboard cookie name v1", hashlib.sha256).hexdigest()
-    return SESSION_COOKIE_PREFIX + tag[:8]
+    wrong guess (and paced every check behind it). The name tells them apart: two dashboards
+    with different tokens have different names (on one database or two), and a new token gives
+    a new name. It tells nothing about the token: the key is a random secret of the database,
+    not the token (an HMAC keyed by the token would let whoever learned the name test token
+    guesses offline, at no pace). The name is no credential either: the value is."""
+    message = b"wanbatch dashboard cookie name v2\0" + token.encode()
+    return SESSION_COOKIE_PREFIX + hmac.new(secret, message, hashlib.sha256).hexdigest()[:8]
+
+
+def cookie_secret(engine: Engine) -> bytes:
+    """The database's key of the cookie's name (:data:`COOKIE_SECRET`), made the first time any
+    process asks for it (as the webhook secret is); every dashboard of the database, now and
+    after a restart, names its cookie alike for one token."""
+    with db.session_scope(engine) as session:
+        value = store.instance_secret(session, COOKIE_SECRET, lambda: secrets.token_hex(32))
+    return bytes.fromhex(value)
 
 
 def token_matches(given: str, token: str) -> bool:
@@ -305,6 +333,15 @@ def _cookie(headers: Headers, name: str) -> str | None:
     return None
 
 
+def carries_a_session_cookie(headers: Headers) -> bool:
+    """Whether the request carries a cookie named like a login cookie (this dashboard's or
+    another's): only then is this dashboard's name worth knowing."""
+    return any(
+        part.strip().startswith(SESSION_COOKIE_PREFIX) and "=" in part
+        for part in headers.get("cookie", "").split(";")
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Access:
     """What the current request may do; routes read it as ``request.state.access``."""
@@ -348,11 +385,13 @@ class TokenGate:
     without waiting for the others, that they were all wrong.) A wrong token's own answer waits
     ``delay`` too. A cookie is compared at once — it is an HMAC, unguessable, and a browser
     sends it with every request — and a wrong one then takes its turn and its ``delay`` like a
-    wrong token. Only the cookie named :attr:`cookie_name` is one: a cookie minted under
+    wrong token. Only the cookie named :meth:`cookie_name` is one: a cookie minted under
     another token has another name (:func:`session_cookie`), and is no credential at all, never
-    paced. A request that gives up while it waits frees the lock, never the pace: the time of
-    the last failure is kept, not a task's sleep. While no credential fails, nothing
-    waits; a request with no credential never does. The price: while guesses pour in, a right
+    paced. That name is keyed by the database's secret, which ``secret`` reads (once: it is
+    then kept); :class:`web.dashboard.Dashboard` gives a gate without one its database's. A
+    request that gives up while it waits frees the lock, never the pace: the time of the last
+    failure is kept, not a task's sleep. While no credential fails, nothing waits; a request
+    with no credential never does. The price: while guesses pour in, a right
     token (not a right cookie) waits its turn behind them.
 
     One lock per event loop (a server has one; the test client may start several).
@@ -365,10 +404,12 @@ class TokenGate:
         delay: float = TOKEN_FAILURE_DELAY,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        secret: Callable[[], bytes] | None = None,
     ) -> None:
         self.token = token or None
-        #: The login cookie's name under this token (None without one).
-        self.cookie_name = session_cookie(self.token) if self.token is not None else None
+        #: Reads the key of the cookie's name (:func:`cookie_secret`); may touch the database.
+        self.secret = secret
+        self._name: str | None = None
         self.delay = delay
         self._clock = clock
         self._sleep = sleep
@@ -382,6 +423,23 @@ class TokenGate:
     @property
     def configured(self) -> bool:
         return self.token is not None
+
+    def cookie_name_now(self) -> str | None:
+        """The login cookie's name under this token (None without one), read on this thread:
+        the first call reads the database's secret (:func:`cookie_secret`), later ones not."""
+        if self.token is None:
+            return None
+        if self._name is None:
+            if self.secret is None:
+                raise RuntimeError("the token gate has no secret to name its cookie with")
+            self._name = session_cookie(self.token, self.secret())
+        return self._name
+
+    async def cookie_name(self) -> str | None:
+        """:meth:`cookie_name_now`, off the event loop when the database must be read."""
+        if self._name is not None or self.token is None:
+            return self._name
+        return await anyio.to_thread.run_sync(self.cookie_name_now)
 
     def _lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
@@ -434,8 +492,10 @@ async def access_of(scope: Scope, gate: TokenGate) -> Access:
     scheme, _, given = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and given.strip() and await gate.check_token(given.strip()):
         return Access(token_configured=True, loopback=loopback, authenticated=True, by_header=True)
-    # Only this dashboard's own cookie: another's (another token's name) is no credential.
-    cookie = _cookie(headers, gate.cookie_name) if gate.cookie_name is not None else None
+    # Only this dashboard's own cookie: another's (another token's name) is no credential. Its
+    # name is looked up (the database's secret, the first time) only for a request carrying one.
+    name = await gate.cookie_name() if carries_a_session_cookie(headers) else None
+    cookie = _cookie(headers, name) if name is not None else None
     authenticated = cookie is not None and await gate.check_cookie(cookie)
     return Access(token_configured=True, loopback=loopback, authenticated=authenticated)
 
@@ -483,7 +543,11 @@ class DashboardAuth:
             headers = Headers(scope=scope)
             access = Access(self.gate.configured, is_loopback(scope, headers), authenticated=False)
         else:
-            access = await access_of(scope, self.gate)
+            try:
+                access = await access_of(scope, self.gate)
+            except DBAPIError as exc:  # the cookie's name not known yet, and no database to ask
+                await self._no_database(scope, exc)(scope, receive, send)
+                return
         scope.setdefault("state", {})["access"] = access
         refusal = self._refusal(scope, access, method, path)
         if refusal is not None:
@@ -528,6 +592,21 @@ class DashboardAuth:
         if not access.by_header:
             return self._cross_origin(scope, headers, method, logged_path, who, refused)
         return None
+
+    def _no_database(self, scope: Scope, exc: DBAPIError) -> Response:
+        """503 for a request whose login cookie could not be checked: the cookie's name needs
+        the database's secret (read once per process), and the database did not answer."""
+        client = scope.get("client")
+        log.warning(
+            "dashboard: %s %s from %s: the login cookie cannot be checked: %s",
+            scope["method"],
+            one_line(scope["path"]),
+            one_line(str(client[0])) if client else "?",
+            one_line(str(exc.orig) if exc.orig is not None else str(exc))[:300],
+            extra={"event": "dashboard.database_unavailable", "status": 503},
+        )
+        refused = self._refused_response(Headers(scope=scope), scope["method"], scope["path"])
+        return refused(NO_DATABASE, 503)
 
     @staticmethod
     def _cross_origin(

@@ -61,9 +61,10 @@ from web.auth import (
     Access,
     TokenGate,
     answers_json,
+    carries_a_session_cookie,
+    cookie_secret,
     safe_next,
     sent_over_https,
-    session_cookie,
     session_value,
 )
 from web.bodies import Refusal, read_body
@@ -318,6 +319,8 @@ class Dashboard:
         if gate is None:
             secret = settings.serve_token
             gate = TokenGate(secret.get_secret_value() if secret is not None else None)
+        if gate.secret is None:  # the key of the cookie's name: this database's secret
+            gate.secret = lambda: cookie_secret(engine)
         #: The token and its paced check, shared with :class:`web.auth.DashboardAuth`.
         self.gate = gate
 
@@ -705,17 +708,26 @@ class Dashboard:
                 next=target,
                 error="That is not the token.",
             )
+        name = await self.gate.cookie_name()
+        assert name is not None  # a token is configured
         response = RedirectResponse(target, status_code=303)
-        name, value = session_cookie(token), session_value(token)
+        value = session_value(token)
         response.set_cookie(name, value, max_age=SESSION_MAX_AGE, **_session_attributes(request))
         return response
 
-    def logout(self, request: Request) -> Response:
-        """Forget this dashboard's login cookie (the middleware checked the ``Origin``)."""
+    async def logout(self, request: Request) -> Response:
+        """Forget this dashboard's login cookie (the middleware checked the ``Origin``).
+
+        Only a cookie the request carries under this dashboard's name is deleted: a deletion
+        names the cookie, and the name is for the browser that logged in. Whatever its value
+        (a stale or damaged one goes too): a caller who sent the name already knew it."""
         response = RedirectResponse("/", status_code=303)
-        if self.gate.cookie_name is not None:
+        if not carries_a_session_cookie(request.headers):
+            return response
+        name = await self.gate.cookie_name()
+        if name is not None and name in request.cookies:
             # With the attributes it was set with (HttpOnly, SameSite=Strict, Secure over HTTPS).
-            response.delete_cookie(self.gate.cookie_name, **_session_attributes(request))
+            response.delete_cookie(name, **_session_attributes(request))
         return response
 
 

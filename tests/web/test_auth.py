@@ -8,11 +8,15 @@ browser's actions must come from the dashboard's own origin.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
@@ -28,10 +32,12 @@ from tests.web.web_helpers import (
     TOKEN,
     app_for,
     client,
+    cookie_name,
     mixed_batch,
     settings_for,
 )
-from web.auth import safe_next, session_cookie, session_value
+from web.app import create_app
+from web.auth import TokenGate, cookie_secret, safe_next, session_cookie, session_value
 
 
 @pytest.fixture
@@ -83,7 +89,7 @@ def test_a_refused_action_answers_json_to_a_script(
     assert no_token.status_code == 401
     assert no_token.json()["ok"] is False
     assert no_token.headers["www-authenticate"] == 'Bearer realm="wanbatch"'
-    cookie = {"Cookie": f"{session_cookie(TOKEN)}={session_value(TOKEN)}"}
+    cookie = {"Cookie": f"{cookie_name(guarded)}={session_value(TOKEN)}"}
     cross = guarded.post(f"/batches/{batch_id}/pause", headers={**cookie, "Origin": "https://evil.example"})
     assert cross.status_code == 403
     assert cross.json()["ok"] is False
@@ -157,7 +163,7 @@ def test_with_a_token_remote_clients_log_in_and_act(
     # A wrong token is refused (after a pause) and sets no cookie.
     wrong = remote.post("/login", data={"token": "guess", "next": "/"}, headers={**HTML, "Origin": origin})
     assert wrong.status_code == 401
-    assert session_cookie(TOKEN) not in wrong.cookies
+    assert cookie_name(remote) not in wrong.cookies
     assert "not the token" in wrong.text
     # The right one: a cookie holding an HMAC of the token, never the token.
     right = remote.post(
@@ -165,13 +171,13 @@ def test_with_a_token_remote_clients_log_in_and_act(
     )
     assert right.status_code == 303
     assert right.headers["location"] == f"/batches/{batch_id}"
-    cookie = right.cookies[session_cookie(TOKEN)]
+    cookie = right.cookies[cookie_name(remote)]
     assert cookie == session_value(TOKEN)
     assert TOKEN not in cookie
     set_cookie = right.headers["set-cookie"].lower()
     assert "httponly" in set_cookie
     assert "samesite=strict" in set_cookie
-    remote.cookies.set(session_cookie(TOKEN), cookie)
+    remote.cookies.set(cookie_name(remote), cookie)
     page = remote.get(f"/batches/{batch_id}", headers=HTML)
     assert page.status_code == 200
     assert "signed in" in page.text
@@ -194,7 +200,7 @@ def test_with_a_token_remote_clients_log_in_and_act(
     # Logging out forgets the cookie.
     out = remote.post("/logout", headers={**HTML, "Origin": origin})
     assert out.status_code == 303
-    assert f'{session_cookie(TOKEN)}=""' in out.headers["set-cookie"]
+    assert f'{cookie_name(remote)}=""' in out.headers["set-cookie"]
 
 
 def test_a_bearer_token_needs_no_cookie_and_no_origin(
@@ -231,7 +237,7 @@ def test_with_a_token_loopback_must_log_in_to_read_and_to_act(
         "/login", data={"token": TOKEN, "next": "/"}, headers={**HTML, "Origin": "http://127.0.0.1:8788"}
     )
     assert logged.status_code == 303
-    local.cookies.set(session_cookie(TOKEN), logged.cookies[session_cookie(TOKEN)])
+    local.cookies.set(cookie_name(local), logged.cookies[cookie_name(local)])
     assert local.get(f"/batches/{batch_id}", headers=HTML).status_code == 200
     assert local.get("/metrics").status_code == 200
 
@@ -262,7 +268,7 @@ def test_cross_origin_login_is_refused(sqlite_engine: Engine, output_dir: Path) 
     app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
     answer = client(app).post("/login", data={"token": TOKEN}, headers={"Origin": "https://evil.example"})
     assert answer.status_code == 403
-    assert session_cookie(TOKEN) not in answer.cookies
+    assert cookie_name(app) not in answer.cookies
 
 
 #: The token of a second dashboard on the same host (another `serve`, another port).
@@ -324,7 +330,7 @@ def test_the_login_cookie_lasts_until_the_token_changes(sqlite_engine: Engine, o
     renewed = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=OTHER_TOKEN)))
     assert renewed.get("/", headers={**HTML, **cookie}).status_code == 303
     # Under its own name too the old value is refused: the value is bound to the token.
-    renamed = {"Cookie": f"{session_cookie(OTHER_TOKEN)}={value}"}
+    renamed = {"Cookie": f"{cookie_name(renewed, OTHER_TOKEN)}={value}"}
     assert renewed.get("/metrics", headers=renamed).status_code == 401
 
 
@@ -340,8 +346,10 @@ def test_logging_out_from_another_site_is_refused(sqlite_engine: Engine, output_
         assert "set-cookie" not in evil.headers
         assert "Origin/Referer" in evil.text
     https = {"X-Forwarded-Proto": "https"}
-    name, _, set_cookie = _logged_in_cookie(remote, "http://dash.example.com", TOKEN, https)
-    out = remote.post("/logout", headers={**HTML, "Origin": "http://dash.example.com", **https})
+    name, value, set_cookie = _logged_in_cookie(remote, "http://dash.example.com", TOKEN, https)
+    # The browser sends it back (the test client keeps a Secure cookie off plain http).
+    mine = {"Cookie": f"{name}={value}"}
+    out = remote.post("/logout", headers={**HTML, "Origin": "http://dash.example.com", **https, **mine})
     assert out.status_code == 303
     deleted = out.headers["set-cookie"]
     assert deleted.startswith(f'{name}=""')
@@ -373,7 +381,7 @@ def test_a_refused_path_is_logged_on_one_line(
     app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=token))
     remote = client(app, peer=REMOTE, host="dash.example.com")
     if token is not None:  # a logged-in browser's action from another site: refused and logged
-        remote.cookies.set(session_cookie(TOKEN), session_value(TOKEN))
+        remote.cookies.set(cookie_name(remote), session_value(TOKEN))
     with caplog.at_level(logging.WARNING, logger="web.auth"):
         if token is None:
             remote.get(FORGED, headers=HTML)
@@ -455,7 +463,7 @@ def test_behind_a_trusted_proxy_its_forwarded_host_is_the_dashboards_origin(
     headers = {**HTML, **forwarded, "Origin": PUBLIC}
     login = proxied.post("/login", data={"token": TOKEN, "next": f"/batches/{batch_id}"}, headers=headers)
     assert login.status_code == 303, login.text
-    proxied.cookies.set(session_cookie(TOKEN), login.cookies[session_cookie(TOKEN)])
+    proxied.cookies.set(cookie_name(proxied), login.cookies[cookie_name(proxied)])
     done = proxied.post(f"/batches/{batch_id}/pause", headers=headers)
     assert done.status_code == 303, done.text
     assert _paused(sqlite_engine, batch_id)
@@ -476,9 +484,9 @@ def test_an_untrusted_clients_forwarded_host_is_ignored(
     headers = {**HTML, **VIA_PROXY, "Origin": PUBLIC}
     login = untrusted.post("/login", data={"token": TOKEN}, headers=headers)
     assert login.status_code == 403
-    assert session_cookie(TOKEN) not in login.cookies
+    assert cookie_name(untrusted) not in login.cookies
     assert "ignored" in login.text
-    untrusted.cookies.set(session_cookie(TOKEN), session_value(TOKEN))
+    untrusted.cookies.set(cookie_name(untrusted), session_value(TOKEN))
     refused = untrusted.post(f"/batches/{batch_id}/pause", headers=headers)
     assert refused.status_code == 403
     assert "WANBATCH_SERVE_FORWARDED_ALLOW_IPS" in refused.text
@@ -514,8 +522,8 @@ def test_a_foreign_origin_is_refused_through_any_proxy(
             headers = {**HTML, **forwarded, "Origin": origin}
             login = browser.post("/login", data={"token": TOKEN}, headers=headers)
             assert login.status_code == 403
-            assert session_cookie(TOKEN) not in login.cookies
-            browser.cookies.set(session_cookie(TOKEN), session_value(TOKEN))
+            assert cookie_name(browser) not in login.cookies
+            browser.cookies.set(cookie_name(browser), session_value(TOKEN))
             refused = browser.post(f"/batches/{batch_id}/pause", headers=headers)
             assert refused.status_code == 403
             assert f"Origin {origin!r}" in refused.text  # the refusal names what it saw
@@ -536,7 +544,7 @@ def test_the_refusal_says_what_was_seen_and_what_to_set(
     Origin and Host seen and the proxy setting that fixes it."""
     app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
     proxied = client(app, peer=LOOPBACK, host="127.0.0.1:8788")
-    proxied.cookies.set(session_cookie(TOKEN), session_value(TOKEN))
+    proxied.cookies.set(cookie_name(proxied), session_value(TOKEN))
     with caplog.at_level(logging.WARNING, logger="web.auth"):
         refused = proxied.post(f"/batches/{batch_id}/pause", headers={**HTML, "Origin": PUBLIC})
     assert refused.status_code == 403
@@ -550,3 +558,114 @@ def test_the_refusal_says_what_was_seen_and_what_to_set(
     as_json = proxied.post(f"/batches/{batch_id}/pause", headers={**JSON, "Origin": PUBLIC})
     assert as_json.status_code == 403
     assert "proxy_set_header" in as_json.json()["error"]
+
+
+#: A token that passes the 16-character rule but a person chose: a guesser's word list has it.
+WEAK = "correct-horse-battery-staple"
+
+
+def _names_it(answer: Any, name: str) -> bool:
+    """Whether an answer names the cookie ``name`` anywhere: a header (a deletion) or the body."""
+    return name in str(answer.headers) or name in answer.text
+
+
+def test_a_caller_without_the_cookie_never_learns_its_name(sqlite_engine: Engine, output_dir: Path) -> None:
+    """The review's proof: ``POST /logout`` (no credential, no Origin: curl) sent a deletion
+    naming the cookie, ``wanbatch_session_`` and 8 hex of an HMAC keyed by the token alone: an
+    offline check of token guesses (10,000 in 56 ms) past the one-a-second pace. A caller who
+    does not send the cookie gets its name from no answer; and the name, keyed by the
+    database's secret, tests no guess anyway."""
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=WEAK))
+    name = cookie_name(app, WEAK)
+    stranger = client(app, peer=REMOTE, host="dash.example.com")
+    origin = {"Origin": "http://dash.example.com"}
+    answers = [
+        stranger.post("/logout"),
+        stranger.post("/logout", headers={**HTML, **origin}),
+        stranger.post("/logout", headers={**HTML, "Origin": "http://evil.example"}),
+        stranger.post("/logout", headers={"Cookie": "wanbatch_session_00000000=x"}),
+        stranger.post("/login", data={"token": "correct-horse-battery-stapler"}, headers={**HTML, **origin}),
+        stranger.post("/login", data={"token": WEAK}, headers={**HTML, "Origin": "http://evil.example"}),
+        stranger.get("/login", headers=HTML),
+        stranger.get("/", headers=HTML),
+        stranger.get("/", headers=JSON),
+        stranger.get("/metrics"),
+        stranger.post("/batches/x/pause", headers=JSON),
+        stranger.post("/batches/x/pause", headers={**HTML, **origin}),
+        stranger.get("/", headers={"Authorization": "Bearer nope"}),
+    ]
+    assert [a.status_code for a in answers] == [
+        303,
+        303,
+        403,
+        303,
+        401,
+        403,
+        200,
+        303,
+        401,
+        401,
+        401,
+        401,
+        401,
+    ]
+    for answer in answers:
+        assert not _names_it(answer, name), (answer.request.method, answer.request.url, answer.headers)
+        assert "set-cookie" not in answer.headers
+    # Offline: were the name an HMAC keyed by the token, this list would find it.
+    parts = ["correct", "horse", "battery", "staple", "wanbatch", "dashboard", "token", "secret", "admin"]
+    words = [f"{a}-{b}-{c}-{d}" for a in parts for b in parts for c in parts for d in parts]
+    by_token = {
+        "wanbatch_session_"
+        + hmac.new(w.encode(), b"wanbatch dashboard cookie name v1", hashlib.sha256).hexdigest()[:8]
+        for w in words
+    }
+    assert WEAK in words
+    assert name not in by_token
+    # Its own browser still gets the name (and the deletion, once it sends the cookie back).
+    login = stranger.post("/login", data={"token": WEAK}, headers={**HTML, **origin})
+    assert login.status_code == 303
+    assert login.headers["set-cookie"].startswith(f"{name}=")
+    out = stranger.post("/logout", headers={**HTML, **origin})
+    assert out.headers["set-cookie"].startswith(f'{name}=""')
+
+
+def test_the_cookies_name_is_keyed_by_the_databases_secret(sqlite_engine: Engine, output_dir: Path) -> None:
+    """Two dashboards of one database: the same name for one token (and after a restart), another
+    for another token; another database (another secret) names the same token's cookie apart."""
+    settings = settings_for(sqlite_engine, output_dir, token=TOKEN)
+    first, again = (
+        cookie_name(app_for(sqlite_engine, settings)),
+        cookie_name(app_for(sqlite_engine, settings)),
+    )
+    assert first == again
+    assert first.startswith("wanbatch_session_")
+    assert len(first) == len("wanbatch_session_") + 8
+    other = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=OTHER_TOKEN))
+    assert cookie_name(other, OTHER_TOKEN) != first
+    secret = cookie_secret(sqlite_engine)
+    assert session_cookie(TOKEN, secret) == first
+    assert session_cookie(TOKEN, bytes(32)) != first
+
+
+def test_a_login_cookie_meeting_no_database_is_answered_503(
+    sqlite_engine: Engine, output_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cookie's name needs the database's secret, read by the first request that carries a
+    login cookie: with no database to read it from, that request is told so (503, one line, one
+    warning), not failed (500); requests with no cookie, or a bearer token, are untouched."""
+
+    def unreachable() -> bytes:
+        raise OperationalError("SELECT value FROM instance_secrets", {}, Exception("connection refused"))
+
+    settings = settings_for(sqlite_engine, output_dir, token=TOKEN)
+    app = create_app(settings, engine=sqlite_engine, gate=TokenGate(TOKEN, secret=unreachable))
+    browser = client(app, peer=REMOTE, host="dash.example.com")
+    with caplog.at_level(logging.WARNING, logger="web.auth"):
+        carried = browser.get("/", headers={**HTML, "Cookie": "wanbatch_session_0123abcd=x"})
+    assert carried.status_code == 503
+    assert "database is unavailable" in carried.text
+    assert [r.getMessage() for r in caplog.records if "cannot be checked" in r.getMessage()]
+    assert browser.get("/", headers=HTML).status_code == 303
+    assert browser.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert "set-cookie" not in browser.post("/logout").headers

@@ -25,10 +25,20 @@ from falsim.webhooks import WebhookSigner, webhook_body
 from jobs import db
 from jobs.db import make_engine, session_factory
 from jobs.settings import Settings, get_settings
-from tests.web.web_helpers import HTML, JSON, LOOPBACK, REMOTE, TOKEN, app_for, mixed_batch, settings_for
+from tests.web.web_helpers import (
+    HTML,
+    JSON,
+    LOOPBACK,
+    REMOTE,
+    TOKEN,
+    app_for,
+    cookie_name,
+    mixed_batch,
+    settings_for,
+)
 from tests.web.web_helpers import client as sync_client
 from web.app import DATABASE_UNAVAILABLE, RECEIVER_THREADS, create_app
-from web.auth import TokenGate, same_origin, session_cookie, session_value
+from web.auth import TokenGate, same_origin, session_value
 from worker.fal.webhooks import JwksKeys
 from worker.steps.webhooks import database_fingerprint, webhook_secret
 
@@ -146,7 +156,7 @@ def test_unparsable_origins_are_refused_not_crashed_on(
     sqlite_engine: Engine, output_dir: Path, batch_id: str
 ) -> None:
     app = _app(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
-    cookie = {"Cookie": f"{session_cookie(TOKEN)}={session_value(TOKEN)}"}
+    cookie = {"Cookie": f"{cookie_name(app)}={session_value(TOKEN)}"}
 
     async def main() -> list[httpx.Response]:
         async with _client(app, REMOTE, "dash.example.com") as client:
@@ -160,7 +170,7 @@ def test_unparsable_origins_are_refused_not_crashed_on(
     for answer in asyncio.run(main()):
         assert answer.status_code == 403
         assert "Origin/Referer" in answer.text
-        assert session_cookie(TOKEN) not in answer.cookies
+        assert cookie_name(app) not in answer.cookies
 
 
 # ----------------------------------------------------------------------------- token guessing
@@ -251,7 +261,7 @@ def test_a_wrong_cookie_takes_its_turn_and_no_credential_never_waits(
     fake, checks = virtual_time
     gate = TokenGate(TOKEN, clock=fake.clock, sleep=fake.sleep)
     app = _app(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN), gate=gate)
-    stale = {"Cookie": f"{session_cookie(TOKEN)}=stale"}
+    stale = {"Cookie": f"{cookie_name(app)}=stale"}
 
     async def main() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
         async with _client(app, REMOTE, "dash.example.com") as client:
@@ -305,6 +315,10 @@ def test_another_dashboards_cookie_is_no_guess(
     checks.clear()
     gate = TokenGate(TOKEN, clock=fake.clock, sleep=fake.sleep)
     app = _app(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN), gate=gate)
+    # The first request carrying a login cookie reads the key of this dashboard's cookie name
+    # from the database (on a thread), once per process: done here, as a running server has.
+    mine = cookie_name(app)
+    assert mine not in theirs["Cookie"]
 
     async def main() -> tuple[list[httpx.Response], httpx.Response]:
         async with _client(app) as client:
@@ -358,7 +372,7 @@ def test_an_empty_token_is_no_token(
     login = asyncio.run(main())
     assert login.status_code == 403
     assert "WANBATCH_SERVE_TOKEN is not set" in login.text
-    assert session_cookie(TOKEN) not in login.cookies
+    assert cookie_name(app) not in login.cookies
 
 
 # ----------------------------------------------------------------------------- a locked database

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import SecretStr
 from sqlalchemy import Engine, update
@@ -20,7 +20,7 @@ from jobs.models import Batch, Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
 from web.app import create_app
-from web.auth import session_cookie, session_value
+from web.auth import TokenGate, session_cookie, session_value
 
 ENDPOINTS = ("fal-ai/wan-i2v", "fal-ai/wan-22")
 TOKEN = "dash-token-7c41e0f2b9"  # distinctive, so a leak is found by a plain substring search
@@ -167,10 +167,25 @@ def client(app: Starlette, *, peer: tuple[str, int] = LOOPBACK, host: str = "127
     return TestClient(app, client=peer, base_url=f"http://{host}", follow_redirects=False)
 
 
+def cookie_name(app: Starlette | TestClient, token: str = TOKEN) -> str:
+    """The name ``app``'s dashboard gives the login cookie of ``token`` (keyed by its database's
+    secret, :func:`web.auth.session_cookie`). For its own token the gate learns it now, as a
+    login would have made it, so later requests need not read the secret."""
+    starlette = cast(Starlette, app.app) if isinstance(app, TestClient) else app
+    gate = starlette.state.gate
+    assert isinstance(gate, TokenGate)
+    assert gate.secret is not None
+    if token == gate.token:
+        name = gate.cookie_name_now()
+        assert name is not None
+        return name
+    return session_cookie(token, gate.secret())
+
+
 def logged_in(browser: TestClient, token: str = TOKEN) -> TestClient:
     """``browser`` holding the login form's cookie for ``token``: with a token configured, every
     client (loopback too) needs it to read."""
-    browser.cookies.set(session_cookie(token), session_value(token))
+    browser.cookies.set(cookie_name(browser, token), session_value(token))
     return browser
 
 
