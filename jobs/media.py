@@ -7,7 +7,8 @@ size. Pillow's ``Image.open`` reads the header first, and only with the readers 
 endpoint accepts or validation names (:func:`opened_formats`): a file of another format (a DDS or
 SPIDER file named ``photo.jpg``) never reaches Pillow's less-travelled parsers, and whatever
 Pillow raises while reading is "not a readable image", never a crash. Decompression bombs are
-refused rather than decoded. An image that passes is then decoded once (within the same pixel
+refused rather than decoded (their pixels counted here, :func:`_refuse_bomb`, never left to a
+warning filter). An image that passes is then decoded once (within the same pixel
 limit), so a truncated or corrupt file (half a PNG, a JPEG cut short) is refused here rather than
 by fal after it was sent and billed; the verdict is cached by the bytes' SHA-256. Pillow's own
 warnings and log lines about a damaged file are kept off stderr (:func:`quiet_pillow`): the
@@ -51,7 +52,7 @@ import stat
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -449,45 +450,117 @@ class UnreadableImage(ValueError):
     """The bytes are no image Pillow reads in :func:`opened_formats`; the message says why."""
 
 
-#: Threads inside :func:`quiet_pillow`, and what the first one found (restored by the last).
+#: How many image reads the current thread is inside (:func:`quiet_pillow`); 0 or unset: none.
+_reading = threading.local()
 _quiet_lock = threading.Lock()
-_quiet_depth = 0
-_quiet_saved: tuple[warnings.catch_warnings[None], int] | None = None
+#: How many loggers existed when the ``PIL`` loggers were last given :data:`_PIL_FILTER`.
+_loggers_seen = -1
+
+
+def _in_image_read() -> bool:
+    return bool(getattr(_reading, "depth", 0))
+
+
+class _QuietPillowLog(logging.Filter):
+    """Drops a ``PIL`` logger's record emitted by a thread inside :func:`quiet_pillow`; every
+    other thread's records pass. A record is filtered in the thread that logs it, so the
+    thread-local depth says whose it is: nothing global is switched on and off."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _in_image_read()
+
+
+_PIL_FILTER = _QuietPillowLog()
+
+
+class _ShowUnlessReading:
+    """Python's ``warnings._showwarnmsg`` wrapped: a warning issued by a thread inside
+    :func:`quiet_pillow` (Pillow's, about the file it reads) is not shown; any other goes on to
+    the function it wraps, and so to ``showwarning`` (``logging.captureWarnings``'s, a
+    ``catch_warnings(record=True)`` list, stderr) exactly as before. It only ever decides about
+    the calling thread. ``_showwarnmsg`` is the one function every shown warning passes through
+    (the C ``warn`` looks it up on the ``warnings`` module each time), and unlike the public
+    ``showwarning`` no ``catch_warnings`` saves and restores it: another thread's
+    ``catch_warnings`` (``os.get_exec_path``, ``subprocess``) would put back a ``showwarning``
+    from before the wrapper while this thread reads. Should a Python ever stop calling it,
+    Pillow's warnings would only reach stderr again: nothing else depends on it."""
+
+    def __init__(self, shown: Callable[[warnings.WarningMessage], object]) -> None:
+        self.shown = shown
+
+    def __call__(self, msg: warnings.WarningMessage) -> None:
+        if _in_image_read():
+            return
+        self.shown(msg)
+
+
+def _install_quiet() -> None:
+    """The filter on each ``PIL`` logger, and the wrapper around ``warnings._showwarnmsg``:
+    installed once, and again only when missing (a Pillow module imported since, with a logger
+    of its own; a ``_showwarnmsg`` replaced since)."""
+    global _loggers_seen
+    loggers = logging.Logger.manager.loggerDict
+    current = getattr(warnings, "_showwarnmsg", None)
+    if isinstance(current, _ShowUnlessReading) and len(loggers) == _loggers_seen:
+        return
+    with _quiet_lock:
+        current = getattr(warnings, "_showwarnmsg", None)
+        if callable(current) and not isinstance(current, _ShowUnlessReading):
+            setattr(warnings, "_showwarnmsg", _ShowUnlessReading(current))  # noqa: B010 (not in typeshed)
+        if len(loggers) != _loggers_seen:
+            _loggers_seen = len(loggers)
+            # Pillow's modules log to their own loggers (PIL.TiffImagePlugin…), made as they
+            # are imported: a new one adds to the dict. (addFilter adds a filter once.)
+            for name, logger in list(loggers.items()):
+                if (name == "PIL" or name.startswith("PIL.")) and isinstance(logger, logging.Logger):
+                    logger.addFilter(_PIL_FILTER)
 
 
 @contextmanager
 def quiet_pillow() -> Iterator[None]:
-    """Pillow's warnings and log records kept off stderr while it reads an untrusted image.
+    """Pillow's warnings and log records kept off stderr while this thread reads an untrusted
+    image.
 
     A damaged TIFF makes Pillow warn ("Corrupt EXIF data") and log errors ("More samples per
     pixel than can be decoded") before it fails; printed, they came before validation's one
-    located line about the file. Inside, Python's warnings are ignored, but a
-    ``DecompressionBombWarning`` is raised as the error it is, and the ``PIL`` loggers are
-    silenced. Both are process-wide (Python's warning filters are global): threads that check
-    images at once share one quiet window, opened by the first and closed by the last."""
-    global _quiet_depth, _quiet_saved
-    from PIL import Image
-
-    with _quiet_lock:
-        if _quiet_depth == 0:
-            caught = warnings.catch_warnings()
-            caught.__enter__()
-            warnings.simplefilter("ignore")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            logger = logging.getLogger("PIL")
-            _quiet_saved = (caught, logger.level)
-            logger.setLevel(logging.CRITICAL + 1)
-        _quiet_depth += 1
+    located line about the file. Python's warning filters and the loggers' levels are left
+    alone (they are process-wide: switching them for one thread's read silenced, or un-refused,
+    other threads' warnings): a filter on the ``PIL`` loggers and a wrapper around
+    ``warnings._showwarnmsg`` drop what the current thread issues inside, and nothing else.
+    This is not the decompression-bomb guard, which never rests on a warning: see
+    :func:`_refuse_bomb`."""
+    opened_formats()  # imports the readers first: each one's logger gets the filter from the start
+    _install_quiet()
+    _reading.depth = getattr(_reading, "depth", 0) + 1
     try:
         yield
     finally:
-        with _quiet_lock:
-            _quiet_depth -= 1
-            if _quiet_depth == 0 and _quiet_saved is not None:
-                caught, level = _quiet_saved
-                _quiet_saved = None
-                logging.getLogger("PIL").setLevel(level)
-                caught.__exit__(None, None, None)
+        _reading.depth -= 1
+
+
+def _refuse_bomb(size: tuple[int, int]) -> None:
+    """Pillow's decompression-bomb guard, applied here rather than trusted to a warning filter:
+    more pixels than ``Image.MAX_IMAGE_PIXELS`` raises ``DecompressionBombWarning`` (as an
+    exception), more than twice as many ``DecompressionBombError``, counted and worded as Pillow
+    does. Called on an opened image before anything decodes its pixels. Pillow's own check in
+    ``Image.open`` only warns below twice the limit, and whether that warning is an error
+    depends on the process's warning filters, which another thread may change at any moment."""
+    from PIL import Image
+
+    most = Image.MAX_IMAGE_PIXELS
+    if most is None:
+        return
+    pixels = max(1, size[0]) * max(1, size[1])
+    if pixels > 2 * most:
+        raise Image.DecompressionBombError(
+            f"Image size ({pixels} pixels) exceeds limit of {2 * most} pixels, "
+            "could be decompression bomb DOS attack."
+        )
+    if pixels > most:
+        raise Image.DecompressionBombWarning(
+            f"Image size ({pixels} pixels) exceeds limit of {most} pixels, "
+            "could be decompression bomb DOS attack."
+        )
 
 
 def _why(exc: BaseException) -> str:
@@ -526,6 +599,7 @@ def _read_header(fh: BinaryIO) -> ImageHeader:
     bomb = (Image.DecompressionBombError, Image.DecompressionBombWarning)
     try:
         with quiet_pillow(), Image.open(fh, formats=opened_formats()) as image:  # the header only
+            _refuse_bomb(image.size)
             fmt = _FORMAT_ALIASES.get(image.format or "", image.format or "unknown")
             width, height = image.size
             alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
@@ -561,7 +635,10 @@ def _decode_problem(fh: BinaryIO) -> str | None:
     why: str | None = None
     try:
         with quiet_pillow(), Image.open(io.BytesIO(data), formats=opened_formats()) as image:
+            _refuse_bomb(image.size)  # the header check refused it already: never decoded anyway
             image.load()  # the first frame, as fal's model reads it
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return _why(exc)  # not cached: the verdict of a limit, which can change, not of the bytes
     except Exception as exc:  # whatever stops this decode stops fal's
         why = _why(exc)
     with _decoded_lock:

@@ -5,6 +5,12 @@ Audit: a DDS file named ``photo.jpg`` or a SPIDER file named ``sp.png``, mangled
 NotImplementedError, AttributeError); a damaged TIFF's Pillow warnings and log lines came out on
 stderr before its issue line; and a truncated JPEG or half a PNG passed validation (only the
 header was read) and was sent and billed. The bytes here are generated, like the audit's.
+
+A review then found that keeping Pillow quiet by switching Python's process-wide warning filters
+around each read could not hold with threads: another thread's ``catch_warnings`` (stdlib
+``os.get_exec_path``, ``subprocess``, botocore's imports) put back filters from the wrong moment,
+so decompression bombs passed the header check and were decoded, or every later warning of the
+process was silenced (section 5).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -285,3 +292,171 @@ def test_an_image_shared_by_a_thousand_jobs_is_decoded_once(
     for _ in range(50):
         assert check_bytes(data, FieldType.IMAGE, I2V_IMAGE) == []
     assert sorted(loads) == [(96, 64), (1920, 1080)]
+
+
+# -- 5. threads: the bomb guard rests on no warning filter, and no other thread's output is touched --
+
+
+class _PausedRead(io.BytesIO):
+    """Image bytes whose first read waits for ``resume``: the thread reading them is then inside
+    the image check, and the test decides what other threads do meanwhile."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.reading = threading.Event()
+        self.resume = threading.Event()
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if not self.reading.is_set():
+            self.reading.set()
+            assert self.resume.wait(10)
+        return super().read(size)
+
+
+def _started(target: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def _joined(thread: threading.Thread) -> None:
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+class _CatchWarningsUser:
+    """Another thread inside ``warnings.catch_warnings()`` until ``leave``, as the standard
+    library's ``os.get_exec_path`` is (and ``subprocess``, which calls it, and botocore's
+    imports): it saves the warning filters as it enters and puts them back as it leaves."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.leave = threading.Event()
+        self.thread = _started(self._run)
+        assert self.entered.wait(10)
+
+    def _run(self) -> None:
+        with warnings.catch_warnings():
+            self.entered.set()
+            self.leave.wait(10)
+
+    def done(self) -> None:
+        self.leave.set()
+        _joined(self.thread)
+
+
+def _64px_bomb(monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """A 64x64 PNG under a limit of 4,000 pixels: over the limit, under twice it (where Pillow's
+    own check in ``Image.open`` only warns)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)
+    return _saved(Image.new("RGB", (64, 64), "red"), "PNG")
+
+
+def test_a_bomb_is_refused_undecoded_while_another_thread_leaves_catch_warnings(
+    monkeypatch: pytest.MonkeyPatch, fresh_caches: None
+) -> None:
+    """The other thread's ``catch_warnings`` began before the check and ends while it reads the
+    header: it puts back filters without the check's "error on DecompressionBombWarning"."""
+    data = _64px_bomb(monkeypatch)
+    loads: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def counted(self: ImageFile.ImageFile) -> object:
+        loads.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counted)
+    other = _CatchWarningsUser()
+    fh = _PausedRead(data)
+    found: list[media.MediaProblem] = []
+    checker = _started(lambda: found.extend(media._check_image(fh, len(data), I2V_IMAGE)))
+    assert fh.reading.wait(10)
+    other.done()
+    fh.resume.set()
+    _joined(checker)
+    (problem,) = found
+    assert problem.severity == "error"
+    assert problem.message.startswith("refused as a decompression bomb (Image size (4096 pixels) exceeds")
+    assert loads == []  # never decoded
+
+
+def test_reading_an_image_leaves_other_threads_warnings_logs_and_the_filters_alone(
+    caplog: pytest.LogCaptureFixture, fresh_caches: None
+) -> None:
+    """While one thread reads an image, another enters ``catch_warnings`` (saving the filters of
+    that moment) and a third warns and logs through Pillow's logger: the third's warning and
+    record are shown, and once everyone is done the filters are the ones from before."""
+    caplog.set_level(logging.WARNING)
+    data = _saved(Image.new("RGB", (64, 64), "red"), "PNG")
+
+    def warn_and_log(when: str) -> None:
+        warnings.warn(f"another thread's notice {when}", UserWarning, stacklevel=1)
+        logging.getLogger("PIL.PngImagePlugin").warning("another thread's Pillow record %s", when)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        fh = _PausedRead(data)
+        found: list[media.MediaProblem] = []
+        checker = _started(lambda: found.extend(media._check_image(fh, len(data), I2V_IMAGE)))
+        assert fh.reading.wait(10)
+        other = _CatchWarningsUser()
+        _joined(_started(lambda: warn_and_log("during")))
+        fh.resume.set()
+        _joined(checker)
+        other.done()
+        assert warnings.filters == before
+        _joined(_started(lambda: warn_and_log("after")))
+    assert found == []
+    assert [str(w.message) for w in caught] == [
+        "another thread's notice during",
+        "another thread's notice after",
+    ]
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("PIL")] == [
+        "another thread's Pillow record during",
+        "another thread's Pillow record after",
+    ]
+
+
+def test_two_checking_threads_and_a_catch_warnings_user_let_no_bomb_through(
+    monkeypatch: pytest.MonkeyPatch, fresh_caches: None
+) -> None:
+    """The review's scripts: two threads read headers (a bomb, a small image, in turn) while a
+    third calls ``os.get_exec_path`` (a ``catch_warnings`` user) over and over. Every bomb is
+    refused, and afterwards the filters are as they were and another thread's warning shows."""
+    bomb = _64px_bomb(monkeypatch)
+    small = _saved(Image.new("RGB", (32, 32), "red"), "PNG")
+    stop = threading.Event()
+    let_through: list[int] = []
+    small_refused: list[int] = []
+
+    def other() -> None:
+        while not stop.is_set():
+            os.get_exec_path()
+
+    def validator() -> None:
+        for _ in range(3000):
+            try:
+                media._read_header(io.BytesIO(bomb))
+                let_through.append(1)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                pass
+            try:
+                media._read_header(io.BytesIO(small))
+            except Exception:
+                small_refused.append(1)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        getter = _started(other)
+        validators = [_started(validator) for _ in range(2)]
+        for thread in validators:
+            thread.join(120)
+            assert not thread.is_alive()
+        stop.set()
+        _joined(getter)
+        assert (len(let_through), len(small_refused)) == (0, 0)
+        assert warnings.filters == before
+        _joined(_started(lambda: warnings.warn("a library's notice", UserWarning, stacklevel=1)))
+    assert "a library's notice" in [str(w.message) for w in caught]
