@@ -5510,15 +5510,18 @@ class CapScope:
     #: errs on the safe side: no account ever holds more than the cap.
     every_key: bool = False
     #: The origin of the counting process's fal queue (``Job.fal_origin``'s form). A request sent
-    #: to another queue counts against the outstanding cap only while a live process other than
-    #: :attr:`me` works on its batch, or on every batch (:func:`_followed_elsewhere`): then its
-    #: state moves and its slot comes back when it ends, and if that queue is fal's under another
-    #: URL, it does hold one of the account's slots. Nobody following it, its row says ``queued``
-    #: for good (a stand-in stopped with requests waiting, a queue URL nobody runs any more): it
-    #: never frees a slot, and a stand-in's never held one at fal. The queue-wait back-off counts
-    #: this queue's requests only (:attr:`QueueWaits`). A request with no origin recorded counts
-    #: as this queue's. None: every queue's count (a simulation's scope: its requests are its
-    #: run's simulator's, whichever port that one had).
+    #: to another queue counts against the outstanding cap while a live process other than
+    #: :attr:`me` works on its batch, or on every batch (:class:`Followed`): then its state moves
+    #: and its slot comes back when it ends, and if that queue is fal's under another URL, it does
+    #: hold one of the account's slots. Nobody following it (its run stopped), its row keeps the
+    #: state it was last seen in for good, while fal — if that URL is fal's — still queues or
+    #: runs it for a while: it counts until :data:`UNFOLLOWED_SECONDS` after it was last heard of
+    #: (``Job.updated_at``) or, still waiting to start, after its start timeout ends if that is
+    #: later (:func:`_heard_lately`); then it stops counting (a stand-in stopped with requests
+    #: waiting held every later run's slots for good). The queue-wait back-off counts this
+    #: queue's requests only (:attr:`QueueWaits`). A request with no origin recorded counts as
+    #: this queue's. None: every queue's count (a simulation's scope: its requests are its run's
+    #: simulator's, whichever port that one had).
     origin: str | None = None
     #: The heartbeat owner of the counting process (``Runtime.owner``), whose own beats do not
     #: make another queue's requests followed; "" for a process that does not beat (``status``).
@@ -5577,11 +5580,66 @@ class InFlight:
     retry_due: bool
 
 
-def _requests_in(scope: CapScope, *, own_queue: bool = False) -> list[ColumnElement[bool]]:
+#: How long a request sent to another fal queue (:attr:`CapScope.origin`) that no live process
+#: follows keeps counting against the outstanding cap after it was last heard of, or after its
+#: start timeout ends (one still waiting to start): a bound on how long fal runs a request once
+#: started (an hour: Wan renders take minutes, ``typical_seconds`` 60 to 150; fal lets a started
+#: request run to its end). Until then that URL may be fal's under another name (a proxy), which
+#: still runs the request on the account; after it, a stand-in's requests stop holding runs back.
+UNFOLLOWED_SECONDS = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Followed:
+    """Which batches a live process other than the counting one follows (:func:`followed_now`):
+    their requests at another fal queue count as long as they are at fal (:attr:`CapScope.origin`).
+    Read once per dispatch round, one small query on the heartbeats, and bound into the counts."""
+
+    #: A live process beats for every batch (the distributed workers' leader): every request counts.
+    every: bool = False
+    #: The batches live processes beat for (sorted), when not :attr:`every`.
+    batch_ids: tuple[str, ...] = ()
+
+
+#: A scope with no origin, or nothing else to go by: every request counts as followed.
+FOLLOWED_ALL = Followed(every=True)
+
+
+def followed_now(session: Session, scope: CapScope, now: datetime) -> Followed:
+    """:class:`Followed` as of ``now`` for ``scope``: the batches (or every batch) a process
+    other than :attr:`CapScope.me` beat for within :data:`jobs.db.HEARTBEAT_STALE_SECONDS` — the
+    rule the adoption of a batch's requests at another queue goes by
+    (``worker.steps.dead_leases``): nothing else beats for the batch, and nobody follows them
+    but its next run. No query for a scope without an origin (every queue counts)."""
+    if scope.origin is None:
+        return FOLLOWED_ALL
+
+    def build() -> Any:
+        return (
+            select(ConductorHeartbeat.scope)
+            .where(
+                ConductorHeartbeat.seen_at >= bindparam("live_since"),
+                ConductorHeartbeat.owner != bindparam("me"),
+            )
+            .distinct()
+        )
+
+    params = {"live_since": now - timedelta(seconds=db.HEARTBEAT_STALE_SECONDS), "me": scope.me}
+    scopes = {str(row[0]) for row in _run(session, _prepared(("followed_now",), build), params).all()}
+    if EVERY_BATCH in scopes:
+        return FOLLOWED_ALL
+    return Followed(batch_ids=tuple(sorted(scopes)))
+
+
+def _requests_in(
+    scope: CapScope, *, own_queue: bool = False, followed: Followed = FOLLOWED_ALL
+) -> list[ColumnElement[bool]]:
     """The conditions of :attr:`CapScope.api_key_id`, :attr:`CapScope.requests_of` and
     :attr:`CapScope.origin`, their values bound as ``api_key_id``, ``requests_of``, ``origin``,
-    ``me`` and ``live_since``. ``own_queue``: only the requests of the scope's own fal queue
-    (the queue-wait back-off's), not those another live process follows elsewhere."""
+    ``followed`` and ``heard_since`` (:func:`_scope_params`). ``own_queue``: only the requests
+    of the scope's own fal queue (the queue-wait back-off's); else those at another queue too
+    while a live process follows their batch (``followed``: the same shape must be bound with
+    the same :class:`Followed`'s values) or fal may still hold them (:func:`_heard_lately`)."""
     conditions: list[ColumnElement[bool]] = []
     if scope.every_key:
         conditions.append(_paid(Job.batch_id))
@@ -5589,22 +5647,32 @@ def _requests_in(scope: CapScope, *, own_queue: bool = False) -> list[ColumnElem
         conditions.append(_sent_with(bindparam("api_key_id")))
     if scope.requests_of is not None:
         conditions.append(Job.batch_id.in_(bindparam("requests_of", expanding=True)))
-    if scope.origin is not None:
-        here = sent_to_origin(bindparam("origin"))
-        conditions.append(here if own_queue else or_(here, _followed_elsewhere()))
+    if scope.origin is not None and (own_queue or not followed.every):
+        conditions.append(_at_fal_for(sent_to_origin(bindparam("origin")), own_queue, followed))
     return conditions
 
 
-def _followed_elsewhere() -> ColumnElement[bool]:
-    """A live process other than the counting one (bound as ``me``) beat, since ``live_since``,
-    for the job's batch or for every batch (the distributed workers): its requests at another
-    fal queue are followed (:attr:`CapScope.origin`). The rule the adoption of a batch's
-    requests at another queue goes by (``worker.steps.dead_leases``): nothing else beats for the
-    batch, and nobody follows them but its next run."""
-    return exists().where(
-        or_(ConductorHeartbeat.scope == Job.batch_id, ConductorHeartbeat.scope == EVERY_BATCH),
-        ConductorHeartbeat.seen_at >= bindparam("live_since"),
-        ConductorHeartbeat.owner != bindparam("me"),
+def _at_fal_for(here: ColumnElement[bool], own_queue: bool, followed: Followed) -> ColumnElement[bool]:
+    """``here`` (the own queue's requests), or with them those at another queue that count now."""
+    if own_queue:
+        return here
+    if followed.every:
+        return true()
+    if followed.batch_ids:  # never an empty IN: the driver-direct path refuses one
+        return or_(here, Job.batch_id.in_(bindparam("followed", expanding=True)), _heard_lately())
+    return or_(here, _heard_lately())
+
+
+def _heard_lately() -> ColumnElement[bool]:
+    """A request nobody follows that fal may still queue or run: last heard of (its row last
+    changed: its state as last seen, a poll) since ``heard_since`` (:data:`UNFOLLOWED_SECONDS`
+    ago), or still waiting to start with a start timeout that ended since then (fal may start
+    it until then, and it then runs). Plain comparisons with bound values: no date arithmetic,
+    each dialect's own."""
+    since: BindParameter[datetime] = bindparam("heard_since")
+    return or_(
+        Job.updated_at >= since,
+        and_(Job.state.in_(list(WAITING_AT_FAL)), Job.start_timeout_at >= since),
     )
 
 
@@ -5615,20 +5683,22 @@ def _downloads_in(scope: CapScope) -> ColumnElement[bool]:
     return _paid(Job.batch_id)
 
 
-def _scope_params(scope: CapScope, now: datetime | None = None) -> dict[str, Any]:
-    """The values :func:`_requests_in` and :func:`_downloads_in` bind (``now``: when a beat
-    makes a process live, :data:`jobs.db.HEARTBEAT_STALE_SECONDS` before it; the clock when None)."""
+def _scope_params(
+    scope: CapScope, now: datetime | None = None, followed: Followed = FOLLOWED_ALL
+) -> dict[str, Any]:
+    """The values :func:`_requests_in` and :func:`_downloads_in` bind (``now``: the clock when
+    None; ``followed``: the one the statement's shape was built with)."""
     return {
         "api_key_id": scope.api_key_id,
         "requests_of": sorted(scope.requests_of or ()),
         "downloads_of": sorted(scope.downloads_of or ()),
         "origin": scope.origin,
-        "me": scope.me,
-        "live_since": (now or utcnow()) - timedelta(seconds=db.HEARTBEAT_STALE_SECONDS),
+        "followed": list(followed.batch_ids),
+        "heard_since": (now or utcnow()) - timedelta(seconds=UNFOLLOWED_SECONDS),
     }
 
 
-def _scope_shape(scope: CapScope) -> tuple[bool, bool, bool, bool, bool]:
+def _scope_shape(scope: CapScope, followed: Followed = FOLLOWED_ALL) -> tuple[bool, ...]:
     """What tells the statements of different scopes apart (:func:`_prepared`'s key)."""
     return (
         scope.api_key_id is None,
@@ -5636,20 +5706,32 @@ def _scope_shape(scope: CapScope) -> tuple[bool, bool, bool, bool, bool]:
         scope.downloads_of is None,
         scope.every_key,
         scope.origin is None,
+        followed.every,
+        bool(followed.batch_ids),
     )
 
 
-def in_flight(session: Session, *, scope: CapScope, sent_before: datetime, now: datetime) -> InFlight:
+def in_flight(
+    session: Session,
+    *,
+    scope: CapScope,
+    sent_before: datetime,
+    now: datetime,
+    followed: Followed | None = None,
+) -> InFlight:
     """The counts of :class:`InFlight` in ``scope``, in one pass over the in-flight states' index
     entries, and whether a ``retry_wait`` job is due at ``now`` (one look at the index on
-    (``state``, ``next_attempt_at``)).
+    (``state``, ``next_attempt_at``)). ``followed``: :func:`followed_now`, read here when None.
 
     A dispatch round runs on every completion; the three counts it used to ask one by one,
     and a claim query for retries when there were none, were a third of its statements.
     """
 
+    if followed is None:
+        followed = followed_now(session, scope, now)
+
     def build() -> Any:
-        requests = _requests_in(scope)
+        requests = _requests_in(scope, followed=followed)
         return select(
             func.count().filter(Job.state.in_(bindparam("at_fal", expanding=True)), *requests),
             func.count().filter(Job.state == JobState.DOWNLOADING, _downloads_in(scope)),
@@ -5668,9 +5750,9 @@ def in_flight(session: Session, *, scope: CapScope, sent_before: datetime, now: 
         "states": [*at_fal, JobState.DOWNLOADING],
         "before": sent_before,
         "now": now,
-        **_scope_params(scope, now),
+        **_scope_params(scope, now, followed),
     }
-    row: Any = _run(session, _prepared(("in_flight", *_scope_shape(scope)), build), params).one()
+    row: Any = _run(session, _prepared(("in_flight", *_scope_shape(scope, followed)), build), params).one()
     return InFlight(int(row[0]), int(row[1]), int(row[2]), bool(row[3]))
 
 
@@ -5691,8 +5773,10 @@ def cap_holders(session: Session, scope: CapScope) -> list[CapHolder]:
     """Who holds the caps of ``scope``, per batch and endpoint, in one pass over the in-flight
     jobs (the same counts as :func:`in_flight`): what ``run`` and ``status`` name when a cap
     holds submits back."""
+    now = utcnow()
+    followed = followed_now(session, scope, now)
     at_fal = sorted(AT_PROVIDER_STATES, key=lambda state: state.value)
-    requests = func.count().filter(Job.state.in_(at_fal), *_requests_in(scope))
+    requests = func.count().filter(Job.state.in_(at_fal), *_requests_in(scope, followed=followed))
     downloads = func.count().filter(Job.state == JobState.DOWNLOADING, _downloads_in(scope))
     query = (
         select(Job.batch_id, Batch.name, Job.endpoint, requests, downloads)
@@ -5701,7 +5785,7 @@ def cap_holders(session: Session, scope: CapScope) -> list[CapHolder]:
         .group_by(Job.batch_id, Batch.name, Job.endpoint)
         .order_by(Job.batch_id, Job.endpoint)
     )
-    rows = session.execute(query, _scope_params(scope))
+    rows = session.execute(query, _scope_params(scope, now, followed))
     return [
         CapHolder(str(batch_id), str(name), str(endpoint), int(n_requests), int(n_downloads))
         for batch_id, name, endpoint, n_requests, n_downloads in rows
@@ -5719,7 +5803,7 @@ class CapCounts:
     endpoint: str
     #: Requests at fal (or being sent): sent with the key (or none recorded), of any key, and of
     #: any key in a batch that is not a simulation; the first and the last of the fal queue
-    #: :func:`cap_counts` was given, or followed elsewhere (:attr:`CapScope.origin`).
+    #: :func:`cap_counts` was given, or of another one that counts now (:attr:`CapScope.origin`).
     requests_with_key: int
     requests: int
     requests_paid: int
@@ -5734,11 +5818,14 @@ def cap_counts(session: Session, api_key_id: str | None, origin: str | None = No
     what ``status`` with no batch reads once, and :func:`holders_in` answers each batch's scope
     from. ``origin`` (:attr:`CapScope.origin`) applies to the counts of a key's or every key's
     requests, not to a simulation's (its scope has no origin); None: every queue's."""
+    now = utcnow()
+    counting = CapScope(api_key_id=api_key_id, origin=origin)  # ``status``: it beats for nothing
+    followed = followed_now(session, counting, now)
     at_fal = sorted(AT_PROVIDER_STATES, key=lambda state: state.value)
     on_fal = Job.state.in_(at_fal)
     on_fal_here: ColumnElement[bool] = on_fal
-    if origin is not None:  # as :func:`_requests_in` counts them for a scope with this origin
-        on_fal_here = on_fal & or_(sent_to_origin(bindparam("origin")), _followed_elsewhere())
+    if origin is not None and not followed.every:  # as :func:`_requests_in` counts them
+        on_fal_here = on_fal & _at_fal_for(sent_to_origin(bindparam("origin")), False, followed)
     downloading = Job.state == JobState.DOWNLOADING
     query = (
         select(
@@ -5759,7 +5846,7 @@ def cap_counts(session: Session, api_key_id: str | None, origin: str | None = No
     return [
         CapCounts(str(batch_id), str(name), str(endpoint), *(int(n) for n in counts))
         for batch_id, name, endpoint, *counts in session.execute(
-            query, _scope_params(CapScope(api_key_id=api_key_id, origin=origin))
+            query, _scope_params(counting, now, followed)
         )
     ]
 
@@ -5869,12 +5956,16 @@ def count_waiting_since(
 
 
 def count_in_states_by_endpoint(
-    session: Session, states: Iterable[JobState], *, scope: CapScope
+    session: Session, states: Iterable[JobState], *, scope: CapScope, followed: Followed | None = None
 ) -> dict[str, int]:
     """How many jobs of ``scope``'s requests are in ``states`` per endpoint (per-endpoint
-    outstanding caps)."""
-    query = select(Job.endpoint, func.count()).where(Job.state.in_(list(states)), *_requests_in(scope))
-    rows = session.execute(query.group_by(Job.endpoint), _scope_params(scope))
+    outstanding caps); ``followed``: :func:`followed_now`, read here when None."""
+    now = utcnow()
+    if followed is None:
+        followed = followed_now(session, scope, now)
+    requests = _requests_in(scope, followed=followed)
+    query = select(Job.endpoint, func.count()).where(Job.state.in_(list(states)), *requests)
+    rows = session.execute(query.group_by(Job.endpoint), _scope_params(scope, now, followed))
     return {str(endpoint): int(n) for endpoint, n in rows}
 
 
@@ -5903,8 +5994,11 @@ def batches_endpoints(
 
 def count_requests(session: Session, states: Iterable[JobState], *, scope: CapScope) -> int:
     """How many of ``scope``'s requests are in ``states``."""
-    query = select(func.count()).select_from(Job).where(Job.state.in_(list(states)), *_requests_in(scope))
-    return int(session.execute(query, _scope_params(scope)).scalar() or 0)
+    now = utcnow()
+    followed = followed_now(session, scope, now)
+    requests = _requests_in(scope, followed=followed)
+    query = select(func.count()).select_from(Job).where(Job.state.in_(list(states)), *requests)
+    return int(session.execute(query, _scope_params(scope, now, followed)).scalar() or 0)
 
 
 #: ``WANBATCH_QUEUE_WAIT_BACKOFF`` beyond this (ten years) means "never": no date is that far back.
