@@ -71,6 +71,7 @@ def test_a_stopped_runs_requests_still_at_fal_keep_their_slots_for_a_while(engin
     # ... then B is stopped by Ctrl-C: a clean stop deletes its rows; fal still runs its 6.
     with db.session_scope(engine) as session:
         store.drop_heartbeats(session, B)
+    rt.followed = None  # a round reads the heartbeats again within a second (FOLLOWED_REFRESH_SECONDS)
     assert dispatch(rt) == []  # before: 6 more, 14 at fal for a cap of 8
     assert rt.capped
     reason = _phase_reason(engine, mine, 8)

@@ -291,6 +291,10 @@ class Runtime:
     #: count: :meth:`cap_scope`): with nothing dispatched either, a tick had nothing to look after, and the
     #: conductor lets the next one come later (:func:`worker.conductor.idle_interval`).
     nothing_in_flight: bool = False
+    #: The last :func:`jobs.store.followed_now` a dispatch round read, and when (monotonic): a
+    #: round comes with every completion, heartbeats every 10 s and count for 60 s, so rounds
+    #: within :data:`worker.steps.dispatch.FOLLOWED_REFRESH_SECONDS` of a read reuse it.
+    followed: tuple[float, store.Followed] | None = None
     #: How many jobs dispatch rounds of this runtime have cancelled for a budget cap so far (a
     #: counter that only grows): work done, though nothing was sent — the tick that did it is
     #: not idle, and the conductor dispatches again at once while a batch is being wound down.

@@ -30,6 +30,9 @@ from worker.steps.verified_outputs import VERIFIED, Candidate, storage_of
 
 log = logging.getLogger(__name__)
 
+#: How long a dispatch round reuses the previous round's read of which batches other live
+#: processes follow (:func:`_followed`): heartbeats come every 10 s and count for 60 s.
+FOLLOWED_REFRESH_SECONDS = 1.0
 #: With ``reuse_outputs``, how many succeeded twins' outputs a job checks (oldest first, one HEAD
 #: each for S3) before it is sent: the original's may be gone while a rerun's is intact.
 REUSE_CHECKS = 5
@@ -125,7 +128,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     waited = timedelta(seconds=min(rt.settings.queue_wait_backoff, store.LONGEST_WAIT_SECONDS))
     # who follows another fal queue's requests: one small read of the heartbeats per round, bound
     # into the counts (a correlated look-up per in-flight row cost a 20,000-row backlog 50 ms a round)
-    followed = store.followed_now(session, scope, now)
+    followed = _followed(session, rt, scope, now)
     flight = store.in_flight(session, scope=scope, sent_before=now - waited, now=now, followed=followed)
     rt.nothing_in_flight = flight.outstanding == 0 and flight.downloading == 0
     below_cap = rt.settings.max_outstanding - flight.outstanding
@@ -532,6 +535,18 @@ def _pause_unsent(session: Session, job: JobRecord, reason: str, paused: set[str
         extra={"event": event, "job_id": job.id, "batch_id": job.batch_id},
     )
     return WAIT
+
+
+def _followed(session: Session, rt: Runtime, scope: store.CapScope, now: datetime) -> store.Followed:
+    """Which batches other live processes follow (:func:`jobs.store.followed_now`), read at
+    most every :data:`FOLLOWED_REFRESH_SECONDS`: a drain runs a round per completion, and a read
+    per round was one more query per job for what changes on the heartbeats' 10 s beat."""
+    seen = time.monotonic()
+    if rt.followed is not None and seen - rt.followed[0] < FOLLOWED_REFRESH_SECONDS:
+        return rt.followed[1]
+    followed = store.followed_now(session, scope, now)
+    rt.followed = (seen, followed)
+    return followed
 
 
 def _room_at_fal(
