@@ -173,9 +173,10 @@ class Conductor:
         with self._cond:
             self._cond.notify()
 
-    def watch_accepted(self, job_id: str, handle: RequestHandle) -> None:
-        """fal accepted ``job_id`` as ``handle`` (the submit step, in this process): follow it now."""
-        if self.watcher is not None and self.watcher.watch(job_id, handle):
+    def watch_accepted(self, job_id: str, handle: RequestHandle, batch_id: str | None = None) -> None:
+        """fal accepted ``job_id`` (of ``batch_id``) as ``handle`` (the submit step, in this
+        process): follow it now."""
+        if self.watcher is not None and self.watcher.watch(job_id, handle, batch_id):
             self.stats.streams += 1
 
     def _republish_limits(self) -> None:
@@ -600,10 +601,12 @@ class Conductor:
                     sent_to=reach.sent_to,
                 )
             handles = [
-                (j.id, handle_of(j, self.rt.settings.fal_queue_url)) for j in jobs if j.request_id is not None
+                (j.id, handle_of(j, self.rt.settings.fal_queue_url), j.batch_id)
+                for j in jobs
+                if j.request_id is not None
             ]
-        for job_id, handle in handles:
-            if watcher.watch(job_id, handle):
+        for job_id, handle, batch_id in handles:
+            if watcher.watch(job_id, handle, batch_id):
                 taken.add(job_id)
                 self.stats.streams += 1
 

@@ -1428,14 +1428,22 @@ def wait_for_token(limiter: SubmitLimiter, endpoint: str, max_wait: float) -> fl
 
     A worker slot held for a fraction of a second is cheaper than a round trip through the
     database and the broker; a longer wait gives the job back (the caller's choice).
+
+    Counted once per call, not per sleep: a submit that slept (once, or again because another
+    worker took the token it waited for) is one ``slept``, observed with the whole time it
+    slept, once it has its token; one given back is one ``held_back`` (and, if it slept before
+    giving up, that time is not a wait that ended in a token: it is not observed).
     """
     deadline = time.monotonic() + max_wait
+    slept = 0.0
     while True:
         wait = limiter.acquire(endpoint)
         if wait <= 0:
+            if slept > 0:
+                telemetry.count_limiter_wait("slept", slept)
             return 0.0
         if time.monotonic() + wait > deadline:
             telemetry.count_limiter_wait("held_back")
             return wait
-        telemetry.count_limiter_wait("slept", wait)
         time.sleep(wait)
+        slept += wait

@@ -140,12 +140,12 @@ def _leader_here() -> Conductor | None:
     return here.conductor
 
 
-def _watch_here(job_id: str, handle: RequestHandle) -> None:
+def _watch_here(job_id: str, handle: RequestHandle, batch_id: str) -> None:
     """The submit step's ``on_accepted``: the leader's conductor follows the request now, if it
     runs in this process (otherwise it learns of it from the notice, then reads the job)."""
     conductor = _leader_here()
     if conductor is not None:
-        conductor.watch_accepted(job_id, handle)
+        conductor.watch_accepted(job_id, handle, batch_id)
 
 
 #: What a task tells the conductor through the database when it runs in another process.

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Collection
 
 from jobs.errors import WanbatchError
+from worker import logs
 from worker.fal.client import FalClient
 from worker.fal.models import RequestHandle, Status
 
@@ -63,7 +64,8 @@ class StatusWatcher:
         self._since: dict[str, float] = {}
         self._let_go: set[str] = set()  # job ids whose reader is to stop at its next chunk
         self._closed = False
-        self._work: queue.SimpleQueue[tuple[str, RequestHandle]] = queue.SimpleQueue()
+        #: (job id, its request's handle, its batch id when the caller knew it)
+        self._work: queue.SimpleQueue[tuple[str, RequestHandle, str | None]] = queue.SimpleQueue()
         self._idle = 0  # reading threads waiting for a stream (under _lock)
 
     def watching(self) -> frozenset[str]:
@@ -111,9 +113,11 @@ class StatusWatcher:
         with self._lock:
             return 0 if self._closed else self.max_streams - len(self._watching)
 
-    def watch(self, job_id: str, handle: RequestHandle) -> bool:
+    def watch(self, job_id: str, handle: RequestHandle, batch_id: str | None = None) -> bool:
         """Start following ``handle`` for ``job_id``; False when it already is, or no room is left.
-        A job whose stream was lost keeps the time its first stream was asked for (:meth:`by_age`)."""
+        A job whose stream was lost keeps the time its first stream was asked for (:meth:`by_age`).
+        ``batch_id``: the job's batch, for the stream's log lines (the caller has it at hand; the
+        watcher reads nothing to learn it)."""
         with self._lock:
             if self._closed or job_id in self._watching or len(self._watching) >= self.max_streams:
                 return False
@@ -124,7 +128,7 @@ class StatusWatcher:
                 start = False
             else:
                 start = True
-        self._work.put((job_id, handle))
+        self._work.put((job_id, handle, batch_id))
         if start:
             # Daemon: a stream blocked in a read must never hold up the process's exit.
             threading.Thread(target=self._reader, name="wanbatch-watch", daemon=True).start()
@@ -144,14 +148,17 @@ class StatusWatcher:
         """
         while True:
             try:
-                job_id, handle = self._work.get(timeout=IDLE_THREAD_SECONDS)
+                job_id, handle, batch_id = self._work.get(timeout=IDLE_THREAD_SECONDS)
             except queue.Empty:
                 with self._lock:
                     if self._idle > 0:
                         self._idle -= 1
                         return
-                job_id, handle = self._work.get()  # promised to this thread just now
-            self._follow(job_id, handle)
+                job_id, handle, batch_id = self._work.get()  # promised to this thread just now
+            # Every line while the stream is read names its job (README › Logs), httpx's
+            # ``GET …/status/stream`` line too: this thread works on that one job meanwhile.
+            with logs.job_context(job_id, batch_id=batch_id, request_id=handle.request_id):
+                self._follow(job_id, handle)
             if self._closed:
                 return
 

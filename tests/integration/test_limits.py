@@ -28,6 +28,7 @@ from tests.sliding_window import max_in_window
 from tests.step_runtime import make_runtime, settings_for
 from worker import conductor as conductor_module
 from worker import limits as limits_module
+from worker import telemetry
 from worker.conductor import Conductor
 from worker.limits import (
     KEY_KEEP_SECONDS,
@@ -260,6 +261,56 @@ def test_wait_for_token_gives_up_beyond_max_wait(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr("worker.limits.time.sleep", slept.append)
     assert wait_for_token(limiter, ENDPOINT, 0.1) > 1.0  # 2.1 s to the next token: give the job back
     assert slept == []  # at once: no sleep towards a token beyond max_wait
+
+
+class _Scripted:
+    """A limiter answering the waits it is given, in order (0.0: the token is taken)."""
+
+    def __init__(self, *waits: float) -> None:
+        self.waits = list(waits)
+
+    def acquire(self, endpoint: str) -> float:
+        return self.waits.pop(0)
+
+    def pause_left(self) -> float:
+        return 0.0
+
+    def hold_off(self, endpoint: str, seconds: float) -> None:
+        raise AssertionError("not asked by wait_for_token")
+
+
+def _limiter_waits() -> tuple[float, float, float, float]:
+    """``slept`` and ``held_back`` counts, the wait histogram's count and sum, as they stand."""
+    sample = telemetry.registry().get_sample_value
+    return (
+        sample("wanbatch_limiter_waits_total", {"outcome": "slept"}) or 0.0,
+        sample("wanbatch_limiter_waits_total", {"outcome": "held_back"}) or 0.0,
+        sample("wanbatch_limiter_wait_seconds_count") or 0.0,
+        sample("wanbatch_limiter_wait_seconds_sum") or 0.0,
+    )
+
+
+def test_a_submit_that_sleeps_more_than_once_is_one_wait_of_its_whole_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The audit's 10,106 ``slept`` for 2,926 POSTs: each sleep was counted, not each submit.
+    One submit whose token another worker took while it slept (and slept again) is one
+    ``slept``, observed once with all the time it slept; one that took its token at once is
+    none; one given back after a sleep is one ``held_back`` only."""
+    slept: list[float] = []
+    monkeypatch.setattr("worker.limits.time.sleep", slept.append)
+    before = _limiter_waits()
+    assert wait_for_token(_Scripted(0.25, 0.125, 0.0625, 0.0), ENDPOINT, 1.0) == 0.0
+    assert slept == [0.25, 0.125, 0.0625]
+    slept_count, held, observed, seconds = (a - b for a, b in zip(_limiter_waits(), before, strict=True))
+    assert (slept_count, held, observed) == (1, 0, 1)
+    assert seconds == pytest.approx(0.4375)
+
+    before = _limiter_waits()
+    assert wait_for_token(_Scripted(0.0), ENDPOINT, 1.0) == 0.0  # no wait: nothing counted
+    assert wait_for_token(_Scripted(0.25, 5.0), ENDPOINT, 1.0) == 5.0  # slept, then gave up
+    slept_count, held, observed, seconds = (a - b for a, b in zip(_limiter_waits(), before, strict=True))
+    assert (slept_count, held, observed, seconds) == (0, 1, 0, 0)
 
 
 @pytest.mark.parametrize("kind", ["redis", "local"])

@@ -284,7 +284,7 @@ class _Watcher:
     def room(self) -> int:
         return 64
 
-    def watch(self, job_id: str, _handle: object) -> bool:
+    def watch(self, job_id: str, _handle: object, _batch_id: str | None = None) -> bool:
         self.followed.append(job_id)
         return True
 

@@ -300,8 +300,9 @@ class Runtime:
     #: not idle, and the conductor dispatches again at once while a batch is being wound down.
     budget_cancelled: int = 0
     #: Called in the submit step's thread the moment fal's acceptance is recorded, with the
-    #: request's handle: a conductor in this process starts following it without a read.
-    on_accepted: Callable[[str, RequestHandle], None] | None = None
+    #: job id, the request's handle and the job's batch id: a conductor in this process starts
+    #: following it without a read.
+    on_accepted: Callable[[str, RequestHandle, str], None] | None = None
     #: Where dispatch leaves a :class:`SubmitTicket` for each job it hands to ``enqueue_submit``,
     #: when that hand-off is a call in this process (the embedded run). None where the submit
     #: runs elsewhere (a Celery message carries only the job id, and a ticket would never be

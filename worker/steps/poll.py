@@ -20,7 +20,7 @@ from jobs.errors import (
 from jobs.models import BatchState, utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
-from worker import telemetry
+from worker import logs, telemetry
 from worker.fal.errors import ProviderProtocolError
 from worker.fal.models import RequestHandle, Status
 from worker.steps.context import DOWNLOAD_QUEUE, DownloadClaim, Runtime, S, handle_of, in_seconds
@@ -108,62 +108,66 @@ def poll(
     calls = 0
     for fence, handle, submitted_at in snapshot:
         job_id = fence.job_id
-        calls += 1
-        try:
-            status = rt.client.status(handle)
-        except AccountLockedError as exc:
-            # The account, not the request: pause the batch, keep the job, and ask again later —
-            # the request is still at fal, running and billed, whatever our key's state.
-            telemetry.count_provider_error(exc)
-            if (sent := rt.sent_elsewhere(job_of[job_id])) is not None:  # not the sender's account
-                _not_ours(rt, fence, handle, sent, exc)
-                continue
-            log.warning(
-                "job %s: status refused for the account (%s); batch paused",
-                job_id,
-                exc,
-                extra={"event": "poll.account_refused", "job_id": job_id, "batch_id": batch_of[job_id]},
-            )
-            with db.session_scope(rt.engine) as session:
-                pause_for_account(session, rt, batch_of[job_id], exc)
-                store.release_lease(session, fence, next_attempt_at=in_seconds(rt.settings.poll_max_interval))
-            continue
-        except ProviderProtocolError as exc:
-            telemetry.count_provider_error(exc)
-            _protocol_error(rt, fence, handle, submitted_at, exc)
-            continue
-        except FinalProviderError as exc:
-            telemetry.count_provider_error(exc)
-            # "not found" for this key, or by this run's simulator: no proof the request is lost
-            if (sent := rt.sent_elsewhere(job_of[job_id])) is not None:
-                _not_ours(rt, fence, handle, sent, exc)
-                continue
-            why = describe(exc)
-            with db.session_scope(rt.engine) as session:
-                store.fail_job(
-                    session,
-                    fence,
-                    reason=f"status: {why}",
-                    error=f"provider lost the request: {why}",
-                    error_type=failure_type(exc),
+        # Every line about this job names it (README › Logs): httpx's line of the status call too.
+        with logs.job_context(job_id, batch_id=batch_of[job_id], request_id=handle.request_id):
+            calls += 1
+            try:
+                status = rt.client.status(handle)
+            except AccountLockedError as exc:
+                # The account, not the request: pause the batch, keep the job, and ask again later —
+                # the request is still at fal, running and billed, whatever our key's state.
+                telemetry.count_provider_error(exc)
+                if (sent := rt.sent_elsewhere(job_of[job_id])) is not None:  # not the sender's account
+                    _not_ours(rt, fence, handle, sent, exc)
+                    continue
+                log.warning(
+                    "job %s: status refused for the account (%s); batch paused",
+                    job_id,
+                    exc,
+                    extra={"event": "poll.account_refused", "job_id": job_id, "batch_id": batch_of[job_id]},
                 )
-            continue
-        except ProviderError as exc:
-            telemetry.count_provider_error(exc)
-            log.info(
-                "job %s: status failed (%s); will ask again",
-                job_id,
-                exc,
-                extra={"event": "poll.status_failed", "job_id": job_id, "request_id": handle.request_id},
-            )
-            with db.session_scope(rt.engine) as session:
-                store.release_lease(
-                    session, fence, next_attempt_at=_next_poll(rt.settings, submitted_at, utcnow())
+                with db.session_scope(rt.engine) as session:
+                    pause_for_account(session, rt, batch_of[job_id], exc)
+                    store.release_lease(
+                        session, fence, next_attempt_at=in_seconds(rt.settings.poll_max_interval)
+                    )
+                continue
+            except ProviderProtocolError as exc:
+                telemetry.count_provider_error(exc)
+                _protocol_error(rt, fence, handle, submitted_at, exc)
+                continue
+            except FinalProviderError as exc:
+                telemetry.count_provider_error(exc)
+                # "not found" for this key, or by this run's simulator: no proof the request is lost
+                if (sent := rt.sent_elsewhere(job_of[job_id])) is not None:
+                    _not_ours(rt, fence, handle, sent, exc)
+                    continue
+                why = describe(exc)
+                with db.session_scope(rt.engine) as session:
+                    store.fail_job(
+                        session,
+                        fence,
+                        reason=f"status: {why}",
+                        error=f"provider lost the request: {why}",
+                        error_type=failure_type(exc),
+                    )
+                continue
+            except ProviderError as exc:
+                telemetry.count_provider_error(exc)
+                log.info(
+                    "job %s: status failed (%s); will ask again",
+                    job_id,
+                    exc,
+                    extra={"event": "poll.status_failed", "job_id": job_id, "request_id": handle.request_id},
                 )
-            continue
-        _apply_status(
-            rt, fence, status, submitted_at, download=job_id not in elsewhere, streamed=job_id in streamed
-        )
+                with db.session_scope(rt.engine) as session:
+                    store.release_lease(
+                        session, fence, next_attempt_at=_next_poll(rt.settings, submitted_at, utcnow())
+                    )
+                continue
+            _apply_status(
+                rt, fence, status, submitted_at, download=job_id not in elsewhere, streamed=job_id in streamed
+            )
     return calls
 
 

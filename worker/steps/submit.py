@@ -374,7 +374,9 @@ def _submit(rt: Runtime, job_id: str) -> str:
     if outcome in _KEPT and rt.on_accepted is not None:
         # Built from the configured queue URL and the (validated) request id only: the key goes there.
         rt.on_accepted(
-            job_id, RequestHandle.from_request_id(rt.settings.fal_queue_url, endpoint, submitted.request_id)
+            job_id,
+            RequestHandle.from_request_id(rt.settings.fal_queue_url, endpoint, submitted.request_id),
+            batch_id,
         )
     return outcome
 
