@@ -146,11 +146,15 @@ class _BreakingStreams:
 
     def __init__(self) -> None:
         self.opened: queue.SimpleQueue[threading.Event] = queue.SimpleQueue()
+        #: Set when the test ends: every stream breaks at once, one opened later too, so no
+        #: reading thread outlives the test (a later test counts the watcher's threads).
+        self.closed = threading.Event()
 
     def stream_status(self, handle: RequestHandle, *, stop: object = None) -> Iterator[Status]:
         breaks = threading.Event()
         self.opened.put(breaks)
-        breaks.wait(30)
+        while not (breaks.is_set() or self.closed.is_set()):
+            breaks.wait(0.05)
         raise RetryableProviderError("status stream broke")  # before any status
 
 
@@ -182,5 +186,4 @@ def test_the_watcher_keeps_a_lost_stream_s_first_time_until_told_to_forget() -> 
         assert watcher.by_age(seconds) == (frozenset({"j"}), frozenset())  # a first stream again
     finally:
         watcher.close()
-        while not streams.opened.empty():
-            streams.opened.get().set()
+        streams.closed.set()
