@@ -22,6 +22,7 @@ from worker import logs, steps
 from worker.crash import crash_file, summary, traceback_text
 from worker.step_outage import GiveBack, database_failed
 from worker.steps import Runtime
+from worker.steps.context import outcome_error
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ class InProcessWorker:
             return
         with logs.job_context(job_id):  # every line the step logs names its job
             try:
-                logs.step_done(log, step.__name__, job_id, step(rt, job_id))
+                outcome = step(rt, job_id)
+                logs.step_done(log, step.__name__, job_id, outcome, **outcome_error(rt, job_id, outcome))
             except Exception as exc:
                 if db.is_disk_full(exc):  # no bug: `run` says where to free space, once
                     rt.unrecorded.mark_full()

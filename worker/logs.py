@@ -63,6 +63,16 @@ _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, No
 }
 
 _job: ContextVar[dict[str, str] | None] = ContextVar("wanbatch_log_job", default=None)
+#: What the step working on the current job noted of a failure it did not store as the job's
+#: error (:func:`note_error`): ``(error, error_type)``, for its step line.
+_noted: ContextVar[tuple[str, str | None] | None] = ContextVar("wanbatch_log_noted", default=None)
+
+#: Step outcomes that end the job (a failure, a cancellation): their line is a WARNING, so that a
+#: process logging warnings only (an embedded ``run``) still says, once per job, how each ended.
+TERMINAL_OUTCOMES = frozenset({"failed", "cancelled"})
+#: Step outcomes after which the job's stored ``error`` and ``error_type`` say why: its step line
+#: carries them (:func:`step_done`; the runner reads them, :func:`worker.steps.context.outcome_error`).
+OUTCOMES_WITH_ERROR = TERMINAL_OUTCOMES | {"retry"}
 
 
 @contextmanager
@@ -71,9 +81,11 @@ def job_context(job_id: str, **fields: str | None) -> Iterator[None]:
     ``batch_id``, ``request_id``). Steps run one job at a time per thread, so a context var
     set and reset around each step never leaks into the next job's lines."""
     token = _job.set({"job_id": job_id, **{k: v for k, v in fields.items() if v}})
+    noted = _noted.set(None)
     try:
         yield
     finally:
+        _noted.reset(noted)
         _job.reset(token)
 
 
@@ -84,10 +96,45 @@ def annotate(**fields: str | None) -> None:
         current.update({k: v for k, v in fields.items() if v})
 
 
-def step_done(logger: logging.Logger, step: str, job_id: str, outcome: str) -> None:
-    """The one INFO line a step's run ends with, event ``job.<step>``, wherever it ran (an
-    embedded thread pool or a Celery task)."""
-    logger.info("job %s: %s %s", job_id, step, outcome, extra={"event": f"job.{step}", "outcome": outcome})
+def note_error(error: str, error_type: str | None) -> None:
+    """The current job's step failed for ``error`` without storing it as the job's error (a
+    download tried again later): its step line says it (:func:`step_done`)."""
+    if _job.get() is not None:
+        _noted.set((error, error_type))
+
+
+def noted_error() -> tuple[str, str | None] | None:
+    """What :func:`note_error` noted for the current job's step, if anything."""
+    return _noted.get()
+
+
+def step_done(
+    logger: logging.Logger,
+    step: str,
+    job_id: str,
+    outcome: str,
+    *,
+    error: str | None = None,
+    error_type: str | None = None,
+    **fields: str | None,
+) -> None:
+    """The one line a step's run ends with, event ``job.<step>``, wherever it ran (an embedded
+    thread pool or a Celery task): what the step did (``outcome``) and, for a failure, why —
+    ``error`` and ``error_type`` as fields, the error in the message too (masked, as every
+    line). INFO, but a WARNING for an outcome that ends the job (:data:`TERMINAL_OUTCOMES`), so
+    that a process logging warnings only still names each job that failed or was cancelled,
+    once. ``fields``: more about the job (``batch_id``) where no :func:`job_context` says it."""
+    if error is None and (noted := noted_error()) is not None:
+        error, error_type = noted
+    extra: dict[str, Any] = {"event": f"job.{step}", "outcome": outcome, "job_id": job_id}
+    extra.update({k: v for k, v in fields.items() if v})
+    if error is not None or error_type is not None:
+        extra.update(error=error, error_type=error_type)
+    level = logging.WARNING if outcome in TERMINAL_OUTCOMES else logging.INFO
+    if error is None:
+        logger.log(level, "job %s: %s %s", job_id, step, outcome, extra=extra)
+    else:
+        logger.log(level, "job %s: %s %s (%s): %s", job_id, step, outcome, error_type, error, extra=extra)
 
 
 def _redactor() -> Any:

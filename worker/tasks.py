@@ -34,6 +34,7 @@ from worker.embedded import after_crash
 from worker.runtime import build_runtime
 from worker.step_outage import GiveBack, database_failed
 from worker.steps import Runtime
+from worker.steps.context import outcome_error
 from worker.task_events import sent_events
 
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
                 after_crash(rt, step, job_id, exc, crash_file(exc, where=step.__name__))
                 raise
             return "database-unavailable"
-        logs.step_done(log, step.__name__, job_id, outcome)
+        logs.step_done(log, step.__name__, job_id, outcome, **outcome_error(rt, job_id, outcome))
     return outcome
 
 

@@ -23,6 +23,7 @@ from jobs.schedule import Schedule
 from jobs.settings import MAX_SECONDS, Settings
 from jobs.states import JobState
 from jobs.store import CapScope, Fence, batch_schedule, simulated_batch_ids
+from worker import logs
 from worker.fal.client import FalClient
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
@@ -451,6 +452,26 @@ class Runtime:
     def fence(self, job: JobRecord) -> Fence:
         """``job`` as this runtime just read (or claimed) it, held by this runtime's worker."""
         return Fence.of(job, self.owner)
+
+
+def outcome_error(rt: Runtime, job_id: str, outcome: str) -> dict[str, str | None]:
+    """Why a step ended as ``outcome``, for its line (:func:`worker.logs.step_done`): the job's
+    stored ``error`` and ``error_type`` after an outcome that stored them
+    (:data:`~worker.logs.OUTCOMES_WITH_ERROR`), else what the step noted
+    (:func:`worker.logs.note_error`), else nothing. A read that fails (the database went away
+    after the step) only leaves them out: the line is still written."""
+    noted = logs.noted_error()
+    if noted is not None:
+        return {"error": noted[0], "error_type": noted[1]}
+    if outcome not in logs.OUTCOMES_WITH_ERROR:
+        return {}
+    try:
+        with db.read_scope(rt.engine) as session:
+            job = store.job_snapshot(session, job_id)
+    except Exception:  # the line matters more than its detail
+        log.debug("job %s: its error not read for its step line", job_id, exc_info=True)
+        return {}
+    return {"error": job.error, "error_type": job.error_type}
 
 
 def in_seconds(seconds: float) -> datetime:

@@ -22,6 +22,7 @@ from jobs.output_store import OutputReadError
 from jobs.outputs import OutputWriteError
 from jobs.rendered import rerun_input
 from jobs.states import JobState
+from worker import logs
 from worker.limits import UNREACHABLE_RETRY_SECONDS, LimiterUnavailableError, api_key_id
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, SubmitTicket
 from worker.steps.failures import backoff
@@ -185,6 +186,19 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
             error, kind = refusal
             if store.mark_cancelled(session, rt.fence(job), reason="budget", error=error, error_type=kind):
                 done.cancelled += 1
+                # One line per job a cap refused at its claim (the others of its batch that cannot
+                # fit are counted in one dispatch.budget_cancelled line): said once committed.
+                said = partial(
+                    logs.step_done,
+                    log,
+                    "dispatch",
+                    job.id,
+                    "cancelled",
+                    error=error,
+                    error_type=kind,
+                    batch_id=job.batch_id,
+                )
+                db.after_commit(session, said)
             refused.add(job.batch_id)
             continue
         fence, attempt = rt.fence(job), job.attempts + 1
@@ -790,8 +804,8 @@ def _end_what_cannot_fit(
             error_type=DAILY_CAP_ERROR,
             **common,
         )
-    if ended:
-        log.info(
+    if ended:  # a WARNING, as each job's end: a `run` logging warnings only says it too
+        log.warning(
             "batch %s: %d unsent job(s) cannot fit its budget: cancelled",
             batch.id,
             ended,

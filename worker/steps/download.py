@@ -328,11 +328,11 @@ def _not_ours(rt: Runtime, claim: DownloadClaim, sent: str, exc: ProviderError) 
 
 def _fal_verdict(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ProviderError) -> str:
     """fal itself said the request failed: the usual retry classification (a new attempt is a
-    new request, and only a :class:`RequestFailedError` gets one)."""
+    new request, and only a :class:`RequestFailedError` gets one). Returns what
+    :func:`~worker.steps.failures.settle` did (``retry``, or ``failed`` on the last attempt)."""
     with db.session_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
-        settle(session, rt, claim.fence, exc, **cost_of_failure(job, exc))
-    return "retry" if isinstance(exc, RetryableProviderError) else "failed"
+        return settle(session, rt, claim.fence, exc, **cost_of_failure(job, exc))
 
 
 def _result_expired(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ResultExpiredError) -> str:
@@ -349,8 +349,7 @@ def _result_expired(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ResultE
     if verdict is not None:
         return _fal_verdict(rt, job_id, claim, verdict)
     with db.session_scope(rt.engine) as session:
-        _fail_paid(session, claim, error=describe(exc), error_type=kind_of(exc) or "result_expired")
-    return "failed"
+        return _fail_paid(session, claim, error=describe(exc), error_type=kind_of(exc) or "result_expired")
 
 
 def _result_unavailable(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ProviderError) -> str:
@@ -376,7 +375,7 @@ def _result_unavailable(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Pro
         if past_retention or exhausted:
             why = "fal no longer keeps the result" if past_retention and not exhausted else "giving up"
             reason = f"could not get fal's result ({failures} tries, {why}): {describe(exc)}"
-            _fail_paid(
+            return _fail_paid(
                 session,
                 claim,
                 error=reason,
@@ -384,7 +383,6 @@ def _result_unavailable(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Pro
                 download_attempts=failures,
                 provider_output=None,
             )
-            return "failed"
         delay = max(backoff(rt.settings, failures), retry_after(rt.settings, exc))
         log.info(
             "job %s: result not fetched (%s); asking again in %.0fs",
@@ -938,8 +936,7 @@ def _check_media(
                 path.unlink()
         with db.session_scope(rt.engine) as session:
             error = f"output is not a video: {exc}"
-            _fail_paid(session, claim, error=error, error_type="not_a_video", **claim.fetched)
-        return "failed"
+            return _fail_paid(session, claim, error=error, error_type="not_a_video", **claim.fetched)
     try:
         expectation = probe.expected_media(job.endpoint, job.submitted_input or job.input or {})
     except WanbatchError:  # an endpoint no longer in the registry: nothing to compare with
@@ -961,7 +958,7 @@ def _check_media(
         with contextlib.suppress(OSError):
             path.unlink()
     with db.session_scope(rt.engine) as session:
-        _fail_paid(
+        return _fail_paid(
             session,
             claim,
             error=f"the video does not match the request: {mismatch}",
@@ -969,7 +966,6 @@ def _check_media(
             **claim.fetched,
             **checked,
         )
-    return "failed"
 
 
 def _download_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ProviderError) -> str:
@@ -978,9 +974,11 @@ def _download_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Provid
     failures = claim.failures + 1
     with db.session_scope(rt.engine) as session:
         # A final error (the file expired, the host is refused, not a video) cannot heal: fail now.
+        # This try's failure, for the step's line: a retry stores no error of its own.
+        logs.note_error(f"download failed {failures} time(s): {exc}", "download_failed")
         if isinstance(exc, FinalProviderError) or failures >= rt.settings.download_attempts:
             error = f"download failed {failures} time(s): {exc}"
-            _fail_paid(
+            return _fail_paid(
                 session,
                 claim,
                 error=error,
@@ -988,7 +986,6 @@ def _download_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Provid
                 download_attempts=failures,
                 **claim.fetched,
             )
-            return "failed"
         store.release_lease(
             session,
             claim.fence,
@@ -1119,10 +1116,9 @@ def _pause_for_outputs(
     with db.session_scope(rt.engine) as session:
         batch = store.get_batch(session, claim.batch_id)
         if batch.state == BatchState.CANCELLED:
-            _fail_paid(
+            return _fail_paid(
                 session, claim, error=cancelled, error_type="output_not_kept", **claim.fetched, **fields
             )
-            return "failed"
         if batch.state == BatchState.ACTIVE:
             store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
         kept = store.release_lease(
@@ -1192,8 +1188,8 @@ def crashed(rt: Runtime, job_id: str, exc: BaseException, details: str | None) -
         if batch.state == BatchState.CANCELLED:
             paid = billed(job, billing.Outcome.SUCCEEDED)
             cost = nothing_more(job) if job.reused_from is not None else paid
-            store.fail_job(session, fence, error=what, error_type=DOWNLOAD_CRASHED, **cost)
-            return "failed"
+            failed = store.fail_job(session, fence, error=what, error_type=DOWNLOAD_CRASHED, **cost)
+            return "failed" if failed else "lost-lease"
         reason = (
             f"{what} — the batch is paused so that nothing more is sent; its paid videos wait (at "
             "fal, or in the output folder) and the next run downloads them, never makes them again"
@@ -1210,14 +1206,16 @@ def crashed(rt: Runtime, job_id: str, exc: BaseException, details: str | None) -
     return "crash-paused"
 
 
-def _fail_paid(session: Session, claim: DownloadClaim, *, error: str, error_type: str, **fields: Any) -> None:
+def _fail_paid(session: Session, claim: DownloadClaim, *, error: str, error_type: str, **fields: Any) -> str:
     """Fail a job whose video fal made, and billed, but that we could not get or keep: the job
     carries what fal billed (a COMPLETED request without an error is paid for) — nothing more for
     a rerun's job that took the staged video of another (``reused_from``): that one was billed
-    (:func:`nothing_more`)."""
+    (:func:`nothing_more`). Returns the step's outcome: ``failed``, or ``lost-lease`` when the
+    job moved meanwhile (nothing was written)."""
     job = store.get_job(session, claim.fence.job_id)
     cost = nothing_more(job) if job.reused_from is not None else billed(job, billing.Outcome.SUCCEEDED)
-    store.fail_job(session, claim.fence, error=error, error_type=error_type, **fields, **cost)
+    failed = store.fail_job(session, claim.fence, error=error, error_type=error_type, **fields, **cost)
+    return "failed" if failed else "lost-lease"
 
 
 def sidecar_record(

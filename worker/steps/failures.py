@@ -84,28 +84,32 @@ def failure_type(exc: ProviderError) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
 
 
-def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **cost: Any) -> None:
+def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **cost: Any) -> str:
     """What an attempt that fal failed leads to, for submit and download alike: a retry or the end.
 
     Only a failure that may pass (:class:`RetryableProviderError`) is tried again, as a new
     attempt after a backoff (at least fal's ``Retry-After``), while attempts remain
     (``WANBATCH_MAX_ATTEMPTS``); any other failure, or the last attempt's, ends the job with
     fal's own words. ``cost`` (what fal billed for the attempt) is recorded either way.
+
+    Returns what it did, the step's outcome (:data:`~worker.logs.TERMINAL_OUTCOMES`): ``retry``
+    (the job waits for a new attempt), ``failed`` (it ended, the last attempt's failure
+    included), or ``lost-lease`` (the job moved meanwhile: nothing was written). Never read from
+    the exception's class: a retryable failure of the last attempt is ``failed``.
     """
     reason = describe(exc)
     telemetry.count_provider_error(exc)
     if not isinstance(exc, RetryableProviderError):
         gone = _forget_dead_uploads(session, fence.job_id, exc)
         if gone and _upload_again(session, rt, fence, exc, gone, reason, cost):
-            return
+            return "retry"
         if gone:
             reason += f" ({UPLOAD_GONE}: the next attempt uploads it again)"
-        store.fail_job(session, fence, error=reason, error_type=failure_type(exc), **cost)
-        return
+        return _ended(store.fail_job(session, fence, error=reason, error_type=failure_type(exc), **cost))
     # Requests fal ended unstarted at a window's end are not the job's failures: not counted.
     attempts = store.get_job(session, fence.job_id).counted_attempts
     if attempts >= rt.settings.max_attempts:
-        store.fail_job(
+        failed = store.fail_job(
             session,
             fence,
             reason=f"gave up after {attempts} attempt(s): {reason}",
@@ -113,7 +117,7 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
             error_type=failure_type(exc),
             **cost,
         )
-        return
+        return _ended(failed)
     delay = max(backoff(rt.settings, attempts), retry_after(rt.settings, exc))
     if store.retry_later(
         session,
@@ -125,6 +129,13 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
         **cost,
     ):
         telemetry.count_retry("provider_error")
+        return "retry"
+    return "lost-lease"
+
+
+def _ended(failed: bool) -> str:
+    """The outcome of a ``fail_job`` fenced by the job's version: ``lost-lease`` if it moved."""
+    return "failed" if failed else "lost-lease"
 
 
 # ------------------------------------------------------------------ uploads fal's storage dropped

@@ -232,8 +232,8 @@ def _submit(rt: Runtime, job_id: str) -> str:
         )
     except (UsageError, OSError) as exc:  # a local file vanished, changed or became unreadable
         with db.session_scope(rt.engine) as session:
-            store.fail_unsent(session, fence, error=str(exc), error_type="input_file")
-        return "media-failed"
+            failed = store.fail_unsent(session, fence, error=str(exc), error_type="input_file")
+        return "failed" if failed else "lost-lease"
     except AccountLockedError as exc:  # the upload was refused for the account: pause, as a submit would
         with db.session_scope(rt.engine) as session:
             reason = pause_for_account(session, rt, batch_id, exc)
@@ -245,8 +245,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
         if _rate_limited(exc):  # the upload was refused for the account's pace, as a submit may be
             return _refused_for_rate(rt, fence, endpoint, exc)
         with db.session_scope(rt.engine) as session:
-            settle(session, rt, fence, exc)
-        return "media-failed"
+            return settle(session, rt, fence, exc)
     except Exception as exc:  # our own side failed (a closed client, a bug): nothing was sent
         log.exception(
             "job %s: preparing the input failed; giving it back",
@@ -347,8 +346,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
             endpoint, "retryable" if isinstance(exc, RetryableProviderError) else "refused"
         )
         with db.session_scope(rt.engine) as session:
-            settle(session, rt, fence, exc)
-        return "retry" if isinstance(exc, RetryableProviderError) else "failed"
+            return settle(session, rt, fence, exc)  # what it did: the last attempt's retry fails
 
     rt.fal_reach.answered()
     telemetry.count_submit(endpoint, "accepted")
@@ -409,8 +407,7 @@ def _refused_for_rate(rt: Runtime, fence: Fence, endpoint: str, exc: ProviderErr
         shared_pacing.hold(session, rt, pause)
         refusals = store.get_job(session, fence.job_id).rate_limited_submits + 1
         if refusals > FREE_RATE_LIMIT_REFUSALS:
-            settle(session, rt, fence, exc)
-            return "retry"
+            return settle(session, rt, fence, exc)
         delay = max(backoff(rt.settings, refusals), pause)
         said = describe(exc)
         telemetry.count_provider_error(exc)
