@@ -15,6 +15,7 @@ lives in this module unless ``[module]`` names another::
     │   │   └── DatabaseUnavailableError [worker.db_outage] the database stayed away mid-run past a lease
     │   ├── DatabaseFullError        the database's disk is full: nothing can be stored until space is freed
     │   ├── NotFoundError            a batch or job id that does not exist
+    │   ├── SimulatedElsewhere       [cli.batch_commands] `--simulate` of a batch another process simulates
     │   └── ManifestError            the manifest is invalid; carries every located issue
     ├── StateConflict                a fenced write found the job moved on (its lease lost mid-download)
     ├── RequestHeldError             fal's request id is another job's of the same fal queue: not taken
