@@ -36,6 +36,7 @@ from jobs.db import HEARTBEAT_STALE_SECONDS
 from jobs.digits import ascii_int
 from jobs.models import EVERY_BATCH, Batch, BatchState, Job, Money, utcnow
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
+from jobs.processes import owner_prefix
 from jobs.schedule import Schedule, format_duration
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 from jobs.storable import holds_unstorable
@@ -632,14 +633,6 @@ def fal_hold_text(holds: Sequence[FalHoldView], *, now: datetime) -> str:
 
 
 # --------------------------------------------------------------------------- lease holders
-
-
-def owner_prefix(owner: str) -> str | None:
-    """``host:pid:`` of lease or heartbeat owner ``owner`` (``host:pid:thread``); None for an
-    owner of another shape (a queue's name, ``download-queue``): no process to speak of."""
-    host, _, rest = owner.partition(":")
-    pid, sep, _ = rest.partition(":")
-    return f"{host}:{pid}:" if host and sep and pid.isascii() and pid.isdigit() else None
 
 
 def holder_who(owner: str) -> str:

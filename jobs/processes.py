@@ -52,6 +52,14 @@ def process_prefix() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:"
 
 
+def owner_prefix(owner: str) -> str | None:
+    """``host:pid:`` of lease or heartbeat owner ``owner`` (``host:pid:thread``); None for an
+    owner of another shape (a queue's name, ``download-queue``): no process to speak of."""
+    host, _, rest = owner.partition(":")
+    pid, sep, _ = rest.partition(":")
+    return f"{host}:{pid}:" if host and sep and pid.isascii() and pid.isdigit() else None
+
+
 def other_pid_here(owner: str) -> int | None:
     """The pid of owner ``owner`` (a lease or heartbeat owner, ``host:pid:``…) when it names
     another process of this host; None for another host, this process, or an owner of another

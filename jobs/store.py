@@ -6683,17 +6683,15 @@ def pacing_peers(session: Session, own: str, *, since: datetime) -> list[str]:
     this host that has ended is left out too. One short query, asked at a heartbeat, not per
     submit: whether the submit pacing is to be shared through the database
     (:func:`share_pacing`)."""
-    from jobs.processes import owner_gone
+    from jobs.processes import owner_gone, owner_prefix
 
     rows = session.scalars(
         select(ConductorHeartbeat.owner).where(ConductorHeartbeat.seen_at >= since).distinct()
     )
     found: set[str] = set()
     for owner in rows:
-        host, _, rest = str(owner).partition(":")
-        pid, sep, _ = rest.partition(":")
-        prefix = f"{host}:{pid}:"
-        if not sep or prefix == own or owner_gone(str(owner)):
+        prefix = owner_prefix(str(owner))
+        if prefix is None or prefix == own or owner_gone(str(owner)):
             continue
         found.add(prefix)
     return sorted(found)

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from jobs import db, store
 from jobs.db import HEARTBEAT_STALE_SECONDS
 from jobs.models import utcnow
+from jobs.processes import owner_prefix
 from worker import telemetry
 from worker.limits import RedisGCRA, api_key_id, api_key_rate
 from worker.steps.context import Runtime
@@ -45,13 +46,6 @@ from worker.steps.context import Runtime
 #: heartbeats (``worker.conductor.HEARTBEAT_SECONDS``), so a beat put off by a slow round does
 #: not let it lapse while both still run.
 SHARED_SECONDS = 30.0
-
-
-def _own_prefix(owner: str) -> str:
-    """``host:pid:`` of a lease or heartbeat owner (``host:pid:thread``)."""
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    return f"{host}:{pid}:"
 
 
 def db_paced(rt: Runtime) -> bool:
@@ -73,7 +67,7 @@ def note_peers(session: Session, rt: Runtime) -> bool:
         return False
     now = utcnow()
     peers = store.pacing_peers(
-        session, _own_prefix(rt.owner), since=now - timedelta(seconds=HEARTBEAT_STALE_SECONDS)
+        session, owner_prefix(rt.owner) or rt.owner, since=now - timedelta(seconds=HEARTBEAT_STALE_SECONDS)
     )
     if not peers:
         return False
