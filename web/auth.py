@@ -597,12 +597,14 @@ class DashboardAuth:
         """503 for a request whose login cookie could not be checked: the cookie's name needs
         the database's secret (read once per process), and the database did not answer."""
         client = scope.get("client")
+        # The driver's first line, as web.app logs it (not its hint, escaped onto the same line).
+        said = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
         log.warning(
             "dashboard: %s %s from %s: the login cookie cannot be checked: %s",
             scope["method"],
             one_line(scope["path"]),
             one_line(str(client[0])) if client else "?",
-            one_line(str(exc.orig) if exc.orig is not None else str(exc))[:300],
+            one_line(said[0] if said else type(exc).__name__)[:300],
             extra={"event": "dashboard.database_unavailable", "status": 503},
         )
         refused = self._refused_response(Headers(scope=scope), scope["method"], scope["path"])

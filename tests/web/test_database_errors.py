@@ -23,11 +23,12 @@ from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
 from jobs import store
-from jobs.db import make_engine, session_factory
+from jobs.db import make_engine, migrate, session_factory
 from jobs.models import BatchState
 from jobs.settings import Settings
 from tests import full_disk
 from tests.conftest import PG_ADMIN_DSN
+from tests.ports import unused_port
 from tests.web.web_helpers import (
     FAL_KEY,
     HTML,
@@ -39,7 +40,7 @@ from tests.web.web_helpers import (
     mixed_batch,
     settings_for,
 )
-from web.app import DATABASE_UNAVAILABLE
+from web.app import DATABASE_UNAVAILABLE, create_app
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 #: The database URL's password (PostgreSQL's trust authentication never asks for it), which no
@@ -294,3 +295,65 @@ def test_an_action_answers_json_when_the_database_is_gone(
     assert page.text == DATABASE_UNAVAILABLE
     events = {r.__dict__.get("event") for r in _dashboard_records(caplog)}
     assert events == {"dashboard.database_unavailable"}
+
+
+def test_a_first_login_with_the_database_unreachable_is_a_503(
+    new_pg_database: Callable[[], str], output_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The login cookie's name and value are keyed by the database's secret, read (made, the
+    first time) by a process's first login or first request carrying a cookie: with the
+    database unreachable then (here PostgreSQL at a port nothing listens on, and a database
+    dropped under a dashboard that served pages), the login, a cookie's request and a page are
+    503 with one short line, never a 500 or a traceback, and each logs one warning on one line
+    (the driver's first line, not its hint escaped onto it), nothing at ERROR."""
+    closed = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{unused_port()}/wanbatch_gone"
+    dropped = new_pg_database()
+    migrated = make_engine(dropped)
+    try:
+        migrate(migrated, from_models=False)
+        with session_factory(migrated)() as session:
+            mixed_batch(session, items=10)
+    finally:
+        migrated.dispose()
+    answers = []
+    for url in (closed, dropped):
+        engine = make_engine(url)
+        try:
+            settings = settings_for(engine, output_dir, token=TOKEN)
+            browser = client(create_app(settings, engine=engine))
+            if url == dropped:  # a dashboard that served pages, then lost its database
+                assert browser.get("/", headers=BEARER).status_code == 200
+                name = url.rsplit("/", 1)[1]
+                with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+                    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            origin = {"Origin": "http://127.0.0.1:8788"}
+            with caplog.at_level(logging.INFO):
+                answers += [
+                    browser.post("/login", data={"token": TOKEN}, headers={**HTML, **origin}),
+                    browser.post("/login", data={"token": TOKEN}, headers=origin),
+                    browser.get("/", headers={**HTML, "Cookie": "wanbatch_session_0123abcd=x"}),
+                    browser.get("/", headers=BEARER),
+                ]
+        finally:
+            engine.dispose()
+    for answer in answers:
+        assert answer.status_code == 503, (answer.request.url, answer.text)
+        assert "set-cookie" not in answer.headers
+        for leak in ("Traceback", PASSWORD, FAL_KEY, TOKEN):
+            assert leak not in answer.text
+        assert "database is unavailable" in html.unescape(answer.text)
+        if "<html" not in answer.text:  # a script's login or page: one plain line
+            assert answer.headers["content-type"].startswith("text/plain")
+            assert "\n" not in answer.text.strip()
+    assert "<html" in answers[0].text
+    assert "<html" in answers[4].text
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    warnings = [r for r in caplog.records if r.name.startswith("web.") and r.levelno == logging.WARNING]
+    assert len(warnings) == len(answers)
+    for record in warnings:
+        assert record.exc_info is None
+        assert record.__dict__["event"] == "dashboard.database_unavailable"
+        line = record.getMessage()
+        assert "\\n" not in line, line
+        assert "\n" not in line
+        assert PASSWORD not in line
