@@ -31,17 +31,19 @@ cannot rebind a DNS name of its own to 127.0.0.1 to read the dashboard through i
 browser. A proxy on this host that adds none of those headers still looks like loopback: with
 no token, everyone behind it reads; set one there.
 
-The cookie holds an HMAC of the token, never the token itself; tokens are compared with
-:func:`hmac.compare_digest`. Its name is the dashboard's own (:func:`session_cookie`), since
+The cookie holds an HMAC of the token, never the token itself; tokens and cookies are compared
+with :func:`hmac.compare_digest`. Its name is the dashboard's own (:func:`session_cookie`), since
 browsers scope cookies by host, not port: two dashboards on one host, each with its token, keep a
-cookie each, and neither takes the other's for a guess. The name is 8 hex of an HMAC of the token
-keyed by a random secret of the database (:data:`COOKIE_SECRET` in ``instance_secrets``), so it
-tells nothing about the token to anyone who cannot read the database — an HMAC keyed by the token
-alone would be an offline check of token guesses, bypassing the pace below. And it is only ever
-sent to the browser that logged in: ``POST /logout`` deletes the cookie only when the request
-carries it, and no other answer names it. The browser keeps it :data:`SESSION_MAX_AGE` (across
-restarts). Changing the token logs every browser out: the old cookie has another name, and would
-not match under this one.
+cookie each, and neither takes the other's for a guess. Name and value alike are HMACs of the
+token keyed by a random secret of the database (:data:`COOKIE_SECRET` in ``instance_secrets``):
+browsers send a host's cookies to every port of it, so any other web app on this host receives
+them, and an HMAC keyed by the token alone would be an offline check of token guesses, bypassing
+the pace below. Keyed by the database's secret, neither tells anything about the token to anyone
+who cannot read the database (:func:`session_value`). And the name is only ever sent to the
+browser that logged in: ``POST /logout`` deletes the cookie only when the request carries it, and
+no other answer names it. The browser keeps it :data:`SESSION_MAX_AGE` (across restarts: the
+secret is the database's). Changing the token logs every browser out: the old cookie has another
+name, and its value would not match under this one.
 
 Guessing stays slow (:class:`TokenGate`): the token a request brings (``Authorization: Bearer``,
 the login form) is checked one request at a time, and a wrong one holds the next check back for
@@ -121,9 +123,17 @@ NO_DATABASE = (
 TOKEN_FAILURE_DELAY = 1.0
 
 
-def session_value(token: str) -> str:
-    """The cookie value that proves a browser logged in with ``token`` (an HMAC, not the token)."""
-    return hmac.new(token.encode(), b"wanbatch dashboard session v1", hashlib.sha256).hexdigest()
+def session_value(token: str, secret: bytes) -> str:
+    """The cookie value that proves a browser logged in with ``token``: an HMAC of the token keyed
+    by ``secret``, the database's :data:`COOKIE_SECRET` (:func:`cookie_secret`), never the token.
+
+    Browsers send a host's cookies to every port of it: another web app on this host receives
+    the value too. Were it keyed by the token alone (as it was), whoever holds it could test
+    token guesses offline, at no pace; keyed by the database's secret, it tells nothing about
+    the token to anyone who cannot read the database. A new token gives another value (and
+    another name); the same token and database, the same value after a restart."""
+    message = b"wanbatch dashboard session v2\0" + token.encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
 def session_cookie(token: str, secret: bytes) -> str:
@@ -137,8 +147,11 @@ def session_cookie(token: str, secret: bytes) -> str:
     with different tokens have different names (on one database or two), and a new token gives
     a new name. It tells nothing about the token: the key is a random secret of the database,
     not the token (an HMAC keyed by the token would let whoever learned the name test token
-    guesses offline, at no pace). The name is no credential either: the value is."""
-    message = b"wanbatch dashboard cookie name v2\0" + token.encode()
+    guesses offline, at no pace). The name is no credential either: the value is
+    (:func:`session_value`). Its label is ``v3`` since the value is keyed by the secret too: a
+    cookie of an earlier version is another dashboard's to this one (no credential, never paced),
+    not a wrong one of its own that every request of that browser would wait a second for."""
+    message = b"wanbatch dashboard cookie name v3\0" + token.encode()
     return SESSION_COOKIE_PREFIX + hmac.new(secret, message, hashlib.sha256).hexdigest()[:8]
 
 
@@ -387,12 +400,12 @@ class TokenGate:
     sends it with every request — and a wrong one then takes its turn and its ``delay`` like a
     wrong token. Only the cookie named :meth:`cookie_name` is one: a cookie minted under
     another token has another name (:func:`session_cookie`), and is no credential at all, never
-    paced. That name is keyed by the database's secret, which ``secret`` reads (once: it is
-    then kept); :class:`web.dashboard.Dashboard` gives a gate without one its database's. A
-    request that gives up while it waits frees the lock, never the pace: the time of the last
-    failure is kept, not a task's sleep. While no credential fails, nothing waits; a request
-    with no credential never does. The price: while guesses pour in, a right
-    token (not a right cookie) waits its turn behind them.
+    paced. That name and the value (:func:`session_value`) are keyed by the database's secret,
+    which ``secret`` reads (once: both are then kept); :class:`web.dashboard.Dashboard` gives a
+    gate without one its database's. A request that gives up while it waits frees the lock,
+    never the pace: the time of the last failure is kept, not a task's sleep. While no
+    credential fails, nothing waits; a request with no credential never does. The price: while
+    guesses pour in, a right token (not a right cookie) waits its turn behind them.
 
     One lock per event loop (a server has one; the test client may start several).
     """
@@ -409,7 +422,8 @@ class TokenGate:
         self.token = token or None
         #: Reads the key of the cookie's name (:func:`cookie_secret`); may touch the database.
         self.secret = secret
-        self._name: str | None = None
+        #: The login cookie's name and value under the token, once the secret was read.
+        self._cookie: tuple[str, str] | None = None
         self.delay = delay
         self._clock = clock
         self._sleep = sleep
@@ -424,22 +438,34 @@ class TokenGate:
     def configured(self) -> bool:
         return self.token is not None
 
-    def cookie_name_now(self) -> str | None:
-        """The login cookie's name under this token (None without one), read on this thread:
-        the first call reads the database's secret (:func:`cookie_secret`), later ones not."""
+    def cookie_now(self) -> tuple[str, str] | None:
+        """The login cookie's name and value under this token (None without one), read on this
+        thread: the first call reads the database's secret (:func:`cookie_secret`), later ones
+        not."""
         if self.token is None:
             return None
-        if self._name is None:
+        if self._cookie is None:
             if self.secret is None:
                 raise RuntimeError("the token gate has no secret to name its cookie with")
-            self._name = session_cookie(self.token, self.secret())
-        return self._name
+            secret = self.secret()
+            self._cookie = (session_cookie(self.token, secret), session_value(self.token, secret))
+        return self._cookie
+
+    async def cookie(self) -> tuple[str, str] | None:
+        """:meth:`cookie_now`, off the event loop when the database must be read."""
+        if self._cookie is not None or self.token is None:
+            return self._cookie
+        return await anyio.to_thread.run_sync(self.cookie_now)
+
+    def cookie_name_now(self) -> str | None:
+        """The login cookie's name under this token (None without one): :meth:`cookie_now`."""
+        found = self.cookie_now()
+        return found[0] if found is not None else None
 
     async def cookie_name(self) -> str | None:
         """:meth:`cookie_name_now`, off the event loop when the database must be read."""
-        if self._name is not None or self.token is None:
-            return self._name
-        return await anyio.to_thread.run_sync(self.cookie_name_now)
+        found = await self.cookie()
+        return found[0] if found is not None else None
 
     def _lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
@@ -472,9 +498,10 @@ class TokenGate:
 
     async def check_cookie(self, value: str) -> bool:
         """Whether ``value`` is the login cookie of the token; a wrong one is paced."""
-        if self.token is None:
+        found = await self.cookie()
+        if found is None:
             return False
-        if hmac.compare_digest(value.encode(), session_value(self.token).encode()):
+        if hmac.compare_digest(value.encode(), found[1].encode()):
             return True
         async with self._lock():
             await self._turn()

@@ -65,7 +65,6 @@ from web.auth import (
     cookie_secret,
     safe_next,
     sent_over_https,
-    session_value,
 )
 from web.bodies import Refusal, read_body
 from worker.here import process_here
@@ -708,10 +707,10 @@ class Dashboard:
                 next=target,
                 error="That is not the token.",
             )
-        name = await self.gate.cookie_name()
-        assert name is not None  # a token is configured
+        cookie = await self.gate.cookie()  # name and value keyed by the database's secret
+        assert cookie is not None  # a token is configured
+        name, value = cookie
         response = RedirectResponse(target, status_code=303)
-        value = session_value(token)
         response.set_cookie(name, value, max_age=SESSION_MAX_AGE, **_session_attributes(request))
         return response
 

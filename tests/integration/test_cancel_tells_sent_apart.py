@@ -24,8 +24,7 @@ from jobs import batches, db, store
 from jobs.models import Job, utcnow
 from jobs.settings import get_settings
 from jobs.states import JobState
-from tests.web.web_helpers import JSON, TOKEN, app_for, client, cookie_name, settings_for
-from web.auth import session_value
+from tests.web.web_helpers import JSON, TOKEN, app_for, client, cookie_name, cookie_value, settings_for
 
 S = JobState
 T2V = "fal-ai/wan-22"
@@ -155,7 +154,7 @@ def test_the_dashboard_counts_them_apart(engine: Engine, tmp_path: Path) -> None
     batch_id = _batch(engine, "mixed", MIXED)
     app = app_for(engine, settings_for(engine, tmp_path, token=TOKEN))
     browser = client(app)
-    browser.cookies.set(cookie_name(browser), session_value(TOKEN))
+    browser.cookies.set(cookie_name(browser), cookie_value(browser))
     answer = browser.post(f"/batches/{batch_id}/cancel", headers={**JSON, "Authorization": f"Bearer {TOKEN}"})
     assert answer.status_code == 200, answer.text
     body = answer.json()

@@ -11,17 +11,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
 from jobs import store
-from jobs.db import session_factory
+from jobs.db import make_engine, session_factory
 from tests.ports import unused_port
 from tests.web.web_helpers import (
     FAL_KEY,
@@ -33,6 +33,7 @@ from tests.web.web_helpers import (
     app_for,
     client,
     cookie_name,
+    cookie_value,
     mixed_batch,
     settings_for,
 )
@@ -89,7 +90,7 @@ def test_a_refused_action_answers_json_to_a_script(
     assert no_token.status_code == 401
     assert no_token.json()["ok"] is False
     assert no_token.headers["www-authenticate"] == 'Bearer realm="wanbatch"'
-    cookie = {"Cookie": f"{cookie_name(guarded)}={session_value(TOKEN)}"}
+    cookie = {"Cookie": f"{cookie_name(guarded)}={cookie_value(guarded)}"}
     cross = guarded.post(f"/batches/{batch_id}/pause", headers={**cookie, "Origin": "https://evil.example"})
     assert cross.status_code == 403
     assert cross.json()["ok"] is False
@@ -172,7 +173,7 @@ def test_with_a_token_remote_clients_log_in_and_act(
     assert right.status_code == 303
     assert right.headers["location"] == f"/batches/{batch_id}"
     cookie = right.cookies[cookie_name(remote)]
-    assert cookie == session_value(TOKEN)
+    assert cookie == cookie_value(remote)
     assert TOKEN not in cookie
     set_cookie = right.headers["set-cookie"].lower()
     assert "httponly" in set_cookie
@@ -364,9 +365,52 @@ def test_safe_next_stays_on_this_site() -> None:
         assert safe_next(bad) == "/"
 
 
-def test_the_session_cookie_depends_on_the_token(session: Session) -> None:
-    assert session_value(TOKEN) != session_value(TOKEN + "x")
-    assert len(session_value(TOKEN)) == 64
+def test_the_session_cookie_depends_on_the_token_and_the_secret() -> None:
+    secret, other_secret = bytes(range(32)), bytes(32)
+    value = session_value(TOKEN, secret)
+    assert len(value) == 64
+    assert value == session_value(TOKEN, secret)  # the same after a restart
+    assert value != session_value(TOKEN + "x", secret)  # a new token logs everyone out
+    assert value != session_value(OTHER_TOKEN, secret)
+    assert value != session_value(TOKEN, other_secret)  # never verifies under another secret
+    # Not the value of before, an HMAC keyed by the token alone (an offline check of guesses).
+    assert value != hmac.new(TOKEN.encode(), b"wanbatch dashboard session v1", hashlib.sha256).hexdigest()
+
+
+def test_the_login_cookies_value_is_keyed_by_the_databases_secret(
+    sqlite_engine: Engine, request: pytest.FixtureRequest, tmp_path: Path, output_dir: Path
+) -> None:
+    """Browsers send a host's cookies to every port of it: another web app on this host receives
+    the login cookie. Its value was an HMAC keyed by the token alone, so whoever received it
+    could test token guesses offline, at no pace, and a dashboard of another database with the
+    same token took it. It is keyed by the database's secret too: it works on its own database
+    (after a restart too), not on another's with the same token, and not after a new token."""
+    other_path = tmp_path / "other.db"
+    shutil.copyfile(request.getfixturevalue("_sqlite_template"), other_path)
+    other_engine = make_engine(f"sqlite:///{other_path}")
+    try:
+        settings = settings_for(sqlite_engine, output_dir, token=TOKEN)
+        browser = client(app_for(sqlite_engine, settings))
+        name, value, _ = _logged_in_cookie(browser, "http://127.0.0.1:8788", TOKEN)
+        assert value == session_value(TOKEN, cookie_secret(sqlite_engine))
+        assert value != session_value(TOKEN, cookie_secret(other_engine))
+        browser.cookies.clear()
+        restarted = client(app_for(sqlite_engine, settings))
+        assert restarted.get("/", headers={**HTML, "Cookie": f"{name}={value}"}).status_code == 200
+        # Another database's dashboard with the same token: the value is no credential there,
+        # under that dashboard's own name either.
+        elsewhere = client(app_for(other_engine, settings_for(other_engine, output_dir, token=TOKEN)))
+        carried = {"Cookie": f"{cookie_name(elsewhere)}={value}"}
+        assert elsewhere.get("/metrics", headers=carried).status_code == 401
+        # A new token: another value (and name), the old one refused under the new name.
+        renewed = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=OTHER_TOKEN)))
+        new_name, new_value, _ = _logged_in_cookie(renewed, "http://127.0.0.1:8788", OTHER_TOKEN)
+        assert new_name != name
+        assert new_value != value
+        renewed.cookies.clear()
+        assert renewed.get("/metrics", headers={"Cookie": f"{new_name}={value}"}).status_code == 401
+    finally:
+        other_engine.dispose()
 
 
 FORGED = "/x%0AWARNING%20web.app:%20webhook%20accepted%0D%1B[2J"
@@ -381,7 +425,7 @@ def test_a_refused_path_is_logged_on_one_line(
     app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=token))
     remote = client(app, peer=REMOTE, host="dash.example.com")
     if token is not None:  # a logged-in browser's action from another site: refused and logged
-        remote.cookies.set(cookie_name(remote), session_value(TOKEN))
+        remote.cookies.set(cookie_name(remote), cookie_value(remote))
     with caplog.at_level(logging.WARNING, logger="web.auth"):
         if token is None:
             remote.get(FORGED, headers=HTML)
@@ -486,7 +530,7 @@ def test_an_untrusted_clients_forwarded_host_is_ignored(
     assert login.status_code == 403
     assert cookie_name(untrusted) not in login.cookies
     assert "ignored" in login.text
-    untrusted.cookies.set(cookie_name(untrusted), session_value(TOKEN))
+    untrusted.cookies.set(cookie_name(untrusted), cookie_value(untrusted))
     refused = untrusted.post(f"/batches/{batch_id}/pause", headers=headers)
     assert refused.status_code == 403
     assert "WANBATCH_SERVE_FORWARDED_ALLOW_IPS" in refused.text
@@ -523,7 +567,7 @@ def test_a_foreign_origin_is_refused_through_any_proxy(
             login = browser.post("/login", data={"token": TOKEN}, headers=headers)
             assert login.status_code == 403
             assert cookie_name(browser) not in login.cookies
-            browser.cookies.set(cookie_name(browser), session_value(TOKEN))
+            browser.cookies.set(cookie_name(browser), cookie_value(browser))
             refused = browser.post(f"/batches/{batch_id}/pause", headers=headers)
             assert refused.status_code == 403
             assert f"Origin {origin!r}" in refused.text  # the refusal names what it saw
@@ -544,7 +588,7 @@ def test_the_refusal_says_what_was_seen_and_what_to_set(
     Origin and Host seen and the proxy setting that fixes it."""
     app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
     proxied = client(app, peer=LOOPBACK, host="127.0.0.1:8788")
-    proxied.cookies.set(cookie_name(proxied), session_value(TOKEN))
+    proxied.cookies.set(cookie_name(proxied), cookie_value(proxied))
     with caplog.at_level(logging.WARNING, logger="web.auth"):
         refused = proxied.post(f"/batches/{batch_id}/pause", headers={**HTML, "Origin": PUBLIC})
     assert refused.status_code == 403
@@ -646,6 +690,39 @@ def test_the_cookies_name_is_keyed_by_the_databases_secret(sqlite_engine: Engine
     secret = cookie_secret(sqlite_engine)
     assert session_cookie(TOKEN, secret) == first
     assert session_cookie(TOKEN, bytes(32)) != first
+
+
+def test_a_cookie_of_before_its_value_was_keyed_is_no_credential_and_never_waits(
+    sqlite_engine: Engine, output_dir: Path
+) -> None:
+    """A browser still holding a cookie of the earlier scheme (a value keyed by the token alone)
+    is told to log in again, and never paced for it: under its old name it would have been a
+    wrong cookie of this dashboard, holding every request of that browser (each page's refresh)
+    and every other check back a second. Its name is another dashboard's now."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    settings = settings_for(sqlite_engine, output_dir, token=TOKEN)
+    gate = TokenGate(TOKEN, sleep=sleep)
+    app_for(sqlite_engine, settings)
+    browser = client(create_app(settings, engine=sqlite_engine, gate=gate))
+    secret = cookie_secret(sqlite_engine)
+    named = hmac.new(secret, b"wanbatch dashboard cookie name v2\0" + TOKEN.encode(), hashlib.sha256)
+    old_name = "wanbatch_session_" + named.hexdigest()[:8]
+    old_value = hmac.new(TOKEN.encode(), b"wanbatch dashboard session v1", hashlib.sha256).hexdigest()
+    old = {"Cookie": f"{old_name}={old_value}"}
+    assert browser.get("/", headers={**HTML, **old}).status_code == 303
+    assert browser.get("/metrics", headers=old).status_code == 401
+    assert browser.get("/login", headers={**HTML, **old}).status_code == 200
+    assert waits == []
+    name, value, _ = _logged_in_cookie(browser, "http://127.0.0.1:8788", TOKEN)
+    assert name != old_name
+    browser.cookies.clear()
+    both = {"Cookie": f"{old_name}={old_value}; {name}={value}"}
+    assert browser.get("/metrics", headers=both).status_code == 200
+    assert waits == []
 
 
 def test_a_login_cookie_meeting_no_database_is_answered_503(

@@ -32,13 +32,13 @@ from tests.web.web_helpers import (
     app_for,
     client,
     cookie_name,
+    cookie_value,
     make_batch,
     mixed_batch,
     new_job,
     set_job,
     settings_for,
 )
-from web.auth import session_value
 from web.dashboard import SECURITY_HEADERS, ago, usd
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -259,7 +259,7 @@ def test_buttons_pause_resume_rerun_and_cancel(engine: Engine, session: Session,
     session.commit()  # end the read: on SQLite a session's transaction holds the write lock
     app = app_for(engine, settings_for(engine, output_dir, token=TOKEN))
     browser = client(app)
-    browser.cookies.set(cookie_name(browser), session_value(TOKEN))
+    browser.cookies.set(cookie_name(browser), cookie_value(browser))
     act = {**HTML, "Origin": "http://127.0.0.1:8788"}
     page = f"/batches/{mixed.batch.id}"
     html = browser.get(page, headers=HTML).text
@@ -364,7 +364,7 @@ def test_rerun_button_offers_only_what_no_rerun_covers(sqlite_engine: Engine, ou
     with session_factory(sqlite_engine)() as session:
         mixed = mixed_batch(session)
     browser = client(app_for(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN)))
-    browser.cookies.set(cookie_name(browser), session_value(TOKEN))
+    browser.cookies.set(cookie_name(browser), cookie_value(browser))
     page = f"/batches/{mixed.batch.id}"
     before = browser.get(page, headers=HTML).text
     assert 'data-action="rerun-failed"' in before

@@ -33,12 +33,13 @@ from tests.web.web_helpers import (
     TOKEN,
     app_for,
     cookie_name,
+    cookie_value,
     mixed_batch,
     settings_for,
 )
 from tests.web.web_helpers import client as sync_client
 from web.app import DATABASE_UNAVAILABLE, RECEIVER_THREADS, create_app
-from web.auth import TokenGate, same_origin, session_value
+from web.auth import TokenGate, same_origin
 from worker.fal.webhooks import JwksKeys
 from worker.steps.webhooks import database_fingerprint, webhook_secret
 
@@ -156,7 +157,7 @@ def test_unparsable_origins_are_refused_not_crashed_on(
     sqlite_engine: Engine, output_dir: Path, batch_id: str
 ) -> None:
     app = _app(sqlite_engine, settings_for(sqlite_engine, output_dir, token=TOKEN))
-    cookie = {"Cookie": f"{cookie_name(app)}={session_value(TOKEN)}"}
+    cookie = {"Cookie": f"{cookie_name(app)}={cookie_value(app)}"}
 
     async def main() -> list[httpx.Response]:
         async with _client(app, REMOTE, "dash.example.com") as client:

@@ -182,10 +182,24 @@ def cookie_name(app: Starlette | TestClient, token: str = TOKEN) -> str:
     return session_cookie(token, gate.secret())
 
 
+def cookie_value(app: Starlette | TestClient, token: str = TOKEN) -> str:
+    """The value ``app``'s dashboard gives the login cookie of ``token`` (an HMAC keyed by its
+    database's secret too, :func:`web.auth.session_value`)."""
+    starlette = cast(Starlette, app.app) if isinstance(app, TestClient) else app
+    gate = starlette.state.gate
+    assert isinstance(gate, TokenGate)
+    assert gate.secret is not None
+    if token == gate.token:
+        found = gate.cookie_now()
+        assert found is not None
+        return found[1]
+    return session_value(token, gate.secret())
+
+
 def logged_in(browser: TestClient, token: str = TOKEN) -> TestClient:
     """``browser`` holding the login form's cookie for ``token``: with a token configured, every
     client (loopback too) needs it to read."""
-    browser.cookies.set(cookie_name(browser, token), session_value(token))
+    browser.cookies.set(cookie_name(browser, token), cookie_value(browser, token))
     return browser
 
 
