@@ -229,10 +229,52 @@ def trusted_proxies(configured: str | None) -> str:
     return configured or os.environ.get("FORWARDED_ALLOW_IPS", DEFAULT_TRUSTED_PROXIES)
 
 
+#: Where IPv4-mapped IPv6 addresses (``::ffff:10.1.2.3``) live.
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _other_form(entry: str) -> str | None:
+    """The same address or network written the other way: ``10.1.2.3`` → ``::ffff:10.1.2.3``,
+    ``10.1.2.0/24`` → ``::ffff:10.1.2.0/120``, and back; None for anything else (an IPv6
+    entry that maps no IPv4, ``*``, or what is no address, left to uvicorn as it is)."""
+    try:
+        network = ipaddress.ip_network(entry)
+    except ValueError:
+        return None
+    if isinstance(network, ipaddress.IPv4Network):
+        mapped = f"::ffff:{network.network_address}"
+        return mapped if "/" not in entry else f"{mapped}/{96 + network.prefixlen}"
+    if network.prefixlen >= 96 and network.subnet_of(_IPV4_MAPPED):
+        address = network.network_address.ipv4_mapped
+        return str(address) if "/" not in entry else f"{address}/{network.prefixlen - 96}"
+    return None
+
+
+def with_mapped_forms(allow_ips: str) -> str:
+    """``allow_ips`` with every IPv4 entry's IPv4-mapped IPv6 form beside it (and every mapped
+    entry's IPv4 form). A dual-stack listener (``serve --host ::``) reports an IPv4 peer as
+    ``::ffff:10.1.2.3``, which uvicorn's :class:`ProxyHeadersMiddleware` never matches against
+    ``10.1.2.3`` or ``10.1.2.0/24`` (it compares :mod:`ipaddress` objects, and an IPv6 address
+    is never in an IPv4 set or network): the proxy went on being distrusted, so the client was
+    the proxy's address and its ``X-Forwarded-*`` ignored. The same for a mapped address a
+    proxy of a chain writes into ``X-Forwarded-For``."""
+    entries = [entry.strip() for entry in allow_ips.split(",") if entry.strip()]
+    if entries == ["*"]:
+        return "*"
+    found = list(entries)
+    for entry in entries:
+        other = _other_form(entry)
+        if other is not None and other not in found:
+            found.append(other)
+    return ",".join(found)
+
+
 def trusted_peer(allow_ips: str) -> Callable[[str | None], bool]:
     """Whether a peer's address is one of those ``allow_ips`` names (addresses, networks, a lone
-    ``*``): the rule :class:`ForwardedHeaders` applies (uvicorn's own)."""
-    return ProxyHeadersMiddleware(cast(Any, None), trusted_hosts=allow_ips).trusted_hosts.__contains__
+    ``*``), written as IPv4 or IPv4-mapped IPv6 alike (:func:`with_mapped_forms`): the rule
+    :class:`ForwardedHeaders` applies (uvicorn's own)."""
+    proxy_headers = ProxyHeadersMiddleware(cast(Any, None), trusted_hosts=with_mapped_forms(allow_ips))
+    return proxy_headers.trusted_hosts.__contains__
 
 
 class ForwardedHeaders:
@@ -243,11 +285,14 @@ class ForwardedHeaders:
     ``X-Forwarded-For``'s and its scheme ``X-Forwarded-Proto``'s. First, though, this notes in
     the request's state (``via_trusted_proxy``) whether the peer itself — the connection's other
     end, which that rewrite hides — is one of those proxies: only then is ``X-Forwarded-Host``
-    believed as the host the browser sent the request to (:func:`origin_refusal`)."""
+    believed as the host the browser sent the request to (:func:`origin_refusal`). An IPv4
+    proxy is matched in its IPv4-mapped form too (``::ffff:10.1.2.3``, what a dual-stack
+    listener reports): :func:`with_mapped_forms`."""
 
     def __init__(self, app: ASGIApp, allow_ips: str) -> None:
         # uvicorn types ASGI apps its own way; the two protocols are the same at run time.
-        proxy_headers = ProxyHeadersMiddleware(cast(Any, app), trusted_hosts=allow_ips)
+        trusted_hosts = with_mapped_forms(allow_ips)
+        proxy_headers = ProxyHeadersMiddleware(cast(Any, app), trusted_hosts=trusted_hosts)
         # The very rule the rewrite applies (addresses, networks, a lone `*`): one decision.
         self.trusted = proxy_headers.trusted_hosts
         self.app = cast(ASGIApp, proxy_headers)

@@ -8,6 +8,7 @@ browser's actions must come from the dashboard's own origin.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -38,7 +39,15 @@ from tests.web.web_helpers import (
     settings_for,
 )
 from web.app import create_app
-from web.auth import TokenGate, cookie_secret, safe_next, session_cookie, session_value
+from web.auth import (
+    ForwardedHeaders,
+    TokenGate,
+    cookie_secret,
+    safe_next,
+    session_cookie,
+    session_value,
+    trusted_peer,
+)
 
 
 @pytest.fixture
@@ -485,6 +494,10 @@ def no_env_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
         (LOOPBACK, None, VIA_PROXY),  # nginx on this host: trusted by default
         (("::1", 40000), None, VIA_PROXY),
         (("172.18.0.1", 40000), "172.18.0.0/16", VIA_PROXY),  # another container, named
+        # The same, as a dual-stack listener (`serve --host ::`) reports IPv4 peers.
+        (("::ffff:127.0.0.1", 40000), None, VIA_PROXY),
+        (("::ffff:172.18.0.1", 40000), "172.18.0.0/16", VIA_PROXY),
+        (("::ffff:172.18.0.1", 40000), "172.18.0.1", VIA_PROXY),
         # The port from X-Forwarded-Port, else the default one of the browser's scheme.
         (LOOPBACK, None, {"X-Forwarded-Host": "wanbatch.example.test", "X-Forwarded-Port": "8080"}),
     ],
@@ -515,6 +528,58 @@ def test_behind_a_trusted_proxy_its_forwarded_host_is_the_dashboards_origin(
     referred = {**HTML, **forwarded, "Referer": f"{PUBLIC}/batches/{batch_id}"}
     assert proxied.post(f"/batches/{batch_id}/resume", headers=referred).status_code == 303
     assert not _paused(sqlite_engine, batch_id)
+
+
+@pytest.mark.parametrize("allow_ips", ["10.1.2.3", "10.1.2.0/24", "::ffff:10.1.2.3", "::ffff:10.1.2.0/120"])
+def test_an_ipv4_mapped_peer_is_the_ipv4_proxy_it_is(allow_ips: str) -> None:
+    """A dual-stack listener reports an IPv4 peer as ``::ffff:10.1.2.3``, and uvicorn's
+    ProxyHeadersMiddleware never matched that against ``10.1.2.3`` or ``10.1.2.0/24``: behind
+    such a proxy every request was the proxy's own (its address in every log line and
+    per-client check, its X-Forwarded-Host ignored by the Origin check). Through the real
+    middleware on a real ASGI scope, the mapped peer is trusted like the IPv4 one, in either
+    spelling of the setting; an X-Forwarded-For entry a proxy writes mapped is matched too."""
+    seen: list[tuple[Any, ...]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((scope["client"], scope["scheme"], scope["state"]["via_trusted_proxy"]))
+
+    def request(peer: str, forwarded_for: str) -> tuple[Any, ...]:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/",
+            "raw_path": b"/",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [
+                (b"host", b"10.1.2.4:8788"),
+                (b"x-forwarded-for", forwarded_for.encode()),
+                (b"x-forwarded-proto", b"https"),
+            ],
+            "client": (peer, 40000),
+            "server": ("::ffff:10.1.2.4", 8788),
+        }
+
+        async def nothing() -> Any:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def ignored(message: Any) -> None:
+            return None
+
+        asyncio.run(ForwardedHeaders(app, allow_ips)(scope, nothing, ignored))
+        return seen[-1]
+
+    for peer in ("10.1.2.3", "::ffff:10.1.2.3"):
+        assert request(peer, "198.51.100.23") == (("198.51.100.23", 0), "https", True), peer
+        assert trusted_peer(allow_ips)(peer)  # the connection cap's exemption (web.connections)
+        # A chain: the browser, then a proxy of ours that wrote its peer mapped.
+        assert request(peer, "198.51.100.23, ::ffff:10.1.2.3")[0] == ("198.51.100.23", 0)
+    for stranger in ("10.9.9.9", "::ffff:10.9.9.9", "2001:db8::1"):
+        assert request(stranger, "198.51.100.23") == ((stranger, 40000), "http", False), stranger
+        assert not trusted_peer(allow_ips)(stranger)
 
 
 @pytest.mark.parametrize("peer", [REMOTE, ("172.18.0.1", 40000)])
