@@ -1549,6 +1549,27 @@ _RESEND_SENT: dict[str, ColumnElement[Any]] = {
     "possible_duplicate_charges": _JOBS.c.possible_duplicate_charges + case((_IS_RESEND, 1), else_=0),
     "earlier_start_timeout_at": _JOBS.c.start_timeout_at,
 }
+#: ``earlier_items`` once the job is sent as a new request (:func:`record_send`): without
+#: :data:`EARLIER_ITEMS_UNKNOWN`, the numbers recorded kept in their order (NULL when none is
+#: left). A number nobody recorded was taken from the job before schema 0032, so the file a try
+#: saved under it was saved before then: never a video of a request sent now (a download takes
+#: only one written since its request was sent), and only listing the folder finds it.
+_UNKNOWN_DROPPED_PG = (
+    "CASE WHEN jobs.earlier_items @> '[-1]'::jsonb THEN (SELECT jsonb_agg(t.e ORDER BY t.o)"
+    " FROM jsonb_array_elements(jobs.earlier_items) WITH ORDINALITY AS t(e, o)"
+    " WHERE t.e <> '-1'::jsonb) ELSE jobs.earlier_items END"
+)
+_UNKNOWN_DROPPED_SQLITE = (
+    "CASE WHEN EXISTS (SELECT 1 FROM json_each(jobs.earlier_items) AS t WHERE t.value = -1)"
+    " THEN (SELECT CASE WHEN count(*) = 0 THEN NULL ELSE json_group_array(kept.v) END FROM ("
+    " SELECT t.value AS v FROM json_each(jobs.earlier_items) AS t WHERE t.value IS NOT -1"
+    " ORDER BY t.key) AS kept) ELSE jobs.earlier_items END"
+)
+_SENT_PG = {**_RESEND_SENT, "earlier_items": literal_column(_UNKNOWN_DROPPED_PG, _JOBS.c.earlier_items.type)}
+_SENT_SQLITE = {
+    **_RESEND_SENT,
+    "earlier_items": literal_column(_UNKNOWN_DROPPED_SQLITE, _JOBS.c.earlier_items.type),
+}
 #: ``possible_duplicate_charges`` when the attempt is given back: a resend recorded as sent
 #: (its input written) that did not go out is uncounted (:func:`give_back`).
 _RESEND_UNSENT = _JOBS.c.possible_duplicate_charges - case(
@@ -4194,6 +4215,9 @@ def record_send(
     deadline may end the job before it goes. (:func:`give_back` uncounts it if it then does not.)
     The start timeout the job held until now (the earlier attempt's) is kept aside in
     ``earlier_start_timeout_at``, for :func:`give_back` to put back should this POST be refused.
+    A mark of earlier item numbers nobody recorded (:data:`EARLIER_ITEMS_UNKNOWN`) is dropped
+    (:data:`_UNKNOWN_DROPPED_PG`): its download would list the whole output folder for a file
+    that cannot be this request's.
     """
     values = {
         "lease_owner": fence.owner,
@@ -4205,7 +4229,8 @@ def record_send(
         "api_key_id": api_key_id,
         "fal_origin": fal_origin,
     }
-    row = _fenced_update(session, fence.job_id, fence.version, values, bump=True, counted=_RESEND_SENT)
+    counted = _SENT_PG if session.connection().dialect.name == "postgresql" else _SENT_SQLITE
+    row = _fenced_update(session, fence.job_id, fence.version, values, bump=True, counted=counted)
     return None if row is None else fence.at(int(row.version))
 
 

@@ -468,3 +468,64 @@ def test_a_job_whose_earlier_numbers_are_unknown_lists_the_folder_for_its_video(
     assert saved.read_bytes() == fal.video
     assert fal.file_gets("r1.mp4") == 1
     assert not before.exists()
+
+
+@pytest.mark.parametrize(
+    ("marked", "kept"),
+    [
+        ([EARLIER_ITEMS_UNKNOWN], None),  # as migration 0032 left it
+        ([EARLIER_ITEMS_UNKNOWN, 4], [4]),  # then renumbered from item 4
+    ],
+)
+def test_a_job_sent_again_no_longer_lists_the_folder_for_numbers_nobody_recorded(
+    engine: Engine,
+    hostile: HostileProvider,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    marked: list[int],
+    kept: list[int] | None,
+) -> None:
+    """Migration 0032 marks a job sent before it and not finished ``EARLIER_ITEMS_UNKNOWN``, and
+    nothing ever cleared the mark: every download of every request the job was sent as later
+    (a window's end gave it back to ``pending``, a failed try to ``retry_wait``) listed the
+    batch's whole output folder, and the mark stayed on the job for good. None of those listings
+    could take anything: a number nobody recorded was taken from the job before the migration,
+    so the file saved under it was saved before then, by a try of an earlier request (and a
+    download takes only a file written since its request was sent). Sending the job as a new
+    request drops the mark; the numbers recorded since stay, one ``stat`` each."""
+    FakeFal(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs"))
+    add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})])
+    (job_id,) = dispatch(rt)
+    # sent before schema 0032 (its request ended unstarted at a window's end)
+    mark_renumbered(engine, job_id, marked)
+    folder = tmp_path / "outputs" / "steps"
+    folder.mkdir(parents=True)
+    # what a try of its earlier request saved, under a number nobody recorded
+    earlier = folder / f"000007-{job_id[:12]}.mp4"
+    earlier.write_bytes(b"an earlier request's video")
+    old = time.time() - 86400
+    os.utime(earlier, (old, old))
+    try:
+        assert submit(rt, job_id) == "submitted"
+        assert get(engine, job_id).earlier_items == kept
+        wait_until(lambda: get(engine, job_id).state == JobState.DOWNLOADING, step=lambda: poll(rt))
+        listings: list[str] = []
+        real_listing = outputs.under_another_item
+
+        def listing(dest: Path, job: str) -> Path | None:
+            listings.append(job)
+            return real_listing(dest, job)
+
+        monkeypatch.setattr(outputs, "under_another_item", listing)
+        looks = Looks(monkeypatch, folder)
+        assert download(rt, job_id) == "succeeded"
+    finally:
+        rt.client.close()
+    assert listings == []  # the folder was not listed for the job's files
+    recorded = [f"{n:06d}-{job_id[:12]}.mp4" for n in kept or []]
+    assert looks.other_names(job_id, 0) == recorded  # a recorded number: one stat
+    job = get(engine, job_id)
+    assert (job.state, job.earlier_items) == (JobState.SUCCEEDED, kept)
+    assert job.output_path == str(folder / f"000000-{job_id[:12]}.mp4")
+    assert earlier.read_bytes() == b"an earlier request's video"  # never taken
