@@ -216,7 +216,8 @@ JSONDoc = JSONDocument()
 EARLIER_ITEMS_KEPT = 8
 #: In :attr:`Job.earlier_items`: numbers nobody recorded (a job sent before schema 0032 may have
 #: been renumbered): its download lists the output folder (``jobs.outputs.under_another_item``).
-#: No item number is negative.
+#: Dropped when the job is sent as a new request (``jobs.store.record_send``): a file under such
+#: a number predates that request, which a download never takes. No item number is negative.
 EARLIER_ITEMS_UNKNOWN = -1
 
 
@@ -419,7 +420,8 @@ class Job(Base):
     #: output folder. Numbers, not a time: a resubmit's clock and a worker's need not agree.
     #: :data:`EARLIER_ITEMS_UNKNOWN` stands for numbers nobody recorded: a job unfinished and
     #: sent when schema 0032 added the column (it may have been renumbered before), whose
-    #: download lists the folder as every download did before.
+    #: download lists the folder as every download did before — until the job is sent as a new
+    #: request, which drops it (``jobs.store.record_send``).
     earlier_items: Mapped[list[int] | None] = mapped_column(JSONDoc)
     endpoint: Mapped[str] = mapped_column(String(255))
     #: The resolved input as validated (local image paths still local).
