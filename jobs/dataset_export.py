@@ -46,9 +46,12 @@ so a failed export never leaves a half dataset under the target name (nor the pa
 created for it). An existing empty DIR (a mount point or a symlink to a folder, which rename(2)
 cannot replace) is written into: built in a hidden ``DIR/.wanbatch-export.*.part``, its entries
 moved out at the end (:func:`_publish_into`); a failed export leaves it empty. The export
-holds an exclusive ``flock`` on that part folder while it writes: one a killed export left
-behind (nobody holds it) is removed by the next export into DIR, and a held one makes that
-export stop, naming it (two exports never fill one DIR). An existing
+holds an exclusive ``flock`` on that part folder while it writes, and says so in its name
+(``.locked.part``): one a killed export left behind (nobody holds it) is removed by the next
+export into DIR, and a held one makes that export stop, naming it (two exports never fill one
+DIR). A part folder without that name may be an earlier version's, whose export took no lock
+and may still be writing: it is removed only once untouched for a day, and stops the export
+before then, named. An existing
 non-empty DIR is refused, never merged into, and so is a symlink leading nowhere, before any
 video is placed (:func:`_refuse_taken`).
 """
@@ -65,6 +68,7 @@ import shlex
 import shutil
 import stat
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -1034,6 +1038,17 @@ def _refuse_taken(dest: Path) -> bool:
 #: The hidden folder an export into an existing DIR is built in, inside DIR (``tempfile``'s
 #: random part between them).
 PART_PREFIX, PART_SUFFIX = ".wanbatch-export.", ".part"
+#: How an export that holds its part folder's lock while it writes names that folder
+#: (``.wanbatch-export.RANDOM.locked.part``): the lock record, made with the folder. Earlier
+#: versions named theirs ``.wanbatch-export.RANDOM.part`` (``tempfile``'s random part has no dot)
+#: and the first of them took no lock: nobody holding the lock of such a folder does not prove
+#: its export ended (:func:`_take_stale`).
+LOCKED_SUFFIX = ".locked" + PART_SUFFIX
+#: Seconds a part folder without the lock record (:data:`LOCKED_SUFFIX`) must have been left
+#: untouched, every entry in it, before another export removes it: its export may be one of an
+#: earlier version, which takes no lock, still writing. A day: an export adds a video every few
+#: seconds, and a video being copied or downloaded is written to all along.
+UNLOCKED_PART_AGE = 24 * 3600
 
 
 def _is_part(entry: os.DirEntry[str]) -> bool:
@@ -1052,9 +1067,12 @@ def _clear_stale_parts(dest: Path) -> bool:
     Each export into ``dest`` holds an exclusive ``flock`` on its part folder for as long as it
     writes (:func:`_part_inside`); the kernel drops it when that process ends, however. A part
     folder nobody holds is removed while this holds it (an export that made it a moment ago and
-    is about to take it finds it gone and makes another); one held is a running export's:
-    :class:`UsageError`, nothing touched. One that cannot be locked or removed (a file system
-    without ``flock``, no permission) is named in the refusal, for the user to judge."""
+    is about to take it finds it gone and makes another) — when its name says its export takes
+    the lock (:data:`LOCKED_SUFFIX`); one of an earlier version's name only once untouched for
+    :data:`UNLOCKED_PART_AGE` (the first versions that wrote into ``dest`` took no lock: such an
+    export may still be writing). One held is a running export's: :class:`UsageError`, nothing
+    touched. One that cannot be locked or removed (a file system without ``flock``, no
+    permission), or may be written to still, is named in the refusal, for the user to judge."""
     parts = []
     with os.scandir(dest) as entries:
         for entry in entries:  # stops at the first other entry: a full folder is not listed whole
@@ -1078,7 +1096,9 @@ def _clear_stale_parts(dest: Path) -> bool:
 
 def _take_stale(part: Path) -> str:
     """``"removed"`` when no export held ``part`` (removed meanwhile included), ``"held"`` when
-    one does, else why it could not be told or removed."""
+    one does, else why it could not be told or removed: among those, a part folder without the
+    lock record (:data:`LOCKED_SUFFIX`) changed within :data:`UNLOCKED_PART_AGE`
+    (:func:`_unlocked_writer`)."""
     try:
         fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -1092,6 +1112,8 @@ def _take_stale(part: Path) -> str:
             return "held"
         except OSError as exc:  # no flock here (some network file systems): cannot tell
             return f"cannot tell: {os_reason(exc)}"
+        if writer := _unlocked_writer(part):
+            return writer
         try:
             shutil.rmtree(part)
         except FileNotFoundError:
@@ -1103,13 +1125,62 @@ def _take_stale(part: Path) -> str:
         os.close(fd)
 
 
+def _unlocked_writer(part: Path) -> str | None:
+    """Why ``part``, a part folder nobody holds the lock of, may still be written to, else None.
+
+    None when its name holds the lock record (:data:`LOCKED_SUFFIX`: its export held the lock
+    from before it wrote anything, so it has ended), or when neither the folder nor anything in
+    it changed for :data:`UNLOCKED_PART_AGE`. Else it may be an export of an earlier version,
+    which took no lock, still writing (or a killed one's: the user may remove it)."""
+    if part.name.endswith(LOCKED_SUFFIX):
+        return None
+    try:
+        changed = _last_change(part, time.time() - UNLOCKED_PART_AGE)
+    except FileNotFoundError:
+        return None  # removed meanwhile
+    except OSError as exc:
+        return f"made by an earlier wanbatch, which takes no lock; cannot tell its age: {os_reason(exc)}"
+    if changed is None:
+        return None
+    ago = max(0, round((time.time() - changed) / 60))
+    hours = UNLOCKED_PART_AGE // 3600
+    return (
+        f"made by an earlier wanbatch, which takes no lock; changed {ago} min ago, "
+        f"removed once untouched for {hours} hours"
+    )
+
+
+def _last_change(folder: Path, since: float) -> float | None:
+    """The modification time of ``folder`` or of an entry under it (links not followed) at or
+    after ``since``, the first found; None when none changed since then. An entry gone while
+    it is looked at was changed now; :class:`FileNotFoundError` when ``folder`` itself is gone."""
+    mtime = folder.lstat().st_mtime
+    if mtime >= since:
+        return mtime
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    info = entry.stat(follow_symlinks=False)
+                    if info.st_mtime >= since:
+                        return info.st_mtime
+                    if stat.S_ISDIR(info.st_mode):
+                        pending.append(Path(entry.path))
+        except FileNotFoundError:
+            return time.time()  # removed under this look (a folder, a file): its export is at work
+    return None
+
+
 def _part_inside(dest: Path) -> tuple[Path, int | None]:
     """A new hidden part folder inside ``dest`` and the descriptor holding its exclusive
-    ``flock`` (None where the file system has none: unheld, as before). The lock is taken after
-    the folder is made, so a retry clearing stale ones (:func:`_clear_stale_parts`) may remove
-    it in between: the folder at the path is checked to be the one locked, else another made."""
+    ``flock`` (None where the file system has none: unheld, as before), named with the lock
+    record (:data:`LOCKED_SUFFIX`). The lock is taken after the folder is made, so a retry
+    clearing stale ones (:func:`_clear_stale_parts`) may remove it in between: the folder at
+    the path is checked to be the one locked, else another made."""
     for _ in range(8):
-        tmp = Path(tempfile.mkdtemp(prefix=PART_PREFIX, suffix=PART_SUFFIX, dir=dest))
+        tmp = Path(tempfile.mkdtemp(prefix=PART_PREFIX, suffix=LOCKED_SUFFIX, dir=dest))
         try:
             fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -1132,7 +1203,9 @@ def _part_inside(dest: Path) -> tuple[Path, int | None]:
 def _refuse_another_writer(dest: Path, own: Path) -> None:
     """:class:`UsageError` when another export holds a part folder in ``dest`` besides ``own``:
     two exports that found ``dest`` empty at the same moment. Each checks after taking its own
-    lock, so at most one of them goes on (both stop when both hold theirs by then)."""
+    lock, so at most one of them goes on (both stop when both hold theirs by then). One of an
+    earlier version, which takes no lock, stops this one as long as it may be writing
+    (:func:`_unlocked_writer`)."""
     with os.scandir(dest) as entries:
         others = [Path(e.path) for e in entries if _is_part(e) and e.name != own.name]
     for part in others:
@@ -1140,6 +1213,11 @@ def _refuse_another_writer(dest: Path, own: Path) -> None:
             raise UsageError(
                 f"-o {str(dest)!r}: another export is writing into it now ({part.name}); wait for it "
                 "to finish or choose another folder"
+            )
+        if writer := _unlocked_writer(part):
+            raise UsageError(
+                f"-o {str(dest)!r}: another export may be writing into it now ({part.name}, {writer}); "
+                "wait for it to finish or choose another folder"
             )
 
 

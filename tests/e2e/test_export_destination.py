@@ -9,12 +9,18 @@
 - A killed ``--format hf`` export into an existing empty folder left its hidden part folder
   inside, and every retry said the folder was not empty. A part folder no export holds is now
   removed; one a running export holds is refused, naming it, and untouched.
+- An export of an earlier wanbatch, which took no lock, had its part folder removed under it by
+  the next export into the same folder (nobody held it): a part folder whose name does not say
+  that its export takes a lock is removed only once untouched for a day; a younger one is
+  refused, naming it, and untouched.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -121,8 +127,9 @@ def batch(manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def _stale_part(folder: Path) -> Path:
-    """What a killed export into ``folder`` leaves: its part folder, half filled, held by nobody."""
-    part = folder / ".wanbatch-export.k1ll3d.part"  # as README names it
+    """What a killed export into ``folder`` leaves: its part folder, half filled, held by nobody
+    (named, as every export names it since it takes a lock, as one that takes a lock)."""
+    part = folder / ".wanbatch-export.k1ll3d.locked.part"  # as README names it
     (part / "videos").mkdir(parents=True)
     (part / "videos" / "000000-half.mp4").write_bytes(b"\0" * 100)
     return part
@@ -178,3 +185,76 @@ def test_two_exports_into_one_folder_never_mix(
     assert code == 2
     assert "another export is writing into it now (.wanbatch-export." in err
     assert sorted(os.listdir(volume)) == ["README.md", "manifest.yaml", "metadata.jsonl", "videos"]
+
+
+def _old_export_part(folder: Path) -> Path:
+    """The part folder an export of an earlier wanbatch, which took no lock, makes in ``folder``
+    (as it made it: ``tempfile.mkdtemp`` with the same prefix and suffix), a video placed in it
+    already; its export is still running, placing the next."""
+    part = Path(tempfile.mkdtemp(prefix=".wanbatch-export.", suffix=".part", dir=folder))
+    (part / "videos").mkdir()
+    (part / "videos" / "000000-old.mp4").write_bytes(b"\0" * 100)
+    return part
+
+
+def test_a_running_export_of_an_earlier_version_keeps_its_part_folder(
+    batch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nobody holds its lock (it takes none): it was removed as a killed export's, under it."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    part = _old_export_part(volume)
+    err = _refused(["export", batch, "--format", "hf", "-o", str(volume)], monkeypatch, capsys)
+    assert f"-o {str(volume)!r} holds {part.name}, an export's unfinished folder (" in err
+    assert "made by an earlier wanbatch, which takes no lock; changed 0 min ago" in err
+    assert os.listdir(volume) == [part.name]
+    assert (part / "videos" / "000000-old.mp4").stat().st_size == 100
+
+
+def test_an_earlier_versions_part_folder_untouched_for_a_day_is_removed(
+    batch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    part = _old_export_part(volume)
+    long_ago = time.time() - dataset_export.UNLOCKED_PART_AGE - 60
+    for path in (part / "videos" / "000000-old.mp4", part / "videos", part):
+        os.utime(path, (long_ago, long_ago))
+    assert run_main(["export", batch, "--format", "hf", "-o", str(volume)], monkeypatch) == 0
+    assert sorted(os.listdir(volume)) == ["README.md", "manifest.yaml", "metadata.jsonl", "videos"]
+
+
+def test_an_earlier_versions_part_folder_written_to_lately_is_kept(
+    batch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The folder itself untouched for a day, but a video in it is being written: still running."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    part = _old_export_part(volume)
+    long_ago = time.time() - dataset_export.UNLOCKED_PART_AGE - 60
+    for path in (part / "videos", part):
+        os.utime(path, (long_ago, long_ago))
+    _refused(["export", batch, "--format", "hf", "-o", str(volume)], monkeypatch, capsys)
+    assert os.listdir(volume) == [part.name]
+
+
+def test_an_export_of_an_earlier_version_started_alongside_stops_this_one(
+    batch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both found the folder empty at once: this one goes on only if no other export may be
+    writing there, and one of an earlier version may (nobody holds its lock: it takes none)."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    inside = dataset_export._part_inside
+    old: list[Path] = []
+
+    def alongside(dest: Path) -> tuple[Path, int | None]:
+        made = inside(dest)
+        old.append(_old_export_part(dest))
+        return made
+
+    monkeypatch.setattr(dataset_export, "_part_inside", alongside)
+    err = _refused(["export", batch, "--format", "hf", "-o", str(volume)], monkeypatch, capsys)
+    assert f"({old[0].name}, made by an earlier wanbatch" in err
+    assert os.listdir(volume) == [old[0].name]
+    assert (old[0] / "videos" / "000000-old.mp4").stat().st_size == 100
