@@ -4822,26 +4822,51 @@ def simulated_results(session: Session, batch_id: str) -> dict[str, dict[str, An
         return {}
     finished = or_(
         Job.state == JobState.DOWNLOADING,
+        # written so by a version before the note (a job's ``provider_output`` held it)
         and_(Job.state.in_(sorted(_UNSEEN_FINISH_STATES)), Job.provider_output.is_not(None)),
     )
     query = select(Job.request_id, Job.provider_output).where(
         Job.batch_id == batch_id, finished, Job.request_id.is_not(None)
     )
-    return {request_id: output for request_id, output in session.execute(query)}
+    results = {request_id: output for request_id, output in session.execute(query)}
+    notes = (
+        select(Job.request_id, JobEvent.details)
+        .join(JobEvent, JobEvent.job_id == Job.id)
+        .where(
+            Job.batch_id == batch_id,
+            Job.state.in_(sorted(_UNSEEN_FINISH_STATES)),
+            Job.request_id.is_not(None),
+            JobEvent.from_state == JobEvent.to_state,
+            JobEvent.reason.startswith(_SIMULATOR_FINISHED_REASON),
+        )
+    )
+    for request_id, details in session.execute(notes):
+        if isinstance(details, dict) and details.get(SIMULATOR_FINISHED) == request_id:
+            results[request_id] = {"seed": details.get("seed")}
+    return results
+
+
+#: The key of a :func:`note_simulated_finished` note's details naming the request it is about
+#: (its ``seed`` beside it), and the words its reason begins with.
+SIMULATOR_FINISHED = "simulator_finished"
+_SIMULATOR_FINISHED_REASON = "finished by the simulator of a stopped --simulate run"
 
 
 def note_simulated_finished(session: Session, finished: Mapping[str, int | None]) -> int:
     """Record, on the simulations' jobs still ``queued``, ``running`` or ``cancelling`` whose
     request is in ``finished`` (request id → the seed its result carried), that the simulator of
     the ``--simulate`` run that sent it finished it (successfully, and billed it) before it
-    stopped: their result, as far as it is known (``{"seed": …}``), goes where a fetched one
-    does (``provider_output``). The next ``--simulate`` run then gives them to its own simulator
-    finished (:func:`simulated_results`), the same video unbilled, instead of running and billing
-    them a second time. A batch sent to fal is never touched. Returns how many were recorded."""
+    stopped: a note on the job's history (an event that moves nothing, once per request) whose
+    details name the request and the seed its result carried (:data:`SIMULATOR_FINISHED`). The
+    next ``--simulate`` run then gives them to its own simulator finished
+    (:func:`simulated_results`), the same video unbilled, instead of running and billing them a
+    second time. Never the job's ``provider_output``: that holds what its own request returned
+    once the job fetched it, and the job has fetched nothing yet. A batch sent to fal is never
+    touched. Returns how many were recorded."""
     if not finished:
         return 0
     query = (
-        select(Job.id, Job.version, Job.request_id)
+        select(Job.id, Job.version, Job.state, Job.request_id)
         .join(Batch, Batch.id == Job.batch_id)
         .where(
             Batch.simulated.is_(True),
@@ -4849,13 +4874,18 @@ def note_simulated_finished(session: Session, finished: Mapping[str, int | None]
             Job.request_id.in_(sorted(finished)),
         )
     )
-    return sum(
-        update_job_fields(
-            session, job_id, expected_version=version, provider_output={"seed": finished[request_id]}
-        )
-        for job_id, version, request_id in session.execute(query).all()
-        if request_id is not None
-    )
+    noted = 0
+    for job_id, version, state, request_id in session.execute(query).all():
+        reason = f"{_SIMULATOR_FINISHED_REASON} before it learnt of it: request {request_id}"
+        known = select(JobEvent.id).where(JobEvent.job_id == job_id, JobEvent.reason == reason)
+        if request_id is None or session.scalar(known.limit(1)) is not None:
+            continue
+        details = {SIMULATOR_FINISHED: request_id, "seed": finished[request_id]}
+        event = {"job_id": job_id, "at": utcnow(), "from_state": state, "to_state": state}
+        event.update(version=version, reason=reason, details=details, worker=None)
+        _run(session, _INSERT_EVENT, event)
+        noted += 1
+    return noted
 
 
 def forget_simulated_results(session: Session, batch_id: str, request_ids: Collection[str]) -> int:

@@ -37,7 +37,7 @@ from sqlalchemy.engine import Engine
 import falsim
 from falsim.server import SimulatorHandle
 from jobs import outputs
-from tests.e2e.e2e_helpers import MakeManifest, db_rows
+from tests.e2e.e2e_helpers import MakeManifest, Wb, db_rows, export_jsonl
 from tests.full_disk import FullDisk, prepare
 from tests.in_process import run_main
 from worker.steps.unrecorded import PREFIX, SUFFIX, Accepted, database_key
@@ -375,6 +375,42 @@ def test_a_request_the_stopped_simulator_finished_is_billed_once_across_the_stop
     made, again = ({e["request_id"]: e["seed"] for e in ledger["entries"]} for ledger in ledgers)
     assert again[request_id] == made[request_id]  # the video the first simulator made, its seed
     assert second.engine.ledger.snapshot()["max_in_progress"] == 1  # only the new submission ran
+
+
+@pytest.mark.parametrize("state", ["queued", "running"])
+def test_a_job_the_stopped_simulator_finished_holds_no_output_until_its_own_result_is_fetched(
+    e2e_env: Path,
+    manifest: MakeManifest,
+    monkeypatch: pytest.MonkeyPatch,
+    simulators: list[SimulatorHandle],
+    wb: Wb,
+    state: str,
+) -> None:
+    """Audit (simulated runs): the stopped run recorded what its simulator had finished in the
+    job's ``provider_output`` (``{"seed": …}``) while the job was still ``queued`` (or
+    ``running``), until the next ``--simulate`` run: ``export`` showed fal's "result" of a job
+    that had none. The hand-over is a note on the job's history now; ``provider_output`` holds
+    only the result its own finished request returned, once fetched."""
+    url = os.environ["WANBATCH_DATABASE_URL"]
+    assert run_main(["submit", str(manifest("simseed", _manifest("simseed", 2)))], monkeypatch) == 0
+    request_id, first = _recorded_at_a_stopped_simulation(url, state)
+    made = {e["request_id"]: e["seed"] for e in first.engine.ledger.snapshot()["entries"]}
+
+    rows = db_rows(url, "SELECT state, request_id, provider_output, seed FROM jobs ORDER BY item_index")
+    assert rows[0][:2] == (state, request_id), rows
+    assert [row[2:] for row in rows] == [(None, None)] * 2, rows  # nothing of a result yet
+    records = export_jsonl(wb, "simseed")
+    shown = [(r["status"], r["provider_output"], r["seed"]) for r in records]
+    assert shown == [(state, None, None), ("pending", None, None)], records
+
+    assert run_main(["run", "simseed", "--simulate", "--no-progress"], monkeypatch) == 0
+    assert _billed(simulators[-1], request_id) == [False]  # still taken back finished: billed once
+    done = db_rows(url, f"SELECT state, provider_output, seed FROM jobs WHERE request_id = '{request_id}'")
+    ((ended, output, seed),) = done
+    output = json.loads(output) if isinstance(output, str) else output
+    assert ended == "succeeded"
+    assert output["seed"] == int(seed) == made[request_id]  # its own request's result, fetched
+    assert output["video"]["url"].startswith(simulators[-1].url + "/")
 
 
 def test_a_finish_the_full_database_cannot_record_is_one_warning_line(
