@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -53,7 +53,7 @@ from cli.output import (
     writing_stdout,
 )
 from jobs.errors import UsageError
-from jobs.printable import one_line, shell_ref
+from jobs.printable import one_line, printable, shell_ref
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from jobs.models import Batch
     from jobs.settings import Settings
     from worker.running import Interrupted
+    from worker.steps.cancel_tries import GivenUp
 
 #: The key a ``--simulate`` run sends, whatever FAL_KEY is (the simulator accepts any key).
 SIMULATOR_KEY = "simulator-key"
@@ -888,7 +889,15 @@ def _run_and_report(
         **({"again": again} if again else {}),
     )
     held = None if command == "cancel" else _held_line(report, again)
-    extra = {"ok": False, "error": held} if held else {}
+    extra: dict[str, object] = {"ok": False, "error": held} if held else {}
+    if stats.uncancelled:  # requests fal would not cancel: the run ended with them at fal
+        extra["uncancelled"] = [
+            {"job": g.job_id, "request_id": g.request_id, "error": g.error, "tries": g.tries}
+            for g in stats.uncancelled
+        ]
+        retry = f"`wanbatch cancel {report_ref(report)}{_simulate_flag(_simulator is not None)}`"
+        for line in uncancelled_lines(stats.uncancelled, retry):
+            err.print(f"[yellow]{escape(line)}[/yellow]")
     if as_json:
         emit_json(
             {
@@ -903,6 +912,18 @@ def _run_and_report(
         where = open_output_store(settings).describe()
         say(escape(f"outputs in {where}; finished in {stats.wall_seconds:.1f}s"))
     return EXIT_USAGE if held else final_code(report)
+
+
+def uncancelled_lines(uncancelled: Iterable[GivenUp], retry: str) -> list[str]:
+    """One line per request whose cancel a run gave up (:mod:`worker.steps.cancel_tries`): the
+    job is left where fal holds it, which may still run and bill it; ``retry`` (the command that
+    tries again) is named."""
+    return [
+        f"warning: job {g.job_id}: request {g.request_id} could not be cancelled at fal "
+        f"({printable(g.error)}; {g.tries} tries): fal may still run and bill it, and the job stays "
+        f"at fal (followed, and downloaded should fal finish it); {retry} tries again"
+        for g in uncancelled
+    ]
 
 
 def _held_line(report: BatchReport, again: str | None) -> str | None:

@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
     from worker.conductor import Conductor
     from worker.steps import Runtime
+    from worker.steps.cancel_tries import GivenUp
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,9 @@ class RunStats:
 
     wall_seconds: float = 0.0
     status_calls: int = 0
+    #: Requests of the batch still at fal whose cancel the run gave up (fal did not take it, see
+    #: :mod:`worker.steps.cancel_tries`): the run ended with them left there, for the command to name.
+    uncancelled: list[GivenUp] = field(default_factory=list)
 
 
 class Interrupted(WanbatchError):
@@ -890,6 +894,28 @@ class _CapWatch:
         return cap_note(holds, self.batch_id)
 
 
+def _uncancelled(
+    session: Session, batch_id: str, current: BatchProgress, conductor: Conductor | None
+) -> list[GivenUp]:
+    """The requests of cancelled batch ``batch_id`` whose cancel this (embedded) run gave up,
+    still at fal: their jobs ``queued`` or ``running`` on that very request."""
+    if conductor is None or current["state"] != "cancelled":
+        return []
+    given_up = conductor.rt.cancel_tries.given_up()
+    if not given_up:
+        return []
+    heads = store.job_heads(session, {g.job_id for g in given_up})
+    at_fal = (JobState.QUEUED, JobState.RUNNING)
+    return [
+        g
+        for g in given_up
+        if (head := heads.get(g.job_id)) is not None
+        and head.batch_id == batch_id
+        and head.request_id == g.request_id
+        and head.state in at_fal
+    ]
+
+
 def _watch(
     batch_id: str,
     settings: Settings,
@@ -944,6 +970,7 @@ def _watch(
         with db.read_scope(engine) as session:
             current = batch_progress(session, batch_id, policy=settings.submit_unknown_policy, here=here)
             holds = [] if leased else caps.holds(session, current)
+            uncancelled = _uncancelled(session, batch_id, current, conductor)
         budget.spent(started, time.monotonic())
         done = current["finished"]
         waiting = compact_note(current["schedule_state"]) if not current["schedule_open"] else ""
@@ -1005,8 +1032,13 @@ def _watch(
             and current["state"] != "cancelled"
             and current["schedule"].over(utcnow()) is None
         )
-        ends = done >= current["total"] or (
-            collecting == 0 and (current["state"] == "paused" or held_by_user)
+        # A cancelled batch whose every unfinished job is a request fal would not cancel (this
+        # run gave up: worker.steps.cancel_tries) ends here, naming them, never waiting for ever.
+        stuck = bool(uncancelled) and done + len(uncancelled) >= current["total"]
+        ends = (
+            done >= current["total"]
+            or stuck
+            or (collecting == 0 and (current["state"] == "paused" or held_by_user))
         )
         if plain is not None and plain.due(
             time.monotonic(),
@@ -1017,6 +1049,9 @@ def _watch(
         ):
             console.print(plain_line(task), markup=False, highlight=False, soft_wrap=True)
         if done >= current["total"]:
+            return True
+        if stuck:
+            stats.uncancelled = uncancelled
             return True
         if current["state"] == "paused" and collecting == 0:
             reason = shown(current["pause_reason"] or "see status")  # fal's words, maybe

@@ -29,6 +29,7 @@ from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
 from worker.here import queue_origin
 from worker.limits import SubmitLimiter, api_key_id, limiter_for
+from worker.steps.cancel_tries import CancelTries
 from worker.steps.fal_reach import FalReach, Hold
 from worker.steps.keepalive import StepLeases
 from worker.steps.unrecorded import Unrecorded
@@ -320,6 +321,9 @@ class Runtime:
     #: Download steps that crashed (a bug) so far, per job (:func:`worker.steps.download.crashed`):
     #: past a few the job's batch is paused instead of the job being taken again for ever.
     download_crashes: dict[str, int] = field(default_factory=dict)
+    #: Cancels fal failed to take so far, per job, and the requests given up after a few
+    #: (:mod:`worker.steps.cancel_tries`): ``wanbatch cancel`` ends instead of asking for ever.
+    cancel_tries: CancelTries = field(default_factory=CancelTries)
     #: Accepted submissions not recorded yet, and whether the database's disk is full (nothing
     #: new is sent then): :mod:`worker.steps.unrecorded`.
     unrecorded: Unrecorded = field(init=False)

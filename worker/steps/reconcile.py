@@ -14,13 +14,17 @@ from jobs.errors import (
     NotFoundError,
     ProviderError,
     RequestHeldError,
+    RetryableProviderError,
 )
 from jobs.models import utcnow
+from jobs.printable import one_line
 from jobs.store import Fence
 from worker.fal.models import RequestHandle
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, tail_of_fal_queue_first
 from worker.steps.failures import (
+    backoff,
     request_held_elsewhere,
+    retry_after,
     settle_unknown_submit,
     submit_outcome_unknown,
     unknown_submit_wait_over,
@@ -210,6 +214,11 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
     Cancelled requests become ``cancelling``; the poller then ends them ``cancelled`` — or, if
     fal finished them anyway (we pay for those), downloads them. Runs every tick, so a job that
     was mid-submit when the batch was cancelled is caught as soon as fal has accepted it.
+
+    A cancel fal does not take (a redirect, a refusal, a gateway error) is tried again a bounded
+    number of times, a transient failure after a backoff, then given up
+    (:mod:`worker.steps.cancel_tries`): the job stays ``queued`` or ``running`` (fal may still
+    run and bill it), and a run of the batch ends naming it instead of asking for ever.
     """
     # Only a look first (every tick, nearly always finding nothing): no write lock for nothing.
     with db.read_scope(rt.engine) as session:
@@ -244,6 +253,7 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
             (rt.fence(j), handle_of(j, rt.settings.fal_queue_url)) for j in [*queued, *running]
         ]
     may_still_queue = in_flight
+    tries = rt.cancel_tries
     for fence, handle in plan:
         if fence.state == S.RUNNING and may_still_queue:
             log.info(
@@ -253,20 +263,57 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
                 extra={"event": "cancel.waiting_for_queued"},
             )
             break
+        if not tries.due(fence.job_id, handle.request_id):
+            # Waiting out a transient failure, or given up (:mod:`worker.steps.cancel_tries`).
+            # A queued one given up still holds the running ones back: cancelling one of those
+            # would free a slot into which fal starts it, and bill it.
+            may_still_queue += fence.state == S.QUEUED
+            continue
         try:
             outcome = rt.client.cancel(handle)
         except ProviderError as exc:
-            log.info(
-                "job %s: cancel failed (%s); will try again",
-                fence.job_id,
-                exc,
-                extra={"event": "cancel.failed", "job_id": fence.job_id, "request_id": handle.request_id},
-            )
+            _cancel_failed(rt, fence, handle, exc)
             may_still_queue += fence.state == S.QUEUED
             continue
+        tries.done(fence.job_id)
         with db.session_scope(rt.engine) as session:
             moved += store.mark_cancelling(session, fence, reason=f"cancel requested at fal: {outcome.value}")
     return moved
+
+
+def _cancel_failed(rt: Runtime, fence: Fence, handle: RequestHandle, exc: ProviderError) -> None:
+    """fal did not take the cancel of ``handle``: tried again (a transient failure after the
+    submit's backoff, another at the next tick) until :data:`~worker.steps.cancel_tries.CANCEL_ATTEMPTS`
+    tries, then given up — the job stays where fal holds it, which may still run and bill it."""
+    settings = rt.settings
+
+    def transient_wait(count: int) -> float:
+        return max(backoff(settings, count), retry_after(settings, exc))
+
+    wait = transient_wait if isinstance(exc, RetryableProviderError) else None
+    given_up = rt.cancel_tries.failed(fence.job_id, handle.request_id, one_line(str(exc)), wait=wait)
+    extra = {"job_id": fence.job_id, "request_id": handle.request_id}
+    if given_up is None:
+        log.info(
+            "job %s: cancel failed (%s); will try again",
+            fence.job_id,
+            exc,
+            extra={"event": "cancel.failed", **extra},
+        )
+        return
+    # INFO, as the tries before it: a worker's log has it (its level is INFO), and an embedded
+    # run that ends with the request left at fal says it once, in its own last lines
+    # (worker.running.RunStats.uncancelled), not twice.
+    log.info(
+        "job %s: request %s could not be cancelled at fal (%s; %d tries): fal may still run and bill "
+        "it; the job stays %s",
+        fence.job_id,
+        handle.request_id,
+        given_up.error,
+        given_up.tries,
+        fence.state.value,
+        extra={"event": "cancel.given_up", **extra},
+    )
 
 
 def hand_on_again(rt: Runtime) -> tuple[int, int]:

@@ -1,0 +1,60 @@
+"""A request's cancel is tried a bounded number of times, a transient failure after a backoff,
+then given up (:mod:`worker.steps.cancel_tries`): ``wanbatch cancel`` ends instead of asking
+fal for ever (``tests/e2e/test_cancel_redirected.py`` is the whole story)."""
+
+from __future__ import annotations
+
+from worker.steps.cancel_tries import CANCEL_ATTEMPTS, CancelTries, GivenUp
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_failing_cancel_is_given_up_after_its_attempts() -> None:
+    tries = CancelTries(Clock())
+    for _ in range(CANCEL_ATTEMPTS - 1):
+        assert tries.due("j1", "r1")
+        assert tries.failed("j1", "r1", "HTTP 307 redirect") is None
+    assert tries.due("j1", "r1")
+    last = tries.failed("j1", "r1", "HTTP 302 redirect")
+    assert last == GivenUp("j1", "r1", "HTTP 302 redirect", CANCEL_ATTEMPTS)
+    assert not tries.due("j1", "r1")
+    assert tries.given_up() == [GivenUp("j1", "r1", "HTTP 302 redirect", CANCEL_ATTEMPTS)]
+
+
+def test_a_transient_failure_waits_its_backoff_and_is_bounded_too() -> None:
+    clock = Clock()
+    tries = CancelTries(clock)
+    waits: list[int] = []
+
+    def wait(count: int) -> float:
+        waits.append(count)
+        return 5.0 * 2.0 ** (count - 1)
+
+    elapsed = 0.0
+    for count in range(1, CANCEL_ATTEMPTS):
+        assert tries.failed("j1", "r1", "HTTP 503", wait=wait) is None
+        assert not tries.due("j1", "r1")
+        clock.now += 5.0 * 2 ** (count - 1)
+        elapsed += 5.0 * 2 ** (count - 1)
+        assert tries.due("j1", "r1")
+    assert tries.failed("j1", "r1", "HTTP 503", wait=wait) is not None
+    assert waits == list(range(1, CANCEL_ATTEMPTS))
+    assert elapsed == 75.0  # with the default WANBATCH_RETRY_BASE_DELAY: a bounded time
+
+
+def test_a_cancel_fal_takes_or_another_request_starts_over() -> None:
+    tries = CancelTries(Clock())
+    for _ in range(CANCEL_ATTEMPTS):
+        tries.failed("j1", "r1", "x")
+    assert not tries.due("j1", "r1")
+    assert tries.due("j1", "r2")  # the job's new request: its own tries
+    assert tries.failed("j1", "r2", "x") is None
+    tries.done("j1")
+    assert tries.given_up() == []
+    assert tries.due("j1", "r1")
