@@ -4,7 +4,7 @@ fal for ever (``tests/e2e/test_cancel_redirected.py`` is the whole story)."""
 
 from __future__ import annotations
 
-from worker.steps.cancel_tries import CANCEL_ATTEMPTS, CancelTries, GivenUp
+from worker.steps.cancel_tries import CANCEL_ATTEMPTS, GIVEN_UP_RETRY_SECONDS, CancelTries, GivenUp
 
 
 class Clock:
@@ -58,3 +58,22 @@ def test_a_cancel_fal_takes_or_another_request_starts_over() -> None:
     tries.done("j1")
     assert tries.given_up() == []
     assert tries.due("j1", "r1")
+
+
+def test_a_given_up_cancel_is_tried_again_by_a_process_that_lives_on() -> None:
+    """A worker outlives a fal outage longer than the tries: it asks again every
+    GIVEN_UP_RETRY_SECONDS, never for ever silent (the request would run and be billed)."""
+    clock = Clock()
+    tries = CancelTries(clock)
+    for _ in range(CANCEL_ATTEMPTS):
+        tries.failed("j1", "r1", "HTTP 503")
+    assert not tries.due("j1", "r1")
+    clock.now += GIVEN_UP_RETRY_SECONDS
+    assert tries.due("j1", "r1")
+    assert tries.failed("j1", "r1", "HTTP 503") is None  # logged once already: not given up anew
+    assert not tries.due("j1", "r1")
+    assert [g.request_id for g in tries.given_up()] == ["r1"]  # a run still names it
+    clock.now += GIVEN_UP_RETRY_SECONDS
+    assert tries.due("j1", "r1")
+    tries.done("j1")
+    assert tries.given_up() == []

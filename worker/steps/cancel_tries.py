@@ -10,7 +10,9 @@ then given up. A request given up is left where fal holds it: its job stays ``qu
 ``running``), never ``cancelling`` or ``cancelled``, since fal may still run and bill it; it is
 still followed, and downloaded should fal finish it. A run of the batch ends once nothing but
 such requests is left (:attr:`worker.running.RunStats.uncancelled` names them), and a new process
-(the next ``wanbatch cancel``, a restarted worker) tries them again.
+(the next ``wanbatch cancel``) tries them again. A process that lives on (a worker, ``serve``'s
+tick) tries a given-up cancel once more every :data:`GIVEN_UP_RETRY_SECONDS`: a fal outage longer
+than the tries must not leave a cancelled batch's requests to run and be billed until a restart.
 
 The tries are counted in memory, per process (as :attr:`~worker.steps.context.Runtime.download_crashes`):
 a count that starts over only means a few more tries, never a payment.
@@ -26,6 +28,9 @@ from dataclasses import dataclass
 #: Failed cancels of one request before this process gives it up: as many as the status answers
 #: fal's protocol cannot produce that a job gets (:data:`worker.steps.poll.PROTOCOL_ERROR_LIMIT`).
 CANCEL_ATTEMPTS = 5
+#: How long after giving a request's cancel up a process that lives on tries it once more (and
+#: again this long after each further failure): an embedded ``cancel`` has ended by then.
+GIVEN_UP_RETRY_SECONDS = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +59,15 @@ class CancelTries:
         self._lock = threading.Lock()
         self._tries: dict[str, _Tries] = {}
         self._given_up: dict[str, GivenUp] = {}
+        self._given_up_due: dict[str, float] = {}  # job id -> when its given-up cancel is tried again
 
     def due(self, job_id: str, request_id: str) -> bool:
-        """Whether the cancel of ``request_id`` (``job_id``'s) is to be sent now: not given up,
-        and its backoff after a transient failure over."""
+        """Whether the cancel of ``request_id`` (``job_id``'s) is to be sent now: its backoff after
+        a transient failure over, or, given up, :data:`GIVEN_UP_RETRY_SECONDS` past."""
         with self._lock:
             given_up = self._given_up.get(job_id)
             if given_up is not None and given_up.request_id == request_id:
-                return False
+                return self._clock() >= self._given_up_due[job_id]
             tries = self._tries.get(job_id)
             return tries is None or tries.request_id != request_id or self._clock() >= tries.due
 
@@ -72,6 +78,11 @@ class CancelTries:
         later (``count``: its failed tries so far), or at once without ``wait``. The
         :class:`GivenUp` when that was the last try (:data:`CANCEL_ATTEMPTS`), else None."""
         with self._lock:
+            earlier = self._given_up.get(job_id)
+            if earlier is not None and earlier.request_id == request_id:
+                # Tried once more after giving up, and failed again: next time, later still.
+                self._given_up_due[job_id] = self._clock() + GIVEN_UP_RETRY_SECONDS
+                return None
             tries = self._tries.get(job_id)
             count = 1 if tries is None or tries.request_id != request_id else tries.count + 1
             if count < CANCEL_ATTEMPTS:
@@ -81,6 +92,7 @@ class CancelTries:
             self._tries.pop(job_id, None)
             given_up = GivenUp(job_id, request_id, error, count)
             self._given_up[job_id] = given_up
+            self._given_up_due[job_id] = self._clock() + GIVEN_UP_RETRY_SECONDS
             return given_up
 
     def done(self, job_id: str) -> None:
@@ -88,6 +100,7 @@ class CancelTries:
         with self._lock:
             self._tries.pop(job_id, None)
             self._given_up.pop(job_id, None)
+            self._given_up_due.pop(job_id, None)
 
     def given_up(self) -> list[GivenUp]:
         """Every request this process gave up cancelling, oldest first."""
