@@ -133,9 +133,30 @@ def _interrupt_normally() -> None:
             signal.signal(sig, signal.default_int_handler)
 
 
-# The console script (``wanbatch``): at once, before the imports. Another launcher (``python -c
-# "from cli import main; main()"``, a test importing the package) gets it from main().
-if os.path.basename(sys.argv[0] if sys.argv else "") == "wanbatch":  # noqa: PTH119 (no pathlib yet)
+#: The modules ``python -m`` runs as the ``wanbatch`` command (:mod:`cli.__main__`).
+_MAIN_MODULES = frozenset({"cli", "cli.__main__"})
+
+
+def _launched_as_command() -> bool:
+    """Whether this process is the ``wanbatch`` command: the console script, or ``python -m cli``.
+
+    ``python -m`` imports this package while ``sys.argv[0]`` is still ``-m``; the module it runs
+    is the word of the original command line just before the command's own arguments (``-mcli``
+    written as one word included).
+    """
+    argv = sys.argv
+    if os.path.basename(argv[0] if argv else "") == "wanbatch":  # noqa: PTH119 (no pathlib yet)
+        return True
+    if not argv or argv[0] != "-m":
+        return False
+    original = getattr(sys, "orig_argv", [])
+    at = len(original) - len(argv)
+    return 0 <= at < len(original) and original[at].removeprefix("-m") in _MAIN_MODULES
+
+
+# The command (``wanbatch``, ``python -m cli``): at once, before the imports. Another launcher
+# (``python -c "from cli import main; main()"``, a test importing the package) gets it from main().
+if _launched_as_command():
     _reserve_standard_descriptors()
     _exit_on_interrupt()
     _exit_on_termination()

@@ -58,12 +58,12 @@ def _wait_for_marker(process: subprocess.Popen[str]) -> None:
     raise AssertionError(f"the command never loaded {MARKER} (exit {process.poll()})")
 
 
-def _start_run(folder: Path) -> subprocess.Popen[str]:
+def _start_run(folder: Path, command: list[str] | None = None) -> subprocess.Popen[str]:
     """``run --simulate`` of a batch that waits for 2099, with the SIGINT a shell gives a command."""
     manifest = folder / "later.yaml"
     manifest.write_text(MANIFEST)
     return subprocess.Popen(
-        [*_command(), "run", "--simulate", str(manifest), "--no-progress"],
+        [*(command or _command()), "run", "--simulate", str(manifest), "--no-progress"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -71,9 +71,18 @@ def _start_run(folder: Path) -> subprocess.Popen[str]:
     )
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.45])
-def test_ctrl_c_during_start_up_is_one_line_and_exit_130(delay: float, e2e_env: Path) -> None:
-    process = _start_run(e2e_env)
+#: ``python -m cli``, the same command (cli/__main__.py): its package import installs the handler.
+BY_MODULE = [sys.executable, "-m", "cli"]
+
+
+@pytest.mark.parametrize(
+    ("delay", "command"),
+    [*((d, None) for d in (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.45)), (0.0, BY_MODULE), (0.1, BY_MODULE)],
+)
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(
+    delay: float, command: list[str] | None, e2e_env: Path
+) -> None:
+    process = _start_run(e2e_env, command)
     try:
         _wait_for_marker(process)
         time.sleep(delay)
