@@ -860,6 +860,7 @@ def _run_and_report(
     """
     from jobs import batches
     from jobs.output_store import open_output_store
+    from worker.logs import console_job_end_cap
     from worker.running import load_machinery, process_batch
 
     # Before the simulator adopts anything: a simulation is never sent to fal, nor a paid batch
@@ -877,17 +878,20 @@ def _run_and_report(
     _resume_at_simulator(batch_id, settings)
     load_machinery(settings)  # imported before the GC comes back: frozen with the start-up
     startup.resume()  # the machinery is loaded: freeze it, collect from here on
-    report, stats = process_batch(
-        batch_id,
-        settings,
-        console=err,
-        # With --json too: stdout holds the one JSON object, the progress goes to stderr (plain
-        # lines into a file, as without it); --no-progress is what silences it.
-        show_progress=progress,
-        serve_metrics=False,  # fal_settings serves them, bound before anything was stored
-        keyless=keyless,
-        **({"again": again} if again else {}),
-    )
+    # A batch failing wholesale is not one WARNING line per job on the terminal: the first few,
+    # then how many more and where they are (the summary below groups them by reason).
+    with console_job_end_cap(_job_lines_held_back(batch_id, settings)):
+        report, stats = process_batch(
+            batch_id,
+            settings,
+            console=err,
+            # With --json too: stdout holds the one JSON object, the progress goes to stderr (plain
+            # lines into a file, as without it); --no-progress is what silences it.
+            show_progress=progress,
+            serve_metrics=False,  # fal_settings serves them, bound before anything was stored
+            keyless=keyless,
+            **({"again": again} if again else {}),
+        )
     held = None if command == "cancel" else _held_line(report, again)
     extra: dict[str, object] = {"ok": False, "error": held} if held else {}
     if stats.uncancelled:  # requests fal would not cancel: the run ended with them at fal
@@ -924,6 +928,26 @@ def uncancelled_lines(uncancelled: Iterable[GivenUp], retry: str) -> list[str]:
         f"at fal (followed, and downloaded should fal finish it); {retry} tries again"
         for g in uncancelled
     ]
+
+
+def _job_lines_held_back(batch_id: str, settings: Settings) -> Callable[[int], str]:
+    """The console's last word on the job lines it did not show (:func:`worker.logs.console_job_end_cap`):
+    how many, and the command that lists every job with its error. The batch's name is read now,
+    while the database answers (the line may come after a full disk stopped the run)."""
+    from jobs import db, store
+    from worker.logs import CONSOLE_JOB_END_LINES
+
+    with db.read_scope(db.open_engine(settings)) as session:
+        ref = shell_ref(store.get_batch(session, batch_id).name, batch_id)
+
+    def note(held_back: int) -> str:
+        return (
+            f"{held_back} more job(s) failed or were cancelled: their lines are not shown here, "
+            f"only the first {CONSOLE_JOB_END_LINES} (WANBATCH_LOG_FORMAT=json logs every one); "
+            f"`wanbatch export {ref}` lists every job with its status and error"
+        )
+
+    return note
 
 
 def _held_line(report: BatchReport, again: str | None) -> str | None:

@@ -38,7 +38,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -193,9 +194,13 @@ class _Deferred(logging.Formatter):
         self.timestamps = False
 
     def format(self, record: logging.LogRecord) -> str:
+        return self.resolved().format(record)
+
+    def resolved(self) -> logging.Formatter:
+        """The formatter chosen (from the settings, the first time it is asked for)."""
         if self._chosen is None:
             self._chosen = formatter_for(_configured_format(), timestamps=self.timestamps)
-        return self._chosen.format(record)
+        return self._chosen
 
 
 def _configured_format() -> str:
@@ -239,7 +244,7 @@ def configure_logging(log_format: str | None = None, *, level: int = logging.WAR
     root = logging.getLogger()
     if root.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ConsoleHandler(sys.stderr)
     handler.setFormatter(_Deferred() if log_format is None else formatter_for(log_format))
     root.addHandler(handler)
     root.setLevel(level)
@@ -327,3 +332,82 @@ def celery_console_as_log_lines(log_format: str) -> None:
             os.write(f.fileno(), (formatter.format(record) + "\n").encode())
 
     celery_worker.safe_say = say
+
+
+class _ConsoleHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler :func:`configure_logging` installs: the console, the one sink
+    :func:`console_job_end_cap` caps (a handler of someone else's is never capped)."""
+
+
+#: How many job-ending step lines (a job failed or was cancelled: :data:`TERMINAL_OUTCOMES`) a
+#: ``run`` writes to the console, in text, before it only counts them (:func:`console_job_end_cap`).
+CONSOLE_JOB_END_LINES = 10
+
+
+def is_job_end_line(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is a step line of a job that ended failed or cancelled (:func:`step_done`)."""
+    event = getattr(record, "event", None)
+    return (
+        isinstance(event, str)
+        and event.startswith("job.")
+        and getattr(record, "outcome", None) in TERMINAL_OUTCOMES
+    )
+
+
+class _JobEndCap(logging.Filter):
+    """Lets the first ``limit`` job-ending step lines through, counts the others (from any
+    thread: the step pools log them)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.hidden = 0
+        self._shown = 0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not is_job_end_line(record):
+            return True
+        with self._lock:
+            if self._shown < self.limit:
+                self._shown += 1
+                return True
+            self.hidden += 1
+            return False
+
+
+def _writes_text(handler: logging.Handler) -> bool:
+    """Whether ``handler`` writes text lines (a JSON log, for machines, is never capped)."""
+    formatter = handler.formatter
+    if isinstance(formatter, _Deferred):
+        formatter = formatter.resolved()
+    return not isinstance(formatter, JsonFormatter)
+
+
+@contextmanager
+def console_job_end_cap(note: Callable[[int], str], limit: int = CONSOLE_JOB_END_LINES) -> Iterator[None]:
+    """While the block runs, the console (the text stderr handler of :func:`configure_logging`)
+    gets the first ``limit`` step lines of jobs that failed or were cancelled and no more; at
+    the end, if it held any back, one line more, ``note(held_back)`` (what they were and which
+    command lists them). A batch that fails wholesale (fal refusing every job) wrote one line per
+    job beside the progress bar. Only the console: a JSON log and any other handler (an
+    embedding application's, a test's capture) get every line, and so does the console for any
+    other kind of line."""
+    consoles = [
+        handler
+        for handler in logging.getLogger().handlers
+        if isinstance(handler, _ConsoleHandler) and _writes_text(handler)
+    ]
+    cap = _JobEndCap(limit)
+    for handler in consoles:
+        handler.addFilter(cap)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(cap)
+        if cap.hidden:
+            record = logging.LogRecord(__name__, logging.WARNING, __file__, 0, note(cap.hidden), None, None)
+            record.event = "log.job_lines_held_back"
+            for handler in consoles:
+                handler.handle(record)
