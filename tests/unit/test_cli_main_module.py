@@ -64,7 +64,11 @@ def test_python_m_cli_answers_as_the_console_script(args: tuple[str, ...], code:
     assert done.returncode == code, (done.returncode, done.stderr)
     if WANBATCH.exists():
         script = _run([str(WANBATCH)], tmp_path, *args)
-        assert (done.returncode, done.stdout, done.stderr) == (script.returncode, script.stdout, script.stderr)
+        assert (done.returncode, done.stdout, done.stderr) == (
+            script.returncode,
+            script.stdout,
+            script.stderr,
+        )
 
 
 def test_python_m_cli_runs_a_batch_and_says_so_in_json(tmp_path: Path) -> None:

@@ -57,7 +57,9 @@ def _fail_jobs(count: int, outcome: str = "failed") -> None:
         list(pool.map(one, range(count)))
 
 
-def test_the_console_gets_the_first_lines_then_one_note(sinks: tuple[io.StringIO, io.StringIO, _Collect]) -> None:
+def test_the_console_gets_the_first_lines_then_one_note(
+    sinks: tuple[io.StringIO, io.StringIO, _Collect],
+) -> None:
     text, as_json, other = sinks
     with console_job_end_cap(lambda n: f"{n} more not shown: `wanbatch export B` lists them"):
         _fail_jobs(25)
@@ -67,7 +69,10 @@ def test_the_console_gets_the_first_lines_then_one_note(sinks: tuple[io.StringIO
     lines = text.getvalue().splitlines()
     ended = [line for line in lines if " submit failed " in line or " submit cancelled " in line]
     assert len(ended) == CONSOLE_JOB_END_LINES
-    assert lines[-1] == f"WARNING worker.logs: {28 - CONSOLE_JOB_END_LINES} more not shown: `wanbatch export B` lists them"
+    assert (
+        lines[-1]
+        == f"WARNING worker.logs: {28 - CONSOLE_JOB_END_LINES} more not shown: `wanbatch export B` lists them"
+    )
     assert any("job-retry: submit retry" in line for line in lines)  # other lines all go through
     assert "WARNING worker.embedded: some other warning" in lines
     # Every other sink: every line, and no note.
@@ -91,7 +96,9 @@ def test_the_cap_is_per_run_and_gone_after_it(sinks: tuple[io.StringIO, io.Strin
     assert lines[-1] == "WARNING worker.logs: 3 more"
 
 
-def test_the_note_comes_when_the_run_is_interrupted_too(sinks: tuple[io.StringIO, io.StringIO, _Collect]) -> None:
+def test_the_note_comes_when_the_run_is_interrupted_too(
+    sinks: tuple[io.StringIO, io.StringIO, _Collect],
+) -> None:
     text, _as_json, _other = sinks
     with pytest.raises(KeyboardInterrupt), console_job_end_cap(lambda n: f"{n} more", limit=1):
         _fail_jobs(4)

@@ -283,18 +283,31 @@ def submit_outcome_unknown(
     the job waits up to ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` for that proof; without one it
     would wait for nothing, so the policy is applied now (``settle_now``; else the job is due
     at once for the reconciler) and the reason says why. The event into ``submit_unknown`` is
-    written either way: the history shows the ambiguity.
+    written either way: the history shows the ambiguity. Returns whether the job moved;
+    :func:`outcome_unknown` says what became of it.
     """
+    return outcome_unknown(session, rt, fence, why, settle_now=settle_now) != "lost-lease"
+
+
+def outcome_unknown(session: Session, rt: Runtime, fence: Fence, why: str, *, settle_now: bool = True) -> str:
+    """:func:`submit_outcome_unknown`, returning what it did, the submit step's outcome (as
+    :func:`settle` returns one): ``ambiguous`` (the job waits in ``submit_unknown`` for fal's
+    webhook proof, or for the reconciler), what the policy did at once (:func:`settle_unknown`:
+    ``failed`` — its step line then a WARNING with the job's ``error`` and ``error_type``, as
+    every job that failed for good —, ``retry``, ``adopted``), or ``lost-lease`` (the job moved
+    meanwhile: nothing was written)."""
     if rt.simulated:
         return resend_to_simulator(session, rt, fence, why)
     waits = bool(rt.settings.webhook_url)
     deadline = in_seconds(rt.settings.submit_unknown_deadline if waits else 0)
-    moved = store.mark_submit_unknown(session, fence, why=why, due_at=deadline)
-    if moved:
-        telemetry.count_ambiguous_submit()
-    if moved and settle_now and not waits:
-        settle_unknown_submit(session, rt, store.get_job(session, fence.job_id), NO_RECEIVER)
-    return moved
+    if not store.mark_submit_unknown(session, fence, why=why, due_at=deadline):
+        return "lost-lease"
+    telemetry.count_ambiguous_submit()
+    if settle_now and not waits:
+        settled = settle_unknown(session, rt, store.get_job(session, fence.job_id), NO_RECEIVER)
+        if settled != "lost-lease":
+            return settled
+    return "ambiguous"
 
 
 def held_request_why(request_id: str, holder: str, *, how: str = "answered the submit") -> str:
@@ -369,7 +382,15 @@ def unknown_submit_wait_over(settings: Settings) -> str:
 
 
 def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> bool:
-    """Apply ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` to ``job`` (in ``submit_unknown`` at ``job.version``).
+    """Apply ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` to ``job`` (:func:`settle_unknown`); returns
+    whether the job moved."""
+    return settle_unknown(session, rt, job, why) != "lost-lease"
+
+
+def settle_unknown(session: Session, rt: Runtime, job: Job, why: str) -> str:
+    """Apply ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` to ``job`` (in ``submit_unknown`` at ``job.version``);
+    returns what it did: ``adopted`` (a stored proof), ``retry`` (sent again), ``failed``, or
+    ``lost-lease`` (the job moved meanwhile: nothing was written).
 
     ``resubmit`` (while attempts remain) sends it again as a new attempt, counted in
     ``possible_duplicate_charges`` when that attempt's POST is recorded as sent
@@ -386,7 +407,7 @@ def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> 
         return resend_to_simulator(session, rt, fence, why)
     proof = store.stored_proof(session, job.id, attempts=job.attempts)
     if proof is not None and _adopt_stored(session, fence, job, proof):
-        return True
+        return "adopted"
     resubmit = rt.settings.submit_unknown_policy == "resubmit"
     if resubmit and job.counted_attempts < rt.settings.max_attempts:
         resent = store.retry_later(
@@ -397,9 +418,9 @@ def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> 
         )
         if resent:
             telemetry.count_retry("ambiguous_resubmit")
-        return resent
+        return "retry" if resent else "lost-lease"
     spent = " (no attempt left to resubmit)" if resubmit else ""
-    return store.fail_job(
+    failed = store.fail_job(
         session,
         fence,
         reason=f"submission outcome unknown: {why}{spent}",
@@ -407,6 +428,7 @@ def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> 
         f"{_rerun_hint(session, job.batch_id, simulated=False)} sends it again",
         error_type="submit_unknown",
     )
+    return _ended(failed)
 
 
 def _adopt_stored(session: Session, fence: Fence, job: Job, proof: store.StoredProof) -> bool:
@@ -475,7 +497,7 @@ def _rerun_hint(session: Session, batch_id: str, *, simulated: bool) -> str:
     return f"`wanbatch rerun {ref} --failed-only`"
 
 
-def resend_to_simulator(session: Session, rt: Runtime, fence: Fence, why: str) -> bool:
+def resend_to_simulator(session: Session, rt: Runtime, fence: Fence, why: str) -> str:
     """A simulation's submit whose outcome is unknown (``submitting`` or ``submit_unknown``):
     send it again, to this ``--simulate`` run's simulator, while attempts remain.
 
@@ -484,18 +506,20 @@ def resend_to_simulator(session: Session, rt: Runtime, fence: Fence, why: str) -
     money alone). The simulator that may have it lived in a process that stopped (a lost
     worker), or is this run's own, where a request it keeps is only a placeholder render; so
     neither the policy nor a possible duplicate charge applies. Only when no attempt is left
-    (``WANBATCH_MAX_ATTEMPTS``) does it fail, without words of billing.
+    (``WANBATCH_MAX_ATTEMPTS``) does it fail, without words of billing. Returns what it did:
+    ``retry``, ``failed`` or ``lost-lease`` (the job moved meanwhile).
     """
     job = store.get_job(session, fence.job_id)
     attempts = job.counted_attempts
     if attempts < rt.settings.max_attempts:
-        return store.retry_later(
+        resent = store.retry_later(
             session,
             fence,
             reason=f"outcome unknown ({why}): a simulation's request, never at fal: "
             "sent again to this run's simulator",
         )
-    return store.fail_job(
+        return "retry" if resent else "lost-lease"
+    failed = store.fail_job(
         session,
         fence,
         reason=f"submission outcome unknown: {why} (no attempt left)",
@@ -503,6 +527,7 @@ def resend_to_simulator(session: Session, rt: Runtime, fence: Fence, why: str) -
         f"nothing was billed; {_rerun_hint(session, job.batch_id, simulated=True)} sends it again",
         error_type="submit_unknown",
     )
+    return _ended(failed)
 
 
 # ------------------------------------------------------------------ failures that are not the job's

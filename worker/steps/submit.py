@@ -54,11 +54,11 @@ from worker.steps.context import Runtime, S, SubmitTicket, in_seconds
 from worker.steps.failures import (
     backoff,
     describe,
+    outcome_unknown,
     pause_for_account,
     request_held_elsewhere,
     retry_after,
     settle,
-    submit_outcome_unknown,
 )
 from worker.steps.late_answers import awaits_answer, settle_late_answer
 from worker.steps.poll import first_poll_at
@@ -119,8 +119,9 @@ def _given_back_for_rate(rt: Runtime, fence: Fence, endpoint: str) -> bool:
     return True
 
 
-#: Outcomes of :func:`submit` after which the job keeps the request fal accepted: followed at fal.
-_KEPT = ("submitted", "submitted-late", "adopted-late")
+#: Outcomes of :func:`submit` after which the job keeps the request fal accepted: followed at fal
+#: (``adopted``: an ambiguous submit a stored webhook proved, :func:`~worker.steps.failures.settle_unknown`).
+_KEPT = ("submitted", "submitted-late", "adopted-late", "adopted")
 
 
 def webhook_for(settings: Settings, engine: Engine, job_id: str, attempt: int) -> str | None:
@@ -328,8 +329,9 @@ def _submit(rt: Runtime, job_id: str) -> str:
         rt.fal_reach.answered()  # connected: whatever became of the POST, fal is reachable
         telemetry.count_submit(endpoint, "ambiguous")
         with db.session_scope(rt.engine) as session:
-            submit_outcome_unknown(session, rt, fence, str(exc))
-        return "ambiguous"
+            # `ambiguous` while the job waits for proof; what the policy did when it could not wait
+            # (no receiver): a job it failed is logged as any that failed for good.
+            return outcome_unknown(session, rt, fence, str(exc))
     except AccountLockedError as exc:
         rt.fal_reach.answered()
         telemetry.count_submit(endpoint, "refused")
