@@ -35,6 +35,7 @@ from sqlalchemy import Engine
 from jobs import db, store
 from jobs.listing import PROCESSING_STALE_SECONDS
 from jobs.models import EVERY_BATCH, JobView, utcnow
+from jobs.processes import process_prefix
 from worker import steps
 from worker.broker_outage import BrokerOutage, broker_problem
 from worker.db_outage import DatabaseOutage, database_problem
@@ -42,7 +43,7 @@ from worker.fal.models import RequestHandle, Status
 from worker.limits import publish_limits, republish_through, resign_limits, unpublish_limits, watch_limits
 from worker.peers import announce_settings, announcer_for, withdraw_settings
 from worker.steps import shared_pacing
-from worker.steps.context import Reach, Runtime, handle_of, process_identity
+from worker.steps.context import Reach, Runtime, handle_of
 from worker.steps.poll import AT_FAL, Seen, apply_seen, apply_seen_in
 from worker.watcher import StatusWatcher
 
@@ -137,7 +138,7 @@ class Conductor:
         self._next_watch = 0.0  # monotonic: when a process that does not lead reads the leader's limits
         #: A worker (no batch of its own) publishes its outcome-deciding settings beside the
         #: other workers' at each heartbeat, leader or not (:mod:`worker.peers`): when next.
-        self._announcer = None if rt.batch_ids else announcer_for(rt.limiter, process_identity())
+        self._announcer = None if rt.batch_ids else announcer_for(rt.limiter, process_prefix())
         self._next_announce = 0.0
         self._closed = False
         #: The limiter found the leader's policy gone, or answered after an outage: publish again
@@ -391,7 +392,7 @@ class Conductor:
                 elif self._next_beat and now >= self._next_beat:
                     self._beat()  # publishes too
                 elif republish and not self.rt.batch_ids:
-                    publish_limits(self.rt.limiter, process_identity())
+                    publish_limits(self.rt.limiter, process_prefix())
             if on_progress is not None and now >= next_progress:
                 # Idle (nothing at fal, nothing to do), nothing changes between two ticks either.
                 next_progress = now + max(
@@ -636,7 +637,7 @@ class Conductor:
                 # slots from the database (one short query per beat, none per submit).
                 shared_pacing.note_peers(session, self.rt)
             if not self.rt.batch_ids:  # the workers' leader: its limits hold for every worker
-                publish_limits(self.rt.limiter, process_identity())
+                publish_limits(self.rt.limiter, process_prefix())
 
     def _broker_down(self, down: bool) -> None:
         """The broker could not be reached (``down``), or answered: when that changes, say so on

@@ -807,9 +807,10 @@ def _give_back(rt: Runtime, batch_id: str, *, kept: int = 0, stopped: str = "int
     ``kept``: submissions fal accepted whose ids the database could not take, kept for the next
     run instead (:mod:`worker.steps.unrecorded`): not waited for, and not said to be unknown.
     """
-    from worker.steps.context import DOWNLOAD_QUEUE, process_identity
+    from jobs.processes import process_prefix
+    from worker.steps.context import DOWNLOAD_QUEUE
 
-    prefix = process_identity()
+    prefix = process_prefix()
     deadline = time.monotonic() + IN_FLIGHT_GRACE_SECONDS
     unsent = released = 0
     try:

@@ -22,8 +22,9 @@ import time
 from collections.abc import Mapping
 
 from jobs import db, store
+from jobs.processes import process_prefix
 from worker.db_outage import FIRST_PAUSE_SECONDS, MAX_PAUSE_SECONDS, database_problem
-from worker.steps.context import DOWNLOAD_QUEUE, Runtime, process_identity
+from worker.steps.context import DOWNLOAD_QUEUE, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class GiveBack:
             try:
                 with db.session_scope(rt.engine) as session:
                     got = store.release_step_jobs(
-                        session, list(mine), process_identity(), queued_owner=DOWNLOAD_QUEUE, worker=rt.owner
+                        session, list(mine), process_prefix(), queued_owner=DOWNLOAD_QUEUE, worker=rt.owner
                     )
             except Exception as exc:
                 if db.is_unavailable(exc):

@@ -17,11 +17,14 @@ from worker.logs import CONSOLE_JOB_END_LINES
 JOBS = CONSOLE_JOB_END_LINES + 4
 
 
-def _refused_batch(sim: SimulatorHandle, manifest: MakeManifest, name: str) -> str:
+def _refused_batch(sim: SimulatorHandle, manifest: MakeManifest, name: str, jobs: int = JOBS) -> str:
     """A batch fal refuses job by job with a 422: every image is a file its storage does not hold."""
     missing = f"{sim.url}/files/nope/missing.png"
-    items = "".join(f"  - prompt: a refused kite number {i}\n" for i in range(JOBS))
-    body = f"name: {name}\nendpoint: fal-ai/wan-i2v\ndefaults:\n  resolution: 480p\n  image_url: {missing}\nitems:\n{items}"
+    items = "".join(f"  - prompt: a refused kite number {i}\n" for i in range(jobs))
+    body = (
+        f"name: {name}\nendpoint: fal-ai/wan-i2v\n"
+        f"defaults:\n  resolution: 480p\n  image_url: {missing}\nitems:\n{items}"
+    )
     return str(manifest(name, body))
 
 
@@ -57,10 +60,8 @@ def test_a_json_log_gets_every_failed_jobs_line(sim: SimulatorHandle, manifest: 
 
 
 def test_a_few_failed_jobs_are_all_shown_without_a_note(sim: SimulatorHandle, manifest: MakeManifest) -> None:
-    missing = f"{sim.url}/files/nope/missing.png"
-    items = "".join(f"  - prompt: a refused kite number {i}\n" for i in range(3))
-    body = f"name: three\nendpoint: fal-ai/wan-i2v\ndefaults:\n  resolution: 480p\n  image_url: {missing}\nitems:\n{items}"
-    done = wanbatch("run", str(manifest("three", body)), "--no-progress", env=subprocess_env(sim.url))
+    path = _refused_batch(sim, manifest, "three", jobs=3)
+    done = wanbatch("run", path, "--no-progress", env=subprocess_env(sim.url))
     assert done.returncode == 1, done.stderr
     assert len([line for line in done.stderr.splitlines() if " failed (" in line]) == 3, done.stderr
     assert "more job(s)" not in done.stderr

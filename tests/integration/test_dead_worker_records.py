@@ -186,7 +186,7 @@ def test_a_clean_stop_deletes_the_record_even_while_the_loop_still_beats(
     database = f"test-db-{uuid.uuid4().hex[:12]}"
     key = peers_key(database)
     monkeypatch.setattr(conductor_module, "HEARTBEAT_SECONDS", 0.01)
-    monkeypatch.setattr(conductor_module, "process_identity", lambda: "host-s:321:")
+    monkeypatch.setattr(conductor_module, "process_prefix", lambda: "host-s:321:")
     beats = threading.Semaphore(0)
     from worker.peers import announce_settings as announce
 

@@ -29,6 +29,7 @@ from sqlalchemy import Engine, select
 from jobs import db, store
 from jobs.listing import FAL_HOLD_STALE_SECONDS, utc_clock
 from jobs.models import EVERY_BATCH, FalHold, utcnow
+from jobs.processes import process_prefix
 from jobs.settings import get_settings
 from tests.hostile import HostileProvider
 from tests.hostile_fal import accept_submits
@@ -38,7 +39,6 @@ from tests.web.web_helpers import HTML, app_for, client
 from tests.web.web_helpers import settings_for as web_settings_for
 from worker.fal.client import FalClient
 from worker.steps import dispatch, submit
-from worker.steps.context import process_identity
 
 KEY = "fal-hold-key-7c2e"
 RID = "3c1d9e7a-5b2f-4e8d-a6c0-1f2e3d4c5b6a"
@@ -88,13 +88,13 @@ def test_status_names_the_process_that_cannot_reach_fal_and_forgets_it_once_fal_
         first, second = dispatch(rt)
         assert submit(rt, first) == "fal-unreachable"
         assert rt.fal_reach.down
-        assert _rows(engine) == [(process_identity(), EVERY_BATCH)]  # recorded as the hold began
+        assert _rows(engine) == [(process_prefix(), EVERY_BATCH)]  # recorded as the hold began
         assert submit(rt, second) == "fal-unreachable"  # held: not even tried, nothing written
 
         before = utcnow()
         report = _status_json(engine, monkeypatch, capsys, batch_id)
         (hold,) = report["fal_unreachable"]
-        assert (hold["owner"], hold["host"], hold["pid"]) == (process_identity(), host, pid)
+        assert (hold["owner"], hold["host"], hold["pid"]) == (process_prefix(), host, pid)
         assert rt.fal_reach.since is not None
         assert hold["since"] == rt.fal_reach.since.isoformat()
         assert hold["pause_seconds"] >= 1

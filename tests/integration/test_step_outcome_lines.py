@@ -126,7 +126,8 @@ def test_an_ambiguous_submit_the_policy_settles_at_once_is_logged_as_what_it_bec
     assert steps, caplog.text
     assert not [r for r in steps if r.outcome == "ambiguous"]  # type: ignore[attr-defined]
     firsts = [r for r in steps if r.outcome == outcome]  # type: ignore[attr-defined]
-    assert firsts and all(r.levelno == level for r in firsts)
+    assert firsts
+    assert all(r.levelno == level for r in firsts)
     ended = [r for r in steps if r.outcome == "failed"]  # type: ignore[attr-defined]
     assert sorted(r.job_id for r in ended) == sorted({r.job_id for r in ended})  # type: ignore[attr-defined]
     assert len(ended) == 6  # one WARNING per job, whatever attempt it ended on

@@ -101,7 +101,7 @@ def test_doctor_and_status_name_a_worker_whose_settings_differ_from_the_others(
             rt = make_runtime(engine, settings)
             rt.limiter = limiter = RedisGCRA.from_url(settings, REDIS_DB14, database=database)
             limiters.append(limiter)
-            monkeypatch.setattr(conductor_module, "process_identity", lambda h=host, p=pid: f"{h}:{p}:")
+            monkeypatch.setattr(conductor_module, "process_prefix", lambda h=host, p=pid: f"{h}:{p}:")
             conductor = Conductor(rt, stream=False)
             conductors.append(conductor)
             stops.append(threading.Event())

@@ -100,7 +100,12 @@ def test_the_note_comes_when_the_run_is_interrupted_too(
     sinks: tuple[io.StringIO, io.StringIO, _Collect],
 ) -> None:
     text, _as_json, _other = sinks
-    with pytest.raises(KeyboardInterrupt), console_job_end_cap(lambda n: f"{n} more", limit=1):
-        _fail_jobs(4)
-        raise KeyboardInterrupt
+
+    def interrupted_run() -> None:
+        with console_job_end_cap(lambda n: f"{n} more", limit=1):
+            _fail_jobs(4)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted_run()
     assert text.getvalue().splitlines()[-1] == "WARNING worker.logs: 3 more"

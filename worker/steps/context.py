@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -19,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from jobs import db, store
 from jobs.models import EVERY_BATCH, BatchRecord, Job, JobRecord, JobView, utcnow
+from jobs.processes import process_prefix
 from jobs.schedule import Schedule
 from jobs.settings import MAX_SECONDS, Settings
 from jobs.states import JobState
@@ -45,12 +44,7 @@ DOWNLOAD_QUEUE = "download-queue"
 
 def worker_identity() -> str:
     """``host:pid:thread``: who holds a lease, for the event log and for fencing."""
-    return f"{process_identity()}{threading.get_ident() % 100000}"
-
-
-def process_identity() -> str:
-    """``host:pid:``, the prefix of every lease owner of this process (to give them all back)."""
-    return f"{socket.gethostname()}:{os.getpid()}:"
+    return f"{process_prefix()}{threading.get_ident() % 100000}"
 
 
 class RateBucket:
@@ -363,7 +357,7 @@ class Runtime:
         reached from it (``hold``), or that it no longer does (None): for ``status`` and the
         dashboard (:func:`jobs.listing.fal_holds`), under this process's name (``host:pid:``)
         and this runtime's batches (every batch for a distributed worker)."""
-        owner = process_identity()
+        owner = process_prefix()
         scopes = self.batch_ids or frozenset({EVERY_BATCH})
         with db.session_scope(self.engine) as session:
             if hold is None:

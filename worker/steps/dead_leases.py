@@ -38,8 +38,9 @@ from sqlalchemy.orm import Session
 from jobs import db, processes, store
 from jobs.listing import PROCESSING_STALE_SECONDS, waiting_note
 from jobs.models import EVERY_BATCH, utcnow
+from jobs.processes import process_prefix
 from jobs.store import LeaseHolder
-from worker.steps.context import DOWNLOAD_QUEUE, Runtime, process_identity
+from worker.steps.context import DOWNLOAD_QUEUE, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def live_runs_here(session: Session, batch_id: str, *, now: datetime) -> list[in
     since = now - timedelta(seconds=PROCESSING_STALE_SECONDS)
     beats = store.heartbeat_owners(session, batch_id, since=since)
     owners = [o for o in beats if not processes.simulation_claim(o)]  # claims: live_simulators
-    owners += [h.owner for h in store.lease_holders(session, batch_id, now=now, excluding=process_identity())]
+    owners += [h.owner for h in store.lease_holders(session, batch_id, now=now, excluding=process_prefix())]
     pids = {pid for owner in owners if (pid := live_pid_here(owner)) is not None}
     pids.update(store.live_simulators(session, batch_id).values())
     return sorted(pids)
@@ -96,7 +97,7 @@ def claim_simulation(session: Session, batch_id: str, origin: str, *, now: datet
     pids = live_runs_here(session, batch_id, now=now)
     if pids:
         return pids
-    here = process_identity()  # this process's own claims end with its simulators
+    here = process_prefix()  # this process's own claims end with its simulators
     for owner in store.heartbeat_owners(session, batch_id, since=None):
         gone = processes.claim_holder(owner) is None and not owner.startswith(here)
         if gone and processes.simulation_claim(owner):
@@ -130,7 +131,7 @@ class DeadLeases:
             return 0
         self._next_scan = time.monotonic() + SCAN_SECONDS
         now = utcnow()
-        mine = process_identity()
+        mine = process_prefix()
         said: list[tuple[str, int, int]] = []  # owner, jobs taken back, submits left in flight
         with db.session_scope(self.rt.engine) as session:
             holders = store.lease_holders(session, self.batch_id, now=now, excluding=mine)
@@ -188,7 +189,7 @@ class DeadLeases:
         of the batch, a stand-in's port changed) was never asked about again, and its job and the
         run waited for good. How many were adopted, by the origin they had."""
         since = now - timedelta(seconds=PROCESSING_STALE_SECONDS)
-        mine = process_identity()
+        mine = process_prefix()
         others = [
             owner
             for scope in (self.batch_id, EVERY_BATCH)

@@ -18,6 +18,7 @@ from jobs.errors import AccountLockedError, FinalProviderError, ProviderError, R
 from jobs.media import MediaKind, classify
 from jobs.models import BatchState, Job, JobView, utcnow
 from jobs.printable import SHELL_ID_CHARS, shell_ref
+from jobs.processes import process_prefix
 from jobs.settings import RetrySettings, Settings
 from jobs.states import JobState
 from jobs.store import Fence
@@ -26,7 +27,7 @@ from worker.fal.errors import ResultExpiredError, error_type_or_none, format_det
 from worker.fal.models import request_id_or_none
 from worker.fal.results import fetched_fields
 from worker.limits import api_key_id
-from worker.steps.context import Runtime, in_seconds, process_identity
+from worker.steps.context import Runtime, in_seconds
 
 log = logging.getLogger(__name__)
 
@@ -558,4 +559,4 @@ def pause_for_account(session: Session, rt: Runtime, batch_id: str, exc: Account
 
 def refused_by(rt: Runtime) -> str:
     """``worker host:pid with key id 1a2b…``: who sent what fal refused, for the operator to find it."""
-    return f"sent by worker {process_identity().rstrip(':')} with key id {api_key_id(rt.settings)}"
+    return f"sent by worker {process_prefix().rstrip(':')} with key id {api_key_id(rt.settings)}"
