@@ -43,4 +43,4 @@ def test_this_process_has_one_identity_its_leases_and_heartbeats_share() -> None
     assert context.worker_identity().startswith(prefix)
     assert processes.owner_prefix(context.worker_identity()) == prefix
     assert not hasattr(context, "process_identity")
-    assert context.process_prefix is processes.process_prefix
+    assert vars(context)["process_prefix"] is processes.process_prefix  # imported, not defined again
