@@ -12,6 +12,7 @@ from cli.options import manifest_command
 from cli.output import (
     EXIT_OK,
     emit_json,
+    emit_line,
     err,
     escape,
     estimate_rounding_note,
@@ -109,6 +110,8 @@ def estimate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
 def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
     """Validate MANIFEST, store its jobs and queue them; prints the batch id.
 
+    The id alone on stdout (`B=$(wanbatch submit m.yaml)`), what was stored on stderr.
+
     Submitting the same manifest again adds no duplicate jobs, and applies its current budget.
     """
 
@@ -130,8 +133,10 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
         if as_json:
             emit_json(result.as_dict())
         else:
+            # stdout: the batch id alone (`B=$(wanbatch submit m.yaml)`); the words on stderr.
+            emit_line(result.batch_id)
             verb = "created" if result.created else "updated"
-            out.print(
+            err.print(
                 f"batch [bold]{result.batch_id}[/bold] ({escape(result.name)}) {verb}: "
                 f"{result.total} job(s), {result.added} new, {result.existing} already stored"
             )

@@ -41,7 +41,9 @@ def test_submit_twice_adds_nothing_and_status_reports(wb: Wb, examples_copy: Pat
 
     human = wb("submit", path)
     assert human.code == 0
-    assert one["batch"] in human.stdout
+    assert human.stdout == one["batch"] + "\n"  # the id alone: `B=$(wanbatch submit m.yaml)`
+    said = f"batch {one['batch']} (seed-resolution-sweep) updated: 6 job(s), 0 new, 6 already stored"
+    assert said in human.stderr
     assert counts(e2e_db) == (1, 6)
 
     status = wb("status", one["batch"], "--json")

@@ -65,12 +65,13 @@ def test_markup_and_emoji_codes_in_user_text_are_shown_as_written(wb: Wb, manife
     )
     submitted = wb("submit", path)
     assert submitted.code == 0, submitted.stderr
-    assert MARKUP_NAME in submitted.stdout
+    assert MARKUP_NAME in submitted.stderr  # the sentence; stdout holds the id alone
     batch = wb("status", "--json").json()["batches"][0]["batch"]
+    assert submitted.stdout == f"{batch}\n"
     shown = wb("status", batch)
     assert shown.code == 0, shown.stderr
     assert MARKUP_NAME in shown.stdout
-    assert "❌" not in submitted.stdout + shown.stdout + shown.stderr
+    assert "❌" not in submitted.stderr + shown.stdout + shown.stderr
 
     missing = manifest(
         "markup-path",
