@@ -461,6 +461,14 @@ def emit_json(obj: Mapping[str, object]) -> None:
     sys.stdout.flush()
 
 
+def emit_line(text: str) -> None:
+    """Print ``text`` as one plain line on stdout, for a script to read (``submit``'s batch id:
+    ``B=$(wanbatch submit m.yaml)``): no markup, no colour, never wrapped at the terminal's width
+    (``COLUMNS``), whatever rich would do. The words for a human go to stderr beside it."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 #: Items :func:`emit_json_list` writes at a time.
 JSON_LIST_CHUNK = 200
 
@@ -540,19 +548,22 @@ def json_error(exc: WanbatchError) -> dict[str, Any]:
 
 
 def fail(exc: WanbatchError, as_json: bool) -> NoReturn:
-    """Report a deliberate error (no traceback) and exit with its code."""
-    if as_json:
-        payload = json_error(exc)
-        if isinstance(exc, ManifestError):
-            payload["issues"] = [i.as_dict() for i in exc.issues]
-        emit_json(payload)
-    elif isinstance(exc, ManifestError):
+    """Report a deliberate error (no traceback) and exit with its code: its ``error:`` line (and
+    the lines under it, or a manifest's issues) on stderr, with ``--json`` too, as every other
+    failure says it there (:func:`cli._fail`: a usage mistake, a bug), and with ``--json`` also
+    its object on stdout (:func:`json_error`)."""
+    if isinstance(exc, ManifestError):
         errors = [i for i in exc.issues if i.severity == "error"]
         for issue in exc.issues:
             err.print(issue_line(issue))
         err.print(f"[red]✗ {len(errors)} error(s); nothing was submitted.[/red]")
     else:
         err.print(f"[red]error:[/red] {escape(str(exc))}")
+    if as_json:
+        payload = json_error(exc)
+        if isinstance(exc, ManifestError):
+            payload["issues"] = [i.as_dict() for i in exc.issues]
+        emit_json(payload)
     sys.exit(exc.exit_code)
 
 

@@ -12,6 +12,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -47,6 +48,16 @@ def _said(capsys: pytest.CaptureFixture[str]) -> str:
     return text
 
 
+def _said_json(capsys: pytest.CaptureFixture[str]) -> Any:
+    """The ``--json`` object on stdout (stderr says the issues too, as without ``--json``):
+    neither holds the key."""
+    printed = capsys.readouterr()
+    for text in (printed.out, printed.err):
+        assert KEY not in text
+        assert SECRET not in text
+    return json.loads(printed.out)
+
+
 def _manifest(tmp_path: Path, body: str) -> Path:
     path = tmp_path / "m.yaml"
     path.write_text(body)
@@ -67,7 +78,7 @@ def test_a_prompt_holding_the_key_is_refused_with_its_place(
     assert f"{manifest}:7: item 1: field 'prompt': {HOLDS}" in lines[0]
 
     assert run_main(["validate", "--json", str(manifest)], monkeypatch) == 2
-    (issue,) = [i for i in json.loads(_said(capsys))["issues"] if HOLDS in i["message"]]
+    (issue,) = [i for i in _said_json(capsys)["issues"] if HOLDS in i["message"]]
     assert (issue["line"], issue["item"], issue["field"], issue["value"]) == (7, 1, "prompt", None)
 
     # Without FAL_KEY set, the same text is ordinary text.
@@ -120,7 +131,7 @@ def test_the_key_in_any_form_anywhere_in_the_manifest_is_refused(
         body = f"name: leak\nendpoint: fal-ai/wan-22\n{where}items:\n  - prompt: a\n"
     manifest = _manifest(tmp_path, body)
     assert run_main(["validate", "--json", str(manifest)], monkeypatch) == 2
-    held = [i for i in json.loads(_said(capsys))["issues"] if "FAL_KEY" in i["message"]]
+    held = [i for i in _said_json(capsys)["issues"] if "FAL_KEY" in i["message"]]
     assert [(i["line"], i["item"], i["field"]) for i in held] == [(line, item, field)]
 
 
@@ -132,7 +143,7 @@ def test_an_items_from_row_holding_the_key_is_refused_at_its_line(
     )
     manifest = _manifest(tmp_path, "name: rows\nendpoint: fal-ai/wan-22\nitems_from: rows.jsonl\n")
     assert run_main(["validate", "--json", str(manifest)], monkeypatch) == 2
-    (issue,) = json.loads(_said(capsys))["issues"]
+    (issue,) = _said_json(capsys)["issues"]
     assert issue["file"].endswith("rows.jsonl")
     assert (issue["line"], issue["item"], issue["field"]) == (2, 1, "prompt")
     assert HOLDS in issue["message"]
