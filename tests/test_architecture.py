@@ -248,6 +248,31 @@ def test_no_import_cycle_in_the_product() -> None:
 #: revisions (the ``migrations`` package) are SQL by nature.
 SQL_HOMES = frozenset({"jobs.store", "jobs.db", "jobs.listing"})
 SQL_PACKAGES = frozenset({"migrations"})
+#: Packages whose every module is a SQL home: the store's parts (``jobs/store/*.py``).
+SQL_HOME_PACKAGES = frozenset({"jobs.store"})
+
+
+def is_sql_home(module: str) -> bool:
+    """Whether ``module`` may build SQL: a home, a module of a home package, or a migration."""
+    return (
+        module in SQL_HOMES
+        or _top(module) in SQL_PACKAGES
+        or any(module.startswith(f"{package}.") for package in SQL_HOME_PACKAGES)
+    )
+
+
+def test_sql_homes_are_the_store_package_and_nothing_beside_it() -> None:
+    """The store's parts are homes; a module merely named like it (``jobs.storefront``) or
+    another package of ``jobs`` is not."""
+    assert is_sql_home("jobs.store")
+    assert is_sql_home("jobs.store.leases")
+    assert is_sql_home("migrations.versions.0001_initial")
+    assert not is_sql_home("jobs.storefront")
+    assert not is_sql_home("jobs.storable")
+    assert not is_sql_home("jobs.batches")
+    assert not is_sql_home("worker.store")
+    assert "jobs.store.transitions" in product_modules(), "the store is the jobs.store package"
+
 
 #: SQLAlchemy names that build a statement or a SQL expression (types, ``Engine``, ``Session``
 #: and the declarative schema of ``jobs.models`` are not among them).
@@ -331,7 +356,7 @@ def test_only_the_store_builds_sql() -> None:
     found = [
         hit
         for module, path in sorted(product_modules().items())
-        if module not in SQL_HOMES and _top(module) not in SQL_PACKAGES
+        if not is_sql_home(module)
         for hit in sql_built_in(path.read_text(encoding="utf-8"), module)
     ]
     assert not found, "SQL outside jobs.store / jobs.db:\n" + "\n".join(found)

@@ -42,13 +42,14 @@ def test_adoption_builds_its_statements_once_and_binds_each_call(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     built: list[Any] = []
-    rule = store._same_request_elsewhere
+    # Looked up where the adoption is built (jobs.store.leases), not on the package.
+    rule = store.core._same_request_elsewhere
 
     def counting(*args: Any) -> Any:
         built.append(args)
         return rule(*args)
 
-    monkeypatch.setattr(store, "_same_request_elsewhere", counting)
+    monkeypatch.setattr(store.leases, "_same_request_elsewhere", counting)
     first = add_batch(engine, "adopt-once-a", [("fal-ai/wan-22", {"prompt": f"a {i}"}) for i in range(2)])
     second = add_batch(engine, "adopt-once-b", [("fal-ai/wan-22", {"prompt": f"b {i}"}) for i in range(3)])
     _at_fal(engine, first, GONE, "req-a")

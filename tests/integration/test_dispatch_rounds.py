@@ -105,7 +105,10 @@ def test_a_leaders_round_reads_its_claims_batches_in_one_query(
     def one_by_one(*_: Any) -> None:
         raise AssertionError("a batch loaded on its own")
 
-    monkeypatch.setattr(store, "get_batch", one_by_one)
+    # Where get_batch is looked up: the package (callers outside the store) and the store's parts
+    # that call it themselves (lock_batch; the simulated results' reads).
+    for where in (store, store.batches, store.reading):
+        monkeypatch.setattr(where, "get_batch", one_by_one)
     statements.clear()
     assert sorted(dispatch(rt)) == sorted(job_ids(engine, first) + job_ids(engine, second))
     reads = [s for s in statements if s.startswith("SELECT batches.")]

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-import jobs.store as store_module
 from jobs import db, outputs, store
 from jobs.models import EARLIER_ITEMS_UNKNOWN, Job, utcnow
 from jobs.states import JobState
@@ -389,7 +388,7 @@ def test_a_video_saved_before_a_resubmit_from_a_host_whose_clock_is_behind_is_ta
     job = get(engine, job_id)
     behind = lambda: utcnow() - timedelta(minutes=2)  # noqa: E731
     with monkeypatch.context() as patched:
-        patched.setattr(store_module, "utcnow", behind)
+        patched.setattr(store.creating, "utcnow", behind)  # the clock resubmit_jobs reads
         with db.session_scope(engine) as session:
             above = store.NewJob(f"{1:064x}", 0, "fal-ai/wan-22", {"prompt": "new"}, Decimal(5), Decimal(1))
             again = store.NewJob(job.job_key, 1, job.endpoint, job.input, job.est_billing_units, job.est_usd)

@@ -155,7 +155,7 @@ def test_due_retries_are_claimed_oldest_first_while_thousands_back_off(
     due = sorted(DUE_AT_ONCE + DUE_BY_NOW)
     assert dispatch(rt) == [ids[i] for i in due[:3]]  # oldest first, up to the room (3 outstanding)
     # More due than the index path sorts: read in claim order again, with the same result.
-    monkeypatch.setattr(store, "FEW_DUE_RETRIES", 1)
+    monkeypatch.setattr(store.due, "FEW_DUE_RETRIES", 1)  # where the claim reads it
     rt = make_runtime(
         engine, settings_for("http://127.0.0.1:9", KEY, max_outstanding=5), batch_ids=frozenset({batch_id})
     )

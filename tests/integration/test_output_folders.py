@@ -51,7 +51,7 @@ def test_each_folder_once_whatever_the_jobs(engine: Engine, session: Session) ->
 def test_past_the_probes_the_rest_are_listed(
     engine: Engine, session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store, "OUTPUT_FOLDER_PROBES", 2)
+    monkeypatch.setattr(store.reading, "OUTPUT_FOLDER_PROBES", 2)  # where the lookup reads it
     batch = _recorded(engine, session, [f"/f{i % 5}/{i:06d}-abc.mp4" for i in range(20)])
     assert sorted(store.output_folders_of_batch(session, batch)) == [f"/f{i}" for i in range(5)]
 

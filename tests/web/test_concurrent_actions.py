@@ -43,7 +43,10 @@ def _all_read_first(monkeypatch: pytest.MonkeyPatch) -> None:
             start.wait(BARRIER_WAIT_S)
         return found
 
-    monkeypatch.setattr(store, "get_batch", get_batch)
+    # Where get_batch is looked up: the package (callers outside the store) and the store's parts
+    # that call it themselves (lock_batch, which the changes read first; the simulated results).
+    for where in (store, store.batches, store.reading):
+        monkeypatch.setattr(where, "get_batch", get_batch)
 
 
 def _at_once(engine: Engine, output_dir: Path, path: str) -> list[Any]:

@@ -1,0 +1,425 @@
+"""Creating jobs: a manifest's jobs stored in bulk (:func:`add_jobs`, COPY on PostgreSQL) and a
+resubmitted manifest's jobs placed where it puts them (:func:`resubmit_jobs`)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    bindparam,
+    case,
+    column,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    table,
+    update,
+)
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.orm import Session
+
+from jobs.endpoints import get_endpoint
+from jobs.models import Money, new_id, utcnow
+from jobs.states import JobState
+from jobs.store.batches import _set_media
+from jobs.store.core import _JOBS, _dialect_insert
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A validated, priced job ready to be stored. ``key`` identifies it within its batch."""
+
+    key: str
+    item_index: int
+    endpoint: str
+    input: dict[str, Any]
+    est_billing_units: Decimal
+    est_usd: Decimal
+    #: The matrix combination's index within its item.
+    variant: int = 0
+    #: Provenance (see :class:`jobs.models.Job`): media sources, registry entry hash, pricing used.
+    source_files: dict[str, Any] | None = None
+    registry_sha256: str | None = None
+    price_table: dict[str, Any] | None = None
+    #: The parent batch's job this one repeats (a rerun's jobs).
+    rerun_of: str | None = None
+
+
+def add_jobs(
+    session: Session, batch_id: str, jobs: Iterable[NewJob], *, chunk: int = 5000
+) -> tuple[int, int]:
+    """Store jobs, skipping those whose key the batch already has: ``(added, already_present)``.
+
+    ``INSERT … ON CONFLICT (batch_id, job_key) DO NOTHING`` makes resubmitting a manifest (or
+    two submitters racing) add nothing twice. Jobs are consumed ``chunk`` at a time, so memory
+    stays bounded whatever the manifest's size. On PostgreSQL each chunk is streamed with
+    ``COPY`` into a temporary table and moved over with one ``INSERT … SELECT``: several times
+    faster than multi-row INSERTs, which is what keeps a 100,000-job manifest to seconds.
+    A batch that already has jobs from a manifest takes :func:`resubmit_jobs` instead, which
+    also gives the jobs already stored the places the manifest now gives them.
+    """
+    conn = session.connection()
+    added = present = 0
+    for block in _chunks(jobs, chunk):
+        inserted = _insert_jobs(conn, batch_id, block)
+        added += inserted
+        present += len(block) - inserted
+    return added, present
+
+
+@dataclass(frozen=True, slots=True)
+class Resubmitted:
+    """What storing a manifest's jobs again in its batch did (:func:`resubmit_jobs`)."""
+
+    added: int
+    present: int
+    #: Jobs already stored that took the ``(item_index, variant)`` the manifest now gives them.
+    renumbered: int
+    #: The batch's jobs whose key the manifest no longer has: kept, numbered after its items.
+    not_in_manifest: int
+    #: Jobs already stored whose media the manifest now names elsewhere (the same bytes under
+    #: another path: its folder moved, or a file was renamed): they read them from there now.
+    relocated: int = 0
+
+
+def resubmit_jobs(
+    session: Session,
+    batch_id: str,
+    jobs: Iterable[NewJob],
+    item_count: Callable[[], int],
+    *,
+    chunk: int = 5000,
+) -> Resubmitted:
+    """Store a manifest's jobs in the batch it was submitted to before: the new ones added as
+    :func:`add_jobs` does, and every job of the batch given a place that agrees with the manifest.
+
+    A job is identified by its key, not by its place, so an item inserted above others, or a
+    matrix reordered, leaves the jobs already stored with numbers of the old text: two jobs would
+    share an ``(item_index, variant)`` and the export's numbers would not name the items of the
+    manifest the batch now stores. So a job the manifest still has takes the place it has there
+    (stored outputs keep their file names: the path is stored, never derived again), and a job it
+    no longer has (kept: it may have been sent and paid for) is numbered after the manifest's
+    ``item_count()`` items — asked once ``jobs`` is consumed, when a streamed manifest knows it —
+    in the order those jobs had, each keeping its variant: no place names two jobs, and no place
+    of the manifest names a job that is not there. The manifest's keys are kept in a temporary
+    table of this transaction, not in memory, so a resubmit stays bounded like a submit.
+
+    A job's key stands for its files by their bytes, not their paths, so a manifest submitted
+    again from a folder it was moved to (or naming a file renamed since) finds its jobs stored
+    with the old paths: each takes the manifest's media values and ``source_files``
+    (:func:`_relocate_stored`): the manifest submitted now says where its files are, even when
+    the old path still holds them. ``submitted_input`` (what a sent job sent) is never touched.
+
+    Every statement that gives a stored job another item number adds the old one to its
+    ``earlier_items`` (:func:`_earlier_items`): a video a try of it saved before (its name holds
+    the number) is looked for under exactly those names (``worker.steps.download._downloaded_before``).
+    """
+    conn = session.connection()
+    pg = conn.dialect.name == "postgresql"
+    on_commit = " ON COMMIT DROP" if pg else ""  # SQLite's is dropped below (its rollback drops it too)
+    conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {_SEEN} (job_key TEXT NOT NULL){on_commit}")
+    seen = table(_SEEN, column("job_key"))
+    conn.execute(delete(seen))
+    staged_keys = select(table(_STAGING, column("job_key")).c.job_key)
+    added = present = renumbered = relocated = 0
+    for block in _chunks(jobs, chunk):
+        inserted = _insert_jobs(conn, batch_id, block)
+        added += inserted
+        present += len(block) - inserted
+        if inserted < len(block):
+            relocated += _relocate_stored(conn, batch_id, block)
+        if pg:  # the chunk is still in the staging table _insert_chunk_pg filled
+            if inserted < len(block):
+                renumbered += _place_stored_pg(conn)
+            conn.execute(insert(seen).from_select(["job_key"], staged_keys))
+        else:
+            if inserted < len(block):
+                renumbered += _place_stored_sqlite(conn, batch_id, block)
+            conn.execute(insert(seen), [{"job_key": job.key} for job in block])
+    stored = select(func.count()).select_from(_JOBS).where(_JOBS.c.batch_id == batch_id)
+    gone = 0
+    if conn.execute(stored).scalar_one() > added + present:
+        rows = conn.execute(
+            select(_JOBS.c.id, _JOBS.c.item_index, _JOBS.c.variant)
+            .where(_JOBS.c.batch_id == batch_id, _JOBS.c.job_key.not_in(select(seen.c.job_key)))
+            .order_by(_JOBS.c.item_index, _JOBS.c.variant, _JOBS.c.created_at, _JOBS.c.id)
+        ).all()
+        gone = len(rows)
+        moves = [
+            {"b_id": job_id, "b_item": item}
+            for (job_id, old, _), item in zip(rows, places_after(rows, item_count()), strict=True)
+            if item != old
+        ]
+        if moves:
+            conn.execute(
+                update(_JOBS)
+                .where(_JOBS.c.id == bindparam("b_id"))
+                .values(
+                    item_index=bindparam("b_item"), earlier_items=_earlier_items(pg, bindparam("b_item"))
+                ),
+                moves,
+            )
+    conn.exec_driver_sql(f"DROP TABLE {_SEEN}")
+    return Resubmitted(added, present, renumbered, gone, relocated)
+
+
+def _relocate_stored(conn: Connection, batch_id: str, block: list[NewJob]) -> int:
+    """Give the jobs of ``block`` stored already the media values the manifest now has, where
+    they differ (the same bytes under another path, or another spelling), with its
+    ``source_files``; how many changed.
+
+    Only the endpoint's media fields are replaced: the key matched, so the rest is the same
+    input, and a value stored since (never in the manifest) stays. Every such job, sent or not:
+    one never sent reads its files from the new path when it is sent, one sent keeps what it
+    sent (``submitted_input``) and is repeated by ``rerun`` from the new path."""
+    wanted = {job.key: job for job in block}
+    stored = conn.execute(
+        select(_JOBS.c.id, _JOBS.c.job_key, _JOBS.c.input, _JOBS.c.source_files).where(
+            _JOBS.c.batch_id == batch_id, _JOBS.c.job_key.in_(list(wanted))
+        )
+    ).all()
+    changes = []
+    for job_id, key, old_input, old_sources in stored:
+        new = wanted[key]
+        fields = [f.name for f in get_endpoint(new.endpoint).media_fields if f.name in new.input]
+        media = {name: new.input[name] for name in fields if old_input.get(name) != new.input[name]}
+        if media or old_sources != new.source_files:
+            changes.append({"b_id": job_id, "b_input": {**old_input, **media}, "b_sources": new.source_files})
+    if changes:
+        _set_media(conn, changes)
+    return len(changes)
+
+
+def places_after(jobs: Sequence[tuple[Any, int, int]], first_item: int) -> list[int]:
+    """The item numbers of jobs no longer in their manifest (``(id, item_index, variant)`` in
+    item order), from ``first_item`` on: the jobs of one old item share a number, so its
+    variants stay together; a variant seen twice in one old item (numbers stored before
+    :func:`resubmit_jobs` renumbered) moves on to a number of its own, so no place names two."""
+    numbers: dict[int, int] = {}
+    taken: set[tuple[int, int]] = set()
+    following = first_item
+    out: list[int] = []
+    for _, old, variant in jobs:
+        item = numbers.get(old)
+        if item is None or (item, variant) in taken:
+            item = numbers[old] = following
+            following += 1
+        taken.add((item, variant))
+        out.append(item)
+    return out
+
+
+def _chunks(jobs: Iterable[NewJob], size: int) -> Iterator[list[NewJob]]:
+    source = iter(jobs)
+    while block := list(itertools.islice(source, size)):
+        yield block
+
+
+def _insert_jobs(conn: Connection, batch_id: str, block: list[NewJob]) -> int:
+    """Insert a chunk of jobs, skipping keys the batch has; how many were inserted."""
+    now = utcnow()
+    rows = [
+        {
+            "id": new_id(),
+            "batch_id": batch_id,
+            "job_key": job.key,
+            "item_index": job.item_index,
+            "variant": job.variant,
+            "endpoint": job.endpoint,
+            "input": job.input,
+            "source_files": job.source_files,
+            "registry_sha256": job.registry_sha256,
+            "price_table": job.price_table,
+            "rerun_of": job.rerun_of,
+            "state": JobState.PENDING,
+            "version": 0,
+            "attempts": 0,
+            "download_attempts": 0,
+            "possible_duplicate_charges": 0,
+            "est_billing_units": job.est_billing_units,
+            "est_usd": job.est_usd,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for job in block
+    ]
+    if conn.dialect.name == "postgresql":
+        return _insert_chunk_pg(conn, rows)
+    return _insert_chunk_sqlite(conn, rows)
+
+
+#: The statements' value of ``earlier_items`` once the row's own ``item_index`` is appended
+#: (:func:`_earlier_items`); 8 is :data:`EARLIER_ITEMS_KEPT`. PostgreSQL: the old list and the
+#: number, the number's earlier place dropped, the last 8 by position.
+_APPENDED_PG = (
+    "(SELECT jsonb_agg(kept.e ORDER BY kept.o) FROM ("
+    " SELECT t.e, t.o FROM jsonb_array_elements("
+    "COALESCE(jobs.earlier_items, '[]'::jsonb) || to_jsonb(jobs.item_index)"
+    ") WITH ORDINALITY AS t(e, o)"
+    " WHERE t.e <> to_jsonb(jobs.item_index)"
+    " OR t.o = jsonb_array_length(COALESCE(jobs.earlier_items, '[]'::jsonb)) + 1"
+    " ORDER BY t.o DESC LIMIT 8) AS kept)"
+)
+#: SQLite: the same; ``json_group_array`` takes the rows in the order of the subquery it reads.
+_APPENDED_SQLITE = (
+    "(SELECT json_group_array(kept.v) FROM ("
+    " SELECT last.v AS v, last.k AS k FROM ("
+    " SELECT t.value AS v, t.key AS k FROM json_each(COALESCE(jobs.earlier_items, '[]')) AS t"
+    " WHERE t.value IS NOT jobs.item_index"
+    " UNION ALL SELECT jobs.item_index, 2147483647"
+    " ORDER BY k DESC LIMIT 8) AS last ORDER BY last.k) AS kept)"
+)
+
+
+def _earlier_items(pg: bool, new_item: ColumnElement[Any]) -> ColumnElement[Any]:
+    """``earlier_items`` of a job given the item number ``new_item``: when that is another number
+    than its own (its output files' names change), its own number appended — moved to the end
+    if it was there, only the last :data:`EARLIER_ITEMS_KEPT` kept — else as it was (only its
+    variant moved). Computed by the statement from the row's own values, so a statement of many
+    jobs stays one statement, and ordered by nothing but the order of the statements: no clock
+    (:attr:`Job.earlier_items`). :data:`EARLIER_ITEMS_UNKNOWN` is kept like a number."""
+    earlier = _JOBS.c.earlier_items
+    appended = literal_column(_APPENDED_PG if pg else _APPENDED_SQLITE, earlier.type)
+    return case((_JOBS.c.item_index != new_item, appended), else_=earlier)
+
+
+def _place_stored_pg(conn: Connection) -> int:
+    """Give the jobs of the staged chunk that were stored already the place staged for them
+    (one ``UPDATE … FROM`` the staging table); how many moved. Only a changed place is written,
+    and a changed item number is added to ``earlier_items`` (:func:`_earlier_items`)."""
+    staged = table(_STAGING, column("batch_id"), column("job_key"), column("item_index"), column("variant"))
+    moved = conn.execute(
+        update(_JOBS)
+        .where(
+            _JOBS.c.batch_id == staged.c.batch_id,
+            _JOBS.c.job_key == staged.c.job_key,
+            or_(_JOBS.c.item_index != staged.c.item_index, _JOBS.c.variant != staged.c.variant),
+        )
+        .values(
+            item_index=staged.c.item_index,
+            variant=staged.c.variant,
+            earlier_items=_earlier_items(True, staged.c.item_index),
+        )
+        .execution_options(preserve_rowcount=True)
+    )
+    return int(moved.rowcount)
+
+
+def _place_stored_sqlite(conn: Connection, batch_id: str, block: list[NewJob]) -> int:
+    """:func:`_place_stored_pg` for SQLite: one UPDATE per job, by the (batch_id, job_key) index."""
+    moved = conn.execute(
+        update(_JOBS)
+        .where(
+            _JOBS.c.batch_id == batch_id,
+            _JOBS.c.job_key == bindparam("b_key"),
+            or_(_JOBS.c.item_index != bindparam("b_item"), _JOBS.c.variant != bindparam("b_variant")),
+        )
+        .values(
+            item_index=bindparam("b_item"),
+            variant=bindparam("b_variant"),
+            earlier_items=_earlier_items(False, bindparam("b_item")),
+        )
+        .execution_options(preserve_rowcount=True),
+        [{"b_key": job.key, "b_item": job.item_index, "b_variant": job.variant} for job in block],
+    )
+    return int(moved.rowcount)
+
+
+_NEW_JOB_COLUMNS = (
+    "id",
+    "batch_id",
+    "job_key",
+    "item_index",
+    "variant",
+    "endpoint",
+    "input",
+    "source_files",
+    "registry_sha256",
+    "price_table",
+    "rerun_of",
+    "state",
+    "version",
+    "attempts",
+    "download_attempts",
+    "possible_duplicate_charges",
+    "est_billing_units",
+    "est_usd",
+    "created_at",
+    "updated_at",
+)
+_STAGING = "wanbatch_new_jobs"
+#: The keys a resubmitted manifest has (:func:`resubmit_jobs`): a temporary table of its transaction.
+_SEEN = "wanbatch_seen_keys"
+
+
+def _insert_chunk_sqlite(conn: Connection, rows: list[dict[str, Any]]) -> int:
+    stmt = (
+        sqlite.insert(_JOBS)
+        .on_conflict_do_nothing(index_elements=["batch_id", "job_key"])
+        .returning(_JOBS.c.id)
+    )
+    return len(conn.execute(stmt, rows).all())
+
+
+def _jsonb(value: Any) -> Any:
+    """A JSON column's COPY value: SQL NULL for None (``JSONDoc`` is ``none_as_null``)."""
+    from psycopg.types.json import Jsonb
+
+    return None if value is None else Jsonb(value)
+
+
+def _insert_chunk_pg(conn: Connection, rows: list[dict[str, Any]]) -> int:
+    conn.exec_driver_sql(
+        f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE jobs INCLUDING DEFAULTS) ON COMMIT DROP"
+    )
+    conn.exec_driver_sql(f"TRUNCATE {_STAGING}")
+    money = Money()
+    dialect = conn.dialect
+    columns = ", ".join(_NEW_JOB_COLUMNS)
+    import psycopg  # PostgreSQL only: SQLite runs never load the driver
+
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, psycopg.Connection)
+    with raw.cursor() as cursor, cursor.copy(f"COPY {_STAGING} ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(
+                (
+                    row["id"],
+                    row["batch_id"],
+                    row["job_key"],
+                    row["item_index"],
+                    row["variant"],
+                    row["endpoint"],
+                    _jsonb(row["input"]),
+                    _jsonb(row["source_files"]),
+                    row["registry_sha256"],
+                    _jsonb(row["price_table"]),
+                    row["rerun_of"],
+                    row["state"].value,
+                    row["version"],
+                    row["attempts"],
+                    row["download_attempts"],
+                    row["possible_duplicate_charges"],
+                    money.process_bind_param(row["est_billing_units"], dialect),
+                    money.process_bind_param(row["est_usd"], dialect),
+                    row["created_at"],
+                    row["updated_at"],
+                )
+            )
+    staged = table(_STAGING, *(column(name) for name in _NEW_JOB_COLUMNS))
+    moved = conn.execute(
+        _dialect_insert("postgresql", _JOBS)
+        .from_select(list(_NEW_JOB_COLUMNS), select(*staged.c))
+        .on_conflict_do_nothing(index_elements=["batch_id", "job_key"])
+        .execution_options(preserve_rowcount=True)
+    )
+    return int(moved.rowcount)

@@ -1,0 +1,278 @@
+"""Reruns' repeats: the jobs of a rerun that repeat another job's input, and cancelling the
+repeats not yet sent once the job they repeat kept fal's request."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, aliased
+
+from jobs.models import Batch, BatchState, Job, JobRecord
+from jobs.states import JobState
+from jobs.store.transitions import Fence, _move
+
+#: What a rerun's job cancelled before its POST says: the job it repeats kept fal's request of
+#: the same input after all (:func:`adopt_late_proof`), so sending it would pay twice.
+REPEAT_NOT_SENT_ERROR = "original_kept_late_request"
+
+
+@dataclass(frozen=True, slots=True)
+class RerunRepeat:
+    """One job of a later rerun (any generation) that repeats a job of an earlier batch: what
+    :func:`rerun_repeats` gives, for ``rerun --failed-only`` and ``status`` to tell which failed
+    or cancelled jobs a rerun already rendered, or is rendering still."""
+
+    job_id: str
+    #: The job it repeats: one of the batch's own, or a repeat of an earlier generation.
+    rerun_of: str
+    batch_id: str
+    batch_name: str
+    simulated: bool
+    state: JobState
+    input: dict[str, Any]
+    endpoint: str = ""
+    #: Where its images came from (:attr:`Job.source_files`): what its input asks, by content.
+    source_files: dict[str, Any] | None = None
+    #: Its batch was cancelled (``wanbatch cancel``): its unsent jobs are never sent.
+    batch_cancelled: bool = False
+    #: Its batch was paused by ``wanbatch pause``: nothing of it is sent until ``resume``.
+    batch_paused: bool = False
+    #: Its batch's schedule (:attr:`Batch.schedule`, as stored): a rerun keeps its parent's
+    #: window, and while that is closed nothing of it is sent (``status`` says until when).
+    batch_schedule: dict[str, Any] | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        """Its video was rendered (and paid for, unless simulated)."""
+        return self.state == JobState.SUCCEEDED
+
+
+#: What :func:`rerun_repeats` reads of each repeat, in :func:`_repeat`'s order.
+_REPEAT_COLUMNS = (
+    Job.id,
+    Job.rerun_of,
+    Job.batch_id,
+    Batch.name,
+    Batch.simulated,
+    Job.state,
+    Job.input,
+    Job.endpoint,
+    Job.source_files,
+    Batch.state,
+    Batch.paused_by_user,
+    Batch.schedule,
+)
+
+
+def _repeat(row: Any) -> RerunRepeat:
+    """A row of :data:`_REPEAT_COLUMNS` as a :class:`RerunRepeat`."""
+    job_id, of, batch, name, simulated, state, data, endpoint, sources, batch_state, paused, schedule = row
+    return RerunRepeat(
+        job_id,
+        of,
+        batch,
+        name,
+        bool(simulated),
+        JobState(state),
+        dict(data),
+        endpoint,
+        dict(sources) if isinstance(sources, dict) else None,
+        batch_cancelled=batch_state == BatchState.CANCELLED,
+        batch_paused=bool(paused),
+        batch_schedule=dict(schedule) if isinstance(schedule, dict) else None,
+    )
+
+
+def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -> list[RerunRepeat]:
+    """Every job of the reruns of ``batch_id`` (its reruns, theirs, …) that repeats one of its
+    jobs in ``states``, directly or through a repeat of a former generation; generation by
+    generation, so each row's ``rerun_of`` is the batch's job or a row before it.
+
+    Walked by the batches' ``parent_batch_id`` (few rows) and then each child batch's jobs
+    (``batch_id`` is indexed), never by a scan of every job's ``rerun_of``."""
+    found: list[RerunRepeat] = []
+    parents = [batch_id]
+    repeated: Any = select(Job.id).where(Job.batch_id == batch_id, Job.state.in_(list(states)))
+    while parents:
+        children = list(session.scalars(select(Batch.id).where(Batch.parent_batch_id.in_(parents))))
+        if not children:
+            break
+        generation = (
+            select(*_REPEAT_COLUMNS)
+            .join(Batch, Batch.id == Job.batch_id)
+            .where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
+            .order_by(Batch.created_at, Job.item_index, Job.variant, Job.id)
+        )
+        found.extend(_repeat(row) for row in session.execute(generation))
+        repeated = select(Job.id).where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
+        parents = children
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Repeat:
+    """A job that repeats a given job's input through reruns (:func:`_repeats_of`)."""
+
+    id: str
+    state: JobState
+    version: int
+    #: Whether fal has (or may have) a request of it: one was accepted (``submitted_at``, which
+    #: stays; a submit whose outcome stayed unknown takes its send time as that), or its current
+    #: POST is out (``submitting`` with ``sent_at``: written right before the POST, cleared when
+    #: the next attempt is claimed and when fal refused it unaccepted, :func:`give_back`).
+    sent: bool
+    #: Whether it is still to send (another) POST: waiting to (``pending``, ``retry_wait``), or
+    #: claimed with no POST recorded (``submitting`` without ``sent_at``). An earlier attempt
+    #: fal accepted does not stop it sending the next one.
+    sends: bool
+
+
+#: The states of a repeat that is still to send (:attr:`_Repeat.sends`, :func:`_cancel_unsent_repeats`).
+_UNSENT_REPEAT_STATES = frozenset({JobState.PENDING, JobState.RETRY_WAIT, JobState.SUBMITTING})
+
+
+def _repeated_root(session: Session, job: JobRecord) -> tuple[str, str, set[str]]:
+    """The job ``job`` repeats in the end (its ``rerun_of``, followed up while that job is
+    stored): that job's id and batch, and the ids of ``job`` and every job it repeats on the
+    way (the root included). A cycle, which no rerun makes, ends the walk."""
+    line = {job.id}
+    root, batch, up = job.id, job.batch_id, job.rerun_of
+    while up is not None and up not in line:
+        above = session.execute(select(Job.batch_id, Job.rerun_of).where(Job.id == up)).first()
+        if above is None:
+            break
+        line.add(up)
+        root, batch, up = up, str(above.batch_id), above.rerun_of
+    return root, batch, line
+
+
+def _repeats_of(session: Session, job: JobRecord) -> list[_Repeat]:
+    """Every other job that repeats ``job``'s input through reruns, in batches of the same kind
+    (a simulation's repeat bills nothing): the job ``job`` repeats in the end (its ``rerun_of``
+    followed up) is found first, and then every job of a rerun that repeats that one (any
+    generation): ``job``'s own reruns, and sibling reruns too — a second ``rerun --failed-only``
+    of the parent made while ``job``, the first rerun's, had failed as well. ``job`` itself and
+    the jobs it repeats are left out: each of those failed, or ``job`` would not have been made.
+    Walked generation by generation by the batches' ``parent_batch_id`` and then each child
+    batch's jobs, never a scan of every job; a cycle ends the walk."""
+    simulated = bool(session.scalar(select(Batch.simulated).where(Batch.id == job.batch_id)))
+    root, top, line = _repeated_root(session, job)
+    found: list[_Repeat] = []
+    seen_batches = {top}
+    seen_jobs = {root}
+    parents = [top]
+    repeated = [root]
+    while parents and repeated:
+        same_tree = session.scalars(select(Batch.id).where(Batch.parent_batch_id.in_(parents)))
+        children = [b for b in same_tree if b not in seen_batches]
+        if not children:
+            break
+        seen_batches.update(children)
+        rows = session.execute(
+            select(Job.id, Job.state, Job.version, Job.sent_at, Job.submitted_at, Batch.simulated)
+            .join(Batch, Batch.id == Job.batch_id)
+            .where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
+            .order_by(Job.id)
+        ).all()
+        rows = [r for r in rows if str(r.id) not in seen_jobs]
+        seen_jobs.update(str(r.id) for r in rows)
+        for r in rows:
+            if str(r.id) in line or bool(r.simulated) != simulated:
+                continue
+            state = JobState(r.state)
+            posted = state == JobState.SUBMITTING and r.sent_at is not None
+            sends = state in _UNSENT_REPEAT_STATES and not posted
+            sent = r.submitted_at is not None or posted
+            found.append(_Repeat(str(r.id), state, int(r.version), sent, sends))
+        parents, repeated = children, [str(r.id) for r in rows]
+    return found
+
+
+def sent_repeat(session: Session, job: JobRecord) -> str | None:
+    """Another job that repeats ``job``'s input through reruns (``job``'s own reruns or sibling
+    ones, any generation, same kind: :func:`_repeats_of`) of which fal has a request (accepted,
+    or its POST out): its id, else None. ``rerun --failed-only`` sent it for a job that failed
+    because its submit's outcome was unknown; should that submit's answer come after all, fal
+    renders and bills the same input twice: a confirmed duplicate charge
+    (:func:`adopt_late_proof`), and a late answer is cancelled at fal first
+    (:func:`worker.steps.late_answers.settle_late_answer`). A POST fal refused unaccepted (429:
+    :func:`give_back`) is no request of it."""
+    return next((r.id for r in _repeats_of(session, job) if r.sent), None)
+
+
+def _cancel_unsent_repeats(session: Session, job: JobRecord, request_id: str) -> list[str]:
+    """Cancel every repeat of ``job`` (:func:`_repeats_of`) that is still to send a POST
+    (:attr:`_Repeat.sends`: waiting, or claimed with its POST not recorded — an earlier attempt
+    of it fal accepted or refused does not matter), now that ``job`` keeps fal's request
+    ``request_id`` of the same input after all: sent, it would render and bill that input
+    twice. Fenced by each repeat's version: a submit that records its send (:func:`record_send`)
+    first is not cancelled (it went out: :func:`sent_repeat` then finds it), and one whose send
+    comes after finds its job moved on and sends nothing."""
+    cancelled: list[str] = []
+    for repeat in _repeats_of(session, job):
+        if not repeat.sends:
+            continue
+        reason = (
+            f"not sent: the job it repeats, {job.id}, keeps fal's request {request_id} of the same "
+            "input after all (its submit's late answer or proof came): sent, it would be billed twice"
+        )
+        fence = Fence(repeat.id, repeat.state, repeat.version)
+        if _move(session, fence, JobState.CANCELLED, reason, error=reason, error_type=REPEAT_NOT_SENT_ERROR):
+            cancelled.append(repeat.id)
+    return cancelled
+
+
+def rerun_repeats_of_batches(
+    session: Session, batch_ids: Collection[str], states: Sequence[JobState]
+) -> dict[str, list[RerunRepeat]]:
+    """:func:`rerun_repeats` of each of ``batch_ids`` (those with no repeat left out): the same
+    rows in the same order, in two queries per generation of reruns (the longest chain of
+    reruns of reruns), however many batches there are (``status`` with no batch).
+
+    Each generation is read for every batch at once; a row counts for the batch ``g``
+    generations up its chain of parents when the job it repeats does: one of that batch's jobs
+    in ``states`` (the first generation), or a row counted for it one generation before."""
+    wanted = set(batch_ids)
+    children: dict[str, list[str]] = {}
+    for child, parent in session.execute(
+        select(Batch.id, Batch.parent_batch_id).where(Batch.parent_batch_id.is_not(None))
+    ):
+        children.setdefault(str(parent), []).append(str(child))
+    # Each batch's reruns generation by generation: level[root] = its batches ``g`` generations down.
+    level = {root: [root] for root in wanted if root in children}
+    root_of: dict[str, str] = {}  # a batch of this generation → the batch it is a rerun of, g generations up
+    counted: dict[str, set[str]] = {}  # root → ids of the rows counted for it in the generation before
+    found: dict[str, list[RerunRepeat]] = {}
+    of = aliased(Job)
+    repeated: Any = select(Job.id).where(Job.batch_id.in_(list(level)), Job.state.in_(list(states)))
+    first = True
+    while level:
+        level = {root: [c for b in batches for c in children.get(b, ())] for root, batches in level.items()}
+        level = {root: batches for root, batches in level.items() if batches}
+        if not level:
+            break
+        root_of = {b: root for root, batches in level.items() for b in batches}
+        generation = (
+            select(*_REPEAT_COLUMNS, of.batch_id, of.state)
+            .join(Batch, Batch.id == Job.batch_id)
+            .join(of, of.id == Job.rerun_of)
+            .where(Job.batch_id.in_(sorted(root_of)), Job.rerun_of.in_(repeated))
+            .order_by(Batch.created_at, Job.item_index, Job.variant, Job.id)
+        )
+        now_counted: dict[str, set[str]] = {}
+        for *row, of_batch, of_state in session.execute(generation):
+            repeat = _repeat(row)
+            root = root_of[repeat.batch_id]
+            if first:
+                if of_batch != root or JobState(of_state) not in states:
+                    continue
+            elif repeat.rerun_of not in counted.get(root, ()):
+                continue
+            found.setdefault(root, []).append(repeat)
+            now_counted.setdefault(root, set()).add(repeat.job_id)
+        repeated = select(Job.id).where(Job.batch_id.in_(sorted(root_of)), Job.rerun_of.in_(repeated))
+        counted, first = now_counted, False
+    return found

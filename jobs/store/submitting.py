@@ -1,0 +1,146 @@
+"""State changes by intent, a submit: claimed for its POST, accepted by fal, a request adopted
+from elsewhere, and a request another job holds noted."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from jobs.models import JobEvent, utcnow
+from jobs.states import JobState
+from jobs.store.core import _JOBS, _refresh_loaded, _run
+from jobs.store.transitions import _INSERT_EVENT, _UNLEASED, Fence, _move
+
+
+def mark_submitting(
+    session: Session, fence: Fence, *, attempt: int, api_key_id: str, lease_expires_at: datetime
+) -> bool:
+    """``pending``/``retry_wait`` → ``submitting``: attempt number ``attempt`` is about to be sent
+    with ``api_key_id``, leased to ``fence.owner``. An earlier attempt's input and send time are
+    forgotten: each attempt records them right before its POST (:func:`record_send`). Its
+    ``start_timeout_at`` is kept until then (:func:`record_send` writes the new one, None too):
+    a claimed resend dropped for the earlier attempt's proof (:func:`adopt_before_resend`) keeps
+    that attempt's request, which was sent with it."""
+    return _move(
+        session,
+        fence,
+        JobState.SUBMITTING,
+        f"attempt {attempt}",
+        attempts=attempt,
+        api_key_id=api_key_id,
+        submitted_input=None,
+        sent_at=None,
+        lease_owner=fence.owner,
+        lease_expires_at=lease_expires_at,
+    )
+
+
+def mark_submitted(
+    session: Session,
+    fence: Fence,
+    *,
+    running: bool,
+    request_id: str,
+    gateway_request_id: str | None,
+    status_url: str | None,
+    response_url: str | None,
+    cancel_url: str | None,
+    submitted_at: datetime,
+    next_poll_at: datetime,
+) -> bool:
+    """``submitting`` → ``queued`` (``running`` when fal started it at once): fal accepted the
+    request as ``request_id``. From ``submit_unknown`` it is the late answer to a POST the
+    reconciler had given up on: the proof that the request exists."""
+    late = "late answer: " if fence.state == JobState.SUBMIT_UNKNOWN else ""
+    return _move(
+        session,
+        fence,
+        JobState.RUNNING if running else JobState.QUEUED,
+        f"{late}accepted as {request_id}",
+        request_id=request_id,
+        gateway_request_id=gateway_request_id,
+        status_url=status_url,
+        response_url=response_url,
+        cancel_url=cancel_url,
+        submitted_at=submitted_at,
+        next_attempt_at=next_poll_at,
+        error=None,
+        error_type=None,
+        **_UNLEASED,
+    )
+
+
+def adopt_request(
+    session: Session,
+    fence: Fence,
+    *,
+    request_id: str,
+    gateway_request_id: str | None,
+    submitted_at: datetime,
+    next_poll_at: datetime,
+    proof: str = "proved by webhook",
+    **fetched: Any,
+) -> bool:
+    """``submitting``/``submit_unknown`` → ``queued``: fal's signed webhook for this job's current
+    attempt proves it accepted the POST whose answer we never stored, as ``request_id`` — or
+    the journal of the process that sent it does, which had the answer but no database to
+    write it to (``proof`` says which). The job keeps that request (never resent); its URLs are
+    derived from the configured queue. ``fetched``: what a webhook carries of fal's result
+    (:func:`adopt_late_proof`)."""
+    return _move(
+        session,
+        fence,
+        JobState.QUEUED,
+        f"{proof}: accepted as {request_id}",
+        request_id=request_id,
+        gateway_request_id=gateway_request_id,
+        status_url=None,
+        response_url=None,
+        cancel_url=None,
+        submitted_at=submitted_at,
+        next_attempt_at=next_poll_at,
+        error=None,
+        error_type=None,
+        **_UNLEASED,
+        **fetched,
+    )
+
+
+def note_held_request(
+    session: Session,
+    job_id: str,
+    *,
+    reason: str,
+    worker: str | None,
+    error: str | None = None,
+    fence: Fence | None = None,
+) -> bool:
+    """Put on ``job_id``'s history that fal named, for one of its attempts, a request another
+    job holds (:class:`~jobs.errors.RequestHeldError`; ``reason`` names the request and that
+    job, never "accepted as <id>": the request is not the job's, :func:`request_known`), and
+    with ``error`` say so in the job's error too (a ``submit_unknown`` job stays there: the
+    error is what ``status`` shows of it). An event that moves nothing, as :func:`note_request`
+    writes, no version bump; once per ``reason`` (a journal read again notes nothing more).
+    ``fence``: only while the job is still where it saw it (state and version). False when
+    there is no such job (or it moved on), or the note is there already."""
+    locked = update(_JOBS).where(_JOBS.c.id == job_id).values(updated_at=utcnow())
+    if fence is not None:
+        locked = locked.where(_JOBS.c.state == fence.state, _JOBS.c.version == fence.version)
+    row = _run(session, locked.returning(_JOBS.c.state, _JOBS.c.version)).first()
+    if row is None:
+        return False
+    noted = select(JobEvent.id).where(
+        JobEvent.job_id == job_id, JobEvent.from_state == JobEvent.to_state, JobEvent.reason == reason
+    )
+    if session.scalar(noted.limit(1)) is not None:
+        return False
+    if error is not None:
+        _run(session, update(_JOBS).where(_JOBS.c.id == job_id).values(error=error))
+        _refresh_loaded(session, job_id, {"error": error})
+    event = {"job_id": job_id, "at": utcnow(), "from_state": row.state, "to_state": row.state}
+    event.update(version=row.version, reason=reason, details=None, worker=worker)
+    _run(session, _INSERT_EVENT, event)
+    return True
