@@ -7,7 +7,7 @@ where process-local counters (:mod:`worker.telemetry`) only know what one proces
 started.
 
 A scrape must stay cheap however many jobs are stored, so nothing here loads jobs into Python;
-the store's aggregate queries do the work (:mod:`jobs.store`, "metrics"), and ``serve`` keeps the
+the store's aggregate queries do the work (:mod:`jobs.store.metrics`), and ``serve`` keeps the
 sums of the jobs finished long ago between scrapes (:class:`FinishedTotals`), so that a scrape
 reads only the unfinished jobs and those finished lately:
 

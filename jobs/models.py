@@ -212,7 +212,7 @@ JSONDoc = JSONDocument()
 
 #: How many earlier item numbers a job keeps (:attr:`Job.earlier_items`): a download makes at
 #: most this many ``stat`` calls looking for a video saved under one of them. The SQL that keeps
-#: them (``jobs.store._APPENDED_PG`` and ``_APPENDED_SQLITE``) says it literally.
+#: them (``jobs.store.creating._APPENDED_PG`` and ``_APPENDED_SQLITE``) says it literally.
 EARLIER_ITEMS_KEPT = 8
 #: In :attr:`Job.earlier_items`: numbers nobody recorded (a job sent before schema 0032 may have
 #: been renumbered): its download lists the output folder (``jobs.outputs.under_another_item``).
