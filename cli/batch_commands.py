@@ -920,12 +920,14 @@ def _run_and_report(
 
 def uncancelled_lines(uncancelled: Iterable[GivenUp], retry: str) -> list[str]:
     """One line per request whose cancel a run gave up (:mod:`worker.steps.cancel_tries`): the
-    job is left where fal holds it, which may still run and bill it; ``retry`` (the command that
-    tries again) is named."""
+    job is left where fal holds it, which may still run and bill it, and nothing follows it once
+    this command ends; ``retry`` (the command that tries again, and fetches the video should fal
+    have finished it meanwhile) is named."""
     return [
         f"warning: job {g.job_id}: request {g.request_id} could not be cancelled at fal "
-        f"({printable(g.error)}; {g.tries} tries): fal may still run and bill it, and the job stays "
-        f"at fal (followed, and downloaded should fal finish it); {retry} tries again"
+        f"({printable(g.error)}; {g.tries} tries): fal may still run and bill it, and nothing follows "
+        f"the job once this command ends; {retry} tries again, and fetches its video should fal "
+        "finish it"
         for g in uncancelled
     ]
 

@@ -172,3 +172,32 @@ def _after_cancel(
     accepted = [r for r in later if r.method == "PUT" and r.path.endswith(f"/{rid}/cancel")]
     body = cancelled if accepted else {"status": "IN_QUEUE", "queue_position": 3}
     json_reply(body)(req, sock)
+
+
+@pytest.mark.timeout(150)
+def test_a_running_request_is_still_cancelled_after_a_queued_ones_cancel_was_given_up(
+    wb: Wb, fal: FakeFal, hostile: HostileProvider, manifest: MakeManifest, e2e_env: Path
+) -> None:
+    """Review: a queued request given up held the batch's running ones back for good, so the
+    running one's cancel was tried once (while it was queued) and never again, and `cancel` waited
+    in silence as long as fal ran it. A request given up is started whenever a slot frees (the
+    running one's end included): holding the running one back saves nothing, and costs its run."""
+    _queued_at_fal(wb, manifest, e2e_env)
+    hostile.route("PUT", CANCEL, redirect("/moved", 301))  # fal takes no cancel
+    fal.on_status("r2", json_reply({"status": "IN_PROGRESS"}))  # r2 has started, and runs on
+
+    cancel = Background(["cancel", "redirected", "--no-progress"], dict(os.environ), e2e_env, "cancel")
+    try:
+        code = cancel.wait(60)  # before the fix: still waiting after 45 s, r2 asked once
+    finally:
+        cancel.kill()
+    err = cancel.stderr()
+    assert code == 1, err
+    puts = {rid: hostile.count("PUT", rf".*/requests/{rid}/cancel") for rid in ("r1", "r2")}
+    assert puts == {"r1": CANCEL_ATTEMPTS, "r2": CANCEL_ATTEMPTS}, puts
+    lines = [line for line in err.splitlines() if "could not be cancelled at fal" in line]
+    assert sorted("request r2" in line for line in lines) == [False, True], err
+    for line in lines:  # the command ends: nothing follows the job, and the line says so
+        assert "nothing follows the job once this command ends" in line, line
+        assert "`wanbatch cancel redirected` tries again, and fetches its video" in line, line
+        assert "followed, and downloaded" not in line, line

@@ -71,6 +71,12 @@ class CancelTries:
             tries = self._tries.get(job_id)
             return tries is None or tries.request_id != request_id or self._clock() >= tries.due
 
+    def gave_up(self, job_id: str, request_id: str) -> bool:
+        """Whether this process gave the cancel of ``request_id`` (``job_id``'s) up."""
+        with self._lock:
+            given_up = self._given_up.get(job_id)
+            return given_up is not None and given_up.request_id == request_id
+
     def failed(
         self, job_id: str, request_id: str, error: str, *, wait: Callable[[int], float] | None = None
     ) -> GivenUp | None:

@@ -20,6 +20,7 @@ from jobs.models import utcnow
 from jobs.printable import one_line
 from jobs.store import Fence
 from worker.fal.models import RequestHandle
+from worker.steps.cancel_tries import CancelTries
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, tail_of_fal_queue_first
 from worker.steps.failures import (
     backoff,
@@ -264,21 +265,30 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
             )
             break
         if not tries.due(fence.job_id, handle.request_id):
-            # Waiting out a transient failure, or given up (:mod:`worker.steps.cancel_tries`).
-            # A queued one given up still holds the running ones back: cancelling one of those
-            # would free a slot into which fal starts it, and bill it.
-            may_still_queue += fence.state == S.QUEUED
+            # Waiting out a transient failure (a queued one holds the running ones back:
+            # cancelling one of those would free a slot into which fal starts it, and bill it),
+            # or given up (:mod:`worker.steps.cancel_tries`): fal will start that one whenever a
+            # slot frees, a running one's end included, so it holds nothing back; holding the
+            # running ones back would only pay for their whole runs, and keep `cancel` waiting.
+            may_still_queue += _may_still_queue(tries, fence, handle)
             continue
         try:
             outcome = rt.client.cancel(handle)
         except ProviderError as exc:
             _cancel_failed(rt, fence, handle, exc)
-            may_still_queue += fence.state == S.QUEUED
+            may_still_queue += _may_still_queue(tries, fence, handle)
             continue
         tries.done(fence.job_id)
         with db.session_scope(rt.engine) as session:
             moved += store.mark_cancelling(session, fence, reason=f"cancel requested at fal: {outcome.value}")
     return moved
+
+
+def _may_still_queue(tries: CancelTries, fence: Fence, handle: RequestHandle) -> bool:
+    """Whether ``fence``'s request, whose cancel was not taken this round, may still wait in
+    fal's queue for a slot a cancelled running request would free: queued, and its cancel not
+    given up (one given up is started by fal whenever a slot frees anyway)."""
+    return fence.state == S.QUEUED and not tries.gave_up(fence.job_id, handle.request_id)
 
 
 def _cancel_failed(rt: Runtime, fence: Fence, handle: RequestHandle, exc: ProviderError) -> None:
