@@ -151,6 +151,9 @@ class SimulatorApp:
                 base = "/".join(segments[:index])
                 if app_base(base) == base:
                     return denied or await self._request_op(request, base, segments[index + 1 :])
+        if "requests" in segments[1:]:  # a request's path under no app's (a queue URL with a path)
+            app = "/".join(segments[: segments.index("requests", 1)])
+            return denied or _json(404, {"detail": f"Application '{app}' not found"})
         return denied or _json(404, {"detail": "Not Found"})
 
     async def submit(self, request: Request, spec: EndpointSpec) -> Response:

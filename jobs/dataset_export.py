@@ -92,7 +92,7 @@ from jobs.export import (
     unfinished_of,
     write_atomically,
 )
-from jobs.fs import file_kind, file_mode, folder_mode, is_missing, os_reason, shown_path
+from jobs.fs import file_kind, file_mode, folder_mode, is_missing, os_reason, shown_path, what_is
 from jobs.models import Batch, Job
 from jobs.money import usd_json, usd_text
 from jobs.pricing import add_units, unit_symbol, units_text
@@ -1032,6 +1032,9 @@ def _refuse_taken(dest: Path) -> bool:
             kind = exc
     if isinstance(kind, OSError):
         raise UsageError(f"cannot write the export to '{shown_path(dest)}': {os_reason(kind)}")
+    what = what_is(dest)
+    if what:  # a file, a named pipe, …: "not an empty folder" read as if it were a folder
+        raise UsageError(f"-o {str(dest)!r} is {what}, not a folder; choose a new folder (the export is one)")
     raise UsageError(f"-o {str(dest)!r} exists and is not an empty folder; choose a new folder")
 
 

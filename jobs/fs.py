@@ -67,6 +67,25 @@ def file_kind(path: str | os.PathLike[str]) -> str | OSError:
     return "folder" if stat.S_ISDIR(mode) else "other"
 
 
+def what_is(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` leads to (symlinks followed), in words for a message that says it is not a
+    folder: "a file", "a named pipe (FIFO)", "a socket", "a device"; None when it is a folder,
+    or cannot be looked at (:func:`file_kind` says why)."""
+    try:
+        mode = Path(path).stat().st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISREG(mode):
+        return "a file"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a folder"
+
+
 def shown_path(path: str | os.PathLike[str] | bytes, limit: int = SHOWN_PATH_CHARS) -> str:
     """``path`` as text for a message, cut in the middle (``/tmp/bbbb…bbbb.yaml``) when longer
     than ``limit``: its start says where, its end which file.

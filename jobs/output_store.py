@@ -55,7 +55,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from jobs import outputs
 from jobs.errors import StateConflict, WanbatchError
-from jobs.fs import creatable, file_kind, file_mode, is_missing, os_reason, shown_path
+from jobs.fs import creatable, file_kind, file_mode, is_missing, os_reason, shown_path, what_is
 from jobs.output_location import (
     CONTROL_CHARS,
     S3_KEY_MAX_BYTES,
@@ -140,7 +140,9 @@ def endpoint_url() -> str | None:
     except ValueError:  # "[::1", ":99999", ":abc": the settings refuse these for S3 outputs
         return "AWS_ENDPOINT_URL (not a valid URL)"
     host = parts.hostname or ""
-    netloc = f"{host}:{port}" if port else host
+    if ":" in host:  # an IPv6 literal keeps its brackets, or its last group reads as a port
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port is not None else host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
@@ -840,7 +842,8 @@ def _probe_folder(folder: Path, name: str, *, create: bool = True) -> Path | Non
             os.close(fd)
             Path(probe).unlink(missing_ok=True)
     except OSError as exc:
-        reason = "it is a file, not a folder" if file_kind(folder) == "file" else os_reason(exc)
+        what = what_is(folder)
+        reason = f"it is {what}, not a folder" if what else os_reason(exc)
         raise OutputWriteError(f"{name} '{shown_path(folder)}' cannot take the outputs: {reason}") from None
     return None
 

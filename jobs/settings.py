@@ -216,10 +216,20 @@ def _one_of(*words: str) -> BeforeValidator:
     return BeforeValidator(check)
 
 
-def _http_url(value: str, example: str) -> str:
+#: A ``%`` that does not start a percent escape (two hex digits).
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _http_url(value: str, example: str, *, base: bool = False) -> str:
     """``value`` as an http(s) URL with a host (trailing slashes dropped); ValueError saying what
     is wrong otherwise — checked when the settings load, not when the first job fails with
-    "unsupported URL". The value itself is not echoed: a URL may carry a token."""
+    "unsupported URL". The value itself is not echoed: a URL may carry a token.
+
+    Refused too, as each passed here and then failed every request: port 0 (nothing listens
+    there: ``run`` waited for ever, "fal is unreachable"), a fragment (``#…``, never sent) and a
+    ``%`` that starts no percent escape (``/%``). A ``base`` URL (fal's queue and REST URLs,
+    the simulator's public URL) is one every request's path is appended to, as text: a query
+    (``?q=1``) there swallowed that path, and every job failed "Application '' not found"."""
     url = value.strip()
     if not url:
         raise ValueError(f"is empty; an http(s) URL such as {example} is needed (unset it for the default)")
@@ -237,13 +247,31 @@ def _http_url(value: str, example: str) -> str:
     problem = http_host_problem(parsed.hostname)
     if problem:
         raise ValueError(problem)
+    if parsed.port == 0:
+        raise ValueError(
+            f"has port 0, where no server can be reached; give the port it listens on (1 to 65535), "
+            f"such as {example}"
+        )
+    if base and "?" in url:
+        raise ValueError(
+            "has a query (?…): every request's path is appended to this URL, and would end up in the "
+            f"query; write only scheme://host[:port] and a path, such as {example}"
+        )
+    if "#" in url:
+        raise ValueError(
+            f"has a fragment (#…), which is never sent; write the URL without it, such as {example}"
+        )
+    if _BAD_ESCAPE.search(url):
+        raise ValueError(
+            "has an invalid percent escape: '%' starts two hex digits (%2F), a '%' itself is written %25"
+        )
     return url.rstrip("/")
 
 
 def check_http_url(value: str, example: str) -> str:
-    """:func:`_http_url` for a URL given elsewhere than a setting (``sim --public-url``): the
-    URL without trailing slashes, or ValueError saying what is wrong (never echoing it)."""
-    return _http_url(value, example)
+    """:func:`_http_url` for a base URL given elsewhere than a setting (``sim --public-url``):
+    the URL without trailing slashes, or ValueError saying what is wrong (never echoing it)."""
+    return _http_url(value, example, base=True)
 
 
 #: What a URL's host may be, as an error message says it.
@@ -512,7 +540,7 @@ class FalSettings(_Section):
     def _check_url(cls, value: str, info: ValidationInfo) -> str:
         """An http(s) URL with a host; ``abc``, ``ftp://x`` or an empty value are refused here."""
         field = info.field_name or ""
-        return _http_url(value, cls.model_fields[field].default)
+        return _http_url(value, cls.model_fields[field].default, base=True)
 
     @field_validator("limits_url")
     @classmethod
@@ -588,8 +616,6 @@ _DATABASE_URL = re.compile(
         (?:\?(?P<query>.*))?""",
     re.VERBOSE,
 )
-#: A ``%`` that does not start a percent escape (two hex digits).
-_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 #: The query options SQLAlchemy's SQLite driver (pysqlite) takes itself, and what each value is
 #: converted to when the first connection opens: a value that does not convert was an internal
 #: error there (``could not convert string to float: 'abc'``), exit 70.
@@ -965,18 +991,18 @@ class DownloadSettings(_Section):
                 "has a space before or after the URL (the AWS SDK reads the variable as it is); "
                 "write it without, such as http://127.0.0.1:9000"
             )
-        url = _http_url(value, "http://127.0.0.1:9000")
+        if "?" in value or "#" in value:
+            raise ValueError(
+                "has a query (?…) or a fragment (#…), which an S3 endpoint cannot take; "
+                "write only scheme://host:port (and a path), such as http://127.0.0.1:9000"
+            )
+        url = _http_url(value, "http://127.0.0.1:9000", base=True)
         host = urlsplit(url).hostname or ""
         if ":" not in host and (len(host) > 255 or not _S3_ENDPOINT_HOST.fullmatch(host.removesuffix("."))):
             raise ValueError(
                 "its host is not one the AWS SDK takes: dot-separated labels of 1 to 63 ASCII letters, "
                 "digits and hyphens (no '_', no international name), an IPv4 or an [IPv6] address, "
                 "such as http://127.0.0.1:9000"
-            )
-        if "?" in url or "#" in url:
-            raise ValueError(
-                "has a query (?…) or a fragment (#…), which an S3 endpoint cannot take; "
-                "write only scheme://host:port (and a path), such as http://127.0.0.1:9000"
             )
         return url
 
@@ -1011,8 +1037,24 @@ class DownloadSettings(_Section):
                 data["output_url"] = normalise_s3_url(location)
             except ValueError:
                 return data
-            data["output_dir"] = data.get("output_staging_dir") or DEFAULT_STATE_DIR / "staging"
+            staging = data.get("output_staging_dir")
+            if staging is not None and _staging_problem(staging):  # refused under its own name
+                staging = None
+            data["output_dir"] = staging or DEFAULT_STATE_DIR / "staging"
         return data
+
+    @field_validator("output_staging_dir", mode="before")
+    @classmethod
+    def _check_staging(cls, value: object) -> object:
+        """A local folder (:func:`_staging_problem`), said under WANBATCH_OUTPUT_STAGING_DIR: a
+        blank value was refused as "WANBATCH_OUTPUT_DIR: is empty", and ``s3://bkt/x`` was taken
+        as the relative folder ``s3:/bkt/x``. Empty is unset (docker-compose passes ``""``)."""
+        if isinstance(value, str) and not value:
+            return None
+        problem = _staging_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("output_dir", "output_staging_dir")
     @classmethod
@@ -1023,9 +1065,10 @@ class DownloadSettings(_Section):
     @field_validator("output_dir", mode="before")
     @classmethod
     def _refuse_bad_url(cls, value: object) -> object:
-        """An ``s3://`` value still here did not parse: say why, under WANBATCH_OUTPUT_DIR. An
-        empty value is refused too: as a path it is ``.``, and outputs would land in whatever
-        folder the command runs in."""
+        """An ``s3://`` value still here did not parse: say why, under WANBATCH_OUTPUT_DIR; another
+        URL (``gs://…``, ``https://…``) is none wanbatch writes to (it was taken as a relative
+        folder named ``gs:``). An empty value is refused too: as a path it is ``.``, and outputs
+        would land in whatever folder the command runs in."""
         from jobs.output_location import is_s3_url, normalise_s3_url
 
         if isinstance(value, str) and not value.strip():
@@ -1034,7 +1077,30 @@ class DownloadSettings(_Section):
             )
         if isinstance(value, str) and is_s3_url(value):
             normalise_s3_url(value)  # raises ValueError with the reason
+        elif isinstance(value, str) and _URL_START.match(value.strip()):  # gs://…: a folder "gs:"
+            raise ValueError(
+                "is a URL wanbatch cannot write to: name a local folder, or s3://bucket/prefix for "
+                "S3-compatible object storage"
+            )
         return value
+
+
+#: A URL's start: a scheme, then ``://`` (``s3://``, ``https://``, ``gs://``).
+_URL_START = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def _staging_problem(value: object) -> str | None:
+    """What is wrong with ``value`` as ``WANBATCH_OUTPUT_STAGING_DIR``, or None (empty: unset)."""
+    if not isinstance(value, str) or not value:
+        return None
+    if not value.strip():
+        return "is blank: name a local folder (unset it for the default .wanbatch/staging)"
+    if _URL_START.match(value.strip()):
+        return (
+            "is a URL: the staging folder must be a local folder (a video is downloaded, hashed and "
+            "probed there before its upload to WANBATCH_OUTPUT_DIR), such as /var/tmp/wanbatch-staging"
+        )
+    return None
 
 
 def _json_folders(text: str) -> list[str]:
@@ -1111,6 +1177,28 @@ class WebhookSettings(_Section):
         return _http_url(value, default) if value.strip() else default
 
 
+#: What ``WANBATCH_METRICS_HOST`` may be, as an error message says it.
+METRICS_HOST_FORMS = (
+    "expected the address to listen on: an IPv4 address (127.0.0.1; 0.0.0.0 for every interface), "
+    "an IPv6 address (::1 or [::1]; :: for every interface) or a host name of dot-separated labels "
+    "of 1 to 63 letters, digits or hyphens (localhost)"
+)
+
+
+def metrics_host_problem(host: str) -> str | None:
+    """What is wrong with ``host`` (stripped, without brackets) as an address to listen on, or None."""
+    if ":" in host:
+        return None if _is_ipv6(host) else f"{host!r} is no IPv6 address"
+    if any(not ch.isprintable() or ch.isspace() for ch in host):
+        return f"{host!r} is no address or host name"
+    problem = http_host_problem(host.lower())  # an IPv4 address, a name the resolver takes
+    if problem:
+        return problem.split("; ")[0].replace("its host", "the host", 1).replace(" (httpx refuses it)", "")
+    if host.isascii() and not _IPV4_STYLE.fullmatch(host) and not _HOST_NAME.fullmatch(host):
+        return f"{host!r} is no address or host name"
+    return None
+
+
 class ServeSettings(_Section):
     """The operator's side: ``wanbatch serve`` (dashboard, metrics), logs."""
 
@@ -1132,8 +1220,27 @@ class ServeSettings(_Section):
     #: (submits, limiter waits, request latencies) for Prometheus; unset: none.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     #: The address that metrics port binds: loopback by default (process metrics are not for
-    #: the internet); ``0.0.0.0`` in a container that Prometheus scrapes from outside.
+    #: the internet); ``0.0.0.0`` in a container that Prometheus scrapes from outside. An IPv6
+    #: address may be bracketed (``[::1]``); it is kept without the brackets, as a bind takes it.
     metrics_host: str = "127.0.0.1"
+
+    @field_validator("metrics_host", mode="before")
+    @classmethod
+    def _check_metrics_host(cls, value: object) -> object:
+        """An address or a host name (:func:`metrics_host_problem`); empty is the default
+        (docker-compose passes ``""``). ``a..b`` passed and then ended ``run`` and ``worker`` in
+        an internal error (the resolver's UnicodeError), and ``doctor`` said all was well."""
+        if not isinstance(value, str):
+            return value
+        host = value.strip()
+        if not host:
+            return cls.model_fields["metrics_host"].default
+        if host.startswith("[") and host.endswith("]") and _is_ipv6(host[1:-1]):
+            return host[1:-1]
+        problem = metrics_host_problem(host)
+        if problem:
+            raise ValueError(f"{problem}; {METRICS_HOST_FORMS}")
+        return host
 
     @field_validator("serve_forwarded_allow_ips", mode="before")
     @classmethod

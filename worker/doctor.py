@@ -21,7 +21,9 @@ each what is wrong and what to do about it:
 - **provider**: one cheap authenticated call to ``WANBATCH_FAL_QUEUE_URL`` — the status of a
   request id that cannot exist. The key is accepted when fal says "not found" (404), refused on
   401, the account refused on 403; it costs nothing and queues nothing. The bundled simulator
-  answers exactly so;
+  answers exactly so. A 404 saying the *application* is not found (``Application '…' not
+  found``, fal's words for a path that names no app) is no answer about a request: the URL is
+  not fal's queue, or has a path before the app's (:func:`_application_not_found`);
 - **output storage**: ``WANBATCH_OUTPUT_DIR`` (folder or ``s3://``) takes a probe object
   (:meth:`jobs.output_store.OutputStore.check_writable`, what ``run`` checks at start-up); a
   local folder not there yet is only found creatable, not created;
@@ -45,6 +47,7 @@ URL, in the ``Authorization`` header.
 from __future__ import annotations
 
 import concurrent.futures
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -465,6 +468,14 @@ def check_provider(settings: Settings) -> Check:
             f"{base} refused the account (403{said})",
             "the account is locked or out of balance: see https://fal.ai/dashboard/billing",
         )
+    if code == 404 and _application_not_found(answer):
+        return _fail(
+            name,
+            f"{base} answered that the application it was asked about is not found (404{said}): the "
+            "URL is not fal's queue, or its path is wrong",
+            "set WANBATCH_FAL_QUEUE_URL to fal's queue (unset it for https://queue.fal.run) or the "
+            "simulator's URL, with no path after the host",
+        )
     if code in (400, 404, 405, 422, 429) or 200 <= code < 300:
         return _ok(name, f"{base} accepted the key (a made-up request id: {code}, as expected)")
     return _fail(
@@ -472,6 +483,23 @@ def check_provider(settings: Settings) -> Check:
         f"{base} answered {code}{said}",
         "fal may be having trouble (https://status.fal.ai); or WANBATCH_FAL_QUEUE_URL is not fal's queue",
     )
+
+
+#: fal's answer (and the simulator's) to a path that names no application: ``{"detail":
+#: "Application 'x' not found"}`` — not the "Request … not found" of a request it does not know.
+_APPLICATION_NOT_FOUND = re.compile(r"Application '.*' not found", re.DOTALL)
+
+
+def _application_not_found(answer: Any) -> bool:
+    """Whether a 404's JSON ``detail`` says the application (not the request) is not found."""
+    from worker.fal.errors import parse_json
+
+    try:
+        body = parse_json(answer.content)
+    except (ValueError, RecursionError):
+        return False
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return isinstance(detail, str) and _APPLICATION_NOT_FOUND.fullmatch(detail.strip()) is not None
 
 
 def _get_capped(url: str, headers: dict[str, str], limit: int | None = None) -> Any:

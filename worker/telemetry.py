@@ -27,9 +27,11 @@ the key, a URL or a request's input.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -412,11 +414,25 @@ def serve_metrics(port: int, host: str = DEFAULT_METRICS_HOST) -> Callable[[], N
         served.register(ProcessMetrics())
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         served.register(collector)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         server, thread = start_http_server(port, addr=host, registry=served)
-    except OSError as exc:
+    except (socket.gaierror, UnicodeError) as exc:  # the host's name, not the port
+        why = exc.strerror if isinstance(exc, socket.gaierror) else None
         raise ConfigError(
-            f"WANBATCH_METRICS_PORT={port}: cannot serve metrics on {host}:{port} "
+            f"WANBATCH_METRICS_HOST={host}: cannot serve metrics on {where}: the host name does not "
+            f"resolve to an address here ({why or 'the resolver refuses the name'}); give an address "
+            "such as 127.0.0.1 or 0.0.0.0, or unset it"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:  # no interface of this host has that address
+            raise ConfigError(
+                f"WANBATCH_METRICS_HOST={host}: cannot serve metrics on {where} ({exc.strerror or exc}): "
+                "no interface here has that address; give one it has, such as 127.0.0.1 or 0.0.0.0, "
+                "or unset it"
+            ) from None
+        raise ConfigError(
+            f"WANBATCH_METRICS_PORT={port}: cannot serve metrics on {where} "
             f"({exc.strerror or exc}); choose another port or unset it"
         ) from None
 

@@ -670,7 +670,8 @@ def _with_credentials(setting: str) -> str:
     """A value of ``setting`` with a password and a secret query value, pointing nowhere."""
     port = unused_port()
     return {
-        "WANBATCH_FAL_QUEUE_URL": f"http://u:{PASSWORD}@127.0.0.1:{port}/q?token={TOKEN}",
+        # A queue URL has no query (it is refused: every request's path is appended to it).
+        "WANBATCH_FAL_QUEUE_URL": f"http://u:{PASSWORD}@127.0.0.1:{port}/q",
         "WANBATCH_WEBHOOK_URL": f"http://u:{PASSWORD}@127.0.0.1:{port}/webhooks/fal?token={TOKEN}",
         "WANBATCH_LIMITS_URL": f"redis://:{PASSWORD}@127.0.0.1:{port}/0?token={TOKEN}",
         "WANBATCH_BROKER_URL": f"redis://:{PASSWORD}@127.0.0.1:{port}/0?token={TOKEN}",

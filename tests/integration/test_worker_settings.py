@@ -88,7 +88,7 @@ def test_doctor_and_status_name_a_worker_whose_settings_differ_from_the_others(
         media_mismatch="fail",
         max_attempts=1,
         output_dir=tmp_path / "elsewhere",
-        fal_rest_url="https://proxy-user:proxy-pass-91@rest.test/?token=q-secret-55",
+        fal_rest_url="https://proxy-user:proxy-pass-91@rest.test/;token=q-secret-55",  # no query: refused
     )
     plans = [("host-a", 101, worker_settings(), True), ("host-b", 102, worker_settings(), False)]
     plans.append(("host-c", 103, odd, False))
