@@ -190,10 +190,7 @@ def test_an_ipv6_metrics_host_is_served(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setenv("WANBATCH_METRICS_HOST", "[::1]")
     port = unused_port()
-    try:
-        stop = serve_metrics(port, get_settings().metrics_host)
-    except ConfigError as exc:  # a host without IPv6 loopback
-        pytest.skip(str(exc))
+    stop = serve_metrics(port, get_settings().metrics_host)  # no IPv6 loopback: fails, loudly
     try:
         assert httpx.get(f"http://[::1]:{port}/metrics", timeout=5).status_code == 200
     finally:
