@@ -41,10 +41,10 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from falsim.engine import COMPLETED, Engine, SimRequest
+from jobs.asgi_shutdown import RAW_SEND
 from jobs.endpoints import EndpointSpec, all_endpoints
 from jobs.endpoints.registry import app_base
 
-_RAW_SEND = "wanbatch.sim.raw_send"
 _NGINX_502 = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
     "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
@@ -61,7 +61,7 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> JSON
 
 def abort_connection(request: Request) -> None:
     """Reset the client's TCP connection now, before any response byte is written."""
-    send = request.scope.get(_RAW_SEND)
+    send = request.scope.get(RAW_SEND)
     transport = getattr(getattr(send, "__self__", None), "transport", None)
     if transport is None:  # not uvicorn's h11/httptools cycle: nothing better than closing
         raise RuntimeError("cannot reach the connection's transport to drop it")
@@ -111,7 +111,7 @@ class SimulatorApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            scope[_RAW_SEND] = send
+            scope.setdefault(RAW_SEND, send)  # EndsCleanly's, when it wraps this app
         await self.starlette(scope, receive, send)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -130,9 +130,18 @@ class SimulatorApp:
         return None
 
     async def _hold(self, kind: str) -> None:
+        """Hold the answer for the fault's ``delay``, or until the server begins to shut down
+        (:meth:`Engine.close_streams`): then it is sent at once, as the streams end, rather than
+        cut off once uvicorn's graceful wait has passed."""
         fault = self.engine.faults.fire(kind)
-        if fault is not None:
-            await asyncio.sleep(float(fault.get("delay", 30.0)))
+        if fault is None:
+            return
+        engine = self.engine
+        loop = asyncio.get_running_loop()
+        until = loop.time() + float(fault.get("delay", 30.0))
+        while not engine.closing and (left := until - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(engine.changed.wait(), left)
 
     # -- queue API -------------------------------------------------------------------------
 

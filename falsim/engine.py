@@ -172,9 +172,10 @@ class Engine:
 
     def close_streams(self) -> None:
         """The server is shutting down: every open status stream ends now, as if its client had
-        read to the end. Called in the serving loop before uvicorn waits for open responses; a
-        stream left open would be cancelled once ``timeout_graceful_shutdown`` passed, and
-        uvicorn prints a traceback for each."""
+        read to the end, and every answer a ``submit_slow`` or ``status_slow`` fault holds is
+        sent now. Called in the serving loop before uvicorn waits for open responses; one left
+        open would be cut off once ``timeout_graceful_shutdown`` passed (answered 503 by
+        :class:`jobs.asgi_shutdown.EndsCleanly`)."""
         self.closing = True
         self._notify()
 

@@ -33,9 +33,14 @@ FAULTS: dict[str, str] = {
         "the request IS queued (and billed when it runs), then the connection is reset before any "
         "response byte: the client sees a transport error."
     ),
-    "submit_slow": "the request IS queued, the response is held for `delay` seconds (default 30).",
+    "submit_slow": (
+        "the request IS queued, the response is held for `delay` seconds (default 30; sent at "
+        "once when the simulator stops)."
+    ),
     "status_502": "status poll → 502 nginx HTML.",
-    "status_slow": "status poll is held for `delay` seconds (default 30).",
+    "status_slow": (
+        "status poll is held for `delay` seconds (default 30; sent at once when the simulator stops)."
+    ),
     "status_stream_drop": "a status stream sends its first event, then ends before COMPLETED.",
     "model_error": (
         "the request completes with `error_type` (default runner_disconnected) and the result "

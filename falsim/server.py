@@ -33,6 +33,7 @@ from falsim.engine import Engine
 from falsim.ledger import LedgerReport
 from falsim.options import SimulatorOptions
 from falsim.tls import make_self_signed
+from jobs.asgi_shutdown import EndsCleanly
 from jobs.endpoints import get_endpoint
 
 T = TypeVar("T")
@@ -76,7 +77,9 @@ def build_app(engine: Engine, base_url: str) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await sim(scope, receive, send)
 
-    return app
+    # Outermost: a request still running when the server stops (a slow client's download, a
+    # second Ctrl-C) is answered 503, not logged with a traceback.
+    return EndsCleanly(app)
 
 
 class _Server(uvicorn.Server):
