@@ -321,6 +321,11 @@ SERVE_LIMIT_CONCURRENCY = 100
 #: comes from its address); a connection beyond it is closed at once, a failed delivery to fal,
 #: which sends it again later.
 SERVE_CONNECTIONS_PER_PEER = 25
+#: Seconds ``serve``'s graceful shutdown (SIGTERM, Ctrl-C, SIGHUP) waits for requests in progress
+#: (a webhook body still arriving has :data:`web.bodies.BODY_DEADLINE`, as long): what is still
+#: running then is cut (answered 503, or its connection reset: a dashboard tab that stopped
+#: reading a video), not waited on for ever (:mod:`jobs.asgi_shutdown`).
+SERVE_GRACEFUL_SHUTDOWN_SECONDS = 10
 
 
 class AccessLogMasking(logging.Filter):
@@ -460,6 +465,7 @@ def serve(host: str, port: int) -> None:
             # rewrite, for WANBATCH_SERVE_FORWARDED_ALLOW_IPS's proxies), so that it can tell
             # whether the peer was one of them, which uvicorn's rewrite hides.
             proxy_headers=False,
+            timeout_graceful_shutdown=SERVE_GRACEFUL_SHUTDOWN_SECONDS,
         )
         mask_access_log()  # after the Config, which configures uvicorn's loggers
         from jobs.open_files import quiet_accept_errors, raise_soft_limit

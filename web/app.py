@@ -60,8 +60,10 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from jobs import db
+from jobs.asgi_shutdown import STOPPED, EndsCleanly
 from jobs.digits import ascii_int
 from jobs.printable import one_line
 from jobs.settings import Settings
@@ -153,6 +155,16 @@ def _job_and_attempt(request: Request) -> tuple[str | None, int | None]:
 
 #: What a delivery whose URL lacks our token (or carries a wrong one) is told.
 NOT_OURS = "the webhook URL does not carry this receiver's token for its job and attempt"
+
+
+class _WebApp(Starlette):
+    """The app, whose outermost layer, outside even Starlette's error middleware, ends a request
+    still running when the server stops with an answer, not a traceback
+    (:class:`jobs.asgi_shutdown.EndsCleanly`: 503 and one warning line, or the connection of a
+    response cut mid-body reset)."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return EndsCleanly(super().build_middleware_stack(), body={"ok": False, "error": STOPPED})
 
 
 def create_app(
@@ -350,15 +362,16 @@ def create_app(
         )
         return dashboard.error(request, DASHBOARD_FAILED, 500, "Internal error")
 
-    app = Starlette(
+    app = _WebApp(
         routes=[
             Route("/webhooks/fal", fal_webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             metrics_route(engine, settings),
             *dashboard.routes(),
         ],
-        # Outermost: the proxy headers of trusted proxies believed (uvicorn's rewrite, done here
-        # so that DashboardAuth can still tell whether the peer itself was such a proxy).
+        # Outermost (inside _WebApp's EndsCleanly): the proxy headers of trusted proxies believed
+        # (uvicorn's rewrite, done here so that DashboardAuth can still tell whether the peer
+        # itself was such a proxy).
         middleware=[
             Middleware(ForwardedHeaders, allow_ips=trusted_proxies(settings.serve_forwarded_allow_ips)),
             Middleware(DashboardAuth, gate=gate),
