@@ -232,7 +232,9 @@ def test_processes_share_one_limit_clocked_by_redis(
     for p in procs:
         p.join(30)
     assert max_in_window(grants) <= rate
-    assert len(grants) >= 3 * rate - 2
+    gaps = [b - a for a, b in itertools.pairwise(sorted(grants))]  # the median gap, as above
+    assert len(grants) >= 2 * rate
+    assert statistics.median(gaps) <= 1.2 / rate
 
 
 def test_redis_down_fails_closed() -> None:
@@ -244,14 +246,26 @@ def test_redis_down_fails_closed() -> None:
 
 
 def test_local_gcra_same_contract() -> None:
-    limiter = LocalGCRA(_settings(20, submit_jitter_allowance=0.0))
+    read: list[float] = []
+
+    def clock() -> float:  # the limiter's own reading of the time: a grant's time, exactly
+        read.append(time.monotonic())
+        return read[-1]
+
+    limiter = LocalGCRA(_settings(20, submit_jitter_allowance=0.0), clock=clock)
     grants: list[float] = []
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
         if wait_for_token(limiter, ENDPOINT, 0.5) == 0:
-            grants.append(time.monotonic())
+            # Not the time after it returned: a thread descheduled between the grant and its
+            # reading of the clock would record it late, and the next one 21 to a second.
+            grants.append(read[-1])
     assert max_in_window(grants) <= 20
-    assert len(grants) >= 29
+    # The rate is achieved, judged by the median gap (as above), not by the count over 1.5 s: CI
+    # once saw 27 grants for 30 on a loaded 2-core machine, the loop starved for a moment.
+    gaps = [b - a for a, b in itertools.pairwise(grants)]
+    assert len(grants) >= 20
+    assert statistics.median(gaps) <= 1.2 / 20
 
 
 def test_wait_for_token_gives_up_beyond_max_wait(monkeypatch: pytest.MonkeyPatch) -> None:
