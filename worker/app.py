@@ -47,16 +47,53 @@ from typing import Any
 from celery import Celery
 
 from jobs.settings import BrokerSettings
-from worker.task_events import BatchedTaskEvents
+from worker.task_events import BatchedTaskEvents, WorkerEvents
 
 VISIBILITY_TIMEOUT_SECONDS = 2 * 60 * 60
 QUEUE = "wanbatch"
+#: How long one call to a Redis broker (a publish, a reconnection's handshake) may wait for its
+#: answer, and a connection attempt for the server to accept. A Redis that is up but does not
+#: answer (stopped, a hung host, a network partition that drops packets) otherwise held the
+#: caller for good: kombu's default is no timeout at all.
+BROKER_SOCKET_TIMEOUT_SECONDS = 5.0
+BROKER_CONNECT_TIMEOUT_SECONDS = 5.0
+#: How often a task message is published again after the broker failed it (Celery's
+#: ``task_publish_retry_policy``; its default tries 3 times more). Each try waits up to
+#: :data:`BROKER_SOCKET_TIMEOUT_SECONDS` to publish and as long to reconnect, so the leader's hand-off
+#: to a broker that does not answer fails within about 20 s and is an outage
+#: (:mod:`worker.broker_outage`) instead of a round held for a minute.
+PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://", "sentinel://")
+
+
+def broker_transport_options(broker_url: str | None) -> dict[str, Any]:
+    """kombu's transport options for ``broker_url`` (None: the in-memory transport)."""
+    options: dict[str, Any] = {
+        "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
+        "polling_interval": 0.05 if broker_url is None else 1.0,
+    }
+    if broker_url is not None and broker_url.startswith(REDIS_SCHEMES):
+        # kombu's Redis channel passes these to redis-py: every broker call is bounded, and TCP
+        # keepalives find a peer that vanished while the connection was idle.
+        options.update(
+            socket_timeout=BROKER_SOCKET_TIMEOUT_SECONDS,
+            socket_connect_timeout=BROKER_CONNECT_TIMEOUT_SECONDS,
+            socket_keepalive=True,
+        )
+    return options
 
 
 def make_app(broker_url: str | None) -> Celery:
     """A configured app without tasks (enough to ping workers). Without a broker URL it uses
     kombu's in-memory transport (embedded)."""
-    app = Celery("wanbatch", broker=broker_url or "memory://localhost/", set_as_current=False)
+    app = Celery(
+        "wanbatch",
+        broker=broker_url or "memory://localhost/",
+        events=f"{WorkerEvents.__module__}:{WorkerEvents.__qualname__}",
+        set_as_current=False,
+    )
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -69,10 +106,9 @@ def make_app(broker_url: str | None) -> Celery:
         task_default_queue=QUEUE,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        broker_transport_options={
-            "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
-            "polling_interval": 0.05 if broker_url is None else 1.0,
-        },
+        broker_transport_options=broker_transport_options(broker_url),
+        broker_connection_timeout=BROKER_CONNECT_TIMEOUT_SECONDS,
+        task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         worker_hijack_root_logger=False,
         worker_send_task_events=broker_url is not None,
         task_send_sent_event=broker_url is not None,

@@ -285,11 +285,121 @@ def celery_logs_through_ours() -> None:
     in each prefork child. The ``after_setup_logger`` and ``after_setup_task_logger`` signals it
     sends right after are the documented hook for changing what it set up
     (https://docs.celeryq.dev/en/stable/userguide/signals.html#logging-signals): their receivers
-    drop those handlers and let the loggers propagate. The levels Celery set stay."""
+    drop those handlers and let the loggers propagate. The levels Celery set stay.
+
+    Two of Celery's lines are made quieter too: a prefork child killed mid-task is one warning
+    line instead of an error with two tracebacks (:class:`_PoolChildLost`), and the notice it
+    writes at every broker connection loss about a setting wanbatch sets is dropped
+    (:func:`_quiet_cancel_on_connection_loss_notice`)."""
     from celery.signals import after_setup_logger, after_setup_task_logger
 
     after_setup_logger.connect(_own_handlers_only, weak=False)  # once: the same receiver
     after_setup_task_logger.connect(_own_handlers_only, weak=False)
+    request_log = logging.getLogger("celery.worker.request")
+    if not any(isinstance(f, _PoolChildLost) for f in request_log.filters):
+        request_log.addFilter(_PoolChildLost())
+        request_log.addFilter(_UnacknowledgedForBroker())
+    _quiet_cancel_on_connection_loss_notice()
+
+
+#: What a prefork child killed mid-task (``kill -9``, the OOM killer) is said as, instead of
+#: Celery's ``Task handler raised error: WorkerLostError(…)`` and its two tracebacks.
+POOL_CHILD_LOST = (
+    "pool child %s mid-task; its message is requeued and the job's lease decides what happens to the job"
+)
+
+
+class _PoolChildLost(logging.Filter):
+    """Celery logs a prefork child that died mid-task (its ``WorkerLostError``) as an ERROR with
+    the traceback of where billiard noticed it (``billiard/pool.py``), twice over (the wrapped
+    one and its cause): nothing in it says anything about the task. With ``task_acks_late`` and
+    ``task_reject_on_worker_lost`` (:mod:`worker.app`) its message goes back to the queue, and the
+    job's lease decides whether it runs again — so it is one WARNING line, without traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from billiard.exceptions import WorkerLostError  # type: ignore[import-untyped]
+
+        candidates: list[object] = [record.exc_info[1] if record.exc_info else None]
+        if isinstance(record.args, tuple):
+            candidates += record.args
+        # billiard wraps it at times (``ExceptionWithTraceback``, the original as ``exc``)
+        lost = [getattr(c, "exc", c) for c in candidates]
+        exc = next((c for c in lost if isinstance(c, WorkerLostError)), None)
+        if exc is None:
+            return True
+        said = str(exc).strip()
+        how = said.split("prematurely:", 1)[-1].split(" Job:", 1)[0].strip().rstrip(".")
+        record.msg = POOL_CHILD_LOST
+        record.args = (f"killed by {how}" if how.startswith("signal") else f"lost ({how or said})",)
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        record.event = "worker.pool_child_lost"
+        return True
+
+
+#: A task's acknowledgement (or rejection) the broker did not take, instead of kombu's CRITICAL
+#: line and traceback.
+UNACKNOWLEDGED = (
+    "the broker did not take the %s of message %s (%s); the message is delivered again, "
+    "which the job's state makes harmless"
+)
+
+
+class _UnacknowledgedForBroker(logging.Filter):
+    """kombu logs an acknowledgement the broker did not take (``Couldn't ack …``, from
+    ``Message.ack_log_error``, with Celery's request logger) as CRITICAL with a traceback. A
+    broker that cannot be reached or does not answer (a restart, a partition: the connection
+    error of :func:`worker.broker_outage.broker_problem`) is an outage, no bug: the message is
+    restored to the queue and runs again, as after any redelivery. One WARNING line then;
+    anything else keeps kombu's line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or not record.msg.startswith(("Couldn't ack", "Couldn't reject")):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            exc = next((a for a in args if isinstance(a, BaseException)), None)
+        from worker.broker_outage import broker_problem
+
+        problem = broker_problem(exc) if exc is not None else None
+        if problem is None:
+            return True
+        what = "acknowledgement" if record.msg.startswith("Couldn't ack") else "rejection"
+        record.msg = UNACKNOWLEDGED
+        record.args = (what, args[0] if args else "?", problem)
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        record.event = "worker.ack_lost"
+        return True
+
+
+#: The start of Celery's notice about ``worker_cancel_long_running_tasks_on_connection_loss``
+#: (``celery.worker.consumer.consumer.CANCEL_TASKS_BY_DEFAULT``).
+CANCEL_NOTICE = "In Celery 5.1 we introduced an optional breaking change"
+
+
+def _quiet_cancel_on_connection_loss_notice() -> None:
+    """Drop Celery's 8-line ``CPendingDeprecationWarning`` ("In Celery 5.1 we introduced an
+    optional breaking change…") that its consumer issues at every broker connection loss while
+    ``worker_cancel_long_running_tasks_on_connection_loss`` is off — even when set off explicitly,
+    as :mod:`worker.app` does. Off is wanbatch's choice, not a default left unset: cancelling
+    running tasks on a connection loss would abandon submits mid-POST, and a task's message is
+    redelivered after a connection loss anyway. Only that notice: Celery's other warnings stay.
+
+    A filter on the ``py.warnings`` logger (warnings are log records in a worker:
+    ``logging.captureWarnings``), not a ``warnings`` filter: Celery's logging set-up puts an
+    ``always`` filter for its warning categories in front of any filter made before it."""
+    logger = logging.getLogger("py.warnings")
+    if not any(isinstance(f, _CancelNotice) for f in logger.filters):
+        logger.addFilter(_CancelNotice())
+
+
+class _CancelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return CANCEL_NOTICE not in record.getMessage()
 
 
 def _own_handlers_only(**_: object) -> None:

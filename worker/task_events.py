@@ -19,6 +19,8 @@ from functools import cache
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.app.events import Events
+from celery.events.dispatcher import EventDispatcher
 
 #: How often a worker publishes the task events it has buffered, all in one message.
 TASK_EVENTS_FLUSH_SECONDS = 0.5
@@ -126,6 +128,47 @@ class SentEvents:
         with self._lock:
             if self._dispatcher is not None and self._pid == os.getpid():
                 self._dispatcher.flush()
+
+
+class WorkerEventDispatcher(EventDispatcher):  # type: ignore[misc]  # Celery is untyped
+    """Celery's event dispatcher, but a publish it retries (``retry=True``: the worker's
+    heartbeat, ``worker-online``) stops retrying once the worker is asked to stop.
+
+    Celery's heartbeat publishes with retries and no retry policy: kombu reconnects to the
+    broker for as long as it takes (``Connection.ensure`` without ``max_retries``), checking
+    nothing in between. With a Redis that accepts connections but does not answer (stopped, a
+    hung host), the worker's main thread stayed in that loop, and SIGTERM's warm shutdown
+    (Celery only sets a flag that loop never reads) never came: the worker outlived its stop by
+    as long as the outage lasted, until Compose's SIGKILL. The retry policy given here has
+    kombu call :func:`_stop_if_asked` at each failed attempt, which ends the loop with Celery's
+    own ``WorkerShutdown`` (``WorkerTerminate`` after a cold stop) when a stop is pending, as
+    Celery's consumer does while it reconnects (``ensure_connection``'s ``maybe_shutdown``). A
+    retried publish that is not interrupted still retries as long as the broker is away.
+    """
+
+    def send(self, type: str, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("retry") and kwargs.get("retry_policy") is None:
+            kwargs["retry_policy"] = {"errback": _stop_if_asked}
+        return super().send(type, *args, **kwargs)
+
+
+class WorkerEvents(Events):  # type: ignore[misc]  # Celery is untyped
+    """``app.events`` of :func:`worker.app.make_app`'s app: its dispatchers are
+    :class:`WorkerEventDispatcher`."""
+
+    dispatcher_cls = f"{__name__}:WorkerEventDispatcher"
+
+
+def _stop_if_asked(exc: BaseException, interval: float) -> None:
+    """kombu's errback of a retried publish (each failed attempt to reach the broker): raise
+    Celery's ``WorkerShutdown``/``WorkerTerminate`` when the worker was asked to stop (a signal
+    sets the flag; :func:`celery.worker.state.maybe_shutdown` raises for it). Only on the main
+    thread, where Celery's worker loop runs and expects them; another thread's publish (a
+    task's, the ticker's) keeps its own bounds."""
+    if threading.current_thread() is threading.main_thread():
+        from celery.worker.state import maybe_shutdown
+
+        maybe_shutdown()
 
 
 @cache
