@@ -900,7 +900,7 @@ def _run_and_report(
             for g in stats.uncancelled
         ]
         retry = f"`wanbatch cancel {report_ref(report)}{_simulate_flag(_simulator is not None)}`"
-        for line in uncancelled_lines(stats.uncancelled, retry):
+        for line in uncancelled_lines(stats.uncancelled, retry, workers=bool(settings.broker_url)):
             err.print(f"[yellow]{escape(line)}[/yellow]")
     if as_json:
         emit_json(
@@ -918,16 +918,27 @@ def _run_and_report(
     return EXIT_USAGE if held else final_code(report)
 
 
-def uncancelled_lines(uncancelled: Iterable[GivenUp], retry: str) -> list[str]:
+def uncancelled_lines(uncancelled: Iterable[GivenUp], retry: str, *, workers: bool = False) -> list[str]:
     """One line per request whose cancel a run gave up (:mod:`worker.steps.cancel_tries`): the
-    job is left where fal holds it, which may still run and bill it, and nothing follows it once
-    this command ends; ``retry`` (the command that tries again, and fetches the video should fal
-    have finished it meanwhile) is named."""
+    job is left where fal holds it, which may still run and bill it. Embedded, nothing follows
+    it once this command ends: ``retry`` (the command that tries again, and fetches the video
+    should fal have finished it meanwhile) is named. With ``workers`` (a broker), they go on
+    following it, and ask fal to cancel it again every few minutes."""
+    if workers:
+        from worker.steps.cancel_tries import GIVEN_UP_RETRY_SECONDS
+
+        after = (
+            "the workers go on following the job, ask fal to cancel it again every "
+            f"{GIVEN_UP_RETRY_SECONDS / 60:g} minutes and fetch its video should fal finish it"
+        )
+    else:
+        after = (
+            f"nothing follows the job once this command ends; {retry} tries again, and fetches its "
+            "video should fal finish it"
+        )
     return [
         f"warning: job {g.job_id}: request {g.request_id} could not be cancelled at fal "
-        f"({printable(g.error)}; {g.tries} tries): fal may still run and bill it, and nothing follows "
-        f"the job once this command ends; {retry} tries again, and fetches its video should fal "
-        "finish it"
+        f"({printable(g.error)}; {g.tries} tries): fal may still run and bill it, and {after}"
         for g in uncancelled
     ]
 

@@ -77,3 +77,17 @@ def test_a_given_up_cancel_is_tried_again_by_a_process_that_lives_on() -> None:
     assert tries.due("j1", "r1")
     tries.done("j1")
     assert tries.given_up() == []
+
+
+def test_the_given_up_line_says_who_follows_the_job_once_cancel_ends() -> None:
+    """Embedded, nothing follows the job once `cancel` ends; with workers, they go on (and ask
+    fal again every GIVEN_UP_RETRY_SECONDS): the line says which (review)."""
+    from cli.batch_commands import uncancelled_lines
+
+    given_up = [GivenUp("j1", "r1", "HTTP 302 redirect", CANCEL_ATTEMPTS)]
+    (alone,) = uncancelled_lines(given_up, "`wanbatch cancel b`")
+    assert "nothing follows the job once this command ends; `wanbatch cancel b` tries again" in alone
+    (workers,) = uncancelled_lines(given_up, "`wanbatch cancel b`", workers=True)
+    assert "the workers go on following the job" in workers
+    assert f"every {GIVEN_UP_RETRY_SECONDS / 60:g} minutes" in workers
+    assert "nothing follows" not in workers
