@@ -72,6 +72,7 @@ from sqlalchemy.exc import (
     NoResultFound,
     OperationalError,
 )
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.sqltypes import TupleType
 
@@ -93,6 +94,34 @@ WRITER_WAIT_SECONDS = 86400.0
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: A pooled PostgreSQL connection idle longer than this is pinged before it is handed out.
 PING_AFTER_IDLE_SECONDS = 1.0
+#: How long opening a PostgreSQL connection may take, in seconds (libpq's ``connect_timeout``;
+#: without it a server that does not answer, a partitioned network, holds a connect for psycopg's
+#: own default of 130 s, or for as long as the OS retries SYNs, and with it every checkout).
+PG_CONNECT_TIMEOUT_SECONDS = 10
+#: TCP keepalives on this side of every PostgreSQL connection (libpq's ``keepalives*``): after
+#: 30 s of silence, a probe every 10 s, and the connection declared dead after 3 unanswered, so
+#: a connection waiting for an answer that a cut network will never bring fails in about a
+#: minute instead of the OS default of two hours and more.
+PG_CLIENT_KEEPALIVES: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+#: How long data sent on a PostgreSQL connection may stay unacknowledged before the connection is
+#: dropped, in milliseconds (libpq's ``tcp_user_timeout``, Linux's ``TCP_USER_TIMEOUT``):
+#: keepalives probe only an idle connection, and a statement or COMMIT sent into a partition
+#: would otherwise be retransmitted for about 15 minutes (``tcp_retries2``) before failing.
+PG_TCP_USER_TIMEOUT_MS = 30_000
+#: The server's TCP keepalives for every session wanbatch opens (``tcp_keepalives_*``, set at
+#: connect time with libpq's ``options``): a partitioned client's session, and the advisory lock
+#: it holds (the tick leader's), is ended by the server within about a minute, so a healthy
+#: worker can take over, instead of living for the OS default of two hours and more.
+PG_SERVER_KEEPALIVES: dict[str, int] = {
+    "tcp_keepalives_idle": 30,
+    "tcp_keepalives_interval": 10,
+    "tcp_keepalives_count": 3,
+}
 #: Key of the PostgreSQL advisory lock that serialises concurrent ``migrate`` calls
 #: (an arbitrary constant that fits PostgreSQL's signed 64-bit lock key).
 _MIGRATE_LOCK_KEY = 0x5B9E1D0C2A7F4E31
@@ -257,10 +286,54 @@ def _built_engine(url: str | URL, **kwargs: Any) -> tuple[Engine, Path | None]:
         if on_disk and "poolclass" not in kwargs:
             _add_writer(engine, parsed, writers)
         return engine, created
+    if parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = _pg_bounded_args(parsed, kwargs.get("connect_args") or {})
     engine = _create_engine(parsed, **kwargs)
     if "pool_pre_ping" not in kwargs:
         _ping_after_idle(engine)
     return engine, None
+
+
+def pg_bounded_params(params: dict[str, Any]) -> dict[str, Any]:
+    """libpq connection parameters ``params`` (what psycopg is given) with wanbatch's time bounds
+    added: :data:`PG_CONNECT_TIMEOUT_SECONDS`, :data:`PG_CLIENT_KEEPALIVES`,
+    :data:`PG_TCP_USER_TIMEOUT_MS`, and :data:`PG_SERVER_KEEPALIVES` in ``options``.
+
+    What ``params`` already says wins (a ``?connect_timeout=`` in the URL, a ``-c
+    tcp_keepalives_idle=…`` of its own in ``options``), as do libpq's environment variables
+    ``PGCONNECT_TIMEOUT`` and ``PGOPTIONS``, which an explicit parameter would otherwise silence:
+    ``options`` is the URL's (else ``PGOPTIONS``) with the server settings it does not name
+    appended. No ``statement_timeout`` or ``lock_timeout``: exports, large inserts and
+    migrations legitimately run, or wait for a lock, far longer than any bound that would help.
+    """
+    bounded = dict(params)
+    if "connect_timeout" not in bounded and not os.environ.get("PGCONNECT_TIMEOUT"):
+        bounded["connect_timeout"] = PG_CONNECT_TIMEOUT_SECONDS
+    for key, value in PG_CLIENT_KEEPALIVES.items():
+        bounded.setdefault(key, value)
+    bounded.setdefault("tcp_user_timeout", PG_TCP_USER_TIMEOUT_MS)
+    given = str(bounded["options"]) if "options" in bounded else os.environ.get("PGOPTIONS", "")
+    extra = [
+        f"-c {name}={value}"
+        for name, value in PG_SERVER_KEEPALIVES.items()
+        if not re.search(rf"\b{name}\s*=", given)
+    ]
+    bounded["options"] = " ".join(part for part in (given.strip(), *extra) if part)
+    return bounded
+
+
+def _pg_bounded_args(parsed: URL, connect_args: dict[str, Any]) -> dict[str, Any]:
+    """``connect_args`` for :func:`sqlalchemy.create_engine` on PostgreSQL: the caller's, over the
+    URL's own parameters, bounded (:func:`pg_bounded_params`). SQLAlchemy lets ``connect_args``
+    replace the URL's parameters, so only what is added or merged (``options``) is returned
+    beside the caller's."""
+    try:
+        _args, from_url = parsed.get_dialect()().create_connect_args(parsed)
+    except (ArgumentError, ImportError, TypeError):  # create_engine says why, in one line
+        return connect_args
+    given = {**from_url, **connect_args}
+    bounded = pg_bounded_params(given)
+    return {**connect_args, **{k: v for k, v in bounded.items() if given.get(k) != v}}
 
 
 def _create_engine(parsed: URL, **kwargs: Any) -> Engine:
@@ -644,7 +717,14 @@ def is_unavailable(exc: BaseException) -> bool:
     connection), or any error that invalidated the connection — but for a missing table
     (:func:`is_schema_missing`), which SQLite reports as an ``OperationalError`` too, though
     waiting never brings it back.
+
+    Also SQLAlchemy's pool timeout (``QueuePool limit of size … reached``: not a DB-API error),
+    which says every connection is taken by work the database is not finishing: a database
+    that hangs, or a partition, holds them all until their TCP bounds
+    (:data:`PG_TCP_USER_TIMEOUT_MS`) end them.
     """
+    if isinstance(exc, PoolTimeoutError):
+        return True
     if is_schema_missing(exc):
         return False
     if isinstance(exc, OperationalError | InterfaceError):
@@ -849,6 +929,19 @@ def after_commit(session: Session, callback: Callable[[], object]) -> None:
         callback()
     else:
         waiting.append(callback)
+
+
+#: What :func:`probe` asks.
+_PROBE = text("SELECT 1")
+
+
+def probe(engine: Engine) -> None:
+    """Ask the database something trivial (``SELECT 1`` in a :func:`read_scope`: no write lock
+    on SQLite), to tell that it answers now; raises what asking raised. Bounded by the
+    connection's own bounds only (:data:`PG_TCP_USER_TIMEOUT_MS`): a caller that must not wait
+    that long waits for it on a thread of its own (``/healthz``)."""
+    with read_scope(engine) as session:
+        session.execute(_PROBE)
 
 
 @contextlib.contextmanager
@@ -1758,14 +1851,6 @@ class AdvisoryLock:
 
 #: The PostgreSQL channel on which processes tell each other that a job moved (``kind:job_id``).
 EVENTS_CHANNEL = "wanbatch_events"
-#: TCP keepalives for a listening connection: one that only waits for notices never sends, so
-#: without them a vanished server or a cut network would leave it waiting forever.
-_LISTEN_KEEPALIVES: dict[str, Any] = {
-    "keepalives": 1,
-    "keepalives_idle": 30,
-    "keepalives_interval": 10,
-    "keepalives_count": 3,
-}
 
 
 def notify_events(bind: Session | Connection, payload: str) -> None:
@@ -1799,7 +1884,7 @@ def listen_events(url: str | URL, *, connect_timeout: float = 10.0) -> psycopg.C
     import psycopg  # here: a SQLite-only process never pays for loading the driver
 
     _args, params = parsed.get_dialect()().create_connect_args(parsed)
-    params = {**_LISTEN_KEEPALIVES, "connect_timeout": max(1, round(connect_timeout)), **params}
+    params = pg_bounded_params({"connect_timeout": max(1, round(connect_timeout)), **params})
     conn = psycopg.connect(**params, autocommit=True)
     try:
         conn.execute(f"LISTEN {EVENTS_CHANNEL}")

@@ -55,6 +55,7 @@ import anyio
 import anyio.to_thread
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -94,8 +95,8 @@ RECEIVER_THREADS = 8
 #: Longest ``GET /healthz`` waits for fal's signing keys to be fetched (when none are held):
 #: a container health check gives it a few seconds in all.
 HEALTHZ_KEYS_WAIT = 2.0
-#: Longest ``GET /healthz`` waits for the database to say which one it is (the first time only:
-#: then it is known), alongside the keys' wait, not after it.
+#: Longest ``GET /healthz`` waits for the database to answer (a ``SELECT 1``, and the first time
+#: which one it is), alongside the keys' wait, not after it.
 HEALTHZ_DATABASE_WAIT = 2.0
 #: What ``/healthz`` says when the database did not answer in time (the log says nothing: a
 #: locked database is logged by the deliveries it holds up).
@@ -207,7 +208,7 @@ def create_app(
         )
         return JSONResponse({"ok": False, "error": why.reason}, status_code=why.status_code)
 
-    def not_stored(exc: DBAPIError, request: Request) -> Response:
+    def not_stored(exc: DBAPIError | PoolTimeoutError, request: Request) -> Response:
         """A verified delivery the database did not take, answered for what stopped it: only a
         locked or unreachable database is "unavailable" (503: fal delivers it again later); a
         data error is the delivery's (422: retrying the same body cannot help); anything else
@@ -248,7 +249,7 @@ def create_app(
 
         try:
             ours = await anyio.to_thread.run_sync(bound_then_received, limiter=receiver_threads)
-        except DBAPIError as exc:  # not stored
+        except (DBAPIError, PoolTimeoutError) as exc:  # not stored (every connection taken: unavailable)
             return not_stored(exc, request)
         if not ours:  # signed by fal, but for a request some other account sent: nothing stored
             return reject(WebhookRejected(NOT_OURS, 403), request, f"job {job_id}, attempt {attempt}")
@@ -259,19 +260,25 @@ def create_app(
     fingerprint_thread = anyio.CapacityLimiter(1)  # a database that hangs holds one thread, no more
 
     def fingerprint() -> str:
-        return database_fingerprint(webhook_secret(engine))
+        # The secret is read once per process; the SELECT 1 is every time, so a database that
+        # stopped answering since is reported as such, not as the one served a while ago.
+        secret = webhook_secret(engine)
+        db.probe(engine)
+        return database_fingerprint(secret)
 
     async def which_database() -> tuple[str | None, str | None]:
         """The database's fingerprint (:func:`worker.steps.webhooks.database_fingerprint`), or
         why it is not known: a receiver serving another database than the submitters' refuses
         every delivery (403), and this is how ``wanbatch doctor`` tells. Made the first time
-        (the webhook secret, which the first delivery would make), then known without a query."""
+        (the webhook secret, which the first delivery would make), then known; a ``SELECT 1``
+        every time tells whether the database still answers, for at most
+        :data:`HEALTHZ_DATABASE_WAIT` (one thread at most waits on a database that hangs)."""
         with anyio.move_on_after(HEALTHZ_DATABASE_WAIT):
             try:
                 found = await anyio.to_thread.run_sync(
                     fingerprint, limiter=fingerprint_thread, abandon_on_cancel=True
                 )
-            except DBAPIError as exc:
+            except (DBAPIError, PoolTimeoutError) as exc:
                 if db.is_unavailable(exc):
                     return None, DATABASE_UNAVAILABLE
                 log.warning(
@@ -325,7 +332,7 @@ def create_app(
         error is the request's (400, one warning: it carries a value the database refuses, and
         fails the same way again); anything else is the dashboard's (500, one line; the log has
         the traceback)."""
-        assert isinstance(exc, DBAPIError)
+        assert isinstance(exc, DBAPIError | PoolTimeoutError)
         client = one_line(request.client.host) if request.client else "?"
         # The path and the database's words may carry the request's text: one line each, so a
         # %0A in the URL cannot forge a log line.
@@ -376,7 +383,9 @@ def create_app(
             Middleware(ForwardedHeaders, allow_ips=trusted_proxies(settings.serve_forwarded_allow_ips)),
             Middleware(DashboardAuth, gate=gate),
         ],
-        exception_handlers={DBAPIError: database_error},
+        # A pool timeout (every connection held by work the database does not finish) is no
+        # DBAPIError, but the same outage: 503, one line.
+        exception_handlers={DBAPIError: database_error, PoolTimeoutError: database_error},
     )
     app.state.counts = counts
     app.state.body_budget = budget

@@ -73,6 +73,7 @@ from urllib.parse import quote, urlsplit
 import anyio.to_thread
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -617,7 +618,7 @@ class DashboardAuth:
         else:
             try:
                 access = await access_of(scope, self.gate)
-            except DBAPIError as exc:  # the cookie's name not known yet, and no database to ask
+            except (DBAPIError, PoolTimeoutError) as exc:  # the cookie's name not known, no database to ask
                 await self._no_database(scope, exc)(scope, receive, send)
                 return
         scope.setdefault("state", {})["access"] = access
@@ -665,12 +666,12 @@ class DashboardAuth:
             return self._cross_origin(scope, headers, method, logged_path, who, refused)
         return None
 
-    def _no_database(self, scope: Scope, exc: DBAPIError) -> Response:
+    def _no_database(self, scope: Scope, exc: DBAPIError | PoolTimeoutError) -> Response:
         """503 for a request whose login cookie could not be checked: the cookie's name needs
         the database's secret (read once per process), and the database did not answer."""
         client = scope.get("client")
         # The driver's first line, as web.app logs it (not its hint, escaped onto the same line).
-        said = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
+        said = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         log.warning(
             "dashboard: %s %s from %s: the login cookie cannot be checked: %s",
             scope["method"],
