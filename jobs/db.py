@@ -113,10 +113,11 @@ PG_CLIENT_KEEPALIVES: dict[str, int] = {
 #: keepalives probe only an idle connection, and a statement or COMMIT sent into a partition
 #: would otherwise be retransmitted for about 15 minutes (``tcp_retries2``) before failing.
 PG_TCP_USER_TIMEOUT_MS = 30_000
-#: The server's TCP keepalives for every session wanbatch opens (``tcp_keepalives_*``, set at
-#: connect time with libpq's ``options``): a partitioned client's session, and the advisory lock
-#: it holds (the tick leader's), is ended by the server within about a minute, so a healthy
-#: worker can take over, instead of living for the OS default of two hours and more.
+#: The server's TCP keepalives for the session holding the tick leader's advisory lock
+#: (:class:`AdvisoryLock`, ``SET`` on its session): a partitioned leader's session, and the lock
+#: it holds, is ended by the server within about a minute, so a healthy worker can take over,
+#: instead of living for the OS default of two hours and more. Set on that session, not for every
+#: connection at start-up (libpq's ``options``), which connection poolers such as PgBouncer refuse.
 PG_SERVER_KEEPALIVES: dict[str, int] = {
     "tcp_keepalives_idle": 30,
     "tcp_keepalives_interval": 10,
@@ -296,15 +297,15 @@ def _built_engine(url: str | URL, **kwargs: Any) -> tuple[Engine, Path | None]:
 
 def pg_bounded_params(params: dict[str, Any]) -> dict[str, Any]:
     """libpq connection parameters ``params`` (what psycopg is given) with wanbatch's time bounds
-    added: :data:`PG_CONNECT_TIMEOUT_SECONDS`, :data:`PG_CLIENT_KEEPALIVES`,
-    :data:`PG_TCP_USER_TIMEOUT_MS`, and :data:`PG_SERVER_KEEPALIVES` in ``options``.
+    added: :data:`PG_CONNECT_TIMEOUT_SECONDS`, :data:`PG_CLIENT_KEEPALIVES` and
+    :data:`PG_TCP_USER_TIMEOUT_MS`.
 
-    What ``params`` already says wins (a ``?connect_timeout=`` in the URL, a ``-c
-    tcp_keepalives_idle=…`` of its own in ``options``), as do libpq's environment variables
-    ``PGCONNECT_TIMEOUT`` and ``PGOPTIONS``, which an explicit parameter would otherwise silence:
-    ``options`` is the URL's (else ``PGOPTIONS``) with the server settings it does not name
-    appended. No ``statement_timeout`` or ``lock_timeout``: exports, large inserts and
-    migrations legitimately run, or wait for a lock, far longer than any bound that would help.
+    What ``params`` already says wins (a ``?connect_timeout=`` in the URL), as does libpq's
+    environment variable ``PGCONNECT_TIMEOUT``, which an explicit parameter would otherwise
+    silence. No ``statement_timeout`` or ``lock_timeout``: exports, large inserts and migrations
+    legitimately run, or wait for a lock, far longer than any bound that would help. Nothing in
+    ``options`` either: poolers refuse it (the leader's session gets the server's keepalives by
+    ``SET``: :data:`PG_SERVER_KEEPALIVES`).
     """
     bounded = dict(params)
     if "connect_timeout" not in bounded and not os.environ.get("PGCONNECT_TIMEOUT"):
@@ -312,21 +313,13 @@ def pg_bounded_params(params: dict[str, Any]) -> dict[str, Any]:
     for key, value in PG_CLIENT_KEEPALIVES.items():
         bounded.setdefault(key, value)
     bounded.setdefault("tcp_user_timeout", PG_TCP_USER_TIMEOUT_MS)
-    given = str(bounded["options"]) if "options" in bounded else os.environ.get("PGOPTIONS", "")
-    extra = [
-        f"-c {name}={value}"
-        for name, value in PG_SERVER_KEEPALIVES.items()
-        if not re.search(rf"\b{name}\s*=", given)
-    ]
-    bounded["options"] = " ".join(part for part in (given.strip(), *extra) if part)
     return bounded
 
 
 def _pg_bounded_args(parsed: URL, connect_args: dict[str, Any]) -> dict[str, Any]:
     """``connect_args`` for :func:`sqlalchemy.create_engine` on PostgreSQL: the caller's, over the
     URL's own parameters, bounded (:func:`pg_bounded_params`). SQLAlchemy lets ``connect_args``
-    replace the URL's parameters, so only what is added or merged (``options``) is returned
-    beside the caller's."""
+    replace the URL's parameters, so only what is added is returned beside the caller's."""
     try:
         _args, from_url = parsed.get_dialect()().create_connect_args(parsed)
     except (ArgumentError, ImportError, TypeError):  # create_engine says why, in one line
@@ -1782,6 +1775,13 @@ def open_engine(settings: DatabaseSettings | None = None) -> Engine:
     return _engine_for((settings if settings is not None else DatabaseSettings()).database_url)
 
 
+#: :data:`PG_SERVER_KEEPALIVES` set on a session (``set_config``: one statement, any role may).
+_SERVER_KEEPALIVES_SET = text(
+    "SELECT "
+    + ", ".join(f"set_config('{name}', '{value}', false)" for name, value in PG_SERVER_KEEPALIVES.items())
+)
+
+
 class AdvisoryLock:
     """A PostgreSQL session-level advisory lock, held on a connection of its own.
 
@@ -1813,6 +1813,9 @@ class AdvisoryLock:
             return True
         conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         try:
+            # The server probes this session as the client does (PG_SERVER_KEEPALIVES): cut off
+            # from it, the holder's session (and the lock) ends within a minute, not hours.
+            conn.execute(_SERVER_KEEPALIVES_SET)
             got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar())
         except BaseException:
             conn.close()
