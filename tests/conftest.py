@@ -10,6 +10,13 @@
 * ``session`` — a session on ``engine`` (the test commits what it wants kept).
 * ``new_pg_database`` — a factory for extra empty databases (migration tests up/downgrade them).
 * ``redis_url`` / ``redis_namespace`` — the shared Redis, and a unique key prefix per test.
+* ``redis_db`` — a whole Redis database of the test's own, claimed and flushed afterwards.
+
+Redis databases, one rule: a test's keys live on database 0 under a prefix of its own
+(``redis_namespace``), or on a whole database it claimed (``redis_db``, or
+:func:`bench.distributed.claimed_redis_db` for a broker) — never on a database it names by
+number, which another test's claim may hold and flush meanwhile (``pytest -n 2``);
+``tests/test_quality.py`` enforces it.
 
 A missing service is a failure with the reason, never a skip: a green run must mean the
 real databases were exercised.
@@ -188,6 +195,16 @@ def redis_namespace(redis_url: str) -> Iterator[str]:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture
+def redis_db(redis_url: str) -> Iterator[str]:
+    """The URL of a Redis database of this test's own: empty, claimed for it alone (no other
+    test's claim takes it meanwhile), and flushed afterwards (:func:`bench.distributed.claimed_redis_db`)."""
+    from bench.distributed import claimed_redis_db
+
+    with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as url:
+        yield url
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ listed in ``pyproject.toml`` — every top-level package, ``tests`` and ``bench`
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -42,3 +43,18 @@ def test_mypy_covers_every_package_tests_and_benchmarks() -> None:
 def test_mypy_strict_is_clean() -> None:
     result = _run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_test_names_a_redis_database_of_the_shared_redis_by_number() -> None:
+    """The rule of ``tests/conftest.py``: a test's keys live on database 0 under a prefix of its
+    own, or on a database it claimed (``redis_db``, ``bench.distributed.claimed_redis_db``).
+    A database named by number (13, 14…) is one a claim may hold meanwhile, and flush, under
+    ``pytest -n 2``: the tests writing there failed now and then."""
+    named = re.compile(r"(?:127\.0\.0\.1|localhost):6379/(\d+)")
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if any(int(number) != 0 for number in named.findall(line))
+    ]
+    assert found == [], "claim a Redis database instead (tests/conftest.py's redis_db):\n" + "\n".join(found)

@@ -172,7 +172,7 @@ def test_a_simulation_needs_no_key_and_doctor_says_so(wb: Wb, monkeypatch: pytes
     assert "all well" in wb("doctor", "--simulate").stdout
 
     # `--simulate` is refused with a broker: doctor --simulate says so.
-    monkeypatch.setenv("WANBATCH_BROKER_URL", "redis://127.0.0.1:6379/15")
+    monkeypatch.setenv("WANBATCH_BROKER_URL", "redis://127.0.0.1:6379/0")
     refused = wb("doctor", "--simulate", "--json")
     assert refused.code == 1
     broker = next(c for c in refused.json()["checks"] if c["name"] == "broker")

@@ -227,7 +227,7 @@ def test_cancel_simulate_with_a_broker_is_refused_before_anything_changes(
 ) -> None:
     assert wb("run", manifest("clip", CLIP), "--simulate", "--no-progress").code == 0
     _leave_one_pending("clip")
-    monkeypatch.setenv("WANBATCH_BROKER_URL", "redis://127.0.0.1:6379/15")
+    monkeypatch.setenv("WANBATCH_BROKER_URL", "redis://127.0.0.1:6379/0")
     refused = wb("cancel", "clip", "--simulate", "--no-progress")
     assert refused.code == 2
     assert "unset WANBATCH_BROKER_URL to simulate" in refused.stderr
@@ -239,7 +239,7 @@ def test_simulate_with_a_broker_is_refused_before_anything_is_stored(
     wb: Wb, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """With a broker the workers, not this process, send the jobs: with fal's settings."""
-    monkeypatch.setenv("WANBATCH_BROKER_URL", "redis://127.0.0.1:6379/15")
+    monkeypatch.setenv("WANBATCH_BROKER_URL", "redis://127.0.0.1:6379/0")
     run = wb("run", manifest("clip", CLIP), "--simulate", "--no-progress")
     assert run.code == 2
     assert run.stderr.strip().splitlines() == [

@@ -25,7 +25,6 @@ import redis
 from pydantic import SecretStr
 from sqlalchemy import Engine, update
 
-from bench.distributed import CLAIM_KEY
 from jobs import db, store
 from jobs.listing import utc_clock
 from jobs.models import EVERY_BATCH, Job, utcnow
@@ -41,25 +40,17 @@ from worker.peers import PEER_GONE_SECONDS, PEERS_KEEP_SECONDS, Announcer, peers
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
-#: These tests' Redis database: no other test uses 12 (13, 14 and 15 are taken by name; the
-#: claimed ones of :func:`bench.distributed.claimed_redis_db` skip it while these hold its claim).
-REDIS_DB12 = "redis://127.0.0.1:6379/12"
 KEY = "dead-worker-test-key-4e1b"
 T2V = "fal-ai/wan-22"
 BODY = '{"output_real": null, "settings": {"WANBATCH_MEDIA_MISMATCH": "flag"}}'
 
 
 @pytest.fixture
-def client12(redis_url: str) -> Iterator[redis.Redis[bytes]]:
-    c = redis.Redis.from_url(REDIS_DB12)
-    token = uuid.uuid4().hex
-    claimed = c.set(CLAIM_KEY, token, nx=True, ex=600)
-    try:
-        yield c
-    finally:
-        if claimed and c.get(CLAIM_KEY) == token.encode():
-            c.delete(CLAIM_KEY)
-        c.close()
+def peers_db(redis_db: str) -> Iterator[tuple[str, redis.Redis[bytes]]]:
+    """A Redis database of the test's own (claimed: see ``tests/conftest.py``), and a client."""
+    c = redis.Redis.from_url(redis_db)
+    yield redis_db, c
+    c.close()
 
 
 def _redis_now_us(c: redis.Redis[bytes]) -> int:
@@ -93,13 +84,14 @@ def _status(
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # the workers' database
 def test_status_names_a_worker_whose_record_went_stale_and_prunes_a_long_dead_one(
     engine: Engine,
-    client12: redis.Redis[bytes],
+    peers_db: tuple[str, redis.Redis[bytes]],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from worker.steps.webhooks import database_fingerprint, webhook_secret
 
+    redis_db, redis_client = peers_db
     database = database_fingerprint(webhook_secret(engine))
     key = peers_key(database)
     batch_id = add_batch(engine, "dead-worker", [(T2V, {"prompt": p}) for p in "abcd"])
@@ -110,15 +102,15 @@ def test_status_names_a_worker_whose_record_went_stale_and_prunes_a_long_dead_on
     _lease(engine, batch_id, 3, "host-e:55:2", until)  # stale record, fresh heartbeat: alive
     with db.session_scope(engine) as session:
         store.record_heartbeat(session, "host-e:55:", [EVERY_BATCH], utcnow())
-    now_us = _redis_now_us(client12)
+    now_us = _redis_now_us(redis_client)
     stale_us = now_us - int((PEER_GONE_SECONDS + 30) * 1_000_000)
     ancient_us = now_us - (PEERS_KEEP_SECONDS + 60) * 1_000_000
-    client12.hset(key, "host-c:4242:", f"{stale_us} {BODY}")
-    client12.hset(key, "host-b:77:", f"{now_us} {BODY}")
-    client12.hset(key, "host-e:55:", f"{stale_us} {BODY}")
-    client12.hset(key, "host-z:1:", f"{ancient_us} {BODY}")  # died long ago
+    redis_client.hset(key, "host-c:4242:", f"{stale_us} {BODY}")
+    redis_client.hset(key, "host-b:77:", f"{now_us} {BODY}")
+    redis_client.hset(key, "host-e:55:", f"{stale_us} {BODY}")
+    redis_client.hset(key, "host-z:1:", f"{ancient_us} {BODY}")  # died long ago
     monkeypatch.setenv("WANBATCH_DATABASE_URL", engine.url.render_as_string(hide_password=False))
-    monkeypatch.setenv("WANBATCH_BROKER_URL", REDIS_DB12)
+    monkeypatch.setenv("WANBATCH_BROKER_URL", redis_db)
     monkeypatch.setenv("FAL_KEY", KEY)
     monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(tmp_path / "out"))
     try:
@@ -149,18 +141,18 @@ def test_status_names_a_worker_whose_record_went_stale_and_prunes_a_long_dead_on
         assert "held by process 4242@host-c" in " ".join(every.split())
 
         # The dashboard's batch page says the same.
-        settings = settings_for(engine, tmp_path / "out", broker_url=REDIS_DB12)
+        settings = settings_for(engine, tmp_path / "out", broker_url=redis_db)
         page = client(app_for(engine, settings)).get(f"/batches/{batch_id}", headers=HTML)
         assert page.status_code == 200
         assert "1 job held by process 4242@host-c, not seen for" in page.text
 
         # The next worker's beat prunes the long-dead record (not the merely stale one).
-        limiter = RedisGCRA.from_url(Settings(FAL_KEY=SecretStr(KEY)), REDIS_DB12, database=database)
+        limiter = RedisGCRA.from_url(Settings(FAL_KEY=SecretStr(KEY)), redis_db, database=database)
         try:
             Announcer(limiter, "host-b:77:").announce()
         finally:
             limiter.close()
-        assert sorted(client12.hkeys(key)) == [b"host-b:77:", b"host-c:4242:", b"host-e:55:"]
+        assert sorted(redis_client.hkeys(key)) == [b"host-b:77:", b"host-c:4242:", b"host-e:55:"]
 
         # Redis does not answer: status still reports, with one line saying what it cannot tell.
         monkeypatch.setenv("WANBATCH_BROKER_URL", "redis://127.0.0.1:1/0")
@@ -173,16 +165,20 @@ def test_status_names_a_worker_whose_record_went_stale_and_prunes_a_long_dead_on
         assert "named only once its job leases end" in joined
         assert sum("warning:" in line for line in said) == 1, err
     finally:
-        client12.delete(key)
+        redis_client.delete(key)
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_clean_stop_deletes_the_record_even_while_the_loop_still_beats(
-    engine: Engine, client12: redis.Redis[bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    engine: Engine,
+    peers_db: tuple[str, redis.Redis[bytes]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A worker's shutdown closes its conductor from another thread, and waits for the loop only
     so long (``worker.ticker.STOP_WAIT_SECONDS``): a beat after the delete wrote the record back,
     to go stale, and ``status`` would have named a cleanly stopped worker gone."""
+    redis_db, redis_client = peers_db
     database = f"test-db-{uuid.uuid4().hex[:12]}"
     key = peers_key(database)
     monkeypatch.setattr(conductor_module, "HEARTBEAT_SECONDS", 0.01)
@@ -198,7 +194,7 @@ def test_a_clean_stop_deletes_the_record_even_while_the_loop_still_beats(
     given: dict[str, Any] = {**FAST, "tick_interval": 600.0, "output_dir": tmp_path / "o"}
     settings = Settings(FAL_KEY=SecretStr(KEY), **given)
     rt = make_runtime(engine, settings)
-    rt.limiter = limiter = RedisGCRA.from_url(settings, REDIS_DB12, database=database)
+    rt.limiter = limiter = RedisGCRA.from_url(settings, redis_db, database=database)
     conductor = Conductor(rt, stream=False)
     stop = threading.Event()
     runner = threading.Thread(
@@ -207,15 +203,15 @@ def test_a_clean_stop_deletes_the_record_even_while_the_loop_still_beats(
     runner.start()
     try:
         assert beats.acquire(timeout=20)
-        assert client12.hexists(key, "host-s:321:")
+        assert redis_client.hexists(key, "host-s:321:")
         conductor.close()  # the stop, while the loop goes on beating
         for _ in range(3):  # beats after the delete
             assert beats.acquire(timeout=20)
-        assert not client12.hexists(key, "host-s:321:")
+        assert not redis_client.hexists(key, "host-s:321:")
     finally:
         stop.set()
         conductor.wake()
         runner.join(20)
         conductor.close()
         limiter.close()
-        client12.delete(key)
+        redis_client.delete(key)

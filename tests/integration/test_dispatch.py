@@ -273,7 +273,7 @@ def test_with_workers_the_explanation_counts_every_keys_requests_as_their_leader
     leader = _runtime(engine, [], max_outstanding=3)
     assert dispatch(leader) == []  # 3 of 3 at fal, whichever key sent them
     assert leader.capped
-    workers: dict[str, Any] = {"broker_url": "redis://127.0.0.1:6379/15", "max_outstanding": 3}
+    workers: dict[str, Any] = {"broker_url": "redis://127.0.0.1:6379/0", "max_outstanding": 3}
     note = (
         "submits held back: the outstanding cap is full (3 of 3, WANBATCH_MAX_OUTSTANDING): requests "
         "at fal (2 of batch other-key, 1 of this batch); sending resumes as fal finishes them, or "

@@ -995,22 +995,18 @@ def test_start_up_status_and_doctor_say_when_the_leader_uses_another_fal_key(
 
 # ------------------- a worker whose outputs go elsewhere, or that sends to another fal, is told
 
-#: These tests' Redis database: the shared Redis, apart from the other tests' keys.
-REDIS_DB13 = "redis://127.0.0.1:6379/13"
 SIMULATOR = "http://127.0.0.1:8787"
 
 
 @pytest.fixture
-def redis13(redis_url: str) -> Iterator[tuple[str, str, redis.Redis[bytes]]]:
-    """Redis database 13's URL, a key prefix of this test's own and a client; its keys go after."""
+def own_redis(redis_db: str) -> Iterator[tuple[str, str, redis.Redis[bytes]]]:
+    """A Redis database of this test's own (claimed: see ``tests/conftest.py``), a key prefix
+    and a client."""
     prefix = f"wanbatch-test:{uuid.uuid4().hex[:12]}:"
-    client = redis.Redis.from_url(REDIS_DB13)
+    client = redis.Redis.from_url(redis_db)
     try:
-        yield REDIS_DB13, prefix, client
+        yield redis_db, prefix, client
     finally:
-        keys = list(client.scan_iter(match=prefix + "*"))
-        if keys:
-            client.delete(*keys)
         client.close()
 
 
@@ -1019,7 +1015,7 @@ def _where_lines(lines: list[str]) -> list[str]:
 
 
 def test_a_worker_writing_elsewhere_or_sending_to_another_fal_is_warned_once(
-    redis13: tuple[str, str, redis.Redis[bytes]],
+    own_redis: tuple[str, str, redis.Redis[bytes]],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
@@ -1027,7 +1023,7 @@ def test_a_worker_writing_elsewhere_or_sending_to_another_fal_is_warned_once(
     """The leader publishes where its outputs go and which fal it sends to: a worker whose
     WANBATCH_OUTPUT_DIR or fal URLs differ says so, once each, naming the setting and both
     values, never FAL_KEY nor a URL's password (not even on the limiter's Redis)."""
-    url, prefix, client = redis13
+    url, prefix, client = own_redis
     monkeypatch.setattr(limits_module, "_said", set())  # what this process said before this test
     same = {"submit_jitter_allowance": 0.0}  # the same limits: only where they work differs
     proxied = "https://wanbatch:pr0xy-pass@queue.fal.run"
@@ -1073,14 +1069,14 @@ def test_a_worker_writing_elsewhere_or_sending_to_another_fal_is_warned_once(
 
 
 def test_an_old_leaders_policy_without_where_it_works_is_read_and_warns_of_nothing_new(
-    redis13: tuple[str, str, redis.Redis[bytes]],
+    own_redis: tuple[str, str, redis.Redis[bytes]],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A leader of the previous version publishes no ``where``: its policy is read (the grants
     honour it), its limits compared as ever, and no output or fal difference is made up."""
-    url, prefix, client = redis13
+    url, prefix, client = own_redis
     monkeypatch.setattr(limits_module, "_said", set())
     old_leader = Limits.of(
         _settings(2, submit_jitter_allowance=0.0, output_dir=tmp_path / "a"), by="old-leader:5:"
@@ -1122,14 +1118,14 @@ def test_an_old_leaders_policy_without_where_it_works_is_read_and_warns_of_nothi
 
 
 def test_start_up_status_and_doctor_compare_the_output_location_as_each_process_resolves_it(
-    redis13: tuple[str, str, redis.Redis[bytes]],
+    own_redis: tuple[str, str, redis.Redis[bytes]],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """What ``worker`` at start-up, ``status`` and ``doctor`` say (:func:`published_mismatch`): a
     relative WANBATCH_OUTPUT_DIR is the folder each process resolves it to; the same folder by a
     symlink is the same; an s3:// location is compared as given (normalised), not as a folder."""
-    url, _, client = redis13
+    url, _, client = own_redis
     database = f"test-db-{uuid.uuid4().hex[:12]}"  # unprefixed keys, as the CLI reads them
     here, there = tmp_path / "here", tmp_path / "there"
     for folder in (here, there):

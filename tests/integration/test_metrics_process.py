@@ -270,7 +270,7 @@ def test_prefork_children_are_summed_by_the_parent(tmp_path: Path) -> None:
 def test_celery_events_are_on_with_a_broker_only() -> None:
     from worker.app import make_app
 
-    distributed = make_app("redis://127.0.0.1:6379/15")
+    distributed = make_app("redis://127.0.0.1:6379/0")
     embedded = make_app(None)
     try:
         assert distributed.conf.worker_send_task_events is True  # Flower sees the workers' tasks

@@ -27,15 +27,14 @@ from worker.conductor import Conductor
 from worker.limits import RedisGCRA, api_key_id, leader_key, policy_key
 from worker.peers import Peer, disagreements, peers_key
 
-#: These tests' Redis database: the shared Redis, apart from the other tests' keys.
-REDIS_DB14 = "redis://127.0.0.1:6379/14"
 KEY = "peers-test-key-7c2e41"
 
 
 @pytest.fixture
-def client14(redis_url: str) -> Iterator[redis.Redis[bytes]]:
-    c = redis.Redis.from_url(REDIS_DB14)
-    yield c
+def peers_db(redis_db: str) -> Iterator[tuple[str, redis.Redis[bytes]]]:
+    """A Redis database of the test's own (claimed: see ``tests/conftest.py``), and a client."""
+    c = redis.Redis.from_url(redis_db)
+    yield redis_db, c
     c.close()
 
 
@@ -62,7 +61,7 @@ def test_the_odd_worker_and_its_setting_are_named() -> None:
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # the workers' database
 def test_doctor_and_status_name_a_worker_whose_settings_differ_from_the_others(
     engine: Engine,
-    client14: redis.Redis[bytes],
+    peers_db: tuple[str, redis.Redis[bytes]],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -70,6 +69,7 @@ def test_doctor_and_status_name_a_worker_whose_settings_differ_from_the_others(
     from worker.doctor import check_limiter
     from worker.steps.webhooks import database_fingerprint, webhook_secret
 
+    redis_db, redis_client = peers_db
     database = database_fingerprint(webhook_secret(engine))
     monkeypatch.setattr(conductor_module, "HEARTBEAT_SECONDS", 0.05)
 
@@ -99,7 +99,7 @@ def test_doctor_and_status_name_a_worker_whose_settings_differ_from_the_others(
     try:
         for host, pid, settings, leads in plans:
             rt = make_runtime(engine, settings)
-            rt.limiter = limiter = RedisGCRA.from_url(settings, REDIS_DB14, database=database)
+            rt.limiter = limiter = RedisGCRA.from_url(settings, redis_db, database=database)
             limiters.append(limiter)
             monkeypatch.setattr(conductor_module, "process_prefix", lambda h=host, p=pid: f"{h}:{p}:")
             conductor = Conductor(rt, stream=False)
@@ -113,9 +113,9 @@ def test_doctor_and_status_name_a_worker_whose_settings_differ_from_the_others(
             runner.start()
             runners.append(runner)
         deadline = time.monotonic() + 20
-        while client14.hlen(peers_key(database)) < 3 and time.monotonic() < deadline:
+        while redis_client.hlen(peers_key(database)) < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
-        stored = client14.hgetall(peers_key(database))
+        stored = redis_client.hgetall(peers_key(database))
         assert sorted(stored) == [b"host-a:101:", b"host-b:102:", b"host-c:103:"]
         raw = b" ".join(stored.values())
         for secret in (KEY, "proxy-pass-91", "proxy-user", "q-secret-55"):
@@ -123,7 +123,7 @@ def test_doctor_and_status_name_a_worker_whose_settings_differ_from_the_others(
 
         # doctor, on a host whose own settings are the majority's: its limiter check fails.
         monkeypatch.setenv("WANBATCH_DATABASE_URL", engine.url.render_as_string(hide_password=False))
-        monkeypatch.setenv("WANBATCH_BROKER_URL", REDIS_DB14)
+        monkeypatch.setenv("WANBATCH_BROKER_URL", redis_db)
         monkeypatch.setenv("FAL_KEY", KEY)
         monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", "https://queue.test")
         monkeypatch.setenv("WANBATCH_FAL_REST_URL", "https://queue.test")
@@ -154,7 +154,7 @@ def test_doctor_and_status_name_a_worker_whose_settings_differ_from_the_others(
         conductors[2].wake()
         runners[2].join(20)
         conductors[2].close()
-        assert client14.hexists(peers_key(database), "host-c:103:") == 0
+        assert redis_client.hexists(peers_key(database), "host-c:103:") == 0
         doctor = check_limiter(get_settings())
         assert doctor.status == "ok", doctor
         assert "WANBATCH_MEDIA_MISMATCH" not in doctor.detail
@@ -167,25 +167,27 @@ def test_doctor_and_status_name_a_worker_whose_settings_differ_from_the_others(
             runner.join(20)
         for conductor in conductors:
             conductor.close()
-        client14.delete(
+        redis_client.delete(
             peers_key(database), policy_key(api_key_id(plans[0][2]), database), leader_key(database)
         )
         for limiter in limiters:
             limiter.close()
 
 
-def test_a_dead_workers_record_is_named_by_nothing(client14: redis.Redis[bytes]) -> None:
+def test_a_dead_workers_record_is_named_by_nothing(peers_db: tuple[str, redis.Redis[bytes]]) -> None:
     """A worker that died leaves its record behind: older than a leader's beats, it is not read."""
     from worker.peers import read_peers
+
+    redis_db, redis_client = peers_db
 
     database = f"test-db-{uuid.uuid4().hex[:12]}"
     stale = 1_000_000 * 1000  # Redis' clock, µs: long ago
     fresh = int(time.time() * 1_000_000)
     body = '{"output_real": null, "settings": {"WANBATCH_MEDIA_MISMATCH": "%s"}}'
     try:
-        client14.hset(peers_key(database), "dead:1:", f"{stale} " + body % "fail")
-        client14.hset(peers_key(database), "live:2:", f"{fresh} " + body % "flag")
-        settings = Settings(FAL_KEY=KEY, limits_url=REDIS_DB14)
+        redis_client.hset(peers_key(database), "dead:1:", f"{stale} " + body % "fail")
+        redis_client.hset(peers_key(database), "live:2:", f"{fresh} " + body % "flag")
+        settings = Settings(FAL_KEY=KEY, limits_url=redis_db)
         assert [peer.owner for peer in read_peers(settings, database)] == ["live:2:"]
     finally:
-        client14.delete(peers_key(database))
+        redis_client.delete(peers_key(database))
