@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from worker.app import make_app
+
+#: The event :meth:`EventTap.wait_listening` sends itself (no receiver of Celery's knows it).
+PROBE = "wanbatch-tap-probe"
 
 
 class EventTap:
@@ -24,6 +28,17 @@ class EventTap:
             self._receiver = self.app.events.Receiver(conn, handlers={"*": self.events.append})
             self.ready.set()
             self._receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def wait_listening(self, timeout: float = 15.0) -> None:
+        """Until the receiver's queue is bound on the broker (an event published before is lost
+        to it, as to Flower): a probe event is sent every 50 ms until one comes back."""
+        deadline = time.monotonic() + timeout
+        assert self.ready.wait(timeout), "the event receiver never connected"
+        with self.app.events.default_dispatcher() as dispatcher:
+            while not any(event["type"] == PROBE for event in list(self.events)):
+                assert time.monotonic() < deadline, f"the event receiver heard nothing in {timeout} s"
+                dispatcher.send(PROBE)
+                time.sleep(0.05)
 
     def task_events(self) -> dict[str, set[str]]:
         """Task uuid -> the kinds of event seen for it."""

@@ -47,6 +47,16 @@ KEY = "b-worker-key-6a2f8c0e:9d4b1e7a3c5f"
 SUBMIT_TASK = "wanbatch.submit_job"
 
 
+def _every_submit_seen(tap: EventTap, jobs: int) -> bool:
+    """Whether the receiver has heard what the test asserts of the events: ``jobs`` submits
+    received and succeeded, and a submit's ``task-sent``."""
+    events = list(tap.events)
+    received = {e["uuid"] for e in events if e["type"] == "task-received" and e.get("name") == SUBMIT_TASK}
+    succeeded = {e["uuid"] for e in events if e["type"] == "task-succeeded"}
+    sent = any(e["type"] == "task-sent" and e.get("name") == SUBMIT_TASK for e in events)
+    return len(received) >= jobs and received <= succeeded and sent
+
+
 def test_a_worker_logs_json_serves_summed_metrics_and_sends_celery_events(
     new_pg_database: Callable[[], str], redis_url: str, tmp_path: Path
 ) -> None:
@@ -63,8 +73,7 @@ def test_a_worker_logs_json_serves_summed_metrics_and_sends_celery_events(
         env = environment(scenario, database, broker, sim.url, tmp_path / "outputs")
         env.update(FAL_KEY=KEY, WANBATCH_LOG_FORMAT="json", WANBATCH_METRICS_PORT=str(port))
         tap = EventTap(broker)
-        assert tap.ready.wait(15)
-        time.sleep(2.0)  # the receiver's subscription is in place before the worker starts
+        tap.wait_listening()  # the receiver's subscription is in place before the worker starts
         workers = start_workers(scenario, env, tmp_path, logs)
         try:
             submitted = subprocess.run(
@@ -94,7 +103,9 @@ def test_a_worker_logs_json_serves_summed_metrics_and_sends_celery_events(
                 time.sleep(0.3)
             assert finished == scenario.jobs, tail(logs / "worker-0.log")
             served = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-            time.sleep(1.0)  # the last task events are on their way
+            deadline = time.monotonic() + 15  # the last task events are on their way (0.5 s bunches)
+            while not _every_submit_seen(tap, scenario.jobs) and time.monotonic() < deadline:
+                time.sleep(0.05)
         finally:
             tap.stop()
             codes = stop_processes(workers)

@@ -96,8 +96,7 @@ def test_a_worker_tells_its_own_leader_directly_and_flower_sees_every_task(
         assert submitted.returncode == 0, submitted.stderr
         batch = json.loads(submitted.stdout)["batch"]
         events = EventTap(broker)
-        assert events.ready.wait(15)
-        time.sleep(2.0)  # the receiver's subscription is in place before the worker starts
+        events.wait_listening()  # the receiver's subscription is in place before the worker starts
         notices = NoticeTap(database)
         workers = start_workers(scenario, env, tmp_path, logs)
         engine = create_engine(database)
