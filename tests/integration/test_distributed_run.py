@@ -31,6 +31,9 @@ from falsim.ledger import LedgerReport
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
+#: The unpaused batch that shows the workers dispatching while another batch is paused.
+WITNESS_JOBS = 2
+
 
 def _run_through_a_worker(
     database_url: str,
@@ -149,28 +152,44 @@ def test_pause_stops_every_worker_and_resume_finishes_the_batch(
         out: dict[str, object] = json.loads(done.stdout)
         return out
 
+    # A witness: a batch submitted after the paused one, and not paused. Once it is finished the
+    # workers are up and the leader has dispatched, round after round, past the paused batch's
+    # older jobs (not a fixed sleep, which a loaded machine could outlast before the first round).
+    (tmp_path / "witness").mkdir()
+    witness_manifest = write_manifest(tmp_path / "witness", WITNESS_JOBS, name="pause-witness")
+    text = witness_manifest.read_text(encoding="utf-8")  # its own prompts: no input sent twice
+    witness_manifest.write_text(text.replace("Shot ", "Witness shot "), encoding="utf-8")
+
+    def finished(batch: str) -> dict[str, object]:
+        deadline = time.monotonic() + 120
+        while (report := cli("status", batch))["finished"] != report["total"]:
+            assert time.monotonic() < deadline, (
+                f"{batch} not finished: {report}\n{tail(logs / 'worker-0.log')}"
+            )
+            time.sleep(0.3)
+        return report
+
     with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as broker, running_simulator(options) as sim:
         env = environment(scenario, new_pg_database(), broker, sim.url, tmp_path / "outputs")
         batch = str(cli("submit", str(manifest))["batch"])
         cli("pause", batch)
+        witness = str(cli("submit", str(witness_manifest))["batch"])
         workers = start_workers(scenario, env, tmp_path, logs)
         try:
-            time.sleep(4.0)  # the workers are up and the leader dispatches: a paused batch sends nothing
-            assert sim.ledger()["accepted"] == 0, tail(logs / "worker-0.log")
+            finished(witness)
+            assert sim.ledger()["accepted"] == WITNESS_JOBS, tail(logs / "worker-0.log")  # none paused
+            held = cli("status", batch)["counts"]
+            assert isinstance(held, dict)
+            assert {state: n for state, n in held.items() if n} == {"pending": scenario.jobs}
             cli("resume", batch)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                report = cli("status", batch)
-                if report["finished"] == scenario.jobs:
-                    break
-                time.sleep(0.5)
+            report = finished(batch)
         finally:
             stop_processes(workers)
         ledger = sim.ledger()
     counts = report["counts"]
     assert isinstance(counts, dict)
     assert counts["succeeded"] == scenario.jobs, counts
-    assert ledger["accepted"] == scenario.jobs
+    assert ledger["accepted"] == scenario.jobs + WITNESS_JOBS
     assert ledger["duplicates"] == []
 
 
