@@ -4,6 +4,10 @@
 as it is; one idle for longer than :data:`jobs.db.PING_AFTER_IDLE_SECONDS` is pinged, and a dead
 one is replaced without the caller seeing an error, as the pre-ping did. The real server: the
 connection is killed with ``pg_terminate_backend``, as a restart or a dropped socket kills it.
+
+How long a connection sat idle is read on :mod:`jobs.db`'s monotonic clock, which the tests move
+themselves (:class:`_Clock`): a checkout a moment after the last one stays a moment after it
+however loaded the machine is (real sleeps against a 0.2 s threshold were a race).
 """
 
 from __future__ import annotations
@@ -21,10 +25,33 @@ from jobs import db
 pytestmark = pytest.mark.postgres
 
 
+class _Clock:
+    """:mod:`jobs.db`'s ``time``, but for a monotonic clock that only the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def idle(self) -> None:
+        """As if the pool's connection sat unused for longer than the idle threshold."""
+        self.now += 2 * db.PING_AFTER_IDLE_SECONDS
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
 @pytest.fixture
-def pinged(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Engine, list[int]]]:
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    moved = _Clock()
+    monkeypatch.setattr(db, "time", moved)
+    return moved
+
+
+@pytest.fixture
+def pinged(pg_url: str, clock: _Clock, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Engine, list[int]]]:
     """An engine as wanbatch makes it, with a list that grows at every ping it sends."""
-    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.2)
     engine = db.make_engine(pg_url, pool_size=1, max_overflow=0)
     pings: list[int] = []
     real_ping = engine.dialect.do_ping
@@ -44,34 +71,42 @@ def _backend_pid(engine: Engine) -> int:
 
 
 def _terminate(pg_url: str, pid: int) -> None:
-    admin = create_engine(db.normalize_url(pg_url))
+    """Kill backend ``pid``, and wait until it is gone (once it handled the signal)."""
+    admin = create_engine(db.normalize_url(pg_url), isolation_level="AUTOCOMMIT")  # no stats snapshot kept
     try:
         with admin.connect() as conn:
             assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+            deadline = time.monotonic() + 15
+            alive = text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+            while conn.execute(alive, {"pid": pid}).scalar_one():
+                assert time.monotonic() < deadline, f"backend {pid} outlived pg_terminate_backend"
+                time.sleep(0.01)
     finally:
         admin.dispose()
-    time.sleep(0.05)  # the backend is gone once the signal is handled
 
 
-def test_a_connection_in_use_a_moment_ago_is_not_pinged(pinged: tuple[Engine, list[int]]) -> None:
+def test_a_connection_in_use_a_moment_ago_is_not_pinged(
+    pinged: tuple[Engine, list[int]], clock: _Clock
+) -> None:
     engine, pings = pinged
     first = _backend_pid(engine)  # a new connection: never pinged
     for _ in range(20):
+        clock.now += db.PING_AFTER_IDLE_SECONDS / 2  # back in the pool for half the threshold
         assert _backend_pid(engine) == first
     assert pings == []
 
 
 def test_an_idle_connection_is_pinged_and_a_dead_one_replaced_without_an_error(
-    pinged: tuple[Engine, list[int]], pg_url: str
+    pinged: tuple[Engine, list[int]], pg_url: str, clock: _Clock
 ) -> None:
     engine, pings = pinged
     first = _backend_pid(engine)
-    time.sleep(0.3)
+    clock.idle()
     assert _backend_pid(engine) == first  # idle: pinged, alive, kept
     assert len(pings) == 1
 
     _terminate(pg_url, first)
-    time.sleep(0.3)
+    clock.idle()
     second = _backend_pid(engine)  # pinged, found dead, replaced: the caller sees nothing
     assert second != first
     assert len(pings) == 2
