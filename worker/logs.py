@@ -302,6 +302,16 @@ def celery_logs_through_ours() -> None:
     _quiet_cancel_on_connection_loss_notice()
 
 
+def _one_warning_line(record: logging.LogRecord, msg: str, args: tuple[object, ...], event: str) -> None:
+    """Rewrite ``record`` (a library's ERROR or CRITICAL with a traceback) as one WARNING line,
+    ``msg % args``, of log event ``event``: what Celery and kombu report of an outage, no bug."""
+    record.msg, record.args = msg, args
+    record.exc_info = None
+    record.exc_text = None
+    record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+    record.event = event
+
+
 #: What a prefork child killed mid-task (``kill -9``, the OOM killer) is said as, instead of
 #: Celery's ``Task handler raised error: WorkerLostError(…)`` and its two tracebacks.
 POOL_CHILD_LOST = (
@@ -329,12 +339,8 @@ class _PoolChildLost(logging.Filter):
             return True
         said = str(exc).strip()
         how = said.split("prematurely:", 1)[-1].split(" Job:", 1)[0].strip().rstrip(".")
-        record.msg = POOL_CHILD_LOST
-        record.args = (f"killed by {how}" if how.startswith("signal") else f"lost ({how or said})",)
-        record.exc_info = None
-        record.exc_text = None
-        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
-        record.event = "worker.pool_child_lost"
+        lost_how = f"killed by {how}" if how.startswith("signal") else f"lost ({how or said})"
+        _one_warning_line(record, POOL_CHILD_LOST, (lost_how,), "worker.pool_child_lost")
         return True
 
 
@@ -367,12 +373,8 @@ class _UnacknowledgedForBroker(logging.Filter):
         if problem is None:
             return True
         what = "acknowledgement" if record.msg.startswith("Couldn't ack") else "rejection"
-        record.msg = UNACKNOWLEDGED
-        record.args = (what, args[0] if args else "?", problem)
-        record.exc_info = None
-        record.exc_text = None
-        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
-        record.event = "worker.ack_lost"
+        message = args[0] if args else "?"
+        _one_warning_line(record, UNACKNOWLEDGED, (what, message, problem), "worker.ack_lost")
         return True
 
 
