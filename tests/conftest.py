@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -205,6 +206,21 @@ def redis_db(redis_url: str) -> Iterator[str]:
 
     with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as url:
         yield url
+
+
+@pytest.fixture(autouse=True)
+def _fresh_verified_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no digests read by an earlier one in this process
+    (``worker.steps.verified_outputs.VERIFIED`` is kept for the process by design). Two tests
+    storing the same bytes at the same S3 path within one second see one stamp (an ETag and a
+    ``LastModified`` of whole seconds), so the later one would find the earlier one's read and
+    decide in a round it expects to defer. Patched only once dispatch is imported: a test that
+    never imports it has nothing to reset, and none pays for the import."""
+    dispatch = sys.modules.get("worker.steps.dispatch")
+    if dispatch is not None:
+        from worker.steps.verified_outputs import VerifiedOutputs
+
+        monkeypatch.setattr(dispatch, "VERIFIED", VerifiedOutputs())
 
 
 @pytest.fixture
