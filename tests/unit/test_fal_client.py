@@ -178,8 +178,40 @@ def test_submit_with_an_unusable_request_id_is_ambiguous(request_id: str) -> Non
 
 
 @pytest.mark.parametrize(
+    ("seconds", "header"),
+    [
+        (30, "30"),
+        (59.9999, "59.999"),
+        (123456.78, "123456.78"),  # not rounded up to 123457
+        (1_234_567.8, "1234567.8"),  # not 1.23457e+06
+        (7.0009, "7"),
+        (9_999_995.0, "9999995"),  # not 1e+07: five seconds past the deadline
+        (20 * 86400 + 0.5, "1728000.5"),
+    ],
+)
+def test_the_start_timeout_header_is_fixed_point_and_never_past_the_deadline(
+    seconds: float, header: str
+) -> None:
+    """The header bounds when fal may still start a request (a window's end, a deadline): it
+    must never say more than is left, and is a plain decimal number, never an exponent form."""
+    rec = Recorder(httpx.Response(200, json=submitted_body()))
+    with make_client(rec) as client:
+        client.submit(EP, {}, start_timeout=seconds)
+    sent = rec.requests[0].headers["x-fal-request-start-timeout"]
+    assert sent == header
+    assert float(sent) <= seconds
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"priority": "high"}, "priority"), ({"start_timeout": 0.1}, "0.1"), ({"start_timeout": 0}, "0.1")],
+    [
+        ({"priority": "high"}, "priority"),
+        ({"start_timeout": 0.1}, "0.1"),
+        ({"start_timeout": 0}, "0.1"),
+        ({"start_timeout": 0.1004}, "0.1"),  # 0.100 once rounded down: fal would refuse it
+        ({"start_timeout": float("inf")}, "finite"),
+        ({"start_timeout": float("nan")}, "finite"),
+    ],
 )
 def test_submit_rejects_bad_options_before_sending(kwargs: dict[str, object], match: str) -> None:
     rec = Recorder(httpx.Response(200, json=submitted_body()))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -101,6 +102,22 @@ HandleLike = RequestHandle | Submitted
 
 def _handle(value: HandleLike) -> RequestHandle:
     return value.handle if isinstance(value, Submitted) else value
+
+
+def start_timeout_header(seconds: float) -> str:
+    """``X-Fal-Request-Start-Timeout`` for ``seconds`` left before a window closes or a deadline
+    passes: fixed-point, rounded *down* to the millisecond. The header bounds when fal may still
+    start the request, so it must never say more than is left: ``f"{s:g}"`` rounded to six
+    significant digits (123456.78 s went out as ``123457``, 9,999,995 s as ``1e+07``, five seconds
+    past the deadline) and wrote exponent forms fal documents nowhere (it says "number"; its own
+    client sends ``str(float)``); trailing zeros are left off. fal refuses a value not above
+    0.1 s, so none is sent."""
+    if not math.isfinite(seconds):
+        raise UsageError(f"fal start timeout must be a finite number of seconds, not {seconds!r}")
+    millis = math.floor(seconds * 1000)
+    if not millis > 100:
+        raise UsageError(f"fal start timeout must be greater than 0.1 s, not {seconds!r}")
+    return f"{millis // 1000}.{millis % 1000:03d}".rstrip("0").rstrip(".")
 
 
 class FalClient:
@@ -301,9 +318,7 @@ class FalClient:
                 raise UsageError(f"fal queue priority must be 'normal' or 'low', not {priority!r}")
             headers["X-Fal-Queue-Priority"] = priority
         if start_timeout is not None:
-            if not start_timeout > 0.1:
-                raise UsageError(f"fal start timeout must be greater than 0.1 s, not {start_timeout!r}")
-            headers["X-Fal-Request-Start-Timeout"] = f"{start_timeout:g}"
+            headers["X-Fal-Request-Start-Timeout"] = start_timeout_header(start_timeout)
         if store_io is not None:
             headers["X-Fal-Store-IO"] = "1" if store_io else "0"
         if object_lifecycle is not None:
