@@ -423,8 +423,16 @@ class Announcer:
         """A clean stop: this worker's record goes, and is never written again. The loop that
         writes it may still be in a round when the stop comes from another thread (a worker's
         shutdown waits for it only so long): a beat after the delete would leave a record that
-        goes stale, and ``status`` would name a cleanly stopped worker gone. Safe to repeat."""
+        goes stale, and ``status`` would name a cleanly stopped worker gone.
+
+        Safe to repeat, and only the first call acts: a stopping worker closes its conductor twice
+        (the ticker thread as it ends, then the worker's shutdown making sure), and with the
+        limiter's Redis down each call said "could not delete" again — the same record, the same
+        outage, two lines. The first call's attempt is the one: a record it could not delete goes
+        stale by itself and is pruned, as its line says."""
         with self._lock:
+            if self._withdrawn:
+                return  # deleted, or said why not, already
             self._withdrawn = True
             try:
                 self.limiter.client.hdel(self.key, self.owner)
