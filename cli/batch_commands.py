@@ -39,6 +39,7 @@ from cli.output import (
     fail,
     final_code,
     guarded,
+    guarded_read,
     hard_exit_json,
     out,
     print_batches,
@@ -146,7 +147,7 @@ def status(batch: str | None, as_json: bool) -> None:
         print_batches(reports, distributed=bool(settings.broker_url))
         return EXIT_OK
 
-    guarded(as_json, action)
+    guarded_read(as_json, action)
 
 
 @click.command()
@@ -221,7 +222,7 @@ def cost(batch: str, as_json: bool) -> None:
             say(f"{mismatches} video(s) not as requested (media_mismatch in `export`)", "yellow")
         return EXIT_OK
 
-    guarded(as_json, action)
+    guarded_read(as_json, action)
 
 
 @click.command()
@@ -340,7 +341,7 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
         _print_export_warnings(warnings)
         return EXIT_OK
 
-    guarded(as_json, action)
+    guarded_read(as_json, action)
 
 
 def _print_export_warnings(warnings: list[str]) -> None:
@@ -449,7 +450,7 @@ def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
             out.print(escape(reused))
         return code
 
-    guarded(as_json, action)
+    guarded_read(as_json, action)
 
 
 #: Characters of a varied field's value the ``diff`` table shows (a prompt, an image URL).

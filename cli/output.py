@@ -589,6 +589,23 @@ def guarded(as_json: bool, action: Callable[[], int | None]) -> None:
     sys.exit(code or EXIT_OK)
 
 
+def guarded_read(as_json: bool, action: Callable[[], int | None]) -> None:
+    """:func:`guarded`, for a command an operator runs to look (``status``, ``cost``, ``export``,
+    ``diff``): its PostgreSQL transactions wait at most ``WANBATCH_DATABASE_LOCK_WAIT`` for a lock
+    another session holds (:func:`jobs.db.lock_waits_bounded`), then it ends with one line naming
+    that session (exit 2, as for a database that cannot be reached) instead of waiting in silence
+    for as long as the other session stays open."""
+
+    def bounded() -> int | None:
+        from jobs import db
+        from jobs.settings import get_settings
+
+        with db.lock_waits_bounded(get_settings()):
+            return action()
+
+    guarded(as_json, bounded)
+
+
 def print_warnings(result: SubmitResult) -> None:
     """Say on stderr what storing the batch warned of (items that collapsed into one, a past
     deadline of a batch resumed, variations that repeat others …)."""

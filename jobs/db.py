@@ -28,8 +28,10 @@ version is tightened on the next start (when this user owns it).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -76,7 +78,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.sqltypes import TupleType
 
-from jobs.errors import ConfigError, DatabaseFullError
+from jobs.errors import ConfigError, DatabaseFullError, DatabaseLockedError
 from jobs.printable import one_line
 from jobs.settings import SQLITE_DRIVER_OPTIONS, DatabaseSettings, home_expanded
 from jobs.url_secrets import masked_url
@@ -292,6 +294,8 @@ def _built_engine(url: str | URL, **kwargs: Any) -> tuple[Engine, Path | None]:
     engine = _create_engine(parsed, **kwargs)
     if "pool_pre_ping" not in kwargs:
         _ping_after_idle(engine)
+    if parsed.get_backend_name() == "postgresql":
+        _bound_lock_waits(engine)
     return engine, None
 
 
@@ -303,9 +307,10 @@ def pg_bounded_params(params: dict[str, Any]) -> dict[str, Any]:
     What ``params`` already says wins (a ``?connect_timeout=`` in the URL), as does libpq's
     environment variable ``PGCONNECT_TIMEOUT``, which an explicit parameter would otherwise
     silence. No ``statement_timeout`` or ``lock_timeout``: exports, large inserts and migrations
-    legitimately run, or wait for a lock, far longer than any bound that would help. Nothing in
-    ``options`` either: poolers refuse it (the leader's session gets the server's keepalives by
-    ``SET``: :data:`PG_SERVER_KEEPALIVES`).
+    legitimately run, or wait for a lock, far longer than any bound that would help (the
+    operator's reading commands bound their lock waits per transaction:
+    :func:`lock_waits_bounded`). Nothing in ``options`` either: poolers refuse it (the leader's
+    session gets the server's keepalives by ``SET``: :data:`PG_SERVER_KEEPALIVES`).
     """
     bounded = dict(params)
     if "connect_timeout" not in bounded and not os.environ.get("PGCONNECT_TIMEOUT"):
@@ -852,6 +857,201 @@ def is_transient_conflict(exc: BaseException) -> bool:
     if getattr(orig, "sqlstate", None) in _CONFLICT_STATES:
         return True
     return isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig)
+
+
+# --------------------------------------------------------------------------- bounded lock waits
+
+#: How long the transactions inside :func:`lock_waits_bounded` may wait for one lock, in seconds
+#: (None outside it: as long as it takes). A context variable, not an engine's setting: one
+#: process (``serve``) reads for the dashboard and writes for the webhook receiver on one engine.
+_LOCK_WAIT: contextvars.ContextVar[float | None] = contextvars.ContextVar("wanbatch_lock_wait", default=None)
+#: PostgreSQL's SQLSTATE ``lock_not_available``: a statement ``lock_timeout`` ended
+#: (https://www.postgresql.org/docs/current/errcodes-appendix.html).
+_PG_LOCK_NOT_AVAILABLE = "55P03"
+#: Who holds (or queues for) a strong lock on a table of this database, another session than
+#: this one: the lock's pid, table and mode from ``pg_locks`` (readable by every role), and what
+#: ``pg_stat_activity`` shows of that session (NULL where this role may not see it). Strong: the
+#: modes that hold back a plain read (``ACCESS EXCLUSIVE``: ``LOCK TABLE``'s default, ``ALTER
+#: TABLE``, ``DROP``, ``TRUNCATE``, ``VACUUM FULL``) or a write (``SHARE`` and up: ``CREATE
+#: INDEX``, ``LOCK TABLE … IN SHARE MODE``), strongest first. Row locks (``SELECT … FOR
+#: UPDATE``) are a writer's business: a read never waits for them.
+_LOCK_HOLDERS = text(
+    """
+    SELECT l.pid, c.relname, l.mode, l.granted, a.state, a.application_name,
+           extract(epoch FROM statement_timestamp() - coalesce(a.xact_start, a.query_start))::float8
+    FROM pg_locks l
+    JOIN pg_class c ON c.oid = l.relation
+    LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'relation'
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.pid <> pg_backend_pid()
+      AND l.mode IN ('AccessExclusiveLock', 'ExclusiveLock', 'ShareRowExclusiveLock', 'ShareLock')
+      AND c.relkind IN ('r', 'p')
+    ORDER BY l.granted DESC, array_position(
+        ARRAY['AccessExclusiveLock', 'ExclusiveLock', 'ShareRowExclusiveLock', 'ShareLock'], l.mode::text
+    ), 7 DESC NULLS LAST
+    LIMIT 5
+    """
+)
+#: How long :func:`lock_holders`' own read may take or wait, in milliseconds: it only explains a
+#: failure, and must not become a second wait.
+_LOCK_LOOKUP_MS = 2000
+
+
+def _bound_lock_waits(engine: Engine) -> None:
+    """Give every transaction ``engine`` begins inside :func:`lock_waits_bounded` PostgreSQL's
+    ``lock_timeout`` (``SET LOCAL``: that transaction only, so a pooled connection, and a
+    transaction-pooling PgBouncer's server connection, keeps none of it; never libpq's startup
+    ``options``, which poolers refuse). Outside it nothing is sent: ``run``, the workers and the
+    webhook receiver wait for a lock as long as it takes, as before."""
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        seconds = _LOCK_WAIT.get()
+        if seconds is None:
+            return
+        dbapi = connection.connection.dbapi_connection
+        if dbapi is None or getattr(dbapi, "autocommit", False):  # no transaction to set it for
+            return
+        sql = f"SET LOCAL lock_timeout = {max(1, math.ceil(seconds * 1000))}"
+        try:
+            with dbapi.cursor() as cursor:
+                cursor.execute(sql)
+        except engine.dialect.loaded_dbapi.Error as exc:  # as if SQLAlchemy had sent it
+            raise DBAPIError.instance(sql, (), exc, engine.dialect.loaded_dbapi.Error) from exc
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is a PostgreSQL statement that gave up waiting for a lock (``lock_timeout``,
+    set by :func:`lock_waits_bounded`): its transaction was rolled back, nothing of it kept."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    return getattr(orig, "sqlstate", None) == _PG_LOCK_NOT_AVAILABLE
+
+
+@contextlib.contextmanager
+def lock_waits_bounded(settings: DatabaseSettings) -> Iterator[None]:
+    """Inside the block, a PostgreSQL transaction waits at most ``settings.database_lock_wait``
+    seconds for a lock (``lock_timeout``); one that waited that long raises
+    :class:`~jobs.errors.DatabaseLockedError` with one line naming the session holding it (when
+    the server says). For the commands an operator runs to look (``status``, ``export``, the
+    dashboard's pages): another session's ``LOCK TABLE jobs`` left open in ``psql``, or a
+    migration's ``ALTER TABLE`` queued behind a long transaction, held them without a word, for
+    ever. Not ``statement_timeout``: an export of a large batch rightly reads for a long time.
+    Nothing changes on SQLite, whose busy wait (:data:`SQLITE_BUSY_TIMEOUT_MS`) bounds it.
+
+    The bound follows the context (:mod:`contextvars`): threads the block starts itself do not
+    inherit it (a pool's threads must enter it themselves)."""
+    token = _LOCK_WAIT.set(settings.database_lock_wait)
+    try:
+        yield
+    except DBAPIError as exc:
+        if not is_lock_timeout(exc):
+            raise
+        raise database_locked_error(settings.database_url) from None
+    finally:
+        _LOCK_WAIT.reset(token)
+
+
+@dataclass(frozen=True, slots=True)
+class LockHolder:
+    """Another session's strong lock on a table (:func:`lock_holders`); what the server would
+    not show this role is None."""
+
+    pid: int
+    table: str
+    #: ``pg_locks``' mode (``AccessExclusiveLock``).
+    mode: str
+    #: False: the session is queued for the lock, and every later request for the table behind it.
+    granted: bool
+    #: ``pg_stat_activity.state`` (``idle in transaction``, ``active``).
+    state: str | None
+    application: str | None
+    #: How long its transaction has been open (or its statement running), in seconds.
+    held_for: float | None
+
+    def said(self) -> str:
+        """``pid 4242 holds an ACCESS EXCLUSIVE lock on table jobs (for 3m, idle in transaction,
+        application 'psql')``."""
+        from jobs.schedule import format_duration
+
+        mode = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", self.mode.removesuffix("Lock")).upper()
+        verb = "holds" if self.granted else "is queued for"
+        about = []
+        if self.held_for is not None:
+            about.append(f"its transaction open for {format_duration(self.held_for)}")
+        if self.state:
+            about.append(self.state)
+        if self.application:
+            about.append(f"application {self.application!r}")
+        more = f" ({', '.join(about)})" if about else ""
+        return one_line(f"pid {self.pid} {verb} an {mode} lock on table {self.table}{more}")
+
+
+def lock_holders(engine: Engine) -> list[LockHolder]:
+    """The other sessions holding, or queued for, a strong lock (:data:`_LOCK_HOLDERS`) on a table
+    of ``engine``'s PostgreSQL database, the granted and strongest first, then the longest held;
+    none on SQLite, and none when they cannot be read (a role without the right, a server that
+    does not answer in :data:`_LOCK_LOOKUP_MS`): this explains a wait, it never fails one."""
+    if engine.dialect.name != "postgresql":
+        return []
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f"SET LOCAL statement_timeout = {_LOCK_LOOKUP_MS}"))
+            conn.execute(text(f"SET LOCAL lock_timeout = {_LOCK_LOOKUP_MS}"))
+            rows = conn.execute(_LOCK_HOLDERS).all()
+            conn.rollback()
+    except Exception:  # a lookup that fails explains nothing, and is no new error
+        log.debug("reading the database's lock holders failed", exc_info=True)
+        return []
+    return [
+        LockHolder(
+            pid=int(row[0]),
+            table=str(row[1]),
+            mode=str(row[2]),
+            granted=bool(row[3]),
+            state=row[4],
+            application=row[5] or None,
+            held_for=float(row[6]) if row[6] is not None else None,
+        )
+        for row in rows
+    ]
+
+
+def database_locked_error(url: str | URL, engine: Engine | None = None) -> DatabaseLockedError:
+    """The one line for a statement that gave up waiting for a lock another session holds
+    (:func:`is_lock_timeout`): who holds it (:func:`lock_holders`, asked on ``engine``, else on a
+    connection of its own to ``url``), how long it waited, and what to do."""
+    from sqlalchemy.pool import NullPool
+
+    from jobs.schedule import format_duration
+
+    holders: list[LockHolder] = []
+    if engine is not None:
+        holders = lock_holders(engine)
+    else:
+        with contextlib.suppress(Exception):  # nothing to ask with: the line says less, no more
+            asking = make_engine(url, poolclass=NullPool)
+            try:
+                holders = lock_holders(asking)
+            finally:
+                asking.dispose()
+    if holders:
+        who = holders[0].said()
+        if len(holders) > 1:
+            who += f", and {len(holders) - 1} more such lock(s)"
+    else:
+        who = "who holds the lock could not be read"
+    seconds = _LOCK_WAIT.get()
+    waited = (
+        f"waiting {format_duration(seconds)} (WANBATCH_DATABASE_LOCK_WAIT)"
+        if seconds is not None
+        else "waiting as long as the server's lock_timeout allows"
+    )
+    return DatabaseLockedError(
+        f"the database is locked by another session: {who}; gave up after {waited}, nothing was "
+        "changed: try again once that session has committed or rolled back",
+        pid=holders[0].pid if holders else None,
+    )
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -1683,6 +1883,8 @@ def _opened_engine(url: str) -> Engine:
             if created is not None:
                 _remove_if_empty(created)
             raise disk_full_error(url) from None
+        if is_lock_timeout(exc):  # an operator's command bounded its wait (lock_waits_bounded)
+            raise database_locked_error(url) from None
         lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         reason = lines[0] if lines else type(exc).__name__
         if is_schema_missing(exc):  # a migration met a table dropped since

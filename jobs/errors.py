@@ -14,6 +14,7 @@ lives in this module unless ``[module]`` names another::
     │   ├── ConfigError              a WANBATCH_* setting (or FAL_KEY) is missing or malformed
     │   │   └── DatabaseUnavailableError [worker.db_outage] the database stayed away mid-run past a lease
     │   ├── DatabaseFullError        the database's disk is full: nothing can be stored until space is freed
+    │   ├── DatabaseLockedError      another session held a lock an operator's command waited for too long
     │   ├── NotFoundError            a batch or job id that does not exist
     │   ├── SimulatedElsewhere       [cli.batch_commands] `--simulate` of a batch another process simulates
     │   └── ManifestError            the manifest is invalid; carries every located issue
@@ -84,6 +85,19 @@ class DatabaseFullError(UsageError):
     def __init__(self, message: str, *, where: str | None = None) -> None:
         super().__init__(message)
         self.where = where
+
+
+class DatabaseLockedError(UsageError):
+    """Another database session held a lock that an operator's command (``status``, ``export``,
+    a dashboard page …) needed for longer than it may wait (``WANBATCH_DATABASE_LOCK_WAIT``:
+    PostgreSQL's ``lock_timeout`` for that command's transactions, :func:`jobs.db.lock_waits_bounded`).
+    Not a bug, and like an outage the same command may succeed later; but waiting for it in
+    silence is what the bound is there to end: one line (exit 2, as for a database that cannot
+    be reached) naming the session when the server says who it is (``pid``: its process id)."""
+
+    def __init__(self, message: str, *, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 class NotFoundError(UsageError):

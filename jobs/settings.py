@@ -701,6 +701,13 @@ class DatabaseSettings(_Section):
     """The system of record."""
 
     database_url: str = Field(default_factory=lambda: f"sqlite:///{DEFAULT_STATE_DIR / 'wanbatch.db'}")
+    #: How long an operator's command that reads (``status``, ``cost``, ``export``, ``diff``,
+    #: ``doctor``, the dashboard's pages) waits for a lock another PostgreSQL session holds on
+    #: wanbatch's tables before it gives up with one line naming that session (PostgreSQL's
+    #: ``lock_timeout``, set for those commands' transactions only: ``run`` and the workers wait
+    #: as long as it takes, and an export that runs long is not cut short). SQLite's busy wait
+    #: (30 s) applies there instead.
+    database_lock_wait: _Seconds = 10.0
 
     @field_validator("database_url")
     @classmethod

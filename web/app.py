@@ -66,6 +66,7 @@ from starlette.types import ASGIApp
 from jobs import db
 from jobs.asgi_shutdown import STOPPED, EndsCleanly
 from jobs.digits import ascii_int
+from jobs.errors import DatabaseLockedError
 from jobs.printable import one_line
 from jobs.settings import Settings
 from web.auth import DashboardAuth, ForwardedHeaders, TokenGate, trusted_proxies
@@ -369,6 +370,22 @@ def create_app(
         )
         return dashboard.error(request, DASHBOARD_FAILED, 500, "Internal error")
 
+    async def database_locked(request: Request, exc: Exception) -> Response:
+        """A dashboard page whose read waited ``WANBATCH_DATABASE_LOCK_WAIT`` for a lock another
+        session holds (:func:`jobs.db.lock_waits_bounded`): 503 with the line that names that
+        session, as ``wanbatch status`` says it (one warning in the log)."""
+        assert isinstance(exc, DatabaseLockedError)
+        client = one_line(request.client.host) if request.client else "?"
+        log.warning(
+            "dashboard: %s %s from %s: %s",
+            request.method,
+            one_line(request.url.path),
+            client,
+            exc,
+            extra={"event": "dashboard.database_locked", "status": 503},
+        )
+        return dashboard.unavailable(request, str(exc))
+
     app = _WebApp(
         routes=[
             Route("/webhooks/fal", fal_webhook, methods=["POST"]),
@@ -385,7 +402,11 @@ def create_app(
         ],
         # A pool timeout (every connection held by work the database does not finish) is no
         # DBAPIError, but the same outage: 503, one line.
-        exception_handlers={DBAPIError: database_error, PoolTimeoutError: database_error},
+        exception_handlers={
+            DBAPIError: database_error,
+            PoolTimeoutError: database_error,
+            DatabaseLockedError: database_locked,
+        },
     )
     app.state.counts = counts
     app.state.body_budget = budget

@@ -325,15 +325,27 @@ class Dashboard:
 
     def routes(self) -> list[BaseRoute]:
         return [
-            Route("/", self.index, methods=["GET", "HEAD"]),
-            Route("/batches/{ref:str}", self.batch_page, methods=["GET", "HEAD"]),
+            Route("/", self._bounded(self.index), methods=["GET", "HEAD"]),
+            Route("/batches/{ref:str}", self._bounded(self.batch_page), methods=["GET", "HEAD"]),
             Route("/batches/{ref:str}/{action:str}", self.act, methods=["POST"]),
-            Route("/jobs/{job_id:str}/video", self.video, methods=["GET", "HEAD"]),
+            Route("/jobs/{job_id:str}/video", self._bounded(self.video), methods=["GET", "HEAD"]),
             Route("/login", self.login_form, methods=["GET", "HEAD"]),
             Route("/login", self.login, methods=["POST"]),
             Route("/logout", self.logout, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ]
+
+    def _bounded(self, page: Callable[[Request], Response]) -> Callable[[Request], Response]:
+        """``page`` with its reads waiting at most ``WANBATCH_DATABASE_LOCK_WAIT`` for a lock
+        another PostgreSQL session holds (:func:`jobs.db.lock_waits_bounded`): then a 503 naming
+        that session (:class:`~jobs.errors.DatabaseLockedError`, answered by the app), not a
+        request that hangs, and a thread of the pages' pool held, for as long as the lock."""
+
+        def bounded(request: Request) -> Response:
+            with db.lock_waits_bounded(self.settings):
+                return page(request)
+
+        return bounded
 
     # ---------------------------------------------------------------- rendering
 

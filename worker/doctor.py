@@ -191,6 +191,11 @@ def check_database(settings: Settings) -> Check:
         if heads and heads != {db.SCHEMA_HEAD}:  # what holds an upgrade back
             with engine.connect() as conn:
                 live = db.live_processes(conn, tables, now=now)
+        # Another session's strong lock (a `LOCK TABLE jobs` left open in psql, a migration's
+        # ALTER TABLE): every command that needs the table waits for it, in silence.
+        locks = db.lock_holders(engine)
+    except WanbatchError:  # the bound of _guarded: its line
+        raise
     except Exception as exc:  # unreachable, refused, no such database, wrong password …
         return _fail(
             name,
@@ -206,6 +211,15 @@ def check_database(settings: Settings) -> Check:
                 f"{where}: not a wanbatch database, or its tables were dropped "
                 f"(no table {', '.join(absent)})",
                 "point WANBATCH_DATABASE_URL at wanbatch's database, or at a new, empty one",
+            )
+        if locks:
+            more = f", and {len(locks) - 1} more such lock(s)" if len(locks) > 1 else ""
+            return _fail(
+                name,
+                f"{where}: reachable, schema {db.SCHEMA_HEAD} (current), but locked by another "
+                f"session: {locks[0].said()}{more}; the commands that need that table wait for it "
+                "(`status`, `export` and the dashboard give up after WANBATCH_DATABASE_LOCK_WAIT)",
+                _locked_fix(locks[0].pid),
             )
         return _ok(name, f"{where}: reachable, schema {db.SCHEMA_HEAD} (current)")
     if foreign := db.foreign_tables(heads, tables):  # what every command refuses (exit 2)
@@ -922,11 +936,29 @@ def run_checks(*, simulate: bool = False) -> list[Check]:
         return [config, *(future.result() for _name, future in futures)]
 
 
+def _locked_fix(pid: int | None) -> str:
+    """What to do about another session's lock on wanbatch's tables (``pid``: that session's)."""
+    end = f"; `SELECT pg_terminate_backend({pid})` ends that session" if pid is not None else ""
+    return (
+        f"end that session's transaction (COMMIT or ROLLBACK where it was opened{end}) or wait "
+        "for it, then run `wanbatch doctor` again"
+    )
+
+
 def _guarded(name: str, check: Callable[[Settings], Check], settings: Settings) -> Check:
     """A check that raised anyway (a bug) is still one failed line, never a traceback; and no
-    check's lines hold FAL_KEY (:func:`_without_key`)."""
+    check's lines hold FAL_KEY (:func:`_without_key`). Its reads wait for another session's
+    lock at most ``WANBATCH_DATABASE_LOCK_WAIT`` (:func:`jobs.db.lock_waits_bounded`): a
+    ``LOCK TABLE`` left open in ``psql`` is a failed line naming it, not a doctor that hangs."""
+    from jobs import db
+    from jobs.errors import DatabaseLockedError
+
     try:
-        verdict = check(settings)
+        # Each check on a thread of its own: the bound is entered here, not inherited.
+        with db.lock_waits_bounded(settings):
+            verdict = check(settings)
+    except DatabaseLockedError as exc:  # a read another session's lock held up: the bound's line
+        verdict = _fail(name, str(exc), _locked_fix(exc.pid))
     except Exception as exc:
         verdict = _fail(
             name, f"the check itself failed: {type(exc).__name__}: {_first_line(exc)}", "please report it"

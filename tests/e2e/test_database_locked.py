@@ -1,0 +1,206 @@
+"""Another PostgreSQL session's lock on a wanbatch table no longer holds the operator's reading
+commands in silence for ever.
+
+The bug (audit "pglock"): with `LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE` left open in psql (as a
+migration or a careless operator might), `wanbatch status`, `cost`, `export`, `diff`, `doctor` and
+the dashboard's pages waited for it without a word, for as long as that transaction stayed open.
+
+Now their PostgreSQL transactions carry `lock_timeout` (`WANBATCH_DATABASE_LOCK_WAIT`, `SET LOCAL`:
+never the connection's startup `options`, which poolers refuse, nor `statement_timeout`), and a
+wait that long ends in one line naming the session that holds the lock, exit 2 as for a database
+that cannot be reached (`doctor`: a failed database check, exit 1; the dashboard: 503). `run`, the
+workers and the webhook receiver keep waiting for as long as it takes (a failed lock wait there
+would give jobs back, or end a run, for an ordinary pause).
+
+Each test has a PostgreSQL database of its own, and holds the lock from a connection of its own.
+The commands run as real subprocesses with a deadline: a command that hangs fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import text
+
+from jobs import db
+from jobs.errors import DatabaseLockedError
+from jobs.settings import DatabaseSettings
+from tests.e2e.e2e_helpers import EXAMPLES, assert_one_line, wanbatch
+from tests.web.web_helpers import JSON, client, settings_for
+from web.app import create_app
+
+pytestmark = pytest.mark.postgres
+
+#: How long the commands wait for a lock here (short: the tests wait for it to end).
+LOCK_WAIT = "0.5"
+#: Longest a command may take here before the test calls it hung.
+DEADLINE = 90.0
+
+
+@pytest.fixture
+def database(new_pg_database: Callable[[], str], e2e_env: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A PostgreSQL database of this test's own, with the quickstart batch submitted to it (no
+    fal needed): the URL the commands use."""
+    url = new_pg_database()
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", url)
+    monkeypatch.setenv("WANBATCH_DATABASE_LOCK_WAIT", LOCK_WAIT)
+    done = wanbatch("submit", EXAMPLES / "quickstart.yaml", timeout=DEADLINE)
+    assert done.returncode == 0, done.stderr
+    return url
+
+
+@pytest.fixture
+def locked(database: str) -> Iterator[int]:
+    """``jobs`` locked ACCESS EXCLUSIVE by a transaction left open (as in psql); its pid. Given
+    up after :data:`DEADLINE` whatever happens, so that a command (or a dashboard request in
+    this process) that waits for it fails its test instead of hanging it."""
+    with psycopg.connect(database) as holder:
+        holder.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        pid = holder.info.backend_pid
+        release = threading.Timer(DEADLINE, holder.rollback)
+        release.start()
+        try:
+            yield pid
+        finally:
+            release.cancel()
+            holder.rollback()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("status",),
+        ("status", "quickstart"),
+        ("cost", "quickstart"),
+        ("export", "quickstart", "--format", "jsonl"),
+        ("diff", "quickstart", "quickstart"),
+    ],
+    ids=lambda args: "-".join(args[:2]),
+)
+def test_a_reading_command_names_the_lock_and_exits_2(args: tuple[str, ...], locked: int) -> None:
+    done = wanbatch(*args, timeout=DEADLINE)
+    line = assert_one_line(
+        done,
+        "error: the database is locked by another session",
+        f"pid {locked} holds an ACCESS EXCLUSIVE lock on table jobs",
+        "WANBATCH_DATABASE_LOCK_WAIT",
+    )
+    assert "internal error" not in line
+    assert done.stdout == ""
+
+
+def test_json_says_it_in_the_error_object(locked: int) -> None:
+    done = wanbatch("status", "quickstart", "--json", timeout=DEADLINE)
+    assert done.returncode == 2, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["ok"] is False
+    assert answer["error"].startswith("the database is locked by another session")
+    assert f"pid {locked}" in answer["error"]
+
+
+def test_the_same_command_works_once_the_lock_is_gone(database: str) -> None:
+    with psycopg.connect(database) as holder:
+        holder.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        assert wanbatch("status", "quickstart", timeout=DEADLINE).returncode == 2
+        holder.rollback()
+    done = wanbatch("status", "quickstart", "--json", timeout=DEADLINE)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["total"] == 3
+
+
+def test_doctor_fails_its_database_check_naming_the_session(locked: int) -> None:
+    done = wanbatch("doctor", "--simulate", "--json", timeout=DEADLINE)
+    assert done.returncode == 1, done.stderr
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    database = checks["database"]
+    assert database["status"] == "fail"
+    assert "locked by another session" in database["detail"]
+    assert f"pid {locked} holds an ACCESS EXCLUSIVE lock on table jobs" in database["detail"]
+    assert f"pg_terminate_backend({locked})" in database["fix"]
+
+
+def test_the_dashboard_answers_503_with_the_reason(
+    database: str, locked: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = db.make_engine(database)
+    try:
+        settings = settings_for(engine, tmp_path / "outputs", database_lock_wait=float(LOCK_WAIT))
+        browser = client(create_app(settings, engine=engine))
+        for path in ("/", "/batches/quickstart"):
+            answer = browser.get(path, headers=JSON)
+            assert answer.status_code == 503, answer.text
+            assert "Traceback" not in answer.text
+            assert "the database is locked by another session" in answer.text
+            assert f"pid {locked}" in answer.text
+        events = [r.__dict__.get("event") for r in caplog.records if r.levelname == "WARNING"]
+        assert events == ["dashboard.database_locked"] * 2
+    finally:
+        engine.dispose()
+
+
+def test_only_the_bounded_transactions_carry_lock_timeout(database: str) -> None:
+    """``SET LOCAL``: the bound is the transaction's, so a pooled connection given back, and
+    anything outside the block (``run``, the workers, the receiver), waits as before."""
+    settings = DatabaseSettings(database_url=database, database_lock_wait=2.5)
+    engine = db.make_engine(database, pool_size=1, max_overflow=0)
+    try:
+        with db.lock_waits_bounded(settings), db.read_scope(engine) as session:
+            assert session.execute(text("SHOW lock_timeout")).scalar() == "2500ms"
+        with db.read_scope(engine) as session:  # the same pooled connection
+            assert session.execute(text("SHOW lock_timeout")).scalar() == "0"
+        with db.session_scope(engine) as session:
+            assert session.execute(text("SHOW lock_timeout")).scalar() == "0"
+            assert session.execute(text("SHOW statement_timeout")).scalar() == "0"
+    finally:
+        engine.dispose()
+
+
+def test_a_migration_queued_behind_a_long_read_is_named(database: str) -> None:
+    """The usual way it happens: a migration's ALTER TABLE waits for a long transaction, and every
+    read of the table queues behind the ALTER. The line names the queued session."""
+    settings = DatabaseSettings(database_url=database, database_lock_wait=0.3)
+    engine = db.make_engine(database)
+    with psycopg.connect(database) as reader, psycopg.connect(database) as migrator:
+        reader.execute("SELECT count(*) FROM jobs")  # its transaction stays open
+        queued = threading.Thread(
+            target=migrator.execute, args=("ALTER TABLE jobs ADD COLUMN pglock_test integer",), daemon=True
+        )
+        queued.start()
+        try:
+            _until_queued(database, migrator.info.backend_pid)
+            with (
+                pytest.raises(DatabaseLockedError) as raised,
+                db.lock_waits_bounded(settings),
+                db.read_scope(engine) as session,
+            ):
+                session.execute(text("SELECT count(*) FROM jobs"))
+            assert raised.value.pid == migrator.info.backend_pid
+            assert (
+                f"pid {migrator.info.backend_pid} is queued for an ACCESS EXCLUSIVE lock on table jobs"
+                in str(raised.value)
+            )
+        finally:
+            reader.rollback()
+            queued.join(DEADLINE)
+            migrator.rollback()
+            engine.dispose()
+
+
+def _until_queued(url: str, pid: int) -> None:
+    """Until ``pid`` waits for a lock (polled, with a generous deadline)."""
+    deadline = time.monotonic() + DEADLINE
+    with psycopg.connect(url, autocommit=True) as watcher:
+        while True:
+            row = watcher.execute(
+                "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted", (pid,)
+            ).fetchone()
+            if row is not None and row[0]:
+                return
+            assert time.monotonic() < deadline, f"pid {pid} never queued for its lock"
+            time.sleep(0.02)
