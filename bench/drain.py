@@ -323,7 +323,9 @@ def embedded_command(
     work, manifest = _write_manifest(tmp, jobs, "wanbatch-")
     extra = {"WANBATCH_TICK_INTERVAL": "0.1", "WANBATCH_POLL_MIN_INTERVAL": "0.1"} if fast else {}
     env = _wanbatch_env(sim, work, opts, **extra)
-    argv = [sys.executable, "-c", "import cli; cli.main()", "run", str(manifest), "--no-progress"]
+    # ``python -m cli``: the command as the console script runs it (its own process, where
+    # cli.startup also does without what only another program in the process could need).
+    argv = [sys.executable, "-m", "cli", "run", str(manifest), "--no-progress"]
     return argv, env, work
 
 

@@ -154,12 +154,18 @@ def _launched_as_command() -> bool:
     return 0 <= at < len(original) and original[at].removeprefix("-m") in _MAIN_MODULES
 
 
+#: Whether this process is the ``wanbatch`` command (:func:`_launched_as_command`), decided once.
+_AS_COMMAND = _launched_as_command()
+
 # The command (``wanbatch``, ``python -m cli``): at once, before the imports. Another launcher
 # (``python -c "from cli import main; main()"``, a test importing the package) gets it from main().
-if _launched_as_command():
+if _AS_COMMAND:
     _reserve_standard_descriptors()
     _exit_on_interrupt()
     _exit_on_termination()
+    from cli import startup as _startup  # stdlib only
+
+    _startup.install_method_cache()  # before the imports below define their dataclasses
 
 import logging  # noqa: E402 (after the SIGINT handler, on purpose)
 from typing import NoReturn  # noqa: E402
@@ -401,7 +407,7 @@ def main() -> None:
     try:
         # A write to stdout fails as StdoutError or ReaderGone, below, one to stderr is dropped;
         # httpx and httpcore do without their optional imports wanbatch has no use for (cli.startup).
-        with guarded_stdout(), guarded_stderr(), startup.without_unused_modules():
+        with guarded_stdout(), guarded_stderr(), startup.without_unused_modules(own_process=_AS_COMMAND):
             _main()
     finally:  # only reached in process (tests): the caller's handlers back
         if replaced is not None:

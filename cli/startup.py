@@ -16,16 +16,25 @@ never traverse it again) and turns the collector back on. Reference counting fre
 usual meanwhile; only cyclic garbage waits. A command that never calls :func:`resume` gets
 the collector back after :data:`RESUME_AFTER_SECONDS` anyway, so no process ever runs long
 without it.
+
+The command's own process also keeps the code of the methods :mod:`dataclasses` compiles from
+source at every start (:class:`MethodCache`), and does without trio (:data:`COMMAND_ONLY_UNUSED_MODULES`).
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import gc
+import marshal
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from importlib.util import MAGIC_NUMBER, cache_from_source
+from pathlib import Path
+from types import CodeType
+from typing import Any
 
 #: The collector is back on this long after :func:`pause` at the latest, whatever the command.
 RESUME_AFTER_SECONDS = 10.0
@@ -93,6 +102,8 @@ def resume() -> None:
         _paused = False
         gc.freeze()
         gc.enable()
+    if _method_cache is not None:  # the command's machinery is loaded: its methods are all known
+        _method_cache.save()
 
 
 #: Modules that libraries wanbatch uses import only because they happen to be installed, for
@@ -100,19 +111,30 @@ def resume() -> None:
 #: progress bars and syntax highlighting, Pygments' lexers) whenever click, Rich and Pygments are
 #: installed — and wanbatch depends on the first two. About a tenth of a second of each ``run``'s
 #: start-up CPU. Only a module whose absence binds nothing another program in the process needs
-#: belongs here: httpx binds a stand-in ``httpx.main`` (its CLI) when this import fails. (trio,
-#: which httpcore imports when installed, does not: httpcore binds ``trio = None`` for good, and
-#: a later trio program in the same process could not use httpx.)
+#: belongs here: httpx binds a stand-in ``httpx.main`` (its CLI) when this import fails.
 UNUSED_OPTIONAL_MODULES = ("httpx._main",)
+
+#: Modules stood in for only in a process that is the ``wanbatch`` command itself (the console
+#: script, ``python -m cli``: see :func:`cli._launched_as_command`), where no other program runs.
+#: httpcore imports trio (with attrs, outcome and sortedcontainers: about 45 ms of CPU, a
+#: sixteenth of a ``run``'s start-up) whenever it is installed, for the locks of a program that
+#: runs *under* trio; wanbatch makes its HTTP calls from threads (and asyncio, in the web app).
+#: httpcore binds ``trio = None`` for good when the import fails, so a process that goes on to
+#: run another program after the command — a test calling :func:`cli.main` in process, a script
+#: importing the package — keeps trio: a trio program there could not use httpx otherwise.
+COMMAND_ONLY_UNUSED_MODULES = ("trio",)
 
 
 @contextlib.contextmanager
-def without_unused_modules() -> Iterator[None]:
-    """While a command runs, importing an :data:`UNUSED_OPTIONAL_MODULES` one fails as if it were
-    not installed (``None`` in :data:`sys.modules`: https://docs.python.org/3/reference/import.html#the-module-cache),
-    which httpx and httpcore both handle by doing without it. One already imported is left as it
-    is, and the stand-ins are taken out again afterwards (a test process runs commands in its own)."""
-    added = [name for name in UNUSED_OPTIONAL_MODULES if name not in sys.modules]
+def without_unused_modules(*, own_process: bool = False) -> Iterator[None]:
+    """While a command runs, importing an :data:`UNUSED_OPTIONAL_MODULES` one — and, when
+    ``own_process`` (the process is the command: nothing else runs in it), a
+    :data:`COMMAND_ONLY_UNUSED_MODULES` one — fails as if it were not installed (``None`` in
+    :data:`sys.modules`: https://docs.python.org/3/reference/import.html#the-module-cache), which
+    httpx and httpcore both handle by doing without it. One already imported is left as it is,
+    and the stand-ins are taken out again afterwards (a test process runs commands in its own)."""
+    unused = UNUSED_OPTIONAL_MODULES + (COMMAND_ONLY_UNUSED_MODULES if own_process else ())
+    added = [name for name in unused if name not in sys.modules]
     for name in added:
         sys.modules[name] = None  # type: ignore[assignment]  # documented: "not installed"
     try:
@@ -121,3 +143,156 @@ def without_unused_modules() -> Iterator[None]:
         for name in added:
             if name in sys.modules and sys.modules[name] is None:
                 del sys.modules[name]
+
+
+# --------------------------------------------------------------------------- dataclasses' methods
+
+#: Past this many methods, the cache file keeps only those of the process that writes it (a file
+#: that grew over many versions of wanbatch and its libraries starts again from what is used).
+MAX_CACHED_METHODS = 10_000
+
+
+class MethodCache:
+    """The compiled code of the methods :mod:`dataclasses` generates, kept from one process to the next.
+
+    Python 3.11's dataclasses write each class's ``__init__``, ``__repr__``, ``__eq__``,
+    ``__hash__`` and, when frozen, ``__setattr__`` and ``__delattr__`` as source text and
+    ``exec`` it: about 960 compilations in a ``run`` (wanbatch's 120 dataclasses, pydantic's,
+    annotated-types', h11's…), some 65 ms of CPU, a twelfth of its start-up — the same texts
+    compiled to the same code in every process. Installed (:meth:`install`), dataclasses' ``exec``
+    takes each text's code from here and compiles only a text not seen before, which
+    :meth:`save` adds to a file beside this package's bytecode (:func:`method_cache_path`).
+
+    The code is exactly what ``exec`` compiles from the same text (the key is the whole text,
+    compiled as ``exec`` does: file name ``<string>``, no ``__future__`` flags inherited), so the
+    classes are the same. The file is read and written as Python reads and writes .pyc files: one
+    for another interpreter version (another magic number) or one that cannot be read is ignored,
+    none is written under ``PYTHONDONTWRITEBYTECODE`` or ``-B``, and a folder that cannot be
+    written (a read-only install) only means compiling at every start, as before.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stored: dict[str, bytes] = self._read()
+        self._added: dict[str, bytes] = {}
+        self._used: set[str] = set()
+        self._pid = os.getpid()  # a forked child (Celery's pool) never writes the file
+
+    def _read(self) -> dict[str, bytes]:
+        if self.path is None:
+            return {}
+        try:
+            data = self.path.read_bytes()
+            # Code as trusted as the .pyc files beside it, in the same folder.
+            found = marshal.loads(data[len(MAGIC_NUMBER) :]) if data.startswith(MAGIC_NUMBER) else None  # noqa: S302
+        except (OSError, ValueError, EOFError, TypeError):
+            return {}
+        if not isinstance(found, dict):
+            return {}
+        return {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, bytes)}
+
+    @property
+    def compiled(self) -> int:
+        """How many texts this process compiled (found neither in the file nor before)."""
+        return len(self._added)
+
+    def code(self, source: str) -> CodeType:
+        """The code ``exec(source)`` runs, from the cache or compiled now."""
+        with self._lock:
+            self._used.add(source)
+            raw = self._stored.get(source) or self._added.get(source)
+        if raw is not None:
+            with contextlib.suppress(ValueError, EOFError, TypeError):
+                code = marshal.loads(raw)  # noqa: S302 (read from the file above)
+                if isinstance(code, CodeType):
+                    return code
+        code = compile(source, "<string>", "exec", dont_inherit=True)
+        with self._lock:
+            self._added[source] = marshal.dumps(code)
+        return code
+
+    def exec_source(
+        self,
+        source: object,
+        globals: dict[str, Any] | None = None,
+        locals: Mapping[str, object] | None = None,
+        /,
+        **options: Any,
+    ) -> None:
+        """``exec`` as :mod:`dataclasses` calls it (a text, its namespaces), with cached code; any
+        other call is passed on to the real ``exec``, in the caller's namespace."""
+        if type(source) is not str or globals is None or options:
+            caller = sys._getframe(1)
+            if globals is None:
+                globals, locals = caller.f_globals, caller.f_locals if locals is None else locals
+            builtins.exec(source, globals, locals, **options)  # type: ignore[arg-type]  # noqa: S102
+            return
+        builtins.exec(self.code(source), globals, locals)  # noqa: S102 (dataclasses' own text)
+
+    def install(self) -> None:
+        """From now on, :mod:`dataclasses` compiles through this cache (its module-level ``exec``
+        name, which its ``_create_fn`` — or 3.13's ``_FuncBuilder`` — calls, is this one's)."""
+        import dataclasses
+
+        dataclasses.exec = self.exec_source  # type: ignore[attr-defined]
+
+    def save(self) -> None:
+        """Add the texts compiled since the last save to the file (nothing to add, or no writing
+        of bytecode: nothing written). Never fails: a folder that cannot be written is left be."""
+        with self._lock:
+            if not self._added or self.path is None or sys.dont_write_bytecode or os.getpid() != self._pid:
+                return
+            methods = {**self._stored, **self._added}
+            if len(methods) > MAX_CACHED_METHODS:
+                methods = {source: methods[source] for source in self._used if source in methods}
+            self._stored, self._added = methods, {}
+        with contextlib.suppress(OSError):
+            _write_atomically(self.path, MAGIC_NUMBER + marshal.dumps(methods))
+
+
+def method_cache_path() -> Path | None:
+    """Where the :class:`MethodCache` file goes: this package's ``__pycache__`` folder (or its
+    place under ``PYTHONPYCACHEPREFIX``), one file per interpreter version; None for an interpreter
+    that keeps no bytecode files."""
+    try:
+        beside = cache_from_source(__file__)
+    except NotImplementedError:  # sys.implementation.cache_tag is None
+        return None
+    return Path(beside).with_name(f"dataclass-methods.{sys.implementation.cache_tag}.marshal")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """``data`` as the file ``path``, whole or not at all, as Python writes a .pyc: a temporary
+    file beside it renamed over it (two processes saving at once: the last one's), readable as
+    the source files are."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    mode = Path(__file__).stat().st_mode & 0o666
+    fd = os.open(temporary, os.O_EXCL | os.O_CREAT | os.O_WRONLY, mode)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        temporary.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise
+
+
+#: The cache installed in this process (:func:`install_method_cache`), None before.
+_method_cache: MethodCache | None = None
+
+
+def install_method_cache() -> MethodCache:
+    """Compile dataclasses' methods through a :class:`MethodCache` from here on, saved when
+    :func:`resume` says the command's machinery is loaded and again at exit; the one installed
+    already, if any. Only the command's own process does this (:mod:`cli`), before its imports."""
+    global _method_cache
+    if _method_cache is None:
+        import atexit
+
+        _method_cache = MethodCache(method_cache_path())
+        _method_cache.install()
+        atexit.register(_method_cache.save)
+    return _method_cache

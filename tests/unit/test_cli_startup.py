@@ -265,3 +265,163 @@ def test_the_safety_timer_turns_the_gc_back_on_when_no_command_does(monkeypatch:
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+# --------------------------------------------------------------------------- the command's own process
+
+
+def _modules_at_end(args: tuple[str, ...], env: dict[str, str], *, as_command: bool = True) -> set[str]:
+    """The modules loaded at its end by a process that is the ``wanbatch`` command (argv[0] says
+    so, as the console script's does: :data:`_PROBE`), or else by a program that calls
+    :func:`cli.main` (argv[0] another program's)."""
+    probe = _PROBE if as_command else _PROBE.replace('["wanbatch",', '["a-program",')
+    done = subprocess.run(
+        [sys.executable, "-c", probe, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    line = next((x for x in done.stderr.splitlines() if x.startswith("MODULES ")), None)
+    assert line is not None, done.stderr
+    return set(json.loads(line.removeprefix("MODULES ")))
+
+
+def test_the_command_itself_does_without_trio_and_a_program_calling_main_keeps_it(tmp_path: Path) -> None:
+    """trio (httpcore's, when installed: a sixteenth of a run's start-up) is not imported by the
+    ``wanbatch`` process, where nothing runs under trio; a process that calls :func:`cli.main`
+    and goes on (a test, a script) gets it as httpcore wants, since httpcore binds ``trio = None``
+    for good (:data:`cli.startup.COMMAND_ONLY_UNUSED_MODULES`)."""
+    import importlib.util
+
+    manifest = tmp_path / "one.yaml"
+    manifest.write_text('name: trio-probe\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: "a red kite"\n')
+    args = ("run", str(manifest), "--simulate", "--no-progress", "--json")
+    loaded = _modules_at_end(args, _clean_env(tmp_path))
+    assert {"httpx", "httpcore", "worker.conductor"} <= loaded  # it did talk HTTP
+    assert sorted(m for m in loaded if m.split(".")[0] in ("trio", "attr", "outcome")) == []
+    elsewhere = _modules_at_end(args, _clean_env(tmp_path), as_command=False)
+    assert {"httpx", "httpcore", "worker.conductor"} <= elsewhere
+    assert ("trio" in elsewhere) == (importlib.util.find_spec("trio") is not None)
+
+
+# --------------------------------------------------------------------------- dataclasses' methods
+
+
+def _sample(make: object) -> dict[str, object]:
+    """What a few dataclasses built now do: their methods' behaviour and annotations."""
+    import dataclasses
+    import inspect
+
+    @dataclasses.dataclass(frozen=True)
+    class Point:
+        x: int
+        y: list[int] = dataclasses.field(default_factory=list)
+        label: str = "p"
+
+    @dataclasses.dataclass(order=True, kw_only=True)
+    class Job:
+        id: str
+        tries: int = 0
+
+    p, q = Point(1, [2]), Point(1, [2])
+    try:
+        p.x = 3  # type: ignore[misc]
+        frozen = False
+    except dataclasses.FrozenInstanceError:
+        frozen = True
+    return {
+        "repr": repr(p),
+        "eq": p == q,
+        "hash": hash(Point(1, ())),  # type: ignore[arg-type]
+        "frozen": frozen,
+        "order": Job(id="a") < Job(id="b"),
+        "init": inspect.get_annotations(Point.__init__),
+        "job_init": str(inspect.signature(Job.__init__)),
+        "job": repr(Job(id="j", tries=2)),
+    }
+
+
+def _installed(cache: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cache`` installed, taken out again after the test (dataclasses has no ``exec`` of its own)."""
+    import builtins
+    import dataclasses
+
+    from cli.startup import MethodCache
+
+    assert isinstance(cache, MethodCache)
+    monkeypatch.setattr(dataclasses, "exec", builtins.exec, raising=False)
+    cache.install()
+
+
+def test_dataclasses_built_through_the_method_cache_are_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cli.startup import MethodCache
+
+    plain = _sample(None)
+    first = MethodCache(tmp_path / "methods.marshal")
+    _installed(first, monkeypatch)
+    assert _sample(first) == plain  # compiled now, as exec compiles (no __future__ flag inherited)
+    assert first.compiled > 0
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    first.save()
+    second = MethodCache(tmp_path / "methods.marshal")
+    _installed(second, monkeypatch)
+    assert _sample(second) == plain  # from the file
+    assert second.compiled == 0
+
+
+def test_the_method_cache_writes_as_python_writes_bytecode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not under PYTHONDONTWRITEBYTECODE; a file of another Python or a damaged one is ignored;
+    a folder it cannot write to fails nothing."""
+    from importlib.util import MAGIC_NUMBER
+
+    from cli.startup import MethodCache
+
+    path = tmp_path / "cache" / "methods.marshal"
+    cache = MethodCache(path)
+    cache.code("x = 1\n")
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    cache.save()
+    assert not path.exists()
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    cache.save()
+    assert path.exists()
+    assert MethodCache(path).code("x = 1\n").co_code == compile("x = 1\n", "<string>", "exec").co_code
+    for damaged in (
+        b"\x00\x01\x02\x03garbage",
+        path.read_bytes()[:-9],
+        b"abcd" + path.read_bytes()[len(MAGIC_NUMBER) :],
+    ):
+        path.write_bytes(damaged)
+        again = MethodCache(path)
+        namespace: dict[str, object] = {}
+        again.exec_source("x = 1\n", namespace, namespace)
+        assert namespace["x"] == 1
+        assert again.compiled == 1
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    unwritable = MethodCache(blocked / "methods.marshal")
+    unwritable.code("y = 2\n")
+    unwritable.save()  # no error: the next process compiles again
+
+
+def test_the_command_keeps_its_dataclass_methods_for_the_next_start(tmp_path: Path) -> None:
+    """The first command writes the file beside the bytecode (here under PYTHONPYCACHEPREFIX);
+    the next one finds every method there and writes nothing."""
+    env = {k: v for k, v in _clean_env(tmp_path).items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")
+    manifest = tmp_path / "one.yaml"
+    manifest.write_text('name: methods-probe\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: "a red kite"\n')
+    args = ("validate", str(manifest))
+    _modules_at_end(args, env)
+    (written,) = (tmp_path / "pycache").rglob("dataclass-methods.*.marshal")
+    before = written.stat()
+    assert before.st_size > 10_000
+    _modules_at_end(args, env)
+    after = written.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
