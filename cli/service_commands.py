@@ -548,6 +548,12 @@ class _SimulatorCommand(click.Command):
     default=None,
     help="Base URL written into the URLs it hands out (e.g. http://simulator:8787 in docker compose).",
 )
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Serve HTTPS with a throw-away self-signed certificate (deleted when it stops) and print "
+    "the settings that make fal's own client (fal-client, https only) and wanbatch trust it.",
+)
 def simulator(
     host: str,
     port: int,
@@ -555,6 +561,7 @@ def simulator(
     concurrency_limit: int,
     faults: tuple[str, ...],
     public_url: str | None,
+    tls: bool,
 ) -> None:
     """Run the bundled simulator of fal's queue API (for the offline demo and tests)."""
 
@@ -563,7 +570,7 @@ def simulator(
         from falsim.faults import parse_fault_option
         from jobs.errors import UsageError
 
-        _check_simulator_options(port, latency, concurrency_limit, public_url)
+        _check_simulator_options(port, latency, concurrency_limit, public_url, tls)
         try:
             rules = dict(parse_fault_option(item) for item in faults)
         except ValueError as exc:
@@ -573,7 +580,7 @@ def simulator(
         )
         startup.resume()
         try:
-            serve(host, port, options)
+            serve(host, port, options, tls=tls)
         except OSError as exc:  # in use, not ours to bind, or an unknown host
             raise UsageError(f"the simulator cannot serve on {host}:{port}: {exc.strerror or exc}") from None
         return EXIT_OK
@@ -582,7 +589,7 @@ def simulator(
 
 
 def _check_simulator_options(
-    port: int, latency: float | None, concurrency_limit: int, public_url: str | None
+    port: int, latency: float | None, concurrency_limit: int, public_url: str | None, tls: bool = False
 ) -> None:
     """One-line UsageErrors for values the simulator would otherwise take silently or crash on."""
     from jobs.errors import UsageError
@@ -600,3 +607,6 @@ def _check_simulator_options(
             check_http_url(public_url, "http://simulator:8787")
         except ValueError as exc:
             raise UsageError(f"--public-url: {exc}") from None
+        if tls and not public_url.lower().startswith("https://"):
+            # Clients would be sent to http:// URLs on a server that answers only TLS.
+            raise UsageError(f"--public-url must be an https:// URL with --tls, got {public_url}")

@@ -1,7 +1,10 @@
 """Running the simulator: blocking (``wanbatch simulator``) or in a background thread (tests, ``--simulate``).
 
 - :func:`serve` blocks until interrupted; ``wanbatch simulator`` maps its flags onto
-  :class:`SimulatorOptions`.
+  :class:`SimulatorOptions`. With ``tls=True`` (``--tls``) it serves HTTPS with a throw-away
+  self-signed certificate in a temporary folder, prints the CA file and the settings that point
+  fal_client and wanbatch at it (:func:`falsim.tls.client_settings`), and deletes the folder
+  as it stops, before a SIGTERM that stopped it ends the process.
 - :func:`running_simulator` starts it on a free loopback port in a daemon thread and yields a
   :class:`SimulatorHandle` (``.url``, ``.ledger()``, ``.set_faults(...)``, ``.reset()``,
   ``.update_options(...)``, ``.stop()``). Point ``WANBATCH_FAL_QUEUE_URL`` and
@@ -21,9 +24,10 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -32,7 +36,7 @@ from falsim.app import SimulatorApp
 from falsim.engine import Engine
 from falsim.ledger import LedgerReport
 from falsim.options import SimulatorOptions
-from falsim.tls import make_self_signed
+from falsim.tls import client_settings, make_self_signed
 from jobs.asgi_shutdown import EndsCleanly
 from jobs.endpoints import get_endpoint
 
@@ -89,19 +93,41 @@ class _Server(uvicorn.Server):
     an error and a traceback for each: an SSE stream only ends when its request does, so every
     stop with requests still running (Ctrl-C of ``run --simulate``) printed them. Ended first,
     the streams complete as responses do, and an error uvicorn logs is a real one.
+
+    ``on_stopped`` runs once it has stopped, before uvicorn raises again the signal that stopped
+    it: a SIGTERM then ends the process at once (its default action), and what ``serve`` holds
+    (``--tls``'s certificate folder) would never be cleaned up after it.
     """
 
-    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+    def __init__(
+        self, config: uvicorn.Config, engine: Engine, on_stopped: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(config)
         self._engine = engine
+        self._on_stopped = on_stopped
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._engine.close_streams()
         await super().shutdown(sockets=sockets)
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Inside uvicorn's own, whose exit raises the captured signals again.
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                if self._on_stopped is not None:
+                    self._on_stopped()
+
 
 def _server(
-    engine: Engine, sock: socket.socket, base_url: str, certfile: Path | None, keyfile: Path | None
+    engine: Engine,
+    sock: socket.socket,
+    base_url: str,
+    certfile: Path | None,
+    keyfile: Path | None,
+    on_stopped: Callable[[], None] | None = None,
 ) -> uvicorn.Server:
     from jobs.open_files import quiet_accept_errors
 
@@ -115,17 +141,43 @@ def _server(
         ssl_keyfile=str(keyfile) if keyfile else None,
         timeout_graceful_shutdown=1,
     )
-    return _Server(config, engine)
+    return _Server(config, engine, on_stopped)
 
 
-def serve(host: str = "127.0.0.1", port: int = 8787, options: SimulatorOptions | None = None) -> None:
-    """Serve the simulator until interrupted (Ctrl-C); what ``wanbatch simulator`` runs."""
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    options: SimulatorOptions | None = None,
+    *,
+    tls: bool = False,
+) -> None:
+    """Serve the simulator until interrupted (Ctrl-C); what ``wanbatch simulator`` runs.
+
+    ``tls``: HTTPS, with a certificate made now for the host (and a ``public_url``'s), in a
+    temporary folder deleted as it stops; the lines that follow the URL say how to trust it.
+    """
     sock = _bind(host, port)
-    base_url = _base_url(sock, host, tls=False)
+    base_url = _base_url(sock, host, tls)
     engine = Engine(options)
-    server = _server(engine, sock, base_url, None, None)
-    print(f"fal simulator listening on {engine.options.public_url or base_url}", flush=True)
-    server.run(sockets=[sock])
+    public_url = (engine.options.public_url or base_url).rstrip("/")  # as the engine writes it
+    folder = tempfile.TemporaryDirectory(prefix="wanbatch-sim-tls-") if tls else None
+    try:
+        certfile = keyfile = None
+        if folder is not None:
+            shown = urlsplit(base_url).hostname or host
+            certfile, keyfile = make_self_signed(
+                Path(folder.name), shown, also=[urlsplit(public_url).hostname or ""]
+            )
+        server = _server(
+            engine, sock, base_url, certfile, keyfile, folder.cleanup if folder is not None else None
+        )
+        print(f"fal simulator listening on {public_url}", flush=True)
+        if certfile is not None:
+            print("\n".join(client_settings(public_url, certfile)), flush=True)
+        server.run(sockets=[sock])
+    finally:
+        if folder is not None:
+            folder.cleanup()  # also when it never started (a second call does nothing)
 
 
 class SimulatorHandle:

@@ -1,15 +1,29 @@
-"""A throw-away self-signed certificate for serving the simulator over HTTPS.
+"""A throw-away self-signed certificate for serving the simulator over HTTPS, and how to trust it.
 
-fal's own client hard-codes ``https://`` (``QUEUE_URL_FORMAT`` in fal_client's ``auth.py``,
-https://github.com/fal-ai/fal/tree/main/projects/fal_client), so conformance tests serve the
-simulator over TLS and make httpx trust this certificate through ``SSL_CERT_FILE``.
+fal's own client hard-codes ``https://`` (``QUEUE_URL_FORMAT`` in fal_client's ``client.py``,
+https://github.com/fal-ai/fal/tree/main/projects/fal_client), so ``wanbatch simulator --tls``
+and the conformance tests serve the simulator over TLS, and clients trust this certificate
+through ``SSL_CERT_FILE``: httpx (which fal_client and wanbatch both use) reads it, when its
+``trust_env`` is on (the default), as the only CA file of the default SSL context
+(``httpx._config.create_ssl_context``), instead of certifi's bundle.
+
+What fal_client (1.0.x) takes from the environment, all read once, when it is imported:
+``FAL_RUN_HOST`` (``fal.run``: its synchronous ``run``, which the simulator does not serve) and
+``FAL_QUEUE_RUN_HOST`` (default ``queue.`` + ``FAL_RUN_HOST``: submit, status, result, cancel,
+all of which it does serve), each a bare ``host[:port]`` put after ``https://``; plus
+``FAL_KEY`` (or ``FAL_KEY_ID``/``FAL_KEY_SECRET``), read at each call. Its upload hosts
+(``REST_URL``, ``CDN_URL``) are constants no variable changes, so its uploads cannot be pointed
+at a simulator from outside (tests patch the module's constants).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import shlex
+from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -17,18 +31,24 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def make_self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
-    """Write ``cert.pem`` and ``key.pem`` for ``host`` (plus localhost) into ``directory``."""
+def _subject_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def make_self_signed(directory: Path, host: str = "127.0.0.1", also: Iterable[str] = ()) -> tuple[Path, Path]:
+    """Write ``cert.pem`` and ``key.pem`` for ``host`` (plus localhost, 127.0.0.1 and the host
+    names in ``also``: a ``--public-url``'s, which clients check the certificate against) into
+    ``directory``. The certificate is its own CA: ``cert.pem`` is the file a client trusts."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "wanbatch fal simulator")])
     now = dt.datetime.now(dt.UTC)
-    alt: list[x509.GeneralName] = [x509.DNSName("localhost")]
-    try:
-        alt.append(x509.IPAddress(ipaddress.ip_address(host)))
-    except ValueError:
-        alt.append(x509.DNSName(host))
-    if host != "127.0.0.1":
-        alt.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    alt: list[x509.GeneralName] = []
+    for each in ("localhost", "127.0.0.1", host, *also):
+        if each and (subject := _subject_name(each)) not in alt:
+            alt.append(subject)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -50,3 +70,30 @@ def make_self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Pa
         )
     )
     return cert_path, key_path
+
+
+def client_settings(url: str, ca_file: Path) -> list[str]:
+    """The lines ``wanbatch simulator --tls`` prints after its URL: the CA file, then the
+    ``export`` line for fal's own client and the one for wanbatch, each ready to paste (values
+    quoted for a POSIX shell).
+
+    ``url`` is the simulator's base URL as clients reach it (``https://host:port``, a
+    ``--public-url`` when given). fal_client takes only a host (``FAL_QUEUE_RUN_HOST``), read
+    at import; wanbatch takes full URLs (``WANBATCH_FAL_QUEUE_URL``/``WANBATCH_FAL_REST_URL``:
+    one server plays both, storage uploads included) and has no CA setting of its own: its
+    httpx clients read ``SSL_CERT_FILE`` as fal_client's do. Any key works (``FAL_KEY``); both
+    clients refuse to start without one.
+    """
+    host = urlsplit(url).netloc
+    ca = shlex.quote(str(ca_file))
+    base = shlex.quote(url)
+    fal_client = f"FAL_QUEUE_RUN_HOST={shlex.quote(host)} SSL_CERT_FILE={ca} FAL_KEY=any-key"
+    wanbatch = f"WANBATCH_FAL_QUEUE_URL={base} WANBATCH_FAL_REST_URL={base} SSL_CERT_FILE={ca}"
+    return [
+        f"CA certificate (self-signed, deleted when the simulator stops): {ca_file}",
+        "fal's Python client (fal-client reads them at import; its uploads go to fal whatever is set):",
+        f"  export {fal_client}",
+        "wanbatch:",
+        f"  export {wanbatch} FAL_KEY=any-key",
+        "(SSL_CERT_FILE replaces the CAs httpx trusts in that shell: real fal is not reachable from it.)",
+    ]
