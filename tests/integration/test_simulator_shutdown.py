@@ -133,9 +133,19 @@ class _Call(threading.Thread):
             self.result = exc
 
 
-def _held(call: _Call) -> _Call:
+def _held(call: _Call, kind: str) -> _Call:
+    """Start ``call`` and wait until the simulator's ``kind`` fault holds it in its handler (the
+    fault's count of firings, read from ``/_sim/faults``), not for a guessed while: a request
+    still on its way when the signal comes is another test."""
+    base = call.url.split("/", 3)
+    faults = f"{base[0]}//{base[2]}/_sim/faults"
     call.start()
-    time.sleep(0.8)  # in the handler, held by the fault
+    deadline = time.monotonic() + 30
+    with httpx.Client(timeout=10) as client:
+        while client.get(faults).json()["fired"].get(kind, 0) < 1:
+            assert call.is_alive(), call.result
+            assert time.monotonic() < deadline, f"the {kind} fault never held the call"
+            time.sleep(0.02)
     assert call.is_alive(), call.result
     return call
 
@@ -146,7 +156,7 @@ def test_a_held_submit_is_answered_when_the_simulator_stops(
     simulator: tuple[subprocess.Popen[str], str], tmp_path: Path, sig: signal.Signals
 ) -> None:
     proc, url = simulator
-    call = _held(_Call("POST", f"{url}/fal-ai/wan-22", json={"prompt": "a"}))
+    call = _held(_Call("POST", f"{url}/fal-ai/wan-22", json={"prompt": "a"}), "submit_slow")
     took = _stopped(proc, sig)
     call.join(10)
     _clean(_said(tmp_path))
@@ -166,7 +176,7 @@ def test_a_held_status_poll_is_answered_when_the_simulator_stops(
     proc, url = simulator
     with httpx.Client(timeout=10, headers=AUTH) as client:
         submitted = client.post(f"{url}/fal-ai/wan-22", json={"prompt": "a"}).json()
-    call = _held(_Call("GET", submitted["status_url"]))
+    call = _held(_Call("GET", submitted["status_url"]), "status_slow")
     took = _stopped(proc, signal.SIGINT)
     call.join(10)
     _clean(_said(tmp_path))
