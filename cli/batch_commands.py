@@ -999,6 +999,7 @@ def _processing(
     resume: Callable[[str | None], str],
     *,
     stored: Callable[[], str | None] = lambda: None,
+    unlooked: Callable[[], str | None] = lambda: None,
 ) -> None:
     """:func:`guarded`, plus what Ctrl-C and SIGTERM do to a command that processes a batch.
 
@@ -1006,7 +1007,9 @@ def _processing(
     with one line saying what was given back and how to resume (``resume(batch_id)``); a
     second one exits at once. A signal before the processing began (while the batch was being
     stored, or the run set up) carries no batch: ``stored()`` then says which batch the command
-    had stored, if any.
+    had stored, if any — by asking the database; when the database does not answer at all
+    (the stop ended without it: :class:`worker.running._HangWatch`), ``unlooked()`` says which
+    batch it may have stored, without asking.
     """
 
     def interruptible() -> int:
@@ -1015,8 +1018,14 @@ def _processing(
 
         # A second signal ends the process on the spot: under --json with the object too.
         last_words = (lambda: hard_exit_json("interrupted again: exiting now")) if as_json else None
+
+        def hung(line: str, batch_id: str | None) -> None:
+            """The stop ends without the database, which does not answer (130, one line)."""
+            batch_id = batch_id or unlooked()
+            _exit_interrupted(Interrupted(line, batch_id=batch_id), as_json, resume(batch_id), locked=True)
+
         try:
-            with stop_on_signals(last_words=last_words):
+            with stop_on_signals(last_words=last_words, on_hang=hung):
                 return action()
         except Interrupted as exc:
             exc.batch_id = exc.batch_id or stored()
@@ -1043,12 +1052,18 @@ def _flush_both() -> None:
             stream.flush()
 
 
-def _exit_interrupted(exc: Interrupted, as_json: bool, hint: str) -> NoReturn:
+def _exit_interrupted(exc: Interrupted, as_json: bool, hint: str, *, locked: bool = False) -> NoReturn:
     """Report an interruption and end the process now.
 
     ``os._exit``, not ``sys.exit``: a download abandoned in a worker thread would otherwise keep
     the interpreter alive (thread pools are joined at exit) for as long as it takes.
+    ``locked``: the caller holds :data:`worker.running.exit_lock` already (the hang watch);
+    else it is taken here, so one last line is written, never two.
     """
+    from worker.running import exit_lock
+
+    if not locked:
+        exit_lock.acquire()  # held by the hang watch: it is ending the process, with its line
     line = f"{exc}; {hint}"
     if as_json:
         with contextlib.suppress(StdoutError, ReaderGone):  # stdout unwritable: the line below still
@@ -1433,7 +1448,7 @@ def rerun(
             again = f"run `{new.run_command(result.batch_id)}`"  # never `rerun` again: another batch
             return _run_and_report(result.batch_id, target, as_json, not no_progress, again=again)
 
-    _processing(as_json, action, new.hint, stored=new.stored)
+    _processing(as_json, action, new.hint, stored=new.stored, unlooked=new.unlooked)
 
 
 class _NewRerun:
@@ -1466,6 +1481,12 @@ class _NewRerun:
             self.unsure = found is None
             if found is False:  # its transaction was rolled back: nothing was stored
                 self.batch_id = None
+        return self.batch_id
+
+    def unlooked(self) -> str | None:
+        """The new batch's id when it may be stored, without asking the database (it does not
+        answer): unsure from the moment it was named."""
+        self.unsure = self.batch_id is not None
         return self.batch_id
 
     def hint(self, batch_id: str | None) -> str:

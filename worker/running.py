@@ -10,6 +10,22 @@ Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal or SSH session closed) stops a 
 seconds (:func:`stop_on_signals`): nothing more is sent, the leases this process holds are given
 back so the next run picks its jobs up at once, running downloads are abandoned (they write to
 per-attempt temporary files), and the command exits 130. A second Ctrl-C exits at once.
+
+A database that does not answer at all — a frozen server whose kernel still acknowledges every
+packet, so neither TCP keepalives nor ``tcp_user_timeout`` ever fire, and psycopg waits for ever
+— cannot hold that stop back: giving the leases back is a database write that would never
+return. psycopg's wait releases the GIL and runs Python's signal handlers every 100 ms (its C
+``wait_c`` polls in slices), so the signal itself is always handled; what hung was the stop's own
+database calls on the main thread after it. So the first signal also arms a watch
+(:class:`_HangWatch`): a stop still under way after :data:`STOP_HANG_GRACE_SECONDS` asks the
+database, on a connection of its own, whether it answers at all; when no answer comes within
+:data:`DATABASE_ANSWER_SECONDS` the process keeps what only it knows (accepted submissions not
+recorded yet) in the journal of :mod:`worker.steps.unrecorded`, says so in one line and exits 130.
+The jobs are safe without the give-back: the database holds them, their leases lapse (at once for
+the next run on this host, the process being gone: :mod:`worker.steps.dead_leases`). While the
+run goes on, a database that has not served its progress for :data:`DATABASE_SILENCE_SECONDS`
+and does not answer either is said in one warning line (:class:`_SilenceWatch`), never a silent
+hang. No ``statement_timeout`` instead: exports and migrations legitimately run longer.
 """
 
 from __future__ import annotations
@@ -48,11 +64,11 @@ from jobs.errors import ConfigError, DatabaseFullError, WanbatchError
 from jobs.models import utcnow
 from jobs.printable import clause, is_a_terminal, printable, shell_ref
 from jobs.schedule import format_duration
-from jobs.settings import Settings
+from jobs.settings import Settings, get_settings
 from jobs.states import JobState
 from jobs.store import CapScope
 from jobs.url_secrets import masked_url
-from worker.db_outage import DatabaseOutage, DatabaseUnavailableError
+from worker.db_outage import DatabaseOutage, DatabaseUnavailableError, database_problem
 from worker.here import process_here, queue_origin
 from worker.limits import api_key_id, unreachable_note
 from worker.progress_line import PlainProgress, batch_progress_display, money_text, plain_line
@@ -152,9 +168,200 @@ _stop_requested = threading.Event()
 #: :data:`_stop_requested` instead of raising into it.
 _waiting = threading.Event()
 
+#: How long a stopping command goes on before it asks whether the database answers at all (a
+#: healthy stop gives its leases back within a few seconds; asking costs nothing meanwhile).
+STOP_HANG_GRACE_SECONDS = 3.0
+#: How long that question (``SELECT 1`` on a new connection) waits for an answer: a database
+#: that has given none by then is not answering.
+DATABASE_ANSWER_SECONDS = 4.0
+#: How long a run goes on without its progress read completing before it asks the same question,
+#: and says so in one warning line when no answer comes.
+DATABASE_SILENCE_SECONDS = 30.0
+
+#: Taken (never released) by whichever thread ends the process on the spot after a stop, so
+#: that only one last line is written: the main thread's, or the hang watch's.
+exit_lock = threading.Lock()
+
+
+@dataclass
+class _Stopping:
+    """What the hang watch needs to end a stop that the database holds back: the batch being
+    processed (None: not yet) and, embedded, the runtime whose accepted submissions it keeps."""
+
+    batch_id: str | None = None
+    runtime: Runtime | None = None
+
+
+_stopping = _Stopping()
+
+
+def database_silence(url: str, within: float = DATABASE_ANSWER_SECONDS) -> str | None:
+    """Why the database at ``url`` gave no answer to ``SELECT 1`` on a connection of its own
+    within ``within`` seconds; None when it answered, even with an error (refused, too many
+    clients: something answered, and the callers' own calls fail rather than hang).
+
+    The question is asked on a daemon thread waited for ``within`` seconds: a frozen server
+    lets a connect or a query wait far longer (libpq's ``connect_timeout``, then for ever)."""
+    from sqlalchemy.pool import NullPool
+
+    answer: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            engine = db.read_engine(url, poolclass=NullPool)
+            try:
+                db.probe(engine)
+            finally:
+                engine.dispose()
+        except Exception as exc:  # an answer all the same: what it said does not matter here
+            answer.append(exc)
+            return
+        answer.append(None)
+
+    asking = threading.Thread(target=ask, name="wanbatch-database-probe", daemon=True)
+    asking.start()
+    asking.join(within)
+    if answer:
+        if answer[0] is not None:
+            log.debug("the database answered with an error: %s", database_problem(answer[0]))
+        return None
+    return f"no answer within {within:.0f}s"
+
+
+def _database_url() -> str | None:
+    """The configured database's URL, for the hang watch (None: the settings cannot say)."""
+    try:
+        return get_settings().database_url
+    except Exception:  # invalid settings: the command has said so already
+        return None
+
+
+def hung_words(reason: str, url: str, rt: Runtime | None, batch_id: str | None) -> str:
+    """The line a stop that the database holds back ends with: that it does not answer, and
+    what becomes of the jobs — the truth, since nothing could be given back or recorded."""
+    said = (
+        f"interrupted, but the database is not answering (WANBATCH_DATABASE_URL {db.safe_url(url)}: "
+        f"{reason}), so this process ends without waiting for it"
+    )
+    if rt is None:
+        what = f"batch {batch_id}" if batch_id else "the batch"
+        return f"{said}; nothing of {what} is lost: the database holds it, as far as its last commit"
+    kept = rt.unrecorded.keep_all()
+    parts = [
+        f"{said}; nothing more is sent and the jobs are safe in the database: requests already at "
+        "fal stay there and the next run collects them; the jobs this process held are taken up by "
+        "the next run on this host once this process has ended (from another host: after "
+        f"WANBATCH_LEASE_SECONDS, {rt.settings.lease_seconds:.0f}s), a submit whose answer was not "
+        "recorded is checked by the reconciler, never resent blindly"
+    ]
+    if kept:
+        parts.append(rt.unrecorded.lost_words(kept))
+    return "; ".join(parts)
+
+
+class _SilenceWatch:
+    """Says, in one warning line, that the database gives no answer while a run goes on — no
+    error, no progress, nothing in the log (a frozen server) — and, in one line, when it
+    answers again. Reports only: the run waits, as it waits out an outage that fails fast
+    (:class:`~worker.db_outage.DatabaseOutage`), and Ctrl-C ends it (:class:`_HangWatch`).
+
+    :meth:`answered` is called by the run loop each time its progress read completes;
+    :meth:`check` by the main thread while it waits. Once no read has completed for
+    ``silence`` seconds, the database is asked on a connection of its own
+    (:func:`database_silence`, on a thread: the main thread stays free for signals); a loop
+    merely busy elsewhere (a slow call to fal) is not taken for a silent database.
+    """
+
+    def __init__(self, url: str, silence: float = DATABASE_SILENCE_SECONDS) -> None:
+        self.url = url
+        self.silence = silence
+        self._last = time.monotonic()
+        self._asking: threading.Thread | None = None
+        self._said = False
+
+    def answered(self) -> None:
+        self._last = time.monotonic()
+        if self._said:
+            self._said = False
+            log.info("the database answers again: the run goes on", extra={"event": "database.answers"})
+
+    def check(self) -> None:
+        if self._said or (self._asking is not None and self._asking.is_alive()):
+            return
+        if time.monotonic() - self._last < self.silence:
+            return
+        self._asking = threading.Thread(target=self._ask, name="wanbatch-database-silence", daemon=True)
+        self._asking.start()
+
+    def _ask(self) -> None:
+        asked = time.monotonic()
+        reason = database_silence(self.url)
+        if reason is None or self._last > asked:
+            self._last = max(self._last, asked)  # it answers: look again after another silence
+            return
+        self._said = True
+        log.warning(
+            "the database is not answering (WANBATCH_DATABASE_URL %s: nothing read for %.0fs, %s): "
+            "the run waits for it; the jobs are safe in the database, and Ctrl-C stops the run",
+            db.safe_url(self.url),
+            time.monotonic() - self._last,
+            reason,
+            extra={"event": "database.silent"},
+        )
+
+
+class _HangWatch(threading.Thread):
+    """Ends a stop that a database which does not answer holds back (see the module docstring).
+
+    Started by the first stop signal; ``done`` is set when the command finished on its own.
+    Every :data:`STOP_HANG_GRACE_SECONDS` the stop is still under way, it asks the database
+    (:func:`database_silence`); only when no answer comes does it end the process: through
+    ``on_hang(line, batch_id)`` (the command's last words, then ``os._exit``), else by writing
+    the line and ``last_words()`` itself and exiting 130.
+    """
+
+    def __init__(
+        self,
+        on_hang: Callable[[str, str | None], None] | None,
+        last_words: Callable[[], bytes | None] | None,
+    ) -> None:
+        super().__init__(name="wanbatch-stop-watch", daemon=True)
+        self.on_hang = on_hang
+        self.last_words = last_words
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(STOP_HANG_GRACE_SECONDS):
+            url = _database_url()
+            if url is None:
+                return
+            reason = database_silence(url)
+            if reason is None or self.done.is_set():
+                continue  # it answers: the stop goes on at its own pace (a second signal ends it)
+            if not exit_lock.acquire(blocking=False):
+                return  # the main thread is writing its own last line, and exits
+            log.debug(  # for a JSON log: the line below is what the console shows
+                "the database does not answer (%s) while the run stops: exiting without it",
+                reason,
+                extra={"event": "run.stop_database_hung"},
+            )
+            batch_id, rt = _stopping.batch_id, _stopping.runtime
+            line = hung_words(reason, url, rt, batch_id)
+            if self.on_hang is not None:
+                with contextlib.suppress(Exception):
+                    self.on_hang(line, batch_id)  # normally never returns (os._exit)
+            with contextlib.suppress(OSError):
+                os.write(2, f"\n{line}\n".encode(errors="replace"))
+            _say_last_words(self.last_words)
+            os._exit(EXIT_INTERRUPTED)
+
 
 @contextlib.contextmanager
-def stop_on_signals(*, last_words: Callable[[], bytes | None] | None = None) -> Iterator[None]:
+def stop_on_signals(
+    *,
+    last_words: Callable[[], bytes | None] | None = None,
+    on_hang: Callable[[str, str | None], None] | None = None,
+) -> Iterator[None]:
     """Turn the first SIGINT/SIGTERM/SIGHUP into :class:`Interrupted`; a second SIGINT or SIGTERM
     exits at once (130). A second SIGHUP is ignored: closing a terminal sends one from the shell and
     one from the kernel, and the first is being acted on (:func:`_stop_signals`).
@@ -162,6 +369,10 @@ def stop_on_signals(*, last_words: Callable[[], bytes | None] | None = None) -> 
     ``last_words()``, when given, is what that exit on the spot writes to standard output first
     (the command's ``--json`` object; None: nothing), with one ``os.write``, best effort: the
     signal may have come in the middle of a write through ``sys.stdout``.
+
+    The first signal also starts a :class:`_HangWatch`: a stop that a database which does not
+    answer at all holds back ends anyway, through ``on_hang(line, batch_id)`` (which writes the
+    command's last words and exits), else with ``line``, ``last_words()`` and exit 130.
 
     Raising from a signal handler interrupts whatever Python code runs at that moment — even a
     finalizer, which swallows the exception ("Exception ignored in …"). So the handler's main
@@ -179,6 +390,8 @@ def stop_on_signals(*, last_words: Callable[[], bytes | None] | None = None) -> 
     received: list[int] = []
     _stop_requested.clear()
     terminals = open_terminals()
+    watch = _HangWatch(on_hang, last_words)
+    _stopping.batch_id, _stopping.runtime = None, None
 
     def handle(signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -192,6 +405,7 @@ def stop_on_signals(*, last_words: Callable[[], bytes | None] | None = None) -> 
             _say_last_words(last_words)
             os._exit(EXIT_INTERRUPTED)
         _stop_requested.set()
+        watch.start()  # the first signal only: a second one exited above
         if not _waiting.is_set():
             raise _Stop(signum)
 
@@ -201,6 +415,7 @@ def stop_on_signals(*, last_words: Callable[[], bytes | None] | None = None) -> 
     except _Stop:
         raise Interrupted("interrupted") from None
     # Finished (a signal that came too late to stop anything changes nothing): the usual handlers.
+    watch.done.set()
     _stop_requested.clear()
     for sig, handler in previous.items():
         signal.signal(sig, handler)
@@ -583,6 +798,7 @@ def process_batch(
     stats = RunStats()
     started = time.monotonic()
     console = console or Console(stderr=True, emoji=False)
+    _stopping.batch_id = batch_id
     if settings.broker_url:
         with db.read_scope(open_engine(settings)) as session:  # for the hint, should Ctrl-C come
             ref = shell_ref(store.get_batch(session, batch_id).name, batch_id)
@@ -629,6 +845,7 @@ def watch_batch(
     no longer there (False: the caller goes on with the batch itself). ``still`` is asked
     between refreshes. Ctrl-C stops the watch only: :class:`Interrupted` (``stopped``, ``hint``)."""
     ended: list[bool] = []
+    _stopping.batch_id = batch_id
 
     def watching() -> bool:
         if still():
@@ -721,6 +938,7 @@ def _process_embedded(
     # what is waited for instead is said on the progress line (worker.steps.dead_leases).
     rt.dead_leases = DeadLeases(rt, batch_id)
     worker.bind(rt)
+    _stopping.runtime = rt  # a stop the database holds back keeps its accepted submissions
     abandoned = False
     try:
         with worker, listening(rt.engine, conductor.notify):
@@ -756,6 +974,7 @@ def _process_embedded(
     finally:
         conductor.close()
         stop_metrics()
+        _stopping.runtime = None
         if not abandoned:  # abandoned threads may still use them until the process exits
             close_runtime(rt)
 
@@ -955,6 +1174,7 @@ def _watch(
         return escape(printable(text))
 
     budget = RefreshBudget()
+    silence = _SilenceWatch(settings.database_url)
     caps = _CapWatch(batch_id, settings, conductor.rt if conductor is not None else None)
     # The key and fal queue this run asks about (its runtime's: a simulation's are its simulator's).
     here = process_here(conductor.rt.settings if conductor is not None else settings)
@@ -973,6 +1193,7 @@ def _watch(
             holds = [] if leased else caps.holds(session, current)
             uncancelled = _uncancelled(session, batch_id, current, conductor)
         budget.spent(started, time.monotonic())
+        silence.answered()
         done = current["finished"]
         waiting = compact_note(current["schedule_state"]) if not current["schedule_open"] else ""
         # Embedded, this process submits: while its limiter's Redis does not answer, say so;
@@ -1110,6 +1331,7 @@ def _watch(
             while not finished.wait(0.2):
                 if _stop_requested.is_set():
                     break
+                silence.check()
         finally:
             _waiting.clear()
         if _stop_requested.is_set():

@@ -165,7 +165,37 @@ class PostgresServer:
         self.start()
         self.crashes += 1
 
+    def _processes(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer, …), from ``postmaster.pid``
+        and /proc; none when the server is not running."""
+        try:
+            postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return []
+        children = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    children.append(int(entry.name))
+        return [postmaster, *children]
+
+    def freeze(self) -> None:
+        """SIGSTOP the whole server: its kernel still accepts connections and acknowledges
+        every packet, but nothing ever answers (a hung host, a VM paused mid-query)."""
+        for pid in self._processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT what :meth:`freeze` stopped (harmless when nothing was)."""
+        for pid in self._processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def destroy(self) -> None:
+        self.thaw()  # a frozen server would never stop
         with contextlib.suppress(RuntimeError):
             self.crash()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -508,6 +508,14 @@ def _until_recorded(rt: Runtime, accepted: Accepted, action: Callable[[], str]) 
     submission with its request id, then every
     :data:`~worker.steps.unrecorded.REMINDER_SECONDS` for all of them; ``unrecorded`` when given up.
     """
+    # Held in memory while it is written: a database that never answers leaves the write
+    # neither done nor failed, and a process that ends then journals it (Unrecorded.keep_all).
+    with rt.unrecorded.recording(accepted):
+        return _recorded_or_kept(rt, accepted, action)
+
+
+def _recorded_or_kept(rt: Runtime, accepted: Accepted, action: Callable[[], str]) -> str:
+    """:func:`_until_recorded`'s loop."""
     waiting = rt.unrecorded
     patience = time.monotonic() + max(60.0, rt.settings.lease_seconds + rt.settings.submit_unknown_deadline)
     delay = 0.1

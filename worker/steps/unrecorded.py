@@ -309,6 +309,7 @@ class Unrecorded:
         self._saving = threading.Lock()  # one journal write at a time, each of the latest list
         self._waiting: dict[str, Accepted] = {}  # retried by their steps
         self._left: dict[str, Accepted] = {}  # given up by their steps; kept in the journal
+        self._recording: dict[str, Accepted] = {}  # being recorded by their steps right now
         self._steps = 0  # submit steps under way
         self._full_since: float | None = None
         self._next_reminder = 0.0
@@ -365,6 +366,31 @@ class Unrecorded:
         """Whether a submit step of this process is under way (one that waits to record an
         accepted id stays under way until it is recorded, or :attr:`given_up`)."""
         return self._steps > 0
+
+    @contextlib.contextmanager
+    def recording(self, accepted: Accepted) -> Iterator[None]:
+        """While a step records ``accepted``: held in memory only (nothing is written on this,
+        the usual path), so that a process that must end while the database gives no answer at
+        all — the write neither lands nor fails — can still keep it (:meth:`keep_all`)."""
+        with self._lock:
+            self._recording[accepted.job_id] = accepted
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._recording.pop(accepted.job_id, None)
+
+    def keep_all(self) -> list[Accepted]:
+        """The process ends now without waiting for the database (it does not answer): every
+        accepted submission not known to be recorded — those whose write is on its way
+        included — goes to the journal, for the next run to record (adopting one whose write
+        landed after all changes nothing: :func:`worker.steps.reconcile.adopt_unrecorded`).
+        Returns them."""
+        with self._lock:
+            entries = list({**self._recording, **self._waiting, **self._left}.values())
+        if entries:
+            self.journal.save(entries)
+        return entries
 
     def keep(self, accepted: Accepted) -> Path | None:
         """``accepted`` could not be recorded: wait with it, and keep it in the journal too;
