@@ -591,9 +591,15 @@ def simulator(
 def _check_simulator_options(
     port: int, latency: float | None, concurrency_limit: int, public_url: str | None, tls: bool = False
 ) -> None:
-    """One-line UsageErrors for values the simulator would otherwise take silently or crash on."""
-    from jobs.errors import UsageError
+    """One-line UsageErrors for values the simulator would otherwise take silently or crash on.
 
+    It reads no settings, but its webhook deliveries beyond loopback honour the proxy variables:
+    those httpx cannot use are refused as every other command refuses them."""
+    from jobs.errors import ConfigError, UsageError
+    from jobs.http_environment import refused_environment_message
+
+    if message := refused_environment_message():
+        raise ConfigError(message)
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
     if latency is not None and not (math.isfinite(latency) and latency >= 0):

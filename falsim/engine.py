@@ -52,6 +52,7 @@ from falsim.validation import decode_data_uri, validate_input
 from falsim.webhooks import Delivery, WebhookSigner, deliver, webhook_body
 from jobs.endpoints import EndpointSpec
 from jobs.errors import WanbatchError
+from jobs.http_environment import is_loopback_host
 from jobs.media import MediaKind, classify
 from jobs.pricing import estimate_job
 
@@ -136,7 +137,11 @@ class Engine:
         self._executor = ThreadPoolExecutor(
             max(1, self.options.encode_workers), thread_name_prefix="sim-encode"
         )
+        #: Webhook deliveries to this machine's loopback (the receiver of a test, of a ``run
+        #: --simulate``): direct, whatever ``HTTP_PROXY`` says (a proxy elsewhere cannot reach it).
         self._http: httpx.AsyncClient | None = None
+        #: Deliveries elsewhere, through the proxy the environment names: made on first use.
+        self._proxied: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.changed = asyncio.Event()
         #: The server is shutting down: open status streams end (see :meth:`close_streams`).
@@ -151,7 +156,8 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self.base_url = (self.options.public_url or base_url).rstrip("/")
         self.store.base_url = self.base_url
-        self._http = httpx.AsyncClient()
+        self._http = httpx.AsyncClient(trust_env=False)
+        self._proxied = None
         self.changed = asyncio.Event()
         self.closing = False
         self._stopping = False
@@ -166,8 +172,9 @@ class Engine:
         """
         self._stopping = True
         await self._cancel_tasks()
-        if self._http is not None:
-            await self._http.aclose()
+        for client in (self._http, self._proxied):
+            if client is not None:
+                await client.aclose()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def close_streams(self) -> None:
@@ -676,13 +683,32 @@ class Engine:
 
     # -- webhooks --------------------------------------------------------------------------
 
+    def _webhook_client(self, url: str) -> httpx.AsyncClient:
+        """The client a delivery to ``url`` goes out on: the direct one for this machine's
+        loopback, else the one that honours the proxy variables (made now, the first time:
+        httpx raises for a variable it cannot use, which fails that delivery only)."""
+        assert self._http is not None
+        try:
+            host = httpx.URL(url).host
+        except httpx.InvalidURL:
+            host = ""
+        if is_loopback_host(host):
+            return self._http
+        if self._proxied is None:
+            self._proxied = httpx.AsyncClient()
+        return self._proxied
+
     async def _send_webhook(self, req: SimRequest, outcome: Outcome) -> None:
         assert req.webhook_url is not None
-        assert self._http is not None
         record = Delivery(request_id=req.request_id, url=req.webhook_url)
         self.deliveries.append(record)
         if self.faults.fire("webhook_drop") is not None:
             record.dropped = True
+            return
+        try:
+            client = self._webhook_client(req.webhook_url)
+        except (ImportError, ValueError, OSError, httpx.InvalidURL) as exc:  # a proxy variable httpx refuses
+            record.attempts.append({"at": time.time(), "error": type(exc).__name__})
             return
         ok = outcome.kind == "ok"
         body = webhook_body(
@@ -696,7 +722,7 @@ class Engine:
         times = 2 if self.faults.fire("webhook_duplicate") is not None else 1
         for _ in range(times):
             await deliver(
-                self._http,
+                client,
                 record,
                 body,
                 lambda: self.signer.headers(

@@ -456,8 +456,12 @@ def check_provider(settings: Settings) -> Check:
         f"{settings.fal_queue_url.rstrip('/')}/{app_base(PROBE_ENDPOINT)}/requests/{PROBE_REQUEST_ID}/status"
     )
     base = masked_url(settings.fal_queue_url.rstrip("/"))  # as printed: a password or token masked
+    from jobs.errors import ConfigError
+
     try:
         answer = _get_capped(url, {"Authorization": f"Key {key}", "Accept": "application/json"})
+    except ConfigError as exc:
+        return _fail(name, str(exc), "fix the variable named above (README: Configuration)")
     except httpx.HTTPError as exc:
         return _fail(
             name,
@@ -533,14 +537,17 @@ def _get_capped(url: str, headers: dict[str, str], limit: int | None = None) -> 
     import httpx
 
     from worker.fal.errors import malformed_redirect
-    from worker.fal.http import ACCEPT_ENCODING
+    from worker.fal.http import ACCEPT_ENCODING, direct_mounts, environment_checked
 
-    with httpx.Client(
-        timeout=TIMEOUT,
-        follow_redirects=False,
-        trust_env=True,
-        headers={"Accept-Encoding": ACCEPT_ENCODING},
-    ) as client:
+    with environment_checked():  # a proxy or certificate variable httpx cannot use: a ConfigError
+        made = httpx.Client(
+            timeout=TIMEOUT,
+            follow_redirects=False,
+            trust_env=True,
+            mounts=direct_mounts([url]),  # as the fal client does: loopback is never proxied
+            headers={"Accept-Encoding": ACCEPT_ENCODING},
+        )
+    with made as client:
         try:
             return _read_capped_answer(client, url, headers, limit)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -660,6 +667,7 @@ def check_receiver(settings: Settings) -> Check:
     without them every delivery is refused (503), however well the receiver answers."""
     import httpx
 
+    from jobs.errors import ConfigError
     from jobs.printable import one_line
     from jobs.settings import Settings
     from worker.fal.webhooks import JwksKeys
@@ -681,6 +689,8 @@ def check_receiver(settings: Settings) -> Check:
     probe = masked_url(healthz)  # as printed: the receiver's password masked
     try:
         answer = _get_capped(healthz, {}, HEALTHZ_MAX_BYTES)
+    except ConfigError as exc:
+        return _fail(name, str(exc), "fix the variable named above (README: Configuration)")
     except httpx.HTTPError as exc:
         return _fail(
             name,

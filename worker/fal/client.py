@@ -143,7 +143,9 @@ class FalClient:
         self.rest_url = rest_url.rstrip("/")
         self._key = key
         self._auth = FalKeyAuth(key, [self.queue_url, self.rest_url])
-        self.http = build_http_client(timeout=timeout, auth=self._auth, transport=transport)
+        self.http = build_http_client(
+            timeout=timeout, auth=self._auth, transport=transport, direct=[self.queue_url, self.rest_url]
+        )
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
         # The read timeout bounds each read; a body dripped a byte at a time never trips it, so

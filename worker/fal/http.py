@@ -4,6 +4,7 @@ explicit timeouts, and the bounded, jittered retry used for idempotent calls onl
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import time
@@ -15,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from jobs.errors import ConfigError
+from jobs.http_environment import construction_message, is_loopback_host
 from jobs.settings import FalSettings
 from worker.fal.origin import Origin, origin_of, url_origin
 
@@ -210,20 +213,61 @@ class CookielessClient(httpx.Client):
         return None  # kept empty
 
 
+def direct_mounts(urls: Iterable[str]) -> dict[str, httpx.BaseTransport | None]:
+    """httpx ``mounts`` that reach the origins of ``urls`` on this machine's loopback directly,
+    whatever ``HTTP_PROXY``/``ALL_PROXY`` say (a mount of None is the client's own transport, as
+    httpx mounts a ``NO_PROXY`` host). A proxy elsewhere cannot reach this machine's loopback: the
+    in-process simulator of ``run --simulate`` went through ``HTTP_PROXY`` to the proxy's own
+    127.0.0.1 (every job failed, http_502), and a plain-http proxy saw each request's key. Go's
+    ``net/http`` never proxies loopback either. A URL that does not parse mounts nothing."""
+    mounts: dict[str, httpx.BaseTransport | None] = {}
+    for url in urls:
+        try:
+            scheme, host, port = origin(url)
+        except ValueError:
+            continue
+        if is_loopback_host(host):
+            shown = f"[{host}]" if ":" in host else host
+            mounts[f"{scheme}://{shown}" + (f":{port}" if port is not None else "")] = None
+    return mounts
+
+
+@contextlib.contextmanager
+def environment_checked() -> Iterator[None]:
+    """Around the construction of a client that reads the environment (``trust_env``, or
+    :func:`httpx.create_ssl_context`): httpx raises there for a proxy or certificate variable it
+    cannot use (ImportError for SOCKS without ``socksio``, ValueError for an unknown proxy
+    scheme, InvalidURL, an OSError or ``ssl.SSLError`` for ``SSL_CERT_FILE``) — one line naming
+    the variable (:mod:`jobs.http_environment`), exit 2, never an internal error. The settings
+    refuse those values already; this covers what they cannot see (a PEM block OpenSSL refuses)."""
+    try:
+        yield
+    except (ImportError, ValueError, OSError, httpx.InvalidURL) as exc:
+        raise ConfigError(construction_message(exc)) from None
+
+
 def build_http_client(
     *,
     timeout: httpx.Timeout,
     auth: httpx.Auth | None = None,
     transport: httpx.BaseTransport | None = None,
+    direct: Iterable[str] = (),
 ) -> httpx.Client:
-    """A sync client (Celery tasks are sync) that never follows redirects unless asked per call."""
-    return CookielessClient(
-        auth=auth,
-        timeout=timeout,
-        transport=transport,
-        follow_redirects=False,
-        headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
-    )
+    """A sync client (Celery tasks are sync) that never follows redirects unless asked per call.
+
+    It honours the proxy and certificate variables (``trust_env``), but reaches the origins of
+    ``direct`` (fal's configured URLs) on this machine's loopback without a proxy
+    (:func:`direct_mounts`). A variable httpx cannot use is a :class:`ConfigError`
+    (:func:`environment_checked`)."""
+    with environment_checked():
+        return CookielessClient(
+            auth=auth,
+            timeout=timeout,
+            transport=transport,
+            mounts=direct_mounts(direct),
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,7 +58,7 @@ from jobs.outputs import OutputWriteError, fsync_dir
 from jobs.settings import allowed_host_entry
 from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transport_errors, parse_body
-from worker.fal.http import ACCEPT_ENCODING, CookielessClient, origin, with_body
+from worker.fal.http import ACCEPT_ENCODING, CookielessClient, environment_checked, origin, with_body
 from worker.fal.models import DownloadResult
 from worker.mp4 import fd_truncation
 
@@ -564,17 +564,22 @@ DOWNLOAD_POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connecti
 
 class _GuardedTransport(httpx.HTTPTransport):
     """httpx's transport over :class:`_GuardedBackend` (the pool is rebuilt with that backend;
-    httpx has no public parameter for it)."""
+    httpx has no public parameter for it).
+
+    Its TLS context honours ``SSL_CERT_FILE``/``SSL_CERT_DIR`` (a CDN behind a TLS-inspecting
+    proxy's CA), although the client ignores proxies: one httpx cannot use is a one-line
+    :class:`~jobs.errors.ConfigError` (:func:`~worker.fal.http.environment_checked`)."""
 
     def __init__(self, policy: DownloadPolicy, limits: httpx.Limits = DOWNLOAD_POOL_LIMITS) -> None:
-        super().__init__()
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
-            network_backend=_GuardedBackend(policy),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-        )
+        with environment_checked():
+            super().__init__()
+            self._pool = httpcore.ConnectionPool(
+                ssl_context=httpx.create_ssl_context(),
+                network_backend=_GuardedBackend(policy),
+                max_connections=limits.max_connections,
+                max_keepalive_connections=limits.max_keepalive_connections,
+                keepalive_expiry=limits.keepalive_expiry,
+            )
 
 
 def guarded_client(

@@ -1,0 +1,210 @@
+"""The proxy and certificate variables httpx reads, checked when the settings load.
+
+httpx (``trust_env=True``, its default) reads ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and
+``NO_PROXY`` (any case, as :func:`urllib.request.getproxies` does) and ``SSL_CERT_FILE`` or
+``SSL_CERT_DIR`` when a client is *constructed*, and raises there for a value it cannot use: a
+proxy scheme it does not know (``ftp://``), a SOCKS proxy without ``socksio``, a certificate file
+that is missing or holds no certificate. wanbatch builds its clients deep inside a run (the
+simulator's, fal's, the downloads'), so each of those was an internal error, exit 70, "please
+report it", whatever the command. Here they are refused with the other settings: one line naming
+the variable and what it may be, exit 2, nothing sent.
+
+Nothing here loads httpx or :mod:`ssl` (``status`` loads the settings too, and neither): the
+checks are those httpx's construction makes, read from the text. A certificate file is looked
+at, not parsed (parsing the system bundle takes 0.15 s); one with a certificate-looking block
+that OpenSSL still refuses is caught where the client is built (``worker.fal.http``).
+
+The values are never echoed: a proxy URL may carry a user and password. A certificate path is
+(it is no secret, and it is what to look at).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+#: The proxy schemes httpx takes (``httpx.Proxy``); ``socks5``/``socks5h`` need ``socksio``,
+#: which ``httpx[socks]`` (a dependency of wanbatch) installs.
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+SOCKS_SCHEMES = ("socks5", "socks5h")
+#: The ``*_proxy`` variables httpx mounts proxies for (``httpx._utils.get_environment_proxies``).
+PROXY_KINDS = ("http", "https", "all")
+#: Every variable this module checks, for messages that cannot name the one at fault.
+VARIABLES = "HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, SSL_CERT_FILE, SSL_CERT_DIR"
+#: The PEM blocks OpenSSL loads from a CA file (``load_verify_locations(cafile=…)``): without
+#: one it raises "no certificate or crl found".
+_PEM_BLOCKS = (
+    b"-----BEGIN CERTIFICATE-----",
+    b"-----BEGIN TRUSTED CERTIFICATE-----",
+    b"-----BEGIN X509 CERTIFICATE-----",
+    b"-----BEGIN X509 CRL-----",
+)
+#: The most of a certificate file read to find a PEM block: far beyond any CA bundle.
+_MAX_CERT_FILE_BYTES = 64 * 1024**2
+#: How much of it is read at a time.
+_PIECE_BYTES = 64 * 1024
+_PROXY_EXAMPLE = "http://proxy.example:3128 (or https://, socks5://, socks5h://)"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (as ``httpx.URL.host`` gives it: lower case, an IPv6 address without
+    brackets) names this machine's loopback: ``localhost`` (and ``*.localhost``, RFC 6761) or a
+    loopback address, IPv4-mapped included. A proxy elsewhere cannot reach it: what wanbatch and
+    its simulator send there goes directly, whatever the proxy variables say."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def proxy_variables(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """``{"http"|"https"|"all": (variable, value)}``: the proxies httpx would mount, each with the
+    variable it comes from. :func:`urllib.request.getproxies_environment`'s rules: an empty value
+    is unset, a lower-case variable wins over its upper-case twin, and ``HTTP_PROXY`` in upper
+    case is ignored under CGI (``REQUEST_METHOD`` set, CVE-2016-1000110)."""
+    found: dict[str, tuple[str, str]] = {}
+    for name, value in environ.items():  # first pass: any case
+        kind = name.lower().removesuffix("_proxy")
+        if value and name.lower().endswith("_proxy") and kind in PROXY_KINDS:
+            found[kind] = (name, value)
+    if "REQUEST_METHOD" in environ:
+        found.pop("http", None)
+    for name, value in environ.items():  # second pass: the lower-case names win
+        kind = name.removesuffix("_proxy")
+        if name.endswith("_proxy") and kind in PROXY_KINDS:
+            if value:
+                found[kind] = (name, value)
+            else:
+                found.pop(kind, None)
+    return found
+
+
+def proxy_problem(value: str) -> str | None:
+    """What makes ``value`` no proxy URL httpx can use, or None. A value without ``://`` is an
+    ``http://`` one, as httpx reads it. Besides what httpx's construction refuses (another scheme,
+    a broken port or IPv6 address), a URL with no host, a port out of range or a space in it is
+    refused: httpx takes those, and then every request through them fails."""
+    url = value if "://" in value else f"http://{value}"
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        return f"has a space or a control character in it; write a URL such as {_PROXY_EXAMPLE}"
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in PROXY_SCHEMES:
+        shown = scheme if scheme.isascii() and scheme.isprintable() and len(scheme) <= 20 else "another"
+        return f"its scheme {shown!r} is not a proxy httpx can use; write {_PROXY_EXAMPLE}"
+    if scheme in SOCKS_SCHEMES and importlib.util.find_spec("socksio") is None:
+        return (
+            "names a SOCKS proxy, but the socksio package is missing (wanbatch depends on "
+            "httpx[socks]): reinstall wanbatch, or use an http:// proxy"
+        )
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return f"is not a URL with a valid host and port; write {_PROXY_EXAMPLE}"
+    if not host:
+        return f"names no host; write {_PROXY_EXAMPLE}"
+    if port == 0:
+        return f"has port 0; write {_PROXY_EXAMPLE}"
+    return None
+
+
+def cert_file_problem(path: str) -> str | None:
+    """What makes ``path`` no ``SSL_CERT_FILE`` (a PEM file of CA certificates), or None."""
+    target = Path(path)
+    fix = "name a PEM file of CA certificates, such as /etc/ssl/certs/ca-certificates.crt, or unset it"
+    if target.is_dir():
+        return f"{path!r} is a folder (a folder of certificates goes in SSL_CERT_DIR): {fix}"
+    try:
+        found = _holds_pem_block(target)
+    except FileNotFoundError:
+        return f"{path!r} does not exist: {fix}"
+    except OSError as exc:
+        return f"{path!r} cannot be read ({exc.strerror or type(exc).__name__}): {fix}"
+    if not found:
+        return f"{path!r} holds no PEM certificate (no -----BEGIN CERTIFICATE----- line): {fix}"
+    return None
+
+
+def _holds_pem_block(path: Path) -> bool:
+    """Whether the file holds a block OpenSSL loads (:data:`_PEM_BLOCKS`) in its first
+    :data:`_MAX_CERT_FILE_BYTES`, read a piece at a time (a block split between two pieces is
+    found: each piece is searched with the end of the one before). The first is found at once in
+    any real bundle; never more than a piece is held."""
+    overlap = max(len(block) for block in _PEM_BLOCKS)
+    tail = b""
+    read = 0
+    with path.open("rb") as f:
+        while read < _MAX_CERT_FILE_BYTES and (piece := f.read(_PIECE_BYTES)):
+            read += len(piece)
+            window = tail + piece
+            if any(block in window for block in _PEM_BLOCKS):
+                return True
+            tail = window[-overlap:]
+    return False
+
+
+def cert_dir_problem(value: str) -> str | None:
+    """What makes ``value`` no ``SSL_CERT_DIR``, or None. OpenSSL takes a ``:``-separated list of
+    folders; one of them at least must be a folder, or no certificate verifies."""
+    if any(Path(entry).is_dir() for entry in value.split(os.pathsep) if entry):
+        return None
+    return (
+        f"{value!r} is no folder: name a folder of hashed CA certificates (such as /etc/ssl/certs), "
+        "or unset it"
+    )
+
+
+def http_environment_problems(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``VARIABLE: what is wrong, what to write`` for each variable httpx would refuse or could
+    not use, in the order httpx reads them; empty when all is well (or nothing is set)."""
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+    for _kind, (name, value) in sorted(proxy_variables(env).items(), key=lambda kv: PROXY_KINDS.index(kv[0])):
+        if problem := proxy_problem(value):
+            problems.append(f"{name}: {problem}")
+    if cert_file := env.get("SSL_CERT_FILE"):  # httpx reads SSL_CERT_DIR only without it
+        if problem := cert_file_problem(cert_file):
+            problems.append(f"SSL_CERT_FILE: {problem}")
+    elif (cert_dir := env.get("SSL_CERT_DIR")) and (problem := cert_dir_problem(cert_dir)):
+        problems.append(f"SSL_CERT_DIR: {problem}")
+    return problems
+
+
+def refused_environment_message(environ: Mapping[str, str] | None = None) -> str | None:
+    """The one line a :class:`~jobs.errors.ConfigError` says for the variables of
+    :func:`http_environment_problems`, or None when they are all usable."""
+    problems = http_environment_problems(environ)
+    return f"invalid configuration: {'; '.join(problems)}" if problems else None
+
+
+def construction_message(exc: BaseException, environ: Mapping[str, str] | None = None) -> str:
+    """The one line for ``exc``, which httpx raised building a client that reads the environment:
+    the variables :func:`http_environment_problems` refuses, else the certificate variable in use
+    when it is an :class:`OSError` (``ssl.SSLError`` is one: a file with a certificate-looking
+    block OpenSSL still refuses), else every variable it may have come from. Never a value that
+    may hold a password (a proxy's): a certificate path only, and the exception's reason code."""
+    env = os.environ if environ is None else environ
+    if message := refused_environment_message(env):
+        return message
+    cert_name = (
+        "SSL_CERT_FILE" if env.get("SSL_CERT_FILE") else "SSL_CERT_DIR" if env.get("SSL_CERT_DIR") else ""
+    )
+    if isinstance(exc, OSError) and cert_name:
+        reason = getattr(exc, "reason", None) or exc.strerror or ""
+        said = f"{type(exc).__name__}: {reason}" if isinstance(reason, str) and reason else type(exc).__name__
+        return (
+            f"invalid configuration: {cert_name}: OpenSSL cannot load {env[cert_name]!r} ({said[:120]}): "
+            "name PEM CA certificates, such as /etc/ssl/certs/ca-certificates.crt, or unset it"
+        )
+    return (
+        f"invalid configuration: httpx could not use the proxy or certificate variables ({VARIABLES}): "
+        f"{type(exc).__name__}; check them, or unset them"
+    )

@@ -1,0 +1,158 @@
+"""The proxy and certificate variables httpx reads (``HTTP(S)_PROXY``, ``ALL_PROXY``,
+``SSL_CERT_FILE``, ``SSL_CERT_DIR``), as a user meets them: ``wanbatch`` run as a process.
+
+Before: a value httpx cannot use (an ``ftp://`` proxy, a SOCKS proxy without ``socksio``, a
+certificate file that is missing or holds no certificate) ended every ``run`` in "internal error
+… please report it" (exit 70; "the fal simulator did not start" with ``--simulate``), and
+``doctor`` said "the check itself failed: ImportError…". And ``run --simulate`` sent its
+requests to its own simulator on 127.0.0.1 through ``HTTP_PROXY``: behind a proxy (and no
+``NO_PROXY``) every simulated job failed ``http_502``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from falsim.server import SimulatorHandle
+from tests.capture_proxy import capture_proxy
+from tests.e2e.e2e_helpers import FAL_KEY, WANBATCH, MakeManifest, assert_one_line
+from tests.ports import unused_port
+
+SMALL = """name: proxy-env
+endpoint: fal-ai/wan-22
+items:
+  - prompt: one
+  - prompt: two
+"""
+
+#: Every variable httpx reads for proxies and certificates, in both cases.
+_HTTPX_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ssl_cert_file", "ssl_cert_dir")
+
+
+def run_with(
+    *args: str | Path, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``wanbatch ARGS`` with the test's environment, none of the machine's own proxy and
+    certificate variables (any case), and ``env`` on top."""
+    base = {k: v for k, v in os.environ.items() if k.lower() not in _HTTPX_VARIABLES}
+    return subprocess.run(
+        [WANBATCH, *map(str, args)],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _not_a_certificate(folder: Path) -> str:
+    path = folder / "not-a-cert.pem"
+    path.write_text("just some text\n")
+    return str(path)
+
+
+#: (variables, the variable named, a phrase of what is allowed).
+REFUSED = [
+    pytest.param({"HTTPS_PROXY": "ftp://x:1"}, "HTTPS_PROXY", "http://proxy.example:3128", id="ftp-proxy"),
+    pytest.param({"all_proxy": "socks4://x:1"}, "all_proxy", "socks5://", id="socks4-proxy"),
+    pytest.param(
+        {"HTTP_PROXY": "http://user:pw-s3cret@proxy:99999"},
+        "HTTP_PROXY",
+        "valid host and port",
+        id="bad-port",
+    ),
+    pytest.param({"SSL_CERT_FILE": "/nonexistent.pem"}, "SSL_CERT_FILE", "does not exist", id="no-cert-file"),
+    pytest.param(
+        {"SSL_CERT_FILE": "NOT-A-CERT"}, "SSL_CERT_FILE", "holds no PEM certificate", id="not-a-cert"
+    ),
+    pytest.param({"SSL_CERT_DIR": "/nonexistent-certs"}, "SSL_CERT_DIR", "is no folder", id="no-cert-dir"),
+]
+
+
+@pytest.mark.parametrize(("variables", "named", "allowed"), REFUSED)
+def test_a_simulated_run_refuses_a_variable_httpx_cannot_use(
+    variables: dict[str, str], named: str, allowed: str, manifest: MakeManifest, e2e_env: Path
+) -> None:
+    path = manifest("proxy-env", SMALL)
+    env = {k: _not_a_certificate(e2e_env) if v == "NOT-A-CERT" else v for k, v in variables.items()}
+    done = run_with("run", path, "--simulate", "--no-progress", env=env)
+    line = assert_one_line(done, f"invalid configuration: {named}: ", allowed)
+    assert "internal error" not in line
+    assert "pw-s3cret" not in done.stdout + done.stderr  # a proxy's password is never echoed
+    assert not (e2e_env.parent / "wanbatch.db").exists()  # nothing stored
+    assert not (e2e_env.parent / "outputs").exists()
+
+
+@pytest.mark.parametrize(("variables", "named", "allowed"), REFUSED[:1] + REFUSED[3:5])
+def test_a_run_sends_nothing_to_fal_and_doctor_names_the_variable(
+    variables: dict[str, str],
+    named: str,
+    allowed: str,
+    sim: SimulatorHandle,
+    manifest: MakeManifest,
+    e2e_env: Path,
+) -> None:
+    path = manifest("proxy-env", SMALL)
+    env = {k: _not_a_certificate(e2e_env) if v == "NOT-A-CERT" else v for k, v in variables.items()}
+    done = run_with("run", path, "--no-progress", env=env)
+    assert_one_line(done, f"invalid configuration: {named}: ", allowed)
+    assert sim.ledger()["accepted"] == 0
+
+    doctor = run_with("doctor", "--json", env=env)
+    assert doctor.returncode == 1, doctor.stderr
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert checks["configuration"]["status"] == "fail"
+    assert named in checks["configuration"]["detail"]
+    assert "the check itself failed" not in doctor.stdout
+
+    simulator = run_with("simulator", "--port", str(unused_port()), env=env, timeout=60)
+    assert_one_line(simulator, f"invalid configuration: {named}: ")
+
+
+def test_a_simulated_run_never_goes_through_the_http_proxy(manifest: MakeManifest, e2e_env: Path) -> None:
+    """Its simulator is on this machine's loopback, which a proxy elsewhere cannot reach."""
+    path = manifest("proxy-env", SMALL)
+    with capture_proxy() as proxy:
+        env = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "ALL_PROXY": proxy.url}
+        done = run_with("run", path, "--simulate", "--no-progress", env=env)
+    assert done.returncode == 0, done.stderr
+    assert proxy.requests == []
+
+
+def test_a_loopback_fal_url_is_reached_directly_and_its_key_never_reaches_the_proxy(
+    sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    path = manifest("proxy-env", SMALL)
+    with capture_proxy() as proxy:
+        done = run_with("run", path, "--no-progress", env={"HTTP_PROXY": proxy.url})
+    assert done.returncode == 0, done.stderr
+    assert sim.ledger()["accepted"] == 2
+    assert proxy.requests == []
+    assert FAL_KEY not in proxy.text()
+
+
+def test_a_socks_proxy_is_taken(manifest: MakeManifest) -> None:
+    """``httpx[socks]`` is a dependency: ``ALL_PROXY=socks5://…`` is a proxy fal's API goes
+    through (the simulator on loopback, directly), not an ImportError."""
+    path = manifest("proxy-env", SMALL)
+    env = {"ALL_PROXY": f"socks5://127.0.0.1:{unused_port()}"}
+    done = run_with("run", path, "--simulate", "--no-progress", env=env)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_certificate_file_openssl_refuses_is_named_where_the_client_is_built(
+    manifest: MakeManifest, e2e_env: Path
+) -> None:
+    """A certificate-looking block that is no certificate passes the settings' look at the file
+    (parsing the system bundle at every start would cost 0.15 s): httpx's ``ssl.SSLError`` when
+    the first client is built is still one line naming the variable, exit 2, nothing sent."""
+    path = manifest("proxy-env", SMALL)
+    pem = e2e_env / "broken.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    done = run_with("run", path, "--simulate", "--no-progress", env={"SSL_CERT_FILE": str(pem)})
+    assert_one_line(done, "invalid configuration: SSL_CERT_FILE: OpenSSL cannot load", str(pem))

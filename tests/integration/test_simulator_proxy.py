@@ -1,0 +1,37 @@
+"""The simulator's webhook deliveries and the proxy variables: a receiver on this machine's
+loopback is reached directly (a proxy elsewhere cannot reach it: through ``HTTP_PROXY`` every
+delivery was the proxy's 502), any other through the proxy the environment names."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from falsim import SimulatorOptions, running_simulator
+from tests.capture_proxy import capture_proxy
+from tests.integration.sim_helpers import AUTH, wait_completed, webhook_receiver
+from tests.sample_inputs import INPUTS
+
+EP = "fal-ai/wan-22"
+
+
+def test_webhooks_to_loopback_go_direct_and_others_through_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    with capture_proxy() as proxy, webhook_receiver() as rec:
+        for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        options = SimulatorOptions(latency_seconds=0.01, webhook_attempts=1)
+        with running_simulator(options) as sim, httpx.Client(headers=AUTH, trust_env=False) as client:
+            client.post(f"{sim.url}/{EP}", params={"fal_webhook": rec.url}, json=INPUTS[EP])
+            assert rec.event.wait(30), sim.ledger()["webhooks"]
+            elsewhere = client.post(
+                f"{sim.url}/{EP}", params={"fal_webhook": "http://receiver.example/hook"}, json=INPUTS[EP]
+            ).json()
+            wait_completed(client, elsewhere["status_url"], timeout=30)
+            deadline = time.monotonic() + 30
+            while not proxy.requests and time.monotonic() < deadline:
+                time.sleep(0.02)
+    assert len(rec.calls) == 1
+    assert [request[0] for request in proxy.requests] == ["POST http://receiver.example/hook HTTP/1.1"]

@@ -1,0 +1,127 @@
+"""The proxy and certificate variables httpx reads: which ones the settings refuse, and how the
+clients use the ones they take (``jobs.http_environment``, ``worker.fal.http``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from jobs.errors import ConfigError
+from jobs.http_environment import http_environment_problems, is_loopback_host, proxy_variables
+from jobs.settings import get_settings
+from worker.fal.client import FalClient
+from worker.fal.storage import DownloadPolicy, guarded_client
+
+_NAMES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ssl_cert_file", "ssl_cert_dir")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in _NAMES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_the_lower_case_variable_wins_and_cgi_ignores_http_proxy() -> None:
+    env = {"HTTPS_PROXY": "ftp://upper", "https_proxy": "http://lower:1", "HTTP_PROXY": "http://h:1"}
+    assert proxy_variables(env) == {
+        "https": ("https_proxy", "http://lower:1"),
+        "http": ("HTTP_PROXY", "http://h:1"),
+    }
+    assert http_environment_problems(env) == []
+    assert "http" not in proxy_variables({**env, "REQUEST_METHOD": "GET"})
+    assert proxy_variables({"HTTPS_PROXY": "http://x:1", "https_proxy": ""}) == {}  # empty lower unsets
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["http://proxy:3128", "proxy:3128", "HTTPS://proxy", "socks5://u:p@proxy:1080", "socks5h://proxy"],
+)
+def test_proxy_urls_httpx_takes_are_taken(value: str) -> None:
+    assert http_environment_problems({"ALL_PROXY": value}) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "phrase"),
+    [
+        ("ftp://u:pw-secret@x:1", "scheme 'ftp'"),
+        (" http://u:pw-secret@x:1", "space"),
+        ("http://u:pw-secret@", "names no host"),
+        ("http://u:pw-secret@x:99999", "valid host and port"),
+        ("http://u:pw-secret@[::1", "valid host and port"),
+    ],
+)
+def test_proxy_urls_httpx_cannot_use_are_refused_without_their_value(value: str, phrase: str) -> None:
+    [problem] = http_environment_problems({"HTTPS_PROXY": value})
+    assert problem.startswith("HTTPS_PROXY: ")
+    assert phrase in problem
+    assert "pw-secret" not in problem
+
+
+def test_certificate_variables(tmp_path: Path) -> None:
+    pem = tmp_path / "ca.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    assert http_environment_problems({"SSL_CERT_FILE": str(pem), "SSL_CERT_DIR": "/nonexistent"}) == []
+    assert http_environment_problems({"SSL_CERT_DIR": f"/nonexistent:{tmp_path}"}) == []
+    split = tmp_path / "split.pem"  # the block straddles two of the pieces the file is read in
+    split.write_bytes(b"#" * (64 * 1024 - 10) + pem.read_bytes())
+    assert http_environment_problems({"SSL_CERT_FILE": str(split)}) == []
+    assert "is a folder" in http_environment_problems({"SSL_CERT_FILE": str(tmp_path)})[0]
+    assert "is no folder" in http_environment_problems({"SSL_CERT_DIR": "/nonexistent"})[0]
+
+
+def test_the_settings_refuse_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALL_PROXY", "gopher://x:1")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="ALL_PROXY: its scheme 'gopher'"):
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True),
+        ("a.localhost", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.1", False),
+        ("localhost.example", False),
+        ("queue.fal.run", False),
+    ],
+)
+def test_loopback_hosts(host: str, loopback: bool) -> None:
+    assert is_loopback_host(host) is loopback
+
+
+def _pool_kind(client: httpx.Client, url: str) -> str:
+    """The class of the connection pool a request for ``url`` goes out on (httpcore's
+    ``ConnectionPool``, ``HTTPProxy`` or ``SOCKSProxy``)."""
+    return type(getattr(client._transport_for_url(httpx.URL(url)), "_pool", None)).__name__
+
+
+def _fal(queue_url: str, key: str) -> FalClient:
+    return FalClient(queue_url=queue_url, rest_url="https://rest.fal.ai", key=key, timeout=httpx.Timeout(5))
+
+
+def test_a_socks_proxy_carries_fal_but_neither_loopback_nor_downloads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``httpx[socks]``: fal's API goes through ``ALL_PROXY=socks5://…``; a fal URL on loopback
+    (the simulator) goes directly; downloads ignore proxies (their address guard checks the
+    address they connect to); and the key still goes to fal's configured origins only."""
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+    with _fal("https://queue.fal.run", "k" * 20) as fal:
+        assert _pool_kind(fal.http, "https://queue.fal.run/fal-ai/wan-22") == "SOCKSProxy"
+        assert not fal._auth.trusts("https://v3.fal.media/x.mp4")
+    with _fal("http://127.0.0.1:8787", "k" * 20) as sim:
+        assert sim.http._transport_for_url(httpx.URL("http://127.0.0.1:8787/x")) is sim.http._transport
+        assert _pool_kind(sim.http, "https://rest.fal.ai/x") == "SOCKSProxy"
+    policy = DownloadPolicy.for_urls(["https://queue.fal.run"], None)
+    with guarded_client(policy, httpx.Timeout(5)) as downloads:
+        assert downloads._mounts == {}
