@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import random
+import ssl
+import threading
 import time
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -246,6 +249,29 @@ def environment_checked() -> Iterator[None]:
         raise ConfigError(construction_message(exc)) from None
 
 
+#: The TLS contexts built so far, by the values of ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``.
+_SSL_CONTEXTS: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
+_SSL_CONTEXTS_LOCK = threading.Lock()
+
+
+def shared_ssl_context() -> ssl.SSLContext:
+    """The TLS context this process's clients verify servers with (:func:`httpx.create_ssl_context`:
+    certifi's CA bundle, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``), built once per value of those
+    variables. Building one parses the whole bundle, about 20 ms of CPU, and a run built four
+    (the fal client, the downloads' and the uploads' guarded transports, each of which
+    :class:`httpx.HTTPTransport` had already given one it then replaced) for the same trust. An
+    :class:`ssl.SSLContext` is meant to be shared by many connections and threads (its settings
+    are fixed here once made). A variable httpx cannot use is a :class:`ConfigError`
+    (:func:`environment_checked`), as when each client built its own."""
+    key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    with _SSL_CONTEXTS_LOCK:
+        context = _SSL_CONTEXTS.get(key)
+        if context is None:
+            with environment_checked():
+                context = _SSL_CONTEXTS[key] = httpx.create_ssl_context()
+        return context
+
+
 def build_http_client(
     *,
     timeout: httpx.Timeout,
@@ -264,6 +290,7 @@ def build_http_client(
             auth=auth,
             timeout=timeout,
             transport=transport,
+            verify=shared_ssl_context(),
             mounts=direct_mounts(direct),
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},

@@ -58,7 +58,14 @@ from jobs.outputs import OutputWriteError, fsync_dir
 from jobs.settings import allowed_host_entry
 from worker.fal.client import FalClient
 from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transport_errors, parse_body
-from worker.fal.http import ACCEPT_ENCODING, CookielessClient, environment_checked, origin, with_body
+from worker.fal.http import (
+    ACCEPT_ENCODING,
+    CookielessClient,
+    environment_checked,
+    origin,
+    shared_ssl_context,
+    with_body,
+)
 from worker.fal.models import DownloadResult
 from worker.mp4 import fd_truncation
 
@@ -572,9 +579,10 @@ class _GuardedTransport(httpx.HTTPTransport):
 
     def __init__(self, policy: DownloadPolicy, limits: httpx.Limits = DOWNLOAD_POOL_LIMITS) -> None:
         with environment_checked():
-            super().__init__()
+            context = shared_ssl_context()  # httpx's transport would build one more, then dropped
+            super().__init__(verify=context)
             self._pool = httpcore.ConnectionPool(
-                ssl_context=httpx.create_ssl_context(),
+                ssl_context=context,
                 network_backend=_GuardedBackend(policy),
                 max_connections=limits.max_connections,
                 max_keepalive_connections=limits.max_keepalive_connections,
