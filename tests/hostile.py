@@ -1,10 +1,10 @@
 """A misbehaving fal for tests: a tiny threaded HTTP/1.1 server on raw sockets.
 
 A real HTTP framework would refuse to misbehave the way a broken gateway or CDN does (lie about
-``Content-Length``, reset the connection, trickle a body byte by byte, never end it), so this
-server writes the bytes itself. Each route maps ``(method, path regex)`` to a *behaviour*, a
-callable that gets the recorded request and the socket and writes whatever it likes. Every
-request is recorded, so a test can count how often a path was hit (e.g. exactly one POST)::
+``Content-Length``, reset the connection, trickle a body — or its headers — byte by byte, never
+end it), so this server writes the bytes itself. Each route maps ``(method, path regex)`` to a
+*behaviour*, a callable that gets the recorded request and the socket and writes whatever it
+likes. Every request is recorded, so a test can count how often a path was hit (e.g. exactly one POST)::
 
     with HostileProvider() as fal:
         fal.route("GET", r"/x/requests/[^/]+", sequence(reset(), json_reply({"video": ...})))
@@ -37,10 +37,12 @@ from typing import Literal
 
 __all__ = [
     "Behaviour",
+    "HeaderDrip",
     "HostileProvider",
     "Recorded",
     "compression_bomb",
     "drip",
+    "drip_headers",
     "endless",
     "event_flood",
     "gzip_bomb",
@@ -144,6 +146,38 @@ def drip(
             sock.sendall(body[start : start + chunk])
 
     return behave
+
+
+class HeaderDrip:
+    """A behaviour: the status line at once, then a header one byte every ``every`` seconds for
+    ``lasting`` seconds, never ending the headers; then the connection is closed. Each read gets
+    its byte well inside any read timeout over ``every``, and httpcore reads up to 100 KiB of
+    headers, so only a deadline over the whole exchange ends the client's wait before the
+    server does. ``ended`` is set when a drip ran its whole course (the client waited it out);
+    ``started`` when one began (the request arrived)."""
+
+    def __init__(self, every: float = 0.5, lasting: float = 60.0, status: int = 200) -> None:
+        self.every = every
+        self.lasting = lasting
+        self.status = status
+        self.started = threading.Event()
+        self.ended = threading.Event()
+
+    def __call__(self, req: Recorded, sock: socket.socket) -> None:
+        reason = HTTPStatus(self.status).phrase
+        sock.sendall(f"HTTP/1.1 {self.status} {reason}\r\nX-Slow: ".encode("latin-1"))
+        self.started.set()
+        end = time.monotonic() + self.lasting
+        while time.monotonic() < end:
+            if req.stop.wait(self.every):
+                return
+            sock.sendall(b"a")  # OSError once the client hung up: the handler ends quietly
+        self.ended.set()
+
+
+def drip_headers(every: float = 0.5, lasting: float = 60.0, status: int = 200) -> HeaderDrip:
+    """Headers that never end: a byte every ``every`` s for ``lasting`` s (:class:`HeaderDrip`)."""
+    return HeaderDrip(every, lasting, status)
 
 
 def endless(chunk: int = 65536) -> Behaviour:

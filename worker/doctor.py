@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -69,6 +70,8 @@ PROBE_REQUEST_ID = "00000000-0000-4000-8000-000000000000"
 PROBE_ENDPOINT = "fal-ai/wan-i2v"
 #: Seconds each network check may take (the broker check adds its own thread's margin).
 TIMEOUT = 10.0
+#: The most one check's whole exchange may take: connecting, then the headers, then the body.
+EXCHANGE_SECONDS = 3 * TIMEOUT
 #: The most of the receiver's ``/healthz`` answer that is read: ``wanbatch serve``'s is a few
 #: hundred bytes; whatever answers there instead must not fill the memory.
 HEALTHZ_MAX_BYTES = 64 * 1024
@@ -533,21 +536,36 @@ def _get_capped(url: str, headers: dict[str, str], limit: int | None = None) -> 
     would carry the check to a host nobody configured.
 
     ``Client.get`` read the body whole: a 2 KB ``gzip`` of a ``gzip`` of zeros from a host
-    playing fal took the check to gigabytes of memory."""
+    playing fal took the check to gigabytes of memory.
+
+    The whole exchange, headers included, ends within :data:`EXCHANGE_SECONDS`
+    (:func:`worker.fal.http.cut_off_at`): :data:`TIMEOUT` bounds each wait for bytes, so headers
+    sent a byte at a time held the check for as long as they lasted."""
     import httpx
 
     from worker.fal.errors import malformed_redirect
-    from worker.fal.http import ACCEPT_ENCODING, direct_mounts, environment_checked
+    from worker.fal.http import (
+        ACCEPT_ENCODING,
+        cut_off_at,
+        direct_mounts,
+        environment_checked,
+        with_deadlines,
+    )
 
     with environment_checked():  # a proxy or certificate variable httpx cannot use: a ConfigError
-        made = httpx.Client(
-            timeout=TIMEOUT,
-            follow_redirects=False,
-            trust_env=True,
-            mounts=direct_mounts([url]),  # as the fal client does: loopback is never proxied
-            headers={"Accept-Encoding": ACCEPT_ENCODING},
+        made = with_deadlines(
+            httpx.Client(
+                timeout=TIMEOUT,
+                follow_redirects=False,
+                trust_env=True,
+                mounts=direct_mounts([url]),  # as the fal client does: loopback is never proxied
+                headers={"Accept-Encoding": ACCEPT_ENCODING},
+            )
         )
-    with made as client:
+    with (
+        cut_off_at(time.monotonic() + EXCHANGE_SECONDS, f"no whole answer within {EXCHANGE_SECONDS:g} s"),
+        made as client,
+    ):
         try:
             return _read_capped_answer(client, url, headers, limit)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:

@@ -21,8 +21,11 @@ them is also storable as it is: a ``\\u0000``, a lone surrogate or ``NaN`` in fa
 PostgreSQL would refuse on every try, is read as U+FFFD or null (:func:`~worker.fal.errors.load_json`).
 
 Every answer's body is read through :func:`read_capped`: at most :data:`MAX_ANSWER_BYTES`, and
-whole within the read timeout once its headers are in (:class:`AnswerBudget`). A submit answer
-that cannot be read so is ambiguous: fal received the request.
+whole within the read timeout once its headers are in (:class:`AnswerBudget`). The whole
+exchange (connect, request, headers, body) ends within the connect timeout plus twice the read
+timeout (:meth:`AnswerBudget.exchange`): httpx's timeouts bound each read, so headers dripped a
+byte at a time held a call, and the job it served, without end. A submit answer that cannot be
+read so is ambiguous: fal received the request.
 
 Status, result and cancel go to URLs built from the configured queue URL (see
 :meth:`RequestHandle.trusted`), never to a host a submit answer names: those calls carry the key.
@@ -38,7 +41,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from types import TracebackType
 from typing import Any, Literal
 
@@ -73,10 +76,12 @@ from worker.fal.errors import (
 )
 from worker.fal.http import (
     DEFAULT_SLEEP,
+    Cutoff,
     FalKeyAuth,
     RetryPolicy,
     Sleep,
     build_http_client,
+    cut_off_at,
     decoded_chunks,
     timeout_from,
     with_body,
@@ -149,8 +154,9 @@ class FalClient:
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
         # The read timeout bounds each read; a body dripped a byte at a time never trips it, so
-        # the same number of seconds also bounds the whole answer (:func:`read_capped`).
-        self._answer_budget = AnswerBudget(timeout.read, clock)
+        # the same number of seconds also bounds the whole answer (:func:`read_capped`), and
+        # the connect timeout plus twice that the whole exchange, headers included.
+        self._answer_budget = AnswerBudget(timeout.read, clock, connect=timeout.connect)
 
     @classmethod
     def from_settings(
@@ -272,7 +278,11 @@ class FalClient:
                 raise SubmitNotSentError(
                     f"fal submit: not sent, the request could not be built ({type(exc).__name__}: {exc})"
                 ) from exc
-            with map_transport_errors("submit", submit=trace), telemetry.fal_request("submit") as call:
+            with (
+                map_transport_errors("submit", submit=trace),
+                telemetry.fal_request("submit") as call,
+                self._answer_budget.exchange("submit"),
+            ):
                 answer = self._read_submit_answer(call.done(self.http.send(request, stream=True)))
             if isinstance(answer, ProviderError):
                 raise AmbiguousSubmitError(
@@ -420,38 +430,42 @@ class FalClient:
         """
         h = _handle(handle)
         url = f"{h.status_url.rstrip('/')}/stream"
-        with self.scrubbed(), map_transport_errors("status stream"):
-            with httpx_sse.connect_sse(
-                self.http, "GET", url, params={"logs": "1" if logs else "0"}
-            ) as source:
-                response = source.response
-                if not response.is_success:
-                    raise classify_poll(
-                        "status stream",
-                        read_capped(response, "status stream", budget=self._answer_budget),
-                    )
-                content_type = response.headers.get("content-type", "").partition(";")[0]
-                if "text/event-stream" not in content_type:
+        with self.scrubbed(), map_transport_errors("status stream"), ExitStack() as held:
+            # The headers within the exchange's deadline; the stream has no end, so its events
+            # are bounded one by one (_stream_events), not by it. Entered and left before any
+            # yield: the deadline never outlives this step of the generator.
+            with self._answer_budget.exchange("status stream"):
+                source = held.enter_context(
+                    httpx_sse.connect_sse(self.http, "GET", url, params={"logs": "1" if logs else "0"})
+                )
+            response = source.response
+            if not response.is_success:
+                raise classify_poll(
+                    "status stream",
+                    read_capped(response, "status stream", budget=self._answer_budget),
+                )
+            content_type = response.headers.get("content-type", "").partition(";")[0]
+            if "text/event-stream" not in content_type:
+                raise RetryableProviderError(
+                    f"fal status stream: not an event stream (Content-Type {content_type[:60]!r})",
+                    request_id=h.request_id,
+                )
+            events = self._stream_events(response, stop)
+            for data in events:
+                if not data.strip():
+                    continue
+                body = load_json(data, "status stream")
+                if body is None:
                     raise RetryableProviderError(
-                        f"fal status stream: not an event stream (Content-Type {content_type[:60]!r})",
-                        request_id=h.request_id,
+                        "fal status stream: an event was not JSON", request_id=h.request_id
                     )
-                events = self._stream_events(response, stop)
-                for data in events:
-                    if not data.strip():
-                        continue
-                    body = load_json(data, "status stream")
-                    if body is None:
-                        raise RetryableProviderError(
-                            "fal status stream: an event was not JSON", request_id=h.request_id
-                        )
-                    status = _parse_status(self.scrub(body), h.request_id)
-                    yield status
-                    if status.completed:
-                        _read_to_end(events)
-                        return
-                if stop is not None and stop():
-                    return  # let go by the caller: the connection closes, unread
+                status = _parse_status(self.scrub(body), h.request_id)
+                yield status
+                if status.completed:
+                    _read_to_end(events)
+                    return
+            if stop is not None and stop():
+                return  # let go by the caller: the connection closes, unread
             raise RetryableProviderError(
                 "fal status stream ended before COMPLETED; poll the status instead", request_id=h.request_id
             )
@@ -519,6 +533,7 @@ class FalClient:
             with (
                 map_transport_errors("cancel"),
                 telemetry.fal_request("cancel") as call,
+                self._answer_budget.exchange("cancel"),
                 self.http.stream("PUT", h.cancel_url) as streamed,
             ):
                 response = read_capped(call.done(streamed), "cancel", budget=self._answer_budget)
@@ -585,6 +600,8 @@ class FalClient:
                 with (
                     map_transport_errors(what),
                     telemetry.fal_request(what) as call,
+                    # Connect, request, headers and body: all within the exchange's deadline.
+                    self._answer_budget.exchange(what),
                     # Never followed: a 3xx is classified (see worker.fal.errors.redirect_error).
                     http.stream(method, url, params=params, follow_redirects=False, **kwargs) as streamed,
                 ):
@@ -620,21 +637,49 @@ MAX_ANSWER_BYTES = 1024 * 1024
 
 class AnswerBudget:
     """How long one answer's body may take to arrive whole, once its headers are in: ``seconds``
-    (the client's read timeout, ``WANBATCH_READ_TIMEOUT``; ``None``: no bound) on ``clock``.
+    (the client's read timeout, ``WANBATCH_READ_TIMEOUT``; ``None``: no bound) on ``clock``;
+    and the whole exchange, from the connect to the body's end, ``connect`` (the connect
+    timeout) plus twice ``seconds`` (:meth:`exchange`).
 
     httpx's read timeout bounds each read, not the answer: a body that sends one byte just
-    inside it every time never ends, and held a job in ``downloading`` forever.
+    inside it every time never ends, and held a job in ``downloading`` forever; headers dripped
+    the same way did too (httpcore reads up to 100 KiB of them), before any body was read.
     """
 
-    __slots__ = ("clock", "seconds")
+    __slots__ = ("clock", "connect", "seconds")
 
-    def __init__(self, seconds: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        seconds: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        connect: float | None = None,
+    ) -> None:
         self.seconds = seconds
         self.clock = clock
+        self.connect = connect
 
     def deadline(self) -> float | None:
         """When an answer whose reading starts now must be read whole."""
         return None if self.seconds is None else self.clock() + self.seconds
+
+    def exchange_seconds(self) -> float | None:
+        """The most one exchange may take in all: the connect timeout, then the read timeout for
+        the headers and once more for the body (``None``: no read timeout, no bound)."""
+        return None if self.seconds is None else (self.connect or 0.0) + 2 * self.seconds
+
+    def exchange(self, what: str) -> AbstractContextManager[Cutoff | None]:
+        """A deadline (:func:`~worker.fal.http.cut_off_at`, real time: it bounds socket waits)
+        over the exchange sent inside it, headers included: a wait past it fails as a read
+        timeout would, saying which deadline it was."""
+        seconds = self.exchange_seconds()
+        if seconds is None:
+            return cut_off_at(None, "")
+        return cut_off_at(
+            time.monotonic() + seconds,
+            f"fal {what}: no whole answer within {seconds:g} s "
+            "(WANBATCH_CONNECT_TIMEOUT + twice WANBATCH_READ_TIMEOUT)",
+        )
 
 
 def read_capped(
@@ -660,16 +705,24 @@ def read_capped(
     if declared is not None and declared > limit and "content-encoding" not in response.headers:
         raise _too_large(what, response, limit)
     deadline = budget.deadline() if budget is not None else None
+    seconds = budget.seconds if budget is not None else None
     body = bytearray()
-    try:
-        for chunk in decoded_chunks(response):
-            body += chunk
-            if len(body) > limit:
-                raise _too_large(what, response, limit)
-            if deadline is not None and budget is not None and budget.clock() > deadline:
-                raise _too_slow(what, response, budget)
-    except httpx.DecodingError as exc:
-        raise _undecodable(what, response, exc) from None
+    # The clock between chunks (the budget's, a test's fake one) and, for a read that stalls,
+    # the same seconds over each network wait of the body (real time).
+    with cut_off_at(None if seconds is None else time.monotonic() + seconds, f"fal {what}: too slow") as cut:
+        try:
+            for chunk in decoded_chunks(response):
+                body += chunk
+                if len(body) > limit:
+                    raise _too_large(what, response, limit)
+                if deadline is not None and budget is not None and budget.clock() > deadline:
+                    raise _too_slow(what, response, budget)
+        except httpx.DecodingError as exc:
+            raise _undecodable(what, response, exc) from None
+        except httpx.TimeoutException:
+            if cut is not None and cut.hit and budget is not None:
+                raise _too_slow(what, response, budget) from None
+            raise
     return with_body(response, bytes(body), drop=("content-encoding",))
 
 

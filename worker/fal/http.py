@@ -1,10 +1,22 @@
 """The shared httpx plumbing of the fal client and storage: auth scoped to fal's origins,
-explicit timeouts, and the bounded, jittered retry used for idempotent calls only.
+explicit timeouts, deadlines over whole exchanges, and the bounded, jittered retry used for
+idempotent calls only.
+
+httpx's timeouts bound each network wait (https://www.python-httpx.org/advanced/timeouts/):
+httpcore hands the read timeout to every ``read()`` of the socket, so a server that sends one
+byte just inside it, forever, is never cut off — in its headers as much as in its body (httpcore
+reads up to 100 KiB of headers). A per-request ``timeout`` is one number fixed for the whole
+request, so it cannot shrink as a deadline nears. :func:`cut_off_at` sets a deadline over
+everything the calling thread sends and reads until it is left (connect, TLS, request, headers,
+body), and :class:`DeadlineBackend`, the network backend of every client here
+(:func:`with_deadlines`), makes each wait ``min(timeout, time left)``: the exchange ends at its
+deadline however the bytes trickle.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import random
@@ -13,10 +25,13 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from http.cookiejar import Cookie, CookieJar
-from typing import Any
+from typing import Any, TypeVar
 
+import httpcore
 import httpx
 
 from jobs.errors import ConfigError
@@ -272,6 +287,172 @@ def shared_ssl_context() -> ssl.SSLContext:
         return context
 
 
+# ------------------------------------------------------------------------------------- deadlines
+
+
+@dataclass(eq=False, slots=True)
+class Cutoff:
+    """A deadline over an exchange: ``at`` (``time.monotonic()``), ``reason`` (the words of the
+    timeout raised there), and ``hit``, set once a network wait was cut short by it — how the
+    caller tells its deadline from an ordinary timeout, and words its own error."""
+
+    at: float
+    reason: str
+    hit: bool = False
+
+
+#: The deadlines in force for this thread's network waits (nested ones all apply: the nearest wins).
+_CUTOFFS: ContextVar[tuple[Cutoff, ...]] = ContextVar("wanbatch_http_cutoffs", default=())
+
+
+@contextmanager
+def cut_off_at(at: float | None, reason: str) -> Iterator[Cutoff | None]:
+    """Every network wait of this thread inside the block (connect, TLS, each write and read,
+    headers and body alike) ends by ``at`` (``time.monotonic()``; ``None``: no deadline, and
+    the block yields ``None``), with an httpx timeout error whose text is ``reason``. Only
+    clients whose backend is a :class:`DeadlineBackend` obey it (:func:`with_deadlines`).
+
+    A context variable, not client state: a shared client serves concurrent exchanges, each on
+    its thread with its own deadline. Enter and leave it in one plain function (never across a
+    ``yield``), so it never outlives the exchange it bounds."""
+    if at is None:
+        yield None
+        return
+    cut = Cutoff(at, reason)
+    token = _CUTOFFS.set((*_CUTOFFS.get(), cut))
+    try:
+        yield cut
+    finally:
+        _CUTOFFS.reset(token)
+
+
+_T = TypeVar("_T")
+
+#: The most bytes one write sends before the time left is looked at again: the socket waits up
+#: to the timeout for *each* ``send()`` of a large buffer, so one write of a whole upload could
+#: otherwise run far past a deadline to a server that reads slowly.
+WRITE_PIECE = 64 * 1024
+
+
+def _within(
+    wait: Callable[[float | None], _T], timeout: float | None, error: type[httpcore.TimeoutException]
+) -> _T:
+    """``wait(t)`` with ``t`` the shorter of ``timeout`` and the time left before the nearest
+    deadline (:func:`cut_off_at`); one cut short by a deadline raises ``error`` with its reason.
+    A deadline already past raises at once: a socket timeout of 0 would mean non-blocking."""
+    cuts = _CUTOFFS.get()
+    if not cuts:
+        return wait(timeout)
+    nearest = min(cuts, key=lambda cut: cut.at)
+    left = nearest.at - time.monotonic()
+    if timeout is not None and timeout < left:
+        return wait(timeout)
+    if left <= 0:
+        nearest.hit = True
+        raise error(nearest.reason)
+    try:
+        return wait(left)
+    except httpcore.TimeoutException as exc:
+        nearest.hit = True
+        raise error(nearest.reason) from exc
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A network stream whose every wait also ends at the thread's deadline (:func:`_within`)."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return _within(lambda t: self._inner.read(max_bytes, t), timeout, httpcore.ReadTimeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        for start in range(0, len(buffer), WRITE_PIECE):
+            _within(
+                functools.partial(self._write, buffer[start : start + WRITE_PIECE]),
+                timeout,
+                httpcore.WriteTimeout,
+            )
+
+    def _write(self, piece: bytes, timeout: float | None) -> None:
+        self._inner.write(piece, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        tls = _within(
+            lambda t: self._inner.start_tls(ssl_context, server_hostname, t), timeout, httpcore.ConnectTimeout
+        )
+        return _DeadlineStream(tls)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class DeadlineBackend(httpcore.NetworkBackend):
+    """``inner`` (httpcore's socket backend by default) with every connect and every wait of
+    its streams bounded by the thread's deadline too (:func:`cut_off_at`)."""
+
+    def __init__(self, inner: httpcore.NetworkBackend | None = None) -> None:
+        self._inner = inner or httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        stream = _within(
+            lambda t: self._inner.connect_tcp(host, port, t, local_address, socket_options),
+            timeout,
+            httpcore.ConnectTimeout,
+        )
+        return _DeadlineStream(stream)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        stream = _within(
+            lambda t: self._inner.connect_unix_socket(path, t, socket_options),
+            timeout,
+            httpcore.ConnectTimeout,
+        )
+        return _DeadlineStream(stream)
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def with_deadlines(client: httpx.Client) -> httpx.Client:
+    """``client``, its connections made through a :class:`DeadlineBackend`: the default
+    transport's and those httpx mounted for the ``HTTP(S)_PROXY`` variables alike.
+
+    httpx has no parameter for the network backend, and passing a transport of one's own
+    turns its proxy variables off, so the backend of each httpcore pool httpx built is wrapped
+    in place (the pool hands it to every connection it opens). A transport that is no
+    :class:`httpx.HTTPTransport` (a test's) opens no socket and is left as it is; one already
+    wrapped is not wrapped again. ``tests/unit/test_exchange_deadlines.py`` checks that every
+    pool is reached, so an httpx that moves these attributes fails there, not in production.
+    """
+    transports = [client._transport, *client._mounts.values()]
+    for transport in transports:
+        if not isinstance(transport, httpx.HTTPTransport):
+            continue
+        pool = transport._pool
+        backend = pool._network_backend
+        if not isinstance(backend, DeadlineBackend):
+            pool._network_backend = DeadlineBackend(backend)
+    return client
+
+
 def build_http_client(
     *,
     timeout: httpx.Timeout,
@@ -279,21 +460,24 @@ def build_http_client(
     transport: httpx.BaseTransport | None = None,
     direct: Iterable[str] = (),
 ) -> httpx.Client:
-    """A sync client (Celery tasks are sync) that never follows redirects unless asked per call.
+    """A sync client (Celery tasks are sync) that never follows redirects unless asked per call,
+    and whose exchanges end at their deadline (:func:`with_deadlines`).
 
     It honours the proxy and certificate variables (``trust_env``), but reaches the origins of
     ``direct`` (fal's configured URLs) on this machine's loopback without a proxy
     (:func:`direct_mounts`). A variable httpx cannot use is a :class:`ConfigError`
     (:func:`environment_checked`)."""
     with environment_checked():
-        return CookielessClient(
-            auth=auth,
-            timeout=timeout,
-            transport=transport,
-            verify=shared_ssl_context(),
-            mounts=direct_mounts(direct),
-            follow_redirects=False,
-            headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
+        return with_deadlines(
+            CookielessClient(
+                auth=auth,
+                timeout=timeout,
+                transport=transport,
+                verify=shared_ssl_context(),
+                mounts=direct_mounts(direct),
+                follow_redirects=False,
+                headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
+            )
         )
 
 

@@ -61,6 +61,8 @@ from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transpo
 from worker.fal.http import (
     ACCEPT_ENCODING,
     CookielessClient,
+    DeadlineBackend,
+    cut_off_at,
     environment_checked,
     origin,
     shared_ssl_context,
@@ -529,11 +531,13 @@ class DownloadPolicy:
 
 
 class _GuardedBackend(httpcore.NetworkBackend):
-    """httpcore's socket backend, connecting only to addresses the policy checked (no rebinding)."""
+    """httpcore's socket backend, connecting only to addresses the policy checked (no rebinding),
+    its every connect and wait also ending at the exchange's deadline (each address tried gets
+    only the time left: :class:`~worker.fal.http.DeadlineBackend`)."""
 
     def __init__(self, policy: DownloadPolicy) -> None:
         self._policy = policy
-        self._inner = httpcore.SyncBackend()
+        self._inner = DeadlineBackend(httpcore.SyncBackend())
 
     def connect_tcp(
         self,
@@ -599,7 +603,9 @@ def guarded_client(
 
     Proxy variables are ignored (``trust_env=False``): through a proxy the name would be
     resolved, and the address reached, by the proxy, beyond the reach of the check. Cookies are
-    refused, so a client shared by many downloads carries nothing from one to the next.
+    refused, so a client shared by many downloads carries nothing from one to the next. Its
+    exchanges obey :func:`~worker.fal.http.cut_off_at` (a download's total timeout, an upload's
+    answer deadline), headers included.
     """
     return CookielessClient(
         transport=_GuardedTransport(policy),
@@ -740,8 +746,10 @@ def download(
     ``policy`` (or just ``allowed_hosts``, a strict allow-list) decides where the URL and each
     redirect may lead. Without ``client``, a :func:`guarded_client` for that policy is used and
     closed; a caller's own ``client`` gets the URL-level checks only (allow-list, literal
-    addresses), so pass a guarded one. ``total_timeout`` bounds the whole attempt in seconds
-    (checked as bytes arrive, so a stalled read still ends after the read timeout); ``timeout``
+    addresses), so pass a guarded one. ``total_timeout`` bounds the whole attempt in seconds:
+    every connect, redirect hop, header and body read of it ends by then, however slowly the
+    bytes trickle in (:func:`~worker.fal.http.cut_off_at`; a caller's own client obeys it only
+    through a :class:`~worker.fal.http.DeadlineBackend`, as a guarded one does); ``timeout``
     applies to this call's requests, also on a caller's ``client`` (else the client's own);
     ``progress(bytes_so_far)`` is called as the body streams and may raise to abort (e.g. when
     the caller lost its lease); ``on_response(response)`` is called once the headers of each
@@ -830,12 +838,42 @@ class _Limits:
 
     def check_time(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise RetryableProviderError(
-                f"download took longer than {self.total_timeout:g} s (WANBATCH_DOWNLOAD_TIMEOUT)"
-            )
+            raise self.too_long()
+
+    def too_long(self) -> RetryableProviderError:
+        return RetryableProviderError(
+            f"download took longer than {self.total_timeout:g} s (WANBATCH_DOWNLOAD_TIMEOUT)"
+        )
 
 
 def _stream_into(
+    http: httpx.Client,
+    url: httpx.URL,
+    write: Callable[[bytes], None],
+    limits: _Limits,
+    policy: DownloadPolicy,
+    progress: Callable[[int], None] | None,
+    per_request: _PerRequest,
+) -> tuple[str, int]:
+    """The attempt, every network wait of it bounded by its deadline (:func:`cut_off_at`).
+
+    Checking the clock between chunks (as :meth:`_Limits.check_time` does) cannot stop a wait
+    for bytes that trickle in under the read timeout: a server that drip-fed the *headers*, a
+    byte every 0.5 s, held a download with a total timeout of 1 s for 104 s (httpcore reads up
+    to 100 KiB of them), and a worker slot and the job (whose lease is renewed only as body
+    bytes arrive) for weeks at the defaults. A wait the deadline cut short is the same error
+    as the clock's between chunks."""
+    reason = "" if limits.deadline is None else str(limits.too_long())
+    with cut_off_at(limits.deadline, reason) as cut:
+        try:
+            return _hops(http, url, write, limits, policy, progress, per_request)
+        except RetryableProviderError as exc:
+            if cut is not None and cut.hit:
+                raise limits.too_long() from exc
+            raise
+
+
+def _hops(
     http: httpx.Client,
     url: httpx.URL,
     write: Callable[[bytes], None],

@@ -124,9 +124,11 @@ class JwksKeys:
     ``failure_backoff`` seconds every delivery that needs the keys is refused the same way
     without fetching again, so forged deliveries cannot turn into a flood of fetches.
 
-    A fetch takes at most ``deadline`` seconds in all, plus one wait of ``timeout`` (httpx's
-    timeouts bound each wait for bytes, not the whole, so a JWKS sent a byte at a time is
-    cut off by the deadline), and reads at most :data:`JWKS_MAX_BYTES` of the document.
+    A fetch takes at most ``deadline`` seconds in all, connect, headers and body together
+    (httpx's timeouts bound each wait for bytes, not the whole, so a JWKS whose headers or
+    body are sent a byte at a time is cut off by the deadline:
+    :func:`~worker.fal.http.cut_off_at`), and reads at most :data:`JWKS_MAX_BYTES` of the
+    document.
     """
 
     def __init__(
@@ -175,17 +177,21 @@ class JwksKeys:
         compressed although ``identity`` was asked for is inflated a bounded step at a time, so
         the size cap stops it; httpx's own decoder inflated one wire chunk of a "zip bomb" to
         gigabytes before the cap was looked at."""
-        from worker.fal.http import decoded_chunks
+        from worker.fal.http import cut_off_at, decoded_chunks, with_deadlines
 
         self.fetches += 1
         cut_off = time.monotonic() + self._deadline
+        too_slow = f"{_UNFETCHED}: the JWKS took over {self._deadline:g} s to arrive"
         body = bytearray()
         try:
             with (
-                httpx.Client(
-                    timeout=self._timeout,
-                    transport=self._transport,
-                    headers={"Accept-Encoding": "identity"},  # what is counted is what is sent
+                cut_off_at(cut_off, too_slow) as cut,
+                with_deadlines(
+                    httpx.Client(
+                        timeout=self._timeout,
+                        transport=self._transport,
+                        headers={"Accept-Encoding": "identity"},  # what is counted is what is sent
+                    )
                 ) as client,
                 client.stream("GET", self.url) as response,
             ):
@@ -201,10 +207,10 @@ class JwksKeys:
                             f"{_UNFETCHED}: the JWKS is too large (over {JWKS_MAX_BYTES} bytes)"
                         )
                     if time.monotonic() > cut_off:
-                        raise JwksUnavailable(
-                            f"{_UNFETCHED}: the JWKS took over {self._deadline:g} s to arrive"
-                        )
+                        raise JwksUnavailable(too_slow)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            if cut is not None and cut.hit:  # a wait (the headers' too) cut short by the deadline
+                raise JwksUnavailable(too_slow) from None
             raise JwksUnavailable(f"{_UNFETCHED}: {type(exc).__name__}") from None
         try:
             doc = json.loads(bytes(body))
