@@ -41,6 +41,20 @@ def wait_completed(client: httpx.Client, status_url: str, timeout: float = 15.0)
     raise AssertionError(f"{status_url} did not complete in {timeout}s")
 
 
+def wait_in_progress(client: httpx.Client, status_url: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll a status URL until the request runs (``IN_PROGRESS``): a test that acts on a running
+    request waits for it to run, not for a guessed while (too short on a loaded machine, the
+    request is still queued; too long, it has completed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = client.get(status_url).json()
+        if body["status"] == "IN_PROGRESS":
+            return body
+        assert body["status"] == "IN_QUEUE", f"{status_url} is {body['status']}, never seen running"
+        assert time.monotonic() < deadline, f"{status_url} still queued after {timeout:.0f}s"
+        time.sleep(0.02)
+
+
 def verify_webhook(jwks: dict[str, Any], headers: httpx.Headers | dict[str, str], body: bytes) -> bool:
     """fal's scheme: Ed25519 over rid\\nuid\\nts\\nsha256hex(body), any key of the JWKS."""
     h = {k.lower(): v for k, v in dict(headers).items()}

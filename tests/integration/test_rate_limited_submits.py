@@ -389,6 +389,13 @@ def test_an_idle_conductor_does_not_dispatch_every_20_ms(engine: Engine, hostile
     runner = threading.Thread(target=conductor.run, args=(stopping,))
     runner.start()
     try:
+        # Its first tick, waited for (a guessed while could pass, on a loaded machine, before
+        # it), then 1.5 s of idling: what an idle conductor does meanwhile is what is counted.
+        deadline = time.monotonic() + 60
+        while conductor.stats.ticks < 1:
+            assert runner.is_alive(), "the conductor ended before its first tick"
+            assert time.monotonic() < deadline, "the conductor never ticked within 60 s"
+            time.sleep(0.02)
         time.sleep(1.5)
     finally:
         stopping.set()

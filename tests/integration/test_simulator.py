@@ -18,7 +18,7 @@ import pytest
 from falsim import SimulatorHandle, SimulatorOptions, running_simulator
 from falsim.engine import COMPLETED, IN_PROGRESS, Engine
 from jobs.endpoints import get_endpoint
-from tests.integration.sim_helpers import AUTH, png_data_uri, wait_completed
+from tests.integration.sim_helpers import AUTH, png_data_uri, wait_completed, wait_in_progress
 from tests.sample_inputs import INPUTS
 
 FAST = {"latency_seconds": 0.05, "latency_jitter": 0.0, "concurrency_limit": 4, "rng_seed": 7}
@@ -110,9 +110,11 @@ def test_full_lifecycle_per_endpoint(sim: SimulatorHandle, client: httpx.Client,
 def test_status_shapes_queue_positions_and_logs(
     make_sim: Callable[..., SimulatorHandle], client: httpx.Client
 ) -> None:
-    sim = make_sim(concurrency_limit=1, latency_seconds=0.4)
+    # The first runs 2 s: long enough for the looks below, taken once it is seen running (a
+    # guessed 0.1 s found it still queued, or already completed, on a loaded machine).
+    sim = make_sim(concurrency_limit=1, latency_seconds=2.0)
     subs = [submit(client, sim, "fal-ai/wan-22", {**INPUTS["fal-ai/wan-22"], "seed": i}) for i in range(3)]
-    time.sleep(0.1)
+    wait_in_progress(client, subs[0]["status_url"])
     first = client.get(subs[0]["status_url"], params={"logs": "0"})
     assert first.status_code == 202
     assert first.json()["status"] == "IN_PROGRESS"
@@ -307,10 +309,11 @@ def test_cdn_v3_upload_flow(sim: SimulatorHandle, client: httpx.Client) -> None:
 
 
 def test_cancel_semantics(make_sim: Callable[..., SimulatorHandle], client: httpx.Client) -> None:
-    sim = make_sim(concurrency_limit=1, latency_seconds=0.5)
+    # The one slot held for a minute (the running one is cancelled below): the other stays queued.
+    sim = make_sim(concurrency_limit=1, latency_seconds=60.0)
     running = submit(client, sim, "fal-ai/wan-22", {**INPUTS["fal-ai/wan-22"], "seed": 1})
     queued = submit(client, sim, "fal-ai/wan-22", {**INPUTS["fal-ai/wan-22"], "seed": 2})
-    time.sleep(0.1)
+    wait_in_progress(client, running["status_url"])
     cancel = client.put(queued["cancel_url"])
     assert cancel.status_code == 202
     assert cancel.json() == {"status": "CANCELLATION_REQUESTED"}
@@ -338,9 +341,11 @@ def test_cancel_semantics(make_sim: Callable[..., SimulatorHandle], client: http
 def test_cancel_in_progress_can_be_ignored(
     make_sim: Callable[..., SimulatorHandle], client: httpx.Client
 ) -> None:
-    sim = make_sim(cancel_stops_running=False, latency_seconds=0.2)
+    # Cancelled once seen running, with 2 s of its run left (a guessed 0.05 s of 0.2 s found it
+    # queued, or completed, on a loaded machine).
+    sim = make_sim(cancel_stops_running=False, latency_seconds=2.0)
     sub = submit(client, sim, "fal-ai/wan-22", INPUTS["fal-ai/wan-22"])
-    time.sleep(0.05)
+    wait_in_progress(client, sub["status_url"])
     assert client.put(sub["cancel_url"]).status_code == 202
     done = wait_completed(client, sub["status_url"])
     assert "error" not in done

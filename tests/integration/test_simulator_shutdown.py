@@ -58,13 +58,13 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _stopped(proc: subprocess.Popen[str], sig: signal.Signals, *, twice: bool = False) -> float:
-    """Send ``sig`` (twice: a second one 0.3 s later, a forced exit) and wait for the end;
-    returns how long it took."""
+def _stopped(proc: subprocess.Popen[str], sig: signal.Signals, *, twice: str | None = None) -> float:
+    """Send ``sig`` and wait for the end; returns how long it took. ``twice``: the server's URL;
+    a second ``sig`` (a forced exit) follows once the first is taken (:func:`_refused`)."""
     began = time.monotonic()
     proc.send_signal(sig)
-    if twice:
-        time.sleep(0.3)
+    if twice is not None:
+        _refused(twice, proc)
         proc.send_signal(sig)
     try:
         proc.wait(30)
@@ -73,6 +73,35 @@ def _stopped(proc: subprocess.Popen[str], sig: signal.Signals, *, twice: bool = 
         proc.wait(10)
         pytest.fail("still running 30 s after the signal")
     return time.monotonic() - began
+
+
+def _refused(url: str, proc: subprocess.Popen[str]) -> None:
+    """Wait until the server at ``url`` refuses new connections: the first thing uvicorn does once
+    it has taken a stop signal (it closes its listening socket). A second signal sent sooner, a
+    guessed while after the first, could come before the first was handled: the two are one
+    then (Python runs a signal's handler once however often it came), and there is no forced
+    exit to test."""
+    place = urlsplit(url)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None:
+        try:
+            socket.create_connection((place.hostname or "127.0.0.1", place.port or 80), timeout=10).close()
+        except ConnectionRefusedError:
+            return
+        assert time.monotonic() < deadline, "the server still listens 60 s after the first signal"
+        time.sleep(0.01)
+
+
+def _read_by_now(url: str) -> None:
+    """Wait until the server at ``url`` has read what was sent to it before this call, and given
+    the request whose head that was to its handler: a request of our own on a new connection
+    answered (``GET url``). Its event loop reads every connection with bytes waiting as it
+    turns, and starts a request's handler as soon as its head is read; the new connection is
+    accepted, read and answered only turns after the bytes sent before it arrived. A guessed
+    while instead was too short on a loaded machine: the stop found the request not begun,
+    closed its connection unanswered, and there was no request cut to test."""
+    with httpx.Client(timeout=30) as client:
+        assert client.get(url).status_code < 500
 
 
 def _answer(sock: socket.socket) -> bytes:
@@ -227,7 +256,7 @@ def _slow_upload(url: str) -> socket.socket:
     place = urlsplit(url)
     sock = socket.create_connection((place.hostname or "127.0.0.1", place.port or 80))
     sock.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nhalf".encode())
-    time.sleep(0.5)
+    _read_by_now(f"{url}/_sim/faults")
     return sock
 
 
@@ -239,7 +268,7 @@ def test_a_request_cut_by_the_simulators_stop_is_answered_503(
     cancels it and the lifespan as the event loop closes. Either way: one line, a 503."""
     proc, url = simulator
     sock = _slow_upload(url)
-    took = _stopped(proc, signal.SIGINT, twice=twice)
+    took = _stopped(proc, signal.SIGINT, twice=url if twice else None)
     said = _said(tmp_path)
     _clean(said)
     assert took < PROMPT, took

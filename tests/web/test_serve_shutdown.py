@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 
 from jobs.db import session_factory
 from tests.e2e.e2e_helpers import wanbatch_command
-from tests.integration.test_simulator_shutdown import PROMPT, _answer, _clean, _env, _stopped
+from tests.integration.test_simulator_shutdown import PROMPT, _answer, _clean, _env, _read_by_now, _stopped
 from tests.web.web_helpers import mixed_batch
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
@@ -85,11 +85,19 @@ def served(
 
 
 def _connect(port: int, head: bytes) -> socket.socket:
+    """A connection that has sent ``head``, once ``serve``'s handler has it (not a guessed while:
+    on a loaded machine the stop then found no request begun, and cut nothing)."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.sendall(head)
-    time.sleep(0.5)
+    _read_by_now(f"http://127.0.0.1:{port}/healthz")
     return sock
+
+
+def _answering(sock: socket.socket) -> None:
+    """Wait until the response on ``sock`` has begun (its first bytes are there, left unread)."""
+    sock.settimeout(60)
+    assert sock.recv(len(b"HTTP/1.1 "), socket.MSG_PEEK | socket.MSG_WAITALL) == b"HTTP/1.1 "
 
 
 def test_serve_forced_to_stop_answers_a_delivery_still_arriving(
@@ -98,7 +106,7 @@ def test_serve_forced_to_stop_answers_a_delivery_still_arriving(
     """A second Ctrl-C (uvicorn's forced exit) with a webhook body still arriving."""
     proc, port, log, _job = served
     sock = _connect(port, b"POST /webhooks/fal HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
-    took = _stopped(proc, signal.SIGINT, twice=True)
+    took = _stopped(proc, signal.SIGINT, twice=f"http://127.0.0.1:{port}")
     said = log.read_text(errors="replace")
     _clean(said)
     assert took < PROMPT, took
@@ -120,8 +128,9 @@ def test_serve_stops_though_a_client_stopped_reading_a_video(
     (uvicorn's graceful shutdown, bounded), then cuts it; a second Ctrl-C cuts it at once."""
     proc, port, log, job_id = served
     sock = _connect(port, f"GET /jobs/{job_id}/video HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    _answering(sock)  # mid-body: the video's sending stalls once the socket buffers are full
     sig = signal.SIGINT if twice else signal.SIGTERM
-    took = _stopped(proc, sig, twice=twice)
+    took = _stopped(proc, sig, twice=f"http://127.0.0.1:{port}" if twice else None)
     said = log.read_text(errors="replace")
     _clean(said)
     assert took < (PROMPT if twice else GRACEFUL + PROMPT), took
