@@ -596,9 +596,11 @@ def _simulated(settings: Settings, simulate: bool) -> Iterator[Settings]:
     from pydantic import SecretStr
 
     from falsim import SimulatorOptions, running_simulator
+    from worker.running import Interrupted
 
     global _simulator
     ran: SimulatorHandle | None = None
+    stopped: Interrupted | None = None
     try:
         with running_simulator(SimulatorOptions(concurrency_limit=40, latency_seconds=0.3)) as sim:
             ran = _simulator = sim
@@ -621,9 +623,12 @@ def _simulated(settings: Settings, simulate: bool) -> Iterator[Settings]:
                 )
             finally:
                 _simulator = None
+    except Interrupted as exc:
+        stopped = exc
+        raise
     finally:
         if ran is not None:
-            _hand_over_finished(settings, ran)
+            _hand_over_finished(settings, ran, stopped)
             _release_claims(settings, ran)
 
 
@@ -631,7 +636,9 @@ def _release_claims(settings: Settings, sim: SimulatorHandle) -> None:
     """This process's claims on the batches it simulated end with its simulator
     (:func:`worker.steps.dead_leases.release_simulation`), once what it finished is handed over:
     the next ``--simulate`` run of the batch goes on at once. A database that cannot take it
-    leaves the claim of a process that ends now: it holds nothing once the process is gone."""
+    leaves the claim of a process that ends now: it holds nothing once the process is gone
+    (:func:`~worker.steps.dead_leases.claim_simulation`). So a stopping run whose database
+    another process holds locked does not wait for it (:func:`jobs.db.stop_waiting_for_lock`)."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from jobs import db
@@ -646,7 +653,7 @@ def _release_claims(settings: Settings, sim: SimulatorHandle) -> None:
         release_simulation(session, queue_origin(sim.url))
 
 
-def _hand_over_finished(settings: Settings, sim: SimulatorHandle) -> None:
+def _hand_over_finished(settings: Settings, sim: SimulatorHandle, stopped: Interrupted | None = None) -> None:
     """Once this run's simulator has stopped: record which requests it finished successfully,
     with their seeds, wherever this run left them unfinished — on the simulations' jobs the
     database still has ``queued``, ``running`` or ``cancelling`` (the run stopped before it
@@ -656,7 +663,8 @@ def _hand_over_finished(settings: Settings, sim: SimulatorHandle) -> None:
     gives them to its own simulator finished (:meth:`falsim.engine.Engine.take_back_finished`:
     the same video, unbilled) instead of running and billing them a second time. Read after the
     stop, so the ledger no longer changes (a request still running then was not billed:
-    :meth:`falsim.engine.Engine.stop`)."""
+    :meth:`falsim.engine.Engine.stop`). ``stopped``: the interruption that ended the run, whose
+    line says what could not be recorded (:func:`_note_finished_in_database`)."""
     from worker.steps.unrecorded import Journal
 
     finished = {
@@ -667,13 +675,16 @@ def _hand_over_finished(settings: Settings, sim: SimulatorHandle) -> None:
     if not finished:
         return
     Journal(settings.database_url).note_finished(finished)  # local, at once
-    _note_finished_in_database(settings, finished)
+    _note_finished_in_database(settings, finished, stopped)
 
 
-def _note_finished_in_database(settings: Settings, finished: dict[str, int | None]) -> None:
+def _note_finished_in_database(
+    settings: Settings, finished: dict[str, int | None], stopped: Interrupted | None = None
+) -> None:
     """:func:`jobs.store.note_simulated_finished` for :func:`_hand_over_finished`, as the run
     ends: a database that cannot take it (its disk is full, it is gone) is said in one line, the
-    run's own outcome kept."""
+    run's own outcome kept. Stopped (``stopped``) while another process holds the database's lock
+    (:func:`jobs.db.gave_up_on_lock`), said in the stop's line, which says that lock already."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from jobs import db, store
@@ -683,6 +694,12 @@ def _note_finished_in_database(settings: Settings, finished: dict[str, int | Non
         with db.session_scope(db.open_engine(settings)) as session:
             store.note_simulated_finished(session, finished)
     except (SQLAlchemyError, WanbatchError, OSError) as exc:
+        if stopped is not None and db.gave_up_on_lock(exc):
+            stopped.also(
+                f"which {len(finished)} request(s) the simulator finished could not be recorded: "
+                "the next --simulate run runs them again (its ledger counts their videos twice)"
+            )
+            return
         lines = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
         said = "its disk is full" if db.is_disk_full(exc) else one_line(lines[0])
         err.print(

@@ -5,7 +5,8 @@ This module owns how wanbatch talks to a database *at all*; :mod:`jobs.store` ow
 says. Two dialects are supported and tested:
 
 * **SQLite** (the default, one host): WAL journal so readers never block the writer, a 30 s busy
-  timeout so concurrent processes wait instead of failing, foreign keys on, and every
+  timeout so concurrent processes wait instead of failing (for the write lock, a wait that a
+  stopping process gives up: :func:`stop_waiting_for_lock`), foreign keys on, and every
   transaction opened with ``BEGIN IMMEDIATE``. The last point is what makes compare-and-set and
   claiming safe there: a transaction that read first and wrote later could otherwise fail with
   ``SQLITE_BUSY_SNAPSHOT`` (or, worse, act on a stale read), whereas an immediate transaction
@@ -94,6 +95,13 @@ log = logging.getLogger(__name__)
 WRITER_WAIT_SECONDS = 86400.0
 #: How long a SQLite connection waits for the write lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: How long one wait in SQLite's own busy handler lasts on a connection that writes (the writer
+#: engine's, :func:`_add_writer`): its ``BEGIN IMMEDIATE`` is tried again in Python until
+#: :data:`SQLITE_BUSY_TIMEOUT_MS` have passed, and given up between two tries once the process
+#: is stopping (:func:`stop_waiting_for_lock`). SQLite's handler is C code that nothing
+#: interrupts (not even ``sqlite3.Connection.interrupt()``), and Python's ``sqlite3`` has no
+#: busy-handler hook: this slice bounds how long a stop waits for it.
+SQLITE_BUSY_SLICE_MS = 100
 #: A pooled PostgreSQL connection idle longer than this is pinged before it is handed out.
 PING_AFTER_IDLE_SECONDS = 1.0
 #: How long opening a PostgreSQL connection may take, in seconds (libpq's ``connect_timeout``;
@@ -482,13 +490,67 @@ def _use_wal(cursor: Any) -> None:
             delay = min(delay * 2, 0.1)
 
 
+#: Set while this process is stopping (Ctrl-C, SIGTERM: :func:`stop_waiting_for_lock`).
+_STOPPING = threading.Event()
+
+
+def stop_waiting_for_lock() -> None:
+    """This process is stopping: from now on a SQLite write that finds the write lock held by
+    another process gives up within :data:`SQLITE_BUSY_SLICE_MS` ("database is locked",
+    :func:`is_locked`) instead of waiting up to :data:`SQLITE_BUSY_TIMEOUT_MS` for it. A write
+    that finds the lock free still goes through: what a stopping run gives back is written
+    whenever it can be. Safe to call from a signal handler (it only sets an event)."""
+    _STOPPING.set()
+
+
+def wait_for_lock_again() -> None:
+    """Undo :func:`stop_waiting_for_lock` (a stop that came too late to stop anything, or a
+    new command in the same process: tests)."""
+    _STOPPING.clear()
+
+
+#: SQLite's primary result code for a lock another connection holds (``SQLITE_BUSY``:
+#: "database is locked"; its extended codes keep it in the low byte).
+_SQLITE_BUSY = 5
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` says SQLite's write lock was held by another connection for longer than
+    this one would wait (``SQLITE_BUSY``, "database is locked"). This process's own writers
+    take turns on a lock of their own before SQLite's (:func:`_configure_sqlite`), so the
+    holder is another process: another ``wanbatch``, or any tool with a write transaction open
+    on the file."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    code = getattr(orig, "sqlite_errorcode", 0) or 0
+    return isinstance(orig, sqlite3.OperationalError) and code & 0xFF == _SQLITE_BUSY
+
+
+def gave_up_on_lock(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that found SQLite's write lock held by another process while
+    this one is stopping (:func:`stop_waiting_for_lock`): the stopping command's last line says
+    so, once, rather than every part of its shutdown that met it."""
+    return _STOPPING.is_set() and is_locked(exc)
+
+
 def _begin(dbapi_connection: Any, sql: str) -> None:
     """Run ``sql`` (a BEGIN) on a sqlite3 connection; its errors wrapped as SQLAlchemy's own
-    (``OperationalError`` for "database is locked"), as if SQLAlchemy had sent it."""
-    try:
-        dbapi_connection.execute(sql)
-    except sqlite3.Error as exc:
-        raise DBAPIError.instance(sql, (), exc, sqlite3.Error) from exc
+    (``OperationalError`` for "database is locked"), as if SQLAlchemy had sent it.
+
+    A ``BEGIN IMMEDIATE`` that finds the write lock taken is tried again until
+    :data:`SQLITE_BUSY_TIMEOUT_MS` have passed since the first try, unless the process is
+    stopping (:func:`stop_waiting_for_lock`): each try waits in SQLite's busy handler for as
+    long as the connection's ``busy_timeout`` (:data:`SQLITE_BUSY_SLICE_MS` on the writer
+    engine; the whole timeout elsewhere, so one try), and a stop is noticed between two tries.
+    A deferred ``BEGIN`` takes no lock and is sent once."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            dbapi_connection.execute(sql)
+            return
+        except sqlite3.Error as exc:
+            retry = sql == "BEGIN IMMEDIATE" and is_locked(exc)
+            if not retry or _STOPPING.is_set() or time.monotonic() >= deadline:
+                raise DBAPIError.instance(sql, (), exc, sqlite3.Error) from exc
 
 
 #: A SQLite engine → the engine of its writer connection (:func:`_add_writer`).
@@ -588,7 +650,9 @@ def _add_writer(engine: Engine, url: URL, writers: threading.Lock) -> None:
     """
     # The pool's wait stands in for the lock's, which never times out either.
     writer = create_engine(url, pool_size=2, max_overflow=0, pool_timeout=WRITER_WAIT_SECONDS)
-    _configure_sqlite(writer, writers)
+    # Its transactions all begin with BEGIN IMMEDIATE, the one statement that waits for another
+    # process's writer (in WAL the statements after it wait for nothing): it waits in slices.
+    _configure_sqlite(writer, writers, busy_ms=SQLITE_BUSY_SLICE_MS)
     _WRITER_ENGINES[engine] = writer
     held = _WRITERS[engine] = _Writer(writer, writers)
 
@@ -598,9 +662,12 @@ def _add_writer(engine: Engine, url: URL, writers: threading.Lock) -> None:
         writer.dispose()
 
 
-def _configure_sqlite(engine: Engine, writers: threading.Lock | None = None) -> threading.Lock:
+def _configure_sqlite(
+    engine: Engine, writers: threading.Lock | None = None, *, busy_ms: int = SQLITE_BUSY_TIMEOUT_MS
+) -> threading.Lock:
     """The pragmas, transaction handling and in-process write lock of a SQLite engine; that
-    lock (``writers``, when given: shared with another engine on the same file)."""
+    lock (``writers``, when given: shared with another engine on the same file). ``busy_ms``:
+    how long one statement waits in SQLite's busy handler (see :func:`_begin`)."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -608,7 +675,7 @@ def _configure_sqlite(engine: Engine, writers: threading.Lock | None = None) -> 
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
             _use_wal(cursor)
             # FULL: a committed transition survives power loss, not only a killed process.
             cursor.execute("PRAGMA synchronous = FULL")

@@ -280,6 +280,8 @@ class Conductor:
                 self._loop(stopping, on_progress, progress_every, leads)
                 return
             except Exception as exc:
+                if db.gave_up_on_lock(exc):  # stopping: the run's last line says the database is locked
+                    return
                 if db.is_transient_conflict(exc):  # another process's transaction was in the way
                     log.warning(
                         "conductor round met a database conflict (%s); going on",
@@ -681,7 +683,14 @@ class Conductor:
                 with db.session_scope(self.rt.engine) as session:
                     store.drop_heartbeats(session, self.rt.owner)
             except Exception as exc:  # the database is gone: the rows go stale instead
-                if db.is_disk_full(exc):  # said already: the run ends with where to free space
+                # Said already: the run ends with where to free space, or that another process
+                # holds the database's lock (a stopping run does not wait for it).
+                if db.is_disk_full(exc) or db.gave_up_on_lock(exc):
+                    log.debug(
+                        "heartbeat left to go stale (%s)",
+                        database_problem(exc),
+                        extra={"event": "conductor.heartbeat_left"},
+                    )
                     return
                 log.warning(
                     "could not clear this process's heartbeat (%s); it goes stale by itself",

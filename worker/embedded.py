@@ -121,6 +121,16 @@ class InProcessWorker:
                         extra={"event": "step.database_full"},
                     )
                     return
+                if db.gave_up_on_lock(exc) or (not self._accepting.is_set() and db.is_unavailable(exc)):
+                    # Stopped with the run, whose last line says what became of its jobs (the
+                    # database locked by another process, say): not once per step.
+                    log.debug(
+                        "%s of job %s stopped: the database is unavailable",
+                        step.__name__,
+                        job_id,
+                        extra={"event": "step.database_unavailable"},
+                    )
+                    return
                 # An unavailable database: one line, and the job is given back once it answers.
                 if not database_failed(self._give_back, rt, step.__name__, job_id, exc):
                     # A bug: reported; a download is given back, its batch paused if it recurs.

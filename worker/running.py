@@ -26,6 +26,10 @@ the next run on this host, the process being gone: :mod:`worker.steps.dead_lease
 run goes on, a database that has not served its progress for :data:`DATABASE_SILENCE_SECONDS`
 and does not answer either is said in one warning line (:class:`_SilenceWatch`), never a silent
 hang. No ``statement_timeout`` instead: exports and migrations legitimately run longer.
+
+A SQLite write lock another process holds does not hold the stop up: from the first signal on,
+writes give it up within a moment (:func:`jobs.db.stop_waiting_for_lock`), and the last line says
+the jobs were left as recorded, for the next run to take over (:func:`_left_locked`).
 """
 
 from __future__ import annotations
@@ -152,6 +156,11 @@ class Interrupted(WanbatchError):
         super().__init__(message)
         self.batch_id = batch_id
         self.hint = hint
+
+    def also(self, clause: str) -> None:
+        """Add ``clause`` to the message: what the command's shutdown, after the stop, left
+        undone, said in the stop's one line rather than a line of its own."""
+        self.args = (f"{self.args[0]}; {clause}",)
 
 
 class _Stop(BaseException):
@@ -389,6 +398,7 @@ def stop_on_signals(
         return
     received: list[int] = []
     _stop_requested.clear()
+    db.wait_for_lock_again()
     terminals = open_terminals()
     watch = _HangWatch(on_hang, last_words)
     _stopping.batch_id, _stopping.runtime = None, None
@@ -405,6 +415,9 @@ def stop_on_signals(
             _say_last_words(last_words)
             os._exit(EXIT_INTERRUPTED)
         _stop_requested.set()
+        # A write waiting for SQLite's lock, which another process holds, gives up within a
+        # moment instead of its 30 s: the stop and the shutdown's writes are not held by it.
+        db.stop_waiting_for_lock()
         watch.start()  # the first signal only: a second one exited above
         if not _waiting.is_set():
             raise _Stop(signum)
@@ -417,6 +430,7 @@ def stop_on_signals(
     # Finished (a signal that came too late to stop anything changes nothing): the usual handlers.
     watch.done.set()
     _stop_requested.clear()
+    db.wait_for_lock_again()
     for sig, handler in previous.items():
         signal.signal(sig, handler)
 
@@ -1053,6 +1067,8 @@ def _give_back(rt: Runtime, batch_id: str, *, kept: int = 0, stopped: str = "int
             )
     except Exception as exc:  # the database is unreachable: the leases expire on their own
         log.debug("giving leases back failed", exc_info=True, extra={"event": "run.give_back_failed"})
+        if db.is_locked(exc):
+            return _left_locked(rt, stopped)
         return (
             f"{stopped}; could not give this process's jobs back ({type(exc).__name__}): they "
             f"are picked up again after WANBATCH_LEASE_SECONDS ({rt.settings.lease_seconds:.0f}s)"
@@ -1070,6 +1086,32 @@ def _give_back(rt: Runtime, batch_id: str, *, kept: int = 0, stopped: str = "int
             f"after WANBATCH_LEASE_SECONDS ({rt.settings.lease_seconds:.0f}s), never resending blindly"
         )
     return "; ".join(parts)
+
+
+def _left_locked(rt: Runtime, stopped: str) -> str:
+    """What a stopping run says when another process holds SQLite's write lock (:func:`_give_back`
+    found it so): nothing was waited for (:func:`jobs.db.stop_waiting_for_lock`), nothing was
+    given back, and nothing is lost — the database is the system of record, and what this
+    process held on it is taken over by the next run once this process has ended
+    (:mod:`worker.steps.dead_leases`; its claims and heartbeat as a dead process's)."""
+    where = db.database_place(rt.settings.database_url) or "the database"
+    lease = f"WANBATCH_LEASE_SECONDS ({rt.settings.lease_seconds:.0f}s)"
+    if rt.simulated:  # its simulator ends with this process: nothing of it can be paid twice
+        next_run = (
+            "the next --simulate run takes them, and this run's claim on the batch, over at once "
+            "(this process will have ended)"
+        )
+    else:
+        next_run = (
+            "the next run on this host takes them back as soon as this process has ended (a "
+            f"submission that may have reached fal after {lease}, checked, never resent blindly), "
+            f"a run elsewhere after {lease}"
+        )
+    return (
+        f"{stopped}: nothing more is sent; the database {where} is locked by another process (a "
+        "write transaction held open), so this run did not wait to give its jobs back: they stay "
+        f"as recorded, nothing is lost, and {next_run}"
+    )
 
 
 class _CapWatch:

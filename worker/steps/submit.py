@@ -528,11 +528,15 @@ def _recorded_or_kept(rt: Runtime, accepted: Accepted, action: Callable[[], str]
             what = _refused_by(full=full, missing=missing)
             if full:
                 waiting.mark_full()
+            # Another process holds SQLite's lock and this one is stopping: not waited for, and
+            # the run's last line names every submission left unrecorded.
+            level = logging.DEBUG if db.gave_up_on_lock(exc) else logging.WARNING
             if not kept:
                 kept = True
                 where = waiting.keep(accepted)
                 if not missing:  # a missing table is nothing to wait for: given up at once, below
-                    log.warning(
+                    log.log(
+                        level,
                         "%s: fal accepted %s, which cannot be recorded yet; %s (%s)",
                         what,
                         accepted.line(),
@@ -545,7 +549,8 @@ def _recorded_or_kept(rt: Runtime, accepted: Accepted, action: Callable[[], str]
                         },
                     )
             elif waiting.reminder_due():
-                log.warning(
+                log.log(
+                    level,
                     "%s: %d accepted submission(s) still waiting to be recorded%s",
                     what,
                     len(waiting.waiting()),
