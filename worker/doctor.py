@@ -200,6 +200,11 @@ def check_database(settings: Settings) -> Check:
     except WanbatchError:  # the bound of _guarded: its line
         raise
     except Exception as exc:  # unreachable, refused, no such database, wrong password …
+        if db.is_lock_timeout(exc):
+            # A read that waited out WANBATCH_DATABASE_LOCK_WAIT (a migration's uncommitted ALTER
+            # TABLE, a `LOCK TABLE alembic_version`): the server answered, so not "cannot
+            # connect": the bound's line naming the session, and its fix (in _guarded).
+            raise db.database_locked_error(settings.database_url, engine) from None
         return _fail(
             name,
             f"{where}: cannot connect: {_first_line(exc)}",

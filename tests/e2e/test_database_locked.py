@@ -204,3 +204,38 @@ def _until_queued(url: str, pid: int) -> None:
                 return
             assert time.monotonic() < deadline, f"pid {pid} never queued for its lock"
             time.sleep(0.02)
+
+
+@pytest.mark.parametrize("case", ["migration-in-progress", "alembic_version-locked"])
+def test_doctor_names_the_session_when_its_schema_read_waits(database: str, case: str) -> None:
+    """Audit "review1": a lock held on what doctor reads before its lock lookup (the schema
+    version, or ``jobs`` for the live processes that hold an upgrade back) was called "cannot
+    connect", with the fix "start the database or fix WANBATCH_DATABASE_URL": the check's own
+    ``except Exception`` caught the lock timeout before the bound could name the session."""
+    with psycopg.connect(database, autocommit=True) as admin:
+        head = admin.execute("SELECT version_num FROM alembic_version").fetchone()
+        assert head is not None
+    with psycopg.connect(database) as holder:
+        if case == "migration-in-progress":  # the stored schema is the previous one, the migration runs
+            holder.execute("UPDATE alembic_version SET version_num = %s", (f"{int(head[0]) - 1:04d}",))
+            holder.commit()
+            holder.execute("ALTER TABLE jobs ADD COLUMN review1_test integer")  # left uncommitted
+            table = "jobs"
+        else:
+            holder.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+            table = "alembic_version"
+        pid = holder.info.backend_pid
+        release = threading.Timer(DEADLINE, holder.rollback)
+        release.start()
+        try:
+            done = wanbatch("doctor", "--simulate", "--json", timeout=DEADLINE)
+        finally:
+            release.cancel()
+            holder.rollback()
+    assert done.returncode == 1, done.stderr
+    check = {c["name"]: c for c in json.loads(done.stdout)["checks"]}["database"]
+    assert check["status"] == "fail"
+    assert "cannot connect" not in check["detail"]
+    assert "locked by another session" in check["detail"]
+    assert f"pid {pid} holds an ACCESS EXCLUSIVE lock on table {table}" in check["detail"]
+    assert f"pg_terminate_backend({pid})" in check["fix"]
