@@ -935,6 +935,8 @@ _LOCK_WAIT: contextvars.ContextVar[float | None] = contextvars.ContextVar("wanba
 #: PostgreSQL's SQLSTATE ``lock_not_available``: a statement ``lock_timeout`` ended
 #: (https://www.postgresql.org/docs/current/errcodes-appendix.html).
 _PG_LOCK_NOT_AVAILABLE = "55P03"
+#: The longest ``lock_timeout`` PostgreSQL takes, in milliseconds (an int4 GUC).
+_PG_MAX_LOCK_TIMEOUT_MS = 2_147_483_647
 #: Who holds (or queues for) a strong lock on a table of this database, another session than
 #: this one: the lock's pid, table and mode from ``pg_locks`` (readable by every role), and what
 #: ``pg_stat_activity`` shows of that session (NULL where this role may not see it). Strong: the
@@ -980,7 +982,10 @@ def _bound_lock_waits(engine: Engine) -> None:
         dbapi = connection.connection.dbapi_connection
         if dbapi is None or getattr(dbapi, "autocommit", False):  # no transaction to set it for
             return
-        sql = f"SET LOCAL lock_timeout = {max(1, math.ceil(seconds * 1000))}"
+        # Within PostgreSQL's range whatever the settings let through (they refuse more, by name:
+        # jobs.settings.MAX_LOCK_WAIT_SECONDS): a refused SET would fail every bounded command.
+        milliseconds = min(_PG_MAX_LOCK_TIMEOUT_MS, max(1, math.ceil(seconds * 1000)))
+        sql = f"SET LOCAL lock_timeout = {milliseconds}"
         try:
             with dbapi.cursor() as cursor:
                 cursor.execute(sql)

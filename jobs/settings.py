@@ -98,6 +98,24 @@ _Rate = Annotated[float, Field(gt=0, le=MAX_RATE), AfterValidator(_at_least_one_
 _EndpointRate = _Rate
 #: A duration in seconds that must be positive: from a microsecond (:data:`MIN_SECONDS`) to a year.
 _Seconds = Annotated[float, Field(ge=MIN_SECONDS, le=MAX_SECONDS)]
+#: The longest ``WANBATCH_DATABASE_LOCK_WAIT``, in seconds: PostgreSQL's ``lock_timeout`` takes
+#: at most 2147483647 ms (about 24.8 days; https://www.postgresql.org/docs/current/runtime-config-client.html),
+#: and a longer one (a year passed :data:`MAX_SECONDS`) made the server refuse every bounded
+#: command's transaction ("invalid value for parameter lock_timeout"), the dashboard's too.
+MAX_LOCK_WAIT_SECONDS = 2_147_483.0
+
+
+def _a_lock_wait_postgresql_takes(seconds: float) -> float:
+    """``seconds`` unless PostgreSQL's ``lock_timeout`` would refuse it
+    (:data:`MAX_LOCK_WAIT_SECONDS`); ValueError saying the bound in words."""
+    if seconds > MAX_LOCK_WAIT_SECONDS:
+        raise ValueError(
+            f"must be at most {MAX_LOCK_WAIT_SECONDS:.0f} seconds (about 24.8 days: the most "
+            f"PostgreSQL's lock_timeout takes), got {seconds!r}"
+        )
+    return seconds
+
+
 #: How long fal retries a webhook delivery (https://docs.fal.ai/model-apis/model-endpoints/webhooks):
 #: the least ``webhook_retention``, so that every retry of an applied delivery is known as one.
 WEBHOOK_RETRY_SECONDS = 2 * 3600.0
@@ -707,7 +725,8 @@ class DatabaseSettings(_Section):
     #: ``lock_timeout``, set for those commands' transactions only: ``run`` and the workers wait
     #: as long as it takes, and an export that runs long is not cut short). SQLite's busy wait
     #: (30 s) applies there instead.
-    database_lock_wait: _Seconds = 10.0
+    #: At most :data:`MAX_LOCK_WAIT_SECONDS` (PostgreSQL's own bound), refused here by name.
+    database_lock_wait: Annotated[_Seconds, AfterValidator(_a_lock_wait_postgresql_takes)] = 10.0
 
     @field_validator("database_url")
     @classmethod

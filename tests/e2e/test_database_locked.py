@@ -30,7 +30,7 @@ from sqlalchemy import text
 
 from jobs import db
 from jobs.errors import DatabaseLockedError
-from jobs.settings import DatabaseSettings
+from jobs.settings import MAX_LOCK_WAIT_SECONDS, DatabaseSettings
 from tests.e2e.e2e_helpers import EXAMPLES, assert_one_line, wanbatch
 from tests.web.web_helpers import JSON, client, settings_for
 from web.app import create_app
@@ -239,3 +239,17 @@ def test_doctor_names_the_session_when_its_schema_read_waits(database: str, case
     assert "locked by another session" in check["detail"]
     assert f"pid {pid} holds an ACCESS EXCLUSIVE lock on table {table}" in check["detail"]
     assert f"pg_terminate_backend({pid})" in check["fix"]
+
+
+@pytest.mark.parametrize("seconds", [MAX_LOCK_WAIT_SECONDS, 30 * 86400.0])
+def test_the_longest_lock_wait_is_one_postgresql_takes(database: str, seconds: float) -> None:
+    """The settings' bound is PostgreSQL's (2147483647 ms); one they would refuse (built past
+    them) is clamped, never an "invalid value for parameter lock_timeout" on every read."""
+    settings = DatabaseSettings.model_construct(database_url=database, database_lock_wait=seconds)
+    engine = db.make_engine(database)
+    try:
+        with db.lock_waits_bounded(settings), db.read_scope(engine) as session:
+            shown = session.execute(text("SHOW lock_timeout")).scalar()
+        assert shown == ("2147483s" if seconds == MAX_LOCK_WAIT_SECONDS else "2147483647ms")
+    finally:
+        engine.dispose()

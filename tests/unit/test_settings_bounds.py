@@ -10,7 +10,7 @@ import pytest
 
 from jobs.errors import ConfigError
 from jobs.models import utcnow
-from jobs.settings import MAX_SECONDS, MIN_RATE, MIN_SECONDS, Settings, get_settings
+from jobs.settings import MAX_LOCK_WAIT_SECONDS, MAX_SECONDS, MIN_RATE, MIN_SECONDS, Settings, get_settings
 
 #: Every float field, by its variable's name (found, not listed: a new one is covered too).
 FLOAT_FIELDS = sorted(
@@ -292,3 +292,19 @@ def test_a_due_date_never_overflows(seconds: float) -> None:
 
     due = in_seconds(seconds)
     assert abs((due - utcnow()).total_seconds()) <= MAX_SECONDS + 60
+
+
+def test_the_lock_wait_is_one_postgresql_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit "review1": ``WANBATCH_DATABASE_LOCK_WAIT=2592000`` (30 days, under a year) passed, and
+    PostgreSQL refused every bounded transaction's ``lock_timeout`` (at most 2147483647 ms): every
+    reading command failed with "invalid value for parameter lock_timeout", the dashboard 503."""
+    monkeypatch.setenv("WANBATCH_DATABASE_LOCK_WAIT", "2592000")
+    with pytest.raises(ConfigError) as caught:
+        get_settings()
+    message = str(caught.value)
+    assert message.startswith("invalid configuration: WANBATCH_DATABASE_LOCK_WAIT: ")
+    assert "lock_timeout" in message
+    assert "\n" not in message
+    get_settings.cache_clear()
+    monkeypatch.setenv("WANBATCH_DATABASE_LOCK_WAIT", str(MAX_LOCK_WAIT_SECONDS))
+    assert get_settings().database_lock_wait == MAX_LOCK_WAIT_SECONDS
