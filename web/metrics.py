@@ -18,7 +18,10 @@ Each app gets a :class:`~prometheus_client.CollectorRegistry` of its own, so tes
 apps in one process never share or double-register collectors. The queries run in a thread
 (Starlette's threadpool), never on the event loop that receives webhooks. A database that does
 not answer is ``wanbatch_database_up 0`` and the page still answers (200): the scrape shows the
-outage instead of failing without a word.
+outage instead of failing without a word. So is one another PostgreSQL session's lock holds
+longer than ``WANBATCH_DATABASE_LOCK_WAIT`` (:func:`jobs.db.lock_waits_bounded`): an unbounded
+scrape waited for the lock for ever, each holding a connection of the pool the dashboard and the
+webhook receiver share, until the dashboard's pages too waited for a connection.
 
 The metrics, their labels and meanings are listed in the README ("Metrics"); units are in the
 names (``_seconds``, ``_usd``), counters end in ``_total``.
@@ -26,6 +29,7 @@ names (``_seconds``, ``_usd``), counters end in ``_total``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -47,9 +51,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs import db
+from jobs.errors import DatabaseLockedError
 from jobs.metrics import FinishedTotals, Snapshot, snapshot
 from jobs.money import usd_json
-from jobs.settings import Settings
+from jobs.settings import DatabaseSettings, Settings
 from worker.telemetry import ProcessMetrics
 
 log = logging.getLogger(__name__)
@@ -69,8 +74,11 @@ DURATION_HELP = {
 class DatabaseCollector(Collector):
     """The work, read from the database when collected (see :mod:`jobs.metrics`)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, settings: DatabaseSettings | None = None) -> None:
         self.engine = engine
+        #: Whose ``database_lock_wait`` bounds a scrape's lock waits (``serve``'s); None: unbounded
+        #: (a benchmark or a test reading the numbers directly, nothing shared waits on it).
+        self.settings = settings
         #: The sums of the jobs finished long ago, kept between scrapes (:class:`FinishedTotals`).
         self.finished = FinishedTotals()
 
@@ -81,9 +89,17 @@ class DatabaseCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
+        bounded = (
+            db.lock_waits_bounded(self.settings) if self.settings is not None else contextlib.nullcontext()
+        )
         try:
-            with db.read_scope(self.engine, snapshot=True) as session:
+            # Entered here, on the scrape's own threadpool thread (the bound follows the context).
+            with bounded, db.read_scope(self.engine, snapshot=True) as session:
                 snap = snapshot(session, self.finished)
+        except DatabaseLockedError as exc:  # its connection given back: the pool is not drained
+            log.warning("metrics: %s", exc, extra={"event": "metrics.database_locked"})
+            yield _gauge("wanbatch_database_up", "1 when the last scrape could read the database.", 0)
+            return
         except SQLAlchemyError as exc:
             reason = (str(exc).strip().splitlines() or [""])[0][:200]
             log.warning(
@@ -192,10 +208,11 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
     yield inbox
 
 
-def metrics_registry(engine: Engine) -> CollectorRegistry:
-    """The registry ``/metrics`` renders: the database's numbers and this process's."""
+def metrics_registry(engine: Engine, settings: DatabaseSettings | None = None) -> CollectorRegistry:
+    """The registry ``/metrics`` renders: the database's numbers (their lock waits bounded by
+    ``settings``, :class:`DatabaseCollector`) and this process's."""
     registry = CollectorRegistry()
-    registry.register(DatabaseCollector(engine))
+    registry.register(DatabaseCollector(engine, settings))
     registry.register(ProcessMetrics())
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         registry.register(collector)
@@ -205,7 +222,7 @@ def metrics_registry(engine: Engine) -> CollectorRegistry:
 def metrics_route(engine: Engine, settings: Settings) -> Route:
     """The ``GET /metrics`` route of the app serving ``engine``'s database (Prometheus' text
     format). ``settings`` is the app's; the auth middleware decides who may read it."""
-    registry = metrics_registry(engine)
+    registry = metrics_registry(engine, settings)
 
     async def metrics(request: Request) -> Response:
         # Prometheus' text format, or OpenMetrics when the scraper asks for it (Accept header).

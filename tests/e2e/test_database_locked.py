@@ -253,3 +253,30 @@ def test_the_longest_lock_wait_is_one_postgresql_takes(database: str, seconds: f
         assert shown == ("2147483s" if seconds == MAX_LOCK_WAIT_SECONDS else "2147483647ms")
     finally:
         engine.dispose()
+
+
+def test_metrics_scrapes_give_up_and_leave_the_pool_to_the_dashboard(
+    database: str, locked: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Audit "review1": ``/metrics`` was not bounded: each scrape under the lock waited for it for
+    ever, holding a connection of the pool the dashboard and the webhook receiver share; once
+    the pool was taken, the dashboard's pages waited for a connection instead of naming the
+    session. Now a scrape gives up after the bound (``wanbatch_database_up 0``, still 200) and
+    gives its connection back: more scrapes than the pool holds, then the dashboard's line."""
+    engine = db.make_engine(database, pool_size=1, max_overflow=0, pool_timeout=DEADLINE)
+    try:
+        settings = settings_for(engine, tmp_path / "outputs", database_lock_wait=float(LOCK_WAIT))
+        browser = client(create_app(settings, engine=engine))
+        for _ in range(3):
+            scrape = browser.get("/metrics")
+            assert scrape.status_code == 200, scrape.text
+            assert "wanbatch_database_up 0.0" in scrape.text
+            assert "wanbatch_jobs{" not in scrape.text
+        page = browser.get("/", headers=JSON)
+        assert page.status_code == 503, page.text
+        assert f"the database is locked by another session: pid {locked}" in page.text
+        events = [r.__dict__.get("event") for r in caplog.records if r.levelname == "WARNING"]
+        assert events.count("metrics.database_locked") == 3
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
