@@ -399,9 +399,14 @@ class Announcer:
         self.node = node if node is not None else _this_node
         self._record = Peer.of(owner, limiter.settings, node=self.node).record()
         self._key: str | None = None
-        #: Held while writing or deleting the record; set once it was withdrawn.
+        #: Held while writing or deleting the record.
         self._lock = threading.Lock()
+        #: Set by the first :meth:`withdraw`: the record is never written again.
         self._withdrawn = False
+        #: Set once a :meth:`withdraw` deleted the record: later calls have nothing to do.
+        self._deleted = False
+        #: Set once a :meth:`withdraw` said it could not delete the record: said once only.
+        self._said_left = False
 
     @property
     def key(self) -> str:
@@ -425,24 +430,28 @@ class Announcer:
         shutdown waits for it only so long): a beat after the delete would leave a record that
         goes stale, and ``status`` would name a cleanly stopped worker gone.
 
-        Safe to repeat, and only the first call acts: a stopping worker closes its conductor twice
-        (the ticker thread as it ends, then the worker's shutdown making sure), and with the
-        limiter's Redis down each call said "could not delete" again — the same record, the same
-        outage, two lines. The first call's attempt is the one: a record it could not delete goes
-        stale by itself and is pruned, as its line says."""
+        Safe to repeat. A stopping worker closes its conductor twice (the ticker thread as it
+        ends, then the worker's shutdown making sure): a call after one that could not delete the
+        record tries again (a brief Redis failure at the first close no longer leaves a record
+        that ``status`` names silent for an hour), but "could not delete" is said once: with the
+        limiter's Redis down each call said it again, the same record, the same outage."""
         with self._lock:
-            if self._withdrawn:
-                return  # deleted, or said why not, already
             self._withdrawn = True
+            if self._deleted:
+                return
             try:
                 self.limiter.client.hdel(self.key, self.owner)
             except client_error() as exc:
-                log.warning(
-                    "could not delete this worker's record on the limiter's Redis (%s); it goes "
-                    "stale by itself and is pruned",
-                    _reason(exc, ""),
-                    extra={"event": "peers.record_left"},
-                )
+                if not self._said_left:
+                    self._said_left = True
+                    log.warning(
+                        "could not delete this worker's record on the limiter's Redis (%s); it goes "
+                        "stale by itself and is pruned",
+                        _reason(exc, ""),
+                        extra={"event": "peers.record_left"},
+                    )
+                return
+            self._deleted = True
 
 
 def announcer_for(limiter: SubmitLimiter | None, owner: str) -> Announcer | None:

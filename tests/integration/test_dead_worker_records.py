@@ -13,6 +13,7 @@ one warning line.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -213,5 +214,48 @@ def test_a_clean_stop_deletes_the_record_even_while_the_loop_still_beats(
         conductor.wake()
         runner.join(20)
         conductor.close()
+        limiter.close()
+        redis_client.delete(key)
+
+
+def test_a_clean_stop_deletes_the_record_when_redis_failed_the_first_try(
+    peers_db: tuple[str, redis.Redis[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Audit "review1": once ``withdraw`` acted on its first call only (to say "could not
+    delete" once during an outage), a brief Redis failure at the ticker's close left the record,
+    and the worker's shutdown, closing again a moment later with Redis back, no longer deleted
+    it: ``status`` named a cleanly stopped worker silent until the record was pruned (an hour).
+    Now the second call deletes it; the failure is still said once."""
+    redis_db, redis_client = peers_db
+    database = f"test-db-{uuid.uuid4().hex[:12]}"
+    key = peers_key(database)
+    limiter = RedisGCRA.from_url(Settings(FAL_KEY=SecretStr(KEY)), redis_db, database=database)
+    real_hdel = limiter.client.hdel
+    attempts: list[str | bytes] = []
+
+    def hdel_failing_once(name: str | bytes, *keys: str | bytes) -> int:  # the real Redis, one blip in front
+        attempts.append(name)
+        if len(attempts) == 1:
+            raise redis.ConnectionError("Connection reset by peer")
+        return real_hdel(name, *keys)
+
+    try:
+        announcer = Announcer(limiter, "host-w:99:")
+        announcer.announce()
+        assert redis_client.hexists(key, "host-w:99:")
+        limiter.client.hdel = hdel_failing_once  # type: ignore[method-assign]
+        with caplog.at_level(logging.WARNING, logger="worker.peers"):
+            announcer.withdraw()  # the ticker thread's close: the blip
+            assert redis_client.hexists(key, "host-w:99:")
+            announcer.withdraw()  # the worker's shutdown making sure: Redis answers
+            announcer.withdraw()  # nothing left to do
+        assert not redis_client.hexists(key, "host-w:99:")
+        assert len(attempts) == 2
+        assert announcer.announce() == []  # never written again
+        assert not redis_client.hexists(key, "host-w:99:")
+        said = [r for r in caplog.records if r.__dict__.get("event") == "peers.record_left"]
+        assert len(said) == 1
+    finally:
+        limiter.client.hdel = real_hdel  # type: ignore[method-assign]
         limiter.close()
         redis_client.delete(key)
