@@ -944,8 +944,18 @@ _PG_MAX_LOCK_TIMEOUT_MS = 2_147_483_647
 #: TABLE``, ``DROP``, ``TRUNCATE``, ``VACUUM FULL``) or a write (``SHARE`` and up: ``CREATE
 #: INDEX``, ``LOCK TABLE … IN SHARE MODE``), strongest first. Row locks (``SELECT … FOR
 #: UPDATE``) are a writer's business: a read never waits for them.
+#:
+#: The sessions that hold back another one right now (``pg_blocking_pids`` of every session
+#: waiting for a lock: a worker, ``run``, another command queued behind it) come first: a session
+#: holding a strong lock on a table nobody is reading (a ``VACUUM FULL`` of another table) is
+#: innocent, and naming it (the longest held) sent ``pg_terminate_backend`` to the wrong pid.
 _LOCK_HOLDERS = text(
     """
+    WITH blocking AS (
+        SELECT DISTINCT unnest(pg_blocking_pids(w.pid)) AS pid
+        FROM pg_stat_activity w
+        WHERE w.wait_event_type = 'Lock' AND w.pid <> pg_backend_pid()
+    )
     SELECT l.pid, c.relname, l.mode, l.granted, a.state, a.application_name,
            extract(epoch FROM statement_timestamp() - coalesce(a.xact_start, a.query_start))::float8
     FROM pg_locks l
@@ -956,7 +966,7 @@ _LOCK_HOLDERS = text(
       AND l.pid <> pg_backend_pid()
       AND l.mode IN ('AccessExclusiveLock', 'ExclusiveLock', 'ShareRowExclusiveLock', 'ShareLock')
       AND c.relkind IN ('r', 'p')
-    ORDER BY l.granted DESC, array_position(
+    ORDER BY l.pid IN (SELECT pid FROM blocking) DESC, l.granted DESC, array_position(
         ARRAY['AccessExclusiveLock', 'ExclusiveLock', 'ShareRowExclusiveLock', 'ShareLock'], l.mode::text
     ), 7 DESC NULLS LAST
     LIMIT 5
@@ -1061,7 +1071,8 @@ class LockHolder:
 
 def lock_holders(engine: Engine) -> list[LockHolder]:
     """The other sessions holding, or queued for, a strong lock (:data:`_LOCK_HOLDERS`) on a table
-    of ``engine``'s PostgreSQL database, the granted and strongest first, then the longest held;
+    of ``engine``'s PostgreSQL database: those that hold back a waiting session first, then the
+    granted and strongest, then the longest held;
     none on SQLite, and none when they cannot be read (a role without the right, a server that
     does not answer in :data:`_LOCK_LOOKUP_MS`): this explains a wait, it never fails one."""
     if engine.dialect.name != "postgresql":

@@ -280,3 +280,35 @@ def test_metrics_scrapes_give_up_and_leave_the_pool_to_the_dashboard(
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         engine.dispose()
+
+
+def test_the_session_that_blocks_another_is_named_before_an_innocent_one(database: str) -> None:
+    """Audit "review1": the longest-held strong lock on any table was named (and its pid given to
+    ``pg_terminate_backend``), a maintenance session's on ``webhook_deliveries`` that nobody
+    waited for, while ``psql``'s ``LOCK TABLE jobs`` held back a worker. The blocker comes first."""
+    engine = db.make_engine(database)
+    with (
+        psycopg.connect(database, application_name="maintenance") as innocent,
+        psycopg.connect(database, application_name="psql") as blocker,
+        psycopg.connect(database, application_name="worker") as waiter,
+    ):
+        innocent.execute("LOCK TABLE webhook_deliveries IN ACCESS EXCLUSIVE MODE")
+        blocker.execute("SELECT pg_sleep(0.01)")  # its transaction younger than the innocent one's
+        blocker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        waiting = threading.Thread(target=waiter.execute, args=("SELECT count(*) FROM jobs",), daemon=True)
+        waiting.start()
+        release = threading.Timer(DEADLINE, blocker.rollback)
+        release.start()
+        try:
+            _until_queued(database, waiter.info.backend_pid)
+            holders = db.lock_holders(engine)
+            assert [h.pid for h in holders][:2] == [blocker.info.backend_pid, innocent.info.backend_pid]
+            said = str(db.database_locked_error(database, engine))
+            assert f"pid {blocker.info.backend_pid} holds an ACCESS EXCLUSIVE lock on table jobs" in said
+        finally:
+            release.cancel()
+            blocker.rollback()
+            waiting.join(DEADLINE)
+            waiter.rollback()
+            innocent.rollback()
+            engine.dispose()
