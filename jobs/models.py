@@ -848,6 +848,32 @@ class WebhookDelivery(Base):
     outcome: Mapped[str | None] = mapped_column(String(255))
     #: How many more times fal delivered the very same body.
     repeats: Mapped[int] = mapped_column(Integer, default=0)
+    #: The fal account fal signed it for (``X-Fal-Webhook-User-Id``), checked again when it is
+    #: applied or read as proof (:class:`FalAccount`); NULL: stored before schema 0037, as before.
+    user_id: Mapped[str | None] = mapped_column(String(255))
+
+
+class FalAccount(Base):
+    """The fal account an API key's webhooks are signed for, learnt once (trust on first use).
+
+    fal signs the webhooks of every account with the same keys and names the account in each
+    (``X-Fal-Webhook-User-Id``, covered by the signature). The first verified delivery of a
+    request whose id a submit with that key recorded from fal's own answer (the job's request)
+    is provably ours (fal gives each account's requests ids of their own): its account is pinned
+    here, and from then on a delivery naming a job of that key for an account none of our keys
+    has is refused (``worker.steps.webhooks.account_verdict``), even with the right token in its
+    URL. ``WANBATCH_FAL_USER_ID``, when set, names the accounts instead, and nothing is learnt.
+    """
+
+    __tablename__ = "fal_accounts"
+
+    #: ``Job.api_key_id``: a 16-hex-digit SHA-256 prefix of the key, never the key.
+    api_key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: fal's user id for the account, as its webhooks name it.
+    user_id: Mapped[str] = mapped_column(String(255))
+    #: The request whose delivery proved it.
+    request_id: Mapped[str] = mapped_column(String(255))
+    learnt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class WebhookInboxTotals(Base):

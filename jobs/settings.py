@@ -1184,6 +1184,29 @@ class WebhookSettings(_Section):
     #: (``jobs.store.prune_deliveries``); within it a repeat of the same body is recognised and
     #: counted, not stored again. At least fal's two hours of webhook retries; 7 days by default.
     webhook_retention: float = Field(default=7 * 24 * 3600.0, ge=WEBHOOK_RETRY_SECONDS, le=MAX_SECONDS)
+    #: The fal accounts (user ids, as ``X-Fal-Webhook-User-Id`` names them; comma-separated) our
+    #: webhooks are signed for: a delivery signed for any other is refused. Unset (the default):
+    #: each API key's account is learnt from the first delivery of a request its own submit
+    #: recorded (``jobs.models.FalAccount``), and deliveries that prove nothing are held until then.
+    fal_user_id: str | None = None
+
+    @property
+    def fal_user_ids(self) -> frozenset[str]:
+        """``WANBATCH_FAL_USER_ID``'s accounts (empty: learnt instead)."""
+        return frozenset(part.strip() for part in (self.fal_user_id or "").split(",") if part.strip())
+
+    @field_validator("fal_user_id", mode="before")
+    @classmethod
+    def _check_fal_user_id(cls, value: object) -> object:
+        """Empty is unset; otherwise user ids of visible characters without spaces, comma-separated."""
+        if not isinstance(value, str):
+            return value
+        parts = [part.strip() for part in value.split(",")]
+        if not any(parts):
+            return None
+        if not all(parts) or any(not part.isprintable() or " " in part for part in parts):
+            raise ValueError("expected fal user ids (as X-Fal-Webhook-User-Id names them), comma-separated")
+        return ",".join(parts)
 
     @field_validator("webhook_url", mode="before")
     @classmethod

@@ -6,7 +6,9 @@ health check out.
 verified (:func:`worker.fal.webhooks.verify_delivery`: fal's Ed25519 signature, a timestamp within
 5 minutes, a body that matches), its URL's token checked (:func:`worker.steps.webhooks.binding_holds`:
 fal signs every account's webhooks alike, so only the token shows that one of our submits named
-that job and attempt), stored in the inbox, and only then answered 2xx; it is applied
+that job and attempt) and its fal account (:func:`worker.steps.webhooks.account_verdict`: a
+leaked token must not let another account's request stand in for ours), stored in the inbox,
+and only then answered 2xx; it is applied
 to its job right away (:mod:`worker.steps.webhooks`; on PostgreSQL that also wakes the tick
 leader, wherever it runs) and, should that fail, by the tick. A
 rejected delivery is answered 4xx (503 when fal's keys cannot be fetched or the database is
@@ -157,6 +159,9 @@ def _job_and_attempt(request: Request) -> tuple[str | None, int | None]:
 
 #: What a delivery whose URL lacks our token (or carries a wrong one) is told.
 NOT_OURS = "the webhook URL does not carry this receiver's token for its job and attempt"
+#: What a delivery signed for another fal account than ours is told
+#: (:func:`worker.steps.webhooks.account_verdict`).
+FOREIGN_ACCOUNT = "the webhook is signed for another fal account than this receiver's"
 
 
 class _WebApp(Starlette):
@@ -242,18 +247,23 @@ def create_app(
         job_id, attempt = _job_and_attempt(request)
         token = request.query_params.get("token")
 
-        def bound_then_received() -> bool:
+        def bound_then_received() -> str | None:
+            """None when stored; otherwise why it is refused (nothing stored)."""
             if not binding_holds(webhook_secret(engine), job_id, attempt, token):
-                return False
-            receive(inbox, delivery, job_id=job_id, attempt=attempt)
-            return True
+                return NOT_OURS
+            if receive(inbox, delivery, job_id=job_id, attempt=attempt) is None:
+                return FOREIGN_ACCOUNT
+            return None
 
         try:
-            ours = await anyio.to_thread.run_sync(bound_then_received, limiter=receiver_threads)
+            refused = await anyio.to_thread.run_sync(bound_then_received, limiter=receiver_threads)
         except (DBAPIError, PoolTimeoutError) as exc:  # not stored (every connection taken: unavailable)
             return not_stored(exc, request)
-        if not ours:  # signed by fal, but for a request some other account sent: nothing stored
-            return reject(WebhookRejected(NOT_OURS, 403), request, f"job {job_id}, attempt {attempt}")
+        if refused is not None:  # signed by fal, but for a request some other account sent: nothing stored
+            detail = f"job {job_id}, attempt {attempt}"
+            if refused == FOREIGN_ACCOUNT:
+                detail += f", fal account {delivery.user_id}"
+            return reject(WebhookRejected(refused, 403), request, detail)
         counts.add(accepted=True)
         telemetry.count_webhook(accepted=True)
         return JSONResponse({"ok": True})

@@ -4,6 +4,7 @@ and a duplicate charge is noted."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -548,12 +549,20 @@ class StoredProof:
     body: dict[str, Any]
 
 
-def stored_proof(session: Session, job_id: str, *, attempts: int) -> StoredProof | None:
+def stored_proof(
+    session: Session,
+    job_id: str,
+    *,
+    attempts: int,
+    ours: Callable[[WebhookDelivery], bool] = lambda _delivery: True,
+) -> StoredProof | None:
     """The newest success fal's webhooks delivered for one of ``job_id``'s attempts 1 to
     ``attempts`` whose request the job never recorded (:func:`request_known`: not adopted, not
     counted as a duplicate charge): proof, in whatever order it came, that fal ran that attempt
     (``worker.steps.failures.settle_unknown_submit`` reads it before resending or failing a job
-    whose submit's outcome stayed unknown). The latest attempt first."""
+    whose submit's outcome stayed unknown). The latest attempt first. ``ours``: whether a
+    delivery is our fal account's (``worker.steps.webhooks.account_verdict``); one signed for
+    another proves nothing."""
     found = (
         select(WebhookDelivery)
         .where(
@@ -569,6 +578,8 @@ def stored_proof(session: Session, job_id: str, *, attempts: int) -> StoredProof
             continue
         if request_holder(session, job_id, delivery.request_id) is not None:
             continue  # another job's request: no proof of this job's (a provider protocol error)
+        if not ours(delivery):
+            continue  # signed for another fal account: its request is not ours
         body = delivery.body if isinstance(delivery.body, dict) else {}
         gateway = body.get("gateway_request_id")
         return StoredProof(

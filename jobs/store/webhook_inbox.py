@@ -10,7 +10,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from jobs import billing
-from jobs.models import Job, JobEvent, WebhookDelivery, WebhookInboxTotals, utcnow
+from jobs.models import FalAccount, Job, JobEvent, WebhookDelivery, WebhookInboxTotals, utcnow
 from jobs.states import UNFINISHED_STATES, JobState
 from jobs.storable import storable_json
 from jobs.store.core import _JOBS, _dialect_insert, _prepared, _refresh_loaded, _run
@@ -26,6 +26,7 @@ def store_delivery(
     attempt: int | None,
     status: str,
     body: dict[str, Any],
+    user_id: str | None = None,
 ) -> tuple[int, bool]:
     """Keep one verified delivery: ``(its id, True)``, or ``(the stored one's id, False)`` for a
     repeat of the very same body (counted in ``repeats``), whoever stored it first.
@@ -34,6 +35,7 @@ def store_delivery(
     ``\\u0000`` or a lone surrogate in fal's JSON is refused by ``jsonb`` on every try, and the
     delivery (maybe the only proof that a lost submit was accepted) would never be stored.
     ``body_sha256`` stays the digest of the bytes received, which is what makes a repeat one.
+    ``user_id``: the fal account it was signed for (:class:`~jobs.models.FalAccount`).
     """
     dialect = session.get_bind().dialect.name
     stmt = (
@@ -47,6 +49,7 @@ def store_delivery(
             body=storable_json(body),
             received_at=utcnow(),
             repeats=0,
+            user_id=user_id,
         )
         .on_conflict_do_nothing(index_elements=["request_id", "body_sha256"])
         .returning(WebhookDelivery.id)
@@ -78,6 +81,34 @@ def _count_inbox(session: Session, **added: int) -> None:
             index_elements=["id"], set_={name: table.c[name] + stmt.excluded[name] for name in added}
         )
     )
+
+
+def job_key_and_request(session: Session, job_id: str) -> tuple[str | None, str | None] | None:
+    """``(api_key_id, request_id)`` of the job (its current or last attempt's key, the request
+    it keeps), or None when there is no such job."""
+    found = session.execute(select(Job.api_key_id, Job.request_id).where(Job.id == job_id)).first()
+    return None if found is None else (found.api_key_id, found.request_id)
+
+
+def fal_accounts(session: Session) -> dict[str, str]:
+    """The fal account each API key's webhooks are pinned to (``api_key_id`` → user id)."""
+    rows = session.execute(select(FalAccount.api_key_id, FalAccount.user_id))
+    return {row.api_key_id: row.user_id for row in rows}
+
+
+def pin_account(session: Session, api_key_id: str, user_id: str, request_id: str) -> tuple[str, bool]:
+    """Pin ``api_key_id``'s webhooks to ``user_id``, unless one is pinned already (by another
+    process meanwhile, say): ``(the pinned user id, whether this call pinned it)``."""
+    dialect = session.get_bind().dialect.name
+    stmt = (
+        _dialect_insert(dialect, FalAccount)
+        .values(api_key_id=api_key_id, user_id=user_id[:255], request_id=request_id[:255], learnt_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["api_key_id"])
+        .returning(FalAccount.api_key_id)
+    )
+    if session.execute(stmt).first() is not None:
+        return user_id[:255], True
+    return session.scalars(select(FalAccount.user_id).where(FalAccount.api_key_id == api_key_id)).one(), False
 
 
 def take_delivery(session: Session, delivery_id: int) -> WebhookDelivery | None:

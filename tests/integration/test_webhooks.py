@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from worker.fal.webhooks import JwksKeys, JwksUnavailable, signed_message
 from worker.notifications import EventListener
 from worker.running import process_batch
 from worker.steps import Runtime, dispatch, download, poll, submit
+from worker.steps.accounts import signed_by_us
 from worker.steps.context import handle_of
 from worker.steps.failures import cost_of_failure, settle, settle_unknown_submit
 from worker.steps.poll import _next_poll, first_poll_at, record_completion
@@ -62,6 +64,7 @@ from worker.steps.webhooks import (
     ADOPTED_UNKNOWN_CANCELLED,
     ADOPTED_WINDOW,
     DEFERRED,
+    FOREIGN,
     PRUNE_EVERY,
     STATUS_DUE,
     Inbox,
@@ -1464,6 +1467,102 @@ def test_a_delivery_for_another_accounts_request_naming_our_job_changes_nothing(
         **VERIFIES,
         **_serves(engine),
     }
+
+
+def _post_as(client: TestClient, signer: WebhookSigner, job: Job, request_id: str, user_id: str) -> int:
+    """A success of ``request_id`` naming ``job``'s attempt 1 with its real token (one leaked from
+    a proxy's access log, say), signed by fal for the account ``user_id``."""
+    body = webhook_body(request_id, request_id, True, RESULT, None)
+    headers = signer.headers(request_id, user_id, body)
+    params = hook_params(client.app.state.inbox.engine, job.id, 1)  # type: ignore[attr-defined]
+    return int(client.post("/webhooks/fal", params=params, content=body, headers=headers).status_code)
+
+
+def _accounts(engine: Engine) -> dict[str, str]:
+    with db.session_scope(engine) as session:
+        return store.fal_accounts(session)
+
+
+@pytest.mark.parametrize("pinned_by", ["learnt", "WANBATCH_FAL_USER_ID"])
+def test_a_leaked_token_lets_no_other_fal_account_prove_or_charge_our_jobs(
+    engine: Engine, settings: Settings, signer: WebhookSigner, pinned_by: str
+) -> None:
+    """fal signs every account's webhooks alike: another account that has one of our URLs, token
+    included, gets genuine signatures for its own requests. Once our account is known (learnt from
+    a delivery of a request our submit recorded, or set), such a delivery is refused (403) and
+    changes nothing: no submit_unknown job adopts its request (nor fetches its video), and no
+    duplicate charge is counted or billed on a job."""
+    if pinned_by != "learnt":
+        settings = settings.model_copy(update={"fal_user_id": "user-1"})
+    with TestClient(create_app(settings, engine=engine)) as client:
+        done = _sent(engine, request_id="req-1", name="done")
+        unknown = _sent(engine, request_id=None, unknown=True, name="unknown")
+        if pinned_by == "learnt":
+            assert _post_as(client, signer, done, "req-1", "user-1") == 200  # its own request: ours
+            assert _accounts(engine) == {"k": "user-1"}
+        before = _job(engine, done.batch_id)
+        assert _post_as(client, signer, unknown, "their-req", "their-user") == 403
+        assert _post_as(client, signer, done, "their-req-2", "their-user") == 403
+        still = _job(engine, unknown.batch_id)
+        assert (still.state, still.version, still.request_id) == (S.SUBMIT_UNKNOWN, unknown.version, None)
+        after = _job(engine, done.batch_id)
+        assert (after.state, after.version, after.confirmed_duplicate_charges, after.actual_usd) == (
+            before.state,
+            before.version,
+            0,
+            before.actual_usd,
+        )
+        with db.session_scope(engine) as session:
+            users = session.scalars(select(WebhookDelivery.request_id)).all()
+        assert "their-req" not in users
+        assert "their-req-2" not in users
+        assert client.get("/healthz").json()["rejected"] == 2
+        # Our own account's proof of the ambiguous submit is still taken.
+        assert _post_as(client, signer, unknown, "req-proof", "user-1") == 200
+        proved = _job(engine, unknown.batch_id)
+        assert (proved.state, proved.request_id) == (S.DOWNLOADING, "req-proof")
+
+
+def test_the_account_is_learnt_only_from_a_delivery_of_a_request_our_submit_recorded(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    """A delivery of a request we did not record proves nothing about whose account it is: the
+    token alone binds it, and nothing is pinned. The first one of the job's own request pins
+    the account of its API key (``jobs.api_key_id``), once: another account's own request can
+    never be delivered signed for ours."""
+    unknown = _sent(engine, request_id=None, unknown=True, name="unknown")
+    assert _post_as(client, signer, unknown, "req-proof", "user-1") == 200
+    assert _accounts(engine) == {}
+    own = _sent(engine, request_id="req-own", name="own")
+    assert _post_as(client, signer, own, "req-own", "user-1") == 200
+    assert _accounts(engine) == {"k": "user-1"}
+    other = _sent(engine, request_id="req-other", name="other")
+    assert _post_as(client, signer, other, "req-other", "user-2") == 403  # pinned: not learnt again
+    assert _accounts(engine) == {"k": "user-1"}
+    assert _job(engine, other.batch_id).state == S.QUEUED
+
+
+def test_a_delivery_of_another_account_stored_before_the_account_was_learnt_is_not_applied(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    """One stored before its key's account was learnt, but applied (or read as proof by the
+    submit-unknown deadline) after, is checked against it then: ignored, the job left as it is."""
+    unknown = _sent(engine, request_id=None, unknown=True, name="unknown")
+    body = webhook_body("their-req", "their-req", True, RESULT, None)
+    with db.session_scope(engine) as session:
+        stored, _ = store.store_delivery(
+            session, request_id="their-req", body_sha256="0" * 64, job_id=unknown.id, attempt=1,
+            status="OK", body=json.loads(body), user_id="their-user",
+        )  # fmt: skip
+    own = _sent(engine, request_id="req-own", name="own")
+    assert _post_as(client, signer, own, "req-own", "user-1") == 200  # learns user-1
+    inbox: Inbox = client.app.state.inbox  # type: ignore[attr-defined]
+    with db.session_scope(engine) as session:
+        ours = partial(signed_by_us, session, inbox.settings)
+        assert store.stored_proof(session, unknown.id, attempts=1, ours=ours) is None
+    assert apply_delivery(inbox, stored) == FOREIGN
+    still = _job(engine, unknown.batch_id)
+    assert (still.state, still.request_id) == (S.SUBMIT_UNKNOWN, None)
 
 
 def test_the_token_is_the_databases_and_every_process_agrees_on_it(engine: Engine, db_url: str) -> None:

@@ -27,6 +27,7 @@ from worker.fal.errors import ResultExpiredError, error_type_or_none, format_det
 from worker.fal.models import request_id_or_none
 from worker.fal.results import fetched_fields
 from worker.limits import api_key_id
+from worker.steps.accounts import signed_by_us
 from worker.steps.context import Runtime, in_seconds
 
 log = logging.getLogger(__name__)
@@ -406,7 +407,12 @@ def settle_unknown(session: Session, rt: Runtime, job: Job, why: str) -> str:
     fence = rt.fence(job)
     if rt.simulated:
         return resend_to_simulator(session, rt, fence, why)
-    proof = store.stored_proof(session, job.id, attempts=job.attempts)
+    proof = store.stored_proof(
+        session,
+        job.id,
+        attempts=job.attempts,
+        ours=lambda delivery: signed_by_us(session, rt.settings, delivery),
+    )
     if proof is not None and _adopt_stored(session, fence, job, proof):
         return "adopted"
     resubmit = rt.settings.submit_unknown_policy == "resubmit"

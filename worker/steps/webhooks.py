@@ -92,6 +92,7 @@ from worker.fal.models import Status, request_id_or_none
 from worker.fal.redact import redact_value
 from worker.fal.results import fetched_fields
 from worker.fal.webhooks import VerifiedDelivery
+from worker.steps.accounts import account_verdict
 from worker.steps.context import Runtime, S, worker_identity
 from worker.steps.poll import first_poll_at, record_completion
 
@@ -221,14 +222,25 @@ class Inbox:
         return cls(rt.engine, rt.settings, rt.owner, rt.enqueue_download, rt.in_scope)
 
 
-def receive(inbox: Inbox, delivery: VerifiedDelivery, *, job_id: str | None, attempt: int | None) -> int:
-    """Store a verified delivery (once per distinct body) and apply it; returns its inbox id.
+#: What a delivery signed for another fal account than ours is settled as (:func:`account_verdict`).
+FOREIGN = "ignored: signed for another fal account"
+
+
+def receive(
+    inbox: Inbox, delivery: VerifiedDelivery, *, job_id: str | None, attempt: int | None
+) -> int | None:
+    """Store a verified delivery (once per distinct body) and apply it; returns its inbox id,
+    or None for one signed for another fal account than ours (:func:`account_verdict`: not
+    stored, the receiver refuses it).
 
     The delivery is committed before it is applied: a failure while applying leaves it in the
     inbox for the tick, and fal gets its 2xx either way.
     """
     fal_key = inbox.settings.fal_key.get_secret_value() if inbox.settings.fal_key else ""
     with db.session_scope(inbox.engine) as session:
+        verdict = account_verdict(session, inbox.settings, job_id, delivery.request_id, delivery.user_id)
+        if verdict == "foreign":  # the receiver refuses it (403), in one log line
+            return None
         delivery_id, new = store.store_delivery(
             session,
             request_id=delivery.request_id,
@@ -237,6 +249,7 @@ def receive(inbox: Inbox, delivery: VerifiedDelivery, *, job_id: str | None, att
             attempt=attempt,
             status="OK" if delivery.ok else "ERROR",
             body=redact_value(delivery.body, [fal_key]),
+            user_id=delivery.user_id,
         )
     if not new:
         log.info(
@@ -329,13 +342,31 @@ def prune_applied(rt: Runtime, *, now: float | None = None) -> int:
 def apply_delivery(inbox: Inbox, delivery_id: int) -> str:
     """Apply one stored delivery to its job; returns what it did (stored as its ``outcome``):
     ``completed``, ``adopted``, :data:`STATUS_DUE`, ``duplicate-charge``, ``ignored: …``,
-    ``deferred`` (the job kept moving, or a worker holds it; the tick tries again) or ``taken``
+    ``deferred`` (the job kept moving, or a worker holds it; the tick tries again),
+    :data:`FOREIGN` (signed for another fal account: :func:`account_verdict`) or ``taken``
     (already applied)."""
     queue: str | None = None
     with db.session_scope(inbox.engine) as session:
         delivery = store.take_delivery(session, delivery_id)
         if delivery is None:
             return "taken"
+        if delivery.user_id is not None and (
+            account_verdict(session, inbox.settings, delivery.job_id, delivery.request_id, delivery.user_id)
+            == "foreign"
+        ):  # stored before its job's key's account was learnt: checked against it now
+            store.settle_delivery(session, delivery_id, FOREIGN)
+            log.warning(
+                "webhook for job %s (request %s) was signed for fal account %s, not ours: ignored",
+                delivery.job_id,
+                delivery.request_id,
+                delivery.user_id,
+                extra={
+                    "event": "webhook.foreign_account",
+                    "job_id": delivery.job_id,
+                    "request_id": delivery.request_id,
+                },
+            )
+            return FOREIGN
         outcome, queue = _apply(session, inbox, delivery)
         if outcome is None:
             store.defer_delivery(session, delivery_id, DEFERRED)
