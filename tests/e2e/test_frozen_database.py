@@ -157,6 +157,7 @@ def test_a_submission_being_recorded_is_journalled_when_the_process_ends_without
 ) -> None:
     """fal accepted it and its write went out to a database that never answers: neither recorded
     nor refused, it would be lost with the process; ending now keeps it in the journal."""
+    from dataclasses import replace
     from datetime import UTC, datetime
 
     from worker.steps.unrecorded import Accepted, Journal, Unrecorded, read_journal
@@ -180,4 +181,9 @@ def test_a_submission_being_recorded_is_journalled_when_the_process_ends_without
     assert kept == [accepted]
     assert unrecorded.journal.path is not None
     assert read_journal(unrecorded.journal.path) == [accepted]
-    assert unrecorded.keep_all() == []  # once its step is done, it is no longer held
+    # Kept for good: a later save while the process ends (another step's keep) still has it.
+    assert unrecorded.keep_all() == [accepted]
+    done = replace(accepted, job_id="j2", request_id="1f3c2a9e-1d2b-4c5d-8e7f-9a0b1c2d3e4f")
+    with unrecorded.recording(done):
+        pass
+    assert unrecorded.keep_all() == [accepted]  # a write done before the end is not held

@@ -578,8 +578,10 @@ def _recorded_or_kept(rt: Runtime, accepted: Accepted, action: Callable[[], str]
             waiting.given_up.wait(1.0 if full else delay)
             delay = min(1.0, delay * 2)
             continue
+        # Also when its first write landed: one the hang watch journalled meanwhile
+        # (Unrecorded.keep_all) leaves the journal again.
+        waiting.recorded(accepted)
         if kept:
-            waiting.recorded(accepted)
             waiting.writable()
             log.warning(
                 "%s recorded after all",

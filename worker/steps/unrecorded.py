@@ -385,25 +385,37 @@ class Unrecorded:
         accepted submission not known to be recorded — those whose write is on its way
         included — goes to the journal, for the next run to record (adopting one whose write
         landed after all changes nothing: :func:`worker.steps.reconcile.adopt_unrecorded`).
-        Returns them."""
-        with self._lock:
-            entries = list({**self._recording, **self._waiting, **self._left}.values())
-        if entries:
-            self.journal.save(entries)
+        Returns them.
+
+        Those being written move to the given-up list, under the journal's own lock: every
+        later save (a step's :meth:`keep` or :meth:`recorded` while the process ends) writes
+        that list too, so none drops them — a submission missing from the journal would be
+        found ``submitting`` without its request id by the next run, and may be sent (and
+        paid for) again."""
+        with self._saving:
+            with self._lock:
+                for job_id, accepted in self._recording.items():
+                    if job_id not in self._waiting:
+                        self._left.setdefault(job_id, accepted)
+                entries = [*self._waiting.values(), *self._left.values()]
+            if entries:
+                self.journal.save(entries)
         return entries
 
     def keep(self, accepted: Accepted) -> Path | None:
         """``accepted`` could not be recorded: wait with it, and keep it in the journal too;
         where it is kept (None: nowhere could take it)."""
         with self._lock:
+            self._left.pop(accepted.job_id, None)  # kept by keep_all while being written
             self._waiting[accepted.job_id] = accepted
         return self._save()
 
     def recorded(self, accepted: Accepted) -> None:
         """``accepted`` is in the database now."""
         with self._lock:
-            gone = self._waiting.pop(accepted.job_id, None) or self._left.pop(accepted.job_id, None)
-        if gone is not None:
+            waited = self._waiting.pop(accepted.job_id, None)
+            left = self._left.pop(accepted.job_id, None)
+        if waited is not None or left is not None:
             self._save()
 
     def leave(self, accepted: Accepted) -> None:
