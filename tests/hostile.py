@@ -40,6 +40,7 @@ __all__ = [
     "HeaderDrip",
     "HostileProvider",
     "Recorded",
+    "SlowReader",
     "compression_bomb",
     "drip",
     "drip_headers",
@@ -412,3 +413,82 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, every: float 
             return True
         time.sleep(every)
     return predicate()
+
+
+class SlowReader:
+    """A host on a slow uplink, seen from the client: a raw HTTP/1.1 server on
+    ``127.0.0.1:<free port>`` that reads each request's body ``piece`` bytes every ``every``
+    seconds (``piece=0``: never reads it, holding the connection), then answers with
+    ``answer`` (a behaviour, as :class:`HostileProvider`'s routes). Its receive buffer is
+    small, so the client's writes wait on the reading, as they would on a slow link (the
+    client's own send buffer still takes a few MiB ahead). ``taken`` counts the body bytes
+    read; ``done`` is set once a body was read whole. Use as a context manager."""
+
+    def __init__(self, answer: Behaviour, piece: int = 64 * 1024, every: float = 0.02) -> None:
+        self.answer = answer
+        self.piece = piece
+        self.every = every
+        self.taken = 0
+        self.done = threading.Event()
+        self._stop = threading.Event()
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # before listen: inherited
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(8)
+        self._sock.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(30)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(1)
+                    if not chunk:
+                        return
+                    head += chunk
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _version = lines[0].split(" ", 2)
+                fields = (h.partition(":") for h in lines[1:] if h)
+                headers = {k.strip().lower(): v.strip() for k, _, v in fields}
+                length = int(headers.get("content-length", "0") or 0)
+                if self.piece <= 0:  # reads nothing: the client's writes stall
+                    self._stop.wait()
+                    return
+                got = 0
+                while got < length:
+                    if self._stop.wait(self.every):
+                        return
+                    chunk = conn.recv(min(self.piece, length - got))
+                    if not chunk:
+                        return
+                    got += len(chunk)
+                    self.taken += len(chunk)
+                self.done.set()
+                path, _, query = target.partition("?")
+                request = Recorded(method.upper(), path, query, headers)
+                request.stop = self._stop
+                self.answer(request, conn)
+            except OSError:
+                pass  # the client hung up: the point of some tests
+
+    def __enter__(self) -> SlowReader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._sock.close()
+        self._thread.join(timeout=5)

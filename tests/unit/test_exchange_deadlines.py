@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from jobs.errors import AmbiguousSubmitError, RetryableProviderError
-from tests.hostile import HeaderDrip, HostileProvider, drip_headers, json_reply
+from tests.hostile import HeaderDrip, HostileProvider, SlowReader, drip_headers, json_reply
 from tests.hostile_fal import FakeFal
 from worker.fal.client import FalClient
 from worker.fal.http import DeadlineBackend, RetryPolicy
@@ -176,6 +176,86 @@ def test_an_upload_put_whose_answer_headers_drip_ends_at_the_exchange_deadline(
     with _fal(hostile) as client, pytest.raises(RetryableProviderError, match=FAL_DEADLINE):
         FalStorage(client).upload_file(b"\x89PNG", "image/png", "a.png")
     _cut_short(drip)
+
+
+# ------------------------------------------------------------------- uploads on a slow uplink
+
+#: connect 0.5 s + twice read 2 s: the exchange deadline of these uploads. Each read of the
+#: host's body is 0.01 s apart, well inside every write timeout (2 s).
+UPLOAD_TIMEOUT = httpx.Timeout(2.0, connect=0.5)
+UPLOAD_DEADLINE = re.escape(
+    "no whole answer within 4.5 s (WANBATCH_CONNECT_TIMEOUT + twice WANBATCH_READ_TIMEOUT), "
+    "not counting the time spent sending the request"
+)
+#: 32 MiB read at a few MiB/s: sending takes far longer than the deadline, while the client's
+#: send buffer (a few MiB on loopback) ahead of the host is read well within it.
+BIG = b"\x89PNG" + b"\0" * (32 << 20)
+#: The host's pace: up to 64 KiB every 0.01 s.
+EVERY_READ = 0.01
+
+
+def _upload(hostile: HostileProvider, host: SlowReader, data: bytes) -> str:
+    hostile.route(
+        "POST",
+        r"/storage/upload/initiate",
+        json_reply(
+            {"upload_url": f"{host.url}/signed/abc", "file_url": "https://v3.fal.media/files/abc.png"}
+        ),
+    )
+    with FalClient(
+        queue_url=hostile.url,
+        rest_url=hostile.url,
+        key="k",
+        timeout=UPLOAD_TIMEOUT,
+        retry=RetryPolicy(attempts=1, base_delay=0.0),
+        sleep=lambda _s: None,
+    ) as client:
+        # The slow host is fal's storage here (a loopback host no policy trusts otherwise).
+        policy = DownloadPolicy.for_urls([hostile.url, host.url], None)
+        return FalStorage(client, policy).upload_file(data, "image/png", "a.png")
+
+
+@pytest.mark.timeout(120)
+def test_a_large_upload_that_progresses_steadily_is_not_cut_off_by_the_exchange_deadline(
+    hostile: HostileProvider,
+) -> None:
+    """The review's case: 20 MiB at 1.25 MiB/s failed after three whole sends, "no whole answer
+    within 9 s", which the sending alone outlasted; it took 16 s and succeeded before."""
+    with SlowReader(json_reply({}), every=EVERY_READ) as host:
+        assert _upload(hostile, host, BIG) == "https://v3.fal.media/files/abc.png"
+        assert host.done.is_set()
+        assert host.taken == len(BIG)
+
+
+@pytest.mark.timeout(120)
+def test_an_answer_whose_headers_drip_after_a_slow_upload_still_ends_at_the_deadline(
+    hostile: HostileProvider,
+) -> None:
+    """The time sending is not counted; the answer's is: headers dripped once the body is in
+    end at the deadline, well before the drip would."""
+    drip = _dripping()
+    with (
+        SlowReader(drip, every=EVERY_READ) as host,
+        pytest.raises(RetryableProviderError, match=UPLOAD_DEADLINE),
+    ):
+        _upload(hostile, host, BIG)
+    assert host.done.is_set()  # the whole body was sent first
+    _cut_short(drip)
+
+
+@pytest.mark.timeout(60)
+def test_an_upload_the_host_stops_reading_ends_at_the_write_timeout_saying_so(
+    hostile: HostileProvider,
+) -> None:
+    with (
+        SlowReader(json_reply({}), piece=0) as host,
+        pytest.raises(
+            RetryableProviderError,
+            match=re.escape("(WriteTimeout): sending the request: the server took none of it for 2 s"),
+        ),
+    ):
+        _upload(hostile, host, BIG)
+    assert host.taken == 0
 
 
 # ---------------------------------------------------------------------------------- webhooks

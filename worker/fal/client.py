@@ -639,7 +639,7 @@ class AnswerBudget:
     """How long one answer's body may take to arrive whole, once its headers are in: ``seconds``
     (the client's read timeout, ``WANBATCH_READ_TIMEOUT``; ``None``: no bound) on ``clock``;
     and the whole exchange, from the connect to the body's end, ``connect`` (the connect
-    timeout) plus twice ``seconds`` (:meth:`exchange`).
+    timeout) plus twice ``seconds``, the time spent sending the request aside (:meth:`exchange`).
 
     httpx's read timeout bounds each read, not the answer: a body that sends one byte just
     inside it every time never ends, and held a job in ``downloading`` forever; headers dripped
@@ -664,21 +664,30 @@ class AnswerBudget:
         return None if self.seconds is None else self.clock() + self.seconds
 
     def exchange_seconds(self) -> float | None:
-        """The most one exchange may take in all: the connect timeout, then the read timeout for
-        the headers and once more for the body (``None``: no read timeout, no bound)."""
+        """The most one exchange may take, the sending of its request aside: the connect
+        timeout, then the read timeout for the headers and once more for the body (``None``:
+        no read timeout, no bound)."""
         return None if self.seconds is None else (self.connect or 0.0) + 2 * self.seconds
 
     def exchange(self, what: str) -> AbstractContextManager[Cutoff | None]:
         """A deadline (:func:`~worker.fal.http.cut_off_at`, real time: it bounds socket waits)
         over the exchange sent inside it, headers included: a wait past it fails as a read
-        timeout would, saying which deadline it was."""
+        timeout would, saying which deadline it was.
+
+        The time spent sending the request is not counted (``counts_sending=False``): an
+        image upload of many MiB on a slow uplink takes as long as it takes while the host
+        keeps reading it — each write still ends at the write timeout, ``WANBATCH_READ_TIMEOUT``
+        — and the deadline bounds the connect and the answer, which a server cannot drip out
+        past it."""
         seconds = self.exchange_seconds()
         if seconds is None:
             return cut_off_at(None, "")
         return cut_off_at(
             time.monotonic() + seconds,
             f"fal {what}: no whole answer within {seconds:g} s "
-            "(WANBATCH_CONNECT_TIMEOUT + twice WANBATCH_READ_TIMEOUT)",
+            "(WANBATCH_CONNECT_TIMEOUT + twice WANBATCH_READ_TIMEOUT), not counting the time spent "
+            "sending the request",
+            counts_sending=False,
         )
 
 

@@ -299,6 +299,11 @@ class Cutoff:
     at: float
     reason: str
     hit: bool = False
+    #: False: the time spent sending the request does not count (each write is bounded by
+    #: its own timeout instead, so a large upload on a slow uplink that keeps progressing is
+    #: never cut off), and the deadline moves on by it — what it bounds is the connect and the
+    #: answer (:meth:`worker.fal.client.AnswerBudget.exchange`).
+    counts_sending: bool = True
 
 
 #: The deadlines in force for this thread's network waits (nested ones all apply: the nearest wins).
@@ -306,11 +311,14 @@ _CUTOFFS: ContextVar[tuple[Cutoff, ...]] = ContextVar("wanbatch_http_cutoffs", d
 
 
 @contextmanager
-def cut_off_at(at: float | None, reason: str) -> Iterator[Cutoff | None]:
+def cut_off_at(at: float | None, reason: str, *, counts_sending: bool = True) -> Iterator[Cutoff | None]:
     """Every network wait of this thread inside the block (connect, TLS, each write and read,
     headers and body alike) ends by ``at`` (``time.monotonic()``; ``None``: no deadline, and
     the block yields ``None``), with an httpx timeout error whose text is ``reason``. Only
     clients whose backend is a :class:`DeadlineBackend` obey it (:func:`with_deadlines`).
+
+    ``counts_sending=False``: the time spent writing the request (its body: an upload) is not
+    counted (:attr:`Cutoff.counts_sending`), each write being bounded by the write timeout.
 
     A context variable, not client state: a shared client serves concurrent exchanges, each on
     its thread with its own deadline. Enter and leave it in one plain function (never across a
@@ -318,7 +326,7 @@ def cut_off_at(at: float | None, reason: str) -> Iterator[Cutoff | None]:
     if at is None:
         yield None
         return
-    cut = Cutoff(at, reason)
+    cut = Cutoff(at, reason, counts_sending=counts_sending)
     token = _CUTOFFS.set((*_CUTOFFS.get(), cut))
     try:
         yield cut
@@ -335,12 +343,19 @@ WRITE_PIECE = 64 * 1024
 
 
 def _within(
-    wait: Callable[[float | None], _T], timeout: float | None, error: type[httpcore.TimeoutException]
+    wait: Callable[[float | None], _T],
+    timeout: float | None,
+    error: type[httpcore.TimeoutException],
+    *,
+    sending: bool = False,
 ) -> _T:
     """``wait(t)`` with ``t`` the shorter of ``timeout`` and the time left before the nearest
     deadline (:func:`cut_off_at`); one cut short by a deadline raises ``error`` with its reason.
-    A deadline already past raises at once: a socket timeout of 0 would mean non-blocking."""
+    A deadline already past raises at once: a socket timeout of 0 would mean non-blocking.
+    ``sending``: a write of the request, which deadlines that do not count sending leave alone."""
     cuts = _CUTOFFS.get()
+    if sending:
+        cuts = tuple(cut for cut in cuts if cut.counts_sending)
     if not cuts:
         return wait(timeout)
     nearest = min(cuts, key=lambda cut: cut.at)
@@ -367,15 +382,35 @@ class _DeadlineStream(httpcore.NetworkStream):
         return _within(lambda t: self._inner.read(max_bytes, t), timeout, httpcore.ReadTimeout)
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        """Each :data:`WRITE_PIECE` within the write timeout and the deadlines that count
+        sending; the time it took moves on those that do not (:attr:`Cutoff.counts_sending`):
+        a large upload to a host that reads it steadily, however slowly, is not cut off by a
+        deadline meant for the answer, while one that stops reading fails at the write timeout,
+        saying so."""
         for start in range(0, len(buffer), WRITE_PIECE):
-            _within(
-                functools.partial(self._write, buffer[start : start + WRITE_PIECE]),
-                timeout,
-                httpcore.WriteTimeout,
-            )
+            began = time.monotonic()
+            try:
+                _within(
+                    functools.partial(self._write, buffer[start : start + WRITE_PIECE]),
+                    timeout,
+                    httpcore.WriteTimeout,
+                    sending=True,
+                )
+            finally:
+                spent = time.monotonic() - began
+                for cut in _CUTOFFS.get():
+                    if not cut.counts_sending:
+                        cut.at += spent
 
     def _write(self, piece: bytes, timeout: float | None) -> None:
-        self._inner.write(piece, timeout)
+        try:
+            self._inner.write(piece, timeout)
+        except httpcore.WriteTimeout as exc:
+            if timeout is None:
+                raise
+            raise httpcore.WriteTimeout(
+                f"sending the request: the server took none of it for {timeout:g} s (the write timeout)"
+            ) from exc
 
     def close(self) -> None:
         self._inner.close()
