@@ -494,12 +494,25 @@ def _use_wal(cursor: Any) -> None:
 _STOPPING = threading.Event()
 
 
+#: How long a transaction a stopping process begins on PostgreSQL waits for a lock another
+#: session holds (``lock_timeout``, :func:`stop_waiting_for_lock`), in seconds.
+STOP_LOCK_WAIT_SECONDS = 3.0
+
+
 def stop_waiting_for_lock() -> None:
     """This process is stopping: from now on a SQLite write that finds the write lock held by
     another process gives up within :data:`SQLITE_BUSY_SLICE_MS` ("database is locked",
-    :func:`is_locked`) instead of waiting up to :data:`SQLITE_BUSY_TIMEOUT_MS` for it. A write
+    :func:`is_locked`) instead of waiting up to :data:`SQLITE_BUSY_TIMEOUT_MS` for it, and a
+    PostgreSQL transaction it begins waits at most :data:`STOP_LOCK_WAIT_SECONDS` for a lock
+    (``lock_timeout``, :func:`_bound_lock_waits`; SQLSTATE 55P03 then, :func:`is_lock_timeout`):
+    another session's ``LOCK TABLE`` left open held a stop for ever, without a word. A write
     that finds the lock free still goes through: what a stopping run gives back is written
-    whenever it can be. Safe to call from a signal handler (it only sets an event)."""
+    whenever it can be. Safe to call from a signal handler (it only sets an event).
+
+    Process-wide, unlike :func:`lock_waits_bounded`: a stop is the whole process's. Only the
+    commands that stop on signals set it (:func:`worker.running.stop_on_signals`), and it is
+    cleared when such a command begins and when it finishes: a running process's own work,
+    and the long-lived ``serve`` and ``worker``, never carry this bound."""
     _STOPPING.set()
 
 
@@ -526,10 +539,19 @@ def is_locked(exc: BaseException) -> bool:
 
 
 def gave_up_on_lock(exc: BaseException) -> bool:
-    """Whether ``exc`` is a write that found SQLite's write lock held by another process while
-    this one is stopping (:func:`stop_waiting_for_lock`): the stopping command's last line says
-    so, once, rather than every part of its shutdown that met it."""
-    return _STOPPING.is_set() and is_locked(exc)
+    """Whether ``exc`` is a write that found SQLite's write lock held by another process, or a
+    PostgreSQL transaction that waited out :data:`STOP_LOCK_WAIT_SECONDS` for another session's
+    lock (:func:`is_lock_timeout`), while this one is stopping (:func:`stop_waiting_for_lock`):
+    the stopping command's last line says so, once, rather than every part of its shutdown that
+    met it."""
+    return _STOPPING.is_set() and (is_locked(exc) or is_lock_timeout(exc))
+
+
+def held_by_lock(exc: BaseException) -> bool:
+    """Whether ``exc`` is a lock another process holds on the database and this one would not
+    wait out: SQLite's write lock (:func:`is_locked`) or a PostgreSQL ``lock_timeout``
+    (:func:`is_lock_timeout`)."""
+    return is_locked(exc) or is_lock_timeout(exc)
 
 
 def _begin(dbapi_connection: Any, sql: str) -> None:
@@ -982,11 +1004,16 @@ def _bound_lock_waits(engine: Engine) -> None:
     ``lock_timeout`` (``SET LOCAL``: that transaction only, so a pooled connection, and a
     transaction-pooling PgBouncer's server connection, keeps none of it; never libpq's startup
     ``options``, which poolers refuse). Outside it nothing is sent: ``run``, the workers and the
-    webhook receiver wait for a lock as long as it takes, as before."""
+    webhook receiver wait for a lock as long as it takes, as before — until the process is
+    stopping (:func:`stop_waiting_for_lock`): from then on every transaction it begins, on any
+    thread, waits at most :data:`STOP_LOCK_WAIT_SECONDS` (a transaction already waiting keeps
+    its wait: the stop does not wait for it, :mod:`worker.running`)."""
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         seconds = _LOCK_WAIT.get()
+        if _STOPPING.is_set():
+            seconds = STOP_LOCK_WAIT_SECONDS if seconds is None else min(seconds, STOP_LOCK_WAIT_SECONDS)
         if seconds is None:
             return
         dbapi = connection.connection.dbapi_connection
@@ -1066,7 +1093,8 @@ class LockHolder:
         if self.application:
             about.append(f"application {self.application!r}")
         more = f" ({', '.join(about)})" if about else ""
-        return one_line(f"pid {self.pid} {verb} an {mode} lock on table {self.table}{more}")
+        article = "an" if mode[:1] in "AEIOU" else "a"  # an ACCESS EXCLUSIVE, a SHARE
+        return one_line(f"pid {self.pid} {verb} {article} {mode} lock on table {self.table}{more}")
 
 
 def lock_holders(engine: Engine) -> list[LockHolder]:

@@ -29,7 +29,11 @@ hang. No ``statement_timeout`` instead: exports and migrations legitimately run 
 
 A SQLite write lock another process holds does not hold the stop up: from the first signal on,
 writes give it up within a moment (:func:`jobs.db.stop_waiting_for_lock`), and the last line says
-the jobs were left as recorded, for the next run to take over (:func:`_left_locked`).
+the jobs were left as recorded, for the next run to take over (:func:`_left_locked`). Nor does a
+PostgreSQL lock another session holds (``LOCK TABLE``, a ``CREATE INDEX`` left open): the stop's
+transactions wait at most :data:`jobs.db.STOP_LOCK_WAIT_SECONDS` for it, and the last line names
+that session; a step's write that was already waiting for it when the stop came is not waited
+for (the process ends: its accepted submission is kept in the journal).
 """
 
 from __future__ import annotations
@@ -965,6 +969,9 @@ def _process_embedded(
                 # Accepted ids the database could not take (its disk is full) stay in the journal.
                 lost = rt.unrecorded.give_up(IN_FLIGHT_GRACE_SECONDS)
                 said = _give_back(rt, batch_id, kept=len(lost))
+                # A step whose record write still waits (for a PostgreSQL lock another session
+                # took before the stop: that wait is not bounded) ends with the process: kept too.
+                lost = rt.unrecorded.keep_all()
                 if lost:
                     said = f"{said}; {rt.unrecorded.lost_words(lost)}"
                 raise Interrupted(said, batch_id=batch_id) from None
@@ -1067,7 +1074,7 @@ def _give_back(rt: Runtime, batch_id: str, *, kept: int = 0, stopped: str = "int
             )
     except Exception as exc:  # the database is unreachable: the leases expire on their own
         log.debug("giving leases back failed", exc_info=True, extra={"event": "run.give_back_failed"})
-        if db.is_locked(exc):
+        if db.held_by_lock(exc):
             return _left_locked(rt, stopped)
         return (
             f"{stopped}; could not give this process's jobs back ({type(exc).__name__}): they "
@@ -1089,12 +1096,21 @@ def _give_back(rt: Runtime, batch_id: str, *, kept: int = 0, stopped: str = "int
 
 
 def _left_locked(rt: Runtime, stopped: str) -> str:
-    """What a stopping run says when another process holds SQLite's write lock (:func:`_give_back`
-    found it so): nothing was waited for (:func:`jobs.db.stop_waiting_for_lock`), nothing was
-    given back, and nothing is lost — the database is the system of record, and what this
-    process held on it is taken over by the next run once this process has ended
-    (:mod:`worker.steps.dead_leases`; its claims and heartbeat as a dead process's)."""
+    """What a stopping run says when another process holds SQLite's write lock, or another
+    session a PostgreSQL lock its give-back waited :data:`jobs.db.STOP_LOCK_WAIT_SECONDS` for
+    (:func:`_give_back` found it so; that session named, :func:`jobs.db.lock_holders`): nothing
+    was waited for (:func:`jobs.db.stop_waiting_for_lock`), nothing was given back, and nothing
+    is lost — the database is the system of record, and what this process held on it is taken
+    over by the next run once this process has ended (:mod:`worker.steps.dead_leases`; its
+    claims and heartbeat as a dead process's)."""
     where = db.database_place(rt.settings.database_url) or "the database"
+    holder = ""
+    if rt.engine.dialect.name == "postgresql":
+        holders = db.lock_holders(rt.engine)
+        holder = "; " + (holders[0].said() if holders else "who holds the lock could not be read")
+        locked = "is locked by another session"
+    else:
+        locked = "is locked by another process (a write transaction held open)"
     lease = f"WANBATCH_LEASE_SECONDS ({rt.settings.lease_seconds:.0f}s)"
     if rt.simulated:  # its simulator ends with this process: nothing of it can be paid twice
         next_run = (
@@ -1108,9 +1124,8 @@ def _left_locked(rt: Runtime, stopped: str) -> str:
             f"a run elsewhere after {lease}"
         )
     return (
-        f"{stopped}: nothing more is sent; the database {where} is locked by another process (a "
-        "write transaction held open), so this run did not wait to give its jobs back: they stay "
-        f"as recorded, nothing is lost, and {next_run}"
+        f"{stopped}: nothing more is sent; the database {where} {locked}, so this run did not "
+        f"wait to give its jobs back: they stay as recorded, nothing is lost, and {next_run}{holder}"
     )
 
 
