@@ -54,6 +54,7 @@ from cli.output import (
     writing_stdout,
 )
 from jobs.errors import UsageError
+from jobs.http_environment import require_usable
 from jobs.printable import one_line, printable, shell_ref
 
 if TYPE_CHECKING:
@@ -1322,6 +1323,7 @@ def run(
         from jobs.settings import get_settings
 
         settings = get_settings()
+        require_usable()  # the proxy and certificate variables its clients will read
         _refuse_unknown_ref(manifest, settings)
         if not simulate:
             _refuse_simulation_early(manifest, settings)
@@ -1426,6 +1428,7 @@ def rerun(
         cap = None if max_usd is None else batches.parse_usd(max_usd)  # one-line UsageError
         sweeps = parse_varies(vary)  # the syntax; the values are checked per endpoint by rerun_batch
         settings = get_settings()
+        require_usable()  # the proxy and certificate variables its clients will read
         if simulate or not settings.broker_url:  # this process does the work: enough open files?
             from jobs.open_files import require_open_files
 
@@ -1565,6 +1568,7 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
         from jobs.settings import get_settings
 
         settings = get_settings()
+        require_usable()  # the proxy and certificate variables its clients will read
         refuse_simulate_with_broker(settings, simulate)  # before anything changes
         # The one cancel the dashboard's makes too; what it refuses (exit 2) it refuses unchanged.
         done = batches.cancel_batch(batch, settings, by="cli", simulate=simulate)

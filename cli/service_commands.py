@@ -22,6 +22,7 @@ import click
 from cli import startup
 from cli.output import EXIT_OK, guarded
 from jobs.bounds import MAX_THREADS
+from jobs.http_environment import require_usable
 
 #: ``wanbatch worker``'s Celery pool unless ``--pool`` says otherwise (see :func:`worker`).
 DEFAULT_POOL = "threads"
@@ -132,6 +133,7 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
 
         timestamp_text_lines()  # a worker's log is read hours later: every line says when
         settings = get_settings()
+        require_usable()  # the proxy and certificate variables its clients will read
         from jobs.open_files import raise_soft_limit
 
         raise_soft_limit()  # toward the hard limit: each connection and output holds a descriptor
@@ -435,6 +437,7 @@ def serve(host: str, port: int) -> None:
         if not 0 <= port <= 65535:
             raise UsageError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
         settings = get_settings()
+        require_usable()  # the JWKS fetch reads the proxy and certificate variables
         app = create_app(settings)
         log_config = uvicorn_log_config(settings.log_format)
         timestamp_text_lines()  # the app's own lines too: a receiver's log is read hours later
@@ -595,11 +598,9 @@ def _check_simulator_options(
 
     It reads no settings, but its webhook deliveries beyond loopback honour the proxy variables:
     those httpx cannot use are refused as every other command refuses them."""
-    from jobs.errors import ConfigError, UsageError
-    from jobs.http_environment import refused_environment_message
+    from jobs.errors import UsageError
 
-    if message := refused_environment_message():
-        raise ConfigError(message)
+    require_usable()
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
     if latency is not None and not (math.isfinite(latency) and latency >= 0):

@@ -1,18 +1,27 @@
-"""The proxy and certificate variables httpx reads, checked when the settings load.
+"""The proxy and certificate variables httpx reads, checked before a command builds a client.
 
 httpx (``trust_env=True``, its default) reads ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and
 ``NO_PROXY`` (any case, as :func:`urllib.request.getproxies` does) and ``SSL_CERT_FILE`` or
 ``SSL_CERT_DIR`` when a client is *constructed*, and raises there for a value it cannot use: a
-proxy scheme it does not know (``ftp://``), a SOCKS proxy without ``socksio``, a certificate file
-that is missing or holds no certificate. wanbatch builds its clients deep inside a run (the
-simulator's, fal's, the downloads'), so each of those was an internal error, exit 70, "please
-report it", whatever the command. Here they are refused with the other settings: one line naming
-the variable and what it may be, exit 2, nothing sent.
+proxy scheme it does not know (``ftp://``), a SOCKS proxy without ``socksio``, a certificate
+file that is missing or holds no certificate. wanbatch builds its clients deep inside a run (the simulator's,
+fal's, the downloads'), so each of those was an internal error, exit 70, "please report it".
+The commands that talk to fal (``run``, ``rerun``, ``cancel``, ``worker``, ``serve``,
+``doctor``, ``simulator``) refuse them before they start (:func:`require_usable`): one line
+naming the variable and what it may be, exit 2, nothing sent. The others (``status``,
+``estimate``, ``export``…) build no client and never look: a proxy variable meant for other
+programs (GNOME's ``all_proxy=socks://…``) is none of their business.
 
-Nothing here loads httpx or :mod:`ssl` (``status`` loads the settings too, and neither): the
-checks are those httpx's construction makes, read from the text. A certificate file is looked
-at, not parsed (parsing the system bundle takes 0.15 s); one with a certificate-looking block
-that OpenSSL still refuses is caught where the client is built (``worker.fal.http``).
+The proxy variables are judged as httpx judges them, no stricter: the variables found by
+:func:`urllib.request.getproxies_environment`'s rules, none at all when a ``NO_PROXY`` entry is
+``*``, each value parsed by httpx's own URL parser (which takes a trailing space: ``int()``
+reads the port) — httpx is imported for that, lazily; only the commands above, which load it
+anyway, call this. ``tests/unit/test_http_environment.py`` compares the verdict with what
+httpx's client construction does, so an httpx that reads them differently fails there.
+
+A certificate file is looked at, not parsed (parsing the system bundle takes 0.15 s); one with
+a certificate-looking block that OpenSSL still refuses is caught where the client is built
+(``worker.fal.http``).
 
 The values are never echoed: a proxy URL may carry a user and password. A certificate path is
 (it is no secret, and it is what to look at).
@@ -25,7 +34,6 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
 
 #: The proxy schemes httpx takes (``httpx.Proxy``); ``socks5``/``socks5h`` need ``socksio``,
 #: which ``httpx[socks]`` (a dependency of wanbatch) installs.
@@ -65,37 +73,72 @@ def is_loopback_host(host: str) -> bool:
     return address.is_loopback or bool(mapped and mapped.is_loopback)
 
 
-def proxy_variables(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
-    """``{"http"|"https"|"all": (variable, value)}``: the proxies httpx would mount, each with the
-    variable it comes from. :func:`urllib.request.getproxies_environment`'s rules: an empty value
-    is unset, a lower-case variable wins over its upper-case twin, and ``HTTP_PROXY`` in upper
-    case is ignored under CGI (``REQUEST_METHOD`` set, CVE-2016-1000110)."""
+def _environment_proxies(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """``{"http"|"https"|"all"|"no"|…: (variable, value)}``, each with the variable it comes
+    from: :func:`urllib.request.getproxies_environment` (what httpx reads on Linux) over
+    ``environ``, rule for rule. Any ``*_proxy`` name counts in any case, an empty value is
+    unset, ``HTTP_PROXY`` in upper case is ignored under CGI (``REQUEST_METHOD`` set,
+    CVE-2016-1000110), and a name whose ``_proxy`` is in lower case (``https_proxy``,
+    ``HTTPS_proxy``) wins over the others, its empty value unsetting them."""
     found: dict[str, tuple[str, str]] = {}
     for name, value in environ.items():  # first pass: any case
-        kind = name.lower().removesuffix("_proxy")
-        if value and name.lower().endswith("_proxy") and kind in PROXY_KINDS:
-            found[kind] = (name, value)
+        if value and name.lower()[-6:] == "_proxy":
+            found[name.lower()[:-6]] = (name, value)
     if "REQUEST_METHOD" in environ:
         found.pop("http", None)
-    for name, value in environ.items():  # second pass: the lower-case names win
-        kind = name.removesuffix("_proxy")
-        if name.endswith("_proxy") and kind in PROXY_KINDS:
+    for name, value in environ.items():  # second pass: "_proxy" in lower case wins
+        if name[-6:] == "_proxy":
             if value:
-                found[kind] = (name, value)
+                found[name.lower()[:-6]] = (name, value)
             else:
-                found.pop(kind, None)
+                found.pop(name.lower()[:-6], None)
     return found
 
 
+def proxy_variables(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """``{"http"|"https"|"all": (variable, value)}``: the proxies httpx would mount, each with the
+    variable it comes from (:func:`_environment_proxies`); none when ``NO_PROXY`` has a ``*``
+    entry, which makes httpx ignore every proxy variable."""
+    found = _environment_proxies(environ)
+    if "*" in no_proxy_entries(environ):
+        return {}
+    return {kind: found[kind] for kind in PROXY_KINDS if kind in found}
+
+
+def no_proxy_entries(environ: Mapping[str, str]) -> list[str]:
+    """The entries of ``NO_PROXY`` (the variable :func:`_environment_proxies` picks), as httpx
+    reads them: split at commas, each stripped, the empty ones dropped."""
+    _name, value = _environment_proxies(environ).get("no", ("", ""))
+    return [entry for entry in (part.strip() for part in value.split(",")) if entry]
+
+
+def _invalid_url_reason(exc: Exception) -> str:
+    """What httpx's :class:`~httpx.InvalidURL` says is wrong, in words that never repeat the
+    value (its text quotes the host or port, which a URL with a password may have garbled)."""
+    text = str(exc)
+    if text.startswith("Invalid port"):
+        return "its port is not a number"
+    if text.startswith(("Invalid IPv4", "Invalid IPv6", "Invalid IDNA")):
+        return "its host is neither a valid name nor a valid address"
+    if "non-printable" in text:
+        return "a control character is in it"
+    if "too long" in text:
+        return "it is too long"
+    return "httpx cannot parse it"
+
+
 def proxy_problem(value: str) -> str | None:
-    """What makes ``value`` no proxy URL httpx can use, or None. A value without ``://`` is an
-    ``http://`` one, as httpx reads it. Besides what httpx's construction refuses (another scheme,
-    a broken port or IPv6 address), a URL with no host, a port out of range or a space in it is
-    refused: httpx takes those, and then every request through them fails."""
+    """What makes ``value`` no proxy URL httpx can use, or None: exactly what httpx's client
+    construction refuses (``httpx.Proxy`` and its transport). A value without ``://`` is an
+    ``http://`` one, as httpx reads it; httpx's own parser reads the URL, so what it takes (a
+    trailing space, a port it does not range-check) is taken here too."""
+    import httpx
+
     url = value if "://" in value else f"http://{value}"
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
-        return f"has a space or a control character in it; write a URL such as {_PROXY_EXAMPLE}"
-    scheme = url.split("://", 1)[0].lower()
+    try:
+        scheme = httpx.URL(url).scheme
+    except (httpx.InvalidURL, ValueError) as exc:
+        return f"is not a URL httpx can read ({_invalid_url_reason(exc)}); write {_PROXY_EXAMPLE}"
     if scheme not in PROXY_SCHEMES:
         shown = scheme if scheme.isascii() and scheme.isprintable() and len(scheme) <= 20 else "another"
         return f"its scheme {shown!r} is not a proxy httpx can use; write {_PROXY_EXAMPLE}"
@@ -104,15 +147,6 @@ def proxy_problem(value: str) -> str | None:
             "names a SOCKS proxy, but the socksio package is missing (wanbatch depends on "
             "httpx[socks]): reinstall wanbatch, or use an http:// proxy"
         )
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        return f"is not a URL with a valid host and port; write {_PROXY_EXAMPLE}"
-    if not host:
-        return f"names no host; write {_PROXY_EXAMPLE}"
-    if port == 0:
-        return f"has port 0; write {_PROXY_EXAMPLE}"
     return None
 
 
@@ -162,27 +196,50 @@ def cert_dir_problem(value: str) -> str | None:
     )
 
 
-def http_environment_problems(environ: Mapping[str, str] | None = None) -> list[str]:
+def http_environment_problems(
+    environ: Mapping[str, str] | None = None, *, certificates: bool = True
+) -> list[str]:
     """``VARIABLE: what is wrong, what to write`` for each variable httpx would refuse or could
-    not use, in the order httpx reads them; empty when all is well (or nothing is set)."""
+    not use, in the order httpx reads them; empty when all is well (or nothing is set).
+    ``certificates=False``: the proxy variables only."""
     env = os.environ if environ is None else environ
     problems: list[str] = []
-    for _kind, (name, value) in sorted(proxy_variables(env).items(), key=lambda kv: PROXY_KINDS.index(kv[0])):
+    for name, value in proxy_variables(env).values():
         if problem := proxy_problem(value):
             problems.append(f"{name}: {problem}")
-    if cert_file := env.get("SSL_CERT_FILE"):  # httpx reads SSL_CERT_DIR only without it
-        if problem := cert_file_problem(cert_file):
-            problems.append(f"SSL_CERT_FILE: {problem}")
-    elif (cert_dir := env.get("SSL_CERT_DIR")) and (problem := cert_dir_problem(cert_dir)):
-        problems.append(f"SSL_CERT_DIR: {problem}")
+    if certificates:
+        problems += certificate_problems(env)
     return problems
 
 
-def refused_environment_message(environ: Mapping[str, str] | None = None) -> str | None:
+def certificate_problems(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``SSL_CERT_FILE: …`` or ``SSL_CERT_DIR: …`` when the one httpx would read cannot be used."""
+    env = os.environ if environ is None else environ
+    if cert_file := env.get("SSL_CERT_FILE"):  # httpx reads SSL_CERT_DIR only without it
+        if problem := cert_file_problem(cert_file):
+            return [f"SSL_CERT_FILE: {problem}"]
+    elif (cert_dir := env.get("SSL_CERT_DIR")) and (problem := cert_dir_problem(cert_dir)):
+        return [f"SSL_CERT_DIR: {problem}"]
+    return []
+
+
+def refused_environment_message(
+    environ: Mapping[str, str] | None = None, *, certificates: bool = True
+) -> str | None:
     """The one line a :class:`~jobs.errors.ConfigError` says for the variables of
     :func:`http_environment_problems`, or None when they are all usable."""
-    problems = http_environment_problems(environ)
+    problems = http_environment_problems(environ, certificates=certificates)
     return f"invalid configuration: {'; '.join(problems)}" if problems else None
+
+
+def require_usable(*, certificates: bool = True) -> None:
+    """Raise the :class:`~jobs.errors.ConfigError` of :func:`refused_environment_message` for
+    this process's environment: what a command that talks to fal calls before it starts (and
+    only such a command: see the module's docstring)."""
+    from jobs.errors import ConfigError
+
+    if message := refused_environment_message(certificates=certificates):
+        raise ConfigError(message)
 
 
 def construction_message(exc: BaseException, environ: Mapping[str, str] | None = None) -> str:

@@ -1369,18 +1369,6 @@ class Settings(
 ):
     """Everything wanbatch can be told from the environment. Names are the contract's."""
 
-    @model_validator(mode="after")
-    def _usable_http_environment(self) -> Settings:
-        """The proxy and certificate variables httpx reads (``HTTP(S)_PROXY``, ``ALL_PROXY``,
-        ``SSL_CERT_FILE``, ``SSL_CERT_DIR``: :mod:`jobs.http_environment`) are checked with the
-        rest: not wanbatch's own, but every client it builds reads them, and httpx raised for a
-        value it cannot use only when the first was built, deep in a run (exit 70)."""
-        from jobs.http_environment import refused_environment_message
-
-        if message := refused_environment_message():
-            raise ConfigError(message)
-        return self
-
     def limits_backend_url(self) -> str | None:
         """The Redis URL of the global limiter: ``limits_url``, else the broker when it is Redis."""
         if self.limits_url:

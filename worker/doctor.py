@@ -141,7 +141,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def check_configuration() -> tuple[Check, Settings | None]:
-    """Every setting parses (the same validation every command does first)."""
+    """Every setting parses (the same validation every command does first), and the proxy and
+    certificate variables are ones httpx can use (what the commands that talk to fal check)."""
     from jobs.errors import WanbatchError
     from jobs.settings import get_settings
 
@@ -153,6 +154,17 @@ def check_configuration() -> tuple[Check, Settings | None]:
             _fail(
                 "configuration",
                 str(exc),
+                "fix the variable named above (README: Configuration); the other checks need it",
+            ),
+            None,
+        )
+    from jobs.http_environment import refused_environment_message
+
+    if message := refused_environment_message():  # what run, worker and serve refuse to start with
+        return (
+            _fail(
+                "configuration",
+                message,
                 "fix the variable named above (README: Configuration); the other checks need it",
             ),
             None,

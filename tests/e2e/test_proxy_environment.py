@@ -61,9 +61,9 @@ REFUSED = [
     pytest.param({"HTTPS_PROXY": "ftp://x:1"}, "HTTPS_PROXY", "http://proxy.example:3128", id="ftp-proxy"),
     pytest.param({"all_proxy": "socks4://x:1"}, "all_proxy", "socks5://", id="socks4-proxy"),
     pytest.param(
-        {"HTTP_PROXY": "http://user:pw-s3cret@proxy:99999"},
+        {"HTTP_PROXY": "http://user:pw-s3cret@proxy:31z8"},
         "HTTP_PROXY",
-        "valid host and port",
+        "its port is not a number",
         id="bad-port",
     ),
     pytest.param({"SSL_CERT_FILE": "/nonexistent.pem"}, "SSL_CERT_FILE", "does not exist", id="no-cert-file"),
@@ -156,3 +156,30 @@ def test_a_certificate_file_openssl_refuses_is_named_where_the_client_is_built(
     pem.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
     done = run_with("run", path, "--simulate", "--no-progress", env={"SSL_CERT_FILE": str(pem)})
     assert_one_line(done, "invalid configuration: SSL_CERT_FILE: OpenSSL cannot load", str(pem))
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        pytest.param({"all_proxy": "socks://127.0.0.1:1080/"}, id="gnome-socks"),  # GNOME's own
+        pytest.param(
+            {"HTTPS_PROXY": "ftp://x:1", "ALL_PROXY": "socks4://x:1", "NO_PROXY": "*"}, id="no-proxy-star"
+        ),
+    ],
+)
+def test_commands_that_send_nothing_never_look_at_the_proxy_variables(
+    variables: dict[str, str], manifest: MakeManifest
+) -> None:
+    """``status``, ``validate`` and ``estimate`` build no HTTP client: a proxy variable meant
+    for other programs is none of their business (it made them exit 2). Under ``NO_PROXY=*``
+    httpx uses no proxy at all, so ``run`` takes any; without it, ``run`` refuses GNOME's
+    ``socks://``, which httpx cannot use."""
+    path = manifest("proxy-env", SMALL)
+    for args in (("status",), ("validate", path), ("estimate", path)):
+        done = run_with(*args, env=variables)
+        assert done.returncode == 0, (args, done.stderr)
+    run = run_with("run", path, "--simulate", "--no-progress", env=variables)
+    if "NO_PROXY" in variables:
+        assert run.returncode == 0, run.stderr
+    else:
+        assert_one_line(run, "invalid configuration: all_proxy: its scheme 'socks'")

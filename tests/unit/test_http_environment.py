@@ -9,9 +9,11 @@ import httpx
 import pytest
 
 from jobs.errors import ConfigError
-from jobs.http_environment import http_environment_problems, is_loopback_host, proxy_variables
+from jobs.http_environment import http_environment_problems, is_loopback_host, proxy_variables, require_usable
 from jobs.settings import get_settings
+from tests.capture_proxy import capture_proxy
 from worker.fal.client import FalClient
+from worker.fal.http import build_http_client
 from worker.fal.storage import DownloadPolicy, guarded_client
 
 _NAMES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ssl_cert_file", "ssl_cert_dir")
@@ -33,6 +35,8 @@ def test_the_lower_case_variable_wins_and_cgi_ignores_http_proxy() -> None:
     assert http_environment_problems(env) == []
     assert "http" not in proxy_variables({**env, "REQUEST_METHOD": "GET"})
     assert proxy_variables({"HTTPS_PROXY": "http://x:1", "https_proxy": ""}) == {}  # empty lower unsets
+    # urllib's second pass looks at the "_proxy" only: "HTTPS_proxy" is a lower-case name too
+    assert proxy_variables({"HTTPS_PROXY": "ftp://x", "HTTPS_proxy": ""}) == {}
 
 
 @pytest.mark.parametrize(
@@ -47,10 +51,11 @@ def test_proxy_urls_httpx_takes_are_taken(value: str) -> None:
     ("value", "phrase"),
     [
         ("ftp://u:pw-secret@x:1", "scheme 'ftp'"),
-        (" http://u:pw-secret@x:1", "space"),
-        ("http://u:pw-secret@", "names no host"),
-        ("http://u:pw-secret@x:99999", "valid host and port"),
-        ("http://u:pw-secret@[::1", "valid host and port"),
+        (" http://u:pw-secret@x:1", "scheme ''"),
+        ("http://u:pw-secret@x:31z8", "its port is not a number"),
+        ("http://u:pw-secret@[::1", "its port is not a number"),
+        ("http://u:pw-secret@[::g]:1", "its host is neither"),
+        ("http://u:pw-secret@x:1\n", "a control character"),
     ],
 )
 def test_proxy_urls_httpx_cannot_use_are_refused_without_their_value(value: str, phrase: str) -> None:
@@ -58,6 +63,74 @@ def test_proxy_urls_httpx_cannot_use_are_refused_without_their_value(value: str,
     assert problem.startswith("HTTPS_PROXY: ")
     assert phrase in problem
     assert "pw-secret" not in problem
+
+
+#: Environments whose verdict must be httpx's own: what the check refuses is exactly what makes
+#: httpx's client construction raise (``trust_env``), nothing it takes.
+_DIFFERENTIAL = [
+    {"HTTPS_PROXY": "localhost:3128"},
+    {"HTTPS_PROXY": "http://[::1]:3128"},
+    {"HTTPS_PROXY": "HTTP://Proxy:3128"},
+    {"HTTPS_PROXY": "http://p:3128 "},  # a trailing space: int() reads the port
+    {"HTTPS_PROXY": "http://p:3128\n"},
+    {"HTTPS_PROXY": " http://p:3128"},
+    {"HTTPS_PROXY": "http://p:99999"},
+    {"HTTPS_PROXY": "http://"},
+    {"HTTPS_PROXY": "http://user:p@ss@proxy:3128"},
+    {"HTTPS_PROXY": "http://p:31z8"},
+    {"https_proxy": "http://good:3128", "HTTPS_PROXY": "ftp://bad"},
+    {"https_proxy": "", "HTTPS_PROXY": "ftp://bad"},
+    {"HTTPS_proxy": "", "HTTPS_PROXY": "ftp://bad"},
+    {"HTTP_PROXY": "ftp://p", "REQUEST_METHOD": "GET"},
+    {"ALL_PROXY": "socks4://p:1080"},
+    {"ALL_PROXY": "socks4://p:1080", "NO_PROXY": "*"},
+    {"ALL_PROXY": "socks4://p:1080", "no_proxy": "a.com, *"},
+    {"all_proxy": "socks://127.0.0.1:1080/"},
+    {"ALL_PROXY": "socks5h://p:1080"},
+]
+
+
+@pytest.mark.parametrize("env", _DIFFERENTIAL, ids=lambda env: repr(env))
+def test_the_check_refuses_what_httpx_refuses_and_nothing_else(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        httpx.Client().close()
+        httpx_refuses = False
+    except (ImportError, ValueError, httpx.InvalidURL):
+        httpx_refuses = True
+    assert bool(http_environment_problems()) is httpx_refuses, http_environment_problems()
+
+
+def test_no_proxy_star_turns_every_proxy_variable_off() -> None:
+    """httpx ignores HTTP(S)_PROXY and ALL_PROXY when an entry of NO_PROXY is ``*``."""
+    env = {"ALL_PROXY": "socks4://proxy.example:1080", "HTTPS_PROXY": "ftp://x", "no_proxy": "localhost, *"}
+    assert proxy_variables(env) == {}
+    assert http_environment_problems(env) == []
+
+
+def test_a_proxy_url_with_a_trailing_space_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``export HTTP_PROXY="$(cat proxy.txt)"`` leaves it: httpx takes it, and so do the commands."""
+    with capture_proxy() as seen:
+        monkeypatch.setenv("HTTP_PROXY", seen.url + " ")
+        require_usable()
+        with build_http_client(timeout=httpx.Timeout(10)) as client:
+            assert client.get("http://example.invalid/").status_code == 502  # the stand-in's answer
+    assert seen.requests[0][0] == "GET http://example.invalid/ HTTP/1.1"
+
+
+def test_the_settings_load_whatever_the_proxy_variables_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings are every command's; only those that talk to fal check the variables."""
+    monkeypatch.setenv("ALL_PROXY", "gopher://x:1")
+    get_settings.cache_clear()
+    try:
+        get_settings()
+        with pytest.raises(ConfigError, match="ALL_PROXY: its scheme 'gopher'"):
+            require_usable()
+    finally:
+        get_settings.cache_clear()
 
 
 def test_certificate_variables(tmp_path: Path) -> None:
@@ -70,16 +143,6 @@ def test_certificate_variables(tmp_path: Path) -> None:
     assert http_environment_problems({"SSL_CERT_FILE": str(split)}) == []
     assert "is a folder" in http_environment_problems({"SSL_CERT_FILE": str(tmp_path)})[0]
     assert "is no folder" in http_environment_problems({"SSL_CERT_DIR": "/nonexistent"})[0]
-
-
-def test_the_settings_refuse_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ALL_PROXY", "gopher://x:1")
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(ConfigError, match="ALL_PROXY: its scheme 'gopher'"):
-            get_settings()
-    finally:
-        get_settings.cache_clear()
 
 
 @pytest.mark.parametrize(
