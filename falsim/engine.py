@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import random
+import ssl
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -115,6 +116,20 @@ class SimRequest:
         self.logs.append({"message": message, "level": level, "source": "USER", "timestamp": _now_iso()})
 
 
+def _loopback_ssl_context() -> ssl.SSLContext:
+    """The TLS trust of webhook deliveries to loopback: ``SSL_CERT_FILE``/``SSL_CERT_DIR`` as
+    httpx reads them (:func:`httpx.create_ssl_context` does even for a client that turns the
+    proxy variables off with ``trust_env=False``), else certifi's. A receiver on this machine
+    behind a local TLS proxy is trusted the documented way; before, these deliveries trusted
+    certifi's bundle only and every one failed its TLS handshake. A certificate variable httpx
+    cannot use (the deleted CA file of an earlier ``simulator --tls``) falls back to certifi's:
+    the simulator still starts, and only an HTTPS receiver that needed it fails."""
+    try:
+        return httpx.create_ssl_context()
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return httpx.create_ssl_context(trust_env=False)
+
+
 class Engine:
     """The simulated account. Create it anywhere; :meth:`start` binds it to the serving loop."""
 
@@ -138,7 +153,8 @@ class Engine:
             max(1, self.options.encode_workers), thread_name_prefix="sim-encode"
         )
         #: Webhook deliveries to this machine's loopback (the receiver of a test, of a ``run
-        #: --simulate``): direct, whatever ``HTTP_PROXY`` says (a proxy elsewhere cannot reach it).
+        #: --simulate``): direct, whatever ``HTTP_PROXY`` says (a proxy elsewhere cannot reach it),
+        #: trusting ``SSL_CERT_FILE``/``SSL_CERT_DIR`` all the same: made on first use.
         self._http: httpx.AsyncClient | None = None
         #: Deliveries elsewhere, through the proxy the environment names: made on first use.
         self._proxied: httpx.AsyncClient | None = None
@@ -156,7 +172,7 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self.base_url = (self.options.public_url or base_url).rstrip("/")
         self.store.base_url = self.base_url
-        self._http = httpx.AsyncClient(trust_env=False)
+        self._http = None
         self._proxied = None
         self.changed = asyncio.Event()
         self.closing = False
@@ -687,12 +703,13 @@ class Engine:
         """The client a delivery to ``url`` goes out on: the direct one for this machine's
         loopback, else the one that honours the proxy variables (made now, the first time:
         httpx raises for a variable it cannot use, which fails that delivery only)."""
-        assert self._http is not None
         try:
             host = httpx.URL(url).host
         except httpx.InvalidURL:
             host = ""
         if is_loopback_host(host):
+            if self._http is None:
+                self._http = httpx.AsyncClient(trust_env=False, verify=_loopback_ssl_context())
             return self._http
         if self._proxied is None:
             self._proxied = httpx.AsyncClient()

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -82,14 +83,18 @@ class Receiver:
     """What a webhook receiver got; answers ``statuses`` in turn (then 200)."""
 
     url: str = ""
+    #: The CA file of an HTTPS receiver (``webhook_receiver(tls=…)``), None for plain HTTP.
+    ca_file: Path | None = None
     statuses: list[int] = field(default_factory=list)
     calls: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     event: threading.Event = field(default_factory=threading.Event)
 
 
 @contextmanager
-def webhook_receiver(statuses: list[int] | None = None) -> Iterator[Receiver]:
-    """A real HTTP server on loopback that records webhook deliveries."""
+def webhook_receiver(statuses: list[int] | None = None, *, tls: Path | None = None) -> Iterator[Receiver]:
+    """A real HTTP server on loopback that records webhook deliveries; with ``tls`` (a folder),
+    HTTPS at ``https://localhost:PORT/hook``, with a self-signed certificate made there
+    (``ca_file``, for ``SSL_CERT_FILE``)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     rec = Receiver(statuses=list(statuses or []))
@@ -110,6 +115,16 @@ def webhook_receiver(statuses: list[int] | None = None) -> Iterator[Receiver]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     rec.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    if tls is not None:
+        import ssl
+
+        from falsim.tls import make_self_signed
+
+        rec.ca_file, key = make_self_signed(tls, "localhost")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(rec.ca_file, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        rec.url = f"https://localhost:{server.server_address[1]}/hook"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -5,6 +5,7 @@ delivery was the proxy's 502), any other through the proxy the environment names
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -35,3 +36,20 @@ def test_webhooks_to_loopback_go_direct_and_others_through_the_proxy(monkeypatch
                 time.sleep(0.02)
     assert len(rec.calls) == 1
     assert [request[0] for request in proxy.requests] == ["POST http://receiver.example/hook HTTP/1.1"]
+
+
+def test_an_https_receiver_on_loopback_is_trusted_through_ssl_cert_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A local TLS proxy in front of ``wanbatch serve`` (as the README advises), its CA in
+    ``SSL_CERT_FILE``: the direct client of loopback deliveries turns the proxy variables off,
+    not the certificate ones (it trusted certifi's bundle only: three ConnectErrors, nothing
+    delivered)."""
+    with webhook_receiver(tls=tmp_path) as rec:
+        assert rec.ca_file is not None
+        monkeypatch.setenv("SSL_CERT_FILE", str(rec.ca_file))
+        options = SimulatorOptions(latency_seconds=0.01, webhook_attempts=1)
+        with running_simulator(options) as sim, httpx.Client(headers=AUTH, trust_env=False) as client:
+            client.post(f"{sim.url}/{EP}", params={"fal_webhook": rec.url}, json=INPUTS[EP])
+            assert rec.event.wait(30), sim.ledger()["webhooks"]
+    assert len(rec.calls) == 1
