@@ -14,6 +14,7 @@ from falsim import SimulatorOptions, running_simulator
 from tests.capture_proxy import capture_proxy
 from tests.integration.sim_helpers import AUTH, wait_completed, webhook_receiver
 from tests.sample_inputs import INPUTS
+from worker.fal.webhooks import JwksKeys
 
 EP = "fal-ai/wan-22"
 
@@ -53,3 +54,13 @@ def test_an_https_receiver_on_loopback_is_trusted_through_ssl_cert_file(
             client.post(f"{sim.url}/{EP}", params={"fal_webhook": rec.url}, json=INPUTS[EP])
             assert rec.event.wait(30), sim.ledger()["webhooks"]
     assert len(rec.calls) == 1
+
+
+def test_a_jwks_on_loopback_is_fetched_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receiver tried against the simulator's JWKS (``http://127.0.0.1:PORT/.well-known/
+    jwks.json``) behind ``HTTP_PROXY``: the keys come from the simulator, not the proxy's 502."""
+    with running_simulator() as sim, capture_proxy() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        health = JwksKeys(f"{sim.url}/.well-known/jwks.json").health()
+    assert (health.can_verify, health.error) == (True, None)
+    assert proxy.requests == []

@@ -177,22 +177,39 @@ class JwksKeys:
         compressed although ``identity`` was asked for is inflated a bounded step at a time, so
         the size cap stops it; httpx's own decoder inflated one wire chunk of a "zip bomb" to
         gigabytes before the cap was looked at."""
-        from worker.fal.http import cut_off_at, decoded_chunks, with_deadlines
+        from jobs.errors import ConfigError
+        from worker.fal.http import (
+            cut_off_at,
+            decoded_chunks,
+            direct_mounts,
+            environment_checked,
+            shared_ssl_context,
+            with_deadlines,
+        )
 
         self.fetches += 1
         cut_off = time.monotonic() + self._deadline
         too_slow = f"{_UNFETCHED}: the JWKS took over {self._deadline:g} s to arrive"
         body = bytearray()
         try:
-            with (
-                cut_off_at(cut_off, too_slow) as cut,
-                with_deadlines(
+            # A JWKS on this machine's loopback (the simulator's, a test receiver's) is fetched
+            # directly: through HTTP_PROXY it was the proxy's 502 (README: Proxies and certificates).
+            with environment_checked():
+                client = with_deadlines(
                     httpx.Client(
                         timeout=self._timeout,
                         transport=self._transport,
+                        verify=shared_ssl_context(),
+                        mounts=direct_mounts([self.url]),
                         headers={"Accept-Encoding": "identity"},  # what is counted is what is sent
                     )
-                ) as client,
+                )
+        except ConfigError as exc:  # a certificate file OpenSSL refuses: the receiver says so
+            raise JwksUnavailable(f"{_UNFETCHED}: {exc}") from None
+        try:
+            with (
+                cut_off_at(cut_off, too_slow) as cut,
+                client,
                 client.stream("GET", self.url) as response,
             ):
                 if response.status_code != 200:
