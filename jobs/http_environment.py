@@ -3,8 +3,9 @@
 httpx (``trust_env=True``, its default) reads ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and
 ``NO_PROXY`` (any case, as :func:`urllib.request.getproxies` does) and ``SSL_CERT_FILE`` or
 ``SSL_CERT_DIR`` when a client is *constructed*, and raises there for a value it cannot use: a
-proxy scheme it does not know (``ftp://``), a SOCKS proxy without ``socksio``, a certificate
-file that is missing or holds no certificate. wanbatch builds its clients deep inside a run (the simulator's,
+proxy scheme it does not know (``ftp://``), a SOCKS proxy without ``socksio``, a ``NO_PROXY``
+entry it cannot read as a host (an IPv6 network, ``fd00::/8``), a certificate file that is
+missing or holds no certificate. wanbatch builds its clients deep inside a run (the simulator's,
 fal's, the downloads'), so each of those was an internal error, exit 70, "please report it".
 The commands that talk to fal (``run``, ``rerun``, ``cancel``, ``worker``, ``serve``,
 ``doctor``, ``simulator``) refuse them before they start (:func:`require_usable`): one line
@@ -24,7 +25,7 @@ a certificate-looking block that OpenSSL still refuses is caught where the clien
 (``worker.fal.http``).
 
 The values are never echoed: a proxy URL may carry a user and password. A certificate path is
-(it is no secret, and it is what to look at).
+(it is no secret, and it is what to look at), and so is a ``NO_PROXY`` entry (a host name).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from jobs.printable import printable
+
 #: The proxy schemes httpx takes (``httpx.Proxy``); ``socks5``/``socks5h`` need ``socksio``,
 #: which ``httpx[socks]`` (a dependency of wanbatch) installs.
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
@@ -42,7 +45,7 @@ SOCKS_SCHEMES = ("socks5", "socks5h")
 #: The ``*_proxy`` variables httpx mounts proxies for (``httpx._utils.get_environment_proxies``).
 PROXY_KINDS = ("http", "https", "all")
 #: Every variable this module checks, for messages that cannot name the one at fault.
-VARIABLES = "HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, SSL_CERT_FILE, SSL_CERT_DIR"
+VARIABLES = "HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY, SSL_CERT_FILE, SSL_CERT_DIR"
 #: The PEM blocks OpenSSL loads from a CA file (``load_verify_locations(cafile=…)``): without
 #: one it raises "no certificate or crl found".
 _PEM_BLOCKS = (
@@ -150,6 +153,48 @@ def proxy_problem(value: str) -> str | None:
     return None
 
 
+def _is_address(entry: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
+    """``httpx._utils.is_ipv4_hostname``/``is_ipv6_hostname``: the part before any ``/`` parses."""
+    try:
+        kind(entry.split("/")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def no_proxy_pattern(entry: str) -> str:
+    """The mount key httpx makes of one ``NO_PROXY`` entry (``get_environment_proxies``): a URL
+    as given, an IPv4 address or network and ``localhost`` for any scheme, an IPv6 one in
+    brackets, any other name for itself and its subdomains."""
+    if "://" in entry:
+        return entry
+    if _is_address(entry, ipaddress.IPv4Address) or entry.lower() == "localhost":
+        return f"all://{entry}"
+    if _is_address(entry, ipaddress.IPv6Address):
+        return f"all://[{entry}]"
+    return f"all://*{entry}"
+
+
+def no_proxy_problem(entry: str) -> str | None:
+    """What makes one ``NO_PROXY`` entry something httpx refuses (its mount key is no URL it can
+    parse: ``httpx.InvalidURL`` when the client is built), or None."""
+    import httpx
+
+    try:
+        httpx.URL(no_proxy_pattern(entry))
+    except (httpx.InvalidURL, ValueError) as exc:
+        shown = printable(entry[:60])
+        if _is_address(entry, ipaddress.IPv6Address) and "/" in entry:
+            reason = "httpx takes no IPv6 network"
+        else:
+            reason = _invalid_url_reason(exc)
+        return (
+            f"its entry {shown!r} is not a host httpx can read ({reason}): drop it (httpx takes "
+            "host names such as .example.com, IP addresses, and IPv4 networks such as 10.0.0.0/8)"
+        )
+    return None
+
+
 def cert_file_problem(path: str) -> str | None:
     """What makes ``path`` no ``SSL_CERT_FILE`` (a PEM file of CA certificates), or None."""
     target = Path(path)
@@ -207,6 +252,10 @@ def http_environment_problems(
     for name, value in proxy_variables(env).values():
         if problem := proxy_problem(value):
             problems.append(f"{name}: {problem}")
+    entries = no_proxy_entries(env)
+    if "*" not in entries:  # else httpx mounts nothing for NO_PROXY either
+        no_name = _environment_proxies(env)["no"][0] if entries else ""
+        problems += [f"{no_name}: {problem}" for entry in entries if (problem := no_proxy_problem(entry))]
     if certificates:
         problems += certificate_problems(env)
     return problems

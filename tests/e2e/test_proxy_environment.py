@@ -71,6 +71,12 @@ REFUSED = [
         {"SSL_CERT_FILE": "NOT-A-CERT"}, "SSL_CERT_FILE", "holds no PEM certificate", id="not-a-cert"
     ),
     pytest.param({"SSL_CERT_DIR": "/nonexistent-certs"}, "SSL_CERT_DIR", "is no folder", id="no-cert-dir"),
+    pytest.param(
+        {"NO_PROXY": "localhost,127.0.0.1,10.96.0.0/12,fd00::/8"},
+        "NO_PROXY",
+        "its entry 'fd00::/8' is not a host httpx can read",
+        id="no-proxy-ipv6-network",
+    ),
 ]
 
 

@@ -9,7 +9,13 @@ import httpx
 import pytest
 
 from jobs.errors import ConfigError
-from jobs.http_environment import http_environment_problems, is_loopback_host, proxy_variables, require_usable
+from jobs.http_environment import (
+    construction_message,
+    http_environment_problems,
+    is_loopback_host,
+    proxy_variables,
+    require_usable,
+)
 from jobs.settings import get_settings
 from tests.capture_proxy import capture_proxy
 from worker.fal.client import FalClient
@@ -87,6 +93,11 @@ _DIFFERENTIAL = [
     {"ALL_PROXY": "socks4://p:1080", "no_proxy": "a.com, *"},
     {"all_proxy": "socks://127.0.0.1:1080/"},
     {"ALL_PROXY": "socks5h://p:1080"},
+    {"NO_PROXY": "localhost,127.0.0.1,10.96.0.0/12,fd00::/8"},  # Kubernetes' IPv6 service network
+    {"no_proxy": "::1/128", "HTTPS_PROXY": "http://p:3128"},
+    {"NO_PROXY": "fd00::/8, *"},
+    {"NO_PROXY": "fe80::1%eth0,::1,.svc,*.example.com,http://[::1]:8000"},
+    {"NO_PROXY": "http://[::g]"},
 ]
 
 
@@ -188,3 +199,12 @@ def test_a_socks_proxy_carries_fal_but_neither_loopback_nor_downloads(
     policy = DownloadPolicy.for_urls(["https://queue.fal.run"], None)
     with guarded_client(policy, httpx.Timeout(5)) as downloads:
         assert downloads._mounts == {}
+
+
+def test_a_no_proxy_entry_httpx_cannot_read_is_named_with_its_variable() -> None:
+    """An IPv6 network (``fd00::/8``, as Kubernetes clusters list theirs) passed the check, then
+    httpx raised InvalidURL building the first client, and the line named five other variables."""
+    [problem] = http_environment_problems({"NO_PROXY": "localhost,10.96.0.0/12,fd00::/8"})
+    assert problem.startswith("NO_PROXY: its entry 'fd00::/8' is not a host httpx can read")
+    assert "httpx takes no IPv6 network" in problem
+    assert "NO_PROXY" in construction_message(httpx.InvalidURL("x"), {"NO_PROXY": ".example.com"})
