@@ -597,10 +597,20 @@ def _check_simulator_options(
     """One-line UsageErrors for values the simulator would otherwise take silently or crash on.
 
     It reads no settings, but its webhook deliveries beyond loopback honour the proxy variables:
-    those httpx cannot use are refused as every other command refuses them."""
+    those httpx cannot use are refused as every command that talks to fal refuses them. A
+    certificate variable it cannot use is only a warning: the simulator reads them for webhook
+    deliveries to HTTPS receivers alone, and the shell it is restarted in often still holds the
+    ``SSL_CERT_FILE`` of its previous ``--tls`` run, whose certificate was deleted when it stopped."""
+    from cli.output import err, escape
     from jobs.errors import UsageError
+    from jobs.http_environment import certificate_problems
 
-    require_usable()
+    require_usable(certificates=False)
+    for problem in certificate_problems():
+        err.print(
+            f"[yellow]warning: {escape(problem)}; the simulator starts all the same (it reads it "
+            "only for webhook deliveries to HTTPS receivers, which may fail)[/yellow]"
+        )
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
     if latency is not None and not (math.isfinite(latency) and latency >= 0):

@@ -58,8 +58,8 @@ def _exported(line: str) -> dict[str, str]:
 class _Simulator:
     """``wanbatch simulator --tls`` on a free port, and what its start-up lines say."""
 
-    def __init__(self, cwd: Path, *extra: str) -> None:
-        env = _clean_env() | {"WANBATCH_DATABASE_URL": f"sqlite:///{cwd / 'unused.db'}"}
+    def __init__(self, cwd: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        env = _clean_env() | {"WANBATCH_DATABASE_URL": f"sqlite:///{cwd / 'unused.db'}"} | (env or {})
         argv = ["simulator", "--tls", "--port", "0", "--latency", "0.05", "--concurrency-limit", "10", *extra]
         self.proc = Background(argv, env, cwd, "simulator")
         wait_for("the wanbatch settings line", lambda: "export WANBATCH_" in self.proc.stdout(), self.proc)
@@ -174,6 +174,26 @@ def test_the_certificate_folder_is_deleted_when_it_stops(
         sim.proc.kill()
     assert not sim.ca_file.parent.exists()
     assert "Traceback" not in sim.proc.stderr()
+
+
+def test_it_starts_again_in_the_shell_that_holds_its_previous_lines(e2e_env: Path) -> None:
+    """The lines of a stopped ``--tls`` simulator still exported: its ``SSL_CERT_FILE`` names a
+    certificate deleted with it. The simulator reads it only for webhooks: a warning naming it,
+    not a refusal (exit 2) to start."""
+    first = _Simulator(e2e_env)
+    try:
+        assert first.stop(signal.SIGTERM) == -signal.SIGTERM
+    finally:
+        first.proc.kill()
+    assert not first.ca_file.exists()
+    second = _Simulator(e2e_env, env=first.fal_client_env | first.wanbatch_env)
+    try:
+        assert second.ca_file != first.ca_file
+        stderr = second.proc.stderr()
+        assert f"warning: SSL_CERT_FILE: '{first.ca_file}' does not exist" in stderr, stderr
+        assert second.stop(signal.SIGINT) == 130
+    finally:
+        second.proc.kill()
 
 
 def test_a_public_url_names_the_host_of_the_settings_and_of_the_certificate(e2e_env: Path) -> None:
