@@ -3,11 +3,19 @@ clients use the ones they take (``jobs.http_environment``, ``worker.fal.http``).
 
 from __future__ import annotations
 
+import os
+import shutil
+import ssl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 
+from falsim.tls import make_self_signed
 from jobs.errors import ConfigError
 from jobs.http_environment import (
     construction_message,
@@ -19,7 +27,7 @@ from jobs.http_environment import (
 from jobs.settings import get_settings
 from tests.capture_proxy import capture_proxy
 from worker.fal.client import FalClient
-from worker.fal.http import build_http_client
+from worker.fal.http import build_http_client, shared_ssl_context
 from worker.fal.storage import DownloadPolicy, guarded_client
 
 _NAMES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ssl_cert_file", "ssl_cert_dir")
@@ -208,3 +216,56 @@ def test_a_no_proxy_entry_httpx_cannot_read_is_named_with_its_variable() -> None
     assert problem.startswith("NO_PROXY: its entry 'fd00::/8' is not a host httpx can read")
     assert "httpx takes no IPv6 network" in problem
     assert "NO_PROXY" in construction_message(httpx.InvalidURL("x"), {"NO_PROXY": ".example.com"})
+
+
+@contextmanager
+def _https_server(cert: Path, key: Path) -> Iterator[str]:
+    """An HTTPS server on loopback answering every GET 200 with ``cert``; yields its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"https://localhost:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("rotation", ["rewritten-in-place", "renamed-over"])
+def test_a_ca_bundle_rotated_at_the_same_path_is_trusted_by_the_clients_built_after(
+    rotation: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``update-ca-certificates``, a re-mounted Kubernetes ConfigMap: the clients built after
+    the bundle changed trusted the old one (the TLS context was cached by the path alone)."""
+    old_cert, _ = make_self_signed(tmp_path / "old", "localhost")
+    new_cert, new_key = make_self_signed(tmp_path / "new", "localhost")
+    bundle = tmp_path / "bundle.pem"
+    shutil.copy(old_cert, bundle)
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    with _https_server(new_cert, new_key) as url:
+        with build_http_client(timeout=httpx.Timeout(10)) as before, pytest.raises(httpx.ConnectError):
+            before.get(url)  # the old CA did not sign the server's certificate
+        if rotation == "renamed-over":
+            staged = tmp_path / "bundle.pem.new"
+            shutil.copy(new_cert, staged)
+            staged.replace(bundle)
+        else:
+            was = bundle.stat()
+            bundle.write_bytes(new_cert.read_bytes())
+            # the same size, maybe the same clock tick: a later mtime, as a rotation's would be
+            os.utime(bundle, ns=(was.st_atime_ns, was.st_mtime_ns + 1_000_000_000))
+        with build_http_client(timeout=httpx.Timeout(10)) as after:
+            assert after.get(url).status_code == 200
+        assert shared_ssl_context() is shared_ssl_context()  # unchanged since: still one, shared

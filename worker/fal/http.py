@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from http.cookiejar import Cookie, CookieJar
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpcore
@@ -264,27 +265,57 @@ def environment_checked() -> Iterator[None]:
         raise ConfigError(construction_message(exc)) from None
 
 
-#: The TLS contexts built so far, by the values of ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``.
-_SSL_CONTEXTS: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
+#: What a TLS context was built from: the values of ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``.
+_TrustKey = tuple[str | None, str | None]
+#: The TLS context last built for each value of those variables, with the :func:`_trust_stamp`
+#: of the files it was built from.
+_SSL_CONTEXTS: dict[_TrustKey, tuple[tuple[object, ...], ssl.SSLContext]] = {}
 _SSL_CONTEXTS_LOCK = threading.Lock()
+
+
+def _trust_stamp(cert_file: str | None, cert_dir: str | None) -> tuple[object, ...]:
+    """What changes when the certificates those variables name do: ``(st_ino, st_size,
+    st_mtime_ns)`` of ``SSL_CERT_FILE`` (a bundle rewritten in place, or replaced by a rename or
+    a swapped symlink, as ``update-ca-certificates`` and a re-mounted Kubernetes ConfigMap do),
+    else the ``st_mtime_ns`` of each ``SSL_CERT_DIR`` folder (a certificate added or removed).
+    One that cannot be looked at counts as None (httpx then says why, building the context)."""
+
+    def stat(path: str) -> tuple[int, int, int] | None:
+        try:
+            found = Path(path).stat()
+        except (OSError, ValueError):
+            return None
+        return (found.st_ino, found.st_size, found.st_mtime_ns)
+
+    if cert_file:  # httpx reads SSL_CERT_DIR only without it
+        return (stat(cert_file),)
+    if cert_dir:
+        return tuple(
+            found[2] if (found := stat(entry)) else None for entry in cert_dir.split(os.pathsep) if entry
+        )
+    return ()
 
 
 def shared_ssl_context() -> ssl.SSLContext:
     """The TLS context this process's clients verify servers with (:func:`httpx.create_ssl_context`:
     certifi's CA bundle, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``), built once per value of those
-    variables. Building one parses the whole bundle, about 20 ms of CPU, and a run built four
-    (the fal client, the downloads' and the uploads' guarded transports, each of which
-    :class:`httpx.HTTPTransport` had already given one it then replaced) for the same trust. An
-    :class:`ssl.SSLContext` is meant to be shared by many connections and threads (its settings
-    are fixed here once made). A variable httpx cannot use is a :class:`ConfigError`
-    (:func:`environment_checked`), as when each client built its own."""
+    variables and content of what they name. Building one parses the whole bundle, about 20 ms
+    of CPU, and a run built four (the fal client, the downloads' and the uploads' guarded
+    transports, each of which :class:`httpx.HTTPTransport` had already given one it then
+    replaced) for the same trust. An :class:`ssl.SSLContext` is meant to be shared by many
+    connections and threads (its settings are fixed here once made). A CA bundle rotated at the
+    same path (:func:`_trust_stamp`) gets a new context for the clients built after it: keyed by
+    the path alone, they went on trusting the old bundle until the process ended. A variable
+    httpx cannot use is a :class:`ConfigError` (:func:`environment_checked`), as when each
+    client built its own."""
     key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    stamp = _trust_stamp(*key)
     with _SSL_CONTEXTS_LOCK:
-        context = _SSL_CONTEXTS.get(key)
-        if context is None:
+        built = _SSL_CONTEXTS.get(key)
+        if built is None or built[0] != stamp:
             with environment_checked():
-                context = _SSL_CONTEXTS[key] = httpx.create_ssl_context()
-        return context
+                built = _SSL_CONTEXTS[key] = (stamp, httpx.create_ssl_context())
+        return built[1]
 
 
 # ------------------------------------------------------------------------------------- deadlines
