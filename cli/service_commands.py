@@ -583,7 +583,9 @@ def simulator(
         )
         startup.resume()
         try:
-            serve(host, port, options, tls=tls)
+            # With --tls a SIGHUP (the terminal closed) stops it as SIGTERM does, and so deletes
+            # the certificate's folder: uvicorn handles SIGINT and SIGTERM only.
+            serve(host, port, options, tls=tls, server_class=stopping_on_hangup if tls else None)
         except OSError as exc:  # in use, not ours to bind, or an unknown host
             raise UsageError(f"the simulator cannot serve on {host}:{port}: {exc.strerror or exc}") from None
         return EXIT_OK

@@ -128,6 +128,7 @@ def _server(
     certfile: Path | None,
     keyfile: Path | None,
     on_stopped: Callable[[], None] | None = None,
+    server_class: Callable[[type[uvicorn.Server]], type[uvicorn.Server]] | None = None,
 ) -> uvicorn.Server:
     from jobs.open_files import quiet_accept_errors
 
@@ -141,7 +142,9 @@ def _server(
         ssl_keyfile=str(keyfile) if keyfile else None,
         timeout_graceful_shutdown=1,
     )
-    return _Server(config, engine, on_stopped)
+    cls: Any = _Server if server_class is None else server_class(_Server)
+    server: uvicorn.Server = cls(config, engine, on_stopped)
+    return server
 
 
 def serve(
@@ -150,11 +153,15 @@ def serve(
     options: SimulatorOptions | None = None,
     *,
     tls: bool = False,
+    server_class: Callable[[type[uvicorn.Server]], type[uvicorn.Server]] | None = None,
 ) -> None:
     """Serve the simulator until interrupted (Ctrl-C); what ``wanbatch simulator`` runs.
 
     ``tls``: HTTPS, with a certificate made now for the host (and a ``public_url``'s), in a
     temporary folder deleted as it stops; the lines that follow the URL say how to trust it.
+    ``server_class``: makes the uvicorn server class it is given into the one served with (the
+    command's :func:`cli.service_commands.stopping_on_hangup`, so that a SIGHUP stops it as
+    SIGTERM does, the folder deleted: uvicorn handles SIGINT and SIGTERM only).
     """
     sock = _bind(host, port)
     base_url = _base_url(sock, host, tls)
@@ -169,7 +176,13 @@ def serve(
                 Path(folder.name), shown, also=[urlsplit(public_url).hostname or ""]
             )
         server = _server(
-            engine, sock, base_url, certfile, keyfile, folder.cleanup if folder is not None else None
+            engine,
+            sock,
+            base_url,
+            certfile,
+            keyfile,
+            folder.cleanup if folder is not None else None,
+            server_class,
         )
         print(f"fal simulator listening on {public_url}", flush=True)
         if certfile is not None:

@@ -9,7 +9,7 @@ fal_client's module constants) served it.
 Here the simulator is a real process (``wanbatch simulator --tls --port 0``); the test reads
 the ``export`` lines it prints and runs, with exactly those settings, fal_client in a fresh
 interpreter (it reads its host at import) and ``wanbatch run``. The certificate's folder is
-gone once the simulator has stopped, by Ctrl-C or SIGTERM.
+gone once the simulator has stopped, by Ctrl-C, SIGTERM or SIGHUP.
 """
 
 from __future__ import annotations
@@ -161,7 +161,9 @@ def test_fal_client_and_wanbatch_run_against_it_with_the_printed_settings(
 
 
 @pytest.mark.parametrize(
-    ("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)], ids=["sigint", "sigterm"]
+    ("sig", "status"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM), (signal.SIGHUP, -signal.SIGHUP)],
+    ids=["sigint", "sigterm", "sighup"],  # SIGHUP: the terminal closed (uvicorn handles INT and TERM only)
 )
 def test_the_certificate_folder_is_deleted_when_it_stops(
     e2e_env: Path, sig: signal.Signals, status: int
