@@ -169,13 +169,20 @@ def fal_keys(settings: object) -> tuple[str, ...]:
 
 
 def check_manifest(
-    path: str | Path, settings: InputSettings, allowed_dirs: Iterable[Path] = ()
+    path: str | Path,
+    settings: InputSettings,
+    allowed_dirs: Iterable[Path] = (),
+    *,
+    each_valid: Callable[[JobSpec], None] | None = None,
 ) -> ValidationReport:
     """Validate, and raise :class:`ManifestError` with every located issue when anything is wrong.
 
     Local files may come from the manifest's folder and the folders :func:`input_dirs` names.
+    ``each_valid``: see :func:`jobs.manifest.validate_manifest`.
     """
-    report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings))
+    report = validate_manifest(
+        path, input_dirs(settings, allowed_dirs), fal_keys(settings), each_valid=each_valid
+    )
     if not report.ok:
         raise ManifestError(report.issues)
     return report
@@ -194,11 +201,16 @@ def estimate_manifest(
     The report's issues gain the budget warnings (:func:`budget_issues`), so ``validate`` and
     ``estimate``, which both run this, say the same thing about money before any is spent.
     """
-    report = check_manifest(path, settings, allowed_dirs)
-    assert report.manifest is not None
     totals = Totals()
-    for spec in report.manifest.jobs():
-        totals.add(estimate_job(spec.endpoint, spec.input, settings))
+    # Priced as the validation pass checks them (one pass, not two): a job with an error is not
+    # priced, and then the manifest is refused and the totals never seen.
+    report = check_manifest(
+        path,
+        settings,
+        allowed_dirs,
+        each_valid=lambda spec: totals.add(estimate_job(spec.endpoint, spec.input, settings)),
+    )
+    assert report.manifest is not None
     report.issues.extend(budget_issues(report.manifest, totals))
     return report, totals
 

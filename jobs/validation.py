@@ -61,6 +61,44 @@ class Location:
 MediaCache = dict[tuple[str, str, str, str], list[FieldProblem]]
 
 
+class ValueCache:
+    """Verdicts of one validation pass on plain values (text, whole numbers, booleans) by
+    endpoint and field: a sweep repeats each of its few prompts, seeds and resolutions across
+    thousands of jobs, which then cost a dictionary look-up each instead of the field's checks.
+
+    Only exact ``str``, ``int`` and ``bool`` values are remembered: equal values of one of those
+    types say the same in every message (``-0.0`` and ``0.0`` are equal floats quoted apart, so
+    floats are checked each time). Bounded, so a manifest of a million distinct prompts does not
+    keep them all: past :attr:`MAX_ENTRIES` entries or :attr:`MAX_CHARS` characters of text,
+    new values are checked without being remembered.
+    """
+
+    MAX_ENTRIES = 50_000
+    MAX_CHARS = 8_000_000
+
+    __slots__ = ("_chars", "_verdicts")
+
+    def __init__(self) -> None:
+        self._verdicts: dict[tuple[str, str, type, object], list[FieldProblem]] = {}
+        self._chars = 0
+
+    def check(self, endpoint: str, fld: FieldSpec, value: str | int) -> list[FieldProblem]:
+        """:func:`check_value` of ``value``, remembered when there is room."""
+        mark = (endpoint, fld.name, type(value), value)
+        found = self._verdicts.get(mark)
+        if found is None:
+            found = check_value(fld, value)
+            size = len(value) if isinstance(value, str) else 0
+            if len(self._verdicts) < self.MAX_ENTRIES and self._chars + size <= self.MAX_CHARS:
+                self._verdicts[mark] = found
+                self._chars += size
+        return found
+
+
+#: The exact types :class:`ValueCache` remembers.
+_REMEMBERED = (str, int, bool)
+
+
 def has_nul(value: object, depth: int = 0) -> bool:
     """Whether any text in ``value`` (nested lists and mappings, keys included) holds a NUL."""
     if isinstance(value, str):
@@ -81,6 +119,7 @@ def check_input(
     *,
     skip: Collection[str] = (),
     written: Mapping[str, Any] | None = None,
+    value_cache: ValueCache | None = None,
 ) -> list[FieldProblem]:
     """Every problem of ``values`` (a resolved input) against ``spec``, in a stable order.
 
@@ -89,7 +128,8 @@ def check_input(
     but their values are not checked (a path outside the allowed folders, already reported:
     its file must not even be opened). ``written`` holds media values as the user wrote them
     (``images/x.jpg``, where ``values`` has the absolute path it resolved to): a problem names
-    and quotes a file as written.
+    and quotes a file as written. ``value_cache`` remembers the verdicts on other plain values
+    for one pass (:class:`ValueCache`): the same problems, found once per distinct value.
     """
     fields = spec.fields_by_name
     problems: list[FieldProblem] = []
@@ -118,6 +158,8 @@ def check_input(
             if found is None:
                 found = media_cache[mark] = check_value(fld, value, shown=shown)
             problems.extend(found)
+        elif value_cache is not None and fld.media is None and type(value) in _REMEMBERED:
+            problems.extend(value_cache.check(spec.id, fld, value))
         else:
             problems.extend(check_value(fld, value, shown=shown))
     for fld in fields.values():
@@ -274,11 +316,14 @@ def validate_input(
     *,
     skip: Collection[str] = (),
     written: Mapping[str, Any] | None = None,
+    value_cache: ValueCache | None = None,
 ) -> list[Issue]:
     """:func:`check_input`'s problems as issues, each at the line its offending value came from
     (``written``: media values as the user wrote them, see :func:`check_input`)."""
     issues: list[Issue] = []
-    for problem in check_input(spec, values, media_cache, skip=skip, written=written):
+    for problem in check_input(
+        spec, values, media_cache, skip=skip, written=written, value_cache=value_cache
+    ):
         file, line = where.origins.get(problem.field, (where.file, where.line))
         issues.append(
             Issue(

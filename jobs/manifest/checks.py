@@ -87,6 +87,10 @@ class DuplicateJobs:
         )
 
 
+#: One 32-bit field of a packed :class:`_Member`.
+_MASK = 0xFFFFFFFF
+
+
 class _Member(NamedTuple):
     """A job of a :class:`DefaultedDuplicates` group: the defaults it writes out, and where it is."""
 
@@ -112,10 +116,29 @@ class DefaultedDuplicates:
     def __init__(self, source_of: Callable[[int], str], matrix_of: Callable[[int], dict[str, Any]]) -> None:
         self._source_of = source_of
         self._matrix_of = matrix_of
-        # key digest -> the first job with that key
-        self._first: dict[bytes, _Member] = {}
+        # key digest -> the first job with that key, packed into one int (:meth:`_pack`): a
+        # _Member and a frozenset per job were about 500 bytes, half a gigabyte for a
+        # million-job sweep that pins its seeds (bench/RESULTS.md, manifest_scale).
+        self._first: dict[bytes, int] = {}
+        # The distinct sets of written-out defaults (a manifest has a handful), by number.
+        self._written: list[frozenset[str]] = []
+        self._written_ids: dict[frozenset[str], int] = {}
         # key digest -> (endpoint, every job with that key), for keys seen more than once
         self._groups: dict[bytes, tuple[str, list[_Member]]] = {}
+
+    def _pack(self, member: _Member) -> int:
+        """``member`` as one int: its set of defaults by number, variant, item and line."""
+        written = self._written_ids.get(member.written)
+        if written is None:
+            written = self._written_ids[member.written] = len(self._written)
+            self._written.append(member.written)
+        return ((written << 32 | member.variant) << 32 | member.item_index) << 32 | (member.line or 0)
+
+    def _unpack(self, packed: int) -> _Member:
+        line, packed = packed & _MASK, packed >> 32
+        item_index, packed = packed & _MASK, packed >> 32
+        variant, written = packed & _MASK, packed >> 32
+        return _Member(self._written[written], variant, item_index, line or None)
 
     def add(self, job: JobSpec, digests: dict[str, str | None]) -> None:
         """Remember a job kept by the pass (not a collapsed duplicate)."""
@@ -132,9 +155,9 @@ class DefaultedDuplicates:
         digest = bytes.fromhex(key)
         first = self._first.get(digest)
         if first is None:
-            self._first[digest] = member
+            self._first[digest] = self._pack(member)
             return
-        self._groups.setdefault(digest, (job.endpoint, [first]))[1].append(member)
+        self._groups.setdefault(digest, (job.endpoint, [self._unpack(first)]))[1].append(member)
 
     def warnings(self) -> Iterator[Issue]:
         """One warning per group, at its second job, naming every job and the defaults that make
@@ -231,10 +254,11 @@ def resolve_input(
     """
     out: dict[str, Any] = {}
     outside: dict[str, str] = {}
+    resolvable = resolvable_fields(spec.id)  # once per job, not once per field
     for key, value in values.items():
         if value is None:
             continue
-        fld = spec.field(key) if key in resolvable_fields(spec.id) else None
+        fld = spec.field(key) if key in resolvable else None
         if fld is not None:
             if fld.media is not None:
                 if (

@@ -126,11 +126,13 @@ class Manifest:
         an earlier one, by its bytes, may still be wrong in its own way — a zero-byte local file
         beside an empty data URI — and its error was never said). Jobs that differ only by an
         endpoint default written out in one and left out in another are kept, with one warning
-        per group once the pass ends (:class:`DefaultedDuplicates`).
+        per group once the pass ends (:class:`DefaultedDuplicates`). Without ``issues`` no one
+        reads a warning (the pass that stores a validated manifest), so that check, a second
+        hash and a remembered entry per job, is not made.
         """
         sink: list[Issue] = [] if issues is None else issues
         duplicates = DuplicateJobs(self._source_of)
-        defaulted = DefaultedDuplicates(self._source_of, self._matrix_of)
+        defaulted = DefaultedDuplicates(self._source_of, self._matrix_of) if issues is not None else None
         combos = self._combos()
         digests: dict[str, str | None] = {}
         # Resolved per pass, not per process: a file swapped for a symlink between validation
@@ -149,12 +151,14 @@ class Manifest:
                     sink.append(warning)
                     continue
                 produced = True
-                defaulted.add(job, digests)
+                if defaulted is not None:
+                    defaulted.add(job, digests)
                 yield job
             if issues is None and error_count(sink):
                 raise ManifestError(sink)
         self.item_count = items
-        sink.extend(defaulted.warnings())
+        if defaulted is not None:
+            sink.extend(defaulted.warnings())
         if not produced and self.items_from is not None and not error_count(sink) + error_count(self.issues):
             sink.append(self._no_rows())
         if issues is None and error_count(sink):

@@ -73,8 +73,30 @@ def written_defaults(endpoint_id: str, values: Mapping[str, Any]) -> list[str]:
     return [
         name
         for name, _, text in _documented_defaults(endpoint_id)
-        if name in values and canonical_json(values[name]) == text
+        if name in values and _value_json(values[name]) == text
     ]
+
+
+#: Exact types whose canonical JSON depends on the value alone (equal values of one of these
+#: types give one text; ``True == 1`` are of two types): safe to remember by ``(type, value)``.
+_SCALARS = (str, int, bool)
+
+
+def _value_json(value: Any) -> str:
+    """:func:`canonical_json` of one field's value, remembered for the few scalars a sweep
+    repeats (a manifest writes ``num_frames: 81`` once and a million jobs carry it): this ran
+    for every default-valued field of every job. Other values are encoded each time."""
+    kind = type(value)
+    if kind in _SCALARS and (kind is not str or len(value) <= 256):
+        return _scalar_json(kind.__name__, value)
+    return canonical_json(value)
+
+
+@lru_cache(maxsize=4096)
+def _scalar_json(kind: str, value: Any) -> str:
+    """The canonical JSON of a scalar; ``kind`` (its type's name) keeps ``1`` and ``True``
+    apart in the cache."""
+    return canonical_json(value)
 
 
 def canonical_json(value: Any, *, numbers_as_written: bool = False) -> str:
@@ -106,10 +128,16 @@ def numbers_by_value(value: Any) -> Any:
     if isinstance(value, float):
         return int(value) if value.is_integer() else value
     if isinstance(value, dict):
+        if all(type(item) in _UNCHANGED for item in value.values()):
+            return value  # the common input: flat text, whole numbers, booleans; nothing to replace
         return {key: numbers_by_value(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [numbers_by_value(item) for item in value]
     return value
+
+
+#: Exact types :func:`numbers_by_value` returns as they are (no float inside).
+_UNCHANGED = frozenset({str, int, bool, type(None)})
 
 
 def _refused(value: object) -> str:

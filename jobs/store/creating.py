@@ -24,7 +24,7 @@ from sqlalchemy import (
     table,
     update,
 )
-from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from jobs.endpoints import get_endpoint
@@ -362,12 +362,38 @@ _SEEN = "wanbatch_seen_keys"
 
 
 def _insert_chunk_sqlite(conn: Connection, rows: list[dict[str, Any]]) -> int:
-    stmt = (
-        sqlite.insert(_JOBS)
-        .on_conflict_do_nothing(index_elements=["batch_id", "job_key"])
-        .returning(_JOBS.c.id)
-    )
-    return len(conn.execute(stmt, rows).all())
+    """One ``INSERT … ON CONFLICT DO NOTHING`` run over the chunk by the driver's executemany,
+    each value converted by its column type's own bind processor (what SQLAlchemy would store),
+    the rows inserted counted by SQLite. Built with ``insert(...).returning`` and a dictionary
+    per row, SQLAlchemy compiled the parameters of every row in Python: about half of a
+    million-job submit's time on SQLite (bench/RESULTS.md, manifest_scale)."""
+    processors = _sqlite_processors(conn.dialect)
+    params = [
+        tuple(
+            value if process is None else process(value)
+            for process, value in zip(processors, row_values, strict=True)
+        )
+        for row_values in ([row[name] for name in _NEW_JOB_COLUMNS] for row in rows)
+    ]
+    result = conn.exec_driver_sql(_SQLITE_INSERT, params, execution_options={"preserve_rowcount": True})
+    return int(result.rowcount)
+
+
+#: The statement of :func:`_insert_chunk_sqlite`: the chunk's rows, a job whose key the batch
+#: already has skipped (the ``(batch_id, job_key)`` unique index).
+#: Its columns are :data:`_NEW_JOB_COLUMNS`, in that order (tests/unit/test_manifest_scale.py).
+_SQLITE_INSERT = (
+    "INSERT INTO jobs (id, batch_id, job_key, item_index, variant, endpoint, input, source_files, "
+    "registry_sha256, price_table, rerun_of, state, version, attempts, download_attempts, "
+    "possible_duplicate_charges, est_billing_units, est_usd, created_at, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (batch_id, job_key) DO NOTHING"
+)
+
+
+def _sqlite_processors(dialect: Dialect) -> list[Callable[[Any], Any] | None]:
+    """Each of :data:`_NEW_JOB_COLUMNS`' bind processor on ``dialect`` (None: stored as given)."""
+    return [_JOBS.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in _NEW_JOB_COLUMNS]
 
 
 def _jsonb(value: Any) -> Any:
