@@ -129,11 +129,15 @@ class Row:
         return self.jobs / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def run_command(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, float, float, float, str]:
-    """Run ``argv``; (exit status, wall s, CPU s, peak RSS MiB, stderr tail) from ``os.wait4``."""
+def run_command(
+    argv: list[str], env: dict[str, str], timeout: float, code: Path = ROOT
+) -> tuple[int, float, float, float, str]:
+    """Run ``argv`` in ``code`` (``python -m`` puts its working directory first on the path: the
+    checkout run is the one it starts in); (exit status, wall s, CPU s, peak RSS MiB, stderr
+    tail) from ``os.wait4``."""
     started = time.perf_counter()
     proc = subprocess.Popen(
-        argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        argv, cwd=code, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     assert proc.stderr is not None
     deadline = started + timeout
@@ -210,7 +214,7 @@ def measure(args: argparse.Namespace, label: str, folder: Path) -> list[Row]:
             argv += ["-m", "cProfile", "-o", str(prof)]
         argv += ["-m", "cli", command, str(manifest)]
         print(f"[{label}] {code[0]}: {shown} …", file=sys.stderr, flush=True)
-        status, wall, cpu, rss, tail = run_command(argv, _env(url, code[1]), args.timeout)
+        status, wall, cpu, rss, tail = run_command(argv, _env(url, code[1]), args.timeout, code[1])
         if status != 0:
             print(f"[{label}] {shown} exited {status}:\n{tail}", file=sys.stderr)
         return Row(label, code[0], shown, jobs, wall, cpu, rss, status)
