@@ -410,6 +410,9 @@ def main() -> None:
         with guarded_stdout(), guarded_stderr(), startup.without_unused_modules(own_process=_AS_COMMAND):
             _main()
     finally:  # only reached in process (tests): the caller's handlers back
+        stopped = sys.modules.get("jobs.db")  # a stopped command's lock bound is its own
+        if stopped is not None:
+            stopped.wait_for_lock_again()
         if replaced is not None:
             signal.signal(signal.SIGINT, replaced)  # type: ignore[arg-type]
         for sig, handler in replaced_termination.items():

@@ -511,8 +511,10 @@ def stop_waiting_for_lock() -> None:
 
     Process-wide, unlike :func:`lock_waits_bounded`: a stop is the whole process's. Only the
     commands that stop on signals set it (:func:`worker.running.stop_on_signals`), and it is
-    cleared when such a command begins and when it finishes: a running process's own work,
-    and the long-lived ``serve`` and ``worker``, never carry this bound."""
+    cleared when such a command begins, when it finishes, and when a stopped one hands control
+    back to an in-process caller (:func:`cli.main`'s end; the command itself ends its process
+    first): a running process's own work, and the long-lived ``serve`` and ``worker``, never
+    carry this bound."""
     _STOPPING.set()
 
 

@@ -159,3 +159,20 @@ def test_a_stopping_process_still_writes_when_nobody_holds_the_lock(file_engine:
         session.execute(text("INSERT INTO t VALUES (2)"))
     with db.read_scope(file_engine) as session:
         assert session.execute(text("SELECT count(*) FROM t")).scalar() == 1
+
+
+def test_a_stopped_command_hands_its_caller_no_lock_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stop's short lock waits are the stopped command's own: a program (a test) that ran
+    it in process gets its normal waits back when :func:`cli.main` returns, never a later
+    write of its own failing "database is locked" at once, or a PostgreSQL transaction
+    bounded to 3 s, because an earlier command was stopped."""
+    from cli import main
+
+    monkeypatch.setattr(sys, "argv", ["wanbatch", "--version"])
+    db.stop_waiting_for_lock()  # as a stopped command's signal handler leaves it
+    try:
+        with contextlib.suppress(SystemExit):
+            main()
+        assert not db._STOPPING.is_set()
+    finally:
+        db.wait_for_lock_again()
