@@ -860,15 +860,22 @@ class FalAccount(Base):
     (``X-Fal-Webhook-User-Id``, covered by the signature). The first verified delivery of a
     request whose id a submit with that key recorded from fal's own answer (the job's request)
     is provably ours (fal gives each account's requests ids of their own): its account is pinned
-    here, and from then on a delivery naming a job of that key for an account none of our keys
-    has is refused (``worker.steps.webhooks.account_verdict``), even with the right token in its
+    here, and from then on a delivery naming an attempt sent with that key, signed for another
+    account, is refused (``worker.steps.accounts.account_verdict``), even with the right token in its
     URL. ``WANBATCH_FAL_USER_ID``, when set, names the accounts instead, and nothing is learnt.
+
+    Pinned per key *and signer*: an account learnt from deliveries verified against one JWKS
+    (``wanbatch simulator``'s, say, with the real ``FAL_KEY``) never judges those verified against
+    another's keys (fal's), which would otherwise be refused for good.
     """
 
     __tablename__ = "fal_accounts"
 
     #: ``Job.api_key_id``: a 16-hex-digit SHA-256 prefix of the key, never the key.
     api_key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: Whose keys verified the deliveries: the origin (``scheme://host:port``) of
+    #: ``WANBATCH_WEBHOOK_JWKS_URL`` (``worker.steps.accounts.signer_of``).
+    signer: Mapped[str] = mapped_column(String(255), primary_key=True)
     #: fal's user id for the account, as its webhooks name it.
     user_id: Mapped[str] = mapped_column(String(255))
     #: The request whose delivery proved it.

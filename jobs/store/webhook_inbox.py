@@ -83,32 +83,52 @@ def _count_inbox(session: Session, **added: int) -> None:
     )
 
 
-def job_key_and_request(session: Session, job_id: str) -> tuple[str | None, str | None] | None:
-    """``(api_key_id, request_id)`` of the job (its current or last attempt's key, the request
-    it keeps), or None when there is no such job."""
-    found = session.execute(select(Job.api_key_id, Job.request_id).where(Job.id == job_id)).first()
-    return None if found is None else (found.api_key_id, found.request_id)
+def job_key_and_request(session: Session, job_id: str) -> tuple[str | None, str | None, int] | None:
+    """``(api_key_id, request_id, attempts)`` of the job: the key its latest attempt (number
+    ``attempts``) went with — the only attempt whose key the database keeps — and the request it
+    keeps; None when there is no such job."""
+    found = session.execute(
+        select(Job.api_key_id, Job.request_id, Job.attempts).where(Job.id == job_id)
+    ).first()
+    return None if found is None else (found.api_key_id, found.request_id, int(found.attempts))
 
 
-def fal_accounts(session: Session) -> dict[str, str]:
-    """The fal account each API key's webhooks are pinned to (``api_key_id`` → user id)."""
-    rows = session.execute(select(FalAccount.api_key_id, FalAccount.user_id))
-    return {row.api_key_id: row.user_id for row in rows}
+def fal_accounts(session: Session) -> dict[tuple[str, str], str]:
+    """The fal account each API key's webhooks are pinned to, per signer
+    (``(api_key_id, signer)`` → user id)."""
+    rows = session.execute(select(FalAccount.api_key_id, FalAccount.signer, FalAccount.user_id))
+    return {(row.api_key_id, row.signer): row.user_id for row in rows}
 
 
-def pin_account(session: Session, api_key_id: str, user_id: str, request_id: str) -> tuple[str, bool]:
-    """Pin ``api_key_id``'s webhooks to ``user_id``, unless one is pinned already (by another
-    process meanwhile, say): ``(the pinned user id, whether this call pinned it)``."""
+def pinned_account(session: Session, api_key_id: str, signer: str) -> str | None:
+    """The fal account ``api_key_id``'s webhooks verified by ``signer`` are pinned to, if learnt."""
+    query = select(FalAccount.user_id).where(FalAccount.api_key_id == api_key_id, FalAccount.signer == signer)
+    return session.scalars(query).first()
+
+
+def pin_account(
+    session: Session, api_key_id: str, signer: str, user_id: str, request_id: str
+) -> tuple[str, bool]:
+    """Pin ``api_key_id``'s webhooks verified by ``signer`` to ``user_id``, unless one is pinned
+    already (by another process meanwhile, say): ``(the pinned user id, whether this call
+    pinned it)``."""
     dialect = session.get_bind().dialect.name
     stmt = (
         _dialect_insert(dialect, FalAccount)
-        .values(api_key_id=api_key_id, user_id=user_id[:255], request_id=request_id[:255], learnt_at=utcnow())
-        .on_conflict_do_nothing(index_elements=["api_key_id"])
+        .values(
+            api_key_id=api_key_id,
+            signer=signer[:255],
+            user_id=user_id[:255],
+            request_id=request_id[:255],
+            learnt_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["api_key_id", "signer"])
         .returning(FalAccount.api_key_id)
     )
     if session.execute(stmt).first() is not None:
         return user_id[:255], True
-    return session.scalars(select(FalAccount.user_id).where(FalAccount.api_key_id == api_key_id)).one(), False
+    mine = (FalAccount.api_key_id == api_key_id, FalAccount.signer == signer[:255])
+    return session.scalars(select(FalAccount.user_id).where(*mine)).one(), False
 
 
 def take_delivery(session: Session, delivery_id: int) -> WebhookDelivery | None:

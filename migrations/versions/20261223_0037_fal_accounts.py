@@ -7,6 +7,9 @@ fal deliver "proof" for one of our jobs: its own request adopted, its video fetc
 charges counted. Each signed delivery names its account (``X-Fal-Webhook-User-Id``), and this
 table pins each API key (``jobs.api_key_id``) to the account of the first delivery of a request
 we recorded from that key's own submit: deliveries of any other account are refused from then on.
+The pin is per key and signer (``signer``: the origin of the JWKS the delivery was verified
+against, ``WANBATCH_WEBHOOK_JWKS_URL``): a ``FAL_KEY`` tried once against ``wanbatch simulator``
+(its own JWKS, its ``sim-user``) is not thereby pinned against fal's real deliveries.
 
 ``webhook_deliveries.user_id`` keeps the account a delivery was signed for (NULL: stored before
 this revision, applied as before), so one stored before the account was learnt and applied (or
@@ -34,10 +37,11 @@ def upgrade() -> None:
     op.create_table(
         "fal_accounts",
         sa.Column("api_key_id", sa.String(length=32), nullable=False),
+        sa.Column("signer", sa.String(length=255), nullable=False),
         sa.Column("user_id", sa.String(length=255), nullable=False),
         sa.Column("request_id", sa.String(length=255), nullable=False),
         sa.Column("learnt_at", sa.DateTime(timezone=True), nullable=False),
-        sa.PrimaryKeyConstraint("api_key_id", name=op.f("pk_fal_accounts")),
+        sa.PrimaryKeyConstraint("api_key_id", "signer", name=op.f("pk_fal_accounts")),
     )
     with op.batch_alter_table("webhook_deliveries") as batch:
         batch.add_column(sa.Column("user_id", sa.String(length=255), nullable=True))

@@ -49,7 +49,7 @@ from worker.fal.webhooks import JwksKeys, JwksUnavailable, signed_message
 from worker.notifications import EventListener
 from worker.running import process_batch
 from worker.steps import Runtime, dispatch, download, poll, submit
-from worker.steps.accounts import signed_by_us
+from worker.steps.accounts import signed_by_us, signer_of
 from worker.steps.context import handle_of
 from worker.steps.failures import cost_of_failure, settle, settle_unknown_submit
 from worker.steps.poll import _next_poll, first_poll_at, record_completion
@@ -148,16 +148,19 @@ def _job(engine: Engine, batch_id: str) -> Job:
         return job
 
 
-def _sent(engine: Engine, *, request_id: str | None, unknown: bool = False, name: str = "hooks") -> Job:
-    """One job, attempt 1 POSTed: ``queued`` as ``request_id``, or its answer not stored yet
-    (``submitting``, input recorded), or ``submit_unknown`` when ``unknown``; in batch ``name``."""
+def _sent(
+    engine: Engine, *, request_id: str | None, unknown: bool = False, name: str = "hooks", key: str = "k"
+) -> Job:
+    """One job, attempt 1 POSTed with API key id ``key``: ``queued`` as ``request_id``, or its
+    answer not stored yet (``submitting``, input recorded), or ``submit_unknown`` when
+    ``unknown``; in batch ``name``."""
     batch_id = add_batch(engine, name, [("fal-ai/wan-22", {"prompt": "a cat"})])
     job = _job(engine, batch_id)
     now = utcnow()
     with db.session_scope(engine) as session:
         fence = store.Fence.of(job, "test-worker")
         assert store.mark_submitting(
-            session, fence, attempt=1, api_key_id="k", lease_expires_at=now + timedelta(seconds=60)
+            session, fence, attempt=1, api_key_id=key, lease_expires_at=now + timedelta(seconds=60)
         )
         submitting = store.Fence(job.id, S.SUBMITTING, job.version + 1, "test-worker")
         taken = store.take_lease(
@@ -1478,9 +1481,11 @@ def _post_as(client: TestClient, signer: WebhookSigner, job: Job, request_id: st
     return int(client.post("/webhooks/fal", params=params, content=body, headers=headers).status_code)
 
 
-def _accounts(engine: Engine) -> dict[str, str]:
+def _accounts(engine: Engine, signer: str | None = None) -> dict[str, str]:
+    """The pinned accounts by API key id (of deliveries verified by ``signer``, or any)."""
     with db.session_scope(engine) as session:
-        return store.fal_accounts(session)
+        pins = store.fal_accounts(session)
+    return {key: user for (key, by), user in pins.items() if signer is None or by == signer}
 
 
 @pytest.mark.parametrize("pinned_by", ["learnt", "WANBATCH_FAL_USER_ID"])
@@ -1563,6 +1568,72 @@ def test_a_delivery_of_another_account_stored_before_the_account_was_learnt_is_n
     assert apply_delivery(inbox, stored) == FOREIGN
     still = _job(engine, unknown.batch_id)
     assert (still.state, still.request_id) == (S.SUBMIT_UNKNOWN, None)
+
+
+def test_a_key_pinned_against_the_simulators_signer_still_takes_fals_own_deliveries(
+    engine: Engine, settings: Settings, signer: WebhookSigner
+) -> None:
+    """The real ``FAL_KEY`` tried once against ``wanbatch simulator`` (``WANBATCH_FAL_QUEUE_URL``
+    and ``WANBATCH_WEBHOOK_JWKS_URL`` at it) pins that key to the simulator's ``sim-user`` for the
+    simulator's signer only: later, against fal's own JWKS, the genuine deliveries of our own
+    account are taken and teach fal's account (before, every one was refused 403 for good)."""
+    sim_keys = WebhookSigner()
+    sim_jwks = JwksServer(sim_keys.jwks())
+    try:
+        simulated = settings.model_copy(update={"webhook_jwks_url": sim_jwks.url})
+        with TestClient(create_app(simulated, engine=engine)) as sim_client:
+            sim_job = _sent(engine, request_id="sim-req", name="sim", key="realkey")
+            assert _post_as(sim_client, sim_keys, sim_job, "sim-req", "sim-user") == 200
+    finally:
+        sim_jwks.close()
+    assert _accounts(engine, signer_of(simulated)) == {"realkey": "sim-user"}
+    assert signer_of(simulated) != signer_of(settings)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        real_job = _sent(engine, request_id="real-req", name="real", key="realkey")
+        assert _post_as(client, signer, real_job, "real-req", "real-user") == 200
+        assert _accounts(engine, signer_of(settings)) == {"realkey": "real-user"}
+        unknown = _sent(engine, request_id=None, unknown=True, name="unknown", key="realkey")
+        assert _post_as(client, signer, unknown, "their-req", "sim-user") == 403  # fal's pin judges it now
+    assert _job(engine, real_job.batch_id).state == S.DOWNLOADING
+
+
+def test_an_account_pinned_for_one_key_is_not_ours_for_another_keys_jobs(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    """Each key's jobs are judged by that key's own pin, never by the pool of every key's: a
+    delivery signed for the account ``run --simulate``'s key was pinned to (or a test account's)
+    is refused for a job of the real key."""
+    sim_job = _sent(engine, request_id="sim-req", name="sim", key="simkey")
+    assert _post_as(client, signer, sim_job, "sim-req", "sim-user") == 200
+    real_job = _sent(engine, request_id="real-req", name="real", key="realkey")
+    assert _post_as(client, signer, real_job, "real-req", "real-user") == 200
+    assert _accounts(engine) == {"simkey": "sim-user", "realkey": "real-user"}
+    victim = _sent(engine, request_id=None, unknown=True, name="victim", key="realkey")
+    assert _post_as(client, signer, victim, "their-req", "sim-user") == 403
+    still = _job(engine, victim.batch_id)
+    assert (still.state, still.request_id) == (S.SUBMIT_UNKNOWN, None)
+
+
+def test_a_delivery_of_an_earlier_attempt_sent_with_another_key_is_not_judged_by_the_latest_keys_pin(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    """A job whose attempt 1 went with key k1 (account A, not learnt) and whose attempt 2 with
+    k2 (pinned to account B): attempt 1's genuine delivery, signed for A, is not refused for
+    k2's pin (the database keeps only the latest attempt's key: the token binds it, as before),
+    while attempt 2's, signed for anyone but B, is."""
+    own = _sent(engine, request_id="b-req", name="b", key="k2")
+    assert _post_as(client, signer, own, "b-req", "acct-B") == 200
+    job = _sent(engine, request_id="a-req", name="a", key="k1")
+    with db.session_scope(engine) as session:  # attempt 2, sent with the rotated key k2
+        session.execute(
+            update(Job).where(Job.id == job.id).values(attempts=2, api_key_id="k2", request_id="b-req-2")
+        )
+    assert _post_as(client, signer, job, "a-req", "acct-A") == 200
+    assert _accounts(engine) == {"k2": "acct-B"}  # nothing learnt from an attempt of unknown key
+    body = webhook_body("x-req", "x-req", True, RESULT, None)
+    headers = signer.headers("x-req", "acct-A", body)
+    params = hook_params(engine, job.id, 2)
+    assert client.post("/webhooks/fal", params=params, content=body, headers=headers).status_code == 403
 
 
 def test_the_token_is_the_databases_and_every_process_agrees_on_it(engine: Engine, db_url: str) -> None:

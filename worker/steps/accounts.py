@@ -14,9 +14,20 @@ counted and billed on it. The account closes that:
   first use, :func:`jobs.store.pin_account`) from the first delivery of the very request its job
   recorded from fal's answer to our own submit: fal gives every request an id of its own, and
   signs its delivery for the account that sent it, so only our account's delivery can carry it.
-  From then on a delivery naming a job of that key, signed for an account none of our keys
-  has, is refused (the receiver answers 403, stores nothing) — and one stored before, applied
-  later or read as proof by the submit-unknown deadline, is ignored.
+  From then on a delivery naming an attempt sent with that key, signed for another account, is
+  refused (the receiver answers 403, stores nothing) — and one stored before, applied later or
+  read as proof by the submit-unknown deadline, is ignored.
+
+A pin judges only what it was learnt from, never pooled across keys or signers:
+
+* It is per key *and signer* (:func:`signer_of`: the origin of ``WANBATCH_WEBHOOK_JWKS_URL``,
+  whose keys verified the delivery). The real ``FAL_KEY`` pointed once at ``wanbatch simulator``
+  (its queue and its JWKS) pins that key to the simulator's ``sim-user`` for the simulator's
+  signer only: fal's own deliveries, verified against fal's keys, are judged by what they teach.
+* It judges the deliveries of attempts sent with its key, and each key's only by its own pin: an
+  account pinned for one key (``run --simulate``'s, a test account's) is nobody else's. The
+  database keeps the key of a job's latest attempt only (``Job.api_key_id``), so a delivery of an
+  earlier attempt (sent with a key since rotated, say) is bound by its token alone, as before.
 
 Before a key's account is learnt, the token alone binds its deliveries, as before: holding back
 the proof of an ambiguous submit until then would resend (pay for) a job whose lone request's
@@ -34,6 +45,7 @@ from sqlalchemy.orm import Session
 from jobs import store
 from jobs.models import WebhookDelivery
 from jobs.settings import Settings
+from worker.fal.origin import url_origin_text
 
 log = logging.getLogger(__name__)
 
@@ -42,36 +54,55 @@ log = logging.getLogger(__name__)
 Verdict = Literal["ours", "foreign"]
 
 
-def account_verdict(
-    session: Session, settings: Settings, job_id: str | None, request_id: str, user_id: str
-) -> Verdict:
-    """Whether a verified delivery's fal account (``user_id``) may speak for job ``job_id``.
+def signer_of(settings: Settings) -> str:
+    """Whose keys verify this receiver's deliveries: ``scheme://host:port`` of
+    ``WANBATCH_WEBHOOK_JWKS_URL`` (never its path or query; one that does not parse, kept as is
+    up to the column's 255 characters). fal's, ``https://rest.fal.ai:443``, by default."""
+    try:
+        return url_origin_text(settings.webhook_jwks_url)
+    except ValueError:
+        return settings.webhook_jwks_url[:255]
 
-    ``foreign`` when ``WANBATCH_FAL_USER_ID`` is set and does not name it, or when the account
-    of the job's API key is pinned and none of our keys' accounts is it. Otherwise ``ours``,
-    and when the delivery is of the job's own request (the one it recorded from fal's answer to
-    our submit) while its key's account is not known yet, that account is pinned now. A delivery
-    naming no job of ours is ``ours``: it is ignored anyway."""
+
+def account_verdict(
+    session: Session,
+    settings: Settings,
+    job_id: str | None,
+    attempt: int | None,
+    request_id: str,
+    user_id: str,
+) -> Verdict:
+    """Whether a verified delivery's fal account (``user_id``) may speak for attempt ``attempt``
+    of job ``job_id`` (None: its latest).
+
+    ``foreign`` when ``WANBATCH_FAL_USER_ID`` is set and does not name it, or when the attempt
+    was sent with an API key whose account (for this receiver's signer) is pinned to another.
+    Otherwise ``ours``, and when the delivery is of the job's own request (the one it recorded
+    from fal's answer to our submit) while its key's account is not known yet, that account is
+    pinned now. A delivery naming no job of ours is ``ours``: it is ignored anyway; so is one
+    of an earlier attempt than the job's latest, whose key the database does not keep."""
     configured = settings.fal_user_ids
     if configured:
         return "ours" if user_id in configured else "foreign"
     found = store.job_key_and_request(session, job_id) if job_id is not None else None
     if found is None:
         return "ours"
-    key, own_request = found
-    accounts = store.fal_accounts(session)
-    if user_id in accounts.values():  # one of our keys' (a job sent with another key before)
-        return "ours"
-    if key is not None and key in accounts:
-        return "foreign"
-    if key is None or own_request is None or own_request != request_id:
+    key, own_request, latest = found
+    if key is None or (attempt is not None and attempt != latest):
+        return "ours"  # that attempt's key is not known: the token alone binds it, as before
+    signer = signer_of(settings)
+    pinned = store.pinned_account(session, key, signer)
+    if pinned is not None:
+        return "ours" if pinned == user_id else "foreign"
+    if own_request is None or own_request != request_id:
         return "ours"  # not learnt yet: the token alone binds it, as before
-    pinned, new = store.pin_account(session, key, user_id, request_id)
+    pinned, new = store.pin_account(session, key, signer, user_id, request_id)
     if new:
         log.info(
-            "webhooks of API key %s are fal account %s's from now on (learnt from request %s of job "
-            "%s): deliveries signed for any other account are refused",
+            "webhooks of API key %s verified by %s are fal account %s's from now on (learnt from "
+            "request %s of job %s): deliveries signed for any other account are refused",
             key,
+            signer,
             user_id,
             request_id,
             job_id,
@@ -85,5 +116,7 @@ def signed_by_us(session: Session, settings: Settings, delivery: WebhookDelivery
     schema 0037 recorded no account, and is taken as before."""
     if delivery.user_id is None:
         return True
-    verdict = account_verdict(session, settings, delivery.job_id, delivery.request_id, delivery.user_id)
+    verdict = account_verdict(
+        session, settings, delivery.job_id, delivery.attempt, delivery.request_id, delivery.user_id
+    )
     return verdict == "ours"

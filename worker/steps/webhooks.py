@@ -238,7 +238,9 @@ def receive(
     """
     fal_key = inbox.settings.fal_key.get_secret_value() if inbox.settings.fal_key else ""
     with db.session_scope(inbox.engine) as session:
-        verdict = account_verdict(session, inbox.settings, job_id, delivery.request_id, delivery.user_id)
+        verdict = account_verdict(
+            session, inbox.settings, job_id, attempt, delivery.request_id, delivery.user_id
+        )
         if verdict == "foreign":  # the receiver refuses it (403), in one log line
             return None
         delivery_id, new = store.store_delivery(
@@ -351,7 +353,14 @@ def apply_delivery(inbox: Inbox, delivery_id: int) -> str:
         if delivery is None:
             return "taken"
         if delivery.user_id is not None and (
-            account_verdict(session, inbox.settings, delivery.job_id, delivery.request_id, delivery.user_id)
+            account_verdict(
+                session,
+                inbox.settings,
+                delivery.job_id,
+                delivery.attempt,
+                delivery.request_id,
+                delivery.user_id,
+            )
             == "foreign"
         ):  # stored before its job's key's account was learnt: checked against it now
             store.settle_delivery(session, delivery_id, FOREIGN)
