@@ -6,7 +6,7 @@ health check out.
 verified (:func:`worker.fal.webhooks.verify_delivery`: fal's Ed25519 signature, a timestamp within
 5 minutes, a body that matches), its URL's token checked (:func:`worker.steps.webhooks.binding_holds`:
 fal signs every account's webhooks alike, so only the token shows that one of our submits named
-that job and attempt) and its fal account (:func:`worker.steps.webhooks.account_verdict`: a
+that job and attempt) and its fal account (:func:`worker.steps.accounts.account_verdict`: a
 leaked token must not let another account's request stand in for ours), stored in the inbox,
 and only then answered 2xx; it is applied
 to its job right away (:mod:`worker.steps.webhooks`; on PostgreSQL that also wakes the tick
@@ -160,7 +160,7 @@ def _job_and_attempt(request: Request) -> tuple[str | None, int | None]:
 #: What a delivery whose URL lacks our token (or carries a wrong one) is told.
 NOT_OURS = "the webhook URL does not carry this receiver's token for its job and attempt"
 #: What a delivery signed for another fal account than ours is told
-#: (:func:`worker.steps.webhooks.account_verdict`).
+#: (:func:`worker.steps.accounts.account_verdict`).
 FOREIGN_ACCOUNT = "the webhook is signed for another fal account than this receiver's"
 
 

@@ -561,7 +561,7 @@ def stored_proof(
     counted as a duplicate charge): proof, in whatever order it came, that fal ran that attempt
     (``worker.steps.failures.settle_unknown_submit`` reads it before resending or failing a job
     whose submit's outcome stayed unknown). The latest attempt first. ``ours``: whether a
-    delivery is our fal account's (``worker.steps.webhooks.account_verdict``); one signed for
+    delivery is our fal account's (``worker.steps.accounts.account_verdict``); one signed for
     another proves nothing."""
     found = (
         select(WebhookDelivery)
