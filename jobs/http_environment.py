@@ -66,8 +66,13 @@ def is_loopback_host(host: str) -> bool:
     brackets) names this machine's loopback: ``localhost`` (and ``*.localhost``, RFC 6761) or a
     loopback address, IPv4-mapped included. A proxy elsewhere cannot reach it: what wanbatch and
     its simulator send there goes directly, whatever the proxy variables say."""
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
+    return host == "localhost" or host.endswith(".localhost") or is_loopback_address(host)
+
+
+def is_loopback_address(host: str) -> bool:
+    """Whether ``host`` is a loopback address (``127.0.0.0/8``, ``::1``, or IPv4-mapped
+    ``::ffff:127.0.0.1``); a name is not: the dashboard judges a peer's address with this
+    (:func:`web.auth.is_loopback`), where only the address says where a request came from."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:

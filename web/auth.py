@@ -81,6 +81,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from jobs import db, store
 from jobs.digits import ascii_int
+from jobs.http_environment import is_loopback_address
 from jobs.printable import one_line
 
 log = logging.getLogger(__name__)
@@ -170,16 +171,6 @@ def token_matches(given: str, token: str) -> bool:
     return hmac.compare_digest(given.encode(), token.encode())
 
 
-def _is_loopback_address(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
 def _host_name(host_header: str) -> str:
     """``[::1]:8788`` → ``::1``; ``localhost:8788`` → ``localhost``."""
     host = host_header.strip().lower()
@@ -191,12 +182,12 @@ def _host_name(host_header: str) -> str:
 def is_loopback(scope: Scope, headers: Headers) -> bool:
     """Whether the request surely comes from this machine, to a loopback name (see module doc)."""
     client = scope.get("client")
-    if not client or not _is_loopback_address(str(client[0])):
+    if not client or not is_loopback_address(str(client[0])):
         return False
     if any(name in headers for name in _PROXY_HEADERS):
         return False
     host = _host_name(headers.get("host", ""))
-    return host in _LOOPBACK_NAMES or _is_loopback_address(host)
+    return host in _LOOPBACK_NAMES or is_loopback_address(host)
 
 
 def sent_over_https(scheme: str, headers: Headers) -> bool:
