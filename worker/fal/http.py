@@ -10,16 +10,20 @@ request, so it cannot shrink as a deadline nears. :func:`cut_off_at` sets a dead
 everything the calling thread sends and reads until it is left (connect, TLS, request, headers,
 body), and :class:`DeadlineBackend`, the network backend of every client here
 (:func:`with_deadlines`), makes each wait ``min(timeout, time left)``: the exchange ends at its
-deadline however the bytes trickle.
+deadline however the bytes trickle. The name lookup before a connect is such a wait too
+(:func:`resolve`): ``getaddrinfo`` has no timeout of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import itertools
 import os
+import queue
 import random
+import socket
 import ssl
 import threading
 import time
@@ -461,9 +465,171 @@ class _DeadlineStream(httpcore.NetworkStream):
         return self._inner.get_extra_info(info)
 
 
+#: The most threads that look names up (:func:`resolve`) at once in a process.
+RESOLVER_THREADS = 8
+#: How long a lookup thread with nothing to look up waits for more before it ends.
+RESOLVER_IDLE_SECONDS = 30.0
+
+
+class _Lookup:
+    """One ``getaddrinfo`` of ``(host, port)``, asked by one caller or many: ``done`` is set once
+    ``answer`` (its addresses) or ``error`` (what it raised) is in."""
+
+    __slots__ = ("answer", "done", "error", "key")
+
+    def __init__(self, key: tuple[str, int]) -> None:
+        self.key = key
+        self.done = threading.Event()
+        self.answer: list[str] = []
+        self.error: BaseException | None = None
+
+
+class _Resolver:
+    """Name lookups on at most ``threads`` daemon threads, started as needed, so a caller can
+    stop waiting for one (:func:`resolve`) while it goes on.
+
+    ``getaddrinfo`` cannot be interrupted: a lookup that hangs holds its thread until the
+    resolver answers (glibc waits ``timeout × attempts`` per nameserver, and a hostile or broken
+    one may never answer). Lookups of a name already being looked up join that one instead of
+    taking another thread, and no more than ``threads`` run at once (the others queue): a hung
+    resolver holds a bounded number of threads, however many exchanges wait on it. The threads
+    are daemons, so a hung lookup never holds the process open at exit, and one left idle for
+    :data:`RESOLVER_IDLE_SECONDS` ends."""
+
+    def __init__(self, threads: int) -> None:
+        self._most = threads
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, int], _Lookup] = {}
+        self._queue: queue.SimpleQueue[_Lookup] = queue.SimpleQueue()
+        self._threads = 0
+        #: Lookups queued or taken by a thread that has not yet counted itself busy, and
+        #: threads waiting for one (or counted so): their difference is what waits for a thread.
+        self._queued = 0
+        self._idle = 0
+
+    def lookup(self, host: str, port: int) -> _Lookup:
+        """The lookup of ``(host, port)``: the one under way, else a new one, queued."""
+        key = (host, port)
+        with self._lock:
+            found = self._pending.get(key)
+            if found is not None:
+                return found
+            found = self._pending[key] = _Lookup(key)
+            self._queue.put(found)
+            self._queued += 1
+            if self._queued > self._idle and self._threads < self._most:
+                self._threads += 1
+                threading.Thread(target=self._serve, name="wanbatch-resolver", daemon=True).start()
+        return found
+
+    @property
+    def threads(self) -> int:
+        """How many lookup threads this resolver runs (for tests and diagnostics)."""
+        with self._lock:
+            return self._threads
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            try:
+                lookup = self._queue.get(timeout=RESOLVER_IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    self._idle -= 1
+                    if self._queued <= self._idle:  # the other idle threads take what waits
+                        self._threads -= 1
+                        return
+                continue
+            with self._lock:
+                self._idle -= 1
+                self._queued -= 1
+            host, port = lookup.key
+            try:
+                infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+                lookup.answer = list(dict.fromkeys(_address_of(info[4]) for info in infos))
+            except BaseException as exc:  # handed to every caller waiting for it
+                lookup.error = exc
+            finally:
+                with self._lock:
+                    if self._pending.get(lookup.key) is lookup:
+                        del self._pending[lookup.key]
+                lookup.done.set()
+
+
+def _address_of(sockaddr: tuple[Any, ...]) -> str:
+    """The address of a ``getaddrinfo`` answer as a connect takes it: an IPv6 one with its
+    scope (``fe80::1%2``), which the string alone leaves out."""
+    address = str(sockaddr[0])
+    if len(sockaddr) == 4 and sockaddr[3] and "%" not in address:
+        return f"{address}%{sockaddr[3]}"
+    return address
+
+
+_RESOLVER = _Resolver(RESOLVER_THREADS)
+
+
+def _fresh_resolver() -> None:
+    """In a forked child (Celery's prefork pool), the parent's lookup threads do not exist."""
+    global _RESOLVER
+    _RESOLVER = _Resolver(RESOLVER_THREADS)
+
+
+os.register_at_fork(after_in_child=_fresh_resolver)
+
+
+def is_ip_literal(host: str) -> bool:
+    """Whether ``host`` is an IP address (IPv6 with or without brackets or a scope): nothing to look up."""
+    try:
+        ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def resolve(host: str, port: int, timeout: float | None) -> list[str]:
+    """The addresses ``host`` resolves to (``getaddrinfo``, for a TCP connect), in its order,
+    once each; waited for at most ``timeout`` and the time left before the thread's nearest
+    deadline (:func:`cut_off_at`), whichever ends first.
+
+    :class:`httpcore.ConnectTimeout` when the lookup does not answer by then (``the name
+    lookup of 'HOST' did not answer within N s``; a deadline already past raises its own
+    reason, as every wait does), :class:`httpcore.ConnectError` when it fails (an unknown name)
+    or answers no address: the errors of a connect that failed, which every caller treats as
+    transient. ``socket.create_connection`` looks the name up with no timeout at all: a dead
+    nameserver held a submit, a download or a worker slot for as long as the resolver took,
+    past every deadline. The lookup runs on a :class:`_Resolver` thread, which goes on after
+    the caller stopped waiting: a lookup of that name asked meanwhile joins it, never asks again."""
+    bound = timeout
+    cuts = _CUTOFFS.get()
+    if cuts:
+        nearest = min(cuts, key=lambda cut: cut.at)
+        left = nearest.at - time.monotonic()
+        if left <= 0:
+            nearest.hit = True
+            raise httpcore.ConnectTimeout(nearest.reason)
+        bound = left if bound is None else min(bound, left)
+    lookup = _RESOLVER.lookup(host, port)
+    if not lookup.done.wait(bound):
+        raise httpcore.ConnectTimeout(f"the name lookup of {host!r} did not answer within {bound:.3g} s")
+    if isinstance(lookup.error, (OSError, UnicodeError)):
+        raise httpcore.ConnectError(str(lookup.error) or type(lookup.error).__name__) from lookup.error
+    if lookup.error is not None:
+        raise httpcore.ConnectError(f"the name lookup of {host!r} failed ({type(lookup.error).__name__})")
+    if not lookup.answer:
+        raise httpcore.ConnectError(f"the name lookup of {host!r} answered no address")
+    return list(lookup.answer)
+
+
 class DeadlineBackend(httpcore.NetworkBackend):
     """``inner`` (httpcore's socket backend by default) with every connect and every wait of
-    its streams bounded by the thread's deadline too (:func:`cut_off_at`)."""
+    its streams bounded by the thread's deadline too (:func:`cut_off_at`).
+
+    Over httpcore's socket backend, a host name is looked up first (:func:`resolve`, within
+    the connect timeout and the deadline), then each of its addresses is connected to in turn,
+    as ``socket.create_connection`` does, each within the time left. TLS is unchanged: httpcore
+    gives ``start_tls`` the origin's host name for SNI and certificate checks, never the address.
+    A proxy's name is looked up the same way (the pools of proxies are wrapped too)."""
 
     def __init__(self, inner: httpcore.NetworkBackend | None = None) -> None:
         self._inner = inner or httpcore.SyncBackend()
@@ -476,12 +642,34 @@ class DeadlineBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        stream = _within(
+        if not isinstance(self._inner, httpcore.SyncBackend) or is_ip_literal(host):
+            # Another backend (a test's) reaches hosts its own way; an address needs no lookup.
+            return _DeadlineStream(self._connect(host, port, timeout, local_address, socket_options))
+        if timeout is None and not _CUTOFFS.get():  # nothing to end a lookup by: as httpcore does
+            return _DeadlineStream(self._connect(host, port, timeout, local_address, socket_options))
+        options = None if socket_options is None else list(socket_options)  # used once per address
+        last: Exception | None = None
+        for address in resolve(host, port, timeout):
+            try:
+                return _DeadlineStream(self._connect(address, port, timeout, local_address, options))
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    def _connect(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None,
+        local_address: str | None,
+        socket_options: Iterable[Any] | None,
+    ) -> httpcore.NetworkStream:
+        return _within(
             lambda t: self._inner.connect_tcp(host, port, t, local_address, socket_options),
             timeout,
             httpcore.ConnectTimeout,
         )
-        return _DeadlineStream(stream)
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None

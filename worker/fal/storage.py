@@ -38,7 +38,6 @@ import hashlib
 import ipaddress
 import mimetypes
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -65,6 +64,7 @@ from worker.fal.http import (
     cut_off_at,
     environment_checked,
     origin,
+    resolve,
     shared_ssl_context,
     with_body,
 )
@@ -499,20 +499,22 @@ class DownloadPolicy:
         if literal is not None:
             self._refuse_internal(host, [literal])
 
-    def addresses(self, host: str, port: int) -> list[str]:
+    def addresses(self, host: str, port: int, timeout: float | None = None) -> list[str]:
         """The addresses to connect to for ``host``, each checked; refuses if any is internal.
 
         Every address is checked, not just the first: a name with one public and one internal
-        address would otherwise reach the internal one whenever the public one is down.
+        address would otherwise reach the internal one whenever the public one is down. The
+        name is looked up within ``timeout`` and the thread's deadline
+        (:func:`~worker.fal.http.resolve`): a resolver that does not answer is a connect
+        timeout, never a wait past the download's total timeout.
         """
         self.check_host(host, port)
         try:
-            infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
+            found = resolve(host.strip("[]"), port, timeout)
+        except httpcore.ConnectError as exc:
+            if exc.__cause__ is None:  # says what it is already (no address)
+                raise
             raise httpcore.ConnectError(f"cannot resolve {host!r}: {exc}") from exc
-        found = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        if not found:
-            raise httpcore.ConnectError(f"cannot resolve {host!r}: no address")
         if not self.listed(host, port):
             self._refuse_internal(host, found)
         return found
@@ -548,7 +550,7 @@ class _GuardedBackend(httpcore.NetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
         last: Exception | None = None
-        for address in self._policy.addresses(host, port):
+        for address in self._policy.addresses(host, port, timeout):
             try:
                 # TLS still verifies the certificate against ``host`` (httpcore passes the
                 # origin's host name as SNI / server_hostname), only the socket uses the address.
