@@ -1026,7 +1026,7 @@ def _processing(
     second one exits at once. A signal before the processing began (while the batch was being
     stored, or the run set up) carries no batch: ``stored()`` then says which batch the command
     had stored, if any — by asking the database; when the database does not answer at all
-    (the stop ended without it: :class:`worker.running._HangWatch`), ``unlooked()`` says which
+    (the stop ended without it: :class:`worker.running.HangWatch`), ``unlooked()`` says which
     batch it may have stored, without asking.
     """
 

@@ -202,10 +202,18 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
         celery_logs_through_ours()  # its task and multiprocessing loggers: our format, our handler
         celery_console_as_log_lines(settings.log_format)  # its shutdown notices too: log lines
         asked_to_stop: list[str] = []
+        # A stop that a database which does not answer at all holds back (a frozen server: the
+        # running task's write, the heartbeat's delete, the pool's threads joined at exit, each
+        # waiting for ever) ends anyway, in one line, keeping what fal accepted in the journal.
+        from worker.running import worker_stop_watch
+
+        stop_watch = worker_stop_watch(settings.lease_seconds, tasks.built_runtime)
 
         @worker_shutting_down.connect(weak=False)
         def _by_signal(sig: str = "", **_: object) -> None:
             asked_to_stop.append(sig)
+            if stop_watch.ident is None:  # the first signal: a second one (cold shutdown) too
+                stop_watch.start()
 
         quiet = settings.log_format == "json"  # no banner amid JSON lines
         streams = sys.stdout, sys.stderr  # Celery makes them log records ("celery.redirected")
@@ -220,6 +228,7 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
             )
         finally:
             _stop_ticker()  # however the worker ended (worker_shutdown did it already, as a rule)
+            stop_watch.done.set()  # it stopped on its own: nothing for the watch to end
             sys.stdout, sys.stderr = streams  # what ends the command is said as every command says it
         if stop_metrics is not None:
             stop_metrics()

@@ -41,6 +41,7 @@ https://docs.celeryq.dev/en/stable/userguide/configuration.html):
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 from typing import Any
 
@@ -162,7 +163,7 @@ def run_worker(
     from celery.platforms import maybe_drop_privileges
     from celery.utils.log import mlevel
 
-    pool_cls = pools.get_implementation(pool)  # "threads", "prefork", ...: Celery's aliases
+    pool_cls = _cold_shutdown_safe(pools.get_implementation(pool))  # "threads", "prefork", ...
     maybe_drop_privileges(uid=None, gid=None)  # Celery's check: a root worker is warned about
     options: dict[str, Any] = {}
     if concurrency:
@@ -183,6 +184,39 @@ def run_worker(
     )
     worker.start()
     return int(worker.exitcode or 0)
+
+
+def _cold_shutdown_safe(pool_cls: Any) -> Any:
+    """Celery's threads pool (``pool_cls``, else it is returned as it is), without the traceback
+    of its cold shutdown.
+
+    A second Ctrl-C (Celery's cold shutdown) cancels the running tasks by killing them, which a
+    thread cannot be: ``celery.concurrency.thread.TaskPool.terminate_job`` raises
+    ``NotImplementedError``, and Celery logged it, with its traceback, as "Error on stopping
+    Pool", then went on without waiting for the pool at all. Here the kill is no kill, said in
+    one warning line: the task finishes (its message was given back to the broker, and the
+    job's version makes a repeat harmless) and the worker ends after it, as on a warm shutdown
+    — or, when the database does not answer, within seconds all the same
+    (:func:`worker.running.worker_stop_watch`).
+    """
+    from celery.concurrency.thread import TaskPool
+
+    if not (isinstance(pool_cls, type) and issubclass(pool_cls, TaskPool)):
+        return pool_cls
+
+    class Pool(pool_cls):  # type: ignore[misc]
+        _said = False
+
+        def terminate_job(self, pid: Any, signal: Any = None) -> None:
+            if not Pool._said:
+                Pool._said = True
+                logging.getLogger(__name__).warning(
+                    "cold shutdown: a task running on a thread cannot be cut short; the worker "
+                    "ends once it has finished (its message goes back to the broker)",
+                    extra={"event": "worker.cold_shutdown_waits"},
+                )
+
+    return Pool
 
 
 def _stopping_on_hangup(worker_class: Any) -> Any:

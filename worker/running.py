@@ -17,7 +17,7 @@ packet, so neither TCP keepalives nor ``tcp_user_timeout`` ever fire, and psycop
 return. psycopg's wait releases the GIL and runs Python's signal handlers every 100 ms (its C
 ``wait_c`` polls in slices), so the signal itself is always handled; what hung was the stop's own
 database calls on the main thread after it. So the first signal also arms a watch
-(:class:`_HangWatch`): a stop still under way after :data:`STOP_HANG_GRACE_SECONDS` asks the
+(:class:`HangWatch`): a stop still under way after :data:`STOP_HANG_GRACE_SECONDS` asks the
 database, on a connection of its own, whether it answers at all; when no answer comes within
 :data:`DATABASE_ANSWER_SECONDS` the process keeps what only it knows (accepted submissions not
 recorded yet) in the journal of :mod:`worker.steps.unrecorded`, says so in one line and exits 130.
@@ -272,11 +272,62 @@ def hung_words(reason: str, url: str, rt: Runtime | None, batch_id: str | None) 
     return "; ".join(parts)
 
 
+#: Exit code of a ``wanbatch worker`` whose stop ended without the database (Celery's cold
+#: shutdown's ``EX_FAILURE``): not the warm shutdown's 0, since its heartbeat and leases stay.
+WORKER_HUNG_EXIT = 1
+
+
+def worker_hung_words(reason: str, url: str, lease_seconds: float, rt: Runtime | None) -> str:
+    """:func:`hung_words` for a ``wanbatch worker`` (``rt``: its process's runtime, None when
+    it never built one): its accepted submissions not recorded go to the journal too."""
+    said = (
+        f"stopping, but the database is not answering (WANBATCH_DATABASE_URL {db.safe_url(url)}: "
+        f"{reason}), so this worker ends without waiting for it (exit {WORKER_HUNG_EXIT})"
+    )
+    parts = [
+        f"{said}; its jobs are safe in the database: requests already at fal stay there and the "
+        "workers collect them once it answers; the jobs this worker held are taken up again when "
+        f"their leases end (WANBATCH_LEASE_SECONDS, {lease_seconds:.0f}s), a submit whose answer "
+        "was not recorded is checked by the reconciler, never resent blindly"
+    ]
+    kept = rt.unrecorded.keep_all() if rt is not None else []
+    if rt is not None and kept:
+        parts.append(rt.unrecorded.lost_words(kept, by="worker"))
+    return "; ".join(parts)
+
+
+def worker_stop_watch(lease_seconds: float, runtime: Callable[[], Runtime | None]) -> HangWatch:
+    """The :class:`HangWatch` of a ``wanbatch worker``, to start at the first stop signal (Celery's
+    ``worker_shutting_down``) and to tell ``done`` once the worker ended on its own.
+
+    Celery's warm shutdown waits for the running tasks, then the ticker clears its heartbeat,
+    then Python's exit joins the pool's threads: against a frozen database (a statement that
+    never gets its answer) each waits for ever, and a second Ctrl-C (Celery's cold shutdown)
+    cannot end a thread either. So, as for ``run``, a stop still under way
+    :data:`STOP_HANG_GRACE_SECONDS` after the signal asks the database on a connection of its own,
+    and when no answer comes the worker keeps the submissions fal accepted that ``runtime()``
+    (its process's) has not recorded in the journal of :mod:`worker.steps.unrecorded`, says so
+    in one log line (event ``worker.stop_database_hung``) and exits :data:`WORKER_HUNG_EXIT`.
+    A prefork pool's children hold their own runtimes: only the main process's are kept."""
+
+    def words(reason: str, url: str) -> str:
+        return worker_hung_words(reason, url, lease_seconds, runtime())
+
+    def hung(line: str, _batch_id: str | None) -> None:
+        log.error("%s", line, extra={"event": "worker.stop_database_hung"})
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(WORKER_HUNG_EXIT)
+
+    return HangWatch(hung, None, words)
+
+
 class _SilenceWatch:
     """Says, in one warning line, that the database gives no answer while a run goes on — no
     error, no progress, nothing in the log (a frozen server) — and, in one line, when it
     answers again. Reports only: the run waits, as it waits out an outage that fails fast
-    (:class:`~worker.db_outage.DatabaseOutage`), and Ctrl-C ends it (:class:`_HangWatch`).
+    (:class:`~worker.db_outage.DatabaseOutage`), and Ctrl-C ends it (:class:`HangWatch`).
 
     :meth:`answered` is called by the run loop each time its progress read completes;
     :meth:`check` by the main thread while it waits. Once no read has completed for
@@ -323,7 +374,7 @@ class _SilenceWatch:
         )
 
 
-class _HangWatch(threading.Thread):
+class HangWatch(threading.Thread):
     """Ends a stop that a database which does not answer holds back (see the module docstring).
 
     Started by the first stop signal; ``done`` is set when the command finished on its own.
@@ -331,16 +382,21 @@ class _HangWatch(threading.Thread):
     (:func:`database_silence`); only when no answer comes does it end the process: through
     ``on_hang(line, batch_id)`` (the command's last words, then ``os._exit``), else by writing
     the line and ``last_words()`` itself and exiting 130.
+
+    ``words(reason, url)``, when given, makes that line instead of :func:`hung_words` (a
+    ``wanbatch worker``'s: :func:`worker_hung_words`, through :func:`worker_stop_watch`).
     """
 
     def __init__(
         self,
         on_hang: Callable[[str, str | None], None] | None,
         last_words: Callable[[], bytes | None] | None,
+        words: Callable[[str, str], str] | None = None,
     ) -> None:
         super().__init__(name="wanbatch-stop-watch", daemon=True)
         self.on_hang = on_hang
         self.last_words = last_words
+        self.words = words
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -359,7 +415,10 @@ class _HangWatch(threading.Thread):
                 extra={"event": "run.stop_database_hung"},
             )
             batch_id, rt = _stopping.batch_id, _stopping.runtime
-            line = hung_words(reason, url, rt, batch_id)
+            if self.words is not None:
+                line = self.words(reason, url)
+            else:
+                line = hung_words(reason, url, rt, batch_id)
             if self.on_hang is not None:
                 with contextlib.suppress(Exception):
                     self.on_hang(line, batch_id)  # normally never returns (os._exit)
@@ -383,7 +442,7 @@ def stop_on_signals(
     (the command's ``--json`` object; None: nothing), with one ``os.write``, best effort: the
     signal may have come in the middle of a write through ``sys.stdout``.
 
-    The first signal also starts a :class:`_HangWatch`: a stop that a database which does not
+    The first signal also starts a :class:`HangWatch`: a stop that a database which does not
     answer at all holds back ends anyway, through ``on_hang(line, batch_id)`` (which writes the
     command's last words and exits), else with ``line``, ``last_words()`` and exit 130.
 
@@ -404,7 +463,7 @@ def stop_on_signals(
     _stop_requested.clear()
     db.wait_for_lock_again()
     terminals = open_terminals()
-    watch = _HangWatch(on_hang, last_words)
+    watch = HangWatch(on_hang, last_words)
     _stopping.batch_id, _stopping.runtime = None, None
 
     def handle(signum: int, frame: FrameType | None) -> None:

@@ -194,6 +194,12 @@ def runtime(app: Celery) -> Runtime:
         return _runtime
 
 
+def built_runtime() -> Runtime | None:
+    """This process's runtime if one was built or installed, without building one (a stopping
+    worker's :func:`worker.running.worker_stop_watch` keeps its accepted submissions)."""
+    return _runtime
+
+
 def set_runtime(rt: Runtime | None) -> None:
     """Install a runtime (embedded mode shares the one its loop built)."""
     global _runtime

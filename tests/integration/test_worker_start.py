@@ -35,7 +35,9 @@ seen = {}
 def _ready(sender, **_):
     controller = sender.controller
     seen["queues"] = sorted(q.name for q in sender.task_consumer.queues)
-    seen["pool"] = type(controller.pool).__module__
+    # Celery's pool class (the threads pool's is a subclass of it: worker.app._cold_shutdown_safe)
+    pools = type(controller.pool).__mro__
+    seen["pool"] = next(c.__module__ for c in pools if c.__module__.startswith("celery."))
     seen["concurrency"] = controller.concurrency
     seen["steps"] = sorted(s.name for s in sender.steps)
     seen["loglevel"] = controller.loglevel

@@ -7,9 +7,12 @@ run of the process. Now each command gets the app of the settings it runs with.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+
+import pytest
 
 from jobs.settings import Settings
 from worker.app import get_app, make_app
@@ -47,3 +50,28 @@ def test_a_broker_set_before_the_first_import_does_not_leak_into_embedded_runs()
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith("memory://")
+
+
+def test_a_second_ctrl_c_to_a_threads_worker_is_one_line_not_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Celery's cold shutdown kills the running tasks, which its threads pool cannot do: it raised
+    NotImplementedError, logged with its traceback ("Error on stopping Pool"). Now one line."""
+    from celery.concurrency import get_implementation
+    from celery.concurrency.thread import TaskPool
+
+    from worker.app import _cold_shutdown_safe
+
+    pool_cls = _cold_shutdown_safe(get_implementation("threads"))
+    assert issubclass(pool_cls, TaskPool)
+    pool = pool_cls(limit=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.app"):
+            pool.terminate_job(4242, 15)
+            pool.terminate_job(4243, 15)  # said once per shutdown, not per task
+    finally:
+        pool.executor.shutdown()
+    assert [r.__dict__.get("event") for r in caplog.records] == ["worker.cold_shutdown_waits"]
+    assert "cannot be cut short" in caplog.records[0].getMessage()
+    prefork = get_implementation("prefork")
+    assert _cold_shutdown_safe(prefork) is prefork  # its children can be killed: left as it is

@@ -481,21 +481,22 @@ class Unrecorded:
             self._next_scan = now + SCAN_SECONDS
             return True
 
-    def lost_words(self, lost: list[Accepted]) -> str:
-        """What a stopping run says of the submissions it could not record (empty: none)."""
+    def lost_words(self, lost: list[Accepted], by: str = "run") -> str:
+        """What a stopping run (``by``: or a ``worker``) says of the submissions it could not
+        record (empty: none)."""
         if not lost:
             return ""
         ids = ", ".join(a.line() for a in lost)
         where = self.journal.path
         if where is not None:
-            then = f"kept in {where}: the next run on this host records them (none is sent again)"
+            then = f"kept in {where}: the next {by} on this host records them (none is sent again)"
         else:
             folders = ", ".join(map(str, self.journal.folders))
             saved = self.journal.folders[0] / f"{PREFIX}{self.journal.key}-saved{SUFFIX}"
             then = (
                 f"they could not be kept on disk either (no room in {folders}); each is logged "
                 f"above as JSON (event submit.unrecorded): save those lines as {saved} once there "
-                "is room, and the next run records them"
+                f"is room, and the next {by} records them"
             )
         return (
             f"{len(lost)} accepted submission(s) could not be recorded (fal has them, and bills "
