@@ -961,55 +961,120 @@ _LOCK_WAIT: contextvars.ContextVar[float | None] = contextvars.ContextVar("wanba
 _PG_LOCK_NOT_AVAILABLE = "55P03"
 #: The longest ``lock_timeout`` PostgreSQL takes, in milliseconds (an int4 GUC).
 _PG_MAX_LOCK_TIMEOUT_MS = 2_147_483_647
-#: Who holds (or queues for) a strong lock on a table of this database, another session than
-#: this one: the lock's pid, table and mode from ``pg_locks`` (readable by every role), and what
-#: ``pg_stat_activity`` shows of that session (NULL where this role may not see it). Strong: the
-#: modes that hold back a plain read (``ACCESS EXCLUSIVE``: ``LOCK TABLE``'s default, ``ALTER
-#: TABLE``, ``DROP``, ``TRUNCATE``, ``VACUUM FULL``) or a write (``SHARE`` and up: ``CREATE
-#: INDEX``, ``LOCK TABLE … IN SHARE MODE``), strongest first. Row locks (``SELECT … FOR
-#: UPDATE``) are a writer's business: a read never waits for them.
+#: PostgreSQL's table lock modes, weakest first, and the modes each one waits for
+#: (https://www.postgresql.org/docs/current/explicit-locking.html#TABLE-LOCK-COMPATIBILITY).
+_LOCK_MODES = (
+    "AccessShareLock",
+    "RowShareLock",
+    "RowExclusiveLock",
+    "ShareUpdateExclusiveLock",
+    "ShareLock",
+    "ShareRowExclusiveLock",
+    "ExclusiveLock",
+    "AccessExclusiveLock",
+)
+_LOCK_CONFLICTS: dict[str, frozenset[str]] = {
+    "AccessShareLock": frozenset(_LOCK_MODES[7:]),
+    "RowShareLock": frozenset(_LOCK_MODES[6:]),
+    "RowExclusiveLock": frozenset(_LOCK_MODES[4:]),
+    "ShareUpdateExclusiveLock": frozenset(_LOCK_MODES[3:]),
+    "ShareLock": frozenset({"RowExclusiveLock", "ShareUpdateExclusiveLock", *_LOCK_MODES[5:]}),
+    "ShareRowExclusiveLock": frozenset(_LOCK_MODES[2:]),
+    "ExclusiveLock": frozenset(_LOCK_MODES[1:]),
+    "AccessExclusiveLock": frozenset(_LOCK_MODES),
+}
+#: The table wanbatch only reads (a schema upgrade writes it, under a lock of its own).
+_READ_ONLY_TABLE = "alembic_version"
+#: Who holds (or queues for) a lock on one of wanbatch's tables (``:tables``, resolved by the
+#: connection's ``search_path`` as wanbatch's own statements are) that would block what wanbatch
+#: does with it, another session than this one: the lock's pid, table and mode from ``pg_locks``
+#: (readable by every role), and what ``pg_stat_activity`` shows of that session (NULL where this
+#: role may not see it). Blocking: ``ACCESS EXCLUSIVE`` (``LOCK TABLE``'s default, ``ALTER
+#: TABLE``, ``DROP``, ``TRUNCATE``, ``VACUUM FULL``) holds back every read and write;
+#: ``SHARE``, ``SHARE ROW EXCLUSIVE`` and ``EXCLUSIVE`` (``CREATE INDEX``, ``LOCK TABLE … IN
+#: SHARE MODE``) every write (``run``'s, the workers', the webhook receiver's), but for
+#: ``alembic_version``, which only an upgrade writes. Weaker locks (an open transaction's
+#: ``ROW EXCLUSIVE``, ``VACUUM``'s ``SHARE UPDATE EXCLUSIVE``), row locks, and locks on tables
+#: that are not wanbatch's (an ETL tool's ``CREATE TABLE``) hold back nothing wanbatch does.
 #:
 #: The sessions that hold back another one right now (``pg_blocking_pids`` of every session
-#: waiting for a lock: a worker, ``run``, another command queued behind it) come first: a session
-#: holding a strong lock on a table nobody is reading (a ``VACUUM FULL`` of another table) is
-#: innocent, and naming it (the longest held) sent ``pg_terminate_backend`` to the wrong pid.
+#: waiting for a lock: a worker, ``run``, another command queued behind it) come first, then the
+#: granted, the strongest and the longest held. Which session a bounded command itself waited for
+#: is read while it waits (:class:`_LockWatcher`), not from this list.
 _LOCK_HOLDERS = text(
     """
     WITH blocking AS (
         SELECT DISTINCT unnest(pg_blocking_pids(w.pid)) AS pid
         FROM pg_stat_activity w
         WHERE w.wait_event_type = 'Lock' AND w.pid <> pg_backend_pid()
+    ), wanbatch AS (
+        SELECT to_regclass(quote_ident(t.name))::oid AS oid, t.name = :read_only AS read_only
+        FROM unnest(CAST(:tables AS text[])) AS t(name)
     )
     SELECT l.pid, c.relname, l.mode, l.granted, a.state, a.application_name,
            extract(epoch FROM statement_timestamp() - coalesce(a.xact_start, a.query_start))::float8
     FROM pg_locks l
+    JOIN wanbatch t ON t.oid = l.relation
     JOIN pg_class c ON c.oid = l.relation
     LEFT JOIN pg_stat_activity a ON a.pid = l.pid
     WHERE l.locktype = 'relation'
       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND l.pid <> pg_backend_pid()
-      AND l.mode IN ('AccessExclusiveLock', 'ExclusiveLock', 'ShareRowExclusiveLock', 'ShareLock')
-      AND c.relkind IN ('r', 'p')
+      AND (l.mode = 'AccessExclusiveLock'
+           OR (NOT t.read_only AND l.mode IN ('ExclusiveLock', 'ShareRowExclusiveLock', 'ShareLock')))
     ORDER BY l.pid IN (SELECT pid FROM blocking) DESC, l.granted DESC, array_position(
         ARRAY['AccessExclusiveLock', 'ExclusiveLock', 'ShareRowExclusiveLock', 'ShareLock'], l.mode::text
     ), 7 DESC NULLS LAST
     LIMIT 5
     """
 )
-#: How long :func:`lock_holders`' own read may take or wait, in milliseconds: it only explains a
-#: failure, and must not become a second wait.
+#: The sessions holding back each of the given backends (``:pids``) that waits for a lock right
+#: now (``pg_blocking_pids``: those holding a lock it waits for, and those queued ahead of it for
+#: one that would), each with its lock on the relation waited for (several rows: the caller picks)
+#: and what ``pg_stat_activity`` shows of it. One row per waiter, blocker and lock.
+_LOCK_BLOCKERS = text(
+    """
+    WITH waiting AS (
+        SELECT w.pid AS waiter, w.locktype, w.mode AS wanted, w.relation, w.database,
+               unnest(pg_blocking_pids(w.pid)) AS pid
+        FROM pg_locks w
+        WHERE w.pid = ANY(CAST(:pids AS integer[])) AND NOT w.granted
+    )
+    SELECT w.waiter, w.pid, w.locktype, w.wanted, c.relname, l.mode, l.granted, a.state,
+           a.application_name,
+           extract(epoch FROM statement_timestamp() - coalesce(a.xact_start, a.query_start))::float8
+    FROM waiting w
+    LEFT JOIN pg_class c ON c.oid = w.relation
+    LEFT JOIN pg_locks l
+           ON l.pid = w.pid AND w.locktype = 'relation' AND l.locktype = 'relation'
+          AND l.relation = w.relation AND l.database = w.database
+    LEFT JOIN pg_stat_activity a ON a.pid = w.pid
+    """
+)
+#: How long :func:`lock_holders`' and the watcher's own reads may take or wait, in milliseconds:
+#: they only explain a failure, and must not become a second wait.
 _LOCK_LOOKUP_MS = 2000
+#: How often the watcher looks at a bounded transaction's backend (:class:`_LockWatch`): a
+#: quarter of its bound, so that a wait that lasts the bound is seen at least three times, but
+#: within these limits, in seconds. A transaction shorter than that is never looked at.
+_WATCH_EVERY_MIN = 0.02
+_WATCH_EVERY_MAX = 2.0
+#: How long the watcher keeps its thread and connections with nothing to watch, in seconds.
+_WATCHER_IDLE_SECONDS = 5.0
 
 
 def _bound_lock_waits(engine: Engine) -> None:
     """Give every transaction ``engine`` begins inside :func:`lock_waits_bounded` PostgreSQL's
     ``lock_timeout`` (``SET LOCAL``: that transaction only, so a pooled connection, and a
     transaction-pooling PgBouncer's server connection, keeps none of it; never libpq's startup
-    ``options``, which poolers refuse). Outside it nothing is sent: ``run``, the workers and the
-    webhook receiver wait for a lock as long as it takes, as before — until the process is
-    stopping (:func:`stop_waiting_for_lock`): from then on every transaction it begins, on any
-    thread, waits at most :data:`STOP_LOCK_WAIT_SECONDS` (a transaction already waiting keeps
-    its wait: the stop does not wait for it, :mod:`worker.running`)."""
+    ``options``, which poolers refuse), and have its backend watched while it runs
+    (:class:`_LockWatcher`: its server pid, ``pg_backend_pid()``, asked in the same round trip),
+    so that a wait that ends in ``lock_timeout`` names the session it waited for. Outside it
+    nothing is sent: ``run``, the workers and the webhook receiver wait for a lock as long as it
+    takes, as before — until the process is stopping (:func:`stop_waiting_for_lock`): from then
+    on every transaction it begins, on any thread, waits at most :data:`STOP_LOCK_WAIT_SECONDS`
+    (a transaction already waiting keeps its wait: the stop does not wait for it,
+    :mod:`worker.running`)."""
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
@@ -1025,11 +1090,44 @@ def _bound_lock_waits(engine: Engine) -> None:
         # jobs.settings.MAX_LOCK_WAIT_SECONDS): a refused SET would fail every bounded command.
         milliseconds = min(_PG_MAX_LOCK_TIMEOUT_MS, max(1, math.ceil(seconds * 1000)))
         sql = f"SET LOCAL lock_timeout = {milliseconds}"
+        watch = _WATCH.get()
+        if watch is not None:  # the server's pid (a pooler's libpq reports its own), same round trip
+            sql += "; SELECT pg_backend_pid()"
+        pid: int | None = None
         try:
             with dbapi.cursor() as cursor:
                 cursor.execute(sql)
+                if watch is not None:
+                    if cursor.description is None:  # psycopg 3: the SET's result comes first
+                        cursor.nextset()
+                    row = cursor.fetchone()
+                    pid = int(row[0]) if row else None
         except engine.dialect.loaded_dbapi.Error as exc:  # as if SQLAlchemy had sent it
             raise DBAPIError.instance(sql, (), exc, engine.dialect.loaded_dbapi.Error) from exc
+        if watch is not None and pid is not None:
+            connection.info[_WATCHED] = (watch, pid)
+            watch.began(pid, engine.url)
+
+    @event.listens_for(engine, "commit")
+    @event.listens_for(engine, "rollback")
+    def _on_end(connection: Any) -> None:
+        if not connection.invalidated:  # else its info raises; the block's end forgets the pid
+            _unwatch(connection.info)
+
+    @event.listens_for(engine.pool, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        _unwatch(record.info)  # whatever ended its transaction
+
+
+def _unwatch(info: dict[str, Any]) -> None:
+    """The bounded transaction of the connection whose ``info`` this is has ended."""
+    watched = info.pop(_WATCHED, None)
+    if watched is not None:
+        watched[0].ended(watched[1])
+
+
+#: Where a connection keeps the watch of the bounded transaction it runs, and its server pid.
+_WATCHED = "wanbatch_lock_watch"
 
 
 def is_lock_timeout(exc: BaseException) -> bool:
@@ -1043,16 +1141,19 @@ def is_lock_timeout(exc: BaseException) -> bool:
 def lock_waits_bounded(settings: DatabaseSettings) -> Iterator[None]:
     """Inside the block, a PostgreSQL transaction waits at most ``settings.database_lock_wait``
     seconds for a lock (``lock_timeout``); one that waited that long raises
-    :class:`~jobs.errors.DatabaseLockedError` with one line naming the session holding it (when
-    the server says). For the commands an operator runs to look (``status``, ``export``, the
-    dashboard's pages): another session's ``LOCK TABLE jobs`` left open in ``psql``, or a
-    migration's ``ALTER TABLE`` queued behind a long transaction, held them without a word, for
-    ever. Not ``statement_timeout``: an export of a large batch rightly reads for a long time.
-    Nothing changes on SQLite, whose busy wait (:data:`SQLITE_BUSY_TIMEOUT_MS`) bounds it.
+    :class:`~jobs.errors.DatabaseLockedError` with one line naming the session it waited for
+    (when the server says: read while it waited, :class:`_LockWatcher`). For the commands an
+    operator runs to look (``status``, ``export``, the dashboard's pages): another session's
+    ``LOCK TABLE jobs`` left open in ``psql``, or a migration's ``ALTER TABLE`` queued behind a
+    long transaction, held them without a word, for ever. Not ``statement_timeout``: an export
+    of a large batch rightly reads for a long time. Nothing changes on SQLite, whose busy wait
+    (:data:`SQLITE_BUSY_TIMEOUT_MS`) bounds it.
 
     The bound follows the context (:mod:`contextvars`): threads the block starts itself do not
     inherit it (a pool's threads must enter it themselves)."""
+    watch = _LockWatch(settings.database_lock_wait)
     token = _LOCK_WAIT.set(settings.database_lock_wait)
+    watching = _WATCH.set(watch)
     try:
         yield
     except DBAPIError as exc:
@@ -1060,17 +1161,21 @@ def lock_waits_bounded(settings: DatabaseSettings) -> Iterator[None]:
             raise
         raise database_locked_error(settings.database_url) from None
     finally:
+        _WATCH.reset(watching)
         _LOCK_WAIT.reset(token)
+        _WATCHER.forget(watch)
 
 
 @dataclass(frozen=True, slots=True)
 class LockHolder:
-    """Another session's strong lock on a table (:func:`lock_holders`); what the server would
-    not show this role is None."""
+    """Another session's lock that holds back, or would hold back, wanbatch (:func:`lock_holders`,
+    :class:`_LockWatcher`); what the server would not show this role is None."""
 
     pid: int
-    table: str
-    #: ``pg_locks``' mode (``AccessExclusiveLock``).
+    #: The table locked (None: a lock on no table, such as a transaction's own).
+    table: str | None
+    #: ``pg_locks``' mode (``AccessExclusiveLock``), or what the lock is in words (``row-level``)
+    #: when it is not a table's.
     mode: str
     #: False: the session is queued for the lock, and every later request for the table behind it.
     granted: bool
@@ -1080,12 +1185,20 @@ class LockHolder:
     #: How long its transaction has been open (or its statement running), in seconds.
     held_for: float | None
 
+    @property
+    def blocks_reads(self) -> bool:
+        """Whether every read of its table waits for this lock (``ACCESS EXCLUSIVE``), not only
+        the writes."""
+        return self.mode == "AccessExclusiveLock"
+
     def said(self) -> str:
-        """``pid 4242 holds an ACCESS EXCLUSIVE lock on table jobs (for 3m, idle in transaction,
-        application 'psql')``."""
+        """``pid 4242 holds an ACCESS EXCLUSIVE lock on table jobs (its transaction open for 3m,
+        idle in transaction, application 'psql')``."""
         from jobs.schedule import format_duration
 
-        mode = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", self.mode.removesuffix("Lock")).upper()
+        mode = self.mode
+        if mode in _LOCK_CONFLICTS:
+            mode = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", mode.removesuffix("Lock")).upper()
         verb = "holds" if self.granted else "is queued for"
         about = []
         if self.held_for is not None:
@@ -1095,23 +1208,28 @@ class LockHolder:
         if self.application:
             about.append(f"application {self.application!r}")
         more = f" ({', '.join(about)})" if about else ""
-        article = "an" if mode[:1] in "AEIOU" else "a"  # an ACCESS EXCLUSIVE, a SHARE
-        return one_line(f"pid {self.pid} {verb} {article} {mode} lock on table {self.table}{more}")
+        article = "an" if mode[:1].upper() in "AEIOU" else "a"  # an ACCESS EXCLUSIVE, a SHARE
+        on = f" on table {self.table}" if self.table else ""
+        return one_line(f"pid {self.pid} {verb} {article} {mode} lock{on}{more}")
 
 
 def lock_holders(engine: Engine) -> list[LockHolder]:
-    """The other sessions holding, or queued for, a strong lock (:data:`_LOCK_HOLDERS`) on a table
-    of ``engine``'s PostgreSQL database: those that hold back a waiting session first, then the
-    granted and strongest, then the longest held;
-    none on SQLite, and none when they cannot be read (a role without the right, a server that
-    does not answer in :data:`_LOCK_LOOKUP_MS`): this explains a wait, it never fails one."""
+    """The other sessions holding, or queued for, a lock on one of wanbatch's tables that holds
+    back what wanbatch does with it (:data:`_LOCK_HOLDERS`) in ``engine``'s PostgreSQL database:
+    those that hold back a waiting session first, then the granted and strongest, then the
+    longest held; none on SQLite, and none when they cannot be read (a role without the right, a
+    server that does not answer in :data:`_LOCK_LOOKUP_MS`): this explains a wait, it never
+    fails one."""
     if engine.dialect.name != "postgresql":
         return []
+    from jobs.models import Base
+
+    tables = sorted({*Base.metadata.tables, _READ_ONLY_TABLE})
     try:
         with engine.connect() as conn:
             conn.execute(text(f"SET LOCAL statement_timeout = {_LOCK_LOOKUP_MS}"))
             conn.execute(text(f"SET LOCAL lock_timeout = {_LOCK_LOOKUP_MS}"))
-            rows = conn.execute(_LOCK_HOLDERS).all()
+            rows = conn.execute(_LOCK_HOLDERS, {"tables": tables, "read_only": _READ_ONLY_TABLE}).all()
             conn.rollback()
     except Exception:  # a lookup that fails explains nothing, and is no new error
         log.debug("reading the database's lock holders failed", exc_info=True)
@@ -1130,18 +1248,224 @@ def lock_holders(engine: Engine) -> list[LockHolder]:
     ]
 
 
+def _blockers_by_waiter(rows: Iterable[Any]) -> dict[int, list[LockHolder]]:
+    """:data:`_LOCK_BLOCKERS`' rows as each waiting backend's blockers: for each, the lock that
+    holds the waiter back (one that conflicts with the mode it waits for, a granted one before
+    one queued for, the strongest), those holding it before those queued ahead, the longest held
+    first."""
+    best: dict[tuple[int, int], tuple[tuple[bool, bool, int], LockHolder]] = {}
+    for waiter, pid, locktype, wanted, relname, mode, granted, state, application, held_for in rows:
+        if locktype == "relation" and mode is not None:
+            rank = (
+                mode in _LOCK_CONFLICTS.get(str(wanted), frozenset()),
+                bool(granted),
+                _LOCK_MODES.index(mode),
+            )
+            said_mode, said_granted = str(mode), bool(granted)
+        else:  # a row (a tuple, a transaction) or an object: what it is, held
+            rank = (False, True, -1)
+            said_mode = "row-level" if locktype in ("tuple", "transactionid") else str(locktype)
+            said_granted = True
+        holder = LockHolder(
+            pid=int(pid),
+            table=str(relname) if relname is not None else None,
+            mode=said_mode,
+            granted=said_granted,
+            state=state,
+            application=application or None,
+            held_for=float(held_for) if held_for is not None else None,
+        )
+        key = (int(waiter), int(pid))
+        if key not in best or rank > best[key][0]:
+            best[key] = (rank, holder)
+    found: dict[int, list[LockHolder]] = {}
+    for (waiter, _pid), (_rank, holder) in best.items():
+        found.setdefault(waiter, []).append(holder)
+    for holders in found.values():
+        holders.sort(key=lambda h: (not h.granted, -_strength(h.mode), -(h.held_for or 0.0)))
+    return found
+
+
+def _strength(mode: str) -> int:
+    """How strong a table lock mode is (:data:`_LOCK_MODES`' order; -1: no table's)."""
+    return _LOCK_MODES.index(mode) if mode in _LOCK_CONFLICTS else -1
+
+
+class _LockWatch:
+    """One :func:`lock_waits_bounded` block: the server pids of the transactions it began, and who
+    held each back when the watcher (:class:`_LockWatcher`) last saw it wait for a lock.
+
+    A ``lock_timeout`` ends the wait it bounds, so who held it back cannot be asked afterwards:
+    asked then, the server could only list every strong lock there is, and an innocent session's
+    (a ``LOCK TABLE`` on a table the command never read) was named instead. Asked while the
+    command's own backend waits (``pg_blocking_pids`` of its pid), it names exactly the sessions
+    it waited for."""
+
+    def __init__(self, seconds: float) -> None:
+        self.every = min(_WATCH_EVERY_MAX, max(_WATCH_EVERY_MIN, seconds / 4))
+        self._guard = threading.Lock()
+        #: Each open transaction's server pid → (its engine's URL, its generation, when to look next).
+        self._open: dict[int, tuple[URL, int, float]] = {}
+        #: Each pid's blockers at the last look (empty: it was not waiting then).
+        self._seen: dict[int, list[LockHolder]] = {}
+        self._generation = 0
+        #: Each pid's latest transaction's generation (a look at an older one is ignored).
+        self._latest: dict[int, int] = {}
+        #: The pid last seen waiting (None: none, or it was not waiting when looked at again).
+        self._waiting: int | None = None
+
+    def began(self, pid: int, url: URL) -> None:
+        """A transaction began on the backend ``pid``: look at it from :attr:`every` from now."""
+        with self._guard:
+            self._generation += 1
+            self._latest[pid] = self._generation
+            self._open[pid] = (url, self._generation, time.monotonic() + self.every)
+            self._seen.pop(pid, None)
+            if self._waiting == pid:
+                self._waiting = None
+        _WATCHER.watch(self)
+
+    def ended(self, pid: int) -> None:
+        """The transaction on ``pid`` ended (what was seen of it is kept: its error comes after)."""
+        with self._guard:
+            self._open.pop(pid, None)
+
+    def due(self, now: float) -> tuple[list[tuple[int, int, URL]], float | None]:
+        """The transactions to look at now (pid, generation, URL; each then next in
+        :attr:`every`), and when the next one is due (None: nothing open)."""
+        looks: list[tuple[int, int, URL]] = []
+        soonest: float | None = None
+        with self._guard:
+            for pid, (url, generation, at) in list(self._open.items()):
+                if at <= now:
+                    looks.append((pid, generation, url))
+                    at = now + self.every
+                    self._open[pid] = (url, generation, at)
+                soonest = at if soonest is None else min(soonest, at)
+        return looks, soonest
+
+    def saw(self, pid: int, generation: int, blockers: list[LockHolder]) -> None:
+        """A look at ``pid`` (its transaction of ``generation``) found these blockers."""
+        with self._guard:
+            if self._latest.get(pid) != generation:
+                return  # a transaction begun since on that backend: the look was the older one's
+            self._seen[pid] = blockers
+            if blockers:
+                self._waiting = pid
+            elif self._waiting == pid:
+                self._waiting = None
+
+    def blockers(self) -> list[LockHolder]:
+        """Who held back the transaction last seen waiting (empty: none seen waiting)."""
+        with self._guard:
+            return list(self._seen.get(self._waiting, [])) if self._waiting is not None else []
+
+
+class _LockWatcher:
+    """The thread that looks at the backends of the bounded transactions (:class:`_LockWatch`)
+    while they run, every :attr:`_LockWatch.every`, from connections of its own (one per
+    database, pooled while it runs): one query for all of a database's due backends, reading
+    who holds each back if it waits for a lock (:data:`_LOCK_BLOCKERS`). Started when a bounded
+    transaction begins, ended once nothing was open for :data:`_WATCHER_IDLE_SECONDS`. A look
+    that fails (the server refuses a connection) changes nothing: the command's line then names
+    the session from :func:`lock_holders`, as before."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watches: set[_LockWatch] = set()
+        self._running = False
+
+    def watch(self, watch: _LockWatch) -> None:
+        with self._cond:
+            self._watches.add(watch)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="wanbatch-lock-watch", daemon=True).start()
+            self._cond.notify()
+
+    def forget(self, watch: _LockWatch) -> None:
+        with self._cond:
+            self._watches.discard(watch)
+
+    def _run(self) -> None:
+        engines: dict[str, Engine] = {}
+        idle_since: float | None = None
+        try:
+            while True:
+                with self._cond:
+                    now = time.monotonic()
+                    looks: dict[str, tuple[URL, list[tuple[_LockWatch, int, int]]]] = {}
+                    soonest: float | None = None
+                    for watch in self._watches:
+                        due, at = watch.due(now)
+                        for pid, generation, url in due:
+                            key = url.render_as_string(hide_password=False)
+                            looks.setdefault(key, (url, []))[1].append((watch, pid, generation))
+                        if at is not None:
+                            soonest = at if soonest is None else min(soonest, at)
+                    if not looks:
+                        if soonest is None:
+                            idle_since = now if idle_since is None else idle_since
+                            if now - idle_since >= _WATCHER_IDLE_SECONDS:
+                                self._running = False
+                                return
+                            soonest = idle_since + _WATCHER_IDLE_SECONDS
+                        else:
+                            idle_since = None
+                        self._cond.wait(max(0.0, soonest - now))
+                        continue
+                    idle_since = None
+                for key, (url, entries) in looks.items():
+                    found = self._look(engines, key, url, sorted({pid for _w, pid, _g in entries}))
+                    if found is None:
+                        continue
+                    for watch, pid, generation in entries:
+                        watch.saw(pid, generation, found.get(pid, []))
+        finally:
+            for engine in engines.values():
+                engine.dispose()
+
+    @staticmethod
+    def _look(
+        engines: dict[str, Engine], key: str, url: URL, pids: list[int]
+    ) -> dict[int, list[LockHolder]] | None:
+        """Who holds back each of ``pids`` that waits for a lock now; None: it could not be read."""
+        try:
+            engine = engines.get(key)
+            if engine is None:
+                engine = engines[key] = make_engine(url, pool_size=1, max_overflow=0)
+            with engine.connect() as conn:
+                conn.execute(text(f"SET LOCAL statement_timeout = {_LOCK_LOOKUP_MS}"))
+                rows = conn.execute(_LOCK_BLOCKERS, {"pids": pids}).all()
+                conn.rollback()
+        except Exception:  # a look that fails explains nothing, and is no new error
+            log.debug("watching a bounded transaction's lock wait failed", exc_info=True)
+            return None
+        return _blockers_by_waiter(rows)
+
+
+#: The block of :func:`lock_waits_bounded` this context is in (None: none).
+_WATCH: contextvars.ContextVar[_LockWatch | None] = contextvars.ContextVar(
+    "wanbatch_lock_watch", default=None
+)
+_WATCHER = _LockWatcher()
+
+
 def database_locked_error(url: str | URL, engine: Engine | None = None) -> DatabaseLockedError:
     """The one line for a statement that gave up waiting for a lock another session holds
-    (:func:`is_lock_timeout`): who holds it (:func:`lock_holders`, asked on ``engine``, else on a
-    connection of its own to ``url``), how long it waited, and what to do."""
+    (:func:`is_lock_timeout`): who held it back (inside :func:`lock_waits_bounded`, the sessions
+    its backend was seen waiting for, :class:`_LockWatch`; else, or when it was never seen
+    waiting, :func:`lock_holders`, asked on ``engine``, else on a connection of its own to
+    ``url``), how long it waited, and what to do."""
     from sqlalchemy.pool import NullPool
 
     from jobs.schedule import format_duration
 
-    holders: list[LockHolder] = []
-    if engine is not None:
+    watch = _WATCH.get()
+    holders = watch.blockers() if watch is not None else []
+    if not holders and engine is not None:
         holders = lock_holders(engine)
-    else:
+    elif not holders:
         with contextlib.suppress(Exception):  # nothing to ask with: the line says less, no more
             asking = make_engine(url, poolclass=NullPool)
             try:

@@ -12,7 +12,11 @@ each what is wrong and what to do about it:
   SQLite file without creating or changing it (:func:`jobs.db.read_engine`): one not there yet
   is only found creatable; and a SQLite database's disk is not full (the file system's free
   space, :func:`_full_sqlite_disk`: on a full disk reading works and nothing the doctor may do
-  without leaving a trace would fail);
+  without leaving a trace would fail); and no other PostgreSQL session holds, or queues for, a
+  lock on one of wanbatch's tables that its reads or its writes would wait for
+  (:func:`jobs.db.lock_holders`: ``ACCESS EXCLUSIVE``; ``SHARE`` to ``EXCLUSIVE`` but on
+  ``alembic_version``), whether anyone waits yet or not (weaker locks, and other tables', block
+  nothing wanbatch does);
 - **broker**: with ``WANBATCH_BROKER_URL``, the broker answers and ``wanbatch worker``
   processes answer a ping (none: nothing would be processed); embedded mode needs neither. The
   line names the workers that answer (their Celery node names, the first
@@ -59,7 +63,7 @@ from jobs.digits import ascii_int
 from jobs.url_secrets import mask_urls, masked_url
 
 if TYPE_CHECKING:
-    from jobs.db import SqliteFile
+    from jobs.db import LockHolder, SqliteFile
     from jobs.settings import Settings
 
 Status = Literal["ok", "fail", "skip"]
@@ -206,8 +210,9 @@ def check_database(settings: Settings) -> Check:
         if heads and heads != {db.SCHEMA_HEAD}:  # what holds an upgrade back
             with engine.connect() as conn:
                 live = db.live_processes(conn, tables, now=now)
-        # Another session's strong lock (a `LOCK TABLE jobs` left open in psql, a migration's
-        # ALTER TABLE): every command that needs the table waits for it, in silence.
+        # Another session's lock that wanbatch's reads or writes of one of its tables would wait
+        # for (a `LOCK TABLE jobs` left open in psql, a migration's ALTER TABLE, a plain CREATE
+        # INDEX), whether or not anyone waits yet: in silence, for as long as it stays.
         locks = db.lock_holders(engine)
     except WanbatchError:  # the bound of _guarded: its line
         raise
@@ -237,8 +242,7 @@ def check_database(settings: Settings) -> Check:
             return _fail(
                 name,
                 f"{where}: reachable, schema {db.SCHEMA_HEAD} (current), but locked by another "
-                f"session: {locks[0].said()}{more}; the commands that need that table wait for it "
-                "(`status`, `export` and the dashboard give up after WANBATCH_DATABASE_LOCK_WAIT)",
+                f"session: {locks[0].said()}{more}; {_what_waits(locks[0])}",
                 _locked_fix(locks[0].pid),
             )
         return _ok(name, f"{where}: reachable, schema {db.SCHEMA_HEAD} (current)")
@@ -979,6 +983,21 @@ def run_checks(*, simulate: bool = False) -> list[Check]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(later)) as pool:
         futures = [(name, pool.submit(_guarded, name, check, settings)) for name, check in later]
         return [config, *(future.result() for _name, future in futures)]
+
+
+def _what_waits(lock: LockHolder) -> str:
+    """What of wanbatch waits for ``lock`` (:func:`jobs.db.lock_holders`: one that blocks its
+    reads, or its writes, of that table)."""
+    if lock.blocks_reads:
+        return (
+            f"every command that reads or writes table {lock.table} waits for it (`status`, `export` "
+            "and the dashboard give up after WANBATCH_DATABASE_LOCK_WAIT; the workers, `run` and the "
+            "webhook receiver wait as long as it takes)"
+        )
+    return (
+        f"the workers, `run` and the webhook receiver wait for it to write table {lock.table}, as "
+        "long as it takes (reads go on)"
+    )
 
 
 def _locked_fix(pid: int | None) -> str:

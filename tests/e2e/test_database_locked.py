@@ -122,6 +122,7 @@ def test_doctor_fails_its_database_check_naming_the_session(locked: int) -> None
     assert database["status"] == "fail"
     assert "locked by another session" in database["detail"]
     assert f"pid {locked} holds an ACCESS EXCLUSIVE lock on table jobs" in database["detail"]
+    assert "every command that reads or writes table jobs waits for it" in database["detail"]
     assert f"pg_terminate_backend({locked})" in database["fix"]
 
 
@@ -312,3 +313,197 @@ def test_the_session_that_blocks_another_is_named_before_an_innocent_one(databas
             waiter.rollback()
             innocent.rollback()
             engine.dispose()
+
+
+# --------------------------------------------------------------------------- whom the command waited for
+# Audit "lock-holder": the session was looked up only once the command had given up (its own wait
+# over), by ranking the strongest locks on any table. With nobody else waiting, an innocent
+# session's older strong lock on a table the command never read (a maintenance `LOCK TABLE
+# fal_accounts`, a `VACUUM FULL`) was named, and its pid handed to `pg_terminate_backend`, instead
+# of the `LOCK TABLE jobs` the command waited for. Now the command's own backend is watched while it
+# waits (`pg_blocking_pids` of its pid, from a second connection), and the line names that session.
+
+
+@pytest.fixture
+def innocent_and_blocker(database: str) -> Iterator[tuple[int, int]]:
+    """An innocent session's ACCESS EXCLUSIVE lock on ``fal_accounts`` (which the reading commands
+    never read), its transaction the older, then ``psql``'s on ``jobs``: (innocent pid, blocker pid)."""
+    with (
+        psycopg.connect(database, application_name="maintenance") as innocent,
+        psycopg.connect(database, application_name="psql") as blocker,
+    ):
+        innocent.execute("LOCK TABLE fal_accounts IN ACCESS EXCLUSIVE MODE")
+        innocent.execute("SELECT pg_sleep(0.05)")  # its transaction clearly the older one
+        blocker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        releases = [threading.Timer(DEADLINE, session.rollback) for session in (innocent, blocker)]
+        for release in releases:
+            release.start()
+        try:
+            yield innocent.info.backend_pid, blocker.info.backend_pid
+        finally:
+            for release in releases:
+                release.cancel()
+            blocker.rollback()
+            innocent.rollback()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("status", "quickstart"), ("cost", "quickstart"), ("export", "quickstart", "--format", "jsonl")],
+    ids=lambda args: args[0],
+)
+def test_the_command_names_the_session_it_waited_for_not_an_innocent_one(
+    args: tuple[str, ...], innocent_and_blocker: tuple[int, int]
+) -> None:
+    innocent, blocker = innocent_and_blocker
+    done = wanbatch(*args, timeout=DEADLINE)
+    line = assert_one_line(
+        done,
+        "error: the database is locked by another session: ",
+        f"pid {blocker} holds an ACCESS EXCLUSIVE lock on table jobs",
+        "application 'psql'",
+        "(WANBATCH_DATABASE_LOCK_WAIT)",
+    )
+    assert f"pid {innocent}" not in line
+    assert "more such lock" not in line  # the one session it waited for, no other
+
+
+def test_the_bound_s_error_carries_the_blocker_s_pid(
+    database: str, innocent_and_blocker: tuple[int, int]
+) -> None:
+    innocent, blocker = innocent_and_blocker
+    settings = DatabaseSettings(database_url=database, database_lock_wait=float(LOCK_WAIT))
+    engine = db.make_engine(database)
+    try:
+        with (
+            pytest.raises(DatabaseLockedError) as raised,
+            db.lock_waits_bounded(settings),
+            db.read_scope(engine) as session,
+        ):
+            session.execute(text("SELECT count(*) FROM jobs"))
+    finally:
+        engine.dispose()
+    assert raised.value.pid == blocker
+    assert f"pid {blocker} holds an ACCESS EXCLUSIVE lock on table jobs" in str(raised.value)
+    assert f"pid {innocent}" not in str(raised.value)
+
+
+def test_a_wait_on_the_innocent_table_names_the_innocent_session(
+    database: str, innocent_and_blocker: tuple[int, int]
+) -> None:
+    """The same two locks, a read of ``fal_accounts``: now that one is the holder."""
+    innocent, blocker = innocent_and_blocker
+    settings = DatabaseSettings(database_url=database, database_lock_wait=float(LOCK_WAIT))
+    engine = db.make_engine(database)
+    try:
+        with (
+            pytest.raises(DatabaseLockedError) as raised,
+            db.lock_waits_bounded(settings),
+            db.read_scope(engine) as session,
+        ):
+            session.execute(text("SELECT count(*) FROM fal_accounts"))
+    finally:
+        engine.dispose()
+    assert raised.value.pid == innocent
+    assert f"pid {innocent} holds an ACCESS EXCLUSIVE lock on table fal_accounts" in str(raised.value)
+    assert f"pid {blocker}" not in str(raised.value)
+
+
+def test_the_dashboard_names_the_session_its_page_waited_for(
+    database: str, innocent_and_blocker: tuple[int, int], tmp_path: Path
+) -> None:
+    innocent, blocker = innocent_and_blocker
+    engine = db.make_engine(database)
+    try:
+        settings = settings_for(engine, tmp_path / "outputs", database_lock_wait=float(LOCK_WAIT))
+        answer = client(create_app(settings, engine=engine)).get("/batches/quickstart", headers=JSON)
+    finally:
+        engine.dispose()
+    assert answer.status_code == 503, answer.text
+    assert f"pid {blocker} holds an ACCESS EXCLUSIVE lock on table jobs" in answer.text
+    assert f"pid {innocent}" not in answer.text
+
+
+# --------------------------------------------------------------------------- what doctor fails on
+# Audit "lock-holder": doctor failed its database check on any strong lock on any table of the
+# database, blocking someone or not: an ETL tool's uncommitted `CREATE TABLE` (an ACCESS EXCLUSIVE
+# lock on its own new table), a `LOCK TABLE` on a table that is not wanbatch's, a SHARE lock on
+# `alembic_version` (which wanbatch only reads, until an upgrade). Now it fails on what would block
+# wanbatch: a lock on one of its tables that its reads or its workers' writes wait for.
+
+
+def _doctor_database_check() -> dict[str, str]:
+    done = wanbatch("doctor", "--simulate", "--json", timeout=DEADLINE)
+    assert "Traceback" not in done.stderr, done.stderr
+    checks: dict[str, dict[str, str]] = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    return checks["database"]
+
+
+@pytest.mark.parametrize(
+    "statements",
+    [
+        # an ordinary open transaction that wrote to jobs: a ROW EXCLUSIVE lock
+        ["LOCK TABLE jobs IN ROW EXCLUSIVE MODE"],
+        # VACUUM, ANALYZE, CREATE INDEX CONCURRENTLY: SHARE UPDATE EXCLUSIVE, no read or write waits
+        ["LOCK TABLE jobs IN SHARE UPDATE EXCLUSIVE MODE"],
+        # a table of someone else's in the same database
+        ["LOCK TABLE operator_reports IN ACCESS EXCLUSIVE MODE"],
+        # wanbatch only reads alembic_version (an upgrade writes it)
+        ["LOCK TABLE alembic_version IN SHARE MODE"],
+    ],
+    ids=["row-exclusive-jobs", "share-update-exclusive-jobs", "other-table", "share-alembic"],
+)
+def test_doctor_passes_over_a_lock_that_blocks_nothing_wanbatch_does(
+    database: str, statements: list[str]
+) -> None:
+    with psycopg.connect(database, autocommit=True) as admin:
+        admin.execute("CREATE TABLE operator_reports (x integer)")
+    with psycopg.connect(database, application_name="etl") as other:
+        for statement in statements:
+            other.execute(statement)
+        release = threading.Timer(DEADLINE, other.rollback)
+        release.start()
+        try:
+            check = _doctor_database_check()
+        finally:
+            release.cancel()
+            other.rollback()
+    assert check["status"] == "ok", check
+    assert "locked" not in check["detail"]
+
+
+@pytest.mark.parametrize(
+    ("statement", "table", "mode"),
+    [
+        ("LOCK TABLE jobs IN SHARE MODE", "jobs", "a SHARE"),  # a plain CREATE INDEX
+        ("LOCK TABLE batches IN EXCLUSIVE MODE", "batches", "an EXCLUSIVE"),
+        (
+            "LOCK TABLE webhook_deliveries IN SHARE ROW EXCLUSIVE MODE",
+            "webhook_deliveries",
+            "a SHARE ROW EXCLUSIVE",
+        ),
+    ],
+    ids=["share-jobs", "exclusive-batches", "share-row-exclusive-webhook_deliveries"],
+)
+def test_doctor_fails_on_a_lock_the_workers_writes_would_wait_for(
+    database: str, statement: str, table: str, mode: str
+) -> None:
+    """Nobody waits yet, and doctor's own reads go on: but the next write of that table (a
+    worker's, ``run``'s, the webhook receiver's) would wait for as long as the session stays."""
+    with psycopg.connect(database, application_name="psql") as holder:
+        holder.execute(statement)
+        pid = holder.info.backend_pid
+        release = threading.Timer(DEADLINE, holder.rollback)
+        release.start()
+        try:
+            check = _doctor_database_check()
+        finally:
+            release.cancel()
+            holder.rollback()
+    assert check["status"] == "fail", check
+    assert f"locked by another session: pid {pid} holds {mode} lock on table {table}" in check["detail"]
+    assert (
+        f"the workers, `run` and the webhook receiver wait for it to write table {table}" in check["detail"]
+    )
+    assert "reads go on" in check["detail"]
+    assert f"pg_terminate_backend({pid})" in check["fix"]
