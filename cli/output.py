@@ -25,7 +25,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
@@ -37,6 +37,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from jobs.clock import utcnow
 from jobs.errors import Issue, ManifestError, UsageError, WanbatchError
 from jobs.fs import path_error
 from jobs.money import round_cents, usd_text
@@ -890,7 +891,7 @@ def cancelled_idle_text(report: BatchReport, *, distributed: bool = False) -> st
     from jobs.listing import not_processing  # SQLAlchemy: loaded only once a report is shown
 
     seen = report["processed_at"]
-    words = not_processing(datetime.fromisoformat(seen) if seen else None, now=datetime.now(UTC))
+    words = not_processing(datetime.fromisoformat(seen) if seen else None, now=utcnow())
     downloading = report["counts"].get("downloading", 0)
     paid = f"{downloading} paid video(s) to fetch" if downloading else "requests at fal"
     return f"{words}: {_runner(report, workers=True, distributed=distributed)} collects them ({paid})"
@@ -905,7 +906,7 @@ def idle_text(report: BatchReport, *, distributed: bool = False) -> str:
     from jobs.listing import not_processing  # SQLAlchemy: loaded only once a report is shown
 
     seen = report["processed_at"]
-    words = not_processing(datetime.fromisoformat(seen) if seen else None, now=datetime.now(UTC))
+    words = not_processing(datetime.fromisoformat(seen) if seen else None, now=utcnow())
     from jobs.batches import refused_by_fal  # loaded already: it made the report
 
     if report["phase"] == "deadline":  # nothing is sent any more, paused or not: `resume` does nothing

@@ -43,7 +43,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
@@ -79,6 +79,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.sqltypes import TupleType
 
+from jobs import clock
 from jobs.errors import ConfigError, DatabaseFullError, DatabaseLockedError
 from jobs.printable import one_line
 from jobs.settings import SQLITE_DRIVER_OPTIONS, DatabaseSettings, home_expanded
@@ -304,7 +305,50 @@ def _built_engine(url: str | URL, **kwargs: Any) -> tuple[Engine, Path | None]:
         _ping_after_idle(engine)
     if parsed.get_backend_name() == "postgresql":
         _bound_lock_waits(engine)
+        watch_clock(engine)  # every stamp and comparison on the database's clock
     return engine, None
+
+
+#: What PostgreSQL's clock says, as epoch seconds (``clock_timestamp()``, not ``now()``).
+_DATABASE_EPOCH = "SELECT extract(epoch FROM clock_timestamp())"
+
+
+def measure_clock(dbapi_connection: Any, *, say: bool = True) -> bool:
+    """Ask PostgreSQL's clock over ``dbapi_connection`` (a DB-API connection outside any
+    transaction: asked in autocommit, as SQLAlchemy's ping is) and give the sample to
+    :func:`jobs.clock.take` (``say``: a skew is said once); whether it was taken. Never raises: a
+    connection that cannot answer keeps the last measurement, and what it failed for is the next
+    statement's to say."""
+    before_autocommit = getattr(dbapi_connection, "autocommit", True)
+    try:
+        if not before_autocommit:
+            dbapi_connection.autocommit = True
+        cursor = dbapi_connection.cursor()
+        try:
+            w0, s0 = clock.host_time(), clock.steady()
+            cursor.execute(_DATABASE_EPOCH)
+            row = cursor.fetchone()
+            s1, w1 = clock.steady(), clock.host_time()
+        finally:
+            cursor.close()
+            if not before_autocommit:
+                dbapi_connection.autocommit = before_autocommit
+    except Exception:  # a failed measurement keeps the last one
+        log.debug("could not read the database's clock", exc_info=True)
+        return False
+    if not row or row[0] is None:
+        return False
+    return clock.take(float(row[0]), before=s0, after=s1, wall=(w0 + w1) / 2, say=say)
+
+
+def watch_clock(engine: Engine) -> None:
+    """Keep this process on a PostgreSQL ``engine``'s clock (:mod:`jobs.clock`): measured on the
+    first connection it hands out, again at most every :data:`jobs.clock.REMEASURE_SECONDS`."""
+
+    @event.listens_for(engine, "checkout")
+    def _measure_if_due(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if clock.due_for_measurement():
+            measure_clock(dbapi_connection)
 
 
 def pg_bounded_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -2173,7 +2217,7 @@ def _require_unused(engine: Engine, conn: Connection, heads: set[str], target: s
     columns they write would change under them. An older ``run`` whose database was upgraded
     behind it sent nothing more, printed nothing and never ended, while the new ``status``
     said nothing was processing its batch."""
-    now = datetime.now(UTC)
+    now = clock.utcnow()
     if live := live_processes(conn, inspect(conn).get_table_names(), now=now):
         url = engine.url.set(drivername=engine.url.get_backend_name())  # as it was set: no driver
         said, fix = live_processes_said(live, now=now), live_processes_fix(live)

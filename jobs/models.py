@@ -52,6 +52,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from jobs.clock import utcnow as utcnow  # the schema's clock, where it always was
 from jobs.redaction import redact_text
 from jobs.states import JobState
 
@@ -59,11 +60,6 @@ from jobs.states import JobState
 #: price times every unit count the registry can produce, with room for user price overrides.
 MONEY_SCALE = 9
 _QUANTUM = Decimal(1).scaleb(-MONEY_SCALE)
-
-
-def utcnow() -> datetime:
-    """The current time, aware and in UTC: the only clock the schema uses."""
-    return datetime.now(UTC)
 
 
 def new_id() -> str:

@@ -55,7 +55,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -184,6 +184,7 @@ def check_database(settings: Settings) -> Check:
     from sqlalchemy.pool import NullPool
 
     from jobs import db
+    from jobs.clock import utcnow
     from jobs.errors import WanbatchError
 
     name = "database"
@@ -204,7 +205,7 @@ def check_database(settings: Settings) -> Check:
     except WanbatchError as exc:
         return _fail(name, str(exc), "fix WANBATCH_DATABASE_URL")
     live: list[db.LiveProcess] = []
-    now = datetime.now(UTC)
+    now = utcnow()
     try:
         heads, tables = db._current_schema(engine)  # read only: the doctor never migrates
         if heads and heads != {db.SCHEMA_HEAD}:  # what holds an upgrade back
@@ -331,6 +332,51 @@ def _full_sqlite_disk(name: str, where: str, target: SqliteFile) -> Check | None
         "command that writes refuses to start",
         "free space on that disk (or point WANBATCH_DATABASE_URL at a disk with room), then run "
         "`wanbatch doctor` again",
+    )
+
+
+def check_clock(settings: Settings) -> Check:
+    """This host's clock against the database's (PostgreSQL's ``clock_timestamp()``): wanbatch
+    stamps and compares every lease, retry and heartbeat on the database's clock
+    (:mod:`jobs.clock`), so a skew is said, not a failure; except past what fal allows a signed
+    webhook (:data:`~worker.fal.webhooks.TIMESTAMP_TOLERANCE`), judged by this host's own clock.
+    SQLite's database is on this host: its clock is this host's."""
+    from sqlalchemy.pool import NullPool
+
+    from jobs import clock, db
+    from jobs.errors import WanbatchError
+    from worker.fal.webhooks import TIMESTAMP_TOLERANCE
+
+    name = "clock"
+    try:
+        url = db.normalize_url(settings.database_url)
+    except WanbatchError:
+        return _skip(name, "not checked: WANBATCH_DATABASE_URL cannot be used (see database)")
+    if url.get_backend_name() != "postgresql":
+        return _skip(name, "the database is on this host: wanbatch uses this host's clock")
+    try:
+        engine = db.read_engine(url, poolclass=NullPool, connect_args={"connect_timeout": int(TIMEOUT)})
+        try:
+            with engine.connect() as conn:
+                db.measure_clock(conn.connection.dbapi_connection, say=False)  # said here
+        finally:
+            engine.dispose()
+    except Exception:  # what the database check says
+        return _skip(name, "not checked: the database cannot be reached (see database)")
+    offset = clock.offset()
+    if offset is None:
+        return _skip(name, "not checked: the database did not say its time")
+    if abs(offset) > TIMESTAMP_TOLERANCE:
+        return _fail(
+            name,
+            f"{clock.skew_text(offset)}; wanbatch uses the database's, but fal's signed webhooks are "
+            f"refused when this host's clock is more than {clock.span(TIMESTAMP_TOLERANCE)} off",
+            "set this host's clock right (NTP: `timedatectl set-ntp true`, or chrony)",
+        )
+    if abs(offset) > clock.SKEW_WARN_SECONDS:
+        return _ok(name, f"{clock.skew_text(offset)}; wanbatch uses the database's")
+    return _ok(
+        name, f"this host's clock agrees with the database's (within {clock.span(clock.SKEW_WARN_SECONDS)})"
     )
 
 
@@ -959,9 +1005,13 @@ def run_checks(*, simulate: bool = False) -> list[Check]:
 
     ``simulate`` (``doctor --simulate``): the setup of ``--simulate`` runs, which need no
     ``FAL_KEY``, no broker and no receiver (they talk to a simulator of their own)."""
+    from jobs import clock
+
+    clock.said_elsewhere()  # the clock check says it, in its line
     config, settings = check_configuration()
     later: list[tuple[str, Callable[[Settings], Check]]] = [
         ("database", check_database),
+        ("clock", check_clock),
         ("broker", check_broker_for_simulation if simulate else check_broker),
         (
             "provider",

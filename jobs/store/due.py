@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, exists, func, literal, or_, select
+from sqlalchemy import ColumnElement, bindparam, exists, func, literal, or_, select, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter
@@ -235,3 +235,21 @@ def _claim_candidates(
         .limit(bindparam("limit"))
         .with_for_update(skip_locked=True, of=_JOBS)  # ignored by SQLite, whose writer is alone
     )
+
+
+def bring_waits_forward(session: Session, *, by: timedelta, now: datetime) -> int:
+    """Every wait still ahead of ``now`` (a retry's backoff, a poll's, a download's) that much
+    earlier: the clock the waits were stamped on stepped back ``by`` (:func:`jobs.clock.stepped_back`:
+    NTP correcting a clock that ran ahead, a VM resumed with a stale one), which left each due
+    that much later than it was meant to be; an hour's step held a run's retries back an hour.
+    A wait stamped after the step comes due early, never late. No version bump: who holds the
+    job writes what it was going to. How many jobs."""
+    ahead = session.execute(
+        select(_JOBS.c.id, _JOBS.c.next_attempt_at).where(_JOBS.c.next_attempt_at > now)
+    ).all()
+    if ahead:  # rare (a step of the clock), and row by row: no date arithmetic SQLite and PostgreSQL share
+        session.execute(
+            update(_JOBS).where(_JOBS.c.id == bindparam("job")).values(next_attempt_at=bindparam("at")),
+            [{"job": row.id, "at": row.next_attempt_at - by} for row in ahead],
+        )
+    return len(ahead)

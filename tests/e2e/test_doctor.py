@@ -39,7 +39,7 @@ from worker.doctor import Check, _serves_this_database, healthz_url
 from worker.running import _WorkerWatch
 from worker.steps.webhooks import binding_token, database_fingerprint, webhook_secret
 
-NAMES = ["configuration", "database", "broker", "provider", "output storage", "receiver", "limiter"]
+NAMES = ["configuration", "database", "clock", "broker", "provider", "output storage", "receiver", "limiter"]
 
 
 def _doctor(wb: Wb) -> tuple[int, dict[str, dict[str, Any]], dict[str, Any]]:
@@ -91,6 +91,7 @@ def test_all_well_embedded_with_the_simulator(wb: Wb, sim: SimulatorHandle) -> N
     assert {n: c["status"] for n, c in checks.items()} == {
         "configuration": "ok",
         "database": "ok",
+        "clock": "skip",
         "broker": "skip",
         "provider": "ok",
         "output storage": "ok",
@@ -162,6 +163,7 @@ def test_a_simulation_needs_no_key_and_doctor_says_so(wb: Wb, monkeypatch: pytes
     assert {n: c["status"] for n, c in checks.items()} == {
         "configuration": "ok",
         "database": "ok",
+        "clock": "skip",
         "broker": "skip",
         "provider": "skip",
         "output storage": "ok",
@@ -556,7 +558,7 @@ def test_invalid_configuration_skips_the_rest(
     assert code == 1
     assert checks["configuration"]["status"] == "fail"
     assert variable in checks["configuration"]["detail"]
-    assert [checks[n]["status"] for n in NAMES[1:]] == ["skip"] * 6
+    assert [checks[n]["status"] for n in NAMES[1:]] == ["skip"] * 7
 
 
 def test_human_output_fits_80_columns_and_names_each_fix(

@@ -6,7 +6,10 @@ import logging
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import timedelta
 
+from jobs import clock, db, store
+from jobs.models import utcnow
 from worker.steps.context import Runtime
 from worker.steps.dispatch import dispatch
 from worker.steps.download import schedule_downloads
@@ -50,6 +53,7 @@ def tick(
     (:func:`~worker.steps.poll.poll`).
     """
     report = TickReport()
+    catch_up_with_clock_step(rt)
 
     def go_on() -> bool:
         return stopping is None or not stopping.is_set()
@@ -66,3 +70,22 @@ def tick(
     if go_on():
         report.downloads = len(schedule_downloads(rt))
     return report
+
+
+def catch_up_with_clock_step(rt: Runtime) -> int:
+    """After this host's clock stepped back (:func:`jobs.clock.stepped_back`: SQLite's timeline is
+    this host's clock), every wait stamped before the step is brought forward by as much
+    (:func:`jobs.store.bring_waits_forward`), said once; how many. Without it, NTP correcting a
+    clock an hour ahead left the run silent for an hour, its retries and polls due an hour late."""
+    back = clock.stepped_back()
+    if not back:
+        return 0
+    with db.session_scope(rt.engine) as session:
+        moved = store.bring_waits_forward(session, by=timedelta(seconds=back), now=utcnow())
+    log.warning(
+        "this host's clock went back %s: %d wait(s) stamped before are brought forward by as much",
+        clock.span(back),
+        moved,
+        extra={"event": "clock.stepped_back"},
+    )
+    return moved
