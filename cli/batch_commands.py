@@ -48,13 +48,13 @@ from cli.output import (
     print_summary,
     print_warnings,
     report_ref,
+    require_http_environment,
     say,
     short_id,
     usd,
     writing_stdout,
 )
 from jobs.errors import UsageError
-from jobs.http_environment import require_usable
 from jobs.printable import one_line, printable, shell_ref
 
 if TYPE_CHECKING:
@@ -1240,6 +1240,35 @@ def _refuse_simulation_early(ref: Path, settings: Settings) -> None:
         batches.refuse_other_way(batch, simulated=False)
 
 
+def reached_fal(settings: Settings, simulate: bool, *, calls_fal: bool = True) -> list[str]:
+    """The fal URLs this process is about to talk to (what the proxy and certificate variables
+    are judged for: :func:`cli.output.require_http_environment`): fal's configured ones, or none
+    with ``--simulate`` (its own simulator, on loopback over plain HTTP, which no proxy carries),
+    with a broker (the workers call fal, with their own variables), or when the work calls fal
+    nowhere (``calls_fal``: :func:`_makes_no_fal_call`)."""
+    if simulate or settings.broker_url or not calls_fal:
+        return []
+    return [settings.fal_queue_url, settings.fal_rest_url]
+
+
+def _makes_no_fal_call(ref: Path, settings: Settings) -> bool:
+    """Whether ``run REF`` names a stored batch whose processing makes no call to fal at all
+    (:func:`jobs.batches.makes_no_fal_call`: every job has ended, or
+    :func:`_ends_without_fal`). Read only; a manifest (which may add jobs) calls fal."""
+    if _batch_ref(ref) is None:
+        return False
+    from jobs import batches, db, store
+    from jobs.errors import NotFoundError
+    from jobs.models import utcnow
+
+    with db.read_scope(db.open_engine(settings)) as session:
+        try:
+            batch = store.get_batch(session, str(ref))
+        except NotFoundError:
+            return False  # a folder of that name, read as a manifest
+        return batches.makes_no_fal_call(session, batch, utcnow())
+
+
 def _ends_without_fal(ref: Path, settings: Settings) -> bool:
     """Whether ``run REF`` names a stored batch whose processing makes no call to fal
     (:func:`jobs.batches.ends_without_fal`: past its deadline, only unsent jobs left): the run
@@ -1323,17 +1352,19 @@ def run(
         from jobs.settings import get_settings
 
         settings = get_settings()
-        require_usable()  # the proxy and certificate variables its clients will read
         _refuse_unknown_ref(manifest, settings)
         if not simulate:
             _refuse_simulation_early(manifest, settings)
+        # A batch past its deadline with only unsent jobs left: the run ends them, keyless.
+        keyless = not simulate and _ends_without_fal(manifest, settings)
+        # The proxy and certificate variables its clients will read, for the fal it will call.
+        calls_fal = not keyless and not _makes_no_fal_call(manifest, settings)
+        require_http_environment(reached_fal(settings, simulate, calls_fal=calls_fal))
         if simulate or not settings.broker_url:  # this process does the work: enough open files?
             from jobs.open_files import require_open_files
 
             require_open_files(settings.embedded_concurrency)
         batches.check_output_dir(settings)  # before anything is stored or sent
-        # A batch past its deadline with only unsent jobs left: the run ends them, keyless.
-        keyless = not simulate and _ends_without_fal(manifest, settings)
         with fal_settings(settings, simulate, keyless=keyless) as target:
             stored = _stored_batch(manifest, target)
             if stored is None:
@@ -1428,7 +1459,8 @@ def rerun(
         cap = None if max_usd is None else batches.parse_usd(max_usd)  # one-line UsageError
         sweeps = parse_varies(vary)  # the syntax; the values are checked per endpoint by rerun_batch
         settings = get_settings()
-        require_usable()  # the proxy and certificate variables its clients will read
+        # The proxy and certificate variables its clients will read, for the fal it will call.
+        require_http_environment(reached_fal(settings, simulate))
         if simulate or not settings.broker_url:  # this process does the work: enough open files?
             from jobs.open_files import require_open_files
 
@@ -1568,7 +1600,8 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
         from jobs.settings import get_settings
 
         settings = get_settings()
-        require_usable()  # the proxy and certificate variables its clients will read
+        # The proxy and certificate variables its clients will read, for the fal it will call.
+        require_http_environment(reached_fal(settings, simulate))
         refuse_simulate_with_broker(settings, simulate)  # before anything changes
         # The one cancel the dashboard's makes too; what it refuses (exit 2) it refuses unchanged.
         done = batches.cancel_batch(batch, settings, by="cli", simulate=simulate)

@@ -1474,3 +1474,13 @@ def _give_way(natural: dict[int, int], least: dict[int, int], room: int) -> dict
             widths[widest] -= 1
             over -= 1
     return widths
+
+
+def require_http_environment(reaches: Iterable[str] | None, *, certificates: bool = True) -> None:
+    """Refuse (a one-line ConfigError) the proxy and certificate variables that would make every
+    request of a command that is about to talk to ``reaches`` fail, and warn of those that make
+    some fail (:func:`jobs.http_environment.environment_verdict`; None: any URL)."""
+    from jobs.http_environment import require_usable
+
+    for warning in require_usable(reaches=reaches, certificates=certificates):
+        err.print(f"[yellow]warning: {escape(warning)}[/yellow]")

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from cli import startup
-from cli.output import EXIT_OK, guarded
+from cli.output import EXIT_OK, guarded, require_http_environment
 from jobs.bounds import MAX_THREADS
 from jobs.http_environment import require_usable
 
@@ -133,7 +133,8 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
 
         timestamp_text_lines()  # a worker's log is read hours later: every line says when
         settings = get_settings()
-        require_usable()  # the proxy and certificate variables its clients will read
+        # The proxy and certificate variables its clients will read, for the fal it calls.
+        require_http_environment([settings.fal_queue_url, settings.fal_rest_url])
         from jobs.open_files import raise_soft_limit
 
         raise_soft_limit()  # toward the hard limit: each connection and output holds a descriptor
@@ -446,7 +447,7 @@ def serve(host: str, port: int) -> None:
         if not 0 <= port <= 65535:
             raise UsageError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
         settings = get_settings()
-        require_usable()  # the JWKS fetch reads the proxy and certificate variables
+        require_http_environment([settings.webhook_jwks_url])  # what the JWKS fetch reads
         app = create_app(settings)
         log_config = uvicorn_log_config(settings.log_format)
         timestamp_text_lines()  # the app's own lines too: a receiver's log is read hours later

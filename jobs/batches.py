@@ -1985,6 +1985,15 @@ def ends_without_fal(session: Session, batch: Batch, now: datetime) -> bool:
     return not store.count_in_states(session, at_fal, batch_id=batch.id)
 
 
+def makes_no_fal_call(session: Session, batch: Batch, now: datetime) -> bool:
+    """Whether processing ``batch`` now makes no call to fal at all: none of its jobs is
+    unfinished (it has ended: a ``run`` of it only reports it), or :func:`ends_without_fal`. Such
+    a run reaches no fal host, so the proxy variables are none of its business."""
+    if not store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id):
+        return True
+    return ends_without_fal(session, batch, now)
+
+
 #: How a ``run`` goes on, said after what to fix first (``rerun`` names ``wanbatch run NAME``:
 #: running it again would store another batch).
 RUN_AGAIN = "run this command again"

@@ -13,6 +13,18 @@ naming the variable and what it may be, exit 2, nothing sent. The others (``stat
 ``estimate``, ``export``…) build no client and never look: a proxy variable meant for other
 programs (GNOME's ``all_proxy=socks://…``) is none of their business.
 
+Each is refused only where it would make every request fail, for the URLs the command is about
+to reach (``reaches``, :func:`environment_verdict`). The proxy variables are judged only when one
+of them is beyond this machine's loopback: a request to loopback never goes through a proxy, and
+a client that reaches nothing else reads none (``worker.fal.http.build_http_client``), so
+``run --simulate``, a run against ``wanbatch simulator`` on ``127.0.0.1``, or a ``run`` of a
+batch that has nothing left to send fal is never refused over one. A certificate file httpx
+cannot load fails every client's construction: always refused. An ``SSL_CERT_DIR`` in which
+OpenSSL finds no certificate (no such folder, or none named by a certificate's hash) builds a
+client (httpx passes it to ``ssl.create_default_context(capath=…)``, and OpenSSL looks the
+folders up only when it verifies a server) that verifies no HTTPS server at all: refused when
+the command is about to reach an ``https://`` URL, a warning line otherwise.
+
 The proxy variables are judged as httpx judges them, no stricter: the variables found by
 :func:`urllib.request.getproxies_environment`'s rules, none at all when a ``NO_PROXY`` entry is
 ``*``, each value parsed by httpx's own URL parser (which takes a trailing space: ``int()``
@@ -33,8 +45,10 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from jobs.printable import printable
 
@@ -59,6 +73,10 @@ _MAX_CERT_FILE_BYTES = 64 * 1024**2
 #: How much of it is read at a time.
 _PIECE_BYTES = 64 * 1024
 _PROXY_EXAMPLE = "http://proxy.example:3128 (or https://, socks5://, socks5h://)"
+#: The names OpenSSL's hashed-folder lookup (``X509_LOOKUP_hash_dir``, what ``capath`` sets up)
+#: opens for a CA certificate: the subject name's hash, a dot, a sequence number. It never opens
+#: any other file (``ca.pem`` in a folder nobody ran ``openssl rehash`` on is never read).
+_HASHED_CERT_NAME = re.compile(r"[0-9a-f]{8}\.[0-9]+")
 
 
 def is_loopback_host(host: str) -> bool:
@@ -236,22 +254,59 @@ def _holds_pem_block(path: Path) -> bool:
 
 
 def cert_dir_problem(value: str) -> str | None:
-    """What makes ``value`` no ``SSL_CERT_DIR``, or None. OpenSSL takes a ``:``-separated list of
-    folders; one of them at least must be a folder, or no certificate verifies."""
-    if any(Path(entry).is_dir() for entry in value.split(os.pathsep) if entry):
+    """What makes ``value`` an ``SSL_CERT_DIR`` OpenSSL verifies no server with, or None.
+
+    OpenSSL takes a ``:``-separated list of folders and never complains about one (Python's
+    ``load_verify_locations(capath=…)`` succeeds for a folder that does not exist): it looks a
+    server's CA up in them by hash, at each verification. When no folder of the list holds a
+    file named like a hashed certificate (:data:`_HASHED_CERT_NAME`), that lookup finds nothing
+    and every HTTPS server fails verification (``CERTIFICATE_VERIFY_FAILED``); plain HTTP still
+    works. A folder holding one is taken: which CAs it holds is no business of this check."""
+    folders = [entry for entry in value.split(os.pathsep) if entry]
+    if any(_holds_hashed_certificate(Path(entry)) for entry in folders):
         return None
+    if any(Path(entry).is_dir() for entry in folders):
+        what = (
+            f"{value!r} holds no hashed CA certificate (a file named like 5ad8a5d6.0: "
+            "run `openssl rehash` on it)"
+        )
+    else:
+        what = f"{value!r} is no folder"
     return (
-        f"{value!r} is no folder: name a folder of hashed CA certificates (such as /etc/ssl/certs), "
-        "or unset it"
+        f"{what}, so OpenSSL verifies no HTTPS server with it: name a folder of hashed CA certificates "
+        "(such as /etc/ssl/certs), or unset it"
     )
 
 
-def http_environment_problems(
-    environ: Mapping[str, str] | None = None, *, certificates: bool = True
-) -> list[str]:
-    """``VARIABLE: what is wrong, what to write`` for each variable httpx would refuse or could
-    not use, in the order httpx reads them; empty when all is well (or nothing is set).
-    ``certificates=False``: the proxy variables only."""
+def _holds_hashed_certificate(folder: Path) -> bool:
+    """Whether ``folder`` holds a file OpenSSL's hashed lookup would open (stops at the first)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(_HASHED_CERT_NAME.fullmatch(entry.name) for entry in entries)
+    except (OSError, ValueError):
+        return False
+
+
+def beyond_loopback(urls: Iterable[str]) -> bool:
+    """Whether one of ``urls`` names a host other than this machine's loopback
+    (:func:`is_loopback_host`): one a proxy would carry. A URL that does not parse counts."""
+    for url in urls:
+        try:
+            host = urlsplit(url).hostname
+        except ValueError:
+            return True
+        if host is None or not is_loopback_host(host):
+            return True
+    return False
+
+
+def _any_https(urls: Iterable[str]) -> bool:
+    return any(url.lower().startswith("https://") for url in urls)
+
+
+def proxy_problems(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``VARIABLE: what is wrong, what to write`` for each proxy or ``NO_PROXY`` variable httpx
+    would refuse building a client that reads them (``trust_env``), in the order httpx reads them."""
     env = os.environ if environ is None else environ
     problems: list[str] = []
     for name, value in proxy_variables(env).values():
@@ -261,50 +316,104 @@ def http_environment_problems(
     if "*" not in entries:  # else httpx mounts nothing for NO_PROXY either
         no_name = _environment_proxies(env)["no"][0] if entries else ""
         problems += [f"{no_name}: {problem}" for entry in entries if (problem := no_proxy_problem(entry))]
-    if certificates:
-        problems += certificate_problems(env)
     return problems
+
+
+def environment_verdict(
+    environ: Mapping[str, str] | None = None,
+    *,
+    reaches: Iterable[str] | None = None,
+    certificates: bool = True,
+) -> tuple[list[str], list[str]]:
+    """``(refused, warnings)``: ``VARIABLE: what is wrong, what to write`` for each variable that
+    would make every request of a command fail, and for each that makes some fail only.
+
+    ``reaches``: the URLs the command is about to talk to (fal's, a JWKS); None when it cannot
+    say (every kind of host then counts). The proxy variables are judged only when one of them is
+    beyond loopback (a client that reaches nothing else never reads them). A certificate file
+    httpx cannot load is refused whatever is reached: every client's construction fails. An
+    ``SSL_CERT_DIR`` that verifies nothing (:func:`cert_dir_problem`) is refused when one of them
+    is ``https://``, else only warned of. ``certificates=False``: the proxy variables only."""
+    env = os.environ if environ is None else environ
+    urls = None if reaches is None else list(reaches)
+    refused = proxy_problems(env) if urls is None or beyond_loopback(urls) else []
+    warnings: list[str] = []
+    if certificates:
+        refused += _cert_file_problems(env)
+        for problem in _cert_dir_problems(env):
+            (refused if urls is None or _any_https(urls) else warnings).append(problem)
+    return refused, warnings
+
+
+def http_environment_problems(
+    environ: Mapping[str, str] | None = None,
+    *,
+    certificates: bool = True,
+    reaches: Iterable[str] | None = None,
+) -> list[str]:
+    """What :func:`environment_verdict` refuses: empty when all is well (or nothing is set)."""
+    return environment_verdict(environ, reaches=reaches, certificates=certificates)[0]
 
 
 def certificate_problems(environ: Mapping[str, str] | None = None) -> list[str]:
     """``SSL_CERT_FILE: …`` or ``SSL_CERT_DIR: …`` when the one httpx would read cannot be used."""
     env = os.environ if environ is None else environ
-    if cert_file := env.get("SSL_CERT_FILE"):  # httpx reads SSL_CERT_DIR only without it
-        if problem := cert_file_problem(cert_file):
-            return [f"SSL_CERT_FILE: {problem}"]
-    elif (cert_dir := env.get("SSL_CERT_DIR")) and (problem := cert_dir_problem(cert_dir)):
+    return _cert_file_problems(env) + _cert_dir_problems(env)
+
+
+def _cert_file_problems(env: Mapping[str, str]) -> list[str]:
+    """``SSL_CERT_FILE: …`` when httpx reads it and cannot load it (it raises building a client)."""
+    if (cert_file := env.get("SSL_CERT_FILE")) and (problem := cert_file_problem(cert_file)):
+        return [f"SSL_CERT_FILE: {problem}"]
+    return []
+
+
+def _cert_dir_problems(env: Mapping[str, str]) -> list[str]:
+    """``SSL_CERT_DIR: …`` when httpx reads it (only without ``SSL_CERT_FILE``) and OpenSSL
+    verifies no server with it."""
+    if env.get("SSL_CERT_FILE"):
+        return []
+    if (cert_dir := env.get("SSL_CERT_DIR")) and (problem := cert_dir_problem(cert_dir)):
         return [f"SSL_CERT_DIR: {problem}"]
     return []
 
 
 def refused_environment_message(
-    environ: Mapping[str, str] | None = None, *, certificates: bool = True
+    environ: Mapping[str, str] | None = None,
+    *,
+    certificates: bool = True,
+    reaches: Iterable[str] | None = None,
 ) -> str | None:
-    """The one line a :class:`~jobs.errors.ConfigError` says for the variables of
-    :func:`http_environment_problems`, or None when they are all usable."""
-    problems = http_environment_problems(environ, certificates=certificates)
+    """The one line a :class:`~jobs.errors.ConfigError` says for the variables
+    :func:`environment_verdict` refuses, or None when there are none."""
+    problems = http_environment_problems(environ, certificates=certificates, reaches=reaches)
     return f"invalid configuration: {'; '.join(problems)}" if problems else None
 
 
-def require_usable(*, certificates: bool = True) -> None:
+def require_usable(*, reaches: Iterable[str] | None = None, certificates: bool = True) -> list[str]:
     """Raise the :class:`~jobs.errors.ConfigError` of :func:`refused_environment_message` for
-    this process's environment: what a command that talks to fal calls before it starts (and
-    only such a command: see the module's docstring)."""
+    this process's environment and the URLs the command is about to talk to (``reaches``; None:
+    any): what a command that talks to fal calls before it starts (and only such a command: see
+    the module's docstring). Returns the warnings (:func:`environment_verdict`), for the command
+    to print, each a ``warning:`` line."""
     from jobs.errors import ConfigError
 
-    if message := refused_environment_message(certificates=certificates):
-        raise ConfigError(message)
+    refused, warnings = environment_verdict(reaches=reaches, certificates=certificates)
+    if refused:
+        raise ConfigError(f"invalid configuration: {'; '.join(refused)}")
+    return warnings
 
 
 def construction_message(exc: BaseException, environ: Mapping[str, str] | None = None) -> str:
     """The one line for ``exc``, which httpx raised building a client that reads the environment:
-    the variables :func:`http_environment_problems` refuses, else the certificate variable in use
-    when it is an :class:`OSError` (``ssl.SSLError`` is one: a file with a certificate-looking
+    the variables httpx raises for (:func:`proxy_problems`, an ``SSL_CERT_FILE`` it cannot load:
+    never an ``SSL_CERT_DIR`` that verifies nothing, which raises nothing), else the certificate
+    variable in use when it is an :class:`OSError` (``ssl.SSLError`` is one: a file with a certificate-looking
     block OpenSSL still refuses), else every variable it may have come from. Never a value that
     may hold a password (a proxy's): a certificate path only, and the exception's reason code."""
     env = os.environ if environ is None else environ
-    if message := refused_environment_message(env):
-        return message
+    if problems := proxy_problems(env) + _cert_file_problems(env):  # what httpx raises for
+        return f"invalid configuration: {'; '.join(problems)}"
     cert_name = (
         "SSL_CERT_FILE" if env.get("SSL_CERT_FILE") else "SSL_CERT_DIR" if env.get("SSL_CERT_DIR") else ""
     )

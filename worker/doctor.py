@@ -164,7 +164,9 @@ def check_configuration() -> tuple[Check, Settings | None]:
         )
     from jobs.http_environment import refused_environment_message
 
-    if message := refused_environment_message():  # what run, worker and serve refuse to start with
+    # What run, worker and serve refuse to start with, for the URLs doctor reaches too.
+    reaches = [settings.fal_queue_url, settings.fal_rest_url, settings.webhook_jwks_url]
+    if message := refused_environment_message(reaches=reaches):
         return (
             _fail(
                 "configuration",
@@ -610,12 +612,14 @@ def _get_capped(url: str, headers: dict[str, str], limit: int | None = None) -> 
     sent a byte at a time held the check for as long as they lasted."""
     import httpx
 
+    from jobs.http_environment import beyond_loopback
     from worker.fal.errors import malformed_redirect
     from worker.fal.http import (
         ACCEPT_ENCODING,
         cut_off_at,
         direct_mounts,
         environment_checked,
+        shared_ssl_context,
         with_deadlines,
     )
 
@@ -624,8 +628,11 @@ def _get_capped(url: str, headers: dict[str, str], limit: int | None = None) -> 
             httpx.Client(
                 timeout=TIMEOUT,
                 follow_redirects=False,
-                trust_env=True,
-                mounts=direct_mounts([url]),  # as the fal client does: loopback is never proxied
+                verify=shared_ssl_context(),  # SSL_CERT_FILE/SSL_CERT_DIR, as the fal client's
+                # As the fal client does: loopback is never proxied, and a client that reaches
+                # nothing else reads no proxy variable (doctor did not refuse one for it).
+                trust_env=beyond_loopback([url]),
+                mounts=direct_mounts([url]),
                 headers={"Accept-Encoding": ACCEPT_ENCODING},
             )
         )

@@ -56,8 +56,8 @@ def _not_a_certificate(folder: Path) -> str:
     return str(path)
 
 
-#: (variables, the variable named, a phrase of what is allowed).
-REFUSED = [
+#: (variables, the variable named, a phrase of what is allowed): proxy variables httpx refuses.
+PROXIES = [
     pytest.param({"HTTPS_PROXY": "ftp://x:1"}, "HTTPS_PROXY", "http://proxy.example:3128", id="ftp-proxy"),
     pytest.param({"all_proxy": "socks4://x:1"}, "all_proxy", "socks5://", id="socks4-proxy"),
     pytest.param(
@@ -66,11 +66,6 @@ REFUSED = [
         "its port is not a number",
         id="bad-port",
     ),
-    pytest.param({"SSL_CERT_FILE": "/nonexistent.pem"}, "SSL_CERT_FILE", "does not exist", id="no-cert-file"),
-    pytest.param(
-        {"SSL_CERT_FILE": "NOT-A-CERT"}, "SSL_CERT_FILE", "holds no PEM certificate", id="not-a-cert"
-    ),
-    pytest.param({"SSL_CERT_DIR": "/nonexistent-certs"}, "SSL_CERT_DIR", "is no folder", id="no-cert-dir"),
     pytest.param(
         {"NO_PROXY": "localhost,127.0.0.1,10.96.0.0/12,fd00::/8"},
         "NO_PROXY",
@@ -78,10 +73,24 @@ REFUSED = [
         id="no-proxy-ipv6-network",
     ),
 ]
+#: Certificate files httpx cannot load: every client's construction fails.
+CERT_FILES = [
+    pytest.param({"SSL_CERT_FILE": "/nonexistent.pem"}, "SSL_CERT_FILE", "does not exist", id="no-cert-file"),
+    pytest.param(
+        {"SSL_CERT_FILE": "NOT-A-CERT"}, "SSL_CERT_FILE", "holds no PEM certificate", id="not-a-cert"
+    ),
+]
+#: A certificate folder OpenSSL verifies no HTTPS server with (httpx builds its clients with it).
+CERT_DIR = pytest.param(
+    {"SSL_CERT_DIR": "/nonexistent-certs"}, "SSL_CERT_DIR", "is no folder", id="no-cert-dir"
+)
+#: fal beyond loopback, over HTTPS: what the proxy variables and SSL_CERT_DIR are refused for.
+#: Never reached: the variables are refused before anything is sent.
+REAL_FAL = {"WANBATCH_FAL_QUEUE_URL": "https://queue.fal.run", "WANBATCH_FAL_REST_URL": "https://rest.fal.ai"}
 
 
-@pytest.mark.parametrize(("variables", "named", "allowed"), REFUSED)
-def test_a_simulated_run_refuses_a_variable_httpx_cannot_use(
+@pytest.mark.parametrize(("variables", "named", "allowed"), CERT_FILES)
+def test_a_simulated_run_refuses_a_certificate_file_httpx_cannot_load(
     variables: dict[str, str], named: str, allowed: str, manifest: MakeManifest, e2e_env: Path
 ) -> None:
     path = manifest("proxy-env", SMALL)
@@ -89,22 +98,85 @@ def test_a_simulated_run_refuses_a_variable_httpx_cannot_use(
     done = run_with("run", path, "--simulate", "--no-progress", env=env)
     line = assert_one_line(done, f"invalid configuration: {named}: ", allowed)
     assert "internal error" not in line
-    assert "pw-s3cret" not in done.stdout + done.stderr  # a proxy's password is never echoed
     assert not (e2e_env.parent / "wanbatch.db").exists()  # nothing stored
     assert not (e2e_env.parent / "outputs").exists()
 
 
-@pytest.mark.parametrize(("variables", "named", "allowed"), REFUSED[:1] + REFUSED[3:5])
+@pytest.mark.parametrize(("variables", "named", "allowed"), [*PROXIES, CERT_DIR])
+def test_a_simulated_run_reaches_no_proxy_and_no_https_so_is_never_refused_over_them(
+    variables: dict[str, str], named: str, allowed: str, manifest: MakeManifest
+) -> None:
+    """Its simulator is on loopback, over plain HTTP: no proxy carries a request there (its
+    clients read no proxy variable), and no certificate is verified. An ``SSL_CERT_DIR`` in
+    which OpenSSL finds no certificate (httpx builds its clients with it all the same) is a
+    warning line; a proxy variable, nothing. Both made it exit 2."""
+    path = manifest("proxy-env", SMALL)
+    done = run_with("run", path, "--simulate", "--no-progress", env=variables)
+    assert done.returncode == 0, done.stderr
+    assert "invalid configuration" not in done.stderr
+    assert "pw-s3cret" not in done.stdout + done.stderr
+    warned = [line for line in done.stderr.splitlines() if line.startswith(f"warning: {named}: ")]
+    if named == "SSL_CERT_DIR":
+        assert len(warned) == 1, done.stderr
+        assert allowed in warned[0]
+        assert "verifies no HTTPS server" in warned[0]
+    else:
+        assert warned == [], done.stderr
+
+
+def test_a_run_against_a_simulator_on_loopback_is_never_refused_over_a_proxy_variable(
+    sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """``WANBATCH_FAL_QUEUE_URL=http://127.0.0.1:…`` (``wanbatch simulator``): no proxy carries a
+    request there."""
+    path = manifest("proxy-env", SMALL)
+    env = {"HTTPS_PROXY": "ftp://x:1", "HTTP_PROXY": "ftp://x:1", "ALL_PROXY": "socks4://x:1"}
+    done = run_with("run", path, "--no-progress", env=env)
+    assert done.returncode == 0, done.stderr
+    assert sim.ledger()["accepted"] == 2
+    doctor = run_with("doctor", "--json", env=env)
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert checks["configuration"]["status"] == "ok", checks["configuration"]
+    assert "the check itself failed" not in doctor.stdout
+    assert "invalid configuration" not in doctor.stdout
+
+
+def test_a_run_of_a_batch_with_nothing_left_for_fal_is_never_refused_over_a_proxy_variable(
+    sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """``run NAME`` of a batch whose jobs have all ended sends fal nothing: it reports the batch,
+    whatever the proxy variables say (it was refused, exit 2)."""
+    path = manifest("proxy-env", SMALL)
+    first = run_with("run", path, "--no-progress", env={})
+    assert first.returncode == 0, first.stderr
+    done = run_with("run", "proxy-env", "--no-progress", env={**REAL_FAL, "HTTPS_PROXY": "ftp://x:1"})
+    assert done.returncode == 0, done.stderr
+    assert "invalid configuration" not in done.stderr
+    assert sim.ledger()["accepted"] == 2  # nothing more
+
+
+@pytest.mark.parametrize(
+    ("variables", "named", "allowed", "remote"),
+    [
+        *[pytest.param(*p.values, True, id=p.id) for p in PROXIES[:1]],
+        *[pytest.param(*p.values, False, id=p.id) for p in CERT_FILES],
+        pytest.param(*CERT_DIR.values, True, id=CERT_DIR.id),
+    ],
+)
 def test_a_run_sends_nothing_to_fal_and_doctor_names_the_variable(
     variables: dict[str, str],
     named: str,
     allowed: str,
+    remote: bool,
     sim: SimulatorHandle,
     manifest: MakeManifest,
     e2e_env: Path,
 ) -> None:
+    """A proxy variable, and an ``SSL_CERT_DIR`` OpenSSL verifies nothing with, are refused for
+    fal beyond loopback over HTTPS (``remote``); a certificate file httpx cannot load, for any."""
     path = manifest("proxy-env", SMALL)
     env = {k: _not_a_certificate(e2e_env) if v == "NOT-A-CERT" else v for k, v in variables.items()}
+    env |= REAL_FAL if remote else {}
     done = run_with("run", path, "--no-progress", env=env)
     assert_one_line(done, f"invalid configuration: {named}: ", allowed)
     assert sim.ledger()["accepted"] == 0
@@ -178,15 +250,15 @@ def test_commands_that_send_nothing_never_look_at_the_proxy_variables(
     variables: dict[str, str], manifest: MakeManifest
 ) -> None:
     """``status``, ``validate`` and ``estimate`` build no HTTP client: a proxy variable meant
-    for other programs is none of their business (it made them exit 2). Under ``NO_PROXY=*``
-    httpx uses no proxy at all, so ``run`` takes any; without it, ``run`` refuses GNOME's
-    ``socks://``, which httpx cannot use."""
+    for other programs is none of their business (it made them exit 2). Nor is it
+    ``run --simulate``'s (its simulator is on loopback). Under ``NO_PROXY=*`` httpx uses no proxy
+    at all; without it, a ``run`` to fal refuses GNOME's ``socks://``, which httpx cannot use."""
     path = manifest("proxy-env", SMALL)
     for args in (("status",), ("validate", path), ("estimate", path)):
         done = run_with(*args, env=variables)
         assert done.returncode == 0, (args, done.stderr)
     run = run_with("run", path, "--simulate", "--no-progress", env=variables)
-    if "NO_PROXY" in variables:
-        assert run.returncode == 0, run.stderr
-    else:
-        assert_one_line(run, "invalid configuration: all_proxy: its scheme 'socks'")
+    assert run.returncode == 0, run.stderr
+    if "NO_PROXY" not in variables:  # (with it, a run would call fal: not from a test)
+        to_fal = run_with("run", path, "--no-progress", env={**variables, **REAL_FAL, "FAL_KEY": FAL_KEY})
+        assert_one_line(to_fal, "invalid configuration: all_proxy: its scheme 'socks'")

@@ -64,3 +64,16 @@ def test_a_jwks_on_loopback_is_fetched_directly(monkeypatch: pytest.MonkeyPatch)
         health = JwksKeys(f"{sim.url}/.well-known/jwks.json").health()
     assert (health.can_verify, health.error) == (True, None)
     assert proxy.requests == []
+
+
+def test_a_jwks_on_loopback_is_fetched_whatever_the_proxy_variables_say(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``serve`` with ``WANBATCH_WEBHOOK_JWKS_URL`` on loopback refuses no proxy variable (it
+    reaches nothing a proxy carries), so its JWKS client reads none: an ``ftp://`` one made every
+    fetch "JWKS unavailable: invalid configuration: HTTPS_PROXY…"."""
+    with running_simulator() as sim:
+        monkeypatch.setenv("HTTP_PROXY", "ftp://x:1")
+        monkeypatch.setenv("ALL_PROXY", "socks4://x:1")
+        health = JwksKeys(f"{sim.url}/.well-known/jwks.json").health()
+    assert (health.can_verify, health.error) == (True, None)

@@ -156,6 +156,7 @@ def test_certificate_variables(tmp_path: Path) -> None:
     pem = tmp_path / "ca.pem"
     pem.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     assert http_environment_problems({"SSL_CERT_FILE": str(pem), "SSL_CERT_DIR": "/nonexistent"}) == []
+    (tmp_path / "5ad8a5d6.0").write_bytes(pem.read_bytes())  # a certificate under its hash
     assert http_environment_problems({"SSL_CERT_DIR": f"/nonexistent:{tmp_path}"}) == []
     split = tmp_path / "split.pem"  # the block straddles two of the pieces the file is read in
     split.write_bytes(b"#" * (64 * 1024 - 10) + pem.read_bytes())

@@ -39,6 +39,7 @@ import itertools
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -83,6 +84,7 @@ from worker.fal.http import (
     build_http_client,
     cut_off_at,
     decoded_chunks,
+    shared_ssl_context,
     timeout_from,
     with_body,
 )
@@ -148,9 +150,14 @@ class FalClient:
         self.rest_url = rest_url.rstrip("/")
         self._key = key
         self._auth = FalKeyAuth(key, [self.queue_url, self.rest_url])
-        self.http = build_http_client(
-            timeout=timeout, auth=self._auth, transport=transport, direct=[self.queue_url, self.rest_url]
-        )
+        self._timeout = timeout
+        self._transport = transport
+        self._http: httpx.Client | None = None
+        self._http_lock = threading.Lock()
+        self._closed = False
+        # The certificate variables now (one httpx cannot load is a ConfigError before anything
+        # is claimed); the proxy variables when fal is first called (:attr:`http`).
+        shared_ssl_context()
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
         # The read timeout bounds each read; a body dripped a byte at a time never trips it, so
@@ -193,8 +200,38 @@ class FalClient:
             f"key={'set' if self._key else 'unset'})"
         )
 
+    @property
+    def http(self) -> httpx.Client:
+        """The HTTP client to fal (:func:`~worker.fal.http.build_http_client`), built when it is
+        first used: a runtime that never calls fal (a ``run`` of a batch with nothing left to send
+        there) reads no proxy variable, so one httpx cannot use refuses only what calls fal."""
+        client = self._http
+        if client is None:
+            with self._http_lock:
+                if self._http is None:
+                    built = build_http_client(
+                        timeout=self._timeout,
+                        auth=self._auth,
+                        transport=self._transport,
+                        direct=[self.queue_url, self.rest_url],
+                    )
+                    if self._closed:  # closed before its first use: closed all the same
+                        built.close()
+                    self._http = built
+                client = self._http
+        return client
+
+    @property
+    def timeout(self) -> httpx.Timeout:
+        """The timeouts of its calls (those of :attr:`http`, without building it)."""
+        return self._timeout
+
     def close(self) -> None:
-        self.http.close()
+        with self._http_lock:
+            self._closed = True
+            client = self._http
+        if client is not None:
+            client.close()
 
     def __enter__(self) -> FalClient:
         return self

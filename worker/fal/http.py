@@ -20,6 +20,7 @@ import contextlib
 import functools
 import ipaddress
 import itertools
+import logging
 import os
 import queue
 import random
@@ -27,6 +28,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
@@ -40,9 +42,11 @@ import httpcore
 import httpx
 
 from jobs.errors import ConfigError
-from jobs.http_environment import construction_message, is_loopback_host
+from jobs.http_environment import beyond_loopback, construction_message, is_loopback_host
 from jobs.settings import FalSettings
 from worker.fal.origin import Origin, origin_of, url_origin
+
+log = logging.getLogger(__name__)
 
 USER_AGENT = "wanbatch (httpx)"
 
@@ -271,9 +275,28 @@ def environment_checked() -> Iterator[None]:
 
 #: What a TLS context was built from: the values of ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``.
 _TrustKey = tuple[str | None, str | None]
-#: The TLS context last built for each value of those variables, with the :func:`_trust_stamp`
-#: of the files it was built from.
-_SSL_CONTEXTS: dict[_TrustKey, tuple[tuple[object, ...], ssl.SSLContext]] = {}
+#: The most seconds a client goes on trusting what it was built with after the CA bundle (or
+#: folder) changed at the same path: a new connection looks at it again (one ``stat``) when it
+#: was last looked at longer ago than this (:func:`current_ssl_context`), never on every request.
+TRUST_RECHECK_SECONDS = 60.0
+#: The clock :data:`TRUST_RECHECK_SECONDS` is counted on (tests move it).
+_trust_clock = time.monotonic
+
+
+@dataclass(slots=True)
+class _Trust:
+    """The TLS context last built for one value of those variables: the :func:`_trust_stamp` of
+    what it was built from, and when that was last looked at (:data:`_trust_clock`)."""
+
+    stamp: tuple[object, ...]
+    context: ssl.SSLContext
+    looked_at: float
+
+
+_SSL_CONTEXTS: dict[_TrustKey, _Trust] = {}
+#: The variables' values each context :func:`shared_ssl_context` built was built for: a client
+#: holds the context it was built with, and :func:`current_ssl_context` finds the newest for them.
+_CONTEXT_KEYS: weakref.WeakKeyDictionary[ssl.SSLContext, _TrustKey] = weakref.WeakKeyDictionary()
 _SSL_CONTEXTS_LOCK = threading.Lock()
 
 
@@ -300,26 +323,84 @@ def _trust_stamp(cert_file: str | None, cert_dir: str | None) -> tuple[object, .
     return ()
 
 
+def _build_ssl_context(key: _TrustKey) -> ssl.SSLContext:
+    """:func:`httpx.create_ssl_context` for the variables' values ``key`` (this process's, when
+    :func:`shared_ssl_context` asks; those a client was built with, when it is rebuilt), with the
+    ALPN httpcore sets on it before each handshake of a client without HTTP/2 (none here has it):
+    a context swapped in at the handshake (:func:`current_ssl_context`) offers the same."""
+    cert_file, cert_dir = key
+    if cert_file:
+        context = ssl.create_default_context(cafile=cert_file)
+    elif cert_dir:
+        context = ssl.create_default_context(capath=cert_dir)
+    else:
+        context = httpx.create_ssl_context(trust_env=False)  # certifi's bundle
+    context.set_alpn_protocols(["http/1.1"])
+    _CONTEXT_KEYS[context] = key
+    return context
+
+
 def shared_ssl_context() -> ssl.SSLContext:
-    """The TLS context this process's clients verify servers with (:func:`httpx.create_ssl_context`:
-    certifi's CA bundle, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``), built once per value of those
-    variables and content of what they name. Building one parses the whole bundle, about 20 ms
-    of CPU, and a run built four (the fal client, the downloads' and the uploads' guarded
+    """The TLS context this process's clients verify servers with (as :func:`httpx.create_ssl_context`
+    makes it: certifi's CA bundle, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``), built once per value of
+    those variables and content of what they name. Building one parses the whole bundle, about
+    20 ms of CPU, and a run built four (the fal client, the downloads' and the uploads' guarded
     transports, each of which :class:`httpx.HTTPTransport` had already given one it then
     replaced) for the same trust. An :class:`ssl.SSLContext` is meant to be shared by many
     connections and threads (its settings are fixed here once made). A CA bundle rotated at the
-    same path (:func:`_trust_stamp`) gets a new context for the clients built after it: keyed by
-    the path alone, they went on trusting the old bundle until the process ended. A variable
+    same path (:func:`_trust_stamp`) gets a new context, for the clients built after it and, at
+    their next new connection, for those built before (:func:`current_ssl_context`). A variable
     httpx cannot use is a :class:`ConfigError` (:func:`environment_checked`), as when each
     client built its own."""
     key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
     stamp = _trust_stamp(*key)
     with _SSL_CONTEXTS_LOCK:
-        built = _SSL_CONTEXTS.get(key)
-        if built is None or built[0] != stamp:
+        trust = _SSL_CONTEXTS.get(key)
+        if trust is None or trust.stamp != stamp:
             with environment_checked():
-                built = _SSL_CONTEXTS[key] = (stamp, httpx.create_ssl_context())
-        return built[1]
+                trust = _SSL_CONTEXTS[key] = _Trust(stamp, _build_ssl_context(key), _trust_clock())
+        trust.looked_at = _trust_clock()
+        return trust.context
+
+
+def current_ssl_context(context: ssl.SSLContext) -> ssl.SSLContext:
+    """The context a new TLS connection verifies its server with, for a client built with
+    ``context``: the newest :func:`shared_ssl_context` built for the same variables' values,
+    once what they name changed (a corporate proxy's CA rotated in place during an overnight
+    render: a long ``worker``, ``serve`` or ``run`` went on trusting only the old CA until it was
+    restarted, every new connection failing verification). It looks (one ``stat``) at most every
+    :data:`TRUST_RECHECK_SECONDS`; connections already open keep theirs, and no pool is dropped.
+    A bundle that cannot be loaded now (half written, removed) leaves the trust as it was, looked
+    at again later, with one warning. Any other context (a test's, a proxy's) is returned as is."""
+    key = _CONTEXT_KEYS.get(context)
+    if key is None:
+        return context
+    now = _trust_clock()
+    with _SSL_CONTEXTS_LOCK:
+        trust = _SSL_CONTEXTS.get(key)
+        if trust is None:  # built before this process's first shared_ssl_context for it: none newer
+            return context
+        if now - trust.looked_at < TRUST_RECHECK_SECONDS:
+            return trust.context
+        trust.looked_at = now
+        stamp = _trust_stamp(*key)
+        if stamp != trust.stamp:
+            try:
+                trust.context = _build_ssl_context(key)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                log.warning(
+                    "the CA certificates changed but cannot be loaded (%s); "
+                    "new connections go on trusting the ones loaded before",
+                    type(exc).__name__,
+                    extra={"event": "tls.trust_unloadable"},
+                )
+            else:
+                trust.stamp = stamp
+                log.info(
+                    "the CA certificates changed: new connections trust the new ones",
+                    extra={"event": "tls.trust_reloaded"},
+                )
+        return trust.context
 
 
 # ------------------------------------------------------------------------------------- deadlines
@@ -456,8 +537,10 @@ class _DeadlineStream(httpcore.NetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
+        # A CA bundle rotated since the client was built is trusted from its next connection on.
+        context = current_ssl_context(ssl_context) if isinstance(ssl_context, ssl.SSLContext) else ssl_context
         tls = _within(
-            lambda t: self._inner.start_tls(ssl_context, server_hostname, t), timeout, httpcore.ConnectTimeout
+            lambda t: self._inner.start_tls(context, server_hostname, t), timeout, httpcore.ConnectTimeout
         )
         return _DeadlineStream(tls)
 
@@ -719,8 +802,12 @@ def build_http_client(
 
     It honours the proxy and certificate variables (``trust_env``), but reaches the origins of
     ``direct`` (fal's configured URLs) on this machine's loopback without a proxy
-    (:func:`direct_mounts`). A variable httpx cannot use is a :class:`ConfigError`
+    (:func:`direct_mounts`). When every one of them is on loopback (``run --simulate``'s
+    simulator, a ``wanbatch simulator`` on 127.0.0.1), the client reaches nothing a proxy could
+    and reads no proxy variable at all: one httpx cannot use (``HTTPS_PROXY=ftp://…``) refused
+    such a run for nothing. A variable httpx cannot use is a :class:`ConfigError`
     (:func:`environment_checked`)."""
+    direct = list(direct)
     with environment_checked():
         return with_deadlines(
             CookielessClient(
@@ -729,6 +816,7 @@ def build_http_client(
                 transport=transport,
                 verify=shared_ssl_context(),
                 mounts=direct_mounts(direct),
+                trust_env=not direct or beyond_loopback(direct),
                 follow_redirects=False,
                 headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
             )

@@ -143,7 +143,7 @@ class FalStorage:
     def _upload_client(self) -> httpx.Client:
         """A client for one upload's PUT: guarded like a download's (uploads are few, and
         cached by content, so a client of its own costs little)."""
-        timeout = self._client.http.timeout
+        timeout = self._client.timeout
         if self._transport is None:
             uploads = guarded_client(self._policy, timeout)
         else:

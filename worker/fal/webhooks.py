@@ -178,6 +178,7 @@ class JwksKeys:
         the size cap stops it; httpx's own decoder inflated one wire chunk of a "zip bomb" to
         gigabytes before the cap was looked at."""
         from jobs.errors import ConfigError
+        from jobs.http_environment import beyond_loopback
         from worker.fal.http import (
             cut_off_at,
             decoded_chunks,
@@ -201,6 +202,8 @@ class JwksKeys:
                         transport=self._transport,
                         verify=shared_ssl_context(),
                         mounts=direct_mounts([self.url]),
+                        # One on loopback reads no proxy variable: `serve` refuses none for it.
+                        trust_env=beyond_loopback([self.url]),
                         headers={"Accept-Encoding": "identity"},  # what is counted is what is sent
                     )
                 )
