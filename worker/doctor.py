@@ -144,9 +144,12 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- the checks
 
 
-def check_configuration() -> tuple[Check, Settings | None]:
+def check_configuration(*, simulate: bool = False) -> tuple[Check, Settings | None]:
     """Every setting parses (the same validation every command does first), and the proxy and
-    certificate variables are ones httpx can use (what the commands that talk to fal check)."""
+    certificate variables are ones httpx can use (what the commands that talk to fal check, for
+    what they reach: with ``simulate``, as ``run --simulate``, nothing beyond loopback). One
+    that makes only some requests fail (:func:`jobs.http_environment.environment_verdict`) is
+    said in the check's detail, which stays ``ok``."""
     from jobs.errors import WanbatchError
     from jobs.settings import get_settings
 
@@ -162,21 +165,26 @@ def check_configuration() -> tuple[Check, Settings | None]:
             ),
             None,
         )
-    from jobs.http_environment import refused_environment_message
+    from jobs.http_environment import environment_verdict
 
-    # What run, worker and serve refuse to start with, for the URLs doctor reaches too.
-    reaches = [settings.fal_queue_url, settings.fal_rest_url, settings.webhook_jwks_url]
-    if message := refused_environment_message(reaches=reaches):
+    # What run, worker and serve refuse to start with, for the URLs doctor reaches too (the
+    # receiver's, and fal's signing keys, only with a webhook URL: :func:`check_receiver`).
+    reaches = [] if simulate else [settings.fal_queue_url, settings.fal_rest_url]
+    if settings.webhook_url and not simulate:
+        reaches += [settings.webhook_url, settings.webhook_jwks_url]
+    refused, warnings = environment_verdict(reaches=reaches)
+    if refused:
         return (
             _fail(
                 "configuration",
-                message,
+                f"invalid configuration: {'; '.join(refused)}",
                 "fix the variable named above (README: Configuration); the other checks need it",
             ),
             None,
         )
     mode = "distributed (WANBATCH_BROKER_URL)" if settings.broker_url else "embedded (no broker)"
-    return _ok("configuration", f"settings valid; {mode}"), settings
+    said = "".join(f"; warning: {warning}" for warning in warnings)
+    return _ok("configuration", f"settings valid; {mode}{said}"), settings
 
 
 def check_database(settings: Settings) -> Check:
@@ -1015,7 +1023,7 @@ def run_checks(*, simulate: bool = False) -> list[Check]:
     from jobs import clock
 
     clock.said_elsewhere()  # the clock check says it, in its line
-    config, settings = check_configuration()
+    config, settings = check_configuration(simulate=simulate)
     later: list[tuple[str, Callable[[Settings], Check]]] = [
         ("database", check_database),
         ("clock", check_clock),

@@ -122,6 +122,10 @@ def test_a_simulated_run_reaches_no_proxy_and_no_https_so_is_never_refused_over_
         assert "verifies no HTTPS server" in warned[0]
     else:
         assert warned == [], done.stderr
+    doctor = run_with("doctor", "--simulate", "--json", env=variables)  # judges as run --simulate
+    configuration = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}["configuration"]
+    assert configuration["status"] == "ok", configuration
+    assert ("warning: SSL_CERT_DIR" in configuration["detail"]) is (named == "SSL_CERT_DIR")
 
 
 def test_a_run_against_a_simulator_on_loopback_is_never_refused_over_a_proxy_variable(
