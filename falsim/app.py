@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -35,7 +36,7 @@ from urllib.parse import unquote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -44,6 +45,8 @@ from falsim.engine import COMPLETED, Engine, SimRequest
 from jobs.asgi_shutdown import RAW_SEND
 from jobs.endpoints import EndpointSpec, all_endpoints
 from jobs.endpoints.registry import app_base
+
+log = logging.getLogger(__name__)
 
 _NGINX_502 = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
@@ -107,6 +110,7 @@ class SimulatorApp:
                 Route("/files/{key}/{name:path}", self.file_get, methods=["GET", "HEAD"]),
                 Route("/{path:path}", self.queue, methods=["GET", "POST", "PUT"]),
             ],
+            exception_handlers={ClientDisconnect: self._client_gone},
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -115,6 +119,12 @@ class SimulatorApp:
         await self.starlette(scope, receive, send)
 
     # -- helpers ---------------------------------------------------------------------------
+
+    async def _client_gone(self, request: Request, _exc: Exception) -> Response:
+        """The client went away while its request's body was read (a client under load gave up):
+        nothing to answer, and no traceback; the server drops this response (nobody reads it)."""
+        log.debug("client went away before sending %s %s's body", request.method, request.url.path)
+        return Response(status_code=400)
 
     def _auth(self, request: Request) -> Response | None:
         """401 without ``Authorization: Key|Bearer <non-empty>``; 403 for a locked key."""

@@ -199,8 +199,12 @@ _TAGGED = re.compile(r"v(\d+)-")
 #: sidecar's (``.tmp``, :func:`write_json_atomic`). Both names start with a dot.
 PARTIAL_SUFFIX, SIDECAR_TEMP_SUFFIX = ".part", ".tmp"
 
-#: Per folder: when it was last listed (monotonic) and the temporary files it held then.
+#: Per folder: when it was last listed (monotonic) and the temporary files it held then. A
+#: listing older than the re-list age is dropped when another folder is listed, and at most
+#: :data:`PARTIALS_FOLDERS_MAX` folders are kept (the oldest listings go first): a long-lived
+#: worker downloads into a new folder per batch, for ever.
 _PARTIALS: dict[Path, tuple[float, set[str]]] = {}
+PARTIALS_FOLDERS_MAX = 1024
 _PARTIALS_LOCK = threading.Lock()
 
 
@@ -229,6 +233,11 @@ def _partials_in(folder: Path, max_age: float) -> set[str] | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     with _PARTIALS_LOCK:
+        _PARTIALS.pop(folder, None)  # re-inserted last: the dict stays in listing order
+        for old in [f for f, (listed, _) in _PARTIALS.items() if now - listed >= max_age]:
+            del _PARTIALS[old]  # would be listed again anyway
+        while len(_PARTIALS) >= PARTIALS_FOLDERS_MAX:
+            del _PARTIALS[next(iter(_PARTIALS))]
         _PARTIALS[folder] = (now, names)
     return names
 

@@ -128,7 +128,17 @@ class Conductor:
         self._started_since = 0.0
         self._submitted: set[str] = set()
         self._wants_dispatch = False
+        #: Jobs whose status stream broke fewer than :data:`STREAM_FAILURES_MAX` times, and how
+        #: often: followed again (a new stream). Dropped once the job is no longer followed (its
+        #: stream said it ended, it was let go, or it was not followed again), as the watcher drops
+        #: a job's first time (:meth:`StatusWatcher.forget`): a long-lived worker keeps none for
+        #: jobs long gone.
         self._stream_failures: dict[str, int] = {}
+        #: Jobs whose streams broke :data:`STREAM_FAILURES_MAX` times: job id -> the request given
+        #: up on, polled from then on (no stream is opened for it again). Dropped at the tick
+        #: once that request no longer waits at fal (:meth:`_prune_given_up`): the job ended, or
+        #: was sent again (a new request is followed anew).
+        self._given_up: dict[str, str] = {}
         self._reach: Reach | None = None  # the runtime's reach as of the last tick (_watch)
         self._broker_epoch: str | None = None  # the broker's run_id as last seen (_after_broker_restart)
         #: ``rt.budget_cancelled`` as :meth:`_redispatch_at` last saw it.
@@ -189,6 +199,7 @@ class Conductor:
     def _on_status(self, job_id: str, request_id: str, status: Status) -> None:
         with self._cond:
             if status.completed:
+                self._stream_failures.pop(job_id, None)  # ended: followed no more
                 self._ended.append(Seen(job_id, request_id, status))
                 self._wants_dispatch = True
                 self._cond.notify()
@@ -197,12 +208,16 @@ class Conductor:
                     self._started_since = time.monotonic()
                 self._started.append(Seen(job_id, request_id, status))
 
-    def _on_lost(self, job_id: str) -> None:
+    def _on_lost(self, job_id: str, request_id: str) -> None:
         """A stream broke: follow the request again (a new stream), a few times; then poll it."""
         with self._cond:
-            failures = self._stream_failures[job_id] = self._stream_failures.get(job_id, 0) + 1
+            failures = self._stream_failures.get(job_id, 0) + 1
             if failures < STREAM_FAILURES_MAX:
+                self._stream_failures[job_id] = failures
                 self._submitted.add(job_id)
+            else:
+                del self._stream_failures[job_id]
+                self._given_up[job_id] = request_id
             self._cond.notify()
         if failures >= STREAM_FAILURES_MAX and self.watcher is not None:
             self.watcher.forget({job_id})  # polled from now on: followed no more
@@ -411,6 +426,8 @@ class Conductor:
                 deadline = min(deadline, self._next_announce)
             seen, submitted, wants_dispatch = self._take(max(0.0, deadline - time.monotonic()))
             if stopping.is_set() or not leading:
+                if submitted:  # not followed again here: the leader's catch-up finds them
+                    self._not_followed(submitted)
                 continue
             self.stats.rounds += 1
             self.stats.events += len(seen)
@@ -499,6 +516,7 @@ class Conductor:
         self.stats.dispatched += report.dispatched
         if old:
             self._let_go_of_ended(old)
+        self._prune_given_up()
         if self.watcher is not None and not stopping.is_set():
             self._watch(set())
         did = (
@@ -538,6 +556,32 @@ class Conductor:
                 extra={"event": "stream.let_go"},
             )
             watcher.let_go(ended)
+            with self._cond:
+                for job_id in ended:
+                    self._stream_failures.pop(job_id, None)
+
+    def _prune_given_up(self) -> None:
+        """Drop the jobs given up on (:attr:`_given_up`) whose request no longer waits at fal:
+        ended, or sent again as a new request. Those left are at fal, and only they are kept out
+        of the catch-up (:meth:`_open_streams`): neither grows with the jobs a long-lived worker
+        ever lost a stream for. One short read per tick, only while some are given up."""
+        with self._cond:
+            given_up = dict(self._given_up)
+        if not given_up:
+            return
+        with db.read_scope(self.rt.engine) as session:
+            heads = store.job_heads(session, given_up)
+        gone = [
+            job_id
+            for job_id, request_id in given_up.items()
+            if (head := heads.get(job_id)) is None
+            or head.state not in AT_FAL
+            or head.request_id != request_id
+        ]
+        with self._cond:
+            for job_id in gone:
+                if self._given_up.get(job_id) == given_up[job_id]:
+                    del self._given_up[job_id]
 
     def _after_broker_restart(self) -> None:
         """When the broker came back as a new incarnation (a Redis restarted with nothing on
@@ -573,14 +617,31 @@ class Conductor:
             self._open_streams(watcher, job_ids, taken)
         finally:
             if job_ids - taken:
-                watcher.forget(job_ids - taken)
+                self._not_followed(job_ids - taken)
+
+    def _not_followed(self, job_ids: set[str]) -> None:
+        """``job_ids`` (lost streams or submits) are not followed now: the watcher forgets their
+        first time (:meth:`StatusWatcher.forget`), and their lost streams are no longer counted.
+        Those followed now (another stream of theirs is open) are left as they are."""
+        watcher = self.watcher
+        if watcher is None:
+            return
+        watcher.forget(job_ids)
+        with self._cond:
+            for job_id in job_ids:
+                if job_id in self._stream_failures and not watcher.follows(job_id):
+                    del self._stream_failures[job_id]
 
     def _open_streams(self, watcher: StatusWatcher, job_ids: set[str], taken: set[str]) -> None:
         """:meth:`_watch`'s streams; the jobs whose stream it opened are added to ``taken``."""
         if watcher.room() <= 0:
             return
-        given_up = {j for j, n in self._stream_failures.items() if n >= STREAM_FAILURES_MAX}
-        exclude = watcher.watching() | given_up
+        with self._cond:
+            given_up = dict(self._given_up)
+        watching = watcher.watching()
+        # The catch-up leaves out the requests given up on (still at fal: _prune_given_up); a
+        # job named in ``job_ids`` is left out only while its request is the one given up on.
+        exclude = watching if job_ids else watching | given_up.keys()
         if job_ids and not job_ids - exclude:
             return  # already followed (watch_accepted): nothing to read
         with db.read_scope(self.rt.engine) as session:
@@ -592,7 +653,11 @@ class Conductor:
             jobs: Sequence[JobView]
             if job_ids:
                 found = store.job_snapshots(session, job_ids - exclude).values()  # rows, not objects
-                jobs = [j for j in found if j.state in AT_FAL and reach.holds(j)]
+                jobs = [
+                    j
+                    for j in found
+                    if j.state in AT_FAL and reach.holds(j) and given_up.get(j.id, "") != j.request_id
+                ]
             else:
                 jobs = store.requests_at_fal(
                     session,

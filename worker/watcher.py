@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 #: ``on_status(job_id, request_id, status)``: the request started running, or ended.
 OnStatus = Callable[[str, str, Status], None]
-#: ``on_lost(job_id)``: the stream broke before the request ended; polling takes over.
-OnLost = Callable[[str], None]
+#: ``on_lost(job_id, request_id)``: the stream broke before the request ended; polling takes over.
+OnLost = Callable[[str, str], None]
 #: How long a reading thread with nothing to read waits for another stream before it exits.
 IDLE_THREAD_SECONDS = 5.0
 
@@ -201,7 +201,7 @@ class StatusWatcher:
         finally:
             closed, let_go = self._done(job_id, ended=ended)
             if not ended and not closed and not let_go:
-                self.on_lost(job_id)
+                self.on_lost(job_id, handle.request_id)
 
     def _done(self, job_id: str, *, ended: bool) -> tuple[bool, bool]:
         """``job_id`` is no longer followed (its room is free) and its thread is idle again, in

@@ -57,6 +57,11 @@ class JobHead:
     submitted_at: datetime | None
 
 
+#: At most this many ids are bound in one statement (one parameter each): PostgreSQL refuses a
+#: statement past 65,535 parameters, and each one costs on every run of it.
+IDS_PER_QUERY = 1000
+
+
 def job_heads(session: Session, job_ids: Collection[str]) -> dict[str, JobHead]:
     """:class:`JobHead` of these jobs (missing ones are left out), in one query.
 
@@ -71,13 +76,14 @@ def job_heads(session: Session, job_ids: Collection[str]) -> dict[str, JobHead]:
             Job.id.in_(bindparam("ids", expanding=True))
         ),
     )
-    rows = _run(session, query, {"ids": sorted(job_ids)})
-    return {
-        row.id: JobHead(
-            row.id, JobState(row.state), row.version, row.request_id, row.batch_id, row.submitted_at
-        )
-        for row in rows
-    }
+    ids = sorted(job_ids)
+    heads: dict[str, JobHead] = {}
+    for start in range(0, len(ids), IDS_PER_QUERY):  # one bound parameter per id: bounded
+        for row in _run(session, query, {"ids": ids[start : start + IDS_PER_QUERY]}):
+            heads[row.id] = JobHead(
+                row.id, JobState(row.state), row.version, row.request_id, row.batch_id, row.submitted_at
+            )
+    return heads
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,16 +168,28 @@ def requests_at_fal(
     only requests sent to that fal queue origin or to one not recorded."""
     if limit <= 0 or (batch_ids is not None and not batch_ids):
         return []
-    query = select(Job).where(Job.state.in_(list(states)), Job.request_id.is_not(None))
-    if exclude_ids:
-        query = query.where(Job.id.not_in(sorted(exclude_ids)))
+    where: list[ColumnElement[bool]] = [Job.state.in_(list(states)), Job.request_id.is_not(None)]
     if batch_ids is not None:
-        query = query.where(Job.batch_id.in_(sorted(batch_ids)))
+        where.append(Job.batch_id.in_(sorted(batch_ids)))
     if exclude_batch_ids:
-        query = query.where(Job.batch_id.not_in(sorted(exclude_batch_ids)))
+        where.append(Job.batch_id.not_in(sorted(exclude_batch_ids)))
     if sent_to is not None:
-        query = query.where(sent_to_origin(sent_to))
-    return list(session.scalars(query.order_by(Job.submitted_at, Job.id).limit(limit)))
+        where.append(sent_to_origin(sent_to))
+    order = (Job.submitted_at, Job.id)
+    if len(exclude_ids) <= IDS_PER_QUERY:  # the usual case: the streams open now, a few given up
+        if exclude_ids:
+            where.append(Job.id.not_in(sorted(exclude_ids)))
+        return list(session.scalars(select(Job).where(*where).order_by(*order).limit(limit)))
+    # More ids than a statement may bind (PostgreSQL refuses past 65,535 parameters): the first
+    # ids in order, enough to find ``limit`` outside ``exclude_ids``, then those jobs.
+    excluded = exclude_ids if isinstance(exclude_ids, set | frozenset) else set(exclude_ids)
+    ids = session.scalars(select(Job.id).where(*where).order_by(*order).limit(limit + len(excluded)))
+    chosen = [job_id for job_id in ids if job_id not in excluded][:limit]
+    if not chosen:
+        return []
+    jobs = session.scalars(select(Job).where(Job.id.in_(chosen))).all()
+    place = {job_id: n for n, job_id in enumerate(chosen)}
+    return sorted(jobs, key=lambda job: place[job.id])
 
 
 def handed_off(

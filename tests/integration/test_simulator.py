@@ -582,3 +582,48 @@ def test_bad_cli_faults_are_refused() -> None:
     from cli import cli
 
     assert CliRunner().invoke(cli, ["simulator", "--fault", "no_such_fault=1"]).exit_code == 2
+
+
+def test_a_client_gone_while_its_body_is_read_is_no_traceback(sim: SimulatorHandle) -> None:
+    """A client under load gives up after sending a submit's headers: the simulator used to log
+    ``Exception in ASGI application`` and a ``ClientDisconnect`` traceback; now a debug line."""
+    import logging
+    import socket
+    from urllib.parse import urlsplit
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    seen = Records()
+    # uvicorn's loggers do not propagate to the root (its logging config): listen on them.
+    loggers = [logging.getLogger(name) for name in ("falsim", "uvicorn.error", "uvicorn")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(seen)
+    loggers[0].setLevel(logging.DEBUG)
+    try:
+        url = urlsplit(sim.url)
+        assert url.hostname is not None
+        assert url.port is not None
+        with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /fal-ai/wan-22 HTTP/1.1\r\nHost: sim\r\nAuthorization: Key k\r\n"
+                b'Content-Type: application/json\r\nContent-Length: 4096\r\n\r\n{"prompt"'
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not any(
+            "went away" in r.getMessage() or r.levelno >= logging.ERROR for r in seen.records
+        ):
+            time.sleep(0.05)
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(seen)
+            logger.setLevel(level)
+    errors = [r for r in seen.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert errors == [], [(r.getMessage(), r.exc_info) for r in errors]
+    assert any("went away" in r.getMessage() for r in seen.records)

@@ -132,7 +132,8 @@ def test_a_stream_opened_again_vouches_only_as_long_as_the_first(
         wait_until(lambda: hostile.count("GET", STATUS) > 0, step=round_then_tick, timeout=15)
         polled_after = time.monotonic() - opened
         assert hostile.count("GET", STREAM) == 2  # the first broke and was opened again
-        assert conductor._stream_failures == {job: 1}
+        # The poll found the job ended and let its stream go: its lost stream is counted no more.
+        assert conductor._stream_failures == {}
         # The second stream had vouched for 0.6 of an interval: the first one's age counted.
         assert polled_after < KEEPS_BREAKING_VOUCHES + 0.5 * BREAKS_AFTER
     finally:
@@ -161,7 +162,9 @@ class _BreakingStreams:
 def test_the_watcher_keeps_a_lost_stream_s_first_time_until_told_to_forget() -> None:
     streams = _BreakingStreams()
     lost: queue.SimpleQueue[str] = queue.SimpleQueue()
-    watcher = StatusWatcher(cast(FalClient, streams), lambda *_: None, lost.put, max_streams=2)
+    watcher = StatusWatcher(
+        cast(FalClient, streams), lambda *_: None, lambda job_id, _: lost.put(job_id), max_streams=2
+    )
     handle = RequestHandle.from_request_id("https://queue.test", "fal-ai/wan", "r-1")
 
     def lose_the_stream() -> None:

@@ -62,7 +62,7 @@ def test_streams_followed_one_after_another_share_one_connection() -> None:
                 ended.append(job_id)
                 done.set()
 
-        watcher = StatusWatcher(client, on_status, lambda job_id: None, max_streams=4)
+        watcher = StatusWatcher(client, on_status, lambda *_: None, max_streams=4)
         try:
             for n in range(6):
                 handle = client.submit(T2V, {"prompt": f"stream {n}", "resolution": "480p"}).handle
@@ -98,7 +98,7 @@ def test_concurrent_streams_get_a_thread_each_and_idle_threads_exit(monkeypatch:
                 with lock:
                     ended.append(job_id)
 
-        watcher = StatusWatcher(client, on_status, lambda job_id: None, max_streams=8)
+        watcher = StatusWatcher(client, on_status, lambda *_: None, max_streams=8)
         try:
             for rnd in range(2):
                 for n in range(5):

@@ -266,3 +266,31 @@ def test_a_batch_folder_the_file_name_encoding_cannot_hold_is_a_folder_error_not
     assert done.returncode == 0, done.stderr
     assert "folder error:" in done.stdout
     assert "file-name encoding (check LANG/LC_ALL)" in done.stdout
+
+
+def test_the_folders_listed_for_partials_are_bounded(tmp_path: Path) -> None:
+    """A long-lived worker lists a new folder per batch: the listings kept stay bounded (the
+    oldest go first), and the folder listed last is kept."""
+    outputs._PARTIALS.clear()
+    folders = [tmp_path / f"batch-{n}" for n in range(outputs.PARTIALS_FOLDERS_MAX + 200)]
+    for folder in folders:
+        folder.mkdir()
+        assert outputs._partials_in(folder, 3600.0) == set()
+    assert len(outputs._PARTIALS) == outputs.PARTIALS_FOLDERS_MAX
+    assert folders[-1] in outputs._PARTIALS
+    assert folders[0] not in outputs._PARTIALS
+    outputs._PARTIALS.clear()
+
+
+def test_a_listing_older_than_the_relist_age_is_dropped(tmp_path: Path) -> None:
+    outputs._PARTIALS.clear()
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    outputs._partials_in(old, 0.05)
+    listed = time.monotonic()
+    while time.monotonic() - listed < 0.1:  # the listing of ``old`` is stale now
+        time.sleep(0.01)
+    outputs._partials_in(new, 0.05)
+    assert set(outputs._PARTIALS) == {new}
+    outputs._PARTIALS.clear()
