@@ -386,9 +386,26 @@ def _pg_bounded_args(parsed: URL, connect_args: dict[str, Any]) -> dict[str, Any
     return {**connect_args, **{k: v for k, v in bounded.items() if given.get(k) != v}}
 
 
+#: When (``time.monotonic()``) a statement of this process last got its answer, on any engine.
+_last_answer = 0.0
+
+
+def _heard(*_args: Any) -> None:
+    global _last_answer
+    _last_answer = time.monotonic()
+
+
+def last_answer() -> float:
+    """When (``time.monotonic()``; 0.0: never) a statement this process sent, on any engine it
+    made, last got its answer: a database that answered since a moment is not frozen, however
+    slowly it accepts new connections (:func:`worker.running.database_silence`)."""
+    return _last_answer
+
+
 def _create_engine(parsed: URL, **kwargs: Any) -> Engine:
     """:func:`sqlalchemy.create_engine`; a :class:`ConfigError` for a URL it refuses (a bad query
-    option, a driver that is not installed: ``sqlite+pysqlcipher://``, ``postgresql+asyncpg://``)."""
+    option, a driver that is not installed: ``sqlite+pysqlcipher://``, ``postgresql+asyncpg://``).
+    Every statement answered on it is noted (:func:`last_answer`)."""
     try:
         engine = create_engine(parsed, **kwargs)
     except (ArgumentError, ImportError, TypeError) as exc:
@@ -399,6 +416,7 @@ def _create_engine(parsed: URL, **kwargs: Any) -> Engine:
             f"WANBATCH_DATABASE_URL {safe_url(parsed)} cannot be used: {parsed.drivername} is an asyncio "
             f"driver; name the database without it (sqlite:///…, postgresql://…)"
         )
+    event.listen(engine, "after_cursor_execute", _heard)
     return engine
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -184,9 +185,13 @@ _waiting = threading.Event()
 #: How long a stopping command goes on before it asks whether the database answers at all (a
 #: healthy stop gives its leases back within a few seconds; asking costs nothing meanwhile).
 STOP_HANG_GRACE_SECONDS = 3.0
-#: How long that question (``SELECT 1`` on a new connection) waits for an answer: a database
-#: that has given none by then is not answering.
+#: How long that question (``SELECT 1`` on a new connection) waits for its answer once the
+#: connection is open: a database that has given none by then is not answering.
 DATABASE_ANSWER_SECONDS = 4.0
+#: How long opening that new connection may take before the database is called silent: a server
+#: that works but is slow to accept new clients (a pooler queueing them, ``pre_auth_delay``, a
+#: slow name lookup of its host) is not frozen, and the process's own connections still answer.
+DATABASE_CONNECT_SECONDS = 30.0
 #: How long a run goes on without its progress read completing before it asks the same question,
 #: and says so in one warning line when no answer comes.
 DATABASE_SILENCE_SECONDS = 30.0
@@ -208,37 +213,57 @@ class _Stopping:
 _stopping = _Stopping()
 
 
-def database_silence(url: str, within: float = DATABASE_ANSWER_SECONDS) -> str | None:
-    """Why the database at ``url`` gave no answer to ``SELECT 1`` on a connection of its own
-    within ``within`` seconds; None when it answered, even with an error (refused, too many
-    clients: something answered, and the callers' own calls fail rather than hang).
+def database_silence(
+    url: str, within: float = DATABASE_ANSWER_SECONDS, connecting: float = DATABASE_CONNECT_SECONDS
+) -> str | None:
+    """Why the database at ``url`` gave no answer: neither to ``SELECT 1`` on a connection of
+    its own — ``connecting`` seconds to open it, then ``within`` seconds for the answer — nor to
+    any statement this process sent meanwhile (:func:`jobs.db.last_answer`: its pooled
+    connections answering tell a database that works but is slow to accept new clients). None
+    when it answered, even with an error (refused, too many clients: something answered, and
+    the callers' own calls fail rather than hang).
 
-    The question is asked on a daemon thread waited for ``within`` seconds: a frozen server
-    lets a connect or a query wait far longer (libpq's ``connect_timeout``, then for ever)."""
+    The question is asked on a daemon thread: a frozen server lets a connect or a query wait far
+    longer (libpq's ``connect_timeout``, then for ever). That connect's own ``connect_timeout``
+    is set beyond ``connecting``, so that a connect which never completes is silence, not an
+    error answered."""
+    from sqlalchemy import event as sa_event
     from sqlalchemy.pool import NullPool
 
+    asked = time.monotonic()
     answer: list[BaseException | None] = []
+    connected: list[float] = []
+    heard = threading.Event()
 
     def ask() -> None:
         try:
-            engine = db.read_engine(url, poolclass=NullPool)
+            options: dict[str, Any] = {"poolclass": NullPool}
+            if db.normalize_url(url).get_backend_name() == "postgresql":
+                options["connect_args"] = {"connect_timeout": math.ceil(connecting + within) + 5}
+            engine = db.read_engine(url, **options)
+            sa_event.listen(engine, "connect", lambda *_: connected.append(time.monotonic()))
             try:
                 db.probe(engine)
             finally:
                 engine.dispose()
         except Exception as exc:  # an answer all the same: what it said does not matter here
             answer.append(exc)
-            return
-        answer.append(None)
+        else:
+            answer.append(None)
+        heard.set()
 
-    asking = threading.Thread(target=ask, name="wanbatch-database-probe", daemon=True)
-    asking.start()
-    asking.join(within)
-    if answer:
-        if answer[0] is not None:
-            log.debug("the database answered with an error: %s", database_problem(answer[0]))
-        return None
-    return f"no answer within {within:.0f}s"
+    threading.Thread(target=ask, name="wanbatch-database-probe", daemon=True).start()
+    while not heard.wait(0.1):
+        if db.last_answer() > asked:
+            return None  # the process's own connections answer
+        now = time.monotonic()
+        if connected and now - connected[0] >= within:
+            return f"no answer within {within:.0f}s"
+        if not connected and now - asked >= connecting:
+            return f"no answer within {connecting:.0f}s (no connection)"
+    if answer and answer[0] is not None:
+        log.debug("the database answered with an error: %s", database_problem(answer[0]))
+    return None
 
 
 def _database_url() -> str | None:
@@ -249,9 +274,52 @@ def _database_url() -> str | None:
         return None
 
 
-def hung_words(reason: str, url: str, rt: Runtime | None, batch_id: str | None) -> str:
+#: Beyond a submit POST's own HTTP deadline (connect + 2 × read timeout), how long a process
+#: ending without the database waits for its answer: its answer may be on its way.
+SEND_ANSWER_MARGIN_SECONDS = 5.0
+
+
+def wait_for_sends(rt: Runtime | None) -> int:
+    """A process about to end without the database: wait for the submit POSTs it has in flight
+    at fal to get their answers — each bounded by its own HTTP deadline, ``WANBATCH_CONNECT_TIMEOUT``
+    plus twice ``WANBATCH_READ_TIMEOUT`` — so that what fal accepted is held, and kept in the
+    journal by :meth:`~worker.steps.unrecorded.Unrecorded.keep_all`; an answer arriving after
+    that would be lost, its job found ``submitting`` without a request id (``submit_unknown``),
+    maybe paid twice. Returns how many were in flight."""
+    if rt is None:
+        return 0
+    count = rt.unrecorded.in_flight()
+    if count:
+        bound = rt.settings.connect_timeout + 2 * rt.settings.read_timeout + SEND_ANSWER_MARGIN_SECONDS
+        log.warning(
+            "the database is not answering: waiting up to %.0fs for the answers of %d submit(s) in "
+            "flight at fal, to keep them, before ending",
+            bound,
+            count,
+            extra={"event": "stop.wait_for_sends"},
+        )
+        rt.unrecorded.wait_for_sends(bound)
+    return count
+
+
+def _waited_words(waited: int, rt: Runtime) -> str:
+    """What a process that waited for ``waited`` submit(s) in flight says of them (empty: none)."""
+    if not waited:
+        return ""
+    left = rt.unrecorded.in_flight()
+    said = f"waited for {waited} submit(s) in flight at fal"
+    if left:
+        said += (
+            f", {left} of them still without an answer: their jobs are checked by the reconciler, "
+            "never resent blindly"
+        )
+    return said
+
+
+def hung_words(reason: str, url: str, rt: Runtime | None, batch_id: str | None, waited: int = 0) -> str:
     """The line a stop that the database holds back ends with: that it does not answer, and
-    what becomes of the jobs — the truth, since nothing could be given back or recorded."""
+    what becomes of the jobs — the truth, since nothing could be given back or recorded.
+    ``waited``: how many submit POSTs in flight it waited for first (:func:`wait_for_sends`)."""
     said = (
         f"interrupted, but the database is not answering (WANBATCH_DATABASE_URL {db.safe_url(url)}: "
         f"{reason}), so this process ends without waiting for it"
@@ -267,6 +335,8 @@ def hung_words(reason: str, url: str, rt: Runtime | None, batch_id: str | None) 
         f"WANBATCH_LEASE_SECONDS, {rt.settings.lease_seconds:.0f}s), a submit whose answer was not "
         "recorded is checked by the reconciler, never resent blindly"
     ]
+    if waited:
+        parts.append(_waited_words(waited, rt))
     if kept:
         parts.append(rt.unrecorded.lost_words(kept))
     return "; ".join(parts)
@@ -277,7 +347,9 @@ def hung_words(reason: str, url: str, rt: Runtime | None, batch_id: str | None) 
 WORKER_HUNG_EXIT = 1
 
 
-def worker_hung_words(reason: str, url: str, lease_seconds: float, rt: Runtime | None) -> str:
+def worker_hung_words(
+    reason: str, url: str, lease_seconds: float, rt: Runtime | None, waited: int = 0
+) -> str:
     """:func:`hung_words` for a ``wanbatch worker`` (``rt``: its process's runtime, None when
     it never built one): its accepted submissions not recorded go to the journal too."""
     said = (
@@ -291,6 +363,8 @@ def worker_hung_words(reason: str, url: str, lease_seconds: float, rt: Runtime |
         "was not recorded is checked by the reconciler, never resent blindly"
     ]
     kept = rt.unrecorded.keep_all() if rt is not None else []
+    if rt is not None and waited:
+        parts.append(_waited_words(waited, rt))
     if rt is not None and kept:
         parts.append(rt.unrecorded.lost_words(kept, by="worker"))
     return "; ".join(parts)
@@ -305,13 +379,14 @@ def worker_stop_watch(lease_seconds: float, runtime: Callable[[], Runtime | None
     never gets its answer) each waits for ever, and a second Ctrl-C (Celery's cold shutdown)
     cannot end a thread either. So, as for ``run``, a stop still under way
     :data:`STOP_HANG_GRACE_SECONDS` after the signal asks the database on a connection of its own,
-    and when no answer comes the worker keeps the submissions fal accepted that ``runtime()``
+    and when no answer comes the worker waits for the answers of its submit POSTs in flight at
+    fal (:func:`wait_for_sends`), keeps the submissions fal accepted that ``runtime()``
     (its process's) has not recorded in the journal of :mod:`worker.steps.unrecorded`, says so
     in one log line (event ``worker.stop_database_hung``) and exits :data:`WORKER_HUNG_EXIT`.
     A prefork pool's children hold their own runtimes: only the main process's are kept."""
 
-    def words(reason: str, url: str) -> str:
-        return worker_hung_words(reason, url, lease_seconds, runtime())
+    def words(reason: str, url: str, waited: int) -> str:
+        return worker_hung_words(reason, url, lease_seconds, runtime(), waited)
 
     def hung(line: str, _batch_id: str | None) -> None:
         log.error("%s", line, extra={"event": "worker.stop_database_hung"})
@@ -320,7 +395,7 @@ def worker_stop_watch(lease_seconds: float, runtime: Callable[[], Runtime | None
                 handler.flush()
         os._exit(WORKER_HUNG_EXIT)
 
-    return HangWatch(hung, None, words)
+    return HangWatch(hung, None, words, runtime)
 
 
 class _SilenceWatch:
@@ -383,20 +458,26 @@ class HangWatch(threading.Thread):
     ``on_hang(line, batch_id)`` (the command's last words, then ``os._exit``), else by writing
     the line and ``last_words()`` itself and exiting 130.
 
-    ``words(reason, url)``, when given, makes that line instead of :func:`hung_words` (a
+    ``words(reason, url, waited)``, when given, makes that line instead of :func:`hung_words` (a
     ``wanbatch worker``'s: :func:`worker_hung_words`, through :func:`worker_stop_watch`).
+
+    Before ending, it waits for the answers of the submit POSTs ``runtime()`` (by default the
+    run's: :data:`_stopping`) has in flight at fal (:func:`wait_for_sends`), then asks again:
+    a database that answers by then lets the stop go on.
     """
 
     def __init__(
         self,
         on_hang: Callable[[str, str | None], None] | None,
         last_words: Callable[[], bytes | None] | None,
-        words: Callable[[str, str], str] | None = None,
+        words: Callable[[str, str, int], str] | None = None,
+        runtime: Callable[[], Runtime | None] | None = None,
     ) -> None:
         super().__init__(name="wanbatch-stop-watch", daemon=True)
         self.on_hang = on_hang
         self.last_words = last_words
         self.words = words
+        self.runtime = runtime or (lambda: _stopping.runtime)
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -407,6 +488,10 @@ class HangWatch(threading.Thread):
             reason = database_silence(url)
             if reason is None or self.done.is_set():
                 continue  # it answers: the stop goes on at its own pace (a second signal ends it)
+            before = time.monotonic()
+            waited = wait_for_sends(self.runtime())
+            if waited and (self.done.is_set() or db.last_answer() > before):
+                continue  # it answered meanwhile: the stop goes on
             if not exit_lock.acquire(blocking=False):
                 return  # the main thread is writing its own last line, and exits
             log.debug(  # for a JSON log: the line below is what the console shows
@@ -416,9 +501,9 @@ class HangWatch(threading.Thread):
             )
             batch_id, rt = _stopping.batch_id, _stopping.runtime
             if self.words is not None:
-                line = self.words(reason, url)
+                line = self.words(reason, url, waited)
             else:
-                line = hung_words(reason, url, rt, batch_id)
+                line = hung_words(reason, url, rt, batch_id, waited)
             if self.on_hang is not None:
                 with contextlib.suppress(Exception):
                     self.on_hang(line, batch_id)  # normally never returns (os._exit)

@@ -126,7 +126,8 @@ def silent_server() -> Iterator[str]:
 
 
 def test_a_database_that_never_answers_is_told_from_one_that_refuses(silent_server: str) -> None:
-    assert running.database_silence(silent_server, within=1.0) == "no answer within 1s"
+    said = running.database_silence(silent_server, within=1.0, connecting=1.0)
+    assert said == "no answer within 1s (no connection)"
     # A closed port refuses at once: an answer, and the callers' own calls fail rather than hang.
     assert running.database_silence(f"postgresql://postgres@127.0.0.1:{unused_port()}/gone", within=5) is None
 
@@ -140,7 +141,7 @@ def test_a_run_says_when_its_database_stops_answering(
     with caplog.at_level(logging.INFO, logger="worker.running"):
         watch.check()
         assert watch._asking is not None
-        watch._asking.join(30)
+        watch._asking.join(running.DATABASE_CONNECT_SECONDS + 60)
         watch.check()  # said once per silence
         silent = [r for r in caplog.records if r.__dict__.get("event") == "database.silent"]
         assert len(silent) == 1

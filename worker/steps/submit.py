@@ -62,7 +62,7 @@ from worker.steps.failures import (
 )
 from worker.steps.late_answers import awaits_answer, settle_late_answer
 from worker.steps.poll import first_poll_at
-from worker.steps.unrecorded import Accepted
+from worker.steps.unrecorded import Accepted, Sending
 from worker.steps.webhooks import binding_token, webhook_secret
 
 log = logging.getLogger(__name__)
@@ -304,18 +304,25 @@ def _submit(rt: Runtime, job_id: str) -> str:
             return _hold_for_schedule(rt, fence, schedule)
 
     chaos.crash_point("before_post")
+    # In flight until its answer is held (Unrecorded.recording): a process ending without the
+    # database waits for it before journalling what fal accepted (worker.running.hung_words).
+    sent = rt.unrecorded.sending()
     try:
-        # The lease is renewed while fal's answer is awaited: a POST may take longer than the
-        # lease, and a lapsed one would make the reconciler call this live POST lost.
-        with rt.submit_leases.kept(fence):
-            submitted = rt.client.submit(
-                endpoint,
-                to_send,
-                webhook_url=webhook,
-                priority="low" if priority == "low" else None,
-                start_timeout=start_timeout,
-                extra_headers=FALLBACKS_OFF if rt.settings.disable_fallbacks else None,
-            )
+        try:
+            # The lease is renewed while fal's answer is awaited: a POST may take longer than the
+            # lease, and a lapsed one would make the reconciler call this live POST lost.
+            with rt.submit_leases.kept(fence):
+                submitted = rt.client.submit(
+                    endpoint,
+                    to_send,
+                    webhook_url=webhook,
+                    priority="low" if priority == "low" else None,
+                    start_timeout=start_timeout,
+                    extra_headers=FALLBACKS_OFF if rt.settings.disable_fallbacks else None,
+                )
+        except BaseException:
+            sent.end()  # no accepted id to keep: what follows records the outcome itself
+            raise
     except FalUnreachableError as exc:
         # The connection to fal failed before a byte went out: no submission, nothing billed.
         return _fal_unreachable(rt, fence, exc, probe=probe)
@@ -350,25 +357,28 @@ def _submit(rt: Runtime, job_id: str) -> str:
         with db.session_scope(rt.engine) as session:
             return settle(session, rt, fence, exc)  # what it did: the last attempt's retry fails
 
-    rt.fal_reach.answered()
-    telemetry.count_submit(endpoint, "accepted")
-    logs.annotate(request_id=submitted.request_id)
-    chaos.crash_point("after_post")
-    now = utcnow()
-    accepted = Accepted(
-        job_id=job_id,
-        attempt=attempt,
-        request_id=submitted.request_id,
-        gateway_request_id=submitted.gateway_request_id,
-        status_url=submitted.status_url,
-        response_url=submitted.response_url,
-        cancel_url=submitted.cancel_url,
-        running=submitted.status == "IN_PROGRESS",
-        submitted_at=now,
-    )
-    outcome = _until_recorded(
-        rt, accepted, lambda: _record_submission(rt, fence, submitted, accepted, endpoint)
-    )
+    try:
+        rt.fal_reach.answered()
+        telemetry.count_submit(endpoint, "accepted")
+        logs.annotate(request_id=submitted.request_id)
+        chaos.crash_point("after_post")
+        now = utcnow()
+        accepted = Accepted(
+            job_id=job_id,
+            attempt=attempt,
+            request_id=submitted.request_id,
+            gateway_request_id=submitted.gateway_request_id,
+            status_url=submitted.status_url,
+            response_url=submitted.response_url,
+            cancel_url=submitted.cancel_url,
+            running=submitted.status == "IN_PROGRESS",
+            submitted_at=now,
+        )
+        outcome = _until_recorded(
+            rt, accepted, lambda: _record_submission(rt, fence, submitted, accepted, endpoint), sent
+        )
+    finally:
+        sent.end()
     if outcome == "submitted":
         chaos.crash_point("after_commit")
     if outcome in _KEPT and rt.on_accepted is not None:
@@ -489,7 +499,9 @@ def _refused_by(*, full: bool, missing: bool) -> str:
     return "the database is unreachable"
 
 
-def _until_recorded(rt: Runtime, accepted: Accepted, action: Callable[[], str]) -> str:
+def _until_recorded(
+    rt: Runtime, accepted: Accepted, action: Callable[[], str], sent: Sending | None = None
+) -> str:
     """Run ``action`` (recording ``accepted``) until the database takes it: this process alone
     knows the request id of an accepted, paid submit, and giving up at the first refused write
     would turn it into "submission outcome unknown" — and, by ``rerun --failed-only``, a second
@@ -510,7 +522,7 @@ def _until_recorded(rt: Runtime, accepted: Accepted, action: Callable[[], str]) 
     """
     # Held in memory while it is written: a database that never answers leaves the write
     # neither done nor failed, and a process that ends then journals it (Unrecorded.keep_all).
-    with rt.unrecorded.recording(accepted):
+    with rt.unrecorded.recording(accepted, sent):
         return _recorded_or_kept(rt, accepted, action)
 
 

@@ -311,6 +311,8 @@ class Unrecorded:
         self._left: dict[str, Accepted] = {}  # given up by their steps; kept in the journal
         self._recording: dict[str, Accepted] = {}  # being recorded by their steps right now
         self._steps = 0  # submit steps under way
+        self._posting = 0  # submit POSTs sent whose answer is not held here yet (:meth:`sending`)
+        self._posted = threading.Condition(self._lock)  # told when one is
         self._full_since: float | None = None
         self._next_reminder = 0.0
         self._next_scan = 0.0
@@ -367,13 +369,49 @@ class Unrecorded:
         accepted id stays under way until it is recorded, or :attr:`given_up`)."""
         return self._steps > 0
 
+    def sending(self) -> Sending:
+        """A submit POST goes to fal now: counted in flight until its :meth:`Sending.end` — once
+        its answer is held here (:meth:`recording`), or it failed — so that a process ending
+        without the database waits for its answer before keeping what fal accepted
+        (:meth:`wait_for_sends`): an answer that arrives after the journal is written is lost."""
+        with self._lock:
+            self._posting += 1
+        return Sending(self)
+
+    def _sent(self) -> None:
+        with self._lock:
+            self._posting -= 1
+            self._posted.notify_all()
+
+    def in_flight(self) -> int:
+        """How many submit POSTs of this process wait for fal's answer."""
+        with self._lock:
+            return self._posting
+
+    def wait_for_sends(self, bound: float) -> int:
+        """Wait, up to ``bound`` seconds, until no submit POST of this process waits for fal's
+        answer any more (each is bounded by its own HTTP deadline); returns how many did when
+        this began."""
+        deadline = time.monotonic() + bound
+        with self._posted:
+            count = self._posting
+            while self._posting > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._posted.wait(left)
+        return count
+
     @contextlib.contextmanager
-    def recording(self, accepted: Accepted) -> Iterator[None]:
+    def recording(self, accepted: Accepted, sent: Sending | None = None) -> Iterator[None]:
         """While a step records ``accepted``: held in memory only (nothing is written on this,
         the usual path), so that a process that must end while the database gives no answer at
-        all — the write neither lands nor fails — can still keep it (:meth:`keep_all`)."""
+        all — the write neither lands nor fails — can still keep it (:meth:`keep_all`). ``sent``,
+        the POST that brought it, stops counting in flight once it is held."""
         with self._lock:
             self._recording[accepted.job_id] = accepted
+        if sent is not None:
+            sent.end()
         try:
             yield
         finally:
@@ -502,3 +540,17 @@ class Unrecorded:
             f"{len(lost)} accepted submission(s) could not be recorded (fal has them, and bills "
             f"them): {ids}; {then}"
         )
+
+
+class Sending:
+    """One submit POST in flight (:meth:`Unrecorded.sending`); :meth:`end` once, or more."""
+
+    def __init__(self, unrecorded: Unrecorded) -> None:
+        self._unrecorded = unrecorded
+        self._ended = False
+
+    def end(self) -> None:
+        """Its answer is held (or there is none to hold): no longer in flight."""
+        if not self._ended:
+            self._ended = True
+            self._unrecorded._sent()
