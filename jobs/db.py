@@ -390,22 +390,24 @@ def _pg_bounded_args(parsed: URL, connect_args: dict[str, Any]) -> dict[str, Any
 _last_answer = 0.0
 
 
-def _heard(*_args: Any) -> None:
+def _heard() -> None:
+    """A unit of work committed, or a read ended, on some engine of this process: the database
+    answered (:func:`last_answer`). Noted there, not by a ``after_cursor_execute`` listener,
+    which would turn off :func:`run_reusable`'s direct statement path on every engine."""
     global _last_answer
     _last_answer = time.monotonic()
 
 
 def last_answer() -> float:
-    """When (``time.monotonic()``; 0.0: never) a statement this process sent, on any engine it
-    made, last got its answer: a database that answered since a moment is not frozen, however
-    slowly it accepts new connections (:func:`worker.running.database_silence`)."""
+    """When (``time.monotonic()``; 0.0: never) a unit of work of this process last committed, or
+    one of its reads ended, on any engine: a database that answered since a moment is not
+    frozen, however slowly it accepts new connections (:func:`worker.running.database_silence`)."""
     return _last_answer
 
 
 def _create_engine(parsed: URL, **kwargs: Any) -> Engine:
     """:func:`sqlalchemy.create_engine`; a :class:`ConfigError` for a URL it refuses (a bad query
-    option, a driver that is not installed: ``sqlite+pysqlcipher://``, ``postgresql+asyncpg://``).
-    Every statement answered on it is noted (:func:`last_answer`)."""
+    option, a driver that is not installed: ``sqlite+pysqlcipher://``, ``postgresql+asyncpg://``)."""
     try:
         engine = create_engine(parsed, **kwargs)
     except (ArgumentError, ImportError, TypeError) as exc:
@@ -416,7 +418,6 @@ def _create_engine(parsed: URL, **kwargs: Any) -> Engine:
             f"WANBATCH_DATABASE_URL {safe_url(parsed)} cannot be used: {parsed.drivername} is an asyncio "
             f"driver; name the database without it (sqlite:///…, postgresql://…)"
         )
-    event.listen(engine, "after_cursor_execute", _heard)
     return engine
 
 
@@ -1597,6 +1598,7 @@ def _unit_of_work(session: Session) -> Iterator[Session]:
     try:
         yield session
         session.commit()
+        _heard()
     except BaseException:
         session.rollback()
         raise
@@ -1664,6 +1666,7 @@ def read_scope(engine: Engine, *, snapshot: bool = False) -> Iterator[Session]:
             options.update(isolation_level="REPEATABLE READ", postgresql_readonly=True)
         session.connection(execution_options=options)
         yield session
+        _heard()  # the block's reads were answered
         if session.new or session.dirty or session.deleted:
             raise RuntimeError("read_scope is for reads only: changes were made and are discarded")
     finally:
