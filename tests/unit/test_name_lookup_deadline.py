@@ -288,3 +288,85 @@ def test_an_ipv6_answer_keeps_its_scope() -> None:
     assert http._address_of(("fe80::1", 443, 0, 2)) == "fe80::1%2"
     assert http._address_of(("2001:db8::1", 443, 0, 0)) == "2001:db8::1"
     assert http._address_of(("192.0.2.1", 443)) == "192.0.2.1"
+
+
+# ------------------------------------------------------------ a lookup thread that cannot start
+
+
+@pytest.fixture
+def thread_starts(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Starting a lookup thread raises as under a pids limit or memory pressure ("can't start
+    new thread") while ``failing`` is above 0 (counted down per failure); ``failed`` counts them."""
+    counts = {"failing": 0, "failed": 0}
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "wanbatch-resolver" and counts["failing"] > 0:
+            counts["failing"] -= 1
+            counts["failed"] += 1
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return counts
+
+
+@pytest.mark.timeout(60)
+def test_a_lookup_thread_that_cannot_start_is_a_connect_error_not_a_poisoned_name(
+    dns: Resolver, thread_starts: dict[str, int]
+) -> None:
+    """The lookup was registered and counted before its thread started: the RuntimeError
+    escaped raw, and every later lookup of that name joined the dead one and timed out."""
+    thread_starts["failing"] = 1
+    with pytest.raises(httpcore.ConnectError, match=r"the name lookup of 'named\.test' could not start"):
+        resolve("named.test", 80, 5.0)
+    assert thread_starts["failed"] == 1
+    assert http._RESOLVER.threads == 0
+    assert resolve("named.test", 80, 30.0) == ["127.0.0.1"]  # threads start again: it answers
+
+
+@pytest.mark.timeout(60)
+def test_failed_thread_starts_are_not_counted_as_lookup_threads(
+    dns: Resolver, thread_starts: dict[str, int]
+) -> None:
+    """More failures than :data:`RESOLVER_THREADS` left no thread to start for any name."""
+    thread_starts["failing"] = RESOLVER_THREADS + 1
+    for n in range(RESOLVER_THREADS + 1):
+        with pytest.raises(httpcore.ConnectError, match=rf"the name lookup of 'n{n}\.test' could not start"):
+            resolve(f"n{n}.test", 80, 5.0)
+    assert http._RESOLVER.threads == 0
+    assert resolve("named.test", 80, 30.0) == ["127.0.0.1"]
+
+
+@pytest.mark.timeout(60)
+def test_a_lookup_whose_thread_cannot_start_waits_for_a_running_one(
+    dns: Resolver, thread_starts: dict[str, int]
+) -> None:
+    """With a lookup thread already running, a lookup whose own thread cannot start queues for
+    it (as when every thread is taken) and is answered once that thread is free."""
+    with pytest.raises(httpcore.ConnectTimeout):
+        resolve("slow.test", 80, 0.2)  # holds the one thread until released
+    thread_starts["failing"] = 1
+    found = http._RESOLVER.lookup("named.test", 80)
+    assert thread_starts["failed"] == 1
+    assert http._RESOLVER.threads == 1
+    dns.release.set()
+    assert found.done.wait(30.0)
+    assert found.answer == ["127.0.0.1"]
+
+
+@pytest.mark.timeout(60)
+def test_a_fal_call_when_no_lookup_thread_can_start_is_fal_unreachable(
+    dns: Resolver, hostile: HostileProvider, thread_starts: dict[str, int]
+) -> None:
+    """End to end: one clear retryable error, then fal is reached by name again."""
+    fal = FakeFal(hostile)
+    thread_starts["failing"] = 1
+    with (
+        _fal(f"http://named.test:{hostile.port}") as client,
+        pytest.raises(FalUnreachableError, match=r"the name lookup of 'named\.test' could not start"),
+    ):
+        client.submit(fal.endpoint, {"prompt": "p"})
+    with _fal(f"http://named.test:{hostile.port}") as client:
+        client.submit(fal.endpoint, {"prompt": "p"})
+    assert fal.posts() == 1

@@ -577,7 +577,10 @@ class _Resolver:
     taking another thread, and no more than ``threads`` run at once (the others queue): a hung
     resolver holds a bounded number of threads, however many exchanges wait on it. The threads
     are daemons, so a hung lookup never holds the process open at exit, and one left idle for
-    :data:`RESOLVER_IDLE_SECONDS` ends."""
+    :data:`RESOLVER_IDLE_SECONDS` ends. A thread that cannot be started ("can't start new
+    thread": a pids limit, memory) is not counted: the lookup waits for a running thread if
+    there is one, else it fails at once (:func:`resolve`: a connect error) and the next lookup
+    of that name tries again."""
 
     def __init__(self, threads: int) -> None:
         self._most = threads
@@ -597,12 +600,21 @@ class _Resolver:
             found = self._pending.get(key)
             if found is not None:
                 return found
-            found = self._pending[key] = _Lookup(key)
+            found = _Lookup(key)
+            if self._queued >= self._idle and self._threads < self._most:
+                try:  # the thread waits for this lock before it takes a lookup
+                    threading.Thread(target=self._serve, name="wanbatch-resolver", daemon=True).start()
+                except Exception as exc:  # "can't start new thread": a pids limit, memory
+                    if self._threads == 0:  # nothing would ever take it: it fails, alone
+                        found.error = exc
+                        found.done.set()
+                        return found
+                    # else it waits for one of the running threads, as when all are taken
+                else:
+                    self._threads += 1
+            self._pending[key] = found
             self._queue.put(found)
             self._queued += 1
-            if self._queued > self._idle and self._threads < self._most:
-                self._threads += 1
-                threading.Thread(target=self._serve, name="wanbatch-resolver", daemon=True).start()
         return found
 
     @property
@@ -695,6 +707,8 @@ def resolve(host: str, port: int, timeout: float | None) -> list[str]:
     lookup = _RESOLVER.lookup(host, port)
     if not lookup.done.wait(bound):
         raise httpcore.ConnectTimeout(f"the name lookup of {host!r} did not answer within {bound:.3g} s")
+    if isinstance(lookup.error, RuntimeError):  # no lookup thread could be started
+        raise httpcore.ConnectError(f"the name lookup of {host!r} could not start ({lookup.error})")
     if isinstance(lookup.error, (OSError, UnicodeError)):
         raise httpcore.ConnectError(str(lookup.error) or type(lookup.error).__name__) from lookup.error
     if lookup.error is not None:
