@@ -175,6 +175,7 @@ def run_worker(
     name_this_node(hostname)  # its record on the limiter's Redis names it (``doctor`` reads it)
     worker = _stopping_on_hangup(app.Worker)(
         pool_cls=pool_cls,
+        consumer_cls=_cancelling_says_so(app.conf.worker_consumer),
         loglevel=mlevel(loglevel),  # a number, as Celery's ``-l`` option makes it
         queues=[QUEUE],
         without_gossip=True,
@@ -193,11 +194,18 @@ def _cold_shutdown_safe(pool_cls: Any) -> Any:
     A second Ctrl-C (Celery's cold shutdown) cancels the running tasks by killing them, which a
     thread cannot be: ``celery.concurrency.thread.TaskPool.terminate_job`` raises
     ``NotImplementedError``, and Celery logged it, with its traceback, as "Error on stopping
-    Pool", then went on without waiting for the pool at all. Here the kill is no kill, said in
+    Pool", then went on without waiting for the pool at all. Here, while the cold shutdown
+    cancels them (:func:`_cancelling_says_so` sets ``cancelling``), the kill is no kill, said in
     one warning line: the task finishes (its message was given back to the broker, and the
     job's version makes a repeat harmless) and the worker ends after it, as on a warm shutdown
     — or, when the database does not answer, within seconds all the same
     (:func:`worker.running.worker_stop_watch`).
+
+    Any other kill is Celery's: ``celery control revoke --terminate`` of a running task is
+    refused (its reply is the ``NotImplementedError``; the task goes on, still listed by
+    ``inspect active``), never answered "ok" while the task runs on. The subclass keeps the
+    module and name of Celery's class: the banner says ``concurrency: N (thread)`` and
+    ``inspect stats`` ``celery.concurrency.thread:TaskPool``, as for Celery's own pool.
     """
     from celery.concurrency.thread import TaskPool
 
@@ -206,8 +214,13 @@ def _cold_shutdown_safe(pool_cls: Any) -> Any:
 
     class Pool(pool_cls):  # type: ignore[misc]
         _said = False
+        #: Set while Celery's cold shutdown cancels the running tasks, and only then.
+        cancelling = False
 
         def terminate_job(self, pid: Any, signal: Any = None) -> None:
+            if not self.cancelling:
+                super().terminate_job(pid, signal)  # Celery's NotImplementedError: nothing killed
+                return
             if not Pool._said:
                 Pool._said = True
                 logging.getLogger(__name__).warning(
@@ -216,7 +229,38 @@ def _cold_shutdown_safe(pool_cls: Any) -> Any:
                     extra={"event": "worker.cold_shutdown_waits"},
                 )
 
+    # Celery names the pool after its class's module (the banner) and module:name (stats).
+    Pool.__module__ = pool_cls.__module__
+    Pool.__name__ = pool_cls.__name__
+    Pool.__qualname__ = pool_cls.__qualname__
     return Pool
+
+
+def _cancelling_says_so(consumer_cls: Any) -> Any:
+    """A subclass of Celery's ``consumer_cls`` (a class or its dotted name) whose
+    ``cancel_active_requests`` — called by Celery's cold shutdown only
+    (``celery.apps.worker.on_cold_shutdown`` and ``during_soft_shutdown``) — sets the pool's
+    ``cancelling`` (:func:`_cold_shutdown_safe`) while it runs."""
+    from celery.utils.imports import symbol_by_name
+
+    base = symbol_by_name(consumer_cls)
+
+    class Consumer(base):  # type: ignore[misc,valid-type]
+        def cancel_active_requests(self) -> None:
+            pool = self.pool
+            if not hasattr(pool, "cancelling"):
+                super().cancel_active_requests()
+                return
+            pool.cancelling = True
+            try:
+                super().cancel_active_requests()
+            finally:
+                pool.cancelling = False
+
+    Consumer.__module__ = base.__module__
+    Consumer.__name__ = base.__name__
+    Consumer.__qualname__ = base.__qualname__
+    return Consumer
 
 
 def _stopping_on_hangup(worker_class: Any) -> Any:

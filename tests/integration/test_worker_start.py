@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,3 +172,98 @@ def _unstartable(tmp_path: Path, broker: str) -> None:
         "error: the Celery worker could not start (ValueError: the pool refuses to start); "
         "not restarting it, as the same start would fail the same way"
     ], done.stderr
+
+
+#: A threads worker (concurrency 2) on the broker ``sys.argv[1]`` with one extra task that runs
+#: until the file ``sys.argv[2]/release`` exists, saying it started in ``sys.argv[2]/started``.
+_BLOCKING_WORKER = """
+import sys, time
+from pathlib import Path
+from worker.app import make_app, run_worker
+
+app = make_app(sys.argv[1])
+here = Path(sys.argv[2])
+
+@app.task(name="tests.blocking")
+def blocking():
+    (here / "started").write_text("1")
+    end = time.monotonic() + 120
+    while not (here / "release").exists() and time.monotonic() < end:
+        time.sleep(0.05)
+
+sys.exit(run_worker(app, pool="threads", concurrency=2, loglevel="INFO", quiet=False, hostname="w1@test"))
+"""
+
+
+def _poll(condition: Any, what: str, cap: float = 60.0) -> None:
+    """Wait until ``condition()`` holds (at most ``cap`` s: a generous cap, not a timing check)."""
+    end = time.monotonic() + cap
+    while not condition():
+        assert time.monotonic() < end, f"not reached within {cap} s: {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(240)
+def test_a_threads_worker_refuses_revoke_terminate_and_its_cold_shutdown_is_one_line(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The pool's "kill" of a running thread, made a no-op for the cold shutdown, was a no-op for
+    every caller: ``revoke --terminate`` answered ok while the task ran on (hidden from
+    ``inspect active``), with the cold-shutdown warning though nothing was shutting down; and the
+    pool's class in worker.app made the banner say ``(app)`` and ``inspect stats``
+    ``worker.app:Pool``."""
+    from worker.app import QUEUE, make_app
+
+    with claimed_redis_db(redis_url.rsplit("/", 1)[0]) as broker:
+        env = _env(
+            WANBATCH_BROKER_URL=broker,
+            WANBATCH_DATABASE_URL=f"sqlite:///{tmp_path / 'wanbatch.db'}",
+            WANBATCH_OUTPUT_DIR=str(tmp_path / "out"),
+            FAL_KEY="k-worker-test",
+        )
+        log = tmp_path / "worker.log"
+        with log.open("w") as out:
+            worker = subprocess.Popen(
+                [sys.executable, "-c", _BLOCKING_WORKER, broker, str(tmp_path)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        app = make_app(broker)
+        try:
+            _poll(lambda: "ready." in log.read_text(errors="replace"), "the worker is ready")
+            banner = [line for line in log.read_text().splitlines() if "concurrency:" in line]
+            assert len(banner) == 1, banner
+            assert banner[0].endswith(".> concurrency: 2 (thread)"), banner
+            task_id = app.send_task("tests.blocking", queue=QUEUE).id
+            _poll(lambda: (tmp_path / "started").exists(), "the task runs")
+            inspect = app.control.inspect(destination=["w1@test"], timeout=10)
+            stats = inspect.stats() or {}
+            assert stats["w1@test"]["pool"]["implementation"] == "celery.concurrency.thread:TaskPool"
+
+            # revoke --terminate: refused as Celery refuses it for its threads pool
+            replies = app.control.revoke(task_id, terminate=True, reply=True, timeout=10)
+            assert len(replies) == 1, replies
+            reply = replies[0]["w1@test"]
+            assert "ok" not in reply, reply
+            assert "NotImplementedError" in reply["error"], reply
+            active = inspect.active() or {}
+            assert [t["id"] for t in active["w1@test"]] == [task_id]
+            assert "cannot be cut short" not in log.read_text(errors="replace")
+
+            # cold shutdown: one warning line, no traceback; the worker ends once the task has
+            before = len(log.read_text(errors="replace"))
+            worker.send_signal(signal.SIGQUIT)
+            _poll(lambda: "cannot be cut short" in log.read_text(errors="replace"), "the warning")
+            (tmp_path / "release").write_text("1")
+            worker.wait(timeout=120)
+            after = log.read_text(errors="replace")[before:]
+            assert "Traceback" not in after, after
+            assert "NotImplementedError" not in after, after
+            assert after.count("cold shutdown: a task running on a thread cannot be cut short") == 1, after
+        finally:
+            (tmp_path / "release").write_text("1")
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(timeout=60)
+            app.close()

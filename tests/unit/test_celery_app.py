@@ -64,9 +64,13 @@ def test_a_second_ctrl_c_to_a_threads_worker_is_one_line_not_a_traceback(
 
     pool_cls = _cold_shutdown_safe(get_implementation("threads"))
     assert issubclass(pool_cls, TaskPool)
+    assert (pool_cls.__module__, pool_cls.__name__) == ("celery.concurrency.thread", "TaskPool")
     pool = pool_cls(limit=1)
     try:
         with caplog.at_level(logging.WARNING, logger="worker.app"):
+            with pytest.raises(NotImplementedError):  # revoke --terminate: refused, as by Celery
+                pool.terminate_job(4241, 15)
+            pool.cancelling = True  # Celery's cold shutdown cancelling the running tasks
             pool.terminate_job(4242, 15)
             pool.terminate_job(4243, 15)  # said once per shutdown, not per task
     finally:
