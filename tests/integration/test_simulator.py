@@ -433,36 +433,59 @@ def test_a_request_past_its_start_timeout_is_never_started_even_before_its_timer
     asyncio.run(scenario())
 
 
+def _until_gone(get: Callable[[], httpx.Response], timeout: float = 60.0) -> httpx.Response:
+    """Ask until the answer is a 404 (a generous cap): an expiry is waited for, never slept
+    through by a guess that a loaded machine can outlast."""
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = get()
+        if resp.status_code == 404:
+            return resp
+        assert resp.status_code == 200, resp.text
+        assert time.monotonic() < deadline, f"still there after {timeout:.0f}s"
+        time.sleep(0.05)
+
+
 def test_result_retention(make_sim: Callable[..., SimulatorHandle], client: httpx.Client) -> None:
-    # 1.5 s: long enough for a loaded machine to fetch it once in time (0.3 s was not).
-    sim = make_sim(result_ttl_seconds=1.5, large_result_ttl_seconds=0.1)
+    # Retention long enough that no load can outlast it: fetched after completion, it is there.
+    sim = make_sim(large_result_ttl_seconds=0.1)  # the 1 h default for a small result
+    long = submit(client, sim, "fal-ai/wan-22", INPUTS["fal-ai/wan-22"], headers={"X-Fal-Store-IO": "0"})
+    wait_completed(client, long["status_url"])
+    assert client.get(long["response_url"]).status_code == 200
+    # A short retention, for the requests completed from now on: the result without payload
+    # storage expires (waited for), the one with it is kept (for the storage period), and the
+    # earlier result keeps the retention it completed with.
+    assert client.post(f"{sim.url}/_sim/options", json={"result_ttl_seconds": 0.3}).status_code == 200
     kept = submit(client, sim, "fal-ai/wan-22", INPUTS["fal-ai/wan-22"])  # payload storage on: kept
     short = submit(client, sim, "fal-ai/wan-22", INPUTS["fal-ai/wan-22"], headers={"X-Fal-Store-IO": "0"})
     wait_completed(client, kept["status_url"])
     wait_completed(client, short["status_url"])
-    assert client.get(short["response_url"]).status_code == 200
-    time.sleep(1.6)
-    gone = client.get(short["response_url"])
-    assert gone.status_code == 404
+    gone = _until_gone(lambda: client.get(short["response_url"]))
     assert "expired" in gone.json()["detail"]
     assert client.get(kept["response_url"]).status_code == 200
+    assert client.get(long["response_url"]).status_code == 200
     assert client.get(short["status_url"]).json()["status"] == "COMPLETED"
 
 
 def test_output_lifecycle_expires_media(sim: SimulatorHandle, client: httpx.Client) -> None:
-    sub = submit(
-        client,
-        sim,
-        "fal-ai/wan-22",
-        INPUTS["fal-ai/wan-22"],
-        # Long enough for a loaded machine to fetch it once in time (0.2 s was not, in CI).
-        headers={"X-Fal-Object-Lifecycle-Preference": '{"expiration_duration_seconds": 2.0}'},
-    )
-    wait_completed(client, sub["status_url"])
-    url = client.get(sub["response_url"]).json()["video"]["url"]
-    assert httpx.get(url).status_code == 200
-    time.sleep(2.1)
-    assert httpx.get(url).status_code == 404
+    def media(seconds: float) -> str:
+        sub = submit(
+            client,
+            sim,
+            "fal-ai/wan-22",
+            INPUTS["fal-ai/wan-22"],
+            headers={"X-Fal-Object-Lifecycle-Preference": f'{{"expiration_duration_seconds": {seconds}}}'},
+        )
+        wait_completed(client, sub["status_url"])
+        return str(client.get(sub["response_url"]).json()["video"]["url"])
+
+    # An hour: no load outlasts it, so the file is served when fetched. A fifth of a second:
+    # the file goes (waited for, not slept through), while the other is still served.
+    kept = media(3600.0)
+    assert httpx.get(kept).status_code == 200
+    short = media(0.2)
+    _until_gone(lambda: httpx.get(short))
+    assert httpx.get(kept).status_code == 200
 
 
 def test_concurrency_limit_priority_and_ledger(
