@@ -1322,7 +1322,7 @@ def _blockers_by_waiter(rows: Iterable[Any]) -> dict[int, list[LockHolder]]:
             rank = (
                 mode in _LOCK_CONFLICTS.get(str(wanted), frozenset()),
                 bool(granted),
-                _LOCK_MODES.index(mode),
+                _strength(str(mode)),  # a mode no table lock has (SIReadLock): the weakest
             )
             said_mode, said_granted = str(mode), bool(granted)
         else:  # a row (a tuple, a transaction) or an object: what it is, held
@@ -1431,7 +1431,9 @@ class _LockWatcher:
     who holds each back if it waits for a lock (:data:`_LOCK_BLOCKERS`). Started when a bounded
     transaction begins, ended once nothing was open for :data:`_WATCHER_IDLE_SECONDS`. A look
     that fails (the server refuses a connection) changes nothing: the command's line then names
-    the session from :func:`lock_holders`, as before."""
+    the session from :func:`lock_holders`, as before; so does one whose rows cannot be read
+    (any error: said at debug level). The thread never ends on an error: should one escape a
+    round all the same, it is said, and the next bounded transaction starts another."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -1453,6 +1455,7 @@ class _LockWatcher:
     def _run(self) -> None:
         engines: dict[str, Engine] = {}
         idle_since: float | None = None
+        ended = False  # ended idle (``_running`` reset then, under the lock)
         try:
             while True:
                 with self._cond:
@@ -1471,6 +1474,7 @@ class _LockWatcher:
                             idle_since = now if idle_since is None else idle_since
                             if now - idle_since >= _WATCHER_IDLE_SECONDS:
                                 self._running = False
+                                ended = True
                                 return
                             soonest = idle_since + _WATCHER_IDLE_SECONDS
                         else:
@@ -1484,9 +1488,15 @@ class _LockWatcher:
                         continue
                     for watch, pid, generation in entries:
                         watch.saw(pid, generation, found.get(pid, []))
+        except Exception:  # never a traceback on stderr from a thread that only explains
+            log.debug("the lock watcher stopped on an error", exc_info=True)
         finally:
+            if not ended:
+                with self._cond:
+                    self._running = False
             for engine in engines.values():
-                engine.dispose()
+                with contextlib.suppress(Exception):
+                    engine.dispose()
 
     @staticmethod
     def _look(
@@ -1501,10 +1511,10 @@ class _LockWatcher:
                 conn.execute(text(f"SET LOCAL statement_timeout = {_LOCK_LOOKUP_MS}"))
                 rows = conn.execute(_LOCK_BLOCKERS, {"pids": pids}).all()
                 conn.rollback()
+            return _blockers_by_waiter(rows)
         except Exception:  # a look that fails explains nothing, and is no new error
             log.debug("watching a bounded transaction's lock wait failed", exc_info=True)
             return None
-        return _blockers_by_waiter(rows)
 
 
 #: The block of :func:`lock_waits_bounded` this context is in (None: none).

@@ -424,6 +424,84 @@ def test_the_dashboard_names_the_session_its_page_waited_for(
     assert f"pid {innocent}" not in answer.text
 
 
+def _bounded_read(database: str, sql: str) -> DatabaseLockedError:
+    settings = DatabaseSettings(database_url=database, database_lock_wait=float(LOCK_WAIT))
+    engine = db.make_engine(database)
+    try:
+        with (
+            pytest.raises(DatabaseLockedError) as raised,
+            db.lock_waits_bounded(settings),
+            db.read_scope(engine) as session,
+        ):
+            session.execute(text(sql))
+    finally:
+        engine.dispose()
+    return raised.value
+
+
+def test_a_serializable_session_s_lock_leaves_the_watcher_watching(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit "clock-review": a SERIALIZABLE session that read ``jobs`` holds a relation-level
+    ``SIReadLock`` on it besides its ``LOCK TABLE``; ranking that mode raised ValueError in the
+    watcher's thread (a traceback on stderr), whose flag stayed set: no watcher started again in
+    that process, and every later bounded read named an innocent session. The mode is ranked the
+    weakest, a look that fails is said at debug level, and the next read is watched again."""
+    died: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", died.append)
+    with psycopg.connect(database, application_name="etl-serializable") as etl:
+        etl.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+        etl.execute("SELECT count(*) FROM jobs")
+        etl.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        serializable = etl.info.backend_pid
+        release = threading.Timer(DEADLINE, etl.rollback)
+        release.start()
+        try:
+            modes = {row[0] for row in etl.execute("SELECT mode FROM pg_locks WHERE pid = pg_backend_pid()")}
+            assert "SIReadLock" in modes  # the row the watcher meets
+            first = _bounded_read(database, "SELECT count(*) FROM jobs")
+        finally:
+            release.cancel()
+            etl.rollback()
+    assert first.pid == serializable
+    assert f"pid {serializable} holds an ACCESS EXCLUSIVE lock on table jobs" in str(first)
+    with (
+        psycopg.connect(database, application_name="maintenance") as innocent,
+        psycopg.connect(database, application_name="psql") as blocker,
+    ):
+        innocent.execute("LOCK TABLE fal_accounts IN ACCESS EXCLUSIVE MODE")
+        innocent.execute("SELECT pg_sleep(0.05)")  # its transaction clearly the older one
+        blocker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        pids = innocent.info.backend_pid, blocker.info.backend_pid
+        releases = [threading.Timer(DEADLINE, session.rollback) for session in (innocent, blocker)]
+        for release in releases:
+            release.start()
+        try:
+            second = _bounded_read(database, "SELECT count(*) FROM jobs")
+        finally:
+            for release in releases:
+                release.cancel()
+            blocker.rollback()
+            innocent.rollback()
+    assert second.pid == pids[1], str(second)
+    assert f"pid {pids[0]}" not in str(second)
+    assert died == []  # no thread ended on an error
+
+
+def test_a_lock_mode_no_table_lock_has_is_ranked_the_weakest() -> None:
+    """The ranking itself: a ``SIReadLock`` row (or any mode PostgreSQL may add) is no error,
+    and a strong lock of the same session is the one named."""
+    wait = ("relation", "AccessShareLock", "jobs")  # what the waiter asks for, on which table
+    rows = [
+        (1, 7, *wait, "SIReadLock", True, "idle in transaction", "etl", 3.0),
+        (1, 7, *wait, "AccessExclusiveLock", True, "idle in transaction", "etl", 3.0),
+        (2, 8, *wait, "SIReadLock", True, "active", None, 1.0),
+    ]
+    found = db._blockers_by_waiter(rows)
+    assert [(h.pid, h.mode) for h in found[1]] == [(7, "AccessExclusiveLock")]
+    assert [(h.pid, h.mode) for h in found[2]] == [(8, "SIReadLock")]
+
+
 # --------------------------------------------------------------------------- what doctor fails on
 # Audit "lock-holder": doctor failed its database check on any strong lock on any table of the
 # database, blocking someone or not: an ETL tool's uncommitted `CREATE TABLE` (an ACCESS EXCLUSIVE
