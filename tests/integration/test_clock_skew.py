@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import Engine, update
 
-from jobs import batches, clock, db, store
+from jobs import batches, clock, db, listing, store
 from jobs.models import Job, utcnow
 from jobs.states import JobState
 from tests.conftest import _empty
@@ -135,3 +135,36 @@ def test_a_backward_clock_step_does_not_hold_a_retry(engine: Engine) -> None:
     tick(rt)  # the run goes on after the step
     at = utcnow() + timedelta(seconds=31)
     assert _claimable(engine, batch_id, at=at, states=[JobState.RETRY_WAIT]) == [job_id]
+
+
+def timeline_off(engine: Engine, skew: float) -> None:
+    """The clock this process stamps with (:func:`utcnow`) ``skew`` seconds off the system clock
+    (``datetime.now``): on SQLite this host's clock as wanbatch reads it (:data:`clock.host_time`)
+    shifted; on PostgreSQL the database server's clock measured ``skew`` seconds off this host's."""
+    clock.reset()
+    if engine.dialect.name == "sqlite":
+        clock.host_time = lambda: _REAL_TIME() + skew
+        return
+    moment = clock.steady()
+    clock.take(_REAL_TIME() + skew, before=moment, after=moment, wall=_REAL_TIME(), say=False)
+    clock.due_for_measurement()  # measured just now: the next connection does not ask again
+
+
+@pytest.mark.parametrize("skew", [120.0, -120.0])
+def test_a_fal_hold_is_stamped_on_the_database_s_clock(engine: Engine, skew: float) -> None:
+    """Audit "clock-review": the "fal unreachable" hold's ``since`` and ``next_probe_at`` were
+    stamped with the system clock, ``status`` judging them with the database's: with the database
+    2 min behind, the first probe, 1 s away, was said to be 2 minutes away, and the hold began
+    "in the future" (2 min ahead: a live hold looked stale and was not shown)."""
+    batch_id = add_batch(engine, "held", [(T2V, {"prompt": "p"})])
+    timeline_off(engine, skew)
+    rt = make_runtime(engine, settings_for(URL, KEY), batch_ids=frozenset({batch_id}))
+    rt.fal_reach.recorder = rt.record_fal_hold
+    before = utcnow()
+    left = rt.fal_reach.failed("could not connect (ConnectError)", probe=False)  # fal unreachable
+    with db.read_scope(engine) as session:
+        now = utcnow()
+        holds = listing.fal_holds(session, batch_id, now=now)
+    assert len(holds) == 1, "the live hold is shown"
+    assert before <= holds[0].since <= now
+    assert timedelta(0) <= holds[0].next_probe_at - before <= timedelta(seconds=left + 1)

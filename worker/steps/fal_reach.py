@@ -28,8 +28,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
+from jobs import clock as timeline
 from jobs.listing import FAL_HOLD_RENEW_SECONDS, FAL_PROBE_PAUSE_MAX, utc_clock
 from jobs.open_files import says_out_of_files
 from worker.outage_log import OutageLog
@@ -49,7 +50,7 @@ def _short(text: str, limit: int = 120) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """A hold as recorded: since when (wall clock), the next probe, the pause, the last error."""
+    """A hold as recorded: since when (the database's clock), the next probe, the pause, the last error."""
 
     since: datetime
     next_probe_at: datetime
@@ -65,13 +66,15 @@ class FalReach:
     """This process's view of whether fal can be reached, and the hold on its submits.
 
     Thread-safe: the submit step runs on several threads (an embedded run) at once.
-    ``clock`` (monotonic seconds) and ``wall`` (for the time shown) may be replaced in tests.
+    ``clock`` (monotonic seconds) and ``wall`` (the hold's ``since`` and ``next_probe_at``, which
+    ``status`` judges on the database's clock: :func:`jobs.clock.utcnow`, not this host's) may be
+    replaced in tests.
     """
 
     def __init__(
         self,
         clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+        wall: Callable[[], datetime] = lambda: timeline.utcnow(),
     ) -> None:
         self._clock = clock
         self._wall = wall
