@@ -13,7 +13,12 @@ clock (NTP correcting it, a VM resumed with a stale one) changes nothing.
 SQLite has no server: the database is on this host, and so is every process sharing it; its
 timeline is this host's wall clock (:data:`host_time`, as before anything is measured). A
 backward step of that clock leaves the waits stamped before it too far ahead: the tick brings
-them forward (:func:`stepped_back`, :func:`worker.steps.tick.catch_up_with_clock_step`).
+them forward, once however many processes share the file, against a high-water mark kept in the
+database (:func:`worker.steps.tick.catch_up_with_clock_step`). A backward step of a PostgreSQL
+server's clock is left alone: waits stamped before it wait it out.
+
+One process holds one measurement: a program that opens two PostgreSQL servers reads the clock of
+the one measured last.
 
 Hot paths call :func:`utcnow` many times per job: it reads one clock and does no I/O.
 
@@ -80,9 +85,7 @@ _anchor: _Anchor | None = None
 _tried_at: float | None = None
 #: Whether the skew was said already (once per process).
 _said = False
-#: This host's clock and :data:`steady` when :func:`stepped_back` last looked.
-_looked: tuple[float, float] | None = None
-#: A backward step of this host's clock smaller than this (s) is not one (a slew, a slow look).
+#: A backward step of SQLite's timeline smaller than this (s) is not one (a slew, a slow tick).
 STEP_SECONDS = 2.0
 
 
@@ -110,33 +113,16 @@ def offset() -> float | None:
 
 def reset() -> None:
     """Forget every measurement: this host's clock is the timeline again (tests, a new database)."""
-    global _anchor, _tried_at, _said, _looked
+    global _anchor, _tried_at, _said
     _anchor = None
     _tried_at = None
     _said = False
-    _looked = None
 
 
 def said_elsewhere() -> None:
     """This process says the skew its own way (``doctor``'s ``clock`` check): no warning line."""
     global _said
     _said = True
-
-
-def stepped_back() -> float:
-    """How far (s) the timeline :func:`utcnow` reads stepped back since the last look (0.0: it did
-    not, or by less than :data:`STEP_SECONDS`; the first look says 0.0): this host's clock
-    against :data:`steady`, when it is the timeline (SQLite, or nothing measured yet). On the
-    database's (a measurement taken) a step of this host's clock changes nothing: 0.0. Waits
-    stamped before a step lie that much further ahead: the tick brings them forward
-    (:func:`jobs.store.bring_waits_forward`)."""
-    global _looked
-    wall, moment = host_time(), steady()
-    last, _looked = _looked, (wall, moment)
-    if last is None or _anchor is not None:
-        return 0.0
-    back = (moment - last[1]) - (wall - last[0])
-    return back if back >= STEP_SECONDS else 0.0
 
 
 def take(database: float, *, before: float, after: float, wall: float, say: bool = True) -> bool:

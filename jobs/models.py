@@ -897,5 +897,20 @@ class WebhookInboxTotals(Base):
     ignored: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class ClockMark(Base):
+    """The latest time any ticking process read on the database's timeline (one row, ``id`` 1):
+    SQLite's only (its timeline is this host's clock). A tick that reads a time more than
+    :data:`jobs.clock.STEP_SECONDS` before it finds the clock stepped back, brings every wait
+    forward by the difference and sets the mark to its own time, in one ``BEGIN IMMEDIATE``
+    transaction (:func:`jobs.store.catch_up_with_timeline`): the next process to tick finds
+    nothing to do, so the waits move once, however many processes share the file."""
+
+    __tablename__ = "clock_marks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    #: The high-water mark of the timeline, as ticks read it.
+    high_water: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 #: A job as a step holds it: loaded whole by the ORM, or read as a :class:`JobSnapshot`.
 JobView = Job | JobSnapshot

@@ -6,15 +6,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, bindparam, exists, func, literal, or_, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, exists, func, insert, literal, or_, select, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.visitors import InternalTraversal
 
-from jobs.models import Batch, BatchState
+from jobs.models import Batch, BatchState, ClockMark
 from jobs.states import JobState
 from jobs.store.core import _JOBS, _prepared, _run, sent_to_origin
 
@@ -239,7 +239,7 @@ def _claim_candidates(
 
 def bring_waits_forward(session: Session, *, by: timedelta, now: datetime) -> int:
     """Every wait still ahead of ``now`` (a retry's backoff, a poll's, a download's) that much
-    earlier: the clock the waits were stamped on stepped back ``by`` (:func:`jobs.clock.stepped_back`:
+    earlier: the clock the waits were stamped on stepped back ``by`` (:func:`catch_up_with_timeline`:
     NTP correcting a clock that ran ahead, a VM resumed with a stale one), which left each due
     that much later than it was meant to be; an hour's step held a run's retries back an hour.
     A wait stamped after the step comes due early, never late. No version bump: who holds the
@@ -253,3 +253,31 @@ def bring_waits_forward(session: Session, *, by: timedelta, now: datetime) -> in
             [{"job": row.id, "at": row.next_attempt_at - by} for row in ahead],
         )
     return len(ahead)
+
+
+_MARK = cast(Table, ClockMark.__table__)
+#: :class:`ClockMark`'s one row.
+_MARK_ID = 1
+
+
+def catch_up_with_timeline(session: Session, *, now: datetime, step: timedelta) -> tuple[timedelta, int]:
+    """Keep the timeline's high-water mark (:class:`ClockMark`) and catch up with a backward step
+    of the clock: ``now`` more than ``step`` before the mark, every wait still ahead is brought
+    forward by the difference (:func:`bring_waits_forward`) and the mark set to ``now``; else the
+    mark is raised to ``now``. Idempotent across processes when each calls it in a transaction
+    that holds the writer (SQLite's ``BEGIN IMMEDIATE``), reading ``now`` once it does: the
+    second to come after a step finds the mark lowered, nothing to move. How far the clock went
+    back (zero: it did not) and how many jobs were moved."""
+    mark = session.execute(select(_MARK.c.high_water).where(_MARK.c.id == _MARK_ID)).scalar_one_or_none()
+    if mark is None:
+        session.execute(insert(_MARK).values(id=_MARK_ID, high_water=now))
+        return timedelta(0), 0
+    if now < mark - step:
+        back = mark - now
+        moved = bring_waits_forward(session, by=back, now=now)
+    elif now > mark:
+        back, moved = timedelta(0), 0
+    else:
+        return timedelta(0), 0
+    session.execute(update(_MARK).where(_MARK.c.id == _MARK_ID).values(high_water=now))
+    return back, moved

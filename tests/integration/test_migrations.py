@@ -243,6 +243,26 @@ def test_migration_0020_drops_uploads_of_unknown_origin(empty_engine: Engine) ->
     assert drift(empty_engine) == []
 
 
+def test_migration_0038_adds_the_clock_mark_table_and_takes_it_away(empty_engine: Engine) -> None:
+    """0038 adds ``clock_marks`` (SQLite's timeline high-water mark), empty: the first tick after
+    the upgrade sets it; a downgrade drops it, and the rest of the schema is 0037's."""
+    migrate(empty_engine, "0037", from_models=False)
+    assert "clock_marks" not in tables(empty_engine)
+    migrate(empty_engine, from_models=False)
+    assert "clock_marks" in tables(empty_engine)
+    with empty_engine.begin() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM clock_marks")).scalar_one() == 0
+        conn.execute(
+            text("INSERT INTO clock_marks (id, high_water) VALUES (1, :at)"),
+            {"at": datetime(2026, 1, 1, tzinfo=UTC)},
+        )
+    assert drift(empty_engine) == []
+    downgrade(empty_engine, "0037")
+    assert "clock_marks" not in tables(empty_engine)
+    migrate(empty_engine, from_models=False)
+    assert drift(empty_engine) == []
+
+
 def test_migration_0021_links_reruns_stored_before_rerun_of(empty_engine: Engine) -> None:
     """Reruns stored before 0014 left ``rerun_of`` NULL (0015 to 0020 never touch it: a database
     at 0020 with NULL links is what an upgrade from before 0014 brings). 0021 links each job to
@@ -486,7 +506,7 @@ def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path:
         engine.dispose()
     cfg = alembic_config()
     cfg.set_main_option("sqlalchemy.url", url)
-    steps = [f"{n:04d}" for n in range(37, 14, -1)]  # 0037 (the head) down to 0015
+    steps = [f"{n:04d}" for n in range(38, 14, -1)]  # 0038 (the head) down to 0015
     assert steps[0] == SCHEMA_HEAD
     for below in steps[1:]:
         command.downgrade(cfg, "-1")

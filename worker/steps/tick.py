@@ -73,18 +73,26 @@ def tick(
 
 
 def catch_up_with_clock_step(rt: Runtime) -> int:
-    """After this host's clock stepped back (:func:`jobs.clock.stepped_back`: SQLite's timeline is
-    this host's clock), every wait stamped before the step is brought forward by as much
-    (:func:`jobs.store.bring_waits_forward`), said once; how many. Without it, NTP correcting a
-    clock an hour ahead left the run silent for an hour, its retries and polls due an hour late."""
-    back = clock.stepped_back()
-    if not back:
+    """After SQLite's timeline (this host's clock) stepped back, every wait stamped before the
+    step is brought forward by as much, said once; how many. Without it, NTP correcting a clock
+    an hour ahead left the run silent for an hour, its retries and polls due an hour late.
+
+    The step is judged against the timeline's high-water mark kept in the database
+    (:func:`jobs.store.catch_up_with_timeline`), in the tick's own ``BEGIN IMMEDIATE``
+    transaction: of several processes sharing the file, the first to tick after the step moves
+    the waits, and the others find nothing to do (each judging on its own moved them once each).
+    PostgreSQL: nothing (every process reads the server's clock, :mod:`jobs.clock`)."""
+    if rt.engine.dialect.name != "sqlite":
         return 0
     with db.session_scope(rt.engine) as session:
-        moved = store.bring_waits_forward(session, by=timedelta(seconds=back), now=utcnow())
+        back, moved = store.catch_up_with_timeline(
+            session, now=utcnow(), step=timedelta(seconds=clock.STEP_SECONDS)
+        )
+    if not back:
+        return 0
     log.warning(
         "this host's clock went back %s: %d wait(s) stamped before are brought forward by as much",
-        clock.span(back),
+        clock.span(back.total_seconds()),
         moved,
         extra={"event": "clock.stepped_back"},
     )
