@@ -1255,18 +1255,9 @@ def _makes_no_fal_call(ref: Path, settings: Settings) -> bool:
     """Whether ``run REF`` names a stored batch whose processing makes no call to fal at all
     (:func:`jobs.batches.makes_no_fal_call`: every job has ended, or
     :func:`_ends_without_fal`). Read only; a manifest (which may add jobs) calls fal."""
-    if _batch_ref(ref) is None:
-        return False
-    from jobs import batches, db, store
-    from jobs.errors import NotFoundError
-    from jobs.models import utcnow
+    from jobs import batches
 
-    with db.read_scope(db.open_engine(settings)) as session:
-        try:
-            batch = store.get_batch(session, str(ref))
-        except NotFoundError:
-            return False  # a folder of that name, read as a manifest
-        return batches.makes_no_fal_call(session, batch, utcnow())
+    return _stored_batch_is(ref, settings, batches.makes_no_fal_call)
 
 
 def _ends_without_fal(ref: Path, settings: Settings) -> bool:
@@ -1274,9 +1265,17 @@ def _ends_without_fal(ref: Path, settings: Settings) -> bool:
     (:func:`jobs.batches.ends_without_fal`: past its deadline, only unsent jobs left): the run
     ends those jobs (reason ``deadline``), as ``status`` and ``resume`` advise, without
     ``FAL_KEY``. Read only; a manifest (which may add jobs) always needs the key."""
+    from jobs import batches
+
+    return _stored_batch_is(ref, settings, batches.ends_without_fal)
+
+
+def _stored_batch_is(ref: Path, settings: Settings, judge: Callable[[Any, Any, Any], bool]) -> bool:
+    """``judge(session, batch, now)`` of the stored batch ``run REF`` names, in a read; False when
+    ``REF`` names none (a manifest, or a folder of that name read as one)."""
     if _batch_ref(ref) is None:
         return False
-    from jobs import batches, db, store
+    from jobs import db, store
     from jobs.errors import NotFoundError
     from jobs.models import utcnow
 
@@ -1285,7 +1284,7 @@ def _ends_without_fal(ref: Path, settings: Settings) -> bool:
             batch = store.get_batch(session, str(ref))
         except NotFoundError:
             return False  # a folder of that name, read as a manifest
-        return batches.ends_without_fal(session, batch, utcnow())
+        return judge(session, batch, utcnow())
 
 
 def _say_collecting(batch_id: str, settings: Settings) -> None:

@@ -210,6 +210,26 @@ class PostgresServer:
         return int(row[0]) if row and row[0] is not None else None
 
 
+@contextlib.contextmanager
+def migrated_postgres() -> Iterator[PostgresServer]:
+    """A private PostgreSQL migrated to this version's schema; thawed and stopped whatever happens
+    (the fixture of the tests that freeze or slow their own server, never the shared one)."""
+    from jobs.db import make_engine, migrate
+
+    server = PostgresServer()
+    try:
+        server.init()
+        server.start()
+        engine = make_engine(server.url)
+        try:
+            migrate(engine, from_models=False)
+        finally:
+            engine.dispose()
+        yield server
+    finally:
+        server.destroy()  # thaws first
+
+
 # --------------------------------------------------------------------------- workers
 
 

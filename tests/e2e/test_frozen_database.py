@@ -25,8 +25,7 @@ import pytest
 
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
-from jobs.db import make_engine, migrate
-from tests.chaos.chaos_harness import PostgresServer
+from tests.chaos.chaos_harness import PostgresServer, migrated_postgres
 from tests.e2e.e2e_helpers import Background, MakeManifest, subprocess_env, wait_for
 from tests.ports import unused_port
 from worker import running
@@ -37,19 +36,8 @@ JOBS = 6
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL of this test's own, migrated; thawed and stopped by it whatever happens."""
-    server = PostgresServer()
-    try:
-        server.init()
-        server.start()
-        engine = make_engine(server.url)
-        try:
-            migrate(engine, from_models=False)
-        finally:
-            engine.dispose()
+    with migrated_postgres() as server:
         yield server
-    finally:
-        server.thaw()
-        server.destroy()
 
 
 @pytest.fixture

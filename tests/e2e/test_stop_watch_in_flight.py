@@ -28,8 +28,7 @@ from bench.distributed import Scenario, claimed_redis_db, environment, start_wor
 from bench.distributed import wanbatch_command as wanbatch
 from falsim import FaultRule, SimulatorOptions, running_simulator
 from falsim.server import SimulatorHandle
-from jobs.db import make_engine, migrate
-from tests.chaos.chaos_harness import PostgresServer
+from tests.chaos.chaos_harness import PostgresServer, migrated_postgres
 from worker import running
 
 pytestmark = pytest.mark.slow
@@ -40,19 +39,9 @@ CAP = 240.0
 
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    try:
-        server.init()
-        server.start()
-        engine = make_engine(server.url)
-        try:
-            migrate(engine, from_models=False)
-        finally:
-            engine.dispose()
+    """A PostgreSQL of this test's own, migrated; thawed and stopped by it whatever happens."""
+    with migrated_postgres() as server:
         yield server
-    finally:
-        server.thaw()
-        server.destroy()
 
 
 @pytest.fixture

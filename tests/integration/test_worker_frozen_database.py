@@ -33,8 +33,7 @@ import pytest
 from bench.distributed import Scenario, environment, start_workers, stop_processes, tail
 from bench.distributed import wanbatch_command as wanbatch
 from falsim import SimulatorOptions, running_simulator
-from jobs.db import make_engine, migrate
-from tests.chaos.chaos_harness import PostgresServer, _process_state
+from tests.chaos.chaos_harness import PostgresServer, _process_state, migrated_postgres
 from worker.steps.unrecorded import PREFIX, SUFFIX, read_journal
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -53,19 +52,8 @@ CAP_SECONDS = 120.0
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL of this test's own, migrated; thawed and stopped by it whatever happens."""
-    server = PostgresServer()
-    try:
-        server.init()
-        server.start()
-        engine = make_engine(server.url)
-        try:
-            migrate(engine, from_models=False)
-        finally:
-            engine.dispose()
+    with migrated_postgres() as server:
         yield server
-    finally:
-        server.thaw()
-        server.destroy()
 
 
 def _job(url: str) -> dict[str, Any]:
