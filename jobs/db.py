@@ -391,16 +391,16 @@ _last_answer = 0.0
 
 
 def _heard() -> None:
-    """A unit of work committed, or a read ended, on some engine of this process: the database
-    answered (:func:`last_answer`). Noted there, not by a ``after_cursor_execute`` listener,
+    """A unit of work that began a transaction committed on some engine of this process: the
+    database answered (:func:`last_answer`). Noted there, not by a ``after_cursor_execute`` listener,
     which would turn off :func:`run_reusable`'s direct statement path on every engine."""
     global _last_answer
     _last_answer = time.monotonic()
 
 
 def last_answer() -> float:
-    """When (``time.monotonic()``; 0.0: never) a unit of work of this process last committed, or
-    one of its reads ended, on any engine: a database that answered since a moment is not
+    """When (``time.monotonic()``; 0.0: never) a unit of work of this process that began a
+    transaction last committed, on any engine: a database that answered since a moment is not
     frozen, however slowly it accepts new connections (:func:`worker.running.database_silence`)."""
     return _last_answer
 
@@ -1607,8 +1607,10 @@ def _unit_of_work(session: Session) -> Iterator[Session]:
     session.info[_AFTER_COMMIT] = []
     try:
         yield session
+        began = session.in_transaction()  # a block that sent nothing heard nothing
         session.commit()
-        _heard()
+        if began:
+            _heard()
     except BaseException:
         session.rollback()
         raise
@@ -1676,7 +1678,6 @@ def read_scope(engine: Engine, *, snapshot: bool = False) -> Iterator[Session]:
             options.update(isolation_level="REPEATABLE READ", postgresql_readonly=True)
         session.connection(execution_options=options)
         yield session
-        _heard()  # the block's reads were answered
         if session.new or session.dirty or session.deleted:
             raise RuntimeError("read_scope is for reads only: changes were made and are discarded")
     finally:

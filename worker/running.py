@@ -560,6 +560,7 @@ def stop_on_signals(
         if len(received) > 1:
             with contextlib.suppress(OSError):
                 os.write(2, b"\ninterrupted again: exiting now\n")
+            _keep_accepted_now()
             _say_last_words(last_words)
             os._exit(EXIT_INTERRUPTED)
         _stop_requested.set()
@@ -581,6 +582,36 @@ def stop_on_signals(
     db.wait_for_lock_again()
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+#: How long a second signal's exit waits for the journal of accepted submissions to be written.
+KEEP_ON_EXIT_SECONDS = 3.0
+
+
+def _keep_accepted_now(seconds: float = KEEP_ON_EXIT_SECONDS) -> None:
+    """Before an exit on the spot (a second signal), keep the accepted submissions this process
+    has not recorded in the journal (:meth:`~worker.steps.unrecorded.Unrecorded.keep_all`), and
+    say where: the stop may be waiting for a frozen database, or for the answers of POSTs in
+    flight at fal (:class:`HangWatch`), and a submission fal accepted whose record was on its
+    way would otherwise be found ``submitting`` without its request id by the next run (and
+    may be paid for twice). Adopting one whose record landed after all changes nothing.
+
+    On a thread of its own, waited for at most ``seconds``: the handler runs on the main thread,
+    which may hold the journal's lock at that moment — the exit must never wait on it."""
+    rt = _stopping.runtime
+    if rt is None:
+        return
+    unrecorded = rt.unrecorded
+
+    def keep() -> None:
+        with contextlib.suppress(Exception):
+            said = unrecorded.lost_words(unrecorded.keep_all())
+            if said:
+                os.write(2, f"{said}\n".encode())
+
+    thread = threading.Thread(target=keep, name="wanbatch-keep-on-exit", daemon=True)
+    thread.start()
+    thread.join(seconds)
 
 
 def _say_last_words(last_words: Callable[[], bytes | None] | None) -> None:
