@@ -540,15 +540,7 @@ class Conductor:
         followed = watcher.requests(job_ids)
         if not followed:
             return
-        with db.read_scope(self.rt.engine) as session:
-            heads = store.job_heads(session, followed)
-        ended = [
-            job_id
-            for job_id, request_id in followed.items()
-            if (head := heads.get(job_id)) is None
-            or head.state not in AT_FAL
-            or head.request_id != request_id
-        ]
+        ended = self._no_longer_at_fal(followed)
         if ended:
             log.debug(
                 "%d status stream(s) let go: their requests ended without the stream saying so",
@@ -560,6 +552,19 @@ class Conductor:
                 for job_id in ended:
                     self._stream_failures.pop(job_id, None)
 
+    def _no_longer_at_fal(self, requests: dict[str, str]) -> list[str]:
+        """The jobs of ``requests`` (job id -> request id) whose request no longer waits at fal:
+        the job ended or left fal, or was sent again as another request."""
+        with db.read_scope(self.rt.engine) as session:
+            heads = store.job_heads(session, requests)
+        return [
+            job_id
+            for job_id, request_id in requests.items()
+            if (head := heads.get(job_id)) is None
+            or head.state not in AT_FAL
+            or head.request_id != request_id
+        ]
+
     def _prune_given_up(self) -> None:
         """Drop the jobs given up on (:attr:`_given_up`) whose request no longer waits at fal:
         ended, or sent again as a new request. Those left are at fal, and only they are kept out
@@ -569,15 +574,7 @@ class Conductor:
             given_up = dict(self._given_up)
         if not given_up:
             return
-        with db.read_scope(self.rt.engine) as session:
-            heads = store.job_heads(session, given_up)
-        gone = [
-            job_id
-            for job_id, request_id in given_up.items()
-            if (head := heads.get(job_id)) is None
-            or head.state not in AT_FAL
-            or head.request_id != request_id
-        ]
+        gone = self._no_longer_at_fal(given_up)
         with self._cond:
             for job_id in gone:
                 if self._given_up.get(job_id) == given_up[job_id]:
