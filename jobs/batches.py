@@ -31,6 +31,7 @@ from jobs.errors import (
     ConfigError,
     Issue,
     ManifestError,
+    NotFoundError,
     UsageError,
     WanbatchError,
 )
@@ -619,6 +620,7 @@ def submit_manifest(
     assert manifest is not None
     manifest_path = str(Path(path).resolve())
     with db.session_scope(engine) as session:
+        refuse_rerun_name(session, manifest.name)  # before a simulation holding it is renamed
         name, moved = store.name_for_batch(session, manifest.name, simulated=simulated)
         check_output_names(settings, name)  # raised inside the transaction: nothing is stored
         batch, created = store.get_or_create_batch(
@@ -634,6 +636,7 @@ def submit_manifest(
             simulated=simulated,
         )
         if not created:  # raised inside the transaction: nothing is stored
+            refuse_rerun(session, batch)
             refuse_cancelled(session, batch, manifest=True)
         if refuse is not None:  # a new batch too: what it claims is claimed with the batch
             refuse(session, batch)
@@ -664,6 +667,9 @@ def submit_manifest(
             added, existing = stored.added, stored.present
             # Its reruns' jobs follow its own, now where the manifest names their files.
             followed = store.reruns_follow(session, batch.id, manifest_path)
+        if batch.manifest_items != _item_count(manifest):
+            # Jobs numbered from here on are no longer in the manifest: exports' in_manifest.
+            store.set_batch_manifest_items(session, batch.id, _item_count(manifest))
         if refuse_paused_batch:
             refuse_paused(session, batch)  # raised inside the transaction: nothing is stored
         if batch.state == BatchState.PAUSED:
@@ -2197,6 +2203,35 @@ def cancelled_line(session: Session, batch: Batch, *, manifest: bool) -> str:
     return line + (" (or give the manifest a new `name`)" if manifest else "")
 
 
+def refuse_rerun_name(session: Session, name: str) -> None:
+    """``submit`` or ``run`` of a manifest named as a batch ``wanbatch rerun`` made
+    (``NAME-rerun-1``): a :class:`UsageError` (exit 2), raised before anything changes (see
+    :func:`refuse_rerun`). Looked up by the manifest's own name, before
+    :func:`jobs.store.name_for_batch` would rename a simulated rerun holding it aside."""
+    holder = store.batch_named(session, name)
+    if holder is not None:
+        refuse_rerun(session, holder)
+
+
+def refuse_rerun(session: Session, batch: Batch) -> None:
+    """A manifest submitted to a batch ``wanbatch rerun`` made: a :class:`UsageError` (exit 2),
+    raised before anything changes. A rerun never adds jobs to an existing batch, and a rerun
+    batch is made from its parent's jobs, not from a manifest: merged, the manifest's jobs were
+    added to it, the rerun "moved" to the manifest's folder, and its dataset card claimed its
+    parent was made from that file. Only the manifest's name collides (a copy of a manifest
+    renamed after a rerun, a typo): another name makes a batch of its own."""
+    if batch.parent_batch_id is None:
+        return
+    try:
+        parent_name = store.get_batch(session, batch.parent_batch_id).name
+    except NotFoundError:  # never deleted by wanbatch; its id says what is known
+        parent_name = batch.parent_batch_id
+    raise UsageError(
+        f"batch {batch.name} is a rerun of {parent_name} (made by `wanbatch rerun`); "
+        "give the manifest another name"
+    )
+
+
 def refuse_cancelled(session: Session, batch: Batch, *, manifest: bool) -> None:
     """``submit`` or ``run`` of a batch ``wanbatch cancel`` ended: a :class:`UsageError` (exit 2),
     raised before anything changes. A cancel is for good: the jobs a new submit added were
@@ -2663,6 +2698,8 @@ def rerun_batch(
             priority=parent.priority,
             schedule=None if send_now else _rerun_schedule(parent),
             manifest_text=parent.manifest_text,  # provenance: the manifest the jobs came from
+            # ...and its item count, which tells its jobs still in it (in_manifest) from the others
+            manifest_items=parent.manifest_items,
             simulated=simulated,
             rerun_options=rerun_options(
                 failed_only=failed_only,

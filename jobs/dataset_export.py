@@ -29,7 +29,8 @@ loaders type every column from the file's first 10 MB, see :func:`metadata_row` 
 :func:`_write_metadata`), the batch's manifest as ``manifest.<ext>`` (the text stored with the
 batch, which its jobs were made from; for a batch stored before that text was kept, the file
 when it is still readable; an ``items_from`` file it names is not stored with the batch, so not
-included, and the card says so), and a ``README.md``
+included, and the card says so; when some rows come from jobs no longer in it, ``in_manifest``
+false, the card says how many and that only the others were made from it), and a ``README.md``
 dataset card (counts by status that add up to the rows, with the rows that took another job's
 video, ``reused_from``, and those not as requested, ``media_mismatch``, nested under theirs;
 endpoints; what the rows cost and what the whole batch was billed; the batches the reused
@@ -119,7 +120,7 @@ _INT_FIELDS = frozenset(
 _UINT_FIELDS = frozenset({"seed"})
 _FLOAT_FIELDS = frozenset({"billing_units", "cost_usd", "est_billing_units", "est_usd"})
 _TIME_FIELDS = frozenset({"submitted_at", "finished_at"})
-_BOOL_FIELDS = frozenset({"simulated"})
+_BOOL_FIELDS = frozenset({"simulated", "in_manifest"})
 
 #: The job states an ``hf`` export can hold: succeeded always, the others with ``include_failed``.
 TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
@@ -293,6 +294,10 @@ class HfExport:
     #: jobs of the whole batch ``status`` counts so (some may not be exported).
     mismatched: Counter[str] = field(default_factory=Counter)
     batch_media_mismatches: int = 0
+    #: Rows whose job's item is no longer in the manifest the batch stores (``in_manifest``
+    #: false: made from an earlier version of it), and rows for which that is unknown (null).
+    not_in_manifest: int = 0
+    in_manifest_unknown: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The figures of ``export --format hf --json`` (money as every ``--json`` has it)."""
@@ -325,6 +330,8 @@ class HfExport:
             "media_mismatches": self.mismatched.total(),
             "media_mismatches_by_status": dict(sorted(self.mismatched.items())),
             "batch_media_mismatches": self.batch_media_mismatches,
+            "not_in_manifest": self.not_in_manifest,
+            "in_manifest_unknown": self.in_manifest_unknown,
             "warnings": list(self.warnings),
         }
 
@@ -475,6 +482,10 @@ def _summed(row: dict[str, Any], job: Job, summary: HfExport) -> dict[str, Any]:
         summary.reused[row["status"]] += 1
     if job.media_mismatch is not None:
         summary.mismatched[row["status"]] += 1
+    if row["in_manifest"] is False:
+        summary.not_in_manifest += 1
+    elif row["in_manifest"] is None:
+        summary.in_manifest_unknown += 1
     summary.cost_usd += job.actual_usd or Decimal(0)
     add_units(summary.billing_units, unit_symbol(job.endpoint), job.actual_billing_units or Decimal(0))
     return row
@@ -679,6 +690,35 @@ def _items_from_line(summary: HfExport) -> list[str]:
     ]
 
 
+def _earlier_versions_lines(summary: HfExport) -> list[str]:
+    """The card's note on rows ``manifest.yaml`` does not describe: jobs of an earlier version
+    of the manifest (``in_manifest`` false), or of a batch whose item count is unknown (null)."""
+    lines = []
+    named = summary.manifest or "the batch's manifest"
+    if summary.not_in_manifest:
+        lines.append(
+            f"- {summary.not_in_manifest} of the {summary.rows} rows come from jobs no longer in "
+            f"{named} (an earlier version of it); their `in_manifest` is false"
+        )
+    if summary.in_manifest_unknown:
+        lines.append(
+            f"- for {summary.in_manifest_unknown} of the {summary.rows} rows it is not known whether "
+            f"{named} still holds their item (their `in_manifest` is null: the batch was stored by "
+            "a wanbatch that did not count its manifest's items)"
+        )
+    return lines
+
+
+def _order_text(summary: HfExport) -> str:
+    """How the card says the rows are ordered."""
+    if summary.not_in_manifest:
+        return (
+            "Rows are in item order, the manifest's items first, then those of jobs no longer in "
+            "it (numbered after its items)"
+        )
+    return "Rows are in the manifest's order"
+
+
 def _card(
     batch: Batch, parent: Batch | None, summary: HfExport, include_failed: bool, lineage: list[str]
 ) -> str:
@@ -725,7 +765,18 @@ def _card(
     # has no place in a card meant to be published.
     source = Path(batch.manifest_path).name
     whose = "its parent batch was" if batch.parent_batch_id is not None else "the batch was"
-    if summary.manifest_source == "stored":
+    if summary.manifest_source == "stored" and (summary.not_in_manifest or summary.in_manifest_unknown):
+        # Some rows come from an earlier version of it (or may): the text is not theirs.
+        latest = (
+            "its parent batch stored when this batch was made"
+            if batch.parent_batch_id is not None
+            else "the batch was last submitted with"
+        )
+        manifest = (
+            f"`{summary.manifest}` (the text of `{source}` {latest}, as stored with it; only the "
+            "rows whose `in_manifest` is true were made from it)"
+        )
+    elif summary.manifest_source == "stored":
         manifest = f"`{summary.manifest}` (the text of `{source}` {whose} made from, as stored with it)"
     elif summary.manifest:
         manifest = f"`{summary.manifest}` (copied from `{source}`" + (
@@ -738,6 +789,7 @@ def _card(
         "## How it was made",
         "",
         f"- manifest: {manifest}",
+        *_earlier_versions_lines(summary),
         *_items_from_line(summary),
         *_made_by(batch, parent),
         *lineage,
@@ -749,8 +801,9 @@ def _card(
         "the exact JSON submitted, `seed` the one the provider used, `video_sha256` the video's "
         "SHA-256, `provider_metrics` and `provider_output` fal's metrics and result). Objects and "
         "lists (`input`, `source_files`, `media`, `provider_metrics`, `provider_output`) are JSON "
-        "text, whose keys differ between endpoints and rows: `json.loads` them. Rows are in the "
-        "manifest's order, but for a few that come first (the first to give each column a "
+        "text, whose keys differ between endpoints and rows: `json.loads` them. "
+        + _order_text(summary)
+        + ", but for a few that come first (the first to give each column a "
         "value), so that loaders typing columns from the file's beginning type them all.",
         "",
         "```python",

@@ -3,7 +3,9 @@
 Fields are the contract's (job_id, batch, endpoint, status, input, seed, request_id,
 video_path, video_sha256, billing_units, cost_usd, attempts, error, media, media_mismatch,
 source_files, reused_from) plus a few a dataset builder wants (item_index and variant,
-batch_name, seed_text, actual_prompt, registry_sha256, estimates, error_type, timestamps) and
+in_manifest (the job's item is in the manifest text the batch stores, not only in an earlier
+version of it: :func:`in_manifest`), batch_name, seed_text, actual_prompt, registry_sha256,
+estimates, error_type, timestamps) and
 the provider's metadata the sidecar keeps: ``provider_metrics`` (fal's ``metrics``, e.g.
 ``inference_time``) and ``provider_output`` (fal's result JSON), each null when fal gave none,
 secrets masked and size bounded (:func:`export_provider_json`).
@@ -85,6 +87,7 @@ FIELDS = (
     "simulated",
     "item_index",
     "variant",
+    "in_manifest",
     "endpoint",
     "status",
     "input",
@@ -400,6 +403,18 @@ def export_manifest_text(text: str) -> str:
     return "".join(lines)
 
 
+def in_manifest(job: Job, batch: Batch) -> bool | None:
+    """Whether ``job``'s item is in the manifest the batch stores (``manifest_text``), the one an
+    ``hf`` export ships as ``manifest.yaml``: False for a job of an earlier version of it, which
+    a resubmit kept and numbered after the manifest's items (``item_index`` from
+    ``manifest_items`` on, :func:`jobs.store.resubmit_jobs`; what its "no longer in its
+    manifest" warning counted). None when the batch's item count is unknown (a batch stored
+    before schema 0039 whose manifest names an ``items_from`` file, or has no stored text)."""
+    if batch.manifest_items is None:
+        return None
+    return job.item_index < batch.manifest_items
+
+
 def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
     """The export record of one job."""
     return {
@@ -410,6 +425,9 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
         "simulated": batch.simulated,
         "item_index": job.item_index,
         "variant": job.variant,  # the matrix combination within the item
+        # Whether the job's item is in the manifest text the batch stores (an hf export's
+        # manifest.yaml), or came from an earlier version of it (in_manifest): null if unknown.
+        "in_manifest": in_manifest(job, batch),
         "endpoint": job.endpoint,
         "status": job.state.value,
         # What was sent (the validated input, for a job never sent), FAL_KEY and URL

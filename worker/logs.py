@@ -67,6 +67,8 @@ _job: ContextVar[dict[str, str] | None] = ContextVar("wanbatch_log_job", default
 #: What the step working on the current job noted of a failure it did not store as the job's
 #: error (:func:`note_error`): ``(error, error_type)``, for its step line.
 _noted: ContextVar[tuple[str, str | None] | None] = ContextVar("wanbatch_log_noted", default=None)
+#: What failed, when it was not the step itself (:func:`note_what_failed`): for its step line.
+_what_failed: ContextVar[str | None] = ContextVar("wanbatch_log_what_failed", default=None)
 
 #: Step outcomes that end the job (a failure, a cancellation): their line is a WARNING, so that a
 #: process logging warnings only (an embedded ``run``) still says, once per job, how each ended.
@@ -83,9 +85,11 @@ def job_context(job_id: str, **fields: str | None) -> Iterator[None]:
     set and reset around each step never leaks into the next job's lines."""
     token = _job.set({"job_id": job_id, **{k: v for k, v in fields.items() if v}})
     noted = _noted.set(None)
+    what = _what_failed.set(None)
     try:
         yield
     finally:
+        _what_failed.reset(what)
         _noted.reset(noted)
         _job.reset(token)
 
@@ -102,6 +106,15 @@ def note_error(error: str, error_type: str | None) -> None:
     download tried again later): its step line says it (:func:`step_done`)."""
     if _job.get() is not None:
         _noted.set((error, error_type))
+
+
+def note_what_failed(what: str) -> None:
+    """The current job's step ended on a failure of something else than the step: the download
+    step reading fal's verdict that the render failed (a model error, a request fal refused:
+    ``content_policy_violation``) — no download was tried. Its step line names ``what`` instead
+    of "download failed" (:func:`step_done`); its event and outcome stay the step's."""
+    if _job.get() is not None:
+        _what_failed.set(what)
 
 
 def noted_error() -> tuple[str, str | None] | None:
@@ -132,10 +145,14 @@ def step_done(
     if error is not None or error_type is not None:
         extra.update(error=error, error_type=error_type)
     level = logging.WARNING if outcome in TERMINAL_OUTCOMES else logging.INFO
+    done = f"{step} {outcome}"
+    if (what := _what_failed.get()) is not None and outcome in OUTCOMES_WITH_ERROR:
+        # Not the step's own failure (fal's result said the render failed): said as such.
+        done = {"failed": what, "retry": f"{what}; it is sent again"}.get(outcome, f"{what}; {done}")
     if error is None:
-        logger.log(level, "job %s: %s %s", job_id, step, outcome, extra=extra)
+        logger.log(level, "job %s: %s", job_id, done, extra=extra)
     else:
-        logger.log(level, "job %s: %s %s (%s): %s", job_id, step, outcome, error_type, error, extra=extra)
+        logger.log(level, "job %s: %s (%s): %s", job_id, done, error_type, error, extra=extra)
 
 
 def _redactor() -> Any:

@@ -50,6 +50,7 @@ from jobs.store.batches import ID_CHARS as ID_CHARS
 from jobs.store.batches import OUTPUTS_PAUSE_PREFIX as OUTPUTS_PAUSE_PREFIX
 from jobs.store.batches import SIMULATED_SUFFIX as SIMULATED_SUFFIX
 from jobs.store.batches import batch_name_taken as batch_name_taken
+from jobs.store.batches import batch_named as batch_named
 from jobs.store.batches import (
     batch_schedule,
     get_batch,
@@ -63,6 +64,7 @@ from jobs.store.batches import (
     root_batch,
     set_batch_budget,
     set_batch_manifest,
+    set_batch_manifest_items,
     set_batch_manifest_path,
     set_batch_schedule,
     set_batch_state,
@@ -465,6 +467,7 @@ __all__ = [
     "sent_repeat",
     "set_batch_budget",
     "set_batch_manifest",
+    "set_batch_manifest_items",
     "set_batch_manifest_path",
     "set_batch_schedule",
     "set_batch_state",

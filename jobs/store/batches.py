@@ -124,6 +124,11 @@ def folder_name(batch: Batch) -> str:
     return f"{batch.name}{SIMULATED_SUFFIX}"
 
 
+def batch_named(session: Session, name: str) -> Batch | None:
+    """The batch stored under exactly ``name``, if any (no id or prefix lookup: :func:`get_batch`)."""
+    return session.scalar(select(Batch).where(Batch.name == name))
+
+
 def batch_name_taken(session: Session, name: str) -> bool:
     """Whether a batch is stored under exactly ``name``."""
     return session.scalar(select(Batch.id).where(Batch.name == name)) is not None
@@ -151,6 +156,7 @@ def get_or_create_batch(
     manifest_text: str | None = None,
     simulated: bool = False,
     rerun_options: dict[str, Any] | None = None,
+    manifest_items: int | None = None,
 ) -> tuple[Batch, bool]:
     """The batch called ``name``, creating it if needed; ``True`` when it was created now.
     (:func:`name_for_batch` first: the name a simulated or a paid batch may take.)
@@ -177,6 +183,7 @@ def get_or_create_batch(
         reuse_outputs=reuse_outputs,
         manifest_text=manifest_text,
         rerun_options=rerun_options,
+        manifest_items=manifest_items,
         simulated=simulated,
         created_at=utcnow(),
     )
@@ -377,6 +384,17 @@ def set_batch_manifest(session: Session, batch_id: str, text: str | None, sha256
         update(Batch)
         .where(Batch.id == batch_id)
         .values(manifest_text=text, manifest_sha256=sha256)
+        .execution_options(synchronize_session="fetch")
+    )
+
+
+def set_batch_manifest_items(session: Session, batch_id: str, items: int) -> None:
+    """Record how many items the manifest the batch now stores holds (``manifest_items``): the
+    jobs numbered from there on are no longer in it (exports' ``in_manifest``)."""
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(manifest_items=items)
         .execution_options(synchronize_session="fetch")
     )
 

@@ -263,6 +263,44 @@ def test_migration_0038_adds_the_clock_mark_table_and_takes_it_away(empty_engine
     assert drift(empty_engine) == []
 
 
+def test_migration_0039_counts_the_items_of_the_manifests_batches_store(empty_engine: Engine) -> None:
+    """0039 adds ``batches.manifest_items`` (how many items the stored manifest holds: exports'
+    ``in_manifest``), filled from each batch's ``manifest_text`` where that holds every item: not
+    for a manifest naming an ``items_from`` file, nor for a batch without a text or with one that
+    no longer parses (NULL: unknown). A downgrade drops it, and the rest is 0038's."""
+    migrate(empty_engine, "0038", from_models=False)
+    texts = {
+        "three": "name: three\nendpoint: fal-ai/wan-22\nitems:\n  - {prompt: a}\n  - {prompt: b}\n  - c\n",
+        "rows": "name: rows\nendpoint: fal-ai/wan-22\nitems:\n  - {prompt: a}\nitems_from: p.jsonl\n",
+        "none": None,
+        "broken": "name: [unclosed\n",
+    }
+    with empty_engine.begin() as conn:
+        for n, (name, body) in enumerate(texts.items()):
+            conn.execute(
+                text(
+                    "INSERT INTO batches (id, name, manifest_path, manifest_sha256, created_at, state, "
+                    "manifest_text) VALUES (:id, :name, 'm.yaml', :sha, :at, 'active', :body)"
+                ),
+                {
+                    "id": f"{n:032x}",
+                    "name": name,
+                    "sha": "0" * 64,
+                    "at": datetime(2026, 1, 1, tzinfo=UTC),
+                    "body": body,
+                },
+            )
+    migrate(empty_engine, from_models=False)
+    with empty_engine.connect() as conn:
+        counted = {name: n for name, n in conn.execute(text("SELECT name, manifest_items FROM batches"))}
+    assert counted == {"three": 3, "rows": None, "none": None, "broken": None}
+    assert drift(empty_engine) == []
+    downgrade(empty_engine, "0038")
+    assert "manifest_items" not in {c["name"] for c in inspect(empty_engine).get_columns("batches")}
+    migrate(empty_engine, from_models=False)
+    assert drift(empty_engine) == []
+
+
 def test_migration_0021_links_reruns_stored_before_rerun_of(empty_engine: Engine) -> None:
     """Reruns stored before 0014 left ``rerun_of`` NULL (0015 to 0020 never touch it: a database
     at 0020 with NULL links is what an upgrade from before 0014 brings). 0021 links each job to
@@ -506,7 +544,7 @@ def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path:
         engine.dispose()
     cfg = alembic_config()
     cfg.set_main_option("sqlalchemy.url", url)
-    steps = [f"{n:04d}" for n in range(38, 14, -1)]  # 0038 (the head) down to 0015
+    steps = [f"{n:04d}" for n in range(39, 14, -1)]  # 0039 (the head) down to 0015
     assert steps[0] == SCHEMA_HEAD
     for below in steps[1:]:
         command.downgrade(cfg, "-1")

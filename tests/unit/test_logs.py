@@ -21,7 +21,15 @@ from typing import Any
 import pytest
 
 from worker.fal.redact import install_redaction, uninstall_redaction
-from worker.logs import JOB_FIELDS, JsonFormatter, annotate, configure_logging, job_context
+from worker.logs import (
+    JOB_FIELDS,
+    JsonFormatter,
+    annotate,
+    configure_logging,
+    job_context,
+    note_what_failed,
+    step_done,
+)
 
 KEY = "b-logs-key-7f3e9a1c:5d2b8e4f0a6c"
 
@@ -95,6 +103,40 @@ def test_job_fields_come_from_the_steps_context_and_extra(
     assert explicit["job_id"] == "job-2"
     assert explicit["request_id"] == "req-1"  # an explicit None says nothing; the context stays
     assert set(JOB_FIELDS).isdisjoint(outside)
+
+
+def test_a_step_line_names_what_failed_when_it_was_not_the_step(
+    json_log: tuple[logging.Logger, io.StringIO],
+) -> None:
+    """fal's result said the render failed (a request it refused: a 422 content policy
+    violation): the download step's line said "download failed", though no download was tried.
+    It names the render now; its event and outcome stay the step's, and the note lasts one step."""
+    logger, buffer = json_log
+    refused = {"error": "HTTP 422: refused", "error_type": "content_policy_violation"}
+    with job_context("job-1"):
+        note_what_failed("fal's result: the render failed")
+        step_done(logger, "download", "job-1", "failed", **refused)
+    with job_context("job-2"):
+        note_what_failed("fal's result: the render failed")
+        step_done(logger, "download", "job-2", "retry", error="HTTP 503", error_type="runner_disconnected")
+    with job_context("job-3"):  # a new step: nothing noted
+        step_done(logger, "download", "job-3", "failed", error="gone", error_type="download_failed")
+    note_what_failed("outside a step: ignored")
+    step_done(logger, "submit", "job-4", "failed", error="no", error_type="bad_request")
+    first, second, third, fourth = lines(buffer)
+    assert first["message"] == (
+        "job job-1: fal's result: the render failed (content_policy_violation): HTTP 422: refused"
+    )
+    assert (first["event"], first["outcome"], first["error_type"]) == (
+        "job.download",
+        "failed",
+        "content_policy_violation",
+    )
+    assert second["message"] == (
+        "job job-2: fal's result: the render failed; it is sent again (runner_disconnected): HTTP 503"
+    )
+    assert third["message"] == "job job-3: download failed (download_failed): gone"
+    assert fourth["message"] == "job job-4: submit failed (bad_request): no"
 
 
 def test_the_context_belongs_to_one_thread_and_one_step(

@@ -326,10 +326,17 @@ def _not_ours(rt: Runtime, claim: DownloadClaim, sent: str, exc: ProviderError) 
     return "result-retry"
 
 
+#: What the download step's line says when fal's result (or status) said the request failed: a
+#: model error, or a request fal refused (``content_policy_violation``); no video to download.
+RENDER_FAILED = "fal's result: the render failed"
+
+
 def _fal_verdict(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ProviderError) -> str:
     """fal itself said the request failed: the usual retry classification (a new attempt is a
     new request, and only a :class:`RequestFailedError` gets one). Returns what
-    :func:`~worker.steps.failures.settle` did (``retry``, or ``failed`` on the last attempt)."""
+    :func:`~worker.steps.failures.settle` did (``retry``, or ``failed`` on the last attempt).
+    No download was tried: the step's line says the render failed, not the download."""
+    logs.note_what_failed(RENDER_FAILED)
     with db.session_scope(rt.engine) as session:
         job = store.get_job(session, job_id)
         return settle(session, rt, claim.fence, exc, **cost_of_failure(job, exc))
