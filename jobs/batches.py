@@ -667,7 +667,7 @@ def submit_manifest(
             added, existing = stored.added, stored.present
             # Its reruns' jobs follow its own, now where the manifest names their files.
             followed = store.reruns_follow(session, batch.id, manifest_path)
-        if batch.manifest_items != _item_count(manifest):
+        if store.batch_manifest_items(session, batch.id) != _item_count(manifest):
             # Jobs numbered from here on are no longer in the manifest: exports' in_manifest.
             store.set_batch_manifest_items(session, batch.id, _item_count(manifest))
         if refuse_paused_batch:
@@ -2699,7 +2699,7 @@ def rerun_batch(
             schedule=None if send_now else _rerun_schedule(parent),
             manifest_text=parent.manifest_text,  # provenance: the manifest the jobs came from
             # ...and its item count, which tells its jobs still in it (in_manifest) from the others
-            manifest_items=parent.manifest_items,
+            manifest_items=store.batch_manifest_items(session, parent.id),
             simulated=simulated,
             rerun_options=rerun_options(
                 failed_only=failed_only,

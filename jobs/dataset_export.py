@@ -435,6 +435,7 @@ def _dataset_rows(
     videos = folder / VIDEOS_DIR
     videos.mkdir()
     mode = file_mode()  # what a copy gets, and what a stored video must let read to be linked
+    items = store.batch_manifest_items(session, batch.id)
     for job in store.jobs_of_batch_bounded(session, batch.id, states=states):
         file_name: str | None = None
         if job.state is JobState.SUCCEEDED:
@@ -462,7 +463,7 @@ def _dataset_rows(
                 else:
                     summary.copied += 1
             summary.videos += 1
-        row = record(job, batch, output_dir)
+        row = record(job, batch, output_dir, manifest_items=items)
         # The copy inside the dataset, as file_name names it: the stored output's path is a
         # path on this machine (absolute when outside WANBATCH_OUTPUT_DIR), useless to a reader.
         row["video_path"] = file_name

@@ -49,6 +49,7 @@ calls itself patches it in the part that calls it (``monkeypatch.setattr(store.l
 from jobs.store.batches import ID_CHARS as ID_CHARS
 from jobs.store.batches import OUTPUTS_PAUSE_PREFIX as OUTPUTS_PAUSE_PREFIX
 from jobs.store.batches import SIMULATED_SUFFIX as SIMULATED_SUFFIX
+from jobs.store.batches import batch_manifest_items as batch_manifest_items
 from jobs.store.batches import batch_name_taken as batch_name_taken
 from jobs.store.batches import batch_named as batch_named
 from jobs.store.batches import (

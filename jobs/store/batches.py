@@ -9,7 +9,19 @@ from decimal import Decimal
 from pathlib import PurePath
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Connection, bindparam, exists, or_, select, text, true, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Table,
+    bindparam,
+    exists,
+    or_,
+    select,
+    text,
+    true,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
@@ -183,7 +195,6 @@ def get_or_create_batch(
         reuse_outputs=reuse_outputs,
         manifest_text=manifest_text,
         rerun_options=rerun_options,
-        manifest_items=manifest_items,
         simulated=simulated,
         created_at=utcnow(),
     )
@@ -195,6 +206,8 @@ def get_or_create_batch(
         if winner is None:  # the conflict was not on the name (e.g. a bad parent id)
             raise
         return winner, False
+    if manifest_items is not None:
+        set_batch_manifest_items(session, batch.id, manifest_items)
     return batch, True
 
 
@@ -390,13 +403,18 @@ def set_batch_manifest(session: Session, batch_id: str, text: str | None, sha256
 
 def set_batch_manifest_items(session: Session, batch_id: str, items: int) -> None:
     """Record how many items the manifest the batch now stores holds (``manifest_items``): the
-    jobs numbered from there on are no longer in it (exports' ``in_manifest``)."""
-    session.execute(
-        update(Batch)
-        .where(Batch.id == batch_id)
-        .values(manifest_items=items)
-        .execution_options(synchronize_session="fetch")
-    )
+    jobs numbered from there on are no longer in it (exports' ``in_manifest``). A column the
+    ORM does not map (:class:`jobs.models.Batch`): written by a Core statement."""
+    table = cast(Table, Batch.__table__)
+    session.execute(update(table).where(table.c.id == batch_id).values(manifest_items=items))
+
+
+def batch_manifest_items(session: Session, batch_id: str) -> int | None:
+    """How many items the batch's stored manifest holds (:func:`set_batch_manifest_items`);
+    None when unknown (a batch stored before schema 0039 the migration could not count)."""
+    table = cast(Table, Batch.__table__)
+    found = session.execute(select(table.c.manifest_items).where(table.c.id == batch_id)).scalar_one_or_none()
+    return None if found is None else int(found)
 
 
 def _schedule_doc(schedule: Schedule | None) -> dict[str, Any] | None:
