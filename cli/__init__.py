@@ -358,7 +358,12 @@ def _fail(line: str, code: int, *, prefix: str = "") -> NoReturn:
     """End the process with ``line`` on stderr and exit ``code``; with ``--json`` also the
     contract's ``{"ok": false, "error": …}`` on stdout, so a script reading stdout learns of a
     usage mistake or a bug as it learns of any other error, instead of reading nothing. ``prefix``
-    (``error: ``) is for the terminal only, as in :func:`cli.output.fail`."""
+    (``error: ``) is for the terminal only, as in :func:`cli.output.fail`. ``line`` is masked
+    (:func:`jobs.redaction.masked_error`): a usage mistake quoting an argument that holds FAL_KEY
+    never prints it back."""
+    from jobs.redaction import masked_error
+
+    line = masked_error(line)
     _to_stderr(prefix + line)
     if _json_requested(sys.argv[1:]):
         with contextlib.suppress(OSError, ValueError, ReaderGone):  # stdout unwritable: the line above

@@ -459,7 +459,11 @@ DIFF_VALUE_CHARS = 24
 
 
 def _diff_value(value: object) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    """A varied field's value as the table shows it, masked as an export masks it (a prompt
+    holding a fal-shaped key, a URL's credentials)."""
+    from jobs.url_secrets import shareable_text
+
+    return shareable_text(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
 
 
 def _diff_labels(varied: dict[str, dict[str, Any]], pairs: list[Pair]) -> dict[str, dict[str, str]]:
@@ -1456,8 +1460,9 @@ def rerun(
         from jobs.vary import parse_varies
 
         cap = None if max_usd is None else batches.parse_usd(max_usd)  # one-line UsageError
-        sweeps = parse_varies(vary)  # the syntax; the values are checked per endpoint by rerun_batch
         settings = get_settings()
+        # The syntax, and no FAL_KEY in any option; the values are checked per endpoint by rerun_batch.
+        sweeps = parse_varies(vary, batches.fal_keys(settings))
         # The proxy and certificate variables its clients will read, for the fal it will call.
         require_http_environment(reached_fal(settings, simulate))
         if simulate or not settings.broker_url:  # this process does the work: enough open files?

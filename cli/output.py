@@ -531,6 +531,15 @@ def issue_line(issue: Issue) -> str:
     return f"[{style}]{issue.severity}[/{style}] {escape(str(issue))}"
 
 
+def error_text(exc: WanbatchError) -> str:
+    """``exc``'s message as it is shown, on the terminal and in ``--json``: masked
+    (:func:`jobs.redaction.masked_error`, as :func:`cli._fail` masks its line), so an error quoting
+    what the user typed (``no batch '…'``, an export's path) never prints back FAL_KEY typed there."""
+    from jobs.redaction import masked_error
+
+    return masked_error(str(exc))
+
+
 def json_error(exc: WanbatchError) -> dict[str, Any]:
     """The contract's ``{"ok": false, "error": …}`` for ``exc``: its first line as ``error``, and
     the lines under it (files, issues, one per line; their common indent removed) as
@@ -539,8 +548,8 @@ def json_error(exc: WanbatchError) -> dict[str, Any]:
 
     Lines are split at line feeds only, where the terminal breaks them (:func:`escape` shows a
     CR, NEL or U+2028 as its escape): :meth:`str.splitlines` also split at those, so a value
-    holding one became entries of its own."""
-    head, *rest = str(exc).split("\n")
+    holding one became entries of its own. Masked as the ``error:`` line is (:func:`error_text`)."""
+    head, *rest = error_text(exc).split("\n")
     payload: dict[str, Any] = {"ok": False, "error": head.rstrip(":")}
     details = [line.rstrip() for line in textwrap.dedent("\n".join(rest)).split("\n") if line.strip()]
     if details:
@@ -559,7 +568,7 @@ def fail(exc: WanbatchError, as_json: bool) -> NoReturn:
             err.print(issue_line(issue))
         err.print(f"[red]✗ {len(errors)} error(s); nothing was submitted.[/red]")
     else:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        err.print(f"[red]error:[/red] {escape(error_text(exc))}")
     if as_json:
         payload = json_error(exc)
         if isinstance(exc, ManifestError):

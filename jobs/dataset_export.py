@@ -99,6 +99,7 @@ from jobs.money import usd_json, usd_text
 from jobs.pricing import add_units, unit_symbol, units_text
 from jobs.printable import one_line
 from jobs.states import JobState
+from jobs.url_secrets import shareable_text
 from jobs.yaml_lines import YamlProblem, load_located
 
 #: Rows per Parquet row group at most: what the writer holds in memory at once.
@@ -548,8 +549,8 @@ def _generated(batch: Batch) -> str:
     if batch.parent_batch_id is None:
         return f"`wanbatch run{simulate} <manifest>`"
     command = _rerun_command(batch, batch.parent_batch_id)
-    if command is not None:
-        return _code(command)
+    if command is not None:  # its --vary values masked as the rows' input (a rerun stored before
+        return _code(shareable_text(command))  # they were checked for FAL_KEY may hold it)
     return (
         f"`wanbatch rerun {batch.parent_batch_id}{simulate}` with options that were not recorded "
         "(a rerun stored by a wanbatch that did not keep them); each row's `input` and `seed` "

@@ -71,6 +71,7 @@ from jobs.errors import UsageError
 from jobs.manifest import canonical_json, stored_keyed_input, with_defaults
 from jobs.models import Batch
 from jobs.money import usd_json
+from jobs.url_secrets import shareable_text
 
 Outcome = Literal["same", "different", "only_a", "only_b"]
 MatchedBy = Literal["job_key", "input", "origin", "item"]
@@ -161,7 +162,9 @@ class JobSide:
             "status": self.status,
             "seed": self.seed,
             "pinned_seed": self.pinned_seed,
-            "prompt": self.prompt,
+            # Masked as an export masks it (FAL_KEY, a fal key's shape, URL credentials); the
+            # comparison reads it as stored.
+            "prompt": None if self.prompt is None else shareable_text(self.prompt),
             "video_sha256": self.video_sha256,
             "cost_usd": self.cost_usd,
             "reused_from": self.reused_from,

@@ -63,7 +63,6 @@ from sqlalchemy.orm import Session
 from jobs import store
 from jobs.errors import UsageError
 from jobs.fs import file_kind, file_mode, is_missing, os_reason, shown_path
-from jobs.key_forms import BARE_KEY, contains_key, decoded_text, hide_keys, remembered_keys
 from jobs.models import Batch, Job
 from jobs.money import usd_json
 from jobs.printable import one_line, shell_ref
@@ -75,6 +74,8 @@ from jobs.url_secrets import (
     mask_params_in_text,
     mask_secret_pairs,
     mask_urls,
+    shareable_text,
+    without_keys,
 )
 
 #: First characters that make a spreadsheet treat a cell as a formula (OWASP CSV Injection).
@@ -354,17 +355,10 @@ def _scrubbed_text(text: str, budget: list[int] | None = None) -> str:
 
 
 def _without_keys(text: str) -> str | None:
-    """``text`` with every form of FAL_KEY this process knows (:func:`jobs.key_forms.hide_keys`)
-    and anything of a fal key's shape (:data:`jobs.key_forms.BARE_KEY`) masked; None when a key
-    is still in it, encoded in a way those do not know (percent-escapes of any characters)."""
-    shown = BARE_KEY.sub(MASK, hide_keys(text, mask=MASK))
-    plain, _ = decoded_text(shown)  # a bounded number of passes
-    keys = remembered_keys()
-    if (plain != shown and BARE_KEY.search(plain)) or any(
-        contains_key(t, k) for k in keys for t in {shown, plain}
-    ):
-        return None
-    return shown
+    """``text`` with every form of FAL_KEY this process knows and anything of a fal key's shape
+    masked; None when a key is still in it, encoded in a way those do not know
+    (:func:`jobs.url_secrets.without_keys`)."""
+    return without_keys(text, mask=MASK)
 
 
 def export_input(value: Any, depth: int = 0) -> Any:
@@ -376,8 +370,7 @@ def export_input(value: Any, depth: int = 0) -> Any:
     numbers, a data URI's bytes, a prompt's words stay as submitted. The database keeps the
     exact input (``rerun`` reads it there, never from an export)."""
     if isinstance(value, str):
-        shown = _without_keys(value)
-        return MASK if shown is None else mask_urls(shown, mask=MASK)
+        return shareable_text(value)
     if depth >= PROVIDER_JSON_MAX_DEPTH:  # no input nests this deep (the manifest's YAML cannot)
         return NESTED_TOO_DEEP if isinstance(value, dict | list | tuple) else value
     if isinstance(value, dict):

@@ -57,6 +57,24 @@ BARE_KEY = re.compile(
 )
 
 
+#: What :data:`BARE_KEY` needs to match at all: a ``:`` and 32 hex digits. It starts with a
+#: literal, which the regular expression engine looks for in C, so a text without a key (nearly
+#: every prompt of a million-job manifest) is passed over fast.
+BARE_SECRET = re.compile(r":[0-9a-fA-F]{32}")
+
+
+def holds_key_shape(text: str) -> bool:
+    """Whether ``text`` holds anything of a fal key's shape (:data:`BARE_KEY`), as written or
+    behind percent-escapes (``…%3A0123…``): a fal key whatever key this process knows, or none.
+    Cheap: one search for ``:`` and 32 hex digits in C, the full shape only where that is found."""
+    if BARE_SECRET.search(text) is not None and BARE_KEY.search(text) is not None:
+        return True
+    if "%" not in text:
+        return False
+    plain, _ = decoded_text(text)
+    return plain != text and BARE_SECRET.search(plain) is not None and BARE_KEY.search(plain) is not None
+
+
 @lru_cache(maxsize=64)
 def key_variants(key: str) -> frozenset[str]:
     """The forms in which ``key`` can travel in text: as it is, percent-encoded (in a URL, a
@@ -186,6 +204,12 @@ def forget_keys() -> None:
 def remembered_keys() -> frozenset[str]:
     """The keys :func:`remember_key` was told."""
     return _remembered
+
+
+def holds_known_key(text: str, keys: Iterable[str] = ()) -> bool:
+    """Whether ``text`` holds one of ``keys`` or of the remembered keys in any form
+    (:func:`contains_key`): a URL fal hands back is refused when it does."""
+    return any(contains_key(text, k) for k in {*keys, *_remembered} if k)
 
 
 def hide_keys(text: str, keys: Iterable[str] = (), *, mask: str = "***") -> str:

@@ -40,6 +40,7 @@ from jobs.processes import owner_prefix
 from jobs.schedule import Schedule, format_duration
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 from jobs.storable import holds_unstorable
+from jobs.url_secrets import shareable_text
 
 #: Finishes this recent make the throughput (jobs per minute) and the ETA: the current pace, not
 #: the average since a start that may have been hours (and a paused night) ago.
@@ -1034,7 +1035,9 @@ class JobRow:
     state: str
     attempts: int
     seed: int | None
-    #: The prompt as the manifest gave it, and as fal's prompt expansion rewrote it (if it did).
+    #: The prompt as the manifest gave it, and as fal's prompt expansion rewrote it (if it did),
+    #: each masked as an export masks it (:func:`jobs.url_secrets.shareable_text`: FAL_KEY, a fal
+    #: key's shape, URL credentials): the dashboard shows them.
     prompt: str | None
     actual_prompt: str | None
     error: str | None
@@ -1180,8 +1183,8 @@ def _job_row(row: Any) -> JobRow:
         state=JobState(state).value,
         attempts=int(attempts),
         seed=seed,
-        prompt=prompt,
-        actual_prompt=actual_prompt,
+        prompt=_shown(prompt),
+        actual_prompt=_shown(actual_prompt),
         error=error,
         error_type=error_type,
         est_usd=est_usd,
@@ -1194,6 +1197,11 @@ def _job_row(row: Any) -> JobRow:
         possible_duplicate_charges=int(duplicates or 0),
         updated_at=updated_at,
     )
+
+
+def _shown(text: str | None) -> str | None:
+    """A stored prompt as the job list shows it: masked as an export masks it."""
+    return shareable_text(text) if isinstance(text, str) else text
 
 
 def job_output(session: Session, job_id: str) -> tuple[str, str | None] | None:

@@ -33,6 +33,7 @@ from jobs.key_forms import (
     remembered_keys,
     token_pattern,
 )
+from jobs.url_secrets import mask_urls
 
 MASK = "***"
 
@@ -153,6 +154,16 @@ def _mask_cut_key(text: str, key: str, *, whole: bool = False) -> str:
                 text = text[: cut - n] + MASK + text[cut:]
                 break
     return text
+
+
+def masked_error(text: str) -> str:
+    """An error as it is shown to anyone: :func:`redact_text` (every form of the keys this process
+    knows, anything of a fal key's shape, Authorization values) and the credentials of every URL
+    in it (:func:`jobs.url_secrets.mask_urls`). Every ``error:`` line and ``{"ok": false,
+    "error": …}`` of the command line and of the dashboard passes here, and so does a bug's
+    one-line summary (:func:`worker.crash.summary`): a message quoting what the user typed (a
+    batch reference, a path) never prints back the key typed there."""
+    return mask_urls(redact_text(text))
 
 
 #: Deeper than this, a provider's JSON is replaced rather than walked (no recursion bomb).

@@ -25,7 +25,15 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote, urlsplit
 
-from jobs.key_forms import BARE_KEY, MIN_KEY_LENGTH, decoded_text, hide_keys
+from jobs.key_forms import (
+    BARE_KEY,
+    BARE_SECRET,
+    MIN_KEY_LENGTH,
+    contains_key,
+    decoded_text,
+    hide_keys,
+    remembered_keys,
+)
 
 #: What a masked credential is shown as (Celery's and kombu's form, ``redis://:**@host``).
 MASK = "**"
@@ -651,3 +659,28 @@ def mask_secret_pairs(text: str, *, mask: str = MASK) -> str:
         at = end
     parts.append(text[at:])
     return "".join(parts)
+
+
+def without_keys(text: str, *, mask: str = MASK) -> str | None:
+    """``text`` with every form of FAL_KEY this process knows (:func:`jobs.key_forms.hide_keys`)
+    and anything of a fal key's shape (:data:`jobs.key_forms.BARE_KEY`) masked; None when a key
+    is still in it, encoded in a way those do not know (percent-escapes of any characters)."""
+    shown = hide_keys(text, mask=mask)
+    if BARE_SECRET.search(shown) is not None:  # what BARE_KEY needs, looked for in C first
+        shown = BARE_KEY.sub(mask, shown)
+    plain, _ = decoded_text(shown)  # a bounded number of passes
+    keys = remembered_keys()
+    if (plain != shown and BARE_KEY.search(plain)) or any(
+        contains_key(t, k) for k in keys for t in {shown, plain}
+    ):
+        return None
+    return shown
+
+
+def shareable_text(text: str) -> str:
+    """``text`` as an export shows a string of a job's input (a prompt): FAL_KEY in any form and
+    anything of a fal key's shape masked (:func:`without_keys`; the mask whole when a key is still
+    in it, encoded otherwise), and the credentials of every URL in it (:func:`mask_urls`). The
+    dashboard's job list and ``diff`` show stored prompts through it too, as exports do."""
+    shown = without_keys(text)
+    return MASK if shown is None else mask_urls(shown)

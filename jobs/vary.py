@@ -14,6 +14,11 @@ not parse stays text, so the schema check reports it in the same words as a mani
 Image and audio fields are refused: a path typed on the command line would resolve against the
 current folder, not the manifest's, and skip the folder checks a manifest's paths get; a
 ``matrix`` in a manifest is the way to sweep inputs.
+
+A field name or value holding FAL_KEY (in any form :func:`jobs.key_forms.contains_key` knows, or
+of a fal key's shape) is refused as a manifest's is (:mod:`jobs.manifest.fal_key`), in the same
+words, and the option's text is never quoted then: the values are stored with the batch (and
+its ``rerun_options``), sent to fal and exported.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 from jobs.digits import TOO_MANY_DIGITS, WHOLE, boolean_word, plain_number, whole_too_long
 from jobs.endpoints import EndpointSpec, FieldSpec, FieldType
 from jobs.errors import UsageError, did_you_mean
+from jobs.manifest.fal_key import KEY_NAME_MESSAGE, holds_key, known_keys
 from jobs.printable import shortened
 from jobs.validation import check_value
 
@@ -38,6 +44,12 @@ RANGE = re.compile(rf"\s*({WHOLE.pattern})\s*\.\.\s*({WHOLE.pattern})\s*")
 #: sweep, small enough that a typo (``1..10000000``) is an error rather than a full disk.
 MAX_VALUES = 10_000
 SYNTAX = "FIELD=VALUES, VALUES being a comma list (480p,720p) or an integer range (1..8)"
+#: What a value holding FAL_KEY is told: a manifest's words (:data:`jobs.manifest.fal_key.KEY_MESSAGE`)
+#: for the place a rerun's values go.
+KEY_MESSAGE = (
+    "the value holds FAL_KEY (the fal API key): refused, as a rerun's values are stored with its "
+    "batch, sent to fal and exported with the dataset; the key belongs in the FAL_KEY variable only"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +74,13 @@ def option_text(text: str) -> str:
     return f"--vary {shortened(text)}"
 
 
-def parse_vary(text: str) -> Vary:
-    """One ``FIELD=VALUES`` option; :class:`UsageError` (one line) when it is malformed."""
+def parse_vary(text: str, keys: Iterable[str] = ()) -> Vary:
+    """One ``FIELD=VALUES`` option; :class:`UsageError` (one line) when it is malformed, or when
+    it holds FAL_KEY (``keys``, or one this process remembered: :func:`refuse_key`, before
+    anything quotes it)."""
     name, sep, values = text.partition("=")
     name = name.strip()
+    refuse_key(name, (values,), whole=text, keys=keys)
     option = option_text(text)
     if not sep or not name:
         raise UsageError(f"{option}: expected {SYNTAX}")
@@ -85,9 +100,24 @@ def parse_vary(text: str) -> Vary:
     return Vary(field=name, tokens=tuple(tokens), text=text)
 
 
-def parse_varies(texts: Iterable[str]) -> tuple[Vary, ...]:
-    """Every ``--vary`` option, each field at most once (two sweeps of one field is ambiguous)."""
-    varies = tuple(parse_vary(text) for text in texts)
+def refuse_key(name: str, values: Iterable[str], *, whole: str = "", keys: Iterable[str] = ()) -> None:
+    """:class:`UsageError` (exit 2) when the field ``name``, one of ``values`` or the option's
+    ``whole`` text holds FAL_KEY or a fal-key-shaped value (:func:`jobs.manifest.fal_key.holds_key`),
+    in a manifest's words and never quoting what holds it: ``--vary: field 'prompt': the value
+    holds FAL_KEY …``; a field's name holding it is not named either. ``keys`` and the keys this
+    process remembered are looked for (:func:`jobs.manifest.fal_key.known_keys`)."""
+    known = known_keys(keys)
+    if holds_key(name, known):
+        raise UsageError(f"--vary: {KEY_NAME_MESSAGE}")
+    if any(holds_key(value, known) for value in values) or holds_key(whole, known):
+        raise UsageError(f"--vary: field {name!r}: {KEY_MESSAGE}")
+
+
+def parse_varies(texts: Iterable[str], keys: Iterable[str] = ()) -> tuple[Vary, ...]:
+    """Every ``--vary`` option, each field at most once (two sweeps of one field is ambiguous);
+    none may hold FAL_KEY (``keys``: the settings' FAL_KEY, see :func:`parse_vary`)."""
+    keys = tuple(keys)
+    varies = tuple(parse_vary(text, keys) for text in texts)
     seen: dict[str, Vary] = {}
     for vary in varies:
         if (first := seen.setdefault(vary.field, vary)) is not vary:
@@ -119,7 +149,9 @@ def typed(fld: FieldSpec, token: str) -> Any:
 
 
 def checked_values(spec: EndpointSpec, vary: Vary) -> list[Any]:
-    """The option's values typed for ``spec``'s field; :class:`UsageError` at the first bad one."""
+    """The option's values typed for ``spec``'s field; :class:`UsageError` at the first bad one
+    (first one holding FAL_KEY, for an option made without :func:`parse_vary`)."""
+    refuse_key(vary.field, vary.tokens)
     fields = spec.fields_by_name
     fld = fields.get(vary.field)
     if fld is None:

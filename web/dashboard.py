@@ -51,6 +51,7 @@ from jobs.models import Batch, BatchState, utcnow
 from jobs.money import usd_text
 from jobs.printable import one_line, shell_ref
 from jobs.processes import owner_gone, process_prefix
+from jobs.redaction import masked_error
 from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, going_on, rerun_covered
 from jobs.schedule import eta_text, format_duration
 from jobs.settings import Settings
@@ -365,6 +366,7 @@ class Dashboard:
         return response
 
     def not_found(self, request: Request, message: str) -> Response:
+        message = masked_error(message)  # it may quote the reference the URL gave (FAL_KEY typed there)
         if not _wants_html(request):
             return JSONResponse({"ok": False, "error": message}, status_code=404)
         return self.render(request, "error.html", status_code=404, title="Not found", message=message)
@@ -376,7 +378,9 @@ class Dashboard:
     def error(self, request: Request, message: str, status_code: int, title: str) -> Response:
         """An error answered with one line: a page for browsers; for other clients one JSON
         object ``{"ok": false, "error": …}`` from an action (the format of its every answer,
-        :func:`web.auth.answers_json`), plain text from anything else."""
+        :func:`web.auth.answers_json`), plain text from anything else. Masked as the command
+        line's errors are (:func:`jobs.redaction.masked_error`)."""
+        message = masked_error(message)
         if answers_json(request.method, request.scope["path"], request.headers):
             return JSONResponse({"ok": False, "error": message}, status_code=status_code)
         if not _wants_html(request):
@@ -567,7 +571,7 @@ class Dashboard:
         try:
             outcome = await run_in_threadpool(handler, ref)
         except WanbatchError as exc:
-            message = str(exc).splitlines()[0]
+            message = masked_error(str(exc).splitlines()[0])  # as every error answer is
             log.info(
                 "dashboard: %s of %s refused for %s: %s",
                 action,

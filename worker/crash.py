@@ -13,6 +13,7 @@ import tempfile
 import threading
 import traceback
 
+from jobs.redaction import masked_error
 from jobs.url_secrets import mask_urls
 from worker.fal.redact import redact_text
 
@@ -52,4 +53,4 @@ def summary(exc: BaseException) -> str:
     """``Type: first line of the message`` (at most 300 characters), masked: a bug in one line."""
     detail = (str(exc).strip().splitlines() or [""])[0][:300]
     text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    return mask_urls(redact_text(text))
+    return masked_error(text)

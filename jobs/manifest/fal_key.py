@@ -15,7 +15,10 @@ or sent: one issue per place, naming its file, line, item and field, never the k
 - :func:`keyless`: every other issue with the key masked, should one quote a value holding it.
 
 The keys are the ones the caller passes (the settings' FAL_KEY) and the ones this process
-remembered (:func:`jobs.key_forms.remember_key`: the CLI does at start-up); none: no check.
+remembered (:func:`jobs.key_forms.remember_key`: the CLI does at start-up). Whatever key is known,
+none included, a value of a fal key's shape (``<uuid>:<32+ hex digits>``,
+:func:`jobs.key_forms.holds_key_shape`) is refused the same way: a ``submit`` run without
+FAL_KEY (it sends nothing) stored one, which the dashboard and ``diff`` then showed.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from jobs.errors import Issue
-from jobs.key_forms import MIN_KEY_LENGTH, contains_key, hide_keys, remembered_keys
+from jobs.key_forms import BARE_KEY, MIN_KEY_LENGTH, contains_key, hide_keys, holds_key_shape, remembered_keys
 from jobs.manifest.model import RawItem
 from jobs.url_secrets import MASK
 from jobs.yaml_lines import LList, LMap
@@ -54,9 +57,12 @@ def known_keys(keys: Iterable[str] = ()) -> frozenset[str]:
 
 def holds_key(value: object, keys: frozenset[str], depth: int = 0) -> bool:
     """Whether any text in ``value`` (nested lists and mappings, their keys included) holds one
-    of ``keys`` in any of its forms (:func:`jobs.key_forms.contains_key`)."""
+    of ``keys`` in any of its forms (:func:`jobs.key_forms.contains_key`), or anything of a fal
+    key's shape (:func:`jobs.key_forms.holds_key_shape`), whatever ``keys`` are (none too)."""
     if isinstance(value, str):  # (no form of a key is shorter than the shortest key looked for)
-        return len(value) >= MIN_KEY_LENGTH and any(contains_key(value, k) for k in keys)
+        return len(value) >= MIN_KEY_LENGTH and (
+            any(contains_key(value, k) for k in keys) or holds_key_shape(value)
+        )
     if value is None or isinstance(value, int | float) or depth > _MAX_DEPTH:
         return False
     if isinstance(value, Mapping):
@@ -74,8 +80,7 @@ def tree_key_issues(root: object, display: str, keys: frozenset[str]) -> list[Is
     ``items[2].prompt`` is item 2's field ``prompt``, elsewhere the dotted path
     (``defaults.image_url``, ``matrix.prompt[1]``, ``name``)."""
     found: list[tuple[Where, int | None, bool]] = []
-    if keys:
-        _walk(root, (), getattr(root, "line", 1), keys, found, 0)
+    _walk(root, (), getattr(root, "line", 1), keys, found, 0)
     issues = []
     for where, line, is_name in found:
         item = where[1] if len(where) > 2 and where[0] == "items" and isinstance(where[1], int) else None
@@ -131,12 +136,12 @@ def _dotted(where: Where) -> str:
 def text_key_issues(text: str, display: str, keys: frozenset[str]) -> list[Issue]:
     """An error at each line of ``text`` holding one of ``keys`` (for a key outside every value:
     a comment); one for the whole file when the text holds it but no single line does."""
-    if not keys or not any(contains_key(text, k) for k in keys):
+    if not holds_key(text, keys):
         return []
     issues = [
         Issue(file=display, line=n, item=None, field=None, message=KEY_LINE_MESSAGE)
         for n, line in enumerate(text.splitlines(), start=1)
-        if any(contains_key(line, k) for k in keys)
+        if holds_key(line, keys)
     ]
     return issues or [Issue(file=display, line=None, item=None, field=None, message=KEY_LINE_MESSAGE)]
 
@@ -158,9 +163,7 @@ def row_key_issues(raw: RawItem, keys: frozenset[str]) -> list[Issue]:
 def keyless(issue: Issue, keys: frozenset[str]) -> Issue:
     """``issue`` with every form of ``keys`` masked in what it shows (its message, field, value,
     what is allowed): another check's message may quote a value holding the key (an enum's, a
-    too-long prompt's). As it is when it holds none."""
-    if not keys:
-        return issue
+    too-long prompt's), and anything of a fal key's shape. As it is when it holds none."""
     shown = (issue.message, issue.field, issue.allowed, issue.file)
     if not any(holds_key(t, keys) for t in shown if t is not None) and not holds_key(issue.value, keys):
         return issue
@@ -175,7 +178,7 @@ def keyless(issue: Issue, keys: frozenset[str]) -> Issue:
 
 
 def _masked(text: str, keys: frozenset[str]) -> str:
-    shown = hide_keys(text, keys, mask=MASK)
+    shown = BARE_KEY.sub(MASK, hide_keys(text, keys, mask=MASK))
     return MASK if holds_key(shown, keys) else shown
 
 

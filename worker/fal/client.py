@@ -57,6 +57,7 @@ from jobs.errors import (
     UsageError,
     WanbatchError,
 )
+from jobs.key_forms import holds_known_key
 from jobs.settings import FalSettings
 from jobs.url_secrets import masked_url
 from worker import telemetry
@@ -240,6 +241,16 @@ class FalClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    def keys(self) -> tuple[str, ...]:
+        """The key this client sends (none: empty), for a check of what fal's answers name
+        (:class:`worker.fal.storage.DownloadPolicy`); never shown."""
+        return (self._key,) if self._key else ()
+
+    def holds_key(self, text: str) -> bool:
+        """Whether ``text`` (a URL fal's answer names) holds this client's key, or one this
+        process knows, in any form (:func:`jobs.key_forms.contains_key`)."""
+        return holds_known_key(text, self.keys())
 
     def scrub(self, value: Any) -> Any:
         """``value`` (text, or JSON from fal) with the key masked wherever it appears."""

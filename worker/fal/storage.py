@@ -52,6 +52,7 @@ import httpx
 from jobs.endpoints import FieldType
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
 from jobs.fs import file_kind, file_mode, is_missing, os_reason, shown_in_folder, shown_path
+from jobs.key_forms import holds_known_key
 from jobs.media import MediaKind, classify, media_type, sent_form
 from jobs.outputs import OutputWriteError, fsync_dir
 from jobs.settings import allowed_host_entry
@@ -98,7 +99,9 @@ class FalStorage:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._client = client
-        self._policy = policy or DownloadPolicy.for_urls([client.queue_url, client.rest_url], None)
+        self._policy = policy or DownloadPolicy.for_urls(
+            [client.queue_url, client.rest_url], None, client.keys()
+        )
         self._transport = transport
 
     def upload_file(self, data: bytes | Path, content_type: str, file_name: str | None = None) -> str:
@@ -126,6 +129,10 @@ class FalStorage:
                     "fal upload initiate: the answer lacks upload_url/file_url",
                     status_code=initiate.status_code,
                 )
+            # Either holding the key (the secret in a signed upload URL's query, a file_url that
+            # would be stored with the job's input and sent to fal) is refused before either is used.
+            if self._client.holds_key(upload_url) or self._client.holds_key(file_url):
+                raise FinalProviderError(KEY_IN_URL)
             _check_url(upload_url, self._policy)
             _check_url(file_url)  # it goes into the job's input: fal must be able to fetch it
             with self._upload_client() as uploads:
@@ -459,21 +466,32 @@ class DownloadPolicy:
     internal one for the connection (DNS rebinding) gains nothing. A connection knows its host
     and port, not its scheme: there, a trusted origin's host and port are trusted (the scheme
     changes nothing about which socket is reached); each URL is checked with its scheme too.
+    * ``keys`` (FAL_KEY): a URL holding one, in any form, is refused wherever it points
+      (:func:`_check_url`; the keys this process remembered too): it would be requested, and
+      stored or shown, with the key in it. Never printed (``repr``).
     """
 
     trusted_origins: tuple[tuple[str, str, int | None], ...] = ()
     allowed_hosts: tuple[str, ...] | None = None
+    keys: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
-    def for_urls(cls, fal_urls: Iterable[str], allowed_hosts: Iterable[str] | None) -> DownloadPolicy:
-        """The policy of a worker: the fal URLs' origins trusted, plus the configured allow-list."""
+    def for_urls(
+        cls, fal_urls: Iterable[str], allowed_hosts: Iterable[str] | None, keys: Iterable[str] = ()
+    ) -> DownloadPolicy:
+        """The policy of a worker: the fal URLs' origins trusted, plus the configured allow-list;
+        URLs holding one of ``keys`` refused."""
         origins = []
         for url in fal_urls:
             with contextlib.suppress(ValueError):  # a URL that does not parse is no origin
                 scheme, host, port = origin(url)
                 if host:
                     origins.append((scheme, _norm_host(host), port))
-        return cls(tuple(origins), None if allowed_hosts is None else tuple(allowed_hosts))
+        return cls(
+            tuple(origins),
+            None if allowed_hosts is None else tuple(allowed_hosts),
+            tuple(k for k in keys if k),
+        )
 
     def trusts(self, host: str, port: int | None, scheme: str | None = None) -> bool:
         """Whether ``host:port`` (with ``scheme``, when known) is one of fal's configured origins."""
@@ -657,8 +675,17 @@ class SharedDownloadClient:
             client.close()
 
 
+#: What a URL fal hands back (an upload's ``upload_url`` or ``file_url``, a result's URL, a
+#: download's redirect) that holds FAL_KEY is refused with: final, never quoting the URL.
+KEY_IN_URL = "fal's answer holds FAL_KEY: refused"
+
+
 def _check_url(url: str, policy: DownloadPolicy | None = None) -> httpx.URL:
-    """Refuse anything but plain http(s) URLs (no ``file:``, no credentials), then apply ``policy``."""
+    """Refuse a URL holding FAL_KEY (any key this process knows, in any form:
+    :func:`jobs.key_forms.contains_key`; it would be requested, stored and shown with the key in
+    it), then anything but plain http(s) URLs (no ``file:``, no credentials), then apply ``policy``."""
+    if holds_known_key(url, () if policy is None else policy.keys):
+        raise FinalProviderError(KEY_IN_URL)
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:

@@ -436,9 +436,11 @@ def _mid_download(_response: httpx.Response) -> None:
 
 
 def download_policy(settings: Settings) -> DownloadPolicy:
-    """Where this deployment's outputs may come from (the fal URLs' origins are always allowed)."""
+    """Where this deployment's outputs may come from (the fal URLs' origins are always allowed),
+    never by a URL holding FAL_KEY."""
+    key = settings.fal_key.get_secret_value() if settings.fal_key is not None else ""
     return DownloadPolicy.for_urls(
-        [settings.fal_queue_url, settings.fal_rest_url], settings.download_allowed_hosts
+        [settings.fal_queue_url, settings.fal_rest_url], settings.download_allowed_hosts, (key,)
     )
 
 
