@@ -86,6 +86,29 @@ class SimulatedElsewhere(UsageError):
         self.pids = pids
 
 
+def _no_database_yet(settings: Settings, batch: str | None, as_json: bool) -> bool:
+    """``status`` where the default database does not exist yet: nothing to show, and no empty
+    database made to show it (it kept a later ``submit`` from finding the real one above). With
+    BATCH, one line (exit 2, :func:`jobs.database_home.refuse_missing`); without, "no batches"
+    (``{"batches": []}``), and a line naming the database of a parent folder, if there is one.
+    False when the database is there (or WANBATCH_DATABASE_URL is set): status goes on."""
+    from jobs import database_home
+
+    path = database_home.missing_default(settings)
+    if path is None:
+        return False
+    database_home.refuse_missing(settings, [batch] if batch is not None else [])
+    above = database_home.database_above(Path.cwd().parent)
+    line = database_home.no_database_line(path, None) if above is not None else None
+    if as_json:
+        if line is not None:
+            err.print(escape(line))
+        emit_json({"batches": []})
+    else:
+        out.print(escape(line) if line is not None else "no batches yet: try `wanbatch submit MANIFEST`")
+    return True
+
+
 @click.command()
 @click.argument("batch", required=False)
 @json_option
@@ -99,6 +122,8 @@ def status(batch: str | None, as_json: bool) -> None:
         from worker.limits import api_key_id
 
         settings = get_settings()
+        if _no_database_yet(settings, batch, as_json):
+            return EXIT_OK
         # Which cap holds an active batch's unsent jobs back, counted as a run started from
         # here (or the workers, with a broker) counts it: this environment's key and caps.
         caps = batches.CapCheck.of(settings, api_key_id(settings), process_here(settings).origin)
@@ -165,10 +190,11 @@ def cost(batch: str, as_json: bool) -> None:
     """
 
     def action() -> int:
-        from jobs import db, store
+        from jobs import database_home, db, store
         from jobs.cost import cost_report
         from jobs.settings import get_settings
 
+        database_home.refuse_missing(get_settings(), [batch])  # no empty database made to say so
         engine = db.open_engine(get_settings())
         with db.session_scope(engine) as session:
             report = cost_report(session, batch)
@@ -262,7 +288,7 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
     output = None if output_given is None else Path(output_given)
 
     def action() -> int:
-        from jobs import db, store
+        from jobs import database_home, db, store
         from jobs import export as exporting
         from jobs.errors import UsageError
         from jobs.export_target import refuse_uri
@@ -279,6 +305,7 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
         if fmt == "parquet" and output is None and sys.stdout.isatty():
             raise UsageError("Parquet is binary: give -o FILE or redirect stdout")
         settings = get_settings()
+        database_home.refuse_missing(settings, [batch])  # no empty database made to say so
         engine = db.open_engine(settings)
         statuses: Counter[str] = Counter()  # the records written, by status: what the warnings say
         # One snapshot for every statement: the rows, and the counts and money an hf dataset
@@ -414,13 +441,14 @@ def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
 
     def action() -> int:
         from cli.output import diff_table
-        from jobs import db
+        from jobs import database_home, db
         from jobs.diff import diff_batches, varied_of
         from jobs.settings import get_settings
 
         # A reused output's "same" is one render, not a reproduction: listed, and said below.
         shown: list[Pair] = []
         varied: dict[str, dict[str, Any]] = {}
+        database_home.refuse_missing(get_settings(), [batch_a, batch_b])  # no empty database made
         with db.session_scope(db.open_engine(get_settings())) as session:
             result = diff_batches(session, batch_a, batch_b)
             if not as_json:
@@ -646,11 +674,13 @@ def _release_claims(settings: Settings, sim: SimulatorHandle) -> None:
     another process holds locked does not wait for it (:func:`jobs.db.stop_waiting_for_lock`)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from jobs import db
+    from jobs import database_home, db
     from jobs.errors import WanbatchError
     from worker.here import queue_origin
     from worker.steps.dead_leases import release_simulation
 
+    if database_home.missing_default(settings) is not None:  # nothing stored, nothing claimed
+        return
     with (
         contextlib.suppress(SQLAlchemyError, WanbatchError, OSError),
         db.session_scope(db.open_engine(settings)) as session,
@@ -1351,17 +1381,24 @@ def run(
     """
 
     def action() -> int:
-        from jobs import batches
+        from jobs import batches, database_home
         from jobs.settings import get_settings
 
         settings = get_settings()
-        _refuse_unknown_ref(manifest, settings)
-        if not simulate:
+        # No database here yet (the default, not created): a name names no stored batch, and
+        # nothing looks it up (which would create an empty database just to find nothing).
+        fresh = database_home.missing_default(settings) is not None
+        if fresh and _batch_ref(manifest) == _NO_FILE:
+            no_file = f"no manifest file {str(manifest)!r}, and "
+            database_home.refuse_missing(settings, [str(manifest)], prefix=no_file)
+        if not fresh:
+            _refuse_unknown_ref(manifest, settings)
+        if not simulate and not fresh:
             _refuse_simulation_early(manifest, settings)
         # A batch past its deadline with only unsent jobs left: the run ends them, keyless.
-        keyless = not simulate and _ends_without_fal(manifest, settings)
+        keyless = not simulate and not fresh and _ends_without_fal(manifest, settings)
         # The proxy and certificate variables its clients will read, for the fal it will call.
-        calls_fal = not keyless and not _makes_no_fal_call(manifest, settings)
+        calls_fal = not keyless and (fresh or not _makes_no_fal_call(manifest, settings))
         require_http_environment(reached_fal(settings, simulate, calls_fal=calls_fal))
         if simulate or not settings.broker_url:  # this process does the work: enough open files?
             from jobs.open_files import require_open_files
@@ -1369,7 +1406,7 @@ def run(
             require_open_files(settings.embedded_concurrency)
         batches.check_output_dir(settings)  # before anything is stored or sent
         with fal_settings(settings, simulate, keyless=keyless) as target:
-            stored = _stored_batch(manifest, target)
+            stored = None if fresh else _stored_batch(manifest, target)
             if stored is None:
                 result = batches.submit_manifest(
                     manifest,
@@ -1379,6 +1416,8 @@ def run(
                     refuse_paused_batch=True,
                     refuse=_refuse_simulated_elsewhere,
                 )
+                if note := result.database_note:  # the default database, made here: said once
+                    err.print(escape(note))
                 print_warnings(result)
                 if note := result.simulation_note():
                     err.print(f"[yellow]{escape(note)}[/yellow]")
@@ -1454,7 +1493,7 @@ def rerun(
     new = _NewRerun(simulate)
 
     def action() -> int:
-        from jobs import batches
+        from jobs import batches, database_home
         from jobs.models import utcnow
         from jobs.settings import get_settings
         from jobs.vary import parse_varies
@@ -1463,6 +1502,7 @@ def rerun(
         settings = get_settings()
         # The syntax, and no FAL_KEY in any option; the values are checked per endpoint by rerun_batch.
         sweeps = parse_varies(vary, batches.fal_keys(settings))
+        database_home.refuse_missing(settings, [batch])  # no empty database made to say so
         # The proxy and certificate variables its clients will read, for the fal it will call.
         require_http_environment(reached_fal(settings, simulate))
         if simulate or not settings.broker_url:  # this process does the work: enough open files?
@@ -1600,10 +1640,11 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
     names: dict[str, str] = {}
 
     def action() -> int:
-        from jobs import batches
+        from jobs import batches, database_home
         from jobs.settings import get_settings
 
         settings = get_settings()
+        database_home.refuse_missing(settings, [batch])  # no empty database made to say so
         # The proxy and certificate variables its clients will read, for the fal it will call.
         require_http_environment(reached_fal(settings, simulate))
         refuse_simulate_with_broker(settings, simulate)  # before anything changes
@@ -1715,9 +1756,10 @@ def _watch_simulation(name: str, batch_id: str, settings: Settings, pid: int, pr
 
 def _pause_or_resume(batch: str, paused: bool, as_json: bool) -> None:
     def action() -> int:
-        from jobs import batches
+        from jobs import batches, database_home
         from jobs.settings import get_settings
 
+        database_home.refuse_missing(get_settings(), [batch])  # no empty database made to say so
         result = batches.set_paused(batch, paused, get_settings())
         if as_json:
             emit_json(result.as_dict())

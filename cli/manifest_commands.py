@@ -122,6 +122,8 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
         settings = get_settings()
         with err.status(f"validating {escape(str(manifest))}, then storing its jobs …"):
             result = batches.submit_manifest(manifest, settings, allow_dirs)
+        if note := result.database_note:  # the default database, made here: said once
+            err.print(escape(note))
         print_warnings(result)  # on stderr, with --json too: a script sees them in its log
         if note := result.simulation_note():
             err.print(escape(note))

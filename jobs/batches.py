@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypedDict, cast
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from jobs import db, listing, store
+from jobs import database_home, db, listing, store
 from jobs.db import open_engine
 from jobs.digits import NUMBER
 from jobs.endpoints import get_endpoint, registry_sha256
@@ -292,6 +292,9 @@ class SubmitResult:
     #: The batch's reruns (every generation, by name) that took its new place with it: their
     #: jobs name their files where the batch's jobs do now (:func:`jobs.store.reruns_follow`).
     reruns_followed: list[str] = field(default_factory=list)
+    #: The stderr line saying this submit made the default database (``./.wanbatch/wanbatch.db``)
+    #: in the current folder, and where another one was found (:mod:`jobs.database_home`); None else.
+    database_note: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The contract's ``submit --json`` object (batch, total, counts) plus what was added."""
@@ -612,9 +615,16 @@ def submit_manifest(
     """
     report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings))
     manifest = report.manifest
+    if manifest is None:
+        raise ManifestError(report.issues)
+    # Before the default database is created: a database above the manifest's folder that holds
+    # this batch is a refusal (a --simulate run spends nothing: a note), nothing created.
+    home = database_home.before_creating(settings, Path(path), manifest.name, refuse=not simulated)
+    if home is not None and not report.ok:  # a new database holds no batch to resume
+        raise ManifestError(report.issues)
     engine = open_engine(settings)
     if not report.ok:
-        if manifest is None or not _resumes_past_deadline(engine, report, simulated):
+        if not _resumes_past_deadline(engine, report, simulated):
             raise ManifestError(report.issues)
         report.issues = [_deadline_note(i) if i.code in _SCHEDULE_OVER else i for i in report.issues]
     assert manifest is not None
@@ -688,6 +698,7 @@ def submit_manifest(
             result.renumbered, result.not_in_manifest = stored.renumbered, stored.not_in_manifest
         result.manifest_moved, result.manifest_given = manifest_moved, str(path)
         result.reruns_followed = followed
+        result.database_note = home.note if home is not None else None
         return result
 
 

@@ -2432,6 +2432,27 @@ def _holds_no_table(path: Path) -> bool:
         return False
 
 
+#: How long :func:`sqlite_holds_batch` waits for a lock before it gives up (and says "not known").
+HOLDS_BATCH_WAIT_SECONDS = 0.5
+
+
+def sqlite_holds_batch(path: Path, name: str) -> bool | None:
+    """Whether the SQLite file ``path`` (another folder's default database,
+    :mod:`jobs.database_home`) holds a batch named ``name``; None when that cannot be told (not
+    SQLite, not wanbatch's, an old schema, locked, unreadable). One short read-only connection
+    (``mode=ro``), nothing migrated or written. Without a ``-wal`` file beside it (no process has
+    the database open: everything is in the file) also ``immutable=1``, else a read-only
+    connection to a WAL database leaves an empty ``-wal`` and ``-shm`` behind, in another folder."""
+    options = "mode=ro" if os.path.lexists(f"{path}-wal") else "mode=ro&immutable=1"
+    uri = f"file:{quote(str(path.absolute()))}?{options}"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=HOLDS_BATCH_WAIT_SECONDS)) as conn:
+            row = conn.execute("SELECT 1 FROM batches WHERE name = ? LIMIT 1", (name,)).fetchone()
+    except (sqlite3.Error, OSError, ValueError):
+        return None
+    return row is not None
+
+
 class _Engines:
     """The engines :func:`open_engine` opened, one per URL, the latest :data:`KEPT` of them.
 

@@ -31,7 +31,7 @@ from bench.distributed import Scenario, claimed_redis_db, environment, start_wor
 from falsim.server import SimulatorHandle
 from jobs.db import SCHEMA_HEAD, _engine_for
 from jobs.settings import Settings, get_settings
-from tests.e2e.e2e_helpers import FAL_KEY, Wb, wanbatch, without_read_override
+from tests.e2e.e2e_helpers import FAL_KEY, Wb, wanbatch, without_read_override, write_manifest
 from tests.hostile import HostileProvider, Recorded, gzip_bomb, json_reply, raw_reply, traced_peak
 from tests.ports import unused_port
 from web.app import create_app
@@ -39,6 +39,13 @@ from worker.doctor import Check, _serves_this_database, healthz_url
 from worker.running import _WorkerWatch
 from worker.steps.webhooks import binding_token, database_fingerprint, webhook_secret
 
+#: A batch of one job: what the first command that stores one stores.
+FIRST_MANIFEST = """\
+name: first
+endpoint: fal-ai/wan-i2v
+items:
+  - {prompt: a first job, image_url: images/landscape.jpg, seed: 1}
+"""
 NAMES = ["configuration", "database", "clock", "broker", "provider", "output storage", "receiver", "limiter"]
 
 
@@ -797,8 +804,12 @@ def test_doctor_creates_nothing_with_the_default_database_and_output_folder(
     done = wanbatch("doctor", "--simulate")
     assert done.returncode == 0, done.stdout + done.stderr
     assert list(work.iterdir()) == []
-    # And the first command does create the database where the doctor said.
+    # And the first command that stores a batch does create the database where the doctor said
+    # (one that only reads, such as status, creates no empty one: jobs.database_home).
     assert wb("status").code == 0
+    assert not db.exists()
+    manifest = write_manifest(tmp_path / "proj", "first", FIRST_MANIFEST)
+    assert wb("submit", manifest).code == 0
     assert db.is_file()
 
 
