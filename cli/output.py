@@ -631,12 +631,15 @@ def print_budget_note(result: SubmitResult) -> None:
 
 
 def final_code(report: BatchReport) -> int:
-    """1 when a job of the batch failed, was cancelled or is not finished; else 0."""
+    """1 when a job of the batch's manifest failed or was cancelled, or a job is not finished;
+    else 0. A job the manifest no longer has that ended (``not_in_manifest``: its item fixed,
+    or removed) is no failure of the batch now: a fixed manifest would exit 1 for ever."""
     counts = report["counts"]
+    left_out = report.get("not_in_manifest") or {}
+    failed = counts.get("failed", 0) - left_out.get("failed", 0)
+    cancelled = counts.get("cancelled", 0) - left_out.get("cancelled", 0)
     unfinished = report["total"] - report["finished"]
-    return (
-        EXIT_SOME_FAILED if counts.get("failed", 0) or counts.get("cancelled", 0) or unfinished else EXIT_OK
-    )
+    return EXIT_SOME_FAILED if failed > 0 or cancelled > 0 or unfinished else EXIT_OK
 
 
 # --------------------------------------------------------------------------- layout helpers
@@ -1166,6 +1169,8 @@ def print_report(report: BatchReport, *, distributed: bool = False) -> None:
         say(escape(" · ".join(schedule)))
     if report["low_priority_note"]:
         say(escape(report["low_priority_note"]), "yellow")
+    if left_out := report.get("not_in_manifest_note"):  # an item fixed or removed: not its failures
+        say(escape(left_out))
     print_failures(report)
 
 

@@ -282,8 +282,12 @@ class SubmitResult:
     #: Of ``existing``, the jobs that took a new ``(item_index, variant)``: the edited manifest
     #: puts them elsewhere (an item inserted above, a matrix reordered).
     renumbered: int = 0
-    #: Jobs of the batch the manifest no longer has (kept, numbered after its items).
+    #: Jobs of the batch the manifest no longer has (numbered after its items).
     not_in_manifest: int = 0
+    #: Of those, the jobs never sent, dropped (cancelled, ``not_in_manifest``); the others stay.
+    dropped: int = 0
+    #: Jobs dropped by an earlier submit that the manifest has again: ``pending`` once more.
+    restored: int = 0
     #: ``{"from": old, "to": new}`` (absolute paths) when the batch's manifest was submitted
     #: from somewhere else than last time (its folder moved): its files are read from there now.
     manifest_moved: dict[str, str] | None = None
@@ -314,6 +318,8 @@ class SubmitResult:
             "simulated": self.simulated,
             "renumbered": self.renumbered,
             "not_in_manifest": self.not_in_manifest,
+            "dropped": self.dropped,
+            "restored": self.restored,
             "manifest_moved": self.manifest_moved,
             "reruns_followed": list(self.reruns_followed),
             "warnings": list(self.warnings),
@@ -688,7 +694,12 @@ def submit_manifest(
             store.resume_batch(session, batch.id)
         warnings = [str(i) for i in report.issues if i.severity != "error"]
         if stored is not None and stored.not_in_manifest:
-            warnings.append(_not_in_manifest_note(batch.name, stored.not_in_manifest, _item_count(manifest)))
+            warnings.append(_not_in_manifest_note(batch.name, stored, _item_count(manifest)))
+        if stored is not None and stored.restored:
+            warnings.append(
+                f"{stored.restored} job(s) of batch {batch.name} dropped from its manifest before are in it "
+                "again: they are sent as new jobs are"
+            )
         result = _submitted(
             session, batch, created, added, existing, warnings, budget_changed, schedule_changed
         )
@@ -696,6 +707,7 @@ def submit_manifest(
             result.moved_aside, result.reruns_moved = moved[0][1], moved[1:]
         if stored is not None:
             result.renumbered, result.not_in_manifest = stored.renumbered, stored.not_in_manifest
+            result.dropped, result.restored = stored.dropped, stored.restored
         result.manifest_moved, result.manifest_given = manifest_moved, str(path)
         result.reruns_followed = followed
         result.database_note = home.note if home is not None else None
@@ -708,10 +720,17 @@ def _item_count(manifest: Manifest) -> int:
     return manifest.item_count
 
 
-def _not_in_manifest_note(name: str, jobs: int, items: int) -> str:
-    """The warning of a resubmit that left jobs of the batch out: they stay, numbered apart."""
+def _not_in_manifest_note(name: str, stored: store.Resubmitted, items: int) -> str:
+    """The warning of a resubmit that left jobs of the batch out: those never sent are dropped
+    (cancelled: nothing of them reached fal), the others stay (they may have been paid for);
+    all are numbered apart, after the manifest's items."""
+    parts = []
+    if stored.dropped:
+        parts.append(f"{stored.dropped} never sent are dropped (cancelled)")
+    if stored.kept:
+        parts.append(f"{stored.kept} already sent stay in the batch (they may have been paid for)")
     return (
-        f"{jobs} job(s) of batch {name} are no longer in its manifest: they stay in the batch, "
+        f"{stored.not_in_manifest} job(s) of batch {name} are no longer in its manifest: {'; '.join(parts)}; "
         f"numbered after its {items} item(s) (item_index {items} and up in exports and diffs)"
     )
 
@@ -863,6 +882,14 @@ class BatchReport(TypedDict):
     #: ``rerun --failed-only`` leaves them out too, and ``status`` says which command goes on
     #: with that rerun instead of advising another.
     rerun_pending: RerunPending
+    #: Its jobs the manifest it was last submitted from no longer has (``Job.not_in_manifest``:
+    #: an item removed, or corrected): ``jobs`` in all, ``ended`` of them finished, of those how
+    #: many ``succeeded``, ``failed`` and ``cancelled`` (the jobs dropped, never sent, among
+    #: them). Counted in ``counts``; ``failures``, the ``cancelled_for_*`` advice, the exit code
+    #: of ``run`` and ``rerun --failed-only`` judge the other jobs: the manifest's.
+    not_in_manifest: dict[str, int]
+    #: That in one line ("2 ended job(s) are no longer in the manifest …"); "" when none ended.
+    not_in_manifest_note: str
 
 
 class BatchProgress(TypedDict):
@@ -1033,7 +1060,7 @@ def batch_progress(
         "total": total,
         "finished": finished,
         "counts": counts,
-        "estimated_usd": _money(_estimated_usd(session, batch.id, total)),
+        "estimated_usd": _money(_estimated_usd(session, batch, total, counts[JobState.CANCELLED.value])),
         "spent_usd": _money(store.batch_spent_usd(session, batch.id)),
         "paused_by_user": batch.paused_by_user,
         "schedule_open": schedule.is_open(now) and not batch.paused_by_user,
@@ -1088,23 +1115,28 @@ def left_to_collect(progress: BatchProgress) -> int:
     return sum(counts.get(s.value, 0) for s in states)
 
 
-#: Batch id → (its number of jobs, the sum of their estimates) as last read by this process.
-_ESTIMATES: dict[str, tuple[int, Decimal]] = {}
+#: Batch id → (what says whether its estimate can have changed, the sum of its estimates) as
+#: last read by this process.
+_ESTIMATES: dict[str, tuple[tuple[int, int, str], Decimal]] = {}
 
 
-def _estimated_usd(session: Session, batch_id: str, jobs: int) -> Decimal:
-    """The sum of the batch's estimates, read again only when its number of jobs changed.
+def _estimated_usd(session: Session, batch: Batch, jobs: int, cancelled: int) -> Decimal:
+    """The sum of the batch's estimates, read again only when it can have changed.
 
     ``run`` shows it every second, and summing a 100,000-job batch each time was most of the
     progress line's CPU. A job's estimate is fixed when the job is stored and jobs are never
-    removed, so the count says whether the sum can have changed."""
-    known = _ESTIMATES.get(batch_id)
-    if known is not None and known[0] == jobs:
+    removed; only a resubmit of its manifest drops (cancels) a job never sent that it no longer
+    has, or brings one back, which changes the estimate (:func:`jobs.store.estimated_usd`): the
+    number of jobs, of cancelled jobs and the manifest's SHA-256 say whether the sum can have
+    changed."""
+    key = (jobs, cancelled, batch.manifest_sha256)
+    known = _ESTIMATES.get(batch.id)
+    if known is not None and known[0] == key:
         return known[1]
     if len(_ESTIMATES) > 256:
         _ESTIMATES.clear()
-    estimated = store.batch_estimated_usd(session, batch_id)
-    _ESTIMATES[batch_id] = (jobs, estimated)
+    estimated = store.batch_estimated_usd(session, batch.id)
+    _ESTIMATES[batch.id] = (key, estimated)
     return estimated
 
 
@@ -1922,7 +1954,31 @@ def _report(
         "simulated": batch.simulated,
         "rerun_rendered": covered.rendered,
         "rerun_pending": covered.pending,
+        "not_in_manifest": not_in_manifest_counts(totals.not_in_manifest),
+        "not_in_manifest_note": not_in_manifest_text(totals.not_in_manifest),
     }
+
+
+def not_in_manifest_counts(by_state: Mapping[str, int]) -> dict[str, int]:
+    """:attr:`BatchReport.not_in_manifest` from the batch's jobs its manifest no longer has, by
+    state (:attr:`jobs.listing.Totals.not_in_manifest`)."""
+    ended = {
+        s.value: by_state.get(s.value, 0) for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+    }
+    return {"jobs": sum(by_state.values()), "ended": sum(ended.values()), **ended}
+
+
+def not_in_manifest_text(by_state: Mapping[str, int]) -> str:
+    """The line ``status`` and ``run`` give the ended jobs the batch's manifest no longer has:
+    they are not the batch's failures (its exit code, its advice), and say so; "" when none."""
+    counts = not_in_manifest_counts(by_state)
+    if not counts["ended"]:
+        return ""
+    parts = [f"{counts[state]} {state}" for state in ("succeeded", "failed", "cancelled") if counts[state]]
+    return (
+        f"{counts['ended']} ended job(s) are no longer in the manifest ({', '.join(parts)}): "
+        "not counted in the batch's outcome, nor rerun by `rerun --failed-only`"
+    )
 
 
 def check_simulation(
@@ -2537,11 +2593,27 @@ class NothingToRerun(WanbatchError):
     exit_code = 0
 
 
-def _nothing_to_rerun(session: Session, parent: Batch, failed_only: bool) -> str:
-    """Why a rerun of ``parent`` would be empty; says that no batch was made."""
+def _not_in_manifest_left_out(parent: Batch, jobs: int) -> str:
+    """The line of a ``rerun --failed-only`` that left out failed or cancelled jobs the parent's
+    manifest no longer has (``Job.not_in_manifest``): sending them again would pay for an item
+    the user fixed, or removed."""
+    return (
+        f"{jobs} failed or cancelled job(s) of batch {parent.name} are no longer in its manifest: "
+        "left out (its manifest has what replaced them)"
+    )
+
+
+def _nothing_to_rerun(session: Session, parent: Batch, failed_only: bool, not_in_manifest: int = 0) -> str:
+    """Why a rerun of ``parent`` would be empty; says that no batch was made. ``not_in_manifest``:
+    the failed or cancelled jobs ``--failed-only`` left out, its manifest no longer having them."""
     label = f"batch {parent.name} ({parent.id[:8]})"
     if not failed_only:
         return f"nothing to rerun: {label} has no jobs; no batch was created"
+    if not_in_manifest:
+        return (
+            f"nothing to rerun: {label} has no failed or cancelled job in its manifest ({not_in_manifest} "
+            "no longer in it are left out); no batch was created"
+        )
     counts = store.counts_by_state(session, parent.id)
     total = sum(counts.values())
     unfinished = total - sum(counts[s.value] for s in JobState if s.terminal)
@@ -2612,8 +2684,11 @@ def rerun_batch(
     some of them and waits for its window (or ``not_before``) is a :class:`UsageError` that says
     so and to cancel it first: sent now beside it they would be paid twice, and left to it they
     would not go out now, which ``--now`` asked for. ``pay_again``
-    (``--pay-again``) sends them all the same. A plain rerun is a reproducibility run, paid again
-    on purpose: it never leaves anything out.
+    (``--pay-again``) sends them all the same. ``failed_only`` leaves out, too, the failed or
+    cancelled jobs the parent's manifest no longer has (``Job.not_in_manifest``: an item fixed
+    or removed since), in a warning of one line — sending them paid again for a prompt the user
+    corrected — or, when that is all of them, :class:`NothingToRerun` saying so. A plain rerun
+    is a reproducibility run, paid again on purpose: it never leaves anything out.
 
     Variants: without ``vary`` (or with one combination) each job keeps its parent's ``variant``,
     its place in the manifest, which ``diff`` pairs batches of one manifest by. With several
@@ -2649,6 +2724,9 @@ def rerun_batch(
 
         def new_jobs() -> Iterator[store.NewJob]:
             for job in store.jobs_of_batch(session, parent.id, states=wanted):
+                if failed_only and job.not_in_manifest:  # its item was fixed, or removed
+                    not_in_manifest.append(job.id)
+                    continue
                 spec = get_endpoint(job.endpoint)
                 stored = before[job.id] = rerun_input(job.input, None if new_seeds else job.seed)
                 if new_seeds:
@@ -2678,9 +2756,10 @@ def rerun_batch(
         # leaves nothing stored.
         swept: set[int] = set()  # items whose jobs --vary repeats more than once
         before: dict[str, dict[str, Any]] = {}  # parent's job id → its input, seed as the rerun's
+        not_in_manifest: list[str] = []  # failed or cancelled jobs its manifest no longer has
         rows = list(new_jobs())
         if not rows:
-            raise NothingToRerun(_nothing_to_rerun(session, parent, failed_only))
+            raise NothingToRerun(_nothing_to_rerun(session, parent, failed_only, len(not_in_manifest)))
         covered = Coverage()
         if failed_only and not pay_again:
             rows, covered = _not_covered(session, parent, rows, simulated=simulated, now=utcnow())
@@ -2695,6 +2774,8 @@ def rerun_batch(
             raise UsageError(_sources_changed(parent, changed, store.root_batch(session, parent)))
         rows, warnings = _placed(rows, swept, lambda row, twin: _repeat_cause(row, twin, before, vary))
         warnings[:0] = _left_out(parent, covered)
+        if not_in_manifest:
+            warnings.insert(0, _not_in_manifest_left_out(parent, len(not_in_manifest)))
         if before_storing is not None:
             before_storing()
         name = _rerun_name(session, parent)

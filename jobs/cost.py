@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.endpoints import get_endpoint
+from jobs.models import NOT_IN_MANIFEST
 from jobs.money import BUDGET_ERRORS, usd_json
 from jobs.pricing import add_units, unit_symbol
 from jobs.states import JobState
@@ -70,8 +71,9 @@ class CostLine:
         actual = job.actual_usd or ZERO
         self.jobs += 1
         unit = unit_symbol(job.endpoint)
-        self.estimated_usd += job.est_usd
-        add_units(self.estimated_by_unit, unit, job.est_units)
+        if job.error_type != NOT_IN_MANIFEST:  # dropped from its manifest, never sent: no estimate
+            self.estimated_usd += job.est_usd
+            add_units(self.estimated_by_unit, unit, job.est_units)
         self.actual_usd += actual
         add_units(self.actual_by_unit, unit, job.actual_units or ZERO)
         if job.state == JobState.SUCCEEDED:

@@ -91,6 +91,9 @@ class Totals:
     first_submitted_at: datetime | None = None
     #: Jobs that finished work (succeeded or failed) within :data:`THROUGHPUT_WINDOW`.
     recent: int = 0
+    #: Of ``counts``, by state, the jobs the batch's manifest no longer has (``Job.not_in_manifest``):
+    #: the run's exit code and ``status``'s advice judge the others, the manifest's.
+    not_in_manifest: dict[str, int] = field(default_factory=lambda: {s.value: 0 for s in JobState})
 
     @property
     def total(self) -> int:
@@ -126,8 +129,10 @@ class Totals:
             first,
             recent,
             ambiguous,
+            left_out,
         ) = row
         self.counts[state.value] += int(jobs)
+        self.not_in_manifest[state.value] += int(left_out or 0)
         self.estimated_usd += estimated or 0
         self.actual_usd += actual or 0
         self.spent_usd += spent or 0  # store.spent_usd, as store.batch_money sums it
@@ -156,19 +161,21 @@ def _aggregates(since: datetime) -> tuple[ColumnElement[Any], ...]:
     overrun = case((Job.actual_usd > Job.est_usd, Job.actual_usd - Job.est_usd), else_=zero)
     return (
         func.count(),
-        func.sum(Job.est_usd),
+        func.sum(store.estimated_usd()),
         func.sum(store.spent_usd()),
         func.sum(type_coerce(func.coalesce(Job.actual_usd, zero), Money())),
         func.sum(type_coerce(overrun, Money())),
         func.sum(Job.possible_duplicate_charges),
         func.sum(Job.confirmed_duplicate_charges),
-        func.sum(case((Job.error_type.in_(BUDGET_ERRORS), 1), else_=0)),
-        func.sum(case((Job.error_type == DAILY_CAP_ERROR, 1), else_=0)),
+        # What a cap stopped of the manifest's jobs: what ``status`` advises a rerun for.
+        func.sum(case((Job.error_type.in_(BUDGET_ERRORS) & Job.not_in_manifest.is_(False), 1), else_=0)),
+        func.sum(case(((Job.error_type == DAILY_CAP_ERROR) & Job.not_in_manifest.is_(False), 1), else_=0)),
         func.count(Job.media_mismatch),
         func.sum(Job.rate_limited_submits),
         func.min(Job.submitted_at),
         func.sum(case((Job.state.in_(list(_WORK_DONE)) & (Job.finished_at >= since), 1), else_=0)),
         func.sum(Job.ambiguous_usd),
+        func.sum(case((Job.not_in_manifest.is_(True), 1), else_=0)),
     )
 
 

@@ -230,6 +230,12 @@ def _str_enum(enum_cls: type[StrEnum]) -> Enum:
     )
 
 
+#: ``error_type`` of a job its batch's manifest no longer has, cancelled by the resubmit that left
+#: it out because it was never sent (:func:`jobs.store.resubmit_jobs`): nothing of it reached fal.
+#: Its estimate is no longer counted; the manifest bringing it back makes it ``pending`` again.
+NOT_IN_MANIFEST = "not_in_manifest"
+
+
 class BatchState(StrEnum):
     """Whether a batch's jobs may be submitted. Jobs have their own states (:class:`JobState`)."""
 
@@ -435,6 +441,15 @@ class Job(Base):
     #: download lists the folder as every download did before — until the job is sent as a new
     #: request, which drops it (``jobs.store.record_send``).
     earlier_items: Mapped[list[int] | None] = mapped_column(JSONDoc)
+    #: The manifest its batch was last submitted from no longer has this job (its key): set and
+    #: cleared by every resubmit (:func:`jobs.store.resubmit_jobs`), the one place that knows.
+    #: Such a job is numbered after the manifest's items; one never sent is ``cancelled`` there
+    #: (``error_type`` :data:`NOT_IN_MANIFEST`), one that may have reached fal stays. ``run``'s
+    #: exit code, ``status``'s advice and ``rerun --failed-only`` judge the other jobs: the
+    #: manifest's. False for a job stored before schema 0039 until its manifest is submitted again.
+    #: The database's default alone (no Python one): an INSERT names the column only when it
+    #: sets it, as a database one schema older has none.
+    not_in_manifest: Mapped[bool] = mapped_column(Boolean, server_default="0")
     endpoint: Mapped[str] = mapped_column(String(255))
     #: The resolved input as validated (local image paths still local).
     input: Mapped[dict[str, Any]] = mapped_column(JSONDoc)

@@ -25,10 +25,16 @@ counted): ``cancelling ──► pending`` or ``queued ──► pending``.
 With ``reuse_outputs``, a pinned-seed ``pending``/``retry_wait`` job whose exact twin already
 succeeded goes straight to ``succeeded``, taking that output (never sent, nothing billed).
 
+A job its batch's edited manifest no longer has, and that was never sent (``pending`` or
+``retry_wait``, no attempt, nothing recorded of a POST), is cancelled by the resubmit that left
+it out (``error_type`` ``not_in_manifest``); the manifest bringing it back makes it ``pending``
+again: ``cancelled ──► pending`` (``jobs.store.resubmit_jobs``), one row per job key still.
+
 Terminal states are ``succeeded``, ``failed`` and ``cancelled``: nothing leaves them (a rerun
-makes a new batch) — with one exception, paid work coming back: a job that failed only because
-its submit's outcome stayed unknown past ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` (``error_type``
-``submit_unknown``, no request kept, no output) goes ``failed ──► queued`` when fal's signed
+makes a new batch) — but for the edited manifest above, and paid work coming back: a job that
+failed only because its submit's outcome stayed unknown past
+``WANBATCH_SUBMIT_UNKNOWN_DEADLINE`` (``error_type`` ``submit_unknown``, no request kept, no
+output) goes ``failed ──► queued`` when fal's signed
 webhook later proves it accepted that very attempt and finished it: the request was billed, so
 its video is fetched (``jobs.store.adopt_late_proof``), and nothing is sent again. A late answer
 of the submit proves it as well (accepted: the request runs, and is billed).
@@ -148,7 +154,9 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.FAILED: frozenset({S.QUEUED}),
     # → QUEUED only by jobs.store.adopt_cancelled_proof: fal's signed webhook proves that it ran
     # to the end (paid) the request our cancel was reported to have ended: its video is fetched.
-    S.CANCELLED: frozenset({S.QUEUED}),
+    # → PENDING only by jobs.store.resubmit_jobs: a job never sent that a resubmit cancelled
+    # because its manifest no longer had it (error_type not_in_manifest) is in the manifest again.
+    S.CANCELLED: frozenset({S.QUEUED, S.PENDING}),
 }
 del S
 

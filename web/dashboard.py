@@ -827,7 +827,8 @@ class RerunOffer:
     unfinished one. Decided by :func:`jobs.rendered.rerun_covered`, the very test ``rerun`` and
     ``status`` apply, so the page never offers a rerun that ``rerun`` refuses."""
 
-    #: The batch's failed and cancelled jobs.
+    #: The batch's failed and cancelled jobs, of its manifest (``rerun --failed-only`` leaves
+    #: out those the manifest no longer has).
     failed: int = 0
     #: Of them, those no rerun covers: what the button would send.
     left: int = 0
@@ -836,7 +837,7 @@ class RerunOffer:
 
     @classmethod
     def of(cls, session: Session, batch: Batch, totals: listing.Totals, *, now: datetime) -> RerunOffer:
-        failed = sum(totals.counts[s.value] for s in RERUN_FAILED_STATES)
+        failed = sum(totals.counts[s.value] - totals.not_in_manifest[s.value] for s in RERUN_FAILED_STATES)
         if not failed:  # nothing to rerun: the reruns are not even looked up
             return cls()
         covered = rerun_covered(session, batch, now=now)

@@ -411,11 +411,18 @@ def holders_in(counts: Iterable[CapCounts], scope: CapScope) -> list[CapHolder]:
 
 
 def count_cancelled(session: Session, batch_id: str, error_type: str) -> int:
-    """How many jobs of a batch ended cancelled for ``error_type`` (``deadline``, ``budget``, …)."""
+    """How many jobs of a batch's manifest ended cancelled for ``error_type`` (``deadline``,
+    ``budget``, …): not those it no longer has (``Job.not_in_manifest``), which ``status``
+    counts apart and ``rerun --failed-only`` leaves out."""
     query = (
         select(func.count())
         .select_from(Job)
-        .where(Job.batch_id == batch_id, Job.state == JobState.CANCELLED, Job.error_type == error_type)
+        .where(
+            Job.batch_id == batch_id,
+            Job.state == JobState.CANCELLED,
+            Job.error_type == error_type,
+            Job.not_in_manifest.is_(False),
+        )
     )
     return int(session.scalar(query) or 0)
 
@@ -432,6 +439,7 @@ def count_cancelled_of_batches(
             Job.batch_id.in_(sorted(batch_ids)),
             Job.state == JobState.CANCELLED,
             Job.error_type == error_type,
+            Job.not_in_manifest.is_(False),
         )
         .group_by(Job.batch_id)
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
     literal_column,
     or_,
     select,
@@ -28,10 +30,12 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from jobs.endpoints import get_endpoint
-from jobs.models import Money, new_id, utcnow
+from jobs.models import NOT_IN_MANIFEST, Money, new_id, utcnow
 from jobs.states import JobState
 from jobs.store.batches import _set_media
 from jobs.store.core import _JOBS, _dialect_insert
+from jobs.store.transitions import _EVENT_COLUMNS, _EVENTS
+from jobs.store.unsent import _cancel_in_state
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +93,17 @@ class Resubmitted:
     #: Jobs already stored whose media the manifest now names elsewhere (the same bytes under
     #: another path: its folder moved, or a file was renamed): they read them from there now.
     relocated: int = 0
+    #: Of ``not_in_manifest``, the jobs never sent, so cancelled (``error_type``
+    #: ``not_in_manifest``): by this resubmit, or by an earlier one that left them out too.
+    #: The others may have reached fal (and been paid for): they stay as they are.
+    dropped: int = 0
+    #: Jobs an earlier resubmit dropped that the manifest has again: ``pending`` once more.
+    restored: int = 0
+
+    @property
+    def kept(self) -> int:
+        """Of ``not_in_manifest``, the jobs left as they were: they may have been sent."""
+        return self.not_in_manifest - self.dropped
 
 
 def resubmit_jobs(
@@ -122,6 +137,14 @@ def resubmit_jobs(
     Every statement that gives a stored job another item number adds the old one to its
     ``earlier_items`` (:func:`_earlier_items`): a video a try of it saved before (its name holds
     the number) is looked for under exactly those names (``worker.steps.download._downloaded_before``).
+
+    Every job the manifest no longer has is marked so (``not_in_manifest``), every job it has
+    unmarked: the one notion of "no longer in the manifest" that ``run``'s exit code, ``status``
+    and ``rerun --failed-only`` go by. Of the jobs it no longer has, those never sent
+    (:func:`_drop_never_sent`) are cancelled here, in this transaction: kept pending, the next
+    run sent and billed a job the user had removed or corrected. One the manifest has again
+    that an earlier resubmit dropped is ``pending`` again (:func:`_restore`): the same row, so
+    the batch still holds one job per key.
     """
     conn = session.connection()
     pg = conn.dialect.name == "postgresql"
@@ -145,18 +168,35 @@ def resubmit_jobs(
             if inserted < len(block):
                 renumbered += _place_stored_sqlite(conn, batch_id, block)
             conn.execute(insert(seen), [{"job_key": job.key} for job in block])
+    in_manifest = _JOBS.c.job_key.in_(select(seen.c.job_key))
+    restored = _restore(session, batch_id, in_manifest) if present else 0
+    if present:  # unmarked: the manifest has them (again)
+        conn.execute(
+            update(_JOBS)
+            .where(_JOBS.c.batch_id == batch_id, _JOBS.c.not_in_manifest.is_(True), in_manifest)
+            .values(not_in_manifest=False)
+        )
     stored = select(func.count()).select_from(_JOBS).where(_JOBS.c.batch_id == batch_id)
-    gone = 0
+    gone = dropped = 0
     if conn.execute(stored).scalar_one() > added + present:
+        left_out = _JOBS.c.job_key.not_in(select(seen.c.job_key))
+        conn.execute(
+            update(_JOBS)
+            .where(_JOBS.c.batch_id == batch_id, _JOBS.c.not_in_manifest.is_(False), left_out)
+            .values(not_in_manifest=True)
+        )
+        _drop_never_sent(session, batch_id, left_out)
         rows = conn.execute(
-            select(_JOBS.c.id, _JOBS.c.item_index, _JOBS.c.variant)
-            .where(_JOBS.c.batch_id == batch_id, _JOBS.c.job_key.not_in(select(seen.c.job_key)))
+            select(_JOBS.c.id, _JOBS.c.item_index, _JOBS.c.variant, _JOBS.c.state, _JOBS.c.error_type)
+            .where(_JOBS.c.batch_id == batch_id, left_out)
             .order_by(_JOBS.c.item_index, _JOBS.c.variant, _JOBS.c.created_at, _JOBS.c.id)
         ).all()
         gone = len(rows)
+        dropped = sum(1 for row in rows if _is_dropped(row.state, row.error_type))
+        places = [(row.id, row.item_index, row.variant) for row in rows]
         moves = [
             {"b_id": job_id, "b_item": item}
-            for (job_id, old, _), item in zip(rows, places_after(rows, item_count()), strict=True)
+            for (job_id, old, _), item in zip(places, places_after(places, item_count()), strict=True)
             if item != old
         ]
         if moves:
@@ -169,7 +209,129 @@ def resubmit_jobs(
                 moves,
             )
     conn.exec_driver_sql(f"DROP TABLE {_SEEN}")
-    return Resubmitted(added, present, renumbered, gone, relocated)
+    return Resubmitted(added, present, renumbered, gone, relocated, dropped, restored)
+
+
+def _is_dropped(state: str, error_type: str | None) -> bool:
+    """Whether a job is one a resubmit dropped (:func:`_drop_never_sent`)."""
+    return JobState(state) == JobState.CANCELLED and error_type == NOT_IN_MANIFEST
+
+
+#: What a job dropped from its manifest says (``jobs.error``).
+DROPPED_ERROR = (
+    "no longer in its manifest and never sent: cancelled when the manifest was submitted again "
+    "(nothing of it reached fal); a manifest that has it again sends it"
+)
+
+
+def _never_sent(now: datetime) -> list[ColumnElement[bool]]:
+    """A job nothing of which can have reached fal: no attempt counted, no POST recorded (its
+    input, its send time, a request), none refused with 429, no resend of an unknown submit,
+    nothing billed or possibly billed, and no process holding it now."""
+    j = _JOBS.c
+    return [
+        j.attempts == 0,
+        j.submitted_at.is_(None),
+        j.sent_at.is_(None),
+        j.submitted_input.is_(None),
+        j.request_id.is_(None),
+        j.rate_limited_submits == 0,
+        j.resend_attempt.is_(None),
+        j.possible_duplicate_charges == 0,
+        j.actual_usd.is_(None),
+        j.ambiguous_usd == literal(Decimal(0), j.ambiguous_usd.type),
+        or_(j.lease_expires_at.is_(None), j.lease_expires_at <= literal(now, j.lease_expires_at.type)),
+    ]
+
+
+def _drop_never_sent(session: Session, batch_id: str, left_out: ColumnElement[bool]) -> int:
+    """Cancel the jobs of ``batch_id`` its manifest left out (``left_out``) that were never sent
+    (``pending``/``retry_wait`` and :func:`_never_sent`): ``error_type`` :data:`NOT_IN_MANIFEST`,
+    nothing billed. Set-based, one UPDATE per state, as ``wanbatch cancel`` moves jobs
+    (:func:`jobs.store.unsent._cancel_in_state`): the ``WHERE`` is the compare-and-set (a job a
+    dispatcher claims meanwhile is left to it: its row lock makes the UPDATE check it again),
+    the version grows by one, each moved job gets its event. A job that may have reached fal
+    stays: it may have been paid for, and its request may still run. How many it cancelled."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "state": JobState.CANCELLED,
+        "version": _JOBS.c.version + 1,
+        "updated_at": now,
+        "finished_at": now,
+        "next_attempt_at": None,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "error": DROPPED_ERROR,
+        "error_type": NOT_IN_MANIFEST,
+        "actual_usd": Decimal(0),
+        "actual_billing_units": Decimal(0),
+    }
+    moved = 0
+    for state in (JobState.PENDING, JobState.RETRY_WAIT):
+        where = [_JOBS.c.batch_id == batch_id, _JOBS.c.state == state, left_out, *_never_sent(now)]
+        for _, n in _cancel_in_state(
+            session, state, where, values, reason="not in manifest: never sent, dropped", worker=None, now=now
+        ):
+            moved += n
+    if moved:
+        session.expire_all()  # Job objects already loaded must not show the old state
+    return moved
+
+
+def _restore(session: Session, batch_id: str, in_manifest: ColumnElement[bool]) -> int:
+    """Make ``pending`` again, and unmark, the jobs of ``batch_id`` a resubmit dropped
+    (:func:`_drop_never_sent`) that the manifest has again (``in_manifest``): never sent, they
+    are sent as any new job is; the same row, so the batch holds one job per key. A
+    compare-and-set on ``cancelled`` and the drop's ``error_type``, the version grows by one,
+    each with its event. How many."""
+    conn = session.connection()
+    now = utcnow()
+    moved = conn.execute(
+        update(_JOBS)
+        .where(
+            _JOBS.c.batch_id == batch_id,
+            _JOBS.c.state == JobState.CANCELLED,
+            _JOBS.c.error_type == NOT_IN_MANIFEST,
+            in_manifest,
+        )
+        .values(
+            state=JobState.PENDING,
+            version=_JOBS.c.version + 1,
+            updated_at=now,
+            finished_at=None,
+            next_attempt_at=None,
+            error=None,
+            error_type=None,
+            actual_usd=None,
+            actual_billing_units=None,
+            not_in_manifest=False,
+        )
+        .returning(_JOBS.c.id, _JOBS.c.version)
+    ).all()
+    if moved:
+        conn.execute(
+            insert(_EVENTS),
+            [
+                dict(
+                    zip(
+                        _EVENT_COLUMNS,
+                        (
+                            row.id,
+                            now,
+                            JobState.CANCELLED,
+                            JobState.PENDING,
+                            row.version,
+                            "in the manifest again",
+                            None,
+                        ),
+                        strict=True,
+                    )
+                )
+                for row in moved
+            ],
+        )
+        session.expire_all()
+    return len(moved)
 
 
 def _relocate_stored(conn: Connection, batch_id: str, block: list[NewJob]) -> int:

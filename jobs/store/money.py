@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, bindparam, case, func, select, text, type_
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter
 
-from jobs.models import Job, Money
+from jobs.models import NOT_IN_MANIFEST, Job, Money
 from jobs.money import BUDGET_ERRORS
 from jobs.states import AT_PROVIDER_STATES, JobState
 from jobs.store.core import _paid, _prepared, _run
@@ -115,6 +115,15 @@ class BatchMoney:
         return self.spent_usd + self.reserved_usd
 
 
+def estimated_usd() -> ColumnElement[Decimal]:
+    """One job's share of ``estimated_usd`` (:class:`BatchMoney`): its estimate, none for a job
+    its manifest no longer has that was dropped, never sent (``error_type``
+    :data:`~jobs.models.NOT_IN_MANIFEST`: it never will be, unless the manifest has it again).
+    Summed by :func:`batch_money`, :func:`batch_estimated_usd` and ``status`` (:mod:`jobs.listing`)."""
+    zero = type_coerce(0, Money())
+    return type_coerce(case((Job.error_type == NOT_IN_MANIFEST, zero), else_=Job.est_usd), Money())
+
+
 def spent_usd() -> ColumnElement[Decimal]:
     """One job's share of ``spent_usd`` (:class:`BatchMoney`), :func:`finished_usd` in SQL:
     summed per batch by :func:`batch_money` and the budget checks (:func:`batch_committed_usd`,
@@ -163,7 +172,7 @@ def batch_money(session: Session, batch_id: str) -> BatchMoney:
     def build() -> Any:
         zero = type_coerce(0, Money())
         return select(
-            func.coalesce(func.sum(type_coerce(Job.est_usd, Money())), zero),
+            func.coalesce(func.sum(estimated_usd()), zero),
             func.coalesce(func.sum(spent_usd()), zero),
             func.coalesce(func.sum(reserved_usd()), zero),
             func.coalesce(func.sum(Job.possible_duplicate_charges), 0),
@@ -244,7 +253,7 @@ def batch_estimated_usd(session: Session, batch_id: str) -> Decimal:
 
     def build() -> Any:
         zero = type_coerce(0, Money())
-        total = func.coalesce(func.sum(type_coerce(Job.est_usd, Money())), zero)
+        total = func.coalesce(func.sum(estimated_usd()), zero)
         return select(total).where(Job.batch_id == bindparam("batch_id"))
 
     query = _prepared(("batch_estimated",), build)

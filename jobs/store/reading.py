@@ -643,11 +643,17 @@ class FailureGroup:
 
 def failure_reasons(session: Session, batch_id: str, *, limit: int = 5) -> list[FailureGroup]:
     """The commonest reasons jobs ended failed or cancelled, by state, ``error_type`` and
-    whether they were sent, each with one of its jobs' errors as its example."""
+    whether they were sent, each with one of its jobs' errors as its example. Jobs of the
+    manifest only: one it no longer has (``Job.not_in_manifest``: an item fixed, or removed) is
+    no failure of the batch now, and ``status`` counts those apart."""
     sent = Job.submitted_at.is_not(None)
     query = (
         select(Job.state, Job.error_type, sent, func.min(Job.error), func.count())
-        .where(Job.batch_id == batch_id, Job.state.in_([JobState.FAILED, JobState.CANCELLED]))
+        .where(
+            Job.batch_id == batch_id,
+            Job.state.in_([JobState.FAILED, JobState.CANCELLED]),
+            Job.not_in_manifest.is_(False),
+        )
         .group_by(Job.state, Job.error_type, sent)
         .order_by(func.count().desc(), Job.state, Job.error_type, sent)
         .limit(limit)
@@ -682,7 +688,11 @@ def failure_reasons_of_batches(
             func.count().label("n"),
             rank.label("rank"),
         )
-        .where(Job.batch_id.in_(sorted(batch_ids)), Job.state.in_([JobState.FAILED, JobState.CANCELLED]))
+        .where(
+            Job.batch_id.in_(sorted(batch_ids)),
+            Job.state.in_([JobState.FAILED, JobState.CANCELLED]),
+            Job.not_in_manifest.is_(False),
+        )
         .group_by(Job.batch_id, Job.state, Job.error_type, sent)
         .subquery()
     )

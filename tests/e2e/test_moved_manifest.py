@@ -136,7 +136,8 @@ def test_the_manifest_submitted_now_defines_the_paths(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A copy, not a move: the old files are still there, and the copy's win. A job the copy no
-    longer has keeps its paths, named absolute when it fails: they are outside the new folder."""
+    longer has keeps its paths (they are outside the new folder); never sent, it is dropped
+    (cancelled) by the submit that left it out, so its file, gone since, is never read."""
     _project(e2e_env, "cp1", TWO)
     assert run_main(["submit", "proj/m.yaml"], monkeypatch) == 0
     shutil.copytree(e2e_env / "proj", e2e_env / "copy")
@@ -152,14 +153,11 @@ def test_the_manifest_submitted_now_defines_the_paths(
     assert second[1]["image_url"] == str(e2e_env / "proj" / "images" / "night.jpg")  # not in the copy
 
     gone = e2e_env / "proj" / "images" / "night.jpg"
-    gone.unlink()  # still in copy/images: named relative to copy/, the error would point there
-    assert run_main(["run", "copy/m.yaml", "--no-progress"], monkeypatch) == 1
+    gone.unlink()  # still in copy/images: the dropped job never reads either
+    assert run_main(["run", "copy/m.yaml", "--no-progress"], monkeypatch) == 0  # the copy's job succeeded
     capsys.readouterr()
-    errors = db_rows(_url(tmp_path), "SELECT state, error FROM jobs ORDER BY item_index")
-    assert [tuple(row) for row in errors] == [
-        ("succeeded", None),
-        ("failed", f"media file '{gone}' does not exist"),
-    ]
+    errors = db_rows(_url(tmp_path), "SELECT state, error_type, attempts FROM jobs ORDER BY item_index")
+    assert [tuple(row) for row in errors] == [("succeeded", None, 1), ("cancelled", "not_in_manifest", 0)]
 
 
 def _rerun_lines(err: str) -> list[str]:

@@ -518,6 +518,54 @@ def test_an_empty_database_and_one_taken_down_to_base_are_still_adopted(empty_en
     assert drift(empty_engine) == []
 
 
+def test_migration_0039_adds_not_in_manifest_false_for_stored_jobs_and_takes_it_away(
+    empty_engine: Engine,
+) -> None:
+    """0039 adds ``jobs.not_in_manifest``: False for every job stored before (which jobs an
+    earlier resubmit left out is not recorded; the next submit of the manifest marks them), a
+    job stored after it is False too; a downgrade drops it, and the rest is 0038's schema."""
+    from jobs import db, store
+    from tests.step_runtime import add_batch, job_ids
+
+    migrate(empty_engine, "0038", from_models=False)
+    assert "not_in_manifest" not in {c["name"] for c in inspect(empty_engine).get_columns("jobs")}
+    with empty_engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO batches (id, name, manifest_path, manifest_sha256, created_at, state, priority, "
+                "paused_by_user, reuse_outputs, simulated) VALUES ('b39', 'm39', '/m.yaml', :sha, :at, "
+                "'active', 'normal', false, false, false)"
+            ),
+            {"sha": "0" * 64, "at": datetime(2026, 1, 1, tzinfo=UTC)},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, batch_id, job_key, item_index, variant, endpoint, input, state, "
+                "version, attempts, download_attempts, possible_duplicate_charges, est_billing_units, "
+                "est_usd, "
+                "created_at, updated_at) VALUES ('j39', 'b39', :key, 0, 0, 'fal-ai/wan-22', '{}', "
+                "'failed', 3, 1, 0, 0, 1, 1, :at, :at)"
+            ),
+            {"key": "1" * 64, "at": datetime(2026, 1, 1, tzinfo=UTC)},
+        )
+    migrate(empty_engine, from_models=False)
+    assert drift(empty_engine) == []
+    after = add_batch(empty_engine, "m39-after", [("fal-ai/wan-22", {"prompt": "p"})])
+    with db.session_scope(empty_engine) as session:
+        flags = {
+            job.id: job.not_in_manifest
+            for batch in ("b39", after)
+            for job in store.jobs_of_batch(session, batch)
+        }
+    assert flags == {"j39": False, job_ids(empty_engine, after)[0]: False}
+    downgrade(empty_engine, "0038")
+    assert "not_in_manifest" not in {c["name"] for c in inspect(empty_engine).get_columns("jobs")}
+    with empty_engine.connect() as conn:
+        assert conn.execute(text("SELECT state FROM jobs WHERE id = 'j39'")).scalar_one() == "failed"
+    migrate(empty_engine, from_models=False)
+    assert drift(empty_engine) == []
+
+
 def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path: Path) -> None:
     """``alembic downgrade -1`` connects through ``make_engine``, which turns SQLite's foreign
     keys on: a table rebuilt while another's rows refer to it (0019's ``jobs``, with a job event

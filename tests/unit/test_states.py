@@ -36,12 +36,13 @@ def test_table_covers_every_state() -> None:
 def test_terminal_states_are_exactly_those_without_exits() -> None:
     assert {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED} == TERMINAL_STATES
     # failed/cancelled → queued: only a webhook proving that fal ran the job's request to the end
-    # after all (paid work back).
-    back = {JobState.FAILED, JobState.CANCELLED}
-    exits = {s: t - {JobState.QUEUED} if s in back else t for s, t in ALLOWED_TRANSITIONS.items()}
+    # after all (paid work back); cancelled → pending: only a job dropped from its manifest, never
+    # sent, that the manifest has again.
+    back = {JobState.FAILED: {JobState.QUEUED}, JobState.CANCELLED: {JobState.QUEUED, JobState.PENDING}}
+    exits = {s: t - back.get(s, set()) for s, t in ALLOWED_TRANSITIONS.items()}
     assert {s for s, targets in exits.items() if not targets} == TERMINAL_STATES
     assert ALLOWED_TRANSITIONS[JobState.FAILED] == {JobState.QUEUED}
-    assert ALLOWED_TRANSITIONS[JobState.CANCELLED] == {JobState.QUEUED}
+    assert ALLOWED_TRANSITIONS[JobState.CANCELLED] == {JobState.QUEUED, JobState.PENDING}
     for state in JobState:
         assert state.terminal == (state in TERMINAL_STATES)
 
