@@ -683,9 +683,6 @@ def submit_manifest(
             added, existing = stored.added, stored.present
             # Its reruns' jobs follow its own, now where the manifest names their files.
             followed = store.reruns_follow(session, batch.id, manifest_path)
-        if store.batch_manifest_items(session, batch.id) != _item_count(manifest):
-            # Jobs numbered from here on are no longer in the manifest: exports' in_manifest.
-            store.set_batch_manifest_items(session, batch.id, _item_count(manifest))
         if refuse_paused_batch:
             refuse_paused(session, batch)  # raised inside the transaction: nothing is stored
         if batch.state == BatchState.PAUSED:
@@ -2727,6 +2724,8 @@ def rerun_batch(
                 if failed_only and job.not_in_manifest:  # its item was fixed, or removed
                     not_in_manifest.append(job.id)
                     continue
+                if job.not_in_manifest:
+                    not_in_manifest_jobs.append(job.id)
                 spec = get_endpoint(job.endpoint)
                 stored = before[job.id] = rerun_input(job.input, None if new_seeds else job.seed)
                 if new_seeds:
@@ -2757,6 +2756,7 @@ def rerun_batch(
         swept: set[int] = set()  # items whose jobs --vary repeats more than once
         before: dict[str, dict[str, Any]] = {}  # parent's job id → its input, seed as the rerun's
         not_in_manifest: list[str] = []  # failed or cancelled jobs its manifest no longer has
+        not_in_manifest_jobs: list[str] = []  # ... and those a plain rerun repeats all the same
         rows = list(new_jobs())
         if not rows:
             raise NothingToRerun(_nothing_to_rerun(session, parent, failed_only, len(not_in_manifest)))
@@ -2790,8 +2790,6 @@ def rerun_batch(
             priority=parent.priority,
             schedule=None if send_now else _rerun_schedule(parent),
             manifest_text=parent.manifest_text,  # provenance: the manifest the jobs came from
-            # ...and its item count, which tells its jobs still in it (in_manifest) from the others
-            manifest_items=store.batch_manifest_items(session, parent.id),
             simulated=simulated,
             rerun_options=rerun_options(
                 failed_only=failed_only,
@@ -2809,6 +2807,8 @@ def rerun_batch(
         if on_batch is not None:
             on_batch(batch.id, batch.name)
         added, existing = store.add_jobs(session, batch.id, rows)
+        if not_in_manifest_jobs:  # a plain rerun repeats them: its copies say so too (in_manifest)
+            store.mark_reruns_not_in_manifest(session, batch.id, parent.id)
         return _submitted(session, batch, created, added, existing, warnings)
 
 

@@ -296,9 +296,8 @@ class HfExport:
     mismatched: Counter[str] = field(default_factory=Counter)
     batch_media_mismatches: int = 0
     #: Rows whose job's item is no longer in the manifest the batch stores (``in_manifest``
-    #: false: made from an earlier version of it), and rows for which that is unknown (null).
+    #: false: made from an earlier version of it).
     not_in_manifest: int = 0
-    in_manifest_unknown: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The figures of ``export --format hf --json`` (money as every ``--json`` has it)."""
@@ -332,7 +331,6 @@ class HfExport:
             "media_mismatches_by_status": dict(sorted(self.mismatched.items())),
             "batch_media_mismatches": self.batch_media_mismatches,
             "not_in_manifest": self.not_in_manifest,
-            "in_manifest_unknown": self.in_manifest_unknown,
             "warnings": list(self.warnings),
         }
 
@@ -436,7 +434,6 @@ def _dataset_rows(
     videos = folder / VIDEOS_DIR
     videos.mkdir()
     mode = file_mode()  # what a copy gets, and what a stored video must let read to be linked
-    items = store.batch_manifest_items(session, batch.id)
     for job in store.jobs_of_batch_bounded(session, batch.id, states=states):
         file_name: str | None = None
         if job.state is JobState.SUCCEEDED:
@@ -464,7 +461,7 @@ def _dataset_rows(
                 else:
                     summary.copied += 1
             summary.videos += 1
-        row = record(job, batch, output_dir, manifest_items=items)
+        row = record(job, batch, output_dir)
         # The copy inside the dataset, as file_name names it: the stored output's path is a
         # path on this machine (absolute when outside WANBATCH_OUTPUT_DIR), useless to a reader.
         row["video_path"] = file_name
@@ -486,8 +483,6 @@ def _summed(row: dict[str, Any], job: Job, summary: HfExport) -> dict[str, Any]:
         summary.mismatched[row["status"]] += 1
     if row["in_manifest"] is False:
         summary.not_in_manifest += 1
-    elif row["in_manifest"] is None:
-        summary.in_manifest_unknown += 1
     summary.cost_usd += job.actual_usd or Decimal(0)
     add_units(summary.billing_units, unit_symbol(job.endpoint), job.actual_billing_units or Decimal(0))
     return row
@@ -694,19 +689,13 @@ def _items_from_line(summary: HfExport) -> list[str]:
 
 def _earlier_versions_lines(summary: HfExport) -> list[str]:
     """The card's note on rows ``manifest.yaml`` does not describe: jobs of an earlier version
-    of the manifest (``in_manifest`` false), or of a batch whose item count is unknown (null)."""
+    of the manifest (``in_manifest`` false)."""
     lines = []
     named = summary.manifest or "the batch's manifest"
     if summary.not_in_manifest:
         lines.append(
             f"- {summary.not_in_manifest} of the {summary.rows} rows come from jobs no longer in "
             f"{named} (an earlier version of it); their `in_manifest` is false"
-        )
-    if summary.in_manifest_unknown:
-        lines.append(
-            f"- for {summary.in_manifest_unknown} of the {summary.rows} rows it is not known whether "
-            f"{named} still holds their item (their `in_manifest` is null: the batch was stored by "
-            "a wanbatch that did not count its manifest's items)"
         )
     return lines
 
@@ -767,8 +756,8 @@ def _card(
     # has no place in a card meant to be published.
     source = Path(batch.manifest_path).name
     whose = "its parent batch was" if batch.parent_batch_id is not None else "the batch was"
-    if summary.manifest_source == "stored" and (summary.not_in_manifest or summary.in_manifest_unknown):
-        # Some rows come from an earlier version of it (or may): the text is not theirs.
+    if summary.manifest_source == "stored" and summary.not_in_manifest:
+        # Some rows come from an earlier version of it: the text is not theirs.
         latest = (
             "its parent batch stored when this batch was made"
             if batch.parent_batch_id is not None

@@ -396,21 +396,16 @@ def export_manifest_text(text: str) -> str:
     return "".join(lines)
 
 
-def in_manifest(job: Job, manifest_items: int | None) -> bool | None:
+def in_manifest(job: Job) -> bool:
     """Whether ``job``'s item is in the manifest the batch stores (``manifest_text``), the one an
     ``hf`` export ships as ``manifest.yaml``: False for a job of an earlier version of it, which
-    a resubmit kept and numbered after the manifest's items (``item_index`` from
-    ``manifest_items`` on, :func:`jobs.store.resubmit_jobs`; what its "no longer in its
-    manifest" warning counted). None when the batch's item count is unknown (a batch stored
-    before schema 0039 whose manifest names an ``items_from`` file, or has no stored text)."""
-    if manifest_items is None:
-        return None
-    return job.item_index < manifest_items
+    a resubmit kept, numbered after the manifest's items, and marked (``not_in_manifest``,
+    :func:`jobs.store.resubmit_jobs`; what its "no longer in its manifest" warning counted)."""
+    return not job.not_in_manifest
 
 
-def record(job: Job, batch: Batch, output_dir: Path, *, manifest_items: int | None) -> dict[str, Any]:
-    """The export record of one job; ``manifest_items``: the batch's
-    (:func:`jobs.store.batch_manifest_items`, read once per export), for ``in_manifest``."""
+def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
+    """The export record of one job."""
     return {
         "job_id": job.id,
         "batch": batch.id,
@@ -420,8 +415,8 @@ def record(job: Job, batch: Batch, output_dir: Path, *, manifest_items: int | No
         "item_index": job.item_index,
         "variant": job.variant,  # the matrix combination within the item
         # Whether the job's item is in the manifest text the batch stores (an hf export's
-        # manifest.yaml), or came from an earlier version of it (in_manifest): null if unknown.
-        "in_manifest": in_manifest(job, manifest_items),
+        # manifest.yaml), or came from an earlier version of it (in_manifest).
+        "in_manifest": in_manifest(job),
         "endpoint": job.endpoint,
         "status": job.state.value,
         # What was sent (the validated input, for a job never sent), FAL_KEY and URL
@@ -475,9 +470,8 @@ def records(session: Session, batch: Batch | str, output_dir: Path) -> Iterator[
 
 
 def _records(session: Session, batch: Batch, output_dir: Path) -> Iterator[dict[str, Any]]:
-    items = store.batch_manifest_items(session, batch.id)
     for job in store.jobs_of_batch_bounded(session, batch.id):
-        yield record(job, batch, output_dir, manifest_items=items)
+        yield record(job, batch, output_dir)
 
 
 def tallied(rows: Iterator[dict[str, Any]], statuses: Counter[str]) -> Iterator[dict[str, Any]]:

@@ -33,7 +33,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
-    Column,
     ColumnElement,
     Connection,
     DateTime,
@@ -334,21 +333,6 @@ class Batch(Base):
     """One submitted manifest. Totals are computed from its jobs, never stored twice."""
 
     __tablename__ = "batches"
-    __table_args__ = (
-        # How many items (``items`` entries, then ``items_from`` rows) the manifest ``manifest_text``
-        # holds: its jobs are numbered ``item_index`` 0 … ``manifest_items - 1``, and a job from an
-        # earlier version of it, no longer in it, from ``manifest_items`` on
-        # (:func:`jobs.store.resubmit_jobs`): exports say which (``in_manifest``). A rerun's is its
-        # parent's when it was made (its ``manifest_text`` is its parent's). NULL when unknown: a
-        # batch stored before schema 0039 whose manifest the migration could not count.
-        # A column of the table the ORM leaves unmapped (``exclude_properties``), read and
-        # written by :func:`jobs.store.batch_manifest_items` and
-        # :func:`jobs.store.set_batch_manifest_items`: the ORM's INSERT of a batch names every
-        # mapped column, and code storing batches must keep working on the older schemas the
-        # migration tests build.
-        Column("manifest_items", Integer, nullable=True),
-    )
-    __mapper_args__ = {"exclude_properties": ["manifest_items"]}  # noqa: RUF012 (SQLAlchemy reads it)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(255), unique=True)

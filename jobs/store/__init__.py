@@ -49,7 +49,6 @@ calls itself patches it in the part that calls it (``monkeypatch.setattr(store.l
 from jobs.store.batches import ID_CHARS as ID_CHARS
 from jobs.store.batches import OUTPUTS_PAUSE_PREFIX as OUTPUTS_PAUSE_PREFIX
 from jobs.store.batches import SIMULATED_SUFFIX as SIMULATED_SUFFIX
-from jobs.store.batches import batch_manifest_items as batch_manifest_items
 from jobs.store.batches import batch_name_taken as batch_name_taken
 from jobs.store.batches import batch_named as batch_named
 from jobs.store.batches import (
@@ -65,7 +64,6 @@ from jobs.store.batches import (
     root_batch,
     set_batch_budget,
     set_batch_manifest,
-    set_batch_manifest_items,
     set_batch_manifest_path,
     set_batch_schedule,
     set_batch_state,
@@ -107,6 +105,7 @@ from jobs.store.core import UNPROVEN_EXITS as UNPROVEN_EXITS
 from jobs.store.core import sent_to_origin as sent_to_origin
 from jobs.store.creating import NewJob, add_jobs
 from jobs.store.creating import Resubmitted as Resubmitted
+from jobs.store.creating import mark_reruns_not_in_manifest as mark_reruns_not_in_manifest
 from jobs.store.creating import places_after as places_after
 from jobs.store.creating import resubmit_jobs as resubmit_jobs
 from jobs.store.dispatch import (
@@ -470,7 +469,6 @@ __all__ = [
     "sent_repeat",
     "set_batch_budget",
     "set_batch_manifest",
-    "set_batch_manifest_items",
     "set_batch_manifest_path",
     "set_batch_schedule",
     "set_batch_state",

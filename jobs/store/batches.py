@@ -12,7 +12,6 @@ from typing import Any, cast
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    Table,
     bindparam,
     exists,
     or_,
@@ -168,7 +167,6 @@ def get_or_create_batch(
     manifest_text: str | None = None,
     simulated: bool = False,
     rerun_options: dict[str, Any] | None = None,
-    manifest_items: int | None = None,
 ) -> tuple[Batch, bool]:
     """The batch called ``name``, creating it if needed; ``True`` when it was created now.
     (:func:`name_for_batch` first: the name a simulated or a paid batch may take.)
@@ -206,8 +204,6 @@ def get_or_create_batch(
         if winner is None:  # the conflict was not on the name (e.g. a bad parent id)
             raise
         return winner, False
-    if manifest_items is not None:
-        set_batch_manifest_items(session, batch.id, manifest_items)
     return batch, True
 
 
@@ -399,22 +395,6 @@ def set_batch_manifest(session: Session, batch_id: str, text: str | None, sha256
         .values(manifest_text=text, manifest_sha256=sha256)
         .execution_options(synchronize_session="fetch")
     )
-
-
-def set_batch_manifest_items(session: Session, batch_id: str, items: int) -> None:
-    """Record how many items the manifest the batch now stores holds (``manifest_items``): the
-    jobs numbered from there on are no longer in it (exports' ``in_manifest``). A column the
-    ORM does not map (:class:`jobs.models.Batch`): written by a Core statement."""
-    table = cast(Table, Batch.__table__)
-    session.execute(update(table).where(table.c.id == batch_id).values(manifest_items=items))
-
-
-def batch_manifest_items(session: Session, batch_id: str) -> int | None:
-    """How many items the batch's stored manifest holds (:func:`set_batch_manifest_items`);
-    None when unknown (a batch stored before schema 0039 the migration could not count)."""
-    table = cast(Table, Batch.__table__)
-    found = session.execute(select(table.c.manifest_items).where(table.c.id == batch_id)).scalar_one_or_none()
-    return None if found is None else int(found)
 
 
 def _schedule_doc(schedule: Schedule | None) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -26,7 +26,7 @@ from sqlalchemy import (
     table,
     update,
 )
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.orm import Session
 
 from jobs.endpoints import get_endpoint
@@ -56,6 +56,24 @@ class NewJob:
     price_table: dict[str, Any] | None = None
     #: The parent batch's job this one repeats (a rerun's jobs).
     rerun_of: str | None = None
+
+
+def mark_reruns_not_in_manifest(session: Session, batch_id: str, parent_id: str) -> int:
+    """Mark the jobs of rerun ``batch_id`` that repeat a job of ``parent_id`` its manifest no longer has
+    (``not_in_manifest``, as their parent jobs are: the rerun's manifest text is its parent's);
+    how many. A separate statement, not a column of :func:`add_jobs`' insert: that insert also
+    stores jobs on the older schemas the migration tests build."""
+    parents = _JOBS.alias("parents")
+    repeated = select(parents.c.id).where(
+        parents.c.batch_id == parent_id, parents.c.not_in_manifest.is_(True)
+    )
+    marked = session.execute(
+        update(_JOBS)
+        .where(_JOBS.c.batch_id == batch_id, _JOBS.c.rerun_of.in_(repeated.scalar_subquery()))
+        .values(not_in_manifest=True)
+        .execution_options(preserve_rowcount=True)
+    )
+    return int(cast(CursorResult[Any], marked).rowcount)
 
 
 def add_jobs(

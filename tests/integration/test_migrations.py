@@ -263,11 +263,14 @@ def test_migration_0038_adds_the_clock_mark_table_and_takes_it_away(empty_engine
     assert drift(empty_engine) == []
 
 
-def test_migration_0039_counts_the_items_of_the_manifests_batches_store(empty_engine: Engine) -> None:
-    """0039 adds ``batches.manifest_items`` (how many items the stored manifest holds: exports'
-    ``in_manifest``), filled from each batch's ``manifest_text`` where that holds every item: not
-    for a manifest naming an ``items_from`` file, nor for a batch without a text or with one that
-    no longer parses (NULL: unknown). A downgrade drops it, and the rest is 0038's."""
+def test_migration_0039_marks_the_jobs_numbered_after_the_stored_manifests_items(
+    empty_engine: Engine,
+) -> None:
+    """0039 adds ``jobs.not_in_manifest`` (exports' ``in_manifest``, the outcome's and
+    ``rerun --failed-only``'s jobs), set for the jobs numbered from the item count of their
+    batch's ``manifest_text`` on where that text holds every item: not for a manifest naming an
+    ``items_from`` file, nor for a batch without a text or with one that no longer parses (False:
+    marked by the next submit)."""
     migrate(empty_engine, "0038", from_models=False)
     texts = {
         "three": "name: three\nendpoint: fal-ai/wan-22\nitems:\n  - {prompt: a}\n  - {prompt: b}\n  - c\n",
@@ -275,6 +278,7 @@ def test_migration_0039_counts_the_items_of_the_manifests_batches_store(empty_en
         "none": None,
         "broken": "name: [unclosed\n",
     }
+    at = datetime(2026, 1, 1, tzinfo=UTC)
     with empty_engine.begin() as conn:
         for n, (name, body) in enumerate(texts.items()):
             conn.execute(
@@ -282,22 +286,28 @@ def test_migration_0039_counts_the_items_of_the_manifests_batches_store(empty_en
                     "INSERT INTO batches (id, name, manifest_path, manifest_sha256, created_at, state, "
                     "manifest_text) VALUES (:id, :name, 'm.yaml', :sha, :at, 'active', :body)"
                 ),
-                {
-                    "id": f"{n:032x}",
-                    "name": name,
-                    "sha": "0" * 64,
-                    "at": datetime(2026, 1, 1, tzinfo=UTC),
-                    "body": body,
-                },
+                {"id": f"{n:032x}", "name": name, "sha": "0" * 64, "at": at, "body": body},
             )
+            for item in (0, 2, 3, 5):
+                conn.execute(
+                    text(
+                        "INSERT INTO jobs (id, batch_id, job_key, item_index, variant, endpoint, input, "
+                        "state, version, attempts, download_attempts, possible_duplicate_charges, "
+                        "est_billing_units, est_usd, created_at, updated_at) VALUES (:id, :b, :key, :item, "
+                        "0, 'fal-ai/wan-22', '{}', 'failed', 3, 1, 0, 0, 1, 1, :at, :at)"
+                    ),
+                    {
+                        "id": f"{name}-{item}",
+                        "b": f"{n:032x}",
+                        "key": f"{n}{item}".ljust(64, "0"),
+                        "item": item,
+                        "at": at,
+                    },
+                )
     migrate(empty_engine, from_models=False)
     with empty_engine.connect() as conn:
-        counted = {name: n for name, n in conn.execute(text("SELECT name, manifest_items FROM batches"))}
-    assert counted == {"three": 3, "rows": None, "none": None, "broken": None}
-    assert drift(empty_engine) == []
-    downgrade(empty_engine, "0038")
-    assert "manifest_items" not in {c["name"] for c in inspect(empty_engine).get_columns("batches")}
-    migrate(empty_engine, from_models=False)
+        marked = sorted(conn.execute(text("SELECT id FROM jobs WHERE not_in_manifest")).scalars())
+    assert marked == ["three-3", "three-5"]
     assert drift(empty_engine) == []
 
 

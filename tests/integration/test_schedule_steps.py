@@ -475,7 +475,7 @@ def test_a_request_timed_out_at_the_window_end_then_cut_off_by_the_deadline_expo
     with db.session_scope(engine) as session:
         batch = store.get_batch(session, batch_id)
         rows = {
-            job.id: export.record(job, batch, tmp_path, manifest_items=None)
+            job.id: export.record(job, batch, tmp_path)
             for job in store.jobs_of_batch(session, batch_id)
             if job.state == S.CANCELLED
         }
@@ -562,7 +562,7 @@ def test_a_request_timed_out_at_the_window_end_then_cut_off_by_the_deadline_cost
     with db.session_scope(engine) as session:
         batch = store.get_batch(session, batch_id)
         rows = [
-            export.record(job, batch, tmp_path, manifest_items=None)
+            export.record(job, batch, tmp_path)
             for job in store.jobs_of_batch(session, batch_id)
             if job.state == S.CANCELLED
         ]

@@ -91,14 +91,14 @@ def test_the_daily_cap_counts_what_lost_answers_may_have_cost(
     with db.read_scope(engine) as session:
         batch = store.get_batch(session, batch_id)
         for job in sent:
-            row = export.record(job, batch, Path("/tmp"), manifest_items=None)
+            row = export.record(job, batch, Path("/tmp"))
             assert row["submitted_at"] is not None
             assert row["attempts"] == 1
             assert row["request_id"] is None
             assert row["error_type"] == "submit_unknown"
             assert "may have accepted (and billed) it" in row["error"]
         for job in refused:
-            row = export.record(job, batch, Path("/tmp"), manifest_items=None)
+            row = export.record(job, batch, Path("/tmp"))
             assert (row["submitted_at"], row["attempts"], row["request_id"]) == (None, 0, None)
 
 
