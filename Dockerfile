@@ -11,7 +11,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # Every dependency ships manylinux wheels (PyAV bundles its FFmpeg, psycopg[binary] its libpq),
 # so no compiler or system library is installed. The sources are only needed to build the
 # package: they are installed into site-packages and then removed.
-COPY pyproject.toml README.md* /tmp/src/
+COPY pyproject.toml README.md LICENSE /tmp/src/
 COPY cli /tmp/src/cli
 COPY jobs /tmp/src/jobs
 COPY worker /tmp/src/worker

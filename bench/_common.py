@@ -59,7 +59,8 @@ def byte_compile() -> None:
     source, about 0.08 s of CPU that no installed wanbatch pays — and that the hand-written
     script, whose libraries come byte-compiled from site-packages, does not pay either. The
     folders are git-ignored; Python still reads them under ``PYTHONDONTWRITEBYTECODE``. The
-    compiled dataclass methods an installed wanbatch keeps beside them are written too
+    compiled dataclass methods an installed wanbatch keeps in the user's cache folder (for this
+    checkout: the file is keyed by the package's location) are written too
     (:func:`warm_method_cache`).
     """
     import compileall
@@ -87,8 +88,9 @@ startup.install_method_cache().save()
 
 
 def warm_method_cache() -> None:
-    """Write the file of compiled dataclass methods (:class:`cli.startup.MethodCache`) that an
-    installed wanbatch writes at its first command, as Python writes the .pyc files it imports;
+    """Write the file of compiled dataclass methods (:class:`cli.startup.MethodCache`, in
+    ``$XDG_CACHE_HOME/wanbatch`` or ``~/.cache/wanbatch``) that an installed wanbatch writes at its
+    first command, as Python writes the .pyc files it imports;
     the same environment (``PYTHONDONTWRITEBYTECODE=1``) keeps every wanbatch process of a
     benchmark from writing it, so each would compile the methods again, as no second run of an
     installed wanbatch does. Every module of the product is imported for it, in a child process."""

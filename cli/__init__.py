@@ -303,12 +303,25 @@ EXIT_INTERNAL = 70
 
 
 def _internal_error(exc: BaseException) -> NoReturn:
-    """One line on stderr for a bug; the traceback goes to an owner-only file the line names."""
-    from worker.crash import crash_file, summary
+    """One line on stderr for a bug; the traceback goes to an owner-only file the line names.
 
-    name = crash_file(exc)
-    where = f" (details in {name})" if name else ""
-    _fail(f"internal error: {summary(exc)}; please report it{where}", EXIT_INTERNAL)
+    The last resort: should the reporting fail in turn (an install too broken to import what it
+    uses), the line names only the exception's type (its message is not masked then, and may
+    quote a key), without a file; and it is still one line and exit 70, never a traceback."""
+    bare = f"internal error: {type(exc).__name__}; please report it"
+    try:
+        from worker.crash import crash_file, summary
+
+        name = crash_file(exc)
+        where = f" (details in {name})" if name else ""
+        line = f"internal error: {summary(exc)}; please report it{where}"
+    except Exception:
+        line = bare
+    try:
+        _fail(line, EXIT_INTERNAL)
+    except Exception:  # _fail could not mask the line: nothing of it was printed
+        _to_stderr(bare)
+        sys.exit(EXIT_INTERNAL)
 
 
 def _caused_by_interrupt(exc: BaseException) -> bool:
@@ -506,7 +519,9 @@ def _main() -> None:
             _internal_error(exc)
         _fail(printable(str(usage)), usage.exit_code, prefix="error: ")
     except Exception as exc:  # the safety net: a bug still gets one line, not a traceback
-        if (said := _database_said(exc)) is not None:  # no bug: a full disk, a foreign database
-            _fail(printable(said), EXIT_USAGE, prefix="error: ")
+        # The check failing in turn (an install whose jobs.db cannot be imported) leaves a bug's line.
+        with contextlib.suppress(Exception):
+            if (said := _database_said(exc)) is not None:  # no bug: a full disk, a foreign database
+                _fail(printable(said), EXIT_USAGE, prefix="error: ")
         _internal_error(exc)
     sys.exit(code if isinstance(code, int) else EXIT_OK)

@@ -30,6 +30,7 @@ import marshal
 import os
 import sys
 import threading
+import zlib
 from collections.abc import Iterator, Mapping
 from importlib.util import MAGIC_NUMBER, cache_from_source
 from pathlib import Path
@@ -161,36 +162,48 @@ class MethodCache:
     annotated-types', h11's…), some 65 ms of CPU, a twelfth of its start-up — the same texts
     compiled to the same code in every process. Installed (:meth:`install`), dataclasses' ``exec``
     takes each text's code from here and compiles only a text not seen before, which
-    :meth:`save` adds to a file beside this package's bytecode (:func:`method_cache_path`).
+    :meth:`save` adds to a file in the user's cache folder (:func:`method_cache_path`).
 
     The code is exactly what ``exec`` compiles from the same text (the key is the whole text,
     compiled as ``exec`` does: file name ``<string>``, no ``__future__`` flags inherited), so the
     classes are the same. The file is read and written as Python reads and writes .pyc files: one
     for another interpreter version (another magic number) or one that cannot be read is ignored,
     none is written under ``PYTHONDONTWRITEBYTECODE`` or ``-B``, and a folder that cannot be
-    written (a read-only install) only means compiling at every start, as before.
+    written only means compiling at every start, as before. It names the install it belongs to
+    (``owner``: :func:`install_key`): another install's is ignored, and replaced when this one
+    saves. As it holds code the process runs, a file that is not the user's own, or that others
+    may write, is ignored too.
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, owner: str = "") -> None:
         self.path = path
+        self.owner = owner
         self._lock = threading.Lock()
         self._stored: dict[str, bytes] = self._read()
         self._added: dict[str, bytes] = {}
         self._used: set[str] = set()
         self._pid = os.getpid()  # a forked child (Celery's pool) never writes the file
+        #: A file this one replaces, removed once this one is written (:func:`install_method_cache`).
+        self.replaces: Path | None = None
 
     def _read(self) -> dict[str, bytes]:
         if self.path is None:
             return {}
         try:
-            data = self.path.read_bytes()
-            # Code as trusted as the .pyc files beside it, in the same folder.
+            with self.path.open("rb") as file:
+                if not _only_ours(os.fstat(file.fileno())):
+                    return {}
+                data = file.read()
+            # Code from a file only this user could have written, in the user's own folder.
             found = marshal.loads(data[len(MAGIC_NUMBER) :]) if data.startswith(MAGIC_NUMBER) else None  # noqa: S302
         except (OSError, ValueError, EOFError, TypeError):
             return {}
-        if not isinstance(found, dict):
+        if not (isinstance(found, tuple) and len(found) == 2 and found[0] == self.owner):
+            return {}  # another install's (or an older wanbatch's file)
+        methods = found[1]
+        if not isinstance(methods, dict):
             return {}
-        return {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, bytes)}
+        return {k: v for k, v in methods.items() if isinstance(k, str) and isinstance(v, bytes)}
 
     @property
     def compiled(self) -> int:
@@ -248,13 +261,73 @@ class MethodCache:
                 methods = {source: methods[source] for source in self._used if source in methods}
             self._stored, self._added = methods, {}
         with contextlib.suppress(OSError):
-            _write_atomically(self.path, MAGIC_NUMBER + marshal.dumps(methods))
+            _write_atomically(self.path, MAGIC_NUMBER + marshal.dumps((self.owner, methods)))
+            if self.replaces is not None:
+                self.replaces.unlink(missing_ok=True)
 
 
-def method_cache_path() -> Path | None:
-    """Where the :class:`MethodCache` file goes: this package's ``__pycache__`` folder (or its
-    place under ``PYTHONPYCACHEPREFIX``), one file per interpreter version; None for an interpreter
-    that keeps no bytecode files."""
+def _only_ours(status: os.stat_result) -> bool:
+    """Whether a file is this user's own and nobody else may write it (as ssh asks of its keys)."""
+    owner_ok = not hasattr(os, "geteuid") or status.st_uid == os.geteuid()
+    return owner_ok and not status.st_mode & 0o022
+
+
+#: The package folder's parent: where this install of wanbatch is (site-packages, a checkout).
+_LOCATION = Path(__file__).absolute().parent.parent
+
+
+def install_key(location: str | Path = _LOCATION) -> str:
+    """What tells this install of wanbatch from any other: where it is, and its version as the
+    installer recorded it beside it (``wanbatch-VERSION.dist-info``; none for a source checkout or
+    an editable install, told apart by their locations). Read from the folder, not through
+    :mod:`importlib.metadata`, whose search of every ``sys.path`` entry costs milliseconds at each
+    start."""
+    version = ""
+    with contextlib.suppress(OSError), os.scandir(location) as entries:
+        for entry in entries:
+            if entry.name.startswith("wanbatch-") and entry.name.endswith(".dist-info"):
+                version = entry.name.removeprefix("wanbatch-").removesuffix(".dist-info")
+                break
+    return f"{os.fspath(location)}\0{version}"
+
+
+def _user_cache_folder() -> Path | None:
+    """``$XDG_CACHE_HOME/wanbatch``, else ``~/.cache/wanbatch`` (the XDG Base Directory spec's
+    per-user cache): the first that is, or can be made, a folder this user writes; None if neither."""
+    bases: list[Path] = []
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():  # the spec: a relative path is invalid, and ignored
+        bases.append(Path(xdg))
+    with contextlib.suppress(RuntimeError):  # no home directory to be found
+        home = Path.home()
+        if home.is_absolute():
+            bases.append(home / ".cache")
+    for base in bases:
+        folder = existing = base / "wanbatch"
+        while not (existing.exists() or existing.is_symlink()) and existing.parent != existing:
+            existing = existing.parent  # the folders missing are made at the first save
+        if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+            return folder
+    return None
+
+
+def method_cache_path(key: str | None = None) -> Path | None:
+    """Where the :class:`MethodCache` file goes: the user's cache folder
+    (:func:`_user_cache_folder`), one file per interpreter version and install of wanbatch
+    (``key``, this one's :func:`install_key` by default: two installs never share a file, and
+    none is left inside an install, where its uninstall would not remove it); None when there is
+    no cache folder to write, or the interpreter keeps no bytecode files."""
+    tag = sys.implementation.cache_tag
+    folder = _user_cache_folder()
+    if tag is None or folder is None:
+        return None
+    digest = zlib.crc32((install_key() if key is None else key).encode("utf-8", "surrogateescape"))
+    return folder / f"dataclass-methods.{tag}.{digest:08x}.marshal"
+
+
+def legacy_method_cache_path() -> Path | None:
+    """Where earlier builds kept the file: beside this package's bytecode (``cli/__pycache__``, or
+    its place under ``PYTHONPYCACHEPREFIX``), inside the install, where no uninstall removes it."""
     try:
         beside = cache_from_source(__file__)
     except NotImplementedError:  # sys.implementation.cache_tag is None
@@ -264,12 +337,11 @@ def method_cache_path() -> Path | None:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     """``data`` as the file ``path``, whole or not at all, as Python writes a .pyc: a temporary
-    file beside it renamed over it (two processes saving at once: the last one's), readable as
-    the source files are."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    file beside it renamed over it (two processes saving at once: the last one's), readable and
+    writable by this user only, in a folder made for this user only (the XDG spec's 0700)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    mode = Path(__file__).stat().st_mode & 0o666
-    fd = os.open(temporary, os.O_EXCL | os.O_CREAT | os.O_WRONLY, mode)
+    fd = os.open(temporary, os.O_EXCL | os.O_CREAT | os.O_WRONLY, 0o600)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
@@ -292,7 +364,9 @@ def install_method_cache() -> MethodCache:
     if _method_cache is None:
         import atexit
 
-        _method_cache = MethodCache(method_cache_path())
+        key = install_key()
+        _method_cache = MethodCache(method_cache_path(key), owner=key)
+        _method_cache.replaces = legacy_method_cache_path()  # removed at the first save
         _method_cache.install()
         atexit.register(_method_cache.save)
     return _method_cache

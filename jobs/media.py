@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
+from jobs import avcompat
 from jobs.endpoints import FieldType, MediaConstraints, all_endpoints
 from jobs.fs import is_missing, os_reason, shown_path
 from jobs.printable import clause, shortened
@@ -843,8 +844,9 @@ def read_audio_header(fh: BinaryIO) -> AudioHeader:
             fh,
             mode="r",
             format=container_format,
-            metadata_errors="ignore",
             options={"codec_whitelist": ",".join(sorted(decoders))},
+            # Its tags are never read: a title that is not UTF-8 must not refuse the audio.
+            **avcompat.tolerant_metadata(),
         ) as container:
             if not container.streams.audio:
                 raise UnreadableAudio(f"the {container_format.upper()} file has no audio stream")

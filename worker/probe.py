@@ -34,6 +34,7 @@ from typing import Any
 
 import av
 
+from jobs import avcompat
 from jobs.endpoints import EndpointSpec, get_endpoint
 from jobs.errors import WanbatchError
 from worker.mp4 import file_truncation
@@ -123,7 +124,11 @@ def probe(path: Path | str) -> MediaInfo:
         raise NotAVideoError(f"{Path(path).name}: the MP4 is {cut}")
     try:
         with av.open(
-            str(path), format=_CONTAINER, metadata_errors="ignore", options={"codec_whitelist": _DECODERS}
+            str(path),
+            format=_CONTAINER,
+            options={"codec_whitelist": _DECODERS},
+            # Its tags are never read: a title that is not UTF-8 must not fail the probe.
+            **avcompat.tolerant_metadata(),
         ) as container:
             if not container.streams.video:
                 raise NotAVideoError(f"{Path(path).name}: no video stream")

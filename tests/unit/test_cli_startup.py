@@ -211,12 +211,28 @@ def test_unused_modules_are_stood_in_for_while_a_command_runs_only(monkeypatch: 
     assert sys.modules["json"] is json
 
 
+def _frozen_at_start(env: dict[str, str]) -> int:
+    """What a bare interpreter of this Python reports frozen before any code runs: 0, but CPython
+    3.12 counts objects of its own in the permanent generation from the start (375 on 3.12.1)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import gc; print(gc.get_freeze_count())"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    return int(done.stdout)
+
+
 def test_a_short_command_runs_without_the_gc_and_freezes_nothing(tmp_path: Path) -> None:
-    """`validate` ends long before the safety timer: the collector stayed off, nothing frozen."""
+    """`validate` ends long before the safety timer: the collector stayed off, nothing frozen
+    (the permanent generation holds what it held in a bare interpreter; a freeze adds thousands)."""
     manifest = tmp_path / "one.yaml"
     manifest.write_text('name: gc-probe\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: "a red kite"\n')
-    seen = _gc_after(("validate", str(manifest)), _clean_env(tmp_path))
-    assert seen == {"enabled": False, "frozen": 0}
+    env = _clean_env(tmp_path)
+    seen = _gc_after(("validate", str(manifest)), env)
+    assert seen == {"enabled": False, "frozen": _frozen_at_start(env)}
 
 
 def test_resume_freezes_and_enables_once_and_pause_leaves_a_disabled_gc_alone(
@@ -411,17 +427,127 @@ def test_the_method_cache_writes_as_python_writes_bytecode(
 
 
 def test_the_command_keeps_its_dataclass_methods_for_the_next_start(tmp_path: Path) -> None:
-    """The first command writes the file beside the bytecode (here under PYTHONPYCACHEPREFIX);
-    the next one finds every method there and writes nothing."""
+    """The first command writes the file in the user's cache folder (here $XDG_CACHE_HOME), not
+    beside the package's bytecode (and removes the one an older wanbatch left there); the next one
+    finds every method there and writes nothing."""
+    from cli import startup
+
+    tag = sys.implementation.cache_tag
     env = {k: v for k, v in _clean_env(tmp_path).items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     manifest = tmp_path / "one.yaml"
     manifest.write_text('name: methods-probe\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: "a red kite"\n')
     args = ("validate", str(manifest))
+    # Where earlier builds kept it, inside the install: removed once the new file is written.
+    package = Path(startup.__file__).absolute().parent
+    legacy = tmp_path / "pycache" / package.relative_to(package.anchor) / f"dataclass-methods.{tag}.marshal"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(b"left by an earlier build")
     _modules_at_end(args, env)
-    (written,) = (tmp_path / "pycache").rglob("dataclass-methods.*.marshal")
+    (written,) = (tmp_path / "cache" / "wanbatch").glob("dataclass-methods.*.marshal")
+    assert list((tmp_path / "pycache").rglob("*.marshal")) == []  # nothing beside the bytecode
     before = written.stat()
     assert before.st_size > 10_000
+    assert before.st_mode & 0o777 == 0o600
+    assert (tmp_path / "cache" / "wanbatch").stat().st_mode & 0o777 == 0o700
     _modules_at_end(args, env)
     after = written.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_the_method_cache_goes_to_the_user_cache_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$XDG_CACHE_HOME/wanbatch, else ~/.cache/wanbatch (a relative XDG_CACHE_HOME is ignored, as
+    the XDG spec says); none, so nothing read or written, when neither can be written."""
+    from cli import startup
+
+    home, xdg = tmp_path / "home", tmp_path / "xdg"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))  # not there yet: created at the first save
+    path = startup.method_cache_path()
+    assert path is not None
+    assert path.parent == xdg / "wanbatch"
+    assert path.name.startswith(f"dataclass-methods.{sys.implementation.cache_tag}.")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert startup.method_cache_path() == home / ".cache" / "wanbatch" / path.name
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert startup.method_cache_path() == home / ".cache" / "wanbatch" / path.name
+    if os.geteuid() != 0:  # root writes anywhere
+        xdg.mkdir()
+        xdg.chmod(0o500)
+        home.chmod(0o500)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+        try:
+            assert startup.method_cache_path() is None
+        finally:
+            xdg.chmod(0o700)
+            home.chmod(0o700)
+    unwritable = tmp_path / "a-file"
+    unwritable.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(unwritable))  # a file: no folder can be made in it
+    monkeypatch.setenv("HOME", str(unwritable))
+    assert startup.method_cache_path() is None
+    cache = startup.MethodCache(None)
+    cache.code("z = 3\n")
+    cache.save()  # nowhere to write: nothing written, no error
+    assert unwritable.read_text() == ""
+
+
+def test_two_installs_never_share_the_method_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is keyed by the package's location and version: another install's (or a file
+    whose key does not match) is not read, and is replaced, not added to."""
+    from cli import startup
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    here = startup.install_key()
+    site = tmp_path / "site-packages"
+    (site / "wanbatch-1.2.3.dist-info").mkdir(parents=True)
+    other_version = startup.install_key(site)
+    (site / "wanbatch-1.2.3.dist-info").rename(site / "wanbatch-1.2.4.dist-info")
+    upgraded = startup.install_key(site)
+    elsewhere = startup.install_key(tmp_path / "elsewhere")
+    assert len({here, other_version, upgraded, elsewhere}) == 4
+    assert "1.2.3" in other_version
+    assert "1.2.4" in upgraded
+    paths = {startup.method_cache_path(key) for key in (here, other_version, upgraded, elsewhere)}
+    assert len(paths) == 4
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    path = tmp_path / "shared.marshal"  # two keys on one file: what a clash of names would do
+    theirs = startup.MethodCache(path, owner=other_version)
+    theirs.code("a = 1\n")
+    theirs.save()
+    ours = startup.MethodCache(path, owner=upgraded)
+    ours.code("a = 1\n")
+    assert ours.compiled == 1  # their code was not taken
+    ours.save()
+    again = startup.MethodCache(path, owner=upgraded)
+    again.code("a = 1\n")
+    assert again.compiled == 0  # ours is in the file now
+    before_them = startup.MethodCache(path, owner=other_version)
+    before_them.code("a = 1\n")
+    assert before_them.compiled == 1  # and theirs is gone, not merged into it
+
+
+def test_a_method_cache_file_others_can_write_is_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file holds code the command runs: one that others could have replaced is ignored."""
+    from cli.startup import MethodCache
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    path = tmp_path / "methods.marshal"
+    first = MethodCache(path)
+    first.code("c = 3\n")
+    first.save()
+    trusted = MethodCache(path)
+    trusted.code("c = 3\n")
+    assert trusted.compiled == 0
+    for mode in (0o620, 0o602):
+        path.chmod(mode)
+        shared = MethodCache(path)
+        shared.code("c = 3\n")
+        assert shared.compiled == 1, oct(mode)

@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -595,6 +596,21 @@ def test_dockerfile_builds_a_slim_non_root_image_of_this_package() -> None:
     for package in ("jobs", "worker", "migrations"):  # what pyproject's packages.find includes
         assert re.search(rf"\b{package}\b", copied), package
     assert "/outputs" in runs  # the output folder exists and belongs to the image's user
+
+
+def test_dockerfile_copies_every_file_the_build_reads() -> None:
+    """``pip install /tmp/src`` fails without a file pyproject.toml names (``license-files``, the
+    ``readme``), and .dockerignore must not keep one out of the build context."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    named = [project["readme"], *project["license-files"]]
+    assert "LICENSE" in named
+    copied = [arg.split() for op, arg in _instructions() if op == "COPY"]
+    sources = {src for arg in copied for src in arg[:-1]}
+    ignored = DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+    for name in named:
+        assert (ROOT / name).is_file(), name
+        assert name in sources or f"{name}*" in sources, name
+        assert name not in ignored, name
 
 
 def test_dockerignore_keeps_secrets_and_state_out_of_the_build() -> None:
