@@ -84,6 +84,18 @@ QUIET_TICKS = 5
 IDLE_TICK_FACTOR = 8
 
 
+#: How a broker lost its queued messages (:func:`_how_lost`): a new ``run_id``.
+RESTARTED = "it restarted"
+#: ... or a new marker under the same ``run_id`` (:func:`worker.tasks.redis_epoch`).
+FLUSHED = "flushed or evicted"
+
+
+def _how_lost(known: str, epoch: str) -> str:
+    """How the broker's incarnation ``known`` became ``epoch`` (``RUN_ID MARKER``, see
+    :attr:`worker.steps.context.Runtime.broker_epoch`): :data:`RESTARTED` or :data:`FLUSHED`."""
+    return RESTARTED if known.split(" ", 1)[0] != epoch.split(" ", 1)[0] else FLUSHED
+
+
 def idle_interval(interval: float, quiet: int) -> float:
     """The time until the next tick after ``quiet`` ticks in a row found nothing to do.
 
@@ -582,8 +594,8 @@ class Conductor:
 
     def _after_broker_restart(self) -> None:
         """When the broker came back as a new incarnation (a Redis restarted with nothing on
-        disk), hand the jobs whose messages it lost on again, at once, instead of after their
-        leases run out."""
+        disk, or flushed, or its keys evicted), hand the jobs whose messages it lost on again, at
+        once, instead of after their leases run out."""
         if self.rt.broker_epoch is None:
             return
         epoch = self.rt.broker_epoch()
@@ -593,13 +605,25 @@ class Conductor:
         known, self._broker_epoch = self._broker_epoch, epoch
         if known is None or known == epoch:
             return
-        submits, downloads = steps.hand_on_again(self.rt)
+        self._hand_on_lost(_how_lost(known, epoch))
+
+    def _hand_on_lost(self, how: str) -> None:
+        """The broker lost its queued messages (``how``: "it restarted", "flushed or evicted"):
+        hand the jobs handed to tasks not started yet on again, and say so once."""
+        submits, downloads = steps.hand_on_again(self.rt, how)
+        if how == RESTARTED:
+            what = "the broker restarted (its queued messages may be lost)"
+        else:
+            what = (
+                "the broker lost its queued messages (flushed or evicted; `wanbatch doctor` says "
+                "whether its maxmemory-policy evicts keys)"
+            )
         log.warning(
-            "the broker restarted (its queued messages may be lost): handed %d submit(s) and %d "
-            "download(s) on again",
+            "%s: handed %d submit(s) and %d download(s) on again",
+            what,
             submits,
             downloads,
-            extra={"event": "conductor.broker_restarted"},
+            extra={"event": "conductor.broker_restarted" if how == RESTARTED else "conductor.broker_flushed"},
         )
 
     def _watch(self, job_ids: set[str]) -> None:

@@ -41,6 +41,9 @@ each what is wrong and what to do about it:
   answers the limiter's own check script and takes its write (a read-only replica does not),
   as ``run`` and ``worker`` check at start-up
   (:func:`worker.limits.probe_limiter`); embedded without one, the limiter is in process.
+  A Redis (the limiter's, a Redis broker) whose ``maxmemory`` is set with a ``maxmemory-policy``
+  other than ``noeviction`` fails its check (:mod:`worker.redis_memory`): evicted, the limiter's
+  keys hold every submit back, and a broker's queued messages are lost.
 
 The doctor creates nothing: no database file or folder, no output folder, no probe left.
 A check is ``ok``, ``fail`` or ``skip`` (does not apply), with a ``detail`` and, unless ok, a
@@ -394,7 +397,26 @@ def check_broker(settings: Settings) -> Check:
     """With a broker: it answers, at least one ``wanbatch worker`` answers a ping, and the
     workers work on this database (their leader's heartbeat in it is fresh). Workers that
     answer but never beat here serve another database — two deployments sharing one Redis, a
-    typo in one host's URL — and a ``run`` here would wait forever."""
+    typo in one host's URL — and a ``run`` here would wait forever. A Redis broker that may
+    evict keys (:mod:`worker.redis_memory`) fails too, whatever the workers: a queued message
+    evicted is lost."""
+    verdict = _check_broker(settings)
+    url = settings.broker_url
+    if verdict.status == "skip" or not url or not url.startswith(("redis://", "rediss://")):
+        return verdict
+    from worker.redis_memory import BROKER_LOSES, FIX, eviction_at
+    from worker.redis_memory import problem as eviction_problem
+
+    evicts = eviction_problem(eviction_at(url), BROKER_LOSES)
+    if evicts is None:
+        return verdict
+    said = f"{verdict.detail}; {'but' if verdict.status == 'ok' else 'and'} its Redis {evicts}"
+    fix = FIX if verdict.status == "ok" else f"{verdict.fix}; {FIX}"
+    return replace(verdict, status="fail", detail=_said(said), fix=_said(fix))
+
+
+def _check_broker(settings: Settings) -> Check:
+    """:func:`check_broker` but for the broker's memory policy."""
     from jobs.db import safe_url as db_safe_url
     from jobs.errors import WanbatchError
     from worker.running import beating_here, check_broker, worker_nodes
@@ -977,9 +999,15 @@ def check_limiter(settings: Settings) -> Check:
         else:
             fix = f"start that Redis or fix {probed.setting}: `run` and `worker` refuse to start without it"
         return _fail(name, problem, fix)
-    from worker.limits import published_mismatch
+    from worker.limits import backend, published_mismatch
     from worker.peers import workers_mismatch
+    from worker.redis_memory import FIX, LIMITER_LOSES, eviction_at
+    from worker.redis_memory import problem as eviction_problem
 
+    found = backend(settings)
+    evicts = eviction_problem(eviction_at(found[1]), LIMITER_LOSES) if found else None
+    if evicts is not None:  # fine now, but under a tenant writing fast no submit would go out
+        return _fail(name, f"{probed.where} answers, but {evicts}", FIX)
     database = database_id(settings)
     # Said, not failed: a host that only watches (status, doctor) may differ on purpose.
     differ = published_mismatch(settings, database)

@@ -156,8 +156,9 @@ end
 #: answer is a wait (it always is then), so that every other process keeps to it too.
 #:
 #: Returns the wait (µs), Redis' clock (µs), the policy as ``HGETALL`` gives it when its stamp is
-#: not the one this process saw last (else empty), whether a policy is there (1) or not (0), and
-#: each key's TAT after the call (µs; 0 for a key that limits nothing), for the next call's fallback.
+#: not the one this process saw last (else empty), whether a policy is there (1) or not (0),
+#: each key's TAT after the call (µs; 0 for a key that limits nothing), for the next call's fallback,
+#: and how many keys this call found missing and restored (:class:`KeysLost` counts them).
 GCRA_LUA = (
     _LUA_STATE
     + """
@@ -194,11 +195,15 @@ local there = 0
 if present then there = 1 end
 local after = {}
 for i = 1, n do after[i] = tats[i] or 0 end
+local lost = 0
+for i = 1, n do
+  if restored[i] then lost = lost + 1 end
+end
 if wait > 0 then
   for i = 1, n do
     if restored[i] then store(KEYS[i], tats[i], holds[i]) end
   end
-  return {wait, now, seen, there, after}
+  return {wait, now, seen, there, after, lost}
 end
 for i = 1, n do
   if ivs[i] > 0 then
@@ -206,7 +211,7 @@ for i = 1, n do
     after[i] = tats[i] + ivs[i]
   end
 end
-return {0, now, seen, there, after}
+return {0, now, seen, there, after, lost}
 """
 )
 
@@ -980,6 +985,68 @@ class Outage:
         return "limiter unreachable: submits held"
 
 
+#: How many grants in a row must find a rate key this process saw gone (and restore it, one
+#: interval from now) before the limiter says that its keys are being evicted. One is a flush or
+#: a restart, the case ``restore`` is for: the grant writes the key back, and the next finds it.
+#: A second in a row means it went again within one interval, which two flushes can still do;
+#: three cannot be one loss, and at 2 submits a second is 1.5 s of held submits: soon enough.
+EVICTED_IN_A_ROW = 3
+#: While grants keep finding the keys gone, the warning is said again at most this often.
+EVICTED_WARN_EVERY_SECONDS = 60.0
+
+
+class KeysLost:
+    """Counts the grants in a row that found a rate key gone (a flush, a restart, an eviction)
+    and restored it (:data:`GCRA_LUA`'s last answer), and says, at most every
+    :data:`EVICTED_WARN_EVERY_SECONDS`, when :data:`EVICTED_IN_A_ROW` did: the keys are being
+    evicted (a ``maxmemory-policy`` that evicts, a tenant writing fast), and every submit waits.
+    It says so only: the grants stay what they are (a key found gone never allows a burst)."""
+
+    def __init__(
+        self, where: str, client: redis.Redis[bytes], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.where = where
+        self.client = client
+        #: Monotonic seconds (replaced in tests).
+        self.clock = clock
+        self.in_a_row = 0
+        self._said_at: float | None = None
+        self._lock = threading.Lock()
+
+    def found(self, lost: int) -> None:
+        """A grant's answer: ``lost`` keys it found gone and restored (0: every key there)."""
+        with self._lock:
+            if lost <= 0:
+                self.in_a_row = 0
+                return
+            self.in_a_row += 1
+            now = self.clock()
+            due = self.in_a_row >= EVICTED_IN_A_ROW and (
+                self._said_at is None or now - self._said_at >= EVICTED_WARN_EVERY_SECONDS
+            )
+            if due:
+                self._said_at = now
+            in_a_row = self.in_a_row
+        if due:
+            self._say(in_a_row)
+
+    def _say(self, in_a_row: int) -> None:
+        from worker.redis_memory import FIX, read_eviction
+
+        eviction = read_eviction(self.client)
+        policy = f" ({eviction.words()})" if eviction is not None and eviction.evicts else ""
+        log.warning(
+            "the submit-rate limiter's Redis at %s lost its rate keys %d times in a row: its keys "
+            "are being evicted%s, or deleted; each submit then waits one interval from its ask, and "
+            "sending stalls. Fix: %s (or give that Redis memory to spare)",
+            self.where,
+            in_a_row,
+            policy,
+            FIX,
+            extra={"event": "limiter.keys_evicted"},
+        )
+
+
 class RedisGCRA:
     """GCRA over Redis, clocked by Redis ``TIME``: one limit for every worker on every host.
 
@@ -1037,6 +1104,8 @@ class RedisGCRA:
         self._tats: dict[str, int] = {}
         #: The database leader's record seen last (:func:`leader_key`), by :meth:`watch_policy`.
         self.leader: Leader | None = None
+        #: Counts the grants that found a rate key gone, and says when they keep doing so.
+        self.evictions = KeysLost(where, client)
 
     @classmethod
     def from_url(
@@ -1125,7 +1194,7 @@ class RedisGCRA:
             seen_at, seen_fields = self._seen_at, self._seen_fields
             tats = self._last_tats(names)
         try:
-            wait_us, now_us, raw, there, after = self._script(
+            wait_us, now_us, raw, there, after, lost = self._script(
                 keys=[*names, self.policy],
                 args=[
                     *(round(k.interval * 1_000_000) for k in keys),
@@ -1139,6 +1208,7 @@ class RedisGCRA:
         except client_error() as exc:
             raise self._unreachable(exc) from exc
         self._saw_tats(zip(names, (int(tat) for tat in after), strict=True))
+        self.evictions.found(int(lost))
         if raw:
             self._heard(raw, int(now_us))
         self._answered(policy_there=bool(there))

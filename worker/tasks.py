@@ -84,23 +84,48 @@ def task_runtime(app: Celery, settings: Settings, *, batch_ids: frozenset[str] |
     return rt
 
 
+#: The marker of the broker's incarnation in a Redis broker's database: a random id, set when
+#: missing (``SET NX``: of several workers setting it at once, one wins, and every one reads its
+#: id), never expiring. A ``FLUSHALL``/``FLUSHDB``, or an eviction under a ``maxmemory-policy``
+#: that evicts keys, takes it with the queued messages while the server's ``run_id`` stays.
+BROKER_EPOCH_KEY = "wanbatch:broker-epoch"
+
+
 def redis_epoch(url: str | None) -> Callable[[], str | None] | None:
-    """For a Redis broker, a function giving its incarnation: the server's ``run_id``, a new
-    random id at every start (https://redis.io/docs/latest/commands/info/), or None while it
-    cannot be asked. None for any other broker (RabbitMQ keeps durable queues across restarts)."""
+    """For a Redis broker, a function giving its incarnation, ``RUN_ID MARKER``: the server's
+    ``run_id``, a new random id at every start (https://redis.io/docs/latest/commands/info/), and
+    the marker :data:`BROKER_EPOCH_KEY` of the broker's database, set anew when it is missing (a
+    flush, an eviction: the queues went with it). None while it cannot be told: Redis down, or
+    the marker missing and Redis refusing to write a new one (``maxmemory`` reached): unknown,
+    not a new incarnation made of a marker nobody stored. None for any other broker (RabbitMQ
+    keeps durable queues across restarts). The conductor tells a restart (a new
+    ``run_id``) from a flush or an eviction (the marker alone new)."""
     if not url or not url.startswith(("redis://", "rediss://")):
         return None
+    import uuid
+
     import redis
 
     client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
 
     def epoch() -> str | None:
         try:
+            # The marker, then the run_id: a restart between the two reads is still read as a
+            # restart (a new run_id), and the next tick's missing marker as one more loss (a
+            # second hand-on: harmless). No MULTI: Redis refuses EXEC when out of memory, and a
+            # Redis that refuses writes must still read as before.
+            marker = client.get(BROKER_EPOCH_KEY)
             info = client.info("server")
+            if marker is None:
+                # Only when missing: a Redis that refuses writes (out of memory) reads as before.
+                client.set(BROKER_EPOCH_KEY, uuid.uuid4().hex, nx=True)
+                marker = client.get(BROKER_EPOCH_KEY)  # this one's, or the one another set first
         except redis.RedisError:
             return None
         run_id = info.get("run_id")
-        return str(run_id) if run_id else None
+        if not run_id or marker is None:
+            return None
+        return f"{run_id} {marker.decode(errors='replace')}"
 
     return epoch
 

@@ -275,7 +275,13 @@ from jobs.store.repeats import RerunRepeat as RerunRepeat
 from jobs.store.repeats import rerun_repeats as rerun_repeats
 from jobs.store.repeats import rerun_repeats_of_batches as rerun_repeats_of_batches
 from jobs.store.repeats import sent_repeat
-from jobs.store.submitting import adopt_request, mark_submitted, mark_submitting, note_held_request
+from jobs.store.submitting import (
+    adopt_request,
+    mark_submitted,
+    mark_submitting,
+    note_handed_on,
+    note_held_request,
+)
 from jobs.store.transitions import UNSENT_STATES as UNSENT_STATES
 from jobs.store.transitions import (
     Fence,
@@ -439,6 +445,7 @@ __all__ = [
     "mark_succeeded",
     "name_for_batch",
     "note_duplicate_charge",
+    "note_handed_on",
     "note_held_request",
     "note_own_request",
     "note_window_duplicate",

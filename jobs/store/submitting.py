@@ -3,16 +3,18 @@ from elsewhere, and a request another job holds noted."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, literal, null, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from jobs.models import JobEvent, utcnow
 from jobs.states import JobState
 from jobs.store.core import _JOBS, _refresh_loaded, _run
-from jobs.store.transitions import _INSERT_EVENT, _UNLEASED, Fence, _move
+from jobs.store.transitions import _EVENTS, _INSERT_EVENT, _UNLEASED, Fence, _move
 
 
 def mark_submitting(
@@ -144,3 +146,37 @@ def note_held_request(
     event.update(version=row.version, reason=reason, details=None, worker=worker)
     _run(session, _INSERT_EVENT, event)
     return True
+
+
+#: How many jobs one statement of :func:`note_handed_on` names (SQLite's bound parameters).
+_NOTE_CHUNK = 1000
+
+
+def note_handed_on(
+    session: Session, job_ids: Collection[str], *, reason: str, queue_owner: str, worker: str | None
+) -> int:
+    """Put ``reason`` on the history of each of ``job_ids`` still handed to a task not started
+    yet (as :func:`jobs.store.handed_off` found it: ``submitting`` with no recorded input, or
+    ``downloading`` under ``queue_owner``): an event that moves nothing, at its state and
+    version (the broker lost the job's message, and it was sent again). Set-based: one
+    statement per :data:`_NOTE_CHUNK` jobs. Returns how many were noted."""
+    ids = sorted(job_ids)
+    waiting = ((_JOBS.c.state == JobState.SUBMITTING) & _JOBS.c.submitted_input.is_(None)) | (
+        (_JOBS.c.state == JobState.DOWNLOADING) & (_JOBS.c.lease_owner == queue_owner)
+    )
+    columns = ("job_id", "at", "from_state", "to_state", "version", "reason", "details", "worker")
+    noted = 0
+    for start in range(0, len(ids), _NOTE_CHUNK):
+        rows = select(
+            _JOBS.c.id,
+            literal(utcnow(), _EVENTS.c.at.type),
+            _JOBS.c.state,
+            _JOBS.c.state,
+            _JOBS.c.version,
+            literal(reason, _EVENTS.c.reason.type),
+            null(),
+            literal(worker, _EVENTS.c.worker.type),
+        ).where(_JOBS.c.id.in_(ids[start : start + _NOTE_CHUNK]), waiting)
+        done = session.execute(insert(_EVENTS).from_select([_EVENTS.c[c] for c in columns], rows))
+        noted += max(0, cast("CursorResult[Any]", done).rowcount or 0)
+    return noted

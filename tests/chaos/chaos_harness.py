@@ -55,12 +55,14 @@ def _wait(predicate: object, timeout: float, what: str) -> None:
 
 
 class RedisServer:
-    """A private ``redis-server``; ``appendonly`` keeps data across restarts, the default does not."""
+    """A private ``redis-server``; ``appendonly`` keeps data across restarts, the default does not.
+    ``args``: more of its settings (``--maxmemory 2mb``, ``--rename-command CONFIG ""``)."""
 
-    def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
+    def __init__(self, workdir: Path, *, appendonly: bool = False, args: tuple[str, ...] = ()) -> None:
         self.port = unused_port()
         self.dir = workdir
         self.appendonly = appendonly
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
@@ -72,7 +74,7 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         args += ["--save", "", "--appendonly", "yes" if self.appendonly else "no"]
-        args += ["--maxmemory-policy", "noeviction"]
+        args += ["--maxmemory-policy", "noeviction", *self.args]
         log = (self.dir / "redis.log").open("ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.port, socket_connect_timeout=1)

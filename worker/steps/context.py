@@ -272,9 +272,11 @@ class Runtime:
     #: it take back a dead simulated run's at once (its simulator is gone with it), and the
     #: progress line says what it still waits for. None elsewhere.
     dead_leases: LeaseReclaimer | None = None
-    #: Which incarnation of the message broker this is (Redis's ``run_id``), or None when it
-    #: cannot be told (unreachable, another broker, embedded). A new one lost the queued messages:
-    #: the tick leader hands the waiting jobs on again (:func:`worker.steps.reconcile.hand_on_again`).
+    #: Which incarnation of the message broker this is, or None when it cannot be told
+    #: (unreachable, another broker, embedded): for Redis ``RUN_ID MARKER``, its ``run_id`` and
+    #: the marker key of its database (:func:`worker.tasks.redis_epoch`). A new one lost the queued
+    #: messages (a restart: a new ``run_id``; a flush or an eviction: a new marker alone): the tick
+    #: leader hands the waiting jobs on again (:func:`worker.steps.reconcile.hand_on_again`).
     broker_epoch: Callable[[], str | None] | None = None
     #: Whether the last dispatch round sent fewer jobs than fal had room for because the
     #: download backlog (``WANBATCH_MAX_DOWNLOAD_BACKLOG``) was full: then a finished download

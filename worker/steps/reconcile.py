@@ -7,6 +7,7 @@ import logging
 from functools import partial
 from typing import NamedTuple
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from jobs import db, store
@@ -326,13 +327,17 @@ def _cancel_failed(rt: Runtime, fence: Fence, handle: RequestHandle, exc: Provid
     )
 
 
-def hand_on_again(rt: Runtime) -> tuple[int, int]:
+def hand_on_again(rt: Runtime, how: str) -> tuple[int, int]:
     """Send the messages of every job handed to a task not started yet once more: the broker
-    restarted, and a Redis that keeps nothing on disk lost its queues (``(submits, downloads)``).
+    lost its queued messages (``how``: it restarted, and a Redis that keeps nothing on disk lost
+    its queues; or it was flushed, or its keys evicted). Each such job's history says "message
+    lost by the broker (HOW): handed on again". Returns ``(submits, downloads)``.
 
     Without this those jobs waited for their leases to run out (``WANBATCH_LEASE_SECONDS``, two
     minutes by default) before the tick noticed. A copy is harmless: each step takes the job's
-    lease fenced by its version, so of two messages for a job exactly one does the work.
+    lease fenced by its version, so of two messages for a job exactly one does the work (a
+    submit's copy finds the job sent, ``skipped``, or its send recorded by the other copy first,
+    ``lost-lease``: never a second POST).
     """
     with db.read_scope(rt.engine) as session:
         reach = rt.reach(session)
@@ -342,6 +347,21 @@ def hand_on_again(rt: Runtime) -> tuple[int, int]:
             now=utcnow(),
             batch_ids=reach.batch_ids,
             exclude_batch_ids=reach.exclude_batch_ids,
+        )
+    try:  # before the copies go: a task that ran one first would have moved its job on
+        with db.session_scope(rt.engine) as session:
+            store.note_handed_on(
+                session,
+                [*submits, *downloads],
+                reason=f"message lost by the broker ({how}): handed on again",
+                queue_owner=DOWNLOAD_QUEUE,
+                worker=rt.owner,
+            )
+    except SQLAlchemyError as exc:  # a note is no reason to keep the jobs waiting for their leases
+        log.info(
+            "could not put the lost messages on the jobs' history (%s); handing them on again all the same",
+            one_line(str(exc)),
+            extra={"event": "conductor.hand_on_unnoted"},
         )
     for job_id in submits:
         rt.enqueue_submit(job_id)
