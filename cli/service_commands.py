@@ -32,6 +32,12 @@ POOLS = ("threads", "prefork", "processes", "solo")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
 
 
+#: Set in the environment of a ``wanbatch worker`` that started itself afresh (``os.execv``)
+#: after Celery stopped its worker on its own: the start-up then waits for the limiter's Redis and
+#: the broker, an outage under way, instead of ending with exit 2 (see :func:`worker`).
+RESTARTED_ENV = "_WANBATCH_WORKER_RESTARTED"
+
+
 class _Count(click.IntRange):
     """A bounded whole number: ``-c x`` is "not a valid integer", not "not a valid integer range"
     (which read as if a range such as ``1..4`` were wanted)."""
@@ -144,13 +150,29 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
                 "(use `wanbatch run MANIFEST` to process in this process)"
             )
         settings.require_fal_key()
-        from worker.limits import check_limiter, in_pool_child, published_mismatch, say_mismatch
+        from worker.limits import (
+            check_limiter,
+            in_pool_child,
+            published_mismatch,
+            say_mismatch,
+            wait_for_limiter,
+        )
         from worker.steps.webhooks import database_fingerprint, webhook_secret
 
-        check_limiter(settings)  # its Redis unreachable: one line, exit 2, before anything starts
+        if os.environ.pop(RESTARTED_ENV, None) == "1":
+            # Started afresh after Celery stopped on its own (the broker lost, out of memory): an
+            # outage under way, which it waits out (a warning every 30 s), never exit 2; and
+            # for a broker that takes writes, or Celery's start would stop again at once.
+            from worker.broker_outage import wait_until_writable
+
+            wait_for_limiter(settings)
+            wait_until_writable(settings.broker_url)
+        else:
+            check_limiter(settings)  # its Redis unreachable: one line, exit 2, before anything starts
         from worker.redis_memory import warn_at_start
 
         warn_at_start(settings)  # a Redis that may evict keys: one warning line each, and on
+        # every start
         engine = db.open_engine(settings)  # migrate before any worker process starts
         # Never silently: the leader's limits apply, and its FAL_KEY is the account the others
         # use. Said again if a leader publishes later (or another takes over).
@@ -244,6 +266,7 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
             # nobody asked it to stop. A worker must outlive a broker restart: start afresh.
             logging.getLogger(__name__).error("the Celery worker stopped on its own; restarting it")
             time.sleep(1.0)
+            os.environ[RESTARTED_ENV] = "1"  # the new start waits for the broker and the limiter
             os.execv(  # noqa: S606 - re-exec ourselves with the same arguments
                 sys.executable, [sys.executable, "-c", "from cli import main; main()", *sys.argv[1:]]
             )
@@ -261,7 +284,10 @@ class _StartFailure(logging.Filter):
     was ever ready (a pool that cannot be built, a value Celery refuses) fails the very same way
     at every restart: it printed a traceback and "restarting it" every few seconds, forever. A
     broker that is down at start-up is not such a failure: Celery waits for it
-    (``broker_connection_retry_on_startup``).
+    (``broker_connection_retry_on_startup``). Nor is a Redis broker that refuses writes (out of
+    memory, a read-only replica: :func:`worker.broker_outage.broker_problem`), whose error ends
+    Celery's start: the worker starts afresh, and waits for it to take writes
+    (:func:`worker.broker_outage.wait_until_writable`).
     """
 
     def __init__(self) -> None:
@@ -276,8 +302,12 @@ class _StartFailure(logging.Filter):
         if self.ready or record.levelno < logging.CRITICAL or not record.exc_info:
             return True
         exc = record.exc_info[1]
-        if exc is None or isinstance(exc, self.transient):
-            return True  # the broker's: logged as before, and the worker starts afresh
+        from worker.broker_outage import broker_problem
+
+        if exc is None or isinstance(exc, self.transient) or broker_problem(exc) is not None:
+            # The broker's (unreachable, or a Redis that refuses writes: out of memory, a
+            # read-only replica): an outage, and the worker starts afresh once it is over
+            return True
         self.reason = f"{type(exc).__name__}: {exc}"
         return False  # said once, in the one line that ends the command
 

@@ -8,6 +8,11 @@ fails. That is no bug: a job claimed but not handed on comes back when its lease
 the limiter says its Redis is down (:class:`worker.limits.Outage`): one warning line without a
 traceback, again at most every :data:`WARN_EVERY_SECONDS` while it lasts, and the loop goes on
 after a pause.
+
+A Redis that answers but refuses writes — out of memory (``maxmemory`` reached under the
+``noeviction`` policy) or a read-only replica — is the same outage (:func:`broker_refusal`):
+nothing can be handed on, acknowledged or restored until it takes writes again. Its words say
+so ("refuses writes (out of memory)"), not that it cannot be reached.
 """
 
 from __future__ import annotations
@@ -46,22 +51,94 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def broker_problem(exc: BaseException) -> str | None:
-    """What the broker's client said, on one line (``OperationalError: Error 111 connecting to
-    127.0.0.1:6379. Connection refused.``), when ``exc`` or an error it was raised from is a
-    broker connection error; None for anything else."""
-    errors = _connection_errors()
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors it was raised from (``__cause__``, else ``__context__``), in order."""
+    found: list[BaseException] = []
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, errors):
-            lines = str(cause).strip().splitlines()
-            said = lines[0].strip() if lines else ""
-            name = type(cause).__name__
-            return f"{name}: {said}" if said else name
+        found.append(cause)
         cause = cause.__cause__ or cause.__context__
+    return found
+
+
+def _first_line(exc: BaseException) -> str:
+    """``OperationalError: Error 111 connecting to …``: the error's name and first line."""
+    lines = str(exc).strip().splitlines()
+    said = lines[0].strip() if lines else ""
+    name = type(exc).__name__
+    return f"{name}: {said}" if said else name
+
+
+#: What Redis answers a write with when it is out of memory and evicts nothing
+#: (``maxmemory-policy noeviction``), and when it is a read-only replica: matched in the text
+#: too, for an error a library re-raised as another type with the words alone.
+_OUT_OF_MEMORY_WORDS = "command not allowed when used memory > 'maxmemory'"
+_READ_ONLY_WORDS = ("READONLY", "You can't write against a read only replica")
+
+
+def _refusal_by_type(exc: BaseException) -> str | None:
+    try:
+        import redis.exceptions
+    except ImportError:  # pragma: no cover - redis is a dependency
+        return None
+    out_of_memory = getattr(redis.exceptions, "OutOfMemoryError", ())  # not in every stub of redis
+    if isinstance(exc, out_of_memory):
+        return "out of memory"
+    if isinstance(exc, redis.exceptions.ReadOnlyError):
+        return "read-only replica"
     return None
+
+
+def _refusal_by_words(exc: BaseException) -> str | None:
+    text = str(exc)
+    if _OUT_OF_MEMORY_WORDS in text:
+        return "out of memory"
+    if any(words in text for words in _READ_ONLY_WORDS):
+        return "read-only replica"
+    return None
+
+
+def _refused_by(exc: BaseException) -> tuple[BaseException, str] | None:
+    """The error of ``exc``'s chain that says Redis refused the write (its own type first, then
+    the words of one that carries them), and the refusal; None when none does."""
+    chain = _chain(exc)
+    for told in (_refusal_by_type, _refusal_by_words):
+        for cause in chain:
+            refusal = told(cause)
+            if refusal is not None:
+                return cause, refusal
+    return None
+
+
+def broker_refusal(exc: BaseException) -> str | None:
+    """``"out of memory"`` or ``"read-only replica"`` when ``exc`` or an error it was raised
+    from is Redis refusing a write (``OutOfMemoryError``, ``ReadOnlyError``, or their words in
+    an error that re-raised them: it answers, but takes no write); None for anything else."""
+    found = _refused_by(exc)
+    return found[1] if found is not None else None
+
+
+def broker_problem(exc: BaseException) -> str | None:
+    """What the broker's client said, on one line (``OperationalError: Error 111 connecting to
+    127.0.0.1:6379. Connection refused.``), when ``exc`` or an error it was raised from is a
+    broker connection error, or Redis refusing writes (:func:`broker_refusal`: its own error
+    is named, ``OutOfMemoryError: command not allowed when used memory > 'maxmemory'.``); None
+    for anything else."""
+    refused = _refused_by(exc)
+    if refused is not None:  # the refusal's own words, not those of what wrapped it
+        return _first_line(refused[0])
+    errors = _connection_errors()
+    for cause in _chain(exc):
+        if isinstance(cause, errors):
+            return _first_line(cause)
+    return None
+
+
+def outage_words(refusal: str | None) -> str:
+    """``cannot be reached``, or ``refuses writes (out of memory)``: what is wrong with the broker."""
+    return f"refuses writes ({refusal})" if refusal else "cannot be reached"
 
 
 class BrokerOutage:
@@ -81,22 +158,96 @@ class BrokerOutage:
         # on): the next failure is said once ``every`` has passed since the last warning.
         self._log = OutageLog(every, clock, new_outage_said_at_once=False)
 
-    def failed(self, problem: str) -> None:
+    def failed(self, problem: str, refusal: str | None = None) -> None:
+        """A round failed for the broker: ``problem`` is what its client said; ``refusal``
+        (:func:`broker_refusal`) when it answered but refused the write."""
         said = self._log.failed()
         if said.due:
             log.warning(
-                "the broker at %s cannot be reached%s (%s): the conductor pauses and goes on; a job "
-                "it could not hand to the workers is taken up again when its lease runs out",
+                "the broker at %s %s%s (%s): the conductor pauses and goes on; a job it could not "
+                "hand to the workers is taken up again when its lease runs out",
                 self.where,
+                outage_words(refusal),
                 said.for_how_long,
                 problem,
-                extra={"event": "conductor.broker_unavailable"},
+                extra={"event": "conductor.broker_unavailable", **({"refusal": refusal} if refusal else {})},
             )
         else:
             log.debug(
-                "the broker is still unreachable (%s)", problem, extra={"event": "conductor.broker_down"}
+                "the broker still %s (%s)",
+                "refuses writes" if refusal else "is unreachable",
+                problem,
+                extra={"event": "conductor.broker_down"},
             )
 
     def answered(self) -> None:
         """A round went through without a broker error: an outage under way is over."""
         self._log.answered()
+
+
+#: The key a worker started afresh writes to learn that its Redis broker takes writes again
+#: (:func:`write_problem`): wanbatch's own, gone after a second.
+WRITE_CHECK_KEY = "wanbatch:broker-write-check"
+#: While a worker started afresh waits for its broker to take writes, how often it tries.
+WRITE_CHECK_EVERY_SECONDS = 2.0
+
+
+def write_problem(url: str) -> tuple[str, str | None] | None:
+    """One write to the Redis broker at ``url`` (:data:`WRITE_CHECK_KEY`, expiring after a
+    second): None when it took it; else what its client said (one line) and the refusal
+    (:func:`broker_refusal`; None: it did not answer at all)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    try:
+        client.set(WRITE_CHECK_KEY, b"1", px=1000)
+    except redis.RedisError as exc:
+        return broker_problem(exc) or _first_line(exc), broker_refusal(exc)
+    finally:
+        client.close()
+    return None
+
+
+def wait_until_writable(
+    url: str | None,
+    *,
+    pause: float = WRITE_CHECK_EVERY_SECONDS,
+    every: float = WARN_EVERY_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Return once the Redis broker at ``url`` takes a write (at once when it does, or when it
+    is no Redis broker): for a ``wanbatch worker`` started afresh after Celery stopped it on its
+    own, whose Celery would otherwise stop again at once (its start writes to the broker), and
+    be started afresh again, a traceback each time. Meanwhile one warning line, again at most
+    every ``every`` seconds, and one when it takes writes again. Ends only with the process
+    (SIGTERM stops it as before Celery started)."""
+    if not url or not url.startswith(("redis://", "rediss://")):
+        return
+    found = write_problem(url)
+    if found is None:
+        return
+    where = masked_url(url)
+    outage = OutageLog(every, clock)
+    while found is not None:
+        problem, refusal = found
+        said = outage.failed()
+        if said.due:
+            log.warning(
+                "the broker at %s %s%s (%s): this worker, started afresh, waits for it to take "
+                "writes before it starts (jobs wait, none fails)",
+                where,
+                outage_words(refusal),
+                said.for_how_long,
+                problem,
+                extra={"event": "worker.broker_wait", **({"refusal": refusal} if refusal else {})},
+            )
+        sleep(pause)
+        found = write_problem(url)
+    lasted = outage.answered()
+    log.warning(
+        "the broker at %s takes writes again after %.0fs: the worker starts",
+        where,
+        lasted or 0.0,
+        extra={"event": "worker.broker_back"},
+    )

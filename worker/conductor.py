@@ -37,7 +37,7 @@ from jobs.listing import PROCESSING_STALE_SECONDS
 from jobs.models import EVERY_BATCH, JobView, utcnow
 from jobs.processes import process_prefix
 from worker import steps
-from worker.broker_outage import BrokerOutage, broker_problem
+from worker.broker_outage import BrokerOutage, broker_problem, broker_refusal
 from worker.db_outage import DatabaseOutage, database_problem
 from worker.fal.models import RequestHandle, Status
 from worker.limits import publish_limits, republish_through, resign_limits, unpublish_limits, watch_limits
@@ -173,6 +173,13 @@ class Conductor:
         #: Since when (wall clock) the broker could not be reached, as the heartbeat rows say
         #: (``status`` names the broker); None: it answers (:meth:`_broker_down`).
         self._broker_down_since: datetime | None = None
+        #: The last broker failure was Redis refusing the write (out of memory, a read-only
+        #: replica): it still answers ``INFO``, so only a hand-off that goes through ends that
+        #: outage (:meth:`_handing_off`, then :meth:`_writes_again`).
+        self._broker_refusing = False
+        self._broker_took_write = False
+        rt.enqueue_submit = self._handing_off(rt.enqueue_submit)
+        rt.enqueue_download = self._handing_off(rt.enqueue_download)
 
     # ------------------------------------------------------------------ events (any thread)
 
@@ -328,7 +335,9 @@ class Conductor:
                     raise
                 problem = broker_problem(exc)
                 if problem is not None:  # the broker is down: an outage, as the database's, no bug
-                    self._broker_outage.failed(problem)
+                    refusal = broker_refusal(exc)
+                    self._broker_outage.failed(problem, refusal)
+                    self._broker_refusing, self._broker_took_write = refusal is not None, False
                     self._broker_down(True)
                     stopping.wait(min(1.0, self.rt.settings.tick_interval))
                     continue
@@ -403,8 +412,10 @@ class Conductor:
                     watch_limits(self.rt.limiter)
                 self._outage.answered()  # the tick (or the leader lock's check) reached the database
                 self._broker_outage.answered()
-                if leading and self.rt.broker_epoch is None:  # nothing asks the broker: a tick
-                    self._broker_down(False)  # without a hand-off error is all there is to go by
+                self._writes_again()
+                if leading and self.rt.broker_epoch is None and not self._broker_refusing:
+                    # Nothing asks the broker: a tick without a hand-off error is all there is to go by.
+                    self._broker_down(False)
                 next_tick = now + (idle_interval(interval, quiet) if leading else interval)
             elif self._limits_due or (leading and self._next_beat and now >= self._next_beat):
                 # Between ticks too: an idle tick comes only every 8 × WANBATCH_TICK_INTERVAL, and
@@ -456,6 +467,7 @@ class Conductor:
                 sent = steps.dispatch(self.rt) if dispatching else []
             if submitted:
                 self._watch(submitted)
+            self._writes_again()
             if dispatching:
                 self.stats.dispatched += len(sent)
                 if quiet and self.rt.budget_cancelled > self._budget_cancelled_seen:
@@ -601,7 +613,8 @@ class Conductor:
         epoch = self.rt.broker_epoch()
         if epoch is None:  # down, or cannot tell: look again at the next tick
             return
-        self._broker_down(False)  # it answered: an outage the heartbeat records is over
+        if not self._broker_refusing:  # a Redis refusing writes answers INFO: see _handed_off
+            self._broker_down(False)  # it answered: an outage the heartbeat records is over
         known, self._broker_epoch = self._broker_epoch, epoch
         if known is None or known == epoch:
             return
@@ -726,6 +739,26 @@ class Conductor:
                 shared_pacing.note_peers(session, self.rt)
             if not self.rt.batch_ids:  # the workers' leader: its limits hold for every worker
                 publish_limits(self.rt.limiter, process_prefix())
+
+    def _handing_off(self, send: Callable[[str], None]) -> Callable[[str], None]:
+        """``send`` (a hand-off to the broker), noting that the broker took a write while it
+        was said to refuse them; the loop then ends that outage (:meth:`_writes_again`), not
+        the hand-off itself, which may run inside a transaction, or on a task's thread."""
+
+        def handed_off(job_id: str) -> None:
+            send(job_id)
+            if self._broker_refusing:  # the usual case costs one attribute read
+                self._broker_took_write = True
+
+        return handed_off
+
+    def _writes_again(self) -> None:
+        """After a tick or a round: a hand-off went through since the broker refused writes (out
+        of memory, a read-only replica), so it takes them again and that outage is over."""
+        if not self._broker_took_write:
+            return
+        self._broker_took_write = self._broker_refusing = False
+        self._broker_down(False)
 
     def _broker_down(self, down: bool) -> None:
         """The broker could not be reached (``down``), or answered: when that changes, say so on

@@ -910,6 +910,42 @@ def check_limiter(settings: Settings) -> None:
     raise ConfigError(f"{problem}. {remedy[0].upper()}{remedy[1:]}; nothing was sent")
 
 
+#: While a worker started afresh waits for the limiter's Redis (:func:`wait_for_limiter`), how
+#: often it asks again.
+RESTART_CHECK_EVERY_SECONDS = 2.0
+
+
+def wait_for_limiter(
+    settings: Settings,
+    *,
+    pause: float = RESTART_CHECK_EVERY_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """:func:`check_limiter` for a ``wanbatch worker`` started afresh after Celery stopped it on
+    its own (a broker connection lost, a Redis out of memory): its limiter's Redis unreachable
+    or refusing the limiter's script is then an outage under way, not a mistake in the
+    configuration that was checked when it first started. So it waits, as a running worker
+    waits for its limiter (:class:`Outage`: one warning line, again every
+    :data:`UNREACHABLE_WARN_EVERY_SECONDS`, and one when it answers), instead of ending with
+    exit 2 and leaving the deployment with one worker fewer. Returns at once when it answers."""
+    probed = probe_limiter(settings)
+    if probed is None or probed.error is None:
+        return
+    log.warning(
+        "this worker, started afresh, waits for the submit-rate limiter's Redis at %s before it "
+        "starts again (no task runs meanwhile)",
+        probed.where,
+        extra={"event": "worker.limiter_wait"},
+    )
+    outage = Outage(probed.where, clock=clock)
+    while probed is not None and probed.error is not None:
+        outage.failed(probed.error, refused=probed.refused)
+        sleep(pause)
+        probed = probe_limiter(settings)
+    outage.answered()
+
+
 class Outage:
     """Whether the limiter's Redis answers, and saying so within bounds.
 

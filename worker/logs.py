@@ -43,9 +43,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.printable import printable
+
+if TYPE_CHECKING:
+    from worker.outage_log import OutageLog
 
 #: The text format (the CLI's since its first version).
 TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -304,10 +307,13 @@ def celery_logs_through_ours() -> None:
     (https://docs.celeryq.dev/en/stable/userguide/signals.html#logging-signals): their receivers
     drop those handlers and let the loggers propagate. The levels Celery set stay.
 
-    Two of Celery's lines are made quieter too: a prefork child killed mid-task is one warning
-    line instead of an error with two tracebacks (:class:`_PoolChildLost`), and the notice it
-    writes at every broker connection loss about a setting wanbatch sets is dropped
-    (:func:`_quiet_cancel_on_connection_loss_notice`)."""
+    Some of Celery's and kombu's lines are made quieter too: a prefork child killed mid-task is
+    one warning line instead of an error with two tracebacks (:class:`_PoolChildLost`), an
+    acknowledgement the broker did not take too (:class:`_UnacknowledgedForBroker`), Celery's
+    worker stopping for the broker as well (:class:`StoppedForTheBroker`), a timer of
+    kombu's that failed for the broker one warning line at most every 30 s
+    (:class:`BrokerTimerErrors`), and the notice it writes at every broker connection loss about
+    a setting wanbatch sets is dropped (:func:`_quiet_cancel_on_connection_loss_notice`)."""
     from celery.signals import after_setup_logger, after_setup_task_logger
 
     after_setup_logger.connect(_own_handlers_only, weak=False)  # once: the same receiver
@@ -316,6 +322,13 @@ def celery_logs_through_ours() -> None:
     if not any(isinstance(f, _PoolChildLost) for f in request_log.filters):
         request_log.addFilter(_PoolChildLost())
         request_log.addFilter(_UnacknowledgedForBroker())
+    worker_log = logging.getLogger("celery.worker")
+    if not any(isinstance(f, StoppedForTheBroker) for f in worker_log.filters):
+        worker_log.addFilter(StoppedForTheBroker())
+    for name in KOMBU_TIMER_LOGGERS:
+        timer_log = logging.getLogger(name)
+        if not any(isinstance(f, BrokerTimerErrors) for f in timer_log.filters):
+            timer_log.addFilter(BrokerTimerErrors())
     _quiet_cancel_on_connection_loss_notice()
 
 
@@ -392,6 +405,130 @@ class _UnacknowledgedForBroker(logging.Filter):
         what = "acknowledgement" if record.msg.startswith("Couldn't ack") else "rejection"
         message = args[0] if args else "?"
         _one_warning_line(record, UNACKNOWLEDGED, (what, message, problem), "worker.ack_lost")
+        return True
+
+
+def _record_error(record: logging.LogRecord) -> BaseException | None:
+    """The exception a record is about: its traceback's, else the first among its arguments."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None and isinstance(record.args, tuple):
+        exc = next((a for a in record.args if isinstance(a, BaseException)), None)
+    return exc
+
+
+#: The loggers of kombu that log a periodic broker call of a worker that failed, with its
+#: traceback: its event loop's and timer's (``Error in timer: …``), and its Redis transport's
+#: (``maybe_refresh_binding_expiry: Redis error, will retry``).
+KOMBU_TIMER_LOGGERS = ("kombu.asynchronous.hub", "kombu.asynchronous.timer", "kombu.transport.redis")
+#: What a periodic broker call of kombu's that failed for the broker is said as (at most every
+#: :data:`TIMER_ERROR_EVERY_SECONDS` per call), instead of kombu's line and its traceback.
+BROKER_TIMER_FAILED = "a periodic broker call of kombu (%s) failed: the broker %s (%s); it is tried again%s"
+#: The shortest time between two such lines of a process, for one kind of call.
+TIMER_ERROR_EVERY_SECONDS = 30.0
+
+
+def _periodic_call(record: logging.LogRecord) -> str | None:
+    """Which periodic call of kombu's ``record`` says failed (``timer``, or the transport's method
+    named first: ``maybe_refresh_binding_expiry``); None for any other line."""
+    msg = record.msg
+    if not isinstance(msg, str):
+        return None
+    if msg.startswith("Error in timer"):
+        return "timer"
+    if record.name == "kombu.transport.redis" and "will retry" in msg:
+        name, colon, _ = msg.partition(":")
+        return name.strip() if colon and name.strip().isidentifier() else "transport"
+    return None
+
+
+class BrokerTimerErrors(logging.Filter):
+    """kombu logs a periodic call of a worker's that failed with its traceback: its event loop's
+    timer entries (``ERROR kombu.asynchronous.hub: Error in timer: …``, about 35 lines — the
+    Redis transport's restore of unacknowledged messages, a lock taken with ``SET … NX``, every
+    few tens of seconds per worker) and its Redis transport's refresh of the queues' bindings
+    (``WARNING kombu.transport.redis: maybe_refresh_binding_expiry: Redis error, will retry``,
+    every second). While the broker cannot be reached or refuses writes (out of memory, a
+    read-only replica) each of them fails, and the next one tries again: an outage, no bug. One
+    WARNING line then, at most every :data:`TIMER_ERROR_EVERY_SECONDS` per kind of call (the
+    others are dropped; the next line counts them), for a record whose error is a Redis
+    client's error reply (``ResponseError``) or connection error, or a broker connection error
+    (:func:`worker.broker_outage.broker_problem`). Anything else keeps kombu's line."""
+
+    def __init__(
+        self, every: float = TIMER_ERROR_EVERY_SECONDS, clock: Callable[[], float] | None = None
+    ) -> None:
+        super().__init__()
+        import time
+
+        self.every = every
+        self.clock = clock or time.monotonic
+        self._logs: dict[str, OutageLog] = {}  # per kind of call
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        call = _periodic_call(record)
+        exc = _record_error(record) if call is not None else None
+        if call is None or exc is None:
+            return True
+        from worker.broker_outage import broker_problem, broker_refusal, outage_words
+
+        problem = broker_problem(exc)
+        if problem is None:
+            try:
+                import redis.exceptions
+            except ImportError:  # pragma: no cover - redis is a dependency
+                return True
+            if not isinstance(exc, redis.exceptions.ResponseError | redis.exceptions.ConnectionError):
+                return True
+            lines = str(exc).strip().splitlines()
+            problem = f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+        from worker.outage_log import OutageLog
+
+        with self._lock:
+            # Nothing tells a periodic call's recovery: a failure is said once ``every`` has passed.
+            log = self._logs.get(call)
+            if log is None:
+                log = self._logs[call] = OutageLog(self.every, self.clock, new_outage_said_at_once=False)
+            if not log.failed().due:
+                self._held[call] = self._held.get(call, 0) + 1
+                return False
+            held = self._held.pop(call, 0)
+        more = f" ({held} more such line(s) held back since the last)" if held else ""
+        words = outage_words(broker_refusal(exc))
+        args = (call, words, problem, more)
+        _one_warning_line(record, BROKER_TIMER_FAILED, args, "worker.broker_timer_failed")
+        return True
+
+
+#: What Celery's worker stopping for the broker is said as, instead of ``Unrecoverable error: …``
+#: and its traceback.
+STOPPED_FOR_THE_BROKER = (
+    "the Celery worker stopped: the broker %s (%s); it starts afresh, and waits for the broker"
+)
+
+
+class StoppedForTheBroker(logging.Filter):
+    """Celery logs what ended its worker as ``CRITICAL celery.worker: Unrecoverable error: …``
+    with the traceback (some 70 lines). Some broker failures end it so: kombu's Redis
+    transport raising on a closed channel, or Redis refusing the write of an acknowledgement
+    (``ZREM unacked_index`` when it is out of memory, or a read-only replica). Those are an
+    outage, and ``wanbatch worker`` starts afresh (waiting for the broker to take writes): one
+    WARNING line then, naming the broker's error. Anything else keeps Celery's line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or not record.msg.startswith("Unrecoverable error"):
+            return True
+        exc = _record_error(record)
+        if exc is None:
+            return True
+        from worker.broker_outage import broker_problem, broker_refusal, outage_words
+
+        problem = broker_problem(exc)
+        if problem is None:
+            return True
+        said = outage_words(broker_refusal(exc))
+        _one_warning_line(record, STOPPED_FOR_THE_BROKER, (said, problem), "worker.stopped_for_broker")
         return True
 
 
