@@ -171,8 +171,7 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
             check_limiter(settings)  # its Redis unreachable: one line, exit 2, before anything starts
         from worker.redis_memory import warn_at_start
 
-        warn_at_start(settings)  # a Redis that may evict keys: one warning line each, and on
-        # every start
+        warn_at_start(settings)  # a Redis that may evict keys: one warning line per server
         engine = db.open_engine(settings)  # migrate before any worker process starts
         # Never silently: the leader's limits apply, and its FAL_KEY is the account the others
         # use. Said again if a leader publishes later (or another takes over).
