@@ -43,7 +43,7 @@ from jobs.listing import batch_phase as batch_phase
 from jobs.manifest import JobSpec, ValidationReport, job_key, validate_manifest
 from jobs.manifest.expand import MAX_JOBS, Manifest
 from jobs.media import MediaKind, classify
-from jobs.models import Batch, BatchState, utcnow
+from jobs.models import NOT_IN_MANIFEST, Batch, BatchState, utcnow
 from jobs.money import too_much_usd, usd_json, usd_text
 from jobs.pricing import Totals, estimate_job
 from jobs.printable import shell_ref, shortened
@@ -286,6 +286,9 @@ class SubmitResult:
     not_in_manifest: int = 0
     #: Of those, the jobs never sent, dropped (cancelled, ``not_in_manifest``); the others stay.
     dropped: int = 0
+    #: Of those, the jobs not dropped that ended without being sent (a budget cancelled them
+    #: before their first POST, …): they stay as they are, nothing of them paid for.
+    ended_unsent: int = 0
     #: Jobs dropped by an earlier submit that the manifest has again: ``pending`` once more.
     restored: int = 0
     #: ``{"from": old, "to": new}`` (absolute paths) when the batch's manifest was submitted
@@ -319,6 +322,7 @@ class SubmitResult:
             "renumbered": self.renumbered,
             "not_in_manifest": self.not_in_manifest,
             "dropped": self.dropped,
+            "ended_unsent": self.ended_unsent,
             "restored": self.restored,
             "manifest_moved": self.manifest_moved,
             "reruns_followed": list(self.reruns_followed),
@@ -705,6 +709,7 @@ def submit_manifest(
         if stored is not None:
             result.renumbered, result.not_in_manifest = stored.renumbered, stored.not_in_manifest
             result.dropped, result.restored = stored.dropped, stored.restored
+            result.ended_unsent = stored.ended_unsent
         result.manifest_moved, result.manifest_given = manifest_moved, str(path)
         result.reruns_followed = followed
         result.database_note = home.note if home is not None else None
@@ -719,11 +724,14 @@ def _item_count(manifest: Manifest) -> int:
 
 def _not_in_manifest_note(name: str, stored: store.Resubmitted, items: int) -> str:
     """The warning of a resubmit that left jobs of the batch out: those never sent are dropped
-    (cancelled: nothing of them reached fal), the others stay (they may have been paid for);
-    all are numbered apart, after the manifest's items."""
+    (cancelled: nothing of them reached fal), those that ended without being sent stay as they
+    are (nothing of them was paid for), the others stay (they may have been paid for); all are
+    numbered apart, after the manifest's items."""
     parts = []
     if stored.dropped:
         parts.append(f"{stored.dropped} never sent are dropped (cancelled)")
+    if stored.ended_unsent:
+        parts.append(f"{stored.ended_unsent} ended without being sent stay as they are")
     if stored.kept:
         parts.append(f"{stored.kept} already sent stay in the batch (they may have been paid for)")
     return (
@@ -2600,11 +2608,34 @@ def _not_in_manifest_left_out(parent: Batch, jobs: int) -> str:
     )
 
 
-def _nothing_to_rerun(session: Session, parent: Batch, failed_only: bool, not_in_manifest: int = 0) -> str:
+def _dropped(state: JobState, error_type: str | None) -> bool:
+    """Whether a job is one a resubmit (or the upgrade to schema 0039) dropped from its manifest:
+    cancelled before anything of it was sent (``jobs.store.creating._drop_never_sent``)."""
+    return state == JobState.CANCELLED and error_type == NOT_IN_MANIFEST
+
+
+def _dropped_left_out(parent: Batch, jobs: int) -> str:
+    """The line of a plain ``rerun`` that left out the jobs a resubmit dropped: never sent, they
+    have nothing to repeat, and sending them would bill a job the user removed or corrected."""
+    return (
+        f"{jobs} job(s) of batch {parent.name} were dropped from its manifest, never sent: left out "
+        "(nothing of them to repeat)"
+    )
+
+
+def _nothing_to_rerun(
+    session: Session, parent: Batch, failed_only: bool, not_in_manifest: int = 0, *, dropped: int = 0
+) -> str:
     """Why a rerun of ``parent`` would be empty; says that no batch was made. ``not_in_manifest``:
-    the failed or cancelled jobs ``--failed-only`` left out, its manifest no longer having them."""
+    the failed or cancelled jobs ``--failed-only`` left out, its manifest no longer having them;
+    ``dropped``: the jobs a plain rerun left out, dropped from its manifest and never sent."""
     label = f"batch {parent.name} ({parent.id[:8]})"
     if not failed_only:
+        if dropped:
+            return (
+                f"nothing to rerun: {label} has no job to repeat ({dropped} dropped from its manifest, "
+                "never sent, are left out); no batch was created"
+            )
         return f"nothing to rerun: {label} has no jobs; no batch was created"
     if not_in_manifest:
         return (
@@ -2685,7 +2716,12 @@ def rerun_batch(
     cancelled jobs the parent's manifest no longer has (``Job.not_in_manifest``: an item fixed
     or removed since), in a warning of one line — sending them paid again for a prompt the user
     corrected — or, when that is all of them, :class:`NothingToRerun` saying so. A plain rerun
-    is a reproducibility run, paid again on purpose: it never leaves anything out.
+    is a reproducibility run, paid again on purpose: it leaves out only the jobs a resubmit
+    dropped (``cancelled``, ``error_type`` :data:`~jobs.models.NOT_IN_MANIFEST`: never sent, so
+    nothing of them to repeat, and the user removed or corrected them), in a warning of one line
+    — sending them billed a job the user had taken out — or, when that is all of them,
+    :class:`NothingToRerun`. (``failed_only`` leaves them out with the other cancelled jobs its
+    manifest no longer has.)
 
     Variants: without ``vary`` (or with one combination) each job keeps its parent's ``variant``,
     its place in the manifest, which ``diff`` pairs batches of one manifest by. With several
@@ -2721,6 +2757,9 @@ def rerun_batch(
 
         def new_jobs() -> Iterator[store.NewJob]:
             for job in store.jobs_of_batch(session, parent.id, states=wanted):
+                if not failed_only and _dropped(job.state, job.error_type):
+                    dropped.append(job.id)  # never sent: nothing of it to repeat
+                    continue
                 if failed_only and job.not_in_manifest:  # its item was fixed, or removed
                     not_in_manifest.append(job.id)
                     continue
@@ -2757,9 +2796,12 @@ def rerun_batch(
         before: dict[str, dict[str, Any]] = {}  # parent's job id → its input, seed as the rerun's
         not_in_manifest: list[str] = []  # failed or cancelled jobs its manifest no longer has
         not_in_manifest_jobs: list[str] = []  # ... and those a plain rerun repeats all the same
+        dropped: list[str] = []  # jobs a resubmit dropped (never sent), which a plain rerun leaves out
         rows = list(new_jobs())
         if not rows:
-            raise NothingToRerun(_nothing_to_rerun(session, parent, failed_only, len(not_in_manifest)))
+            raise NothingToRerun(
+                _nothing_to_rerun(session, parent, failed_only, len(not_in_manifest), dropped=len(dropped))
+            )
         covered = Coverage()
         if failed_only and not pay_again:
             rows, covered = _not_covered(session, parent, rows, simulated=simulated, now=utcnow())
@@ -2776,6 +2818,8 @@ def rerun_batch(
         warnings[:0] = _left_out(parent, covered)
         if not_in_manifest:
             warnings.insert(0, _not_in_manifest_left_out(parent, len(not_in_manifest)))
+        if dropped:
+            warnings.insert(0, _dropped_left_out(parent, len(dropped)))
         if before_storing is not None:
             before_storing()
         name = _rerun_name(session, parent)

@@ -13,6 +13,7 @@ from typing import Any, cast
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    and_,
     bindparam,
     case,
     column,
@@ -117,11 +118,16 @@ class Resubmitted:
     dropped: int = 0
     #: Jobs an earlier resubmit dropped that the manifest has again: ``pending`` once more.
     restored: int = 0
+    #: Of ``not_in_manifest``, the jobs not dropped that ended without being sent (nothing of a
+    #: POST recorded, nothing billed: cancelled by a budget or a deadline before their first
+    #: send, or given a twin's video): they stay as they are, and nothing of them was paid for.
+    ended_unsent: int = 0
 
     @property
     def kept(self) -> int:
-        """Of ``not_in_manifest``, the jobs left as they were: they may have been sent."""
-        return self.not_in_manifest - self.dropped
+        """Of ``not_in_manifest``, the jobs left as they were that may have been sent (an attempt
+        counted, a POST or a request id recorded, something billed), or are being sent now."""
+        return self.not_in_manifest - self.dropped - self.ended_unsent
 
 
 def resubmit_jobs(
@@ -162,7 +168,9 @@ def resubmit_jobs(
     (:func:`_drop_never_sent`) are cancelled here, in this transaction: kept pending, the next
     run sent and billed a job the user had removed or corrected. One the manifest has again
     that an earlier resubmit dropped is ``pending`` again (:func:`_restore`): the same row, so
-    the batch still holds one job per key.
+    the batch still holds one job per key. Of the others it leaves out, those that already ended
+    without being sent (:func:`_nothing_sent`) are counted apart (``ended_unsent``) from those
+    that may have been sent and paid for (:attr:`Resubmitted.kept`).
     """
     conn = session.connection()
     pg = conn.dialect.name == "postgresql"
@@ -195,7 +203,7 @@ def resubmit_jobs(
             .values(not_in_manifest=False)
         )
     stored = select(func.count()).select_from(_JOBS).where(_JOBS.c.batch_id == batch_id)
-    gone = dropped = 0
+    gone = dropped = ended_unsent = 0
     if conn.execute(stored).scalar_one() > added + present:
         left_out = _JOBS.c.job_key.not_in(select(seen.c.job_key))
         conn.execute(
@@ -205,12 +213,24 @@ def resubmit_jobs(
         )
         _drop_never_sent(session, batch_id, left_out)
         rows = conn.execute(
-            select(_JOBS.c.id, _JOBS.c.item_index, _JOBS.c.variant, _JOBS.c.state, _JOBS.c.error_type)
+            select(
+                _JOBS.c.id,
+                _JOBS.c.item_index,
+                _JOBS.c.variant,
+                _JOBS.c.state,
+                _JOBS.c.error_type,
+                case((and_(*_nothing_sent()), 1), else_=0).label("unsent"),
+            )
             .where(_JOBS.c.batch_id == batch_id, left_out)
             .order_by(_JOBS.c.item_index, _JOBS.c.variant, _JOBS.c.created_at, _JOBS.c.id)
         ).all()
         gone = len(rows)
         dropped = sum(1 for row in rows if _is_dropped(row.state, row.error_type))
+        ended_unsent = sum(
+            1
+            for row in rows
+            if row.unsent and JobState(row.state).terminal and not _is_dropped(row.state, row.error_type)
+        )
         places = [(row.id, row.item_index, row.variant) for row in rows]
         moves = [
             {"b_id": job_id, "b_item": item}
@@ -227,7 +247,7 @@ def resubmit_jobs(
                 moves,
             )
     conn.exec_driver_sql(f"DROP TABLE {_SEEN}")
-    return Resubmitted(added, present, renumbered, gone, relocated, dropped, restored)
+    return Resubmitted(added, present, renumbered, gone, relocated, dropped, restored, ended_unsent)
 
 
 def _is_dropped(state: str, error_type: str | None) -> bool:
@@ -242,10 +262,9 @@ DROPPED_ERROR = (
 )
 
 
-def _never_sent(now: datetime) -> list[ColumnElement[bool]]:
-    """A job nothing of which can have reached fal: no attempt counted, no POST recorded (its
-    input, its send time, a request), none refused with 429, no resend of an unknown submit,
-    nothing billed or possibly billed, and no process holding it now."""
+def _no_post_recorded() -> list[ColumnElement[bool]]:
+    """No attempt counted, no POST recorded (its input, its send time, a request), none refused
+    with 429, no resend of an unknown submit, nothing ambiguous or possibly billed twice."""
     j = _JOBS.c
     return [
         j.attempts == 0,
@@ -256,9 +275,30 @@ def _never_sent(now: datetime) -> list[ColumnElement[bool]]:
         j.rate_limited_submits == 0,
         j.resend_attempt.is_(None),
         j.possible_duplicate_charges == 0,
-        j.actual_usd.is_(None),
         j.ambiguous_usd == literal(Decimal(0), j.ambiguous_usd.type),
+    ]
+
+
+def _never_sent(now: datetime) -> list[ColumnElement[bool]]:
+    """A job nothing of which can have reached fal: :func:`_no_post_recorded`, nothing billed,
+    and no process holding it now."""
+    j = _JOBS.c
+    return [
+        *_no_post_recorded(),
+        j.actual_usd.is_(None),
         or_(j.lease_expires_at.is_(None), j.lease_expires_at <= literal(now, j.lease_expires_at.type)),
+    ]
+
+
+def _nothing_sent() -> list[ColumnElement[bool]]:
+    """A job of which nothing was sent, whatever its state: :func:`_no_post_recorded` and nothing
+    billed (an ended job never sent has ``actual_usd`` 0, one still to send has none). Ended, it
+    is one a budget, a deadline or a cancel ended before its first POST, or that took a twin's
+    video: kept by a resubmit that leaves it out, it was never paid for (:attr:`Resubmitted.ended_unsent`)."""
+    j = _JOBS.c
+    return [
+        *_no_post_recorded(),
+        or_(j.actual_usd.is_(None), j.actual_usd == literal(Decimal(0), j.actual_usd.type)),
     ]
 
 

@@ -116,3 +116,56 @@ def test_a_failed_job_whose_item_was_fixed_no_longer_fails_the_run_nor_is_rerun(
     assert nothing.code == 0, nothing.stderr
     assert "has no failed or cancelled job in its manifest (2 no longer in it are left out)" in nothing.stdout
     assert sim.ledger()["accepted"] == ledger
+
+
+def test_a_plain_rerun_leaves_out_the_jobs_a_resubmit_dropped(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, any_db: str
+) -> None:
+    """A dropped job was never sent: a rerun has nothing of it to repeat. A plain rerun (no
+    ``--failed-only``) sent and billed it, item C, which the user had removed."""
+    path = manifest("t1", _body("t1", ["item A", "item B", "item C"]))
+    assert wb("submit", path).code == 0
+    path.write_text(_body("t1", ["item A", "item B"]))
+    assert wb("submit", path).code == 0  # item C: dropped, never sent
+    assert wb("run", "t1", "--no-progress").code == 0
+    assert sim.ledger()["accepted"] == 2
+
+    rerun = wb("rerun", "t1", "--json", "--no-progress")
+    assert rerun.code == 0, rerun.stderr
+    assert (
+        "1 job(s) of batch t1 were dropped from its manifest, never sent: left out "
+        "(nothing of them to repeat)"
+    ) in rerun.stderr
+    assert rerun.json()["total"] == 2
+    assert sim.ledger()["accepted"] == 4  # A and B again: never C
+    records = export_jsonl(wb, "t1-rerun-1")
+    assert sorted((r["input"]["prompt"], r["in_manifest"]) for r in records) == [
+        ("item A", True),
+        ("item B", True),
+    ]
+
+
+def test_a_kept_job_that_ended_without_being_sent_is_not_said_to_be_paid_for(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, any_db: str
+) -> None:
+    """A job a budget cancelled before its first POST, then removed from the manifest, ended
+    without being sent: it stays as it is, and the warning does not call it "already sent"."""
+    prompts = ["item A", "item B", "item C"]
+    budget = "budget: {max_usd: 0.45}\n"
+    path = manifest("b3", _body("b3", prompts) + budget)
+    assert wb("run", path, "--no-progress").code == 1  # one job cancelled by the budget
+    assert sim.ledger()["accepted"] == 2
+    (cut,) = [p for p, r in _by_prompt(wb, "b3").items() if r["status"] == "cancelled"]
+    assert _by_prompt(wb, "b3")[cut]["attempts"] == 0
+
+    path.write_text(_body("b3", [p for p in prompts if p != cut]) + budget)
+    submitted = wb("submit", path, "--json")
+    assert submitted.code == 0, submitted.stderr
+    report = submitted.json()
+    assert (report["not_in_manifest"], report["dropped"], report["ended_unsent"]) == (1, 0, 1)
+    assert (
+        "1 job(s) of batch b3 are no longer in its manifest: 1 ended without being sent stay as they are; "
+        "numbered after its 2 item(s)"
+    ) in submitted.stderr
+    assert "already sent" not in submitted.stderr
+    assert "paid for" not in submitted.stderr

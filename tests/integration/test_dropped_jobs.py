@@ -13,11 +13,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select, update
+import pytest
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
-from jobs import listing, store
+from jobs import batches, db, listing, store
 from jobs.models import NOT_IN_MANIFEST, Job, JobEvent
+from jobs.settings import Settings
 from jobs.states import JobState as S
 
 
@@ -142,3 +144,75 @@ def test_a_dropped_job_of_a_claim_that_won_is_left_to_it(session: Session) -> No
     session.commit()
     assert (done.not_in_manifest, done.dropped) == (1, 0)
     assert _rows(session, batch.id)[1].state == S.SUBMITTING
+
+
+#: Jobs left out by a resubmit that ended (or stand) as follows: which ones may have been sent.
+ENDED: dict[int, dict[str, Any]] = {
+    # Ended without a POST: cancelled by a budget or a deadline before their first send, or given
+    # a twin's video (reuse_outputs): nothing of them reached fal.
+    1: {"state": S.CANCELLED, "error_type": "budget", "actual_usd": 0, "finished_at": SENT},
+    2: {"state": S.SUCCEEDED, "reused_from": "x" * 32, "finished_at": SENT},
+    # Sent, or a POST went out: they may have been paid for.
+    3: {"state": S.SUCCEEDED, "attempts": 1, "submitted_at": SENT, "request_id": "r3", "finished_at": SENT},
+    4: {"state": S.CANCELLED, "rate_limited_submits": 1, "actual_usd": 0, "finished_at": SENT},
+    5: {"state": S.FAILED, "attempts": 1, "finished_at": SENT},  # claimed: its POST may have gone out
+    6: {"state": S.PENDING},  # never sent: dropped
+}
+
+
+def test_a_resubmit_tells_the_ended_jobs_never_sent_from_those_that_may_have_been(session: Session) -> None:
+    """The warning said every left-out job not dropped was "already sent … may have been paid
+    for", a job a budget cancelled before its first POST too: those that ended without being sent
+    are counted apart (``ended_unsent``), and stay as they are."""
+    batch, _ = store.get_or_create_batch(
+        session, name="ended", manifest_path="/m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
+    )
+    store.add_jobs(session, batch.id, [_job(i, i) for i in range(7)])
+    for i, values in ENDED.items():
+        session.execute(update(Job).where(Job.job_key == f"{i:064x}").values(**values))
+    session.commit()
+
+    done = store.resubmit_jobs(session, batch.id, [_job(0, 0)], lambda: 1)
+    session.commit()
+
+    assert (done.not_in_manifest, done.dropped, done.ended_unsent, done.kept) == (6, 1, 2, 3)
+    jobs = _rows(session, batch.id)
+    assert {i: j.state for i, j in jobs.items() if i in (1, 2, 3, 4, 5)} == {
+        i: values["state"] for i, values in ENDED.items() if i != 6
+    }
+    note = batches._not_in_manifest_note("ended", done, 1)
+    assert note.startswith(
+        "6 job(s) of batch ended are no longer in its manifest: 1 never sent are dropped (cancelled); "
+        "2 ended without being sent stay as they are; "
+        "3 already sent stay in the batch (they may have been paid for); numbered after its 1 item(s)"
+    ), note
+
+
+def test_a_plain_rerun_with_only_dropped_jobs_has_nothing_to_rerun(engine: Engine) -> None:
+    """Every rerun leaves out the jobs a resubmit dropped (never sent: nothing to repeat); when
+    that is all of them no batch is made, as for any rerun with nothing to do."""
+    with db.session_scope(engine) as session:
+        batch, _ = store.get_or_create_batch(
+            session, name="gone", manifest_path="/m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
+        )
+        store.add_jobs(session, batch.id, [_job(0, 0), _job(1, 1)])
+        store.resubmit_jobs(session, batch.id, [_job(0, 0)], lambda: 1)  # job 1 dropped
+        # Job 0 dropped by a later resubmit too (the same as job 1, for this test's purpose).
+        session.execute(
+            update(Job)
+            .where(Job.job_key == f"{0:064x}")
+            .values(state=S.CANCELLED, error_type=NOT_IN_MANIFEST, not_in_manifest=True)
+        )
+    settings = Settings(database_url=engine.url.render_as_string(hide_password=False))
+    for failed_only in (False, True):
+        with pytest.raises(batches.NothingToRerun) as nothing:
+            batches.rerun_batch("gone", failed_only=failed_only, settings=settings)
+        assert "no batch was created" in str(nothing.value)
+        assert "2 " in str(nothing.value), str(nothing.value)
+    with pytest.raises(batches.NothingToRerun) as plain:
+        batches.rerun_batch("gone", settings=settings)
+    said = str(plain.value)
+    assert said.startswith("nothing to rerun: batch gone ("), said
+    assert "has no job to repeat (2 dropped from its manifest, never sent, are left out)" in said, said
+    with db.read_scope(engine) as session:
+        assert [b.name for b in store.list_batches(session)] == ["gone"]

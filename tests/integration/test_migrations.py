@@ -311,6 +311,110 @@ def test_migration_0039_marks_the_jobs_numbered_after_the_stored_manifests_items
     assert drift(empty_engine) == []
 
 
+#: Jobs of a batch whose stored manifest has one item, numbered after it (so 0039 marks them),
+#: by how they stand before the upgrade: which of them are certainly never sent.
+_0039_STANDING: dict[str, str] = {
+    "unsent": "state = 'pending'",
+    "unsent-retry": "state = 'retry_wait'",
+    "lease-over": "state = 'pending', lease_owner = 'h:1:x', lease_expires_at = :past",
+    # A process holding a lease holds the upgrade back (_require_unused); a lease time alone still counts.
+    "leased": "state = 'pending', lease_expires_at = :future",
+    "attempted": "state = 'pending', attempts = 1",
+    "sent-before": "state = 'retry_wait', attempts = 1, submitted_at = :past, sent_at = :past",
+    "request": "state = 'pending', request_id = 'req-1'",
+    "input-sent": "state = 'pending', submitted_input = '{}'",
+    "refused-429": "state = 'retry_wait', rate_limited_submits = 1",
+    "resend-owed": "state = 'retry_wait', resend_attempt = 1",
+    "billed": "state = 'pending', actual_usd = 5",
+    "ambiguous": "state = 'pending', ambiguous_usd = 5",
+    "duplicate": "state = 'pending', possible_duplicate_charges = 1",
+    "queued": "state = 'queued', attempts = 1, request_id = 'req-2'",
+    "failed": "state = 'failed', attempts = 1",
+}
+
+
+def test_migration_0039_cancels_the_marked_jobs_never_sent(empty_engine: Engine) -> None:
+    """The jobs 0039 marks as no longer in their manifest that were certainly never sent
+    (``pending``/``retry_wait``, no attempt, nothing of a POST recorded, nothing billed, no lease
+    held) are cancelled as a resubmit drops them (``error_type`` ``not_in_manifest``, its error
+    text, ``finished_at``, ``version`` + 1, a ``job_events`` row): marked but left ``pending``, the
+    next run sent and billed the prompt the user had corrected. Every other job stays as it was,
+    and the manifest's own pending job too."""
+    from jobs.models import NOT_IN_MANIFEST
+    from jobs.store.creating import DROPPED_ERROR
+
+    migrate(empty_engine, "0038", from_models=False)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    moments = {"past": datetime(2026, 1, 2, tzinfo=UTC), "future": datetime(2999, 1, 1, tzinfo=UTC)}
+    ids = ["in-manifest", *_0039_STANDING]
+    with empty_engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO batches (id, name, manifest_path, manifest_sha256, created_at, state, "
+                "manifest_text) VALUES ('b', 'typo', 'm.yaml', :sha, :at, 'active', :body)"
+            ),
+            {"sha": "0" * 64, "at": at, "body": "name: typo\nendpoint: fal-ai/wan-22\nitems:\n  - rain\n"},
+        )
+        for item, job_id in enumerate(ids):
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, batch_id, job_key, item_index, variant, endpoint, input, "
+                    "state, version, attempts, download_attempts, possible_duplicate_charges, "
+                    "est_billing_units, est_usd, created_at, updated_at) VALUES (:id, 'b', :key, :item, "
+                    "0, 'fal-ai/wan-22', '{}', 'pending', 4, 0, 0, 0, 1, 1, :at, :at)"
+                ),
+                {"id": job_id, "key": f"{item:064x}", "item": item, "at": at},
+            )
+        for job_id, values in _0039_STANDING.items():
+            conn.execute(text(f"UPDATE jobs SET {values} WHERE id = :id"), {"id": job_id, **moments})
+
+    def standing() -> dict[str, tuple[Any, ...]]:
+        with empty_engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, state, version, error_type, finished_at FROM jobs"))
+            return {r[0]: tuple(r[1:]) for r in rows}
+
+    before = standing()
+    migrate(empty_engine, from_models=False)
+    after = standing()
+    dropped = {"unsent", "unsent-retry", "lease-over"}
+    assert {j for j, row in after.items() if row[0] == "cancelled"} == dropped
+    assert {j: after[j] for j in ids if j not in dropped} == {j: before[j] for j in ids if j not in dropped}
+    with empty_engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT id, version, error_type, error, finished_at, lease_owner, lease_expires_at, "
+                "actual_usd, not_in_manifest FROM jobs WHERE state = 'cancelled'"
+            )
+        ).all()
+        events = conn.execute(
+            text("SELECT job_id, from_state, to_state, version, reason, at FROM job_events ORDER BY job_id")
+        ).all()
+    for row in rows:
+        assert (row.version, row.error_type, row.error) == (5, NOT_IN_MANIFEST, DROPPED_ERROR)
+        assert row.finished_at is not None
+        assert (row.lease_owner, row.lease_expires_at, row.actual_usd, bool(row.not_in_manifest)) == (
+            None,
+            None,
+            0,
+            True,
+        )
+    assert [(e.job_id, e.from_state, e.to_state, e.version) for e in events] == [
+        ("lease-over", "pending", "cancelled", 5),
+        ("unsent", "pending", "cancelled", 5),
+        ("unsent-retry", "retry_wait", "cancelled", 5),
+    ]
+    assert all("not in manifest" in e.reason and e.at is not None for e in events)
+    assert drift(empty_engine) == []
+
+    # What the running code reads of them: dropped jobs, which the manifest bringing back restores.
+    from jobs import db, store
+
+    with db.session_scope(empty_engine) as session:
+        jobs = {job.id: job for job in store.jobs_of_batch(session, "b")}
+        assert jobs["unsent"].finished_at is not None
+        assert jobs["unsent"].finished_at.tzinfo is not None
+
+
 def test_migration_0021_links_reruns_stored_before_rerun_of(empty_engine: Engine) -> None:
     """Reruns stored before 0014 left ``rerun_of`` NULL (0015 to 0020 never touch it: a database
     at 0020 with NULL links is what an upgrade from before 0014 brings). 0021 links each job to
