@@ -98,7 +98,7 @@ def _no_database_yet(settings: Settings, batch: str | None, as_json: bool) -> bo
     if path is None:
         return False
     database_home.refuse_missing(settings, [batch] if batch is not None else [])
-    above = database_home.database_above(Path.cwd().parent)
+    above = database_home.database_above_cwd()
     line = database_home.no_database_line(path, None) if above is not None else None
     if as_json:
         if line is not None:

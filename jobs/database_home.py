@@ -6,7 +6,10 @@ started a new, empty database there and stored (and ``run`` sent, and paid for) 
 batch another database already held. So, only while the default is in use and its file does
 not exist yet, the commands look for ``.wanbatch/wanbatch.db`` in the manifest's folder and its
 parents (or, for a command that reads a batch by name, the current folder's parents), as git
-looks for its repository:
+looks for its repository. Both as the user names them (through symlinks: ``proj/shots`` a symlink
+to ``real/shots`` is in ``proj``; a relative path from ``$PWD``) and as the folders they are:
+walking the resolved path alone, ``cd proj/shots && wanbatch submit m.yaml`` never found
+``proj/.wanbatch`` and stored (and ``run`` would have paid for) the batch again.
 
 * ``submit`` / ``run MANIFEST`` (:func:`before_creating`): a database found there that holds a
   batch of the manifest's name is a refusal (one line, exit 2; nothing created) — unless
@@ -14,6 +17,9 @@ looks for its repository:
   database is always said once (:attr:`DatabaseHome.note`).
 * the commands that read a batch by name (:func:`refuse_missing`): one line naming the file
   looked at (and the one found above), never an empty database created just to say "no batch".
+
+Every path these lines show is masked as an error line is (:func:`_shown`): a folder named after
+FAL_KEY was printed in clear by the note of a command that succeeded.
 
 Cheap: a few ``stat`` calls, and one short read-only SQLite connection when a candidate exists.
 Nothing here migrates, writes or creates anything; a candidate that cannot be read (an old
@@ -31,6 +37,7 @@ from pathlib import Path
 from jobs.db import sqlite_holds_batch
 from jobs.errors import NotFoundError, UsageError
 from jobs.printable import one_line
+from jobs.redaction import masked_error
 from jobs.settings import DEFAULT_STATE_DIR, DatabaseSettings
 
 #: The default database's file, relative to the current folder (``DatabaseSettings.database_url``'s default).
@@ -62,38 +69,102 @@ def missing_default(settings: DatabaseSettings) -> Path | None:
     return path
 
 
-def _ceiling() -> Path | None:
-    """The user's home folder, where the look upwards stops (None: unknown)."""
-    with contextlib.suppress(RuntimeError, KeyError, OSError):
-        return Path.home().resolve()
-    return None
+Identity = tuple[int, int]
 
 
-def database_above(start: Path) -> Path | None:
-    """The nearest ``.wanbatch/wanbatch.db`` in ``start`` and its parents, up to the user's home
-    folder (included) or the filesystem root, at most :data:`MAX_LEVELS` up; never the current
-    folder's own (it is the one about to be made)."""
-    here = Path.cwd() / DEFAULT_DATABASE
-    ceiling = _ceiling()
+def _identity(path: Path | str) -> Identity | None:
+    """The folder (or file) ``path`` is, whatever path leads to it (device and inode; None:
+    it cannot be looked at)."""
     try:
-        folder = start.resolve()  # "../proj" as the folder it is, as the batch records its manifest
-    except (OSError, RuntimeError):
-        folder = start.absolute()
+        info = Path(path).stat()
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _ceilings() -> tuple[set[Path], Identity | None]:
+    """The user's home folder, where the look upwards stops: as ``$HOME`` names it and as it
+    resolves (a walk through symlinks meets the one, a walk of the physical folders the other),
+    and the folder it is, however a walk reaches it (empty, None: unknown)."""
+    with contextlib.suppress(RuntimeError, KeyError, OSError, ValueError):
+        home = Path.home()
+        return {Path(os.path.normpath(home)), home.resolve()}, _identity(home)
+    return set(), None
+
+
+def logical_cwd() -> Path | None:
+    """The current folder as the shell names it: ``$PWD`` (a symlink's path, not the folder it
+    points to), when it is absolute and names the folder this process runs in (a program may
+    change folder without changing ``$PWD``); None else."""
+    pwd = os.environ.get("PWD", "")
+    if not pwd or not Path(pwd).is_absolute():
+        return None
+    here = _identity(".")
+    if here is None or _identity(pwd) != here:
+        return None
+    return Path(os.path.normpath(pwd))
+
+
+def _walks_from(start: Path) -> list[Path]:
+    """Where the look upwards from ``start`` begins: ``start`` as typed (made absolute against
+    :func:`logical_cwd`, ``..`` taken as the shell takes it, symlinks kept: ``proj/shots`` is in
+    ``proj``) and as the folder it is (symlinks resolved, as the batch records its manifest:
+    ``real/shots``); once when they are the same."""
+    walks: list[Path] = []
+    base = logical_cwd() if not start.is_absolute() else None
+    with contextlib.suppress(OSError, ValueError):
+        walks.append(Path(os.path.normpath(base / start if base is not None else start.absolute())))
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        walks.append(start.resolve())
+    return list(dict.fromkeys(walks))
+
+
+def database_above(*starts: Path) -> Path | None:
+    """The nearest ``.wanbatch/wanbatch.db`` in each of ``starts`` and their parents, both as
+    typed (through symlinks) and as the folders they are (:func:`_walks_from`), up to the user's
+    home folder (included, however it is reached) or the filesystem root, at most
+    :data:`MAX_LEVELS` up; never the current folder's own (it is the one about to be made).
+
+    The walks go up side by side, a level at a time (the nearest wins; the one typed first at
+    a level); a folder one walk has looked at ends any other walk that reaches it."""
+    here = _identity(".")
+    names, home = _ceilings()
+    walks = list(dict.fromkeys(walk for start in starts for walk in _walks_from(start)))
+    looked: set[Path] = set()
     for _ in range(MAX_LEVELS + 1):
-        candidate = folder / DEFAULT_DATABASE
-        if candidate != here:
-            with contextlib.suppress(OSError):
-                if candidate.is_file():
-                    return candidate
-        if folder == ceiling or folder.parent == folder:
+        going: list[Path] = []
+        for folder in walks:
+            if folder in looked:
+                continue  # another walk came this way: it goes on from here
+            looked.add(folder)
+            identity = _identity(folder)
+            if identity is not None and identity != here:
+                candidate = folder / DEFAULT_DATABASE
+                with contextlib.suppress(OSError):
+                    if candidate.is_file():
+                        return candidate
+            at_home = folder in names or (identity is not None and identity == home)
+            if not at_home and folder.parent != folder:
+                going.append(folder.parent)
+        if not going:
             return None
-        folder = folder.parent
+        walks = going
     return None
+
+
+def database_above_cwd() -> Path | None:
+    """:func:`database_above` the current folder: its parents as the shell names them
+    (:func:`logical_cwd`) and as they are."""
+    logical = logical_cwd()
+    return database_above(*([logical.parent] if logical is not None else []), Path.cwd().parent)
 
 
 def _shown(path: Path) -> str:
-    """A path for a message: whole (it is to be copied), on one line, inert (:func:`one_line`)."""
-    return one_line(str(path))
+    """A path for a message: whole (it is to be copied), on one line, inert (:func:`one_line`),
+    and with FAL_KEY masked (:func:`jobs.redaction.masked_error`), as every error line is: a
+    folder named after the key is printed by the note of a command that succeeds, which no
+    error masking passes over. Every path of every line made here comes through here."""
+    return masked_error(one_line(str(path)))
 
 
 def _url(path: Path) -> str:
@@ -154,7 +225,7 @@ def before_creating(
     new = missing_default(settings)
     if new is None:
         return None
-    other = database_above(manifest.absolute().parent)
+    other = database_above(manifest.parent)
     holds = sqlite_holds_batch(other, name) if other is not None else None
     home = DatabaseHome(new=new, other=other, holds=holds, name=name)
     if holds and refuse:
@@ -183,7 +254,7 @@ def no_database_line(path: Path, name: str | None) -> str:
         f"{what}: no database here ({SHOWN} does not exist in {_shown(Path.cwd())}; "
         "without WANBATCH_DATABASE_URL the database is in the current folder)"
     )
-    other = database_above(Path.cwd().parent)
+    other = database_above_cwd()
     if other is None:
         return f"{line}: run from the folder you submitted from, or set WANBATCH_DATABASE_URL"
     return (

@@ -276,6 +276,27 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     return _built_engine(url, **kwargs)[0]
 
 
+#: A relative SQLite path (the default database, ``./.wanbatch/wanbatch.db``) from a folder that
+#: was deleted under the shell (``mkdir g && cd g && rmdir ../g``).
+CURRENT_FOLDER_GONE = (
+    "the current folder no longer exists (deleted?): cd to a folder that exists, or set "
+    "WANBATCH_DATABASE_URL to an absolute path"
+)
+
+
+def _require_current_folder(database: str) -> None:
+    """:class:`ConfigError` (exit 2, one line) when the SQLite file ``database`` is relative to
+    the current folder and that folder is gone: SQLAlchemy makes the path absolute
+    (``os.path.abspath``) as the engine is made, and its ``FileNotFoundError`` was an internal
+    error ("please report it"). An absolute path needs no current folder: nothing to check."""
+    if Path(database).expanduser().is_absolute():
+        return
+    try:
+        Path.cwd()
+    except FileNotFoundError:
+        raise ConfigError(CURRENT_FOLDER_GONE) from None
+
+
 def _built_engine(url: str | URL, **kwargs: Any) -> tuple[Engine, Path | None]:
     """:func:`make_engine`'s engine, and the SQLite database file it created (None: none, or
     one already there; :func:`_prepare_sqlite_file` creates it alone, ``O_EXCL``)."""
@@ -283,6 +304,8 @@ def _built_engine(url: str | URL, **kwargs: Any) -> tuple[Engine, Path | None]:
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         on_disk = bool(database) and database != ":memory:" and not database.startswith("file:")
+        if on_disk:
+            _require_current_folder(database)
         # The engine first (it opens nothing): a driver that is not installed is one line, and
         # no file is left behind for a database that cannot be opened.
         engine = _create_engine(parsed, **kwargs)

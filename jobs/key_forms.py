@@ -46,6 +46,8 @@ ENCODED_MIN = 16
 _URLSAFE = str.maketrans("+/", "-_")
 #: A percent-escape (RFC 3986 §2.1: ``%`` and two hex digits, either case meaning the same octet).
 _ESCAPE = re.compile(r"%[0-9A-F]{2}")
+#: A percent-escape in either case: a text without one (``100% photoreal``) decodes to itself.
+_ANY_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 #: A fal key standing alone: ``<key id>:<key secret>`` (fal_client sends FAL_KEY, or
 #: ``FAL_KEY_ID:FAL_KEY_SECRET``, as ``Key id:secret``:
 #: https://github.com/fal-ai/fal/blob/main/projects/fal_client/src/fal_client/auth.py), the id a
@@ -66,10 +68,11 @@ BARE_SECRET = re.compile(r":[0-9a-fA-F]{32}")
 def holds_key_shape(text: str) -> bool:
     """Whether ``text`` holds anything of a fal key's shape (:data:`BARE_KEY`), as written or
     behind percent-escapes (``…%3A0123…``): a fal key whatever key this process knows, or none.
-    Cheap: one search for ``:`` and 32 hex digits in C, the full shape only where that is found."""
+    Cheap: one search for ``:`` and 32 hex digits in C, the full shape only where that is found,
+    and a decoding only for a text holding a percent-escape (not for every bare ``%``)."""
     if BARE_SECRET.search(text) is not None and BARE_KEY.search(text) is not None:
         return True
-    if "%" not in text:
+    if "%" not in text or _ANY_ESCAPE.search(text) is None:  # "100% photoreal": nothing to decode
         return False
     plain, _ = decoded_text(text)
     return plain != text and BARE_SECRET.search(plain) is not None and BARE_KEY.search(plain) is not None

@@ -33,7 +33,14 @@ from typing import Any
 from jobs.digits import TOO_MANY_DIGITS, WHOLE, boolean_word, plain_number, whole_too_long
 from jobs.endpoints import EndpointSpec, FieldSpec, FieldType
 from jobs.errors import UsageError, did_you_mean
-from jobs.manifest.fal_key import KEY_NAME_MESSAGE, holds_key, known_keys
+from jobs.manifest.fal_key import (
+    KEY_NAME_MESSAGE,
+    SHAPE_HELD,
+    SHAPE_NAME_MESSAGE,
+    holds_key,
+    known_keys,
+    refusal,
+)
 from jobs.printable import shortened
 from jobs.validation import check_value
 
@@ -49,6 +56,12 @@ SYNTAX = "FIELD=VALUES, VALUES being a comma list (480p,720p) or an integer rang
 KEY_MESSAGE = (
     "the value holds FAL_KEY (the fal API key): refused, as a rerun's values are stored with its "
     "batch, sent to fal and exported with the dataset; the key belongs in the FAL_KEY variable only"
+)
+#: What a value of a fal key's shape that is no key this process knows is told (a manifest's
+#: words, :data:`jobs.manifest.fal_key.SHAPE_MESSAGE`, for the place a rerun's values go).
+SHAPE_MESSAGE = (
+    f"{SHAPE_HELD}, whoever's key it is, as a rerun's values are stored with its batch, sent to "
+    "fal and exported with the dataset; write it otherwise if it is no key"
 )
 
 
@@ -104,13 +117,17 @@ def refuse_key(name: str, values: Iterable[str], *, whole: str = "", keys: Itera
     """:class:`UsageError` (exit 2) when the field ``name``, one of ``values`` or the option's
     ``whole`` text holds FAL_KEY or a fal-key-shaped value (:func:`jobs.manifest.fal_key.holds_key`),
     in a manifest's words and never quoting what holds it: ``--vary: field 'prompt': the value
-    holds FAL_KEY …``; a field's name holding it is not named either. ``keys`` and the keys this
-    process remembered are looked for (:func:`jobs.manifest.fal_key.known_keys`)."""
+    holds FAL_KEY …`` (``holds a value shaped like a fal API key …`` when none of the known keys
+    is there, only that shape); a field's name holding it is not named either. ``keys`` and the
+    keys this process remembered are looked for (:func:`jobs.manifest.fal_key.known_keys`)."""
     known = known_keys(keys)
     if holds_key(name, known):
-        raise UsageError(f"--vary: {KEY_NAME_MESSAGE}")
+        raise UsageError(f"--vary: {refusal(name, known, KEY_NAME_MESSAGE, SHAPE_NAME_MESSAGE)}")
+    values = list(values)
     if any(holds_key(value, known) for value in values) or holds_key(whole, known):
-        raise UsageError(f"--vary: field {name!r}: {KEY_MESSAGE}")
+        # FAL_KEY when any of them holds it, else the shape
+        said = refusal([*values, whole], known, KEY_MESSAGE, SHAPE_MESSAGE)
+        raise UsageError(f"--vary: field {name!r}: {said}")
 
 
 def parse_varies(texts: Iterable[str], keys: Iterable[str] = ()) -> tuple[Vary, ...]:

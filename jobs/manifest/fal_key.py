@@ -17,8 +17,10 @@ or sent: one issue per place, naming its file, line, item and field, never the k
 The keys are the ones the caller passes (the settings' FAL_KEY) and the ones this process
 remembered (:func:`jobs.key_forms.remember_key`: the CLI does at start-up). Whatever key is known,
 none included, a value of a fal key's shape (``<uuid>:<32+ hex digits>``,
-:func:`jobs.key_forms.holds_key_shape`) is refused the same way: a ``submit`` run without
-FAL_KEY (it sends nothing) stored one, which the dashboard and ``diff`` then showed.
+:func:`jobs.key_forms.holds_key_shape`) is refused too: a ``submit`` run without
+FAL_KEY (it sends nothing) stored one, which the dashboard and ``diff`` then showed. Its message
+says that it is the shape that was matched (:data:`SHAPE_MESSAGE`), not FAL_KEY: "holds FAL_KEY"
+for a value that merely looks like a key sent the user looking for how their key got there.
 """
 
 from __future__ import annotations
@@ -46,6 +48,23 @@ KEY_LINE_MESSAGE = (
     "this line holds FAL_KEY (the fal API key): refused, as the manifest's text is stored with "
     "the batch and exported with the dataset; the key belongs in the FAL_KEY variable only"
 )
+#: What a value of a fal key's shape is told, when it holds none of the keys this process knows.
+SHAPE_HELD = (
+    "holds a value shaped like a fal API key (`<key id>:<secret>`, a UUID, a colon and 32 hex "
+    "digits): refused, so that no fal key is stored or sent"
+)
+#: What a value of a fal key's shape (:data:`SHAPE_HELD`) is told.
+SHAPE_MESSAGE = (
+    f"{SHAPE_HELD}, whoever's key it is, as a manifest's values are stored with the batch, sent to "
+    "fal and exported with the dataset; write it otherwise if it is no key"
+)
+#: What a mapping key (a field's name) of a fal key's shape is told.
+SHAPE_NAME_MESSAGE = f"a field name here {SHAPE_HELD}, as for a value"
+#: What a line of a fal key's shape outside any value (a comment) is told.
+SHAPE_LINE_MESSAGE = (
+    f"this line {SHAPE_HELD}, whoever's key it is, as the manifest's text is stored with the batch "
+    "and exported with the dataset; write it otherwise if it is no key"
+)
 #: Deepest nesting walked (the YAML loader refuses more than 64 levels; a JSONL row is bounded too).
 _MAX_DEPTH = 100
 
@@ -55,21 +74,31 @@ def known_keys(keys: Iterable[str] = ()) -> frozenset[str]:
     return frozenset(k for k in (*keys, *remembered_keys()) if k and len(k) >= MIN_KEY_LENGTH)
 
 
-def holds_key(value: object, keys: frozenset[str], depth: int = 0) -> bool:
+def holds_key(value: object, keys: frozenset[str], depth: int = 0, *, shape: bool = True) -> bool:
     """Whether any text in ``value`` (nested lists and mappings, their keys included) holds one
-    of ``keys`` in any of its forms (:func:`jobs.key_forms.contains_key`), or anything of a fal
-    key's shape (:func:`jobs.key_forms.holds_key_shape`), whatever ``keys`` are (none too)."""
+    of ``keys`` in any of its forms (:func:`jobs.key_forms.contains_key`), or (``shape``)
+    anything of a fal key's shape (:func:`jobs.key_forms.holds_key_shape`), whatever ``keys``
+    are (none too)."""
     if isinstance(value, str):  # (no form of a key is shorter than the shortest key looked for)
         return len(value) >= MIN_KEY_LENGTH and (
-            any(contains_key(value, k) for k in keys) or holds_key_shape(value)
+            any(contains_key(value, k) for k in keys) or (shape and holds_key_shape(value))
         )
     if value is None or isinstance(value, int | float) or depth > _MAX_DEPTH:
         return False
     if isinstance(value, Mapping):
-        return any(holds_key(k, keys, depth + 1) or holds_key(v, keys, depth + 1) for k, v in value.items())
+        return any(
+            holds_key(k, keys, depth + 1, shape=shape) or holds_key(v, keys, depth + 1, shape=shape)
+            for k, v in value.items()
+        )
     if isinstance(value, list | tuple):
-        return any(holds_key(v, keys, depth + 1) for v in value)
+        return any(holds_key(v, keys, depth + 1, shape=shape) for v in value)
     return False
+
+
+def refusal(value: object, keys: frozenset[str], known: str, shaped: str) -> str:
+    """The message for ``value``, which :func:`holds_key` found: ``known`` when it holds one of
+    ``keys`` (FAL_KEY, in some form), ``shaped`` when it is only of a fal key's shape."""
+    return known if holds_key(value, keys, shape=False) else shaped
 
 
 Where = tuple[str | int, ...]
@@ -79,10 +108,10 @@ def tree_key_issues(root: object, display: str, keys: frozenset[str]) -> list[Is
     """An error at each value (and mapping key) of the manifest's tree holding one of ``keys``:
     ``items[2].prompt`` is item 2's field ``prompt``, elsewhere the dotted path
     (``defaults.image_url``, ``matrix.prompt[1]``, ``name``)."""
-    found: list[tuple[Where, int | None, bool]] = []
+    found: list[tuple[Where, int | None, bool, str]] = []
     _walk(root, (), getattr(root, "line", 1), keys, found, 0)
     issues = []
-    for where, line, is_name in found:
+    for where, line, is_name, text in found:
         item = where[1] if len(where) > 2 and where[0] == "items" and isinstance(where[1], int) else None
         rest = where[2:] if item is not None else where
         issues.append(
@@ -91,7 +120,11 @@ def tree_key_issues(root: object, display: str, keys: frozenset[str]) -> list[Is
                 line=line,
                 item=item,
                 field=_dotted(rest) or None,
-                message=KEY_NAME_MESSAGE if is_name else KEY_MESSAGE,
+                message=(
+                    refusal(text, keys, KEY_NAME_MESSAGE, SHAPE_NAME_MESSAGE)
+                    if is_name
+                    else refusal(text, keys, KEY_MESSAGE, SHAPE_MESSAGE)
+                ),
             )
         )
     return issues
@@ -102,12 +135,12 @@ def _walk(
     where: Where,
     line: int | None,
     keys: frozenset[str],
-    found: list[tuple[Where, int | None, bool]],
+    found: list[tuple[Where, int | None, bool, str]],
     depth: int,
 ) -> None:
     if isinstance(node, str):
         if holds_key(node, keys):
-            found.append((where, line, False))
+            found.append((where, line, False, node))
         return
     if depth > _MAX_DEPTH:
         return
@@ -116,7 +149,7 @@ def _walk(
         key_lines = node.key_lines if isinstance(node, LMap) else {}
         for k, v in node.items():
             if holds_key(str(k), keys):
-                found.append((where, key_lines.get(k, line), True))
+                found.append((where, key_lines.get(k, line), True, str(k)))
                 continue  # the key is the field: its value is not located apart
             _walk(v, (*where, str(k)), lines.get(k, line), keys, found, depth + 1)
     elif isinstance(node, list):
@@ -139,11 +172,18 @@ def text_key_issues(text: str, display: str, keys: frozenset[str]) -> list[Issue
     if not holds_key(text, keys):
         return []
     issues = [
-        Issue(file=display, line=n, item=None, field=None, message=KEY_LINE_MESSAGE)
+        Issue(
+            file=display,
+            line=n,
+            item=None,
+            field=None,
+            message=refusal(line, keys, KEY_LINE_MESSAGE, SHAPE_LINE_MESSAGE),
+        )
         for n, line in enumerate(text.splitlines(), start=1)
         if holds_key(line, keys)
     ]
-    return issues or [Issue(file=display, line=None, item=None, field=None, message=KEY_LINE_MESSAGE)]
+    whole = refusal(text, keys, KEY_LINE_MESSAGE, SHAPE_LINE_MESSAGE)
+    return issues or [Issue(file=display, line=None, item=None, field=None, message=whole)]
 
 
 def row_key_issues(raw: RawItem, keys: frozenset[str]) -> list[Issue]:
@@ -151,12 +191,12 @@ def row_key_issues(raw: RawItem, keys: frozenset[str]) -> list[Issue]:
     issues = []
     for name, value in raw.fields.items():
         if holds_key(str(name), keys):
-            issues.append(
-                Issue(file=raw.source, line=raw.line, item=raw.index, field=None, message=KEY_NAME_MESSAGE)
-            )
+            message = refusal(str(name), keys, KEY_NAME_MESSAGE, SHAPE_NAME_MESSAGE)
+            issues.append(Issue(file=raw.source, line=raw.line, item=raw.index, field=None, message=message))
         elif holds_key(value, keys):
             line = raw.lines.get(name, raw.line) if raw.lines else raw.line
-            issues.append(Issue(file=raw.source, line=line, item=raw.index, field=name, message=KEY_MESSAGE))
+            message = refusal(value, keys, KEY_MESSAGE, SHAPE_MESSAGE)
+            issues.append(Issue(file=raw.source, line=line, item=raw.index, field=name, message=message))
     return issues
 
 

@@ -23,7 +23,9 @@ import pytest
 
 from falsim.server import SimulatorHandle
 from jobs.db import _engine_for
-from tests.e2e.e2e_helpers import EXAMPLES, Run, Wb
+from jobs.redaction import MASK
+from tests.e2e.e2e_helpers import EXAMPLES, FAL_KEY, Run, Wb
+from tests.in_process import run_main
 
 MANIFEST = """\
 name: {name}
@@ -253,3 +255,130 @@ def test_status_where_there_is_no_database_makes_none(
     assert not (e2e_env / "proj" / "sub" / ".wanbatch").exists()
     # and so a submit from here still finds the batch above, instead of an empty database here
     assert wb("submit", "../home.yaml").code == 2
+
+
+# --------------------------------------------------------------------------- through a symlink
+# Audit: with ``proj/shots`` a symlink to ``real/shots`` (holding m2.yaml, batch m2), ``cd proj && wanbatch
+# submit shots/m2.yaml`` made proj/.wanbatch; then ``cd other && wanbatch submit
+# ../proj/shots/m2.yaml`` and ``cd proj/shots && wanbatch submit m2.yaml`` each said "new
+# database … the default, in the current folder" and stored m2 again (``run`` would have paid
+# twice): the look upwards walked the physical folders (real/shots, real, …) only, never proj.
+
+
+def _cd_logical(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """``cd folder`` as a shell does: the kernel follows its symlinks, ``$PWD`` keeps the path typed."""
+    _cd(monkeypatch, folder)
+    monkeypatch.setenv("PWD", str(folder))
+
+
+def _linked_shots(work: Path) -> Path:
+    """``work/proj/shots`` a symlink to ``work/real/shots``, which holds ``m2.yaml`` (batch m2)."""
+    real = work / "real" / "shots"
+    real.mkdir(parents=True)
+    _project(real, "m2")
+    (work / "proj").mkdir()
+    (work / "proj" / "shots").symlink_to(real, target_is_directory=True)
+    (work / "other").mkdir()
+    return work / "proj" / "shots" / "m2.yaml"
+
+
+def _stored_through_the_link(wb: Wb, monkeypatch: pytest.MonkeyPatch, work: Path) -> Path:
+    _linked_shots(work)
+    _cd_logical(monkeypatch, work / "proj")
+    done = wb("submit", "shots/m2.yaml")
+    assert done.code == 0, done.stderr
+    assert (work / "proj" / DEFAULT).is_file()
+    return work / "proj" / DEFAULT
+
+
+@pytest.mark.parametrize(
+    ("where", "manifest"),
+    [
+        ("other", "../proj/shots/m2.yaml"),
+        ("other", "{work}/proj/shots/m2.yaml"),
+        ("proj/shots", "m2.yaml"),
+    ],
+    ids=["relative-from-a-sibling", "absolute-from-a-sibling", "inside-the-link"],
+)
+def test_a_batch_stored_above_a_symlinked_folder_is_refused(
+    wb: Wb, e2e_env: Path, monkeypatch: pytest.MonkeyPatch, default_db: None, where: str, manifest: str
+) -> None:
+    stored = _stored_through_the_link(wb, monkeypatch, e2e_env)
+    _cd_logical(monkeypatch, e2e_env / where)
+    done = wb("submit", manifest.format(work=e2e_env))
+    assert done.code == 2, done.stderr
+    (line,) = _lines(done)
+    assert "batch 'm2' is stored in" in line
+    assert str(stored) in line
+    assert f"run from {e2e_env / 'proj'}" in line
+    assert not (e2e_env / "other" / ".wanbatch").exists()
+    assert not (e2e_env / "real" / "shots" / ".wanbatch").exists()
+
+
+def test_a_batch_read_inside_a_symlinked_folder_names_the_database_above_the_link(
+    wb: Wb, e2e_env: Path, monkeypatch: pytest.MonkeyPatch, default_db: None
+) -> None:
+    stored = _stored_through_the_link(wb, monkeypatch, e2e_env)
+    _cd_logical(monkeypatch, e2e_env / "proj" / "shots")
+    done = wb("status", "m2")
+    assert done.code == 2, done.stderr
+    (line,) = _lines(done)
+    assert f"there is one at {stored}" in line
+    listed = wb("status")
+    assert listed.code == 0, listed.stderr
+    assert str(stored) in listed.stdout
+
+
+def test_a_stale_pwd_is_not_taken_for_the_current_folder(
+    wb: Wb, e2e_env: Path, monkeypatch: pytest.MonkeyPatch, default_db: None
+) -> None:
+    """``$PWD`` counts only while it names the folder the command runs in (a program may chdir
+    without changing it): here it names proj, whose database holds m2, but the command runs in
+    an unrelated folder."""
+    _stored_through_the_link(wb, monkeypatch, e2e_env)
+    _cd(monkeypatch, e2e_env / "elsewhere")
+    monkeypatch.setenv("PWD", str(e2e_env / "proj"))
+    done = wb("submit", _project(e2e_env / "elsewhere", "m2").name)
+    assert done.code == 0, done.stderr
+    assert "the default, in the current folder" in done.stderr
+    assert (e2e_env / "elsewhere" / DEFAULT).is_file()
+
+
+# --------------------------------------------------------------------------- FAL_KEY in a path
+# Audit: ``mkdir -p "/tmp/x/$FAL_KEY"``, cd there, ``wanbatch submit m.yaml`` printed ``new
+# database ./.wanbatch/wanbatch.db (/tmp/x/<the key>/.wanbatch/wanbatch.db): …`` in clear,
+# while the refusal and the "no batch" lines masked it.
+
+
+@pytest.fixture
+def key_redaction() -> Iterator[None]:
+    """The command's start-up makes FAL_KEY known to every masking (``cli.main``); undone after."""
+    yield
+    from worker.fal.redact import uninstall_redaction
+
+    uninstall_redaction()
+
+
+@pytest.mark.parametrize("command", [("submit",), ("run", "--simulate", "--no-progress")], ids=lambda c: c[0])
+def test_the_new_database_note_masks_fal_key_in_its_paths(
+    e2e_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    default_db: None,
+    key_redaction: None,
+    command: tuple[str, ...],
+) -> None:
+    monkeypatch.setenv("FAL_KEY", FAL_KEY)
+    (e2e_env / f"k-{FAL_KEY}" / DEFAULT).parent.mkdir(parents=True)
+    (e2e_env / f"k-{FAL_KEY}" / DEFAULT).write_bytes(b"")  # a database above, named in the note
+    folder = e2e_env / f"k-{FAL_KEY}" / f"in-{FAL_KEY}"
+    manifest = _project(folder, "keyed")
+    _cd(monkeypatch, folder)
+    capsys.readouterr()
+    assert run_main([*command, manifest.name], monkeypatch) == 0  # as the console script runs
+    out, err = capsys.readouterr()
+    (note,) = [line for line in err.splitlines() if "new database" in line]
+    assert "another database exists at" in note
+    assert FAL_KEY not in out + err
+    assert f"in-{MASK}" in note
+    assert (folder / DEFAULT).is_file()

@@ -64,15 +64,16 @@ def test_parse_vary_refuses_the_known_key_and_a_fal_shaped_value_without_quoting
 
     key = "5f0c1d9a-7e2b-4c3d-8a9b-0c1d2e3f4a5b:4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b"
     secret = key.partition(":")[2]
-    for option, keys in [
-        (f"prompt=x {secret}", (key,)),  # the secret half alone is the key
-        (f"negative_prompt=x,y,{quote(key, safe='')}", (key,)),
-        (f"prompt=shaped {key}", ()),  # no FAL_KEY set: its shape is enough
+    for option, keys, said in [
+        (f"prompt=x {secret}", (key,), HOLDS),  # the secret half alone is the key
+        (f"negative_prompt=x,y,{quote(key, safe='')}", (key,), HOLDS),
+        # no FAL_KEY set: its shape is enough, and what it is told
+        (f"prompt=shaped {key}", (), "holds a value shaped like a fal API key"),
     ]:
         with pytest.raises(UsageError) as refused:
             parse_varies([option], keys)
         message = str(refused.value)
-        assert HOLDS in message
+        assert said in message
         assert secret not in message
         assert not message.startswith(f"--vary {option[:6]}")  # the option's text is not quoted
     assert parse_varies(["prompt=a calm sea,a storm"], (key,))[0].tokens == ("a calm sea", "a storm")

@@ -25,6 +25,8 @@ KEY = "id-1234:sekrit-CANARY-5f3a"
 SECRET = KEY.partition(":")[2]
 SHAPED = "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b:0123456789abcdef0123456789abcdef"
 HOLDS = "field 'prompt': the value holds FAL_KEY (the fal API key): refused"
+#: A value of a fal key's shape that is no key this process knows: said as such, not as FAL_KEY.
+SHAPE_HOLDS = "field 'prompt': holds a value shaped like a fal API key"
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +98,7 @@ def test_a_fal_shaped_key_is_refused_without_fal_key_set(
     for command in ("validate", "submit"):
         assert run_main([command, str(manifest)], monkeypatch) == 2
         _, err = _printed(capsys)
-        assert f"{manifest}:4: item 0: {HOLDS}" in err
+        assert f"{manifest}:4: item 0: {SHAPE_HOLDS}" in err
     # An items_from row too, and a field's name.
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"prompt": f"row {SHAPED}"}) + "\n")
@@ -106,7 +108,7 @@ def test_a_fal_shaped_key_is_refused_without_fal_key_set(
     )
     assert run_main(["validate", str(listed)], monkeypatch) == 2
     _, err = _printed(capsys)
-    assert HOLDS in err
+    assert SHAPE_HOLDS in err
     with sqlite3.connect(tmp_path / "w.db") as conn:
         assert conn.execute("SELECT count(*) FROM batches").fetchone() == (0,)
     # An ordinary prompt with a colon and hex in it is no key.
