@@ -168,7 +168,10 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
             wait_for_limiter(settings)
             wait_until_writable(settings.broker_url)
         else:
+            from worker.broker_outage import check_writable
+
             check_limiter(settings)  # its Redis unreachable: one line, exit 2, before anything starts
+            check_writable(settings.broker_url)  # a replica, or full: one line, exit 2, as the limiter
         from worker.redis_memory import warn_at_start
 
         warn_at_start(settings)  # a Redis that may evict keys: one warning line per server

@@ -293,19 +293,25 @@ def install_key(location: str | Path = _LOCATION) -> str:
 
 def _user_cache_folder() -> Path | None:
     """``$XDG_CACHE_HOME/wanbatch``, else ``~/.cache/wanbatch`` (the XDG Base Directory spec's
-    per-user cache): the first that is, or can be made, a folder this user writes; None if neither."""
-    bases: list[Path] = []
+    per-user cache): the first that is, or can be made, a folder this user writes; None if neither.
+
+    Only below a base that is there: ``$XDG_CACHE_HOME`` itself, or the home. Neither they nor
+    their parents are ever made: a made-up home (``HOME=/nonexistent``, a service user's) once
+    had root, for whom every folder is writable, make it at the first save."""
+    bases: list[tuple[Path, Path]] = []  # (what must be there, the folder below it)
     xdg = os.environ.get("XDG_CACHE_HOME")
     if xdg and Path(xdg).is_absolute():  # the spec: a relative path is invalid, and ignored
-        bases.append(Path(xdg))
+        bases.append((Path(xdg), Path(xdg) / "wanbatch"))
     with contextlib.suppress(RuntimeError):  # no home directory to be found
         home = Path.home()
         if home.is_absolute():
-            bases.append(home / ".cache")
-    for base in bases:
-        folder = existing = base / "wanbatch"
-        while not (existing.exists() or existing.is_symlink()) and existing.parent != existing:
-            existing = existing.parent  # the folders missing are made at the first save
+            bases.append((home, home / ".cache" / "wanbatch"))
+    for base, folder in bases:
+        if not base.is_dir():
+            continue
+        existing = folder
+        while existing != base and not (existing.exists() or existing.is_symlink()):
+            existing = existing.parent  # the folders missing below the base are made at the first save
         if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
             return folder
     return None

@@ -208,6 +208,37 @@ def write_problem(url: str) -> tuple[str, str | None] | None:
     return None
 
 
+def check_writable(url: str | None) -> None:
+    """Raise :class:`jobs.errors.ConfigError` (exit 2, one line, with the fix) when the Redis
+    broker at ``url`` answers but refuses a write: a read-only replica, or out of memory
+    (``maxmemory`` reached under ``noeviction``). For a ``wanbatch worker``'s first start, as
+    :func:`worker.limits.check_limiter` for its limiter: a broker that refuses writes then is a
+    configuration to fix, where for a worker started afresh it is an outage under way
+    (:func:`wait_until_writable`). Without this, a worker pointed at a replica waited for ever as
+    if for an outage. A broker that does not answer at all passes: Celery waits for it at start
+    (``broker_connection_retry_on_startup``), as before. Nothing for any other broker."""
+    if not url or not url.startswith(("redis://", "rediss://")):
+        return
+    found = write_problem(url)
+    if found is None or found[1] is None:
+        return
+    from jobs.errors import ConfigError
+
+    problem, refusal = found
+    where = masked_url(url)
+    if refusal == "read-only replica":
+        fix = "point WANBATCH_BROKER_URL at the primary"
+    else:
+        fix = (
+            "give the broker's Redis memory to spare (raise its maxmemory, or free what fills it), "
+            "then start the worker again"
+        )
+    raise ConfigError(
+        f"the broker at {where} {outage_words(refusal)} ({problem}). {fix[0].upper()}{fix[1:]}; "
+        "nothing was sent"
+    )
+
+
 def wait_until_writable(
     url: str | None,
     *,

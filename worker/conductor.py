@@ -152,7 +152,12 @@ class Conductor:
         #: was sent again (a new request is followed anew).
         self._given_up: dict[str, str] = {}
         self._reach: Reach | None = None  # the runtime's reach as of the last tick (_watch)
-        self._broker_epoch: str | None = None  # the broker's run_id as last seen (_after_broker_restart)
+        self._broker_epoch: str | None = None  # the broker's epoch as last seen (_after_broker_restart)
+        #: When (monotonic) a loss told by the broker's marker alone last handed jobs on (None:
+        #: never): another within ``WANBATCH_LEASE_SECONDS`` only moves the known epoch on.
+        self._flush_handed_at: float | None = None
+        #: Monotonic seconds (replaced in tests).
+        self.clock: Callable[[], float] = time.monotonic
         #: ``rt.budget_cancelled`` as :meth:`_redispatch_at` last saw it.
         self._budget_cancelled_seen = rt.budget_cancelled
         self._beat_lock = threading.Lock()
@@ -622,7 +627,28 @@ class Conductor:
 
     def _hand_on_lost(self, how: str) -> None:
         """The broker lost its queued messages (``how``: "it restarted", "flushed or evicted"):
-        hand the jobs handed to tasks not started yet on again, and say so once."""
+        hand the jobs handed to tasks not started yet on again, and say so once.
+
+        A loss told by the marker alone (:data:`FLUSHED`) hands on at most once per
+        ``WANBATCH_LEASE_SECONDS``: under a ``maxmemory-policy`` that evicts keys the marker, read
+        once a tick, is the coldest key and can go nearly every tick while the queue survives,
+        and each hand-on would add a copy of every waiting job's message and a note on its
+        history. Within that time a job whose message was lost all the same is recovered when
+        its lease runs out. A restart (:data:`RESTARTED`, a new ``run_id``) always hands on."""
+        now = self.clock()
+        if how == FLUSHED:
+            last = self._flush_handed_at
+            if last is not None and now - last < self.rt.settings.lease_seconds:
+                log.debug(
+                    "the broker's marker was lost again %.0f s after the last hand-on (flushed or "
+                    "evicted): not handing on again within WANBATCH_LEASE_SECONDS (%.0f s); leases "
+                    "running out recover any job whose message was lost",
+                    now - last,
+                    self.rt.settings.lease_seconds,
+                    extra={"event": "conductor.broker_flushed_again"},
+                )
+                return
+            self._flush_handed_at = now
         submits, downloads = steps.hand_on_again(self.rt, how)
         if how == RESTARTED:
             what = "the broker restarted (its queued messages may be lost)"

@@ -158,7 +158,9 @@ end
 #: Returns the wait (µs), Redis' clock (µs), the policy as ``HGETALL`` gives it when its stamp is
 #: not the one this process saw last (else empty), whether a policy is there (1) or not (0),
 #: each key's TAT after the call (µs; 0 for a key that limits nothing), for the next call's fallback,
-#: and how many keys this call found missing and restored (:class:`KeysLost` counts them).
+#: and how many keys this call found missing that this process had seen (a TAT of its own, > 1), and
+#: restored (:class:`KeysLost` counts them): a key it never saw (1: the first ask under a new
+#: endpoint's own key) is restored all the same, but was never lost, so it is not counted.
 GCRA_LUA = (
     _LUA_STATE
     + """
@@ -197,7 +199,7 @@ local after = {}
 for i = 1, n do after[i] = tats[i] or 0 end
 local lost = 0
 for i = 1, n do
-  if restored[i] then lost = lost + 1 end
+  if restored[i] and (tonumber(ARGV[3 * n + 2 + i]) or 0) > 1 then lost = lost + 1 end
 end
 if wait > 0 then
   for i = 1, n do

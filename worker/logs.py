@@ -450,9 +450,11 @@ class BrokerTimerErrors(logging.Filter):
     every second). While the broker cannot be reached or refuses writes (out of memory, a
     read-only replica) each of them fails, and the next one tries again: an outage, no bug. One
     WARNING line then, at most every :data:`TIMER_ERROR_EVERY_SECONDS` per kind of call (the
-    others are dropped; the next line counts them), for a record whose error is a Redis
-    client's error reply (``ResponseError``) or connection error, or a broker connection error
-    (:func:`worker.broker_outage.broker_problem`). Anything else keeps kombu's line."""
+    others are dropped; the next line counts them), for a record whose error is such an outage
+    (:func:`worker.broker_outage.broker_problem`: a connection error, or a write refused for
+    memory or a replica). An error whose text differs from the last one said for that call is
+    said at once, never held back. Any other error — another error reply of Redis' (``WRONGTYPE``,
+    ``NOPERM``, ``NOSCRIPT``, a Lua script's error), a bug — keeps kombu's line and traceback."""
 
     def __init__(
         self, every: float = TIMER_ERROR_EVERY_SECONDS, clock: Callable[[], float] | None = None
@@ -464,6 +466,7 @@ class BrokerTimerErrors(logging.Filter):
         self.clock = clock or time.monotonic
         self._logs: dict[str, OutageLog] = {}  # per kind of call
         self._held: dict[str, int] = {}
+        self._shown: dict[str, str] = {}  # per kind of call: the error said last
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -474,25 +477,20 @@ class BrokerTimerErrors(logging.Filter):
         from worker.broker_outage import broker_problem, broker_refusal, outage_words
 
         problem = broker_problem(exc)
-        if problem is None:
-            try:
-                import redis.exceptions
-            except ImportError:  # pragma: no cover - redis is a dependency
-                return True
-            if not isinstance(exc, redis.exceptions.ResponseError | redis.exceptions.ConnectionError):
-                return True
-            lines = str(exc).strip().splitlines()
-            problem = f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+        if problem is None:  # no outage: Redis answered with another error, or a bug
+            return True
         from worker.outage_log import OutageLog
 
         with self._lock:
-            # Nothing tells a periodic call's recovery: a failure is said once ``every`` has passed.
+            # Nothing tells a periodic call's recovery: a failure is said once ``every`` has
+            # passed, or at once when it is another error than the one said last.
             log = self._logs.get(call)
-            if log is None:
+            if log is None or self._shown.get(call) != problem:
                 log = self._logs[call] = OutageLog(self.every, self.clock, new_outage_said_at_once=False)
             if not log.failed().due:
                 self._held[call] = self._held.get(call, 0) + 1
                 return False
+            self._shown[call] = problem
             held = self._held.pop(call, 0)
         more = f" ({held} more such line(s) held back since the last)" if held else ""
         words = outage_words(broker_refusal(exc))

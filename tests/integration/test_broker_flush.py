@@ -252,3 +252,65 @@ def test_a_job_handed_on_again_while_its_message_is_still_queued_is_sent_once(
             job = store.get_job(session, job_id)
             assert job.attempts == 1
             assert job.possible_duplicate_charges == 0
+
+
+def test_a_marker_lost_every_tick_hands_on_once_per_lease_a_restart_always(
+    engine: Engine,
+    hostile: HostileProvider,
+    tmp_path: Path,
+    server: RedisServer,
+    client: redis.Redis[bytes],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Under ``allkeys-lfu`` the marker, read once a tick, is the coldest key: evicted nearly every
+    tick while the queue list survives. Each loss handed every waiting job on again, so the queue
+    and the jobs' history grew by a copy each tick. A loss told by the marker alone now hands on
+    at most once per ``WANBATCH_LEASE_SECONDS``; a restart (a new ``run_id``) always does."""
+    FakeFal(hostile)
+    submits: list[str] = []
+    settings = settings_for(hostile.url, KEY, output_dir=tmp_path / "out", max_outstanding=5)
+    rt = make_runtime(engine, settings, enqueue_submit=submits.append)
+    batch_id = add_batch(engine, "lfu", [(T2V, {"prompt": p, "resolution": "480p"}) for p in "ab"])
+    first, second = job_ids(engine, batch_id)
+    assert sorted(dispatch(rt)) == sorted([first, second])
+    submits.clear()
+    rt.broker_epoch = redis_epoch(server.url)
+    conductor = Conductor(rt, stream=False)
+    now = [1000.0]
+    conductor.clock = lambda: now[0]
+    conductor._after_broker_restart()  # first look
+
+    def notes(job_id: str) -> list[str]:
+        with db.read_scope(engine) as session:
+            reasons = [e.reason or "" for e in store.job_events(session, job_id)]
+        return [r for r in reasons if r.startswith("message lost by the broker")]
+
+    with caplog.at_level(logging.WARNING, logger="worker.conductor"):
+        for _ in range(6):  # the marker evicted at every tick, a second apart
+            client.delete(BROKER_EPOCH_KEY)
+            conductor._after_broker_restart()
+            now[0] += 1.0
+        assert sorted(submits) == sorted([first, second])  # one hand-on
+        said = [r.getMessage() for r in caplog.records if r.name == "worker.conductor"]
+        assert len(said) == 1, said
+        lost = "message lost by the broker (flushed or evicted): handed on again"
+        assert notes(first) == notes(second) == [lost]
+        epoch = client.get(BROKER_EPOCH_KEY)
+        assert epoch is not None
+        assert conductor._broker_epoch is not None
+        assert epoch.decode() in conductor._broker_epoch  # the known epoch moved on all the same
+
+        server.restart(down_seconds=0.1)  # within the lease: a restart still hands on
+        conductor._after_broker_restart()
+        assert len(submits) == 4
+        said = [r.getMessage() for r in caplog.records if r.name == "worker.conductor"]
+        assert len(said) == 2, said
+        assert "restarted" in said[1]
+
+        now[0] += settings.lease_seconds  # a lease on: a lost marker hands on again
+        client.delete(BROKER_EPOCH_KEY)
+        conductor._after_broker_restart()
+        assert len(submits) == 6
+        said = [r.getMessage() for r in caplog.records if r.name == "worker.conductor"]
+        assert len(said) == 3, said
+        assert "flushed or evicted" in said[2]

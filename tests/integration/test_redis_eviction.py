@@ -130,6 +130,27 @@ def test_a_flush_now_and_then_is_not_taken_for_eviction(
         client.close()
 
 
+def test_a_first_ask_per_endpoint_is_not_taken_for_eviction(
+    tmp_redis: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each endpoint with its own limit has its own key, first written by its first ask: a key this
+    process never saw, found missing, is no key lost. Four endpoints asked once each, on a Redis
+    that evicts nothing, once said that the keys were being evicted."""
+    endpoints = ["fal-ai/wan-22", "fal-ai/wan-i2v", "fal-ai/wan-flf2v", "wan/v2.6/image-to-video"]
+    server = tmp_redis()
+    settings = _settings(limits_url=server.url, submit_rate_per_endpoint={e: 50.0 for e in endpoints})
+    limiter = RedisGCRA.from_url(settings, server.url)
+    limiter.evictions.clock = lambda: 1000.0
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.limits"):
+            for endpoint in endpoints * 2:
+                limiter.grant(endpoint)
+        assert not [r.getMessage() for r in caplog.records if EVICTED in r.getMessage()]
+        assert limiter.evictions.in_a_row == 0
+    finally:
+        limiter.close()
+
+
 @pytest.mark.parametrize(
     ("args", "fails"),
     [

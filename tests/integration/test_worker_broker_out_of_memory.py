@@ -198,36 +198,58 @@ def test_a_restarted_worker_waits_for_a_full_redis_where_a_first_start_refuses_i
     assert "Traceback" not in text, text
 
 
-def test_a_worker_whose_broker_alone_is_full_at_start_waits_for_it_once_started_afresh(
+def test_a_worker_whose_broker_alone_is_full_refuses_a_first_start_and_waits_once_started_afresh(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    """The limiter on a Redis of its own (``WANBATCH_LIMITS_URL``): the start-up check passes,
-    and Celery's start, which writes to the full broker, fails. It started afresh every 3 s
-    with a traceback each time; now it is one warning line, and the worker started afresh
-    waits for the broker to take writes (a warning every 30 s) before Celery starts again."""
+    """The limiter on a Redis of its own (``WANBATCH_LIMITS_URL``): the limiter's check passes.
+    A first start checks that the broker takes a write, as the limiter's check does for its
+    Redis: one line and exit 2, as a full limiter's Redis is (Celery's start, which writes to
+    the broker, once failed, started afresh every 3 s with a traceback, and then waited as if
+    for an outage). A worker started afresh (an outage under way) waits for the broker to take
+    writes (a warning every 30 s) before Celery starts."""
+    from cli.service_commands import RESTARTED_ENV  # what a worker that starts itself afresh sets
+
     limiter = RedisServer(tmp_path / "limiter")
     limiter.start()
     broker = redis_server.url
-    log = tmp_path / "worker.log"
     _maxmemory(broker, "1")
-    worker = _start(tmp_path, _env(tmp_path, broker, WANBATCH_LIMITS_URL=limiter.url), log)
-
-    def said() -> str:
-        return log.read_text(errors="replace")
-
     waits = f"the broker at {broker} refuses writes (out of memory)"
     try:
-        _until("the wait for the broker", lambda: f"{waits} (" in said(), worker, log)
-        assert " ready." not in said()
-        _maxmemory(broker, "0")
-        _until("ready line", lambda: " ready." in said(), worker, log)
-        code = _stop(worker, log)
+        first = subprocess.run(
+            [*wanbatch(), "worker", "-c", "1"],
+            env=_env(tmp_path, broker, WANBATCH_LIMITS_URL=limiter.url),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE_SECONDS,
+            check=False,
+        )
+        assert first.returncode == 2, first.stderr
+        lines = [line for line in first.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, first.stderr
+        assert waits in lines[0]
+        assert "raise its maxmemory" in lines[0]
+
+        log = tmp_path / "worker.log"
+        env = _env(tmp_path, broker, WANBATCH_LIMITS_URL=limiter.url, **{RESTARTED_ENV: "1"})
+        worker = _start(tmp_path, env, log)
+
+        def said() -> str:
+            return log.read_text(errors="replace")
+
+        try:
+            _until("the wait for the broker", lambda: f"{waits} (" in said(), worker, log)
+            assert " ready." not in said()
+            _maxmemory(broker, "0")
+            _until("ready line", lambda: " ready." in said(), worker, log)
+            code = _stop(worker, log)
+        finally:
+            _kill(worker)
     finally:
-        _kill(worker)
         limiter.kill()
     text = said()
     assert code == 0, tail(log)
     assert "Traceback" not in text, text
-    assert text.count("restarting it") == 1, text  # started afresh once, then waited
+    assert "restarting it" not in text, text  # it waited before Celery started
     assert "this worker, started afresh, waits for it to take writes before it starts" in text
     assert f"the broker at {broker} takes writes again" in text

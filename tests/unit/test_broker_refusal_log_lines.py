@@ -126,12 +126,81 @@ def test_the_timer_line_is_said_at_most_every_30_seconds_and_counts_what_it_held
     for second in range(0, 95, 5):  # kombu's timers fail every few seconds, every worker's too
         now[0] = 100.0 + second
         one(OutOfMemoryError(OOM_TEXT))
+    now[0] = 192.0
+    one(OutOfMemoryError(OOM_TEXT))  # the same error again within 30 s: held back
     now[0] = 200.0
     one(redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused."))
-    assert [at for at, _ in said] == [100.0, 130.0, 160.0, 190.0]
+    assert [at for at, _ in said] == [100.0, 130.0, 160.0, 190.0, 200.0]  # another error: said at once
+    assert "cannot be reached" in said[-1][1]
+    assert "Connection refused" in said[-1][1]
+    assert "(1 more such line(s) held back since the last)" in said[-1][1]
+    said.pop()
     assert "held back" not in said[0][1]
     assert "(5 more such line(s) held back since the last)" in said[1][1]
     assert all("refuses writes (out of memory)" in text for _, text in said)
+
+
+def _timer_record(exc: BaseException, logger: str = "kombu.asynchronous.hub") -> logging.LogRecord:
+    exc = _raised(exc)
+    record = logging.LogRecord(logger, logging.ERROR, __file__, 0, "Error in timer: %r", (exc,), None)
+    record.exc_info = (type(exc), exc, exc.__traceback__)
+    return record
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+        redis.exceptions.NoPermissionError("NOPERM User wanbatch has no permissions to run the 'zadd' cmd"),
+        redis.exceptions.NoScriptError("No matching script. Please use EVAL."),
+        redis.exceptions.ResponseError("Error running script (call to f_4c1d…): @user_script:1: bad arg"),
+    ],
+    ids=["wrongtype", "noperm", "noscript", "lua-error"],
+)
+def test_a_redis_error_reply_that_is_no_outage_keeps_kombus_line(error: BaseException) -> None:
+    """Redis answered and refused the command for another reason than memory or a replica: no
+    outage, and never said as "the broker cannot be reached" (once relabelled so, and the
+    next different error held back for 30 s)."""
+    from worker.logs import BrokerTimerErrors
+
+    timer_filter = BrokerTimerErrors(every=30.0, clock=lambda: 100.0)
+    for _ in range(3):  # each one kept, none held back
+        record = _timer_record(error)
+        assert timer_filter.filter(record)
+        assert record.levelno == logging.ERROR
+        assert record.exc_info is not None
+        assert "cannot be reached" not in record.getMessage()
+    # ... and it holds back no outage after it.
+    record = _timer_record(OutOfMemoryError(OOM_TEXT))
+    assert timer_filter.filter(record)
+    assert record.levelno == logging.WARNING
+    assert "refuses writes (out of memory)" in record.getMessage()
+
+
+def test_an_outage_error_other_than_the_last_one_shown_is_never_held_back() -> None:
+    from worker.logs import BrokerTimerErrors
+
+    now = [100.0]
+    timer_filter = BrokerTimerErrors(every=30.0, clock=lambda: now[0])
+    errors = [
+        redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused."),
+        redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused."),
+        redis.exceptions.ReadOnlyError(READ_ONLY_TEXT),
+        redis.exceptions.ReadOnlyError(READ_ONLY_TEXT),
+        OutOfMemoryError(OOM_TEXT),
+    ]
+    shown = []
+    for error in errors:
+        now[0] += 1.0
+        record = _timer_record(error)
+        if timer_filter.filter(record):
+            assert record.levelno == logging.WARNING
+            shown.append(record.getMessage())
+    assert len(shown) == 3, shown
+    assert "cannot be reached" in shown[0]
+    assert "refuses writes (read-only replica)" in shown[1]
+    assert "(1 more such line(s) held back since the last)" in shown[1]
+    assert "refuses writes (out of memory)" in shown[2]
 
 
 def test_celery_stopping_for_a_redis_that_refuses_writes_is_one_warning_line(

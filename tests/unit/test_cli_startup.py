@@ -436,6 +436,7 @@ def test_the_command_keeps_its_dataclass_methods_for_the_next_start(tmp_path: Pa
     env = {k: v for k, v in _clean_env(tmp_path).items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
     manifest = tmp_path / "one.yaml"
     manifest.write_text('name: methods-probe\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: "a red kite"\n')
     args = ("validate", str(manifest))
@@ -466,7 +467,10 @@ def test_the_method_cache_goes_to_the_user_cache_folder(
     home, xdg = tmp_path / "home", tmp_path / "xdg"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))  # not there yet: created at the first save
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))  # not there: never made, the home's used
+    assert startup.method_cache_path() is not None
+    assert startup.method_cache_path().parent == home / ".cache" / "wanbatch"  # type: ignore[union-attr]
+    xdg.mkdir()  # there: wanbatch/ in it is made at the first save
     path = startup.method_cache_path()
     assert path is not None
     assert path.parent == xdg / "wanbatch"
@@ -476,7 +480,6 @@ def test_the_method_cache_goes_to_the_user_cache_folder(
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert startup.method_cache_path() == home / ".cache" / "wanbatch" / path.name
     if os.geteuid() != 0:  # root writes anywhere
-        xdg.mkdir()
         xdg.chmod(0o500)
         home.chmod(0o500)
         monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
@@ -494,6 +497,36 @@ def test_the_method_cache_goes_to_the_user_cache_folder(
     cache.code("z = 3\n")
     cache.save()  # nowhere to write: nothing written, no error
     assert unwritable.read_text() == ""
+
+
+def test_the_cache_folder_is_made_only_below_a_home_or_xdg_cache_that_is_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``HOME=/nonexistent/deep`` (a service user's made-up home): as root, for whom every folder
+    is writable, the cache walked up to ``/`` and made ``/nonexistent/deep/.cache/wanbatch`` at
+    the first save. The home, the XDG cache folder and their parents are never made; folders
+    below one that is there are."""
+    from cli import startup
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    home = tmp_path / "nonexistent" / "deep"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "nowhere" / "cache"))
+    assert startup.method_cache_path() is None
+    cache = startup.MethodCache(startup.method_cache_path())
+    cache.code("w = 4\n")
+    cache.save()  # nowhere to write: nothing made
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    home.mkdir(parents=True)  # the home is there: ~/.cache/wanbatch below it may be made
+    path = startup.method_cache_path()
+    assert path is not None
+    assert path.parent == home / ".cache" / "wanbatch"
+    cache = startup.MethodCache(path)
+    cache.code("w = 5\n")
+    cache.save()
+    assert path.exists()
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_two_installs_never_share_the_method_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
