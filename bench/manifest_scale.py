@@ -14,6 +14,11 @@ The rows stored are counted back, and the commands' exit status must be 0.
 wanbatch of another checkout (e.g. ``git archive`` of an earlier commit unpacked at PATH): the
 two alternate, so a shared machine's load weighs on both alike.
 
+``--resubmit`` adds, after each ``submit``, the same manifest submitted again with one item left
+out (its middle prompt, ``seeds × 2`` jobs) into the same database: ``submit −1 item``, the
+resubmit that marks (and drops) the jobs the manifest no longer has and numbers every other job
+anew. Its row counts back the jobs marked ``not_in_manifest``, which must be that item's.
+
 ``--sizes 10k,100k`` is the default; ``--sizes 10k,100k,1m`` (or ``--million``) adds the million-job
 case (several minutes a command on a 2-core machine). ``--profile DIR`` runs every command under
 cProfile too (figures then inflated and not shown; ``DIR/<size>-<command>.prof``).
@@ -30,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,11 +77,12 @@ SUBJECTS = (
 CAMERAS = ("slow dolly in", "static wide shot", "handheld tracking shot", "aerial orbit", "low angle")
 
 
-def write_manifest(folder: Path, label: str) -> tuple[Path, int]:
+def write_manifest(folder: Path, label: str, *, leave_out: int | None = None) -> tuple[Path, int]:
     """The sweep manifest of size ``label`` in ``folder`` (images copied in); and its job count.
 
     Even prompts are text-to-video (the manifest's ``fal-ai/wan-22``), odd ones image-to-video
-    (``fal-ai/wan-i2v``, ``image_url`` one of three images in ``images/``)."""
+    (``fal-ai/wan-i2v``, ``image_url`` one of three images in ``images/``). ``leave_out``: that
+    prompt's row is left out of the ``items_from`` file (the same manifest, one item fewer)."""
     prompts, seeds = SIZES[label]
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -83,6 +90,8 @@ def write_manifest(folder: Path, label: str) -> tuple[Path, int]:
         shutil.copy(ROOT / "manifests" / "examples" / "images" / name, images / name)
     with (folder / "prompts.jsonl").open("w", encoding="utf-8") as fh:
         for i in range(prompts):
+            if i == leave_out:
+                continue
             row: dict[str, object] = {
                 "prompt": f"{SUBJECTS[i % len(SUBJECTS)]}, {CAMERAS[i % len(CAMERAS)]}, take {i}",
             }
@@ -107,7 +116,8 @@ def write_manifest(folder: Path, label: str) -> tuple[Path, int]:
         "  max_usd: 100000000\n",
         encoding="utf-8",
     )
-    return manifest, prompts * seeds * len(RESOLUTIONS)
+    kept = prompts - (leave_out is not None)
+    return manifest, kept * seeds * len(RESOLUTIONS)
 
 
 @dataclass(slots=True)
@@ -123,6 +133,9 @@ class Row:
     peak_rss_mb: float
     status: int
     stored: int | None = None
+    #: ``submit −1 item``: the jobs it marked ``not_in_manifest`` (counted back), and how many it should.
+    left_out: int | None = None
+    left_out_expected: int | None = None
 
     @property
     def jobs_per_s(self) -> float:
@@ -140,13 +153,16 @@ def run_command(
         argv, cwd=code, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     assert proc.stderr is not None
-    deadline = started + timeout
+    # Killed at the deadline even when it prints nothing (a resubmit stuck in one statement).
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
     stderr_tail: list[str] = []
-    for line in proc.stderr:  # drained as it comes: a full pipe would block the child
-        stderr_tail = [*stderr_tail[-20:], line]
-        if time.perf_counter() > deadline:
-            proc.kill()
-    _, status, usage = os.wait4(proc.pid, 0)
+    try:
+        for line in proc.stderr:  # drained as it comes: a full pipe would block the child
+            stderr_tail = [*stderr_tail[-20:], line]
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        killer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     return (
@@ -175,14 +191,14 @@ def migrate(database_url: str) -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(database_url), check=True)
 
 
-def count_jobs(database_url: str) -> int:
-    """Jobs stored, read back independently of ``submit``'s own output."""
+def count_jobs(database_url: str, where: str = "") -> int:
+    """Jobs stored (``where``: those matching it), read back independently of ``submit``'s own output."""
     from sqlalchemy import create_engine, text
 
     engine = create_engine(database_url)
     try:
         with engine.connect() as conn:
-            return int(conn.execute(text("SELECT count(*) FROM jobs")).scalar_one())
+            return int(conn.execute(text(f"SELECT count(*) FROM jobs {where}")).scalar_one())
     finally:
         engine.dispose()
 
@@ -229,6 +245,18 @@ def measure(args: argparse.Namespace, label: str, folder: Path) -> list[Row]:
                 row = one("submit", f"submit ({kind})", url, code)
                 row.stored = count_jobs(url)
                 rows.append(row)
+                if args.resubmit:
+                    prompts, seeds = SIZES[label]
+                    write_manifest(folder, label, leave_out=prompts // 2)
+                    try:
+                        row = one("submit", f"submit −1 item ({kind})", url, code)
+                    finally:
+                        write_manifest(folder, label)  # the full manifest again for the next run
+                    row.jobs = jobs  # the batch's jobs: the left-out item's are kept (marked)
+                    row.stored = count_jobs(url)
+                    row.left_out = count_jobs(url, "WHERE not_in_manifest")
+                    row.left_out_expected = seeds * len(RESOLUTIONS)
+                    rows.append(row)
     return rows
 
 
@@ -243,6 +271,7 @@ def render(rows: list[Row], title: str) -> Table:
         "peak RSS (MB)",
         "jobs/s",
         "rows stored",
+        "left out",
         "exit",
     ):
         table.add_column(header, justify="left" if header in ("code", "command") else "right")
@@ -256,6 +285,7 @@ def render(rows: list[Row], title: str) -> Table:
             fmt(r.peak_rss_mb, 1),
             f"{r.jobs_per_s:,.0f}",
             "–" if r.stored is None else f"{r.stored:,}",
+            "–" if r.left_out is None else f"{r.left_out:,}",
             str(r.status),
         )
     return table
@@ -278,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{r.size} {r.code} {r.command} stored {r.stored:,} jobs, expected {r.jobs:,}"
         for r in rows
         if r.stored is not None and r.stored != r.jobs
+    ]
+    problems += [
+        f"{r.size} {r.code} {r.command} marked {r.left_out:,} jobs not in its manifest, expected "
+        f"{r.left_out_expected:,}"
+        for r in rows
+        if r.left_out is not None and r.left_out != r.left_out_expected
     ]
     if args.json:
         print(
@@ -307,6 +343,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--million", action="store_true", help="add the 1,000,000-job case")
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL, help="PostgreSQL server to use")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per command")
+    parser.add_argument(
+        "--resubmit", action="store_true", help="also submit again with one item left out, timed"
+    )
     parser.add_argument("--baseline", metavar="PATH", help="another checkout to run each command with too")
     parser.add_argument("--profile", metavar="DIR", help="run each command under cProfile, into DIR")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")

@@ -13,11 +13,13 @@ from typing import Any, cast
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Select,
     and_,
     bindparam,
     case,
     column,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -174,10 +176,12 @@ def resubmit_jobs(
     """
     conn = session.connection()
     pg = conn.dialect.name == "postgresql"
-    on_commit = " ON COMMIT DROP" if pg else ""  # SQLite's is dropped below (its rollback drops it too)
-    conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {_SEEN} (job_key TEXT NOT NULL){on_commit}")
+    on_commit = " ON COMMIT DROP" if pg else ""  # SQLite's are dropped below (its rollback drops them too)
+    # Keyed, so a statement over the keys can look one up (and the planner knows them unique).
+    conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {_SEEN} (job_key TEXT PRIMARY KEY){on_commit}")
     seen = table(_SEEN, column("job_key"))
     conn.execute(delete(seen))
+    add_seen = _dialect_insert(conn.dialect.name, seen).on_conflict_do_nothing()
     staged_keys = select(table(_STAGING, column("job_key")).c.job_key)
     added = present = renumbered = relocated = 0
     for block in _chunks(jobs, chunk):
@@ -189,11 +193,13 @@ def resubmit_jobs(
         if pg:  # the chunk is still in the staging table _insert_chunk_pg filled
             if inserted < len(block):
                 renumbered += _place_stored_pg(conn)
-            conn.execute(insert(seen).from_select(["job_key"], staged_keys))
+            conn.execute(add_seen.from_select(["job_key"], staged_keys))
         else:
             if inserted < len(block):
                 renumbered += _place_stored_sqlite(conn, batch_id, block)
-            conn.execute(insert(seen), [{"job_key": job.key} for job in block])
+            conn.execute(add_seen, [{"job_key": job.key} for job in block])
+    if pg:  # filled by now: without statistics the planner guesses its size from its pages
+        conn.exec_driver_sql(f"ANALYZE {_SEEN}")
     in_manifest = _JOBS.c.job_key.in_(select(seen.c.job_key))
     restored = _restore(session, batch_id, in_manifest) if present else 0
     if present:  # unmarked: the manifest has them (again)
@@ -205,7 +211,7 @@ def resubmit_jobs(
     stored = select(func.count()).select_from(_JOBS).where(_JOBS.c.batch_id == batch_id)
     gone = dropped = ended_unsent = 0
     if conn.execute(stored).scalar_one() > added + present:
-        left_out = _JOBS.c.job_key.not_in(select(seen.c.job_key))
+        left_out = _left_out(conn, batch_id)
         conn.execute(
             update(_JOBS)
             .where(_JOBS.c.batch_id == batch_id, _JOBS.c.not_in_manifest.is_(False), left_out)
@@ -247,7 +253,41 @@ def resubmit_jobs(
                 moves,
             )
     conn.exec_driver_sql(f"DROP TABLE {_SEEN}")
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_LEFT_OUT}")
     return Resubmitted(added, present, renumbered, gone, relocated, dropped, restored, ended_unsent)
+
+
+def _left_out(conn: Connection, batch_id: str) -> ColumnElement[bool]:
+    """Which jobs of ``batch_id`` the resubmitted manifest left out: their ids, found once by
+    an anti-join of the batch's jobs with the manifest's keys (:data:`_SEEN`, filled) and kept
+    in the temporary table :data:`_LEFT_OUT`; the condition a statement over those jobs takes
+    (the mark, :func:`_drop_never_sent`, the rows numbered after the manifest's items).
+
+    ``NOT EXISTS``, not ``NOT IN``: PostgreSQL plans no ``NOT IN (subquery)`` as an anti-join,
+    only as a filter running a subplan for each job, and once the keys outgrow ``work_mem`` that
+    subplan reads every key for every job: a resubmit of 100,000 jobs leaving one item out ran
+    for more than 15 minutes, a statement at a time. The two differ only where a key is NULL
+    (``NOT IN`` over a NULL is never true): ``jobs.job_key`` is NOT NULL, and so is every key
+    of :data:`_SEEN`. Found once, not in each statement: what the statements change (marks,
+    states) is not what decides which jobs these are, and the ids are the jobs' primary key."""
+    pg = conn.dialect.name == "postgresql"
+    on_commit = " ON COMMIT DROP" if pg else ""
+    conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {_LEFT_OUT} (id TEXT PRIMARY KEY){on_commit}")
+    gone = table(_LEFT_OUT, column("id"))
+    conn.execute(delete(gone))
+    conn.execute(insert(gone).from_select(["id"], _left_out_ids(batch_id)))
+    if pg:
+        conn.exec_driver_sql(f"ANALYZE {_LEFT_OUT}")
+    return _JOBS.c.id.in_(select(gone.c.id))
+
+
+def _left_out_ids(batch_id: str) -> Select[tuple[str]]:
+    """The ids of the jobs of ``batch_id`` whose key :data:`_SEEN` does not hold (an anti-join)."""
+    seen = table(_SEEN, column("job_key"))
+    return select(_JOBS.c.id).where(
+        _JOBS.c.batch_id == batch_id,
+        ~exists().where(seen.c.job_key == _JOBS.c.job_key),
+    )
 
 
 def _is_dropped(state: str, error_type: str | None) -> bool:
@@ -579,6 +619,8 @@ _NEW_JOB_COLUMNS = (
 _STAGING = "wanbatch_new_jobs"
 #: The keys a resubmitted manifest has (:func:`resubmit_jobs`): a temporary table of its transaction.
 _SEEN = "wanbatch_seen_keys"
+#: The ids of the batch's jobs whose key it no longer has (:func:`_left_out`): another.
+_LEFT_OUT = "wanbatch_left_out"
 
 
 def _insert_chunk_sqlite(conn: Connection, rows: list[dict[str, Any]]) -> int:
