@@ -2653,18 +2653,20 @@ def _nothing_to_rerun(
     return f"nothing to rerun: {label} has no failed or cancelled job ({why}); no batch was created"
 
 
-def _refuse_too_many(session: Session, parent: Batch, wanted: list[JobState] | None, sweep: Sweep) -> None:
+def _refuse_too_many(
+    session: Session, parent: Batch, wanted: list[JobState] | None, sweep: Sweep, *, failed_only: bool
+) -> None:
     """Refuse, before a single row is built, a rerun with more jobs than a manifest may have
     (:data:`jobs.manifest.expand.MAX_JOBS`): ``--vary`` caps combinations per job, and the jobs
-    it repeats multiply them (20,000 × ``seed=1..10000`` filled the memory, row by row)."""
-    counts = store.counts_by_state(session, parent.id)
-    jobs = sum(n for state, n in counts.items() if wanted is None or state in wanted)
+    it repeats multiply them (20,000 × ``seed=1..10000`` filled the memory, row by row). Only
+    the jobs the rerun makes count: not those it leaves out as no longer in the manifest."""
+    jobs = store.count_repeated(session, parent.id, states=wanted, failed_only=failed_only)
     total = jobs * sweep.size
     if total > MAX_JOBS:
         raise UsageError(
             f"the rerun of {parent.name} would have {total:,} jobs ({jobs:,} job(s) × {sweep.size:,} "
             f"combinations of --vary values), more than {MAX_JOBS:,}: vary fewer values"
-            + ("" if wanted is not None else ", or rerun only the failed jobs (--failed-only)")
+            + ("" if failed_only else ", or rerun only the failed jobs (--failed-only)")
         )
 
 
@@ -2751,7 +2753,7 @@ def rerun_batch(
     with db.session_scope(engine) as session:
         parent = store.get_batch(session, ref)
         wanted = list(RERUN_FAILED_STATES) if failed_only else None
-        _refuse_too_many(session, parent, wanted, sweep)
+        _refuse_too_many(session, parent, wanted, sweep, failed_only=failed_only)
         digests: dict[str, str | None] = {}
         unseeded: list[int] = []  # unfinished jobs whose seed nobody knows yet (their items)
 

@@ -15,7 +15,17 @@ from sqlalchemy import cast as sa_cast
 from sqlalchemy.orm import Session
 
 from jobs.errors import NotFoundError
-from jobs.models import Batch, BatchState, Job, JobEvent, JobSnapshot, JSONDocument, KeyFreeText, utcnow
+from jobs.models import (
+    NOT_IN_MANIFEST,
+    Batch,
+    BatchState,
+    Job,
+    JobEvent,
+    JobSnapshot,
+    JSONDocument,
+    KeyFreeText,
+    utcnow,
+)
 from jobs.states import UNFINISHED_STATES, JobState
 from jobs.store.batches import get_batch
 from jobs.store.core import _JOBS, _prepared, _run, _sent_with, sent_to_origin
@@ -741,6 +751,28 @@ def count_in_states(
     query = _prepared(("count_in_states", batch_id is not None, api_key_id is not None), build)
     params = {"states": list(states), "batch_id": batch_id, "api_key_id": api_key_id}
     return int(_run(session, query, params).scalar() or 0)
+
+
+def count_repeated(
+    session: Session, batch_id: str, *, states: Sequence[JobState] | None, failed_only: bool
+) -> int:
+    """How many jobs of ``batch_id`` a rerun repeats, before ``--vary`` multiplies them: those in
+    ``states`` (None: every job) less those it leaves out because the batch's manifest no longer
+    has them — ``failed_only`` (``--failed-only``) every one marked ``not_in_manifest``, a plain
+    rerun those a resubmit dropped (``cancelled``, ``error_type`` :data:`NOT_IN_MANIFEST`).
+    :func:`jobs.batches.rerun_batch` picks them row by row, but its size check refuses before a
+    row is built, so it counts them here by the same rule: counted by state alone, the jobs it
+    leaves out counted towards the limit, and a rerun that fitted was refused."""
+    query = select(func.count()).select_from(Job).where(Job.batch_id == batch_id)
+    if states is not None:
+        query = query.where(Job.state.in_(list(states)))
+    if failed_only:
+        query = query.where(Job.not_in_manifest.is_(False))
+    else:  # IS DISTINCT FROM: error_type is mostly NULL, and "!=" would leave those jobs out too
+        query = query.where(
+            or_(Job.state != JobState.CANCELLED, Job.error_type.is_distinct_from(NOT_IN_MANIFEST))
+        )
+    return int(session.scalar(query) or 0)
 
 
 @dataclass(frozen=True, slots=True)
