@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from jobs.url_secrets import masked_url
 from worker.outage_log import OutageLog
@@ -208,35 +209,62 @@ def write_problem(url: str) -> tuple[str, str | None] | None:
     return None
 
 
-def check_writable(url: str | None) -> None:
-    """Raise :class:`jobs.errors.ConfigError` (exit 2, one line, with the fix) when the Redis
-    broker at ``url`` answers but refuses a write: a read-only replica, or out of memory
-    (``maxmemory`` reached under ``noeviction``). For a ``wanbatch worker``'s first start, as
-    :func:`worker.limits.check_limiter` for its limiter: a broker that refuses writes then is a
-    configuration to fix, where for a worker started afresh it is an outage under way
-    (:func:`wait_until_writable`). Without this, a worker pointed at a replica waited for ever as
-    if for an outage. A broker that does not answer at all passes: Celery waits for it at start
-    (``broker_connection_retry_on_startup``), as before. Nothing for any other broker."""
+@dataclass(frozen=True, slots=True)
+class WriteRefused:
+    """A Redis broker that answers but refused a write (:func:`write_refused`): said in the words
+    a ``wanbatch worker``'s first start refuses with (:func:`check_writable`) and ``wanbatch
+    doctor``'s broker check fails with, one sentence each, so both say the same."""
+
+    #: The broker's URL, password masked.
+    where: str
+    #: What its client said, one line (``ReadOnlyError: You can't write against a read only replica.``).
+    problem: str
+    #: ``"read-only replica"`` or ``"out of memory"`` (:func:`broker_refusal`).
+    refusal: str
+
+    def cause(self) -> str:
+        """``the broker at redis://… refuses writes (read-only replica) (ReadOnlyError: …)``."""
+        return f"the broker at {self.where} {outage_words(self.refusal)} ({self.problem})"
+
+    def fix(self) -> str:
+        """What to do about it, lower case."""
+        if self.refusal == "read-only replica":
+            return "point WANBATCH_BROKER_URL at the primary"
+        return "give the broker's Redis memory to spare (raise its maxmemory, or free what fills it)"
+
+
+def write_refused(url: str | None) -> WriteRefused | None:
+    """:func:`write_problem` of the Redis broker at ``url`` when it answers but refuses the write
+    (a read-only replica, or out of memory: ``maxmemory`` reached under ``noeviction``); None when
+    it takes it, does not answer at all, or is no Redis broker."""
     if not url or not url.startswith(("redis://", "rediss://")):
-        return
+        return None
     found = write_problem(url)
     if found is None or found[1] is None:
+        return None
+    from jobs.printable import one_line
+
+    return WriteRefused(masked_url(url), one_line(found[0]), found[1])  # a server's words: escaped
+
+
+def check_writable(url: str | None) -> None:
+    """Raise :class:`jobs.errors.ConfigError` (exit 2, one line, with the fix) when the Redis
+    broker at ``url`` answers but refuses a write (:func:`write_refused`). For a ``wanbatch
+    worker``'s first start, as :func:`worker.limits.check_limiter` for its limiter: a broker that
+    refuses writes then is a configuration to fix, where for a worker started afresh it is an
+    outage under way (:func:`wait_until_writable`). Without this, a worker pointed at a replica
+    waited for ever as if for an outage. A broker that does not answer at all passes: Celery
+    waits for it at start (``broker_connection_retry_on_startup``), as before. Nothing for any
+    other broker. ``wanbatch doctor`` fails its broker check with the same words."""
+    refused = write_refused(url)
+    if refused is None:
         return
     from jobs.errors import ConfigError
 
-    problem, refusal = found
-    where = masked_url(url)
-    if refusal == "read-only replica":
-        fix = "point WANBATCH_BROKER_URL at the primary"
-    else:
-        fix = (
-            "give the broker's Redis memory to spare (raise its maxmemory, or free what fills it), "
-            "then start the worker again"
-        )
-    raise ConfigError(
-        f"the broker at {where} {outage_words(refusal)} ({problem}). {fix[0].upper()}{fix[1:]}; "
-        "nothing was sent"
-    )
+    fix = refused.fix()
+    if refused.refusal != "read-only replica":
+        fix += ", then start the worker again"
+    raise ConfigError(f"{refused.cause()}. {fix[0].upper()}{fix[1:]}; nothing was sent")
 
 
 def wait_until_writable(

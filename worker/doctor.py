@@ -17,11 +17,14 @@ each what is wrong and what to do about it:
   (:func:`jobs.db.lock_holders`: ``ACCESS EXCLUSIVE``; ``SHARE`` to ``EXCLUSIVE`` but on
   ``alembic_version``), whether anyone waits yet or not (weaker locks, and other tables', block
   nothing wanbatch does);
-- **broker**: with ``WANBATCH_BROKER_URL``, the broker answers and ``wanbatch worker``
-  processes answer a ping (none: nothing would be processed); embedded mode needs neither. The
-  line names the workers that answer (their Celery node names, the first
-  :data:`NAMED_WORKERS`) and, from their records on the limiter's Redis (:mod:`worker.peers`),
-  when each was last seen; ``--json`` lists them all (:attr:`Check.workers`);
+- **broker**: with ``WANBATCH_BROKER_URL``, the broker answers, a Redis broker takes a write (a
+  key of its own that expires within a second; a read-only replica or a Redis out of memory does
+  not, and fails in the words a worker's first start refuses it with:
+  :func:`worker.broker_outage.write_refused`), and ``wanbatch worker`` processes answer a ping
+  (none: nothing would be processed); embedded mode needs neither. The line names the workers
+  that answer (their Celery node names, the first :data:`NAMED_WORKERS`) and, from their
+  records on the limiter's Redis (:mod:`worker.peers`), when each was last seen; ``--json``
+  lists them all (:attr:`Check.workers`);
 - **provider**: one cheap authenticated call to ``WANBATCH_FAL_QUEUE_URL`` — the status of a
   request id that cannot exist. The key is accepted when fal says "not found" (404), refused on
   401, the account refused on 403; it costs nothing and queues nothing. The bundled simulator
@@ -45,7 +48,8 @@ each what is wrong and what to do about it:
   other than ``noeviction`` fails its check (:mod:`worker.redis_memory`): evicted, the limiter's
   keys hold every submit back, and a broker's queued messages are lost.
 
-The doctor creates nothing: no database file or folder, no output folder, no probe left.
+The doctor creates nothing: no database file or folder, no output folder, no probe left (the
+broker's and the limiter's write each set a key of wanbatch's own that expires within a second).
 A check is ``ok``, ``fail`` or ``skip`` (does not apply), with a ``detail`` and, unless ok, a
 ``fix``. No check raises and none prints ``FAL_KEY``: its value is only ever sent, to the queue
 URL, in the ``Authorization`` header.
@@ -394,12 +398,14 @@ def check_clock(settings: Settings) -> Check:
 
 
 def check_broker(settings: Settings) -> Check:
-    """With a broker: it answers, at least one ``wanbatch worker`` answers a ping, and the
-    workers work on this database (their leader's heartbeat in it is fresh). Workers that
-    answer but never beat here serve another database — two deployments sharing one Redis, a
-    typo in one host's URL — and a ``run`` here would wait forever. A Redis broker that may
-    evict keys (:mod:`worker.redis_memory`) fails too, whatever the workers: a queued message
-    evicted is lost."""
+    """With a broker: it answers, a Redis broker takes a write (as a worker's first start checks,
+    :func:`worker.broker_outage.check_writable`: a read-only replica or a full Redis is a
+    configuration to fix, said as the worker says it), at least one ``wanbatch worker`` answers
+    a ping, and the workers work on this database (their leader's heartbeat in it is fresh).
+    Workers that answer but never beat here serve another database — two deployments sharing
+    one Redis, a typo in one host's URL — and a ``run`` here would wait forever. A Redis broker
+    that may evict keys (:mod:`worker.redis_memory`) fails too, whatever the workers: a queued
+    message evicted is lost."""
     verdict = _check_broker(settings)
     url = settings.broker_url
     if verdict.status == "skip" or not url or not url.startswith(("redis://", "rediss://")):
@@ -419,6 +425,7 @@ def _check_broker(settings: Settings) -> Check:
     """:func:`check_broker` but for the broker's memory policy."""
     from jobs.db import safe_url as db_safe_url
     from jobs.errors import WanbatchError
+    from worker.broker_outage import write_refused
     from worker.running import beating_here, check_broker, worker_nodes
 
     name = "broker"
@@ -429,6 +436,13 @@ def _check_broker(settings: Settings) -> Check:
         check_broker(settings, timeout=3.0)
     except WanbatchError as exc:
         return _fail(name, str(exc), "start the broker or fix WANBATCH_BROKER_URL")
+    # Before the workers are asked: asking them writes, and a broker that refuses writes failed
+    # as "asking its workers failed" with the fix "run `wanbatch doctor` again".
+    refused = write_refused(settings.broker_url)
+    if refused is not None:
+        return _fail(
+            name, refused.cause(), f"{refused.fix()}: `wanbatch worker` refuses to start with this one"
+        )
     nodes = worker_nodes(settings, timeout=2.0)
     if nodes is None:
         return _fail(name, f"{where} answers, but asking its workers failed", "run `wanbatch doctor` again")
