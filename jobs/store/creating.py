@@ -38,7 +38,7 @@ from jobs.states import JobState
 from jobs.store.batches import _set_media
 from jobs.store.core import _JOBS, _dialect_insert
 from jobs.store.transitions import _EVENT_COLUMNS, _EVENTS
-from jobs.store.unsent import _cancel_in_state
+from jobs.store.unsent import _cancel_in_state, _cancel_values
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,19 +351,7 @@ def _drop_never_sent(session: Session, batch_id: str, left_out: ColumnElement[bo
     the version grows by one, each moved job gets its event. A job that may have reached fal
     stays: it may have been paid for, and its request may still run. How many it cancelled."""
     now = utcnow()
-    values: dict[str, Any] = {
-        "state": JobState.CANCELLED,
-        "version": _JOBS.c.version + 1,
-        "updated_at": now,
-        "finished_at": now,
-        "next_attempt_at": None,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "error": DROPPED_ERROR,
-        "error_type": NOT_IN_MANIFEST,
-        "actual_usd": Decimal(0),
-        "actual_billing_units": Decimal(0),
-    }
+    values = _cancel_values(now, error=DROPPED_ERROR, error_type=NOT_IN_MANIFEST, never_sent=True)
     moved = 0
     for state in (JobState.PENDING, JobState.RETRY_WAIT):
         where = [_JOBS.c.batch_id == batch_id, _JOBS.c.state == state, left_out, *_never_sent(now)]

@@ -110,19 +110,9 @@ def cancel_unsent(
     if not batch_ids:
         return UnsentCancelled()
     now = utcnow()
-    values: dict[str, Any] = {
-        "state": JobState.CANCELLED,
-        "version": _JOBS.c.version + 1,
-        "updated_at": now,
-        "finished_at": now,
-        "next_attempt_at": None,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "error": error if sent_error is None else _error_if_sent(error, sent_error),
-        "error_type": error_type,
-        "actual_usd": _ZERO_IF_NEVER_SENT,
-        "actual_billing_units": _ZERO_UNITS_IF_NEVER_SENT,
-    }
+    values = _cancel_values(
+        now, error=error if sent_error is None else _error_if_sent(error, sent_error), error_type=error_type
+    )
     session.flush()  # pending ORM changes first: the statements below bypass the unit of work
     #: How many moved, by kind (the keys of :class:`UnsentCancelled`).
     moved_by: dict[str, int] = {"never_sent": 0, "sent_before": 0, "outcome_unknown": 0}
@@ -141,6 +131,32 @@ def cancel_unsent(
     if cancelled.total:
         session.expire_all()  # Job objects already loaded in this session must not show the old state
     return cancelled
+
+
+def _cancel_values(
+    now: datetime, *, error: str | ColumnElement[str], error_type: str, never_sent: bool = False
+) -> dict[str, Any]:
+    """What a set-based cancel (:func:`_cancel_in_state`) writes to each job it moves to
+    ``cancelled`` at ``now``: the move itself (the version, which fences out a late writer; no
+    lease, no retry due), its end (``finished_at``, ``error``, ``error_type``) and what it
+    billed: 0 for a job never sent, else what its last request billed, or NULL (not known).
+    ``never_sent``: every job moved is known never to have been sent (the caller's ``WHERE``
+    says so, as a resubmit's drop does): 0 outright. One place, so that ``wanbatch cancel``, a
+    budget's cancel and a resubmit's drop end a job alike (each built it by hand)."""
+    zero = Decimal(0)
+    return {
+        "state": JobState.CANCELLED,
+        "version": _JOBS.c.version + 1,
+        "updated_at": now,
+        "finished_at": now,
+        "next_attempt_at": None,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "error": error,
+        "error_type": error_type,
+        "actual_usd": zero if never_sent else _ZERO_IF_NEVER_SENT,
+        "actual_billing_units": zero if never_sent else _ZERO_UNITS_IF_NEVER_SENT,
+    }
 
 
 def _cancel_in_state(
@@ -297,18 +313,6 @@ def cancel_unsent_over(
     if not prices:
         return 0
     money, text_type = _JOBS.c.est_usd.type, _JOBS.c.error.type
-    values: dict[str, Any] = {
-        "state": JobState.CANCELLED,
-        "version": _JOBS.c.version + 1,
-        "updated_at": now,
-        "finished_at": now,
-        "next_attempt_at": None,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "error_type": error_type,
-        "actual_usd": _ZERO_IF_NEVER_SENT,
-        "actual_billing_units": _ZERO_UNITS_IF_NEVER_SENT,
-    }
     moved = 0
     for start in range(0, len(prices), _OVER_PRICES_PER_STATEMENT):
         chunk = prices[start : start + _OVER_PRICES_PER_STATEMENT]
@@ -322,7 +326,7 @@ def cancel_unsent_over(
                 session,
                 state,
                 [_JOBS.c.state == state, priced, *where],
-                {**values, "error": error},
+                _cancel_values(now, error=error, error_type=error_type),
                 reason=reason,
                 worker=worker,
                 now=now,
