@@ -291,6 +291,9 @@ class SubmitResult:
     ended_unsent: int = 0
     #: Jobs dropped by an earlier submit that the manifest has again: ``pending`` once more.
     restored: int = 0
+    #: Of ``existing``, the manifest's jobs a job the batch already sent (or rendered) stands
+    #: for: they differ from it only by an endpoint default written out or left out.
+    defaults_matched: int = 0
     #: ``{"from": old, "to": new}`` (absolute paths) when the batch's manifest was submitted
     #: from somewhere else than last time (its folder moved): its files are read from there now.
     manifest_moved: dict[str, str] | None = None
@@ -324,6 +327,7 @@ class SubmitResult:
             "dropped": self.dropped,
             "ended_unsent": self.ended_unsent,
             "restored": self.restored,
+            "defaults_matched": self.defaults_matched,
             "manifest_moved": self.manifest_moved,
             "reruns_followed": list(self.reruns_followed),
             "warnings": list(self.warnings),
@@ -696,6 +700,8 @@ def submit_manifest(
         warnings = [str(i) for i in report.issues if i.severity != "error"]
         if stored is not None and stored.not_in_manifest:
             warnings.append(_not_in_manifest_note(batch.name, stored, _item_count(manifest)))
+        if stored is not None and stored.defaults_matched:
+            warnings.append(_defaults_matched_note(batch.name, stored.defaults_matched))
         if stored is not None and stored.restored:
             warnings.append(
                 f"{stored.restored} job(s) of batch {batch.name} dropped from its manifest before are in it "
@@ -710,6 +716,7 @@ def submit_manifest(
             result.renumbered, result.not_in_manifest = stored.renumbered, stored.not_in_manifest
             result.dropped, result.restored = stored.dropped, stored.restored
             result.ended_unsent = stored.ended_unsent
+            result.defaults_matched = stored.defaults_matched
         result.manifest_moved, result.manifest_given = manifest_moved, str(path)
         result.reruns_followed = followed
         result.database_note = home.note if home is not None else None
@@ -720,6 +727,18 @@ def _item_count(manifest: Manifest) -> int:
     """The items the manifest's jobs were just read from (known once they all were)."""
     assert manifest.item_count is not None, "the manifest's jobs were not all read"
     return manifest.item_count
+
+
+def _defaults_matched_note(name: str, matched: int) -> str:
+    """The warning of a resubmit whose jobs differ from jobs the batch already sent only by an
+    endpoint default written out (or left out) since: those jobs stand for them, nothing is sent
+    again (:func:`jobs.store.creating._match_written_defaults`)."""
+    return (
+        f"{matched} job(s) of the manifest ask what jobs batch {name} already sent ask once the "
+        "endpoint's documented defaults are filled in (a default written out or left out since): "
+        "those jobs stay theirs, with their input as sent; nothing is sent again "
+        f"(`wanbatch rerun {name}` renders anew)"
+    )
 
 
 def _not_in_manifest_note(name: str, stored: store.Resubmitted, items: int) -> str:

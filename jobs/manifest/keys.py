@@ -240,3 +240,28 @@ def stored_content_key(endpoint_id: str, stored: Mapping[str, Any], sources: Map
     if endpoint_id not in known_endpoint_ids():
         return key_of(endpoint_id, stored)
     return key_of(endpoint_id, stored_keyed_input(get_endpoint(endpoint_id), stored, sources))
+
+
+def defaults_free_key(
+    endpoint_id: str, stored: Mapping[str, Any], sources: Mapping[str, Any] | None, key: str
+) -> str | None:
+    """The key of a stored job's input with the fields that write out a documented default left
+    out (:func:`written_defaults`), from the store alone (:func:`stored_keyed_input`): two jobs
+    have the same one exactly when they ask fal the same once the defaults are filled in
+    (:func:`with_defaults` adds the same values to both), though their keys differ. A job that
+    writes out no default is its own ``key`` (no second hash: a sweep's jobs mostly write none).
+
+    None for a job that is no twin of any other: one that leaves out the seed of an endpoint that
+    has one (fal draws a new seed for each such request, so two of them are two videos), or of an
+    endpoint the registry no longer has (its defaults are unknown). The rule of
+    :class:`jobs.manifest.checks.DefaultedDuplicates`, which warns of such jobs in one manifest."""
+    if endpoint_id not in known_endpoint_ids():
+        return None
+    spec = get_endpoint(endpoint_id)
+    if spec.field("seed") is not None and "seed" not in stored:
+        return None
+    written = written_defaults(endpoint_id, stored)
+    if not written:
+        return key
+    kept = {name: value for name, value in stored.items() if name not in written}
+    return key_of(endpoint_id, stored_keyed_input(spec, kept, sources))

@@ -33,6 +33,7 @@ from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.orm import Session
 
 from jobs.endpoints import get_endpoint
+from jobs.manifest.keys import defaults_free_key
 from jobs.models import NOT_IN_MANIFEST, Money, new_id, utcnow
 from jobs.states import JobState
 from jobs.store.batches import _set_media
@@ -124,6 +125,11 @@ class Resubmitted:
     #: POST recorded, nothing billed: cancelled by a budget or a deadline before their first
     #: send, or given a twin's video): they stay as they are, and nothing of them was paid for.
     ended_unsent: int = 0
+    #: Of ``present``, the manifest's jobs not stored by their key that ask what a job the batch
+    #: already sent (or rendered) asks, once the endpoint's documented defaults are filled in (a
+    #: default written out, or left out, since): that job is theirs, nothing new is stored
+    #: (:func:`_match_written_defaults`).
+    defaults_matched: int = 0
 
     @property
     def kept(self) -> int:
@@ -178,14 +184,20 @@ def resubmit_jobs(
     pg = conn.dialect.name == "postgresql"
     on_commit = " ON COMMIT DROP" if pg else ""  # SQLite's are dropped below (its rollback drops them too)
     # Keyed, so a statement over the keys can look one up (and the planner knows them unique).
-    conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {_SEEN} (job_key TEXT PRIMARY KEY){on_commit}")
-    seen = table(_SEEN, column("job_key"))
+    # Each key with the id its job was staged with: the rows this resubmit added are those whose
+    # id is their key's here (:func:`_match_written_defaults`).
+    conn.exec_driver_sql(
+        f"CREATE TEMP TABLE IF NOT EXISTS {_SEEN} (job_key TEXT PRIMARY KEY, id TEXT NOT NULL){on_commit}"
+    )
+    seen = table(_SEEN, column("job_key"), column("id"))
     conn.execute(delete(seen))
     add_seen = _dialect_insert(conn.dialect.name, seen).on_conflict_do_nothing()
-    staged_keys = select(table(_STAGING, column("job_key")).c.job_key)
+    staging = table(_STAGING, column("job_key"), column("id"))
+    staged_keys = select(staging.c.job_key, staging.c.id)
     added = present = renumbered = relocated = 0
     for block in _chunks(jobs, chunk):
-        inserted = _insert_jobs(conn, batch_id, block)
+        block_rows = _job_rows(batch_id, block)
+        inserted = _insert_rows(conn, block_rows)
         added += inserted
         present += len(block) - inserted
         if inserted < len(block):
@@ -193,11 +205,11 @@ def resubmit_jobs(
         if pg:  # the chunk is still in the staging table _insert_chunk_pg filled
             if inserted < len(block):
                 renumbered += _place_stored_pg(conn)
-            conn.execute(add_seen.from_select(["job_key"], staged_keys))
+            conn.execute(add_seen.from_select(["job_key", "id"], staged_keys))
         else:
             if inserted < len(block):
                 renumbered += _place_stored_sqlite(conn, batch_id, block)
-            conn.execute(add_seen, [{"job_key": job.key} for job in block])
+            conn.execute(add_seen, [{"job_key": row["job_key"], "id": row["id"]} for row in block_rows])
     if pg:  # filled by now: without statistics the planner guesses its size from its pages
         conn.exec_driver_sql(f"ANALYZE {_SEEN}")
     in_manifest = _JOBS.c.job_key.in_(select(seen.c.job_key))
@@ -209,9 +221,12 @@ def resubmit_jobs(
             .values(not_in_manifest=False)
         )
     stored = select(func.count()).select_from(_JOBS).where(_JOBS.c.batch_id == batch_id)
-    gone = dropped = ended_unsent = 0
+    gone = dropped = ended_unsent = matched = 0
     if conn.execute(stored).scalar_one() > added + present:
         left_out = _left_out(conn, batch_id)
+        if added:
+            matched = _match_written_defaults(conn, batch_id, left_out)
+            added, present = added - matched, present + matched
         conn.execute(
             update(_JOBS)
             .where(_JOBS.c.batch_id == batch_id, _JOBS.c.not_in_manifest.is_(False), left_out)
@@ -254,7 +269,7 @@ def resubmit_jobs(
             )
     conn.exec_driver_sql(f"DROP TABLE {_SEEN}")
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_LEFT_OUT}")
-    return Resubmitted(added, present, renumbered, gone, relocated, dropped, restored, ended_unsent)
+    return Resubmitted(added, present, renumbered, gone, relocated, dropped, restored, ended_unsent, matched)
 
 
 def _left_out(conn: Connection, batch_id: str) -> ColumnElement[bool]:
@@ -288,6 +303,109 @@ def _left_out_ids(batch_id: str) -> Select[tuple[str]]:
         _JOBS.c.batch_id == batch_id,
         ~exists().where(seen.c.job_key == _JOBS.c.job_key),
     )
+
+
+#: Ids one ``IN (…)`` list names at most: a sweep that wrote out a default matches every job,
+#: and each id is a bound parameter (SQLite allows 32,766 of them, psycopg 65,535).
+_IDS_PER_STATEMENT = 5000
+
+
+def _match_written_defaults(conn: Connection, batch_id: str, left_out: ColumnElement[bool]) -> int:
+    """Keep as their items' jobs the left-out jobs of ``batch_id`` that the rows this resubmit
+    added ask the same as, once the endpoint's documented defaults are filled in; how many.
+
+    A key is the input as written, so a manifest edited to write out a default (``num_frames:
+    81`` where fal renders 81 frames anyway), or to leave out one it wrote, gives every job a new
+    key: the old ones were left out (sent, kept) and the new ones sent and billed again, for the
+    same videos. Such a job is one of the same request: like a manifest submitted again as it
+    was, its item keeps the job it has. The job stored stays as it is — its key, its input as it
+    was sent, its state, its video — and takes the item's place (and the media paths the
+    manifest now gives, the same bytes, as :func:`_relocate_stored` does); the row just added for
+    it is deleted, in this transaction: nothing was stored for it, nothing is sent.
+
+    Only a job that may have been sent (:func:`_nothing_sent` false: sent, being sent, ended
+    after a send) or that succeeded (a twin's video reused) stands in for one: a job a budget or
+    a deadline cancelled before its first send has nothing to stand in with (the new row is sent,
+    once), and one never sent is dropped as before (the new row, the manifest's spelling, is sent
+    in its place, once). Only jobs that pin their seed, or whose endpoint has none, are the same
+    request (:func:`jobs.manifest.keys.defaults_free_key`): without a seed fal draws a new one.
+    Each stored job stands in for one row at most, a succeeded one first, then the oldest."""
+    candidates = [
+        row
+        for row in conn.execute(
+            select(
+                _JOBS.c.id,
+                _JOBS.c.job_key,
+                _JOBS.c.endpoint,
+                _JOBS.c.input,
+                _JOBS.c.source_files,
+                _JOBS.c.state,
+                _JOBS.c.error_type,
+                case((and_(*_nothing_sent()), 1), else_=0).label("unsent"),
+            )
+            .where(_JOBS.c.batch_id == batch_id, left_out)
+            .order_by(_JOBS.c.created_at, _JOBS.c.id)
+        )
+        if not _is_dropped(row.state, row.error_type)
+        and (not row.unsent or JobState(row.state) == JobState.SUCCEEDED)
+    ]
+    standing: dict[str, Any] = {}
+    for row in sorted(candidates, key=lambda row: JobState(row.state) != JobState.SUCCEEDED):
+        key = defaults_free_key(row.endpoint, row.input or {}, row.source_files, row.job_key)
+        if key is not None:
+            standing.setdefault(key, row)
+    if not standing:
+        return 0
+    seen = table(_SEEN, column("job_key"), column("id"))
+    new_rows = conn.execute(
+        select(
+            _JOBS.c.id,
+            _JOBS.c.job_key,
+            _JOBS.c.endpoint,
+            _JOBS.c.input,
+            _JOBS.c.source_files,
+            _JOBS.c.item_index,
+            _JOBS.c.variant,
+        )
+        # IN, not a join: SQLite read the batch's jobs by their index and scanned the keys (no
+        # index on their ids) for each, hours for 40,000 jobs; IN makes it one lookup each.
+        .where(_JOBS.c.batch_id == batch_id, _JOBS.c.id.in_(select(seen.c.id)))
+        .order_by(_JOBS.c.item_index, _JOBS.c.variant)
+    ).all()
+    pairs = []
+    for new in new_rows:
+        key = defaults_free_key(new.endpoint, new.input or {}, new.source_files, new.job_key)
+        old = standing.pop(key, None) if key is not None else None
+        if old is not None:
+            pairs.append((new, old))
+    if not pairs:
+        return 0
+    added_ids, kept_ids = [new.id for new, _ in pairs], [old.id for _, old in pairs]
+    for start in range(0, len(pairs), _IDS_PER_STATEMENT):
+        conn.execute(delete(_JOBS).where(_JOBS.c.id.in_(added_ids[start : start + _IDS_PER_STATEMENT])))
+    pg = conn.dialect.name == "postgresql"
+    conn.execute(
+        update(_JOBS)
+        .where(_JOBS.c.id == bindparam("b_id"))
+        .values(
+            item_index=bindparam("b_item"),
+            variant=bindparam("b_variant"),
+            earlier_items=_earlier_items(pg, bindparam("b_item")),
+            not_in_manifest=False,
+        ),
+        [{"b_id": old.id, "b_item": new.item_index, "b_variant": new.variant} for new, old in pairs],
+    )
+    changes = []
+    for new, old in pairs:
+        fields = [f.name for f in get_endpoint(new.endpoint).media_fields if f.name in new.input]
+        media = {name: new.input[name] for name in fields if old.input.get(name) != new.input[name]}
+        if media or old.source_files != new.source_files:
+            changes.append({"b_id": old.id, "b_input": {**old.input, **media}, "b_sources": new.source_files})
+    _set_media(conn, changes)
+    gone = table(_LEFT_OUT, column("id"))
+    for start in range(0, len(pairs), _IDS_PER_STATEMENT):
+        conn.execute(delete(gone).where(gone.c.id.in_(kept_ids[start : start + _IDS_PER_STATEMENT])))
+    return len(pairs)
 
 
 def _is_dropped(state: str, error_type: str | None) -> bool:
@@ -474,8 +592,20 @@ def _chunks(jobs: Iterable[NewJob], size: int) -> Iterator[list[NewJob]]:
 
 def _insert_jobs(conn: Connection, batch_id: str, block: list[NewJob]) -> int:
     """Insert a chunk of jobs, skipping keys the batch has; how many were inserted."""
+    return _insert_rows(conn, _job_rows(batch_id, block))
+
+
+def _insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> int:
+    """Insert rows of :func:`_job_rows`, skipping keys the batch has; how many were inserted."""
+    if conn.dialect.name == "postgresql":
+        return _insert_chunk_pg(conn, rows)
+    return _insert_chunk_sqlite(conn, rows)
+
+
+def _job_rows(batch_id: str, block: list[NewJob]) -> list[dict[str, Any]]:
+    """A chunk of jobs as the rows inserted for them, each with a new id."""
     now = utcnow()
-    rows = [
+    return [
         {
             "id": new_id(),
             "batch_id": batch_id,
@@ -500,9 +630,6 @@ def _insert_jobs(conn: Connection, batch_id: str, block: list[NewJob]) -> int:
         }
         for job in block
     ]
-    if conn.dialect.name == "postgresql":
-        return _insert_chunk_pg(conn, rows)
-    return _insert_chunk_sqlite(conn, rows)
 
 
 #: The statements' value of ``earlier_items`` once the row's own ``item_index`` is appended
