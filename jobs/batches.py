@@ -2735,14 +2735,14 @@ def rerun_batch(
     would not go out now, which ``--now`` asked for. ``pay_again``
     (``--pay-again``) sends them all the same. ``failed_only`` leaves out, too, the failed or
     cancelled jobs the parent's manifest no longer has (``Job.not_in_manifest``: an item fixed
-    or removed since), in a warning of one line — sending them paid again for a prompt the user
-    corrected — or, when that is all of them, :class:`NothingToRerun` saying so. A plain rerun
-    is a reproducibility run, paid again on purpose: it leaves out only the jobs a resubmit
-    dropped (``cancelled``, ``error_type`` :data:`~jobs.models.NOT_IN_MANIFEST`: never sent, so
-    nothing of them to repeat, and the user removed or corrected them), in a warning of one line
-    — sending them billed a job the user had taken out — or, when that is all of them,
-    :class:`NothingToRerun`. (``failed_only`` leaves them out with the other cancelled jobs its
-    manifest no longer has.)
+    or removed since; or dropped, by its state, whatever its mark says), in a warning of one
+    line — sending them paid again for a prompt the user corrected — or, when that is all of
+    them, :class:`NothingToRerun` saying so. A plain rerun is a reproducibility run, paid again
+    on purpose: it leaves out only the jobs a resubmit dropped (``cancelled``, ``error_type``
+    :data:`~jobs.models.NOT_IN_MANIFEST`: never sent, so nothing of them to repeat, and the user
+    removed or corrected them), in a warning of one line — sending them billed a job the user
+    had taken out — or, when that is all of them, :class:`NothingToRerun`. (``failed_only``
+    leaves them out with the other cancelled jobs its manifest no longer has.)
 
     Variants: without ``vary`` (or with one combination) each job keeps its parent's ``variant``,
     its place in the manifest, which ``diff`` pairs batches of one manifest by. With several
@@ -2781,7 +2781,9 @@ def rerun_batch(
                 if not failed_only and _dropped(job.state, job.error_type):
                     dropped.append(job.id)  # never sent: nothing of it to repeat
                     continue
-                if failed_only and job.not_in_manifest:  # its item was fixed, or removed
+                # Its item was fixed, or removed; or a resubmit dropped it (by its state too: the
+                # mark alone was lost when an older serve or a downgrade and upgrade came between).
+                if failed_only and (job.not_in_manifest or _dropped(job.state, job.error_type)):
                     not_in_manifest.append(job.id)
                     continue
                 if job.not_in_manifest:

@@ -216,3 +216,33 @@ def test_a_plain_rerun_with_only_dropped_jobs_has_nothing_to_rerun(engine: Engin
     assert "has no job to repeat (2 dropped from its manifest, never sent, are left out)" in said, said
     with db.read_scope(engine) as session:
         assert [b.name for b in store.list_batches(session)] == ["gone"]
+
+
+def test_rerun_failed_only_leaves_out_a_dropped_job_whose_mark_is_gone(engine: Engine) -> None:
+    """``rerun --failed-only`` went by the ``not_in_manifest`` mark alone: a job dropped by
+    state (``cancelled``, ``error_type`` ``not_in_manifest``) whose mark was lost — an older
+    ``serve`` or an ``alembic downgrade`` and upgrade that refilled it from nothing — was sent
+    again and billed. It is left out by its state too, as the plain rerun leaves it out."""
+    with db.session_scope(engine) as session:
+        batch, _ = store.get_or_create_batch(
+            session, name="lost", manifest_path="/m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
+        )
+        store.add_jobs(session, batch.id, [_job(0, 0), _job(1, 1)])
+        store.resubmit_jobs(session, batch.id, [_job(0, 0)], lambda: 1)  # job 1 dropped
+        session.execute(update(Job).values(not_in_manifest=False))  # the mark lost
+        session.execute(
+            update(Job).where(Job.job_key == f"{0:064x}").values(state=S.FAILED, error_type="fal_error")
+        )
+    settings = Settings(database_url=engine.url.render_as_string(hide_password=False))
+    result = batches.rerun_batch("lost", failed_only=True, settings=settings)
+    with db.read_scope(engine) as session:
+        rerun = {j.rerun_of for j in store.jobs_of_batch(session, result.batch_id)}
+        parent = {
+            int(j.job_key, 16): j.id
+            for j in store.jobs_of_batch(session, store.get_batch(session, "lost").id)
+        }
+    assert rerun == {parent[0]}
+    assert any(
+        "1 failed or cancelled job(s) of batch lost are no longer in its manifest" in w
+        for w in result.warnings
+    )
