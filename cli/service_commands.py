@@ -483,7 +483,7 @@ def serve(host: str, port: int) -> None:
             raise UsageError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
         settings = get_settings()
         require_http_environment([settings.webhook_jwks_url])  # what the JWKS fetch reads
-        app = create_app(settings)
+        app = create_app(settings, heartbeat=True)  # an upgrade by a newer wanbatch waits for it
         log_config = uvicorn_log_config(settings.log_format)
         timestamp_text_lines()  # the app's own lines too: a receiver's log is read hours later
         startup.resume()

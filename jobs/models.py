@@ -672,6 +672,11 @@ class BatchTotals(Base):
 
 #: :attr:`ConductorHeartbeat.scope` of a process that works on every batch (a distributed worker).
 EVERY_BATCH = "*"
+#: :attr:`ConductorHeartbeat.scope` of a ``wanbatch serve``: it works on no batch, but its actions
+#: write (a rerun, a cancel), so an upgrade of the schema waits for it as for any process
+#: (:func:`jobs.db.live_processes`). No batch id (32 hex digits) is spelled so: every reader of
+#: a batch's heartbeats passes it by.
+SERVE_SCOPE = "serve"
 
 
 class ConductorHeartbeat(Base):

@@ -47,10 +47,11 @@ reaches the database. The downloads of the jobs it completes are queued by the w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -74,6 +75,7 @@ from jobs.settings import Settings
 from web.auth import DashboardAuth, ForwardedHeaders, TokenGate, trusted_proxies
 from web.bodies import TOO_LARGE, BodyBudget, Refusal, declares_more_than, read_body
 from web.dashboard import Dashboard
+from web.heartbeat import ServeHeartbeat
 from web.metrics import metrics_route
 from worker import telemetry
 from worker.fal.webhooks import JwksKeys, WebhookRejected, verify_delivery
@@ -181,9 +183,13 @@ def create_app(
     keys: JwksKeys | None = None,
     enqueue_download: Callable[[str], None] | None = None,
     gate: TokenGate | None = None,
+    heartbeat: bool = False,
 ) -> Starlette:
     """The receiver for ``settings``; ``keys`` default to ``WANBATCH_WEBHOOK_JWKS_URL``'s,
-    ``gate`` (the dashboard's paced token check) to one of ``WANBATCH_SERVE_TOKEN``."""
+    ``gate`` (the dashboard's paced token check) to one of ``WANBATCH_SERVE_TOKEN``.
+    ``heartbeat`` (``wanbatch serve``): from its start to its stop, the app records in the
+    database that it uses it (:mod:`web.heartbeat`), in its lifespan: uvicorn ends the process
+    by the signal that stopped it right after the lifespan's shutdown."""
     engine = engine if engine is not None else db.open_engine(settings)
     inbox = Inbox(
         engine,
@@ -396,7 +402,17 @@ def create_app(
         )
         return dashboard.unavailable(request, str(exc))
 
+    @contextlib.asynccontextmanager
+    async def beating(_app: Starlette) -> AsyncIterator[None]:
+        beat = ServeHeartbeat(engine)
+        beat.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(beat.stop)
+
     app = _WebApp(
+        lifespan=beating if heartbeat else None,
         routes=[
             Route("/webhooks/fal", fal_webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from jobs.models import EVERY_BATCH, Batch, ConductorHeartbeat
+from jobs.models import EVERY_BATCH, SERVE_SCOPE, Batch, ConductorHeartbeat
 from jobs.store.core import _dialect_insert
 
 #: Heartbeats of processes that died without clearing them are forgotten after this long.
@@ -88,13 +88,15 @@ def pacing_peers(session: Session, own: str, *, since: datetime) -> list[str]:
     """The other processes (``host:pid:``) that work on this database now: a heartbeat of
     theirs at ``since`` or later, as ``status`` and ``doctor`` tell live processes
     (:func:`jobs.db.live_processes`). ``own``: this process's prefix, left out; a process of
-    this host that has ended is left out too. One short query, asked at a heartbeat, not per
-    submit: whether the submit pacing is to be shared through the database
-    (:func:`share_pacing`)."""
+    this host that has ended is left out too, and a ``serve`` (:data:`~jobs.models.SERVE_SCOPE`:
+    it sends nothing). One short query, asked at a heartbeat, not per submit: whether the submit
+    pacing is to be shared through the database (:func:`share_pacing`)."""
     from jobs.processes import owner_gone, owner_prefix
 
     rows = session.scalars(
-        select(ConductorHeartbeat.owner).where(ConductorHeartbeat.seen_at >= since).distinct()
+        select(ConductorHeartbeat.owner)
+        .where(ConductorHeartbeat.seen_at >= since, ConductorHeartbeat.scope != SERVE_SCOPE)
+        .distinct()
     )
     found: set[str] = set()
     for owner in rows:
