@@ -21,7 +21,8 @@ text, ``finished_at`` now, ``version`` + 1 and a ``job_events`` row each. Marked
 ``pending``, the first run after the upgrade sent and billed a job the user had removed or
 corrected (an old spelling of a fixed typo). A manifest that has such a job again makes it
 ``pending`` again, as for any dropped job. A downgrade leaves them cancelled: the older code
-would send them.
+would send them; the upgrade after it marks every job so dropped (``cancelled``, ``error_type``
+``not_in_manifest``) again, whatever its batch's text.
 
 Revision ID: 0039
 Revises: 0038
@@ -63,6 +64,8 @@ DROPPED_ERROR = (
     "no longer in its manifest and never sent: cancelled when the manifest was submitted again "
     "(nothing of it reached fal); a manifest that has it again sends it"
 )
+#: Its ``jobs.error_type`` (``jobs.models.NOT_IN_MANIFEST``).
+DROPPED_TYPE = "not_in_manifest"
 #: Its ``job_events.reason``.
 DROPPED_REASON = "not in manifest: never sent, dropped (upgrade to schema 0039)"
 
@@ -136,7 +139,7 @@ def drop_never_sent(conn: sa.Connection) -> int:
                 lease_owner=None,
                 lease_expires_at=None,
                 error=DROPPED_ERROR,
-                error_type="not_in_manifest",
+                error_type=DROPPED_TYPE,
                 actual_usd=0,
                 actual_billing_units=0,
             )
@@ -170,7 +173,21 @@ def upgrade() -> None:
         "jobs",
         sa.column("batch_id", sa.String),
         sa.column("item_index", sa.Integer),
+        sa.column("state", sa.String),
+        sa.column("error_type", sa.String),
         sa.column("not_in_manifest", sa.Boolean),
+    )
+    # A job dropped already (by a resubmit at 0039 or later, or by this upgrade before a
+    # downgrade took its mark away) is marked whatever its batch's text says: the mark was lost
+    # with the column, and for an ``items_from`` batch nothing else brings it back, so
+    # ``rerun --failed-only`` sent and billed the removed job after ``alembic downgrade`` and
+    # upgrade. (Added to this revision after its release: a database already at 0039 never runs
+    # it again, and one that ran it without this line has its marks, lost only by a downgrade,
+    # which this line now restores on the way back up.)
+    conn.execute(
+        jobs.update()
+        .where(jobs.c.state == "cancelled", jobs.c.error_type == DROPPED_TYPE)
+        .values(not_in_manifest=True)
     )
     found = conn.execute(sa.select(batches.c.id, batches.c.manifest_text).where(batches.c.manifest_text.is_not(None)))
     counted = [{"b_id": batch_id, "b_items": n} for batch_id, text in found if (n := item_count(text)) is not None]

@@ -680,6 +680,61 @@ def test_migration_0039_adds_not_in_manifest_false_for_stored_jobs_and_takes_it_
     assert drift(empty_engine) == []
 
 
+def test_migration_0039_marks_the_dropped_jobs_again_after_a_downgrade(empty_engine: Engine) -> None:
+    """A downgrade below 0039 drops ``jobs.not_in_manifest``; its upgrade refilled it only from
+    the stored manifest text of batches without ``items_from``, so a job a resubmit had dropped
+    from an ``items_from`` batch (``cancelled``, ``error_type`` ``not_in_manifest``) lost its mark,
+    and ``rerun --failed-only`` sent and billed it. The upgrade marks every such job again."""
+    from decimal import Decimal
+
+    from sqlalchemy import update
+
+    from jobs import batches, db, store
+    from jobs.models import NOT_IN_MANIFEST, Job
+    from jobs.settings import Settings
+    from jobs.states import JobState
+
+    migrate(empty_engine, from_models=False)
+
+    def job(n: int) -> store.NewJob:
+        return store.NewJob(
+            key=f"{n:064x}",
+            item_index=n,
+            endpoint="fal-ai/wan-22",
+            input={"prompt": f"row {n}"},
+            est_billing_units=Decimal(1),
+            est_usd=Decimal("0.40"),
+        )
+
+    with db.session_scope(empty_engine) as session:
+        batch, _ = store.get_or_create_batch(
+            session,
+            name="rows",
+            manifest_path="/m.yaml",
+            manifest_sha256="0" * 64,
+            budget_max_usd=None,
+            manifest_text="name: rows\nendpoint: fal-ai/wan-22\nitems_from: prompts.jsonl\n",
+        )
+        batch_id = batch.id
+        store.add_jobs(session, batch_id, [job(0), job(1)])
+        store.resubmit_jobs(session, batch_id, [job(0)], lambda: 1)  # row 1 removed: dropped
+        session.execute(update(Job).where(Job.job_key == f"{0:064x}").values(state=JobState.FAILED))
+    downgrade(empty_engine, "0038")
+    migrate(empty_engine, from_models=False)
+    assert drift(empty_engine) == []
+    with db.read_scope(empty_engine) as session:
+        marks = {
+            int(j.job_key, 16): (j.state, j.error_type, j.not_in_manifest)
+            for j in store.jobs_of_batch(session, batch_id)
+        }
+    assert marks == {0: (JobState.FAILED, None, False), 1: (JobState.CANCELLED, NOT_IN_MANIFEST, True)}
+    settings = Settings(database_url=empty_engine.url.render_as_string(hide_password=False))
+    rerun = batches.rerun_batch("rows", failed_only=True, settings=settings)
+    with db.read_scope(empty_engine) as session:
+        parent = {j.id: int(j.job_key, 16) for j in store.jobs_of_batch(session, batch_id)}
+        assert [parent[str(j.rerun_of)] for j in store.jobs_of_batch(session, rerun.batch_id)] == [0]
+
+
 def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path: Path) -> None:
     """``alembic downgrade -1`` connects through ``make_engine``, which turns SQLite's foreign
     keys on: a table rebuilt while another's rows refer to it (0019's ``jobs``, with a job event
