@@ -677,6 +677,11 @@ EVERY_BATCH = "*"
 #: (:func:`jobs.db.live_processes`). No batch id (32 hex digits) is spelled so: every reader of
 #: a batch's heartbeats passes it by.
 SERVE_SCOPE = "serve"
+#: :attr:`ConductorHeartbeat.scope` of a distributed worker that does not lead the ticks: it
+#: sends and downloads (its leases say so only while it holds one), so an upgrade of the schema
+#: waits for it, and names it (:func:`jobs.db.live_processes`). Its beat tells ``status`` nothing
+#: of any batch (the leader's :data:`EVERY_BATCH` does).
+WORKER_SCOPE = "worker"
 
 
 class ConductorHeartbeat(Base):

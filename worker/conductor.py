@@ -34,7 +34,7 @@ from sqlalchemy import Engine
 
 from jobs import db, store
 from jobs.listing import PROCESSING_STALE_SECONDS
-from jobs.models import EVERY_BATCH, JobView, utcnow
+from jobs.models import EVERY_BATCH, WORKER_SCOPE, JobView, utcnow
 from jobs.processes import process_prefix
 from worker import steps
 from worker.broker_outage import BrokerOutage, broker_problem, broker_refusal
@@ -162,6 +162,7 @@ class Conductor:
         self._budget_cancelled_seen = rt.budget_cancelled
         self._beat_lock = threading.Lock()
         self._next_beat = 0.0  # monotonic; 0: never beat
+        self._next_follower_beat = 0.0  # monotonic, while not leading (_follower_beat); 0: never
         self._next_watch = 0.0  # monotonic: when a process that does not lead reads the leader's limits
         #: A worker (no batch of its own) publishes its outcome-deciding settings beside the
         #: other workers' at each heartbeat, leader or not (:mod:`worker.peers`): when next.
@@ -415,6 +416,7 @@ class Conductor:
                     # over, are compared with this process's (said once) and kept (fail safe).
                     self._next_watch = now + HEARTBEAT_SECONDS
                     watch_limits(self.rt.limiter)
+                    self._follower_beat()
                 self._outage.answered()  # the tick (or the leader lock's check) reached the database
                 self._broker_outage.answered()
                 self._writes_again()
@@ -766,6 +768,20 @@ class Conductor:
             if not self.rt.batch_ids:  # the workers' leader: its limits hold for every worker
                 publish_limits(self.rt.limiter, process_prefix())
 
+    def _follower_beat(self) -> None:
+        """A worker that does not lead records, every :data:`HEARTBEAT_SECONDS` (no more: it is
+        called at most that often, with the leader's limits watched), that it still works on this
+        database (:data:`~jobs.models.WORKER_SCOPE`): an upgrade of the schema by a newer
+        wanbatch refused naming the leader only, and once that one was stopped, named the next.
+        A failed write is a failed round, as the leader's beat is (:meth:`run`)."""
+        with self._beat_lock:
+            now = time.monotonic()
+            if self._closed or self.rt.batch_ids or now < self._next_follower_beat:
+                return
+            self._next_follower_beat = now + HEARTBEAT_SECONDS
+            with db.session_scope(self.rt.engine) as session:
+                store.record_heartbeat(session, self.rt.owner, [WORKER_SCOPE], utcnow())
+
     def _handing_off(self, send: Callable[[str], None]) -> Callable[[str], None]:
         """``send`` (a hand-off to the broker), noting that the broker took a write while it
         was said to refuse them; the loop then ends that outage (:meth:`_writes_again`), not
@@ -818,7 +834,7 @@ class Conductor:
         self.rt.fal_reach.release()  # a hold on fal this process recorded ends with it
         withdraw_settings(self._announcer)  # its settings go with it: no later warning names it
         with self._beat_lock:
-            if self._closed or self._next_beat == 0:
+            if self._closed or (self._next_beat == 0 and self._next_follower_beat == 0):
                 self._closed = True
                 return  # cleared already, or never beat: nothing to clear
             self._closed = True

@@ -239,3 +239,32 @@ def test_workers_last_beat_is_the_every_batch_beat_only(engine: Engine) -> None:
         store.record_heartbeat(session, "worker:2:", [EVERY_BATCH], now - timedelta(seconds=30))
         store.record_heartbeat(session, "worker:3:", [EVERY_BATCH], now - timedelta(seconds=3))
         assert store.workers_last_beat(session) == now - timedelta(seconds=3)
+
+
+def test_a_worker_that_does_not_lead_beats_as_a_worker_and_clears_on_close(engine: Engine) -> None:
+    """A worker that does not lead the ticks beats too (scope ``worker``: an upgrade of the schema
+    names it), which says nothing of any batch; a clean stop deletes its row."""
+    from jobs.models import WORKER_SCOPE
+
+    batch_id = add_batch(engine, "beat-follower", [("fal-ai/wan-22", {"prompt": "f"})])
+    rt = make_runtime(engine, settings_for(URL, KEY))
+    conductor = Conductor(rt, stream=False)
+    stopping = threading.Event()
+    runner = threading.Thread(
+        target=conductor.run, args=(stopping,), kwargs={"resilient": True, "leads": lambda: False}
+    )
+    runner.start()
+    try:
+        deadline = utcnow() + timedelta(seconds=20)
+        while _beats(engine) != {WORKER_SCOPE: rt.owner} and utcnow() < deadline:
+            stopping.wait(0.05)
+        assert _beats(engine) == {WORKER_SCOPE: rt.owner}
+        assert conductor.stats.ticks == 0
+        with db.read_scope(engine) as session:
+            assert store.last_heartbeat(session, batch_id) is None
+            assert store.workers_last_beat(session) is None
+    finally:
+        stopping.set()
+        runner.join(20)
+        conductor.close()
+    assert _beats(engine) == {}

@@ -1245,6 +1245,64 @@ def test_an_upgrade_of_a_schema_without_heartbeats_waits_for_a_live_lease(
     assert _version(empty_engine) == SCHEMA_HEAD
 
 
+def test_an_upgrade_refused_names_every_worker_not_only_the_leader(
+    empty_engine: Engine, live_child: subprocess.Popen[bytes]
+) -> None:
+    """Only the workers' tick leader beat: a refused upgrade named it alone ("1 wanbatch process
+    is using it"), the operator stopped it and was refused again, naming the next. Every worker
+    beats now (the leader for every batch, the others as workers, every 10 s), and the refusal
+    counts and names them all."""
+    import threading
+
+    from jobs.errors import ConfigError
+    from tests.step_runtime import make_runtime, settings_for
+    from worker.conductor import Conductor
+
+    other = subprocess.Popen(["sleep", "600"])
+    try:
+        migrate(empty_engine, from_models=False)
+        conductors = []
+        for pid, leads in ((live_child.pid, True), (other.pid, False)):
+            rt = make_runtime(empty_engine, settings_for("https://queue.test", "guard-key-4d1e"))
+            rt.owner = f"{_owner(pid)}1"  # as a worker process of its own would be named
+            conductor = Conductor(rt, stream=False)
+            stopping = threading.Event()
+            runner = threading.Thread(
+                target=conductor.run,
+                args=(stopping,),
+                kwargs={"resilient": True, "leads": (lambda lead=leads: lead)},
+            )
+            runner.start()
+            conductors.append((stopping, runner))
+        try:
+            beaten = {f"{_owner(live_child.pid)}1", f"{_owner(other.pid)}1"}
+            deadline = datetime.now(UTC).timestamp() + 30  # only so that a beat never written fails
+            while True:
+                with empty_engine.connect() as conn:
+                    owners = set(conn.execute(text("SELECT owner FROM conductor_heartbeats")).scalars())
+                if owners >= beaten or datetime.now(UTC).timestamp() > deadline:
+                    break
+                threading.Event().wait(0.05)
+        finally:
+            for stopping, runner in conductors:  # stopped without closing: their rows stay, as live
+                stopping.set()
+                runner.join(20)
+        downgrade(empty_engine, _PREVIOUS)
+        with pytest.raises(ConfigError) as refused:
+            migrate(empty_engine, from_models=False)
+        said = str(refused.value)
+        assert "2 wanbatch processes are using it (" in said, said
+        for pid in (live_child.pid, other.pid):
+            assert f"{_owner(pid)[:-1]}, last seen " in said, said
+        assert said.endswith(
+            "stop them (a killed one counts until it has been silent 60 s and its job "
+            "leases expire), then run any command to upgrade the database"
+        ), said
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_process_that_upgraded_first_is_not_taken_for_an_older_one(
     empty_engine: Engine, live_child: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
