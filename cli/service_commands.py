@@ -191,6 +191,7 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
         app = get_app(settings)
 
         ticker: list[Ticker] = []
+        schema_behind: list[ConfigError] = []  # the ticker met a schema downgraded under it
 
         @worker_process_init.connect(weak=False)
         def _after_fork(**_: object) -> None:
@@ -223,7 +224,10 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
             # clears this process's heartbeat before the process exits, or a clean stop would
             # read as "still processing", then as a crash ("last seen"), in `status`.
             while ticker:
-                ticker.pop().shutdown()
+                stopped = ticker.pop()
+                stopped.shutdown()
+                if stopped.failure is not None:
+                    schema_behind.append(stopped.failure)
 
         from worker.logs import celery_console_as_log_lines
 
@@ -262,6 +266,8 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
             stop_metrics()
         if start_failure.failed_for_good(bool(asked_to_stop)):
             raise ConfigError(start_failure.message())
+        if schema_behind:  # it stopped itself: one line, exit 2, as at start-up
+            raise schema_behind[0]
         if not asked_to_stop:
             # Celery ends its worker cleanly after some broker-connection losses (kombu's redis
             # transport raising on a closed channel, logged as "Unrecoverable error"), though

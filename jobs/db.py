@@ -923,6 +923,52 @@ def is_schema_missing(exc: BaseException) -> bool:
     return getattr(orig, "sqlstate", None) == _PG_UNDEFINED_TABLE
 
 
+#: PostgreSQL's SQLSTATE for a column that is not there (``undefined_column``).
+_PG_UNDEFINED_COLUMN = "42703"
+
+
+def is_schema_mismatch(exc: BaseException) -> bool:
+    """Whether ``exc`` says a table or column wanbatch uses is not in the database: PostgreSQL's
+    ``undefined_table`` or ``undefined_column``, SQLite's ``no such table``, ``no such column``
+    or ``has no column named``. The database's schema may then be older than this wanbatch's
+    (downgraded under a running process: :func:`schema_behind` tells)."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if isinstance(orig, sqlite3.OperationalError):
+        said = str(orig)
+        return said.startswith(("no such table", "no such column")) or " has no column named " in said
+    return getattr(orig, "sqlstate", None) in (_PG_UNDEFINED_TABLE, _PG_UNDEFINED_COLUMN)
+
+
+def schema_behind(engine: Engine) -> str | None:
+    """Why this wanbatch cannot work on the database now, when its schema is at a revision of
+    this wanbatch's own older than :data:`SCHEMA_HEAD` (``alembic downgrade`` under a running
+    process): its statements fail on every round, a column or table missing. Read as the
+    start-up reads it (:func:`_current_schema`: two small queries); None when the schema is this
+    version's, is none (no tables: :func:`schema_missing_error`'s case) or cannot be read."""
+    try:
+        heads, _tables = _current_schema(engine)
+    except Exception:  # unreadable now: an outage, said by whatever met it
+        return None
+    if not heads or heads == {SCHEMA_HEAD}:
+        return None
+    from alembic.script import ScriptDirectory
+
+    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    if heads - known:
+        return newer_schema(heads)
+    return (
+        f"the database is at schema {', '.join(sorted(heads))}, older than this wanbatch's "
+        f"{SCHEMA_HEAD} (downgraded under this process)"
+    )
+
+
+#: What to do about a database downgraded under a running process (:func:`schema_behind`).
+SCHEMA_BEHIND_FIX = (
+    "stop this process (stop the newer processes before a downgrade), then start the version the "
+    "schema is for, or any command of this one to upgrade it again"
+)
+
+
 def schema_missing_error(url: str | URL | None, missing: str) -> ConfigError:
     """The one line (exit 2) for a database without wanbatch's tables (:func:`is_schema_missing`);
     ``missing`` is what was found missing (the database's words, or the tables' names)."""

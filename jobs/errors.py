@@ -12,7 +12,8 @@ lives in this module unless ``[module]`` names another::
     WanbatchError                    exit 1 unless a branch says otherwise
     ├── UsageError                   exit 2: bad option, unknown batch, bad configuration
     │   ├── ConfigError              a WANBATCH_* setting (or FAL_KEY) is missing or malformed
-    │   │   └── DatabaseUnavailableError [worker.db_outage] the database stayed away mid-run past a lease
+    │   │   ├── DatabaseUnavailableError [worker.db_outage] the database stayed away mid-run past a lease
+    │   │   └── SchemaBehindError    the database's schema was downgraded under this process
     │   ├── DatabaseFullError        the database's disk is full: nothing can be stored until space is freed
     │   ├── DatabaseLockedError      another session held a lock an operator's command waited for too long
     │   ├── NotFoundError            a batch or job id that does not exist
@@ -74,6 +75,11 @@ class UsageError(WanbatchError):
 
 class ConfigError(UsageError):
     """A setting is missing or malformed; the message names the variable, never its secret value."""
+
+
+class SchemaBehindError(ConfigError):
+    """The database's schema is older than this wanbatch's: downgraded under a running process
+    (:func:`jobs.db.schema_behind`), which then works on it no more (a worker exits 2)."""
 
 
 class DatabaseFullError(UsageError):

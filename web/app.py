@@ -347,13 +347,28 @@ def create_app(
         "unavailable" (503, one warning: the same request may succeed in a moment), and a full
         disk says so (503, one warning naming the database: someone must free space); a data
         error is the request's (400, one warning: it carries a value the database refuses, and
-        fails the same way again); anything else is the dashboard's (500, one line; the log has
-        the traceback)."""
+        fails the same way again); a schema older than this wanbatch's (``alembic downgrade``
+        under a running serve: :func:`jobs.db.schema_behind`) says so (503, one warning; it was
+        a 500 "the dashboard failed"); anything else is the dashboard's (500, one line; the log
+        has the traceback)."""
         assert isinstance(exc, DBAPIError | PoolTimeoutError)
         client = one_line(request.client.host) if request.client else "?"
         # The path and the database's words may carry the request's text: one line each, so a
         # %0A in the URL cannot forge a log line.
         where = (request.method, one_line(request.url.path), client, one_line(database_problem(exc)))
+        # A table or column missing: a schema downgraded under this serve says so (SQLite's "no
+        # such column" is an OperationalError: before is_unavailable). Read as the start-up reads it.
+        if db.is_schema_mismatch(exc) and (
+            behind := await anyio.to_thread.run_sync(db.schema_behind, engine)
+        ):
+            log.warning(
+                "dashboard: %s %s from %s: %s: %s",
+                *where[:3],
+                behind,
+                db.SCHEMA_BEHIND_FIX,
+                extra={"event": "dashboard.schema_behind", "status": 503},
+            )
+            return dashboard.unavailable(request, f"{behind}: {db.SCHEMA_BEHIND_FIX}")
         if db.is_disk_full(exc):  # before is_unavailable, which a full disk also is
             full = db.disk_full_error(settings.database_url, then="try again")
             log.warning(

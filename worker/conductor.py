@@ -33,6 +33,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine
 
 from jobs import db, store
+from jobs.errors import SchemaBehindError
 from jobs.listing import PROCESSING_STALE_SECONDS
 from jobs.models import EVERY_BATCH, WORKER_SCOPE, JobView, utcnow
 from jobs.processes import process_prefix
@@ -304,6 +305,11 @@ class Conductor:
         (:class:`~worker.broker_outage.BrokerOutage`: one warning line, at most every 30 s, no
         traceback), and the next round goes on after a pause.
 
+        A round that fails on a missing column or table of a schema older than this wanbatch's
+        (:func:`jobs.db.schema_behind`: downgraded under this process) ends the loop, resilient
+        or not, with :class:`~jobs.errors.SchemaBehindError` (one line): it logged a traceback
+        about once a second and the batches stalled.
+
         A database whose disk is full (:func:`jobs.db.is_disk_full`) stops every round — nothing
         more is claimed or sent — for as long as a submit step of this process waits to record
         a request fal accepted (:meth:`_hold_while_full`); then the round is tried again. With
@@ -330,6 +336,12 @@ class Conductor:
                     )
                     stopping.wait(CONFLICT_PAUSE_SECONDS)
                     continue
+                # A column or table missing, on a schema older than this wanbatch's: an
+                # ``alembic downgrade`` under this process. Every round would fail the same way
+                # (SQLite's "no such column" looks like an outage): said in one line, and this
+                # process works on that database no more (a run ends, a worker exits 2).
+                if db.is_schema_mismatch(exc) and (behind := db.schema_behind(self.rt.engine)):
+                    raise SchemaBehindError(f"{behind}: {db.SCHEMA_BEHIND_FIX}") from None
                 if db.is_disk_full(exc):  # before is_unavailable, which a full disk also is
                     if self._hold_while_full(stopping, on_progress, progress_every, resilient):
                         continue

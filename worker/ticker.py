@@ -15,6 +15,8 @@ enforced right before each POST by the shared limiter of :mod:`worker.limits`.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 
 from jobs.db import AdvisoryLock, is_unavailable
+from jobs.errors import SchemaBehindError
 from worker import steps
 from worker.db_outage import database_problem
 
@@ -93,6 +96,12 @@ class LeaderLock:
         self._lock.release()
 
 
+def stop_this_worker() -> None:
+    """Ask this worker process to stop as SIGTERM does (Celery's warm shutdown: the running
+    tasks end first); ``wanbatch worker`` then exits with :attr:`Ticker.failure`."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 class Ticker(threading.Thread):
     """Conducts (:class:`~worker.conductor.Conductor`) while this process leads.
 
@@ -108,6 +117,9 @@ class Ticker(threading.Thread):
         self.interval = interval
         self.stopping = threading.Event()
         self._conductor: Conductor | None = None
+        #: Why the conductor stopped for good (a schema downgraded under it); the worker then
+        #: stops and exits 2 with it (``wanbatch worker``).
+        self.failure: SchemaBehindError | None = None
 
     def run(self) -> None:
         from worker import tasks
@@ -122,6 +134,10 @@ class Ticker(threading.Thread):
         try:
             with listening(rt.engine, conductor.notify):
                 conductor.run(self.stopping, leads=lock.acquire, resilient=True)
+        except SchemaBehindError as exc:  # every round would fail: the worker stops, exit 2
+            self.failure = exc
+            log.warning("%s; this worker stops", exc, extra={"event": "conductor.schema_behind"})
+            stop_this_worker()
         finally:
             tasks.conduct_here(None)
             conductor.close()

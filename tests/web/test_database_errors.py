@@ -357,3 +357,40 @@ def test_a_first_login_with_the_database_unreachable_is_a_503(
         assert "\\n" not in line, line
         assert "\n" not in line
         assert PASSWORD not in line
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_schema_downgraded_under_serve_is_a_one_line_503_naming_it(
+    dialect: str,
+    tmp_path: Path,
+    new_pg_database: Callable[[], str],
+    output_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``alembic downgrade`` under a running serve: every page failed on a missing column, a 500
+    "the dashboard failed on a database error" with a traceback in the log (SQLite: "the
+    database is unavailable"). It says which schema the database is at, and what to do."""
+    from jobs.db import SCHEMA_HEAD, downgrade
+
+    url = f"sqlite:///{tmp_path / 'd.db'}" if dialect == "sqlite" else new_pg_database()
+    engine = make_engine(url)
+    try:
+        migrate(engine)
+        with session_factory(engine)() as session:
+            batch_id = mixed_batch(session, items=2, output_dir=output_dir).batch.id
+            session.commit()
+        browser = client(app_for(engine, settings_for(engine, output_dir)))
+        downgrade(engine, "0038")
+        with caplog.at_level(logging.INFO):
+            answers = [browser.get("/", headers=HTML), browser.get(f"/batches/{batch_id}", headers=HTML)]
+    finally:
+        engine.dispose()
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        body = html.unescape(_one_line(answer))
+        assert f"the database is at schema 0038, older than this wanbatch's {SCHEMA_HEAD}" in body, body
+        assert "stop this process" in body
+    records = _dashboard_records(caplog)
+    assert [(r.levelno, r.exc_info, r.__dict__["event"]) for r in records] == [
+        (logging.WARNING, None, "dashboard.schema_behind")
+    ] * 2
