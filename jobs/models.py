@@ -811,6 +811,26 @@ class InstanceSecret(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class DashboardSessionRevocation(Base):
+    """A dashboard login ended by ``POST /logout`` (:mod:`web.auth`): its session id is refused
+    by every ``serve`` of this database until the session would have expired anyway.
+
+    A login cookie is signed and carries its issue time, so it is refused once 30 days old with
+    no row at all; a logout must end it sooner, for every process that might be shown it (two
+    ``serve`` behind one proxy share nothing else). One row per logout, not per login: a login
+    writes nothing, and each logout first clears the rows whose sessions are past their age
+    (:func:`jobs.store.revoke_dashboard_session`).
+    """
+
+    __tablename__ = "dashboard_session_revocations"
+
+    #: The session's random id, as its cookie carries it (hex).
+    session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: When the session would have expired (issued + 30 days): the row is useless after it.
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Upload(Base):
     """A local file already uploaded to fal's storage: each distinct content is uploaded once
     per fal (its REST API's origin), and reused until ``expires_at``.

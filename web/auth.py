@@ -31,19 +31,27 @@ cannot rebind a DNS name of its own to 127.0.0.1 to read the dashboard through i
 browser. A proxy on this host that adds none of those headers still looks like loopback: with
 no token, everyone behind it reads; set one there.
 
-The cookie holds an HMAC of the token, never the token itself; tokens and cookies are compared
-with :func:`hmac.compare_digest`. Its name is the dashboard's own (:func:`session_cookie`), since
-browsers scope cookies by host, not port: two dashboards on one host, each with its token, keep a
-cookie each, and neither takes the other's for a guess. Name and value alike are HMACs of the
-token keyed by a random secret of the database (:data:`COOKIE_SECRET` in ``instance_secrets``):
-browsers send a host's cookies to every port of it, so any other web app on this host receives
-them, and an HMAC keyed by the token alone would be an offline check of token guesses, bypassing
-the pace below. Keyed by the database's secret, neither tells anything about the token to anyone
-who cannot read the database (:func:`session_value`). And the name is only ever sent to the
+Each login gets a cookie value of its own, never the token: its issue time and a random session
+id, signed with an HMAC (:func:`session_value`); tokens and signatures are compared with
+:func:`hmac.compare_digest`. The server refuses a value :data:`SESSION_MAX_AGE` after it was
+issued (the browser forgets it then too), and ``POST /logout`` ends the session on the server:
+its id goes into ``dashboard_session_revocations``, which every ``serve`` of the database reads,
+so a copy of the cookie kept after a logout (a shared machine, a proxy's log) reads and acts no
+more, through any of them. (It was one fixed HMAC of the token: the same for every login, and
+good until the token changed, logout or not.) A logout ends that one login; other browsers stay
+logged in. Changing the token ends every session at once.
+
+Its name is the dashboard's own (:func:`session_cookie`), since browsers scope cookies by host,
+not port: two dashboards on one host, each with its token, keep a cookie each, and neither takes
+the other's for a guess. The name, and the key values are signed with (:func:`session_key`), are
+HMACs of the token keyed by a random secret of the database (:data:`COOKIE_SECRET` in
+``instance_secrets``): browsers send a host's cookies to every port of it, so any other web app
+on this host receives them, and an HMAC keyed by the token alone would be an offline check of
+token guesses, bypassing the pace below. Keyed by the database's secret, neither tells anything
+about the token to anyone who cannot read the database. And the name is only ever sent to the
 browser that logged in: ``POST /logout`` deletes the cookie only when the request carries it, and
-no other answer names it. The browser keeps it :data:`SESSION_MAX_AGE` (across restarts: the
-secret is the database's). Changing the token logs every browser out: the old cookie has another
-name, and its value would not match under this one.
+no other answer names it. Changing the token logs every browser out: the old cookie has another
+name, and its value would not verify under the new key.
 
 Guessing stays slow (:class:`TokenGate`): the token a request brings (``Authorization: Bearer``,
 the login form) is checked one request at a time, and a wrong one holds the next check back for
@@ -61,13 +69,15 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from datetime import UTC, datetime
+from typing import Any, Protocol, cast
 from urllib.parse import quote, urlsplit
 
 import anyio.to_thread
@@ -87,12 +97,16 @@ from jobs.printable import one_line
 log = logging.getLogger(__name__)
 
 #: The login cookie's name begins so; :func:`session_cookie` of the token is the whole name, and
-#: :func:`session_value` of it the value.
+#: :func:`session_value` of a login the value.
 SESSION_COOKIE_PREFIX = "wanbatch_session_"
 #: The name, in ``instance_secrets``, of the database's random key of the cookie's name.
 COOKIE_SECRET = "dashboard_cookie"  # noqa: S105 - the secret's name, not a secret
-#: How long a browser keeps the login cookie (seconds): 30 days, browser restarts included.
+#: How long a login lasts (seconds): 30 days, browser restarts included. The browser keeps the
+#: cookie so long, and the server refuses its value after it (the value says when it was issued).
 SESSION_MAX_AGE = 30 * 24 * 60 * 60
+#: How far ahead of this server's clock a login may say it was issued (seconds): another
+#: ``serve`` of the database, whose clock runs a little ahead, issued it.
+SESSION_CLOCK_SKEW = 5 * 60
 #: Requests that never need the token: ``(method, path)``.
 PUBLIC_ROUTES = frozenset({("POST", "/webhooks/fal"), ("GET", "/healthz"), ("HEAD", "/healthz")})
 #: Their paths: any other method on them is passed on too, for the router to answer 405 with an
@@ -125,17 +139,72 @@ NO_DATABASE = (
 TOKEN_FAILURE_DELAY = 1.0
 
 
-def session_value(token: str, secret: bytes) -> str:
-    """The cookie value that proves a browser logged in with ``token``: an HMAC of the token keyed
-    by ``secret``, the database's :data:`COOKIE_SECRET` (:func:`cookie_secret`), never the token.
+def session_key(token: str, secret: bytes) -> bytes:
+    """The key login values are signed with: an HMAC of the token keyed by ``secret``, the
+    database's :data:`COOKIE_SECRET` (:func:`cookie_secret`), never the token alone.
 
     Browsers send a host's cookies to every port of it: another web app on this host receives
-    the value too. Were it keyed by the token alone (as it was), whoever holds it could test
-    token guesses offline, at no pace; keyed by the database's secret, it tells nothing about
-    the token to anyone who cannot read the database. A new token gives another value (and
-    another name); the same token and database, the same value after a restart."""
-    message = b"wanbatch dashboard session v2\0" + token.encode()
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+    the value too. Were the key the token's alone, whoever holds a value could test token
+    guesses offline, at no pace; keyed by the database's secret, a value tells nothing about the
+    token to anyone who cannot read the database. A new token gives another key: every value
+    signed under the old one fails (and has another name besides)."""
+    return hmac.new(secret, b"wanbatch dashboard session key v3\0" + token.encode(), hashlib.sha256).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClaim:
+    """What a login value says, once its signature checked out: when it was issued (seconds
+    since the epoch) and its random id (what a logout revokes)."""
+
+    issued: int
+    session_id: str
+
+    @property
+    def expires(self) -> int:
+        return self.issued + SESSION_MAX_AGE
+
+
+def _mac(key: bytes, issued: int, session_id: str) -> str:
+    message = b"wanbatch dashboard session v3\0" + f"{issued}.{session_id}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def session_value(key: bytes, *, issued: int, session_id: str) -> str:
+    """The cookie value of one login: ``ISSUED.ID.MAC`` — its issue time (whole seconds since the
+    epoch), its random id (:func:`new_session_id`) and an HMAC of both keyed by
+    :func:`session_key`. It was one HMAC of the token: every login gave the same value, and a
+    copy kept read and acted until the token changed. Now each login has its own, refused
+    :data:`SESSION_MAX_AGE` after it was issued and once logged out (:class:`TokenGate`)."""
+    return f"{issued}.{session_id}.{_mac(key, issued, session_id)}"
+
+
+def new_session_id() -> str:
+    """A login's random id: 128 bits, hex."""
+    return secrets.token_hex(16)
+
+
+_SESSION_VALUE = re.compile(r"([0-9]{1,12})\.([0-9a-f]{32})\.([0-9a-f]{64})")
+#: The value every login was given before values were signed per login (an HMAC of the token):
+#: no credential now, and no guess to pace either (:meth:`TokenGate.check_cookie`).
+_FIXED_VALUE = re.compile(r"[0-9a-f]{64}")
+
+
+def read_session(key: bytes, value: str) -> SessionClaim | None:
+    """What ``value`` claims, if it is a login value signed with ``key`` (whatever its age);
+    None for anything else: another key's (another token's or database's), changed, or no
+    login value at all. The signature is compared in constant time."""
+    found = _SESSION_VALUE.fullmatch(value)
+    if found is None:
+        return None
+    issued, session_id, mac = int(found[1]), found[2], found[3]
+    if not hmac.compare_digest(mac.encode(), _mac(key, issued, session_id).encode()):
+        return None
+    return SessionClaim(issued, session_id)
+
+
+def is_fixed_value(value: str) -> bool:
+    """Whether ``value`` has the shape of the one fixed value of before (see :data:`_FIXED_VALUE`)."""
+    return _FIXED_VALUE.fullmatch(value) is not None
 
 
 def session_cookie(token: str, secret: bytes) -> str:
@@ -425,6 +494,36 @@ class Access:
         return "log in with WANBATCH_SERVE_TOKEN to pause, resume, cancel or rerun batches"
 
 
+class SessionRevocations(Protocol):
+    """Where logouts are kept, for every ``serve`` of the database (:class:`DatabaseRevocations`)."""
+
+    def revoked(self, session_id: str) -> bool: ...
+
+    def revoke(self, claim: SessionClaim, now: float) -> None: ...
+
+
+class DatabaseRevocations:
+    """Logouts kept in the database (``dashboard_session_revocations``): a logout through one
+    ``serve`` ends the session for every other one of the database too (several behind one
+    proxy, or one restarted), which no process's memory could do."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def revoked(self, session_id: str) -> bool:
+        with db.read_scope(self.engine) as session:
+            return store.dashboard_session_revoked(session, session_id)
+
+    def revoke(self, claim: SessionClaim, now: float) -> None:
+        with db.session_scope(self.engine) as session:
+            store.revoke_dashboard_session(
+                session,
+                claim.session_id,
+                expires_at=datetime.fromtimestamp(claim.expires, UTC),
+                now=datetime.fromtimestamp(now, UTC),
+            )
+
+
 class TokenGate:
     """``WANBATCH_SERVE_TOKEN`` and the one place a credential is checked against it, paced.
 
@@ -433,13 +532,21 @@ class TokenGate:
     verdicts on a thousand guesses sent at once come one a second. (Checking at once and only
     delaying the wrong answers would not do: a right token answered at once tells a guesser,
     without waiting for the others, that they were all wrong.) A wrong token's own answer waits
-    ``delay`` too. A cookie is compared at once — it is an HMAC, unguessable, and a browser
-    sends it with every request — and a wrong one then takes its turn and its ``delay`` like a
-    wrong token. Only the cookie named :meth:`cookie_name` is one: a cookie minted under
+    ``delay`` too.
+
+    A cookie's signature is checked at once (:func:`read_session`) — it is an HMAC, unguessable,
+    and a browser sends it with every request — and a value that fails it then takes its turn
+    and its ``delay`` like a wrong token. A value signed right is a login's, no guess, and is
+    never paced: it is good while younger than :data:`SESSION_MAX_AGE` (by ``wall_clock``; one
+    issued more than :data:`SESSION_CLOCK_SKEW` ahead of it is refused too) and not logged out
+    (``revocations``, read from the database on a thread). The fixed value every login was
+    given before (:func:`is_fixed_value`) is refused unpaced too: its browser is only sent to
+    log in again. Only the cookie named :meth:`cookie_name` is one: a cookie minted under
     another token has another name (:func:`session_cookie`), and is no credential at all, never
-    paced. That name and the value (:func:`session_value`) are keyed by the database's secret,
-    which ``secret`` reads (once: both are then kept); :class:`web.dashboard.Dashboard` gives a
-    gate without one its database's. A request that gives up while it waits frees the lock,
+    paced. That name and the signing key (:func:`session_key`) are keyed by the database's
+    secret, which ``secret`` reads (once: both are then kept); :class:`web.dashboard.Dashboard`
+    gives a gate without one its database's, and without ``revocations`` its database's
+    (:class:`DatabaseRevocations`). A request that gives up while it waits frees the lock,
     never the pace: the time of the last failure is kept, not a task's sleep. While no
     credential fails, nothing waits; a request with no credential never does. The price: while
     guesses pour in, a right token (not a right cookie) waits its turn behind them.
@@ -455,15 +562,20 @@ class TokenGate:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         secret: Callable[[], bytes] | None = None,
+        revocations: SessionRevocations | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.token = token or None
         #: Reads the key of the cookie's name (:func:`cookie_secret`); may touch the database.
         self.secret = secret
-        #: The login cookie's name and value under the token, once the secret was read.
-        self._cookie: tuple[str, str] | None = None
+        #: Where logouts are kept (:class:`DatabaseRevocations`); touches the database.
+        self.revocations = revocations
+        #: The login cookie's name and the key its values are signed with, once the secret was read.
+        self._named: tuple[str, bytes] | None = None
         self.delay = delay
         self._clock = clock
         self._sleep = sleep
+        self._wall_clock = wall_clock
         #: No credential is checked before this (``clock`` time): ``delay`` after the last failure.
         self._not_before = float("-inf")
         self._guard = threading.Lock()
@@ -475,34 +587,58 @@ class TokenGate:
     def configured(self) -> bool:
         return self.token is not None
 
-    def cookie_now(self) -> tuple[str, str] | None:
-        """The login cookie's name and value under this token (None without one), read on this
-        thread: the first call reads the database's secret (:func:`cookie_secret`), later ones
-        not."""
+    def _named_now(self) -> tuple[str, bytes] | None:
+        """The login cookie's name and signing key under this token (None without one), read on
+        this thread: the first call reads the database's secret (:func:`cookie_secret`), later
+        ones not."""
         if self.token is None:
             return None
-        if self._cookie is None:
+        if self._named is None:
             if self.secret is None:
                 raise RuntimeError("the token gate has no secret to name its cookie with")
             secret = self.secret()
-            self._cookie = (session_cookie(self.token, secret), session_value(self.token, secret))
-        return self._cookie
+            self._named = (session_cookie(self.token, secret), session_key(self.token, secret))
+        return self._named
 
-    async def cookie(self) -> tuple[str, str] | None:
-        """:meth:`cookie_now`, off the event loop when the database must be read."""
-        if self._cookie is not None or self.token is None:
-            return self._cookie
-        return await anyio.to_thread.run_sync(self.cookie_now)
+    async def _named_soon(self) -> tuple[str, bytes] | None:
+        """:meth:`_named_now`, off the event loop when the database must be read."""
+        if self._named is not None or self.token is None:
+            return self._named
+        return await anyio.to_thread.run_sync(self._named_now)
+
+    def new_session_now(self) -> tuple[str, str] | None:
+        """A new login's cookie, name and value (None without a token): its own random id, issued
+        now (:func:`session_value`)."""
+        named = self._named_now()
+        if named is None:
+            return None
+        name, key = named
+        return name, session_value(key, issued=int(self._wall_clock()), session_id=new_session_id())
+
+    async def new_session(self) -> tuple[str, str] | None:
+        """:meth:`new_session_now`, off the event loop when the database must be read."""
+        await self._named_soon()
+        return self.new_session_now()
 
     def cookie_name_now(self) -> str | None:
-        """The login cookie's name under this token (None without one): :meth:`cookie_now`."""
-        found = self.cookie_now()
-        return found[0] if found is not None else None
+        """The login cookie's name under this token (None without one)."""
+        named = self._named_now()
+        return named[0] if named is not None else None
 
     async def cookie_name(self) -> str | None:
         """:meth:`cookie_name_now`, off the event loop when the database must be read."""
-        found = await self.cookie()
-        return found[0] if found is not None else None
+        named = await self._named_soon()
+        return named[0] if named is not None else None
+
+    def _revocations(self) -> SessionRevocations:
+        if self.revocations is None:
+            raise RuntimeError("the token gate has nowhere to keep logouts")
+        return self.revocations
+
+    def _fresh(self, claim: SessionClaim) -> bool:
+        """Whether a login issued at ``claim.issued`` is still good by age (see the class doc)."""
+        now = self._wall_clock()
+        return claim.issued - SESSION_CLOCK_SKEW <= now < claim.expires
 
     def _lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
@@ -534,17 +670,39 @@ class TokenGate:
         return False
 
     async def check_cookie(self, value: str) -> bool:
-        """Whether ``value`` is the login cookie of the token; a wrong one is paced."""
-        found = await self.cookie()
-        if found is None:
+        """Whether ``value`` is a good login cookie of the token: signed with its key, younger
+        than :data:`SESSION_MAX_AGE`, not logged out. A value that fails the signature is paced
+        (see the class doc)."""
+        named = await self._named_soon()
+        if named is None:
             return False
-        if hmac.compare_digest(value.encode(), found[1].encode()):
-            return True
+        claim = read_session(named[1], value)
+        if claim is not None:
+            if not self._fresh(claim):
+                return False
+            revoked = await anyio.to_thread.run_sync(self._revocations().revoked, claim.session_id)
+            return not revoked
+        if is_fixed_value(value):
+            return False
         async with self._lock():
             await self._turn()
             self._failed()
         await self._sleep(self.delay)
         return False
+
+    async def end_session(self, value: str) -> bool:
+        """Log the session of ``value`` out, for every ``serve`` of the database: True when it
+        was a good login value of this token (signed, still of age), False for anything else
+        (nothing to end: a changed or stale value is no credential already). Never paced: the
+        caller sent this dashboard's cookie name, which only its own browser is told."""
+        named = await self._named_soon()
+        if named is None:
+            return False
+        claim = read_session(named[1], value)
+        if claim is None or not self._fresh(claim):
+            return False
+        await anyio.to_thread.run_sync(self._revocations().revoke, claim, self._wall_clock())
+        return True
 
 
 async def access_of(scope: Scope, gate: TokenGate) -> Access:

@@ -60,6 +60,7 @@ from jobs.url_secrets import mask_urls
 from web.auth import (
     SESSION_MAX_AGE,
     Access,
+    DatabaseRevocations,
     TokenGate,
     answers_json,
     carries_a_session_cookie,
@@ -321,6 +322,8 @@ class Dashboard:
             gate = TokenGate(secret.get_secret_value() if secret is not None else None)
         if gate.secret is None:  # the key of the cookie's name: this database's secret
             gate.secret = lambda: cookie_secret(engine)
+        if gate.revocations is None:  # logouts: this database's, read by every serve of it
+            gate.revocations = DatabaseRevocations(engine)
         #: The token and its paced check, shared with :class:`web.auth.DashboardAuth`.
         self.gate = gate
 
@@ -723,7 +726,7 @@ class Dashboard:
                 next=target,
                 error="That is not the token.",
             )
-        cookie = await self.gate.cookie()  # name and value keyed by the database's secret
+        cookie = await self.gate.new_session()  # this login's own value, signed, issued now
         assert cookie is not None  # a token is configured
         name, value = cookie
         response = RedirectResponse(target, status_code=303)
@@ -731,7 +734,9 @@ class Dashboard:
         return response
 
     async def logout(self, request: Request) -> Response:
-        """Forget this dashboard's login cookie (the middleware checked the ``Origin``).
+        """End this browser's login (the middleware checked the ``Origin``): on the server, for
+        every ``serve`` of the database (:meth:`web.auth.TokenGate.end_session`: a copy of the
+        cookie kept reads and acts no more), and in the browser (its cookie deleted).
 
         Only a cookie the request carries under this dashboard's name is deleted: a deletion
         names the cookie, and the name is for the browser that logged in. Whatever its value
@@ -741,6 +746,7 @@ class Dashboard:
             return response
         name = await self.gate.cookie_name()
         if name is not None and name in request.cookies:
+            await self.gate.end_session(request.cookies[name])
             # With the attributes it was set with (HttpOnly, SameSite=Strict, Secure over HTTPS).
             response.delete_cookie(name, **_session_attributes(request))
         return response

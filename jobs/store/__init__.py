@@ -40,7 +40,8 @@ The package is split by what its queries are about; everything is imported from 
   :mod:`~jobs.store.caps` (what the caps count), :mod:`~jobs.store.money`,
   :mod:`~jobs.store.metrics` (all batches);
 * :mod:`~jobs.store.uploads`, :mod:`~jobs.store.heartbeats`, :mod:`~jobs.store.fal_outages`,
-  :mod:`~jobs.store.instance_secrets`, :mod:`~jobs.store.webhook_inbox`.
+  :mod:`~jobs.store.instance_secrets`, :mod:`~jobs.store.webhook_inbox`,
+  :mod:`~jobs.store.dashboard_sessions` (logouts).
 
 A part imports only the parts below it (no cycle), so a test that replaces a name the store
 calls itself patches it in the part that calls it (``monkeypatch.setattr(store.leases, …)``).
@@ -108,6 +109,7 @@ from jobs.store.creating import Resubmitted as Resubmitted
 from jobs.store.creating import mark_reruns_not_in_manifest as mark_reruns_not_in_manifest
 from jobs.store.creating import places_after as places_after
 from jobs.store.creating import resubmit_jobs as resubmit_jobs
+from jobs.store.dashboard_sessions import dashboard_session_revoked, revoke_dashboard_session
 from jobs.store.dispatch import (
     SubmitTokens,
     cancelled_batches_with_work,
@@ -387,6 +389,7 @@ __all__ = [
     "count_requests",
     "count_waiting_since",
     "counts_by_state",
+    "dashboard_session_revoked",
     "defer_delivery",
     "delivery_counts",
     "diff_rows_of_batch",
@@ -472,6 +475,7 @@ __all__ = [
     "resume_after_outputs_stored",
     "resume_batch",
     "retry_later",
+    "revoke_dashboard_session",
     "root_batch",
     "scheduled_batches",
     "sent_attempts",

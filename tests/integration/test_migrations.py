@@ -263,6 +263,32 @@ def test_migration_0038_adds_the_clock_mark_table_and_takes_it_away(empty_engine
     assert drift(empty_engine) == []
 
 
+def test_migration_0040_adds_the_dashboard_session_revocations_and_takes_them_away(
+    empty_engine: Engine,
+) -> None:
+    """0040 adds ``dashboard_session_revocations`` (the dashboard logins a logout ended), empty:
+    the login values of before the upgrade are refused by their shape, not by a row; a downgrade
+    drops it, and the rest of the schema is 0039's."""
+    migrate(empty_engine, "0039", from_models=False)
+    assert "dashboard_session_revocations" not in tables(empty_engine)
+    migrate(empty_engine, from_models=False)
+    assert "dashboard_session_revocations" in tables(empty_engine)
+    with empty_engine.begin() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM dashboard_session_revocations")).scalar_one() == 0
+        conn.execute(
+            text(
+                "INSERT INTO dashboard_session_revocations (session_id, expires_at, revoked_at) "
+                "VALUES (:id, :at, :at)"
+            ),
+            {"id": "ab" * 16, "at": datetime(2026, 1, 1, tzinfo=UTC)},
+        )
+    assert drift(empty_engine) == []
+    downgrade(empty_engine, "0039")
+    assert "dashboard_session_revocations" not in tables(empty_engine)
+    migrate(empty_engine, from_models=False)
+    assert drift(empty_engine) == []
+
+
 def test_migration_0039_marks_the_jobs_numbered_after_the_stored_manifests_items(
     empty_engine: Engine,
 ) -> None:
@@ -761,7 +787,7 @@ def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path:
         engine.dispose()
     cfg = alembic_config()
     cfg.set_main_option("sqlalchemy.url", url)
-    steps = [f"{n:04d}" for n in range(39, 14, -1)]  # 0039 (the head) down to 0015
+    steps = [f"{n:04d}" for n in range(40, 14, -1)]  # 0040 (the head) down to 0015
     assert steps[0] == SCHEMA_HEAD
     for below in steps[1:]:
         command.downgrade(cfg, "-1")

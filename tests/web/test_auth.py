@@ -41,10 +41,13 @@ from tests.web.web_helpers import (
 from web.app import create_app
 from web.auth import (
     ForwardedHeaders,
+    SessionClaim,
     TokenGate,
     cookie_secret,
+    read_session,
     safe_next,
     session_cookie,
+    session_key,
     session_value,
     trusted_peer,
 )
@@ -182,7 +185,7 @@ def test_with_a_token_remote_clients_log_in_and_act(
     assert right.status_code == 303
     assert right.headers["location"] == f"/batches/{batch_id}"
     cookie = right.cookies[cookie_name(remote)]
-    assert cookie == cookie_value(remote)
+    assert cookie != cookie_value(remote)  # each login its own value
     assert TOKEN not in cookie
     set_cookie = right.headers["set-cookie"].lower()
     assert "httponly" in set_cookie
@@ -374,16 +377,20 @@ def test_safe_next_stays_on_this_site() -> None:
         assert safe_next(bad) == "/"
 
 
-def test_the_session_cookie_depends_on_the_token_and_the_secret() -> None:
+def test_the_session_key_depends_on_the_token_and_the_secret() -> None:
     secret, other_secret = bytes(range(32)), bytes(32)
-    value = session_value(TOKEN, secret)
-    assert len(value) == 64
-    assert value == session_value(TOKEN, secret)  # the same after a restart
-    assert value != session_value(TOKEN + "x", secret)  # a new token logs everyone out
-    assert value != session_value(OTHER_TOKEN, secret)
-    assert value != session_value(TOKEN, other_secret)  # never verifies under another secret
-    # Not the value of before, an HMAC keyed by the token alone (an offline check of guesses).
-    assert value != hmac.new(TOKEN.encode(), b"wanbatch dashboard session v1", hashlib.sha256).hexdigest()
+    key = session_key(TOKEN, secret)
+    assert key == session_key(TOKEN, secret)  # the same after a restart
+    assert key != session_key(TOKEN + "x", secret)  # a new token logs everyone out
+    assert key != session_key(OTHER_TOKEN, secret)
+    assert key != session_key(TOKEN, other_secret)  # never verifies under another secret
+    value = session_value(key, issued=1_900_000_000, session_id="ab" * 16)
+    assert read_session(key, value) == SessionClaim(1_900_000_000, "ab" * 16)
+    for other in (session_key(OTHER_TOKEN, secret), session_key(TOKEN, other_secret)):
+        assert read_session(other, value) is None
+    # Not keyed by the token alone (an offline check of guesses).
+    by_token = hmac.new(TOKEN.encode(), b"wanbatch dashboard session key v3\0", hashlib.sha256).digest()
+    assert read_session(by_token, value) is None
 
 
 def test_the_login_cookies_value_is_keyed_by_the_databases_secret(
@@ -401,8 +408,8 @@ def test_the_login_cookies_value_is_keyed_by_the_databases_secret(
         settings = settings_for(sqlite_engine, output_dir, token=TOKEN)
         browser = client(app_for(sqlite_engine, settings))
         name, value, _ = _logged_in_cookie(browser, "http://127.0.0.1:8788", TOKEN)
-        assert value == session_value(TOKEN, cookie_secret(sqlite_engine))
-        assert value != session_value(TOKEN, cookie_secret(other_engine))
+        assert read_session(session_key(TOKEN, cookie_secret(sqlite_engine)), value) is not None
+        assert read_session(session_key(TOKEN, cookie_secret(other_engine)), value) is None
         browser.cookies.clear()
         restarted = client(app_for(sqlite_engine, settings))
         assert restarted.get("/", headers={**HTML, "Cookie": f"{name}={value}"}).status_code == 200

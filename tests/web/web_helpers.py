@@ -3,6 +3,7 @@ loopback or from another host."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -20,7 +21,7 @@ from jobs.models import Batch, Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
 from web.app import create_app
-from web.auth import TokenGate, session_cookie, session_value
+from web.auth import TokenGate, new_session_id, session_cookie, session_key, session_value
 
 ENDPOINTS = ("fal-ai/wan-i2v", "fal-ai/wan-22")
 TOKEN = "dash-token-7c41e0f2b9"  # distinctive, so a leak is found by a plain substring search
@@ -183,17 +184,20 @@ def cookie_name(app: Starlette | TestClient, token: str = TOKEN) -> str:
 
 
 def cookie_value(app: Starlette | TestClient, token: str = TOKEN) -> str:
-    """The value ``app``'s dashboard gives the login cookie of ``token`` (an HMAC keyed by its
-    database's secret too, :func:`web.auth.session_value`)."""
+    """A new login's value of the cookie ``app``'s dashboard gives for ``token``: its own random
+    id, issued now, signed with a key of the token and its database's secret
+    (:func:`web.auth.session_value`). For another token than the gate's, a value the dashboard
+    of that token would give (refused by this one)."""
     starlette = cast(Starlette, app.app) if isinstance(app, TestClient) else app
     gate = starlette.state.gate
     assert isinstance(gate, TokenGate)
     assert gate.secret is not None
     if token == gate.token:
-        found = gate.cookie_now()
+        found = gate.new_session_now()
         assert found is not None
         return found[1]
-    return session_value(token, gate.secret())
+    key = session_key(token, gate.secret())
+    return session_value(key, issued=int(time.time()), session_id=new_session_id())
 
 
 def logged_in(browser: TestClient, token: str = TOKEN) -> TestClient:
