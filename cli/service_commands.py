@@ -576,7 +576,9 @@ class _SimulatorCommand(click.Command):
             'POST /_sim/faults with {"KIND": {"probability": P, "next": N, ...params}} '
             "(?replace=1 drops the other rules), GET /_sim/faults shows the rules and how often "
             "each fired, DELETE /_sim/faults clears them; GET /_sim/ledger is what a real account "
-            "would have been billed."
+            "would have been billed. /_sim/ answers its own host only (an address, localhost, "
+            "--host or --public-url's), no other site's Origin, and JSON bodies only "
+            "(Content-Type: application/json)."
         )
 
 

@@ -9,12 +9,21 @@ Routes (one server plays ``queue.fal.run``, ``rest.fal.ai`` and the CDN at once)
   ``POST /storage/auth/token`` + ``POST /files/upload`` (fal_client's CDN v3 upload),
   ``GET /files/{key}/{name}`` serves uploads and outputs.
 - ``GET /.well-known/jwks.json``: the webhook-signing public key.
-- ``/_sim/…`` (no auth, loopback only): ``GET ledger``, ``GET|POST|DELETE faults``,
+- ``/_sim/…`` (no auth; its own host and pages only, :func:`control_refusal`): ``GET ledger``,
+  ``GET|POST|DELETE faults``,
   ``GET|POST options``, ``POST reset``. ``POST /_sim/faults`` takes a JSON object
   ``{kind: {"probability": p, "next": n, ...params}}`` (kinds: :data:`falsim.faults.FAULTS`),
   adds or replaces those rules (``?replace=1``: drops the others first) and answers the active
   rules and fired counts, as ``GET`` does; an unknown kind or a bad rule is a 400 with the reason.
   ``DELETE`` clears every rule.
+
+The control API has no key: what guards it is that only this machine's own clients (and fal's,
+which send none of a browser's headers) reach it, not a web page one of its users has open. A
+``Host`` that is no address and none of its names (a page's DNS name rebound to 127.0.0.1, which
+could read the ledger's webhook URLs and their binding tokens) is refused 403; so is a request
+whose ``Origin`` is not the simulator itself (another site's page posting rules), and a ``POST``
+or ``DELETE`` whose body is said to be anything but JSON (415: a page can post ``text/plain``,
+form or multipart bodies to any site without asking it first, never JSON).
 
 Dropping a connection after a request was accepted needs the socket itself: the outermost
 ASGI layer keeps uvicorn's own ``send`` in the scope, whose owner holds the transport; the
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import socket
@@ -36,6 +46,7 @@ from urllib.parse import unquote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -45,6 +56,8 @@ from falsim.engine import COMPLETED, Engine, SimRequest
 from jobs.asgi_shutdown import RAW_SEND
 from jobs.endpoints import EndpointSpec, all_endpoints
 from jobs.endpoints.registry import app_base
+from jobs.host_header import host_name, is_loopback_host, names, place
+from jobs.printable import one_line
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +129,21 @@ class SimulatorApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             scope.setdefault(RAW_SEND, send)  # EndsCleanly's, when it wraps this app
+            if scope["path"].startswith("/_sim/"):
+                refused = control_refusal(scope["method"], Headers(scope=scope), self.own_hosts())
+                if refused is not None:
+                    status, detail = refused
+                    log.warning("%s %s: %s", scope["method"], one_line(scope["path"])[:200], detail)
+                    await _json(status, {"detail": detail})(scope, receive, send)
+                    return
         await self.starlette(scope, receive, send)
+
+    def own_hosts(self) -> frozenset[str]:
+        """The names this simulator serves under, besides any address and loopback name: the
+        host it was started on and its ``public_url``'s (``--public-url http://simulator:8787``)."""
+        urls = (self.engine.served_url, self.engine.base_url, self.engine.options.public_url or "")
+        found = (place(url) for url in urls if url)
+        return frozenset(where[1] for where in found if where is not None)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -413,6 +440,60 @@ async def _guarded(
     except (ValueError, TypeError) as exc:
         return _json(400, {"detail": str(exc)})
     return _json(200, answer() if answer else {"ok": True})
+
+
+#: What a control request's body may be said to be (any ``+json`` type too).
+_JSON_TYPES = frozenset({"application/json"})
+
+
+def _host_refusal(host: str, own: frozenset[str]) -> str | None:
+    """Why ``host`` (a ``Host`` value) is not this simulator's, or None when it is: an address
+    (no DNS answer makes one name another machine), a loopback name, or one of ``own``."""
+    name = host_name(host)
+    if not name:
+        return "no Host header"
+    if is_loopback_host(name) or name in own or _is_address(name):
+        return None
+    shown = sorted(own_name for own_name in own if not _is_address(own_name))
+    allowed = f"an address, localhost or {', '.join(shown)}" if shown else "an address or localhost"
+    return (
+        f"Host {host[:200]!r} is not this simulator's ({allowed}): a web page's own DNS name "
+        "pointed at this machine (DNS rebinding) is refused"
+    )
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def control_refusal(method: str, headers: Headers, own: frozenset[str]) -> tuple[int, str] | None:
+    """The status and one line that refuse a ``/_sim/…`` request a web page made (see the module
+    doc), or None for one of this machine's own clients (``curl``, the tests, fal_client).
+    ``own``: the names it serves under (:meth:`SimulatorApp.own_hosts`)."""
+    host = headers.get("host", "")
+    why = _host_refusal(host, own)
+    if why is not None:
+        return 403, f"refused: {why}"
+    origin = headers.get("origin")
+    if origin is not None:
+        found = place(origin) if origin != "null" else None
+        if found is None or not names(found, host, None, None):
+            return 403, f"refused: Origin {origin[:200]!r} is not this simulator (another site's page)"
+    content_type = headers.get("content-type")
+    if method in ("POST", "DELETE", "PUT", "PATCH") and content_type is not None:
+        media_type = content_type.split(";")[0].strip().lower()
+        if media_type not in _JSON_TYPES and not media_type.endswith("+json"):
+            said = repr(media_type[:100]) if media_type else "an empty Content-Type"
+            detail = (
+                f"/_sim/ takes a JSON body, not {said}: "
+                "send Content-Type: application/json (curl: -H 'Content-Type: application/json')"
+            )
+            return 415, detail
+    return None
 
 
 def _lifecycle_seconds(raw: str | None) -> float | None:

@@ -144,6 +144,9 @@ class Engine:
         self.signer = WebhookSigner()
         self.deliveries: list[Delivery] = []
         self.base_url = ""
+        #: The URL the server was started on (its bound host, or 127.0.0.1 for every interface),
+        #: whatever ``public_url`` says: a ``Host`` the control API answers (:mod:`falsim.app`).
+        self.served_url = ""
         self._requests: dict[str, SimRequest] = {}
         self._queue: list[SimRequest] = []
         self._running = 0
@@ -170,6 +173,7 @@ class Engine:
     def start(self, base_url: str) -> None:
         """Bind to the running loop; ``base_url`` goes into every URL the simulator hands out."""
         self._loop = asyncio.get_running_loop()
+        self.served_url = base_url.rstrip("/")
         self.base_url = (self.options.public_url or base_url).rstrip("/")
         self.store.base_url = self.base_url
         self._http = None

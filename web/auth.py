@@ -78,7 +78,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import anyio.to_thread
 from sqlalchemy import Engine
@@ -91,6 +91,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from jobs import db, store
 from jobs.digits import ascii_int
+from jobs.host_header import host_name, is_loopback_host, names, place
 from jobs.http_environment import is_loopback_address
 from jobs.printable import one_line
 
@@ -117,7 +118,6 @@ OPEN_PREFIXES = ("/static/",)
 OPEN_PATHS = frozenset({"/login", "/logout"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 
 LOOPBACK_ONLY = (
     "the dashboard answers loopback clients only while WANBATCH_SERVE_TOKEN is not set "
@@ -240,14 +240,6 @@ def token_matches(given: str, token: str) -> bool:
     return hmac.compare_digest(given.encode(), token.encode())
 
 
-def _host_name(host_header: str) -> str:
-    """``[::1]:8788`` → ``::1``; ``localhost:8788`` → ``localhost``."""
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
 def is_loopback(scope: Scope, headers: Headers) -> bool:
     """Whether the request surely comes from this machine, to a loopback name (see module doc)."""
     client = scope.get("client")
@@ -255,8 +247,7 @@ def is_loopback(scope: Scope, headers: Headers) -> bool:
         return False
     if any(name in headers for name in _PROXY_HEADERS):
         return False
-    host = _host_name(headers.get("host", ""))
-    return host in _LOOPBACK_NAMES or is_loopback_address(host)
+    return is_loopback_host(host_name(headers.get("host", "")))
 
 
 def sent_over_https(scheme: str, headers: Headers) -> bool:
@@ -281,7 +272,6 @@ def sent_over_https(scheme: str, headers: Headers) -> bool:
 
 #: uvicorn's own default for ``forwarded_allow_ips`` (when ``$FORWARDED_ALLOW_IPS`` is unset).
 DEFAULT_TRUSTED_PROXIES = "127.0.0.1,::1"
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def trusted_proxies(configured: str | None) -> str:
@@ -366,36 +356,9 @@ class ForwardedHeaders:
         await self.app(scope, receive, send)
 
 
-def _place(url: str) -> tuple[str, str, int | None] | None:
-    """``https://Dash.example.com/x`` → ``("https", "dash.example.com", None)``; None for what
-    names no host (``null``, ``http://[``, a port that is no number)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    if not parts.hostname:
-        return None
-    return parts.scheme.lower(), parts.hostname.lower(), port
-
-
 def _first(headers: Headers, name: str) -> str:
     """The first hop's value of a proxy header (``a, b`` → ``a``), stripped."""
     return headers.get(name, "").split(",")[0].strip()
-
-
-def _names(origin: tuple[str, str, int | None], authority: str, port: int | None, scheme: str | None) -> bool:
-    """Whether the page origin ``origin`` is the place ``authority`` (a ``Host`` value) names:
-    the same host and port; a port left out is the default one of ``scheme`` (the browser's,
-    as a proxy says), else of the origin's own scheme."""
-    place = _place(f"//{authority}")
-    if place is None:
-        return False
-    origin_scheme, origin_host, origin_port = origin
-    _, host, explicit = place
-    default = _DEFAULT_PORTS.get(scheme or origin_scheme)
-    wanted = explicit or port or default
-    return host == origin_host and (origin_port or _DEFAULT_PORTS.get(origin_scheme)) == wanted
 
 
 def origin_refusal(scope: Scope, headers: Headers) -> str | None:
@@ -410,16 +373,16 @@ def origin_refusal(scope: Scope, headers: Headers) -> str | None:
     ``null``, or one that does not parse as a URL (such as ``http://[``) names no host."""
     host = headers.get("host", "").strip()
     source = headers.get("origin") or headers.get("referer") or ""
-    origin = _place(source) if source != "null" else None
+    origin = place(source) if source != "null" else None
     forwarded_host = _first(headers, "x-forwarded-host")
     trusted = bool(scope.get("state", {}).get("via_trusted_proxy"))
     if origin is not None:
-        if host and _names(origin, host, None, None):
+        if host and names(origin, host, None, None):
             return None
         if forwarded_host and trusted:
             port = _first(headers, "x-forwarded-port")
             proto = _first(headers, "x-forwarded-proto").lower()
-            if _names(origin, forwarded_host, ascii_int(port, max_digits=5), proto or None):
+            if names(origin, forwarded_host, ascii_int(port, max_digits=5), proto or None):
                 return None
     if not forwarded_host:
         forwarded = "no X-Forwarded-Host"
