@@ -80,6 +80,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.sqltypes import TupleType
 
 from jobs import clock
+from jobs.batch_names import batch_name
 from jobs.errors import ConfigError, DatabaseFullError, DatabaseLockedError
 from jobs.printable import one_line
 from jobs.settings import SQLITE_DRIVER_OPTIONS, DatabaseSettings, home_expanded
@@ -2071,7 +2072,7 @@ def _migrations_dir() -> Path:
 #: The newest migration (``migrations/versions``). A database already there is used without
 #: loading Alembic and every migration script, a third of a second of each command's start;
 #: ``tests/integration/test_migrations.py`` keeps this equal to Alembic's own head.
-SCHEMA_HEAD = "0040"
+SCHEMA_HEAD = "0042"
 
 
 def alembic_config() -> Config:
@@ -2511,12 +2512,16 @@ def sqlite_holds_batch(path: Path, name: str) -> bool | None:
     SQLite, not wanbatch's, an old schema, locked, unreadable). One short read-only connection
     (``mode=ro``), nothing migrated or written. Without a ``-wal`` file beside it (no process has
     the database open: everything is in the file) also ``immutable=1``, else a read-only
-    connection to a WAL database leaves an empty ``-wal`` and ``-shm`` behind, in another folder."""
+    connection to a WAL database leaves an empty ``-wal`` and ``-shm`` behind, in another folder.
+    The name is looked for as given and in NFC (how names are stored: :mod:`jobs.batch_names`;
+    a database not yet upgraded may hold another spelling)."""
     options = "mode=ro" if os.path.lexists(f"{path}-wal") else "mode=ro&immutable=1"
     uri = f"file:{quote(str(path.absolute()))}?{options}"
     try:
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=HOLDS_BATCH_WAIT_SECONDS)) as conn:
-            row = conn.execute("SELECT 1 FROM batches WHERE name = ? LIMIT 1", (name,)).fetchone()
+            row = conn.execute(
+                "SELECT 1 FROM batches WHERE name IN (?, ?) LIMIT 1", (name, batch_name(name))
+            ).fetchone()
     except (sqlite3.Error, OSError, ValueError):
         return None
     return row is not None

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from jobs.batch_names import batch_name
 from jobs.errors import WanbatchError
 from jobs.fs import file_mode
 from jobs.models import EARLIER_ITEMS_UNKNOWN, new_id
@@ -58,7 +59,7 @@ def slug(name: str) -> str:
     ASCII name gets the very folder it always got, so existing batches keep theirs.
     """
     parts: list[str] = []
-    for char in unicodedata.normalize("NFC", name):
+    for char in batch_name(name):
         if _kept(char):
             parts.append(char)
         elif not parts or parts[-1] != "\0":

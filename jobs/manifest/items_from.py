@@ -32,6 +32,7 @@ from jobs.digits import (
 )
 from jobs.endpoints import EndpointSpec, FieldType
 from jobs.errors import Issue
+from jobs.manifest.keys import lf
 from jobs.manifest.model import RawItem, describe
 from jobs.yaml_lines import MAX_DEPTH
 
@@ -251,6 +252,8 @@ def csv_items(
     line 1, not the same error on every row; each row carries the fields so reported
     (:attr:`RawItem.reported`), which its validation leaves out.
 
+    Line breaks inside a quoted cell are ``\\n`` whatever the file's line endings (:func:`lf`).
+
     Read strictly: a quote left open at the end of the file, or text right after a closing
     quote, is an error, not a cell that swallowed the rest of its row (or of the file) into a
     prompt that would then be paid for. Quotes inside an unquoted cell stay literal.
@@ -308,7 +311,9 @@ def csv_items(
                         )
                     )
                 else:  # an empty cell is a field the row does not set (the endpoint too)
-                    cells = {name: cell for name, cell in zip(names, row, strict=False) if cell != ""}
+                    # Its line breaks as YAML reads a manifest's: the same file re-saved by Excel
+                    # or checked out with git's autocrlf (CRLF) is the same prompts, sent as such.
+                    cells = {name: lf(cell) for name, cell in zip(names, row, strict=False) if cell != ""}
                     yield RawItem(index, display, line, cells, {}, base_dir, True, reported)
                 index += 1
         except csv.Error as exc:

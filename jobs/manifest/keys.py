@@ -16,6 +16,12 @@ Numbers are keyed by their value, not their spelling (:func:`canonical_json`): `
 field's type, a float field's ``5`` being ``5.0``), so they are one job, and one default. The
 value sent stays as written. (Before schema 0034 a whole-number float was keyed by its float
 text, ``5.0``; that migration rewrote the stored keys.)
+
+Line breaks in text are keyed as ``\\n`` (:func:`lf`): ``two\\r\\nlines`` and ``two\\nlines`` are
+one prompt written two ways (a file saved on Windows, by Excel, or checked out with git's
+``autocrlf``), one job. A CSV cell's are read as ``\\n`` already (:mod:`jobs.manifest.items_from`);
+this keeps a job stored with ``\\r\\n`` before, or written so in JSON or a quoted YAML escape, the
+same job. (Before schema 0042 they were keyed as written; that migration rewrote the stored keys.)
 """
 
 from __future__ import annotations
@@ -99,24 +105,33 @@ def _scalar_json(kind: str, value: Any) -> str:
     return canonical_json(value)
 
 
-def canonical_json(value: Any, *, numbers_as_written: bool = False) -> str:
-    """Sorted keys, no whitespace, UTF-8 kept, numbers by value: the same input always gives the
-    same text.
+def canonical_json(value: Any, *, numbers_as_written: bool = False, breaks_as_written: bool = False) -> str:
+    """Sorted keys, no whitespace, UTF-8 kept, numbers by value, line breaks as ``\\n``: the same
+    input always gives the same text.
 
     A float that is a whole number is written as that int (:func:`numbers_by_value`), so ``5``
-    and ``5.0`` (or ``1e2`` and ``100``) give one text. ``numbers_as_written`` keeps the rule
-    before schema 0034 (a float as its float text): the migrations that rewrite keys stored
-    then use it to recognise them.
+    and ``5.0`` (or ``1e2`` and ``100``) give one text; a text's ``\\r\\n`` and lone ``\\r`` are
+    ``\\n`` (:func:`lf`). The migrations that rewrite keys stored under an earlier rule use the
+    flags to recognise them: ``breaks_as_written`` keeps the rule before schema 0042 (line
+    breaks as written), ``numbers_as_written`` the one before schema 0034 (a float as its float
+    text, and line breaks as written too).
     """
-    plain = value if numbers_as_written else numbers_by_value(value)
+    plain = value if numbers_as_written else numbers_by_value(value, breaks=not breaks_as_written)
     return json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_refused)
 
 
-def numbers_by_value(value: Any) -> Any:
+def lf(text: str) -> str:
+    """``text`` with each ``\\r\\n`` and lone ``\\r`` as ``\\n``: one line break, however it was
+    saved (YAML reads a manifest's own line breaks so)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def numbers_by_value(value: Any, *, breaks: bool = True) -> Any:
     """``value`` with every float that is a whole number, at any depth, replaced by the int of
     the same value (``5.0`` → ``5``, ``-0.0`` → ``0``, ``1e2`` → ``100``, ``1e300`` → its exact
-    301-digit int); any other value as it is (``true`` is no number; an infinite float or NaN,
-    already refused by the schema check, stays a float).
+    301-digit int); with ``breaks``, every text's line breaks as ``\\n`` (:func:`lf`); any other
+    value as it is (``true`` is no number; an infinite float or NaN, already refused by the
+    schema check, stays a float).
 
     Every JSON number, not just those of the fields the schema calls a number: JSON has one
     number type, and fal reads each one as its field's type (a float field's ``5`` is ``5.0``,
@@ -127,12 +142,17 @@ def numbers_by_value(value: Any) -> Any:
     """
     if isinstance(value, float):
         return int(value) if value.is_integer() else value
+    if isinstance(value, str):
+        return lf(value) if breaks else value
     if isinstance(value, dict):
-        if all(type(item) in _UNCHANGED for item in value.values()):
+        if all(
+            type(item) in _UNCHANGED and not (breaks and type(item) is str and "\r" in item)
+            for item in value.values()
+        ):
             return value  # the common input: flat text, whole numbers, booleans; nothing to replace
-        return {key: numbers_by_value(item) for key, item in value.items()}
+        return {key: numbers_by_value(item, breaks=breaks) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [numbers_by_value(item) for item in value]
+        return [numbers_by_value(item, breaks=breaks) for item in value]
     return value
 
 
@@ -164,10 +184,20 @@ def job_key(
     return key_of(spec.id, keyed_input(spec, resolved, digests, refused=refused))
 
 
-def key_of(endpoint_id: str, keyed: Mapping[str, Any], *, numbers_as_written: bool = False) -> str:
+def key_of(
+    endpoint_id: str,
+    keyed: Mapping[str, Any],
+    *,
+    numbers_as_written: bool = False,
+    breaks_as_written: bool = False,
+) -> str:
     """sha256 hex of the endpoint and an input already in its keyed form (:func:`keyed_input`).
-    ``numbers_as_written``: the key before schema 0034 (see :func:`canonical_json`)."""
-    text = endpoint_id + "\n" + canonical_json(keyed, numbers_as_written=numbers_as_written)
+    ``numbers_as_written``: the key before schema 0034; ``breaks_as_written``: before schema
+    0042 (see :func:`canonical_json`)."""
+    keyed_text = canonical_json(
+        keyed, numbers_as_written=numbers_as_written, breaks_as_written=breaks_as_written
+    )
+    text = endpoint_id + "\n" + keyed_text
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

@@ -21,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
+from jobs.batch_names import batch_name
 from jobs.digits import TOO_MANY_DIGITS, WholeTooLong
 from jobs.endpoints import get_endpoint, known_endpoint_ids
 from jobs.errors import (
@@ -199,8 +200,8 @@ def parse_manifest(
             value=name,
             allowed="one line of visible text: no line breaks, tabs or other control characters",
         )
-    else:
-        manifest.name = name.strip()
+    else:  # in NFC: the same name typed either way is one batch (jobs.batch_names)
+        manifest.name = batch_name(name.strip())
 
     desc = root.get("description")
     if desc is not None and not isinstance(desc, str):

@@ -12,8 +12,10 @@ from typing import Any, cast
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    LargeBinary,
     bindparam,
     exists,
+    func,
     or_,
     select,
     text,
@@ -21,11 +23,13 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from jobs.batch_names import batch_name
 from jobs.endpoints import get_endpoint
 from jobs.errors import NotFoundError
 from jobs.models import Batch, BatchRecord, BatchState, Job, new_id, utcnow
@@ -53,14 +57,17 @@ def name_for_batch(session: Session, name: str, *, simulated: bool) -> tuple[str
       ``NAME-simulated`` (or the next free one). So "drop ``--simulate``" sends the manifest
       to fal, instead of finding its simulated batch already done. Its simulated reruns go
       with it (:func:`_move_reruns`).
+
+    ``name`` is compared, and returned, in NFC (:func:`jobs.batch_names.batch_name`).
     """
-    holder = session.scalar(select(Batch).where(Batch.name == name))
+    name = batch_name(name)
+    holder = _by_name(session, name, hint=ANOTHER_NAME)
     if holder is None or holder.simulated == simulated:
         return name, []
     if simulated:  # a new simulation, or the one an earlier --simulate run made
         return _simulation_slot(session, name)[0], []
     for candidate in _simulated_names(name):
-        if session.scalar(select(Batch.id).where(Batch.name == candidate)) is None:
+        if not batch_name_taken(session, candidate):
             holder.name = candidate
             session.flush()  # the name is free before the batch for fal is inserted
             return name, [(name, candidate), *_move_reruns(session, holder, name)]
@@ -93,7 +100,7 @@ def _move_reruns(session: Session, moved: Batch, old: str) -> list[tuple[str, st
         for child in children:
             if not child.name.startswith(f"{before}-rerun-"):
                 continue
-            was, new = child.name, parent.name + child.name[len(before) :]
+            was, new = child.name, batch_name(parent.name + child.name[len(before) :])
             if batch_name_taken(session, new):
                 continue
             child.name = new
@@ -107,7 +114,7 @@ def _simulation_slot(session: Session, name: str) -> tuple[str, Batch | None]:
     """Where a simulation of the manifest ``name`` goes while a batch for fal holds ``name``: the
     first ``NAME-simulated…`` that is free or a simulation's, and that simulation (None: free)."""
     for candidate in _simulated_names(name):
-        other = session.scalar(select(Batch).where(Batch.name == candidate))
+        other = _by_name(session, candidate, hint=ANOTHER_NAME)
         if other is None or other.simulated:
             return candidate, other
     raise AssertionError("unreachable: the candidate names never end")  # pragma: no cover
@@ -116,10 +123,11 @@ def _simulation_slot(session: Session, name: str) -> tuple[str, Batch | None]:
 def is_stored(session: Session, name: str, *, simulated: bool) -> bool:
     """Whether a manifest named ``name`` already has its batch, where :func:`name_for_batch`
     finds it (a simulation's under ``NAME-simulated`` when a batch for fal holds ``NAME``)."""
-    holder = session.scalar(select(Batch.simulated).where(Batch.name == name))
+    name = batch_name(name)
+    holder = _by_name(session, name, hint=ANOTHER_NAME)
     if holder is None:
         return False
-    if holder == simulated:
+    if holder.simulated == simulated:
         return True
     return simulated and _simulation_slot(session, name)[1] is not None
 
@@ -135,14 +143,64 @@ def folder_name(batch: Batch) -> str:
     return f"{batch.name}{SIMULATED_SUFFIX}"
 
 
-def batch_named(session: Session, name: str) -> Batch | None:
-    """The batch stored under exactly ``name``, if any (no id or prefix lookup: :func:`get_batch`)."""
-    return session.scalar(select(Batch).where(Batch.name == name))
+def batch_named(session: Session, name: str, *, hint: str | None = None) -> Batch | None:
+    """The batch stored under ``name`` (compared in NFC), if any (no id or prefix lookup:
+    :func:`get_batch`). Two batches stored under it in different spellings (kept apart by the
+    upgrade to schema 0041) are a :class:`NotFoundError` naming both, ending with ``hint``
+    (what to do instead; by default, give the manifest another name)."""
+    return _by_name(session, name, hint=ANOTHER_NAME if hint is None else hint)
 
 
 def batch_name_taken(session: Session, name: str) -> bool:
-    """Whether a batch is stored under exactly ``name``."""
-    return session.scalar(select(Batch.id).where(Batch.name == name)) is not None
+    """Whether a batch is stored under ``name`` (compared in NFC), in whatever spelling."""
+    return bool(_spelt_alike(session, batch_name(name)))
+
+
+#: What the user of an ambiguous name is told to do instead, by where the name came from.
+ANOTHER_NAME = "give the manifest another `name`"
+GIVE_ID = "give the id of the one you mean"
+
+
+def _by_name(session: Session, name: str, *, hint: str) -> Batch | None:
+    """The one batch stored under ``name`` (compared in NFC), or None; two or more are refused
+    (:func:`_spelt_alike`): one line naming them, never one of them picked silently."""
+    name = batch_name(name)
+    found = _spelt_alike(session, name)
+    if len(found) > 1:
+        ids = [b.id for b in found]
+        listed = ", ".join(ids[:-1]) + f" and {ids[-1]}"
+        raise NotFoundError(
+            f"batch name {name!r} is ambiguous: batches {listed} are stored under it, "
+            f"spelt in different Unicode forms (names are compared in NFC); {hint}"
+        )
+    return found[0] if found else None
+
+
+def _spelt_alike(session: Session, name: str) -> list[Batch]:
+    """Every batch whose name is ``name`` (NFC) in NFC: the one stored so first, then any stored
+    in another spelling, oldest first.
+
+    Names are stored in NFC, so the others are those the upgrade to schema 0041 could not
+    normalise without a clash (two batches stored before under one name in two spellings): it
+    kept both. A name in another form holds a character outside ASCII, so only those are read
+    (no database here normalises Unicode: compared in Python)."""
+    found = list(session.scalars(select(Batch).where(Batch.name == name)))
+    if session.connection().dialect.name == "postgresql":
+        beyond_ascii = func.octet_length(Batch.name) != func.char_length(Batch.name)
+    else:  # SQLite: a text's length counts characters, its bytes' length bytes
+        beyond_ascii = func.length(sql_cast(Batch.name, LargeBinary)) != func.length(Batch.name)
+    others = [
+        batch_id
+        for batch_id, stored in session.execute(
+            select(Batch.id, Batch.name).where(beyond_ascii, Batch.name != name)
+        )
+        if batch_name(stored) == name
+    ]
+    if others:
+        found += session.scalars(
+            select(Batch).where(Batch.id.in_(others)).order_by(Batch.created_at, Batch.id)
+        )
+    return found
 
 
 def _simulated_names(name: str) -> Iterator[str]:
@@ -168,14 +226,16 @@ def get_or_create_batch(
     simulated: bool = False,
     rerun_options: dict[str, Any] | None = None,
 ) -> tuple[Batch, bool]:
-    """The batch called ``name``, creating it if needed; ``True`` when it was created now.
-    (:func:`name_for_batch` first: the name a simulated or a paid batch may take.)
+    """The batch called ``name`` (stored, and compared, in NFC), creating it if needed; ``True``
+    when it was created now. (:func:`name_for_batch` first: the name a simulated or a paid
+    batch may take.)
 
     Race-safe: two processes submitting the same manifest at once both end up with the one row
     the unique constraint on ``name`` lets through. An existing batch is returned unchanged
     (:func:`set_batch_budget` and :func:`set_batch_schedule` change what a new submit changes).
     """
-    existing = session.scalar(select(Batch).where(Batch.name == name))
+    name = batch_name(name)
+    existing = _by_name(session, name, hint=ANOTHER_NAME)
     if existing is not None:
         return existing, False
     batch = Batch(
@@ -212,7 +272,8 @@ ID_CHARS = 32
 
 
 def get_batch(session: Session, ref: str) -> Batch:
-    """A batch by full id, by name, or by a unique id prefix of at least 6 characters.
+    """A batch by full id, by name (compared in NFC: :mod:`jobs.batch_names`), or by a unique id
+    prefix of at least 6 characters.
 
     A reference no database can hold (a NUL, a lone surrogate) names no batch: it is not found,
     on every database alike, before any query (:func:`jobs.storable.holds_unstorable`).
@@ -223,7 +284,7 @@ def get_batch(session: Session, ref: str) -> Batch:
     found = session.get(Batch, ref)
     if found is not None:
         return found
-    found = session.scalar(select(Batch).where(Batch.name == ref))
+    found = _by_name(session, ref, hint=GIVE_ID)
     if found is not None:
         # A name that is also another batch's id prefix (the 8 characters `status` shows) must not
         # silently pick the named one: `cancel 01d7cc63` would cancel a batch other than the listed.

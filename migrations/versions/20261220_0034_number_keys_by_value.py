@@ -67,7 +67,8 @@ def _keys(row: Any) -> tuple[str, str] | None:
     spec = get_endpoint(row.endpoint)
     sources = row.source_files if isinstance(row.source_files, dict) else None
     keyed = stored_keyed_input(spec, row.input, sources)
-    return key_of(spec.id, keyed, numbers_as_written=True), key_of(spec.id, keyed)
+    # The new rule as it stood until schema 0042 (line breaks keyed as written).
+    return key_of(spec.id, keyed, numbers_as_written=True), key_of(spec.id, keyed, breaks_as_written=True)
 
 
 def _rekey(upgrading: bool) -> None:

@@ -761,6 +761,50 @@ def test_migration_0039_marks_the_dropped_jobs_again_after_a_downgrade(empty_eng
         assert [parent[str(j.rerun_of)] for j in store.jobs_of_batch(session, rerun.batch_id)] == [0]
 
 
+def test_migration_0041_stores_batch_names_in_nfc_unless_two_spellings_clash(empty_engine: Engine) -> None:
+    """0041 rewrites a batch name stored in another Unicode form than NFC (NFD: ``e`` and a
+    combining accent) to NFC, so the manifest that stored it finds its batch again; two batches
+    stored under one name in two spellings are both kept as they are (looked up by that name,
+    they are refused as ambiguous). ASCII names are untouched; a downgrade changes nothing."""
+    import unicodedata
+
+    def form(kind: Any, name: str) -> str:
+        return unicodedata.normalize(kind, name)
+
+    names = {
+        "a" * 32: form("NFD", "Café Noir"),  # alone: rewritten
+        "b" * 32: form("NFC", "Crème"),  # the two spellings of one name: both kept
+        "c" * 32: form("NFD", "Crème"),
+        "d" * 32: "plain",
+        "e" * 32: form("NFC", "Déjà vu"),  # already NFC
+    }
+    migrate(empty_engine, "0040", from_models=False)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    with empty_engine.begin() as conn:
+        for batch_id, name in names.items():
+            conn.execute(
+                text(
+                    "INSERT INTO batches (id, name, manifest_path, manifest_sha256, created_at, state) "
+                    "VALUES (:id, :name, 'm.yaml', :sha, :at, 'active')"
+                ),
+                {"id": batch_id, "name": name, "sha": "0" * 64, "at": at},
+            )
+
+    def stored() -> dict[str, str]:
+        with empty_engine.connect() as conn:
+            return {row.id: row.name for row in conn.execute(text("SELECT id, name FROM batches"))}
+
+    migrate(empty_engine, from_models=False)
+    upgraded = {**names, "a" * 32: form("NFC", "Café Noir")}
+    assert stored() == upgraded
+    assert drift(empty_engine) == []
+    downgrade(empty_engine, "0040")
+    assert stored() == upgraded
+    migrate(empty_engine, from_models=False)
+    assert stored() == upgraded
+    assert drift(empty_engine) == []
+
+
 def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path: Path) -> None:
     """``alembic downgrade -1`` connects through ``make_engine``, which turns SQLite's foreign
     keys on: a table rebuilt while another's rows refer to it (0019's ``jobs``, with a job event
@@ -787,7 +831,7 @@ def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path:
         engine.dispose()
     cfg = alembic_config()
     cfg.set_main_option("sqlalchemy.url", url)
-    steps = [f"{n:04d}" for n in range(40, 14, -1)]  # 0040 (the head) down to 0015
+    steps = [f"{n:04d}" for n in range(42, 14, -1)]  # 0042 (the head) down to 0015
     assert steps[0] == SCHEMA_HEAD
     for below in steps[1:]:
         command.downgrade(cfg, "-1")
