@@ -313,6 +313,7 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
         with db.read_scope(engine, snapshot=True) as session:
             # Found before anything is written: an unknown batch leaves no header, file or folder.
             found = store.get_batch(session, batch)
+            exporting.refuse_unusable_outputs(session, found)  # a name this locale cannot open
             if output is not None:  # never over the database, a stored video or a source file
                 from jobs.export_target import refuse_own_file
 

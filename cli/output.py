@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import textwrap
 import threading
@@ -39,7 +40,7 @@ from rich.text import Text
 
 from jobs.clock import utcnow
 from jobs.errors import Issue, ManifestError, UsageError, WanbatchError
-from jobs.fs import path_error
+from jobs.fs import has_escaped_bytes, path_error, shown_bytes
 from jobs.money import round_cents, usd_text
 from jobs.printable import is_a_terminal, one_line, printable, shell_ref
 from jobs.schedule import eta_text
@@ -272,6 +273,8 @@ def fitted(text: str, encoding: str | None) -> str:
             shown.append(glyph)
         elif "\u2800" <= ch <= "\u28ff":  # rich's spinner frames
             shown.append("*")
+        elif "\udc80" <= ch <= "\udcff":  # a file name's byte its encoding did not decode
+            shown.append(shown_bytes(ch))
         else:
             shown.append(ch.encode("ascii", "backslashreplace").decode("ascii"))
     return "".join(shown)
@@ -447,9 +450,21 @@ def stdout_json(obj: Mapping[str, object]) -> str:
     still the same valid JSON, where an ``ñ`` under ``LC_ALL=C`` made ``--json`` an "internal
     error" and a stand-in (:func:`fitted`) would make it other text, or no JSON at all."""
     text = json_document(obj)
+    if has_escaped_bytes(text):
+        # A file name's bytes no encoding decoded (``LC_ALL=C``, a byte that is no UTF-8) are
+        # lone surrogates, which strict JSON parsers refuse: the text ``\\xc3\\xb1`` instead,
+        # as every message shows them. Outside strings JSON is ASCII: only strings change.
+        text = shown_bytes(text, backslash="\\\\")
+        if encodable(text, getattr(sys.stdout, "encoding", None)):
+            return text
+        return _NON_ASCII.sub(lambda m: json.dumps(m.group()).strip('"'), text)
     if encodable(text, getattr(sys.stdout, "encoding", None)):
         return text
     return json_document(obj, ascii_only=True)
+
+
+#: A character beyond ASCII (in a JSON text: always inside a string).
+_NON_ASCII = re.compile("[^\x00-\x7f]")
 
 
 def emit_json(obj: Mapping[str, object]) -> None:

@@ -150,6 +150,13 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
                 "(use `wanbatch run MANIFEST` to process in this process)"
             )
         settings.require_fal_key()
+        from jobs.output_store import open_output_store
+        from jobs.outputs import OutputWriteError
+
+        try:  # a folder whose name this session cannot record: every paid download would fail
+            open_output_store(settings).check_root_name()
+        except OutputWriteError as exc:
+            raise ConfigError(f"{exc}; the worker was not started") from None
         from worker.limits import (
             check_limiter,
             in_pool_child,

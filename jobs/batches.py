@@ -35,7 +35,7 @@ from jobs.errors import (
     UsageError,
     WanbatchError,
 )
-from jobs.fs import shown_in_folder, shown_path
+from jobs.fs import name_problem, shown_in_folder, shown_path
 from jobs.listing import PAST_DEADLINE as PAST_DEADLINE
 from jobs.listing import PAUSED_BY_USER as PAUSED_BY_USER
 from jobs.listing import SCHEDULE_OVER as SCHEDULE_OVER
@@ -2834,6 +2834,9 @@ def rerun_batch(
                 raise NothingToRerun(_all_covered(parent, covered))
         if unseeded:
             raise UsageError(_still_running(parent, len(unseeded)))
+        unnamed = _unnamed_source(rows, Path(parent.manifest_path).parent)
+        if unnamed is not None:  # not "changed": the file is there, under a name this locale lacks
+            raise ConfigError(f"cannot rerun batch {parent.name}: {unnamed}; nothing was stored")
         changed = _changed_sources(rows, Path(parent.manifest_path).parent)
         if changed:
             raise UsageError(_sources_changed(parent, changed, store.root_batch(session, parent)))
@@ -3152,6 +3155,21 @@ def _fields_text(values: dict[str, Any], fields: Iterable[str]) -> str:
     return " ".join(shown)
 
 
+def _unnamed_source(rows: Iterable[store.NewJob], folder: Path) -> str | None:
+    """``images/ñ.png: file name cannot be represented …`` for the first local file the rerun's
+    jobs would send whose recorded name this session cannot open (:func:`jobs.fs.name_problem`:
+    a batch submitted under UTF-8, rerun under ``LC_ALL=C``), else None. Said as ``validate``
+    says it of a media file; resolving the name was an internal error (exit 70)."""
+    for row in rows:
+        for fld in get_endpoint(row.endpoint).media_fields:
+            value = row.input.get(fld.name)
+            if isinstance(value, str) and classify(value) is MediaKind.PATH:
+                problem = name_problem(value)
+                if problem is not None:
+                    return f"{shown_in_folder(value, folder)}: {problem}"
+    return None
+
+
 def _changed_sources(rows: Iterable[store.NewJob], folder: Path) -> list[str]:
     """One line per local file the rerun's jobs would send whose bytes are not the ones the
     parent recorded (``source_files``): ``images/car.png: changed (…)``, ``…: missing``.
@@ -3189,7 +3207,13 @@ def _changed_sources(rows: Iterable[store.NewJob], folder: Path) -> list[str]:
 
 def _source_problem(path: Path, recorded: set[str]) -> str | None:
     """What keeps ``path`` from holding the bytes ``recorded`` (one SHA-256, or several when the
-    parent's jobs were made from different versions of it), else None."""
+    parent's jobs were made from different versions of it), else None.
+
+    A recorded name this session cannot open (``ñ`` under ``LC_ALL=C``) is said as ``validate``
+    says it of a media file (:func:`jobs.fs.name_problem`), never resolved: that was exit 70."""
+    problem = name_problem(path)
+    if problem is not None:
+        return problem
     try:
         real = path.resolve()
     except (OSError, RuntimeError):  # a symlink loop

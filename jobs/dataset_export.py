@@ -399,7 +399,7 @@ def _write_manifest(batch: Batch, folder: Path, summary: HfExport) -> None:
         return
     try:
         data = source.read_bytes()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a name this session's file-name encoding lacks
         return
     text = data.decode("utf-8", errors="surrogateescape")
     shown = export_manifest_text(text)

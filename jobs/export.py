@@ -61,8 +61,8 @@ from typing import IO, Any, TextIO
 from sqlalchemy.orm import Session
 
 from jobs import store
-from jobs.errors import UsageError
-from jobs.fs import file_kind, file_mode, is_missing, os_reason, shown_path
+from jobs.errors import ConfigError, UsageError
+from jobs.fs import file_kind, file_mode, is_missing, name_problem, os_reason, shown_path, utf8_file_names
 from jobs.models import Batch, Job
 from jobs.money import usd_json
 from jobs.printable import one_line, shell_ref
@@ -124,6 +124,29 @@ def _num(value: Decimal | None) -> float | None:
     return None if value is None else float(value)
 
 
+def refuse_unusable_outputs(session: Session, batch: Batch) -> None:
+    """:class:`ConfigError` (one line, before anything is written) when a recorded video of
+    ``batch`` lies in a folder this session cannot name (:func:`jobs.fs.name_problem`): a batch
+    stored under UTF-8 (``Crème brûlée``) exported under ``LC_ALL=C``, where resolving its path
+    was an internal error in every format, or "its video is missing" in a dataset, after a
+    CSV header or an empty Parquet file had gone to standard output.
+
+    Only a session whose file-name encoding is not UTF-8 has anything to look at: every text
+    the database holds is a name a UTF-8 session can use. The names in a folder are wanbatch's
+    own (ASCII), so its folders are enough: a few queries, not one row per job."""
+    if utf8_file_names():
+        return
+    for folder in store.output_folders_of_batch(session, batch.id):
+        if folder.startswith("s3://"):
+            continue
+        problem = name_problem(folder)
+        if problem is not None:
+            raise ConfigError(
+                f"cannot export batch {one_line(batch.name)}: its videos are in '{shown_path(folder)}', "
+                f"which this session cannot open: {problem}; nothing was written"
+            )
+
+
 def _video_path(job: Job, output_dir: Path) -> str | None:
     """Relative to ``WANBATCH_OUTPUT_DIR`` when inside it, else absolute; an object in S3 as its
     ``s3://bucket/key`` URI (what every S3 tool, and ``datasets``/``fsspec``, open directly)."""
@@ -131,6 +154,10 @@ def _video_path(job: Job, output_dir: Path) -> str | None:
         return None
     if job.output_path.startswith("s3://"):
         return job.output_path
+    problem = name_problem(job.output_path)
+    if problem is not None:  # refuse_unusable_outputs says so before anything is written
+        shown = shown_path(job.output_path)
+        raise ConfigError(f"the video of job {job.id} '{shown}' cannot be opened: {problem}")
     path = Path(job.output_path)
     try:
         return str(path.resolve().relative_to(output_dir.resolve()))

@@ -14,9 +14,12 @@ would give (0666 or 0777 less the umask): what a file wanbatch makes through ``m
 
 from __future__ import annotations
 
+import codecs
 import errno
 import os
+import re
 import stat
+import sys
 from pathlib import Path
 
 from jobs.printable import one_line
@@ -32,6 +35,15 @@ _REASONS = {
 }
 #: Where Linux (4.7 and later) shows a process's umask without changing it.
 _PROC_STATUS = Path("/proc/self/status")
+
+#: Why a path is refused that the file-system encoding cannot hold at all (``LC_ALL=C`` with
+#: Python's UTF-8 mode off: ASCII only). ``validate`` says it of a local media file.
+UNREPRESENTABLE = "file name cannot be represented in this system's file-name encoding (check LANG/LC_ALL)"
+#: What to do about a path a session whose file-name encoding is not UTF-8 cannot use.
+UTF8_ADVICE = "run wanbatch under a UTF-8 locale (LANG=C.UTF-8) or with PYTHONUTF8=1"
+#: A byte of a file name the file-system encoding could not decode, as Python holds it
+#: (``surrogateescape``: U+DC80 to U+DCFF).
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 #: Longest path shown in a message; a longer one keeps its start and its end around ``…``.
 SHOWN_PATH_CHARS = 120
@@ -86,6 +98,85 @@ def what_is(path: str | os.PathLike[str]) -> str | None:
     return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a folder"
 
 
+def utf8_file_names() -> bool:
+    """Whether this process names files in UTF-8 (a UTF-8 locale, or Python's UTF-8 mode)."""
+    return codecs.lookup(sys.getfilesystemencoding()).name == "utf-8"
+
+
+def name_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be a name wanbatch records, or reads back from its records, in this
+    session; None when it can. The one rule for every path that goes into the database (the
+    output folder, a batch's folder and videos, a manifest's place) and for every recorded path
+    that is opened again (``export``, ``rerun``, the dashboard).
+
+    A recorded path is text, and the same folder must be the same text in every session: its
+    bytes on disk must be its UTF-8. So a path is refused when the file-system encoding
+
+    * cannot hold it at all (``ñ`` under ``LC_ALL=C`` with UTF-8 mode off:
+      :data:`UNREPRESENTABLE`, as ``validate`` says of a media file);
+    * could not decode its bytes (a folder named in UTF-8 read under ``LC_ALL=C``, or a byte
+      ``\\xff`` that is no UTF-8 at all): Python holds those bytes as lone surrogates, which
+      no database stores;
+    * would write it as other bytes than UTF-8 (``Crème`` under a latin-1 locale is
+      ``Cr\\xe8me``): a UTF-8 session would look for another folder, and not find its videos.
+
+    Never asks the file system: ASCII is always fine, and a UTF-8 session accepts every name
+    that is text. Always encoding names as UTF-8 instead, whatever the locale, would have every
+    file call (Pillow, ffprobe, the exports, the dashboard) translate them; a session whose
+    encoding is not UTF-8 is told to run in UTF-8 (:data:`UTF8_ADVICE`), one setting away."""
+    text = os.fspath(path)
+    if text.isascii():
+        return None
+    encoding = sys.getfilesystemencoding()
+    try:
+        raw = os.fsencode(text)
+    except UnicodeEncodeError:
+        return f"{UNREPRESENTABLE}: {UTF8_ADVICE}"
+    try:
+        utf8 = text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the file-system encoding could not decode
+        if utf8_file_names():
+            return "its name is not UTF-8 text, which wanbatch cannot record: rename it"
+        return f"its name holds bytes that are not {encoding} text (check LANG/LC_ALL): {UTF8_ADVICE}"
+    if raw != utf8:
+        return (
+            f"its name would be written in this system's file-name encoding ({encoding}), not in "
+            f"UTF-8 as other sessions read it (check LANG/LC_ALL): {UTF8_ADVICE}"
+        )
+    return None
+
+
+def resolved_name_problem(path: str | os.PathLike[str]) -> str | None:
+    """:func:`name_problem` of ``path`` as given, then of where it leads (a relative path under
+    a working folder, or a symbolic link, may lead to a name that cannot be recorded: then it
+    says where, ``it is '/srv/d\\xc3\\xa9/m.yaml': …``). A path that cannot be resolved is left
+    to the caller's own checks."""
+    problem = name_problem(path)
+    if problem is not None:
+        return problem
+    try:
+        real = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    problem = name_problem(real)
+    return None if problem is None else f"it is '{shown_path(real)}': {problem}"
+
+
+def has_escaped_bytes(text: str) -> bool:
+    """Whether ``text`` holds a byte the file-system encoding could not decode (:func:`shown_bytes`)."""
+    return _ESCAPED_BYTE.search(text) is not None
+
+
+def shown_bytes(text: str, backslash: str = "\\") -> str:
+    """``text`` with each byte the file-system encoding could not decode (a lone surrogate
+    U+DC80–U+DCFF, as ``surrogateescape`` keeps it) shown as ``\\xNN``: ``r\\xc3\\xa9el``, the
+    bytes the name has, never ``\\udcc3`` (which no strict JSON parser takes). ``backslash``:
+    what the backslash is written as (``\\\\`` inside a JSON string)."""
+    if _ESCAPED_BYTE.search(text) is None:
+        return text
+    return _ESCAPED_BYTE.sub(lambda m: f"{backslash}x{ord(m.group()) - 0xDC00:02x}", text)
+
+
 def shown_path(path: str | os.PathLike[str] | bytes, limit: int = SHOWN_PATH_CHARS) -> str:
     """``path`` as text for a message, cut in the middle (``/tmp/bbbb…bbbb.yaml``) when longer
     than ``limit``: its start says where, its end which file.
@@ -97,9 +188,9 @@ def shown_path(path: str | os.PathLike[str] | bytes, limit: int = SHOWN_PATH_CHA
     would double each escape's backslash."""
     text = os.fsdecode(path)
     if len(text) <= limit:
-        return one_line(text)
+        return shown_bytes(one_line(text))
     tail = limit // 3
-    return one_line(text[: limit - tail - 1]) + "…" + one_line(text[-tail:])
+    return shown_bytes(one_line(text[: limit - tail - 1]) + "…" + one_line(text[-tail:]))
 
 
 def shown_in_folder(path: str | os.PathLike[str], folder: str | os.PathLike[str] | None) -> str:

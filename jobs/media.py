@@ -63,7 +63,7 @@ from urllib.parse import urlsplit
 
 from jobs import avcompat
 from jobs.endpoints import FieldType, MediaConstraints, all_endpoints
-from jobs.fs import is_missing, os_reason, shown_path
+from jobs.fs import UNREPRESENTABLE, is_missing, os_reason, shown_path
 from jobs.printable import clause, shortened
 
 ALLOWED_FORMS = "a local file path (inside the manifest's folder), an http(s) URL or a base64 data URI"
@@ -77,9 +77,7 @@ NUL_MESSAGE = "contains a NUL character (\\x00), which cannot be stored or sent"
 NUL_ALLOWED = "text without NUL characters"
 #: Why a local path is refused whose name the file-system encoding cannot hold (``LC_ALL=C``:
 #: ASCII only), where the OS could not even be asked for it.
-UNREPRESENTABLE_MESSAGE = (
-    "file name cannot be represented in this system's file-name encoding (check LANG/LC_ALL)"
-)
+UNREPRESENTABLE_MESSAGE = UNREPRESENTABLE
 UNREPRESENTABLE_ALLOWED = (
     "a file name in the system's file-name encoding; for other characters run wanbatch under a "
     "UTF-8 locale (e.g. LANG=C.UTF-8)"

@@ -55,7 +55,16 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from jobs import outputs
 from jobs.errors import StateConflict, WanbatchError
-from jobs.fs import creatable, file_kind, file_mode, is_missing, os_reason, shown_path, what_is
+from jobs.fs import (
+    creatable,
+    file_kind,
+    file_mode,
+    is_missing,
+    name_problem,
+    os_reason,
+    shown_path,
+    what_is,
+)
 from jobs.output_location import (
     CONTROL_CHARS,
     S3_KEY_MAX_BYTES,
@@ -182,11 +191,28 @@ class OutputStore(ABC):
         """Bytes free where the outputs are kept; None when nothing finite limits them (a bucket)."""
         return None
 
+    #: The setting that names :meth:`local_root`, for messages.
+    root_setting: ClassVar[str] = "WANBATCH_OUTPUT_DIR"
+
     def check_names(self, batch_name: str) -> None:
         """Prove the outputs of the batch named ``batch_name`` can be named here before any of
-        it is sent: :class:`OutputWriteError` with a one-line reason otherwise. A folder takes
-        any name (its slug is made to fit a file system: :func:`jobs.outputs.slug`)."""
-        del batch_name  # a folder takes any name
+        it is sent: :class:`OutputWriteError` with a one-line reason otherwise. Its slug is made
+        to fit a file system (:func:`jobs.outputs.slug`), but the batch's local folder (the
+        output folder's, or the staging folder's for S3) must also be a name this session can
+        record and every session finds again (:func:`jobs.fs.name_problem`: ``Crème`` under
+        ``LC_ALL=C`` or a latin-1 locale is not): else the video would be paid for, then never
+        recorded."""
+        folder = self.local_root() / outputs.slug(batch_name)
+        problem = name_problem(folder)
+        if problem is not None:
+            shown = shown_path(folder)
+            raise OutputWriteError(f"the batch folder '{shown}' cannot take the outputs: {problem}")
+
+    def check_root_name(self) -> None:
+        """Prove the local folder outputs go to (:meth:`local_root`) is a name this session can
+        record (:func:`jobs.fs.name_problem`), looking only: :class:`OutputWriteError`
+        otherwise. Part of :meth:`check_writable`; ``wanbatch worker`` checks it at start-up."""
+        _check_folder_name(self.local_root(), self.root_setting)
 
     @abstractmethod
     def video_dest(self, batch_name: str, item_index: int, job_id: str) -> Path:
@@ -387,6 +413,7 @@ class S3OutputStore(OutputStore):
     multipart_threshold: int = MULTIPART_THRESHOLD
     part_size: int = MULTIPART_PART_SIZE
     is_remote: ClassVar[bool] = True
+    root_setting: ClassVar[str] = "WANBATCH_OUTPUT_STAGING_DIR (the staging folder)"
 
     @property
     def url(self) -> str:
@@ -407,7 +434,8 @@ class S3OutputStore(OutputStore):
     def check_names(self, batch_name: str) -> None:
         """The batch's longest key (its slug, the highest item index, a ``.json`` sidecar) must
         fit S3's :data:`~jobs.output_location.S3_KEY_MAX_BYTES`, or every upload would fail
-        after its video was paid for."""
+        after its video was paid for; its staging folder must be a name this session can record."""
+        super().check_names(batch_name)
         longest = (
             key_bytes(self.prefix) + len("/") * bool(self.prefix) + outputs.longest_name_bytes(batch_name)
         )
@@ -419,7 +447,7 @@ class S3OutputStore(OutputStore):
             )
 
     def check_writable(self, *, create: bool = True) -> Path | None:
-        under = _probe_folder(self.staging, "WANBATCH_OUTPUT_STAGING_DIR (the staging folder)", create=create)
+        under = _probe_folder(self.staging, self.root_setting, create=create)
         key = "/".join(p for p in (self.prefix, f".wanbatch-probe-{secrets.token_hex(8)}") if p)
         body = b"\0" * PROBE_BYTES
         try:
@@ -819,12 +847,34 @@ def put_bytes(bucket: str, key: str, data: bytes, *, content_type: str) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
+def _check_folder_name(folder: Path, name: str) -> None:
+    """:class:`OutputWriteError` when ``folder``, or where it leads (a relative folder under the
+    working folder, a symbolic link), is a name this session cannot record or another session
+    would not find (:func:`jobs.fs.name_problem`). Looks only: nothing is created."""
+    problem = name_problem(folder)
+    shown = f"'{shown_path(folder)}'"
+    if problem is None:
+        try:
+            real = folder.resolve()
+        except (OSError, RuntimeError, ValueError):  # said by the probe that follows
+            return
+        problem = name_problem(real)
+        if real != folder:
+            shown += f" (that is '{shown_path(real)}')"
+    if problem is not None:
+        raise OutputWriteError(f"{name} {shown} cannot take the outputs: {problem}")
+
+
 def _probe_folder(folder: Path, name: str, *, create: bool = True) -> Path | None:
     """Create ``folder``, write, fsync and remove a probe; :class:`OutputWriteError` otherwise.
 
     Without ``create``, a folder that is not there is left so: it is only checked that this user
     could create it (:func:`jobs.fs.creatable`), and the existing folder it would be created
-    under is returned (None: the folder is there and took the probe)."""
+    under is returned (None: the folder is there and took the probe).
+
+    First of all its name (:func:`_check_folder_name`): a folder this session could write but
+    not record took every paid video, then failed to record it."""
+    _check_folder_name(folder, name)
     kind = file_kind(folder)
     if not create and isinstance(kind, OSError) and is_missing(kind) and not folder.is_symlink():
         under, why = creatable(folder)

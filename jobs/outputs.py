@@ -20,7 +20,7 @@ from typing import Any
 
 from jobs.batch_names import batch_name
 from jobs.errors import WanbatchError
-from jobs.fs import file_mode
+from jobs.fs import file_mode, name_problem, shown_path
 from jobs.models import EARLIER_ITEMS_UNKNOWN, new_id
 from jobs.storable import storable_json
 
@@ -81,6 +81,13 @@ def batch_dir(output_dir: Path, batch_name: str) -> Path:
     folder that cannot take the outputs, as a full or read-only one: the download step pauses
     the batch with the reason, never a bug report."""
     name = slug(batch_name)
+    # A name this session cannot record (``LC_ALL=C`` and ``ñ``; a folder whose bytes are not
+    # UTF-8) made every paid download of the batch crash as it stored its success.
+    problem = name_problem(output_dir / name)
+    if problem is not None:
+        raise OutputFolderError(
+            f"the batch folder '{shown_path(output_dir / name)}' cannot take the outputs: {problem}"
+        )
     try:
         root = output_dir.resolve()
         path = (root / name).resolve()
@@ -93,13 +100,14 @@ def batch_dir(output_dir: Path, batch_name: str) -> Path:
             f"({exc.strerror or exc}) — run from a folder that exists, or set WANBATCH_OUTPUT_DIR "
             "to an absolute path"
         ) from exc
-    except UnicodeEncodeError as exc:  # LC_ALL=C without UTF-8 mode: a name of `ñ` is no file name
-        raise OutputFolderError(
-            f"the batch folder {str(output_dir / name)!a} cannot be represented in this system's "
-            "file-name encoding (check LANG/LC_ALL): run wanbatch under a UTF-8 locale (LANG=C.UTF-8)"
-        ) from exc
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop (Python < 3.13)
         raise OutputFolderError(f"the output folder {output_dir / name} cannot be resolved: {exc}") from exc
+    problem = name_problem(path)  # where it leads: a relative folder, or a symbolic link
+    if problem is not None:
+        raise OutputFolderError(
+            f"the batch folder '{shown_path(output_dir / name)}' (that is '{shown_path(path)}') cannot "
+            f"take the outputs: {problem}"
+        )
     if root not in path.parents:
         raise OutputFolderError(
             f"the batch folder {root / name} resolves to {path}, outside WANBATCH_OUTPUT_DIR {root} "

@@ -47,6 +47,7 @@ from starlette.staticfiles import StaticFiles
 from jobs import batches, db, listing, store
 from jobs.digits import ascii_int
 from jobs.errors import NotFoundError, UsageError, WanbatchError
+from jobs.fs import name_problem
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import usd_text
 from jobs.printable import one_line, shell_ref
@@ -545,6 +546,9 @@ class Dashboard:
             if url is None:
                 return self.not_found(request, "the video cannot be linked")
             return RedirectResponse(url, status_code=307)
+        problem = name_problem(output_path)
+        if problem is not None:  # not "not in the output folder": it is, under a name this locale lacks
+            return self.not_found(request, f"the video's path cannot be opened by this server: {problem}")
         local = outputs.local_file(output_path)
         if local is None:
             return self.not_found(

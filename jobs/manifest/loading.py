@@ -33,7 +33,7 @@ from jobs.errors import (
     did_you_mean,
     same_numbers,
 )
-from jobs.fs import file_kind, is_missing, os_reason, shown_path
+from jobs.fs import file_kind, is_missing, os_reason, resolved_name_problem, shown_path
 from jobs.manifest.checks import duplicate_key_issues, outside_message
 from jobs.manifest.expand import MAX_JOBS, Manifest, jobs_allowed, too_many_jobs_message
 from jobs.manifest.fal_key import text_key_issues, tree_key_issues
@@ -126,6 +126,12 @@ def parse_manifest(
     except ValueError:  # a NUL in the path
         top("manifest file not found")
         return None, issues
+    # The batch records where its manifest is (its reruns, and a move, follow it): a place this
+    # session cannot record as text (a folder named in UTF-8 read under LC_ALL=C) made `submit`
+    # and `run` an internal error after `validate` had said all was valid.
+    placed = resolved_name_problem(p)
+    if placed is not None:
+        top(f"the manifest's path cannot be recorded: {placed}")
     digest = hashlib.sha256(data).hexdigest()
     try:
         text = data.decode("utf-8-sig")
