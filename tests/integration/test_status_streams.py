@@ -83,11 +83,15 @@ def _watch_threads() -> list[threading.Thread]:
 
 
 def test_concurrent_streams_get_a_thread_each_and_idle_threads_exit(monkeypatch: Any) -> None:
-    monkeypatch.setattr(
-        watcher_module, "IDLE_THREAD_SECONDS", 2.0
-    )  # a loaded machine: 0.3 s let threads leave before the count
+    """Five streams open at once get a thread each, in each of two rounds; idle threads leave.
+
+    Timing-free: fal holds every request in its queue (no slot) until all five are followed, so
+    the five streams are open together however slowly a loaded machine submits (with fal's
+    latency alone, a slow submit let one request end before the next began, and fewer threads
+    were needed)."""
+    monkeypatch.setattr(watcher_module, "IDLE_THREAD_SECONDS", 2.0)
     assert wait_for(lambda: not _watch_threads(), timeout=10)  # none left by an earlier test
-    options = SimulatorOptions(concurrency_limit=8, latency_seconds=0.3, latency_jitter=0.0)
+    options = SimulatorOptions(concurrency_limit=0, latency_seconds=0.3, latency_jitter=0.0)
     with running_simulator(options) as sim:
         client = FalClient(queue_url=sim.url, rest_url=sim.url, key=KEY, timeout=httpx.Timeout(10.0))
         ended: list[str] = []
@@ -101,17 +105,21 @@ def test_concurrent_streams_get_a_thread_each_and_idle_threads_exit(monkeypatch:
         watcher = StatusWatcher(client, on_status, lambda *_: None, max_streams=8)
         try:
             for rnd in range(2):
-                for n in range(5):
-                    handle = client.submit(
-                        T2V, {"prompt": f"together {rnd} {n}", "resolution": "480p"}
-                    ).handle
+                sim.update_options(concurrency_limit=0)  # fal holds them all in its queue
+                handles = [
+                    client.submit(T2V, {"prompt": f"together {rnd} {n}", "resolution": "480p"}).handle
+                    for n in range(5)
+                ]
+                for n, handle in enumerate(handles):
                     assert watcher.watch(f"job-{rnd}-{n}", handle)
-                assert wait_for(lambda: not watcher.watching(), timeout=10)
-                assert len(_watch_threads()) == 5  # the second round reuses the first one's threads
-            assert wait_for(lambda: not _watch_threads(), timeout=10)  # idle ones leave
+                assert wait_for(lambda: len(watcher.watching()) == 5, timeout=30)
+                assert wait_for(lambda: len(_watch_threads()) == 5, timeout=30)  # a thread each
+                sim.update_options(concurrency_limit=8)  # fal runs them
+                assert wait_for(lambda: not watcher.watching(), timeout=30)
+            assert wait_for(lambda: not _watch_threads(), timeout=30)  # idle ones leave
             handle = client.submit(T2V, {"prompt": "after", "resolution": "480p"}).handle
             assert watcher.watch("job-after", handle)  # and a new stream still gets one
-            assert wait_for(lambda: "job-after" in ended, timeout=10)
+            assert wait_for(lambda: "job-after" in ended, timeout=30)
         finally:
             watcher.close()
             client.close()
