@@ -439,7 +439,7 @@ def create_app(
         # itself was such a proxy).
         middleware=[
             Middleware(ForwardedHeaders, allow_ips=trusted_proxies(settings.serve_forwarded_allow_ips)),
-            Middleware(DashboardAuth, gate=gate),
+            Middleware(DashboardAuth, gate=gate, engine=engine),
         ],
         # A pool timeout (every connection held by work the database does not finish) is no
         # DBAPIError, but the same outage: 503, one line.

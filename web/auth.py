@@ -712,9 +712,11 @@ class DashboardAuth:
     stale cookie must not make a page's stylesheet wait.
     """
 
-    def __init__(self, app: ASGIApp, gate: TokenGate) -> None:
+    def __init__(self, app: ASGIApp, gate: TokenGate, engine: Engine | None = None) -> None:
         self.app = app
         self.gate = gate
+        #: The database, to tell a schema downgraded under this serve from an outage.
+        self.engine = engine
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -731,7 +733,12 @@ class DashboardAuth:
             try:
                 access = await access_of(scope, self.gate)
             except (DBAPIError, PoolTimeoutError) as exc:  # the cookie's name not known, no database to ask
-                await self._no_database(scope, exc)(scope, receive, send)
+                behind = None
+                if self.engine is not None and isinstance(exc, DBAPIError) and db.is_schema_mismatch(exc):
+                    # Its sessions' table gone (``alembic downgrade`` under this serve): said as
+                    # the pages say it, not "try again in a moment", which never helps.
+                    behind = await anyio.to_thread.run_sync(db.schema_behind, self.engine)
+                await self._no_database(scope, exc, behind)(scope, receive, send)
                 return
         scope.setdefault("state", {})["access"] = access
         refusal = self._refusal(scope, access, method, path)
@@ -778,10 +785,23 @@ class DashboardAuth:
             return self._cross_origin(scope, headers, method, logged_path, who, refused)
         return None
 
-    def _no_database(self, scope: Scope, exc: DBAPIError | PoolTimeoutError) -> Response:
+    def _no_database(self, scope: Scope, exc: DBAPIError | PoolTimeoutError, behind: str | None) -> Response:
         """503 for a request whose login cookie could not be checked: the cookie's name needs
-        the database's secret (read once per process), and the database did not answer."""
+        the database's secret (read once per process), and the database did not answer; or
+        (``behind``: :func:`jobs.db.schema_behind`) its schema is older than this wanbatch's."""
         client = scope.get("client")
+        refused = self._refused_response(Headers(scope=scope), scope["method"], scope["path"])
+        if behind is not None:
+            log.warning(
+                "dashboard: %s %s from %s: %s: %s",
+                scope["method"],
+                one_line(scope["path"]),
+                one_line(str(client[0])) if client else "?",
+                behind,
+                db.SCHEMA_BEHIND_FIX,
+                extra={"event": "dashboard.schema_behind", "status": 503},
+            )
+            return refused(f"{behind}: {db.SCHEMA_BEHIND_FIX}", 503)
         # The driver's first line, as web.app logs it (not its hint, escaped onto the same line).
         said = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         log.warning(
@@ -792,7 +812,6 @@ class DashboardAuth:
             one_line(said[0] if said else type(exc).__name__)[:300],
             extra={"event": "dashboard.database_unavailable", "status": 503},
         )
-        refused = self._refused_response(Headers(scope=scope), scope["method"], scope["path"])
         return refused(NO_DATABASE, 503)
 
     @staticmethod

@@ -37,6 +37,8 @@ from urllib.parse import parse_qs, quote, unquote, urlencode
 
 import jinja2
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -70,6 +72,7 @@ from web.auth import (
     sent_over_https,
 )
 from web.bodies import Refusal, read_body
+from worker.db_outage import database_problem
 from worker.here import process_here
 
 log = logging.getLogger(__name__)
@@ -750,7 +753,18 @@ class Dashboard:
             return response
         name = await self.gate.cookie_name()
         if name is not None and name in request.cookies:
-            await self.gate.end_session(request.cookies[name])
+            try:
+                await self.gate.end_session(request.cookies[name])
+            except (DBAPIError, PoolTimeoutError) as exc:
+                # A role that may not write (a read-only serve), or no database: the browser's
+                # cookie still goes, and the log says the copy of it is not ended.
+                log.warning(
+                    "dashboard: logout could not end the session on the server (%s): the browser's "
+                    "cookie is deleted, but a copy of it keeps working until it is 30 days old; "
+                    "a new WANBATCH_SERVE_TOKEN ends every session",
+                    one_line(database_problem(exc))[:300],
+                    extra={"event": "dashboard.logout_not_recorded"},
+                )
             # With the attributes it was set with (HttpOnly, SameSite=Strict, Secure over HTTPS).
             response.delete_cookie(name, **_session_attributes(request))
         return response

@@ -14,7 +14,11 @@ from jobs.store.core import _dialect_insert
 def instance_secret(session: Session, name: str, make: Callable[[], str]) -> str:
     """The database's secret ``name`` (:class:`~jobs.models.InstanceSecret`), made by ``make`` and
     stored the first time it is asked for. Two processes asking at once agree: the insert of
-    the second one does nothing, and both read the row that won."""
+    the second one does nothing, and both read the row that won. A secret already made is only
+    read: a process whose database role may not write (a read-only ``serve``) still gets it."""
+    made = instance_secret_if_made(session, name)
+    if made is not None:
+        return made
     dialect = session.get_bind().dialect.name
     stmt = _dialect_insert(dialect, InstanceSecret).values(name=name, value=make(), created_at=utcnow())
     session.execute(stmt.on_conflict_do_nothing(index_elements=["name"]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -208,3 +209,79 @@ def test_revocations_are_kept_until_their_session_would_have_expired(engine: Eng
         assert not store.dashboard_session_revoked(session, "c" * 32)
         kept = session.execute(select(DashboardSessionRevocation.session_id)).scalars().all()
         assert kept == ["b" * 32]  # "a" was past its time: cleared by the next logout
+
+
+def test_a_cookie_checked_on_a_schema_downgraded_under_serve_names_the_schema(
+    tmp_path: Path, output_dir: Path
+) -> None:
+    """``alembic downgrade`` one step under a running serve drops the sessions' table: a
+    logged-in browser was told "the database is unavailable … try again in a moment" on every
+    page and could not log out, while the token (Bearer) read on. The schema is named, as the
+    pages name it, with what to do."""
+    from jobs.db import SCHEMA_HEAD, downgrade, make_engine, migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'd.db'}")
+    try:
+        migrate(engine)
+        browser = _browser(engine, output_dir)
+        cookie = _log_in(browser)
+        assert _reads(browser, cookie) == 200
+        downgrade(engine, "0039")
+        for answer in (
+            browser.get("/", headers={**HTML, **cookie}),
+            browser.post("/logout", headers={**HTML, **cookie, "Origin": ORIGIN}),
+        ):
+            assert answer.status_code == 503, answer.text
+            assert f"the database is at schema 0039, older than this wanbatch's {SCHEMA_HEAD}" in answer.text
+            assert "try again in a moment" not in answer.text
+    finally:
+        engine.dispose()
+
+
+def test_logout_on_a_serve_whose_database_role_cannot_write_deletes_the_cookie(
+    new_pg_database: Callable[[], str], output_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A serve whose role may only read (the heartbeat says so and serves on): the login
+    worked only once the cookie's secret existed, and it inserted it again at every start (a
+    traceback for a role that may not write); a logout, which records the session's end, was a
+    500 with a traceback and kept the browser's cookie. Now the secret already made is only
+    read, and a logout that cannot be recorded still deletes the cookie, with one warning."""
+    import logging
+    import secrets as token_bits
+
+    from sqlalchemy import text
+
+    from jobs.db import make_engine, migrate
+
+    url = new_pg_database()
+    owner = make_engine(url)
+    role = f"ro_{token_bits.token_hex(4)}"
+    try:
+        migrate(owner)
+        cookie_secret(owner)  # made by an earlier serve that could write
+        with owner.begin() as conn:
+            conn.execute(text(f"CREATE ROLE {role} LOGIN"))
+            conn.execute(text(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"))
+        reader = make_engine(owner.url.set(username=role).render_as_string(hide_password=False))
+        try:
+            browser = _browser(reader, output_dir)
+            cookie = _log_in(browser)
+            assert _reads(browser, cookie) == 200
+            with caplog.at_level(logging.WARNING):
+                answer = browser.post("/logout", headers={**HTML, **cookie, "Origin": ORIGIN})
+            assert answer.status_code == 303, answer.text
+            assert (
+                "Max-Age=0" in answer.headers["set-cookie"]
+                or "expires=" in answer.headers["set-cookie"].lower()
+            )
+            warned = [r for r in caplog.records if r.__dict__.get("event") == "dashboard.logout_not_recorded"]
+            assert len(warned) == 1
+            assert warned[0].exc_info is None
+        finally:
+            reader.dispose()
+    finally:
+        with owner.begin() as conn:
+            conn.execute(text(f"REASSIGN OWNED BY {role} TO postgres"))
+            conn.execute(text(f"DROP OWNED BY {role}"))
+            conn.execute(text(f"DROP ROLE {role}"))
+        owner.dispose()
