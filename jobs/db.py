@@ -2513,18 +2513,22 @@ def sqlite_holds_batch(path: Path, name: str) -> bool | None:
     (``mode=ro``), nothing migrated or written. Without a ``-wal`` file beside it (no process has
     the database open: everything is in the file) also ``immutable=1``, else a read-only
     connection to a WAL database leaves an empty ``-wal`` and ``-shm`` behind, in another folder.
-    The name is looked for as given and in NFC (how names are stored: :mod:`jobs.batch_names`;
-    a database not yet upgraded may hold another spelling)."""
+    Names are compared in NFC (how names are stored: :mod:`jobs.batch_names`): a database not
+    yet upgraded to 0041 may hold the name in another spelling (NFD, as macOS gives it), and
+    ``name`` is already NFC (the manifest's, normalised); so every stored name with a character
+    beyond ASCII is read and compared normalised (a handful of rows)."""
     options = "mode=ro" if os.path.lexists(f"{path}-wal") else "mode=ro&immutable=1"
     uri = f"file:{quote(str(path.absolute()))}?{options}"
     try:
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=HOLDS_BATCH_WAIT_SECONDS)) as conn:
-            row = conn.execute(
-                "SELECT 1 FROM batches WHERE name IN (?, ?) LIMIT 1", (name, batch_name(name))
-            ).fetchone()
+            wanted = batch_name(name)
+            rows = conn.execute(
+                "SELECT name FROM batches WHERE name IN (?, ?) OR length(CAST(name AS BLOB)) != length(name)",
+                (name, wanted),
+            ).fetchall()
     except (sqlite3.Error, OSError, ValueError):
         return None
-    return row is not None
+    return any(isinstance(stored, str) and batch_name(stored) == wanted for (stored,) in rows)
 
 
 class _Engines:

@@ -115,6 +115,29 @@ def test_a_batch_stored_in_a_parent_database_is_refused_from_another_folder(
     assert json.loads(done.stdout)["ok"] is False  # --json: the contract's error object
 
 
+def test_a_batch_stored_in_another_unicode_spelling_by_an_older_wanbatch_is_refused_too(
+    wb: Wb, e2e_env: Path, monkeypatch: pytest.MonkeyPatch, default_db: None
+) -> None:
+    """A database not yet upgraded to 0041 holds the name as it was typed: in NFD (``e`` and a
+    combining accent, as macOS gives it). The manifest's name is read in NFC, so looking for it
+    as given and in NFC missed the batch: a new database was made and every job would have been
+    sent again. Stored names are compared in NFC."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "café-run")
+    _stored_in_proj(wb, monkeypatch, e2e_env, name="cafe")
+    stored = e2e_env / "proj" / DEFAULT
+    with sqlite3.connect(stored) as conn:  # as an older wanbatch stored it
+        conn.execute("UPDATE batches SET name = ?", (nfd,))
+    (e2e_env / "proj" / "cafe.yaml").write_text(MANIFEST.format(name=nfd), encoding="utf-8")
+    _cd(monkeypatch, e2e_env)
+    done = wb("submit", "proj/cafe.yaml")
+    assert done.code == 2, done.stderr
+    (line,) = _lines(done)
+    assert str(stored) in line
+    assert not (e2e_env / ".wanbatch").exists()
+
+
 def test_run_from_another_folder_is_refused_before_anything_is_sent(
     wb: Wb, e2e_env: Path, monkeypatch: pytest.MonkeyPatch, default_db: None, sim: SimulatorHandle
 ) -> None:
