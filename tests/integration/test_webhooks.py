@@ -960,15 +960,9 @@ def test_the_deadline_keeps_a_stored_proof_of_an_earlier_attempt_instead_of_its_
     assert _money_agrees(engine, job.batch_id) == 2 * job.est_usd
 
 
-@pytest.mark.parametrize("seen", [S.QUEUED, S.RUNNING])
-def test_a_proof_of_a_request_the_poller_gave_up_on_brings_its_paid_video_back(
-    engine: Engine, client: TestClient, signer: WebhookSigner, seen: JobState
-) -> None:
-    """After fal's malformed status answers the poller failed the job, billed as a cancel (in
-    fal's queue: nothing; running: in full), its best-effort cancel may not have gone through.
-    fal's signed webhook then proves it ran the request and finished it: the job adopts it back
-    and fetches its video, billed once, as the success it is (before: ignored, the spend
-    understated and the video lost)."""
+def _given_up(engine: Engine, seen: JobState) -> Job:
+    """One job sent as ``req-A`` (seen ``seen`` at fal) that the poller failed after fal's
+    malformed status answers, billed as a cancel (in fal's queue: nothing; running: in full)."""
     job = _sent(engine, request_id="req-A")
     with db.session_scope(engine) as session:
         if seen == S.RUNNING:
@@ -984,6 +978,19 @@ def test_a_proof_of_a_request_the_poller_gave_up_on_brings_its_paid_video_back(
             download_attempts=5,
             **cost,
         )
+    return _job(engine, job.batch_id)
+
+
+@pytest.mark.parametrize("seen", [S.QUEUED, S.RUNNING])
+def test_a_proof_of_a_request_the_poller_gave_up_on_brings_its_paid_video_back(
+    engine: Engine, client: TestClient, signer: WebhookSigner, seen: JobState
+) -> None:
+    """After fal's malformed status answers the poller failed the job, billed as a cancel (in
+    fal's queue: nothing; running: in full), its best-effort cancel may not have gone through.
+    fal's signed webhook then proves it ran the request and finished it: the job adopts it back
+    and fetches its video, billed once, as the success it is (before: ignored, the spend
+    understated and the video lost)."""
+    job = _given_up(engine, seen)
     failed = _job(engine, job.batch_id)
     assert _money_agrees(engine, job.batch_id) == (0 if seen == S.QUEUED else job.est_usd)
 
@@ -2404,3 +2411,200 @@ def test_a_delivery_of_a_job_not_finished_is_kept_past_the_retention(
     with db.session_scope(engine) as session:
         session.execute(update(WebhookDelivery).values(processed_at=utcnow() - timedelta(days=8)))
         assert store.prune_deliveries(session, before=utcnow() - timedelta(days=7)) == 0
+
+
+def _standing(engine: Engine, how: str) -> Job:
+    """One job standing ``how``, its attempt 1 sent: ``queued`` as ``req-A``; ``submit_unknown``;
+    its resend ``waiting``; ``cancelled`` with its outcome unknown; its resend's answer lost too;
+    ``failed`` for its unknown outcome; failed by the poller, which ``gave up`` on ``req-A``;
+    ``cancelled`` by the user's cancel of ``req-A``; back to wait after its ``window`` closed."""
+    if how == "queued":
+        return _sent(engine, request_id="req-A")
+    if how == "submit_unknown":
+        return _sent(engine, request_id=None, unknown=True)
+    if how == "resend waiting":
+        return _resend_waiting(engine, "waiting")[0]
+    if how == "cancelled unknown":
+        job = _sent(engine, request_id=None, unknown=True)
+        _cancel_unsent(engine, job.batch_id)
+        return _job(engine, job.batch_id)
+    if how == "resend unknown too":
+        return _resend_unknown_too(engine, "submit_unknown")
+    if how == "failed unknown":
+        return _failed_for_unknown_outcome(engine)
+    if how == "gave up":
+        return _given_up(engine, S.QUEUED)
+    if how == "cancelled":
+        return _cancelled_by_user(engine, S.QUEUED, {})
+    assert how == "window"
+    return _window_closed(engine, {})
+
+
+#: A job's move: from, to, reason.
+Move = tuple[JobState, JobState, str | None]
+
+
+def _expected(job: Job, how: str, ok: bool) -> tuple[str, list[tuple[str, str, str]], JobState, list[Move]]:
+    """What applying ``req-A`` (a success when ``ok``) to ``job`` standing ``how`` does: its
+    outcome, the webhook lines it logs (level, event, message), the state the job ends in and
+    the moves it makes."""
+    j, e, fetched = job.id, job.error_type, "its video is fetched"
+    due = (
+        "INFO",
+        "webhook.status_due",
+        f"job {j}: fal reported req-A failed (x); its status says whether it ran: asked now",
+    )
+    adopted = ("INFO", "webhook.adopted", f"job {j}: webhook proved fal accepted it as req-A")
+    before = (
+        "WARNING",
+        "webhook.adopted_before_resend",
+        f"job {j}: a webhook proved fal accepted attempt 1 as req-A before its resend went out: "
+        "kept, not resent",
+    )
+    unknown = (
+        "WARNING",
+        "webhook.adopted_unknown_cancelled",
+        f"job {j}: a webhook proved that fal ran its only request req-A (attempt 1, its outcome "
+        f"unknown when the job was cancelled) to the end (billed): {fetched}",
+    )
+    earlier = (
+        "WARNING",
+        "webhook.adopted_earlier",
+        f"job {j}: a webhook proved fal ran its earlier attempt 1 as req-A (billed): kept, "
+        "nothing is sent again",
+    )
+    late = (
+        "WARNING",
+        "webhook.adopted_late",
+        f"job {j}: a webhook proved, after the job failed for its unknown submit outcome, that "
+        f"fal ran it as req-A (billed): {fetched}",
+    )
+    own = (
+        "WARNING",
+        "webhook.adopted_own",
+        f"job {j}: a webhook proved, after the job failed ({e}), that fal ran its request req-A "
+        f"(billed): {fetched}",
+    )
+    cancelled = (
+        "WARNING",
+        "webhook.adopted_cancelled",
+        f"job {j}: a webhook proved that fal ran its request req-A to the end (billed) though "
+        f"our cancel was said to have ended it ({e}): {fetched}, billed in full",
+    )
+    window = (
+        "WARNING",
+        "webhook.adopted_window",
+        f"job {j}: a webhook proved that fal ran its request req-A to the end (billed) though a "
+        f"window's end was said to have ended it: {fetched}, nothing is sent again",
+    )
+    done: Move = (S.QUEUED, S.DOWNLOADING, "completed at fal")
+    fetched_all = f"{fetched}, nothing is sent again"
+
+    def adopt(came_from: JobState, reason: str) -> Move:
+        return (came_from, S.QUEUED, reason)
+
+    proved = adopt(job.state, "proved by webhook: accepted as req-A")
+    resent = adopt(
+        S.RETRY_WAIT,
+        "proof by webhook before the resend went out: attempt 1 accepted as req-A; the resend is dropped, "
+        "nothing is sent again",
+    )
+    return {
+        ("queued", True): ("completed", [], S.DOWNLOADING, [done]),
+        ("queued", False): (STATUS_DUE, [due], S.QUEUED, []),
+        ("submit_unknown", True): ("adopted", [adopted], S.DOWNLOADING, [proved, done]),
+        ("submit_unknown", False): ("adopted", [adopted, due], S.QUEUED, [proved]),
+        ("resend waiting", True): (ADOPTED_BEFORE_RESEND, [before], S.DOWNLOADING, [resent, done]),
+        ("resend waiting", False): (ADOPTED_BEFORE_RESEND, [before, due], S.QUEUED, [resent]),
+        ("cancelled unknown", True): (ADOPTED_UNKNOWN_CANCELLED, [unknown], S.DOWNLOADING, [adopt(
+            S.CANCELLED,
+            f"proof by webhook, after the job was cancelled with its submit's outcome unknown ({e}): "
+            f"attempt 1 accepted as req-A and finished at fal (billed): {fetched}, nothing is sent",
+        ), done]),
+        ("resend unknown too", True): (ADOPTED_EARLIER, [earlier], S.DOWNLOADING, [adopt(
+            S.SUBMIT_UNKNOWN,
+            f"proof by webhook of an earlier attempt: attempt 1 accepted as req-A and finished at fal "
+            f"(billed): {fetched_all}",
+        ), done]),
+        ("failed unknown", True): (ADOPTED_LATE, [late], S.DOWNLOADING, [adopt(
+            S.FAILED,
+            "late proof by webhook, after the job failed for its unknown submit outcome: attempt 1 "
+            f"accepted as req-A and finished at fal (billed): {fetched_all}",
+        ), done]),
+        ("gave up", True): (ADOPTED_OWN, [own], S.DOWNLOADING, [adopt(
+            S.FAILED,
+            f"proof by webhook, after the job failed ({e}): its request req-A finished at fal "
+            f"(billed): {fetched}",
+        ), done]),
+        ("cancelled", True): (ADOPTED_CANCELLED, [cancelled], S.DOWNLOADING, [adopt(
+            S.CANCELLED,
+            f"proof by webhook, after our cancel was said to have ended it ({e}): its request req-A ran "
+            f"to the end at fal (billed): {fetched}",
+        ), done]),
+        ("window", True): (ADOPTED_WINDOW, [window], S.DOWNLOADING, [adopt(
+            S.PENDING,
+            f"proof by webhook, after a window's end was said to have ended it ({e}): its request req-A "
+            f"ran to the end at fal (billed): {fetched_all}",
+        ), done]),
+    }[(how, ok)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("how", "ok"),
+    [
+        ("queued", True),
+        ("queued", False),
+        ("submit_unknown", True),
+        ("submit_unknown", False),
+        ("resend waiting", True),
+        ("resend waiting", False),
+        ("cancelled unknown", True),
+        ("resend unknown too", True),
+        ("failed unknown", True),
+        ("gave up", True),
+        ("cancelled", True),
+        ("window", True),
+    ],
+)
+def test_each_way_a_delivery_is_applied_says_so_in_its_own_line_and_moves_the_job_its_way(
+    engine: Engine,
+    client: TestClient,
+    signer: WebhookSigner,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+    ok: bool,
+) -> None:
+    """Each way a delivery of a job's request is applied — completed, asked for its status, or
+    adopted in one of the ways an unknown or ended request is — stores its own outcome, logs its
+    own line (its level, event and message, with the job's fields) and moves the job through its
+    own states with its own reasons. A failure adopted before a resend went out, or as the
+    proof of an ambiguous submit, is adopted and its status asked at once."""
+    job = _standing(engine, how)
+    outcome, lines, ends, expected_moves = _expected(job, how, ok)
+    with db.read_scope(engine) as session:
+        seen = len(store.job_events(session, job.id))
+    with caplog.at_level(logging.INFO, logger="worker.steps.webhooks"):
+        assert _post(client, signer, job, "req-A", ok=ok) == 200
+    assert _outcomes(engine, "req-A") == [outcome]
+    said = [r for r in caplog.records if str(getattr(r, "event", "")).startswith("webhook.")]
+    assert [(r.levelname, getattr(r, "event", ""), r.getMessage()) for r in said] == lines
+    assert {(r.job_id, r.batch_id, r.request_id) for r in said} <= {(job.id, job.batch_id, "req-A")}  # type: ignore[attr-defined]
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id) == (ends, "req-A")
+    kept = ok and how not in ("queued", "submit_unknown")  # an adoption's success keeps fal's result
+    assert (after.provider_output is not None) == kept
+    # A request adopted as the proof of an unknown outcome takes fal's gateway id with it.
+    unknown = how in (
+        "submit_unknown",
+        "resend waiting",
+        "cancelled unknown",
+        "resend unknown too",
+        "failed unknown",
+    )
+    assert after.gateway_request_id == ("req-A" if unknown else None)
+    if not ok:  # its status asked at once
+        assert after.next_attempt_at is not None
+        assert after.next_attempt_at <= utcnow()
+    with db.read_scope(engine) as session:
+        moves = [(e.from_state, e.to_state, e.reason) for e in store.job_events(session, job.id)[seen:]]
+    assert moves == expected_moves
