@@ -2449,104 +2449,92 @@ def _expected(job: Job, how: str, ok: bool) -> tuple[str, list[tuple[str, str, s
     outcome, the webhook lines it logs (level, event, message), the state the job ends in and
     the moves it makes."""
     j, e, fetched = job.id, job.error_type, "its video is fetched"
+    done: Move = (S.QUEUED, S.DOWNLOADING, "completed at fal")
     due = (
         "INFO",
         "webhook.status_due",
         f"job {j}: fal reported req-A failed (x); its status says whether it ran: asked now",
     )
-    adopted = ("INFO", "webhook.adopted", f"job {j}: webhook proved fal accepted it as req-A")
-    before = (
-        "WARNING",
-        "webhook.adopted_before_resend",
-        f"job {j}: a webhook proved fal accepted attempt 1 as req-A before its resend went out: "
-        "kept, not resent",
-    )
-    unknown = (
-        "WARNING",
-        "webhook.adopted_unknown_cancelled",
-        f"job {j}: a webhook proved that fal ran its only request req-A (attempt 1, its outcome "
-        f"unknown when the job was cancelled) to the end (billed): {fetched}",
-    )
-    earlier = (
-        "WARNING",
-        "webhook.adopted_earlier",
-        f"job {j}: a webhook proved fal ran its earlier attempt 1 as req-A (billed): kept, "
-        "nothing is sent again",
-    )
-    late = (
-        "WARNING",
-        "webhook.adopted_late",
-        f"job {j}: a webhook proved, after the job failed for its unknown submit outcome, that "
-        f"fal ran it as req-A (billed): {fetched}",
-    )
-    own = (
-        "WARNING",
-        "webhook.adopted_own",
-        f"job {j}: a webhook proved, after the job failed ({e}), that fal ran its request req-A "
-        f"(billed): {fetched}",
-    )
-    cancelled = (
-        "WARNING",
-        "webhook.adopted_cancelled",
-        f"job {j}: a webhook proved that fal ran its request req-A to the end (billed) though "
-        f"our cancel was said to have ended it ({e}): {fetched}, billed in full",
-    )
-    window = (
-        "WARNING",
-        "webhook.adopted_window",
-        f"job {j}: a webhook proved that fal ran its request req-A to the end (billed) though a "
-        f"window's end was said to have ended it: {fetched}, nothing is sent again",
-    )
-    done: Move = (S.QUEUED, S.DOWNLOADING, "completed at fal")
-    fetched_all = f"{fetched}, nothing is sent again"
-
-    def adopt(came_from: JobState, reason: str) -> Move:
-        return (came_from, S.QUEUED, reason)
-
-    proved = adopt(job.state, "proved by webhook: accepted as req-A")
-    resent = adopt(
-        S.RETRY_WAIT,
-        "proof by webhook before the resend went out: attempt 1 accepted as req-A; the resend is dropped, "
-        "nothing is sent again",
-    )
-    return {
-        ("queued", True): ("completed", [], S.DOWNLOADING, [done]),
-        ("queued", False): (STATUS_DUE, [due], S.QUEUED, []),
-        ("submit_unknown", True): ("adopted", [adopted], S.DOWNLOADING, [proved, done]),
-        ("submit_unknown", False): ("adopted", [adopted, due], S.QUEUED, [proved]),
-        ("resend waiting", True): (ADOPTED_BEFORE_RESEND, [before], S.DOWNLOADING, [resent, done]),
-        ("resend waiting", False): (ADOPTED_BEFORE_RESEND, [before, due], S.QUEUED, [resent]),
-        ("cancelled unknown", True): (ADOPTED_UNKNOWN_CANCELLED, [unknown], S.DOWNLOADING, [adopt(
+    if how == "queued":
+        return ("completed", [], S.DOWNLOADING, [done]) if ok else (STATUS_DUE, [due], S.QUEUED, [])
+    # How the job stands: its outcome, (level, event, message), the state it adopts req-A from,
+    # the reason.
+    adoptions: dict[str, tuple[str, tuple[str, str, str], JobState, str]] = {
+        "submit_unknown": (
+            "adopted",
+            ("INFO", "webhook.adopted", f"job {j}: webhook proved fal accepted it as req-A"),
+            S.SUBMIT_UNKNOWN,
+            "proved by webhook: accepted as req-A",
+        ),
+        "resend waiting": (
+            ADOPTED_BEFORE_RESEND,
+            ("WARNING", "webhook.adopted_before_resend",
+             f"job {j}: a webhook proved fal accepted attempt 1 as req-A before its resend went out: "
+             "kept, not resent"),
+            S.RETRY_WAIT,
+            "proof by webhook before the resend went out: attempt 1 accepted as req-A; the resend is "
+            "dropped, nothing is sent again",
+        ),
+        "cancelled unknown": (
+            ADOPTED_UNKNOWN_CANCELLED,
+            ("WARNING", "webhook.adopted_unknown_cancelled",
+             f"job {j}: a webhook proved that fal ran its only request req-A (attempt 1, its outcome "
+             f"unknown when the job was cancelled) to the end (billed): {fetched}"),
             S.CANCELLED,
             f"proof by webhook, after the job was cancelled with its submit's outcome unknown ({e}): "
             f"attempt 1 accepted as req-A and finished at fal (billed): {fetched}, nothing is sent",
-        ), done]),
-        ("resend unknown too", True): (ADOPTED_EARLIER, [earlier], S.DOWNLOADING, [adopt(
+        ),
+        "resend unknown too": (
+            ADOPTED_EARLIER,
+            ("WARNING", "webhook.adopted_earlier",
+             f"job {j}: a webhook proved fal ran its earlier attempt 1 as req-A (billed): kept, "
+             "nothing is sent again"),
             S.SUBMIT_UNKNOWN,
-            f"proof by webhook of an earlier attempt: attempt 1 accepted as req-A and finished at fal "
-            f"(billed): {fetched_all}",
-        ), done]),
-        ("failed unknown", True): (ADOPTED_LATE, [late], S.DOWNLOADING, [adopt(
+            "proof by webhook of an earlier attempt: attempt 1 accepted as req-A and finished at fal "
+            f"(billed): {fetched}, nothing is sent again",
+        ),
+        "failed unknown": (
+            ADOPTED_LATE,
+            ("WARNING", "webhook.adopted_late",
+             f"job {j}: a webhook proved, after the job failed for its unknown submit outcome, that "
+             f"fal ran it as req-A (billed): {fetched}"),
             S.FAILED,
             "late proof by webhook, after the job failed for its unknown submit outcome: attempt 1 "
-            f"accepted as req-A and finished at fal (billed): {fetched_all}",
-        ), done]),
-        ("gave up", True): (ADOPTED_OWN, [own], S.DOWNLOADING, [adopt(
+            f"accepted as req-A and finished at fal (billed): {fetched}, nothing is sent again",
+        ),
+        "gave up": (
+            ADOPTED_OWN,
+            ("WARNING", "webhook.adopted_own",
+             f"job {j}: a webhook proved, after the job failed ({e}), that fal ran its request req-A "
+             f"(billed): {fetched}"),
             S.FAILED,
             f"proof by webhook, after the job failed ({e}): its request req-A finished at fal "
             f"(billed): {fetched}",
-        ), done]),
-        ("cancelled", True): (ADOPTED_CANCELLED, [cancelled], S.DOWNLOADING, [adopt(
+        ),
+        "cancelled": (
+            ADOPTED_CANCELLED,
+            ("WARNING", "webhook.adopted_cancelled",
+             f"job {j}: a webhook proved that fal ran its request req-A to the end (billed) though "
+             f"our cancel was said to have ended it ({e}): {fetched}, billed in full"),
             S.CANCELLED,
-            f"proof by webhook, after our cancel was said to have ended it ({e}): its request req-A ran "
-            f"to the end at fal (billed): {fetched}",
-        ), done]),
-        ("window", True): (ADOPTED_WINDOW, [window], S.DOWNLOADING, [adopt(
+            f"proof by webhook, after our cancel was said to have ended it ({e}): its request req-A "
+            f"ran to the end at fal (billed): {fetched}",
+        ),
+        "window": (
+            ADOPTED_WINDOW,
+            ("WARNING", "webhook.adopted_window",
+             f"job {j}: a webhook proved that fal ran its request req-A to the end (billed) though a "
+             f"window's end was said to have ended it: {fetched}, nothing is sent again"),
             S.PENDING,
-            f"proof by webhook, after a window's end was said to have ended it ({e}): its request req-A "
-            f"ran to the end at fal (billed): {fetched_all}",
-        ), done]),
-    }[(how, ok)]  # fmt: skip
+            f"proof by webhook, after a window's end was said to have ended it ({e}): its request "
+            f"req-A ran to the end at fal (billed): {fetched}, nothing is sent again",
+        ),
+    }  # fmt: skip
+    outcome, line, came_from, reason = adoptions[how]
+    adopted: Move = (came_from, S.QUEUED, reason)
+    if ok:
+        return outcome, [line], S.DOWNLOADING, [adopted, done]
+    return outcome, [line, due], S.QUEUED, [adopted]  # adopted, its status asked at once
 
 
 @pytest.mark.parametrize(

@@ -413,313 +413,396 @@ def settles(status: Status) -> bool:
     return not status.failed or "inference_time" in status.metrics
 
 
-def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> tuple[str | None, str | None]:
-    """``(outcome, job id whose download to queue)``; outcome None: try again later."""
+#: What :func:`_apply` answers: ``(outcome, job id whose download to queue)``; outcome None:
+#: try again later.
+_Answer = tuple[str | None, str | None]
+
+
+@dataclass(frozen=True)
+class _Try:
+    """One try at applying ``delivery`` to its job, read afresh at ``now``: what every case needs.
+    ``state`` and ``fence`` are the job's as read, which an adoption moves on (:func:`_adopt`);
+    ``gateway``: fal's gateway id of the request, read from the body once for every try."""
+
+    session: Session
+    inbox: Inbox
+    delivery: WebhookDelivery
+    status: Status
+    gateway: str | None
+    job: Job
+    state: S
+    now: datetime
+    fence: Fence
+
+    @property
+    def result(self) -> dict[str, Any]:
+        """What a success's result gives the download (:func:`_fetched`); nothing for a failure."""
+        return {} if self.status.failed else _fetched(self.delivery.body)
+
+    def proof(self, attempt: int, reason: str) -> dict[str, Any]:
+        """What the store's adoption of a request we never recorded takes besides its id: fal's
+        gateway id, the attempt the delivery proves, the job's reason, and the result."""
+        return {"gateway_request_id": self.gateway, "attempt": attempt, "reason": reason, **self.result}
+
+
+@dataclass(frozen=True)
+class _Moved:
+    """A case moved the job to ``queued`` (an adoption), or found it at fal: its ``outcome``, and
+    the ``fence`` of the job as it stands now, for the completion (:func:`_complete`)."""
+
+    outcome: str
+    fence: Fence
+
+
+#: What one case does with a delivery: moves the job on (:class:`_Moved`), answers for good, or
+#: None (the job moved under it: try again).
+_Step = _Moved | _Answer | None
+
+
+def _apply(session: Session, inbox: Inbox, delivery: WebhookDelivery) -> _Answer:
+    """``(outcome, job id whose download to queue)``; outcome None: try again later.
+
+    Each try reads the job afresh and takes the one case that fits the delivery: a request we
+    recorded for the job (:func:`_known_request`) or one we never did (:func:`_unknown_request`).
+    A case that moved the job to ``queued``, or found it at fal, goes on to the completion fal
+    reported (:func:`_complete`). Every move is a compare-and-set: one lost to the job moving
+    under it is tried again, :data:`_TRIES` times, then left to the tick."""
     if delivery.job_id is None:
         return "ignored: no job id in the webhook URL", None
     status = status_of(delivery.body)
+    gateway = request_id_or_none(delivery.body.get("gateway_request_id"))
     for _ in range(_TRIES):
         try:
             job = store.get_job(session, delivery.job_id)
         except NotFoundError:
             return "ignored: unknown job", None
-        state = S(job.state)
-        now = utcnow()
-        queued_until = (
-            now + timedelta(seconds=inbox.settings.lease_seconds)
-            if inbox.enqueue_download is not None and inbox.in_scope(job.batch_id)
-            else None
-        )
         fence = Fence.of(job, inbox.owner)
-        if store.request_known(session, job.id, delivery.request_id):
-            own = job.request_id == delivery.request_id
-            # A success of a request a window's end cancelled and put the job back to wait for
-            # the next window: fal's cancel of a running request is best effort.
-            ended = (
-                store.window_end(session, job, delivery.request_id)
-                if not status.failed and not (own and state in _AT_FAL)
-                else None
-            )
-            if ended is not None and own and store.window_proof_adoptable(job):
-                if not store.adopt_window_proof(
-                    session,
-                    fence,
-                    request_id=delivery.request_id,
-                    next_poll_at=first_poll_at(inbox.settings, now),
-                    reason=(
-                        f"proof by webhook, after a window's end was said to have ended it "
-                        f"({job.error_type}): its request {delivery.request_id} ran to the end at fal "
-                        "(billed): its video is fetched, nothing is sent again"
-                    ),
-                    **_fetched(delivery.body),
-                ):
-                    continue
-                _say(
-                    logging.WARNING,
-                    "webhook.adopted_window",
-                    job,
-                    delivery,
-                    "job %s: a webhook proved that fal ran its request %s to the end (billed) though a "
-                    "window's end was said to have ended it: its video is fetched, nothing is sent again",
-                    job.id,
-                    delivery.request_id,
-                )
-                fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
-                outcome = ADOPTED_WINDOW
-            elif ended is not None:  # the job sent again since: fal ran and billed it twice
-                return _window_duplicate(session, inbox, job, delivery, now=now), None
-            elif job.request_id != delivery.request_id:
-                if store.duplicate_charge_recorded(session, delivery.request_id):
-                    return "ignored: duplicate charge already counted", None
-                return "ignored: an earlier request of the job", None
-            elif state not in _AT_FAL and _cancel_proof(job, state, status):
-                cancelled_as = job.error_type  # the adoption clears it, on this very object too
-                if not store.adopt_cancelled_proof(
-                    session,
-                    fence,
-                    request_id=delivery.request_id,
-                    next_poll_at=first_poll_at(inbox.settings, now),
-                    reason=(
-                        f"proof by webhook, after our cancel was said to have ended it ({cancelled_as}): "
-                        f"its request {delivery.request_id} ran to the end at fal (billed): its video "
-                        "is fetched"
-                    ),
-                    **_fetched(delivery.body),
-                ):
-                    if S(store.get_job(session, job.id).state) == state:
-                        return f"ignored: job already {state.value}", None  # not a cancel at fal
-                    continue
-                _say(
-                    logging.WARNING,
-                    "webhook.adopted_cancelled",
-                    job,
-                    delivery,
-                    "job %s: a webhook proved that fal ran its request %s to the end (billed) though "
-                    "our cancel was said to have ended it (%s): its video is fetched, billed in full",
-                    job.id,
-                    delivery.request_id,
-                    cancelled_as,
-                )
-                fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
-                outcome = ADOPTED_CANCELLED
-            elif state not in _AT_FAL:
-                if not _own_proof(job, state, status):
-                    return f"ignored: job already {state.value}", None
-                failed_as = job.error_type  # the adoption clears it, on this very object too
-                if not store.adopt_own_proof(
-                    session,
-                    fence,
-                    request_id=delivery.request_id,
-                    next_poll_at=first_poll_at(inbox.settings, now),
-                    reason=(
-                        f"proof by webhook, after the job failed ({failed_as}): its request "
-                        f"{delivery.request_id} finished at fal (billed): its video is fetched"
-                    ),
-                    **_fetched(delivery.body),
-                ):
-                    continue
-                _say(
-                    logging.WARNING,
-                    "webhook.adopted_own",
-                    job,
-                    delivery,
-                    "job %s: a webhook proved, after the job failed (%s), that fal ran its request %s "
-                    "(billed): its video is fetched",
-                    job.id,
-                    failed_as,
-                    delivery.request_id,
-                )
-                fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
-                outcome = ADOPTED_OWN
-            else:
-                outcome = "completed"
-        elif (holder := store.request_holder(session, job.id, delivery.request_id)) is not None:
-            return _held_elsewhere(job, delivery, holder), None
-        elif delivery.attempt == job.attempts and (
-            state == S.SUBMIT_UNKNOWN or (state == S.SUBMITTING and job.submitted_input is not None)
-        ):
-            # When its POST went out (older rows: when it last moved, close after).
-            submitted_at: datetime = job.sent_at or job.updated_at or now
-            gateway = delivery.body.get("gateway_request_id")
-            if not store.adopt_request(
-                session,
-                fence,
-                request_id=delivery.request_id,
-                gateway_request_id=request_id_or_none(gateway),
-                submitted_at=submitted_at,
-                next_poll_at=first_poll_at(inbox.settings, now),
-            ):
-                continue
-            _say(
-                logging.INFO,
-                "webhook.adopted",
-                job,
-                delivery,
-                "job %s: webhook proved fal accepted it as %s",
-                job.id,
-                delivery.request_id,
-            )
-            fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
-            outcome = "adopted"
-        elif delivery.attempt is not None and store.resend_unsent(job, delivery.attempt):
-            # WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit decided to send the job again, and the
-            # resend has not gone out: the proved request replaces it, nothing is paid twice.
-            gateway = delivery.body.get("gateway_request_id")
-            if not store.adopt_before_resend(
-                session,
-                fence,
-                request_id=delivery.request_id,
-                gateway_request_id=request_id_or_none(gateway),
-                attempt=delivery.attempt,
-                next_poll_at=first_poll_at(inbox.settings, now),
-                reason=(
-                    f"proof by webhook before the resend went out: attempt {delivery.attempt} "
-                    f"accepted as {delivery.request_id}; the resend is dropped, nothing is sent again"
-                ),
-                **({} if status.failed else _fetched(delivery.body)),
-            ):
-                continue
-            _say(
-                logging.WARNING,
-                "webhook.adopted_before_resend",
-                job,
-                delivery,
-                "job %s: a webhook proved fal accepted attempt %s as %s before its resend went out: "
-                "kept, not resent",
-                job.id,
-                delivery.attempt,
-                delivery.request_id,
-            )
-            fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
-            outcome = ADOPTED_BEFORE_RESEND
-        elif (
-            delivery.attempt is not None
-            and not status.failed
-            and state == S.CANCELLED
-            and store.unknown_cancel_adoptable(session, job, delivery.attempt)
-        ):
-            # A cancel ended the job while this request was its only one, its outcome unknown
-            # (its answer lost, or its resend not sent): fal ran it to the end and billed it.
-            # The job's one request, not a duplicate: its video is fetched, nothing is sent.
-            gateway = delivery.body.get("gateway_request_id")
-            if not store.adopt_unknown_cancelled(
-                session,
-                fence,
-                request_id=delivery.request_id,
-                gateway_request_id=request_id_or_none(gateway),
-                attempt=delivery.attempt,
-                next_poll_at=first_poll_at(inbox.settings, now),
-                reason=(
-                    f"proof by webhook, after the job was cancelled with its submit's outcome unknown "
-                    f"({job.error_type}): attempt {delivery.attempt} accepted as {delivery.request_id} "
-                    "and finished at fal (billed): its video is fetched, nothing is sent"
-                ),
-                **_fetched(delivery.body),
-            ):
-                continue
-            _say(
-                logging.WARNING,
-                "webhook.adopted_unknown_cancelled",
-                job,
-                delivery,
-                "job %s: a webhook proved that fal ran its only request %s (attempt %s, its outcome "
-                "unknown when the job was cancelled) to the end (billed): its video is fetched",
-                job.id,
-                delivery.request_id,
-                delivery.attempt,
-            )
-            fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
-            outcome = ADOPTED_UNKNOWN_CANCELLED
-        elif (
-            delivery.attempt is not None
-            and not status.failed
-            and store.earlier_proof_adoptable(job, delivery.attempt)
-        ):
-            # fal ran and finished (billed) an earlier attempt, sent again after its answer was
-            # lost, and the job has no live request of its own (one it waits to send again keeps
-            # at most an ended one's id): it keeps that one and its video, and sends nothing
-            # more. A later attempt whose outcome is unknown stays a possible duplicate charge (a
-            # confirmed one if its own proof comes).
-            gateway = delivery.body.get("gateway_request_id")
-            if not store.adopt_earlier_proof(
-                session,
-                fence,
-                request_id=delivery.request_id,
-                gateway_request_id=request_id_or_none(gateway),
-                attempt=delivery.attempt,
-                next_poll_at=first_poll_at(inbox.settings, now),
-                reason=(
-                    f"proof by webhook of an earlier attempt: attempt {delivery.attempt} accepted as "
-                    f"{delivery.request_id} and finished at fal (billed): its video is fetched, "
-                    f"nothing is sent again"
-                ),
-                **_fetched(delivery.body),
-            ):
-                continue
-            _say(
-                logging.WARNING,
-                "webhook.adopted_earlier",
-                job,
-                delivery,
-                "job %s: a webhook proved fal ran its earlier attempt %s as %s (billed): kept, "
-                "nothing is sent again",
-                job.id,
-                delivery.attempt,
-                delivery.request_id,
-            )
-            fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
-            outcome = ADOPTED_EARLIER
-        elif _late_proof(job, state, delivery, status):
-            gateway = delivery.body.get("gateway_request_id")
-            if not store.adopt_late_proof(
-                session,
-                fence,
-                request_id=delivery.request_id,
-                gateway_request_id=request_id_or_none(gateway),
-                attempt=delivery.attempt or 0,  # never None here (_late_proof)
-                next_poll_at=first_poll_at(inbox.settings, now),
-                reason=(
-                    f"late proof by webhook, after the job failed for its unknown submit outcome: "
-                    f"attempt {delivery.attempt} accepted as {delivery.request_id} and finished at fal "
-                    "(billed): its video is fetched, nothing is sent again"
-                ),
-                **_fetched(delivery.body),
-            ):
-                continue
-            _say(
-                logging.WARNING,
-                "webhook.adopted_late",
-                job,
-                delivery,
-                "job %s: a webhook proved, after the job failed for its unknown submit outcome, that "
-                "fal ran it as %s (billed): its video is fetched",
-                job.id,
-                delivery.request_id,
-            )
-            fence = Fence(job.id, S.QUEUED, fence.version + 1, inbox.owner)
-            outcome = ADOPTED_LATE
-        else:
-            return _duplicate_charge(session, inbox, job, delivery, status, now=now), None
-        if not settles(status):
-            if not store.status_due(session, fence, at=now):
-                continue
-            _say(
-                logging.INFO,
-                "webhook.status_due",
-                job,
-                delivery,
-                "job %s: fal reported %s failed (%s); its status says whether it ran: asked now",
-                job.id,
-                delivery.request_id,
-                status.error_type or status.error,
-            )
-            return (outcome if outcome in _ADOPTED else STATUS_DUE), None
-        queue = record_completion(session, fence, status, now=now, download_queued_until=queued_until)
-        if S(store.get_job(session, job.id).state) != fence.state:
-            return outcome, job.id if queue else None
-        if outcome in _ADOPTED:  # adopted, but the completion lost a race: the poller finishes it
-            return outcome, None
+        at = _Try(session, inbox, delivery, status, gateway, job, S(job.state), utcnow(), fence)
+        known = store.request_known(session, job.id, delivery.request_id)
+        step = _known_request(at) if known else _unknown_request(at)
+        if isinstance(step, _Moved):
+            step = _complete(at, step)
+        if step is not None:
+            return step
     return None, None
+
+
+def _known_request(at: _Try) -> _Step:
+    """A delivery of a request we recorded for the job. Its own request, still at fal: completed
+    as the poller would. A success of a request our cancel, a window's end or the poller ended
+    without knowing how fal ended it: a paid video, taken back (fal's cancel of a running
+    request is best effort). One a window's end ended and the job sent again since: a confirmed
+    duplicate charge. An earlier request of the job, or its own once it finished otherwise:
+    acknowledged and ignored."""
+    job, delivery, state, status = at.job, at.delivery, at.state, at.status
+    own = job.request_id == delivery.request_id
+    # A success of a request a window's end cancelled and put the job back to wait for
+    # the next window: fal's cancel of a running request is best effort.
+    ended = (
+        store.window_end(at.session, job, delivery.request_id)
+        if not status.failed and not (own and state in _AT_FAL)
+        else None
+    )
+    if ended is not None and own and store.window_proof_adoptable(job):
+        return _adopt_window_proof(at)
+    if ended is not None:  # the job sent again since: fal ran and billed it twice
+        return _window_duplicate(at.session, at.inbox, job, delivery, now=at.now), None
+    if job.request_id != delivery.request_id:
+        if store.duplicate_charge_recorded(at.session, delivery.request_id):
+            return "ignored: duplicate charge already counted", None
+        return "ignored: an earlier request of the job", None
+    if state not in _AT_FAL and _cancel_proof(job, state, status):
+        return _adopt_cancelled_proof(at)
+    if state not in _AT_FAL:
+        if not _own_proof(job, state, status):
+            return f"ignored: job already {state.value}", None
+        return _adopt_own_proof(at)
+    return _Moved("completed", at.fence)
+
+
+def _unknown_request(at: _Try) -> _Step:
+    """A delivery of a request we never recorded for the job, taken in this order: one another
+    job holds (a provider protocol error: ignored); the proof of the job's current attempt whose
+    answer is in flight or lost; of the attempt a pending resend was to replace; of the only
+    request of a job a cancel ended with its outcome unknown; of an earlier attempt of a job with
+    no live request; of the request of a job failed for its unknown outcome. Anything else is a
+    request fal ran besides the one the job keeps: a confirmed duplicate charge."""
+    job, delivery, state, status = at.job, at.delivery, at.state, at.status
+    attempt = delivery.attempt
+    if (holder := store.request_holder(at.session, job.id, delivery.request_id)) is not None:
+        return _held_elsewhere(job, delivery, holder), None
+    if attempt == job.attempts and (
+        state == S.SUBMIT_UNKNOWN or (state == S.SUBMITTING and job.submitted_input is not None)
+    ):
+        return _adopt_submitted(at)
+    if attempt is not None and store.resend_unsent(job, attempt):
+        return _adopt_before_resend(at, attempt)
+    if (
+        attempt is not None
+        and not status.failed
+        and state == S.CANCELLED
+        and store.unknown_cancel_adoptable(at.session, job, attempt)
+    ):
+        return _adopt_unknown_cancelled(at, attempt)
+    if attempt is not None and not status.failed and store.earlier_proof_adoptable(job, attempt):
+        return _adopt_earlier_proof(at, attempt)
+    if _late_proof(job, state, delivery, status):
+        return _adopt_late_proof(at, attempt or 0)  # never None here (_late_proof)
+    return _duplicate_charge(at.session, at.inbox, job, delivery, status, now=at.now), None
+
+
+def _adopt(
+    at: _Try,
+    adopt: Callable[..., bool],
+    fields: dict[str, Any],
+    outcome: str,
+    event: str,
+    message: str,
+    *args: object,
+    level: int = logging.WARNING,
+) -> _Moved | None:
+    """The job adopts the delivery's request by ``adopt``, one of the store's compare-and-set
+    adoptions (``fields``: what it takes besides the request id and when to poll first), says so
+    in one line (``event``, ``message``) and stands ``queued``, one version on: the fence the
+    completion goes on with. None: the job moved meanwhile, and nothing was adopted.
+
+    Its reason and message are made before it, as the adoption clears the job's error type, on
+    this very object too."""
+    if not adopt(
+        at.session,
+        at.fence,
+        request_id=at.delivery.request_id,
+        next_poll_at=first_poll_at(at.inbox.settings, at.now),
+        **fields,
+    ):
+        return None
+    _say(level, event, at.job, at.delivery, message, *args)
+    return _Moved(outcome, Fence(at.job.id, S.QUEUED, at.fence.version + 1, at.inbox.owner))
+
+
+def _adopt_window_proof(at: _Try) -> _Step:
+    """A success of the job's own request, which a window's end was said to have ended while the
+    job now waits to send it again (:func:`jobs.store.window_proof_adoptable`): fal ran it to the
+    end and billed it, so the job takes it back instead of sending it again, its video fetched
+    (:func:`jobs.store.adopt_window_proof`)."""
+    job, request_id = at.job, at.delivery.request_id
+    reason = (
+        f"proof by webhook, after a window's end was said to have ended it "
+        f"({job.error_type}): its request {request_id} ran to the end at fal "
+        "(billed): its video is fetched, nothing is sent again"
+    )
+    return _adopt(
+        at,
+        store.adopt_window_proof,
+        {"reason": reason, **at.result},
+        ADOPTED_WINDOW,
+        "webhook.adopted_window",
+        "job %s: a webhook proved that fal ran its request %s to the end (billed) though a "
+        "window's end was said to have ended it: its video is fetched, nothing is sent again",
+        job.id,
+        request_id,
+    )
+
+
+def _adopt_cancelled_proof(at: _Try) -> _Step:
+    """A success of the job's own request, which fal's status said our cancel ended
+    (:func:`_cancel_proof`): fal's cancel of a running request is best effort, so the job takes
+    it back, its video fetched and billed in full (:func:`jobs.store.adopt_cancelled_proof`). The
+    store refusing it while the job stayed as it was means no cancel at fal ended it: ignored."""
+    job, request_id = at.job, at.delivery.request_id
+    reason = (
+        f"proof by webhook, after our cancel was said to have ended it ({job.error_type}): "
+        f"its request {request_id} ran to the end at fal (billed): its video "
+        "is fetched"
+    )
+    moved = _adopt(
+        at,
+        store.adopt_cancelled_proof,
+        {"reason": reason, **at.result},
+        ADOPTED_CANCELLED,
+        "webhook.adopted_cancelled",
+        "job %s: a webhook proved that fal ran its request %s to the end (billed) though "
+        "our cancel was said to have ended it (%s): its video is fetched, billed in full",
+        job.id,
+        request_id,
+        job.error_type,
+    )
+    if moved is None and S(store.get_job(at.session, job.id).state) == at.state:
+        return f"ignored: job already {at.state.value}", None  # not a cancel at fal
+    return moved
+
+
+def _adopt_own_proof(at: _Try) -> _Step:
+    """A success of the job's own request after the job failed without knowing how fal ended it
+    (:func:`_own_proof`): a paid video the job dropped, taken back and fetched
+    (:func:`jobs.store.adopt_own_proof`)."""
+    job, request_id = at.job, at.delivery.request_id
+    reason = (
+        f"proof by webhook, after the job failed ({job.error_type}): its request "
+        f"{request_id} finished at fal (billed): its video is fetched"
+    )
+    return _adopt(
+        at,
+        store.adopt_own_proof,
+        {"reason": reason, **at.result},
+        ADOPTED_OWN,
+        "webhook.adopted_own",
+        "job %s: a webhook proved, after the job failed (%s), that fal ran its request %s "
+        "(billed): its video is fetched",
+        job.id,
+        job.error_type,
+        request_id,
+    )
+
+
+def _adopt_submitted(at: _Try) -> _Step:
+    """A request of the job's current attempt, while its POST is in flight or its answer was
+    lost (``submitting`` with its input recorded, ``submit_unknown``): proof that fal accepted
+    it. The job adopts the request id (:func:`jobs.store.adopt_request`) and is never sent
+    again."""
+    # When its POST went out (older rows: when it last moved, close after).
+    submitted_at: datetime = at.job.sent_at or at.job.updated_at or at.now
+    return _adopt(
+        at,
+        store.adopt_request,
+        {"gateway_request_id": at.gateway, "submitted_at": submitted_at},
+        "adopted",
+        "webhook.adopted",
+        "job %s: webhook proved fal accepted it as %s",
+        at.job.id,
+        at.delivery.request_id,
+        level=logging.INFO,
+    )
+
+
+def _adopt_before_resend(at: _Try, attempt: int) -> _Step:
+    """A request of the attempt ``WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit`` decided to send
+    again, before the resend went out (:func:`jobs.store.resend_unsent`): the proved request
+    replaces the resend (:func:`jobs.store.adopt_before_resend`), nothing is paid twice."""
+    request_id = at.delivery.request_id
+    reason = (
+        f"proof by webhook before the resend went out: attempt {attempt} "
+        f"accepted as {request_id}; the resend is dropped, nothing is sent again"
+    )
+    return _adopt(
+        at,
+        store.adopt_before_resend,
+        at.proof(attempt, reason),
+        ADOPTED_BEFORE_RESEND,
+        "webhook.adopted_before_resend",
+        "job %s: a webhook proved fal accepted attempt %s as %s before its resend went out: kept, not resent",
+        at.job.id,
+        attempt,
+        request_id,
+    )
+
+
+def _adopt_unknown_cancelled(at: _Try, attempt: int) -> _Step:
+    """A success of the only request of a job a cancel ended while its outcome was unknown (its
+    answer lost, or its resend not sent; :func:`jobs.store.unknown_cancel_adoptable`): fal ran it
+    to the end and billed it. The job's one request, not a duplicate: its video is fetched,
+    nothing is sent (:func:`jobs.store.adopt_unknown_cancelled`)."""
+    job, request_id = at.job, at.delivery.request_id
+    reason = (
+        f"proof by webhook, after the job was cancelled with its submit's outcome unknown "
+        f"({job.error_type}): attempt {attempt} accepted as {request_id} "
+        "and finished at fal (billed): its video is fetched, nothing is sent"
+    )
+    return _adopt(
+        at,
+        store.adopt_unknown_cancelled,
+        at.proof(attempt, reason),
+        ADOPTED_UNKNOWN_CANCELLED,
+        "webhook.adopted_unknown_cancelled",
+        "job %s: a webhook proved that fal ran its only request %s (attempt %s, its outcome "
+        "unknown when the job was cancelled) to the end (billed): its video is fetched",
+        job.id,
+        request_id,
+        attempt,
+    )
+
+
+def _adopt_earlier_proof(at: _Try, attempt: int) -> _Step:
+    """A success of an earlier attempt, sent again after its answer was lost, while the job has
+    no live request of its own (one it waits to send again keeps at most an ended one's id;
+    :func:`jobs.store.earlier_proof_adoptable`): fal ran and billed it, so the job keeps it and
+    its video and sends nothing more (:func:`jobs.store.adopt_earlier_proof`). A later attempt
+    whose outcome is unknown stays a possible duplicate charge (a confirmed one if its own proof
+    comes)."""
+    request_id = at.delivery.request_id
+    reason = (
+        f"proof by webhook of an earlier attempt: attempt {attempt} accepted as "
+        f"{request_id} and finished at fal (billed): its video is fetched, "
+        f"nothing is sent again"
+    )
+    return _adopt(
+        at,
+        store.adopt_earlier_proof,
+        at.proof(attempt, reason),
+        ADOPTED_EARLIER,
+        "webhook.adopted_earlier",
+        "job %s: a webhook proved fal ran its earlier attempt %s as %s (billed): kept, nothing is sent again",
+        at.job.id,
+        attempt,
+        request_id,
+    )
+
+
+def _adopt_late_proof(at: _Try, attempt: int) -> _Step:
+    """A success of any attempt of a job failed only because its submit's outcome stayed
+    unknown (:func:`_late_proof`): fal ran and billed it, so the job adopts it and fetches its
+    video (:func:`jobs.store.adopt_late_proof`)."""
+    request_id = at.delivery.request_id
+    reason = (
+        f"late proof by webhook, after the job failed for its unknown submit outcome: "
+        f"attempt {attempt} accepted as {request_id} and finished at fal "
+        "(billed): its video is fetched, nothing is sent again"
+    )
+    return _adopt(
+        at,
+        store.adopt_late_proof,
+        at.proof(attempt, reason),
+        ADOPTED_LATE,
+        "webhook.adopted_late",
+        "job %s: a webhook proved, after the job failed for its unknown submit outcome, that "
+        "fal ran it as %s (billed): its video is fetched",
+        at.job.id,
+        request_id,
+    )
+
+
+def _complete(at: _Try, moved: _Moved) -> _Answer | None:
+    """The completion fal reported, applied to the job at fal (found there, or just adopted) as
+    the poller applies it (:func:`record_completion`). A failure that does not settle the job
+    (:func:`settles`: a webhook says not whether the request ran, which its bill depends on)
+    makes its status due at once instead. None: the job moved meanwhile, try again; an adopted
+    job whose completion lost a race keeps its outcome, and the poller finishes it."""
+    job, status, fence, outcome = at.job, at.status, moved.fence, moved.outcome
+    if not settles(status):
+        if not store.status_due(at.session, fence, at=at.now):
+            return None
+        _say(
+            logging.INFO,
+            "webhook.status_due",
+            job,
+            at.delivery,
+            "job %s: fal reported %s failed (%s); its status says whether it ran: asked now",
+            job.id,
+            at.delivery.request_id,
+            status.error_type or status.error,
+        )
+        return (outcome if outcome in _ADOPTED else STATUS_DUE), None
+    queued_until = (
+        at.now + timedelta(seconds=at.inbox.settings.lease_seconds)
+        if at.inbox.enqueue_download is not None and at.inbox.in_scope(job.batch_id)
+        else None
+    )
+    queue = record_completion(at.session, fence, status, now=at.now, download_queued_until=queued_until)
+    if S(store.get_job(at.session, job.id).state) != fence.state:
+        return outcome, job.id if queue else None
+    if outcome in _ADOPTED:  # adopted, but the completion lost a race: the poller finishes it
+        return outcome, None
+    return None
 
 
 def _held_elsewhere(job: Job, delivery: WebhookDelivery, holder: str) -> str:
