@@ -882,6 +882,21 @@ def _refuse_read_only_write(context: Any) -> None:
         ) from None
 
 
+def database_problem(exc: BaseException) -> str:
+    """What the database (or its driver) said, on one line, for a log line: the driver's error
+    type and the first line of its words (``AdminShutdown: terminating connection due to
+    administrator command``, ``OperationalError: database is locked``), without SQLAlchemy's
+    statement and parameters, control characters escaped (:func:`jobs.printable.one_line`: the
+    words may quote a request's value); the type alone when it said nothing. The one way every
+    process puts a database error in its logs (the conductor, the steps, the webhook receiver,
+    the dashboard)."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    said = lines[0].strip() if lines else ""
+    name = type(cause).__name__
+    return one_line(f"{name}: {said}" if said else name)
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database could not be used just now (locked, unreachable,
     restarting, a conflict), so the same work may well succeed later — as opposed to the
@@ -961,6 +976,21 @@ def schema_behind(engine: Engine) -> str | None:
         f"the database is at schema {', '.join(sorted(heads))}, older than this wanbatch's "
         f"{SCHEMA_HEAD} (downgraded under this process)"
     )
+
+
+def revision_behind(engine: Engine) -> str | None:
+    """:func:`schema_behind`, for a look taken again and again (a worker's every heartbeat, every
+    ``/metrics`` scrape): one small query (the revision) while the schema is this version's, the
+    full read only when it is not. None as well when the revision cannot be read (an outage:
+    said by whatever meets it)."""
+    try:
+        with engine.connect() as conn:
+            heads = {str(v) for v in conn.execute(text("SELECT version_num FROM alembic_version")).scalars()}
+    except Exception:
+        return None
+    if not heads or heads == {SCHEMA_HEAD}:
+        return None
+    return schema_behind(engine)
 
 
 #: What to do about a database downgraded under a running process (:func:`schema_behind`).

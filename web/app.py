@@ -83,7 +83,6 @@ from worker.steps.webhooks import (
     Inbox,
     binding_holds,
     database_fingerprint,
-    database_problem,
     receive,
     webhook_secret,
 )
@@ -225,7 +224,7 @@ def create_app(
         locked or unreachable database is "unavailable" (503: fal delivers it again later); a
         data error is the delivery's (422: retrying the same body cannot help); anything else
         is ours (500, with a traceback in the log; fal retries, and a fixed receiver takes it)."""
-        problem = database_problem(exc)
+        problem = db.database_problem(exc)
         if db.is_unavailable(exc):
             return reject(WebhookRejected(DATABASE_UNAVAILABLE, 503), request, problem)
         if isinstance(exc, DataError):
@@ -300,7 +299,7 @@ def create_app(
                     return None, DATABASE_UNAVAILABLE
                 log.warning(
                     "healthz: the database could not be read: %s",
-                    database_problem(exc),
+                    db.database_problem(exc),
                     extra={"event": "healthz.database_error"},
                 )
                 return None, DATABASE_UNREADABLE
@@ -355,7 +354,7 @@ def create_app(
         client = one_line(request.client.host) if request.client else "?"
         # The path and the database's words may carry the request's text: one line each, so a
         # %0A in the URL cannot forge a log line.
-        where = (request.method, one_line(request.url.path), client, one_line(database_problem(exc)))
+        where = (request.method, one_line(request.url.path), client, one_line(db.database_problem(exc)))
         # A table or column missing: a schema downgraded under this serve says so (SQLite's "no
         # such column" is an OperationalError: before is_unavailable). Read as the start-up reads it.
         if db.is_schema_mismatch(exc) and (

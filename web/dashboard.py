@@ -72,7 +72,6 @@ from web.auth import (
     sent_over_https,
 )
 from web.bodies import Refusal, read_body
-from worker.db_outage import database_problem
 from worker.here import process_here
 
 log = logging.getLogger(__name__)
@@ -762,7 +761,7 @@ class Dashboard:
                     "dashboard: logout could not end the session on the server (%s): the browser's "
                     "cookie is deleted, but a copy of it keeps working until it is 30 days old; "
                     "a new WANBATCH_SERVE_TOKEN ends every session",
-                    one_line(database_problem(exc))[:300],
+                    one_line(db.database_problem(exc))[:300],
                     extra={"event": "dashboard.logout_not_recorded"},
                 )
             # With the attributes it was set with (HttpOnly, SameSite=Strict, Secure over HTTPS).

@@ -24,7 +24,6 @@ from sqlalchemy import Engine
 from jobs import db, store
 from jobs.models import SERVE_SCOPE, utcnow
 from jobs.processes import process_prefix
-from worker.db_outage import database_problem
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ class ServeHeartbeat:
                     "serve could not record in the database that it uses it (%s): until it can, an "
                     "upgrade of the schema by a newer wanbatch cannot see this serve (stop it before "
                     "upgrading); it tries again every %.0f s",
-                    database_problem(exc),
+                    db.database_problem(exc),
                     self.every,
                     extra={"event": "serve.heartbeat_failed"},
                 )

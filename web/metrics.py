@@ -21,7 +21,10 @@ not answer is ``wanbatch_database_up 0`` and the page still answers (200): the s
 outage instead of failing without a word. So is one another PostgreSQL session's lock holds
 longer than ``WANBATCH_DATABASE_LOCK_WAIT`` (:func:`jobs.db.lock_waits_bounded`): an unbounded
 scrape waited for the lock for ever, each holding a connection of the pool the dashboard and the
-webhook receiver share, until the dashboard's pages too waited for a connection.
+webhook receiver share, until the dashboard's pages too waited for a connection. And so is one
+whose schema was downgraded under this serve (``alembic downgrade``, :func:`jobs.db.schema_behind`;
+the dashboard answers 503): ``wanbatch_database_schema_current 0`` says why, and a warning line
+which schema it is at (it said ``wanbatch_database_up 1``, the queries running on the older schema).
 
 The metrics, their labels and meanings are listed in the README ("Metrics"); units are in the
 names (``_seconds``, ``_usd``), counters end in ``_total``.
@@ -70,6 +73,15 @@ DURATION_HELP = {
     "were sent).",
 }
 
+#: Why ``wanbatch_database_up`` may be 0 with a database that answers: its schema is not this
+#: wanbatch's (downgraded under this serve, :func:`jobs.db.schema_behind`). Absent when the
+#: database could not be read.
+SCHEMA_CURRENT = "wanbatch_database_schema_current"
+SCHEMA_CURRENT_HELP = (
+    "1 when the database is at this wanbatch's schema; 0 when at another (downgraded under this "
+    "serve: wanbatch_database_up is 0 too)."
+)
+
 
 class DatabaseCollector(Collector):
     """The work, read from the database when collected (see :mod:`jobs.metrics`)."""
@@ -94,8 +106,14 @@ class DatabaseCollector(Collector):
         )
         try:
             # Entered here, on the scrape's own threadpool thread (the bound follows the context).
-            with bounded, db.read_scope(self.engine, snapshot=True) as session:
-                snap = snapshot(session, self.finished)
+            with bounded:
+                # A schema downgraded under this serve (:func:`jobs.db.schema_behind`) is no
+                # database this wanbatch can use, as the dashboard's 503 says, though the
+                # scrape's queries may well still run on it (none reads the columns dropped).
+                behind = db.revision_behind(self.engine)
+                if behind is None:
+                    with db.read_scope(self.engine, snapshot=True) as session:
+                        snap = snapshot(session, self.finished)
         except DatabaseLockedError as exc:  # its connection given back: the pool is not drained
             log.warning("metrics: %s", exc, extra={"event": "metrics.database_locked"})
             yield _gauge("wanbatch_database_up", "1 when the last scrape could read the database.", 0)
@@ -107,12 +125,20 @@ class DatabaseCollector(Collector):
             )
             yield _gauge("wanbatch_database_up", "1 when the last scrape could read the database.", 0)
             return
+        if behind is not None:
+            log.warning(
+                "metrics: %s: %s", behind, db.SCHEMA_BEHIND_FIX, extra={"event": "metrics.schema_behind"}
+            )
+            yield _gauge("wanbatch_database_up", "1 when the last scrape could read the database.", 0)
+            yield _gauge(SCHEMA_CURRENT, SCHEMA_CURRENT_HELP, 0)
+            return
         yield _gauge("wanbatch_database_up", "1 when the last scrape could read the database.", 1)
         yield _gauge(
             "wanbatch_metrics_query_seconds",
             "Seconds the last scrape spent reading the database.",
             time.perf_counter() - started,
         )
+        yield _gauge(SCHEMA_CURRENT, SCHEMA_CURRENT_HELP, 1)
         yield from _families(snap)
 
 

@@ -39,7 +39,7 @@ from jobs.models import EVERY_BATCH, WORKER_SCOPE, JobView, utcnow
 from jobs.processes import process_prefix
 from worker import steps
 from worker.broker_outage import BrokerOutage, broker_problem, broker_refusal
-from worker.db_outage import DatabaseOutage, database_problem
+from worker.db_outage import DatabaseOutage
 from worker.fal.models import RequestHandle, Status
 from worker.limits import publish_limits, republish_through, resign_limits, unpublish_limits, watch_limits
 from worker.peers import announce_settings, announcer_for, withdraw_settings
@@ -308,7 +308,9 @@ class Conductor:
         A round that fails on a missing column or table of a schema older than this wanbatch's
         (:func:`jobs.db.schema_behind`: downgraded under this process) ends the loop, resilient
         or not, with :class:`~jobs.errors.SchemaBehindError` (one line): it logged a traceback
-        about once a second and the batches stalled.
+        about once a second and the batches stalled. So does every heartbeat that finds the
+        schema's revision changed (:meth:`_schema_still_ours`, leading or not), and a step of
+        this process that met it (``Runtime.schema_behind``).
 
         A database whose disk is full (:func:`jobs.db.is_disk_full`) stops every round — nothing
         more is claimed or sent — for as long as a submit step of this process waits to record
@@ -325,6 +327,8 @@ class Conductor:
             try:
                 self._loop(stopping, on_progress, progress_every, leads)
                 return
+            except SchemaBehindError:  # a heartbeat's look, or a step of this process, found it
+                raise
             except Exception as exc:
                 if db.gave_up_on_lock(exc):  # stopping: the run's last line says the database is locked
                     return
@@ -341,7 +345,7 @@ class Conductor:
                 # (SQLite's "no such column" looks like an outage): said in one line, and this
                 # process works on that database no more (a run ends, a worker exits 2).
                 if db.is_schema_mismatch(exc) and (behind := db.schema_behind(self.rt.engine)):
-                    raise SchemaBehindError(f"{behind}: {db.SCHEMA_BEHIND_FIX}") from None
+                    self._stop_for_schema(behind)
                 if db.is_disk_full(exc):  # before is_unavailable, which a full disk also is
                     if self._hold_while_full(stopping, on_progress, progress_every, resilient):
                         continue
@@ -410,6 +414,8 @@ class Conductor:
         quiet = 0  # ticks in a row that found nothing to do (see idle_interval)
         redispatch_at: float | None = None
         while not stopping.is_set():
+            if self.rt.schema_behind is not None:  # a step of this process met it (a task's thread)
+                self._stop_for_schema(self.rt.schema_behind)
             now = time.monotonic()
             if self._announcer is not None and now >= self._next_announce:
                 self._next_announce = now + HEARTBEAT_SECONDS
@@ -777,6 +783,7 @@ class Conductor:
                 # Another live process on the database and no limiter Redis: POSTs take their
                 # slots from the database (one short query per beat, none per submit).
                 shared_pacing.note_peers(session, self.rt)
+            self._schema_still_ours()
             if not self.rt.batch_ids:  # the workers' leader: its limits hold for every worker
                 publish_limits(self.rt.limiter, process_prefix())
 
@@ -793,6 +800,24 @@ class Conductor:
             self._next_follower_beat = now + HEARTBEAT_SECONDS
             with db.session_scope(self.rt.engine) as session:
                 store.record_heartbeat(session, self.rt.owner, [WORKER_SCOPE], utcnow())
+            self._schema_still_ours()
+
+    def _schema_still_ours(self) -> None:
+        """At every heartbeat, leading or not: stop (:meth:`_stop_for_schema`) once the database's
+        schema is no longer this wanbatch's (``alembic downgrade`` under this process). The
+        rounds meet a missing column only where they read one, and a worker that does not lead
+        runs none: it went on taking submit and download tasks on the older schema until it
+        took the lead. One small query (:func:`jobs.db.revision_behind`)."""
+        behind = db.revision_behind(self.rt.engine)
+        if behind is not None:
+            self._stop_for_schema(behind)
+
+    def _stop_for_schema(self, behind: str) -> None:
+        """The database's schema is older than this wanbatch's (``behind`` says so): every step
+        of this process leaves its job as it is from now on (``Runtime.schema_behind``), and
+        the loop ends with :class:`~jobs.errors.SchemaBehindError` (one line; a worker exits 2)."""
+        self.rt.schema_behind = behind
+        raise SchemaBehindError(f"{behind}: {db.SCHEMA_BEHIND_FIX}") from None
 
     def _handing_off(self, send: Callable[[str], None]) -> Callable[[str], None]:
         """``send`` (a hand-off to the broker), noting that the broker took a write while it
@@ -832,7 +857,7 @@ class Conductor:
             except Exception as exc:
                 log.debug(
                     "could not record the broker's state (%s); the next beat does",
-                    database_problem(exc),
+                    db.database_problem(exc),
                     extra={"event": "conductor.broker_state_unrecorded"},
                 )
 
@@ -861,13 +886,13 @@ class Conductor:
                 if db.is_disk_full(exc) or db.gave_up_on_lock(exc):
                     log.debug(
                         "heartbeat left to go stale (%s)",
-                        database_problem(exc),
+                        db.database_problem(exc),
                         extra={"event": "conductor.heartbeat_left"},
                     )
                     return
                 log.warning(
                     "could not clear this process's heartbeat (%s); it goes stale by itself",
-                    database_problem(exc),  # one line: what the database said
+                    db.database_problem(exc),  # one line: what the database said
                     extra={"event": "conductor.heartbeat_left"},
                 )
 

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 
-from jobs.db import safe_url
+from jobs.db import database_problem, safe_url
 from jobs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -36,16 +36,6 @@ class DatabaseUnavailableError(ConfigError):
 
     Exit 2 and one line, as a database that cannot be reached at start-up: it is the
     environment's problem, not a bug (never "internal error")."""
-
-
-def database_problem(exc: BaseException) -> str:
-    """What the database (or its driver) said, on one line: ``AdminShutdown: terminating
-    connection due to administrator command``."""
-    cause = getattr(exc, "orig", None) or exc
-    lines = str(cause).strip().splitlines()
-    said = lines[0].strip() if lines else ""
-    name = type(cause).__name__
-    return f"{name}: {said}" if said else name
 
 
 class DatabaseOutage:

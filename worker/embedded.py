@@ -132,7 +132,7 @@ class InProcessWorker:
                     )
                     return
                 # An unavailable database: one line, and the job is given back once it answers.
-                if not database_failed(self._give_back, rt, step.__name__, job_id, exc):
+                if database_failed(self._give_back, rt, step.__name__, job_id, exc) is None:
                     # A bug: reported; a download is given back, its batch paused if it recurs.
                     after_crash(rt, step, job_id, exc, _report_bug(step.__name__, job_id, exc))
 

@@ -77,7 +77,7 @@ from jobs.settings import Settings, get_settings
 from jobs.states import JobState
 from jobs.store import CapScope
 from jobs.url_secrets import masked_url
-from worker.db_outage import DatabaseOutage, DatabaseUnavailableError, database_problem
+from worker.db_outage import DatabaseOutage, DatabaseUnavailableError
 from worker.here import process_here, queue_origin
 from worker.limits import api_key_id, unreachable_note
 from worker.progress_line import PlainProgress, batch_progress_display, money_text, plain_line
@@ -262,7 +262,7 @@ def database_silence(
         if not connected and now - asked >= connecting:
             return f"no answer within {connecting:.0f}s (no connection)"
     if answer and answer[0] is not None:
-        log.debug("the database answered with an error: %s", database_problem(answer[0]))
+        log.debug("the database answered with an error: %s", db.database_problem(answer[0]))
     return None
 
 

@@ -10,7 +10,12 @@ dispatches it again (or, for a download, the tick hands it on).
 
 A database without wanbatch's tables (:func:`jobs.db.is_schema_missing`) is no bug either, and no
 outage: one line, nothing given back (the command or the conductor that meets it too says what to
-do). Anything else is a bug, left to the caller to report with its traceback.
+do). Nor is a schema older than this wanbatch's (``alembic downgrade`` under a running worker,
+:func:`jobs.db.schema_behind`): the step leaves its job as it was — not given back, not counted as
+a crash, not failed — for the version the schema is for (or this one, after an upgrade) to take up
+once its lease runs out, and says so in one line; so does every later step of the process, which
+no longer runs (:func:`left_for_schema`), while its conductor stops (a worker exits 2). Anything
+else is a bug, left to the caller to report with its traceback.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Mapping
 
 from jobs import db, store
 from jobs.processes import process_prefix
-from worker.db_outage import FIRST_PAUSE_SECONDS, MAX_PAUSE_SECONDS, database_problem
+from worker.db_outage import FIRST_PAUSE_SECONDS, MAX_PAUSE_SECONDS
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime
 
 log = logging.getLogger(__name__)
@@ -33,32 +38,82 @@ log = logging.getLogger(__name__)
 _Entry = tuple[Runtime, float]
 
 
-def database_failed(give_back: GiveBack, rt: Runtime, step: str, job_id: str, exc: BaseException) -> bool:
+#: What a step left for a schema older than this wanbatch's returns (:func:`left_for_schema`).
+SCHEMA_BEHIND = "schema-behind"
+#: ... for a database without wanbatch's tables, and for one that is unavailable.
+SCHEMA_MISSING = "schema-missing"
+DATABASE_UNAVAILABLE = "database-unavailable"
+
+#: Guards ``Runtime.schema_behind_said``: the first step left for the schema says why.
+_schema_lock = threading.Lock()
+
+
+def left_for_schema(rt: Runtime, step: str, job_id: str) -> str:
+    """The database's schema is older than this wanbatch's (``rt.schema_behind``): the step named
+    ``step`` of ``job_id`` leaves the job as it was. Said in one line: the first in this process
+    with the reason (a warning), every later one naming only its job. Returns
+    :data:`SCHEMA_BEHIND`."""
+    behind = rt.schema_behind
+    with _schema_lock:
+        first, rt.schema_behind_said = not rt.schema_behind_said, True
+    extra = {"event": "step.schema_behind", "job_id": job_id}
+    if first:
+        log.warning(
+            "%s of job %s: %s: the job is left as it was, for the version the schema is for (or "
+            "this one, after an upgrade) to take up; this process works on the database no more",
+            step,
+            job_id,
+            behind,
+            extra=extra,
+        )
+    else:
+        log.info(
+            "%s of job %s not run: the database's schema is older than this wanbatch's; the job is "
+            "left as it was",
+            step,
+            job_id,
+            extra=extra,
+        )
+    return SCHEMA_BEHIND
+
+
+def database_failed(
+    give_back: GiveBack, rt: Runtime, step: str, job_id: str, exc: BaseException
+) -> str | None:
     """Whether ``exc``, which ended the step named ``step`` of ``job_id``, was the database's
-    doing, and if so say so in one line: an unavailable database also has ``give_back`` give the
-    job back once it answers. False for anything else (a bug: the caller reports it, with its
-    traceback)."""
+    doing, and if so say so in one line and return what became of the step: a schema older than
+    this wanbatch's leaves the job as it was (:data:`SCHEMA_BEHIND`, :func:`left_for_schema`); an
+    unavailable database has ``give_back`` give the job back once it answers
+    (:data:`DATABASE_UNAVAILABLE`). None for anything else (a bug: the caller reports it, with
+    its traceback)."""
+    # Before the others: SQLite's "no such column" is an OperationalError, taken for an outage
+    # (the job given back, on the older schema), PostgreSQL's for a bug (a crash file, a
+    # traceback, a download's crash counted towards pausing its batch); a dropped table for "not
+    # a wanbatch database".
+    if db.is_schema_mismatch(exc) and (behind := rt.schema_behind or db.schema_behind(rt.engine)):
+        rt.schema_behind = behind
+        return left_for_schema(rt, step, job_id)
     if db.is_schema_missing(exc):
         log.error(
             "%s of job %s: the database has no such table (%s): it is not a wanbatch database, "
             "or its tables were dropped",
             step,
             job_id,
-            database_problem(exc),
+            db.database_problem(exc),
             extra={"event": "step.schema_missing"},
         )
-        return True
+        return SCHEMA_MISSING
     if not db.is_unavailable(exc):
-        return False
+        return None
     log.warning(
         "%s of job %s: the database is unavailable (%s); the job is taken up again once it answers",
         step,
         job_id,
-        database_problem(exc),
+        db.database_problem(exc),
         extra={"event": "step.database_unavailable"},
     )
     give_back.when_it_answers(rt, job_id)
-    return True
+    return DATABASE_UNAVAILABLE
 
 
 class GiveBack:

@@ -32,7 +32,7 @@ from worker import logs, steps
 from worker.crash import crash_file
 from worker.embedded import after_crash
 from worker.runtime import build_runtime
-from worker.step_outage import GiveBack, database_failed
+from worker.step_outage import GiveBack, database_failed, left_for_schema
 from worker.steps import Runtime
 from worker.steps.context import outcome_error
 from worker.task_events import sent_events
@@ -235,6 +235,8 @@ def set_runtime(rt: Runtime | None) -> None:
 def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
     rt = runtime(task.app)
     with logs.job_context(job_id):  # every line the step logs names its job
+        if rt.schema_behind is not None:  # downgraded under this worker, which stops: left as it is
+            return left_for_schema(rt, step.__name__, job_id)
         try:
             outcome = step(rt, job_id)
         except NotFoundError as exc:
@@ -245,13 +247,15 @@ def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
         except Exception as exc:
             # A killed connection, a restart, a failover: no bug, so one line and no traceback
             # (Celery logs a task that raises with its traceback), and the job is given back as
-            # soon as the database answers, as in an embedded run. Anything else raises: a bug.
-            if not database_failed(_give_back, rt, step.__name__, job_id, exc):
+            # soon as the database answers, as in an embedded run; a schema downgraded under
+            # this worker leaves the job as it was. Anything else raises: a bug.
+            met = database_failed(_give_back, rt, step.__name__, job_id, exc)
+            if met is None:
                 # A bug: Celery logs it with its traceback; a download is given back, and its
                 # batch paused if it recurs, never taken again for ever (worker.embedded).
                 after_crash(rt, step, job_id, exc, crash_file(exc, where=step.__name__))
                 raise
-            return "database-unavailable"
+            return met
         logs.step_done(log, step.__name__, job_id, outcome, **outcome_error(rt, job_id, outcome))
     return outcome
 

@@ -23,10 +23,9 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
-from jobs.db import AdvisoryLock, is_unavailable
+from jobs.db import AdvisoryLock, database_problem, is_unavailable
 from jobs.errors import SchemaBehindError
 from worker import steps
-from worker.db_outage import database_problem
 
 if TYPE_CHECKING:
     from worker.conductor import Conductor

@@ -45,7 +45,6 @@ from tests.hostile import HostileProvider
 from tests.hostile_fal import FakeFal
 from tests.step_runtime import add_batch, completion_heard, make_runtime, settings_for
 from worker import step_outage, steps, tasks
-from worker.db_outage import database_problem
 from worker.steps import DOWNLOAD_QUEUE, Runtime, dispatch
 from worker.steps.poll import apply_seen
 from worker.steps.unrecorded import PREFIX
@@ -201,12 +200,12 @@ def test_the_job_is_given_back_only_once_the_database_answers_again(
 
     def counted(*args: Any, **kwargs: Any) -> store.ReleasedLeases:
         if engine.dialect.name == "sqlite" and len(tries) < 2:
-            tries.append("refused: " + database_problem(_unavailable()))
+            tries.append("refused: " + db.database_problem(_unavailable()))
             raise _unavailable()
         try:
             got = real(*args, **kwargs)
         except Exception as exc:
-            tries.append("refused: " + database_problem(exc))
+            tries.append("refused: " + db.database_problem(exc))
             raise
         tries.append("given back")
         return got

@@ -394,3 +394,38 @@ def test_a_schema_downgraded_under_serve_is_a_one_line_503_naming_it(
     assert [(r.levelno, r.exc_info, r.__dict__["event"]) for r in records] == [
         (logging.WARNING, None, "dashboard.schema_behind")
     ] * 2
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_metrics_say_a_schema_downgraded_under_serve_is_not_usable(
+    dialect: str,
+    tmp_path: Path,
+    new_pg_database: Callable[[], str],
+    output_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``alembic downgrade`` under a running serve: the dashboard answers 503, but ``/metrics``
+    said ``wanbatch_database_up 1`` (its queries read no column the downgrade dropped). Now it
+    says 0, ``wanbatch_database_schema_current 0`` says why, and one warning which schema."""
+    from jobs.db import SCHEMA_HEAD, downgrade
+
+    url = f"sqlite:///{tmp_path / 'd.db'}" if dialect == "sqlite" else new_pg_database()
+    engine = make_engine(url)
+    try:
+        migrate(engine)
+        browser = client(app_for(engine, settings_for(engine, output_dir)))
+        before = browser.get("/metrics").text.splitlines()
+        downgrade(engine, "0038")
+        with caplog.at_level(logging.INFO):
+            scrape = browser.get("/metrics")
+    finally:
+        engine.dispose()
+    assert {"wanbatch_database_up 1.0", "wanbatch_database_schema_current 1.0"} <= set(before)
+    assert scrape.status_code == 200
+    after = scrape.text.splitlines()
+    assert {"wanbatch_database_up 0.0", "wanbatch_database_schema_current 0.0"} <= set(after)
+    assert not [line for line in after if line.startswith("wanbatch_jobs{")]  # no other database metric
+    (line,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert line.__dict__["event"] == "metrics.schema_behind"
+    assert line.exc_info is None
+    assert f"the database is at schema 0038, older than this wanbatch's {SCHEMA_HEAD}" in line.getMessage()

@@ -317,6 +317,13 @@ class Runtime:
     #: Download steps that crashed (a bug) so far, per job (:func:`worker.steps.download.crashed`):
     #: past a few the job's batch is paused instead of the job being taken again for ever.
     download_crashes: dict[str, int] = field(default_factory=dict)
+    #: Why this process works on the database no more, once it found the schema older than its
+    #: own (``alembic downgrade`` under it: :func:`jobs.db.schema_behind`), by a step that met a
+    #: missing column or by the conductor's heartbeat: later steps leave their jobs as they are
+    #: (:mod:`worker.step_outage`), and the conductor ends (a worker exits 2). None: not found.
+    schema_behind: str | None = None
+    #: Whether a step of this runtime said why already (:func:`worker.step_outage.left_for_schema`).
+    schema_behind_said: bool = False
     #: Cancels fal failed to take so far, per job, and the requests given up after a few
     #: (:mod:`worker.steps.cancel_tries`): ``wanbatch cancel`` ends instead of asking for ever.
     cancel_tries: CancelTries = field(default_factory=CancelTries)

@@ -268,19 +268,13 @@ def receive(
             logging.WARNING if unavailable else logging.ERROR,
             "webhook %d: applying failed%s; the tick will try again",
             delivery_id,
-            f" (the database is unavailable: {database_problem(exc)})" if unavailable else "",
+            f" (the database is unavailable: {db.database_problem(exc)})" if unavailable else "",
             exc_info=not unavailable,
             extra={"event": "webhook.apply_failed", "job_id": job_id, "request_id": delivery.request_id},
         )
         if job_id is not None:
             _announce(inbox, f"webhook:{job_id}")
     return delivery_id
-
-
-def database_problem(exc: BaseException) -> str:
-    """The first line of what the database said (``database is locked``), for a log line."""
-    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _announce(inbox: Inbox, payload: str) -> None:
@@ -294,7 +288,7 @@ def _announce(inbox: Inbox, payload: str) -> None:
         log.warning(
             "could not wake the tick leader (%s)%s; its next tick will do",
             payload,
-            f": the database is unavailable: {database_problem(exc)}" if unavailable else "",
+            f": the database is unavailable: {db.database_problem(exc)}" if unavailable else "",
             exc_info=not unavailable,
             extra={"event": "webhook.notify_failed"},
         )
