@@ -103,9 +103,6 @@ class _Seen:
     group: int
     hwm_kb: int = 0
     cpu_ticks: int = 0
-    #: Its parent's pid and its command line (when first seen): who is who in :func:`cpu_by_process`.
-    ppid: int = 0
-    cmdline: str = ""
 
 
 @dataclass
@@ -157,9 +154,7 @@ class GroupSampler:
             with self._lock:
                 seen = self.seen.get(int(entry.name))
                 if seen is None:
-                    seen = self.seen[int(entry.name)] = _Seen(
-                        group, ppid=int(fields[1]), cmdline=_cmdline(entry)
-                    )
+                    seen = self.seen[int(entry.name)] = _Seen(group)
                 seen.hwm_kb = max(seen.hwm_kb, hwm)
                 seen.cpu_ticks = max(seen.cpu_ticks, cpu)
 
@@ -167,26 +162,6 @@ class GroupSampler:
         """pid -> what was seen of it (after the sampler stopped: final)."""
         with self._lock:
             return dict(self.seen)
-
-
-def _cmdline(entry: Path) -> str:
-    try:
-        return (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def cpu_by_process(children: Sequence[Child], sampler: GroupSampler) -> list[tuple[str, int, float]]:
-    """(role, pid, sampled CPU seconds) of every process seen, largest first: where a set's CPU
-    goes. A role is the child's name (``worker-0``, ``watcher``) for the process we started, and
-    ``<name> child`` for its descendants (a Celery prefork pool's processes)."""
-    names = {c.pid: c.name for c in children}
-    rows = []
-    for pid, s in sampler.snapshot().items():
-        name = names.get(s.group, str(s.group))
-        role = name if pid == s.group else f"{name} child"
-        rows.append((role, pid, s.cpu_ticks / CLOCK_TICKS))
-    return sorted(rows, key=lambda r: -r[2])
 
 
 def _vm_hwm_kb(status: Path) -> int:

@@ -1301,23 +1301,13 @@ def _looked_up(counts: dict[str, int], key: str) -> Callable[[], int]:
 LOW_PRIORITY_WAIT_SECONDS = 600.0
 
 
-def low_priority_note(session: Session, batch: Batch, *, now: datetime) -> tuple[int, str]:
-    """How many of a ``priority: low`` batch's requests have waited in fal's queue longer than
-    :data:`LOW_PRIORITY_WAIT_SECONDS`, and a line saying so ("" when none, or not low)."""
-    return _low_priority_note(
-        batch,
-        now=now,
-        queued=lambda: (
-            job.submitted_at for job in store.jobs_of_batch(session, batch.id, states=[JobState.QUEUED])
-        ),
-    )
-
-
-def _low_priority_note(
+def low_priority_note(
     batch: Batch, *, now: datetime, queued: Callable[[], Iterable[datetime | None]]
 ) -> tuple[int, str]:
-    """:func:`low_priority_note`, ``queued`` giving when each of the batch's ``queued`` jobs
-    was sent (asked only of a low-priority batch)."""
+    """How many of a ``priority: low`` batch's requests have waited in fal's queue longer than
+    :data:`LOW_PRIORITY_WAIT_SECONDS`, and a line saying so ("" when none, or not low).
+    ``queued`` gives when each of the batch's ``queued`` jobs was sent (asked only of a
+    low-priority batch)."""
     if batch.priority != "low":
         return 0, ""
     before = now - timedelta(seconds=LOW_PRIORITY_WAIT_SECONDS)
@@ -1877,7 +1867,7 @@ def _report(
     terminal = sum(counts[s.value] for s in JobState if s.terminal)
     total = sum(counts.values())
     done = total > 0 and terminal == total
-    starving, starving_note = _low_priority_note(batch, now=now, queued=lambda: reads.queued_sent_at(batch))
+    starving, starving_note = low_priority_note(batch, now=now, queued=lambda: reads.queued_sent_at(batch))
     in_flight = total - terminal - totals.waiting
     shown_schedule = _schedule_state(
         batch, finished=done, now=now, cancelled=lambda: reads.deadline_cancelled(batch)

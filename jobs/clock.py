@@ -89,14 +89,6 @@ _said = False
 STEP_SECONDS = 2.0
 
 
-def now_epoch() -> float:
-    """Now, in epoch seconds, on the database's timeline (this host's clock before a measurement)."""
-    anchor = _anchor
-    if anchor is None:
-        return host_time()
-    return anchor.database + (steady() - anchor.steady)
-
-
 def utcnow() -> datetime:
     """The current time, aware and in UTC, on the database's clock: the only clock the schema uses."""
     anchor = _anchor

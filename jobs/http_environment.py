@@ -351,7 +351,8 @@ def http_environment_problems(
     certificates: bool = True,
     reaches: Iterable[str] | None = None,
 ) -> list[str]:
-    """What :func:`environment_verdict` refuses: empty when all is well (or nothing is set)."""
+    """What :func:`environment_verdict` refuses: empty when all is well (or nothing is set).
+    The product asks :func:`environment_verdict` itself; the tests ask this."""
     return environment_verdict(environ, reaches=reaches, certificates=certificates)[0]
 
 
@@ -378,29 +379,23 @@ def _cert_dir_problems(env: Mapping[str, str]) -> list[str]:
     return []
 
 
-def refused_environment_message(
-    environ: Mapping[str, str] | None = None,
-    *,
-    certificates: bool = True,
-    reaches: Iterable[str] | None = None,
-) -> str | None:
-    """The one line a :class:`~jobs.errors.ConfigError` says for the variables
-    :func:`environment_verdict` refuses, or None when there are none."""
-    problems = http_environment_problems(environ, certificates=certificates, reaches=reaches)
-    return f"invalid configuration: {'; '.join(problems)}" if problems else None
+def refused_line(problems: Iterable[str]) -> str:
+    """The one line a :class:`~jobs.errors.ConfigError` says for ``problems`` (each
+    ``VARIABLE: what is wrong, what to write``, as :func:`environment_verdict` words them)."""
+    return f"invalid configuration: {'; '.join(problems)}"
 
 
 def require_usable(*, reaches: Iterable[str] | None = None, certificates: bool = True) -> list[str]:
-    """Raise the :class:`~jobs.errors.ConfigError` of :func:`refused_environment_message` for
-    this process's environment and the URLs the command is about to talk to (``reaches``; None:
-    any): what a command that talks to fal calls before it starts (and only such a command: see
-    the module's docstring). Returns the warnings (:func:`environment_verdict`), for the command
-    to print, each a ``warning:`` line."""
+    """Raise the :class:`~jobs.errors.ConfigError` (:func:`refused_line`) for the variables
+    :func:`environment_verdict` refuses in this process's environment and the URLs the command
+    is about to talk to (``reaches``; None: any): what a command that talks to fal calls before
+    it starts (and only such a command: see the module's docstring). Returns the warnings
+    (:func:`environment_verdict`), for the command to print, each a ``warning:`` line."""
     from jobs.errors import ConfigError
 
     refused, warnings = environment_verdict(reaches=reaches, certificates=certificates)
     if refused:
-        raise ConfigError(f"invalid configuration: {'; '.join(refused)}")
+        raise ConfigError(refused_line(refused))
     return warnings
 
 
@@ -413,7 +408,7 @@ def construction_message(exc: BaseException, environ: Mapping[str, str] | None =
     may hold a password (a proxy's): a certificate path only, and the exception's reason code."""
     env = os.environ if environ is None else environ
     if problems := proxy_problems(env) + _cert_file_problems(env):  # what httpx raises for
-        return f"invalid configuration: {'; '.join(problems)}"
+        return refused_line(problems)
     cert_name = (
         "SSL_CERT_FILE" if env.get("SSL_CERT_FILE") else "SSL_CERT_DIR" if env.get("SSL_CERT_DIR") else ""
     )

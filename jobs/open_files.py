@@ -63,16 +63,6 @@ def says_out_of_files(text: str) -> bool:
     return EMFILE_SAID in text or ENFILE_SAID in text
 
 
-def soft_limit() -> int | None:
-    """This process's soft open-file limit (None: unlimited, or not known on this system)."""
-    try:
-        import resource
-    except ImportError:  # not a Unix
-        return None
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
 def raise_soft_limit(target: int = TARGET_SOFT_LIMIT) -> int | None:
     """Raise this process's soft open-file limit to ``target``, or to its hard limit when that is
     lower (never lowers it; a process may always do this much). Returns the soft limit now."""

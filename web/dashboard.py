@@ -949,8 +949,3 @@ def _actions(batch: Batch, totals: listing.Totals, rerun: RerunOffer, phase: str
             )
         )
     return found
-
-
-def dashboard_routes(engine: Engine, settings: Settings, gate: TokenGate | None = None) -> list[BaseRoute]:
-    """The dashboard's routes (``gate``: the token check shared with the auth middleware)."""
-    return Dashboard(engine, settings, gate).routes()

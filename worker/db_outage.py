@@ -54,11 +54,6 @@ class DatabaseOutage:
         self._since: float | None = None  # monotonic; None: the database answers
         self._pause = FIRST_PAUSE_SECONDS
 
-    @property
-    def ongoing(self) -> bool:
-        """Whether the last round failed because the database was unavailable."""
-        return self._since is not None
-
     def failed(self, exc: BaseException, stopping: threading.Event) -> None:
         """A round failed with ``exc``, an error of :func:`jobs.db.is_unavailable`: warn when
         this begins an outage, then pause (cut short when ``stopping`` is set). Raises

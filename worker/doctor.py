@@ -172,7 +172,7 @@ def check_configuration(*, simulate: bool = False) -> tuple[Check, Settings | No
             ),
             None,
         )
-    from jobs.http_environment import environment_verdict
+    from jobs.http_environment import environment_verdict, refused_line
 
     # What run, worker and serve refuse to start with, for the URLs doctor reaches too (the
     # receiver's, and fal's signing keys, only with a webhook URL: :func:`check_receiver`).
@@ -184,7 +184,7 @@ def check_configuration(*, simulate: bool = False) -> tuple[Check, Settings | No
         return (
             _fail(
                 "configuration",
-                f"invalid configuration: {'; '.join(refused)}",
+                refused_line(refused),
                 "fix the variable named above (README: Configuration); the other checks need it",
             ),
             None,

@@ -766,12 +766,6 @@ def read_leadership(settings: Settings, database: str | None) -> tuple[Limits | 
     )
 
 
-def read_published(settings: Settings, database: str | None) -> Limits | None:
-    """The limits the tick leader of ``database`` published for this process's API key
-    (:func:`read_leadership`); None when there are none a live leader published."""
-    return read_leadership(settings, database)[0]
-
-
 def published_mismatch(settings: Settings, database: str | None) -> list[str]:
     """What ``worker`` at start-up, ``status`` and ``doctor`` say (:func:`mismatch`) about the
     tick leader of ``database``: its limits when they differ from this process's settings, or

@@ -46,7 +46,7 @@ from worker.limits import (
     policy_key,
     published_mismatch,
     rate_keys,
-    read_published,
+    read_leadership,
     wait_for_token,
 )
 
@@ -55,6 +55,12 @@ ENDPOINT = "fal-ai/wan-i2v"
 
 def _settings(rate: float, **extra: object) -> Settings:
     return Settings(FAL_KEY=SecretStr("limits-test-key-3f9a"), submit_rate=rate, **extra)  # type: ignore[arg-type]
+
+
+def _read_published(settings: Settings, database: str | None) -> Limits | None:
+    """The limits the tick leader of ``database`` published for this process's API key; None
+    when there are none a live leader published."""
+    return read_leadership(settings, database)[0]
 
 
 def _redis_now(client: redis.Redis[bytes]) -> float:
@@ -712,7 +718,7 @@ def test_a_stopped_or_dead_leaders_limits_are_not_said(
 ) -> None:
     settings = _settings(100, submit_jitter_allowance=0.0, limits_url=redis_url)
     leader, worker = _pair(redis_url, redis_namespace)
-    # read_published reads without the test's prefix: a leader of its own database, unprefixed.
+    # _read_published reads without the test's prefix: a leader of its own database, unprefixed.
     database = f"test-db-{redis_namespace.rsplit(':', 2)[-2]}"
     bare = RedisGCRA.from_url(_settings(2, submit_jitter_allowance=0.0), redis_url, database=database)
     try:
@@ -724,9 +730,9 @@ def test_a_stopped_or_dead_leaders_limits_are_not_said(
         assert not client.exists(leader.policy)
         # A dead leader's policy (older than three beats) is named by no warning ...
         bare.publish("dead-leader:2:")
-        assert read_published(settings, database) is not None
+        assert _read_published(settings, database) is not None
         client.hset(bare.policy, "at", str(round((_redis_now(client) - 60) * 1_000_000)))
-        assert read_published(settings, database) is None
+        assert _read_published(settings, database) is None
         with caplog.at_level(logging.WARNING, logger="worker.limits"):
             leader.publish("dead-leader:3:")
             client.hset(leader.policy, "at", str(round((_redis_now(client) - 60) * 1_000_000)))

@@ -109,7 +109,10 @@ def install_redaction(key: str | None) -> KeyRedactionFilter:
 
 
 def uninstall_redaction() -> None:
-    """Undo :func:`install_redaction` (for tests that must leave logging as they found it)."""
+    """Undo :func:`install_redaction` (for tests that must leave logging as they found it).
+
+    The product never calls it: a process redacts until it ends. It lives here, not in a test
+    helper, because it undoes this module's private state (the record factory it replaced)."""
     global _previous_factory
     with _lock:
         forget_keys()

@@ -31,10 +31,6 @@ MAX_STREAM_BYTES = 16 * 1024 * 1024
 _LINE_END = re.compile(rb"\r\n?|\n")
 
 
-class _Too(Exception):
-    """A bound broken, said once for the caller to word."""
-
-
 def event_data(
     chunks: Iterable[bytes],
     *,
