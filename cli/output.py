@@ -138,19 +138,26 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141
 
 
-class StdoutError(OSError):
+class StdoutError(WanbatchError, OSError):
     """Standard output cannot be written: a full disk or a failing device behind ``>``, or no
     standard output at all (``>&-``). The environment's, not a bug: :func:`cli.main` says so in
-    one ``error:`` line on stderr and exits 2 (under ``--json`` too: no object can be printed)."""
+    one ``error:`` line on stderr and exits 2 (under ``--json`` too: no object can be printed).
+    An :class:`OSError` too (what a failed write raises); :func:`guarded` passes it on to
+    :func:`cli.main`, which alone knows stdout is what cannot take the message."""
+
+    exit_code = EXIT_USAGE
 
     def __init__(self, reason: str, what: str = "") -> None:
         super().__init__(f"cannot write {what}to standard output: {reason}")
 
 
-class ReaderGone(Exception):
+class ReaderGone(WanbatchError):
     """The reader of standard output closed it (``| head``): :func:`cli.main` exits
-    :data:`EXIT_BROKEN_PIPE`, saying nothing. Not a BrokenPipeError on purpose: click and rich
-    each end the process with exit 1 on one (``sys.exit(1)``), before :func:`cli.main` sees it."""
+    :data:`EXIT_BROKEN_PIPE`, saying nothing (:func:`guarded` passes it on). Not a
+    BrokenPipeError on purpose: click and rich each end the process with exit 1 on one
+    (``sys.exit(1)``), before :func:`cli.main` sees it."""
+
+    exit_code = EXIT_BROKEN_PIPE
 
 
 @contextlib.contextmanager
@@ -605,6 +612,8 @@ def guarded(as_json: bool, action: Callable[[], int | None]) -> None:
     (:func:`path_failure`) — into a message and the contract's exit code."""
     try:
         code = action()
+    except (ReaderGone, StdoutError):  # standard output is what failed: cli.main says it
+        raise
     except WanbatchError as exc:
         fail(exc, as_json)
     except OSError as exc:

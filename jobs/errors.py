@@ -3,7 +3,12 @@
 Every error wanbatch raises on purpose derives from :class:`WanbatchError`, so the CLI can
 catch that one class, print its message and exit with its ``exit_code`` — a traceback is
 never the answer to bad input. Third-party errors are translated once, at the edge
-(``raise … from exc``).
+(``raise … from exc``). That holds for errors that never reach the command line too (a YAML
+problem becomes a located issue, a refused webhook its HTTP answer), and for ``falsim``, the
+simulator, which ``--simulate`` runs inside the command. Only a module's private signals (a
+name that starts with ``_``, never seen outside it) stand apart; ``tests/unit/test_error_tree.py``
+fails on any other exception class of ``jobs``, ``worker``, ``web``, ``cli`` or ``falsim`` that
+is not under :class:`WanbatchError`.
 
 The tree — every class, exactly as the code has it (``tests/unit/test_error_tree.py`` checks that
 each subclass of :class:`WanbatchError` in the product is drawn here, under its own base). A class
@@ -32,6 +37,14 @@ lives in this module unless ``[module]`` names another::
     ├── NotAVideoError               [worker.probe] a downloaded output is not a decodable video
     ├── MissingVideoError            [jobs.dataset_export] a succeeded job's video is gone: no dataset
     ├── NothingToRerun               [jobs.batches] exit 0: `rerun --failed-only` found no job to repeat
+    ├── YamlProblem                  [jobs.yaml_lines] text that is not acceptable YAML: a located issue
+    │   └── WholeNumbersTooLong      [jobs.yaml_lines] whole numbers of too many digits, each located
+    ├── UnreadableImage              [jobs.media] (also a ValueError) an input is no image: an issue
+    ├── UnreadableAudio              [jobs.media] (also a ValueError) an input is no WAV or MP3: an issue
+    ├── WebhookRejected              [worker.fal.webhooks] a delivery refused: answered with its HTTP status
+    │   └── JwksUnavailable          [worker.fal.webhooks] fal's signing keys cannot be fetched (503)
+    ├── StdoutError                  [cli.output] (also an OSError) exit 2: standard output cannot be written
+    ├── ReaderGone                   [cli.output] exit 141, quietly: the reader of stdout left (`| head`)
     └── ProviderError                anything the provider (fal) said or did not say
         ├── RetryableProviderError   transient: try again later (429, gateway 5xx, network errors)
         │   ├── ResultNotReadyError      [worker.fal.errors] the result endpoint said "not finished yet"

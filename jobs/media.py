@@ -63,6 +63,7 @@ from urllib.parse import urlsplit
 
 from jobs import avcompat
 from jobs.endpoints import FieldType, MediaConstraints, all_endpoints
+from jobs.errors import WanbatchError
 from jobs.fs import UNREPRESENTABLE, is_missing, os_reason, shown_path
 from jobs.printable import clause, shortened
 
@@ -445,8 +446,9 @@ def opened_formats() -> tuple[str, ...]:
     return tuple(sorted(fmt for fmt in wanted if fmt in Image.OPEN))
 
 
-class UnreadableImage(ValueError):
-    """The bytes are no image Pillow reads in :func:`opened_formats`; the message says why."""
+class UnreadableImage(WanbatchError, ValueError):
+    """The bytes are no image Pillow reads in :func:`opened_formats`; the message says why.
+    (A :class:`ValueError` too, as it was before it joined the tree.)"""
 
 
 #: How many image reads the current thread is inside (:func:`quiet_pillow`); 0 or unset: none.
@@ -801,8 +803,9 @@ class AudioHeader:
     duration_s: float
 
 
-class UnreadableAudio(ValueError):
-    """The bytes are no WAV or MP3 audio this check can read; the message says why."""
+class UnreadableAudio(WanbatchError, ValueError):
+    """The bytes are no WAV or MP3 audio this check can read; the message says why.
+    (A :class:`ValueError` too, as it was before it joined the tree.)"""
 
 
 #: The decoders FFmpeg may open while probing audio of each container: the MP3 decoder, or

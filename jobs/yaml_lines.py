@@ -36,6 +36,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
 from jobs.digits import NUMBER, TOO_MANY_DIGITS, WHOLE, WholeTooLong, digits_in, too_many_digits
+from jobs.errors import WanbatchError
 
 try:  # libyaml's scanner/parser is ~20x faster on big scalars; fall back when it is missing
     from yaml._yaml import CParser as _Parser
@@ -64,8 +65,9 @@ _TIMESTAMP = _TAG + "timestamp"
 _MERGE = _TAG + "merge"
 
 
-class YamlProblem(Exception):
-    """The text is not acceptable YAML; ``line`` is 1-based when known."""
+class YamlProblem(WanbatchError):
+    """The text is not acceptable YAML; ``line`` is 1-based when known. Its readers
+    (:mod:`jobs.manifest.loading`, :mod:`jobs.dataset_export`) turn it into a located issue."""
 
     def __init__(self, message: str, line: int | None) -> None:
         super().__init__(message)

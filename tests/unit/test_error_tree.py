@@ -2,6 +2,10 @@
 
 Every subclass of :class:`WanbatchError` defined anywhere in the product must be drawn, under its
 real base and with the module it lives in; nothing may be drawn that the code does not define.
+And every exception class of the product is in that tree, but a module's private signals (a name
+that starts with ``_``). The product is every package the distribution ships but ``migrations``:
+``falsim`` included, since ``--simulate`` runs the simulator inside the command, where an error it
+raised on purpose must reach the user as one line, like any other.
 """
 
 from __future__ import annotations
@@ -62,6 +66,23 @@ def code_tree() -> dict[str, type[WanbatchError]]:
     return found
 
 
+def product_exceptions() -> list[type[BaseException]]:
+    """Every exception class defined in a product module (a warning category is none)."""
+    import_product()
+    tops = tuple(product_packages())
+    found: set[type[BaseException]] = set()
+    todo: list[type[BaseException]] = [BaseException]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in found:
+                found.add(sub)
+                todo.append(sub)
+    return sorted(
+        (cls for cls in found if cls.__module__.split(".", 1)[0] in tops and not issubclass(cls, Warning)),
+        key=lambda cls: (cls.__module__, cls.__qualname__),
+    )
+
+
 def drawn_tree() -> dict[str, Drawn]:
     """The tree in jobs.errors' docstring: name, parent (by indentation) and module of each class."""
     doc = jobs.errors.__doc__ or ""
@@ -100,3 +121,19 @@ def test_the_tree_is_found() -> None:
     assert drawn["WanbatchError"].parent is None
     assert drawn["AmbiguousSubmitError"].parent == "ProviderError"
     assert drawn["ProviderProtocolError"].module == "worker.fal.errors"
+
+
+def test_every_public_exception_of_the_product_is_under_the_root() -> None:
+    assert {"jobs", "worker", "web", "cli", "falsim"} <= set(product_packages())
+    outside = [
+        f"{cls.__module__}.{cls.__qualname__}"
+        for cls in product_exceptions()
+        if not cls.__name__.startswith("_") and not issubclass(cls, WanbatchError)
+    ]
+    assert outside == [], "public exception classes not under WanbatchError (jobs/errors.py)"
+
+
+def test_the_private_signals_are_found_too() -> None:
+    # The walk sees classes outside the tree: else the test above would pass on nothing.
+    names = {cls.__name__ for cls in product_exceptions() if not issubclass(cls, WanbatchError)}
+    assert {"_TooLarge", "_Stop"} <= names

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from jobs.digits import ascii_int
+from jobs.errors import WanbatchError
 from worker.fal.errors import parse_json
 
 if TYPE_CHECKING:  # imported where used: only the receiver verifies (about 10 ms of start-up)
@@ -61,8 +62,9 @@ TIMESTAMP = "x-fal-webhook-timestamp"
 SIGNATURE = "x-fal-webhook-signature"
 
 
-class WebhookRejected(Exception):
-    """A delivery that must change nothing; ``status_code`` is the HTTP answer it gets."""
+class WebhookRejected(WanbatchError):
+    """A delivery that must change nothing; ``status_code`` is the HTTP answer it gets (the
+    receiver, :func:`web.app.create_app`, answers it: it never reaches the command line)."""
 
     def __init__(self, reason: str, status_code: int = 401) -> None:
         super().__init__(reason)
