@@ -17,6 +17,9 @@ Create Date: 2026-11-21 05:50:33
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -28,19 +31,19 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-def _money() -> sa.types.TypeEngine:
+def _money() -> sa.types.TypeEngine[Decimal]:
     return sa.Numeric(24, 9).with_variant(sa.BigInteger(), "sqlite")
 
 
-def _json() -> sa.types.TypeEngine:
+def _json() -> sa.types.TypeEngine[Any]:
     return sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 
-def _ts() -> sa.types.TypeEngine:
+def _ts() -> sa.types.TypeEngine[datetime]:
     return sa.DateTime(timezone=True)
 
 
-def _state() -> sa.types.TypeEngine:
+def _state() -> sa.types.TypeEngine[str]:
     return sa.String(32)
 
 

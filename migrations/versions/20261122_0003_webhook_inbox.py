@@ -26,7 +26,9 @@ def upgrade() -> None:
         )
     op.create_table(
         "webhook_deliveries",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
+        sa.Column(
+            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
+        ),
         sa.Column("request_id", sa.String(255), nullable=False),
         sa.Column("body_sha256", sa.String(64), nullable=False),
         sa.Column("job_id", sa.String(64), nullable=True),

@@ -28,7 +28,9 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("batches") as batch:
         batch.add_column(
-            sa.Column("rerun_options", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=True)
+            sa.Column(
+                "rerun_options", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=True
+            )
         )
 
 

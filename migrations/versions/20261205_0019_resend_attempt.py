@@ -38,8 +38,9 @@ UNSENT_RESEND = """EXISTS (
         ORDER BY n.version LIMIT 1
     ), 'none') <> 'submitting'
 )"""
+#: (S608: built from this module's constant SQL, never from a value.)
 UNCOUNT = (
-    "UPDATE jobs SET possible_duplicate_charges = possible_duplicate_charges - 1, "
+    "UPDATE jobs SET possible_duplicate_charges = possible_duplicate_charges - 1, "  # noqa: S608
     f"resend_attempt = attempts + 1 WHERE possible_duplicate_charges > 0 AND {UNSENT_RESEND}"
 )
 #: Before: a resend was counted when decided, sent or not.

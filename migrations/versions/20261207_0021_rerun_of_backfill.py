@@ -81,13 +81,17 @@ def upgrade() -> None:
         links = []
         for job in unlinked:
             origins = [
-                origin for origin, sent in places.get((job.item_index, job.variant, job.endpoint), ()) if job.input in sent
+                origin
+                for origin, sent in places.get((job.item_index, job.variant, job.endpoint), ())
+                if job.input in sent
             ]
             if len(origins) == 1:
                 links.append({"job": job.id, "origin": origins[0]})
         if links:
             bind.execute(
-                _JOBS.update().where(_JOBS.c.id == sa.bindparam("job")).values(rerun_of=sa.bindparam("origin")),
+                _JOBS.update()
+                .where(_JOBS.c.id == sa.bindparam("job"))
+                .values(rerun_of=sa.bindparam("origin")),
                 links,
             )
 

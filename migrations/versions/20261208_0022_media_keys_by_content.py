@@ -58,7 +58,7 @@ _CHUNK = 200
 def _keys(row: Any) -> tuple[str, str] | None:
     """The job's key under the former rule (data URIs by text) and under the new one (by their
     decoded bytes); None when it has no data URI in a media field, or its endpoint is unknown."""
-    from jobs.endpoints import known_endpoint_ids, get_endpoint
+    from jobs.endpoints import get_endpoint, known_endpoint_ids
     from jobs.manifest.keys import key_of, keyed_input
     from jobs.media import MediaKind, classify
 
@@ -102,7 +102,14 @@ def _rekey(pick: Callable[[tuple[str, str]], tuple[str, str]]) -> None:
     ids = list(bind.execute(sa.select(_JOBS.c.id).where(lowered.like("%data:%")).order_by(*order)).scalars())
     for start in range(0, len(ids), _CHUNK):
         rows = bind.execute(
-            sa.select(_JOBS.c.id, _JOBS.c.batch_id, _JOBS.c.endpoint, _JOBS.c.job_key, _JOBS.c.input, _JOBS.c.source_files)
+            sa.select(
+                _JOBS.c.id,
+                _JOBS.c.batch_id,
+                _JOBS.c.endpoint,
+                _JOBS.c.job_key,
+                _JOBS.c.input,
+                _JOBS.c.source_files,
+            )
             .where(_JOBS.c.id.in_(ids[start : start + _CHUNK]))
             .order_by(*order)
         ).all()

@@ -89,7 +89,8 @@ def upgrade() -> None:
         return  # jsonb holds no NaN or Infinity
     for table, (key, columns) in _COLUMNS.items():
         for column, nullable in columns:
-            pk, doc = sa.column(key), sa.column(column, sa.Text)
+            pk: sa.ColumnClause[Any] = sa.column(key)
+            doc = sa.column(column, sa.Text)
             holds = sa.or_(
                 doc.in_(_CONSTANTS),
                 *(sa.func.instr(doc, before + c) > 0 for before in _BEFORE for c in _CONSTANTS),
@@ -104,9 +105,7 @@ def upgrade() -> None:
                     if mended is None:
                         continue
                     value: str | None = None if mended == "null" and nullable else mended
-                    bind.execute(
-                        sa.update(target).where(target.c[key] == row_id).values({column: value})
-                    )
+                    bind.execute(sa.update(target).where(target.c[key] == row_id).values({column: value}))
 
 
 def downgrade() -> None:

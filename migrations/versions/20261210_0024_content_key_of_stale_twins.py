@@ -85,12 +85,14 @@ def upgrade() -> None:
         batch.create_index("ix_jobs_content_key", ["content_key"], unique=False)
     bind = op.get_bind()
     lowered = sa.func.lower(sa.cast(_JOBS.c.input, sa.Text))
-    ids = list(bind.execute(sa.select(_JOBS.c.id).where(lowered.like("%data:%")).order_by(_JOBS.c.id)).scalars())
+    ids = list(
+        bind.execute(sa.select(_JOBS.c.id).where(lowered.like("%data:%")).order_by(_JOBS.c.id)).scalars()
+    )
     for start in range(0, len(ids), _CHUNK):
         rows = bind.execute(
-            sa.select(_JOBS.c.id, _JOBS.c.endpoint, _JOBS.c.job_key, _JOBS.c.input, _JOBS.c.source_files).where(
-                _JOBS.c.id.in_(ids[start : start + _CHUNK])
-            )
+            sa.select(
+                _JOBS.c.id, _JOBS.c.endpoint, _JOBS.c.job_key, _JOBS.c.input, _JOBS.c.source_files
+            ).where(_JOBS.c.id.in_(ids[start : start + _CHUNK]))
         ).all()
         for row in rows:
             key = _stale(row)

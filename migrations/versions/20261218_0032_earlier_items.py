@@ -37,7 +37,9 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         # JSONDoc, as 0001
         batch.add_column(
-            sa.Column("earlier_items", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=True)
+            sa.Column(
+                "earlier_items", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=True
+            )
         )
     op.execute(
         "UPDATE jobs SET earlier_items = '[-1]' WHERE submitted_at IS NOT NULL"

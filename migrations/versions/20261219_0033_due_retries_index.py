@@ -24,7 +24,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_jobs_batch_id_state_next_attempt_at", "jobs", ["batch_id", "state", "next_attempt_at"])
+    op.create_index(
+        "ix_jobs_batch_id_state_next_attempt_at", "jobs", ["batch_id", "state", "next_attempt_at"]
+    )
 
 
 def downgrade() -> None:

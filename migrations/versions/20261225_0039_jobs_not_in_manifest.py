@@ -97,7 +97,14 @@ def drop_never_sent(conn: sa.Connection) -> int:
         ),
         *(
             sa.column(name, sa.DateTime(timezone=True))
-            for name in ("submitted_at", "sent_at", "lease_expires_at", "next_attempt_at", "finished_at", "updated_at")
+            for name in (
+                "submitted_at",
+                "sent_at",
+                "lease_expires_at",
+                "next_attempt_at",
+                "finished_at",
+                "updated_at",
+            )
         ),
         sa.column("not_in_manifest", sa.Boolean),
     )
@@ -189,8 +196,12 @@ def upgrade() -> None:
         .where(jobs.c.state == "cancelled", jobs.c.error_type == DROPPED_TYPE)
         .values(not_in_manifest=True)
     )
-    found = conn.execute(sa.select(batches.c.id, batches.c.manifest_text).where(batches.c.manifest_text.is_not(None)))
-    counted = [{"b_id": batch_id, "b_items": n} for batch_id, text in found if (n := item_count(text)) is not None]
+    found = conn.execute(
+        sa.select(batches.c.id, batches.c.manifest_text).where(batches.c.manifest_text.is_not(None))
+    )
+    counted = [
+        {"b_id": batch_id, "b_items": n} for batch_id, text in found if (n := item_count(text)) is not None
+    ]
     if counted:
         conn.execute(
             jobs.update()
