@@ -410,6 +410,13 @@ class Job(Base):
     #: (``guide_scale: 5.0`` beside ``5``). Set by migrations 0024 and 0034 alone;
     #: ``reuse_outputs`` looks jobs up by either. None for every other.
     content_key: Mapped[str | None] = mapped_column(String(64))
+    #: The key of the manifest's job this one stands for, when that is not ``job_key``: the
+    #: manifest spells the same request otherwise, an endpoint default written out or left out
+    #: since this job was sent (:func:`jobs.store.creating._match_written_defaults`). A resubmit
+    #: finds it by that key as it finds any job by its own (:func:`jobs.store.resubmit_jobs`):
+    #: nothing is stored for it, nothing sent. ``job_key`` and ``input`` stay what was sent.
+    #: None for every other job (schema 0043).
+    manifest_key: Mapped[str | None] = mapped_column(String(64))
     item_index: Mapped[int] = mapped_column(Integer)
     #: The matrix combination's index within its item (0 for an item without a matrix).
     variant: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -610,6 +617,12 @@ def _partial_index(name: str, *columns: Any, where: ColumnElement[bool]) -> Inde
     event.listen(index, "before_create", on_postgresql)
     return index
 
+
+#: A resubmit looks up, a chunk of the manifest's keys at a time, the jobs that stand for a
+#: spelling of theirs (:attr:`Job.manifest_key`): few jobs have one, so only those are indexed.
+_partial_index(
+    "ix_jobs_batch_id_manifest_key", Job.batch_id, Job.manifest_key, where=Job.manifest_key.is_not(None)
+)
 
 #: /metrics counts ambiguous submits (see store.count_events_into) without scanning every event.
 _partial_index(

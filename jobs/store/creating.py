@@ -4,6 +4,7 @@ resubmitted manifest's jobs placed where it puts them (:func:`resubmit_jobs`).""
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +28,7 @@ from sqlalchemy import (
     or_,
     select,
     table,
+    union_all,
     update,
 )
 from sqlalchemy.engine import CursorResult, Dialect
@@ -128,7 +130,8 @@ class Resubmitted:
     #: Of ``present``, the manifest's jobs not stored by their key that ask what a job the batch
     #: already sent (or rendered) asks, once the endpoint's documented defaults are filled in (a
     #: default written out, or left out, since): that job is theirs, nothing new is stored
-    #: (:func:`_match_written_defaults`).
+    #: (:func:`_match_written_defaults`), nor a dropped job of their key restored; and those
+    #: found so by an earlier resubmit, found now by the key that job recorded (:func:`_holders`).
     defaults_matched: int = 0
 
     @property
@@ -179,6 +182,12 @@ def resubmit_jobs(
     the batch still holds one job per key. Of the others it leaves out, those that already ended
     without being sent (:func:`_nothing_sent`) are counted apart (``ended_unsent``) from those
     that may have been sent and paid for (:attr:`Resubmitted.kept`).
+
+    A job of the manifest may be stood for by a job the batch sent under another spelling of the
+    same request (an endpoint default written out or left out, :func:`_match_written_defaults`):
+    that job is the item's, and records the key it stands for (``manifest_key``). A later
+    resubmit finds it by that key (:func:`_holders`) and stores nothing for it, as for a job
+    found by its own key; a job of that key an earlier resubmit dropped stays dropped, left out.
     """
     conn = session.connection()
     pg = conn.dialect.name == "postgresql"
@@ -192,41 +201,58 @@ def resubmit_jobs(
     seen = table(_SEEN, column("job_key"), column("id"))
     conn.execute(delete(seen))
     add_seen = _dialect_insert(conn.dialect.name, seen).on_conflict_do_nothing()
-    staging = table(_STAGING, column("job_key"), column("id"))
-    staged_keys = select(staging.c.job_key, staging.c.id)
-    added = present = renumbered = relocated = 0
+    # Jobs that stand for a spelling of the manifest's (Job.manifest_key): looked up only in a
+    # batch that has one, so a plain resubmit pays one index probe for them.
+    aliases = _has_aliases(conn, batch_id)
+    if aliases:
+        conn.exec_driver_sql(
+            f"CREATE TEMP TABLE IF NOT EXISTS {_STOOD_FOR} "
+            f"(job_key TEXT PRIMARY KEY, job TEXT NOT NULL){on_commit}"
+        )
+        conn.execute(delete(table(_STOOD_FOR)))
+    added = present = renumbered = relocated = stood_for = 0
     for block in _chunks(jobs, chunk):
-        block_rows = _job_rows(batch_id, block)
-        inserted = _insert_rows(conn, block_rows)
-        added += inserted
-        present += len(block) - inserted
-        if inserted < len(block):
-            relocated += _relocate_stored(conn, batch_id, block)
-        if pg:  # the chunk is still in the staging table _insert_chunk_pg filled
-            if inserted < len(block):
-                renumbered += _place_stored_pg(conn)
-            conn.execute(add_seen.from_select(["job_key", "id"], staged_keys))
-        else:
-            if inserted < len(block):
-                renumbered += _place_stored_sqlite(conn, batch_id, block)
-            conn.execute(add_seen, [{"job_key": row["job_key"], "id": row["id"]} for row in block_rows])
+        holders = _holders(conn, batch_id, block) if aliases else {}
+        if holders:  # found by the key they stand for: nothing stored for them
+            mine = [job for job in block if job.key in holders]
+            block = [job for job in block if job.key not in holders]
+            _keep_stood_for(conn, mine)
+            moved, media = _stand_in(conn, [(holders[job.key], job) for job in mine])
+            renumbered, relocated = renumbered + moved, relocated + media
+            stood_for += len(mine)
+            present += len(mine)
+            conn.execute(add_seen, [{"job_key": job.key, "id": new_id()} for job in mine])
+        a, p, r, m = _store_block(conn, batch_id, block, add_seen)
+        added, present, renumbered, relocated = added + a, present + p, renumbered + r, relocated + m
+    if aliases:
+        a, r, held = _both_spellings(conn, batch_id)
+        added, present, renumbered, stood_for = added + a, present - a, renumbered + r, stood_for - held
     if pg:  # filled by now: without statistics the planner guesses its size from its pages
         conn.exec_driver_sql(f"ANALYZE {_SEEN}")
-    in_manifest = _JOBS.c.job_key.in_(select(seen.c.job_key))
-    restored = _restore(session, batch_id, in_manifest) if present else 0
-    if present:  # unmarked: the manifest has them (again)
-        conn.execute(
-            update(_JOBS)
-            .where(_JOBS.c.batch_id == batch_id, _JOBS.c.not_in_manifest.is_(True), in_manifest)
-            .values(not_in_manifest=False)
-        )
+    by_key: ColumnElement[bool] = _JOBS.c.job_key.in_(select(seen.c.job_key))
+    # The jobs the manifest has, by their key, or (aliases) by the key they stand for: one
+    # statement each, so each is a semi-join (an IN within an OR is a subplan per job).
+    in_manifest = [by_key, _JOBS.c.manifest_key.in_(select(seen.c.job_key))] if aliases else [by_key]
     stored = select(func.count()).select_from(_JOBS).where(_JOBS.c.batch_id == batch_id)
     gone = dropped = ended_unsent = matched = 0
+    left_out: ColumnElement[bool] | None = None
     if conn.execute(stored).scalar_one() > added + present:
-        left_out = _left_out(conn, batch_id)
-        if added:
-            matched = _match_written_defaults(conn, batch_id, left_out)
-            added, present = added - matched, present + matched
+        left_out = _left_out(conn, batch_id, aliases)
+        from_added, matched = _match_written_defaults(conn, batch_id, left_out)
+        added, present = added - from_added, present + from_added
+        if aliases or matched > from_added:
+            # A dropped job the manifest has again that a job sent stands for stays dropped: it
+            # is among the jobs left out, neither restored nor unmarked.
+            by_key = and_(by_key, _not_left_out())
+            in_manifest = [and_(theirs, _not_left_out()) for theirs in in_manifest]
+    restored = _restore(session, batch_id, by_key) if present else 0
+    for theirs in in_manifest if present else []:  # unmarked: the manifest has them (again)
+        conn.execute(
+            update(_JOBS)
+            .where(_JOBS.c.batch_id == batch_id, _JOBS.c.not_in_manifest.is_(True), theirs)
+            .values(not_in_manifest=False)
+        )
+    if left_out is not None:
         conn.execute(
             update(_JOBS)
             .where(_JOBS.c.batch_id == batch_id, _JOBS.c.not_in_manifest.is_(False), left_out)
@@ -269,10 +295,185 @@ def resubmit_jobs(
             )
     conn.exec_driver_sql(f"DROP TABLE {_SEEN}")
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_LEFT_OUT}")
-    return Resubmitted(added, present, renumbered, gone, relocated, dropped, restored, ended_unsent, matched)
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_STOOD_FOR}")
+    return Resubmitted(
+        added, present, renumbered, gone, relocated, dropped, restored, ended_unsent, matched + stood_for
+    )
 
 
-def _left_out(conn: Connection, batch_id: str) -> ColumnElement[bool]:
+def _store_block(
+    conn: Connection, batch_id: str, block: list[NewJob], add_seen: Any
+) -> tuple[int, int, int, int]:
+    """Store a chunk of the manifest's jobs as :func:`resubmit_jobs` does, those the batch has
+    already (by key) given the place and media paths the manifest gives them, every key kept in
+    :data:`_SEEN`: ``(added, present, renumbered, relocated)``."""
+    if not block:
+        return 0, 0, 0, 0
+    renumbered = relocated = 0
+    block_rows = _job_rows(batch_id, block)
+    inserted = _insert_rows(conn, block_rows)
+    if inserted < len(block):
+        relocated += _relocate_stored(conn, batch_id, block)
+    if conn.dialect.name == "postgresql":  # the chunk is still in the staging table _insert_chunk_pg filled
+        if inserted < len(block):
+            renumbered += _place_stored_pg(conn)
+        staging = table(_STAGING, column("job_key"), column("id"))
+        conn.execute(add_seen.from_select(["job_key", "id"], select(staging.c.job_key, staging.c.id)))
+    else:
+        if inserted < len(block):
+            renumbered += _place_stored_sqlite(conn, batch_id, block)
+        conn.execute(add_seen, [{"job_key": row["job_key"], "id": row["id"]} for row in block_rows])
+    return inserted, len(block) - inserted, renumbered, relocated
+
+
+def _has_aliases(conn: Connection, batch_id: str) -> bool:
+    """Whether a job of ``batch_id`` stands for a manifest's key other than its own
+    (:attr:`jobs.models.Job.manifest_key`): one probe of ``ix_jobs_batch_id_manifest_key``."""
+    found = conn.execute(
+        select(literal(1)).where(_JOBS.c.batch_id == batch_id, _JOBS.c.manifest_key.is_not(None)).limit(1)
+    ).first()
+    return found is not None
+
+
+def _holders(conn: Connection, batch_id: str, block: list[NewJob]) -> dict[str, Any]:
+    """The jobs of ``batch_id`` that stand for a job of ``block`` (their ``manifest_key`` is its
+    key), by that key: not one whose own key the manifest has (in ``block`` or an earlier chunk,
+    :data:`_SEEN`): that job is its own item's (:func:`_both_spellings`)."""
+    keys = {job.key for job in block}
+    seen = table(_SEEN, column("job_key"))
+    rows = conn.execute(
+        select(
+            _JOBS.c.id,
+            _JOBS.c.job_key,
+            _JOBS.c.manifest_key,
+            _JOBS.c.input,
+            _JOBS.c.source_files,
+            _JOBS.c.item_index,
+            _JOBS.c.variant,
+            _JOBS.c.not_in_manifest,
+        ).where(
+            _JOBS.c.batch_id == batch_id,
+            _JOBS.c.manifest_key.is_not(None),
+            _JOBS.c.manifest_key.in_(list(keys)),
+            ~exists().where(seen.c.job_key == _JOBS.c.job_key),
+            ~and_(_JOBS.c.state == JobState.CANCELLED, _JOBS.c.error_type == NOT_IN_MANIFEST),
+        )
+    ).all()
+    return {row.manifest_key: row for row in rows if row.job_key not in keys}
+
+
+def _keep_stood_for(conn: Connection, block: list[NewJob]) -> None:
+    """Keep the jobs of ``block`` that a stored job stands for (:data:`_STOOD_FOR`), for
+    :func:`_both_spellings`: nothing is stored for them unless the manifest turns out to have
+    that job's own key too."""
+    stood_for = table(_STOOD_FOR, column("job_key"), column("job"))
+    conn.execute(
+        insert(stood_for),
+        [{"job_key": job.key, "job": json.dumps(_job_document(job), default=str)} for job in block],
+    )
+
+
+def _job_document(job: NewJob) -> dict[str, Any]:
+    return {name: getattr(job, name) for name in NewJob.__dataclass_fields__}
+
+
+def _job_of_document(text: str) -> NewJob:
+    doc = json.loads(text)
+    doc["est_billing_units"], doc["est_usd"] = Decimal(doc["est_billing_units"]), Decimal(doc["est_usd"])
+    return NewJob(**doc)
+
+
+def _both_spellings(conn: Connection, batch_id: str) -> tuple[int, int, int]:
+    """Jobs that stand for another spelling (``manifest_key``) when the manifest has both: their
+    own key, and the one they stand for, as two items (the same request written twice, which
+    ``validate`` warns of). Such a job is its own key's item's job, and no longer stands for the
+    other (its ``manifest_key`` is cleared); the other item's job, held back by
+    :func:`_holders`, is stored now (or a job of its key the batch has, dropped, takes its place
+    and is ``pending`` again, as any dropped job the manifest has again): ``(added, renumbered,
+    held back)``.
+    Rare: looked for once, after every chunk."""
+    seen = table(_SEEN, column("job_key"), column("id"))
+    stood_for = table(_STOOD_FOR, column("job_key"), column("job"))
+    both = conn.execute(
+        select(_JOBS.c.id, _JOBS.c.manifest_key).where(
+            _JOBS.c.batch_id == batch_id,
+            _JOBS.c.manifest_key.is_not(None),
+            _JOBS.c.manifest_key.in_(select(seen.c.job_key)),
+            _JOBS.c.job_key.in_(select(seen.c.job_key)),
+        )
+    ).all()
+    if not both:
+        return 0, 0, 0
+    conn.execute(update(_JOBS).where(_JOBS.c.id.in_([row.id for row in both])).values(manifest_key=None))
+    held = [
+        _job_of_document(text)
+        for (text,) in conn.execute(
+            select(stood_for.c.job).where(stood_for.c.job_key.in_([row.manifest_key for row in both]))
+        )
+    ]
+    if not held:
+        return 0, 0, 0
+    block_rows = _job_rows(batch_id, held)
+    inserted = _insert_rows(conn, block_rows)
+    renumbered = 0
+    if inserted < len(held):
+        _relocate_stored(conn, batch_id, held)
+        renumbered = _place_stored_sqlite(conn, batch_id, held)
+    # The rows stored now are this resubmit's (:func:`_match_written_defaults` reads them by id).
+    conn.execute(
+        update(seen).where(seen.c.job_key == bindparam("b_key")).values(id=bindparam("b_id")),
+        [{"b_key": row["job_key"], "b_id": row["id"]} for row in block_rows],
+    )
+    return inserted, renumbered, len(held)
+
+
+def _stand_in(conn: Connection, pairs: list[tuple[Any, NewJob]]) -> tuple[int, int]:
+    """Each stored job of ``pairs`` (a row of :func:`_holders`) takes the place of the manifest's
+    job it stands for, and the media paths it gives (the same bytes), and is in the manifest:
+    ``(moved, relocated)``. Only what differs is written: a no-op resubmit writes nothing."""
+    pg = conn.dialect.name == "postgresql"
+    moves = [
+        {"b_id": old.id, "b_item": new.item_index, "b_variant": new.variant}
+        for old, new in pairs
+        if (old.item_index, old.variant) != (new.item_index, new.variant) or old.not_in_manifest
+    ]
+    if moves:
+        conn.execute(
+            update(_JOBS)
+            .where(_JOBS.c.id == bindparam("b_id"))
+            .values(
+                item_index=bindparam("b_item"),
+                variant=bindparam("b_variant"),
+                earlier_items=_earlier_items(pg, bindparam("b_item")),
+                not_in_manifest=False,
+            ),
+            moves,
+        )
+    changes = [
+        change
+        for old, new in pairs
+        if (change := _media_change(old.id, old.input or {}, old.source_files, new)) is not None
+    ]
+    _set_media(conn, changes)
+    moved = sum(1 for old, new in pairs if (old.item_index, old.variant) != (new.item_index, new.variant))
+    return moved, len(changes)
+
+
+def _media_change(
+    job_id: str, old_input: dict[str, Any], old_sources: Any, new: Any
+) -> dict[str, Any] | None:
+    """The change of :func:`jobs.store.batches._set_media` that gives stored job ``job_id`` the
+    media values and ``source_files`` of the manifest's job ``new`` (a :class:`NewJob`, or a
+    stored row with ``endpoint``, ``input`` and ``source_files``), where they differ; else None.
+    Only the endpoint's media fields: the rest of the stored input (what was sent) stays."""
+    fields = [f.name for f in get_endpoint(new.endpoint).media_fields if f.name in new.input]
+    media = {name: new.input[name] for name in fields if old_input.get(name) != new.input[name]}
+    if media or old_sources != new.source_files:
+        return {"b_id": job_id, "b_input": {**old_input, **media}, "b_sources": new.source_files}
+    return None
+
+
+def _left_out(conn: Connection, batch_id: str, aliases: bool = False) -> ColumnElement[bool]:
     """Which jobs of ``batch_id`` the resubmitted manifest left out: their ids, found once by
     an anti-join of the batch's jobs with the manifest's keys (:data:`_SEEN`, filled) and kept
     in the temporary table :data:`_LEFT_OUT`; the condition a statement over those jobs takes
@@ -284,25 +485,54 @@ def _left_out(conn: Connection, batch_id: str) -> ColumnElement[bool]:
     for more than 15 minutes, a statement at a time. The two differ only where a key is NULL
     (``NOT IN`` over a NULL is never true): ``jobs.job_key`` is NOT NULL, and so is every key
     of :data:`_SEEN`. Found once, not in each statement: what the statements change (marks,
-    states) is not what decides which jobs these are, and the ids are the jobs' primary key."""
+    states) is not what decides which jobs these are, and the ids are the jobs' primary key.
+
+    ``aliases``: some job of the batch stands for a key other than its own (``manifest_key``,
+    :func:`_match_written_defaults`): one that stands for a key of the manifest is in it, and a
+    job a resubmit dropped whose key such a job stands for is left out (it stays dropped)."""
     pg = conn.dialect.name == "postgresql"
     on_commit = " ON COMMIT DROP" if pg else ""
     conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {_LEFT_OUT} (id TEXT PRIMARY KEY){on_commit}")
     gone = table(_LEFT_OUT, column("id"))
     conn.execute(delete(gone))
-    conn.execute(insert(gone).from_select(["id"], _left_out_ids(batch_id)))
+    conn.execute(insert(gone).from_select(["id"], _left_out_ids(batch_id, aliases)))
     if pg:
         conn.exec_driver_sql(f"ANALYZE {_LEFT_OUT}")
     return _JOBS.c.id.in_(select(gone.c.id))
 
 
-def _left_out_ids(batch_id: str) -> Select[tuple[str]]:
-    """The ids of the jobs of ``batch_id`` whose key :data:`_SEEN` does not hold (an anti-join)."""
+def _left_out_ids(batch_id: str, aliases: bool = False) -> Select[tuple[str]]:
+    """The ids of the jobs of ``batch_id`` whose key :data:`_SEEN` does not hold (an anti-join);
+    with ``aliases``, see :func:`_left_out`."""
     seen = table(_SEEN, column("job_key"))
-    return select(_JOBS.c.id).where(
-        _JOBS.c.batch_id == batch_id,
-        ~exists().where(seen.c.job_key == _JOBS.c.job_key),
+    absent = ~exists().where(seen.c.job_key == _JOBS.c.job_key)
+    if not aliases:
+        return select(_JOBS.c.id).where(_JOBS.c.batch_id == batch_id, absent)
+    holder = _JOBS.alias("holder")
+    # Two anti-joins (a NULL manifest_key equals no key); and, disjoint from those (their key is
+    # the manifest's), the dropped jobs a job in the manifest stands for.
+    absent_both = select(_JOBS.c.id).where(
+        _JOBS.c.batch_id == batch_id, absent, ~exists().where(seen.c.job_key == _JOBS.c.manifest_key)
     )
+    stood_for = select(_JOBS.c.id).where(
+        _JOBS.c.batch_id == batch_id,
+        _JOBS.c.state == JobState.CANCELLED,
+        _JOBS.c.error_type == NOT_IN_MANIFEST,
+        exists().where(seen.c.job_key == _JOBS.c.job_key),
+        exists().where(
+            holder.c.batch_id == batch_id,
+            holder.c.manifest_key.is_not(None),
+            holder.c.manifest_key == _JOBS.c.job_key,
+        ),
+    )
+    return cast(Select[tuple[str]], union_all(absent_both, stood_for))
+
+
+def _not_left_out() -> ColumnElement[bool]:
+    """A job not among those :func:`_left_out` found: an anti-join (``NOT EXISTS``, not ``NOT IN``:
+    see :func:`_left_out`)."""
+    gone = table(_LEFT_OUT, column("id"))
+    return ~exists().where(gone.c.id == _JOBS.c.id)
 
 
 #: Ids one ``IN (…)`` list names at most: a sweep that wrote out a default matches every job,
@@ -310,9 +540,12 @@ def _left_out_ids(batch_id: str) -> Select[tuple[str]]:
 _IDS_PER_STATEMENT = 5000
 
 
-def _match_written_defaults(conn: Connection, batch_id: str, left_out: ColumnElement[bool]) -> int:
-    """Keep as their items' jobs the left-out jobs of ``batch_id`` that the rows this resubmit
-    added ask the same as, once the endpoint's documented defaults are filled in; how many.
+def _match_written_defaults(
+    conn: Connection, batch_id: str, left_out: ColumnElement[bool]
+) -> tuple[int, int]:
+    """Keep as their items' jobs the left-out jobs of ``batch_id`` that the manifest's jobs
+    stored for nothing yet ask the same as, once the endpoint's documented defaults are filled
+    in: ``(of the rows this resubmit added, of all)``.
 
     A key is the input as written, so a manifest edited to write out a default (``num_frames:
     81`` where fal renders 81 frames anyway), or to leave out one it wrote, gives every job a new
@@ -320,8 +553,12 @@ def _match_written_defaults(conn: Connection, batch_id: str, left_out: ColumnEle
     same videos. Such a job is one of the same request: like a manifest submitted again as it
     was, its item keeps the job it has. The job stored stays as it is — its key, its input as it
     was sent, its state, its video — and takes the item's place (and the media paths the
-    manifest now gives, the same bytes, as :func:`_relocate_stored` does); the row just added for
-    it is deleted, in this transaction: nothing was stored for it, nothing is sent.
+    manifest now gives, the same bytes, as :func:`_relocate_stored` does), and records the key it
+    stands for (``manifest_key``): the next resubmit finds it by that key, storing nothing
+    (:func:`_holders`). The manifest's job it stands for is either a row just added, deleted
+    here, in this transaction (nothing was stored for it, nothing is sent), or one an earlier
+    resubmit dropped that the manifest has again (never sent): that one stays dropped, among the
+    jobs left out, instead of being ``pending`` again and sent.
 
     Only a job that may have been sent (:func:`_nothing_sent` false: sent, being sent, ended
     after a send) or that succeeded (a twin's video reused) stands in for one: a job a budget or
@@ -329,7 +566,9 @@ def _match_written_defaults(conn: Connection, batch_id: str, left_out: ColumnEle
     once), and one never sent is dropped as before (the new row, the manifest's spelling, is sent
     in its place, once). Only jobs that pin their seed, or whose endpoint has none, are the same
     request (:func:`jobs.manifest.keys.defaults_free_key`): without a seed fal draws a new one.
-    Each stored job stands in for one row at most, a succeeded one first, then the oldest."""
+    Each stored job stands in for one at most, and every such job stands in for one: of several
+    that ask the same (two items differing only by a default written out, both sent), a
+    succeeded one first, then one in the item's place, then the oldest."""
     candidates = [
         row
         for row in conn.execute(
@@ -341,6 +580,8 @@ def _match_written_defaults(conn: Connection, batch_id: str, left_out: ColumnEle
                 _JOBS.c.source_files,
                 _JOBS.c.state,
                 _JOBS.c.error_type,
+                _JOBS.c.item_index,
+                _JOBS.c.variant,
                 case((and_(*_nothing_sent()), 1), else_=0).label("unsent"),
             )
             .where(_JOBS.c.batch_id == batch_id, left_out)
@@ -349,39 +590,60 @@ def _match_written_defaults(conn: Connection, batch_id: str, left_out: ColumnEle
         if not _is_dropped(row.state, row.error_type)
         and (not row.unsent or JobState(row.state) == JobState.SUCCEEDED)
     ]
-    standing: dict[str, Any] = {}
-    for row in sorted(candidates, key=lambda row: JobState(row.state) != JobState.SUCCEEDED):
+    standing: dict[str, list[Any]] = {}
+    for row in candidates:
         key = defaults_free_key(row.endpoint, row.input or {}, row.source_files, row.job_key)
         if key is not None:
-            standing.setdefault(key, row)
+            standing.setdefault(key, []).append(row)
     if not standing:
-        return 0
+        return 0, 0
     seen = table(_SEEN, column("job_key"), column("id"))
-    new_rows = conn.execute(
-        select(
-            _JOBS.c.id,
-            _JOBS.c.job_key,
-            _JOBS.c.endpoint,
-            _JOBS.c.input,
-            _JOBS.c.source_files,
-            _JOBS.c.item_index,
-            _JOBS.c.variant,
+    columns = (
+        _JOBS.c.id,
+        _JOBS.c.job_key,
+        _JOBS.c.endpoint,
+        _JOBS.c.input,
+        _JOBS.c.source_files,
+        _JOBS.c.item_index,
+        _JOBS.c.variant,
+    )
+    # IN, not a join: SQLite read the batch's jobs by their index and scanned the keys (no
+    # index on their ids) for each, hours for 40,000 jobs; IN makes it one lookup each.
+    added_rows = conn.execute(
+        select(*columns, literal(1).label("added")).where(
+            _JOBS.c.batch_id == batch_id, _JOBS.c.id.in_(select(seen.c.id))
         )
-        # IN, not a join: SQLite read the batch's jobs by their index and scanned the keys (no
-        # index on their ids) for each, hours for 40,000 jobs; IN makes it one lookup each.
-        .where(_JOBS.c.batch_id == batch_id, _JOBS.c.id.in_(select(seen.c.id)))
-        .order_by(_JOBS.c.item_index, _JOBS.c.variant)
+    ).all()
+    # Dropped before, in the manifest again (its key: it is not left out): what _restore would
+    # make pending.
+    dropped_rows = conn.execute(
+        select(*columns, literal(0).label("added")).where(
+            _JOBS.c.batch_id == batch_id,
+            _JOBS.c.state == JobState.CANCELLED,
+            _JOBS.c.error_type == NOT_IN_MANIFEST,
+            _not_left_out(),
+        )
     ).all()
     pairs = []
-    for new in new_rows:
+    for new in sorted([*added_rows, *dropped_rows], key=lambda row: (row.item_index, row.variant)):
         key = defaults_free_key(new.endpoint, new.input or {}, new.source_files, new.job_key)
-        old = standing.pop(key, None) if key is not None else None
-        if old is not None:
-            pairs.append((new, old))
+        rows = standing.get(key) if key is not None else None
+        if not rows:
+            continue
+        place = (new.item_index, new.variant)
+        best = min(
+            range(len(rows)),
+            key=lambda i: (
+                JobState(rows[i].state) != JobState.SUCCEEDED,
+                (rows[i].item_index, rows[i].variant) != place,
+                i,
+            ),
+        )
+        pairs.append((new, rows.pop(best)))
     if not pairs:
-        return 0
-    added_ids, kept_ids = [new.id for new, _ in pairs], [old.id for _, old in pairs]
-    for start in range(0, len(pairs), _IDS_PER_STATEMENT):
+        return 0, 0
+    added_ids = [new.id for new, _ in pairs if new.added]
+    for start in range(0, len(added_ids), _IDS_PER_STATEMENT):
         conn.execute(delete(_JOBS).where(_JOBS.c.id.in_(added_ids[start : start + _IDS_PER_STATEMENT])))
     pg = conn.dialect.name == "postgresql"
     conn.execute(
@@ -392,20 +654,28 @@ def _match_written_defaults(conn: Connection, batch_id: str, left_out: ColumnEle
             variant=bindparam("b_variant"),
             earlier_items=_earlier_items(pg, bindparam("b_item")),
             not_in_manifest=False,
+            manifest_key=bindparam("b_key"),
         ),
-        [{"b_id": old.id, "b_item": new.item_index, "b_variant": new.variant} for new, old in pairs],
+        [
+            {"b_id": old.id, "b_item": new.item_index, "b_variant": new.variant, "b_key": new.job_key}
+            for new, old in pairs
+        ],
     )
-    changes = []
-    for new, old in pairs:
-        fields = [f.name for f in get_endpoint(new.endpoint).media_fields if f.name in new.input]
-        media = {name: new.input[name] for name in fields if old.input.get(name) != new.input[name]}
-        if media or old.source_files != new.source_files:
-            changes.append({"b_id": old.id, "b_input": {**old.input, **media}, "b_sources": new.source_files})
+    changes = [
+        change
+        for new, old in pairs
+        if (change := _media_change(old.id, old.input or {}, old.source_files, new)) is not None
+    ]
     _set_media(conn, changes)
     gone = table(_LEFT_OUT, column("id"))
-    for start in range(0, len(pairs), _IDS_PER_STATEMENT):
+    kept_ids = [old.id for _, old in pairs]
+    for start in range(0, len(kept_ids), _IDS_PER_STATEMENT):
         conn.execute(delete(gone).where(gone.c.id.in_(kept_ids[start : start + _IDS_PER_STATEMENT])))
-    return len(pairs)
+    # The dropped jobs a stored job now stands for are left out: they stay dropped.
+    stood_for = [{"id": new.id} for new, _ in pairs if not new.added]
+    if stood_for:
+        conn.execute(insert(gone), stood_for)
+    return len(added_ids), len(pairs)
 
 
 def _is_dropped(state: str, error_type: str | None) -> bool:
@@ -553,13 +823,11 @@ def _relocate_stored(conn: Connection, batch_id: str, block: list[NewJob]) -> in
             _JOBS.c.batch_id == batch_id, _JOBS.c.job_key.in_(list(wanted))
         )
     ).all()
-    changes = []
-    for job_id, key, old_input, old_sources in stored:
-        new = wanted[key]
-        fields = [f.name for f in get_endpoint(new.endpoint).media_fields if f.name in new.input]
-        media = {name: new.input[name] for name in fields if old_input.get(name) != new.input[name]}
-        if media or old_sources != new.source_files:
-            changes.append({"b_id": job_id, "b_input": {**old_input, **media}, "b_sources": new.source_files})
+    changes = [
+        change
+        for job_id, key, old_input, old_sources in stored
+        if (change := _media_change(job_id, old_input, old_sources, wanted[key])) is not None
+    ]
     if changes:
         _set_media(conn, changes)
     return len(changes)
@@ -690,7 +958,9 @@ def _place_stored_pg(conn: Connection) -> int:
 
 
 def _place_stored_sqlite(conn: Connection, batch_id: str, block: list[NewJob]) -> int:
-    """:func:`_place_stored_pg` for SQLite: one UPDATE per job, by the (batch_id, job_key) index."""
+    """:func:`_place_stored_pg` for SQLite (and a few jobs on PostgreSQL, :func:`_both_spellings`):
+    one UPDATE per job, by the (batch_id, job_key) index."""
+    pg = conn.dialect.name == "postgresql"
     moved = conn.execute(
         update(_JOBS)
         .where(
@@ -701,7 +971,7 @@ def _place_stored_sqlite(conn: Connection, batch_id: str, block: list[NewJob]) -
         .values(
             item_index=bindparam("b_item"),
             variant=bindparam("b_variant"),
-            earlier_items=_earlier_items(False, bindparam("b_item")),
+            earlier_items=_earlier_items(pg, bindparam("b_item")),
         )
         .execution_options(preserve_rowcount=True),
         [{"b_key": job.key, "b_item": job.item_index, "b_variant": job.variant} for job in block],
@@ -736,6 +1006,8 @@ _STAGING = "wanbatch_new_jobs"
 _SEEN = "wanbatch_seen_keys"
 #: The ids of the batch's jobs whose key it no longer has (:func:`_left_out`): another.
 _LEFT_OUT = "wanbatch_left_out"
+#: The manifest's jobs a stored job stands for (:func:`_holders`), held back: another.
+_STOOD_FOR = "wanbatch_stood_for"
 
 
 def _insert_chunk_sqlite(conn: Connection, rows: list[dict[str, Any]]) -> int:

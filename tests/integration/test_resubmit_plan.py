@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -26,7 +26,7 @@ from jobs.models import Job
 from jobs.states import JobState as S
 
 #: The temporary tables a resubmit's statements over the manifest's keys read.
-TEMPORARY = ("wanbatch_seen_keys", "wanbatch_left_out")
+TEMPORARY = ("wanbatch_seen_keys", "wanbatch_left_out", "wanbatch_stood_for")
 
 
 def _job(i: int) -> store.NewJob:
@@ -68,6 +68,18 @@ def plans(engine: Engine) -> Iterator[list[tuple[str, str]]]:
     yield seen
     for one in engines:
         event.remove(one, "before_cursor_execute", explain)
+
+
+def _assert_no_subplan_per_job(session: Session, plans: list[tuple[str, str]]) -> None:
+    assert plans, "no statement read the manifest's keys"
+    pg = session.get_bind().dialect.name == "postgresql"
+    for statement, plan in plans:
+        if pg:
+            assert "SubPlan" not in plan, f"{statement[:120]}\n{plan}"
+        else:
+            correlated = [line for line in plan.splitlines() if "CORRELATED" in line]
+            scans = [line for line in plan.splitlines() if line.startswith("SCAN wanbatch_")]
+            assert not (correlated and scans), f"{statement[:120]}\n{plan}"
 
 
 def _resubmit(session: Session, batch_id: str, keep: range) -> store.Resubmitted:
@@ -112,3 +124,49 @@ def test_a_resubmit_finds_the_left_out_jobs_by_an_anti_join_not_a_subplan_per_jo
     if pg:
         # The left-out jobs are found once per resubmit, by an anti-join on the keys.
         assert sum("Anti Join" in plan for _, plan in plans) == 2, "\n\n".join(plan for _, plan in plans)
+
+
+def _seeded(i: int, *, written: bool) -> store.NewJob:
+    """Job ``i`` with its seed pinned, ``num_frames: 81`` (the endpoint's default) written or not."""
+    from jobs.endpoints import get_endpoint
+    from jobs.manifest import job_key
+
+    given: dict[str, Any] = {"prompt": f"job {i}", "seed": i, **({"num_frames": 81} if written else {})}
+    return store.NewJob(
+        key=job_key(get_endpoint("fal-ai/wan-22"), given),
+        item_index=i,
+        endpoint="fal-ai/wan-22",
+        input=given,
+        est_billing_units=Decimal(1),
+        est_usd=Decimal("0.40"),
+    )
+
+
+def test_jobs_standing_for_another_spelling_are_found_without_a_subplan_per_job(
+    session: Session, plans: list[tuple[str, str]]
+) -> None:
+    """The statements that find the jobs sent under another spelling of the manifest's
+    (``manifest_key``): no subplan per job, on the resubmit that matches them nor on those after."""
+    batch, _ = store.get_or_create_batch(
+        session, name="plans-wd", manifest_path="/m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
+    )
+    store.add_jobs(session, batch.id, [_seeded(i, written=False) for i in range(300)])
+    session.execute(
+        update(Job)
+        .where(Job.batch_id == batch.id)
+        .values(state=S.SUCCEEDED, attempts=1, request_id="r", actual_usd=Decimal("0.4"))
+    )
+    session.commit()
+
+    def resubmit(jobs: list[store.NewJob]) -> store.Resubmitted:
+        done = store.resubmit_jobs(session, batch.id, jobs, lambda: len(jobs), chunk=100)
+        session.commit()
+        return done
+
+    first = resubmit([_seeded(i, written=True) for i in range(200)])
+    assert (first.added, first.defaults_matched, first.not_in_manifest) == (0, 200, 100)
+    again = resubmit([_seeded(i, written=True) for i in range(250)])  # 200 found by it, 50 matched
+    assert (again.added, again.defaults_matched, again.not_in_manifest) == (0, 250, 50)
+    both = resubmit([_seeded(i, written=True) for i in range(250)] + [_seeded(0, written=False)])
+    assert (both.added, both.defaults_matched, both.not_in_manifest) == (1, 249, 50)
+    _assert_no_subplan_per_job(session, plans)
