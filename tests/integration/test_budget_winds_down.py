@@ -10,9 +10,11 @@ still fits stays pending and is sent.
 
 from __future__ import annotations
 
+import logging
 import threading
 from decimal import Decimal
 
+import pytest
 from sqlalchemy import Engine, func, select, update
 
 from jobs import db, store
@@ -175,3 +177,69 @@ def test_a_tick_that_only_cancels_for_the_budget_is_not_idle(engine: Engine) -> 
         )
     assert total == 500  # one history entry each, no more
     _money_consistent(engine, batch_id)
+
+
+def _wound_down(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The ``dispatch.budget_cancelled`` warnings logged."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if getattr(r, "event", None) == "dispatch.budget_cancelled" and r.levelno == logging.WARNING
+    ]
+
+
+# The one line for the jobs a round ends together blamed "its budget" whatever cap ended them: a
+# batch with no budget at all, wound down by WANBATCH_DAILY_BUDGET_USD, was said to be over its
+# own budget. It names the cap: the batch's, today's, or both (with how many each). A round
+# claims three: two are sent, the third refused (a line of its own), the other seven ended.
+URL = "http://127.0.0.1:9"
+
+
+def test_the_wind_down_warning_names_today_s_cap_for_a_batch_without_budget(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    batch_id = add_batch(engine, "no-budget", [WAN] * 10, est_usd=Decimal("0.25"))
+    settings = settings_for(URL, KEY, max_outstanding=3, daily_budget_usd=Decimal("0.50"))
+    rt = make_runtime(engine, settings, batch_ids=frozenset({batch_id}))
+    with caplog.at_level(logging.WARNING, logger="worker.steps.dispatch"):
+        assert len(dispatch(rt)) == 2
+    assert _wound_down(caplog) == [
+        f"batch {batch_id}: 7 unsent job(s) cannot fit today's cap "
+        "($0.50, WANBATCH_DAILY_BUDGET_USD): cancelled"
+    ]
+
+
+def test_the_wind_down_warning_names_the_batch_s_budget(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    batch_id = add_batch(engine, "own-budget", [WAN] * 10, est_usd=Decimal("0.25"))
+    with db.session_scope(engine) as session:
+        store.set_batch_budget(session, batch_id, Decimal("0.50"))
+    rt = make_runtime(engine, settings_for(URL, KEY, max_outstanding=3), batch_ids=frozenset({batch_id}))
+    with caplog.at_level(logging.WARNING, logger="worker.steps.dispatch"):
+        assert len(dispatch(rt)) == 2
+    assert _wound_down(caplog) == [
+        f"batch {batch_id}: 7 unsent job(s) cannot fit its budget ($0.50): cancelled"
+    ]
+
+
+def test_the_wind_down_warning_names_both_caps_when_both_end_jobs(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Five $1.00 jobs, then five $0.30 ones; a $1.50 budget and a $1.20 day. The first $1.00 job
+    is sent, the second refused by the batch's cap; the other $1.00 ones cannot fit the $0.50 its
+    budget has left, the $0.30 ones the $0.20 left of today's cap."""
+    batch_id = add_batch(engine, "both-caps", [WAN] * 10, est_usd=Decimal("1.00"))
+    ids = job_ids(engine, batch_id)
+    with db.session_scope(engine) as session:
+        session.execute(update(Job).where(Job.id.in_(ids[5:])).values(est_usd=Decimal("0.30")))
+        store.set_batch_budget(session, batch_id, Decimal("1.50"))
+    settings = settings_for(URL, KEY, max_outstanding=2, daily_budget_usd=Decimal("1.20"))
+    rt = make_runtime(engine, settings, batch_ids=frozenset({batch_id}))
+    with caplog.at_level(logging.WARNING, logger="worker.steps.dispatch"):
+        assert dispatch(rt) == [ids[0]]
+    assert job_states(engine, batch_id) == {"submitting": 1, "cancelled": 9}
+    assert _wound_down(caplog) == [
+        f"batch {batch_id}: 8 unsent job(s) cannot fit its budget ($1.50) or today's cap "
+        "($1.20, WANBATCH_DAILY_BUDGET_USD): cancelled (3 over its budget, 5 over today's cap)"
+    ]

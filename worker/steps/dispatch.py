@@ -776,16 +776,18 @@ def _end_what_cannot_fit(
     be given an output without being sent (a twin's, or a staged video) is left to its claim
     (:func:`jobs.store.cancel_unsent_over`).
     """
-    ended = 0
     common: dict[str, Any] = {
         "reason": "budget",
         "worker": rt.owner,
         "now": now,
         "keep_reusable": batch.reuse_outputs,
     }
+    # Which cap ended how many, for the warning: it once blamed "its budget" for jobs only the
+    # day's cap (WANBATCH_DAILY_BUDGET_USD) ended, of a batch with no budget at all.
+    by_cap: list[tuple[str, str, int]] = []  # the cap as named, in short, how many it ended
     cap, batch_committed = committed.batch(batch.id)
     if cap is not None:
-        ended += store.cancel_unsent_over(
+        over = store.cancel_unsent_over(
             session,
             batch.id,
             over_usd=cap - batch_committed,
@@ -793,10 +795,12 @@ def _end_what_cannot_fit(
             error_type=BATCH_CAP_ERROR,
             **common,
         )
+        if over:
+            by_cap.append((f"its budget ({usd_text(cap)})", "its budget", over))
     daily_cap = committed.daily_cap
     if daily_cap is not None and committed.counts_today(batch.id):
         today = committed.today()
-        ended += store.cancel_unsent_over(
+        over = store.cancel_unsent_over(
             session,
             batch.id,
             over_usd=daily_cap - today,
@@ -804,11 +808,21 @@ def _end_what_cannot_fit(
             error_type=DAILY_CAP_ERROR,
             **common,
         )
+        if over:
+            by_cap.append(
+                (f"today's cap ({usd_text(daily_cap)}, WANBATCH_DAILY_BUDGET_USD)", "today's cap", over)
+            )
+    ended = sum(n for _name, _short, n in by_cap)
     if ended:  # a WARNING, as each job's end: a `run` logging warnings only says it too
+        caps = " or ".join(name for name, _short, _n in by_cap)
+        each = ", ".join(f"{n} over {short}" for _name, short, n in by_cap)
+        each = f" ({each})" if len(by_cap) > 1 else ""
         log.warning(
-            "batch %s: %d unsent job(s) cannot fit its budget: cancelled",
+            "batch %s: %d unsent job(s) cannot fit %s: cancelled%s",
             batch.id,
             ended,
+            caps,
+            each,
             extra={"event": "dispatch.budget_cancelled", "batch_id": batch.id},
         )
     return ended
