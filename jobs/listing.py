@@ -667,7 +667,9 @@ def waiting_note(holders: list[store.LeaseHolder], now: datetime, *, gone: Colle
     """``waiting for 3 job(s) leased to host:123:4 (another process) until 14:02:11 UTC``: why
     jobs of the batch do not move while another process holds them (``gone``: owners known to
     have ended, whose submits in flight are waited for: "a process that has ended"). What an
-    embedded run's progress line says (``worker.running.leases_note``); ``status`` says the
+    embedded run's progress line says (``worker.running.leases_note``) of holders that do not
+    work on the batch now (gone, or their heartbeat stale: not those of
+    :func:`working_beside_note`), with no ETA; ``status`` says the
     same of holders that are gone (:func:`dead_holders_text`). The wait's end names its date
     when not on ``now``'s UTC day (:func:`utc_clock`)."""
     live = [h for h in holders if h.until > now]
@@ -682,6 +684,25 @@ def waiting_note(holders: list[store.LeaseHolder], now: datetime, *, gone: Colle
     # No countdown: the words stay the same while the wait lasts (a plain progress line is
     # printed again whenever they change).
     return f"waiting for {jobs} job(s) leased to {who} (another process) until {utc_clock(until, now=now)}"
+
+
+def working_beside_note(holders: Sequence[store.LeaseHolder]) -> str:
+    """``another process works on this batch too: 11835@vm (5 job(s) leased to it)``: other
+    live processes that work on the batch beside this run (their heartbeat is fresh: a second
+    ``run`` of the batch, the distributed workers), whose leases come and go as they send and
+    collect jobs ("" when none). What an embedded run's progress line says of them, with the
+    batch's ETA: :func:`waiting_note` ("waiting for … until", the lease's end renewed for as
+    long as they work) said nothing of the batch's pace and looked like a stall."""
+    if not holders:
+        return ""
+    # By process: the threads of one (``host:pid:thread``) are one process.
+    processes = list(dict.fromkeys(owner_prefix(h.owner) or h.owner for h in holders))
+    jobs = sum(h.jobs for h in holders)
+    first = holder_who(holders[0].owner)
+    if len(processes) == 1:
+        return f"another process works on this batch too: {first} ({jobs} job(s) leased to it)"
+    who = f"{first} and {len(processes) - 1} other(s)"
+    return f"{len(processes)} other processes work on this batch too: {who} ({jobs} job(s) leased to them)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1201,12 +1201,23 @@ def serve_run_metrics(settings: Settings) -> Callable[[], None]:
 
 
 def leases_note(conductor: Conductor | None) -> str:
-    """What an embedded run waits for while another process holds leases on its batch that it
-    cannot take back ("" when nothing): never a silent ``submitting:3`` for minutes, nor a cap's
-    reason that is not the one."""
+    """What an embedded run waits for while another process that does not work on its batch now
+    (gone, or silent) holds leases on it that it cannot take back ("" when nothing): never a
+    silent ``submitting:3`` for minutes, nor a cap's reason that is not the one. The progress
+    line gives no ETA then (the pace says nothing of when the wait ends)."""
     if conductor is None or conductor.rt.dead_leases is None:
         return ""
     return conductor.rt.dead_leases.note()
+
+
+def beside_note(conductor: Conductor | None) -> str:
+    """The other live processes that work on an embedded run's batch too, whose leases come and
+    go as they work ("" when none: :func:`jobs.listing.working_beside_note`): named beside the
+    batch's ETA, not waited for (two runs of one batch showed "no ETA yet · waiting for 5 job(s)
+    leased to … until …" to the end, the time moving forward as the other run worked)."""
+    if conductor is None or conductor.rt.dead_leases is None:
+        return ""
+    return conductor.rt.dead_leases.beside()
 
 
 def _nothing_to_stop() -> None:
@@ -1418,8 +1429,11 @@ def _watch(
         if not budget.due(started):
             return False
         # Another process's leases on the batch that this run waits out: whose, until when —
-        # said instead of a cap's reason (the jobs they hold fill it) and of a forecast.
+        # said instead of a cap's reason (the jobs they hold fill it) and of a forecast. Not those
+        # of a live process working on the batch too (a second run of it): that one is named,
+        # and the batch's pace, both runs' work, gives the ETA.
         leased = leases_note(conductor)
+        beside = beside_note(conductor)
         with db.read_scope(engine) as session:
             current = batch_progress(session, batch_id, policy=settings.submit_unknown_policy, here=here)
             holds = [] if leased else caps.holds(session, current)
@@ -1465,7 +1479,9 @@ def _watch(
         # Requests sent with another API key or to another fal queue: this run does not ask
         # about them and does not end before another process settles them (status says so too).
         elsewhere = current["elsewhere_waiting_note"]
-        notes = " · ".join(n for n in (waiting, held, stalled, capped, proof, elsewhere, eta_note) if n)
+        notes = " · ".join(
+            n for n in (waiting, held, stalled, capped, proof, elsewhere, beside, eta_note) if n
+        )
         progress.update(
             task_id,
             # A scheduled batch outside its window says so, with the time left (the countdown).

@@ -237,6 +237,10 @@ class LeaseReclaimer(Protocol):
         """What the progress line says about the leases still waited for ("" when none)."""
         ...
 
+    def beside(self) -> str:
+        """What the progress line says about the other processes working on the batch too."""
+        ...
+
 
 @dataclass
 class Runtime:

@@ -22,9 +22,11 @@ enough that the holder is gone (:func:`process_gone`), so what it held is taken 
   (:mod:`worker.steps.unrecorded`), which the reconciler reads before the lease lapses.
 
 A holder that cannot be told gone (another host, a live process, a queue's name), and a dead
-one's submits in flight, are waited for, and :func:`jobs.listing.waiting_note` says for whom
-and until when (``status`` names holders that are gone the same way:
-:func:`jobs.listing.dead_holders_text`).
+one's submits in flight, are waited for. A live process whose heartbeat is fresh works on the
+batch beside this run (:func:`working_owners`: a second ``run`` of it, a worker), and the
+progress line names it (:func:`jobs.listing.working_beside_note`) beside the batch's ETA; of the
+others :func:`jobs.listing.waiting_note` says for whom and until when, with no ETA (``status``
+names holders that are gone the same way: :func:`jobs.listing.dead_holders_text`).
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session
 
 from jobs import db, processes, store
-from jobs.listing import PROCESSING_STALE_SECONDS, waiting_note
+from jobs.listing import PROCESSING_STALE_SECONDS, waiting_note, working_beside_note
 from jobs.models import EVERY_BATCH, utcnow
-from jobs.processes import process_prefix
+from jobs.processes import owner_prefix, process_prefix
 from jobs.store import LeaseHolder
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime
 
@@ -112,6 +114,32 @@ def release_simulation(session: Session, origin: str) -> None:
     store.drop_heartbeats(session, processes.simulation_owner(origin))
 
 
+def working_owners(
+    session: Session, holders: list[LeaseHolder], *, now: datetime, gone: frozenset[str]
+) -> set[str]:
+    """Those of ``holders`` (by owner) that work on the batch now, beside this run: a process
+    (``host:pid:``…) not known to have ended whose heartbeat, any scope, is at most
+    :data:`~jobs.listing.PROCESSING_STALE_SECONDS` old — a second ``run`` of the batch, a
+    distributed worker. Such a process renews its leases and takes new ones for as long as it
+    works, so "waiting for … until" its lease ends moved forward for the whole run and the batch's
+    ETA was never shown (two runs of one batch, 2,000 jobs, seven minutes). A holder that beats no
+    more (killed on another host, stopped, hung), that has ended, or that is no process (a queue's
+    name) is not one: its leases are waited out, and said so (:func:`waiting_note`)."""
+    prefixes = {p for h in holders if h.owner not in gone and (p := owner_prefix(h.owner)) is not None}
+    if not prefixes:
+        return set()
+    seen = store.owners_last_seen(session, prefixes)
+    fresh = now - timedelta(seconds=PROCESSING_STALE_SECONDS)
+    return {
+        h.owner
+        for h in holders
+        if h.owner not in gone
+        and (p := owner_prefix(h.owner)) is not None
+        and (at := seen.get(p)) is not None
+        and at >= fresh
+    }
+
+
 class DeadLeases:
     """What an embedded run does about other processes' leases on its batch."""
 
@@ -119,8 +147,12 @@ class DeadLeases:
         self.rt = rt
         self.batch_id = batch_id
         self._next_scan = 0.0
-        #: The holders whose leases are waited for, for :func:`waiting_note`.
+        #: The holders whose leases are waited for, for :func:`waiting_note`: processes that do
+        #: not work on the batch now (gone, silent, or of no process at all).
         self.waiting_for: list[LeaseHolder] = []
+        #: The holders that work on the batch beside this run (:func:`working_owners`), for
+        #: :func:`working_beside_note`: their leases come and go, the batch's pace says the rest.
+        self.working: list[LeaseHolder] = []
         #: The owners last found gone (their submits in flight are waited for all the same).
         self.gone: frozenset[str] = frozenset()
 
@@ -146,9 +178,12 @@ class DeadLeases:
                     said.append((owner, back.unsent + back.lapsed, back.in_flight))
             # What stays leased (to live processes; to dead ones, submits whose POST may be out).
             left = store.lease_holders(session, self.batch_id, now=now, excluding=mine) if gone else holders
+            # This process's own queued downloads are leased to the queue's name: not another's.
+            left = [h for h in left if h.owner != DOWNLOAD_QUEUE]
+            working = working_owners(session, left, now=now, gone=frozenset(gone))
             adopted = self._adopt(session, now) if not self.rt.simulated else {}
-        # This process's own queued downloads are leased to the queue's name: not another's.
-        self.waiting_for = [h for h in left if h.owner != DOWNLOAD_QUEUE]
+        self.working = [h for h in left if h.owner in working]
+        self.waiting_for = [h for h in left if h.owner not in working]
         self.gone = frozenset(gone)
         for was, jobs in sorted(adopted.items()):
             log.warning(
@@ -201,5 +236,11 @@ class DeadLeases:
         return store.adopt_requests_sent_elsewhere(session, self.batch_id, self.rt.queue_origin, now=now)
 
     def note(self, now: datetime | None = None) -> str:
-        """The progress line's words for the leases still waited for ("" when none)."""
+        """The progress line's words for the leases still waited for ("" when none): those of
+        processes that do not work on the batch now, not :meth:`beside`'s."""
         return waiting_note(self.waiting_for, now or utcnow(), gone=self.gone)
+
+    def beside(self) -> str:
+        """The progress line's words for the other processes that work on the batch too ("" when
+        none): a second ``run`` of it, the distributed workers."""
+        return working_beside_note(self.working)
