@@ -1479,6 +1479,8 @@ def _watch(
         # Requests sent with another API key or to another fal queue: this run does not ask
         # about them and does not end before another process settles them (status says so too).
         elsewhere = current["elsewhere_waiting_note"]
+        # Its leases as last scanned (up to 2 s old): nothing of a finished batch is leased.
+        beside = beside if done < current["total"] else ""
         notes = " · ".join(
             n for n in (waiting, held, stalled, capped, proof, elsewhere, beside, eta_note) if n
         )
