@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from pathlib import Path
 from typing import NamedTuple
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -33,7 +34,14 @@ from worker.steps.failures import (
 )
 from worker.steps.late_answers import awaits_answer, settle_late_answer
 from worker.steps.poll import first_poll_at
-from worker.steps.unrecorded import Accepted, read_journal
+from worker.steps.unrecorded import (
+    REFUSED_RETRY_SECONDS,
+    Accepted,
+    keep_only,
+    passes_by_waiting,
+    read_journal,
+    refused_words,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,9 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
     moved = adopt_unrecorded(rt)  # first: a job whose request id is known is never "unknown"
     if rt.dead_leases is not None:  # a dead --simulate run's: claimed below at once, not after the lease
         rt.dead_leases.take_back()
+    # Jobs whose accepted submission is held here but not recorded (the database refused it):
+    # never "unknown", never sent again, until it is recorded.
+    held = rt.unrecorded.held_job_ids()
     now = utcnow()
     with db.session_scope(rt.engine) as session:
         lease = rt.settings.lease_seconds
@@ -74,6 +85,7 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
             owner=rt.owner,
             lease_seconds=lease,
             batch_ids=reach.batch_ids,
+            exclude_ids=held,
             exclude_batch_ids=reach.exclude_batch_ids,
         )
         for job in lost:
@@ -98,6 +110,7 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
             owner=rt.owner,
             lease_seconds=lease,
             batch_ids=rt.batch_ids,
+            exclude_ids=held,
             exclude_batch_ids=reach.exclude_batch_ids,
         )
         for job in unknown:
@@ -112,38 +125,98 @@ def adopt_unrecorded(rt: Runtime) -> int:
     every :data:`~worker.steps.unrecorded.SCAN_SECONDS`, the journals that processes which
     have ended left for this database on this host. Run before the reconciler could declare
     such a job's outcome unknown (and, by its policy, fail it or pay for it again). A journal
-    file is removed once every entry in it is settled. Returns how many jobs were recorded."""
+    file is removed once every entry in it is settled. Returns how many jobs were recorded.
+
+    Each entry is recorded in a unit of work of its own: one the database refuses (a
+    constraint, a trigger, a bug: anything but an outage or a schema this process cannot work
+    on, which end the round as ever) stays held — in memory and in its journal file, the others
+    leaving it — said once in one line, tried again every
+    :data:`~worker.steps.unrecorded.REFUSED_RETRY_SECONDS` (another process's at every look),
+    and its job left alone by the reconciler meanwhile
+    (:meth:`~worker.steps.unrecorded.Unrecorded.held_job_ids`). Before, one such entry failed
+    every round of the conductor, with a traceback."""
     waiting = rt.unrecorded
     adopted = 0
+    late: list[_Late] = []
     # Every one this process holds, also those a step still waits to record itself: this runs
     # once the database takes writes again, possibly before the step's next try — and past the
     # job's lease the claim below would otherwise declare its outcome unknown. The step then
     # finds its request id recorded (``_record_submission``).
-    mine = waiting.waiting()
-    late: list[_Late] = []
-    if mine:
-        with db.session_scope(rt.engine) as session:
-            proof = "recorded late by the process that sent it"
-            adopted += sum(_adopt(session, rt, a, proof, late) for a in mine)
-        for accepted in mine:
+    for accepted in waiting.waiting():
+        if not waiting.retry_due(accepted):  # refused a moment ago
+            continue
+        got = _adopt_one(rt, accepted, "recorded late by the process that sent it", late)
+        if got is not None:
+            adopted += got
             waiting.recorded(accepted)
     if waiting.scan_due():
+        refused: list[Accepted] = []
         for path in waiting.journal.left_by_others():
             entries = read_journal(path)
             if entries is None:
                 continue
             proof = f"kept in {path} while the database could not take it"
-            with db.session_scope(rt.engine) as session:
-                adopted += sum(_adopt(session, rt, a, proof, late) for a in entries)
+            kept = []
+            for accepted in entries:
+                got = _adopt_one(rt, accepted, proof, late, path)
+                if got is None:
+                    kept.append(accepted)
+                else:
+                    adopted += got
+            refused.extend(kept)
+            if kept:
+                if len(kept) < len(entries):  # the others are settled: only these stay
+                    keep_only(path, kept)
+                continue
             try:
                 path.unlink()
             except OSError as exc:  # another process settled it first, or the folder went read-only
                 log.debug("could not remove %s: %s", path, exc, extra={"event": "reconcile.journal_left"})
+        waiting.refused_elsewhere(refused)
     for accepted, endpoint, ours in late:  # after the transactions: a cancel is a call to fal
         # The job may keep it still (failed for its unknown outcome, its resend not sent yet).
         settled = settle_late_answer(rt, accepted, endpoint, cancel=ours, event="submit.adopt_too_late")
         adopted += settled == "adopted"
     return adopted
+
+
+def _adopt_one(
+    rt: Runtime, accepted: Accepted, proof: str, late: list[_Late], path: Path | None = None
+) -> bool | None:
+    """:func:`_adopt` in a unit of work of its own: whether it was recorded now, or None when
+    the database refused it (said once; it stays held). An outage, a full disk, or a schema this
+    process cannot work on raise, as they did: the conductor says so (and stops for the schema)."""
+    found: list[_Late] = []
+    try:
+        with db.session_scope(rt.engine) as session:
+            got = _adopt(session, rt, accepted, proof, found)
+    except Exception as exc:
+        if db.is_schema_missing(exc) or (
+            db.is_schema_mismatch(exc) and (rt.schema_behind or db.schema_behind(rt.engine))
+        ):
+            raise
+        if passes_by_waiting(exc):
+            raise
+        problem = refused_words(exc, "adopt_unrecorded")
+        first = rt.unrecorded.refused(accepted)
+        where = path or rt.unrecorded.journal.path
+        log.log(
+            logging.ERROR if first else logging.DEBUG,
+            "%s still cannot be recorded: %s; %s, tried again every %gs, and its job is left as it is "
+            "(never sent again)",
+            accepted.line(),
+            problem,
+            f"kept in {where}" if where else "kept in memory only",
+            REFUSED_RETRY_SECONDS,
+            extra={
+                "event": "submit.unrecorded",
+                "job_id": accepted.job_id,
+                "request_id": accepted.request_id,
+            },
+        )
+        return None
+    late.extend(found)
+    return got
 
 
 class _Late(NamedTuple):

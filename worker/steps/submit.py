@@ -4,7 +4,9 @@ The exact input is recorded and committed before the POST; the POST is never ret
 job's lease is renewed while fal's answer is awaited (:mod:`worker.steps.keepalive`); a lost
 answer makes the job ``submit_unknown``; an accepted request id is recorded even through a
 database outage or a full disk, because only this process knows it (kept in memory and in a
-journal meanwhile: :mod:`worker.steps.unrecorded`). A failure before the request left this
+journal meanwhile: :mod:`worker.steps.unrecorded`), and whatever else fails its record (a write
+the database refuses, a schema downgraded under this process, a bug) keeps it in that journal
+for later, never loses it. A failure before the request left this
 process is not ambiguous: the job goes back to ``pending`` (or fails with the reason). While the
 database's disk is full nothing is sent."""
 
@@ -20,7 +22,6 @@ from pathlib import Path
 
 import httpx
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from jobs import db, store
@@ -62,7 +63,14 @@ from worker.steps.failures import (
 )
 from worker.steps.late_answers import awaits_answer, settle_late_answer
 from worker.steps.poll import first_poll_at
-from worker.steps.unrecorded import Accepted, Sending
+from worker.steps.unrecorded import (
+    REFUSED_RETRY_SECONDS,
+    Accepted,
+    Sending,
+    is_full,
+    passes_by_waiting,
+    refused_words,
+)
 from worker.steps.webhooks import binding_token, webhook_secret
 
 log = logging.getLogger(__name__)
@@ -490,12 +498,11 @@ def _not_sent(session: Session, fence: Fence, why: str) -> None:
     )
 
 
-def _refused_by(*, full: bool, missing: bool) -> str:
-    """What keeps a submission fal accepted from being recorded, for its log lines."""
+def _refused_by(*, full: bool) -> str:
+    """What keeps a submission fal accepted from being recorded while it is waited for, for its
+    log lines."""
     if full:
         return "the database's disk is full"
-    if missing:
-        return "the database has no such table"
     return "the database is unreachable"
 
 
@@ -512,12 +519,16 @@ def _until_recorded(
       (``given_up``: Ctrl-C). Nothing new is sent meanwhile (:attr:`Unrecorded.full`).
     * The database is unreachable: tried again, backing off to 1 s so the write lands within a
       second of its return, for up to the lease plus ``WANBATCH_SUBMIT_UNKNOWN_DEADLINE``.
-    * Its tables are gone (:func:`jobs.db.is_schema_missing`: not wanbatch's database any more):
-      not tried again, since waiting never brings them back; the journal keeps the submission.
+    * Anything else — the database refused the write (a constraint, a trigger, a value out of
+      range, a corrupt file), its schema is older than this wanbatch's or its tables are gone,
+      or a bug of ours failed on the way (:func:`_refusal`): not tried again here, since waiting
+      a second does not change it; said in one line with what failed, and the submission is
+      left to the journal at once (this process's reconciler tries it again, leaving its job
+      alone meanwhile: :meth:`~worker.steps.unrecorded.Unrecorded.held_job_ids`).
 
-    From the first refusal the submission is also kept in the journal, so what a step gives up
-    on is recorded by the next process instead (:mod:`worker.steps.unrecorded`). Said once per
-    submission with its request id, then every
+    From the first failure the submission is also kept in the journal, so what a step gives up
+    on is recorded by the next process instead (:mod:`worker.steps.unrecorded`); only a
+    committed record takes it out. Said once per submission with its request id, then every
     :data:`~worker.steps.unrecorded.REMINDER_SECONDS` for all of them; ``unrecorded`` when given up.
     """
     # Held in memory while it is written: a database that never answers leaves the write
@@ -535,9 +546,12 @@ def _recorded_or_kept(rt: Runtime, accepted: Accepted, action: Callable[[], str]
     while True:
         try:
             outcome = action()
-        except OperationalError as exc:
-            full, missing = db.is_disk_full(exc), db.is_schema_missing(exc)
-            what = _refused_by(full=full, missing=missing)
+        except Exception as exc:
+            refusal = _refusal(rt, exc)
+            if refusal is not None:  # waiting does not change it: left to the journal at once
+                return _left_to_journal(rt, accepted, refusal)
+            full = is_full(exc)
+            what = _refused_by(full=full)
             if full:
                 waiting.mark_full()
             # Another process holds SQLite's lock and this one is stopping: not waited for, and
@@ -546,20 +560,19 @@ def _recorded_or_kept(rt: Runtime, accepted: Accepted, action: Callable[[], str]
             if not kept:
                 kept = True
                 where = waiting.keep(accepted)
-                if not missing:  # a missing table is nothing to wait for: given up at once, below
-                    log.log(
-                        level,
-                        "%s: fal accepted %s, which cannot be recorded yet; %s (%s)",
-                        what,
-                        accepted.line(),
-                        f"retrying until space is freed on {waiting.place}" if full else "retrying",
-                        f"kept in {where} meanwhile" if where else f"not kept on disk: {accepted.as_json()}",
-                        extra={
-                            "event": "submit.record_retry" if where else "submit.unrecorded",
-                            "job_id": accepted.job_id,
-                            "request_id": accepted.request_id,
-                        },
-                    )
+                log.log(
+                    level,
+                    "%s: fal accepted %s, which cannot be recorded yet; %s (%s)",
+                    what,
+                    accepted.line(),
+                    f"retrying until space is freed on {waiting.place}" if full else "retrying",
+                    f"kept in {where} meanwhile" if where else f"not kept on disk: {accepted.as_json()}",
+                    extra={
+                        "event": "submit.record_retry" if where else "submit.unrecorded",
+                        "job_id": accepted.job_id,
+                        "request_id": accepted.request_id,
+                    },
+                )
             elif waiting.reminder_due():
                 log.log(
                     level,
@@ -570,7 +583,7 @@ def _recorded_or_kept(rt: Runtime, accepted: Accepted, action: Callable[[], str]
                     extra={"event": "submit.record_retry"},
                 )
             stopping = waiting.given_up.is_set()  # the run stops, and its last line names them all
-            if stopping or missing or (not full and time.monotonic() > patience):
+            if stopping or (not full and time.monotonic() > patience):
                 waiting.leave(accepted)
                 log.log(
                     logging.INFO if stopping else logging.ERROR,
@@ -590,6 +603,13 @@ def _recorded_or_kept(rt: Runtime, accepted: Accepted, action: Callable[[], str]
             waiting.given_up.wait(1.0 if full else delay)
             delay = min(1.0, delay * 2)
             continue
+        except BaseException:
+            # Ctrl-C or an exit in this very thread, while the write was on its way: kept (a
+            # record that landed after all makes the next run's adoption a no-op), then the
+            # process goes on ending as it was told.
+            waiting.keep(accepted)
+            waiting.leave(accepted)
+            raise
         # Also when its first write landed: one the hang watch journalled meanwhile
         # (Unrecorded.keep_all) leaves the journal again.
         waiting.recorded(accepted)
@@ -605,6 +625,56 @@ def _recorded_or_kept(rt: Runtime, accepted: Accepted, action: Callable[[], str]
                 },
             )
         return outcome
+
+
+def _refusal(rt: Runtime, exc: Exception) -> tuple[str, str] | None:
+    """Why recording an accepted submission failed and what comes next, when waiting a second
+    would not change it (the submission is then left to the journal at once:
+    :func:`_left_to_journal`); None for what passes by waiting — an outage, a lock, a full disk
+    (:func:`jobs.db.is_unavailable`).
+
+    A schema older than this wanbatch's (:func:`jobs.db.schema_behind`, which also stops this
+    process: ``Runtime.schema_behind``), a database without wanbatch's tables, a write the
+    database refused (a constraint, a trigger, a value out of range, a column it lacks, a
+    corrupt or read-only file: in its own words), or a bug (its traceback in a crash file)."""
+    later = (
+        f"this process tries it again every {REFUSED_RETRY_SECONDS:g}s, and the next run or worker "
+        "on this host records it once the database takes it"
+    )
+    if db.is_schema_mismatch(exc) and (behind := rt.schema_behind or db.schema_behind(rt.engine)):
+        rt.schema_behind = behind  # every later step of this process leaves its job; it stops
+        then = "this version's next run or worker on this host records it then"
+        return behind, f"{db.SCHEMA_BEHIND_FIX}; {then}"
+    if db.is_schema_missing(exc):
+        return (
+            f"the database has no such table ({db.database_problem(exc)}): it is not a wanbatch "
+            "database, or its tables were dropped",
+            "the next run or worker on this host with wanbatch's database back records it",
+        )
+    if passes_by_waiting(exc):
+        return None
+    return refused_words(exc, "record_submission"), later
+
+
+def _left_to_journal(rt: Runtime, accepted: Accepted, refusal: tuple[str, str]) -> str:
+    """The database will not take ``accepted`` by waiting (:func:`_refusal`: why, and what comes
+    next): kept in the journal (and in memory, for this process's reconciler to try again
+    later, leaving its job alone meanwhile), said once in one line; ``unrecorded``."""
+    why, then = refusal
+    waiting = rt.unrecorded
+    where = waiting.keep(accepted)
+    waiting.leave(accepted)
+    waiting.refused(accepted)  # tried again by the reconciler, not at its next tick
+    log.error(
+        "fal accepted %s, which could not be recorded: %s; %s",
+        accepted.line(),
+        why,
+        f"kept in {where}: {then} (nothing is sent again)"
+        if where
+        else f"not kept on disk either: {accepted.as_json()}",
+        extra={"event": "submit.unrecorded", "job_id": accepted.job_id, "request_id": accepted.request_id},
+    )
+    return "unrecorded"
 
 
 #: Reads of a job whose late answer finds it moving (a webhook, the reconciler) before giving up

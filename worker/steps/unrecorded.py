@@ -1,15 +1,21 @@
 """Accepted submissions the database could not take yet, and a database whose disk is full.
 
 A submit fal accepted is paid for, and until its request id is recorded only the process that
-sent it knows that id. When the database refuses the write — its disk is full, or it cannot be
-reached — the id must not be thrown away:
+sent it knows that id. When the database does not take the write — its disk is full, it cannot be
+reached, or it refuses it (a constraint or a trigger, a schema older than this wanbatch's, a
+corrupt file; or a bug of ours on the way) — the id must not be thrown away:
 
 * **In memory** (:class:`Unrecorded`): the submit step keeps the id and tries again, once a
   second. A full disk does not heal by waiting, but nothing is lost by waiting either: the step
   goes on until someone frees space (no give-up, however long), and meanwhile nothing more is
   claimed or sent (:attr:`Unrecorded.full`; the conductor holds its rounds, ``run``'s progress
   line says what waits and where to free space). An unreachable database is waited for up to
-  its old patience, then the id is left to the journal below.
+  its old patience, then the id is left to the journal below. A write the database refused
+  (anything but an outage: waiting a second does not change its mind) is left to the journal
+  at once, said in one line with the database's words; the reconciler of this process tries it
+  again every :data:`REFUSED_RETRY_SECONDS` (:meth:`Unrecorded.retry_due`) and leaves its job
+  alone meanwhile (:meth:`Unrecorded.held_job_ids`: never declared "submission outcome unknown",
+  nor sent again).
 * **On the side** (:class:`Journal`): from the first refused write on, each such submission
   (job, attempt, request id, fal's URLs) is also kept in a small owner-only file,
   ``wanbatch-accepted-<database>-<process>.jsonl``, in the first of these folders that takes
@@ -20,7 +26,9 @@ reached — the id must not be thrown away:
 * **Adopted** (:func:`worker.steps.reconcile.adopt_unrecorded`): the next process that
   reconciles this database on this host (the next ``run``, a worker's tick) records the files
   left by processes that ended, before it would declare those jobs' outcome unknown — so a
-  job fal accepted is followed and downloaded, never sent (and paid for) again.
+  job fal accepted is followed and downloaded, never sent (and paid for) again. An entry the
+  database still refuses stays in its file (the others leave it) and its job is left alone,
+  until the database takes it.
 """
 
 from __future__ import annotations
@@ -39,8 +47,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from jobs import db, processes
-from jobs.errors import ConfigError
+from jobs.errors import ConfigError, DatabaseFullError, DatabaseLockedError
+from worker.crash import crash_file, summary
 from worker.fal.models import request_id_or_none, valid_request_id
 
 log = logging.getLogger(__name__)
@@ -50,6 +61,9 @@ log = logging.getLogger(__name__)
 REMINDER_SECONDS = 30.0
 #: How often another process's journal files are looked for (:func:`saved_elsewhere`).
 SCAN_SECONDS = 30.0
+#: How often a submission whose record the database refused (not an outage: a constraint, a
+#: trigger, a bug) is tried again by the reconciler of the process that holds it.
+REFUSED_RETRY_SECONDS = 30.0
 #: File names of the journal: ``wanbatch-accepted-<database key>-<process>.jsonl``.
 PREFIX = "wanbatch-accepted-"
 SUFFIX = ".jsonl"
@@ -111,6 +125,33 @@ class Accepted:
         if fields["submitted_at"].tzinfo is None:
             return None
         return cls(**fields)
+
+
+def is_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database's disk is full (:func:`jobs.db.is_disk_full`, or the
+    one line made of it: :class:`~jobs.errors.DatabaseFullError`)."""
+    return isinstance(exc, DatabaseFullError) or db.is_disk_full(exc)
+
+
+def passes_by_waiting(exc: BaseException) -> bool:
+    """Whether a record that failed with ``exc`` may well succeed by trying again a moment
+    later: an outage, a lock, a full disk once space is freed (:func:`jobs.db.is_unavailable`)
+    — not a column or table the database lacks (SQLite says "no such column" as it says an
+    outage), nor a write it refused (:func:`refused_words`)."""
+    if isinstance(exc, DatabaseFullError | DatabaseLockedError):
+        return True
+    return db.is_unavailable(exc) and not db.is_schema_mismatch(exc)
+
+
+def refused_words(exc: BaseException, where: str) -> str:
+    """What failed, for the line that says an accepted submission could not be recorded: the
+    database's own words for a write it refused (a constraint, a trigger, a value out of range,
+    a corrupt or read-only file), else a bug's, its traceback in a crash file (``where``: what
+    failed, so a bug met again leaves no second file)."""
+    if isinstance(exc, SQLAlchemyError | ConfigError):
+        return f"the database refused the write ({db.database_problem(exc)})"
+    details = crash_file(exc, where=where)
+    return f"a bug: {summary(exc)} (please report it{f'; details in {details}' if details else ''})"
 
 
 def _text_or_none(value: object) -> str | None:
@@ -288,6 +329,13 @@ def read_journal(path: Path) -> list[Accepted] | None:
     return [e for e in entries if e is not None]
 
 
+def keep_only(path: Path, entries: Iterable[Accepted]) -> bool:
+    """Rewrite the journal file ``path`` (one a process that ended left) with only ``entries``:
+    those the database still refuses, once the others are recorded. False when it could not be
+    rewritten (it is left as it was: recording an entry again changes nothing)."""
+    return _write_file(path, "".join(e.as_json() + "\n" for e in entries))
+
+
 # --------------------------------------------------------------------------- in memory
 
 
@@ -310,6 +358,11 @@ class Unrecorded:
         self._waiting: dict[str, Accepted] = {}  # retried by their steps
         self._left: dict[str, Accepted] = {}  # given up by their steps; kept in the journal
         self._recording: dict[str, Accepted] = {}  # being recorded by their steps right now
+        #: Job id -> when (``time.monotonic()``) the database, which refused to record the
+        #: submission, is asked again (:meth:`refused`).
+        self._refused: dict[str, float] = {}
+        #: Entries of other processes' journals the database refused: their jobs are left alone.
+        self._others: dict[str, Accepted] = {}
         self._steps = 0  # submit steps under way
         self._posting = 0  # submit POSTs sent whose answer is not held here yet (:meth:`sending`)
         self._posted = threading.Condition(self._lock)  # told when one is
@@ -453,6 +506,8 @@ class Unrecorded:
         with self._lock:
             waited = self._waiting.pop(accepted.job_id, None)
             left = self._left.pop(accepted.job_id, None)
+            self._refused.pop(accepted.job_id, None)
+            self._others.pop(accepted.job_id, None)
         if waited is not None or left is not None:
             self._save()
 
@@ -462,6 +517,38 @@ class Unrecorded:
         with self._lock:
             if self._waiting.pop(accepted.job_id, None) is not None:
                 self._left[accepted.job_id] = accepted
+
+    def refused(self, accepted: Accepted) -> bool:
+        """The database refused to record ``accepted`` (not an outage): asked again in
+        :data:`REFUSED_RETRY_SECONDS`. True the first time (to be said, once)."""
+        with self._lock:
+            first = accepted.job_id not in self._refused
+            self._refused[accepted.job_id] = time.monotonic() + REFUSED_RETRY_SECONDS
+            return first
+
+    def retry_due(self, accepted: Accepted) -> bool:
+        """Whether to try recording ``accepted`` now: at once, unless the database refused it
+        less than :data:`REFUSED_RETRY_SECONDS` ago."""
+        with self._lock:
+            return self._refused.get(accepted.job_id, 0.0) <= time.monotonic()
+
+    def refused_elsewhere(self, entries: Iterable[Accepted]) -> None:
+        """The entries of other processes' journals the database refused at the last look:
+        their jobs are left alone (:meth:`held_job_ids`) until it takes them."""
+        with self._lock:
+            self._others = {e.job_id: e for e in entries}
+
+    def held_job_ids(self) -> set[str]:
+        """The jobs whose accepted submission is held here and not recorded yet (waited for,
+        given up, being written, or refused in another process's journal): the reconciler
+        leaves them alone — never "submission outcome unknown", never sent again."""
+        with self._lock:
+            return {*self._waiting, *self._left, *self._recording, *self._others}
+
+    def refused_count(self) -> int:
+        """How many submissions of this process the database refused to record, not yet taken."""
+        with self._lock:
+            return sum(1 for job_id in self._refused if job_id in self._waiting or job_id in self._left)
 
     def left(self) -> list[Accepted]:
         """The submissions their steps gave up on, not recorded yet."""
@@ -490,9 +577,18 @@ class Unrecorded:
     # ------------------------------------------------------------------ saying so
 
     def note(self) -> str | None:
-        """The progress line's words while the disk is full (None otherwise)."""
+        """The progress line's words while the disk is full, or while the database refuses to
+        record submissions fal accepted (None otherwise)."""
         if not self.full:
-            return None
+            refused = self.refused_count()
+            if not refused:
+                return None
+            path = self.journal.path
+            where = f"kept in {path}" if path else "logged (event submit.unrecorded)"
+            return (
+                f"{refused} accepted submission(s) the database refused to record: {where}, tried "
+                f"again every {REFUSED_RETRY_SECONDS:g}s (see the error above)"
+            )
         count = len(self.waiting())
         if count:
             return (
