@@ -1328,9 +1328,11 @@ def low_priority_note(
 class CapHold:
     """A cap that holds a batch's submits back now, and whose jobs fill it (:func:`cap_holds`)."""
 
-    #: ``downloads`` (the download backlog), ``outstanding`` (fal's account, or ``endpoint``'s) or
+    #: ``downloads`` (the download backlog), ``outstanding`` (fal's account, or ``endpoint``'s),
     #: ``queue`` (the queue-wait back-off: requests wait long in fal's queue, and it keeps
-    #: ``limit`` waiting there; ``holders``: whose requests wait there).
+    #: ``limit`` waiting there; ``holders``: whose requests wait there) or ``priority`` (a
+    #: ``priority: low`` batch the workers send only once the normal-priority batches in
+    #: ``holders``, which have jobs to send, have sent them; their counts are 0: not counted).
     kind: str
     #: The setting that sets the cap, named so that the user knows what to raise.
     setting: str
@@ -1343,6 +1345,10 @@ class CapHold:
     waited_long: int = 0
     running: int = 0
     seconds: float = 0.0
+    #: Counted as the distributed workers' leader counts (``WANBATCH_BROKER_URL``), which shares
+    #: the cap between every batch with jobs to send; else as an embedded ``run``, which sends its
+    #: own batch only.
+    distributed: bool = False
 
     @property
     def total(self) -> int:
@@ -1435,7 +1441,30 @@ def cap_holds(session: Session, batch_id: str, scope: store.CapScope, check: Cap
         check,
         waiting=lambda: store.batch_endpoints(session, batch_id, [JobState.PENDING]),
         queue=lambda: queue_waits(session, scope, check, now=utcnow()),
+        ahead=lambda: normal_batches_ahead(session, batch_id, now=utcnow()),
     )
+
+
+def normal_batches_ahead(
+    session: Session, batch_id: str, *, now: datetime
+) -> tuple[tuple[str, str, int], ...]:
+    """When ``batch_id`` is ``priority: low``, the normal-priority batches the workers' leader
+    sends before it: active ones with a job to send, not paused by their user, their schedule
+    open, not simulations (``(id, name, 0)``, oldest first; not counted). Empty for a batch of
+    normal priority."""
+    due = store.batches_with_jobs_to_send(session)
+    if not any(b.id == batch_id and b.low for b in due):
+        return ()
+    normal = {b.id: b for b in due if not b.low}
+    ahead = [
+        batch
+        for batch in store.batch_records(session, normal)
+        if not batch.paused_by_user
+        and not batch.simulated
+        and (batch.schedule is None or store.batch_schedule(batch).is_open(now))
+    ]
+    ahead.sort(key=lambda batch: (normal[batch.id].created_at, batch.id))
+    return tuple((batch.id, batch.name, 0) for batch in ahead)
 
 
 def queue_waits(
@@ -1473,10 +1502,14 @@ def _cap_holds(
     *,
     waiting: Callable[[], set[str]],
     queue: Callable[[], store.QueueWaits | None] = lambda: None,
+    ahead: Callable[[], tuple[tuple[str, str, int], ...]] = lambda: (),
 ) -> list[CapHold]:
     """:func:`cap_holds` from the scope's ``holders``; ``waiting``: the endpoints of the batch's
     pending jobs (asked only when there are per-endpoint caps); ``queue``: the queue-wait
-    back-off's counts (asked only when no outstanding cap holds: that one goes first)."""
+    back-off's counts (asked only when no outstanding cap holds: that one goes first);
+    ``ahead``: the normal-priority batches sent before the batch (:func:`normal_batches_ahead`,
+    asked only as the workers count): while there are any, that is what holds it back, whatever
+    the outstanding caps."""
     holds: list[CapHold] = []
     downloads = CapHold(
         "downloads",
@@ -1486,6 +1519,8 @@ def _cap_holds(
     )
     if downloads.total >= downloads.limit:
         holds.append(downloads)
+    if check.distributed and (normal := ahead()):
+        return [*holds, CapHold("priority", "priority", 0, normal, distributed=True)]
     caps: list[tuple[str, int, str | None]] = [("WANBATCH_MAX_OUTSTANDING", check.max_outstanding, None)]
     if check.per_endpoint:
         caps += [
@@ -1494,7 +1529,9 @@ def _cap_holds(
         ]
     for setting, limit, endpoint in caps:
         rows = ((h.batch_id, h.name, h.requests) for h in holders if endpoint in (None, h.endpoint))
-        requests = CapHold("outstanding", setting, limit, _per_batch(rows), endpoint)
+        requests = CapHold(
+            "outstanding", setting, limit, _per_batch(rows), endpoint, distributed=check.distributed
+        )
         if requests.total >= limit and any(held != batch_id for held, _name, _n in requests.holders):
             holds.append(requests)
     account = next((h for h in holds if h.kind == "outstanding" and h.endpoint is None), None)
@@ -1534,6 +1571,8 @@ def _short_text(hold: CapHold, batch_id: str) -> str:
             f"held: {_cap_name(hold)} ({hold.waited_long} waiting at fal over {hold.seconds:.0f}s: "
             f"{_who(hold, batch_id, short=True)}; keeps {hold.limit})"
         )
+    if hold.kind == "priority":
+        return f"held: low priority (behind {_names(hold, batch_id, short=True)})"
     return f"held: {_cap_name(hold)} full ({_who(hold, batch_id, short=True)})"
 
 
@@ -1560,6 +1599,19 @@ def _who(hold: CapHold, batch_id: str, *, short: bool = False) -> str:
     return ", ".join(parts)
 
 
+def _names(hold: CapHold, batch_id: str, *, short: bool = False) -> str:
+    """The batches of ``hold`` other than ``batch_id``, by name: ``batch c, batch d`` (``c, d``
+    when ``short``), the first :data:`NAMED_HOLDERS` of them and how many more."""
+    others = [(held_id, name) for held_id, name, _n in hold.holders if held_id != batch_id]
+    parts = [
+        shell_ref(name, held_id) if short else f"batch {shell_ref(name, held_id)}"
+        for held_id, name in others[:NAMED_HOLDERS]
+    ]
+    if len(others) > NAMED_HOLDERS:
+        parts.append(f"{len(others) - NAMED_HOLDERS} more batch(es)")
+    return ", ".join(parts)
+
+
 def _hold_text(hold: CapHold, batch_id: str) -> str:
     if hold.kind == "queue":
         return (
@@ -1576,10 +1628,26 @@ def _hold_text(hold: CapHold, batch_id: str) -> str:
             f"({_who(hold, batch_id)}); sending resumes as they are stored (a full disk or a slow "
             f"link stalls them), or raise {hold.setting}"
         )
+    if hold.kind == "priority":
+        return (
+            f"submits held back: this batch is `priority: low`, and the workers send a low-priority "
+            f"batch's jobs only while no normal-priority batch has jobs to send ({_names(hold, batch_id)} "
+            "has); it is sent once they are sent, or give it `priority: normal` and submit it again"
+        )
+    if hold.distributed:  # the workers' leader shares each slot out (jobs.store.due._share)
+        shared = (
+            f"the cap is shared with {_names(hold, batch_id)}, and each slot fal frees goes to the "
+            "batch with jobs to send that holds the fewest (normal priority before `priority: low`)"
+        )
+    else:  # every `run` sends its own batch, into the slots it finds free
+        shared = (
+            f"the cap is shared with {_names(hold, batch_id)}, and each `run` sends its own batch's "
+            "jobs into the slots it finds free"
+        )
     return (
         f"submits held back: the {_cap_name(hold)} is full ({full}): requests at fal "
-        f"({_who(hold, batch_id)}); sending resumes as fal finishes them, or raise {hold.setting} "
-        "if your fal account runs more at once"
+        f"({_who(hold, batch_id)}); sending resumes as fal finishes them: {shared}; or raise "
+        f"{hold.setting} if your fal account runs more at once"
     )
 
 
@@ -1596,6 +1664,8 @@ def broker_down_text(since: datetime, broker_url: str | None, *, now: datetime) 
 class _Reads(Protocol):
     """What :func:`_report` reads of the database for a batch: :class:`_OneBatch` asks for one
     batch, :class:`_AllBatches` for every batch at once (``status`` with no batch)."""
+
+    session: Session
 
     def totals(self, batch: Batch, now: datetime) -> listing.Totals: ...
     def queued_sent_at(self, batch: Batch) -> Iterable[datetime | None]: ...
@@ -1892,6 +1962,9 @@ def _report(
             caps,
             waiting=lambda: reads.pending_endpoints(batch),
             queue=lambda: reads.queue_waits(scope, caps, now),
+            ahead=lambda: (
+                normal_batches_ahead(reads.session, batch.id, now=now) if batch.priority == "low" else ()
+            ),
         )
         phase_reason = cap_note(holds, batch.id) or None
     beat = reads.heartbeat(batch, now)

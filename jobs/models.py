@@ -654,6 +654,15 @@ _partial_index(
 )
 
 
+#: A dispatch round finds the batches with jobs to send — ``pending``, or waiting for a retry —
+#: through this index (store.due._due_batches: one look per such batch, a loose index scan),
+#: whatever the number of batches whose jobs are all finished. Its queries repeat the term
+#: literally (``state IN ('pending', 'retry_wait')``): SQLite uses a partial index only then.
+_partial_index(
+    "ix_jobs_to_send_batch_id", Job.batch_id, where=Job.state.in_([JobState.PENDING, JobState.RETRY_WAIT])
+)
+
+
 class BatchTotals(Base):
     """Money of a batch's finished jobs, summed as they finish, per day they were submitted.
 

@@ -124,6 +124,7 @@ from jobs.store.dispatch import (
 from jobs.store.dispatch import batch_records as batch_records
 from jobs.store.dispatch import return_submit_tokens as return_submit_tokens
 from jobs.store.due import FEW_DUE_RETRIES as FEW_DUE_RETRIES
+from jobs.store.due import batches_with_jobs_to_send as batches_with_jobs_to_send
 from jobs.store.due import bring_waits_forward as bring_waits_forward
 from jobs.store.due import catch_up_with_timeline as catch_up_with_timeline
 from jobs.store.fal_outages import FalHoldRow, fal_holds, hold_fal, release_fal_hold

@@ -4,18 +4,32 @@ takes first (:func:`_claim_candidates`)."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, bindparam, exists, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from jobs.models import Batch, BatchState, ClockMark
-from jobs.states import JobState
+from jobs.states import AT_PROVIDER_STATES, JobState
 from jobs.store.core import _JOBS, _prepared, _run, sent_to_origin
 
 
@@ -79,6 +93,180 @@ def _due(
                 found += _run(session, candidates, at).all()
     found.sort(key=lambda r: (r.created_at, r.item_index, r.id))
     return found[:limit]
+
+
+@dataclass(frozen=True, slots=True)
+class DueBatch:
+    """A batch with jobs to send, as a fair claim (:func:`_due_fairly`) ranks it."""
+
+    id: str
+    #: ``priority: low``: its jobs are claimed only when no normal-priority batch's are due.
+    low: bool
+    #: Its requests at fal now (or being sent): the share of the outstanding cap it holds.
+    at_fal: int
+    created_at: datetime
+
+    @property
+    def first(self) -> tuple[bool, int, datetime, str]:
+        """The claim order's key of its first due job (:func:`_share`): no job of it comes earlier."""
+        return (self.low, self.at_fal, self.created_at, self.id)
+
+
+def _due_fairly(
+    session: Session,
+    *,
+    states: Sequence[JobState],
+    limit: int,
+    now: datetime,
+    batch_ids: Iterable[str] | None = None,
+    active_batches_only: bool = False,
+    endpoints: Sequence[str] | None = None,
+    exclude_batch_ids: Collection[str] = (),
+) -> list[Any]:
+    """The ``limit`` due jobs a dispatch round claims (every column), shared between the
+    batches that have jobs to send (:func:`_share`): normal-priority batches before
+    ``priority: low`` ones, and among them the next slot to the batch with the fewest
+    requests at fal; within a batch in item order (``created_at``, ``item_index``, ``id``).
+
+    Claimed oldest first across every batch (one walk of the index on ``state, created_at``),
+    the batch submitted first took every slot fal freed until its last job was sent: a 10-job
+    batch submitted after a 2,000-job one waited for all of it, and a ``priority: low`` batch
+    held normal ones back. The batches with jobs to send come from one query on the batches
+    (:func:`_due_batches`: one index look per batch with a job ``pending`` or in ``retry_wait``,
+    and their requests at fal counted),
+    then each batch's due jobs through the index on (``batch_id``, ``state``, ``created_at``,
+    …), stopping at ``limit`` — only as many batches as can get a slot. One batch to claim for
+    (an embedded ``run``) claims its own jobs as before: nothing to share."""
+    if limit <= 0 or not states:
+        return []
+    common: dict[str, Any] = {
+        "whole": True,
+        "states": states,
+        "now": now,
+        "active_batches_only": active_batches_only,
+        "endpoints": endpoints,
+    }
+    wanted: list[str] | None = None
+    if batch_ids is not None:
+        wanted = sorted(set(batch_ids) - set(exclude_batch_ids))
+        if len(wanted) <= 1:
+            return _due(session, limit=limit, batch_ids=wanted, **common)
+    batches = _due_batches(
+        session,
+        batch_ids=wanted,
+        active_only=active_batches_only,
+        exclude_batch_ids=() if wanted is not None else exclude_batch_ids,
+    )
+    return _share(batches, limit, lambda batch: _due(session, limit=limit, batch_id=batch.id, **common))
+
+
+def _share(batches: Sequence[DueBatch], limit: int, due_of: Callable[[DueBatch], list[Any]]) -> list[Any]:
+    """Of the due jobs of ``batches`` (``due_of``: a batch's, in item order), the first
+    ``limit`` by (priority, the batch's requests at fal + the job's place among its batch's due
+    ones, the batch's age): each slot goes to a normal-priority batch before a low one, and to
+    the batch that would hold the fewest slots with it, the older batch on a tie — the cap is
+    shared out evenly between the batches with jobs to send, whatever their size or order of
+    submission, and a batch's jobs go in item order. A batch is read only if one of its jobs
+    can still be among the first ``limit``."""
+    ranked: list[tuple[tuple[bool, int, datetime, str], Any]] = []
+    for batch in sorted(batches, key=lambda b: b.first):
+        if len(ranked) >= limit:
+            ranked.sort(key=lambda item: item[0])
+            del ranked[limit:]
+            if ranked[-1][0] < batch.first:
+                break  # neither this batch nor any after it comes before the last one taken
+        for place, row in enumerate(due_of(batch)):
+            ranked.append(((batch.low, batch.at_fal + place, batch.created_at, batch.id), row))
+    ranked.sort(key=lambda item: item[0])
+    return [row for _key, row in ranked[:limit]]
+
+
+_BATCHES = cast(Table, Batch.__table__)
+
+
+def batches_with_jobs_to_send(session: Session) -> list[DueBatch]:
+    """The active batches with a job ``pending`` or in ``retry_wait`` (:func:`_due_batches`),
+    with their priority and their requests at fal: those the workers' leader shares the slots
+    between (but for the ones held back by a pause or their schedule)."""
+    return _due_batches(session, batch_ids=None, active_only=True, exclude_batch_ids=())
+
+
+def _due_batches(
+    session: Session,
+    *,
+    batch_ids: Sequence[str] | None,
+    active_only: bool,
+    exclude_batch_ids: Collection[str],
+) -> list[DueBatch]:
+    """The batches (of ``batch_ids``, None: any; ``active_only``: active ones; not those of
+    ``exclude_batch_ids``) with a ``pending`` job or one in ``retry_wait``, with their priority
+    and their requests at fal, in one query (:func:`_due_batches_query`). Whether any of their
+    jobs is due (a retry's time, a lease, a wait) is the batch's claim's to say."""
+    shape = (batch_ids is not None, active_only, bool(exclude_batch_ids))
+    dialect = session.get_bind().dialect.name
+    query = _prepared(("due-batches", dialect, *shape), lambda: _due_batches_query(dialect, *shape))
+    params = {
+        "ids": list(batch_ids or ()),
+        "skip": sorted(exclude_batch_ids),
+        "at_fal": sorted(AT_PROVIDER_STATES, key=lambda state: state.value),
+    }
+    return [
+        DueBatch(str(row.id), row.priority == "low", int(row.at_fal), row.created_at)
+        for row in _run(session, query, params)
+    ]
+
+
+#: The jobs of :data:`jobs.models` ``ix_jobs_to_send_batch_id``, its predicate spelled as there:
+#: SQLite reads a partial index only for a query that repeats the term literally.
+_TO_SEND = text("jobs.state IN ('pending', 'retry_wait')")
+#: … and even then, with no statistics (``ANALYZE``) to go by, it read the jobs in those states
+#: through ``ix_jobs_state_order`` and sorted their batch ids, every pending job of every batch
+#: for each step of the scan (100,000 of them: 6 ms a round): told which index to read.
+_SQLITE_TO_SEND = "jobs INDEXED BY ix_jobs_to_send_batch_id"
+
+
+def _due_batches_query(dialect: str, scoped: bool, active_only: bool, excluding: bool) -> Any:
+    """:func:`_due_batches`' query. The batches with a job ``pending`` or in ``retry_wait``
+    come from a loose scan of ``ix_jobs_to_send_batch_id`` (a recursive CTE: the first batch
+    id, then the first one after it, …), one index look per such batch, whatever the number of
+    batches whose jobs are all finished (they stay ``active``, and every batch probed cost a
+    round a look); then each one's state, priority and requests at fal. Whether a job of it is
+    due is left to its claim: an index look more per batch here, and PostgreSQL read the look
+    for ``pending`` jobs through this index, every ``retry_wait`` job of the batch in turn."""
+    batch = _BATCHES.c
+
+    def after(previous: Any) -> Any:
+        if dialect == "sqlite":  # SQLite, with no statistics, read every pending job instead (below)
+            column: ColumnElement[str] = literal_column("jobs.batch_id", type_=_JOBS.c.batch_id.type)
+            following = select(column).select_from(text(_SQLITE_TO_SEND)).where(_TO_SEND)
+        else:
+            column = _JOBS.c.batch_id
+            following = select(column).where(_TO_SEND)
+        if previous is not None:
+            following = following.where(column > previous)
+        return following.order_by(column).limit(1).scalar_subquery()
+
+    walk = select(after(None).label("batch_id")).cte("with_jobs_to_send", recursive=True)
+    walk = walk.union_all(select(after(walk.c.batch_id)).where(walk.c.batch_id.is_not(None)))
+
+    conditions: list[ColumnElement[bool]] = []
+    if scoped:
+        conditions.append(batch.id.in_(bindparam("ids", expanding=True)))
+    if active_only:
+        conditions.append(batch.state == BatchState.ACTIVE)
+    if excluding:
+        conditions.append(batch.id.not_in(bindparam("skip", expanding=True)))
+    at_fal = (
+        select(func.count())
+        .select_from(_JOBS)
+        .where(_JOBS.c.batch_id == batch.id, _JOBS.c.state.in_(bindparam("at_fal", expanding=True)))
+        .scalar_subquery()
+    )
+    return (
+        select(batch.id, batch.priority, batch.created_at, at_fal.label("at_fal"))
+        .select_from(walk.join(_BATCHES, batch.id == walk.c.batch_id))
+        .where(*conditions)
+    )
 
 
 #: Up to how many due ``retry_wait`` jobs (of a batch, or of all) a claim reads through the index

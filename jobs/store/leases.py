@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from jobs.models import ConductorHeartbeat, Job, JobRecord, utcnow
 from jobs.states import UNFINISHED_STATES, JobState
 from jobs.store.core import _JOBS, _SENT_PG, _SENT_SQLITE, _kept, _prepared, _run, _same_request_elsewhere
-from jobs.store.due import _due
+from jobs.store.due import _due, _due_fairly
 from jobs.store.outcomes import give_back
 from jobs.store.transitions import _UNLEASED, Fence, _check_fields, _fenced_update, update_job_fields
 
@@ -116,10 +116,13 @@ def claim_due(
     Their columns as read (Core rows: a claim runs on every completion, and building ORM objects
     cost more than the query). A move does not update them: the hold after one is
     :meth:`Fence.moved`.
+
+    Not simply the oldest: the slots are shared between the batches with jobs to send, normal
+    priority before ``priority: low``, each next slot to the batch with the fewest requests at
+    fal, and a batch's own jobs in item order (:func:`jobs.store.due._due_fairly`).
     """
-    return _due(
+    return _due_fairly(
         session,
-        whole=True,
         states=states,
         limit=limit,
         now=now,

@@ -221,8 +221,9 @@ def test_status_says_which_cap_holds_a_batch_back_and_whose_jobs_fill_it(engine:
     assert run.capped
     assert _held(engine, mine[0], max_outstanding=2) == (
         "submits held back: the outstanding cap is full (2 of 2, WANBATCH_MAX_OUTSTANDING): requests "
-        "at fal (2 of batch other); sending resumes as fal finishes them, or raise "
-        "WANBATCH_MAX_OUTSTANDING if your fal account runs more at once"
+        "at fal (2 of batch other); sending resumes as fal finishes them: the cap is shared with "
+        "batch other, and each `run` sends its own batch's jobs into the slots it finds free; or "
+        "raise WANBATCH_MAX_OUTSTANDING if your fal account runs more at once"
     )
     assert _held(engine, mine[0], max_outstanding=3) is None  # room for one more
     assert _held(engine, other[0], max_outstanding=2) is None  # nothing of its own waits to be sent
@@ -231,8 +232,9 @@ def test_status_says_which_cap_holds_a_batch_back_and_whose_jobs_fill_it(engine:
     assert _held(engine, mine[0], **per_endpoint) == (
         "submits held back: the outstanding cap of fal-ai/wan-22 is full (2 of 1, "
         "WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT): requests at fal (2 of batch other); sending "
-        "resumes as fal finishes them, or raise WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT if your fal "
-        "account runs more at once"
+        "resumes as fal finishes them: the cap is shared with batch other, and each `run` sends its "
+        "own batch's jobs into the slots it finds free; or raise WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT "
+        "if your fal account runs more at once"
     )
 
 
@@ -276,8 +278,10 @@ def test_with_workers_the_explanation_counts_every_keys_requests_as_their_leader
     workers: dict[str, Any] = {"broker_url": "redis://127.0.0.1:6379/0", "max_outstanding": 3}
     note = (
         "submits held back: the outstanding cap is full (3 of 3, WANBATCH_MAX_OUTSTANDING): requests "
-        "at fal (2 of batch other-key, 1 of this batch); sending resumes as fal finishes them, or "
-        "raise WANBATCH_MAX_OUTSTANDING if your fal account runs more at once"
+        "at fal (2 of batch other-key, 1 of this batch); sending resumes as fal finishes them: the "
+        "cap is shared with batch other-key, and each slot fal frees goes to the batch with jobs to "
+        "send that holds the fewest (normal priority before `priority: low`); or raise "
+        "WANBATCH_MAX_OUTSTANDING if your fal account runs more at once"
     )
     assert _held(engine, mine[0], **workers) == note  # status
     config = Settings(**workers)
