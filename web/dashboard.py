@@ -37,7 +37,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode
 
 import jinja2
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -48,7 +48,7 @@ from starlette.staticfiles import StaticFiles
 
 from jobs import batches, db, listing, store
 from jobs.digits import ascii_int
-from jobs.errors import NotFoundError, UsageError, WanbatchError
+from jobs.errors import DatabaseLockedError, NotFoundError, UsageError, WanbatchError
 from jobs.fs import name_problem
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import usd_text
@@ -72,9 +72,13 @@ from web.auth import (
     sent_over_https,
 )
 from web.bodies import Refusal, read_body
+from web.receiver import DATABASE_UNAVAILABLE
 from worker.here import process_here
 
 log = logging.getLogger(__name__)
+#: The lines of a page or action that failed on its database keep the logger they were always
+#: written by (``web.app``): log filters and alerts select them by it.
+failures_log = logging.getLogger("web.app")
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
@@ -113,6 +117,17 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+#: What a client is told when an action's write finds the database's disk full: 503 as for an
+#: outage, but waiting alone does not end it; the log line says where (the client is not told
+#: the database's place).
+DATABASE_FULL = "the database's disk is full: free space on it, then try again; nothing was changed"
+#: What a client is told when the database refuses a value its request carries: a data error,
+#: the same request fails the same way, so a 400, not an outage's 503; the log line says what.
+#: (A NUL in a reference or filter is not one: it is refused before any query, as naming nothing.)
+REQUEST_NOT_STORABLE = "the database refuses a value of this request: the same request fails the same way"
+#: What a client is told when a page or action failed on any other database error (a bug of the
+#: dashboard's: the log has its traceback).
+DASHBOARD_FAILED = "the dashboard failed on a database error (an error of the dashboard: see its log)"
 
 
 # --------------------------------------------------------------------------- formatting
@@ -345,7 +360,7 @@ class Dashboard:
     def _bounded(self, page: Callable[[Request], Response]) -> Callable[[Request], Response]:
         """``page`` with its reads waiting at most ``WANBATCH_DATABASE_LOCK_WAIT`` for a lock
         another PostgreSQL session holds (:func:`jobs.db.lock_waits_bounded`): then a 503 naming
-        that session (:class:`~jobs.errors.DatabaseLockedError`, answered by the app), not a
+        that session (:class:`~jobs.errors.DatabaseLockedError`, :meth:`database_locked`), not a
         request that hangs, and a thread of the pages' pool held, for as long as the lock."""
 
         def bounded(request: Request) -> Response:
@@ -392,6 +407,83 @@ class Dashboard:
         if not _wants_html(request):
             return plain_error(message, status_code)
         return self.render(request, "error.html", status_code=status_code, title=title, message=message)
+
+    async def database_error(self, request: Request, exc: Exception) -> Response:
+        """A page or action that failed on a database error (the app's handler of
+        :class:`~sqlalchemy.exc.DBAPIError` and of a pool timeout, the same outage), answered
+        for what it was (as :meth:`web.receiver.WebhookReceiver.not_stored` answers a delivery):
+        only a locked or unreachable database is "unavailable" (503, one warning: the same request
+        may succeed in a moment), and a full disk says so (503, one warning naming the database:
+        someone must free space); a data error is the request's (400, one warning: it carries a
+        value the database refuses, and fails the same way again); a schema older than this
+        wanbatch's (``alembic downgrade`` under a running serve: :func:`jobs.db.schema_behind`)
+        says so (503, one warning; it was a 500 "the dashboard failed"); anything else is the
+        dashboard's (500, one line; the log has the traceback). Never the database's words, which
+        may name its host or file: they are logged."""
+        assert isinstance(exc, DBAPIError | PoolTimeoutError)
+        client = one_line(request.client.host) if request.client else "?"
+        # The path and the database's words may carry the request's text: one line each, so a
+        # %0A in the URL cannot forge a log line.
+        where = (request.method, one_line(request.url.path), client, one_line(db.database_problem(exc)))
+        # A table or column missing: a schema downgraded under this serve says so (SQLite's "no
+        # such column" is an OperationalError: before is_unavailable). Read as the start-up reads it.
+        if db.is_schema_mismatch(exc) and (behind := await run_in_threadpool(db.schema_behind, self.engine)):
+            failures_log.warning(
+                "dashboard: %s %s from %s: %s: %s",
+                *where[:3],
+                behind,
+                db.SCHEMA_BEHIND_FIX,
+                extra={"event": "dashboard.schema_behind", "status": 503},
+            )
+            return self.unavailable(request, f"{behind}: {db.SCHEMA_BEHIND_FIX}")
+        if db.is_disk_full(exc):  # before is_unavailable, which a full disk also is
+            full = db.disk_full_error(self.settings.database_url, then="try again")
+            failures_log.warning(
+                "dashboard: %s %s from %s: %s: %s",
+                *where[:3],
+                full,
+                where[3],
+                extra={"event": "dashboard.database_full", "status": 503},
+            )
+            return self.unavailable(request, DATABASE_FULL)
+        if db.is_unavailable(exc):
+            failures_log.warning(
+                "dashboard: %s %s from %s: the database is unavailable: %s",
+                *where,
+                extra={"event": "dashboard.database_unavailable", "status": 503},
+            )
+            return self.unavailable(request, DATABASE_UNAVAILABLE)
+        if isinstance(exc, DataError):
+            failures_log.warning(
+                "dashboard: %s %s from %s: the database refuses a value of the request: %s",
+                *where,
+                extra={"event": "dashboard.request_refused", "status": 400},
+            )
+            return self.error(request, REQUEST_NOT_STORABLE, 400, "Bad request")
+        failures_log.error(
+            "dashboard: %s %s from %s failed on a database error: %s",
+            *where,
+            exc_info=exc,
+            extra={"event": "dashboard.database_error", "status": 500},
+        )
+        return self.error(request, DASHBOARD_FAILED, 500, "Internal error")
+
+    async def database_locked(self, request: Request, exc: Exception) -> Response:
+        """A page whose read waited ``WANBATCH_DATABASE_LOCK_WAIT`` for a lock another session
+        holds (:meth:`_bounded`, the app's handler of :class:`~jobs.errors.DatabaseLockedError`):
+        503 with the line that names that session, as ``wanbatch status`` says it (one warning
+        in the log)."""
+        assert isinstance(exc, DatabaseLockedError)
+        client = one_line(request.client.host) if request.client else "?"
+        failures_log.warning(
+            "dashboard: %s %s from %s: %s",
+            request.method,
+            one_line(request.url.path),
+            client,
+            exc,
+            extra={"event": "dashboard.database_locked", "status": 503},
+        )
+        return self.unavailable(request, str(exc))
 
     # ---------------------------------------------------------------- pages
 

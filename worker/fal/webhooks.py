@@ -64,7 +64,7 @@ SIGNATURE = "x-fal-webhook-signature"
 
 class WebhookRejected(WanbatchError):
     """A delivery that must change nothing; ``status_code`` is the HTTP answer it gets (the
-    receiver, :func:`web.app.create_app`, answers it: it never reaches the command line)."""
+    receiver, :class:`web.receiver.WebhookReceiver`, answers it: it never reaches the command line)."""
 
     def __init__(self, reason: str, status_code: int = 401) -> None:
         super().__init__(reason)

@@ -1,0 +1,293 @@
+"""The webhook receiver of ``wanbatch serve``: ``POST /webhooks/fal`` and ``GET /healthz``.
+
+``POST /webhooks/fal`` is the receiver ``WANBATCH_WEBHOOK_URL`` points at (fal calls the exact
+``fal_webhook`` URL each submit gave it, job id, attempt and token in its query). A delivery is
+verified (:func:`worker.fal.webhooks.verify_delivery`: fal's Ed25519 signature, a timestamp within
+5 minutes, a body that matches), its URL's token checked (:func:`worker.steps.webhooks.binding_holds`:
+fal signs every account's webhooks alike, so only the token shows that one of our submits named
+that job and attempt) and its fal account (:func:`worker.steps.accounts.account_verdict`: a
+leaked token must not let another account's request stand in for ours), stored in the inbox,
+and only then answered 2xx; it is applied
+to its job right away (:mod:`worker.steps.webhooks`; on PostgreSQL that also wakes the tick
+leader, wherever it runs) and, should that fail, by the tick. A
+rejected delivery is answered 4xx (503 when fal's keys cannot be fetched or the database is
+locked or unreachable: fal retries; 422 when the database refuses the delivery's data, which
+sending it again cannot change; 500 for a failure of the receiver's own) and changes nothing;
+rejections are counted and logged. A body is read within a deadline (408 when it is not all in
+by then, a client gone mid-body is a rejection too) and all bodies held at once share a budget
+(503 beyond it): :mod:`web.bodies`. What
+``jsonb`` cannot hold (``\\u0000``, lone surrogates) is stored as U+FFFD
+(:func:`jobs.storable.storable_json`), so no valid delivery is refused for it. ``GET /healthz``
+answers the counts, whether fal's signatures can be verified now (keys held, or why not:
+every delivery is refused while there are none), and which database it serves (a fingerprint
+that reveals no secret: a receiver of another database than the submitters' refuses every
+delivery, which ``wanbatch doctor`` tells by comparing). Deliveries are verified and stored on threads
+of their own (:data:`RECEIVER_THREADS`), so a flood of them never takes the threads the
+dashboard's pages run on.
+
+The receiver only writes to the database: it needs no fal key and may run on any host that
+reaches the database. The downloads of the jobs it completes are queued by the workers' tick
+(or at once, when an ``enqueue_download`` is given, as an embedded run does).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from sqlalchemy import Engine
+from sqlalchemy.exc import DataError, DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from jobs import db
+from jobs.digits import ascii_int
+from jobs.printable import one_line
+from web.bodies import TOO_LARGE, BodyBudget, Refusal, declares_more_than, read_body
+from worker import telemetry
+from worker.fal.webhooks import JwksKeys, WebhookRejected, verify_delivery
+from worker.steps.webhooks import (
+    Inbox,
+    binding_holds,
+    database_fingerprint,
+    receive,
+    webhook_secret,
+)
+
+#: The receiver's log lines keep the logger they were always written by (``web.app``): log
+#: filters and alerts select them by it.
+log = logging.getLogger("web.app")
+
+#: Largest webhook body read (a Wan result is a few hundred bytes).
+MAX_BODY_BYTES = 1024 * 1024
+#: Threads the receiver verifies and stores deliveries on, at most, at once: a limiter of its
+#: own, apart from Starlette's default one that the dashboard's pages run on, so a flood of
+#: deliveries (or a locked database holding them) never leaves the dashboard without threads.
+#: Deliveries beyond it wait their turn without holding a thread.
+RECEIVER_THREADS = 8
+#: Longest ``GET /healthz`` waits for fal's signing keys to be fetched (when none are held):
+#: a container health check gives it a few seconds in all.
+HEALTHZ_KEYS_WAIT = 2.0
+#: Longest ``GET /healthz`` waits for the database to answer (a ``SELECT 1``, and the first time
+#: which one it is), alongside the keys' wait, not after it.
+HEALTHZ_DATABASE_WAIT = 2.0
+#: What ``/healthz`` says when the database did not answer in time (the log says nothing: a
+#: locked database is logged by the deliveries it holds up).
+DATABASE_SLOW = "the database did not answer within 2 s (locked or unreachable)"
+#: What ``/healthz`` says when reading the database failed otherwise; the log line says why (a
+#: public endpoint is not told the database's words, which may name its host or file).
+DATABASE_UNREADABLE = "the receiver could not read its database (see its log)"
+#: What a client is told when the database cannot be used (fal by the receiver, ``/healthz``,
+#: and the dashboard's pages and actions); the log line says why.
+DATABASE_UNAVAILABLE = "the database is unavailable (locked or unreachable): try again in a moment"
+#: What fal is told when the database refuses a verified delivery's data (a data error: the
+#: same body again fails the same way, so a 4xx, not an outage's 503); the log line says what.
+DELIVERY_NOT_STORABLE = "the database refuses this delivery's data: sending it again cannot help"
+#: What fal is told when storing a delivery failed otherwise (our bug; the log has its traceback).
+DELIVERY_NOT_STORED = "the receiver could not store this delivery (an error of the receiver: see its log)"
+#: What a delivery whose URL lacks our token (or carries a wrong one) is told.
+NOT_OURS = "the webhook URL does not carry this receiver's token for its job and attempt"
+#: What a delivery signed for another fal account than ours is told
+#: (:func:`worker.steps.accounts.account_verdict`).
+FOREIGN_ACCOUNT = "the webhook is signed for another fal account than this receiver's"
+
+_JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+class Counts:
+    """Deliveries accepted and rejected by this process (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.accepted = 0
+        self.rejected = 0
+
+    def add(self, *, accepted: bool) -> None:
+        with self._lock:
+            if accepted:
+                self.accepted += 1
+            else:
+                self.rejected += 1
+
+
+def _job_and_attempt(request: Request) -> tuple[str | None, int | None]:
+    """The job id and attempt the ``fal_webhook`` URL carries (None for anything malformed)."""
+    job_id = request.query_params.get("job_id")
+    attempt = request.query_params.get("attempt")
+    return (
+        job_id if job_id and _JOB_ID.fullmatch(job_id) else None,
+        ascii_int(attempt, max_digits=8),
+    )
+
+
+class WebhookReceiver:
+    """fal's deliveries into ``inbox`` (verified with ``jwks``' keys), counted in ``counts``,
+    their bodies held within ``budget``; and the health check that reports on all of it."""
+
+    def __init__(self, engine: Engine, inbox: Inbox, jwks: JwksKeys) -> None:
+        self.engine = engine
+        self.inbox = inbox
+        self.jwks = jwks
+        self.counts = Counts()
+        self.budget = BodyBudget()
+        #: The receiver's own threads (:data:`RECEIVER_THREADS`), apart from the dashboard's.
+        self.threads = anyio.CapacityLimiter(RECEIVER_THREADS)
+        #: ``/healthz``'s database thread: a database that hangs holds one thread, no more.
+        self.fingerprint_thread = anyio.CapacityLimiter(1)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/webhooks/fal", self.fal_webhook, methods=["POST"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+        ]
+
+    def reject(self, why: WebhookRejected, request: Request, detail: str = "") -> Response:
+        """Count, log (with ``detail``, which the client is not told) and answer a rejection:
+        every refusal is seen in ``/healthz``'s counts and in one log line, never silently."""
+        self.counts.add(accepted=False)
+        telemetry.count_webhook(accepted=False)
+        client = one_line(request.client.host) if request.client else "?"  # X-Forwarded-For's, if trusted
+        log.warning(
+            "webhook rejected (%s) from %s: %s%s",
+            why.status_code,
+            client,
+            why.reason,
+            f" ({one_line(detail)})" if detail else "",  # the database's words may quote the body
+            extra={"event": "webhook.rejected", "status": why.status_code},
+        )
+        return JSONResponse({"ok": False, "error": why.reason}, status_code=why.status_code)
+
+    def not_stored(self, exc: DBAPIError | PoolTimeoutError, request: Request) -> Response:
+        """A verified delivery the database did not take, answered for what stopped it: only a
+        locked or unreachable database is "unavailable" (503: fal delivers it again later); a
+        data error is the delivery's (422: retrying the same body cannot help); anything else
+        is ours (500, with a traceback in the log; fal retries, and a fixed receiver takes it)."""
+        problem = db.database_problem(exc)
+        if db.is_unavailable(exc):
+            return self.reject(WebhookRejected(DATABASE_UNAVAILABLE, 503), request, problem)
+        if isinstance(exc, DataError):
+            return self.reject(WebhookRejected(DELIVERY_NOT_STORABLE, 422), request, problem)
+        log.error("webhook not stored: %s", problem, exc_info=exc, extra={"event": "webhook.store_failed"})
+        return self.reject(WebhookRejected(DELIVERY_NOT_STORED, 500), request, problem)
+
+    async def fal_webhook(self, request: Request) -> Response:
+        """``POST /webhooks/fal``: the body read within its bounds before anything else (a
+        declared size beyond :data:`MAX_BODY_BYTES` refused before it takes any of the budget:
+        nobody is authenticated yet, so nobody may hold the process's memory), then verified
+        before it is stored, and stored before it is answered 2xx (:meth:`verified_then_stored`):
+        a 2xx tells fal it need not deliver again, so it is said only of what is in the inbox."""
+        if declares_more_than(request.headers.get("content-length"), MAX_BODY_BYTES):
+            return self.reject(WebhookRejected(TOO_LARGE, 413), request)  # before taking any budget
+        with self.budget.tab() as tab:
+            body = await read_body(request, cap=MAX_BODY_BYTES, tab=tab)
+            if isinstance(body, Refusal):
+                return self.reject(WebhookRejected(body.reason, body.status), request)
+            return await self.verified_then_stored(request, body)
+
+    async def verified_then_stored(self, request: Request, body: bytes) -> Response:
+        """A body read whole: verified (fal's signature: nothing unsigned touches the database),
+        bound to its job (our token in its URL: fal signs every account's webhooks alike), its
+        account checked and stored, and only then answered 2xx (or rejected, nothing stored).
+        Both run on the receiver's own threads."""
+        try:
+            delivery = await anyio.to_thread.run_sync(
+                verify_delivery, request.headers, body, self.jwks, limiter=self.threads
+            )
+        except WebhookRejected as exc:
+            return self.reject(exc, request)
+        job_id, attempt = _job_and_attempt(request)
+        token = request.query_params.get("token")
+
+        def bound_then_received() -> str | None:
+            """None when stored; otherwise why it is refused (nothing stored)."""
+            if not binding_holds(webhook_secret(self.engine), job_id, attempt, token):
+                return NOT_OURS
+            if receive(self.inbox, delivery, job_id=job_id, attempt=attempt) is None:
+                return FOREIGN_ACCOUNT
+            return None
+
+        try:
+            refused = await anyio.to_thread.run_sync(bound_then_received, limiter=self.threads)
+        except (DBAPIError, PoolTimeoutError) as exc:  # not stored (every connection taken: unavailable)
+            return self.not_stored(exc, request)
+        if refused is not None:  # signed by fal, but for a request some other account sent: nothing stored
+            detail = f"job {job_id}, attempt {attempt}"
+            if refused == FOREIGN_ACCOUNT:
+                detail += f", fal account {delivery.user_id}"
+            return self.reject(WebhookRejected(refused, 403), request, detail)
+        self.counts.add(accepted=True)
+        telemetry.count_webhook(accepted=True)
+        return JSONResponse({"ok": True})
+
+    def fingerprint(self) -> str:
+        """The served database's fingerprint, read now (on a thread: it blocks)."""
+        # The secret is read once per process; the SELECT 1 is every time, so a database that
+        # stopped answering since is reported as such, not as the one served a while ago.
+        secret = webhook_secret(self.engine)
+        db.probe(self.engine)
+        return database_fingerprint(secret)
+
+    async def which_database(self) -> tuple[str | None, str | None]:
+        """The database's fingerprint (:func:`worker.steps.webhooks.database_fingerprint`), or
+        why it is not known: a receiver serving another database than the submitters' refuses
+        every delivery (403), and this is how ``wanbatch doctor`` tells. Made the first time
+        (the webhook secret, which the first delivery would make), then known; a ``SELECT 1``
+        every time tells whether the database still answers, for at most
+        :data:`HEALTHZ_DATABASE_WAIT` (one thread at most waits on a database that hangs)."""
+        with anyio.move_on_after(HEALTHZ_DATABASE_WAIT):
+            try:
+                found = await anyio.to_thread.run_sync(
+                    self.fingerprint, limiter=self.fingerprint_thread, abandon_on_cancel=True
+                )
+            except (DBAPIError, PoolTimeoutError) as exc:
+                if db.is_unavailable(exc):
+                    return None, DATABASE_UNAVAILABLE
+                log.warning(
+                    "healthz: the database could not be read: %s",
+                    db.database_problem(exc),
+                    extra={"event": "healthz.database_error"},
+                )
+                return None, DATABASE_UNREADABLE
+            return found, None
+        return None, DATABASE_SLOW
+
+    async def healthz(self, _request: Request) -> Response:
+        """``GET /healthz``: the process answers (``ok``), its counts, whether it can verify fal's
+        signatures now, and which database it serves: without keys every delivery is refused
+        (503), and with another database than the submitters' too (403), which the counts alone
+        would show only once fal had retried in vain. Fetches the keys if a delivery would (none
+        yet), for at most :data:`HEALTHZ_KEYS_WAIT` (a fetch still under way is reported as
+        such); after a failed fetch, none again for 5 s, so asking often fetches no more often.
+        The database is asked meanwhile (:meth:`which_database`), so a health check's few
+        seconds cover both. Public (no token), so it tells no secret and no database's words."""
+        found: dict[str, Any] = {}
+
+        async def keys_health() -> None:
+            found["keys"] = await anyio.to_thread.run_sync(self.jwks.health, HEALTHZ_KEYS_WAIT)
+
+        async def database() -> None:
+            found["database"] = await self.which_database()
+
+        async with anyio.create_task_group() as both:
+            both.start_soon(keys_health)
+            both.start_soon(database)
+        keys = found["keys"]
+        fingerprint_found, database_error = found["database"]
+        return JSONResponse(
+            {
+                "ok": True,
+                "accepted": self.counts.accepted,
+                "rejected": self.counts.rejected,
+                "can_verify_signatures": keys.can_verify,
+                "signing_keys": keys.keys,
+                "signing_keys_error": keys.error,
+                "database": fingerprint_found,
+                "database_error": database_error,
+            }
+        )
