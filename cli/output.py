@@ -1039,16 +1039,29 @@ def money_line(report: BatchReport) -> str:
         )
         lines.extend(_budget_advice(report))
     if report.get("cancelled_for_deadline") and report["finished"] == report["total"]:
-        lines.append(
-            f"[yellow]{report['cancelled_for_deadline']} job(s) cancelled: not sent before the "
-            "deadline[/yellow]"
-        )
+        lines.append(f"[yellow]{deadline_cancelled_text(report)}[/yellow]")
         lines.extend(_deadline_advice(report))
     if rendered := _rendered_line(report):
         lines.append(rendered)
     if pending := _pending_line(report):
         lines.append(pending)
     return "\n".join(lines)
+
+
+def deadline_cancelled_text(report: BatchReport) -> str:
+    """The jobs the batch's deadline cancelled, those sent to fal (``cancelled_for_deadline_sent``)
+    counted apart from those never sent, as ``status``'s failure lines below count them: ``3
+    job(s) cancelled: not sent before the deadline``, ``5 job(s) cancelled by the deadline: 2 not
+    sent before it; 3 sent to fal, their requests ended unfinished (see why below)``. A sent
+    job's own error says how (``fal timed it out in its queue at the batch's deadline …``)."""
+    total = report.get("cancelled_for_deadline", 0)
+    sent = min(total, report.get("cancelled_for_deadline_sent", 0))
+    if not sent:
+        return f"{total} job(s) cancelled: not sent before the deadline"
+    at_fal = "sent to fal, their requests ended unfinished (see why below)"
+    if sent == total:
+        return f"{total} job(s) cancelled by the deadline: {at_fal}"
+    return f"{total} job(s) cancelled by the deadline: {total - sent} not sent before it; {sent} {at_fal}"
 
 
 def _rendered_line(report: BatchReport) -> str:

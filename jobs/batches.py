@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypedDict, cast
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from jobs import database_home, db, listing, store
+from jobs import clock, database_home, db, listing, store
 from jobs.db import open_engine
 from jobs.digits import NUMBER
 from jobs.endpoints import get_endpoint, registry_sha256
@@ -390,13 +390,16 @@ class SubmitResult:
 
 
 def schedule_text(schedule: dict[str, Any] | None, priority: str = "normal") -> str:
-    """A stored schedule and priority in a few words: ``window 22:00-06:00 Europe/Berlin, priority low``."""
+    """A stored schedule and priority in a few words: ``deadline 2026-12-07 06:00 +01:00, window
+    22:00-06:00 Europe/Berlin, priority low``: its instants as ``status`` shows them, in the
+    schedule's time zone (:meth:`Schedule.stamp`), not as stored (UTC)."""
     parts = []
     if schedule:
-        if schedule.get("not_before"):
-            parts.append(f"not before {schedule['not_before']}")
-        if schedule.get("deadline"):
-            parts.append(f"deadline {schedule['deadline']}")
+        read = Schedule.from_json(schedule)
+        if read.not_before is not None:
+            parts.append(f"not before {read.stamp(read.not_before)}")
+        if read.deadline is not None:
+            parts.append(f"deadline {read.stamp(read.deadline)}")
         if schedule.get("window"):
             parts.append(f"window {schedule['window']} {schedule.get('timezone') or 'UTC'}")
     if priority != "normal":
@@ -627,7 +630,8 @@ def submit_manifest(
     :func:`simulated_elsewhere_line`, else claimed for this process in the same transaction —
     two runs started together both found no other and both ran it).
     """
-    report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings))
+    judged_at = clock.utcnow()
+    report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings), now=judged_at)
     manifest = report.manifest
     if manifest is None:
         raise ManifestError(report.issues)
@@ -637,6 +641,16 @@ def submit_manifest(
     if home is not None and not report.ok:  # a new database holds no batch to resume
         raise ManifestError(report.issues)
     engine = open_engine(settings)
+    # The deadline judged again on the database's clock, measured now that it is open (a
+    # PostgreSQL server's; SQLite's is this host's): a host 3 minutes behind it let a deadline
+    # 1 minute ahead of its own clock through, and the first tick cancelled every job.
+    db.on_database_clock(engine)
+    now = clock.utcnow()
+    if (manifest.schedule.over(judged_at) is None) != (manifest.schedule.over(now) is None):
+        report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings), now=now)
+        manifest = report.manifest
+        if manifest is None:  # pragma: no cover - the same file, read again
+            raise ManifestError(report.issues)
     if not report.ok:
         if not _resumes_past_deadline(engine, report, simulated):
             raise ManifestError(report.issues)
@@ -893,6 +907,11 @@ class BatchReport(TypedDict):
     #: Jobs the batch's schedule cancelled (reason ``deadline``: its deadline passed, or no
     #: window opened before it): ``status`` advises ``rerun --failed-only`` (``--now``) for them.
     cancelled_for_deadline: int
+    #: Of ``cancelled_for_deadline``, the jobs sent to fal (``submitted_at``, as ``failures``
+    #: tells them apart): a request of theirs went to fal and ended unfinished — timed out or
+    #: cancelled in fal's queue at the deadline, or ended earlier and not sent again — where the
+    #: others were never sent.
+    cancelled_for_deadline_sent: int
     failures: list[FailureReason]
     parent_batch: str | None
     created_at: str
@@ -1669,7 +1688,7 @@ class _Reads(Protocol):
 
     def totals(self, batch: Batch, now: datetime) -> listing.Totals: ...
     def queued_sent_at(self, batch: Batch) -> Iterable[datetime | None]: ...
-    def deadline_cancelled(self, batch: Batch) -> int: ...
+    def deadline_cancelled(self, batch: Batch, *, sent: bool | None = None) -> int: ...
     def broker_down(self, now: datetime) -> datetime | None: ...
     def cap_holders(self, scope: store.CapScope) -> list[store.CapHolder]: ...
     def queue_waits(
@@ -1709,8 +1728,8 @@ class _OneBatch:
             job.submitted_at for job in store.jobs_of_batch(self.session, batch.id, states=[JobState.QUEUED])
         )
 
-    def deadline_cancelled(self, batch: Batch) -> int:
-        return store.count_cancelled(self.session, batch.id, DEADLINE_ERROR)
+    def deadline_cancelled(self, batch: Batch, *, sent: bool | None = None) -> int:
+        return store.count_cancelled(self.session, batch.id, DEADLINE_ERROR, sent=sent)
 
     def broker_down(self, now: datetime) -> datetime | None:
         return listing.broker_down_since(self.session, now=now)
@@ -1797,14 +1816,14 @@ class _AllBatches:
 
         return cast(list[datetime | None], self._once("queued", read).get(batch.id, []))
 
-    def deadline_cancelled(self, batch: Batch) -> int:
+    def deadline_cancelled(self, batch: Batch, *, sent: bool | None = None) -> int:
         def read() -> dict[str, int]:
             # Every scheduled batch: one whose window opens only after its deadline ends its
             # unsent jobs (reason `deadline`) before the deadline (``cancelled_for_deadline``).
             scheduled = [b.id for b in self.batches if b.schedule is not None]
-            return store.count_cancelled_of_batches(self.session, scheduled, DEADLINE_ERROR)
+            return store.count_cancelled_of_batches(self.session, scheduled, DEADLINE_ERROR, sent=sent)
 
-        return int(self._once("deadline", read).get(batch.id, 0))
+        return int(self._once(f"deadline-{sent}", read).get(batch.id, 0))
 
     def broker_down(self, now: datetime) -> datetime | None:
         return cast(
@@ -2028,6 +2047,9 @@ def _report(
         "cancelled_for_budget": totals.cancelled_for_budget,
         "cancelled_for_daily_budget": totals.cancelled_for_daily_budget,
         "cancelled_for_deadline": reads.deadline_cancelled(batch) if batch.schedule is not None else 0,
+        "cancelled_for_deadline_sent": (
+            reads.deadline_cancelled(batch, sent=True) if batch.schedule is not None else 0
+        ),
         "media_mismatches": totals.media_mismatches,
         "rate_limited_submits": totals.rate_limited_submits,
         "failures": [

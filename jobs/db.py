@@ -365,6 +365,16 @@ def measure_clock(dbapi_connection: Any, *, say: bool = True) -> bool:
     return clock.take(float(row[0]), before=s0, after=s1, wall=(w0 + w1) / 2, say=say)
 
 
+def on_database_clock(engine: Engine) -> None:
+    """Make sure this process reads time on ``engine``'s timeline (:mod:`jobs.clock`) before it
+    judges something by it: a PostgreSQL engine is measured now when nothing is measured (an
+    engine :func:`open_engine` opened before hands out no connection when asked for again, and
+    :func:`jobs.clock.reset` forgets); SQLite's timeline is this host's clock already."""
+    if engine.dialect.name == "postgresql" and clock.offset() is None:
+        with engine.connect():  # the checkout measures (watch_clock)
+            pass
+
+
 def watch_clock(engine: Engine) -> None:
     """Keep this process on a PostgreSQL ``engine``'s clock (:mod:`jobs.clock`): measured on the
     first connection it hands out, again at most every :data:`jobs.clock.REMEASURE_SECONDS`."""
@@ -1357,7 +1367,7 @@ class LockHolder:
     def said(self) -> str:
         """``pid 4242 holds an ACCESS EXCLUSIVE lock on table jobs (its transaction open for 3m,
         idle in transaction, application 'psql')``."""
-        from jobs.schedule import format_duration
+        from jobs.schedule import format_age
 
         mode = self.mode
         if mode in _LOCK_CONFLICTS:
@@ -1365,7 +1375,7 @@ class LockHolder:
         verb = "holds" if self.granted else "is queued for"
         about = []
         if self.held_for is not None:
-            about.append(f"its transaction open for {format_duration(self.held_for)}")
+            about.append(f"its transaction open for {format_age(self.held_for)}")
         if self.state:
             about.append(self.state)
         if self.application:
@@ -1632,7 +1642,7 @@ def database_locked_error(url: str | URL, engine: Engine | None = None) -> Datab
     ``url``), how long it waited, and what to do."""
     from sqlalchemy.pool import NullPool
 
-    from jobs.schedule import format_duration
+    from jobs.schedule import format_age
 
     watch = _WATCH.get()
     holders = watch.blockers() if watch is not None else []
@@ -1653,7 +1663,7 @@ def database_locked_error(url: str | URL, engine: Engine | None = None) -> Datab
         who = "who holds the lock could not be read"
     seconds = _LOCK_WAIT.get()
     waited = (
-        f"waiting {format_duration(seconds)} (WANBATCH_DATABASE_LOCK_WAIT)"
+        f"waiting {format_age(seconds)} (WANBATCH_DATABASE_LOCK_WAIT)"
         if seconds is not None
         else "waiting as long as the server's lock_timeout allows"
     )

@@ -37,7 +37,7 @@ from jobs.digits import ascii_int
 from jobs.models import EVERY_BATCH, Batch, BatchState, Job, Money, utcnow
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
 from jobs.processes import owner_prefix
-from jobs.schedule import Schedule, format_duration
+from jobs.schedule import Schedule, format_age, format_duration
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 from jobs.storable import holds_unstorable
 from jobs.url_secrets import shareable_text
@@ -799,7 +799,7 @@ def dead_holders_text(dead: Sequence[DeadHolder], *, now: datetime) -> str:
     jobs, until, who = _held_jobs(dead, holder_who)
     first = dead[0]
     if first.last_seen is not None:
-        state = f"not seen for {format_duration((now - first.last_seen).total_seconds())}"
+        state = f"not seen for {format_age((now - first.last_seen).total_seconds())}"
     else:
         state = "which has ended"
     noun = "job" if jobs == 1 else "jobs"
@@ -826,7 +826,7 @@ def not_processing(last_beat: datetime | None, *, now: datetime) -> str:
     """ "nothing is processing it", and since when when a process ever said it did."""
     if last_beat is None:
         return "nothing is processing it"
-    return f"nothing is processing it (last seen {format_duration((now - last_beat).total_seconds())} ago)"
+    return f"nothing is processing it (last seen {format_age((now - last_beat).total_seconds())} ago)"
 
 
 def standing(batch: Batch, totals: Totals, last_beat: datetime | None, *, now: datetime) -> str:

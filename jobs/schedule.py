@@ -35,8 +35,12 @@ _SEARCH_DAYS = 8
 _WINDOW = re.compile(r"^\s*([0-9]{1,2}):([0-9]{2})\s*[-\u2013]\s*([0-9]{1,2}):([0-9]{2})\s*$")
 
 
-def parse_window(text: str) -> tuple[time, time]:
+def parse_window(text: str) -> tuple[time, time] | None:
     """``"22:00-06:00"`` → ``(time(22), time(6))``; an end before the start crosses midnight.
+
+    ``24:00`` is the end of the day, as an end only (ISO 8601's): ``"22:00-24:00"`` is
+    ``(time(22), time(0))``, until midnight, and ``"00:00-24:00"``, the whole day, is None: no
+    window, sending at any time (the days' windows touch, DST or not).
 
     Raises :class:`ValueError` with a message fit for a user when the text is not two ``HH:MM``
     times, a time is not a time of day, or the window is empty (start equals end).
@@ -46,16 +50,26 @@ def parse_window(text: str) -> tuple[time, time]:
         digits = "; write times with the ASCII digits 0-9" if foreign_digits(text) else ""
         raise ValueError(f"window {quoted(text)} is not two times HH:MM-HH:MM (such as 22:00-06:00){digits}")
     hours_a, minutes_a, hours_b, minutes_b = (int(g) for g in match.groups())
+    if (hours_a, minutes_a) == (24, 0):
+        raise ValueError(
+            f"window {text!r}: 24:00 is the end of a day, so only a window's end; a window from "
+            "midnight starts at 00:00"
+        )
+    end_of_day = (hours_b, minutes_b) == (24, 0)
     for hours, minutes in ((hours_a, minutes_a), (hours_b, minutes_b)):
-        if hours > 23 or minutes > 59:
+        if (hours > 23 or minutes > 59) and not (end_of_day and (hours, minutes) == (24, 0)):
             raise ValueError(
-                f"window {text!r}: {hours:02d}:{minutes:02d} is not a time of day (00:00 to 23:59)"
+                f"window {text!r}: {hours:02d}:{minutes:02d} is not a time of day (00:00 to 23:59, "
+                "or 24:00 as the end of the day)"
             )
-    start, end = time(hours_a, minutes_a), time(hours_b, minutes_b)
+    start, end = time(hours_a, minutes_a), time(0 if end_of_day else hours_b, minutes_b)
+    if end_of_day and start == end:
+        return None  # 00:00-24:00: the whole day, every day
     if start == end:
         raise ValueError(
             f"window {text!r} is empty: it starts and ends at the same time "
-            "(a window covers start up to end, crossing midnight when end is earlier)"
+            "(a window covers start up to end, crossing midnight when end is earlier); "
+            "to send at any time of day leave `window` out, or write 00:00-24:00"
         )
     return start, end
 
@@ -69,11 +83,34 @@ def zone(name: str) -> ZoneInfo:
 
 
 def format_duration(seconds: float) -> str:
-    """A short human duration: ``"20s"``, ``"45m"``, ``"3h12m"``, ``"5h"``, ``"2d3h"``.
+    """A short human duration, two units at most: ``"20s"``, ``"1m57s"``, ``"45m"``, ``"3h12m"``,
+    ``"5h"``, ``"24h40m"``, ``"2d4h"``.
 
-    Seconds are rounded up, so something due in half a second is "1s", never "0s" early; the
-    larger units then drop what they do not show (a countdown, not an invoice).
+    Never early: what is not shown is rounded up into the smallest unit shown (seconds up to an
+    hour, minutes up to two days, hours from then on), so something due in half a second is
+    "1s", never "0s", and 1m57s is "1m57s", never "1m". A zero smallest unit is left out
+    ("45m", "5h"). Hours up to two days (``"24h40m"``, not ``"1d"``: "in 1d" said of 24h40m was
+    40 minutes early).
     """
+    total = max(0, math.ceil(seconds))
+    if total < 3600:
+        minutes, secs = divmod(total, 60)
+        if not minutes:
+            return f"{secs}s"
+        return f"{minutes}m{secs:02d}s" if secs else f"{minutes}m"
+    in_minutes = -(-total // 60)
+    if in_minutes < 48 * 60:
+        hours, minutes = divmod(in_minutes, 60)
+        return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
+    days, hours = divmod(-(-total // 3600), 24)
+    return f"{days}d{hours}h" if hours else f"{days}d"
+
+
+def format_age(seconds: float) -> str:
+    """How long ago something was, or how long it has lasted: ``"20s"``, ``"3m"``, ``"3h05m"``,
+    ``"2d3h"`` (``last seen 3m ago``, ``created 3h05m ago``, ``open for 45s``): the largest unit
+    and the next, what is below dropped — an age is "at least", not a countdown (that is
+    :func:`format_duration`, never early). Seconds round up, so an age never reads "0s"."""
     total = max(0, math.ceil(seconds))
     days, rest = divmod(total, 86400)
     hours, rest = divmod(rest, 3600)
@@ -153,12 +190,31 @@ EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(3000, 1, 1, tzinfo=UTC)
 
 
-def parse_instant(value: object, *, bounded: bool = True) -> datetime:
+#: ``…T24:00``, ``…T24:00:00``, ``…T24:00:00.000``: ISO 8601's end of a day (the next day's 00:00),
+#: which ``datetime.fromisoformat`` refuses before Python 3.12's (hour must be in 0..23).
+_END_OF_DAY = re.compile(r"^([0-9]{4}-[0-9]{2}-[0-9]{2})([T ])24:00(?::00(?:[.,]0+)?)?(?=$|[Z+-])")
+
+
+def _from_iso(written: str) -> datetime:
+    """``datetime.fromisoformat`` of ``written`` (upper-cased: YAML allows a lowercase t/z),
+    ``24:00`` read as the end of its day; :class:`ValueError` when it is no ISO 8601 timestamp."""
+    text = written.upper()
+    end_of_day = _END_OF_DAY.match(text)
+    if end_of_day is None:
+        return datetime.fromisoformat(text)
+    day, separator = end_of_day.groups()
+    midnight = datetime.fromisoformat(f"{day}{separator}00:00{text[end_of_day.end() :]}")
+    return midnight + timedelta(days=1)  # wall-clock arithmetic: the same offset, the next day
+
+
+def parse_instant(value: object, *, bounded: bool = True, timezone: str | None = None) -> datetime:
     """An ISO 8601 timestamp with an offset or ``Z`` → an aware datetime in UTC.
 
     ``value`` is text (as written, or as stored by :meth:`Schedule.as_json`) or a datetime (some
-    YAML loaders build one). A time without an offset is refused: it names a different instant
-    in every time zone, and guessing the machine's zone would move a deadline by hours.
+    YAML loaders build one). ``24:00`` is the end of the day (ISO 8601): the next day's 00:00.
+    A time without an offset is refused: it names a different instant in every time zone, and
+    guessing the machine's zone would move a deadline by hours; ``timezone`` (the schedule's,
+    when it is a zone) makes the refusal say which offset that local time has there.
     ``bounded``: refuse an instant before :data:`EARLIEST` or from :data:`LATEST` on.
     Raises :class:`ValueError` with a message fit for a user.
     """
@@ -170,17 +226,16 @@ def parse_instant(value: object, *, bounded: bool = True) -> datetime:
     elif isinstance(value, str):
         written = value.strip()
         try:
-            # YAML's timestamps allow a lowercase t/z; fromisoformat wants T/Z.
-            parsed = datetime.fromisoformat(written.upper())
+            parsed = _from_iso(written)
         except ValueError:
             raise ValueError(f"{quoted(value)} is not an ISO 8601 timestamp") from None
     else:
         raise ValueError(f"expected an ISO 8601 timestamp, got {type(value).__name__} {quoted(value)}")
     if parsed.tzinfo is None or parsed.utcoffset() is None:
-        raise ValueError(
-            f"{written!r} has no UTC offset, so the instant is ambiguous (local time in which zone?); "
-            "add one such as +01:00, or Z for UTC"
-        )
+        advice = _offset_advice(written, parsed, timezone)
+        if advice is None:
+            advice = " (local time in which zone?); add one such as +01:00, or Z for UTC"
+        raise ValueError(f"{written!r} has no UTC offset, so the instant is ambiguous{advice}")
     out_of_range = f"{written!r} is out of range: a time from {EARLIEST.year} up to {LATEST.year} is allowed"
     try:
         instant = parsed.astimezone(UTC)
@@ -189,6 +244,43 @@ def parse_instant(value: object, *, bounded: bool = True) -> datetime:
     if bounded and not EARLIEST <= instant < LATEST:
         raise ValueError(out_of_range)
     return instant
+
+
+def _offset_advice(written: str, naive: datetime, timezone: str | None) -> str | None:
+    """Which offset the local time ``naive`` has in ``timezone``, as the advice that ends
+    :func:`parse_instant`'s refusal of a time without one: ``"; in Europe/Berlin on 2027-12-02
+    06:00 that is +01:00: write 2027-12-02T06:00:00+01:00"``; the local time the clocks skip
+    that night (spring forward) or show twice (fall back) said so. None without a zone (or out
+    of the years a zone's arithmetic holds)."""
+    if timezone is None:
+        return None
+    try:
+        tz = zone(timezone)
+        first = naive.replace(tzinfo=tz, fold=0)
+        second = naive.replace(tzinfo=tz, fold=1)
+        before, after = first.utcoffset(), second.utcoffset()
+        exists = first.astimezone(UTC).astimezone(tz).replace(tzinfo=None) == naive
+        gap_end = None if exists else _resolve(naive.date(), naive.time(), tz).astimezone(tz)
+    except (ValueError, OverflowError):
+        return None
+    if before is None or after is None:  # pragma: no cover - a zone always has an offset
+        return None
+    local = f"{naive:%Y-%m-%d %H:%M}" + (f":{naive:%S}" if naive.second else "")
+    if gap_end is not None:
+        skipped_from = (gap_end - (after - before)).replace(tzinfo=None)
+        resumed = gap_end.replace(tzinfo=None)
+        return (
+            f"; in {timezone} {local} does not exist (that night the clocks go from "
+            f"{skipped_from:%H:%M} {_offset(before)} straight to {gap_end:%H:%M} {_offset(after)}): "
+            f"write a time outside that gap, such as {resumed.isoformat()}{_offset(after)}"
+        )
+    if before != after:
+        return (
+            f"; in {timezone} {local} happens twice (that night the clocks show it first at "
+            f"{_offset(before)}, then again at {_offset(after)}): write {written}{_offset(before)} or "
+            f"{written}{_offset(after)}"
+        )
+    return f"; in {timezone} on {local} that is {_offset(before)}: write {written}{_offset(before)}"
 
 
 @dataclass(frozen=True)

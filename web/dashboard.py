@@ -56,7 +56,7 @@ from jobs.printable import one_line, shell_ref
 from jobs.processes import owner_gone, process_prefix
 from jobs.redaction import masked_error
 from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, going_on, rerun_covered
-from jobs.schedule import eta_text, format_duration
+from jobs.schedule import eta_text, format_age
 from jobs.settings import Settings
 from jobs.states import JobState
 from jobs.url_secrets import mask_urls
@@ -141,11 +141,11 @@ def usd(value: Decimal | float | None) -> str:
 
 def ago(moment: datetime | None, now: datetime | None = None) -> str:
     """``just now``, ``5m ago``, ``3h10m ago``: the durations ``status`` writes
-    (:func:`jobs.schedule.format_duration`, its "last seen 3m ago")."""
+    (:func:`jobs.schedule.format_age`, its "last seen 3m ago")."""
     if moment is None:
         return "—"
     seconds = ((now or utcnow()) - moment).total_seconds()
-    return "just now" if seconds < 10 else f"{format_duration(seconds)} ago"
+    return "just now" if seconds < 10 else f"{format_age(seconds)} ago"
 
 
 def number(value: int | float | None) -> str:

@@ -513,9 +513,9 @@ def _rounded(age: float | None) -> float | None:
 
 
 def _seconds_ago(age: float) -> str:
-    from jobs.schedule import format_duration
+    from jobs.schedule import format_age
 
-    return format_duration(max(0.0, age))
+    return format_age(max(0.0, age))
 
 
 def _workers_beat(settings: Settings) -> datetime | str | None:
@@ -548,9 +548,9 @@ def _workers_beat(settings: Settings) -> datetime | str | None:
 def _ago(moment: datetime) -> str:
     """How long ago ``moment`` was, as ``status`` says it (``3m20s``)."""
     from jobs.models import utcnow
-    from jobs.schedule import format_duration
+    from jobs.schedule import format_age
 
-    return format_duration(max(0.0, (utcnow() - moment).total_seconds()))
+    return format_age(max(0.0, (utcnow() - moment).total_seconds()))
 
 
 def check_provider(settings: Settings) -> Check:

@@ -18,7 +18,7 @@ Where stderr is not a terminal, the same facts go out as plain lines now and the
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from rich.cells import cell_len, set_cell_size
@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import Progress, ProgressColumn, Task
 from rich.text import Text
 
+from jobs import clock
 from jobs.money import usd_text
 from jobs.states import JobState
 
@@ -177,8 +178,12 @@ PLAIN_EVERY_SECONDS = 60.0
 def plain_line(task: Task, *, now: datetime | None = None) -> str:
     """What the progress line shows, as one line of plain text (no bar, no colours, no carriage
     return), with the UTC time first: ``2026-12-02T21:05:00Z jobs: 120/400 (30%) · $1.20/$4.00
-    · elapsed 0:05:00 · ~0:12:30 left · succeeded:118 running:8 failed:2``."""
-    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    · elapsed 0:05:00 · ~0:12:30 left · succeeded:118 running:8 failed:2``.
+
+    The time is the database's (:func:`jobs.clock.utcnow`), as every stamp of wanbatch and every
+    countdown the line carries ("opens 22:00 Europe/Berlin, in 3m"): on a host whose clock is off,
+    a stamp of its own disagreed with the countdown beside it."""
+    stamp = (now or clock.utcnow()).strftime("%Y-%m-%dT%H:%M:%SZ")
     total = int(task.total) if task.total is not None else None
     done = int(task.completed)
     description = str(task.description)

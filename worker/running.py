@@ -72,7 +72,7 @@ from jobs.db import open_engine
 from jobs.errors import ConfigError, DatabaseFullError, WanbatchError
 from jobs.models import utcnow
 from jobs.printable import clause, is_a_terminal, printable, shell_ref
-from jobs.schedule import format_duration
+from jobs.schedule import format_age
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
 from jobs.store import CapScope
@@ -777,7 +777,7 @@ def elsewhere_warning(
     if last_beat is None:
         seen = "none ever"
     else:
-        seen = f"the last {format_duration((utcnow() - last_beat).total_seconds())} ago"
+        seen = f"the last {format_age((utcnow() - last_beat).total_seconds())} ago"
     then = "still waiting" if waiting else "it is carried out once one does"
     return (
         f"warning: {workers} wanbatch worker(s) answer on the broker {masked_url(settings.broker_url)}, "

@@ -21,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
+from jobs import clock
 from jobs.batch_names import batch_name
 from jobs.digits import TOO_MANY_DIGITS, WholeTooLong
 from jobs.endpoints import get_endpoint, known_endpoint_ids
@@ -95,7 +96,10 @@ def parse_manifest(
     """Parse the top level; never raises for bad input. The manifest is None when unusable.
 
     ``allowed_dirs`` are folders, beyond the manifest's own, that local files may come from.
-    ``now`` (aware; the current time by default) is what a schedule's deadline must lie after.
+    ``now`` (aware) is what a schedule's deadline must lie after; by default the current time on
+    the database's timeline (:func:`jobs.clock.utcnow`: this host's clock until a PostgreSQL
+    database was measured, as every process stamps and judges time; see
+    :func:`jobs.batches.submit_manifest`, which judges again once the database is open).
     ``keys`` (FAL_KEY, :func:`jobs.manifest.fal_key.known_keys`): a value or line holding one is
     an error (:mod:`jobs.manifest.fal_key`), and so is an ``items_from`` row's as it is read.
     """
@@ -264,7 +268,7 @@ def parse_manifest(
         at = root.key_lines.get(where, root.line)
         top(too_many_jobs_message(), at, where, allowed=jobs_allowed(), code=TOO_MANY_JOBS)
     _parse_budget(root, manifest, top)
-    _parse_schedule(root, manifest, top, datetime.now(UTC) if now is None else now)
+    _parse_schedule(root, manifest, top, clock.utcnow() if now is None else now)
     _parse_priority(root, manifest, top)
     _parse_reuse_outputs(root, manifest, top)
     return manifest, issues
@@ -515,12 +519,16 @@ def _parse_schedule(root: LMap, manifest: Manifest, top: _Report, now: datetime)
                 allowed=", ".join(SCHEDULE_KEYS),
             )
     instants: dict[str, datetime | None] = {"not_before": None, "deadline": None}
+    named = schedule.get("timezone")
+    # The schedule's zone, when it is one: a time without an offset is refused all the same, the
+    # refusal saying which offset it has there that day.
+    local_zone = named if isinstance(named, str) and _zone_problem(named) is None else None
     for key in instants:
         value = schedule.get(key)
         if value is None:
             continue
         try:
-            instants[key] = parse_instant(value)
+            instants[key] = parse_instant(value, timezone=local_zone)
         except ValueError as exc:
             ok = False
             top(
@@ -570,9 +578,9 @@ def _parse_schedule(root: LMap, manifest: Manifest, top: _Report, now: datetime)
             value=timezone,
             allowed=_ZONE_ALLOWED,
         )
-    elif (reversed_sign := _etc_gmt_warning(timezone)) is not None:
+    elif (misread := _etc_gmt_warning(timezone) or _legacy_zone_warning(timezone)) is not None:
         top(
-            reversed_sign,
+            misread,
             schedule.lines.get("timezone"),
             "schedule.timezone",
             value=timezone,
@@ -671,6 +679,47 @@ def _etc_gmt_warning(name: str) -> str | None:
         f"schedule timezone {name} is {means}, not {reads}: Etc/GMT zones have the sign reversed "
         f"(POSIX); for {reads} write {flipped} or a city zone (Area/City)"
     )
+
+
+#: Legacy zone names of the tz database that never change to daylight time (UTC-05:00, -07:00
+#: and -10:00 all year), though most places their abbreviation names do: ``EST`` with a window
+#: of 22:00-06:00 opens at 23:00 New York time all summer. What each is, and what to write.
+_FIXED_LEGACY = {
+    "EST": "never changes to daylight time: it is UTC-05:00 all year, an hour off New York's clocks "
+    "in summer; for New York write America/New_York (for UTC-05:00 all year, America/Panama)",
+    "MST": "never changes to daylight time: it is UTC-07:00 all year, an hour off Denver's clocks "
+    "in summer; for Denver write America/Denver (for Arizona, America/Phoenix)",
+    "HST": "is a legacy name: UTC-10:00 all year, no daylight time (as Hawaii's clocks); write "
+    "Pacific/Honolulu",
+}
+#: Legacy POSIX-style and European names that follow a daylight-saving rule (the US's, the EU's)
+#: as their places do today: valid, but the zone of a place says where, and its whole history.
+_RULED_LEGACY = {
+    "EST5EDT": ("US", "America/New_York"),
+    "CST6CDT": ("US", "America/Chicago"),
+    "MST7MDT": ("US", "America/Denver"),
+    "PST8PDT": ("US", "America/Los_Angeles"),
+    "CET": ("EU", "Europe/Berlin or Europe/Paris"),
+    "MET": ("EU", "Europe/Berlin or Europe/Paris"),
+    "EET": ("EU", "Europe/Athens or Europe/Helsinki"),
+    "WET": ("EU", "Europe/Lisbon"),
+}
+
+
+def _legacy_zone_warning(name: str) -> str | None:
+    """The warning for a legacy zone name the tz database keeps for compatibility (``EST``,
+    ``EST5EDT``, ``CET``, …): valid, but ``EST`` and ``MST`` never change to daylight time,
+    whatever the places their abbreviations name do, and the others are better said by a place's
+    zone (Area/City). None for any other name."""
+    if name in _FIXED_LEGACY:
+        return f"schedule timezone {name} {_FIXED_LEGACY[name]}"
+    if name in _RULED_LEGACY:
+        rules, canonical = _RULED_LEGACY[name]
+        return (
+            f"schedule timezone {name} is a legacy name (it follows the {rules} daylight-saving "
+            f"rules); write the zone of a place, such as {canonical}"
+        )
+    return None
 
 
 #: Files of a host's tz database that ``ZoneInfo`` loads but that are no IANA zone: what they

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
 from jobs.digits import WholeTooLong
@@ -83,6 +84,7 @@ def validate_manifest(
     keys: Iterable[str] = (),
     *,
     each_valid: Callable[[JobSpec], None] | None = None,
+    now: datetime | None = None,
 ) -> ValidationReport:
     """Parse, expand and validate every job; never raises for bad input.
 
@@ -96,10 +98,11 @@ def validate_manifest(
     ``defaults`` or ``matrix`` is reported once, not once per job it reaches. Local files must
     lie inside the manifest's folder or one of ``allowed_dirs``. A value (or line) holding
     FAL_KEY, ``keys`` or one this process remembered, is an error, and no issue shows the key
-    (:mod:`jobs.manifest.fal_key`).
+    (:mod:`jobs.manifest.fal_key`). ``now``: what a schedule's deadline must lie after
+    (:func:`jobs.manifest.loading.parse_manifest`; the database's clock by default).
     """
     fal_keys = known_keys(keys)
-    report = _validated(path, allowed_dirs, fal_keys, each_valid)
+    report = _validated(path, allowed_dirs, fal_keys, each_valid, now)
     report.issues = [keyless(issue, fal_keys) for issue in report.issues]  # a fal-shaped key too
     return report
 
@@ -109,8 +112,9 @@ def _validated(
     allowed_dirs: Iterable[Path],
     keys: frozenset[str],
     each_valid: Callable[[JobSpec], None] | None,
+    now: datetime | None = None,
 ) -> ValidationReport:
-    manifest, issues = parse_manifest(path, allowed_dirs, keys=keys)
+    manifest, issues = parse_manifest(path, allowed_dirs, keys=keys, now=now)
     if manifest is None:
         return ValidationReport(None, issues, 0)
     if manifest.expansion_floor() > MAX_JOBS:  # reported by parse_manifest; never expanded

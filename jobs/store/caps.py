@@ -410,10 +410,18 @@ def holders_in(counts: Iterable[CapCounts], scope: CapScope) -> list[CapHolder]:
     return holders
 
 
-def count_cancelled(session: Session, batch_id: str, error_type: str) -> int:
+def _sent_filter(sent: bool | None) -> list[Any]:
+    """``sent``: only jobs a request of which went to fal (``submitted_at``, as ``status``'s
+    failure groups tell them apart), only jobs never sent, or None: all."""
+    if sent is None:
+        return []
+    return [Job.submitted_at.is_not(None) if sent else Job.submitted_at.is_(None)]
+
+
+def count_cancelled(session: Session, batch_id: str, error_type: str, *, sent: bool | None = None) -> int:
     """How many jobs of a batch's manifest ended cancelled for ``error_type`` (``deadline``,
     ``budget``, …): not those it no longer has (``Job.not_in_manifest``), which ``status``
-    counts apart and ``rerun --failed-only`` leaves out."""
+    counts apart and ``rerun --failed-only`` leaves out. ``sent``: see :func:`_sent_filter`."""
     query = (
         select(func.count())
         .select_from(Job)
@@ -422,13 +430,14 @@ def count_cancelled(session: Session, batch_id: str, error_type: str) -> int:
             Job.state == JobState.CANCELLED,
             Job.error_type == error_type,
             Job.not_in_manifest.is_(False),
+            *_sent_filter(sent),
         )
     )
     return int(session.scalar(query) or 0)
 
 
 def count_cancelled_of_batches(
-    session: Session, batch_ids: Collection[str], error_type: str
+    session: Session, batch_ids: Collection[str], error_type: str, *, sent: bool | None = None
 ) -> dict[str, int]:
     """:func:`count_cancelled` of each of ``batch_ids`` in one query (batches with none left out)."""
     if not batch_ids:
@@ -440,6 +449,7 @@ def count_cancelled_of_batches(
             Job.state == JobState.CANCELLED,
             Job.error_type == error_type,
             Job.not_in_manifest.is_(False),
+            *_sent_filter(sent),
         )
         .group_by(Job.batch_id)
     )

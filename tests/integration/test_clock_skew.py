@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, update
 
 from jobs import batches, clock, db, listing, store
+from jobs.errors import DEADLINE_PASSED, ManifestError
 from jobs.models import Job, utcnow
 from jobs.states import JobState
 from tests.conftest import _empty
@@ -168,3 +170,38 @@ def test_a_fal_hold_is_stamped_on_the_database_s_clock(engine: Engine, skew: flo
     assert len(holds) == 1, "the live hold is shown"
     assert before <= holds[0].since <= now
     assert timedelta(0) <= holds[0].next_probe_at - before <= timedelta(seconds=left + 1)
+
+
+def _deadline_manifest(tmp_path: Path, name: str, deadline: datetime) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"name: {name}\nendpoint: {T2V}\nitems:\n  - prompt: p\n"
+        f"schedule:\n  deadline: {deadline.isoformat(timespec='seconds')}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_submit_judges_a_deadline_on_the_database_s_clock(
+    pg_engine: Engine, pg_url: str, tmp_path: Path
+) -> None:
+    """A deadline is judged on the database's timeline, measured by ``submit`` before it stores
+    anything: from a host 3 minutes behind the database, a deadline 1 minute ahead of that
+    host's clock has passed (it was stored, and the first tick cancelled every job); from a host
+    3 minutes ahead, a deadline 1 minute ahead of the database's clock has not."""
+    settings = settings_for(URL, KEY, database_url=pg_url, output_dir=tmp_path / "outputs")
+    real = _REAL_TIME()
+
+    clock.host_time = lambda: _REAL_TIME() - 180.0
+    clock.reset()
+    behind = _deadline_manifest(tmp_path, "host-behind", datetime.fromtimestamp(real - 120.0, UTC))
+    with pytest.raises(ManifestError) as refused:
+        batches.submit_manifest(behind, settings)
+    assert [i.code for i in refused.value.issues if i.severity == "error"] == [DEADLINE_PASSED]
+
+    clock.host_time = lambda: _REAL_TIME() + 180.0
+    clock.reset()
+    ahead = _deadline_manifest(tmp_path, "host-ahead", datetime.fromtimestamp(real + 60.0, UTC))
+    submitted = batches.submit_manifest(ahead, settings)
+    assert (submitted.created, submitted.total) == (True, 1)
+    assert not [w for w in submitted.warnings if "deadline" in w], submitted.warnings

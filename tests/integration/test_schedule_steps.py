@@ -296,6 +296,13 @@ def busy_sim() -> Iterator[SimulatorHandle]:
         yield sim
 
 
+#: The error of a job whose request fal timed out in its queue at the deadline (the start timeout
+#: its submit carried): it said "cancelled in fal's queue", though wanbatch cancelled nothing.
+TIMED_OUT_AT_DEADLINE = (
+    "fal timed it out in its queue at the batch's deadline, before it started (not billed)"
+)
+
+
 def _two_waiting_at_fal(engine: Engine, sim: SimulatorHandle, name: str) -> tuple[str, Runtime]:
     """Six jobs, at most four at fal, one attempt each (the tester's WANBATCH_MAX_ATTEMPTS=1):
     two run, two wait in fal's queue with a start timeout of :data:`START_TIMEOUT`."""
@@ -380,7 +387,8 @@ def test_a_request_fal_timed_out_at_the_deadline_is_cancelled_for_the_deadline(
     _requests_fal_timed_out(busy_sim)
     for job in _jobs(engine, batch_id, S.CANCELLED):
         assert job.error_type == "deadline"
-        assert job.error == "cancelled in fal's queue at the batch's deadline"
+        # fal timed it out (the start timeout its submit carried): wanbatch cancelled nothing.
+        assert job.error == TIMED_OUT_AT_DEADLINE
         assert job.attempts == 1
         assert (job.actual_usd or 0) == 0
     enforce_schedules(rt)  # the deadline path ends the jobs never sent as usual
@@ -530,15 +538,22 @@ def test_the_deadline_summary_counts_requests_cancelled_in_fals_queue_apart_from
     assert job_states(engine, batch_id) == {"running": 2, "cancelled": 4}
 
     lines = _failure_lines(engine, batch_id, monkeypatch)
-    assert "2 cancelled (deadline), sent to fal: cancelled in fal's queue at the batch's deadline" in lines
+    assert f"2 cancelled (deadline), sent to fal: {TIMED_OUT_AT_DEADLINE}" in lines
     assert any(line.startswith("2 cancelled (deadline), never sent: not sent before") for line in lines), (
         lines
     )
     failures = _failures(engine, batch_id)
     assert (failures[True]["error_type"], failures[True]["count"]) == ("deadline", 2)
-    assert failures[True]["example"] == "cancelled in fal's queue at the batch's deadline"
+    assert failures[True]["example"] == TIMED_OUT_AT_DEADLINE
     assert (failures[False]["error_type"], failures[False]["count"]) == ("deadline", 2)
     assert failures[False]["example"].startswith("not sent before the batch's deadline (")
+    with db.session_scope(engine) as session:
+        report = batches.batch_report(session, batch_id)
+    assert (report["cancelled_for_deadline"], report["cancelled_for_deadline_sent"]) == (4, 2)
+    assert output.deadline_cancelled_text(report) == (
+        "4 job(s) cancelled by the deadline: 2 not sent before it; 2 sent to fal, their requests ended "
+        "unfinished (see why below)"
+    )
 
 
 def test_a_request_timed_out_at_the_window_end_then_cut_off_by_the_deadline_costs_nothing(

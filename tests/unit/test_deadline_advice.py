@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from cli.output import _deadline_advice
+from cli.output import _deadline_advice, deadline_cancelled_text
 from jobs.batches import BatchReport, SubmitResult, rerun_wait_note
 
 BATCH_ID = "a9262bde" + "0" * 24
@@ -38,6 +38,22 @@ def test_jobs_a_rerun_renders_are_not_advised_again() -> None:
     (advice,) = _deadline_advice(_report(rerun_pending=pending))
     assert advice.startswith("  to run the other 1: ")
     assert _deadline_advice(_report(rerun_pending={**pending, "cancelled_for_deadline": 4})) == []
+
+
+def test_the_deadline_summary_counts_jobs_sent_to_fal_apart() -> None:
+    """A batch whose 3 requests fal timed out in its queue at the deadline (the start timeout
+    their submits carried) said "3 job(s) cancelled: not sent before the deadline", though they
+    were sent: the ones sent are counted apart from the ones never sent."""
+    assert deadline_cancelled_text(_report(cancelled_for_deadline=3, cancelled_for_deadline_sent=0)) == (
+        "3 job(s) cancelled: not sent before the deadline"
+    )
+    assert deadline_cancelled_text(_report(cancelled_for_deadline=3, cancelled_for_deadline_sent=3)) == (
+        "3 job(s) cancelled by the deadline: sent to fal, their requests ended unfinished (see why below)"
+    )
+    assert deadline_cancelled_text(_report(cancelled_for_deadline=5, cancelled_for_deadline_sent=3)) == (
+        "5 job(s) cancelled by the deadline: 2 not sent before it; 3 sent to fal, their requests ended "
+        "unfinished (see why below)"
+    )
 
 
 def _rerun(schedule: dict[str, Any] | None) -> SubmitResult:

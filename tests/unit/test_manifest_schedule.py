@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import time as clocktime
 from datetime import UTC, datetime, time
 from pathlib import Path
 
 import pytest
 
-from jobs.errors import NEVER_OPENS, Issue, ManifestError
+from jobs import clock
+from jobs.batches import schedule_text
+from jobs.errors import DEADLINE_PASSED, NEVER_OPENS, Issue, ManifestError
 from jobs.manifest import load_manifest, validate_manifest
 from jobs.manifest.loading import parse_manifest
 from jobs.schedule import Schedule
 
 #: The validation instant: the evening before the example night.
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
+BERLIN = "Europe/Berlin"
 
 HEAD = "name: night\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: a city at night\n"  # lines 1-4
 
@@ -497,3 +501,114 @@ def test_validate_prints_both_time_zone_warnings_and_passes(
         assert len(lines) == 1, out
         assert where in lines[0]
         assert phrase in lines[0]
+
+
+def test_a_deadline_is_judged_on_the_databases_clock(tmp_path: Path) -> None:
+    """``now`` left out is the time on the database's timeline (:func:`jobs.clock.utcnow`), as
+    every process reads it: with this host 3 minutes behind the database, a deadline 1 minute
+    ahead of the host's clock has passed (validate and submit took it, stored it, and the first
+    tick cancelled every job)."""
+    host = clocktime.time()
+    steady = clock.steady()
+    deadline = datetime.fromtimestamp(host + 60, UTC).isoformat(timespec="seconds")
+    text = HEAD + f"schedule:\n  deadline: {deadline}\n"
+    try:
+        clock.take(host + 180.0, before=steady, after=steady, wall=host, say=False)
+        manifest, issues = parse_manifest(write(tmp_path, text))
+    finally:
+        clock.reset()
+    assert manifest is not None
+    assert [i.code for i in issues if i.severity == "error"] == [DEADLINE_PASSED], [str(i) for i in issues]
+
+
+@pytest.mark.parametrize(
+    ("zone_name", "message"),
+    [
+        (
+            "EST",
+            "schedule timezone EST never changes to daylight time: it is UTC-05:00 all year, an hour "
+            "off New York's clocks in summer; for New York write America/New_York (for UTC-05:00 all "
+            "year, America/Panama)",
+        ),
+        (
+            "MST",
+            "schedule timezone MST never changes to daylight time: it is UTC-07:00 all year, an hour "
+            "off Denver's clocks in summer; for Denver write America/Denver (for Arizona, America/Phoenix)",
+        ),
+        (
+            "HST",
+            "schedule timezone HST is a legacy name: UTC-10:00 all year, no daylight time (as Hawaii's "
+            "clocks); write Pacific/Honolulu",
+        ),
+        (
+            "EST5EDT",
+            "schedule timezone EST5EDT is a legacy name (it follows the US daylight-saving rules); write "
+            "the zone of a place, such as America/New_York",
+        ),
+        (
+            "PST8PDT",
+            "schedule timezone PST8PDT is a legacy name (it follows the US daylight-saving rules); write "
+            "the zone of a place, such as America/Los_Angeles",
+        ),
+        (
+            "CET",
+            "schedule timezone CET is a legacy name (it follows the EU daylight-saving rules); write the "
+            "zone of a place, such as Europe/Berlin or Europe/Paris",
+        ),
+    ],
+)
+def test_a_legacy_zone_warns_what_it_is_and_which_to_write(
+    tmp_path: Path, zone_name: str, message: str
+) -> None:
+    """``timezone: EST`` with ``window: "22:00-06:00"`` validated silently, and all summer the
+    window opened at 23:00 New York time: EST never changes to daylight time."""
+    text = HEAD + f'schedule:\n  window: "22:00-06:00"\n  timezone: {zone_name}\n'  # timezone: line 7
+    (warning,) = warnings(tmp_path, text)
+    assert (warning.line, warning.field, warning.message) == (7, "schedule.timezone", message)
+    assert load_manifest(write(tmp_path, text), now=NOW).schedule.timezone == zone_name  # valid
+
+
+def test_a_whole_day_window_and_an_end_of_day_deadline_are_accepted(tmp_path: Path) -> None:
+    """``window: "00:00-24:00"`` (refused: "24:00 is not a time of day") is the whole day, as no
+    window; a deadline at ``T24:00`` (refused: "not an ISO 8601 timestamp") is the next day's 00:00."""
+    body = '  deadline: 2026-12-02T24:00:00+01:00\n  window: "00:00-24:00"\n  timezone: Europe/Berlin\n'
+    assert schedule_of(tmp_path, body) == Schedule(
+        deadline=datetime(2026, 12, 2, 23, tzinfo=UTC), timezone=BERLIN
+    )
+    until_midnight = schedule_of(tmp_path, '  window: "22:00-24:00"\n  timezone: Europe/Berlin\n')
+    assert until_midnight.window == (time(22), time(0))
+
+
+def test_an_empty_window_says_how_to_send_at_any_time(tmp_path: Path) -> None:
+    issue = only_error(tmp_path, HEAD + 'schedule:\n  window: "22:00-22:00"\n')
+    assert "to send at any time of day leave `window` out, or write 00:00-24:00" in issue.message
+
+
+def test_a_deadline_without_offset_is_refused_with_the_offset_it_has_in_the_schedules_zone(
+    tmp_path: Path,
+) -> None:
+    """Refused (explicit is right), but the refusal names the offset: it said "add one such as
+    +01:00" beside ``timezone: Europe/Berlin``, whatever the date."""
+    text = HEAD + "schedule:\n  deadline: 2027-07-02T06:00:00\n  timezone: Europe/Berlin\n"
+    issue = only_error(tmp_path, text)
+    assert (issue.line, issue.field) == (6, "schedule.deadline")
+    assert issue.message == (
+        "schedule deadline: '2027-07-02T06:00:00' has no UTC offset, so the instant is ambiguous; in "
+        "Europe/Berlin on 2027-07-02 06:00 that is +02:00: write 2027-07-02T06:00:00+02:00"
+    )
+
+
+def test_the_schedule_changed_note_shows_instants_as_status_does() -> None:
+    """The note on a resubmit showed the stored UTC form (``deadline 2026-12-07T05:00:00+00:00``)
+    where ``status`` shows ``2026-12-07 06:00 +01:00``, in the schedule's zone."""
+    stored = Schedule(
+        not_before=datetime(2026, 12, 6, 21, tzinfo=UTC),
+        deadline=datetime(2026, 12, 7, 5, tzinfo=UTC),
+        window=(time(22), time(6)),
+        timezone=BERLIN,
+    ).as_json()
+    assert schedule_text(stored, "low") == (
+        "not before 2026-12-06 22:00 +01:00, deadline 2026-12-07 06:00 +01:00, "
+        "window 22:00-06:00 Europe/Berlin, priority low"
+    )
+    assert schedule_text(None) == "none"

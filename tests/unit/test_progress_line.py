@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -11,6 +12,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.progress import Task
 
+from jobs import clock
 from worker.progress_line import (
     PLAIN_EVERY_SECONDS,
     REFRESH_PER_SECOND,
@@ -206,3 +208,18 @@ def test_the_time_left_is_the_one_run_computed() -> None:
     task, console = _paced(eta=95.0, held=False)
     assert "· ~0:01:35 left ·" in plain_line(task)
     assert "~0:01:35 left" in console.export_text()
+
+
+def test_the_plain_line_is_stamped_on_the_databases_clock() -> None:
+    """The line's time is the database's, as the countdown beside it ("window opens 22:00 …, in
+    3m") and every other stamp: a host 3 minutes behind the database stamped its own time."""
+    host = time.time()
+    steady = clock.steady()
+    try:
+        # This process measured its database 3 minutes ahead of this host.
+        clock.take(host + 180.0, before=steady, after=steady, wall=host, say=False)
+        line = plain_line(_task("jobs", 2, 0, money_text(0, 1), {"pending": 2}))
+    finally:
+        clock.reset()
+    stamp = datetime.strptime(line.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert 170 <= stamp.timestamp() - host <= 200, line

@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 
 import pytest
 
-from jobs.schedule import Schedule, format_duration, parse_instant, parse_window
+from jobs.schedule import Schedule, format_age, format_duration, parse_instant, parse_window
 
 BERLIN = "Europe/Berlin"
 PLUS_ONE = timezone(timedelta(hours=1))
@@ -50,9 +50,11 @@ def test_parse_window_accepts_two_wall_clock_times(text: str, expected: tuple[ti
         ("22-06", "not two times HH:MM-HH:MM"),
         ("10pm-6am", "not two times HH:MM-HH:MM"),
         ("", "not two times HH:MM-HH:MM"),
-        ("24:00-06:00", "24:00 is not a time of day"),
+        ("24:00-06:00", "24:00 is the end of a day, so only a window's end"),
+        ("00:00-24:01", "24:01 is not a time of day .00:00 to 23:59, or 24:00 as the end of the day."),
         ("22:00-06:60", "06:60 is not a time of day"),
         ("22:00-22:00", "is empty: it starts and ends at the same time"),
+        ("22:00-22:00", "to send at any time of day leave `window` out, or write 00:00-24:00"),
         ("7:00-07:00", "is empty"),
     ],
 )
@@ -446,7 +448,9 @@ def test_describe_past_deadline() -> None:
 
 def test_describe_shows_summer_offsets_and_seconds() -> None:
     schedule = Schedule(not_before=utc(2026, 7, 1, 20, 0, 30), timezone=BERLIN)
-    assert schedule.describe(utc(2026, 7, 1, 19, 15)) == "waiting until 2026-07-01 22:00:30 +02:00 (in 45m)"
+    assert (
+        schedule.describe(utc(2026, 7, 1, 19, 15)) == "waiting until 2026-07-01 22:00:30 +02:00 (in 45m30s)"
+    )
     west = Schedule(not_before=utc(2026, 7, 1, 20), timezone="America/New_York")
     assert west.describe(utc(2026, 7, 1, 19)) == "waiting until 2026-07-01 16:00 -04:00 (in 1h)"
 
@@ -459,17 +463,40 @@ def test_describe_shows_summer_offsets_and_seconds() -> None:
         (20, "20s"),
         (59, "59s"),
         (60, "1m"),
-        (45 * 60 + 30, "45m"),
+        (117, "1m57s"),  # said "1m": 57 seconds early
+        (45 * 60 + 30, "45m30s"),
+        (3599.5, "1h"),
         (3600, "1h"),
         (3 * 3600 + 12 * 60, "3h12m"),
+        (3 * 3600 + 12 * 60 + 1, "3h13m"),  # rounded up, never early
         (2 * 3600 + 5 * 60, "2h05m"),
-        (86400, "1d"),
-        (2 * 86400 + 3 * 3600 + 59, "2d3h"),
+        (86400, "24h"),
+        (24 * 3600 + 40 * 60, "24h40m"),  # said "1d": 40 minutes early
+        (27 * 3600 + 30 * 60, "27h30m"),  # said "1d3h"
+        (48 * 3600 - 30, "2d"),
+        (2 * 86400 + 3 * 3600 + 59, "2d4h"),
         (-5, "0s"),
     ],
 )
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.2, "1s"),
+        (117, "1m"),
+        (195, "3m"),
+        (3 * 3600 + 300, "3h05m"),
+        (24 * 3600 + 40 * 60, "1d"),
+        (-5, "0s"),
+    ],
+)
+def test_an_age_reads_at_least_so_long(seconds: float, text: str) -> None:
+    """Ages ("last seen 3m ago", "created 3h05m ago") are "at least": what is below the second
+    unit is dropped, as before; countdowns (:func:`format_duration`) are never early."""
+    assert format_age(seconds) == text
 
 
 # -- JSON ----------------------------------------------------------------------------------------
@@ -537,3 +564,83 @@ def test_parse_instant_bounds_new_instants_only_when_asked() -> None:
         parse_instant("9999-12-31T00:00:00Z")
     assert parse_instant("9999-12-31T00:00:00Z", bounded=False).year == 9999
     assert parse_instant("2999-12-31T23:59:59Z").year == 2999
+
+
+# -- 24:00, the end of the day -------------------------------------------------------------------
+
+
+def test_a_window_may_end_at_24_00() -> None:
+    """``24:00`` is the end of a day (ISO 8601): ``00:00-24:00`` was refused ("24:00 is not a time
+    of day"), and its stand-in ``00:00-23:59`` left a nightly minute closed, in which fal timed
+    out whatever was queued."""
+    assert parse_window("22:00-24:00") == (time(22), time(0))  # until midnight
+    assert parse_window("00:00-24:00") is None  # the whole day: no window
+    until_midnight = berlin_window("22:00-24:00")
+    assert until_midnight.is_open(utc(2026, 12, 1, 22, 59))  # 23:59 in Berlin
+    assert not until_midnight.is_open(utc(2026, 12, 1, 23, 0))  # midnight
+    # Any time of any day, DST nights included, as without a window.
+    whole_day = Schedule(window=parse_window("00:00-24:00"), timezone=BERLIN)
+    for moment in (utc(2026, 3, 29, 1, 30), utc(2026, 10, 25, 0, 59), utc(2026, 12, 1, 22, 59, 30)):
+        assert whole_day.is_open(moment)
+
+
+@pytest.mark.parametrize(
+    ("text", "instant"),
+    [
+        ("2027-12-02T24:00:00Z", utc(2027, 12, 3)),
+        ("2027-12-02T24:00Z", utc(2027, 12, 3)),
+        ("2027-12-31t24:00:00.000+01:00", utc(2027, 12, 31, 23)),
+        ("2027-12-02 24:00:00-05:00", utc(2027, 12, 3, 5)),
+    ],
+)
+def test_an_instant_at_24_00_is_the_end_of_its_day(text: str, instant: datetime) -> None:
+    """ISO 8601 allows 24:00 as the end of a day: it was refused as "not an ISO 8601 timestamp"."""
+    assert parse_instant(text) == instant
+
+
+def test_only_24_00_itself_is_the_end_of_a_day() -> None:
+    with pytest.raises(ValueError, match="is not an ISO 8601 timestamp"):
+        parse_instant("2027-12-02T24:01:00Z")
+
+
+# -- a time without an offset, in the schedule's zone --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "zone", "advice"),
+    [
+        (
+            "2027-12-02T06:00:00",
+            BERLIN,
+            "; in Europe/Berlin on 2027-12-02 06:00 that is +01:00: write 2027-12-02T06:00:00+01:00",
+        ),
+        (
+            "2027-07-01T06:00",
+            "America/New_York",
+            "; in America/New_York on 2027-07-01 06:00 that is -04:00: write 2027-07-01T06:00-04:00",
+        ),
+        (
+            "2027-03-28T02:30:00",
+            BERLIN,
+            "; in Europe/Berlin 2027-03-28 02:30 does not exist (that night the clocks go from 02:00 "
+            "+01:00 straight to 03:00 +02:00): write a time outside that gap, such as "
+            "2027-03-28T03:00:00+02:00",
+        ),
+        (
+            "2027-10-31T02:30",
+            BERLIN,
+            "; in Europe/Berlin 2027-10-31 02:30 happens twice (that night the clocks show it first at "
+            "+02:00, then again at +01:00): write 2027-10-31T02:30+02:00 or 2027-10-31T02:30+01:00",
+        ),
+    ],
+)
+def test_a_time_without_offset_is_refused_with_the_offset_it_has_in_the_zone(
+    text: str, zone: str, advice: str
+) -> None:
+    """Refused all the same (explicit is right), but with the offset to write: the refusal said
+    only "add one such as +01:00", whatever the zone and the date."""
+    with pytest.raises(ValueError, match="has no UTC offset") as refused:
+        parse_instant(text, timezone=zone)
+    assert str(refused.value) == f"{text!r} has no UTC offset, so the instant is ambiguous{advice}"
+    with pytest.raises(ValueError, match=r"\(local time in which zone\?\); add one such as \+01:00"):
+        parse_instant(text)  # no zone: as before

@@ -434,7 +434,7 @@ def test_money_is_rounded_half_up_to_cents(value: Decimal | None, text: str) -> 
 
 def test_durations_read_as_status_writes_them() -> None:
     """The dashboard wrote its own durations ("3 min 15 s ago"); ``status`` writes "3m" (its
-    "last seen 3m ago", :func:`jobs.schedule.format_duration`)."""
+    "last seen 3m ago", :func:`jobs.schedule.format_age`)."""
     now = utcnow()
     assert [ago(None, now)] + [ago(now - timedelta(seconds=s), now) for s in (4.6, 195, 3 * 3600 + 300)] == [
         "—",

@@ -214,7 +214,7 @@ def start_timeout_expired(session: Session, fence: Fence, status: Status, *, now
     else:
         why = None
     ended = f"fal timed it out in its queue before it started ({status.error_type})"
-    end_unstarted(session, fence, job, status, why=why, how=ended, now=now)
+    end_unstarted(session, fence, job, status, why=why, how=ended, now=now, timed_out=True)
     return True
 
 
@@ -228,12 +228,15 @@ def end_unstarted(
     how: str,
     now: datetime,
     outcome: billing.Outcome = billing.Outcome.CANCELLED_IN_QUEUE,
+    timed_out: bool = False,
 ) -> bool:
     """Move the job whose request fal ended at the batch's window end (``why`` ``window_closed``)
     or deadline (``deadline``) — cancelled at our request (the job ``cancelling``, or still
     ``queued``/``running`` when fal's answer came first), or timed out by the start timeout it
     carried — the one place both go through. ``how``: what fal did, for the event's reason;
-    ``outcome``: how it is billed (a cancel may have reached it running).
+    ``outcome``: how it is billed (a cancel may have reached it running). ``timed_out``: fal
+    ended it by the start timeout (:func:`start_timeout_expired`), not at our request, which
+    the job's error says (wanbatch cancelled nothing).
 
     The deadline: ``cancelled`` for good (reason ``deadline``). A window's end: back to
     ``pending``, the attempt not counted against ``WANBATCH_MAX_ATTEMPTS`` when it never ran
@@ -249,7 +252,9 @@ def end_unstarted(
             fence,
             reason=f"deadline: {how}",
             error=(
-                "cancelled in fal's queue at the batch's deadline"
+                "fal timed it out in its queue at the batch's deadline, before it started (not billed)"
+                if timed_out
+                else "cancelled in fal's queue at the batch's deadline"
                 if outcome == billing.Outcome.CANCELLED_IN_QUEUE
                 else "cancelled at the batch's deadline while running at fal"
             ),
