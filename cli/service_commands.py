@@ -13,8 +13,6 @@ import math
 import os
 import re
 import socket
-import sys
-import time
 from typing import Any
 
 import click
@@ -23,6 +21,7 @@ from cli import startup
 from cli.output import EXIT_OK, guarded, require_http_environment
 from jobs.bounds import MAX_THREADS
 from jobs.http_environment import require_usable
+from worker.celery_worker import RESTARTED_ENV as RESTARTED_ENV  # re-exported: its home before this move
 
 #: ``wanbatch worker``'s Celery pool unless ``--pool`` says otherwise (see :func:`worker`).
 DEFAULT_POOL = "threads"
@@ -30,12 +29,6 @@ DEFAULT_POOL = "threads"
 POOLS = ("threads", "prefork", "processes", "solo")
 #: ``--loglevel``'s choices: Celery's (``celery worker -l``), kept here so ``--help`` needs no Celery.
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
-
-
-#: Set in the environment of a ``wanbatch worker`` that started itself afresh (``os.execv``)
-#: after Celery stopped its worker on its own: the start-up then waits for the limiter's Redis and
-#: the broker, an outage under way, instead of ending with exit 2 (see :func:`worker`).
-RESTARTED_ENV = "_WANBATCH_WORKER_RESTARTED"
 
 
 class _Count(click.IntRange):
@@ -132,214 +125,24 @@ def worker(concurrency: int | None, loglevel: str, pool: str, node_name: str) ->
     """
 
     def action() -> int:
-        from jobs import db
-        from jobs.errors import ConfigError
         from jobs.settings import get_settings
-        from worker.logs import celery_logs_through_ours, timestamp_text_lines
+        from worker.celery_worker import serve_worker
+        from worker.logs import timestamp_text_lines
 
         timestamp_text_lines()  # a worker's log is read hours later: every line says when
         settings = get_settings()
         # The proxy and certificate variables its clients will read, for the fal it calls.
         require_http_environment([settings.fal_queue_url, settings.fal_rest_url])
-        from jobs.open_files import raise_soft_limit
-
-        raise_soft_limit()  # toward the hard limit: each connection and output holds a descriptor
-        if not settings.broker_url:
-            raise ConfigError(
-                "WANBATCH_BROKER_URL is not set: `wanbatch worker` is the distributed mode "
-                "(use `wanbatch run MANIFEST` to process in this process)"
-            )
-        settings.require_fal_key()
-        from jobs.output_store import open_output_store
-        from jobs.outputs import OutputWriteError
-
-        try:  # a folder whose name this session cannot record: every paid download would fail
-            open_output_store(settings).check_root_name()
-        except OutputWriteError as exc:
-            raise ConfigError(f"{exc}; the worker was not started") from None
-        from worker.limits import (
-            check_limiter,
-            in_pool_child,
-            published_mismatch,
-            say_mismatch,
-            wait_for_limiter,
+        return serve_worker(
+            settings,
+            concurrency=concurrency,
+            loglevel=loglevel,
+            pool=pool,
+            node_name=node_name,
+            machinery_loaded=startup.resume,
         )
-        from worker.steps.webhooks import database_fingerprint, webhook_secret
-
-        if os.environ.pop(RESTARTED_ENV, None) == "1":
-            # Started afresh after Celery stopped on its own (the broker lost, out of memory): an
-            # outage under way, which it waits out (a warning every 30 s), never exit 2; and
-            # for a broker that takes writes, or Celery's start would stop again at once.
-            from worker.broker_outage import wait_until_writable
-
-            wait_for_limiter(settings)
-            wait_until_writable(settings.broker_url)
-        else:
-            from worker.broker_outage import check_writable
-
-            check_limiter(settings)  # its Redis unreachable: one line, exit 2, before anything starts
-            check_writable(settings.broker_url)  # a replica, or full: one line, exit 2, as the limiter
-        from worker.redis_memory import warn_at_start
-
-        warn_at_start(settings)  # a Redis that may evict keys: one warning line per server
-        engine = db.open_engine(settings)  # migrate before any worker process starts
-        # Never silently: the leader's limits apply, and its FAL_KEY is the account the others
-        # use. Said again if a leader publishes later (or another takes over).
-        say_mismatch(published_mismatch(settings, database_fingerprint(webhook_secret(engine))))
-        from worker import telemetry  # before anything counts: prefork children count in files
-
-        stop_metrics = telemetry.serve_configured(settings, child_processes=pool in ("prefork", "processes"))
-        from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
-
-        from worker import tasks
-        from worker.app import get_app, run_worker
-        from worker.ticker import Ticker
-
-        app = get_app(settings)
-
-        ticker: list[Ticker] = []
-        schema_behind: list[ConfigError] = []  # the ticker met a schema downgraded under it
-
-        @worker_process_init.connect(weak=False)
-        def _after_fork(**_: object) -> None:
-            # A prefork child inherits this process's engine pool (the migration's connection)
-            # and maybe its runtime: two processes on one socket corrupt each other's
-            # transactions. Abandon (not close) what was inherited; the child opens its own.
-            db.open_engine(settings).dispose(close=False)
-            tasks.set_runtime(None)
-            startup.resume()  # forked while start-up had the GC paused (no timer in a child)
-            in_pool_child()  # the limits' differences: said once, by the main process, not per child
-
-        # What stopped a worker before it was ever ready (see _StartFailure): the same start would
-        # stop it again the same way, so it is one line and exit 2, never a restart.
-        start_failure = _StartFailure()
-        with app.connection_for_read() as connection:  # made, not connected
-            start_failure.transient = (*connection.connection_errors, *connection.channel_errors)
-        logging.getLogger("celery.worker").addFilter(start_failure)  # "Unrecoverable error: …"
-
-        @worker_ready.connect(weak=False)
-        def _start_ticker(**_: object) -> None:
-            start_failure.ready = True
-            startup.resume()  # Celery has loaded what it runs with
-            t = Ticker(lambda: tasks.runtime(app), settings.tick_interval)
-            t.start()
-            ticker.append(t)
-
-        @worker_shutdown.connect(weak=False)
-        def _stop_ticker(**_: object) -> None:
-            # Celery's warm shutdown (SIGTERM, SIGINT), after the running tasks ended: the ticker
-            # clears this process's heartbeat before the process exits, or a clean stop would
-            # read as "still processing", then as a crash ("last seen"), in `status`.
-            while ticker:
-                stopped = ticker.pop()
-                stopped.shutdown()
-                if stopped.failure is not None:
-                    schema_behind.append(stopped.failure)
-
-        from worker.logs import celery_console_as_log_lines
-
-        celery_logs_through_ours()  # its task and multiprocessing loggers: our format, our handler
-        celery_console_as_log_lines(settings.log_format)  # its shutdown notices too: log lines
-        asked_to_stop: list[str] = []
-        # A stop that a database which does not answer at all holds back (a frozen server: the
-        # running task's write, the heartbeat's delete, the pool's threads joined at exit, each
-        # waiting for ever) ends anyway, in one line, keeping what fal accepted in the journal.
-        from worker.running import worker_stop_watch
-
-        stop_watch = worker_stop_watch(settings.lease_seconds, tasks.built_runtime)
-
-        @worker_shutting_down.connect(weak=False)
-        def _by_signal(sig: str = "", **_: object) -> None:
-            asked_to_stop.append(sig)
-            if stop_watch.ident is None:  # the first signal: a second one (cold shutdown) too
-                stop_watch.start()
-
-        quiet = settings.log_format == "json"  # no banner amid JSON lines
-        streams = sys.stdout, sys.stderr  # Celery makes them log records ("celery.redirected")
-        try:
-            run_worker(
-                app,
-                pool=pool.lower(),
-                concurrency=concurrency,
-                loglevel=loglevel.upper(),
-                quiet=quiet,
-                hostname=node_name,
-            )
-        finally:
-            _stop_ticker()  # however the worker ended (worker_shutdown did it already, as a rule)
-            stop_watch.done.set()  # it stopped on its own: nothing for the watch to end
-            sys.stdout, sys.stderr = streams  # what ends the command is said as every command says it
-        if stop_metrics is not None:
-            stop_metrics()
-        if start_failure.failed_for_good(bool(asked_to_stop)):
-            raise ConfigError(start_failure.message())
-        if schema_behind:  # it stopped itself: one line, exit 2, as at start-up
-            raise schema_behind[0]
-        if not asked_to_stop:
-            # Celery ends its worker cleanly after some broker-connection losses (kombu's redis
-            # transport raising on a closed channel, logged as "Unrecoverable error"), though
-            # nobody asked it to stop. A worker must outlive a broker restart: start afresh.
-            logging.getLogger(__name__).error("the Celery worker stopped on its own; restarting it")
-            time.sleep(1.0)
-            os.environ[RESTARTED_ENV] = "1"  # the new start waits for the broker and the limiter
-            os.execv(  # noqa: S606 - re-exec ourselves with the same arguments
-                sys.executable, [sys.executable, "-c", "from cli import main; main()", *sys.argv[1:]]
-            )
-        return EXIT_OK
 
     guarded(False, action)
-
-
-class _StartFailure(logging.Filter):
-    """Why Celery's worker stopped before it was ever ready, kept instead of its traceback.
-
-    Celery logs whatever stops its worker (``Unrecoverable error: …``, with the traceback) and
-    returns. Some broker-connection losses end it so, and ``wanbatch worker`` then starts afresh
-    (a worker must outlive a broker restart); but a start that failed otherwise before the worker
-    was ever ready (a pool that cannot be built, a value Celery refuses) fails the very same way
-    at every restart: it printed a traceback and "restarting it" every few seconds, forever. A
-    broker that is down at start-up is not such a failure: Celery waits for it
-    (``broker_connection_retry_on_startup``). Nor is a Redis broker that refuses writes (out of
-    memory, a read-only replica: :func:`worker.broker_outage.broker_problem`), whose error ends
-    Celery's start: the worker starts afresh, and waits for it to take writes
-    (:func:`worker.broker_outage.wait_until_writable`).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        #: Set when Celery says the worker is ready (``worker_ready``).
-        self.ready = False
-        #: The broker transport's connection and channel errors: those are restarted after.
-        self.transient: tuple[type[BaseException], ...] = ()
-        self.reason: str | None = None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.ready or record.levelno < logging.CRITICAL or not record.exc_info:
-            return True
-        exc = record.exc_info[1]
-        from worker.broker_outage import broker_problem
-
-        if exc is None or isinstance(exc, self.transient) or broker_problem(exc) is not None:
-            # The broker's (unreachable, or a Redis that refuses writes: out of memory, a
-            # read-only replica): an outage, and the worker starts afresh once it is over
-            return True
-        self.reason = f"{type(exc).__name__}: {exc}"
-        return False  # said once, in the one line that ends the command
-
-    def failed_for_good(self, asked_to_stop: bool) -> bool:
-        """Whether the worker ended before it was ready, nobody asked, and not for the broker."""
-        return not (asked_to_stop or self.ready) and self.reason is not None
-
-    def message(self) -> str:
-        """The one line that ends ``wanbatch worker``: the reason's first line, any key masked."""
-        from jobs.printable import one_line
-        from worker.fal.redact import redact_text
-
-        why = one_line(redact_text(self.reason or ""))[:300]
-        return (
-            f"the Celery worker could not start ({why}); not restarting it, as the same start "
-            "would fail the same way"
-        )
 
 
 def uvicorn_log_config(log_format: str) -> dict[str, Any] | None:

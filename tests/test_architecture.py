@@ -133,6 +133,19 @@ def test_the_simulator_imports_nothing_from_execution_or_the_cli() -> None:
     assert not bad, "falsim/ stands in for fal; it must not import worker, cli or web:\n" + "\n".join(bad)
 
 
+def test_the_cli_runs_no_celery_worker_of_its_own() -> None:
+    """A distributed worker's life (Celery's signal receivers, the ticker, the stop watch, its
+    restart) is execution: it lives in :mod:`worker.celery_worker`, and ``wanbatch worker`` only
+    parses its options and calls it. It was written inside the command, 155 lines deep."""
+    bad = [
+        imp.where()
+        for imp in product_imports()
+        if _top(imp.source) == COMMAND_LINE
+        and (imp.target.startswith("celery.signals") or imp.target in ("worker.app", "worker.ticker"))
+    ]
+    assert not bad, "Celery's worker is run by worker.celery_worker, not by cli/:\n" + "\n".join(bad)
+
+
 def import_graph() -> dict[str, set[str]]:
     """Product module → the product modules it imports."""
     known = product_modules()
