@@ -133,18 +133,20 @@ def test_reports_fit_80_columns(wb: Wb, sim: SimulatorHandle, manifest: MakeMani
 ODD_COLUMNS = ["0", "000", "-3", "junk", "²", " 80 ", "1", "1000000000", "9" * 5000]
 
 
-def test_any_columns_value_lays_out_or_is_ignored(manifest: MakeManifest, wb: Wb) -> None:
+@pytest.mark.parametrize("columns", ODD_COLUMNS, ids=lambda columns: repr(columns[:12]))
+def test_any_columns_value_lays_out_or_is_ignored(columns: str, manifest: MakeManifest, wb: Wb) -> None:
+    # One case per value (three processes each), not one test of 27 processes: the suite's two
+    # workers share them out.
     path = manifest("columns", MIXED.format(name="columns-of-any-width", cap="100"))
     assert wb("submit", path).code == 0
     wanbatch = str(Path(sys.executable).with_name("wanbatch"))  # a process of its own: rich reads
-    for columns in ODD_COLUMNS:  # COLUMNS when the consoles are made, at import
-        for args in (["status"], ["status", "columns-of-any-width"], ["cost", "columns-of-any-width"]):
-            env = {**os.environ, "COLUMNS": columns, "LINES": columns}
-            done = subprocess.run(
-                [wanbatch, *args], capture_output=True, text=True, timeout=60, check=False, env=env
-            )
-            said = f"COLUMNS={columns[:12]!r} wanbatch {' '.join(args)}: {done.stderr}"
-            assert done.returncode == 0, said
-            assert done.stderr == "", said
-            if columns != "1":  # one column is a width, and it is used: a letter a line
-                assert "columns" in done.stdout, said
+    for args in (["status"], ["status", "columns-of-any-width"], ["cost", "columns-of-any-width"]):
+        env = {**os.environ, "COLUMNS": columns, "LINES": columns}  # when the consoles are made
+        done = subprocess.run(
+            [wanbatch, *args], capture_output=True, text=True, timeout=60, check=False, env=env
+        )
+        said = f"COLUMNS={columns[:12]!r} wanbatch {' '.join(args)}: {done.stderr}"
+        assert done.returncode == 0, said
+        assert done.stderr == "", said
+        if columns != "1":  # one column is a width, and it is used: a letter a line
+            assert "columns" in done.stdout, said
