@@ -2574,7 +2574,15 @@ def test_each_way_a_delivery_is_applied_says_so_in_its_own_line_and_moves_the_jo
     with caplog.at_level(logging.INFO, logger="worker.steps.webhooks"):
         assert _post(client, signer, job, "req-A", ok=ok) == 200
     assert _outcomes(engine, "req-A") == [outcome]
-    said = [r for r in caplog.records if str(getattr(r, "event", "")).startswith("webhook.")]
+    # The account's pin (``webhook.account_pinned``) is said by the first verified delivery of a
+    # job's own request whose key's account is not known yet: in the full suite (not alone) it
+    # came before these lines. It is no way of applying a delivery, and has tests of its own.
+    said = [
+        r
+        for r in caplog.records
+        if str(getattr(r, "event", "")).startswith("webhook.")
+        and getattr(r, "event", "") != "webhook.account_pinned"
+    ]
     assert [(r.levelname, getattr(r, "event", ""), r.getMessage()) for r in said] == lines
     assert {(r.job_id, r.batch_id, r.request_id) for r in said} <= {(job.id, job.batch_id, "req-A")}  # type: ignore[attr-defined]
     after = _job(engine, job.batch_id)
